@@ -1,0 +1,112 @@
+//! The tamper-evident audit log: JSON lines, each record carrying the SHA-256
+//! of the previous line, appended and fsynced before the step it records counts
+//! as done. The head (last seq + hash) is also kept in the state database so a
+//! truncated tail is detected; `keyturn audit verify` names the first bad record.
+//!
+//! Appends from many rotations are group-committed: one writer thread batches
+//! whatever is queued, writes it, fsyncs once, then answers every caller.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{AgentId, CredentialId, RotationId, VersionNo};
+
+mod log;
+mod verify;
+
+pub use log::AuditLog;
+pub use verify::{VerifyError, VerifyReport, verify_file};
+
+/// The hash a first record points back to.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log {path}: {message}")]
+    Io { path: String, message: String },
+    #[error("audit log {path} is closed")]
+    Closed { path: String },
+}
+
+/// Who did it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum Actor {
+    /// The daemon itself (scheduler, resume, retries).
+    Daemon,
+    /// A control-socket client, identified by SO_PEERCRED.
+    Peer { uid: u32, gid: u32, pid: i32 },
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Actor::Daemon => f.write_str("daemon"),
+            Actor::Peer { uid, gid, pid } => write!(f, "uid={uid} gid={gid} pid={pid}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    Failed,
+    Refused,
+}
+
+/// What the caller describes; the log adds seq, time and the chain hash.
+/// Never put a secret value in any field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// e.g. `rotation.create`, `rotation.deliver`, `admin.rotate`, `daemon.start`.
+    pub event: String,
+    pub actor: Actor,
+    pub outcome: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub agent: Option<AgentId>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub credential: Option<CredentialId>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tenant: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub owner: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rotation: Option<RotationId>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub version: Option<VersionNo>,
+    /// Free-form, non-secret detail (sink description, trigger, ...).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+impl AuditEvent {
+    pub fn new(event: impl Into<String>, actor: Actor, outcome: Outcome) -> Self {
+        Self {
+            event: event.into(),
+            actor,
+            outcome,
+            agent: None,
+            credential: None,
+            tenant: None,
+            owner: None,
+            rotation: None,
+            version: None,
+            detail: None,
+            error: None,
+        }
+    }
+}
+
+/// One line of the log as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    /// RFC 3339, UTC.
+    pub ts: String,
+    /// SHA-256 (hex) of the previous line's bytes, or [`GENESIS`].
+    pub prev: String,
+    #[serde(flatten)]
+    pub event: AuditEvent,
+}

@@ -1,0 +1,236 @@
+//! Configuration: TOML text → `raw` (serde structs, `deny_unknown_fields`) →
+//! `validate` (pure, reports *every* error with file:line:col and TOML path)
+//! → the typed [`Config`] below, which the rest of the daemon consumes.
+//!
+//! Nothing outside this module sees raw TOML; everything here is already
+//! checked, so the engine never has to re-validate a path or an id.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::model::{AgentId, CredentialId, CredentialKey};
+use crate::schedule::ScheduleSpec;
+
+pub mod load;
+pub mod raw;
+pub mod validate;
+
+pub use load::{ConfigError, ConfigErrors, load_file, load_str};
+
+/// Where keyturn looks for its config when neither `--config` nor
+/// `KEYTURN_CONFIG` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/keyturn/keyturn.toml";
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for messages and `check`).
+    pub source: PathBuf,
+    pub daemon: DaemonConfig,
+    /// Tier name → revocation SLA.
+    pub tiers: BTreeMap<String, TierConfig>,
+    pub vaults: BTreeMap<String, VaultConfig>,
+    pub agents: BTreeMap<AgentId, AgentConfig>,
+}
+
+impl Config {
+    /// Every credential with its agent, in a stable order.
+    pub fn credentials(&self) -> impl Iterator<Item = (&AgentConfig, &CredentialConfig)> {
+        self.agents
+            .values()
+            .flat_map(|a| a.credentials.values().map(move |c| (a, c)))
+    }
+    pub fn credential(&self, key: &CredentialKey) -> Option<(&AgentConfig, &CredentialConfig)> {
+        let agent = self.agents.get(&key.agent)?;
+        let cred = agent.credentials.get(&key.credential)?;
+        Some((agent, cred))
+    }
+    pub fn credential_count(&self) -> usize {
+        self.agents.values().map(|a| a.credentials.len()).sum()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// State database, local vault, audit log and key file live here.
+    pub state_dir: PathBuf,
+    /// Control socket (mode 0660).
+    pub socket: PathBuf,
+    /// Group that may use the control socket besides root and the daemon's uid.
+    pub socket_group: Option<String>,
+    /// Optional HTTP listener for /metrics, /healthz, /readyz.
+    pub listen: Option<SocketAddr>,
+    /// File sinks may only write below one of these directories.
+    pub delivery_roots: Vec<PathBuf>,
+    /// Audit log path (default: `<state_dir>/audit.log`).
+    pub audit_log: PathBuf,
+    /// How long SIGTERM waits for in-flight steps before exiting.
+    pub drain_timeout: Duration,
+    /// Rotations running at once across all vaults.
+    pub max_concurrent_rotations: usize,
+    /// Overdue rotations found at start-up are spread over this window so a
+    /// restart does not stampede the vaults.
+    pub catch_up_spread: Duration,
+    pub retry: RetryConfig,
+}
+
+/// Capped exponential backoff with jitter for failed steps (owned by the engine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryConfig {
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+    /// Attempts of one step before the rotation is parked as failed and
+    /// retried later by the scheduler.
+    pub max_attempts: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            initial_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(60),
+            max_attempts: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierConfig {
+    pub name: String,
+    /// Time from decommission to verified revocation.
+    pub revocation_sla: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct VaultConfig {
+    pub name: String,
+    /// Rotations touching this vault at once.
+    pub max_concurrent: usize,
+    pub kind: VaultKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaultKind {
+    /// The embedded vault: encrypted versions under `dir`.
+    Local {
+        /// Default: `<state_dir>/vaults/<name>`.
+        dir: PathBuf,
+        /// Key file; created 0600 on first start when missing. When the
+        /// daemon runs with `$CREDENTIALS_DIRECTORY` and it holds
+        /// `key_credential`, that is used instead.
+        key_file: PathBuf,
+        /// Name of the systemd credential (`LoadCredential=`) holding the key.
+        key_credential: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub id: AgentId,
+    /// The accountable human.
+    pub owner: String,
+    pub tenant: String,
+    pub tier: String,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub credentials: BTreeMap<CredentialId, CredentialConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CredentialConfig {
+    pub key: CredentialKey,
+    /// Name of a `[vaults.NAME]` entry.
+    pub vault: String,
+    /// Where in the vault; relative, `/`-separated, no `..`.
+    pub path: String,
+    pub generate: GeneratorConfig,
+    pub target: TargetConfig,
+    pub schedule: ScheduleSpec,
+    pub jitter: Duration,
+    /// How long the previous version stays valid after delivery.
+    pub grace: Duration,
+    pub deliver: Vec<SinkConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GeneratorConfig {
+    Password {
+        length: usize,
+        lowercase: bool,
+        uppercase: bool,
+        digits: bool,
+        symbols: bool,
+    },
+    RandomBytes {
+        /// Bytes of randomness before encoding.
+        length: usize,
+        encoding: ByteEncoding,
+    },
+    ApiKey {
+        /// e.g. `kt_live_`; the random part follows it.
+        prefix: String,
+        /// Characters of the random part (base62).
+        length: usize,
+    },
+    Ed25519,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteEncoding {
+    Hex,
+    Base64Url,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetConfig {
+    /// A pure shared secret: nothing to apply.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkConfig {
+    File(FileSinkConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSinkConfig {
+    /// Absolute, inside a delivery root. For a keypair this is a directory
+    /// holding `..data` and the bundle's links.
+    pub path: PathBuf,
+    pub format: FileFormat,
+    /// Default 0o400; never wider than 0o640.
+    pub mode: u32,
+    /// From the agent; `None` keeps the daemon's own.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Variable name for `format = "env"` (default: credential id upper-cased, `-` → `_`).
+    pub env_name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    Raw,
+    Json,
+    Env,
+}
+
+impl FileFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileFormat::Raw => "raw",
+            FileFormat::Json => "json",
+            FileFormat::Env => "env",
+        }
+    }
+}
+
+/// Resolves a possibly relative path in the config against the config file's directory.
+pub fn resolve_relative(config_file: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        config_file.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}

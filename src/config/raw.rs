@@ -1,0 +1,1 @@
+//! Raw serde structs (deny_unknown_fields). STUB.

@@ -1,0 +1,1 @@
+//! Pure validation. STUB.

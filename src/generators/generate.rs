@@ -1,0 +1,8 @@
+//! STUB.
+use super::Generated;
+use crate::config::GeneratorConfig;
+
+pub fn generate(cfg: &GeneratorConfig) -> Generated {
+    let _ = cfg;
+    unimplemented!()
+}

@@ -1,0 +1,33 @@
+//! Generators make new secret values from the OS CSPRNG.
+//!
+//! - `password`: chosen character classes, at least one character of each.
+//! - `random_bytes`: N random bytes, hex or base64url (no padding).
+//! - `api_key`: a prefix plus N base62 characters.
+//! - `ed25519`: a keypair; the private key (PKCS#8 PEM) is the secret value,
+//!   the public key (SPKI PEM) is recorded in state and delivered beside it.
+
+use crate::config::GeneratorConfig;
+use crate::model::{SecretValue, ValueKind};
+
+mod generate;
+
+pub use generate::generate;
+
+/// A freshly generated value.
+#[derive(Debug)]
+pub struct Generated {
+    pub value: SecretValue,
+    pub kind: ValueKind,
+    /// Public half of a keypair (not secret).
+    pub public: Option<String>,
+}
+
+/// The kind of value a generator config makes.
+pub fn kind_of(cfg: &GeneratorConfig) -> ValueKind {
+    match cfg {
+        GeneratorConfig::Password { .. } => ValueKind::Password,
+        GeneratorConfig::RandomBytes { .. } => ValueKind::RandomBytes,
+        GeneratorConfig::ApiKey { .. } => ValueKind::ApiKey,
+        GeneratorConfig::Ed25519 => ValueKind::Ed25519,
+    }
+}

@@ -1,0 +1,32 @@
+//! keyturn: a daemon that owns the lifecycle of the credentials autonomous
+//! software agents use — scheduled rotation, storage in vaults, delivery to the
+//! running agent, revocation — with every step in a tamper-evident audit log.
+//!
+//! # Layout
+//! - [`model`]      identifiers, stages, `SecretValue` (zeroized, redacted), plug-in errors
+//! - [`config`]     TOML → raw serde structs → pure validation (all errors, located) → `Config`
+//! - [`schedule`]   cron / every / jitter → next due; one timer heap for all credentials
+//! - [`generators`] password, random bytes, API key, Ed25519 keypair
+//! - [`rotation`]   the persisted rotation state machine and its engine; resume after crash
+//! - [`vaults`]     trait `Vault` + `local` (embedded, encrypted at rest)
+//! - [`sinks`]      trait `Sink` + `file` (atomic write, bundles via `..data`)
+//! - [`audit`]      hash-chained JSON-lines log, group-committed; verify
+//! - [`state`]      trait `StateStore` + SQLite (WAL, migrations); never secret values
+//! - [`api`]        control socket (SO_PEERCRED) and HTTP `/metrics` `/healthz` `/readyz`
+//! - [`daemon`]     wiring and lifecycle: sd_notify, signals, reload, drain
+//! - [`telemetry`]  tracing setup and the metrics registry
+//! - [`cli`]        the `keyturn` commands
+
+pub mod api;
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod generators;
+pub mod model;
+pub mod rotation;
+pub mod schedule;
+pub mod sinks;
+pub mod state;
+pub mod telemetry;
+pub mod vaults;

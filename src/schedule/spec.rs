@@ -1,0 +1,307 @@
+//! Schedule expressions and jitter.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+
+use crate::model::CredentialKey;
+
+/// When a credential rotates.
+#[derive(Debug, Clone)]
+pub enum ScheduleSpec {
+    /// A cron expression; `text` is what the operator wrote.
+    Cron {
+        text: String,
+        schedule: Box<cron::Schedule>,
+    },
+    /// A fixed interval after the last rotation.
+    Every(Duration),
+}
+
+impl PartialEq for ScheduleSpec {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ScheduleSpec::Cron { text: a, .. }, ScheduleSpec::Cron { text: b, .. }) => a == b,
+            (ScheduleSpec::Every(a), ScheduleSpec::Every(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+const DAY_NAMES: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
+
+impl ScheduleSpec {
+    /// Parses a standard 5-field expression (`min hour dom month dow`) or a
+    /// 6-field one with seconds first. Day-of-week follows standard cron
+    /// (0 or 7 = Sunday, 1 = Monday, names allowed); the `cron` crate counts
+    /// 1 = Sunday, so the field is expanded and re-emitted as names, which
+    /// both agree on.
+    pub fn parse_cron(text: &str) -> Result<Self, String> {
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        let mut full: Vec<String> = match fields.len() {
+            5 => std::iter::once("0")
+                .chain(fields.iter().copied())
+                .map(String::from)
+                .collect(),
+            6 => fields.iter().map(|s| s.to_string()).collect(),
+            n => {
+                return Err(format!(
+                    "cron expression has {n} fields; expected 5 (min hour day month weekday) or 6 (sec min hour day month weekday)"
+                ));
+            }
+        };
+        full[5] = translate_dow(&full[5])?;
+        let schedule = cron::Schedule::from_str(&full.join(" "))
+            .map_err(|e| format!("invalid cron expression {text:?}: {e}"))?;
+        if schedule.upcoming(Utc).next().is_none() {
+            return Err(format!("cron expression {text:?} never fires"));
+        }
+        Ok(ScheduleSpec::Cron {
+            text: text.to_owned(),
+            schedule: Box::new(schedule),
+        })
+    }
+
+    /// The first scheduled time strictly after `t`, before jitter.
+    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            ScheduleSpec::Cron { schedule, .. } => schedule.after(&t).next(),
+            ScheduleSpec::Every(d) => Some(t + chrono::Duration::from_std(*d).ok()?),
+        }
+    }
+
+    /// When a credential last rotated at `last` is next due, with its jitter
+    /// `offset` applied. Cron schedules fire `offset` after the cron time (like
+    /// systemd's RandomizedDelaySec); interval schedules fire `offset` *before*
+    /// the interval ends, so a credential is never rotated less often than
+    /// configured.
+    pub fn next_due(&self, last: DateTime<Utc>, offset: Duration) -> Option<DateTime<Utc>> {
+        let offset = chrono::Duration::from_std(offset).ok()?;
+        match self {
+            ScheduleSpec::Cron { .. } => {
+                // `last` may itself include the offset; step back so the cron
+                // time it belonged to is not picked again.
+                Some(self.next_after(last - offset)? + offset)
+            }
+            ScheduleSpec::Every(_) => Some(self.next_after(last)? - offset),
+        }
+    }
+
+    /// A short human description (`cron "0 */6 * * *"`, `every 6h`).
+    pub fn describe(&self) -> String {
+        match self {
+            ScheduleSpec::Cron { text, .. } => format!("cron {text:?}"),
+            ScheduleSpec::Every(d) => format!("every {}", humantime::format_duration(*d)),
+        }
+    }
+
+    /// The shortest gap between two firings, used to check jitter < period.
+    pub fn min_period(&self) -> Option<Duration> {
+        match self {
+            ScheduleSpec::Every(d) => Some(*d),
+            ScheduleSpec::Cron { schedule, .. } => {
+                let times: Vec<_> = schedule.upcoming(Utc).take(64).collect();
+                times
+                    .windows(2)
+                    .filter_map(|w| (w[1] - w[0]).to_std().ok())
+                    .min()
+            }
+        }
+    }
+}
+
+/// Expands a standard day-of-week field into day names for the `cron` crate.
+fn translate_dow(field: &str) -> Result<String, String> {
+    if field == "*" || field == "?" {
+        return Ok(field.to_owned());
+    }
+    let mut days = [false; 7];
+    for part in field.split(',') {
+        let (range, step) = match part.split_once('/') {
+            Some((r, s)) => {
+                let step: usize = s
+                    .parse()
+                    .map_err(|_| format!("bad step {s:?} in weekday field"))?;
+                if step == 0 {
+                    return Err("step 0 in weekday field".into());
+                }
+                (r, step)
+            }
+            None => (part, 1),
+        };
+        let (lo, hi) = if range == "*" {
+            (0, 6)
+        } else if let Some((a, b)) = range.split_once('-') {
+            (dow_number(a)?, dow_number(b)?)
+        } else {
+            let d = dow_number(range)?;
+            (d, if step > 1 { 6 } else { d })
+        };
+        if lo > hi {
+            return Err(format!("weekday range {range:?} runs backwards"));
+        }
+        for d in (lo..=hi).step_by(step) {
+            days[d % 7] = true;
+        }
+    }
+    let names: Vec<&str> = (0..7).filter(|d| days[*d]).map(|d| DAY_NAMES[d]).collect();
+    Ok(names.join(","))
+}
+
+fn dow_number(s: &str) -> Result<usize, String> {
+    if let Ok(n) = s.parse::<usize>() {
+        return if n <= 7 {
+            Ok(n)
+        } else {
+            Err(format!("weekday {n} out of range 0-7"))
+        };
+    }
+    DAY_NAMES
+        .iter()
+        .position(|d| d.eq_ignore_ascii_case(s))
+        .ok_or_else(|| format!("unknown weekday {s:?}"))
+}
+
+/// A stable offset in `[0, jitter)` for a credential: the same key gets the
+/// same offset after every restart, different keys spread out.
+pub fn jitter_offset(key: &CredentialKey, jitter: Duration) -> Duration {
+    let span = jitter.as_millis() as u64;
+    if span == 0 {
+        return Duration::ZERO;
+    }
+    let digest = Sha256::digest(key.to_string().as_bytes());
+    let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    Duration::from_millis(n % span)
+}
+
+/// Spreads `n` overdue rotations evenly over `[now, now + spread)`, most
+/// overdue first (the caller sorts). A restart after downtime then does not
+/// fire every overdue rotation in the same second.
+pub fn catch_up_times(now: DateTime<Utc>, n: usize, spread: Duration) -> Vec<DateTime<Utc>> {
+    let spread = chrono::Duration::from_std(spread).unwrap_or(chrono::Duration::zero());
+    (0..n)
+        .map(|i| now + spread * (i as i32) / (n.max(1) as i32))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{Datelike, TimeZone, Timelike, Weekday};
+
+    fn at(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, mo, d, h, mi, s).unwrap()
+    }
+
+    #[test]
+    fn five_field_cron_fires_on_the_minute() {
+        let s = ScheduleSpec::parse_cron("*/15 * * * *").unwrap();
+        assert_eq!(
+            s.next_after(at(2026, 1, 1, 10, 7, 30)),
+            Some(at(2026, 1, 1, 10, 15, 0))
+        );
+    }
+
+    #[test]
+    fn six_field_cron_has_seconds() {
+        let s = ScheduleSpec::parse_cron("*/20 * * * * *").unwrap();
+        assert_eq!(
+            s.next_after(at(2026, 1, 1, 10, 7, 30)),
+            Some(at(2026, 1, 1, 10, 7, 40))
+        );
+    }
+
+    #[test]
+    fn weekday_numbers_follow_standard_cron() {
+        // 2026-01-01 is a Thursday. "1" must mean Monday, "0" and "7" Sunday.
+        let mon = ScheduleSpec::parse_cron("0 9 * * 1").unwrap();
+        let t = mon.next_after(at(2026, 1, 1, 0, 0, 0)).unwrap();
+        assert_eq!((t.weekday(), t.hour()), (Weekday::Mon, 9));
+        for sunday in ["0 9 * * 0", "0 9 * * 7", "0 9 * * sun"] {
+            let t = ScheduleSpec::parse_cron(sunday)
+                .unwrap()
+                .next_after(at(2026, 1, 1, 0, 0, 0))
+                .unwrap();
+            assert_eq!(t.weekday(), Weekday::Sun, "{sunday}");
+        }
+        let weekdays = ScheduleSpec::parse_cron("0 9 * * 1-5").unwrap();
+        let t = weekdays.next_after(at(2026, 1, 2, 10, 0, 0)).unwrap(); // Friday after 9
+        assert_eq!(t.weekday(), Weekday::Mon);
+    }
+
+    #[test]
+    fn bad_cron_is_rejected_with_a_reason() {
+        assert!(
+            ScheduleSpec::parse_cron("* * *")
+                .unwrap_err()
+                .contains("3 fields")
+        );
+        assert!(ScheduleSpec::parse_cron("61 * * * *").is_err());
+        assert!(
+            ScheduleSpec::parse_cron("0 0 * * 9")
+                .unwrap_err()
+                .contains("out of range")
+        );
+        assert!(
+            ScheduleSpec::parse_cron("0 0 30 2 *")
+                .unwrap_err()
+                .contains("never fires")
+        );
+    }
+
+    #[test]
+    fn jitter_is_stable_and_bounded() {
+        let k = |c: &str| CredentialKey::new("a".parse().unwrap(), c.parse().unwrap());
+        let j = Duration::from_secs(300);
+        assert_eq!(jitter_offset(&k("db"), j), jitter_offset(&k("db"), j));
+        assert!(jitter_offset(&k("db"), j) < j);
+        let distinct: std::collections::HashSet<_> = (0..50)
+            .map(|i| jitter_offset(&k(&format!("c{i}")), j))
+            .collect();
+        assert!(
+            distinct.len() > 40,
+            "offsets should spread, got {}",
+            distinct.len()
+        );
+        assert_eq!(jitter_offset(&k("db"), Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn next_due_applies_the_offset_without_drift() {
+        let off = Duration::from_secs(180);
+        let cron = ScheduleSpec::parse_cron("0 */6 * * *").unwrap();
+        // Rotated at 00:03 (00:00 + offset): next is 06:03, not 12:03.
+        assert_eq!(
+            cron.next_due(at(2026, 1, 1, 0, 3, 0), off),
+            Some(at(2026, 1, 1, 6, 3, 0))
+        );
+        let every = ScheduleSpec::Every(Duration::from_secs(3600));
+        assert_eq!(
+            every.next_due(at(2026, 1, 1, 0, 0, 0), off),
+            Some(at(2026, 1, 1, 0, 57, 0))
+        );
+    }
+
+    #[test]
+    fn catch_up_spreads_over_the_window() {
+        let now = at(2026, 1, 1, 0, 0, 0);
+        let times = catch_up_times(now, 4, Duration::from_secs(60));
+        assert_eq!(
+            times,
+            vec![
+                now,
+                at(2026, 1, 1, 0, 0, 15),
+                at(2026, 1, 1, 0, 0, 30),
+                at(2026, 1, 1, 0, 0, 45)
+            ]
+        );
+    }
+
+    #[test]
+    fn min_period_of_cron() {
+        let s = ScheduleSpec::parse_cron("*/20 * * * * *").unwrap();
+        assert_eq!(s.min_period(), Some(Duration::from_secs(20)));
+    }
+}

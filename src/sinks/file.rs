@@ -1,0 +1,1 @@
+//! Atomic file sink. STUB.

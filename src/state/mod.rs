@@ -1,0 +1,209 @@
+//! Persistent state: credentials, rotations, version metadata (never values),
+//! and the audit head. The [`StateStore`] trait has the embedded SQLite
+//! implementation; a PostgreSQL one is planned for scale-out.
+//!
+//! Writes go through [`StateStore::apply`], one transaction per call, so the
+//! engine persists a step's effects atomically.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{CredentialKey, RotationId, Stage, VersionNo};
+
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database {path}: {message}")]
+    Db { path: String, message: String },
+    #[error(
+        "state database {path} has schema version {found}, newer than this keyturn ({supported}); upgrade keyturn"
+    )]
+    TooNew {
+        path: String,
+        found: i64,
+        supported: i64,
+    },
+    #[error("state database {path}: corrupt row: {message}")]
+    Corrupt { path: String, message: String },
+}
+
+pub type Result<T> = std::result::Result<T, StateError>;
+
+/// The steps of a rotation, in order. A rotation row records the *next* step to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Create,
+    Set,
+    Test,
+    Promote,
+    Deliver,
+    /// Waiting for `retire_at`, then retire the previous version.
+    Retire,
+    Done,
+}
+
+impl Step {
+    pub const ALL: [Step; 7] = [
+        Step::Create,
+        Step::Set,
+        Step::Test,
+        Step::Promote,
+        Step::Deliver,
+        Step::Retire,
+        Step::Done,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Create => "create",
+            Step::Set => "set",
+            Step::Test => "test",
+            Step::Promote => "promote",
+            Step::Deliver => "deliver",
+            Step::Retire => "retire",
+            Step::Done => "done",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Step::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+    pub fn next(self) -> Step {
+        match self {
+            Step::Create => Step::Set,
+            Step::Set => Step::Test,
+            Step::Test => Step::Promote,
+            Step::Promote => Step::Deliver,
+            Step::Deliver => Step::Retire,
+            Step::Retire | Step::Done => Step::Done,
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a rotation started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    Schedule,
+    Manual,
+    /// Overdue at start-up.
+    CatchUp,
+    /// First version of a credential that has none.
+    Initial,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Schedule => "schedule",
+            Trigger::Manual => "manual",
+            Trigger::CatchUp => "catch_up",
+            Trigger::Initial => "initial",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "schedule" => Trigger::Schedule,
+            "manual" => Trigger::Manual,
+            "catch_up" => Trigger::CatchUp,
+            "initial" => Trigger::Initial,
+            _ => return None,
+        })
+    }
+}
+
+/// One credential's summary row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialRow {
+    pub key: CredentialKey,
+    /// The version agents have been given (None before the first rotation).
+    pub current_version: Option<VersionNo>,
+    pub last_rotated_at: Option<DateTime<Utc>>,
+    pub next_due: Option<DateTime<Utc>>,
+    /// Failed attempts since the last success (drives the retry delay).
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+}
+
+/// One rotation, persisted before and after every step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationRow {
+    pub id: RotationId,
+    pub key: CredentialKey,
+    /// The next step to run (`Done` when finished).
+    pub step: Step,
+    pub trigger: Trigger,
+    /// The version this rotation creates.
+    pub version: VersionNo,
+    /// Vault-native id of the new version, once staged.
+    pub vault_version: Option<String>,
+    /// The version that was current when this rotation started, if any.
+    pub previous_version: Option<VersionNo>,
+    pub previous_vault_version: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// When the previous version is retired (delivery + grace).
+    pub retire_at: Option<DateTime<Utc>>,
+    /// Failed attempts of the current step.
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+/// Metadata of one version. Never the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionRow {
+    pub key: CredentialKey,
+    pub version: VersionNo,
+    pub rotation: RotationId,
+    pub stage: Stage,
+    pub vault_version: String,
+    pub created_at: DateTime<Utc>,
+    /// The public half of a keypair.
+    pub public: Option<String>,
+}
+
+/// The last audit record's sequence number and hash, to detect a truncated log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHead {
+    pub seq: u64,
+    pub hash: String,
+}
+
+/// One write inside a transaction.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Credential(CredentialRow),
+    Rotation(RotationRow),
+    Version(VersionRow),
+    AuditHead(AuditHead),
+    /// Forget a credential removed from config (its rows, not its audit).
+    ForgetCredential(CredentialKey),
+}
+
+/// Everything needed at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub credentials: Vec<CredentialRow>,
+    /// Rotations whose step is not `Done`.
+    pub unfinished: Vec<RotationRow>,
+}
+
+pub trait StateStore: Send + Sync {
+    /// Applies all writes in one transaction, durably.
+    fn apply(&self, writes: &[Write]) -> Result<()>;
+    fn snapshot(&self) -> Result<Snapshot>;
+    fn credential(&self, key: &CredentialKey) -> Result<Option<CredentialRow>>;
+    fn rotation(&self, id: &RotationId) -> Result<Option<RotationRow>>;
+    /// The newest rotation of a credential, finished or not.
+    fn latest_rotation(&self, key: &CredentialKey) -> Result<Option<RotationRow>>;
+    fn versions(&self, key: &CredentialKey) -> Result<Vec<VersionRow>>;
+    fn audit_head(&self) -> Result<Option<AuditHead>>;
+}

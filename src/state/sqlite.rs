@@ -1,0 +1,2 @@
+//! SQLite state store. STUB.
+pub struct SqliteStore;

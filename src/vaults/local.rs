@@ -1,0 +1,1 @@
+//! The embedded local vault. STUB: to be implemented.

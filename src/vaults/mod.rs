@@ -1,0 +1,91 @@
+//! Vaults: where versions of a credential are stored.
+//!
+//! Each vault is one file behind the [`Vault`] trait and does the minimum: one
+//! call per operation, a [`PluginError`] with a kind on failure, no retries (the
+//! rotation engine owns retries, backoff, concurrency limits, metrics and audit).
+//!
+//! The contract every vault keeps, because crash safety depends on it:
+//! - `stage` is idempotent per rotation id. If this rotation already staged a
+//!   version, it returns that version and does **not** store the new value; the
+//!   engine then reads the durable value back with `read`. So a replay after a
+//!   crash never creates a second version nor loses the first value.
+//! - `promote` and `retire` are idempotent: repeating them is a no-op.
+
+use async_trait::async_trait;
+
+use crate::model::{CredentialKey, PluginError, RotationId, SecretValue, Stage};
+
+pub mod local;
+
+/// One credential as a vault sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct VaultItem<'a> {
+    pub key: &'a CredentialKey,
+    /// The credential's `path` in config (validated: relative, no `..`).
+    pub path: &'a str,
+}
+
+/// A vault-native version identifier (a number for the local vault and KV v2,
+/// a version id for AWS and Azure). Stored in state; never a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct VersionRef(pub String);
+
+impl std::fmt::Display for VersionRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Which version to read.
+#[derive(Debug, Clone, Copy)]
+pub enum Select<'a> {
+    Stage(Stage),
+    Version(&'a VersionRef),
+}
+
+/// A version read back from a vault.
+#[derive(Debug)]
+pub struct StoredVersion {
+    pub version: VersionRef,
+    pub rotation: Option<RotationId>,
+    pub stage: Stage,
+    pub value: SecretValue,
+}
+
+#[async_trait]
+pub trait Vault: Send + Sync {
+    /// The `[vaults.NAME]` name, for messages.
+    fn name(&self) -> &str;
+
+    /// Stores `value` as the pending version of `item` for `rotation`, durably,
+    /// before returning. Idempotent per rotation id (see the module docs).
+    async fn stage(
+        &self,
+        item: VaultItem<'_>,
+        rotation: &RotationId,
+        value: &SecretValue,
+    ) -> Result<VersionRef, PluginError>;
+
+    /// Reads one version; `Ok(None)` when there is none (no current yet,
+    /// destroyed, retired values are gone).
+    async fn read(
+        &self,
+        item: VaultItem<'_>,
+        select: Select<'_>,
+    ) -> Result<Option<StoredVersion>, PluginError>;
+
+    /// Makes `version` current; the old current becomes previous and an older
+    /// previous becomes retired. A no-op when `version` is already current.
+    async fn promote(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError>;
+
+    /// Retires `version` (drops or disables its value) if it is previous. A no-op
+    /// when it is already retired or gone; an error if it is current or pending.
+    async fn retire(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError>;
+
+    /// Destroys every version of `item` (decommission).
+    async fn destroy(&self, item: VaultItem<'_>) -> Result<(), PluginError>;
+
+    /// Health: can we reach and use the vault? (`check --online`, `/readyz`).
+    async fn check(&self) -> Result<(), PluginError>;
+}
