@@ -8,6 +8,7 @@
 //! - [`schedule`]   cron / every / jitter → next due; one timer heap for all credentials
 //! - [`generators`] password, random bytes, API key, Ed25519 keypair
 //! - [`rotation`]   the persisted rotation state machine and its engine; resume after crash
+//! - [`targets`]    trait `Target` + `none` (apply and test a new value where it is used)
 //! - [`vaults`]     trait `Vault` + `local` (embedded, encrypted at rest)
 //! - [`sinks`]      trait `Sink` + `file` (atomic write, bundles via `..data`)
 //! - [`audit`]      hash-chained JSON-lines log, group-committed; verify
@@ -28,5 +29,6 @@ pub mod rotation;
 pub mod schedule;
 pub mod sinks;
 pub mod state;
+pub mod targets;
 pub mod telemetry;
 pub mod vaults;

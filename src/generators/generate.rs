@@ -2,7 +2,11 @@
 use super::Generated;
 use crate::config::GeneratorConfig;
 
-pub fn generate(cfg: &GeneratorConfig) -> Generated {
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct GenerateError(pub String);
+
+pub fn generate(cfg: &GeneratorConfig) -> Result<Generated, GenerateError> {
     let _ = cfg;
     unimplemented!()
 }

@@ -11,7 +11,7 @@ use crate::model::{SecretValue, ValueKind};
 
 mod generate;
 
-pub use generate::generate;
+pub use generate::{GenerateError, generate};
 
 /// A freshly generated value.
 #[derive(Debug)]
@@ -29,5 +29,22 @@ pub fn kind_of(cfg: &GeneratorConfig) -> ValueKind {
         GeneratorConfig::RandomBytes { .. } => ValueKind::RandomBytes,
         GeneratorConfig::ApiKey { .. } => ValueKind::ApiKey,
         GeneratorConfig::Ed25519 => ValueKind::Ed25519,
+    }
+}
+
+/// The public half of a stored value, derived from the value itself (so that
+/// after a crash-and-replay it always matches what the vault holds).
+pub fn public_part(kind: ValueKind, value: &SecretValue) -> Option<String> {
+    use ed25519_dalek::SigningKey;
+    use ed25519_dalek::pkcs8::DecodePrivateKey;
+    use ed25519_dalek::pkcs8::EncodePublicKey;
+    use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+    match kind {
+        ValueKind::Ed25519 => {
+            let pem = value.expose_str()?;
+            let key = SigningKey::from_pkcs8_pem(pem).ok()?;
+            key.verifying_key().to_public_key_pem(LineEnding::LF).ok()
+        }
+        _ => None,
     }
 }

@@ -62,8 +62,13 @@ impl<K: Clone + Eq + Hash + Ord> TimerHeap<K> {
 
     /// Removes and returns every key due at or before `now`, earliest first.
     pub fn pop_due(&mut self, now: DateTime<Utc>) -> Vec<K> {
+        self.pop_due_limit(now, usize::MAX)
+    }
+
+    /// Like `pop_due`, but at most `max` keys; the rest stay queued in order.
+    pub fn pop_due_limit(&mut self, now: DateTime<Utc>, max: usize) -> Vec<K> {
         let mut due = Vec::new();
-        loop {
+        while due.len() < max {
             self.drop_stale_top();
             match self.heap.peek() {
                 Some(Reverse((at, _, _))) if *at <= now => {
@@ -71,9 +76,10 @@ impl<K: Clone + Eq + Hash + Ord> TimerHeap<K> {
                     self.live.remove(&key);
                     due.push(key);
                 }
-                _ => return due,
+                _ => break,
             }
         }
+        due
     }
 
     pub fn len(&self) -> usize {
@@ -124,6 +130,17 @@ mod tests {
         assert_eq!(h.pop_due(t(20)), vec!["a", "b"]);
         assert_eq!(h.len(), 1);
         assert_eq!(h.next_deadline(), Some(t(30)));
+    }
+
+    #[test]
+    fn pop_due_limit_leaves_the_rest_in_order() {
+        let mut h = TimerHeap::new();
+        for i in 0..10 {
+            h.schedule(i, t(i));
+        }
+        assert_eq!(h.pop_due_limit(t(100), 3), vec![0, 1, 2]);
+        assert_eq!(h.pop_due_limit(t(4), 100), vec![3, 4]);
+        assert_eq!(h.len(), 5);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Schedule expressions and jitter.
 
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -14,7 +16,7 @@ pub enum ScheduleSpec {
     /// A cron expression; `text` is what the operator wrote.
     Cron {
         text: String,
-        schedule: Box<cron::Schedule>,
+        schedule: Arc<cron::Schedule>,
     },
     /// A fixed interval after the last rotation.
     Every(Duration),
@@ -53,14 +55,35 @@ impl ScheduleSpec {
             }
         };
         full[5] = translate_dow(&full[5])?;
-        let schedule = cron::Schedule::from_str(&full.join(" "))
-            .map_err(|e| format!("invalid cron expression {text:?}: {e}"))?;
-        if schedule.upcoming(Utc).next().is_none() {
-            return Err(format!("cron expression {text:?} never fires"));
-        }
+        let normalized = full.join(" ");
+        // A parsed cron::Schedule holds a set per field (kilobytes); 100k
+        // credentials usually share a handful of expressions, so share them.
+        static CACHE: OnceLock<Mutex<HashMap<String, Arc<cron::Schedule>>>> = OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        let cached = cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&normalized)
+            .cloned();
+        let schedule = match cached {
+            Some(s) => s,
+            None => {
+                let schedule = cron::Schedule::from_str(&normalized)
+                    .map_err(|e| format!("invalid cron expression {text:?}: {e}"))?;
+                if schedule.upcoming(Utc).next().is_none() {
+                    return Err(format!("cron expression {text:?} never fires"));
+                }
+                let schedule = Arc::new(schedule);
+                cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(normalized, schedule.clone());
+                schedule
+            }
+        };
         Ok(ScheduleSpec::Cron {
             text: text.to_owned(),
-            schedule: Box::new(schedule),
+            schedule,
         })
     }
 

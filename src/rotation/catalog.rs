@@ -1,0 +1,140 @@
+//! The catalog: the validated config turned into live plug-ins, one entry per
+//! credential. Built at start-up and on every reload; a rotation keeps the
+//! entry it started with, so a reload never changes a rotation mid-flight.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::config::{Config, CredentialConfig, SinkConfig, VaultConfig, VaultKind};
+use crate::model::{CredentialKey, PluginError};
+use crate::schedule::jitter_offset;
+use crate::sinks::Sink;
+use crate::sinks::file::FileSink;
+use crate::targets::{self, Target};
+use crate::vaults::Vault;
+use crate::vaults::local::{LocalVault, load_key};
+
+/// A vault and the limit on rotations touching it at once.
+#[derive(Clone)]
+pub struct VaultHandle {
+    pub vault: Arc<dyn Vault>,
+    pub limit: Arc<Semaphore>,
+    /// The config it was built from, to reuse it across reloads when unchanged.
+    pub config: VaultConfig,
+}
+
+/// One credential, ready to rotate.
+pub struct CredEntry {
+    pub key: CredentialKey,
+    pub tenant: String,
+    pub owner: String,
+    pub cfg: CredentialConfig,
+    pub vault: VaultHandle,
+    pub target: Arc<dyn Target>,
+    pub sinks: Vec<Arc<dyn Sink>>,
+    /// Deterministic jitter offset.
+    pub offset: Duration,
+}
+
+pub struct Catalog {
+    pub config: Arc<Config>,
+    pub creds: HashMap<CredentialKey, Arc<CredEntry>>,
+    pub vaults: HashMap<String, VaultHandle>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("vault {vault:?}: {source}")]
+    Vault { vault: String, source: PluginError },
+    #[error("{key}: deliver[{index}]: {source}")]
+    Sink {
+        key: CredentialKey,
+        index: usize,
+        source: PluginError,
+    },
+}
+
+impl Catalog {
+    /// Builds plug-ins for `config`. Vaults whose config did not change are
+    /// taken over from `previous` (open connections, loaded keys).
+    pub fn build(config: Arc<Config>, previous: Option<&Catalog>) -> Result<Catalog, BuildError> {
+        let mut vaults = HashMap::new();
+        for (name, vcfg) in &config.vaults {
+            let reuse = previous.and_then(|p| p.vaults.get(name)).filter(|h| {
+                h.config.kind == vcfg.kind && h.config.max_concurrent == vcfg.max_concurrent
+            });
+            let handle = match reuse {
+                Some(h) => h.clone(),
+                None => VaultHandle {
+                    vault: open_vault(vcfg).map_err(|source| BuildError::Vault {
+                        vault: name.clone(),
+                        source,
+                    })?,
+                    limit: Arc::new(Semaphore::new(vcfg.max_concurrent.max(1))),
+                    config: vcfg.clone(),
+                },
+            };
+            vaults.insert(name.clone(), handle);
+        }
+        let roots = config.daemon.delivery_roots.clone();
+        let mut creds = HashMap::with_capacity(config.credential_count());
+        for (agent, cred) in config.credentials() {
+            let vault = vaults
+                .get(&cred.vault)
+                .expect("validation guarantees every credential's vault exists")
+                .clone();
+            let mut sinks: Vec<Arc<dyn Sink>> = Vec::with_capacity(cred.deliver.len());
+            for (index, s) in cred.deliver.iter().enumerate() {
+                let sink = build_sink(s, &roots).map_err(|source| BuildError::Sink {
+                    key: cred.key.clone(),
+                    index,
+                    source,
+                })?;
+                sinks.push(sink);
+            }
+            let entry = CredEntry {
+                key: cred.key.clone(),
+                tenant: agent.tenant.clone(),
+                owner: agent.owner.clone(),
+                offset: jitter_offset(&cred.key, cred.jitter),
+                target: targets::build(&cred.target),
+                cfg: cred.clone(),
+                vault,
+                sinks,
+            };
+            creds.insert(cred.key.clone(), Arc::new(entry));
+        }
+        Ok(Catalog {
+            config,
+            creds,
+            vaults,
+        })
+    }
+}
+
+/// Opens the vault a `[vaults.NAME]` entry describes.
+fn open_vault(cfg: &VaultConfig) -> Result<Arc<dyn Vault>, PluginError> {
+    match &cfg.kind {
+        VaultKind::Local {
+            dir,
+            key_file,
+            key_credential,
+        } => {
+            let key = load_key(key_file, key_credential)?;
+            Ok(Arc::new(LocalVault::open(&cfg.name, dir, key)?))
+        }
+    }
+}
+
+/// Builds the sink a `deliver` entry describes.
+fn build_sink(
+    cfg: &SinkConfig,
+    roots: &[std::path::PathBuf],
+) -> Result<Arc<dyn Sink>, PluginError> {
+    match cfg {
+        SinkConfig::File(f) => Ok(Arc::new(FileSink::new(f.clone(), roots.to_vec())?)),
+    }
+}

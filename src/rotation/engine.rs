@@ -1,0 +1,1217 @@
+//! The engine: runs rotations step by step, persisting and auditing each one,
+//! and keeps the in-memory view that `status` and the scheduler read.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::catalog::{Catalog, CredEntry};
+use super::failpoint::crash_point;
+use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
+use crate::config::RetryConfig;
+use crate::generators;
+use crate::model::{
+    CredentialKey, ErrorKind, PluginError, RotationId, SecretValue, Stage, VersionNo,
+};
+use crate::schedule::{TimerHeap, catch_up_times};
+use crate::sinks::Notice;
+use crate::state::{
+    CredentialRow, RotationRow, StateError, StateStore, Step, Trigger, VersionRow, Write,
+};
+use crate::telemetry::Metrics;
+use crate::vaults::{Select, VaultItem, VersionRef};
+
+/// Longest wait before a parked (failed) rotation is tried again.
+const MAX_PARK_DELAY: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// What a waiter on a rotation (`keyturn rotate --wait`) is told.
+#[derive(Debug, Clone)]
+pub struct RotateFinished {
+    pub key: CredentialKey,
+    pub rotation: Option<RotationId>,
+    pub version: Option<VersionNo>,
+    /// `None` on success; otherwise what went wrong (never a secret).
+    pub error: Option<String>,
+}
+
+/// The kinds of timer a credential can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Job {
+    Rotate,
+    Retire,
+}
+
+/// A rotation in progress, as status shows it.
+#[derive(Debug, Clone)]
+struct Running {
+    rotation: Option<RotationId>,
+    step: Step,
+    attempts: u32,
+    last_error: Option<String>,
+}
+
+#[derive(Default)]
+struct CredLive {
+    row: Option<CredentialRow>,
+    running: Option<Running>,
+    /// The last attempt failed and the rotation is parked until its retry time.
+    parked: bool,
+    /// The previous version is retired at this time (delivery + grace).
+    retire_at: Option<DateTime<Utc>>,
+    /// Why the next rotation starts.
+    next_trigger: Option<Trigger>,
+    waiters: Vec<oneshot::Sender<RotateFinished>>,
+}
+
+/// One credential's line in `status`.
+#[derive(Debug, Clone)]
+pub struct CredStatus {
+    pub key: CredentialKey,
+    pub vault: String,
+    pub version: Option<VersionNo>,
+    pub stage: Option<Stage>,
+    pub last_rotated: Option<DateTime<Utc>>,
+    pub next_due: Option<DateTime<Utc>>,
+    pub state: &'static str,
+    pub step: Option<Step>,
+    pub rotation: Option<RotationId>,
+    pub last_error: Option<String>,
+}
+
+/// A cheap handle; clones share one engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    catalog: RwLock<Arc<Catalog>>,
+    state: Arc<dyn StateStore>,
+    audit: AuditLog,
+    metrics: Arc<Metrics>,
+    global: Arc<Semaphore>,
+    live: Mutex<HashMap<CredentialKey, CredLive>>,
+    timers: Mutex<TimerHeap<(CredentialKey, Job)>>,
+    wake: Notify,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Why a rotation stopped before finishing.
+enum Stop {
+    /// Failed after its retries; parked and retried later.
+    Failed(String),
+    /// The daemon is stopping; state is persisted and it resumes at next start.
+    Drained,
+}
+
+/// A step failure with the plug-in context it happened in.
+struct StepError {
+    context: String,
+    error: PluginError,
+}
+
+impl StepError {
+    fn new(context: impl Into<String>, error: PluginError) -> Self {
+        Self {
+            context: context.into(),
+            error,
+        }
+    }
+    fn message(&self) -> String {
+        format!(
+            "{}: {} ({})",
+            self.context, self.error.message, self.error.kind
+        )
+    }
+}
+
+fn now() -> DateTime<Utc> {
+    // Millisecond precision everywhere, so what is persisted compares equal
+    // to what is kept in memory.
+    DateTime::from_timestamp_millis(Utc::now().timestamp_millis())
+        .expect("current time is representable")
+}
+
+fn chrono_dur(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+impl Engine {
+    pub fn new(
+        catalog: Catalog,
+        state: Arc<dyn StateStore>,
+        audit: AuditLog,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Engine {
+        let global = Arc::new(Semaphore::new(
+            catalog.config.daemon.max_concurrent_rotations.max(1),
+        ));
+        Engine {
+            inner: Arc::new(Inner {
+                catalog: RwLock::new(Arc::new(catalog)),
+                state,
+                audit,
+                metrics,
+                global,
+                live: Mutex::new(HashMap::new()),
+                timers: Mutex::new(TimerHeap::new()),
+                wake: Notify::new(),
+                cancel,
+                tracker,
+            }),
+        }
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.inner.catalog()
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.inner.audit
+    }
+
+    pub fn state(&self) -> &Arc<dyn StateStore> {
+        &self.inner.state
+    }
+
+    /// Loads persisted state and arms a timer for every credential:
+    /// unfinished rotations resume now, credentials without a version get
+    /// their first one now, overdue ones are spread over the catch-up window,
+    /// the rest wait for their next due time.
+    pub async fn start(&self) -> Result<(), EngineError> {
+        let state = self.inner.state.clone();
+        let snapshot = tokio::task::spawn_blocking(move || state.snapshot())
+            .await
+            .expect("snapshot task panicked")?;
+        let unfinished: HashMap<CredentialKey, RotationRow> = snapshot
+            .unfinished
+            .into_iter()
+            .map(|r| (r.key.clone(), r))
+            .collect();
+        {
+            let mut live = self.inner.live();
+            for row in snapshot.credentials {
+                let key = row.key.clone();
+                live.entry(key).or_default().row = Some(row);
+            }
+            for (key, rot) in &unfinished {
+                let l = live.entry(key.clone()).or_default();
+                if rot.step == Step::Retire {
+                    l.retire_at = Some(rot.retire_at.unwrap_or_else(now));
+                } else {
+                    l.next_trigger = Some(rot.trigger);
+                }
+            }
+        }
+        self.inner.schedule_all(&unfinished, true);
+        Ok(())
+    }
+
+    /// Swaps in a new catalog (after a reload) and re-arms every timer from
+    /// the new schedules. Rotations in flight finish with the entry they
+    /// started with.
+    pub fn reload(&self, catalog: Catalog) {
+        *self
+            .inner
+            .catalog
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(catalog);
+        self.inner.schedule_all(&HashMap::new(), false);
+        self.inner.wake.notify_one();
+    }
+
+    /// Starts (or joins) a rotation of `key` now. Returns `None` if the
+    /// credential is not in the config.
+    pub fn trigger(&self, key: &CredentialKey) -> Option<oneshot::Receiver<RotateFinished>> {
+        self.inner.clone().trigger(key)
+    }
+
+    /// The status of every configured credential, in a stable order.
+    pub fn status(&self) -> Vec<CredStatus> {
+        self.inner.status()
+    }
+
+    /// `(key, age, seconds until due)` for every credential, for the metrics scrape.
+    pub fn credential_times(&self) -> Vec<(CredentialKey, Option<f64>, Option<f64>)> {
+        let now = Utc::now();
+        let timers = self.inner.timers.lock().unwrap_or_else(|p| p.into_inner());
+        let live = self.inner.live();
+        let catalog = self.inner.catalog();
+        let mut out: Vec<_> = catalog
+            .creds
+            .keys()
+            .map(|key| {
+                let row = live.get(key).and_then(|l| l.row.as_ref());
+                let age = row
+                    .and_then(|r| r.last_rotated_at)
+                    .map(|t| (now - t).num_milliseconds() as f64 / 1000.0);
+                let due = timers
+                    .deadline(&(key.clone(), Job::Rotate))
+                    .or_else(|| row.and_then(|r| r.next_due))
+                    .map(|t| (t - now).num_milliseconds() as f64 / 1000.0);
+                (key.clone(), age, due)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Runs the scheduler until the engine is cancelled. `watchdog` is called
+    /// at least every `watchdog_every` from this loop, so a stuck scheduler
+    /// stops the pings and systemd restarts the daemon.
+    pub async fn run_scheduler(
+        &self,
+        watchdog_every: Option<Duration>,
+        mut watchdog: impl FnMut(),
+    ) {
+        let inner = &self.inner;
+        let mut last_ping = Instant::now();
+        if watchdog_every.is_some() {
+            watchdog();
+        }
+        loop {
+            let now = Utc::now();
+            let free = inner.global.available_permits();
+            let due = inner.timers().pop_due_limit(now, free);
+            for (key, job) in due {
+                match inner.global.clone().try_acquire_owned() {
+                    Ok(permit) => inner.clone().spawn_job(key, job, Some(permit)),
+                    Err(_) => {
+                        inner.timers().schedule((key, job), now);
+                        break;
+                    }
+                }
+            }
+            let next = inner.timers().next_deadline();
+            let mut sleep = match next {
+                Some(t) => (t - Utc::now()).to_std().unwrap_or(Duration::ZERO),
+                None => Duration::from_secs(60),
+            };
+            // Wall clocks jump; never sleep long on one reading of it.
+            sleep = sleep.min(Duration::from_secs(60));
+            if let Some(every) = watchdog_every {
+                sleep = sleep.min(every.saturating_sub(last_ping.elapsed()));
+            }
+            if inner.global.available_permits() == 0 && next.is_some_and(|t| t <= Utc::now()) {
+                // Saturated: wait for a rotation to finish (it wakes us).
+                sleep = sleep.max(Duration::from_millis(1));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = inner.wake.notified() => {}
+                _ = inner.cancel.cancelled() => break,
+            }
+            if let Some(every) = watchdog_every
+                && last_ping.elapsed() >= every
+            {
+                watchdog();
+                last_ping = Instant::now();
+            }
+        }
+    }
+
+    /// Counts of credentials by state, for the `credentials{state}` gauge.
+    pub fn state_counts(&self) -> [(&'static str, usize); 4] {
+        let mut counts = [("idle", 0), ("rotating", 0), ("retiring", 0), ("failed", 0)];
+        for s in self.status() {
+            if let Some(c) = counts.iter_mut().find(|(n, _)| *n == s.state) {
+                c.1 += 1;
+            }
+        }
+        counts
+    }
+}
+
+impl Inner {
+    fn catalog(&self) -> Arc<Catalog> {
+        self.catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<CredentialKey, CredLive>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn timers(&self) -> std::sync::MutexGuard<'_, TimerHeap<(CredentialKey, Job)>> {
+        self.timers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Arms the timers of every credential in the catalog.
+    fn schedule_all(&self, unfinished: &HashMap<CredentialKey, RotationRow>, at_start: bool) {
+        let catalog = self.catalog();
+        let now = now();
+        let mut live = self.live();
+        let mut timers = self.timers();
+        let mut overdue: Vec<(DateTime<Utc>, CredentialKey)> = Vec::new();
+        let mut keys: Vec<&CredentialKey> = catalog.creds.keys().collect();
+        keys.sort();
+        for key in keys {
+            let entry = &catalog.creds[key];
+            let l = live.entry(key.clone()).or_default();
+            if let Some(at) = l.retire_at {
+                timers.schedule((key.clone(), Job::Retire), at);
+            }
+            if l.running.is_some() {
+                continue;
+            }
+            let last = l.row.as_ref().and_then(|r| r.last_rotated_at);
+            let has_version = l.row.as_ref().and_then(|r| r.current_version).is_some();
+            if unfinished.get(key).is_some_and(|r| r.step < Step::Retire) {
+                timers.schedule((key.clone(), Job::Rotate), now);
+            } else if !has_version || last.is_none() {
+                l.next_trigger = Some(Trigger::Initial);
+                timers.schedule((key.clone(), Job::Rotate), now);
+            } else if l.parked && !at_start {
+                // Keep the retry time it already has.
+            } else {
+                let last = last.expect("checked above");
+                match entry.cfg.schedule.next_due(last, entry.offset) {
+                    Some(due) if due <= now && at_start => overdue.push((due, key.clone())),
+                    Some(due) => {
+                        l.next_trigger = Some(Trigger::Schedule);
+                        timers.schedule((key.clone(), Job::Rotate), due.max(now));
+                    }
+                    None => timers.cancel(&(key.clone(), Job::Rotate)),
+                }
+            }
+        }
+        // Most overdue first, spread over the catch-up window.
+        overdue.sort();
+        let times = catch_up_times(now, overdue.len(), catalog.config.daemon.catch_up_spread);
+        for ((_, key), at) in overdue.into_iter().zip(times) {
+            if let Some(l) = live.get_mut(&key) {
+                l.next_trigger = Some(Trigger::CatchUp);
+            }
+            timers.schedule((key, Job::Rotate), at);
+        }
+        // Forget live state of credentials removed from the config.
+        live.retain(|k, l| catalog.creds.contains_key(k) || l.running.is_some());
+    }
+
+    fn trigger(self: Arc<Self>, key: &CredentialKey) -> Option<oneshot::Receiver<RotateFinished>> {
+        let catalog = self.catalog();
+        catalog.creds.get(key)?;
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut live = self.live();
+            let l = live.entry(key.clone()).or_default();
+            l.waiters.push(tx);
+            if l.running.is_some() {
+                false
+            } else {
+                if l.next_trigger != Some(Trigger::Initial) {
+                    l.next_trigger = Some(Trigger::Manual);
+                }
+                true
+            }
+        };
+        if start {
+            self.timers().cancel(&(key.clone(), Job::Rotate));
+            self.spawn_job(key.clone(), Job::Rotate, None);
+        }
+        Some(rx)
+    }
+
+    /// Marks the credential busy and runs the job in a tracked task.
+    fn spawn_job(
+        self: Arc<Self>,
+        key: CredentialKey,
+        job: Job,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let catalog = self.catalog();
+        let Some(entry) = catalog.creds.get(&key).cloned() else {
+            return;
+        };
+        {
+            let mut live = self.live();
+            let l = live.entry(key.clone()).or_default();
+            if l.running.is_some() {
+                return;
+            }
+            l.running = Some(Running {
+                rotation: None,
+                step: Step::Create,
+                attempts: 0,
+                last_error: None,
+            });
+            if job == Job::Retire {
+                l.running.as_mut().expect("just set").step = Step::Retire;
+            }
+        }
+        let tracker = self.tracker.clone();
+        tracker.spawn(async move {
+            let permit = match permit {
+                Some(p) => p,
+                None => match self.global.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            match job {
+                Job::Rotate => self.clone().run_rotation(entry).await,
+                Job::Retire => self.clone().run_retire(entry).await,
+            }
+            drop(permit);
+            self.wake.notify_one();
+        });
+    }
+
+    fn status(&self) -> Vec<CredStatus> {
+        let catalog = self.catalog();
+        let live = self.live();
+        let timers = self.timers();
+        let mut keys: Vec<&CredentialKey> = catalog.creds.keys().collect();
+        keys.sort();
+        keys.into_iter()
+            .map(|key| {
+                let entry = &catalog.creds[key];
+                let l = live.get(key);
+                let row = l.and_then(|l| l.row.as_ref());
+                let running = l.and_then(|l| l.running.as_ref());
+                let state = match (running, l) {
+                    (Some(_), _) => "rotating",
+                    (None, Some(l)) if l.parked => "failed",
+                    (None, Some(l)) if l.retire_at.is_some() => "retiring",
+                    _ => "idle",
+                };
+                let version = row.and_then(|r| r.current_version);
+                CredStatus {
+                    key: key.clone(),
+                    vault: entry.cfg.vault.clone(),
+                    version,
+                    stage: version.map(|_| Stage::Current),
+                    last_rotated: row.and_then(|r| r.last_rotated_at),
+                    next_due: timers
+                        .deadline(&(key.clone(), Job::Rotate))
+                        .or_else(|| row.and_then(|r| r.next_due)),
+                    state,
+                    step: running.map(|r| r.step),
+                    rotation: running.and_then(|r| r.rotation.clone()),
+                    last_error: running
+                        .and_then(|r| r.last_error.clone())
+                        .or_else(|| row.and_then(|r| r.last_error.clone())),
+                }
+            })
+            .collect()
+    }
+
+    fn cred_row(&self, key: &CredentialKey) -> CredentialRow {
+        self.live()
+            .get(key)
+            .and_then(|l| l.row.clone())
+            .unwrap_or_else(|| CredentialRow {
+                key: key.clone(),
+                current_version: None,
+                last_rotated_at: None,
+                next_due: None,
+                consecutive_failures: 0,
+                last_error: None,
+            })
+    }
+
+    fn set_running(&self, key: &CredentialKey, rot: &RotationRow) {
+        if let Some(r) = self.live().get_mut(key).and_then(|l| l.running.as_mut()) {
+            r.rotation = Some(rot.id.clone());
+            r.step = rot.step;
+            r.attempts = rot.attempts;
+            r.last_error = rot.last_error.clone();
+        }
+    }
+
+    async fn persist(&self, writes: Vec<Write>) -> Result<(), PluginError> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || state.apply(&writes))
+            .await
+            .map_err(|e| PluginError::new(ErrorKind::Fatal, format!("state task failed: {e}")))?
+            .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))
+    }
+
+    async fn load<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn StateStore) -> Result<T, StateError> + Send + 'static,
+    ) -> Result<T, PluginError> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || f(state.as_ref()))
+            .await
+            .map_err(|e| PluginError::new(ErrorKind::Fatal, format!("state task failed: {e}")))?
+            .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))
+    }
+
+    /// Appends an audit record for `entry` (and `rot` if given); returns the
+    /// write that records the new head in state.
+    async fn audit(
+        &self,
+        entry: &CredEntry,
+        rot: Option<&RotationRow>,
+        event: &str,
+        outcome: Outcome,
+        detail: Option<String>,
+        error: Option<String>,
+    ) -> Result<Write, PluginError> {
+        let mut ev = AuditEvent::new(event, Actor::Daemon, outcome);
+        ev.agent = Some(entry.key.agent.clone());
+        ev.credential = Some(entry.key.credential.clone());
+        ev.tenant = Some(entry.tenant.clone());
+        ev.owner = Some(entry.owner.clone());
+        ev.rotation = rot.map(|r| r.id.clone());
+        ev.version = rot.map(|r| r.version);
+        ev.detail = detail;
+        ev.error = error;
+        let head = self
+            .audit
+            .append(ev)
+            .await
+            .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))?;
+        self.metrics.audit_record();
+        Ok(Write::AuditHead(head))
+    }
+
+    async fn run_rotation(self: Arc<Self>, entry: Arc<CredEntry>) {
+        let key = entry.key.clone();
+        let started = Instant::now();
+        let _vault_permit = entry.vault.limit.clone().acquire_owned().await;
+        let result = self.rotate(&entry).await;
+        let now = now();
+        let reschedule = {
+            let mut live = self.live();
+            let l = live.entry(key.clone()).or_default();
+            l.running = None;
+            let waiters = std::mem::take(&mut l.waiters);
+            let (finished, reschedule) = match result {
+                Ok(rot) => {
+                    l.parked = false;
+                    l.retire_at = rot.retire_at;
+                    let row = l.row.clone();
+                    let next = row.as_ref().and_then(|r| r.next_due);
+                    l.next_trigger = Some(Trigger::Schedule);
+                    self.metrics.rotation_finished(true, started.elapsed());
+                    tracing::info!(agent = %key.agent, credential = %key.credential, version = rot.version, rotation = %rot.id, "rotated");
+                    (
+                        RotateFinished {
+                            key: key.clone(),
+                            rotation: Some(rot.id),
+                            version: Some(rot.version),
+                            error: None,
+                        },
+                        vec![(Job::Rotate, next), (Job::Retire, rot.retire_at)],
+                    )
+                }
+                Err(Stop::Failed(msg)) => {
+                    l.parked = true;
+                    let failures = l.row.as_ref().map_or(1, |r| r.consecutive_failures.max(1));
+                    let delay = park_delay(&entry_retry(&self.catalog()), failures);
+                    self.metrics.rotation_finished(false, started.elapsed());
+                    tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, retry_in = %humantime::format_duration(delay), "rotation failed; parked");
+                    (
+                        RotateFinished {
+                            key: key.clone(),
+                            rotation: None,
+                            version: None,
+                            error: Some(msg),
+                        },
+                        vec![(Job::Rotate, Some(now + chrono_dur(delay)))],
+                    )
+                }
+                Err(Stop::Drained) => (
+                    RotateFinished {
+                        key: key.clone(),
+                        rotation: None,
+                        version: None,
+                        error: Some(
+                            "the daemon is stopping; the rotation resumes at its next start".into(),
+                        ),
+                    },
+                    vec![],
+                ),
+            };
+            for w in waiters {
+                let _ = w.send(finished.clone());
+            }
+            reschedule
+        };
+        let mut timers = self.timers();
+        for (job, at) in reschedule {
+            if let Some(at) = at {
+                timers.schedule((key.clone(), job), at);
+            }
+        }
+    }
+
+    async fn run_retire(self: Arc<Self>, entry: Arc<CredEntry>) {
+        let key = entry.key.clone();
+        let _vault_permit = entry.vault.limit.clone().acquire_owned().await;
+        let k = key.clone();
+        let result = match self.load(move |s| s.latest_rotation(&k)).await {
+            Ok(Some(mut rot)) if rot.step == Step::Retire => self.retire(&entry, &mut rot).await,
+            Ok(_) => Ok(()),
+            Err(e) => Err(Stop::Failed(e.to_string())),
+        };
+        let mut live = self.live();
+        let l = live.entry(key.clone()).or_default();
+        l.running = None;
+        match result {
+            Ok(()) => l.retire_at = None,
+            Err(Stop::Failed(msg)) => {
+                let delay = entry_retry(&self.catalog()).max_delay;
+                tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, "retiring the previous version failed; will retry");
+                self.timers()
+                    .schedule((key, Job::Retire), now() + chrono_dur(delay));
+            }
+            Err(Stop::Drained) => {}
+        }
+    }
+
+    /// Runs (or resumes) one rotation up to and including delivery.
+    async fn rotate(&self, entry: &CredEntry) -> Result<RotationRow, Stop> {
+        let key = entry.key.clone();
+        let k = key.clone();
+        let latest = self
+            .load(move |s| s.latest_rotation(&k))
+            .await
+            .map_err(|e| Stop::Failed(format!("{key}: {e}")))?;
+        let mut rot = match latest {
+            Some(r) if r.step < Step::Retire => {
+                tracing::info!(agent = %key.agent, credential = %key.credential, rotation = %r.id, step = %r.step, "resuming rotation");
+                r
+            }
+            latest => {
+                if let Some(mut prev) = latest.filter(|r| r.step == Step::Retire) {
+                    // A new version is coming: the one before the current
+                    // must go now rather than at the end of its grace.
+                    self.retire(entry, &mut prev).await?;
+                    if let Some(l) = self.live().get_mut(&key) {
+                        l.retire_at = None;
+                    }
+                    self.timers().cancel(&(key.clone(), Job::Retire));
+                }
+                self.begin(entry).await?
+            }
+        };
+        self.set_running(&key, &rot);
+        while rot.step < Step::Retire {
+            if self.cancel.is_cancelled() {
+                return Err(Stop::Drained);
+            }
+            self.run_step(entry, &mut rot).await?;
+        }
+        Ok(rot)
+    }
+
+    /// Records the start of a new rotation.
+    async fn begin(&self, entry: &CredEntry) -> Result<RotationRow, Stop> {
+        let key = &entry.key;
+        let cred = self.cred_row(key);
+        let trigger = self
+            .live()
+            .get(key)
+            .and_then(|l| l.next_trigger)
+            .unwrap_or(Trigger::Schedule);
+        let k = key.clone();
+        let versions = self
+            .load(move |s| s.versions(&k))
+            .await
+            .map_err(|e| Stop::Failed(format!("{key}: {e}")))?;
+        let newest = versions.iter().map(|v| v.version).max().unwrap_or(0);
+        let previous_vault_version = cred
+            .current_version
+            .and_then(|cv| versions.iter().find(|v| v.version == cv))
+            .map(|v| v.vault_version.clone());
+        let t = now();
+        let rot = RotationRow {
+            id: RotationId::generate(),
+            key: key.clone(),
+            step: Step::Create,
+            trigger,
+            version: newest.max(cred.current_version.unwrap_or(0)) + 1,
+            vault_version: None,
+            previous_version: cred.current_version,
+            previous_vault_version,
+            started_at: t,
+            updated_at: t,
+            retire_at: None,
+            attempts: 0,
+            last_error: None,
+        };
+        let head = self
+            .audit(
+                entry,
+                Some(&rot),
+                "rotation.start",
+                Outcome::Ok,
+                Some(format!("trigger={}", trigger.as_str())),
+                None,
+            )
+            .await
+            .map_err(|e| Stop::Failed(format!("{key}: audit: {}", e.message)))?;
+        self.persist(vec![Write::Rotation(rot.clone()), head])
+            .await
+            .map_err(|e| Stop::Failed(format!("{key}: {}", e.message)))?;
+        crash_point("rotation.after_start");
+        Ok(rot)
+    }
+
+    /// Runs `rot.step` with retries; on success the step's effects, the
+    /// audit record and the advanced rotation row are all durable.
+    async fn run_step(&self, entry: &CredEntry, rot: &mut RotationRow) -> Result<(), Stop> {
+        let retry = entry_retry(&self.catalog());
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(retry.initial_delay)
+            .with_max_delay(retry.max_delay)
+            .with_max_times(retry.max_attempts.saturating_sub(1) as usize)
+            .with_jitter()
+            .build();
+        let step = rot.step;
+        loop {
+            crash_point(before(step));
+            let attempt = self.attempt_step(entry, rot).await;
+            let error = match attempt {
+                Ok(mut writes) => {
+                    crash_point(after(step));
+                    let mut next = rot.clone();
+                    next.step = step.next();
+                    next.attempts = 0;
+                    next.last_error = None;
+                    next.updated_at = now();
+                    if step == Step::Deliver {
+                        next.retire_at = Some(next.updated_at + chrono_dur(entry.cfg.grace));
+                    }
+                    let persisted = async {
+                        let head = self
+                            .audit(
+                                entry,
+                                Some(&next),
+                                &format!("rotation.{step}"),
+                                Outcome::Ok,
+                                None,
+                                None,
+                            )
+                            .await?;
+                        writes.push(Write::Rotation(next.clone()));
+                        writes.push(head);
+                        self.persist(writes).await
+                    }
+                    .await;
+                    match persisted {
+                        Ok(()) => {
+                            *rot = next;
+                            self.apply_effects_in_memory(entry, rot);
+                            self.set_running(&entry.key, rot);
+                            return Ok(());
+                        }
+                        Err(e) => StepError::new("recording the step", e),
+                    }
+                }
+                Err(e) => e,
+            };
+            // One failure path for every step and plug-in.
+            let msg = error.message();
+            self.metrics.step_failed(step);
+            rot.attempts += 1;
+            rot.last_error = Some(format!("step {step}: {msg}"));
+            rot.updated_at = now();
+            tracing::warn!(agent = %entry.key.agent, credential = %entry.key.credential, rotation = %rot.id, step = %step, attempt = rot.attempts, kind = %error.error.kind, error = %msg, "step failed");
+            let mut cred = self.cred_row(&entry.key);
+            cred.last_error = rot.last_error.clone();
+            let retryable = error.error.kind.is_retryable();
+            let delay = if retryable { delays.next() } else { None };
+            if delay.is_none() {
+                cred.consecutive_failures += 1;
+            }
+            self.set_running(&entry.key, rot);
+            let recorded = async {
+                let head = self
+                    .audit(
+                        entry,
+                        Some(rot),
+                        &format!("rotation.{step}"),
+                        Outcome::Failed,
+                        None,
+                        Some(msg.clone()),
+                    )
+                    .await?;
+                self.persist(vec![
+                    Write::Rotation(rot.clone()),
+                    Write::Credential(cred.clone()),
+                    head,
+                ])
+                .await
+            }
+            .await;
+            if let Err(e) = recorded {
+                tracing::error!(agent = %entry.key.agent, credential = %entry.key.credential, error = %e, "could not record a step failure");
+            }
+            if let Some(l) = self.live().get_mut(&entry.key) {
+                l.row = Some(cred);
+            }
+            let Some(delay) = delay else {
+                return Err(Stop::Failed(format!("{}: step {step}: {msg}", entry.key)));
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.cancel.cancelled() => return Err(Stop::Drained),
+            }
+        }
+    }
+
+    /// Keeps the in-memory credential row in step with what was persisted.
+    fn apply_effects_in_memory(&self, entry: &CredEntry, rot: &RotationRow) {
+        if rot.step == Step::Retire
+            && let Some(l) = self.live().get_mut(&entry.key)
+        {
+            l.row = Some(delivered_row(entry, rot));
+        }
+    }
+
+    /// One attempt of one step. Returns the state writes that record its effect.
+    async fn attempt_step(
+        &self,
+        entry: &CredEntry,
+        rot: &mut RotationRow,
+    ) -> Result<Vec<Write>, StepError> {
+        let key = &entry.key;
+        let vault = &entry.vault.vault;
+        let vctx = || format!("vault {:?}", vault.name());
+        let item = VaultItem {
+            key,
+            path: &entry.cfg.path,
+        };
+        match rot.step {
+            Step::Create => {
+                let generated = generators::generate(&entry.cfg.generate).map_err(|e| {
+                    StepError::new(
+                        "generator",
+                        PluginError::new(ErrorKind::Invalid, e.to_string()),
+                    )
+                })?;
+                let vref = vault
+                    .stage(item, &rot.id, &generated.value)
+                    .await
+                    .map_err(|e| StepError::new(vctx(), e))?;
+                drop(generated);
+                // Read back what the vault holds: after a replay it is the
+                // value staged the first time, not the one generated now.
+                let stored = self.read_version(entry, &vref).await?;
+                let public =
+                    generators::public_part(generators::kind_of(&entry.cfg.generate), &stored);
+                rot.vault_version = Some(vref.0.clone());
+                Ok(vec![Write::Version(VersionRow {
+                    key: key.clone(),
+                    version: rot.version,
+                    rotation: rot.id.clone(),
+                    stage: Stage::Pending,
+                    vault_version: vref.0,
+                    created_at: now(),
+                    public,
+                })])
+            }
+            Step::Set | Step::Test => {
+                let target = &entry.target;
+                let value = if target.uses_value() {
+                    self.read_version(entry, &staged(rot)?).await?
+                } else {
+                    SecretValue::new(Vec::new())
+                };
+                let r = if rot.step == Step::Set {
+                    target.set(key, rot.version, &value).await
+                } else {
+                    target.test(key, rot.version, &value).await
+                };
+                r.map_err(|e| StepError::new(format!("target {}", target.describe()), e))?;
+                Ok(vec![])
+            }
+            Step::Promote => {
+                let vref = staged(rot)?;
+                vault
+                    .promote(item, &vref)
+                    .await
+                    .map_err(|e| StepError::new(vctx(), e))?;
+                let k = key.clone();
+                let versions = self
+                    .load(move |s| s.versions(&k))
+                    .await
+                    .map_err(|e| StepError::new("state", e))?;
+                let writes = versions
+                    .into_iter()
+                    .filter_map(|mut v| {
+                        let stage = if v.version == rot.version {
+                            Stage::Current
+                        } else if Some(v.version) == rot.previous_version {
+                            Stage::Previous
+                        } else if matches!(v.stage, Stage::Current | Stage::Previous) {
+                            Stage::Retired
+                        } else {
+                            return None;
+                        };
+                        (v.stage != stage).then(|| {
+                            v.stage = stage;
+                            Write::Version(v)
+                        })
+                    })
+                    .collect();
+                Ok(writes)
+            }
+            Step::Deliver => {
+                let vref = staged(rot)?;
+                let value = self.read_version(entry, &vref).await?;
+                let k = key.clone();
+                let version = rot.version;
+                let public = self
+                    .load(move |s| s.versions(&k))
+                    .await
+                    .map_err(|e| StepError::new("state", e))?
+                    .into_iter()
+                    .find(|v| v.version == version)
+                    .and_then(|v| v.public);
+                let row = delivered_row(entry, rot);
+                let notice = Notice {
+                    key: key.clone(),
+                    tenant: entry.tenant.clone(),
+                    owner: entry.owner.clone(),
+                    version: rot.version,
+                    rotation: rot.id.clone(),
+                    rotated_at: now(),
+                    expires_hint: row.next_due.map(|d| d + chrono_dur(entry.cfg.grace)),
+                    kind: generators::kind_of(&entry.cfg.generate),
+                    public,
+                };
+                for sink in &entry.sinks {
+                    let result = sink.deliver(&notice, &value).await;
+                    self.metrics.delivery("file", result.is_ok());
+                    let (outcome, error) = match &result {
+                        Ok(_) => (Outcome::Ok, None),
+                        Err(e) => (Outcome::Failed, Some(e.to_string())),
+                    };
+                    let head = self
+                        .audit(
+                            entry,
+                            Some(rot),
+                            "delivery",
+                            outcome,
+                            Some(sink.describe()),
+                            error,
+                        )
+                        .await
+                        .map_err(|e| StepError::new("audit", e))?;
+                    result.map_err(|e| StepError::new(format!("sink {}", sink.describe()), e))?;
+                    // The head is persisted with the step; deliveries of a
+                    // failed attempt are persisted with the failure record.
+                    let _ = head;
+                }
+                Ok(vec![Write::Credential(row)])
+            }
+            Step::Retire | Step::Done => Ok(vec![]),
+        }
+    }
+
+    async fn read_version(
+        &self,
+        entry: &CredEntry,
+        vref: &VersionRef,
+    ) -> Result<SecretValue, StepError> {
+        let item = VaultItem {
+            key: &entry.key,
+            path: &entry.cfg.path,
+        };
+        let vault = &entry.vault.vault;
+        match vault.read(item, Select::Version(vref)).await {
+            Ok(Some(v)) => Ok(v.value),
+            Ok(None) => Err(StepError::new(
+                format!("vault {:?}", vault.name()),
+                PluginError::new(
+                    ErrorKind::NotFound,
+                    format!("version {vref} of {} is gone", entry.cfg.path),
+                ),
+            )),
+            Err(e) => Err(StepError::new(format!("vault {:?}", vault.name()), e)),
+        }
+    }
+
+    /// Retires the previous version of a delivered rotation and marks it done.
+    async fn retire(&self, entry: &CredEntry, rot: &mut RotationRow) -> Result<(), Stop> {
+        let retry = entry_retry(&self.catalog());
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(retry.initial_delay)
+            .with_max_delay(retry.max_delay)
+            .with_max_times(retry.max_attempts.saturating_sub(1) as usize)
+            .with_jitter()
+            .build();
+        loop {
+            crash_point("rotation.before_retire");
+            let attempt: Result<Vec<Write>, StepError> = async {
+                let mut writes = Vec::new();
+                if let Some(prev) = &rot.previous_vault_version {
+                    let item = VaultItem {
+                        key: &entry.key,
+                        path: &entry.cfg.path,
+                    };
+                    let vref = VersionRef(prev.clone());
+                    entry.vault.vault.retire(item, &vref).await.map_err(|e| {
+                        StepError::new(format!("vault {:?}", entry.vault.vault.name()), e)
+                    })?;
+                    let k = entry.key.clone();
+                    let versions = self
+                        .load(move |s| s.versions(&k))
+                        .await
+                        .map_err(|e| StepError::new("state", e))?;
+                    if let Some(mut v) = versions
+                        .into_iter()
+                        .find(|v| Some(v.version) == rot.previous_version)
+                    {
+                        v.stage = Stage::Retired;
+                        writes.push(Write::Version(v));
+                    }
+                }
+                crash_point("rotation.after_retire");
+                let mut done = rot.clone();
+                done.step = Step::Done;
+                done.updated_at = now();
+                let head = self
+                    .audit(
+                        entry,
+                        Some(&done),
+                        "rotation.retire",
+                        Outcome::Ok,
+                        None,
+                        None,
+                    )
+                    .await
+                    .map_err(|e| StepError::new("audit", e))?;
+                writes.push(Write::Rotation(done));
+                writes.push(head);
+                self.persist(writes)
+                    .await
+                    .map_err(|e| StepError::new("state", e))?;
+                Ok(vec![])
+            }
+            .await;
+            match attempt {
+                Ok(_) => {
+                    rot.step = Step::Done;
+                    return Ok(());
+                }
+                Err(e) => {
+                    let msg = e.message();
+                    self.metrics.step_failed(Step::Retire);
+                    let _ = self
+                        .audit(
+                            entry,
+                            Some(rot),
+                            "rotation.retire",
+                            Outcome::Failed,
+                            None,
+                            Some(msg.clone()),
+                        )
+                        .await;
+                    let delay = if e.error.kind.is_retryable() {
+                        delays.next()
+                    } else {
+                        None
+                    };
+                    let Some(delay) = delay else {
+                        return Err(Stop::Failed(format!("{}: step retire: {msg}", entry.key)));
+                    };
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.cancel.cancelled() => return Err(Stop::Drained),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The credential row after `rot` is delivered.
+fn delivered_row(entry: &CredEntry, rot: &RotationRow) -> CredentialRow {
+    let at = rot.updated_at;
+    CredentialRow {
+        key: entry.key.clone(),
+        current_version: Some(rot.version),
+        last_rotated_at: Some(at),
+        next_due: entry.cfg.schedule.next_due(at, entry.offset),
+        consecutive_failures: 0,
+        last_error: None,
+    }
+}
+
+fn staged(rot: &RotationRow) -> Result<VersionRef, StepError> {
+    rot.vault_version.clone().map(VersionRef).ok_or_else(|| {
+        StepError::new(
+            "state",
+            PluginError::new(
+                ErrorKind::Fatal,
+                format!(
+                    "rotation {} reached {} without a staged version",
+                    rot.id, rot.step
+                ),
+            ),
+        )
+    })
+}
+
+fn entry_retry(catalog: &Catalog) -> RetryConfig {
+    catalog.config.daemon.retry
+}
+
+/// How long a parked rotation waits: the retry ceiling doubled per
+/// consecutive failure, capped at an hour.
+fn park_delay(retry: &RetryConfig, failures: u32) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(10);
+    (retry.max_delay * factor).min(MAX_PARK_DELAY)
+}
+
+fn before(step: Step) -> &'static str {
+    match step {
+        Step::Create => "rotation.before_create",
+        Step::Set => "rotation.before_set",
+        Step::Test => "rotation.before_test",
+        Step::Promote => "rotation.before_promote",
+        Step::Deliver => "rotation.before_deliver",
+        Step::Retire | Step::Done => "rotation.before_retire",
+    }
+}
+
+fn after(step: Step) -> &'static str {
+    match step {
+        Step::Create => "rotation.after_create",
+        Step::Set => "rotation.after_set",
+        Step::Test => "rotation.after_test",
+        Step::Promote => "rotation.after_promote",
+        Step::Deliver => "rotation.after_deliver",
+        Step::Retire | Step::Done => "rotation.after_retire",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn park_delay_doubles_and_caps() {
+        let r = RetryConfig {
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+            max_attempts: 3,
+        };
+        assert_eq!(park_delay(&r, 1), Duration::from_secs(60));
+        assert_eq!(park_delay(&r, 2), Duration::from_secs(120));
+        assert_eq!(park_delay(&r, 30), MAX_PARK_DELAY);
+    }
+}

@@ -1,0 +1,34 @@
+//! Crash points at every step boundary, for the crash-safety tests.
+//!
+//! Built only with the `failpoints` cargo feature. A test starts the daemon with
+//! `FAILPOINTS=rotation.after_create=return` and the process kills itself with
+//! SIGKILL at that point, exactly like `kill -9`: no destructor, no flush.
+
+/// Every crash point, in the order a rotation passes them.
+pub const FAILPOINTS: &[&str] = &[
+    "rotation.after_start",
+    "rotation.before_create",
+    "rotation.after_create",
+    "rotation.before_set",
+    "rotation.after_set",
+    "rotation.before_test",
+    "rotation.after_test",
+    "rotation.before_promote",
+    "rotation.after_promote",
+    "rotation.before_deliver",
+    "rotation.after_deliver",
+    "rotation.before_retire",
+    "rotation.after_retire",
+];
+
+/// Kills the process here if the named failpoint is configured.
+#[inline]
+pub fn crash_point(name: &str) {
+    #[cfg(feature = "failpoints")]
+    if fail::eval(name, |_| ()).is_some() {
+        tracing::warn!(failpoint = name, "failpoint hit: killing the process");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}
