@@ -1,1 +1,399 @@
-//! Daemon wiring. STUB.
+//! Wiring and lifecycle of `keyturn daemon`, in one place:
+//! load config → lock and open state → open the audit log → build plug-ins →
+//! resume rotations → serve the control socket (and HTTP) → `READY=1` →
+//! wait for signals. SIGHUP reloads (an invalid config keeps the old one);
+//! SIGTERM/SIGINT drain in-flight steps within `drain_timeout` and exit 0.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sd_notify::NotifyState;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::protocol::{ApiError, ApiErrorKind, RotateOutcome, RotateResult, Selector, StatusRow};
+use crate::api::socket::{self, ControlHandler, PeerCred};
+use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
+use crate::config::{self, Config, ConfigErrors};
+use crate::model::CredentialKey;
+use crate::rotation::{Catalog, CredStatus, Engine};
+use crate::state::{SqliteStore, StateStore};
+use crate::telemetry::{CredentialTimes, Metrics};
+
+/// Why the daemon could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Config(ConfigErrors),
+    #[error("{0}")]
+    Startup(String),
+}
+
+/// The state database inside `state_dir`.
+pub fn state_db_path(config: &Config) -> PathBuf {
+    config.daemon.state_dir.join("state.db")
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
+    let config = config::load_file(config_path).map_err(DaemonError::Config)?;
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
+    let startup = |what: &str, e: &dyn std::fmt::Display| DaemonError::Startup(format!("{what}: {e}"));
+
+    let state_dir = config.daemon.state_dir.clone();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&state_dir)
+        .map_err(|e| startup(&format!("cannot create state_dir {}", state_dir.display()), &e))?;
+    let _lock = lock_state_dir(&state_dir)?;
+
+    let state: Arc<dyn StateStore> = Arc::new(
+        SqliteStore::open(&state_db_path(&config)).map_err(|e| startup("cannot open the state database", &e))?,
+    );
+    let head = state.audit_head().map_err(|e| startup("cannot read the audit head", &e))?;
+    let audit = AuditLog::open(&config.daemon.audit_log, head.as_ref())
+        .map_err(|e| startup("cannot open the audit log", &e))?;
+
+    let config = Arc::new(config);
+    let catalog =
+        Catalog::build(config.clone(), None).map_err(|e| startup("cannot set up vaults and sinks", &e))?;
+    preflight(&catalog).await;
+
+    let metrics = Arc::new(Metrics::new());
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let engine = Engine::new(catalog, state.clone(), audit.clone(), metrics.clone(), cancel.clone(), tracker.clone());
+
+    audit_daemon(&audit, "daemon.start", Outcome::Ok, Some(format!("config={}", config_path.display())), None).await;
+    engine.start().await.map_err(|e| startup("cannot load state", &e))?;
+
+    let sock = socket::bind(&config.daemon.socket, config.daemon.socket_group.as_deref())
+        .map_err(|e| startup(&format!("control socket {}", config.daemon.socket.display()), &e))?;
+    let handler = Arc::new(Handler { engine: engine.clone() });
+    tracker.spawn(socket::serve(sock, handler, cancel.clone(), tracker.clone()));
+
+    let ready = Arc::new(AtomicBool::new(false));
+    {
+        let e = engine.clone();
+        metrics.set_credential_times_provider(Arc::new(move || {
+            e.credential_times()
+                .into_iter()
+                .map(|(key, age, due)| CredentialTimes {
+                    agent: key.agent.to_string(),
+                    credential: key.credential.to_string(),
+                    age_seconds: age,
+                    next_due_seconds: due,
+                })
+                .collect()
+        }));
+        let e = engine.clone();
+        metrics.set_state_counts_provider(Arc::new(move || {
+            e.state_counts().iter().map(|(s, n)| (s.to_string(), *n as i64)).collect()
+        }));
+    }
+    if let Some(addr) = config.daemon.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| startup(&format!("cannot listen on {addr}"), &e))?;
+        tracker.spawn(crate::api::http::serve_http(listener, metrics.clone(), ready.clone(), cancel.clone()));
+    }
+
+    let watchdog = watchdog_interval();
+    {
+        let e = engine.clone();
+        tracker.spawn(async move {
+            e.run_scheduler(watchdog, || notify(&[NotifyState::Watchdog])).await;
+        });
+    }
+
+    ready.store(true, Ordering::SeqCst);
+    let status = format!("serving {} credentials", engine.catalog().creds.len());
+    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    tracing::info!(config = %config_path.display(), credentials = engine.catalog().creds.len(), "keyturn ready");
+
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| startup("cannot handle SIGHUP", &e))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| startup("cannot handle SIGTERM", &e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| startup("cannot handle SIGINT", &e))?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => reload(config_path, &engine).await,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+
+    notify(&[NotifyState::Stopping, NotifyState::Status("draining in-flight rotation steps")]);
+    tracing::info!("stopping: draining in-flight rotation steps");
+    ready.store(false, Ordering::SeqCst);
+    cancel.cancel();
+    tracker.close();
+    let drain = engine.catalog().config.daemon.drain_timeout;
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        tracing::warn!(timeout = %humantime::format_duration(drain), "in-flight steps did not finish in time; they resume at the next start");
+    }
+    audit_daemon(&audit, "daemon.stop", Outcome::Ok, None, None).await;
+    audit.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGHUP: validate the new config and swap it in, or keep the old one.
+async fn reload(config_path: &Path, engine: &Engine) {
+    if let Ok(now) = NotifyState::monotonic_usec_now() {
+        notify(&[NotifyState::Reloading, now]);
+    }
+    let old = engine.catalog();
+    let outcome = match config::load_file(config_path) {
+        Err(errors) => Err(format!(
+            "{} error(s), first: {}",
+            errors.0.len(),
+            errors.0.first().map(|e| e.to_string()).unwrap_or_default()
+        )),
+        Ok(mut new) => {
+            let restart_only = keep_restart_only_settings(&old.config, &mut new);
+            match Catalog::build(Arc::new(new), Some(&old)) {
+                Ok(catalog) => {
+                    preflight(&catalog).await;
+                    engine.reload(catalog);
+                    Ok(restart_only)
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
+    match outcome {
+        Ok(restart_only) => {
+            for setting in &restart_only {
+                tracing::warn!(setting = %setting, "changed in the config but only takes effect after a restart");
+            }
+            tracing::info!(credentials = engine.catalog().creds.len(), "config reloaded");
+            audit_daemon(engine.audit(), "daemon.reload", Outcome::Ok, None, None).await;
+            let status = format!("serving {} credentials (reloaded)", engine.catalog().creds.len());
+            notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        }
+        Err(why) => {
+            tracing::error!(error = %why, "reload failed; keeping the previous config");
+            audit_daemon(engine.audit(), "daemon.reload", Outcome::Failed, None, Some(why.clone())).await;
+            let status = format!("reload failed, keeping the previous config: {why}");
+            notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        }
+    }
+}
+
+/// Settings bound at start-up (open files, sockets) cannot change on reload:
+/// keep the running values and say which ones changed.
+fn keep_restart_only_settings(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let (o, n) = (&old.daemon, &mut new.daemon);
+    if o.state_dir != n.state_dir {
+        changed.push("daemon.state_dir");
+        n.state_dir = o.state_dir.clone();
+    }
+    if o.audit_log != n.audit_log {
+        changed.push("daemon.audit_log");
+        n.audit_log = o.audit_log.clone();
+    }
+    if o.socket != n.socket || o.socket_group != n.socket_group {
+        changed.push("daemon.socket");
+        n.socket = o.socket.clone();
+        n.socket_group = o.socket_group.clone();
+    }
+    if o.listen != n.listen {
+        changed.push("daemon.listen");
+        n.listen = o.listen;
+    }
+    if o.max_concurrent_rotations != n.max_concurrent_rotations {
+        changed.push("daemon.max_concurrent_rotations");
+        n.max_concurrent_rotations = o.max_concurrent_rotations;
+    }
+    changed
+}
+
+/// Checks every sink can deliver (and cleans stale temp files). A failure is
+/// logged; the rotation's deliver step reports and retries it.
+async fn preflight(catalog: &Catalog) {
+    for entry in catalog.creds.values() {
+        for sink in &entry.sinks {
+            if let Err(e) = sink.preflight().await {
+                tracing::warn!(agent = %entry.key.agent, credential = %entry.key.credential, sink = %sink.describe(), error = %e, "sink preflight failed");
+            }
+        }
+    }
+}
+
+/// Holds an exclusive lock on `<state_dir>/keyturn.lock` for the daemon's life,
+/// so two daemons never share one state directory.
+fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
+    let path = state_dir.join("keyturn.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| DaemonError::Startup(format!("cannot open {}: {e}", path.display())))?;
+    // SAFETY: flock on a valid, owned file descriptor.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(DaemonError::Startup(format!(
+            "another keyturn daemon is using {} (lock {} is held)",
+            state_dir.display(),
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// Half of `WATCHDOG_USEC`, when systemd asks for watchdog pings.
+fn watchdog_interval() -> Option<Duration> {
+    let mut usec = 0u64;
+    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
+}
+
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+async fn audit_daemon(audit: &AuditLog, event: &str, outcome: Outcome, detail: Option<String>, error: Option<String>) {
+    let mut ev = AuditEvent::new(event, Actor::Daemon, outcome);
+    ev.detail = detail;
+    ev.error = error;
+    if let Err(e) = audit.append(ev).await {
+        tracing::error!(event, error = %e, "cannot write to the audit log");
+    }
+}
+
+/// Answers control-socket requests from the engine.
+struct Handler {
+    engine: Engine,
+}
+
+impl Handler {
+    fn select(&self, selector: &Selector) -> Result<Vec<CredentialKey>, ApiError> {
+        let catalog = self.engine.catalog();
+        let mut keys: Vec<CredentialKey> = catalog
+            .creds
+            .keys()
+            .filter(|k| match selector {
+                Selector::All => true,
+                Selector::Agent(a) => &k.agent == a,
+                Selector::Credential(c) => *k == c,
+            })
+            .cloned()
+            .collect();
+        keys.sort();
+        if keys.is_empty() {
+            let what = match selector {
+                Selector::All => "no credentials are configured".to_string(),
+                Selector::Agent(a) => format!("no agent {a:?} in the config (see `keyturn status`)"),
+                Selector::Credential(c) => format!("no credential {c} in the config (see `keyturn status`)"),
+            };
+            return Err(ApiError { kind: ApiErrorKind::NotFound, message: what });
+        }
+        Ok(keys)
+    }
+}
+
+pub(crate) fn status_row(s: CredStatus) -> StatusRow {
+    StatusRow {
+        agent: s.key.agent,
+        credential: s.key.credential,
+        vault: s.vault,
+        version: s.version,
+        stage: s.stage,
+        last_rotated: s.last_rotated,
+        next_due: s.next_due,
+        state: s.state.to_string(),
+        step: s.step.map(|st| st.to_string()),
+        rotation: s.rotation.map(|r| r.to_string()),
+        last_error: s.last_error,
+    }
+}
+
+#[async_trait]
+impl ControlHandler for Handler {
+    async fn status(&self) -> Vec<StatusRow> {
+        self.engine.status().into_iter().map(status_row).collect()
+    }
+
+    async fn rotate(&self, actor: Actor, selector: Selector, wait: bool) -> Result<Vec<RotateResult>, ApiError> {
+        let keys = self.select(&selector)?;
+        let mut ev = AuditEvent::new("admin.rotate", actor, Outcome::Ok);
+        ev.detail = Some(format!("{} credential(s), wait={wait}", keys.len()));
+        if let [only] = keys.as_slice() {
+            ev.agent = Some(only.agent.clone());
+            ev.credential = Some(only.credential.clone());
+        }
+        if let Err(e) = self.engine.audit().append(ev).await {
+            return Err(ApiError { kind: ApiErrorKind::Unavailable, message: format!("cannot write the audit record: {e}") });
+        }
+        let mut waiting = Vec::with_capacity(keys.len());
+        for key in keys {
+            let rx = self.engine.trigger(&key);
+            waiting.push((key, rx));
+        }
+        let mut results = Vec::with_capacity(waiting.len());
+        for (key, rx) in waiting {
+            let result = match rx {
+                None => RotateResult {
+                    agent: key.agent,
+                    credential: key.credential,
+                    rotation: None,
+                    version: None,
+                    outcome: RotateOutcome::Failed,
+                    error: Some("removed from the config".into()),
+                },
+                Some(_) if !wait => RotateResult {
+                    agent: key.agent,
+                    credential: key.credential,
+                    rotation: None,
+                    version: None,
+                    outcome: RotateOutcome::Started,
+                    error: None,
+                },
+                Some(rx) => match rx.await {
+                    Ok(done) => RotateResult {
+                        agent: key.agent,
+                        credential: key.credential,
+                        rotation: done.rotation.map(|r| r.to_string()),
+                        version: done.version,
+                        outcome: if done.error.is_none() { RotateOutcome::Completed } else { RotateOutcome::Failed },
+                        error: done.error,
+                    },
+                    Err(_) => RotateResult {
+                        agent: key.agent,
+                        credential: key.credential,
+                        rotation: None,
+                        version: None,
+                        outcome: RotateOutcome::Failed,
+                        error: Some("the daemon stopped before the rotation finished".into()),
+                    },
+                },
+            };
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    async fn refused(&self, peer: PeerCred, reason: String) {
+        let mut ev = AuditEvent::new(
+            "admin.refused",
+            Actor::Peer { uid: peer.uid, gid: peer.gid, pid: peer.pid },
+            Outcome::Refused,
+        );
+        ev.error = Some(reason);
+        if let Err(e) = self.engine.audit().append(ev).await {
+            tracing::error!(error = %e, "cannot audit a refused control connection");
+        }
+    }
+}

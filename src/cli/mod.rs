@@ -1,1 +1,286 @@
-//! CLI. STUB.
+//! The `keyturn` commands. Each returns an exit code:
+//! 0 success, 1 the operation failed, 64 bad config or usage (EX_USAGE),
+//! 69 the daemon is not reachable (EX_UNAVAILABLE).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::api::protocol::{Request, Response, ResponseBody, RotateOutcome, StatusRow, parse_selector, render_status_table};
+use crate::api::socket::call;
+use crate::audit::verify_file;
+use crate::config::{self, Config, DEFAULT_CONFIG_PATH};
+use crate::state::{SqliteStore, StateStore};
+use crate::telemetry::{self, LogFormat};
+
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_USAGE: u8 = 64;
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+#[derive(Debug, Parser)]
+#[command(name = "keyturn", version, about = "Rotates, stores, delivers and revokes the credentials of software agents")]
+pub struct Cli {
+    /// Config file.
+    #[arg(long, short = 'c', global = true, env = "KEYTURN_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Log format: human (default) or json.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing syntax, e.g. `info` or `keyturn=debug`); `KEYTURN_LOG` overrides.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the config; exit 0 with a summary, or 64 with every error.
+    Check,
+    /// Run the daemon (systemd: Type=notify).
+    Daemon,
+    /// Show every credential: version, stage, last rotated, next due, state, last error.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rotate now: `AGENT`, `AGENT/CREDENTIAL` or `all`.
+    Rotate {
+        selector: String,
+        /// Wait until the rotation has delivered (or failed); exit 1 if it failed.
+        #[arg(long)]
+        wait: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Audit log commands.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain; name the first bad record.
+    Verify,
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.command {
+        // Client commands stay quiet unless asked.
+        Command::Daemon => cli.log_level.clone(),
+        _ if cli.log_level == "info" => "warn".to_string(),
+        _ => cli.log_level.clone(),
+    };
+    telemetry::init(cli.log_format, &level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keyturn: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let code = runtime.block_on(run(cli));
+    // Blocking tasks (SQLite, file writes) are bounded; do not wait forever on them.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    ExitCode::from(code)
+}
+
+async fn run(cli: Cli) -> u8 {
+    match cli.command {
+        Command::Check => check(&cli.config),
+        Command::Daemon => match crate::daemon::run(&cli.config).await {
+            Ok(()) => 0,
+            Err(crate::daemon::DaemonError::Config(errors)) => {
+                eprint!("{errors}");
+                eprintln!("keyturn: {} error(s) in {}; not starting", errors.0.len(), cli.config.display());
+                EXIT_USAGE
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                eprintln!("keyturn: {e}");
+                EXIT_FAILED
+            }
+        },
+        Command::Status { json } => status(&cli.config, json).await,
+        Command::Rotate { selector, wait, json } => rotate(&cli.config, &selector, wait, json).await,
+        Command::Audit { command: AuditCommand::Verify } => audit_verify(&cli.config),
+    }
+}
+
+fn load(path: &Path) -> Result<Config, u8> {
+    config::load_file(path).map_err(|errors| {
+        eprint!("{errors}");
+        eprintln!("keyturn: {} error(s) in {}", errors.0.len(), path.display());
+        EXIT_USAGE
+    })
+}
+
+fn check(path: &Path) -> u8 {
+    match load(path) {
+        Ok(cfg) => {
+            println!("{}: ok", path.display());
+            println!("{}", config::summary(&cfg));
+            0
+        }
+        Err(code) => code,
+    }
+}
+
+async fn status(path: &Path, json: bool) -> u8 {
+    let cfg = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let rows = match call(&cfg.daemon.socket, &Request::Status).await {
+        Ok(Response::Ok(ResponseBody::Status(rows))) => rows,
+        Ok(Response::Error(e)) => {
+            eprintln!("keyturn: {}", e.message);
+            return EXIT_FAILED;
+        }
+        Ok(_) => {
+            eprintln!("keyturn: unexpected answer from the daemon");
+            return EXIT_FAILED;
+        }
+        Err(e) => match offline_status(&cfg) {
+            Some(rows) => {
+                eprintln!("keyturn: {e}; showing the state stored in {}", cfg.daemon.state_dir.display());
+                rows
+            }
+            None => {
+                eprintln!("keyturn: {e}");
+                return EXIT_UNAVAILABLE;
+            }
+        },
+    };
+    if json {
+        match serde_json::to_string_pretty(&rows) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("keyturn: {e}");
+                return EXIT_FAILED;
+            }
+        }
+    } else {
+        print!("{}", render_status_table(&rows));
+    }
+    0
+}
+
+/// Status from the state database when the daemon is not running.
+fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
+    let db = crate::daemon::state_db_path(cfg);
+    if !db.exists() {
+        return None;
+    }
+    let store = SqliteStore::open_read_only(&db).ok()?;
+    let snapshot = store.snapshot().ok()?;
+    let mut rows: Vec<StatusRow> = cfg
+        .credentials()
+        .map(|(_, c)| {
+            let row = snapshot.credentials.iter().find(|r| r.key == c.key);
+            let unfinished = snapshot.unfinished.iter().find(|r| r.key == c.key);
+            StatusRow {
+                agent: c.key.agent.clone(),
+                credential: c.key.credential.clone(),
+                vault: c.vault.clone(),
+                version: row.and_then(|r| r.current_version),
+                stage: row.and_then(|r| r.current_version).map(|_| crate::model::Stage::Current),
+                last_rotated: row.and_then(|r| r.last_rotated_at),
+                next_due: row.and_then(|r| r.next_due),
+                state: match unfinished {
+                    Some(r) if r.step == crate::state::Step::Retire => "retiring".into(),
+                    Some(_) => "interrupted".into(),
+                    None if row.is_some_and(|r| r.consecutive_failures > 0) => "failed".into(),
+                    None => "stopped".into(),
+                },
+                step: unfinished.map(|r| r.step.to_string()),
+                rotation: unfinished.map(|r| r.id.to_string()),
+                last_error: unfinished
+                    .and_then(|r| r.last_error.clone())
+                    .or_else(|| row.and_then(|r| r.last_error.clone())),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.agent, &a.credential).cmp(&(&b.agent, &b.credential)));
+    Some(rows)
+}
+
+async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {
+    let selector = match parse_selector(selector) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let cfg = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let results = match call(&cfg.daemon.socket, &Request::Rotate { selector, wait }).await {
+        Ok(Response::Ok(ResponseBody::Rotate(results))) => results,
+        Ok(Response::Error(e)) => {
+            eprintln!("keyturn: {}", e.message);
+            return EXIT_FAILED;
+        }
+        Ok(_) => {
+            eprintln!("keyturn: unexpected answer from the daemon");
+            return EXIT_FAILED;
+        }
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            return EXIT_UNAVAILABLE;
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results).unwrap_or_default());
+    } else {
+        for r in &results {
+            let outcome = match r.outcome {
+                RotateOutcome::Started => "started",
+                RotateOutcome::Completed => "rotated",
+                RotateOutcome::Failed => "FAILED",
+            };
+            let version = r.version.map(|v| format!(" to version {v}")).unwrap_or_default();
+            let error = r.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+            println!("{}/{}: {outcome}{version}{error}", r.agent, r.credential);
+        }
+    }
+    if results.iter().any(|r| r.outcome == RotateOutcome::Failed) { EXIT_FAILED } else { 0 }
+}
+
+fn audit_verify(path: &Path) -> u8 {
+    let cfg = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let db = crate::daemon::state_db_path(&cfg);
+    let head = if db.exists() {
+        match SqliteStore::open_read_only(&db).and_then(|s| s.audit_head()) {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("keyturn: {e}");
+                return EXIT_FAILED;
+            }
+        }
+    } else {
+        None
+    };
+    match verify_file(&cfg.daemon.audit_log, head.as_ref()) {
+        Ok(report) => {
+            println!("{}: ok, {} records, chain intact", cfg.daemon.audit_log.display(), report.records);
+            0
+        }
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            EXIT_FAILED
+        }
+    }
+}
