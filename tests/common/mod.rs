@@ -1,0 +1,280 @@
+//! Test harness: runs the real `keyturn` binary against a config in a temp
+//! directory, with a real NOTIFY_SOCKET the test reads, and runs CLI commands.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keyturn")
+}
+
+/// A value that must never show up in any output: tests grep for it.
+pub const CANARY_PREFIX: &str = "kt_canary_";
+
+/// A temp directory with a config whose paths all point inside it.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Env {
+    /// `credentials` is TOML appended after the `[daemon]`/`[vaults]` header;
+    /// `{root}` in it is replaced by the delivery root.
+    pub fn new(credentials: &str) -> Env {
+        Self::with_daemon(credentials, "")
+    }
+
+    pub fn with_daemon(credentials: &str, daemon_extra: &str) -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("agents");
+        std::fs::create_dir_all(&root).unwrap();
+        let d = dir.path().display();
+        let text = format!(
+            r#"[daemon]
+state_dir = "{d}/state"
+socket = "{d}/control.sock"
+delivery_roots = ["{d}/agents"]
+drain_timeout = "10s"
+catch_up_spread = "1s"
+retry = {{ initial_delay = "50ms", max_delay = "500ms", max_attempts = 3 }}
+{daemon_extra}
+
+[vaults.local]
+type = "local"
+
+{creds}
+"#,
+            creds = credentials.replace("{root}", &root.display().to_string())
+        );
+        let config = dir.path().join("keyturn.toml");
+        std::fs::write(&config, text).unwrap();
+        Env { dir, config }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("agents")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.state_dir().join("audit.log")
+    }
+
+    /// Runs a CLI command against this config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("KEYTURN_CONFIG")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run keyturn")
+    }
+
+    pub fn start(&self) -> Daemon {
+        self.start_with(&[])
+    }
+
+    /// Starts the daemon and waits for READY=1 on a test NOTIFY_SOCKET.
+    pub fn start_with(&self, env: &[(&str, &str)]) -> Daemon {
+        let d = self.spawn(env);
+        d.wait_ready();
+        d
+    }
+
+    /// Starts the daemon without waiting for READY.
+    pub fn spawn(&self, env: &[(&str, &str)]) -> Daemon {
+        let notify_path = self.dir.path().join(format!("notify-{}.sock", rand_suffix()));
+        let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+        notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let log = self.dir.path().join(format!("daemon-{}.log", rand_suffix()));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.args(["daemon", "--log-level", "trace", "--config"])
+            .arg(&self.config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env_remove("KEYTURN_LOG")
+            .env_remove("FAILPOINTS")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn keyturn daemon");
+        Daemon { child: Some(child), notify, log, messages: Default::default() }
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    notify: UnixDatagram,
+    pub log: PathBuf,
+    messages: std::cell::RefCell<Vec<String>>,
+}
+
+impl Daemon {
+    /// Every sd_notify datagram received so far (reads pending ones first).
+    pub fn notifications(&self) -> Vec<String> {
+        self.drain_notify(Duration::from_millis(0));
+        self.messages.borrow().clone()
+    }
+
+    fn drain_notify(&self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.notify.recv(&mut buf) {
+                Ok(n) => self.messages.borrow_mut().push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(_) => {
+                    if Instant::now() >= deadline {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until a notification containing `needle` arrives.
+    pub fn wait_notify(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.messages.borrow().iter().any(|m| m.lines().any(|l| l == needle || l.starts_with(needle))) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.drain_notify(Duration::from_millis(100));
+        }
+    }
+
+    pub fn wait_ready(&self) {
+        if !self.wait_notify("READY=1", Duration::from_secs(30)) {
+            panic!("daemon did not become ready; log:\n{}", self.log_text());
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait; asserts a clean exit.
+    pub fn stop(mut self) -> String {
+        self.signal(libc::SIGTERM);
+        let status = self.wait_exit(Duration::from_secs(30)).expect("daemon did not stop on SIGTERM");
+        let log = self.log_text();
+        assert!(status.success(), "daemon exited with {status}; log:\n{log}");
+        log
+    }
+
+    pub fn kill9(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `f` until it returns Some or the timeout passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `status --json` as parsed JSON rows.
+pub fn status_json(env: &Env) -> Vec<serde_json::Value> {
+    let out = env.cli(&["status", "--json"]);
+    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+}
+
+/// Reads every byte of every file below `dir` (for canary greps).
+pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                let mut buf = Vec::new();
+                if let Ok(mut f) = std::fs::File::open(&p) {
+                    let _ = f.read_to_end(&mut buf);
+                }
+                out.push((p, buf));
+            }
+        }
+    }
+    out
+}
+
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}

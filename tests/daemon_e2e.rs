@@ -1,0 +1,367 @@
+//! End-to-end tests of the real binary on the local vault with file sinks.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+
+const ONE_RAW: &str = r#"
+[agents.bot]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+uid = 1234
+gid = 2345
+
+[agents.bot.credentials.db]
+vault = "local"
+generate = { kind = "password", length = 40 }
+every = "1h"
+grace = "0s"
+deliver = [
+  { type = "file", path = "{root}/bot/db", format = "raw", mode = "0440" },
+  { type = "file", path = "{root}/bot/db.json", format = "json" },
+  { type = "file", path = "{root}/bot/db.env", format = "env", env_name = "DB_PASSWORD" },
+]
+"#;
+
+fn row<'a>(rows: &'a [serde_json::Value], agent: &str, cred: &str) -> &'a serde_json::Value {
+    rows.iter()
+        .find(|r| r["agent"] == agent && r["credential"] == cred)
+        .unwrap_or_else(|| panic!("no status row for {agent}/{cred} in {rows:?}"))
+}
+
+fn version_of(env: &Env, agent: &str, cred: &str) -> Option<u64> {
+    row(&status_json(env), agent, cred)["version"].as_u64()
+}
+
+fn wait_version(env: &Env, agent: &str, cred: &str, v: u64) {
+    wait_for(Duration::from_secs(30), || (version_of(env, agent, cred) >= Some(v)).then_some(()))
+        .unwrap_or_else(|| panic!("{agent}/{cred} never reached version {v}: {:?}", status_json(env)));
+}
+
+#[test]
+fn delivers_files_with_mode_and_owner_and_rotates_on_demand() {
+    let env = Env::new(ONE_RAW);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+
+    let raw = env.root().join("bot/db");
+    let meta = std::fs::metadata(&raw).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o440);
+    assert_eq!((meta.uid(), meta.gid()), (1234, 2345), "owner comes from the agent's uid/gid");
+    let dir_meta = std::fs::metadata(env.root().join("bot")).unwrap();
+    assert_eq!(dir_meta.permissions().mode() & 0o7777, 0o750);
+    assert_eq!(dir_meta.uid(), 1234);
+    let v1 = std::fs::read_to_string(&raw).unwrap();
+    assert_eq!(v1.len(), 40);
+
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(env.root().join("bot/db.json")).unwrap()).unwrap();
+    assert_eq!(json["value"], v1.as_str());
+    assert_eq!(json["version"], 1);
+    let envfile = std::fs::read_to_string(env.root().join("bot/db.env")).unwrap();
+    assert!(envfile.contains(&format!("DB_PASSWORD='{v1}'")), "{envfile}");
+
+    let out = env.cli(&["rotate", "bot/db", "--wait"]);
+    assert!(out.status.success(), "rotate failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("version 2"));
+    let v2 = std::fs::read_to_string(&raw).unwrap();
+    assert_ne!(v1, v2, "rotate --wait must change the delivered value");
+    let rows = status_json(&env);
+    let r = row(&rows, "bot", "db");
+    assert_eq!(r["version"], 2);
+    assert_eq!(r["stage"], "current");
+    assert!(r["last_rotated"].is_string() && r["next_due"].is_string(), "{r}");
+    daemon.stop();
+}
+
+#[test]
+fn a_reader_never_sees_a_partial_or_empty_file() {
+    let env = Env::new(ONE_RAW);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    let raw = env.root().join("bot/db");
+    let json = env.root().join("bot/db.json");
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            let mut seen = std::collections::HashSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                let v = std::fs::read(&raw).expect("the file is always there");
+                assert_eq!(v.len(), 40, "partial or empty read: {} bytes", v.len());
+                let j = std::fs::read(&json).expect("the json file is always there");
+                let parsed: serde_json::Value = serde_json::from_slice(&j).expect("json file always complete");
+                assert!(parsed["version"].as_u64().is_some());
+                seen.insert(v);
+                reads += 1;
+            }
+            (reads, seen.len())
+        })
+    };
+    for _ in 0..15 {
+        let out = env.cli(&["rotate", "bot/db", "--wait"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (reads, distinct) = reader.join().expect("reader saw a partial file");
+    assert!(reads > 100, "reader only managed {reads} reads");
+    assert!(distinct >= 2, "reader should have seen several versions, saw {distinct}");
+    assert_eq!(version_of(&env, "bot", "db"), Some(16));
+    daemon.stop();
+}
+
+#[test]
+fn notify_socket_gets_ready_watchdog_reloading_stopping_and_bad_reload_keeps_config() {
+    let env = Env::new(ONE_RAW);
+    let daemon = env.start_with(&[("WATCHDOG_USEC", "400000")]);
+    assert!(daemon.wait_notify("WATCHDOG=1", Duration::from_secs(5)), "{:?}", daemon.notifications());
+
+    daemon.signal(libc::SIGHUP);
+    assert!(daemon.wait_notify("RELOADING=1", Duration::from_secs(10)), "{:?}", daemon.notifications());
+    let reload_msg = daemon.notifications().into_iter().find(|m| m.contains("RELOADING=1")).unwrap();
+    let usec: u64 = reload_msg
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .expect("RELOADING=1 comes with MONOTONIC_USEC")
+        .parse()
+        .unwrap();
+    assert!(usec > 0);
+    let readies = || daemon.notifications().iter().filter(|m| m.contains("READY=1")).count();
+    assert!(wait_for(Duration::from_secs(10), || (readies() >= 2).then_some(())).is_some(), "READY=1 after reload");
+
+    // An invalid config on reload keeps the old one and says why.
+    let good = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("{good}\n[agents.bot.credentials.extra]\nvault = \"nope\"\n")).unwrap();
+    daemon.signal(libc::SIGHUP);
+    assert!(
+        wait_for(Duration::from_secs(10), || daemon
+            .notifications()
+            .iter()
+            .any(|m| m.contains("STATUS=reload failed"))
+            .then_some(()))
+        .is_some(),
+        "{:?}",
+        daemon.notifications()
+    );
+    std::fs::write(&env.config, &good).unwrap();
+    assert_eq!(version_of(&env, "bot", "db"), Some(1), "still serving with the old config");
+
+    let log = daemon.stop();
+    let _ = log;
+}
+
+#[test]
+fn stopping_is_notified() {
+    let env = Env::new(ONE_RAW);
+    let mut daemon = env.start();
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(20)).expect("exits on SIGTERM");
+    assert!(status.success());
+    assert!(daemon.wait_notify("STOPPING=1", Duration::from_secs(1)), "{:?}", daemon.notifications());
+}
+
+#[test]
+fn symlinks_at_the_delivery_path_or_its_parent_are_refused() {
+    let env = Env::new(
+        r#"
+[agents.bot]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+[agents.bot.credentials.a]
+vault = "local"
+generate = { kind = "random_bytes", length = 32, encoding = "hex" }
+every = "1h"
+deliver = [{ type = "file", path = "{root}/bot/a", format = "raw" }]
+[agents.spy.credentials.b]
+vault = "local"
+generate = { kind = "random_bytes", length = 32, encoding = "hex" }
+every = "1h"
+deliver = [{ type = "file", path = "{root}/spy/b", format = "raw" }]
+[agents.spy]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+"#,
+    );
+    let outside = env.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    // A symlink at the file itself, and one at its parent directory.
+    std::fs::create_dir_all(env.root().join("bot")).unwrap();
+    std::os::unix::fs::symlink(outside.join("a"), env.root().join("bot/a")).unwrap();
+    std::os::unix::fs::symlink(&outside, env.root().join("spy")).unwrap();
+
+    let daemon = env.start();
+    let rows = wait_for(Duration::from_secs(20), || {
+        let rows = status_json(&env);
+        rows.iter().all(|r| r["last_error"].as_str().is_some_and(|e| e.contains("symlink"))).then_some(rows)
+    })
+    .unwrap_or_else(|| panic!("both deliveries should fail naming the symlink: {:?}", status_json(&env)));
+    for r in &rows {
+        assert!(r["version"].is_null(), "nothing may count as delivered: {r}");
+    }
+    let out = env.cli(&["rotate", "bot/a", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "rotate --wait must fail");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("symlink"));
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing written outside the root");
+    daemon.stop();
+}
+
+#[test]
+fn canary_values_never_leak_into_logs_audit_state_or_errors() {
+    let env = Env::new(
+        r#"
+[agents.bot]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+[agents.bot.credentials.key]
+vault = "local"
+generate = { kind = "api_key", prefix = "kt_canary_", length = 32 }
+every = "1h"
+grace = "0s"
+deliver = [{ type = "file", path = "{root}/bot/key", format = "raw" }]
+[agents.bot.credentials.broken]
+vault = "local"
+generate = { kind = "password", length = 24 }
+every = "1h"
+deliver = [{ type = "file", path = "{root}/bot/sub/broken", format = "raw" }]
+"#,
+    );
+    // Make one delivery fail so error paths run too.
+    std::fs::create_dir_all(env.root().join("bot")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent", env.root().join("bot/sub")).unwrap();
+    let daemon = env.start();
+    wait_version(&env, "bot", "key", 1);
+    let mut values = Vec::new();
+    for _ in 0..3 {
+        values.push(std::fs::read(env.root().join("bot/key")).unwrap());
+        let out = env.cli(&["rotate", "bot/key", "--wait"]);
+        assert!(out.status.success());
+        assert!(!contains(&out.stdout, &values[values.len() - 1]) && !contains(&out.stderr, &values[values.len() - 1]));
+    }
+    values.push(std::fs::read(env.root().join("bot/key")).unwrap());
+    let failed = env.cli(&["rotate", "bot/broken", "--wait"]);
+    assert_eq!(failed.status.code(), Some(1));
+    let status = env.cli(&["status"]);
+    let log = daemon.stop();
+    assert!(log.contains("TRACE") || log.contains("DEBUG"), "the daemon ran at trace level");
+
+    let mut haystacks: Vec<(String, Vec<u8>)> = vec![
+        ("daemon log".into(), log.into_bytes()),
+        ("rotate error".into(), [failed.stdout, failed.stderr].concat()),
+        ("status".into(), [status.stdout, status.stderr].concat()),
+    ];
+    for (p, bytes) in read_tree(&env.state_dir()) {
+        haystacks.push((p.display().to_string(), bytes));
+    }
+    for v in &values {
+        assert!(v.starts_with(b"kt_canary_") && v.len() == 42);
+        for (name, hay) in &haystacks {
+            assert!(!contains(hay, v), "a secret value leaked into {name}");
+            // The random part alone must not appear either.
+            assert!(!contains(hay, &v[10..]), "a secret value leaked into {name}");
+        }
+    }
+}
+
+#[test]
+fn audit_log_is_verified_and_tampering_is_detected() {
+    let env = Env::new(ONE_RAW);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    for _ in 0..2 {
+        assert!(env.cli(&["rotate", "bot/db", "--wait"]).status.success());
+    }
+    daemon.stop();
+    let ok = env.cli(&["audit", "verify"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let original = std::fs::read_to_string(env.audit_log()).unwrap();
+    let lines: Vec<&str> = original.lines().collect();
+    assert!(lines.len() > 10, "every step is audited: {}", lines.len());
+    for needle in ["rotation.create", "rotation.promote", "rotation.deliver", "delivery", "admin.rotate", "\"tenant\":\"acme\"", "\"owner\":\"alice@example.com\""] {
+        assert!(original.contains(needle), "audit lacks {needle}");
+    }
+
+    let check = |name: &str, text: String, expect_line: Option<usize>| {
+        std::fs::write(env.audit_log(), text).unwrap();
+        let out = env.cli(&["audit", "verify"]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(1), "{name} not detected: {err}");
+        if let Some(l) = expect_line {
+            assert!(err.contains(&format!("line {l}")), "{name}: should name line {l}: {err}");
+        }
+        std::fs::write(env.audit_log(), &original).unwrap();
+    };
+    // Edit a middle record: the next record's prev hash no longer matches.
+    let mut edited = lines.clone();
+    let changed = edited[4].replace("rotation", "rotaTion");
+    edited[4] = &changed;
+    check("edit", edited.join("\n") + "\n", Some(6));
+    // Delete a middle record.
+    let mut deleted = lines.clone();
+    deleted.remove(5);
+    check("delete", deleted.join("\n") + "\n", Some(6));
+    // Reorder two records.
+    let mut swapped = lines.clone();
+    swapped.swap(3, 4);
+    check("reorder", swapped.join("\n") + "\n", Some(4));
+    // Truncate the tail: only the head kept in state can tell.
+    let truncated = lines[..lines.len() - 2].join("\n") + "\n";
+    check("truncate", truncated, None);
+    assert!(env.cli(&["audit", "verify"]).status.success(), "restored log verifies again");
+}
+
+#[test]
+fn check_passes_every_shipped_config() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("config/keyturn.toml")];
+    for e in std::fs::read_dir(root.join("config/examples")).unwrap() {
+        files.push(e.unwrap().path());
+    }
+    for f in files {
+        let out = std::process::Command::new(bin()).args(["check", "--config"]).arg(&f).output().unwrap();
+        assert!(out.status.success(), "{}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn every_bad_config_fixture_exits_64_with_a_located_error() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if !name.starts_with("bad-") {
+            continue;
+        }
+        n += 1;
+        let out = std::process::Command::new(bin()).args(["check", "--config"]).arg(&p).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{name}: {err}");
+        let located = format!("{}:", p.display());
+        assert!(err.contains(&located), "{name}: error names the file: {err}");
+        let after = &err[err.find(&located).unwrap() + located.len()..];
+        let mut parts = after.splitn(3, ':');
+        let line: usize = parts.next().unwrap().parse().unwrap_or(0);
+        assert!(line > 0, "{name}: error has a line number: {err}");
+    }
+    assert!(n >= 12, "expected a fixture per rule, found {n}");
+}
+
+#[test]
+fn rotate_without_a_daemon_says_what_to_do() {
+    let env = Env::new(ONE_RAW);
+    let out = env.cli(&["rotate", "bot/db", "--wait"]);
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("daemon"), "{err}");
+    let bad = env.cli(&["rotate", "Bot/../db"]);
+    assert_eq!(bad.status.code(), Some(64));
+}
