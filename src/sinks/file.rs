@@ -185,10 +185,16 @@ impl FileSink {
         tokio::task::spawn_blocking(move || f(&inner))
             .await
             .map_err(|e| {
+                // Not `{e}`: a panic's message is not ours to vouch for.
+                let how = if e.is_panic() {
+                    "panicked"
+                } else {
+                    "was cancelled"
+                };
                 PluginError::new(
                     ErrorKind::Transient,
                     format!(
-                        "file sink {}: task failed: {e}",
+                        "file sink {}: delivery task {how}",
                         self.inner.cfg.path.display()
                     ),
                 )
