@@ -1,24 +1,832 @@
-//! STUB (being implemented on a branch).
-use std::path::Path;
+//! Appending to the audit log: recovery of the tail on open, and the writer
+//! thread that group-commits appends.
+//!
+//! Why a dedicated thread: an append is acknowledged only once it is fsynced,
+//! and an fsync blocks for milliseconds. One OS thread owns the file; callers
+//! (async tasks or blocking code) queue events on a channel. The thread takes
+//! everything queued, writes all the lines with one `write`, fsyncs once and
+//! then answers each caller with the head after *its* record. Under load the
+//! cost of an fsync is shared by every append waiting for it.
 
-use super::{AuditError, AuditEvent};
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+
+use chrono::{SecondsFormat, Utc};
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use super::{AuditError, AuditEvent, AuditRecord, GENESIS};
 use crate::state::AuditHead;
 
+/// Most appends written under one fsync; bounds the latency of the first caller.
+const MAX_BATCH: usize = 4096;
+/// How much of the file is read at a time when walking back from its end.
+const TAIL_CHUNK: u64 = 64 * 1024;
+
+/// The hash a record is known by: SHA-256 of its line, without the newline.
+pub(crate) fn line_hash(line: &[u8]) -> String {
+    hex::encode(Sha256::digest(line))
+}
+
+/// The head of an empty log: what the first record points back to.
+fn genesis_head() -> AuditHead {
+    AuditHead {
+        seq: 0,
+        hash: GENESIS.to_owned(),
+    }
+}
+
+type Reply = oneshot::Sender<Result<AuditHead, AuditError>>;
+
+enum Msg {
+    Append(Box<AuditEvent>, Reply),
+    Close(oneshot::Sender<()>),
+    /// Tests: block the writer until the sender is dropped, so appends queue up.
+    #[cfg(test)]
+    Hold(mpsc::Receiver<()>),
+}
+
+/// A cheap, cloneable handle to the audit log's writer thread.
 #[derive(Clone)]
-pub struct AuditLog;
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: String,
+    tx: mpsc::Sender<Msg>,
+    /// The head after the last acknowledged append (seq 0 and [`GENESIS`] when empty).
+    head: Arc<Mutex<AuditHead>>,
+    fsyncs: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.inner.path)
+            .field("head", &self.head())
+            .finish()
+    }
+}
 
 impl AuditLog {
-    pub fn open(_path: &Path, _head: Option<&AuditHead>) -> Result<AuditLog, AuditError> {
-        unimplemented!()
+    /// Opens the log, creating it (0600, parent 0700) if missing, recovers
+    /// the last record from the end of the file and starts the writer thread.
+    ///
+    /// A partial last line (the process died mid-write, so the append was
+    /// never acknowledged) is cut off. A log whose end is *behind*
+    /// `head_in_state` — fewer records, or a different record at that seq — was
+    /// truncated or altered, and is refused: continuing would chain new
+    /// records onto a tampered history.
+    pub fn open(path: &Path, head_in_state: Option<&AuditHead>) -> Result<AuditLog, AuditError> {
+        let display = path.display().to_string();
+        let io = |what: &str, e: std::io::Error| AuditError::Io {
+            path: display.clone(),
+            message: format!("{what}: {e}"),
+        };
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(parent) = parent {
+            if !parent.exists() {
+                DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)
+                    .map_err(|e| io("cannot create its directory", e))?;
+            }
+        }
+        let existed = path.exists();
+        // O_APPEND: every write lands at the end, whatever the offset, so a
+        // stray second writer can interleave lines but never overwrite them.
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| io("cannot open", e))?;
+        if !existed {
+            // Make the new directory entry durable too.
+            if let Some(parent) = parent {
+                File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| io("cannot fsync its directory", e))?;
+            }
+        }
+
+        let head = recover_tail(&file, &display, head_in_state)?;
+        let head = Arc::new(Mutex::new(head));
+        let fsyncs = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            path: display.clone(),
+            file,
+            head: Arc::clone(&head),
+            fsyncs: Arc::clone(&fsyncs),
+            failed: None,
+        };
+        std::thread::Builder::new()
+            .name("keyturn-audit".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| io("cannot start the writer thread", e))?;
+        Ok(AuditLog {
+            inner: Arc::new(Inner {
+                path: display,
+                tx,
+                head,
+                fsyncs,
+            }),
+        })
     }
-    pub async fn append(&self, _ev: AuditEvent) -> Result<AuditHead, AuditError> {
-        unimplemented!()
+
+    /// Appends one record; returns once it is written and fsynced, with the
+    /// head after it (the caller persists it in the state database).
+    pub async fn append(&self, ev: AuditEvent) -> Result<AuditHead, AuditError> {
+        let rx = self.send(ev)?;
+        rx.await.map_err(|_| self.closed())?
     }
-    pub fn append_blocking(&self, _ev: AuditEvent) -> Result<AuditHead, AuditError> {
-        unimplemented!()
+
+    /// [`append`](Self::append) for blocking code. Must not be called from
+    /// an async task (it blocks the thread); `spawn_blocking` threads are fine.
+    pub fn append_blocking(&self, ev: AuditEvent) -> Result<AuditHead, AuditError> {
+        let rx = self.send(ev)?;
+        rx.blocking_recv().map_err(|_| self.closed())?
     }
+
+    /// The head after the last acknowledged append; seq 0 and [`GENESIS`]
+    /// for an empty log.
     pub fn head(&self) -> AuditHead {
-        unimplemented!()
+        lock(&self.inner.head).clone()
     }
-    pub async fn close(&self) {}
+
+    /// How many fsyncs the writer has done (group commit makes this far
+    /// smaller than the number of appends under load). Also a useful metric.
+    pub fn fsync_count(&self) -> u64 {
+        self.inner.fsyncs.load(Ordering::Relaxed)
+    }
+
+    pub fn path(&self) -> &str {
+        &self.inner.path
+    }
+
+    /// Lets the appends queued before it finish, then stops the writer.
+    /// Later appends (from any clone) fail with [`AuditError::Closed`].
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.tx.send(Msg::Close(tx)).is_ok() {
+            // An Err means the writer is already gone: closed either way.
+            let _ = rx.await;
+        }
+    }
+
+    fn send(
+        &self,
+        ev: AuditEvent,
+    ) -> Result<oneshot::Receiver<Result<AuditHead, AuditError>>, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Msg::Append(Box::new(ev), tx))
+            .map_err(|_| self.closed())?;
+        Ok(rx)
+    }
+
+    fn closed(&self) -> AuditError {
+        AuditError::Closed {
+            path: self.inner.path.clone(),
+        }
+    }
+
+    #[cfg(test)]
+    fn hold(&self) -> mpsc::Sender<()> {
+        let (tx, rx) = mpsc::channel();
+        let _ = self.inner.tx.send(Msg::Hold(rx));
+        tx
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The thread that owns the file.
+struct Writer {
+    path: String,
+    file: File,
+    head: Arc<Mutex<AuditHead>>,
+    fsyncs: Arc<AtomicU64>,
+    /// Set after an fsync failed: the kernel may have dropped the dirty pages,
+    /// so nothing about the file's content can be trusted any more.
+    failed: Option<String>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        // recv() fails once every handle is dropped: nothing left to serve.
+        while let Ok(first) = rx.recv() {
+            let mut batch = Vec::new();
+            let mut close = None;
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Append(ev, reply) => batch.push((ev, reply)),
+                    Msg::Close(reply) => {
+                        close = Some(reply);
+                        break;
+                    }
+                    #[cfg(test)]
+                    Msg::Hold(release) => {
+                        let _ = release.recv();
+                    }
+                }
+                if batch.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(batch);
+            }
+            if let Some(reply) = close {
+                let _ = reply.send(());
+                // Dropping rx now fails every append still queued with Closed.
+                return;
+            }
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<(Box<AuditEvent>, Reply)>) {
+        if let Some(why) = &self.failed {
+            let message = format!("an earlier fsync failed ({why}); restart keyturn");
+            for (_, reply) in batch {
+                let _ = reply.send(Err(self.io_err(&message)));
+            }
+            return;
+        }
+        let before = lock(&self.head).clone();
+        let ts = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+        let mut buf = Vec::with_capacity(batch.len() * 256);
+        let mut head = before.clone();
+        let mut replies = Vec::with_capacity(batch.len());
+        for (ev, reply) in batch {
+            let record = AuditRecord {
+                seq: head.seq + 1,
+                ts: ts.clone(),
+                prev: head.hash.clone(),
+                event: *ev,
+            };
+            match serde_json::to_vec(&record) {
+                Ok(line) => {
+                    head = AuditHead {
+                        seq: record.seq,
+                        hash: line_hash(&line),
+                    };
+                    buf.extend_from_slice(&line);
+                    buf.push(b'\n');
+                    replies.push((reply, head.clone()));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(self.io_err(&format!("cannot encode record: {e}"))));
+                }
+            }
+        }
+        if replies.is_empty() {
+            return;
+        }
+
+        let len_before = self.file.metadata().map(|m| m.len());
+        let written = self.file.write_all(&buf);
+        if let Err(e) = written {
+            // Take back whatever part of the batch reached the file, so the
+            // chain continues from the last acknowledged record.
+            let message = format!("cannot write: {e}");
+            let repaired = len_before
+                .and_then(|len| self.file.set_len(len))
+                .and_then(|()| self.file.sync_data());
+            if let Err(e2) = repaired {
+                self.failed = Some(format!("{message}; and cannot cut the partial write: {e2}"));
+            }
+            for (reply, _) in replies {
+                let _ = reply.send(Err(self.io_err(&message)));
+            }
+            return;
+        }
+        // fdatasync: the size change is metadata it covers; mtime is not needed.
+        let synced = self.file.sync_data();
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = synced {
+            let message = format!("cannot fsync: {e}");
+            tracing::error!(path = %self.path, error = %e, "audit log fsync failed; refusing further appends");
+            self.failed = Some(message.clone());
+            for (reply, _) in replies {
+                let _ = reply.send(Err(self.io_err(&message)));
+            }
+            return;
+        }
+        *lock(&self.head) = head;
+        for (reply, head) in replies {
+            let _ = reply.send(Ok(head));
+        }
+    }
+
+    fn io_err(&self, message: &str) -> AuditError {
+        AuditError::Io {
+            path: self.path.clone(),
+            message: message.to_owned(),
+        }
+    }
+}
+
+/// Reads lines from the end of a file towards its start, a chunk at a time,
+/// so recovering the head of a large log reads only its tail.
+struct RevLines<'a> {
+    file: &'a File,
+    /// File offset of `buf[0]`.
+    start: u64,
+    /// File bytes `[start, end of the not-yet-returned region)`.
+    buf: Vec<u8>,
+    exhausted: bool,
+}
+
+impl<'a> RevLines<'a> {
+    /// `end`: the offset just past the region to walk (exclusive).
+    fn new(file: &'a File, end: u64) -> Self {
+        Self {
+            file,
+            start: end,
+            buf: Vec::new(),
+            exhausted: false,
+        }
+    }
+
+    /// The previous line (without its newline) and its file offset.
+    fn prev(&mut self) -> std::io::Result<Option<(u64, Vec<u8>)>> {
+        if self.exhausted {
+            return Ok(None);
+        }
+        loop {
+            if let Some(i) = self.buf.iter().rposition(|&b| b == b'\n') {
+                let line = self.buf.split_off(i + 1);
+                self.buf.truncate(i);
+                return Ok(Some((self.start + i as u64 + 1, line)));
+            }
+            if self.start == 0 {
+                self.exhausted = true;
+                return Ok(Some((0, std::mem::take(&mut self.buf))));
+            }
+            let n = TAIL_CHUNK.min(self.start);
+            let from = self.start - n;
+            // n <= TAIL_CHUNK, so the cast cannot truncate.
+            let mut chunk = vec![0u8; n as usize];
+            self.file.read_exact_at(&mut chunk, from)?;
+            chunk.extend_from_slice(&self.buf);
+            self.buf = chunk;
+            self.start = from;
+        }
+    }
+}
+
+/// Finds the last record, cuts a partial last line, and checks the file is
+/// not behind the head the state database remembers.
+fn recover_tail(
+    file: &File,
+    path: &str,
+    head_in_state: Option<&AuditHead>,
+) -> Result<AuditHead, AuditError> {
+    let io = |what: &str, e: std::io::Error| AuditError::Io {
+        path: path.to_owned(),
+        message: format!("{what}: {e}"),
+    };
+    let tampered = |message: String| AuditError::Tampered {
+        path: path.to_owned(),
+        message,
+    };
+    let len = file.metadata().map_err(|e| io("cannot stat", e))?.len();
+    // `kept`: the file's length without a partial last line.
+    let (mut lines, kept) = if len == 0 {
+        (RevLines::new(file, 0), 0)
+    } else {
+        let mut last = [0u8; 1];
+        file.read_exact_at(&mut last, len - 1)
+            .map_err(|e| io("cannot read", e))?;
+        if last[0] == b'\n' {
+            (RevLines::new(file, len - 1), len)
+        } else {
+            let mut lines = RevLines::new(file, len);
+            let (offset, _partial) = lines
+                .prev()
+                .map_err(|e| io("cannot read", e))?
+                .unwrap_or_default();
+            (lines, offset)
+        }
+    };
+
+    let state_head = head_in_state.filter(|h| h.seq > 0);
+    let last_line = match lines.prev().map_err(|e| io("cannot read", e))? {
+        Some((_, line)) if kept > 0 => Some(line),
+        _ => None,
+    };
+    let Some(last_line) = last_line else {
+        return match state_head {
+            None => cut_partial_line(file, path, len, kept).map(|()| genesis_head()),
+            Some(h) => Err(tampered(format!(
+                "the log is empty but the state database records seq {}: the audit log was truncated or altered",
+                h.seq
+            ))),
+        };
+    };
+    let last = parse_seq_prev(&last_line).ok_or_else(|| {
+        tampered("its last line is not a valid record: the audit log was altered".into())
+    })?;
+    let head = AuditHead {
+        seq: last.0,
+        hash: line_hash(&last_line),
+    };
+    let Some(want) = state_head else {
+        return cut_partial_line(file, path, len, kept).map(|()| head);
+    };
+    if want.seq > head.seq {
+        return Err(tampered(format!(
+            "it ends at seq {} but the state database records seq {}: the audit log was truncated or altered",
+            head.seq, want.seq
+        )));
+    }
+    // Walk back to the record at the state's head, checking the links on the
+    // way: usually only a few records, since the state lags by at most a batch.
+    let (mut seq, mut prev) = last;
+    let mut hash = head.hash.clone();
+    while seq > want.seq {
+        let Some((_, line)) = lines.prev().map_err(|e| io("cannot read", e))? else {
+            break;
+        };
+        let line_hash = line_hash(&line);
+        let parsed = parse_seq_prev(&line);
+        match parsed {
+            Some((s, p)) if s + 1 == seq && line_hash == prev => {
+                seq = s;
+                prev = p;
+                hash = line_hash;
+            }
+            _ => {
+                return Err(tampered(format!(
+                    "the records before seq {seq} do not chain: the audit log was altered"
+                )));
+            }
+        }
+    }
+    if seq != want.seq || hash != want.hash {
+        return Err(tampered(format!(
+            "record seq {} is not the one the state database recorded: the audit log was truncated or altered",
+            want.seq
+        )));
+    }
+    cut_partial_line(file, path, len, kept)?;
+    Ok(head)
+}
+
+/// Cuts the file back to `kept` bytes if it is longer: the bytes after the
+/// last newline are an append the process died in the middle of, never
+/// acknowledged. Done only after the checks against the state's head pass,
+/// so a refused log is left exactly as it was found, for `audit verify`.
+fn cut_partial_line(file: &File, path: &str, len: u64, kept: u64) -> Result<(), AuditError> {
+    if kept == len {
+        return Ok(());
+    }
+    tracing::warn!(
+        path,
+        offset = kept,
+        bytes = len - kept,
+        "audit log ends with a partial line (a crash mid-append, never acknowledged); cutting it off"
+    );
+    file.set_len(kept)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| AuditError::Io {
+            path: path.to_owned(),
+            message: format!("cannot cut the partial last line: {e}"),
+        })
+}
+
+/// Just the chain fields of a record line.
+fn parse_seq_prev(line: &[u8]) -> Option<(u64, String)> {
+    #[derive(serde::Deserialize)]
+    struct Chain {
+        seq: u64,
+        prev: String,
+    }
+    let c: Chain = serde_json::from_slice(line).ok()?;
+    Some((c.seq, c.prev))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::audit::{Actor, Outcome, verify_file};
+    use crate::model::{AgentId, CredentialId};
+    use std::os::unix::fs::PermissionsExt;
+
+    pub(crate) fn event(i: u64) -> AuditEvent {
+        let mut ev = AuditEvent::new("rotation.create", Actor::Daemon, Outcome::Ok);
+        ev.agent = Some(AgentId::new("invoice-bot").unwrap());
+        ev.credential = Some(CredentialId::new("db").unwrap());
+        ev.version = Some(i);
+        ev.detail = Some(format!("event-{i}"));
+        ev
+    }
+
+    /// A log with records 1..=n, closed (the writer thread has exited).
+    pub(crate) fn write_log(path: &Path, n: u64) -> AuditHead {
+        let log = AuditLog::open(path, None).unwrap();
+        let mut head = log.head();
+        for i in 1..=n {
+            head = log.append_blocking(event(i)).unwrap();
+        }
+        head
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_form_one_valid_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit/audit.log");
+        let log = AuditLog::open(&path, None).unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..500 {
+            let log = log.clone();
+            tasks.spawn(async move { log.append(event(i)).await.unwrap() });
+        }
+        let mut seqs = Vec::new();
+        while let Some(head) = tasks.join_next().await {
+            seqs.push(head.unwrap().seq);
+        }
+        seqs.sort_unstable();
+        assert_eq!(
+            seqs,
+            (1..=500).collect::<Vec<_>>(),
+            "each append got its own seq"
+        );
+        log.close().await;
+
+        let report = verify_file(&path, Some(&log.head())).unwrap();
+        assert_eq!(report.records, 500);
+        assert_eq!(report.head, Some(log.head()));
+        assert!(log.fsync_count() <= 500);
+        eprintln!("500 concurrent appends: {} fsyncs", log.fsync_count());
+    }
+
+    #[tokio::test]
+    async fn queued_appends_share_one_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, None).unwrap();
+        log.append(event(0)).await.unwrap();
+        assert_eq!(log.fsync_count(), 1);
+
+        // Hold the writer so that 200 appends are queued when it wakes up.
+        let release = log.hold();
+        let pending: Vec<_> = (1..=200).map(|i| log.send(event(i)).unwrap()).collect();
+        drop(release);
+        let mut heads = Vec::new();
+        for rx in pending {
+            heads.push(rx.await.unwrap().unwrap());
+        }
+        assert_eq!(log.fsync_count(), 2, "200 queued appends, one fsync");
+        // Each caller got the head after its own record, in queue order.
+        assert_eq!(
+            heads.iter().map(|h| h.seq).collect::<Vec<_>>(),
+            (2..=201).collect::<Vec<_>>()
+        );
+        let all = lines(&path);
+        assert_eq!(heads[199].hash, line_hash(all[200].as_bytes()));
+        assert_eq!(log.head(), heads[199]);
+        assert_eq!(verify_file(&path, Some(&heads[199])).unwrap().records, 201);
+    }
+
+    #[tokio::test]
+    async fn records_have_the_documented_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/b/audit.log");
+        let log = AuditLog::open(&path, None).unwrap();
+        assert_eq!(log.head(), genesis_head());
+        let h1 = log.append(event(1)).await.unwrap();
+        let h2 = log.append(event(2)).await.unwrap();
+        log.close().await;
+
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+
+        let all = lines(&path);
+        assert_eq!(all.len(), 2);
+        let first: serde_json::Value = serde_json::from_str(&all[0]).unwrap();
+        assert_eq!(first["seq"], 1);
+        assert_eq!(first["prev"], GENESIS);
+        assert_eq!(first["event"], "rotation.create", "the event is flattened");
+        assert_eq!(first["actor"]["type"], "daemon");
+        assert_eq!(first["agent"], "invoice-bot");
+        let ts = first["ts"].as_str().unwrap();
+        assert!(chrono::DateTime::parse_from_rfc3339(ts).is_ok(), "{ts}");
+        assert!(
+            ts.ends_with('Z') && ts.len() == "2024-01-01T00:00:00.000Z".len(),
+            "{ts}"
+        );
+        assert!(
+            all[0].starts_with(r#"{"seq":1,"ts":"#),
+            "seq and ts lead: {}",
+            all[0]
+        );
+
+        let second: AuditRecord = serde_json::from_str(&all[1]).unwrap();
+        assert_eq!(second.prev, h1.hash);
+        assert_eq!(h1.hash, line_hash(all[0].as_bytes()));
+        assert_eq!(h2.hash, line_hash(all[1].as_bytes()));
+        assert_eq!(second.event, event(2));
+    }
+
+    #[tokio::test]
+    async fn reopening_continues_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let p = path.clone();
+        let head = tokio::task::spawn_blocking(move || write_log(&p, 3))
+            .await
+            .unwrap();
+
+        let log = AuditLog::open(&path, Some(&head)).unwrap();
+        assert_eq!(log.head(), head);
+        let h4 = log.append(event(4)).await.unwrap();
+        assert_eq!(h4.seq, 4);
+        log.close().await;
+        // Without a head from state too (first start after a state reset).
+        let log = AuditLog::open(&path, None).unwrap();
+        assert_eq!(log.head(), h4);
+        let h5 = log.append(event(5)).await.unwrap();
+        log.close().await;
+
+        let report = verify_file(&path, Some(&h5)).unwrap();
+        assert_eq!(report.records, 5);
+        assert_eq!(report.head, Some(h5));
+    }
+
+    #[tokio::test]
+    async fn appends_after_close_fail_and_blocking_appends_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, None).unwrap();
+        let l2 = log.clone();
+        let h = tokio::task::spawn_blocking(move || l2.append_blocking(event(1)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.seq, 1);
+        log.close().await;
+        log.close().await; // twice is fine
+        assert!(matches!(
+            log.append(event(2)).await,
+            Err(AuditError::Closed { .. })
+        ));
+        assert_eq!(log.head(), h);
+        assert_eq!(lines(&path).len(), 1);
+    }
+
+    #[test]
+    fn a_partial_last_line_is_cut_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let head = write_log(&path, 3);
+        let good_len = std::fs::metadata(&path).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"seq":4,"ts":"2024-01-01T00:"#).unwrap();
+        drop(f);
+
+        let log = AuditLog::open(&path, Some(&head)).unwrap();
+        assert_eq!(log.head(), head);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len);
+        let h4 = log.append_blocking(event(4)).unwrap();
+        assert_eq!(h4.seq, 4);
+        assert_eq!(verify_file(&path, Some(&h4)).unwrap().records, 4);
+    }
+
+    #[test]
+    fn a_refused_log_is_left_as_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let h3 = write_log(&path, 3);
+        // Someone removed the final newline: it looks like a partial line, but
+        // the state says record 3 was acknowledged, so nothing may be cut.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.pop();
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            AuditLog::open(&path, Some(&h3)),
+            Err(AuditError::Tampered { .. })
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_file_holding_only_a_partial_line_becomes_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        std::fs::write(&path, b"{\"seq\":1,").unwrap();
+        let log = AuditLog::open(&path, None).unwrap();
+        assert_eq!(log.head(), genesis_head());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        assert_eq!(log.append_blocking(event(1)).unwrap().seq, 1);
+    }
+
+    #[test]
+    fn a_log_behind_the_state_head_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let h5 = write_log(&path, 5);
+        let all = lines(&path);
+        let h4 = AuditHead {
+            seq: 4,
+            hash: line_hash(all[3].as_bytes()),
+        };
+
+        // State lagging behind the file is normal (the head is saved after the append).
+        assert_eq!(AuditLog::open(&path, Some(&h4)).unwrap().head(), h5);
+
+        let refused = |head: &AuditHead| match AuditLog::open(&path, Some(head)) {
+            Err(AuditError::Tampered { message, .. }) => message,
+            other => panic!("expected Tampered, got {other:?}"),
+        };
+        // A head that the file never reached.
+        let ahead = AuditHead {
+            seq: 6,
+            hash: h5.hash.clone(),
+        };
+        assert!(refused(&ahead).contains("truncated"));
+        // The record at the head's seq is another one.
+        let other = AuditHead {
+            seq: 4,
+            hash: "f".repeat(64),
+        };
+        assert!(refused(&other).contains("truncated or altered"));
+        let err = AuditLog::open(&path, Some(&other)).unwrap_err().to_string();
+        assert!(err.contains("keyturn audit verify"), "{err}");
+
+        // The tail deleted: the last line goes, the state still has seq 5.
+        let kept: String = all[..4].iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(&path, kept).unwrap();
+        assert!(refused(&h5).contains("ends at seq 4"));
+        // Everything deleted.
+        std::fs::write(&path, b"").unwrap();
+        assert!(refused(&h5).contains("empty"));
+    }
+
+    #[test]
+    fn an_edit_between_the_state_head_and_the_end_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        write_log(&path, 5);
+        let mut all = lines(&path);
+        let h2 = AuditHead {
+            seq: 2,
+            hash: line_hash(all[1].as_bytes()),
+        };
+        all[2] = all[2].replace("event-3", "event-9");
+        std::fs::write(
+            &path,
+            all.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
+        assert!(matches!(
+            AuditLog::open(&path, Some(&h2)),
+            Err(AuditError::Tampered { .. })
+        ));
+    }
+
+    /// Records big enough that the walk back crosses several read chunks.
+    #[test]
+    fn the_tail_walk_crosses_chunk_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, None).unwrap();
+        let mut heads = Vec::new();
+        for i in 0..300 {
+            let mut ev = event(i);
+            ev.detail = Some(format!("{i}-{}", "x".repeat(997)));
+            heads.push(log.append_blocking(ev).unwrap());
+        }
+        drop(log);
+        assert!(std::fs::metadata(&path).unwrap().len() > 4 * TAIL_CHUNK);
+        // The state head far back: the walk reads most of the file, chunk by chunk.
+        let reopened = AuditLog::open(&path, Some(&heads[10])).unwrap();
+        assert_eq!(reopened.head(), heads[299]);
+        let mut wrong = heads[10].clone();
+        wrong.hash = heads[11].hash.clone();
+        assert!(AuditLog::open(&path, Some(&wrong)).is_err());
+    }
 }

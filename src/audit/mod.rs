@@ -14,7 +14,7 @@ mod log;
 mod verify;
 
 pub use log::AuditLog;
-pub use verify::{VerifyError, VerifyReport, verify_file};
+pub use verify::{Problem, VerifyError, VerifyReport, verify_file};
 
 /// The hash a first record points back to.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -25,6 +25,10 @@ pub enum AuditError {
     Io { path: String, message: String },
     #[error("audit log {path} is closed")]
     Closed { path: String },
+    /// The file disagrees with the head kept in the state database (or its
+    /// last line is not a record): refuse to chain onto a tampered history.
+    #[error("audit log {path}: {message}; run `keyturn audit verify` to find the first bad record")]
+    Tampered { path: String, message: String },
 }
 
 /// Who did it.
