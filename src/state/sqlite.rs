@@ -386,8 +386,11 @@ impl SqliteStore {
                 })?;
                 let mut st = tx
                     .prepare_cached(
+                        // Concurrent rotations may persist their heads out of
+                        // order; the head only ever moves forward.
                         "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?1, ?2) \
-                         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash \
+                         WHERE excluded.seq > audit_head.seq",
                     )
                     .map_err(e)?;
                 st.execute(params![seq, h.hash]).map_err(e)?;
@@ -729,6 +732,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("state/keyturn.db")).unwrap();
         (dir, store)
+    }
+
+    #[test]
+    fn audit_head_never_moves_backwards() {
+        let (_dir, s) = open_tmp();
+        let head = |seq| AuditHead { seq, hash: format!("h{seq}") };
+        s.apply(&[Write::AuditHead(head(11))]).unwrap();
+        // A slower rotation persisting an older head must not regress it.
+        s.apply(&[Write::AuditHead(head(10))]).unwrap();
+        assert_eq!(s.audit_head().unwrap(), Some(head(11)));
+        s.apply(&[Write::AuditHead(head(12))]).unwrap();
+        assert_eq!(s.audit_head().unwrap(), Some(head(12)));
     }
 
     #[test]
