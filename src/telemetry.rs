@@ -301,7 +301,8 @@ struct CredentialTimesCollector {
 
 impl fmt::Debug for CredentialTimesCollector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CredentialTimesCollector").finish_non_exhaustive()
+        f.debug_struct("CredentialTimesCollector")
+            .finish_non_exhaustive()
     }
 }
 

@@ -348,7 +348,8 @@ pub fn parse_request(line: &str) -> Result<Request, ApiError> {
             )));
         }
     }
-    serde_json::from_value(value).map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
 }
 
 /// Renders status rows as an aligned text table for humans.
@@ -537,7 +538,10 @@ mod tests {
 
         let status = Response::Ok(ResponseBody::Status(vec![row()]));
         let json = serde_json::to_string(&status).unwrap();
-        assert!(json.contains(r#""last_rotated":"2025-01-02T03:04:05Z""#), "{json}");
+        assert!(
+            json.contains(r#""last_rotated":"2025-01-02T03:04:05Z""#),
+            "{json}"
+        );
         assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), status);
 
         let rotate = Response::Ok(ResponseBody::Rotate(vec![RotateResult {
@@ -613,12 +617,18 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3, "{table}");
         assert!(lines[0].starts_with("AGENT        CREDENTIAL            VAULT  VERSION"));
-        assert!(lines[0].ends_with("STATE             LAST ERROR"), "{table}");
+        assert!(
+            lines[0].ends_with("STATE             LAST ERROR"),
+            "{table}"
+        );
         assert!(lines[1].contains("2025-01-02T03:04:05Z"), "{table}");
         assert!(lines[1].contains("rotating:promote"), "{table}");
         assert!(lines[1].ends_with(" -"), "{table}");
         assert!(lines[2].contains("2025-06-01T00:00:00Z"), "{table}");
-        assert!(lines[2].ends_with("vault local: disk full retrying"), "{table}");
+        assert!(
+            lines[2].ends_with("vault local: disk full retrying"),
+            "{table}"
+        );
         // Columns line up: NEXT DUE starts at the same offset on every line.
         let col = lines[0].find("NEXT DUE").unwrap();
         assert_eq!(&lines[1][col..col + 1], "-");
