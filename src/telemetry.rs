@@ -43,15 +43,12 @@ pub enum LogFormat {
 /// `info` rather than silencing logs. Calling it again is harmless: the first
 /// subscriber stays (tests call it from many places).
 pub fn init(format: LogFormat, filter: &str) {
-    let env = std::env::var(LOG_ENV).ok().filter(|s| !s.trim().is_empty());
-    let (source, spec) = match &env {
-        Some(s) => (LOG_ENV, s.as_str()),
-        None => ("the log filter", filter),
-    };
-    let env_filter = EnvFilter::try_new(spec).unwrap_or_else(|e| {
-        eprintln!("keyturn: ignoring invalid {source} {spec:?} ({e}); using \"info\"");
-        EnvFilter::new("info")
-    });
+    let env = std::env::var(LOG_ENV).ok();
+    let (env_filter, warning) = build_filter(env.as_deref(), filter);
+    if let Some(w) = warning {
+        // No subscriber yet, so this one line goes straight to stderr.
+        eprintln!("keyturn: {w}");
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
         .with_writer(std::io::stderr);
@@ -67,6 +64,24 @@ pub fn init(format: LogFormat, filter: &str) {
             .with_current_span(false)
             .try_init(),
     };
+}
+
+/// The filter from `KEYTURN_LOG` (when set and non-empty) or `fallback`; an
+/// invalid spec yields `info` and a warning saying what was ignored.
+fn build_filter(env: Option<&str>, fallback: &str) -> (EnvFilter, Option<String>) {
+    let (source, spec) = match env.filter(|s| !s.trim().is_empty()) {
+        Some(s) => (LOG_ENV, s),
+        None => ("log filter", fallback),
+    };
+    match EnvFilter::try_new(spec) {
+        Ok(f) => (f, None),
+        Err(e) => (
+            EnvFilter::new("info"),
+            Some(format!(
+                "ignoring invalid {source} {spec:?} ({e}); using \"info\""
+            )),
+        ),
+    }
 }
 
 /// The states a credential can be in, as counted by `keyturn_credentials`.
@@ -168,6 +183,13 @@ impl Metrics {
             "Rotations finished, by result",
             rotations.clone(),
         );
+        // Pre-create the result series at 0 so `rate()` and alerts see them
+        // from the first scrape, not only after the first failure.
+        for ok in [true, false] {
+            let _ = rotations.get_or_create(&ResultLabels {
+                result: result_label(ok),
+            });
+        }
         let step_failures = Family::<StepLabels, Counter>::default();
         registry.register(
             "rotation_step_failures",
@@ -201,6 +223,12 @@ impl Metrics {
             "Deliveries of a new version to a sink, by sink type and result",
             deliveries.clone(),
         );
+        for ok in [true, false] {
+            let _ = deliveries.get_or_create(&DeliveryLabels {
+                sink: "file".into(),
+                result: result_label(ok),
+            });
+        }
         let audit_records = Counter::default();
         registry.register(
             "audit_records",
@@ -352,6 +380,16 @@ mod tests {
     #[test]
     fn counters_and_gauges_appear_with_prefix_and_labels() {
         let m = Metrics::new();
+        // Series that alerts rely on exist at 0 before anything happened.
+        let fresh = m.encode();
+        for line in [
+            "keyturn_rotations_total{result=\"failed\"} 0",
+            "keyturn_deliveries_total{sink=\"file\",result=\"failed\"} 0",
+            "keyturn_credentials{state=\"retiring\"} 0",
+            "keyturn_audit_records_total 0",
+        ] {
+            assert!(fresh.contains(line), "missing {line:?} in\n{fresh}");
+        }
         m.rotation_finished(true, Duration::from_millis(20));
         m.rotation_finished(true, Duration::from_millis(20));
         m.rotation_finished(false, Duration::from_secs(3));
@@ -427,9 +465,20 @@ mod tests {
     }
 
     #[test]
-    fn init_is_idempotent() {
-        init(LogFormat::Json, "info");
-        init(LogFormat::Human, "not a [valid filter");
-        tracing::info!("still logging");
+    fn log_filter_comes_from_the_environment_first() {
+        let (f, w) = build_filter(Some("keyturn=trace"), "warn");
+        assert_eq!(f.to_string(), "keyturn=trace");
+        assert!(w.is_none());
+        // Unset or blank variable: the configured filter.
+        assert_eq!(build_filter(None, "warn").0.to_string(), "warn");
+        assert_eq!(build_filter(Some("  "), "warn").0.to_string(), "warn");
+        // A typo is reported and falls back to info instead of silencing logs.
+        let (f, w) = build_filter(Some("keyturn=loud"), "warn");
+        assert_eq!(f.to_string(), "info");
+        let w = w.unwrap();
+        assert!(
+            w.contains("KEYTURN_LOG") && w.contains("keyturn=loud"),
+            "{w}"
+        );
     }
 }
