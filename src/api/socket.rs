@@ -1176,7 +1176,12 @@ mod tests {
             tracker.clone(),
         ));
 
-        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        // Run a copy of this test binary from the tempdir: the checkout may sit
+        // under a directory uid 65534 cannot enter (e.g. /root).
+        let exe = dir.path().join("child");
+        std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.current_dir(dir.path());
         cmd.args([
             "--exact",
             "api::socket::tests::peer_child_client",
