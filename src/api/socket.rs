@@ -1199,10 +1199,23 @@ mod tests {
                 Ok(())
             });
         }
-        let out = tokio::task::spawn_blocking(move || cmd.output())
-            .await
-            .unwrap()
-            .unwrap();
+        // ETXTBSY: another test may fork while our copy's write fd is still
+        // open in its not-yet-exec'd child; that clears in a moment.
+        let out = tokio::task::spawn_blocking(move || {
+            let mut tries = 0;
+            loop {
+                match cmd.output() {
+                    Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .unwrap()
+        .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         let line = stdout
             .lines()
