@@ -1,13 +1,484 @@
-//! STUB (being implemented on a branch).
+//! Telemetry: log setup (tracing to stderr, human or JSON) and the metrics
+//! registry served on `/metrics`.
+//!
+//! Metrics are typed handles on one [`Metrics`] value so callers never spell a
+//! metric name or label by hand. Per-credential gauges (age, time until due)
+//! are deliberately *not* stored per credential: at 100k credentials a
+//! `Family` entry each would cost far more than the 1 KiB-per-credential
+//! budget. Instead a [`Collector`] asks the daemon for the numbers at scrape
+//! time through a provider closure and writes them straight to the encoder.
+
+use std::fmt;
+use std::io::IsTerminal;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::state::Step;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
 
-pub struct Metrics;
+/// The environment variable that overrides the log filter (`EnvFilter` syntax).
+pub const LOG_ENV: &str = "KEYTURN_LOG";
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines; coloured only when stderr is a terminal.
+    Human,
+    /// One JSON object per line with the event's fields at the top level, for
+    /// journald / log shippers.
+    Json,
+}
+
+/// Installs the global tracing subscriber, writing to stderr.
+///
+/// The filter comes from `KEYTURN_LOG` when set, else `filter` (e.g. `info` or
+/// `keyturn=debug`). An invalid filter is reported on stderr and replaced by
+/// `info` rather than silencing logs. Calling it again is harmless: the first
+/// subscriber stays (tests call it from many places).
+pub fn init(format: LogFormat, filter: &str) {
+    let env = std::env::var(LOG_ENV).ok();
+    let (env_filter, warning) = build_filter(env.as_deref(), filter);
+    if let Some(w) = warning {
+        // No subscriber yet, so this one line goes straight to stderr.
+        eprintln!("keyturn: {w}");
+    }
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(env_filter)
+        .with_writer(std::io::stderr);
+    // `try_init` fails only when a subscriber is already installed: that is
+    // the idempotence we want, so the error is deliberately ignored.
+    let _ = match format {
+        LogFormat::Human => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+    };
+}
+
+/// The filter from `KEYTURN_LOG` (when set and non-empty) or `fallback`; an
+/// invalid spec yields `info` and a warning saying what was ignored.
+fn build_filter(env: Option<&str>, fallback: &str) -> (EnvFilter, Option<String>) {
+    let (source, spec) = match env.filter(|s| !s.trim().is_empty()) {
+        Some(s) => (LOG_ENV, s),
+        None => ("log filter", fallback),
+    };
+    match EnvFilter::try_new(spec) {
+        Ok(f) => (f, None),
+        Err(e) => (
+            EnvFilter::new("info"),
+            Some(format!(
+                "ignoring invalid {source} {spec:?} ({e}); using \"info\""
+            )),
+        ),
+    }
+}
+
+/// The states a credential can be in, as counted by `keyturn_credentials`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CredentialState {
+    Idle,
+    Rotating,
+    Retiring,
+    Failed,
+}
+
+impl CredentialState {
+    pub const ALL: [CredentialState; 4] = [
+        CredentialState::Idle,
+        CredentialState::Rotating,
+        CredentialState::Retiring,
+        CredentialState::Failed,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialState::Idle => "idle",
+            CredentialState::Rotating => "rotating",
+            CredentialState::Retiring => "retiring",
+            CredentialState::Failed => "failed",
+        }
+    }
+}
+
+/// The per-credential numbers the daemon hands over at scrape time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CredentialTimes {
+    pub agent: String,
+    pub credential: String,
+    /// Seconds since the current version was promoted; `None` if never rotated.
+    pub age_seconds: Option<f64>,
+    /// Seconds until the next rotation is due; negative when overdue.
+    pub next_due_seconds: Option<f64>,
+}
+
+/// Called on every scrape; must be cheap enough to run for every credential.
+pub type CredentialTimesProvider = Arc<dyn Fn() -> Vec<CredentialTimes> + Send + Sync>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    step: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    sink: String,
+    result: &'static str,
+}
+
+fn result_label(ok: bool) -> &'static str {
+    if ok { "ok" } else { "failed" }
+}
+
+/// Every metric keyturn exports, with typed handles. Names get the `keyturn_`
+/// prefix from the registry; counters get `_total` from the encoder.
+pub struct Metrics {
+    registry: Registry,
+    rotations: Family<ResultLabels, Counter>,
+    step_failures: Family<StepLabels, Counter>,
+    rotation_duration: Histogram,
+    credentials: Family<StateLabels, Gauge>,
+    deliveries: Family<DeliveryLabels, Counter>,
+    audit_records: Counter,
+    provider: Arc<RwLock<Option<CredentialTimesProvider>>>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Metrics {
-    pub fn audit_record(&self) {}
-    pub fn rotation_finished(&self, _ok: bool, _d: Duration) {}
-    pub fn step_failed(&self, _s: Step) {}
-    pub fn delivery(&self, _sink: &str, _ok: bool) {}
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("keyturn");
+        let rotations = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "rotations",
+            "Rotations finished, by result",
+            rotations.clone(),
+        );
+        // Pre-create the result series at 0 so `rate()` and alerts see them
+        // from the first scrape, not only after the first failure.
+        for ok in [true, false] {
+            let _ = rotations.get_or_create(&ResultLabels {
+                result: result_label(ok),
+            });
+        }
+        let step_failures = Family::<StepLabels, Counter>::default();
+        registry.register(
+            "rotation_step_failures",
+            "Failed attempts of a rotation step (each retry counts)",
+            step_failures.clone(),
+        );
+        // 1 ms doubling 17 times: the last finite bucket is ~65 s; slower
+        // rotations land in +Inf.
+        let rotation_duration = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        registry.register(
+            "rotation_duration_seconds",
+            "Wall time of a rotation from create to deliver",
+            rotation_duration.clone(),
+        );
+        let credentials = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "credentials",
+            "Configured credentials, by state",
+            credentials.clone(),
+        );
+        // Export every state from the start, so a dashboard sees 0 rather than
+        // a missing series before the first transition.
+        for s in CredentialState::ALL {
+            credentials
+                .get_or_create(&StateLabels { state: s.as_str() })
+                .set(0);
+        }
+        let deliveries = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "deliveries",
+            "Deliveries of a new version to a sink, by sink type and result",
+            deliveries.clone(),
+        );
+        for ok in [true, false] {
+            let _ = deliveries.get_or_create(&DeliveryLabels {
+                sink: "file".into(),
+                result: result_label(ok),
+            });
+        }
+        let audit_records = Counter::default();
+        registry.register(
+            "audit_records",
+            "Records appended to the audit log",
+            audit_records.clone(),
+        );
+        let provider = Arc::new(RwLock::new(None));
+        registry.register_collector(Box::new(CredentialTimesCollector {
+            provider: Arc::clone(&provider),
+        }));
+        Self {
+            registry,
+            rotations,
+            step_failures,
+            rotation_duration,
+            credentials,
+            deliveries,
+            audit_records,
+            provider,
+        }
+    }
+
+    /// A rotation ended (successfully or not) after `duration`.
+    pub fn rotation_finished(&self, ok: bool, duration: Duration) {
+        self.rotations
+            .get_or_create(&ResultLabels {
+                result: result_label(ok),
+            })
+            .inc();
+        self.rotation_duration.observe(duration.as_secs_f64());
+    }
+
+    /// One attempt of `step` (`create`, `set`, `test`, `promote`, ...) failed.
+    pub fn step_failed(&self, step: &str) {
+        self.step_failures
+            .get_or_create(&StepLabels { step: step.into() })
+            .inc();
+    }
+
+    /// Sets how many credentials are in `state` (the daemon recounts).
+    pub fn set_credentials(&self, state: CredentialState, count: i64) {
+        self.credentials
+            .get_or_create(&StateLabels {
+                state: state.as_str(),
+            })
+            .set(count);
+    }
+
+    /// One delivery to a sink of type `sink` (`file`, ...).
+    pub fn delivery(&self, sink: &str, ok: bool) {
+        self.deliveries
+            .get_or_create(&DeliveryLabels {
+                sink: sink.into(),
+                result: result_label(ok),
+            })
+            .inc();
+    }
+
+    /// `n` records were appended to the audit log.
+    pub fn audit_records(&self, n: u64) {
+        self.audit_records.inc_by(n);
+    }
+
+    /// Installs (or replaces) the source of per-credential times. Until one is
+    /// set the per-credential gauges are exported without samples.
+    pub fn set_credential_times_provider(&self, provider: CredentialTimesProvider) {
+        // A poisoned lock only means a provider panicked mid-scrape; the slot
+        // itself is still a plain Option, safe to overwrite.
+        let mut slot = self.provider.write().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(provider);
+    }
+
+    /// For modules that own extra metrics: register them before the `Metrics`
+    /// is shared.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// The OpenMetrics text exposition of everything, ending in `# EOF`.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            // Only a collector can fail (fmt::Error); say so in the output
+            // rather than serving a silently truncated page.
+            tracing::error!(error = %e, "encoding metrics failed");
+            out.clear();
+            out.push_str("# encoding metrics failed\n# EOF\n");
+        }
+        out
+    }
+}
+
+/// Writes `credential_age_seconds` and `credential_next_due_seconds` from the
+/// provider at scrape time; holds nothing per credential.
+struct CredentialTimesCollector {
+    provider: Arc<RwLock<Option<CredentialTimesProvider>>>,
+}
+
+impl fmt::Debug for CredentialTimesCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialTimesCollector")
+            .finish_non_exhaustive()
+    }
+}
+
+impl Collector for CredentialTimesCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        // Clone the Arc out so the lock is not held while the provider runs.
+        let provider = self
+            .provider
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let times = provider.map(|p| p()).unwrap_or_default();
+
+        type Pick = fn(&CredentialTimes) -> Option<f64>;
+        let gauges: [(&str, &str, Pick); 2] = [
+            (
+                "credential_age_seconds",
+                "Seconds since the current version of the credential was promoted",
+                |t| t.age_seconds,
+            ),
+            (
+                "credential_next_due_seconds",
+                "Seconds until the credential's next rotation is due (negative when overdue)",
+                |t| t.next_due_seconds,
+            ),
+        ];
+        for (name, help, pick) in gauges {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for t in &times {
+                if let Some(v) = pick(t).filter(|v| v.is_finite()) {
+                    let labels = [
+                        ("agent", t.agent.as_str()),
+                        ("credential", t.credential.as_str()),
+                    ];
+                    metric.encode_family(&labels)?.encode_gauge(&v)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_gauges_appear_with_prefix_and_labels() {
+        let m = Metrics::new();
+        // Series that alerts rely on exist at 0 before anything happened.
+        let fresh = m.encode();
+        for line in [
+            "keyturn_rotations_total{result=\"failed\"} 0",
+            "keyturn_deliveries_total{sink=\"file\",result=\"failed\"} 0",
+            "keyturn_credentials{state=\"retiring\"} 0",
+            "keyturn_audit_records_total 0",
+        ] {
+            assert!(fresh.contains(line), "missing {line:?} in\n{fresh}");
+        }
+        m.rotation_finished(true, Duration::from_millis(20));
+        m.rotation_finished(true, Duration::from_millis(20));
+        m.rotation_finished(false, Duration::from_secs(3));
+        m.step_failed("promote");
+        m.set_credentials(CredentialState::Idle, 41);
+        m.set_credentials(CredentialState::Failed, 1);
+        m.delivery("file", true);
+        m.delivery("file", false);
+        m.audit_records(5);
+        let text = m.encode();
+        for line in [
+            "keyturn_rotations_total{result=\"ok\"} 2",
+            "keyturn_rotations_total{result=\"failed\"} 1",
+            "keyturn_rotation_step_failures_total{step=\"promote\"} 1",
+            "keyturn_rotation_duration_seconds_count 3",
+            "keyturn_credentials{state=\"idle\"} 41",
+            "keyturn_credentials{state=\"rotating\"} 0",
+            "keyturn_credentials{state=\"failed\"} 1",
+            "keyturn_deliveries_total{sink=\"file\",result=\"ok\"} 1",
+            "keyturn_deliveries_total{sink=\"file\",result=\"failed\"} 1",
+            "keyturn_audit_records_total 5",
+            "# TYPE keyturn_credential_age_seconds gauge",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+        // The histogram's largest finite bucket covers a minute.
+        assert!(text.contains("le=\"65.536\""), "{text}");
+    }
+
+    #[test]
+    fn per_credential_times_come_from_the_provider_at_scrape_time() {
+        let m = Metrics::new();
+        // Before a provider is set: descriptors only, no samples.
+        assert!(!m.encode().contains("keyturn_credential_age_seconds{"));
+
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = Arc::clone(&calls);
+        m.set_credential_times_provider(Arc::new(move || {
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            vec![
+                CredentialTimes {
+                    agent: "bot".into(),
+                    credential: "db".into(),
+                    age_seconds: Some(12.5),
+                    next_due_seconds: Some(-3.0),
+                },
+                CredentialTimes {
+                    agent: "bot".into(),
+                    credential: "api".into(),
+                    age_seconds: None,
+                    next_due_seconds: Some(f64::NAN),
+                },
+            ]
+        }));
+        let text = m.encode();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(
+            text.contains("keyturn_credential_age_seconds{agent=\"bot\",credential=\"db\"} 12.5"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "keyturn_credential_next_due_seconds{agent=\"bot\",credential=\"db\"} -3.0"
+            ),
+            "{text}"
+        );
+        // Unknown or non-finite values are omitted, not exported as garbage.
+        assert!(!text.contains("credential=\"api\""), "{text}");
+        // A second scrape asks again (values are not cached per credential).
+        m.encode();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn log_filter_comes_from_the_environment_first() {
+        let (f, w) = build_filter(Some("keyturn=trace"), "warn");
+        assert_eq!(f.to_string(), "keyturn=trace");
+        assert!(w.is_none());
+        // Unset or blank variable: the configured filter.
+        assert_eq!(build_filter(None, "warn").0.to_string(), "warn");
+        assert_eq!(build_filter(Some("  "), "warn").0.to_string(), "warn");
+        // A typo is reported and falls back to info instead of silencing logs.
+        let (f, w) = build_filter(Some("keyturn=loud"), "warn");
+        assert_eq!(f.to_string(), "info");
+        let w = w.unwrap();
+        assert!(
+            w.contains("KEYTURN_LOG") && w.contains("keyturn=loud"),
+            "{w}"
+        );
+    }
 }

@@ -1,7 +1,17 @@
 //! The control API: a Unix socket (mode 0660, peers checked with SO_PEERCRED)
 //! speaking one JSON request and one JSON response per line, and an optional
 //! HTTP listener for `/metrics`, `/healthz` and `/readyz`.
+//!
+//! - [`protocol`] the request/response types, selector parsing, the status table
+//! - [`socket`]   `bind` + `serve` (server, with the peer policy) and `call` (client)
+//! - [`http`]     the axum listener for metrics and health
 
 pub mod http;
 pub mod protocol;
 pub mod socket;
+
+pub use protocol::{
+    ApiError, ApiErrorKind, Request, Response, ResponseBody, RotateOutcome, RotateResult, Selector,
+    StatusRow, parse_selector, render_status_table,
+};
+pub use socket::{ClientError, ControlHandler, ControlSocket, PeerCred, bind, call, serve};

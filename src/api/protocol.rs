@@ -1,1 +1,639 @@
-//! STUB.
+//! The control protocol: one JSON request per line, one JSON response per line.
+//!
+//! # Wire format
+//! Requests are internally tagged by `cmd`:
+//! ```text
+//! {"cmd":"ping"}
+//! {"cmd":"status"}
+//! {"cmd":"rotate","selector":"all","wait":true}
+//! {"cmd":"rotate","selector":{"agent":"invoice-bot"}}                          (wait defaults to false)
+//! {"cmd":"rotate","selector":{"credential":{"agent":"invoice-bot","credential":"db"}}}
+//! ```
+//! Responses carry `ok` and exactly one of `result` / `error`:
+//! ```text
+//! {"ok":true,"result":{"pong":{"version":"0.1.0"}}}
+//! {"ok":true,"result":{"status":[{...StatusRow...}]}}
+//! {"ok":true,"result":{"rotate":[{...RotateResult...}]}}
+//! {"ok":false,"error":{"kind":"bad_request","message":"..."}}
+//! ```
+//! The `ok` flag lets a shell script (`jq .ok`) branch without knowing every
+//! result shape; the result is externally tagged so a client can tell which
+//! command it answers even when reading a log of responses.
+//!
+//! Nothing in this protocol ever carries a secret value: status rows and
+//! rotation results name versions by number only.
+
+use std::fmt::{self, Write as _};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{AgentId, CredentialId, CredentialKey, Stage};
+
+/// The commands a client may send, in the order they are listed in errors.
+pub const COMMANDS: &[&str] = &["ping", "status", "rotate"];
+
+/// One request line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Liveness of the daemon; answers with its version.
+    Ping,
+    /// One row per configured credential.
+    Status,
+    /// Start (or, with `wait`, run to completion) a rotation of the selected
+    /// credentials.
+    Rotate {
+        selector: Selector,
+        #[serde(default)]
+        wait: bool,
+    },
+}
+
+impl Request {
+    /// The command name as it appears on the wire (for logs and audit).
+    pub fn cmd(&self) -> &'static str {
+        match self {
+            Request::Ping => "ping",
+            Request::Status => "status",
+            Request::Rotate { .. } => "rotate",
+        }
+    }
+}
+
+/// Which credentials a command applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selector {
+    All,
+    Agent(AgentId),
+    Credential(CredentialKey),
+}
+
+impl Selector {
+    /// Whether `key` is selected.
+    pub fn matches(&self, key: &CredentialKey) -> bool {
+        match self {
+            Selector::All => true,
+            Selector::Agent(a) => &key.agent == a,
+            Selector::Credential(k) => k == key,
+        }
+    }
+}
+
+impl fmt::Display for Selector {
+    /// The CLI spelling, the inverse of [`parse_selector`].
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::All => f.write_str("all"),
+            Selector::Agent(a) => write!(f, "{a}"),
+            Selector::Credential(k) => write!(f, "{k}"),
+        }
+    }
+}
+
+/// Parses the CLI spelling of a selector: `all`, `AGENT` or `AGENT/CREDENTIAL`.
+///
+/// `all` is reserved: an agent that happens to be named `all` is still
+/// reachable through `all/CREDENTIAL`.
+pub fn parse_selector(s: &str) -> Result<Selector, String> {
+    const USAGE: &str = "expected `all`, AGENT or AGENT/CREDENTIAL";
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(format!("empty selector: {USAGE}"));
+    }
+    if s == "all" {
+        return Ok(Selector::All);
+    }
+    let mut parts = s.split('/');
+    let agent = parts.next().unwrap_or_default();
+    let credential = parts.next();
+    if parts.next().is_some() {
+        return Err(format!("selector `{s}` has more than one '/': {USAGE}"));
+    }
+    let agent = AgentId::new(agent).map_err(|e| format!("selector `{s}`: agent id {e}"))?;
+    match credential {
+        None => Ok(Selector::Agent(agent)),
+        Some(c) => {
+            let credential =
+                CredentialId::new(c).map_err(|e| format!("selector `{s}`: credential id {e}"))?;
+            Ok(Selector::Credential(CredentialKey::new(agent, credential)))
+        }
+    }
+}
+
+/// One line of `keyturn status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRow {
+    pub agent: AgentId,
+    pub credential: CredentialId,
+    pub vault: String,
+    /// The current version number, if the credential has ever been rotated.
+    pub version: Option<u64>,
+    pub stage: Option<Stage>,
+    pub last_rotated: Option<DateTime<Utc>>,
+    pub next_due: Option<DateTime<Utc>>,
+    /// `idle`, `rotating`, `retiring` or `failed`.
+    pub state: String,
+    /// The step a rotation in progress is at (`create`, `promote`, ...).
+    pub step: Option<String>,
+    /// The id of the rotation in progress or the last one.
+    pub rotation: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// What happened to one credential of a `rotate` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateResult {
+    pub agent: AgentId,
+    pub credential: CredentialId,
+    pub rotation: Option<String>,
+    pub version: Option<u64>,
+    pub outcome: RotateOutcome,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotateOutcome {
+    /// Accepted; running in the background (`wait = false`).
+    Started,
+    /// Ran to the end (`wait = true`).
+    Completed,
+    Failed,
+}
+
+impl RotateOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotateOutcome::Started => "started",
+            RotateOutcome::Completed => "completed",
+            RotateOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// One response line. Serialized through [`WireResponse`] so the JSON shape
+/// is `{"ok":true,"result":...}` / `{"ok":false,"error":...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "WireResponse", try_from = "WireResponse")]
+pub enum Response {
+    Ok(ResponseBody),
+    Error(ApiError),
+}
+
+impl Response {
+    /// The body, or the daemon's error.
+    pub fn into_result(self) -> Result<ResponseBody, ApiError> {
+        match self {
+            Response::Ok(b) => Ok(b),
+            Response::Error(e) => Err(e),
+        }
+    }
+}
+
+impl From<Result<ResponseBody, ApiError>> for Response {
+    fn from(r: Result<ResponseBody, ApiError>) -> Self {
+        match r {
+            Ok(b) => Response::Ok(b),
+            Err(e) => Response::Error(e),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseBody {
+    Pong { version: String },
+    Status(Vec<StatusRow>),
+    Rotate(Vec<RotateResult>),
+}
+
+/// The JSON shape of a response; see the module doc.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireResponse {
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    result: Option<ResponseBody>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    error: Option<ApiError>,
+}
+
+impl From<Response> for WireResponse {
+    fn from(r: Response) -> Self {
+        match r {
+            Response::Ok(b) => WireResponse {
+                ok: true,
+                result: Some(b),
+                error: None,
+            },
+            Response::Error(e) => WireResponse {
+                ok: false,
+                result: None,
+                error: Some(e),
+            },
+        }
+    }
+}
+
+impl TryFrom<WireResponse> for Response {
+    type Error = String;
+    fn try_from(w: WireResponse) -> Result<Self, String> {
+        match (w.ok, w.result, w.error) {
+            (true, Some(b), None) => Ok(Response::Ok(b)),
+            (false, None, Some(e)) => Ok(Response::Error(e)),
+            (true, _, _) => Err("`ok: true` needs a `result` and no `error`".into()),
+            (false, _, _) => Err("`ok: false` needs an `error` and no `result`".into()),
+        }
+    }
+}
+
+/// An error the daemon reports to a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct ApiError {
+    pub kind: ApiErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ApiErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ApiErrorKind::BadRequest, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ApiErrorKind::NotFound, message)
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(ApiErrorKind::Forbidden, message)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ApiErrorKind::Unavailable, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ApiErrorKind::Internal, message)
+    }
+    pub fn failed(message: impl Into<String>) -> Self {
+        Self::new(ApiErrorKind::Failed, message)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiErrorKind {
+    /// The request could not be parsed or makes no sense.
+    BadRequest,
+    /// The selector names no configured agent or credential.
+    NotFound,
+    /// The peer is not allowed to use the socket.
+    Forbidden,
+    /// The daemon cannot do it now (shutting down, reloading).
+    Unavailable,
+    /// A bug or an unexpected failure inside the daemon.
+    Internal,
+    /// The requested operation ran and failed (e.g. `rotate --wait`).
+    Failed,
+}
+
+impl ApiErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiErrorKind::BadRequest => "bad_request",
+            ApiErrorKind::NotFound => "not_found",
+            ApiErrorKind::Forbidden => "forbidden",
+            ApiErrorKind::Unavailable => "unavailable",
+            ApiErrorKind::Internal => "internal",
+            ApiErrorKind::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for ApiErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Parses one request line. Errors are `bad_request` with a message a human
+/// can act on: serde's own message for malformed JSON or fields, and the list
+/// of valid commands for a missing or unknown `cmd`.
+pub fn parse_request(line: &str) -> Result<Request, ApiError> {
+    let value: serde_json::Value = serde_json::from_str(line)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON request: {e}")))?;
+    let valid = COMMANDS.join(", ");
+    match value.get("cmd") {
+        None => {
+            return Err(ApiError::bad_request(format!(
+                "request has no `cmd` field; valid commands: {valid}"
+            )));
+        }
+        Some(serde_json::Value::String(c)) if !COMMANDS.contains(&c.as_str()) => {
+            // Echo at most a short prefix: the name came from the client.
+            let shown: String = c.chars().take(64).collect();
+            return Err(ApiError::bad_request(format!(
+                "unknown command `{}`; valid commands: {valid}",
+                shown.escape_debug()
+            )));
+        }
+        Some(serde_json::Value::String(_)) => {}
+        Some(_) => {
+            return Err(ApiError::bad_request(format!(
+                "`cmd` must be a string; valid commands: {valid}"
+            )));
+        }
+    }
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
+}
+
+/// Renders status rows as an aligned text table for humans.
+///
+/// Times are RFC 3339 to the second in UTC; absent values print as `-`. A
+/// rotation in progress shows its step in the STATE column (`rotating:promote`).
+/// LAST ERROR is the last column and is not padded, so a long message does not
+/// widen every row; control characters in it are replaced by spaces so one
+/// error cannot break the table's lines.
+pub fn render_status_table(rows: &[StatusRow]) -> String {
+    const HEADER: [&str; 9] = [
+        "AGENT",
+        "CREDENTIAL",
+        "VAULT",
+        "VERSION",
+        "STAGE",
+        "LAST ROTATED",
+        "NEXT DUE",
+        "STATE",
+        "LAST ERROR",
+    ];
+    fn time(t: Option<DateTime<Utc>>) -> String {
+        t.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
+            .unwrap_or_else(|| "-".into())
+    }
+    fn clean(s: &str) -> String {
+        s.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect()
+    }
+    let cells: Vec<[String; 9]> = rows
+        .iter()
+        .map(|r| {
+            let state = match &r.step {
+                Some(step) => format!("{}:{}", r.state, step),
+                None => r.state.clone(),
+            };
+            [
+                r.agent.to_string(),
+                r.credential.to_string(),
+                clean(&r.vault),
+                r.version.map_or_else(|| "-".into(), |v| v.to_string()),
+                r.stage.map_or_else(|| "-".into(), |s| s.to_string()),
+                time(r.last_rotated),
+                time(r.next_due),
+                clean(&state),
+                r.last_error.as_deref().map_or_else(|| "-".into(), clean),
+            ]
+        })
+        .collect();
+    let mut widths = HEADER.map(|h| h.chars().count());
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cols: &[&str]| {
+        let mut l = String::new();
+        for (i, c) in cols.iter().enumerate() {
+            if i + 1 == cols.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}  ", w = widths[i]);
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&HEADER);
+    for row in &cells {
+        let refs: Vec<&str> = row.iter().map(String::as_str).collect();
+        line(&refs);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn key(a: &str, c: &str) -> CredentialKey {
+        CredentialKey::new(AgentId::new(a).unwrap(), CredentialId::new(c).unwrap())
+    }
+
+    fn row() -> StatusRow {
+        StatusRow {
+            agent: AgentId::new("invoice-bot").unwrap(),
+            credential: CredentialId::new("db").unwrap(),
+            vault: "local".into(),
+            version: Some(3),
+            stage: Some(Stage::Current),
+            last_rotated: Some(Utc.with_ymd_and_hms(2025, 1, 2, 3, 4, 5).unwrap()),
+            next_due: None,
+            state: "rotating".into(),
+            step: Some("promote".into()),
+            rotation: Some("0123456789abcdef0123456789abcdef".into()),
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn requests_have_the_documented_json_and_round_trip() {
+        let cases = [
+            (Request::Ping, r#"{"cmd":"ping"}"#),
+            (Request::Status, r#"{"cmd":"status"}"#),
+            (
+                Request::Rotate {
+                    selector: Selector::All,
+                    wait: true,
+                },
+                r#"{"cmd":"rotate","selector":"all","wait":true}"#,
+            ),
+            (
+                Request::Rotate {
+                    selector: Selector::Agent(AgentId::new("bot").unwrap()),
+                    wait: false,
+                },
+                r#"{"cmd":"rotate","selector":{"agent":"bot"},"wait":false}"#,
+            ),
+            (
+                Request::Rotate {
+                    selector: Selector::Credential(key("bot", "db")),
+                    wait: false,
+                },
+                r#"{"cmd":"rotate","selector":{"credential":{"agent":"bot","credential":"db"}},"wait":false}"#,
+            ),
+        ];
+        for (req, json) in cases {
+            assert_eq!(serde_json::to_string(&req).unwrap(), json);
+            assert_eq!(parse_request(json).unwrap(), req);
+        }
+        // `wait` is optional and defaults to false.
+        assert_eq!(
+            parse_request(r#"{"cmd":"rotate","selector":"all"}"#).unwrap(),
+            Request::Rotate {
+                selector: Selector::All,
+                wait: false
+            }
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_explained() {
+        let e = parse_request("{not json").unwrap_err();
+        assert_eq!(e.kind, ApiErrorKind::BadRequest);
+        assert!(e.message.starts_with("malformed JSON request: "), "{e}");
+
+        let e = parse_request(r#"{"cmd":"reboot"}"#).unwrap_err();
+        assert_eq!(e.kind, ApiErrorKind::BadRequest);
+        assert!(e.message.contains("unknown command `reboot`"), "{e}");
+        assert!(e.message.contains("ping, status, rotate"), "{e}");
+
+        let e = parse_request(r#"{"selector":"all"}"#).unwrap_err();
+        assert!(e.message.contains("no `cmd`"), "{e}");
+        let e = parse_request(r#"{"cmd":7}"#).unwrap_err();
+        assert!(e.message.contains("must be a string"), "{e}");
+
+        // Invalid ids are rejected by the id newtypes, not passed on.
+        let e = parse_request(r#"{"cmd":"rotate","selector":{"agent":"../etc"}}"#).unwrap_err();
+        assert!(e.message.starts_with("invalid request: "), "{e}");
+        // Unknown fields are refused rather than silently ignored.
+        let e = parse_request(r#"{"cmd":"rotate","selector":"all","force":true}"#).unwrap_err();
+        assert!(e.message.contains("force"), "{e}");
+        assert!(parse_request(r#"{"cmd":"rotate"}"#).is_err());
+        assert!(parse_request("[]").is_err());
+    }
+
+    #[test]
+    fn responses_have_the_documented_json_and_round_trip() {
+        let ok = Response::Ok(ResponseBody::Pong {
+            version: "1.2.3".into(),
+        });
+        let json = serde_json::to_string(&ok).unwrap();
+        assert_eq!(json, r#"{"ok":true,"result":{"pong":{"version":"1.2.3"}}}"#);
+        assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), ok);
+
+        let err = Response::Error(ApiError::forbidden("uid 7 refused"));
+        let json = serde_json::to_string(&err).unwrap();
+        assert_eq!(
+            json,
+            r#"{"ok":false,"error":{"kind":"forbidden","message":"uid 7 refused"}}"#
+        );
+        assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), err);
+
+        let status = Response::Ok(ResponseBody::Status(vec![row()]));
+        let json = serde_json::to_string(&status).unwrap();
+        assert!(
+            json.contains(r#""last_rotated":"2025-01-02T03:04:05Z""#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), status);
+
+        let rotate = Response::Ok(ResponseBody::Rotate(vec![RotateResult {
+            agent: AgentId::new("bot").unwrap(),
+            credential: CredentialId::new("db").unwrap(),
+            rotation: None,
+            version: Some(4),
+            outcome: RotateOutcome::Completed,
+            error: None,
+        }]));
+        let json = serde_json::to_string(&rotate).unwrap();
+        assert!(json.contains(r#""outcome":"completed""#), "{json}");
+        assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), rotate);
+
+        // Contradictory envelopes are protocol errors, not silently accepted.
+        for bad in [
+            r#"{"ok":true}"#,
+            r#"{"ok":false,"result":{"pong":{"version":"1"}}}"#,
+            r#"{"ok":true,"result":{"pong":{"version":"1"}},"error":{"kind":"internal","message":"x"}}"#,
+        ] {
+            assert!(serde_json::from_str::<Response>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn selectors_parse_from_cli_text() {
+        assert_eq!(parse_selector("all"), Ok(Selector::All));
+        assert_eq!(
+            parse_selector("invoice-bot"),
+            Ok(Selector::Agent(AgentId::new("invoice-bot").unwrap()))
+        );
+        assert_eq!(
+            parse_selector("invoice-bot/db"),
+            Ok(Selector::Credential(key("invoice-bot", "db")))
+        );
+        assert_eq!(
+            parse_selector("all/db"),
+            Ok(Selector::Credential(key("all", "db")))
+        );
+        for (bad, needle) in [
+            ("", "empty selector"),
+            ("a/b/c", "more than one '/'"),
+            ("Bot", "agent id must start"),
+            ("bot/", "credential id must not be empty"),
+            ("/db", "agent id must not be empty"),
+            ("bot/../x", "more than one '/'"),
+            ("bot/D B", "credential id must start"),
+        ] {
+            let e = parse_selector(bad).unwrap_err();
+            assert!(e.contains(needle), "{bad:?}: {e}");
+        }
+        // Display is the inverse of parsing.
+        for s in ["all", "bot", "bot/db"] {
+            assert_eq!(parse_selector(s).unwrap().to_string(), s);
+        }
+        assert!(Selector::Agent(AgentId::new("bot").unwrap()).matches(&key("bot", "db")));
+        assert!(!Selector::Credential(key("bot", "db")).matches(&key("bot", "api")));
+    }
+
+    #[test]
+    fn status_table_is_aligned_with_dashes_for_none() {
+        let mut second = row();
+        second.agent = AgentId::new("a").unwrap();
+        second.credential = CredentialId::new("very-long-credential").unwrap();
+        second.version = None;
+        second.stage = None;
+        second.last_rotated = None;
+        second.next_due = Some(Utc.with_ymd_and_hms(2025, 6, 1, 0, 0, 0).unwrap());
+        second.state = "failed".into();
+        second.step = None;
+        second.last_error = Some("vault local: disk full\nretrying".into());
+        let table = render_status_table(&[row(), second]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(lines[0].starts_with("AGENT        CREDENTIAL            VAULT  VERSION"));
+        assert!(
+            lines[0].ends_with("STATE             LAST ERROR"),
+            "{table}"
+        );
+        assert!(lines[1].contains("2025-01-02T03:04:05Z"), "{table}");
+        assert!(lines[1].contains("rotating:promote"), "{table}");
+        assert!(lines[1].ends_with(" -"), "{table}");
+        assert!(lines[2].contains("2025-06-01T00:00:00Z"), "{table}");
+        assert!(
+            lines[2].ends_with("vault local: disk full retrying"),
+            "{table}"
+        );
+        // Columns line up: NEXT DUE starts at the same offset on every line.
+        let col = lines[0].find("NEXT DUE").unwrap();
+        assert_eq!(&lines[1][col..col + 1], "-");
+        assert_eq!(&lines[2][col..col + 4], "2025");
+        // No rows: just the header.
+        assert_eq!(render_status_table(&[]).lines().count(), 1);
+    }
+}

@@ -1,1 +1,1248 @@
-//! STUB.
+//! The control socket: server and client.
+//!
+//! The daemon listens on a Unix socket (mode 0660, group configurable) and
+//! speaks the line protocol of [`super::protocol`]. Access is checked twice:
+//! the kernel refuses `connect` to anyone without write permission on the
+//! socket file, and every accepted connection is checked again with
+//! `SO_PEERCRED` (root, the daemon's own uid, or a member of the socket's
+//! group). The second check matters when an operator loosens the file mode or
+//! the socket is passed around; a refused peer gets one `forbidden` answer
+//! saying how to get access, and the refusal goes to the audit log through
+//! [`ControlHandler::refused`].
+//!
+//! Every connection runs in its own task on the caller's `TaskTracker`, so the
+//! daemon's shutdown (cancel, then wait for the tracker) lets requests already
+//! being handled finish while no new ones are accepted.
+
+use std::fmt;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::protocol::{
+    ApiError, Request, Response, ResponseBody, RotateResult, Selector, StatusRow, parse_request,
+};
+use crate::audit::Actor;
+
+/// Longest request line accepted (without its newline).
+pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+/// How long a connection may take to send one complete request line.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long writing one response may take before the client is given up on
+/// (a client that never reads would otherwise hold a task through shutdown).
+const RESPONSE_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `call` waits for the daemon to accept the connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the daemon does for the socket; the socket layer only parses, checks
+/// peers and frames responses.
+#[async_trait]
+pub trait ControlHandler: Send + Sync + 'static {
+    async fn status(&self) -> Vec<StatusRow>;
+    async fn rotate(
+        &self,
+        actor: Actor,
+        selector: Selector,
+        wait: bool,
+    ) -> Result<Vec<RotateResult>, ApiError>;
+    /// Record a refused connection in the audit log.
+    async fn refused(&self, peer: PeerCred, reason: String);
+}
+
+/// The peer's credentials as the kernel reported them at `connect` time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: i32,
+}
+
+impl PeerCred {
+    /// The audit actor for requests from this peer.
+    pub fn actor(&self) -> Actor {
+        Actor::Peer {
+            uid: self.uid,
+            gid: self.gid,
+            pid: self.pid,
+        }
+    }
+}
+
+impl fmt::Display for PeerCred {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "uid={} gid={} pid={}", self.uid, self.gid, self.pid)
+    }
+}
+
+/// A bound, permission-set control socket, ready for [`serve`].
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// The group that owns the socket file (the configured one, or the
+    /// daemon's own when none is configured).
+    gid: u32,
+    /// The group's name for messages (`add the user to group X`).
+    group_name: String,
+    /// Device and inode of the socket file, so `serve` removes only the file
+    /// it created and never one a later daemon put at the same path.
+    file_id: (u64, u64),
+}
+
+impl ControlSocket {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn gid(&self) -> u32 {
+        self.gid
+    }
+}
+
+fn io_context(e: io::Error, what: impl fmt::Display) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// Resolves a group name, or a numeric gid given as a string.
+fn resolve_group(group: &str) -> io::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("control socket group `{group}` does not exist (create it or use a gid)"),
+        )),
+        Err(e) => Err(io::Error::other(format!(
+            "looking up control socket group `{group}`: {e}"
+        ))),
+    }
+}
+
+/// Removes a leftover socket file nobody accepts on; refuses to touch
+/// anything else.
+fn clear_stale_socket(path: &Path) -> io::Result<()> {
+    let shown = path.display();
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_context(e, format_args!("control socket {shown}"))),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{shown} exists and is not a socket; refusing to replace it \
+                 (remove it or set another `daemon.socket`)"
+            ),
+        ));
+    }
+    // A blocking connect is fine here: it is a local socket and this runs
+    // once at start-up, before anything else is served.
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("another keyturn is running on {shown}"),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            info!(socket = %shown, "removing stale control socket");
+            match std::fs::remove_file(path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(io_context(
+                    e,
+                    format_args!("removing stale control socket {shown}"),
+                )),
+            }
+        }
+        Err(e) => Err(io_context(
+            e,
+            format_args!("checking whether a daemon listens on {shown}"),
+        )),
+    }
+}
+
+/// Binds the control socket at `path`: creates the parent directory (0750)
+/// if missing, replaces a stale socket, refuses a live one or a non-socket,
+/// then sets mode 0660 and, if `group` is given (name or numeric gid), its
+/// group. Must be called inside a Tokio runtime.
+pub fn bind(path: &Path, group: Option<&str>) -> io::Result<ControlSocket> {
+    let shown = path.display();
+    // Resolve the group first: a typo should fail before the filesystem changes.
+    let wanted_gid = group.map(resolve_group).transpose()?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(parent)
+                .map_err(|e| {
+                    io_context(
+                        e,
+                        format_args!("creating control socket directory {}", parent.display()),
+                    )
+                })?;
+        }
+    }
+    clear_stale_socket(path)?;
+    let listener = UnixListener::bind(path)
+        .map_err(|e| io_context(e, format_args!("binding control socket {shown}")))?;
+    // From here on a failure must not leave our socket file behind.
+    let finish = || -> io::Result<ControlSocket> {
+        // The socket is created under the umask; chmod sets the mode we mean.
+        // The window in between is covered by the parent directory's 0750.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(|e| io_context(e, format_args!("setting mode 0660 on {shown}")))?;
+        if let Some(gid) = wanted_gid {
+            nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(|e| {
+                io_context(
+                    io::Error::from(e),
+                    format_args!("setting group {gid} on {shown}"),
+                )
+            })?;
+        }
+        let meta = std::fs::metadata(path)
+            .map_err(|e| io_context(e, format_args!("control socket {shown}")))?;
+        let gid = meta.gid();
+        let group_name = match group {
+            Some(g) if g.parse::<u32>().is_err() => g.to_owned(),
+            _ => nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+                .ok()
+                .flatten()
+                .map(|g| g.name)
+                .unwrap_or_else(|| gid.to_string()),
+        };
+        Ok(ControlSocket {
+            listener,
+            path: path.to_owned(),
+            gid,
+            group_name,
+            file_id: (meta.dev(), meta.ino()),
+        })
+    };
+    finish().inspect_err(|_| {
+        let _ = std::fs::remove_file(path);
+    })
+}
+
+/// Removes the socket file when `serve` ends, however it ends (including its
+/// future being dropped), but only if the file is still the one we bound.
+struct RemoveSocketOnDrop {
+    path: PathBuf,
+    file_id: (u64, u64),
+}
+
+impl Drop for RemoveSocketOnDrop {
+    fn drop(&mut self) {
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
+            if (meta.dev(), meta.ino()) == self.file_id {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Per-server limits; tests shorten them.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_line: usize,
+    read_timeout: Duration,
+    write_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_line: MAX_REQUEST_LINE,
+            read_timeout: REQUEST_READ_TIMEOUT,
+            write_timeout: RESPONSE_WRITE_TIMEOUT,
+        }
+    }
+}
+
+struct Server {
+    handler: Arc<dyn ControlHandler>,
+    daemon_uid: u32,
+    sock_gid: u32,
+    group_name: String,
+    path: PathBuf,
+    limits: Limits,
+}
+
+/// Accepts connections until `cancel`, each handled in its own task on
+/// `tracker`. Returns once it stops accepting (the socket file is removed
+/// then); the caller waits on `tracker` for in-flight requests.
+pub async fn serve(
+    sock: ControlSocket,
+    handler: Arc<dyn ControlHandler>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    serve_with(sock, handler, cancel, tracker, Limits::default()).await
+}
+
+async fn serve_with(
+    sock: ControlSocket,
+    handler: Arc<dyn ControlHandler>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    limits: Limits,
+) {
+    let ControlSocket {
+        listener,
+        path,
+        gid,
+        group_name,
+        file_id,
+    } = sock;
+    let _remove = RemoveSocketOnDrop {
+        path: path.clone(),
+        file_id,
+    };
+    let server = Arc::new(Server {
+        handler,
+        daemon_uid: nix::unistd::geteuid().as_raw(),
+        sock_gid: gid,
+        group_name,
+        path,
+        limits,
+    });
+    info!(socket = %server.path.display(), gid = server.sock_gid, "control socket listening");
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                tracker.spawn(handle_connection(
+                    stream,
+                    Arc::clone(&server),
+                    cancel.clone(),
+                ));
+            }
+            Err(e) => {
+                // EMFILE and friends: pause instead of spinning on the error.
+                warn!(socket = %server.path.display(), error = %e, "accepting a control connection failed");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+    debug!(socket = %server.path.display(), "control socket stopped accepting");
+}
+
+/// The access policy: root, the daemon's own user, the socket's group as
+/// primary group, or the socket's group among the supplementary groups.
+pub fn peer_allowed(
+    peer: &PeerCred,
+    daemon_uid: u32,
+    sock_gid: u32,
+    supplementary: &[u32],
+) -> bool {
+    peer.uid == 0
+        || peer.uid == daemon_uid
+        || peer.gid == sock_gid
+        || supplementary.contains(&sock_gid)
+}
+
+/// Reads the supplementary groups from a `/proc/<pid>/status` text, but only
+/// if the process still runs as `uid` (guards against the pid having been
+/// reused by another user's process since `connect`). `None` when anything is
+/// off; the caller then treats the peer as not a member.
+fn groups_from_proc_status(status: &str, uid: u32) -> Option<Vec<u32>> {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::split_whitespace)
+    };
+    let mut uids = field("Uid:")?;
+    if !uids.any(|u| u.parse::<u32>() == Ok(uid)) {
+        return None;
+    }
+    field("Groups:")?.map(|g| g.parse::<u32>().ok()).collect()
+}
+
+async fn supplementary_groups(peer: &PeerCred) -> Option<Vec<u32>> {
+    if peer.pid <= 0 {
+        return None;
+    }
+    let status = tokio::fs::read_to_string(format!("/proc/{}/status", peer.pid))
+        .await
+        .ok()?;
+    groups_from_proc_status(&status, peer.uid)
+}
+
+impl Server {
+    async fn authorize(&self, peer: &PeerCred) -> bool {
+        if peer_allowed(peer, self.daemon_uid, self.sock_gid, &[]) {
+            return true;
+        }
+        let groups = supplementary_groups(peer).await.unwrap_or_default();
+        peer_allowed(peer, self.daemon_uid, self.sock_gid, &groups)
+    }
+
+    fn refusal_message(&self, peer: &PeerCred) -> String {
+        format!(
+            "uid {} is not allowed to use the keyturn control socket {}: run as root, \
+             or add the user to group `{}` (usermod -aG {} USER) and log in again",
+            peer.uid,
+            self.path.display(),
+            self.group_name,
+            self.group_name
+        )
+    }
+
+    async fn dispatch(&self, peer: &PeerCred, line: &[u8]) -> Response {
+        let Ok(text) = std::str::from_utf8(line) else {
+            return Response::Error(ApiError::bad_request("request is not valid UTF-8"));
+        };
+        let request = match parse_request(text) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(uid = peer.uid, pid = peer.pid, error = %e, "bad control request");
+                return Response::Error(e);
+            }
+        };
+        debug!(
+            uid = peer.uid,
+            pid = peer.pid,
+            cmd = request.cmd(),
+            "control request"
+        );
+        match request {
+            Request::Ping => Response::Ok(ResponseBody::Pong {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            }),
+            Request::Status => Response::Ok(ResponseBody::Status(self.handler.status().await)),
+            Request::Rotate { selector, wait } => {
+                info!(uid = peer.uid, pid = peer.pid, selector = %selector, wait, "rotation requested");
+                self.handler
+                    .rotate(peer.actor(), selector, wait)
+                    .await
+                    .map(ResponseBody::Rotate)
+                    .into()
+            }
+        }
+    }
+}
+
+async fn write_response<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    response: &Response,
+    timeout: Duration,
+) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec(response).unwrap_or_else(|e| {
+        // Our own types always serialize; keep the connection honest anyway.
+        serde_json::to_vec(&Response::Error(ApiError::internal(format!(
+            "encoding the response failed: {e}"
+        ))))
+        .unwrap_or_default()
+    });
+    bytes.push(b'\n');
+    tokio::time::timeout(timeout, async {
+        w.write_all(&bytes).await?;
+        w.flush().await
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client did not read the response"))?
+}
+
+enum Line {
+    /// A complete line in the buffer; `true` if the client also closed its
+    /// side (a last request without a trailing newline).
+    Complete {
+        last: bool,
+    },
+    TooLong,
+    Eof,
+}
+
+/// Reads one line of at most `max` bytes (newline excluded) into `buf`,
+/// without ever buffering more than `max + 1` bytes of it.
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<Line> {
+    let n = r.take(max as u64 + 1).read_until(b'\n', buf).await?;
+    if n == 0 {
+        return Ok(Line::Eof);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+        return Ok(Line::Complete { last: false });
+    }
+    if buf.len() > max {
+        Ok(Line::TooLong)
+    } else {
+        Ok(Line::Complete { last: true })
+    }
+}
+
+async fn handle_connection(stream: UnixStream, server: Arc<Server>, cancel: CancellationToken) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => PeerCred {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid().unwrap_or(0),
+        },
+        Err(e) => {
+            warn!(error = %e, "cannot read the credentials of a control connection; closing it");
+            return;
+        }
+    };
+    let limits = server.limits;
+    let (read_half, mut write_half) = stream.into_split();
+
+    if !server.authorize(&peer).await {
+        let reason = server.refusal_message(&peer);
+        warn!(uid = peer.uid, gid = peer.gid, pid = peer.pid, socket = %server.path.display(), "refused control connection");
+        server.handler.refused(peer, reason.clone()).await;
+        let _ = write_response(
+            &mut write_half,
+            &Response::Error(ApiError::forbidden(reason)),
+            limits.write_timeout,
+        )
+        .await;
+        let _ = write_half.shutdown().await;
+        return;
+    }
+
+    let mut reader = BufReader::new(read_half);
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        buf.clear();
+        // Between requests, cancellation closes the connection; a request
+        // already read is always answered (the select is not around dispatch).
+        let read = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = tokio::time::timeout(limits.read_timeout, read_line(&mut reader, &mut buf, limits.max_line)) => r,
+        };
+        let line = match read {
+            Err(_) => {
+                let msg = format!(
+                    "no complete request line within {}; closing",
+                    humantime::format_duration(limits.read_timeout)
+                );
+                let _ = write_response(
+                    &mut write_half,
+                    &Response::Error(ApiError::bad_request(msg)),
+                    limits.write_timeout,
+                )
+                .await;
+                break;
+            }
+            Ok(Err(e)) => {
+                debug!(uid = peer.uid, error = %e, "control connection read failed");
+                break;
+            }
+            Ok(Ok(line)) => line,
+        };
+        let last = match line {
+            Line::Eof => break,
+            Line::TooLong => {
+                warn!(
+                    uid = peer.uid,
+                    pid = peer.pid,
+                    "control request longer than {} bytes; closing",
+                    limits.max_line
+                );
+                let msg = format!(
+                    "request line longer than {} bytes; closing the connection",
+                    limits.max_line
+                );
+                let _ = write_response(
+                    &mut write_half,
+                    &Response::Error(ApiError::bad_request(msg)),
+                    limits.write_timeout,
+                )
+                .await;
+                break;
+            }
+            Line::Complete { last } => last,
+        };
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            // Blank lines (e.g. a trailing `\n` from `echo`) are not requests.
+            if last {
+                break;
+            }
+            continue;
+        }
+        let response = server.dispatch(&peer, &buf).await;
+        if let Err(e) = write_response(&mut write_half, &response, limits.write_timeout).await {
+            debug!(uid = peer.uid, error = %e, "writing a control response failed");
+            break;
+        }
+        if last {
+            break;
+        }
+    }
+    let _ = write_half.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// Client
+// ---------------------------------------------------------------------------
+
+/// Why `call` could not get an answer; the text tells the operator what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "no keyturn daemon is listening on {} (is it running? is --config pointing at its config?)",
+        path.display()
+    )]
+    NotListening { path: PathBuf },
+    #[error(
+        "permission denied on {}: run as root or as a member of the socket's group",
+        path.display()
+    )]
+    PermissionDenied { path: PathBuf },
+    #[error(
+        "timed out after {}s connecting to {}: the daemon is not accepting connections",
+        CONNECT_TIMEOUT.as_secs(),
+        path.display()
+    )]
+    ConnectTimeout { path: PathBuf },
+    #[error("control socket {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("protocol error on {}: {message}", path.display())]
+    Protocol { path: PathBuf, message: String },
+}
+
+fn connect_error(path: &Path, e: io::Error) -> ClientError {
+    let path = path.to_owned();
+    match e.kind() {
+        // A missing file, or a stale socket file nobody accepts on.
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            ClientError::NotListening { path }
+        }
+        io::ErrorKind::PermissionDenied => ClientError::PermissionDenied { path },
+        _ => ClientError::Io { path, source: e },
+    }
+}
+
+/// Sends one request and returns the daemon's response (which may itself be
+/// an error, e.g. `forbidden` or `not_found`). Connecting times out after
+/// [`CONNECT_TIMEOUT`]; waiting for the answer does not, because
+/// `rotate --wait` may legitimately take long.
+pub async fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path))
+        .await
+        .map_err(|_| ClientError::ConnectTimeout {
+            path: path.to_owned(),
+        })?
+        .map_err(|e| connect_error(path, e))?;
+    let (read_half, mut write_half) = stream.into_split();
+
+    let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol {
+        path: path.to_owned(),
+        message: format!("encoding the request: {e}"),
+    })?;
+    line.push(b'\n');
+    // If the daemon refused us it answers and closes without reading, so a
+    // failed write is not the end: the answer may already be waiting.
+    let write_err = write_half.write_all(&line).await.err();
+
+    let mut reader = BufReader::new(read_half);
+    let mut answer = Vec::new();
+    let read = reader.read_until(b'\n', &mut answer).await;
+    match (read, write_err) {
+        (Ok(n), _) if n > 0 => serde_json::from_slice(&answer).map_err(|e| ClientError::Protocol {
+            path: path.to_owned(),
+            message: format!("invalid response from the daemon: {e}"),
+        }),
+        (_, Some(e)) | (Err(e), None) => Err(ClientError::Io {
+            path: path.to_owned(),
+            source: e,
+        }),
+        (Ok(_), None) => Err(ClientError::Protocol {
+            path: path.to_owned(),
+            message: "the daemon closed the connection without answering".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead as _, Write as _};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::api::protocol::{ApiErrorKind, RotateOutcome};
+    use crate::model::{AgentId, CredentialId};
+
+    #[derive(Default)]
+    struct FakeHandler {
+        refused: Mutex<Vec<(PeerCred, String)>>,
+        rotations: Mutex<Vec<(Actor, Selector, bool)>>,
+        /// How long `rotate` takes, to test draining on shutdown.
+        rotate_delay: Duration,
+    }
+
+    #[async_trait]
+    impl ControlHandler for FakeHandler {
+        async fn status(&self) -> Vec<StatusRow> {
+            vec![StatusRow {
+                agent: AgentId::new("bot").unwrap(),
+                credential: CredentialId::new("db").unwrap(),
+                vault: "local".into(),
+                version: Some(2),
+                stage: None,
+                last_rotated: None,
+                next_due: None,
+                state: "idle".into(),
+                step: None,
+                rotation: None,
+                last_error: None,
+            }]
+        }
+        async fn rotate(
+            &self,
+            actor: Actor,
+            selector: Selector,
+            wait: bool,
+        ) -> Result<Vec<RotateResult>, ApiError> {
+            self.rotations
+                .lock()
+                .unwrap()
+                .push((actor, selector.clone(), wait));
+            tokio::time::sleep(self.rotate_delay).await;
+            match selector {
+                Selector::Agent(a) if a.as_str() == "ghost" => {
+                    Err(ApiError::not_found("no agent `ghost` is configured"))
+                }
+                _ => Ok(vec![RotateResult {
+                    agent: AgentId::new("bot").unwrap(),
+                    credential: CredentialId::new("db").unwrap(),
+                    rotation: None,
+                    version: Some(3),
+                    outcome: if wait {
+                        RotateOutcome::Completed
+                    } else {
+                        RotateOutcome::Started
+                    },
+                    error: None,
+                }]),
+            }
+        }
+        async fn refused(&self, peer: PeerCred, reason: String) {
+            self.refused.lock().unwrap().push((peer, reason));
+        }
+    }
+
+    struct Running {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    impl Running {
+        async fn stop(self) {
+            self.cancel.cancel();
+            self.server.await.unwrap();
+            self.tracker.close();
+            self.tracker.wait().await;
+        }
+    }
+
+    fn start(handler: Arc<FakeHandler>, limits: Limits) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/control.sock");
+        let sock = bind(&path, None).unwrap();
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let server = tokio::spawn(serve_with(
+            sock,
+            handler,
+            cancel.clone(),
+            tracker.clone(),
+            limits,
+        ));
+        Running {
+            _dir: dir,
+            path,
+            cancel,
+            tracker,
+            server,
+        }
+    }
+
+    /// Sends raw bytes on one connection and reads one response line.
+    async fn raw_exchange(stream: &mut BufReader<UnixStream>, bytes: &[u8]) -> Response {
+        stream.get_mut().write_all(bytes).await.unwrap();
+        let mut line = String::new();
+        stream.read_line(&mut line).await.unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    fn error_kind(r: Response) -> (ApiErrorKind, String) {
+        match r {
+            Response::Error(e) => (e.kind, e.message),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn ping_status_and_rotate_through_the_client() {
+        let handler = Arc::new(FakeHandler::default());
+        let srv = start(handler.clone(), Limits::default());
+        let mode = std::fs::metadata(&srv.path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660);
+        let parent_mode = std::fs::metadata(srv.path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            parent_mode & 0o027,
+            0,
+            "parent must not be world/group-writable"
+        );
+
+        let pong = call(&srv.path, &Request::Ping).await.unwrap();
+        assert_eq!(
+            pong,
+            Response::Ok(ResponseBody::Pong {
+                version: env!("CARGO_PKG_VERSION").into()
+            })
+        );
+
+        match call(&srv.path, &Request::Status).await.unwrap() {
+            Response::Ok(ResponseBody::Status(rows)) => {
+                assert_eq!(rows.len(), 1);
+                assert_eq!(rows[0].credential.as_str(), "db");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let req = Request::Rotate {
+            selector: Selector::All,
+            wait: true,
+        };
+        match call(&srv.path, &req).await.unwrap() {
+            Response::Ok(ResponseBody::Rotate(results)) => {
+                assert_eq!(results[0].outcome, RotateOutcome::Completed);
+                assert_eq!(results[0].version, Some(3));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The handler saw who asked: this test process, by SO_PEERCRED.
+        {
+            let rotations = handler.rotations.lock().unwrap();
+            let me = nix::unistd::getpid().as_raw();
+            assert_eq!(rotations.len(), 1);
+            assert!(
+                matches!(rotations[0].0, Actor::Peer { pid, uid, .. } if pid == me && uid == nix::unistd::geteuid().as_raw()),
+                "{:?}",
+                rotations[0].0
+            );
+            assert!(rotations[0].2);
+        }
+
+        let req = Request::Rotate {
+            selector: Selector::Agent(AgentId::new("ghost").unwrap()),
+            wait: false,
+        };
+        let (kind, msg) = error_kind(call(&srv.path, &req).await.unwrap());
+        assert_eq!(kind, ApiErrorKind::NotFound);
+        assert!(msg.contains("ghost"));
+
+        let path = srv.path.clone();
+        srv.stop().await;
+        assert!(
+            !path.exists(),
+            "socket file must be removed when serve ends"
+        );
+        let err = call(&path, &Request::Ping).await.unwrap_err();
+        assert!(matches!(err, ClientError::NotListening { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains("no keyturn daemon is listening on"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_input_gets_errors_and_the_server_keeps_serving() {
+        let handler = Arc::new(FakeHandler::default());
+        let srv = start(handler, Limits::default());
+
+        // Several requests on one connection, good and bad mixed.
+        let mut conn = BufReader::new(UnixStream::connect(&srv.path).await.unwrap());
+        let (kind, msg) = error_kind(raw_exchange(&mut conn, b"{oops\n").await);
+        assert_eq!(kind, ApiErrorKind::BadRequest);
+        assert!(msg.contains("malformed JSON"), "{msg}");
+        let (kind, msg) = error_kind(raw_exchange(&mut conn, b"{\"cmd\":\"reboot\"}\n").await);
+        assert_eq!(kind, ApiErrorKind::BadRequest);
+        assert!(
+            msg.contains("valid commands: ping, status, rotate"),
+            "{msg}"
+        );
+        let (_, msg) = error_kind(raw_exchange(&mut conn, b"\xff\xfe\n").await);
+        assert!(msg.contains("UTF-8"), "{msg}");
+        // A blank line is skipped, then the ping is answered.
+        let r = raw_exchange(&mut conn, b"\n{\"cmd\":\"ping\"}\r\n").await;
+        assert!(
+            matches!(r, Response::Ok(ResponseBody::Pong { .. })),
+            "{r:?}"
+        );
+
+        // An oversized line: one error, then the connection is closed.
+        let mut big = BufReader::new(UnixStream::connect(&srv.path).await.unwrap());
+        let junk = vec![b'a'; MAX_REQUEST_LINE + 10];
+        // The server stops reading after 64 KiB + 1; the write may fail once
+        // it closes, which is fine.
+        let _ = big.get_mut().write_all(&junk).await;
+        let mut line = String::new();
+        big.read_line(&mut line).await.unwrap();
+        let (kind, msg) = error_kind(serde_json::from_str(&line).unwrap());
+        assert_eq!(kind, ApiErrorKind::BadRequest);
+        assert!(msg.contains("longer than 65536 bytes"), "{msg}");
+        let mut rest = String::new();
+        // EOF (or a reset because our unread junk was discarded): closed either way.
+        let n = big.read_line(&mut rest).await.unwrap_or(0);
+        assert_eq!(n, 0);
+
+        // A line exactly at the limit is still read (and rejected only as JSON).
+        let mut edge = BufReader::new(UnixStream::connect(&srv.path).await.unwrap());
+        let mut exact = vec![b' '; MAX_REQUEST_LINE - 1];
+        exact.push(b'x');
+        exact.push(b'\n');
+        let (_, msg) = error_kind(raw_exchange(&mut edge, &exact).await);
+        assert!(msg.contains("malformed JSON"), "{msg}");
+
+        // A last request without a newline is answered before closing.
+        let mut tail = BufReader::new(UnixStream::connect(&srv.path).await.unwrap());
+        tail.get_mut()
+            .write_all(b"{\"cmd\":\"ping\"}")
+            .await
+            .unwrap();
+        tail.get_mut().shutdown().await.unwrap();
+        let mut line = String::new();
+        tail.read_line(&mut line).await.unwrap();
+        assert!(line.contains("\"pong\""), "{line}");
+
+        // The original connection and new ones still work.
+        let r = raw_exchange(&mut conn, b"{\"cmd\":\"status\"}\n").await;
+        assert!(matches!(r, Response::Ok(ResponseBody::Status(_))), "{r:?}");
+        assert!(matches!(
+            call(&srv.path, &Request::Ping).await.unwrap(),
+            Response::Ok(_)
+        ));
+        srv.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_timed_out() {
+        let limits = Limits {
+            read_timeout: Duration::from_millis(100),
+            ..Limits::default()
+        };
+        let srv = start(Arc::new(FakeHandler::default()), limits);
+        let mut conn = BufReader::new(UnixStream::connect(&srv.path).await.unwrap());
+        conn.get_mut().write_all(b"{\"cmd\":").await.unwrap();
+        let mut line = String::new();
+        conn.read_line(&mut line).await.unwrap();
+        let (kind, msg) = error_kind(serde_json::from_str(&line).unwrap());
+        assert_eq!(kind, ApiErrorKind::BadRequest);
+        assert!(
+            msg.contains("no complete request line within 100ms"),
+            "{msg}"
+        );
+        srv.stop().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
+        let handler = Arc::new(FakeHandler {
+            rotate_delay: Duration::from_millis(300),
+            ..FakeHandler::default()
+        });
+        let srv = start(handler.clone(), Limits::default());
+        let path = srv.path.clone();
+        let req = Request::Rotate {
+            selector: Selector::All,
+            wait: true,
+        };
+        let in_flight = tokio::spawn({
+            let path = path.clone();
+            async move { call(&path, &req).await }
+        });
+        // Wait until the handler is inside `rotate`, then shut down.
+        while handler.rotations.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let idle = UnixStream::connect(&path).await.unwrap();
+        srv.stop().await;
+        let answer = in_flight.await.unwrap().unwrap();
+        assert!(
+            matches!(answer, Response::Ok(ResponseBody::Rotate(_))),
+            "{answer:?}"
+        );
+        // The idle connection was closed by the shutdown, not left hanging.
+        let mut idle = BufReader::new(idle);
+        let mut line = String::new();
+        assert_eq!(idle.read_line(&mut line).await.unwrap_or(0), 0);
+        assert!(matches!(
+            call(&path, &Request::Ping).await,
+            Err(ClientError::NotListening { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn bind_replaces_stale_sockets_and_refuses_live_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+
+        // Stale: a socket file whose listener is gone.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let live = bind(&path, None).unwrap();
+
+        let err = bind(&path, None).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert_eq!(
+            err.to_string(),
+            format!("another keyturn is running on {}", path.display())
+        );
+        drop(live);
+
+        // Not a socket: never deleted.
+        let file = dir.path().join("notes.txt");
+        std::fs::write(&file, "keep me").unwrap();
+        let err = bind(&file, None).unwrap_err();
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+    }
+
+    #[tokio::test]
+    async fn bind_sets_the_group_by_name_or_number() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: chgrp to another group needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let Some(nogroup) = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(65534))
+            .ok()
+            .flatten()
+        else {
+            eprintln!("skipping: no group 65534 on this machine");
+            return;
+        };
+        let by_name = dir.path().join("a.sock");
+        let sock = bind(&by_name, Some(&nogroup.name)).unwrap();
+        assert_eq!(sock.gid(), 65534);
+        assert_eq!(std::fs::metadata(&by_name).unwrap().gid(), 65534);
+        let by_number = dir.path().join("b.sock");
+        let sock = bind(&by_number, Some("65534")).unwrap();
+        assert_eq!(sock.group_name, nogroup.name);
+        assert_eq!(std::fs::metadata(&by_number).unwrap().gid(), 65534);
+
+        let err = bind(&dir.path().join("c.sock"), Some("no-such-group-kt")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`no-such-group-kt` does not exist"),
+            "{err}"
+        );
+        assert!(!dir.path().join("c.sock").exists());
+    }
+
+    #[test]
+    fn peer_policy() {
+        let peer = |uid, gid| PeerCred { uid, gid, pid: 42 };
+        let (daemon, sock_gid) = (990, 991);
+        // root and the daemon's own user always get in.
+        assert!(peer_allowed(&peer(0, 5), daemon, sock_gid, &[]));
+        assert!(peer_allowed(&peer(990, 5), daemon, sock_gid, &[]));
+        // The socket's group, as primary or supplementary group.
+        assert!(peer_allowed(&peer(1000, 991), daemon, sock_gid, &[]));
+        assert!(peer_allowed(
+            &peer(1000, 1000),
+            daemon,
+            sock_gid,
+            &[27, 991]
+        ));
+        // Anyone else is refused.
+        assert!(!peer_allowed(&peer(1000, 1000), daemon, sock_gid, &[]));
+        assert!(!peer_allowed(
+            &peer(1000, 1000),
+            daemon,
+            sock_gid,
+            &[27, 990]
+        ));
+        assert!(!peer_allowed(
+            &peer(65534, 65534),
+            daemon,
+            sock_gid,
+            &[65534]
+        ));
+    }
+
+    #[test]
+    fn supplementary_groups_are_read_from_proc_status() {
+        let status = "Name:\tbash\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\nGroups:\t4 27 991 \n";
+        assert_eq!(
+            groups_from_proc_status(status, 1000),
+            Some(vec![4, 27, 991])
+        );
+        // The pid now belongs to another user: not trusted.
+        assert_eq!(groups_from_proc_status(status, 1001), None);
+        // Malformed or missing lines: not a member of anything.
+        assert_eq!(
+            groups_from_proc_status("Uid:\t1000\nGroups:\tx\n", 1000),
+            None
+        );
+        assert_eq!(groups_from_proc_status("Uid:\t1000\n", 1000), None);
+        assert_eq!(groups_from_proc_status("Groups:\t1\n", 1000), None);
+        assert_eq!(
+            groups_from_proc_status("Uid:\t7\nGroups:\n", 7),
+            Some(vec![])
+        );
+        // And the real file of this very process parses.
+        let me = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(groups_from_proc_status(&me, nix::unistd::getuid().as_raw()).is_some());
+    }
+
+    #[test]
+    fn client_errors_say_what_to_do() {
+        let p = Path::new("/run/keyturn/control.sock");
+        let denied = connect_error(p, io::Error::from(io::ErrorKind::PermissionDenied));
+        assert_eq!(
+            denied.to_string(),
+            "permission denied on /run/keyturn/control.sock: run as root or as a member of the socket's group"
+        );
+        let refused = connect_error(p, io::Error::from(io::ErrorKind::ConnectionRefused));
+        assert_eq!(
+            refused.to_string(),
+            "no keyturn daemon is listening on /run/keyturn/control.sock (is it running? is --config pointing at its config?)"
+        );
+    }
+
+    const CHILD_ENV: &str = "KEYTURN_TEST_PEER_CHILD_SOCKET";
+
+    /// Runs as uid 65534 in a child process started by
+    /// `a_peer_of_another_uid_is_refused_and_audited`; does nothing otherwise.
+    #[test]
+    #[ignore = "helper process for a_peer_of_another_uid_is_refused_and_audited"]
+    fn peer_child_client() {
+        let Ok(path) = std::env::var(CHILD_ENV) else {
+            return;
+        };
+        let mut s = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        let _ = s.write_all(b"{\"cmd\":\"status\"}\n");
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(s).read_line(&mut line);
+        println!("CHILD-RESPONSE {}", line.trim_end());
+    }
+
+    #[tokio::test]
+    async fn a_peer_of_another_uid_is_refused_and_audited() {
+        use std::os::unix::process::CommandExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: needs root to start a client as uid 65534");
+            return;
+        }
+        let handler = Arc::new(FakeHandler::default());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let sock = bind(&path, Some("0")).unwrap();
+        // Let the kernel admit uid 65534 so that SO_PEERCRED is what refuses it.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let server = tokio::spawn(serve(
+            sock,
+            handler.clone(),
+            cancel.clone(),
+            tracker.clone(),
+        ));
+
+        // Run a copy of this test binary from the tempdir: the checkout may sit
+        // under a directory uid 65534 cannot enter (e.g. /root).
+        let exe = dir.path().join("child");
+        std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.current_dir(dir.path());
+        cmd.args([
+            "--exact",
+            "api::socket::tests::peer_child_client",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &path);
+        // SAFETY: only async-signal-safe syscalls run between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setgroups(&[])?;
+                nix::unistd::setgid(nix::unistd::Gid::from_raw(65534))?;
+                nix::unistd::setuid(nix::unistd::Uid::from_raw(65534))?;
+                Ok(())
+            });
+        }
+        // ETXTBSY: another test may fork while our copy's write fd is still
+        // open in its not-yet-exec'd child; that clears in a moment.
+        let out = tokio::task::spawn_blocking(move || {
+            let mut tries = 0;
+            loop {
+                match cmd.output() {
+                    Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            // libtest prints `test NAME ... ` on the same line first.
+            .find_map(|l| l.split_once("CHILD-RESPONSE ").map(|(_, r)| r))
+            .unwrap_or_else(|| {
+                panic!(
+                    "child printed no response: {stdout}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        let (kind, msg) = error_kind(serde_json::from_str(line).unwrap());
+        assert_eq!(kind, ApiErrorKind::Forbidden);
+        assert!(msg.contains("uid 65534 is not allowed"), "{msg}");
+        assert!(msg.contains("add the user to group `root`"), "{msg}");
+
+        let refused = handler.refused.lock().unwrap().clone();
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0.uid, 65534);
+        assert_eq!(refused[0].0.gid, 65534);
+        assert_eq!(refused[0].1, msg);
+        // The refused peer never reached the handler's commands.
+        assert!(handler.rotations.lock().unwrap().is_empty());
+
+        cancel.cancel();
+        server.await.unwrap();
+        tracker.close();
+        tracker.wait().await;
+    }
+}
