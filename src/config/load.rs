@@ -84,12 +84,15 @@ pub fn load_str(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         Ok(doc) => doc,
         Err(e) => {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+            // toml_edit splits its message over lines; one line reads better
+            // after `file:line:col:`.
+            let message: Vec<&str> = e.message().lines().map(str::trim).collect();
             return Err(ConfigErrors(vec![ConfigError {
                 file: file.to_path_buf(),
                 line,
                 column,
                 toml_path: String::new(),
-                message: format!("TOML syntax error: {}", e.message().trim()),
+                message: format!("TOML syntax error: {}", message.join(": ")),
             }]));
         }
     };
@@ -114,7 +117,7 @@ pub fn load_str(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         .into_iter()
         .map(|issue| to_error(file, text, &doc, issue))
         .collect();
-    errors.sort_by(|a, b| (a.line, a.column).cmp(&(b.line, b.column)));
+    errors.sort_by_key(|e| (e.line, e.column));
     errors.dedup();
     Err(ConfigErrors(errors))
 }
@@ -187,7 +190,7 @@ fn deserialize_sections(root: &Table) -> (RawConfig, Vec<Issue>) {
                         None => Default::default(),
                     };
                     raw.agents
-                        .insert(agent_name, RawAgentEntry { agent, credentials });
+                        .push((agent_name, RawAgentEntry { agent, credentials }));
                 }
             }
             other => issues.push(Issue::at_key(

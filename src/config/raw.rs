@@ -46,7 +46,9 @@ pub struct RawConfig {
     /// `None` when there is no `[tiers]` table (the built-in tiers apply).
     pub tiers: Option<BTreeMap<String, Parsed<RawTier>>>,
     pub vaults: BTreeMap<String, Parsed<RawVault>>,
-    pub agents: BTreeMap<String, RawAgentEntry>,
+    /// In file order, so that of two clashing credentials or sinks the one
+    /// further down is reported as the duplicate.
+    pub agents: Vec<(String, RawAgentEntry)>,
 }
 
 /// One `[agents.NAME]` table: its own keys and its credentials, each
@@ -54,7 +56,8 @@ pub struct RawConfig {
 #[derive(Debug, Clone)]
 pub struct RawAgentEntry {
     pub agent: Parsed<RawAgent>,
-    pub credentials: BTreeMap<String, Parsed<RawCredential>>,
+    /// In file order.
+    pub credentials: Vec<(String, Parsed<RawCredential>)>,
 }
 
 /// `[daemon]`. Every key is optional.

@@ -590,7 +590,7 @@ impl Validator<'_> {
         if a.tenant.trim().is_empty() {
             self.err(p.key("tenant"), "tenant must not be empty");
         }
-        if !scope.tier_names.iter().any(|t| *t == a.tier) {
+        if !scope.tier_names.contains(&a.tier) {
             self.err(
                 p.key("tier"),
                 format!(
@@ -687,7 +687,10 @@ impl Validator<'_> {
             (Some(cron), None) => match ScheduleSpec::parse_cron(cron) {
                 Ok(s) => Some(s),
                 Err(reason) => {
-                    self.err(p.key("schedule"), format!("bad cron schedule: {reason}"));
+                    self.err(
+                        p.key("schedule"),
+                        format!("bad cron schedule: {}", one_line(&reason)),
+                    );
                     None
                 }
             },
@@ -1041,6 +1044,19 @@ struct CrossChecks<'a> {
     vault_paths: &'a mut BTreeMap<(String, String), TomlPath>,
     sink_paths: &'a mut BTreeMap<PathBuf, TomlPath>,
     missing_roots_reported: &'a mut bool,
+}
+
+/// The `cron` crate explains with a caret under the expression over several
+/// lines; keep the first line's context and the last line's reason.
+fn one_line(reason: &str) -> String {
+    let lines: Vec<&str> = reason.lines().map(str::trim).collect();
+    match (lines.first(), lines.last()) {
+        (Some(first), Some(last)) if lines.len() > 1 => {
+            let context = first.split_once("\": ").map_or(*first, |(c, _)| c);
+            format!("{context}\": {last}")
+        }
+        _ => reason.to_owned(),
+    }
 }
 
 fn is_env_name(s: &str) -> bool {
