@@ -279,9 +279,45 @@ fn serde_issue(mut path: TomlPath, message: &str, span: Option<Range<usize>>) ->
     } else {
         message.to_owned()
     };
+    let message = plain_types(&message);
     let mut issue = Issue::at(path, message);
     issue.span = span;
     issue
+}
+
+/// serde names Rust types in "expected ..." (`struct RawTier`, `usize`);
+/// say what to write in TOML instead.
+fn plain_types(message: &str) -> String {
+    const WORDS: &[(&str, &str)] = &[
+        (
+            "internally tagged enum RawGenerator",
+            "a table with a `kind` key, e.g. { kind = \"password\" }",
+        ),
+        (
+            "internally tagged enum RawSink",
+            "a table with a `type` key, e.g. { type = \"file\", path = \"...\" }",
+        ),
+        (
+            "internally tagged enum RawTarget",
+            "a table with a `type` key, e.g. { type = \"none\" }",
+        ),
+        (
+            "internally tagged enum RawVault",
+            "a table with a `type` key, e.g. type = \"local\"",
+        ),
+        ("struct RawTier", "a table like { revocation_sla = \"1h\" }"),
+        ("struct RawRetry", "a table"),
+        ("struct RawDaemon", "a table"),
+        ("struct RawAgent", "a table"),
+        ("struct RawCredential", "a table"),
+        ("expected usize", "expected a non-negative integer"),
+        ("expected u32", "expected a non-negative integer"),
+    ];
+    let mut out = message.to_owned();
+    for (rust, toml) in WORDS {
+        out = out.replace(rust, toml);
+    }
+    out
 }
 
 fn quoted(items: &[&str]) -> String {
@@ -459,5 +495,72 @@ deliver = [{ type = \"file\", path = \"/run/kt/a/c\", colour = \"red\" }]\n";
             "{s}"
         );
         assert!(s.contains("state_dir: /var/lib/keyturn"), "{s}");
+    }
+
+    fn one_error(extra: &str) -> ConfigError {
+        let base = "[vaults.v]\ntype = \"local\"\n[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n";
+        let mut e = errors(&format!("{base}{extra}"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        e.remove(0)
+    }
+
+    #[test]
+    fn odd_shapes_are_located_errors_in_toml_words() {
+        let e = one_error("credentials = 5\n");
+        assert_eq!((e.line, e.toml_path.as_str()), (7, "agents.a.credentials"));
+        assert!(
+            e.message
+                .contains("expected a table of named entries, found integer")
+        );
+
+        let e = one_error(
+            "[agents.a.credentials.c]\nvault = \"v\"\nevery = \"1h\"\ngenerate = \"password\"\n",
+        );
+        assert_eq!((e.line, e.column), (10, 12));
+        assert!(e.message.contains("a table with a `kind` key"), "{e}");
+        assert!(!e.message.contains("Raw"), "no Rust type names: {e}");
+
+        let e = one_error(
+            "[agents.a.credentials.c]\nvault = \"v\"\nevery = \"1h\"\ngenerate = { kind = \"rsa\" }\n",
+        );
+        assert_eq!(e.toml_path, "agents.a.credentials.c.generate.kind");
+        assert!(
+            e.message
+                .starts_with("unknown value `rsa`; expected one of `password`"),
+            "{e}"
+        );
+
+        let e = one_error("[daemon]\nmax_concurrent_rotations = -1\n");
+        assert_eq!(
+            (e.line, e.toml_path.as_str()),
+            (8, "daemon.max_concurrent_rotations")
+        );
+        assert!(e.message.contains("expected a non-negative integer"), "{e}");
+
+        let e = one_error("[vaults.w]\nmax_concurrent = 1\n");
+        assert_eq!((e.line, e.toml_path.as_str()), (7, "vaults.w"));
+        assert_eq!(e.message, "missing key `type`");
+    }
+
+    #[test]
+    fn arrays_of_tables_are_located_too() {
+        let e = one_error(
+            "[daemon]\ndelivery_roots = [\"/run/kt\"]\n[agents.a.credentials.c]\nvault = \"v\"\nevery = \"1h\"\n\
+generate = { kind = \"ed25519\" }\n[[agents.a.credentials.c.deliver]]\ntype = \"file\"\npath = \"a/c\"\nextra = 1\n",
+        );
+        assert_eq!(e.toml_path, "agents.a.credentials.c.deliver[0].extra");
+        assert_eq!((e.line, e.column), (16, 1));
+    }
+
+    #[test]
+    fn a_bad_section_does_not_hide_the_others() {
+        // The vault fails to deserialize; the credential that uses it must not
+        // also be told the vault is unknown, but its own problem is reported.
+        let text = "[vaults.v]\ntype = \"local\"\nmax_concurrent = \"many\"\n\
+[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+[agents.a.credentials.c]\nvault = \"v\"\nevery = \"0s\"\ngenerate = { kind = \"ed25519\" }\n";
+        let e = errors(text);
+        let paths: Vec<&str> = e.iter().map(|e| e.toml_path.as_str()).collect();
+        assert_eq!(paths, ["vaults.v", "agents.a.credentials.c.every"], "{e:?}");
     }
 }
