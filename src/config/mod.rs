@@ -17,7 +17,7 @@ pub mod load;
 pub mod raw;
 pub mod validate;
 
-pub use load::{ConfigError, ConfigErrors, load_file, load_str};
+pub use load::{ConfigError, ConfigErrors, load_file, load_str, summary};
 
 /// Where keyturn looks for its config when neither `--config` nor
 /// `KEYTURN_CONFIG` says otherwise.

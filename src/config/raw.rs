@@ -1,1 +1,195 @@
-//! Raw serde structs (deny_unknown_fields). STUB.
+//! The config file as written: serde structs that mirror the TOML one to one.
+//!
+//! Every struct denies unknown keys, so a typo (`schedul = ...`) is an error
+//! instead of a silently ignored setting. Values that need more than a type
+//! check (durations, modes, paths, ids, cron expressions) stay strings here;
+//! [`super::validate`] turns them into typed values and reports every problem.
+//!
+//! Plug-in sections are enums tagged by `type` (`generate` is tagged by
+//! `kind`), so adding a vault, target or sink is one more variant.
+//!
+//! The file is not deserialized in one go: [`super::load`] deserializes each
+//! section (the daemon table, each tier, vault, agent and credential) on its
+//! own so that one bad section does not hide the errors in the others. The
+//! result of that is a [`RawConfig`], where a section that failed is kept as
+//! [`Parsed::Invalid`] (its error is already reported): validation then still
+//! knows the name exists and does not report a second, misleading "unknown
+//! vault" for every credential that refers to it.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+/// A section that deserialized, or one whose error was already reported.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parsed<T> {
+    Ok(T),
+    Invalid,
+}
+
+impl<T> Parsed<T> {
+    pub fn ok(&self) -> Option<&T> {
+        match self {
+            Parsed::Ok(t) => Some(t),
+            Parsed::Invalid => None,
+        }
+    }
+}
+
+/// The whole file, section by section, in the shape validation consumes.
+/// Map keys are the names as written (not yet checked against the id grammar).
+#[derive(Debug, Clone, Default)]
+pub struct RawConfig {
+    /// `None` when there is no `[daemon]` table (every key has a default).
+    pub daemon: Option<Parsed<RawDaemon>>,
+    /// `None` when there is no `[tiers]` table (the built-in tiers apply).
+    pub tiers: Option<BTreeMap<String, Parsed<RawTier>>>,
+    pub vaults: BTreeMap<String, Parsed<RawVault>>,
+    /// In file order, so that of two clashing credentials or sinks the one
+    /// further down is reported as the duplicate.
+    pub agents: Vec<(String, RawAgentEntry)>,
+}
+
+/// One `[agents.NAME]` table: its own keys and its credentials, each
+/// deserialized separately.
+#[derive(Debug, Clone)]
+pub struct RawAgentEntry {
+    pub agent: Parsed<RawAgent>,
+    /// In file order.
+    pub credentials: Vec<(String, Parsed<RawCredential>)>,
+}
+
+/// `[daemon]`. Every key is optional.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDaemon {
+    pub state_dir: Option<String>,
+    pub socket: Option<String>,
+    pub socket_group: Option<String>,
+    pub listen: Option<String>,
+    pub delivery_roots: Option<Vec<String>>,
+    pub audit_log: Option<String>,
+    pub drain_timeout: Option<String>,
+    pub max_concurrent_rotations: Option<usize>,
+    pub catch_up_spread: Option<String>,
+    pub retry: Option<RawRetry>,
+}
+
+/// `[daemon.retry]`: backoff of failed rotation steps.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub initial_delay: Option<String>,
+    pub max_delay: Option<String>,
+    pub max_attempts: Option<u32>,
+}
+
+/// `[tiers.NAME]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    pub revocation_sla: String,
+}
+
+/// `[vaults.NAME]`, selected by `type`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawVault {
+    Local {
+        dir: Option<String>,
+        key_file: Option<String>,
+        key_credential: Option<String>,
+        max_concurrent: Option<usize>,
+    },
+}
+
+/// The scalar keys of `[agents.NAME]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    pub owner: String,
+    pub tenant: String,
+    pub tier: String,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Deserialized credential by credential elsewhere; listed here so the
+    /// key is known (and named in "expected one of" messages).
+    #[serde(default)]
+    pub credentials: Option<IgnoredAny>,
+}
+
+/// `[agents.AGENT.credentials.NAME]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredential {
+    pub vault: String,
+    pub path: Option<String>,
+    pub generate: RawGenerator,
+    pub target: Option<RawTarget>,
+    pub schedule: Option<String>,
+    pub every: Option<String>,
+    pub jitter: Option<String>,
+    pub grace: Option<String>,
+    pub deliver: Option<Vec<RawSink>>,
+}
+
+/// `generate = { kind = ... }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawGenerator {
+    Password {
+        length: Option<usize>,
+        lowercase: Option<bool>,
+        uppercase: Option<bool>,
+        digits: Option<bool>,
+        symbols: Option<bool>,
+    },
+    RandomBytes {
+        length: Option<usize>,
+        encoding: Option<RawEncoding>,
+    },
+    ApiKey {
+        prefix: Option<String>,
+        length: Option<usize>,
+    },
+    Ed25519 {},
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawEncoding {
+    Hex,
+    #[serde(rename = "base64url")]
+    Base64Url,
+}
+
+/// `target = { type = ... }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawTarget {
+    None {},
+}
+
+/// One entry of `deliver = [...]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawSink {
+    File {
+        path: String,
+        format: Option<RawFormat>,
+        mode: Option<String>,
+        env_name: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawFormat {
+    Raw,
+    Json,
+    Env,
+}
+
+/// The keys allowed at the top of the file (for "unknown key" messages).
+pub const TOP_LEVEL_KEYS: &[&str] = &["daemon", "tiers", "vaults", "agents"];

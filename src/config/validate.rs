@@ -1,1 +1,1131 @@
-//! Pure validation. STUB.
+//! Pure validation: [`RawConfig`] → [`Config`], or every problem found.
+//!
+//! Nothing here touches the file system or the environment; the caller hands
+//! in the (absolute) directory relative paths resolve against. Each problem is
+//! an [`Issue`] naming a TOML path; [`super::load`] turns the path into a
+//! line and column by walking the parsed document, so this module never deals
+//! with spans.
+//!
+//! Validation keeps going after a problem: an operator fixing a config wants
+//! the whole list at once, not one error per `keyturn check` run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use super::raw::{
+    Parsed, RawAgent, RawCredential, RawDaemon, RawEncoding, RawFormat, RawGenerator, RawSink,
+    RawTarget, RawVault,
+};
+use super::{
+    AgentConfig, ByteEncoding, Config, CredentialConfig, DaemonConfig, FileFormat, FileSinkConfig,
+    GeneratorConfig, RetryConfig, SinkConfig, TargetConfig, TierConfig, VaultConfig, VaultKind,
+    resolve_relative,
+};
+use crate::model::{AgentId, CredentialId, CredentialKey, MAX_ID_LEN, validate_id};
+use crate::schedule::ScheduleSpec;
+
+use super::raw::RawConfig;
+
+/// One step of a TOML path.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+/// A dotted TOML path such as `agents.invoice-bot.credentials.db.deliver[0].path`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TomlPath(pub Vec<Seg>);
+
+impl TomlPath {
+    pub fn root() -> Self {
+        Self::default()
+    }
+    pub fn key(&self, k: impl Into<String>) -> Self {
+        let mut p = self.clone();
+        p.0.push(Seg::Key(k.into()));
+        p
+    }
+    pub fn index(&self, i: usize) -> Self {
+        let mut p = self.clone();
+        p.0.push(Seg::Index(i));
+        p
+    }
+    pub fn segments(&self) -> &[Seg] {
+        &self.0
+    }
+}
+
+impl fmt::Display for TomlPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                Seg::Key(k) => {
+                    if i > 0 {
+                        f.write_str(".")?;
+                    }
+                    let bare = !k.is_empty()
+                        && k.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                    if bare {
+                        f.write_str(k)?;
+                    } else {
+                        write!(f, "{k:?}")?;
+                    }
+                }
+                Seg::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which part of a `key = value` pair an issue points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anchor {
+    /// The key (unknown keys, bad names, a missing key inside a table).
+    Key,
+    /// The value (a bad duration, an unknown reference, ...).
+    Value,
+}
+
+/// One problem, located by TOML path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    pub path: TomlPath,
+    pub anchor: Anchor,
+    pub message: String,
+    /// Another place involved (the first definition of a duplicate).
+    pub related: Option<TomlPath>,
+    /// A byte range in the source, when the reporter knows one better than
+    /// the path does (deserialization errors); validation leaves it `None`.
+    pub span: Option<Range<usize>>,
+}
+
+impl Issue {
+    pub fn at(path: TomlPath, message: impl Into<String>) -> Self {
+        Self {
+            path,
+            anchor: Anchor::Value,
+            message: message.into(),
+            related: None,
+            span: None,
+        }
+    }
+    pub fn at_key(path: TomlPath, message: impl Into<String>) -> Self {
+        Self {
+            anchor: Anchor::Key,
+            ..Self::at(path, message)
+        }
+    }
+}
+
+/// What validation needs from outside the document.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The config file (absolute), recorded in [`Config::source`].
+    pub source: PathBuf,
+}
+
+impl Context {
+    /// Relative paths in the file resolve against the file's directory, and
+    /// are normalised lexically so that delivery-root checks compare like
+    /// with like.
+    fn resolve(&self, p: &str) -> PathBuf {
+        normalize(&resolve_relative(&self.source, Path::new(p)))
+    }
+}
+
+/// Built-in tiers, used when the file has no `[tiers]` table.
+pub const DEFAULT_TIERS: &[(&str, Duration)] = &[
+    ("critical", Duration::from_secs(15 * 60)),
+    ("high", Duration::from_secs(3600)),
+    ("medium", Duration::from_secs(4 * 3600)),
+    ("low", Duration::from_secs(24 * 3600)),
+];
+
+pub const DEFAULT_SOCKET: &str = "/run/keyturn/control.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/keyturn";
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_CONCURRENT_ROTATIONS: usize = 64;
+const DEFAULT_CATCH_UP_SPREAD: Duration = Duration::from_secs(300);
+const DEFAULT_VAULT_MAX_CONCURRENT: usize = 16;
+const DEFAULT_GRACE: Duration = Duration::from_secs(15 * 60);
+const DEFAULT_FILE_MODE: u32 = 0o400;
+/// Files hold secrets: owner read/write, group read at most.
+const MAX_FILE_MODE: u32 = 0o640;
+const MIN_PASSWORD_LEN: usize = 8;
+const MAX_GENERATED_LEN: usize = 4096;
+const MIN_RANDOM_LEN: usize = 16;
+
+/// Whether a duration may be zero.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Zero {
+    Allowed,
+    Rejected,
+}
+
+/// Validates a whole config. Returns the typed config only when there is no
+/// issue at all.
+pub fn validate(raw: &RawConfig, ctx: &Context) -> Result<Config, Vec<Issue>> {
+    let mut v = Validator {
+        ctx,
+        issues: Vec::new(),
+    };
+    let config = v.config(raw);
+    if v.issues.is_empty() {
+        Ok(config)
+    } else {
+        Err(v.issues)
+    }
+}
+
+struct Validator<'a> {
+    ctx: &'a Context,
+    issues: Vec<Issue>,
+}
+
+/// What credential validation needs to know about the rest of the file.
+struct Scope<'a> {
+    vault_names: Vec<&'a str>,
+    tier_names: Vec<String>,
+    /// `None` when `[daemon]` failed to deserialize: root checks are skipped
+    /// rather than reporting every sink against roots we do not know.
+    delivery_roots: Option<Vec<PathBuf>>,
+}
+
+impl Validator<'_> {
+    fn err(&mut self, path: TomlPath, message: impl Into<String>) {
+        self.issues.push(Issue::at(path, message));
+    }
+
+    fn err_key(&mut self, path: TomlPath, message: impl Into<String>) {
+        self.issues.push(Issue::at_key(path, message));
+    }
+
+    fn config(&mut self, raw: &RawConfig) -> Config {
+        let daemon_path = TomlPath::root().key("daemon");
+        let (raw_daemon, daemon_ok) = match &raw.daemon {
+            None => (RawDaemon::default(), true),
+            Some(Parsed::Ok(d)) => (d.clone(), true),
+            Some(Parsed::Invalid) => (RawDaemon::default(), false),
+        };
+        let daemon = self.daemon(&daemon_path, &raw_daemon);
+
+        let tiers = self.tiers(raw);
+        let vaults = self.vaults(raw, &daemon.state_dir);
+
+        let scope = Scope {
+            vault_names: raw.vaults.keys().map(String::as_str).collect(),
+            tier_names: match &raw.tiers {
+                Some(t) => t.keys().cloned().collect(),
+                None => DEFAULT_TIERS.iter().map(|(n, _)| n.to_string()).collect(),
+            },
+            delivery_roots: daemon_ok.then(|| daemon.delivery_roots.clone()),
+        };
+
+        let mut agents = BTreeMap::new();
+        // Cross-credential uniqueness: first place each was seen.
+        let mut vault_paths: BTreeMap<(String, String), TomlPath> = BTreeMap::new();
+        let mut sink_paths: BTreeMap<PathBuf, TomlPath> = BTreeMap::new();
+        let mut missing_roots_reported = false;
+
+        for (agent_name, entry) in &raw.agents {
+            let agent_path = TomlPath::root().key("agents").key(agent_name);
+            let agent_id = self
+                .id(&agent_path, "agent", agent_name)
+                .then(|| AgentId::new(agent_name.as_str()).ok())
+                .flatten();
+            let raw_agent = entry.agent.ok();
+            if let Some(a) = raw_agent {
+                self.agent_fields(&agent_path, a, &scope);
+            }
+            let mut credentials = BTreeMap::new();
+            for (cred_name, raw_cred) in &entry.credentials {
+                let cred_path = agent_path.key("credentials").key(cred_name);
+                let cred_id = self
+                    .id(&cred_path, "credential", cred_name)
+                    .then(|| CredentialId::new(cred_name.as_str()).ok())
+                    .flatten();
+                let Parsed::Ok(raw_cred) = raw_cred else {
+                    continue;
+                };
+                let key = agent_id
+                    .clone()
+                    .zip(cred_id)
+                    .map(|(a, c)| CredentialKey::new(a, c));
+                let cred = self.credential(
+                    &cred_path,
+                    key,
+                    agent_name,
+                    cred_name,
+                    raw_cred,
+                    raw_agent,
+                    &scope,
+                    &mut CrossChecks {
+                        vault_paths: &mut vault_paths,
+                        sink_paths: &mut sink_paths,
+                        missing_roots_reported: &mut missing_roots_reported,
+                    },
+                );
+                if let Some(cred) = cred {
+                    credentials.insert(cred.key.credential.clone(), cred);
+                }
+            }
+            if let (Some(id), Some(a)) = (agent_id, raw_agent) {
+                agents.insert(
+                    id.clone(),
+                    AgentConfig {
+                        id,
+                        owner: a.owner.trim().to_owned(),
+                        tenant: a.tenant.trim().to_owned(),
+                        tier: a.tier.clone(),
+                        uid: a.uid,
+                        gid: a.gid,
+                        credentials,
+                    },
+                );
+            }
+        }
+
+        Config {
+            source: self.ctx.source.clone(),
+            daemon,
+            tiers,
+            vaults,
+            agents,
+        }
+    }
+
+    /// Checks a name against the id grammar; the key is what is wrong, so
+    /// the issue points at it.
+    fn id(&mut self, path: &TomlPath, what: &str, name: &str) -> bool {
+        match validate_id(name) {
+            Ok(()) => true,
+            Err(e) => {
+                self.err_key(
+                    path.clone(),
+                    format!(
+                        "invalid {what} name `{name}`: {e}; names match [a-z0-9][a-z0-9_-]* and are at most {MAX_ID_LEN} characters"
+                    ),
+                );
+                false
+            }
+        }
+    }
+
+    fn duration(&mut self, path: TomlPath, text: &str, zero: Zero) -> Option<Duration> {
+        let t = text.trim();
+        if t.starts_with('-') {
+            self.err(
+                path,
+                format!("negative duration `{text}`: durations must be positive"),
+            );
+            return None;
+        }
+        match humantime::parse_duration(t) {
+            Ok(d) if d.is_zero() && zero == Zero::Rejected => {
+                self.err(
+                    path,
+                    format!("duration `{text}` is zero: it must be greater than zero"),
+                );
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.err(
+                    path,
+                    format!("invalid duration `{text}`: {e} (write e.g. \"30s\", \"15m\", \"6h\")"),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration_or(
+        &mut self,
+        path: TomlPath,
+        text: Option<&String>,
+        default: Duration,
+        zero: Zero,
+    ) -> Duration {
+        match text {
+            Some(t) => self.duration(path, t, zero).unwrap_or(default),
+            None => default,
+        }
+    }
+
+    /// A path setting: non-empty, resolved against the config file's directory.
+    fn path_setting(&mut self, path: TomlPath, text: &str) -> PathBuf {
+        if text.trim().is_empty() {
+            self.err(path, "path must not be empty");
+        }
+        self.ctx.resolve(text)
+    }
+
+    fn daemon(&mut self, p: &TomlPath, d: &RawDaemon) -> DaemonConfig {
+        let state_dir = match &d.state_dir {
+            Some(s) => self.path_setting(p.key("state_dir"), s),
+            None => PathBuf::from(DEFAULT_STATE_DIR),
+        };
+        let socket = match &d.socket {
+            Some(s) => self.path_setting(p.key("socket"), s),
+            None => PathBuf::from(DEFAULT_SOCKET),
+        };
+        if let Some(g) = &d.socket_group {
+            if g.trim().is_empty() {
+                self.err(p.key("socket_group"), "socket_group must not be empty");
+            }
+        }
+        let listen = d
+            .listen
+            .as_ref()
+            .and_then(|l| match l.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    self.err(
+                        p.key("listen"),
+                        format!(
+                            "invalid listen address `{l}`: {e} (write e.g. \"127.0.0.1:9464\")"
+                        ),
+                    );
+                    None
+                }
+            });
+        let delivery_roots = d
+            .delivery_roots
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, r)| self.path_setting(p.key("delivery_roots").index(i), r))
+            .collect();
+        let audit_log = match &d.audit_log {
+            Some(s) => self.path_setting(p.key("audit_log"), s),
+            None => state_dir.join("audit.log"),
+        };
+        let drain_timeout = self.duration_or(
+            p.key("drain_timeout"),
+            d.drain_timeout.as_ref(),
+            DEFAULT_DRAIN_TIMEOUT,
+            Zero::Rejected,
+        );
+        let max_concurrent_rotations = d
+            .max_concurrent_rotations
+            .unwrap_or(DEFAULT_MAX_CONCURRENT_ROTATIONS);
+        if max_concurrent_rotations == 0 {
+            self.err(
+                p.key("max_concurrent_rotations"),
+                "max_concurrent_rotations must be at least 1",
+            );
+        }
+        let catch_up_spread = self.duration_or(
+            p.key("catch_up_spread"),
+            d.catch_up_spread.as_ref(),
+            DEFAULT_CATCH_UP_SPREAD,
+            Zero::Allowed,
+        );
+        let retry = self.retry(&p.key("retry"), d);
+        DaemonConfig {
+            state_dir,
+            socket,
+            socket_group: d.socket_group.clone(),
+            listen,
+            delivery_roots,
+            audit_log,
+            drain_timeout,
+            max_concurrent_rotations,
+            catch_up_spread,
+            retry,
+        }
+    }
+
+    fn retry(&mut self, p: &TomlPath, d: &RawDaemon) -> RetryConfig {
+        let default = RetryConfig::default();
+        let Some(r) = &d.retry else {
+            return default;
+        };
+        let initial_delay = self.duration_or(
+            p.key("initial_delay"),
+            r.initial_delay.as_ref(),
+            default.initial_delay,
+            Zero::Rejected,
+        );
+        let max_delay = self.duration_or(
+            p.key("max_delay"),
+            r.max_delay.as_ref(),
+            default.max_delay,
+            Zero::Rejected,
+        );
+        if initial_delay > max_delay {
+            self.err(
+                p.key(if r.max_delay.is_some() {
+                    "max_delay"
+                } else {
+                    "initial_delay"
+                }),
+                format!(
+                    "initial_delay ({}) is longer than max_delay ({})",
+                    humantime::format_duration(initial_delay),
+                    humantime::format_duration(max_delay)
+                ),
+            );
+        }
+        let max_attempts = r.max_attempts.unwrap_or(default.max_attempts);
+        if max_attempts == 0 {
+            self.err(p.key("max_attempts"), "max_attempts must be at least 1");
+        }
+        RetryConfig {
+            initial_delay,
+            max_delay,
+            max_attempts,
+        }
+    }
+
+    fn tiers(&mut self, raw: &RawConfig) -> BTreeMap<String, TierConfig> {
+        let Some(tiers) = &raw.tiers else {
+            return DEFAULT_TIERS
+                .iter()
+                .map(|(name, sla)| {
+                    let name = name.to_string();
+                    let t = TierConfig {
+                        name: name.clone(),
+                        revocation_sla: *sla,
+                    };
+                    (name, t)
+                })
+                .collect();
+        };
+        let mut out = BTreeMap::new();
+        for (name, tier) in tiers {
+            let p = TomlPath::root().key("tiers").key(name);
+            let id_ok = self.id(&p, "tier", name);
+            let Parsed::Ok(tier) = tier else { continue };
+            let sla = self.duration(
+                p.key("revocation_sla"),
+                &tier.revocation_sla,
+                Zero::Rejected,
+            );
+            if let (true, Some(revocation_sla)) = (id_ok, sla) {
+                out.insert(
+                    name.clone(),
+                    TierConfig {
+                        name: name.clone(),
+                        revocation_sla,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    fn vaults(&mut self, raw: &RawConfig, state_dir: &Path) -> BTreeMap<String, VaultConfig> {
+        let mut out = BTreeMap::new();
+        for (name, vault) in &raw.vaults {
+            let p = TomlPath::root().key("vaults").key(name);
+            let id_ok = self.id(&p, "vault", name);
+            let Parsed::Ok(vault) = vault else { continue };
+            let RawVault::Local {
+                dir,
+                key_file,
+                key_credential,
+                max_concurrent,
+            } = vault;
+            let dir = match dir {
+                Some(d) => self.path_setting(p.key("dir"), d),
+                None => state_dir.join("vaults").join(name),
+            };
+            let key_file = match key_file {
+                Some(k) => self.path_setting(p.key("key_file"), k),
+                None => state_dir.join(format!("{name}-vault.key")),
+            };
+            let key_credential = key_credential
+                .clone()
+                .unwrap_or_else(|| format!("keyturn-{name}-vault-key"));
+            // systemd credential names are file names in $CREDENTIALS_DIRECTORY.
+            if key_credential.is_empty()
+                || key_credential.contains('/')
+                || key_credential == "."
+                || key_credential == ".."
+            {
+                self.err(
+                    p.key("key_credential"),
+                    format!(
+                        "invalid key_credential `{key_credential}`: it names a file in $CREDENTIALS_DIRECTORY, so it must be non-empty and contain no '/'"
+                    ),
+                );
+            }
+            let max_concurrent = max_concurrent.unwrap_or(DEFAULT_VAULT_MAX_CONCURRENT);
+            if max_concurrent == 0 {
+                self.err(p.key("max_concurrent"), "max_concurrent must be at least 1");
+            }
+            if id_ok {
+                out.insert(
+                    name.clone(),
+                    VaultConfig {
+                        name: name.clone(),
+                        max_concurrent,
+                        kind: VaultKind::Local {
+                            dir,
+                            key_file,
+                            key_credential,
+                        },
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    fn agent_fields(&mut self, p: &TomlPath, a: &RawAgent, scope: &Scope<'_>) {
+        if a.owner.trim().is_empty() {
+            self.err(
+                p.key("owner"),
+                "owner must not be empty: every agent needs an accountable human",
+            );
+        }
+        if a.tenant.trim().is_empty() {
+            self.err(p.key("tenant"), "tenant must not be empty");
+        }
+        if !scope.tier_names.contains(&a.tier) {
+            self.err(
+                p.key("tier"),
+                format!(
+                    "unknown tier `{}`; defined tiers: {}",
+                    a.tier,
+                    list(scope.tier_names.iter().map(String::as_str))
+                ),
+            );
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn credential(
+        &mut self,
+        p: &TomlPath,
+        key: Option<CredentialKey>,
+        agent_name: &str,
+        cred_name: &str,
+        c: &RawCredential,
+        agent: Option<&RawAgent>,
+        scope: &Scope<'_>,
+        cross: &mut CrossChecks<'_>,
+    ) -> Option<CredentialConfig> {
+        let before = self.issues.len();
+
+        if !scope.vault_names.contains(&c.vault.as_str()) {
+            let defined = if scope.vault_names.is_empty() {
+                "no vaults are defined (add a [vaults.NAME] table)".to_owned()
+            } else {
+                format!(
+                    "defined vaults: {}",
+                    list(scope.vault_names.iter().copied())
+                )
+            };
+            self.err(
+                p.key("vault"),
+                format!("unknown vault `{}`; {defined}", c.vault),
+            );
+        }
+
+        let vault_path = match &c.path {
+            Some(s) => {
+                self.vault_path(p.key("path"), s);
+                s.clone()
+            }
+            None => format!("agents/{agent_name}/{cred_name}"),
+        };
+        let here = if c.path.is_some() {
+            p.key("path")
+        } else {
+            p.clone()
+        };
+        match cross
+            .vault_paths
+            .entry((c.vault.clone(), vault_path.clone()))
+        {
+            std::collections::btree_map::Entry::Occupied(first) => {
+                let mut issue = Issue::at(
+                    here,
+                    format!(
+                        "duplicate vault path: `{vault_path}` in vault `{}` is also used by `{}`",
+                        c.vault,
+                        first.get()
+                    ),
+                );
+                issue.related = Some(first.get().clone());
+                self.issues.push(issue);
+            }
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(here);
+            }
+        }
+
+        let generate = self.generator(&p.key("generate"), &c.generate);
+        let target = match &c.target {
+            None | Some(RawTarget::None {}) => TargetConfig::None,
+        };
+
+        let schedule = match (&c.schedule, &c.every) {
+            (Some(_), Some(_)) => {
+                self.err(
+                    p.key("every"),
+                    "both `schedule` and `every` are set; use exactly one of them",
+                );
+                None
+            }
+            (None, None) => {
+                self.err_key(
+                    p.clone(),
+                    "neither `schedule` nor `every` is set; use exactly one of them (e.g. schedule = \"0 */6 * * *\" or every = \"6h\")",
+                );
+                None
+            }
+            (Some(cron), None) => match ScheduleSpec::parse_cron(cron) {
+                Ok(s) => Some(s),
+                Err(reason) => {
+                    self.err(
+                        p.key("schedule"),
+                        format!("bad cron schedule: {}", one_line(&reason)),
+                    );
+                    None
+                }
+            },
+            (None, Some(every)) => self
+                .duration(p.key("every"), every, Zero::Rejected)
+                .map(ScheduleSpec::Every),
+        };
+        let jitter = self.duration_or(
+            p.key("jitter"),
+            c.jitter.as_ref(),
+            Duration::ZERO,
+            Zero::Allowed,
+        );
+        if let Some(period) = schedule.as_ref().and_then(ScheduleSpec::min_period) {
+            if !jitter.is_zero() && jitter >= period {
+                self.err(
+                    p.key("jitter"),
+                    format!(
+                        "jitter ({}) must be shorter than the schedule's shortest period ({})",
+                        humantime::format_duration(jitter),
+                        humantime::format_duration(period)
+                    ),
+                );
+            }
+        }
+        let grace = self.duration_or(
+            p.key("grace"),
+            c.grace.as_ref(),
+            DEFAULT_GRACE,
+            Zero::Allowed,
+        );
+
+        let mut deliver = Vec::new();
+        for (i, sink) in c.deliver.iter().flatten().enumerate() {
+            let sp = p.key("deliver").index(i);
+            if let Some(s) = self.sink(&sp, cred_name, sink, agent, scope, cross) {
+                deliver.push(s);
+            }
+        }
+
+        if self.issues.len() != before {
+            return None;
+        }
+        Some(CredentialConfig {
+            key: key?,
+            vault: c.vault.clone(),
+            path: vault_path,
+            generate: generate?,
+            target,
+            schedule: schedule?,
+            jitter,
+            grace,
+            deliver,
+        })
+    }
+
+    /// A path inside a vault: relative, `/`-separated, no `.`/`..`/empty parts.
+    fn vault_path(&mut self, p: TomlPath, s: &str) {
+        let problem = if s.is_empty() {
+            Some("it is empty")
+        } else if s.starts_with('/') {
+            Some("it is absolute")
+        } else if s.split('/').any(|seg| seg == "..") {
+            Some("it contains `..`")
+        } else if s.split('/').any(|seg| seg == ".") {
+            Some("it contains `.`")
+        } else if s.split('/').any(str::is_empty) {
+            Some("it has an empty segment (`//` or a trailing `/`)")
+        } else {
+            None
+        };
+        if let Some(why) = problem {
+            self.err(
+                p,
+                format!(
+                    "invalid vault path `{s}`: {why}; a vault path is relative and `/`-separated, e.g. \"agents/invoice-bot/db\""
+                ),
+            );
+        }
+    }
+
+    fn generator(&mut self, p: &TomlPath, g: &RawGenerator) -> Option<GeneratorConfig> {
+        let before = self.issues.len();
+        let out = match g {
+            RawGenerator::Password {
+                length,
+                lowercase,
+                uppercase,
+                digits,
+                symbols,
+            } => {
+                let length = length.unwrap_or(32);
+                if !(MIN_PASSWORD_LEN..=MAX_GENERATED_LEN).contains(&length) {
+                    self.err(
+                        p.key("length"),
+                        format!(
+                            "password length {length} is out of range: it must be between {MIN_PASSWORD_LEN} and {MAX_GENERATED_LEN}"
+                        ),
+                    );
+                }
+                let (lowercase, uppercase, digits, symbols) = (
+                    lowercase.unwrap_or(true),
+                    uppercase.unwrap_or(true),
+                    digits.unwrap_or(true),
+                    symbols.unwrap_or(false),
+                );
+                if !(lowercase || uppercase || digits || symbols) {
+                    self.err(
+                        p.clone(),
+                        "password has no character class enabled: enable at least one of lowercase, uppercase, digits, symbols",
+                    );
+                }
+                GeneratorConfig::Password {
+                    length,
+                    lowercase,
+                    uppercase,
+                    digits,
+                    symbols,
+                }
+            }
+            RawGenerator::RandomBytes { length, encoding } => {
+                let length = length.unwrap_or(32);
+                if !(MIN_RANDOM_LEN..=MAX_GENERATED_LEN).contains(&length) {
+                    self.err(
+                        p.key("length"),
+                        format!(
+                            "random_bytes length {length} is out of range: it must be between {MIN_RANDOM_LEN} and {MAX_GENERATED_LEN} bytes"
+                        ),
+                    );
+                }
+                GeneratorConfig::RandomBytes {
+                    length,
+                    encoding: match encoding.unwrap_or(RawEncoding::Hex) {
+                        RawEncoding::Hex => ByteEncoding::Hex,
+                        RawEncoding::Base64Url => ByteEncoding::Base64Url,
+                    },
+                }
+            }
+            RawGenerator::ApiKey { prefix, length } => {
+                let length = length.unwrap_or(32);
+                if !(MIN_RANDOM_LEN..=MAX_GENERATED_LEN).contains(&length) {
+                    self.err(
+                        p.key("length"),
+                        format!(
+                            "api_key length {length} is out of range: it must be between {MIN_RANDOM_LEN} and {MAX_GENERATED_LEN} characters"
+                        ),
+                    );
+                }
+                let prefix = prefix.clone().unwrap_or_default();
+                // The key ends up in env files and HTTP headers: keep the
+                // prefix to characters that need no quoting anywhere.
+                if !prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+                {
+                    self.err(
+                        p.key("prefix"),
+                        format!(
+                            "invalid api_key prefix `{prefix}`: use only letters, digits, '_', '-' and '.'"
+                        ),
+                    );
+                }
+                GeneratorConfig::ApiKey { prefix, length }
+            }
+            RawGenerator::Ed25519 {} => GeneratorConfig::Ed25519,
+        };
+        (self.issues.len() == before).then_some(out)
+    }
+
+    fn sink(
+        &mut self,
+        p: &TomlPath,
+        cred_name: &str,
+        sink: &RawSink,
+        agent: Option<&RawAgent>,
+        scope: &Scope<'_>,
+        cross: &mut CrossChecks<'_>,
+    ) -> Option<SinkConfig> {
+        let before = self.issues.len();
+        let RawSink::File {
+            path,
+            format,
+            mode,
+            env_name,
+        } = sink;
+
+        let resolved = self.delivery_path(&p.key("path"), path, scope, cross);
+
+        let mode = match mode {
+            None => DEFAULT_FILE_MODE,
+            Some(m) => self
+                .file_mode(p.key("mode"), m)
+                .unwrap_or(DEFAULT_FILE_MODE),
+        };
+
+        let format = match format.unwrap_or(RawFormat::Raw) {
+            RawFormat::Raw => FileFormat::Raw,
+            RawFormat::Json => FileFormat::Json,
+            RawFormat::Env => FileFormat::Env,
+        };
+        let env_name = match env_name {
+            Some(n) => {
+                if !is_env_name(n) {
+                    self.err(
+                        p.key("env_name"),
+                        format!("invalid env_name `{n}`: it must match [A-Z_][A-Z0-9_]*"),
+                    );
+                }
+                n.clone()
+            }
+            None => {
+                let derived = cred_name.to_ascii_uppercase().replace('-', "_");
+                // Only an env file uses the name, so a credential id that
+                // makes a bad variable name matters only there.
+                if format == FileFormat::Env && !is_env_name(&derived) {
+                    self.err(
+                        p.key("format"),
+                        format!(
+                            "the variable name derived from credential `{cred_name}` is `{derived}`, which does not match [A-Z_][A-Z0-9_]*; set env_name"
+                        ),
+                    );
+                }
+                derived
+            }
+        };
+
+        if self.issues.len() != before {
+            return None;
+        }
+        Some(SinkConfig::File(FileSinkConfig {
+            path: resolved?,
+            format,
+            mode,
+            uid: agent.and_then(|a| a.uid),
+            gid: agent.and_then(|a| a.gid),
+            env_name,
+        }))
+    }
+
+    /// A file sink's path: absolute, or relative to the single delivery root;
+    /// never `..`; inside a delivery root; used by one sink only.
+    fn delivery_path(
+        &mut self,
+        p: &TomlPath,
+        text: &str,
+        scope: &Scope<'_>,
+        cross: &mut CrossChecks<'_>,
+    ) -> Option<PathBuf> {
+        let roots = scope.delivery_roots.as_ref()?;
+        if roots.is_empty() {
+            if !*cross.missing_roots_reported {
+                *cross.missing_roots_reported = true;
+                self.err(
+                    p.clone(),
+                    "file sinks need `daemon.delivery_roots`: set it to the directories keyturn may write secrets under",
+                );
+            }
+            return None;
+        }
+        let written = Path::new(text);
+        if text.trim().is_empty() {
+            self.err(p.clone(), "delivery path must not be empty");
+            return None;
+        }
+        // `..` is refused outright rather than normalised away: with symlinks
+        // in play, `a/../b` need not be where it looks.
+        if written.components().any(|c| c == Component::ParentDir) {
+            self.err(
+                p.clone(),
+                format!("delivery path `{text}` contains `..`; write the path without it"),
+            );
+            return None;
+        }
+        let resolved = if written.is_absolute() {
+            normalize(written)
+        } else if roots.len() == 1 {
+            normalize(&roots[0].join(written))
+        } else {
+            self.err(
+                p.clone(),
+                format!(
+                    "delivery path `{text}` is relative, which is only allowed with exactly one delivery root; there are {} ({}), so write an absolute path",
+                    roots.len(),
+                    list(roots.iter().map(|r| r.display().to_string()))
+                ),
+            );
+            return None;
+        };
+        if !roots
+            .iter()
+            .any(|r| resolved.starts_with(r) && resolved != *r)
+        {
+            self.err(
+                p.clone(),
+                format!(
+                    "delivery path `{}` is outside every delivery root ({})",
+                    resolved.display(),
+                    list(roots.iter().map(|r| r.display().to_string()))
+                ),
+            );
+            return None;
+        }
+        match cross.sink_paths.entry(resolved.clone()) {
+            std::collections::btree_map::Entry::Occupied(first) => {
+                let mut issue = Issue::at(
+                    p.clone(),
+                    format!(
+                        "duplicate delivery path `{}`: also written by `{}`",
+                        resolved.display(),
+                        first.get()
+                    ),
+                );
+                issue.related = Some(first.get().clone());
+                self.issues.push(issue);
+                None
+            }
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(p.clone());
+                Some(resolved)
+            }
+        }
+    }
+
+    fn file_mode(&mut self, p: TomlPath, m: &str) -> Option<u32> {
+        let parsed =
+            (!m.is_empty() && m.len() <= 4 && m.bytes().all(|b| (b'0'..=b'7').contains(&b)))
+                .then(|| u32::from_str_radix(m, 8).ok())
+                .flatten();
+        let Some(mode) = parsed else {
+            self.err(
+                p,
+                format!("invalid file mode `{m}`: write octal digits as a string, e.g. \"0440\""),
+            );
+            return None;
+        };
+        if mode & !MAX_FILE_MODE != 0 {
+            self.err(
+                p,
+                format!(
+                    "file mode {mode:04o} is wider than 0640: secrets may be readable by owner and group only, never by others or executable"
+                ),
+            );
+            return None;
+        }
+        Some(mode)
+    }
+}
+
+/// Uniqueness maps shared by every credential.
+struct CrossChecks<'a> {
+    vault_paths: &'a mut BTreeMap<(String, String), TomlPath>,
+    sink_paths: &'a mut BTreeMap<PathBuf, TomlPath>,
+    missing_roots_reported: &'a mut bool,
+}
+
+/// The `cron` crate explains with a caret under the expression over several
+/// lines; keep the first line's context and the last line's reason.
+fn one_line(reason: &str) -> String {
+    let lines: Vec<&str> = reason.lines().map(str::trim).collect();
+    match (lines.first(), lines.last()) {
+        (Some(first), Some(last)) if lines.len() > 1 => {
+            let context = first.split_once("\": ").map_or(*first, |(c, _)| c);
+            format!("{context}\": {last}")
+        }
+        _ => reason.to_owned(),
+    }
+}
+
+fn is_env_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    match b.first() {
+        Some(f) if f.is_ascii_uppercase() || *f == b'_' => b[1..]
+            .iter()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_'),
+        _ => false,
+    }
+}
+
+fn list<'a>(items: impl Iterator<Item = impl AsRef<str> + 'a>) -> String {
+    let set: BTreeSet<String> = items.map(|s| format!("`{}`", s.as_ref())).collect();
+    set.into_iter().collect::<Vec<_>>().join(", ")
+}
+
+/// Removes `.` and resolves `..` lexically (without looking at the disk).
+pub fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                // `..` at the root stays at the root; a leading `..` of a
+                // relative path is kept.
+                let popped =
+                    matches!(out.components().next_back(), Some(Component::Normal(_))) && out.pop();
+                if !popped && !out.has_root() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_is_lexical() {
+        assert_eq!(normalize(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
+        assert_eq!(normalize(Path::new("/../a")), PathBuf::from("/a"));
+        assert_eq!(
+            normalize(Path::new("../a/../../b")),
+            PathBuf::from("../../b")
+        );
+    }
+
+    #[test]
+    fn toml_paths_quote_keys_that_are_not_bare() {
+        let p = TomlPath::root()
+            .key("agents")
+            .key("a.b")
+            .key("deliver")
+            .index(2)
+            .key("path");
+        assert_eq!(p.to_string(), "agents.\"a.b\".deliver[2].path");
+    }
+
+    #[test]
+    fn env_names() {
+        assert!(is_env_name("DB_PASSWORD"));
+        assert!(is_env_name("_X1"));
+        assert!(!is_env_name("1X"));
+        assert!(!is_env_name("db"));
+        assert!(!is_env_name(""));
+    }
+}

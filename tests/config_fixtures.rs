@@ -1,0 +1,565 @@
+//! Config fixtures: one `bad-<rule>.toml` per validation rule, each asserting
+//! its *specific* error (message, TOML path, line and column), and the
+//! `good-*.toml` files asserting what they load to. Also loads every shipped
+//! config under `config/` so an example can never rot.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keyturn::config::{
+    ByteEncoding, Config, ConfigError, FileFormat, GeneratorConfig, SinkConfig, TargetConfig,
+    VaultKind, load_file,
+};
+use keyturn::schedule::ScheduleSpec;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config")
+        .join(name)
+}
+
+fn errors_of(name: &str) -> Vec<ConfigError> {
+    match load_file(&fixture(name)) {
+        Ok(_) => panic!("{name} loaded, but it must be rejected"),
+        Err(e) => e.0,
+    }
+}
+
+fn load_good(name: &str) -> Config {
+    load_file(&fixture(name)).unwrap_or_else(|e| panic!("{name} must load:\n{e}"))
+}
+
+/// (fixture, line, column, TOML path, message substring). Column 0 = not checked.
+const BAD: &[(&str, usize, usize, &str, &str)] = &[
+    (
+        "bad-unknown-key.toml",
+        17,
+        1,
+        "agents.bot.credentials.db.schedul",
+        "unknown key `schedul`; expected one of `vault`, `path`, `generate`",
+    ),
+    (
+        "bad-unknown-key-in-deliver.toml",
+        18,
+        46,
+        "agents.bot.credentials.db.deliver[0].colour",
+        "unknown key `colour`; expected one of `path`, `format`, `mode`, `env_name`",
+    ),
+    (
+        "bad-unknown-vault-type.toml",
+        7,
+        8,
+        "vaults.local.type",
+        "unknown value `s3`; expected `local`",
+    ),
+    (
+        "bad-cron.toml",
+        16,
+        12,
+        "agents.bot.credentials.db.schedule",
+        "bad cron schedule: cron expression has 4 fields",
+    ),
+    (
+        "bad-schedule-and-every.toml",
+        17,
+        9,
+        "agents.bot.credentials.db.every",
+        "both `schedule` and `every` are set",
+    ),
+    (
+        "bad-no-schedule.toml",
+        14,
+        25,
+        "agents.bot.credentials.db",
+        "neither `schedule` nor `every` is set",
+    ),
+    (
+        "bad-unknown-vault.toml",
+        15,
+        9,
+        "agents.bot.credentials.db.vault",
+        "unknown vault `bao`; defined vaults: `local`",
+    ),
+    (
+        "bad-unknown-tier.toml",
+        12,
+        8,
+        "agents.bot.tier",
+        "unknown tier `platinum`; defined tiers: `critical`, `high`, `low`, `medium`",
+    ),
+    (
+        "bad-duplicate-table.toml",
+        20,
+        1,
+        "",
+        "duplicate key `bot` in table `agents`",
+    ),
+    (
+        "bad-duplicate-vault-path.toml",
+        23,
+        8,
+        "agents.bot.credentials.cache.path",
+        "duplicate vault path: `shared/db` in vault `local` is also used by `agents.bot.credentials.db.path` (line 16)",
+    ),
+    (
+        "bad-duplicate-delivery-path.toml",
+        24,
+        36,
+        "agents.bot.credentials.cache.deliver[0].path",
+        "also written by `agents.bot.credentials.db.deliver[0].path` (line 18)",
+    ),
+    (
+        "bad-id.toml",
+        9,
+        9,
+        "agents.Invoice-Bot",
+        "invalid agent name `Invoice-Bot`: must start with a lowercase letter or digit and contain only [a-z0-9_-]",
+    ),
+    (
+        "bad-vault-path.toml",
+        16,
+        8,
+        "agents.bot.credentials.db.path",
+        "invalid vault path `agents/../other/db`: it contains `..`",
+    ),
+    (
+        "bad-vault-path-absolute.toml",
+        16,
+        8,
+        "agents.bot.credentials.db.path",
+        "invalid vault path `/agents/bot/db`: it is absolute",
+    ),
+    (
+        "bad-delivery-outside-root.toml",
+        18,
+        36,
+        "agents.bot.credentials.db.deliver[0].path",
+        "delivery path `/etc/bot/db` is outside every delivery root",
+    ),
+    (
+        "bad-delivery-dotdot.toml",
+        18,
+        36,
+        "agents.bot.credentials.db.deliver[0].path",
+        "delivery path `bot/../../escape` contains `..`",
+    ),
+    (
+        "bad-missing-delivery-roots.toml",
+        17,
+        36,
+        "agents.bot.credentials.db.deliver[0].path",
+        "file sinks need `daemon.delivery_roots`",
+    ),
+    (
+        "bad-mode-too-wide.toml",
+        18,
+        53,
+        "agents.bot.credentials.db.deliver[0].mode",
+        "file mode 0644 is wider than 0640",
+    ),
+    (
+        "bad-mode-not-octal.toml",
+        18,
+        53,
+        "agents.bot.credentials.db.deliver[0].mode",
+        "invalid file mode `0498`",
+    ),
+    (
+        "bad-zero-duration.toml",
+        16,
+        9,
+        "agents.bot.credentials.db.every",
+        "duration `0s` is zero: it must be greater than zero",
+    ),
+    (
+        "bad-negative-duration.toml",
+        17,
+        9,
+        "agents.bot.credentials.db.grace",
+        "negative duration `-5m`",
+    ),
+    (
+        "bad-bad-duration.toml",
+        6,
+        17,
+        "daemon.drain_timeout",
+        "invalid duration `soon`",
+    ),
+    (
+        "bad-jitter.toml",
+        17,
+        10,
+        "agents.bot.credentials.db.jitter",
+        "jitter (2h) must be shorter than the schedule's shortest period (1h)",
+    ),
+    (
+        "bad-password-length.toml",
+        17,
+        42,
+        "agents.bot.credentials.db.generate.length",
+        "password length 6 is out of range: it must be between 8 and 4096",
+    ),
+    (
+        "bad-password-no-class.toml",
+        17,
+        12,
+        "agents.bot.credentials.db.generate",
+        "password has no character class enabled",
+    ),
+    (
+        "bad-random-bytes-length.toml",
+        17,
+        46,
+        "agents.bot.credentials.db.generate.length",
+        "random_bytes length 8 is out of range: it must be between 16 and 4096 bytes",
+    ),
+    (
+        "bad-api-key-length.toml",
+        17,
+        57,
+        "agents.bot.credentials.db.generate.length",
+        "api_key length 10 is out of range",
+    ),
+    (
+        "bad-empty-owner.toml",
+        10,
+        9,
+        "agents.bot.owner",
+        "owner must not be empty",
+    ),
+    (
+        "bad-empty-tenant.toml",
+        11,
+        10,
+        "agents.bot.tenant",
+        "tenant must not be empty",
+    ),
+    (
+        "bad-max-concurrent.toml",
+        8,
+        18,
+        "vaults.local.max_concurrent",
+        "max_concurrent must be at least 1",
+    ),
+    (
+        "bad-env-name.toml",
+        18,
+        73,
+        "agents.bot.credentials.db.deliver[0].env_name",
+        "invalid env_name `db-password`: it must match [A-Z_][A-Z0-9_]*",
+    ),
+];
+
+#[test]
+fn every_bad_fixture_reports_its_specific_error() {
+    let mut failures = Vec::new();
+    for &(name, line, column, path, message) in BAD {
+        let errors = errors_of(name);
+        let ok = errors.len() == 1 && {
+            let e = &errors[0];
+            e.line == line
+                && (column == 0 || e.column == column)
+                && e.toml_path == path
+                && e.message.contains(message)
+                && e.file == fixture(name)
+        };
+        if !ok {
+            failures.push(format!(
+                "{name}: expected exactly one error at {line}:{column} `{path}` containing {message:?}, got:\n{}",
+                errors.iter().map(|e| format!("  {e}\n")).collect::<String>()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_bad_fixture_is_in_the_table() {
+    // A new bad-*.toml without an expectation would otherwise go untested.
+    let dir = fixture("");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.starts_with("bad-") && name != "bad-several.toml" {
+            assert!(
+                BAD.iter().any(|(n, ..)| *n == name),
+                "{name} has no expectation in BAD"
+            );
+        }
+    }
+}
+
+#[test]
+fn several_problems_are_all_reported_in_file_order() {
+    let errors = errors_of("bad-several.toml");
+    let got: Vec<(usize, &str)> = errors
+        .iter()
+        .map(|e| (e.line, e.toml_path.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (5, "daemon.max_concurrent_rotations"),
+            (13, "agents.bot.tier"),
+            (17, "agents.bot.credentials.db.schedule"),
+            (19, "agents.bot.credentials.db.deliver[0].mode"),
+            (22, "agents.bot.credentials.api.vault"),
+            (24, "agents.bot.credentials.api.jitter"),
+            (25, "agents.bot.credentials.api.generate.length"),
+        ],
+        "{errors:#?}"
+    );
+    assert!(errors[2].message.contains("Minutes must be less than"));
+    assert!(!errors[2].message.contains('\n'), "one line per error");
+}
+
+#[test]
+fn a_missing_file_is_one_error_at_line_zero() {
+    let errors = load_file(&fixture("no-such-file.toml")).unwrap_err().0;
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].line, 0);
+    assert!(errors[0].message.contains("cannot read config file"));
+}
+
+#[test]
+fn good_full_reads_every_key() {
+    let cfg = load_good("good-full.toml");
+    let d = &cfg.daemon;
+    assert_eq!(d.state_dir, Path::new("/var/lib/keyturn"));
+    assert_eq!(d.socket, Path::new("/run/keyturn/control.sock"));
+    assert_eq!(d.socket_group.as_deref(), Some("keyturn"));
+    assert_eq!(d.listen, Some("127.0.0.1:9464".parse().unwrap()));
+    assert_eq!(
+        d.delivery_roots,
+        vec![
+            PathBuf::from("/run/keyturn/agents"),
+            PathBuf::from("/srv/agents")
+        ]
+    );
+    assert_eq!(d.audit_log, Path::new("/var/log/keyturn/audit.log"));
+    assert_eq!(d.drain_timeout, Duration::from_secs(45));
+    assert_eq!(d.max_concurrent_rotations, 8);
+    assert_eq!(d.catch_up_spread, Duration::from_secs(120));
+    assert_eq!(d.retry.initial_delay, Duration::from_secs(1));
+    assert_eq!(d.retry.max_delay, Duration::from_secs(120));
+    assert_eq!(d.retry.max_attempts, 7);
+
+    assert_eq!(cfg.tiers.keys().collect::<Vec<_>>(), ["high", "low"]);
+    assert_eq!(cfg.tiers["high"].revocation_sla, Duration::from_secs(3600));
+
+    let v = &cfg.vaults["local"];
+    assert_eq!(v.max_concurrent, 4);
+    let VaultKind::Local {
+        dir,
+        key_file,
+        key_credential,
+    } = &v.kind;
+    // Relative paths resolve against the config file's directory.
+    assert_eq!(*dir, fixture("vaults/local"));
+    assert_eq!(key_file, Path::new("/etc/keyturn/local.key"));
+    assert_eq!(key_credential, "local-key");
+
+    assert_eq!(cfg.agents.len(), 2);
+    assert_eq!(cfg.credential_count(), 4);
+    let bot = &cfg.agents[&"invoice-bot".parse().unwrap()];
+    assert_eq!(
+        (bot.owner.as_str(), bot.tenant.as_str(), bot.tier.as_str()),
+        ("alice@example.com", "acme", "high")
+    );
+    assert_eq!((bot.uid, bot.gid), (Some(1001), Some(1002)));
+
+    let db = &bot.credentials[&"db".parse().unwrap()];
+    assert_eq!(db.key.to_string(), "invoice-bot/db");
+    assert_eq!(db.vault, "local");
+    assert_eq!(db.path, "acme/invoice-bot/db");
+    assert_eq!(
+        db.generate,
+        GeneratorConfig::Password {
+            length: 40,
+            lowercase: true,
+            uppercase: true,
+            digits: true,
+            symbols: true
+        }
+    );
+    assert_eq!(db.target, TargetConfig::None);
+    assert_eq!(
+        db.schedule,
+        ScheduleSpec::parse_cron("0 */6 * * *").unwrap()
+    );
+    assert_eq!(db.jitter, Duration::from_secs(300));
+    assert_eq!(db.grace, Duration::from_secs(600));
+    assert_eq!(db.deliver.len(), 2);
+    let SinkConfig::File(json) = &db.deliver[0];
+    assert_eq!(
+        json.path,
+        Path::new("/run/keyturn/agents/invoice-bot/db.json")
+    );
+    assert_eq!((json.format, json.mode), (FileFormat::Json, 0o440));
+    // File sinks take the owner from the agent.
+    assert_eq!((json.uid, json.gid), (Some(1001), Some(1002)));
+    let SinkConfig::File(env) = &db.deliver[1];
+    assert_eq!(
+        (env.format, env.mode, env.env_name.as_str()),
+        (FileFormat::Env, 0o400, "DB_PASSWORD")
+    );
+
+    let key = &bot.credentials[&"signing-key".parse().unwrap()];
+    assert_eq!(key.generate, GeneratorConfig::Ed25519);
+    assert_eq!(
+        key.path, "agents/invoice-bot/signing-key",
+        "default vault path"
+    );
+    assert_eq!(
+        key.schedule,
+        ScheduleSpec::Every(Duration::from_secs(7 * 86400))
+    );
+    assert_eq!(key.grace, Duration::from_secs(15 * 60), "default grace");
+
+    let crawler = &cfg.agents[&"crawler".parse().unwrap()];
+    let token = &crawler.credentials[&"api-token".parse().unwrap()];
+    assert_eq!(
+        token.generate,
+        GeneratorConfig::ApiKey {
+            prefix: "kt_live_".into(),
+            length: 40
+        }
+    );
+    let SinkConfig::File(t) = &token.deliver[0];
+    assert_eq!(
+        t.env_name, "API_TOKEN",
+        "default env name from the credential id"
+    );
+    assert_eq!((t.format, t.uid), (FileFormat::Env, None));
+    let session = &crawler.credentials[&"session-secret".parse().unwrap()];
+    assert_eq!(
+        session.generate,
+        GeneratorConfig::RandomBytes {
+            length: 48,
+            encoding: ByteEncoding::Base64Url
+        }
+    );
+    assert!(session.deliver.is_empty());
+}
+
+#[test]
+fn good_minimal_takes_the_defaults() {
+    let cfg = load_good("good-minimal.toml");
+    let d = &cfg.daemon;
+    assert_eq!(d.state_dir, Path::new("/var/lib/keyturn"));
+    assert_eq!(d.socket, Path::new("/run/keyturn/control.sock"));
+    assert_eq!(d.audit_log, Path::new("/var/lib/keyturn/audit.log"));
+    assert_eq!(d.listen, None);
+    assert!(d.delivery_roots.is_empty());
+    assert_eq!(d.drain_timeout, Duration::from_secs(30));
+    assert_eq!(d.max_concurrent_rotations, 64);
+    assert_eq!(d.catch_up_spread, Duration::from_secs(300));
+    assert_eq!(d.retry, Default::default());
+    let tiers: Vec<(&str, u64)> = cfg
+        .tiers
+        .values()
+        .map(|t| (t.name.as_str(), t.revocation_sla.as_secs()))
+        .collect();
+    assert_eq!(
+        tiers,
+        [
+            ("critical", 900),
+            ("high", 3600),
+            ("low", 86400),
+            ("medium", 14400)
+        ]
+    );
+    let v = &cfg.vaults["local"];
+    assert_eq!(v.max_concurrent, 16);
+    assert_eq!(
+        v.kind,
+        VaultKind::Local {
+            dir: "/var/lib/keyturn/vaults/local".into(),
+            key_file: "/var/lib/keyturn/local-vault.key".into(),
+            key_credential: "keyturn-local-vault-key".into(),
+        }
+    );
+    let (agent, cred) = cfg.credentials().next().unwrap();
+    assert_eq!(agent.id.as_str(), "bot");
+    assert_eq!(cred.path, "agents/bot/token");
+    assert_eq!(
+        cred.generate,
+        GeneratorConfig::RandomBytes {
+            length: 32,
+            encoding: ByteEncoding::Hex
+        }
+    );
+    assert_eq!(cred.target, TargetConfig::None);
+    assert_eq!(cred.jitter, Duration::ZERO);
+}
+
+/// Every config shipped in the repository loads: the demo, and the examples.
+#[test]
+fn shipped_configs_load() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut files = Vec::new();
+    for dir in [root.clone(), root.join("examples")] {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "toml") {
+                files.push(p);
+            }
+        }
+    }
+    assert!(
+        files.len() >= 3,
+        "expected the demo and two examples, found {files:?}"
+    );
+    for f in &files {
+        if let Err(e) = load_file(f) {
+            panic!("{} must load:\n{e}", f.display());
+        }
+    }
+}
+
+#[test]
+fn the_demo_writes_only_under_demo_run() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cfg = load_file(&manifest.join("config/keyturn.toml")).unwrap();
+    let demo_run = manifest.join("demo-run");
+    let d = &cfg.daemon;
+    for p in [&d.state_dir, &d.socket, &d.audit_log] {
+        assert!(
+            p.starts_with(&demo_run),
+            "{} escapes demo-run/",
+            p.display()
+        );
+    }
+    assert_eq!(d.delivery_roots, vec![demo_run.join("agents")]);
+    for v in cfg.vaults.values() {
+        let VaultKind::Local { dir, key_file, .. } = &v.kind;
+        assert!(dir.starts_with(&demo_run) && key_file.starts_with(&demo_run));
+    }
+    let mut generators = std::collections::BTreeSet::new();
+    let mut formats = std::collections::BTreeSet::new();
+    for (agent, cred) in cfg.credentials() {
+        assert_eq!(
+            (agent.uid, agent.gid),
+            (None, None),
+            "the demo runs as any user"
+        );
+        generators.insert(
+            format!("{:?}", cred.generate)
+                .split([' ', '{'])
+                .next()
+                .unwrap()
+                .to_owned(),
+        );
+        for SinkConfig::File(f) in &cred.deliver {
+            formats.insert(f.format.as_str());
+        }
+        let period = cred.schedule.min_period().unwrap();
+        assert!(
+            period <= Duration::from_secs(30),
+            "{} rotates every {period:?}",
+            cred.key
+        );
+    }
+    assert_eq!(cfg.agents.len(), 3);
+    assert_eq!(generators.len(), 4, "every generator: {generators:?}");
+    assert_eq!(formats.len(), 3, "every format: {formats:?}");
+}
