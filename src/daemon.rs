@@ -17,7 +17,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::protocol::{ApiError, ApiErrorKind, RotateOutcome, RotateResult, Selector, StatusRow};
+use crate::api::protocol::{
+    ApiError, ApiErrorKind, RotateOutcome, RotateResult, Selector, StatusRow,
+};
 use crate::api::socket::{self, ControlHandler, PeerCred};
 use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
 use crate::config::{self, Config, ConfigErrors};
@@ -45,40 +47,79 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let config = config::load_file(config_path).map_err(DaemonError::Config)?;
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    let startup = |what: &str, e: &dyn std::fmt::Display| DaemonError::Startup(format!("{what}: {e}"));
+    let startup =
+        |what: &str, e: &dyn std::fmt::Display| DaemonError::Startup(format!("{what}: {e}"));
 
     let state_dir = config.daemon.state_dir.clone();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&state_dir)
-        .map_err(|e| startup(&format!("cannot create state_dir {}", state_dir.display()), &e))?;
+        .map_err(|e| {
+            startup(
+                &format!("cannot create state_dir {}", state_dir.display()),
+                &e,
+            )
+        })?;
     let _lock = lock_state_dir(&state_dir)?;
 
     let state: Arc<dyn StateStore> = Arc::new(
-        SqliteStore::open(&state_db_path(&config)).map_err(|e| startup("cannot open the state database", &e))?,
+        SqliteStore::open(&state_db_path(&config))
+            .map_err(|e| startup("cannot open the state database", &e))?,
     );
-    let head = state.audit_head().map_err(|e| startup("cannot read the audit head", &e))?;
+    let head = state
+        .audit_head()
+        .map_err(|e| startup("cannot read the audit head", &e))?;
     let audit = AuditLog::open(&config.daemon.audit_log, head.as_ref())
         .map_err(|e| startup("cannot open the audit log", &e))?;
 
     let config = Arc::new(config);
-    let catalog =
-        Catalog::build(config.clone(), None).map_err(|e| startup("cannot set up vaults and sinks", &e))?;
+    let catalog = Catalog::build(config.clone(), None)
+        .map_err(|e| startup("cannot set up vaults and sinks", &e))?;
     preflight(&catalog).await;
 
     let metrics = Arc::new(Metrics::new());
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let engine = Engine::new(catalog, state.clone(), audit.clone(), metrics.clone(), cancel.clone(), tracker.clone());
+    let engine = Engine::new(
+        catalog,
+        state.clone(),
+        audit.clone(),
+        metrics.clone(),
+        cancel.clone(),
+        tracker.clone(),
+    );
 
-    audit_daemon(&audit, "daemon.start", Outcome::Ok, Some(format!("config={}", config_path.display())), None).await;
-    engine.start().await.map_err(|e| startup("cannot load state", &e))?;
+    audit_daemon(
+        &audit,
+        "daemon.start",
+        Outcome::Ok,
+        Some(format!("config={}", config_path.display())),
+        None,
+    )
+    .await;
+    engine
+        .start()
+        .await
+        .map_err(|e| startup("cannot load state", &e))?;
 
-    let sock = socket::bind(&config.daemon.socket, config.daemon.socket_group.as_deref())
-        .map_err(|e| startup(&format!("control socket {}", config.daemon.socket.display()), &e))?;
-    let handler = Arc::new(Handler { engine: engine.clone() });
-    tracker.spawn(socket::serve(sock, handler, cancel.clone(), tracker.clone()));
+    let sock = socket::bind(&config.daemon.socket, config.daemon.socket_group.as_deref()).map_err(
+        |e| {
+            startup(
+                &format!("control socket {}", config.daemon.socket.display()),
+                &e,
+            )
+        },
+    )?;
+    let handler = Arc::new(Handler {
+        engine: engine.clone(),
+    });
+    tracker.spawn(socket::serve(
+        sock,
+        handler,
+        cancel.clone(),
+        tracker.clone(),
+    ));
 
     let ready = Arc::new(AtomicBool::new(false));
     {
@@ -96,21 +137,30 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         }));
         let e = engine.clone();
         metrics.set_state_counts_provider(Arc::new(move || {
-            e.state_counts().iter().map(|(s, n)| (s.to_string(), *n as i64)).collect()
+            e.state_counts()
+                .iter()
+                .map(|(s, n)| (*s, *n as i64))
+                .collect()
         }));
     }
     if let Some(addr) = config.daemon.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| startup(&format!("cannot listen on {addr}"), &e))?;
-        tracker.spawn(crate::api::http::serve_http(listener, metrics.clone(), ready.clone(), cancel.clone()));
+        tracker.spawn(crate::api::http::serve_http(
+            listener,
+            metrics.clone(),
+            ready.clone(),
+            cancel.clone(),
+        ));
     }
 
     let watchdog = watchdog_interval();
     {
         let e = engine.clone();
         tracker.spawn(async move {
-            e.run_scheduler(watchdog, || notify(&[NotifyState::Watchdog])).await;
+            e.run_scheduler(watchdog, || notify(&[NotifyState::Watchdog]))
+                .await;
         });
     }
 
@@ -120,8 +170,10 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     tracing::info!(config = %config_path.display(), credentials = engine.catalog().creds.len(), "keyturn ready");
 
     let mut hup = signal(SignalKind::hangup()).map_err(|e| startup("cannot handle SIGHUP", &e))?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| startup("cannot handle SIGTERM", &e))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| startup("cannot handle SIGINT", &e))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| startup("cannot handle SIGTERM", &e))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| startup("cannot handle SIGINT", &e))?;
     loop {
         tokio::select! {
             _ = hup.recv() => reload(config_path, &engine).await,
@@ -130,7 +182,10 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         }
     }
 
-    notify(&[NotifyState::Stopping, NotifyState::Status("draining in-flight rotation steps")]);
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("draining in-flight rotation steps"),
+    ]);
     tracing::info!("stopping: draining in-flight rotation steps");
     ready.store(false, Ordering::SeqCst);
     cancel.cancel();
@@ -174,14 +229,27 @@ async fn reload(config_path: &Path, engine: &Engine) {
             for setting in &restart_only {
                 tracing::warn!(setting = %setting, "changed in the config but only takes effect after a restart");
             }
-            tracing::info!(credentials = engine.catalog().creds.len(), "config reloaded");
+            tracing::info!(
+                credentials = engine.catalog().creds.len(),
+                "config reloaded"
+            );
             audit_daemon(engine.audit(), "daemon.reload", Outcome::Ok, None, None).await;
-            let status = format!("serving {} credentials (reloaded)", engine.catalog().creds.len());
+            let status = format!(
+                "serving {} credentials (reloaded)",
+                engine.catalog().creds.len()
+            );
             notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
         }
         Err(why) => {
             tracing::error!(error = %why, "reload failed; keeping the previous config");
-            audit_daemon(engine.audit(), "daemon.reload", Outcome::Failed, None, Some(why.clone())).await;
+            audit_daemon(
+                engine.audit(),
+                "daemon.reload",
+                Outcome::Failed,
+                None,
+                Some(why.clone()),
+            )
+            .await;
             let status = format!("reload failed, keeping the previous config: {why}");
             notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
         }
@@ -264,7 +332,13 @@ fn notify(states: &[NotifyState<'_>]) {
     }
 }
 
-async fn audit_daemon(audit: &AuditLog, event: &str, outcome: Outcome, detail: Option<String>, error: Option<String>) {
+async fn audit_daemon(
+    audit: &AuditLog,
+    event: &str,
+    outcome: Outcome,
+    detail: Option<String>,
+    error: Option<String>,
+) {
     let mut ev = AuditEvent::new(event, Actor::Daemon, outcome);
     ev.detail = detail;
     ev.error = error;
@@ -295,10 +369,17 @@ impl Handler {
         if keys.is_empty() {
             let what = match selector {
                 Selector::All => "no credentials are configured".to_string(),
-                Selector::Agent(a) => format!("no agent {a:?} in the config (see `keyturn status`)"),
-                Selector::Credential(c) => format!("no credential {c} in the config (see `keyturn status`)"),
+                Selector::Agent(a) => {
+                    format!("no agent {a:?} in the config (see `keyturn status`)")
+                }
+                Selector::Credential(c) => {
+                    format!("no credential {c} in the config (see `keyturn status`)")
+                }
             };
-            return Err(ApiError { kind: ApiErrorKind::NotFound, message: what });
+            return Err(ApiError {
+                kind: ApiErrorKind::NotFound,
+                message: what,
+            });
         }
         Ok(keys)
     }
@@ -326,7 +407,12 @@ impl ControlHandler for Handler {
         self.engine.status().into_iter().map(status_row).collect()
     }
 
-    async fn rotate(&self, actor: Actor, selector: Selector, wait: bool) -> Result<Vec<RotateResult>, ApiError> {
+    async fn rotate(
+        &self,
+        actor: Actor,
+        selector: Selector,
+        wait: bool,
+    ) -> Result<Vec<RotateResult>, ApiError> {
         let keys = self.select(&selector)?;
         let mut ev = AuditEvent::new("admin.rotate", actor, Outcome::Ok);
         ev.detail = Some(format!("{} credential(s), wait={wait}", keys.len()));
@@ -335,7 +421,10 @@ impl ControlHandler for Handler {
             ev.credential = Some(only.credential.clone());
         }
         if let Err(e) = self.engine.audit().append(ev).await {
-            return Err(ApiError { kind: ApiErrorKind::Unavailable, message: format!("cannot write the audit record: {e}") });
+            return Err(ApiError {
+                kind: ApiErrorKind::Unavailable,
+                message: format!("cannot write the audit record: {e}"),
+            });
         }
         let mut waiting = Vec::with_capacity(keys.len());
         for key in keys {
@@ -367,7 +456,11 @@ impl ControlHandler for Handler {
                         credential: key.credential,
                         rotation: done.rotation.map(|r| r.to_string()),
                         version: done.version,
-                        outcome: if done.error.is_none() { RotateOutcome::Completed } else { RotateOutcome::Failed },
+                        outcome: if done.error.is_none() {
+                            RotateOutcome::Completed
+                        } else {
+                            RotateOutcome::Failed
+                        },
                         error: done.error,
                     },
                     Err(_) => RotateResult {
@@ -388,7 +481,11 @@ impl ControlHandler for Handler {
     async fn refused(&self, peer: PeerCred, reason: String) {
         let mut ev = AuditEvent::new(
             "admin.refused",
-            Actor::Peer { uid: peer.uid, gid: peer.gid, pid: peer.pid },
+            Actor::Peer {
+                uid: peer.uid,
+                gid: peer.gid,
+                pid: peer.pid,
+            },
             Outcome::Refused,
         );
         ev.error = Some(reason);

@@ -160,7 +160,12 @@ pub struct Metrics {
     deliveries: Family<DeliveryLabels, Counter>,
     audit_records: Counter,
     provider: Arc<RwLock<Option<CredentialTimesProvider>>>,
+    state_counts: RwLock<Option<StateCountsProvider>>,
 }
+
+/// Counts credentials by state at scrape time, so the gauge is never stale
+/// and nothing has to keep it up to date on every transition.
+pub type StateCountsProvider = Arc<dyn Fn() -> Vec<(CredentialState, i64)> + Send + Sync>;
 
 impl fmt::Debug for Metrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -248,7 +253,13 @@ impl Metrics {
             deliveries,
             audit_records,
             provider,
+            state_counts: RwLock::new(None),
         }
+    }
+
+    /// Installs the source of the `credentials{state}` counts, read at scrape time.
+    pub fn set_state_counts_provider(&self, provider: StateCountsProvider) {
+        *self.state_counts.write().unwrap_or_else(|p| p.into_inner()) = Some(provider);
     }
 
     /// A rotation ended (successfully or not) after `duration`.
@@ -309,6 +320,16 @@ impl Metrics {
 
     /// The OpenMetrics text exposition of everything, ending in `# EOF`.
     pub fn encode(&self) -> String {
+        let counts = self
+            .state_counts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(counts) = counts {
+            for (state, n) in counts() {
+                self.set_credentials(state, n);
+            }
+        }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             // Only a collector can fail (fmt::Error); say so in the output

@@ -29,7 +29,10 @@ deliver = [{ type = "file", path = "{root}/bot/db.json", format = "json" }]
 "#;
 
 fn key() -> CredentialKey {
-    CredentialKey::new(AgentId::new("bot").unwrap(), CredentialId::new("db").unwrap())
+    CredentialKey::new(
+        AgentId::new("bot").unwrap(),
+        CredentialId::new("db").unwrap(),
+    )
 }
 
 /// Waits until bot/db is at `version`, idle (its previous version retired).
@@ -45,10 +48,14 @@ fn wait_settled(env: &Env, version: u64) {
 async fn vault_value(env: &Env, select: Select<'_>) -> Option<(String, Vec<u8>)> {
     let state = env.state_dir();
     let key_file = state.join("local-vault.key");
-    let key = load_key(&key_file, "keyturn-local-vault-key").expect("vault key");
-    let vault = LocalVault::open("local", &state.join("vaults/local"), key).expect("open vault");
+    let vault_key = load_key(&key_file, "keyturn-local-vault-key").expect("vault key");
+    let vault =
+        LocalVault::open("local", &state.join("vaults/local"), vault_key).expect("open vault");
     let k = key();
-    let item = VaultItem { key: &k, path: "agents/bot/db" };
+    let item = VaultItem {
+        key: &k,
+        path: "agents/bot/db",
+    };
     vault
         .read(item, select)
         .await
@@ -68,38 +75,73 @@ fn check_one(failpoint: &str) {
     if !failpoint.contains("retire") {
         // Retiring the previous version happens after delivery (after grace),
         // so only for the retire failpoints may `rotate --wait` have succeeded.
-        assert_ne!(out.status.code(), Some(0), "{failpoint}: the rotation cannot have succeeded");
+        assert_ne!(
+            out.status.code(),
+            Some(0),
+            "{failpoint}: the rotation cannot have succeeded"
+        );
     }
     let status = doomed.wait_exit(Duration::from_secs(30));
-    assert!(status.is_some(), "{failpoint}: the daemon was not killed; log:\n{}", doomed.log_text());
+    assert!(
+        status.is_some(),
+        "{failpoint}: the daemon was not killed; log:\n{}",
+        doomed.log_text()
+    );
     let killed_log = doomed.log_text();
-    assert!(killed_log.contains(failpoint), "{failpoint}: not reached; log:\n{killed_log}");
+    assert!(
+        killed_log.contains(failpoint),
+        "{failpoint}: not reached; log:\n{killed_log}"
+    );
 
     // Third run: resumes and completes.
     let again = env.start();
     wait_settled(&env, 2);
     again.stop();
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let (current_ref, current) = rt
         .block_on(vault_value(&env, Select::Stage(Stage::Current)))
         .unwrap_or_else(|| panic!("{failpoint}: no current version in the vault"));
-    assert_eq!(current_ref, "2", "{failpoint}: exactly one new version in the vault");
+    assert_eq!(
+        current_ref, "2",
+        "{failpoint}: exactly one new version in the vault"
+    );
     assert!(
-        rt.block_on(vault_value(&env, Select::Version(&VersionRef("3".into())))).is_none(),
+        rt.block_on(vault_value(&env, Select::Version(&VersionRef("3".into()))))
+            .is_none(),
         "{failpoint}: a duplicate version was created"
     );
     let state = SqliteStore::open_read_only(&env.state_dir().join("state.db")).unwrap();
-    let versions: Vec<(u64, Stage)> = state.versions(&key()).unwrap().into_iter().map(|v| (v.version, v.stage)).collect();
-    assert_eq!(versions, vec![(1, Stage::Retired), (2, Stage::Current)], "{failpoint}");
+    let versions: Vec<(u64, Stage)> = state
+        .versions(&key())
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.version, v.stage))
+        .collect();
+    assert_eq!(
+        versions,
+        vec![(1, Stage::Retired), (2, Stage::Current)],
+        "{failpoint}"
+    );
 
     let delivered: serde_json::Value =
         serde_json::from_slice(&std::fs::read(env.root().join("bot/db.json")).unwrap()).unwrap();
     assert_eq!(delivered["version"], 2, "{failpoint}");
-    assert_eq!(delivered["value"].as_str().unwrap().as_bytes(), current.as_slice(), "{failpoint}: file holds the vault's value");
+    assert_eq!(
+        delivered["value"].as_str().unwrap().as_bytes(),
+        current.as_slice(),
+        "{failpoint}: file holds the vault's value"
+    );
 
     let verify = env.cli(&["audit", "verify"]);
-    assert!(verify.status.success(), "{failpoint}: {}", String::from_utf8_lossy(&verify.stderr));
+    assert!(
+        verify.status.success(),
+        "{failpoint}: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
 }
 
 #[test]

@@ -40,8 +40,15 @@ fn version_of(env: &Env, agent: &str, cred: &str) -> Option<u64> {
 }
 
 fn wait_version(env: &Env, agent: &str, cred: &str, v: u64) {
-    wait_for(Duration::from_secs(30), || (version_of(env, agent, cred) >= Some(v)).then_some(()))
-        .unwrap_or_else(|| panic!("{agent}/{cred} never reached version {v}: {:?}", status_json(env)));
+    wait_for(Duration::from_secs(30), || {
+        (version_of(env, agent, cred) >= Some(v)).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{agent}/{cred} never reached version {v}: {:?}",
+            status_json(env)
+        )
+    });
 }
 
 #[test]
@@ -53,21 +60,33 @@ fn delivers_files_with_mode_and_owner_and_rotates_on_demand() {
     let raw = env.root().join("bot/db");
     let meta = std::fs::metadata(&raw).unwrap();
     assert_eq!(meta.permissions().mode() & 0o7777, 0o440);
-    assert_eq!((meta.uid(), meta.gid()), (1234, 2345), "owner comes from the agent's uid/gid");
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (1234, 2345),
+        "owner comes from the agent's uid/gid"
+    );
     let dir_meta = std::fs::metadata(env.root().join("bot")).unwrap();
     assert_eq!(dir_meta.permissions().mode() & 0o7777, 0o750);
     assert_eq!(dir_meta.uid(), 1234);
     let v1 = std::fs::read_to_string(&raw).unwrap();
     assert_eq!(v1.len(), 40);
 
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(env.root().join("bot/db.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.root().join("bot/db.json")).unwrap()).unwrap();
     assert_eq!(json["value"], v1.as_str());
     assert_eq!(json["version"], 1);
     let envfile = std::fs::read_to_string(env.root().join("bot/db.env")).unwrap();
-    assert!(envfile.contains(&format!("DB_PASSWORD='{v1}'")), "{envfile}");
+    assert!(
+        envfile.contains(&format!("DB_PASSWORD='{v1}'")),
+        "{envfile}"
+    );
 
     let out = env.cli(&["rotate", "bot/db", "--wait"]);
-    assert!(out.status.success(), "rotate failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "rotate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("version 2"));
     let v2 = std::fs::read_to_string(&raw).unwrap();
     assert_ne!(v1, v2, "rotate --wait must change the delivered value");
@@ -75,7 +94,10 @@ fn delivers_files_with_mode_and_owner_and_rotates_on_demand() {
     let r = row(&rows, "bot", "db");
     assert_eq!(r["version"], 2);
     assert_eq!(r["stage"], "current");
-    assert!(r["last_rotated"].is_string() && r["next_due"].is_string(), "{r}");
+    assert!(
+        r["last_rotated"].is_string() && r["next_due"].is_string(),
+        "{r}"
+    );
     daemon.stop();
 }
 
@@ -96,7 +118,8 @@ fn a_reader_never_sees_a_partial_or_empty_file() {
                 let v = std::fs::read(&raw).expect("the file is always there");
                 assert_eq!(v.len(), 40, "partial or empty read: {} bytes", v.len());
                 let j = std::fs::read(&json).expect("the json file is always there");
-                let parsed: serde_json::Value = serde_json::from_slice(&j).expect("json file always complete");
+                let parsed: serde_json::Value =
+                    serde_json::from_slice(&j).expect("json file always complete");
                 assert!(parsed["version"].as_u64().is_some());
                 seen.insert(v);
                 reads += 1;
@@ -106,12 +129,19 @@ fn a_reader_never_sees_a_partial_or_empty_file() {
     };
     for _ in 0..15 {
         let out = env.cli(&["rotate", "bot/db", "--wait"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     stop.store(true, Ordering::Relaxed);
     let (reads, distinct) = reader.join().expect("reader saw a partial file");
     assert!(reads > 100, "reader only managed {reads} reads");
-    assert!(distinct >= 2, "reader should have seen several versions, saw {distinct}");
+    assert!(
+        distinct >= 2,
+        "reader should have seen several versions, saw {distinct}"
+    );
     assert_eq!(version_of(&env, "bot", "db"), Some(16));
     daemon.stop();
 }
@@ -120,11 +150,23 @@ fn a_reader_never_sees_a_partial_or_empty_file() {
 fn notify_socket_gets_ready_watchdog_reloading_stopping_and_bad_reload_keeps_config() {
     let env = Env::new(ONE_RAW);
     let daemon = env.start_with(&[("WATCHDOG_USEC", "400000")]);
-    assert!(daemon.wait_notify("WATCHDOG=1", Duration::from_secs(5)), "{:?}", daemon.notifications());
+    assert!(
+        daemon.wait_notify("WATCHDOG=1", Duration::from_secs(5)),
+        "{:?}",
+        daemon.notifications()
+    );
 
     daemon.signal(libc::SIGHUP);
-    assert!(daemon.wait_notify("RELOADING=1", Duration::from_secs(10)), "{:?}", daemon.notifications());
-    let reload_msg = daemon.notifications().into_iter().find(|m| m.contains("RELOADING=1")).unwrap();
+    assert!(
+        daemon.wait_notify("RELOADING=1", Duration::from_secs(10)),
+        "{:?}",
+        daemon.notifications()
+    );
+    let reload_msg = daemon
+        .notifications()
+        .into_iter()
+        .find(|m| m.contains("RELOADING=1"))
+        .unwrap();
     let usec: u64 = reload_msg
         .lines()
         .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
@@ -132,12 +174,25 @@ fn notify_socket_gets_ready_watchdog_reloading_stopping_and_bad_reload_keeps_con
         .parse()
         .unwrap();
     assert!(usec > 0);
-    let readies = || daemon.notifications().iter().filter(|m| m.contains("READY=1")).count();
-    assert!(wait_for(Duration::from_secs(10), || (readies() >= 2).then_some(())).is_some(), "READY=1 after reload");
+    let readies = || {
+        daemon
+            .notifications()
+            .iter()
+            .filter(|m| m.contains("READY=1"))
+            .count()
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || (readies() >= 2).then_some(())).is_some(),
+        "READY=1 after reload"
+    );
 
     // An invalid config on reload keeps the old one and says why.
     let good = std::fs::read_to_string(&env.config).unwrap();
-    std::fs::write(&env.config, format!("{good}\n[agents.bot.credentials.extra]\nvault = \"nope\"\n")).unwrap();
+    std::fs::write(
+        &env.config,
+        format!("{good}\n[agents.bot.credentials.extra]\nvault = \"nope\"\n"),
+    )
+    .unwrap();
     daemon.signal(libc::SIGHUP);
     assert!(
         wait_for(Duration::from_secs(10), || daemon
@@ -150,7 +205,11 @@ fn notify_socket_gets_ready_watchdog_reloading_stopping_and_bad_reload_keeps_con
         daemon.notifications()
     );
     std::fs::write(&env.config, &good).unwrap();
-    assert_eq!(version_of(&env, "bot", "db"), Some(1), "still serving with the old config");
+    assert_eq!(
+        version_of(&env, "bot", "db"),
+        Some(1),
+        "still serving with the old config"
+    );
 
     let log = daemon.stop();
     let _ = log;
@@ -161,9 +220,15 @@ fn stopping_is_notified() {
     let env = Env::new(ONE_RAW);
     let mut daemon = env.start();
     daemon.signal(libc::SIGTERM);
-    let status = daemon.wait_exit(Duration::from_secs(20)).expect("exits on SIGTERM");
+    let status = daemon
+        .wait_exit(Duration::from_secs(20))
+        .expect("exits on SIGTERM");
     assert!(status.success());
-    assert!(daemon.wait_notify("STOPPING=1", Duration::from_secs(1)), "{:?}", daemon.notifications());
+    assert!(
+        daemon.wait_notify("STOPPING=1", Duration::from_secs(1)),
+        "{:?}",
+        daemon.notifications()
+    );
 }
 
 #[test]
@@ -200,16 +265,34 @@ tier = "high"
     let daemon = env.start();
     let rows = wait_for(Duration::from_secs(20), || {
         let rows = status_json(&env);
-        rows.iter().all(|r| r["last_error"].as_str().is_some_and(|e| e.contains("symlink"))).then_some(rows)
+        rows.iter()
+            .all(|r| {
+                r["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("symlink"))
+            })
+            .then_some(rows)
     })
-    .unwrap_or_else(|| panic!("both deliveries should fail naming the symlink: {:?}", status_json(&env)));
+    .unwrap_or_else(|| {
+        panic!(
+            "both deliveries should fail naming the symlink: {:?}",
+            status_json(&env)
+        )
+    });
     for r in &rows {
-        assert!(r["version"].is_null(), "nothing may count as delivered: {r}");
+        assert!(
+            r["version"].is_null(),
+            "nothing may count as delivered: {r}"
+        );
     }
     let out = env.cli(&["rotate", "bot/a", "--wait"]);
     assert_eq!(out.status.code(), Some(1), "rotate --wait must fail");
     assert!(String::from_utf8_lossy(&out.stdout).contains("symlink"));
-    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing written outside the root");
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing written outside the root"
+    );
     daemon.stop();
 }
 
@@ -244,18 +327,27 @@ deliver = [{ type = "file", path = "{root}/bot/sub/broken", format = "raw" }]
         values.push(std::fs::read(env.root().join("bot/key")).unwrap());
         let out = env.cli(&["rotate", "bot/key", "--wait"]);
         assert!(out.status.success());
-        assert!(!contains(&out.stdout, &values[values.len() - 1]) && !contains(&out.stderr, &values[values.len() - 1]));
+        assert!(
+            !contains(&out.stdout, &values[values.len() - 1])
+                && !contains(&out.stderr, &values[values.len() - 1])
+        );
     }
     values.push(std::fs::read(env.root().join("bot/key")).unwrap());
     let failed = env.cli(&["rotate", "bot/broken", "--wait"]);
     assert_eq!(failed.status.code(), Some(1));
     let status = env.cli(&["status"]);
     let log = daemon.stop();
-    assert!(log.contains("TRACE") || log.contains("DEBUG"), "the daemon ran at trace level");
+    assert!(
+        log.contains("TRACE") || log.contains("DEBUG"),
+        "the daemon ran at trace level"
+    );
 
     let mut haystacks: Vec<(String, Vec<u8>)> = vec![
         ("daemon log".into(), log.into_bytes()),
-        ("rotate error".into(), [failed.stdout, failed.stderr].concat()),
+        (
+            "rotate error".into(),
+            [failed.stdout, failed.stderr].concat(),
+        ),
         ("status".into(), [status.stdout, status.stderr].concat()),
     ];
     for (p, bytes) in read_tree(&env.state_dir()) {
@@ -266,7 +358,10 @@ deliver = [{ type = "file", path = "{root}/bot/sub/broken", format = "raw" }]
         for (name, hay) in &haystacks {
             assert!(!contains(hay, v), "a secret value leaked into {name}");
             // The random part alone must not appear either.
-            assert!(!contains(hay, &v[10..]), "a secret value leaked into {name}");
+            assert!(
+                !contains(hay, &v[10..]),
+                "a secret value leaked into {name}"
+            );
         }
     }
 }
@@ -281,11 +376,23 @@ fn audit_log_is_verified_and_tampering_is_detected() {
     }
     daemon.stop();
     let ok = env.cli(&["audit", "verify"]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let original = std::fs::read_to_string(env.audit_log()).unwrap();
     let lines: Vec<&str> = original.lines().collect();
     assert!(lines.len() > 10, "every step is audited: {}", lines.len());
-    for needle in ["rotation.create", "rotation.promote", "rotation.deliver", "delivery", "admin.rotate", "\"tenant\":\"acme\"", "\"owner\":\"alice@example.com\""] {
+    for needle in [
+        "rotation.create",
+        "rotation.promote",
+        "rotation.deliver",
+        "delivery",
+        "admin.rotate",
+        "\"tenant\":\"acme\"",
+        "\"owner\":\"alice@example.com\"",
+    ] {
         assert!(original.contains(needle), "audit lacks {needle}");
     }
 
@@ -295,7 +402,10 @@ fn audit_log_is_verified_and_tampering_is_detected() {
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         assert_eq!(out.status.code(), Some(1), "{name} not detected: {err}");
         if let Some(l) = expect_line {
-            assert!(err.contains(&format!("line {l}")), "{name}: should name line {l}: {err}");
+            assert!(
+                err.contains(&format!("line {l}")),
+                "{name}: should name line {l}: {err}"
+            );
         }
         std::fs::write(env.audit_log(), &original).unwrap();
     };
@@ -315,7 +425,10 @@ fn audit_log_is_verified_and_tampering_is_detected() {
     // Truncate the tail: only the head kept in state can tell.
     let truncated = lines[..lines.len() - 2].join("\n") + "\n";
     check("truncate", truncated, None);
-    assert!(env.cli(&["audit", "verify"]).status.success(), "restored log verifies again");
+    assert!(
+        env.cli(&["audit", "verify"]).status.success(),
+        "restored log verifies again"
+    );
 }
 
 #[test]
@@ -326,8 +439,17 @@ fn check_passes_every_shipped_config() {
         files.push(e.unwrap().path());
     }
     for f in files {
-        let out = std::process::Command::new(bin()).args(["check", "--config"]).arg(&f).output().unwrap();
-        assert!(out.status.success(), "{}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new(bin())
+            .args(["check", "--config"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -342,11 +464,18 @@ fn every_bad_config_fixture_exits_64_with_a_located_error() {
             continue;
         }
         n += 1;
-        let out = std::process::Command::new(bin()).args(["check", "--config"]).arg(&p).output().unwrap();
+        let out = std::process::Command::new(bin())
+            .args(["check", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{name}: {err}");
         let located = format!("{}:", p.display());
-        assert!(err.contains(&located), "{name}: error names the file: {err}");
+        assert!(
+            err.contains(&located),
+            "{name}: error names the file: {err}"
+        );
         let after = &err[err.find(&located).unwrap() + located.len()..];
         let mut parts = after.splitn(3, ':');
         let line: usize = parts.next().unwrap().parse().unwrap_or(0);

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::api::protocol::{Request, Response, ResponseBody, RotateOutcome, StatusRow, parse_selector, render_status_table};
+use crate::api::protocol::{
+    Request, Response, ResponseBody, RotateOutcome, StatusRow, parse_selector, render_status_table,
+};
 use crate::api::socket::call;
 use crate::audit::verify_file;
 use crate::config::{self, Config, DEFAULT_CONFIG_PATH};
@@ -19,7 +21,11 @@ pub const EXIT_USAGE: u8 = 64;
 pub const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(Debug, Parser)]
-#[command(name = "keyturn", version, about = "Rotates, stores, delivers and revokes the credentials of software agents")]
+#[command(
+    name = "keyturn",
+    version,
+    about = "Rotates, stores, delivers and revokes the credentials of software agents"
+)]
 pub struct Cli {
     /// Config file.
     #[arg(long, short = 'c', global = true, env = "KEYTURN_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
@@ -79,7 +85,10 @@ pub fn main() -> ExitCode {
         _ => cli.log_level.clone(),
     };
     telemetry::init(cli.log_format, &level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keyturn: cannot start the async runtime: {e}");
@@ -99,7 +108,11 @@ async fn run(cli: Cli) -> u8 {
             Ok(()) => 0,
             Err(crate::daemon::DaemonError::Config(errors)) => {
                 eprint!("{errors}");
-                eprintln!("keyturn: {} error(s) in {}; not starting", errors.0.len(), cli.config.display());
+                eprintln!(
+                    "keyturn: {} error(s) in {}; not starting",
+                    errors.0.len(),
+                    cli.config.display()
+                );
                 EXIT_USAGE
             }
             Err(e) => {
@@ -109,8 +122,14 @@ async fn run(cli: Cli) -> u8 {
             }
         },
         Command::Status { json } => status(&cli.config, json).await,
-        Command::Rotate { selector, wait, json } => rotate(&cli.config, &selector, wait, json).await,
-        Command::Audit { command: AuditCommand::Verify } => audit_verify(&cli.config),
+        Command::Rotate {
+            selector,
+            wait,
+            json,
+        } => rotate(&cli.config, &selector, wait, json).await,
+        Command::Audit {
+            command: AuditCommand::Verify,
+        } => audit_verify(&cli.config),
     }
 }
 
@@ -150,7 +169,10 @@ async fn status(path: &Path, json: bool) -> u8 {
         }
         Err(e) => match offline_status(&cfg) {
             Some(rows) => {
-                eprintln!("keyturn: {e}; showing the state stored in {}", cfg.daemon.state_dir.display());
+                eprintln!(
+                    "keyturn: {e}; showing the state stored in {}",
+                    cfg.daemon.state_dir.display()
+                );
                 rows
             }
             None => {
@@ -191,7 +213,9 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                 credential: c.key.credential.clone(),
                 vault: c.vault.clone(),
                 version: row.and_then(|r| r.current_version),
-                stage: row.and_then(|r| r.current_version).map(|_| crate::model::Stage::Current),
+                stage: row
+                    .and_then(|r| r.current_version)
+                    .map(|_| crate::model::Stage::Current),
                 last_rotated: row.and_then(|r| r.last_rotated_at),
                 next_due: row.and_then(|r| r.next_due),
                 state: match unfinished {
@@ -240,7 +264,10 @@ async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {
         }
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&results).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&results).unwrap_or_default()
+        );
     } else {
         for r in &results {
             let outcome = match r.outcome {
@@ -248,12 +275,23 @@ async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {
                 RotateOutcome::Completed => "rotated",
                 RotateOutcome::Failed => "FAILED",
             };
-            let version = r.version.map(|v| format!(" to version {v}")).unwrap_or_default();
-            let error = r.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+            let version = r
+                .version
+                .map(|v| format!(" to version {v}"))
+                .unwrap_or_default();
+            let error = r
+                .error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
             println!("{}/{}: {outcome}{version}{error}", r.agent, r.credential);
         }
     }
-    if results.iter().any(|r| r.outcome == RotateOutcome::Failed) { EXIT_FAILED } else { 0 }
+    if results.iter().any(|r| r.outcome == RotateOutcome::Failed) {
+        EXIT_FAILED
+    } else {
+        0
+    }
 }
 
 fn audit_verify(path: &Path) -> u8 {
@@ -275,7 +313,11 @@ fn audit_verify(path: &Path) -> u8 {
     };
     match verify_file(&cfg.daemon.audit_log, head.as_ref()) {
         Ok(report) => {
-            println!("{}: ok, {} records, chain intact", cfg.daemon.audit_log.display(), report.records);
+            println!(
+                "{}: ok, {} records, chain intact",
+                cfg.daemon.audit_log.display(),
+                report.records
+            );
             0
         }
         Err(e) => {

@@ -24,7 +24,7 @@ use crate::sinks::Notice;
 use crate::state::{
     CredentialRow, RotationRow, StateError, StateStore, Step, Trigger, VersionRow, Write,
 };
-use crate::telemetry::Metrics;
+use crate::telemetry::{CredentialState, Metrics};
 use crate::vaults::{Select, VaultItem, VersionRef};
 
 /// Longest wait before a parked (failed) rotation is tried again.
@@ -326,10 +326,15 @@ impl Engine {
     }
 
     /// Counts of credentials by state, for the `credentials{state}` gauge.
-    pub fn state_counts(&self) -> [(&'static str, usize); 4] {
-        let mut counts = [("idle", 0), ("rotating", 0), ("retiring", 0), ("failed", 0)];
+    pub fn state_counts(&self) -> [(CredentialState, usize); 4] {
+        let mut counts = [
+            (CredentialState::Idle, 0),
+            (CredentialState::Rotating, 0),
+            (CredentialState::Retiring, 0),
+            (CredentialState::Failed, 0),
+        ];
         for s in self.status() {
-            if let Some(c) = counts.iter_mut().find(|(n, _)| *n == s.state) {
+            if let Some(c) = counts.iter_mut().find(|(n, _)| n.as_str() == s.state) {
                 c.1 += 1;
             }
         }
@@ -580,7 +585,7 @@ impl Inner {
             .append(ev)
             .await
             .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))?;
-        self.metrics.audit_record();
+        self.metrics.audit_records(1);
         Ok(Write::AuditHead(head))
     }
 
@@ -823,7 +828,7 @@ impl Inner {
             };
             // One failure path for every step and plug-in.
             let msg = error.message();
-            self.metrics.step_failed(step);
+            self.metrics.step_failed(step.as_str());
             rot.attempts += 1;
             rot.last_error = Some(format!("step {step}: {msg}"));
             rot.updated_at = now();
@@ -1109,7 +1114,7 @@ impl Inner {
                 }
                 Err(e) => {
                     let msg = e.message();
-                    self.metrics.step_failed(Step::Retire);
+                    self.metrics.step_failed(Step::Retire.as_str());
                     let _ = self
                         .audit(
                             entry,

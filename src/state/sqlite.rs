@@ -737,7 +737,10 @@ mod tests {
     #[test]
     fn audit_head_never_moves_backwards() {
         let (_dir, s) = open_tmp();
-        let head = |seq| AuditHead { seq, hash: format!("h{seq}") };
+        let head = |seq| AuditHead {
+            seq,
+            hash: format!("h{seq}"),
+        };
         s.apply(&[Write::AuditHead(head(11))]).unwrap();
         // A slower rotation persisting an older head must not regress it.
         s.apply(&[Write::AuditHead(head(10))]).unwrap();

@@ -97,10 +97,18 @@ type = "local"
 
     /// Starts the daemon without waiting for READY.
     pub fn spawn(&self, env: &[(&str, &str)]) -> Daemon {
-        let notify_path = self.dir.path().join(format!("notify-{}.sock", rand_suffix()));
+        let notify_path = self
+            .dir
+            .path()
+            .join(format!("notify-{}.sock", rand_suffix()));
         let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
-        notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        let log = self.dir.path().join(format!("daemon-{}.log", rand_suffix()));
+        notify
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let log = self
+            .dir
+            .path()
+            .join(format!("daemon-{}.log", rand_suffix()));
         let log_file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(bin());
         cmd.args(["daemon", "--log-level", "trace", "--config"])
@@ -115,14 +123,23 @@ type = "local"
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn keyturn daemon");
-        Daemon { child: Some(child), notify, log, messages: Default::default() }
+        Daemon {
+            child: Some(child),
+            notify,
+            log,
+            messages: Default::default(),
+        }
     }
 }
 
 fn rand_suffix() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 pub struct Daemon {
@@ -144,7 +161,10 @@ impl Daemon {
         let mut buf = [0u8; 4096];
         loop {
             match self.notify.recv(&mut buf) {
-                Ok(n) => self.messages.borrow_mut().push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Ok(n) => self
+                    .messages
+                    .borrow_mut()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned()),
                 Err(_) => {
                     if Instant::now() >= deadline {
                         return;
@@ -158,7 +178,12 @@ impl Daemon {
     pub fn wait_notify(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.messages.borrow().iter().any(|m| m.lines().any(|l| l == needle || l.starts_with(needle))) {
+            if self
+                .messages
+                .borrow()
+                .iter()
+                .any(|m| m.lines().any(|l| l == needle || l.starts_with(needle)))
+            {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -208,7 +233,9 @@ impl Daemon {
     /// SIGTERM and wait; asserts a clean exit.
     pub fn stop(mut self) -> String {
         self.signal(libc::SIGTERM);
-        let status = self.wait_exit(Duration::from_secs(30)).expect("daemon did not stop on SIGTERM");
+        let status = self
+            .wait_exit(Duration::from_secs(30))
+            .expect("daemon did not stop on SIGTERM");
         let log = self.log_text();
         assert!(status.success(), "daemon exited with {status}; log:\n{log}");
         log
@@ -248,7 +275,11 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 /// `status --json` as parsed JSON rows.
 pub fn status_json(env: &Env) -> Vec<serde_json::Value> {
     let out = env.cli(&["status", "--json"]);
-    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("status --json is JSON")
 }
 
@@ -257,7 +288,9 @@ pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             let Ok(ft) = e.file_type() else { continue };
