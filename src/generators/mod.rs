@@ -7,7 +7,7 @@
 //!   the public key (SPKI PEM) is recorded in state and delivered beside it.
 
 use crate::config::GeneratorConfig;
-use crate::model::{SecretValue, ValueKind};
+use crate::model::{ErrorKind, SecretValue, ValueKind};
 
 mod generate;
 
@@ -20,6 +20,29 @@ pub struct Generated {
     pub kind: ValueKind,
     /// Public half of a keypair (not secret).
     pub public: Option<String>,
+}
+
+/// Why a value could not be generated. Messages name parameters, never values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GenerateError {
+    /// The parameters cannot make a value (zero length, no character class,
+    /// fewer characters than required classes, absurd sizes).
+    #[error("invalid generator parameters: {0}")]
+    Invalid(String),
+    /// A key could not be encoded (should not happen with valid keys).
+    #[error("could not encode the generated key: {0}")]
+    Encode(String),
+}
+
+impl GenerateError {
+    /// The kind the rotation engine branches on: bad parameters will not get
+    /// better with retries; an encoding failure is a bug, so fatal.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            GenerateError::Invalid(_) => ErrorKind::Invalid,
+            GenerateError::Encode(_) => ErrorKind::Fatal,
+        }
+    }
 }
 
 /// The kind of value a generator config makes.
