@@ -11,7 +11,7 @@ use crate::model::{ErrorKind, SecretValue, ValueKind};
 
 mod generate;
 
-pub use generate::{GenerateError, generate};
+pub use generate::generate;
 
 /// A freshly generated value.
 #[derive(Debug)]
