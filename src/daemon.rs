@@ -321,9 +321,18 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
 }
 
 /// Half of `WATCHDOG_USEC`, when systemd asks for watchdog pings.
+///
+/// As sd_watchdog_enabled(3) specifies: `WATCHDOG_PID`, when set, must be our
+/// pid; when unset the watchdog applies to us. (The sd-notify crate insists on
+/// `WATCHDOG_PID` being set, which a supervisor other than systemd may not do.)
 fn watchdog_interval() -> Option<Duration> {
-    let mut usec = 0u64;
-    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
 fn notify(states: &[NotifyState<'_>]) {
