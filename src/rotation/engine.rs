@@ -56,6 +56,7 @@ enum Job {
 /// A rotation in progress, as status shows it.
 #[derive(Debug, Clone)]
 struct Running {
+    job: Job,
     rotation: Option<RotationId>,
     step: Step,
     attempts: u32,
@@ -72,6 +73,9 @@ struct CredLive {
     retire_at: Option<DateTime<Utc>>,
     /// Why the next rotation starts.
     next_trigger: Option<Trigger>,
+    /// A rotation was asked for while the previous version was being
+    /// retired; it starts as soon as that finishes.
+    rotate_after_retire: bool,
     waiters: Vec<oneshot::Sender<RotateFinished>>,
 }
 
@@ -418,7 +422,12 @@ impl Inner {
             let mut live = self.live();
             let l = live.entry(key.clone()).or_default();
             l.waiters.push(tx);
-            if l.running.is_some() {
+            if let Some(running) = &l.running {
+                // Join the running rotation; a running retire starts one
+                // when it ends.
+                if running.job == Job::Retire {
+                    l.rotate_after_retire = true;
+                }
                 false
             } else {
                 if l.next_trigger != Some(Trigger::Initial) {
@@ -448,18 +457,22 @@ impl Inner {
         {
             let mut live = self.live();
             let l = live.entry(key.clone()).or_default();
-            if l.running.is_some() {
+            if let Some(running) = &l.running {
+                // A rotation that is already running reschedules itself when
+                // it ends and retires the previous version first; a retire
+                // in progress hands over to the rotation when it ends.
+                if job == Job::Rotate && running.job == Job::Retire {
+                    l.rotate_after_retire = true;
+                }
                 return;
             }
             l.running = Some(Running {
+                job,
                 rotation: None,
-                step: Step::Create,
+                step: if job == Job::Retire { Step::Retire } else { Step::Create },
                 attempts: 0,
                 last_error: None,
             });
-            if job == Job::Retire {
-                l.running.as_mut().expect("just set").step = Step::Retire;
-            }
         }
         let tracker = self.tracker.clone();
         tracker.spawn(async move {
@@ -669,18 +682,24 @@ impl Inner {
             Ok(_) => Ok(()),
             Err(e) => Err(Stop::Failed(e.to_string())),
         };
-        let mut live = self.live();
-        let l = live.entry(key.clone()).or_default();
-        l.running = None;
-        match result {
-            Ok(()) => l.retire_at = None,
-            Err(Stop::Failed(msg)) => {
-                let delay = entry_retry(&self.catalog()).max_delay;
-                tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, "retiring the previous version failed; will retry");
-                self.timers()
-                    .schedule((key, Job::Retire), now() + chrono_dur(delay));
+        let rotate_next = {
+            let mut live = self.live();
+            let l = live.entry(key.clone()).or_default();
+            l.running = None;
+            match result {
+                Ok(()) => l.retire_at = None,
+                Err(Stop::Failed(msg)) => {
+                    let delay = entry_retry(&self.catalog()).max_delay;
+                    tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, "retiring the previous version failed; will retry");
+                    self.timers()
+                        .schedule((key.clone(), Job::Retire), now() + chrono_dur(delay));
+                }
+                Err(Stop::Drained) => {}
             }
-            Err(Stop::Drained) => {}
+            std::mem::take(&mut l.rotate_after_retire) && !self.cancel.is_cancelled()
+        };
+        if rotate_next {
+            self.spawn_job(key, Job::Rotate, None);
         }
     }
 
