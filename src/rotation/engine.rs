@@ -469,7 +469,11 @@ impl Inner {
             l.running = Some(Running {
                 job,
                 rotation: None,
-                step: if job == Job::Retire { Step::Retire } else { Step::Create },
+                step: if job == Job::Retire {
+                    Step::Retire
+                } else {
+                    Step::Create
+                },
                 attempts: 0,
                 last_error: None,
             });
