@@ -494,3 +494,168 @@ fn rotate_without_a_daemon_says_what_to_do() {
     let bad = env.cli(&["rotate", "Bot/../db"]);
     assert_eq!(bad.status.code(), Some(64));
 }
+
+#[test]
+fn status_without_a_daemon_shows_the_stored_state() {
+    let env = Env::new(ONE_RAW);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    daemon.stop();
+    let out = env.cli(&["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("showing the state stored"));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["version"], 1);
+    assert_eq!(rows[0]["state"], "stopped");
+}
+
+#[test]
+fn reload_adds_a_credential_and_rotates_it() {
+    let env = Env::new(ONE_RAW);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    let mut text = std::fs::read_to_string(&env.config).unwrap();
+    text.push_str(&format!(
+        "\n[agents.bot.credentials.token]\nvault = \"local\"\ngenerate = {{ kind = \"api_key\", prefix = \"tok_\", length = 24 }}\nevery = \"1h\"\ndeliver = [{{ type = \"file\", path = \"{}/bot/token\" }}]\n",
+        env.root().display()
+    ));
+    std::fs::write(&env.config, text).unwrap();
+    daemon.signal(libc::SIGHUP);
+    wait_version(&env, "bot", "token", 1);
+    let token = std::fs::read_to_string(env.root().join("bot/token")).unwrap();
+    assert!(token.starts_with("tok_") && token.len() == 28, "{token:?}");
+    assert_eq!(
+        version_of(&env, "bot", "db"),
+        Some(1),
+        "the other credential is untouched"
+    );
+    daemon.stop();
+}
+
+#[test]
+fn overdue_rotations_after_downtime_are_spread_not_stampeded() {
+    let mut creds =
+        String::from("[agents.bot]\nowner = \"o@example.com\"\ntenant = \"t\"\ntier = \"high\"\n");
+    for i in 0..5 {
+        creds.push_str(&format!(
+            "[agents.bot.credentials.c{i}]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"2s\"\ngrace = \"0s\"\ndeliver = [{{ type = \"file\", path = \"{{root}}/bot/c{i}\" }}]\n"
+        ));
+    }
+    let env = Env::with_daemon(&creds, "");
+    // Replace the harness's 1s catch-up window with a 10s one.
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("catch_up_spread = \"1s\"", "catch_up_spread = \"10s\"");
+    std::fs::write(&env.config, text).unwrap();
+    // Run once with a long interval so nothing rotates again, then stop.
+    let slow = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("every = \"2s\"", "every = \"1h\"");
+    let fast = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, &slow).unwrap();
+    let first = env.start();
+    for i in 0..5 {
+        wait_version(&env, "bot", &format!("c{i}"), 1);
+    }
+    first.stop();
+    // Downtime: with a 2s interval every credential is now overdue.
+    std::fs::write(&env.config, &fast).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let second = env.start();
+    std::thread::sleep(Duration::from_millis(800));
+    let early = status_json(&env)
+        .iter()
+        .filter(|r| r["version"].as_u64() >= Some(2))
+        .count();
+    assert!(
+        early <= 2,
+        "{early} of 5 overdue rotations fired at once; they should be spread over 10s"
+    );
+    for i in 0..5 {
+        wait_version(&env, "bot", &format!("c{i}"), 2);
+    }
+    second.stop();
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn http_listener_serves_metrics_health_and_readiness() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = Env::with_daemon(
+        &ONE_RAW.replace("grace = \"0s\"", "grace = \"1h\""),
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    let daemon = env.spawn(&[("KEYTURN_LOG", "info")]);
+    daemon.wait_ready();
+    wait_version(&env, "bot", "db", 1);
+    assert!(http_get(port, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(port, "/readyz").starts_with("HTTP/1.1 200"));
+    let metrics = http_get(port, "/metrics");
+    for needle in [
+        "keyturn_rotations_total{result=\"ok\"} 1",
+        "keyturn_credentials{state=\"retiring\"} 1",
+        "keyturn_credential_age_seconds{agent=\"bot\",credential=\"db\"}",
+        "keyturn_credential_next_due_seconds{agent=\"bot\",credential=\"db\"}",
+        "keyturn_rotation_duration_seconds_count 1",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "metrics lack {needle}:\n{metrics}"
+        );
+    }
+    daemon.stop();
+}
+
+#[test]
+fn json_log_format_writes_one_json_object_per_line() {
+    let env = Env::new(ONE_RAW);
+    let mut cmd = std::process::Command::new(bin());
+    let notify = env.path().join("n.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut child = cmd
+        .args(["daemon", "--log-format", "json", "--config"])
+        .arg(&env.config)
+        .env("NOTIFY_SOCKET", &notify)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = sock.recv(&mut buf).expect("READY");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    wait_version(&env, "bot", "db", 1);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 3, "{text}");
+    for l in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{l}");
+    }
+    assert!(text.contains("\"message\":\"rotated\""), "{text}");
+}
