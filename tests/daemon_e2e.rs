@@ -634,7 +634,7 @@ fn json_log_format_writes_one_json_object_per_line() {
     let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let mut child = cmd
+    let child = cmd
         .args(["daemon", "--log-format", "json", "--config"])
         .arg(&env.config)
         .env("NOTIFY_SOCKET", &notify)
