@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::api::protocol::{
     Request, Response, ResponseBody, RotateOutcome, StatusRow, parse_selector, render_status_table,
 };
-use crate::api::socket::call;
+use crate::api::socket::{ClientError, call};
 use crate::audit::verify_file;
 use crate::config::{self, Config, DEFAULT_CONFIG_PATH};
 use crate::state::{SqliteStore, StateStore};
@@ -152,22 +152,40 @@ fn check(path: &Path) -> u8 {
     }
 }
 
+/// Why a request to the daemon gave no usable answer.
+enum Failure {
+    /// The daemon answered with an error, already printed; exit with this code.
+    Answered(u8),
+    /// No daemon answered.
+    Unreachable(ClientError),
+}
+
+async fn request(cfg: &Config, req: &Request) -> Result<ResponseBody, Failure> {
+    match call(&cfg.daemon.socket, req).await {
+        Ok(Response::Ok(body)) => Ok(body),
+        Ok(Response::Error(e)) => {
+            eprintln!("keyturn: {}", e.message);
+            Err(Failure::Answered(EXIT_FAILED))
+        }
+        Err(e) => Err(Failure::Unreachable(e)),
+    }
+}
+
+fn unexpected() -> u8 {
+    eprintln!("keyturn: unexpected answer from the daemon (is it the same keyturn version?)");
+    EXIT_FAILED
+}
+
 async fn status(path: &Path, json: bool) -> u8 {
     let cfg = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let rows = match call(&cfg.daemon.socket, &Request::Status).await {
-        Ok(Response::Ok(ResponseBody::Status(rows))) => rows,
-        Ok(Response::Error(e)) => {
-            eprintln!("keyturn: {}", e.message);
-            return EXIT_FAILED;
-        }
-        Ok(_) => {
-            eprintln!("keyturn: unexpected answer from the daemon");
-            return EXIT_FAILED;
-        }
-        Err(e) => match offline_status(&cfg) {
+    let rows = match request(&cfg, &Request::Status).await {
+        Ok(ResponseBody::Status(rows)) => rows,
+        Ok(_) => return unexpected(),
+        Err(Failure::Answered(code)) => return code,
+        Err(Failure::Unreachable(e)) => match offline_status(&cfg) {
             Some(rows) => {
                 eprintln!(
                     "keyturn: {e}; showing the state stored in {}",
@@ -248,17 +266,11 @@ async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let results = match call(&cfg.daemon.socket, &Request::Rotate { selector, wait }).await {
-        Ok(Response::Ok(ResponseBody::Rotate(results))) => results,
-        Ok(Response::Error(e)) => {
-            eprintln!("keyturn: {}", e.message);
-            return EXIT_FAILED;
-        }
-        Ok(_) => {
-            eprintln!("keyturn: unexpected answer from the daemon");
-            return EXIT_FAILED;
-        }
-        Err(e) => {
+    let results = match request(&cfg, &Request::Rotate { selector, wait }).await {
+        Ok(ResponseBody::Rotate(results)) => results,
+        Ok(_) => return unexpected(),
+        Err(Failure::Answered(code)) => return code,
+        Err(Failure::Unreachable(e)) => {
             eprintln!("keyturn: {e}");
             return EXIT_UNAVAILABLE;
         }

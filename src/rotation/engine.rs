@@ -799,13 +799,7 @@ impl Inner {
     /// Runs `rot.step` with retries; on success the step's effects, the
     /// audit record and the advanced rotation row are all durable.
     async fn run_step(&self, entry: &CredEntry, rot: &mut RotationRow) -> Result<(), Stop> {
-        let retry = entry_retry(&self.catalog());
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(retry.initial_delay)
-            .with_max_delay(retry.max_delay)
-            .with_max_times(retry.max_attempts.saturating_sub(1) as usize)
-            .with_jitter()
-            .build();
+        let mut delays = step_backoff(entry_retry(&self.catalog()));
         let step = rot.step;
         loop {
             crash_point(before(step));
@@ -1074,13 +1068,7 @@ impl Inner {
 
     /// Retires the previous version of a delivered rotation and marks it done.
     async fn retire(&self, entry: &CredEntry, rot: &mut RotationRow) -> Result<(), Stop> {
-        let retry = entry_retry(&self.catalog());
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(retry.initial_delay)
-            .with_max_delay(retry.max_delay)
-            .with_max_times(retry.max_attempts.saturating_sub(1) as usize)
-            .with_jitter()
-            .build();
+        let mut delays = step_backoff(entry_retry(&self.catalog()));
         loop {
             crash_point("rotation.before_retire");
             let attempt: Result<Vec<Write>, StepError> = async {
@@ -1192,6 +1180,17 @@ fn staged(rot: &RotationRow) -> Result<VersionRef, StepError> {
             ),
         )
     })
+}
+
+/// The delays between attempts of one step: capped exponential with jitter,
+/// `max_attempts - 1` of them.
+fn step_backoff(retry: RetryConfig) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(retry.initial_delay)
+        .with_max_delay(retry.max_delay)
+        .with_max_times(retry.max_attempts.saturating_sub(1) as usize)
+        .with_jitter()
+        .build()
 }
 
 fn entry_retry(catalog: &Catalog) -> RetryConfig {
