@@ -27,3 +27,6 @@ mod failpoint;
 pub use catalog::{BuildError, Catalog, CredEntry, VaultHandle};
 pub use engine::{CredStatus, Engine, EngineError, RotateFinished};
 pub use failpoint::{FAILPOINTS, crash_point};
+
+#[cfg(test)]
+mod tests;
