@@ -1,0 +1,59 @@
+//! The shipped unit file is valid for systemd and keeps the properties the
+//! daemon relies on (notify, watchdog, sandbox).
+
+use std::path::Path;
+
+fn unit() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/keyturn.service"))
+        .unwrap()
+}
+
+#[test]
+fn unit_has_notify_watchdog_and_sandbox() {
+    let u = unit();
+    for line in [
+        "Type=notify",
+        "WatchdogSec=",
+        "StateDirectory=keyturn",
+        "RuntimeDirectory=",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "CapabilityBoundingSet=CAP_CHOWN CAP_DAC_OVERRIDE",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+    ] {
+        assert!(u.lines().any(|l| l.starts_with(line)), "unit lacks {line}");
+    }
+}
+
+#[test]
+fn systemd_analyze_verify_accepts_the_unit() {
+    let Ok(out) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        eprintln!("SKIPPED: systemd-analyze is not installed");
+        return;
+    };
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    // Point ExecStart at a binary that exists here; verify checks it.
+    let text = unit().replace("/usr/bin/keyturn", env!("CARGO_BIN_EXE_keyturn"));
+    let path = dir.path().join("keyturn.service");
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let problems: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("keyturn.service"))
+        .collect();
+    assert!(
+        out.status.success() && problems.is_empty(),
+        "systemd-analyze verify: {err}"
+    );
+}
