@@ -144,7 +144,6 @@ fn load(path: &Path) -> Result<Config, u8> {
 fn check(path: &Path) -> u8 {
     match load(path) {
         Ok(cfg) => {
-            println!("{}: ok", path.display());
             println!("{}", config::summary(&cfg));
             0
         }
