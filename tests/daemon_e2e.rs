@@ -659,3 +659,50 @@ fn json_log_format_writes_one_json_object_per_line() {
     }
     assert!(text.contains("\"message\":\"rotated\""), "{text}");
 }
+
+#[test]
+fn a_peer_outside_the_socket_policy_is_refused_and_audited() {
+    use std::os::unix::process::CommandExt;
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root to run a client as another uid");
+        return;
+    }
+    let env = Env::new(ONE_RAW);
+    let daemon = env.start();
+    // The client runs as nobody: it needs to reach the binary, the config
+    // and the socket. An admin loosening the socket's mode must still not
+    // let it in: SO_PEERCRED is checked on every connection.
+    let bin_copy = env.path().join("keyturn-client");
+    std::fs::copy(bin(), &bin_copy).unwrap();
+    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        env.path().join("control.sock"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    let out = std::process::Command::new(&bin_copy)
+        .args(["rotate", "bot/db", "--wait", "--config"])
+        .arg(&env.config)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("65534"), "the refusal names the uid: {err}");
+    daemon.stop();
+    let audit = std::fs::read_to_string(env.audit_log()).unwrap();
+    let refused = audit
+        .lines()
+        .find(|l| l.contains("\"event\":\"admin.refused\""))
+        .expect("refusal audited");
+    assert!(
+        refused.contains("\"uid\":65534") && refused.contains("\"outcome\":\"refused\""),
+        "{refused}"
+    );
+    assert!(
+        !audit.contains("\"event\":\"admin.rotate\""),
+        "the refused request did not run"
+    );
+}
