@@ -174,7 +174,7 @@ fn deserialize_sections(root: &Table) -> (RawConfig, Vec<Issue>) {
             "agents" => {
                 for (agent_name, agent_item) in entries(item, &p, &mut issues) {
                     let ap = p.key(&agent_name);
-                    let agent = section(agent_item, &ap, &mut issues);
+                    let agent = section(&without_credentials(agent_item), &ap, &mut issues);
                     let credentials = match agent_item
                         .as_table_like()
                         .and_then(|t| t.get("credentials"))
@@ -203,6 +203,25 @@ fn deserialize_sections(root: &Table) -> (RawConfig, Vec<Issue>) {
         }
     }
     (raw, issues)
+}
+
+/// An agent's table without its `credentials` sub-table, which is
+/// deserialized credential by credential: cloning it along with the agent's
+/// few scalar keys would copy every credential once more (seconds at 100k).
+fn without_credentials(item: &Item) -> Item {
+    let Some(t) = item.as_table_like() else {
+        return item.clone();
+    };
+    let mut out = Table::new();
+    for (k, v) in t.iter() {
+        if k == "credentials" {
+            continue;
+        }
+        if let Some((key, _)) = t.get_key_value(k) {
+            out.insert_formatted(key, v.clone());
+        }
+    }
+    Item::Table(out)
 }
 
 /// The `name → item` entries of a table of named sections.

@@ -9,7 +9,7 @@
 //! Validation keeps going after a problem: an operator fixing a config wants
 //! the whole list at once, not one error per `keyturn check` run.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -230,8 +230,8 @@ impl Validator<'_> {
 
         let mut agents = BTreeMap::new();
         // Cross-credential uniqueness: first place each was seen.
-        let mut vault_paths: BTreeMap<(String, String), TomlPath> = BTreeMap::new();
-        let mut sink_paths: BTreeMap<PathBuf, TomlPath> = BTreeMap::new();
+        let mut vault_paths: HashMap<(String, String), TomlPath> = HashMap::new();
+        let mut sink_paths: HashMap<PathBuf, TomlPath> = HashMap::new();
         let mut missing_roots_reported = false;
 
         for (agent_name, entry) in &raw.agents {
@@ -647,7 +647,7 @@ impl Validator<'_> {
             .vault_paths
             .entry((c.vault.clone(), vault_path.clone()))
         {
-            std::collections::btree_map::Entry::Occupied(first) => {
+            std::collections::hash_map::Entry::Occupied(first) => {
                 let mut issue = Issue::at(
                     here,
                     format!(
@@ -659,7 +659,7 @@ impl Validator<'_> {
                 issue.related = Some(first.get().clone());
                 self.issues.push(issue);
             }
-            std::collections::btree_map::Entry::Vacant(slot) => {
+            std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(here);
             }
         }
@@ -994,7 +994,7 @@ impl Validator<'_> {
             return None;
         }
         match cross.sink_paths.entry(resolved.clone()) {
-            std::collections::btree_map::Entry::Occupied(first) => {
+            std::collections::hash_map::Entry::Occupied(first) => {
                 let mut issue = Issue::at(
                     p.clone(),
                     format!(
@@ -1007,7 +1007,7 @@ impl Validator<'_> {
                 self.issues.push(issue);
                 None
             }
-            std::collections::btree_map::Entry::Vacant(slot) => {
+            std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(p.clone());
                 Some(resolved)
             }
@@ -1041,8 +1041,8 @@ impl Validator<'_> {
 
 /// Uniqueness maps shared by every credential.
 struct CrossChecks<'a> {
-    vault_paths: &'a mut BTreeMap<(String, String), TomlPath>,
-    sink_paths: &'a mut BTreeMap<PathBuf, TomlPath>,
+    vault_paths: &'a mut HashMap<(String, String), TomlPath>,
+    sink_paths: &'a mut HashMap<PathBuf, TomlPath>,
     missing_roots_reported: &'a mut bool,
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::config::{Config, CredentialConfig, SinkConfig, VaultConfig, VaultKind};
+use crate::config::{AgentConfig, Config, CredentialConfig, SinkConfig, VaultConfig, VaultKind};
 use crate::model::{CredentialKey, PluginError};
 use crate::schedule::jitter_offset;
 use crate::sinks::Sink;
@@ -29,8 +29,9 @@ pub struct VaultHandle {
 /// One credential, ready to rotate.
 pub struct CredEntry {
     pub key: CredentialKey,
-    pub tenant: String,
-    pub owner: String,
+    /// The agent it belongs to (its `credentials` map is empty: they live
+    /// in the catalog's entries). Shared by all of the agent's entries.
+    pub agent: Arc<AgentConfig>,
     pub cfg: CredentialConfig,
     pub vault: VaultHandle,
     pub target: Arc<dyn Target>,
@@ -40,6 +41,9 @@ pub struct CredEntry {
 }
 
 pub struct Catalog {
+    /// The config this catalog was built from. Its credentials were *moved*
+    /// into `creds` (at 100k credentials a second copy costs ~80 MB), so
+    /// `config.agents[..].credentials` is empty: use `creds`.
     pub config: Arc<Config>,
     pub creds: HashMap<CredentialKey, Arc<CredEntry>>,
     pub vaults: HashMap<String, VaultHandle>,
@@ -60,7 +64,7 @@ pub enum BuildError {
 impl Catalog {
     /// Builds plug-ins for `config`. Vaults whose config did not change are
     /// taken over from `previous` (open connections, loaded keys).
-    pub fn build(config: Arc<Config>, previous: Option<&Catalog>) -> Result<Catalog, BuildError> {
+    pub fn build(mut config: Config, previous: Option<&Catalog>) -> Result<Catalog, BuildError> {
         let mut vaults = HashMap::new();
         for (name, vcfg) in &config.vaults {
             let reuse = previous.and_then(|p| p.vaults.get(name)).filter(|h| {
@@ -81,32 +85,36 @@ impl Catalog {
         }
         let roots = config.daemon.delivery_roots.clone();
         let mut creds = HashMap::with_capacity(config.credential_count());
-        for (agent, cred) in config.credentials() {
-            let vault = vaults
-                .get(&cred.vault)
-                .expect("validation guarantees every credential's vault exists")
-                .clone();
-            let mut sinks: Vec<Arc<dyn Sink>> = Vec::with_capacity(cred.deliver.len());
-            for (index, s) in cred.deliver.iter().enumerate() {
-                let sink = build_sink(s, &roots).map_err(|source| BuildError::Sink {
+        for agent in config.agents.values_mut() {
+            let credentials = std::mem::take(&mut agent.credentials);
+            let agent = Arc::new(agent.clone());
+            for cred in credentials.into_values() {
+                let vault = vaults
+                    .get(&cred.vault)
+                    .expect("validation guarantees every credential's vault exists")
+                    .clone();
+                let mut sinks: Vec<Arc<dyn Sink>> = Vec::with_capacity(cred.deliver.len());
+                for (index, s) in cred.deliver.iter().enumerate() {
+                    let sink = build_sink(s, &roots).map_err(|source| BuildError::Sink {
+                        key: cred.key.clone(),
+                        index,
+                        source,
+                    })?;
+                    sinks.push(sink);
+                }
+                let entry = CredEntry {
                     key: cred.key.clone(),
-                    index,
-                    source,
-                })?;
-                sinks.push(sink);
+                    agent: agent.clone(),
+                    offset: jitter_offset(&cred.key, cred.jitter),
+                    target: targets::build(&cred.target),
+                    cfg: cred,
+                    vault,
+                    sinks,
+                };
+                creds.insert(entry.key.clone(), Arc::new(entry));
             }
-            let entry = CredEntry {
-                key: cred.key.clone(),
-                tenant: agent.tenant.clone(),
-                owner: agent.owner.clone(),
-                offset: jitter_offset(&cred.key, cred.jitter),
-                target: targets::build(&cred.target),
-                cfg: cred.clone(),
-                vault,
-                sinks,
-            };
-            creds.insert(cred.key.clone(), Arc::new(entry));
         }
+        let config = Arc::new(config);
         Ok(Catalog {
             config,
             creds,

@@ -591,8 +591,8 @@ impl Inner {
         let mut ev = AuditEvent::new(event, Actor::Daemon, outcome);
         ev.agent = Some(entry.key.agent.clone());
         ev.credential = Some(entry.key.credential.clone());
-        ev.tenant = Some(entry.tenant.clone());
-        ev.owner = Some(entry.owner.clone());
+        ev.tenant = Some(entry.agent.tenant.clone());
+        ev.owner = Some(entry.agent.owner.clone());
         ev.rotation = rot.map(|r| r.id.clone());
         ev.version = rot.map(|r| r.version);
         ev.detail = detail;
@@ -1005,8 +1005,8 @@ impl Inner {
                 let row = delivered_row(entry, rot);
                 let notice = Notice {
                     key: key.clone(),
-                    tenant: entry.tenant.clone(),
-                    owner: entry.owner.clone(),
+                    tenant: entry.agent.tenant.clone(),
+                    owner: entry.agent.owner.clone(),
                     version: rot.version,
                     rotation: rot.id.clone(),
                     rotated_at: now(),

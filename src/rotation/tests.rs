@@ -107,9 +107,8 @@ grace = "1h"
 deliver = [{{ type = "file", path = "{d}/agents/bot/db" }}]
 "#
     );
-    let config =
-        Arc::new(crate::config::load_str(&dir.path().join("k.toml"), &text).expect("valid config"));
-    let mut catalog = Catalog::build(config.clone(), None).expect("catalog");
+    let config = crate::config::load_str(&dir.path().join("k.toml"), &text).expect("valid config");
+    let mut catalog = Catalog::build(config, None).expect("catalog");
     let vault = Arc::new(FlakyVault {
         inner: LocalVault::open("local", &dir.path().join("vault"), LocalKey::generate()).unwrap(),
         failures: AtomicU32::new(failures),
@@ -123,8 +122,7 @@ deliver = [{{ type = "file", path = "{d}/agents/bot/db" }}]
     let old = catalog.creds.remove(&key()).unwrap();
     let entry = CredEntry {
         key: old.key.clone(),
-        tenant: old.tenant.clone(),
-        owner: old.owner.clone(),
+        agent: old.agent.clone(),
         cfg: old.cfg.clone(),
         vault: handle,
         target: old.target.clone(),

@@ -962,7 +962,7 @@ impl Inner {
         prefix.extend_from_slice(name.as_bytes());
         prefix.extend_from_slice(b".tmp.");
         let names =
-            list_dir(dir).map_err(|e| self.sys("list directory for stale temp files", e))?;
+            temp_candidates(dir).map_err(|e| self.sys("list directory for stale temp files", e))?;
         let now = Utc::now().timestamp();
         for n in names.iter().filter(|n| n.as_bytes().starts_with(&prefix)) {
             let Ok(Some(st)) = stat_nofollow(dir, n) else {
@@ -1105,6 +1105,41 @@ fn rename_noreplace(dir: RawFd, from: &OsStr, to: &OsStr) -> Result<(), Errno> {
 /// The names in a directory (without `.` and `..`), read through a fresh
 /// descriptor so the caller's stays usable. (libc directly: nix's `dir`
 /// feature is not enabled in this crate.)
+/// The temp-like entries (`.*.tmp.*`) of `dir`, listed once per directory
+/// state. Preflight of every sink sweeps every directory on its path, so with
+/// many sinks under one tree the same directories would be listed again and
+/// again (100k sinks: ~10^8 entries read). The listing is cached by device,
+/// inode and modification time: any entry added or removed since changes the
+/// mtime and forces a fresh listing, so a cached answer is never stale.
+fn temp_candidates(dir: &OwnedFd) -> Result<Arc<Vec<OsString>>, Errno> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Listing = ((i64, i64), Arc<Vec<OsString>>);
+    static CACHE: OnceLock<Mutex<HashMap<(u64, u64), Listing>>> = OnceLock::new();
+    let st = nix::sys::stat::fstat(dir.as_raw_fd())?;
+    let id = (st.st_dev, st.st_ino);
+    let mtime = (st.st_mtime, st.st_mtime_nsec);
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some((m, names)) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&id)
+        && *m == mtime
+    {
+        return Ok(names.clone());
+    }
+    let names: Vec<OsString> = list_dir(dir)?
+        .into_iter()
+        .filter(|n| {
+            let b = n.as_bytes();
+            b.starts_with(b".") && b.windows(5).any(|w| w == b".tmp.")
+        })
+        .collect();
+    let names = Arc::new(names);
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, (mtime, names.clone()));
+    Ok(names)
+}
+
 fn list_dir(dir: &OwnedFd) -> Result<Vec<OsString>, Errno> {
     let fd = nix::fcntl::openat(
         Some(dir.as_raw_fd()),
