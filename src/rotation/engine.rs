@@ -691,8 +691,17 @@ impl Inner {
             let l = live.entry(key.clone()).or_default();
             l.running = None;
             match result {
-                Ok(()) => l.retire_at = None,
+                Ok(()) => {
+                    l.retire_at = None;
+                    if let Some(row) = l.row.as_mut() {
+                        row.last_error = None;
+                    }
+                }
                 Err(Stop::Failed(msg)) => {
+                    // Shown by `status` until the retry succeeds.
+                    if let Some(row) = l.row.as_mut() {
+                        row.last_error = Some(msg.clone());
+                    }
                     let delay = entry_retry(&self.catalog()).max_delay;
                     tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, "retiring the previous version failed; will retry");
                     self.timers()
@@ -1021,21 +1030,19 @@ impl Inner {
                         Ok(_) => (Outcome::Ok, None),
                         Err(e) => (Outcome::Failed, Some(e.to_string())),
                     };
-                    let head = self
-                        .audit(
-                            entry,
-                            Some(rot),
-                            "delivery",
-                            outcome,
-                            Some(sink.describe()),
-                            error,
-                        )
-                        .await
-                        .map_err(|e| StepError::new("audit", e))?;
+                    // The audit head is persisted later, with the step (or
+                    // with the failure record of a failed attempt).
+                    self.audit(
+                        entry,
+                        Some(rot),
+                        "delivery",
+                        outcome,
+                        Some(sink.describe()),
+                        error,
+                    )
+                    .await
+                    .map_err(|e| StepError::new("audit", e))?;
                     result.map_err(|e| StepError::new(format!("sink {}", sink.describe()), e))?;
-                    // The head is persisted with the step; deliveries of a
-                    // failed attempt are persisted with the failure record.
-                    let _ = head;
                 }
                 Ok(vec![Write::Credential(row)])
             }
@@ -1126,7 +1133,7 @@ impl Inner {
                 Err(e) => {
                     let msg = e.message();
                     self.metrics.step_failed(Step::Retire.as_str());
-                    let _ = self
+                    if let Err(audit) = self
                         .audit(
                             entry,
                             Some(rot),
@@ -1135,7 +1142,10 @@ impl Inner {
                             None,
                             Some(msg.clone()),
                         )
-                        .await;
+                        .await
+                    {
+                        tracing::error!(agent = %entry.key.agent, credential = %entry.key.credential, error = %audit, "could not record a step failure");
+                    }
                     let delay = if e.error.kind.is_retryable() {
                         delays.next()
                     } else {
