@@ -729,17 +729,17 @@ impl Inner {
                 tracing::info!(agent = %key.agent, credential = %key.credential, rotation = %r.id, step = %r.step, "resuming rotation");
                 r
             }
-            latest => {
-                if let Some(mut prev) = latest.filter(|r| r.step == Step::Retire) {
+            mut latest => {
+                if let Some(prev) = latest.as_mut().filter(|r| r.step == Step::Retire) {
                     // A new version is coming: the one before the current
                     // must go now rather than at the end of its grace.
-                    self.retire(entry, &mut prev).await?;
+                    self.retire(entry, prev).await?;
                     if let Some(l) = self.live().get_mut(&key) {
                         l.retire_at = None;
                     }
                     self.timers().cancel(&(key.clone(), Job::Retire));
                 }
-                self.begin(entry).await?
+                self.begin(entry, latest.as_ref()).await?
             }
         };
         self.set_running(&key, &rot);
@@ -753,7 +753,13 @@ impl Inner {
     }
 
     /// Records the start of a new rotation.
-    async fn begin(&self, entry: &CredEntry) -> Result<RotationRow, Stop> {
+    /// `latest` is the credential's newest (finished) rotation, if any: it
+    /// created the current version, so it knows its number and vault id.
+    async fn begin(
+        &self,
+        entry: &CredEntry,
+        latest: Option<&RotationRow>,
+    ) -> Result<RotationRow, Stop> {
         let key = &entry.key;
         let cred = self.cred_row(key);
         let trigger = self
@@ -761,16 +767,24 @@ impl Inner {
             .get(key)
             .and_then(|l| l.next_trigger)
             .unwrap_or(Trigger::Schedule);
-        let k = key.clone();
-        let versions = self
-            .load(move |s| s.versions(&k))
-            .await
-            .map_err(|e| Stop::Failed(format!("{key}: {e}")))?;
-        let newest = versions.iter().map(|v| v.version).max().unwrap_or(0);
-        let previous_vault_version = cred
-            .current_version
-            .and_then(|cv| versions.iter().find(|v| v.version == cv))
-            .map(|v| v.vault_version.clone());
+        let newest = latest.map_or(0, |r| r.version);
+        let previous_vault_version = match latest {
+            Some(r) if Some(r.version) == cred.current_version => r.vault_version.clone(),
+            // No rotation history for the current version (rows forgotten,
+            // state restored): look the version up.
+            _ => match cred.current_version {
+                None => None,
+                Some(cv) => {
+                    let k = key.clone();
+                    self.load(move |s| s.versions(&k))
+                        .await
+                        .map_err(|e| Stop::Failed(format!("{key}: {e}")))?
+                        .into_iter()
+                        .find(|v| v.version == cv)
+                        .map(|v| v.vault_version)
+                }
+            },
+        };
         let t = now();
         let rot = RotationRow {
             id: RotationId::generate(),
@@ -974,43 +988,35 @@ impl Inner {
                     .promote(item, &vref)
                     .await
                     .map_err(|e| StepError::new(vctx(), e))?;
-                let k = key.clone();
-                let versions = self
-                    .load(move |s| s.versions(&k))
-                    .await
-                    .map_err(|e| StepError::new("state", e))?;
-                let writes = versions
-                    .into_iter()
-                    .filter_map(|mut v| {
-                        let stage = if v.version == rot.version {
-                            Stage::Current
-                        } else if Some(v.version) == rot.previous_version {
-                            Stage::Previous
-                        } else if matches!(v.stage, Stage::Current | Stage::Previous) {
-                            Stage::Retired
-                        } else {
-                            return None;
-                        };
-                        (v.stage != stage).then(|| {
-                            v.stage = stage;
-                            Write::Version(v)
-                        })
-                    })
-                    .collect();
+                let mut writes = vec![Write::VersionStage {
+                    key: key.clone(),
+                    version: rot.version,
+                    stage: Stage::Current,
+                }];
+                let mut keep = vec![rot.version];
+                if let Some(prev) = rot.previous_version {
+                    writes.push(Write::VersionStage {
+                        key: key.clone(),
+                        version: prev,
+                        stage: Stage::Previous,
+                    });
+                    keep.push(prev);
+                }
+                // Anything older still marked current or previous was
+                // retired in the vault by this promote.
+                writes.push(Write::RetireOthers {
+                    key: key.clone(),
+                    except: keep,
+                    from: vec![Stage::Current, Stage::Previous],
+                    to: Stage::Retired,
+                });
                 Ok(writes)
             }
             Step::Deliver => {
                 let vref = staged(rot)?;
                 let value = self.read_version(entry, &vref).await?;
-                let k = key.clone();
-                let version = rot.version;
-                let public = self
-                    .load(move |s| s.versions(&k))
-                    .await
-                    .map_err(|e| StepError::new("state", e))?
-                    .into_iter()
-                    .find(|v| v.version == version)
-                    .and_then(|v| v.public);
+                let kind = generators::kind_of(&entry.cfg.generate);
+                let public = generators::public_part(kind, &value);
                 let row = delivered_row(entry, rot);
                 let notice = Notice {
                     key: key.clone(),
@@ -1020,7 +1026,7 @@ impl Inner {
                     rotation: rot.id.clone(),
                     rotated_at: now(),
                     expires_hint: row.next_due.map(|d| d + chrono_dur(entry.cfg.grace)),
-                    kind: generators::kind_of(&entry.cfg.generate),
+                    kind,
                     public,
                 };
                 for sink in &entry.sinks {
@@ -1089,17 +1095,12 @@ impl Inner {
                     entry.vault.vault.retire(item, &vref).await.map_err(|e| {
                         StepError::new(format!("vault {:?}", entry.vault.vault.name()), e)
                     })?;
-                    let k = entry.key.clone();
-                    let versions = self
-                        .load(move |s| s.versions(&k))
-                        .await
-                        .map_err(|e| StepError::new("state", e))?;
-                    if let Some(mut v) = versions
-                        .into_iter()
-                        .find(|v| Some(v.version) == rot.previous_version)
-                    {
-                        v.stage = Stage::Retired;
-                        writes.push(Write::Version(v));
+                    if let Some(version) = rot.previous_version {
+                        writes.push(Write::VersionStage {
+                            key: entry.key.clone(),
+                            version,
+                            stage: Stage::Retired,
+                        });
                     }
                 }
                 crash_point("rotation.after_retire");

@@ -183,6 +183,20 @@ pub enum Write {
     Credential(CredentialRow),
     Rotation(RotationRow),
     Version(VersionRow),
+    /// Moves one version to `stage` (no-op if the row does not exist). Lets
+    /// the engine record promote and retire without reading the rows first.
+    VersionStage {
+        key: CredentialKey,
+        version: VersionNo,
+        stage: Stage,
+    },
+    /// Every version of `key` other than `except` that is in `from` moves to `to`.
+    RetireOthers {
+        key: CredentialKey,
+        except: Vec<VersionNo>,
+        from: Vec<Stage>,
+        to: Stage,
+    },
     AuditHead(AuditHead),
     /// Forget a credential removed from config (its rows, not its audit).
     ForgetCredential(CredentialKey),

@@ -379,6 +379,66 @@ impl SqliteStore {
                 ])
                 .map_err(e)?;
             }
+            Write::VersionStage {
+                key,
+                version,
+                stage,
+            } => {
+                let mut st = tx
+                    .prepare_cached(
+                        "UPDATE versions SET stage = ?4 \
+                         WHERE agent = ?1 AND credential = ?2 AND version = ?3",
+                    )
+                    .map_err(e)?;
+                st.execute(params![
+                    key.agent.as_str(),
+                    key.credential.as_str(),
+                    self.ver_to_sql(*version)?,
+                    stage.as_str(),
+                ])
+                .map_err(e)?;
+            }
+            Write::RetireOthers {
+                key,
+                except,
+                from,
+                to,
+            } => {
+                // Few rows per credential: select the candidates, filter here.
+                let mut st = tx
+                    .prepare_cached(
+                        "SELECT version, stage FROM versions WHERE agent = ?1 AND credential = ?2",
+                    )
+                    .map_err(e)?;
+                let rows: Vec<(i64, String)> = st
+                    .query_map(params![key.agent.as_str(), key.credential.as_str()], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .map_err(e)?
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(e)?;
+                let mut up = tx
+                    .prepare_cached(
+                        "UPDATE versions SET stage = ?4 \
+                         WHERE agent = ?1 AND credential = ?2 AND version = ?3",
+                    )
+                    .map_err(e)?;
+                for (v, stage) in rows {
+                    let Some(stage) = Stage::parse(&stage) else {
+                        continue;
+                    };
+                    let keep = u64::try_from(v).is_ok_and(|v| except.contains(&v));
+                    if !keep && from.contains(&stage) {
+                        up.execute(params![
+                            key.agent.as_str(),
+                            key.credential.as_str(),
+                            v,
+                            to.as_str()
+                        ])
+                        .map_err(e)?;
+                    }
+                }
+            }
             Write::AuditHead(h) => {
                 let seq = i64::try_from(h.seq).map_err(|_| StateError::Db {
                     path: self.path.clone(),
@@ -732,6 +792,66 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("state/keyturn.db")).unwrap();
         (dir, store)
+    }
+
+    #[test]
+    fn stage_writes_move_versions_without_reading_them() {
+        let (_dir, s) = open_tmp();
+        let k = key("invoice-bot", "db");
+        let r = rot(&k, Step::Promote);
+        let mut rows = Vec::new();
+        for (n, stage) in [
+            (1, Stage::Retired),
+            (2, Stage::Previous),
+            (3, Stage::Current),
+            (4, Stage::Pending),
+        ] {
+            let mut v = version(&k, &r.id, n);
+            v.stage = stage;
+            rows.push(Write::Version(v));
+        }
+        s.apply(&rows).unwrap();
+        // Promote 4: 4 current, 3 previous, every other current/previous retired.
+        s.apply(&[
+            Write::VersionStage {
+                key: k.clone(),
+                version: 4,
+                stage: Stage::Current,
+            },
+            Write::VersionStage {
+                key: k.clone(),
+                version: 3,
+                stage: Stage::Previous,
+            },
+            Write::RetireOthers {
+                key: k.clone(),
+                except: vec![4, 3],
+                from: vec![Stage::Current, Stage::Previous],
+                to: Stage::Retired,
+            },
+            // A missing version is a no-op, not an error.
+            Write::VersionStage {
+                key: k.clone(),
+                version: 99,
+                stage: Stage::Retired,
+            },
+        ])
+        .unwrap();
+        let stages: Vec<(u64, Stage)> = s
+            .versions(&k)
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.version, v.stage))
+            .collect();
+        assert_eq!(
+            stages,
+            vec![
+                (1, Stage::Retired),
+                (2, Stage::Retired),
+                (3, Stage::Previous),
+                (4, Stage::Current)
+            ]
+        );
     }
 
     #[test]
