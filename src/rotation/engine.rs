@@ -79,6 +79,20 @@ struct CredLive {
     waiters: Vec<oneshot::Sender<RotateFinished>>,
 }
 
+impl CredLive {
+    fn state(&self) -> CredentialState {
+        if self.running.is_some() {
+            CredentialState::Rotating
+        } else if self.parked {
+            CredentialState::Failed
+        } else if self.retire_at.is_some() {
+            CredentialState::Retiring
+        } else {
+            CredentialState::Idle
+        }
+    }
+}
+
 /// One credential's line in `status`.
 #[derive(Debug, Clone)]
 pub struct CredStatus {
@@ -337,8 +351,13 @@ impl Engine {
             (CredentialState::Retiring, 0),
             (CredentialState::Failed, 0),
         ];
-        for s in self.status() {
-            if let Some(c) = counts.iter_mut().find(|(n, _)| n.as_str() == s.state) {
+        // Called on every metrics scrape: count from the live map directly
+        // rather than building (and sorting) a status row per credential.
+        let catalog = self.inner.catalog();
+        let live = self.inner.live();
+        for key in catalog.creds.keys() {
+            let state = live.get(key).map_or(CredentialState::Idle, CredLive::state);
+            if let Some(c) = counts.iter_mut().find(|(n, _)| *n == state) {
                 c.1 += 1;
             }
         }
@@ -508,12 +527,7 @@ impl Inner {
                 let l = live.get(key);
                 let row = l.and_then(|l| l.row.as_ref());
                 let running = l.and_then(|l| l.running.as_ref());
-                let state = match (running, l) {
-                    (Some(_), _) => "rotating",
-                    (None, Some(l)) if l.parked => "failed",
-                    (None, Some(l)) if l.retire_at.is_some() => "retiring",
-                    _ => "idle",
-                };
+                let state = l.map_or(CredentialState::Idle, CredLive::state).as_str();
                 let version = row.and_then(|r| r.current_version);
                 CredStatus {
                     key: key.clone(),
