@@ -150,3 +150,73 @@ fn every_failpoint_is_survived() {
         check_one(fp);
     }
 }
+
+/// SIGTERM while a step is in flight: the step finishes and is persisted, the
+/// daemon exits 0 within the drain timeout, and the next start resumes the
+/// rotation at the following step.
+#[test]
+fn sigterm_drains_the_in_flight_step_and_the_rotation_resumes() {
+    let env = Env::new(CONFIG);
+    let first = env.start();
+    wait_settled(&env, 1);
+    first.stop();
+
+    // Make `create` take 1.5 s after its effect, then ask for a rotation.
+    let mut slow = env.start_with(&[("FAILPOINTS", "rotation.after_create=sleep(1500)")]);
+    let client = {
+        let config = env.config.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(bin())
+                .args(["rotate", "bot/db", "--wait", "--config"])
+                .arg(&config)
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(600));
+    slow.signal(libc::SIGTERM);
+    let started = std::time::Instant::now();
+    let status = slow
+        .wait_exit(Duration::from_secs(15))
+        .expect("exits after draining");
+    assert!(status.success(), "exit 0 after draining: {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "within drain_timeout"
+    );
+    let out = client.join().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the waiting client is told the rotation did not finish"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("stopping"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // The drained step was recorded: the rotation is parked after `create`.
+    let state = SqliteStore::open_read_only(&env.state_dir().join("state.db")).unwrap();
+    let latest = state
+        .latest_rotation(&key())
+        .unwrap()
+        .expect("a rotation was started");
+    assert_eq!(
+        latest.step,
+        keyturn::state::Step::Set,
+        "create finished and was persisted before exit"
+    );
+    drop(state);
+
+    let again = env.start();
+    wait_settled(&env, 2);
+    again.stop();
+    let state = SqliteStore::open_read_only(&env.state_dir().join("state.db")).unwrap();
+    let done = state.latest_rotation(&key()).unwrap().unwrap();
+    assert_eq!(
+        done.id, latest.id,
+        "the same rotation resumed, not a new one"
+    );
+    assert!(env.cli(&["audit", "verify"]).status.success());
+}
