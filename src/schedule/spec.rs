@@ -17,6 +17,8 @@ pub enum ScheduleSpec {
     Cron {
         text: String,
         schedule: Arc<cron::Schedule>,
+        /// Shortest gap between two firings, computed once per expression.
+        min_period: Option<Duration>,
     },
     /// A fixed interval after the last rotation.
     Every(Duration),
@@ -58,14 +60,15 @@ impl ScheduleSpec {
         let normalized = full.join(" ");
         // A parsed cron::Schedule holds a set per field (kilobytes); 100k
         // credentials usually share a handful of expressions, so share them.
-        static CACHE: OnceLock<Mutex<HashMap<String, Arc<cron::Schedule>>>> = OnceLock::new();
+        type Parsed = (Arc<cron::Schedule>, Option<Duration>);
+        static CACHE: OnceLock<Mutex<HashMap<String, Parsed>>> = OnceLock::new();
         let cache = CACHE.get_or_init(Default::default);
         let cached = cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&normalized)
             .cloned();
-        let schedule = match cached {
+        let (schedule, min_period) = match cached {
             Some(s) => s,
             None => {
                 let schedule = cron::Schedule::from_str(&normalized)
@@ -73,17 +76,19 @@ impl ScheduleSpec {
                 if schedule.upcoming(Utc).next().is_none() {
                     return Err(format!("cron expression {text:?} never fires"));
                 }
-                let schedule = Arc::new(schedule);
+                let min_period = cron_min_period(&schedule);
+                let parsed = (Arc::new(schedule), min_period);
                 cache
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(normalized, schedule.clone());
-                schedule
+                    .insert(normalized, parsed.clone());
+                parsed
             }
         };
         Ok(ScheduleSpec::Cron {
             text: text.to_owned(),
             schedule,
+            min_period,
         })
     }
 
@@ -124,15 +129,18 @@ impl ScheduleSpec {
     pub fn min_period(&self) -> Option<Duration> {
         match self {
             ScheduleSpec::Every(d) => Some(*d),
-            ScheduleSpec::Cron { schedule, .. } => {
-                let times: Vec<_> = schedule.upcoming(Utc).take(64).collect();
-                times
-                    .windows(2)
-                    .filter_map(|w| (w[1] - w[0]).to_std().ok())
-                    .min()
-            }
+            ScheduleSpec::Cron { min_period, .. } => *min_period,
         }
     }
+}
+
+/// The shortest gap among the next 64 firings (validation checks jitter < it).
+fn cron_min_period(schedule: &cron::Schedule) -> Option<Duration> {
+    let times: Vec<_> = schedule.upcoming(Utc).take(64).collect();
+    times
+        .windows(2)
+        .filter_map(|w| (w[1] - w[0]).to_std().ok())
+        .min()
 }
 
 /// Expands a standard day-of-week field into day names for the `cron` crate.
