@@ -282,7 +282,7 @@ fn serde_issue(mut path: TomlPath, message: &str, span: Option<Range<usize>>) ->
             } else {
                 expected.to_owned()
             };
-            if path.segments().last() != Some(&Seg::Key(key.to_owned())) {
+            if path.segments().last() != Some(&Seg::Key(key.into())) {
                 path = path.key(key);
             }
             return Issue::at_key(path, format!("unknown key `{key}`; {expected}"));

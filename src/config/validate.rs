@@ -30,10 +30,12 @@ use crate::schedule::ScheduleSpec;
 
 use super::raw::RawConfig;
 
-/// One step of a TOML path.
+/// One step of a TOML path. Keys are shared (`Arc<str>`): validation builds a
+/// path for every field it checks, and cloning a parent path must not copy
+/// its strings (at 100k credentials that was millions of allocations).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Seg {
-    Key(String),
+    Key(std::sync::Arc<str>),
     Index(usize),
 }
 
@@ -46,9 +48,10 @@ impl TomlPath {
         Self::default()
     }
     pub fn key(&self, k: impl Into<String>) -> Self {
-        let mut p = self.clone();
-        p.0.push(Seg::Key(k.into()));
-        p
+        let mut p = Vec::with_capacity(self.0.len() + 1);
+        p.extend(self.0.iter().cloned());
+        p.push(Seg::Key(k.into().into()));
+        TomlPath(p)
     }
     pub fn index(&self, i: usize) -> Self {
         let mut p = self.clone();
