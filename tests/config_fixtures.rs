@@ -32,6 +32,55 @@ fn load_good(name: &str) -> Config {
 /// (fixture, line, column, TOML path, message substring). Column 0 = not checked.
 const BAD: &[(&str, usize, usize, &str, &str)] = &[
     (
+        "bad-vault-listed-twice.toml",
+        15,
+        19,
+        "agents.bot.credentials.db.vault[1]",
+        "vault `local` is listed twice",
+    ),
+    (
+        "bad-unknown-vault-in-list.toml",
+        15,
+        19,
+        "agents.bot.credentials.db.vault[1]",
+        "unknown vault `aws`; defined vaults: `local`",
+    ),
+    (
+        "bad-vault-auth.toml",
+        6,
+        9,
+        "vaults.bao",
+        "set exactly one way to log in: `token_file`, `token_env` or `approle",
+    ),
+    (
+        "bad-vault-url.toml",
+        8,
+        13,
+        "vaults.kv.vault_url",
+        "invalid URL `http://acme.vault.azure.net`: the scheme must be `https`",
+    ),
+    (
+        "bad-write-budget.toml",
+        9,
+        16,
+        "vaults.aws.write_budget",
+        "write_budget must be a positive number of writes per second",
+    ),
+    (
+        "bad-pg-strategy.toml",
+        18,
+        89,
+        "agents.bot.credentials.db.target.strategy",
+        "unknown strategy `round_robin`; expected `single_user` or `alternating_users`",
+    ),
+    (
+        "bad-command-env.toml",
+        22,
+        9,
+        "agents.bot.credentials.api.target.env.KEYTURN_STEP",
+        "invalid environment variable `KEYTURN_STEP`: `KEYTURN_*` variables are set by keyturn for each step",
+    ),
+    (
         "bad-unknown-key.toml",
         17,
         1,
@@ -50,7 +99,7 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         7,
         8,
         "vaults.local.type",
-        "unknown value `s3`; expected `local`",
+        "unknown value `s3`; expected one of `local`, `vault`, `aws_secrets_manager`, `azure_key_vault`",
     ),
     (
         "bad-cron.toml",
@@ -352,7 +401,10 @@ fn good_full_reads_every_key() {
         dir,
         key_file,
         key_credential,
-    } = &v.kind;
+    } = &v.kind
+    else {
+        panic!("expected the local vault, found {:?}", v.kind);
+    };
     // Relative paths resolve against the config file's directory.
     assert_eq!(*dir, fixture("vaults/local"));
     assert_eq!(key_file, Path::new("/etc/keyturn/local.key"));
@@ -369,7 +421,7 @@ fn good_full_reads_every_key() {
 
     let db = &bot.credentials[&"db".parse().unwrap()];
     assert_eq!(db.key.to_string(), "invoice-bot/db");
-    assert_eq!(db.vault, "local");
+    assert_eq!(db.vault_label(), "local");
     assert_eq!(db.path, "acme/invoice-bot/db");
     assert_eq!(
         db.generate,
@@ -531,7 +583,9 @@ fn the_demo_writes_only_under_demo_run() {
     }
     assert_eq!(d.delivery_roots, vec![demo_run.join("agents")]);
     for v in cfg.vaults.values() {
-        let VaultKind::Local { dir, key_file, .. } = &v.kind;
+        let VaultKind::Local { dir, key_file, .. } = &v.kind else {
+            panic!("the demo runs on the local vault only, found {:?}", v.kind);
+        };
         assert!(dir.starts_with(&demo_run) && key_file.starts_with(&demo_run));
     }
     let mut generators = std::collections::BTreeSet::new();
@@ -562,4 +616,93 @@ fn the_demo_writes_only_under_demo_run() {
     assert_eq!(cfg.agents.len(), 3);
     assert_eq!(generators.len(), 4, "every generator: {generators:?}");
     assert_eq!(formats.len(), 3, "every format: {formats:?}");
+}
+
+#[test]
+fn good_remote_reads_every_vault_and_target_type() {
+    use keyturn::config::{
+        AwsConfig, AzureAuth, CommandTargetConfig, HashicorpAuth, PgStrategy, PostgresTargetConfig,
+    };
+    let cfg = load_good("good-remote.toml");
+    let dir = fixture("");
+    let VaultKind::Hashicorp(bao) = &cfg.vaults["bao"].kind else {
+        panic!("bao: {:?}", cfg.vaults["bao"].kind)
+    };
+    // The trailing `/` is dropped so request URLs are built one way.
+    assert_eq!(bao.address, "https://bao.internal:8200");
+    assert_eq!(bao.mount, "kv");
+    assert_eq!(bao.namespace.as_deref(), Some("team-a"));
+    assert_eq!(bao.field, "value");
+    assert_eq!(bao.timeout, Duration::from_secs(30));
+    assert_eq!(
+        bao.ca_file.as_deref(),
+        Some(dir.join("bao-ca.pem").as_path())
+    );
+    assert_eq!(
+        bao.auth,
+        HashicorpAuth::AppRole {
+            mount: "approle".into(),
+            role_id_file: dir.join("bao-role-id"),
+            secret_id_file: dir.join("bao-secret-id"),
+        }
+    );
+    assert_eq!(
+        cfg.vaults["aws"].kind,
+        VaultKind::AwsSecretsManager(AwsConfig {
+            region: Some("eu-west-1".into()),
+            endpoint_url: None,
+            profile: None,
+            secret_prefix: "keyturn/".into(),
+            write_budget: 10.0,
+            timeout: Duration::from_secs(30),
+        })
+    );
+    assert_eq!(cfg.vaults["aws"].max_concurrent, 8);
+    let VaultKind::AzureKeyVault(kv) = &cfg.vaults["kv"].kind else {
+        panic!("kv: {:?}", cfg.vaults["kv"].kind)
+    };
+    assert!(kv.verify_challenge_resource);
+    assert_eq!(
+        kv.auth,
+        AzureAuth::ClientSecret {
+            tenant_id: "00000000-0000-0000-0000-000000000001".into(),
+            client_id: "00000000-0000-0000-0000-000000000002".into(),
+            secret_file: dir.join("azure-client-secret"),
+        }
+    );
+
+    let creds: Vec<_> = cfg.credentials().map(|(_, c)| c).collect();
+    let db = creds
+        .iter()
+        .find(|c| c.key.credential.as_str() == "db")
+        .unwrap();
+    assert_eq!(
+        db.vaults.iter().map(|v| &**v).collect::<Vec<_>>(),
+        ["bao", "aws"],
+        "the order is kept: the first vault is the primary"
+    );
+    assert_eq!(db.vault_label(), "bao+aws");
+    assert_eq!(
+        db.target,
+        TargetConfig::Postgres(Box::new(PostgresTargetConfig {
+            admin_dsn_file: dir.join("pg-admin.dsn"),
+            role: "invoice_bot".into(),
+            strategy: PgStrategy::AlternatingUsers,
+            connect_timeout: Duration::from_secs(10),
+            test_dbname: None,
+        }))
+    );
+    let partner = creds
+        .iter()
+        .find(|c| c.key.credential.as_str() == "partner")
+        .unwrap();
+    assert_eq!(
+        partner.target,
+        TargetConfig::Command(Box::new(CommandTargetConfig {
+            program: dir.join("hooks/partner-key"),
+            args: vec!["--account".into(), "acme".into()],
+            timeout: Duration::from_secs(10),
+            env: vec![("PARTNER_API".into(), "https://partner.example.com".into())],
+        }))
+    );
 }

@@ -14,14 +14,19 @@ use keyturn::state::{SqliteStore, StateStore};
 use keyturn::vaults::local::{LocalVault, load_key};
 use keyturn::vaults::{Select, Vault, VaultItem, VersionRef};
 
+/// The credential is kept in two vaults (the Env's `local` and `mirror`), so
+/// every failpoint also checks that the vaults never disagree.
 const CONFIG: &str = r#"
+[vaults.mirror]
+type = "local"
+
 [agents.bot]
 owner = "alice@example.com"
 tenant = "acme"
 tier = "high"
 
 [agents.bot.credentials.db]
-vault = "local"
+vault = ["local", "mirror"]
 generate = { kind = "password", length = 32 }
 every = "1h"
 grace = "0s"
@@ -45,12 +50,12 @@ fn wait_settled(env: &Env, version: u64) {
     .unwrap_or_else(|| panic!("never settled at version {version}: {:?}", status_json(env)));
 }
 
-async fn vault_value(env: &Env, select: Select<'_>) -> Option<(String, Vec<u8>)> {
+async fn vault_value(env: &Env, name: &str, select: Select<'_>) -> Option<(String, Vec<u8>)> {
     let state = env.state_dir();
-    let key_file = state.join("local-vault.key");
-    let vault_key = load_key(&key_file, "keyturn-local-vault-key").expect("vault key");
+    let key_file = state.join(format!("{name}-vault.key"));
+    let vault_key = load_key(&key_file, &format!("keyturn-{name}-vault-key")).expect("vault key");
     let vault =
-        LocalVault::open("local", &state.join("vaults/local"), vault_key).expect("open vault");
+        LocalVault::open(name, &state.join("vaults").join(name), vault_key).expect("open vault");
     let k = key();
     let item = VaultItem {
         key: &k,
@@ -102,18 +107,31 @@ fn check_one(failpoint: &str) {
         .enable_all()
         .build()
         .unwrap();
-    let (current_ref, current) = rt
-        .block_on(vault_value(&env, Select::Stage(Stage::Current)))
-        .unwrap_or_else(|| panic!("{failpoint}: no current version in the vault"));
-    assert_eq!(
-        current_ref, "2",
-        "{failpoint}: exactly one new version in the vault"
-    );
-    assert!(
-        rt.block_on(vault_value(&env, Select::Version(&VersionRef("3".into()))))
+    let mut currents = Vec::new();
+    for vault in ["local", "mirror"] {
+        let (current_ref, current) = rt
+            .block_on(vault_value(&env, vault, Select::Stage(Stage::Current)))
+            .unwrap_or_else(|| panic!("{failpoint}: no current version in vault {vault}"));
+        assert_eq!(
+            current_ref, "2",
+            "{failpoint}: exactly one new version in vault {vault}"
+        );
+        assert!(
+            rt.block_on(vault_value(
+                &env,
+                vault,
+                Select::Version(&VersionRef("3".into()))
+            ))
             .is_none(),
-        "{failpoint}: a duplicate version was created"
+            "{failpoint}: a duplicate version was created in vault {vault}"
+        );
+        currents.push(current);
+    }
+    assert_eq!(
+        currents[0], currents[1],
+        "{failpoint}: the vaults disagree about the current value"
     );
+    let current = currents.swap_remove(0);
     let state = SqliteStore::open_read_only(&env.state_dir().join("state.db")).unwrap();
     let versions: Vec<(u64, Stage)> = state
         .versions(&key())

@@ -179,19 +179,19 @@ pub fn bind(path: &Path, group: Option<&str>) -> io::Result<ControlSocket> {
     let shown = path.display();
     // Resolve the group first: a typo should fail before the filesystem changes.
     let wanted_gid = group.map(resolve_group).transpose()?;
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o750)
-                .create(parent)
-                .map_err(|e| {
-                    io_context(
-                        e,
-                        format_args!("creating control socket directory {}", parent.display()),
-                    )
-                })?;
-        }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(parent)
+            .map_err(|e| {
+                io_context(
+                    e,
+                    format_args!("creating control socket directory {}", parent.display()),
+                )
+            })?;
     }
     clear_stale_socket(path)?;
     let listener = UnixListener::bind(path)
@@ -243,10 +243,10 @@ struct RemoveSocketOnDrop {
 
 impl Drop for RemoveSocketOnDrop {
     fn drop(&mut self) {
-        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
-            if (meta.dev(), meta.ino()) == self.file_id {
-                let _ = std::fs::remove_file(&self.path);
-            }
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path)
+            && (meta.dev(), meta.ino()) == self.file_id
+        {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }

@@ -89,14 +89,14 @@ impl AuditLog {
             message: format!("{what}: {e}"),
         };
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-        if let Some(parent) = parent {
-            if !parent.exists() {
-                DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(parent)
-                    .map_err(|e| io("cannot create its directory", e))?;
-            }
+        if let Some(parent) = parent
+            && !parent.exists()
+        {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| io("cannot create its directory", e))?;
         }
         let existed = path.exists();
         // O_APPEND: every write lands at the end, whatever the offset, so a

@@ -154,29 +154,29 @@ pub fn verify_file(path: &Path, head: Option<&AuditHead>) -> Result<VerifyReport
             seq: record.seq,
             hash: line_hash(line),
         };
-        if let Some(h) = head {
-            if h.seq == this.seq {
-                if h.hash != this.hash {
-                    return Err(at(Problem::HeadMismatch));
-                }
-                head_seen = true;
+        if let Some(h) = head
+            && h.seq == this.seq
+        {
+            if h.hash != this.hash {
+                return Err(at(Problem::HeadMismatch));
             }
+            head_seen = true;
         }
         last = Some(this);
     }
 
-    if let Some(h) = head {
-        if !head_seen {
-            let last_seq = last.as_ref().map_or(0, |l| l.seq);
-            return Err(fail(
-                None,
-                None,
-                Problem::Truncated {
-                    last_seq,
-                    head_seq: h.seq,
-                },
-            ));
-        }
+    if let Some(h) = head
+        && !head_seen
+    {
+        let last_seq = last.as_ref().map_or(0, |l| l.seq);
+        return Err(fail(
+            None,
+            None,
+            Problem::Truncated {
+                last_seq,
+                head_seq: h.seq,
+            },
+        ));
     }
     Ok(VerifyReport {
         records: last.as_ref().map_or(0, |l| l.seq),

@@ -228,7 +228,7 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
             StatusRow {
                 agent: c.key.agent.clone(),
                 credential: c.key.credential.clone(),
-                vault: c.vault.clone(),
+                vault: c.vault_label(),
                 version: row.and_then(|r| r.current_version),
                 stage: row
                     .and_then(|r| r.current_version)

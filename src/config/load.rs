@@ -274,19 +274,19 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issu
 /// Rewrites serde's wording into the config's (keys, not fields) and points
 /// an unknown key at the key itself.
 fn serde_issue(mut path: TomlPath, message: &str, span: Option<Range<usize>>) -> Issue {
-    if let Some(rest) = message.strip_prefix("unknown field `") {
-        if let Some((key, expected)) = rest.split_once('`') {
-            let expected = expected.trim_start_matches(',').trim();
-            let expected = if expected == "there are no fields" {
-                "this table takes no other keys".to_owned()
-            } else {
-                expected.to_owned()
-            };
-            if path.segments().last() != Some(&Seg::Key(key.into())) {
-                path = path.key(key);
-            }
-            return Issue::at_key(path, format!("unknown key `{key}`; {expected}"));
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some((key, expected)) = rest.split_once('`')
+    {
+        let expected = expected.trim_start_matches(',').trim();
+        let expected = if expected == "there are no fields" {
+            "this table takes no other keys".to_owned()
+        } else {
+            expected.to_owned()
+        };
+        if path.segments().last() != Some(&Seg::Key(key.into())) {
+            path = path.key(key);
         }
+        return Issue::at_key(path, format!("unknown key `{key}`; {expected}"));
     }
     let message = if let Some(rest) = message.strip_prefix("unknown variant ") {
         format!(
@@ -351,10 +351,10 @@ fn to_error(file: &Path, text: &str, doc: &ImDocument<&str>, issue: Issue) -> Co
     let span = locate(doc, &issue.path, issue.anchor).or(issue.span);
     let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((0, 0));
     let mut message = issue.message;
-    if let Some(related) = &issue.related {
-        if let Some(s) = locate(doc, related, Anchor::Value) {
-            message.push_str(&format!(" (line {})", line_col(text, s.start).0));
-        }
+    if let Some(related) = &issue.related
+        && let Some(s) = locate(doc, related, Anchor::Value)
+    {
+        message.push_str(&format!(" (line {})", line_col(text, s.start).0));
     }
     ConfigError {
         file: file.to_path_buf(),

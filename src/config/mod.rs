@@ -111,7 +111,7 @@ pub struct VaultConfig {
     pub kind: VaultKind,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum VaultKind {
     /// The embedded vault: encrypted versions under `dir`.
     Local {
@@ -123,6 +123,75 @@ pub enum VaultKind {
         key_file: PathBuf,
         /// Name of the systemd credential (`LoadCredential=`) holding the key.
         key_credential: String,
+    },
+    /// HashiCorp Vault or OpenBao (KV v2).
+    Hashicorp(HashicorpConfig),
+    AwsSecretsManager(AwsConfig),
+    AzureKeyVault(AzureConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashicorpConfig {
+    pub address: String,
+    /// KV v2 mount (default `secret`).
+    pub mount: String,
+    pub namespace: Option<String>,
+    /// Key inside the KV data map that holds the value (default `value`).
+    pub field: String,
+    pub auth: HashicorpAuth,
+    pub ca_file: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashicorpAuth {
+    /// A file holding the token (re-read when the server refuses the token).
+    TokenFile(PathBuf),
+    /// An environment variable of the daemon holding the token.
+    TokenEnv(String),
+    AppRole {
+        mount: String,
+        role_id_file: PathBuf,
+        secret_id_file: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AwsConfig {
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub profile: Option<String>,
+    /// Prepended to each credential's path to form the secret name.
+    pub secret_prefix: String,
+    /// Client-side budget of write calls per second.
+    pub write_budget: f64,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AzureConfig {
+    pub vault_url: String,
+    pub auth: AzureAuth,
+    /// An extra CA to trust (a private endpoint's, or a test server's).
+    pub ca_file: Option<PathBuf>,
+    /// Checks that the auth challenge's resource matches the vault's host.
+    pub verify_challenge_resource: bool,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AzureAuth {
+    ClientSecret {
+        tenant_id: String,
+        client_id: String,
+        secret_file: PathBuf,
+    },
+    ManagedIdentity {
+        client_id: Option<String>,
+    },
+    WorkloadIdentity {
+        tenant_id: Option<String>,
+        client_id: Option<String>,
     },
 }
 
@@ -141,8 +210,10 @@ pub struct AgentConfig {
 #[derive(Debug, Clone)]
 pub struct CredentialConfig {
     pub key: CredentialKey,
-    /// Name of a `[vaults.NAME]` entry.
-    pub vault: String,
+    /// Names of `[vaults.NAME]` entries, at least one, no duplicates. The
+    /// first is the primary: a new value is staged there first, and the
+    /// others get the value read back from it.
+    pub vaults: Box<[std::sync::Arc<str>]>,
     /// Where in the vault; relative, `/`-separated, no `..`.
     pub path: String,
     pub generate: GeneratorConfig,
@@ -152,6 +223,13 @@ pub struct CredentialConfig {
     /// How long the previous version stays valid after delivery.
     pub grace: Duration,
     pub deliver: Vec<SinkConfig>,
+}
+
+impl CredentialConfig {
+    /// The vault names for status and messages: `bao` or `bao+aws`.
+    pub fn vault_label(&self) -> String {
+        self.vaults.join("+")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,10 +261,39 @@ pub enum ByteEncoding {
     Base64Url,
 }
 
+/// Boxed variants keep the common `None` small: there is one per credential.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetConfig {
     /// A pure shared secret: nothing to apply.
     None,
+    Postgres(Box<PostgresTargetConfig>),
+    Command(Box<CommandTargetConfig>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresTargetConfig {
+    pub admin_dsn_file: PathBuf,
+    pub role: String,
+    pub strategy: PgStrategy,
+    pub connect_timeout: Duration,
+    pub test_dbname: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgStrategy {
+    /// One role; its password changes in place.
+    SingleUser,
+    /// Two roles (`role`, `role_clone`) take turns, so the previous value
+    /// keeps working through the grace period.
+    AlternatingUsers,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandTargetConfig {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub timeout: Duration,
+    pub env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

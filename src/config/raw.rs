@@ -102,6 +102,55 @@ pub enum RawVault {
         key_credential: Option<String>,
         max_concurrent: Option<usize>,
     },
+    /// HashiCorp Vault or OpenBao, KV v2.
+    Vault {
+        address: String,
+        mount: Option<String>,
+        namespace: Option<String>,
+        /// Key inside the KV data map that holds the value (default `value`).
+        field: Option<String>,
+        /// Exactly one way to log in: a token file, an environment variable
+        /// holding the token, or AppRole.
+        token_file: Option<String>,
+        token_env: Option<String>,
+        approle: Option<RawAppRole>,
+        ca_file: Option<String>,
+        timeout: Option<String>,
+        max_concurrent: Option<usize>,
+    },
+    AwsSecretsManager {
+        region: Option<String>,
+        endpoint_url: Option<String>,
+        profile: Option<String>,
+        /// Prepended to each credential's path to form the secret name.
+        secret_prefix: Option<String>,
+        /// Client-side budget of write calls per second (default 25).
+        write_budget: Option<f64>,
+        timeout: Option<String>,
+        max_concurrent: Option<usize>,
+    },
+    AzureKeyVault {
+        vault_url: String,
+        /// `client_secret`, `managed_identity` or `workload_identity`.
+        auth: String,
+        tenant_id: Option<String>,
+        client_id: Option<String>,
+        client_secret_file: Option<String>,
+        ca_file: Option<String>,
+        verify_challenge_resource: Option<bool>,
+        timeout: Option<String>,
+        max_concurrent: Option<usize>,
+    },
+}
+
+/// `approle = { role_id_file = ..., secret_id_file = ... }` of a `vault` vault.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAppRole {
+    /// Where the AppRole auth method is mounted (default `approle`).
+    pub mount: Option<String>,
+    pub role_id_file: String,
+    pub secret_id_file: String,
 }
 
 /// The scalar keys of `[agents.NAME]`.
@@ -123,7 +172,7 @@ pub struct RawAgent {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCredential {
-    pub vault: String,
+    pub vault: VaultList,
     pub path: Option<String>,
     pub generate: RawGenerator,
     pub target: Option<RawTarget>,
@@ -132,6 +181,37 @@ pub struct RawCredential {
     pub jitter: Option<String>,
     pub grace: Option<String>,
     pub deliver: Option<Vec<RawSink>>,
+}
+
+/// `vault = "bao"` or `vault = ["bao", "aws"]`: a credential kept in several
+/// vaults is staged in all of them and promoted only when all hold it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for VaultList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = VaultList;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a vault name or an array of vault names")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<VaultList, E> {
+                Ok(VaultList(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<VaultList, A::Error> {
+                let mut names = Vec::new();
+                while let Some(name) = seq.next_element::<String>()? {
+                    names.push(name);
+                }
+                Ok(VaultList(names))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// `generate = { kind = ... }`.
@@ -169,6 +249,23 @@ pub enum RawEncoding {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum RawTarget {
     None {},
+    Postgres {
+        /// File holding the admin connection string (libpq key=value or URL).
+        admin_dsn_file: String,
+        role: String,
+        /// `single_user` (default) or `alternating_users`.
+        strategy: Option<String>,
+        connect_timeout: Option<String>,
+        /// Database to log into when testing a new value (default: the admin DSN's).
+        test_dbname: Option<String>,
+    },
+    Command {
+        program: String,
+        args: Option<Vec<String>>,
+        timeout: Option<String>,
+        /// Extra environment for the hook (never the secret: that is on stdin).
+        env: Option<BTreeMap<String, String>>,
+    },
 }
 
 /// One entry of `deliver = [...]`.

@@ -21,9 +21,10 @@ use super::raw::{
     RawTarget, RawVault,
 };
 use super::{
-    AgentConfig, ByteEncoding, Config, CredentialConfig, DaemonConfig, FileFormat, FileSinkConfig,
-    GeneratorConfig, RetryConfig, SinkConfig, TargetConfig, TierConfig, VaultConfig, VaultKind,
-    resolve_relative,
+    AgentConfig, AwsConfig, AzureAuth, AzureConfig, ByteEncoding, CommandTargetConfig, Config,
+    CredentialConfig, DaemonConfig, FileFormat, FileSinkConfig, GeneratorConfig, HashicorpAuth,
+    HashicorpConfig, PgStrategy, PostgresTargetConfig, RetryConfig, SinkConfig, TargetConfig,
+    TierConfig, VaultConfig, VaultKind, resolve_relative,
 };
 use crate::model::{AgentId, CredentialId, CredentialKey, MAX_ID_LEN, validate_id};
 use crate::schedule::ScheduleSpec;
@@ -157,6 +158,10 @@ const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_CONCURRENT_ROTATIONS: usize = 64;
 const DEFAULT_CATCH_UP_SPREAD: Duration = Duration::from_secs(300);
 const DEFAULT_VAULT_MAX_CONCURRENT: usize = 16;
+const DEFAULT_REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_AWS_WRITE_BUDGET: f64 = 25.0;
+const DEFAULT_PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_GRACE: Duration = Duration::from_secs(15 * 60);
 const DEFAULT_FILE_MODE: u32 = 0o400;
 /// Files hold secrets: owner read/write, group read at most.
@@ -194,7 +199,8 @@ struct Validator<'a> {
 
 /// What credential validation needs to know about the rest of the file.
 struct Scope<'a> {
-    vault_names: Vec<&'a str>,
+    /// Every `[vaults.NAME]` name, with one shared copy that credentials point to.
+    vault_names: BTreeMap<&'a str, std::sync::Arc<str>>,
     tier_names: Vec<String>,
     /// `None` when `[daemon]` failed to deserialize: root checks are skipped
     /// rather than reporting every sink against roots we do not know.
@@ -223,7 +229,11 @@ impl Validator<'_> {
         let vaults = self.vaults(raw, &daemon.state_dir);
 
         let scope = Scope {
-            vault_names: raw.vaults.keys().map(String::as_str).collect(),
+            vault_names: raw
+                .vaults
+                .keys()
+                .map(|n| (n.as_str(), std::sync::Arc::from(n.as_str())))
+                .collect(),
             tier_names: match &raw.tiers {
                 Some(t) => t.keys().cloned().collect(),
                 None => DEFAULT_TIERS.iter().map(|(n, _)| n.to_string()).collect(),
@@ -379,10 +389,10 @@ impl Validator<'_> {
             Some(s) => self.path_setting(p.key("socket"), s),
             None => PathBuf::from(DEFAULT_SOCKET),
         };
-        if let Some(g) = &d.socket_group {
-            if g.trim().is_empty() {
-                self.err(p.key("socket_group"), "socket_group must not be empty");
-            }
+        if let Some(g) = &d.socket_group
+            && g.trim().is_empty()
+        {
+            self.err(p.key("socket_group"), "socket_group must not be empty");
         }
         let listen = d
             .listen
@@ -531,56 +541,303 @@ impl Validator<'_> {
             let p = TomlPath::root().key("vaults").key(name);
             let id_ok = self.id(&p, "vault", name);
             let Parsed::Ok(vault) = vault else { continue };
-            let RawVault::Local {
-                dir,
-                key_file,
-                key_credential,
-                max_concurrent,
-            } = vault;
-            let dir = match dir {
-                Some(d) => self.path_setting(p.key("dir"), d),
-                None => state_dir.join("vaults").join(name),
+            let before = self.issues.len();
+            let (kind, max_concurrent) = match vault {
+                RawVault::Local {
+                    dir,
+                    key_file,
+                    key_credential,
+                    max_concurrent,
+                } => (
+                    self.local_vault(&p, name, state_dir, dir, key_file, key_credential),
+                    max_concurrent,
+                ),
+                RawVault::Vault {
+                    address,
+                    mount,
+                    namespace,
+                    field,
+                    token_file,
+                    token_env,
+                    approle,
+                    ca_file,
+                    timeout,
+                    max_concurrent,
+                } => {
+                    self.url(
+                        p.key("address"),
+                        address,
+                        &["http", "https"],
+                        "https://vault.example.com:8200",
+                    );
+                    let auth = match (token_file, token_env, approle) {
+                        (Some(f), None, None) => Some(HashicorpAuth::TokenFile(
+                            self.path_setting(p.key("token_file"), f),
+                        )),
+                        (None, Some(e), None) => {
+                            if !is_env_name(e) {
+                                self.err(
+                                    p.key("token_env"),
+                                    format!("invalid environment variable name `{e}`"),
+                                );
+                            }
+                            Some(HashicorpAuth::TokenEnv(e.clone()))
+                        }
+                        (None, None, Some(a)) => {
+                            let ap = p.key("approle");
+                            Some(HashicorpAuth::AppRole {
+                                mount: self.mount_name(
+                                    ap.key("mount"),
+                                    a.mount.as_deref().unwrap_or("approle"),
+                                ),
+                                role_id_file: self
+                                    .path_setting(ap.key("role_id_file"), &a.role_id_file),
+                                secret_id_file: self
+                                    .path_setting(ap.key("secret_id_file"), &a.secret_id_file),
+                            })
+                        }
+                        _ => {
+                            self.err_key(
+                                p.clone(),
+                                "set exactly one way to log in: `token_file`, `token_env` or `approle = { role_id_file = ..., secret_id_file = ... }`",
+                            );
+                            None
+                        }
+                    };
+                    let mount =
+                        self.mount_name(p.key("mount"), mount.as_deref().unwrap_or("secret"));
+                    let field = field.clone().unwrap_or_else(|| "value".to_owned());
+                    if field.is_empty() || field.starts_with("keyturn_") {
+                        self.err(
+                            p.key("field"),
+                            format!(
+                                "invalid field `{field}`: it must be non-empty and not start with `keyturn_` (keyturn's own bookkeeping keys)"
+                            ),
+                        );
+                    }
+                    let kind = auth.map(|auth| {
+                        VaultKind::Hashicorp(HashicorpConfig {
+                            address: address.trim_end_matches('/').to_owned(),
+                            mount,
+                            namespace: namespace.clone(),
+                            field,
+                            auth,
+                            ca_file: ca_file
+                                .as_ref()
+                                .map(|f| self.path_setting(p.key("ca_file"), f)),
+                            timeout: self.timeout(&p, timeout),
+                        })
+                    });
+                    (kind, max_concurrent)
+                }
+                RawVault::AwsSecretsManager {
+                    region,
+                    endpoint_url,
+                    profile,
+                    secret_prefix,
+                    write_budget,
+                    timeout,
+                    max_concurrent,
+                } => {
+                    if let Some(u) = endpoint_url {
+                        self.url(
+                            p.key("endpoint_url"),
+                            u,
+                            &["http", "https"],
+                            "https://secretsmanager.eu-west-1.amazonaws.com",
+                        );
+                    }
+                    let write_budget = write_budget.unwrap_or(DEFAULT_AWS_WRITE_BUDGET);
+                    if !(write_budget.is_finite() && write_budget > 0.0) {
+                        self.err(
+                            p.key("write_budget"),
+                            format!("write_budget must be a positive number of writes per second (default {DEFAULT_AWS_WRITE_BUDGET}; AWS allows 50 per account and region)"),
+                        );
+                    }
+                    let kind = VaultKind::AwsSecretsManager(AwsConfig {
+                        region: region.clone(),
+                        endpoint_url: endpoint_url.clone(),
+                        profile: profile.clone(),
+                        secret_prefix: secret_prefix.clone().unwrap_or_default(),
+                        write_budget,
+                        timeout: self.timeout(&p, timeout),
+                    });
+                    (Some(kind), max_concurrent)
+                }
+                RawVault::AzureKeyVault {
+                    vault_url,
+                    auth,
+                    tenant_id,
+                    client_id,
+                    client_secret_file,
+                    ca_file,
+                    verify_challenge_resource,
+                    timeout,
+                    max_concurrent,
+                } => {
+                    self.url(
+                        p.key("vault_url"),
+                        vault_url,
+                        &["https"],
+                        "https://NAME.vault.azure.net",
+                    );
+                    let auth = match auth.as_str() {
+                        "client_secret" => {
+                            let mut need = |key: &str, v: &Option<String>| {
+                                if v.is_none() {
+                                    self.err_key(
+                                        p.clone(),
+                                        format!("auth = \"client_secret\" needs `{key}`"),
+                                    );
+                                }
+                                v.clone().unwrap_or_default()
+                            };
+                            let tenant_id = need("tenant_id", tenant_id);
+                            let client_id = need("client_id", client_id);
+                            let secret = need("client_secret_file", client_secret_file);
+                            Some(AzureAuth::ClientSecret {
+                                tenant_id,
+                                client_id,
+                                secret_file: self
+                                    .path_setting(p.key("client_secret_file"), &secret),
+                            })
+                        }
+                        "managed_identity" => Some(AzureAuth::ManagedIdentity {
+                            client_id: client_id.clone(),
+                        }),
+                        "workload_identity" => Some(AzureAuth::WorkloadIdentity {
+                            tenant_id: tenant_id.clone(),
+                            client_id: client_id.clone(),
+                        }),
+                        other => {
+                            self.err(
+                                p.key("auth"),
+                                format!("unknown auth `{other}`; expected one of `client_secret`, `managed_identity`, `workload_identity`"),
+                            );
+                            None
+                        }
+                    };
+                    let kind = auth.map(|auth| {
+                        VaultKind::AzureKeyVault(AzureConfig {
+                            vault_url: vault_url.trim_end_matches('/').to_owned(),
+                            auth,
+                            ca_file: ca_file
+                                .as_ref()
+                                .map(|f| self.path_setting(p.key("ca_file"), f)),
+                            verify_challenge_resource: verify_challenge_resource.unwrap_or(true),
+                            timeout: self.timeout(&p, timeout),
+                        })
+                    });
+                    (kind, max_concurrent)
+                }
             };
-            let key_file = match key_file {
-                Some(k) => self.path_setting(p.key("key_file"), k),
-                None => state_dir.join(format!("{name}-vault.key")),
-            };
-            let key_credential = key_credential
-                .clone()
-                .unwrap_or_else(|| format!("keyturn-{name}-vault-key"));
-            // systemd credential names are file names in $CREDENTIALS_DIRECTORY.
-            if key_credential.is_empty()
-                || key_credential.contains('/')
-                || key_credential == "."
-                || key_credential == ".."
-            {
-                self.err(
-                    p.key("key_credential"),
-                    format!(
-                        "invalid key_credential `{key_credential}`: it names a file in $CREDENTIALS_DIRECTORY, so it must be non-empty and contain no '/'"
-                    ),
-                );
-            }
             let max_concurrent = max_concurrent.unwrap_or(DEFAULT_VAULT_MAX_CONCURRENT);
             if max_concurrent == 0 {
                 self.err(p.key("max_concurrent"), "max_concurrent must be at least 1");
             }
-            if id_ok {
+            if let (true, Some(kind), true) = (id_ok, kind, self.issues.len() == before) {
                 out.insert(
                     name.clone(),
                     VaultConfig {
                         name: name.clone(),
                         max_concurrent,
-                        kind: VaultKind::Local {
-                            dir,
-                            key_file,
-                            key_credential,
-                        },
+                        kind,
                     },
                 );
             }
         }
         out
+    }
+
+    fn local_vault(
+        &mut self,
+        p: &TomlPath,
+        name: &str,
+        state_dir: &Path,
+        dir: &Option<String>,
+        key_file: &Option<String>,
+        key_credential: &Option<String>,
+    ) -> Option<VaultKind> {
+        let dir = match dir {
+            Some(d) => self.path_setting(p.key("dir"), d),
+            None => state_dir.join("vaults").join(name),
+        };
+        let key_file = match key_file {
+            Some(k) => self.path_setting(p.key("key_file"), k),
+            None => state_dir.join(format!("{name}-vault.key")),
+        };
+        let key_credential = key_credential
+            .clone()
+            .unwrap_or_else(|| format!("keyturn-{name}-vault-key"));
+        // systemd credential names are file names in $CREDENTIALS_DIRECTORY.
+        if key_credential.is_empty()
+            || key_credential.contains('/')
+            || key_credential == "."
+            || key_credential == ".."
+        {
+            self.err(
+                p.key("key_credential"),
+                format!(
+                    "invalid key_credential `{key_credential}`: it names a file in $CREDENTIALS_DIRECTORY, so it must be non-empty and contain no '/'"
+                ),
+            );
+        }
+        Some(VaultKind::Local {
+            dir,
+            key_file,
+            key_credential,
+        })
+    }
+
+    /// `timeout` of a vault or target (default 30 s, never zero).
+    fn timeout(&mut self, p: &TomlPath, text: &Option<String>) -> Duration {
+        self.duration_or(
+            p.key("timeout"),
+            text.as_ref(),
+            DEFAULT_REMOTE_TIMEOUT,
+            Zero::Rejected,
+        )
+    }
+
+    /// An absolute URL with one of `schemes` and a host; `example` shows a good one.
+    fn url(&mut self, p: TomlPath, text: &str, schemes: &[&str], example: &str) {
+        let problem = match text.split_once("://") {
+            None => Some("it has no scheme".to_owned()),
+            Some((scheme, rest)) => {
+                let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+                if !schemes.contains(&scheme) {
+                    Some(format!("the scheme must be {}", list(schemes.iter())))
+                } else if host.is_empty() {
+                    Some("it has no host".to_owned())
+                } else if host.contains(char::is_whitespace) {
+                    Some("its host contains whitespace".to_owned())
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(why) = problem {
+            self.err(
+                p,
+                format!("invalid URL `{text}`: {why} (write e.g. \"{example}\")"),
+            );
+        }
+    }
+
+    /// A secrets-engine or auth mount: `/`-separated segments, no `..`.
+    fn mount_name(&mut self, p: TomlPath, m: &str) -> String {
+        let m = m.trim_matches('/');
+        if m.is_empty()
+            || m.split('/')
+                .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+            || m.contains(char::is_whitespace)
+        {
+            self.err(
+                p,
+                format!("invalid mount `{m}`: write its path without leading or trailing `/`, e.g. \"secret\""),
+            );
+        }
+        m.to_owned()
     }
 
     fn agent_fields(&mut self, p: &TomlPath, a: &RawAgent, scope: &Scope<'_>) {
@@ -619,19 +876,37 @@ impl Validator<'_> {
     ) -> Option<CredentialConfig> {
         let before = self.issues.len();
 
-        if !scope.vault_names.contains(&c.vault.as_str()) {
-            let defined = if scope.vault_names.is_empty() {
-                "no vaults are defined (add a [vaults.NAME] table)".to_owned()
-            } else {
-                format!(
-                    "defined vaults: {}",
-                    list(scope.vault_names.iter().copied())
-                )
-            };
+        let mut vaults: Vec<std::sync::Arc<str>> = Vec::with_capacity(c.vault.0.len());
+        let vp = p.key("vault");
+        if c.vault.0.is_empty() {
             self.err(
-                p.key("vault"),
-                format!("unknown vault `{}`; {defined}", c.vault),
+                vp.clone(),
+                "no vault named: write `vault = \"NAME\"` or `vault = [\"NAME\", ...]`",
             );
+        }
+        for (i, name) in c.vault.0.iter().enumerate() {
+            let at = if c.vault.0.len() == 1 {
+                vp.clone()
+            } else {
+                vp.index(i)
+            };
+            match scope.vault_names.get(name.as_str()) {
+                Some(shared) if vaults.contains(shared) => {
+                    self.err(at, format!("vault `{name}` is listed twice"));
+                }
+                Some(shared) => vaults.push(shared.clone()),
+                None => {
+                    let defined = if scope.vault_names.is_empty() {
+                        "no vaults are defined (add a [vaults.NAME] table)".to_owned()
+                    } else {
+                        format!(
+                            "defined vaults: {}",
+                            list(scope.vault_names.keys().copied())
+                        )
+                    };
+                    self.err(at, format!("unknown vault `{name}`; {defined}"));
+                }
+            }
         }
 
         let vault_path = match &c.path {
@@ -646,30 +921,32 @@ impl Validator<'_> {
         } else {
             p.clone()
         };
-        match cross
-            .vault_paths
-            .entry((c.vault.clone(), vault_path.clone()))
-        {
-            std::collections::hash_map::Entry::Occupied(first) => {
-                let mut issue = Issue::at(
-                    here,
-                    format!(
-                        "duplicate vault path: `{vault_path}` in vault `{}` is also used by `{}`",
-                        c.vault,
-                        first.get()
-                    ),
-                );
-                issue.related = Some(first.get().clone());
-                self.issues.push(issue);
-            }
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(here);
+        for vault in &vaults {
+            match cross
+                .vault_paths
+                .entry((vault.to_string(), vault_path.clone()))
+            {
+                std::collections::hash_map::Entry::Occupied(first) => {
+                    let mut issue = Issue::at(
+                        here.clone(),
+                        format!(
+                            "duplicate vault path: `{vault_path}` in vault `{vault}` is also used by `{}`",
+                            first.get()
+                        ),
+                    );
+                    issue.related = Some(first.get().clone());
+                    self.issues.push(issue);
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(here.clone());
+                }
             }
         }
 
         let generate = self.generator(&p.key("generate"), &c.generate);
         let target = match &c.target {
-            None | Some(RawTarget::None {}) => TargetConfig::None,
+            None | Some(RawTarget::None {}) => Some(TargetConfig::None),
+            Some(t) => self.target(&p.key("target"), t),
         };
 
         let schedule = match (&c.schedule, &c.every) {
@@ -707,17 +984,18 @@ impl Validator<'_> {
             Duration::ZERO,
             Zero::Allowed,
         );
-        if let Some(period) = schedule.as_ref().and_then(ScheduleSpec::min_period) {
-            if !jitter.is_zero() && jitter >= period {
-                self.err(
-                    p.key("jitter"),
-                    format!(
-                        "jitter ({}) must be shorter than the schedule's shortest period ({})",
-                        humantime::format_duration(jitter),
-                        humantime::format_duration(period)
-                    ),
-                );
-            }
+        if let Some(period) = schedule.as_ref().and_then(ScheduleSpec::min_period)
+            && !jitter.is_zero()
+            && jitter >= period
+        {
+            self.err(
+                p.key("jitter"),
+                format!(
+                    "jitter ({}) must be shorter than the schedule's shortest period ({})",
+                    humantime::format_duration(jitter),
+                    humantime::format_duration(period)
+                ),
+            );
         }
         let grace = self.duration_or(
             p.key("grace"),
@@ -739,15 +1017,100 @@ impl Validator<'_> {
         }
         Some(CredentialConfig {
             key: key?,
-            vault: c.vault.clone(),
+            vaults: vaults.into_boxed_slice(),
             path: vault_path,
             generate: generate?,
-            target,
+            target: target?,
             schedule: schedule?,
             jitter,
             grace,
             deliver,
         })
+    }
+
+    fn target(&mut self, p: &TomlPath, t: &RawTarget) -> Option<TargetConfig> {
+        match t {
+            RawTarget::None {} => Some(TargetConfig::None),
+            RawTarget::Postgres {
+                admin_dsn_file,
+                role,
+                strategy,
+                connect_timeout,
+                test_dbname,
+            } => {
+                let admin_dsn_file = self.path_setting(p.key("admin_dsn_file"), admin_dsn_file);
+                // A role name is an identifier keyturn quotes itself; the
+                // clone's name adds `_clone`, so leave room for it within
+                // PostgreSQL's 63-byte limit.
+                if role.is_empty() || role.len() > 57 || role.contains('\0') {
+                    self.err(
+                        p.key("role"),
+                        format!("invalid role `{role}`: it must be 1 to 57 bytes (keyturn adds `_clone` for alternating_users) without NUL"),
+                    );
+                }
+                let strategy = match strategy.as_deref().unwrap_or("single_user") {
+                    "single_user" => Some(PgStrategy::SingleUser),
+                    "alternating_users" => Some(PgStrategy::AlternatingUsers),
+                    other => {
+                        self.err(
+                            p.key("strategy"),
+                            format!("unknown strategy `{other}`; expected `single_user` or `alternating_users`"),
+                        );
+                        None
+                    }
+                };
+                let connect_timeout = self.duration_or(
+                    p.key("connect_timeout"),
+                    connect_timeout.as_ref(),
+                    DEFAULT_PG_CONNECT_TIMEOUT,
+                    Zero::Rejected,
+                );
+                Some(TargetConfig::Postgres(Box::new(PostgresTargetConfig {
+                    admin_dsn_file,
+                    role: role.clone(),
+                    strategy: strategy?,
+                    connect_timeout,
+                    test_dbname: test_dbname.clone(),
+                })))
+            }
+            RawTarget::Command {
+                program,
+                args,
+                timeout,
+                env,
+            } => {
+                let program = self.path_setting(p.key("program"), program);
+                let timeout = self.duration_or(
+                    p.key("timeout"),
+                    timeout.as_ref(),
+                    DEFAULT_COMMAND_TIMEOUT,
+                    Zero::Rejected,
+                );
+                let mut vars = Vec::new();
+                for (k, v) in env.iter().flatten() {
+                    let why = if k.starts_with("KEYTURN_") {
+                        Some("`KEYTURN_*` variables are set by keyturn for each step")
+                    } else if !is_env_name(k) {
+                        Some("use letters, digits and `_`, not starting with a digit")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = why {
+                        self.err_key(
+                            p.key("env").key(k.as_str()),
+                            format!("invalid environment variable `{k}`: {why}"),
+                        );
+                    }
+                    vars.push((k.clone(), v.clone()));
+                }
+                Some(TargetConfig::Command(Box::new(CommandTargetConfig {
+                    program,
+                    args: args.clone().unwrap_or_default(),
+                    timeout,
+                    env: vars,
+                })))
+            }
+        }
     }
 
     /// A path inside a vault: relative, `/`-separated, no `.`/`..`/empty parts.

@@ -17,8 +17,8 @@ use crate::targets::{self, Target};
 use crate::vaults::Vault;
 use crate::vaults::local::{LocalVault, load_key};
 
-/// A vault and the limit on rotations touching it at once.
-#[derive(Clone)]
+/// A vault and the limit on rotations touching it at once. Shared (`Arc`)
+/// by every credential kept in it.
 pub struct VaultHandle {
     pub vault: Arc<dyn Vault>,
     pub limit: Arc<Semaphore>,
@@ -33,7 +33,8 @@ pub struct CredEntry {
     /// in the catalog's entries). Shared by all of the agent's entries.
     pub agent: Arc<AgentConfig>,
     pub cfg: CredentialConfig,
-    pub vault: VaultHandle,
+    /// In the order of `cfg.vaults`: the first is the primary.
+    pub vaults: Box<[Arc<VaultHandle>]>,
     pub target: Arc<dyn Target>,
     pub sinks: Vec<Arc<dyn Sink>>,
     /// Deterministic jitter offset.
@@ -46,13 +47,25 @@ pub struct Catalog {
     /// `config.agents[..].credentials` is empty: use `creds`.
     pub config: Arc<Config>,
     pub creds: HashMap<CredentialKey, Arc<CredEntry>>,
-    pub vaults: HashMap<String, VaultHandle>,
+    pub vaults: HashMap<String, Arc<VaultHandle>>,
+}
+
+impl CredEntry {
+    /// The vault a new value is staged in first and read back from.
+    pub fn primary(&self) -> &VaultHandle {
+        &self.vaults[0]
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("vault {vault:?}: {source}")]
     Vault { vault: String, source: PluginError },
+    #[error("{key}: target: {source}")]
+    Target {
+        key: CredentialKey,
+        source: PluginError,
+    },
     #[error("{key}: deliver[{index}]: {source}")]
     Sink {
         key: CredentialKey,
@@ -72,14 +85,14 @@ impl Catalog {
             });
             let handle = match reuse {
                 Some(h) => h.clone(),
-                None => VaultHandle {
+                None => Arc::new(VaultHandle {
                     vault: open_vault(vcfg).map_err(|source| BuildError::Vault {
                         vault: name.clone(),
                         source,
                     })?,
                     limit: Arc::new(Semaphore::new(vcfg.max_concurrent.max(1))),
                     config: vcfg.clone(),
-                },
+                }),
             };
             vaults.insert(name.clone(), handle);
         }
@@ -89,10 +102,16 @@ impl Catalog {
             let credentials = std::mem::take(&mut agent.credentials);
             let agent = Arc::new(agent.clone());
             for cred in credentials.into_values() {
-                let vault = vaults
-                    .get(&cred.vault)
-                    .expect("validation guarantees every credential's vault exists")
-                    .clone();
+                let cred_vaults = cred
+                    .vaults
+                    .iter()
+                    .map(|name| {
+                        vaults
+                            .get(&**name)
+                            .expect("validation guarantees every credential's vault exists")
+                            .clone()
+                    })
+                    .collect();
                 let mut sinks: Vec<Arc<dyn Sink>> = Vec::with_capacity(cred.deliver.len());
                 for (index, s) in cred.deliver.iter().enumerate() {
                     let sink = build_sink(s, &roots).map_err(|source| BuildError::Sink {
@@ -106,9 +125,12 @@ impl Catalog {
                     key: cred.key.clone(),
                     agent: agent.clone(),
                     offset: jitter_offset(&cred.key, cred.jitter),
-                    target: targets::build(&cred.target),
+                    target: targets::build(&cred.target).map_err(|source| BuildError::Target {
+                        key: cred.key.clone(),
+                        source,
+                    })?,
                     cfg: cred,
-                    vault,
+                    vaults: cred_vaults,
                     sinks,
                 };
                 creds.insert(entry.key.clone(), Arc::new(entry));
@@ -133,6 +155,12 @@ fn open_vault(cfg: &VaultConfig) -> Result<Arc<dyn Vault>, PluginError> {
         } => {
             let key = load_key(key_file, key_credential)?;
             Ok(Arc::new(LocalVault::open(&cfg.name, dir, key)?))
+        }
+        VaultKind::Hashicorp(_) | VaultKind::AwsSecretsManager(_) | VaultKind::AzureKeyVault(_) => {
+            Err(PluginError::new(
+                crate::model::ErrorKind::Invalid,
+                "this vault type is not available in this build yet",
+            ))
         }
     }
 }

@@ -11,7 +11,7 @@ use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::catalog::{Catalog, CredEntry};
+use super::catalog::{Catalog, CredEntry, VaultHandle};
 use super::failpoint::crash_point;
 use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
 use crate::config::RetryConfig;
@@ -25,7 +25,7 @@ use crate::state::{
     CredentialRow, RotationRow, StateError, StateStore, Step, Trigger, VersionRow, Write,
 };
 use crate::telemetry::{CredentialState, Metrics};
-use crate::vaults::{Select, VaultItem, VersionRef};
+use crate::vaults::{Select, Vault, VaultItem, VaultRefs, VersionRef};
 
 /// Longest wait before a parked (failed) rotation is tried again.
 const MAX_PARK_DELAY: Duration = Duration::from_secs(3600);
@@ -531,7 +531,7 @@ impl Inner {
                 let version = row.and_then(|r| r.current_version);
                 CredStatus {
                     key: key.clone(),
-                    vault: entry.cfg.vault.clone(),
+                    vault: entry.cfg.vault_label(),
                     version,
                     stage: version.map(|_| Stage::Current),
                     last_rotated: row.and_then(|r| r.last_rotated_at),
@@ -623,7 +623,7 @@ impl Inner {
     async fn run_rotation(self: Arc<Self>, entry: Arc<CredEntry>) {
         let key = entry.key.clone();
         let started = Instant::now();
-        let _vault_permit = entry.vault.limit.clone().acquire_owned().await;
+        let _vault_permits = vault_permits(&entry).await;
         let result = self.rotate(&entry).await;
         let now = now();
         let reschedule = {
@@ -693,7 +693,7 @@ impl Inner {
 
     async fn run_retire(self: Arc<Self>, entry: Arc<CredEntry>) {
         let key = entry.key.clone();
-        let _vault_permit = entry.vault.limit.clone().acquire_owned().await;
+        let _vault_permits = vault_permits(&entry).await;
         let k = key.clone();
         let result = match self.load(move |s| s.latest_rotation(&k)).await {
             Ok(Some(mut rot)) if rot.step == Step::Retire => self.retire(&entry, &mut rot).await,
@@ -946,8 +946,6 @@ impl Inner {
         rot: &mut RotationRow,
     ) -> Result<Vec<Write>, StepError> {
         let key = &entry.key;
-        let vault = &entry.vault.vault;
-        let vctx = || format!("vault {:?}", vault.name());
         let item = VaultItem {
             key,
             path: &entry.cfg.path,
@@ -960,23 +958,37 @@ impl Inner {
                         PluginError::new(ErrorKind::Invalid, e.to_string()),
                     )
                 })?;
-                let vref = vault
+                let primary = &entry.primary().vault;
+                let vref = primary
                     .stage(item, &rot.id, &generated.value)
                     .await
-                    .map_err(|e| StepError::new(vctx(), e))?;
+                    .map_err(|e| vault_error(primary.name(), e))?;
                 drop(generated);
+                crash_point("rotation.create.after_primary_stage");
                 // Read back what the vault holds: after a replay it is the
                 // value staged the first time, not the one generated now.
-                let stored = self.read_version(entry, &vref).await?;
+                // The other vaults get that value, so a replay that finds
+                // some of them already staged cannot make them disagree.
+                let stored = read_from(primary.as_ref(), item, &vref).await?;
+                let mut refs = VaultRefs(vec![(primary.name().to_owned(), vref)]);
+                for other in &entry.vaults[1..] {
+                    let v = &other.vault;
+                    let r = v
+                        .stage(item, &rot.id, &stored)
+                        .await
+                        .map_err(|e| vault_error(v.name(), e))?;
+                    refs.0.push((v.name().to_owned(), r));
+                }
                 let public =
                     generators::public_part(generators::kind_of(&entry.cfg.generate), &stored);
-                rot.vault_version = Some(vref.0.clone());
+                let encoded = refs.encode();
+                rot.vault_version = Some(encoded.clone());
                 Ok(vec![Write::Version(VersionRow {
                     key: key.clone(),
                     version: rot.version,
                     rotation: rot.id.clone(),
                     stage: Stage::Pending,
-                    vault_version: vref.0,
+                    vault_version: encoded,
                     created_at: now(),
                     public,
                 })])
@@ -984,7 +996,7 @@ impl Inner {
             Step::Set | Step::Test => {
                 let target = &entry.target;
                 let value = if target.uses_value() {
-                    self.read_version(entry, &staged(rot)?).await?
+                    self.read_staged(entry, rot).await?
                 } else {
                     SecretValue::new(Vec::new())
                 };
@@ -997,11 +1009,20 @@ impl Inner {
                 Ok(vec![])
             }
             Step::Promote => {
-                let vref = staged(rot)?;
-                vault
-                    .promote(item, &vref)
-                    .await
-                    .map_err(|e| StepError::new(vctx(), e))?;
+                // Every vault already holds the value (create staged it in
+                // all); promote each. Promote is idempotent, so after a
+                // failure in one vault the retry re-promotes the others as
+                // no-ops and the vaults converge on the same current version.
+                for (i, h) in entry.vaults.iter().enumerate() {
+                    if i == 1 {
+                        crash_point("rotation.promote.after_first_vault");
+                    }
+                    let vref = staged_in(entry, rot, h)?;
+                    h.vault
+                        .promote(item, &vref)
+                        .await
+                        .map_err(|e| vault_error(h.vault.name(), e))?;
+                }
                 let mut writes = vec![Write::VersionStage {
                     key: key.clone(),
                     version: rot.version,
@@ -1027,8 +1048,7 @@ impl Inner {
                 Ok(writes)
             }
             Step::Deliver => {
-                let vref = staged(rot)?;
-                let value = self.read_version(entry, &vref).await?;
+                let value = self.read_staged(entry, rot).await?;
                 let kind = generators::kind_of(&entry.cfg.generate);
                 let public = generators::public_part(kind, &value);
                 let row = delivered_row(entry, rot);
@@ -1070,27 +1090,19 @@ impl Inner {
         }
     }
 
-    async fn read_version(
+    /// The value this rotation staged, read from the primary vault.
+    async fn read_staged(
         &self,
         entry: &CredEntry,
-        vref: &VersionRef,
+        rot: &RotationRow,
     ) -> Result<SecretValue, StepError> {
         let item = VaultItem {
             key: &entry.key,
             path: &entry.cfg.path,
         };
-        let vault = &entry.vault.vault;
-        match vault.read(item, Select::Version(vref)).await {
-            Ok(Some(v)) => Ok(v.value),
-            Ok(None) => Err(StepError::new(
-                format!("vault {:?}", vault.name()),
-                PluginError::new(
-                    ErrorKind::NotFound,
-                    format!("version {vref} of {} is gone", entry.cfg.path),
-                ),
-            )),
-            Err(e) => Err(StepError::new(format!("vault {:?}", vault.name()), e)),
-        }
+        let primary = entry.primary();
+        let vref = staged_in(entry, rot, primary)?;
+        read_from(primary.vault.as_ref(), item, &vref).await
     }
 
     /// Retires the previous version of a delivered rotation and marks it done.
@@ -1105,10 +1117,18 @@ impl Inner {
                         key: &entry.key,
                         path: &entry.cfg.path,
                     };
-                    let vref = VersionRef(prev.clone());
-                    entry.vault.vault.retire(item, &vref).await.map_err(|e| {
-                        StepError::new(format!("vault {:?}", entry.vault.vault.name()), e)
-                    })?;
+                    let refs = VaultRefs::decode(prev, entry.primary().vault.name());
+                    for h in entry.vaults.iter() {
+                        // A vault added to the credential since the previous
+                        // version was made does not hold it.
+                        let Some(vref) = refs.get(h.vault.name()) else {
+                            continue;
+                        };
+                        h.vault
+                            .retire(item, vref)
+                            .await
+                            .map_err(|e| vault_error(h.vault.name(), e))?;
+                    }
                     if let Some(version) = rot.previous_version {
                         writes.push(Write::VersionStage {
                             key: entry.key.clone(),
@@ -1192,19 +1212,66 @@ fn delivered_row(entry: &CredEntry, rot: &RotationRow) -> CredentialRow {
     }
 }
 
-fn staged(rot: &RotationRow) -> Result<VersionRef, StepError> {
-    rot.vault_version.clone().map(VersionRef).ok_or_else(|| {
-        StepError::new(
-            "state",
+/// The version `rot` staged in vault `h`.
+fn staged_in(
+    entry: &CredEntry,
+    rot: &RotationRow,
+    h: &VaultHandle,
+) -> Result<VersionRef, StepError> {
+    let missing = |what: String| StepError::new("state", PluginError::new(ErrorKind::Fatal, what));
+    let text = rot.vault_version.as_deref().ok_or_else(|| {
+        missing(format!(
+            "rotation {} reached {} without a staged version",
+            rot.id, rot.step
+        ))
+    })?;
+    VaultRefs::decode(text, entry.primary().vault.name())
+        .get(h.vault.name())
+        .cloned()
+        .ok_or_else(|| {
+            missing(format!(
+                "rotation {} has no version in vault {:?} (the credential's vault list changed while it ran); trigger a new rotation",
+                rot.id,
+                h.vault.name()
+            ))
+        })
+}
+
+fn vault_error(name: &str, e: PluginError) -> StepError {
+    StepError::new(format!("vault {name:?}"), e)
+}
+
+/// Reads one version back; a version that is gone is an error.
+async fn read_from(
+    vault: &dyn Vault,
+    item: VaultItem<'_>,
+    vref: &VersionRef,
+) -> Result<SecretValue, StepError> {
+    match vault.read(item, Select::Version(vref)).await {
+        Ok(Some(v)) => Ok(v.value),
+        Ok(None) => Err(vault_error(
+            vault.name(),
             PluginError::new(
-                ErrorKind::Fatal,
-                format!(
-                    "rotation {} reached {} without a staged version",
-                    rot.id, rot.step
-                ),
+                ErrorKind::NotFound,
+                format!("version {vref} of {} is gone", item.path),
             ),
-        )
-    })
+        )),
+        Err(e) => Err(vault_error(vault.name(), e)),
+    }
+}
+
+/// One permit of each of the credential's vaults, taken in name order so that
+/// two credentials sharing vaults cannot each hold one and wait for the other.
+async fn vault_permits(entry: &CredEntry) -> Vec<tokio::sync::OwnedSemaphorePermit> {
+    let mut handles: Vec<&Arc<VaultHandle>> = entry.vaults.iter().collect();
+    handles.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+    let mut permits = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(p) = h.limit.clone().acquire_owned().await {
+            permits.push(p);
+        }
+    }
+    permits
 }
 
 /// The delays between attempts of one step: capped exponential with jitter,

@@ -8,12 +8,17 @@
 pub const FAILPOINTS: &[&str] = &[
     "rotation.after_start",
     "rotation.before_create",
+    // Inside create, once the primary vault holds the value and before the
+    // other vaults do (a replay must give them the primary's value).
+    "rotation.create.after_primary_stage",
     "rotation.after_create",
     "rotation.before_set",
     "rotation.after_set",
     "rotation.before_test",
     "rotation.after_test",
     "rotation.before_promote",
+    // Inside promote, once the first vault has promoted and before the others.
+    "rotation.promote.after_first_vault",
     "rotation.after_promote",
     "rotation.before_deliver",
     "rotation.after_deliver",

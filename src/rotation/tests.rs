@@ -115,16 +115,18 @@ deliver = [{{ type = "file", path = "{d}/agents/bot/db" }}]
         kind,
         stage_calls: AtomicU32::new(0),
     });
-    let handle = VaultHandle {
+    let shared = &catalog.vaults["local"];
+    let handle = Arc::new(VaultHandle {
         vault: vault.clone(),
-        ..catalog.vaults["local"].clone()
-    };
+        limit: shared.limit.clone(),
+        config: shared.config.clone(),
+    });
     let old = catalog.creds.remove(&key()).unwrap();
     let entry = CredEntry {
         key: old.key.clone(),
         agent: old.agent.clone(),
         cfg: old.cfg.clone(),
-        vault: handle,
+        vaults: Box::new([handle]),
         target: old.target.clone(),
         sinks: old.sinks.clone(),
         offset: old.offset,

@@ -700,10 +700,8 @@ impl Inner {
                         && n != DATA_LINK
                         && n != DATA_LINK_TMP
                         && !keep.iter().flatten().any(|k| k.as_bytes() == n.as_bytes());
-                    if is_old {
-                        if let Err(e) = self.remove_data_dir(&bundle, &n) {
-                            tracing::warn!(path = %shown.display(), error = %e, "file sink: could not prune an old bundle directory");
-                        }
+                    if is_old && let Err(e) = self.remove_data_dir(&bundle, &n) {
+                        tracing::warn!(path = %shown.display(), error = %e, "file sink: could not prune an old bundle directory");
                     }
                 }
             }

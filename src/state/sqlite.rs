@@ -133,14 +133,14 @@ impl SqliteStore {
             path: display.clone(),
             message: format!("{what}: {e}"),
         };
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            if !parent.exists() {
-                DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(parent)
-                    .map_err(|e| io_err("cannot create its directory", e))?;
-            }
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+            && !parent.exists()
+        {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| io_err("cannot create its directory", e))?;
         }
         // Create the file ourselves so its mode is 0600 from the first byte,
         // whatever the process umask is. An existing file is left as it is.

@@ -171,10 +171,10 @@ pub fn load_key_from(
     key_credential: &str,
     credentials_dir: Option<&Path>,
 ) -> Result<LocalKey, PluginError> {
-    if let Some(dir) = credentials_dir.filter(|d| !d.as_os_str().is_empty()) {
-        if let Some(key) = read_credential(dir, key_credential)? {
-            return Ok(key);
-        }
+    if let Some(dir) = credentials_dir.filter(|d| !d.as_os_str().is_empty())
+        && let Some(key) = read_credential(dir, key_credential)?
+    {
+        return Ok(key);
     }
     // Two attempts: if another process creates the file between our failed
     // read and our O_EXCL create, the second read picks its key up.

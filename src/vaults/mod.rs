@@ -89,3 +89,67 @@ pub trait Vault: Send + Sync {
     /// Health: can we reach and use the vault? (`check --online`, `/readyz`).
     async fn check(&self) -> Result<(), PluginError>;
 }
+
+/// The version one rotation created in each of a credential's vaults, as
+/// recorded in state (`vault_version` columns): a JSON object
+/// `{"VAULT": "REF", ...}`. A bare string is a ref recorded before credentials
+/// could name several vaults; it belongs to the credential's primary vault.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VaultRefs(pub Vec<(String, VersionRef)>);
+
+impl VaultRefs {
+    pub fn get(&self, vault: &str) -> Option<&VersionRef> {
+        self.0.iter().find(|(v, _)| v == vault).map(|(_, r)| r)
+    }
+
+    pub fn encode(&self) -> String {
+        let map: serde_json::Map<String, serde_json::Value> = self
+            .0
+            .iter()
+            .map(|(v, r)| (v.clone(), serde_json::Value::String(r.0.clone())))
+            .collect();
+        serde_json::Value::Object(map).to_string()
+    }
+
+    /// `primary` owns a legacy bare ref. Unreadable text yields no refs, so
+    /// the caller reports "no staged version" rather than touching a
+    /// version it cannot identify.
+    pub fn decode(text: &str, primary: &str) -> VaultRefs {
+        if !text.starts_with('{') {
+            return VaultRefs(vec![(primary.to_owned(), VersionRef(text.to_owned()))]);
+        }
+        match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text) {
+            Ok(map) => VaultRefs(
+                map.into_iter()
+                    .filter_map(|(v, r)| match r {
+                        serde_json::Value::String(r) => Some((v, VersionRef(r))),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            Err(_) => VaultRefs::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod refs_tests {
+    use super::*;
+
+    #[test]
+    fn vault_refs_round_trip_and_read_legacy_bare_refs() {
+        let refs = VaultRefs(vec![
+            ("bao".into(), VersionRef("r:0a".into())),
+            ("aws".into(), VersionRef("6f1c-22".into())),
+        ]);
+        let text = refs.encode();
+        let back = VaultRefs::decode(&text, "ignored");
+        assert_eq!(back.get("bao"), Some(&VersionRef("r:0a".into())));
+        assert_eq!(back.get("aws"), Some(&VersionRef("6f1c-22".into())));
+        assert_eq!(back.0.len(), 2);
+
+        let legacy = VaultRefs::decode("7", "local");
+        assert_eq!(legacy.0, vec![("local".to_owned(), VersionRef("7".into()))]);
+        assert!(VaultRefs::decode("{not json", "local").0.is_empty());
+    }
+}
