@@ -1,0 +1,134 @@
+//! A remote vault that connects on first use.
+//!
+//! Remote vault clients log in when they are created (AppRole, a token
+//! lookup, credential discovery). Doing that while the catalog is built would
+//! make a vault that is down at start-up, or on reload, stop the whole daemon,
+//! and every other vault's credentials with it. Instead the catalog holds a
+//! [`LazyVault`]; the first operation connects, and a failed connect is an
+//! ordinary (usually transient) step error that the engine retries with
+//! back-off, visible in `status`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::OnceCell;
+
+use super::{Select, StoredVersion, Vault, VaultItem, VersionRef};
+use crate::model::{PluginError, RotationId, SecretValue};
+
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<Arc<dyn Vault>, PluginError>> + Send>>;
+
+pub struct LazyVault {
+    name: String,
+    connect: Box<dyn Fn() -> ConnectFuture + Send + Sync>,
+    client: OnceCell<Arc<dyn Vault>>,
+}
+
+impl LazyVault {
+    /// `connect` is called until it succeeds once; its result is kept.
+    pub fn new<F, Fut>(name: &str, connect: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Arc<dyn Vault>, PluginError>> + Send + 'static,
+    {
+        Self {
+            name: name.to_owned(),
+            connect: Box::new(move || Box::pin(connect())),
+            client: OnceCell::new(),
+        }
+    }
+
+    async fn client(&self) -> Result<&Arc<dyn Vault>, PluginError> {
+        self.client.get_or_try_init(|| (self.connect)()).await
+    }
+}
+
+#[async_trait]
+impl Vault for LazyVault {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn stage(
+        &self,
+        item: VaultItem<'_>,
+        rotation: &RotationId,
+        value: &SecretValue,
+    ) -> Result<VersionRef, PluginError> {
+        self.client().await?.stage(item, rotation, value).await
+    }
+
+    async fn read(
+        &self,
+        item: VaultItem<'_>,
+        select: Select<'_>,
+    ) -> Result<Option<StoredVersion>, PluginError> {
+        self.client().await?.read(item, select).await
+    }
+
+    async fn promote(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
+        self.client().await?.promote(item, version).await
+    }
+
+    async fn retire(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
+        self.client().await?.retire(item, version).await
+    }
+
+    async fn destroy(&self, item: VaultItem<'_>) -> Result<(), PluginError> {
+        self.client().await?.destroy(item).await
+    }
+
+    async fn check(&self) -> Result<(), PluginError> {
+        self.client().await?.check().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::model::{AgentId, CredentialId, CredentialKey, ErrorKind};
+    use crate::vaults::local::{LocalKey, LocalVault};
+
+    #[tokio::test]
+    async fn connects_on_first_use_retries_a_failed_connect_and_then_keeps_the_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let attempts = Arc::new(AtomicU32::new(0));
+        let (a, path) = (attempts.clone(), dir.path().to_path_buf());
+        let lazy = LazyVault::new("remote", move || {
+            let n = a.fetch_add(1, Ordering::SeqCst);
+            let path = path.clone();
+            async move {
+                if n == 0 {
+                    return Err(PluginError::new(
+                        ErrorKind::Transient,
+                        "connection refused",
+                    ));
+                }
+                let v: Arc<dyn Vault> =
+                    Arc::new(LocalVault::open("remote", &path, LocalKey::generate())?);
+                Ok(v)
+            }
+        });
+        assert_eq!(attempts.load(Ordering::SeqCst), 0, "no I/O before first use");
+        let err = lazy.check().await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Transient);
+        lazy.check().await.expect("second connect succeeds");
+        let key = CredentialKey::new(AgentId::new("a").unwrap(), CredentialId::new("c").unwrap());
+        let item = VaultItem {
+            key: &key,
+            path: "a/c",
+        };
+        let rot = RotationId::generate();
+        let v = lazy
+            .stage(item, &rot, &SecretValue::new(b"x".to_vec()))
+            .await
+            .unwrap();
+        lazy.promote(item, &v).await.unwrap();
+        assert_eq!(attempts.load(Ordering::SeqCst), 2, "the client is kept");
+        assert_eq!(lazy.name(), "remote");
+    }
+}
