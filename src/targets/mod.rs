@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use crate::config::TargetConfig;
 use crate::model::{CredentialKey, PluginError, SecretValue, VersionNo};
 
+pub mod command;
 pub mod none;
 pub mod postgres;
 
