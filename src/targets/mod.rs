@@ -1,7 +1,11 @@
 //! Targets: the system a credential unlocks, where a new value is applied
-//! (`set`) and tried (`test`) before it is promoted. Only `none` exists so far
-//! (pure shared secrets); PostgreSQL and command hooks come later behind the
-//! same trait.
+//! (`set`) and tried (`test`) before it is promoted, and where the previous
+//! value is retired once its grace period ends.
+//!
+//! - [`none`]: pure shared secrets, nothing to apply.
+//! - [`postgres`]: `ALTER ROLE ... PASSWORD` over an admin connection, with the
+//!   `single_user` and `alternating_users` strategies.
+//! - [`command`]: a hook program for any other system (secret on stdin).
 
 use std::sync::Arc;
 
@@ -10,7 +14,9 @@ use async_trait::async_trait;
 use crate::config::TargetConfig;
 use crate::model::{CredentialKey, PluginError, SecretValue, VersionNo};
 
+pub mod command;
 pub mod none;
+pub mod postgres;
 
 #[async_trait]
 pub trait Target: Send + Sync {
@@ -38,6 +44,21 @@ pub trait Target: Send + Sync {
         version: VersionNo,
         value: &SecretValue,
     ) -> Result<(), PluginError>;
+
+    /// Called when the grace period of `previous` ends: the previous value
+    /// must stop working where the target can tell values apart (the other
+    /// role of `alternating_users`). Idempotent; a no-op by default, which is
+    /// right for targets that hold one value at a time.
+    async fn retire(&self, _key: &CredentialKey, _previous: VersionNo) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    /// The user name `version` logs in as, when the target decides it
+    /// (`alternating_users` flips between two roles). Sinks deliver it next
+    /// to the password (json/env formats). `None`: the agent's config knows.
+    fn login_for(&self, _version: VersionNo) -> Option<String> {
+        None
+    }
 
     /// Revokes every value at the target (decommission).
     async fn revoke(&self, key: &CredentialKey) -> Result<(), PluginError>;

@@ -1,0 +1,946 @@
+//! `postgres`: the credential is the password of a PostgreSQL role.
+//!
+//! keyturn connects with an admin DSN read from a file (re-read on every
+//! connect, so the operator can rotate the admin password without a reload)
+//! and runs `ALTER ROLE <role> WITH LOGIN PASSWORD '<verifier>'`.
+//!
+//! The password itself never leaves this process: like psql's `\password`
+//! (libpq `PQencryptPasswordConn`), we hash it client-side into a
+//! SCRAM-SHA-256 verifier and send only that. So the plaintext cannot land in
+//! the server log, `pg_stat_activity` or an error message quoting the query.
+//! We still ask the session for `log_statement = 'none'` so the verifier stays
+//! out of the logs too; that needs superuser (or `GRANT SET ON PARAMETER`),
+//! and an admin role without it still works — it only loses that extra layer.
+//! A SCRAM verifier is accepted by `md5`, `password` and `scram-sha-256`
+//! entries of `pg_hba.conf` alike (PostgreSQL ≥ 10).
+//!
+//! Strategies:
+//! - `single_user`: every version is the password of `role`. Setting a new
+//!   one invalidates the old one at once (the window invariant 1 documents).
+//! - `alternating_users`: odd versions log in as `role`, even versions as
+//!   `<role>_clone`, so the previous value keeps working until
+//!   [`Target::retire`] clears its password when the grace period ends. The
+//!   clone is created on first use as `CREATE ROLE <role>_clone LOGIN INHERIT
+//!   IN ROLE <role>`: a member of `role` that inherits every privilege granted
+//!   to it (and to objects it owns), the pattern AWS documents for its
+//!   alternating-users rotation. Per-role settings (`ALTER ROLE role SET ...`)
+//!   are not inherited; copy them to the clone if the agent relies on them.
+//!   Objects the clone creates are owned by the clone; use `SET ROLE role` in
+//!   the agent if ownership matters.
+//!
+//! Role names are used exactly as configured (always quoted): `Invoice_Bot`
+//! and `invoice_bot` are different roles.
+//!
+//! Only plain TCP / Unix sockets are supported (no TLS connector is linked in
+//! yet); a DSN asking for `sslmode=require` is rejected with a clear error
+//! instead of silently connecting in the clear.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Config, NoTls};
+use zeroize::Zeroizing;
+
+use super::Target;
+use crate::model::{CredentialKey, ErrorKind, PluginError, SecretValue, VersionNo};
+
+/// PostgreSQL's identifier limit (NAMEDATALEN - 1). Longer names are silently
+/// truncated by the server, so `role` and its clone could collide: refuse them.
+const MAX_ROLE_LEN: usize = 63;
+const CLONE_SUFFIX: &str = "_clone";
+/// Marks which version a role's password belongs to (`COMMENT ON ROLE`), so a
+/// late `retire(previous)` never clears a newer version set on the same role.
+const VERSION_MARK: &str = "keyturn: version ";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgStrategy {
+    SingleUser,
+    AlternatingUsers,
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresSettings {
+    /// File holding a libpq key=value DSN or URL of an admin role; re-read per connect.
+    pub admin_dsn_file: PathBuf,
+    /// Role whose password rotates.
+    pub role: String,
+    pub strategy: PgStrategy,
+    pub connect_timeout: Duration,
+    /// Database `test` logs into (default: the admin DSN's).
+    pub test_dbname: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct PostgresTarget {
+    s: PostgresSettings,
+    /// `<role>_clone` under `alternating_users`.
+    clone: Option<String>,
+}
+
+impl PostgresTarget {
+    pub fn new(s: PostgresSettings) -> Result<Self, PluginError> {
+        let invalid = |m: String| PluginError::new(ErrorKind::Invalid, m);
+        if s.role.is_empty() || s.role.contains('\0') {
+            return Err(invalid(
+                "postgres target: role must be non-empty and contain no NUL".into(),
+            ));
+        }
+        let clone = match s.strategy {
+            PgStrategy::SingleUser => None,
+            PgStrategy::AlternatingUsers => Some(format!("{}{CLONE_SUFFIX}", s.role)),
+        };
+        let longest = clone.as_deref().unwrap_or(&s.role);
+        if longest.len() > MAX_ROLE_LEN {
+            return Err(invalid(format!(
+                "postgres target: role name {longest:?} is longer than {MAX_ROLE_LEN} bytes"
+            )));
+        }
+        if s.connect_timeout.is_zero() {
+            return Err(invalid(
+                "postgres target: connect_timeout must be > 0".into(),
+            ));
+        }
+        if let Some(db) = &s.test_dbname
+            && (db.is_empty() || db.contains('\0'))
+        {
+            return Err(invalid(
+                "postgres target: test_dbname must be non-empty".into(),
+            ));
+        }
+        Ok(Self { s, clone })
+    }
+
+    /// The role `version` logs in as.
+    fn role_for(&self, version: VersionNo) -> &str {
+        match &self.clone {
+            Some(clone) if version.is_multiple_of(2) => clone,
+            _ => &self.s.role,
+        }
+    }
+
+    /// Reads and parses the admin DSN. Messages name the file, never its content.
+    async fn admin_config(&self, step: &str) -> Result<Config, PluginError> {
+        let path = &self.s.admin_dsn_file;
+        let text = Zeroizing::new(tokio::fs::read_to_string(path).await.map_err(|e| {
+            PluginError::io(
+                format!(
+                    "{}: {step}: reading admin DSN file {}",
+                    self.describe(),
+                    path.display()
+                ),
+                &e,
+            )
+        })?);
+        let mut cfg: Config = text.trim().parse().map_err(|e: tokio_postgres::Error| {
+            // Parse errors name the option (`invalid value for option `port``),
+            // never its value.
+            PluginError::new(
+                ErrorKind::Invalid,
+                format!(
+                    "{}: {step}: admin DSN in {}: {e}{}",
+                    self.describe(),
+                    path.display(),
+                    cause(&e)
+                ),
+            )
+        })?;
+        if cfg.get_ssl_mode() == SslMode::Require {
+            return Err(PluginError::new(
+                ErrorKind::Invalid,
+                format!(
+                    "{}: {step}: admin DSN in {} asks for sslmode=require, but keyturn has no TLS \
+                     connector for PostgreSQL yet; use a Unix socket or a trusted loopback/tunnel",
+                    self.describe(),
+                    path.display()
+                ),
+            ));
+        }
+        cfg.connect_timeout(self.s.connect_timeout);
+        cfg.application_name("keyturn");
+        Ok(cfg)
+    }
+
+    async fn connect_admin(&self, step: &str) -> Result<Client, PluginError> {
+        let cfg = self.admin_config(step).await?;
+        let what = format!(
+            "{}: {step}: admin connection to {}",
+            self.describe(),
+            endpoint(&cfg)
+        );
+        let client = connect(&cfg, &what).await?;
+        // Keep the verifier out of the server log where we may. Failing for
+        // lack of privilege is fine (see the module doc); anything else is not.
+        if let Err(e) = client
+            .batch_execute("SET log_statement = 'none'; SET log_min_error_statement = 'panic'")
+            .await
+            && e.code() != Some(&SqlState::INSUFFICIENT_PRIVILEGE)
+        {
+            return Err(pg_error(&what, &e, &[]));
+        }
+        let ms = self.s.connect_timeout.as_millis().max(1);
+        client
+            .batch_execute(&format!("SET statement_timeout = {ms}"))
+            .await
+            .map_err(|e| pg_error(&what, &e, &[]))?;
+        Ok(client)
+    }
+
+    /// Creates `<role>_clone` as a member of `role` if it does not exist yet.
+    async fn ensure_clone(
+        &self,
+        client: &Client,
+        clone: &str,
+        ctx: &str,
+    ) -> Result<(), PluginError> {
+        if role_exists(client, clone, ctx).await? {
+            return Ok(());
+        }
+        let sql = format!(
+            "CREATE ROLE {} LOGIN INHERIT IN ROLE {}",
+            quote_ident(clone),
+            quote_ident(&self.s.role)
+        );
+        match client.batch_execute(&sql).await {
+            Ok(()) => Ok(()),
+            // Another keyturn (or a retried step) created it meanwhile.
+            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(()),
+            Err(e) => Err(pg_error(
+                &format!("{ctx}: creating role {clone:?}"),
+                &e,
+                &[],
+            )),
+        }
+    }
+
+    fn roles(&self) -> Vec<&str> {
+        let mut v = vec![self.s.role.as_str()];
+        v.extend(self.clone.as_deref());
+        v
+    }
+}
+
+#[async_trait]
+impl Target for PostgresTarget {
+    fn describe(&self) -> String {
+        format!("postgres:{}", self.s.role)
+    }
+
+    fn login_for(&self, version: VersionNo) -> Option<String> {
+        Some(self.role_for(version).to_owned())
+    }
+
+    async fn set(
+        &self,
+        key: &CredentialKey,
+        version: VersionNo,
+        value: &SecretValue,
+    ) -> Result<(), PluginError> {
+        let role = self.role_for(version);
+        let ctx = format!(
+            "{}: set version {version} of {key} on role {role:?}",
+            self.describe()
+        );
+        if value.is_empty() || value.expose().contains(&0) {
+            // PostgreSQL passwords are C strings.
+            return Err(PluginError::new(
+                ErrorKind::Invalid,
+                format!("{ctx}: a PostgreSQL password must be non-empty and contain no NUL byte"),
+            ));
+        }
+        let verifier = Zeroizing::new(postgres_protocol::password::scram_sha_256(value.expose()));
+        let client = self.connect_admin("set").await?;
+        if self.clone.as_deref() == Some(role) {
+            self.ensure_clone(&client, role, &ctx).await?;
+        }
+        let mut sql = Zeroizing::new(format!(
+            "ALTER ROLE {} WITH LOGIN PASSWORD {}",
+            quote_ident(role),
+            quote_literal(&verifier)
+        ));
+        if self.clone.is_some() {
+            // One simple-query message = one implicit transaction: the
+            // password and its version mark change together.
+            sql.push_str(&format!(
+                "; COMMENT ON ROLE {} IS {}",
+                quote_ident(role),
+                quote_literal(&format!("{VERSION_MARK}{version}"))
+            ));
+        }
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| pg_error(&ctx, &e, &[value.expose(), verifier.as_bytes()]))
+    }
+
+    async fn test(
+        &self,
+        key: &CredentialKey,
+        version: VersionNo,
+        value: &SecretValue,
+    ) -> Result<(), PluginError> {
+        let role = self.role_for(version);
+        let admin = self.admin_config("test").await?;
+        let mut cfg = Config::new();
+        for h in admin.get_hosts() {
+            match h {
+                Host::Tcp(name) => cfg.host(name),
+                Host::Unix(path) => cfg.host_path(path),
+            };
+        }
+        for a in admin.get_hostaddrs() {
+            cfg.hostaddr(*a);
+        }
+        for p in admin.get_ports() {
+            cfg.port(*p);
+        }
+        // libpq's default database is the user name; the admin connection
+        // used that when its DSN names none.
+        let db = self
+            .s
+            .test_dbname
+            .as_deref()
+            .or(admin.get_dbname())
+            .or(admin.get_user())
+            .unwrap_or("postgres");
+        cfg.user(role)
+            .password(value.expose())
+            .dbname(db)
+            .ssl_mode(admin.get_ssl_mode())
+            .connect_timeout(self.s.connect_timeout)
+            .application_name("keyturn-test");
+        let ctx = format!(
+            "{}: test version {version} of {key}: login as {role:?} to database {db:?} at {}",
+            self.describe(),
+            endpoint(&cfg)
+        );
+        let client = connect(&cfg, &ctx)
+            .await
+            .map_err(|e| redact_err(e, value.expose()))?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map(drop)
+            .map_err(|e| pg_error(&ctx, &e, &[value.expose()]))
+    }
+
+    async fn retire(&self, key: &CredentialKey, previous: VersionNo) -> Result<(), PluginError> {
+        if self.clone.is_none() {
+            // single_user: the new password already replaced the old one.
+            return Ok(());
+        }
+        let role = self.role_for(previous);
+        let ctx = format!(
+            "{}: retire version {previous} of {key} on role {role:?}",
+            self.describe()
+        );
+        let client = self.connect_admin("retire").await?;
+        let row = client
+            .query_opt(
+                "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1",
+                &[&role],
+            )
+            .await
+            .map_err(|e| pg_error(&ctx, &e, &[]))?;
+        let Some(row) = row else {
+            return Ok(()); // no such role: nothing logs in with it
+        };
+        let mark: Option<String> = row.get(0);
+        if let Some(mark) = mark.as_deref().and_then(|m| m.strip_prefix(VERSION_MARK))
+            && mark != previous.to_string()
+        {
+            // A later version was set on this role after `previous`: clearing
+            // the password now would lock out that newer version.
+            tracing::warn!(credential = %key, role, previous, holds = mark, "retire skipped: the role holds a newer version");
+            return Ok(());
+        }
+        client
+            .batch_execute(&format!(
+                "ALTER ROLE {} WITH PASSWORD NULL",
+                quote_ident(role)
+            ))
+            .await
+            .map_err(|e| pg_error(&ctx, &e, &[]))
+    }
+
+    async fn revoke(&self, key: &CredentialKey) -> Result<(), PluginError> {
+        let ctx = format!("{}: revoke {key}", self.describe());
+        let client = self.connect_admin("revoke").await?;
+        let mut present = Vec::new();
+        for role in self.roles() {
+            if role_exists(&client, role, &ctx).await? {
+                // NOLOGIN first so the sessions we terminate cannot come back.
+                client
+                    .batch_execute(&format!(
+                        "ALTER ROLE {} WITH NOLOGIN PASSWORD NULL",
+                        quote_ident(role)
+                    ))
+                    .await
+                    .map_err(|e| pg_error(&format!("{ctx}: role {role:?}"), &e, &[]))?;
+                present.push(role.to_owned());
+            }
+        }
+        if present.is_empty() {
+            return Ok(());
+        }
+        // PostgreSQL ≥ 14 can wait for each backend to exit, which lets us
+        // report a *verified* revocation; older servers only get the signal.
+        let version: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(|e| pg_error(&ctx, &e, &[]))?
+            .get(0);
+        let wait_ms = i64::try_from(self.s.connect_timeout.as_millis()).unwrap_or(i64::MAX);
+        let rows = if version >= 140000 {
+            client
+                .query(
+                    "SELECT pid, pg_terminate_backend(pid, $2) FROM pg_stat_activity \
+                     WHERE usename = ANY($1) AND pid <> pg_backend_pid()",
+                    &[&present, &wait_ms],
+                )
+                .await
+        } else {
+            client
+                .query(
+                    "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE usename = ANY($1) AND pid <> pg_backend_pid()",
+                    &[&present],
+                )
+                .await
+        }
+        .map_err(|e| pg_error(&format!("{ctx}: terminating sessions"), &e, &[]))?;
+        let alive = rows.iter().filter(|r| !r.get::<_, bool>(1)).count();
+        if alive > 0 && version >= 140000 {
+            return Err(PluginError::new(
+                ErrorKind::Transient,
+                format!(
+                    "{ctx}: {alive} session(s) of {present:?} still alive after pg_terminate_backend"
+                ),
+            ));
+        }
+        tracing::info!(credential = %key, roles = ?present, terminated = rows.len(), "postgres logins revoked");
+        Ok(())
+    }
+
+    async fn check(&self) -> Result<(), PluginError> {
+        let ctx = format!("{}: check", self.describe());
+        let client = self.connect_admin("check").await?;
+        if role_exists(&client, &self.s.role, &ctx).await? {
+            Ok(())
+        } else {
+            Err(PluginError::new(
+                ErrorKind::Invalid,
+                format!("{ctx}: role {:?} does not exist", self.s.role),
+            ))
+        }
+    }
+}
+
+async fn role_exists(client: &Client, role: &str, ctx: &str) -> Result<bool, PluginError> {
+    client
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+        .await
+        .map(|r| r.is_some())
+        .map_err(|e| pg_error(ctx, &e, &[]))
+}
+
+/// Connects and drives the connection on its own task (tokio-postgres' split
+/// design); it ends when the client is dropped.
+async fn connect(cfg: &Config, what: &str) -> Result<Client, PluginError> {
+    let (client, conn) = cfg
+        .connect(NoTls)
+        .await
+        .map_err(|e| pg_error(what, &e, &[]))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "postgres connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// `host:port` list for messages: where we tried, never who or with what.
+fn endpoint(cfg: &Config) -> String {
+    let ports = cfg.get_ports();
+    let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+    let hosts: Vec<String> = cfg
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| match h {
+            Host::Tcp(n) => format!("{n}:{}", port(i)),
+            Host::Unix(p) => format!("{}/.s.PGSQL.{}", p.display(), port(i)),
+        })
+        .collect();
+    if hosts.is_empty() {
+        format!("localhost:{}", port(0))
+    } else {
+        hosts.join(",")
+    }
+}
+
+/// The error's cause chain, `: `-joined (tokio-postgres' Display stops at the
+/// top level, e.g. "error connecting to server").
+fn cause(e: &tokio_postgres::Error) -> String {
+    let mut out = String::new();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+/// Maps a tokio-postgres error to a plug-in error. A server error keeps only
+/// its message and SQLSTATE (no DETAIL/HINT, no query text); `secrets` are
+/// scrubbed from the result anyway, as a last line of defence.
+fn pg_error(ctx: &str, e: &tokio_postgres::Error, secrets: &[&[u8]]) -> PluginError {
+    let (kind, msg) = match e.as_db_error() {
+        Some(db) => {
+            let code = db.code();
+            (
+                db_kind(code),
+                format!("{ctx}: {} (SQLSTATE {})", db.message(), code.code()),
+            )
+        }
+        None => {
+            let top = e.to_string();
+            // tokio-postgres' error kinds are private; its Display strings are
+            // the stable part of its API we can branch on.
+            let kind = if top.starts_with("authentication error") {
+                ErrorKind::Unauthorized
+            } else if top.starts_with("invalid connection string")
+                || top.starts_with("invalid configuration")
+            {
+                ErrorKind::Invalid
+            } else {
+                ErrorKind::Transient
+            };
+            (kind, format!("{ctx}: {top}{}", cause(e)))
+        }
+    };
+    let mut err = PluginError::new(kind, msg);
+    for s in secrets {
+        err = redact_err(err, s);
+    }
+    err
+}
+
+fn redact_err(mut e: PluginError, secret: &[u8]) -> PluginError {
+    if let Ok(s) = std::str::from_utf8(secret)
+        && !s.is_empty()
+        && e.message.contains(s)
+    {
+        e.message = e.message.replace(s, "[REDACTED]");
+    }
+    e
+}
+
+fn db_kind(code: &SqlState) -> ErrorKind {
+    let c = code.code();
+    if *code == SqlState::INVALID_PASSWORD
+        || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        || *code == SqlState::INSUFFICIENT_PRIVILEGE
+    {
+        ErrorKind::Unauthorized
+    } else if c.starts_with("08") // connection exception
+        || c.starts_with("53") // insufficient resources (too many connections)
+        || c.starts_with("57P") // shutting down, cannot connect now
+        || *code == SqlState::QUERY_CANCELED // statement_timeout
+        || *code == SqlState::T_R_SERIALIZATION_FAILURE
+        || *code == SqlState::T_R_DEADLOCK_DETECTED
+        || *code == SqlState::LOCK_NOT_AVAILABLE
+    {
+        ErrorKind::Transient
+    } else {
+        // Undefined role or database, syntax, ... : config must change.
+        ErrorKind::Invalid
+    }
+}
+
+/// `"name"` with embedded quotes doubled: any role name becomes one identifier.
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A string literal safe under either `standard_conforming_strings` setting,
+/// as libpq's `PQescapeLiteral` builds it: quotes doubled, and with a
+/// backslash present, an `E'...'` literal with backslashes doubled.
+fn quote_literal(s: &str) -> String {
+    let body = s.replace('\'', "''");
+    if s.contains('\\') {
+        format!(" E'{}'", body.replace('\\', "\\\\"))
+    } else {
+        format!("'{body}'")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Real-server tests: they need a PostgreSQL the services script starts
+    //! (KEYTURN_TEST_PG_*), and fail — never skip — without it. Each test
+    //! works on its own uniquely named roles so they run in parallel.
+
+    use super::*;
+    use crate::model::{AgentId, CredentialId};
+
+    const NEED: &str =
+        "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
+
+    struct Pg {
+        host: String,
+        port: u16,
+        admin_dsn: String,
+    }
+
+    fn pg() -> Pg {
+        let var = |n: &str| std::env::var(n).unwrap_or_else(|_| panic!("{n} is not set: {NEED}"));
+        Pg {
+            host: var("KEYTURN_TEST_PG_HOST"),
+            port: var("KEYTURN_TEST_PG_PORT")
+                .parse()
+                .expect("KEYTURN_TEST_PG_PORT is a port"),
+            admin_dsn: var("KEYTURN_TEST_PG_ADMIN_DSN"),
+        }
+    }
+
+    fn key() -> CredentialKey {
+        CredentialKey::new(
+            AgentId::new("bot").unwrap(),
+            CredentialId::new("db").unwrap(),
+        )
+    }
+
+    fn secret(s: &str) -> SecretValue {
+        SecretValue::from_string(s.to_owned())
+    }
+
+    /// A role unique to one test; dropped (with its clone) when the test ends,
+    /// even by panic.
+    struct Fixture {
+        pg: Pg,
+        role: String,
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        async fn new(tag: &str) -> Self {
+            let pg = pg();
+            let role = format!("kt_{tag}_{}", hex::encode(rand::random::<[u8; 4]>()));
+            let f = Fixture {
+                pg,
+                role,
+                dir: tempfile::tempdir().unwrap(),
+            };
+            f.admin()
+                .await
+                .batch_execute(&format!("CREATE ROLE {} NOLOGIN", quote_ident(&f.role)))
+                .await
+                .unwrap();
+            std::fs::write(
+                f.dir.path().join("admin.dsn"),
+                format!("{}\n", f.pg.admin_dsn),
+            )
+            .unwrap();
+            f
+        }
+
+        async fn admin(&self) -> Client {
+            let cfg: Config = self.pg.admin_dsn.parse().unwrap();
+            let (c, conn) = cfg.connect(NoTls).await.unwrap();
+            tokio::spawn(conn);
+            c
+        }
+
+        fn settings(&self, strategy: PgStrategy) -> PostgresSettings {
+            PostgresSettings {
+                admin_dsn_file: self.dir.path().join("admin.dsn"),
+                role: self.role.clone(),
+                strategy,
+                connect_timeout: Duration::from_secs(5),
+                test_dbname: None,
+            }
+        }
+
+        fn target(&self, strategy: PgStrategy) -> PostgresTarget {
+            PostgresTarget::new(self.settings(strategy)).unwrap()
+        }
+
+        /// Logs in as `user` with `password`, independently of the target.
+        async fn login(&self, user: &str, password: &str) -> Result<Client, tokio_postgres::Error> {
+            let mut cfg = Config::new();
+            cfg.host(&self.pg.host)
+                .port(self.pg.port)
+                .user(user)
+                .password(password)
+                .dbname("postgres")
+                .connect_timeout(Duration::from_secs(5));
+            let (c, conn) = cfg.connect(NoTls).await?;
+            tokio::spawn(conn);
+            c.simple_query("SELECT 1").await?;
+            Ok(c)
+        }
+
+        async fn assert_login_refused(&self, user: &str, password: &str) {
+            let e = self.login(user, password).await.err().unwrap_or_else(|| {
+                panic!("{user} still logs in with a password that should no longer work")
+            });
+            assert_eq!(e.code(), Some(&SqlState::INVALID_PASSWORD), "{e}");
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let dsn = self.pg.admin_dsn.clone();
+            let roles = [self.role.clone(), format!("{}{CLONE_SUFFIX}", self.role)];
+            // Drop runs inside the test's runtime: clean up on a fresh one.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async move {
+                    let cfg: Config = dsn.parse().unwrap();
+                    let Ok((c, conn)) = cfg.connect(NoTls).await else { return };
+                    tokio::spawn(conn);
+                    for r in roles {
+                        let _ = c
+                            .query(
+                                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+                                &[&r],
+                            )
+                            .await;
+                        let _ = c.batch_execute(&format!("DROP ROLE IF EXISTS {}", quote_ident(&r))).await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+
+    #[test]
+    fn quoting_cannot_be_escaped() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\'b"), " E'a\\\\''b'");
+    }
+
+    #[test]
+    fn alternating_versions_map_to_two_roles() {
+        let s = |strategy| PostgresSettings {
+            admin_dsn_file: "/nonexistent".into(),
+            role: "app".into(),
+            strategy,
+            connect_timeout: Duration::from_secs(1),
+            test_dbname: None,
+        };
+        let alt = PostgresTarget::new(s(PgStrategy::AlternatingUsers)).unwrap();
+        assert_eq!(alt.login_for(1).as_deref(), Some("app"));
+        assert_eq!(alt.login_for(2).as_deref(), Some("app_clone"));
+        assert_eq!(alt.login_for(3).as_deref(), Some("app"));
+        let single = PostgresTarget::new(s(PgStrategy::SingleUser)).unwrap();
+        assert_eq!(single.login_for(2).as_deref(), Some("app"));
+        // A name the server would truncate, so that role and clone collide.
+        let mut long = s(PgStrategy::AlternatingUsers);
+        long.role = "r".repeat(60);
+        assert_eq!(
+            PostgresTarget::new(long).unwrap_err().kind,
+            ErrorKind::Invalid
+        );
+    }
+
+    // ---- real PostgreSQL below ----
+
+    #[tokio::test]
+    async fn single_user_set_and_test_log_in_and_old_password_stops_working() {
+        let f = Fixture::new("single").await;
+        let t = f.target(PgStrategy::SingleUser);
+        t.check().await.unwrap();
+        t.set(&key(), 1, &secret("first-pass-1")).await.unwrap();
+        t.test(&key(), 1, &secret("first-pass-1")).await.unwrap();
+        f.login(&f.role, "first-pass-1").await.unwrap();
+
+        t.set(&key(), 2, &secret("second-pass-2")).await.unwrap();
+        // Idempotent per version: a replayed step changes nothing.
+        t.set(&key(), 2, &secret("second-pass-2")).await.unwrap();
+        t.test(&key(), 2, &secret("second-pass-2")).await.unwrap();
+        f.assert_login_refused(&f.role, "first-pass-1").await;
+        let e = t
+            .test(&key(), 2, &secret("first-pass-1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
+        assert!(!e.message.contains("first-pass-1"), "{e}");
+        t.retire(&key(), 1).await.unwrap(); // no-op
+        f.login(&f.role, "second-pass-2").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn alternating_previous_works_until_retired() {
+        let f = Fixture::new("alt").await;
+        let t = f.target(PgStrategy::AlternatingUsers);
+        let clone = format!("{}_clone", f.role);
+        // Something the agent's role may do, to prove the clone inherits it.
+        f.admin()
+            .await
+            .batch_execute(&format!(
+                "CREATE TABLE {r}_t (x int); GRANT SELECT ON {r}_t TO {q}",
+                r = f.role,
+                q = quote_ident(&f.role)
+            ))
+            .await
+            .unwrap();
+
+        t.set(&key(), 1, &secret("alt-pass-1")).await.unwrap();
+        t.test(&key(), 1, &secret("alt-pass-1")).await.unwrap();
+        t.set(&key(), 2, &secret("alt-pass-2")).await.unwrap();
+        t.test(&key(), 2, &secret("alt-pass-2")).await.unwrap();
+        assert_eq!(t.login_for(2).as_deref(), Some(clone.as_str()));
+
+        let c2 = f.login(&clone, "alt-pass-2").await.unwrap();
+        c2.simple_query(&format!("SELECT * FROM {}_t", f.role))
+            .await
+            .unwrap();
+        // Grace period: the previous value still logs in.
+        f.login(&f.role, "alt-pass-1").await.unwrap();
+
+        t.retire(&key(), 1).await.unwrap();
+        t.retire(&key(), 1).await.unwrap(); // idempotent
+        f.assert_login_refused(&f.role, "alt-pass-1").await;
+        f.login(&clone, "alt-pass-2").await.unwrap();
+
+        // v3 goes back to `role`; a late retire(1) must not clear it.
+        t.set(&key(), 3, &secret("alt-pass-3")).await.unwrap();
+        t.retire(&key(), 1).await.unwrap();
+        f.login(&f.role, "alt-pass-3").await.unwrap();
+        t.retire(&key(), 2).await.unwrap();
+        f.assert_login_refused(&clone, "alt-pass-2").await;
+
+        f.admin()
+            .await
+            .batch_execute(&format!("DROP TABLE {}_t", f.role))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn passwords_with_quotes_and_backslashes_round_trip() {
+        let f = Fixture::new("quote").await;
+        let t = f.target(PgStrategy::SingleUser);
+        for (v, pw) in [
+            (1, r#"a'b"c\d\\'e; DROP ROLE postgres; --"#),
+            (2, r"\'); SELECT 1; --\"),
+            (3, "ünï€ode ' $$ $1 %s {}"),
+        ] {
+            t.set(&key(), v, &secret(pw)).await.unwrap();
+            t.test(&key(), v, &secret(pw)).await.unwrap();
+            f.login(&f.role, pw).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn wrong_admin_dsn_gives_a_clear_error_without_the_password() {
+        let f = Fixture::new("baddsn").await;
+        let canary = "canary-admin-7d1e";
+        let path = f.dir.path().join("admin.dsn");
+        let set_dsn = |dsn: String| std::fs::write(&path, dsn).unwrap();
+        let t = f.target(PgStrategy::SingleUser);
+
+        // Wrong admin password.
+        set_dsn(format!(
+            "host={} port={} user=postgres password={canary} dbname=postgres",
+            f.pg.host, f.pg.port
+        ));
+        let e = t.check().await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
+        assert!(!e.message.contains(canary), "{e}");
+        let e = t
+            .set(&key(), 1, &secret("canary-new-3c2b"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
+        assert!(!e.message.contains("canary"), "{e}");
+
+        // Nothing listens: transient, names host and port.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        set_dsn(format!(
+            "postgresql://postgres:{canary}@127.0.0.1:{port}/postgres"
+        ));
+        let e = t.check().await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Transient, "{e}");
+        assert!(e.message.contains(&format!("127.0.0.1:{port}")), "{e}");
+        assert!(e.message.contains("postgres:kt_baddsn"), "{e}");
+        assert!(!e.message.contains(canary), "{e}");
+
+        // Unparsable DSN and missing file: invalid / not found, naming the file.
+        set_dsn(format!("host=x port=notaport password={canary}"));
+        let e = t.check().await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(!e.message.contains(canary), "{e}");
+        // TLS demanded but not available: refused, not silently downgraded.
+        set_dsn(format!("{} sslmode=require", f.pg.admin_dsn));
+        let e = t.check().await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains("sslmode=require"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        let e = t.check().await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+        assert!(e.message.contains("admin.dsn"), "{e}");
+
+        // Right DSN, role that does not exist: invalid.
+        set_dsn(f.pg.admin_dsn.clone());
+        let mut s = f.settings(PgStrategy::SingleUser);
+        s.role = format!("{}_missing", f.role);
+        let t = PostgresTarget::new(s).unwrap();
+        assert_eq!(t.check().await.unwrap_err().kind, ErrorKind::Invalid);
+        let e = t
+            .set(&key(), 1, &secret("canary-pw-91aa"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains("does not exist"), "{e}");
+        assert!(
+            !e.message.contains("canary") && !e.message.contains("SCRAM"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn revoke_disables_login_and_kills_live_sessions() {
+        let f = Fixture::new("revoke").await;
+        let t = f.target(PgStrategy::AlternatingUsers);
+        t.set(&key(), 1, &secret("rev-pass-1")).await.unwrap();
+        t.set(&key(), 2, &secret("rev-pass-2")).await.unwrap();
+        let live1 = f.login(&f.role, "rev-pass-1").await.unwrap();
+        let live2 = f
+            .login(&format!("{}_clone", f.role), "rev-pass-2")
+            .await
+            .unwrap();
+
+        t.revoke(&key()).await.unwrap();
+        t.revoke(&key()).await.unwrap(); // idempotent
+
+        for live in [live1, live2] {
+            assert!(
+                live.simple_query("SELECT 1").await.is_err(),
+                "session survived revoke"
+            );
+        }
+        for (user, pw) in [
+            (f.role.clone(), "rev-pass-1"),
+            (format!("{}_clone", f.role), "rev-pass-2"),
+        ] {
+            let e = f.login(&user, pw).await.expect_err("login after revoke");
+            // Password cleared and NOLOGIN: refused either way.
+            assert!(
+                matches!(e.code(), Some(c) if *c == SqlState::INVALID_PASSWORD
+                    || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+                "{e}"
+            );
+        }
+        let e = t.test(&key(), 1, &secret("rev-pass-1")).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unauthorized);
+    }
+}
