@@ -23,7 +23,6 @@
 //!   occurrence of the secret — and of each of its lines, for multi-line
 //!   values such as PEM keys — replaced by `[REDACTED]`.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,13 +49,8 @@ const PIPE_GRACE: Duration = Duration::from_millis(500);
 const MIN_REDACTED_LINE: usize = 8;
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
-#[derive(Debug, Clone)]
-pub struct CommandSettings {
-    pub program: PathBuf,
-    pub args: Vec<String>,
-    pub timeout: Duration,
-    pub env: Vec<(String, String)>,
-}
+/// The settings are the validated config (`target = { type = "command", ... }`).
+pub use crate::config::CommandTargetConfig as CommandSettings;
 
 #[derive(Debug)]
 pub struct CommandTarget {

@@ -71,9 +71,7 @@ pub trait Target: Send + Sync {
 pub fn build(cfg: &TargetConfig) -> Result<Arc<dyn Target>, PluginError> {
     match cfg {
         TargetConfig::None => Ok(Arc::new(none::NoTarget)),
-        TargetConfig::Postgres(_) | TargetConfig::Command(_) => Err(PluginError::new(
-            crate::model::ErrorKind::Invalid,
-            "this target type is not available in this build yet",
-        )),
+        TargetConfig::Postgres(c) => Ok(Arc::new(postgres::PostgresTarget::new((**c).clone())?)),
+        TargetConfig::Command(c) => Ok(Arc::new(command::CommandTarget::new((**c).clone()))),
     }
 }

@@ -35,9 +35,6 @@
 //! yet); a DSN asking for `sslmode=require` is rejected with a clear error
 //! instead of silently connecting in the clear.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use async_trait::async_trait;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
@@ -55,23 +52,8 @@ const CLONE_SUFFIX: &str = "_clone";
 /// late `retire(previous)` never clears a newer version set on the same role.
 const VERSION_MARK: &str = "keyturn: version ";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PgStrategy {
-    SingleUser,
-    AlternatingUsers,
-}
-
-#[derive(Debug, Clone)]
-pub struct PostgresSettings {
-    /// File holding a libpq key=value DSN or URL of an admin role; re-read per connect.
-    pub admin_dsn_file: PathBuf,
-    /// Role whose password rotates.
-    pub role: String,
-    pub strategy: PgStrategy,
-    pub connect_timeout: Duration,
-    /// Database `test` logs into (default: the admin DSN's).
-    pub test_dbname: Option<String>,
-}
+/// The settings are the validated config (`target = { type = "postgres", ... }`).
+pub use crate::config::{PgStrategy, PostgresTargetConfig as PostgresSettings};
 
 #[derive(Debug)]
 pub struct PostgresTarget {

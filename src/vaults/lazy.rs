@@ -103,17 +103,18 @@ mod tests {
             let path = path.clone();
             async move {
                 if n == 0 {
-                    return Err(PluginError::new(
-                        ErrorKind::Transient,
-                        "connection refused",
-                    ));
+                    return Err(PluginError::new(ErrorKind::Transient, "connection refused"));
                 }
                 let v: Arc<dyn Vault> =
                     Arc::new(LocalVault::open("remote", &path, LocalKey::generate())?);
                 Ok(v)
             }
         });
-        assert_eq!(attempts.load(Ordering::SeqCst), 0, "no I/O before first use");
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            0,
+            "no I/O before first use"
+        );
         let err = lazy.check().await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::Transient);
         lazy.check().await.expect("second connect succeeds");
