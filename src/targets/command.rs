@@ -390,7 +390,7 @@ mod tests {
         )
     }
 
-    fn script(dir: &Path, body: &str) -> PathBuf {
+    fn script(dir: &Path, body: &str) -> std::path::PathBuf {
         let p = dir.join("hook.sh");
         std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
