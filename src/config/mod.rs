@@ -186,13 +186,12 @@ pub enum AzureAuth {
         client_id: String,
         secret_file: PathBuf,
     },
-    ManagedIdentity {
-        client_id: Option<String>,
-    },
-    WorkloadIdentity {
-        tenant_id: Option<String>,
-        client_id: Option<String>,
-    },
+    /// The VM's / App Service's managed identity; `client_id` picks a
+    /// user-assigned one, `None` the system-assigned one.
+    ManagedIdentity { client_id: Option<String> },
+    /// AKS workload identity: `AZURE_TENANT_ID`, `AZURE_CLIENT_ID` and
+    /// `AZURE_FEDERATED_TOKEN_FILE` from the pod's environment.
+    WorkloadIdentity,
 }
 
 #[derive(Debug, Clone)]

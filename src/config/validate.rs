@@ -705,10 +705,7 @@ impl Validator<'_> {
                         "managed_identity" => Some(AzureAuth::ManagedIdentity {
                             client_id: client_id.clone(),
                         }),
-                        "workload_identity" => Some(AzureAuth::WorkloadIdentity {
-                            tenant_id: tenant_id.clone(),
-                            client_id: client_id.clone(),
-                        }),
+                        "workload_identity" => Some(AzureAuth::WorkloadIdentity),
                         other => {
                             self.err(
                                 p.key("auth"),

@@ -15,6 +15,8 @@ use crate::sinks::Sink;
 use crate::sinks::file::FileSink;
 use crate::targets::{self, Target};
 use crate::vaults::Vault;
+use crate::vaults::azure::{AzureSettings, AzureVault};
+use crate::vaults::lazy::LazyVault;
 use crate::vaults::local::{LocalVault, load_key};
 
 /// A vault and the limit on rotations touching it at once. Shared (`Arc`)
@@ -156,12 +158,27 @@ fn open_vault(cfg: &VaultConfig) -> Result<Arc<dyn Vault>, PluginError> {
             let key = load_key(key_file, key_credential)?;
             Ok(Arc::new(LocalVault::open(&cfg.name, dir, key)?))
         }
-        VaultKind::Hashicorp(_) | VaultKind::AwsSecretsManager(_) | VaultKind::AzureKeyVault(_) => {
-            Err(PluginError::new(
-                crate::model::ErrorKind::Invalid,
-                "this vault type is not available in this build yet",
-            ))
+        VaultKind::AzureKeyVault(c) => {
+            let settings = AzureSettings {
+                name: cfg.name.clone(),
+                vault_url: c.vault_url.clone(),
+                auth: c.auth.clone(),
+                ca_file: c.ca_file.clone(),
+                verify_challenge_resource: c.verify_challenge_resource,
+                timeout: c.timeout,
+            };
+            Ok(Arc::new(LazyVault::new(&cfg.name, move || {
+                let settings = settings.clone();
+                async move {
+                    let v: Arc<dyn Vault> = Arc::new(AzureVault::connect(settings).await?);
+                    Ok(v)
+                }
+            })))
         }
+        VaultKind::Hashicorp(_) | VaultKind::AwsSecretsManager(_) => Err(PluginError::new(
+            crate::model::ErrorKind::Invalid,
+            "this vault type is not available in this build yet",
+        )),
     }
 }
 

@@ -378,6 +378,9 @@ fn replace_all(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
     use super::*;
     use crate::model::{AgentId, CredentialId};
     use std::os::unix::fs::PermissionsExt;
@@ -390,7 +393,7 @@ mod tests {
         )
     }
 
-    fn script(dir: &Path, body: &str) -> std::path::PathBuf {
+    fn script(dir: &Path, body: &str) -> PathBuf {
         let p = dir.join("hook.sh");
         std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();

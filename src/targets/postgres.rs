@@ -566,6 +566,8 @@ mod tests {
     //! (KEYTURN_TEST_PG_*), and fail — never skip — without it. Each test
     //! works on its own uniquely named roles so they run in parallel.
 
+    use std::time::Duration;
+
     use super::*;
     use crate::model::{AgentId, CredentialId};
 

@@ -124,22 +124,8 @@ const HEALTH_SECRET: &str = "keyturn-health-check";
 /// Longest piece of a service error message quoted in ours.
 const MAX_DETAIL: usize = 300;
 
-/// How keyturn authenticates to Entra ID.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AzureAuth {
-    /// A service principal; the client secret is read from `secret_file`.
-    ClientSecret {
-        tenant_id: String,
-        client_id: String,
-        secret_file: PathBuf,
-    },
-    /// The VM's / App Service's managed identity; `client_id` picks a
-    /// user-assigned one, `None` the system-assigned one.
-    ManagedIdentity { client_id: Option<String> },
-    /// AKS workload identity: `AZURE_TENANT_ID`, `AZURE_CLIENT_ID` and
-    /// `AZURE_FEDERATED_TOKEN_FILE` from the pod's environment.
-    WorkloadIdentity,
-}
+/// How keyturn authenticates to Entra ID (from the validated config).
+pub use crate::config::AzureAuth;
 
 /// `[vaults.NAME]` with `type = "azure_key_vault"`.
 #[derive(Debug, Clone)]
