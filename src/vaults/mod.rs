@@ -15,6 +15,7 @@ use async_trait::async_trait;
 
 use crate::model::{CredentialKey, PluginError, RotationId, SecretValue, Stage};
 
+pub mod aws;
 pub mod azure;
 pub mod lazy;
 pub mod local;

@@ -1,0 +1,1418 @@
+//! The `aws_secrets_manager` vault: versions of a credential are versions of one
+//! AWS Secrets Manager secret, and keyturn's stages are Secrets Manager's
+//! staging labels.
+//!
+//! # Mapping
+//! - One credential = one secret named `secret_prefix + path`.
+//! - One version = one secret version. Its `VersionId` is the rotation id: we
+//!   pass the rotation id as `ClientRequestToken` (AWS wants 32–64 characters;
+//!   a rotation id has 32), so the [`VersionRef`] *is* the rotation id and a
+//!   version can always be traced back to the rotation that made it.
+//! - Stages: `AWSPENDING` = pending, `AWSCURRENT` = current, `AWSPREVIOUS` =
+//!   previous, no label = retired. A version that still carries `AWSPENDING`
+//!   is pending even if it also carries `AWSCURRENT`: AWS attaches
+//!   `AWSCURRENT` to the first version of every secret on its own, before
+//!   keyturn has applied it at the target. keyturn treats that version as
+//!   pending until `promote` removes `AWSPENDING` (so `read(Current)` is
+//!   `None` until then, as with every other vault). Readers outside keyturn
+//!   do see the first value as `AWSCURRENT` straight away; there is no older
+//!   value they could be using instead, so nothing that worked stops working.
+//!
+//! # Operations (the rotation contract of AWS: createSecret … finishSecret)
+//! - `stage`: `DescribeSecret` first. If a version with `VersionId` = rotation
+//!   id exists, return it without writing: the engine replays `stage` with a
+//!   *new* value after a crash and relies on getting the first one back, and
+//!   AWS would reject (and moto would silently overwrite) a second value under
+//!   the same token. Otherwise `CreateSecret` (no value, so no version is
+//!   created) when the secret does not exist yet, then `PutSecretValue` with
+//!   `VersionStages=["AWSPENDING"]`. Moving `AWSPENDING` off an abandoned
+//!   rotation's version is done by AWS as part of that call.
+//! - `read`: `GetSecretValue` always with an explicit `VersionStage` or
+//!   `VersionId` (moto answers a bare `GetSecretValue` with a stale default).
+//! - `promote`: `UpdateSecretVersionStage` moves `AWSCURRENT` to the version
+//!   (with `RemoveFromVersionId` = the old current); AWS then moves
+//!   `AWSPREVIOUS` to the old current by itself (moto does the same; the tests
+//!   check it). A second call removes `AWSPENDING` from the version. Both
+//!   calls are skipped when already done, so a replay after a crash between
+//!   them finishes the job.
+//! - `retire`: removes `AWSPREVIOUS` from the version. Secrets Manager has no
+//!   way to delete one version's value: an unlabeled ("deprecated") version
+//!   keeps its value, readable by `VersionId` with the right IAM permission,
+//!   until AWS ages it out (it keeps about 100 versions per secret). keyturn
+//!   reads an unlabeled version as retired (`None`).
+//! - `destroy`: `DeleteSecret` with `ForceDeleteWithoutRecovery=true`.
+//! - `check`: `ListSecrets` with `MaxResults=1`.
+//!
+//! # Write budget
+//! Secrets Manager allows 50 write TPS per account and region, shared by every
+//! client. Every write of one vault instance (`CreateSecret`,
+//! `PutSecretValue`, `UpdateSecretVersionStage`, `DeleteSecret`) first waits
+//! for a slot of a client-side budget ([`AwsSettings::write_budget_per_sec`],
+//! default 25/s). Slots are spaced `1 / budget` apart (a token bucket holding
+//! one token), so no one-second window ever sees more than `budget + 1`
+//! writes. Reads are not budgeted (their quota is 10,000 TPS).
+//!
+//! # Errors and retries
+//! The SDK's own retries are off (`RetryConfig::disabled()`): the rotation
+//! engine owns retries and back-off. Throttling maps to
+//! [`ErrorKind::Throttled`], connection errors and 5xx to `Transient`, access
+//! errors to `Unauthorized`, malformed requests to `Invalid`. Messages name
+//! the vault, the operation and the secret id, never the value; a service
+//! message that happens to echo the value being written is scrubbed.
+//!
+//! # Credentials
+//! The standard AWS credential chain (environment, profile, web identity,
+//! ECS/EC2 metadata), with `region`, `profile` and `endpoint_url` from config.
+//! Without a configured region the chain may ask EC2 instance metadata, which
+//! can take a few seconds to time out away from EC2.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_secretsmanager::Client;
+use aws_sdk_secretsmanager::config::http::HttpResponse;
+use aws_sdk_secretsmanager::config::retry::RetryConfig;
+use aws_sdk_secretsmanager::config::timeout::TimeoutConfig;
+use aws_sdk_secretsmanager::config::{BehaviorVersion, Region};
+use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_secretsmanager::primitives::Blob;
+use tokio::time::Instant;
+
+use super::{Select, StoredVersion, Vault, VaultItem, VersionRef};
+use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
+
+/// The vault type in config, also used in messages.
+pub const TYPE: &str = "aws_secrets_manager";
+/// Default client-side write budget: half the account's shared 50 TPS quota.
+pub const DEFAULT_WRITE_BUDGET_PER_SEC: f64 = 25.0;
+/// Default time allowed for one call (connect + request + response).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+const AWSPENDING: &str = "AWSPENDING";
+const AWSCURRENT: &str = "AWSCURRENT";
+const AWSPREVIOUS: &str = "AWSPREVIOUS";
+
+/// Describes secrets keyturn creates, for whoever finds them in the console.
+const SECRET_DESCRIPTION: &str =
+    "Managed by keyturn: rotated automatically (AWSPENDING -> AWSCURRENT -> AWSPREVIOUS).";
+
+/// Settings of one `[vaults.NAME]` of type `aws_secrets_manager`.
+#[derive(Debug, Clone)]
+pub struct AwsSettings {
+    /// The `[vaults.NAME]` name, for messages.
+    pub name: String,
+    /// AWS region; `None` = the credential chain's region (env, profile, IMDS).
+    pub region: Option<String>,
+    /// e.g. a VPC endpoint in production, moto in tests.
+    pub endpoint_url: Option<String>,
+    /// A profile of the shared config/credentials files.
+    pub profile: Option<String>,
+    /// Prepended to the credential's path to form the secret name.
+    pub secret_prefix: String,
+    /// Client-side budget for all writes of this vault, per second.
+    pub write_budget_per_sec: f64,
+    /// Time allowed for one call.
+    pub timeout: Duration,
+}
+
+impl AwsSettings {
+    /// Settings with every default: the credential chain's region and
+    /// endpoint, no profile, no prefix, 25 writes/s, 10 s per call.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            region: None,
+            endpoint_url: None,
+            profile: None,
+            secret_prefix: String::new(),
+            write_budget_per_sec: DEFAULT_WRITE_BUDGET_PER_SEC,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Write budget
+// ---------------------------------------------------------------------------
+
+/// Spaces writes `interval` apart: each caller reserves the next free slot
+/// and sleeps until it. A caller that is cancelled while waiting loses its
+/// slot, which only makes the budget more conservative.
+#[derive(Debug)]
+struct WriteBudget {
+    interval: Duration,
+    next_slot: Mutex<Instant>,
+    issued: AtomicU64,
+}
+
+impl WriteBudget {
+    /// `None` unless `per_sec` is a positive, finite rate whose interval fits
+    /// a `Duration`.
+    fn new(per_sec: f64) -> Option<Self> {
+        if !(per_sec.is_finite() && per_sec > 0.0) {
+            return None;
+        }
+        let interval = Duration::try_from_secs_f64(1.0 / per_sec).ok()?;
+        Some(Self {
+            interval,
+            next_slot: Mutex::new(Instant::now()),
+            issued: AtomicU64::new(0),
+        })
+    }
+
+    /// Reserves the next free slot at or after `now` and returns it.
+    fn reserve(&self, now: Instant) -> Instant {
+        // The critical section cannot panic; recover from poison anyway.
+        let mut next = self
+            .next_slot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let slot = (*next).max(now);
+        *next = slot + self.interval;
+        slot
+    }
+
+    /// Waits for this caller's slot, then counts the write as issued.
+    async fn acquire(&self) {
+        let slot = self.reserve(Instant::now());
+        tokio::time::sleep_until(slot).await;
+        self.issued.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn issued(&self) -> u64 {
+        self.issued.load(Ordering::Relaxed)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Error mapping
+// ---------------------------------------------------------------------------
+
+/// The kind of a Secrets Manager service error, from its code, HTTP status
+/// and message. Pure, so it is tested without a server.
+fn classify_service(code: Option<&str>, status: u16, message: Option<&str>) -> ErrorKind {
+    let rate_exceeded = message.is_some_and(|m| m.contains("Rate exceeded"));
+    match code.unwrap_or("") {
+        "ThrottlingException"
+        | "Throttling"
+        | "TooManyRequestsException"
+        | "RequestLimitExceeded" => ErrorKind::Throttled,
+        _ if status == 429 || rate_exceeded => ErrorKind::Throttled,
+        "AccessDeniedException"
+        | "AccessDenied"
+        | "UnrecognizedClientException"
+        | "InvalidClientTokenId"
+        | "InvalidSignatureException"
+        | "SignatureDoesNotMatch"
+        | "IncompleteSignature"
+        | "MissingAuthenticationToken"
+        | "ExpiredTokenException" => ErrorKind::Unauthorized,
+        "ResourceNotFoundException" => ErrorKind::NotFound,
+        "ResourceExistsException" => ErrorKind::Conflict,
+        "InvalidRequestException"
+        | "InvalidParameterException"
+        | "InvalidNextTokenException"
+        | "ValidationException"
+        | "MalformedPolicyDocumentException"
+        | "PreconditionNotMetException"
+        | "LimitExceededException"
+        | "EncryptionFailure"
+        | "DecryptionFailure" => ErrorKind::Invalid,
+        "InternalServiceError" | "InternalFailure" | "ServiceUnavailable" => ErrorKind::Transient,
+        _ if status == 401 || status == 403 => ErrorKind::Unauthorized,
+        _ if status >= 500 => ErrorKind::Transient,
+        _ if status == 404 => ErrorKind::NotFound,
+        _ => ErrorKind::Invalid,
+    }
+}
+
+/// The service error code, if the call reached the service.
+fn error_code<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> Option<&str> {
+    e.as_service_error().and_then(|s| s.code())
+}
+
+fn is_not_found<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> bool {
+    error_code(e) == Some("ResourceNotFoundException")
+}
+
+/// `error: cause: cause ...`, without the `Debug` dump that the SDK's
+/// `DisplayErrorContext` appends (it repeats the chain in one long line).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some layers repeat their source's text in their own; skip echoes.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Replaces any occurrence of `value` in `text`. Service messages are not
+/// supposed to echo a `SecretString` (AWS marks it sensitive), but a message
+/// is written to logs and the audit log, so we do not rely on that.
+fn scrub(text: String, value: Option<&SecretValue>) -> String {
+    match value.and_then(SecretValue::expose_str) {
+        Some(v) if !v.is_empty() && text.contains(v) => text.replace(v, "[redacted]"),
+        _ => text,
+    }
+}
+
+/// The keyturn stage of a version from its staging labels; `None` = no label
+/// (retired). `AWSPENDING` wins over `AWSCURRENT`: see the module docs.
+fn stage_of(labels: &[String]) -> Option<Stage> {
+    let has = |l: &str| labels.iter().any(|x| x == l);
+    if has(AWSPENDING) {
+        Some(Stage::Pending)
+    } else if has(AWSCURRENT) {
+        Some(Stage::Current)
+    } else if has(AWSPREVIOUS) {
+        Some(Stage::Previous)
+    } else {
+        None
+    }
+}
+
+fn has_label(labels: &[String], label: &str) -> bool {
+    labels.iter().any(|l| l == label)
+}
+
+fn label_of(stage: Stage) -> Option<&'static str> {
+    match stage {
+        Stage::Pending => Some(AWSPENDING),
+        Stage::Current => Some(AWSCURRENT),
+        Stage::Previous => Some(AWSPREVIOUS),
+        Stage::Retired => None,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The vault
+// ---------------------------------------------------------------------------
+
+/// Version ids → staging labels of one secret, as `DescribeSecret` reports them.
+type Labels = HashMap<String, Vec<String>>;
+
+/// An AWS Secrets Manager vault. Cheap to share behind an `Arc`; every call
+/// through it shares one write budget.
+pub struct AwsVault {
+    name: String,
+    prefix: String,
+    /// Where requests go, for messages.
+    endpoint: String,
+    timeout: Duration,
+    client: Client,
+    budget: WriteBudget,
+}
+
+impl std::fmt::Debug for AwsVault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsVault")
+            .field("name", &self.name)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AwsVault {
+    /// Builds the client from the standard credential chain and `s`. Does not
+    /// call AWS (credentials are resolved at the first call); use
+    /// [`Vault::check`] to find out whether the vault is usable.
+    pub async fn connect(s: AwsSettings) -> Result<Self, PluginError> {
+        let invalid = |what: String| {
+            PluginError::new(
+                ErrorKind::Invalid,
+                format!("vault {} ({TYPE}): {what}", s.name),
+            )
+        };
+        let budget = WriteBudget::new(s.write_budget_per_sec).ok_or_else(|| {
+            invalid(format!(
+                "write_budget_per_sec must be a positive number, got {}",
+                s.write_budget_per_sec
+            ))
+        })?;
+        if s.timeout.is_zero() {
+            return Err(invalid("timeout must be more than zero".into()));
+        }
+
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            // The engine owns retries and back-off; a retry inside the SDK
+            // would also spend write budget behind the engine's back.
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(s.timeout)
+                    .operation_attempt_timeout(s.timeout)
+                    .operation_timeout(s.timeout)
+                    .build(),
+            );
+        if let Some(region) = &s.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(profile) = &s.profile {
+            loader = loader.profile_name(profile);
+        }
+        if let Some(url) = &s.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let conf = loader.load().await;
+        let Some(region) = conf.region().map(|r| r.to_string()) else {
+            return Err(invalid(
+                "no AWS region: set `region` in the vault's config, or AWS_REGION, or a region in the profile"
+                    .into(),
+            ));
+        };
+        let endpoint = match &s.endpoint_url {
+            Some(url) => url.clone(),
+            None => format!("the Secrets Manager endpoint of region {region}"),
+        };
+        Ok(Self {
+            name: s.name,
+            prefix: s.secret_prefix,
+            endpoint,
+            timeout: s.timeout,
+            client: aws_sdk_secretsmanager::Client::new(&conf),
+            budget,
+        })
+    }
+
+    /// Writes sent to Secrets Manager by this vault so far (each one after
+    /// its write-budget slot). For the benchmark and tests.
+    pub fn writes_issued(&self) -> u64 {
+        self.budget.issued()
+    }
+
+    /// The secret name of a credential.
+    pub fn secret_id(&self, path: &str) -> String {
+        format!("{}{}", self.prefix, path)
+    }
+
+    fn err(
+        &self,
+        kind: ErrorKind,
+        op: &str,
+        secret: &str,
+        detail: impl std::fmt::Display,
+    ) -> PluginError {
+        PluginError::new(
+            kind,
+            format!(
+                "vault {} ({TYPE}): {op} of secret {secret}: {detail}",
+                self.name
+            ),
+        )
+    }
+
+    /// A [`PluginError`] for a failed SDK call; `value` is scrubbed from the
+    /// text if it appears there.
+    fn sdk_err<E>(
+        &self,
+        op: &str,
+        secret: &str,
+        e: &SdkError<E, HttpResponse>,
+        value: Option<&SecretValue>,
+    ) -> PluginError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let (kind, detail) = match e {
+            SdkError::ServiceError(se) => {
+                let status = se.raw().status().as_u16();
+                let code = se.err().code();
+                let message = se.err().message();
+                (
+                    classify_service(code, status, message),
+                    format!(
+                        "{} (HTTP {status}): {}",
+                        code.unwrap_or("unknown error"),
+                        message.unwrap_or("no message")
+                    ),
+                )
+            }
+            SdkError::TimeoutError(_) => (
+                ErrorKind::Transient,
+                format!("no answer from {} within {:?}", self.endpoint, self.timeout),
+            ),
+            SdkError::DispatchFailure(d) => {
+                let text = error_chain(e);
+                if d.is_io() || d.is_timeout() {
+                    (
+                        ErrorKind::Transient,
+                        format!("cannot reach {}: {text}", self.endpoint),
+                    )
+                } else if text.to_ascii_lowercase().contains("credential") {
+                    // The credential chain found nothing or failed: the
+                    // request never left. Config or IAM must change.
+                    (
+                        ErrorKind::Unauthorized,
+                        format!("no usable AWS credentials: {text}"),
+                    )
+                } else if d.is_user() {
+                    (ErrorKind::Invalid, format!("request not sent: {text}"))
+                } else {
+                    (
+                        ErrorKind::Transient,
+                        format!("cannot reach {}: {text}", self.endpoint),
+                    )
+                }
+            }
+            SdkError::ResponseError(r) => {
+                let status = r.raw().status().as_u16();
+                let kind = if status == 429 {
+                    ErrorKind::Throttled
+                } else {
+                    ErrorKind::Transient
+                };
+                (
+                    kind,
+                    format!(
+                        "unreadable response (HTTP {status}) from {}: {}",
+                        self.endpoint,
+                        error_chain(e)
+                    ),
+                )
+            }
+            SdkError::ConstructionFailure(_) => {
+                let text = error_chain(e);
+                let kind = if text.to_ascii_lowercase().contains("credential") {
+                    ErrorKind::Unauthorized
+                } else {
+                    ErrorKind::Invalid
+                };
+                (kind, format!("could not build the request: {text}"))
+            }
+            _ => (ErrorKind::Transient, error_chain(e)),
+        };
+        self.err(kind, op, secret, scrub(detail, value))
+    }
+
+    /// The staging labels of every version of `secret`; `None` when the
+    /// secret does not exist. Real AWS lists only labeled versions; moto
+    /// also lists unlabeled ones (with no labels). Both mean the same here.
+    async fn labels(&self, op: &str, secret: &str) -> Result<Option<Labels>, PluginError> {
+        match self.client.describe_secret().secret_id(secret).send().await {
+            Ok(out) => Ok(Some(out.version_ids_to_stages.unwrap_or_default())),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(self.sdk_err(op, secret, &e, None)),
+        }
+    }
+
+    /// Creates `secret` without a value (so without a version). A secret
+    /// that already exists (a lost response, a race) is fine.
+    async fn create_empty(&self, secret: &str) -> Result<(), PluginError> {
+        self.budget.acquire().await;
+        match self
+            .client
+            .create_secret()
+            .name(secret)
+            .description(SECRET_DESCRIPTION)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if error_code(&e) == Some("ResourceExistsException") => Ok(()),
+            Err(e) => Err(self.sdk_err("stage (CreateSecret)", secret, &e, None)),
+        }
+    }
+
+    /// `UpdateSecretVersionStage`, within the write budget.
+    async fn move_label(
+        &self,
+        op: &str,
+        secret: &str,
+        label: &str,
+        move_to: Option<&str>,
+        remove_from: Option<&str>,
+    ) -> Result<(), PluginError> {
+        self.budget.acquire().await;
+        self.client
+            .update_secret_version_stage()
+            .secret_id(secret)
+            .version_stage(label)
+            .set_move_to_version_id(move_to.map(str::to_owned))
+            .set_remove_from_version_id(remove_from.map(str::to_owned))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.sdk_err(op, secret, &e, None))
+    }
+}
+
+#[async_trait]
+impl Vault for AwsVault {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn stage(
+        &self,
+        item: VaultItem<'_>,
+        rotation: &RotationId,
+        value: &SecretValue,
+    ) -> Result<VersionRef, PluginError> {
+        let secret = self.secret_id(item.path);
+        let token = rotation.as_str();
+        match self.labels("stage", &secret).await? {
+            // Replay: the first value for this rotation wins; do not write.
+            Some(versions) if versions.contains_key(token) => {
+                return Ok(VersionRef(token.to_owned()));
+            }
+            Some(_) => {}
+            None => self.create_empty(&secret).await?,
+        }
+
+        let put = self
+            .client
+            .put_secret_value()
+            .secret_id(&secret)
+            .client_request_token(token)
+            .version_stages(AWSPENDING);
+        // Every generator makes text; SecretBinary is for anything else.
+        let put = match value.expose_str() {
+            Some(text) => put.secret_string(text),
+            None => put.secret_binary(Blob::new(value.expose().to_vec())),
+        };
+        self.budget.acquire().await;
+        match put.send().await {
+            Ok(_) => Ok(VersionRef(token.to_owned())),
+            // A version with this token exists but carries no label (AWS does
+            // not list those in DescribeSecret): this rotation staged before
+            // and its version was since superseded. Same answer as a replay.
+            Err(e) if error_code(&e) == Some("ResourceExistsException") => {
+                Ok(VersionRef(token.to_owned()))
+            }
+            Err(e) => Err(self.sdk_err("stage (PutSecretValue)", &secret, &e, Some(value))),
+        }
+    }
+
+    async fn read(
+        &self,
+        item: VaultItem<'_>,
+        select: Select<'_>,
+    ) -> Result<Option<StoredVersion>, PluginError> {
+        let secret = self.secret_id(item.path);
+        let get = self.client.get_secret_value().secret_id(&secret);
+        let get = match select {
+            Select::Stage(stage) => match label_of(stage) {
+                Some(label) => get.version_stage(label),
+                // Retired versions carry no label; there is nothing to ask for.
+                None => return Ok(None),
+            },
+            Select::Version(v) => get.version_id(&v.0),
+        };
+        let mut out = match get.send().await {
+            Ok(out) => out,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(self.sdk_err("read", &secret, &e, None)),
+        };
+        let Some(stage) = stage_of(out.version_stages()) else {
+            return Ok(None); // unlabeled = retired
+        };
+        if let Select::Stage(wanted) = select {
+            // AWSCURRENT on a version still pending (a secret's first
+            // version) is not current for keyturn yet.
+            if wanted != stage {
+                return Ok(None);
+            }
+        }
+        let Some(version_id) = out.version_id.take() else {
+            return Err(self.err(
+                ErrorKind::Fatal,
+                "read",
+                &secret,
+                "the response carries no VersionId",
+            ));
+        };
+        let value = if let Some(text) = out.secret_string.take() {
+            SecretValue::from_string(text)
+        } else if let Some(blob) = out.secret_binary.take() {
+            SecretValue::new(blob.into_inner())
+        } else {
+            return Err(self.err(
+                ErrorKind::Fatal,
+                "read",
+                &secret,
+                format!("version {version_id} has no value"),
+            ));
+        };
+        Ok(Some(StoredVersion {
+            rotation: RotationId::parse(&version_id),
+            version: VersionRef(version_id),
+            stage,
+            value,
+        }))
+    }
+
+    async fn promote(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
+        let secret = self.secret_id(item.path);
+        let Some(versions) = self.labels("promote", &secret).await? else {
+            return Err(self.err(
+                ErrorKind::NotFound,
+                "promote",
+                &secret,
+                "the secret does not exist",
+            ));
+        };
+        let labels = match versions.get(&version.0) {
+            Some(labels) if !labels.is_empty() => labels,
+            _ => {
+                return Err(self.err(
+                    ErrorKind::NotFound,
+                    "promote",
+                    &secret,
+                    format!("version {version} does not exist or is retired"),
+                ));
+            }
+        };
+        if !has_label(labels, AWSCURRENT) {
+            let current = versions
+                .iter()
+                .find(|(_, l)| has_label(l, AWSCURRENT))
+                .map(|(id, _)| id.as_str());
+            // AWS moves AWSPREVIOUS to `current` as part of this call.
+            self.move_label(
+                "promote (move AWSCURRENT)",
+                &secret,
+                AWSCURRENT,
+                Some(&version.0),
+                current,
+            )
+            .await?;
+        }
+        if has_label(labels, AWSPENDING) {
+            self.move_label(
+                "promote (remove AWSPENDING)",
+                &secret,
+                AWSPENDING,
+                None,
+                Some(&version.0),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Removes `AWSPREVIOUS` from `version`. Secrets Manager cannot delete
+    /// one version's value: the unlabeled version keeps it until AWS ages it
+    /// out, readable by `VersionId` with `secretsmanager:GetSecretValue`.
+    async fn retire(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
+        let secret = self.secret_id(item.path);
+        let Some(versions) = self.labels("retire", &secret).await? else {
+            return Ok(()); // destroyed: nothing left to retire
+        };
+        let Some(labels) = versions.get(&version.0) else {
+            return Ok(()); // unlabeled or gone: already retired
+        };
+        if let Some(stage @ (Stage::Current | Stage::Pending)) = stage_of(labels) {
+            return Err(self.err(
+                ErrorKind::Invalid,
+                "retire",
+                &secret,
+                format!("version {version} is {stage}; only the previous version can be retired"),
+            ));
+        }
+        if has_label(labels, AWSPREVIOUS) {
+            self.move_label(
+                "retire (remove AWSPREVIOUS)",
+                &secret,
+                AWSPREVIOUS,
+                None,
+                Some(&version.0),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn destroy(&self, item: VaultItem<'_>) -> Result<(), PluginError> {
+        let secret = self.secret_id(item.path);
+        self.budget.acquire().await;
+        match self
+            .client
+            .delete_secret()
+            .secret_id(&secret)
+            .force_delete_without_recovery(true)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(self.sdk_err("destroy (DeleteSecret)", &secret, &e, None)),
+        }
+    }
+
+    async fn check(&self) -> Result<(), PluginError> {
+        self.client
+            .list_secrets()
+            .max_results(1)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.sdk_err("check (ListSecrets)", "(none)", &e, None))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tests. The ones marked "real server" run against moto_server: they read
+// KEYTURN_TEST_AWS_ENDPOINT (plus AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+// AWS_REGION) and fail when it is missing. Each test uses its own secrets.
+// ---------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::model::{AgentId, CredentialId, CredentialKey};
+
+    const NO_SERVICES: &str =
+        "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
+
+    fn endpoint() -> String {
+        std::env::var("KEYTURN_TEST_AWS_ENDPOINT")
+            .unwrap_or_else(|_| panic!("KEYTURN_TEST_AWS_ENDPOINT is not set: {NO_SERVICES}"))
+    }
+
+    fn settings(name: &str) -> AwsSettings {
+        AwsSettings {
+            endpoint_url: Some(endpoint()),
+            region: Some(
+                std::env::var("AWS_REGION")
+                    .unwrap_or_else(|_| panic!("AWS_REGION is not set: {NO_SERVICES}")),
+            ),
+            secret_prefix: "keyturn-test/".into(),
+            ..AwsSettings::new(name)
+        }
+    }
+
+    async fn vault() -> AwsVault {
+        AwsVault::connect(settings("aws-test"))
+            .await
+            .expect("connect")
+    }
+
+    fn key() -> CredentialKey {
+        CredentialKey::new(
+            AgentId::new("bot").unwrap(),
+            CredentialId::new("db").unwrap(),
+        )
+    }
+
+    /// A unique path per test run, so tests can share one moto server.
+    fn unique_path(test: &str) -> String {
+        format!("{test}/{}", RotationId::generate())
+    }
+
+    fn item<'a>(key: &'a CredentialKey, path: &'a str) -> VaultItem<'a> {
+        VaultItem { key, path }
+    }
+
+    fn value(s: &str) -> SecretValue {
+        SecretValue::from_string(s.to_owned())
+    }
+
+    async fn by_stage(v: &AwsVault, it: VaultItem<'_>, stage: Stage) -> Option<StoredVersion> {
+        v.read(it, Select::Stage(stage))
+            .await
+            .expect("read by stage")
+    }
+
+    async fn by_version(v: &AwsVault, it: VaultItem<'_>, r: &VersionRef) -> Option<StoredVersion> {
+        v.read(it, Select::Version(r))
+            .await
+            .expect("read by version")
+    }
+
+    /// The raw staging labels, straight from the server.
+    async fn raw_labels(v: &AwsVault, path: &str) -> Labels {
+        v.labels("test", &v.secret_id(path))
+            .await
+            .expect("describe")
+            .expect("secret exists")
+    }
+
+    fn sorted(mut labels: Vec<String>) -> Vec<String> {
+        labels.sort();
+        labels
+    }
+
+    // -- pure ---------------------------------------------------------------
+
+    #[test]
+    fn service_errors_map_to_kinds() {
+        use ErrorKind::*;
+        let cases: &[(Option<&str>, u16, Option<&str>, ErrorKind)] = &[
+            (
+                Some("ThrottlingException"),
+                400,
+                Some("Rate exceeded"),
+                Throttled,
+            ),
+            (None, 429, None, Throttled),
+            (Some("SomethingNew"), 400, Some("Rate exceeded"), Throttled),
+            (Some("AccessDeniedException"), 400, None, Unauthorized),
+            (Some("UnrecognizedClientException"), 400, None, Unauthorized),
+            (None, 403, None, Unauthorized),
+            (Some("ResourceNotFoundException"), 400, None, NotFound),
+            (Some("ResourceExistsException"), 400, None, Conflict),
+            (Some("InvalidRequestException"), 400, None, Invalid),
+            (Some("InvalidParameterException"), 400, None, Invalid),
+            (Some("InternalServiceError"), 500, None, Transient),
+            (None, 503, None, Transient),
+            (Some("SomethingNew"), 400, None, Invalid),
+        ];
+        for (code, status, message, kind) in cases {
+            assert_eq!(
+                classify_service(*code, *status, *message),
+                *kind,
+                "{code:?} {status}"
+            );
+        }
+        assert!(classify_service(Some("ThrottlingException"), 400, None).is_retryable());
+    }
+
+    #[test]
+    fn labels_map_to_stages() {
+        let l = |ls: &[&str]| ls.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(stage_of(&l(&[AWSPENDING])), Some(Stage::Pending));
+        // A secret's first version: pending for keyturn until promoted.
+        assert_eq!(
+            stage_of(&l(&[AWSCURRENT, AWSPENDING])),
+            Some(Stage::Pending)
+        );
+        assert_eq!(stage_of(&l(&[AWSCURRENT])), Some(Stage::Current));
+        assert_eq!(stage_of(&l(&[AWSPREVIOUS])), Some(Stage::Previous));
+        assert_eq!(stage_of(&l(&[])), None);
+        assert_eq!(stage_of(&l(&["custom"])), None);
+    }
+
+    #[test]
+    fn scrub_removes_the_value() {
+        let v = value("canary-7d1e");
+        let text = scrub(
+            "Value 'canary-7d1e' at 'secretString' is bad".into(),
+            Some(&v),
+        );
+        assert!(!text.contains("canary-7d1e"), "{text}");
+        assert!(text.contains("[redacted]"));
+        assert_eq!(scrub("plain".into(), None), "plain");
+    }
+
+    #[test]
+    fn bad_budgets_are_refused() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e-300] {
+            assert!(WriteBudget::new(bad).is_none(), "{bad}");
+        }
+        assert!(WriteBudget::new(25.0).is_some());
+    }
+
+    #[test]
+    fn budget_spaces_slots() {
+        let budget = WriteBudget::new(10.0).unwrap();
+        let t0 = Instant::now();
+        // 21 writes asked for at once: the first now, the last after 2 s,
+        // never more than 11 in any one-second window.
+        let slots: Vec<Duration> = (0..21).map(|_| budget.reserve(t0) - t0).collect();
+        assert_eq!(slots[0], Duration::ZERO);
+        assert_eq!(slots[20], Duration::from_secs(2));
+        for w in slots.windows(12) {
+            assert!(w[11] - w[0] >= Duration::from_secs(1), "{w:?}");
+        }
+        // After a quiet spell, no burst is saved up: the next slot is "now",
+        // the one after it a full interval later.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(budget.reserve(later), later);
+        assert_eq!(budget.reserve(later), later + Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn budget_acquire_waits_and_counts() {
+        let budget = Arc::new(WriteBudget::new(50.0).unwrap());
+        let start = std::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..11 {
+            let b = budget.clone();
+            tasks.spawn(async move { b.acquire().await });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+        assert!(
+            start.elapsed() >= Duration::from_millis(195),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(budget.issued(), 11);
+    }
+
+    #[tokio::test]
+    async fn connect_refuses_a_bad_budget() {
+        let mut s = AwsSettings::new("bad");
+        s.region = Some("us-east-1".into());
+        s.write_budget_per_sec = 0.0;
+        let e = AwsVault::connect(s).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid);
+        assert!(
+            e.message.contains("bad") && e.message.contains("write_budget_per_sec"),
+            "{e}"
+        );
+    }
+
+    // -- real server (moto) ---------------------------------------------------
+
+    #[tokio::test]
+    async fn full_cycle_real_server() {
+        let v = vault().await;
+        let k = key();
+        let path = unique_path("full-cycle");
+        let it = item(&k, &path);
+
+        // First rotation: creates the secret; the version is pending.
+        let r1 = RotationId::generate();
+        let v1 = v.stage(it, &r1, &value("one")).await.unwrap();
+        assert_eq!(v1.0, r1.as_str(), "the VersionId is the rotation id");
+        let p = by_stage(&v, it, Stage::Pending).await.expect("pending");
+        assert_eq!(
+            (p.version.clone(), p.stage, p.rotation.clone()),
+            (v1.clone(), Stage::Pending, Some(r1.clone()))
+        );
+        assert_eq!(p.value.expose(), b"one");
+        assert!(
+            by_stage(&v, it, Stage::Current).await.is_none(),
+            "not current before promote"
+        );
+        assert_eq!(by_version(&v, it, &v1).await.unwrap().stage, Stage::Pending);
+
+        v.promote(it, &v1).await.unwrap();
+        let c = by_stage(&v, it, Stage::Current).await.expect("current");
+        assert_eq!(
+            (c.version.clone(), c.value.expose()),
+            (v1.clone(), &b"one"[..])
+        );
+        assert!(by_stage(&v, it, Stage::Pending).await.is_none());
+        assert!(by_stage(&v, it, Stage::Previous).await.is_none());
+        assert_eq!(
+            sorted(raw_labels(&v, &path).await[&v1.0].clone()),
+            vec![AWSCURRENT]
+        );
+
+        // Second rotation.
+        let r2 = RotationId::generate();
+        let v2 = v.stage(it, &r2, &value("two")).await.unwrap();
+        assert_eq!(
+            by_stage(&v, it, Stage::Pending)
+                .await
+                .unwrap()
+                .value
+                .expose(),
+            b"two"
+        );
+        assert_eq!(
+            by_stage(&v, it, Stage::Current).await.unwrap().version,
+            v1,
+            "current unchanged while pending"
+        );
+        v.promote(it, &v2).await.unwrap();
+
+        let c = by_stage(&v, it, Stage::Current).await.unwrap();
+        assert_eq!(
+            (c.version, c.value.expose(), c.rotation),
+            (v2.clone(), &b"two"[..], Some(r2))
+        );
+        let p = by_stage(&v, it, Stage::Previous).await.unwrap();
+        assert_eq!((p.version, p.value.expose()), (v1.clone(), &b"one"[..]));
+        assert!(by_stage(&v, it, Stage::Pending).await.is_none());
+        assert!(by_stage(&v, it, Stage::Retired).await.is_none());
+        assert_eq!(
+            by_version(&v, it, &v1).await.unwrap().stage,
+            Stage::Previous
+        );
+        assert_eq!(by_version(&v, it, &v2).await.unwrap().stage, Stage::Current);
+        // The server moved AWSPREVIOUS itself (moto as AWS does).
+        let labels = raw_labels(&v, &path).await;
+        assert_eq!(labels[&v1.0], vec![AWSPREVIOUS]);
+        assert_eq!(labels[&v2.0], vec![AWSCURRENT]);
+
+        // Third rotation: the old previous loses its label when the old
+        // current becomes previous.
+        let r3 = RotationId::generate();
+        let v3 = v.stage(it, &r3, &value("three")).await.unwrap();
+        assert_eq!(by_version(&v, it, &v3).await.unwrap().stage, Stage::Pending);
+        v.promote(it, &v3).await.unwrap();
+        assert_eq!(by_stage(&v, it, Stage::Previous).await.unwrap().version, v2);
+        assert!(
+            by_version(&v, it, &v1).await.is_none(),
+            "unlabeled = retired"
+        );
+
+        v.destroy(it).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn stage_replay_returns_the_first_version_real_server() {
+        let v = vault().await;
+        let k = key();
+        let path = unique_path("stage-replay");
+        let it = item(&k, &path);
+
+        let r1 = RotationId::generate();
+        let first = v.stage(it, &r1, &value("first")).await.unwrap();
+        assert_eq!(v.writes_issued(), 2, "CreateSecret + PutSecretValue");
+        let again = v.stage(it, &r1, &value("second")).await.unwrap();
+        assert_eq!(again, first);
+        assert_eq!(v.writes_issued(), 2, "a replay writes nothing");
+        assert_eq!(raw_labels(&v, &path).await.len(), 1, "still one version");
+        assert_eq!(
+            by_version(&v, it, &first).await.unwrap().value.expose(),
+            b"first"
+        );
+
+        // Replay of a later rotation on an existing secret, too.
+        v.promote(it, &first).await.unwrap();
+        let r2 = RotationId::generate();
+        let second = v.stage(it, &r2, &value("a")).await.unwrap();
+        let writes = v.writes_issued();
+        assert_eq!(v.stage(it, &r2, &value("b")).await.unwrap(), second);
+        assert_eq!(v.writes_issued(), writes);
+        assert_eq!(raw_labels(&v, &path).await.len(), 2);
+        assert_eq!(
+            by_stage(&v, it, Stage::Pending)
+                .await
+                .unwrap()
+                .value
+                .expose(),
+            b"a"
+        );
+
+        // A new rotation replaces an abandoned pending version.
+        let r3 = RotationId::generate();
+        let third = v.stage(it, &r3, &value("c")).await.unwrap();
+        assert_eq!(
+            by_stage(&v, it, Stage::Pending).await.unwrap().version,
+            third
+        );
+        assert!(
+            by_version(&v, it, &second).await.is_none(),
+            "abandoned pending is retired"
+        );
+        v.destroy(it).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn promote_replay_and_resume_real_server() {
+        let v = vault().await;
+        let k = key();
+        let path = unique_path("promote-replay");
+        let it = item(&k, &path);
+        let secret = v.secret_id(&path);
+
+        let v1 = v
+            .stage(it, &RotationId::generate(), &value("one"))
+            .await
+            .unwrap();
+        v.promote(it, &v1).await.unwrap();
+        let writes = v.writes_issued();
+        v.promote(it, &v1).await.unwrap();
+        assert_eq!(
+            v.writes_issued(),
+            writes,
+            "promoting the current version writes nothing"
+        );
+
+        // A crash between promote's two writes: AWSCURRENT moved, AWSPENDING
+        // still on the version. The replay finishes the job.
+        let v2 = v
+            .stage(it, &RotationId::generate(), &value("two"))
+            .await
+            .unwrap();
+        v.move_label("test", &secret, AWSCURRENT, Some(&v2.0), Some(&v1.0))
+            .await
+            .unwrap();
+        assert_eq!(by_version(&v, it, &v2).await.unwrap().stage, Stage::Pending);
+        v.promote(it, &v2).await.unwrap();
+        let labels = raw_labels(&v, &path).await;
+        assert_eq!(labels[&v2.0], vec![AWSCURRENT]);
+        assert_eq!(labels[&v1.0], vec![AWSPREVIOUS]);
+        assert_eq!(
+            by_stage(&v, it, Stage::Current)
+                .await
+                .unwrap()
+                .value
+                .expose(),
+            b"two"
+        );
+
+        // Unknown versions are not promoted.
+        let e = v
+            .promote(it, &VersionRef(RotationId::generate().to_string()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+        v.destroy(it).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn retire_real_server() {
+        let v = vault().await;
+        let k = key();
+        let path = unique_path("retire");
+        let it = item(&k, &path);
+
+        let v1 = v
+            .stage(it, &RotationId::generate(), &value("one"))
+            .await
+            .unwrap();
+        v.promote(it, &v1).await.unwrap();
+        let v2 = v
+            .stage(it, &RotationId::generate(), &value("two"))
+            .await
+            .unwrap();
+        let e = v.retire(it, &v2).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "pending cannot be retired: {e}");
+        v.promote(it, &v2).await.unwrap();
+        let e = v.retire(it, &v2).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "current cannot be retired: {e}");
+        assert!(
+            e.message.contains("aws-test") && e.message.contains(&v.secret_id(&path)),
+            "{e}"
+        );
+
+        v.retire(it, &v1).await.unwrap();
+        assert!(by_stage(&v, it, Stage::Previous).await.is_none());
+        assert!(by_version(&v, it, &v1).await.is_none());
+        assert_eq!(by_stage(&v, it, Stage::Current).await.unwrap().version, v2);
+        let writes = v.writes_issued();
+        v.retire(it, &v1).await.unwrap();
+        assert_eq!(v.writes_issued(), writes, "retiring twice writes nothing");
+        v.destroy(it).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn destroy_and_missing_secret_real_server() {
+        let v = vault().await;
+        let k = key();
+        let path = unique_path("destroy");
+        let it = item(&k, &path);
+
+        // Missing secret: nothing to read, nothing to retire or destroy.
+        assert!(by_stage(&v, it, Stage::Current).await.is_none());
+        assert!(
+            by_version(&v, it, &VersionRef(RotationId::generate().to_string()))
+                .await
+                .is_none()
+        );
+        v.retire(it, &VersionRef(RotationId::generate().to_string()))
+            .await
+            .unwrap();
+        v.destroy(it).await.unwrap();
+
+        let v1 = v
+            .stage(it, &RotationId::generate(), &value("one"))
+            .await
+            .unwrap();
+        v.promote(it, &v1).await.unwrap();
+        v.destroy(it).await.unwrap();
+        assert!(by_stage(&v, it, Stage::Current).await.is_none());
+        assert!(by_version(&v, it, &v1).await.is_none());
+        assert!(
+            v.labels("test", &v.secret_id(&path))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        v.destroy(it).await.unwrap();
+        let e = v.promote(it, &v1).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+    }
+
+    #[tokio::test]
+    async fn binary_values_round_trip_real_server() {
+        let v = vault().await;
+        let k = key();
+        let path = unique_path("binary");
+        let it = item(&k, &path);
+        let bytes = SecretValue::new(vec![0, 159, 146, 150, 255]);
+        let r = v.stage(it, &RotationId::generate(), &bytes).await.unwrap();
+        assert_eq!(by_version(&v, it, &r).await.unwrap().value, bytes);
+        v.destroy(it).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn write_budget_real_server() {
+        let v = Arc::new(
+            AwsVault::connect(AwsSettings {
+                write_budget_per_sec: 5.0,
+                ..settings("aws-budget")
+            })
+            .await
+            .unwrap(),
+        );
+        let k = Arc::new(key());
+        let start = std::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        // 10 first stages = 10 × (CreateSecret + PutSecretValue) = 20 writes.
+        for _ in 0..10 {
+            let (v, k) = (v.clone(), k.clone());
+            tasks.spawn(async move {
+                let path = unique_path("budget");
+                let it = item(&k, &path);
+                v.stage(it, &RotationId::generate(), &value("x"))
+                    .await
+                    .unwrap();
+                path
+            });
+        }
+        let mut paths = Vec::new();
+        while let Some(p) = tasks.join_next().await {
+            paths.push(p.unwrap());
+        }
+        let elapsed = start.elapsed();
+        assert_eq!(v.writes_issued(), 20);
+        // 20 writes spaced 200 ms apart: at least 19 × 200 ms.
+        assert!(elapsed >= Duration::from_millis(3700), "{elapsed:?}");
+        // Reads are not budgeted.
+        let before = std::time::Instant::now();
+        for p in &paths {
+            assert!(by_stage(&v, item(&k, p), Stage::Pending).await.is_some());
+        }
+        assert_eq!(v.writes_issued(), 20);
+        assert!(
+            before.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            before.elapsed()
+        );
+        for p in &paths {
+            v.destroy(item(&k, p)).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn check_real_server() {
+        vault().await.check().await.unwrap();
+    }
+
+    /// A one-trick HTTP server that answers every request with `status` and
+    /// a Secrets Manager error body; returns its URL.
+    async fn scripted_server(status: u16, code: &'static str, message: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    // Read the request head and body (small; one read is not
+                    // guaranteed to get all of it, but the answer does not
+                    // depend on it), then answer and close.
+                    let mut buf = [0u8; 16384];
+                    let _ = conn.read(&mut buf).await;
+                    let body = format!(r#"{{"__type":"{code}","message":"{message}"}}"#);
+                    let reply = format!(
+                        "HTTP/1.1 {status} Scripted\r\ncontent-type: application/x-amz-json-1.1\r\n\
+                         x-amzn-errortype: {code}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(reply.as_bytes()).await;
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn service_errors_reach_the_engine_with_their_kind() {
+        let cases = [
+            (
+                400,
+                "ThrottlingException",
+                "Rate exceeded",
+                ErrorKind::Throttled,
+            ),
+            (503, "ServiceUnavailable", "try later", ErrorKind::Transient),
+            (
+                400,
+                "AccessDeniedException",
+                "not allowed",
+                ErrorKind::Unauthorized,
+            ),
+            (
+                400,
+                "InvalidRequestException",
+                "bad request",
+                ErrorKind::Invalid,
+            ),
+        ];
+        for (status, code, message, kind) in cases {
+            let url = scripted_server(status, code, message).await;
+            // The test credentials, so the request is signed and sent.
+            let v = AwsVault::connect(AwsSettings {
+                endpoint_url: Some(url),
+                ..settings("aws-scripted")
+            })
+            .await
+            .unwrap();
+            let k = key();
+            let e = v
+                .stage(
+                    item(&k, "agents/bot/db"),
+                    &RotationId::generate(),
+                    &value("canary-0c4d"),
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind, kind, "{e}");
+            assert!(
+                e.message.contains(code) && e.message.contains("aws-scripted"),
+                "{e}"
+            );
+            assert!(!e.message.contains("canary-0c4d"));
+            assert_eq!(
+                v.writes_issued(),
+                0,
+                "DescribeSecret failed first: no write"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn wrong_endpoint_is_transient_with_a_clear_message() {
+        // The test credentials (so the request gets as far as connecting),
+        // and an endpoint where nothing listens.
+        let v = AwsVault::connect(AwsSettings {
+            endpoint_url: Some("http://127.0.0.1:1".into()),
+            timeout: Duration::from_secs(3),
+            ..settings("aws-down")
+        })
+        .await
+        .unwrap();
+        let k = key();
+        let e = v
+            .read(item(&k, "agents/bot/db"), Select::Stage(Stage::Current))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Transient, "{e}");
+        for part in ["aws-down", "read", "agents/bot/db", "127.0.0.1:1"] {
+            assert!(e.message.contains(part), "{part} missing in: {e}");
+        }
+        let e = v.check().await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Transient, "{e}");
+        let e = v
+            .stage(
+                item(&k, "agents/bot/db"),
+                &RotationId::generate(),
+                &value("canary-51b0"),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Transient, "{e}");
+        assert!(!e.message.contains("canary-51b0"));
+    }
+}
