@@ -15,6 +15,7 @@ use async_trait::async_trait;
 
 use crate::model::{CredentialKey, PluginError, RotationId, SecretValue, Stage};
 
+pub mod hashicorp;
 pub mod local;
 
 /// One credential as a vault sees it.
