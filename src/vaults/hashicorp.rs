@@ -299,6 +299,27 @@ impl HashicorpVault {
             )));
         }
 
+        if let Some(ca) = &s.ca_file {
+            // reqwest accepts a file without any certificate in it (and then
+            // trusts nothing extra); say so at start instead of failing every
+            // call with an unknown-issuer error.
+            let pem = std::fs::read(ca).map_err(|e| {
+                PluginError::io(
+                    format!("vault {} ({}): ca_file {}", s.name, s.address, ca.display()),
+                    &e,
+                )
+            })?;
+            if !pem
+                .windows(b"-----BEGIN CERTIFICATE-----".len())
+                .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+            {
+                return Err(invalid(format!(
+                    "ca_file {} holds no PEM certificate",
+                    ca.display()
+                )));
+            }
+        }
+
         let mut vault = HashicorpVault {
             name: s.name,
             address: s.address,
@@ -639,11 +660,17 @@ impl HashicorpVault {
                     format!("unexpected response or request: {other}"),
                 ),
             },
-            ClientError::FileReadError { path, .. }
-            | ClientError::FileNotFoundError { path }
-            | ClientError::ParseCertificateError { path, .. } => {
-                (ErrorKind::Invalid, format!("{e} ({path})"))
+            ClientError::FileReadError { path, source } => (
+                ErrorKind::from_io(source),
+                format!("cannot read {path}: {source}"),
+            ),
+            ClientError::FileNotFoundError { path } => {
+                (ErrorKind::NotFound, format!("no such file: {path}"))
             }
+            ClientError::ParseCertificateError { path, source } => (
+                ErrorKind::Invalid,
+                format!("ca_file {path} is not a PEM certificate bundle: {source}"),
+            ),
             ClientError::RestClientBuildError { source } => (
                 ErrorKind::Invalid,
                 format!("cannot build the HTTP client: {source}"),
@@ -1911,6 +1938,102 @@ mod tests {
             assert!(v.read(item, Select::Stage(stage)).await.unwrap().is_none());
         }
         v.destroy(item).await.unwrap(); // already gone: fine
+    }
+
+    /// `<method> /v1/<path>` over plain HTTP; vaultrs has no namespace API.
+    fn raw_http(method: &str, path: &str, namespace: Option<&str>, body: &str) -> u16 {
+        use std::io::{Read, Write};
+        let (addr, token) = bao();
+        let host = addr.trim_start_matches("http://").trim_end_matches('/');
+        let mut conn = std::net::TcpStream::connect(host).unwrap();
+        let ns = namespace.map_or(String::new(), |n| format!("X-Vault-Namespace: {n}\r\n"));
+        write!(
+            conn,
+            "{method} /v1/{path} HTTP/1.1\r\nHost: {host}\r\nX-Vault-Token: {token}\r\n{ns}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).unwrap();
+        reply
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_namespace_scopes_every_call() {
+        let (addr, token) = bao();
+        let ns = format!("kt-{}", &RotationId::generate().as_str()[..12]);
+        assert_eq!(
+            raw_http("POST", &format!("sys/namespaces/{ns}"), None, "{}"),
+            200
+        );
+        assert_eq!(
+            raw_http(
+                "POST",
+                "sys/mounts/secret",
+                Some(&ns),
+                r#"{"type":"kv","options":{"version":"2"}}"#
+            ),
+            204
+        );
+        let mut s = settings(
+            "bao-ns",
+            &addr,
+            HashicorpAuth::Token(SecretValue::from_string(token)),
+        );
+        s.namespace = Some(ns.clone());
+        let v = HashicorpVault::connect(s).await.unwrap();
+        let (k, path) = (key(), unique("ns"));
+        let item = VaultItem {
+            key: &k,
+            path: &path,
+        };
+        let r = v
+            .stage(item, &RotationId::generate(), &secret("in-ns"))
+            .await
+            .unwrap();
+        v.promote(item, &r).await.unwrap();
+        assert!(
+            raw_latest(&path).await.is_none(),
+            "written outside the namespace"
+        );
+        let mut in_ns = raw();
+        in_ns.middle.namespace = Some(ns.clone());
+        let data: Map<String, Value> = vaultrs::kv2::read(&in_ns, "secret", &path).await.unwrap();
+        assert_eq!(data["value"], "in-ns");
+        v.destroy(item).await.unwrap();
+        vaultrs::sys::mount::disable(&in_ns, "secret")
+            .await
+            .unwrap();
+        raw_http("DELETE", &format!("sys/namespaces/{ns}"), None, "");
+    }
+
+    #[tokio::test]
+    async fn a_ca_file_without_a_certificate_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("ca.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let mut s = settings(
+            "bao",
+            "https://127.0.0.1:8200",
+            HashicorpAuth::Token(secret("t")),
+        );
+        s.ca_file = Some(junk);
+        let e = HashicorpVault::connect(s).await.err().unwrap();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains("holds no PEM certificate"), "{e}");
+        let mut s = settings(
+            "bao",
+            "https://127.0.0.1:8200",
+            HashicorpAuth::Token(secret("t")),
+        );
+        s.ca_file = Some(dir.path().join("missing.pem"));
+        let e = HashicorpVault::connect(s).await.err().unwrap();
+        assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+        assert!(e.message.contains("ca_file"), "{e}");
     }
 
     #[test]
