@@ -17,6 +17,7 @@ use crate::model::{CredentialKey, PluginError, RotationId, SecretValue, Stage};
 
 pub mod aws;
 pub mod azure;
+pub mod hashicorp;
 pub mod lazy;
 pub mod local;
 
