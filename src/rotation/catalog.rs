@@ -8,14 +8,18 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use crate::config::HashicorpAuth;
 use crate::config::{AgentConfig, Config, CredentialConfig, SinkConfig, VaultConfig, VaultKind};
 use crate::model::{CredentialKey, PluginError};
+use crate::model::{ErrorKind, SecretValue};
 use crate::schedule::jitter_offset;
 use crate::sinks::Sink;
 use crate::sinks::file::FileSink;
 use crate::targets::{self, Target};
 use crate::vaults::Vault;
+use crate::vaults::aws::{AwsSettings, AwsVault};
 use crate::vaults::azure::{AzureSettings, AzureVault};
+use crate::vaults::hashicorp::{HashicorpAuth as BaoAuth, HashicorpSettings, HashicorpVault};
 use crate::vaults::lazy::LazyVault;
 use crate::vaults::local::{LocalVault, load_key};
 
@@ -167,19 +171,77 @@ fn open_vault(cfg: &VaultConfig) -> Result<Arc<dyn Vault>, PluginError> {
                 verify_challenge_resource: c.verify_challenge_resource,
                 timeout: c.timeout,
             };
-            Ok(Arc::new(LazyVault::new(&cfg.name, move || {
-                let settings = settings.clone();
-                async move {
-                    let v: Arc<dyn Vault> = Arc::new(AzureVault::connect(settings).await?);
-                    Ok(v)
-                }
-            })))
+            lazy(&cfg.name, settings, |s| async move {
+                Ok(Arc::new(AzureVault::connect(s).await?) as Arc<dyn Vault>)
+            })
         }
-        VaultKind::Hashicorp(_) | VaultKind::AwsSecretsManager(_) => Err(PluginError::new(
-            crate::model::ErrorKind::Invalid,
-            "this vault type is not available in this build yet",
-        )),
+        VaultKind::Hashicorp(c) => {
+            let auth = match &c.auth {
+                HashicorpAuth::TokenFile(f) => BaoAuth::TokenFile(f.clone()),
+                HashicorpAuth::TokenEnv(var) => match std::env::var(var) {
+                    Ok(t) if !t.trim().is_empty() => {
+                        BaoAuth::Token(SecretValue::new(t.trim().as_bytes().to_vec()))
+                    }
+                    _ => {
+                        return Err(PluginError::new(
+                            ErrorKind::Invalid,
+                            format!(
+                                "token_env: the environment variable {var} is not set or empty; set it in the daemon's environment (e.g. an EnvironmentFile= of the unit) or use token_file"
+                            ),
+                        ));
+                    }
+                },
+                HashicorpAuth::AppRole {
+                    mount,
+                    role_id_file,
+                    secret_id_file,
+                } => BaoAuth::AppRole {
+                    mount: mount.clone(),
+                    role_id_file: role_id_file.clone(),
+                    secret_id_file: secret_id_file.clone(),
+                },
+            };
+            let settings = HashicorpSettings {
+                name: cfg.name.clone(),
+                address: c.address.clone(),
+                mount: c.mount.clone(),
+                namespace: c.namespace.clone(),
+                auth,
+                ca_file: c.ca_file.clone(),
+                field: c.field.clone(),
+                timeout: c.timeout,
+            };
+            lazy(&cfg.name, settings, |s| async move {
+                Ok(Arc::new(HashicorpVault::connect(s).await?) as Arc<dyn Vault>)
+            })
+        }
+        VaultKind::AwsSecretsManager(c) => {
+            let settings = AwsSettings {
+                name: cfg.name.clone(),
+                region: c.region.clone(),
+                endpoint_url: c.endpoint_url.clone(),
+                profile: c.profile.clone(),
+                secret_prefix: c.secret_prefix.clone(),
+                write_budget_per_sec: c.write_budget,
+                timeout: c.timeout,
+            };
+            lazy(&cfg.name, settings, |s| async move {
+                Ok(Arc::new(AwsVault::connect(s).await?) as Arc<dyn Vault>)
+            })
+        }
     }
+}
+
+/// A remote vault that connects with `connect(settings)` on first use.
+fn lazy<S, F, Fut>(name: &str, settings: S, connect: F) -> Result<Arc<dyn Vault>, PluginError>
+where
+    S: Clone + Send + Sync + 'static,
+    F: Fn(S) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Arc<dyn Vault>, PluginError>> + Send + 'static,
+{
+    Ok(Arc::new(LazyVault::new(name, move || {
+        connect(settings.clone())
+    })))
 }
 
 /// Builds the sink a `deliver` entry describes.

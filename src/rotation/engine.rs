@@ -1062,6 +1062,7 @@ impl Inner {
                     expires_hint: row.next_due.map(|d| d + chrono_dur(entry.cfg.grace)),
                     kind,
                     public,
+                    login: entry.target.login_for(rot.version),
                 };
                 for sink in &entry.sinks {
                     let result = sink.deliver(&notice, &value).await;
@@ -1128,6 +1129,18 @@ impl Inner {
                             .retire(item, vref)
                             .await
                             .map_err(|e| vault_error(h.vault.name(), e))?;
+                    }
+                    // The grace period is over: the target stops accepting
+                    // the previous value too (alternating users: its role's
+                    // password is cleared).
+                    if let Some(previous) = rot.previous_version {
+                        entry
+                            .target
+                            .retire(&entry.key, previous)
+                            .await
+                            .map_err(|e| {
+                                StepError::new(format!("target {}", entry.target.describe()), e)
+                            })?;
                     }
                     if let Some(version) = rot.previous_version {
                         writes.push(Write::VersionStage {

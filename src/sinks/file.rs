@@ -462,6 +462,7 @@ impl Inner {
                     agent: notice.key.agent.as_str(),
                     credential: notice.key.credential.as_str(),
                     public: notice.public.as_deref(),
+                    username: notice.login.as_deref(),
                 };
                 // Sized up front for the worst escaping (`\u00XX` per byte) so
                 // the buffer never reallocates and leaves an unwiped copy behind.
@@ -483,22 +484,25 @@ impl Inner {
                 }
                 let name = self.cfg.env_name.as_bytes();
                 let quotes = bytes.iter().filter(|b| **b == b'\'').count();
+                // Sized up front so the buffer never reallocates and leaves an
+                // unwiped copy of the value behind.
+                let login_len = notice
+                    .login
+                    .as_ref()
+                    .map_or(0, |l| name.len() + 4 * l.len());
                 let mut buf = Zeroizing::new(Vec::with_capacity(
-                    2 * name.len() + bytes.len() + 3 * quotes + 64,
+                    2 * name.len() + bytes.len() + 3 * quotes + login_len + 64,
                 ));
                 buf.extend_from_slice(name);
-                buf.extend_from_slice(b"='");
-                for &b in bytes {
-                    if b == b'\'' {
-                        // Close the quote, an escaped quote, reopen: POSIX sh.
-                        buf.extend_from_slice(b"'\\''");
-                    } else {
-                        buf.push(b);
-                    }
-                }
-                buf.extend_from_slice(b"'\n");
+                buf.push(b'=');
+                push_sh_quoted(&mut buf, bytes);
                 buf.extend_from_slice(name);
                 buf.extend_from_slice(format!("_VERSION={}\n", notice.version).as_bytes());
+                if let Some(login) = &notice.login {
+                    buf.extend_from_slice(name);
+                    buf.extend_from_slice(b"_USERNAME=");
+                    push_sh_quoted(&mut buf, login.as_bytes());
+                }
                 Ok(buf)
             }
         }
@@ -987,6 +991,20 @@ impl Inner {
     }
 }
 
+/// Appends `'bytes'` and a newline, quoted for POSIX sh: a `'` inside becomes
+/// close-quote, escaped quote, reopen.
+fn push_sh_quoted(buf: &mut Vec<u8>, bytes: &[u8]) {
+    buf.push(b'\'');
+    for &b in bytes {
+        if b == b'\'' {
+            buf.extend_from_slice(b"'\\''");
+        } else {
+            buf.push(b);
+        }
+    }
+    buf.extend_from_slice(b"'\n");
+}
+
 /// The json format. Field order is the documented one.
 #[derive(Serialize)]
 struct JsonDoc<'a> {
@@ -999,6 +1017,8 @@ struct JsonDoc<'a> {
     credential: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     public: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    username: Option<&'a str>,
 }
 
 /// A bundle's `meta.json`: no secret in it.
@@ -1219,6 +1239,7 @@ mod tests {
             expires_hint: None,
             kind,
             public: public.map(str::to_owned),
+            login: None,
         }
     }
 
@@ -1315,6 +1336,39 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{value}|3"));
+    }
+
+    /// With alternating users the user name changes with the version, so it
+    /// is delivered next to the password, in json and env alike.
+    #[tokio::test]
+    async fn the_login_name_is_delivered_with_the_value() {
+        let root = tempfile::tempdir().unwrap();
+        let mut n = notice(4, ValueKind::Password, None);
+        n.login = Some("bot's_clone".into());
+
+        let json = root.path().join(AGENT).join("db.json");
+        sink(root.path(), &json, FileFormat::Json)
+            .deliver(&n, &secret("pw"))
+            .await
+            .unwrap();
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        assert_eq!(doc["username"], "bot's_clone");
+        assert_eq!(doc["value"], "pw");
+
+        let env = root.path().join(AGENT).join("db.env");
+        sink(root.path(), &env, FileFormat::Env)
+            .deliver(&n, &secret("pw"))
+            .await
+            .unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#". "$1"; printf '%s|%s|%s' "$DB" "$DB_VERSION" "$DB_USERNAME""#)
+            .arg("sh")
+            .arg(&env)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), "pw|4|bot's_clone");
     }
 
     /// The umask is per process, so this briefly changes it for every test

@@ -25,6 +25,9 @@ pub struct Notice {
     pub kind: ValueKind,
     /// The public half of a keypair, when there is one (not secret).
     pub public: Option<String>,
+    /// The user name this version logs in as, when the target decides it
+    /// (PostgreSQL `alternating_users`: it changes with every rotation).
+    pub login: Option<String>,
 }
 
 /// The outcome of a delivery.

@@ -101,6 +101,7 @@ const MAX_SECRET_FILE: u64 = 16 * 1024;
 const RENEW_FRACTION: u32 = 3;
 
 /// How keyturn authenticates to the vault.
+#[derive(Clone)]
 pub enum HashicorpAuth {
     Token(SecretValue),
     TokenFile(PathBuf),
@@ -132,7 +133,7 @@ impl std::fmt::Debug for HashicorpAuth {
 }
 
 /// `[vaults.NAME]` with `type = "vault"`, as the config maps it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct HashicorpSettings {
     /// `[vaults.NAME]`.
     pub name: String,
