@@ -498,6 +498,8 @@ cmd_env() {
 # otherwise both see "not running" and race).
 lock() {
   mkdir -p "$RUN_DIR"
+  # Private: the logs hold the bao root token (`bao server -dev` prints it).
+  chmod 700 "$RUN_DIR"
   if command -v flock >/dev/null 2>&1; then
     exec 9>"$RUN_DIR/.lock"
     flock 9
