@@ -3,7 +3,10 @@
 # formatting, lints (with and without failpoints), then every unit and
 # integration test, including the crash-safety tests that need the
 # `failpoints` feature. Needs nothing running beforehand and leaves nothing
-# running: every test starts its own daemon in a temp directory.
+# running: every test starts its own daemon in a temp directory, and the real
+# servers the vault and target tests use (OpenBao, moto, PostgreSQL, the Azure
+# stub) are started by scripts/services.sh before the tests and stopped on
+# exit, whether the tests pass, fail or are interrupted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +15,20 @@ cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
 cargo clippy --all-targets --all-features -- -D warnings
+echo "== test services"
+if bash scripts/services.sh status >/dev/null; then
+  # Started by hand beforehand: use them and leave them to their owner.
+  echo "using the test services already running (bash scripts/services.sh stop stops them)"
+else
+  trap 'bash scripts/services.sh stop' EXIT
+  # Without these, an interrupted run could end before the EXIT trap.
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+fi
+# An assignment, so that a failed start stops the script (set -e).
+env_file=$(bash scripts/services.sh start)
+# shellcheck source=/dev/null
+. "$env_file"
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --all-features --no-fail-fast
