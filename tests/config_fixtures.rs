@@ -139,9 +139,9 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
     (
         "bad-duplicate-table.toml",
         20,
-        1,
+        9,
         "",
-        "duplicate key `bot` in table `agents`",
+        "duplicate key `bot` (in `[agents.bot]`)",
     ),
     (
         "bad-duplicate-vault-path.toml",
