@@ -311,7 +311,8 @@ pub struct FileSinkConfig {
     /// From the agent; `None` keeps the daemon's own.
     pub uid: Option<u32>,
     pub gid: Option<u32>,
-    /// Variable name for `format = "env"` (default: credential id upper-cased, `-` → `_`).
+    /// Variable name for `format = "env"` (default: credential id upper-cased,
+    /// `-` → `_`); empty for the other formats unless set.
     pub env_name: String,
 }
 

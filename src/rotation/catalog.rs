@@ -38,6 +38,7 @@ pub struct CredEntry {
     /// The agent it belongs to (its `credentials` map is empty: they live
     /// in the catalog's entries). Shared by all of the agent's entries.
     pub agent: Arc<AgentConfig>,
+    /// Its `deliver` list is empty: the sink configs were moved into `sinks`.
     pub cfg: CredentialConfig,
     /// In the order of `cfg.vaults`: the first is the primary.
     pub vaults: Box<[Arc<VaultHandle>]>,
@@ -107,7 +108,7 @@ impl Catalog {
         for agent in config.agents.values_mut() {
             let credentials = std::mem::take(&mut agent.credentials);
             let agent = Arc::new(agent.clone());
-            for cred in credentials.into_values() {
+            for mut cred in credentials.into_values() {
                 let cred_vaults = cred
                     .vaults
                     .iter()
@@ -118,8 +119,11 @@ impl Catalog {
                             .clone()
                     })
                     .collect();
-                let mut sinks: Vec<Arc<dyn Sink>> = Vec::with_capacity(cred.deliver.len());
-                for (index, s) in cred.deliver.iter().enumerate() {
+                // Moved into the sinks, not copied: `cfg.deliver` of an
+                // entry is empty (one path per sink, 100k sinks).
+                let deliver = std::mem::take(&mut cred.deliver);
+                let mut sinks: Vec<Arc<dyn Sink>> = Vec::with_capacity(deliver.len());
+                for (index, s) in deliver.into_iter().enumerate() {
                     let sink = build_sink(s, &roots).map_err(|source| BuildError::Sink {
                         key: cred.key.clone(),
                         index,
@@ -245,11 +249,8 @@ where
 }
 
 /// Builds the sink a `deliver` entry describes.
-fn build_sink(
-    cfg: &SinkConfig,
-    roots: &[std::path::PathBuf],
-) -> Result<Arc<dyn Sink>, PluginError> {
+fn build_sink(cfg: SinkConfig, roots: &[std::path::PathBuf]) -> Result<Arc<dyn Sink>, PluginError> {
     match cfg {
-        SinkConfig::File(f) => Ok(Arc::new(FileSink::new(f.clone(), roots.to_vec())?)),
+        SinkConfig::File(f) => Ok(Arc::new(FileSink::new(f, roots)?)),
     }
 }

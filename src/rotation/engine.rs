@@ -63,10 +63,12 @@ struct Running {
     last_error: Option<String>,
 }
 
+/// One per credential, so kept small: what only a running rotation needs is
+/// boxed (at 100k credentials each byte here is ~130 kB with the map's slack).
 #[derive(Default)]
 struct CredLive {
     row: Option<CredentialRow>,
-    running: Option<Running>,
+    running: Option<Box<Running>>,
     /// The last attempt failed and the rotation is parked until its retry time.
     parked: bool,
     /// The previous version is retired at this time (delivery + grace).
@@ -485,7 +487,7 @@ impl Inner {
                 }
                 return;
             }
-            l.running = Some(Running {
+            l.running = Some(Box::new(Running {
                 job,
                 rotation: None,
                 step: if job == Job::Retire {
@@ -495,7 +497,7 @@ impl Inner {
                 },
                 attempts: 0,
                 last_error: None,
-            });
+            }));
         }
         let tracker = self.tracker.clone();
         tracker.spawn(async move {

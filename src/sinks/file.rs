@@ -88,12 +88,14 @@ pub struct FileSink {
 }
 
 /// Everything a blocking task needs; shared with it through an `Arc`.
+///
+/// One per delivery path, so at 100k credentials every byte here counts: the
+/// root and the components below it are views into `cfg.path`, not copies.
 struct Inner {
     cfg: FileSinkConfig,
-    /// The delivery root that contains `cfg.path`.
-    root: PathBuf,
-    /// `cfg.path` below `root`, one plain name per component (at least one).
-    rel: Vec<OsString>,
+    /// `cfg.path[..root_len]` is the delivery root that contains it; the
+    /// rest is at least one plain name.
+    root_len: usize,
 }
 
 impl fmt::Debug for FileSink {
@@ -109,7 +111,7 @@ impl FileSink {
     /// Checks the configuration without touching the disk: the path is
     /// absolute, made only of plain names (no `..`, no `.`), and strictly
     /// inside one of `delivery_roots`; the mode is a plain permission mode.
-    pub fn new(cfg: FileSinkConfig, delivery_roots: Vec<PathBuf>) -> Result<FileSink, PluginError> {
+    pub fn new(cfg: FileSinkConfig, delivery_roots: &[PathBuf]) -> Result<FileSink, PluginError> {
         let path = &cfg.path;
         let invalid = |why: &str| {
             PluginError::new(
@@ -144,7 +146,6 @@ impl FileSink {
                     .is_ok_and(|rest| !rest.as_os_str().is_empty())
             })
             .max_by_key(|r| r.components().count())
-            .cloned()
             .ok_or_else(|| {
                 invalid(&format!(
                     "path is not inside a delivery root ({})",
@@ -155,17 +156,24 @@ impl FileSink {
                         .join(", ")
                 ))
             })?;
-        let rel: Vec<OsString> = path
-            .strip_prefix(&root)
-            .map_err(|_| invalid("path is not inside its delivery root"))?
-            .components()
-            .map(|c| c.as_os_str().to_owned())
-            .collect();
-        if rel.is_empty() {
+        let below = path
+            .strip_prefix(root)
+            .map_err(|_| invalid("path is not inside its delivery root"))?;
+        if below.as_os_str().is_empty() {
             return Err(invalid("path must name a file below the delivery root"));
         }
+        // Both are plain (no `.`, `..`, repeated or trailing `/`), so the
+        // root is a byte prefix of the path.
+        let root_len = root.as_os_str().len();
+        if !path
+            .as_os_str()
+            .as_bytes()
+            .starts_with(root.as_os_str().as_bytes())
+        {
+            return Err(invalid("path is not inside its delivery root"));
+        }
         Ok(FileSink {
-            inner: Arc::new(Inner { cfg, root, rel }),
+            inner: Arc::new(Inner { cfg, root_len }),
             lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -249,6 +257,30 @@ impl Owner {
 }
 
 impl Inner {
+    /// The delivery root containing the path.
+    fn root(&self) -> &Path {
+        let bytes = self.cfg.path.as_os_str().as_bytes();
+        Path::new(OsStr::from_bytes(&bytes[..self.root_len]))
+    }
+
+    /// The path's components below the root (plain names, at least one).
+    fn rel(&self) -> impl Iterator<Item = &OsStr> {
+        let bytes = self.cfg.path.as_os_str().as_bytes();
+        Path::new(OsStr::from_bytes(&bytes[self.root_len..]))
+            .components()
+            .filter_map(|c| match c {
+                std::path::Component::Normal(n) => Some(n),
+                _ => None,
+            })
+    }
+
+    fn rel_at(&self, i: usize) -> &OsStr {
+        self.rel().nth(i).unwrap_or_default()
+    }
+
+    fn rel_len(&self) -> usize {
+        self.rel().count()
+    }
     fn path(&self) -> &Path {
         &self.cfg.path
     }
@@ -274,8 +306,8 @@ impl Inner {
 
     /// The path of the first `depth` components below the root, for messages.
     fn shown(&self, depth: usize) -> PathBuf {
-        let mut p = self.root.clone();
-        p.extend(self.rel.iter().take(depth));
+        let mut p = self.root().to_path_buf();
+        p.extend(self.rel().take(depth));
         p
     }
 
@@ -283,33 +315,33 @@ impl Inner {
     /// itself is the operator's choice and may be reached through symlinks
     /// (`/var/run` → `/run`); only what is below it is held to the no-symlink rule.
     fn open_root(&self) -> Result<OwnedFd, PluginError> {
-        match open_dir(None, self.root.as_os_str()) {
+        match open_dir(None, self.root().as_os_str()) {
             Ok(fd) => Ok(fd),
             Err(Errno::ENOENT) => {
                 use std::os::unix::fs::DirBuilderExt;
                 std::fs::DirBuilder::new()
                     .recursive(true)
                     .mode(SHARED_DIR_MODE)
-                    .create(&self.root)
+                    .create(self.root())
                     .map_err(|e| {
                         PluginError::io(
                             format_args!(
                                 "file sink {}: create delivery root {}",
                                 self.path().display(),
-                                self.root.display()
+                                self.root().display()
                             ),
                             &e,
                         )
                     })?;
-                open_dir(None, self.root.as_os_str()).map_err(|e| {
+                open_dir(None, self.root().as_os_str()).map_err(|e| {
                     self.sys(
-                        format_args!("open delivery root {}", self.root.display()),
+                        format_args!("open delivery root {}", self.root().display()),
                         e,
                     )
                 })
             }
             Err(e) => Err(self.sys(
-                format_args!("open delivery root {}", self.root.display()),
+                format_args!("open delivery root {}", self.root().display()),
                 e,
             )),
         }
@@ -324,7 +356,7 @@ impl Inner {
         let mut cur = self.open_root()?;
         let agent_depth = create;
         for i in 0..depth {
-            let name = &self.rel[i];
+            let name = self.rel_at(i);
             let next = match open_dir(Some(cur.as_raw_fd()), name) {
                 Ok(fd) => fd,
                 Err(Errno::ENOENT) => match agent_depth {
@@ -355,7 +387,7 @@ impl Inner {
     /// it is named after the agent, else `holder`, the depth of the directory
     /// holding the file(s) (the file's parent, or a bundle's own directory).
     fn agent_dir_depth(&self, agent: &str, holder: usize) -> usize {
-        if holder >= 1 && self.rel[0].as_bytes() == agent.as_bytes() {
+        if holder >= 1 && self.rel_at(0).as_bytes() == agent.as_bytes() {
             1
         } else {
             holder
@@ -365,7 +397,7 @@ impl Inner {
     /// Explains why component `depth` could not be opened as a directory.
     fn refuse_component(&self, parent: &OwnedFd, depth: usize, e: Errno) -> PluginError {
         let shown = self.shown(depth);
-        let name = &self.rel[depth - 1];
+        let name = self.rel_at(depth - 1);
         match stat_nofollow(parent, name) {
             Ok(Some(st)) if is_type(&st, SFlag::S_IFLNK) => self.err(
                 ErrorKind::Invalid,
@@ -421,13 +453,13 @@ impl Inner {
 
     fn file_name(&self) -> &OsStr {
         // `new` guarantees at least one component.
-        self.rel.last().map(OsString::as_os_str).unwrap_or_default()
+        self.rel().last().unwrap_or_default()
     }
 
     /// Writes a single-file format (raw, json, env).
     fn deliver_file(&self, notice: &Notice, value: &SecretValue) -> Result<(), PluginError> {
         let contents = self.render(notice, value)?;
-        let depth = self.rel.len() - 1;
+        let depth = self.rel_len() - 1;
         let agent_depth = self.agent_dir_depth(notice.key.agent.as_str(), depth);
         let dir = self.walk(depth, Some(agent_depth))?.ok_or_else(|| {
             self.err(ErrorKind::Transient, "directory vanished while creating it")
@@ -630,7 +662,7 @@ impl Inner {
                 "an ed25519 delivery needs the public key",
             )
         })?;
-        let depth = self.rel.len();
+        let depth = self.rel_len();
         let agent_depth = self.agent_dir_depth(notice.key.agent.as_str(), depth);
         let bundle = self.walk(depth, Some(agent_depth))?.ok_or_else(|| {
             self.err(ErrorKind::Transient, "directory vanished while creating it")
@@ -838,7 +870,7 @@ impl Inner {
     /// and every `..` directory (then the bundle directory if it is empty).
     /// Missing is fine: retracting twice is a no-op.
     fn retract(&self) -> Result<(), PluginError> {
-        let depth = self.rel.len() - 1;
+        let depth = self.rel_len() - 1;
         let Some(dir) = self.walk(depth, None)? else {
             return Ok(());
         };
@@ -856,7 +888,7 @@ impl Inner {
                 .map_err(|e| self.sys(format_args!("remove {}", shown.display()), e))?;
         } else if is_type(&st, SFlag::S_IFDIR) {
             let bundle = open_dir(Some(dfd), name)
-                .map_err(|e| self.refuse_component(&dir, self.rel.len(), e))?;
+                .map_err(|e| self.refuse_component(&dir, self.rel_len(), e))?;
             self.retract_bundle(&bundle)?;
             match nix::unistd::unlinkat(Some(dfd), name, UnlinkatFlags::RemoveDir) {
                 // Something we did not put there is left; keep it (and the directory).
@@ -903,9 +935,9 @@ impl Inner {
     /// Checks delivery can work and removes stale temp files along the path.
     fn preflight(&self) -> Result<(), PluginError> {
         let mut cur = self.open_root()?;
-        let depth = self.rel.len() - 1;
+        let depth = self.rel_len() - 1;
         for i in 0..=depth {
-            let name = &self.rel[i];
+            let name = self.rel_at(i);
             self.sweep_temps(&cur, name, Some(STALE_TEMP_AGE))?;
             if i == depth {
                 break;
@@ -928,7 +960,7 @@ impl Inner {
             Ok(Some(st)) if is_type(&st, SFlag::S_IFDIR) => {
                 // A bundle: a crash mid-swap can leave `..data_tmp` behind.
                 let bundle = open_dir(Some(cur.as_raw_fd()), name)
-                    .map_err(|e| self.refuse_component(&cur, self.rel.len(), e))?;
+                    .map_err(|e| self.refuse_component(&cur, self.rel_len(), e))?;
                 self.remove_data_link_tmp(&bundle)?;
             }
             Ok(_) => {}
@@ -1222,7 +1254,7 @@ mod tests {
     }
 
     fn sink(root: &Path, path: &Path, format: FileFormat) -> FileSink {
-        FileSink::new(cfg(path, format), vec![root.to_path_buf()]).expect("valid sink")
+        FileSink::new(cfg(path, format), &[root.to_path_buf()]).expect("valid sink")
     }
 
     fn notice(version: u64, kind: ValueKind, public: Option<&str>) -> Notice {
@@ -1381,7 +1413,7 @@ mod tests {
             let path = root.path().join("tenant").join(AGENT).join("db");
             let mut c = cfg(&path, FileFormat::Raw);
             c.mode = 0o440;
-            let s = FileSink::new(c, vec![root.path().to_path_buf()]).unwrap();
+            let s = FileSink::new(c, &[root.path().to_path_buf()]).unwrap();
             let old = nix::sys::stat::umask(Mode::from_bits_truncate(umask));
             let res = s
                 .deliver(&notice(1, ValueKind::Password, None), &secret("v"))
@@ -1407,7 +1439,7 @@ mod tests {
         let mut c = cfg(&path, FileFormat::Raw);
         c.uid = Some(1234);
         c.gid = Some(1234);
-        let s = FileSink::new(c, vec![root.path().to_path_buf()]).unwrap();
+        let s = FileSink::new(c, &[root.path().to_path_buf()]).unwrap();
         s.deliver(&notice(1, ValueKind::Password, None), &secret("v"))
             .await
             .unwrap();
@@ -1546,29 +1578,29 @@ mod tests {
             "/etc/shadow",
         ];
         for p in bad {
-            let err = FileSink::new(cfg(Path::new(p), FileFormat::Raw), roots.clone()).unwrap_err();
+            let err = FileSink::new(cfg(Path::new(p), FileFormat::Raw), &roots).unwrap_err();
             assert_eq!(err.kind, ErrorKind::Invalid, "{p}: {err}");
         }
         let ok = FileSink::new(
             cfg(Path::new("/run/keyturn/agents/a/db"), FileFormat::Raw),
-            roots.clone(),
+            &roots,
         )
         .unwrap();
         assert_eq!(ok.describe(), "file:/run/keyturn/agents/a/db");
         // A root with `..` in it is never a match.
         let err = FileSink::new(
             cfg(Path::new("/run/keyturn/x/db"), FileFormat::Raw),
-            vec![PathBuf::from("/run/keyturn/agents/..")],
+            &[PathBuf::from("/run/keyturn/agents/..")],
         )
         .unwrap_err();
         assert_eq!(err.kind, ErrorKind::Invalid);
         // A bad env name or mode.
         let mut c = cfg(Path::new("/run/keyturn/agents/a/db"), FileFormat::Env);
         c.env_name = "1BAD-NAME".into();
-        assert!(FileSink::new(c, roots.clone()).is_err());
+        assert!(FileSink::new(c, &roots).is_err());
         let mut c = cfg(Path::new("/run/keyturn/agents/a/db"), FileFormat::Raw);
         c.mode = 0o4755;
-        assert!(FileSink::new(c, roots).is_err());
+        assert!(FileSink::new(c, &roots).is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1631,7 +1663,7 @@ mod tests {
         let bundle = root.path().join(AGENT).join("signing");
         let mut c = cfg(&bundle, FileFormat::Raw);
         c.mode = 0o440;
-        let s = FileSink::new(c, vec![root.path().to_path_buf()]).unwrap();
+        let s = FileSink::new(c, &[root.path().to_path_buf()]).unwrap();
         for version in 1..=4u64 {
             let public = pem("PUBLIC KEY", version);
             s.deliver(

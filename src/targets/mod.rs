@@ -70,7 +70,11 @@ pub trait Target: Send + Sync {
 /// made when a step runs, so a target that is down does not stop start-up.
 pub fn build(cfg: &TargetConfig) -> Result<Arc<dyn Target>, PluginError> {
     match cfg {
-        TargetConfig::None => Ok(Arc::new(none::NoTarget)),
+        TargetConfig::None => {
+            // Most credentials have no target: they share one instance.
+            static NONE: std::sync::OnceLock<Arc<dyn Target>> = std::sync::OnceLock::new();
+            Ok(NONE.get_or_init(|| Arc::new(none::NoTarget)).clone())
+        }
         TargetConfig::Postgres(c) => Ok(Arc::new(postgres::PostgresTarget::new((**c).clone())?)),
         TargetConfig::Command(c) => Ok(Arc::new(command::CommandTarget::new((**c).clone()))),
     }
