@@ -631,3 +631,124 @@ fn three_vaults_agree_on_current_and_previous_after_two_rotations() {
     });
     daemon.stop();
 }
+
+// --- 3. PostgreSQL target --------------------------------------------------------------
+
+/// Polls until `user`/`password` is refused; returns how long that took.
+/// Panics if it still logs in at the deadline.
+async fn wait_refused(user: &str, password: &str, deadline: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        match pg_login(user, password).await {
+            Ok(()) if start.elapsed() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Ok(()) => panic!("{user}: the previous value still logs in after {deadline:?}"),
+            Err(e) => {
+                assert!(
+                    e.contains("password authentication failed"),
+                    "{user}: refused for another reason: {e}"
+                );
+                return start.elapsed();
+            }
+        }
+    }
+}
+
+#[test]
+fn postgres_alternating_users_previous_logs_in_until_grace_ends() {
+    const GRACE: Duration = Duration::from_secs(5);
+    let files = Files::new();
+    let role = unique("kt_alt_");
+    let clone = format!("{role}_clone");
+    rt().block_on(pg_admin(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'set-by-the-test-{role}'"
+    )));
+    let env = Env::new(&format!(
+        "{}{}",
+        agent_table(),
+        credential(
+            "db",
+            r#""local""#,
+            &unique("e2e/pg/"),
+            "5s",
+            &pg_target(&files, &role, "alternating_users", &pg_admin_dsn()),
+        )
+    ));
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    let mut prev = delivered(&env, "db");
+    assert_eq!(prev.username.as_deref(), Some(role.as_str()), "odd versions are the role");
+    let rt = rt();
+    rt.block_on(async {
+        pg_login(&role, &prev.value).await.expect("v1 logs in");
+        assert_login_refused(&role, &format!("set-by-the-test-{role}")).await;
+    });
+    for version in [2, 3] {
+        rotate_ok(&env, "db", version);
+        let rotated = Instant::now();
+        let new = delivered(&env, "db");
+        assert_eq!(new.version, version);
+        let expect_user = if version % 2 == 0 { &clone } else { &role };
+        assert_eq!(new.username.as_ref(), Some(expect_user));
+        let prev_user = prev.username.clone().unwrap();
+        rt.block_on(async {
+            pg_login(expect_user, &new.value)
+                .await
+                .unwrap_or_else(|e| panic!("v{version} must log in: {e}"));
+            // Within the grace period both values work: agents that have not
+            // re-read the file yet keep working.
+            pg_login(&prev_user, &prev.value)
+                .await
+                .unwrap_or_else(|e| panic!("v{} must still log in during grace: {e}", version - 1));
+            let took = wait_refused(&prev_user, &prev.value, Duration::from_secs(40)).await;
+            // Not retired early: refused only once the grace period is over
+            // (it started at promote, shortly before `rotate --wait` returned).
+            assert!(
+                rotated.elapsed() >= GRACE - Duration::from_secs(1),
+                "v{} was refused after {took:?}, before the {GRACE:?} grace ended",
+                version - 1
+            );
+            pg_login(expect_user, &new.value)
+                .await
+                .unwrap_or_else(|e| panic!("v{version} must still log in after retire: {e}"));
+        });
+        prev = new;
+    }
+    daemon.stop();
+    rt.block_on(pg_admin(&format!("DROP ROLE {clone}; DROP ROLE {role}")));
+}
+
+#[test]
+fn postgres_single_user_new_value_logs_in_and_old_does_not() {
+    let files = Files::new();
+    let role = unique("kt_one_");
+    rt().block_on(pg_admin(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'set-by-the-test-{role}'"
+    )));
+    let env = Env::new(&format!(
+        "{}{}",
+        agent_table(),
+        credential(
+            "db",
+            r#""local""#,
+            &unique("e2e/pg/"),
+            "1h",
+            &pg_target(&files, &role, "single_user", &pg_admin_dsn()),
+        )
+    ));
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    let v1 = delivered(&env, "db");
+    assert_eq!(v1.username.as_deref(), Some(role.as_str()));
+    rotate_ok(&env, "db", 2);
+    let v2 = delivered(&env, "db");
+    assert_eq!(v2.username.as_deref(), Some(role.as_str()));
+    let rt = rt();
+    rt.block_on(async {
+        pg_login(&role, &v2.value).await.expect("v2 logs in");
+        assert_login_refused(&role, &v1.value).await;
+    });
+    daemon.stop();
+    rt.block_on(pg_admin(&format!("DROP ROLE {role}")));
+}
