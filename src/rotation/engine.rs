@@ -24,6 +24,7 @@ use crate::sinks::Notice;
 use crate::state::{
     CredentialRow, RotationRow, StateError, StateStore, Step, Trigger, VersionRow, Write,
 };
+use crate::targets::Target;
 use crate::telemetry::{CredentialState, Metrics};
 use crate::vaults::{Select, Vault, VaultItem, VaultRefs, VersionRef};
 
@@ -63,12 +64,20 @@ struct Running {
     last_error: Option<String>,
 }
 
+/// Where a parked rotation stopped.
+#[derive(Debug, Clone)]
+struct Parked {
+    rotation: Option<RotationId>,
+    step: Option<Step>,
+}
+
 #[derive(Default)]
 struct CredLive {
     row: Option<CredentialRow>,
     running: Option<Running>,
-    /// The last attempt failed and the rotation is parked until its retry time.
-    parked: bool,
+    /// The last attempt failed and the rotation is parked until its retry
+    /// time. Keeps the step it failed at, so `status` can name it.
+    parked: Option<Parked>,
     /// The previous version is retired at this time (delivery + grace).
     retire_at: Option<DateTime<Utc>>,
     /// Why the next rotation starts.
@@ -83,7 +92,7 @@ impl CredLive {
     fn state(&self) -> CredentialState {
         if self.running.is_some() {
             CredentialState::Rotating
-        } else if self.parked {
+        } else if self.parked.is_some() {
             CredentialState::Failed
         } else if self.retire_at.is_some() {
             CredentialState::Retiring
@@ -406,7 +415,7 @@ impl Inner {
             } else if !has_version || last.is_none() {
                 l.next_trigger = Some(Trigger::Initial);
                 timers.schedule((key.clone(), Job::Rotate), now);
-            } else if l.parked && !at_start {
+            } else if l.parked.is_some() && !at_start {
                 // Keep the retry time it already has.
             } else {
                 let last = last.expect("checked above");
@@ -539,8 +548,13 @@ impl Inner {
                         .deadline(&(key.clone(), Job::Rotate))
                         .or_else(|| row.and_then(|r| r.next_due)),
                     state,
-                    step: running.map(|r| r.step),
-                    rotation: running.and_then(|r| r.rotation.clone()),
+                    // A parked rotation shows where it stopped.
+                    step: running
+                        .map(|r| r.step)
+                        .or_else(|| l.and_then(|l| l.parked.as_ref()?.step)),
+                    rotation: running
+                        .and_then(|r| r.rotation.clone())
+                        .or_else(|| l.and_then(|l| l.parked.as_ref()?.rotation.clone())),
                     last_error: running
                         .and_then(|r| r.last_error.clone())
                         .or_else(|| row.and_then(|r| r.last_error.clone())),
@@ -629,11 +643,11 @@ impl Inner {
         let reschedule = {
             let mut live = self.live();
             let l = live.entry(key.clone()).or_default();
-            l.running = None;
+            let last_run = l.running.take();
             let waiters = std::mem::take(&mut l.waiters);
             let (finished, reschedule) = match result {
                 Ok(rot) => {
-                    l.parked = false;
+                    l.parked = None;
                     l.retire_at = rot.retire_at;
                     let row = l.row.clone();
                     let next = row.as_ref().and_then(|r| r.next_due);
@@ -651,7 +665,10 @@ impl Inner {
                     )
                 }
                 Err(Stop::Failed(msg)) => {
-                    l.parked = true;
+                    l.parked = Some(Parked {
+                        rotation: last_run.as_ref().and_then(|r| r.rotation.clone()),
+                        step: last_run.as_ref().map(|r| r.step),
+                    });
                     let failures = l.row.as_ref().map_or(1, |r| r.consecutive_failures.max(1));
                     let delay = park_delay(&entry_retry(&self.catalog()), failures);
                     self.metrics.rotation_finished(false, started.elapsed());
@@ -1005,7 +1022,7 @@ impl Inner {
                 } else {
                     target.test(key, rot.version, &value).await
                 };
-                r.map_err(|e| StepError::new(format!("target {}", target.describe()), e))?;
+                r.map_err(|e| target_error(target.as_ref(), e))?;
                 Ok(vec![])
             }
             Step::Promote => {
@@ -1138,9 +1155,7 @@ impl Inner {
                             .target
                             .retire(&entry.key, previous)
                             .await
-                            .map_err(|e| {
-                                StepError::new(format!("target {}", entry.target.describe()), e)
-                            })?;
+                            .map_err(|e| target_error(entry.target.as_ref(), e))?;
                     }
                     if let Some(version) = rot.previous_version {
                         writes.push(Write::VersionStage {
@@ -1248,6 +1263,16 @@ fn staged_in(
                 h.vault.name()
             ))
         })
+}
+
+/// Targets start their messages with their own description
+/// (`command:/path`, `postgres:role`); say it once, not twice.
+fn target_error(target: &dyn Target, mut e: PluginError) -> StepError {
+    let described = target.describe();
+    if let Some(rest) = e.message.strip_prefix(&format!("{described}: ")) {
+        e.message = rest.to_owned();
+    }
+    StepError::new(format!("target {described}"), e)
 }
 
 fn vault_error(name: &str, e: PluginError) -> StepError {
