@@ -163,7 +163,12 @@ fn wait_version(env: &Env, cred: &str, v: u64) {
     wait_for(Duration::from_secs(60), || {
         (row(env, cred)["version"].as_u64() >= Some(v)).then_some(())
     })
-    .unwrap_or_else(|| panic!("{AGENT}/{cred} never reached version {v}: {:?}", row(env, cred)));
+    .unwrap_or_else(|| {
+        panic!(
+            "{AGENT}/{cred} never reached version {v}: {:?}",
+            row(env, cred)
+        )
+    });
 }
 
 fn text(o: &Output) -> String {
@@ -296,7 +301,11 @@ async fn bao_plain(path: &str, version: Option<u64>) -> Option<(String, u64)> {
     if rsp.status() == 404 {
         return None;
     }
-    assert!(rsp.status().is_success(), "bao GET {path}: {}", rsp.status());
+    assert!(
+        rsp.status().is_success(),
+        "bao GET {path}: {}",
+        rsp.status()
+    );
     let doc: serde_json::Value = serde_json::from_str(&rsp.text().await.unwrap()).unwrap();
     let value = doc["data"]["data"]["value"].as_str()?.to_owned();
     Some((value, doc["data"]["metadata"]["version"].as_u64().unwrap()))
@@ -313,7 +322,11 @@ async fn bao_delete_all(path: &str) {
         .send()
         .await
         .unwrap();
-    assert!(rsp.status().is_success(), "bao DELETE {path}: {}", rsp.status());
+    assert!(
+        rsp.status().is_success(),
+        "bao DELETE {path}: {}",
+        rsp.status()
+    );
 }
 
 /// The AWS SDK's `GetSecretValue` with an explicit stage.
@@ -385,10 +398,7 @@ async fn azure_plain_latest(path: &str) -> Option<String> {
         }),
     )
     .unwrap();
-    match client
-        .get_secret(&secret_name(path).unwrap(), None)
-        .await
-    {
+    match client.get_secret(&secret_name(path).unwrap(), None).await {
         Ok(r) => r.into_model().unwrap().value,
         Err(e) if e.http_status().map(u16::from) == Some(404) => None,
         Err(e) => panic!("azure get latest {path}: {e}"),
@@ -432,13 +442,13 @@ async fn pg_login(user: &str, password: &str) -> Result<(), String> {
         .password(password)
         .dbname("postgres")
         .connect_timeout(Duration::from_secs(5));
-    let (client, conn) = cfg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| match e.as_db_error() {
-            Some(db) => db.message().to_owned(),
-            None => e.to_string(),
-        })?;
+    let (client, conn) =
+        cfg.connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| match e.as_db_error() {
+                Some(db) => db.message().to_owned(),
+                None => e.to_string(),
+            })?;
     let conn = tokio::spawn(conn);
     let r = client
         .simple_query("SELECT 1")
@@ -493,10 +503,7 @@ fn assert_nowhere(secrets: &[(&str, String)], places: &[(String, Vec<u8>)]) {
         assert!(s.len() >= 8, "{what} is too short to grep for");
         for f in forms(s) {
             for (name, hay) in places {
-                assert!(
-                    !contains(hay, f.as_bytes()),
-                    "{what} appears in {name}"
-                );
+                assert!(!contains(hay, f.as_bytes()), "{what} appears in {name}");
             }
         }
     }
@@ -506,7 +513,11 @@ fn assert_nowhere(secrets: &[(&str, String)], places: &[(String, Vec<u8>)]) {
 
 /// Starts a daemon on one credential `db` in `vaults`, lets it do the initial
 /// rotation, runs `rotate --wait`, and returns (env, daemon, v1, v2).
-fn two_versions(vault_tables: &str, vaults: &str, path: &str) -> (Env, Daemon, Delivered, Delivered) {
+fn two_versions(
+    vault_tables: &str,
+    vaults: &str,
+    path: &str,
+) -> (Env, Daemon, Delivered, Delivered) {
     let env = Env::new(&format!(
         "{vault_tables}\n{}{}",
         agent_table(),
@@ -535,8 +546,14 @@ fn openbao_full_cycle_is_current_and_previous_on_the_server() {
     );
     rt().block_on(async {
         let v = bao_vault().await;
-        assert_eq!(read_stage(&v, "db", &path, Stage::Current).await, Some(v2.value.clone()));
-        assert_eq!(read_stage(&v, "db", &path, Stage::Previous).await, Some(v1.value.clone()));
+        assert_eq!(
+            read_stage(&v, "db", &path, Stage::Current).await,
+            Some(v2.value.clone())
+        );
+        assert_eq!(
+            read_stage(&v, "db", &path, Stage::Previous).await,
+            Some(v1.value.clone())
+        );
         assert_eq!(read_stage(&v, "db", &path, Stage::Pending).await, None);
 
         // What any reader of the KV mount sees: the latest KV version is the
@@ -546,7 +563,10 @@ fn openbao_full_cycle_is_current_and_previous_on_the_server() {
         let (before, _) = bao_plain(&path, Some(n - 1)).await.expect("version n-1");
         assert_eq!(before, v1.value);
         // The pending slot is cleaned up after promote.
-        assert_eq!(bao_plain(&format!("keyturn-pending/{path}"), None).await, None);
+        assert_eq!(
+            bao_plain(&format!("keyturn-pending/{path}"), None).await,
+            None
+        );
     });
     daemon.stop();
 }
@@ -557,12 +577,21 @@ fn aws_full_cycle_is_awscurrent_and_awsprevious_on_the_server() {
     let (_env, daemon, v1, v2) = two_versions(&aws_table("aws"), r#""aws""#, &path);
     rt().block_on(async {
         let v = aws_vault().await;
-        assert_eq!(read_stage(&v, "db", &path, Stage::Current).await, Some(v2.value.clone()));
-        assert_eq!(read_stage(&v, "db", &path, Stage::Previous).await, Some(v1.value.clone()));
+        assert_eq!(
+            read_stage(&v, "db", &path, Stage::Current).await,
+            Some(v2.value.clone())
+        );
+        assert_eq!(
+            read_stage(&v, "db", &path, Stage::Previous).await,
+            Some(v1.value.clone())
+        );
         assert_eq!(read_stage(&v, "db", &path, Stage::Pending).await, None);
 
         assert_eq!(aws_plain(&path, "AWSCURRENT").await, Some(v2.value.clone()));
-        assert_eq!(aws_plain(&path, "AWSPREVIOUS").await, Some(v1.value.clone()));
+        assert_eq!(
+            aws_plain(&path, "AWSPREVIOUS").await,
+            Some(v1.value.clone())
+        );
         assert_eq!(aws_plain(&path, "AWSPENDING").await, None);
     });
     daemon.stop();
@@ -576,8 +605,14 @@ fn azure_full_cycle_through_client_secret_login_is_latest_on_the_server() {
     let (_env, daemon, v1, v2) = two_versions(&azure_table("kv", &secret), r#""kv""#, &path);
     rt().block_on(async {
         let v = azure_vault(&secret).await;
-        assert_eq!(read_stage(&v, "db", &path, Stage::Current).await, Some(v2.value.clone()));
-        assert_eq!(read_stage(&v, "db", &path, Stage::Previous).await, Some(v1.value.clone()));
+        assert_eq!(
+            read_stage(&v, "db", &path, Stage::Current).await,
+            Some(v2.value.clone())
+        );
+        assert_eq!(
+            read_stage(&v, "db", &path, Stage::Previous).await,
+            Some(v1.value.clone())
+        );
         assert_eq!(read_stage(&v, "db", &path, Stage::Pending).await, None);
         // A plain reader gets the latest version: the delivered value.
         assert_eq!(azure_plain_latest(&path).await, Some(v2.value.clone()));
@@ -626,7 +661,10 @@ fn three_vaults_agree_on_current_and_previous_after_two_rotations() {
         assert_eq!(latest, v3.value);
         assert_eq!(bao_plain(&path, Some(n - 1)).await.unwrap().0, v2.value);
         assert_eq!(aws_plain(&path, "AWSCURRENT").await, Some(v3.value.clone()));
-        assert_eq!(aws_plain(&path, "AWSPREVIOUS").await, Some(v2.value.clone()));
+        assert_eq!(
+            aws_plain(&path, "AWSPREVIOUS").await,
+            Some(v2.value.clone())
+        );
         assert_eq!(azure_plain_latest(&path).await, Some(v3.value.clone()));
     });
     daemon.stop();
@@ -678,7 +716,11 @@ fn postgres_alternating_users_previous_logs_in_until_grace_ends() {
     let daemon = env.start();
     wait_version(&env, "db", 1);
     let mut prev = delivered(&env, "db");
-    assert_eq!(prev.username.as_deref(), Some(role.as_str()), "odd versions are the role");
+    assert_eq!(
+        prev.username.as_deref(),
+        Some(role.as_str()),
+        "odd versions are the role"
+    );
     let rt = rt();
     rt.block_on(async {
         pg_login(&role, &prev.value).await.expect("v1 logs in");
@@ -751,4 +793,138 @@ fn postgres_single_user_new_value_logs_in_and_old_does_not() {
     });
     daemon.stop();
     rt.block_on(pg_admin(&format!("DROP ROLE {role}")));
+}
+
+// --- 4. command target ---------------------------------------------------------------------
+
+/// A hook that logs "$KEYTURN_STEP $KEYTURN_VERSION sha256(stdin)" and, while
+/// the marker file exists, fails `test` printing the secret to stderr.
+const HOOK: &str = r#"#!/bin/sh
+secret=$(cat)
+hash=$(printf '%s' "$secret" | sha256sum | cut -c1-64)
+printf '%s %s %s\n' "$KEYTURN_STEP" "${KEYTURN_VERSION:-}" "$hash" >> "$HOOK_LOG"
+if [ "$KEYTURN_STEP" = test ] && [ -e "$HOOK_MARKER" ]; then
+  printf 'partner API refused key %s\n' "$secret" >&2
+  exit 1
+fi
+exit 0
+"#;
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+struct Hook {
+    target: String,
+    log: PathBuf,
+    marker: PathBuf,
+}
+
+fn hook(files: &Files) -> Hook {
+    let program = files.write("hook.sh", HOOK, 0o755);
+    let log = files.path("hook.log");
+    let marker = files.path("hook.fail");
+    let target = format!(
+        r#"target = {{ type = "command", program = "{}", timeout = "10s", env = {{ HOOK_LOG = "{}", HOOK_MARKER = "{}" }} }}"#,
+        program.display(),
+        log.display(),
+        marker.display()
+    );
+    Hook {
+        target,
+        log,
+        marker,
+    }
+}
+
+fn hook_log(h: &Hook) -> Vec<String> {
+    std::fs::read_to_string(&h.log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn command_hook_failure_is_redacted_and_a_retry_succeeds() {
+    let files = Files::new();
+    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
+    let h = hook(&files);
+    let path = unique("e2e/hook/");
+    let env = Env::new(&format!(
+        "{}{}{}",
+        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        agent_table(),
+        credential("api", r#""bao""#, &path, "0s", &h.target)
+    ));
+    let daemon = env.start();
+    wait_version(&env, "api", 1);
+    let v1 = delivered(&env, "api");
+    let log = hook_log(&h);
+    let hash1 = sha256_hex(&v1.value);
+    assert!(log.contains(&format!("set 1 {hash1}")), "{log:?}");
+    assert!(log.contains(&format!("test 1 {hash1}")), "{log:?}");
+
+    std::fs::write(&h.marker, "").unwrap();
+    let failed = rotate(&env, "api");
+    let out = text(&failed);
+    assert!(!failed.status.success(), "{out}");
+    // The value the hook rejected: staged in the vault's pending slot.
+    let pending = rt()
+        .block_on(bao_plain(&format!("keyturn-pending/{path}"), None))
+        .expect("the rejected value is still pending")
+        .0;
+    assert_ne!(pending, v1.value);
+    let r = row(&env, "api");
+    let last_error = r["last_error"].as_str().expect("last_error").to_owned();
+    assert_eq!(r["state"], "failed", "{r}");
+    assert_eq!(r["step"], "test", "a parked rotation shows its step: {r}");
+    for e in [&out, &last_error] {
+        assert!(e.contains("[REDACTED]"), "{e}");
+        assert!(
+            e.contains("partner API refused key"),
+            "the hook's stderr is quoted: {e}"
+        );
+        assert!(!e.contains(&pending), "the rejected value leaked: {e}");
+        assert!(
+            e.contains("step test: target command:"),
+            "names the step and target: {e}"
+        );
+        assert!(e.contains("bot/api"), "names agent and credential: {e}");
+        assert_eq!(
+            e.matches("hook.sh").count(),
+            1,
+            "the target is named once: {e}"
+        );
+    }
+    assert_eq!(
+        delivered(&env, "api"),
+        v1,
+        "a failed rotation delivers nothing"
+    );
+
+    std::fs::remove_file(&h.marker).unwrap();
+    let ok = rotate(&env, "api");
+    assert!(ok.status.success(), "{}", text(&ok));
+    let v2 = delivered(&env, "api");
+    // The parked rotation resumed: the rejected value, now accepted.
+    assert_eq!(v2.version, 2, "{}", text(&ok));
+    assert_eq!(v2.value, pending);
+    let log = hook_log(&h);
+    let hash2 = sha256_hex(&v2.value);
+    assert!(
+        log.contains(&format!("set {} {hash2}", v2.version)),
+        "{log:?}"
+    );
+    assert!(
+        log.contains(&format!("test {} {hash2}", v2.version)),
+        "{log:?}"
+    );
+    assert_eq!(
+        log.iter().filter(|l| l.starts_with("test 2 ")).count(),
+        2,
+        "test ran once failing, once passing: {log:?}"
+    );
+    daemon.stop();
 }
