@@ -928,3 +928,103 @@ fn command_hook_failure_is_redacted_and_a_retry_succeeds() {
     );
     daemon.stop();
 }
+
+// --- 5. canary: no secret in any output ----------------------------------------------------
+
+#[test]
+fn no_delivered_value_nor_server_credential_appears_in_any_output() {
+    let files = Files::new();
+    let bao_token = need("KEYTURN_TEST_BAO_TOKEN");
+    let token = files.write("bao-token", &bao_token, 0o600);
+    let azure_secret = files.write("azure-client-secret", STUB_CLIENT_SECRET, 0o600);
+    let h = hook(&files);
+    let role = unique("kt_canary_");
+    let clone = format!("{role}_clone");
+    rt().block_on(pg_admin(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'set-by-the-test-{role}'"
+    )));
+    let api_path = unique("e2e/canary-api/");
+    let env = Env::new(&format!(
+        "{}{}{}\n{}{}{}",
+        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        aws_table("aws"),
+        azure_table("kv", &azure_secret),
+        agent_table(),
+        credential(
+            "db",
+            r#"["bao", "aws"]"#,
+            &unique("e2e/canary-db/"),
+            "2s",
+            &pg_target(&files, &role, "alternating_users", &pg_admin_dsn()),
+        ),
+        credential("api", r#""kv""#, &api_path, "0s", &h.target),
+    ));
+    // `Env::spawn` runs the daemon with `--log-level trace`: every crate's
+    // trace events (HTTP clients, SDKs, the PostgreSQL driver) are in the log.
+    let daemon = env.start();
+    let mut outputs: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut record = |name: &str, o: &Output| {
+        outputs.push((format!("`{name}` stdout"), o.stdout.clone()));
+        outputs.push((format!("`{name}` stderr"), o.stderr.clone()));
+    };
+    let mut values = Vec::new();
+    wait_version(&env, "db", 1);
+    wait_version(&env, "api", 1);
+    values.push(("db v1", delivered(&env, "db").value));
+    values.push(("api v1", delivered(&env, "api").value));
+
+    record("rotate db", &rotate_ok(&env, "db", 2));
+    values.push(("db v2", delivered(&env, "db").value));
+
+    // A hook that prints the secret on stderr, and fails.
+    std::fs::write(&h.marker, "").unwrap();
+    let failed = rotate(&env, "api");
+    assert!(!failed.status.success(), "{}", text(&failed));
+    record("rotate api (failing hook)", &failed);
+    let rejected = rt().block_on(async {
+        let kv = azure_vault(&azure_secret).await;
+        read_stage(&kv, "api", &api_path, Stage::Pending)
+            .await
+            .expect("the rejected value is pending")
+    });
+    values.push(("api rejected pending value", rejected));
+    record("status --json (failed)", &env.cli(&["status", "--json"]));
+    record("status (failed)", &env.cli(&["status"]));
+    std::fs::remove_file(&h.marker).unwrap();
+    record("rotate api", &rotate_ok(&env, "api", 2));
+    values.push(("api v2", delivered(&env, "api").value));
+
+    record("rotate db again", &rotate_ok(&env, "db", 3));
+    values.push(("db v3", delivered(&env, "db").value));
+    // Let the grace end so the retire step (a target call) is logged too.
+    wait_for(Duration::from_secs(30), || {
+        (row(&env, "db")["state"] == "idle").then_some(())
+    })
+    .unwrap_or_else(|| panic!("db never settled: {}", row(&env, "db")));
+    record("status --json", &env.cli(&["status", "--json"]));
+    record("audit verify", &env.cli(&["audit", "verify"]));
+    let log = daemon.stop();
+    assert!(
+        log.contains("TRACE"),
+        "the daemon did not log at trace level, the scan proves little"
+    );
+
+    let mut places = outputs;
+    places.push(("the daemon log (trace)".into(), log.into_bytes()));
+    places.push(("the hook's log".into(), std::fs::read(&h.log).unwrap()));
+    for (p, bytes) in read_tree(&env.state_dir()) {
+        // Includes audit.log and the state database.
+        places.push((p.display().to_string(), bytes));
+    }
+    assert!(
+        places.iter().any(|(p, _)| p.ends_with("audit.log")),
+        "the audit log is scanned"
+    );
+    let mut secrets: Vec<(&str, String)> = values;
+    secrets.push(("the OpenBao token", bao_token));
+    secrets.push(("the PostgreSQL admin password", pg_admin_password()));
+    secrets.push(("the Azure client secret", STUB_CLIENT_SECRET.to_owned()));
+    assert_nowhere(&secrets, &places);
+
+    rt().block_on(pg_admin(&format!("DROP ROLE {clone}; DROP ROLE {role}")));
+}
