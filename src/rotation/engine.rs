@@ -1026,6 +1026,7 @@ impl Inner {
                 Ok(vec![])
             }
             Step::Promote => {
+                self.check_current_before_promote(entry, rot).await?;
                 // Every vault already holds the value (create staged it in
                 // all); promote each. Promote is idempotent, so after a
                 // failure in one vault the retry re-promotes the others as
@@ -1121,6 +1122,69 @@ impl Inner {
         let primary = entry.primary();
         let vref = staged_in(entry, rot, primary)?;
         read_from(primary.vault.as_ref(), item, &vref).await
+    }
+
+    /// Before promote: is the version keyturn knows as current still current
+    /// in every vault? If someone deleted or overwrote it out of band, the
+    /// promote goes ahead (it makes the vault serve a working value again,
+    /// which is better than leaving it broken until an operator acts), but
+    /// that vault no longer holds the previous value agents may still use
+    /// during the grace period. Nothing else would notice, so it is said
+    /// loudly: a warning and an audit record per vault. Costs one read per
+    /// vault per rotation.
+    async fn check_current_before_promote(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+    ) -> Result<(), StepError> {
+        let (Some(prev), Some(prev_version)) = (&rot.previous_vault_version, rot.previous_version)
+        else {
+            return Ok(());
+        };
+        let item = VaultItem {
+            key: &entry.key,
+            path: &entry.cfg.path,
+        };
+        let refs = VaultRefs::decode(prev, entry.primary().vault.name());
+        for h in &entry.vaults {
+            let Some(prev_ref) = refs.get(h.vault.name()) else {
+                continue;
+            };
+            let new_ref = staged_in(entry, rot, h)?;
+            let current = h
+                .vault
+                .read(item, Select::Stage(Stage::Current))
+                .await
+                .map_err(|e| vault_error(h.vault.name(), e))?
+                .map(|v| v.version);
+            // The new ref: a replay after this vault was already promoted.
+            if current.as_ref() == Some(prev_ref) || current.as_ref() == Some(&new_ref) {
+                continue;
+            }
+            let now_there = match &current {
+                Some(r) => format!("its current version is {r}, which keyturn did not write"),
+                None => "it has no current version".to_owned(),
+            };
+            let msg = format!(
+                "step promote: vault {:?}: version {prev_version} ({prev_ref}) of {}, the current version before this rotation, is gone: {now_there} (deleted or overwritten out of band). Promoting version {} makes it current again, but this vault no longer holds the previous value",
+                h.vault.name(),
+                entry.cfg.path,
+                rot.version,
+            );
+            tracing::warn!(agent = %entry.key.agent, credential = %entry.key.credential, vault = %h.vault.name(), version = prev_version, rotation = %rot.id, "{msg}");
+            // The head is persisted with the step, like delivery records.
+            self.audit(
+                entry,
+                Some(rot),
+                "vault.current_gone",
+                Outcome::Failed,
+                Some(h.vault.name().to_owned()),
+                Some(msg),
+            )
+            .await
+            .map_err(|e| StepError::new("audit", e))?;
+        }
+        Ok(())
     }
 
     /// Retires the previous version of a delivered rotation and marks it done.
@@ -1291,7 +1355,10 @@ async fn read_from(
             vault.name(),
             PluginError::new(
                 ErrorKind::NotFound,
-                format!("version {vref} of {} is gone", item.path),
+                format!(
+                    "version {vref} of {} is gone from the vault (deleted out of band?); the rotation cannot go on without the value it staged",
+                    item.path
+                ),
             ),
         )),
         Err(e) => Err(vault_error(vault.name(), e)),
