@@ -31,10 +31,9 @@ use keyturn::vaults::{Select, Vault, VaultItem};
 
 const START_SERVICES: &str =
     "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
-/// The Key Vault stub's default `--client-id` / `--client-secret` / `--token`.
+/// The Key Vault stub's default `--client-id` / `--client-secret`.
 const STUB_CLIENT_ID: &str = "keyturn-test-client";
 const STUB_CLIENT_SECRET: &str = "keyturn-test-secret";
-const STUB_TOKEN: &str = "keyturn-test-token";
 const TENANT: &str = "00000000-0000-0000-0000-000000000001";
 const AGENT: &str = "bot";
 
@@ -1027,4 +1026,201 @@ fn no_delivered_value_nor_server_credential_appears_in_any_output() {
     assert_nowhere(&secrets, &places);
 
     rt().block_on(pg_admin(&format!("DROP ROLE {clone}; DROP ROLE {role}")));
+}
+
+// --- 6. bad input: clear errors naming agent, credential, vault/target and step ---------
+
+/// `rotate --wait` fails; returns its output and the status row's last_error,
+/// after checking both name the agent/credential and `needles`.
+fn assert_rotation_fails(env: &Env, cred: &str, needles: &[&str]) -> (String, String) {
+    let out = rotate(env, cred);
+    let out_text = text(&out);
+    assert!(!out.status.success(), "rotate must fail: {out_text}");
+    let r = row(env, cred);
+    assert_eq!(r["state"], "failed", "{r}");
+    let last_error = r["last_error"].as_str().unwrap_or_default().to_owned();
+    let who = format!("{AGENT}/{cred}");
+    assert!(
+        out_text.contains(&format!("{who}: FAILED: {who}: step ")),
+        "{out_text}"
+    );
+    for n in needles {
+        assert!(
+            out_text.contains(n),
+            "`rotate --wait` output lacks {n:?}: {out_text}"
+        );
+        assert!(
+            last_error.contains(n),
+            "status last_error lacks {n:?}: {last_error}"
+        );
+    }
+    (out_text, last_error)
+}
+
+#[test]
+fn bad_input_wrong_vault_address() {
+    let files = Files::new();
+    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
+    let addr = format!("http://127.0.0.1:{}", closed_port());
+    let env = Env::new(&format!(
+        "{}{}{}",
+        bao_table("bao", &addr, &token),
+        agent_table(),
+        credential("db", r#""bao""#, &unique("e2e/bad/"), "0s", "")
+    ));
+    let daemon = env.start();
+    assert_rotation_fails(&env, "db", &["step create", "vault \"bao\"", &addr[7..]]);
+    daemon.stop();
+}
+
+#[test]
+fn bad_input_bad_openbao_token() {
+    let files = Files::new();
+    let garbage = "hvs.not-a-token-4f1c9e2a7b";
+    let token = files.write("bao-token", garbage, 0o600);
+    let env = Env::new(&format!(
+        "{}{}{}",
+        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        agent_table(),
+        credential("db", r#""bao""#, &unique("e2e/bad/"), "0s", "")
+    ));
+    let daemon = env.start();
+    let (out, last) = assert_rotation_fails(
+        &env,
+        "db",
+        &["step create", "vault \"bao\"", "unauthorized"],
+    );
+    assert!(
+        !out.contains(garbage) && !last.contains(garbage),
+        "the token is never quoted"
+    );
+    daemon.stop();
+}
+
+/// The promoted secret deleted out of band (all its KV versions): the next
+/// rotation makes the vault serve a working value again, and says loudly, in
+/// the log and the audit, that the version it knew as current was gone.
+#[test]
+fn bad_input_current_secret_deleted_out_of_band() {
+    let files = Files::new();
+    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
+    let path = unique("e2e/gone/");
+    let env = Env::new(&format!(
+        "{}{}{}",
+        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        agent_table(),
+        credential("db", r#""bao""#, &path, "1h", "")
+    ));
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    rotate_ok(&env, "db", 2);
+    rt().block_on(bao_delete_all(&path));
+    rotate_ok(&env, "db", 3);
+    let v3 = delivered(&env, "db");
+    rt().block_on(async {
+        let v = bao_vault().await;
+        assert_eq!(
+            read_stage(&v, "db", &path, Stage::Current).await,
+            Some(v3.value.clone())
+        );
+        assert_eq!(read_stage(&v, "db", &path, Stage::Previous).await, None);
+        assert_eq!(
+            bao_plain(&path, None).await.map(|(v, _)| v),
+            Some(v3.value.clone())
+        );
+    });
+    let gone = "step promote: vault \"bao\": version 2 (";
+    let audit = std::fs::read_to_string(env.audit_log()).unwrap();
+    let record: serde_json::Value = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["event"] == "vault.current_gone")
+        .unwrap_or_else(|| panic!("no vault.current_gone audit record: {audit}"));
+    assert_eq!(record["agent"], AGENT);
+    assert_eq!(record["credential"], "db");
+    assert_eq!(record["detail"], "bao");
+    let error = record["error"].as_str().unwrap();
+    for needle in [
+        gone,
+        &format!(
+            "of {path}, the current version before this rotation, is gone: it has no current version"
+        ),
+    ] {
+        assert!(
+            error.contains(needle),
+            "audit error lacks {needle:?}: {error}"
+        );
+    }
+    let log = daemon.stop();
+    let line = log
+        .lines()
+        .find(|l| l.contains(gone))
+        .unwrap_or_else(|| panic!("no warning in the daemon log: {log}"));
+    for needle in ["WARN", "agent=bot", "credential=db", "vault=bao", "is gone"] {
+        assert!(line.contains(needle), "log line lacks {needle:?}: {line}");
+    }
+}
+
+/// The pending value deleted out of band while its rotation is parked (the
+/// hook failed `test`): resuming cannot silently use another value; it fails
+/// saying which version is gone from which vault.
+#[test]
+fn bad_input_pending_secret_deleted_out_of_band() {
+    let files = Files::new();
+    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
+    let h = hook(&files);
+    let path = unique("e2e/gone-pending/");
+    let env = Env::new(&format!(
+        "{}{}{}",
+        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        agent_table(),
+        credential("api", r#""bao""#, &path, "0s", &h.target)
+    ));
+    let daemon = env.start();
+    wait_version(&env, "api", 1);
+    std::fs::write(&h.marker, "").unwrap();
+    assert!(!rotate(&env, "api").status.success());
+    let rotation = row(&env, "api")["rotation"]
+        .as_str()
+        .expect("parked rotation")
+        .to_owned();
+    rt().block_on(bao_delete_all(&format!("keyturn-pending/{path}")));
+    std::fs::remove_file(&h.marker).unwrap();
+    assert_rotation_fails(
+        &env,
+        "api",
+        &[
+            "step test",
+            "vault \"bao\"",
+            &format!("version {rotation} of {path} is gone from the vault"),
+            "(not_found)",
+        ],
+    );
+    daemon.stop();
+}
+
+#[test]
+fn bad_input_target_dsn_cannot_connect() {
+    let files = Files::new();
+    let role = unique("kt_nodsn_");
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=postgres password={} dbname=postgres",
+        closed_port(),
+        pg_admin_password()
+    );
+    let env = Env::new(&format!(
+        "{}{}",
+        agent_table(),
+        credential(
+            "db",
+            r#""local""#,
+            &unique("e2e/bad/"),
+            "0s",
+            &pg_target(&files, &role, "single_user", &dsn),
+        )
+    ));
+    let daemon = env.start();
+    let (out, last) = assert_rotation_fails(&env, "db", &["step set", "target postgres:"]);
+    assert!(!out.contains(&pg_admin_password()) && !last.contains(&pg_admin_password()));
+    daemon.stop();
 }
