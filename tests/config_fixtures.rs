@@ -60,6 +60,20 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "invalid URL `http://acme.vault.azure.net`: the scheme must be `https`",
     ),
     (
+        "bad-authority-host.toml",
+        13,
+        18,
+        "vaults.kv.authority_host",
+        "invalid URL `http://login.example.internal`: the scheme must be `https`",
+    ),
+    (
+        "bad-authority-host-managed-identity.toml",
+        10,
+        18,
+        "vaults.kv.authority_host",
+        "authority_host has no effect with auth = \"managed_identity\"",
+    ),
+    (
         "bad-write-budget.toml",
         9,
         16,
@@ -662,6 +676,11 @@ fn good_remote_reads_every_vault_and_target_type() {
         panic!("kv: {:?}", cfg.vaults["kv"].kind)
     };
     assert!(kv.verify_challenge_resource);
+    // The trailing `/` is dropped, as for the other URLs.
+    assert_eq!(
+        kv.authority_host.as_deref(),
+        Some("https://login.microsoftonline.us")
+    );
     assert_eq!(
         kv.auth,
         AzureAuth::ClientSecret {

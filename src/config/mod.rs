@@ -176,6 +176,9 @@ pub struct AzureConfig {
     pub ca_file: Option<PathBuf>,
     /// Checks that the auth challenge's resource matches the vault's host.
     pub verify_challenge_resource: bool,
+    /// Entra ID authority host for the client secret and workload identity
+    /// credentials; `None` = `AZURE_AUTHORITY_HOST` or the public cloud.
+    pub authority_host: Option<String>,
     pub timeout: Duration,
 }
 

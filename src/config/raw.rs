@@ -138,6 +138,9 @@ pub enum RawVault {
         client_secret_file: Option<String>,
         ca_file: Option<String>,
         verify_challenge_resource: Option<bool>,
+        /// Entra ID authority for `client_secret` / `workload_identity`
+        /// (sovereign clouds, tests); https only.
+        authority_host: Option<String>,
         timeout: Option<String>,
         max_concurrent: Option<usize>,
     },

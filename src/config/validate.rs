@@ -672,6 +672,7 @@ impl Validator<'_> {
                     client_secret_file,
                     ca_file,
                     verify_challenge_resource,
+                    authority_host,
                     timeout,
                     max_concurrent,
                 } => {
@@ -681,6 +682,16 @@ impl Validator<'_> {
                         &["https"],
                         "https://NAME.vault.azure.net",
                     );
+                    if let Some(host) = authority_host {
+                        // The SDK refuses a non-https authority too, but only
+                        // at the first rotation; say it at load time.
+                        self.url(
+                            p.key("authority_host"),
+                            host,
+                            &["https"],
+                            "https://login.microsoftonline.com",
+                        );
+                    }
                     let auth = match auth.as_str() {
                         "client_secret" => {
                             let mut need = |key: &str, v: &Option<String>| {
@@ -702,9 +713,17 @@ impl Validator<'_> {
                                     .path_setting(p.key("client_secret_file"), &secret),
                             })
                         }
-                        "managed_identity" => Some(AzureAuth::ManagedIdentity {
-                            client_id: client_id.clone(),
-                        }),
+                        "managed_identity" => {
+                            if authority_host.is_some() {
+                                self.err(
+                                    p.key("authority_host"),
+                                    "authority_host has no effect with auth = \"managed_identity\" (the host's identity endpoint issues the tokens); remove it",
+                                );
+                            }
+                            Some(AzureAuth::ManagedIdentity {
+                                client_id: client_id.clone(),
+                            })
+                        }
                         "workload_identity" => Some(AzureAuth::WorkloadIdentity),
                         other => {
                             self.err(
@@ -722,6 +741,9 @@ impl Validator<'_> {
                                 .as_ref()
                                 .map(|f| self.path_setting(p.key("ca_file"), f)),
                             verify_challenge_resource: verify_challenge_resource.unwrap_or(true),
+                            authority_host: authority_host
+                                .as_ref()
+                                .map(|h| h.trim_end_matches('/').to_owned()),
                             timeout: self.timeout(&p, timeout),
                         })
                     });

@@ -173,6 +173,7 @@ fn open_vault(cfg: &VaultConfig) -> Result<Arc<dyn Vault>, PluginError> {
                 auth: c.auth.clone(),
                 ca_file: c.ca_file.clone(),
                 verify_challenge_resource: c.verify_challenge_resource,
+                authority_host: c.authority_host.clone(),
                 timeout: c.timeout,
             };
             lazy(&cfg.name, settings, |s| async move {

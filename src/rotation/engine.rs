@@ -24,6 +24,7 @@ use crate::sinks::Notice;
 use crate::state::{
     CredentialRow, RotationRow, StateError, StateStore, Step, Trigger, VersionRow, Write,
 };
+use crate::targets::Target;
 use crate::telemetry::{CredentialState, Metrics};
 use crate::vaults::{Select, Vault, VaultItem, VaultRefs, VersionRef};
 
@@ -63,14 +64,23 @@ struct Running {
     last_error: Option<String>,
 }
 
-/// One per credential, so kept small: what only a running rotation needs is
-/// boxed (at 100k credentials each byte here is ~130 kB with the map's slack).
+/// Where a parked rotation stopped.
+#[derive(Debug, Clone)]
+struct Parked {
+    rotation: Option<RotationId>,
+    step: Option<Step>,
+}
+
+/// One per credential, so kept small: what only a running or parked rotation
+/// needs is boxed (at 100k credentials each byte here is ~130 kB with the
+/// map's slack).
 #[derive(Default)]
 struct CredLive {
     row: Option<CredentialRow>,
     running: Option<Box<Running>>,
-    /// The last attempt failed and the rotation is parked until its retry time.
-    parked: bool,
+    /// The last attempt failed and the rotation is parked until its retry
+    /// time. Keeps the step it failed at, so `status` can name it.
+    parked: Option<Box<Parked>>,
     /// The previous version is retired at this time (delivery + grace).
     retire_at: Option<DateTime<Utc>>,
     /// Why the next rotation starts.
@@ -85,7 +95,7 @@ impl CredLive {
     fn state(&self) -> CredentialState {
         if self.running.is_some() {
             CredentialState::Rotating
-        } else if self.parked {
+        } else if self.parked.is_some() {
             CredentialState::Failed
         } else if self.retire_at.is_some() {
             CredentialState::Retiring
@@ -408,7 +418,7 @@ impl Inner {
             } else if !has_version || last.is_none() {
                 l.next_trigger = Some(Trigger::Initial);
                 timers.schedule((key.clone(), Job::Rotate), now);
-            } else if l.parked && !at_start {
+            } else if l.parked.is_some() && !at_start {
                 // Keep the retry time it already has.
             } else {
                 let last = last.expect("checked above");
@@ -541,8 +551,13 @@ impl Inner {
                         .deadline(&(key.clone(), Job::Rotate))
                         .or_else(|| row.and_then(|r| r.next_due)),
                     state,
-                    step: running.map(|r| r.step),
-                    rotation: running.and_then(|r| r.rotation.clone()),
+                    // A parked rotation shows where it stopped.
+                    step: running
+                        .map(|r| r.step)
+                        .or_else(|| l.and_then(|l| l.parked.as_ref()?.step)),
+                    rotation: running
+                        .and_then(|r| r.rotation.clone())
+                        .or_else(|| l.and_then(|l| l.parked.as_ref()?.rotation.clone())),
                     last_error: running
                         .and_then(|r| r.last_error.clone())
                         .or_else(|| row.and_then(|r| r.last_error.clone())),
@@ -631,11 +646,11 @@ impl Inner {
         let reschedule = {
             let mut live = self.live();
             let l = live.entry(key.clone()).or_default();
-            l.running = None;
+            let last_run = l.running.take();
             let waiters = std::mem::take(&mut l.waiters);
             let (finished, reschedule) = match result {
                 Ok(rot) => {
-                    l.parked = false;
+                    l.parked = None;
                     l.retire_at = rot.retire_at;
                     let row = l.row.clone();
                     let next = row.as_ref().and_then(|r| r.next_due);
@@ -653,7 +668,10 @@ impl Inner {
                     )
                 }
                 Err(Stop::Failed(msg)) => {
-                    l.parked = true;
+                    l.parked = Some(Box::new(Parked {
+                        rotation: last_run.as_ref().and_then(|r| r.rotation.clone()),
+                        step: last_run.as_ref().map(|r| r.step),
+                    }));
                     let failures = l.row.as_ref().map_or(1, |r| r.consecutive_failures.max(1));
                     let delay = park_delay(&entry_retry(&self.catalog()), failures);
                     self.metrics.rotation_finished(false, started.elapsed());
@@ -1007,10 +1025,11 @@ impl Inner {
                 } else {
                     target.test(key, rot.version, &value).await
                 };
-                r.map_err(|e| StepError::new(format!("target {}", target.describe()), e))?;
+                r.map_err(|e| target_error(target.as_ref(), e))?;
                 Ok(vec![])
             }
             Step::Promote => {
+                self.check_current_before_promote(entry, rot).await?;
                 // Every vault already holds the value (create staged it in
                 // all); promote each. Promote is idempotent, so after a
                 // failure in one vault the retry re-promotes the others as
@@ -1108,6 +1127,69 @@ impl Inner {
         read_from(primary.vault.as_ref(), item, &vref).await
     }
 
+    /// Before promote: is the version keyturn knows as current still current
+    /// in every vault? If someone deleted or overwrote it out of band, the
+    /// promote goes ahead (it makes the vault serve a working value again,
+    /// which is better than leaving it broken until an operator acts), but
+    /// that vault no longer holds the previous value agents may still use
+    /// during the grace period. Nothing else would notice, so it is said
+    /// loudly: a warning and an audit record per vault. Costs one read per
+    /// vault per rotation.
+    async fn check_current_before_promote(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+    ) -> Result<(), StepError> {
+        let (Some(prev), Some(prev_version)) = (&rot.previous_vault_version, rot.previous_version)
+        else {
+            return Ok(());
+        };
+        let item = VaultItem {
+            key: &entry.key,
+            path: &entry.cfg.path,
+        };
+        let refs = VaultRefs::decode(prev, entry.primary().vault.name());
+        for h in &entry.vaults {
+            let Some(prev_ref) = refs.get(h.vault.name()) else {
+                continue;
+            };
+            let new_ref = staged_in(entry, rot, h)?;
+            let current = h
+                .vault
+                .read(item, Select::Stage(Stage::Current))
+                .await
+                .map_err(|e| vault_error(h.vault.name(), e))?
+                .map(|v| v.version);
+            // The new ref: a replay after this vault was already promoted.
+            if current.as_ref() == Some(prev_ref) || current.as_ref() == Some(&new_ref) {
+                continue;
+            }
+            let now_there = match &current {
+                Some(r) => format!("its current version is {r}, which keyturn did not write"),
+                None => "it has no current version".to_owned(),
+            };
+            let msg = format!(
+                "step promote: vault {:?}: version {prev_version} ({prev_ref}) of {}, the current version before this rotation, is gone: {now_there} (deleted or overwritten out of band). Promoting version {} makes it current again, but this vault no longer holds the previous value",
+                h.vault.name(),
+                entry.cfg.path,
+                rot.version,
+            );
+            tracing::warn!(agent = %entry.key.agent, credential = %entry.key.credential, vault = %h.vault.name(), version = prev_version, rotation = %rot.id, "{msg}");
+            // The head is persisted with the step, like delivery records.
+            self.audit(
+                entry,
+                Some(rot),
+                "vault.current_gone",
+                Outcome::Failed,
+                Some(h.vault.name().to_owned()),
+                Some(msg),
+            )
+            .await
+            .map_err(|e| StepError::new("audit", e))?;
+        }
+        Ok(())
+    }
+
     /// Retires the previous version of a delivered rotation and marks it done.
     async fn retire(&self, entry: &CredEntry, rot: &mut RotationRow) -> Result<(), Stop> {
         let mut delays = step_backoff(entry_retry(&self.catalog()));
@@ -1140,9 +1222,7 @@ impl Inner {
                             .target
                             .retire(&entry.key, previous)
                             .await
-                            .map_err(|e| {
-                                StepError::new(format!("target {}", entry.target.describe()), e)
-                            })?;
+                            .map_err(|e| target_error(entry.target.as_ref(), e))?;
                     }
                     if let Some(version) = rot.previous_version {
                         writes.push(Write::VersionStage {
@@ -1252,6 +1332,16 @@ fn staged_in(
         })
 }
 
+/// Targets start their messages with their own description
+/// (`command:/path`, `postgres:role`); say it once, not twice.
+fn target_error(target: &dyn Target, mut e: PluginError) -> StepError {
+    let described = target.describe();
+    if let Some(rest) = e.message.strip_prefix(&format!("{described}: ")) {
+        e.message = rest.to_owned();
+    }
+    StepError::new(format!("target {described}"), e)
+}
+
 fn vault_error(name: &str, e: PluginError) -> StepError {
     StepError::new(format!("vault {name:?}"), e)
 }
@@ -1268,7 +1358,10 @@ async fn read_from(
             vault.name(),
             PluginError::new(
                 ErrorKind::NotFound,
-                format!("version {vref} of {} is gone", item.path),
+                format!(
+                    "version {vref} of {} is gone from the vault (deleted out of band?); the rotation cannot go on without the value it staged",
+                    item.path
+                ),
             ),
         )),
         Err(e) => Err(vault_error(vault.name(), e)),

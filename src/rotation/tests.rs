@@ -15,7 +15,7 @@ use crate::audit::{AuditLog, verify_file};
 use crate::model::{
     AgentId, CredentialId, CredentialKey, ErrorKind, PluginError, RotationId, SecretValue,
 };
-use crate::state::{SqliteStore, StateStore};
+use crate::state::{SqliteStore, StateStore, Step};
 use crate::telemetry::Metrics;
 use crate::vaults::local::{LocalKey, LocalVault};
 use crate::vaults::{Select, StoredVersion, Vault, VaultItem, VersionRef};
@@ -207,6 +207,12 @@ async fn exhausted_retries_park_the_rotation_and_status_names_the_step_then_it_c
     );
     let status = rig.engine.status();
     assert_eq!(status[0].state, "failed");
+    assert_eq!(
+        status[0].step,
+        Some(Step::Create),
+        "a parked rotation shows the step it failed at"
+    );
+    assert!(status[0].rotation.is_some(), "{:?}", status[0]);
     assert!(
         status[0]
             .last_error

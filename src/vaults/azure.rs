@@ -81,6 +81,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
 use azure_core::credentials::TokenCredential;
 use azure_core::error::ErrorKind as AzErrorKind;
 use azure_core::http::headers::RETRY_AFTER;
@@ -140,6 +141,10 @@ pub struct AzureSettings {
     /// Require the auth challenge's resource to be a parent domain of the vault
     /// host (the SDK's default, true); false only for a loopback stub.
     pub verify_challenge_resource: bool,
+    /// Where the Entra ID credentials (client secret, workload identity) get
+    /// tokens, e.g. `https://login.microsoftonline.us` for a sovereign cloud or
+    /// the test stub. `None`: `AZURE_AUTHORITY_HOST`, else the public cloud.
+    pub authority_host: Option<String>,
     /// Per request, connect included.
     pub timeout: Duration,
 }
@@ -234,14 +239,35 @@ impl AzureVault {
     /// Builds the credential `s.auth` names and the client. Makes no request
     /// (see [`Vault::check`]).
     pub async fn connect(s: AzureSettings) -> Result<Self, PluginError> {
-        let credential = build_credential(&s).await?;
-        Self::with_credential(s, credential)
+        let http = build_http_client(&s).map_err(|what| {
+            PluginError::new(
+                ErrorKind::Invalid,
+                format!("azure key vault `{}`: {what}", s.name),
+            )
+        })?;
+        let credential = build_credential(&s, &http).await?;
+        Self::with_http(s, credential, http)
     }
 
     /// Tests and embedding: any TokenCredential (tests pass a fixed-token one).
     pub fn with_credential(
         s: AzureSettings,
         cred: Arc<dyn TokenCredential>,
+    ) -> Result<Self, PluginError> {
+        let http = build_http_client(&s).map_err(|what| {
+            PluginError::new(
+                ErrorKind::Invalid,
+                format!("azure key vault `{}`: {what}", s.name),
+            )
+        })?;
+        Self::with_http(s, cred, http)
+    }
+
+    /// The client over `http` (the transport the credential may share).
+    fn with_http(
+        s: AzureSettings,
+        cred: Arc<dyn TokenCredential>,
+        http: reqwest::Client,
     ) -> Result<Self, PluginError> {
         let invalid = |what: String| {
             PluginError::new(
@@ -255,7 +281,6 @@ impl AzureVault {
                 s.vault_url
             )));
         }
-        let http = build_http_client(&s).map_err(invalid)?;
         let mut client_options = ClientOptions {
             // The engine owns retries and backoff; an SDK retrying underneath
             // would multiply attempts and hide throttling from it.
@@ -814,7 +839,17 @@ fn build_http_client(s: &AzureSettings) -> Result<reqwest::Client, String> {
 }
 
 /// The Entra ID credential `s.auth` describes.
-async fn build_credential(s: &AzureSettings) -> Result<Arc<dyn TokenCredential>, PluginError> {
+///
+/// The client secret and workload identity credentials talk to the authority
+/// host over the vault's own HTTPS client (`http`), so `ca_file` and the
+/// timeouts apply to token requests too (a private authority, or the test
+/// stub). Managed identity keeps the SDK's default transport: IMDS and the App
+/// Service identity endpoint are plain http on a link-local or loopback
+/// address, which the vault's https-only client would refuse.
+async fn build_credential(
+    s: &AzureSettings,
+    http: &reqwest::Client,
+) -> Result<Arc<dyn TokenCredential>, PluginError> {
     let fail = |what: String| {
         PluginError::new(
             ErrorKind::Invalid,
@@ -825,6 +860,16 @@ async fn build_credential(s: &AzureSettings) -> Result<Arc<dyn TokenCredential>,
     let options = || ClientOptions {
         retry: RetryOptions::none(),
         ..ClientOptions::default()
+    };
+    let entra_options = || {
+        let mut o = options();
+        o.transport = Some(Transport::new(Arc::new(http.clone())));
+        if let Some(host) = &s.authority_host {
+            let mut custom = CustomConfiguration::default();
+            custom.authority_host = host.clone();
+            o.cloud = Some(Arc::new(CloudConfiguration::Custom(custom)));
+        }
+        o
     };
     let cred: Arc<dyn TokenCredential> = match &s.auth {
         AzureAuth::ClientSecret {
@@ -861,7 +906,7 @@ async fn build_credential(s: &AzureSettings) -> Result<Arc<dyn TokenCredential>,
                 client_id.clone(),
                 azure_core::credentials::Secret::new(text.to_owned()),
                 Some(azure_identity::ClientSecretCredentialOptions {
-                    client_options: options(),
+                    client_options: entra_options(),
                 }),
             )
             .map_err(|e| fail(format!("client secret credential: {e}")))?
@@ -877,7 +922,7 @@ async fn build_credential(s: &AzureSettings) -> Result<Arc<dyn TokenCredential>,
         .map_err(|e| fail(format!("managed identity: {e}")))?,
         AzureAuth::WorkloadIdentity => {
             let mut o = azure_identity::WorkloadIdentityCredentialOptions::default();
-            o.credential_options.client_options = options();
+            o.credential_options.client_options = entra_options();
             azure_identity::WorkloadIdentityCredential::new(Some(o))
                 .map_err(|e| fail(format!("workload identity: {e}")))?
         }
@@ -970,6 +1015,9 @@ mod tests {
     use azure_core::credentials::{AccessToken, TokenRequestOptions};
 
     const STUB_TOKEN: &str = "keyturn-test-token";
+    /// The stub's default `--client-id` / `--client-secret`.
+    const STUB_CLIENT_ID: &str = "keyturn-test-client";
+    const STUB_CLIENT_SECRET: &str = "keyturn-test-secret";
     const START_SERVICES: &str =
         "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
 
@@ -1064,6 +1112,7 @@ mod tests {
             auth: AzureAuth::WorkloadIdentity,
             ca_file: None,
             verify_challenge_resource: true,
+            authority_host: None,
             timeout: Duration::from_secs(1),
         };
         let e = AzureVault::with_credential(s, Arc::new(FixedToken("t".into()))).unwrap_err();
@@ -1115,6 +1164,7 @@ mod tests {
             auth: AzureAuth::WorkloadIdentity,
             ca_file: Some(stub.ca),
             verify_challenge_resource: false,
+            authority_host: None,
             timeout: Duration::from_secs(10),
         };
         AzureVault::with_credential(s, Arc::new(FixedToken(token.into()))).unwrap()
@@ -1122,6 +1172,59 @@ mod tests {
 
     fn vault() -> AzureVault {
         vault_with_token(STUB_TOKEN)
+    }
+
+    /// A vault that logs in like the daemon does: a client secret sent to
+    /// the stub's Entra ID token endpoint (`authority_host`), over the same
+    /// TLS client as the vault requests (the stub's CA is only in `ca_file`).
+    async fn vault_with_client_secret(secret: &str) -> (AzureVault, tempfile::TempDir) {
+        let stub = stub();
+        let dir = tempfile::tempdir().unwrap();
+        let secret_file = dir.path().join("client-secret");
+        std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+        let s = AzureSettings {
+            name: "kv-entra".into(),
+            vault_url: stub.url.clone(),
+            auth: AzureAuth::ClientSecret {
+                tenant_id: "00000000-0000-0000-0000-000000000001".into(),
+                client_id: STUB_CLIENT_ID.into(),
+                secret_file,
+            },
+            ca_file: Some(stub.ca),
+            verify_challenge_resource: false,
+            authority_host: Some(stub.url),
+            timeout: Duration::from_secs(10),
+        };
+        (AzureVault::connect(s).await.unwrap(), dir)
+    }
+
+    #[tokio::test]
+    async fn client_secret_logs_in_at_the_authority_host() {
+        let (v, _dir) = vault_with_client_secret(STUB_CLIENT_SECRET).await;
+        v.check().await.unwrap();
+        // A full write and read, so the token is really accepted for writes.
+        let path = unique_path("entra");
+        let k = key();
+        let item = VaultItem {
+            key: &k,
+            path: &path,
+        };
+        let id = RotationId::generate();
+        let r = v.stage(item, &id, &value("entra-value")).await.unwrap();
+        v.promote(item, &r).await.unwrap();
+        assert_eq!(latest(&v, &path).await.as_deref(), Some("entra-value"));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_client_secret_is_unauthorized_and_not_quoted() {
+        let wrong = "wrong-secret-7f3a9c";
+        let (v, _dir) = vault_with_client_secret(wrong).await;
+        let e = v.check().await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unauthorized, "{}", e.message);
+        assert!(e.message.contains("kv-entra"), "{}", e.message);
+        assert!(!e.message.contains(wrong), "{}", e.message);
+        // Entra ID's own reason reaches the operator.
+        assert!(e.message.contains("Invalid client secret"), "{}", e.message);
     }
 
     /// A path no other test (or earlier run) uses.
@@ -1480,6 +1583,7 @@ mod tests {
             auth: AzureAuth::WorkloadIdentity,
             ca_file: Some(stub().ca),
             verify_challenge_resource: false,
+            authority_host: None,
             timeout: Duration::from_secs(5),
         };
         let v = AzureVault::with_credential(s, Arc::new(FixedToken(STUB_TOKEN.into()))).unwrap();

@@ -45,7 +45,17 @@ Fault injection for tests (no auth; loopback only):
   running in parallel against one stub do not take each other's faults.
   GET  /healthz             200, for readiness probes.
 
+Entra ID token endpoint, so the daemon can log in with a client secret
+(`authority_host` pointed at this stub):
+  POST /{tenant}/oauth2/v2.0/token   form: grant_type=client_credentials,
+      client_id, client_secret, scope. Answers {"token_type": "Bearer",
+      "expires_in": 3600, "access_token": --token} when client_id and
+      client_secret equal --client-id / --client-secret; otherwise 401 with
+      an Entra-shaped JSON error (invalid_client). Not modelled: certificates,
+      assertions, scope validation beyond "present", tenant validation.
+
 Usage: azure_keyvault_stub.py --host 127.0.0.1 --port PORT --cert-dir DIR [--token T]
+                              [--client-id ID] [--client-secret SECRET]
 Needs Python 3.11 and `cryptography`. Never logs a secret value or a token.
 """
 
@@ -287,6 +297,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(200, {"status": "ok"})
             if len(parts) == 2 and parts[0] == "_stub" and method == "POST":
                 return self._control(parts[1], raw)
+            if method == "POST" and len(parts) == 4 and parts[1:] == ["oauth2", "v2.0", "token"]:
+                return self._token(raw)
             if not parts or parts[0] not in ("secrets", "deletedsecrets"):
                 raise Reply(404, "NotFound", "no such route in the Key Vault stub")
             self._authorize()
@@ -327,6 +339,21 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 raise Reply(404, "NotFound", "unknown control endpoint")
         self._send(200, {"ok": True})
+
+    def _token(self, raw):
+        """Entra ID's client-credentials grant (form-encoded, like the service)."""
+        form = parse_qs(raw.decode("utf-8", "replace"))
+        one = lambda k: (form.get(k) or [""])[0]
+        if one("grant_type") != "client_credentials" or not one("scope"):
+            return self._send(400, {"error": "invalid_request",
+                                    "error_description": "AADSTS900144: grant_type=client_credentials and scope are required."})
+        if one("client_id") != self.server.client_id or one("client_secret") != self.server.client_secret:
+            # Never echo what was sent: the client secret is a secret.
+            return self._send(401, {"error": "invalid_client",
+                                    "error_description": "AADSTS7000215: Invalid client secret provided.",
+                                    "error_codes": [7000215]})
+        self._send(200, {"token_type": "Bearer", "expires_in": 3600, "ext_expires_in": 3600,
+                         "access_token": self.server.token})
 
     def _authorize(self):
         auth = self.headers.get("Authorization")
@@ -512,6 +539,8 @@ def main():
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--cert-dir", required=True)
     ap.add_argument("--token", default="keyturn-test-token")
+    ap.add_argument("--client-id", default="keyturn-test-client")
+    ap.add_argument("--client-secret", default="keyturn-test-secret")
     args = ap.parse_args()
 
     cert, key = make_certs(args.cert_dir)
@@ -520,6 +549,8 @@ def main():
     ctx.load_cert_chain(cert, key)
     httpd = Server((args.host, args.port), Handler)
     httpd.token = args.token
+    httpd.client_id = args.client_id
+    httpd.client_secret = args.client_secret
     httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
     sys.stderr.write("keyvault-stub: listening on https://%s:%d (CA %s)\n"
                      % (args.host, args.port, os.path.join(args.cert_dir, "ca.pem")))

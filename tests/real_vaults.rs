@@ -1,0 +1,1226 @@
+//! End-to-end tests of the real `keyturn` binary against REAL servers:
+//! OpenBao (`vault`), moto (`aws_secrets_manager`), the Key Vault contract stub
+//! (`azure_key_vault`, logging in with a client secret at the stub's Entra ID
+//! endpoint), PostgreSQL (`postgres` target) and a shell hook (`command`).
+//!
+//! Every check reads the server itself, twice: through keyturn's own vault
+//! type (`HashicorpVault`, `AwsVault`, `AzureVault`) and through the server's
+//! plain read API (KV v2 over HTTP, the AWS SDK's `GetSecretValue` by stage,
+//! the Azure SDK's "get latest"), and compares with the delivered file.
+//!
+//! REAL SERVERS: needs `bash scripts/services.sh start` and its env file
+//! sourced (`bash scripts/test.sh` does both). A missing variable fails the
+//! test; it never skips. Tests share the servers, so every secret path and
+//! role name carries a random suffix.
+
+mod common;
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use keyturn::model::{AgentId, CredentialId, CredentialKey, SecretValue, Stage};
+use keyturn::vaults::aws::{AwsSettings, AwsVault};
+use keyturn::vaults::azure::{AzureAuth, AzureSettings, AzureVault, secret_name};
+use keyturn::vaults::hashicorp::{HashicorpAuth, HashicorpSettings, HashicorpVault};
+use keyturn::vaults::{Select, Vault, VaultItem};
+
+const START_SERVICES: &str =
+    "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
+/// The Key Vault stub's default `--client-id` / `--client-secret`.
+const STUB_CLIENT_ID: &str = "keyturn-test-client";
+const STUB_CLIENT_SECRET: &str = "keyturn-test-secret";
+const TENANT: &str = "00000000-0000-0000-0000-000000000001";
+const AGENT: &str = "bot";
+
+fn need(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set; {START_SERVICES}"))
+}
+
+/// Lowercase letters and digits: valid in a KV path, a Secrets Manager name,
+/// a Key Vault name (after encoding) and an unquoted PostgreSQL role name.
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{:016x}", rand::random::<u64>())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A port nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Files the config points at (tokens, DSNs, hooks), outside the daemon's
+/// state so the canary scan of the state does not find them there.
+struct Files(tempfile::TempDir);
+
+impl Files {
+    fn new() -> Self {
+        Files(tempfile::tempdir().unwrap())
+    }
+    fn write(&self, name: &str, content: &str, mode: u32) -> PathBuf {
+        let p = self.0.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
+}
+
+// --- config snippets ---------------------------------------------------------
+
+fn bao_table(name: &str, address: &str, token_file: &Path) -> String {
+    format!(
+        r#"
+[vaults.{name}]
+type = "vault"
+address = "{address}"
+mount = "secret"
+token_file = "{}"
+timeout = "5s"
+"#,
+        token_file.display()
+    )
+}
+
+fn aws_table(name: &str) -> String {
+    format!(
+        r#"
+[vaults.{name}]
+type = "aws_secrets_manager"
+endpoint_url = "{}"
+region = "us-east-1"
+timeout = "5s"
+"#,
+        need("KEYTURN_TEST_AWS_ENDPOINT")
+    )
+}
+
+fn azure_table(name: &str, client_secret_file: &Path) -> String {
+    let url = need("KEYTURN_TEST_AZURE_URL");
+    format!(
+        r#"
+[vaults.{name}]
+type = "azure_key_vault"
+vault_url = "{url}"
+auth = "client_secret"
+tenant_id = "{TENANT}"
+client_id = "{STUB_CLIENT_ID}"
+client_secret_file = "{}"
+authority_host = "{url}"
+ca_file = "{}"
+verify_challenge_resource = false
+timeout = "10s"
+"#,
+        client_secret_file.display(),
+        need("KEYTURN_TEST_AZURE_CA"),
+    )
+}
+
+fn agent_table() -> String {
+    format!("[agents.{AGENT}]\nowner = \"alice@example.com\"\ntenant = \"acme\"\ntier = \"high\"\n")
+}
+
+/// One credential of [`AGENT`] with a json delivery at `{root}/bot/<cred>.json`.
+fn credential(cred: &str, vaults: &str, path: &str, grace: &str, extra: &str) -> String {
+    format!(
+        r#"
+[agents.{AGENT}.credentials.{cred}]
+vault = {vaults}
+path = "{path}"
+generate = {{ kind = "password", length = 32 }}
+every = "1h"
+grace = "{grace}"
+deliver = [{{ type = "file", path = "{{root}}/{AGENT}/{cred}.json", format = "json" }}]
+{extra}
+"#
+    )
+}
+
+// --- the daemon and what it delivered ------------------------------------------
+
+fn row(env: &Env, cred: &str) -> serde_json::Value {
+    status_json(env)
+        .into_iter()
+        .find(|r| r["agent"] == AGENT && r["credential"] == cred)
+        .unwrap_or_else(|| panic!("no status row for {AGENT}/{cred}"))
+}
+
+fn wait_version(env: &Env, cred: &str, v: u64) {
+    wait_for(Duration::from_secs(60), || {
+        (row(env, cred)["version"].as_u64() >= Some(v)).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{AGENT}/{cred} never reached version {v}: {:?}",
+            row(env, cred)
+        )
+    });
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn rotate(env: &Env, cred: &str) -> Output {
+    env.cli(&["rotate", &format!("{AGENT}/{cred}"), "--wait"])
+}
+
+fn rotate_ok(env: &Env, cred: &str, version: u64) -> Output {
+    let out = rotate(env, cred);
+    assert!(out.status.success(), "rotate {cred}: {}", text(&out));
+    assert!(
+        text(&out).contains(&format!("rotated to version {version}")),
+        "{}",
+        text(&out)
+    );
+    out
+}
+
+/// The json delivery: (value, version, username).
+#[derive(Debug, Clone, PartialEq)]
+struct Delivered {
+    value: String,
+    version: u64,
+    username: Option<String>,
+}
+
+fn delivered(env: &Env, cred: &str) -> Delivered {
+    let p = env.root().join(AGENT).join(format!("{cred}.json"));
+    let doc: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap();
+    Delivered {
+        value: doc["value"].as_str().expect("value").to_owned(),
+        version: doc["version"].as_u64().expect("version"),
+        username: doc["username"].as_str().map(str::to_owned),
+    }
+}
+
+// --- reading the real servers ---------------------------------------------------
+
+fn key(cred: &str) -> CredentialKey {
+    CredentialKey::new(
+        AgentId::new(AGENT).unwrap(),
+        CredentialId::new(cred).unwrap(),
+    )
+}
+
+/// What keyturn's own vault type reads for `stage` (`None`: no such version).
+async fn read_stage(v: &dyn Vault, cred: &str, path: &str, stage: Stage) -> Option<String> {
+    let k = key(cred);
+    let item = VaultItem { key: &k, path };
+    v.read(item, Select::Stage(stage))
+        .await
+        .unwrap_or_else(|e| panic!("{} read {stage:?} of {path}: {}", v.name(), e.message))
+        .map(|s| s.value.expose_str().expect("utf-8").to_owned())
+}
+
+async fn bao_vault() -> HashicorpVault {
+    HashicorpVault::connect(HashicorpSettings {
+        name: "bao-reader".into(),
+        address: need("KEYTURN_TEST_BAO_ADDR"),
+        mount: "secret".into(),
+        namespace: None,
+        auth: HashicorpAuth::Token(SecretValue::from_string(need("KEYTURN_TEST_BAO_TOKEN"))),
+        ca_file: None,
+        field: "value".into(),
+        timeout: Duration::from_secs(10),
+    })
+    .await
+    .unwrap()
+}
+
+async fn aws_vault() -> AwsVault {
+    AwsVault::connect(AwsSettings {
+        endpoint_url: Some(need("KEYTURN_TEST_AWS_ENDPOINT")),
+        region: Some("us-east-1".into()),
+        ..AwsSettings::new("aws-reader")
+    })
+    .await
+    .unwrap()
+}
+
+async fn azure_vault(secret_file: &Path) -> AzureVault {
+    let url = need("KEYTURN_TEST_AZURE_URL");
+    AzureVault::connect(AzureSettings {
+        name: "kv-reader".into(),
+        vault_url: url.clone(),
+        auth: AzureAuth::ClientSecret {
+            tenant_id: TENANT.into(),
+            client_id: STUB_CLIENT_ID.into(),
+            secret_file: secret_file.to_owned(),
+        },
+        ca_file: Some(need("KEYTURN_TEST_AZURE_CA").into()),
+        verify_challenge_resource: false,
+        authority_host: Some(url),
+        timeout: Duration::from_secs(10),
+    })
+    .await
+    .unwrap()
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// KV v2 over plain HTTP: `GET /v1/secret/data/<path>[?version=N]`.
+/// Returns (value, version number); `None` on 404.
+async fn bao_plain(path: &str, version: Option<u64>) -> Option<(String, u64)> {
+    let mut url = format!("{}/v1/secret/data/{path}", need("KEYTURN_TEST_BAO_ADDR"));
+    if let Some(v) = version {
+        url.push_str(&format!("?version={v}"));
+    }
+    let rsp = http()
+        .get(url)
+        .header("X-Vault-Token", need("KEYTURN_TEST_BAO_TOKEN"))
+        .send()
+        .await
+        .unwrap();
+    if rsp.status() == 404 {
+        return None;
+    }
+    assert!(
+        rsp.status().is_success(),
+        "bao GET {path}: {}",
+        rsp.status()
+    );
+    let doc: serde_json::Value = serde_json::from_str(&rsp.text().await.unwrap()).unwrap();
+    let value = doc["data"]["data"]["value"].as_str()?.to_owned();
+    Some((value, doc["data"]["metadata"]["version"].as_u64().unwrap()))
+}
+
+/// `DELETE /v1/secret/metadata/<path>`: every version, out of band.
+async fn bao_delete_all(path: &str) {
+    let rsp = http()
+        .delete(format!(
+            "{}/v1/secret/metadata/{path}",
+            need("KEYTURN_TEST_BAO_ADDR")
+        ))
+        .header("X-Vault-Token", need("KEYTURN_TEST_BAO_TOKEN"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        rsp.status().is_success(),
+        "bao DELETE {path}: {}",
+        rsp.status()
+    );
+}
+
+/// The AWS SDK's `GetSecretValue` with an explicit stage.
+async fn aws_plain(secret: &str, stage: &str) -> Option<String> {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(need("KEYTURN_TEST_AWS_ENDPOINT"))
+        .region(aws_sdk_secretsmanager::config::Region::new("us-east-1"))
+        .load()
+        .await;
+    let client = aws_sdk_secretsmanager::Client::new(&conf);
+    match client
+        .get_secret_value()
+        .secret_id(secret)
+        .version_stage(stage)
+        .send()
+        .await
+    {
+        Ok(o) => o.secret_string().map(str::to_owned),
+        Err(e) => {
+            let e = e.into_service_error();
+            assert!(
+                e.is_resource_not_found_exception(),
+                "aws GetSecretValue {secret} {stage}: {e:?}"
+            );
+            None
+        }
+    }
+}
+
+/// The Azure SDK's "get the latest version", as any reader of the vault does,
+/// with a token from the stub's Entra ID endpoint.
+async fn azure_plain_latest(path: &str) -> Option<String> {
+    use azure_core::http::{ClientOptions, Transport};
+    use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
+    let url = need("KEYTURN_TEST_AZURE_URL");
+    let pem = std::fs::read(need("KEYTURN_TEST_AZURE_CA")).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_certs_merge(reqwest::Certificate::from_pem_bundle(&pem).unwrap())
+        .build()
+        .unwrap();
+    let transport = || Some(Transport::new(Arc::new(http.clone())));
+    let mut cloud = azure_core::cloud::CustomConfiguration::default();
+    cloud.authority_host = url.clone();
+    let cred = azure_identity::ClientSecretCredential::new(
+        TENANT,
+        STUB_CLIENT_ID.into(),
+        azure_core::credentials::Secret::new(STUB_CLIENT_SECRET.to_owned()),
+        Some(azure_identity::ClientSecretCredentialOptions {
+            client_options: ClientOptions {
+                transport: transport(),
+                cloud: Some(Arc::new(azure_core::cloud::CloudConfiguration::Custom(
+                    cloud,
+                ))),
+                ..Default::default()
+            },
+        }),
+    )
+    .unwrap();
+    let client = SecretClient::new(
+        &url,
+        cred,
+        Some(SecretClientOptions {
+            client_options: ClientOptions {
+                transport: transport(),
+                ..Default::default()
+            },
+            verify_challenge_resource: Some(false),
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    match client.get_secret(&secret_name(path).unwrap(), None).await {
+        Ok(r) => r.into_model().unwrap().value,
+        Err(e) if e.http_status().map(u16::from) == Some(404) => None,
+        Err(e) => panic!("azure get latest {path}: {e}"),
+    }
+}
+
+// --- PostgreSQL -------------------------------------------------------------------
+
+fn pg_admin_dsn() -> String {
+    need("KEYTURN_TEST_PG_ADMIN_DSN")
+}
+
+/// The admin DSN's password, for the canary scan.
+fn pg_admin_password() -> String {
+    pg_admin_dsn()
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("password="))
+        .expect("KEYTURN_TEST_PG_ADMIN_DSN has a password=")
+        .to_owned()
+}
+
+async fn pg_admin(sql: &str) {
+    let cfg: tokio_postgres::Config = pg_admin_dsn().parse().unwrap();
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("admin `{sql}`: {e}"));
+    drop(client);
+    let _ = conn.await;
+}
+
+/// Logs in as `user` with `password` and runs a query. `Err` carries the
+/// server's reason.
+async fn pg_login(user: &str, password: &str) -> Result<(), String> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(need("KEYTURN_TEST_PG_HOST"))
+        .port(need("KEYTURN_TEST_PG_PORT").parse().unwrap())
+        .user(user)
+        .password(password)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(5));
+    let (client, conn) =
+        cfg.connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| match e.as_db_error() {
+                Some(db) => db.message().to_owned(),
+                None => e.to_string(),
+            })?;
+    let conn = tokio::spawn(conn);
+    let r = client
+        .simple_query("SELECT 1")
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    drop(client);
+    let _ = conn.await;
+    r
+}
+
+/// Asserts `user`/`password` is refused *because of the password* (a refused
+/// connection or a missing role would be a broken test, not a retired value).
+async fn assert_login_refused(user: &str, password: &str) {
+    let e = pg_login(user, password)
+        .await
+        .expect_err("the login must be refused");
+    assert!(
+        e.contains("password authentication failed"),
+        "{user}: refused for another reason: {e}"
+    );
+}
+
+/// A postgres target on `role` with the admin DSN in a 0600 file.
+fn pg_target(files: &Files, role: &str, strategy: &str, dsn: &str) -> String {
+    let dsn_file = files.write(&format!("{role}.dsn"), dsn, 0o600);
+    format!(
+        r#"target = {{ type = "postgres", admin_dsn_file = "{}", role = "{role}", strategy = "{strategy}", connect_timeout = "3s" }}"#,
+        dsn_file.display()
+    )
+}
+
+// --- canary scan ------------------------------------------------------------------
+
+/// Forms in which a value could leak into text: itself, JSON-escaped, and
+/// Debug-escaped (a password may hold `"` or `\`).
+fn forms(v: &str) -> Vec<String> {
+    let json = serde_json::to_string(v).unwrap();
+    let debug = format!("{v:?}");
+    let mut out = vec![
+        v.to_owned(),
+        json[1..json.len() - 1].to_owned(),
+        debug[1..debug.len() - 1].to_owned(),
+    ];
+    out.dedup();
+    out
+}
+
+/// Fails if any of `secrets` occurs in any of `places` (name, bytes).
+fn assert_nowhere(secrets: &[(&str, String)], places: &[(String, Vec<u8>)]) {
+    for (what, s) in secrets {
+        assert!(s.len() >= 8, "{what} is too short to grep for");
+        for f in forms(s) {
+            for (name, hay) in places {
+                assert!(!contains(hay, f.as_bytes()), "{what} appears in {name}");
+            }
+        }
+    }
+}
+
+// --- 1. one full cycle per vault type -----------------------------------------------
+
+/// Starts a daemon on one credential `db` in `vaults`, lets it do the initial
+/// rotation, runs `rotate --wait`, and returns (env, daemon, v1, v2).
+fn two_versions(
+    vault_tables: &str,
+    vaults: &str,
+    path: &str,
+) -> (Env, Daemon, Delivered, Delivered) {
+    let env = Env::new(&format!(
+        "{vault_tables}\n{}{}",
+        agent_table(),
+        credential("db", vaults, path, "1h", "")
+    ));
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    let v1 = delivered(&env, "db");
+    assert_eq!(v1.version, 1);
+    rotate_ok(&env, "db", 2);
+    let v2 = delivered(&env, "db");
+    assert_eq!(v2.version, 2);
+    assert_ne!(v1.value, v2.value, "rotate must deliver a new value");
+    (env, daemon, v1, v2)
+}
+
+#[test]
+fn openbao_full_cycle_is_current_and_previous_on_the_server() {
+    let files = Files::new();
+    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
+    let path = unique("e2e/bao/");
+    let (_env, daemon, v1, v2) = two_versions(
+        &bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        r#""bao""#,
+        &path,
+    );
+    rt().block_on(async {
+        let v = bao_vault().await;
+        assert_eq!(
+            read_stage(&v, "db", &path, Stage::Current).await,
+            Some(v2.value.clone())
+        );
+        assert_eq!(
+            read_stage(&v, "db", &path, Stage::Previous).await,
+            Some(v1.value.clone())
+        );
+        assert_eq!(read_stage(&v, "db", &path, Stage::Pending).await, None);
+
+        // What any reader of the KV mount sees: the latest KV version is the
+        // delivered value, the one before it the previous value.
+        let (latest, n) = bao_plain(&path, None).await.expect("the secret exists");
+        assert_eq!(latest, v2.value);
+        let (before, _) = bao_plain(&path, Some(n - 1)).await.expect("version n-1");
+        assert_eq!(before, v1.value);
+        // The pending slot is cleaned up after promote.
+        assert_eq!(
+            bao_plain(&format!("keyturn-pending/{path}"), None).await,
+            None
+        );
+    });
+    daemon.stop();
+}
+
+#[test]
+fn aws_full_cycle_is_awscurrent_and_awsprevious_on_the_server() {
+    let path = unique("e2e/aws/");
+    let (_env, daemon, v1, v2) = two_versions(&aws_table("aws"), r#""aws""#, &path);
+    rt().block_on(async {
+        let v = aws_vault().await;
+        assert_eq!(
+            read_stage(&v, "db", &path, Stage::Current).await,
+            Some(v2.value.clone())
+        );
+        assert_eq!(
+            read_stage(&v, "db", &path, Stage::Previous).await,
+            Some(v1.value.clone())
+        );
+        assert_eq!(read_stage(&v, "db", &path, Stage::Pending).await, None);
+
+        assert_eq!(aws_plain(&path, "AWSCURRENT").await, Some(v2.value.clone()));
+        assert_eq!(
+            aws_plain(&path, "AWSPREVIOUS").await,
+            Some(v1.value.clone())
+        );
+        assert_eq!(aws_plain(&path, "AWSPENDING").await, None);
+    });
+    daemon.stop();
+}
+
+#[test]
+fn azure_full_cycle_through_client_secret_login_is_latest_on_the_server() {
+    let files = Files::new();
+    let secret = files.write("azure-client-secret", STUB_CLIENT_SECRET, 0o600);
+    let path = unique("e2e/azure/");
+    let (_env, daemon, v1, v2) = two_versions(&azure_table("kv", &secret), r#""kv""#, &path);
+    rt().block_on(async {
+        let v = azure_vault(&secret).await;
+        assert_eq!(
+            read_stage(&v, "db", &path, Stage::Current).await,
+            Some(v2.value.clone())
+        );
+        assert_eq!(
+            read_stage(&v, "db", &path, Stage::Previous).await,
+            Some(v1.value.clone())
+        );
+        assert_eq!(read_stage(&v, "db", &path, Stage::Pending).await, None);
+        // A plain reader gets the latest version: the delivered value.
+        assert_eq!(azure_plain_latest(&path).await, Some(v2.value.clone()));
+    });
+    daemon.stop();
+}
+
+// --- 2. one credential in three vaults ------------------------------------------------
+
+#[test]
+fn three_vaults_agree_on_current_and_previous_after_two_rotations() {
+    let files = Files::new();
+    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
+    let secret = files.write("azure-client-secret", STUB_CLIENT_SECRET, 0o600);
+    let path = unique("e2e/multi/");
+    let tables = format!(
+        "{}{}{}",
+        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        aws_table("aws"),
+        azure_table("kv", &secret)
+    );
+    let (env, daemon, _v1, v2) = two_versions(&tables, r#"["bao", "aws", "kv"]"#, &path);
+    rotate_ok(&env, "db", 3);
+    let v3 = delivered(&env, "db");
+    assert_eq!(v3.version, 3);
+    assert_ne!(v3.value, v2.value);
+    rt().block_on(async {
+        let bao = bao_vault().await;
+        let aws = aws_vault().await;
+        let kv = azure_vault(&secret).await;
+        for v in [&bao as &dyn Vault, &aws, &kv] {
+            assert_eq!(
+                read_stage(v, "db", &path, Stage::Current).await.as_ref(),
+                Some(&v3.value),
+                "{} current",
+                v.name()
+            );
+            assert_eq!(
+                read_stage(v, "db", &path, Stage::Previous).await.as_ref(),
+                Some(&v2.value),
+                "{} previous",
+                v.name()
+            );
+        }
+        let (latest, n) = bao_plain(&path, None).await.unwrap();
+        assert_eq!(latest, v3.value);
+        assert_eq!(bao_plain(&path, Some(n - 1)).await.unwrap().0, v2.value);
+        assert_eq!(aws_plain(&path, "AWSCURRENT").await, Some(v3.value.clone()));
+        assert_eq!(
+            aws_plain(&path, "AWSPREVIOUS").await,
+            Some(v2.value.clone())
+        );
+        assert_eq!(azure_plain_latest(&path).await, Some(v3.value.clone()));
+    });
+    daemon.stop();
+}
+
+// --- 3. PostgreSQL target --------------------------------------------------------------
+
+/// Polls until `user`/`password` is refused; returns how long that took.
+/// Panics if it still logs in at the deadline.
+async fn wait_refused(user: &str, password: &str, deadline: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        match pg_login(user, password).await {
+            Ok(()) if start.elapsed() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Ok(()) => panic!("{user}: the previous value still logs in after {deadline:?}"),
+            Err(e) => {
+                assert!(
+                    e.contains("password authentication failed"),
+                    "{user}: refused for another reason: {e}"
+                );
+                return start.elapsed();
+            }
+        }
+    }
+}
+
+#[test]
+fn postgres_alternating_users_previous_logs_in_until_grace_ends() {
+    const GRACE: Duration = Duration::from_secs(5);
+    let files = Files::new();
+    let role = unique("kt_alt_");
+    let clone = format!("{role}_clone");
+    rt().block_on(pg_admin(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'set-by-the-test-{role}'"
+    )));
+    let env = Env::new(&format!(
+        "{}{}",
+        agent_table(),
+        credential(
+            "db",
+            r#""local""#,
+            &unique("e2e/pg/"),
+            "5s",
+            &pg_target(&files, &role, "alternating_users", &pg_admin_dsn()),
+        )
+    ));
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    let mut prev = delivered(&env, "db");
+    assert_eq!(
+        prev.username.as_deref(),
+        Some(role.as_str()),
+        "odd versions are the role"
+    );
+    let rt = rt();
+    rt.block_on(async {
+        pg_login(&role, &prev.value).await.expect("v1 logs in");
+        assert_login_refused(&role, &format!("set-by-the-test-{role}")).await;
+    });
+    for version in [2, 3] {
+        rotate_ok(&env, "db", version);
+        let rotated = Instant::now();
+        let new = delivered(&env, "db");
+        assert_eq!(new.version, version);
+        let expect_user = if version % 2 == 0 { &clone } else { &role };
+        assert_eq!(new.username.as_ref(), Some(expect_user));
+        let prev_user = prev.username.clone().unwrap();
+        rt.block_on(async {
+            pg_login(expect_user, &new.value)
+                .await
+                .unwrap_or_else(|e| panic!("v{version} must log in: {e}"));
+            // Within the grace period both values work: agents that have not
+            // re-read the file yet keep working.
+            pg_login(&prev_user, &prev.value)
+                .await
+                .unwrap_or_else(|e| panic!("v{} must still log in during grace: {e}", version - 1));
+            let took = wait_refused(&prev_user, &prev.value, Duration::from_secs(40)).await;
+            // Not retired early: refused only once the grace period is over
+            // (it started at promote, shortly before `rotate --wait` returned).
+            assert!(
+                rotated.elapsed() >= GRACE - Duration::from_secs(1),
+                "v{} was refused after {took:?}, before the {GRACE:?} grace ended",
+                version - 1
+            );
+            pg_login(expect_user, &new.value)
+                .await
+                .unwrap_or_else(|e| panic!("v{version} must still log in after retire: {e}"));
+        });
+        prev = new;
+    }
+    daemon.stop();
+    rt.block_on(pg_admin(&format!("DROP ROLE {clone}; DROP ROLE {role}")));
+}
+
+#[test]
+fn postgres_single_user_new_value_logs_in_and_old_does_not() {
+    let files = Files::new();
+    let role = unique("kt_one_");
+    rt().block_on(pg_admin(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'set-by-the-test-{role}'"
+    )));
+    let env = Env::new(&format!(
+        "{}{}",
+        agent_table(),
+        credential(
+            "db",
+            r#""local""#,
+            &unique("e2e/pg/"),
+            "1h",
+            &pg_target(&files, &role, "single_user", &pg_admin_dsn()),
+        )
+    ));
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    let v1 = delivered(&env, "db");
+    assert_eq!(v1.username.as_deref(), Some(role.as_str()));
+    rotate_ok(&env, "db", 2);
+    let v2 = delivered(&env, "db");
+    assert_eq!(v2.username.as_deref(), Some(role.as_str()));
+    let rt = rt();
+    rt.block_on(async {
+        pg_login(&role, &v2.value).await.expect("v2 logs in");
+        assert_login_refused(&role, &v1.value).await;
+    });
+    daemon.stop();
+    rt.block_on(pg_admin(&format!("DROP ROLE {role}")));
+}
+
+// --- 4. command target ---------------------------------------------------------------------
+
+/// A hook that logs "$KEYTURN_STEP $KEYTURN_VERSION sha256(stdin)" and, while
+/// the marker file exists, fails `test` printing the secret to stderr.
+const HOOK: &str = r#"#!/bin/sh
+secret=$(cat)
+hash=$(printf '%s' "$secret" | sha256sum | cut -c1-64)
+printf '%s %s %s\n' "$KEYTURN_STEP" "${KEYTURN_VERSION:-}" "$hash" >> "$HOOK_LOG"
+if [ "$KEYTURN_STEP" = test ] && [ -e "$HOOK_MARKER" ]; then
+  printf 'partner API refused key %s\n' "$secret" >&2
+  exit 1
+fi
+exit 0
+"#;
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+struct Hook {
+    target: String,
+    log: PathBuf,
+    marker: PathBuf,
+}
+
+fn hook(files: &Files) -> Hook {
+    let program = files.write("hook.sh", HOOK, 0o755);
+    let log = files.path("hook.log");
+    let marker = files.path("hook.fail");
+    let target = format!(
+        r#"target = {{ type = "command", program = "{}", timeout = "10s", env = {{ HOOK_LOG = "{}", HOOK_MARKER = "{}" }} }}"#,
+        program.display(),
+        log.display(),
+        marker.display()
+    );
+    Hook {
+        target,
+        log,
+        marker,
+    }
+}
+
+fn hook_log(h: &Hook) -> Vec<String> {
+    std::fs::read_to_string(&h.log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn command_hook_failure_is_redacted_and_a_retry_succeeds() {
+    let files = Files::new();
+    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
+    let h = hook(&files);
+    let path = unique("e2e/hook/");
+    let env = Env::new(&format!(
+        "{}{}{}",
+        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        agent_table(),
+        credential("api", r#""bao""#, &path, "0s", &h.target)
+    ));
+    let daemon = env.start();
+    wait_version(&env, "api", 1);
+    let v1 = delivered(&env, "api");
+    let log = hook_log(&h);
+    let hash1 = sha256_hex(&v1.value);
+    assert!(log.contains(&format!("set 1 {hash1}")), "{log:?}");
+    assert!(log.contains(&format!("test 1 {hash1}")), "{log:?}");
+
+    std::fs::write(&h.marker, "").unwrap();
+    let failed = rotate(&env, "api");
+    let out = text(&failed);
+    assert!(!failed.status.success(), "{out}");
+    // The value the hook rejected: staged in the vault's pending slot.
+    let pending = rt()
+        .block_on(bao_plain(&format!("keyturn-pending/{path}"), None))
+        .expect("the rejected value is still pending")
+        .0;
+    assert_ne!(pending, v1.value);
+    let r = row(&env, "api");
+    let last_error = r["last_error"].as_str().expect("last_error").to_owned();
+    assert_eq!(r["state"], "failed", "{r}");
+    assert_eq!(r["step"], "test", "a parked rotation shows its step: {r}");
+    for e in [&out, &last_error] {
+        assert!(e.contains("[REDACTED]"), "{e}");
+        assert!(
+            e.contains("partner API refused key"),
+            "the hook's stderr is quoted: {e}"
+        );
+        assert!(!e.contains(&pending), "the rejected value leaked: {e}");
+        assert!(
+            e.contains("step test: target command:"),
+            "names the step and target: {e}"
+        );
+        assert!(e.contains("bot/api"), "names agent and credential: {e}");
+        assert_eq!(
+            e.matches("hook.sh").count(),
+            1,
+            "the target is named once: {e}"
+        );
+    }
+    assert_eq!(
+        delivered(&env, "api"),
+        v1,
+        "a failed rotation delivers nothing"
+    );
+
+    std::fs::remove_file(&h.marker).unwrap();
+    let ok = rotate(&env, "api");
+    assert!(ok.status.success(), "{}", text(&ok));
+    let v2 = delivered(&env, "api");
+    // The parked rotation resumed: the rejected value, now accepted.
+    assert_eq!(v2.version, 2, "{}", text(&ok));
+    assert_eq!(v2.value, pending);
+    let log = hook_log(&h);
+    let hash2 = sha256_hex(&v2.value);
+    assert!(
+        log.contains(&format!("set {} {hash2}", v2.version)),
+        "{log:?}"
+    );
+    assert!(
+        log.contains(&format!("test {} {hash2}", v2.version)),
+        "{log:?}"
+    );
+    assert_eq!(
+        log.iter().filter(|l| l.starts_with("test 2 ")).count(),
+        2,
+        "test ran once failing, once passing: {log:?}"
+    );
+    daemon.stop();
+}
+
+// --- 5. canary: no secret in any output ----------------------------------------------------
+
+#[test]
+fn no_delivered_value_nor_server_credential_appears_in_any_output() {
+    let files = Files::new();
+    let bao_token = need("KEYTURN_TEST_BAO_TOKEN");
+    let token = files.write("bao-token", &bao_token, 0o600);
+    let azure_secret = files.write("azure-client-secret", STUB_CLIENT_SECRET, 0o600);
+    let h = hook(&files);
+    let role = unique("kt_canary_");
+    let clone = format!("{role}_clone");
+    rt().block_on(pg_admin(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'set-by-the-test-{role}'"
+    )));
+    let api_path = unique("e2e/canary-api/");
+    let env = Env::new(&format!(
+        "{}{}{}\n{}{}{}",
+        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        aws_table("aws"),
+        azure_table("kv", &azure_secret),
+        agent_table(),
+        credential(
+            "db",
+            r#"["bao", "aws"]"#,
+            &unique("e2e/canary-db/"),
+            "2s",
+            &pg_target(&files, &role, "alternating_users", &pg_admin_dsn()),
+        ),
+        credential("api", r#""kv""#, &api_path, "0s", &h.target),
+    ));
+    // `Env::spawn` runs the daemon with `--log-level trace`: every crate's
+    // trace events (HTTP clients, SDKs, the PostgreSQL driver) are in the log.
+    let daemon = env.start();
+    let mut outputs: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut record = |name: &str, o: &Output| {
+        outputs.push((format!("`{name}` stdout"), o.stdout.clone()));
+        outputs.push((format!("`{name}` stderr"), o.stderr.clone()));
+    };
+    let mut values = Vec::new();
+    wait_version(&env, "db", 1);
+    wait_version(&env, "api", 1);
+    values.push(("db v1", delivered(&env, "db").value));
+    values.push(("api v1", delivered(&env, "api").value));
+
+    record("rotate db", &rotate_ok(&env, "db", 2));
+    values.push(("db v2", delivered(&env, "db").value));
+
+    // A hook that prints the secret on stderr, and fails.
+    std::fs::write(&h.marker, "").unwrap();
+    let failed = rotate(&env, "api");
+    assert!(!failed.status.success(), "{}", text(&failed));
+    record("rotate api (failing hook)", &failed);
+    let rejected = rt().block_on(async {
+        let kv = azure_vault(&azure_secret).await;
+        read_stage(&kv, "api", &api_path, Stage::Pending)
+            .await
+            .expect("the rejected value is pending")
+    });
+    values.push(("api rejected pending value", rejected));
+    record("status --json (failed)", &env.cli(&["status", "--json"]));
+    record("status (failed)", &env.cli(&["status"]));
+    std::fs::remove_file(&h.marker).unwrap();
+    record("rotate api", &rotate_ok(&env, "api", 2));
+    values.push(("api v2", delivered(&env, "api").value));
+
+    record("rotate db again", &rotate_ok(&env, "db", 3));
+    values.push(("db v3", delivered(&env, "db").value));
+    // Let the grace end so the retire step (a target call) is logged too.
+    wait_for(Duration::from_secs(30), || {
+        (row(&env, "db")["state"] == "idle").then_some(())
+    })
+    .unwrap_or_else(|| panic!("db never settled: {}", row(&env, "db")));
+    record("status --json", &env.cli(&["status", "--json"]));
+    record("audit verify", &env.cli(&["audit", "verify"]));
+    let log = daemon.stop();
+    assert!(
+        log.contains("TRACE"),
+        "the daemon did not log at trace level, the scan proves little"
+    );
+
+    let mut places = outputs;
+    places.push(("the daemon log (trace)".into(), log.into_bytes()));
+    places.push(("the hook's log".into(), std::fs::read(&h.log).unwrap()));
+    for (p, bytes) in read_tree(&env.state_dir()) {
+        // Includes audit.log and the state database.
+        places.push((p.display().to_string(), bytes));
+    }
+    assert!(
+        places.iter().any(|(p, _)| p.ends_with("audit.log")),
+        "the audit log is scanned"
+    );
+    let mut secrets: Vec<(&str, String)> = values;
+    secrets.push(("the OpenBao token", bao_token));
+    secrets.push(("the PostgreSQL admin password", pg_admin_password()));
+    secrets.push(("the Azure client secret", STUB_CLIENT_SECRET.to_owned()));
+    assert_nowhere(&secrets, &places);
+
+    rt().block_on(pg_admin(&format!("DROP ROLE {clone}; DROP ROLE {role}")));
+}
+
+// --- 6. bad input: clear errors naming agent, credential, vault/target and step ---------
+
+/// `rotate --wait` fails; returns its output and the status row's last_error,
+/// after checking both name the agent/credential and `needles`.
+fn assert_rotation_fails(env: &Env, cred: &str, needles: &[&str]) -> (String, String) {
+    let out = rotate(env, cred);
+    let out_text = text(&out);
+    assert!(!out.status.success(), "rotate must fail: {out_text}");
+    let r = row(env, cred);
+    assert_eq!(r["state"], "failed", "{r}");
+    let last_error = r["last_error"].as_str().unwrap_or_default().to_owned();
+    let who = format!("{AGENT}/{cred}");
+    assert!(
+        out_text.contains(&format!("{who}: FAILED: {who}: step ")),
+        "{out_text}"
+    );
+    for n in needles {
+        assert!(
+            out_text.contains(n),
+            "`rotate --wait` output lacks {n:?}: {out_text}"
+        );
+        assert!(
+            last_error.contains(n),
+            "status last_error lacks {n:?}: {last_error}"
+        );
+    }
+    (out_text, last_error)
+}
+
+#[test]
+fn bad_input_wrong_vault_address() {
+    let files = Files::new();
+    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
+    let addr = format!("http://127.0.0.1:{}", closed_port());
+    let env = Env::new(&format!(
+        "{}{}{}",
+        bao_table("bao", &addr, &token),
+        agent_table(),
+        credential("db", r#""bao""#, &unique("e2e/bad/"), "0s", "")
+    ));
+    let daemon = env.start();
+    assert_rotation_fails(&env, "db", &["step create", "vault \"bao\"", &addr[7..]]);
+    daemon.stop();
+}
+
+#[test]
+fn bad_input_bad_openbao_token() {
+    let files = Files::new();
+    let garbage = "hvs.not-a-token-4f1c9e2a7b";
+    let token = files.write("bao-token", garbage, 0o600);
+    let env = Env::new(&format!(
+        "{}{}{}",
+        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        agent_table(),
+        credential("db", r#""bao""#, &unique("e2e/bad/"), "0s", "")
+    ));
+    let daemon = env.start();
+    let (out, last) = assert_rotation_fails(
+        &env,
+        "db",
+        &["step create", "vault \"bao\"", "unauthorized"],
+    );
+    assert!(
+        !out.contains(garbage) && !last.contains(garbage),
+        "the token is never quoted"
+    );
+    daemon.stop();
+}
+
+/// The promoted secret deleted out of band (all its KV versions): the next
+/// rotation makes the vault serve a working value again, and says loudly, in
+/// the log and the audit, that the version it knew as current was gone.
+#[test]
+fn bad_input_current_secret_deleted_out_of_band() {
+    let files = Files::new();
+    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
+    let path = unique("e2e/gone/");
+    let env = Env::new(&format!(
+        "{}{}{}",
+        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        agent_table(),
+        credential("db", r#""bao""#, &path, "1h", "")
+    ));
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    rotate_ok(&env, "db", 2);
+    rt().block_on(bao_delete_all(&path));
+    rotate_ok(&env, "db", 3);
+    let v3 = delivered(&env, "db");
+    rt().block_on(async {
+        let v = bao_vault().await;
+        assert_eq!(
+            read_stage(&v, "db", &path, Stage::Current).await,
+            Some(v3.value.clone())
+        );
+        assert_eq!(read_stage(&v, "db", &path, Stage::Previous).await, None);
+        assert_eq!(
+            bao_plain(&path, None).await.map(|(v, _)| v),
+            Some(v3.value.clone())
+        );
+    });
+    let gone = "step promote: vault \"bao\": version 2 (";
+    let audit = std::fs::read_to_string(env.audit_log()).unwrap();
+    let record: serde_json::Value = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["event"] == "vault.current_gone")
+        .unwrap_or_else(|| panic!("no vault.current_gone audit record: {audit}"));
+    assert_eq!(record["agent"], AGENT);
+    assert_eq!(record["credential"], "db");
+    assert_eq!(record["detail"], "bao");
+    let error = record["error"].as_str().unwrap();
+    for needle in [
+        gone,
+        &format!(
+            "of {path}, the current version before this rotation, is gone: it has no current version"
+        ),
+    ] {
+        assert!(
+            error.contains(needle),
+            "audit error lacks {needle:?}: {error}"
+        );
+    }
+    let log = daemon.stop();
+    let line = log
+        .lines()
+        .find(|l| l.contains(gone))
+        .unwrap_or_else(|| panic!("no warning in the daemon log: {log}"));
+    for needle in ["WARN", "agent=bot", "credential=db", "vault=bao", "is gone"] {
+        assert!(line.contains(needle), "log line lacks {needle:?}: {line}");
+    }
+}
+
+/// The pending value deleted out of band while its rotation is parked (the
+/// hook failed `test`): resuming cannot silently use another value; it fails
+/// saying which version is gone from which vault.
+#[test]
+fn bad_input_pending_secret_deleted_out_of_band() {
+    let files = Files::new();
+    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
+    let h = hook(&files);
+    let path = unique("e2e/gone-pending/");
+    let env = Env::new(&format!(
+        "{}{}{}",
+        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        agent_table(),
+        credential("api", r#""bao""#, &path, "0s", &h.target)
+    ));
+    let daemon = env.start();
+    wait_version(&env, "api", 1);
+    std::fs::write(&h.marker, "").unwrap();
+    assert!(!rotate(&env, "api").status.success());
+    let rotation = row(&env, "api")["rotation"]
+        .as_str()
+        .expect("parked rotation")
+        .to_owned();
+    rt().block_on(bao_delete_all(&format!("keyturn-pending/{path}")));
+    std::fs::remove_file(&h.marker).unwrap();
+    assert_rotation_fails(
+        &env,
+        "api",
+        &[
+            "step test",
+            "vault \"bao\"",
+            &format!("version {rotation} of {path} is gone from the vault"),
+            "(not_found)",
+        ],
+    );
+    daemon.stop();
+}
+
+#[test]
+fn bad_input_target_dsn_cannot_connect() {
+    let files = Files::new();
+    let role = unique("kt_nodsn_");
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=postgres password={} dbname=postgres",
+        closed_port(),
+        pg_admin_password()
+    );
+    let env = Env::new(&format!(
+        "{}{}",
+        agent_table(),
+        credential(
+            "db",
+            r#""local""#,
+            &unique("e2e/bad/"),
+            "0s",
+            &pg_target(&files, &role, "single_user", &dsn),
+        )
+    ));
+    let daemon = env.start();
+    let (out, last) = assert_rotation_fails(&env, "db", &["step set", "target postgres:"]);
+    assert!(!out.contains(&pg_admin_password()) && !last.contains(&pg_admin_password()));
+    daemon.stop();
+}
