@@ -69,6 +69,9 @@ struct CredLive {
     running: Option<Running>,
     /// The last attempt failed and the rotation is parked until its retry time.
     parked: bool,
+    /// Where the parked rotation stopped (its step and id), so `status`
+    /// still names the failing step between retries.
+    parked_at: Option<(Step, Option<RotationId>)>,
     /// The previous version is retired at this time (delivery + grace).
     retire_at: Option<DateTime<Utc>>,
     /// Why the next rotation starts.
@@ -527,6 +530,8 @@ impl Inner {
                 let l = live.get(key);
                 let row = l.and_then(|l| l.row.as_ref());
                 let running = l.and_then(|l| l.running.as_ref());
+                // A parked rotation keeps showing the step it failed at.
+                let parked = l.filter(|l| l.parked).and_then(|l| l.parked_at.as_ref());
                 let state = l.map_or(CredentialState::Idle, CredLive::state).as_str();
                 let version = row.and_then(|r| r.current_version);
                 CredStatus {
@@ -539,8 +544,10 @@ impl Inner {
                         .deadline(&(key.clone(), Job::Rotate))
                         .or_else(|| row.and_then(|r| r.next_due)),
                     state,
-                    step: running.map(|r| r.step),
-                    rotation: running.and_then(|r| r.rotation.clone()),
+                    step: running.map(|r| r.step).or(parked.map(|p| p.0)),
+                    rotation: running
+                        .and_then(|r| r.rotation.clone())
+                        .or_else(|| parked.and_then(|p| p.1.clone())),
                     last_error: running
                         .and_then(|r| r.last_error.clone())
                         .or_else(|| row.and_then(|r| r.last_error.clone())),
@@ -629,7 +636,8 @@ impl Inner {
         let reschedule = {
             let mut live = self.live();
             let l = live.entry(key.clone()).or_default();
-            l.running = None;
+            let stopped_at = l.running.take().map(|r| (r.step, r.rotation));
+            l.parked_at = None;
             let waiters = std::mem::take(&mut l.waiters);
             let (finished, reschedule) = match result {
                 Ok(rot) => {
@@ -652,6 +660,7 @@ impl Inner {
                 }
                 Err(Stop::Failed(msg)) => {
                     l.parked = true;
+                    l.parked_at = stopped_at;
                     let failures = l.row.as_ref().map_or(1, |r| r.consecutive_failures.max(1));
                     let delay = park_delay(&entry_retry(&self.catalog()), failures);
                     self.metrics.rotation_finished(false, started.elapsed());

@@ -207,6 +207,15 @@ async fn exhausted_retries_park_the_rotation_and_status_names_the_step_then_it_c
     );
     let status = rig.engine.status();
     assert_eq!(status[0].state, "failed");
+    // Parked between retries, it still names the step it failed at and
+    // the rotation that is waiting.
+    assert_eq!(
+        status[0].step,
+        Some(crate::state::Step::Create),
+        "{:?}",
+        status[0]
+    );
+    assert!(status[0].rotation.is_some(), "{:?}", status[0]);
     assert!(
         status[0]
             .last_error
