@@ -212,7 +212,11 @@ async fn aws_versions(
         .collect()
 }
 
-async fn aws_value(c: &aws_sdk_secretsmanager::Client, name: &str, stage: &str) -> (String, String) {
+async fn aws_value(
+    c: &aws_sdk_secretsmanager::Client,
+    name: &str,
+    stage: &str,
+) -> (String, String) {
     let out = c
         .get_secret_value()
         .secret_id(name)
@@ -248,7 +252,8 @@ fn check_vaults(env: &Env, path: &str, version: u64, previous: Option<&Held>, wh
             .await
             .unwrap_or_else(|e| panic!("{what}: bao metadata of {path}: {e}"));
         assert_eq!(
-            meta.current_version, version,
+            meta.current_version,
+            version,
             "{what}: exactly one new KV version per rotation in bao ({:?})",
             meta.versions.keys().collect::<Vec<_>>()
         );
@@ -288,20 +293,34 @@ fn check_vaults(env: &Env, path: &str, version: u64, previous: Option<&Held>, wh
             "{what}: exactly one new AWS version per rotation: {versions:?}"
         );
         assert!(
-            versions.values().all(|l| !l.iter().any(|s| s == "AWSPENDING")),
+            versions
+                .values()
+                .all(|l| !l.iter().any(|s| s == "AWSPENDING")),
             "{what}: AWSPENDING left behind: {versions:?}"
         );
         let (aws_current, aws_rotation) = aws_value(&aws, path, "AWSCURRENT").await;
-        assert_eq!(aws_current, value, "{what}: the vaults disagree about the current value");
-        assert_eq!(aws_rotation, rotation, "{what}: the vaults disagree about the current version");
+        assert_eq!(
+            aws_current, value,
+            "{what}: the vaults disagree about the current value"
+        );
+        assert_eq!(
+            aws_rotation, rotation,
+            "{what}: the vaults disagree about the current version"
+        );
         if version >= 2 {
             let (aws_prev, aws_prev_rotation) = aws_value(&aws, path, "AWSPREVIOUS").await;
             if let Some(p) = previous {
                 assert_eq!(aws_prev, p.value, "{what}: AWS previous value");
-                assert_eq!(aws_prev_rotation, p.rotation, "{what}: AWS previous rotation");
+                assert_eq!(
+                    aws_prev_rotation, p.rotation,
+                    "{what}: AWS previous rotation"
+                );
             }
             let labeled = versions.values().filter(|l| !l.is_empty()).count();
-            assert_eq!(labeled, 2, "{what}: only current and previous are labeled: {versions:?}");
+            assert_eq!(
+                labeled, 2,
+                "{what}: only current and previous are labeled: {versions:?}"
+            );
         }
         Held { value, rotation }
     });
@@ -378,12 +397,24 @@ fn a_lost_response_of_every_write_still_makes_exactly_one_version() {
     let slot_meta = format!("/v1/secret/metadata/keyturn-pending/{path}");
     // (proxy, matcher, what): each is the only fault of one rotation.
     let cases: Vec<(&Proxy, Match, &str)> = vec![
-        (&bao, Match::bao("POST", &pending), "bao: pending-slot write"),
-        (&bao, Match::bao("POST", &data), "bao: data write with cas (promote)"),
+        (
+            &bao,
+            Match::bao("POST", &pending),
+            "bao: pending-slot write",
+        ),
+        (
+            &bao,
+            Match::bao("POST", &data),
+            "bao: data write with cas (promote)",
+        ),
         // Retire at the start of the next rotation (grace not over yet)
         // destroys the previous version's data.
         (&bao, Match::bao("POST", &destroy), "bao: destroy (retire)"),
-        (&bao, Match::bao("DELETE", &slot_meta), "bao: pending-slot metadata delete"),
+        (
+            &bao,
+            Match::bao("DELETE", &slot_meta),
+            "bao: pending-slot metadata delete",
+        ),
         (&aws, Match::aws("PutSecretValue"), "aws: PutSecretValue"),
         (
             &aws,
@@ -427,7 +458,10 @@ fn a_lost_response_of_every_write_still_makes_exactly_one_version() {
         held = check_vaults(&env, &path, version, Some(&held), what);
     }
     let log = daemon.stop();
-    assert!(log.contains("step failed"), "the lost responses were retried");
+    assert!(
+        log.contains("step failed"),
+        "the lost responses were retried"
+    );
     audit_verifies(&env, "lost responses");
 }
 
@@ -469,7 +503,12 @@ fn crash_at(failpoint: &str) {
     wait_for(Duration::from_secs(30), || {
         (status_json(&env)[0]["state"] == "idle").then_some(())
     })
-    .unwrap_or_else(|| panic!("{failpoint}: previous never retired: {:?}", status_json(&env)));
+    .unwrap_or_else(|| {
+        panic!(
+            "{failpoint}: previous never retired: {:?}",
+            status_json(&env)
+        )
+    });
     again.stop();
 
     // Exactly one new version in each vault; they agree with each other and
@@ -478,7 +517,9 @@ fn crash_at(failpoint: &str) {
     let rt = runtime();
     rt.block_on(async {
         let bao = bao_client();
-        let meta = vaultrs::kv2::read_metadata(&bao, "secret", &path).await.unwrap();
+        let meta = vaultrs::kv2::read_metadata(&bao, "secret", &path)
+            .await
+            .unwrap();
         assert_eq!(meta.current_version, 2, "{failpoint}: bao versions");
         assert!(
             bao_version(&bao, &path, 1).await.is_none(),
@@ -501,7 +542,11 @@ fn crash_at(failpoint: &str) {
             serde_json::from_slice(&std::fs::read(env.root().join("bot/db.json")).unwrap())
                 .unwrap();
         assert_eq!(delivered["version"], 2, "{failpoint}");
-        assert_eq!(delivered["value"].as_str(), Some(value.as_str()), "{failpoint}: file");
+        assert_eq!(
+            delivered["value"].as_str(),
+            Some(value.as_str()),
+            "{failpoint}: file"
+        );
     });
     let state = SqliteStore::open_read_only(&env.state_dir().join("state.db")).unwrap();
     let stages: Vec<(u64, Stage)> = state
@@ -523,7 +568,7 @@ fn crash_at(failpoint: &str) {
 /// daemon) to keep the test under a minute or so.
 #[test]
 fn b_kill_9_at_every_failpoint_resumes_to_one_version_per_vault() {
-    let queue = std::sync::Mutex::new(FAILPOINTS.iter().copied().collect::<Vec<_>>());
+    let queue = std::sync::Mutex::new(FAILPOINTS.to_vec());
     let failures = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..4 {
@@ -577,9 +622,18 @@ fn outage(flavor: Flavor, status: u16, vault: &str, needles: &[&str]) {
     wait_settled(&env, 1);
     let held = check_vaults(&env, &path, 1, None, "before the outage");
 
-    let rule = proxy.fail(Match::any(), status, usize::MAX, Some(Duration::from_secs(1)));
+    let rule = proxy.fail(
+        Match::any(),
+        status,
+        usize::MAX,
+        Some(Duration::from_secs(1)),
+    );
     let out = env.cli(&["rotate", "bot/db"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The engine retries the step with back-off, then parks the rotation;
     // status says where and why, whichever of the two it is in.
@@ -591,9 +645,14 @@ fn outage(flavor: Flavor, status: u16, vault: &str, needles: &[&str]) {
     .unwrap_or_else(|| panic!("never failed: {:?}", status_json(&env)));
     assert_eq!(row["step"], "create", "the failing step: {row}");
     assert_eq!(row["version"], 1, "still at the old version: {row}");
-    let error = row["last_error"].as_str().unwrap_or_else(|| panic!("no error: {row}"));
+    let error = row["last_error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error: {row}"));
     assert!(error.contains("create"), "names the step: {error}");
-    assert!(error.contains(&format!("vault \"{vault}\"")), "names the vault: {error}");
+    assert!(
+        error.contains(&format!("vault \"{vault}\"")),
+        "names the vault: {error}"
+    );
     for needle in needles {
         assert!(
             error.to_lowercase().contains(&needle.to_lowercase()),
@@ -602,15 +661,18 @@ fn outage(flavor: Flavor, status: u16, vault: &str, needles: &[&str]) {
     }
     assert!(!error.contains(&held.value), "no secret in the error");
     let attempts = proxy.hits(rule);
-    assert!(attempts >= 3, "the step was retried ({attempts} requests refused)");
+    assert!(
+        attempts >= 3,
+        "the step was retried ({attempts} requests refused)"
+    );
 
     // Still failing a while later: it keeps retrying, with back-off.
     std::thread::sleep(Duration::from_millis(1500));
     let later = proxy.hits(rule);
     assert!(later > attempts, "the parked rotation is retried by itself");
     assert!(
-        later < attempts + 40,
-        "retries back off instead of hammering the vault ({later} requests)"
+        later < 20,
+        "retries back off instead of hammering the vault ({later} requests in ~2 s)"
     );
     let row = &status_json(&env)[0];
     assert_eq!(row["version"], 1, "{row}");

@@ -82,12 +82,18 @@ impl Match {
 
     pub fn matches(&self, r: &Seen) -> bool {
         self.method.as_ref().is_none_or(|m| *m == r.method)
-            && self.path.as_ref().is_none_or(|p| r.path.contains(p.as_str()))
+            && self
+                .path
+                .as_ref()
+                .is_none_or(|p| r.path.contains(p.as_str()))
             && self
                 .amz_target
                 .as_ref()
                 .is_none_or(|t| r.amz_target.as_deref() == Some(t.as_str()))
-            && self.body.as_ref().is_none_or(|b| r.body.contains(b.as_str()))
+            && self
+                .body
+                .as_ref()
+                .is_none_or(|b| r.body.contains(b.as_str()))
     }
 }
 
@@ -370,7 +376,10 @@ fn bad(what: &str) -> std::io::Error {
 }
 
 /// Reads a start line and headers; `None` on a clean EOF before any byte.
-fn read_head(r: &mut impl BufRead) -> std::io::Result<Option<(String, Vec<(String, String)>)>> {
+/// A start line and its headers.
+type Head = (String, Vec<(String, String)>);
+
+fn read_head(r: &mut impl BufRead) -> std::io::Result<Option<Head>> {
     let Some(start) = line(r)? else {
         return Ok(None);
     };
@@ -442,7 +451,12 @@ fn read_body(
 }
 
 /// Serves one client connection until it closes.
-fn serve(client: TcpStream, upstream: &str, flavor: Flavor, shared: &Shared) -> std::io::Result<()> {
+fn serve(
+    client: TcpStream,
+    upstream: &str,
+    flavor: Flavor,
+    shared: &Shared,
+) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut out = client.try_clone()?;
     let mut reader = BufReader::new(client);
@@ -618,4 +632,3 @@ fn fault_response(
     out.extend_from_slice(body.as_bytes());
     out
 }
-
