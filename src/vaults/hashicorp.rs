@@ -634,11 +634,14 @@ impl HashicorpVault {
         let (kind, detail) = match &e {
             ClientError::APIError { code, errors } => {
                 let text = errors.join("; ");
-                (status_kind(*code, &text), format!("HTTP {code}: {text}"))
+                (
+                    status_kind(*code, &text),
+                    format!("{}: {text}", http_status_text(*code)),
+                )
             }
             ClientError::RestClientError { source } => match source {
                 Rest::ServerResponseError { code, .. } => {
-                    (status_kind(*code, ""), format!("HTTP {code}"))
+                    (status_kind(*code, ""), http_status_text(*code))
                 }
                 Rest::RequestError { source, .. } => {
                     let chain = format!("{source:#}");
@@ -1085,6 +1088,29 @@ fn status_kind(code: u16, errors: &str) -> ErrorKind {
         500..=599 => ErrorKind::Transient,
         _ => ErrorKind::Invalid,
     }
+}
+
+/// `HTTP 503 Service Unavailable`: the reason phrase says what the number
+/// means to whoever reads `status` (a 503 body says "Vault is sealed", or is
+/// a load balancer's HTML page, which is never quoted).
+fn http_status_text(code: u16) -> String {
+    let reason = match code {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        412 => "Precondition Failed",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => return format!("HTTP {code}"),
+    };
+    format!("HTTP {code} {reason}")
 }
 
 fn http_status(e: &ClientError) -> Option<u16> {
@@ -2064,5 +2090,12 @@ mod tests {
         assert_eq!(status_kind(429, ""), ErrorKind::Throttled);
         assert_eq!(status_kind(503, ""), ErrorKind::Transient);
         assert_eq!(status_kind(404, ""), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn status_texts_say_what_the_code_means() {
+        assert_eq!(http_status_text(503), "HTTP 503 Service Unavailable");
+        assert_eq!(http_status_text(429), "HTTP 429 Too Many Requests");
+        assert_eq!(http_status_text(599), "HTTP 599");
     }
 }

@@ -2,6 +2,8 @@
 //! directory, with a real NOTIFY_SOCKET the test reads, and runs CLI commands.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::io::Read;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -23,7 +25,8 @@ pub struct Env {
 
 impl Env {
     /// `credentials` is TOML appended after the `[daemon]`/`[vaults]` header;
-    /// `{root}` in it is replaced by the delivery root.
+    /// `{root}` in it is replaced by the delivery root and `{dir}` by the
+    /// temp directory (for token files and the like the test writes there).
     pub fn new(credentials: &str) -> Env {
         Self::with_daemon(credentials, "")
     }
@@ -48,7 +51,9 @@ type = "local"
 
 {creds}
 "#,
-            creds = credentials.replace("{root}", &root.display().to_string())
+            creds = credentials
+                .replace("{root}", &root.display().to_string())
+                .replace("{dir}", &d.to_string())
         );
         let config = dir.path().join("keyturn.toml");
         std::fs::write(&config, text).unwrap();
