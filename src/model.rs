@@ -319,6 +319,9 @@ impl fmt::Display for ErrorKind {
 pub struct PluginError {
     pub kind: ErrorKind,
     pub message: String,
+    /// How long the other side asked us to wait (HTTP `Retry-After`); the
+    /// engine waits at least this long before the next attempt.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl PluginError {
@@ -326,7 +329,12 @@ impl PluginError {
         Self {
             kind,
             message: message.into(),
+            retry_after: None,
         }
+    }
+    pub fn with_retry_after(mut self, after: Option<std::time::Duration>) -> Self {
+        self.retry_after = after;
+        self
     }
     pub fn io(context: impl fmt::Display, e: &std::io::Error) -> Self {
         Self::new(ErrorKind::from_io(e), format!("{context}: {e}"))

@@ -910,7 +910,11 @@ impl Inner {
             let mut cred = self.cred_row(&entry.key);
             cred.last_error = rot.last_error.clone();
             let retryable = error.error.kind.is_retryable();
-            let delay = if retryable { delays.next() } else { None };
+            let delay = if retryable {
+                delays.next().map(|d| honour_retry_after(d, &error.error))
+            } else {
+                None
+            };
             if delay.is_none() {
                 cred.consecutive_failures += 1;
             }
@@ -1277,7 +1281,7 @@ impl Inner {
                         tracing::error!(agent = %entry.key.agent, credential = %entry.key.credential, error = %audit, "could not record a step failure");
                     }
                     let delay = if e.error.kind.is_retryable() {
-                        delays.next()
+                        delays.next().map(|d| honour_retry_after(d, &e.error))
                     } else {
                         None
                     };
@@ -1382,6 +1386,16 @@ async fn vault_permits(entry: &CredEntry) -> Vec<tokio::sync::OwnedSemaphorePerm
     permits
 }
 
+/// The server's `Retry-After` wins over a shorter back-off delay. Capped so
+/// a hostile or broken header cannot park a step for days.
+fn honour_retry_after(backoff: Duration, e: &PluginError) -> Duration {
+    const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+    match e.retry_after {
+        Some(after) => backoff.max(after.min(MAX_RETRY_AFTER)),
+        None => backoff,
+    }
+}
+
 /// The delays between attempts of one step: capped exponential with jitter,
 /// `max_attempts - 1` of them.
 fn step_backoff(retry: RetryConfig) -> impl Iterator<Item = Duration> {
@@ -1440,5 +1454,34 @@ mod tests {
         assert_eq!(park_delay(&r, 1), Duration::from_secs(60));
         assert_eq!(park_delay(&r, 2), Duration::from_secs(120));
         assert_eq!(park_delay(&r, 30), MAX_PARK_DELAY);
+    }
+}
+
+#[cfg(test)]
+mod retry_after_tests {
+    use super::*;
+
+    #[test]
+    fn a_servers_retry_after_lengthens_a_shorter_backoff_but_is_capped() {
+        let throttled = |after: Option<u64>| {
+            PluginError::new(ErrorKind::Throttled, "429")
+                .with_retry_after(after.map(Duration::from_secs))
+        };
+        let backoff = Duration::from_millis(500);
+        assert_eq!(honour_retry_after(backoff, &throttled(None)), backoff);
+        assert_eq!(
+            honour_retry_after(backoff, &throttled(Some(7))),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            honour_retry_after(Duration::from_secs(30), &throttled(Some(7))),
+            Duration::from_secs(30),
+            "a longer back-off is kept"
+        );
+        assert_eq!(
+            honour_retry_after(backoff, &throttled(Some(86_400))),
+            Duration::from_secs(300),
+            "capped"
+        );
     }
 }

@@ -312,6 +312,7 @@ impl AzureVault {
                 self.client.endpoint().as_str().trim_end_matches('/')
             ),
         )
+        .with_retry_after(retry_after(e))
     }
 
     /// Every version of `secret`, oldest first; empty when it does not exist.
@@ -931,6 +932,21 @@ async fn build_credential(
 }
 
 /// The kind and an operator-facing description of an SDK error.
+/// The `Retry-After` of a 429 or 503, in seconds (the form Key Vault sends).
+fn retry_after(e: &azure_core::Error) -> Option<std::time::Duration> {
+    match e.kind() {
+        AzErrorKind::HttpResponse { raw_response, .. } => raw_response
+            .as_ref()?
+            .headers()
+            .get_optional_str(&RETRY_AFTER)?
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(std::time::Duration::from_secs),
+        _ => None,
+    }
+}
+
 fn classify(e: &azure_core::Error) -> (ErrorKind, String) {
     match e.kind() {
         AzErrorKind::HttpResponse {
@@ -1079,6 +1095,11 @@ mod tests {
                 "service said no",
             )
         };
+        assert_eq!(
+            retry_after(&err(StatusCode::TooManyRequests, Some("7"))),
+            Some(std::time::Duration::from_secs(7))
+        );
+        assert_eq!(retry_after(&err(StatusCode::TooManyRequests, None)), None);
         let (k, d) = classify(&err(StatusCode::TooManyRequests, Some("7")));
         assert_eq!(k, ErrorKind::Throttled);
         assert!(
@@ -1510,6 +1531,11 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Throttled, "{}", e.message);
         assert!(e.message.contains("retry after 7s"), "{}", e.message);
+        assert_eq!(
+            e.retry_after,
+            Some(std::time::Duration::from_secs(7)),
+            "the engine waits at least what the vault asked"
+        );
         assert!(
             e.message.contains("stage") && e.message.contains(&names.staging),
             "{}",
