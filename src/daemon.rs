@@ -187,6 +187,12 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let status = format!("serving {} credentials", engine.catalog().creds.len());
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     tracing::info!(config = %config_path.display(), credentials = engine.catalog().creds.len(), "keyturn ready");
+    // The parsed config is freed on a background thread (config::load_str)
+    // while start-up goes on; give the heap back once that is surely done.
+    tokio::spawn(async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        release_freed_memory();
+    });
 
     let mut hup = signal(SignalKind::hangup()).map_err(|e| startup("cannot handle SIGHUP", &e))?;
     let mut term =
@@ -237,6 +243,10 @@ async fn reload(config_path: &Path, engine: &Engine) {
                 Ok(catalog) => {
                     engine.reload(catalog);
                     release_freed_memory();
+                    tokio::spawn(async {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        release_freed_memory();
+                    });
                     // As at start-up: checked in the background, not on the reload path.
                     let catalog = engine.catalog();
                     tokio::spawn(async move { preflight(&catalog).await });
