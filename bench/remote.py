@@ -153,6 +153,8 @@ class CountingProxy:
         u = urllib.parse.urlsplit(upstream)
         self.up_host, self.up_port = u.hostname, u.port
         self.events: list[tuple[float, str, str, int]] = []
+        # (arrival, response sent, op, key), for the time breakdown of a rotation
+        self.spans: list[tuple[float, float, str, str]] = []
         self.lock = threading.Lock()
         proxy = self
 
@@ -204,6 +206,7 @@ class CountingProxy:
                             return
                 with proxy.lock:
                     proxy.events.append((t, op, key, resp.status))
+                    proxy.spans.append((t, time.monotonic(), op, key))
                 self.send_response_only(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in HOP:
@@ -244,8 +247,13 @@ class CountingProxy:
 
     def take(self) -> list[tuple[float, str, str, int]]:
         with self.lock:
-            ev, self.events = self.events, []
+            ev, self.events, self.spans = self.events, [], []
         return ev
+
+    def take_spans(self) -> list[tuple[float, float, str, str]]:
+        with self.lock:
+            sp, self.events, self.spans = self.spans, [], []
+        return sp
 
     def close(self) -> None:
         self.server.shutdown()
@@ -410,8 +418,9 @@ def rotate_all(cfg: Path, dm: base.Daemon, n: int, pids: dict[str, int | None]) 
 
 
 def keyturn_levels(server: str, env: dict, address: str, n: int, prefix: str, pids: dict) -> dict:
-    """The initial rotations (64 in flight), then `rotate all --wait` at each
-    level, the daemon restarted with the level's config (state kept)."""
+    """The initial rotations and a second one (64 in flight), then `rotate
+    all --wait` at each level, the daemon restarted with the level's config
+    (state kept): every measured rotation is the third or later."""
     d = OUT / f"{server}-keyturn"
     if d.exists():
         shutil.rmtree(d)
@@ -424,7 +433,9 @@ def keyturn_levels(server: str, env: dict, address: str, n: int, prefix: str, pi
         log(f"  {server}: waiting for {n} initial rotations ({max(LEVELS)} in flight)")
         s = wait_initial(dm, cfg, expected, max(600, n))
         res["initial_s"] = round(s, 2)
-        log(f"  {server}: initial rotations in {s:.1f}s")
+        log(f"  {server}: initial rotations in {s:.1f}s; one more `rotate all` so that every measured "
+            f"rotation is a steady-state one (retires the version before the current)")
+        res["warmup_rotate_all"] = rotate_all(cfg, dm, n, {})
     finally:
         dm.stop()
     for level in LEVELS:
@@ -434,9 +445,15 @@ def keyturn_levels(server: str, env: dict, address: str, n: int, prefix: str, pi
             dm.wait_ready(120)
             wait_settled(cfg, n, 120)
             time.sleep(1)
-            r = rotate_all(cfg, dm, n, pids)
+            # Twice, the best counts (the raw side is also the best of two passes).
+            tries = []
+            for _ in range(2):
+                tries.append(rotate_all(cfg, dm, n, pids))
+                wait_settled(cfg, n, 120)
+            r = dict(max(tries, key=lambda x: x["rotations_per_s"]))
+            r["tries_rot_per_s"] = [x["rotations_per_s"] for x in tries]
             res["levels"][str(level)] = r
-            log(f"  {server}: keyturn, {level:>2} in flight: {r['rotations_per_s']:8.1f} rot/s "
+            log(f"  {server}: keyturn, {level:>2} in flight: {r['rotations_per_s']:8.1f} rot/s {r['tries_rot_per_s']} "
                 f"({r['wall_s']:.1f}s, exit {r['exit_code']}, {r['failed']} failed) CPU {r['cpu_pct_of_one_core']}")
         finally:
             dm.stop()
@@ -445,8 +462,8 @@ def keyturn_levels(server: str, env: dict, address: str, n: int, prefix: str, pi
 
 def calibrate(server: str, env: dict, upstream: str, n: int, prefix: str) -> dict:
     """Counts the calls of keyturn's rotations through the proxy: the initial
-    rotation and a steady-state one (`rotate all`, which first retires the
-    version before the current: a steady-state rotation does that too)."""
+    rotation, the second, and the third (steady state: every rotation from
+    the third on first retires the version before the current one)."""
     d = OUT / f"{server}-calibrate"
     if d.exists():
         shutil.rmtree(d)
@@ -460,16 +477,96 @@ def calibrate(server: str, env: dict, upstream: str, n: int, prefix: str) -> dic
             proxy.take()  # start-up calls (if any) are not a rotation's
             wait_initial(dm, cfg, expected, 300)
             initial = summarize_calls(proxy.take(), n)
-            r = base.cli(cfg, "rotate", "all", "--wait", timeout=600)
-            if r.returncode != 0:
-                raise RuntimeError(f"calibration rotate all failed: {r.stderr.decode(errors='replace')[:500]}")
-            steady = summarize_calls(proxy.take(), n)
+            # The second rotation has no previous version to retire yet; the
+            # third and every later one do: that is the steady state.
+            second = third = None
+            for k in (2, 3):
+                r = base.cli(cfg, "rotate", "all", "--wait", timeout=600)
+                if r.returncode != 0:
+                    raise RuntimeError(f"calibration rotate all failed: {r.stderr.decode(errors='replace')[:500]}")
+                if k == 2:
+                    second = summarize_calls(proxy.take(), n)
+                else:
+                    third = summarize_calls(proxy.take(), n)
+            steady = third
         finally:
             dm.stop()
     finally:
         proxy.close()
     shutil.rmtree(d, ignore_errors=True)
-    return {"initial": initial, "steady": steady}
+    return {"initial": initial, "second": second, "steady": steady}
+
+
+def breakdown(spans: list[tuple[float, float, str, str]]) -> dict:
+    """Where a rotation's time goes, from the proxy's view of its calls: time
+    inside server calls (arrival to response, proxy included) and the gaps
+    between them, which are keyturn's own work (state DB commits, audit,
+    generation, the file sink) and its queueing. Gaps are labelled by the
+    calls around them, averaged over the rotations of the common sequence."""
+    per_key: dict[str, list] = {}
+    for sp in sorted(spans):
+        per_key.setdefault(sp[3], []).append(sp)
+    seqs: dict[tuple, list] = {}
+    for calls in per_key.values():
+        seqs.setdefault(tuple(c[2] for c in calls), []).append(calls)
+    if not seqs:
+        return {}
+    seq, rots = max(seqs.items(), key=lambda kv: len(kv[1]))
+    n = len(rots)
+    call_ms = [sum(r[i][1] - r[i][0] for r in rots) * 1000 / n for i in range(len(seq))]
+    gap_ms = [sum(r[i + 1][0] - r[i][1] for r in rots) * 1000 / n for i in range(len(seq) - 1)]
+    total = sum((r[-1][1] - r[0][0]) for r in rots) * 1000 / n
+    gaps = sorted(((f"{seq[i]} .. {seq[i + 1]}", round(g, 2)) for i, g in enumerate(gap_ms)), key=lambda kv: -kv[1])
+    return {
+        "rotations": n,
+        "first_call_to_last_response_ms": round(total, 2),
+        "in_server_calls_ms": round(sum(call_ms), 2),
+        "between_calls_ms": round(sum(gap_ms), 2),
+        "calls_ms": [(seq[i], round(c, 2)) for i, c in enumerate(call_ms)],
+        "largest_gaps_ms": gaps[:6],
+    }
+
+
+def profile(server: str, env: dict, upstream: str, n: int, prefix: str) -> dict:
+    """A traced keyturn run through the proxy: the time breakdown of a
+    steady-state rotation with 64 and with 1 in flight."""
+    d = OUT / f"{server}-profile"
+    if d.exists():
+        shutil.rmtree(d)
+    proxy = CountingProxy(upstream)
+    out: dict = {}
+    budget = THROUGHPUT_BUDGET if server == "aws" else None
+    try:
+        for level in (64, 1):
+            cfg, expected = write_config(d, server, env, n, level, prefix, proxy.url, budget)
+            dm = base.Daemon(cfg, f"prof{level}")
+            try:
+                dm.wait_ready(120)
+                if level == 64:
+                    wait_initial(dm, cfg, expected, max(600, n))
+                    rotate_all(cfg, dm, n, {})  # the second rotation: not steady state yet
+                wait_settled(cfg, n, 120)
+                proxy.take()
+                t0 = time.monotonic()
+                r = rotate_all(cfg, dm, n, {})
+                spans = proxy.take_spans()
+                b = breakdown(spans)
+                b["rotations_per_s_through_proxy"] = r["rotations_per_s"]
+                b["wall_s"] = round(time.monotonic() - t0, 2)
+                # From the first call of the run to the last response: how much
+                # of the rotate-all wall time the calls cover.
+                if spans:
+                    b["calls_span_s"] = round(max(x[1] for x in spans) - min(x[0] for x in spans), 2)
+                out[str(level)] = b
+                log(f"  {server} profile, {level:>2} in flight: {r['rotations_per_s']} rot/s via proxy; per rotation "
+                    f"{b.get('first_call_to_last_response_ms')} ms = {b.get('in_server_calls_ms')} ms in calls + "
+                    f"{b.get('between_calls_ms')} ms between; largest gaps {b.get('largest_gaps_ms', [])[:3]}")
+            finally:
+                dm.stop()
+    finally:
+        proxy.close()
+    shutil.rmtree(d, ignore_errors=True)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -482,12 +579,14 @@ class BaoRaw:
     connection per thread (as keyturn's reqwest pool keeps its connections).
 
     Per steady-state rotation of path p (latest version L, pending slot absent),
-    in keyturn's order (src/vaults/hashicorp.rs):
+    in keyturn's order (src/vaults/hashicorp.rs, rotation/engine.rs):
       retire L-1:  GET data/p; GET data/p?version=L-1; POST destroy/p [L-1]
       stage:       GET data/pending/p (404); GET data/p; GET metadata/pending/p (404);
                    POST data/pending/p (cas 0)
+      read back:   GET data/p; GET data/pending/p
       promote:     GET data/pending/p; GET data/p; POST data/p (cas L);
                    POST destroy/p [L-1]; DELETE metadata/pending/p
+      deliver:     GET data/p
     The calibration compares this with what keyturn sent.
     """
 
@@ -545,6 +644,9 @@ class BaoRaw:
         cas = meta["data"]["current_version"] if meta else 0
         self.req("POST", f"data/{pend}", {"options": {"cas": cas},
                                           "data": {"value": value, "keyturn_rotation": rid}})
+        # read back by version (the engine checks what the vault holds)
+        self.req("GET", f"data/{p}")
+        self.req("GET", f"data/{pend}")
         # promote
         slot = self.req("GET", f"data/{pend}")
         cur = self.req("GET", f"data/{p}")
@@ -554,6 +656,8 @@ class BaoRaw:
         if new >= 3:
             self.req("POST", f"destroy/{p}", {"versions": [new - 2]})
         self.req("DELETE", f"metadata/{pend}")
+        # read by version for delivery
+        self.req("GET", f"data/{p}")
 
     def calls_done(self) -> int:
         return getattr(self.local, "calls", 0)
@@ -618,7 +722,8 @@ def update(t, s, stage, move=None, remove=None):
     sm.update_secret_version_stage(**kw)
 
 def rotate(t, s):
-    # One keyturn rotation (src/vaults/aws.rs): retire the previous, stage, promote.
+    # One steady-state keyturn rotation (src/vaults/aws.rs, rotation/engine.rs):
+    # retire the previous, stage, read back, promote, read for delivery.
     v = labels(t, s)
     prev = next((i for i, l in (v or {}).items() if "AWSPREVIOUS" in l), None)
     if prev:
@@ -630,11 +735,15 @@ def rotate(t, s):
     calls[t] += 1
     sm.put_secret_value(SecretId=s, ClientRequestToken=rid, SecretString=os.urandom(16).hex(),
                         VersionStages=["AWSPENDING"])
+    calls[t] += 1
+    sm.get_secret_value(SecretId=s, VersionId=rid)  # read back
     v = labels(t, s)
     cur = next((i for i, l in v.items() if "AWSCURRENT" in l), None)
     if cur != rid:
         update(t, s, "AWSCURRENT", move=rid, remove=cur)
     update(t, s, "AWSPENDING", remove=rid)
+    calls[t] += 1
+    sm.get_secret_value(SecretId=s, VersionId=rid)  # read for delivery
 
 def worker(t, mine, stop_at, counts, errors):
     i = 0
@@ -793,7 +902,8 @@ def budget_run(env: dict, upstream: str, n: int, prefix: str) -> dict:
 # --------------------------------------------------------------------------
 
 
-def bench_server(server: str, env: dict, n: int, raw_seconds: float, cal_n: int, run_id: str) -> dict:
+def bench_server(server: str, env: dict, n: int, raw_seconds: float, cal_n: int, run_id: str,
+                 profile_on: bool = True) -> dict:
     address = env["KEYTURN_TEST_BAO_ADDR"] if server == "bao" else env["KEYTURN_TEST_AWS_ENDPOINT"]
     pids = {server: server_pid("bao" if server == "bao" else "moto")}
     res: dict = {"address": address}
@@ -827,6 +937,9 @@ def bench_server(server: str, env: dict, n: int, raw_seconds: float, cal_n: int,
     res["keyturn"] = keyturn_levels(server, env, address, n, f"bench-{run_id}", pids)
     raw_pass("after")
     res["raw"] = modes
+    if profile_on:
+        log(f"{server}: profile: a traced run through the proxy ({n} credentials)")
+        res["profile"] = profile(server, env, address, n, f"bench-{run_id}-prof")
     best = max(modes, key=lambda m: m["rotations_per_s"])
     res["raw_capacity_rot_per_s"] = best["rotations_per_s"]
     res["raw_capacity_at"] = f"{best['threads']} threads, {best['when']}"
@@ -904,6 +1017,7 @@ def main() -> int:
     ap.add_argument("--budget-creds", type=int, default=128, help="credentials of the budget run (default 128)")
     ap.add_argument("--servers", default="bao,aws", help="comma-separated: bao, aws")
     ap.add_argument("--no-budget", action="store_true", help="skip the aws write-budget run")
+    ap.add_argument("--no-profile", action="store_true", help="skip the traced (time breakdown) runs")
     ap.add_argument("--quick", action="store_true", help="N = 64, 4 s per raw mode, 64 in the budget run")
     ap.add_argument("--no-build", action="store_true", help="use the existing target/release/keyturn")
     args = ap.parse_args()
@@ -931,7 +1045,7 @@ def main() -> int:
         run_id = time.strftime("%H%M%S")
         for server in servers:
             results["servers"][server] = bench_server(server, env, args.creds, args.raw_seconds, args.calibrate,
-                                                      run_id)
+                                                      run_id, not args.no_profile)
         if "aws" in servers and not args.no_budget:
             log(f"aws budget run: default write_budget, 64 in flight, {args.budget_creds} credentials, via the proxy")
             results["budget"] = budget_run(env, env["KEYTURN_TEST_AWS_ENDPOINT"], args.budget_creds,
