@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -160,6 +161,9 @@ class CountingProxy:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # TCP_NODELAY: without it, Nagle on our side and the client's
+            # delayed ACK add ~40 ms to every call that we answer in two writes.
+            disable_nagle_algorithm = True
 
             def log_message(self, *a):  # noqa: D401 - quiet
                 pass
@@ -186,6 +190,8 @@ class CountingProxy:
                     up = getattr(self, "_up", None)
                     if up is None:
                         up = self._up = http.client.HTTPConnection(proxy.up_host, proxy.up_port, timeout=120)
+                        up.connect()
+                        up.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     try:
                         up.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
                         for k, v in self.headers.items():
@@ -212,9 +218,12 @@ class CountingProxy:
                     if k.lower() not in HOP:
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
+                # Headers and body in one write (end_headers would flush alone).
+                self._headers_buffer.append(b"\r\n")
                 if self.command != "HEAD":
-                    self.wfile.write(data)
+                    self._headers_buffer.append(data)
+                self.wfile.write(b"".join(self._headers_buffer))
+                self._headers_buffer = []
 
             do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = do_HEAD = do_LIST = _forward
 
