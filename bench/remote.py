@@ -15,6 +15,8 @@ measures for each server:
   * the calls one keyturn rotation makes, counted by a pass-through proxy
     (calibration on a few credentials), and the raw loop's calls through the
     same proxy, to show the two sequences are the same;
+  * a time breakdown of keyturn's rotations (a traced run through the proxy,
+    64 and 1 in flight): time inside server calls vs between them;
   * the AWS write budget: a second aws run with the default budget (25/s) and
     64 in flight, every write call timestamped by the proxy; the largest
     number of writes in any 1-s window.
