@@ -15,7 +15,9 @@ use keyturn::vaults::local::{LocalVault, load_key};
 use keyturn::vaults::{Select, Vault, VaultItem, VersionRef};
 
 /// The credential is kept in two vaults (the Env's `local` and `mirror`), so
-/// every failpoint also checks that the vaults never disagree.
+/// every failpoint also checks that the vaults never disagree. Its target is
+/// a hook that reads the value and succeeds: with no target at all the engine
+/// skips `set` and `test`, and their failpoints would never be reached.
 const CONFIG: &str = r#"
 [vaults.mirror]
 type = "local"
@@ -30,6 +32,7 @@ vault = ["local", "mirror"]
 generate = { kind = "password", length = 32 }
 every = "1h"
 grace = "0s"
+target = { type = "command", program = "/bin/sh", args = ["-c", "cat >/dev/null"] }
 deliver = [{ type = "file", path = "{root}/bot/db.json", format = "json" }]
 "#;
 

@@ -865,7 +865,7 @@ impl Inner {
                 Ok(mut writes) => {
                     crash_point(after(step));
                     let mut next = rot.clone();
-                    next.step = step.next();
+                    next.step = next_step(step, entry);
                     next.attempts = 0;
                     next.last_error = None;
                     next.updated_at = now();
@@ -1384,6 +1384,17 @@ async fn vault_permits(entry: &CredEntry) -> Vec<tokio::sync::OwnedSemaphorePerm
         }
     }
     permits
+}
+
+/// The step after `step` for this credential: `set` and `test` are skipped
+/// when the target has none (each step costs an audit record and a state
+/// commit, both fsynced).
+fn next_step(step: Step, entry: &CredEntry) -> Step {
+    let mut next = step.next();
+    while matches!(next, Step::Set | Step::Test) && !entry.target.has_steps() {
+        next = next.next();
+    }
+    next
 }
 
 /// The server's `Retry-After` wins over a shorter back-off delay. Capped so

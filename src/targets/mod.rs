@@ -23,6 +23,12 @@ pub trait Target: Send + Sync {
     /// Short description for logs and status (`none`, `postgres:invoice_bot`).
     fn describe(&self) -> String;
 
+    /// Whether `set` and `test` do anything. When they do not (`none`), the
+    /// engine skips those steps: no record, no state commit, no fsync.
+    fn has_steps(&self) -> bool {
+        true
+    }
+
     /// Whether `set`/`test` need the pending value. The engine skips reading
     /// it back from the vault when they do not.
     fn uses_value(&self) -> bool {

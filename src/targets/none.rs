@@ -17,6 +17,9 @@ impl Target for NoTarget {
     fn uses_value(&self) -> bool {
         false
     }
+    fn has_steps(&self) -> bool {
+        false
+    }
     async fn set(
         &self,
         _: &CredentialKey,
