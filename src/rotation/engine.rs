@@ -141,8 +141,10 @@ struct Inner {
 
 /// Why a rotation stopped before finishing.
 enum Stop {
-    /// Failed after its retries; parked and retried later.
-    Failed(String),
+    /// Failed after its retries; parked and retried later, but not before
+    /// the `Retry-After` of the last error if it had one (the last attempt's
+    /// has no in-step delay left to honour it).
+    Failed(String, Option<Duration>),
     /// The daemon is stopping; state is persisted and it resumes at next start.
     Drained,
 }
@@ -667,13 +669,16 @@ impl Inner {
                         vec![(Job::Rotate, next), (Job::Retire, rot.retire_at)],
                     )
                 }
-                Err(Stop::Failed(msg)) => {
+                Err(Stop::Failed(msg, retry_after)) => {
                     l.parked = Some(Box::new(Parked {
                         rotation: last_run.as_ref().and_then(|r| r.rotation.clone()),
                         step: last_run.as_ref().map(|r| r.step),
                     }));
                     let failures = l.row.as_ref().map_or(1, |r| r.consecutive_failures.max(1));
-                    let delay = park_delay(&entry_retry(&self.catalog()), failures);
+                    let delay = not_before(
+                        park_delay(&entry_retry(&self.catalog()), failures),
+                        retry_after,
+                    );
                     self.metrics.rotation_finished(false, started.elapsed());
                     tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, retry_in = %humantime::format_duration(delay), "rotation failed; parked");
                     (
@@ -718,7 +723,7 @@ impl Inner {
         let result = match self.load(move |s| s.latest_rotation(&k)).await {
             Ok(Some(mut rot)) if rot.step == Step::Retire => self.retire(&entry, &mut rot).await,
             Ok(_) => Ok(()),
-            Err(e) => Err(Stop::Failed(e.to_string())),
+            Err(e) => Err(Stop::Failed(e.to_string(), None)),
         };
         let rotate_next = {
             let mut live = self.live();
@@ -731,12 +736,12 @@ impl Inner {
                         row.last_error = None;
                     }
                 }
-                Err(Stop::Failed(msg)) => {
+                Err(Stop::Failed(msg, retry_after)) => {
                     // Shown by `status` until the retry succeeds.
                     if let Some(row) = l.row.as_mut() {
                         row.last_error = Some(msg.clone());
                     }
-                    let delay = entry_retry(&self.catalog()).max_delay;
+                    let delay = not_before(entry_retry(&self.catalog()).max_delay, retry_after);
                     tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, "retiring the previous version failed; will retry");
                     self.timers()
                         .schedule((key.clone(), Job::Retire), now() + chrono_dur(delay));
@@ -757,7 +762,7 @@ impl Inner {
         let latest = self
             .load(move |s| s.latest_rotation(&k))
             .await
-            .map_err(|e| Stop::Failed(format!("{key}: {e}")))?;
+            .map_err(|e| Stop::Failed(format!("{key}: {e}"), None))?;
         let mut rot = match latest {
             Some(r) if r.step < Step::Retire => {
                 tracing::info!(agent = %key.agent, credential = %key.credential, rotation = %r.id, step = %r.step, "resuming rotation");
@@ -812,7 +817,7 @@ impl Inner {
                     let k = key.clone();
                     self.load(move |s| s.versions(&k))
                         .await
-                        .map_err(|e| Stop::Failed(format!("{key}: {e}")))?
+                        .map_err(|e| Stop::Failed(format!("{key}: {e}"), None))?
                         .into_iter()
                         .find(|v| v.version == cv)
                         .map(|v| v.vault_version)
@@ -845,10 +850,10 @@ impl Inner {
                 None,
             )
             .await
-            .map_err(|e| Stop::Failed(format!("{key}: audit: {}", e.message)))?;
+            .map_err(|e| Stop::Failed(format!("{key}: audit: {}", e.message), None))?;
         self.persist(vec![Write::Rotation(rot.clone()), head])
             .await
-            .map_err(|e| Stop::Failed(format!("{key}: {}", e.message)))?;
+            .map_err(|e| Stop::Failed(format!("{key}: {}", e.message), None))?;
         crash_point("rotation.after_start");
         Ok(rot)
     }
@@ -945,7 +950,10 @@ impl Inner {
                 l.row = Some(cred);
             }
             let Some(delay) = delay else {
-                return Err(Stop::Failed(format!("{}: step {step}: {msg}", entry.key)));
+                return Err(Stop::Failed(
+                    format!("{}: step {step}: {msg}", entry.key),
+                    error.error.retry_after,
+                ));
             };
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -1286,7 +1294,10 @@ impl Inner {
                         None
                     };
                     let Some(delay) = delay else {
-                        return Err(Stop::Failed(format!("{}: step retire: {msg}", entry.key)));
+                        return Err(Stop::Failed(
+                            format!("{}: step retire: {msg}", entry.key),
+                            e.error.retry_after,
+                        ));
                     };
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -1400,10 +1411,15 @@ fn next_step(step: Step, entry: &CredEntry) -> Step {
 /// The server's `Retry-After` wins over a shorter back-off delay. Capped so
 /// a hostile or broken header cannot park a step for days.
 fn honour_retry_after(backoff: Duration, e: &PluginError) -> Duration {
+    not_before(backoff, e.retry_after)
+}
+
+/// `delay`, lengthened to a server's `Retry-After` (capped at 5 min).
+fn not_before(delay: Duration, retry_after: Option<Duration>) -> Duration {
     const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
-    match e.retry_after {
-        Some(after) => backoff.max(after.min(MAX_RETRY_AFTER)),
-        None => backoff,
+    match retry_after {
+        Some(after) => delay.max(after.min(MAX_RETRY_AFTER)),
+        None => delay,
     }
 }
 

@@ -2,9 +2,9 @@
 //! state and audit log, with failures injected in front of the vault so the
 //! engine's one failure path (retry, backoff, park, resume) is exercised.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
@@ -20,12 +20,16 @@ use crate::telemetry::Metrics;
 use crate::vaults::local::{LocalKey, LocalVault};
 use crate::vaults::{Select, StoredVersion, Vault, VaultItem, VersionRef};
 
-/// Fails the next `failures` calls to `stage` with `kind`, then delegates.
+/// Fails the next `failures` calls to `stage` with `kind` (and
+/// `retry_after`), then delegates.
 struct FlakyVault {
     inner: LocalVault,
     failures: AtomicU32,
     kind: ErrorKind,
+    retry_after: Option<Duration>,
     stage_calls: AtomicU32,
+    /// When each `stage` call came.
+    stage_times: Mutex<Vec<Instant>>,
 }
 
 #[async_trait]
@@ -40,10 +44,12 @@ impl Vault for FlakyVault {
         value: &SecretValue,
     ) -> Result<VersionRef, PluginError> {
         self.stage_calls.fetch_add(1, Ordering::SeqCst);
+        self.stage_times.lock().unwrap().push(Instant::now());
         let left = self.failures.load(Ordering::SeqCst);
         if left > 0 {
             self.failures.store(left - 1, Ordering::SeqCst);
-            return Err(PluginError::new(self.kind, "vault unavailable (injected)"));
+            return Err(PluginError::new(self.kind, "vault unavailable (injected)")
+                .with_retry_after(self.retry_after));
         }
         self.inner.stage(item, rotation, value).await
     }
@@ -85,6 +91,10 @@ fn key() -> CredentialKey {
 }
 
 async fn rig(failures: u32, kind: ErrorKind) -> Rig {
+    rig_with(failures, kind, None).await
+}
+
+async fn rig_with(failures: u32, kind: ErrorKind, retry_after: Option<Duration>) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
     let text = format!(
@@ -113,7 +123,9 @@ deliver = [{{ type = "file", path = "{d}/agents/bot/db" }}]
         inner: LocalVault::open("local", &dir.path().join("vault"), LocalKey::generate()).unwrap(),
         failures: AtomicU32::new(failures),
         kind,
+        retry_after,
         stage_calls: AtomicU32::new(0),
+        stage_times: Mutex::new(Vec::new()),
     });
     let shared = &catalog.vaults["local"];
     let handle = Arc::new(VaultHandle {
@@ -272,5 +284,38 @@ async fn concurrent_triggers_join_one_rotation() {
     assert_eq!(rig.vault.stage_calls.load(Ordering::SeqCst), 1);
     let next = rig.engine.trigger(&key()).unwrap().await.unwrap();
     assert_eq!(next.version, Some(2));
+    rig.shutdown().await;
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_by_the_in_step_retries_and_by_the_parked_retry() {
+    // 3 attempts per run and a park delay of 40 ms: the first run fails
+    // three times, the parked retry succeeds. Every wait, the one before the
+    // parked retry included, must be at least the vault's Retry-After.
+    const AFTER: Duration = Duration::from_millis(300);
+    let rig = rig_with(3, ErrorKind::Throttled, Some(AFTER)).await;
+    let sched = {
+        let e = rig.engine.clone();
+        tokio::spawn(async move { e.run_scheduler(None, || {}).await })
+    };
+    let first = rig.engine.trigger(&key()).unwrap().await.unwrap();
+    assert!(first.error.is_some(), "parked after 3 throttled attempts");
+    let mut waited = 0;
+    while rig.engine.status()[0].version.is_none() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += 1;
+        assert!(waited < 250, "never retried: {:?}", rig.engine.status());
+    }
+    let times = rig.vault.stage_times.lock().unwrap().clone();
+    assert_eq!(times.len(), 4, "3 throttled attempts, then success");
+    for (i, w) in times.windows(2).enumerate() {
+        let gap = w[1] - w[0];
+        assert!(
+            gap >= AFTER,
+            "attempt {} came {gap:?} after a throttled one (Retry-After {AFTER:?})",
+            i + 2
+        );
+    }
+    sched.abort();
     rig.shutdown().await;
 }

@@ -35,14 +35,23 @@ either), RBAC, the protected-body auth scheme, backup/restore, recover,
 certificates-backed secrets, the real rate limits, persistence (state is memory).
 
 Fault injection for tests (no auth; loopback only):
-  POST /_stub/faults        {"status": 429|503, "count": N, "retry_after": S, "secret": NAME?}
+  POST /_stub/faults        {"status": 429|503, "count": N, "retry_after": S, "secret": NAME?,
+                             "method": M?}
       the next N authenticated secret requests fail with that status.
-  POST /_stub/drop_response {"count": N, "secret": NAME?}
+  POST /_stub/drop_response {"count": N, "secret": NAME?, "method": M?, "body": TEXT?}
       the next N writes (PUT/PATCH/DELETE) are committed, then the connection is
       closed without an answer ("committed but the response was lost").
   POST /_stub/reset         forget every pending fault.
+  GET  /_stub/requests?secret=NAME
+      the log of requests for that secret (every one if no secret), oldest
+      first: {"requests": [{"method", "secret", "status", "start", "end"}]},
+      start/end in Unix seconds (arrival, answer sent); status 0 for a dropped
+      answer. Never bodies, values or tokens. The last 100000 are kept.
   With "secret", a fault applies only to requests for that secret name, so tests
-  running in parallel against one stub do not take each other's faults.
+  running in parallel against one stub do not take each other's faults. With
+  "method", only to requests with that HTTP method; with "body", only to writes
+  whose request body contains TEXT (e.g. a tag value), so that a test can pick
+  one of several writes to the same secret.
   GET  /healthz             200, for readiness probes.
 
 Entra ID token endpoint, so the daemon can log in with a client secret
@@ -62,6 +71,7 @@ Needs Python 3.11 and `cryptography`. Never logs a secret value or a token.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import ipaddress
 import json
@@ -195,17 +205,21 @@ class State:
         # Pending faults, oldest first: dicts with status, remaining,
         # retry_after, secret (lowercased name or None for any secret).
         self.faults: list[dict] = []
-        self.drops: list[dict] = []  # remaining, secret
+        self.drops: list[dict] = []  # remaining, secret, method, body
+        # (method, secret, status, start, end) of secret requests; see /_stub/requests.
+        self.requests = collections.deque(maxlen=100000)
 
 
 STATE = State()
 
 
-def take(entries, target):
-    """Consumes one use of the first entry that applies to secret `target`."""
+def take(entries, target, method, body=b""):
+    """Consumes one use of the first entry that applies to this request."""
     with STATE.lock:
         for e in entries:
-            if e["secret"] is None or e["secret"] == target:
+            if (e["secret"] is None or e["secret"] == target) \
+                    and (e.get("method") is None or e["method"] == method) \
+                    and (e.get("body") is None or e["body"] in body):
                 e["remaining"] -= 1
                 if e["remaining"] <= 0:
                     entries.remove(e)
@@ -283,9 +297,11 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("POST")
 
     def _dispatch(self, method):
+        start = time.time()
         raw = self._read_body()  # always drain it, or keep-alive desyncs
         url = urlsplit(self.path)
         query = parse_qs(url.query)
+        logged = None
         parts = [p for p in url.path.split("/")]
         # "/secrets/x/" (the SDK's "latest") splits into ['', 'secrets', 'x', '']
         if parts and parts[0] == "":
@@ -295,44 +311,74 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if method == "GET" and parts == ["healthz"]:
                 return self._send(200, {"status": "ok"})
+            if method == "GET" and parts == ["_stub", "requests"]:
+                return self._requests(query)
             if len(parts) == 2 and parts[0] == "_stub" and method == "POST":
                 return self._control(parts[1], raw)
             if method == "POST" and len(parts) == 4 and parts[1:] == ["oauth2", "v2.0", "token"]:
                 return self._token(raw)
             if not parts or parts[0] not in ("secrets", "deletedsecrets"):
                 raise Reply(404, "NotFound", "no such route in the Key Vault stub")
+            target = parts[1].lower() if len(parts) > 1 else None
+            # Logged from here on (401 challenges included): a test measures
+            # the gaps between a client's requests for one secret.
+            logged = (method, target, start)
             self._authorize()
             if "api-version" not in query:
                 raise Reply(400, "BadParameter", "The api-version parameter is missing")
-            target = parts[1].lower() if len(parts) > 1 else None
-            self._maybe_fault(target)
+            self._maybe_fault(target, method)
             is_write = method in ("PUT", "PATCH", "DELETE")
             status, body = self._route(method, parts, query, raw)
-            drop = is_write and take(STATE.drops, target) is not None
+            drop = is_write and take(STATE.drops, target, method, raw) is not None
             if drop:
                 # Committed above; now lose the answer like a dead load balancer.
                 self.close_connection = True
                 self.log_message("%s %s committed; response dropped", method, url.path)
+                self._record(logged, 0)
                 return
             self._send(status, body)
+            self._record(logged, status)
         except Reply as r:
             self._send(r.status, r.body, r.headers)
+            self._record(logged, r.status)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             self._send(400, {"error": {"code": "BadParameter", "message": "bad request: %s" % type(e).__name__}})
+            self._record(logged, 400)
+
+    def _record(self, logged, status):
+        if logged is not None:
+            method, target, start = logged
+            with STATE.lock:  # /_stub/requests iterates under the lock
+                STATE.requests.append((method, target, status, start, time.time()))
+
+    def _requests(self, query):
+        secret = (query.get("secret") or [None])[0]
+        secret = secret.lower() if secret else None
+        with STATE.lock:
+            rows = [r for r in STATE.requests if secret is None or r[1] == secret]
+        self._send(200, {"requests": [
+            {"method": m, "secret": t, "status": st, "start": a, "end": b} for m, t, st, a, b in rows
+        ]})
 
     def _control(self, what, raw):
         req = json.loads(raw or b"{}")
         with STATE.lock:
             secret = req.get("secret")
             secret = secret.lower() if isinstance(secret, str) else None
+            method = req.get("method")
+            method = method.upper() if isinstance(method, str) else None
+            body = req.get("body")
+            body = body.encode() if isinstance(body, str) else None
             if what == "faults":
                 status = int(req["status"])
                 if status not in (429, 500, 502, 503, 504):
                     raise Reply(400, "BadParameter", "status must be 429 or 5xx")
                 STATE.faults.append({"status": status, "remaining": int(req.get("count", 1)),
-                                     "retry_after": int(req.get("retry_after", 1)), "secret": secret})
+                                     "retry_after": int(req.get("retry_after", 1)), "secret": secret,
+                                     "method": method})
             elif what == "drop_response":
-                STATE.drops.append({"remaining": int(req.get("count", 1)), "secret": secret})
+                STATE.drops.append({"remaining": int(req.get("count", 1)), "secret": secret,
+                                    "method": method, "body": body})
             elif what == "reset":
                 STATE.faults.clear()
                 STATE.drops.clear()
@@ -367,8 +413,8 @@ class Handler(BaseHTTPRequestHandler):
         if auth != "Bearer " + self.server.token:
             raise Reply(401, "Unauthorized", "AKV10032: Invalid issuer or token.", headers=challenge)
 
-    def _maybe_fault(self, target):
-        fault = take(STATE.faults, target)
+    def _maybe_fault(self, target, method):
+        fault = take(STATE.faults, target, method)
         if fault is None:
             return
         status, retry_after = fault["status"], fault["retry_after"]
