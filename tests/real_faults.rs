@@ -158,6 +158,9 @@ path = "{path}"
 generate = {{ kind = "password", length = 32 }}
 every = "1h"
 grace = "{grace}"
+# A hook that reads the value and succeeds: without a target the engine skips
+# `set` and `test`, and the kill -9 test could not reach their failpoints.
+target = {{ type = "command", program = "/bin/sh", args = ["-c", "cat >/dev/null"] }}
 deliver = [{{ type = "file", path = "{{root}}/bot/db.json", format = "json" }}]
 "#,
         bao = addr.bao,
