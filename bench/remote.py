@@ -595,6 +595,7 @@ class BaoRaw:
       stage:       GET data/pending/p (404); GET data/p; GET metadata/pending/p (404);
                    POST data/pending/p (cas 0)
       read back:   GET data/p; GET data/pending/p
+      check:       GET data/p (is the current still the one keyturn wrote?)
       promote:     GET data/pending/p; GET data/p; POST data/p (cas L);
                    POST destroy/p [L-1]; DELETE metadata/pending/p
       deliver:     GET data/p
@@ -658,6 +659,8 @@ class BaoRaw:
         # read back by version (the engine checks what the vault holds)
         self.req("GET", f"data/{p}")
         self.req("GET", f"data/{pend}")
+        # the engine checks that the current version is still the one it wrote
+        self.req("GET", f"data/{p}")
         # promote
         slot = self.req("GET", f"data/{pend}")
         cur = self.req("GET", f"data/{p}")
@@ -748,6 +751,11 @@ def rotate(t, s):
                         VersionStages=["AWSPENDING"])
     calls[t] += 1
     sm.get_secret_value(SecretId=s, VersionId=rid)  # read back
+    calls[t] += 1
+    try:  # the engine checks that the current version is still the one it wrote
+        sm.get_secret_value(SecretId=s, VersionStage="AWSCURRENT")
+    except sm.exceptions.ResourceNotFoundException:
+        pass
     v = labels(t, s)
     cur = next((i for i, l in v.items() if "AWSCURRENT" in l), None)
     if cur != rid:

@@ -138,6 +138,9 @@ impl AwsSettings {
 // Write budget
 // ---------------------------------------------------------------------------
 
+/// Writes are spaced this much wider than 1/budget (see [`WriteBudget::new`]).
+const SPACING_MARGIN: f64 = 1.025;
+
 /// Spaces writes `interval` apart: each caller reserves the next free slot
 /// and sleeps until it. A caller that is cancelled while waiting loses its
 /// slot, which only makes the budget more conservative.
@@ -155,7 +158,12 @@ impl WriteBudget {
         if !(per_sec.is_finite() && per_sec > 0.0) {
             return None;
         }
-        let interval = Duration::try_from_secs_f64(1.0 / per_sec).ok()?;
+        // 2.5 % wider than 1/rate: with exact spacing a closed 1-s window
+        // can hold budget + 1 writes (one at each end), and network jitter
+        // can bring two writes closer by the time AWS counts them. The margin
+        // keeps AWS's count at or under the budget for jitter up to 25 ms
+        // per second of writes.
+        let interval = Duration::try_from_secs_f64(SPACING_MARGIN / per_sec).ok()?;
         Some(Self {
             interval,
             next_slot: Mutex::new(Instant::now()),
@@ -918,19 +926,22 @@ mod tests {
     fn budget_spaces_slots() {
         let budget = WriteBudget::new(10.0).unwrap();
         let t0 = Instant::now();
-        // 21 writes asked for at once: the first now, the last after 2 s,
-        // never more than 11 in any one-second window.
+        // 21 writes asked for at once: the first now, the last after 2.05 s
+        // (2.5 % margin), never more than 10 in any closed one-second window.
         let slots: Vec<Duration> = (0..21).map(|_| budget.reserve(t0) - t0).collect();
         assert_eq!(slots[0], Duration::ZERO);
-        assert_eq!(slots[20], Duration::from_secs(2));
-        for w in slots.windows(12) {
-            assert!(w[11] - w[0] >= Duration::from_secs(1), "{w:?}");
+        assert_eq!(slots[20], Duration::from_millis(2050));
+        for w in slots.windows(11) {
+            assert!(w[10] - w[0] > Duration::from_secs(1), "{w:?}");
         }
         // After a quiet spell, no burst is saved up: the next slot is "now",
         // the one after it a full interval later.
         let later = t0 + Duration::from_secs(60);
         assert_eq!(budget.reserve(later), later);
-        assert_eq!(budget.reserve(later), later + Duration::from_millis(100));
+        assert_eq!(
+            budget.reserve(later),
+            later + Duration::from_micros(102_500)
+        );
     }
 
     #[tokio::test]
