@@ -871,6 +871,23 @@ class RawSide:
 # --------------------------------------------------------------------------
 
 
+def daemon_write_times(log_path: Path) -> list[float]:
+    """Seconds (epoch) of each `write slot taken` line of a daemon log: when
+    keyturn sent each budgeted write, by its own clock."""
+    import datetime
+    out = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "write slot taken" not in line:
+            continue
+        stamp = line.split()[0]
+        try:
+            t = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        except ValueError:
+            continue
+        out.append(t.timestamp())
+    return sorted(out)
+
+
 def budget_run(env: dict, upstream: str, n: int, prefix: str) -> dict:
     """aws, default write budget, 64 in flight, every call through the proxy:
     the initial rotations and one `rotate all --wait`."""
@@ -880,7 +897,9 @@ def budget_run(env: dict, upstream: str, n: int, prefix: str) -> dict:
     proxy = CountingProxy(upstream)
     try:
         cfg, expected = write_config(d, "aws", env, n, 64, prefix, proxy.url, None)
-        dm = base.Daemon(cfg, "budget")
+        # Each budgeted write is logged (debug, with a timestamp) by the
+        # daemon, so the budget is also counted from keyturn's own side.
+        dm = base.Daemon(cfg, "budget", {"KEYTURN_LOG": "info,keyturn::vaults::aws::budget=debug"})
         try:
             dm.wait_ready(120)
             t0 = time.monotonic()
@@ -894,6 +913,8 @@ def budget_run(env: dict, upstream: str, n: int, prefix: str) -> dict:
     finally:
         proxy.close()
     events = proxy.take()
+    sent = daemon_write_times(dm.log_path)
+    most_sent, _ = max_in_window(sent)
     writes = [t for t, op, _, _ in events if op in AWS_WRITES]
     rot_writes = [t for t in writes if t >= t1]
     most, at = max_in_window(writes)
@@ -911,6 +932,7 @@ def budget_run(env: dict, upstream: str, n: int, prefix: str) -> dict:
         "throttled_responses": sum(1 for e in events if e[3] in (400, 429) and e[1] in AWS_WRITES),
         "writes_per_s_avg_rotate_all": round(len(rot_writes) / max(t_rot, 1e-9), 2),
         "max_writes_any_1s_window": most, "max_window_start_s": round(at, 3),
+        "writes_sent_by_keyturn": len(sent), "max_writes_sent_any_1s_window": most_sent,
         "max_writes_any_1s_window_rotate_all": most_rot,
         "writes_per_whole_second": [per_sec.get(i, 0) for i in range(max(per_sec) + 1)] if per_sec else [],
     }
@@ -1019,12 +1041,13 @@ def check_goals(results: dict) -> list[dict]:
                                   f"{k['ratio_to_capacity']:.2f} (same-level raw: {k['ratio_same_level']:.2f})"})
     b = results.get("budget")
     if b:
-        limit = b["write_budget"] + 1
-        goals.append({"goal": f"aws: never above the write budget (<= {b['write_budget']:g} writes in any 1-s "
-                              f"window, +1 for the first slot)",
-                      "pass": b["max_writes_any_1s_window"] <= limit,
-                      "measured": f"max {b['max_writes_any_1s_window']} writes in a 1-s window "
-                                  f"(at +{b['max_window_start_s']}s), {b['writes']} writes in all"})
+        goals.append({"goal": f"aws: never above the write budget (<= {b['write_budget']:g} writes sent in any "
+                              f"1-s window, by keyturn's own timestamps)",
+                      "pass": 0 < b["max_writes_sent_any_1s_window"] <= b["write_budget"]
+                      and b["writes_sent_by_keyturn"] == b["writes"],
+                      "measured": f"max {b['max_writes_sent_any_1s_window']} writes sent in a 1-s window "
+                                  f"({b['writes_sent_by_keyturn']} sent, {b['writes']} seen by the proxy; "
+                                  f"by arrival at the proxy: max {b['max_writes_any_1s_window']})"})
     return goals
 
 

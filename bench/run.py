@@ -352,7 +352,7 @@ def count_delivered(root: Path, expected_by_dir: dict[str, set[str]]) -> int:
 
 
 class Daemon:
-    def __init__(self, cfg: Path, tag: str):
+    def __init__(self, cfg: Path, tag: str, extra_env: dict | None = None):
         self.cfg = cfg
         d = cfg.parent
         self.notify_path = d / f"notify-{tag}.sock"
@@ -364,6 +364,7 @@ class Daemon:
         env["NOTIFY_SOCKET"] = str(self.notify_path)
         for k in ("KEYTURN_LOG", "KEYTURN_CONFIG", "FAILPOINTS", "WATCHDOG_USEC", "WATCHDOG_PID"):
             env.pop(k, None)
+        env.update(extra_env or {})
         logf = open(self.log_path, "wb")
         self.t_spawn = time.monotonic()
         self.proc = subprocess.Popen(
