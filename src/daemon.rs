@@ -323,7 +323,7 @@ async fn preflight(catalog: &Catalog) {
     for entry in catalog.creds.values() {
         for sink in &entry.sinks {
             if let Err(e) = sink.preflight().await {
-                tracing::warn!(agent = %entry.key.agent, credential = %entry.key.credential, sink = %sink.describe(), error = %e, "sink preflight failed");
+                tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, sink = %sink.describe(), error = %e, "sink preflight failed");
             }
         }
     }

@@ -34,7 +34,6 @@ pub struct VaultHandle {
 
 /// One credential, ready to rotate.
 pub struct CredEntry {
-    pub key: CredentialKey,
     /// The agent it belongs to (its `credentials` map is empty: they live
     /// in the catalog's entries). Shared by all of the agent's entries.
     pub agent: Arc<AgentConfig>,
@@ -58,6 +57,11 @@ pub struct Catalog {
 }
 
 impl CredEntry {
+    /// `agent/credential` (kept once, in the config).
+    pub fn key(&self) -> &CredentialKey {
+        &self.cfg.key
+    }
+
     /// The vault a new value is staged in first and read back from.
     pub fn primary(&self) -> &VaultHandle {
         &self.vaults[0]
@@ -132,7 +136,6 @@ impl Catalog {
                     sinks.push(sink);
                 }
                 let entry = CredEntry {
-                    key: cred.key.clone(),
                     agent: agent.clone(),
                     offset: jitter_offset(&cred.key, cred.jitter),
                     target: targets::build(&cred.target).map_err(|source| BuildError::Target {
@@ -143,7 +146,7 @@ impl Catalog {
                     vaults: cred_vaults,
                     sinks,
                 };
-                creds.insert(entry.key.clone(), Arc::new(entry));
+                creds.insert(entry.cfg.key.clone(), Arc::new(entry));
             }
         }
         let config = Arc::new(config);

@@ -19,7 +19,8 @@ use crate::generators;
 use crate::model::{
     CredentialKey, ErrorKind, PluginError, RotationId, SecretValue, Stage, VersionNo,
 };
-use crate::schedule::{TimerHeap, catch_up_times};
+use super::table::{CredLive, Job, LiveRow, Parked, Running, Table};
+use crate::schedule::catch_up_times;
 use crate::sinks::Notice;
 use crate::state::{
     CredentialRow, RotationRow, StateError, StateStore, Step, Trigger, VersionRow, Write,
@@ -45,64 +46,6 @@ pub struct RotateFinished {
     pub version: Option<VersionNo>,
     /// `None` on success; otherwise what went wrong (never a secret).
     pub error: Option<String>,
-}
-
-/// The kinds of timer a credential can have.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum Job {
-    Rotate,
-    Retire,
-}
-
-/// A rotation in progress, as status shows it.
-#[derive(Debug, Clone)]
-struct Running {
-    job: Job,
-    rotation: Option<RotationId>,
-    step: Step,
-    attempts: u32,
-    last_error: Option<String>,
-}
-
-/// Where a parked rotation stopped.
-#[derive(Debug, Clone)]
-struct Parked {
-    rotation: Option<RotationId>,
-    step: Option<Step>,
-}
-
-/// One per credential, so kept small: what only a running or parked rotation
-/// needs is boxed (at 100k credentials each byte here is ~130 kB with the
-/// map's slack).
-#[derive(Default)]
-struct CredLive {
-    row: Option<CredentialRow>,
-    running: Option<Box<Running>>,
-    /// The last attempt failed and the rotation is parked until its retry
-    /// time. Keeps the step it failed at, so `status` can name it.
-    parked: Option<Box<Parked>>,
-    /// The previous version is retired at this time (delivery + grace).
-    retire_at: Option<DateTime<Utc>>,
-    /// Why the next rotation starts.
-    next_trigger: Option<Trigger>,
-    /// A rotation was asked for while the previous version was being
-    /// retired; it starts as soon as that finishes.
-    rotate_after_retire: bool,
-    waiters: Vec<oneshot::Sender<RotateFinished>>,
-}
-
-impl CredLive {
-    fn state(&self) -> CredentialState {
-        if self.running.is_some() {
-            CredentialState::Rotating
-        } else if self.parked.is_some() {
-            CredentialState::Failed
-        } else if self.retire_at.is_some() {
-            CredentialState::Retiring
-        } else {
-            CredentialState::Idle
-        }
-    }
 }
 
 /// One credential's line in `status`.
@@ -132,8 +75,8 @@ struct Inner {
     audit: AuditLog,
     metrics: Arc<Metrics>,
     global: Arc<Semaphore>,
-    live: Mutex<HashMap<CredentialKey, CredLive>>,
-    timers: Mutex<TimerHeap<(CredentialKey, Job)>>,
+    /// Live status and timers of every credential.
+    table: Mutex<Table>,
     wake: Notify,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -200,8 +143,7 @@ impl Engine {
                 audit,
                 metrics,
                 global,
-                live: Mutex::new(HashMap::new()),
-                timers: Mutex::new(TimerHeap::new()),
+                table: Mutex::new(Table::default()),
                 wake: Notify::new(),
                 cancel,
                 tracker,
@@ -237,12 +179,13 @@ impl Engine {
             .collect();
         {
             let mut live = self.inner.live();
+            live.reserve_total(self.catalog().creds.len());
             for row in snapshot.credentials {
                 let key = row.key.clone();
-                live.entry(key).or_default().row = Some(row);
+                live.entry(&key).row = Some(row.into());
             }
             for (key, rot) in &unfinished {
-                let l = live.entry(key.clone()).or_default();
+                let l = live.entry(&key);
                 if rot.step == Step::Retire {
                     l.retire_at = Some(rot.retire_at.unwrap_or_else(now));
                 } else {
@@ -281,7 +224,6 @@ impl Engine {
     /// `(key, age, seconds until due)` for every credential, for the metrics scrape.
     pub fn credential_times(&self) -> Vec<(CredentialKey, Option<f64>, Option<f64>)> {
         let now = Utc::now();
-        let timers = self.inner.timers.lock().unwrap_or_else(|p| p.into_inner());
         let live = self.inner.live();
         let catalog = self.inner.catalog();
         let mut out: Vec<_> = catalog
@@ -292,8 +234,8 @@ impl Engine {
                 let age = row
                     .and_then(|r| r.last_rotated_at)
                     .map(|t| (now - t).num_milliseconds() as f64 / 1000.0);
-                let due = timers
-                    .deadline(&(key.clone(), Job::Rotate))
+                let due = live
+                    .deadline(key, Job::Rotate)
                     .or_else(|| row.and_then(|r| r.next_due))
                     .map(|t| (t - now).num_milliseconds() as f64 / 1000.0);
                 (key.clone(), age, due)
@@ -319,17 +261,17 @@ impl Engine {
         loop {
             let now = Utc::now();
             let free = inner.global.available_permits();
-            let due = inner.timers().pop_due_limit(now, free);
+            let due = inner.live().pop_due_limit(now, free);
             for (key, job) in due {
                 match inner.global.clone().try_acquire_owned() {
                     Ok(permit) => inner.clone().spawn_job(key, job, Some(permit)),
                     Err(_) => {
-                        inner.timers().schedule((key, job), now);
+                        inner.live().schedule(&key, job, now);
                         break;
                     }
                 }
             }
-            let next = inner.timers().next_deadline();
+            let next = inner.live().next_deadline();
             let mut sleep = match next {
                 Some(t) => (t - Utc::now()).to_std().unwrap_or(Duration::ZERO),
                 None => Duration::from_secs(60),
@@ -387,12 +329,8 @@ impl Inner {
             .clone()
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<CredentialKey, CredLive>> {
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn timers(&self) -> std::sync::MutexGuard<'_, TimerHeap<(CredentialKey, Job)>> {
-        self.timers.lock().unwrap_or_else(|p| p.into_inner())
+    fn live(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Arms the timers of every credential in the catalog.
@@ -400,38 +338,51 @@ impl Inner {
         let catalog = self.catalog();
         let now = now();
         let mut live = self.live();
-        let mut timers = self.timers();
+        live.reserve_total(catalog.creds.len());
         let mut overdue: Vec<(DateTime<Utc>, CredentialKey)> = Vec::new();
         let mut keys: Vec<&CredentialKey> = catalog.creds.keys().collect();
         keys.sort();
         for key in keys {
             let entry = &catalog.creds[key];
-            let l = live.entry(key.clone()).or_default();
-            if let Some(at) = l.retire_at {
-                timers.schedule((key.clone(), Job::Retire), at);
-            }
-            if l.running.is_some() {
-                continue;
-            }
-            let last = l.row.as_ref().and_then(|r| r.last_rotated_at);
-            let has_version = l.row.as_ref().and_then(|r| r.current_version).is_some();
-            if unfinished.get(key).is_some_and(|r| r.step < Step::Retire) {
-                timers.schedule((key.clone(), Job::Rotate), now);
-            } else if !has_version || last.is_none() {
-                l.next_trigger = Some(Trigger::Initial);
-                timers.schedule((key.clone(), Job::Rotate), now);
-            } else if l.parked.is_some() && !at_start {
-                // Keep the retry time it already has.
+            let l = live.entry(key);
+            let retire_at = l.retire_at;
+            // The rotate timer: `Some(Some(at))` sets it, `Some(None)`
+            // cancels it, `None` leaves it as it is.
+            let rotate = if l.running.is_some() {
+                None
             } else {
-                let last = last.expect("checked above");
-                match entry.cfg.schedule.next_due(last, entry.offset) {
-                    Some(due) if due <= now && at_start => overdue.push((due, key.clone())),
-                    Some(due) => {
-                        l.next_trigger = Some(Trigger::Schedule);
-                        timers.schedule((key.clone(), Job::Rotate), due.max(now));
+                let last = l.row.as_ref().and_then(|r| r.last_rotated_at);
+                let has_version = l.row.as_ref().and_then(|r| r.current_version).is_some();
+                if unfinished.get(key).is_some_and(|r| r.step < Step::Retire) {
+                    Some(Some(now))
+                } else if !has_version || last.is_none() {
+                    l.next_trigger = Some(Trigger::Initial);
+                    Some(Some(now))
+                } else if l.parked.is_some() && !at_start {
+                    // Keep the retry time it already has.
+                    None
+                } else {
+                    let last = last.expect("checked above");
+                    match entry.cfg.schedule.next_due(last, entry.offset) {
+                        Some(due) if due <= now && at_start => {
+                            overdue.push((due, key.clone()));
+                            None
+                        }
+                        Some(due) => {
+                            l.next_trigger = Some(Trigger::Schedule);
+                            Some(Some(due.max(now)))
+                        }
+                        None => Some(None),
                     }
-                    None => timers.cancel(&(key.clone(), Job::Rotate)),
                 }
+            };
+            if let Some(at) = retire_at {
+                live.schedule(key, Job::Retire, at);
+            }
+            match rotate {
+                Some(Some(at)) => live.schedule(key, Job::Rotate, at),
+                Some(None) => live.cancel(key, Job::Rotate),
+                None => {}
             }
         }
         // Most overdue first, spread over the catch-up window.
@@ -441,7 +392,7 @@ impl Inner {
             if let Some(l) = live.get_mut(&key) {
                 l.next_trigger = Some(Trigger::CatchUp);
             }
-            timers.schedule((key, Job::Rotate), at);
+            live.schedule(&key, Job::Rotate, at);
         }
         // Forget live state of credentials removed from the config.
         live.retain(|k, l| catalog.creds.contains_key(k) || l.running.is_some());
@@ -453,8 +404,8 @@ impl Inner {
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut live = self.live();
-            let l = live.entry(key.clone()).or_default();
-            l.waiters.push(tx);
+            let l = live.entry(&key);
+            l.waiters.get_or_insert_default().push(tx);
             if let Some(running) = &l.running {
                 // Join the running rotation; a running retire starts one
                 // when it ends.
@@ -470,7 +421,7 @@ impl Inner {
             }
         };
         if start {
-            self.timers().cancel(&(key.clone(), Job::Rotate));
+            self.live().cancel(key, Job::Rotate);
             self.spawn_job(key.clone(), Job::Rotate, None);
         }
         Some(rx)
@@ -489,7 +440,7 @@ impl Inner {
         };
         {
             let mut live = self.live();
-            let l = live.entry(key.clone()).or_default();
+            let l = live.entry(&key);
             if let Some(running) = &l.running {
                 // A rotation that is already running reschedules itself when
                 // it ends and retires the previous version first; a retire
@@ -532,7 +483,6 @@ impl Inner {
     fn status(&self) -> Vec<CredStatus> {
         let catalog = self.catalog();
         let live = self.live();
-        let timers = self.timers();
         let mut keys: Vec<&CredentialKey> = catalog.creds.keys().collect();
         keys.sort();
         keys.into_iter()
@@ -549,8 +499,8 @@ impl Inner {
                     version,
                     stage: version.map(|_| Stage::Current),
                     last_rotated: row.and_then(|r| r.last_rotated_at),
-                    next_due: timers
-                        .deadline(&(key.clone(), Job::Rotate))
+                    next_due: live
+                        .deadline(key, Job::Rotate)
                         .or_else(|| row.and_then(|r| r.next_due)),
                     state,
                     // A parked rotation shows where it stopped.
@@ -562,7 +512,7 @@ impl Inner {
                         .or_else(|| l.and_then(|l| l.parked.as_ref()?.rotation.clone())),
                     last_error: running
                         .and_then(|r| r.last_error.clone())
-                        .or_else(|| row.and_then(|r| r.last_error.clone())),
+                        .or_else(|| row.and_then(|r| r.last_error.as_deref().map(String::from))),
                 }
             })
             .collect()
@@ -571,15 +521,8 @@ impl Inner {
     fn cred_row(&self, key: &CredentialKey) -> CredentialRow {
         self.live()
             .get(key)
-            .and_then(|l| l.row.clone())
-            .unwrap_or_else(|| CredentialRow {
-                key: key.clone(),
-                current_version: None,
-                last_rotated_at: None,
-                next_due: None,
-                consecutive_failures: 0,
-                last_error: None,
-            })
+            .and_then(|l| l.row.as_ref())
+            .map_or_else(|| LiveRow::default().to_row(key), |r| r.to_row(key))
     }
 
     fn set_running(&self, key: &CredentialKey, rot: &RotationRow) {
@@ -622,8 +565,8 @@ impl Inner {
         error: Option<String>,
     ) -> Result<Write, PluginError> {
         let mut ev = AuditEvent::new(event, Actor::Daemon, outcome);
-        ev.agent = Some(entry.key.agent.clone());
-        ev.credential = Some(entry.key.credential.clone());
+        ev.agent = Some(entry.key().agent.clone());
+        ev.credential = Some(entry.key().credential.clone());
         ev.tenant = Some(entry.agent.tenant.clone());
         ev.owner = Some(entry.agent.owner.clone());
         ev.rotation = rot.map(|r| r.id.clone());
@@ -640,16 +583,16 @@ impl Inner {
     }
 
     async fn run_rotation(self: Arc<Self>, entry: Arc<CredEntry>) {
-        let key = entry.key.clone();
+        let key = entry.key().clone();
         let started = Instant::now();
         let _vault_permits = vault_permits(&entry).await;
         let result = self.rotate(&entry).await;
         let now = now();
         let reschedule = {
             let mut live = self.live();
-            let l = live.entry(key.clone()).or_default();
+            let l = live.entry(&key);
             let last_run = l.running.take();
-            let waiters = std::mem::take(&mut l.waiters);
+            let waiters = l.waiters.take().map(|w| *w).unwrap_or_default();
             let (finished, reschedule) = match result {
                 Ok(rot) => {
                     l.parked = None;
@@ -708,16 +651,16 @@ impl Inner {
             }
             reschedule
         };
-        let mut timers = self.timers();
+        let mut live = self.live();
         for (job, at) in reschedule {
             if let Some(at) = at {
-                timers.schedule((key.clone(), job), at);
+                live.schedule(&key, job, at);
             }
         }
     }
 
     async fn run_retire(self: Arc<Self>, entry: Arc<CredEntry>) {
-        let key = entry.key.clone();
+        let key = entry.key().clone();
         let _vault_permits = vault_permits(&entry).await;
         let k = key.clone();
         let result = match self.load(move |s| s.latest_rotation(&k)).await {
@@ -727,8 +670,9 @@ impl Inner {
         };
         let rotate_next = {
             let mut live = self.live();
-            let l = live.entry(key.clone()).or_default();
+            let l = live.entry(&key);
             l.running = None;
+            let mut retry_at = None;
             match result {
                 Ok(()) => {
                     l.retire_at = None;
@@ -739,16 +683,20 @@ impl Inner {
                 Err(Stop::Failed(msg, retry_after)) => {
                     // Shown by `status` until the retry succeeds.
                     if let Some(row) = l.row.as_mut() {
-                        row.last_error = Some(msg.clone());
+                        row.last_error = Some(msg.as_str().into());
                     }
                     let delay = not_before(entry_retry(&self.catalog()).max_delay, retry_after);
                     tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, "retiring the previous version failed; will retry");
-                    self.timers()
-                        .schedule((key.clone(), Job::Retire), now() + chrono_dur(delay));
+                    retry_at = Some(now() + chrono_dur(delay));
                 }
                 Err(Stop::Drained) => {}
             }
-            std::mem::take(&mut l.rotate_after_retire) && !self.cancel.is_cancelled()
+            let rotate_next =
+                std::mem::take(&mut l.rotate_after_retire) && !self.cancel.is_cancelled();
+            if let Some(at) = retry_at {
+                live.schedule(&key, Job::Retire, at);
+            }
+            rotate_next
         };
         if rotate_next {
             self.spawn_job(key, Job::Rotate, None);
@@ -757,7 +705,7 @@ impl Inner {
 
     /// Runs (or resumes) one rotation up to and including delivery.
     async fn rotate(&self, entry: &CredEntry) -> Result<RotationRow, Stop> {
-        let key = entry.key.clone();
+        let key = entry.key().clone();
         let k = key.clone();
         let latest = self
             .load(move |s| s.latest_rotation(&k))
@@ -776,7 +724,7 @@ impl Inner {
                     if let Some(l) = self.live().get_mut(&key) {
                         l.retire_at = None;
                     }
-                    self.timers().cancel(&(key.clone(), Job::Retire));
+                    self.live().cancel(&key, Job::Retire);
                 }
                 self.begin(entry, latest.as_ref()).await?
             }
@@ -799,7 +747,7 @@ impl Inner {
         entry: &CredEntry,
         latest: Option<&RotationRow>,
     ) -> Result<RotationRow, Stop> {
-        let key = &entry.key;
+        let key = entry.key();
         let cred = self.cred_row(key);
         let trigger = self
             .live()
@@ -897,7 +845,7 @@ impl Inner {
                         Ok(()) => {
                             *rot = next;
                             self.apply_effects_in_memory(entry, rot);
-                            self.set_running(&entry.key, rot);
+                            self.set_running(entry.key(), rot);
                             return Ok(());
                         }
                         Err(e) => StepError::new("recording the step", e),
@@ -911,8 +859,8 @@ impl Inner {
             rot.attempts += 1;
             rot.last_error = Some(format!("step {step}: {msg}"));
             rot.updated_at = now();
-            tracing::warn!(agent = %entry.key.agent, credential = %entry.key.credential, rotation = %rot.id, step = %step, attempt = rot.attempts, kind = %error.error.kind, error = %msg, "step failed");
-            let mut cred = self.cred_row(&entry.key);
+            tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, rotation = %rot.id, step = %step, attempt = rot.attempts, kind = %error.error.kind, error = %msg, "step failed");
+            let mut cred = self.cred_row(entry.key());
             cred.last_error = rot.last_error.clone();
             let retryable = error.error.kind.is_retryable();
             let delay = if retryable {
@@ -923,7 +871,7 @@ impl Inner {
             if delay.is_none() {
                 cred.consecutive_failures += 1;
             }
-            self.set_running(&entry.key, rot);
+            self.set_running(entry.key(), rot);
             let recorded = async {
                 let head = self
                     .audit(
@@ -944,14 +892,14 @@ impl Inner {
             }
             .await;
             if let Err(e) = recorded {
-                tracing::error!(agent = %entry.key.agent, credential = %entry.key.credential, error = %e, "could not record a step failure");
+                tracing::error!(agent = %entry.key().agent, credential = %entry.key().credential, error = %e, "could not record a step failure");
             }
-            if let Some(l) = self.live().get_mut(&entry.key) {
-                l.row = Some(cred);
+            if let Some(l) = self.live().get_mut(entry.key()) {
+                l.row = Some(cred.into());
             }
             let Some(delay) = delay else {
                 return Err(Stop::Failed(
-                    format!("{}: step {step}: {msg}", entry.key),
+                    format!("{}: step {step}: {msg}", entry.key()),
                     error.error.retry_after,
                 ));
             };
@@ -965,9 +913,9 @@ impl Inner {
     /// Keeps the in-memory credential row in step with what was persisted.
     fn apply_effects_in_memory(&self, entry: &CredEntry, rot: &RotationRow) {
         if rot.step == Step::Retire
-            && let Some(l) = self.live().get_mut(&entry.key)
+            && let Some(l) = self.live().get_mut(entry.key())
         {
-            l.row = Some(delivered_row(entry, rot));
+            l.row = Some(delivered_row(entry, rot).into());
         }
     }
 
@@ -977,7 +925,7 @@ impl Inner {
         entry: &CredEntry,
         rot: &mut RotationRow,
     ) -> Result<Vec<Write>, StepError> {
-        let key = &entry.key;
+        let key = entry.key();
         let item = VaultItem {
             key,
             path: &entry.cfg.path,
@@ -1131,7 +1079,7 @@ impl Inner {
         rot: &RotationRow,
     ) -> Result<SecretValue, StepError> {
         let item = VaultItem {
-            key: &entry.key,
+            key: entry.key(),
             path: &entry.cfg.path,
         };
         let primary = entry.primary();
@@ -1157,7 +1105,7 @@ impl Inner {
             return Ok(());
         };
         let item = VaultItem {
-            key: &entry.key,
+            key: entry.key(),
             path: &entry.cfg.path,
         };
         let refs = VaultRefs::decode(prev, entry.primary().vault.name());
@@ -1186,7 +1134,7 @@ impl Inner {
                 entry.cfg.path,
                 rot.version,
             );
-            tracing::warn!(agent = %entry.key.agent, credential = %entry.key.credential, vault = %h.vault.name(), version = prev_version, rotation = %rot.id, "{msg}");
+            tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %h.vault.name(), version = prev_version, rotation = %rot.id, "{msg}");
             // The head is persisted with the step, like delivery records.
             self.audit(
                 entry,
@@ -1211,7 +1159,7 @@ impl Inner {
                 let mut writes = Vec::new();
                 if let Some(prev) = &rot.previous_vault_version {
                     let item = VaultItem {
-                        key: &entry.key,
+                        key: entry.key(),
                         path: &entry.cfg.path,
                     };
                     let refs = VaultRefs::decode(prev, entry.primary().vault.name());
@@ -1232,13 +1180,13 @@ impl Inner {
                     if let Some(previous) = rot.previous_version {
                         entry
                             .target
-                            .retire(&entry.key, previous)
+                            .retire(entry.key(), previous)
                             .await
                             .map_err(|e| target_error(entry.target.as_ref(), e))?;
                     }
                     if let Some(version) = rot.previous_version {
                         writes.push(Write::VersionStage {
-                            key: entry.key.clone(),
+                            key: entry.key().clone(),
                             version,
                             stage: Stage::Retired,
                         });
@@ -1286,7 +1234,7 @@ impl Inner {
                         )
                         .await
                     {
-                        tracing::error!(agent = %entry.key.agent, credential = %entry.key.credential, error = %audit, "could not record a step failure");
+                        tracing::error!(agent = %entry.key().agent, credential = %entry.key().credential, error = %audit, "could not record a step failure");
                     }
                     let delay = if e.error.kind.is_retryable() {
                         delays.next().map(|d| honour_retry_after(d, &e.error))
@@ -1295,7 +1243,7 @@ impl Inner {
                     };
                     let Some(delay) = delay else {
                         return Err(Stop::Failed(
-                            format!("{}: step retire: {msg}", entry.key),
+                            format!("{}: step retire: {msg}", entry.key()),
                             e.error.retry_after,
                         ));
                     };
@@ -1313,7 +1261,7 @@ impl Inner {
 fn delivered_row(entry: &CredEntry, rot: &RotationRow) -> CredentialRow {
     let at = rot.updated_at;
     CredentialRow {
-        key: entry.key.clone(),
+        key: entry.key().clone(),
         current_version: Some(rot.version),
         last_rotated_at: Some(at),
         next_due: entry.cfg.schedule.next_due(at, entry.offset),

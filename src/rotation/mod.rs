@@ -23,6 +23,7 @@
 mod catalog;
 mod engine;
 mod failpoint;
+mod table;
 
 pub use catalog::{BuildError, Catalog, CredEntry, VaultHandle};
 pub use engine::{CredStatus, Engine, EngineError, RotateFinished};

@@ -135,7 +135,6 @@ deliver = [{{ type = "file", path = "{d}/agents/bot/db" }}]
     });
     let old = catalog.creds.remove(&key()).unwrap();
     let entry = CredEntry {
-        key: old.key.clone(),
         agent: old.agent.clone(),
         cfg: old.cfg.clone(),
         vaults: Box::new([handle]),

@@ -82,20 +82,49 @@ const BUNDLE_FILES: [&str; 3] = ["private.pem", "public.pem", "meta.json"];
 /// Delivers one credential to one file (or bundle directory) below a delivery root.
 pub struct FileSink {
     inner: Arc<Inner>,
-    /// Deliveries through this sink run one at a time (a bundle swap is
-    /// several syscalls; two at once would race on `..data_tmp`).
-    lock: tokio::sync::Mutex<()>,
 }
 
 /// Everything a blocking task needs; shared with it through an `Arc`.
 ///
 /// One per delivery path, so at 100k credentials every byte here counts: the
-/// root and the components below it are views into `cfg.path`, not copies.
+/// root and the components below it are views into `cfg.path`, not copies,
+/// and the strings are boxed (no spare capacity).
 struct Inner {
-    cfg: FileSinkConfig,
+    cfg: Spec,
     /// `cfg.path[..root_len]` is the delivery root that contains it; the
     /// rest is at least one plain name.
-    root_len: usize,
+    root_len: u32,
+}
+
+/// The [`FileSinkConfig`] as the sink keeps it.
+struct Spec {
+    path: Box<Path>,
+    format: FileFormat,
+    mode: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    env_name: Box<str>,
+}
+
+/// Deliveries to one path run one at a time (a bundle swap is several
+/// syscalls; two at once would race on `..data_tmp`). The engine already runs
+/// one job per credential at a time; these locks also cover two sinks for the
+/// same path (an old and a new catalog across a reload). A path hashes to one
+/// of a fixed set of locks, so a sink carries no lock of its own (100k
+/// sinks, 100k mutexes otherwise); two paths sharing a lock only wait for
+/// each other's short critical section.
+fn delivery_lock(path: &Path) -> &'static tokio::sync::Mutex<()> {
+    static LOCKS: std::sync::LazyLock<Vec<tokio::sync::Mutex<()>>> =
+        std::sync::LazyLock::new(|| (0..256).map(|_| tokio::sync::Mutex::new(())).collect());
+    // FNV-1a: stable and cheap; the spread only has to be even.
+    let h = path
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+        });
+    &LOCKS[(h % LOCKS.len() as u64) as usize]
 }
 
 impl fmt::Debug for FileSink {
@@ -164,7 +193,8 @@ impl FileSink {
         }
         // Both are plain (no `.`, `..`, repeated or trailing `/`), so the
         // root is a byte prefix of the path.
-        let root_len = root.as_os_str().len();
+        let root_len = u32::try_from(root.as_os_str().len())
+            .map_err(|_| invalid("delivery root path is too long"))?;
         if !path
             .as_os_str()
             .as_bytes()
@@ -172,9 +202,16 @@ impl FileSink {
         {
             return Err(invalid("path is not inside its delivery root"));
         }
+        let cfg = Spec {
+            path: cfg.path.into_boxed_path(),
+            format: cfg.format,
+            mode: cfg.mode,
+            uid: cfg.uid,
+            gid: cfg.gid,
+            env_name: cfg.env_name.into_boxed_str(),
+        };
         Ok(FileSink {
             inner: Arc::new(Inner { cfg, root_len }),
-            lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -188,7 +225,7 @@ impl FileSink {
         &self,
         f: impl FnOnce(&Inner) -> Result<T, PluginError> + Send + 'static,
     ) -> Result<T, PluginError> {
-        let _serial = self.lock.lock().await;
+        let _serial = delivery_lock(&self.inner.cfg.path).lock().await;
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || f(&inner))
             .await
@@ -260,13 +297,13 @@ impl Inner {
     /// The delivery root containing the path.
     fn root(&self) -> &Path {
         let bytes = self.cfg.path.as_os_str().as_bytes();
-        Path::new(OsStr::from_bytes(&bytes[..self.root_len]))
+        Path::new(OsStr::from_bytes(&bytes[..self.root_len as usize]))
     }
 
     /// The path's components below the root (plain names, at least one).
     fn rel(&self) -> impl Iterator<Item = &OsStr> {
         let bytes = self.cfg.path.as_os_str().as_bytes();
-        Path::new(OsStr::from_bytes(&bytes[self.root_len..]))
+        Path::new(OsStr::from_bytes(&bytes[self.root_len as usize..]))
             .components()
             .filter_map(|c| match c {
                 std::path::Component::Normal(n) => Some(n),

@@ -1,0 +1,290 @@
+//! The engine's in-memory view of every credential: its live status and its
+//! timers, behind one lock.
+//!
+//! Each credential key gets a dense index the first time it is seen; the
+//! status entries are a `Vec` by that index and the timers are addressed by
+//! `index * 2 + job`. At 100k credentials this keeps one hash map of keys
+//! (the index) instead of one per view, and no per-timer copy of the key:
+//! the view and its timers take about a third of the memory they took as
+//! maps keyed by credential. Indexes are never reused: a credential removed
+//! by a reload keeps its (reset) entry, so a rotation still running for it
+//! and a credential added back later find a consistent slot.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::oneshot;
+
+use super::engine::RotateFinished;
+use crate::model::{CredentialKey, RotationId, VersionNo};
+use crate::schedule::TimerHeap;
+use crate::state::{CredentialRow, Step, Trigger};
+use crate::telemetry::CredentialState;
+
+/// The kinds of timer a credential can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) enum Job {
+    Rotate,
+    Retire,
+}
+
+impl Job {
+    fn slot(self, index: u32) -> u32 {
+        index * 2 + self as u32
+    }
+}
+
+/// A rotation in progress, as status shows it.
+#[derive(Debug, Clone)]
+pub(super) struct Running {
+    pub job: Job,
+    pub rotation: Option<RotationId>,
+    pub step: Step,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+/// Where a parked rotation stopped.
+#[derive(Debug, Clone)]
+pub(super) struct Parked {
+    pub rotation: Option<RotationId>,
+    pub step: Option<Step>,
+}
+
+/// A credential's summary row as the engine keeps it: [`CredentialRow`]
+/// without the key (the table knows it) and with a boxed error.
+#[derive(Debug, Clone, Default)]
+pub(super) struct LiveRow {
+    pub current_version: Option<VersionNo>,
+    pub last_rotated_at: Option<DateTime<Utc>>,
+    pub next_due: Option<DateTime<Utc>>,
+    pub consecutive_failures: u32,
+    pub last_error: Option<Box<str>>,
+}
+
+impl From<CredentialRow> for LiveRow {
+    fn from(r: CredentialRow) -> Self {
+        LiveRow {
+            current_version: r.current_version,
+            last_rotated_at: r.last_rotated_at,
+            next_due: r.next_due,
+            consecutive_failures: r.consecutive_failures,
+            last_error: r.last_error.map(String::into_boxed_str),
+        }
+    }
+}
+
+impl LiveRow {
+    pub fn to_row(&self, key: &CredentialKey) -> CredentialRow {
+        CredentialRow {
+            key: key.clone(),
+            current_version: self.current_version,
+            last_rotated_at: self.last_rotated_at,
+            next_due: self.next_due,
+            consecutive_failures: self.consecutive_failures,
+            last_error: self.last_error.as_deref().map(String::from),
+        }
+    }
+}
+
+/// One per credential, so kept small: what only a running or parked rotation
+/// needs, or a waiter, is boxed.
+#[derive(Default)]
+pub(super) struct CredLive {
+    pub row: Option<LiveRow>,
+    pub running: Option<Box<Running>>,
+    /// The last attempt failed and the rotation is parked until its retry
+    /// time. Keeps the step it failed at, so `status` can name it.
+    pub parked: Option<Box<Parked>>,
+    /// The previous version is retired at this time (delivery + grace).
+    pub retire_at: Option<DateTime<Utc>>,
+    /// Why the next rotation starts.
+    pub next_trigger: Option<Trigger>,
+    /// A rotation was asked for while the previous version was being
+    /// retired; it starts as soon as that finishes.
+    pub rotate_after_retire: bool,
+    /// `keyturn rotate --wait` callers of the coming or running rotation.
+    pub waiters: Option<Box<Vec<oneshot::Sender<RotateFinished>>>>,
+}
+
+impl CredLive {
+    pub fn state(&self) -> CredentialState {
+        if self.running.is_some() {
+            CredentialState::Rotating
+        } else if self.parked.is_some() {
+            CredentialState::Failed
+        } else if self.retire_at.is_some() {
+            CredentialState::Retiring
+        } else {
+            CredentialState::Idle
+        }
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Table {
+    index: HashMap<CredentialKey, u32>,
+    keys: Vec<CredentialKey>,
+    live: Vec<CredLive>,
+    timers: TimerHeap,
+}
+
+impl Table {
+    /// Makes room for `total` credentials in all (start-up knows the count;
+    /// exact sizing saves the slack of doubling at 100k entries).
+    pub fn reserve_total(&mut self, total: usize) {
+        let more = total.saturating_sub(self.keys.len());
+        self.index.reserve(more);
+        self.keys.reserve_exact(more);
+        self.live.reserve_exact(more);
+    }
+
+    fn index_of(&self, key: &CredentialKey) -> Option<u32> {
+        self.index.get(key).copied()
+    }
+
+    fn intern(&mut self, key: &CredentialKey) -> u32 {
+        if let Some(i) = self.index_of(key) {
+            return i;
+        }
+        let i = u32::try_from(self.keys.len())
+            .ok()
+            .filter(|i| *i < u32::MAX / 2)
+            .expect("fewer than 2^31 credentials");
+        self.index.insert(key.clone(), i);
+        self.keys.push(key.clone());
+        self.live.push(CredLive::default());
+        i
+    }
+
+    pub fn get(&self, key: &CredentialKey) -> Option<&CredLive> {
+        self.index_of(key).map(|i| &self.live[i as usize])
+    }
+
+    pub fn get_mut(&mut self, key: &CredentialKey) -> Option<&mut CredLive> {
+        self.index_of(key).map(|i| &mut self.live[i as usize])
+    }
+
+    /// The entry of `key`, created empty if new.
+    pub fn entry(&mut self, key: &CredentialKey) -> &mut CredLive {
+        let i = self.intern(key);
+        &mut self.live[i as usize]
+    }
+
+    /// Sets (or moves) `key`'s `job` timer.
+    pub fn schedule(&mut self, key: &CredentialKey, job: Job, at: DateTime<Utc>) {
+        let i = self.intern(key);
+        self.timers.schedule(job.slot(i), at);
+    }
+
+    pub fn cancel(&mut self, key: &CredentialKey, job: Job) {
+        if let Some(i) = self.index_of(key) {
+            self.timers.cancel(job.slot(i));
+        }
+    }
+
+    pub fn deadline(&self, key: &CredentialKey, job: Job) -> Option<DateTime<Utc>> {
+        self.index_of(key)
+            .and_then(|i| self.timers.deadline(job.slot(i)))
+    }
+
+    pub fn next_deadline(&mut self) -> Option<DateTime<Utc>> {
+        self.timers.next_deadline()
+    }
+
+    /// Removes and returns at most `max` timers due at `now`, earliest first.
+    pub fn pop_due_limit(&mut self, now: DateTime<Utc>, max: usize) -> Vec<(CredentialKey, Job)> {
+        self.timers
+            .pop_due_limit(now, max)
+            .into_iter()
+            .map(|slot| {
+                let job = if slot % 2 == 0 { Job::Rotate } else { Job::Retire };
+                (self.keys[(slot / 2) as usize].clone(), job)
+            })
+            .collect()
+    }
+
+    /// Resets the entry and timers of every credential for which `keep` is
+    /// false (its index stays reserved; see the module doc).
+    pub fn retain(&mut self, mut keep: impl FnMut(&CredentialKey, &CredLive) -> bool) {
+        for (i, key) in self.keys.iter().enumerate() {
+            let l = &mut self.live[i];
+            if !keep(key, l) {
+                *l = CredLive::default();
+                self.timers.cancel(Job::Rotate.slot(i as u32));
+                self.timers.cancel(Job::Retire.slot(i as u32));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AgentId, CredentialId};
+    use chrono::TimeZone;
+
+    fn key(a: &str, c: &str) -> CredentialKey {
+        CredentialKey::new(AgentId::new(a).unwrap(), CredentialId::new(c).unwrap())
+    }
+
+    fn t(s: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
+    }
+
+    #[test]
+    fn a_credential_entry_stays_small() {
+        // 100k of these: the daemon's memory goal is 1 KiB per credential.
+        assert!(std::mem::size_of::<CredLive>() <= 120, "{}", std::mem::size_of::<CredLive>());
+    }
+
+    #[test]
+    fn live_rows_round_trip_to_state_rows() {
+        let k = key("a", "x");
+        let row = CredentialRow {
+            key: k.clone(),
+            current_version: Some(3),
+            last_rotated_at: Some(t(1)),
+            next_due: Some(t(2)),
+            consecutive_failures: 4,
+            last_error: Some("vault down".into()),
+        };
+        assert_eq!(LiveRow::from(row.clone()).to_row(&k), row);
+    }
+
+    #[test]
+    fn timers_of_different_jobs_and_keys_are_independent() {
+        let mut t_ = Table::default();
+        let (a, b) = (key("a", "x"), key("b", "x"));
+        t_.schedule(&a, Job::Rotate, t(10));
+        t_.schedule(&a, Job::Retire, t(5));
+        t_.schedule(&b, Job::Rotate, t(7));
+        assert_eq!(t_.deadline(&a, Job::Rotate), Some(t(10)));
+        assert_eq!(t_.deadline(&b, Job::Retire), None);
+        t_.cancel(&a, Job::Rotate);
+        assert_eq!(
+            t_.pop_due_limit(t(100), 10),
+            vec![(a.clone(), Job::Retire), (b.clone(), Job::Rotate)]
+        );
+        assert_eq!(t_.next_deadline(), None);
+    }
+
+    #[test]
+    fn retain_resets_entries_and_their_timers_but_keeps_the_others() {
+        let mut t_ = Table::default();
+        let (a, b) = (key("a", "x"), key("b", "y"));
+        t_.entry(&a).rotate_after_retire = true;
+        t_.entry(&b).rotate_after_retire = true;
+        t_.schedule(&a, Job::Rotate, t(1));
+        t_.schedule(&b, Job::Rotate, t(2));
+        t_.retain(|k, _| *k == b);
+        assert!(!t_.get(&a).unwrap().rotate_after_retire);
+        assert!(t_.get(&b).unwrap().rotate_after_retire);
+        assert_eq!(t_.deadline(&a, Job::Rotate), None);
+        assert_eq!(t_.pop_due_limit(t(100), 10), vec![(b.clone(), Job::Rotate)]);
+        // Seen again (added back by a reload): same slot, fresh state.
+        t_.schedule(&a, Job::Rotate, t(3));
+        assert_eq!(t_.pop_due_limit(t(100), 10), vec![(a, Job::Rotate)]);
+        assert_eq!(t_.get(&key("c", "z")).map(|l| l.state()), None);
+    }
+}
