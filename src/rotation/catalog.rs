@@ -40,9 +40,9 @@ pub struct CredEntry {
     /// Its `deliver` list is empty: the sink configs were moved into `sinks`.
     pub cfg: CredentialConfig,
     /// In the order of `cfg.vaults`: the first is the primary.
-    pub vaults: Box<[Arc<VaultHandle>]>,
+    pub vaults: OneOrMore<Arc<VaultHandle>>,
     pub target: Arc<dyn Target>,
-    pub sinks: Vec<Arc<dyn Sink>>,
+    pub sinks: OneOrMore<Arc<dyn Sink>>,
     /// Deterministic jitter offset.
     pub offset: Duration,
 }
@@ -52,7 +52,7 @@ pub struct Catalog {
     /// into `creds` (at 100k credentials a second copy costs ~80 MB), so
     /// `config.agents[..].credentials` is empty: use `creds`.
     pub config: Arc<Config>,
-    pub creds: HashMap<CredentialKey, Arc<CredEntry>>,
+    pub creds: CredMap,
     pub vaults: HashMap<String, Arc<VaultHandle>>,
 }
 
@@ -65,6 +65,113 @@ impl CredEntry {
     /// The vault a new value is staged in first and read back from.
     pub fn primary(&self) -> &VaultHandle {
         &self.vaults[0]
+    }
+}
+
+/// A list that is almost always one item long (a credential's vaults, its
+/// sinks), kept inline then: a boxed slice of one costs a 32-byte heap chunk
+/// per credential.
+#[derive(Clone)]
+pub enum OneOrMore<T> {
+    One(T),
+    More(Box<[T]>),
+}
+
+impl<T> std::ops::Deref for OneOrMore<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            OneOrMore::One(t) => std::slice::from_ref(t),
+            OneOrMore::More(all) => all,
+        }
+    }
+}
+
+impl<T> From<Vec<T>> for OneOrMore<T> {
+    fn from(mut v: Vec<T>) -> Self {
+        if v.len() == 1 {
+            OneOrMore::One(v.pop().expect("one item"))
+        } else {
+            OneOrMore::More(v.into_boxed_slice())
+        }
+    }
+}
+
+impl<T> FromIterator<T> for OneOrMore<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        iter.into_iter().collect::<Vec<T>>().into()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a OneOrMore<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+/// The catalog's entries, sorted by key: a lookup is a binary search. At
+/// 100k credentials a hash map's buckets and slack cost ~50 bytes per
+/// credential; this costs one pointer, and `status` gets the order for free.
+#[derive(Default)]
+pub struct CredMap(Vec<Arc<CredEntry>>);
+
+impl CredMap {
+    /// Keys must be unique (validation guarantees it).
+    pub fn new(mut entries: Vec<Arc<CredEntry>>) -> Self {
+        entries.sort_unstable_by(|a, b| a.key().cmp(b.key()));
+        entries.shrink_to_fit();
+        CredMap(entries)
+    }
+
+    fn find(&self, key: &CredentialKey) -> Result<usize, usize> {
+        self.0.binary_search_by(|e| e.key().cmp(key))
+    }
+
+    pub fn get(&self, key: &CredentialKey) -> Option<&Arc<CredEntry>> {
+        self.find(key).ok().map(|i| &self.0[i])
+    }
+
+    pub fn contains_key(&self, key: &CredentialKey) -> bool {
+        self.find(key).is_ok()
+    }
+
+    /// Inserts or replaces the entry for `entry`'s key.
+    pub fn insert(&mut self, entry: Arc<CredEntry>) {
+        match self.find(entry.key()) {
+            Ok(i) => self.0[i] = entry,
+            Err(i) => self.0.insert(i, entry),
+        }
+    }
+
+    pub fn remove(&mut self, key: &CredentialKey) -> Option<Arc<CredEntry>> {
+        self.find(key).ok().map(|i| self.0.remove(i))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// In key order.
+    pub fn keys(&self) -> impl Iterator<Item = &CredentialKey> {
+        self.0.iter().map(|e| e.key())
+    }
+
+    /// In key order.
+    pub fn values(&self) -> impl Iterator<Item = &Arc<CredEntry>> {
+        self.0.iter()
+    }
+}
+
+impl std::ops::Index<&CredentialKey> for CredMap {
+    type Output = Arc<CredEntry>;
+    fn index(&self, key: &CredentialKey) -> &Arc<CredEntry> {
+        self.get(key).expect("no catalog entry for this key")
     }
 }
 
@@ -108,7 +215,7 @@ impl Catalog {
             vaults.insert(name.clone(), handle);
         }
         let roots = config.daemon.delivery_roots.clone();
-        let mut creds = HashMap::with_capacity(config.credential_count());
+        let mut creds = Vec::with_capacity(config.credential_count());
         for agent in config.agents.values_mut() {
             let credentials = std::mem::take(&mut agent.credentials);
             let agent = Arc::new(agent.clone());
@@ -126,7 +233,7 @@ impl Catalog {
                 // Moved into the sinks, not copied: `cfg.deliver` of an
                 // entry is empty (one path per sink, 100k sinks).
                 let deliver = std::mem::take(&mut cred.deliver);
-                let mut sinks: Vec<Arc<dyn Sink>> = Vec::with_capacity(deliver.len());
+                let mut sinks = Vec::with_capacity(deliver.len());
                 for (index, s) in deliver.into_iter().enumerate() {
                     let sink = build_sink(s, &roots).map_err(|source| BuildError::Sink {
                         key: cred.key.clone(),
@@ -144,11 +251,12 @@ impl Catalog {
                     })?,
                     cfg: cred,
                     vaults: cred_vaults,
-                    sinks,
+                    sinks: sinks.into(),
                 };
-                creds.insert(entry.cfg.key.clone(), Arc::new(entry));
+                creds.push(Arc::new(entry));
             }
         }
+        let creds = CredMap::new(creds);
         let config = Arc::new(config);
         Ok(Catalog {
             config,

@@ -340,8 +340,8 @@ impl Inner {
         let mut live = self.live();
         live.reserve_total(catalog.creds.len());
         let mut overdue: Vec<(DateTime<Utc>, CredentialKey)> = Vec::new();
-        let mut keys: Vec<&CredentialKey> = catalog.creds.keys().collect();
-        keys.sort();
+        // In key order (the catalog's).
+        let keys = catalog.creds.keys();
         for key in keys {
             let entry = &catalog.creds[key];
             let l = live.entry(key);
@@ -483,8 +483,8 @@ impl Inner {
     fn status(&self) -> Vec<CredStatus> {
         let catalog = self.catalog();
         let live = self.live();
-        let mut keys: Vec<&CredentialKey> = catalog.creds.keys().collect();
-        keys.sort();
+        // In key order (the catalog's).
+        let keys = catalog.creds.keys();
         keys.into_iter()
             .map(|key| {
                 let entry = &catalog.creds[key];

@@ -25,7 +25,7 @@ mod engine;
 mod failpoint;
 mod table;
 
-pub use catalog::{BuildError, Catalog, CredEntry, VaultHandle};
+pub use catalog::{BuildError, Catalog, CredEntry, CredMap, VaultHandle};
 pub use engine::{CredStatus, Engine, EngineError, RotateFinished};
 pub use failpoint::{FAILPOINTS, crash_point};
 

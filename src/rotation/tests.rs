@@ -137,12 +137,12 @@ deliver = [{{ type = "file", path = "{d}/agents/bot/db" }}]
     let entry = CredEntry {
         agent: old.agent.clone(),
         cfg: old.cfg.clone(),
-        vaults: Box::new([handle]),
+        vaults: vec![handle].into(),
         target: old.target.clone(),
         sinks: old.sinks.clone(),
         offset: old.offset,
     };
-    catalog.creds.insert(key(), Arc::new(entry));
+    catalog.creds.insert(Arc::new(entry));
     let state: Arc<dyn StateStore> =
         Arc::new(SqliteStore::open(&dir.path().join("state.db")).unwrap());
     let audit = AuditLog::open(&dir.path().join("audit.log"), None).unwrap();

@@ -10,24 +10,29 @@ use sha2::{Digest, Sha256};
 
 use crate::model::CredentialKey;
 
-/// When a credential rotates.
+/// When a credential rotates. One per credential and kept small: a cron
+/// expression is shared by every credential that writes it the same way.
 #[derive(Debug, Clone)]
 pub enum ScheduleSpec {
-    /// A cron expression; `text` is what the operator wrote.
-    Cron {
-        text: String,
-        schedule: Arc<cron::Schedule>,
-        /// Shortest gap between two firings, computed once per expression.
-        min_period: Option<Duration>,
-    },
+    Cron(Arc<CronSpec>),
     /// A fixed interval after the last rotation.
     Every(Duration),
+}
+
+/// A parsed cron expression.
+#[derive(Debug)]
+pub struct CronSpec {
+    /// What the operator wrote.
+    pub text: String,
+    pub schedule: cron::Schedule,
+    /// Shortest gap between two firings, computed once per expression.
+    pub min_period: Option<Duration>,
 }
 
 impl PartialEq for ScheduleSpec {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
-            (ScheduleSpec::Cron { text: a, .. }, ScheduleSpec::Cron { text: b, .. }) => a == b,
+            (ScheduleSpec::Cron(a), ScheduleSpec::Cron(b)) => a.text == b.text,
             (ScheduleSpec::Every(a), ScheduleSpec::Every(b)) => a == b,
             _ => false,
         }
@@ -60,42 +65,37 @@ impl ScheduleSpec {
         let normalized = full.join(" ");
         // A parsed cron::Schedule holds a set per field (kilobytes); 100k
         // credentials usually share a handful of expressions, so share them.
-        type Parsed = (Arc<cron::Schedule>, Option<Duration>);
-        static CACHE: OnceLock<Mutex<HashMap<String, Parsed>>> = OnceLock::new();
+        static CACHE: OnceLock<Mutex<HashMap<String, Arc<CronSpec>>>> = OnceLock::new();
         let cache = CACHE.get_or_init(Default::default);
         let cached = cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&normalized)
+            .get(text)
             .cloned();
-        let (schedule, min_period) = match cached {
-            Some(s) => s,
-            None => {
-                let schedule = cron::Schedule::from_str(&normalized)
-                    .map_err(|e| format!("invalid cron expression {text:?}: {e}"))?;
-                if schedule.upcoming(Utc).next().is_none() {
-                    return Err(format!("cron expression {text:?} never fires"));
-                }
-                let min_period = cron_min_period(&schedule);
-                let parsed = (Arc::new(schedule), min_period);
-                cache
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(normalized, parsed.clone());
-                parsed
-            }
-        };
-        Ok(ScheduleSpec::Cron {
+        if let Some(spec) = cached {
+            return Ok(ScheduleSpec::Cron(spec));
+        }
+        let schedule = cron::Schedule::from_str(&normalized)
+            .map_err(|e| format!("invalid cron expression {text:?}: {e}"))?;
+        if schedule.upcoming(Utc).next().is_none() {
+            return Err(format!("cron expression {text:?} never fires"));
+        }
+        let spec = Arc::new(CronSpec {
             text: text.to_owned(),
+            min_period: cron_min_period(&schedule),
             schedule,
-            min_period,
-        })
+        });
+        cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(text.to_owned(), spec.clone());
+        Ok(ScheduleSpec::Cron(spec))
     }
 
     /// The first scheduled time strictly after `t`, before jitter.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
-            ScheduleSpec::Cron { schedule, .. } => schedule.after(&t).next(),
+            ScheduleSpec::Cron(c) => c.schedule.after(&t).next(),
             ScheduleSpec::Every(d) => Some(t + chrono::Duration::from_std(*d).ok()?),
         }
     }
@@ -108,7 +108,7 @@ impl ScheduleSpec {
     pub fn next_due(&self, last: DateTime<Utc>, offset: Duration) -> Option<DateTime<Utc>> {
         let offset = chrono::Duration::from_std(offset).ok()?;
         match self {
-            ScheduleSpec::Cron { .. } => {
+            ScheduleSpec::Cron(_) => {
                 // `last` may itself include the offset; step back so the cron
                 // time it belonged to is not picked again.
                 Some(self.next_after(last - offset)? + offset)
@@ -120,7 +120,7 @@ impl ScheduleSpec {
     /// A short human description (`cron "0 */6 * * *"`, `every 6h`).
     pub fn describe(&self) -> String {
         match self {
-            ScheduleSpec::Cron { text, .. } => format!("cron {text:?}"),
+            ScheduleSpec::Cron(c) => format!("cron {:?}", c.text),
             ScheduleSpec::Every(d) => format!("every {}", humantime::format_duration(*d)),
         }
     }
@@ -129,7 +129,7 @@ impl ScheduleSpec {
     pub fn min_period(&self) -> Option<Duration> {
         match self {
             ScheduleSpec::Every(d) => Some(*d),
-            ScheduleSpec::Cron { min_period, .. } => *min_period,
+            ScheduleSpec::Cron(c) => c.min_period,
         }
     }
 }
