@@ -243,6 +243,7 @@ pub fn validate(raw: &RawConfig, ctx: &Context) -> Result<Config, Vec<Issue>> {
     let mut v = Validator {
         ctx,
         issues: Vec::new(),
+        durations: DurationCache::default(),
     };
     let config = v.config(raw);
     if v.issues.is_empty() {
@@ -255,6 +256,29 @@ pub fn validate(raw: &RawConfig, ctx: &Context) -> Result<Config, Vec<Issue>> {
 struct Validator<'a> {
     ctx: &'a Context,
     issues: Vec<Issue>,
+    /// Durations already parsed. A big file repeats a handful of texts
+    /// (`every = "24h"`, `grace = "1h"`) for every credential.
+    durations: DurationCache,
+}
+
+/// The last few distinct duration texts that parsed, with their value.
+#[derive(Default)]
+struct DurationCache(Vec<(Box<str>, Duration)>);
+
+impl DurationCache {
+    /// Enough for the distinct durations of any config written by hand or
+    /// by a template; past it, texts are simply parsed each time.
+    const CAPACITY: usize = 16;
+
+    fn get(&self, text: &str) -> Option<Duration> {
+        self.0.iter().find(|(t, _)| **t == *text).map(|(_, d)| *d)
+    }
+
+    fn put(&mut self, text: &str, d: Duration) {
+        if self.0.len() < Self::CAPACITY {
+            self.0.push((text.into(), d));
+        }
+    }
 }
 
 /// What credential validation needs to know about the rest of the file.
@@ -393,7 +417,11 @@ impl Validator<'_> {
             );
             return None;
         }
-        match humantime::parse_duration(t) {
+        let parsed = match self.durations.get(t) {
+            Some(d) => Ok(d),
+            None => humantime::parse_duration(t).inspect(|d| self.durations.put(t, *d)),
+        };
+        match parsed {
             Ok(d) if d.is_zero() && zero == Zero::Rejected => {
                 self.err(
                     path,
@@ -1869,6 +1897,41 @@ deliver = [{{ type = \"file\", path = \"/run/kt/a/x\" }}, {{ type = \"file\", pa
             resolve_sink(&roots, Path::new("/run/kt/./a")),
             PathBuf::from("/run/kt/a")
         );
+    }
+
+    #[test]
+    fn cached_durations_are_checked_like_fresh_ones() {
+        let ctx = Context {
+            source: PathBuf::from("/etc/keyturn/t.toml"),
+        };
+        let mut v = Validator {
+            ctx: &ctx,
+            issues: Vec::new(),
+            durations: DurationCache::default(),
+        };
+        let at = Loc::top("x");
+        for _ in 0..2 {
+            assert_eq!(
+                v.duration(at, " 24h ", Zero::Rejected),
+                Some(Duration::from_secs(24 * 3600))
+            );
+            assert_eq!(v.duration(at, "0s", Zero::Allowed), Some(Duration::ZERO));
+        }
+        assert!(v.issues.is_empty());
+        // "0s" is cached now, and still refused where zero is not allowed.
+        assert_eq!(v.duration(at, "0s", Zero::Rejected), None);
+        assert_eq!(v.duration(at, "-24h", Zero::Rejected), None);
+        assert_eq!(v.duration(at, "24 parsecs", Zero::Rejected), None);
+        let messages: Vec<&str> = v.issues.iter().map(|i| i.message.as_str()).collect();
+        assert_eq!(messages.len(), 3, "{messages:?}");
+        assert!(messages[0].starts_with("duration `0s` is zero"));
+        assert!(messages[1].starts_with("negative duration `-24h`"));
+        assert!(messages[2].starts_with("invalid duration `24 parsecs`"));
+        // Only texts that parsed are kept, up to the capacity.
+        for i in 0..40 {
+            v.duration(at, &format!("{i}s"), Zero::Allowed);
+        }
+        assert_eq!(v.durations.0.len(), DurationCache::CAPACITY);
     }
 
     #[test]
