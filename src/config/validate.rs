@@ -31,9 +31,9 @@ use crate::schedule::ScheduleSpec;
 
 use super::raw::RawConfig;
 
-/// One step of a TOML path. Keys are shared (`Arc<str>`): validation builds a
-/// path for every field it checks, and cloning a parent path must not copy
-/// its strings (at 100k credentials that was millions of allocations).
+/// One step of a TOML path. Keys are shared (`Arc<str>`) so that cloning a
+/// parent path does not copy its strings. Validation itself works with
+/// borrowed [`Loc`]s and builds a `TomlPath` only for an issue.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Seg {
     Key(std::sync::Arc<str>),
@@ -85,6 +85,66 @@ impl fmt::Display for TomlPath {
             }
         }
         Ok(())
+    }
+}
+
+/// Where validation is in the document, as a chain of borrowed segments on
+/// the stack: `p.key("every")` is a pointer and a `&str`, no allocation. A
+/// [`TomlPath`] is built from it only when an issue is reported. Building one
+/// eagerly for every field checked was most of validation's time at 100k
+/// credentials, for paths that a valid file never needs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Loc<'a> {
+    parent: Option<&'a Loc<'a>>,
+    seg: LocSeg<'a>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum LocSeg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+impl<'a> Loc<'a> {
+    /// A top-level key, e.g. `daemon` or `agents`.
+    pub(crate) fn top(k: &'a str) -> Self {
+        Loc {
+            parent: None,
+            seg: LocSeg::Key(k),
+        }
+    }
+
+    pub(crate) fn key<'b>(&'b self, k: &'b str) -> Loc<'b> {
+        Loc {
+            parent: Some(self),
+            seg: LocSeg::Key(k),
+        }
+    }
+
+    pub(crate) fn index(&self, i: usize) -> Loc<'_> {
+        Loc {
+            parent: Some(self),
+            seg: LocSeg::Index(i),
+        }
+    }
+
+    /// The owned path, for an [`Issue`].
+    pub(crate) fn path(&self) -> TomlPath {
+        let mut segs = Vec::with_capacity(self.depth());
+        let mut at = Some(self);
+        while let Some(l) = at {
+            segs.push(match l.seg {
+                LocSeg::Key(k) => Seg::Key(k.into()),
+                LocSeg::Index(i) => Seg::Index(i),
+            });
+            at = l.parent;
+        }
+        segs.reverse();
+        TomlPath(segs)
+    }
+
+    fn depth(&self) -> usize {
+        std::iter::successors(Some(self), |l| l.parent).count()
     }
 }
 
@@ -183,6 +243,7 @@ pub fn validate(raw: &RawConfig, ctx: &Context) -> Result<Config, Vec<Issue>> {
     let mut v = Validator {
         ctx,
         issues: Vec::new(),
+        durations: DurationCache::default(),
     };
     let config = v.config(raw);
     if v.issues.is_empty() {
@@ -195,6 +256,29 @@ pub fn validate(raw: &RawConfig, ctx: &Context) -> Result<Config, Vec<Issue>> {
 struct Validator<'a> {
     ctx: &'a Context,
     issues: Vec<Issue>,
+    /// Durations already parsed. A big file repeats a handful of texts
+    /// (`every = "24h"`, `grace = "1h"`) for every credential.
+    durations: DurationCache,
+}
+
+/// The last few distinct duration texts that parsed, with their value.
+#[derive(Default)]
+struct DurationCache(Vec<(Box<str>, Duration)>);
+
+impl DurationCache {
+    /// Enough for the distinct durations of any config written by hand or
+    /// by a template; past it, texts are simply parsed each time.
+    const CAPACITY: usize = 16;
+
+    fn get(&self, text: &str) -> Option<Duration> {
+        self.0.iter().find(|(t, _)| **t == *text).map(|(_, d)| *d)
+    }
+
+    fn put(&mut self, text: &str, d: Duration) {
+        if self.0.len() < Self::CAPACITY {
+            self.0.push((text.into(), d));
+        }
+    }
 }
 
 /// What credential validation needs to know about the rest of the file.
@@ -208,16 +292,16 @@ struct Scope<'a> {
 }
 
 impl Validator<'_> {
-    fn err(&mut self, path: TomlPath, message: impl Into<String>) {
-        self.issues.push(Issue::at(path, message));
+    fn err(&mut self, at: Loc<'_>, message: impl Into<String>) {
+        self.issues.push(Issue::at(at.path(), message));
     }
 
-    fn err_key(&mut self, path: TomlPath, message: impl Into<String>) {
-        self.issues.push(Issue::at_key(path, message));
+    fn err_key(&mut self, at: Loc<'_>, message: impl Into<String>) {
+        self.issues.push(Issue::at_key(at.path(), message));
     }
 
     fn config(&mut self, raw: &RawConfig) -> Config {
-        let daemon_path = TomlPath::root().key("daemon");
+        let daemon_path = Loc::top("daemon");
         let (raw_daemon, daemon_ok) = match &raw.daemon {
             None => (RawDaemon::default(), true),
             Some(Parsed::Ok(d)) => (d.clone(), true),
@@ -243,12 +327,16 @@ impl Validator<'_> {
 
         let mut agents = BTreeMap::new();
         // Cross-credential uniqueness: first place each was seen.
-        let mut vault_paths: HashMap<(String, String), TomlPath> = HashMap::new();
-        let mut sink_paths: HashMap<PathBuf, TomlPath> = HashMap::new();
-        let mut missing_roots_reported = false;
+        let mut cross = CrossChecks {
+            vault_paths: FirstSeen::default(),
+            sink_paths: FirstSeen::default(),
+            missing_roots_reported: false,
+        };
 
+        let agents_loc = Loc::top("agents");
         for (agent_name, entry) in &raw.agents {
-            let agent_path = TomlPath::root().key("agents").key(agent_name);
+            let agent_path = agents_loc.key(agent_name);
+            let creds_loc = agent_path.key("credentials");
             let agent_id = self
                 .id(&agent_path, "agent", agent_name)
                 .then(|| AgentId::new(agent_name.as_str()).ok())
@@ -259,7 +347,7 @@ impl Validator<'_> {
             }
             let mut credentials = BTreeMap::new();
             for (cred_name, raw_cred) in &entry.credentials {
-                let cred_path = agent_path.key("credentials").key(cred_name);
+                let cred_path = creds_loc.key(cred_name);
                 let cred_id = self
                     .id(&cred_path, "credential", cred_name)
                     .then(|| CredentialId::new(cred_name.as_str()).ok())
@@ -272,18 +360,7 @@ impl Validator<'_> {
                     .zip(cred_id)
                     .map(|(a, c)| CredentialKey::new(a, c));
                 let cred = self.credential(
-                    &cred_path,
-                    key,
-                    agent_name,
-                    cred_name,
-                    raw_cred,
-                    raw_agent,
-                    &scope,
-                    &mut CrossChecks {
-                        vault_paths: &mut vault_paths,
-                        sink_paths: &mut sink_paths,
-                        missing_roots_reported: &mut missing_roots_reported,
-                    },
+                    &cred_path, key, agent_name, cred_name, raw_cred, raw_agent, &scope, &mut cross,
                 );
                 if let Some(cred) = cred {
                     credentials.insert(cred.key.credential.clone(), cred);
@@ -316,12 +393,12 @@ impl Validator<'_> {
 
     /// Checks a name against the id grammar; the key is what is wrong, so
     /// the issue points at it.
-    fn id(&mut self, path: &TomlPath, what: &str, name: &str) -> bool {
+    fn id(&mut self, path: &Loc<'_>, what: &str, name: &str) -> bool {
         match validate_id(name) {
             Ok(()) => true,
             Err(e) => {
                 self.err_key(
-                    path.clone(),
+                    *path,
                     format!(
                         "invalid {what} name `{name}`: {e}; names match [a-z0-9][a-z0-9_-]* and are at most {MAX_ID_LEN} characters"
                     ),
@@ -331,7 +408,7 @@ impl Validator<'_> {
         }
     }
 
-    fn duration(&mut self, path: TomlPath, text: &str, zero: Zero) -> Option<Duration> {
+    fn duration(&mut self, path: Loc<'_>, text: &str, zero: Zero) -> Option<Duration> {
         let t = text.trim();
         if t.starts_with('-') {
             self.err(
@@ -340,7 +417,11 @@ impl Validator<'_> {
             );
             return None;
         }
-        match humantime::parse_duration(t) {
+        let parsed = match self.durations.get(t) {
+            Some(d) => Ok(d),
+            None => humantime::parse_duration(t).inspect(|d| self.durations.put(t, *d)),
+        };
+        match parsed {
             Ok(d) if d.is_zero() && zero == Zero::Rejected => {
                 self.err(
                     path,
@@ -361,7 +442,7 @@ impl Validator<'_> {
 
     fn duration_or(
         &mut self,
-        path: TomlPath,
+        path: Loc<'_>,
         text: Option<&String>,
         default: Duration,
         zero: Zero,
@@ -373,14 +454,14 @@ impl Validator<'_> {
     }
 
     /// A path setting: non-empty, resolved against the config file's directory.
-    fn path_setting(&mut self, path: TomlPath, text: &str) -> PathBuf {
+    fn path_setting(&mut self, path: Loc<'_>, text: &str) -> PathBuf {
         if text.trim().is_empty() {
             self.err(path, "path must not be empty");
         }
         self.ctx.resolve(text)
     }
 
-    fn daemon(&mut self, p: &TomlPath, d: &RawDaemon) -> DaemonConfig {
+    fn daemon(&mut self, p: &Loc<'_>, d: &RawDaemon) -> DaemonConfig {
         let state_dir = match &d.state_dir {
             Some(s) => self.path_setting(p.key("state_dir"), s),
             None => PathBuf::from(DEFAULT_STATE_DIR),
@@ -456,7 +537,7 @@ impl Validator<'_> {
         }
     }
 
-    fn retry(&mut self, p: &TomlPath, d: &RawDaemon) -> RetryConfig {
+    fn retry(&mut self, p: &Loc<'_>, d: &RawDaemon) -> RetryConfig {
         let default = RetryConfig::default();
         let Some(r) = &d.retry else {
             return default;
@@ -514,7 +595,8 @@ impl Validator<'_> {
         };
         let mut out = BTreeMap::new();
         for (name, tier) in tiers {
-            let p = TomlPath::root().key("tiers").key(name);
+            let tiers_loc = Loc::top("tiers");
+            let p = tiers_loc.key(name);
             let id_ok = self.id(&p, "tier", name);
             let Parsed::Ok(tier) = tier else { continue };
             let sla = self.duration(
@@ -538,7 +620,8 @@ impl Validator<'_> {
     fn vaults(&mut self, raw: &RawConfig, state_dir: &Path) -> BTreeMap<String, VaultConfig> {
         let mut out = BTreeMap::new();
         for (name, vault) in &raw.vaults {
-            let p = TomlPath::root().key("vaults").key(name);
+            let vaults_loc = Loc::top("vaults");
+            let p = vaults_loc.key(name);
             let id_ok = self.id(&p, "vault", name);
             let Parsed::Ok(vault) = vault else { continue };
             let before = self.issues.len();
@@ -598,7 +681,7 @@ impl Validator<'_> {
                         }
                         _ => {
                             self.err_key(
-                                p.clone(),
+                                p,
                                 "set exactly one way to log in: `token_file`, `token_env` or `approle = { role_id_file = ..., secret_id_file = ... }`",
                             );
                             None
@@ -697,7 +780,7 @@ impl Validator<'_> {
                             let mut need = |key: &str, v: &Option<String>| {
                                 if v.is_none() {
                                     self.err_key(
-                                        p.clone(),
+                                        p,
                                         format!("auth = \"client_secret\" needs `{key}`"),
                                     );
                                 }
@@ -770,7 +853,7 @@ impl Validator<'_> {
 
     fn local_vault(
         &mut self,
-        p: &TomlPath,
+        p: &Loc<'_>,
         name: &str,
         state_dir: &Path,
         dir: &Option<String>,
@@ -809,7 +892,7 @@ impl Validator<'_> {
     }
 
     /// `timeout` of a vault or target (default 30 s, never zero).
-    fn timeout(&mut self, p: &TomlPath, text: &Option<String>) -> Duration {
+    fn timeout(&mut self, p: &Loc<'_>, text: &Option<String>) -> Duration {
         self.duration_or(
             p.key("timeout"),
             text.as_ref(),
@@ -819,7 +902,7 @@ impl Validator<'_> {
     }
 
     /// An absolute URL with one of `schemes` and a host; `example` shows a good one.
-    fn url(&mut self, p: TomlPath, text: &str, schemes: &[&str], example: &str) {
+    fn url(&mut self, p: Loc<'_>, text: &str, schemes: &[&str], example: &str) {
         let problem = match text.split_once("://") {
             None => Some("it has no scheme".to_owned()),
             Some((scheme, rest)) => {
@@ -844,7 +927,7 @@ impl Validator<'_> {
     }
 
     /// A secrets-engine or auth mount: `/`-separated segments, no `..`.
-    fn mount_name(&mut self, p: TomlPath, m: &str) -> String {
+    fn mount_name(&mut self, p: Loc<'_>, m: &str) -> String {
         let m = m.trim_matches('/');
         if m.is_empty()
             || m.split('/')
@@ -859,7 +942,7 @@ impl Validator<'_> {
         m.to_owned()
     }
 
-    fn agent_fields(&mut self, p: &TomlPath, a: &RawAgent, scope: &Scope<'_>) {
+    fn agent_fields(&mut self, p: &Loc<'_>, a: &RawAgent, scope: &Scope<'_>) {
         if a.owner.trim().is_empty() {
             self.err(
                 p.key("owner"),
@@ -882,30 +965,34 @@ impl Validator<'_> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn credential(
+    fn credential<'r>(
         &mut self,
-        p: &TomlPath,
+        p: &Loc<'_>,
         key: Option<CredentialKey>,
-        agent_name: &str,
-        cred_name: &str,
-        c: &RawCredential,
+        agent_name: &'r str,
+        cred_name: &'r str,
+        c: &'r RawCredential,
         agent: Option<&RawAgent>,
-        scope: &Scope<'_>,
-        cross: &mut CrossChecks<'_>,
+        scope: &Scope<'r>,
+        cross: &mut CrossChecks<'r>,
     ) -> Option<CredentialConfig> {
+        let this = CredRef {
+            agent: agent_name,
+            cred: cred_name,
+        };
         let before = self.issues.len();
 
         let mut vaults: Vec<std::sync::Arc<str>> = Vec::with_capacity(c.vault.0.len());
         let vp = p.key("vault");
         if c.vault.0.is_empty() {
             self.err(
-                vp.clone(),
+                vp,
                 "no vault named: write `vault = \"NAME\"` or `vault = [\"NAME\", ...]`",
             );
         }
         for (i, name) in c.vault.0.iter().enumerate() {
             let at = if c.vault.0.len() == 1 {
-                vp.clone()
+                vp
             } else {
                 vp.index(i)
             };
@@ -935,30 +1022,33 @@ impl Validator<'_> {
             }
             None => format!("agents/{agent_name}/{cred_name}"),
         };
-        let here = if c.path.is_some() {
-            p.key("path")
-        } else {
-            p.clone()
-        };
+        let here = if c.path.is_some() { p.key("path") } else { *p };
         for vault in &vaults {
-            match cross
+            // The scope's own copy of the name lives as long as the raw file,
+            // so the map can borrow it instead of copying.
+            let Some((&vault, _)) = scope.vault_names.get_key_value(&**vault) else {
+                continue;
+            };
+            let seen = VaultPathSeen {
+                vault,
+                cred: this,
+                written: c.path.as_deref(),
+            };
+            if let Some(first) = cross
                 .vault_paths
-                .entry((vault.to_string(), vault_path.clone()))
+                .first_or_insert(seen.hash(), seen, |a, b| {
+                    a.vault == b.vault && a.path_parts().concat_eq(&b.path_parts())
+                })
             {
-                std::collections::hash_map::Entry::Occupied(first) => {
-                    let mut issue = Issue::at(
-                        here.clone(),
-                        format!(
-                            "duplicate vault path: `{vault_path}` in vault `{vault}` is also used by `{}`",
-                            first.get()
-                        ),
-                    );
-                    issue.related = Some(first.get().clone());
-                    self.issues.push(issue);
-                }
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(here.clone());
-                }
+                let first = first.path();
+                let mut issue = Issue::at(
+                    here.path(),
+                    format!(
+                        "duplicate vault path: `{vault_path}` in vault `{vault}` is also used by `{first}`"
+                    ),
+                );
+                issue.related = Some(first);
+                self.issues.push(issue);
             }
         }
 
@@ -978,7 +1068,7 @@ impl Validator<'_> {
             }
             (None, None) => {
                 self.err_key(
-                    p.clone(),
+                    *p,
                     "neither `schedule` nor `every` is set; use exactly one of them (e.g. schedule = \"0 */6 * * *\" or every = \"6h\")",
                 );
                 None
@@ -1023,10 +1113,16 @@ impl Validator<'_> {
             Zero::Allowed,
         );
 
-        let mut deliver = Vec::new();
-        for (i, sink) in c.deliver.iter().flatten().enumerate() {
-            let sp = p.key("deliver").index(i);
-            if let Some(s) = self.sink(&sp, cred_name, sink, agent, scope, cross) {
+        let sinks = c.deliver.as_deref().unwrap_or_default();
+        let mut deliver = Vec::with_capacity(sinks.len());
+        let deliver_loc = p.key("deliver");
+        for (i, sink) in sinks.iter().enumerate() {
+            let sp = deliver_loc.index(i);
+            let at = SinkRef {
+                cred: this,
+                index: i,
+            };
+            if let Some(s) = self.sink(&sp, at, sink, agent, scope, cross) {
                 deliver.push(s);
             }
         }
@@ -1047,7 +1143,7 @@ impl Validator<'_> {
         })
     }
 
-    fn target(&mut self, p: &TomlPath, t: &RawTarget) -> Option<TargetConfig> {
+    fn target(&mut self, p: &Loc<'_>, t: &RawTarget) -> Option<TargetConfig> {
         match t {
             RawTarget::None {} => Some(TargetConfig::None),
             RawTarget::Postgres {
@@ -1133,7 +1229,7 @@ impl Validator<'_> {
     }
 
     /// A path inside a vault: relative, `/`-separated, no `.`/`..`/empty parts.
-    fn vault_path(&mut self, p: TomlPath, s: &str) {
+    fn vault_path(&mut self, p: Loc<'_>, s: &str) {
         let problem = if s.is_empty() {
             Some("it is empty")
         } else if s.starts_with('/') {
@@ -1157,7 +1253,7 @@ impl Validator<'_> {
         }
     }
 
-    fn generator(&mut self, p: &TomlPath, g: &RawGenerator) -> Option<GeneratorConfig> {
+    fn generator(&mut self, p: &Loc<'_>, g: &RawGenerator) -> Option<GeneratorConfig> {
         let before = self.issues.len();
         let out = match g {
             RawGenerator::Password {
@@ -1184,7 +1280,7 @@ impl Validator<'_> {
                 );
                 if !(lowercase || uppercase || digits || symbols) {
                     self.err(
-                        p.clone(),
+                        *p,
                         "password has no character class enabled: enable at least one of lowercase, uppercase, digits, symbols",
                     );
                 }
@@ -1245,15 +1341,16 @@ impl Validator<'_> {
         (self.issues.len() == before).then_some(out)
     }
 
-    fn sink(
+    fn sink<'r>(
         &mut self,
-        p: &TomlPath,
-        cred_name: &str,
-        sink: &RawSink,
+        p: &Loc<'_>,
+        at: SinkRef<'r>,
+        sink: &'r RawSink,
         agent: Option<&RawAgent>,
-        scope: &Scope<'_>,
-        cross: &mut CrossChecks<'_>,
+        scope: &Scope<'r>,
+        cross: &mut CrossChecks<'r>,
     ) -> Option<SinkConfig> {
+        let cred_name = at.cred.cred;
         let before = self.issues.len();
         let RawSink::File {
             path,
@@ -1262,7 +1359,7 @@ impl Validator<'_> {
             env_name,
         } = sink;
 
-        let resolved = self.delivery_path(&p.key("path"), path, scope, cross);
+        let resolved = self.delivery_path(&p.key("path"), at, path, scope, cross);
 
         let mode = match mode {
             None => DEFAULT_FILE_MODE,
@@ -1287,13 +1384,13 @@ impl Validator<'_> {
                 n.clone()
             }
             None => {
-                let derived = cred_name.to_ascii_uppercase().replace('-', "_");
                 // Only an env file uses the name, so a credential id that
                 // makes a bad variable name matters only there.
                 if format != FileFormat::Env {
                     // Not used: no allocation (one per sink at 100k sinks).
                     String::new()
                 } else {
+                    let derived = cred_name.to_ascii_uppercase().replace('-', "_");
                     if !is_env_name(&derived) {
                         self.err(
                             p.key("format"),
@@ -1322,19 +1419,20 @@ impl Validator<'_> {
 
     /// A file sink's path: absolute, or relative to the single delivery root;
     /// never `..`; inside a delivery root; used by one sink only.
-    fn delivery_path(
+    fn delivery_path<'r>(
         &mut self,
-        p: &TomlPath,
-        text: &str,
-        scope: &Scope<'_>,
-        cross: &mut CrossChecks<'_>,
+        p: &Loc<'_>,
+        at: SinkRef<'r>,
+        text: &'r str,
+        scope: &Scope<'r>,
+        cross: &mut CrossChecks<'r>,
     ) -> Option<PathBuf> {
         let roots = scope.delivery_roots.as_ref()?;
         if roots.is_empty() {
-            if !*cross.missing_roots_reported {
-                *cross.missing_roots_reported = true;
+            if !cross.missing_roots_reported {
+                cross.missing_roots_reported = true;
                 self.err(
-                    p.clone(),
+                    *p,
                     "file sinks need `daemon.delivery_roots`: set it to the directories keyturn may write secrets under",
                 );
             }
@@ -1342,25 +1440,21 @@ impl Validator<'_> {
         }
         let written = Path::new(text);
         if text.trim().is_empty() {
-            self.err(p.clone(), "delivery path must not be empty");
+            self.err(*p, "delivery path must not be empty");
             return None;
         }
         // `..` is refused outright rather than normalised away: with symlinks
         // in play, `a/../b` need not be where it looks.
         if written.components().any(|c| c == Component::ParentDir) {
             self.err(
-                p.clone(),
+                *p,
                 format!("delivery path `{text}` contains `..`; write the path without it"),
             );
             return None;
         }
-        let resolved = if written.is_absolute() {
-            normalize(written)
-        } else if roots.len() == 1 {
-            normalize(&roots[0].join(written))
-        } else {
+        if !written.is_absolute() && roots.len() != 1 {
             self.err(
-                p.clone(),
+                *p,
                 format!(
                     "delivery path `{text}` is relative, which is only allowed with exactly one delivery root; there are {} ({}), so write an absolute path",
                     roots.len(),
@@ -1368,13 +1462,14 @@ impl Validator<'_> {
                 ),
             );
             return None;
-        };
+        }
+        let resolved = resolve_sink(roots, written);
         if !roots
             .iter()
             .any(|r| resolved.starts_with(r) && resolved != *r)
         {
             self.err(
-                p.clone(),
+                *p,
                 format!(
                     "delivery path `{}` is outside every delivery root ({})",
                     resolved.display(),
@@ -1383,28 +1478,32 @@ impl Validator<'_> {
             );
             return None;
         }
-        match cross.sink_paths.entry(resolved.clone()) {
-            std::collections::hash_map::Entry::Occupied(first) => {
-                let mut issue = Issue::at(
-                    p.clone(),
-                    format!(
-                        "duplicate delivery path `{}`: also written by `{}`",
-                        resolved.display(),
-                        first.get()
-                    ),
-                );
-                issue.related = Some(first.get().clone());
-                self.issues.push(issue);
-                None
-            }
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(p.clone());
-                Some(resolved)
-            }
+        // Only the sink's name and text are kept: an earlier path is
+        // resolved again when its hash matches (the path itself moves into
+        // the config, and a copy of each was 100k allocations).
+        let seen = SinkSeen { at, text };
+        let first = cross.sink_paths.first_or_insert(
+            fnv1a(FNV_OFFSET, resolved.as_os_str().as_encoded_bytes()),
+            seen,
+            |earlier, _| resolve_sink(roots, Path::new(earlier.text)) == resolved,
+        );
+        if let Some(first) = first {
+            let first = first.at.path();
+            let mut issue = Issue::at(
+                p.path(),
+                format!(
+                    "duplicate delivery path `{}`: also written by `{first}`",
+                    resolved.display(),
+                ),
+            );
+            issue.related = Some(first);
+            self.issues.push(issue);
+            return None;
         }
+        Some(resolved)
     }
 
-    fn file_mode(&mut self, p: TomlPath, m: &str) -> Option<u32> {
+    fn file_mode(&mut self, p: Loc<'_>, m: &str) -> Option<u32> {
         let parsed =
             (!m.is_empty() && m.len() <= 4 && m.bytes().all(|b| (b'0'..=b'7').contains(&b)))
                 .then(|| u32::from_str_radix(m, 8).ok())
@@ -1429,11 +1528,176 @@ impl Validator<'_> {
     }
 }
 
-/// Uniqueness maps shared by every credential.
-struct CrossChecks<'a> {
-    vault_paths: &'a mut HashMap<(String, String), TomlPath>,
-    sink_paths: &'a mut HashMap<PathBuf, TomlPath>,
-    missing_roots_reported: &'a mut bool,
+/// Uniqueness maps shared by every credential. They borrow names from the
+/// raw file (`'r`) rather than copying them.
+struct CrossChecks<'r> {
+    vault_paths: FirstSeen<VaultPathSeen<'r>>,
+    sink_paths: FirstSeen<SinkSeen<'r>>,
+    missing_roots_reported: bool,
+}
+
+/// A credential by name: enough to rebuild its TOML path for a duplicate's
+/// message.
+#[derive(Clone, Copy)]
+struct CredRef<'r> {
+    agent: &'r str,
+    cred: &'r str,
+}
+
+impl CredRef<'_> {
+    fn path(&self) -> TomlPath {
+        TomlPath::root()
+            .key("agents")
+            .key(self.agent)
+            .key("credentials")
+            .key(self.cred)
+    }
+}
+
+/// One vault path in use.
+struct VaultPathSeen<'r> {
+    vault: &'r str,
+    cred: CredRef<'r>,
+    /// `path = ...` as written; `None` for the default `agents/AGENT/CRED`.
+    written: Option<&'r str>,
+}
+
+impl VaultPathSeen<'_> {
+    /// The vault path in pieces, so that the default one needs no `format!`
+    /// to be hashed and compared.
+    fn path_parts(&self) -> Parts<'_> {
+        match self.written {
+            Some(w) => Parts([w, "", "", ""]),
+            None => Parts(["agents/", self.cred.agent, "/", self.cred.cred]),
+        }
+    }
+
+    fn hash(&self) -> u64 {
+        let h = fnv1a(FNV_OFFSET, self.vault.as_bytes());
+        // 0xff never occurs in UTF-8: the vault name cannot run into the path.
+        let h = fnv1a(h, &[0xff]);
+        self.path_parts()
+            .0
+            .iter()
+            .fold(h, |h, part| fnv1a(h, part.as_bytes()))
+    }
+
+    /// Where the issue points: the `path` key, or the credential's table
+    /// when the path is the default.
+    fn path(&self) -> TomlPath {
+        let p = self.cred.path();
+        if self.written.is_some() {
+            p.key("path")
+        } else {
+            p
+        }
+    }
+}
+
+/// A string in up to four pieces.
+struct Parts<'a>([&'a str; 4]);
+
+impl Parts<'_> {
+    /// Whether the two concatenations are equal.
+    fn concat_eq(&self, other: &Parts<'_>) -> bool {
+        let len = |p: &Parts<'_>| p.0.iter().map(|s| s.len()).sum::<usize>();
+        len(self) == len(other)
+            && self
+                .0
+                .iter()
+                .flat_map(|s| s.bytes())
+                .eq(other.0.iter().flat_map(|s| s.bytes()))
+    }
+}
+
+/// A file sink: `agents.AGENT.credentials.CRED.deliver[INDEX]`.
+#[derive(Clone, Copy)]
+struct SinkRef<'r> {
+    cred: CredRef<'r>,
+    index: usize,
+}
+
+impl SinkRef<'_> {
+    /// The path of its `path` key.
+    fn path(&self) -> TomlPath {
+        self.cred
+            .path()
+            .key("deliver")
+            .index(self.index)
+            .key("path")
+    }
+}
+
+/// One delivery path in use: the sink and the path as written (valid, since
+/// only sinks that passed every check are recorded).
+struct SinkSeen<'r> {
+    at: SinkRef<'r>,
+    text: &'r str,
+}
+
+/// Where a valid sink path resolves: absolute as written, or under the one
+/// delivery root. `roots` hold normalised paths, so normalising onto the root
+/// is the same as `normalize(&root.join(path))` without the second buffer.
+fn resolve_sink(roots: &[PathBuf], written: &Path) -> PathBuf {
+    match roots {
+        [root] if !written.is_absolute() => {
+            let mut out =
+                PathBuf::with_capacity(root.as_os_str().len() + 1 + written.as_os_str().len());
+            out.push(root);
+            normalize_onto(out, written)
+        }
+        _ => normalize(written),
+    }
+}
+
+/// The first place each value was seen, for duplicate checks, keeping only
+/// a small borrowed record per value (not the value itself). Values are
+/// found by a hash the caller computes; records with the same hash are
+/// chained and compared with the caller's `same`.
+struct FirstSeen<T> {
+    /// Hash → index in `entries` of the latest record with that hash.
+    heads: HashMap<u64, usize>,
+    /// Each record, with the index of the previous one of the same hash.
+    entries: Vec<(T, Option<usize>)>,
+}
+
+impl<T> Default for FirstSeen<T> {
+    fn default() -> Self {
+        Self {
+            heads: HashMap::new(),
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<T> FirstSeen<T> {
+    /// The earlier record equal to `new` (by `same(earlier, new)`), or
+    /// `None` after recording `new`.
+    fn first_or_insert(&mut self, hash: u64, new: T, same: impl Fn(&T, &T) -> bool) -> Option<&T> {
+        let head = self.heads.get(&hash).copied();
+        let mut at = head;
+        while let Some(i) = at {
+            let (earlier, prev) = &self.entries[i];
+            if same(earlier, &new) {
+                return Some(&self.entries[i].0);
+            }
+            at = *prev;
+        }
+        let index = self.entries.len();
+        self.entries.push((new, head));
+        self.heads.insert(hash, index);
+        None
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a, continued from `h`: streamed over pieces, it hashes their
+/// concatenation (which `std`'s `Hasher::write` does not promise).
+fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The `cron` crate explains with a caret under the expression over several
@@ -1466,7 +1730,11 @@ fn list<'a>(items: impl Iterator<Item = impl AsRef<str> + 'a>) -> String {
 
 /// Removes `.` and resolves `..` lexically (without looking at the disk).
 pub fn normalize(p: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
+    normalize_onto(PathBuf::with_capacity(p.as_os_str().len()), p)
+}
+
+/// [`normalize`] of `out` joined with `p`, when `out` is already normalised.
+fn normalize_onto(mut out: PathBuf, p: &Path) -> PathBuf {
     for c in p.components() {
         match c {
             Component::CurDir => {}
@@ -1508,6 +1776,162 @@ mod tests {
             .index(2)
             .key("path");
         assert_eq!(p.to_string(), "agents.\"a.b\".deliver[2].path");
+    }
+
+    #[test]
+    fn lazy_paths_are_the_eager_paths() {
+        let agents = Loc::top("agents");
+        let agent = agents.key("a.b");
+        let creds = agent.key("credentials");
+        let cred = creds.key("");
+        let deliver = cred.key("deliver");
+        let sink = deliver.index(2);
+        let lazy = sink.key("path");
+        let eager = TomlPath::root()
+            .key("agents")
+            .key("a.b")
+            .key("credentials")
+            .key("")
+            .key("deliver")
+            .index(2)
+            .key("path");
+        assert_eq!(lazy.path(), eager);
+        assert_eq!(
+            lazy.path().to_string(),
+            "agents.\"a.b\".credentials.\"\".deliver[2].path"
+        );
+        assert_eq!(Loc::top("daemon").path().to_string(), "daemon");
+    }
+
+    #[test]
+    fn parts_compare_by_concatenation() {
+        let default = Parts(["agents/", "a", "/", "x"]);
+        assert!(default.concat_eq(&Parts(["agents/a/x", "", "", ""])));
+        assert!(!default.concat_eq(&Parts(["agents/a/y", "", "", ""])));
+        assert!(!default.concat_eq(&Parts(["agents/a/x/", "", "", ""])));
+        let seen = |agent, cred, written| VaultPathSeen {
+            vault: "v",
+            cred: CredRef { agent, cred },
+            written,
+        };
+        assert_eq!(
+            seen("a", "x", None).hash(),
+            seen("b", "y", Some("agents/a/x")).hash()
+        );
+        assert_ne!(
+            seen("a", "x", None).hash(),
+            VaultPathSeen {
+                vault: "w",
+                ..seen("a", "x", None)
+            }
+            .hash()
+        );
+    }
+
+    #[test]
+    fn first_seen_tells_apart_values_with_the_same_hash() {
+        let mut seen = FirstSeen::default();
+        let same = |a: &&str, b: &&str| a == b;
+        assert_eq!(seen.first_or_insert(7, "a", same), None);
+        assert_eq!(seen.first_or_insert(7, "b", same), None);
+        assert_eq!(seen.first_or_insert(8, "c", same), None);
+        assert_eq!(seen.first_or_insert(7, "a", same), Some(&"a"));
+        assert_eq!(seen.first_or_insert(7, "b", same), Some(&"b"));
+        assert_eq!(seen.first_or_insert(8, "c", same), Some(&"c"));
+        assert_eq!(seen.first_or_insert(9, "a", same), None);
+    }
+
+    fn load_errors(text: &str) -> Vec<super::super::ConfigError> {
+        super::super::load_str(Path::new("/etc/keyturn/t.toml"), text)
+            .expect_err("should fail")
+            .0
+    }
+
+    const HEAD: &str = "[daemon]\ndelivery_roots = [\"/run/kt\"]\n[vaults.v]\ntype = \"local\"\n\
+[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+[agents.b]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n";
+
+    #[test]
+    fn a_written_vault_path_clashes_with_a_default_one() {
+        let text = format!(
+            "{HEAD}[agents.a.credentials.x]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+[agents.b.credentials.y]\nvault = \"v\"\npath = \"agents/a/x\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n"
+        );
+        let e = load_errors(&text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].toml_path, "agents.b.credentials.y.path");
+        assert_eq!(
+            e[0].message,
+            "duplicate vault path: `agents/a/x` in vault `v` is also used by `agents.a.credentials.x` (line 13)"
+        );
+    }
+
+    #[test]
+    fn an_absolute_and_a_relative_delivery_path_clash() {
+        let text = format!(
+            "{HEAD}[agents.a.credentials.x]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+deliver = [{{ type = \"file\", path = \"a/./x\" }}]\n\
+[agents.b.credentials.y]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+deliver = [{{ type = \"file\", path = \"/run/kt/a/x\" }}, {{ type = \"file\", path = \"/run/kt/a/x2\" }}]\n"
+        );
+        let e = load_errors(&text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].toml_path, "agents.b.credentials.y.deliver[0].path");
+        assert_eq!(
+            e[0].message,
+            "duplicate delivery path `/run/kt/a/x`: also written by `agents.a.credentials.x.deliver[0].path` (line 17)"
+        );
+    }
+
+    #[test]
+    fn resolving_onto_the_root_is_normalizing_the_join() {
+        let roots = [PathBuf::from("/run/kt")];
+        for rel in ["a/x", "./a//x/.", "a/./x/"] {
+            assert_eq!(
+                resolve_sink(&roots, Path::new(rel)),
+                normalize(&roots[0].join(rel)),
+                "{rel}"
+            );
+        }
+        assert_eq!(
+            resolve_sink(&roots, Path::new("/run/kt/./a")),
+            PathBuf::from("/run/kt/a")
+        );
+    }
+
+    #[test]
+    fn cached_durations_are_checked_like_fresh_ones() {
+        let ctx = Context {
+            source: PathBuf::from("/etc/keyturn/t.toml"),
+        };
+        let mut v = Validator {
+            ctx: &ctx,
+            issues: Vec::new(),
+            durations: DurationCache::default(),
+        };
+        let at = Loc::top("x");
+        for _ in 0..2 {
+            assert_eq!(
+                v.duration(at, " 24h ", Zero::Rejected),
+                Some(Duration::from_secs(24 * 3600))
+            );
+            assert_eq!(v.duration(at, "0s", Zero::Allowed), Some(Duration::ZERO));
+        }
+        assert!(v.issues.is_empty());
+        // "0s" is cached now, and still refused where zero is not allowed.
+        assert_eq!(v.duration(at, "0s", Zero::Rejected), None);
+        assert_eq!(v.duration(at, "-24h", Zero::Rejected), None);
+        assert_eq!(v.duration(at, "24 parsecs", Zero::Rejected), None);
+        let messages: Vec<&str> = v.issues.iter().map(|i| i.message.as_str()).collect();
+        assert_eq!(messages.len(), 3, "{messages:?}");
+        assert!(messages[0].starts_with("duration `0s` is zero"));
+        assert!(messages[1].starts_with("negative duration `-24h`"));
+        assert!(messages[2].starts_with("invalid duration `24 parsecs`"));
+        // Only texts that parsed are kept, up to the capacity.
+        for i in 0..40 {
+            v.duration(at, &format!("{i}s"), Zero::Allowed);
+        }
+        assert_eq!(v.durations.0.len(), DurationCache::CAPACITY);
     }
 
     #[test]
