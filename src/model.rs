@@ -58,9 +58,10 @@ macro_rules! id_type {
         pub struct $name(std::sync::Arc<str>);
 
         impl $name {
-            pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
-                let s = s.into();
-                validate_id(&s)?;
+            pub fn new(s: impl AsRef<str>) -> Result<Self, IdError> {
+                let s = s.as_ref();
+                validate_id(s)?;
+                // One allocation, the `Arc`'s (not a `String` first).
                 Ok(Self(s.into()))
             }
             pub fn as_str(&self) -> &str {
