@@ -1,7 +1,7 @@
 //! The engine: runs rotations step by step, persisting and auditing each one,
 //! and keeps the in-memory view that `status` and the scheduler read.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -172,28 +172,36 @@ impl Engine {
         let snapshot = tokio::task::spawn_blocking(move || state.snapshot())
             .await
             .expect("snapshot task panicked")?;
-        let unfinished: HashMap<CredentialKey, RotationRow> = snapshot
-            .unfinished
-            .into_iter()
-            .map(|r| (r.key.clone(), r))
-            .collect();
+        let catalog = self.catalog();
+        // Rotations to resume before their retire step (usually none).
+        let mut resume = HashSet::new();
         {
             let mut live = self.inner.live();
-            live.reserve_total(self.catalog().creds.len());
-            for row in snapshot.credentials {
-                let key = row.key.clone();
-                live.entry(&key).row = Some(row.into());
+            live.reserve_total(catalog.creds.len());
+            // Keys are interned from the catalog first, so the table shares
+            // the catalog's id strings instead of holding the state's copies.
+            // State rows of credentials no longer configured are left out.
+            for key in catalog.creds.keys() {
+                live.entry(key);
             }
-            for (key, rot) in &unfinished {
-                let l = live.entry(&key);
+            for row in snapshot.credentials {
+                if let Some(l) = live.get_mut(&row.key) {
+                    l.row = Some(row.into());
+                }
+            }
+            for rot in snapshot.unfinished {
+                let Some(l) = live.get_mut(&rot.key) else {
+                    continue;
+                };
                 if rot.step == Step::Retire {
                     l.retire_at = Some(rot.retire_at.unwrap_or_else(now));
                 } else {
                     l.next_trigger = Some(rot.trigger);
+                    resume.insert(rot.key);
                 }
             }
         }
-        self.inner.schedule_all(&unfinished, true);
+        self.inner.schedule_all(&resume, true);
         Ok(())
     }
 
@@ -206,7 +214,7 @@ impl Engine {
             .catalog
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Arc::new(catalog);
-        self.inner.schedule_all(&HashMap::new(), false);
+        self.inner.schedule_all(&HashSet::new(), false);
         self.inner.wake.notify_one();
     }
 
@@ -334,16 +342,15 @@ impl Inner {
     }
 
     /// Arms the timers of every credential in the catalog.
-    fn schedule_all(&self, unfinished: &HashMap<CredentialKey, RotationRow>, at_start: bool) {
+    fn schedule_all(&self, resume: &HashSet<CredentialKey>, at_start: bool) {
         let catalog = self.catalog();
         let now = now();
         let mut live = self.live();
         live.reserve_total(catalog.creds.len());
         let mut overdue: Vec<(DateTime<Utc>, CredentialKey)> = Vec::new();
         // In key order (the catalog's).
-        let keys = catalog.creds.keys();
-        for key in keys {
-            let entry = &catalog.creds[key];
+        for entry in catalog.creds.values() {
+            let key = entry.key();
             let l = live.entry(key);
             let retire_at = l.retire_at;
             // The rotate timer: `Some(Some(at))` sets it, `Some(None)`
@@ -353,7 +360,7 @@ impl Inner {
             } else {
                 let last = l.row.as_ref().and_then(|r| r.last_rotated_at);
                 let has_version = l.row.as_ref().and_then(|r| r.current_version).is_some();
-                if unfinished.get(key).is_some_and(|r| r.step < Step::Retire) {
+                if resume.contains(key) {
                     Some(Some(now))
                 } else if !has_version || last.is_none() {
                     l.next_trigger = Some(Trigger::Initial);
@@ -394,8 +401,11 @@ impl Inner {
             }
             live.schedule(&key, Job::Rotate, at);
         }
-        // Forget live state of credentials removed from the config.
-        live.retain(|k, l| catalog.creds.contains_key(k) || l.running.is_some());
+        // Forget live state of credentials removed from the config (at
+        // start-up the table holds only configured ones).
+        if !at_start {
+            live.retain(|k, l| catalog.creds.contains_key(k) || l.running.is_some());
+        }
     }
 
     fn trigger(self: Arc<Self>, key: &CredentialKey) -> Option<oneshot::Receiver<RotateFinished>> {
@@ -484,10 +494,11 @@ impl Inner {
         let catalog = self.catalog();
         let live = self.live();
         // In key order (the catalog's).
-        let keys = catalog.creds.keys();
-        keys.into_iter()
-            .map(|key| {
-                let entry = &catalog.creds[key];
+        catalog
+            .creds
+            .values()
+            .map(|entry| {
+                let key = entry.key();
                 let l = live.get(key);
                 let row = l.and_then(|l| l.row.as_ref());
                 let running = l.and_then(|l| l.running.as_ref());

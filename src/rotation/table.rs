@@ -10,7 +10,7 @@
 //! by a reload keeps its (reset) entry, so a rotation still running for it
 //! and a credential added back later find a consistent slot.
 
-use std::collections::HashMap;
+use std::hash::BuildHasher;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
@@ -123,7 +123,10 @@ impl CredLive {
 
 #[derive(Default)]
 pub(super) struct Table {
-    index: HashMap<CredentialKey, u32>,
+    /// Positions in `keys`, hashed by key: 4 bytes per credential where a
+    /// map from key to position would hold a second copy of every key.
+    index: hashbrown::HashTable<u32>,
+    hasher: std::hash::RandomState,
     keys: Vec<CredentialKey>,
     live: Vec<CredLive>,
     timers: TimerHeap,
@@ -134,13 +137,18 @@ impl Table {
     /// exact sizing saves the slack of doubling at 100k entries).
     pub fn reserve_total(&mut self, total: usize) {
         let more = total.saturating_sub(self.keys.len());
-        self.index.reserve(more);
+        let (keys, hasher) = (&self.keys, &self.hasher);
+        self.index
+            .reserve(more, |i| hasher.hash_one(&keys[*i as usize]));
         self.keys.reserve_exact(more);
         self.live.reserve_exact(more);
     }
 
     fn index_of(&self, key: &CredentialKey) -> Option<u32> {
-        self.index.get(key).copied()
+        let keys = &self.keys;
+        self.index
+            .find(self.hasher.hash_one(key), |i| keys[*i as usize] == *key)
+            .copied()
     }
 
     fn intern(&mut self, key: &CredentialKey) -> u32 {
@@ -151,7 +159,9 @@ impl Table {
             .ok()
             .filter(|i| *i < u32::MAX / 2)
             .expect("fewer than 2^31 credentials");
-        self.index.insert(key.clone(), i);
+        let (keys, hasher) = (&self.keys, &self.hasher);
+        self.index
+            .insert_unique(hasher.hash_one(key), i, |j| hasher.hash_one(&keys[*j as usize]));
         self.keys.push(key.clone());
         self.live.push(CredLive::default());
         i
