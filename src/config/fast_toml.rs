@@ -54,7 +54,10 @@ impl de::Error for Error {
 /// Parses `text` (the subset above) and deserializes it into `T`.
 pub fn from_str<'de, T: de::Deserialize<'de>>(text: &'de str) -> Result<T, Error> {
     let doc = Parser::new(text)?.parse()?;
-    T::deserialize(NodeDe { doc: &doc, node: ROOT })
+    T::deserialize(NodeDe {
+        doc: &doc,
+        node: ROOT,
+    })
 }
 
 const NONE: u32 = u32::MAX;
@@ -64,8 +67,10 @@ const ROOT: u32 = 0;
 /// otherwise be scanned once per header.
 const INDEX_AFTER: usize = 16;
 /// Nesting of arrays and inline tables; deeper is refused rather than
-/// risking the stack on hostile input.
+/// risking the stack on hostile input (`toml` itself stops at 80).
 const MAX_DEPTH: usize = 64;
+/// Segments of a header: `toml` refuses 80 or more, so we stop well before.
+const MAX_SEGMENTS: usize = 32;
 
 /// A string: a slice of the text, or (`start == NONE`) entry `len` of the
 /// owned strings (only strings with escapes are owned).
@@ -233,6 +238,10 @@ impl<'de> Parser<'de> {
     /// From `#` up to (not including) the line's end.
     fn comment(&mut self) -> Result<(), Error> {
         self.pos += 1;
+        self.pos += self.bytes[self.pos..]
+            .iter()
+            .position(|&b| !matches!(b, b'\t' | 0x20..=0x7e | 0x80..))
+            .unwrap_or(self.bytes.len() - self.pos);
         while let Some(b) = self.peek() {
             match b {
                 b'\n' => return Ok(()),
@@ -274,6 +283,9 @@ impl<'de> Parser<'de> {
         segments.clear();
         loop {
             self.skip_ws();
+            if segments.len() == MAX_SEGMENTS {
+                return err("table header too deep", start);
+            }
             segments.push(self.key()?);
             self.skip_ws();
             match self.peek() {
@@ -339,7 +351,8 @@ impl<'de> Parser<'de> {
             Some(b'"') => self.basic_string()?,
             Some(b'\'') => self.literal_string()?,
             _ => {
-                while let Some(b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-') = self.peek() {
+                while let Some(b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-') = self.peek()
+                {
                     self.pos += 1;
                 }
                 if self.pos == start {
@@ -436,13 +449,14 @@ impl<'de> Parser<'de> {
         self.pos += 1;
         let start = self.pos;
         // The common case: no escapes, borrowed from the text.
-        loop {
-            match self.peek() {
-                Some(b'"') => break,
-                Some(b'\\') => return self.escaped_string(start),
-                Some(b) if is_string_char(b) => self.pos += 1,
-                _ => return err("invalid character in a string", self.pos),
-            }
+        self.pos += self.bytes[start..]
+            .iter()
+            .position(|&b| !is_string_char(b))
+            .unwrap_or(self.bytes.len() - start);
+        match self.peek() {
+            Some(b'"') => {}
+            Some(b'\\') => return self.escaped_string(start),
+            _ => return err("invalid character in a string", self.pos),
         }
         if self.pos == start && self.bytes.get(self.pos + 1) == Some(&b'"') {
             return err("multi-line strings are not supported", open);
@@ -516,12 +530,12 @@ impl<'de> Parser<'de> {
         let open = self.pos;
         self.pos += 1;
         let start = self.pos;
-        loop {
-            match self.peek() {
-                Some(b'\'') => break,
-                Some(b'\t' | 0x20..=0x26 | 0x28..=0x7e | 0x80..) => self.pos += 1,
-                _ => return err("invalid character in a literal string", self.pos),
-            }
+        self.pos += self.bytes[start..]
+            .iter()
+            .position(|&b| !matches!(b, b'\t' | 0x20..=0x26 | 0x28..=0x7e | 0x80..))
+            .unwrap_or(self.bytes.len() - start);
+        if self.peek() != Some(b'\'') {
+            return err("invalid character in a literal string", self.pos);
         }
         if self.pos == start && self.bytes.get(self.pos + 1) == Some(&b'\'') {
             return err("multi-line strings are not supported", open);
@@ -550,18 +564,14 @@ impl<'de> Parser<'de> {
             _ => {}
         }
         match number_kind(token.as_bytes()) {
-            Some(false) => {
-                match without_underscores(token).parse::<i64>() {
-                    Ok(i) => Ok(Val::Int(i)),
-                    Err(_) => err("integer out of range", start),
-                }
-            }
-            Some(true) => {
-                match without_underscores(token).parse::<f64>() {
-                    Ok(f) if f.is_finite() => Ok(Val::Float(f)),
-                    _ => err("float out of range", start),
-                }
-            }
+            Some(false) => match without_underscores(token).parse::<i64>() {
+                Ok(i) => Ok(Val::Int(i)),
+                Err(_) => err("integer out of range", start),
+            },
+            Some(true) => match without_underscores(token).parse::<f64>() {
+                Ok(f) if f.is_finite() => Ok(Val::Float(f)),
+                _ => err("float out of range", start),
+            },
             None => err("unsupported value", start),
         }
     }
@@ -583,10 +593,10 @@ impl<'de> Parser<'de> {
         let Val::Table { first, indexed, .. } = self.doc.nodes[table as usize].val else {
             return None;
         };
-        let wanted = self.doc.str(key);
+        let wanted = self.doc.str(key).as_bytes();
         if indexed
             && let Some(&n) = self.index.get(&(table, self.hash(key)))
-            && self.doc.str(self.doc.nodes[n as usize].key) == wanted
+            && self.doc.str(self.doc.nodes[n as usize].key).as_bytes() == wanted
         {
             return Some(n);
         }
@@ -594,7 +604,13 @@ impl<'de> Parser<'de> {
         let mut cur = first;
         while cur != NONE {
             let node = &self.doc.nodes[cur as usize];
-            if self.doc.str(node.key) == wanted {
+            // Most keys differ in length or first byte: decide those
+            // without a call to memcmp.
+            let k = node.key;
+            let maybe = k.start == NONE
+                || (k.len as usize == wanted.len()
+                    && self.bytes.get(k.start as usize) == wanted.first());
+            if maybe && self.doc.str(k).as_bytes() == wanted {
                 return Some(cur);
             }
             count += 1;
@@ -838,7 +854,10 @@ impl<'de> SeqAccess<'de> for &mut Children<'_, 'de> {
 impl<'de> MapAccess<'de> for &mut Children<'_, 'de> {
     type Error = Error;
 
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, Error> {
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Error> {
         if self.cur == NONE {
             return Ok(None);
         }
@@ -865,5 +884,575 @@ impl<'de> MapAccess<'de> for &mut Children<'_, 'de> {
             doc: self.doc,
             node,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::super::load::File;
+    use super::*;
+
+    /// The soundness property on `text`, for a generic table and for the
+    /// config's own shape: when the fast parser accepts, `toml` accepts
+    /// with the same value. Returns whether the fast parser accepted.
+    fn sound(text: &str) -> bool {
+        let fast = from_str::<toml::Table>(text);
+        if let Ok(fast) = &fast {
+            match toml::from_str::<toml::Table>(text) {
+                Ok(slow) => assert_eq!(fast, &slow, "values differ for {text:?}"),
+                Err(e) => panic!("fast accepted what toml refuses ({e}): {text:?}"),
+            }
+        }
+        if let Ok(fast) = from_str::<File>(text) {
+            match toml::from_str::<File>(text) {
+                Ok(slow) => assert_eq!(fast, slow, "File values differ for {text:?}"),
+                Err(e) => panic!("fast accepted a File toml refuses ({e}): {text:?}"),
+            }
+        }
+        fast.is_ok()
+    }
+
+    #[track_caller]
+    fn accepts(text: &str) -> toml::Table {
+        assert!(
+            sound(text),
+            "fast parser refused {text:?}: {:?}",
+            from_str::<toml::Table>(text)
+        );
+        from_str(text).unwrap()
+    }
+
+    #[track_caller]
+    fn rejects(text: &str) {
+        assert!(
+            from_str::<toml::Table>(text).is_err(),
+            "fast parser accepted {text:?}"
+        );
+    }
+
+    /// Invalid TOML: both parsers refuse it.
+    #[track_caller]
+    fn invalid(text: &str) {
+        rejects(text);
+        assert!(
+            toml::from_str::<toml::Table>(text).is_err(),
+            "toml accepted {text:?}"
+        );
+    }
+
+    fn toml_files() -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if p.extension().is_some_and(|x| x == "toml") {
+                    out.push(p);
+                }
+            }
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = Vec::new();
+        walk(&root.join("config"), &mut files);
+        walk(&root.join("tests/fixtures"), &mut files);
+        files.sort();
+        files
+    }
+
+    fn is_good(p: &Path) -> bool {
+        !p.file_name().unwrap().to_string_lossy().starts_with("bad-")
+    }
+
+    #[test]
+    fn every_config_and_fixture_is_read_like_toml_reads_it() {
+        let files = toml_files();
+        assert!(files.len() > 20, "{files:?}");
+        for f in &files {
+            let text = std::fs::read_to_string(f).unwrap();
+            let accepted = sound(&text);
+            if is_good(f) {
+                // The subset must cover every shipped config: otherwise
+                // the fast tier silently stops being the fast one.
+                assert!(
+                    accepted,
+                    "{}: {:?}",
+                    f.display(),
+                    from_str::<toml::Table>(&text)
+                );
+                if let Err(e) = from_str::<File>(&text) {
+                    panic!("{}: {e}", f.display());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn structural_rules_are_enforced() {
+        invalid("a = 1\na = 2\n");
+        invalid("a = 1\n'a' = 2\n");
+        invalid("a = 1\n\"\\u0061\" = 2\n");
+        invalid("[a]\n[a]\n");
+        invalid("[a]\n[\"a\"]\n");
+        invalid("a = 1\n[a]\n");
+        invalid("a = 1\n[a.b]\n");
+        invalid("a = {}\n[a]\n");
+        invalid("a = { b = 1 }\n[a.c]\n");
+        invalid("a = { b = {} }\n[a.b]\n");
+        invalid("[a]\nb = { c = 1 }\n[a.b.d]\n");
+        invalid("a = [1]\n[a]\n");
+        invalid("a = [{}]\n[a.b]\n");
+        invalid("x = { a = 1, a = 2 }\n");
+        invalid("[a.b]\n[a]\nb = 1\n");
+        invalid("[a.b.c]\n[a]\n[a]\n");
+        invalid("[a.b.c]\n[a.b]\n[a.b]\n");
+        invalid(&format!("[{}]\n", vec!["a"; 100].join(".")));
+        rejects(&format!("[{}]\n", vec!["a"; 40].join(".")));
+        rejects(&format!("a = {}1{}\n", "[".repeat(70), "]".repeat(70)));
+        invalid(&format!("a = {}1{}\n", "[".repeat(100), "]".repeat(100)));
+        invalid("[]\n");
+        invalid("[a.]\n");
+        invalid("[.a]\n");
+        invalid("[a..b]\n");
+        invalid("[a\n");
+        invalid("[a] b = 1\n");
+        invalid("= 1\n");
+        invalid("a =\n");
+        invalid("a = 1 2\n");
+        invalid("a = \"x\" b\n");
+        invalid("a = truex\n");
+        // A table an earlier header created implicitly may be defined once.
+        let t = accepts("[a.b.c]\nx = 1\n[a]\ny = 2\n[a.b.d]\n");
+        assert_eq!(t["a"]["y"].as_integer(), Some(2));
+        assert_eq!(t["a"]["b"]["c"]["x"].as_integer(), Some(1));
+        accepts("[a.b]\n[a.b.c]\n[a.d]\n[ a . \"b\" . 'e' ]\n");
+        accepts("x = {}\ny = { a = 1, b = { c = [1, { d = 'e' }] } }\n");
+        // Outside the subset, though valid TOML: declined, never misread.
+        rejects("a.b = 1\n");
+        rejects("[a]\nb . c = 1\n");
+        rejects("x = { a.b = 1 }\n");
+        rejects("[[a]]\nb = 1\n");
+        rejects("a = 0x10\n");
+        rejects("a = 0o7\n");
+        rejects("a = 0b1\n");
+        rejects("a = 1979-05-27\n");
+        rejects("a = 1979-05-27T07:32:00Z\n");
+        rejects("a = 1979-05-27 07:32:00\n");
+        rejects("a = 07:32:00\n");
+        rejects("a = \"\"\"x\"\"\"\n");
+        rejects("a = '''x'''\n");
+        rejects("a = inf\n");
+        rejects("a = nan\n");
+        rejects("a = -inf\n");
+        rejects("\u{feff}a = 1\n");
+        rejects("\"$__toml_private_datetime\" = \"1979-05-27\"\n");
+    }
+
+    /// Big tables are indexed: lookups and duplicate checks must still be
+    /// exact there, for keys and for headers.
+    #[test]
+    fn big_tables_find_duplicates_too() {
+        let mut keys = String::from("[t]\n");
+        let mut headers = String::new();
+        for i in 0..40 {
+            keys.push_str(&format!("k{i} = {i}\n"));
+            headers.push_str(&format!("[big.x{i}]\nv = {i}\n"));
+        }
+        assert_eq!(accepts(&keys)["t"].as_table().unwrap().len(), 40);
+        invalid(&format!("{keys}k7 = 1\n"));
+        invalid(&format!("{keys}'k39' = 1\n"));
+        let t = accepts(&format!("{headers}[big]\nw = 1\n[big.x40]\n"));
+        assert_eq!(t["big"].as_table().unwrap().len(), 42);
+        assert_eq!(t["big"]["x33"]["v"].as_integer(), Some(33));
+        invalid(&format!("{headers}[big.x5]\n"));
+        invalid(&format!("{headers}[big.\"x39\"]\n"));
+        invalid(&format!("{headers}[big]\nx12 = 1\n"));
+        invalid(&format!("{headers}[big]\n[big]\n"));
+    }
+
+    #[test]
+    fn strings_and_escapes() {
+        let t = accepts(
+            "s = \"a\\b\\t\\n\\f\\r\\\"\\\\\\u00e9\\U0001F600z\"\nl = 'C:\\x\\\"'\ne = \"\"\nf = ''\n\
+             u = \"h\u{e9}llo \u{1F600}\ttab\"\n",
+        );
+        assert_eq!(
+            t["s"].as_str(),
+            Some("a\u{8}\t\n\u{c}\r\"\\\u{e9}\u{1F600}z")
+        );
+        assert_eq!(t["l"].as_str(), Some("C:\\x\\\""));
+        assert_eq!(t["e"].as_str(), Some(""));
+        assert_eq!(t["f"].as_str(), Some(""));
+        assert_eq!(t["u"].as_str(), Some("h\u{e9}llo \u{1F600}\ttab"));
+        invalid("s = \"\\q\"\n");
+        invalid("s = \"\\uD800\"\n");
+        invalid("s = \"\\u12\"\n");
+        invalid("s = \"\\U00110000\"\n");
+        invalid("s = \"\\\"\n");
+        invalid("s = \"abc\n");
+        invalid("s = 'abc\n");
+        invalid("s = 'it's'\n");
+        // TOML 1.1 escapes (toml 0.9 reads them): outside the subset.
+        rejects("s = \"\\e\"\n");
+        rejects("s = \"\\x41\"\n");
+        // Control characters other than tab, in every place they can appear.
+        invalid("s = \"x\u{1}y\"\n");
+        invalid("s = \"x\u{7f}\"\n");
+        invalid("s = 'x\u{1}'\n");
+        invalid("s = \"x\ry\"\n");
+        invalid("s = 1 # x\u{0}\n");
+        rejects("s = 1 # x\u{7f}\n");
+        invalid("\"a\u{1}\" = 1\n");
+    }
+
+    #[test]
+    fn keys_may_be_quoted_and_hold_dots() {
+        let t = accepts(
+            "\"a.b\" = 1\n'c d' = 2\n\"\" = 3\n[x.\"y.z\"]\n['a b'.c-d_0]\nq = \"\\u0041\"\n",
+        );
+        assert_eq!(t["a.b"].as_integer(), Some(1));
+        assert_eq!(t["c d"].as_integer(), Some(2));
+        assert_eq!(t[""].as_integer(), Some(3));
+        assert!(t["x"]["y.z"].is_table());
+        assert_eq!(t["a b"]["c-d_0"]["q"].as_str(), Some("A"));
+        // An escaped key is the same key as its plain spelling.
+        let t = accepts("[t]\n\"\\u0041\" = 1\nb = 2\n");
+        assert_eq!(t["t"]["A"].as_integer(), Some(1));
+    }
+
+    #[test]
+    fn line_ends_comments_and_arrays() {
+        let t = accepts(
+            "# head\r\na = 1\r\n[b] # c\r\nc = \"x\" # c\r\n\r\nd = [\r\n  1, # one\r\n  2,\r\n]\r\n",
+        );
+        assert_eq!(t["b"]["d"].as_array().unwrap().len(), 2);
+        let t = accepts(
+            "a = [ # c\n 1, # d\n\n 2 # e\n , 3, # f\n]\nb = [\n]\nc = []\nd = [[1, 2], ['x', { y = true }], 1.5]\n",
+        );
+        assert_eq!(t["a"].as_array().unwrap().len(), 3);
+        assert_eq!(t["b"].as_array().unwrap().len(), 0);
+        assert_eq!(t["d"].as_array().unwrap().len(), 3);
+        accepts("a = 1");
+        accepts("");
+        accepts("\n\n  # only comments\n\t\n");
+        invalid("a = 1\rb = 2\n");
+        invalid("# c\r");
+        invalid("a = [,]\n");
+        invalid("a = [1,,2]\n");
+        invalid("a = [1 2]\n");
+        invalid("a = [1,\n");
+        // Inline tables: one line, no trailing comma, no comment (TOML 1.1
+        // allows these and toml 0.9 reads some of them: outside the subset).
+        rejects("a = { b = 1, }\n");
+        rejects("a = { b = 1\n}\n");
+        rejects("a = {\nb = 1 }\n");
+        rejects("a = { b = 1 # c\n}\n");
+        invalid("a = { b = 1 c = 2 }\n");
+        invalid("a = { , }\n");
+        // Arrays inside an inline table may still span lines (TOML 1.0);
+        // whatever the fast parser does with it must match toml.
+        sound("a = { b = [\n1,\n2,\n], c = 3 }\n");
+    }
+
+    #[test]
+    fn integers_and_floats() {
+        let t = accepts(&format!(
+            "a = {}\nb = {}\nc = -0\nd = +1\ne = 1_000\nf = +0\ng = 0\n",
+            i64::MAX,
+            i64::MIN
+        ));
+        assert_eq!(t["a"].as_integer(), Some(i64::MAX));
+        assert_eq!(t["b"].as_integer(), Some(i64::MIN));
+        assert_eq!(t["c"].as_integer(), Some(0));
+        assert_eq!(t["d"].as_integer(), Some(1));
+        assert_eq!(t["e"].as_integer(), Some(1000));
+        invalid("a = 9223372036854775808\n");
+        invalid("a = -9223372036854775809\n");
+        invalid("a = 1__0\n");
+        invalid("a = 01\n");
+        invalid("a = 00\n");
+        invalid("a = 0_0\n");
+        invalid("a = _1\n");
+        invalid("a = 1_\n");
+        invalid("a = +-1\n");
+        invalid("a = --1\n");
+        invalid("a = +\n");
+        let t = accepts(
+            "a = 1e3\nb = 1.5\nc = -1.5e-3\nd = 1_0.5_0\ne = 1E+3\nf = 0.0\ng = -0.0\nh = 3.0e0_1\n",
+        );
+        assert_eq!(t["a"].as_float(), Some(1e3));
+        assert_eq!(t["b"].as_float(), Some(1.5));
+        assert_eq!(t["c"].as_float(), Some(-1.5e-3));
+        assert_eq!(t["d"].as_float(), Some(10.5));
+        assert_eq!(t["e"].as_float(), Some(1e3));
+        assert_eq!(t["h"].as_float(), Some(3e1));
+        invalid("a = .5\n");
+        invalid("a = 5.\n");
+        invalid("a = 1.e3\n");
+        invalid("a = 1e\n");
+        invalid("a = 01.5\n");
+        invalid("a = 1.5_\n");
+        invalid("a = 1._5\n");
+        invalid("a = 1e_3\n");
+        rejects("a = 1e400\n");
+    }
+
+    /// Values come out as the config types need them: internally tagged
+    /// enums, unit enums from strings, options, floats from integers.
+    #[test]
+    fn deserializes_into_the_config_shape() {
+        let text = "[vaults.aws]\ntype = \"aws_secrets_manager\"\nwrite_budget = 25\n\
+                    [agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\nuid = 7\n\
+                    [agents.a.credentials.c]\nvault = [\"aws\", \"b\\u0061o\"]\n\
+                    generate = { kind = \"random_bytes\", length = 48, encoding = \"base64url\" }\n\
+                    deliver = [{ type = \"file\", path = \"a/c\", format = \"json\" }]\n\
+                    target = { type = \"command\", program = \"/bin/x\", env = { K = \"v\" } }\n";
+        let fast: File = from_str(text).unwrap();
+        assert_eq!(fast, toml::from_str::<File>(text).unwrap());
+        let dbg = format!("{fast:?}");
+        for want in [
+            "write_budget: Some(25.0)",
+            "Base64Url",
+            "Json",
+            "[\"aws\", \"bao\"]",
+            "uid: Some(7)",
+        ] {
+            assert!(dbg.contains(want), "{want} not in {dbg}");
+        }
+        // What serde refuses, the fast parser refuses too (and so does toml).
+        for bad in [
+            "[daemon]\nbogus = 1\n",
+            "[vaults.v]\ntype = \"nope\"\n",
+            "[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\nuid = -1\n",
+            "[daemon]\nmax_concurrent_rotations = \"8\"\n",
+        ] {
+            assert!(from_str::<File>(bad).is_err(), "{bad}");
+            assert!(toml::from_str::<File>(bad).is_err(), "{bad}");
+        }
+        let bad_enum = "[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"l\"\n\
+                        [agents.a.credentials.c]\nvault = \"v\"\n\
+                        generate = { kind = \"random_bytes\", encoding = \"base32\" }\n";
+        assert!(from_str::<File>(bad_enum).is_err());
+        assert!(toml::from_str::<File>(bad_enum).is_err());
+    }
+
+    /// Random edits of the good configs: whatever the fast parser accepts,
+    /// toml accepts with the same value.
+    #[test]
+    fn mutated_configs_keep_the_soundness_property() {
+        const PIECES: &[&str] = &[
+            "[", "]", "\"", "'", "=", ",", ".", "\n", "#", "{", "}", "0", "a", "\\", " ", "\r",
+            "-", "_", "e", "+", "\t", "\u{1}", "\"\"", "[[", "1_0", "true",
+        ];
+        let texts: Vec<String> = toml_files()
+            .iter()
+            .filter(|p| is_good(p))
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        // A longer hunt: KEYTURN_FUZZ_CASES=1000000 KEYTURN_FUZZ_SEED=n with --release.
+        let env = |name: &str, default: u64| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let mut rng = StdRng::seed_from_u64(env("KEYTURN_FUZZ_SEED", 0x006b_6579_7475_726e));
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..env("KEYTURN_FUZZ_CASES", 3000) {
+            let mut text = texts[rng.gen_range(0..texts.len())].clone().into_bytes();
+            for _ in 0..rng.gen_range(1..=3) {
+                let at = rng.gen_range(0..=text.len());
+                match rng.gen_range(0..6) {
+                    0 if at < text.len() => {
+                        text.remove(at);
+                    }
+                    1 | 2 => {
+                        let piece = PIECES[rng.gen_range(0..PIECES.len())];
+                        text.splice(at..at, piece.bytes());
+                    }
+                    3 if at < text.len() => {
+                        let b = text[at];
+                        text.insert(at, b);
+                    }
+                    4 => {
+                        // Duplicate or delete the line holding `at`.
+                        let start = text[..at]
+                            .iter()
+                            .rposition(|&b| b == b'\n')
+                            .map_or(0, |i| i + 1);
+                        let end = text[at..]
+                            .iter()
+                            .position(|&b| b == b'\n')
+                            .map_or(text.len(), |i| at + i + 1);
+                        if rng.gen_bool(0.5) {
+                            let line = text[start..end].to_vec();
+                            text.splice(end..end, line);
+                        } else {
+                            text.drain(start..end);
+                        }
+                    }
+                    _ => {
+                        // Move a line elsewhere (reorders headers and keys).
+                        let start = text[..at]
+                            .iter()
+                            .rposition(|&b| b == b'\n')
+                            .map_or(0, |i| i + 1);
+                        let end = text[at..]
+                            .iter()
+                            .position(|&b| b == b'\n')
+                            .map_or(text.len(), |i| at + i + 1);
+                        let line: Vec<u8> = text.drain(start..end).collect();
+                        let to = rng.gen_range(0..=text.len());
+                        text.splice(to..to, line);
+                    }
+                }
+            }
+            let Ok(text) = String::from_utf8(text) else {
+                continue;
+            };
+            if sound(&text) {
+                accepted += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        // Both outcomes must be exercised for the loop to prove anything.
+        assert!(
+            accepted > 300 && refused > 300,
+            "accepted {accepted}, refused {refused}"
+        );
+    }
+
+    /// The benchmark's config (`bench/run.py::write_config`), n credentials.
+    fn bench_config(n: usize) -> String {
+        use std::fmt::Write;
+        const PER_AGENT: usize = 100;
+        let d = "/tmp/kt-bench";
+        let mut s = format!(
+            "[daemon]\nstate_dir = \"{d}/state\"\nsocket = \"{d}/control.sock\"\n\
+             delivery_roots = [\"{d}/agents\"]\ndrain_timeout = \"30s\"\ncatch_up_spread = \"5m\"\n\
+             max_concurrent_rotations = 64\n\
+             retry = {{ initial_delay = \"500ms\", max_delay = \"10s\", max_attempts = 5 }}\n\n\
+             [vaults.local]\ntype = \"local\"\nmax_concurrent = 64\n\n"
+        );
+        for a in 0..n.div_ceil(PER_AGENT) {
+            let aid = format!("a{a:05}");
+            let _ = write!(
+                s,
+                "[agents.{aid}]\nowner = \"bench@example.com\"\ntenant = \"bench\"\ntier = \"low\"\n\n"
+            );
+            for i in 0..PER_AGENT.min(n - a * PER_AGENT) {
+                let (cid, gen_, fmt) = match i % 100 {
+                    0..45 => (
+                        format!("c{i:03}"),
+                        "{ kind = \"password\", length = 32 }",
+                        "raw",
+                    ),
+                    45..67 => (
+                        format!("c{i:03}"),
+                        "{ kind = \"random_bytes\", length = 32, encoding = \"hex\" }",
+                        "raw",
+                    ),
+                    67..89 => (
+                        format!("c{i:03}"),
+                        "{ kind = \"random_bytes\", length = 48, encoding = \"base64url\" }",
+                        "raw",
+                    ),
+                    89..99 => (
+                        format!("c{i:03}"),
+                        "{ kind = \"api_key\", prefix = \"kt_\", length = 32 }",
+                        "raw",
+                    ),
+                    _ => (format!("k{i:03}"), "{ kind = \"ed25519\" }", ""),
+                };
+                let fmt = if fmt == "raw" && i % 3 == 0 {
+                    "json"
+                } else {
+                    fmt
+                };
+                let name = if fmt == "json" {
+                    format!("{cid}.json")
+                } else {
+                    cid.clone()
+                };
+                let fmt_kv = if fmt.is_empty() {
+                    String::new()
+                } else {
+                    format!(", format = \"{fmt}\"")
+                };
+                let _ = write!(
+                    s,
+                    "[agents.{aid}.credentials.{cid}]\nvault = \"local\"\ngenerate = {gen_}\n\
+                     every = \"24h\"\njitter = \"1h\"\ngrace = \"1h\"\n\
+                     deliver = [{{ type = \"file\", path = \"{aid}/{name}\"{fmt_kv} }}]\n\n"
+                );
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn the_benchmark_config_reads_like_toml_reads_it() {
+        let text = bench_config(10_000);
+        let fast: File = from_str(&text).unwrap();
+        assert_eq!(fast, toml::from_str::<File>(&text).unwrap());
+        let table = accepts(&text);
+        let agents = table["agents"].as_table().unwrap();
+        assert_eq!(agents.len(), 100);
+        assert_eq!(
+            agents["a00099"]["credentials"].as_table().unwrap().len(),
+            100
+        );
+    }
+
+    /// `cargo test --release --lib config::fast_toml -- --ignored --nocapture`
+    /// (wall time, and this thread's CPU time, which a busy machine inflates less).
+    #[test]
+    #[ignore = "timing, for a release build"]
+    fn time_100k_credentials() {
+        fn cpu() -> std::time::Duration {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: a valid out-pointer for the duration of the call.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+        }
+        let text = bench_config(100_000);
+        for _ in 0..3 {
+            let (t, c) = (std::time::Instant::now(), cpu());
+            let doc = Parser::new(&text).unwrap().parse().unwrap();
+            let (parse, parse_cpu) = (t.elapsed(), cpu() - c);
+            let (t, c) = (std::time::Instant::now(), cpu());
+            let f: File = de::Deserialize::deserialize(NodeDe {
+                doc: &doc,
+                node: ROOT,
+            })
+            .unwrap();
+            let (de, de_cpu) = (t.elapsed(), cpu() - c);
+            println!(
+                "{} bytes, {} nodes: parse {parse:?} (cpu {parse_cpu:?}), deserialize {de:?} (cpu {de_cpu:?})",
+                text.len(),
+                doc.nodes.len()
+            );
+            drop((f, doc));
+        }
+        let (t, c) = (std::time::Instant::now(), cpu());
+        let f: File = from_str(&text).unwrap();
+        println!(
+            "fast_toml::from_str {:?} (cpu {:?})",
+            t.elapsed(),
+            cpu() - c
+        );
+        drop(f);
+        let (t, c) = (std::time::Instant::now(), cpu());
+        let f: File = toml::from_str(&text).unwrap();
+        println!("toml::from_str {:?} (cpu {:?})", t.elapsed(), cpu() - c);
+        drop(f);
     }
 }

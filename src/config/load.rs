@@ -25,8 +25,8 @@ use super::raw::{
     Parsed, RawAgent, RawAgentEntry, RawConfig, RawCredential, RawDaemon, RawTier, RawVault,
     TOP_LEVEL_KEYS,
 };
-use super::{Config, fast_toml};
 use super::validate::{self, Anchor, Context, Issue, Seg, TomlPath, normalize};
+use super::{Config, fast_toml};
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
