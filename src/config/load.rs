@@ -14,15 +14,19 @@
 //! 4. Each issue's path is looked up in the document to get a line and
 //!    column; the list is sorted by position.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::de::{DeserializeOwned, IntoDeserializer};
 use toml_edit::{Document, Item, Key, Table, TableLike, Value};
 
-use super::Config;
-use super::raw::{Parsed, RawAgentEntry, RawConfig, TOP_LEVEL_KEYS};
+use super::raw::{
+    Parsed, RawAgent, RawAgentEntry, RawConfig, RawCredential, RawDaemon, RawTier, RawVault,
+    TOP_LEVEL_KEYS,
+};
 use super::validate::{self, Anchor, Context, Issue, Seg, TomlPath, normalize};
+use super::{Config, fast_toml};
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,9 +95,10 @@ pub fn load_str(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let ctx = Context { source };
 
     // Fast path, taken by every valid file (each start and reload): one
-    // serde pass of the `toml` crate over the whole file, no spans kept.
-    // It is 2-3 times quicker than the span-keeping path below and leaves far
-    // less heap behind (at 100k credentials: seconds and hundreds of MB).
+    // serde pass over the whole file, no spans kept (our subset parser, or
+    // the `toml` crate for what it declines). It is many times quicker than
+    // the span-keeping path below and leaves far less heap behind (at 100k
+    // credentials: seconds and hundreds of MB).
     // Any problem at all, and the file is read again the slow way, which
     // finds every error and locates each one.
     if let Ok(raw) = fast_parse(text)
@@ -178,41 +183,63 @@ pub fn summary(cfg: &Config) -> String {
     s
 }
 
+/// The whole file in one serde pass (the shape [`fast_parse`] reads).
+#[derive(Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct File {
+    daemon: Option<RawDaemon>,
+    tiers: Option<BTreeMap<String, RawTier>>,
+    #[serde(default)]
+    vaults: BTreeMap<String, RawVault>,
+    #[serde(default)]
+    agents: BTreeMap<String, FileAgent>,
+}
+
+#[derive(Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileAgent {
+    owner: String,
+    tenant: String,
+    tier: String,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    #[serde(default)]
+    credentials: BTreeMap<String, RawCredential>,
+}
+
 /// The whole file in one serde pass (the fast path of [`load_str`]). Agents
 /// and credentials come out in key order rather than file order; that only
 /// matters for which of two clashing entries an error names, and errors are
 /// always reported by the slow path.
-fn fast_parse(text: &str) -> Result<RawConfig, toml::de::Error> {
-    use std::collections::BTreeMap;
+fn fast_parse(text: &str) -> Result<RawConfig, Box<dyn std::error::Error + Send + Sync>> {
+    // Two tiers: our strict subset parser takes every config keyturn writes
+    // in a fraction of the time and heap of `toml` (it borrows strings from
+    // the text and keeps no tokens or spans); whatever it declines, even a
+    // valid file, goes to `toml`, which reads all of TOML.
+    let parse = || -> Result<RawConfig, Box<dyn std::error::Error + Send + Sync>> {
+        let f = match fast_toml::from_str::<File>(text) {
+            Ok(f) => f,
+            Err(_) => toml::from_str::<File>(text)?,
+        };
+        Ok(into_raw(f))
+    };
+    // On a scratch thread: glibc gives it its own malloc arena, so the
+    // parser's transient heap (hundreds of MB when `toml` does the work) is
+    // handed back to the OS when freed instead of staying in the main arena
+    // for the daemon's lifetime. Without a thread, parse here.
+    std::thread::scope(|s| {
+        match std::thread::Builder::new()
+            .name("config-parse".into())
+            .spawn_scoped(s, parse)
+        {
+            Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            Err(_) => parse(),
+        }
+    })
+}
 
-    use serde::Deserialize;
-
-    use super::raw::{RawAgent, RawCredential, RawDaemon, RawTier, RawVault};
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct File {
-        daemon: Option<RawDaemon>,
-        tiers: Option<BTreeMap<String, RawTier>>,
-        #[serde(default)]
-        vaults: BTreeMap<String, RawVault>,
-        #[serde(default)]
-        agents: BTreeMap<String, Agent>,
-    }
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Agent {
-        owner: String,
-        tenant: String,
-        tier: String,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        #[serde(default)]
-        credentials: BTreeMap<String, RawCredential>,
-    }
-
-    let f: File = toml::from_str(text)?;
-    Ok(RawConfig {
+fn into_raw(f: File) -> RawConfig {
+    RawConfig {
         daemon: f.daemon.map(Parsed::Ok),
         tiers: f
             .tiers
@@ -244,7 +271,7 @@ fn fast_parse(text: &str) -> Result<RawConfig, toml::de::Error> {
                 (name, entry)
             })
             .collect(),
-    })
+    }
 }
 
 /// Step 2: every section deserialized on its own; failures become issues and

@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::model::{AgentId, CredentialId, CredentialKey};
 use crate::schedule::ScheduleSpec;
 
+mod fast_toml;
 pub mod load;
 pub mod raw;
 pub mod validate;
