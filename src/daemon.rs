@@ -23,6 +23,7 @@ use crate::api::protocol::{
 use crate::api::socket::{self, ControlHandler, PeerCred};
 use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
 use crate::config::{self, Config, ConfigErrors};
+use crate::memory::release_freed_memory;
 use crate::model::CredentialKey;
 use crate::rotation::{Catalog, CredStatus, Engine};
 use crate::state::{SqliteStore, StateStore};
@@ -350,18 +351,6 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
         )));
     }
     Ok(file)
-}
-
-/// Gives the heap that parsing the config used back to the OS. Parsing keeps
-/// a full TOML document with spans (about 40 bytes of heap per byte of
-/// config) only until the catalog is built; glibc would otherwise keep those
-/// pages for the life of the daemon (hundreds of MB at 100k credentials).
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free heap pages; no pointer is touched.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Half of `WATCHDOG_USEC`, when systemd asks for watchdog pings.

@@ -24,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod generators;
+pub mod memory;
 pub mod model;
 pub mod rotation;
 pub mod schedule;

@@ -2,6 +2,7 @@
 //! and keeps the in-memory view that `status` and the scheduler read.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -13,13 +14,13 @@ use tokio_util::task::TaskTracker;
 
 use super::catalog::{Catalog, CredEntry, VaultHandle};
 use super::failpoint::crash_point;
+use super::table::{CredLive, Job, LiveRow, Parked, Running, Table};
 use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
 use crate::config::RetryConfig;
 use crate::generators;
 use crate::model::{
     CredentialKey, ErrorKind, PluginError, RotationId, SecretValue, Stage, VersionNo,
 };
-use super::table::{CredLive, Job, LiveRow, Parked, Running, Table};
 use crate::schedule::catch_up_times;
 use crate::sinks::Notice;
 use crate::state::{
@@ -28,6 +29,9 @@ use crate::state::{
 use crate::targets::Target;
 use crate::telemetry::{CredentialState, Metrics};
 use crate::vaults::{Select, Vault, VaultItem, VaultRefs, VersionRef};
+
+/// A burst of at least this many jobs ends with the heap trimmed.
+const TRIM_AFTER_JOBS: usize = 256;
 
 /// Longest wait before a parked (failed) rotation is tried again.
 const MAX_PARK_DELAY: Duration = Duration::from_secs(3600);
@@ -77,6 +81,9 @@ struct Inner {
     global: Arc<Semaphore>,
     /// Live status and timers of every credential.
     table: Mutex<Table>,
+    /// Jobs running now, and jobs finished since the heap was last trimmed.
+    in_flight: AtomicUsize,
+    finished_since_trim: AtomicUsize,
     wake: Notify,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -144,6 +151,8 @@ impl Engine {
                 metrics,
                 global,
                 table: Mutex::new(Table::default()),
+                in_flight: AtomicUsize::new(0),
+                finished_since_trim: AtomicUsize::new(0),
                 wake: Notify::new(),
                 cancel,
                 tracker,
@@ -296,7 +305,10 @@ impl Engine {
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
                 _ = inner.wake.notified() => {}
-                _ = inner.cancel.cancelled() => break,
+                _ = inner.cancel.cancelled() => {
+                    inner.answer_queued_waiters();
+                    break;
+                }
             }
             if let Some(every) = watchdog_every
                 && last_ping.elapsed() >= every
@@ -432,9 +444,54 @@ impl Inner {
         };
         if start {
             self.live().cancel(key, Job::Rotate);
-            self.spawn_job(key.clone(), Job::Rotate, None);
+            match self.global.clone().try_acquire_owned() {
+                Ok(permit) => self.spawn_job(key.clone(), Job::Rotate, Some(permit)),
+                Err(_) => {
+                    // Saturated: queued as a timer due now rather than a task
+                    // waiting for a slot (`rotate all` at 100k credentials
+                    // would park 100k tasks of a few KB each). The scheduler
+                    // starts it when a slot frees, oldest deadline first.
+                    self.live().schedule(key, Job::Rotate, now());
+                    self.wake.notify_one();
+                }
+            }
         }
         Some(rx)
+    }
+
+    /// Counts a finished job; the last one of a burst of at least
+    /// [`TRIM_AFTER_JOBS`] gives the heap the burst used back to the OS (at
+    /// 100k rotations that is tens of MB that would otherwise stay resident).
+    fn after_job(&self) {
+        let done = self.finished_since_trim.fetch_add(1, Ordering::SeqCst) + 1;
+        let idle = self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1;
+        if idle && done >= TRIM_AFTER_JOBS {
+            self.finished_since_trim.store(0, Ordering::SeqCst);
+            tokio::task::spawn_blocking(crate::memory::release_freed_memory);
+        }
+    }
+
+    /// Tells everyone waiting for a rotation that has not started yet (queued
+    /// by `trigger`) that it will not run: the daemon is stopping.
+    fn answer_queued_waiters(&self) {
+        let mut live = self.live();
+        live.for_each_mut(|key, l| {
+            if l.running.is_some() {
+                // A running rotation answers its waiters when it stops.
+                return;
+            }
+            for w in l.waiters.take().map(|w| *w).unwrap_or_default() {
+                let _ = w.send(RotateFinished {
+                    key: key.clone(),
+                    rotation: None,
+                    version: None,
+                    error: Some(
+                        "the daemon is stopping; the rotation did not start (ask again after the restart)"
+                            .into(),
+                    ),
+                });
+            }
+        });
     }
 
     /// Marks the credential busy and runs the job in a tracked task.
@@ -481,12 +538,14 @@ impl Inner {
                     Err(_) => return,
                 },
             };
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
             match job {
                 Job::Rotate => self.clone().run_rotation(entry).await,
                 Job::Retire => self.clone().run_retire(entry).await,
             }
             drop(permit);
             self.wake.notify_one();
+            self.after_job();
         });
     }
 

@@ -160,8 +160,9 @@ impl Table {
             .filter(|i| *i < u32::MAX / 2)
             .expect("fewer than 2^31 credentials");
         let (keys, hasher) = (&self.keys, &self.hasher);
-        self.index
-            .insert_unique(hasher.hash_one(key), i, |j| hasher.hash_one(&keys[*j as usize]));
+        self.index.insert_unique(hasher.hash_one(key), i, |j| {
+            hasher.hash_one(&keys[*j as usize])
+        });
         self.keys.push(key.clone());
         self.live.push(CredLive::default());
         i
@@ -208,10 +209,21 @@ impl Table {
             .pop_due_limit(now, max)
             .into_iter()
             .map(|slot| {
-                let job = if slot % 2 == 0 { Job::Rotate } else { Job::Retire };
+                let job = if slot % 2 == 0 {
+                    Job::Rotate
+                } else {
+                    Job::Retire
+                };
                 (self.keys[(slot / 2) as usize].clone(), job)
             })
             .collect()
+    }
+
+    /// Calls `f` on every entry.
+    pub fn for_each_mut(&mut self, mut f: impl FnMut(&CredentialKey, &mut CredLive)) {
+        for (key, l) in self.keys.iter().zip(self.live.iter_mut()) {
+            f(key, l);
+        }
     }
 
     /// Resets the entry and timers of every credential for which `keep` is
@@ -245,7 +257,11 @@ mod tests {
     #[test]
     fn a_credential_entry_stays_small() {
         // 100k of these: the daemon's memory goal is 1 KiB per credential.
-        assert!(std::mem::size_of::<CredLive>() <= 120, "{}", std::mem::size_of::<CredLive>());
+        assert!(
+            std::mem::size_of::<CredLive>() <= 120,
+            "{}",
+            std::mem::size_of::<CredLive>()
+        );
     }
 
     #[test]
