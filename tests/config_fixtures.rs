@@ -436,7 +436,7 @@ fn good_full_reads_every_key() {
     let db = &bot.credentials[&"db".parse().unwrap()];
     assert_eq!(db.key.to_string(), "invoice-bot/db");
     assert_eq!(db.vault_label(), "local");
-    assert_eq!(db.path, "acme/invoice-bot/db");
+    assert_eq!(db.vault_path(), "acme/invoice-bot/db");
     assert_eq!(
         db.generate,
         GeneratorConfig::Password {
@@ -472,7 +472,8 @@ fn good_full_reads_every_key() {
     let key = &bot.credentials[&"signing-key".parse().unwrap()];
     assert_eq!(key.generate, GeneratorConfig::Ed25519);
     assert_eq!(
-        key.path, "agents/invoice-bot/signing-key",
+        key.vault_path(),
+        "agents/invoice-bot/signing-key",
         "default vault path"
     );
     assert_eq!(
@@ -546,7 +547,7 @@ fn good_minimal_takes_the_defaults() {
     );
     let (agent, cred) = cfg.credentials().next().unwrap();
     assert_eq!(agent.id.as_str(), "bot");
-    assert_eq!(cred.path, "agents/bot/token");
+    assert_eq!(cred.vault_path(), "agents/bot/token");
     assert_eq!(
         cred.generate,
         GeneratorConfig::RandomBytes {

@@ -1015,11 +1015,13 @@ impl Validator<'_> {
             }
         }
 
-        let vault_path = match &c.path {
-            Some(s) => {
-                self.vault_path(p.key("path"), s);
-                s.clone()
-            }
+        // The default path is not stored (CredentialConfig::vault_path
+        // builds it when used); spelled out here only for a message.
+        if let Some(s) = &c.path {
+            self.vault_path(p.key("path"), s);
+        }
+        let shown_path = || match &c.path {
+            Some(s) => s.clone(),
             None => format!("agents/{agent_name}/{cred_name}"),
         };
         let here = if c.path.is_some() { p.key("path") } else { *p };
@@ -1044,7 +1046,8 @@ impl Validator<'_> {
                 let mut issue = Issue::at(
                     here.path(),
                     format!(
-                        "duplicate vault path: `{vault_path}` in vault `{vault}` is also used by `{first}`"
+                        "duplicate vault path: `{}` in vault `{vault}` is also used by `{first}`",
+                        shown_path()
                     ),
                 );
                 issue.related = Some(first);
@@ -1133,7 +1136,7 @@ impl Validator<'_> {
         Some(CredentialConfig {
             key: key?,
             vaults: vaults.into_boxed_slice(),
-            path: vault_path,
+            path: c.path.as_deref().map(Box::from),
             generate: generate?,
             target: target?,
             schedule: schedule?,

@@ -37,7 +37,8 @@ pub struct CredEntry {
     /// The agent it belongs to (its `credentials` map is empty: they live
     /// in the catalog's entries). Shared by all of the agent's entries.
     pub agent: Arc<AgentConfig>,
-    /// Its `deliver` list is empty: the sink configs were moved into `sinks`.
+    /// Its `deliver` list and `vaults` names are empty: the sink configs were
+    /// moved into `sinks`, and `vaults` (the handles) name the vaults.
     pub cfg: CredentialConfig,
     /// In the order of `cfg.vaults`: the first is the primary.
     pub vaults: OneOrMore<Arc<VaultHandle>>,
@@ -60,6 +61,12 @@ impl CredEntry {
     /// `agent/credential` (kept once, in the config).
     pub fn key(&self) -> &CredentialKey {
         &self.cfg.key
+    }
+
+    /// The vault names for status and messages: `bao` or `bao+aws`.
+    pub fn vault_label(&self) -> String {
+        let names: Vec<&str> = self.vaults.iter().map(|h| h.config.name.as_str()).collect();
+        names.join("+")
     }
 
     /// The vault a new value is staged in first and read back from.
@@ -220,7 +227,7 @@ impl Catalog {
             let credentials = std::mem::take(&mut agent.credentials);
             let agent = Arc::new(agent.clone());
             for mut cred in credentials.into_values() {
-                let cred_vaults = cred
+                let cred_vaults: OneOrMore<Arc<VaultHandle>> = cred
                     .vaults
                     .iter()
                     .map(|name| {
@@ -230,6 +237,9 @@ impl Catalog {
                             .clone()
                     })
                     .collect();
+                // The handles name the vaults (see `CredEntry::vault_label`);
+                // the names' boxed slice is one more heap chunk per credential.
+                cred.vaults = Box::default();
                 // Moved into the sinks, not copied: `cfg.deliver` of an
                 // entry is empty (one path per sink, 100k sinks).
                 let deliver = std::mem::take(&mut cred.deliver);

@@ -565,7 +565,7 @@ impl Inner {
                 let version = row.and_then(|r| r.current_version);
                 CredStatus {
                     key: key.clone(),
-                    vault: entry.cfg.vault_label(),
+                    vault: entry.vault_label(),
                     version,
                     stage: version.map(|_| Stage::Current),
                     last_rotated: row.and_then(|r| r.last_rotated_at),
@@ -998,7 +998,7 @@ impl Inner {
         let key = entry.key();
         let item = VaultItem {
             key,
-            path: &entry.cfg.path,
+            path: &entry.cfg.vault_path(),
         };
         match rot.step {
             Step::Create => {
@@ -1150,7 +1150,7 @@ impl Inner {
     ) -> Result<SecretValue, StepError> {
         let item = VaultItem {
             key: entry.key(),
-            path: &entry.cfg.path,
+            path: &entry.cfg.vault_path(),
         };
         let primary = entry.primary();
         let vref = staged_in(entry, rot, primary)?;
@@ -1176,7 +1176,7 @@ impl Inner {
         };
         let item = VaultItem {
             key: entry.key(),
-            path: &entry.cfg.path,
+            path: &entry.cfg.vault_path(),
         };
         let refs = VaultRefs::decode(prev, entry.primary().vault.name());
         for h in &entry.vaults {
@@ -1201,7 +1201,7 @@ impl Inner {
             let msg = format!(
                 "step promote: vault {:?}: version {prev_version} ({prev_ref}) of {}, the current version before this rotation, is gone: {now_there} (deleted or overwritten out of band). Promoting version {} makes it current again, but this vault no longer holds the previous value",
                 h.vault.name(),
-                entry.cfg.path,
+                entry.cfg.vault_path(),
                 rot.version,
             );
             tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %h.vault.name(), version = prev_version, rotation = %rot.id, "{msg}");
@@ -1230,7 +1230,7 @@ impl Inner {
                 if let Some(prev) = &rot.previous_vault_version {
                     let item = VaultItem {
                         key: entry.key(),
-                        path: &entry.cfg.path,
+                        path: &entry.cfg.vault_path(),
                     };
                     let refs = VaultRefs::decode(prev, entry.primary().vault.name());
                     for h in entry.vaults.iter() {

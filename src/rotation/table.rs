@@ -142,6 +142,7 @@ impl Table {
             .reserve(more, |i| hasher.hash_one(&keys[*i as usize]));
         self.keys.reserve_exact(more);
         self.live.reserve_exact(more);
+        self.timers.reserve_slots(2 * total);
     }
 
     fn index_of(&self, key: &CredentialKey) -> Option<u32> {

@@ -43,6 +43,11 @@ impl TimerHeap {
         Self::default()
     }
 
+    /// Makes room for slots `0..n` without the slack of doubling.
+    pub fn reserve_slots(&mut self, n: usize) {
+        self.slots.reserve_exact(n.saturating_sub(self.slots.len()));
+    }
+
     /// Sets (or moves) the deadline of `slot`.
     pub fn schedule(&mut self, slot: u32, at: DateTime<Utc>) {
         let i = slot as usize;
@@ -59,8 +64,10 @@ impl TimerHeap {
         s.generation = s.generation.wrapping_add(1).max(1);
         s.at = millis(at);
         self.heap.push(Reverse((s.at, s.generation, slot)));
-        // Keep stale entries bounded when a few slots are rescheduled often.
-        if self.heap.len() > 2 * self.live + 64 {
+        // Keep stale entries bounded: every rotation reschedules its
+        // credential, so without this the heap of a busy daemon would hold
+        // several dead entries per timer.
+        if self.heap.len() > self.live + self.live / 4 + 64 {
             self.compact();
         }
     }
@@ -140,6 +147,11 @@ impl TimerHeap {
         self.heap.retain(|Reverse((_, g, s))| {
             slots.get(*s as usize).is_some_and(|l| l.generation == *g)
         });
+        // A burst (every credential due at once) leaves capacity behind.
+        let len = self.heap.len();
+        if self.heap.capacity() > 2 * len + 1024 {
+            self.heap.shrink_to(len + len / 4 + 64);
+        }
     }
 }
 
