@@ -2,7 +2,7 @@
 //! and keeps the in-memory view that `status` and the scheduler read.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -30,8 +30,10 @@ use crate::targets::Target;
 use crate::telemetry::{CredentialState, Metrics};
 use crate::vaults::{Select, Vault, VaultItem, VaultRefs, VersionRef};
 
-/// A burst of at least this many jobs ends with the heap trimmed.
-const TRIM_AFTER_JOBS: usize = 256;
+/// A burst of at least this many jobs ends with the heap trimmed...
+const TRIM_AFTER_JOBS: usize = 64;
+/// ...and fewer jobs at most this often.
+const TRIM_AT_MOST_EVERY: Duration = Duration::from_secs(60);
 
 /// Longest wait before a parked (failed) rotation is tried again.
 const MAX_PARK_DELAY: Duration = Duration::from_secs(3600);
@@ -84,6 +86,9 @@ struct Inner {
     /// Jobs running now, and jobs finished since the heap was last trimmed.
     in_flight: AtomicUsize,
     finished_since_trim: AtomicUsize,
+    /// A delayed trim is armed (see `after_job`), and when the last one ran.
+    trim_pending: AtomicBool,
+    last_trim: Mutex<Instant>,
     wake: Notify,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -153,6 +158,8 @@ impl Engine {
                 table: Mutex::new(Table::default()),
                 in_flight: AtomicUsize::new(0),
                 finished_since_trim: AtomicUsize::new(0),
+                trim_pending: AtomicBool::new(false),
+                last_trim: Mutex::new(Instant::now()),
                 wake: Notify::new(),
                 cancel,
                 tracker,
@@ -459,16 +466,34 @@ impl Inner {
         Some(rx)
     }
 
-    /// Counts a finished job; the last one of a burst of at least
-    /// [`TRIM_AFTER_JOBS`] gives the heap the burst used back to the OS (at
-    /// 100k rotations that is tens of MB that would otherwise stay resident).
-    fn after_job(&self) {
-        let done = self.finished_since_trim.fetch_add(1, Ordering::SeqCst) + 1;
+    /// Counts a finished job. When the engine has been idle for a second
+    /// after a burst of at least [`TRIM_AFTER_JOBS`] jobs (or after any jobs,
+    /// once a minute at most), the heap the burst used goes back to the OS:
+    /// at 100k rotations that is tens of MB that would otherwise stay
+    /// resident. The delay keeps a steady trickle of rotations from trimming
+    /// after each one.
+    fn after_job(self: &Arc<Self>) {
+        self.finished_since_trim.fetch_add(1, Ordering::SeqCst);
         let idle = self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1;
-        if idle && done >= TRIM_AFTER_JOBS {
-            self.finished_since_trim.store(0, Ordering::SeqCst);
-            tokio::task::spawn_blocking(crate::memory::release_freed_memory);
+        if !idle || self.trim_pending.swap(true, Ordering::SeqCst) {
+            return;
         }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            inner.trim_pending.store(false, Ordering::SeqCst);
+            if inner.in_flight.load(Ordering::SeqCst) != 0 {
+                return; // a new burst; its end arms this again
+            }
+            let done = inner.finished_since_trim.load(Ordering::SeqCst);
+            let mut last = inner.last_trim.lock().unwrap_or_else(|p| p.into_inner());
+            if done >= TRIM_AFTER_JOBS || (done > 0 && last.elapsed() >= TRIM_AT_MOST_EVERY) {
+                inner.finished_since_trim.store(0, Ordering::SeqCst);
+                *last = Instant::now();
+                drop(last);
+                tokio::task::spawn_blocking(crate::memory::release_freed_memory);
+            }
+        });
     }
 
     /// Tells everyone waiting for a rotation that has not started yet (queued
