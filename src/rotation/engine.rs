@@ -434,7 +434,7 @@ impl Inner {
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut live = self.live();
-            let l = live.entry(&key);
+            let l = live.entry(key);
             l.waiters.get_or_insert_default().push(tx);
             if let Some(running) = &l.running {
                 // Join the running rotation; a running retire starts one

@@ -163,7 +163,7 @@ mod tests {
     fn key(i: usize) -> CredentialKey {
         CredentialKey::new(
             AgentId::new("agent").unwrap(),
-            CredentialId::new(&format!("cred{i}")).unwrap(),
+            CredentialId::new(format!("cred{i}")).unwrap(),
         )
     }
 
