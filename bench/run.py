@@ -203,9 +203,35 @@ class CpuWindow:
         self.s0 = system_cpu()
         self.d0 = diskstats(dev)
         self.io0 = proc_io(pid)
+        # Context switches of every thread, exited ones included (perf, when
+        # installed and permitted; None otherwise).
+        self.perf = None
+        if shutil.which("perf"):
+            try:
+                self.perf = subprocess.Popen(
+                    ["perf", "stat", "-x,", "-e", "context-switches", "-p", str(pid)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            except OSError:
+                self.perf = None
+
+    def _context_switches(self) -> int | None:
+        if self.perf is None:
+            return None
+        self.perf.send_signal(signal.SIGINT)
+        try:
+            _, err = self.perf.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.perf.kill()
+            return None
+        for line in err.decode(errors="replace").splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2] == "context-switches" and fields[0].isdigit():
+                return int(fields[0])
+        return None
 
     def end(self) -> dict:
         wall = time.monotonic() - self.t0
+        switches = self._context_switches()
         p1 = proc_cpu_ticks(self.pid)
         th1 = thread_ticks(self.pid)
         s1 = system_cpu()
@@ -230,6 +256,7 @@ class CpuWindow:
             "system_pct": {k: round(100.0 * v / sys_total, 1) for k, v in sys_d.items()},
             "disk": delta(self.d0, diskstats(self.dev)),
             "proc_io": {k: io[k] for k in ("syscw", "write_bytes") if k in io},
+            "context_switches": switches,
         }
 
 
@@ -517,6 +544,8 @@ def per_op(w: dict, n: int) -> dict:
         out["disk_kib_written"] = round(w["disk"]["sectors_written"] * 512 / 1024 / n, 1)
     if w.get("proc_io"):
         out.update({k: round(v / n, 1) for k, v in w["proc_io"].items()})
+    if w.get("context_switches") is not None:
+        out["context_switches"] = round(w["context_switches"] / n, 1)
     return out
 
 
@@ -629,7 +658,9 @@ def bench_size(n: int, idle_seconds: float, dev: str | None, keep: bool) -> dict
         res["initial_rotations"] = initial
         res["status_json_s"] = round(status_s, 3)
         log(f"N={n}: initial rotations done in {initial['wall_s']:.1f}s "
-            f"(~{n / initial['wall_s']:.0f}/s, daemon CPU {initial['cpu_pct_of_one_core']:.0f}%); "
+            f"(~{n / initial['wall_s']:.0f}/s, daemon CPU {initial['cpu_pct_of_one_core']:.0f}%, "
+            f"{initial['per_rotation'].get('cpu_ms')} ms CPU and "
+            f"{initial['per_rotation'].get('context_switches')} context switches per rotation); "
             f"status --json took {status_s:.2f}s")
 
         # 2. Idle: RSS and CPU.
@@ -653,7 +684,9 @@ def bench_size(n: int, idle_seconds: float, dev: str | None, keep: bool) -> dict
             rot["stderr"] = r.stderr.decode(errors="replace")[:2000]
         res["rotate_all"] = rot
         log(f"N={n}: rotate all --wait: {rot['wall_s']:.1f}s = {rot['rotations_per_s']:.0f} rotations/s "
-            f"(exit {r.returncode}, {rot['failed']} failed), daemon CPU {rot['cpu_pct_of_one_core']:.0f}% of a core")
+            f"(exit {r.returncode}, {rot['failed']} failed), daemon CPU {rot['cpu_pct_of_one_core']:.0f}% of a core, "
+            f"{rot['per_rotation'].get('cpu_ms')} ms CPU and "
+            f"{rot['per_rotation'].get('context_switches')} context switches per rotation")
 
         res["stop_s"] = dm.stop()
     finally:

@@ -91,7 +91,8 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         metrics.clone(),
         cancel.clone(),
         tracker.clone(),
-    );
+    )
+    .map_err(|e| startup("cannot start the engine", &e))?;
 
     audit_daemon(
         &audit,

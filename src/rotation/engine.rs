@@ -24,7 +24,8 @@ use crate::model::{
 use crate::schedule::catch_up_times;
 use crate::sinks::Notice;
 use crate::state::{
-    CredentialRow, RotationRow, StateError, StateStore, Step, Trigger, VersionRow, Write,
+    CredentialRow, RotationRow, StateError, StateStore, StateWriter, Step, Trigger, VersionRow,
+    Write,
 };
 use crate::targets::Target;
 use crate::telemetry::{CredentialState, Metrics};
@@ -42,6 +43,8 @@ const MAX_PARK_DELAY: Duration = Duration::from_secs(3600);
 pub enum EngineError {
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("cannot start the state writer thread: {0}")]
+    Thread(#[from] std::io::Error),
 }
 
 /// What a waiter on a rotation (`keyturn rotate --wait`) is told.
@@ -78,6 +81,9 @@ pub struct Engine {
 struct Inner {
     catalog: RwLock<Arc<Catalog>>,
     state: Arc<dyn StateStore>,
+    /// Every read and write of a rotation goes through this one thread,
+    /// which group-commits the writes of concurrent rotations.
+    writer: StateWriter,
     audit: AuditLog,
     metrics: Arc<Metrics>,
     global: Arc<Semaphore>,
@@ -144,14 +150,16 @@ impl Engine {
         metrics: Arc<Metrics>,
         cancel: CancellationToken,
         tracker: TaskTracker,
-    ) -> Engine {
+    ) -> Result<Engine, EngineError> {
+        let writer = StateWriter::start(state.clone())?;
         let global = Arc::new(Semaphore::new(
             catalog.config.daemon.max_concurrent_rotations.max(1),
         ));
-        Engine {
+        Ok(Engine {
             inner: Arc::new(Inner {
                 catalog: RwLock::new(Arc::new(catalog)),
                 state,
+                writer,
                 audit,
                 metrics,
                 global,
@@ -164,7 +172,7 @@ impl Engine {
                 cancel,
                 tracker,
             }),
-        }
+        })
     }
 
     pub fn catalog(&self) -> Arc<Catalog> {
@@ -630,10 +638,9 @@ impl Inner {
     }
 
     async fn persist(&self, writes: Vec<Write>) -> Result<(), PluginError> {
-        let state = self.state.clone();
-        tokio::task::spawn_blocking(move || state.apply(&writes))
+        self.writer
+            .apply(writes)
             .await
-            .map_err(|e| PluginError::new(ErrorKind::Fatal, format!("state task failed: {e}")))?
             .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))
     }
 
@@ -641,10 +648,9 @@ impl Inner {
         &self,
         f: impl FnOnce(&dyn StateStore) -> Result<T, StateError> + Send + 'static,
     ) -> Result<T, PluginError> {
-        let state = self.state.clone();
-        tokio::task::spawn_blocking(move || f(state.as_ref()))
+        self.writer
+            .read(f)
             .await
-            .map_err(|e| PluginError::new(ErrorKind::Fatal, format!("state task failed: {e}")))?
             .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))
     }
 

@@ -155,7 +155,8 @@ deliver = [{{ type = "file", path = "{d}/agents/bot/db" }}]
         Arc::new(Metrics::new()),
         cancel.clone(),
         tracker.clone(),
-    );
+    )
+    .unwrap();
     Rig {
         dir,
         engine,

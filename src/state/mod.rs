@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::model::{CredentialKey, RotationId, Stage, VersionNo};
 
 pub mod sqlite;
+mod writer;
 
 pub use sqlite::SqliteStore;
+pub use writer::StateWriter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -213,6 +215,13 @@ pub struct Snapshot {
 pub trait StateStore: Send + Sync {
     /// Applies all writes in one transaction, durably.
     fn apply(&self, writes: &[Write]) -> Result<()>;
+    /// Applies several independent groups of writes, each atomically, with
+    /// one result per group in order; a failed group leaves no trace and
+    /// does not stop the others. Stores that can should commit them
+    /// together (the [`StateWriter`] group-commits through this).
+    fn apply_batch(&self, groups: &[&[Write]]) -> Vec<Result<()>> {
+        groups.iter().map(|w| self.apply(w)).collect()
+    }
     fn snapshot(&self) -> Result<Snapshot>;
     fn credential(&self, key: &CredentialKey) -> Result<Option<CredentialRow>>;
     fn rotation(&self, id: &RotationId) -> Result<Option<RotationRow>>;

@@ -215,6 +215,14 @@ impl SqliteStore {
         db_err(&self.path, e)
     }
 
+    /// [`err`](Self::err) for an error that several callers are told about.
+    fn err_ref(&self, e: &rusqlite::Error) -> StateError {
+        StateError::Db {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
     fn too_new(&self, found: i64) -> StateError {
         StateError::TooNew {
             path: self.path.clone(),
@@ -291,7 +299,7 @@ impl SqliteStore {
         }
     }
 
-    fn write_one(&self, tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<()> {
+    fn write_one(&self, tx: &Connection, w: &Write) -> Result<()> {
         let e = |e| self.err(e);
         match w {
             Write::Credential(c) => {
@@ -521,6 +529,53 @@ impl StateStore for SqliteStore {
             self.write_one(&tx, w)?;
         }
         tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// One transaction for every group, each group in its own savepoint: a
+    /// group that fails is rolled back alone, the others still commit. The
+    /// single commit is what makes group commit cheap (one WAL append and
+    /// one lock round instead of one per caller).
+    fn apply_batch(&self, groups: &[&[Write]]) -> Vec<Result<()>> {
+        let mut results: Vec<Result<()>> = Vec::with_capacity(groups.len());
+        let mut conn = self.lock();
+        let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => return groups.iter().map(|_| Err(self.err_ref(&e))).collect(),
+        };
+        for writes in groups {
+            let mut sp = match tx.savepoint() {
+                Ok(sp) => sp,
+                Err(e) => {
+                    // The transaction itself is unusable: nothing commits.
+                    return groups.iter().map(|_| Err(self.err_ref(&e))).collect();
+                }
+            };
+            let applied = writes.iter().try_for_each(|w| self.write_one(&sp, w));
+            match applied {
+                Ok(()) => {
+                    if let Err(e) = sp.commit() {
+                        return groups.iter().map(|_| Err(self.err_ref(&e))).collect();
+                    }
+                    results.push(Ok(()));
+                }
+                Err(err) => {
+                    if let Err(e) = sp.rollback() {
+                        // Cannot undo this group's part: nothing may commit.
+                        return groups.iter().map(|_| Err(self.err_ref(&e))).collect();
+                    }
+                    drop(sp);
+                    results.push(Err(err));
+                }
+            }
+        }
+        if let Err(e) = tx.commit() {
+            // Every group shares the commit; those that failed keep their own error.
+            return results
+                .into_iter()
+                .map(|r| r.and(Err(self.err_ref(&e))))
+                .collect();
+        }
+        results
     }
 
     fn snapshot(&self) -> Result<Snapshot> {
