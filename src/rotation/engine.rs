@@ -293,13 +293,20 @@ impl Engine {
         loop {
             let now = Utc::now();
             let free = inner.global.available_permits();
-            let due = inner.live().pop_due_limit(now, free);
-            for (key, job) in due {
+            let mut due = inner.live().pop_due_limit(now, free).into_iter();
+            while let Some((key, job)) = due.next() {
                 match inner.global.clone().try_acquire_owned() {
                     Ok(permit) => inner.clone().spawn_job(key, job, Some(permit)),
                     Err(_) => {
-                        inner.live().schedule(&key, job, now);
-                        break;
+                        // `trigger` took slots since `free` was read: this
+                        // job and every other one popped go back in the
+                        // queue (dropping them would lose their timers and
+                        // leave their `rotate --wait` callers waiting).
+                        let mut live = inner.live();
+                        live.schedule(&key, job, now);
+                        for (key, job) in due.by_ref() {
+                            live.schedule(&key, job, now);
+                        }
                     }
                 }
             }
