@@ -298,7 +298,7 @@ impl Engine {
                 match inner.global.clone().try_acquire_owned() {
                     Ok(permit) => inner.clone().spawn_job(key, job, Some(permit)),
                     Err(_) => {
-                        // `trigger` took slots since `free` was read: this
+                        // A triggered task took a slot since `free` was read: this
                         // job and every other one popped go back in the
                         // queue (dropping them would lose their timers and
                         // leave their `rotate --wait` callers waiting).
@@ -327,10 +327,7 @@ impl Engine {
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
                 _ = inner.wake.notified() => {}
-                _ = inner.cancel.cancelled() => {
-                    inner.answer_queued_waiters();
-                    break;
-                }
+                _ = inner.cancel.cancelled() => break,
             }
             if let Some(every) = watchdog_every
                 && last_ping.elapsed() >= every
@@ -502,29 +499,6 @@ impl Inner {
                 *last = Instant::now();
                 drop(last);
                 tokio::task::spawn_blocking(crate::memory::release_freed_memory);
-            }
-        });
-    }
-
-    /// Tells everyone waiting for a rotation that has not started yet (queued
-    /// by `trigger`) that it will not run: the daemon is stopping.
-    fn answer_queued_waiters(&self) {
-        let mut live = self.live();
-        live.for_each_mut(|key, l| {
-            if l.running.is_some() {
-                // A running rotation answers its waiters when it stops.
-                return;
-            }
-            for w in l.waiters.take().map(|w| *w).unwrap_or_default() {
-                let _ = w.send(RotateFinished {
-                    key: key.clone(),
-                    rotation: None,
-                    version: None,
-                    error: Some(
-                        "the daemon is stopping; the rotation did not start (ask again after the restart)"
-                            .into(),
-                    ),
-                });
             }
         });
     }

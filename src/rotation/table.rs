@@ -223,13 +223,6 @@ impl Table {
             .collect()
     }
 
-    /// Calls `f` on every entry.
-    pub fn for_each_mut(&mut self, mut f: impl FnMut(&CredentialKey, &mut CredLive)) {
-        for (key, l) in self.keys.iter().zip(self.live.iter_mut()) {
-            f(key, l);
-        }
-    }
-
     /// Resets the entry and timers of every credential for which `keep` is
     /// false (its index stays reserved; see the module doc).
     pub fn retain(&mut self, mut keep: impl FnMut(&CredentialKey, &CredLive) -> bool) {
