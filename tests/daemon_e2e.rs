@@ -29,28 +29,6 @@ deliver = [
 ]
 "#;
 
-fn row<'a>(rows: &'a [serde_json::Value], agent: &str, cred: &str) -> &'a serde_json::Value {
-    rows.iter()
-        .find(|r| r["agent"] == agent && r["credential"] == cred)
-        .unwrap_or_else(|| panic!("no status row for {agent}/{cred} in {rows:?}"))
-}
-
-fn version_of(env: &Env, agent: &str, cred: &str) -> Option<u64> {
-    row(&status_json(env), agent, cred)["version"].as_u64()
-}
-
-fn wait_version(env: &Env, agent: &str, cred: &str, v: u64) {
-    wait_for(Duration::from_secs(30), || {
-        (version_of(env, agent, cred) >= Some(v)).then_some(())
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "{agent}/{cred} never reached version {v}: {:?}",
-            status_json(env)
-        )
-    });
-}
-
 #[test]
 fn delivers_files_with_mode_and_owner_and_rotates_on_demand() {
     let env = Env::new(ONE_RAW);

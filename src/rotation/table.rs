@@ -311,3 +311,133 @@ mod tests {
         assert_eq!(t_.get(&key("c", "z")).map(|l| l.state()), None);
     }
 }
+
+/// Model-based property test of the engine's timers through the table, with
+/// the operations the engine makes: schedule, cancel, a manual trigger
+/// (cancel the rotate timer, reschedule when the rotation ends), pops of due
+/// jobs under a concurrency limit, and a reload's `retain`. The reference is
+/// a `BTreeMap` from (credential, job) to deadline: every (credential, job)
+/// has at most one timer, and due jobs come out in the reference's order.
+#[cfg(test)]
+mod model_tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::model::{AgentId, CredentialId};
+
+    const KEYS: usize = 12;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Schedule(usize, bool, i64),
+        Cancel(usize, bool),
+        /// A manual rotation: the rotate timer is cancelled now; when the
+        /// rotation ends (`ends` ms later) the next one is scheduled.
+        Trigger(usize, i64),
+        Pop(i64, usize),
+        /// A reload that keeps the credentials whose bit is set.
+        Retain(u16),
+    }
+
+    fn job(retire: bool) -> Job {
+        if retire { Job::Retire } else { Job::Rotate }
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let k = 0..KEYS;
+        prop_oneof![
+            5 => (k.clone(), any::<bool>(), 0..100i64).prop_map(|(k, r, at)| Op::Schedule(k, r, at)),
+            1 => (k.clone(), any::<bool>()).prop_map(|(k, r)| Op::Cancel(k, r)),
+            2 => (k, 0..100i64).prop_map(|(k, at)| Op::Trigger(k, at)),
+            3 => (0..110i64, 0..8usize).prop_map(|(now, max)| Op::Pop(now, max)),
+            1 => any::<u16>().prop_map(Op::Retain),
+        ]
+    }
+
+    fn t(ms: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(1_800_000_000_000 + ms).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn timers_behave_like_one_deadline_per_credential_and_job(
+            ops in proptest::collection::vec(op(), 1..150)
+        ) {
+            let keys: Vec<CredentialKey> = (0..KEYS)
+                .map(|i| CredentialKey::new(
+                    AgentId::new(format!("a{}", i % 3)).unwrap(),
+                    CredentialId::new(format!("c{i}")).unwrap(),
+                ))
+                .collect();
+            let mut table = Table::default();
+            // Interned in index order, so ties pop in (index, job) order.
+            for k in &keys {
+                table.entry(k);
+            }
+            let mut model: BTreeMap<(usize, Job), i64> = BTreeMap::new();
+            // Manual rotations in flight: their end schedules the next rotation.
+            let mut ending: Vec<(usize, i64)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Schedule(k, r, at) => {
+                        table.schedule(&keys[k], job(r), t(at));
+                        model.insert((k, job(r)), at);
+                    }
+                    Op::Cancel(k, r) => {
+                        table.cancel(&keys[k], job(r));
+                        model.remove(&(k, job(r)));
+                    }
+                    Op::Trigger(k, next) => {
+                        table.cancel(&keys[k], Job::Rotate);
+                        model.remove(&(k, Job::Rotate));
+                        ending.push((k, next));
+                    }
+                    Op::Pop(now, max) => {
+                        // Rotations that ended by now reschedule themselves.
+                        for (k, next) in std::mem::take(&mut ending) {
+                            table.schedule(&keys[k], Job::Rotate, t(next));
+                            model.insert((k, Job::Rotate), next);
+                        }
+                        let got = table.pop_due_limit(t(now), max);
+                        let mut due: Vec<(i64, usize, Job)> = model
+                            .iter()
+                            .filter(|(_, at)| **at <= now)
+                            .map(|((k, j), at)| (*at, *k, *j))
+                            .collect();
+                        due.sort();
+                        due.truncate(max);
+                        let want: Vec<(CredentialKey, Job)> = due
+                            .iter()
+                            .map(|(_, k, j)| (keys[*k].clone(), *j))
+                            .collect();
+                        for (_, k, j) in &due {
+                            model.remove(&(*k, *j));
+                        }
+                        prop_assert_eq!(got, want);
+                    }
+                    Op::Retain(mask) => {
+                        table.retain(|key, _| {
+                            let i = keys.iter().position(|k| k == key).unwrap();
+                            mask & (1 << i) != 0
+                        });
+                        model.retain(|(k, _), _| mask & (1 << *k) != 0);
+                    }
+                }
+                for (i, k) in keys.iter().enumerate() {
+                    for j in [Job::Rotate, Job::Retire] {
+                        prop_assert_eq!(
+                            table.deadline(k, j),
+                            model.get(&(i, j)).map(|at| t(*at)),
+                            "{} {:?}", k, j
+                        );
+                    }
+                }
+                prop_assert_eq!(table.next_deadline(), model.values().min().map(|at| t(*at)));
+            }
+        }
+    }
+}

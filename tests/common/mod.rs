@@ -316,3 +316,38 @@ pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// `status --json`'s row for `agent/cred`.
+pub fn row<'a>(rows: &'a [serde_json::Value], agent: &str, cred: &str) -> &'a serde_json::Value {
+    rows.iter()
+        .find(|r| r["agent"] == agent && r["credential"] == cred)
+        .unwrap_or_else(|| panic!("no status row for {agent}/{cred} in {rows:?}"))
+}
+
+/// The current version `status` shows for `agent/cred`.
+pub fn version_of(env: &Env, agent: &str, cred: &str) -> Option<u64> {
+    row(&status_json(env), agent, cred)["version"].as_u64()
+}
+
+/// Waits until `agent/cred` is at version `v` or later.
+pub fn wait_version(env: &Env, agent: &str, cred: &str, v: u64) {
+    wait_for(Duration::from_secs(30), || {
+        (version_of(env, agent, cred) >= Some(v)).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{agent}/{cred} never reached version {v}: {:?}",
+            status_json(env)
+        )
+    });
+}
+
+/// Every record of the audit log, parsed.
+pub fn audit_records(env: &Env) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(env.audit_log())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("audit records are JSON"))
+        .collect()
+}
