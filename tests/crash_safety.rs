@@ -163,6 +163,13 @@ fn check_one(failpoint: &str) {
         "{failpoint}: {}",
         String::from_utf8_lossy(&verify.stderr)
     );
+    // A temp file of the killed process holds a full secret: gone.
+    let temps: Vec<_> = read_tree(&env.root())
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| p.to_string_lossy().contains(".tmp."))
+        .collect();
+    assert!(temps.is_empty(), "{failpoint}: temp files left: {temps:?}");
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! Crash points at every step boundary, for the crash-safety tests.
+//! Crash points at every step boundary (and inside the steps where a crash
+//! leaves something behind), for the crash-safety tests.
 //!
 //! Built only with the `failpoints` cargo feature. A test starts the daemon with
 //! `FAILPOINTS=rotation.after_create=return` and the process kills itself with
@@ -21,6 +22,9 @@ pub const FAILPOINTS: &[&str] = &[
     "rotation.promote.after_first_vault",
     "rotation.after_promote",
     "rotation.before_deliver",
+    // Inside the file sink: the temp file is written and fsynced, not yet
+    // renamed over the delivered file (a crash leaves it behind).
+    "sink.file.before_rename",
     "rotation.after_deliver",
     "rotation.before_retire",
     "rotation.after_retire",

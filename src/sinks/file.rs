@@ -32,10 +32,18 @@
 //! # Idempotence and clean-up
 //! Delivering a version the file already holds (same bytes, mode and owner)
 //! does nothing, so an agent watching the file is not woken for nothing.
-//! `preflight` removes temp files and temp directories (`.NAME.tmp.*`) along
-//! the path that are older than [`STALE_TEMP_AGE`]: the daemon is their only
-//! writer, but a preflight on reload may run while a delivery is in flight,
-//! and a minute-old temp file can only be a crash leftover.
+//!
+//! A temp file holds a full secret, so one left by a crash (`kill -9`
+//! between create and rename) must not outlive the crash. Temp names carry
+//! a token drawn once per process (`.NAME.tmp.<token><random>`, 16 hex
+//! digits), so a temp of another process is known dead: it cannot be in use,
+//! since two daemons never share a state directory. `preflight` (start-up and
+//! reload) removes, along the sink's path, every `.NAME.tmp.*` of another
+//! process whatever its age, and this process's own once older than
+//! [`STALE_TEMP_AGE`] (a delivery in flight holds a younger one). Every
+//! single-file delivery does the same in its directory for its own name.
+//! A bundle's unswapped timestamped directory of an earlier process is
+//! removed by preflight too.
 //!
 //! # Not here (yet)
 //! An in-place mode (write + fsync of the same inode) for single-file bind
@@ -64,8 +72,32 @@ use super::{Delivered, Notice, Sink};
 use crate::config::{FileFormat, FileSinkConfig};
 use crate::model::{CredentialKey, ErrorKind, PluginError, SecretValue, ValueKind};
 
-/// Temp files older than this are crash leftovers and `preflight` removes them.
+/// This process's temp files older than this are leftovers of a failed
+/// delivery (no delivery takes a minute) and are removed; other processes'
+/// are removed at any age.
 pub const STALE_TEMP_AGE: Duration = Duration::from_secs(60);
+
+/// Drawn once per process and written into every temp name: it tells this
+/// process's temps (maybe in use) from a dead process's (crash leftovers).
+fn process_token() -> u32 {
+    static TOKEN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *TOKEN.get_or_init(rand::random)
+}
+
+/// Whose temp `suffix` (what follows `.tmp.`, or a bundle directory's last
+/// dot) is: `Some(true)` this process's, `Some(false)` another's, `None`
+/// not a name keyturn makes.
+fn temp_owner(suffix: &[u8]) -> Option<bool> {
+    if suffix.len() != 16 || !suffix.iter().all(u8::is_ascii_hexdigit) {
+        // Names of earlier keyturn versions (8 or 16 digits without a
+        // token) are another process's too.
+        return (suffix.len() == 8 && suffix.iter().all(u8::is_ascii_hexdigit)).then_some(false);
+    }
+    let token = std::str::from_utf8(&suffix[..8])
+        .ok()
+        .and_then(|t| u32::from_str_radix(t, 16).ok())?;
+    Some(token == process_token())
+}
 
 /// Mode of the agent's directory and of everything keyturn creates below it.
 const AGENT_DIR_MODE: u32 = 0o750;
@@ -504,6 +536,11 @@ impl Inner {
         let dir = self.walk(depth, Some(agent_depth))?.ok_or_else(|| {
             self.err(ErrorKind::Transient, "directory vanished while creating it")
         })?;
+        // Leftovers of a failed earlier delivery hold an old value; they are
+        // not a reason to fail this one.
+        if let Err(e) = self.sweep_temps(&dir, self.file_name(), false) {
+            tracing::warn!(path = %self.path().display(), error = %e, "file sink: could not remove stale temp files");
+        }
         self.write_file_at(
             &dir,
             self.file_name(),
@@ -645,6 +682,7 @@ impl Inner {
                 self.err(ErrorKind::from_io(&e), format_args!("fsync temp file: {e}"))
             })?;
             drop(file);
+            crate::rotation::crash_point("sink.file.before_rename");
             nix::fcntl::renameat(Some(dfd), tmp.as_os_str(), Some(dfd), name).map_err(|e| {
                 self.sys(format_args!("rename temp file over {}", shown.display()), e)
             })?;
@@ -717,8 +755,7 @@ impl Inner {
         self.remove_data_link_tmp(&bundle)?;
 
         let stamp = Utc::now().format("%Y%m%dT%H%M%S");
-        let random: u32 = rand::random();
-        let new_name = format!("..{stamp}.{}.{random:08x}", notice.version);
+        let new_name = format!("..{stamp}.{}.{}", notice.version, unique_suffix());
         let new_shown = shown.join(&new_name);
         let bfd = bundle.as_raw_fd();
         nix::sys::stat::mkdirat(
@@ -945,7 +982,7 @@ impl Inner {
             ));
         }
         // Our own temp files would otherwise outlive the credential.
-        self.sweep_temps(&dir, name, None)?;
+        self.sweep_temps(&dir, name, true)?;
         fsync_dir(&dir).map_err(|e| self.sys("fsync directory", e))
     }
 
@@ -978,7 +1015,7 @@ impl Inner {
         let depth = self.rel_len() - 1;
         for i in 0..=depth {
             let name = self.rel_at(i);
-            self.sweep_temps(&cur, name, Some(STALE_TEMP_AGE))?;
+            self.sweep_temps(&cur, name, false)?;
             if i == depth {
                 break;
             }
@@ -998,15 +1035,38 @@ impl Inner {
                 ));
             }
             Ok(Some(st)) if is_type(&st, SFlag::S_IFDIR) => {
-                // A bundle: a crash mid-swap can leave `..data_tmp` behind.
                 let bundle = open_dir(Some(cur.as_raw_fd()), name)
                     .map_err(|e| self.refuse_component(&cur, self.rel_len(), e))?;
-                self.remove_data_link_tmp(&bundle)?;
+                self.sweep_bundle(&bundle)?;
             }
             Ok(_) => {}
             Err(e) => return Err(self.sys(format_args!("inspect {}", self.path().display()), e)),
         }
         self.check_writable(&cur, depth)
+    }
+
+    /// A crash mid-delivery leaves a bundle's `..data_tmp` and its new
+    /// timestamped directory (with the new private key) behind. Every
+    /// timestamped directory of another process but the current one is
+    /// dead: the kept previous one is only for readers mid-read across a
+    /// swap, and none is mid-read across a restart.
+    fn sweep_bundle(&self, bundle: &OwnedFd) -> Result<(), PluginError> {
+        self.remove_data_link_tmp(bundle)?;
+        let current = self.current_data_dir(bundle)?;
+        let names = list_dir(bundle).map_err(|e| self.sys("list bundle directory", e))?;
+        for n in names {
+            let b = n.as_bytes();
+            let dead = b.starts_with(b"..")
+                && n != DATA_LINK
+                && n != DATA_LINK_TMP
+                && current.as_deref().is_none_or(|c| c.as_bytes() != b)
+                && b.rsplit(|c| *c == b'.').next().and_then(temp_owner) == Some(false);
+            if dead {
+                self.remove_data_dir(bundle, &n)?;
+                tracing::info!(path = %self.path().display(), dir = ?n, "file sink: removed a bundle directory left by an earlier process");
+            }
+        }
+        Ok(())
     }
 
     fn check_writable(&self, dir: &OwnedFd, depth: usize) -> Result<(), PluginError> {
@@ -1024,26 +1084,30 @@ impl Inner {
         })
     }
 
-    /// Removes `.NAME.tmp.*` entries (files, or empty directories from
-    /// `create_dir`) in `dir`, those older than `min_age` when given.
-    fn sweep_temps(
-        &self,
-        dir: &OwnedFd,
-        name: &OsStr,
-        min_age: Option<Duration>,
-    ) -> Result<(), PluginError> {
+    /// Removes the dead `.NAME.tmp.*` entries (files, or empty directories
+    /// from `create_dir`) in `dir`: another process's at any age, this
+    /// process's once older than [`STALE_TEMP_AGE`]; with `all`, every one
+    /// (retract: nothing is delivered to `NAME` any more).
+    fn sweep_temps(&self, dir: &OwnedFd, name: &OsStr, all: bool) -> Result<(), PluginError> {
         let mut prefix = b".".to_vec();
         prefix.extend_from_slice(name.as_bytes());
         prefix.extend_from_slice(b".tmp.");
         let names =
             temp_candidates(dir).map_err(|e| self.sys("list directory for stale temp files", e))?;
         let now = Utc::now().timestamp();
-        for n in names.iter().filter(|n| n.as_bytes().starts_with(&prefix)) {
+        for n in names.iter() {
+            let Some(ours) = n
+                .as_bytes()
+                .strip_prefix(prefix.as_slice())
+                .and_then(temp_owner)
+            else {
+                continue;
+            };
             let Ok(Some(st)) = stat_nofollow(dir, n) else {
                 continue;
             };
             let age = now.saturating_sub(st.st_mtime);
-            if min_age.is_some_and(|min| age < min.as_secs() as i64) {
+            if ours && !all && age < STALE_TEMP_AGE.as_secs() as i64 {
                 continue;
             }
             let flag = if is_type(&st, SFlag::S_IFDIR) {
@@ -1129,13 +1193,18 @@ fn is_env_name(s: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// `.NAME.tmp.<random>`: hidden, and recognisable by `sweep_temps`.
+/// `.NAME.tmp.<token><random>`: hidden, and recognisable by `sweep_temps`.
 fn temp_name(name: &OsStr) -> OsString {
-    let random: u64 = rand::random();
     let mut t = OsString::from(".");
     t.push(name);
-    t.push(format!(".tmp.{random:016x}"));
+    t.push(format!(".tmp.{}", unique_suffix()));
     t
+}
+
+/// This process's token and 32 random bits, in 16 hex digits.
+fn unique_suffix() -> String {
+    let random: u32 = rand::random();
+    format!("{:08x}{random:08x}", process_token())
 }
 
 /// Opens a directory without following a symlink in its last component.
@@ -1837,44 +1906,122 @@ mod tests {
         assert!(entries(outside.path()).is_empty());
     }
 
+    /// A temp name of this process (`ours`) or of another one.
+    fn temp_of(name: &str, ours: bool) -> String {
+        let token = if ours {
+            process_token()
+        } else {
+            process_token() ^ 0x5a5a_5a5a
+        };
+        format!(".{name}.tmp.{token:08x}0badcafe")
+    }
+
+    fn touch_aged(path: &Path, age: Duration) {
+        let f = std::fs::File::create(path).unwrap();
+        f.set_modified(std::time::SystemTime::now() - age).unwrap();
+    }
+
     #[tokio::test]
-    async fn preflight_removes_stale_temp_files_only() {
+    async fn preflight_removes_dead_temp_files_only() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join(AGENT);
         std::fs::create_dir(&dir).unwrap();
         let path = dir.join("db");
-        let old = std::time::SystemTime::now() - Duration::from_secs(120);
-        let stale = dir.join(".db.tmp.0123456789abcdef");
-        std::fs::File::create(&stale)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-        let fresh = dir.join(".db.tmp.fedcba9876543210");
-        std::fs::write(&fresh, b"").unwrap();
-        let other = dir.join(".other.tmp.0123456789abcdef");
-        std::fs::File::create(&other)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        let minutes = Duration::from_secs(120);
+        // Another process's temp is a crash leftover, however young.
+        let dead_old = dir.join(temp_of("db", false));
+        touch_aged(&dead_old, minutes);
+        let dead_young = dir.join(format!(".db.tmp.{:08x}00000001", process_token() ^ 1));
+        touch_aged(&dead_young, Duration::ZERO);
+        // An earlier keyturn's name (no token).
+        let legacy = dir.join(".db.tmp.0123abcd");
+        touch_aged(&legacy, Duration::ZERO);
+        // This process's: in use while young, a leftover when old.
+        let mine_young = dir.join(temp_of("db", true));
+        touch_aged(&mine_young, Duration::ZERO);
+        let mine_old = dir.join(format!(".db.tmp.{:08x}00000002", process_token()));
+        touch_aged(&mine_old, minutes);
+        // Not ours: another file's temp, and a name keyturn never makes.
+        let other = dir.join(temp_of("other", false));
+        touch_aged(&other, minutes);
+        let foreign = dir.join(".db.tmp.editor-backup");
+        touch_aged(&foreign, minutes);
         // A directory temp left by a crash while creating the agent dir.
-        let stale_dir = root.path().join(format!(".{AGENT}.tmp.0000000000000000"));
-        std::fs::create_dir(&stale_dir).unwrap();
-        std::fs::File::open(&stale_dir)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        let dead_dir = root.path().join(temp_of(AGENT, false));
+        std::fs::create_dir(&dead_dir).unwrap();
 
         sink(root.path(), &path, FileFormat::Raw)
             .preflight()
             .await
             .unwrap();
-        assert!(!stale.exists(), "stale temp file removed");
-        assert!(!stale_dir.exists(), "stale temp dir removed");
+        for gone in [&dead_old, &dead_young, &legacy, &mine_old, &dead_dir] {
+            assert!(!gone.exists(), "{} was left", gone.display());
+        }
         assert!(
-            fresh.exists(),
-            "a temp file younger than a minute may be in use"
+            mine_young.exists(),
+            "a young temp of this process may be in use"
         );
-        assert!(other.exists(), "another sink's temp file is not ours");
+        assert!(
+            other.exists(),
+            "another sink's temp file is not this sink's"
+        );
+        assert!(
+            foreign.exists(),
+            "a name keyturn does not make is left alone"
+        );
+    }
+
+    #[tokio::test]
+    async fn every_delivery_removes_dead_temp_files_of_its_file() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join(AGENT);
+        let path = dir.join("db");
+        let s = sink(root.path(), &path, FileFormat::Raw);
+        s.deliver(&notice(1, ValueKind::Password, None), &secret("v1"))
+            .await
+            .unwrap();
+        let dead = dir.join(temp_of("db", false));
+        std::fs::write(&dead, b"an old secret").unwrap();
+        let mine_old = dir.join(temp_of("db", true));
+        touch_aged(&mine_old, Duration::from_secs(120));
+        s.deliver(&notice(2, ValueKind::Password, None), &secret("v2"))
+            .await
+            .unwrap();
+        assert_eq!(entries(&dir), vec!["db".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn preflight_removes_a_bundle_directory_left_by_a_crash() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join(AGENT).join("signing");
+        let s = sink(root.path(), &path, FileFormat::Raw);
+        s.deliver(
+            &notice(1, ValueKind::Ed25519, Some(&pem("PUBLIC KEY", 1))),
+            &secret(&pem("PRIVATE KEY", 1)),
+        )
+        .await
+        .unwrap();
+        let current = timestamped_dirs(&path);
+        assert_eq!(current.len(), 1);
+        // What a kill -9 between writing version 2 and the swap leaves.
+        let left = path.join(format!(
+            "..20260101T000000.2.{:08x}00000000",
+            process_token() ^ 7
+        ));
+        std::fs::create_dir(&left).unwrap();
+        std::fs::write(left.join("private.pem"), pem("PRIVATE KEY", 2)).unwrap();
+        std::os::unix::fs::symlink(left.file_name().unwrap(), path.join("..data_tmp")).unwrap();
+        s.preflight().await.unwrap();
+        assert_eq!(
+            timestamped_dirs(&path),
+            current,
+            "only the current one stays"
+        );
+        assert!(!path.join("..data_tmp").exists());
+        assert_eq!(
+            std::fs::read_to_string(path.join("private.pem")).unwrap(),
+            pem("PRIVATE KEY", 1)
+        );
     }
 
     #[tokio::test]
