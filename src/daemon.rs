@@ -243,7 +243,7 @@ async fn reload(config_path: &Path, engine: &Engine) {
             let restart_only = keep_restart_only_settings(&old.config, &mut new);
             match Catalog::build(new, Some(&old)) {
                 Ok(catalog) => {
-                    engine.reload(catalog);
+                    engine.reload(catalog).await;
                     release_freed_memory();
                     tokio::spawn(async {
                         tokio::time::sleep(Duration::from_secs(5)).await;

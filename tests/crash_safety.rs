@@ -11,8 +11,7 @@ use common::*;
 use keyturn::model::{AgentId, CredentialId, CredentialKey, Stage};
 use keyturn::rotation::FAILPOINTS;
 use keyturn::state::{SqliteStore, StateStore};
-use keyturn::vaults::local::{LocalVault, load_key};
-use keyturn::vaults::{Select, Vault, VaultItem, VersionRef};
+use keyturn::vaults::{Select, VersionRef};
 
 /// The credential is kept in two vaults (the Env's `local` and `mirror`), so
 /// every failpoint also checks that the vaults never disagree. Its target is
@@ -51,24 +50,6 @@ fn wait_settled(env: &Env, version: u64) {
         (r["version"].as_u64() == Some(version) && r["state"] == "idle").then_some(())
     })
     .unwrap_or_else(|| panic!("never settled at version {version}: {:?}", status_json(env)));
-}
-
-async fn vault_value(env: &Env, name: &str, select: Select<'_>) -> Option<(String, Vec<u8>)> {
-    let state = env.state_dir();
-    let key_file = state.join(format!("{name}-vault.key"));
-    let vault_key = load_key(&key_file, &format!("keyturn-{name}-vault-key")).expect("vault key");
-    let vault =
-        LocalVault::open(name, &state.join("vaults").join(name), vault_key).expect("open vault");
-    let k = key();
-    let item = VaultItem {
-        key: &k,
-        path: "agents/bot/db",
-    };
-    vault
-        .read(item, select)
-        .await
-        .expect("vault read")
-        .map(|v| (v.version.0, v.value.expose().to_vec()))
 }
 
 fn check_one(failpoint: &str) {
@@ -113,16 +94,22 @@ fn check_one(failpoint: &str) {
     let mut currents = Vec::new();
     for vault in ["local", "mirror"] {
         let (current_ref, current) = rt
-            .block_on(vault_value(&env, vault, Select::Stage(Stage::Current)))
+            .block_on(local_vault_value(
+                &env,
+                vault,
+                &key(),
+                Select::Stage(Stage::Current),
+            ))
             .unwrap_or_else(|| panic!("{failpoint}: no current version in vault {vault}"));
         assert_eq!(
             current_ref, "2",
             "{failpoint}: exactly one new version in vault {vault}"
         );
         assert!(
-            rt.block_on(vault_value(
+            rt.block_on(local_vault_value(
                 &env,
                 vault,
+                &key(),
                 Select::Version(&VersionRef("3".into()))
             ))
             .is_none(),

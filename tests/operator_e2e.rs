@@ -109,3 +109,147 @@ fn manual_rotations_never_put_a_credential_on_two_schedules() {
         "only {scheduled} scheduled starts were seen"
     );
 }
+
+fn key(cred: &str) -> keyturn::model::CredentialKey {
+    keyturn::model::CredentialKey::new(
+        keyturn::model::AgentId::new("bot").unwrap(),
+        keyturn::model::CredentialId::new(cred).unwrap(),
+    )
+}
+
+/// The stage of each version of `cred` in the state database.
+fn stages(env: &Env, cred: &str) -> Vec<(u64, keyturn::model::Stage)> {
+    use keyturn::state::StateStore;
+    let state = keyturn::state::SqliteStore::open_read_only(&env.state_dir().join("state.db"))
+        .expect("open state");
+    state
+        .versions(&key(cred))
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.version, v.stage))
+        .collect()
+}
+
+/// What the local vault holds of version `v` of `cred` (None once retired).
+fn vault_version(env: &Env, cred: &str, v: u64) -> Option<Vec<u8>> {
+    let vref = keyturn::vaults::VersionRef(v.to_string());
+    block_on(local_vault_value(
+        env,
+        "local",
+        &key(cred),
+        keyturn::vaults::Select::Version(&vref),
+    ))
+    .map(|(_, value)| value)
+}
+
+/// Two credentials; `gone` rotates to version 2 (its version 1 then in a
+/// 3 s grace period), and is then removed from the config by `remove`.
+/// After the grace period, version 1 must be retired in the vault and in
+/// state, and version 2 (the current value) kept.
+fn removed_during_grace(remove: impl FnOnce(&Env, Daemon) -> Daemon) {
+    use keyturn::model::Stage;
+    let both = format!(
+        "{}{}",
+        creds(1, "1h", "0s", "3s"),
+        cred(1, "1h", "0s", "3s").replace("c1", "gone")
+    );
+    let env = Env::new(&both);
+    let daemon = env.start();
+    wait_version(&env, "bot", "gone", 1);
+    let out = env.cli(&["rotate", "bot/gone", "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    env.write_credentials(&creds(1, "1h", "0s", "3s"));
+    let daemon = remove(&env, daemon);
+    std::thread::sleep(Duration::from_secs(5));
+    let log = daemon.stop();
+    assert_eq!(
+        stages(&env, "gone"),
+        vec![(1, Stage::Retired), (2, Stage::Current)],
+        "log:\n{log}"
+    );
+    assert_eq!(
+        vault_version(&env, "gone", 1),
+        None,
+        "version 1 is still in the vault"
+    );
+    assert!(
+        vault_version(&env, "gone", 2).is_some(),
+        "the current version stays until the agent is decommissioned"
+    );
+    let retired = audit_records(&env)
+        .into_iter()
+        .filter(|r| {
+            r["event"] == "rotation.retire" && r["credential"] == "gone" && r["version"] == 2
+        })
+        .count();
+    assert_eq!(
+        retired, 1,
+        "one retire record for the removed credential's rotation to version 2"
+    );
+    assert!(env.cli(&["audit", "verify"]).status.success());
+}
+
+/// Defect: a reload that removed a credential during its grace period
+/// cancelled the retirement of its previous version, which stayed live in
+/// the vault for good.
+#[test]
+fn a_credential_removed_by_reload_during_grace_still_has_its_previous_version_retired() {
+    removed_during_grace(|_, daemon| {
+        daemon.reload();
+        daemon
+    });
+}
+
+/// The same across a restart: the config was edited while the daemon was
+/// down, so only the state database knows where the version is.
+#[test]
+fn a_credential_removed_while_the_daemon_was_down_still_has_its_previous_version_retired() {
+    removed_during_grace(|env, daemon| {
+        daemon.stop();
+        env.start()
+    });
+}
+
+/// Defect: a credential removed and added back by reload was rotated at
+/// once as `trigger=initial`, though its current version was seconds old.
+/// Its state is picked up again instead, whether it came back in the same
+/// run or after a restart without it.
+#[test]
+fn a_credential_added_back_is_not_rotated_as_new() {
+    let full = creds(2, "1h", "0s", "0s");
+    let without = creds(1, "1h", "0s", "0s");
+    let env = Env::new(&full);
+    let daemon = env.start();
+    wait_version(&env, "bot", "c1", 1);
+    // Removed and added back in the same run.
+    env.write_credentials(&without);
+    daemon.reload();
+    env.write_credentials(&full);
+    daemon.reload();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(version_of(&env, "bot", "c1"), Some(1));
+    // Removed, the daemon restarted without it, then added back.
+    env.write_credentials(&without);
+    daemon.reload();
+    daemon.stop();
+    let daemon = env.start();
+    env.write_credentials(&full);
+    daemon.reload();
+    std::thread::sleep(Duration::from_millis(1500));
+    let row = row(&status_json(&env), "bot", "c1").clone();
+    assert_eq!(row["version"].as_u64(), Some(1), "{row}");
+    assert!(
+        row["last_rotated"].as_str().is_some(),
+        "status shows when it last rotated: {row}"
+    );
+    daemon.stop();
+    let c1_starts = starts(&env).remove("c1").unwrap_or_default();
+    assert_eq!(
+        c1_starts
+            .iter()
+            .map(|(_, t)| t.as_str())
+            .collect::<Vec<_>>(),
+        vec!["initial"],
+        "c1 rotated again after coming back"
+    );
+}

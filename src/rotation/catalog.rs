@@ -8,11 +8,14 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use super::footprint::Footprint;
 use crate::config::HashicorpAuth;
-use crate::config::{AgentConfig, Config, CredentialConfig, SinkConfig, VaultConfig, VaultKind};
+use crate::config::{
+    AgentConfig, Config, CredentialConfig, GeneratorConfig, SinkConfig, VaultConfig, VaultKind,
+};
 use crate::model::{CredentialKey, PluginError};
 use crate::model::{ErrorKind, SecretValue};
-use crate::schedule::jitter_offset;
+use crate::schedule::{ScheduleSpec, jitter_offset};
 use crate::sinks::Sink;
 use crate::sinks::file::FileSink;
 use crate::targets::{self, Target};
@@ -72,6 +75,66 @@ impl CredEntry {
     /// The vault a new value is staged in first and read back from.
     pub fn primary(&self) -> &VaultHandle {
         &self.vaults[0]
+    }
+
+    /// The entry of a credential that has left the config while its
+    /// previous version still awaits retirement, rebuilt from the footprint
+    /// its rotation persisted and the vaults `catalog` has. Only its vaults,
+    /// path, target and agent mean anything: the engine only ever retires
+    /// with it (it is never rotated, and it has no sinks). A vault that is
+    /// no longer configured is left out, with a warning; without the
+    /// primary (whose version references name no vault) it is an error.
+    pub fn departed(
+        key: &CredentialKey,
+        fp: &Footprint,
+        catalog: &Catalog,
+    ) -> Result<CredEntry, String> {
+        // A single-vault version reference does not name its vault: it is
+        // the primary's, so without the primary it cannot be placed.
+        let primary = fp.vaults.first().map(String::as_str).unwrap_or_default();
+        if !catalog.vaults.contains_key(primary) {
+            return Err(format!(
+                "its primary vault {primary:?} is not configured any more"
+            ));
+        }
+        let mut vaults = Vec::with_capacity(fp.vaults.len());
+        for name in &fp.vaults {
+            match catalog.vaults.get(name) {
+                Some(h) => vaults.push(h.clone()),
+                None => {
+                    tracing::warn!(agent = %key.agent, credential = %key.credential, vault = %name, "vault no longer configured: the previous version kept there cannot be retired")
+                }
+            }
+        }
+        let target_cfg = fp.target_config();
+        let target = targets::build(&target_cfg).map_err(|e| format!("target: {e}"))?;
+        Ok(CredEntry {
+            agent: Arc::new(AgentConfig {
+                id: key.agent.clone(),
+                owner: fp.owner.clone(),
+                tenant: fp.tenant.clone(),
+                tier: String::new(),
+                uid: None,
+                gid: None,
+                credentials: Default::default(),
+            }),
+            cfg: CredentialConfig {
+                key: key.clone(),
+                vaults: Box::default(),
+                path: fp.path.as_deref().map(Box::from),
+                // Never used: a departed entry is never rotated.
+                generate: GeneratorConfig::Ed25519,
+                target: target_cfg,
+                schedule: ScheduleSpec::Every(Duration::MAX),
+                jitter: Duration::ZERO,
+                grace: Duration::ZERO,
+                deliver: Vec::new(),
+            },
+            vaults: vaults.into(),
+            target,
+            sinks: Vec::new().into(),
+            offset: Duration::ZERO,
+        })
     }
 }
 

@@ -1,7 +1,7 @@
 //! The engine: runs rotations step by step, persisting and auditing each one,
 //! and keeps the in-memory view that `status` and the scheduler read.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -14,7 +14,8 @@ use tokio_util::task::TaskTracker;
 
 use super::catalog::{Catalog, CredEntry, VaultHandle};
 use super::failpoint::crash_point;
-use super::table::{CredLive, Job, LiveRow, Parked, Running, Table};
+use super::footprint::Footprint;
+use super::table::{CredLive, Job, Keep, LiveRow, Parked, Running, Table};
 use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
 use crate::config::RetryConfig;
 use crate::generators;
@@ -89,6 +90,9 @@ struct Inner {
     global: Arc<Semaphore>,
     /// Live status and timers of every credential.
     table: Mutex<Table>,
+    /// Credentials that left the config while their previous version awaited
+    /// retirement: the entry to retire it with, until that is done.
+    departed: Mutex<HashMap<CredentialKey, Arc<CredEntry>>>,
     /// Jobs running now, and jobs finished since the heap was last trimmed.
     in_flight: AtomicUsize,
     finished_since_trim: AtomicUsize,
@@ -164,6 +168,7 @@ impl Engine {
                 metrics,
                 global,
                 table: Mutex::new(Table::default()),
+                departed: Mutex::new(HashMap::new()),
                 in_flight: AtomicUsize::new(0),
                 finished_since_trim: AtomicUsize::new(0),
                 trim_pending: AtomicBool::new(false),
@@ -214,15 +219,15 @@ impl Engine {
                 }
             }
             for rot in snapshot.unfinished {
-                let Some(l) = live.get_mut(&rot.key) else {
+                if !catalog.creds.contains_key(&rot.key) {
+                    // Left the config while the daemon was down: only a
+                    // retirement that was due is still owed.
+                    if rot.step == Step::Retire {
+                        self.inner.adopt_departed(&mut live, &catalog, &rot);
+                    }
                     continue;
-                };
-                if rot.step == Step::Retire {
-                    l.retire_at = Some(rot.retire_at.unwrap_or_else(now));
-                } else {
-                    l.next_trigger = Some(rot.trigger);
-                    resume.insert(rot.key);
                 }
+                self.inner.adopt_unfinished(&mut live, rot, &mut resume);
             }
         }
         self.inner.schedule_all(&resume, true);
@@ -231,14 +236,70 @@ impl Engine {
 
     /// Swaps in a new catalog (after a reload) and re-arms every timer from
     /// the new schedules. Rotations in flight finish with the entry they
-    /// started with.
-    pub fn reload(&self, catalog: Catalog) {
-        *self
-            .inner
-            .catalog
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Arc::new(catalog);
-        self.inner.schedule_all(&HashSet::new(), false);
+    /// started with. A credential the engine holds no state for (new, or
+    /// added back) is picked up from the state database, so one that comes
+    /// back is not rotated as if it had never been; one that left keeps only
+    /// the retirement of its previous version, if that is pending.
+    pub async fn reload(&self, catalog: Catalog) {
+        let catalog = Arc::new(catalog);
+        let fresh: Vec<CredentialKey> = {
+            let live = self.inner.live();
+            catalog
+                .creds
+                .keys()
+                .filter(|k| {
+                    live.get(k)
+                        .is_none_or(|l| l.row.is_none() && l.running.is_none())
+                })
+                .cloned()
+                .collect()
+        };
+        let stored = if fresh.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.inner
+                .load(move |s| {
+                    fresh
+                        .into_iter()
+                        .map(|k| {
+                            let row = s.credential(&k)?;
+                            let rot = s.latest_rotation(&k)?.filter(|r| r.step != Step::Done);
+                            Ok((k, row, rot))
+                        })
+                        .collect::<Result<Vec<_>, StateError>>()
+                })
+                .await
+        };
+        let stored = stored.unwrap_or_else(|e| {
+            // The credentials then start as if new; say why.
+            tracing::error!(error = %e.message, "reload: cannot read the state of added credentials");
+            Vec::new()
+        });
+        let old = std::mem::replace(
+            &mut *self
+                .inner
+                .catalog
+                .write()
+                .unwrap_or_else(|p| p.into_inner()),
+            catalog.clone(),
+        );
+        let mut resume = HashSet::new();
+        {
+            let mut live = self.inner.live();
+            for (key, row, rot) in stored {
+                let l = live.entry(&key);
+                // A rotation may have begun since the rows were read.
+                if l.row.is_some() || l.running.is_some() {
+                    continue;
+                }
+                l.row = row.map(Into::into);
+                if let Some(rot) = rot {
+                    self.inner.adopt_unfinished(&mut live, rot, &mut resume);
+                }
+            }
+            self.inner.forget_departed(&mut live, &old, &catalog);
+        }
+        self.inner.schedule_all(&resume, false);
         self.inner.wake.notify_one();
     }
 
@@ -432,11 +493,81 @@ impl Inner {
             }
             live.schedule(&key, Job::Rotate, at);
         }
-        // Forget live state of credentials removed from the config (at
-        // start-up the table holds only configured ones).
-        if !at_start {
-            live.retain(|k, l| catalog.creds.contains_key(k) || l.running.is_some());
+    }
+
+    /// Takes an unfinished rotation of a configured credential from state:
+    /// one waiting for its retire step gets its retire time, any other one
+    /// resumes now.
+    fn adopt_unfinished(
+        &self,
+        live: &mut Table,
+        rot: RotationRow,
+        resume: &mut HashSet<CredentialKey>,
+    ) {
+        let l = live.entry(&rot.key);
+        if rot.step == Step::Retire {
+            l.retire_at = Some(rot.retire_at.unwrap_or_else(now));
+        } else {
+            l.next_trigger = Some(rot.trigger);
+            resume.insert(rot.key);
         }
+    }
+
+    /// Arms the pending retirement of a credential that is not configured,
+    /// with an entry rebuilt from its rotation's footprint.
+    fn adopt_departed(&self, live: &mut Table, catalog: &Catalog, rot: &RotationRow) {
+        let key = &rot.key;
+        let entry = rot
+            .footprint
+            .as_deref()
+            .ok_or_else(|| "its rotation predates footprints".to_owned())
+            .and_then(Footprint::parse)
+            .and_then(|fp| CredEntry::departed(key, &fp, catalog));
+        match entry {
+            Ok(entry) => {
+                let at = rot.retire_at.unwrap_or_else(now);
+                tracing::info!(agent = %key.agent, credential = %key.credential, version = ?rot.previous_version, retire_at = %at, "not in the config any more: its previous version is still retired when its grace period ends");
+                self.departed_entries().insert(key.clone(), Arc::new(entry));
+                live.entry(key).retire_at = Some(at);
+                live.schedule(key, Job::Retire, at);
+            }
+            Err(why) => {
+                tracing::error!(agent = %key.agent, credential = %key.credential, version = ?rot.previous_version, rotation = %rot.id, "not in the config any more and its previous version cannot be retired ({why}); add the credential back to retire it, or retire version {:?} by hand", rot.previous_version);
+            }
+        }
+    }
+
+    /// After a reload: credentials that left the config keep only a pending
+    /// retirement (retired with the entry they had), the rest of their live
+    /// state goes; those that came back are retired with their new entry.
+    fn forget_departed(&self, live: &mut Table, old: &Catalog, new: &Catalog) {
+        let mut departed = self.departed_entries();
+        departed.retain(|k, _| !new.creds.contains_key(k));
+        live.retain(|k, l| {
+            if new.creds.contains_key(k) || l.running.is_some() {
+                // A rotation running for a removed credential finishes with
+                // its entry, and hands its retirement over (run_rotation).
+                return Keep::All;
+            }
+            if l.retire_at.is_none() {
+                return Keep::Nothing;
+            }
+            if let Some(entry) = old.creds.get(k) {
+                tracing::info!(agent = %k.agent, credential = %k.credential, retire_at = ?l.retire_at, "removed from the config: its previous version is still retired when its grace period ends");
+                departed.insert(k.clone(), entry.clone());
+            }
+            if departed.contains_key(k) {
+                Keep::Retire
+            } else {
+                Keep::Nothing
+            }
+        });
+    }
+
+    fn departed_entries(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<CredentialKey, Arc<CredEntry>>> {
+        self.departed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn trigger(self: Arc<Self>, key: &CredentialKey) -> Option<oneshot::Receiver<RotateFinished>> {
@@ -511,8 +642,14 @@ impl Inner {
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
         let catalog = self.catalog();
-        let Some(entry) = catalog.creds.get(&key).cloned() else {
-            return;
+        let entry = match catalog.creds.get(&key) {
+            Some(e) => e.clone(),
+            // Not configured: only a pending retirement may still run.
+            None if job == Job::Retire => match self.departed_entries().get(&key) {
+                Some(e) => e.clone(),
+                None => return,
+            },
+            None => return,
         };
         {
             let mut live = self.live();
@@ -728,9 +865,17 @@ impl Inner {
             }
             reschedule
         };
+        let configured = self.catalog().creds.contains_key(&key);
+        if !configured && self.live().get(&key).is_some_and(|l| l.retire_at.is_some()) {
+            // Removed by a reload while it ran: the retirement it set up
+            // still happens, with this entry.
+            self.departed_entries().insert(key.clone(), entry.clone());
+        }
         let mut live = self.live();
         for (job, at) in reschedule {
-            if let Some(at) = at {
+            if let Some(at) = at
+                && (configured || job == Job::Retire)
+            {
                 live.schedule(&key, job, at);
             }
         }
@@ -755,6 +900,9 @@ impl Inner {
                     l.retire_at = None;
                     if let Some(row) = l.row.as_mut() {
                         row.last_error = None;
+                    }
+                    if !self.catalog().creds.contains_key(&key) {
+                        self.departed_entries().remove(&key);
                     }
                 }
                 Err(Stop::Failed(msg, retry_after)) => {
@@ -864,6 +1012,7 @@ impl Inner {
             retire_at: None,
             attempts: 0,
             last_error: None,
+            footprint: Some(Footprint::of(entry).to_json()),
         };
         let head = self
             .audit(

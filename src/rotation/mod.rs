@@ -23,6 +23,7 @@
 mod catalog;
 mod engine;
 mod failpoint;
+mod footprint;
 mod table;
 
 pub use catalog::{BuildError, Catalog, CredEntry, CredMap, VaultHandle};

@@ -223,18 +223,38 @@ impl Table {
             .collect()
     }
 
-    /// Resets the entry and timers of every credential for which `keep` is
-    /// false (its index stays reserved; see the module doc).
-    pub fn retain(&mut self, mut keep: impl FnMut(&CredentialKey, &CredLive) -> bool) {
+    /// Resets what `keep` says to drop of every credential's entry and
+    /// timers (its index stays reserved; see the module doc).
+    pub fn retain(&mut self, mut keep: impl FnMut(&CredentialKey, &CredLive) -> Keep) {
         for (i, key) in self.keys.iter().enumerate() {
             let l = &mut self.live[i];
-            if !keep(key, l) {
-                *l = CredLive::default();
-                self.timers.cancel(Job::Rotate.slot(i as u32));
-                self.timers.cancel(Job::Retire.slot(i as u32));
+            match keep(key, l) {
+                Keep::All => {}
+                Keep::Retire => {
+                    *l = CredLive {
+                        retire_at: l.retire_at,
+                        ..CredLive::default()
+                    };
+                    self.timers.cancel(Job::Rotate.slot(i as u32));
+                }
+                Keep::Nothing => {
+                    *l = CredLive::default();
+                    self.timers.cancel(Job::Rotate.slot(i as u32));
+                    self.timers.cancel(Job::Retire.slot(i as u32));
+                }
             }
         }
     }
+}
+
+/// What [`Table::retain`] keeps of a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Keep {
+    All,
+    /// Only the pending retirement of its previous version (and its timer):
+    /// the credential left the config during its grace period.
+    Retire,
+    Nothing,
 }
 
 #[cfg(test)]
@@ -300,7 +320,7 @@ mod tests {
         t_.entry(&b).rotate_after_retire = true;
         t_.schedule(&a, Job::Rotate, t(1));
         t_.schedule(&b, Job::Rotate, t(2));
-        t_.retain(|k, _| *k == b);
+        t_.retain(|k, _| if *k == b { Keep::All } else { Keep::Nothing });
         assert!(!t_.get(&a).unwrap().rotate_after_retire);
         assert!(t_.get(&b).unwrap().rotate_after_retire);
         assert_eq!(t_.deadline(&a, Job::Rotate), None);
@@ -309,6 +329,22 @@ mod tests {
         t_.schedule(&a, Job::Rotate, t(3));
         assert_eq!(t_.pop_due_limit(t(100), 10), vec![(a, Job::Rotate)]);
         assert_eq!(t_.get(&key("c", "z")).map(|l| l.state()), None);
+    }
+
+    #[test]
+    fn retain_can_keep_only_a_pending_retirement() {
+        let mut t_ = Table::default();
+        let a = key("a", "x");
+        t_.entry(&a).retire_at = Some(t(5));
+        t_.entry(&a).rotate_after_retire = true;
+        t_.schedule(&a, Job::Rotate, t(1));
+        t_.schedule(&a, Job::Retire, t(5));
+        t_.retain(|_, _| Keep::Retire);
+        let l = t_.get(&a).unwrap();
+        assert_eq!(l.retire_at, Some(t(5)));
+        assert!(!l.rotate_after_retire);
+        assert_eq!(t_.deadline(&a, Job::Rotate), None);
+        assert_eq!(t_.pop_due_limit(t(100), 10), vec![(a, Job::Retire)]);
     }
 }
 
@@ -337,8 +373,9 @@ mod model_tests {
         /// rotation ends (`ends` ms later) the next one is scheduled.
         Trigger(usize, i64),
         Pop(i64, usize),
-        /// A reload that keeps the credentials whose bit is set.
-        Retain(u16),
+        /// A reload: for each credential, two bits of `mask` say whether to
+        /// keep everything, only its retirement, or nothing.
+        Retain(u32),
     }
 
     fn job(retire: bool) -> Job {
@@ -352,7 +389,7 @@ mod model_tests {
             1 => (k.clone(), any::<bool>()).prop_map(|(k, r)| Op::Cancel(k, r)),
             2 => (k, 0..100i64).prop_map(|(k, at)| Op::Trigger(k, at)),
             3 => (0..110i64, 0..8usize).prop_map(|(now, max)| Op::Pop(now, max)),
-            1 => any::<u16>().prop_map(Op::Retain),
+            1 => any::<u32>().prop_map(Op::Retain),
         ]
     }
 
@@ -420,11 +457,18 @@ mod model_tests {
                         prop_assert_eq!(got, want);
                     }
                     Op::Retain(mask) => {
-                        table.retain(|key, _| {
-                            let i = keys.iter().position(|k| k == key).unwrap();
-                            mask & (1 << i) != 0
+                        let keep = |i: usize| match (mask >> (2 * i)) & 3 {
+                            0 => Keep::Nothing,
+                            1 => Keep::Retire,
+                            _ => Keep::All,
+                        };
+                        table.retain(|key, _| keep(keys.iter().position(|k| k == key).unwrap()));
+                        model.retain(|(k, j), _| match keep(*k) {
+                            Keep::All => true,
+                            Keep::Retire => *j == Job::Retire,
+                            Keep::Nothing => false,
                         });
-                        model.retain(|(k, _), _| mask & (1 << *k) != 0);
+                        ending.retain(|(k, _)| keep(*k) == Keep::All);
                     }
                 }
                 for (i, k) in keys.iter().enumerate() {

@@ -157,6 +157,9 @@ pub struct RotationRow {
     /// Failed attempts of the current step.
     pub attempts: u32,
     pub last_error: Option<String>,
+    /// Where the versions are held (JSON the engine writes and reads; see
+    /// `rotation::footprint`). `None` in rows written before it existed.
+    pub footprint: Option<String>,
 }
 
 /// Metadata of one version. Never the value.

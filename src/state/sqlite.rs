@@ -95,6 +95,11 @@ const MIGRATIONS: &[&str] = &[
         hash TEXT    NOT NULL
     );
     "#,
+    // 2: where a rotation's versions are held (vaults, path, target), so its
+    // previous version can be retired after the credential left the config.
+    r#"
+    ALTER TABLE rotations ADD COLUMN footprint TEXT;
+    "#,
 ];
 
 /// The schema version this build writes and understands.
@@ -105,7 +110,7 @@ const CREDENTIAL_COLS: &str = "agent, credential, current_version, last_rotated_
      consecutive_failures, last_error";
 const ROTATION_COLS: &str = "id, agent, credential, step, \"trigger\", version, vault_version, \
      previous_version, previous_vault_version, started_at, updated_at, retire_at, attempts, \
-     last_error";
+     last_error, footprint";
 const VERSION_COLS: &str =
     "agent, credential, version, rotation, stage, vault_version, created_at, public";
 
@@ -332,8 +337,8 @@ impl SqliteStore {
                     .prepare_cached(
                         "INSERT INTO rotations (id, agent, credential, step, \"trigger\", \
                          version, vault_version, previous_version, previous_vault_version, \
-                         started_at, updated_at, retire_at, attempts, last_error) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+                         started_at, updated_at, retire_at, attempts, last_error, footprint) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
                          ON CONFLICT (id) DO UPDATE SET \
                          agent = excluded.agent, credential = excluded.credential, \
                          step = excluded.step, \"trigger\" = excluded.\"trigger\", \
@@ -342,7 +347,7 @@ impl SqliteStore {
                          previous_vault_version = excluded.previous_vault_version, \
                          started_at = excluded.started_at, updated_at = excluded.updated_at, \
                          retire_at = excluded.retire_at, attempts = excluded.attempts, \
-                         last_error = excluded.last_error",
+                         last_error = excluded.last_error, footprint = excluded.footprint",
                     )
                     .map_err(e)?;
                 st.execute(params![
@@ -360,6 +365,7 @@ impl SqliteStore {
                     r.retire_at.map(to_millis),
                     i64::from(r.attempts),
                     r.last_error,
+                    r.footprint,
                 ])
                 .map_err(e)?;
             }
@@ -768,6 +774,7 @@ fn decode_rotation(row: &Row<'_>) -> DecodeResult<RotationRow> {
         retire_at: opt_ts(T, "retire_at", row.get(11)?)?,
         attempts: count(T, "attempts", row.get(12)?)?,
         last_error: row.get(13)?,
+        footprint: row.get(14)?,
     })
 }
 
@@ -828,6 +835,7 @@ mod tests {
             retire_at: Some(at(1_700_000_900_000)),
             attempts: 5,
             last_error: Some("target postgres: timeout".into()),
+            footprint: Some(r#"{"vaults":["bao"],"owner":"o","tenant":"t"}"#.into()),
         }
     }
 
@@ -1123,6 +1131,39 @@ mod tests {
         assert_eq!(journal, "wal");
         let wal = path.with_file_name("keyturn.db-wal");
         assert_eq!(mode(&wal), 0o600, "the WAL inherits the database's mode");
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_and_keeps_its_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyturn.db");
+        let k = key("a", "c");
+        {
+            // What keyturn wrote before rotations had a footprint.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(
+                "INSERT INTO rotations (id, agent, credential, step, \"trigger\", version, \
+                 previous_version, started_at, updated_at, retire_at) VALUES \
+                 ('0123456789abcdef0123456789abcdef', 'a', 'c', 'retire', 'schedule', 2, 1, \
+                 1700000000000, 1700000000500, 1700000900000); PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.user_version().unwrap(), SCHEMA_VERSION);
+        let rot = s
+            .latest_rotation(&k)
+            .unwrap()
+            .expect("the rotation survived");
+        assert_eq!(
+            (rot.step, rot.version, rot.footprint.as_deref()),
+            (Step::Retire, 2, None)
+        );
+        let mut with = rot.clone();
+        with.footprint = Some("{}".into());
+        s.apply(&[Write::Rotation(with.clone())]).unwrap();
+        assert_eq!(s.latest_rotation(&k).unwrap(), Some(with));
     }
 
     #[test]

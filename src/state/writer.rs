@@ -320,6 +320,7 @@ mod tests {
             retire_at: None,
             attempts: 0,
             last_error: None,
+            footprint: None,
         };
         // A version too large for SQLite's INTEGER fails on write, after
         // the group's first write went in: that write must be undone.

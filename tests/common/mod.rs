@@ -21,6 +21,7 @@ pub const CANARY_PREFIX: &str = "kt_canary_";
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    daemon_extra: String,
 }
 
 impl Env {
@@ -35,7 +36,21 @@ impl Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("agents");
         std::fs::create_dir_all(&root).unwrap();
-        let d = dir.path().display();
+        let config = dir.path().join("keyturn.toml");
+        let env = Env {
+            dir,
+            config,
+            daemon_extra: daemon_extra.to_owned(),
+        };
+        env.write_credentials(credentials);
+        env
+    }
+
+    /// Rewrites the config with the same header and these credentials
+    /// (then `Daemon::reload`, or a restart, makes the daemon read it).
+    pub fn write_credentials(&self, credentials: &str) {
+        let d = self.dir.path().display();
+        let root = self.root();
         let text = format!(
             r#"[daemon]
 state_dir = "{d}/state"
@@ -51,13 +66,12 @@ type = "local"
 
 {creds}
 "#,
+            daemon_extra = self.daemon_extra,
             creds = credentials
                 .replace("{root}", &root.display().to_string())
                 .replace("{dir}", &d.to_string())
         );
-        let config = dir.path().join("keyturn.toml");
-        std::fs::write(&config, text).unwrap();
-        Env { dir, config }
+        std::fs::write(&self.config, text).unwrap();
     }
 
     pub fn path(&self) -> &Path {
@@ -195,6 +209,30 @@ impl Daemon {
                 return false;
             }
             self.drain_notify(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGHUP, and wait until the daemon is ready again (reloaded, or
+    /// kept the old config).
+    pub fn reload(&self) {
+        let ready = |d: &Daemon| {
+            d.notifications()
+                .iter()
+                .flat_map(|m| m.lines().map(str::to_owned).collect::<Vec<_>>())
+                .filter(|l| l == "READY=1")
+                .count()
+        };
+        let before = ready(self);
+        self.signal(libc::SIGHUP);
+        if wait_for(Duration::from_secs(30), || {
+            (ready(self) > before).then_some(())
+        })
+        .is_none()
+        {
+            panic!(
+                "daemon did not become ready after SIGHUP; log:\n{}",
+                self.log_text()
+            );
         }
     }
 
@@ -350,4 +388,40 @@ pub fn audit_records(env: &Env) -> Vec<serde_json::Value> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).expect("audit records are JSON"))
         .collect()
+}
+
+/// What the local vault `name` of `env` holds for `key` (at its default
+/// path): the version reference and the value. Open it only while the
+/// daemon is stopped.
+pub async fn local_vault_value(
+    env: &Env,
+    name: &str,
+    key: &keyturn::model::CredentialKey,
+    select: keyturn::vaults::Select<'_>,
+) -> Option<(String, Vec<u8>)> {
+    use keyturn::vaults::Vault;
+    let state = env.state_dir();
+    let key_file = state.join(format!("{name}-vault.key"));
+    let vault_key =
+        keyturn::vaults::local::load_key(&key_file, &format!("keyturn-{name}-vault-key"))
+            .expect("vault key");
+    let vault =
+        keyturn::vaults::local::LocalVault::open(name, &state.join("vaults").join(name), vault_key)
+            .expect("open vault");
+    let path = format!("agents/{}/{}", key.agent, key.credential);
+    let item = keyturn::vaults::VaultItem { key, path: &path };
+    vault
+        .read(item, select)
+        .await
+        .expect("vault read")
+        .map(|v| (v.version.0, v.value.expose().to_vec()))
+}
+
+/// Runs `f` on a fresh single-threaded runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
