@@ -73,7 +73,7 @@ fn build_filter(env: Option<&str>, fallback: &str) -> (EnvFilter, Option<String>
         Some(s) => (LOG_ENV, s),
         None => ("log filter", fallback),
     };
-    match EnvFilter::try_new(spec) {
+    let (filter, warning) = match EnvFilter::try_new(spec) {
         Ok(f) => (f, None),
         Err(e) => (
             EnvFilter::new("info"),
@@ -81,7 +81,28 @@ fn build_filter(env: Option<&str>, fallback: &str) -> (EnvFilter, Option<String>
                 "ignoring invalid {source} {spec:?} ({e}); using \"info\""
             )),
         ),
+    };
+    (quiet_dependencies(filter, spec), warning)
+}
+
+/// Libraries that log at ERROR what is an expected answer to keyturn (the
+/// OpenBao client reports every 404 three times, though an absent pending
+/// slot is the normal case) and whose every real failure keyturn reports
+/// itself, with the step, vault and credential. Off unless the filter names
+/// them (`KEYTURN_LOG=info,vaultrs=debug` to see them again).
+const QUIET_TARGETS: [&str; 2] = ["rustify", "vaultrs"];
+
+fn quiet_dependencies(mut filter: EnvFilter, spec: &str) -> EnvFilter {
+    for target in QUIET_TARGETS {
+        if !spec.contains(target) {
+            filter = filter.add_directive(
+                format!("{target}=off")
+                    .parse()
+                    .expect("a static directive parses"),
+            );
+        }
     }
+    filter
 }
 
 /// The states a credential can be in, as counted by `keyturn_credentials`.
@@ -487,19 +508,52 @@ mod tests {
 
     #[test]
     fn log_filter_comes_from_the_environment_first() {
+        // The directives, without the ones that quieten dependencies.
+        let own = |f: &EnvFilter| {
+            let mut d: Vec<String> = f
+                .to_string()
+                .split(',')
+                .filter(|d| !QUIET_TARGETS.iter().any(|t| d.starts_with(t)))
+                .map(str::to_owned)
+                .collect();
+            d.sort();
+            d.join(",")
+        };
         let (f, w) = build_filter(Some("keyturn=trace"), "warn");
-        assert_eq!(f.to_string(), "keyturn=trace");
+        assert_eq!(own(&f), "keyturn=trace");
         assert!(w.is_none());
         // Unset or blank variable: the configured filter.
-        assert_eq!(build_filter(None, "warn").0.to_string(), "warn");
-        assert_eq!(build_filter(Some("  "), "warn").0.to_string(), "warn");
+        assert_eq!(own(&build_filter(None, "warn").0), "warn");
+        assert_eq!(own(&build_filter(Some("  "), "warn").0), "warn");
         // A typo is reported and falls back to info instead of silencing logs.
         let (f, w) = build_filter(Some("keyturn=loud"), "warn");
-        assert_eq!(f.to_string(), "info");
+        assert_eq!(own(&f), "info");
         let w = w.unwrap();
         assert!(
             w.contains("KEYTURN_LOG") && w.contains("keyturn=loud"),
             "{w}"
+        );
+    }
+
+    #[test]
+    fn noisy_dependencies_are_off_unless_the_filter_names_them() {
+        let directives = |spec: &str| {
+            let mut d: Vec<String> = build_filter(Some(spec), "info")
+                .0
+                .to_string()
+                .split(',')
+                .map(str::to_owned)
+                .collect();
+            d.sort();
+            d
+        };
+        assert_eq!(
+            directives("trace"),
+            vec!["rustify=off", "trace", "vaultrs=off"]
+        );
+        assert_eq!(
+            directives("info,vaultrs=debug"),
+            vec!["info", "rustify=off", "vaultrs=debug"]
         );
     }
 }

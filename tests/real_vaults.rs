@@ -1224,3 +1224,49 @@ fn bad_input_target_dsn_cannot_connect() {
     assert!(!out.contains(&pg_admin_password()) && !last.contains(&pg_admin_password()));
     daemon.stop();
 }
+
+/// Defect: every successful rotation on OpenBao logged ~8 ERROR lines at the
+/// default level (the client libraries reporting the expected 404 of an
+/// absent pending slot), which makes alerting on ERROR in the journal
+/// useless. A successful rotation on any vault logs nothing at ERROR or WARN.
+#[test]
+fn successful_rotations_log_no_error_or_warning_at_the_default_level() {
+    let files = Files::new();
+    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
+    let secret = files.write("client-secret", STUB_CLIENT_SECRET, 0o600);
+    let tables = format!(
+        "{}{}{}",
+        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        aws_table("aws"),
+        azure_table("az", &secret)
+    );
+    let env = Env::new(&format!(
+        "{tables}\n{}{}{}",
+        agent_table(),
+        credential("db", r#""bao""#, &unique("quiet/bao/"), "0s", ""),
+        credential(
+            "all",
+            r#"["bao", "aws", "az"]"#,
+            &unique("quiet/all/"),
+            "0s",
+            ""
+        ),
+    ));
+    let daemon = env.start_with(&[("KEYTURN_LOG", "info")]);
+    wait_version(&env, "db", 1);
+    wait_version(&env, "all", 1);
+    rotate_ok(&env, "db", 2);
+    rotate_ok(&env, "all", 2);
+    let log = daemon.stop();
+    let loud: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" ERROR ") || l.contains(" WARN "))
+        .collect();
+    assert!(
+        loud.is_empty(),
+        "{} line(s) at ERROR/WARN:\n{}",
+        loud.len(),
+        loud.join("\n")
+    );
+    assert!(log.contains("rotated"), "the log is at info level:\n{log}");
+}
