@@ -40,7 +40,11 @@ pub enum DaemonError {
 
 /// The state database inside `state_dir`.
 pub fn state_db_path(config: &Config) -> PathBuf {
-    config.daemon.state_dir.join("state.db")
+    state_db_in(&config.daemon.state_dir)
+}
+
+pub fn state_db_in(state_dir: &Path) -> PathBuf {
+    state_dir.join("state.db")
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.

@@ -253,3 +253,60 @@ fn a_credential_added_back_is_not_rotated_as_new() {
         "c1 rotated again after coming back"
     );
 }
+
+/// Defect: after a failed reload the daemon keeps serving its previous
+/// config, but `status --config FILE` exited 64 because FILE was invalid,
+/// so an operator could not ask it what it runs. The client commands need
+/// only the socket (and `audit verify` the state paths); they read those
+/// even from a file that does not validate, and say that it does not.
+#[test]
+fn status_and_rotate_still_reach_the_daemon_while_the_config_is_invalid() {
+    let good = creds(2, "1h", "0s", "0s");
+    let env = Env::new(&good);
+    let daemon = env.start();
+    wait_version(&env, "bot", "c1", 1);
+    for broken in [
+        // Invalid meaning: an unknown key, a bad duration.
+        format!(
+            "{good}\n[agents.bot.credentials.c9]\nvault = \"local\"\nevery = \"soon\"\ncolour = 1\n"
+        ),
+        // Invalid TOML below the daemon table.
+        format!("{good}\n[agents.bot.credentials.c9\nvault = \n"),
+    ] {
+        env.write_credentials(&broken);
+        daemon.reload();
+        let out = env.cli(&["status", "--json"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(stderr.contains("does not validate"), "{stderr}");
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(rows.len(), 2, "the daemon's running config: {rows:?}");
+        let out = env.cli(&["rotate", "bot/c0", "--wait"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = env.cli(&["audit", "verify"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(version_of(&env, "bot", "c0"), Some(3));
+    daemon.stop();
+    // No daemon to ask: the invalid file is the problem, every error listed.
+    env.write_credentials(&format!(
+        "{good}\n[agents.bot.credentials.c8]\nvault = \"local\"\nevery = \"soon\"\n[agents.bot.credentials.c9]\ncolour = 1\n"
+    ));
+    let out = env.cli(&["status"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("colour") && stderr.contains("credentials.c8: missing key"),
+        "every error is listed: {stderr}"
+    );
+}

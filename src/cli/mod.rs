@@ -12,7 +12,7 @@ use crate::api::protocol::{
 };
 use crate::api::socket::{ClientError, call};
 use crate::audit::verify_file;
-use crate::config::{self, Config, DEFAULT_CONFIG_PATH};
+use crate::config::{self, ClientPaths, Config, ConfigErrors, DEFAULT_CONFIG_PATH};
 use crate::state::{SqliteStore, StateStore};
 use crate::telemetry::{self, LogFormat};
 
@@ -141,6 +141,67 @@ fn load(path: &Path) -> Result<Config, u8> {
     })
 }
 
+/// The config as a client command sees it. An invalid file does not stop
+/// `status`, `rotate` or `audit verify`: the daemon keeps serving the config
+/// it last loaded, and an operator must be able to ask it what that is.
+enum ClientConfig {
+    Valid(Config),
+    /// The file does not validate; its `[daemon]` table still names the paths.
+    Invalid {
+        paths: ClientPaths,
+        errors: ConfigErrors,
+    },
+}
+
+impl ClientConfig {
+    fn paths(&self) -> ClientPaths {
+        match self {
+            ClientConfig::Valid(cfg) => ClientPaths::of(cfg),
+            ClientConfig::Invalid { paths, .. } => paths.clone(),
+        }
+    }
+
+    /// No daemon answered and the file is invalid: the file is the problem
+    /// to fix first, so say everything that is wrong with it.
+    fn unreachable_and_invalid(&self, path: &Path, e: &ClientError) -> Option<u8> {
+        let ClientConfig::Invalid { errors, .. } = self else {
+            return None;
+        };
+        eprint!("{errors}");
+        eprintln!(
+            "keyturn: {} error(s) in {}, and {e}",
+            errors.0.len(),
+            path.display()
+        );
+        Some(EXIT_USAGE)
+    }
+}
+
+fn load_for_client(path: &Path) -> Result<ClientConfig, u8> {
+    let errors = match config::load_file(path) {
+        Ok(cfg) => return Ok(ClientConfig::Valid(cfg)),
+        Err(errors) => errors,
+    };
+    let paths = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| ClientPaths::lenient(path, &text));
+    match paths {
+        Some(paths) => {
+            eprintln!(
+                "keyturn: warning: {} does not validate ({} error(s); `keyturn check` lists them); a running daemon keeps the config it last loaded",
+                path.display(),
+                errors.0.len()
+            );
+            Ok(ClientConfig::Invalid { paths, errors })
+        }
+        None => {
+            eprint!("{errors}");
+            eprintln!("keyturn: {} error(s) in {}", errors.0.len(), path.display());
+            Err(EXIT_USAGE)
+        }
+    }
+}
+
 fn check(path: &Path) -> u8 {
     match load(path) {
         Ok(cfg) => {
@@ -159,8 +220,8 @@ enum Failure {
     Unreachable(ClientError),
 }
 
-async fn request(cfg: &Config, req: &Request) -> Result<ResponseBody, Failure> {
-    match call(&cfg.daemon.socket, req).await {
+async fn request(socket: &Path, req: &Request) -> Result<ResponseBody, Failure> {
+    match call(socket, req).await {
         Ok(Response::Ok(body)) => Ok(body),
         Ok(Response::Error(e)) => {
             eprintln!("keyturn: {}", e.message);
@@ -176,27 +237,35 @@ fn unexpected() -> u8 {
 }
 
 async fn status(path: &Path, json: bool) -> u8 {
-    let cfg = match load(path) {
+    let client = match load_for_client(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let rows = match request(&cfg, &Request::Status).await {
+    let rows = match request(&client.paths().socket, &Request::Status).await {
         Ok(ResponseBody::Status(rows)) => rows,
         Ok(_) => return unexpected(),
         Err(Failure::Answered(code)) => return code,
-        Err(Failure::Unreachable(e)) => match offline_status(&cfg) {
-            Some(rows) => {
-                eprintln!(
-                    "keyturn: {e}; showing the state stored in {}",
-                    cfg.daemon.state_dir.display()
-                );
-                rows
+        Err(Failure::Unreachable(e)) => {
+            if let Some(code) = client.unreachable_and_invalid(path, &e) {
+                return code;
             }
-            None => {
-                eprintln!("keyturn: {e}");
-                return EXIT_UNAVAILABLE;
+            let ClientConfig::Valid(cfg) = &client else {
+                unreachable!("an invalid config returned above");
+            };
+            match offline_status(cfg) {
+                Some(rows) => {
+                    eprintln!(
+                        "keyturn: {e}; showing the state stored in {}",
+                        cfg.daemon.state_dir.display()
+                    );
+                    rows
+                }
+                None => {
+                    eprintln!("keyturn: {e}");
+                    return EXIT_UNAVAILABLE;
+                }
             }
-        },
+        }
     };
     if json {
         match serde_json::to_string_pretty(&rows) {
@@ -261,15 +330,19 @@ async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {
             return EXIT_USAGE;
         }
     };
-    let cfg = match load(path) {
+    let client = match load_for_client(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let results = match request(&cfg, &Request::Rotate { selector, wait }).await {
+    let req = Request::Rotate { selector, wait };
+    let results = match request(&client.paths().socket, &req).await {
         Ok(ResponseBody::Rotate(results)) => results,
         Ok(_) => return unexpected(),
         Err(Failure::Answered(code)) => return code,
         Err(Failure::Unreachable(e)) => {
+            if let Some(code) = client.unreachable_and_invalid(path, &e) {
+                return code;
+            }
             eprintln!("keyturn: {e}");
             return EXIT_UNAVAILABLE;
         }
@@ -306,11 +379,11 @@ async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {
 }
 
 fn audit_verify(path: &Path) -> u8 {
-    let cfg = match load(path) {
-        Ok(c) => c,
+    let paths = match load_for_client(path) {
+        Ok(c) => c.paths(),
         Err(code) => return code,
     };
-    let db = crate::daemon::state_db_path(&cfg);
+    let db = crate::daemon::state_db_in(&paths.state_dir);
     let head = if db.exists() {
         match SqliteStore::open_read_only(&db).and_then(|s| s.audit_head()) {
             Ok(h) => h,
@@ -322,11 +395,11 @@ fn audit_verify(path: &Path) -> u8 {
     } else {
         None
     };
-    match verify_file(&cfg.daemon.audit_log, head.as_ref()) {
+    match verify_file(&paths.audit_log, head.as_ref()) {
         Ok(report) => {
             println!(
                 "{}: ok, {} records, chain intact",
-                cfg.daemon.audit_log.display(),
+                paths.audit_log.display(),
                 report.records
             );
             0

@@ -13,11 +13,13 @@ use std::time::Duration;
 use crate::model::{AgentId, CredentialId, CredentialKey};
 use crate::schedule::ScheduleSpec;
 
+pub mod client;
 mod fast_toml;
 pub mod load;
 pub mod raw;
 pub mod validate;
 
+pub use client::ClientPaths;
 pub use load::{ConfigError, ConfigErrors, load_file, load_str, summary};
 
 /// Where keyturn looks for its config when neither `--config` nor
