@@ -145,7 +145,7 @@ fn load(path: &Path) -> Result<Config, u8> {
 /// `status`, `rotate` or `audit verify`: the daemon keeps serving the config
 /// it last loaded, and an operator must be able to ask it what that is.
 enum ClientConfig {
-    Valid(Config),
+    Valid(Box<Config>),
     /// The file does not validate; its `[daemon]` table still names the paths.
     Invalid {
         paths: ClientPaths,
@@ -179,7 +179,7 @@ impl ClientConfig {
 
 fn load_for_client(path: &Path) -> Result<ClientConfig, u8> {
     let errors = match config::load_file(path) {
-        Ok(cfg) => return Ok(ClientConfig::Valid(cfg)),
+        Ok(cfg) => return Ok(ClientConfig::Valid(Box::new(cfg))),
         Err(errors) => errors,
     };
     let paths = std::fs::read_to_string(path)
