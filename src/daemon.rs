@@ -69,6 +69,18 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             )
         })?;
     let _lock = lock_state_dir(&state_dir)?;
+    {
+        let mut dirs: Vec<&Path> = vec![&state_dir];
+        dirs.extend(config.daemon.audit_log.parent().filter(|d| d.is_dir()));
+        for v in config.vaults.values() {
+            if let config::VaultKind::Local { dir, .. } = &v.kind
+                && dir.is_dir()
+            {
+                dirs.push(dir);
+            }
+        }
+        crate::state::space::check_room_to_start(&dirs).map_err(DaemonError::Startup)?;
+    }
 
     let state: Arc<dyn StateStore> = Arc::new(
         SqliteStore::open(&state_db_path(&config))
@@ -86,6 +98,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     tracing::debug!(elapsed = ?started.elapsed(), "state, audit log and plug-ins ready");
 
     let metrics = Arc::new(Metrics::new());
+    metrics.set_state_dir(state_dir.clone());
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let engine = Engine::new(

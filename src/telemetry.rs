@@ -182,6 +182,9 @@ pub struct Metrics {
     audit_records: Counter,
     provider: Arc<RwLock<Option<CredentialTimesProvider>>>,
     state_counts: RwLock<Option<StateCountsProvider>>,
+    /// Free bytes where the state directory is, read at scrape time.
+    state_free: Gauge,
+    state_dir: RwLock<Option<std::path::PathBuf>>,
 }
 
 /// Counts credentials by state at scrape time, so the gauge is never stale
@@ -261,6 +264,12 @@ impl Metrics {
             "Records appended to the audit log",
             audit_records.clone(),
         );
+        let state_free = Gauge::default();
+        registry.register(
+            "state_free_bytes",
+            "Free bytes on the filesystem of the state directory (keyturn refuses to start below 4 MiB)",
+            state_free.clone(),
+        );
         let provider = Arc::new(RwLock::new(None));
         registry.register_collector(Box::new(CredentialTimesCollector {
             provider: Arc::clone(&provider),
@@ -275,7 +284,14 @@ impl Metrics {
             audit_records,
             provider,
             state_counts: RwLock::new(None),
+            state_free,
+            state_dir: RwLock::new(None),
         }
+    }
+
+    /// The state directory whose free space `state_free_bytes` reports.
+    pub fn set_state_dir(&self, dir: std::path::PathBuf) {
+        *self.state_dir.write().unwrap_or_else(|p| p.into_inner()) = Some(dir);
     }
 
     /// Installs the source of the `credentials{state}` counts, read at scrape time.
@@ -350,6 +366,14 @@ impl Metrics {
             for (state, n) in counts() {
                 self.set_credentials(state, n);
             }
+        }
+        let state_dir = self
+            .state_dir
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(free) = state_dir.and_then(|d| crate::state::space::free_bytes(&d).ok()) {
+            self.state_free.set(i64::try_from(free).unwrap_or(i64::MAX));
         }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {

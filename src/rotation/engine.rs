@@ -1434,6 +1434,7 @@ impl Inner {
                     .await
                     .map_err(|e| StepError::new("audit", e))?;
                 writes.push(Write::Rotation(done));
+                writes.push(Write::PruneHistory(entry.key().clone()));
                 writes.push(head);
                 self.persist(writes)
                     .await

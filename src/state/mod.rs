@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{CredentialKey, RotationId, Stage, VersionNo};
 
+pub mod space;
 pub mod sqlite;
 mod writer;
 
@@ -205,7 +206,14 @@ pub enum Write {
     AuditHead(AuditHead),
     /// Forget a credential removed from config (its rows, not its audit).
     ForgetCredential(CredentialKey),
+    /// Drops `key`'s finished rotations and retired versions beyond the
+    /// newest [`HISTORY_KEPT`] of each, so the state database stays bounded
+    /// per credential however long it rotates (the audit log is the history).
+    PruneHistory(CredentialKey),
 }
+
+/// Finished rotations and retired versions kept per credential.
+pub const HISTORY_KEPT: u32 = 8;
 
 /// Everything needed at start-up.
 #[derive(Debug, Clone, Default)]

@@ -102,6 +102,15 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+/// The WAL is checkpointed into the database every this many pages (1 MiB
+/// at SQLite's 4 KiB pages) instead of SQLite's default 1000, and cut back to
+/// [`WAL_SIZE_LIMIT`] after a checkpoint, where SQLite's default leaves it at
+/// its largest for good: each WAL of the state directory then stays near
+/// 1 MiB instead of ~4 MiB, which on a small volume was enough to fill it.
+/// Shared with the local vault.
+pub const WAL_CHECKPOINT_PAGES: i64 = 256;
+pub const WAL_SIZE_LIMIT: i64 = 1 << 20;
+
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -255,6 +264,11 @@ impl SqliteStore {
                 });
             }
             conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(|e| self.err(e))?;
+            // Bound the WAL (see `WAL_CHECKPOINT_PAGES`).
+            conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)
+                .map_err(|e| self.err(e))?;
+            conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
                 .map_err(|e| self.err(e))?;
         }
         Ok(())
@@ -468,6 +482,27 @@ impl SqliteStore {
                     )
                     .map_err(e)?;
                 st.execute(params![seq, h.hash]).map_err(e)?;
+            }
+            Write::PruneHistory(key) => {
+                for sql in [
+                    "DELETE FROM rotations WHERE agent = ?1 AND credential = ?2 \
+                     AND step = 'done' AND id NOT IN (SELECT id FROM rotations \
+                     WHERE agent = ?1 AND credential = ?2 AND step = 'done' \
+                     ORDER BY started_at DESC LIMIT ?3)",
+                    "DELETE FROM versions WHERE agent = ?1 AND credential = ?2 \
+                     AND stage = 'retired' AND version NOT IN (SELECT version FROM versions \
+                     WHERE agent = ?1 AND credential = ?2 AND stage = 'retired' \
+                     ORDER BY version DESC LIMIT ?3)",
+                ] {
+                    tx.prepare_cached(sql)
+                        .map_err(e)?
+                        .execute(params![
+                            key.agent.as_str(),
+                            key.credential.as_str(),
+                            super::HISTORY_KEPT
+                        ])
+                        .map_err(e)?;
+                }
             }
             Write::ForgetCredential(key) => {
                 for sql in [
@@ -1065,6 +1100,72 @@ mod tests {
         );
         assert_eq!(s.latest_rotation(&k).unwrap(), Some(done));
         assert_eq!(s.latest_rotation(&key("z", "z")).unwrap(), None);
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_history_and_everything_live() {
+        let (_dir, s) = open_tmp();
+        let k = key("a", "busy");
+        let other = key("a", "quiet");
+        let n = u64::from(crate::state::HISTORY_KEPT) + 5;
+        let mut writes = Vec::new();
+        for v in 1..=n {
+            let mut r = rot(&k, Step::Done);
+            r.version = v;
+            r.started_at = at(1_700_000_000_000 + v as i64);
+            let mut ver = version(&k, &r.id, v);
+            ver.stage = match v {
+                _ if v == n => Stage::Current,
+                _ if v == n - 1 => Stage::Previous,
+                _ => Stage::Retired,
+            };
+            writes.push(Write::Version(ver));
+            writes.push(Write::Rotation(r));
+        }
+        let unfinished = rot(&k, Step::Deliver);
+        writes.push(Write::Rotation(unfinished.clone()));
+        let o = rot(&other, Step::Done);
+        let mut ov = version(&other, &o.id, 1);
+        ov.stage = Stage::Retired;
+        writes.push(Write::Version(ov));
+        writes.push(Write::Rotation(o));
+        s.apply(&writes).unwrap();
+        s.apply(&[Write::PruneHistory(k.clone())]).unwrap();
+
+        let kept = u64::from(crate::state::HISTORY_KEPT);
+        let versions: Vec<(u64, Stage)> = s
+            .versions(&k)
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.version, v.stage))
+            .collect();
+        let retired: Vec<u64> = versions
+            .iter()
+            .filter(|(_, st)| *st == Stage::Retired)
+            .map(|(v, _)| *v)
+            .collect();
+        assert_eq!(retired, ((n - 1 - kept)..=(n - 2)).collect::<Vec<_>>());
+        assert!(versions.contains(&(n - 1, Stage::Previous)));
+        assert!(versions.contains(&(n, Stage::Current)));
+        let rotations: i64 = s
+            .lock()
+            .query_row(
+                "SELECT count(*) FROM rotations WHERE credential = 'busy' AND step = 'done'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(rotations, i64::from(crate::state::HISTORY_KEPT));
+        assert_eq!(
+            s.snapshot().unwrap().unfinished,
+            vec![unfinished],
+            "an unfinished rotation is never pruned"
+        );
+        assert_eq!(
+            s.versions(&other).unwrap().len(),
+            1,
+            "other credentials untouched"
+        );
     }
 
     #[test]

@@ -564,6 +564,17 @@ fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
     // FULL: the WAL is fsynced at every commit, so a returned `stage` is durable.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "secure_delete", "ON")?;
+    // A bounded WAL, as for the state database.
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        crate::state::sqlite::WAL_CHECKPOINT_PAGES,
+    )?;
+    conn.pragma_update(
+        None,
+        "journal_size_limit",
+        crate::state::sqlite::WAL_SIZE_LIMIT,
+    )?;
     conn.set_prepared_statement_cache_capacity(32);
     Ok(())
 }
