@@ -40,10 +40,11 @@
 //! since two daemons never share a state directory. `preflight` (start-up and
 //! reload) removes, along the sink's path, every `.NAME.tmp.*` of another
 //! process whatever its age, and this process's own once older than
-//! [`STALE_TEMP_AGE`] (a delivery in flight holds a younger one). Every
-//! single-file delivery does the same in its directory for its own name.
-//! A bundle's unswapped timestamped directory of an earlier process is
-//! removed by preflight too.
+//! [`STALE_TEMP_AGE`] (a delivery in flight holds a younger one). A
+//! single-file delivery also removes this process's temps older than that in
+//! its directory (looking at most once a minute per directory). A bundle's
+//! unswapped timestamped directory of an earlier process is removed by
+//! preflight too.
 //!
 //! # Not here (yet)
 //! An in-place mode (write + fsync of the same inode) for single-file bind
@@ -538,7 +539,7 @@ impl Inner {
         })?;
         // Leftovers of a failed earlier delivery hold an old value; they are
         // not a reason to fail this one.
-        if let Err(e) = self.sweep_temps(&dir, self.file_name(), false) {
+        if let Err(e) = self.sweep_own_stale(&dir) {
             tracing::warn!(path = %self.path().display(), error = %e, "file sink: could not remove stale temp files");
         }
         self.write_file_at(
@@ -1082,6 +1083,66 @@ impl Inner {
                 e,
             )
         })
+    }
+
+    /// Removes this process's temp files in `dir` (of any file, since the
+    /// token says they are ours) older than [`STALE_TEMP_AGE`], at most once
+    /// a minute per directory: another process's were removed by preflight
+    /// at start-up or reload, and one of this process's only becomes
+    /// removable a minute after it was made, so looking more often would
+    /// find nothing new (and would list the directory on every delivery).
+    fn sweep_own_stale(&self, dir: &OwnedFd) -> Result<(), PluginError> {
+        use std::collections::HashMap;
+        use std::sync::{Mutex, OnceLock};
+        use std::time::Instant;
+        static SWEPT: OnceLock<Mutex<HashMap<(u64, u64), Instant>>> = OnceLock::new();
+        let st = nix::sys::stat::fstat(dir.as_raw_fd())
+            .map_err(|e| self.sys("inspect the delivery directory", e))?;
+        {
+            let mut swept = SWEPT
+                .get_or_init(Default::default)
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            match swept.get(&(st.st_dev, st.st_ino)) {
+                Some(at) if now.duration_since(*at) < STALE_TEMP_AGE => return Ok(()),
+                _ => {
+                    swept.insert((st.st_dev, st.st_ino), now);
+                }
+            }
+        }
+        let names =
+            temp_candidates(dir).map_err(|e| self.sys("list directory for stale temp files", e))?;
+        let now = Utc::now().timestamp();
+        for n in names.iter() {
+            let b = n.as_bytes();
+            let ours = b
+                .windows(5)
+                .rposition(|w| w == b".tmp.")
+                .and_then(|i| temp_owner(&b[i + 5..]))
+                == Some(true);
+            if !ours {
+                continue;
+            }
+            let Ok(Some(st)) = stat_nofollow(dir, n) else {
+                continue;
+            };
+            if now.saturating_sub(st.st_mtime) < STALE_TEMP_AGE.as_secs() as i64 {
+                continue;
+            }
+            let flag = if is_type(&st, SFlag::S_IFDIR) {
+                UnlinkatFlags::RemoveDir
+            } else {
+                UnlinkatFlags::NoRemoveDir
+            };
+            match nix::unistd::unlinkat(Some(dir.as_raw_fd()), n.as_os_str(), flag) {
+                Ok(()) | Err(Errno::ENOENT) => {
+                    tracing::info!(path = %self.path().display(), temp = ?n, "file sink: removed a stale temp file");
+                }
+                Err(e) => return Err(self.sys(format_args!("remove stale temp file {n:?}"), e)),
+            }
+        }
+        Ok(())
     }
 
     /// Removes the dead `.NAME.tmp.*` entries (files, or empty directories
@@ -1972,22 +2033,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn every_delivery_removes_dead_temp_files_of_its_file() {
+    async fn a_delivery_removes_this_processs_stale_temp_files_in_its_directory() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join(AGENT);
+        std::fs::create_dir(&dir).unwrap();
         let path = dir.join("db");
+        // Left by a failed delivery of this process a while ago, to this
+        // file and to another one in the same directory.
+        let mine_old = dir.join(temp_of("db", true));
+        touch_aged(&mine_old, Duration::from_secs(120));
+        let mine_other = dir.join(format!(".other.tmp.{:08x}00000003", process_token()));
+        touch_aged(&mine_other, Duration::from_secs(120));
+        // In use (young), and another process's (preflight's job).
+        let mine_young = dir.join(format!(".db.tmp.{:08x}00000004", process_token()));
+        touch_aged(&mine_young, Duration::ZERO);
+        let dead = dir.join(temp_of("db", false));
+        touch_aged(&dead, Duration::from_secs(120));
         let s = sink(root.path(), &path, FileFormat::Raw);
         s.deliver(&notice(1, ValueKind::Password, None), &secret("v1"))
             .await
             .unwrap();
-        let dead = dir.join(temp_of("db", false));
-        std::fs::write(&dead, b"an old secret").unwrap();
-        let mine_old = dir.join(temp_of("db", true));
-        touch_aged(&mine_old, Duration::from_secs(120));
-        s.deliver(&notice(2, ValueKind::Password, None), &secret("v2"))
-            .await
-            .unwrap();
-        assert_eq!(entries(&dir), vec!["db".to_string()]);
+        assert!(!mine_old.exists() && !mine_other.exists());
+        assert!(mine_young.exists(), "a young temp may be in use");
+        assert!(dead.exists(), "left to preflight");
+        s.preflight().await.unwrap();
+        assert!(!dead.exists());
     }
 
     #[tokio::test]
