@@ -29,13 +29,10 @@ fn unit_has_notify_watchdog_and_sandbox() {
 
 #[test]
 fn systemd_analyze_verify_accepts_the_unit() {
-    let Ok(out) = std::process::Command::new("systemd-analyze")
+    let out = std::process::Command::new("systemd-analyze")
         .arg("--version")
         .output()
-    else {
-        eprintln!("SKIPPED: systemd-analyze is not installed");
-        return;
-    };
+        .expect("systemd-analyze runs (Debian: apt-get install systemd)");
     assert!(out.status.success());
     let dir = tempfile::tempdir().unwrap();
     // Point ExecStart at a binary that exists here; verify checks it.
