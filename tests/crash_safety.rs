@@ -219,7 +219,7 @@ fn sigterm_drains_the_in_flight_step_and_the_rotation_resumes() {
         .expect("a rotation was started");
     assert_eq!(
         latest.step,
-        keyturn::state::Step::Set,
+        keyturn::rotation::Step::Set,
         "create finished and was persisted before exit"
     );
     drop(state);

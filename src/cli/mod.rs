@@ -305,7 +305,7 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                 last_rotated: row.and_then(|r| r.last_rotated_at),
                 next_due: row.and_then(|r| r.next_due),
                 state: match unfinished {
-                    Some(r) if r.step == crate::state::Step::Retire => "retiring".into(),
+                    Some(r) if r.step == crate::rotation::Step::Retire => "retiring".into(),
                     Some(_) => "interrupted".into(),
                     None if row.is_some_and(|r| r.consecutive_failures > 0) => "failed".into(),
                     None => "stopped".into(),

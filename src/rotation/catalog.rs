@@ -45,7 +45,9 @@ pub struct CredEntry {
     pub cfg: CredentialConfig,
     /// In the order of `cfg.vaults`: the first is the primary.
     pub vaults: OneOrMore<Arc<VaultHandle>>,
-    pub target: Arc<dyn Target>,
+    /// `None` for a pure shared secret (`target = { type = "none" }`, the
+    /// default): nothing to apply, so `set` and `test` are skipped.
+    pub target: Option<Arc<dyn Target>>,
     pub sinks: OneOrMore<Arc<dyn Sink>>,
     /// Deterministic jitter offset.
     pub offset: Duration,

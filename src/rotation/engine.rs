@@ -15,7 +15,8 @@ use tokio_util::task::TaskTracker;
 use super::catalog::{Catalog, CredEntry, VaultHandle};
 use super::failpoint::crash_point;
 use super::footprint::Footprint;
-use super::table::{CredLive, Job, Keep, LiveRow, Parked, Running, Table};
+use super::step::{Step, Trigger};
+use super::table::{CredLive, Job, Keep, LiveRow, Parked, RotateFinished, Running, Table};
 use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
 use crate::config::RetryConfig;
 use crate::generators;
@@ -25,8 +26,7 @@ use crate::model::{
 use crate::schedule::catch_up_times;
 use crate::sinks::Notice;
 use crate::state::{
-    CredentialRow, RotationRow, StateError, StateStore, StateWriter, Step, Trigger, VersionRow,
-    Write,
+    CredentialRow, RotationRow, StateError, StateStore, StateWriter, VersionRow, Write,
 };
 use crate::targets::Target;
 use crate::telemetry::{CredentialState, Metrics};
@@ -46,16 +46,6 @@ pub enum EngineError {
     State(#[from] StateError),
     #[error("cannot start the state writer thread: {0}")]
     Thread(#[from] std::io::Error),
-}
-
-/// What a waiter on a rotation (`keyturn rotate --wait`) is told.
-#[derive(Debug, Clone)]
-pub struct RotateFinished {
-    pub key: CredentialKey,
-    pub rotation: Option<RotationId>,
-    pub version: Option<VersionNo>,
-    /// `None` on success; otherwise what went wrong (never a secret).
-    pub error: Option<String>,
 }
 
 /// One credential's line in `status`.
@@ -1200,12 +1190,13 @@ impl Inner {
                 })])
             }
             Step::Set | Step::Test => {
-                let target = &entry.target;
-                let value = if target.uses_value() {
-                    self.read_staged(entry, rot).await?
-                } else {
-                    SecretValue::new(Vec::new())
+                // Without a target these steps are skipped (`next_step`);
+                // one reached anyway (a rotation resumed after the target
+                // was removed from the config) has nothing to do.
+                let Some(target) = &entry.target else {
+                    return Ok(vec![]);
                 };
+                let value = self.read_staged(entry, rot).await?;
                 let r = if rot.step == Step::Set {
                     target.set(key, rot.version, &value).await
                 } else {
@@ -1269,7 +1260,7 @@ impl Inner {
                     expires_hint: row.next_due.map(|d| d + chrono_dur(entry.cfg.grace)),
                     kind,
                     public,
-                    login: entry.target.login_for(rot.version),
+                    login: entry.target.as_ref().and_then(|t| t.login_for(rot.version)),
                 };
                 for sink in &entry.sinks {
                     let result = sink.deliver(&notice, &value).await;
@@ -1403,12 +1394,11 @@ impl Inner {
                     // The grace period is over: the target stops accepting
                     // the previous value too (alternating users: its role's
                     // password is cleared).
-                    if let Some(previous) = rot.previous_version {
-                        entry
-                            .target
+                    if let (Some(previous), Some(target)) = (rot.previous_version, &entry.target) {
+                        target
                             .retire(entry.key(), previous)
                             .await
-                            .map_err(|e| target_error(entry.target.as_ref(), e))?;
+                            .map_err(|e| target_error(target.as_ref(), e))?;
                     }
                     if let Some(version) = rot.previous_version {
                         writes.push(Write::VersionStage {
@@ -1573,11 +1563,11 @@ async fn vault_permits(entry: &CredEntry) -> Vec<tokio::sync::OwnedSemaphorePerm
 }
 
 /// The step after `step` for this credential: `set` and `test` are skipped
-/// when the target has none (each step costs an audit record and a state
-/// commit, both fsynced).
+/// without a target (each step costs an audit record and a state commit,
+/// both fsynced).
 fn next_step(step: Step, entry: &CredEntry) -> Step {
     let mut next = step.next();
-    while matches!(next, Step::Set | Step::Test) && !entry.target.has_steps() {
+    while matches!(next, Step::Set | Step::Test) && entry.target.is_none() {
         next = next.next();
     }
     next

@@ -24,11 +24,14 @@ mod catalog;
 mod engine;
 mod failpoint;
 mod footprint;
+mod step;
 mod table;
 
 pub use catalog::{BuildError, Catalog, CredEntry, CredMap, VaultHandle};
-pub use engine::{CredStatus, Engine, EngineError, RotateFinished};
+pub use engine::{CredStatus, Engine, EngineError};
 pub use failpoint::{FAILPOINTS, crash_point};
+pub use step::{Step, Trigger};
+pub use table::RotateFinished;
 
 #[cfg(test)]
 mod tests;

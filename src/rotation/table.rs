@@ -15,11 +15,21 @@ use std::hash::BuildHasher;
 use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 
-use super::engine::RotateFinished;
+use super::step::{Step, Trigger};
 use crate::model::{CredentialKey, RotationId, VersionNo};
 use crate::schedule::TimerHeap;
-use crate::state::{CredentialRow, Step, Trigger};
+use crate::state::CredentialRow;
 use crate::telemetry::CredentialState;
+
+/// What a waiter on a rotation (`keyturn rotate --wait`) is told.
+#[derive(Debug, Clone)]
+pub struct RotateFinished {
+    pub key: CredentialKey,
+    pub rotation: Option<RotationId>,
+    pub version: Option<VersionNo>,
+    /// `None` on success; otherwise what went wrong (never a secret).
+    pub error: Option<String>,
+}
 
 /// The kinds of timer a credential can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -10,12 +10,13 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::Step;
 use super::{Catalog, CredEntry, Engine, VaultHandle};
 use crate::audit::{AuditLog, verify_file};
 use crate::model::{
     AgentId, CredentialId, CredentialKey, ErrorKind, PluginError, RotationId, SecretValue,
 };
-use crate::state::{SqliteStore, StateStore, Step};
+use crate::state::{SqliteStore, StateStore};
 use crate::telemetry::Metrics;
 use crate::vaults::local::{LocalKey, LocalVault};
 use crate::vaults::{Select, StoredVersion, Vault, VaultItem, VersionRef};

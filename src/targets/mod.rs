@@ -2,7 +2,8 @@
 //! (`set`) and tried (`test`) before it is promoted, and where the previous
 //! value is retired once its grace period ends.
 //!
-//! - [`none`]: pure shared secrets, nothing to apply.
+//! - `none` (the default) is no target at all: a pure shared secret, nothing
+//!   to apply, so the engine skips `set` and `test`.
 //! - [`postgres`]: `ALTER ROLE ... PASSWORD` over an admin connection, with the
 //!   `single_user` and `alternating_users` strategies.
 //! - [`command`]: a hook program for any other system (secret on stdin).
@@ -15,25 +16,12 @@ use crate::config::TargetConfig;
 use crate::model::{CredentialKey, PluginError, SecretValue, VersionNo};
 
 pub mod command;
-pub mod none;
 pub mod postgres;
 
 #[async_trait]
 pub trait Target: Send + Sync {
-    /// Short description for logs and status (`none`, `postgres:invoice_bot`).
+    /// Short description for logs and status (`postgres:invoice_bot`).
     fn describe(&self) -> String;
-
-    /// Whether `set` and `test` do anything. When they do not (`none`), the
-    /// engine skips those steps: no record, no state commit, no fsync.
-    fn has_steps(&self) -> bool {
-        true
-    }
-
-    /// Whether `set`/`test` need the pending value. The engine skips reading
-    /// it back from the vault when they do not.
-    fn uses_value(&self) -> bool {
-        true
-    }
 
     /// Applies the pending value at the target. Idempotent per version.
     async fn set(
@@ -72,16 +60,13 @@ pub trait Target: Send + Sync {
     async fn check(&self) -> Result<(), PluginError>;
 }
 
-/// Builds the target a credential's config names. No I/O: connections are
-/// made when a step runs, so a target that is down does not stop start-up.
-pub fn build(cfg: &TargetConfig) -> Result<Arc<dyn Target>, PluginError> {
-    match cfg {
-        TargetConfig::None => {
-            // Most credentials have no target: they share one instance.
-            static NONE: std::sync::OnceLock<Arc<dyn Target>> = std::sync::OnceLock::new();
-            Ok(NONE.get_or_init(|| Arc::new(none::NoTarget)).clone())
-        }
-        TargetConfig::Postgres(c) => Ok(Arc::new(postgres::PostgresTarget::new((**c).clone())?)),
-        TargetConfig::Command(c) => Ok(Arc::new(command::CommandTarget::new((**c).clone()))),
-    }
+/// Builds the target a credential's config names; `None` for `none` (a
+/// pure shared secret: nothing to apply). No I/O: connections are made when
+/// a step runs, so a target that is down does not stop start-up.
+pub fn build(cfg: &TargetConfig) -> Result<Option<Arc<dyn Target>>, PluginError> {
+    Ok(match cfg {
+        TargetConfig::None => None,
+        TargetConfig::Postgres(c) => Some(Arc::new(postgres::PostgresTarget::new((**c).clone())?)),
+        TargetConfig::Command(c) => Some(Arc::new(command::CommandTarget::new((**c).clone()))),
+    })
 }
