@@ -876,7 +876,7 @@ impl Inner {
         let _vault_permits = vault_permits(&entry).await;
         let k = key.clone();
         let result = match self.load(move |s| s.latest_rotation(&k)).await {
-            Ok(Some(mut rot)) if rot.step == Step::Retire => self.retire(&entry, &mut rot).await,
+            Ok(Some(mut rot)) if rot.step == Step::Retire => self.run_step(&entry, &mut rot).await,
             Ok(_) => Ok(()),
             Err(e) => Err(Stop::Failed(e.to_string(), None)),
         };
@@ -890,16 +890,15 @@ impl Inner {
                     l.retire_at = None;
                     if let Some(row) = l.row.as_mut() {
                         row.last_error = None;
+                        row.consecutive_failures = 0;
                     }
                     if !self.catalog().creds.contains_key(&key) {
                         self.departed_entries().remove(&key);
                     }
                 }
                 Err(Stop::Failed(msg, retry_after)) => {
-                    // Shown by `status` until the retry succeeds.
-                    if let Some(row) = l.row.as_mut() {
-                        row.last_error = Some(msg.as_str().into());
-                    }
+                    // The row shows the error (the step's failure path set
+                    // it) until a retry succeeds.
                     let delay = not_before(entry_retry(&self.catalog()).max_delay, retry_after);
                     tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, "retiring the previous version failed; will retry");
                     retry_at = Some(now() + chrono_dur(delay));
@@ -935,7 +934,7 @@ impl Inner {
                 if let Some(prev) = latest.as_mut().filter(|r| r.step == Step::Retire) {
                     // A new version is coming: the one before the current
                     // must go now rather than at the end of its grace.
-                    self.retire(entry, prev).await?;
+                    self.run_step(entry, prev).await?;
                     if let Some(l) = self.live().get_mut(&key) {
                         l.retire_at = None;
                     }
@@ -1285,8 +1284,65 @@ impl Inner {
                 }
                 Ok(vec![Write::Credential(row)])
             }
-            Step::Retire | Step::Done => Ok(vec![]),
+            Step::Retire => self.retire_previous(entry, rot).await,
+            Step::Done => Ok(vec![]),
         }
+    }
+
+    /// The retire step: the grace period of the previous version is over
+    /// (or a newer rotation is starting), so it goes from every vault that
+    /// holds it and stops working at the target.
+    async fn retire_previous(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+    ) -> Result<Vec<Write>, StepError> {
+        let mut writes = vec![Write::PruneHistory(entry.key().clone())];
+        let Some(prev) = &rot.previous_vault_version else {
+            return Ok(writes);
+        };
+        let item = VaultItem {
+            key: entry.key(),
+            path: &entry.cfg.vault_path(),
+        };
+        let refs = VaultRefs::decode(prev, entry.primary().vault.name());
+        for h in entry.vaults.iter() {
+            // A vault added to the credential since the previous version
+            // was made does not hold it.
+            let Some(vref) = refs.get(h.vault.name()) else {
+                continue;
+            };
+            h.vault
+                .retire(item, vref)
+                .await
+                .map_err(|e| vault_error(h.vault.name(), e))?;
+        }
+        if let Some(previous) = rot.previous_version {
+            // The target stops accepting the previous value too (alternating
+            // users: its role's password is cleared).
+            if let Some(target) = &entry.target {
+                target
+                    .retire(entry.key(), previous)
+                    .await
+                    .map_err(|e| target_error(target.as_ref(), e))?;
+            }
+            writes.push(Write::VersionStage {
+                key: entry.key().clone(),
+                version: previous,
+                stage: Stage::Retired,
+            });
+        }
+        // Failed attempts of this step were shown on the credential's row;
+        // that is over now.
+        let row = self.cred_row(entry.key());
+        if row.last_error.is_some() || row.consecutive_failures > 0 {
+            writes.push(Write::Credential(CredentialRow {
+                last_error: None,
+                consecutive_failures: 0,
+                ..row
+            }));
+        }
+        Ok(writes)
     }
 
     /// The value this rotation staged, read from the primary vault.
@@ -1365,112 +1421,6 @@ impl Inner {
             .map_err(|e| StepError::new("audit", e))?;
         }
         Ok(())
-    }
-
-    /// Retires the previous version of a delivered rotation and marks it done.
-    async fn retire(&self, entry: &CredEntry, rot: &mut RotationRow) -> Result<(), Stop> {
-        let mut delays = step_backoff(entry_retry(&self.catalog()));
-        loop {
-            crash_point("rotation.before_retire");
-            let attempt: Result<Vec<Write>, StepError> = async {
-                let mut writes = Vec::new();
-                if let Some(prev) = &rot.previous_vault_version {
-                    let item = VaultItem {
-                        key: entry.key(),
-                        path: &entry.cfg.vault_path(),
-                    };
-                    let refs = VaultRefs::decode(prev, entry.primary().vault.name());
-                    for h in entry.vaults.iter() {
-                        // A vault added to the credential since the previous
-                        // version was made does not hold it.
-                        let Some(vref) = refs.get(h.vault.name()) else {
-                            continue;
-                        };
-                        h.vault
-                            .retire(item, vref)
-                            .await
-                            .map_err(|e| vault_error(h.vault.name(), e))?;
-                    }
-                    // The grace period is over: the target stops accepting
-                    // the previous value too (alternating users: its role's
-                    // password is cleared).
-                    if let (Some(previous), Some(target)) = (rot.previous_version, &entry.target) {
-                        target
-                            .retire(entry.key(), previous)
-                            .await
-                            .map_err(|e| target_error(target.as_ref(), e))?;
-                    }
-                    if let Some(version) = rot.previous_version {
-                        writes.push(Write::VersionStage {
-                            key: entry.key().clone(),
-                            version,
-                            stage: Stage::Retired,
-                        });
-                    }
-                }
-                crash_point("rotation.after_retire");
-                let mut done = rot.clone();
-                done.step = Step::Done;
-                done.updated_at = now();
-                let head = self
-                    .audit(
-                        entry,
-                        Some(&done),
-                        "rotation.retire",
-                        Outcome::Ok,
-                        None,
-                        None,
-                    )
-                    .await
-                    .map_err(|e| StepError::new("audit", e))?;
-                writes.push(Write::Rotation(done));
-                writes.push(Write::PruneHistory(entry.key().clone()));
-                writes.push(head);
-                self.persist(writes)
-                    .await
-                    .map_err(|e| StepError::new("state", e))?;
-                Ok(vec![])
-            }
-            .await;
-            match attempt {
-                Ok(_) => {
-                    rot.step = Step::Done;
-                    return Ok(());
-                }
-                Err(e) => {
-                    let msg = e.message();
-                    self.metrics.step_failed(Step::Retire.as_str());
-                    if let Err(audit) = self
-                        .audit(
-                            entry,
-                            Some(rot),
-                            "rotation.retire",
-                            Outcome::Failed,
-                            None,
-                            Some(msg.clone()),
-                        )
-                        .await
-                    {
-                        tracing::error!(agent = %entry.key().agent, credential = %entry.key().credential, error = %audit, "could not record a step failure");
-                    }
-                    let delay = if e.error.kind.is_retryable() {
-                        delays.next().map(|d| honour_retry_after(d, &e.error))
-                    } else {
-                        None
-                    };
-                    let Some(delay) = delay else {
-                        return Err(Stop::Failed(
-                            format!("{}: step retire: {msg}", entry.key()),
-                            e.error.retry_after,
-                        ));
-                    };
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.cancel.cancelled() => return Err(Stop::Drained),
-                    }
-                }
-            }
-        }
     }
 }
 
