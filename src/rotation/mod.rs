@@ -19,12 +19,30 @@
 //! The engine owns retries (capped exponential backoff with jitter), the
 //! global and per-vault concurrency limits, metrics and audit; plug-ins do one
 //! call per operation.
+//!
+//! # Layout
+//! - `engine.rs`: the [`Engine`] handle (start, reload, trigger, status) and
+//!   the state its parts share;
+//! - `scheduler.rs`: the loop that pops due timers; arming every timer at
+//!   start-up and reload, catch-up included;
+//! - `jobs.rs`: a job's lifecycle: spawned, run, how it ended recorded, the
+//!   next timers armed;
+//! - `steps.rs`: the steps of one rotation and their one failure path;
+//! - `step.rs`: the state machine ([`Step`], [`Trigger`]);
+//! - `table.rs`: the live view of every credential and its timers;
+//! - `catalog.rs`: the config turned into live plug-ins;
+//! - `footprint.rs`: where a rotation's versions are held, to retire them
+//!   after the credential left the config;
+//! - `failpoint.rs`: crash points for the kill -9 tests.
 
 mod catalog;
 mod engine;
 mod failpoint;
 mod footprint;
+mod jobs;
+mod scheduler;
 mod step;
+mod steps;
 mod table;
 
 pub use catalog::{BuildError, Catalog, CredEntry, CredMap, VaultHandle};

@@ -1,0 +1,324 @@
+//! Job lifecycle: a manual trigger or a due timer becomes a tracked task
+//! that runs a rotation (or a retirement), then records how it ended and
+//! arms the credential's next timers.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::catalog::{CredEntry, VaultHandle};
+use super::engine::{Inner, Stop, chrono_dur, now};
+use super::step::{Step, Trigger};
+use super::steps::{entry_retry, not_before};
+use super::table::{Job, Parked, RotateFinished, Running};
+use crate::config::RetryConfig;
+use crate::model::CredentialKey;
+
+/// A burst of at least this many jobs ends with the heap trimmed...
+const TRIM_AFTER_JOBS: usize = 64;
+/// ...and fewer jobs at most this often.
+const TRIM_AT_MOST_EVERY: Duration = Duration::from_secs(60);
+
+/// Longest wait before a parked (failed) rotation is tried again.
+const MAX_PARK_DELAY: Duration = Duration::from_secs(3600);
+
+impl Inner {
+    pub(super) fn trigger(
+        self: Arc<Self>,
+        key: &CredentialKey,
+    ) -> Option<oneshot::Receiver<RotateFinished>> {
+        let catalog = self.catalog();
+        catalog.creds.get(key)?;
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut live = self.live();
+            let l = live.entry(key);
+            l.waiters.get_or_insert_default().push(tx);
+            if let Some(running) = &l.running {
+                // Join the running rotation; a running retire starts one
+                // when it ends.
+                if running.job == Job::Retire {
+                    l.rotate_after_retire = true;
+                }
+                false
+            } else {
+                if l.next_trigger != Some(Trigger::Initial) {
+                    l.next_trigger = Some(Trigger::Manual);
+                }
+                true
+            }
+        };
+        if start {
+            self.live().cancel(key, Job::Rotate);
+            // A task per trigger, waiting for a slot of the global limit.
+            // (Queueing them as timers instead kept `rotate all` at 100k
+            // credentials from parking 100k tasks — ~300 MB for the length
+            // of the burst — but halved its rate in the 100k benchmark, for
+            // reasons not yet understood; see BENCHMARKS.md.)
+            self.spawn_job(key.clone(), Job::Rotate, None);
+        }
+        Some(rx)
+    }
+
+    /// Counts a finished job. When the engine has been idle for a second
+    /// after a burst of at least [`TRIM_AFTER_JOBS`] jobs (or after any jobs,
+    /// once a minute at most), the heap the burst used goes back to the OS:
+    /// at 100k rotations that is tens of MB that would otherwise stay
+    /// resident. The delay keeps a steady trickle of rotations from trimming
+    /// after each one.
+    pub(super) fn after_job(self: &Arc<Self>) {
+        self.finished_since_trim.fetch_add(1, Ordering::SeqCst);
+        let idle = self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1;
+        if !idle || self.trim_pending.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            inner.trim_pending.store(false, Ordering::SeqCst);
+            if inner.in_flight.load(Ordering::SeqCst) != 0 {
+                return; // a new burst; its end arms this again
+            }
+            let done = inner.finished_since_trim.load(Ordering::SeqCst);
+            let mut last = inner.last_trim.lock().unwrap_or_else(|p| p.into_inner());
+            if done >= TRIM_AFTER_JOBS || (done > 0 && last.elapsed() >= TRIM_AT_MOST_EVERY) {
+                inner.finished_since_trim.store(0, Ordering::SeqCst);
+                *last = Instant::now();
+                drop(last);
+                tokio::task::spawn_blocking(crate::memory::release_freed_memory);
+            }
+        });
+    }
+
+    /// Marks the credential busy and runs the job in a tracked task.
+    pub(super) fn spawn_job(
+        self: Arc<Self>,
+        key: CredentialKey,
+        job: Job,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let catalog = self.catalog();
+        let entry = match catalog.creds.get(&key) {
+            Some(e) => e.clone(),
+            // Not configured: only a pending retirement may still run.
+            None if job == Job::Retire => match self.departed_entries().get(&key) {
+                Some(e) => e.clone(),
+                None => return,
+            },
+            None => return,
+        };
+        {
+            let mut live = self.live();
+            let l = live.entry(&key);
+            if let Some(running) = &l.running {
+                // A rotation that is already running reschedules itself when
+                // it ends and retires the previous version first; a retire
+                // in progress hands over to the rotation when it ends.
+                if job == Job::Rotate && running.job == Job::Retire {
+                    l.rotate_after_retire = true;
+                }
+                return;
+            }
+            l.running = Some(Box::new(Running {
+                job,
+                rotation: None,
+                step: if job == Job::Retire {
+                    Step::Retire
+                } else {
+                    Step::Create
+                },
+                attempts: 0,
+                last_error: None,
+            }));
+        }
+        let tracker = self.tracker.clone();
+        tracker.spawn(async move {
+            let permit = match permit {
+                Some(p) => p,
+                None => match self.global.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            match job {
+                Job::Rotate => self.clone().run_rotation(entry).await,
+                Job::Retire => self.clone().run_retire(entry).await,
+            }
+            drop(permit);
+            self.wake.notify_one();
+            self.after_job();
+        });
+    }
+
+    pub(super) async fn run_rotation(self: Arc<Self>, entry: Arc<CredEntry>) {
+        let key = entry.key().clone();
+        let started = Instant::now();
+        let _vault_permits = vault_permits(&entry).await;
+        let result = self.rotate(&entry).await;
+        let now = now();
+        let reschedule = {
+            let mut live = self.live();
+            let l = live.entry(&key);
+            let last_run = l.running.take();
+            let waiters = l.waiters.take().map(|w| *w).unwrap_or_default();
+            let (finished, reschedule) = match result {
+                Ok(rot) => {
+                    l.parked = None;
+                    l.retire_at = rot.retire_at;
+                    let row = l.row.clone();
+                    let next = row.as_ref().and_then(|r| r.next_due);
+                    l.next_trigger = Some(Trigger::Schedule);
+                    self.metrics.rotation_finished(true, started.elapsed());
+                    tracing::info!(agent = %key.agent, credential = %key.credential, version = rot.version, rotation = %rot.id, "rotated");
+                    (
+                        RotateFinished {
+                            key: key.clone(),
+                            rotation: Some(rot.id),
+                            version: Some(rot.version),
+                            error: None,
+                        },
+                        vec![(Job::Rotate, next), (Job::Retire, rot.retire_at)],
+                    )
+                }
+                Err(Stop::Failed(msg, retry_after)) => {
+                    l.parked = Some(Box::new(Parked {
+                        rotation: last_run.as_ref().and_then(|r| r.rotation.clone()),
+                        step: last_run.as_ref().map(|r| r.step),
+                    }));
+                    let failures = l.row.as_ref().map_or(1, |r| r.consecutive_failures.max(1));
+                    let delay = not_before(
+                        park_delay(&entry_retry(&self.catalog()), failures),
+                        retry_after,
+                    );
+                    self.metrics.rotation_finished(false, started.elapsed());
+                    tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, retry_in = %humantime::format_duration(delay), "rotation failed; parked");
+                    (
+                        RotateFinished {
+                            key: key.clone(),
+                            rotation: None,
+                            version: None,
+                            error: Some(msg),
+                        },
+                        vec![(Job::Rotate, Some(now + chrono_dur(delay)))],
+                    )
+                }
+                Err(Stop::Drained) => (
+                    RotateFinished {
+                        key: key.clone(),
+                        rotation: None,
+                        version: None,
+                        error: Some(
+                            "the daemon is stopping; the rotation resumes at its next start".into(),
+                        ),
+                    },
+                    vec![],
+                ),
+            };
+            for w in waiters {
+                let _ = w.send(finished.clone());
+            }
+            reschedule
+        };
+        let configured = self.catalog().creds.contains_key(&key);
+        if !configured && self.live().get(&key).is_some_and(|l| l.retire_at.is_some()) {
+            // Removed by a reload while it ran: the retirement it set up
+            // still happens, with this entry.
+            self.departed_entries().insert(key.clone(), entry.clone());
+        }
+        let mut live = self.live();
+        for (job, at) in reschedule {
+            if let Some(at) = at
+                && (configured || job == Job::Retire)
+            {
+                live.schedule(&key, job, at);
+            }
+        }
+    }
+
+    pub(super) async fn run_retire(self: Arc<Self>, entry: Arc<CredEntry>) {
+        let key = entry.key().clone();
+        let _vault_permits = vault_permits(&entry).await;
+        let k = key.clone();
+        let result = match self.load(move |s| s.latest_rotation(&k)).await {
+            Ok(Some(mut rot)) if rot.step == Step::Retire => self.run_step(&entry, &mut rot).await,
+            Ok(_) => Ok(()),
+            Err(e) => Err(Stop::Failed(e.to_string(), None)),
+        };
+        let rotate_next = {
+            let mut live = self.live();
+            let l = live.entry(&key);
+            l.running = None;
+            let mut retry_at = None;
+            match result {
+                Ok(()) => {
+                    l.retire_at = None;
+                    if let Some(row) = l.row.as_mut() {
+                        row.last_error = None;
+                        row.consecutive_failures = 0;
+                    }
+                    if !self.catalog().creds.contains_key(&key) {
+                        self.departed_entries().remove(&key);
+                    }
+                }
+                Err(Stop::Failed(msg, retry_after)) => {
+                    // The row shows the error (the step's failure path set
+                    // it) until a retry succeeds.
+                    let delay = not_before(entry_retry(&self.catalog()).max_delay, retry_after);
+                    tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, "retiring the previous version failed; will retry");
+                    retry_at = Some(now() + chrono_dur(delay));
+                }
+                Err(Stop::Drained) => {}
+            }
+            let rotate_next =
+                std::mem::take(&mut l.rotate_after_retire) && !self.cancel.is_cancelled();
+            if let Some(at) = retry_at {
+                live.schedule(&key, Job::Retire, at);
+            }
+            rotate_next
+        };
+        if rotate_next {
+            self.spawn_job(key, Job::Rotate, None);
+        }
+    }
+}
+
+/// One permit of each of the credential's vaults, taken in name order so that
+/// two credentials sharing vaults cannot each hold one and wait for the other.
+pub(super) async fn vault_permits(entry: &CredEntry) -> Vec<tokio::sync::OwnedSemaphorePermit> {
+    let mut handles: Vec<&Arc<VaultHandle>> = entry.vaults.iter().collect();
+    handles.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+    let mut permits = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(p) = h.limit.clone().acquire_owned().await {
+            permits.push(p);
+        }
+    }
+    permits
+}
+
+/// How long a parked rotation waits: the retry ceiling doubled per
+/// consecutive failure, capped at an hour.
+pub(super) fn park_delay(retry: &RetryConfig, failures: u32) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(10);
+    (retry.max_delay * factor).min(MAX_PARK_DELAY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn park_delay_doubles_and_caps() {
+        let r = RetryConfig {
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+            max_attempts: 3,
+        };
+        assert_eq!(park_delay(&r, 1), Duration::from_secs(60));
+        assert_eq!(park_delay(&r, 2), Duration::from_secs(120));
+        assert_eq!(park_delay(&r, 30), MAX_PARK_DELAY);
+    }
+}

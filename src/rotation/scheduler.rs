@@ -1,0 +1,213 @@
+//! The scheduler: one loop pops due timers and starts their jobs; arming
+//! every credential's timers at start-up and reload, catch-up included.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use super::catalog::{Catalog, CredEntry};
+use super::engine::{Engine, Inner, now};
+use super::footprint::Footprint;
+use super::step::{Step, Trigger};
+use super::table::{Job, Keep, Table};
+use crate::model::CredentialKey;
+use crate::schedule::catch_up_times;
+use crate::state::RotationRow;
+
+impl Engine {
+    /// Runs the scheduler until the engine is cancelled. `watchdog` is called
+    /// at least every `watchdog_every` from this loop, so a stuck scheduler
+    /// stops the pings and systemd restarts the daemon.
+    pub async fn run_scheduler(
+        &self,
+        watchdog_every: Option<Duration>,
+        mut watchdog: impl FnMut(),
+    ) {
+        let inner = &self.inner;
+        let mut last_ping = Instant::now();
+        if watchdog_every.is_some() {
+            watchdog();
+        }
+        loop {
+            let now = Utc::now();
+            let free = inner.global.available_permits();
+            let mut due = inner.live().pop_due_limit(now, free).into_iter();
+            while let Some((key, job)) = due.next() {
+                match inner.global.clone().try_acquire_owned() {
+                    Ok(permit) => inner.clone().spawn_job(key, job, Some(permit)),
+                    Err(_) => {
+                        // A triggered task took a slot since `free` was read: this
+                        // job and every other one popped go back in the
+                        // queue (dropping them would lose their timers and
+                        // leave their `rotate --wait` callers waiting).
+                        let mut live = inner.live();
+                        live.schedule(&key, job, now);
+                        for (key, job) in due.by_ref() {
+                            live.schedule(&key, job, now);
+                        }
+                    }
+                }
+            }
+            let next = inner.live().next_deadline();
+            let mut sleep = match next {
+                Some(t) => (t - Utc::now()).to_std().unwrap_or(Duration::ZERO),
+                None => Duration::from_secs(60),
+            };
+            // Wall clocks jump; never sleep long on one reading of it.
+            sleep = sleep.min(Duration::from_secs(60));
+            if let Some(every) = watchdog_every {
+                sleep = sleep.min(every.saturating_sub(last_ping.elapsed()));
+            }
+            if inner.global.available_permits() == 0 && next.is_some_and(|t| t <= Utc::now()) {
+                // Saturated: wait for a rotation to finish (it wakes us).
+                sleep = sleep.max(Duration::from_millis(1));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = inner.wake.notified() => {}
+                _ = inner.cancel.cancelled() => break,
+            }
+            if let Some(every) = watchdog_every
+                && last_ping.elapsed() >= every
+            {
+                watchdog();
+                last_ping = Instant::now();
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Arms the timers of every credential in the catalog.
+    pub(super) fn schedule_all(&self, resume: &HashSet<CredentialKey>, at_start: bool) {
+        let catalog = self.catalog();
+        let now = now();
+        let mut live = self.live();
+        live.reserve_total(catalog.creds.len());
+        let mut overdue: Vec<(DateTime<Utc>, CredentialKey)> = Vec::new();
+        // In key order (the catalog's).
+        for entry in catalog.creds.values() {
+            let key = entry.key();
+            let l = live.entry(key);
+            let retire_at = l.retire_at;
+            // The rotate timer: `Some(Some(at))` sets it, `Some(None)`
+            // cancels it, `None` leaves it as it is.
+            let rotate = if l.running.is_some() {
+                None
+            } else {
+                let last = l.row.as_ref().and_then(|r| r.last_rotated_at);
+                let has_version = l.row.as_ref().and_then(|r| r.current_version).is_some();
+                if resume.contains(key) {
+                    Some(Some(now))
+                } else if !has_version || last.is_none() {
+                    l.next_trigger = Some(Trigger::Initial);
+                    Some(Some(now))
+                } else if l.parked.is_some() && !at_start {
+                    // Keep the retry time it already has.
+                    None
+                } else {
+                    let last = last.expect("checked above");
+                    match entry.cfg.schedule.next_due(last, entry.offset) {
+                        Some(due) if due <= now && at_start => {
+                            overdue.push((due, key.clone()));
+                            None
+                        }
+                        Some(due) => {
+                            l.next_trigger = Some(Trigger::Schedule);
+                            Some(Some(due.max(now)))
+                        }
+                        None => Some(None),
+                    }
+                }
+            };
+            if let Some(at) = retire_at {
+                live.schedule(key, Job::Retire, at);
+            }
+            match rotate {
+                Some(Some(at)) => live.schedule(key, Job::Rotate, at),
+                Some(None) => live.cancel(key, Job::Rotate),
+                None => {}
+            }
+        }
+        // Most overdue first, spread over the catch-up window.
+        overdue.sort();
+        let times = catch_up_times(now, overdue.len(), catalog.config.daemon.catch_up_spread);
+        for ((_, key), at) in overdue.into_iter().zip(times) {
+            if let Some(l) = live.get_mut(&key) {
+                l.next_trigger = Some(Trigger::CatchUp);
+            }
+            live.schedule(&key, Job::Rotate, at);
+        }
+    }
+
+    /// Takes an unfinished rotation of a configured credential from state:
+    /// one waiting for its retire step gets its retire time, any other one
+    /// resumes now.
+    pub(super) fn adopt_unfinished(
+        &self,
+        live: &mut Table,
+        rot: RotationRow,
+        resume: &mut HashSet<CredentialKey>,
+    ) {
+        let l = live.entry(&rot.key);
+        if rot.step == Step::Retire {
+            l.retire_at = Some(rot.retire_at.unwrap_or_else(now));
+        } else {
+            l.next_trigger = Some(rot.trigger);
+            resume.insert(rot.key);
+        }
+    }
+
+    /// Arms the pending retirement of a credential that is not configured,
+    /// with an entry rebuilt from its rotation's footprint.
+    pub(super) fn adopt_departed(&self, live: &mut Table, catalog: &Catalog, rot: &RotationRow) {
+        let key = &rot.key;
+        let entry = rot
+            .footprint
+            .as_deref()
+            .ok_or_else(|| "its rotation predates footprints".to_owned())
+            .and_then(Footprint::parse)
+            .and_then(|fp| CredEntry::departed(key, &fp, catalog));
+        match entry {
+            Ok(entry) => {
+                let at = rot.retire_at.unwrap_or_else(now);
+                tracing::info!(agent = %key.agent, credential = %key.credential, version = ?rot.previous_version, retire_at = %at, "not in the config any more: its previous version is still retired when its grace period ends");
+                self.departed_entries().insert(key.clone(), Arc::new(entry));
+                live.entry(key).retire_at = Some(at);
+                live.schedule(key, Job::Retire, at);
+            }
+            Err(why) => {
+                tracing::error!(agent = %key.agent, credential = %key.credential, version = ?rot.previous_version, rotation = %rot.id, "not in the config any more and its previous version cannot be retired ({why}); add the credential back to retire it, or retire version {:?} by hand", rot.previous_version);
+            }
+        }
+    }
+
+    /// After a reload: credentials that left the config keep only a pending
+    /// retirement (retired with the entry they had), the rest of their live
+    /// state goes; those that came back are retired with their new entry.
+    pub(super) fn forget_departed(&self, live: &mut Table, old: &Catalog, new: &Catalog) {
+        let mut departed = self.departed_entries();
+        departed.retain(|k, _| !new.creds.contains_key(k));
+        live.retain(|k, l| {
+            if new.creds.contains_key(k) || l.running.is_some() {
+                // A rotation running for a removed credential finishes with
+                // its entry, and hands its retirement over (run_rotation).
+                return Keep::All;
+            }
+            if l.retire_at.is_none() {
+                return Keep::Nothing;
+            }
+            if let Some(entry) = old.creds.get(k) {
+                tracing::info!(agent = %k.agent, credential = %k.credential, retire_at = ?l.retire_at, "removed from the config: its previous version is still retired when its grace period ends");
+                departed.insert(k.clone(), entry.clone());
+            }
+            if departed.contains_key(k) {
+                Keep::Retire
+            } else {
+                Keep::Nothing
+            }
+        });
+    }
+}

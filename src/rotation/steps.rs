@@ -1,0 +1,720 @@
+//! The steps of one rotation, each persisted and audited, with one failure
+//! path (retries with back-off, then parking) for every step and plug-in.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use super::catalog::{Catalog, CredEntry, VaultHandle};
+use super::engine::{Inner, Stop, chrono_dur, now};
+use super::failpoint::crash_point;
+use super::footprint::Footprint;
+use super::step::{Step, Trigger};
+use super::table::Job;
+use crate::audit::Outcome;
+use crate::config::RetryConfig;
+use crate::generators;
+use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
+use crate::sinks::Notice;
+use crate::state::{CredentialRow, RotationRow, VersionRow, Write};
+use crate::targets::Target;
+use crate::vaults::{Select, Vault, VaultItem, VaultRefs, VersionRef};
+
+/// A step failure with the plug-in context it happened in.
+pub(super) struct StepError {
+    context: String,
+    error: PluginError,
+}
+
+impl StepError {
+    pub(super) fn new(context: impl Into<String>, error: PluginError) -> Self {
+        Self {
+            context: context.into(),
+            error,
+        }
+    }
+    pub(super) fn message(&self) -> String {
+        format!(
+            "{}: {} ({})",
+            self.context, self.error.message, self.error.kind
+        )
+    }
+}
+
+impl Inner {
+    /// Runs (or resumes) one rotation up to and including delivery.
+    pub(super) async fn rotate(&self, entry: &CredEntry) -> Result<RotationRow, Stop> {
+        let key = entry.key().clone();
+        let k = key.clone();
+        let latest = self
+            .load(move |s| s.latest_rotation(&k))
+            .await
+            .map_err(|e| Stop::Failed(format!("{key}: {e}"), None))?;
+        let mut rot = match latest {
+            Some(r) if r.step < Step::Retire => {
+                tracing::info!(agent = %key.agent, credential = %key.credential, rotation = %r.id, step = %r.step, "resuming rotation");
+                r
+            }
+            mut latest => {
+                if let Some(prev) = latest.as_mut().filter(|r| r.step == Step::Retire) {
+                    // A new version is coming: the one before the current
+                    // must go now rather than at the end of its grace.
+                    self.run_step(entry, prev).await?;
+                    if let Some(l) = self.live().get_mut(&key) {
+                        l.retire_at = None;
+                    }
+                    self.live().cancel(&key, Job::Retire);
+                }
+                self.begin(entry, latest.as_ref()).await?
+            }
+        };
+        self.set_running(&key, &rot);
+        while rot.step < Step::Retire {
+            if self.cancel.is_cancelled() {
+                return Err(Stop::Drained);
+            }
+            self.run_step(entry, &mut rot).await?;
+        }
+        Ok(rot)
+    }
+
+    /// Records the start of a new rotation.
+    /// `latest` is the credential's newest (finished) rotation, if any: it
+    /// created the current version, so it knows its number and vault id.
+    pub(super) async fn begin(
+        &self,
+        entry: &CredEntry,
+        latest: Option<&RotationRow>,
+    ) -> Result<RotationRow, Stop> {
+        let key = entry.key();
+        let cred = self.cred_row(key);
+        let trigger = self
+            .live()
+            .get(key)
+            .and_then(|l| l.next_trigger)
+            .unwrap_or(Trigger::Schedule);
+        let newest = latest.map_or(0, |r| r.version);
+        let previous_vault_version = match latest {
+            Some(r) if Some(r.version) == cred.current_version => r.vault_version.clone(),
+            // No rotation history for the current version (rows forgotten,
+            // state restored): look the version up.
+            _ => match cred.current_version {
+                None => None,
+                Some(cv) => {
+                    let k = key.clone();
+                    self.load(move |s| s.versions(&k))
+                        .await
+                        .map_err(|e| Stop::Failed(format!("{key}: {e}"), None))?
+                        .into_iter()
+                        .find(|v| v.version == cv)
+                        .map(|v| v.vault_version)
+                }
+            },
+        };
+        let t = now();
+        let rot = RotationRow {
+            id: RotationId::generate(),
+            key: key.clone(),
+            step: Step::Create,
+            trigger,
+            version: newest.max(cred.current_version.unwrap_or(0)) + 1,
+            vault_version: None,
+            previous_version: cred.current_version,
+            previous_vault_version,
+            started_at: t,
+            updated_at: t,
+            retire_at: None,
+            attempts: 0,
+            last_error: None,
+            footprint: Some(Footprint::of(entry).to_json()),
+        };
+        let head = self
+            .audit(
+                entry,
+                Some(&rot),
+                "rotation.start",
+                Outcome::Ok,
+                Some(format!("trigger={}", trigger.as_str())),
+                None,
+            )
+            .await
+            .map_err(|e| Stop::Failed(format!("{key}: audit: {}", e.message), None))?;
+        self.persist(vec![Write::Rotation(rot.clone()), head])
+            .await
+            .map_err(|e| Stop::Failed(format!("{key}: {}", e.message), None))?;
+        crash_point("rotation.after_start");
+        Ok(rot)
+    }
+
+    /// Runs `rot.step` with retries; on success the step's effects, the
+    /// audit record and the advanced rotation row are all durable.
+    pub(super) async fn run_step(
+        &self,
+        entry: &CredEntry,
+        rot: &mut RotationRow,
+    ) -> Result<(), Stop> {
+        let mut delays = step_backoff(entry_retry(&self.catalog()));
+        let step = rot.step;
+        loop {
+            crash_point(before(step));
+            let attempt = self.attempt_step(entry, rot).await;
+            let error = match attempt {
+                Ok(mut writes) => {
+                    crash_point(after(step));
+                    let mut next = rot.clone();
+                    next.step = next_step(step, entry);
+                    next.attempts = 0;
+                    next.last_error = None;
+                    next.updated_at = now();
+                    if step == Step::Deliver {
+                        next.retire_at = Some(next.updated_at + chrono_dur(entry.cfg.grace));
+                    }
+                    let persisted = async {
+                        let head = self
+                            .audit(
+                                entry,
+                                Some(&next),
+                                &format!("rotation.{step}"),
+                                Outcome::Ok,
+                                None,
+                                None,
+                            )
+                            .await?;
+                        writes.push(Write::Rotation(next.clone()));
+                        writes.push(head);
+                        self.persist(writes).await
+                    }
+                    .await;
+                    match persisted {
+                        Ok(()) => {
+                            *rot = next;
+                            self.apply_effects_in_memory(entry, rot);
+                            self.set_running(entry.key(), rot);
+                            return Ok(());
+                        }
+                        Err(e) => StepError::new("recording the step", e),
+                    }
+                }
+                Err(e) => e,
+            };
+            // One failure path for every step and plug-in.
+            let msg = error.message();
+            self.metrics.step_failed(step.as_str());
+            rot.attempts += 1;
+            rot.last_error = Some(format!("step {step}: {msg}"));
+            rot.updated_at = now();
+            tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, rotation = %rot.id, step = %step, attempt = rot.attempts, kind = %error.error.kind, error = %msg, "step failed");
+            let mut cred = self.cred_row(entry.key());
+            cred.last_error = rot.last_error.clone();
+            let retryable = error.error.kind.is_retryable();
+            let delay = if retryable {
+                delays.next().map(|d| honour_retry_after(d, &error.error))
+            } else {
+                None
+            };
+            if delay.is_none() {
+                cred.consecutive_failures += 1;
+            }
+            self.set_running(entry.key(), rot);
+            let recorded = async {
+                let head = self
+                    .audit(
+                        entry,
+                        Some(rot),
+                        &format!("rotation.{step}"),
+                        Outcome::Failed,
+                        None,
+                        Some(msg.clone()),
+                    )
+                    .await?;
+                self.persist(vec![
+                    Write::Rotation(rot.clone()),
+                    Write::Credential(cred.clone()),
+                    head,
+                ])
+                .await
+            }
+            .await;
+            if let Err(e) = recorded {
+                tracing::error!(agent = %entry.key().agent, credential = %entry.key().credential, error = %e, "could not record a step failure");
+            }
+            if let Some(l) = self.live().get_mut(entry.key()) {
+                l.row = Some(cred.into());
+            }
+            let Some(delay) = delay else {
+                return Err(Stop::Failed(
+                    format!("{}: step {step}: {msg}", entry.key()),
+                    error.error.retry_after,
+                ));
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.cancel.cancelled() => return Err(Stop::Drained),
+            }
+        }
+    }
+
+    /// Keeps the in-memory credential row in step with what was persisted.
+    pub(super) fn apply_effects_in_memory(&self, entry: &CredEntry, rot: &RotationRow) {
+        if rot.step == Step::Retire
+            && let Some(l) = self.live().get_mut(entry.key())
+        {
+            l.row = Some(delivered_row(entry, rot).into());
+        }
+    }
+
+    /// One attempt of one step. Returns the state writes that record its effect.
+    pub(super) async fn attempt_step(
+        &self,
+        entry: &CredEntry,
+        rot: &mut RotationRow,
+    ) -> Result<Vec<Write>, StepError> {
+        let key = entry.key();
+        let item = VaultItem {
+            key,
+            path: &entry.cfg.vault_path(),
+        };
+        match rot.step {
+            Step::Create => {
+                let generated = generators::generate(&entry.cfg.generate).map_err(|e| {
+                    StepError::new(
+                        "generator",
+                        PluginError::new(ErrorKind::Invalid, e.to_string()),
+                    )
+                })?;
+                let primary = &entry.primary().vault;
+                let vref = primary
+                    .stage(item, &rot.id, &generated.value)
+                    .await
+                    .map_err(|e| vault_error(primary.name(), e))?;
+                drop(generated);
+                crash_point("rotation.create.after_primary_stage");
+                // Read back what the vault holds: after a replay it is the
+                // value staged the first time, not the one generated now.
+                // The other vaults get that value, so a replay that finds
+                // some of them already staged cannot make them disagree.
+                let stored = read_from(primary.as_ref(), item, &vref).await?;
+                let mut refs = VaultRefs(vec![(primary.name().to_owned(), vref)]);
+                for other in &entry.vaults[1..] {
+                    let v = &other.vault;
+                    let r = v
+                        .stage(item, &rot.id, &stored)
+                        .await
+                        .map_err(|e| vault_error(v.name(), e))?;
+                    refs.0.push((v.name().to_owned(), r));
+                }
+                let public =
+                    generators::public_part(generators::kind_of(&entry.cfg.generate), &stored);
+                let encoded = refs.encode();
+                rot.vault_version = Some(encoded.clone());
+                Ok(vec![Write::Version(VersionRow {
+                    key: key.clone(),
+                    version: rot.version,
+                    rotation: rot.id.clone(),
+                    stage: Stage::Pending,
+                    vault_version: encoded,
+                    created_at: now(),
+                    public,
+                })])
+            }
+            Step::Set | Step::Test => {
+                // Without a target these steps are skipped (`next_step`);
+                // one reached anyway (a rotation resumed after the target
+                // was removed from the config) has nothing to do.
+                let Some(target) = &entry.target else {
+                    return Ok(vec![]);
+                };
+                let value = self.read_staged(entry, rot).await?;
+                let r = if rot.step == Step::Set {
+                    target.set(key, rot.version, &value).await
+                } else {
+                    target.test(key, rot.version, &value).await
+                };
+                r.map_err(|e| target_error(target.as_ref(), e))?;
+                Ok(vec![])
+            }
+            Step::Promote => {
+                self.check_current_before_promote(entry, rot).await?;
+                // Every vault already holds the value (create staged it in
+                // all); promote each. Promote is idempotent, so after a
+                // failure in one vault the retry re-promotes the others as
+                // no-ops and the vaults converge on the same current version.
+                for (i, h) in entry.vaults.iter().enumerate() {
+                    if i == 1 {
+                        crash_point("rotation.promote.after_first_vault");
+                    }
+                    let vref = staged_in(entry, rot, h)?;
+                    h.vault
+                        .promote(item, &vref)
+                        .await
+                        .map_err(|e| vault_error(h.vault.name(), e))?;
+                }
+                let mut writes = vec![Write::VersionStage {
+                    key: key.clone(),
+                    version: rot.version,
+                    stage: Stage::Current,
+                }];
+                let mut keep = vec![rot.version];
+                if let Some(prev) = rot.previous_version {
+                    writes.push(Write::VersionStage {
+                        key: key.clone(),
+                        version: prev,
+                        stage: Stage::Previous,
+                    });
+                    keep.push(prev);
+                }
+                // Anything older still marked current or previous was
+                // retired in the vault by this promote.
+                writes.push(Write::RetireOthers {
+                    key: key.clone(),
+                    except: keep,
+                    from: vec![Stage::Current, Stage::Previous],
+                    to: Stage::Retired,
+                });
+                Ok(writes)
+            }
+            Step::Deliver => {
+                let value = self.read_staged(entry, rot).await?;
+                let kind = generators::kind_of(&entry.cfg.generate);
+                let public = generators::public_part(kind, &value);
+                let row = delivered_row(entry, rot);
+                let notice = Notice {
+                    key: key.clone(),
+                    tenant: entry.agent.tenant.clone(),
+                    owner: entry.agent.owner.clone(),
+                    version: rot.version,
+                    rotation: rot.id.clone(),
+                    rotated_at: now(),
+                    expires_hint: row.next_due.map(|d| d + chrono_dur(entry.cfg.grace)),
+                    kind,
+                    public,
+                    login: entry.target.as_ref().and_then(|t| t.login_for(rot.version)),
+                };
+                for sink in &entry.sinks {
+                    let result = sink.deliver(&notice, &value).await;
+                    self.metrics.delivery("file", result.is_ok());
+                    let (outcome, error) = match &result {
+                        Ok(_) => (Outcome::Ok, None),
+                        Err(e) => (Outcome::Failed, Some(e.to_string())),
+                    };
+                    // The audit head is persisted later, with the step (or
+                    // with the failure record of a failed attempt).
+                    self.audit(
+                        entry,
+                        Some(rot),
+                        "delivery",
+                        outcome,
+                        Some(sink.describe()),
+                        error,
+                    )
+                    .await
+                    .map_err(|e| StepError::new("audit", e))?;
+                    result.map_err(|e| StepError::new(format!("sink {}", sink.describe()), e))?;
+                }
+                Ok(vec![Write::Credential(row)])
+            }
+            Step::Retire => self.retire_previous(entry, rot).await,
+            Step::Done => Ok(vec![]),
+        }
+    }
+
+    /// The retire step: the grace period of the previous version is over
+    /// (or a newer rotation is starting), so it goes from every vault that
+    /// holds it and stops working at the target.
+    pub(super) async fn retire_previous(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+    ) -> Result<Vec<Write>, StepError> {
+        let mut writes = vec![Write::PruneHistory(entry.key().clone())];
+        let Some(prev) = &rot.previous_vault_version else {
+            return Ok(writes);
+        };
+        let item = VaultItem {
+            key: entry.key(),
+            path: &entry.cfg.vault_path(),
+        };
+        let refs = VaultRefs::decode(prev, entry.primary().vault.name());
+        for h in entry.vaults.iter() {
+            // A vault added to the credential since the previous version
+            // was made does not hold it.
+            let Some(vref) = refs.get(h.vault.name()) else {
+                continue;
+            };
+            h.vault
+                .retire(item, vref)
+                .await
+                .map_err(|e| vault_error(h.vault.name(), e))?;
+        }
+        if let Some(previous) = rot.previous_version {
+            // The target stops accepting the previous value too (alternating
+            // users: its role's password is cleared).
+            if let Some(target) = &entry.target {
+                target
+                    .retire(entry.key(), previous)
+                    .await
+                    .map_err(|e| target_error(target.as_ref(), e))?;
+            }
+            writes.push(Write::VersionStage {
+                key: entry.key().clone(),
+                version: previous,
+                stage: Stage::Retired,
+            });
+        }
+        // Failed attempts of this step were shown on the credential's row;
+        // that is over now.
+        let row = self.cred_row(entry.key());
+        if row.last_error.is_some() || row.consecutive_failures > 0 {
+            writes.push(Write::Credential(CredentialRow {
+                last_error: None,
+                consecutive_failures: 0,
+                ..row
+            }));
+        }
+        Ok(writes)
+    }
+
+    /// The value this rotation staged, read from the primary vault.
+    pub(super) async fn read_staged(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+    ) -> Result<SecretValue, StepError> {
+        let item = VaultItem {
+            key: entry.key(),
+            path: &entry.cfg.vault_path(),
+        };
+        let primary = entry.primary();
+        let vref = staged_in(entry, rot, primary)?;
+        read_from(primary.vault.as_ref(), item, &vref).await
+    }
+
+    /// Before promote: is the version keyturn knows as current still current
+    /// in every vault? If someone deleted or overwrote it out of band, the
+    /// promote goes ahead (it makes the vault serve a working value again,
+    /// which is better than leaving it broken until an operator acts), but
+    /// that vault no longer holds the previous value agents may still use
+    /// during the grace period. Nothing else would notice, so it is said
+    /// loudly: a warning and an audit record per vault. Costs one read per
+    /// vault per rotation.
+    pub(super) async fn check_current_before_promote(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+    ) -> Result<(), StepError> {
+        let (Some(prev), Some(prev_version)) = (&rot.previous_vault_version, rot.previous_version)
+        else {
+            return Ok(());
+        };
+        let item = VaultItem {
+            key: entry.key(),
+            path: &entry.cfg.vault_path(),
+        };
+        let refs = VaultRefs::decode(prev, entry.primary().vault.name());
+        for h in &entry.vaults {
+            let Some(prev_ref) = refs.get(h.vault.name()) else {
+                continue;
+            };
+            let new_ref = staged_in(entry, rot, h)?;
+            let current = h
+                .vault
+                .read(item, Select::Stage(Stage::Current))
+                .await
+                .map_err(|e| vault_error(h.vault.name(), e))?
+                .map(|v| v.version);
+            // The new ref: a replay after this vault was already promoted.
+            if current.as_ref() == Some(prev_ref) || current.as_ref() == Some(&new_ref) {
+                continue;
+            }
+            let now_there = match &current {
+                Some(r) => format!("its current version is {r}, which keyturn did not write"),
+                None => "it has no current version".to_owned(),
+            };
+            let msg = format!(
+                "step promote: vault {:?}: version {prev_version} ({prev_ref}) of {}, the current version before this rotation, is gone: {now_there} (deleted or overwritten out of band). Promoting version {} makes it current again, but this vault no longer holds the previous value",
+                h.vault.name(),
+                entry.cfg.vault_path(),
+                rot.version,
+            );
+            tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %h.vault.name(), version = prev_version, rotation = %rot.id, "{msg}");
+            // The head is persisted with the step, like delivery records.
+            self.audit(
+                entry,
+                Some(rot),
+                "vault.current_gone",
+                Outcome::Failed,
+                Some(h.vault.name().to_owned()),
+                Some(msg),
+            )
+            .await
+            .map_err(|e| StepError::new("audit", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// The credential row after `rot` is delivered.
+pub(super) fn delivered_row(entry: &CredEntry, rot: &RotationRow) -> CredentialRow {
+    let at = rot.updated_at;
+    CredentialRow {
+        key: entry.key().clone(),
+        current_version: Some(rot.version),
+        last_rotated_at: Some(at),
+        next_due: entry.cfg.schedule.next_due(at, entry.offset),
+        consecutive_failures: 0,
+        last_error: None,
+    }
+}
+
+/// The version `rot` staged in vault `h`.
+pub(super) fn staged_in(
+    entry: &CredEntry,
+    rot: &RotationRow,
+    h: &VaultHandle,
+) -> Result<VersionRef, StepError> {
+    let missing = |what: String| StepError::new("state", PluginError::new(ErrorKind::Fatal, what));
+    let text = rot.vault_version.as_deref().ok_or_else(|| {
+        missing(format!(
+            "rotation {} reached {} without a staged version",
+            rot.id, rot.step
+        ))
+    })?;
+    VaultRefs::decode(text, entry.primary().vault.name())
+        .get(h.vault.name())
+        .cloned()
+        .ok_or_else(|| {
+            missing(format!(
+                "rotation {} has no version in vault {:?} (the credential's vault list changed while it ran); trigger a new rotation",
+                rot.id,
+                h.vault.name()
+            ))
+        })
+}
+
+/// Targets start their messages with their own description
+/// (`command:/path`, `postgres:role`); say it once, not twice.
+pub(super) fn target_error(target: &dyn Target, mut e: PluginError) -> StepError {
+    let described = target.describe();
+    if let Some(rest) = e.message.strip_prefix(&format!("{described}: ")) {
+        e.message = rest.to_owned();
+    }
+    StepError::new(format!("target {described}"), e)
+}
+
+pub(super) fn vault_error(name: &str, e: PluginError) -> StepError {
+    StepError::new(format!("vault {name:?}"), e)
+}
+
+/// Reads one version back; a version that is gone is an error.
+pub(super) async fn read_from(
+    vault: &dyn Vault,
+    item: VaultItem<'_>,
+    vref: &VersionRef,
+) -> Result<SecretValue, StepError> {
+    match vault.read(item, Select::Version(vref)).await {
+        Ok(Some(v)) => Ok(v.value),
+        Ok(None) => Err(vault_error(
+            vault.name(),
+            PluginError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "version {vref} of {} is gone from the vault (deleted out of band?); the rotation cannot go on without the value it staged",
+                    item.path
+                ),
+            ),
+        )),
+        Err(e) => Err(vault_error(vault.name(), e)),
+    }
+}
+
+/// The step after `step` for this credential: `set` and `test` are skipped
+/// without a target (each step costs an audit record and a state commit,
+/// both fsynced).
+pub(super) fn next_step(step: Step, entry: &CredEntry) -> Step {
+    let mut next = step.next();
+    while matches!(next, Step::Set | Step::Test) && entry.target.is_none() {
+        next = next.next();
+    }
+    next
+}
+
+/// The server's `Retry-After` wins over a shorter back-off delay. Capped so
+/// a hostile or broken header cannot park a step for days.
+pub(super) fn honour_retry_after(backoff: Duration, e: &PluginError) -> Duration {
+    not_before(backoff, e.retry_after)
+}
+
+/// `delay`, lengthened to a server's `Retry-After` (capped at 5 min).
+pub(super) fn not_before(delay: Duration, retry_after: Option<Duration>) -> Duration {
+    const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+    match retry_after {
+        Some(after) => delay.max(after.min(MAX_RETRY_AFTER)),
+        None => delay,
+    }
+}
+
+/// The delays between attempts of one step: capped exponential with jitter,
+/// `max_attempts - 1` of them.
+pub(super) fn step_backoff(retry: RetryConfig) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(retry.initial_delay)
+        .with_max_delay(retry.max_delay)
+        .with_max_times(retry.max_attempts.saturating_sub(1) as usize)
+        .with_jitter()
+        .build()
+}
+
+pub(super) fn entry_retry(catalog: &Catalog) -> RetryConfig {
+    catalog.config.daemon.retry
+}
+
+pub(super) fn before(step: Step) -> &'static str {
+    match step {
+        Step::Create => "rotation.before_create",
+        Step::Set => "rotation.before_set",
+        Step::Test => "rotation.before_test",
+        Step::Promote => "rotation.before_promote",
+        Step::Deliver => "rotation.before_deliver",
+        Step::Retire | Step::Done => "rotation.before_retire",
+    }
+}
+
+pub(super) fn after(step: Step) -> &'static str {
+    match step {
+        Step::Create => "rotation.after_create",
+        Step::Set => "rotation.after_set",
+        Step::Test => "rotation.after_test",
+        Step::Promote => "rotation.after_promote",
+        Step::Deliver => "rotation.after_deliver",
+        Step::Retire | Step::Done => "rotation.after_retire",
+    }
+}
+
+#[cfg(test)]
+mod retry_after_tests {
+    use super::*;
+
+    #[test]
+    fn a_servers_retry_after_lengthens_a_shorter_backoff_but_is_capped() {
+        let throttled = |after: Option<u64>| {
+            PluginError::new(ErrorKind::Throttled, "429")
+                .with_retry_after(after.map(Duration::from_secs))
+        };
+        let backoff = Duration::from_millis(500);
+        assert_eq!(honour_retry_after(backoff, &throttled(None)), backoff);
+        assert_eq!(
+            honour_retry_after(backoff, &throttled(Some(7))),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            honour_retry_after(Duration::from_secs(30), &throttled(Some(7))),
+            Duration::from_secs(30),
+            "a longer back-off is kept"
+        );
+        assert_eq!(
+            honour_retry_after(backoff, &throttled(Some(86_400))),
+            Duration::from_secs(300),
+            "capped"
+        );
+    }
+}
