@@ -8,11 +8,13 @@
 //! - [`schedule`]   cron / every / jitter → next due; one timer heap for all credentials
 //! - [`generators`] password, random bytes, API key, Ed25519 keypair
 //! - [`rotation`]   the persisted rotation state machine and its engine; resume after crash
-//! - [`targets`]    trait `Target` + `none` (apply and test a new value where it is used)
-//! - [`vaults`]     trait `Vault` + `local` (embedded, encrypted at rest)
+//! - [`targets`]    trait `Target` + `postgres`, `command` (apply and test a new value where it is used)
+//! - [`vaults`]     trait `Vault` + `local` (embedded, encrypted), `hashicorp`, `aws`, `azure`
 //! - [`sinks`]      trait `Sink` + `file` (atomic write, bundles via `..data`)
 //! - [`audit`]      hash-chained JSON-lines log, group-committed; verify
 //! - [`state`]      trait `StateStore` + SQLite (WAL, migrations); never secret values
+//! - [`group_commit`] one thread serving queued jobs in batches (state, audit, local vault)
+//! - [`memory`]     giving freed heap back to the OS after bursts
 //! - [`api`]        control socket (SO_PEERCRED) and HTTP `/metrics` `/healthz` `/readyz`
 //! - [`daemon`]     wiring and lifecycle: sd_notify, signals, reload, drain
 //! - [`telemetry`]  tracing setup and the metrics registry
@@ -24,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod generators;
+pub mod group_commit;
 pub mod memory;
 pub mod model;
 pub mod rotation;

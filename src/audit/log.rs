@@ -13,13 +13,16 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+#[cfg(test)]
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
 use chrono::{SecondsFormat, Utc};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use super::{AuditError, AuditEvent, AuditRecord, GENESIS};
+use crate::group_commit::{Flow, GroupCommit};
 use crate::state::AuditHead;
 
 /// Most appends written under one fsync; bounds the latency of the first caller.
@@ -58,7 +61,7 @@ pub struct AuditLog {
 
 struct Inner {
     path: String,
-    tx: mpsc::Sender<Msg>,
+    server: GroupCommit<Msg>,
     /// The head after the last acknowledged append (seq 0 and [`GENESIS`] when empty).
     head: Arc<Mutex<AuditHead>>,
     fsyncs: Arc<AtomicU64>,
@@ -83,6 +86,25 @@ impl AuditLog {
     /// truncated or altered, and is refused: continuing would chain new
     /// records onto a tampered history.
     pub fn open(path: &Path, head_in_state: Option<&AuditHead>) -> Result<AuditLog, AuditError> {
+        Self::open_with(path, head_in_state, false)
+    }
+
+    /// [`open`](Self::open), but every append is written and fsynced on the
+    /// caller's thread before it returns, with no writer thread (engine tests
+    /// under `tokio::time::pause()`: waiting on a thread would let the
+    /// paused clock jump ahead).
+    pub fn open_inline(
+        path: &Path,
+        head_in_state: Option<&AuditHead>,
+    ) -> Result<AuditLog, AuditError> {
+        Self::open_with(path, head_in_state, true)
+    }
+
+    fn open_with(
+        path: &Path,
+        head_in_state: Option<&AuditHead>,
+        inline: bool,
+    ) -> Result<AuditLog, AuditError> {
         let display = path.display().to_string();
         let io = |what: &str, e: std::io::Error| AuditError::Io {
             path: display.clone(),
@@ -121,22 +143,24 @@ impl AuditLog {
         let head = recover_tail(&file, &display, head_in_state)?;
         let head = Arc::new(Mutex::new(head));
         let fsyncs = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = mpsc::channel();
-        let writer = Writer {
+        let mut writer = Writer {
             path: display.clone(),
             file,
             head: Arc::clone(&head),
             fsyncs: Arc::clone(&fsyncs),
             failed: None,
         };
-        std::thread::Builder::new()
-            .name("keyturn-audit".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| io("cannot start the writer thread", e))?;
+        let serve = move |batch: &mut Vec<Msg>| writer.serve(batch);
+        let server = if inline {
+            GroupCommit::inline(serve)
+        } else {
+            GroupCommit::spawn("keyturn-audit", MAX_BATCH, serve)
+                .map_err(|e| io("cannot start the writer thread", e))?
+        };
         Ok(AuditLog {
             inner: Arc::new(Inner {
                 path: display,
-                tx,
+                server,
                 head,
                 fsyncs,
             }),
@@ -177,7 +201,7 @@ impl AuditLog {
     /// Later appends (from any clone) fail with [`AuditError::Closed`].
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.inner.tx.send(Msg::Close(tx)).is_ok() {
+        if self.inner.server.submit(Msg::Close(tx)).is_ok() {
             // An Err means the writer is already gone: closed either way.
             let _ = rx.await;
         }
@@ -189,8 +213,8 @@ impl AuditLog {
     ) -> Result<oneshot::Receiver<Result<AuditHead, AuditError>>, AuditError> {
         let (tx, rx) = oneshot::channel();
         self.inner
-            .tx
-            .send(Msg::Append(Box::new(ev), tx))
+            .server
+            .submit(Msg::Append(Box::new(ev), tx))
             .map_err(|_| self.closed())?;
         Ok(rx)
     }
@@ -204,7 +228,7 @@ impl AuditLog {
     #[cfg(test)]
     fn hold(&self) -> mpsc::Sender<()> {
         let (tx, rx) = mpsc::channel();
-        let _ = self.inner.tx.send(Msg::Hold(rx));
+        let _ = self.inner.server.submit(Msg::Hold(rx));
         tx
     }
 }
@@ -225,37 +249,36 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Msg>) {
-        // recv() fails once every handle is dropped: nothing left to serve.
-        while let Ok(first) = rx.recv() {
-            let mut batch = Vec::new();
-            let mut close = None;
-            let mut next = Some(first);
-            while let Some(msg) = next.take() {
-                match msg {
-                    Msg::Append(ev, reply) => batch.push((ev, reply)),
-                    Msg::Close(reply) => {
-                        close = Some(reply);
-                        break;
+    /// One batch, in order: appends are written together (one write, one
+    /// fsync); a close answers once the appends before it are done, and
+    /// refuses the rest.
+    fn serve(&mut self, msgs: &mut Vec<Msg>) -> Flow {
+        let mut batch = Vec::new();
+        for msg in msgs.drain(..) {
+            match msg {
+                Msg::Append(ev, reply) => batch.push((ev, reply)),
+                Msg::Close(reply) => {
+                    if !batch.is_empty() {
+                        self.commit(std::mem::take(&mut batch));
                     }
-                    #[cfg(test)]
-                    Msg::Hold(release) => {
-                        let _ = release.recv();
+                    let _ = reply.send(());
+                    // What follows in `msgs` is dropped: those callers are
+                    // told the log is closed.
+                    return Flow::Stop;
+                }
+                #[cfg(test)]
+                Msg::Hold(release) => {
+                    if !batch.is_empty() {
+                        self.commit(std::mem::take(&mut batch));
                     }
+                    let _ = release.recv();
                 }
-                if batch.len() < MAX_BATCH {
-                    next = rx.try_recv().ok();
-                }
-            }
-            if !batch.is_empty() {
-                self.commit(batch);
-            }
-            if let Some(reply) = close {
-                let _ = reply.send(());
-                // Dropping rx now fails every append still queued with Closed.
-                return;
             }
         }
+        if !batch.is_empty() {
+            self.commit(batch);
+        }
+        Flow::Continue
     }
 
     fn commit(&mut self, batch: Vec<(Box<AuditEvent>, Reply)>) {

@@ -17,11 +17,14 @@
 //! a caller has been told about is committed before its next read is sent.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
+#[cfg(test)]
+use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
 use super::{Result, StateError, StateStore, Write};
+use crate::group_commit::{Flow, GroupCommit};
 
 /// Most callers' writes committed in one transaction; bounds the latency of
 /// the first caller in a long queue.
@@ -41,7 +44,7 @@ enum Msg {
 /// A handle to the writer thread. The thread stops once the handle is
 /// dropped and the calls queued before have been answered.
 pub struct StateWriter {
-    tx: mpsc::Sender<Msg>,
+    server: GroupCommit<Msg>,
 }
 
 impl std::fmt::Debug for StateWriter {
@@ -53,11 +56,18 @@ impl std::fmt::Debug for StateWriter {
 impl StateWriter {
     /// Starts the thread that serves `store`.
     pub fn start(store: Arc<dyn StateStore>) -> std::io::Result<StateWriter> {
-        let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("keyturn-state".into())
-            .spawn(move || run(store.as_ref(), rx))?;
-        Ok(StateWriter { tx })
+        let server = GroupCommit::spawn("keyturn-state", MAX_BATCH, move |batch| {
+            serve(store.as_ref(), batch)
+        })?;
+        Ok(StateWriter { server })
+    }
+
+    /// Serves `store` on the calling task, each call at once (engine tests
+    /// under paused time, with an in-memory store).
+    pub fn inline(store: Arc<dyn StateStore>) -> StateWriter {
+        StateWriter {
+            server: GroupCommit::inline(move |batch| serve(store.as_ref(), batch)),
+        }
     }
 
     /// Applies `writes` in one transaction, durably (as
@@ -67,8 +77,8 @@ impl StateWriter {
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Msg::Apply(writes, tx))
+        self.server
+            .submit(Msg::Apply(writes, tx))
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
@@ -82,14 +92,14 @@ impl StateWriter {
         let job: Read = Box::new(move |store| {
             let _ = tx.send(f(store));
         });
-        self.tx.send(Msg::Read(job)).map_err(|_| stopped())?;
+        self.server.submit(Msg::Read(job)).map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
 
     #[cfg(test)]
     fn hold(&self) -> mpsc::Sender<()> {
         let (tx, rx) = mpsc::channel();
-        let _ = self.tx.send(Msg::Hold(rx));
+        let _ = self.server.submit(Msg::Hold(rx));
         tx
     }
 }
@@ -102,49 +112,45 @@ fn stopped() -> StateError {
     }
 }
 
-fn run(store: &dyn StateStore, rx: mpsc::Receiver<Msg>) {
-    // recv() fails once the handle is dropped and the queue is empty.
-    while let Ok(first) = rx.recv() {
-        let mut applies: Vec<(Vec<Write>, Reply)> = Vec::new();
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                Msg::Apply(writes, reply) => applies.push((writes, reply)),
-                // A panicking read drops its reply: the caller gets an error
-                // and the thread keeps serving the others.
-                Msg::Read(f) => {
-                    let _ = catch_unwind(AssertUnwindSafe(move || f(store)));
-                }
-                #[cfg(test)]
-                Msg::Hold(release) => {
-                    let _ = release.recv();
-                }
+/// One batch: reads run in arrival order, then every caller's writes are
+/// applied together, each caller's in its own savepoint.
+fn serve(store: &dyn StateStore, batch: &mut Vec<Msg>) -> Flow {
+    let mut applies: Vec<(Vec<Write>, Reply)> = Vec::new();
+    for msg in batch.drain(..) {
+        match msg {
+            Msg::Apply(writes, reply) => applies.push((writes, reply)),
+            // A panicking read drops its reply: the caller gets an error
+            // and the thread keeps serving the others.
+            Msg::Read(f) => {
+                let _ = catch_unwind(AssertUnwindSafe(move || f(store)));
             }
-            if applies.len() < MAX_BATCH {
-                next = rx.try_recv().ok();
-            }
-        }
-        if applies.is_empty() {
-            continue;
-        }
-        let groups: Vec<&[Write]> = applies.iter().map(|(w, _)| w.as_slice()).collect();
-        let results = catch_unwind(AssertUnwindSafe(|| store.apply_batch(&groups)));
-        drop(groups);
-        match results {
-            Ok(results) if results.len() == applies.len() => {
-                for ((_, reply), result) in applies.into_iter().zip(results) {
-                    let _ = reply.send(result);
-                }
-            }
-            // A panic (the transaction rolled back as it unwound) or a store
-            // that did not answer for every group: nobody is told `Ok`.
-            _ => {
-                for (_, reply) in applies {
-                    let _ = reply.send(Err(stopped()));
-                }
+            #[cfg(test)]
+            Msg::Hold(release) => {
+                let _ = release.recv();
             }
         }
     }
+    if applies.is_empty() {
+        return Flow::Continue;
+    }
+    let groups: Vec<&[Write]> = applies.iter().map(|(w, _)| w.as_slice()).collect();
+    let results = catch_unwind(AssertUnwindSafe(|| store.apply_batch(&groups)));
+    drop(groups);
+    match results {
+        Ok(results) if results.len() == applies.len() => {
+            for ((_, reply), result) in applies.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+        }
+        // A panic (the transaction rolled back as it unwound) or a store
+        // that did not answer for every group: nobody is told `Ok`.
+        _ => {
+            for (_, reply) in applies {
+                let _ = reply.send(Err(stopped()));
+            }
+        }
+    }
+    Flow::Continue
 }
 
 #[cfg(test)]

@@ -62,7 +62,7 @@ use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -74,6 +74,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use zeroize::Zeroizing;
 
 use super::{Select, StoredVersion, Vault, VaultItem, VersionRef};
+use crate::group_commit::{Flow, GroupCommit};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
 
 /// Bytes of a vault key.
@@ -367,8 +368,8 @@ fn create_key_file(path: &Path) -> Result<Option<LocalKey>, PluginError> {
 #[derive(Clone)]
 pub struct LocalVault {
     inner: Arc<Inner>,
-    writes: mpsc::Sender<WriteJob>,
-    reads: mpsc::Sender<ReadJob>,
+    writes: Arc<GroupCommit<WriteJob>>,
+    reads: Arc<GroupCommit<ReadJob>>,
 }
 
 /// A read for the reader thread; it answers its caller itself.
@@ -466,30 +467,32 @@ impl LocalVault {
             cipher,
             reader: Mutex::new(reader),
         });
-        let (writes, jobs) = mpsc::channel();
         let thread_inner = Arc::clone(&inner);
-        std::thread::Builder::new()
-            .name(format!("vault-{name}"))
-            .spawn(move || write_loop(&thread_inner, writer, jobs))
-            .map_err(|e| PluginError::io(ctx("starting the writer thread for"), &e))?;
-        let (reads, read_jobs) = mpsc::channel::<ReadJob>();
+        let writes = GroupCommit::spawn(&format!("vault-{name}"), MAX_BATCH, move |batch| {
+            write_batch(&thread_inner, &writer, batch);
+            Flow::Continue
+        })
+        .map_err(|e| PluginError::io(ctx("starting the writer thread for"), &e))?;
         let thread_inner = Arc::clone(&inner);
-        std::thread::Builder::new()
-            .name(format!("vault-{name}-r"))
-            .spawn(move || {
-                // A panicking read drops its answer: the caller gets an
-                // error and the thread keeps serving the others.
-                while let Ok(job) = read_jobs.recv() {
+        let reads = GroupCommit::spawn(
+            &format!("vault-{name}-r"),
+            MAX_BATCH,
+            move |batch: &mut Vec<ReadJob>| {
+                for job in batch.drain(..) {
+                    // A panicking read drops its answer: the caller gets an
+                    // error and the thread keeps serving the others.
                     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         job(&thread_inner)
                     }));
                 }
-            })
-            .map_err(|e| PluginError::io(ctx("starting the reader thread for"), &e))?;
+                Flow::Continue
+            },
+        )
+        .map_err(|e| PluginError::io(ctx("starting the reader thread for"), &e))?;
         Ok(LocalVault {
             inner,
-            writes,
-            reads,
+            writes: Arc::new(writes),
+            reads: Arc::new(reads),
         })
     }
 
@@ -516,7 +519,7 @@ impl LocalVault {
             )
         };
         self.writes
-            .send(job)
+            .submit(job)
             .map_err(|_| bug("the writer thread has stopped"))?;
         let output = answered
             .await
@@ -546,7 +549,7 @@ impl LocalVault {
             )
         };
         self.reads
-            .send(job)
+            .submit(job)
             .map_err(|_| bug("the reader thread has stopped"))?;
         answered.await.map_err(|_| bug("operation panicked"))?
     }
@@ -581,72 +584,62 @@ fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
 
 /// The writer thread: one transaction per batch of queued operations, each in
 /// its own savepoint, answers sent only after the commit.
-fn write_loop(inner: &Inner, conn: Connection, jobs: mpsc::Receiver<WriteJob>) {
-    let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
+/// One batch of writes: one transaction, each operation in its own savepoint
+/// (a failing one rolls back alone), answers sent only after the commit.
+fn write_batch(inner: &Inner, conn: &Connection, batch: &mut Vec<WriteJob>) {
     let mut done: Vec<(WriteOutput, tokio::sync::oneshot::Sender<WriteOutput>)> =
-        Vec::with_capacity(MAX_BATCH);
+        Vec::with_capacity(batch.len());
     let fail = |what: &str, e: &rusqlite::Error| {
         PluginError::new(
             sql_kind(e),
             format!("local vault {}: {what}: {e}", inner.name),
         )
     };
-    // Ends when every LocalVault clone (every Sender) is gone.
-    while let Ok(first) = jobs.recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let err = fail("starting a write transaction", &e);
+        for job in batch.drain(..) {
+            let _ = job.answer.send(Err(err.clone()));
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let err = fail("starting a write transaction", &e);
-            for job in batch.drain(..) {
-                let _ = job.answer.send(Err(err.clone()));
-            }
+        return;
+    }
+    for WriteJob { op, answer } in batch.drain(..) {
+        if let Err(e) = conn.execute_batch("SAVEPOINT op") {
+            done.push((Err(fail("starting a savepoint", &e)), answer));
             continue;
         }
-        for WriteJob { op, answer } in batch.drain(..) {
-            if let Err(e) = conn.execute_batch("SAVEPOINT op") {
-                done.push((Err(fail("starting a savepoint", &e)), answer));
-                continue;
-            }
-            // A panic in one operation must not take the writer (and every
-            // later write) down with it: dropping `answer` tells its caller.
-            let output = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                op(inner, &conn)
-            })) {
+        // A panic in one operation must not take the writer (and every
+        // later write) down with it: dropping `answer` tells its caller.
+        let output =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(inner, conn))) {
                 Ok(output) => Some(output),
                 Err(_) => {
                     tracing::error!(vault = %inner.name, "local vault write operation panicked");
                     None
                 }
             };
-            let ok = matches!(output, Some(Ok(_)));
-            let end = if ok {
-                "RELEASE op"
-            } else {
-                "ROLLBACK TO op; RELEASE op"
-            };
-            let ended = conn.execute_batch(end);
-            match (output, ended) {
-                (Some(output), Ok(())) => done.push((output, answer)),
-                (Some(_), Err(e)) => done.push((Err(fail("ending a savepoint", &e)), answer)),
-                (None, _) => drop(answer),
-            }
+        let ok = matches!(output, Some(Ok(_)));
+        let end = if ok {
+            "RELEASE op"
+        } else {
+            "ROLLBACK TO op; RELEASE op"
+        };
+        let ended = conn.execute_batch(end);
+        match (output, ended) {
+            (Some(output), Ok(())) => done.push((output, answer)),
+            (Some(_), Err(e)) => done.push((Err(fail("ending a savepoint", &e)), answer)),
+            (None, _) => drop(answer),
         }
-        let commit_error = conn.execute_batch("COMMIT").err().map(|e| {
-            let _ = conn.execute_batch("ROLLBACK");
-            fail("committing", &e)
-        });
-        for (output, answer) in done.drain(..) {
-            let output = match (&commit_error, output) {
-                (Some(e), Ok(_)) => Err(e.clone()),
-                (_, output) => output,
-            };
-            let _ = answer.send(output);
-        }
+    }
+    let commit_error = conn.execute_batch("COMMIT").err().map(|e| {
+        let _ = conn.execute_batch("ROLLBACK");
+        fail("committing", &e)
+    });
+    for (output, answer) in done {
+        let output = match (&commit_error, output) {
+            (Some(e), Ok(_)) => Err(e.clone()),
+            (_, output) => output,
+        };
+        let _ = answer.send(output);
     }
 }
 
