@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::catalog::{Catalog, CredEntry};
+use super::clock::{Clock, SystemClock};
 use super::step::Step;
 use super::table::{CredLive, Job, LiveRow, RotateFinished, Table};
 use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
@@ -49,6 +50,7 @@ pub struct Engine {
 }
 
 pub(super) struct Inner {
+    pub(super) clock: Arc<dyn Clock>,
     pub(super) catalog: RwLock<Arc<Catalog>>,
     pub(super) state: Arc<dyn StateStore>,
     /// Every read and write of a rotation goes through this one thread,
@@ -83,13 +85,6 @@ pub(super) enum Stop {
     Drained,
 }
 
-pub(super) fn now() -> DateTime<Utc> {
-    // Millisecond precision everywhere, so what is persisted compares equal
-    // to what is kept in memory.
-    DateTime::from_timestamp_millis(Utc::now().timestamp_millis())
-        .expect("current time is representable")
-}
-
 pub(super) fn chrono_dur(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
@@ -104,11 +99,56 @@ impl Engine {
         tracker: TaskTracker,
     ) -> Result<Engine, EngineError> {
         let writer = StateWriter::start(state.clone())?;
+        Ok(Self::assemble(
+            catalog,
+            state,
+            writer,
+            audit,
+            metrics,
+            Arc::new(SystemClock),
+            cancel,
+            tracker,
+        ))
+    }
+
+    /// An engine on `clock` whose state calls are served on the calling task
+    /// (no writer thread): for engine tests under `tokio::time::pause()`,
+    /// with an in-memory store, an inline audit log and in-memory plug-ins,
+    /// so that nothing the engine awaits runs on another thread and the
+    /// paused clock moves only when every task waits for a timer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_clock_inline(
+        catalog: Catalog,
+        state: Arc<dyn StateStore>,
+        audit: AuditLog,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Engine {
+        let writer = StateWriter::inline(state.clone());
+        Self::assemble(
+            catalog, state, writer, audit, metrics, clock, cancel, tracker,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        catalog: Catalog,
+        state: Arc<dyn StateStore>,
+        writer: StateWriter,
+        audit: AuditLog,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Engine {
         let global = Arc::new(Semaphore::new(
             catalog.config.daemon.max_concurrent_rotations.max(1),
         ));
-        Ok(Engine {
+        Engine {
             inner: Arc::new(Inner {
+                clock,
                 catalog: RwLock::new(Arc::new(catalog)),
                 state,
                 writer,
@@ -125,7 +165,7 @@ impl Engine {
                 cancel,
                 tracker,
             }),
-        })
+        }
     }
 
     pub fn catalog(&self) -> Arc<Catalog> {
@@ -145,10 +185,7 @@ impl Engine {
     /// their first one now, overdue ones are spread over the catch-up window,
     /// the rest wait for their next due time.
     pub async fn start(&self) -> Result<(), EngineError> {
-        let state = self.inner.state.clone();
-        let snapshot = tokio::task::spawn_blocking(move || state.snapshot())
-            .await
-            .expect("snapshot task panicked")?;
+        let snapshot = self.inner.writer.read(|s| s.snapshot()).await?;
         let catalog = self.catalog();
         // Rotations to resume before their retire step (usually none).
         let mut resume = HashSet::new();
@@ -264,7 +301,7 @@ impl Engine {
 
     /// `(key, age, seconds until due)` for every credential, for the metrics scrape.
     pub fn credential_times(&self) -> Vec<(CredentialKey, Option<f64>, Option<f64>)> {
-        let now = Utc::now();
+        let now = self.inner.now();
         let live = self.inner.live();
         let catalog = self.inner.catalog();
         let mut out: Vec<_> = catalog
@@ -309,6 +346,13 @@ impl Engine {
 }
 
 impl Inner {
+    /// The engine's time, at millisecond precision everywhere, so that what
+    /// is persisted compares equal to what is kept in memory.
+    pub(super) fn now(&self) -> DateTime<Utc> {
+        let now = self.clock.now();
+        DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
+    }
+
     pub(super) fn catalog(&self) -> Arc<Catalog> {
         self.catalog
             .read()

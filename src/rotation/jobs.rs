@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::catalog::{CredEntry, VaultHandle};
-use super::engine::{Inner, Stop, chrono_dur, now};
+use super::engine::{Inner, Stop, chrono_dur};
 use super::step::{Step, Trigger};
 use super::steps::{entry_retry, not_before};
 use super::table::{Job, Parked, RotateFinished, Running};
@@ -158,7 +158,7 @@ impl Inner {
         let started = Instant::now();
         let _vault_permits = vault_permits(&entry).await;
         let result = self.rotate(&entry).await;
-        let now = now();
+        let now = self.now();
         let reschedule = {
             let mut live = self.live();
             let l = live.entry(&key);
@@ -268,7 +268,7 @@ impl Inner {
                     // it) until a retry succeeds.
                     let delay = not_before(entry_retry(&self.catalog()).max_delay, retry_after);
                     tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, "retiring the previous version failed; will retry");
-                    retry_at = Some(now() + chrono_dur(delay));
+                    retry_at = Some(self.now() + chrono_dur(delay));
                 }
                 Err(Stop::Drained) => {}
             }

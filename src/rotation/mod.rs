@@ -31,11 +31,13 @@
 //! - `step.rs`: the state machine ([`Step`], [`Trigger`]);
 //! - `table.rs`: the live view of every credential and its timers;
 //! - `catalog.rs`: the config turned into live plug-ins;
+//! - `clock.rs`: the engine's wall clock, injectable for paused-time tests;
 //! - `footprint.rs`: where a rotation's versions are held, to retire them
 //!   after the credential left the config;
 //! - `failpoint.rs`: crash points for the kill -9 tests.
 
 mod catalog;
+mod clock;
 mod engine;
 mod failpoint;
 mod footprint;
@@ -46,6 +48,7 @@ mod steps;
 mod table;
 
 pub use catalog::{BuildError, Catalog, CredEntry, CredMap, VaultHandle};
+pub use clock::{Clock, SystemClock, TokioClock};
 pub use engine::{CredStatus, Engine, EngineError};
 pub use failpoint::{FAILPOINTS, crash_point};
 pub use step::{Step, Trigger};

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 
 use super::catalog::{Catalog, CredEntry};
-use super::engine::{Engine, Inner, now};
+use super::engine::{Engine, Inner};
 use super::footprint::Footprint;
 use super::step::{Step, Trigger};
 use super::table::{Job, Keep, Table};
@@ -31,7 +31,7 @@ impl Engine {
             watchdog();
         }
         loop {
-            let now = Utc::now();
+            let now = inner.now();
             let free = inner.global.available_permits();
             let mut due = inner.live().pop_due_limit(now, free).into_iter();
             while let Some((key, job)) = due.next() {
@@ -52,7 +52,7 @@ impl Engine {
             }
             let next = inner.live().next_deadline();
             let mut sleep = match next {
-                Some(t) => (t - Utc::now()).to_std().unwrap_or(Duration::ZERO),
+                Some(t) => (t - inner.now()).to_std().unwrap_or(Duration::ZERO),
                 None => Duration::from_secs(60),
             };
             // Wall clocks jump; never sleep long on one reading of it.
@@ -60,7 +60,7 @@ impl Engine {
             if let Some(every) = watchdog_every {
                 sleep = sleep.min(every.saturating_sub(last_ping.elapsed()));
             }
-            if inner.global.available_permits() == 0 && next.is_some_and(|t| t <= Utc::now()) {
+            if inner.global.available_permits() == 0 && next.is_some_and(|t| t <= inner.now()) {
                 // Saturated: wait for a rotation to finish (it wakes us).
                 sleep = sleep.max(Duration::from_millis(1));
             }
@@ -83,7 +83,7 @@ impl Inner {
     /// Arms the timers of every credential in the catalog.
     pub(super) fn schedule_all(&self, resume: &HashSet<CredentialKey>, at_start: bool) {
         let catalog = self.catalog();
-        let now = now();
+        let now = self.now();
         let mut live = self.live();
         live.reserve_total(catalog.creds.len());
         let mut overdue: Vec<(DateTime<Utc>, CredentialKey)> = Vec::new();
@@ -153,7 +153,7 @@ impl Inner {
     ) {
         let l = live.entry(&rot.key);
         if rot.step == Step::Retire {
-            l.retire_at = Some(rot.retire_at.unwrap_or_else(now));
+            l.retire_at = Some(rot.retire_at.unwrap_or_else(|| self.now()));
         } else {
             l.next_trigger = Some(rot.trigger);
             resume.insert(rot.key);
@@ -172,7 +172,7 @@ impl Inner {
             .and_then(|fp| CredEntry::departed(key, &fp, catalog));
         match entry {
             Ok(entry) => {
-                let at = rot.retire_at.unwrap_or_else(now);
+                let at = rot.retire_at.unwrap_or_else(|| self.now());
                 tracing::info!(agent = %key.agent, credential = %key.credential, version = ?rot.previous_version, retire_at = %at, "not in the config any more: its previous version is still retired when its grace period ends");
                 self.departed_entries().insert(key.clone(), Arc::new(entry));
                 live.entry(key).retire_at = Some(at);

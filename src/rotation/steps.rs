@@ -6,7 +6,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 
 use super::catalog::{Catalog, CredEntry, VaultHandle};
-use super::engine::{Inner, Stop, chrono_dur, now};
+use super::engine::{Inner, Stop, chrono_dur};
 use super::failpoint::crash_point;
 use super::footprint::Footprint;
 use super::step::{Step, Trigger};
@@ -111,7 +111,7 @@ impl Inner {
                 }
             },
         };
-        let t = now();
+        let t = self.now();
         let rot = RotationRow {
             id: RotationId::generate(),
             key: key.clone(),
@@ -165,7 +165,7 @@ impl Inner {
                     next.step = next_step(step, entry);
                     next.attempts = 0;
                     next.last_error = None;
-                    next.updated_at = now();
+                    next.updated_at = self.now();
                     if step == Step::Deliver {
                         next.retire_at = Some(next.updated_at + chrono_dur(entry.cfg.grace));
                     }
@@ -202,7 +202,7 @@ impl Inner {
             self.metrics.step_failed(step.as_str());
             rot.attempts += 1;
             rot.last_error = Some(format!("step {step}: {msg}"));
-            rot.updated_at = now();
+            rot.updated_at = self.now();
             tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, rotation = %rot.id, step = %step, attempt = rot.attempts, kind = %error.error.kind, error = %msg, "step failed");
             let mut cred = self.cred_row(entry.key());
             cred.last_error = rot.last_error.clone();
@@ -313,7 +313,7 @@ impl Inner {
                     rotation: rot.id.clone(),
                     stage: Stage::Pending,
                     vault_version: encoded,
-                    created_at: now(),
+                    created_at: self.now(),
                     public,
                 })])
             }
@@ -384,7 +384,7 @@ impl Inner {
                     owner: entry.agent.owner.clone(),
                     version: rot.version,
                     rotation: rot.id.clone(),
-                    rotated_at: now(),
+                    rotated_at: self.now(),
                     expires_hint: row.next_due.map(|d| d + chrono_dur(entry.cfg.grace)),
                     kind,
                     public,

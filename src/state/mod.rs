@@ -11,10 +11,12 @@ use serde::{Deserialize, Serialize};
 use crate::model::{CredentialKey, RotationId, Stage, VersionNo};
 use crate::rotation::{Step, Trigger};
 
+pub mod memory;
 pub mod space;
 pub mod sqlite;
 mod writer;
 
+pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
 pub use writer::StateWriter;
 
