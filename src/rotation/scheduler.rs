@@ -31,25 +31,7 @@ impl Engine {
             watchdog();
         }
         loop {
-            let now = inner.now();
-            let free = inner.global.available_permits();
-            let mut due = inner.live().pop_due_limit(now, free).into_iter();
-            while let Some((key, job)) = due.next() {
-                match inner.global.clone().try_acquire_owned() {
-                    Ok(permit) => inner.clone().spawn_job(key, job, Some(permit)),
-                    Err(_) => {
-                        // A triggered task took a slot since `free` was read: this
-                        // job and every other one popped go back in the
-                        // queue (dropping them would lose their timers and
-                        // leave their `rotate --wait` callers waiting).
-                        let mut live = inner.live();
-                        live.schedule(&key, job, now);
-                        for (key, job) in due.by_ref() {
-                            live.schedule(&key, job, now);
-                        }
-                    }
-                }
-            }
+            inner.start_due(inner.now(), inner.global.available_permits());
             let next = inner.live().next_deadline();
             let mut sleep = match next {
                 Some(t) => (t - inner.now()).to_std().unwrap_or(Duration::ZERO),
@@ -80,6 +62,28 @@ impl Engine {
 }
 
 impl Inner {
+    /// Starts the jobs due at `now`, at most `free` of them: the room the
+    /// global limit had when it was read, a moment before. A manual trigger
+    /// may have taken a slot since; then the job that finds no slot and
+    /// every other one popped go back in the queue, due now (dropping them
+    /// would lose their timers and leave their `rotate --wait` callers
+    /// waiting).
+    pub(super) fn start_due(self: &Arc<Self>, now: DateTime<Utc>, free: usize) {
+        let mut due = self.live().pop_due_limit(now, free).into_iter();
+        while let Some((key, job)) = due.next() {
+            match self.global.clone().try_acquire_owned() {
+                Ok(permit) => self.clone().spawn_job(key, job, Some(permit)),
+                Err(_) => {
+                    let mut live = self.live();
+                    live.schedule(&key, job, now);
+                    for (key, job) in due.by_ref() {
+                        live.schedule(&key, job, now);
+                    }
+                }
+            }
+        }
+    }
+
     /// Arms the timers of every credential in the catalog.
     pub(super) fn schedule_all(&self, resume: &HashSet<CredentialKey>, at_start: bool) {
         let catalog = self.catalog();

@@ -1,322 +1,853 @@
-//! Engine tests with a scripted vault decorator: the real local vault, SQLite
-//! state and audit log, with failures injected in front of the vault so the
-//! engine's one failure path (retry, backoff, park, resume) is exercised.
+//! Engine tests under paused time: deterministic and fast.
+//!
+//! The engine runs on a [`TokioClock`] under `tokio::time::pause()`, with
+//! its state in a [`MemoryStore`] served inline, an inline audit log, an
+//! in-memory vault with scripted faults and an in-memory sink. Nothing it
+//! awaits runs on another thread, so virtual time moves only when every task
+//! waits for a timer: a six-hour schedule takes milliseconds, and every
+//! timestamp below is exact.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Step;
-use super::{Catalog, CredEntry, Engine, VaultHandle};
+use super::{Catalog, CredEntry, Engine, Step, TokioClock, VaultHandle};
 use crate::audit::{AuditLog, verify_file};
 use crate::model::{
-    AgentId, CredentialId, CredentialKey, ErrorKind, PluginError, RotationId, SecretValue,
+    AgentId, CredentialId, CredentialKey, ErrorKind, PluginError, RotationId, SecretValue, Stage,
+    VersionNo,
 };
-use crate::state::{SqliteStore, StateStore};
+use crate::sinks::{Delivered, Notice, Sink};
+use crate::state::{CredentialRow, MemoryStore, StateStore, Write};
 use crate::telemetry::Metrics;
-use crate::vaults::local::{LocalKey, LocalVault};
 use crate::vaults::{Select, StoredVersion, Vault, VaultItem, VersionRef};
 
-/// Fails the next `failures` calls to `stage` with `kind` (and
-/// `retry_after`), then delegates.
-struct FlakyVault {
-    inner: LocalVault,
-    failures: AtomicU32,
-    kind: ErrorKind,
-    retry_after: Option<Duration>,
-    stage_calls: AtomicU32,
-    /// When each `stage` call came.
-    stage_times: Mutex<Vec<Instant>>,
+// ---------------------------------------------------------------------------
+// In-memory plug-ins
+// ---------------------------------------------------------------------------
+
+struct Version {
+    n: u64,
+    rotation: RotationId,
+    stage: Stage,
+    value: Option<Vec<u8>>,
+}
+
+/// A vault in memory with the contract's semantics (stage idempotent per
+/// rotation, promote moves current → previous → retired, retire only a
+/// previous), scripted faults and slow operations, and a log of every call
+/// with its (virtual) time.
+#[derive(Default)]
+struct MemVault {
+    paths: Mutex<HashMap<String, Vec<Version>>>,
+    faults: Mutex<VecDeque<(&'static str, PluginError)>>,
+    slow: Mutex<HashMap<&'static str, Duration>>,
+    calls: Mutex<Vec<(&'static str, String, Instant)>>,
+}
+
+impl MemVault {
+    /// The next `n` calls of `op` fail with `kind` (and `retry_after`).
+    fn fail(&self, op: &'static str, n: usize, kind: ErrorKind, retry_after: Option<Duration>) {
+        let mut f = self.faults.lock().unwrap();
+        for _ in 0..n {
+            f.push_back((
+                op,
+                PluginError::new(kind, format!("{op} refused (injected)"))
+                    .with_retry_after(retry_after),
+            ));
+        }
+    }
+
+    fn slow(&self, op: &'static str, d: Duration) {
+        self.slow.lock().unwrap().insert(op, d);
+    }
+
+    /// When each call of `op` came, for `path` (any path when `None`).
+    fn times(&self, op: &str, path: Option<&str>) -> Vec<Instant> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(o, p, _)| *o == op && path.is_none_or(|want| p == want))
+            .map(|(_, _, t)| *t)
+            .collect()
+    }
+
+    fn stages(&self, path: &str) -> Vec<(u64, Stage)> {
+        self.paths
+            .lock()
+            .unwrap()
+            .get(path)
+            .map(|vs| vs.iter().map(|v| (v.n, v.stage)).collect())
+            .unwrap_or_default()
+    }
+
+    async fn enter(&self, op: &'static str, path: &str) -> Result<(), PluginError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((op, path.to_owned(), Instant::now()));
+        let delay = self.slow.lock().unwrap().get(op).copied();
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        let mut faults = self.faults.lock().unwrap();
+        if faults.front().is_some_and(|(o, _)| *o == op) {
+            return Err(faults.pop_front().expect("checked").1);
+        }
+        Ok(())
+    }
+}
+
+fn parse(r: &VersionRef) -> u64 {
+    r.0.parse().expect("a version number")
 }
 
 #[async_trait]
-impl Vault for FlakyVault {
+impl Vault for MemVault {
     fn name(&self) -> &str {
-        self.inner.name()
+        "mem"
     }
+
     async fn stage(
         &self,
         item: VaultItem<'_>,
         rotation: &RotationId,
         value: &SecretValue,
     ) -> Result<VersionRef, PluginError> {
-        self.stage_calls.fetch_add(1, Ordering::SeqCst);
-        self.stage_times.lock().unwrap().push(Instant::now());
-        let left = self.failures.load(Ordering::SeqCst);
-        if left > 0 {
-            self.failures.store(left - 1, Ordering::SeqCst);
-            return Err(PluginError::new(self.kind, "vault unavailable (injected)")
-                .with_retry_after(self.retry_after));
+        self.enter("stage", item.path).await?;
+        let mut paths = self.paths.lock().unwrap();
+        let vs = paths.entry(item.path.to_owned()).or_default();
+        if let Some(v) = vs.iter().find(|v| v.rotation == *rotation) {
+            return Ok(VersionRef(v.n.to_string()));
         }
-        self.inner.stage(item, rotation, value).await
+        for v in vs.iter_mut().filter(|v| v.stage == Stage::Pending) {
+            v.stage = Stage::Retired;
+            v.value = None;
+        }
+        let n = vs.len() as u64 + 1;
+        vs.push(Version {
+            n,
+            rotation: rotation.clone(),
+            stage: Stage::Pending,
+            value: Some(value.expose().to_vec()),
+        });
+        Ok(VersionRef(n.to_string()))
     }
+
     async fn read(
         &self,
         item: VaultItem<'_>,
         select: Select<'_>,
     ) -> Result<Option<StoredVersion>, PluginError> {
-        self.inner.read(item, select).await
+        self.enter("read", item.path).await?;
+        let paths = self.paths.lock().unwrap();
+        let found = paths.get(item.path).and_then(|vs| {
+            vs.iter().find(|v| match select {
+                Select::Stage(s) => v.stage == s,
+                Select::Version(r) => v.n == parse(r),
+            })
+        });
+        Ok(found.and_then(|v| {
+            v.value.as_ref().map(|value| StoredVersion {
+                version: VersionRef(v.n.to_string()),
+                rotation: Some(v.rotation.clone()),
+                stage: v.stage,
+                value: SecretValue::new(value.clone()),
+            })
+        }))
     }
+
     async fn promote(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
-        self.inner.promote(item, version).await
+        self.enter("promote", item.path).await?;
+        let n = parse(version);
+        let mut paths = self.paths.lock().unwrap();
+        let vs = paths.entry(item.path.to_owned()).or_default();
+        match vs.iter().find(|v| v.n == n).map(|v| v.stage) {
+            Some(Stage::Current) => return Ok(()),
+            Some(Stage::Pending | Stage::Previous) => {}
+            other => {
+                return Err(PluginError::new(
+                    ErrorKind::Conflict,
+                    format!("version {n} is {other:?}"),
+                ));
+            }
+        }
+        for v in vs.iter_mut() {
+            match v.stage {
+                Stage::Previous => {
+                    v.stage = Stage::Retired;
+                    v.value = None;
+                }
+                Stage::Current => v.stage = Stage::Previous,
+                _ => {}
+            }
+        }
+        vs.iter_mut().find(|v| v.n == n).expect("found").stage = Stage::Current;
+        Ok(())
     }
+
     async fn retire(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
-        self.inner.retire(item, version).await
+        self.enter("retire", item.path).await?;
+        let n = parse(version);
+        let mut paths = self.paths.lock().unwrap();
+        let Some(v) = paths
+            .get_mut(item.path)
+            .and_then(|vs| vs.iter_mut().find(|v| v.n == n))
+        else {
+            return Ok(());
+        };
+        match v.stage {
+            Stage::Previous => {
+                v.stage = Stage::Retired;
+                v.value = None;
+                Ok(())
+            }
+            Stage::Retired => Ok(()),
+            s => Err(PluginError::new(
+                ErrorKind::Invalid,
+                format!("version {n} is {s:?}"),
+            )),
+        }
     }
+
     async fn destroy(&self, item: VaultItem<'_>) -> Result<(), PluginError> {
-        self.inner.destroy(item).await
+        self.enter("destroy", item.path).await?;
+        self.paths.lock().unwrap().remove(item.path);
+        Ok(())
     }
+
     async fn check(&self) -> Result<(), PluginError> {
-        self.inner.check().await
+        Ok(())
     }
 }
 
-struct Rig {
-    dir: tempfile::TempDir,
-    engine: Engine,
-    vault: Arc<FlakyVault>,
-    state: Arc<dyn StateStore>,
-    cancel: CancellationToken,
-    tracker: TaskTracker,
+/// One delivery: credential, version, value, when.
+type Delivery = (String, VersionNo, Vec<u8>, Instant);
+
+/// Records every delivery.
+#[derive(Default)]
+struct MemSink {
+    delivered: Mutex<Vec<Delivery>>,
 }
 
-fn key() -> CredentialKey {
+impl MemSink {
+    fn versions(&self, cred: &str) -> Vec<VersionNo> {
+        self.delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(c, ..)| c == cred)
+            .map(|(_, v, ..)| *v)
+            .collect()
+    }
+
+    fn count(&self) -> usize {
+        self.delivered.lock().unwrap().len()
+    }
+}
+
+#[async_trait]
+impl Sink for MemSink {
+    fn describe(&self) -> String {
+        "mem".into()
+    }
+    async fn deliver(
+        &self,
+        notice: &Notice,
+        value: &SecretValue,
+    ) -> Result<Delivered, PluginError> {
+        self.delivered.lock().unwrap().push((
+            notice.key.credential.to_string(),
+            notice.version,
+            value.expose().to_vec(),
+            Instant::now(),
+        ));
+        Ok(Delivered::Acknowledged)
+    }
+    async fn retract(&self, _: &CredentialKey) -> Result<(), PluginError> {
+        Ok(())
+    }
+    async fn preflight(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The rig
+// ---------------------------------------------------------------------------
+
+fn t0() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_798_761_600, 0).unwrap() // 2027-01-01T00:00:00Z
+}
+
+fn key(cred: &str) -> CredentialKey {
     CredentialKey::new(
         AgentId::new("bot").unwrap(),
-        CredentialId::new("db").unwrap(),
+        CredentialId::new(cred).unwrap(),
     )
 }
 
-async fn rig(failures: u32, kind: ErrorKind) -> Rig {
-    rig_with(failures, kind, None).await
+fn path(cred: &str) -> String {
+    format!("agents/bot/{cred}")
 }
 
-async fn rig_with(failures: u32, kind: ErrorKind, retry_after: Option<Duration>) -> Rig {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display();
-    let text = format!(
+/// `n` credentials `c0..`, each `every` with `jitter` and `grace`, and the
+/// retry settings the tests rely on: 1 s doubling to 4 s, 4 attempts.
+fn config_text(dir: &std::path::Path, n: usize, schedule: &str, extra_daemon: &str) -> String {
+    let d = dir.display();
+    let mut text = format!(
         r#"[daemon]
 state_dir = "{d}/state"
 socket = "{d}/control.sock"
 delivery_roots = ["{d}/agents"]
-retry = {{ initial_delay = "10ms", max_delay = "40ms", max_attempts = 3 }}
+retry = {{ initial_delay = "1s", max_delay = "4s", max_attempts = 4 }}
+catch_up_spread = "10m"
+{extra_daemon}
 [vaults.local]
 type = "local"
 [agents.bot]
 owner = "alice@example.com"
 tenant = "acme"
 tier = "high"
-[agents.bot.credentials.db]
-vault = "local"
-generate = {{ kind = "password", length = 20 }}
-every = "1h"
-grace = "1h"
-deliver = [{{ type = "file", path = "{d}/agents/bot/db" }}]
 "#
     );
-    let config = crate::config::load_str(&dir.path().join("k.toml"), &text).expect("valid config");
+    for i in 0..n {
+        text.push_str(&format!(
+            "[agents.bot.credentials.c{i}]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 20 }}\n{schedule}\ndeliver = [{{ type = \"file\", path = \"{d}/agents/bot/c{i}\" }}]\n"
+        ));
+    }
+    text
+}
+
+struct Rig {
+    dir: tempfile::TempDir,
+    engine: Engine,
+    vault: Arc<MemVault>,
+    sink: Arc<MemSink>,
+    store: Arc<MemoryStore>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    start: Instant,
+}
+
+/// Builds the catalog from `text`, with every credential kept in `vault` and
+/// delivered to `sink`.
+fn catalog(
+    dir: &std::path::Path,
+    text: &str,
+    vault: &Arc<MemVault>,
+    sink: &Arc<MemSink>,
+) -> Catalog {
+    let config = crate::config::load_str(&dir.join("k.toml"), text).expect("valid config");
     let mut catalog = Catalog::build(config, None).expect("catalog");
-    let vault = Arc::new(FlakyVault {
-        inner: LocalVault::open("local", &dir.path().join("vault"), LocalKey::generate()).unwrap(),
-        failures: AtomicU32::new(failures),
-        kind,
-        retry_after,
-        stage_calls: AtomicU32::new(0),
-        stage_times: Mutex::new(Vec::new()),
-    });
-    let shared = &catalog.vaults["local"];
+    let shared = catalog.vaults["local"].clone();
     let handle = Arc::new(VaultHandle {
         vault: vault.clone(),
         limit: shared.limit.clone(),
         config: shared.config.clone(),
     });
-    let old = catalog.creds.remove(&key()).unwrap();
-    let entry = CredEntry {
-        agent: old.agent.clone(),
-        cfg: old.cfg.clone(),
-        vaults: vec![handle].into(),
-        target: old.target.clone(),
-        sinks: old.sinks.clone(),
-        offset: old.offset,
-    };
-    catalog.creds.insert(Arc::new(entry));
-    let state: Arc<dyn StateStore> =
-        Arc::new(SqliteStore::open(&dir.path().join("state.db")).unwrap());
-    let audit = AuditLog::open(&dir.path().join("audit.log"), None).unwrap();
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let engine = Engine::new(
-        catalog,
-        state.clone(),
-        audit,
-        Arc::new(Metrics::new()),
-        cancel.clone(),
-        tracker.clone(),
-    )
-    .unwrap();
-    Rig {
-        dir,
-        engine,
-        vault,
-        state,
-        cancel,
-        tracker,
+    catalog.vaults.insert("local".into(), handle.clone());
+    let keys: Vec<CredentialKey> = catalog.creds.keys().cloned().collect();
+    for k in keys {
+        let old = catalog.creds.remove(&k).unwrap();
+        let sink: Arc<dyn Sink> = sink.clone();
+        catalog.creds.insert(Arc::new(CredEntry {
+            agent: old.agent.clone(),
+            cfg: old.cfg.clone(),
+            vaults: vec![handle.clone()].into(),
+            target: old.target.clone(),
+            sinks: vec![sink].into(),
+            offset: old.offset,
+        }));
     }
+    catalog
 }
 
 impl Rig {
-    fn delivered(&self) -> Option<String> {
-        std::fs::read_to_string(self.dir.path().join("agents/bot/db")).ok()
+    async fn new(n: usize, schedule: &str) -> Rig {
+        Self::with(
+            n,
+            schedule,
+            "",
+            Arc::new(MemoryStore::new()),
+            Arc::default(),
+        )
+        .await
     }
-    fn audit_text(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap()
+
+    async fn with(
+        n: usize,
+        schedule: &str,
+        extra_daemon: &str,
+        store: Arc<MemoryStore>,
+        vault: Arc<MemVault>,
+    ) -> Rig {
+        Self::in_dir(
+            tempfile::tempdir().unwrap(),
+            n,
+            schedule,
+            extra_daemon,
+            store,
+            vault,
+        )
     }
-    async fn shutdown(self) {
+
+    /// Stops this engine and starts another on the same state, vault and
+    /// audit log: a daemon restart.
+    async fn restart(self, n: usize, schedule: &str) -> Rig {
+        let (store, vault) = (self.store.clone(), self.vault.clone());
+        let dir = self.shutdown().await;
+        Self::in_dir(dir, n, schedule, "", store, vault)
+    }
+
+    fn in_dir(
+        dir: tempfile::TempDir,
+        n: usize,
+        schedule: &str,
+        extra_daemon: &str,
+        store: Arc<MemoryStore>,
+        vault: Arc<MemVault>,
+    ) -> Rig {
+        let sink = Arc::new(MemSink::default());
+        let text = config_text(dir.path(), n, schedule, extra_daemon);
+        let catalog = catalog(dir.path(), &text, &vault, &sink);
+        let head = store.audit_head().unwrap();
+        let audit = AuditLog::open_inline(&dir.path().join("audit.log"), head.as_ref()).unwrap();
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let engine = Engine::with_clock_inline(
+            catalog,
+            store.clone(),
+            audit,
+            Arc::new(Metrics::new()),
+            Arc::new(TokioClock::starting_at(t0())),
+            cancel.clone(),
+            tracker.clone(),
+        );
+        Rig {
+            dir,
+            engine,
+            vault,
+            sink,
+            store,
+            cancel,
+            tracker,
+            start: Instant::now(),
+        }
+    }
+
+    /// Loads state, arms the timers and runs the scheduler.
+    async fn run(&self) {
+        self.engine.start().await.unwrap();
+        let e = self.engine.clone();
+        self.tracker
+            .spawn(async move { e.run_scheduler(None, || {}).await });
+    }
+
+    /// Virtual time since the rig was made.
+    fn at(&self, t: Instant) -> Duration {
+        t.duration_since(self.start)
+    }
+
+    fn status(&self, cred: &str) -> super::CredStatus {
+        self.engine
+            .status()
+            .into_iter()
+            .find(|s| s.key == key(cred))
+            .unwrap()
+    }
+
+    /// Waits (in virtual time) until `f` holds; panics after `limit`.
+    async fn until(&self, limit: Duration, what: &str, f: impl Fn(&Rig) -> bool) {
+        let deadline = Instant::now() + limit;
+        while !f(self) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not after {limit:?}; status {:?}",
+                self.engine.status()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the engine and checks the audit chain; gives back the
+    /// directory (for a restart).
+    async fn shutdown(self) -> tempfile::TempDir {
         self.cancel.cancel();
         self.tracker.close();
         self.tracker.wait().await;
         self.engine.audit().close().await;
-        let head = self.state.audit_head().unwrap();
+        let head = self.store.audit_head().unwrap();
         verify_file(&self.dir.path().join("audit.log"), head.as_ref()).expect("audit chain intact");
+        self.dir
     }
 }
 
-#[tokio::test]
-async fn transient_failures_are_retried_within_the_rotation() {
-    let rig = rig(2, ErrorKind::Transient).await;
-    let done = rig.engine.trigger(&key()).unwrap().await.unwrap();
-    assert_eq!(done.error, None);
-    assert_eq!(done.version, Some(1));
+const HOUR: Duration = Duration::from_secs(3600);
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+/// The whole life of a credential: its first version at once, a rotation
+/// exactly when due, the previous version retired exactly when its grace
+/// ends — six hours of schedule in milliseconds.
+#[tokio::test(start_paused = true)]
+async fn a_credential_rotates_on_schedule_and_its_previous_version_retires_after_grace() {
+    let rig = Rig::new(1, "every = \"6h\"\ngrace = \"1h\"").await;
+    rig.run().await;
+    rig.until(Duration::from_secs(1), "first version", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    let delivered_at = rig.sink.delivered.lock().unwrap()[0].3;
     assert_eq!(
-        rig.vault.stage_calls.load(Ordering::SeqCst),
-        3,
-        "two failures, then success"
+        rig.at(delivered_at),
+        Duration::ZERO,
+        "the first version at once"
     );
-    assert_eq!(rig.delivered().map(|v| v.len()), Some(20));
-    let audit = rig.audit_text();
-    assert_eq!(audit.matches("\"event\":\"rotation.create\",\"actor\":{\"type\":\"daemon\"},\"outcome\":\"failed\"").count(), 2, "{audit}");
-    let rows = rig.state.versions(&key()).unwrap();
-    assert_eq!(rows.len(), 1, "exactly one version despite the retries");
+    tokio::time::sleep(14 * HOUR).await;
+    let stages = rig.vault.times("stage", None);
+    let stage_at: Vec<Duration> = stages.iter().map(|t| rig.at(*t)).collect();
+    assert_eq!(stage_at, vec![Duration::ZERO, 6 * HOUR, 12 * HOUR]);
+    let retires: Vec<Duration> = rig
+        .vault
+        .times("retire", None)
+        .iter()
+        .map(|t| rig.at(*t))
+        .collect();
+    assert_eq!(
+        retires,
+        vec![7 * HOUR, 13 * HOUR],
+        "one hour of grace after each delivery"
+    );
+    assert_eq!(rig.sink.versions("c0"), vec![1, 2, 3]);
+    assert_eq!(
+        rig.vault.stages(&path("c0")),
+        vec![
+            (1, Stage::Retired),
+            (2, Stage::Retired),
+            (3, Stage::Current)
+        ]
+    );
+    let s = rig.status("c0");
+    assert_eq!((s.version, s.state), (Some(3), "idle"));
+    assert_eq!(
+        s.next_due,
+        Some(t0() + chrono::Duration::hours(18)),
+        "due six hours after the last delivery"
+    );
     rig.shutdown().await;
 }
 
-#[tokio::test]
-async fn exhausted_retries_park_the_rotation_and_status_names_the_step_then_it_completes() {
-    // 3 attempts per run: the first run fails, the parked retry succeeds.
-    let rig = rig(3, ErrorKind::Throttled).await;
-    let sched = {
-        let e = rig.engine.clone();
-        tokio::spawn(async move { e.run_scheduler(None, || {}).await })
-    };
-    let first = rig.engine.trigger(&key()).unwrap().await.unwrap();
-    let err = first.error.expect("the rotation fails after 3 attempts");
+/// A transient failure is retried inside the rotation with capped
+/// exponential back-off and jitter: delays in [1 s, 2 s), then [2 s, 4 s).
+#[tokio::test(start_paused = true)]
+async fn transient_failures_are_retried_with_backoff_within_the_rotation() {
+    let rig = Rig::new(1, "every = \"6h\"").await;
+    rig.vault.fail("stage", 2, ErrorKind::Transient, None);
+    let done = rig.engine.trigger(&key("c0")).unwrap().await.unwrap();
+    assert_eq!((done.error, done.version), (None, Some(1)));
+    let t = rig.vault.times("stage", None);
+    assert_eq!(t.len(), 3, "two failures, then success");
+    let (d1, d2) = (t[1] - t[0], t[2] - t[1]);
     assert!(
-        err.contains("bot/db") && err.contains("step create") && err.contains("vault \"local\""),
+        d1 >= Duration::from_secs(1) && d1 < Duration::from_secs(2),
+        "{d1:?}"
+    );
+    assert!(
+        d2 >= Duration::from_secs(2) && d2 < Duration::from_secs(4),
+        "{d2:?}"
+    );
+    let versions = rig.store.versions(&key("c0")).unwrap();
+    assert_eq!(versions.len(), 1, "exactly one version despite the retries");
+    let audit = std::fs::read_to_string(rig.dir.path().join("audit.log")).unwrap();
+    assert_eq!(
+        audit
+            .lines()
+            .filter(|l| l.contains("\"event\":\"rotation.create\"")
+                && l.contains("\"outcome\":\"failed\""))
+            .count(),
+        2
+    );
+    rig.shutdown().await;
+}
+
+/// After its retries a rotation is parked: status names the step and the
+/// error; the scheduler tries again after the park delay (the retry ceiling,
+/// doubled per consecutive failure), and the same rotation then completes.
+#[tokio::test(start_paused = true)]
+async fn exhausted_retries_park_the_rotation_with_a_doubling_delay_then_it_completes() {
+    let rig = Rig::new(1, "every = \"6h\"").await;
+    // Two runs of 4 attempts fail; the third run's first attempt succeeds.
+    rig.vault.fail("stage", 8, ErrorKind::Throttled, None);
+    rig.run().await;
+    rig.until(Duration::from_secs(30), "parked once", |r| {
+        r.status("c0").state == "failed"
+    })
+    .await;
+    let s = rig.status("c0");
+    assert_eq!(
+        s.step,
+        Some(Step::Create),
+        "a parked rotation shows its step"
+    );
+    assert!(s.rotation.is_some());
+    let err = s.last_error.unwrap_or_default();
+    assert!(
+        err.contains("step create") && err.contains("throttled"),
         "{err}"
     );
-    let status = rig.engine.status();
-    assert_eq!(status[0].state, "failed");
-    assert_eq!(
-        status[0].step,
-        Some(Step::Create),
-        "a parked rotation shows the step it failed at"
-    );
-    assert!(status[0].rotation.is_some(), "{:?}", status[0]);
+    rig.until(Duration::from_secs(120), "delivered", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    let t = rig.vault.times("stage", None);
+    assert_eq!(t.len(), 9);
+    // Parked after attempt 4 and after attempt 8: 4 s, then 8 s.
+    assert!(t[4] - t[3] >= Duration::from_secs(4) && t[4] - t[3] < Duration::from_secs(5));
+    assert!(t[8] - t[7] >= Duration::from_secs(8) && t[8] - t[7] < Duration::from_secs(9));
+    let s = rig.status("c0");
+    assert_eq!((s.version, s.last_error.as_deref()), (Some(1), None));
+    let rotations: Vec<RotationId> = rig
+        .store
+        .snapshot()
+        .unwrap()
+        .unfinished
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
     assert!(
-        status[0]
-            .last_error
-            .as_deref()
-            .unwrap_or("")
-            .contains("step create"),
-        "{:?}",
-        status[0]
+        rotations.len() <= 1,
+        "one rotation throughout: {rotations:?}"
     );
-    assert!(rig.delivered().is_none());
+    assert_eq!(rig.store.versions(&key("c0")).unwrap().len(), 1);
+    rig.shutdown().await;
+}
 
-    // The parked rotation is retried by the scheduler (park delay = 40ms) and completes.
-    let mut waited = 0;
-    while rig.engine.status()[0].version.is_none() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        waited += 1;
+#[tokio::test(start_paused = true)]
+async fn a_non_retryable_error_parks_at_once_and_a_manual_retry_resumes() {
+    let rig = Rig::new(1, "every = \"6h\"").await;
+    rig.vault.fail("stage", 1, ErrorKind::Unauthorized, None);
+    let done = rig.engine.trigger(&key("c0")).unwrap().await.unwrap();
+    assert!(done.error.unwrap().contains("unauthorized"));
+    assert_eq!(rig.vault.times("stage", None).len(), 1, "no retry");
+    let again = rig.engine.trigger(&key("c0")).unwrap().await.unwrap();
+    assert_eq!((again.error, again.version), (None, Some(1)));
+    rig.shutdown().await;
+}
+
+/// A server's `Retry-After` lengthens every wait shorter than it: the
+/// in-step back-off and the wait before the parked rotation's retry.
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured_by_the_in_step_retries_and_by_the_parked_retry() {
+    const AFTER: Duration = Duration::from_secs(7);
+    let rig = Rig::new(1, "every = \"6h\"").await;
+    rig.vault
+        .fail("stage", 4, ErrorKind::Throttled, Some(AFTER));
+    rig.run().await;
+    rig.until(Duration::from_secs(300), "delivered", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    let t = rig.vault.times("stage", None);
+    assert_eq!(t.len(), 5, "4 throttled attempts, then success");
+    for w in t.windows(2) {
         assert!(
-            waited < 250,
-            "the parked rotation was never retried: {:?}",
-            rig.engine.status()
+            w[1] - w[0] >= AFTER,
+            "{:?} after a throttled attempt",
+            w[1] - w[0]
         );
     }
-    let s = &rig.engine.status()[0];
-    assert_eq!(s.version, Some(1));
-    assert_eq!(s.last_error, None, "a success clears the error");
-    assert!(rig.delivered().is_some());
-    // The retry resumed the same rotation: one rotation id, one version.
-    assert_eq!(rig.state.versions(&key()).unwrap().len(), 1);
-    sched.abort();
     rig.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_non_retryable_error_parks_at_once() {
-    let rig = rig(1, ErrorKind::Unauthorized).await;
-    let done = rig.engine.trigger(&key()).unwrap().await.unwrap();
-    assert!(done.error.unwrap().contains("unauthorized"));
-    assert_eq!(
-        rig.vault.stage_calls.load(Ordering::SeqCst),
-        1,
-        "no retry of an unauthorized call"
-    );
-    // A manual retry resumes the same rotation and succeeds.
-    let again = rig.engine.trigger(&key()).unwrap().await.unwrap();
-    assert_eq!(again.error, None);
-    assert_eq!(again.version, Some(1));
-    rig.shutdown().await;
-}
-
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn concurrent_triggers_join_one_rotation() {
-    let rig = rig(0, ErrorKind::Transient).await;
-    let a = rig.engine.trigger(&key()).unwrap();
-    let b = rig.engine.trigger(&key()).unwrap();
+    let rig = Rig::new(1, "every = \"6h\"").await;
+    rig.vault.slow("stage", Duration::from_secs(2));
+    let a = rig.engine.trigger(&key("c0")).unwrap();
+    let b = rig.engine.trigger(&key("c0")).unwrap();
     let (a, b) = (a.await.unwrap(), b.await.unwrap());
     assert_eq!(a.rotation, b.rotation);
-    assert_eq!(rig.vault.stage_calls.load(Ordering::SeqCst), 1);
-    let next = rig.engine.trigger(&key()).unwrap().await.unwrap();
+    assert_eq!(rig.vault.times("stage", None).len(), 1);
+    let next = rig.engine.trigger(&key("c0")).unwrap().await.unwrap();
     assert_eq!(next.version, Some(2));
     rig.shutdown().await;
 }
 
-#[tokio::test]
-async fn retry_after_is_honoured_by_the_in_step_retries_and_by_the_parked_retry() {
-    // 3 attempts per run and a park delay of 40 ms: the first run fails
-    // three times, the parked retry succeeds. Every wait, the one before the
-    // parked retry included, must be at least the vault's Retry-After.
-    const AFTER: Duration = Duration::from_millis(300);
-    let rig = rig_with(3, ErrorKind::Throttled, Some(AFTER)).await;
-    let sched = {
-        let e = rig.engine.clone();
-        tokio::spawn(async move { e.run_scheduler(None, || {}).await })
-    };
-    let first = rig.engine.trigger(&key()).unwrap().await.unwrap();
-    assert!(first.error.is_some(), "parked after 3 throttled attempts");
-    let mut waited = 0;
-    while rig.engine.status()[0].version.is_none() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        waited += 1;
-        assert!(waited < 250, "never retried: {:?}", rig.engine.status());
-    }
-    let times = rig.vault.stage_times.lock().unwrap().clone();
-    assert_eq!(times.len(), 4, "3 throttled attempts, then success");
-    for (i, w) in times.windows(2).enumerate() {
-        let gap = w[1] - w[0];
+/// Rotations overdue after downtime are spread over `catch_up_spread` (most
+/// overdue first), not fired at once.
+#[tokio::test(start_paused = true)]
+async fn overdue_rotations_after_downtime_are_spread_over_the_catch_up_window() {
+    const N: usize = 6;
+    let store = Arc::new(MemoryStore::new());
+    // Every credential was last rotated 2-7 h ago on a 1 h schedule.
+    let rows: Vec<Write> = (0..N)
+        .map(|i| {
+            Write::Credential(CredentialRow {
+                key: key(&format!("c{i}")),
+                current_version: Some(1),
+                last_rotated_at: Some(t0() - chrono::Duration::hours(2 + i as i64)),
+                next_due: None,
+                consecutive_failures: 0,
+                last_error: None,
+            })
+        })
+        .collect();
+    store.apply(&rows).unwrap();
+    let rig = Rig::with(N, "every = \"1h\"", "", store, Arc::default()).await;
+    rig.run().await;
+    rig.until(Duration::from_secs(700), "all caught up", |r| {
+        r.sink.count() == N
+    })
+    .await;
+    let mut starts: Vec<(Duration, String)> = (0..N)
+        .map(|i| {
+            let c = format!("c{i}");
+            (rig.at(rig.vault.times("stage", Some(&path(&c)))[0]), c)
+        })
+        .collect();
+    starts.sort();
+    let order: Vec<&str> = starts.iter().map(|(_, c)| c.as_str()).collect();
+    assert_eq!(
+        order,
+        vec!["c5", "c4", "c3", "c2", "c1", "c0"],
+        "most overdue first"
+    );
+    assert!(
+        starts.windows(2).all(|w| w[1].0 > w[0].0),
+        "one at a time: {starts:?}"
+    );
+    let last = starts.last().unwrap().0;
+    assert!(
+        last >= Duration::from_secs(5 * 60) && last <= Duration::from_secs(10 * 60),
+        "spread over the 10 min window: {starts:?}"
+    );
+    rig.shutdown().await;
+}
+
+/// Jitter is a stable offset per credential: the same after a restart, and
+/// a credential is never due later than its interval (it fires `offset`
+/// early).
+#[tokio::test(start_paused = true)]
+async fn jitter_is_a_stable_per_credential_offset_across_restarts() {
+    let schedule = "every = \"6h\"\njitter = \"1h\"";
+    let first = Rig::new(3, schedule).await;
+    first.run().await;
+    first
+        .until(Duration::from_secs(1), "first versions", |r| {
+            r.sink.count() == 3
+        })
+        .await;
+    let due: Vec<_> = (0..3)
+        .map(|i| first.status(&format!("c{i}")).next_due.unwrap())
+        .collect();
+    for d in &due {
+        let early = t0() + chrono::Duration::hours(6) - *d;
         assert!(
-            gap >= AFTER,
-            "attempt {} came {gap:?} after a throttled one (Retry-After {AFTER:?})",
-            i + 2
+            early >= chrono::Duration::zero() && early < chrono::Duration::hours(1),
+            "fires within the jitter before the interval ends: {early}"
         );
     }
-    sched.abort();
+    assert!(
+        due[0] != due[1] || due[1] != due[2],
+        "credentials do not fire in lockstep"
+    );
+    let second = first.restart(3, schedule).await;
+    second.run().await;
+    let again: Vec<_> = (0..3)
+        .map(|i| second.status(&format!("c{i}")).next_due.unwrap())
+        .collect();
+    assert_eq!(again, due, "the same offsets after a restart");
+    second.shutdown().await;
+}
+
+/// The race fixed in the scheduler: the room in the global limit is read,
+/// due jobs are popped, and a manual trigger has taken a slot in between.
+/// The jobs that find no slot go back in the queue, due now: none is lost,
+/// and every credential still rotates.
+#[tokio::test(start_paused = true)]
+async fn jobs_popped_when_a_trigger_took_their_slot_go_back_in_the_queue() {
+    const N: usize = 4;
+    let rig = Rig::with(
+        N,
+        "every = \"6h\"",
+        "max_concurrent_rotations = 1",
+        Arc::new(MemoryStore::new()),
+        Arc::default(),
+    )
+    .await;
+    rig.vault.slow("stage", Duration::from_secs(1));
+    rig.engine.start().await.unwrap(); // every credential due now (no version)
+    // A manual rotation holds the only slot...
+    let manual = rig.engine.trigger(&key("c0")).unwrap();
+    tokio::task::yield_now().await;
+    assert_eq!(rig.engine.inner.global.available_permits(), 0);
+    // ...while the scheduler acts on a stale reading of one free slot.
+    rig.engine.inner.start_due(rig.engine.inner.now(), 1);
+    let queued = N - 1;
+    let armed = (1..N)
+        .filter(|i| {
+            rig.engine
+                .inner
+                .live()
+                .deadline(&key(&format!("c{i}")), super::table::Job::Rotate)
+                .is_some()
+        })
+        .count();
+    assert_eq!(armed, queued, "every popped job is back in the queue");
+    assert_eq!(manual.await.unwrap().version, Some(1));
+    let e = rig.engine.clone();
+    rig.tracker
+        .spawn(async move { e.run_scheduler(None, || {}).await });
+    rig.until(Duration::from_secs(60), "all rotated", |r| {
+        r.sink.count() == N
+    })
+    .await;
+    for i in 0..N {
+        assert_eq!(rig.sink.versions(&format!("c{i}")), vec![1]);
+    }
     rig.shutdown().await;
+}
+
+/// On shutdown the step in flight finishes and is persisted; the rotation
+/// then resumes at the next start, as the same rotation with one version.
+#[tokio::test(start_paused = true)]
+async fn shutdown_drains_the_step_in_flight_and_the_rotation_resumes() {
+    let rig = Rig::new(1, "every = \"6h\"").await;
+    let (store, vault) = (rig.store.clone(), rig.vault.clone());
+    vault.slow("stage", Duration::from_secs(5));
+    let waiter = rig.engine.trigger(&key("c0")).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rig.cancel.cancel();
+    let told = waiter.await.unwrap();
+    assert!(told.error.unwrap().contains("stopping"));
+    let cut = store.latest_rotation(&key("c0")).unwrap().unwrap();
+    assert_eq!(cut.step, Step::Promote, "create finished and was recorded");
+    assert!(rig.sink.count() == 0);
+    vault.slow("stage", Duration::ZERO);
+    let again = rig.restart(1, "every = \"6h\"").await;
+    again.run().await;
+    again
+        .until(Duration::from_secs(10), "delivered", |r| {
+            r.sink.count() == 1
+        })
+        .await;
+    let done = store.latest_rotation(&key("c0")).unwrap().unwrap();
+    assert_eq!(done.id, cut.id, "the same rotation resumed");
+    assert_eq!(
+        vault.times("stage", None).len(),
+        1,
+        "create was not run again"
+    );
+    assert_eq!(vault.stages(&path("c0")), vec![(1, Stage::Current)]);
+    again.shutdown().await;
 }
