@@ -286,11 +286,15 @@ def cred_spec(i: int) -> tuple[str, str, bool]:
 
 
 def write_config(d: Path, n: int) -> tuple[Path, list[tuple[str, str]]]:
-    """Writes d/keyturn.toml with n credentials. Returns it and the expected
-    delivered entries as (agent dir, name)."""
+    """Writes the config directory for n credentials: d/keyturn.toml (daemon,
+    vault) and one d/agents.d/<agent>.toml per agent, as config management
+    would drop them. Returns keyturn.toml and the expected delivered entries
+    as (agent dir, name)."""
     d.mkdir(parents=True, exist_ok=True)
     (d / "agents").mkdir(exist_ok=True)
-    lines = [
+    agents_d = d / "agents.d"
+    agents_d.mkdir(exist_ok=True)
+    main = [
         "[daemon]",
         f'state_dir = "{d}/state"',
         f'socket = "{d}/control.sock"',
@@ -309,7 +313,7 @@ def write_config(d: Path, n: int) -> tuple[Path, list[tuple[str, str]]]:
     agents = (n + CREDS_PER_AGENT - 1) // CREDS_PER_AGENT
     for a in range(agents):
         aid = f"a{a:05d}"
-        lines += [f"[agents.{aid}]", 'owner = "bench@example.com"', 'tenant = "bench"', 'tier = "low"', ""]
+        lines = [f"[agents.{aid}]", 'owner = "bench@example.com"', 'tenant = "bench"', 'tier = "low"', ""]
         for i in range(min(CREDS_PER_AGENT, n - a * CREDS_PER_AGENT)):
             cid, gen, bundle = cred_spec(i)
             if bundle:
@@ -329,8 +333,9 @@ def write_config(d: Path, n: int) -> tuple[Path, list[tuple[str, str]]]:
                 f'deliver = [{{ type = "file", path = "{aid}/{name}"{fmt_kv} }}]',
                 "",
             ]
+        (agents_d / f"{aid}.toml").write_text("\n".join(lines))
     cfg = d / "keyturn.toml"
-    cfg.write_text("\n".join(lines))
+    cfg.write_text("\n".join(main))
     return cfg, expected
 
 
@@ -595,8 +600,14 @@ def bench_size(n: int, idle_seconds: float, dev: str | None, keep: bool) -> dict
         shutil.rmtree(d)
     t0 = time.monotonic()
     cfg, expected = write_config(d, n)
-    res: dict = {"n": n, "config_bytes": cfg.stat().st_size, "config_gen_s": round(time.monotonic() - t0, 2)}
-    log(f"N={n}: config {res['config_bytes'] / 2**20:.1f} MiB written")
+    config_files = [cfg, *sorted((d / "agents.d").glob("*.toml"))]
+    res: dict = {
+        "n": n,
+        "config_bytes": sum(f.stat().st_size for f in config_files),
+        "config_files": len(config_files),
+        "config_gen_s": round(time.monotonic() - t0, 2),
+    }
+    log(f"N={n}: config {res['config_bytes'] / 2**20:.1f} MiB written in {len(config_files)} files")
 
     # Config parse + validation alone: the part of READY that is not state.
     t0 = time.monotonic()

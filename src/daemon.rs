@@ -23,7 +23,7 @@ use crate::api::protocol::{
 use crate::api::socket::{self, ControlHandler, PeerCred};
 use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
 use crate::config::{self, Config, ConfigErrors};
-use crate::memory::release_freed_memory;
+use crate::memory;
 use crate::model::CredentialKey;
 use crate::rotation::{Catalog, CredStatus, Engine};
 use crate::state::{SqliteStore, StateStore};
@@ -124,7 +124,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         .await
         .map_err(|e| startup("cannot load state", &e))?;
     tracing::debug!(elapsed = ?started.elapsed(), "rotations resumed and timers armed");
-    release_freed_memory();
+    memory::freed(memory::Freed::ConfigLoad);
 
     let sock = socket::bind(&config.daemon.socket, config.daemon.socket_group.as_deref()).map_err(
         |e| {
@@ -206,12 +206,6 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let status = format!("serving {} credentials", engine.catalog().creds.len());
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     tracing::info!(config = %config_path.display(), credentials = engine.catalog().creds.len(), "keyturn ready");
-    // The parsed config is freed on a background thread (config::load_str)
-    // while start-up goes on; give the heap back once that is surely done.
-    tokio::spawn(async {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        release_freed_memory();
-    });
 
     let mut hup = signal(SignalKind::hangup()).map_err(|e| startup("cannot handle SIGHUP", &e))?;
     let mut term =
@@ -261,11 +255,7 @@ async fn reload(config_path: &Path, engine: &Engine) {
             match Catalog::build(new, Some(&old)) {
                 Ok(catalog) => {
                     engine.reload(catalog).await;
-                    release_freed_memory();
-                    tokio::spawn(async {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        release_freed_memory();
-                    });
+                    memory::freed(memory::Freed::ConfigLoad);
                     // As at start-up: checked in the background, not on the reload path.
                     let catalog = engine.catalog();
                     tokio::spawn(async move { preflight(&catalog).await });

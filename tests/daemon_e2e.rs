@@ -506,7 +506,7 @@ fn reload_adds_a_credential_and_rotates_it() {
         env.root().display()
     ));
     std::fs::write(&env.config, text).unwrap();
-    daemon.signal(libc::SIGHUP);
+    daemon.reload();
     wait_version(&env, "bot", "token", 1);
     let token = std::fs::read_to_string(env.root().join("bot/token")).unwrap();
     assert!(token.starts_with("tok_") && token.len() == 28, "{token:?}");

@@ -21,12 +21,12 @@ use std::path::{Path, PathBuf};
 use serde::de::{DeserializeOwned, IntoDeserializer};
 use toml_edit::{Document, Item, Key, Table, TableLike, Value};
 
+use super::Config;
 use super::raw::{
     Parsed, RawAgent, RawAgentEntry, RawConfig, RawCredential, RawDaemon, RawTier, RawVault,
     TOP_LEVEL_KEYS,
 };
 use super::validate::{self, Anchor, Context, Issue, Seg, TomlPath, normalize};
-use super::{Config, fast_toml};
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,103 +66,306 @@ impl std::fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-/// Reads and validates a config file.
+/// The directory beside the config file that holds agents, one or more per
+/// `*.toml` file: the convention for files dropped by config management.
+pub const AGENTS_DIR: &str = "agents.d";
+/// The main file's name when `--config` names a directory.
+pub const MAIN_FILE: &str = "keyturn.toml";
+
+/// One file of a config, as read.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub text: String,
+    /// The main file (daemon, tiers, vaults, and agents too if it likes);
+    /// otherwise a file of `agents.d`, which holds agents only.
+    pub main: bool,
+}
+
+/// Reads and validates a config: `path` is the main file (`keyturn.toml`),
+/// read together with every `agents.d/*.toml` beside it, or a directory
+/// holding either or both.
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => load_str(path, &text),
-        Err(e) => Err(ConfigErrors(vec![ConfigError {
-            file: path.to_path_buf(),
+    let (source, files) = read_sources(path)?;
+    load_sources(&source, &files)
+}
+
+/// Validates one file's text as if read from `file` (relative paths in the
+/// text resolve against `file`'s directory, made absolute with the current
+/// directory when `file` is relative). No `agents.d` is read.
+pub fn load_str(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let files = [SourceFile {
+        path: file.to_path_buf(),
+        text: text.to_owned(),
+        main: true,
+    }];
+    load_sources(file, &files)
+}
+
+/// The files of the config `path` names, in the order they are merged: the
+/// main file first, then `agents.d/*.toml` by name.
+pub fn read_sources(path: &Path) -> Result<(PathBuf, Vec<SourceFile>), ConfigErrors> {
+    let cannot = |file: &Path, what: &str, e: &dyn std::fmt::Display| {
+        ConfigErrors(vec![ConfigError {
+            file: file.to_path_buf(),
             line: 0,
             column: 0,
             toml_path: String::new(),
-            message: format!("cannot read config file: {e}"),
-        }])),
+            message: format!("{what}: {e}"),
+        }])
+    };
+    let (dir, main, main_required) = if path.is_dir() {
+        (path.to_path_buf(), path.join(MAIN_FILE), false)
+    } else {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        (dir, path.to_path_buf(), true)
+    };
+    let mut files = Vec::new();
+    match std::fs::read_to_string(&main) {
+        Ok(text) => files.push(SourceFile {
+            path: main.clone(),
+            text,
+            main: true,
+        }),
+        Err(e) if main_required || e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(cannot(&main, "cannot read config file", &e));
+        }
+        Err(_) => {}
     }
+    let agents_dir = dir.join(AGENTS_DIR);
+    match std::fs::read_dir(&agents_dir) {
+        Ok(entries) => {
+            let mut paths: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    let name = p.file_name().unwrap_or_default().to_string_lossy();
+                    // Editors' and package managers' leftovers are not config.
+                    !name.starts_with('.') && p.extension().is_some_and(|x| x == "toml")
+                })
+                .collect();
+            paths.sort();
+            for p in paths {
+                let text = std::fs::read_to_string(&p)
+                    .map_err(|e| cannot(&p, "cannot read config file", &e))?;
+                files.push(SourceFile {
+                    path: p,
+                    text,
+                    main: false,
+                });
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(cannot(&agents_dir, "cannot read the directory", &e)),
+    }
+    if files.is_empty() {
+        return Err(cannot(
+            &main,
+            "cannot read config file",
+            &format_args!(
+                "there is neither {} nor {}",
+                main.display(),
+                agents_dir.display()
+            ),
+        ));
+    }
+    Ok((main, files))
 }
 
-/// Validates config text as if read from `file` (relative paths in the text
-/// resolve against `file`'s directory, made absolute with the current
-/// directory when `file` is relative).
-pub fn load_str(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
-    let source = if file.is_absolute() {
-        normalize(file)
+/// Validates the files of one config. `source` is the main file's path
+/// (relative paths in every file resolve against its directory).
+pub fn load_sources(source: &Path, files: &[SourceFile]) -> Result<Config, ConfigErrors> {
+    let source = if source.is_absolute() {
+        normalize(source)
     } else {
         // The only environment this reads: relative paths in the config
         // must not change meaning if the daemon later changes directory.
         let cwd = std::env::current_dir().unwrap_or_default();
-        normalize(&cwd.join(file))
+        normalize(&cwd.join(source))
     };
     let ctx = Context { source };
-
-    // Fast path, taken by every valid file (each start and reload): one
-    // serde pass over the whole file, no spans kept (our subset parser, or
-    // the `toml` crate for what it declines). It is many times quicker than
-    // the span-keeping path below and leaves far less heap behind (at 100k
-    // credentials: seconds and hundreds of MB).
-    // Any problem at all, and the file is read again the slow way, which
-    // finds every error and locates each one.
-    if let Ok(raw) = fast_parse(text)
+    // Fast path, taken by every valid config (each start and reload): each
+    // file in one serde pass, in parallel, no spans kept. Any problem at
+    // all, and the files are read again the slow way, which finds every
+    // error and locates each one.
+    if let Some(raw) = parse_all(files)
         && let Ok(config) = validate::validate(&raw, &ctx)
     {
-        // Freeing millions of small strings takes a noticeable fraction of
-        // the load (0.2 s at 100k credentials); nobody waits for it.
-        let _ = std::thread::Builder::new()
-            .name("config-free".into())
-            .spawn(move || drop(raw));
         return Ok(config);
     }
-    load_located(file, text, &ctx)
+    load_located(files, &ctx)
 }
 
-/// The slow path: spans kept, each section on its own, every error located.
-fn load_located(file: &Path, text: &str, ctx: &Context) -> Result<Config, ConfigErrors> {
-    let doc = match Document::parse(text) {
-        Ok(doc) => doc,
-        Err(e) => {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
-            // toml_edit splits its message over lines; one line reads better
-            // after `file:line:col:`.
-            let message: Vec<&str> = e.message().lines().map(str::trim).collect();
-            let mut message = message.join(": ");
-            // "duplicate key" alone does not say which: name it and its table.
-            if message == "duplicate key"
-                && let Some(span) = e.span()
-                && let Some(key) = text.get(span.clone())
-            {
-                let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
-                let line_end = text[span.start..]
-                    .find('\n')
-                    .map_or(text.len(), |i| span.start + i);
-                message = format!(
-                    "duplicate key `{key}` (in `{}`): a table or key may be defined only once",
-                    text[line_start..line_end].trim()
-                );
-            }
-            return Err(ConfigErrors(vec![ConfigError {
-                file: file.to_path_buf(),
-                line,
-                column,
-                toml_path: String::new(),
-                message: format!("TOML syntax error: {message}"),
-            }]));
+/// Every file parsed with the `toml` crate, on up to one scoped thread per
+/// core, and merged; `None` at the first problem (the located path then
+/// says what it is).
+fn parse_all(files: &[SourceFile]) -> Option<RawConfig> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, files.len().max(1));
+    let mut parsed: Vec<Option<File>> = Vec::with_capacity(files.len());
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|w| {
+                s.spawn(move || {
+                    files
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| i % threads == w)
+                        .map(|(i, f)| (i, parse_one(f)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<(usize, Option<File>)> = workers
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect();
+        all.sort_by_key(|(i, _)| *i);
+        parsed.extend(all.into_iter().map(|(_, f)| f));
+    });
+    if parsed.len() != files.len() {
+        return None;
+    }
+    let mut raw = RawConfig::default();
+    let mut seen = std::collections::HashSet::new();
+    for f in parsed {
+        let f = f?;
+        if f.agents.keys().any(|name| !seen.insert(name.clone())) {
+            return None; // an agent in two files
         }
-    };
+        merge_raw(&mut raw, into_raw(f));
+    }
+    Some(raw)
+}
 
-    let (raw, mut issues) = deserialize_sections(doc.as_table());
-    let config = validate::validate(&raw, ctx);
-    match config {
+fn parse_one(f: &SourceFile) -> Option<File> {
+    if f.main {
+        toml::from_str::<File>(&f.text).ok()
+    } else {
+        toml::from_str::<AgentsFile>(&f.text).ok().map(|a| File {
+            daemon: None,
+            tiers: None,
+            vaults: BTreeMap::new(),
+            agents: a.agents,
+        })
+    }
+}
+
+/// Adds `more` (one file's sections) to `raw`.
+fn merge_raw(raw: &mut RawConfig, more: RawConfig) {
+    if more.daemon.is_some() {
+        raw.daemon = more.daemon;
+    }
+    if more.tiers.is_some() {
+        raw.tiers = more.tiers;
+    }
+    raw.vaults.extend(more.vaults);
+    raw.agents.extend(more.agents);
+}
+
+/// The slow path: spans kept, each section on its own, every error located
+/// in the file it is in.
+fn load_located(files: &[SourceFile], ctx: &Context) -> Result<Config, ConfigErrors> {
+    let mut docs = Vec::with_capacity(files.len());
+    let mut errors = Vec::new();
+    for f in files {
+        match Document::parse(f.text.as_str()) {
+            Ok(doc) => docs.push(Some(doc)),
+            Err(e) => {
+                errors.push(syntax_error(&f.path, &f.text, &e));
+                docs.push(None);
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    let docs: Vec<Document<&str>> = docs.into_iter().flatten().collect();
+
+    let mut raw = RawConfig::default();
+    let mut issues: Vec<(usize, Issue)> = Vec::new();
+    // Which file defines each agent, to locate the issues under it.
+    let mut agent_file: std::collections::HashMap<String, usize> = Default::default();
+    let main = files.iter().position(|f| f.main).unwrap_or(0);
+    for (i, (f, doc)) in files.iter().zip(&docs).enumerate() {
+        let (mut more, found) = deserialize_sections(doc.as_table(), f.main);
+        issues.extend(found.into_iter().map(|issue| (i, issue)));
+        more.agents.retain(|(name, _)| match agent_file.get(name) {
+            Some(first) => {
+                issues.push((
+                    i,
+                    Issue::at_key(
+                        TomlPath::root().key("agents").key(name),
+                        format!(
+                            "agent `{name}` is already defined in {}; an agent is defined in one file",
+                            files[*first].path.display()
+                        ),
+                    ),
+                ));
+                false
+            }
+            None => {
+                agent_file.insert(name.clone(), i);
+                true
+            }
+        });
+        merge_raw(&mut raw, more);
+    }
+    match validate::validate(&raw, ctx) {
         Ok(config) if issues.is_empty() => return Ok(config),
         Ok(_) => {}
-        Err(more) => issues.extend(more),
+        Err(more) => {
+            for issue in more {
+                let file = match issue.path.segments() {
+                    [Seg::Key(top), Seg::Key(agent), ..] if &**top == "agents" => {
+                        agent_file.get(&**agent).copied().unwrap_or(main)
+                    }
+                    _ => main,
+                };
+                issues.push((file, issue));
+            }
+        }
     }
-
-    let mut errors: Vec<ConfigError> = issues
+    let mut errors: Vec<(usize, ConfigError)> = issues
         .into_iter()
-        .map(|issue| to_error(file, text, &doc, issue))
+        .map(|(i, issue)| (i, to_error(&files[i].path, &files[i].text, &docs[i], issue)))
         .collect();
-    errors.sort_by_key(|e| (e.line, e.column));
+    errors.sort_by_key(|(i, e)| (*i, e.line, e.column));
     errors.dedup();
-    Err(ConfigErrors(errors))
+    Err(ConfigErrors(errors.into_iter().map(|(_, e)| e).collect()))
+}
+
+fn syntax_error(file: &Path, text: &str, e: &toml_edit::TomlError) -> ConfigError {
+    let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+    // toml_edit splits its message over lines; one line reads better after
+    // `file:line:col:`.
+    let message: Vec<&str> = e.message().lines().map(str::trim).collect();
+    let mut message = message.join(": ");
+    // "duplicate key" alone does not say which: name it and its table.
+    if message == "duplicate key"
+        && let Some(span) = e.span()
+        && let Some(key) = text.get(span.clone())
+    {
+        let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text[span.start..]
+            .find('\n')
+            .map_or(text.len(), |i| span.start + i);
+        message = format!(
+            "duplicate key `{key}` (in `{}`): a table or key may be defined only once",
+            text[line_start..line_end].trim()
+        );
+    }
+    ConfigError {
+        file: file.to_path_buf(),
+        line,
+        column,
+        toml_path: String::new(),
+        message: format!("TOML syntax error: {message}"),
+    }
 }
 
 /// A one-paragraph description of a loaded config, for `keyturn check`.
@@ -183,7 +386,7 @@ pub fn summary(cfg: &Config) -> String {
     s
 }
 
-/// The whole file in one serde pass (the shape [`fast_parse`] reads).
+/// A main file in one serde pass (the fast path).
 #[derive(Debug, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct File {
@@ -191,6 +394,14 @@ pub(super) struct File {
     tiers: Option<BTreeMap<String, RawTier>>,
     #[serde(default)]
     vaults: BTreeMap<String, RawVault>,
+    #[serde(default)]
+    agents: BTreeMap<String, FileAgent>,
+}
+
+/// A file of `agents.d` in one serde pass: agents only.
+#[derive(Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AgentsFile {
     #[serde(default)]
     agents: BTreeMap<String, FileAgent>,
 }
@@ -205,37 +416,6 @@ pub(super) struct FileAgent {
     gid: Option<u32>,
     #[serde(default)]
     credentials: BTreeMap<String, RawCredential>,
-}
-
-/// The whole file in one serde pass (the fast path of [`load_str`]). Agents
-/// and credentials come out in key order rather than file order; that only
-/// matters for which of two clashing entries an error names, and errors are
-/// always reported by the slow path.
-fn fast_parse(text: &str) -> Result<RawConfig, Box<dyn std::error::Error + Send + Sync>> {
-    // Two tiers: our strict subset parser takes every config keyturn writes
-    // in a fraction of the time and heap of `toml` (it borrows strings from
-    // the text and keeps no tokens or spans); whatever it declines, even a
-    // valid file, goes to `toml`, which reads all of TOML.
-    let parse = || -> Result<RawConfig, Box<dyn std::error::Error + Send + Sync>> {
-        let f = match fast_toml::from_str::<File>(text) {
-            Ok(f) => f,
-            Err(_) => toml::from_str::<File>(text)?,
-        };
-        Ok(into_raw(f))
-    };
-    // On a scratch thread: glibc gives it its own malloc arena, so the
-    // parser's transient heap (hundreds of MB when `toml` does the work) is
-    // handed back to the OS when freed instead of staying in the main arena
-    // for the daemon's lifetime. Without a thread, parse here.
-    std::thread::scope(|s| {
-        match std::thread::Builder::new()
-            .name("config-parse".into())
-            .spawn_scoped(s, parse)
-        {
-            Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
-            Err(_) => parse(),
-        }
-    })
 }
 
 fn into_raw(f: File) -> RawConfig {
@@ -275,14 +455,24 @@ fn into_raw(f: File) -> RawConfig {
 }
 
 /// Step 2: every section deserialized on its own; failures become issues and
-/// [`Parsed::Invalid`] entries.
-fn deserialize_sections(root: &Table) -> (RawConfig, Vec<Issue>) {
+/// [`Parsed::Invalid`] entries. A file of `agents.d` (`main` false) holds
+/// agents only.
+fn deserialize_sections(root: &Table, main: bool) -> (RawConfig, Vec<Issue>) {
     let mut raw = RawConfig::default();
     let mut issues = Vec::new();
     let top = TomlPath::root();
 
     for (name, item) in root.iter() {
         let p = top.key(name);
+        if !main && name != "agents" {
+            issues.push(Issue::at_key(
+                p.clone(),
+                format!(
+                    "`{name}` belongs in {MAIN_FILE}; a file in {AGENTS_DIR} holds only [agents.NAME] tables"
+                ),
+            ));
+            continue;
+        }
         match name {
             "daemon" => raw.daemon = Some(section(item, &p, &mut issues)),
             "tiers" => {
@@ -717,42 +907,107 @@ generate = { kind = \"ed25519\" }\n[[agents.a.credentials.c.deliver]]\ntype = \"
         assert_eq!(paths, ["vaults.v", "agents.a.credentials.c.every"], "{e:?}");
     }
 
-    /// Both paths must read a valid file the same way: every good fixture
-    /// and every shipped config, compared field by field (Debug output).
-    #[test]
-    fn the_fast_path_reads_valid_files_exactly_like_the_located_path() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut files = Vec::new();
-        for dir in ["tests/fixtures/config", "config", "config/examples"] {
-            for e in std::fs::read_dir(root.join(dir)).unwrap() {
-                let p = e.unwrap().path();
-                let name = p.file_name().unwrap().to_string_lossy().into_owned();
-                if p.extension().is_some_and(|x| x == "toml") && !name.starts_with("bad-") {
-                    files.push(p);
-                }
-            }
+    /// A config directory: `keyturn.toml` and `agents.d/*.toml`.
+    fn config_dir(main: Option<&str>, agents: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(m) = main {
+            std::fs::write(dir.path().join(MAIN_FILE), m).unwrap();
         }
-        assert!(files.len() >= 6, "{files:?}");
-        for f in files {
-            let text = std::fs::read_to_string(&f).unwrap();
-            let ctx = Context {
-                source: normalize(&f),
-            };
-            let raw = fast_parse(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            let fast =
-                validate::validate(&raw, &ctx).unwrap_or_else(|e| panic!("{}: {e:?}", f.display()));
-            let slow = load_located(&f, &text, &ctx).unwrap();
-            assert_eq!(format!("{fast:?}"), format!("{slow:?}"), "{}", f.display());
+        std::fs::create_dir(dir.path().join(AGENTS_DIR)).unwrap();
+        for (name, text) in agents {
+            std::fs::write(dir.path().join(AGENTS_DIR).join(name), text).unwrap();
         }
+        dir
+    }
+
+    const MAIN: &str = "[vaults.v]\ntype = \"local\"\n";
+
+    fn agent(name: &str, extra: &str) -> String {
+        format!(
+            "[agents.{name}]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+[agents.{name}.credentials.c]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n{extra}"
+        )
     }
 
     #[test]
-    fn a_file_the_fast_path_rejects_is_reported_by_the_located_path() {
-        let text = "[daemon]\nstate_dir = \"/tmp/x\"\nbogus = 1\n";
-        assert!(fast_parse(text).is_err());
-        let e = errors(text);
+    fn agents_d_files_are_read_with_the_main_file_given_by_name_or_by_directory() {
+        let two = format!("{}{}", agent("b", ""), agent("c", ""));
+        let dir = config_dir(
+            Some(&format!("{MAIN}{}", agent("a", ""))),
+            &[
+                ("10-b.toml", &two),
+                ("20-d.toml", &agent("d", "")),
+                // Not config: another extension, and an editor's leftover.
+                ("notes.txt", "not toml at all ["),
+                (".20-d.toml.swp", "not toml at all ["),
+            ],
+        );
+        for path in [dir.path().to_path_buf(), dir.path().join(MAIN_FILE)] {
+            let cfg = load_file(&path).unwrap_or_else(|e| panic!("{e}"));
+            let agents: Vec<String> = cfg.agents.keys().map(|a| a.to_string()).collect();
+            assert_eq!(agents, ["a", "b", "c", "d"], "{}", path.display());
+            assert_eq!(cfg.credential_count(), 4);
+        }
+        // A directory of agents alone takes the daemon's defaults... and
+        // needs its vault, which only keyturn.toml can declare.
+        let only = config_dir(None, &[("a.toml", &agent("a", ""))]);
+        let e = load_file(only.path()).unwrap_err().0;
+        assert!(e[0].message.contains("unknown vault"), "{e:?}");
+        assert!(e[0].file.ends_with("agents.d/a.toml"), "{e:?}");
+    }
+
+    #[test]
+    fn errors_are_located_in_the_file_they_are_in() {
+        let dir = config_dir(
+            Some(MAIN),
+            &[
+                ("a.toml", &agent("a", "")),
+                (
+                    "b.toml",
+                    &agent("b", "every = \"soon\"\n").replace("every = \"1h\"\n", ""),
+                ),
+                ("c.toml", "[daemon]\nstate_dir = \"/x\"\n"),
+                ("d.toml", &agent("a", "")),
+            ],
+        );
+        let e = load_file(dir.path()).unwrap_err().0;
+        let got: Vec<(String, usize, String)> = e
+            .iter()
+            .map(|e| {
+                (
+                    e.file.file_name().unwrap().to_string_lossy().into_owned(),
+                    e.line,
+                    e.toml_path.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "b.toml".to_string(),
+                    8,
+                    "agents.b.credentials.c.every".to_string()
+                ),
+                ("c.toml".to_string(), 1, "daemon".to_string()),
+                ("d.toml".to_string(), 1, "agents.a".to_string()),
+            ],
+            "{e:?}"
+        );
+        assert!(e[1].message.contains("belongs in keyturn.toml"), "{}", e[1]);
+        assert!(
+            e[2].message.contains("already defined in") && e[2].message.contains("a.toml"),
+            "{}",
+            e[2]
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_in_any_file_names_that_file() {
+        let dir = config_dir(Some(MAIN), &[("a.toml", "[agents.a\n")]);
+        let e = load_file(dir.path()).unwrap_err().0;
         assert_eq!(e.len(), 1, "{e:?}");
-        assert_eq!((e[0].line, e[0].column), (3, 1));
-        assert_eq!(e[0].toml_path, "daemon.bogus");
+        assert!(e[0].file.ends_with("agents.d/a.toml"));
+        assert!(e[0].message.starts_with("TOML syntax error"), "{}", e[0]);
     }
 }

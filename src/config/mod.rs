@@ -14,7 +14,6 @@ use crate::model::{AgentId, CredentialId, CredentialKey};
 use crate::schedule::ScheduleSpec;
 
 pub mod client;
-mod fast_toml;
 pub mod load;
 pub mod raw;
 pub mod validate;

@@ -2,9 +2,9 @@
 //! and keeps the in-memory view that `status` and the scheduler read.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, Semaphore, oneshot};
@@ -64,12 +64,9 @@ pub(super) struct Inner {
     /// Credentials that left the config while their previous version awaited
     /// retirement: the entry to retire it with, until that is done.
     pub(super) departed: Mutex<HashMap<CredentialKey, Arc<CredEntry>>>,
-    /// Jobs running now, and jobs finished since the heap was last trimmed.
+    /// Jobs running now, and jobs finished since the engine was last idle.
     pub(super) in_flight: AtomicUsize,
     pub(super) finished_since_trim: AtomicUsize,
-    /// A delayed trim is armed (see `after_job`), and when the last one ran.
-    pub(super) trim_pending: AtomicBool,
-    pub(super) last_trim: Mutex<Instant>,
     pub(super) wake: Notify,
     pub(super) cancel: CancellationToken,
     pub(super) tracker: TaskTracker,
@@ -159,8 +156,6 @@ impl Engine {
                 departed: Mutex::new(HashMap::new()),
                 in_flight: AtomicUsize::new(0),
                 finished_since_trim: AtomicUsize::new(0),
-                trim_pending: AtomicBool::new(false),
-                last_trim: Mutex::new(Instant::now()),
                 wake: Notify::new(),
                 cancel,
                 tracker,

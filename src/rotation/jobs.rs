@@ -16,11 +16,6 @@ use super::table::{Job, Parked, RotateFinished, Running};
 use crate::config::RetryConfig;
 use crate::model::CredentialKey;
 
-/// A burst of at least this many jobs ends with the heap trimmed...
-const TRIM_AFTER_JOBS: usize = 64;
-/// ...and fewer jobs at most this often.
-const TRIM_AT_MOST_EVERY: Duration = Duration::from_secs(60);
-
 /// Longest wait before a parked (failed) rotation is tried again.
 const MAX_PARK_DELAY: Duration = Duration::from_secs(3600);
 
@@ -62,34 +57,15 @@ impl Inner {
         Some(rx)
     }
 
-    /// Counts a finished job. When the engine has been idle for a second
-    /// after a burst of at least [`TRIM_AFTER_JOBS`] jobs (or after any jobs,
-    /// once a minute at most), the heap the burst used goes back to the OS:
-    /// at 100k rotations that is tens of MB that would otherwise stay
-    /// resident. The delay keeps a steady trickle of rotations from trimming
-    /// after each one.
+    /// Counts a finished job; when the engine is idle again, the burst is
+    /// reported to the one place that decides when freed heap goes back to
+    /// the OS ([`crate::memory`]).
     pub(super) fn after_job(self: &Arc<Self>) {
         self.finished_since_trim.fetch_add(1, Ordering::SeqCst);
-        let idle = self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1;
-        if !idle || self.trim_pending.swap(true, Ordering::SeqCst) {
-            return;
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let jobs = self.finished_since_trim.swap(0, Ordering::SeqCst);
+            crate::memory::freed(crate::memory::Freed::Jobs(jobs));
         }
-        let inner = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            inner.trim_pending.store(false, Ordering::SeqCst);
-            if inner.in_flight.load(Ordering::SeqCst) != 0 {
-                return; // a new burst; its end arms this again
-            }
-            let done = inner.finished_since_trim.load(Ordering::SeqCst);
-            let mut last = inner.last_trim.lock().unwrap_or_else(|p| p.into_inner());
-            if done >= TRIM_AFTER_JOBS || (done > 0 && last.elapsed() >= TRIM_AT_MOST_EVERY) {
-                inner.finished_since_trim.store(0, Ordering::SeqCst);
-                *last = Instant::now();
-                drop(last);
-                tokio::task::spawn_blocking(crate::memory::release_freed_memory);
-            }
-        });
     }
 
     /// Marks the credential busy and runs the job in a tracked task.

@@ -364,7 +364,11 @@ pub fn row<'a>(rows: &'a [serde_json::Value], agent: &str, cred: &str) -> &'a se
 
 /// The current version `status` shows for `agent/cred`.
 pub fn version_of(env: &Env, agent: &str, cred: &str) -> Option<u64> {
-    row(&status_json(env), agent, cred)["version"].as_u64()
+    // No row yet (a reload not applied yet) is no version yet.
+    status_json(env)
+        .iter()
+        .find(|r| r["agent"] == agent && r["credential"] == cred)
+        .and_then(|r| r["version"].as_u64())
 }
 
 /// Waits until `agent/cred` is at version `v` or later.
