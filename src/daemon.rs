@@ -50,7 +50,8 @@ pub fn state_db_in(state_dir: &Path) -> PathBuf {
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let started = std::time::Instant::now();
-    let config = config::load_file(config_path).map_err(DaemonError::Config)?;
+    let (config, mut config_files) =
+        config::load_tracked(config_path).map_err(DaemonError::Config)?;
     tracing::debug!(elapsed = ?started.elapsed(), "config loaded");
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
@@ -214,7 +215,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         signal(SignalKind::interrupt()).map_err(|e| startup("cannot handle SIGINT", &e))?;
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(config_path, &engine).await,
+            _ = hup.recv() => reload(config_path, &engine, &mut config_files).await,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -239,31 +240,69 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
 }
 
 /// SIGHUP: validate the new config and swap it in, or keep the old one.
-async fn reload(config_path: &Path, engine: &Engine) {
+/// Only the files that changed since the last load are read again (see
+/// [`config::reload`]).
+async fn reload(config_path: &Path, engine: &Engine, files: &mut config::FileSet) {
     if let Ok(now) = NotifyState::monotonic_usec_now() {
         notify(&[NotifyState::Reloading, now]);
     }
     let old = engine.catalog();
-    let outcome = match config::load_file(config_path) {
-        Err(errors) => Err(format!(
+    let located = |errors: config::ConfigErrors| {
+        format!(
             "{} error(s), first: {}",
             errors.0.len(),
             errors.0.first().map(|e| e.to_string()).unwrap_or_default()
-        )),
-        Ok(mut new) => {
-            let restart_only = keep_restart_only_settings(&old.config, &mut new);
-            match Catalog::build(new, Some(&old)) {
-                Ok(catalog) => {
-                    engine.reload(catalog).await;
-                    memory::freed(memory::Freed::ConfigLoad);
-                    // As at start-up: checked in the background, not on the reload path.
-                    let catalog = engine.catalog();
-                    tokio::spawn(async move { preflight(&catalog).await });
-                    Ok(restart_only)
+        )
+    };
+    let rebuilt = match config::reload(config_path, files) {
+        Err(errors) => Err(located(errors)),
+        Ok(config::Reloaded::Partial {
+            mut config,
+            files: new_files,
+            kept,
+            read,
+        }) => {
+            let restart_only = keep_restart_only_settings(&old.config, &mut config);
+            match Catalog::build_partial(config, &old, &kept) {
+                Ok(Some(catalog)) => {
+                    tracing::debug!(
+                        read,
+                        kept = kept.len(),
+                        "reload: only changed agent files read"
+                    );
+                    Ok((catalog, new_files, restart_only))
                 }
+                // A clash with an unchanged file: read everything, so that
+                // validation locates it.
+                Ok(None) => full_reload(config_path, &old, located),
                 Err(e) => Err(e.to_string()),
             }
         }
+        Ok(config::Reloaded::Full(config, new_files)) => build_full(config, new_files, &old),
+    };
+    let outcome = match rebuilt {
+        Ok((catalog, new_files, restart_only)) => {
+            *files = new_files;
+            engine.reload(catalog).await;
+            memory::freed(memory::Freed::ConfigLoad);
+            // As at start-up, checked in the background, not on the reload
+            // path; only the sinks of credentials built anew.
+            let old_entries: std::collections::HashSet<usize> = old
+                .creds
+                .values()
+                .map(|e| Arc::as_ptr(e) as usize)
+                .collect();
+            let catalog = engine.catalog();
+            tokio::spawn(async move {
+                let fresh = catalog
+                    .creds
+                    .values()
+                    .filter(|e| !old_entries.contains(&(Arc::as_ptr(e) as usize)));
+                preflight_entries(fresh).await;
+            });
+            Ok(restart_only)
+        }
+        Err(why) => Err(why),
     };
     match outcome {
         Ok(restart_only) => {
@@ -295,6 +334,27 @@ async fn reload(config_path: &Path, engine: &Engine) {
             notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
         }
     }
+}
+
+/// Reads every file of the config again and builds its catalog.
+fn full_reload(
+    config_path: &Path,
+    old: &Catalog,
+    located: impl Fn(config::ConfigErrors) -> String,
+) -> Result<(Catalog, config::FileSet, Vec<&'static str>), String> {
+    let (config, files) = config::load_tracked(config_path).map_err(located)?;
+    build_full(config, files, old)
+}
+
+fn build_full(
+    mut config: Config,
+    files: config::FileSet,
+    old: &Catalog,
+) -> Result<(Catalog, config::FileSet, Vec<&'static str>), String> {
+    let restart_only = keep_restart_only_settings(&old.config, &mut config);
+    Catalog::build(config, Some(old))
+        .map(|c| (c, files, restart_only))
+        .map_err(|e| e.to_string())
 }
 
 /// Settings bound at start-up (open files, sockets) cannot change on reload:
@@ -329,7 +389,11 @@ fn keep_restart_only_settings(old: &Config, new: &mut Config) -> Vec<&'static st
 /// Checks every sink can deliver (and cleans stale temp files). A failure is
 /// logged; the rotation's deliver step reports and retries it.
 async fn preflight(catalog: &Catalog) {
-    for entry in catalog.creds.values() {
+    preflight_entries(catalog.creds.values()).await;
+}
+
+async fn preflight_entries<'a>(entries: impl Iterator<Item = &'a Arc<crate::rotation::CredEntry>>) {
+    for entry in entries {
         for sink in &entry.sinks {
             if let Err(e) = sink.preflight().await {
                 tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, sink = %sink.describe(), error = %e, "sink preflight failed");

@@ -310,3 +310,84 @@ fn status_and_rotate_still_reach_the_daemon_while_the_config_is_invalid() {
         "every error is listed: {stderr}"
     );
 }
+
+/// A config directory: `keyturn.toml` and `agents.d/*.toml`. A reload reads
+/// only the agent files that changed: an unchanged file (same inode, size
+/// and modification time) is not read again, so that even a broken copy of
+/// it goes unnoticed until it is touched; then the reload fails, names that
+/// file, and the running config stays.
+#[test]
+fn a_reload_reads_only_the_agent_files_that_changed() {
+    let env = Env::new("");
+    let agents_d = env.path().join("agents.d");
+    std::fs::create_dir(&agents_d).unwrap();
+    let agent = |name: &str, creds: &[&str]| {
+        let mut s = format!(
+            "[agents.{name}]\nowner = \"o@example.com\"\ntenant = \"t\"\ntier = \"high\"\n"
+        );
+        for c in creds {
+            s.push_str(&format!(
+                "[agents.{name}.credentials.{c}]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"1h\"\ndeliver = [{{ type = \"file\", path = \"{}/{name}/{c}\" }}]\n",
+                env.root().display()
+            ));
+        }
+        s
+    };
+    std::fs::write(agents_d.join("a.toml"), agent("a", &["x"])).unwrap();
+    std::fs::write(agents_d.join("b.toml"), agent("b", &["y"])).unwrap();
+    // A file modified a moment before it is read is read again at the next
+    // reload whatever its signature (two writes within one tick of the
+    // filesystem clock look alike): make these an hour old.
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    for f in [
+        env.config.clone(),
+        agents_d.join("a.toml"),
+        agents_d.join("b.toml"),
+    ] {
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+    }
+    let daemon = env.start();
+    wait_version(&env, "a", "x", 1);
+    wait_version(&env, "b", "y", 1);
+
+    // a.toml: broken, but with its size and modification time kept.
+    let a = agents_d.join("a.toml");
+    let meta = std::fs::metadata(&a).unwrap();
+    // An unclosed table header, padded to the same size.
+    let broken = format!("[agents.a{}", " ".repeat(meta.len() as usize - 9));
+    std::fs::write(&a, &broken).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&a)
+        .unwrap()
+        .set_modified(meta.modified().unwrap())
+        .unwrap();
+    std::fs::write(agents_d.join("b.toml"), agent("b", &["y", "z"])).unwrap();
+    daemon.reload();
+    wait_version(&env, "b", "z", 1);
+    assert_eq!(version_of(&env, "a", "x"), Some(1), "a/x kept as it was");
+    assert!(
+        daemon
+            .log_text()
+            .contains("reload: only changed agent files read"),
+        "{}",
+        daemon.log_text()
+    );
+
+    // Touched: now it is read, and the reload fails naming it.
+    std::fs::write(&a, broken + "\n").unwrap();
+    daemon.reload();
+    let log = daemon.log_text();
+    assert!(
+        log.contains("reload failed") && log.contains("agents.d/a.toml"),
+        "{log}"
+    );
+    let rows = status_json(&env);
+    assert_eq!(rows.len(), 3, "the running config stays: {rows:?}");
+    daemon.stop();
+}

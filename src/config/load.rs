@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::de::{DeserializeOwned, IntoDeserializer};
 use toml_edit::{Document, Item, Key, Table, TableLike, Value};
@@ -175,9 +176,189 @@ pub fn read_sources(path: &Path) -> Result<(PathBuf, Vec<SourceFile>), ConfigErr
     Ok((main, files))
 }
 
+/// What a file was when it was read: a reload re-reads only files whose
+/// signature changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileSig {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+/// A file modified this recently when it is read may be modified again
+/// within the same tick of the filesystem's clock, leaving its size and time
+/// as they were: such a signature is not trusted (the file is read again at
+/// the next reload), as git does with its index.
+const RACY: Duration = Duration::from_secs(2);
+
+impl FileSig {
+    /// The signature of `path`, or `None` when it cannot be read or is too
+    /// fresh to trust.
+    fn of(path: &Path) -> Option<FileSig> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        let age = m.modified().ok()?.elapsed().unwrap_or(Duration::ZERO);
+        if age < RACY {
+            return None;
+        }
+        Some(FileSig {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+/// The files a loaded config came from, for the next reload.
+#[derive(Debug, Clone, Default)]
+pub struct FileSet {
+    /// The main file's path, text and signature (small: kept whole, so that
+    /// the agents of changed files can be validated against it).
+    main: Option<(PathBuf, String, FileSig)>,
+    /// Each `agents.d` file: its signature and the agents it defines.
+    agents: BTreeMap<PathBuf, (FileSig, Vec<String>)>,
+}
+
+impl FileSet {
+    /// `names[i]`: the agents `files[i]` defines.
+    fn of(files: &[SourceFile], sigs: &[Option<FileSig>], names: Vec<Vec<String>>) -> FileSet {
+        let mut set = FileSet::default();
+        for ((f, sig), names) in files.iter().zip(sigs).zip(names) {
+            // A file whose signature could not be read is read again by the
+            // next reload.
+            let Some(sig) = sig else { continue };
+            if f.main {
+                set.main = Some((f.path.clone(), f.text.clone(), *sig));
+            } else {
+                set.agents.insert(f.path.clone(), (*sig, names));
+            }
+        }
+        set
+    }
+}
+
+/// The result of reading a config again.
+pub enum Reloaded {
+    /// Everything was read: the whole config.
+    Full(Config, FileSet),
+    /// The main file is unchanged and only some agent files changed (or
+    /// came or went): `config` holds the main file's sections and the
+    /// agents of the files read; the agents named in `kept` come from files
+    /// that did not change and were not read, and keep what the running
+    /// config has for them.
+    Partial {
+        config: Config,
+        files: FileSet,
+        kept: std::collections::HashSet<String>,
+        read: usize,
+    },
+}
+
+/// Reads and validates a config as [`load_file`] does, and says which files
+/// it came from (for [`reload`]).
+pub fn load_tracked(path: &Path) -> Result<(Config, FileSet), ConfigErrors> {
+    let (source, files) = read_sources(path)?;
+    let sigs: Vec<Option<FileSig>> = files.iter().map(|f| FileSig::of(&f.path)).collect();
+    let (config, names) = load_named(&source, &files)?;
+    Ok((config, FileSet::of(&files, &sigs, names)))
+}
+
+/// Reads the config `path` again after `previous`, re-reading only the
+/// agent files that changed when the main file did not. Anything the
+/// partial read cannot vouch for (the main file changed, an agent moved
+/// between files, a clash with an unchanged file) is the caller's to retry
+/// with [`load_tracked`]; errors of the files read are located as ever.
+pub fn reload(path: &Path, previous: &FileSet) -> Result<Reloaded, ConfigErrors> {
+    let full = || load_tracked(path).map(|(c, f)| Reloaded::Full(c, f));
+    let main_path = if path.is_dir() {
+        path.join(MAIN_FILE)
+    } else {
+        path.to_path_buf()
+    };
+    let Some((prev_main, main_text, prev_sig)) = &previous.main else {
+        return full();
+    };
+    if *prev_main != main_path || FileSig::of(&main_path) != Some(*prev_sig) {
+        return full();
+    }
+    let agents_dir = main_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join(AGENTS_DIR);
+    let mut now: Vec<PathBuf> = match std::fs::read_dir(&agents_dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().unwrap_or_default().to_string_lossy();
+                !name.starts_with('.') && p.extension().is_some_and(|x| x == "toml")
+            })
+            .collect(),
+        Err(_) => return full(),
+    };
+    now.sort();
+    let mut files = vec![SourceFile {
+        path: main_path.clone(),
+        text: main_text.clone(),
+        main: true,
+    }];
+    let mut sigs = vec![Some(*prev_sig)];
+    let mut set = FileSet {
+        main: previous.main.clone(),
+        agents: BTreeMap::new(),
+    };
+    let mut kept = std::collections::HashSet::new();
+    for p in now {
+        let sig = FileSig::of(&p);
+        match (previous.agents.get(&p), sig) {
+            (Some((old, names)), Some(sig)) if *old == sig => {
+                kept.extend(names.iter().cloned());
+                set.agents.insert(p, (sig, names.clone()));
+            }
+            _ => {
+                let Ok(text) = std::fs::read_to_string(&p) else {
+                    return full();
+                };
+                files.push(SourceFile {
+                    path: p,
+                    text,
+                    main: false,
+                });
+                sigs.push(sig);
+            }
+        }
+    }
+    let read = files.len() - 1;
+    let (mut config, names) = load_named(&main_path, &files)?;
+    // The main file's own agents are always in `config`; an agent of a file
+    // that was read must not also be one of a file that was not.
+    if config.agents.keys().any(|a| kept.contains(a.as_str())) {
+        return full();
+    }
+    let changed = FileSet::of(&files, &sigs, names);
+    set.agents.extend(changed.agents);
+    config.source = main_path;
+    Ok(Reloaded::Partial {
+        config,
+        files: set,
+        kept,
+        read,
+    })
+}
+
 /// Validates the files of one config. `source` is the main file's path
 /// (relative paths in every file resolve against its directory).
 pub fn load_sources(source: &Path, files: &[SourceFile]) -> Result<Config, ConfigErrors> {
+    load_named(source, files).map(|(config, _)| config)
+}
+
+/// [`load_sources`], and the agents each file defines.
+fn load_named(
+    source: &Path,
+    files: &[SourceFile],
+) -> Result<(Config, Vec<Vec<String>>), ConfigErrors> {
     let source = if source.is_absolute() {
         normalize(source)
     } else {
@@ -191,18 +372,18 @@ pub fn load_sources(source: &Path, files: &[SourceFile]) -> Result<Config, Confi
     // file in one serde pass, in parallel, no spans kept. Any problem at
     // all, and the files are read again the slow way, which finds every
     // error and locates each one.
-    if let Some(raw) = parse_all(files)
+    if let Some((raw, names)) = parse_all(files)
         && let Ok(config) = validate::validate(&raw, &ctx)
     {
-        return Ok(config);
+        return Ok((config, names));
     }
     load_located(files, &ctx)
 }
 
 /// Every file parsed with the `toml` crate, on up to one scoped thread per
-/// core, and merged; `None` at the first problem (the located path then
-/// says what it is).
-fn parse_all(files: &[SourceFile]) -> Option<RawConfig> {
+/// core, and merged, with the agents each file defines; `None` at the first
+/// problem (the located path then says what it is).
+fn parse_all(files: &[SourceFile]) -> Option<(RawConfig, Vec<Vec<String>>)> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, files.len().max(1));
@@ -231,15 +412,17 @@ fn parse_all(files: &[SourceFile]) -> Option<RawConfig> {
         return None;
     }
     let mut raw = RawConfig::default();
+    let mut names = Vec::with_capacity(parsed.len());
     let mut seen = std::collections::HashSet::new();
     for f in parsed {
         let f = f?;
         if f.agents.keys().any(|name| !seen.insert(name.clone())) {
             return None; // an agent in two files
         }
+        names.push(f.agents.keys().cloned().collect());
         merge_raw(&mut raw, into_raw(f));
     }
-    Some(raw)
+    Some((raw, names))
 }
 
 fn parse_one(f: &SourceFile) -> Option<File> {
@@ -269,7 +452,10 @@ fn merge_raw(raw: &mut RawConfig, more: RawConfig) {
 
 /// The slow path: spans kept, each section on its own, every error located
 /// in the file it is in.
-fn load_located(files: &[SourceFile], ctx: &Context) -> Result<Config, ConfigErrors> {
+fn load_located(
+    files: &[SourceFile],
+    ctx: &Context,
+) -> Result<(Config, Vec<Vec<String>>), ConfigErrors> {
     let mut docs = Vec::with_capacity(files.len());
     let mut errors = Vec::new();
     for f in files {
@@ -290,6 +476,7 @@ fn load_located(files: &[SourceFile], ctx: &Context) -> Result<Config, ConfigErr
     let mut issues: Vec<(usize, Issue)> = Vec::new();
     // Which file defines each agent, to locate the issues under it.
     let mut agent_file: std::collections::HashMap<String, usize> = Default::default();
+    let mut names: Vec<Vec<String>> = vec![Vec::new(); files.len()];
     let main = files.iter().position(|f| f.main).unwrap_or(0);
     for (i, (f, doc)) in files.iter().zip(&docs).enumerate() {
         let (mut more, found) = deserialize_sections(doc.as_table(), f.main);
@@ -310,13 +497,14 @@ fn load_located(files: &[SourceFile], ctx: &Context) -> Result<Config, ConfigErr
             }
             None => {
                 agent_file.insert(name.clone(), i);
+                names[i].push(name.clone());
                 true
             }
         });
         merge_raw(&mut raw, more);
     }
     match validate::validate(&raw, ctx) {
-        Ok(config) if issues.is_empty() => return Ok(config),
+        Ok(config) if issues.is_empty() => return Ok((config, names)),
         Ok(_) => {}
         Err(more) => {
             for issue in more {
@@ -922,6 +1110,26 @@ generate = { kind = \"ed25519\" }\n[[agents.a.credentials.c.deliver]]\ntype = \"
 
     const MAIN: &str = "[vaults.v]\ntype = \"local\"\n";
 
+    /// Files written a moment ago are too fresh for a reload to trust their
+    /// signature: make them an hour old.
+    fn age(dir: &Path) {
+        let mut paths = vec![dir.join(MAIN_FILE)];
+        paths.extend(
+            std::fs::read_dir(dir.join(AGENTS_DIR))
+                .unwrap()
+                .map(|e| e.unwrap().path()),
+        );
+        age_files(&paths);
+    }
+
+    fn age_files(paths: &[PathBuf]) {
+        for p in paths.iter().filter(|p| p.exists()) {
+            let f = std::fs::File::options().write(true).open(p).unwrap();
+            f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+                .unwrap();
+        }
+    }
+
     fn agent(name: &str, extra: &str) -> String {
         format!(
             "[agents.{name}]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
@@ -1009,5 +1217,75 @@ generate = { kind = \"ed25519\" }\n[[agents.a.credentials.c.deliver]]\ntype = \"
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].file.ends_with("agents.d/a.toml"));
         assert!(e[0].message.starts_with("TOML syntax error"), "{}", e[0]);
+    }
+
+    #[test]
+    fn a_reload_reads_only_changed_agent_files_and_falls_back_to_all() {
+        // A file changed within the racy window is read again even with its
+        // size and time unchanged.
+        let fresh = config_dir(Some(MAIN), &[("a.toml", &agent("a", ""))]);
+        let (_, files) = load_tracked(fresh.path()).unwrap();
+        match reload(fresh.path(), &files).unwrap() {
+            Reloaded::Full(..) => {}
+            Reloaded::Partial { .. } => panic!("a fresh main file is not trusted"),
+        }
+
+        let dir = config_dir(
+            Some(MAIN),
+            &[("a.toml", &agent("a", "")), ("b.toml", &agent("b", ""))],
+        );
+        age(dir.path());
+        let (cfg, files) = load_tracked(dir.path()).unwrap();
+        assert_eq!(cfg.agents.len(), 2);
+        // Nothing changed: nothing read, everything kept.
+        match reload(dir.path(), &files).unwrap() {
+            Reloaded::Partial {
+                config, kept, read, ..
+            } => {
+                assert_eq!(read, 0);
+                assert!(config.agents.is_empty());
+                assert_eq!(kept.len(), 2);
+            }
+            Reloaded::Full(..) => panic!("expected a partial reload"),
+        }
+        // One file changed and one added: those two are read.
+        std::fs::write(
+            dir.path().join("agents.d/b.toml"),
+            agent("b", "jitter = \"1m\"\n"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("agents.d/c.toml"), agent("c", "")).unwrap();
+        age_files(&[
+            dir.path().join("agents.d/b.toml"),
+            dir.path().join("agents.d/c.toml"),
+        ]);
+        let files = match reload(dir.path(), &files).unwrap() {
+            Reloaded::Partial {
+                config,
+                kept,
+                read,
+                files,
+            } => {
+                assert_eq!(read, 2);
+                let got: Vec<String> = config.agents.keys().map(|a| a.to_string()).collect();
+                assert_eq!(got, ["b", "c"]);
+                assert_eq!(kept.into_iter().collect::<Vec<_>>(), ["a"]);
+                files
+            }
+            Reloaded::Full(..) => panic!("expected a partial reload"),
+        };
+        // An agent defined again in a changed file while its own file did
+        // not change: everything is read, and the clash is located.
+        std::fs::write(dir.path().join("agents.d/c.toml"), agent("a", "")).unwrap();
+        age_files(&[dir.path().join("agents.d/c.toml")]);
+        let e = reload(dir.path(), &files).err().expect("a clash").0;
+        assert!(e[0].message.contains("already defined"), "{e:?}");
+        // The main file changed: everything is read.
+        std::fs::write(dir.path().join("agents.d/c.toml"), agent("c", "")).unwrap();
+        std::fs::write(dir.path().join(MAIN_FILE), format!("{MAIN}\n# edited\n")).unwrap();
+        assert!(matches!(
+            reload(dir.path(), &files).unwrap(),
+            Reloaded::Full(..)
+        ));
     }
 }

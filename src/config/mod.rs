@@ -19,7 +19,10 @@ pub mod raw;
 pub mod validate;
 
 pub use client::ClientPaths;
-pub use load::{ConfigError, ConfigErrors, load_file, load_str, summary};
+pub use load::{
+    ConfigError, ConfigErrors, FileSet, Reloaded, load_file, load_str, load_tracked, reload,
+    summary,
+};
 
 /// Where keyturn looks for its config when neither `--config` nor
 /// `KEYTURN_CONFIG` says otherwise.

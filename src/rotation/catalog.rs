@@ -341,6 +341,57 @@ impl Catalog {
     }
 }
 
+impl Catalog {
+    /// After a partial reload ([`crate::config::Reloaded::Partial`]): builds
+    /// `config`'s credentials and takes over, as they are, the entries of
+    /// `previous` whose agent is in `kept` (from files that did not change).
+    /// `Ok(None)` when a credential built here clashes with one taken over
+    /// (the same vault path, or the same delivery): validation saw only one
+    /// side, so the caller reloads everything and validation says where.
+    pub fn build_partial(
+        mut config: Config,
+        previous: &Catalog,
+        kept: &std::collections::HashSet<String>,
+    ) -> Result<Option<Catalog>, BuildError> {
+        let taken: Vec<Arc<CredEntry>> = previous
+            .creds
+            .values()
+            .filter(|e| kept.contains(e.key().agent.as_str()))
+            .cloned()
+            .collect();
+        for e in &taken {
+            config
+                .agents
+                .entry(e.key().agent.clone())
+                .or_insert_with(|| (*e.agent).clone());
+        }
+        let mut catalog = Catalog::build(config, Some(previous))?;
+        // The same place twice: a vault path in one vault, or a delivery.
+        let places = |e: &CredEntry| -> Vec<String> {
+            let path = e.cfg.vault_path();
+            e.vaults
+                .iter()
+                .map(|h| format!("vault {} {path}", h.config.name))
+                .chain(e.sinks.iter().map(|s| s.describe()))
+                .collect()
+        };
+        let built: std::collections::HashSet<String> =
+            catalog.creds.values().flat_map(|e| places(e)).collect();
+        if taken
+            .iter()
+            .any(|e| places(e).iter().any(|p| built.contains(p)))
+        {
+            return Ok(None);
+        }
+        // Sorted once, not inserted one by one (100k inserts into a sorted
+        // vector move it 100k times).
+        let mut all: Vec<Arc<CredEntry>> = catalog.creds.values().cloned().collect();
+        all.extend(taken);
+        catalog.creds = CredMap::new(all);
+        Ok(Some(catalog))
+    }
+}
+
 /// Opens the vault a `[vaults.NAME]` entry describes.
 fn open_vault(cfg: &VaultConfig) -> Result<Arc<dyn Vault>, PluginError> {
     match &cfg.kind {
