@@ -74,7 +74,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         let mut dirs: Vec<&Path> = vec![&state_dir];
         dirs.extend(config.daemon.audit_log.parent().filter(|d| d.is_dir()));
         for v in config.vaults.values() {
-            if let config::VaultKind::Local { dir, .. } = &v.kind
+            if let Some(dir) = v.spec.plugin().data_dir()
                 && dir.is_dir()
             {
                 dirs.push(dir);

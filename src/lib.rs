@@ -13,6 +13,7 @@
 //! - [`sinks`]      trait `Sink` + `file` (atomic write, bundles via `..data`)
 //! - [`audit`]      hash-chained JSON-lines log, group-committed; verify
 //! - [`state`]      trait `StateStore` + SQLite (WAL, migrations); never secret values
+//! - `plugin`       the macro behind the vault, target and sink registries
 //! - [`group_commit`] one thread serving queued jobs in batches (state, audit, local vault)
 //! - [`memory`]     giving freed heap back to the OS after bursts
 //! - [`api`]        control socket (SO_PEERCRED) and HTTP `/metrics` `/healthz` `/readyz`
@@ -29,6 +30,7 @@ pub mod generators;
 pub mod group_commit;
 pub mod memory;
 pub mod model;
+mod plugin;
 pub mod rotation;
 pub mod schedule;
 pub mod sinks;

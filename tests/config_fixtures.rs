@@ -6,11 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keyturn::config::{
-    ByteEncoding, Config, ConfigError, FileFormat, GeneratorConfig, SinkConfig, TargetConfig,
-    VaultKind, load_file,
-};
+use keyturn::config::{ByteEncoding, Config, ConfigError, GeneratorConfig, load_file};
 use keyturn::schedule::ScheduleSpec;
+use keyturn::sinks::SinkConfig;
+use keyturn::sinks::file::FileFormat;
+use keyturn::targets::TargetConfig;
+use keyturn::vaults::VaultSpec;
+use keyturn::vaults::local::LocalConfig;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -411,18 +413,16 @@ fn good_full_reads_every_key() {
 
     let v = &cfg.vaults["local"];
     assert_eq!(v.max_concurrent, 4);
-    let VaultKind::Local {
-        dir,
-        key_file,
-        key_credential,
-    } = &v.kind
-    else {
-        panic!("expected the local vault, found {:?}", v.kind);
+    let VaultSpec::Local(local) = &v.spec else {
+        panic!("expected the local vault, found {:?}", v.spec);
     };
     // Relative paths resolve against the config file's directory.
-    assert_eq!(*dir, fixture("vaults/local"));
-    assert_eq!(key_file, Path::new("/etc/keyturn/local.key"));
-    assert_eq!(key_credential, "local-key");
+    assert_eq!(local.dir, Some(fixture("vaults/local")));
+    assert_eq!(
+        local.key_file.as_deref(),
+        Some(Path::new("/etc/keyturn/local.key"))
+    );
+    assert_eq!(local.key_credential.as_deref(), Some("local-key"));
 
     assert_eq!(cfg.agents.len(), 2);
     assert_eq!(cfg.credential_count(), 4);
@@ -447,7 +447,7 @@ fn good_full_reads_every_key() {
             symbols: true
         }
     );
-    assert_eq!(db.target, TargetConfig::None);
+    assert!(db.target.is_none());
     assert_eq!(
         db.schedule,
         ScheduleSpec::parse_cron("0 */6 * * *").unwrap()
@@ -460,13 +460,16 @@ fn good_full_reads_every_key() {
         json.path,
         Path::new("/run/keyturn/agents/invoice-bot/db.json")
     );
-    assert_eq!((json.format, json.mode), (FileFormat::Json, 0o440));
-    // File sinks take the owner from the agent.
-    assert_eq!((json.uid, json.gid), (Some(1001), Some(1002)));
+    assert_eq!(
+        (json.format(), json.mode()),
+        (FileFormat::Json, Some(0o440))
+    );
+    // (File sinks take the owner from the agent when they are built:
+    // `daemon_e2e::delivers_files_with_mode_and_owner_and_rotates_on_demand`.)
     let SinkConfig::File(env) = &db.deliver[1];
     assert_eq!(
-        (env.format, env.mode, env.env_name.as_str()),
-        (FileFormat::Env, 0o400, "DB_PASSWORD")
+        (env.format(), env.mode(), env.env_name.as_deref()),
+        (FileFormat::Env, Some(0o400), Some("DB_PASSWORD"))
     );
 
     let key = &bot.credentials[&"signing-key".parse().unwrap()];
@@ -493,10 +496,12 @@ fn good_full_reads_every_key() {
     );
     let SinkConfig::File(t) = &token.deliver[0];
     assert_eq!(
-        t.env_name, "API_TOKEN",
+        t.env_name.as_deref(),
+        Some("API_TOKEN"),
         "default env name from the credential id"
     );
-    assert_eq!((t.format, t.uid), (FileFormat::Env, None));
+    assert_eq!(t.format(), FileFormat::Env);
+    assert_eq!((crawler.uid, crawler.gid), (None, None));
     let session = &crawler.credentials[&"session-secret".parse().unwrap()];
     assert_eq!(
         session.generate,
@@ -538,12 +543,13 @@ fn good_minimal_takes_the_defaults() {
     let v = &cfg.vaults["local"];
     assert_eq!(v.max_concurrent, 16);
     assert_eq!(
-        v.kind,
-        VaultKind::Local {
-            dir: "/var/lib/keyturn/vaults/local".into(),
-            key_file: "/var/lib/keyturn/local-vault.key".into(),
-            key_credential: "keyturn-local-vault-key".into(),
-        }
+        v.spec,
+        VaultSpec::Local(Box::new(LocalConfig {
+            dir: Some("/var/lib/keyturn/vaults/local".into()),
+            key_file: Some("/var/lib/keyturn/local-vault.key".into()),
+            key_credential: Some("keyturn-local-vault-key".into()),
+            max_concurrent: None,
+        }))
     );
     let (agent, cred) = cfg.credentials().next().unwrap();
     assert_eq!(agent.id.as_str(), "bot");
@@ -555,7 +561,7 @@ fn good_minimal_takes_the_defaults() {
             encoding: ByteEncoding::Hex
         }
     );
-    assert_eq!(cred.target, TargetConfig::None);
+    assert!(cred.target.is_none());
     assert_eq!(cred.jitter, Duration::ZERO);
 }
 
@@ -598,9 +604,13 @@ fn the_demo_writes_only_under_demo_run() {
     }
     assert_eq!(d.delivery_roots, vec![demo_run.join("agents")]);
     for v in cfg.vaults.values() {
-        let VaultKind::Local { dir, key_file, .. } = &v.kind else {
-            panic!("the demo runs on the local vault only, found {:?}", v.kind);
+        let VaultSpec::Local(local) = &v.spec else {
+            panic!("the demo runs on the local vault only, found {:?}", v.spec);
         };
+        let (dir, key_file) = (
+            local.dir.as_ref().unwrap(),
+            local.key_file.as_ref().unwrap(),
+        );
         assert!(dir.starts_with(&demo_run) && key_file.starts_with(&demo_run));
     }
     let mut generators = std::collections::BTreeSet::new();
@@ -619,7 +629,7 @@ fn the_demo_writes_only_under_demo_run() {
                 .to_owned(),
         );
         for SinkConfig::File(f) in &cred.deliver {
-            formats.insert(f.format.as_str());
+            formats.insert(f.format().as_str());
         }
         let period = cred.schedule.min_period().unwrap();
         assert!(
@@ -635,60 +645,72 @@ fn the_demo_writes_only_under_demo_run() {
 
 #[test]
 fn good_remote_reads_every_vault_and_target_type() {
-    use keyturn::config::{
-        AwsConfig, AzureAuth, CommandTargetConfig, HashicorpAuth, PgStrategy, PostgresTargetConfig,
-    };
+    use keyturn::targets::postgres::{PgStrategy, PostgresConfig};
+    use keyturn::vaults::aws::AwsConfig;
+    use keyturn::vaults::azure::AzureAuth;
+    use keyturn::vaults::hashicorp::HashicorpAuth;
     let cfg = load_good("good-remote.toml");
     let dir = fixture("");
-    let VaultKind::Hashicorp(bao) = &cfg.vaults["bao"].kind else {
-        panic!("bao: {:?}", cfg.vaults["bao"].kind)
+    let VaultSpec::Vault(bao) = &cfg.vaults["bao"].spec else {
+        panic!("bao: {:?}", cfg.vaults["bao"].spec)
     };
     // The trailing `/` is dropped so request URLs are built one way.
     assert_eq!(bao.address, "https://bao.internal:8200");
-    assert_eq!(bao.mount, "kv");
+    assert_eq!(bao.mount(), "kv");
     assert_eq!(bao.namespace.as_deref(), Some("team-a"));
-    assert_eq!(bao.field, "value");
-    assert_eq!(bao.timeout, Duration::from_secs(30));
+    assert_eq!(bao.field(), "value");
+    assert_eq!(bao.timeout(), Duration::from_secs(30));
     assert_eq!(
         bao.ca_file.as_deref(),
         Some(dir.join("bao-ca.pem").as_path())
     );
-    assert_eq!(
-        bao.auth,
-        HashicorpAuth::AppRole {
-            mount: "approle".into(),
-            role_id_file: dir.join("bao-role-id"),
-            secret_id_file: dir.join("bao-secret-id"),
-        }
-    );
-    assert_eq!(
-        cfg.vaults["aws"].kind,
-        VaultKind::AwsSecretsManager(AwsConfig {
-            region: Some("eu-west-1".into()),
-            endpoint_url: None,
-            profile: None,
-            secret_prefix: "keyturn/".into(),
-            write_budget: 10.0,
-            timeout: Duration::from_secs(30),
-        })
-    );
-    assert_eq!(cfg.vaults["aws"].max_concurrent, 8);
-    let VaultKind::AzureKeyVault(kv) = &cfg.vaults["kv"].kind else {
-        panic!("kv: {:?}", cfg.vaults["kv"].kind)
+    let HashicorpAuth::AppRole {
+        mount,
+        role_id_file,
+        secret_id_file,
+    } = bao.auth().unwrap()
+    else {
+        panic!("bao logs in with AppRole")
     };
-    assert!(kv.verify_challenge_resource);
+    assert_eq!(
+        (mount.as_str(), role_id_file, secret_id_file),
+        (
+            "approle",
+            dir.join("bao-role-id"),
+            dir.join("bao-secret-id")
+        )
+    );
+    assert_eq!(
+        cfg.vaults["aws"].spec,
+        VaultSpec::AwsSecretsManager(Box::new(AwsConfig {
+            region: Some("eu-west-1".into()),
+            secret_prefix: Some("keyturn/".into()),
+            write_budget: Some(10.0),
+            max_concurrent: Some(8),
+            ..AwsConfig::default()
+        }))
+    );
+    let VaultSpec::AwsSecretsManager(aws) = &cfg.vaults["aws"].spec else {
+        unreachable!()
+    };
+    assert_eq!(aws.timeout(), Duration::from_secs(30), "the default");
+    assert_eq!(cfg.vaults["aws"].max_concurrent, 8);
+    let VaultSpec::AzureKeyVault(kv) = &cfg.vaults["kv"].spec else {
+        panic!("kv: {:?}", cfg.vaults["kv"].spec)
+    };
+    assert_eq!(kv.verify_challenge_resource, None, "verified by default");
     // The trailing `/` is dropped, as for the other URLs.
     assert_eq!(
         kv.authority_host.as_deref(),
         Some("https://login.microsoftonline.us")
     );
     assert_eq!(
-        kv.auth,
-        AzureAuth::ClientSecret {
+        kv.auth(),
+        Some(AzureAuth::ClientSecret {
             tenant_id: "00000000-0000-0000-0000-000000000001".into(),
             client_id: "00000000-0000-0000-0000-000000000002".into(),
             secret_file: dir.join("azure-client-secret"),
-        }
+        })
     );
 
     let creds: Vec<_> = cfg.credentials().map(|(_, c)| c).collect();
@@ -704,25 +726,30 @@ fn good_remote_reads_every_vault_and_target_type() {
     assert_eq!(db.vault_label(), "bao+aws");
     assert_eq!(
         db.target,
-        TargetConfig::Postgres(Box::new(PostgresTargetConfig {
-            admin_dsn_file: dir.join("pg-admin.dsn"),
-            role: "invoice_bot".into(),
-            strategy: PgStrategy::AlternatingUsers,
-            connect_timeout: Duration::from_secs(10),
-            test_dbname: None,
-        }))
+        TargetConfig::Postgres(Box::new(
+            PostgresConfig::new(dir.join("pg-admin.dsn"), "invoice_bot")
+                .with_strategy(PgStrategy::AlternatingUsers)
+        ))
     );
+    let TargetConfig::Postgres(pg) = &db.target else {
+        unreachable!()
+    };
+    assert_eq!(pg.connect_timeout(), Duration::from_secs(10), "the default");
     let partner = creds
         .iter()
         .find(|c| c.key.credential.as_str() == "partner")
         .unwrap();
+    let TargetConfig::Command(hook) = &partner.target else {
+        panic!("partner: {:?}", partner.target)
+    };
+    assert_eq!(hook.program, dir.join("hooks/partner-key"));
+    assert_eq!(hook.args, ["--account", "acme"]);
+    assert_eq!(hook.timeout(), Duration::from_secs(10));
     assert_eq!(
-        partner.target,
-        TargetConfig::Command(Box::new(CommandTargetConfig {
-            program: dir.join("hooks/partner-key"),
-            args: vec!["--account".into(), "acme".into()],
-            timeout: Duration::from_secs(10),
-            env: vec![("PARTNER_API".into(), "https://partner.example.com".into())],
-        }))
+        hook.env.iter().collect::<Vec<_>>(),
+        [(
+            &"PARTNER_API".to_owned(),
+            &"https://partner.example.com".to_owned()
+        )]
     );
 }

@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use keyturn::model::{AgentId, CredentialId, CredentialKey, SecretValue, Stage};
-use keyturn::vaults::aws::{AwsSettings, AwsVault};
-use keyturn::vaults::azure::{AzureAuth, AzureSettings, AzureVault, secret_name};
-use keyturn::vaults::hashicorp::{HashicorpAuth, HashicorpSettings, HashicorpVault};
+use keyturn::vaults::aws::{AwsConfig, AwsVault};
+use keyturn::vaults::azure::{AzureConfig, AzureVault, secret_name};
+use keyturn::vaults::hashicorp::{HashicorpAuth, HashicorpConfig, HashicorpVault};
 use keyturn::vaults::{Select, Vault, VaultItem};
 
 const START_SERVICES: &str =
@@ -234,45 +234,46 @@ async fn read_stage(v: &dyn Vault, cred: &str, path: &str, stage: Stage) -> Opti
 }
 
 async fn bao_vault() -> HashicorpVault {
-    HashicorpVault::connect(HashicorpSettings {
-        name: "bao-reader".into(),
-        address: need("KEYTURN_TEST_BAO_ADDR"),
-        mount: "secret".into(),
-        namespace: None,
-        auth: HashicorpAuth::Token(SecretValue::from_string(need("KEYTURN_TEST_BAO_TOKEN"))),
-        ca_file: None,
-        field: "value".into(),
-        timeout: Duration::from_secs(10),
-    })
+    HashicorpVault::with_auth(
+        "bao-reader",
+        &HashicorpConfig {
+            timeout: Some("10s".into()),
+            ..HashicorpConfig::new(need("KEYTURN_TEST_BAO_ADDR"))
+        },
+        HashicorpAuth::Token(SecretValue::from_string(need("KEYTURN_TEST_BAO_TOKEN"))),
+    )
     .await
     .unwrap()
 }
 
 async fn aws_vault() -> AwsVault {
-    AwsVault::connect(AwsSettings {
-        endpoint_url: Some(need("KEYTURN_TEST_AWS_ENDPOINT")),
-        region: Some("us-east-1".into()),
-        ..AwsSettings::new("aws-reader")
-    })
+    AwsVault::connect(
+        "aws-reader",
+        &AwsConfig {
+            endpoint_url: Some(need("KEYTURN_TEST_AWS_ENDPOINT")),
+            region: Some("us-east-1".into()),
+            ..AwsConfig::default()
+        },
+    )
     .await
     .unwrap()
 }
 
 async fn azure_vault(secret_file: &Path) -> AzureVault {
     let url = need("KEYTURN_TEST_AZURE_URL");
-    AzureVault::connect(AzureSettings {
-        name: "kv-reader".into(),
-        vault_url: url.clone(),
-        auth: AzureAuth::ClientSecret {
-            tenant_id: TENANT.into(),
-            client_id: STUB_CLIENT_ID.into(),
-            secret_file: secret_file.to_owned(),
+    AzureVault::connect(
+        "kv-reader",
+        &AzureConfig {
+            tenant_id: Some(TENANT.into()),
+            client_id: Some(STUB_CLIENT_ID.into()),
+            client_secret_file: Some(secret_file.to_owned()),
+            ca_file: Some(need("KEYTURN_TEST_AZURE_CA").into()),
+            verify_challenge_resource: Some(false),
+            authority_host: Some(url.clone()),
+            timeout: Some("10s".into()),
+            ..AzureConfig::new(url, "client_secret")
         },
-        ca_file: Some(need("KEYTURN_TEST_AZURE_CA").into()),
-        verify_challenge_resource: false,
-        authority_host: Some(url),
-        timeout: Duration::from_secs(10),
-    })
+    )
     .await
     .unwrap()
 }

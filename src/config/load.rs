@@ -24,8 +24,7 @@ use toml_edit::{Document, Item, Key, Table, TableLike, Value};
 
 use super::Config;
 use super::raw::{
-    Parsed, RawAgent, RawAgentEntry, RawConfig, RawCredential, RawDaemon, RawTier, RawVault,
-    TOP_LEVEL_KEYS,
+    Parsed, RawAgent, RawAgentEntry, RawConfig, RawCredential, RawDaemon, RawTier, TOP_LEVEL_KEYS,
 };
 use super::validate::{self, Anchor, Context, Issue, Seg, TomlPath, normalize};
 
@@ -581,7 +580,7 @@ pub(super) struct File {
     daemon: Option<RawDaemon>,
     tiers: Option<BTreeMap<String, RawTier>>,
     #[serde(default)]
-    vaults: BTreeMap<String, RawVault>,
+    vaults: BTreeMap<String, crate::vaults::VaultSpec>,
     #[serde(default)]
     agents: BTreeMap<String, FileAgent>,
 }
@@ -825,15 +824,15 @@ fn plain_types(message: &str) -> String {
             "a table with a `kind` key, e.g. { kind = \"password\" }",
         ),
         (
-            "internally tagged enum RawSink",
+            "internally tagged enum SinkConfig",
             "a table with a `type` key, e.g. { type = \"file\", path = \"...\" }",
         ),
         (
-            "internally tagged enum RawTarget",
+            "internally tagged enum TargetConfig",
             "a table with a `type` key, e.g. { type = \"none\" }",
         ),
         (
-            "internally tagged enum RawVault",
+            "internally tagged enum VaultSpec",
             "a table with a `type` key, e.g. type = \"local\"",
         ),
         ("struct RawTier", "a table like { revocation_sla = \"1h\" }"),
@@ -847,6 +846,13 @@ fn plain_types(message: &str) -> String {
     let mut out = message.to_owned();
     for (rust, toml) in WORDS {
         out = out.replace(rust, toml);
+    }
+    // Any other struct is a plug-in's config section: a table.
+    while let Some(at) = out.find("struct ") {
+        let name_len = out[at + 7..]
+            .find(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .unwrap_or(out.len() - at - 7);
+        out.replace_range(at..at + 7 + name_len, "a table");
     }
     out
 }

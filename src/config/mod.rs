@@ -3,7 +3,9 @@
 //! → the typed [`Config`] below, which the rest of the daemon consumes.
 //!
 //! Nothing outside this module sees raw TOML; everything here is already
-//! checked, so the engine never has to re-validate a path or an id.
+//! checked, so the engine never has to re-validate a path or an id. The
+//! sections of plug-ins (vaults, targets, sinks) are the plug-ins' own config
+//! structs, checked by the plug-ins through [`validate::Validator`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,6 +14,9 @@ use std::time::Duration;
 
 use crate::model::{AgentId, CredentialId, CredentialKey};
 use crate::schedule::ScheduleSpec;
+use crate::sinks::SinkConfig;
+use crate::targets::TargetConfig;
+use crate::vaults::VaultSpec;
 
 pub mod client;
 pub mod load;
@@ -108,98 +113,13 @@ pub struct TierConfig {
     pub revocation_sla: Duration,
 }
 
+/// One `[vaults.NAME]`: its name, the engine's limit, and the plug-in's own config.
 #[derive(Debug, Clone)]
 pub struct VaultConfig {
     pub name: String,
     /// Rotations touching this vault at once.
     pub max_concurrent: usize,
-    pub kind: VaultKind,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum VaultKind {
-    /// The embedded vault: encrypted versions under `dir`.
-    Local {
-        /// Default: `<state_dir>/vaults/<name>`.
-        dir: PathBuf,
-        /// Key file; created 0600 on first start when missing. When the
-        /// daemon runs with `$CREDENTIALS_DIRECTORY` and it holds
-        /// `key_credential`, that is used instead.
-        key_file: PathBuf,
-        /// Name of the systemd credential (`LoadCredential=`) holding the key.
-        key_credential: String,
-    },
-    /// HashiCorp Vault or OpenBao (KV v2).
-    Hashicorp(HashicorpConfig),
-    AwsSecretsManager(AwsConfig),
-    AzureKeyVault(AzureConfig),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HashicorpConfig {
-    pub address: String,
-    /// KV v2 mount (default `secret`).
-    pub mount: String,
-    pub namespace: Option<String>,
-    /// Key inside the KV data map that holds the value (default `value`).
-    pub field: String,
-    pub auth: HashicorpAuth,
-    pub ca_file: Option<PathBuf>,
-    pub timeout: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HashicorpAuth {
-    /// A file holding the token (re-read when the server refuses the token).
-    TokenFile(PathBuf),
-    /// An environment variable of the daemon holding the token.
-    TokenEnv(String),
-    AppRole {
-        mount: String,
-        role_id_file: PathBuf,
-        secret_id_file: PathBuf,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct AwsConfig {
-    pub region: Option<String>,
-    pub endpoint_url: Option<String>,
-    pub profile: Option<String>,
-    /// Prepended to each credential's path to form the secret name.
-    pub secret_prefix: String,
-    /// Client-side budget of write calls per second.
-    pub write_budget: f64,
-    pub timeout: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AzureConfig {
-    pub vault_url: String,
-    pub auth: AzureAuth,
-    /// An extra CA to trust (a private endpoint's, or a test server's).
-    pub ca_file: Option<PathBuf>,
-    /// Checks that the auth challenge's resource matches the vault's host.
-    pub verify_challenge_resource: bool,
-    /// Entra ID authority host for the client secret and workload identity
-    /// credentials; `None` = `AZURE_AUTHORITY_HOST` or the public cloud.
-    pub authority_host: Option<String>,
-    pub timeout: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AzureAuth {
-    ClientSecret {
-        tenant_id: String,
-        client_id: String,
-        secret_file: PathBuf,
-    },
-    /// The VM's / App Service's managed identity; `client_id` picks a
-    /// user-assigned one, `None` the system-assigned one.
-    ManagedIdentity { client_id: Option<String> },
-    /// AKS workload identity: `AZURE_TENANT_ID`, `AZURE_CLIENT_ID` and
-    /// `AZURE_FEDERATED_TOKEN_FILE` from the pod's environment.
-    WorkloadIdentity,
+    pub spec: VaultSpec,
 }
 
 #[derive(Debug, Clone)]
@@ -279,79 +199,6 @@ pub enum GeneratorConfig {
 pub enum ByteEncoding {
     Hex,
     Base64Url,
-}
-
-/// Boxed variants keep the common `None` small: there is one per credential.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TargetConfig {
-    /// A pure shared secret: nothing to apply.
-    None,
-    Postgres(Box<PostgresTargetConfig>),
-    Command(Box<CommandTargetConfig>),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PostgresTargetConfig {
-    pub admin_dsn_file: PathBuf,
-    pub role: String,
-    pub strategy: PgStrategy,
-    pub connect_timeout: Duration,
-    pub test_dbname: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PgStrategy {
-    /// One role; its password changes in place.
-    SingleUser,
-    /// Two roles (`role`, `role_clone`) take turns, so the previous value
-    /// keeps working through the grace period.
-    AlternatingUsers,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommandTargetConfig {
-    pub program: PathBuf,
-    pub args: Vec<String>,
-    pub timeout: Duration,
-    pub env: Vec<(String, String)>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SinkConfig {
-    File(FileSinkConfig),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileSinkConfig {
-    /// Absolute, inside a delivery root. For a keypair this is a directory
-    /// holding `..data` and the bundle's links.
-    pub path: PathBuf,
-    pub format: FileFormat,
-    /// Default 0o400; never wider than 0o640.
-    pub mode: u32,
-    /// From the agent; `None` keeps the daemon's own.
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    /// Variable name for `format = "env"` (default: credential id upper-cased,
-    /// `-` → `_`); empty for the other formats unless set.
-    pub env_name: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileFormat {
-    Raw,
-    Json,
-    Env,
-}
-
-impl FileFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FileFormat::Raw => "raw",
-            FileFormat::Json => "json",
-            FileFormat::Env => "env",
-        }
-    }
 }
 
 /// Resolves a possibly relative path in the config against the config file's directory.

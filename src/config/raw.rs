@@ -5,8 +5,9 @@
 //! check (durations, modes, paths, ids, cron expressions) stay strings here;
 //! [`super::validate`] turns them into typed values and reports every problem.
 //!
-//! Plug-in sections are enums tagged by `type` (`generate` is tagged by
-//! `kind`), so adding a vault, target or sink is one more variant.
+//! Plug-in sections (vaults, targets, sinks) are the plug-ins' own config
+//! structs, gathered in the registries of `vaults`, `targets` and `sinks`
+//! (enums tagged by `type`); `generate` is tagged by `kind`.
 //!
 //! The file is not deserialized in one go: [`super::load`] deserializes each
 //! section (the daemon table, each tier, vault, agent and credential) on its
@@ -20,6 +21,10 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde::de::IgnoredAny;
+
+use crate::sinks::SinkConfig;
+use crate::targets::TargetConfig;
+use crate::vaults::VaultSpec;
 
 /// A section that deserialized, or one whose error was already reported.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,7 +50,7 @@ pub struct RawConfig {
     pub daemon: Option<Parsed<RawDaemon>>,
     /// `None` when there is no `[tiers]` table (the built-in tiers apply).
     pub tiers: Option<BTreeMap<String, Parsed<RawTier>>>,
-    pub vaults: BTreeMap<String, Parsed<RawVault>>,
+    pub vaults: BTreeMap<String, Parsed<VaultSpec>>,
     /// In file order, so that of two clashing credentials or sinks the one
     /// further down is reported as the duplicate.
     pub agents: Vec<(String, RawAgentEntry)>,
@@ -92,70 +97,6 @@ pub struct RawTier {
     pub revocation_sla: String,
 }
 
-/// `[vaults.NAME]`, selected by `type`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RawVault {
-    Local {
-        dir: Option<String>,
-        key_file: Option<String>,
-        key_credential: Option<String>,
-        max_concurrent: Option<usize>,
-    },
-    /// HashiCorp Vault or OpenBao, KV v2.
-    Vault {
-        address: String,
-        mount: Option<String>,
-        namespace: Option<String>,
-        /// Key inside the KV data map that holds the value (default `value`).
-        field: Option<String>,
-        /// Exactly one way to log in: a token file, an environment variable
-        /// holding the token, or AppRole.
-        token_file: Option<String>,
-        token_env: Option<String>,
-        approle: Option<RawAppRole>,
-        ca_file: Option<String>,
-        timeout: Option<String>,
-        max_concurrent: Option<usize>,
-    },
-    AwsSecretsManager {
-        region: Option<String>,
-        endpoint_url: Option<String>,
-        profile: Option<String>,
-        /// Prepended to each credential's path to form the secret name.
-        secret_prefix: Option<String>,
-        /// Client-side budget of write calls per second (default 25).
-        write_budget: Option<f64>,
-        timeout: Option<String>,
-        max_concurrent: Option<usize>,
-    },
-    AzureKeyVault {
-        vault_url: String,
-        /// `client_secret`, `managed_identity` or `workload_identity`.
-        auth: String,
-        tenant_id: Option<String>,
-        client_id: Option<String>,
-        client_secret_file: Option<String>,
-        ca_file: Option<String>,
-        verify_challenge_resource: Option<bool>,
-        /// Entra ID authority for `client_secret` / `workload_identity`
-        /// (sovereign clouds, tests); https only.
-        authority_host: Option<String>,
-        timeout: Option<String>,
-        max_concurrent: Option<usize>,
-    },
-}
-
-/// `approle = { role_id_file = ..., secret_id_file = ... }` of a `vault` vault.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawAppRole {
-    /// Where the AppRole auth method is mounted (default `approle`).
-    pub mount: Option<String>,
-    pub role_id_file: String,
-    pub secret_id_file: String,
-}
-
 /// The scalar keys of `[agents.NAME]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,12 +119,12 @@ pub struct RawCredential {
     pub vault: VaultList,
     pub path: Option<String>,
     pub generate: RawGenerator,
-    pub target: Option<RawTarget>,
+    pub target: Option<TargetConfig>,
     pub schedule: Option<String>,
     pub every: Option<String>,
     pub jitter: Option<String>,
     pub grace: Option<String>,
-    pub deliver: Option<Vec<RawSink>>,
+    pub deliver: Option<Vec<SinkConfig>>,
 }
 
 /// `vault = "bao"` or `vault = ["bao", "aws"]`: a credential kept in several
@@ -245,50 +186,6 @@ pub enum RawEncoding {
     Hex,
     #[serde(rename = "base64url")]
     Base64Url,
-}
-
-/// `target = { type = ... }`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RawTarget {
-    None {},
-    Postgres {
-        /// File holding the admin connection string (libpq key=value or URL).
-        admin_dsn_file: String,
-        role: String,
-        /// `single_user` (default) or `alternating_users`.
-        strategy: Option<String>,
-        connect_timeout: Option<String>,
-        /// Database to log into when testing a new value (default: the admin DSN's).
-        test_dbname: Option<String>,
-    },
-    Command {
-        program: String,
-        args: Option<Vec<String>>,
-        timeout: Option<String>,
-        /// Extra environment for the hook (never the secret: that is on stdin).
-        env: Option<BTreeMap<String, String>>,
-    },
-}
-
-/// One entry of `deliver = [...]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RawSink {
-    File {
-        path: String,
-        format: Option<RawFormat>,
-        mode: Option<String>,
-        env_name: Option<String>,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RawFormat {
-    Raw,
-    Json,
-    Env,
 }
 
 /// The keys allowed at the top of the file (for "unknown key" messages).

@@ -16,18 +16,14 @@ use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{
-    Parsed, RawAgent, RawCredential, RawDaemon, RawEncoding, RawFormat, RawGenerator, RawSink,
-    RawTarget, RawVault,
-};
+use super::raw::{Parsed, RawAgent, RawCredential, RawDaemon, RawEncoding, RawGenerator};
 use super::{
-    AgentConfig, AwsConfig, AzureAuth, AzureConfig, ByteEncoding, CommandTargetConfig, Config,
-    CredentialConfig, DaemonConfig, FileFormat, FileSinkConfig, GeneratorConfig, HashicorpAuth,
-    HashicorpConfig, PgStrategy, PostgresTargetConfig, RetryConfig, SinkConfig, TargetConfig,
-    TierConfig, VaultConfig, VaultKind, resolve_relative,
+    AgentConfig, ByteEncoding, Config, CredentialConfig, DaemonConfig, GeneratorConfig,
+    RetryConfig, TierConfig, VaultConfig, resolve_relative,
 };
 use crate::model::{AgentId, CredentialId, CredentialKey, MAX_ID_LEN, validate_id};
 use crate::schedule::ScheduleSpec;
+use crate::targets::TargetConfig;
 
 use super::raw::RawConfig;
 
@@ -94,7 +90,7 @@ impl fmt::Display for TomlPath {
 /// eagerly for every field checked was most of validation's time at 100k
 /// credentials, for paths that a valid file never needs.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Loc<'a> {
+pub struct Loc<'a> {
     parent: Option<&'a Loc<'a>>,
     seg: LocSeg<'a>,
 }
@@ -200,8 +196,19 @@ impl Context {
     /// are normalised lexically so that delivery-root checks compare like
     /// with like.
     fn resolve(&self, p: &str) -> PathBuf {
-        normalize(&resolve_relative(&self.source, Path::new(p)))
+        self.resolve_path(Path::new(p))
     }
+
+    fn resolve_path(&self, p: &Path) -> PathBuf {
+        normalize(&resolve_relative(&self.source, p))
+    }
+}
+
+/// A duration setting's value once validated: `default` when unset (a
+/// plug-in reads its settings through this, after `check` accepted them).
+pub fn duration_value(text: Option<&str>, default: Duration) -> Duration {
+    text.and_then(|t| humantime::parse_duration(t.trim()).ok())
+        .unwrap_or(default)
 }
 
 /// Built-in tiers, used when the file has no `[tiers]` table.
@@ -218,21 +225,14 @@ const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_CONCURRENT_ROTATIONS: usize = 64;
 const DEFAULT_CATCH_UP_SPREAD: Duration = Duration::from_secs(300);
 const DEFAULT_VAULT_MAX_CONCURRENT: usize = 16;
-const DEFAULT_REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
-const DEFAULT_AWS_WRITE_BUDGET: f64 = 25.0;
-const DEFAULT_PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_GRACE: Duration = Duration::from_secs(15 * 60);
-const DEFAULT_FILE_MODE: u32 = 0o400;
-/// Files hold secrets: owner read/write, group read at most.
-const MAX_FILE_MODE: u32 = 0o640;
 const MIN_PASSWORD_LEN: usize = 8;
 const MAX_GENERATED_LEN: usize = 4096;
 const MIN_RANDOM_LEN: usize = 16;
 
 /// Whether a duration may be zero.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Zero {
+pub enum Zero {
     Allowed,
     Rejected,
 }
@@ -253,7 +253,11 @@ pub fn validate(raw: &RawConfig, ctx: &Context) -> Result<Config, Vec<Issue>> {
     }
 }
 
-struct Validator<'a> {
+/// The validation API plug-ins use: report located issues, read the common
+/// kinds of setting (durations, paths, URLs) with the same messages
+/// everywhere. A plug-in's `check` reports through it and completes its own
+/// config in place (relative paths resolved, defaults filled in).
+pub struct Validator<'a> {
     ctx: &'a Context,
     issues: Vec<Issue>,
     /// Durations already parsed. A big file repeats a handful of texts
@@ -292,11 +296,13 @@ struct Scope<'a> {
 }
 
 impl Validator<'_> {
-    fn err(&mut self, at: Loc<'_>, message: impl Into<String>) {
+    /// Reports a problem with a value.
+    pub(crate) fn err(&mut self, at: Loc<'_>, message: impl Into<String>) {
         self.issues.push(Issue::at(at.path(), message));
     }
 
-    fn err_key(&mut self, at: Loc<'_>, message: impl Into<String>) {
+    /// Reports a problem with a key (unknown, missing next to it, ...).
+    pub(crate) fn err_key(&mut self, at: Loc<'_>, message: impl Into<String>) {
         self.issues.push(Issue::at_key(at.path(), message));
     }
 
@@ -329,8 +335,7 @@ impl Validator<'_> {
         // Cross-credential uniqueness: first place each was seen.
         let mut cross = CrossChecks {
             vault_paths: FirstSeen::default(),
-            sink_paths: FirstSeen::default(),
-            missing_roots_reported: false,
+            deliveries: Deliveries::default(),
         };
 
         let agents_loc = Loc::top("agents");
@@ -360,7 +365,7 @@ impl Validator<'_> {
                     .zip(cred_id)
                     .map(|(a, c)| CredentialKey::new(a, c));
                 let cred = self.credential(
-                    &cred_path, key, agent_name, cred_name, raw_cred, raw_agent, &scope, &mut cross,
+                    &cred_path, key, agent_name, cred_name, raw_cred, &scope, &mut cross,
                 );
                 if let Some(cred) = cred {
                     credentials.insert(cred.key.credential.clone(), cred);
@@ -408,7 +413,7 @@ impl Validator<'_> {
         }
     }
 
-    fn duration(&mut self, path: Loc<'_>, text: &str, zero: Zero) -> Option<Duration> {
+    pub(crate) fn duration(&mut self, path: Loc<'_>, text: &str, zero: Zero) -> Option<Duration> {
         let t = text.trim();
         if t.starts_with('-') {
             self.err(
@@ -440,7 +445,7 @@ impl Validator<'_> {
         }
     }
 
-    fn duration_or(
+    pub(crate) fn duration_or(
         &mut self,
         path: Loc<'_>,
         text: Option<&String>,
@@ -454,6 +459,15 @@ impl Validator<'_> {
     }
 
     /// A path setting: non-empty, resolved against the config file's directory.
+    /// A path setting, completed in place: non-empty, resolved against the
+    /// config file's directory.
+    pub(crate) fn resolve_path(&mut self, path: Loc<'_>, p: &mut PathBuf) {
+        if p.as_os_str().is_empty() {
+            self.err(path, "path must not be empty");
+        }
+        *p = self.ctx.resolve_path(p);
+    }
+
     fn path_setting(&mut self, path: Loc<'_>, text: &str) -> PathBuf {
         if text.trim().is_empty() {
             self.err(path, "path must not be empty");
@@ -625,225 +639,23 @@ impl Validator<'_> {
             let id_ok = self.id(&p, "vault", name);
             let Parsed::Ok(vault) = vault else { continue };
             let before = self.issues.len();
-            let (kind, max_concurrent) = match vault {
-                RawVault::Local {
-                    dir,
-                    key_file,
-                    key_credential,
-                    max_concurrent,
-                } => (
-                    self.local_vault(&p, name, state_dir, dir, key_file, key_credential),
-                    max_concurrent,
-                ),
-                RawVault::Vault {
-                    address,
-                    mount,
-                    namespace,
-                    field,
-                    token_file,
-                    token_env,
-                    approle,
-                    ca_file,
-                    timeout,
-                    max_concurrent,
-                } => {
-                    self.url(
-                        p.key("address"),
-                        address,
-                        &["http", "https"],
-                        "https://vault.example.com:8200",
-                    );
-                    let auth = match (token_file, token_env, approle) {
-                        (Some(f), None, None) => Some(HashicorpAuth::TokenFile(
-                            self.path_setting(p.key("token_file"), f),
-                        )),
-                        (None, Some(e), None) => {
-                            if !is_env_name(e) {
-                                self.err(
-                                    p.key("token_env"),
-                                    format!("invalid environment variable name `{e}`"),
-                                );
-                            }
-                            Some(HashicorpAuth::TokenEnv(e.clone()))
-                        }
-                        (None, None, Some(a)) => {
-                            let ap = p.key("approle");
-                            Some(HashicorpAuth::AppRole {
-                                mount: self.mount_name(
-                                    ap.key("mount"),
-                                    a.mount.as_deref().unwrap_or("approle"),
-                                ),
-                                role_id_file: self
-                                    .path_setting(ap.key("role_id_file"), &a.role_id_file),
-                                secret_id_file: self
-                                    .path_setting(ap.key("secret_id_file"), &a.secret_id_file),
-                            })
-                        }
-                        _ => {
-                            self.err_key(
-                                p,
-                                "set exactly one way to log in: `token_file`, `token_env` or `approle = { role_id_file = ..., secret_id_file = ... }`",
-                            );
-                            None
-                        }
-                    };
-                    let mount =
-                        self.mount_name(p.key("mount"), mount.as_deref().unwrap_or("secret"));
-                    let field = field.clone().unwrap_or_else(|| "value".to_owned());
-                    if field.is_empty() || field.starts_with("keyturn_") {
-                        self.err(
-                            p.key("field"),
-                            format!(
-                                "invalid field `{field}`: it must be non-empty and not start with `keyturn_` (keyturn's own bookkeeping keys)"
-                            ),
-                        );
-                    }
-                    let kind = auth.map(|auth| {
-                        VaultKind::Hashicorp(HashicorpConfig {
-                            address: address.trim_end_matches('/').to_owned(),
-                            mount,
-                            namespace: namespace.clone(),
-                            field,
-                            auth,
-                            ca_file: ca_file
-                                .as_ref()
-                                .map(|f| self.path_setting(p.key("ca_file"), f)),
-                            timeout: self.timeout(&p, timeout),
-                        })
-                    });
-                    (kind, max_concurrent)
-                }
-                RawVault::AwsSecretsManager {
-                    region,
-                    endpoint_url,
-                    profile,
-                    secret_prefix,
-                    write_budget,
-                    timeout,
-                    max_concurrent,
-                } => {
-                    if let Some(u) = endpoint_url {
-                        self.url(
-                            p.key("endpoint_url"),
-                            u,
-                            &["http", "https"],
-                            "https://secretsmanager.eu-west-1.amazonaws.com",
-                        );
-                    }
-                    let write_budget = write_budget.unwrap_or(DEFAULT_AWS_WRITE_BUDGET);
-                    if !(write_budget.is_finite() && write_budget > 0.0) {
-                        self.err(
-                            p.key("write_budget"),
-                            format!("write_budget must be a positive number of writes per second (default {DEFAULT_AWS_WRITE_BUDGET}; AWS allows 50 per account and region)"),
-                        );
-                    }
-                    let kind = VaultKind::AwsSecretsManager(AwsConfig {
-                        region: region.clone(),
-                        endpoint_url: endpoint_url.clone(),
-                        profile: profile.clone(),
-                        secret_prefix: secret_prefix.clone().unwrap_or_default(),
-                        write_budget,
-                        timeout: self.timeout(&p, timeout),
-                    });
-                    (Some(kind), max_concurrent)
-                }
-                RawVault::AzureKeyVault {
-                    vault_url,
-                    auth,
-                    tenant_id,
-                    client_id,
-                    client_secret_file,
-                    ca_file,
-                    verify_challenge_resource,
-                    authority_host,
-                    timeout,
-                    max_concurrent,
-                } => {
-                    self.url(
-                        p.key("vault_url"),
-                        vault_url,
-                        &["https"],
-                        "https://NAME.vault.azure.net",
-                    );
-                    if let Some(host) = authority_host {
-                        // The SDK refuses a non-https authority too, but only
-                        // at the first rotation; say it at load time.
-                        self.url(
-                            p.key("authority_host"),
-                            host,
-                            &["https"],
-                            "https://login.microsoftonline.com",
-                        );
-                    }
-                    let auth = match auth.as_str() {
-                        "client_secret" => {
-                            let mut need = |key: &str, v: &Option<String>| {
-                                if v.is_none() {
-                                    self.err_key(
-                                        p,
-                                        format!("auth = \"client_secret\" needs `{key}`"),
-                                    );
-                                }
-                                v.clone().unwrap_or_default()
-                            };
-                            let tenant_id = need("tenant_id", tenant_id);
-                            let client_id = need("client_id", client_id);
-                            let secret = need("client_secret_file", client_secret_file);
-                            Some(AzureAuth::ClientSecret {
-                                tenant_id,
-                                client_id,
-                                secret_file: self
-                                    .path_setting(p.key("client_secret_file"), &secret),
-                            })
-                        }
-                        "managed_identity" => {
-                            if authority_host.is_some() {
-                                self.err(
-                                    p.key("authority_host"),
-                                    "authority_host has no effect with auth = \"managed_identity\" (the host's identity endpoint issues the tokens); remove it",
-                                );
-                            }
-                            Some(AzureAuth::ManagedIdentity {
-                                client_id: client_id.clone(),
-                            })
-                        }
-                        "workload_identity" => Some(AzureAuth::WorkloadIdentity),
-                        other => {
-                            self.err(
-                                p.key("auth"),
-                                format!("unknown auth `{other}`; expected one of `client_secret`, `managed_identity`, `workload_identity`"),
-                            );
-                            None
-                        }
-                    };
-                    let kind = auth.map(|auth| {
-                        VaultKind::AzureKeyVault(AzureConfig {
-                            vault_url: vault_url.trim_end_matches('/').to_owned(),
-                            auth,
-                            ca_file: ca_file
-                                .as_ref()
-                                .map(|f| self.path_setting(p.key("ca_file"), f)),
-                            verify_challenge_resource: verify_challenge_resource.unwrap_or(true),
-                            authority_host: authority_host
-                                .as_ref()
-                                .map(|h| h.trim_end_matches('/').to_owned()),
-                            timeout: self.timeout(&p, timeout),
-                        })
-                    });
-                    (kind, max_concurrent)
-                }
-            };
-            let max_concurrent = max_concurrent.unwrap_or(DEFAULT_VAULT_MAX_CONCURRENT);
+            let mut spec = vault.clone();
+            spec.plugin_mut()
+                .check(self, p, &VaultScope { name, state_dir });
+            let max_concurrent = spec
+                .plugin()
+                .max_concurrent()
+                .unwrap_or(DEFAULT_VAULT_MAX_CONCURRENT);
             if max_concurrent == 0 {
                 self.err(p.key("max_concurrent"), "max_concurrent must be at least 1");
             }
-            if let (true, Some(kind), true) = (id_ok, kind, self.issues.len() == before) {
+            if id_ok && self.issues.len() == before {
                 out.insert(
                     name.clone(),
                     VaultConfig {
                         name: name.clone(),
                         max_concurrent,
-                        kind,
+                        spec,
                     },
                 );
             }
@@ -851,58 +663,18 @@ impl Validator<'_> {
         out
     }
 
-    fn local_vault(
+    /// `timeout` of a remote vault or a target: `default` when unset, never zero.
+    pub(crate) fn timeout(
         &mut self,
         p: &Loc<'_>,
-        name: &str,
-        state_dir: &Path,
-        dir: &Option<String>,
-        key_file: &Option<String>,
-        key_credential: &Option<String>,
-    ) -> Option<VaultKind> {
-        let dir = match dir {
-            Some(d) => self.path_setting(p.key("dir"), d),
-            None => state_dir.join("vaults").join(name),
-        };
-        let key_file = match key_file {
-            Some(k) => self.path_setting(p.key("key_file"), k),
-            None => state_dir.join(format!("{name}-vault.key")),
-        };
-        let key_credential = key_credential
-            .clone()
-            .unwrap_or_else(|| format!("keyturn-{name}-vault-key"));
-        // systemd credential names are file names in $CREDENTIALS_DIRECTORY.
-        if key_credential.is_empty()
-            || key_credential.contains('/')
-            || key_credential == "."
-            || key_credential == ".."
-        {
-            self.err(
-                p.key("key_credential"),
-                format!(
-                    "invalid key_credential `{key_credential}`: it names a file in $CREDENTIALS_DIRECTORY, so it must be non-empty and contain no '/'"
-                ),
-            );
-        }
-        Some(VaultKind::Local {
-            dir,
-            key_file,
-            key_credential,
-        })
-    }
-
-    /// `timeout` of a vault or target (default 30 s, never zero).
-    fn timeout(&mut self, p: &Loc<'_>, text: &Option<String>) -> Duration {
-        self.duration_or(
-            p.key("timeout"),
-            text.as_ref(),
-            DEFAULT_REMOTE_TIMEOUT,
-            Zero::Rejected,
-        )
+        text: &Option<String>,
+        default: Duration,
+    ) -> Duration {
+        self.duration_or(p.key("timeout"), text.as_ref(), default, Zero::Rejected)
     }
 
     /// An absolute URL with one of `schemes` and a host; `example` shows a good one.
-    fn url(&mut self, p: Loc<'_>, text: &str, schemes: &[&str], example: &str) {
+    pub(crate) fn url(&mut self, p: Loc<'_>, text: &str, schemes: &[&str], example: &str) {
         let problem = match text.split_once("://") {
             None => Some("it has no scheme".to_owned()),
             Some((scheme, rest)) => {
@@ -924,22 +696,6 @@ impl Validator<'_> {
                 format!("invalid URL `{text}`: {why} (write e.g. \"{example}\")"),
             );
         }
-    }
-
-    /// A secrets-engine or auth mount: `/`-separated segments, no `..`.
-    fn mount_name(&mut self, p: Loc<'_>, m: &str) -> String {
-        let m = m.trim_matches('/');
-        if m.is_empty()
-            || m.split('/')
-                .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-            || m.contains(char::is_whitespace)
-        {
-            self.err(
-                p,
-                format!("invalid mount `{m}`: write its path without leading or trailing `/`, e.g. \"secret\""),
-            );
-        }
-        m.to_owned()
     }
 
     fn agent_fields(&mut self, p: &Loc<'_>, a: &RawAgent, scope: &Scope<'_>) {
@@ -972,7 +728,6 @@ impl Validator<'_> {
         agent_name: &'r str,
         cred_name: &'r str,
         c: &'r RawCredential,
-        agent: Option<&RawAgent>,
         scope: &Scope<'r>,
         cross: &mut CrossChecks<'r>,
     ) -> Option<CredentialConfig> {
@@ -1057,8 +812,12 @@ impl Validator<'_> {
 
         let generate = self.generator(&p.key("generate"), &c.generate);
         let target = match &c.target {
-            None | Some(RawTarget::None {}) => Some(TargetConfig::None),
-            Some(t) => self.target(&p.key("target"), t),
+            None => TargetConfig::none(),
+            Some(t) => {
+                let mut t = t.clone();
+                t.plugin_mut().check(self, p.key("target"));
+                t
+            }
         };
 
         let schedule = match (&c.schedule, &c.every) {
@@ -1120,13 +879,21 @@ impl Validator<'_> {
         let mut deliver = Vec::with_capacity(sinks.len());
         let deliver_loc = p.key("deliver");
         for (i, sink) in sinks.iter().enumerate() {
-            let sp = deliver_loc.index(i);
-            let at = SinkRef {
-                cred: this,
-                index: i,
+            let sink_before = self.issues.len();
+            let mut sink = sink.clone();
+            let mut sink_scope = SinkScope {
+                credential: cred_name,
+                roots: scope.delivery_roots.as_deref(),
+                at: SinkRef {
+                    cred: this,
+                    index: i,
+                },
+                claims: &mut cross.deliveries,
             };
-            if let Some(s) = self.sink(&sp, at, sink, agent, scope, cross) {
-                deliver.push(s);
+            sink.plugin_mut()
+                .check(self, deliver_loc.index(i), &mut sink_scope);
+            if self.issues.len() == sink_before {
+                deliver.push(sink);
             }
         }
 
@@ -1138,97 +905,12 @@ impl Validator<'_> {
             vaults: vaults.into_boxed_slice(),
             path: c.path.as_deref().map(Box::from),
             generate: generate?,
-            target: target?,
+            target,
             schedule: schedule?,
             jitter,
             grace,
             deliver,
         })
-    }
-
-    fn target(&mut self, p: &Loc<'_>, t: &RawTarget) -> Option<TargetConfig> {
-        match t {
-            RawTarget::None {} => Some(TargetConfig::None),
-            RawTarget::Postgres {
-                admin_dsn_file,
-                role,
-                strategy,
-                connect_timeout,
-                test_dbname,
-            } => {
-                let admin_dsn_file = self.path_setting(p.key("admin_dsn_file"), admin_dsn_file);
-                // A role name is an identifier keyturn quotes itself; the
-                // clone's name adds `_clone`, so leave room for it within
-                // PostgreSQL's 63-byte limit.
-                if role.is_empty() || role.len() > 57 || role.contains('\0') {
-                    self.err(
-                        p.key("role"),
-                        format!("invalid role `{role}`: it must be 1 to 57 bytes (keyturn adds `_clone` for alternating_users) without NUL"),
-                    );
-                }
-                let strategy = match strategy.as_deref().unwrap_or("single_user") {
-                    "single_user" => Some(PgStrategy::SingleUser),
-                    "alternating_users" => Some(PgStrategy::AlternatingUsers),
-                    other => {
-                        self.err(
-                            p.key("strategy"),
-                            format!("unknown strategy `{other}`; expected `single_user` or `alternating_users`"),
-                        );
-                        None
-                    }
-                };
-                let connect_timeout = self.duration_or(
-                    p.key("connect_timeout"),
-                    connect_timeout.as_ref(),
-                    DEFAULT_PG_CONNECT_TIMEOUT,
-                    Zero::Rejected,
-                );
-                Some(TargetConfig::Postgres(Box::new(PostgresTargetConfig {
-                    admin_dsn_file,
-                    role: role.clone(),
-                    strategy: strategy?,
-                    connect_timeout,
-                    test_dbname: test_dbname.clone(),
-                })))
-            }
-            RawTarget::Command {
-                program,
-                args,
-                timeout,
-                env,
-            } => {
-                let program = self.path_setting(p.key("program"), program);
-                let timeout = self.duration_or(
-                    p.key("timeout"),
-                    timeout.as_ref(),
-                    DEFAULT_COMMAND_TIMEOUT,
-                    Zero::Rejected,
-                );
-                let mut vars = Vec::new();
-                for (k, v) in env.iter().flatten() {
-                    let why = if k.starts_with("KEYTURN_") {
-                        Some("`KEYTURN_*` variables are set by keyturn for each step")
-                    } else if !is_env_name(k) {
-                        Some("use letters, digits and `_`, not starting with a digit")
-                    } else {
-                        None
-                    };
-                    if let Some(why) = why {
-                        self.err_key(
-                            p.key("env").key(k.as_str()),
-                            format!("invalid environment variable `{k}`: {why}"),
-                        );
-                    }
-                    vars.push((k.clone(), v.clone()));
-                }
-                Some(TargetConfig::Command(Box::new(CommandTargetConfig {
-                    program,
-                    args: args.clone().unwrap_or_default(),
-                    timeout,
-                    env: vars,
-                })))
-            }
-        }
     }
 
     /// A path inside a vault: relative, `/`-separated, no `.`/`..`/empty parts.
@@ -1343,191 +1025,71 @@ impl Validator<'_> {
         };
         (self.issues.len() == before).then_some(out)
     }
+}
 
-    fn sink<'r>(
-        &mut self,
-        p: &Loc<'_>,
-        at: SinkRef<'r>,
-        sink: &'r RawSink,
-        agent: Option<&RawAgent>,
-        scope: &Scope<'r>,
-        cross: &mut CrossChecks<'r>,
-    ) -> Option<SinkConfig> {
-        let cred_name = at.cred.cred;
-        let before = self.issues.len();
-        let RawSink::File {
-            path,
-            format,
-            mode,
-            env_name,
-        } = sink;
+/// What a vault's `check` knows besides its own section.
+pub struct VaultScope<'a> {
+    /// Its `[vaults.NAME]` name.
+    pub name: &'a str,
+    /// `daemon.state_dir`, where the local vault keeps its data by default.
+    pub state_dir: &'a Path,
+}
 
-        let resolved = self.delivery_path(&p.key("path"), at, path, scope, cross);
+/// What a sink's `check` knows besides its own entry: the credential it
+/// delivers, the delivery roots, and the places other sinks already write.
+pub struct SinkScope<'s, 'r> {
+    /// The credential's name (e.g. to derive a variable name).
+    pub credential: &'r str,
+    /// `daemon.delivery_roots`; `None` when `[daemon]` itself was invalid
+    /// (root checks are skipped rather than reported against unknown roots).
+    pub roots: Option<&'s [PathBuf]>,
+    at: SinkRef<'r>,
+    claims: &'s mut Deliveries<'r>,
+}
 
-        let mode = match mode {
-            None => DEFAULT_FILE_MODE,
-            Some(m) => self
-                .file_mode(p.key("mode"), m)
-                .unwrap_or(DEFAULT_FILE_MODE),
-        };
-
-        let format = match format.unwrap_or(RawFormat::Raw) {
-            RawFormat::Raw => FileFormat::Raw,
-            RawFormat::Json => FileFormat::Json,
-            RawFormat::Env => FileFormat::Env,
-        };
-        let env_name = match env_name {
-            Some(n) => {
-                if !is_env_name(n) {
-                    self.err(
-                        p.key("env_name"),
-                        format!("invalid env_name `{n}`: it must match [A-Z_][A-Z0-9_]*"),
-                    );
-                }
-                n.clone()
-            }
-            None => {
-                // Only an env file uses the name, so a credential id that
-                // makes a bad variable name matters only there.
-                if format != FileFormat::Env {
-                    // Not used: no allocation (one per sink at 100k sinks).
-                    String::new()
-                } else {
-                    let derived = cred_name.to_ascii_uppercase().replace('-', "_");
-                    if !is_env_name(&derived) {
-                        self.err(
-                            p.key("format"),
-                            format!(
-                                "the variable name derived from credential `{cred_name}` is `{derived}`, which does not match [A-Z_][A-Z0-9_]*; set env_name"
-                            ),
-                        );
-                    }
-                    derived
-                }
-            }
-        };
-
-        if self.issues.len() != before {
-            return None;
-        }
-        Some(SinkConfig::File(FileSinkConfig {
-            path: resolved?,
-            format,
-            mode,
-            uid: agent.and_then(|a| a.uid),
-            gid: agent.and_then(|a| a.gid),
-            env_name,
-        }))
+impl SinkScope<'_, '_> {
+    /// `true` the first time it is asked in a file: "there are no delivery
+    /// roots" is said once, not for every sink.
+    pub fn first_to_miss_roots(&mut self) -> bool {
+        !std::mem::replace(&mut self.claims.missing_roots_reported, true)
     }
 
-    /// A file sink's path: absolute, or relative to the single delivery root;
-    /// never `..`; inside a delivery root; used by one sink only.
-    fn delivery_path<'r>(
+    /// Claims `place` (where this sink writes, e.g. a resolved file path)
+    /// for this sink alone; reports a duplicate at `at` when another sink
+    /// claimed it first. `key` is the sink's key `at` points to.
+    pub fn claim(
         &mut self,
-        p: &Loc<'_>,
-        at: SinkRef<'r>,
-        text: &'r str,
-        scope: &Scope<'r>,
-        cross: &mut CrossChecks<'r>,
-    ) -> Option<PathBuf> {
-        let roots = scope.delivery_roots.as_ref()?;
-        if roots.is_empty() {
-            if !cross.missing_roots_reported {
-                cross.missing_roots_reported = true;
-                self.err(
-                    *p,
-                    "file sinks need `daemon.delivery_roots`: set it to the directories keyturn may write secrets under",
-                );
-            }
-            return None;
-        }
-        let written = Path::new(text);
-        if text.trim().is_empty() {
-            self.err(*p, "delivery path must not be empty");
-            return None;
-        }
-        // `..` is refused outright rather than normalised away: with symlinks
-        // in play, `a/../b` need not be where it looks.
-        if written.components().any(|c| c == Component::ParentDir) {
-            self.err(
-                *p,
-                format!("delivery path `{text}` contains `..`; write the path without it"),
-            );
-            return None;
-        }
-        if !written.is_absolute() && roots.len() != 1 {
-            self.err(
-                *p,
-                format!(
-                    "delivery path `{text}` is relative, which is only allowed with exactly one delivery root; there are {} ({}), so write an absolute path",
-                    roots.len(),
-                    list(roots.iter().map(|r| r.display().to_string()))
-                ),
-            );
-            return None;
-        }
-        let resolved = resolve_sink(roots, written);
-        if !roots
-            .iter()
-            .any(|r| resolved.starts_with(r) && resolved != *r)
-        {
-            self.err(
-                *p,
-                format!(
-                    "delivery path `{}` is outside every delivery root ({})",
-                    resolved.display(),
-                    list(roots.iter().map(|r| r.display().to_string()))
-                ),
-            );
-            return None;
-        }
-        // Only the sink's name and text are kept: an earlier path is
-        // resolved again when its hash matches (the path itself moves into
-        // the config, and a copy of each was 100k allocations).
-        let seen = SinkSeen { at, text };
-        let first = cross.sink_paths.first_or_insert(
-            fnv1a(FNV_OFFSET, resolved.as_os_str().as_encoded_bytes()),
-            seen,
-            |earlier, _| resolve_sink(roots, Path::new(earlier.text)) == resolved,
+        v: &mut Validator<'_>,
+        at: Loc<'_>,
+        key: &'static str,
+        place: &Path,
+    ) -> bool {
+        let bytes = place.as_os_str().as_encoded_bytes();
+        let claims = &mut *self.claims;
+        // Places are kept in one buffer, not one allocation each (100k sinks).
+        let range = claims.text.len()..claims.text.len() + bytes.len();
+        claims.text.extend_from_slice(bytes);
+        let text = &claims.text;
+        let first = claims.seen.first_or_insert(
+            fnv1a(FNV_OFFSET, bytes),
+            (self.at, key, range.clone()),
+            |earlier, new| text[earlier.2.clone()] == text[new.2.clone()],
         );
-        if let Some(first) = first {
-            let first = first.at.path();
-            let mut issue = Issue::at(
-                p.path(),
-                format!(
-                    "duplicate delivery path `{}`: also written by `{first}`",
-                    resolved.display(),
-                ),
-            );
-            issue.related = Some(first);
-            self.issues.push(issue);
-            return None;
-        }
-        Some(resolved)
-    }
-
-    fn file_mode(&mut self, p: Loc<'_>, m: &str) -> Option<u32> {
-        let parsed =
-            (!m.is_empty() && m.len() <= 4 && m.bytes().all(|b| (b'0'..=b'7').contains(&b)))
-                .then(|| u32::from_str_radix(m, 8).ok())
-                .flatten();
-        let Some(mode) = parsed else {
-            self.err(
-                p,
-                format!("invalid file mode `{m}`: write octal digits as a string, e.g. \"0440\""),
-            );
-            return None;
+        let Some((first_at, first_key, _)) = first else {
+            return true;
         };
-        if mode & !MAX_FILE_MODE != 0 {
-            self.err(
-                p,
-                format!(
-                    "file mode {mode:04o} is wider than 0640: secrets may be readable by owner and group only, never by others or executable"
-                ),
-            );
-            return None;
-        }
-        Some(mode)
+        let first = first_at.path(first_key);
+        claims.text.truncate(range.start);
+        let mut issue = Issue::at(
+            at.path(),
+            format!(
+                "duplicate delivery path `{}`: also written by `{first}`",
+                place.display(),
+            ),
+        );
+        issue.related = Some(first);
+        v.issues.push(issue);
+        false
     }
 }
 
@@ -1535,7 +1097,15 @@ impl Validator<'_> {
 /// raw file (`'r`) rather than copying them.
 struct CrossChecks<'r> {
     vault_paths: FirstSeen<VaultPathSeen<'r>>,
-    sink_paths: FirstSeen<SinkSeen<'r>>,
+    deliveries: Deliveries<'r>,
+}
+
+/// The places sinks write, each with the first sink that claimed it.
+#[derive(Default)]
+struct Deliveries<'r> {
+    seen: FirstSeen<(SinkRef<'r>, &'static str, Range<usize>)>,
+    /// Every claimed place, back to back.
+    text: Vec<u8>,
     missing_roots_reported: bool,
 }
 
@@ -1613,7 +1183,7 @@ impl Parts<'_> {
     }
 }
 
-/// A file sink: `agents.AGENT.credentials.CRED.deliver[INDEX]`.
+/// A sink: `agents.AGENT.credentials.CRED.deliver[INDEX]`.
 #[derive(Clone, Copy)]
 struct SinkRef<'r> {
     cred: CredRef<'r>,
@@ -1621,35 +1191,9 @@ struct SinkRef<'r> {
 }
 
 impl SinkRef<'_> {
-    /// The path of its `path` key.
-    fn path(&self) -> TomlPath {
-        self.cred
-            .path()
-            .key("deliver")
-            .index(self.index)
-            .key("path")
-    }
-}
-
-/// One delivery path in use: the sink and the path as written (valid, since
-/// only sinks that passed every check are recorded).
-struct SinkSeen<'r> {
-    at: SinkRef<'r>,
-    text: &'r str,
-}
-
-/// Where a valid sink path resolves: absolute as written, or under the one
-/// delivery root. `roots` hold normalised paths, so normalising onto the root
-/// is the same as `normalize(&root.join(path))` without the second buffer.
-fn resolve_sink(roots: &[PathBuf], written: &Path) -> PathBuf {
-    match roots {
-        [root] if !written.is_absolute() => {
-            let mut out =
-                PathBuf::with_capacity(root.as_os_str().len() + 1 + written.as_os_str().len());
-            out.push(root);
-            normalize_onto(out, written)
-        }
-        _ => normalize(written),
+    /// The path of its `key`.
+    fn path(&self, key: &str) -> TomlPath {
+        self.cred.path().key("deliver").index(self.index).key(key)
     }
 }
 
@@ -1716,7 +1260,9 @@ fn one_line(reason: &str) -> String {
     }
 }
 
-fn is_env_name(s: &str) -> bool {
+/// A name a shell, systemd's `EnvironmentFile=` and dotenv readers all take:
+/// `[A-Z_][A-Z0-9_]*` (upper case, so it cannot clash with a shell's own).
+pub fn is_env_name(s: &str) -> bool {
     let b = s.as_bytes();
     match b.first() {
         Some(f) if f.is_ascii_uppercase() || *f == b'_' => b[1..]
@@ -1726,7 +1272,7 @@ fn is_env_name(s: &str) -> bool {
     }
 }
 
-fn list<'a>(items: impl Iterator<Item = impl AsRef<str> + 'a>) -> String {
+pub(crate) fn list<'a>(items: impl Iterator<Item = impl AsRef<str> + 'a>) -> String {
     let set: BTreeSet<String> = items.map(|s| format!("`{}`", s.as_ref())).collect();
     set.into_iter().collect::<Vec<_>>().join(", ")
 }
@@ -1737,7 +1283,7 @@ pub fn normalize(p: &Path) -> PathBuf {
 }
 
 /// [`normalize`] of `out` joined with `p`, when `out` is already normalised.
-fn normalize_onto(mut out: PathBuf, p: &Path) -> PathBuf {
+pub(crate) fn normalize_onto(mut out: PathBuf, p: &Path) -> PathBuf {
     for c in p.components() {
         match c {
             Component::CurDir => {}
@@ -1883,22 +1429,6 @@ deliver = [{{ type = \"file\", path = \"/run/kt/a/x\" }}, {{ type = \"file\", pa
         assert_eq!(
             e[0].message,
             "duplicate delivery path `/run/kt/a/x`: also written by `agents.a.credentials.x.deliver[0].path` (line 17)"
-        );
-    }
-
-    #[test]
-    fn resolving_onto_the_root_is_normalizing_the_join() {
-        let roots = [PathBuf::from("/run/kt")];
-        for rel in ["a/x", "./a//x/.", "a/./x/"] {
-            assert_eq!(
-                resolve_sink(&roots, Path::new(rel)),
-                normalize(&roots[0].join(rel)),
-                "{rel}"
-            );
-        }
-        assert_eq!(
-            resolve_sink(&roots, Path::new("/run/kt/./a")),
-            PathBuf::from("/run/kt/a")
         );
     }
 

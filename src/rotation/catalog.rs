@@ -9,22 +9,12 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use super::footprint::Footprint;
-use crate::config::HashicorpAuth;
-use crate::config::{
-    AgentConfig, Config, CredentialConfig, GeneratorConfig, SinkConfig, VaultConfig, VaultKind,
-};
+use crate::config::{AgentConfig, Config, CredentialConfig, GeneratorConfig, VaultConfig};
 use crate::model::{CredentialKey, PluginError};
-use crate::model::{ErrorKind, SecretValue};
 use crate::schedule::{ScheduleSpec, jitter_offset};
-use crate::sinks::Sink;
-use crate::sinks::file::FileSink;
-use crate::targets::{self, Target};
+use crate::sinks::{Sink, SinkContext};
+use crate::targets::Target;
 use crate::vaults::Vault;
-use crate::vaults::aws::{AwsSettings, AwsVault};
-use crate::vaults::azure::{AzureSettings, AzureVault};
-use crate::vaults::hashicorp::{HashicorpAuth as BaoAuth, HashicorpSettings, HashicorpVault};
-use crate::vaults::lazy::LazyVault;
-use crate::vaults::local::{LocalVault, load_key};
 
 /// A vault and the limit on rotations touching it at once. Shared (`Arc`)
 /// by every credential kept in it.
@@ -109,7 +99,7 @@ impl CredEntry {
             }
         }
         let target_cfg = fp.target_config();
-        let target = targets::build(&target_cfg).map_err(|e| format!("target: {e}"))?;
+        let target = target_cfg.build().map_err(|e| format!("target: {e}"))?;
         Ok(CredEntry {
             agent: Arc::new(AgentConfig {
                 id: key.agent.clone(),
@@ -271,19 +261,22 @@ impl Catalog {
         let mut vaults = HashMap::new();
         for (name, vcfg) in &config.vaults {
             let reuse = previous.and_then(|p| p.vaults.get(name)).filter(|h| {
-                h.config.kind == vcfg.kind && h.config.max_concurrent == vcfg.max_concurrent
+                h.config.spec == vcfg.spec && h.config.max_concurrent == vcfg.max_concurrent
             });
-            let handle = match reuse {
-                Some(h) => h.clone(),
-                None => Arc::new(VaultHandle {
-                    vault: open_vault(vcfg).map_err(|source| BuildError::Vault {
-                        vault: name.clone(),
-                        source,
-                    })?,
-                    limit: Arc::new(Semaphore::new(vcfg.max_concurrent.max(1))),
-                    config: vcfg.clone(),
-                }),
-            };
+            let handle =
+                match reuse {
+                    Some(h) => h.clone(),
+                    None => Arc::new(VaultHandle {
+                        vault: vcfg.spec.plugin().open(name).map_err(|source| {
+                            BuildError::Vault {
+                                vault: name.clone(),
+                                source,
+                            }
+                        })?,
+                        limit: Arc::new(Semaphore::new(vcfg.max_concurrent.max(1))),
+                        config: vcfg.clone(),
+                    }),
+                };
             vaults.insert(name.clone(), handle);
         }
         let roots = config.daemon.delivery_roots.clone();
@@ -309,8 +302,13 @@ impl Catalog {
                 // entry is empty (one path per sink, 100k sinks).
                 let deliver = std::mem::take(&mut cred.deliver);
                 let mut sinks = Vec::with_capacity(deliver.len());
+                let ctx = SinkContext {
+                    delivery_roots: &roots,
+                    uid: agent.uid,
+                    gid: agent.gid,
+                };
                 for (index, s) in deliver.into_iter().enumerate() {
-                    let sink = build_sink(s, &roots).map_err(|source| BuildError::Sink {
+                    let sink = s.build(&ctx).map_err(|source| BuildError::Sink {
                         key: cred.key.clone(),
                         index,
                         source,
@@ -320,7 +318,7 @@ impl Catalog {
                 let entry = CredEntry {
                     agent: agent.clone(),
                     offset: jitter_offset(&cred.key, cred.jitter),
-                    target: targets::build(&cred.target).map_err(|source| BuildError::Target {
+                    target: cred.target.build().map_err(|source| BuildError::Target {
                         key: cred.key.clone(),
                         source,
                     })?,
@@ -389,106 +387,5 @@ impl Catalog {
         all.extend(taken);
         catalog.creds = CredMap::new(all);
         Ok(Some(catalog))
-    }
-}
-
-/// Opens the vault a `[vaults.NAME]` entry describes.
-fn open_vault(cfg: &VaultConfig) -> Result<Arc<dyn Vault>, PluginError> {
-    match &cfg.kind {
-        VaultKind::Local {
-            dir,
-            key_file,
-            key_credential,
-        } => {
-            let key = load_key(key_file, key_credential)?;
-            Ok(Arc::new(LocalVault::open(&cfg.name, dir, key)?))
-        }
-        VaultKind::AzureKeyVault(c) => {
-            let settings = AzureSettings {
-                name: cfg.name.clone(),
-                vault_url: c.vault_url.clone(),
-                auth: c.auth.clone(),
-                ca_file: c.ca_file.clone(),
-                verify_challenge_resource: c.verify_challenge_resource,
-                authority_host: c.authority_host.clone(),
-                timeout: c.timeout,
-            };
-            lazy(&cfg.name, settings, |s| async move {
-                Ok(Arc::new(AzureVault::connect(s).await?) as Arc<dyn Vault>)
-            })
-        }
-        VaultKind::Hashicorp(c) => {
-            let auth = match &c.auth {
-                HashicorpAuth::TokenFile(f) => BaoAuth::TokenFile(f.clone()),
-                HashicorpAuth::TokenEnv(var) => match std::env::var(var) {
-                    Ok(t) if !t.trim().is_empty() => {
-                        BaoAuth::Token(SecretValue::new(t.trim().as_bytes().to_vec()))
-                    }
-                    _ => {
-                        return Err(PluginError::new(
-                            ErrorKind::Invalid,
-                            format!(
-                                "token_env: the environment variable {var} is not set or empty; set it in the daemon's environment (e.g. an EnvironmentFile= of the unit) or use token_file"
-                            ),
-                        ));
-                    }
-                },
-                HashicorpAuth::AppRole {
-                    mount,
-                    role_id_file,
-                    secret_id_file,
-                } => BaoAuth::AppRole {
-                    mount: mount.clone(),
-                    role_id_file: role_id_file.clone(),
-                    secret_id_file: secret_id_file.clone(),
-                },
-            };
-            let settings = HashicorpSettings {
-                name: cfg.name.clone(),
-                address: c.address.clone(),
-                mount: c.mount.clone(),
-                namespace: c.namespace.clone(),
-                auth,
-                ca_file: c.ca_file.clone(),
-                field: c.field.clone(),
-                timeout: c.timeout,
-            };
-            lazy(&cfg.name, settings, |s| async move {
-                Ok(Arc::new(HashicorpVault::connect(s).await?) as Arc<dyn Vault>)
-            })
-        }
-        VaultKind::AwsSecretsManager(c) => {
-            let settings = AwsSettings {
-                name: cfg.name.clone(),
-                region: c.region.clone(),
-                endpoint_url: c.endpoint_url.clone(),
-                profile: c.profile.clone(),
-                secret_prefix: c.secret_prefix.clone(),
-                write_budget_per_sec: c.write_budget,
-                timeout: c.timeout,
-            };
-            lazy(&cfg.name, settings, |s| async move {
-                Ok(Arc::new(AwsVault::connect(s).await?) as Arc<dyn Vault>)
-            })
-        }
-    }
-}
-
-/// A remote vault that connects with `connect(settings)` on first use.
-fn lazy<S, F, Fut>(name: &str, settings: S, connect: F) -> Result<Arc<dyn Vault>, PluginError>
-where
-    S: Clone + Send + Sync + 'static,
-    F: Fn(S) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Arc<dyn Vault>, PluginError>> + Send + 'static,
-{
-    Ok(Arc::new(LazyVault::new(name, move || {
-        connect(settings.clone())
-    })))
-}
-
-/// Builds the sink a `deliver` entry describes.
-fn build_sink(cfg: SinkConfig, roots: &[std::path::PathBuf]) -> Result<Arc<dyn Sink>, PluginError> {
-    match cfg {
-        SinkConfig::File(f) => Ok(Arc::new(FileSink::new(f, roots)?)),
     }
 }

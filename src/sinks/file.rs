@@ -69,9 +69,206 @@ use nix::unistd::{Gid, Uid, UnlinkatFlags};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use super::{Delivered, Notice, Sink};
-use crate::config::{FileFormat, FileSinkConfig};
+use super::{Delivered, Notice, Sink, SinkContext, SinkPlugin};
+use crate::config::validate::{
+    Loc, SinkScope, Validator, is_env_name, list, normalize, normalize_onto,
+};
 use crate::model::{CredentialKey, ErrorKind, PluginError, SecretValue, ValueKind};
+
+/// Default file mode: owner read only.
+pub const DEFAULT_MODE: u32 = 0o400;
+/// Files hold secrets: owner read/write, group read at most.
+pub const MAX_MODE: u32 = 0o640;
+
+/// One `deliver = [{ type = "file", ... }]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Absolute, or relative to the one delivery root; after `check`,
+    /// absolute and inside a delivery root. For a keypair this is a
+    /// directory holding `..data` and the bundle's links.
+    pub path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<FileFormat>,
+    /// Octal, as a string (`"0440"`); default 0400, never wider than 0640.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Variable name for `format = "env"`; `check` fills in the default
+    /// (the credential's name upper-cased, `-` → `_`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    Raw,
+    Json,
+    Env,
+}
+
+impl FileFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileFormat::Raw => "raw",
+            FileFormat::Json => "json",
+            FileFormat::Env => "env",
+        }
+    }
+}
+
+impl FileConfig {
+    pub fn new(path: impl Into<PathBuf>, format: FileFormat) -> Self {
+        Self {
+            path: path.into(),
+            format: Some(format),
+            mode: None,
+            env_name: None,
+        }
+    }
+
+    pub fn format(&self) -> FileFormat {
+        self.format.unwrap_or(FileFormat::Raw)
+    }
+
+    /// The mode; `None` when it is not octal.
+    pub fn mode(&self) -> Option<u32> {
+        let Some(m) = self.mode.as_deref() else {
+            return Some(DEFAULT_MODE);
+        };
+        (!m.is_empty() && m.len() <= 4 && m.bytes().all(|b| (b'0'..=b'7').contains(&b)))
+            .then(|| u32::from_str_radix(m, 8).ok())
+            .flatten()
+    }
+
+    /// A valid path: absolute as written, or under the one delivery root.
+    /// `roots` hold normalised paths, so normalising onto the root is the
+    /// same as `normalize(&root.join(path))` without the second buffer.
+    fn resolve(roots: &[PathBuf], written: &Path) -> PathBuf {
+        match roots {
+            [root] if !written.is_absolute() => {
+                let mut out =
+                    PathBuf::with_capacity(root.as_os_str().len() + 1 + written.as_os_str().len());
+                out.push(root);
+                normalize_onto(out, written)
+            }
+            _ => normalize(written),
+        }
+    }
+
+    /// The path: never `..`; absolute, or relative to the single delivery
+    /// root; inside a delivery root; used by this sink only.
+    fn check_path(&mut self, v: &mut Validator<'_>, p: Loc<'_>, scope: &mut SinkScope<'_, '_>) {
+        let Some(roots) = scope.roots else { return };
+        if roots.is_empty() {
+            if scope.first_to_miss_roots() {
+                v.err(
+                    p,
+                    "file sinks need `daemon.delivery_roots`: set it to the directories keyturn may write secrets under",
+                );
+            }
+            return;
+        }
+        let written = self.path.as_path();
+        let text = written.display();
+        if written.as_os_str().is_empty() {
+            v.err(p, "delivery path must not be empty");
+            return;
+        }
+        // `..` is refused outright rather than normalised away: with
+        // symlinks in play, `a/../b` need not be where it looks.
+        if written.components().any(|c| c == Component::ParentDir) {
+            v.err(
+                p,
+                format!("delivery path `{text}` contains `..`; write the path without it"),
+            );
+            return;
+        }
+        if !written.is_absolute() && roots.len() != 1 {
+            v.err(
+                p,
+                format!(
+                    "delivery path `{text}` is relative, which is only allowed with exactly one delivery root; there are {} ({}), so write an absolute path",
+                    roots.len(),
+                    list(roots.iter().map(|r| r.display().to_string()))
+                ),
+            );
+            return;
+        }
+        let resolved = Self::resolve(roots, written);
+        if !roots
+            .iter()
+            .any(|r| resolved.starts_with(r) && resolved != *r)
+        {
+            v.err(
+                p,
+                format!(
+                    "delivery path `{}` is outside every delivery root ({})",
+                    resolved.display(),
+                    list(roots.iter().map(|r| r.display().to_string()))
+                ),
+            );
+            return;
+        }
+        if scope.claim(v, p, "path", &resolved) {
+            self.path = resolved;
+        }
+    }
+}
+
+impl SinkPlugin for FileConfig {
+    fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>, scope: &mut SinkScope<'_, '_>) {
+        self.check_path(v, p.key("path"), scope);
+        if self.mode.is_some() {
+            let at = p.key("mode");
+            let text = self.mode.as_deref().unwrap_or_default();
+            match self.mode() {
+                None => v.err(
+                    at,
+                    format!(
+                        "invalid file mode `{text}`: write octal digits as a string, e.g. \"0440\""
+                    ),
+                ),
+                Some(mode) if mode & !MAX_MODE != 0 => v.err(
+                    at,
+                    format!(
+                        "file mode {mode:04o} is wider than 0640: secrets may be readable by owner and group only, never by others or executable"
+                    ),
+                ),
+                Some(_) => {}
+            }
+        }
+        match &self.env_name {
+            Some(n) if !is_env_name(n) => {
+                v.err(
+                    p.key("env_name"),
+                    format!("invalid env_name `{n}`: it must match [A-Z_][A-Z0-9_]*"),
+                );
+            }
+            Some(_) => {}
+            // Only an env file uses the name, so a credential name that
+            // makes a bad variable name matters only there.
+            None if self.format() == FileFormat::Env => {
+                let cred = scope.credential;
+                let derived = cred.to_ascii_uppercase().replace('-', "_");
+                if !is_env_name(&derived) {
+                    v.err(
+                        p.key("format"),
+                        format!(
+                            "the variable name derived from credential `{cred}` is `{derived}`, which does not match [A-Z_][A-Z0-9_]*; set env_name"
+                        ),
+                    );
+                }
+                self.env_name = Some(derived);
+            }
+            None => {}
+        }
+    }
+
+    fn build(self: Box<Self>, ctx: &SinkContext<'_>) -> Result<Arc<dyn Sink>, PluginError> {
+        Ok(Arc::new(FileSink::new(*self, ctx)?))
+    }
+}
 
 /// This process's temp files older than this are leftovers of a failed
 /// delivery (no delivery takes a minute) and are removed; other processes'
@@ -131,7 +328,7 @@ struct Inner {
     root_len: u32,
 }
 
-/// The [`FileSinkConfig`] as the sink keeps it.
+/// The [`FileConfig`] as the sink keeps it.
 #[derive(Clone)]
 struct Spec {
     path: Box<Path>,
@@ -176,8 +373,10 @@ impl FileSink {
     /// Checks the configuration without touching the disk: the path is
     /// absolute, made only of plain names (no `..`, no `.`), and strictly
     /// inside one of `delivery_roots`; the mode is a plain permission mode.
-    pub fn new(cfg: FileSinkConfig, delivery_roots: &[PathBuf]) -> Result<FileSink, PluginError> {
+    pub fn new(cfg: FileConfig, ctx: &SinkContext<'_>) -> Result<FileSink, PluginError> {
+        let delivery_roots = ctx.delivery_roots;
         let path = &cfg.path;
+        let format = cfg.format();
         let invalid = |why: &str| {
             PluginError::new(
                 ErrorKind::Invalid,
@@ -190,16 +389,19 @@ impl FileSink {
         if !is_plain(path) {
             return Err(invalid("path must not contain '..' or '.' components"));
         }
-        if cfg.mode & !0o777 != 0 || cfg.mode & 0o002 != 0 {
+        let mode = match cfg.mode() {
+            Some(m) if m & !0o777 == 0 && m & 0o002 == 0 => m,
+            _ => {
+                return Err(invalid(&format!(
+                    "mode {:?} must be an octal permission mode that is not world-writable",
+                    cfg.mode.as_deref().unwrap_or_default()
+                )));
+            }
+        };
+        let env_name = cfg.env_name.clone().unwrap_or_default();
+        if format == FileFormat::Env && !is_env_name(&env_name) {
             return Err(invalid(&format!(
-                "mode {:o} must be a permission mode that is not world-writable",
-                cfg.mode
-            )));
-        }
-        if cfg.format == FileFormat::Env && !is_env_name(&cfg.env_name) {
-            return Err(invalid(&format!(
-                "env_name {:?} is not a valid variable name",
-                cfg.env_name
+                "env_name {env_name:?} is not a valid variable name"
             )));
         }
         // The most specific root wins, so nested roots behave as expected.
@@ -240,11 +442,11 @@ impl FileSink {
         }
         let cfg = Spec {
             path: cfg.path.into_boxed_path(),
-            format: cfg.format,
-            mode: cfg.mode,
-            uid: cfg.uid,
-            gid: cfg.gid,
-            env_name: cfg.env_name.into_boxed_str(),
+            format,
+            mode,
+            uid: ctx.uid,
+            gid: ctx.gid,
+            env_name: env_name.into_boxed_str(),
         };
         Ok(FileSink {
             inner: Inner { cfg, root_len },
@@ -1246,14 +1448,6 @@ fn is_plain_root(p: &Path) -> bool {
     p.is_absolute() && p.components().all(|c| c != Component::ParentDir)
 }
 
-fn is_env_name(s: &str) -> bool {
-    let mut bytes = s.bytes();
-    bytes
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
 /// `.NAME.tmp.<token><random>`: hidden, and recognisable by `sweep_temps`.
 fn temp_name(name: &OsStr) -> OsString {
     let mut t = OsString::from(".");
@@ -1415,19 +1609,27 @@ mod tests {
 
     const AGENT: &str = "invoice-bot";
 
-    fn cfg(path: &Path, format: FileFormat) -> FileSinkConfig {
-        FileSinkConfig {
-            path: path.to_path_buf(),
-            format,
-            mode: 0o400,
-            uid: None,
-            gid: None,
-            env_name: "DB".into(),
+    fn cfg(path: &Path, format: FileFormat) -> FileConfig {
+        FileConfig {
+            env_name: Some("DB".into()),
+            ..FileConfig::new(path, format)
         }
     }
 
+    /// A sink writing as the daemon's own user.
+    fn new_sink(cfg: FileConfig, roots: &[PathBuf]) -> Result<FileSink, PluginError> {
+        FileSink::new(
+            cfg,
+            &SinkContext {
+                delivery_roots: roots,
+                uid: None,
+                gid: None,
+            },
+        )
+    }
+
     fn sink(root: &Path, path: &Path, format: FileFormat) -> FileSink {
-        FileSink::new(cfg(path, format), &[root.to_path_buf()]).expect("valid sink")
+        new_sink(cfg(path, format), &[root.to_path_buf()]).expect("valid sink")
     }
 
     fn notice(version: u64, kind: ValueKind, public: Option<&str>) -> Notice {
@@ -1585,8 +1787,8 @@ mod tests {
             let root = tempfile::tempdir().unwrap();
             let path = root.path().join("tenant").join(AGENT).join("db");
             let mut c = cfg(&path, FileFormat::Raw);
-            c.mode = 0o440;
-            let s = FileSink::new(c, &[root.path().to_path_buf()]).unwrap();
+            c.mode = Some("0440".into());
+            let s = new_sink(c, &[root.path().to_path_buf()]).unwrap();
             let old = nix::sys::stat::umask(Mode::from_bits_truncate(umask));
             let res = s
                 .deliver(&notice(1, ValueKind::Password, None), &secret("v"))
@@ -1609,10 +1811,14 @@ mod tests {
         );
         let root = tempfile::tempdir().unwrap();
         let path = root.path().join(AGENT).join("sub").join("db");
-        let mut c = cfg(&path, FileFormat::Raw);
-        c.uid = Some(1234);
-        c.gid = Some(1234);
-        let s = FileSink::new(c, &[root.path().to_path_buf()]).unwrap();
+        let c = cfg(&path, FileFormat::Raw);
+        let roots = [root.path().to_path_buf()];
+        let ctx = SinkContext {
+            delivery_roots: &roots,
+            uid: Some(1234),
+            gid: Some(1234),
+        };
+        let s = FileSink::new(c, &ctx).unwrap();
         s.deliver(&notice(1, ValueKind::Password, None), &secret("v"))
             .await
             .unwrap();
@@ -1751,17 +1957,17 @@ mod tests {
             "/etc/shadow",
         ];
         for p in bad {
-            let err = FileSink::new(cfg(Path::new(p), FileFormat::Raw), &roots).unwrap_err();
+            let err = new_sink(cfg(Path::new(p), FileFormat::Raw), &roots).unwrap_err();
             assert_eq!(err.kind, ErrorKind::Invalid, "{p}: {err}");
         }
-        let ok = FileSink::new(
+        let ok = new_sink(
             cfg(Path::new("/run/keyturn/agents/a/db"), FileFormat::Raw),
             &roots,
         )
         .unwrap();
         assert_eq!(ok.describe(), "file:/run/keyturn/agents/a/db");
         // A root with `..` in it is never a match.
-        let err = FileSink::new(
+        let err = new_sink(
             cfg(Path::new("/run/keyturn/x/db"), FileFormat::Raw),
             &[PathBuf::from("/run/keyturn/agents/..")],
         )
@@ -1769,11 +1975,11 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::Invalid);
         // A bad env name or mode.
         let mut c = cfg(Path::new("/run/keyturn/agents/a/db"), FileFormat::Env);
-        c.env_name = "1BAD-NAME".into();
-        assert!(FileSink::new(c, &roots).is_err());
+        c.env_name = Some("1BAD-NAME".into());
+        assert!(new_sink(c, &roots).is_err());
         let mut c = cfg(Path::new("/run/keyturn/agents/a/db"), FileFormat::Raw);
-        c.mode = 0o4755;
-        assert!(FileSink::new(c, &roots).is_err());
+        c.mode = Some("4755".into());
+        assert!(new_sink(c, &roots).is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1835,8 +2041,8 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let bundle = root.path().join(AGENT).join("signing");
         let mut c = cfg(&bundle, FileFormat::Raw);
-        c.mode = 0o440;
-        let s = FileSink::new(c, &[root.path().to_path_buf()]).unwrap();
+        c.mode = Some("0440".into());
+        let s = new_sink(c, &[root.path().to_path_buf()]).unwrap();
         for version in 1..=4u64 {
             let public = pem("PUBLIC KEY", version);
             s.deliver(
@@ -2200,5 +2406,21 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
         assert!(err.message.contains("not a directory"), "{err}");
         assert!(!format!("{err} {err:?}").contains(canary));
+    }
+
+    #[test]
+    fn resolving_onto_the_root_is_normalizing_the_join() {
+        let roots = [PathBuf::from("/run/kt")];
+        for rel in ["a/x", "./a//x/.", "a/./x/"] {
+            assert_eq!(
+                FileConfig::resolve(&roots, Path::new(rel)),
+                normalize(&roots[0].join(rel)),
+                "{rel}"
+            );
+        }
+        assert_eq!(
+            FileConfig::resolve(&roots, Path::new("/run/kt/./a")),
+            PathBuf::from("/run/kt/a")
+        );
     }
 }

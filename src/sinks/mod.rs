@@ -3,13 +3,65 @@
 //! One file per sink behind the [`Sink`] trait. A sink does one delivery and
 //! reports; the engine owns retries and audit. `deliver` is idempotent per
 //! version: delivering the same version twice leaves the same result.
+//!
+//! # Adding a sink
+//! Write `sinks/NAME.rs` (a folder when it is large) holding:
+//! - its config struct (`serde::Deserialize`, `Serialize`, `Clone`,
+//!   `PartialEq`, `Debug`, `#[serde(deny_unknown_fields)]`), the keys of
+//!   `deliver = [{ type = "NAME", ... }]` as written;
+//! - `impl SinkPlugin` for it: `check` reports every problem through the
+//!   [`Validator`] (claiming the place it writes through the
+//!   [`SinkScope`], so two sinks never write one place) and completes the
+//!   config in place; `build` makes the [`Sink`] (no I/O);
+//! - the `Sink` itself, and its tests.
+//!
+//! Then add one line to [`SinkConfig`] below. Nothing else changes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::config::validate::{Loc, SinkScope, Validator};
 use crate::model::{CredentialKey, PluginError, RotationId, SecretValue, ValueKind, VersionNo};
+use crate::plugin::registry;
 
 pub mod file;
+
+registry! {
+    /// One entry of a credential's `deliver = [...]`: one variant per sink.
+    pub enum SinkConfig: SinkPlugin {
+        File(file::FileConfig),
+    }
+}
+
+/// What the registry needs of a sink's config.
+pub trait SinkPlugin: std::fmt::Debug + Send + Sync {
+    /// Reports every problem of the entry at `at` and completes it in place.
+    fn check(&mut self, v: &mut Validator<'_>, at: Loc<'_>, scope: &mut SinkScope<'_, '_>);
+
+    /// The sink. No I/O: `Sink::preflight` checks the place before the
+    /// first delivery.
+    fn build(self: Box<Self>, ctx: &SinkContext<'_>) -> Result<Arc<dyn Sink>, PluginError>;
+}
+
+/// What a sink is built with besides its own config.
+#[derive(Debug, Clone, Copy)]
+pub struct SinkContext<'a> {
+    /// `daemon.delivery_roots`.
+    pub delivery_roots: &'a [PathBuf],
+    /// The agent's `uid` and `gid`: what it delivers belongs to them
+    /// (`None`: the daemon's own).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl SinkConfig {
+    pub fn build(self, ctx: &SinkContext<'_>) -> Result<Arc<dyn Sink>, PluginError> {
+        self.into_plugin().build(ctx)
+    }
+}
 
 /// What a sink is told about the version it delivers (everything but the value).
 #[derive(Debug, Clone)]

@@ -32,7 +32,11 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::Target;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use super::{Target, TargetPlugin};
+use crate::config::validate::{Loc, Validator, duration_value, is_env_name};
 use crate::model::{CredentialKey, ErrorKind, PluginError, SecretValue, VersionNo};
 
 /// Exit status a hook uses to ask for a retry (sysexits.h `EX_TEMPFAIL`).
@@ -49,12 +53,69 @@ const PIPE_GRACE: Duration = Duration::from_millis(500);
 const MIN_REDACTED_LINE: usize = 8;
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
-/// The settings are the validated config (`target = { type = "command", ... }`).
-pub use crate::config::CommandTargetConfig as CommandSettings;
+/// Default time a hook may take for one step.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `target = { type = "command", ... }`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandConfig {
+    pub program: PathBuf,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Extra environment for the hook (never the secret: that is on stdin).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+impl CommandConfig {
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        Self {
+            program: program.into(),
+            args: Vec::new(),
+            timeout: None,
+            env: BTreeMap::new(),
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        duration_value(self.timeout.as_deref(), DEFAULT_TIMEOUT)
+    }
+}
+
+impl TargetPlugin for CommandConfig {
+    fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>) {
+        v.resolve_path(p.key("program"), &mut self.program);
+        v.timeout(&p, &self.timeout, DEFAULT_TIMEOUT);
+        let env = p.key("env");
+        for k in self.env.keys() {
+            let why = if k.starts_with("KEYTURN_") {
+                Some("`KEYTURN_*` variables are set by keyturn for each step")
+            } else if !is_env_name(k) {
+                Some("use upper-case letters, digits and `_`, not starting with a digit")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                v.err_key(
+                    env.key(k),
+                    format!("invalid environment variable `{k}`: {why}"),
+                );
+            }
+        }
+    }
+
+    fn build(&self) -> Result<Option<Arc<dyn Target>>, PluginError> {
+        Ok(Some(Arc::new(CommandTarget::new(self.clone()))))
+    }
+}
 
 #[derive(Debug)]
 pub struct CommandTarget {
-    s: CommandSettings,
+    s: CommandConfig,
+    timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -77,8 +138,11 @@ impl Step {
 }
 
 impl CommandTarget {
-    pub fn new(s: CommandSettings) -> Self {
-        Self { s }
+    pub fn new(s: CommandConfig) -> Self {
+        Self {
+            timeout: s.timeout(),
+            s,
+        }
     }
 
     async fn run(
@@ -103,7 +167,7 @@ impl CommandTarget {
                 "PATH",
                 std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
             )
-            .envs(self.s.env.iter().map(|(k, v)| (k, v)))
+            .envs(&self.s.env)
             .env("KEYTURN_STEP", step.as_str())
             .env("KEYTURN_AGENT", key.agent.as_str())
             .env("KEYTURN_CREDENTIAL", key.credential.as_str())
@@ -152,7 +216,7 @@ impl CommandTarget {
             drop(stdin); // EOF
         };
 
-        let waited = tokio::time::timeout(self.s.timeout, async {
+        let waited = tokio::time::timeout(self.timeout, async {
             let ((), status) = tokio::join!(feed, child.wait());
             status
         })
@@ -193,7 +257,7 @@ impl CommandTarget {
                     ErrorKind::Transient,
                     with_stderr(format!(
                         "{ctx}: the hook timed out after {} and was killed",
-                        humantime::format_duration(self.s.timeout)
+                        humantime::format_duration(self.timeout)
                     )),
                 ));
             }
@@ -401,11 +465,11 @@ mod tests {
     }
 
     fn target(program: PathBuf, args: Vec<String>, timeout: Duration) -> CommandTarget {
-        CommandTarget::new(CommandSettings {
-            program,
+        CommandTarget::new(CommandConfig {
             args,
-            timeout,
-            env: vec![("HOOK_MODE".into(), "strict".into())],
+            timeout: Some(format!("{}ms", timeout.as_millis())),
+            env: [("HOOK_MODE".to_owned(), "strict".to_owned())].into(),
+            ..CommandConfig::new(program)
         })
     }
 

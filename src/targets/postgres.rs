@@ -41,7 +41,12 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
 use zeroize::Zeroizing;
 
-use super::Target;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Target, TargetPlugin};
+use crate::config::validate::{Loc, Validator, Zero, duration_value};
 use crate::model::{CredentialKey, ErrorKind, PluginError, SecretValue, VersionNo};
 
 /// PostgreSQL's identifier limit (NAMEDATALEN - 1). Longer names are silently
@@ -52,27 +57,128 @@ const CLONE_SUFFIX: &str = "_clone";
 /// late `retire(previous)` never clears a newer version set on the same role.
 const VERSION_MARK: &str = "keyturn: version ";
 
-/// The settings are the validated config (`target = { type = "postgres", ... }`).
-pub use crate::config::{PgStrategy, PostgresTargetConfig as PostgresSettings};
+/// Default time allowed to connect to the server.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `target = { type = "postgres", ... }`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// File holding the admin connection string (libpq key=value or URL).
+    pub admin_dsn_file: PathBuf,
+    pub role: String,
+    /// `single_user` (default) or `alternating_users`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+    /// Database to log into when testing a new value (default: the admin DSN's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_dbname: Option<String>,
+}
+
+/// How versions map to roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgStrategy {
+    /// One role; its password changes in place.
+    SingleUser,
+    /// Two roles (`role`, `role_clone`) take turns, so the previous value
+    /// keeps working through the grace period.
+    AlternatingUsers,
+}
+
+impl PostgresConfig {
+    /// A config with the defaults.
+    pub fn new(admin_dsn_file: impl Into<PathBuf>, role: impl Into<String>) -> Self {
+        Self {
+            admin_dsn_file: admin_dsn_file.into(),
+            role: role.into(),
+            strategy: None,
+            connect_timeout: None,
+            test_dbname: None,
+        }
+    }
+
+    pub fn strategy(&self) -> Option<PgStrategy> {
+        match self.strategy.as_deref().unwrap_or("single_user") {
+            "single_user" => Some(PgStrategy::SingleUser),
+            "alternating_users" => Some(PgStrategy::AlternatingUsers),
+            _ => None,
+        }
+    }
+
+    pub fn with_strategy(mut self, strategy: PgStrategy) -> Self {
+        self.strategy = Some(
+            match strategy {
+                PgStrategy::SingleUser => "single_user",
+                PgStrategy::AlternatingUsers => "alternating_users",
+            }
+            .to_owned(),
+        );
+        self
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        duration_value(self.connect_timeout.as_deref(), DEFAULT_CONNECT_TIMEOUT)
+    }
+}
+
+impl TargetPlugin for PostgresConfig {
+    fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>) {
+        v.resolve_path(p.key("admin_dsn_file"), &mut self.admin_dsn_file);
+        // A role name is an identifier keyturn quotes itself; the clone's
+        // name adds `_clone`, so leave room for it within PostgreSQL's
+        // 63-byte limit.
+        let role = &self.role;
+        if role.is_empty() || role.len() > MAX_ROLE_LEN - CLONE_SUFFIX.len() || role.contains('\0')
+        {
+            v.err(
+                p.key("role"),
+                format!("invalid role `{role}`: it must be 1 to 57 bytes (keyturn adds `_clone` for alternating_users) without NUL"),
+            );
+        }
+        if self.strategy().is_none() {
+            v.err(
+                p.key("strategy"),
+                format!(
+                    "unknown strategy `{}`; expected `single_user` or `alternating_users`",
+                    self.strategy.as_deref().unwrap_or_default()
+                ),
+            );
+        }
+        v.duration_or(
+            p.key("connect_timeout"),
+            self.connect_timeout.as_ref(),
+            DEFAULT_CONNECT_TIMEOUT,
+            Zero::Rejected,
+        );
+    }
+
+    fn build(&self) -> Result<Option<Arc<dyn Target>>, PluginError> {
+        Ok(Some(Arc::new(PostgresTarget::new(self.clone())?)))
+    }
+}
 
 #[derive(Debug)]
 pub struct PostgresTarget {
-    s: PostgresSettings,
+    s: PostgresConfig,
+    connect_timeout: Duration,
     /// `<role>_clone` under `alternating_users`.
     clone: Option<String>,
 }
 
 impl PostgresTarget {
-    pub fn new(s: PostgresSettings) -> Result<Self, PluginError> {
+    pub fn new(s: PostgresConfig) -> Result<Self, PluginError> {
         let invalid = |m: String| PluginError::new(ErrorKind::Invalid, m);
         if s.role.is_empty() || s.role.contains('\0') {
             return Err(invalid(
                 "postgres target: role must be non-empty and contain no NUL".into(),
             ));
         }
-        let clone = match s.strategy {
-            PgStrategy::SingleUser => None,
-            PgStrategy::AlternatingUsers => Some(format!("{}{CLONE_SUFFIX}", s.role)),
+        let clone = match s.strategy() {
+            Some(PgStrategy::SingleUser) => None,
+            Some(PgStrategy::AlternatingUsers) => Some(format!("{}{CLONE_SUFFIX}", s.role)),
+            None => return Err(invalid("postgres target: unknown strategy".into())),
         };
         let longest = clone.as_deref().unwrap_or(&s.role);
         if longest.len() > MAX_ROLE_LEN {
@@ -80,7 +186,8 @@ impl PostgresTarget {
                 "postgres target: role name {longest:?} is longer than {MAX_ROLE_LEN} bytes"
             )));
         }
-        if s.connect_timeout.is_zero() {
+        let connect_timeout = s.connect_timeout();
+        if connect_timeout.is_zero() {
             return Err(invalid(
                 "postgres target: connect_timeout must be > 0".into(),
             ));
@@ -92,7 +199,11 @@ impl PostgresTarget {
                 "postgres target: test_dbname must be non-empty".into(),
             ));
         }
-        Ok(Self { s, clone })
+        Ok(Self {
+            s,
+            connect_timeout,
+            clone,
+        })
     }
 
     /// The role `version` logs in as.
@@ -140,7 +251,7 @@ impl PostgresTarget {
                 ),
             ));
         }
-        cfg.connect_timeout(self.s.connect_timeout);
+        cfg.connect_timeout(self.connect_timeout);
         cfg.application_name("keyturn");
         Ok(cfg)
     }
@@ -162,7 +273,7 @@ impl PostgresTarget {
         {
             return Err(pg_error(&what, &e, &[]));
         }
-        let ms = self.s.connect_timeout.as_millis().max(1);
+        let ms = self.connect_timeout.as_millis().max(1);
         client
             .batch_execute(&format!("SET statement_timeout = {ms}"))
             .await
@@ -291,7 +402,7 @@ impl Target for PostgresTarget {
             .password(value.expose())
             .dbname(db)
             .ssl_mode(admin.get_ssl_mode())
-            .connect_timeout(self.s.connect_timeout)
+            .connect_timeout(self.connect_timeout)
             .application_name("keyturn-test");
         let ctx = format!(
             "{}: test version {version} of {key}: login as {role:?} to database {db:?} at {}",
@@ -374,7 +485,7 @@ impl Target for PostgresTarget {
             .await
             .map_err(|e| pg_error(&ctx, &e, &[]))?
             .get(0);
-        let wait_ms = i64::try_from(self.s.connect_timeout.as_millis()).unwrap_or(i64::MAX);
+        let wait_ms = i64::try_from(self.connect_timeout.as_millis()).unwrap_or(i64::MAX);
         let rows = if version >= 140000 {
             client
                 .query(
@@ -639,14 +750,12 @@ mod tests {
             c
         }
 
-        fn settings(&self, strategy: PgStrategy) -> PostgresSettings {
-            PostgresSettings {
-                admin_dsn_file: self.dir.path().join("admin.dsn"),
-                role: self.role.clone(),
-                strategy,
-                connect_timeout: Duration::from_secs(5),
-                test_dbname: None,
+        fn settings(&self, strategy: PgStrategy) -> PostgresConfig {
+            PostgresConfig {
+                connect_timeout: Some("5s".into()),
+                ..PostgresConfig::new(self.dir.path().join("admin.dsn"), &self.role)
             }
+            .with_strategy(strategy)
         }
 
         fn target(&self, strategy: PgStrategy) -> PostgresTarget {
@@ -711,13 +820,7 @@ mod tests {
 
     #[test]
     fn alternating_versions_map_to_two_roles() {
-        let s = |strategy| PostgresSettings {
-            admin_dsn_file: "/nonexistent".into(),
-            role: "app".into(),
-            strategy,
-            connect_timeout: Duration::from_secs(1),
-            test_dbname: None,
-        };
+        let s = |strategy| PostgresConfig::new("/nonexistent", "app").with_strategy(strategy);
         let alt = PostgresTarget::new(s(PgStrategy::AlternatingUsers)).unwrap();
         assert_eq!(alt.login_for(1).as_deref(), Some("app"));
         assert_eq!(alt.login_for(2).as_deref(), Some("app_clone"));

@@ -47,7 +47,7 @@
 //! Secrets Manager allows 50 write TPS per account and region, shared by every
 //! client. Every write of one vault instance (`CreateSecret`,
 //! `PutSecretValue`, `UpdateSecretVersionStage`, `DeleteSecret`) first waits
-//! for a slot of a client-side budget ([`AwsSettings::write_budget_per_sec`],
+//! for a slot of a client-side budget (`write_budget` in config,
 //! default 25/s). Slots are spaced `1 / budget` apart (a token bucket holding
 //! one token), so no one-second window ever sees more than `budget + 1`
 //! writes. Reads are not budgeted (their quota is 10,000 TPS).
@@ -68,7 +68,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -81,7 +81,9 @@ use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_secretsmanager::primitives::Blob;
 use tokio::time::Instant;
 
-use super::{Select, StoredVersion, Vault, VaultItem, VersionRef};
+use super::lazy::LazyVault;
+use super::{Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
+use crate::config::validate::{Loc, Validator, VaultScope, duration_value};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
 
 /// The vault type in config, also used in messages.
@@ -89,7 +91,7 @@ pub const TYPE: &str = "aws_secrets_manager";
 /// Default client-side write budget: half the account's shared 50 TPS quota.
 pub const DEFAULT_WRITE_BUDGET_PER_SEC: f64 = 25.0;
 /// Default time allowed for one call (connect + request + response).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 const AWSPENDING: &str = "AWSPENDING";
 const AWSCURRENT: &str = "AWSCURRENT";
@@ -99,38 +101,72 @@ const AWSPREVIOUS: &str = "AWSPREVIOUS";
 const SECRET_DESCRIPTION: &str =
     "Managed by keyturn: rotated automatically (AWSPENDING -> AWSCURRENT -> AWSPREVIOUS).";
 
-/// Settings of one `[vaults.NAME]` of type `aws_secrets_manager`.
-#[derive(Debug, Clone)]
-pub struct AwsSettings {
-    /// The `[vaults.NAME]` name, for messages.
-    pub name: String,
+/// `[vaults.NAME]` with `type = "aws_secrets_manager"`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
     /// AWS region; `None` = the credential chain's region (env, profile, IMDS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
     /// e.g. a VPC endpoint in production, moto in tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
     /// A profile of the shared config/credentials files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
-    /// Prepended to the credential's path to form the secret name.
-    pub secret_prefix: String,
-    /// Client-side budget for all writes of this vault, per second.
-    pub write_budget_per_sec: f64,
-    /// Time allowed for one call.
-    pub timeout: Duration,
+    /// Prepended to each credential's path to form the secret name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_prefix: Option<String>,
+    /// Client-side budget of write calls per second (default 25).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_budget: Option<f64>,
+    /// Time allowed for one call (default 30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<usize>,
 }
 
-impl AwsSettings {
-    /// Settings with every default: the credential chain's region and
-    /// endpoint, no profile, no prefix, 25 writes/s, 10 s per call.
-    pub fn new(name: impl Into<String>) -> Self {
-        Self {
-            name: name.into(),
-            region: None,
-            endpoint_url: None,
-            profile: None,
-            secret_prefix: String::new(),
-            write_budget_per_sec: DEFAULT_WRITE_BUDGET_PER_SEC,
-            timeout: DEFAULT_TIMEOUT,
+impl AwsConfig {
+    pub fn write_budget(&self) -> f64 {
+        self.write_budget.unwrap_or(DEFAULT_WRITE_BUDGET_PER_SEC)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        duration_value(self.timeout.as_deref(), DEFAULT_TIMEOUT)
+    }
+}
+
+impl VaultPlugin for AwsConfig {
+    fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>, _: &VaultScope<'_>) {
+        if let Some(u) = &self.endpoint_url {
+            v.url(
+                p.key("endpoint_url"),
+                u,
+                &["http", "https"],
+                "https://secretsmanager.eu-west-1.amazonaws.com",
+            );
         }
+        let budget = self.write_budget();
+        if !(budget.is_finite() && budget > 0.0) {
+            v.err(
+                p.key("write_budget"),
+                format!("write_budget must be a positive number of writes per second (default {DEFAULT_WRITE_BUDGET_PER_SEC}; AWS allows 50 per account and region)"),
+            );
+        }
+        v.timeout(&p, &self.timeout, DEFAULT_TIMEOUT);
+    }
+
+    fn max_concurrent(&self) -> Option<usize> {
+        self.max_concurrent
+    }
+
+    fn open(&self, name: &str) -> Result<Arc<dyn Vault>, PluginError> {
+        Ok(LazyVault::connecting(
+            name,
+            self.clone(),
+            |name, c| async move { Ok(Arc::new(AwsVault::connect(&name, &c).await?) as Arc<dyn Vault>) },
+        ))
     }
 }
 
@@ -337,20 +373,18 @@ impl AwsVault {
     /// Builds the client from the standard credential chain and `s`. Does not
     /// call AWS (credentials are resolved at the first call); use
     /// [`Vault::check`] to find out whether the vault is usable.
-    pub async fn connect(s: AwsSettings) -> Result<Self, PluginError> {
+    pub async fn connect(name: &str, s: &AwsConfig) -> Result<Self, PluginError> {
         let invalid = |what: String| {
-            PluginError::new(
-                ErrorKind::Invalid,
-                format!("vault {} ({TYPE}): {what}", s.name),
-            )
+            PluginError::new(ErrorKind::Invalid, format!("vault {name} ({TYPE}): {what}"))
         };
-        let budget = WriteBudget::new(s.write_budget_per_sec).ok_or_else(|| {
+        let budget = WriteBudget::new(s.write_budget()).ok_or_else(|| {
             invalid(format!(
-                "write_budget_per_sec must be a positive number, got {}",
-                s.write_budget_per_sec
+                "write_budget must be a positive number, got {}",
+                s.write_budget()
             ))
         })?;
-        if s.timeout.is_zero() {
+        let timeout = s.timeout();
+        if timeout.is_zero() {
             return Err(invalid("timeout must be more than zero".into()));
         }
 
@@ -360,9 +394,9 @@ impl AwsVault {
             .retry_config(RetryConfig::disabled())
             .timeout_config(
                 TimeoutConfig::builder()
-                    .connect_timeout(s.timeout)
-                    .operation_attempt_timeout(s.timeout)
-                    .operation_timeout(s.timeout)
+                    .connect_timeout(timeout)
+                    .operation_attempt_timeout(timeout)
+                    .operation_timeout(timeout)
                     .build(),
             );
         if let Some(region) = &s.region {
@@ -386,10 +420,10 @@ impl AwsVault {
             None => format!("the Secrets Manager endpoint of region {region}"),
         };
         Ok(Self {
-            name: s.name,
-            prefix: s.secret_prefix,
+            name: name.to_owned(),
+            prefix: s.secret_prefix.clone().unwrap_or_default(),
             endpoint,
-            timeout: s.timeout,
+            timeout,
             client: aws_sdk_secretsmanager::Client::new(&conf),
             budget,
         })
@@ -792,20 +826,20 @@ mod tests {
             .unwrap_or_else(|_| panic!("KEYTURN_TEST_AWS_ENDPOINT is not set: {NO_SERVICES}"))
     }
 
-    fn settings(name: &str) -> AwsSettings {
-        AwsSettings {
+    fn settings() -> AwsConfig {
+        AwsConfig {
             endpoint_url: Some(endpoint()),
             region: Some(
                 std::env::var("AWS_REGION")
                     .unwrap_or_else(|_| panic!("AWS_REGION is not set: {NO_SERVICES}")),
             ),
-            secret_prefix: "keyturn-test/".into(),
-            ..AwsSettings::new(name)
+            secret_prefix: Some("keyturn-test/".into()),
+            ..AwsConfig::default()
         }
     }
 
     async fn vault() -> AwsVault {
-        AwsVault::connect(settings("aws-test"))
+        AwsVault::connect("aws-test", &settings())
             .await
             .expect("connect")
     }
@@ -969,13 +1003,15 @@ mod tests {
 
     #[tokio::test]
     async fn connect_refuses_a_bad_budget() {
-        let mut s = AwsSettings::new("bad");
-        s.region = Some("us-east-1".into());
-        s.write_budget_per_sec = 0.0;
-        let e = AwsVault::connect(s).await.unwrap_err();
+        let s = AwsConfig {
+            region: Some("us-east-1".into()),
+            write_budget: Some(0.0),
+            ..AwsConfig::default()
+        };
+        let e = AwsVault::connect("bad", &s).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid);
         assert!(
-            e.message.contains("bad") && e.message.contains("write_budget_per_sec"),
+            e.message.contains("bad") && e.message.contains("write_budget"),
             "{e}"
         );
     }
@@ -1262,10 +1298,13 @@ mod tests {
     #[tokio::test]
     async fn write_budget_real_server() {
         let v = Arc::new(
-            AwsVault::connect(AwsSettings {
-                write_budget_per_sec: 5.0,
-                ..settings("aws-budget")
-            })
+            AwsVault::connect(
+                "aws-budget",
+                &AwsConfig {
+                    write_budget: Some(5.0),
+                    ..settings()
+                },
+            )
             .await
             .unwrap(),
         );
@@ -1367,10 +1406,13 @@ mod tests {
         for (status, code, message, kind) in cases {
             let url = scripted_server(status, code, message).await;
             // The test credentials, so the request is signed and sent.
-            let v = AwsVault::connect(AwsSettings {
-                endpoint_url: Some(url),
-                ..settings("aws-scripted")
-            })
+            let v = AwsVault::connect(
+                "aws-scripted",
+                &AwsConfig {
+                    endpoint_url: Some(url),
+                    ..settings()
+                },
+            )
             .await
             .unwrap();
             let k = key();
@@ -1400,11 +1442,14 @@ mod tests {
     async fn wrong_endpoint_is_transient_with_a_clear_message() {
         // The test credentials (so the request gets as far as connecting),
         // and an endpoint where nothing listens.
-        let v = AwsVault::connect(AwsSettings {
-            endpoint_url: Some("http://127.0.0.1:1".into()),
-            timeout: Duration::from_secs(3),
-            ..settings("aws-down")
-        })
+        let v = AwsVault::connect(
+            "aws-down",
+            &AwsConfig {
+                endpoint_url: Some("http://127.0.0.1:1".into()),
+                timeout: Some("3s".into()),
+                ..settings()
+            },
+        )
         .await
         .unwrap();
         let k = key();

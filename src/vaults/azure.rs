@@ -95,7 +95,9 @@ use azure_security_keyvault_secrets::{ResourceExt, SecretClient, SecretClientOpt
 use futures::TryStreamExt;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{Select, StoredVersion, Vault, VaultItem, VersionRef};
+use super::lazy::LazyVault;
+use super::{Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
+use crate::config::validate::{Loc, Validator, VaultScope, duration_value};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
 
 /// Longest encoded path: Key Vault allows 127 characters and the staging
@@ -125,28 +127,159 @@ const HEALTH_SECRET: &str = "keyturn-health-check";
 /// Longest piece of a service error message quoted in ours.
 const MAX_DETAIL: usize = 300;
 
-/// How keyturn authenticates to Entra ID (from the validated config).
-pub use crate::config::AzureAuth;
+/// Default time allowed for one request, connect included.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `[vaults.NAME]` with `type = "azure_key_vault"`.
-#[derive(Debug, Clone)]
-pub struct AzureSettings {
-    /// The `[vaults.NAME]` name, for messages.
-    pub name: String,
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureConfig {
     /// `https://NAME.vault.azure.net`.
     pub vault_url: String,
-    pub auth: AzureAuth,
-    /// An extra CA (PEM) to trust besides the system roots (tests, proxies).
+    /// `client_secret`, `managed_identity` or `workload_identity`.
+    pub auth: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
+    /// An extra CA (PEM) to trust besides the system roots (a private
+    /// endpoint's, or a test server's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
-    /// Require the auth challenge's resource to be a parent domain of the vault
-    /// host (the SDK's default, true); false only for a loopback stub.
-    pub verify_challenge_resource: bool,
+    /// Require the auth challenge's resource to be a parent domain of the
+    /// vault host (the SDK's default, true); false only for a loopback stub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_challenge_resource: Option<bool>,
     /// Where the Entra ID credentials (client secret, workload identity) get
-    /// tokens, e.g. `https://login.microsoftonline.us` for a sovereign cloud or
-    /// the test stub. `None`: `AZURE_AUTHORITY_HOST`, else the public cloud.
+    /// tokens, e.g. `https://login.microsoftonline.us` for a sovereign cloud
+    /// or the test stub; https only. Unset: `AZURE_AUTHORITY_HOST`, else the
+    /// public cloud.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authority_host: Option<String>,
-    /// Per request, connect included.
-    pub timeout: Duration,
+    /// Per request, connect included (default 30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<usize>,
+}
+
+/// How keyturn authenticates to Entra ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AzureAuth {
+    ClientSecret {
+        tenant_id: String,
+        client_id: String,
+        secret_file: PathBuf,
+    },
+    /// The VM's / App Service's managed identity; `client_id` picks a
+    /// user-assigned one, `None` the system-assigned one.
+    ManagedIdentity { client_id: Option<String> },
+    /// AKS workload identity: `AZURE_TENANT_ID`, `AZURE_CLIENT_ID` and
+    /// `AZURE_FEDERATED_TOKEN_FILE` from the pod's environment.
+    WorkloadIdentity,
+}
+
+impl AzureConfig {
+    /// A config with the defaults.
+    pub fn new(vault_url: impl Into<String>, auth: &str) -> Self {
+        Self {
+            vault_url: vault_url.into(),
+            auth: auth.to_owned(),
+            ..Self::default()
+        }
+    }
+
+    /// The way to log in; `None` when `auth` is unknown or incomplete.
+    pub fn auth(&self) -> Option<AzureAuth> {
+        match self.auth.as_str() {
+            "client_secret" => Some(AzureAuth::ClientSecret {
+                tenant_id: self.tenant_id.clone()?,
+                client_id: self.client_id.clone()?,
+                secret_file: self.client_secret_file.clone()?,
+            }),
+            "managed_identity" => Some(AzureAuth::ManagedIdentity {
+                client_id: self.client_id.clone(),
+            }),
+            "workload_identity" => Some(AzureAuth::WorkloadIdentity),
+            _ => None,
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        duration_value(self.timeout.as_deref(), DEFAULT_TIMEOUT)
+    }
+}
+
+impl VaultPlugin for AzureConfig {
+    fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>, _: &VaultScope<'_>) {
+        v.url(
+            p.key("vault_url"),
+            &self.vault_url,
+            &["https"],
+            "https://NAME.vault.azure.net",
+        );
+        self.vault_url = self.vault_url.trim_end_matches('/').to_owned();
+        if let Some(host) = &mut self.authority_host {
+            // The SDK refuses a non-https authority too, but only at the
+            // first rotation; say it at load time.
+            v.url(
+                p.key("authority_host"),
+                host,
+                &["https"],
+                "https://login.microsoftonline.com",
+            );
+            *host = host.trim_end_matches('/').to_owned();
+        }
+        match self.auth.as_str() {
+            "client_secret" => {
+                for (key, set) in [
+                    ("tenant_id", self.tenant_id.is_some()),
+                    ("client_id", self.client_id.is_some()),
+                    ("client_secret_file", self.client_secret_file.is_some()),
+                ] {
+                    if !set {
+                        v.err_key(p, format!("auth = \"client_secret\" needs `{key}`"));
+                    }
+                }
+                if let Some(f) = &mut self.client_secret_file {
+                    v.resolve_path(p.key("client_secret_file"), f);
+                }
+            }
+            "managed_identity" => {
+                if self.authority_host.is_some() {
+                    v.err(
+                        p.key("authority_host"),
+                        "authority_host has no effect with auth = \"managed_identity\" (the host's identity endpoint issues the tokens); remove it",
+                    );
+                }
+            }
+            "workload_identity" => {}
+            other => v.err(
+                p.key("auth"),
+                format!("unknown auth `{other}`; expected one of `client_secret`, `managed_identity`, `workload_identity`"),
+            ),
+        }
+        if let Some(ca) = &mut self.ca_file {
+            v.resolve_path(p.key("ca_file"), ca);
+        }
+        v.timeout(&p, &self.timeout, DEFAULT_TIMEOUT);
+    }
+
+    fn max_concurrent(&self) -> Option<usize> {
+        self.max_concurrent
+    }
+
+    fn open(&self, name: &str) -> Result<Arc<dyn Vault>, PluginError> {
+        Ok(LazyVault::connecting(
+            name,
+            self.clone(),
+            |name, c| async move {
+                Ok(Arc::new(AzureVault::connect(&name, &c).await?) as Arc<dyn Vault>)
+            },
+        ))
+    }
 }
 
 /// An Azure Key Vault. Cheap to share behind an `Arc`; the SDK client pools
@@ -238,41 +371,43 @@ impl VersionInfo {
 impl AzureVault {
     /// Builds the credential `s.auth` names and the client. Makes no request
     /// (see [`Vault::check`]).
-    pub async fn connect(s: AzureSettings) -> Result<Self, PluginError> {
-        let http = build_http_client(&s).map_err(|what| {
+    pub async fn connect(name: &str, s: &AzureConfig) -> Result<Self, PluginError> {
+        let http = build_http_client(s).map_err(|what| {
             PluginError::new(
                 ErrorKind::Invalid,
-                format!("azure key vault `{}`: {what}", s.name),
+                format!("azure key vault `{name}`: {what}"),
             )
         })?;
-        let credential = build_credential(&s, &http).await?;
-        Self::with_http(s, credential, http)
+        let credential = build_credential(name, s, &http).await?;
+        Self::with_http(name, s, credential, http)
     }
 
     /// Tests and embedding: any TokenCredential (tests pass a fixed-token one).
     pub fn with_credential(
-        s: AzureSettings,
+        name: &str,
+        s: &AzureConfig,
         cred: Arc<dyn TokenCredential>,
     ) -> Result<Self, PluginError> {
-        let http = build_http_client(&s).map_err(|what| {
+        let http = build_http_client(s).map_err(|what| {
             PluginError::new(
                 ErrorKind::Invalid,
-                format!("azure key vault `{}`: {what}", s.name),
+                format!("azure key vault `{name}`: {what}"),
             )
         })?;
-        Self::with_http(s, cred, http)
+        Self::with_http(name, s, cred, http)
     }
 
     /// The client over `http` (the transport the credential may share).
     fn with_http(
-        s: AzureSettings,
+        name: &str,
+        s: &AzureConfig,
         cred: Arc<dyn TokenCredential>,
         http: reqwest::Client,
     ) -> Result<Self, PluginError> {
         let invalid = |what: String| {
             PluginError::new(
                 ErrorKind::Invalid,
-                format!("azure key vault `{}`: {what}", s.name),
+                format!("azure key vault `{name}`: {what}"),
             )
         };
         if !s.vault_url.starts_with("https://") {
@@ -290,13 +425,13 @@ impl AzureVault {
         client_options.transport = Some(Transport::new(Arc::new(http)));
         let options = SecretClientOptions {
             client_options,
-            verify_challenge_resource: Some(s.verify_challenge_resource),
+            verify_challenge_resource: Some(s.verify_challenge_resource.unwrap_or(true)),
             ..SecretClientOptions::default()
         };
         let client = SecretClient::new(&s.vault_url, cred, Some(options))
             .map_err(|e| invalid(format!("vault_url `{}`: {e}", s.vault_url)))?;
         Ok(Self {
-            name: s.name,
+            name: name.to_owned(),
             client,
         })
     }
@@ -814,11 +949,12 @@ impl Vault for AzureVault {
 }
 
 /// The SDK's reqwest client, built by us to trust `ca_file` and bound time.
-fn build_http_client(s: &AzureSettings) -> Result<reqwest::Client, String> {
+fn build_http_client(s: &AzureConfig) -> Result<reqwest::Client, String> {
+    let timeout = s.timeout();
     let mut builder = reqwest::Client::builder()
         .https_only(true)
-        .timeout(s.timeout)
-        .connect_timeout(s.timeout.min(Duration::from_secs(10)))
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
         // Key Vault does not redirect; following one would carry the token.
         .redirect(reqwest::redirect::Policy::none());
     if let Some(ca) = &s.ca_file {
@@ -848,13 +984,14 @@ fn build_http_client(s: &AzureSettings) -> Result<reqwest::Client, String> {
 /// Service identity endpoint are plain http on a link-local or loopback
 /// address, which the vault's https-only client would refuse.
 async fn build_credential(
-    s: &AzureSettings,
+    name: &str,
+    s: &AzureConfig,
     http: &reqwest::Client,
 ) -> Result<Arc<dyn TokenCredential>, PluginError> {
     let fail = |what: String| {
         PluginError::new(
             ErrorKind::Invalid,
-            format!("azure key vault `{}`: credentials: {what}", s.name),
+            format!("azure key vault `{name}`: credentials: {what}"),
         )
     };
     // Tokens from Entra ID: no SDK retries here either.
@@ -872,7 +1009,13 @@ async fn build_credential(
         }
         o
     };
-    let cred: Arc<dyn TokenCredential> = match &s.auth {
+    let auth = s.auth().ok_or_else(|| {
+        fail(format!(
+            "auth `{}` is unknown or incomplete (the config was not checked)",
+            s.auth
+        ))
+    })?;
+    let cred: Arc<dyn TokenCredential> = match &auth {
         AzureAuth::ClientSecret {
             tenant_id,
             client_id,
@@ -881,8 +1024,7 @@ async fn build_credential(
             let raw = Zeroizing::new(tokio::fs::read(secret_file).await.map_err(|e| {
                 PluginError::io(
                     format!(
-                        "azure key vault `{}`: client secret file {}",
-                        s.name,
+                        "azure key vault `{name}`: client secret file {}",
                         secret_file.display()
                     ),
                     &e,
@@ -1127,16 +1269,12 @@ mod tests {
 
     #[test]
     fn settings_without_https_are_refused() {
-        let s = AzureSettings {
-            name: "kv".into(),
-            vault_url: "http://127.0.0.1:1".into(),
-            auth: AzureAuth::WorkloadIdentity,
-            ca_file: None,
-            verify_challenge_resource: true,
-            authority_host: None,
-            timeout: Duration::from_secs(1),
+        let s = AzureConfig {
+            timeout: Some("1s".into()),
+            ..AzureConfig::new("http://127.0.0.1:1", "workload_identity")
         };
-        let e = AzureVault::with_credential(s, Arc::new(FixedToken("t".into()))).unwrap_err();
+        let e =
+            AzureVault::with_credential("kv", &s, Arc::new(FixedToken("t".into()))).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid);
         assert!(e.message.contains("https://"), "{}", e.message);
     }
@@ -1179,16 +1317,13 @@ mod tests {
 
     fn vault_with_token(token: &str) -> AzureVault {
         let stub = stub();
-        let s = AzureSettings {
-            name: "kv-test".into(),
-            vault_url: stub.url,
-            auth: AzureAuth::WorkloadIdentity,
+        let s = AzureConfig {
             ca_file: Some(stub.ca),
-            verify_challenge_resource: false,
-            authority_host: None,
-            timeout: Duration::from_secs(10),
+            verify_challenge_resource: Some(false),
+            timeout: Some("10s".into()),
+            ..AzureConfig::new(stub.url, "workload_identity")
         };
-        AzureVault::with_credential(s, Arc::new(FixedToken(token.into()))).unwrap()
+        AzureVault::with_credential("kv-test", &s, Arc::new(FixedToken(token.into()))).unwrap()
     }
 
     fn vault() -> AzureVault {
@@ -1203,20 +1338,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let secret_file = dir.path().join("client-secret");
         std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
-        let s = AzureSettings {
-            name: "kv-entra".into(),
-            vault_url: stub.url.clone(),
-            auth: AzureAuth::ClientSecret {
-                tenant_id: "00000000-0000-0000-0000-000000000001".into(),
-                client_id: STUB_CLIENT_ID.into(),
-                secret_file,
-            },
+        let s = AzureConfig {
+            tenant_id: Some("00000000-0000-0000-0000-000000000001".into()),
+            client_id: Some(STUB_CLIENT_ID.into()),
+            client_secret_file: Some(secret_file),
             ca_file: Some(stub.ca),
-            verify_challenge_resource: false,
-            authority_host: Some(stub.url),
-            timeout: Duration::from_secs(10),
+            verify_challenge_resource: Some(false),
+            authority_host: Some(stub.url.clone()),
+            timeout: Some("10s".into()),
+            ..AzureConfig::new(stub.url, "client_secret")
         };
-        (AzureVault::connect(s).await.unwrap(), dir)
+        (AzureVault::connect("kv-entra", &s).await.unwrap(), dir)
     }
 
     #[tokio::test]
@@ -1603,16 +1735,14 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let s = AzureSettings {
-            name: "kv-down".into(),
-            vault_url: format!("https://127.0.0.1:{port}"),
-            auth: AzureAuth::WorkloadIdentity,
+        let s = AzureConfig {
             ca_file: Some(stub().ca),
-            verify_challenge_resource: false,
-            authority_host: None,
-            timeout: Duration::from_secs(5),
+            verify_challenge_resource: Some(false),
+            timeout: Some("5s".into()),
+            ..AzureConfig::new(format!("https://127.0.0.1:{port}"), "workload_identity")
         };
-        let v = AzureVault::with_credential(s, Arc::new(FixedToken(STUB_TOKEN.into()))).unwrap();
+        let v = AzureVault::with_credential("kv-down", &s, Arc::new(FixedToken(STUB_TOKEN.into())))
+            .unwrap();
         let e = v.check().await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Transient, "{}", e.message);
         assert!(e.message.contains("kv-down"), "{}", e.message);

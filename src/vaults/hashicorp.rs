@@ -86,7 +86,9 @@ use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 use zeroize::Zeroizing;
 
-use super::{Select, StoredVersion, Vault, VaultItem, VersionRef};
+use super::lazy::LazyVault;
+use super::{Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
+use crate::config::validate::{Loc, Validator, VaultScope, duration_value, is_env_name};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
 
 /// The key, next to the value's field, that records which rotation wrote a version.
@@ -132,24 +134,180 @@ impl std::fmt::Debug for HashicorpAuth {
     }
 }
 
-/// `[vaults.NAME]` with `type = "vault"`, as the config maps it.
-#[derive(Debug, Clone)]
-pub struct HashicorpSettings {
-    /// `[vaults.NAME]`.
-    pub name: String,
+/// Default time allowed for one HTTP request.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `[vaults.NAME]` with `type = "vault"`: HashiCorp Vault or OpenBao, KV v2.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashicorpConfig {
     /// `https://vault:8200`.
     pub address: String,
-    /// The KV v2 mount, default `secret`.
-    pub mount: String,
+    /// The KV v2 mount (default `secret`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount: Option<String>,
     /// Vault Enterprise / OpenBao namespace (`X-Vault-Namespace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    pub auth: HashicorpAuth,
+    /// Key inside the KV data map that holds the value (default `value`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// Exactly one way to log in: a token file, an environment variable
+    /// holding the token, or AppRole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approle: Option<AppRoleConfig>,
     /// PEM bundle of the CA(s) that sign the vault's certificate (https only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
-    /// The key in the KV data map that holds the value, default `value`.
-    pub field: String,
-    /// Per HTTP request.
-    pub timeout: Duration,
+    /// Per HTTP request (default 30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<usize>,
+}
+
+/// `approle = { role_id_file = ..., secret_id_file = ... }`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppRoleConfig {
+    /// Where the AppRole auth method is mounted (default `approle`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount: Option<String>,
+    pub role_id_file: PathBuf,
+    pub secret_id_file: PathBuf,
+}
+
+impl HashicorpConfig {
+    /// A config with the defaults, logging in with `token_file`.
+    pub fn new(address: impl Into<String>) -> Self {
+        Self {
+            address: address.into(),
+            ..Self::default()
+        }
+    }
+
+    pub fn mount(&self) -> &str {
+        self.mount.as_deref().unwrap_or("secret")
+    }
+
+    pub fn field(&self) -> &str {
+        self.field.as_deref().unwrap_or("value")
+    }
+
+    pub fn timeout(&self) -> Duration {
+        duration_value(self.timeout.as_deref(), DEFAULT_TIMEOUT)
+    }
+
+    /// How to log in, reading `token_env` from the daemon's environment.
+    pub fn auth(&self) -> Result<HashicorpAuth, String> {
+        match (&self.token_file, &self.token_env, &self.approle) {
+            (Some(f), None, None) => Ok(HashicorpAuth::TokenFile(f.clone())),
+            (None, Some(var), None) => match std::env::var(var) {
+                Ok(t) if !t.trim().is_empty() => Ok(HashicorpAuth::Token(SecretValue::new(
+                    t.trim().as_bytes().to_vec(),
+                ))),
+                _ => Err(format!(
+                    "token_env: the environment variable {var} is not set or empty; set it in the daemon's environment (e.g. an EnvironmentFile= of the unit) or use token_file"
+                )),
+            },
+            (None, None, Some(a)) => Ok(HashicorpAuth::AppRole {
+                mount: a.mount.as_deref().unwrap_or("approle").to_owned(),
+                role_id_file: a.role_id_file.clone(),
+                secret_id_file: a.secret_id_file.clone(),
+            }),
+            _ => {
+                Err("set exactly one way to log in: `token_file`, `token_env` or `approle`".into())
+            }
+        }
+    }
+}
+
+/// A secrets-engine or auth mount: `/`-separated segments, no `..`;
+/// completed in place without leading or trailing `/`.
+fn check_mount(v: &mut Validator<'_>, p: Loc<'_>, mount: &mut Option<String>, default: &str) {
+    let m = mount.as_deref().unwrap_or(default).trim_matches('/');
+    if m.is_empty()
+        || m.split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        || m.contains(char::is_whitespace)
+    {
+        v.err(
+            p,
+            format!("invalid mount `{m}`: write its path without leading or trailing `/`, e.g. \"secret\""),
+        );
+    }
+    if mount.is_some() {
+        *mount = Some(m.to_owned());
+    }
+}
+
+impl VaultPlugin for HashicorpConfig {
+    fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>, _: &VaultScope<'_>) {
+        v.url(
+            p.key("address"),
+            &self.address,
+            &["http", "https"],
+            "https://vault.example.com:8200",
+        );
+        self.address = self.address.trim_end_matches('/').to_owned();
+        match (&mut self.token_file, &self.token_env, &mut self.approle) {
+            (Some(f), None, None) => v.resolve_path(p.key("token_file"), f),
+            (None, Some(e), None) => {
+                if !is_env_name(e) {
+                    v.err(
+                        p.key("token_env"),
+                        format!("invalid environment variable name `{e}`"),
+                    );
+                }
+            }
+            (None, None, Some(a)) => {
+                let ap = p.key("approle");
+                check_mount(v, ap.key("mount"), &mut a.mount, "approle");
+                v.resolve_path(ap.key("role_id_file"), &mut a.role_id_file);
+                v.resolve_path(ap.key("secret_id_file"), &mut a.secret_id_file);
+            }
+            _ => v.err_key(
+                p,
+                "set exactly one way to log in: `token_file`, `token_env` or `approle = { role_id_file = ..., secret_id_file = ... }`",
+            ),
+        }
+        check_mount(v, p.key("mount"), &mut self.mount, "secret");
+        let field = self.field();
+        if field.is_empty() || field.starts_with("keyturn_") {
+            v.err(
+                p.key("field"),
+                format!(
+                    "invalid field `{field}`: it must be non-empty and not start with `keyturn_` (keyturn's own bookkeeping keys)"
+                ),
+            );
+        }
+        if let Some(ca) = &mut self.ca_file {
+            v.resolve_path(p.key("ca_file"), ca);
+        }
+        v.timeout(&p, &self.timeout, DEFAULT_TIMEOUT);
+    }
+
+    fn max_concurrent(&self) -> Option<usize> {
+        self.max_concurrent
+    }
+
+    fn open(&self, name: &str) -> Result<Arc<dyn Vault>, PluginError> {
+        // The environment is read now: a missing variable is a start-up error.
+        let auth = self
+            .auth()
+            .map_err(|m| PluginError::new(ErrorKind::Invalid, m))?;
+        Ok(LazyVault::connecting(
+            name,
+            (self.clone(), auth),
+            |name, (c, auth)| async move {
+                Ok(Arc::new(HashicorpVault::with_auth(&name, &c, auth).await?) as Arc<dyn Vault>)
+            },
+        ))
+    }
 }
 
 /// Where a version's data is: the rotation that wrote it, or a bare KV number.
@@ -261,38 +419,57 @@ impl HashicorpVault {
     /// Checks the settings, reads the token or AppRole files and builds the
     /// client. Does no network I/O: a vault that is down at start is reported
     /// by `check` and by the first operation, not by refusing to start.
-    pub async fn connect(s: HashicorpSettings) -> Result<Self, PluginError> {
+    pub async fn connect(name: &str, c: &HashicorpConfig) -> Result<Self, PluginError> {
+        let auth = c
+            .auth()
+            .map_err(|m| PluginError::new(ErrorKind::Invalid, format!("vault {name}: {m}")))?;
+        Self::with_auth(name, c, auth).await
+    }
+
+    /// [`Self::connect`] with the way to log in given (tests pass a token).
+    pub async fn with_auth(
+        name: &str,
+        c: &HashicorpConfig,
+        auth: HashicorpAuth,
+    ) -> Result<Self, PluginError> {
+        let name = name.to_owned();
+        let address = c.address.trim_end_matches('/').to_owned();
+        let mount = c.mount().to_owned();
+        let namespace = c.namespace.clone();
+        let field = c.field().to_owned();
+        let ca_file = c.ca_file.clone();
+        let timeout = c.timeout();
         let invalid = |what: String| {
             PluginError::new(
                 ErrorKind::Invalid,
-                format!("vault {} ({}): {what}", s.name, s.address),
+                format!("vault {} ({}): {what}", name, address),
             )
         };
-        if !(s.address.starts_with("http://") || s.address.starts_with("https://")) {
+        if !(address.starts_with("http://") || address.starts_with("https://")) {
             return Err(invalid(
                 "address must start with http:// or https://".into(),
             ));
         }
-        if s.mount.is_empty() || s.mount.starts_with('/') || s.mount.ends_with('/') {
+        if mount.is_empty() || mount.starts_with('/') || mount.ends_with('/') {
             return Err(invalid(format!(
                 "mount {:?} must be a non-empty path without leading or trailing '/'",
-                s.mount
+                mount
             )));
         }
-        if s.field.is_empty() || s.field == ROTATION_KEY {
+        if field.is_empty() || field == ROTATION_KEY {
             return Err(invalid(format!(
                 "field {:?} must be non-empty and not {ROTATION_KEY:?}",
-                s.field
+                field
             )));
         }
-        if let Some(ns) = &s.namespace
+        if let Some(ns) = &namespace
             && !header_safe(ns)
         {
             return Err(invalid(
                 "namespace must be printable ASCII without spaces".into(),
             ));
         }
-        if let HashicorpAuth::AppRole { mount, .. } = &s.auth
+        if let HashicorpAuth::AppRole { mount, .. } = &auth
             && (mount.is_empty() || mount.starts_with('/') || mount.ends_with('/'))
         {
             return Err(invalid(format!(
@@ -300,13 +477,13 @@ impl HashicorpVault {
             )));
         }
 
-        if let Some(ca) = &s.ca_file {
+        if let Some(ca) = &ca_file {
             // reqwest accepts a file without any certificate in it (and then
             // trusts nothing extra); say so at start instead of failing every
             // call with an unknown-issuer error.
             let pem = std::fs::read(ca).map_err(|e| {
                 PluginError::io(
-                    format!("vault {} ({}): ca_file {}", s.name, s.address, ca.display()),
+                    format!("vault {} ({}): ca_file {}", name, address, ca.display()),
                     &e,
                 )
             })?;
@@ -322,14 +499,14 @@ impl HashicorpVault {
         }
 
         let mut vault = HashicorpVault {
-            name: s.name,
-            address: s.address,
-            mount: s.mount,
-            namespace: s.namespace,
-            field: s.field,
-            ca_file: s.ca_file,
-            timeout: s.timeout,
-            auth: s.auth,
+            name,
+            address,
+            mount,
+            namespace,
+            field,
+            ca_file,
+            timeout,
+            auth,
             // Replaced just below, once the client can be built.
             session: RwLock::new(Session {
                 client: Arc::new(placeholder_client()?),
@@ -1361,22 +1538,44 @@ mod tests {
         )
     }
 
-    fn settings(name: &str, address: &str, auth: HashicorpAuth) -> HashicorpSettings {
-        HashicorpSettings {
-            name: name.into(),
-            address: address.into(),
-            mount: "secret".into(),
-            namespace: None,
-            auth,
-            ca_file: None,
-            field: "value".into(),
-            timeout: Duration::from_secs(5),
+    /// A vault's name, config and way to log in.
+    struct Settings {
+        name: String,
+        config: HashicorpConfig,
+        auth: HashicorpAuth,
+    }
+
+    impl std::ops::Deref for Settings {
+        type Target = HashicorpConfig;
+        fn deref(&self) -> &HashicorpConfig {
+            &self.config
         }
+    }
+
+    impl std::ops::DerefMut for Settings {
+        fn deref_mut(&mut self) -> &mut HashicorpConfig {
+            &mut self.config
+        }
+    }
+
+    fn settings(name: &str, address: &str, auth: HashicorpAuth) -> Settings {
+        Settings {
+            name: name.into(),
+            config: HashicorpConfig {
+                timeout: Some("5s".into()),
+                ..HashicorpConfig::new(address)
+            },
+            auth,
+        }
+    }
+
+    async fn connect(s: Settings) -> Result<HashicorpVault, PluginError> {
+        HashicorpVault::with_auth(&s.name, &s.config, s.auth).await
     }
 
     async fn root_vault() -> HashicorpVault {
         let (addr, token) = bao();
-        HashicorpVault::connect(settings(
+        connect(settings(
             "bao",
             &addr,
             HashicorpAuth::Token(SecretValue::from_string(token)),
@@ -1776,7 +1975,7 @@ mod tests {
         std::fs::write(&role_file, format!("{role_id}\n")).unwrap();
         std::fs::write(&secret_file, &secret_id).unwrap();
 
-        let v = HashicorpVault::connect(settings(
+        let v = connect(settings(
             "bao-approle",
             &addr,
             HashicorpAuth::AppRole {
@@ -1835,7 +2034,7 @@ mod tests {
     #[tokio::test]
     async fn a_bad_token_is_unauthorized_and_never_printed() {
         let (addr, _) = bao();
-        let v = HashicorpVault::connect(settings(
+        let v = connect(settings(
             "bao",
             &addr,
             HashicorpAuth::Token(secret("s.not-a-real-token-canary")),
@@ -1872,7 +2071,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("token");
         std::fs::write(&file, "s.stale-token\n").unwrap();
-        let v = HashicorpVault::connect(settings(
+        let v = connect(settings(
             "bao",
             &addr,
             HashicorpAuth::TokenFile(file.clone()),
@@ -1885,7 +2084,7 @@ mod tests {
         v.check().await.unwrap();
 
         let missing = dir.path().join("missing");
-        let e = HashicorpVault::connect(settings("bao", &addr, HashicorpAuth::TokenFile(missing)))
+        let e = connect(settings("bao", &addr, HashicorpAuth::TokenFile(missing)))
             .await
             .err()
             .unwrap();
@@ -1895,7 +2094,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_address_is_transient_and_bad_settings_are_invalid() {
-        let v = HashicorpVault::connect(settings(
+        let v = connect(settings(
             "bao",
             "http://127.0.0.1:1",
             HashicorpAuth::Token(secret("root")),
@@ -1925,7 +2124,7 @@ mod tests {
             ("http://127.0.0.1:99999", "root"),
             ("http://127.0.0.1:8200", "bad\ntoken"),
         ] {
-            let e = HashicorpVault::connect(settings(
+            let e = connect(settings(
                 "bao",
                 address,
                 HashicorpAuth::Token(secret(token)),
@@ -2012,7 +2211,7 @@ mod tests {
             HashicorpAuth::Token(SecretValue::from_string(token)),
         );
         s.namespace = Some(ns.clone());
-        let v = HashicorpVault::connect(s).await.unwrap();
+        let v = connect(s).await.unwrap();
         let (k, path) = (key(), unique("ns"));
         let item = VaultItem {
             key: &k,
@@ -2049,7 +2248,7 @@ mod tests {
             HashicorpAuth::Token(secret("t")),
         );
         s.ca_file = Some(junk);
-        let e = HashicorpVault::connect(s).await.err().unwrap();
+        let e = connect(s).await.err().unwrap();
         assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
         assert!(e.message.contains("holds no PEM certificate"), "{e}");
         let mut s = settings(
@@ -2058,7 +2257,7 @@ mod tests {
             HashicorpAuth::Token(secret("t")),
         );
         s.ca_file = Some(dir.path().join("missing.pem"));
-        let e = HashicorpVault::connect(s).await.err().unwrap();
+        let e = connect(s).await.err().unwrap();
         assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
         assert!(e.message.contains("ca_file"), "{e}");
     }

@@ -28,6 +28,20 @@ pub struct LazyVault {
 
 impl LazyVault {
     /// `connect` is called until it succeeds once; its result is kept.
+    /// A remote vault that connects with `connect(name, config)` on first
+    /// use (what each remote vault's `open` returns).
+    pub fn connecting<C, F, Fut>(name: &str, config: C, connect: F) -> Arc<dyn Vault>
+    where
+        C: Clone + Send + Sync + 'static,
+        F: Fn(String, C) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Arc<dyn Vault>, PluginError>> + Send + 'static,
+    {
+        let owned = name.to_owned();
+        Arc::new(Self::new(name, move || {
+            connect(owned.clone(), config.clone())
+        }))
+    }
+
     pub fn new<F, Fut>(name: &str, connect: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,

@@ -10,16 +10,72 @@
 //!   engine then reads the durable value back with `read`. So a replay after a
 //!   crash never creates a second version nor loses the first value.
 //! - `promote` and `retire` are idempotent: repeating them is a no-op.
+//!
+//! # Adding a vault
+//! Write `vaults/NAME.rs` (a folder when it is large) holding:
+//! - its config struct (`serde::Deserialize`, `Serialize`, `Clone`,
+//!   `PartialEq`, `Debug`, `#[serde(deny_unknown_fields)]`), the keys of
+//!   `[vaults.X]` with `type = "NAME"` as written, `max_concurrent` included;
+//! - `impl VaultPlugin` for it: `check` reports every problem through the
+//!   [`Validator`] and completes the config in place; `open` makes the
+//!   [`Vault`] without network I/O (a remote vault wraps its connect in
+//!   [`lazy::LazyVault`], so a vault that is down does not stop start-up);
+//! - the `Vault` itself, and its tests (run the contract suite of
+//!   [`contract`] against it).
+//!
+//! Then add one line to [`VaultSpec`] below. Nothing else changes: the
+//! config loader, validation, the catalog and the engine only see the
+//! registry. Policies that are not about one system are decorators around a
+//! `Vault` ([`lazy`]), not code inside a plug-in.
+
+use std::path::Path;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::config::validate::{Loc, Validator, VaultScope};
 use crate::model::{CredentialKey, PluginError, RotationId, SecretValue, Stage};
+use crate::plugin::registry;
 
 pub mod aws;
 pub mod azure;
 pub mod hashicorp;
 pub mod lazy;
 pub mod local;
+#[cfg(test)]
+pub mod toy;
+
+registry! {
+    /// `[vaults.NAME]`, selected by `type`: one variant per vault.
+    pub enum VaultSpec: VaultPlugin {
+        Local(local::LocalConfig),
+        // HashiCorp Vault or OpenBao, KV v2.
+        Vault(hashicorp::HashicorpConfig),
+        AwsSecretsManager(aws::AwsConfig),
+        AzureKeyVault(azure::AzureConfig),
+        #[cfg(test)]
+        Toy(toy::ToyConfig),
+    }
+}
+
+/// What the registry needs of a vault's config.
+pub trait VaultPlugin: std::fmt::Debug + Send + Sync {
+    /// Reports every problem of the section at `at` and completes it in
+    /// place (defaults that depend on the daemon, relative paths resolved).
+    fn check(&mut self, v: &mut Validator<'_>, at: Loc<'_>, scope: &VaultScope<'_>);
+
+    /// `max_concurrent` as written: rotations touching the vault at once.
+    fn max_concurrent(&self) -> Option<usize>;
+
+    /// The vault named `name`. No network I/O.
+    fn open(&self, name: &str) -> Result<Arc<dyn Vault>, PluginError>;
+
+    /// A local directory the vault writes to, for the free-space check at
+    /// start-up.
+    fn data_dir(&self) -> Option<&Path> {
+        None
+    }
+}
 
 /// One credential as a vault sees it.
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,64 @@
+//! The one macro behind the three plug-in registries (`vaults`, `targets`,
+//! `sinks`): a config enum tagged by `type`, one variant per plug-in, each
+//! holding that plug-in's own config struct (boxed: a credential carries its
+//! target's config, and most credentials have none or a small one).
+//!
+//! ```ignore
+//! registry! {
+//!     /// `target = { type = ... }`.
+//!     pub enum TargetConfig: TargetPlugin {
+//!         None(NoTarget),
+//!         Postgres(postgres::PostgresConfig),
+//!     }
+//! }
+//! ```
+//!
+//! A variant may carry one `#[cfg(...)]` (the test-only `toy` vault does).
+//! Comments in the list are plain `//` comments.
+//!
+//! It expands to the serde enum (`type = "none"`, `type = "postgres"`: the
+//! variant name in snake_case) and `plugin()` / `plugin_mut()`, which hand out
+//! the variant's config as `&dyn TargetPlugin`. Everything a registry does
+//! with a plug-in goes through that trait, so a new plug-in is its own file
+//! plus one line here.
+
+macro_rules! registry {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident: $plugin:ident {
+            $($(#[cfg($cfg:meta)])? $variant:ident($ty:ty),)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        pub enum $name {
+            $($(#[cfg($cfg)])? $variant(Box<$ty>),)+
+        }
+
+        impl $name {
+            /// The plug-in's own config behind its trait.
+            pub fn plugin(&self) -> &dyn $plugin {
+                match self {
+                    $($(#[cfg($cfg)])? $name::$variant(c) => &**c,)+
+                }
+            }
+
+            /// The same, to check and complete it in place.
+            pub fn plugin_mut(&mut self) -> &mut dyn $plugin {
+                match self {
+                    $($(#[cfg($cfg)])? $name::$variant(c) => &mut **c,)+
+                }
+            }
+
+            /// The plug-in's config, owned, behind its trait.
+            pub fn into_plugin(self) -> Box<dyn $plugin> {
+                match self {
+                    $($(#[cfg($cfg)])? $name::$variant(c) => c,)+
+                }
+            }
+        }
+    };
+}
+
+pub(crate) use registry;

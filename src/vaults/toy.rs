@@ -1,0 +1,293 @@
+//! `toy`: a vault that keeps versions in memory, compiled into tests only.
+//!
+//! It exists to show (and keep showing) that a vault is one file plus one
+//! line of the registry in `vaults/mod.rs`: its config, its check, its
+//! constructor and its behaviour are all here, and its test runs a full
+//! rotation through the engine under paused time, configured from TOML like
+//! any other vault.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use super::{Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
+use crate::config::validate::{Loc, Validator, VaultScope};
+use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
+
+/// `[vaults.NAME]` with `type = "toy"`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToyConfig {
+    /// Prepended to every path (checked: no `/` at either end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<usize>,
+}
+
+impl VaultPlugin for ToyConfig {
+    fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>, _: &VaultScope<'_>) {
+        if let Some(prefix) = &self.prefix
+            && (prefix.starts_with('/') || prefix.ends_with('/'))
+        {
+            v.err(p.key("prefix"), format!("invalid prefix `{prefix}`"));
+        }
+    }
+
+    fn max_concurrent(&self) -> Option<usize> {
+        self.max_concurrent
+    }
+
+    fn open(&self, name: &str) -> Result<Arc<dyn Vault>, PluginError> {
+        Ok(Arc::new(ToyVault {
+            name: name.to_owned(),
+            prefix: self.prefix.clone().unwrap_or_default(),
+            paths: Mutex::default(),
+        }))
+    }
+}
+
+struct Version {
+    rotation: RotationId,
+    stage: Stage,
+    value: Option<Vec<u8>>,
+}
+
+pub struct ToyVault {
+    name: String,
+    prefix: String,
+    /// Path → versions, version `n` at index `n - 1`.
+    paths: Mutex<HashMap<String, Vec<Version>>>,
+}
+
+impl ToyVault {
+    fn key(&self, item: VaultItem<'_>) -> String {
+        format!("{}{}", self.prefix, item.path)
+    }
+}
+
+fn number(version: &VersionRef) -> Result<usize, PluginError> {
+    version
+        .0
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| PluginError::new(ErrorKind::Invalid, format!("no version {version}")))
+}
+
+#[async_trait]
+impl Vault for ToyVault {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn stage(
+        &self,
+        item: VaultItem<'_>,
+        rotation: &RotationId,
+        value: &SecretValue,
+    ) -> Result<VersionRef, PluginError> {
+        let mut paths = self.paths.lock().unwrap();
+        let versions = paths.entry(self.key(item)).or_default();
+        if let Some(i) = versions.iter().position(|v| v.rotation == *rotation) {
+            return Ok(VersionRef((i + 1).to_string()));
+        }
+        versions.push(Version {
+            rotation: rotation.clone(),
+            stage: Stage::Pending,
+            value: Some(value.expose().to_vec()),
+        });
+        Ok(VersionRef(versions.len().to_string()))
+    }
+
+    async fn read(
+        &self,
+        item: VaultItem<'_>,
+        select: Select<'_>,
+    ) -> Result<Option<StoredVersion>, PluginError> {
+        let paths = self.paths.lock().unwrap();
+        let Some(versions) = paths.get(&self.key(item)) else {
+            return Ok(None);
+        };
+        let found = match select {
+            Select::Stage(stage) => versions.iter().rposition(|v| v.stage == stage),
+            Select::Version(r) => Some(number(r)? - 1).filter(|i| *i < versions.len()),
+        };
+        Ok(found.and_then(|i| {
+            let v = &versions[i];
+            Some(StoredVersion {
+                version: VersionRef((i + 1).to_string()),
+                rotation: Some(v.rotation.clone()),
+                stage: v.stage,
+                value: SecretValue::new(v.value.clone()?),
+            })
+        }))
+    }
+
+    async fn promote(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
+        let n = number(version)?;
+        let mut paths = self.paths.lock().unwrap();
+        let versions = paths.entry(self.key(item)).or_default();
+        if versions.get(n - 1).is_none_or(|v| v.value.is_none()) {
+            return Err(PluginError::new(ErrorKind::Conflict, "no such version"));
+        }
+        if versions[n - 1].stage == Stage::Current {
+            return Ok(());
+        }
+        for v in versions.iter_mut() {
+            match v.stage {
+                Stage::Previous => {
+                    v.stage = Stage::Retired;
+                    v.value = None;
+                }
+                Stage::Current => v.stage = Stage::Previous,
+                _ => {}
+            }
+        }
+        versions[n - 1].stage = Stage::Current;
+        Ok(())
+    }
+
+    async fn retire(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
+        let n = number(version)?;
+        let mut paths = self.paths.lock().unwrap();
+        let Some(v) = paths
+            .get_mut(&self.key(item))
+            .and_then(|vs| vs.get_mut(n - 1))
+        else {
+            return Ok(());
+        };
+        match v.stage {
+            Stage::Previous | Stage::Retired => {
+                v.stage = Stage::Retired;
+                v.value = None;
+                Ok(())
+            }
+            s => Err(PluginError::new(
+                ErrorKind::Invalid,
+                format!("version {n} is {s:?}"),
+            )),
+        }
+    }
+
+    async fn destroy(&self, item: VaultItem<'_>) -> Result<(), PluginError> {
+        self.paths.lock().unwrap().remove(&self.key(item));
+        Ok(())
+    }
+
+    async fn check(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::audit::AuditLog;
+    use crate::model::{AgentId, CredentialId, CredentialKey};
+    use crate::rotation::{Catalog, Engine, TokioClock};
+    use crate::state::{MemoryStore, StateStore};
+    use crate::telemetry::Metrics;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_toy_vault_from_toml_rotates_through_the_engine_under_paused_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let text = format!(
+            r#"[daemon]
+state_dir = "{d}/state"
+socket = "{d}/control.sock"
+[vaults.play]
+type = "toy"
+prefix = "kt-"
+[agents.bot]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+[agents.bot.credentials.db]
+vault = "play"
+generate = {{ kind = "password", length = 24 }}
+every = "1h"
+grace = "10m"
+"#
+        );
+        let config = crate::config::load_str(&dir.path().join("k.toml"), &text).unwrap();
+        let catalog = Catalog::build(config, None).unwrap();
+        let vault = catalog.vaults["play"].vault.clone();
+        let store = Arc::new(MemoryStore::new());
+        let audit = AuditLog::open_inline(&dir.path().join("audit.log"), None).unwrap();
+        let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let start = chrono::DateTime::from_timestamp(1_798_761_600, 0).unwrap();
+        let engine = Engine::with_clock_inline(
+            catalog,
+            store.clone(),
+            audit,
+            Arc::new(Metrics::new()),
+            Arc::new(TokioClock::starting_at(start)),
+            cancel.clone(),
+            tracker.clone(),
+        );
+        engine.start().await.unwrap();
+        let e = engine.clone();
+        tracker.spawn(async move { e.run_scheduler(None, || {}).await });
+
+        let key = CredentialKey::new(
+            AgentId::new("bot").unwrap(),
+            CredentialId::new("db").unwrap(),
+        );
+        let item = VaultItem {
+            key: &key,
+            path: "agents/bot/db",
+        };
+        let current = || async {
+            vault
+                .read(item, Select::Stage(Stage::Current))
+                .await
+                .unwrap()
+                .map(|v| (v.version.0, v.value.expose().to_vec()))
+        };
+        // The initial rotation, then one an hour later: each promoted in
+        // the toy vault and recorded in state.
+        let mut seen = Vec::new();
+        for expected in ["1", "2"] {
+            for _ in 0..4000 {
+                if current().await.is_some_and(|(v, _)| v == expected) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let (version, value) = current().await.expect("a current version");
+            assert_eq!(version, expected);
+            assert_eq!(value.len(), 24, "the configured generator");
+            seen.push(value);
+        }
+        assert_ne!(seen[0], seen[1], "a new value");
+        let previous = vault
+            .read(item, Select::Stage(Stage::Previous))
+            .await
+            .unwrap()
+            .expect("the previous version is live during its grace");
+        assert_eq!(previous.value.expose(), seen[0].as_slice());
+        // Its grace ends: the engine retires it through the toy vault.
+        tokio::time::sleep(Duration::from_secs(11 * 60)).await;
+        assert!(
+            vault
+                .read(item, Select::Stage(Stage::Previous))
+                .await
+                .unwrap()
+                .is_none(),
+            "retired after the grace period"
+        );
+        let row = store.credential(&key).unwrap().expect("a state row");
+        assert_eq!(row.current_version, Some(2));
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+}
