@@ -229,7 +229,7 @@ async fn read_stage(v: &dyn Vault, cred: &str, path: &str, stage: Stage) -> Opti
     let item = VaultItem { key: &k, path };
     v.read(item, Select::Stage(stage))
         .await
-        .unwrap_or_else(|e| panic!("{} read {stage:?} of {path}: {}", v.name(), e.message))
+        .unwrap_or_else(|e| panic!("{} read {stage:?} of {path}: {}", v.describe(), e.message))
         .map(|s| s.value.expose_str().expect("utf-8").to_owned())
 }
 
@@ -648,13 +648,13 @@ fn three_vaults_agree_on_current_and_previous_after_two_rotations() {
                 read_stage(v, "db", &path, Stage::Current).await.as_ref(),
                 Some(&v3.value),
                 "{} current",
-                v.name()
+                v.describe()
             );
             assert_eq!(
                 read_stage(v, "db", &path, Stage::Previous).await.as_ref(),
                 Some(&v2.value),
                 "{} previous",
-                v.name()
+                v.describe()
             );
         }
         let (latest, n) = bao_plain(&path, None).await.unwrap();

@@ -286,7 +286,7 @@ impl Inner {
                 let vref = primary
                     .stage(item, &rot.id, &generated.value)
                     .await
-                    .map_err(|e| vault_error(primary.name(), e))?;
+                    .map_err(|e| vault_error(primary.describe(), e))?;
                 drop(generated);
                 crash_point("rotation.create.after_primary_stage");
                 // Read back what the vault holds: after a replay it is the
@@ -294,14 +294,14 @@ impl Inner {
                 // The other vaults get that value, so a replay that finds
                 // some of them already staged cannot make them disagree.
                 let stored = read_from(primary.as_ref(), item, &vref).await?;
-                let mut refs = VaultRefs(vec![(primary.name().to_owned(), vref)]);
+                let mut refs = VaultRefs(vec![(primary.describe().to_owned(), vref)]);
                 for other in &entry.vaults[1..] {
                     let v = &other.vault;
                     let r = v
                         .stage(item, &rot.id, &stored)
                         .await
-                        .map_err(|e| vault_error(v.name(), e))?;
-                    refs.0.push((v.name().to_owned(), r));
+                        .map_err(|e| vault_error(v.describe(), e))?;
+                    refs.0.push((v.describe().to_owned(), r));
                 }
                 let public =
                     generators::public_part(generators::kind_of(&entry.cfg.generate), &stored);
@@ -347,7 +347,7 @@ impl Inner {
                     h.vault
                         .promote(item, &vref)
                         .await
-                        .map_err(|e| vault_error(h.vault.name(), e))?;
+                        .map_err(|e| vault_error(h.vault.describe(), e))?;
                 }
                 let mut writes = vec![Write::VersionStage {
                     key: key.clone(),
@@ -434,17 +434,17 @@ impl Inner {
             key: entry.key(),
             path: &entry.cfg.vault_path(),
         };
-        let refs = VaultRefs::decode(prev, entry.primary().vault.name());
+        let refs = VaultRefs::decode(prev, entry.primary().vault.describe());
         for h in entry.vaults.iter() {
             // A vault added to the credential since the previous version
             // was made does not hold it.
-            let Some(vref) = refs.get(h.vault.name()) else {
+            let Some(vref) = refs.get(h.vault.describe()) else {
                 continue;
             };
             h.vault
                 .retire(item, vref)
                 .await
-                .map_err(|e| vault_error(h.vault.name(), e))?;
+                .map_err(|e| vault_error(h.vault.describe(), e))?;
         }
         if let Some(previous) = rot.previous_version {
             // The target stops accepting the previous value too (alternating
@@ -510,9 +510,9 @@ impl Inner {
             key: entry.key(),
             path: &entry.cfg.vault_path(),
         };
-        let refs = VaultRefs::decode(prev, entry.primary().vault.name());
+        let refs = VaultRefs::decode(prev, entry.primary().vault.describe());
         for h in &entry.vaults {
-            let Some(prev_ref) = refs.get(h.vault.name()) else {
+            let Some(prev_ref) = refs.get(h.vault.describe()) else {
                 continue;
             };
             let new_ref = staged_in(entry, rot, h)?;
@@ -520,7 +520,7 @@ impl Inner {
                 .vault
                 .read(item, Select::Stage(Stage::Current))
                 .await
-                .map_err(|e| vault_error(h.vault.name(), e))?
+                .map_err(|e| vault_error(h.vault.describe(), e))?
                 .map(|v| v.version);
             // The new ref: a replay after this vault was already promoted.
             if current.as_ref() == Some(prev_ref) || current.as_ref() == Some(&new_ref) {
@@ -532,18 +532,18 @@ impl Inner {
             };
             let msg = format!(
                 "step promote: vault {:?}: version {prev_version} ({prev_ref}) of {}, the current version before this rotation, is gone: {now_there} (deleted or overwritten out of band). Promoting version {} makes it current again, but this vault no longer holds the previous value",
-                h.vault.name(),
+                h.vault.describe(),
                 entry.cfg.vault_path(),
                 rot.version,
             );
-            tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %h.vault.name(), version = prev_version, rotation = %rot.id, "{msg}");
+            tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %h.vault.describe(), version = prev_version, rotation = %rot.id, "{msg}");
             // The head is persisted with the step, like delivery records.
             self.audit(
                 entry,
                 Some(rot),
                 "vault.current_gone",
                 Outcome::Failed,
-                Some(h.vault.name().to_owned()),
+                Some(h.vault.describe().to_owned()),
                 Some(msg),
             )
             .await
@@ -579,14 +579,14 @@ pub(super) fn staged_in(
             rot.id, rot.step
         ))
     })?;
-    VaultRefs::decode(text, entry.primary().vault.name())
-        .get(h.vault.name())
+    VaultRefs::decode(text, entry.primary().vault.describe())
+        .get(h.vault.describe())
         .cloned()
         .ok_or_else(|| {
             missing(format!(
                 "rotation {} has no version in vault {:?} (the credential's vault list changed while it ran); trigger a new rotation",
                 rot.id,
-                h.vault.name()
+                h.vault.describe()
             ))
         })
 }
@@ -614,7 +614,7 @@ pub(super) async fn read_from(
     match vault.read(item, Select::Version(vref)).await {
         Ok(Some(v)) => Ok(v.value),
         Ok(None) => Err(vault_error(
-            vault.name(),
+            vault.describe(),
             PluginError::new(
                 ErrorKind::NotFound,
                 format!(
@@ -623,7 +623,7 @@ pub(super) async fn read_from(
                 ),
             ),
         )),
-        Err(e) => Err(vault_error(vault.name(), e)),
+        Err(e) => Err(vault_error(vault.describe(), e)),
     }
 }
 

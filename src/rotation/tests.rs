@@ -111,7 +111,7 @@ fn parse(r: &VersionRef) -> u64 {
 
 #[async_trait]
 impl Vault for MemVault {
-    fn name(&self) -> &str {
+    fn describe(&self) -> &str {
         "mem"
     }
 

@@ -593,7 +593,7 @@ impl AwsVault {
 
 #[async_trait]
 impl Vault for AwsVault {
-    fn name(&self) -> &str {
+    fn describe(&self) -> &str {
         &self.name
     }
 

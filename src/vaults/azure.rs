@@ -655,7 +655,7 @@ impl AzureVault {
 
 #[async_trait]
 impl Vault for AzureVault {
-    fn name(&self) -> &str {
+    fn describe(&self) -> &str {
         &self.name
     }
 

@@ -1334,7 +1334,7 @@ fn placeholder_client() -> Result<VaultClient, PluginError> {
 
 #[async_trait]
 impl Vault for HashicorpVault {
-    fn name(&self) -> &str {
+    fn describe(&self) -> &str {
         &self.name
     }
 

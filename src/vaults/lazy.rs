@@ -61,7 +61,7 @@ impl LazyVault {
 
 #[async_trait]
 impl Vault for LazyVault {
-    fn name(&self) -> &str {
+    fn describe(&self) -> &str {
         &self.name
     }
 
@@ -144,6 +144,6 @@ mod tests {
             .unwrap();
         lazy.promote(item, &v).await.unwrap();
         assert_eq!(attempts.load(Ordering::SeqCst), 2, "the client is kept");
-        assert_eq!(lazy.name(), "remote");
+        assert_eq!(lazy.describe(), "remote");
     }
 }

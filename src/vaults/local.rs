@@ -1243,7 +1243,7 @@ fn parse_version(vault: &str, path: &str, v: &VersionRef) -> Result<i64, PluginE
 
 #[async_trait]
 impl Vault for LocalVault {
-    fn name(&self) -> &str {
+    fn describe(&self) -> &str {
         &self.inner.name
     }
 

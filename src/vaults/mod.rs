@@ -116,7 +116,7 @@ pub struct StoredVersion {
 #[async_trait]
 pub trait Vault: Send + Sync {
     /// The `[vaults.NAME]` name, for messages.
-    fn name(&self) -> &str;
+    fn describe(&self) -> &str;
 
     /// Stores `value` as the pending version of `item` for `rotation`, durably,
     /// before returning. Idempotent per rotation id (see the module docs).

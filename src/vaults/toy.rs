@@ -78,7 +78,7 @@ fn number(version: &VersionRef) -> Result<usize, PluginError> {
 
 #[async_trait]
 impl Vault for ToyVault {
-    fn name(&self) -> &str {
+    fn describe(&self) -> &str {
         &self.name
     }
 
