@@ -277,22 +277,21 @@ mod tests {
         });
         let writer = Arc::new(StateWriter::start(store.clone()).unwrap());
         let release = writer.hold();
-        let mut tasks = Vec::new();
-        for i in 0..10 {
-            let writer = writer.clone();
-            // Caller 3 sends a write the store refuses.
-            let version = if i == 3 { 0 } else { 7 };
-            tasks.push(tokio::spawn(async move {
-                writer.apply(vec![cred(&key(i), version)]).await
-            }));
+        // Each call is polled once, which queues it, while the thread is
+        // held: all ten are queued before it takes its next batch (a sleep
+        // instead was not always enough on a loaded machine).
+        let mut calls: Vec<_> = (0..10)
+            .map(|i| {
+                // Caller 3 sends a write the store refuses.
+                let version = if i == 3 { 0 } else { 7 };
+                Box::pin(writer.apply(vec![cred(&key(i), version)]))
+            })
+            .collect();
+        for call in &mut calls {
+            assert!(futures::poll!(call.as_mut()).is_pending(), "queued");
         }
-        // Let every call reach the queue, then let the thread go.
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         drop(release);
-        let mut results = Vec::new();
-        for t in tasks {
-            results.push(t.await.unwrap());
-        }
+        let results = futures::future::join_all(calls).await;
         for (i, r) in results.iter().enumerate() {
             if i == 3 {
                 let e = r.as_ref().unwrap_err();

@@ -838,6 +838,10 @@ mod tests {
 
     // ---- real PostgreSQL below ----
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn single_user_set_and_test_log_in_and_old_password_stops_working() {
         let f = Fixture::new("single").await;
@@ -862,6 +866,10 @@ mod tests {
         f.login(&f.role, "second-pass-2").await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn alternating_previous_works_until_retired() {
         let f = Fixture::new("alt").await;
@@ -910,6 +918,10 @@ mod tests {
             .unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn passwords_with_quotes_and_backslashes_round_trip() {
         let f = Fixture::new("quote").await;
@@ -925,6 +937,10 @@ mod tests {
         }
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn wrong_admin_dsn_gives_a_clear_error_without_the_password() {
         let f = Fixture::new("baddsn").await;
@@ -994,6 +1010,10 @@ mod tests {
         );
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn revoke_disables_login_and_kills_live_sessions() {
         let f = Fixture::new("revoke").await;

@@ -1018,6 +1018,10 @@ mod tests {
 
     // -- real server (moto) ---------------------------------------------------
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn full_cycle_real_server() {
         let v = vault().await;
@@ -1106,6 +1110,10 @@ mod tests {
         v.destroy(it).await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn stage_replay_returns_the_first_version_real_server() {
         let v = vault().await;
@@ -1156,6 +1164,10 @@ mod tests {
         v.destroy(it).await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn promote_replay_and_resume_real_server() {
         let v = vault().await;
@@ -1209,6 +1221,10 @@ mod tests {
         v.destroy(it).await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn retire_real_server() {
         let v = vault().await;
@@ -1245,6 +1261,10 @@ mod tests {
         v.destroy(it).await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn destroy_and_missing_secret_real_server() {
         let v = vault().await;
@@ -1283,6 +1303,10 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn binary_values_round_trip_real_server() {
         let v = vault().await;
@@ -1295,6 +1319,10 @@ mod tests {
         v.destroy(it).await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn write_budget_real_server() {
         let v = Arc::new(
@@ -1347,6 +1375,10 @@ mod tests {
         }
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn check_real_server() {
         vault().await.check().await.unwrap();
@@ -1380,6 +1412,10 @@ mod tests {
         url
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn service_errors_reach_the_engine_with_their_kind() {
         let cases = [
@@ -1438,6 +1474,10 @@ mod tests {
         }
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn wrong_endpoint_is_transient_with_a_clear_message() {
         // The test credentials (so the request gets as far as connecting),

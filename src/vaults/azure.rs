@@ -1351,6 +1351,10 @@ mod tests {
         (AzureVault::connect("kv-entra", &s).await.unwrap(), dir)
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn client_secret_logs_in_at_the_authority_host() {
         let (v, _dir) = vault_with_client_secret(STUB_CLIENT_SECRET).await;
@@ -1368,6 +1372,10 @@ mod tests {
         assert_eq!(latest(&v, &path).await.as_deref(), Some("entra-value"));
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn a_wrong_client_secret_is_unauthorized_and_not_quoted() {
         let wrong = "wrong-secret-7f3a9c";
@@ -1427,6 +1435,10 @@ mod tests {
         }
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn full_cycle_with_reads_by_stage_and_version() {
         let v = vault();
@@ -1584,6 +1596,10 @@ mod tests {
         v.destroy(item).await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn stage_replay_after_a_lost_response_returns_the_same_version() {
         let v = vault();
@@ -1646,6 +1662,10 @@ mod tests {
         v.destroy(item).await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn throttling_is_throttled_with_retry_after_and_not_retried_by_the_sdk() {
         let v = vault();
@@ -1680,6 +1700,10 @@ mod tests {
         v.destroy(item).await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn service_unavailable_is_transient() {
         let v = vault();
@@ -1709,6 +1733,10 @@ mod tests {
         );
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn a_bad_token_is_unauthorized() {
         let v = vault_with_token("not-the-token");
@@ -1727,6 +1755,10 @@ mod tests {
         assert_eq!(v.check().await.unwrap_err().kind, ErrorKind::Unauthorized);
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn an_unreachable_vault_is_transient() {
         // A port nobody listens on (bind, read the port, close).
@@ -1748,6 +1780,10 @@ mod tests {
         assert!(e.message.contains("kv-down"), "{}", e.message);
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn a_new_rotation_abandons_an_older_pending_version() {
         let v = vault();
@@ -1779,6 +1815,10 @@ mod tests {
         v.destroy(item).await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn replay_finds_a_version_beyond_the_first_page() {
         let v = vault();

@@ -1629,6 +1629,10 @@ mod tests {
             .map(|s| (s.value.expose_str().unwrap().to_owned(), s.stage, s.version))
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn full_cycle_keeps_pending_out_of_sight_of_plain_readers() {
         let v = root_vault().await;
@@ -1763,6 +1767,10 @@ mod tests {
         v.destroy(item).await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn stage_and_promote_replays_write_nothing_new() {
         let v = root_vault().await;
@@ -1803,6 +1811,10 @@ mod tests {
         v.destroy(item).await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn promote_finishes_clean_up_after_a_crash_between_write_and_clear() {
         let v = root_vault().await;
@@ -1854,6 +1866,10 @@ mod tests {
         v.destroy(item).await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn a_new_rotation_replaces_an_abandoned_pending_value() {
         let v = root_vault().await;
@@ -1885,6 +1901,10 @@ mod tests {
         v.destroy(item).await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn a_concurrent_writer_makes_promote_conflict() {
         let v = root_vault().await;
@@ -1930,6 +1950,10 @@ mod tests {
         v.destroy(item).await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn approle_logs_in_once_and_renews_its_token_before_the_ttl() {
         let (addr, _) = bao();
@@ -2031,6 +2055,10 @@ mod tests {
         vaultrs::sys::policy::delete(&root, &policy).await.unwrap();
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn a_bad_token_is_unauthorized_and_never_printed() {
         let (addr, _) = bao();
@@ -2065,6 +2093,10 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn a_token_file_is_read_again_after_a_403() {
         let (addr, token) = bao();
@@ -2137,6 +2169,10 @@ mod tests {
         }
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn destroy_removes_every_version_and_the_pending_slot() {
         let v = root_vault().await;
@@ -2188,6 +2224,10 @@ mod tests {
             .unwrap()
     }
 
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
     #[tokio::test]
     async fn a_namespace_scopes_every_call() {
         let (addr, token) = bao();
