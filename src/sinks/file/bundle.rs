@@ -1,0 +1,271 @@
+//! Keypair deliveries: a bundle directory swapped atomically through `..data`.
+
+use super::*;
+
+impl Inner {
+    /// Writes an Ed25519 keypair as a bundle (see the module doc).
+    pub(super) fn deliver_bundle(
+        &self,
+        notice: &Notice,
+        value: &SecretValue,
+    ) -> Result<(), PluginError> {
+        let public = notice.public.as_deref().ok_or_else(|| {
+            self.err(
+                ErrorKind::Invalid,
+                "an ed25519 delivery needs the public key",
+            )
+        })?;
+        let depth = self.rel_len();
+        let agent_depth = self.agent_dir_depth(notice.key.agent.as_str(), depth);
+        let bundle = self.walk(depth, Some(agent_depth))?.ok_or_else(|| {
+            self.err(ErrorKind::Transient, "directory vanished while creating it")
+        })?;
+        let shown = self.path().to_path_buf();
+
+        // Validate everything that is already there before changing anything.
+        let previous = self.current_data_dir(&bundle)?;
+        for link in BUNDLE_FILES {
+            self.check_link(&bundle, link)?;
+        }
+        self.remove_data_link_tmp(&bundle)?;
+
+        let stamp = Utc::now().format("%Y%m%dT%H%M%S");
+        let new_name = format!("..{stamp}.{}.{}", notice.version, unique_suffix());
+        let new_shown = shown.join(&new_name);
+        let bfd = bundle.as_raw_fd();
+        nix::sys::stat::mkdirat(
+            Some(bfd),
+            new_name.as_str(),
+            Mode::from_bits_truncate(0o700),
+        )
+        .map_err(|e| self.sys(format_args!("create {}", new_shown.display()), e))?;
+        let data = open_dir(Some(bfd), OsStr::new(&new_name))
+            .map_err(|e| self.sys(format_args!("open {}", new_shown.display()), e))?;
+        nix::sys::stat::fchmod(data.as_raw_fd(), Mode::from_bits_truncate(AGENT_DIR_MODE))
+            .map_err(|e| self.sys(format_args!("set mode of {}", new_shown.display()), e))?;
+        chown_fd(&data, self.owner())
+            .map_err(|e| self.sys(format_args!("set owner of {}", new_shown.display()), e))?;
+
+        let meta = serde_json::to_vec(&BundleMeta {
+            version: notice.version,
+            rotation: notice.rotation.as_str(),
+            rotated_at: rfc3339(notice.rotated_at),
+        })
+        .map_err(|e| self.err(ErrorKind::Fatal, format_args!("encode meta.json: {e}")))?;
+        self.write_file_at(&data, OsStr::new("private.pem"), value.expose(), &new_shown)?;
+        self.write_file_at(
+            &data,
+            OsStr::new("public.pem"),
+            public.as_bytes(),
+            &new_shown,
+        )?;
+        self.write_file_at(&data, OsStr::new("meta.json"), &meta, &new_shown)?;
+
+        // The swap: one rename moves every reader to the new pair at once.
+        nix::unistd::symlinkat(new_name.as_str(), Some(bfd), DATA_LINK_TMP)
+            .map_err(|e| self.sys(format_args!("create {DATA_LINK_TMP}"), e))?;
+        nix::fcntl::renameat(Some(bfd), DATA_LINK_TMP, Some(bfd), DATA_LINK)
+            .map_err(|e| self.sys(format_args!("swap {DATA_LINK}"), e))?;
+        fsync_dir(&bundle).map_err(|e| self.sys("fsync bundle directory", e))?;
+
+        for link in BUNDLE_FILES {
+            let target = format!("{DATA_LINK}/{link}");
+            match nix::unistd::symlinkat(target.as_str(), Some(bfd), link) {
+                Ok(()) => {}
+                Err(Errno::EEXIST) => self.check_link(&bundle, link)?,
+                Err(e) => return Err(self.sys(format_args!("create link {link}"), e)),
+            }
+        }
+        fsync_dir(&bundle).map_err(|e| self.sys("fsync bundle directory", e))?;
+
+        // Keep the new directory and the one just replaced (a reader may be
+        // mid-read in it); older ones, and crash leftovers, go.
+        let keep = [Some(new_name), previous];
+        match list_dir(&bundle) {
+            Ok(names) => {
+                for n in names {
+                    let is_old = n.as_bytes().starts_with(b"..")
+                        && n != DATA_LINK
+                        && n != DATA_LINK_TMP
+                        && !keep.iter().flatten().any(|k| k.as_bytes() == n.as_bytes());
+                    if is_old && let Err(e) = self.remove_data_dir(&bundle, &n) {
+                        tracing::warn!(path = %shown.display(), error = %e, "file sink: could not prune an old bundle directory");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(path = %shown.display(), error = %e, "file sink: could not list the bundle directory to prune it");
+            }
+        }
+        Ok(())
+    }
+
+    /// The directory `..data` points to now, after checking it is ours: a
+    /// symlink to a `..` name in the same directory.
+    pub(super) fn current_data_dir(&self, bundle: &OwnedFd) -> Result<Option<String>, PluginError> {
+        let shown = self.path().join(DATA_LINK);
+        match stat_nofollow(bundle, OsStr::new(DATA_LINK)) {
+            Ok(None) => Ok(None),
+            Ok(Some(st)) if is_type(&st, SFlag::S_IFLNK) => {
+                let target = nix::fcntl::readlinkat(Some(bundle.as_raw_fd()), DATA_LINK)
+                    .map_err(|e| self.sys(format_args!("read {}", shown.display()), e))?;
+                match target.to_str() {
+                    Some(t)
+                        if t.starts_with("..")
+                            && t.len() > 2
+                            && !t.contains('/')
+                            && t != DATA_LINK
+                            && t != DATA_LINK_TMP =>
+                    {
+                        Ok(Some(t.to_owned()))
+                    }
+                    _ => Err(self.err(
+                        ErrorKind::Invalid,
+                        format_args!(
+                            "{} points to {:?}, not to a bundle directory; refusing",
+                            shown.display(),
+                            target
+                        ),
+                    )),
+                }
+            }
+            Ok(Some(_)) => Err(self.err(
+                ErrorKind::Invalid,
+                format_args!("{} is not a symlink; refusing", shown.display()),
+            )),
+            Err(e) => Err(self.sys(format_args!("inspect {}", shown.display()), e)),
+        }
+    }
+
+    /// A top-level bundle link is either missing or exactly `NAME -> ..data/NAME`.
+    pub(super) fn check_link(&self, bundle: &OwnedFd, link: &str) -> Result<(), PluginError> {
+        let shown = self.path().join(link);
+        match stat_nofollow(bundle, OsStr::new(link)) {
+            Ok(None) => Ok(()),
+            Ok(Some(st)) if is_type(&st, SFlag::S_IFLNK) => {
+                let target = nix::fcntl::readlinkat(Some(bundle.as_raw_fd()), link)
+                    .map_err(|e| self.sys(format_args!("read {}", shown.display()), e))?;
+                if target.as_bytes() == format!("{DATA_LINK}/{link}").as_bytes() {
+                    Ok(())
+                } else {
+                    Err(self.err(
+                        ErrorKind::Invalid,
+                        format_args!(
+                            "{} points to {:?}, not to {DATA_LINK}/{link}; refusing",
+                            shown.display(),
+                            target
+                        ),
+                    ))
+                }
+            }
+            Ok(Some(_)) => Err(self.err(
+                ErrorKind::Invalid,
+                format_args!(
+                    "{} is not a link into {DATA_LINK}; refusing",
+                    shown.display()
+                ),
+            )),
+            Err(e) => Err(self.sys(format_args!("inspect {}", shown.display()), e)),
+        }
+    }
+
+    /// Removes a `..data_tmp` left by a crash mid-swap (it is ours: a symlink).
+    pub(super) fn remove_data_link_tmp(&self, bundle: &OwnedFd) -> Result<(), PluginError> {
+        match stat_nofollow(bundle, OsStr::new(DATA_LINK_TMP)) {
+            Ok(None) => Ok(()),
+            Ok(Some(st)) if is_type(&st, SFlag::S_IFLNK) => nix::unistd::unlinkat(
+                Some(bundle.as_raw_fd()),
+                DATA_LINK_TMP,
+                UnlinkatFlags::NoRemoveDir,
+            )
+            .map_err(|e| self.sys(format_args!("remove {DATA_LINK_TMP}"), e)),
+            Ok(Some(_)) => Err(self.err(
+                ErrorKind::Invalid,
+                format_args!("{DATA_LINK_TMP} is not a symlink; refusing"),
+            )),
+            Err(e) => Err(self.sys(format_args!("inspect {DATA_LINK_TMP}"), e)),
+        }
+    }
+
+    /// Removes one timestamped bundle directory: only files inside (that is
+    /// all keyturn puts there), never following a symlink.
+    pub(super) fn remove_data_dir(
+        &self,
+        bundle: &OwnedFd,
+        name: &OsStr,
+    ) -> Result<(), PluginError> {
+        let shown = self.path().join(name);
+        match stat_nofollow(bundle, name) {
+            Ok(Some(st)) if is_type(&st, SFlag::S_IFDIR) => {}
+            Ok(_) => return Ok(()), // gone, or not a directory: not ours to remove
+            Err(e) => return Err(self.sys(format_args!("inspect {}", shown.display()), e)),
+        }
+        let dir = open_dir(Some(bundle.as_raw_fd()), name)
+            .map_err(|e| self.sys(format_args!("open {}", shown.display()), e))?;
+        let names =
+            list_dir(&dir).map_err(|e| self.sys(format_args!("list {}", shown.display()), e))?;
+        for n in names {
+            match nix::unistd::unlinkat(
+                Some(dir.as_raw_fd()),
+                n.as_os_str(),
+                UnlinkatFlags::NoRemoveDir,
+            ) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(e) => {
+                    return Err(self.sys(format_args!("remove {}", shown.join(&n).display()), e));
+                }
+            }
+        }
+        match nix::unistd::unlinkat(Some(bundle.as_raw_fd()), name, UnlinkatFlags::RemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(e) => Err(self.sys(format_args!("remove {}", shown.display()), e)),
+        }
+    }
+
+    pub(super) fn retract_bundle(&self, bundle: &OwnedFd) -> Result<(), PluginError> {
+        let bfd = bundle.as_raw_fd();
+        // Check first, so a foreign file is refused before anything is removed.
+        self.current_data_dir(bundle)?;
+        for link in BUNDLE_FILES {
+            self.check_link(bundle, link)?;
+        }
+        for link in BUNDLE_FILES.into_iter().chain([DATA_LINK]) {
+            nix::unistd::unlinkat(Some(bfd), link, UnlinkatFlags::NoRemoveDir)
+                .or_else(ignore_enoent)
+                .map_err(|e| self.sys(format_args!("remove {link}"), e))?;
+        }
+        self.remove_data_link_tmp(bundle)?;
+        fsync_dir(bundle).map_err(|e| self.sys("fsync bundle directory", e))?;
+        let names = list_dir(bundle).map_err(|e| self.sys("list bundle directory", e))?;
+        for n in names {
+            if n.as_bytes().starts_with(b"..") {
+                self.remove_data_dir(bundle, &n)?;
+            }
+        }
+        fsync_dir(bundle).map_err(|e| self.sys("fsync bundle directory", e))
+    }
+
+    /// A crash mid-delivery leaves a bundle's `..data_tmp` and its new
+    /// timestamped directory (with the new private key) behind. Every
+    /// timestamped directory of another process but the current one is
+    /// dead: the kept previous one is only for readers mid-read across a
+    /// swap, and none is mid-read across a restart.
+    pub(super) fn sweep_bundle(&self, bundle: &OwnedFd) -> Result<(), PluginError> {
+        self.remove_data_link_tmp(bundle)?;
+        let current = self.current_data_dir(bundle)?;
+        let names = list_dir(bundle).map_err(|e| self.sys("list bundle directory", e))?;
+        for n in names {
+            let b = n.as_bytes();
+            let dead = b.starts_with(b"..")
+                && n != DATA_LINK
+                && n != DATA_LINK_TMP
+                && current.as_deref().is_none_or(|c| c.as_bytes() != b)
+                && b.rsplit(|c| *c == b'.').next().and_then(temp_owner) == Some(false);
+            if dead {
+                self.remove_data_dir(bundle, &n)?;
+                tracing::info!(path = %self.path().display(), dir = ?n, "file sink: removed a bundle directory left by an earlier process");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,198 @@
+//! The file sink's config: `deliver = [{ type = "file", ... }]`, its check and its constructor.
+
+use super::*;
+
+/// Default file mode: owner read only.
+pub const DEFAULT_MODE: u32 = 0o400;
+/// Files hold secrets: owner read/write, group read at most.
+pub const MAX_MODE: u32 = 0o640;
+
+/// One `deliver = [{ type = "file", ... }]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Absolute, or relative to the one delivery root; after `check`,
+    /// absolute and inside a delivery root. For a keypair this is a
+    /// directory holding `..data` and the bundle's links.
+    pub path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<FileFormat>,
+    /// Octal, as a string (`"0440"`); default 0400, never wider than 0640.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Variable name for `format = "env"`; `check` fills in the default
+    /// (the credential's name upper-cased, `-` → `_`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    Raw,
+    Json,
+    Env,
+}
+
+impl FileFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileFormat::Raw => "raw",
+            FileFormat::Json => "json",
+            FileFormat::Env => "env",
+        }
+    }
+}
+
+impl FileConfig {
+    pub fn new(path: impl Into<PathBuf>, format: FileFormat) -> Self {
+        Self {
+            path: path.into(),
+            format: Some(format),
+            mode: None,
+            env_name: None,
+        }
+    }
+
+    pub fn format(&self) -> FileFormat {
+        self.format.unwrap_or(FileFormat::Raw)
+    }
+
+    /// The mode; `None` when it is not octal.
+    pub fn mode(&self) -> Option<u32> {
+        let Some(m) = self.mode.as_deref() else {
+            return Some(DEFAULT_MODE);
+        };
+        (!m.is_empty() && m.len() <= 4 && m.bytes().all(|b| (b'0'..=b'7').contains(&b)))
+            .then(|| u32::from_str_radix(m, 8).ok())
+            .flatten()
+    }
+
+    /// A valid path: absolute as written, or under the one delivery root.
+    /// `roots` hold normalised paths, so normalising onto the root is the
+    /// same as `normalize(&root.join(path))` without the second buffer.
+    pub(super) fn resolve(roots: &[PathBuf], written: &Path) -> PathBuf {
+        match roots {
+            [root] if !written.is_absolute() => {
+                let mut out =
+                    PathBuf::with_capacity(root.as_os_str().len() + 1 + written.as_os_str().len());
+                out.push(root);
+                normalize_onto(out, written)
+            }
+            _ => normalize(written),
+        }
+    }
+
+    /// The path: never `..`; absolute, or relative to the single delivery
+    /// root; inside a delivery root; used by this sink only.
+    fn check_path(&mut self, v: &mut Validator<'_>, p: Loc<'_>, scope: &mut SinkScope<'_, '_>) {
+        let Some(roots) = scope.roots else { return };
+        if roots.is_empty() {
+            if scope.first_to_miss_roots() {
+                v.err(
+                    p,
+                    "file sinks need `daemon.delivery_roots`: set it to the directories keyturn may write secrets under",
+                );
+            }
+            return;
+        }
+        let written = self.path.as_path();
+        let text = written.display();
+        if written.as_os_str().is_empty() {
+            v.err(p, "delivery path must not be empty");
+            return;
+        }
+        // `..` is refused outright rather than normalised away: with
+        // symlinks in play, `a/../b` need not be where it looks.
+        if written.components().any(|c| c == Component::ParentDir) {
+            v.err(
+                p,
+                format!("delivery path `{text}` contains `..`; write the path without it"),
+            );
+            return;
+        }
+        if !written.is_absolute() && roots.len() != 1 {
+            v.err(
+                p,
+                format!(
+                    "delivery path `{text}` is relative, which is only allowed with exactly one delivery root; there are {} ({}), so write an absolute path",
+                    roots.len(),
+                    list(roots.iter().map(|r| r.display().to_string()))
+                ),
+            );
+            return;
+        }
+        let resolved = Self::resolve(roots, written);
+        if !roots
+            .iter()
+            .any(|r| resolved.starts_with(r) && resolved != *r)
+        {
+            v.err(
+                p,
+                format!(
+                    "delivery path `{}` is outside every delivery root ({})",
+                    resolved.display(),
+                    list(roots.iter().map(|r| r.display().to_string()))
+                ),
+            );
+            return;
+        }
+        if scope.claim(v, p, "path", &resolved) {
+            self.path = resolved;
+        }
+    }
+}
+
+impl SinkPlugin for FileConfig {
+    fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>, scope: &mut SinkScope<'_, '_>) {
+        self.check_path(v, p.key("path"), scope);
+        if self.mode.is_some() {
+            let at = p.key("mode");
+            let text = self.mode.as_deref().unwrap_or_default();
+            match self.mode() {
+                None => v.err(
+                    at,
+                    format!(
+                        "invalid file mode `{text}`: write octal digits as a string, e.g. \"0440\""
+                    ),
+                ),
+                Some(mode) if mode & !MAX_MODE != 0 => v.err(
+                    at,
+                    format!(
+                        "file mode {mode:04o} is wider than 0640: secrets may be readable by owner and group only, never by others or executable"
+                    ),
+                ),
+                Some(_) => {}
+            }
+        }
+        match &self.env_name {
+            Some(n) if !is_env_name(n) => {
+                v.err(
+                    p.key("env_name"),
+                    format!("invalid env_name `{n}`: it must match [A-Z_][A-Z0-9_]*"),
+                );
+            }
+            Some(_) => {}
+            // Only an env file uses the name, so a credential name that
+            // makes a bad variable name matters only there.
+            None if self.format() == FileFormat::Env => {
+                let cred = scope.credential;
+                let derived = cred.to_ascii_uppercase().replace('-', "_");
+                if !is_env_name(&derived) {
+                    v.err(
+                        p.key("format"),
+                        format!(
+                            "the variable name derived from credential `{cred}` is `{derived}`, which does not match [A-Z_][A-Z0-9_]*; set env_name"
+                        ),
+                    );
+                }
+                self.env_name = Some(derived);
+            }
+            None => {}
+        }
+    }
+
+    fn build(self: Box<Self>, ctx: &SinkContext<'_>) -> Result<Arc<dyn Sink>, PluginError> {
+        Ok(Arc::new(FileSink::new(*self, ctx)?))
+    }
+}

@@ -1,0 +1,823 @@
+//! The file sink's tests.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use chrono::TimeZone;
+
+use super::*;
+use crate::model::{AgentId, CredentialId, RotationId};
+
+const AGENT: &str = "invoice-bot";
+
+fn cfg(path: &Path, format: FileFormat) -> FileConfig {
+    FileConfig {
+        env_name: Some("DB".into()),
+        ..FileConfig::new(path, format)
+    }
+}
+
+/// A sink writing as the daemon's own user.
+fn new_sink(cfg: FileConfig, roots: &[PathBuf]) -> Result<FileSink, PluginError> {
+    FileSink::new(
+        cfg,
+        &SinkContext {
+            delivery_roots: roots,
+            uid: None,
+            gid: None,
+        },
+    )
+}
+
+fn sink(root: &Path, path: &Path, format: FileFormat) -> FileSink {
+    new_sink(cfg(path, format), &[root.to_path_buf()]).expect("valid sink")
+}
+
+fn notice(version: u64, kind: ValueKind, public: Option<&str>) -> Notice {
+    Notice {
+        key: CredentialKey::new(
+            AgentId::new(AGENT).unwrap(),
+            CredentialId::new("db").unwrap(),
+        ),
+        tenant: "acme".into(),
+        owner: "alice@example.com".into(),
+        version,
+        rotation: RotationId::parse(&format!("{version:032x}")).unwrap(),
+        rotated_at: Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
+        expires_hint: None,
+        kind,
+        public: public.map(str::to_owned),
+        login: None,
+    }
+}
+
+fn secret(s: &str) -> SecretValue {
+    SecretValue::from_string(s.to_owned())
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn mode_of(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[tokio::test]
+async fn raw_is_the_value_bytes_exactly() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join(AGENT).join("db");
+    let s = sink(root.path(), &path, FileFormat::Raw);
+    let got = s
+        .deliver(
+            &notice(1, ValueKind::Password, None),
+            &secret("pa ss\n'x\""),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got, Delivered::Acknowledged);
+    assert_eq!(std::fs::read(&path).unwrap(), b"pa ss\n'x\"");
+    assert_eq!(mode_of(&path), 0o400);
+    // Only the file: no temp file left behind.
+    assert_eq!(entries(&root.path().join(AGENT)), vec!["db"]);
+}
+
+#[tokio::test]
+async fn json_has_every_documented_field() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join(AGENT).join("db.json");
+    let s = sink(root.path(), &path, FileFormat::Json);
+    let mut n = notice(7, ValueKind::Password, Some("ssh-ed25519 AAAA"));
+    n.expires_hint = Some(Utc.with_ymd_and_hms(2026, 1, 3, 0, 0, 0).unwrap());
+    s.deliver(&n, &secret("p\"w\\d")).await.unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(
+        doc,
+        serde_json::json!({
+            "value": "p\"w\\d",
+            "version": 7,
+            "rotation": format!("{:032x}", 7),
+            "rotated_at": "2026-01-02T03:04:05Z",
+            "expires_hint": "2026-01-03T00:00:00Z",
+            "agent": AGENT,
+            "credential": "db",
+            "public": "ssh-ed25519 AAAA",
+        })
+    );
+    // Without a public key there is no "public" field and the hint is null.
+    s.deliver(&notice(8, ValueKind::Password, None), &secret("x"))
+        .await
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert!(doc.get("public").is_none());
+    assert_eq!(doc["expires_hint"], serde_json::Value::Null);
+    assert_eq!(doc["version"], 8);
+}
+
+#[tokio::test]
+async fn env_quotes_single_quotes_and_sources_back() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join(AGENT).join("db.env");
+    let s = sink(root.path(), &path, FileFormat::Env);
+    let value = "it's $HOME `x` \"q\"";
+    s.deliver(&notice(3, ValueKind::Password, None), &secret(value))
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        text, "DB='it'\\''s $HOME `x` \"q\"'\nDB_VERSION=3\n",
+        "exact env content"
+    );
+    // A POSIX shell reads back exactly the value and the version.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#". "$1"; printf '%s|%s' "$DB" "$DB_VERSION""#)
+        .arg("sh")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{value}|3"));
+}
+
+/// With alternating users the user name changes with the version, so it
+/// is delivered next to the password, in json and env alike.
+#[tokio::test]
+async fn the_login_name_is_delivered_with_the_value() {
+    let root = tempfile::tempdir().unwrap();
+    let mut n = notice(4, ValueKind::Password, None);
+    n.login = Some("bot's_clone".into());
+
+    let json = root.path().join(AGENT).join("db.json");
+    sink(root.path(), &json, FileFormat::Json)
+        .deliver(&n, &secret("pw"))
+        .await
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(doc["username"], "bot's_clone");
+    assert_eq!(doc["value"], "pw");
+
+    let env = root.path().join(AGENT).join("db.env");
+    sink(root.path(), &env, FileFormat::Env)
+        .deliver(&n, &secret("pw"))
+        .await
+        .unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#". "$1"; printf '%s|%s|%s' "$DB" "$DB_VERSION" "$DB_USERNAME""#)
+        .arg("sh")
+        .arg(&env)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "pw|4|bot's_clone");
+}
+
+/// The umask is per process, so this briefly changes it for every test
+/// running at the same time; the sink's own tests do not depend on it
+/// (that is the point), and the window is one delivery long.
+#[tokio::test]
+async fn mode_is_exact_whatever_the_umask() {
+    for umask in [0o077, 0o000] {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("tenant").join(AGENT).join("db");
+        let mut c = cfg(&path, FileFormat::Raw);
+        c.mode = Some("0440".into());
+        let s = new_sink(c, &[root.path().to_path_buf()]).unwrap();
+        let old = nix::sys::stat::umask(Mode::from_bits_truncate(umask));
+        let res = s
+            .deliver(&notice(1, ValueKind::Password, None), &secret("v"))
+            .await;
+        nix::sys::stat::umask(old);
+        res.unwrap();
+        assert_eq!(mode_of(&path), 0o440, "file mode with umask {umask:o}");
+        // The agent directory is the file's parent here (the first
+        // component is not named after the agent): 0750; above it 0755.
+        assert_eq!(mode_of(&root.path().join("tenant").join(AGENT)), 0o750);
+        assert_eq!(mode_of(&root.path().join("tenant")), 0o755);
+    }
+}
+
+#[tokio::test]
+async fn owner_is_set_on_file_and_agent_dir() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "chown needs root (as CI runs the suite)"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join(AGENT).join("sub").join("db");
+    let c = cfg(&path, FileFormat::Raw);
+    let roots = [root.path().to_path_buf()];
+    let ctx = SinkContext {
+        delivery_roots: &roots,
+        uid: Some(1234),
+        gid: Some(1234),
+    };
+    let s = FileSink::new(c, &ctx).unwrap();
+    s.deliver(&notice(1, ValueKind::Password, None), &secret("v"))
+        .await
+        .unwrap();
+    for p in [
+        path.clone(),
+        root.path().join(AGENT),
+        root.path().join(AGENT).join("sub"),
+    ] {
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!((m.uid(), m.gid()), (1234, 1234), "{}", p.display());
+    }
+    assert_eq!(mode_of(&root.path().join(AGENT)), 0o750);
+    assert_eq!(mode_of(&root.path().join(AGENT).join("sub")), 0o750);
+    // The root itself is not the agent's.
+    assert_eq!(std::fs::metadata(root.path()).unwrap().uid(), 0);
+}
+
+#[tokio::test]
+async fn same_version_twice_leaves_the_file_alone() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join(AGENT).join("db");
+    let s = sink(root.path(), &path, FileFormat::Json);
+    let n = notice(4, ValueKind::Password, None);
+    s.deliver(&n, &secret("v4")).await.unwrap();
+    let ino = std::fs::metadata(&path).unwrap().ino();
+    s.deliver(&n, &secret("v4")).await.unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().ino(),
+        ino,
+        "not rewritten"
+    );
+    s.deliver(&notice(5, ValueKind::Password, None), &secret("v5"))
+        .await
+        .unwrap();
+    assert_ne!(
+        std::fs::metadata(&path).unwrap().ino(),
+        ino,
+        "new version replaces"
+    );
+}
+
+/// Each symlink case: the delivery is refused as Invalid, the message
+/// names the symlink, and nothing appears where the symlink points.
+async fn assert_symlink_refused(root: &Path, path: &Path, link: &Path, outside: &Path) {
+    let s = sink(root, path, FileFormat::Raw);
+    let before = entries(outside);
+    let err = s
+        .deliver(
+            &notice(1, ValueKind::Password, None),
+            &secret("canary-sym-81c2"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    assert!(err.message.contains("symlink"), "{err}");
+    assert!(err.message.contains(&link.display().to_string()), "{err}");
+    assert!(!err.message.contains("canary"), "{err}");
+    assert_eq!(entries(outside), before, "nothing written outside the root");
+    let err = s.preflight().await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "preflight: {err}");
+}
+
+#[tokio::test]
+async fn symlink_at_the_target_file_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let dir = root.path().join(AGENT);
+    std::fs::create_dir(&dir).unwrap();
+    let path = dir.join("db");
+    symlink(outside.path().join("stolen"), &path).unwrap();
+    assert_symlink_refused(root.path(), &path, &path, outside.path()).await;
+    assert!(
+        std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    // Retract refuses it too (it is not something keyturn delivered).
+    let s = sink(root.path(), &path, FileFormat::Raw);
+    assert_eq!(
+        s.retract(&notice(1, ValueKind::Password, None).key)
+            .await
+            .unwrap_err()
+            .kind,
+        ErrorKind::Invalid
+    );
+}
+
+#[tokio::test]
+async fn symlink_at_the_parent_dir_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let parent = root.path().join(AGENT);
+    symlink(outside.path(), &parent).unwrap();
+    let path = parent.join("db");
+    assert_symlink_refused(root.path(), &path, &parent, outside.path()).await;
+}
+
+#[tokio::test]
+async fn symlink_at_an_intermediate_dir_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let tenant = root.path().join("acme");
+    symlink(outside.path(), &tenant).unwrap();
+    let path = tenant.join(AGENT).join("db");
+    assert_symlink_refused(root.path(), &path, &tenant, outside.path()).await;
+}
+
+#[tokio::test]
+async fn a_directory_at_a_single_file_target_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join(AGENT).join("db");
+    std::fs::create_dir_all(&path).unwrap();
+    let s = sink(root.path(), &path, FileFormat::Raw);
+    let err = s
+        .deliver(&notice(1, ValueKind::Password, None), &secret("v"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid);
+    assert!(err.message.contains("is a directory"), "{err}");
+}
+
+#[test]
+fn construction_rejects_paths_outside_the_root() {
+    let roots = vec![PathBuf::from("/run/keyturn/agents")];
+    let bad = [
+        "relative/db",
+        "/run/keyturn/agents/../etc/shadow",
+        "/run/keyturn/agents/a/../../x",
+        "/run/keyturn/agents/a//db",
+        "/run/keyturn/agents/a/db/",
+        "/run/keyturn/agents/./a/db",
+        "/run/keyturn/other/db",
+        "/run/keyturn/agentsX/db",
+        "/run/keyturn/agents",
+        "/etc/shadow",
+    ];
+    for p in bad {
+        let err = new_sink(cfg(Path::new(p), FileFormat::Raw), &roots).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Invalid, "{p}: {err}");
+    }
+    let ok = new_sink(
+        cfg(Path::new("/run/keyturn/agents/a/db"), FileFormat::Raw),
+        &roots,
+    )
+    .unwrap();
+    assert_eq!(ok.describe(), "file:/run/keyturn/agents/a/db");
+    // A root with `..` in it is never a match.
+    let err = new_sink(
+        cfg(Path::new("/run/keyturn/x/db"), FileFormat::Raw),
+        &[PathBuf::from("/run/keyturn/agents/..")],
+    )
+    .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid);
+    // A bad env name or mode.
+    let mut c = cfg(Path::new("/run/keyturn/agents/a/db"), FileFormat::Env);
+    c.env_name = Some("1BAD-NAME".into());
+    assert!(new_sink(c, &roots).is_err());
+    let mut c = cfg(Path::new("/run/keyturn/agents/a/db"), FileFormat::Raw);
+    c.mode = Some("4755".into());
+    assert!(new_sink(c, &roots).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_never_see_a_partial_file() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join(AGENT).join("db.json");
+    let s = sink(root.path(), &path, FileFormat::Json);
+    // Large enough that a non-atomic write would be seen half done.
+    let values = ["a".repeat(64 * 1024), "b".repeat(64 * 1024)];
+    s.deliver(&notice(1, ValueKind::Password, None), &secret(&values[0]))
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (stop, reads, path, values) =
+            (stop.clone(), reads.clone(), path.clone(), values.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let bytes = std::fs::read(&path).expect("the file is always there");
+                let doc: serde_json::Value =
+                    serde_json::from_slice(&bytes).expect("a complete json document");
+                let version = doc["version"].as_u64().unwrap();
+                let expect = &values[((version - 1) % 2) as usize];
+                assert_eq!(
+                    doc["value"].as_str().unwrap(),
+                    expect.as_str(),
+                    "version {version}"
+                );
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    for version in 2..=201u64 {
+        let value = &values[((version - 1) % 2) as usize];
+        s.deliver(&notice(version, ValueKind::Password, None), &secret(value))
+            .await
+            .unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    reader.join().expect("reader saw only complete versions");
+    assert!(reads.load(Ordering::Relaxed) > 0);
+    assert_eq!(entries(&root.path().join(AGENT)), vec!["db.json"]);
+}
+
+fn pem(kind: &str, version: u64) -> String {
+    format!("-----BEGIN {kind}-----\nversion-{version}\n-----END {kind}-----\n")
+}
+
+fn timestamped_dirs(bundle: &Path) -> Vec<String> {
+    entries(bundle)
+        .into_iter()
+        .filter(|n| n.starts_with("..") && n != DATA_LINK)
+        .collect()
+}
+
+#[tokio::test]
+async fn bundle_swaps_data_and_prunes_old_dirs() {
+    let root = tempfile::tempdir().unwrap();
+    let bundle = root.path().join(AGENT).join("signing");
+    let mut c = cfg(&bundle, FileFormat::Raw);
+    c.mode = Some("0440".into());
+    let s = new_sink(c, &[root.path().to_path_buf()]).unwrap();
+    for version in 1..=4u64 {
+        let public = pem("PUBLIC KEY", version);
+        s.deliver(
+            &notice(version, ValueKind::Ed25519, Some(&public)),
+            &secret(&pem("PRIVATE KEY", version)),
+        )
+        .await
+        .unwrap();
+        let data = std::fs::read_link(bundle.join(DATA_LINK)).unwrap();
+        let data = data.to_str().unwrap();
+        assert!(
+            data.starts_with("..") && data.contains(&format!(".{version}.")),
+            "{data}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(bundle.join("private.pem")).unwrap(),
+            pem("PRIVATE KEY", version)
+        );
+        assert_eq!(
+            std::fs::read_to_string(bundle.join("public.pem")).unwrap(),
+            public
+        );
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bundle.join("meta.json")).unwrap()).unwrap();
+        assert_eq!(meta["version"], version);
+        assert!(
+            !meta.to_string().contains("PRIVATE"),
+            "no secret in meta.json"
+        );
+        assert_eq!(mode_of(&bundle.join(data).join("private.pem")), 0o440);
+        assert_eq!(mode_of(&bundle.join(data)), 0o750);
+        let dirs = timestamped_dirs(&bundle);
+        assert!(dirs.len() <= 2, "old dirs pruned: {dirs:?}");
+        assert!(dirs.iter().any(|d| d == data));
+    }
+    for link in BUNDLE_FILES {
+        assert_eq!(
+            std::fs::read_link(bundle.join(link)).unwrap(),
+            PathBuf::from(format!("..data/{link}"))
+        );
+    }
+    assert_eq!(mode_of(&root.path().join(AGENT)), 0o750, "agent dir");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_readers_never_mix_versions() {
+    let root = tempfile::tempdir().unwrap();
+    let bundle = root.path().join(AGENT).join("signing");
+    let s = sink(root.path(), &bundle, FileFormat::Raw);
+    let deliver = |v: u64| {
+        let public = pem("PUBLIC KEY", v);
+        (
+            notice(v, ValueKind::Ed25519, Some(&public)),
+            secret(&pem("PRIVATE KEY", v)),
+        )
+    };
+    let (n, v) = deliver(1);
+    s.deliver(&n, &v).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let pairs = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (stop, pairs, bundle) = (stop.clone(), pairs.clone(), bundle.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                // A consistent reader resolves `..data` once, then reads the
+                // pair from that directory; a pruned directory means retry.
+                let Ok(dir) = std::fs::canonicalize(bundle.join(DATA_LINK)) else {
+                    continue;
+                };
+                let (Ok(private), Ok(public)) = (
+                    std::fs::read_to_string(dir.join("private.pem")),
+                    std::fs::read_to_string(dir.join("public.pem")),
+                ) else {
+                    continue;
+                };
+                let version = |s: &str| s.lines().nth(1).map(str::to_owned);
+                assert!(version(&private).is_some(), "complete private key");
+                assert_eq!(version(&private), version(&public), "a matched pair");
+                // Through the top-level links each file is always complete.
+                let linked = std::fs::read_to_string(bundle.join("private.pem")).unwrap();
+                assert!(linked.ends_with("-----END PRIVATE KEY-----\n"), "{linked}");
+                pairs.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    for version in 2..=60u64 {
+        let (n, v) = deliver(version);
+        s.deliver(&n, &v).await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    reader.join().expect("reader saw only matched pairs");
+    assert!(pairs.load(Ordering::Relaxed) > 0);
+    assert!(timestamped_dirs(&bundle).len() <= 2);
+}
+
+#[tokio::test]
+async fn bundle_refuses_links_it_did_not_make() {
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let bundle = root.path().join(AGENT).join("signing");
+    std::fs::create_dir_all(&bundle).unwrap();
+    symlink(outside.path(), bundle.join(DATA_LINK)).unwrap();
+    let s = sink(root.path(), &bundle, FileFormat::Raw);
+    let public = pem("PUBLIC KEY", 1);
+    let err = s
+        .deliver(
+            &notice(1, ValueKind::Ed25519, Some(&public)),
+            &secret("canary-bundle-19d0"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    assert!(!err.message.contains("canary"));
+    assert!(entries(outside.path()).is_empty());
+    assert!(
+        timestamped_dirs(&bundle).is_empty(),
+        "nothing written before the check"
+    );
+
+    std::fs::remove_file(bundle.join(DATA_LINK)).unwrap();
+    symlink(outside.path().join("x"), bundle.join("private.pem")).unwrap();
+    let err = s
+        .deliver(&notice(1, ValueKind::Ed25519, Some(&public)), &secret("v"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    assert!(err.message.contains("private.pem"), "{err}");
+    assert!(entries(outside.path()).is_empty());
+}
+
+/// A temp name of this process (`ours`) or of another one.
+fn temp_of(name: &str, ours: bool) -> String {
+    let token = if ours {
+        process_token()
+    } else {
+        process_token() ^ 0x5a5a_5a5a
+    };
+    format!(".{name}.tmp.{token:08x}0badcafe")
+}
+
+fn touch_aged(path: &Path, age: Duration) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_modified(std::time::SystemTime::now() - age).unwrap();
+}
+
+#[tokio::test]
+async fn preflight_removes_dead_temp_files_only() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join(AGENT);
+    std::fs::create_dir(&dir).unwrap();
+    let path = dir.join("db");
+    let minutes = Duration::from_secs(120);
+    // Another process's temp is a crash leftover, however young.
+    let dead_old = dir.join(temp_of("db", false));
+    touch_aged(&dead_old, minutes);
+    let dead_young = dir.join(format!(".db.tmp.{:08x}00000001", process_token() ^ 1));
+    touch_aged(&dead_young, Duration::ZERO);
+    // An earlier keyturn's name (no token).
+    let legacy = dir.join(".db.tmp.0123abcd");
+    touch_aged(&legacy, Duration::ZERO);
+    // This process's: in use while young, a leftover when old.
+    let mine_young = dir.join(temp_of("db", true));
+    touch_aged(&mine_young, Duration::ZERO);
+    let mine_old = dir.join(format!(".db.tmp.{:08x}00000002", process_token()));
+    touch_aged(&mine_old, minutes);
+    // Not ours: another file's temp, and a name keyturn never makes.
+    let other = dir.join(temp_of("other", false));
+    touch_aged(&other, minutes);
+    let foreign = dir.join(".db.tmp.editor-backup");
+    touch_aged(&foreign, minutes);
+    // A directory temp left by a crash while creating the agent dir.
+    let dead_dir = root.path().join(temp_of(AGENT, false));
+    std::fs::create_dir(&dead_dir).unwrap();
+
+    sink(root.path(), &path, FileFormat::Raw)
+        .preflight()
+        .await
+        .unwrap();
+    for gone in [&dead_old, &dead_young, &legacy, &mine_old, &dead_dir] {
+        assert!(!gone.exists(), "{} was left", gone.display());
+    }
+    assert!(
+        mine_young.exists(),
+        "a young temp of this process may be in use"
+    );
+    assert!(
+        other.exists(),
+        "another sink's temp file is not this sink's"
+    );
+    assert!(
+        foreign.exists(),
+        "a name keyturn does not make is left alone"
+    );
+}
+
+#[tokio::test]
+async fn a_delivery_removes_this_processs_stale_temp_files_in_its_directory() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join(AGENT);
+    std::fs::create_dir(&dir).unwrap();
+    let path = dir.join("db");
+    // Left by a failed delivery of this process a while ago, to this
+    // file and to another one in the same directory.
+    let mine_old = dir.join(temp_of("db", true));
+    touch_aged(&mine_old, Duration::from_secs(120));
+    let mine_other = dir.join(format!(".other.tmp.{:08x}00000003", process_token()));
+    touch_aged(&mine_other, Duration::from_secs(120));
+    // In use (young), and another process's (preflight's job).
+    let mine_young = dir.join(format!(".db.tmp.{:08x}00000004", process_token()));
+    touch_aged(&mine_young, Duration::ZERO);
+    let dead = dir.join(temp_of("db", false));
+    touch_aged(&dead, Duration::from_secs(120));
+    let s = sink(root.path(), &path, FileFormat::Raw);
+    s.deliver(&notice(1, ValueKind::Password, None), &secret("v1"))
+        .await
+        .unwrap();
+    assert!(!mine_old.exists() && !mine_other.exists());
+    assert!(mine_young.exists(), "a young temp may be in use");
+    assert!(dead.exists(), "left to preflight");
+    s.preflight().await.unwrap();
+    assert!(!dead.exists());
+}
+
+#[tokio::test]
+async fn preflight_removes_a_bundle_directory_left_by_a_crash() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join(AGENT).join("signing");
+    let s = sink(root.path(), &path, FileFormat::Raw);
+    s.deliver(
+        &notice(1, ValueKind::Ed25519, Some(&pem("PUBLIC KEY", 1))),
+        &secret(&pem("PRIVATE KEY", 1)),
+    )
+    .await
+    .unwrap();
+    let current = timestamped_dirs(&path);
+    assert_eq!(current.len(), 1);
+    // What a kill -9 between writing version 2 and the swap leaves.
+    let left = path.join(format!(
+        "..20260101T000000.2.{:08x}00000000",
+        process_token() ^ 7
+    ));
+    std::fs::create_dir(&left).unwrap();
+    std::fs::write(left.join("private.pem"), pem("PRIVATE KEY", 2)).unwrap();
+    std::os::unix::fs::symlink(left.file_name().unwrap(), path.join("..data_tmp")).unwrap();
+    s.preflight().await.unwrap();
+    assert_eq!(
+        timestamped_dirs(&path),
+        current,
+        "only the current one stays"
+    );
+    assert!(!path.join("..data_tmp").exists());
+    assert_eq!(
+        std::fs::read_to_string(path.join("private.pem")).unwrap(),
+        pem("PRIVATE KEY", 1)
+    );
+}
+
+#[tokio::test]
+async fn preflight_passes_on_a_fresh_root() {
+    let root = tempfile::tempdir().unwrap();
+    let root_path = root.path().join("not-yet");
+    let s = sink(
+        &root_path,
+        &root_path.join(AGENT).join("db"),
+        FileFormat::Raw,
+    );
+    s.preflight().await.unwrap();
+    assert!(root_path.is_dir(), "preflight creates the delivery root");
+    assert!(entries(&root_path).is_empty(), "but nothing below it");
+}
+
+#[tokio::test]
+async fn retract_removes_everything_and_twice_is_fine() {
+    let root = tempfile::tempdir().unwrap();
+    let key = notice(1, ValueKind::Password, None).key;
+
+    let path = root.path().join(AGENT).join("db");
+    let s = sink(root.path(), &path, FileFormat::Env);
+    s.deliver(&notice(1, ValueKind::Password, None), &secret("v"))
+        .await
+        .unwrap();
+    s.retract(&key).await.unwrap();
+    assert!(entries(&root.path().join(AGENT)).is_empty());
+    s.retract(&key).await.unwrap();
+
+    let bundle = root.path().join(AGENT).join("signing");
+    let b = sink(root.path(), &bundle, FileFormat::Raw);
+    for v in 1..=3 {
+        let public = pem("PUBLIC KEY", v);
+        b.deliver(
+            &notice(v, ValueKind::Ed25519, Some(&public)),
+            &secret(&pem("PRIVATE KEY", v)),
+        )
+        .await
+        .unwrap();
+    }
+    b.retract(&key).await.unwrap();
+    assert!(
+        !bundle.exists(),
+        "bundle directory and all it held are gone"
+    );
+    b.retract(&key).await.unwrap();
+    // Never delivered at all: also fine.
+    let never = sink(
+        root.path(),
+        &root.path().join("nobody").join("x"),
+        FileFormat::Raw,
+    );
+    never.retract(&key).await.unwrap();
+}
+
+#[tokio::test]
+async fn error_messages_never_carry_the_value() {
+    let root = tempfile::tempdir().unwrap();
+    let canary = "canary-err-3b7d";
+    let n = notice(1, ValueKind::Password, None);
+
+    // A NUL byte cannot be put in an env file.
+    let s = sink(
+        root.path(),
+        &root.path().join(AGENT).join("db.env"),
+        FileFormat::Env,
+    );
+    let v = SecretValue::new(format!("{canary}\0").into_bytes());
+    let err = s.deliver(&n, &v).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid);
+    assert!(!format!("{err} {err:?}").contains(canary));
+
+    // Non-UTF-8 cannot be json.
+    let s = sink(
+        root.path(),
+        &root.path().join(AGENT).join("db.json"),
+        FileFormat::Json,
+    );
+    let mut bytes = canary.as_bytes().to_vec();
+    bytes.push(0xff);
+    let err = s.deliver(&n, &SecretValue::new(bytes)).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid);
+    assert!(!format!("{err} {err:?}").contains(canary));
+
+    // An ed25519 notice without its public key.
+    let s = sink(
+        root.path(),
+        &root.path().join(AGENT).join("sig"),
+        FileFormat::Raw,
+    );
+    let err = s
+        .deliver(&notice(1, ValueKind::Ed25519, None), &secret(canary))
+        .await
+        .unwrap_err();
+    assert!(!format!("{err} {err:?}").contains(canary));
+
+    // An I/O failure mid-way (a file where a directory must be).
+    std::fs::write(root.path().join("blocker"), b"").unwrap();
+    let s = sink(
+        root.path(),
+        &root.path().join("blocker").join("db"),
+        FileFormat::Raw,
+    );
+    let err = s.deliver(&n, &secret(canary)).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    assert!(err.message.contains("not a directory"), "{err}");
+    assert!(!format!("{err} {err:?}").contains(canary));
+}
+
+#[test]
+fn resolving_onto_the_root_is_normalizing_the_join() {
+    let roots = [PathBuf::from("/run/kt")];
+    for rel in ["a/x", "./a//x/.", "a/./x/"] {
+        assert_eq!(
+            FileConfig::resolve(&roots, Path::new(rel)),
+            normalize(&roots[0].join(rel)),
+            "{rel}"
+        );
+    }
+    assert_eq!(
+        FileConfig::resolve(&roots, Path::new("/run/kt/./a")),
+        PathBuf::from("/run/kt/a")
+    );
+}

@@ -1,0 +1,206 @@
+//! Retracting what was delivered, preflight, and sweeping stale temp files.
+
+use super::*;
+
+impl Inner {
+    /// Removes what was delivered: the file, or the bundle's links, `..data`
+    /// and every `..` directory (then the bundle directory if it is empty).
+    /// Missing is fine: retracting twice is a no-op.
+    pub(super) fn retract(&self) -> Result<(), PluginError> {
+        let depth = self.rel_len() - 1;
+        let Some(dir) = self.walk(depth, None)? else {
+            return Ok(());
+        };
+        let name = self.file_name();
+        let shown = self.path();
+        let st = match stat_nofollow(&dir, name) {
+            Ok(Some(st)) => st,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(self.sys(format_args!("inspect {}", shown.display()), e)),
+        };
+        let dfd = dir.as_raw_fd();
+        if is_type(&st, SFlag::S_IFREG) {
+            nix::unistd::unlinkat(Some(dfd), name, UnlinkatFlags::NoRemoveDir)
+                .or_else(ignore_enoent)
+                .map_err(|e| self.sys(format_args!("remove {}", shown.display()), e))?;
+        } else if is_type(&st, SFlag::S_IFDIR) {
+            let bundle = open_dir(Some(dfd), name)
+                .map_err(|e| self.refuse_component(&dir, self.rel_len(), e))?;
+            self.retract_bundle(&bundle)?;
+            match nix::unistd::unlinkat(Some(dfd), name, UnlinkatFlags::RemoveDir) {
+                // Something we did not put there is left; keep it (and the directory).
+                Ok(()) | Err(Errno::ENOENT) | Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(self.sys(format_args!("remove {}", shown.display()), e)),
+            }
+        } else {
+            return Err(self.err(
+                ErrorKind::Invalid,
+                format_args!(
+                    "{} is not a file or bundle keyturn delivered; refusing to remove it",
+                    shown.display()
+                ),
+            ));
+        }
+        // Our own temp files would otherwise outlive the credential.
+        self.sweep_temps(&dir, name, true)?;
+        fsync_dir(&dir).map_err(|e| self.sys("fsync directory", e))
+    }
+
+    /// Checks delivery can work and removes stale temp files along the path.
+    pub(super) fn preflight(&self) -> Result<(), PluginError> {
+        let mut cur = self.open_root()?;
+        let depth = self.rel_len() - 1;
+        for i in 0..=depth {
+            let name = self.rel_at(i);
+            self.sweep_temps(&cur, name, false)?;
+            if i == depth {
+                break;
+            }
+            cur = match open_dir(Some(cur.as_raw_fd()), name) {
+                Ok(fd) => fd,
+                // Missing: the first delivery creates it, if this one is writable.
+                Err(Errno::ENOENT) => return self.check_writable(&cur, i),
+                Err(e) => return Err(self.refuse_component(&cur, i + 1, e)),
+            };
+        }
+        let name = self.file_name();
+        match stat_nofollow(&cur, name) {
+            Ok(Some(st)) if is_type(&st, SFlag::S_IFLNK) => {
+                return Err(self.err(
+                    ErrorKind::Invalid,
+                    format_args!("{} is a symlink; refusing", self.path().display()),
+                ));
+            }
+            Ok(Some(st)) if is_type(&st, SFlag::S_IFDIR) => {
+                let bundle = open_dir(Some(cur.as_raw_fd()), name)
+                    .map_err(|e| self.refuse_component(&cur, self.rel_len(), e))?;
+                self.sweep_bundle(&bundle)?;
+            }
+            Ok(_) => {}
+            Err(e) => return Err(self.sys(format_args!("inspect {}", self.path().display()), e)),
+        }
+        self.check_writable(&cur, depth)
+    }
+
+    pub(super) fn check_writable(&self, dir: &OwnedFd, depth: usize) -> Result<(), PluginError> {
+        nix::unistd::faccessat(
+            Some(dir.as_raw_fd()),
+            ".",
+            nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+            AtFlags::AT_EACCESS,
+        )
+        .map_err(|e| {
+            self.sys(
+                format_args!("{} is not writable", self.shown(depth).display()),
+                e,
+            )
+        })
+    }
+
+    /// Removes this process's temp files in `dir` (of any file, since the
+    /// token says they are ours) older than [`STALE_TEMP_AGE`], at most once
+    /// a minute per directory: another process's were removed by preflight
+    /// at start-up or reload, and one of this process's only becomes
+    /// removable a minute after it was made, so looking more often would
+    /// find nothing new (and would list the directory on every delivery).
+    pub(super) fn sweep_own_stale(&self, dir: &OwnedFd) -> Result<(), PluginError> {
+        use std::collections::HashMap;
+        use std::sync::{Mutex, OnceLock};
+        use std::time::Instant;
+        static SWEPT: OnceLock<Mutex<HashMap<(u64, u64), Instant>>> = OnceLock::new();
+        let st = nix::sys::stat::fstat(dir.as_raw_fd())
+            .map_err(|e| self.sys("inspect the delivery directory", e))?;
+        {
+            let mut swept = SWEPT
+                .get_or_init(Default::default)
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            match swept.get(&(st.st_dev, st.st_ino)) {
+                Some(at) if now.duration_since(*at) < STALE_TEMP_AGE => return Ok(()),
+                _ => {
+                    swept.insert((st.st_dev, st.st_ino), now);
+                }
+            }
+        }
+        let names =
+            temp_candidates(dir).map_err(|e| self.sys("list directory for stale temp files", e))?;
+        let now = Utc::now().timestamp();
+        for n in names.iter() {
+            let b = n.as_bytes();
+            let ours = b
+                .windows(5)
+                .rposition(|w| w == b".tmp.")
+                .and_then(|i| temp_owner(&b[i + 5..]))
+                == Some(true);
+            if !ours {
+                continue;
+            }
+            let Ok(Some(st)) = stat_nofollow(dir, n) else {
+                continue;
+            };
+            if now.saturating_sub(st.st_mtime) < STALE_TEMP_AGE.as_secs() as i64 {
+                continue;
+            }
+            let flag = if is_type(&st, SFlag::S_IFDIR) {
+                UnlinkatFlags::RemoveDir
+            } else {
+                UnlinkatFlags::NoRemoveDir
+            };
+            match nix::unistd::unlinkat(Some(dir.as_raw_fd()), n.as_os_str(), flag) {
+                Ok(()) | Err(Errno::ENOENT) => {
+                    tracing::info!(path = %self.path().display(), temp = ?n, "file sink: removed a stale temp file");
+                }
+                Err(e) => return Err(self.sys(format_args!("remove stale temp file {n:?}"), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the dead `.NAME.tmp.*` entries (files, or empty directories
+    /// from `create_dir`) in `dir`: another process's at any age, this
+    /// process's once older than [`STALE_TEMP_AGE`]; with `all`, every one
+    /// (retract: nothing is delivered to `NAME` any more).
+    pub(super) fn sweep_temps(
+        &self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        all: bool,
+    ) -> Result<(), PluginError> {
+        let mut prefix = b".".to_vec();
+        prefix.extend_from_slice(name.as_bytes());
+        prefix.extend_from_slice(b".tmp.");
+        let names =
+            temp_candidates(dir).map_err(|e| self.sys("list directory for stale temp files", e))?;
+        let now = Utc::now().timestamp();
+        for n in names.iter() {
+            let Some(ours) = n
+                .as_bytes()
+                .strip_prefix(prefix.as_slice())
+                .and_then(temp_owner)
+            else {
+                continue;
+            };
+            let Ok(Some(st)) = stat_nofollow(dir, n) else {
+                continue;
+            };
+            let age = now.saturating_sub(st.st_mtime);
+            if ours && !all && age < STALE_TEMP_AGE.as_secs() as i64 {
+                continue;
+            }
+            let flag = if is_type(&st, SFlag::S_IFDIR) {
+                UnlinkatFlags::RemoveDir
+            } else {
+                UnlinkatFlags::NoRemoveDir
+            };
+            match nix::unistd::unlinkat(Some(dir.as_raw_fd()), n.as_os_str(), flag) {
+                Ok(()) => {
+                    tracing::info!(path = %self.path().display(), temp = ?n, "file sink: removed a stale temp file");
+                }
+                Err(Errno::ENOENT) => {}
+                Err(e) => return Err(self.sys(format_args!("remove stale temp file {n:?}"), e)),
+            }
+        }
+        Ok(())
+    }
+}

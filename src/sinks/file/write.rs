@@ -1,0 +1,255 @@
+//! Single-file deliveries (raw, json, env): rendering and the atomic write.
+
+use super::*;
+
+impl Inner {
+    /// Writes a single-file format (raw, json, env).
+    pub(super) fn deliver_file(
+        &self,
+        notice: &Notice,
+        value: &SecretValue,
+    ) -> Result<(), PluginError> {
+        let contents = self.render(notice, value)?;
+        let depth = self.rel_len() - 1;
+        let agent_depth = self.agent_dir_depth(notice.key.agent.as_str(), depth);
+        let dir = self.walk(depth, Some(agent_depth))?.ok_or_else(|| {
+            self.err(ErrorKind::Transient, "directory vanished while creating it")
+        })?;
+        // Leftovers of a failed earlier delivery hold an old value; they are
+        // not a reason to fail this one.
+        if let Err(e) = self.sweep_own_stale(&dir) {
+            tracing::warn!(path = %self.path().display(), error = %e, "file sink: could not remove stale temp files");
+        }
+        self.write_file_at(
+            &dir,
+            self.file_name(),
+            &contents,
+            self.shown(depth).as_path(),
+        )
+    }
+
+    /// The bytes of a single-file delivery. They contain the secret, hence the
+    /// zeroized buffer.
+    pub(super) fn render(
+        &self,
+        notice: &Notice,
+        value: &SecretValue,
+    ) -> Result<Zeroizing<Vec<u8>>, PluginError> {
+        match self.cfg.format {
+            FileFormat::Raw => Ok(Zeroizing::new(value.expose().to_vec())),
+            FileFormat::Json => {
+                let text = value.expose_str().ok_or_else(|| {
+                    self.err(ErrorKind::Invalid, "format json needs a UTF-8 value")
+                })?;
+                let doc = JsonDoc {
+                    value: text,
+                    version: notice.version,
+                    rotation: notice.rotation.as_str(),
+                    rotated_at: rfc3339(notice.rotated_at),
+                    expires_hint: notice.expires_hint.map(rfc3339),
+                    agent: notice.key.agent.as_str(),
+                    credential: notice.key.credential.as_str(),
+                    public: notice.public.as_deref(),
+                    username: notice.login.as_deref(),
+                };
+                // Sized up front for the worst escaping (`\u00XX` per byte) so
+                // the buffer never reallocates and leaves an unwiped copy behind.
+                let public_len = notice.public.as_ref().map_or(0, String::len);
+                let mut buf =
+                    Zeroizing::new(Vec::with_capacity(6 * (text.len() + public_len) + 512));
+                serde_json::to_writer(&mut *buf, &doc)
+                    .map_err(|e| self.err(ErrorKind::Fatal, format_args!("encode json: {e}")))?;
+                buf.push(b'\n');
+                Ok(buf)
+            }
+            FileFormat::Env => {
+                let bytes = value.expose();
+                if bytes.contains(&0) {
+                    return Err(self.err(
+                        ErrorKind::Invalid,
+                        "format env cannot hold a value with a NUL byte",
+                    ));
+                }
+                let name = self.cfg.env_name.as_bytes();
+                let quotes = bytes.iter().filter(|b| **b == b'\'').count();
+                // Sized up front so the buffer never reallocates and leaves an
+                // unwiped copy of the value behind.
+                let login_len = notice
+                    .login
+                    .as_ref()
+                    .map_or(0, |l| name.len() + 4 * l.len());
+                let mut buf = Zeroizing::new(Vec::with_capacity(
+                    2 * name.len() + bytes.len() + 3 * quotes + login_len + 64,
+                ));
+                buf.extend_from_slice(name);
+                buf.push(b'=');
+                push_sh_quoted(&mut buf, bytes);
+                buf.extend_from_slice(name);
+                buf.extend_from_slice(format!("_VERSION={}\n", notice.version).as_bytes());
+                if let Some(login) = &notice.login {
+                    buf.extend_from_slice(name);
+                    buf.extend_from_slice(b"_USERNAME=");
+                    push_sh_quoted(&mut buf, login.as_bytes());
+                }
+                Ok(buf)
+            }
+        }
+    }
+
+    /// Atomically replaces `name` in `dir` with `contents` (mode and owner from
+    /// the config). `dir_shown` is the directory's path, for messages.
+    pub(super) fn write_file_at(
+        &self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        contents: &[u8],
+        dir_shown: &Path,
+    ) -> Result<(), PluginError> {
+        let shown = dir_shown.join(name);
+        let dfd = dir.as_raw_fd();
+        // Refusing here is for the operator's benefit; safety does not depend
+        // on it: `renameat` replaces a symlink planted later, never follows it.
+        match stat_nofollow(dir, name) {
+            Ok(None) => {}
+            Ok(Some(st)) if is_type(&st, SFlag::S_IFREG) => {
+                if self.already_holds(dir, name, contents) {
+                    return Ok(());
+                }
+            }
+            Ok(Some(st)) => {
+                let what = if is_type(&st, SFlag::S_IFLNK) {
+                    "a symlink"
+                } else if is_type(&st, SFlag::S_IFDIR) {
+                    "a directory"
+                } else {
+                    "not a regular file"
+                };
+                return Err(self.err(
+                    ErrorKind::Invalid,
+                    format_args!("{} is {what}; refusing to replace it", shown.display()),
+                ));
+            }
+            Err(e) => return Err(self.sys(format_args!("inspect {}", shown.display()), e)),
+        }
+
+        let tmp = temp_name(name);
+        let fd = nix::fcntl::openat(
+            Some(dfd),
+            tmp.as_os_str(),
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_WRONLY,
+            Mode::from_bits_truncate(self.cfg.mode),
+        )
+        .map_err(|e| {
+            self.sys(
+                format_args!("create temp file in {}", dir_shown.display()),
+                e,
+            )
+        })?;
+        // SAFETY: `openat` just returned this descriptor and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let written = (|| -> Result<(), PluginError> {
+            // Mode and owner before the first byte: the secret is never
+            // readable by anyone but the intended reader, whatever the umask.
+            nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(self.cfg.mode))
+                .map_err(|e| self.sys("set mode of temp file", e))?;
+            chown_fd(&fd, self.owner()).map_err(|e| self.sys("set owner of temp file", e))?;
+            let mut file = std::fs::File::from(fd);
+            file.write_all(contents).map_err(|e| {
+                self.err(ErrorKind::from_io(&e), format_args!("write temp file: {e}"))
+            })?;
+            file.sync_all().map_err(|e| {
+                self.err(ErrorKind::from_io(&e), format_args!("fsync temp file: {e}"))
+            })?;
+            drop(file);
+            crate::rotation::crash_point("sink.file.before_rename");
+            nix::fcntl::renameat(Some(dfd), tmp.as_os_str(), Some(dfd), name).map_err(|e| {
+                self.sys(format_args!("rename temp file over {}", shown.display()), e)
+            })?;
+            Ok(())
+        })();
+        if let Err(e) = written {
+            let _ = nix::unistd::unlinkat(Some(dfd), tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+            return Err(e);
+        }
+        fsync_dir(dir).map_err(|e| self.sys(format_args!("fsync {}", dir_shown.display()), e))
+    }
+
+    /// Whether `name` already has exactly these bytes, mode and owner, so a
+    /// repeated delivery of one version leaves the file (and its watchers) alone.
+    /// Any doubt answers "no" and the file is rewritten.
+    pub(super) fn already_holds(&self, dir: &OwnedFd, name: &OsStr, contents: &[u8]) -> bool {
+        let Ok(fd) = nix::fcntl::openat(
+            Some(dir.as_raw_fd()),
+            name,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+            Mode::empty(),
+        ) else {
+            return false;
+        };
+        // SAFETY: `openat` just returned this descriptor and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) else {
+            return false;
+        };
+        let owner_ok = self.cfg.uid.is_none_or(|u| u == st.st_uid)
+            && self.cfg.gid.is_none_or(|g| g == st.st_gid);
+        if !is_type(&st, SFlag::S_IFREG)
+            || st.st_mode & 0o7777 != self.cfg.mode
+            || !owner_ok
+            || st.st_size != contents.len() as i64
+        {
+            return false;
+        }
+        let mut current = Zeroizing::new(Vec::with_capacity(contents.len() + 1));
+        let mut file = std::fs::File::from(fd);
+        match Read::by_ref(&mut file)
+            .take(contents.len() as u64 + 1)
+            .read_to_end(&mut current)
+        {
+            Ok(_) => current.as_slice() == contents,
+            Err(_) => false,
+        }
+    }
+}
+
+/// Appends `'bytes'` and a newline, quoted for POSIX sh: a `'` inside becomes
+/// close-quote, escaped quote, reopen.
+pub(super) fn push_sh_quoted(buf: &mut Vec<u8>, bytes: &[u8]) {
+    buf.push(b'\'');
+    for &b in bytes {
+        if b == b'\'' {
+            buf.extend_from_slice(b"'\\''");
+        } else {
+            buf.push(b);
+        }
+    }
+    buf.extend_from_slice(b"'\n");
+}
+
+/// The json format. Field order is the documented one.
+#[derive(Serialize)]
+pub(super) struct JsonDoc<'a> {
+    value: &'a str,
+    version: u64,
+    rotation: &'a str,
+    rotated_at: String,
+    expires_hint: Option<String>,
+    agent: &'a str,
+    credential: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    public: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    username: Option<&'a str>,
+}
+
+/// A bundle's `meta.json`: no secret in it.
+#[derive(Serialize)]
+pub(super) struct BundleMeta<'a> {
+    pub(super) version: u64,
+    pub(super) rotation: &'a str,
+    pub(super) rotated_at: String,
+}
+
+pub(super) fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
