@@ -633,8 +633,37 @@ async fn kv_check(
     );
 }
 
-fn rotate_wait(env: &Env) -> std::process::Output {
-    env.cli(&["rotate", "bot/db", "--wait"])
+/// `rotate bot/db --wait` succeeds: a lost response was retried.
+fn rotate_wait_succeeds(env: &Env, daemon: &Daemon, what: &str) {
+    let out = env.cli(&["rotate", "bot/db", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{what}: rotate --wait failed: {}{}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log_text()
+    );
+}
+
+/// `rotate bot/db` (not waiting for the rotation) is accepted.
+fn rotate_started(env: &Env) {
+    let out = env.cli(&["rotate", "bot/db"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Stops the daemon, whose log shows failed (then retried) steps, and
+/// verifies the audit chain.
+fn stop_after_lost_responses(env: &Env, daemon: Daemon, what: &str) {
+    let log = daemon.stop();
+    assert!(
+        log.contains("step failed"),
+        "{what}: the lost responses were retried"
+    );
+    audit_verifies(env, what);
 }
 
 // ---------------------------------------------------------------------------
@@ -711,14 +740,7 @@ fn a_lost_response_of_every_write_still_makes_exactly_one_version() {
     let mut version = 1;
     for (proxy, matcher, what) in cases {
         let rule = proxy.drop_response(matcher.clone(), 1);
-        let out = rotate_wait(&env);
-        assert!(
-            out.status.success(),
-            "{what}: rotate --wait failed: {}{}\nlog:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            daemon.log_text()
-        );
+        rotate_wait_succeeds(&env, &daemon, what);
         assert_eq!(
             proxy.hits(rule),
             1,
@@ -733,12 +755,7 @@ fn a_lost_response_of_every_write_still_makes_exactly_one_version() {
         wait_rotated(&env, version);
         held = check_vaults(&env, Layout::BaoAws, &path, version, Some(&held), what);
     }
-    let log = daemon.stop();
-    assert!(
-        log.contains("step failed"),
-        "the lost responses were retried"
-    );
-    audit_verifies(&env, "lost responses");
+    stop_after_lost_responses(&env, daemon, "lost responses");
 }
 
 /// The same for Azure Key Vault (`["kv", "bao"]`), whose writes have no
@@ -807,14 +824,7 @@ fn a_kv_lost_response_of_every_azure_write_still_makes_exactly_one_version() {
     for (secret, method, body, what) in cases {
         let before = dropped(secret, method);
         drop_next(secret, method, body);
-        let out = rotate_wait(&env);
-        assert!(
-            out.status.success(),
-            "{what}: rotate --wait failed: {}{}\nlog:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            daemon.log_text()
-        );
+        rotate_wait_succeeds(&env, &daemon, what);
         assert_eq!(
             dropped(secret, method),
             before + 1,
@@ -824,12 +834,7 @@ fn a_kv_lost_response_of_every_azure_write_still_makes_exactly_one_version() {
         wait_rotated(&env, version);
         held = check_vaults(&env, Layout::KvBao, &path, version, Some(&held), what);
     }
-    let log = daemon.stop();
-    assert!(
-        log.contains("step failed"),
-        "the lost responses were retried"
-    );
-    audit_verifies(&env, "Azure lost responses");
+    stop_after_lost_responses(&env, daemon, "Azure lost responses");
 }
 
 // ---------------------------------------------------------------------------
@@ -938,12 +943,7 @@ fn outage(flavor: Flavor, status: u16, vault: &str, needles: &[&str]) {
         usize::MAX,
         Some(Duration::from_secs(1)),
     );
-    let out = env.cli(&["rotate", "bot/db"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rotate_started(&env);
 
     // The engine retries the step with back-off, then parks the rotation;
     // status says where and why, whichever of the two it is in.
@@ -1043,12 +1043,7 @@ fn c_kv_throttled_429_honours_retry_after_then_completes() {
         .await
     });
     let started = Instant::now();
-    let out = env.cli(&["rotate", "bot/db"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rotate_started(&env);
     let row = wait_for(Duration::from_secs(20), || {
         let r = status_json(&env)[0].clone();
         r["last_error"].is_string().then_some(r)

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use keyturn::model::{AgentId, CredentialId, CredentialKey, SecretValue, Stage};
+use keyturn::model::{SecretValue, Stage};
 use keyturn::vaults::aws::{AwsSettings, AwsVault};
 use keyturn::vaults::azure::{AzureAuth, AzureSettings, AzureVault, secret_name};
 use keyturn::vaults::hashicorp::{HashicorpAuth, HashicorpSettings, HashicorpVault};
@@ -222,16 +222,9 @@ fn delivered(env: &Env, cred: &str) -> Delivered {
 
 // --- reading the real servers ---------------------------------------------------
 
-fn key(cred: &str) -> CredentialKey {
-    CredentialKey::new(
-        AgentId::new(AGENT).unwrap(),
-        CredentialId::new(cred).unwrap(),
-    )
-}
-
 /// What keyturn's own vault type reads for `stage` (`None`: no such version).
 async fn read_stage(v: &dyn Vault, cred: &str, path: &str, stage: Stage) -> Option<String> {
-    let k = key(cred);
+    let k = bot_key(cred);
     let item = VaultItem { key: &k, path };
     v.read(item, Select::Stage(stage))
         .await

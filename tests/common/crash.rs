@@ -13,18 +13,15 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use keyturn::model::{AgentId, CredentialId, CredentialKey, Stage};
+use keyturn::model::{CredentialKey, Stage};
 use keyturn::rotation::FAILPOINTS;
 
-use super::{Env, audit_verifies, delivered_json, stages, temp_files, wait_settled};
+use super::{Env, audit_verifies, bot_key, delivered_json, stages, temp_files, wait_settled};
 
 /// The one credential a crash case rotates: `bot/db`, delivered as JSON to
 /// `{root}/bot/db.json`.
 pub fn bot_db() -> CredentialKey {
-    CredentialKey::new(
-        AgentId::new("bot").unwrap(),
-        CredentialId::new("db").unwrap(),
-    )
+    bot_key("db")
 }
 
 /// One crash case on `env`, whose config holds [`bot_db`] only, with

@@ -385,6 +385,14 @@ pub fn wait_version(env: &Env, agent: &str, cred: &str, v: u64) {
     });
 }
 
+/// The key of credential `cred` of the agent `bot`, the agent of most tests.
+pub fn bot_key(cred: &str) -> keyturn::model::CredentialKey {
+    keyturn::model::CredentialKey::new(
+        keyturn::model::AgentId::new("bot").unwrap(),
+        keyturn::model::CredentialId::new(cred).unwrap(),
+    )
+}
+
 /// Waits until the only credential of `env` is at `version` in one of
 /// `states` (`"idle"`: nothing runs, is parked, or waits to retire).
 pub fn wait_settled(env: &Env, version: u64, states: &[&str]) {
