@@ -197,13 +197,6 @@ impl Readers {
     }
 }
 
-fn key(cred: &str) -> keyturn::model::CredentialKey {
-    keyturn::model::CredentialKey::new(
-        keyturn::model::AgentId::new("bot").unwrap(),
-        keyturn::model::CredentialId::new(cred).unwrap(),
-    )
-}
-
 #[test]
 fn random_kill_9_under_load_loses_nothing_and_readers_never_see_a_bad_file() {
     let seconds: u64 = std::env::var("KEYTURN_CHAOS_SECONDS")
@@ -279,25 +272,12 @@ fn random_kill_9_under_load_loses_nothing_and_readers_never_see_a_bad_file() {
         bad.join("\n")
     );
 
-    let leftovers: Vec<PathBuf> = read_tree(&env.root())
-        .into_iter()
-        .map(|(p, _)| p)
-        .filter(|p| {
-            let s = p.to_string_lossy();
-            s.contains(".tmp.") || s.contains("..data_tmp")
-        })
-        .collect();
+    let leftovers = temp_files(&env);
     assert!(
         leftovers.is_empty(),
         "temp files left (seed {seed}): {leftovers:?}"
     );
-
-    let verify = env.cli(&["audit", "verify"]);
-    assert!(
-        verify.status.success(),
-        "seed {seed}: {}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
+    audit_verifies(&env, &format!("seed {seed}"));
 
     // Promoted rotations per credential, from the audit log (a step replayed
     // after a kill is recorded again, under the same rotation id).
@@ -316,7 +296,7 @@ fn random_kill_9_under_load_loses_nothing_and_readers_never_see_a_bad_file() {
         let (vault_ref, current) = block_on(local_vault_value(
             &env,
             "local",
-            &key(cred),
+            &bot_key(cred),
             keyturn::vaults::Select::Stage(keyturn::model::Stage::Current),
         ))
         .unwrap_or_else(|| panic!("{cred}: no current version in the vault"));

@@ -7,9 +7,9 @@ mod common;
 
 use std::time::Duration;
 
+use common::crash::{at_every_failpoint, bot_db, kill_9_and_resume};
 use common::*;
-use keyturn::model::{AgentId, CredentialId, CredentialKey, Stage};
-use keyturn::rotation::FAILPOINTS;
+use keyturn::model::Stage;
 use keyturn::state::{SqliteStore, StateStore};
 use keyturn::vaults::{Select, VersionRef};
 
@@ -35,135 +35,52 @@ target = { type = "command", program = "/bin/sh", args = ["-c", "cat >/dev/null"
 deliver = [{ type = "file", path = "{root}/bot/db.json", format = "json" }]
 "#;
 
-fn key() -> CredentialKey {
-    CredentialKey::new(
-        AgentId::new("bot").unwrap(),
-        CredentialId::new("db").unwrap(),
-    )
-}
-
-/// Waits until bot/db is at `version`, idle (its previous version retired).
-fn wait_settled(env: &Env, version: u64) {
-    wait_for(Duration::from_secs(30), || {
-        let rows = status_json(env);
-        let r = &rows[0];
-        (r["version"].as_u64() == Some(version) && r["state"] == "idle").then_some(())
-    })
-    .unwrap_or_else(|| panic!("never settled at version {version}: {:?}", status_json(env)));
-}
-
+/// Kill -9 at `failpoint` (tests/common/crash.rs), then: each local vault
+/// holds exactly one new version, and they agree on the current value.
 fn check_one(failpoint: &str) {
     let env = Env::new(CONFIG);
-    let first = env.start();
-    wait_settled(&env, 1);
-    first.stop();
-
-    // Second run: the failpoint kills the daemon during the manual rotation.
-    let mut doomed = env.start_with(&[("FAILPOINTS", &format!("{failpoint}=return"))]);
-    let out = env.cli(&["rotate", "bot/db", "--wait"]);
-    if !failpoint.contains("retire") {
-        // Retiring the previous version happens after delivery (after grace),
-        // so only for the retire failpoints may `rotate --wait` have succeeded.
-        assert_ne!(
-            out.status.code(),
-            Some(0),
-            "{failpoint}: the rotation cannot have succeeded"
-        );
-    }
-    let status = doomed.wait_exit(Duration::from_secs(30));
-    assert!(
-        status.is_some(),
-        "{failpoint}: the daemon was not killed; log:\n{}",
-        doomed.log_text()
+    kill_9_and_resume(
+        &env,
+        failpoint,
+        || (),
+        |()| {
+            let mut currents = Vec::new();
+            for vault in ["local", "mirror"] {
+                let (current_ref, current) = block_on(local_vault_value(
+                    &env,
+                    vault,
+                    &bot_db(),
+                    Select::Stage(Stage::Current),
+                ))
+                .unwrap_or_else(|| panic!("{failpoint}: no current version in vault {vault}"));
+                assert_eq!(
+                    current_ref, "2",
+                    "{failpoint}: exactly one new version in vault {vault}"
+                );
+                assert!(
+                    block_on(local_vault_value(
+                        &env,
+                        vault,
+                        &bot_db(),
+                        Select::Version(&VersionRef("3".into()))
+                    ))
+                    .is_none(),
+                    "{failpoint}: a duplicate version was created in vault {vault}"
+                );
+                currents.push(current);
+            }
+            assert_eq!(
+                currents[0], currents[1],
+                "{failpoint}: the vaults disagree about the current value"
+            );
+            currents.swap_remove(0)
+        },
     );
-    let killed_log = doomed.log_text();
-    assert!(
-        killed_log.contains(failpoint),
-        "{failpoint}: not reached; log:\n{killed_log}"
-    );
-
-    // Third run: resumes and completes.
-    let again = env.start();
-    wait_settled(&env, 2);
-    again.stop();
-
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut currents = Vec::new();
-    for vault in ["local", "mirror"] {
-        let (current_ref, current) = rt
-            .block_on(local_vault_value(
-                &env,
-                vault,
-                &key(),
-                Select::Stage(Stage::Current),
-            ))
-            .unwrap_or_else(|| panic!("{failpoint}: no current version in vault {vault}"));
-        assert_eq!(
-            current_ref, "2",
-            "{failpoint}: exactly one new version in vault {vault}"
-        );
-        assert!(
-            rt.block_on(local_vault_value(
-                &env,
-                vault,
-                &key(),
-                Select::Version(&VersionRef("3".into()))
-            ))
-            .is_none(),
-            "{failpoint}: a duplicate version was created in vault {vault}"
-        );
-        currents.push(current);
-    }
-    assert_eq!(
-        currents[0], currents[1],
-        "{failpoint}: the vaults disagree about the current value"
-    );
-    let current = currents.swap_remove(0);
-    let state = SqliteStore::open_read_only(&env.state_dir().join("state.db")).unwrap();
-    let versions: Vec<(u64, Stage)> = state
-        .versions(&key())
-        .unwrap()
-        .into_iter()
-        .map(|v| (v.version, v.stage))
-        .collect();
-    assert_eq!(
-        versions,
-        vec![(1, Stage::Retired), (2, Stage::Current)],
-        "{failpoint}"
-    );
-
-    let delivered: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(env.root().join("bot/db.json")).unwrap()).unwrap();
-    assert_eq!(delivered["version"], 2, "{failpoint}");
-    assert_eq!(
-        delivered["value"].as_str().unwrap().as_bytes(),
-        current.as_slice(),
-        "{failpoint}: file holds the vault's value"
-    );
-
-    let verify = env.cli(&["audit", "verify"]);
-    assert!(
-        verify.status.success(),
-        "{failpoint}: {}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
-    // A temp file of the killed process holds a full secret: gone.
-    let temps: Vec<_> = read_tree(&env.root())
-        .into_iter()
-        .map(|(p, _)| p)
-        .filter(|p| p.to_string_lossy().contains(".tmp."))
-        .collect();
-    assert!(temps.is_empty(), "{failpoint}: temp files left: {temps:?}");
 }
 
 #[test]
 fn every_failpoint_is_survived() {
-    for fp in FAILPOINTS {
-        check_one(fp);
-    }
+    at_every_failpoint(check_one);
 }
 
 /// SIGTERM while a step is in flight: the step finishes and is persisted, the
@@ -173,7 +90,7 @@ fn every_failpoint_is_survived() {
 fn sigterm_drains_the_in_flight_step_and_the_rotation_resumes() {
     let env = Env::new(CONFIG);
     let first = env.start();
-    wait_settled(&env, 1);
+    wait_settled(&env, 1, &["idle"]);
     first.stop();
 
     // Make `create` take 1.5 s after its effect, then ask for a rotation.
@@ -214,7 +131,7 @@ fn sigterm_drains_the_in_flight_step_and_the_rotation_resumes() {
     // The drained step was recorded: the rotation is parked after `create`.
     let state = SqliteStore::open_read_only(&env.state_dir().join("state.db")).unwrap();
     let latest = state
-        .latest_rotation(&key())
+        .latest_rotation(&bot_db())
         .unwrap()
         .expect("a rotation was started");
     assert_eq!(
@@ -225,13 +142,13 @@ fn sigterm_drains_the_in_flight_step_and_the_rotation_resumes() {
     drop(state);
 
     let again = env.start();
-    wait_settled(&env, 2);
+    wait_settled(&env, 2, &["idle"]);
     again.stop();
     let state = SqliteStore::open_read_only(&env.state_dir().join("state.db")).unwrap();
-    let done = state.latest_rotation(&key()).unwrap().unwrap();
+    let done = state.latest_rotation(&bot_db()).unwrap().unwrap();
     assert_eq!(
         done.id, latest.id,
         "the same rotation resumed, not a new one"
     );
-    assert!(env.cli(&["audit", "verify"]).status.success());
+    audit_verifies(&env, "after the drained rotation resumed");
 }

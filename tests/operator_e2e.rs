@@ -110,33 +110,13 @@ fn manual_rotations_never_put_a_credential_on_two_schedules() {
     );
 }
 
-fn key(cred: &str) -> keyturn::model::CredentialKey {
-    keyturn::model::CredentialKey::new(
-        keyturn::model::AgentId::new("bot").unwrap(),
-        keyturn::model::CredentialId::new(cred).unwrap(),
-    )
-}
-
-/// The stage of each version of `cred` in the state database.
-fn stages(env: &Env, cred: &str) -> Vec<(u64, keyturn::model::Stage)> {
-    use keyturn::state::StateStore;
-    let state = keyturn::state::SqliteStore::open_read_only(&env.state_dir().join("state.db"))
-        .expect("open state");
-    state
-        .versions(&key(cred))
-        .unwrap()
-        .into_iter()
-        .map(|v| (v.version, v.stage))
-        .collect()
-}
-
 /// What the local vault holds of version `v` of `cred` (None once retired).
 fn vault_version(env: &Env, cred: &str, v: u64) -> Option<Vec<u8>> {
     let vref = keyturn::vaults::VersionRef(v.to_string());
     block_on(local_vault_value(
         env,
         "local",
-        &key(cred),
+        &bot_key(cred),
         keyturn::vaults::Select::Version(&vref),
     ))
     .map(|(_, value)| value)
@@ -163,7 +143,7 @@ fn removed_during_grace(remove: impl FnOnce(&Env, Daemon) -> Daemon) {
     std::thread::sleep(Duration::from_secs(5));
     let log = daemon.stop();
     assert_eq!(
-        stages(&env, "gone"),
+        stages(&env, &bot_key("gone")),
         vec![(1, Stage::Retired), (2, Stage::Current)],
         "log:\n{log}"
     );
@@ -186,7 +166,7 @@ fn removed_during_grace(remove: impl FnOnce(&Env, Daemon) -> Daemon) {
         retired, 1,
         "one retire record for the removed credential's rotation to version 2"
     );
-    assert!(env.cli(&["audit", "verify"]).status.success());
+    audit_verifies(&env, "after the removed credential was retired");
 }
 
 /// Defect: a reload that removed a credential during its grace period

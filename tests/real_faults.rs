@@ -31,11 +31,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use aws_sdk_secretsmanager::config::BehaviorVersion;
+use common::crash::{at_every_failpoint, bot_db, kill_9_and_resume};
 use common::proxy::{Flavor, Match, Proxy};
 use common::*;
-use keyturn::model::{AgentId, CredentialId, CredentialKey, RotationId, Stage};
-use keyturn::rotation::FAILPOINTS;
-use keyturn::state::{SqliteStore, StateStore};
+use keyturn::model::{RotationId, Stage};
 use keyturn::vaults::azure::secret_name;
 use serde_json::{Map, Value};
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
@@ -60,13 +59,6 @@ enum Layout {
     BaoAws,
     /// `["kv", "bao"]`: Azure Key Vault as the primary.
     KvBao,
-}
-
-fn key() -> CredentialKey {
-    CredentialKey::new(
-        AgentId::new("bot").unwrap(),
-        CredentialId::new("db").unwrap(),
-    )
 }
 
 /// A path no other test (or earlier run) uses, on both servers.
@@ -187,17 +179,9 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Waits until bot/db is at `version` and no rotation runs or is parked.
-/// With a grace of 0 the previous version is retired right after delivery,
-/// so `idle` also means retired; with a long grace the state is `retiring`.
-fn wait_settled(env: &Env, version: u64) {
-    wait_for(Duration::from_secs(60), || {
-        let rows = status_json(env);
-        let r = &rows[0];
-        (r["version"].as_u64() == Some(version)
-            && (r["state"] == "idle" || r["state"] == "retiring"))
-            .then_some(())
-    })
-    .unwrap_or_else(|| panic!("never settled at version {version}: {:?}", status_json(env)));
+/// With a long grace the previous version waits to be retired: `retiring`.
+fn wait_rotated(env: &Env, version: u64) {
+    wait_settled(env, version, &["idle", "retiring"]);
 }
 
 // ---------------------------------------------------------------------------
@@ -364,21 +348,14 @@ fn check_vaults(
         held
     });
 
-    let delivered: Value =
-        serde_json::from_slice(&std::fs::read(env.root().join("bot/db.json")).unwrap()).unwrap();
+    let delivered = delivered_json(env, "bot/db.json");
     assert_eq!(delivered["version"], version, "{what}: delivered version");
     assert_eq!(
         delivered["value"].as_str(),
         Some(held.value.as_str()),
         "{what}: the delivered file holds the vaults' current value"
     );
-    let state = SqliteStore::open_read_only(&env.state_dir().join("state.db")).unwrap();
-    let stages: Vec<(u64, Stage)> = state
-        .versions(&key())
-        .unwrap()
-        .into_iter()
-        .map(|v| (v.version, v.stage))
-        .collect();
+    let stages = stages(env, &bot_db());
     assert_eq!(
         stages.last(),
         Some(&(version, Stage::Current)),
@@ -656,17 +633,37 @@ async fn kv_check(
     );
 }
 
-fn audit_verifies(env: &Env, what: &str) {
-    let verify = env.cli(&["audit", "verify"]);
+/// `rotate bot/db --wait` succeeds: a lost response was retried.
+fn rotate_wait_succeeds(env: &Env, daemon: &Daemon, what: &str) {
+    let out = env.cli(&["rotate", "bot/db", "--wait"]);
     assert!(
-        verify.status.success(),
-        "{what}: audit verify: {}",
-        String::from_utf8_lossy(&verify.stderr)
+        out.status.success(),
+        "{what}: rotate --wait failed: {}{}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log_text()
     );
 }
 
-fn rotate_wait(env: &Env) -> std::process::Output {
-    env.cli(&["rotate", "bot/db", "--wait"])
+/// `rotate bot/db` (not waiting for the rotation) is accepted.
+fn rotate_started(env: &Env) {
+    let out = env.cli(&["rotate", "bot/db"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Stops the daemon, whose log shows failed (then retried) steps, and
+/// verifies the audit chain.
+fn stop_after_lost_responses(env: &Env, daemon: Daemon, what: &str) {
+    let log = daemon.stop();
+    assert!(
+        log.contains("step failed"),
+        "{what}: the lost responses were retried"
+    );
+    audit_verifies(env, what);
 }
 
 // ---------------------------------------------------------------------------
@@ -695,7 +692,7 @@ fn a_lost_response_of_every_write_still_makes_exactly_one_version() {
     // CreateSecret is issued once per secret: in the first rotation.
     let create = aws.drop_response(Match::aws("CreateSecret"), 1);
     let daemon = env.start();
-    wait_settled(&env, 1);
+    wait_rotated(&env, 1);
     assert_eq!(aws.hits(create), 1, "the CreateSecret response was dropped");
     let mut held = check_vaults(&env, Layout::BaoAws, &path, 1, None, "CreateSecret lost");
 
@@ -743,14 +740,7 @@ fn a_lost_response_of_every_write_still_makes_exactly_one_version() {
     let mut version = 1;
     for (proxy, matcher, what) in cases {
         let rule = proxy.drop_response(matcher.clone(), 1);
-        let out = rotate_wait(&env);
-        assert!(
-            out.status.success(),
-            "{what}: rotate --wait failed: {}{}\nlog:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            daemon.log_text()
-        );
+        rotate_wait_succeeds(&env, &daemon, what);
         assert_eq!(
             proxy.hits(rule),
             1,
@@ -762,15 +752,10 @@ fn a_lost_response_of_every_write_still_makes_exactly_one_version() {
             "{what}: the lost write was retried"
         );
         version += 1;
-        wait_settled(&env, version);
+        wait_rotated(&env, version);
         held = check_vaults(&env, Layout::BaoAws, &path, version, Some(&held), what);
     }
-    let log = daemon.stop();
-    assert!(
-        log.contains("step failed"),
-        "the lost responses were retried"
-    );
-    audit_verifies(&env, "lost responses");
+    stop_after_lost_responses(&env, daemon, "lost responses");
 }
 
 /// The same for Azure Key Vault (`["kv", "bao"]`), whose writes have no
@@ -800,7 +785,7 @@ fn a_kv_lost_response_of_every_azure_write_still_makes_exactly_one_version() {
     // The very first write creates the staging secret.
     drop_next(&staging, "PUT", None);
     let daemon = env.start();
-    wait_settled(&env, 1);
+    wait_rotated(&env, 1);
     assert_eq!(
         dropped(&staging, "PUT"),
         1,
@@ -839,144 +824,80 @@ fn a_kv_lost_response_of_every_azure_write_still_makes_exactly_one_version() {
     for (secret, method, body, what) in cases {
         let before = dropped(secret, method);
         drop_next(secret, method, body);
-        let out = rotate_wait(&env);
-        assert!(
-            out.status.success(),
-            "{what}: rotate --wait failed: {}{}\nlog:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            daemon.log_text()
-        );
+        rotate_wait_succeeds(&env, &daemon, what);
         assert_eq!(
             dropped(secret, method),
             before + 1,
             "{what}: the fault was injected"
         );
         version += 1;
-        wait_settled(&env, version);
+        wait_rotated(&env, version);
         held = check_vaults(&env, Layout::KvBao, &path, version, Some(&held), what);
     }
-    let log = daemon.stop();
-    assert!(
-        log.contains("step failed"),
-        "the lost responses were retried"
-    );
-    audit_verifies(&env, "Azure lost responses");
+    stop_after_lost_responses(&env, daemon, "Azure lost responses");
 }
 
 // ---------------------------------------------------------------------------
 // b. kill -9 at every failpoint
 // ---------------------------------------------------------------------------
 
+/// Kill -9 at `failpoint` (tests/common/crash.rs) on a credential kept in
+/// the vaults of `layout`, with grace 0. Before the crash the servers hold
+/// version 1 as [`check_vaults`] says; after it, exactly one new version in
+/// each vault, and they agree with each other: the previous is retired
+/// (destroyed in bao, unlabeled in AWS, disabled in Azure).
 fn crash_at(layout: Layout, failpoint: &str) {
     let path = unique_path("crash");
     let env = remote_env(layout, &Addresses::direct(), &path, "0s", "");
-    let first = env.start();
-    wait_settled(&env, 1);
-    first.stop();
-    let before = check_vaults(&env, layout, &path, 1, None, failpoint);
-
-    let mut doomed = env.start_with(&[("FAILPOINTS", &format!("{failpoint}=return"))]);
-    let out = rotate_wait(&env);
-    if !failpoint.contains("retire") {
-        assert_ne!(
-            out.status.code(),
-            Some(0),
-            "{failpoint}: the rotation cannot have succeeded"
-        );
-    }
-    assert!(
-        doomed.wait_exit(Duration::from_secs(30)).is_some(),
-        "{failpoint}: the daemon was not killed; log:\n{}",
-        doomed.log_text()
-    );
-    let killed_log = doomed.log_text();
-    assert!(
-        killed_log.contains(failpoint),
-        "{failpoint}: not reached; log:\n{killed_log}"
-    );
-
-    let again = env.start();
-    wait_settled(&env, 2);
-    // grace = 0: the previous version is retired right after delivery.
-    wait_for(Duration::from_secs(30), || {
-        (status_json(&env)[0]["state"] == "idle").then_some(())
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "{failpoint}: previous never retired: {:?}",
-            status_json(&env)
-        )
-    });
-    again.stop();
-
-    // Exactly one new version in each vault; they agree with each other and
-    // with the file. The previous is retired (grace 0): destroyed in bao,
-    // unlabeled in AWS, disabled in Azure.
-    let rt = runtime();
-    rt.block_on(async {
-        let bao = bao_client();
-        let meta = vaultrs::kv2::read_metadata(&bao, "secret", &path)
-            .await
-            .unwrap();
-        assert_eq!(meta.current_version, 2, "{failpoint}: bao versions");
-        assert!(
-            bao_version(&bao, &path, 1).await.is_none(),
-            "{failpoint}: bao version 1 retired (destroyed)"
-        );
-        let (value, rotation) = bao_version(&bao, &path, 2).await.unwrap();
-        assert_ne!(value, before.value, "{failpoint}: a new value");
-        match layout {
-            Layout::BaoAws => {
-                let aws = aws_client().await;
-                let versions = aws_versions(&aws, &path).await;
-                assert_eq!(versions.len(), 2, "{failpoint}: AWS versions {versions:?}");
-                assert_eq!(
-                    versions.get(&before.rotation).map(Vec::is_empty),
-                    Some(true),
-                    "{failpoint}: AWS version 1 retired (unlabeled): {versions:?}"
+    kill_9_and_resume(
+        &env,
+        failpoint,
+        || check_vaults(&env, layout, &path, 1, None, failpoint),
+        |before| {
+            runtime().block_on(async {
+                let bao = bao_client();
+                let meta = vaultrs::kv2::read_metadata(&bao, "secret", &path)
+                    .await
+                    .unwrap();
+                assert_eq!(meta.current_version, 2, "{failpoint}: bao versions");
+                assert!(
+                    bao_version(&bao, &path, 1).await.is_none(),
+                    "{failpoint}: bao version 1 retired (destroyed)"
                 );
-                let (aws_value, aws_rotation) = aws_value(&aws, &path, "AWSCURRENT").await;
-                assert_eq!(aws_value, value, "{failpoint}: the vaults disagree");
-                assert_eq!(aws_rotation, rotation, "{failpoint}: the vaults disagree");
-            }
-            Layout::KvBao => {
-                let current = Held {
-                    value: value.clone(),
-                    rotation,
-                };
-                kv_check(&path, 2, &current, None, true, failpoint).await;
-            }
-        }
-        let delivered: Value =
-            serde_json::from_slice(&std::fs::read(env.root().join("bot/db.json")).unwrap())
-                .unwrap();
-        assert_eq!(delivered["version"], 2, "{failpoint}");
-        assert_eq!(
-            delivered["value"].as_str(),
-            Some(value.as_str()),
-            "{failpoint}: file"
-        );
-    });
-    let state = SqliteStore::open_read_only(&env.state_dir().join("state.db")).unwrap();
-    let stages: Vec<(u64, Stage)> = state
-        .versions(&key())
-        .unwrap()
-        .into_iter()
-        .map(|v| (v.version, v.stage))
-        .collect();
-    assert_eq!(
-        stages,
-        vec![(1, Stage::Retired), (2, Stage::Current)],
-        "{failpoint}"
+                let (value, rotation) = bao_version(&bao, &path, 2).await.unwrap();
+                assert_ne!(value, before.value, "{failpoint}: a new value");
+                match layout {
+                    Layout::BaoAws => {
+                        let aws = aws_client().await;
+                        let versions = aws_versions(&aws, &path).await;
+                        assert_eq!(versions.len(), 2, "{failpoint}: AWS versions {versions:?}");
+                        assert_eq!(
+                            versions.get(&before.rotation).map(Vec::is_empty),
+                            Some(true),
+                            "{failpoint}: AWS version 1 retired (unlabeled): {versions:?}"
+                        );
+                        let (aws_value, aws_rotation) = aws_value(&aws, &path, "AWSCURRENT").await;
+                        assert_eq!(aws_value, value, "{failpoint}: the vaults disagree");
+                        assert_eq!(aws_rotation, rotation, "{failpoint}: the vaults disagree");
+                    }
+                    Layout::KvBao => {
+                        let current = Held {
+                            value: value.clone(),
+                            rotation,
+                        };
+                        kv_check(&path, 2, &current, None, true, failpoint).await;
+                    }
+                }
+                value.into_bytes()
+            })
+        },
     );
-    audit_verifies(&env, failpoint);
 }
 
 /// `kill -9` at every failpoint with the credential in OpenBao and AWS.
 #[test]
 fn b_kill_9_at_every_failpoint_resumes_to_one_version_per_vault() {
-    every_failpoint(Layout::BaoAws);
+    at_every_failpoint(|fp| crash_at(Layout::BaoAws, fp));
 }
 
 /// `kill -9` at every failpoint with the credential in Azure Key Vault (the
@@ -984,35 +905,7 @@ fn b_kill_9_at_every_failpoint_resumes_to_one_version_per_vault() {
 /// and OpenBao.
 #[test]
 fn b_kv_kill_9_at_every_failpoint_resumes_to_one_version_per_vault() {
-    every_failpoint(Layout::KvBao);
-}
-
-/// [`crash_at`] every failpoint, four at a time (each on its own credential
-/// path and daemon) to keep the test under a minute or so.
-fn every_failpoint(layout: Layout) {
-    let queue = std::sync::Mutex::new(FAILPOINTS.to_vec());
-    let failures = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..4 {
-            s.spawn(|| {
-                loop {
-                    let Some(fp) = queue.lock().unwrap().pop() else {
-                        return;
-                    };
-                    if let Err(e) = std::panic::catch_unwind(|| crash_at(layout, fp)) {
-                        let msg = e
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_default();
-                        failures.lock().unwrap().push(format!("{fp}: {msg}"));
-                    }
-                }
-            });
-        }
-    });
-    let failures = failures.into_inner().unwrap();
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    at_every_failpoint(|fp| crash_at(Layout::KvBao, fp));
 }
 
 // ---------------------------------------------------------------------------
@@ -1041,7 +934,7 @@ fn outage(flavor: Flavor, status: u16, vault: &str, needles: &[&str]) {
     let path = unique_path(&format!("outage-{status}"));
     let env = remote_env(Layout::BaoAws, &addr, &path, "1h", "");
     let daemon = env.start();
-    wait_settled(&env, 1);
+    wait_rotated(&env, 1);
     let held = check_vaults(&env, Layout::BaoAws, &path, 1, None, "before the outage");
 
     let rule = proxy.fail(
@@ -1050,12 +943,7 @@ fn outage(flavor: Flavor, status: u16, vault: &str, needles: &[&str]) {
         usize::MAX,
         Some(Duration::from_secs(1)),
     );
-    let out = env.cli(&["rotate", "bot/db"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rotate_started(&env);
 
     // The engine retries the step with back-off, then parks the rotation;
     // status says where and why, whichever of the two it is in.
@@ -1101,7 +989,7 @@ fn outage(flavor: Flavor, status: u16, vault: &str, needles: &[&str]) {
 
     // The vault is back: the rotation completes without a trigger.
     proxy.clear();
-    wait_settled(&env, 2);
+    wait_rotated(&env, 2);
     let row = &status_json(&env)[0];
     assert!(row["last_error"].is_null(), "the error is cleared: {row}");
     check_vaults(
@@ -1141,7 +1029,7 @@ fn c_kv_throttled_429_honours_retry_after_then_completes() {
     let (_, staging) = kv_names(&path);
     let env = remote_env(Layout::KvBao, &Addresses::direct(), &path, "1h", "");
     let daemon = env.start();
-    wait_settled(&env, 1);
+    wait_rotated(&env, 1);
     let held = check_vaults(&env, Layout::KvBao, &path, 1, None, "before throttling");
 
     // The first request of a rotation for the staging secret is the primary
@@ -1155,12 +1043,7 @@ fn c_kv_throttled_429_honours_retry_after_then_completes() {
         .await
     });
     let started = Instant::now();
-    let out = env.cli(&["rotate", "bot/db"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rotate_started(&env);
     let row = wait_for(Duration::from_secs(20), || {
         let r = status_json(&env)[0].clone();
         r["last_error"].is_string().then_some(r)
@@ -1179,7 +1062,7 @@ fn c_kv_throttled_429_honours_retry_after_then_completes() {
     assert!(!error.contains(&held.value), "no secret in the error");
 
     // Completes by itself once the throttling ends.
-    wait_settled(&env, 2);
+    wait_rotated(&env, 2);
     let took = started.elapsed();
     let row = &status_json(&env)[0];
     assert!(row["last_error"].is_null(), "the error is cleared: {row}");

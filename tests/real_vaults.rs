@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use keyturn::model::{AgentId, CredentialId, CredentialKey, SecretValue, Stage};
+use keyturn::model::{SecretValue, Stage};
 use keyturn::vaults::aws::{AwsConfig, AwsVault};
 use keyturn::vaults::azure::{AzureConfig, AzureVault, secret_name};
 use keyturn::vaults::hashicorp::{HashicorpAuth, HashicorpConfig, HashicorpVault};
@@ -93,6 +93,12 @@ timeout = "5s"
 "#,
         token_file.display()
     )
+}
+
+/// The `bao` vault table for the test OpenBao, its token in a 0600 file.
+fn bao_vault_table(files: &Files) -> String {
+    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
+    bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token)
 }
 
 fn aws_table(name: &str) -> String {
@@ -216,21 +222,35 @@ fn delivered(env: &Env, cred: &str) -> Delivered {
 
 // --- reading the real servers ---------------------------------------------------
 
-fn key(cred: &str) -> CredentialKey {
-    CredentialKey::new(
-        AgentId::new(AGENT).unwrap(),
-        CredentialId::new(cred).unwrap(),
-    )
-}
-
 /// What keyturn's own vault type reads for `stage` (`None`: no such version).
 async fn read_stage(v: &dyn Vault, cred: &str, path: &str, stage: Stage) -> Option<String> {
-    let k = key(cred);
+    let k = bot_key(cred);
     let item = VaultItem { key: &k, path };
     v.read(item, Select::Stage(stage))
         .await
         .unwrap_or_else(|e| panic!("{} read {stage:?} of {path}: {}", v.describe(), e.message))
         .map(|s| s.value.expose_str().expect("utf-8").to_owned())
+}
+
+/// What keyturn's own vault code reads of `db` at `path`: `current` and
+/// `previous` in their stages, nothing pending.
+async fn assert_stages(v: &dyn Vault, path: &str, current: &str, previous: &str) {
+    let name = v.describe();
+    assert_eq!(
+        read_stage(v, "db", path, Stage::Current).await.as_deref(),
+        Some(current),
+        "{name} current"
+    );
+    assert_eq!(
+        read_stage(v, "db", path, Stage::Previous).await.as_deref(),
+        Some(previous),
+        "{name} previous"
+    );
+    assert_eq!(
+        read_stage(v, "db", path, Stage::Pending).await,
+        None,
+        "{name} pending"
+    );
 }
 
 async fn bao_vault() -> HashicorpVault {
@@ -472,6 +492,37 @@ async fn assert_login_refused(user: &str, password: &str) {
     );
 }
 
+/// A new login role at the test server, `prefix` and a unique suffix; its
+/// password is [`initial_password`] until keyturn rotates it.
+fn pg_new_role(prefix: &str) -> String {
+    let role = unique(prefix);
+    rt().block_on(pg_admin(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD '{}'",
+        initial_password(&role)
+    )));
+    role
+}
+
+fn initial_password(role: &str) -> String {
+    format!("set-by-the-test-{role}")
+}
+
+/// An Env with one credential, `db` in the local vault, whose target is
+/// `role` at the test server, rotated with `strategy`.
+fn pg_local_env(files: &Files, role: &str, strategy: &str, grace: &str) -> Env {
+    Env::new(&format!(
+        "{}{}",
+        agent_table(),
+        credential(
+            "db",
+            r#""local""#,
+            &unique("e2e/pg/"),
+            grace,
+            &pg_target(files, role, strategy, &pg_admin_dsn()),
+        )
+    ))
+}
+
 /// A postgres target on `role` with the admin DSN in a 0600 file.
 fn pg_target(files: &Files, role: &str, strategy: &str, dsn: &str) -> String {
     let dsn_file = files.write(&format!("{role}.dsn"), dsn, 0o600);
@@ -537,24 +588,11 @@ fn two_versions(
 #[test]
 fn openbao_full_cycle_is_current_and_previous_on_the_server() {
     let files = Files::new();
-    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
     let path = unique("e2e/bao/");
-    let (_env, daemon, v1, v2) = two_versions(
-        &bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
-        r#""bao""#,
-        &path,
-    );
+    let (_env, daemon, v1, v2) = two_versions(&bao_vault_table(&files), r#""bao""#, &path);
     rt().block_on(async {
         let v = bao_vault().await;
-        assert_eq!(
-            read_stage(&v, "db", &path, Stage::Current).await,
-            Some(v2.value.clone())
-        );
-        assert_eq!(
-            read_stage(&v, "db", &path, Stage::Previous).await,
-            Some(v1.value.clone())
-        );
-        assert_eq!(read_stage(&v, "db", &path, Stage::Pending).await, None);
+        assert_stages(&v, &path, &v2.value, &v1.value).await;
 
         // What any reader of the KV mount sees: the latest KV version is the
         // delivered value, the one before it the previous value.
@@ -577,15 +615,7 @@ fn aws_full_cycle_is_awscurrent_and_awsprevious_on_the_server() {
     let (_env, daemon, v1, v2) = two_versions(&aws_table("aws"), r#""aws""#, &path);
     rt().block_on(async {
         let v = aws_vault().await;
-        assert_eq!(
-            read_stage(&v, "db", &path, Stage::Current).await,
-            Some(v2.value.clone())
-        );
-        assert_eq!(
-            read_stage(&v, "db", &path, Stage::Previous).await,
-            Some(v1.value.clone())
-        );
-        assert_eq!(read_stage(&v, "db", &path, Stage::Pending).await, None);
+        assert_stages(&v, &path, &v2.value, &v1.value).await;
 
         assert_eq!(aws_plain(&path, "AWSCURRENT").await, Some(v2.value.clone()));
         assert_eq!(
@@ -605,15 +635,7 @@ fn azure_full_cycle_through_client_secret_login_is_latest_on_the_server() {
     let (_env, daemon, v1, v2) = two_versions(&azure_table("kv", &secret), r#""kv""#, &path);
     rt().block_on(async {
         let v = azure_vault(&secret).await;
-        assert_eq!(
-            read_stage(&v, "db", &path, Stage::Current).await,
-            Some(v2.value.clone())
-        );
-        assert_eq!(
-            read_stage(&v, "db", &path, Stage::Previous).await,
-            Some(v1.value.clone())
-        );
-        assert_eq!(read_stage(&v, "db", &path, Stage::Pending).await, None);
+        assert_stages(&v, &path, &v2.value, &v1.value).await;
         // A plain reader gets the latest version: the delivered value.
         assert_eq!(azure_plain_latest(&path).await, Some(v2.value.clone()));
     });
@@ -625,12 +647,11 @@ fn azure_full_cycle_through_client_secret_login_is_latest_on_the_server() {
 #[test]
 fn three_vaults_agree_on_current_and_previous_after_two_rotations() {
     let files = Files::new();
-    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
     let secret = files.write("azure-client-secret", STUB_CLIENT_SECRET, 0o600);
     let path = unique("e2e/multi/");
     let tables = format!(
         "{}{}{}",
-        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        bao_vault_table(&files),
         aws_table("aws"),
         azure_table("kv", &secret)
     );
@@ -644,18 +665,7 @@ fn three_vaults_agree_on_current_and_previous_after_two_rotations() {
         let aws = aws_vault().await;
         let kv = azure_vault(&secret).await;
         for v in [&bao as &dyn Vault, &aws, &kv] {
-            assert_eq!(
-                read_stage(v, "db", &path, Stage::Current).await.as_ref(),
-                Some(&v3.value),
-                "{} current",
-                v.describe()
-            );
-            assert_eq!(
-                read_stage(v, "db", &path, Stage::Previous).await.as_ref(),
-                Some(&v2.value),
-                "{} previous",
-                v.describe()
-            );
+            assert_stages(v, &path, &v3.value, &v2.value).await;
         }
         let (latest, n) = bao_plain(&path, None).await.unwrap();
         assert_eq!(latest, v3.value);
@@ -697,22 +707,9 @@ async fn wait_refused(user: &str, password: &str, deadline: Duration) -> Duratio
 fn postgres_alternating_users_previous_logs_in_until_grace_ends() {
     const GRACE: Duration = Duration::from_secs(5);
     let files = Files::new();
-    let role = unique("kt_alt_");
+    let role = pg_new_role("kt_alt_");
     let clone = format!("{role}_clone");
-    rt().block_on(pg_admin(&format!(
-        "CREATE ROLE {role} LOGIN PASSWORD 'set-by-the-test-{role}'"
-    )));
-    let env = Env::new(&format!(
-        "{}{}",
-        agent_table(),
-        credential(
-            "db",
-            r#""local""#,
-            &unique("e2e/pg/"),
-            "5s",
-            &pg_target(&files, &role, "alternating_users", &pg_admin_dsn()),
-        )
-    ));
+    let env = pg_local_env(&files, &role, "alternating_users", "5s");
     let daemon = env.start();
     wait_version(&env, "db", 1);
     let mut prev = delivered(&env, "db");
@@ -724,7 +721,7 @@ fn postgres_alternating_users_previous_logs_in_until_grace_ends() {
     let rt = rt();
     rt.block_on(async {
         pg_login(&role, &prev.value).await.expect("v1 logs in");
-        assert_login_refused(&role, &format!("set-by-the-test-{role}")).await;
+        assert_login_refused(&role, &initial_password(&role)).await;
     });
     for version in [2, 3] {
         rotate_ok(&env, "db", version);
@@ -764,21 +761,8 @@ fn postgres_alternating_users_previous_logs_in_until_grace_ends() {
 #[test]
 fn postgres_single_user_new_value_logs_in_and_old_does_not() {
     let files = Files::new();
-    let role = unique("kt_one_");
-    rt().block_on(pg_admin(&format!(
-        "CREATE ROLE {role} LOGIN PASSWORD 'set-by-the-test-{role}'"
-    )));
-    let env = Env::new(&format!(
-        "{}{}",
-        agent_table(),
-        credential(
-            "db",
-            r#""local""#,
-            &unique("e2e/pg/"),
-            "1h",
-            &pg_target(&files, &role, "single_user", &pg_admin_dsn()),
-        )
-    ));
+    let role = pg_new_role("kt_one_");
+    let env = pg_local_env(&files, &role, "single_user", "1h");
     let daemon = env.start();
     wait_version(&env, "db", 1);
     let v1 = delivered(&env, "db");
@@ -838,6 +822,17 @@ fn hook(files: &Files) -> Hook {
     }
 }
 
+/// An Env with one credential, `api` in the `bao` vault at `path`, whose
+/// target is the hook `h`; grace 0.
+fn hook_env(files: &Files, h: &Hook, path: &str) -> Env {
+    Env::new(&format!(
+        "{}{}{}",
+        bao_vault_table(files),
+        agent_table(),
+        credential("api", r#""bao""#, path, "0s", &h.target)
+    ))
+}
+
 fn hook_log(h: &Hook) -> Vec<String> {
     std::fs::read_to_string(&h.log)
         .unwrap_or_default()
@@ -849,15 +844,9 @@ fn hook_log(h: &Hook) -> Vec<String> {
 #[test]
 fn command_hook_failure_is_redacted_and_a_retry_succeeds() {
     let files = Files::new();
-    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
     let h = hook(&files);
     let path = unique("e2e/hook/");
-    let env = Env::new(&format!(
-        "{}{}{}",
-        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
-        agent_table(),
-        credential("api", r#""bao""#, &path, "0s", &h.target)
-    ));
+    let env = hook_env(&files, &h, &path);
     let daemon = env.start();
     wait_version(&env, "api", 1);
     let v1 = delivered(&env, "api");
@@ -938,11 +927,8 @@ fn no_delivered_value_nor_server_credential_appears_in_any_output() {
     let token = files.write("bao-token", &bao_token, 0o600);
     let azure_secret = files.write("azure-client-secret", STUB_CLIENT_SECRET, 0o600);
     let h = hook(&files);
-    let role = unique("kt_canary_");
+    let role = pg_new_role("kt_canary_");
     let clone = format!("{role}_clone");
-    rt().block_on(pg_admin(&format!(
-        "CREATE ROLE {role} LOGIN PASSWORD 'set-by-the-test-{role}'"
-    )));
     let api_path = unique("e2e/canary-api/");
     let env = Env::new(&format!(
         "{}{}{}\n{}{}{}",
@@ -1104,11 +1090,10 @@ fn bad_input_bad_openbao_token() {
 #[test]
 fn bad_input_current_secret_deleted_out_of_band() {
     let files = Files::new();
-    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
     let path = unique("e2e/gone/");
     let env = Env::new(&format!(
         "{}{}{}",
-        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        bao_vault_table(&files),
         agent_table(),
         credential("db", r#""bao""#, &path, "1h", "")
     ));
@@ -1168,15 +1153,9 @@ fn bad_input_current_secret_deleted_out_of_band() {
 #[test]
 fn bad_input_pending_secret_deleted_out_of_band() {
     let files = Files::new();
-    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
     let h = hook(&files);
     let path = unique("e2e/gone-pending/");
-    let env = Env::new(&format!(
-        "{}{}{}",
-        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
-        agent_table(),
-        credential("api", r#""bao""#, &path, "0s", &h.target)
-    ));
+    let env = hook_env(&files, &h, &path);
     let daemon = env.start();
     wait_version(&env, "api", 1);
     std::fs::write(&h.marker, "").unwrap();
@@ -1233,11 +1212,10 @@ fn bad_input_target_dsn_cannot_connect() {
 #[test]
 fn successful_rotations_log_no_error_or_warning_at_the_default_level() {
     let files = Files::new();
-    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
     let secret = files.write("client-secret", STUB_CLIENT_SECRET, 0o600);
     let tables = format!(
         "{}{}{}",
-        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
+        bao_vault_table(&files),
         aws_table("aws"),
         azure_table("az", &secret)
     );

@@ -2,6 +2,7 @@
 //! directory, with a real NOTIFY_SOCKET the test reads, and runs CLI commands.
 #![allow(dead_code)]
 
+pub mod crash;
 pub mod proxy;
 
 use std::io::Read;
@@ -382,6 +383,74 @@ pub fn wait_version(env: &Env, agent: &str, cred: &str, v: u64) {
             status_json(env)
         )
     });
+}
+
+/// The key of credential `cred` of the agent `bot`, the agent of most tests.
+pub fn bot_key(cred: &str) -> keyturn::model::CredentialKey {
+    keyturn::model::CredentialKey::new(
+        keyturn::model::AgentId::new("bot").unwrap(),
+        keyturn::model::CredentialId::new(cred).unwrap(),
+    )
+}
+
+/// Waits until the only credential of `env` is at `version` in one of
+/// `states` (`"idle"`: nothing runs, is parked, or waits to retire).
+pub fn wait_settled(env: &Env, version: u64, states: &[&str]) {
+    wait_for(Duration::from_secs(60), || {
+        let rows = status_json(env);
+        let r = &rows[0];
+        (r["version"].as_u64() == Some(version) && states.iter().any(|s| r["state"] == *s))
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "never settled at version {version} in {states:?}: {:?}",
+            status_json(env)
+        )
+    });
+}
+
+/// The stage of each version of `key` in the state database.
+pub fn stages(env: &Env, key: &keyturn::model::CredentialKey) -> Vec<(u64, keyturn::model::Stage)> {
+    use keyturn::state::StateStore;
+    let state = keyturn::state::SqliteStore::open_read_only(&env.state_dir().join("state.db"))
+        .expect("open state");
+    state
+        .versions(key)
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.version, v.stage))
+        .collect()
+}
+
+/// The JSON file delivered at `relative` below the delivery root.
+pub fn delivered_json(env: &Env, relative: &str) -> serde_json::Value {
+    let path = env.root().join(relative);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+/// Files left in the delivery root under the file sink's temp names
+/// (`.tmp.`, `..data_tmp`): a crash's leftovers, each may hold a full secret.
+pub fn temp_files(env: &Env) -> Vec<PathBuf> {
+    read_tree(&env.root())
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| {
+            let s = p.to_string_lossy();
+            s.contains(".tmp.") || s.contains("..data_tmp")
+        })
+        .collect()
+}
+
+/// `keyturn audit verify` succeeds: the audit chain is intact.
+pub fn audit_verifies(env: &Env, what: &str) {
+    let verify = env.cli(&["audit", "verify"]);
+    assert!(
+        verify.status.success(),
+        "{what}: audit verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
 }
 
 /// Every record of the audit log, parsed.

@@ -11,22 +11,28 @@
 //! It also records every request it saw (method, path, `X-Amz-Target`, the
 //! fault applied) so tests can count writes.
 //!
-//! It speaks just enough HTTP/1.1 for the clients keyturn uses (reqwest under
-//! vaultrs, hyper under the AWS SDK): requests and responses framed by
-//! `Content-Length` or `chunked` (relayed byte for byte), `Expect:
-//! 100-continue`, keep-alive towards the client. Each request gets a fresh
-//! upstream connection with `Connection: close`, so an upstream response
-//! without framing is read to EOF and relayed with `Connection: close`.
-//! Blocking threads, one per client connection: the tests are synchronous and
-//! the traffic is small.
+//! HTTP is hyper's: a server connection per client (keep-alive, `Expect:
+//! 100-continue`, framing) and, per request, a fresh upstream connection
+//! with `Connection: close`, so no pooled upstream connection carries state
+//! from one request (or one fault) to the next. Bodies are small and read
+//! whole: a rule may match on the request body, and a dropped response must
+//! be read to its end before the client connection is closed. The tests are
+//! synchronous; the proxy runs on its own one-thread tokio runtime, which
+//! is shut down (closing every connection) when the [`Proxy`] is dropped.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::Notify;
 
 /// What the upstream is, for the error bodies [`Proxy::fail`] answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +160,6 @@ struct Rule {
 struct Shared {
     rules: Mutex<Vec<Rule>>,
     seen: Mutex<Vec<Seen>>,
-    stop: AtomicBool,
 }
 
 impl Shared {
@@ -178,12 +183,14 @@ impl Shared {
     }
 }
 
-/// A running proxy; stops accepting when dropped.
+/// A running proxy; stops (and closes every connection) when dropped.
 pub struct Proxy {
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     upstream: String,
     flavor: Flavor,
     shared: Arc<Shared>,
+    /// `None` only while dropping.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Proxy {
@@ -194,32 +201,40 @@ impl Proxy {
             .unwrap_or_else(|| panic!("proxy upstream {upstream_url:?} is not http://"))
             .trim_end_matches('/')
             .to_owned();
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the fault proxy");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("fault-proxy")
+            .enable_all()
+            .build()
+            .expect("the fault proxy's runtime");
+        // Bound before `start` returns, so the address is live at once.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the fault proxy");
         let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
         let shared = Arc::new(Shared::default());
-        {
-            let shared = shared.clone();
-            let upstream = upstream.clone();
-            std::thread::spawn(move || {
-                for conn in listener.incoming() {
-                    if shared.stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    let shared = shared.clone();
-                    let upstream = upstream.clone();
-                    std::thread::spawn(move || {
-                        // A client that hangs up mid-request is not our problem.
-                        let _ = serve(conn, &upstream, flavor, &shared);
-                    });
-                }
-            });
-        }
+        let upstream_for_loop = upstream.clone();
+        let shared_for_loop = shared.clone();
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+            let upstream: Arc<str> = upstream_for_loop.into();
+            loop {
+                let Ok((conn, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(serve(
+                    conn,
+                    upstream.clone(),
+                    flavor,
+                    shared_for_loop.clone(),
+                ));
+            }
+        });
         Proxy {
             addr,
             upstream,
             flavor,
             shared,
+            runtime: Some(runtime),
         }
     }
 
@@ -311,282 +326,166 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(self.addr);
-    }
-}
-
-/// One HTTP message: its head (start line and headers, as text) and its
-/// body bytes exactly as framed on the wire.
-struct Message {
-    start: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-    /// The body ran to EOF (no Content-Length, not chunked).
-    until_eof: bool,
-}
-
-impl Message {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn wants_close(&self) -> bool {
-        self.header("connection")
-            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
-    }
-
-    /// The head with `Connection` replaced by `connection` and the headers
-    /// named in `drop` left out.
-    fn head(&self, connection: Option<&str>, drop: &[&str]) -> Vec<u8> {
-        let mut out = format!("{}\r\n", self.start);
-        for (n, v) in &self.headers {
-            if n.eq_ignore_ascii_case("connection")
-                || drop.iter().any(|d| n.eq_ignore_ascii_case(d))
-            {
-                continue;
-            }
-            out.push_str(&format!("{n}: {v}\r\n"));
+        // Drops every task: the listener and each connection close.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
         }
-        if let Some(c) = connection {
-            out.push_str(&format!("Connection: {c}\r\n"));
-        }
-        out.push_str("\r\n");
-        out.into_bytes()
     }
 }
 
-fn line(r: &mut impl BufRead) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::new();
-    if r.read_until(b'\n', &mut buf)? == 0 {
-        return Ok(None);
-    }
-    while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-        buf.pop();
-    }
-    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
-}
+type Body = Full<Bytes>;
 
-fn bad(what: &str) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned())
-}
-
-/// Reads a start line and headers; `None` on a clean EOF before any byte.
-/// A start line and its headers.
-type Head = (String, Vec<(String, String)>);
-
-fn read_head(r: &mut impl BufRead) -> std::io::Result<Option<Head>> {
-    let Some(start) = line(r)? else {
-        return Ok(None);
-    };
-    let mut headers = Vec::new();
-    loop {
-        let l = line(r)?.ok_or_else(|| bad("EOF inside the headers"))?;
-        if l.is_empty() {
-            break;
-        }
-        let (n, v) = l.split_once(':').ok_or_else(|| bad("malformed header"))?;
-        headers.push((n.trim().to_owned(), v.trim().to_owned()));
-    }
-    Ok(Some((start, headers)))
-}
-
-/// Reads a body framed as the headers say. `no_body` for responses that
-/// never have one; `eof_ok` for responses, whose body may run to EOF.
-fn read_body(
-    r: &mut impl BufRead,
-    headers: &[(String, String)],
-    no_body: bool,
-    eof_ok: bool,
-) -> std::io::Result<(Vec<u8>, bool)> {
-    let get = |name: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    };
-    if no_body {
-        return Ok((Vec::new(), false));
-    }
-    if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
-        let mut raw = Vec::new();
-        loop {
-            let size_line = line(r)?.ok_or_else(|| bad("EOF inside a chunked body"))?;
-            raw.extend_from_slice(size_line.as_bytes());
-            raw.extend_from_slice(b"\r\n");
-            let hex = size_line.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(hex, 16).map_err(|_| bad("bad chunk size"))?;
-            if size == 0 {
-                // Trailers, then the empty line.
-                loop {
-                    let t = line(r)?.ok_or_else(|| bad("EOF inside trailers"))?;
-                    raw.extend_from_slice(t.as_bytes());
-                    raw.extend_from_slice(b"\r\n");
-                    if t.is_empty() {
-                        return Ok((raw, false));
+/// Serves one client connection until it closes, or until a
+/// [`Action::DropResponse`] rule asks for it to be closed unanswered.
+async fn serve(
+    conn: tokio::net::TcpStream,
+    upstream: Arc<str>,
+    flavor: Flavor,
+    shared: Arc<Shared>,
+) {
+    let hang_up = Arc::new(Notify::new());
+    let service = {
+        let hang_up = hang_up.clone();
+        hyper::service::service_fn(move |req| {
+            let (upstream, shared, hang_up) = (upstream.clone(), shared.clone(), hang_up.clone());
+            async move {
+                match handle(req, &upstream, flavor, &shared).await {
+                    Some(response) => Ok::<_, Infallible>(response),
+                    None => {
+                        // Dropping the connection future (below) closes the
+                        // socket before hyper writes anything.
+                        hang_up.notify_one();
+                        std::future::pending().await
                     }
                 }
             }
-            let mut chunk = vec![0u8; size + 2];
-            r.read_exact(&mut chunk)?;
-            raw.extend_from_slice(&chunk);
-        }
+        })
+    };
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(120))
+        .serve_connection(TokioIo::new(conn), service);
+    // A client that hangs up mid-request is not our problem.
+    tokio::select! {
+        _ = connection => {}
+        _ = hang_up.notified() => {}
     }
-    if let Some(len) = get("content-length") {
-        let len: usize = len.parse().map_err(|_| bad("bad Content-Length"))?;
-        let mut body = vec![0u8; len];
-        r.read_exact(&mut body)?;
-        return Ok((body, false));
-    }
-    if eof_ok {
-        let mut body = Vec::new();
-        r.read_to_end(&mut body)?;
-        return Ok((body, true));
-    }
-    Ok((Vec::new(), false))
 }
 
-/// Serves one client connection until it closes.
-fn serve(
-    client: TcpStream,
+/// The answer to one request; `None` when the client must get none.
+async fn handle(
+    req: Request<Incoming>,
     upstream: &str,
     flavor: Flavor,
     shared: &Shared,
-) -> std::io::Result<()> {
-    client.set_read_timeout(Some(Duration::from_secs(120)))?;
-    let mut out = client.try_clone()?;
-    let mut reader = BufReader::new(client);
-    loop {
-        let Some((start, headers)) = read_head(&mut reader)? else {
-            return Ok(());
-        };
-        let expects_continue = headers.iter().any(|(n, v)| {
-            n.eq_ignore_ascii_case("expect") && v.eq_ignore_ascii_case("100-continue")
-        });
-        if expects_continue {
-            out.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
-        }
-        let (body, _) = read_body(&mut reader, &headers, false, false)?;
-        let req = Message {
-            start,
-            headers,
-            body,
-            until_eof: false,
-        };
-        let mut parts = req.start.split_whitespace();
-        let mut seen = Seen {
-            method: parts.next().unwrap_or("").to_owned(),
-            path: parts.next().unwrap_or("").to_owned(),
-            amz_target: req.header("x-amz-target").map(str::to_owned),
-            body: String::from_utf8_lossy(&req.body).into_owned(),
-            at: std::time::Instant::now(),
-            fault: None,
-        };
-        let action = shared.decide(&seen);
-        seen.fault = match &action {
-            None => None,
-            Some(Action::DropResponse) => Some("drop".into()),
-            Some(Action::Fail { status, .. }) => Some(format!("fail {status}")),
-        };
-        let close_after = req.wants_close();
-        shared.seen().push(seen);
+) -> Option<Response<Body>> {
+    let (head, body) = req.into_parts();
+    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
+        // The client went away mid-body: nobody to answer.
+        return None;
+    };
+    let mut seen = Seen {
+        method: head.method.to_string(),
+        path: head
+            .uri
+            .path_and_query()
+            .map_or_else(|| head.uri.to_string(), |p| p.as_str().to_owned()),
+        amz_target: head
+            .headers
+            .get("x-amz-target")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        body: String::from_utf8_lossy(&body).into_owned(),
+        at: std::time::Instant::now(),
+        fault: None,
+    };
+    let action = shared.decide(&seen);
+    seen.fault = match &action {
+        None => None,
+        Some(Action::DropResponse) => Some("drop".into()),
+        Some(Action::Fail { status, .. }) => Some(format!("fail {status}")),
+    };
+    shared.seen().push(seen);
 
-        if let Some(Action::Fail {
-            status,
-            retry_after,
-        }) = action
-        {
-            out.write_all(&fault_response(flavor, status, retry_after, close_after))?;
-            if close_after {
-                let _ = out.shutdown(Shutdown::Both);
-                return Ok(());
-            }
-            continue;
+    if let Some(Action::Fail {
+        status,
+        retry_after,
+    }) = action
+    {
+        return Some(fault_response(flavor, status, retry_after));
+    }
+    let response = match forward(upstream, head, body).await {
+        Ok(r) => r,
+        Err(e) => {
+            let mut r = Response::new(Body::from(format!("fault proxy: upstream {upstream}: {e}")));
+            *r.status_mut() = StatusCode::BAD_GATEWAY;
+            let h = r.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Some(r);
         }
+    };
+    if matches!(action, Some(Action::DropResponse)) {
+        // Committed upstream (its whole response read); the client never
+        // hears about it.
+        return None;
+    }
+    Some(response)
+}
 
-        let response = match forward(upstream, &req) {
-            Ok(r) => r,
-            Err(e) => {
-                let body = format!("fault proxy: upstream {upstream}: {e}");
-                let head = format!(
-                    "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                out.write_all(head.as_bytes())?;
-                out.write_all(body.as_bytes())?;
-                let _ = out.shutdown(Shutdown::Both);
-                return Ok(());
-            }
-        };
-        if matches!(action, Some(Action::DropResponse)) {
-            // Committed upstream; the client never hears about it.
-            let _ = out.shutdown(Shutdown::Both);
-            return Ok(());
-        }
-        let close = close_after || response.until_eof;
-        let connection = if close { "close" } else { "keep-alive" };
-        out.write_all(&response.head(Some(connection), &[]))?;
-        out.write_all(&response.body)?;
-        out.flush()?;
-        if close {
-            let _ = out.shutdown(Shutdown::Both);
-            return Ok(());
-        }
+/// Headers that belong to one connection, not to the message (RFC 9110
+/// 7.6.1), plus the framing hyper redoes for the whole body it sends.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in [
+        header::CONNECTION,
+        header::EXPECT,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
     }
 }
 
-/// Sends `req` on a fresh upstream connection and reads the full response
-/// (skipping interim 1xx responses).
-fn forward(upstream: &str, req: &Message) -> std::io::Result<Message> {
-    let conn = TcpStream::connect(upstream)?;
-    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut w = conn.try_clone()?;
-    // The body was already read (and 100 Continue answered) by the proxy.
-    w.write_all(&req.head(Some("close"), &["expect"]))?;
-    w.write_all(&req.body)?;
-    w.flush()?;
-    let mut r = BufReader::new(conn);
-    let head_request = req.start.starts_with("HEAD ");
-    loop {
-        let (start, headers) = read_head(&mut r)?.ok_or_else(|| bad("upstream closed"))?;
-        let status: u16 = start
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("bad status line"))?;
-        if (100..200).contains(&status) {
-            continue;
-        }
-        let no_body = head_request || status == 204 || status == 304;
-        let (body, until_eof) = read_body(&mut r, &headers, no_body, true)?;
-        return Ok(Message {
-            start,
-            headers,
-            body,
-            until_eof,
-        });
-    }
+/// Sends the request on a fresh upstream connection and reads the full
+/// response (hyper skips interim 1xx responses).
+async fn forward(
+    upstream: &str,
+    mut head: hyper::http::request::Parts,
+    body: Bytes,
+) -> Result<Response<Body>, Box<dyn std::error::Error + Send + Sync>> {
+    let exchange = async {
+        let conn = tokio::net::TcpStream::connect(upstream).await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(conn)).await?;
+        tokio::spawn(connection);
+        // A chunked request loses its Transfer-Encoding here; hyper sends
+        // it with a Content-Length, the whole body being known.
+        strip_hop_by_hop(&mut head.headers);
+        head.headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let response = sender
+            .send_request(Request::from_parts(head, Body::new(body)))
+            .await?;
+        let (mut head, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        strip_hop_by_hop(&mut head.headers);
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Response::from_parts(
+            head,
+            Body::new(body),
+        ))
+    };
+    tokio::time::timeout(Duration::from_secs(60), exchange)
+        .await
+        .map_err(|_| "no complete response within 60 s")?
 }
 
 /// The error response the upstream itself would send for `status`.
-fn fault_response(
-    flavor: Flavor,
-    status: u16,
-    retry_after: Option<Duration>,
-    close: bool,
-) -> Vec<u8> {
-    let reason = match status {
-        429 => "Too Many Requests",
-        500 => "Internal Server Error",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Error",
-    };
+fn fault_response(flavor: Flavor, status: u16, retry_after: Option<Duration>) -> Response<Body> {
     let (content_type, body) = match flavor {
         Flavor::Bao => {
             let text = match status {
@@ -612,23 +511,19 @@ fn fault_response(
             )
         }
     };
-    let mut head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
-        body.len()
-    );
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or_else(|_| panic!("fault status {status}"));
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     if flavor == Flavor::Aws {
-        head.push_str("x-amzn-RequestId: 00000000-0000-0000-0000-000000000000\r\n");
+        h.insert(
+            "x-amzn-requestid",
+            HeaderValue::from_static("00000000-0000-0000-0000-000000000000"),
+        );
     }
     if let Some(d) = retry_after {
-        head.push_str(&format!("Retry-After: {}\r\n", d.as_secs().max(1)));
+        h.insert(header::RETRY_AFTER, HeaderValue::from(d.as_secs().max(1)));
     }
-    head.push_str(if close {
-        "Connection: close\r\n"
-    } else {
-        "Connection: keep-alive\r\n"
-    });
-    head.push_str("\r\n");
-    let mut out = head.into_bytes();
-    out.extend_from_slice(body.as_bytes());
-    out
+    response
 }
