@@ -1,0 +1,173 @@
+//! Validation tests.
+
+use super::*;
+
+#[test]
+fn normalize_is_lexical() {
+    assert_eq!(normalize(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
+    assert_eq!(normalize(Path::new("/../a")), PathBuf::from("/a"));
+    assert_eq!(
+        normalize(Path::new("../a/../../b")),
+        PathBuf::from("../../b")
+    );
+}
+
+#[test]
+fn toml_paths_quote_keys_that_are_not_bare() {
+    let p = TomlPath::root()
+        .key("agents")
+        .key("a.b")
+        .key("deliver")
+        .index(2)
+        .key("path");
+    assert_eq!(p.to_string(), "agents.\"a.b\".deliver[2].path");
+}
+
+#[test]
+fn lazy_paths_are_the_eager_paths() {
+    let agents = Loc::top("agents");
+    let agent = agents.key("a.b");
+    let creds = agent.key("credentials");
+    let cred = creds.key("");
+    let deliver = cred.key("deliver");
+    let sink = deliver.index(2);
+    let lazy = sink.key("path");
+    let eager = TomlPath::root()
+        .key("agents")
+        .key("a.b")
+        .key("credentials")
+        .key("")
+        .key("deliver")
+        .index(2)
+        .key("path");
+    assert_eq!(lazy.path(), eager);
+    assert_eq!(
+        lazy.path().to_string(),
+        "agents.\"a.b\".credentials.\"\".deliver[2].path"
+    );
+    assert_eq!(Loc::top("daemon").path().to_string(), "daemon");
+}
+
+#[test]
+fn parts_compare_by_concatenation() {
+    let default = Parts(["agents/", "a", "/", "x"]);
+    assert!(default.concat_eq(&Parts(["agents/a/x", "", "", ""])));
+    assert!(!default.concat_eq(&Parts(["agents/a/y", "", "", ""])));
+    assert!(!default.concat_eq(&Parts(["agents/a/x/", "", "", ""])));
+    let seen = |agent, cred, written| VaultPathSeen {
+        vault: "v",
+        cred: CredRef { agent, cred },
+        written,
+    };
+    assert_eq!(
+        seen("a", "x", None).hash(),
+        seen("b", "y", Some("agents/a/x")).hash()
+    );
+    assert_ne!(
+        seen("a", "x", None).hash(),
+        VaultPathSeen {
+            vault: "w",
+            ..seen("a", "x", None)
+        }
+        .hash()
+    );
+}
+
+#[test]
+fn first_seen_tells_apart_values_with_the_same_hash() {
+    let mut seen = FirstSeen::default();
+    let same = |a: &&str, b: &&str| a == b;
+    assert_eq!(seen.first_or_insert(7, "a", same), None);
+    assert_eq!(seen.first_or_insert(7, "b", same), None);
+    assert_eq!(seen.first_or_insert(8, "c", same), None);
+    assert_eq!(seen.first_or_insert(7, "a", same), Some(&"a"));
+    assert_eq!(seen.first_or_insert(7, "b", same), Some(&"b"));
+    assert_eq!(seen.first_or_insert(8, "c", same), Some(&"c"));
+    assert_eq!(seen.first_or_insert(9, "a", same), None);
+}
+
+fn load_errors(text: &str) -> Vec<super::super::ConfigError> {
+    super::super::load_str(Path::new("/etc/keyturn/t.toml"), text)
+        .expect_err("should fail")
+        .0
+}
+
+const HEAD: &str = "[daemon]\ndelivery_roots = [\"/run/kt\"]\n[vaults.v]\ntype = \"local\"\n\
+[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+[agents.b]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n";
+
+#[test]
+fn a_written_vault_path_clashes_with_a_default_one() {
+    let text = format!(
+        "{HEAD}[agents.a.credentials.x]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+[agents.b.credentials.y]\nvault = \"v\"\npath = \"agents/a/x\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n"
+    );
+    let e = load_errors(&text);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].toml_path, "agents.b.credentials.y.path");
+    assert_eq!(
+        e[0].message,
+        "duplicate vault path: `agents/a/x` in vault `v` is also used by `agents.a.credentials.x` (line 13)"
+    );
+}
+
+#[test]
+fn an_absolute_and_a_relative_delivery_path_clash() {
+    let text = format!(
+        "{HEAD}[agents.a.credentials.x]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+deliver = [{{ type = \"file\", path = \"a/./x\" }}]\n\
+[agents.b.credentials.y]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+deliver = [{{ type = \"file\", path = \"/run/kt/a/x\" }}, {{ type = \"file\", path = \"/run/kt/a/x2\" }}]\n"
+    );
+    let e = load_errors(&text);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].toml_path, "agents.b.credentials.y.deliver[0].path");
+    assert_eq!(
+        e[0].message,
+        "duplicate delivery path `/run/kt/a/x`: also written by `agents.a.credentials.x.deliver[0].path` (line 17)"
+    );
+}
+
+#[test]
+fn cached_durations_are_checked_like_fresh_ones() {
+    let ctx = Context {
+        source: PathBuf::from("/etc/keyturn/t.toml"),
+    };
+    let mut v = Validator {
+        ctx: &ctx,
+        issues: Vec::new(),
+        durations: DurationCache::default(),
+    };
+    let at = Loc::top("x");
+    for _ in 0..2 {
+        assert_eq!(
+            v.duration(at, " 24h ", Zero::Rejected),
+            Some(Duration::from_secs(24 * 3600))
+        );
+        assert_eq!(v.duration(at, "0s", Zero::Allowed), Some(Duration::ZERO));
+    }
+    assert!(v.issues.is_empty());
+    // "0s" is cached now, and still refused where zero is not allowed.
+    assert_eq!(v.duration(at, "0s", Zero::Rejected), None);
+    assert_eq!(v.duration(at, "-24h", Zero::Rejected), None);
+    assert_eq!(v.duration(at, "24 parsecs", Zero::Rejected), None);
+    let messages: Vec<&str> = v.issues.iter().map(|i| i.message.as_str()).collect();
+    assert_eq!(messages.len(), 3, "{messages:?}");
+    assert!(messages[0].starts_with("duration `0s` is zero"));
+    assert!(messages[1].starts_with("negative duration `-24h`"));
+    assert!(messages[2].starts_with("invalid duration `24 parsecs`"));
+    // Only texts that parsed are kept, up to the capacity.
+    for i in 0..40 {
+        v.duration(at, &format!("{i}s"), Zero::Allowed);
+    }
+    assert_eq!(v.durations.0.len(), DurationCache::CAPACITY);
+}
+
+#[test]
+fn env_names() {
+    assert!(is_env_name("DB_PASSWORD"));
+    assert!(is_env_name("_X1"));
+    assert!(!is_env_name("1X"));
+    assert!(!is_env_name("db"));
+    assert!(!is_env_name(""));
+}

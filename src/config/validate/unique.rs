@@ -1,0 +1,229 @@
+//! What must be unique across the config (vault paths, delivery places)
+//! and the scopes plug-ins check their sections in.
+
+use super::*;
+
+/// What a vault's `check` knows besides its own section.
+pub struct VaultScope<'a> {
+    /// Its `[vaults.NAME]` name.
+    pub name: &'a str,
+    /// `daemon.state_dir`, where the local vault keeps its data by default.
+    pub state_dir: &'a Path,
+}
+
+/// What a sink's `check` knows besides its own entry: the credential it
+/// delivers, the delivery roots, and the places other sinks already write.
+pub struct SinkScope<'s, 'r> {
+    /// The credential's name (e.g. to derive a variable name).
+    pub credential: &'r str,
+    /// `daemon.delivery_roots`; `None` when `[daemon]` itself was invalid
+    /// (root checks are skipped rather than reported against unknown roots).
+    pub roots: Option<&'s [PathBuf]>,
+    pub(super) at: SinkRef<'r>,
+    pub(super) claims: &'s mut Deliveries<'r>,
+}
+
+impl SinkScope<'_, '_> {
+    /// `true` the first time it is asked in a file: "there are no delivery
+    /// roots" is said once, not for every sink.
+    pub fn first_to_miss_roots(&mut self) -> bool {
+        !std::mem::replace(&mut self.claims.missing_roots_reported, true)
+    }
+
+    /// Claims `place` (where this sink writes, e.g. a resolved file path)
+    /// for this sink alone; reports a duplicate at `at` when another sink
+    /// claimed it first. `key` is the sink's key `at` points to.
+    pub fn claim(
+        &mut self,
+        v: &mut Validator<'_>,
+        at: Loc<'_>,
+        key: &'static str,
+        place: &Path,
+    ) -> bool {
+        let bytes = place.as_os_str().as_encoded_bytes();
+        let claims = &mut *self.claims;
+        // Places are kept in one buffer, not one allocation each (100k sinks).
+        let range = claims.text.len()..claims.text.len() + bytes.len();
+        claims.text.extend_from_slice(bytes);
+        let text = &claims.text;
+        let first = claims.seen.first_or_insert(
+            fnv1a(FNV_OFFSET, bytes),
+            (self.at, key, range.clone()),
+            |earlier, new| text[earlier.2.clone()] == text[new.2.clone()],
+        );
+        let Some((first_at, first_key, _)) = first else {
+            return true;
+        };
+        let first = first_at.path(first_key);
+        claims.text.truncate(range.start);
+        let mut issue = Issue::at(
+            at.path(),
+            format!(
+                "duplicate delivery path `{}`: also written by `{first}`",
+                place.display(),
+            ),
+        );
+        issue.related = Some(first);
+        v.issues.push(issue);
+        false
+    }
+}
+
+/// Uniqueness maps shared by every credential. They borrow names from the
+/// raw file (`'r`) rather than copying them.
+pub(super) struct CrossChecks<'r> {
+    pub(super) vault_paths: FirstSeen<VaultPathSeen<'r>>,
+    pub(super) deliveries: Deliveries<'r>,
+}
+
+/// The places sinks write, each with the first sink that claimed it.
+#[derive(Default)]
+pub(super) struct Deliveries<'r> {
+    pub(super) seen: FirstSeen<(SinkRef<'r>, &'static str, Range<usize>)>,
+    /// Every claimed place, back to back.
+    pub(super) text: Vec<u8>,
+    pub(super) missing_roots_reported: bool,
+}
+
+/// A credential by name: enough to rebuild its TOML path for a duplicate's
+/// message.
+#[derive(Clone, Copy)]
+pub(super) struct CredRef<'r> {
+    pub(super) agent: &'r str,
+    pub(super) cred: &'r str,
+}
+
+impl CredRef<'_> {
+    pub(super) fn path(&self) -> TomlPath {
+        TomlPath::root()
+            .key("agents")
+            .key(self.agent)
+            .key("credentials")
+            .key(self.cred)
+    }
+}
+
+/// One vault path in use.
+pub(super) struct VaultPathSeen<'r> {
+    pub(super) vault: &'r str,
+    pub(super) cred: CredRef<'r>,
+    /// `path = ...` as written; `None` for the default `agents/AGENT/CRED`.
+    pub(super) written: Option<&'r str>,
+}
+
+impl VaultPathSeen<'_> {
+    /// The vault path in pieces, so that the default one needs no `format!`
+    /// to be hashed and compared.
+    pub(super) fn path_parts(&self) -> Parts<'_> {
+        match self.written {
+            Some(w) => Parts([w, "", "", ""]),
+            None => Parts(["agents/", self.cred.agent, "/", self.cred.cred]),
+        }
+    }
+
+    pub(super) fn hash(&self) -> u64 {
+        let h = fnv1a(FNV_OFFSET, self.vault.as_bytes());
+        // 0xff never occurs in UTF-8: the vault name cannot run into the path.
+        let h = fnv1a(h, &[0xff]);
+        self.path_parts()
+            .0
+            .iter()
+            .fold(h, |h, part| fnv1a(h, part.as_bytes()))
+    }
+
+    /// Where the issue points: the `path` key, or the credential's table
+    /// when the path is the default.
+    pub(super) fn path(&self) -> TomlPath {
+        let p = self.cred.path();
+        if self.written.is_some() {
+            p.key("path")
+        } else {
+            p
+        }
+    }
+}
+
+/// A string in up to four pieces.
+pub(super) struct Parts<'a>(pub(super) [&'a str; 4]);
+
+impl Parts<'_> {
+    /// Whether the two concatenations are equal.
+    pub(super) fn concat_eq(&self, other: &Parts<'_>) -> bool {
+        let len = |p: &Parts<'_>| p.0.iter().map(|s| s.len()).sum::<usize>();
+        len(self) == len(other)
+            && self
+                .0
+                .iter()
+                .flat_map(|s| s.bytes())
+                .eq(other.0.iter().flat_map(|s| s.bytes()))
+    }
+}
+
+/// A sink: `agents.AGENT.credentials.CRED.deliver[INDEX]`.
+#[derive(Clone, Copy)]
+pub(super) struct SinkRef<'r> {
+    pub(super) cred: CredRef<'r>,
+    pub(super) index: usize,
+}
+
+impl SinkRef<'_> {
+    /// The path of its `key`.
+    pub(super) fn path(&self, key: &str) -> TomlPath {
+        self.cred.path().key("deliver").index(self.index).key(key)
+    }
+}
+
+/// The first place each value was seen, for duplicate checks, keeping only
+/// a small borrowed record per value (not the value itself). Values are
+/// found by a hash the caller computes; records with the same hash are
+/// chained and compared with the caller's `same`.
+pub(super) struct FirstSeen<T> {
+    /// Hash → index in `entries` of the latest record with that hash.
+    pub(super) heads: HashMap<u64, usize>,
+    /// Each record, with the index of the previous one of the same hash.
+    pub(super) entries: Vec<(T, Option<usize>)>,
+}
+
+impl<T> Default for FirstSeen<T> {
+    fn default() -> Self {
+        Self {
+            heads: HashMap::new(),
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<T> FirstSeen<T> {
+    /// The earlier record equal to `new` (by `same(earlier, new)`), or
+    /// `None` after recording `new`.
+    pub(super) fn first_or_insert(
+        &mut self,
+        hash: u64,
+        new: T,
+        same: impl Fn(&T, &T) -> bool,
+    ) -> Option<&T> {
+        let head = self.heads.get(&hash).copied();
+        let mut at = head;
+        while let Some(i) = at {
+            let (earlier, prev) = &self.entries[i];
+            if same(earlier, &new) {
+                return Some(&self.entries[i].0);
+            }
+            at = *prev;
+        }
+        let index = self.entries.len();
+        self.entries.push((new, head));
+        self.heads.insert(hash, index);
+        None
+    }
+}
+
+pub(super) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a, continued from `h`: streamed over pieces, it hashes their
+/// concatenation (which `std`'s `Hasher::write` does not promise).
+pub(super) fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
