@@ -13,6 +13,8 @@
 //! }
 //! ```
 //!
+//! Attributes before `pub enum` go on the enum (`#[derive(serde::Serialize)]`
+//! where the config is stored, as targets' are in footprints).
 //! A variant may carry one `#[cfg(...)]` (the test-only `toy` vault does).
 //! Comments in the list are plain `//` comments.
 //!
@@ -30,7 +32,7 @@ macro_rules! registry {
         }
     ) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+        #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
         #[serde(tag = "type", rename_all = "snake_case")]
         pub enum $name {
             $($(#[cfg($cfg)])? $variant(Box<$ty>),)+

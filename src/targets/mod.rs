@@ -34,6 +34,8 @@ pub mod postgres;
 
 registry! {
     /// `target = { type = ... }` of a credential: one variant per target.
+    /// Serialized into each rotation's footprint.
+    #[derive(serde::Serialize)]
     pub enum TargetConfig: TargetPlugin {
         None(NoTarget),
         Postgres(postgres::PostgresConfig),

@@ -102,28 +102,21 @@ const SECRET_DESCRIPTION: &str =
     "Managed by keyturn: rotated automatically (AWSPENDING -> AWSCURRENT -> AWSPREVIOUS).";
 
 /// `[vaults.NAME]` with `type = "aws_secrets_manager"`.
-#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwsConfig {
     /// AWS region; `None` = the credential chain's region (env, profile, IMDS).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
     /// e.g. a VPC endpoint in production, moto in tests.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
     /// A profile of the shared config/credentials files.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
     /// Prepended to each credential's path to form the secret name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_prefix: Option<String>,
     /// Client-side budget of write calls per second (default 25).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_budget: Option<f64>,
     /// Time allowed for one call (default 30 s).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<usize>,
 }
 

@@ -131,37 +131,29 @@ const MAX_DETAIL: usize = 300;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `[vaults.NAME]` with `type = "azure_key_vault"`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AzureConfig {
     /// `https://NAME.vault.azure.net`.
     pub vault_url: String,
     /// `client_secret`, `managed_identity` or `workload_identity`.
     pub auth: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_secret_file: Option<PathBuf>,
     /// An extra CA (PEM) to trust besides the system roots (a private
     /// endpoint's, or a test server's).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     /// Require the auth challenge's resource to be a parent domain of the
     /// vault host (the SDK's default, true); false only for a loopback stub.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_challenge_resource: Option<bool>,
     /// Where the Entra ID credentials (client secret, workload identity) get
     /// tokens, e.g. `https://login.microsoftonline.us` for a sovereign cloud
     /// or the test stub; https only. Unset: `AZURE_AUTHORITY_HOST`, else the
     /// public cloud.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authority_host: Option<String>,
     /// Per request, connect included (default 30 s).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<usize>,
 }
 

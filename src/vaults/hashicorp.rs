@@ -138,44 +138,34 @@ impl std::fmt::Debug for HashicorpAuth {
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `[vaults.NAME]` with `type = "vault"`: HashiCorp Vault or OpenBao, KV v2.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HashicorpConfig {
     /// `https://vault:8200`.
     pub address: String,
     /// The KV v2 mount (default `secret`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount: Option<String>,
     /// Vault Enterprise / OpenBao namespace (`X-Vault-Namespace`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// Key inside the KV data map that holds the value (default `value`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
     /// Exactly one way to log in: a token file, an environment variable
     /// holding the token, or AppRole.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_env: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approle: Option<AppRoleConfig>,
     /// PEM bundle of the CA(s) that sign the vault's certificate (https only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     /// Per HTTP request (default 30 s).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<usize>,
 }
 
 /// `approle = { role_id_file = ..., secret_id_file = ... }`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppRoleConfig {
     /// Where the AppRole auth method is mounted (default `approle`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount: Option<String>,
     pub role_id_file: PathBuf,
     pub secret_id_file: PathBuf,

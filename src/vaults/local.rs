@@ -163,22 +163,18 @@ impl fmt::Debug for LocalKey {
 
 /// `[vaults.NAME]` with `type = "local"`. `check` fills in every default,
 /// so after it `dir`, `key_file` and `key_credential` are all set.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
     /// Default: `<state_dir>/vaults/<name>`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
     /// Key file; created 0600 on first start when missing. Default:
     /// `<state_dir>/<name>-vault.key`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
     /// Name of the systemd credential (`LoadCredential=`) holding the key,
     /// used instead of the key file when `$CREDENTIALS_DIRECTORY` holds it.
     /// Default: `keyturn-<name>-vault-key`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_credential: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<usize>,
 }
 

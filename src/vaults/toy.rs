@@ -16,13 +16,11 @@ use crate::config::validate::{Loc, Validator, VaultScope};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
 
 /// `[vaults.NAME]` with `type = "toy"`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ToyConfig {
     /// Prepended to every path (checked: no `/` at either end).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<usize>,
 }
 

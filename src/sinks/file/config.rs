@@ -8,25 +8,22 @@ pub const DEFAULT_MODE: u32 = 0o400;
 pub const MAX_MODE: u32 = 0o640;
 
 /// One `deliver = [{ type = "file", ... }]` entry.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// Absolute, or relative to the one delivery root; after `check`,
     /// absolute and inside a delivery root. For a keypair this is a
     /// directory holding `..data` and the bundle's links.
     pub path: PathBuf,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<FileFormat>,
     /// Octal, as a string (`"0440"`); default 0400, never wider than 0640.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
     /// Variable name for `format = "env"`; `check` fills in the default
     /// (the credential's name upper-cased, `-` → `_`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env_name: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FileFormat {
     Raw,
