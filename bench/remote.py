@@ -899,7 +899,7 @@ def budget_run(env: dict, upstream: str, n: int, prefix: str) -> dict:
         cfg, expected = write_config(d, "aws", env, n, 64, prefix, proxy.url, None)
         # Each budgeted write is logged (debug, with a timestamp) by the
         # daemon, so the budget is also counted from keyturn's own side.
-        dm = base.Daemon(cfg, "budget", {"KEYTURN_LOG": "info,keyturn::vaults::aws::budget=debug"})
+        dm = base.Daemon(cfg, "budget", {"KEYTURN_LOG": "info,keyturn::vaults::budget=debug"})
         try:
             dm.wait_ready(120)
             t0 = time.monotonic()

@@ -39,6 +39,7 @@ use crate::plugin::registry;
 
 pub mod aws;
 pub mod azure;
+pub mod budget;
 pub mod hashicorp;
 pub mod lazy;
 pub mod local;
