@@ -1404,6 +1404,18 @@ mod tests {
         SecretValue::from_string(s.to_owned())
     }
 
+    async fn contract_subject() -> (AzureVault, String, ()) {
+        (vault(), unique_path("contract"), ())
+    }
+
+    crate::vaults::contract::vault_contract! {
+        #[cfg_attr(
+            not(feature = "real-servers"),
+            ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+        )]
+        open = contract_subject
+    }
+
     /// Tells the stub to misbehave for one secret.
     async fn control(what: &str, body: serde_json::Value) {
         let stub = stub();

@@ -1618,6 +1618,26 @@ mod tests {
         SecretValue::from_string(s.into())
     }
 
+    async fn contract_subject() -> (HashicorpVault, String, ()) {
+        (root_vault().await, unique("contract"), ())
+    }
+
+    crate::vaults::contract::vault_contract! {
+        #[cfg_attr(
+            not(feature = "real-servers"),
+            ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+        )]
+        open = contract_subject,
+        known_bugs = {
+            // `stage` finds a rotation only in the pending slot or as the
+            // latest version: replaying the rotation of the previous version
+            // writes the new value into the slot as a new pending version
+            // (and a retired one's rotation is gone with its destroyed data).
+            stage_replay_after_the_version_moved_on_returns_it:
+                "after a stage replay of the previous rotation",
+        },
+    }
+
     async fn value_at(
         v: &HashicorpVault,
         item: VaultItem<'_>,

@@ -1354,6 +1354,13 @@ mod tests {
         Connection::open(dir.join(DB_FILE)).unwrap()
     }
 
+    async fn contract_subject() -> (LocalVault, String, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        (open(dir.path()), "agents/bot/db".to_owned(), dir)
+    }
+
+    crate::vaults::contract::vault_contract!(open = contract_subject);
+
     #[tokio::test]
     async fn full_cycle_moves_stages_and_wipes_retired_values() {
         let dir = tempfile::tempdir().unwrap();
