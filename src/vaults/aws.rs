@@ -818,6 +818,26 @@ mod tests {
         labels
     }
 
+    async fn contract_subject() -> (AwsVault, String, ()) {
+        (vault().await, unique_path("contract"), ())
+    }
+
+    crate::vaults::contract::vault_contract! {
+        #[cfg_attr(
+            not(feature = "real-servers"),
+            ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+        )]
+        open = contract_subject,
+        known_bugs = {
+            // Staging over the abandoned *first* version moves AWSPENDING off
+            // it but leaves the AWSCURRENT that AWS put on it, so a value that
+            // was never applied at the target reads as current (and becomes
+            // previous at the next promote).
+            a_new_rotation_abandons_even_the_first_pending_version:
+                "after staging over an abandoned pending version",
+        },
+    }
+
     // -- pure ---------------------------------------------------------------
 
     #[test]
@@ -902,7 +922,7 @@ mod tests {
         ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
     )]
     #[tokio::test]
-    async fn full_cycle_real_server() {
+    async fn stages_are_staging_labels_real_server() {
         let v = vault().await;
         let k = key();
         let path = unique_path("full-cycle");
@@ -912,79 +932,34 @@ mod tests {
         let r1 = RotationId::generate();
         let v1 = v.stage(it, &r1, &value("one")).await.unwrap();
         assert_eq!(v1.0, r1.as_str(), "the VersionId is the rotation id");
-        let p = by_stage(&v, it, Stage::Pending).await.expect("pending");
-        assert_eq!(
-            (p.version.clone(), p.stage, p.rotation.clone()),
-            (v1.clone(), Stage::Pending, Some(r1.clone()))
-        );
-        assert_eq!(p.value.expose(), b"one");
-        assert!(
-            by_stage(&v, it, Stage::Current).await.is_none(),
-            "not current before promote"
-        );
-        assert_eq!(by_version(&v, it, &v1).await.unwrap().stage, Stage::Pending);
-
         v.promote(it, &v1).await.unwrap();
-        let c = by_stage(&v, it, Stage::Current).await.expect("current");
-        assert_eq!(
-            (c.version.clone(), c.value.expose()),
-            (v1.clone(), &b"one"[..])
-        );
-        assert!(by_stage(&v, it, Stage::Pending).await.is_none());
-        assert!(by_stage(&v, it, Stage::Previous).await.is_none());
         assert_eq!(
             sorted(raw_labels(&v, &path).await[&v1.0].clone()),
             vec![AWSCURRENT]
         );
 
-        // Second rotation.
-        let r2 = RotationId::generate();
-        let v2 = v.stage(it, &r2, &value("two")).await.unwrap();
-        assert_eq!(
-            by_stage(&v, it, Stage::Pending)
-                .await
-                .unwrap()
-                .value
-                .expose(),
-            b"two"
-        );
-        assert_eq!(
-            by_stage(&v, it, Stage::Current).await.unwrap().version,
-            v1,
-            "current unchanged while pending"
-        );
+        // Second rotation: the server moved AWSPREVIOUS itself (moto as AWS does).
+        let v2 = v
+            .stage(it, &RotationId::generate(), &value("two"))
+            .await
+            .unwrap();
         v.promote(it, &v2).await.unwrap();
-
-        let c = by_stage(&v, it, Stage::Current).await.unwrap();
-        assert_eq!(
-            (c.version, c.value.expose(), c.rotation),
-            (v2.clone(), &b"two"[..], Some(r2))
-        );
-        let p = by_stage(&v, it, Stage::Previous).await.unwrap();
-        assert_eq!((p.version, p.value.expose()), (v1.clone(), &b"one"[..]));
-        assert!(by_stage(&v, it, Stage::Pending).await.is_none());
-        assert!(by_stage(&v, it, Stage::Retired).await.is_none());
-        assert_eq!(
-            by_version(&v, it, &v1).await.unwrap().stage,
-            Stage::Previous
-        );
-        assert_eq!(by_version(&v, it, &v2).await.unwrap().stage, Stage::Current);
-        // The server moved AWSPREVIOUS itself (moto as AWS does).
         let labels = raw_labels(&v, &path).await;
         assert_eq!(labels[&v1.0], vec![AWSPREVIOUS]);
         assert_eq!(labels[&v2.0], vec![AWSCURRENT]);
 
         // Third rotation: the old previous loses its label when the old
         // current becomes previous.
-        let r3 = RotationId::generate();
-        let v3 = v.stage(it, &r3, &value("three")).await.unwrap();
-        assert_eq!(by_version(&v, it, &v3).await.unwrap().stage, Stage::Pending);
+        let v3 = v
+            .stage(it, &RotationId::generate(), &value("three"))
+            .await
+            .unwrap();
         v.promote(it, &v3).await.unwrap();
-        assert_eq!(by_stage(&v, it, Stage::Previous).await.unwrap().version, v2);
-        assert!(
-            by_version(&v, it, &v1).await.is_none(),
-            "unlabeled = retired"
-        );
+        let labels = raw_labels(&v, &path).await;
+        // Unlabeled: AWS leaves it out of DescribeSecret, moto lists it bare.
+        assert!(labels.get(&v1.0).is_none_or(|l| l.is_empty()), "{labels:?}");
+        assert_eq!(labels[&v2.0], vec![AWSPREVIOUS]);
+        assert_eq!(labels[&v3.0], vec![AWSCURRENT]);
 
         v.destroy(it).await.unwrap();
     }
@@ -994,7 +969,7 @@ mod tests {
         ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
     )]
     #[tokio::test]
-    async fn stage_replay_returns_the_first_version_real_server() {
+    async fn a_stage_replay_writes_nothing_real_server() {
         let v = vault().await;
         let k = key();
         let path = unique_path("stage-replay");
@@ -1003,43 +978,18 @@ mod tests {
         let r1 = RotationId::generate();
         let first = v.stage(it, &r1, &value("first")).await.unwrap();
         assert_eq!(v.writes_issued(), 2, "CreateSecret + PutSecretValue");
-        let again = v.stage(it, &r1, &value("second")).await.unwrap();
-        assert_eq!(again, first);
+        v.stage(it, &r1, &value("second")).await.unwrap();
         assert_eq!(v.writes_issued(), 2, "a replay writes nothing");
         assert_eq!(raw_labels(&v, &path).await.len(), 1, "still one version");
-        assert_eq!(
-            by_version(&v, it, &first).await.unwrap().value.expose(),
-            b"first"
-        );
 
         // Replay of a later rotation on an existing secret, too.
         v.promote(it, &first).await.unwrap();
         let r2 = RotationId::generate();
-        let second = v.stage(it, &r2, &value("a")).await.unwrap();
+        v.stage(it, &r2, &value("a")).await.unwrap();
         let writes = v.writes_issued();
-        assert_eq!(v.stage(it, &r2, &value("b")).await.unwrap(), second);
+        v.stage(it, &r2, &value("b")).await.unwrap();
         assert_eq!(v.writes_issued(), writes);
         assert_eq!(raw_labels(&v, &path).await.len(), 2);
-        assert_eq!(
-            by_stage(&v, it, Stage::Pending)
-                .await
-                .unwrap()
-                .value
-                .expose(),
-            b"a"
-        );
-
-        // A new rotation replaces an abandoned pending version.
-        let r3 = RotationId::generate();
-        let third = v.stage(it, &r3, &value("c")).await.unwrap();
-        assert_eq!(
-            by_stage(&v, it, Stage::Pending).await.unwrap().version,
-            third
-        );
-        assert!(
-            by_version(&v, it, &second).await.is_none(),
-            "abandoned pending is retired"
-        );
         v.destroy(it).await.unwrap();
     }
 
@@ -1091,12 +1041,6 @@ mod tests {
             b"two"
         );
 
-        // Unknown versions are not promoted.
-        let e = v
-            .promote(it, &VersionRef(RotationId::generate().to_string()))
-            .await
-            .unwrap_err();
-        assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
         v.destroy(it).await.unwrap();
     }
 
@@ -1105,7 +1049,7 @@ mod tests {
         ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
     )]
     #[tokio::test]
-    async fn retire_real_server() {
+    async fn retire_names_the_secret_and_writes_once_real_server() {
         let v = vault().await;
         let k = key();
         let path = unique_path("retire");
@@ -1120,8 +1064,6 @@ mod tests {
             .stage(it, &RotationId::generate(), &value("two"))
             .await
             .unwrap();
-        let e = v.retire(it, &v2).await.unwrap_err();
-        assert_eq!(e.kind, ErrorKind::Invalid, "pending cannot be retired: {e}");
         v.promote(it, &v2).await.unwrap();
         let e = v.retire(it, &v2).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid, "current cannot be retired: {e}");
@@ -1131,9 +1073,6 @@ mod tests {
         );
 
         v.retire(it, &v1).await.unwrap();
-        assert!(by_stage(&v, it, Stage::Previous).await.is_none());
-        assert!(by_version(&v, it, &v1).await.is_none());
-        assert_eq!(by_stage(&v, it, Stage::Current).await.unwrap().version, v2);
         let writes = v.writes_issued();
         v.retire(it, &v1).await.unwrap();
         assert_eq!(v.writes_issued(), writes, "retiring twice writes nothing");
@@ -1145,23 +1084,11 @@ mod tests {
         ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
     )]
     #[tokio::test]
-    async fn destroy_and_missing_secret_real_server() {
+    async fn destroy_deletes_the_secret_real_server() {
         let v = vault().await;
         let k = key();
         let path = unique_path("destroy");
         let it = item(&k, &path);
-
-        // Missing secret: nothing to read, nothing to retire or destroy.
-        assert!(by_stage(&v, it, Stage::Current).await.is_none());
-        assert!(
-            by_version(&v, it, &VersionRef(RotationId::generate().to_string()))
-                .await
-                .is_none()
-        );
-        v.retire(it, &VersionRef(RotationId::generate().to_string()))
-            .await
-            .unwrap();
-        v.destroy(it).await.unwrap();
 
         let v1 = v
             .stage(it, &RotationId::generate(), &value("one"))
@@ -1169,17 +1096,12 @@ mod tests {
             .unwrap();
         v.promote(it, &v1).await.unwrap();
         v.destroy(it).await.unwrap();
-        assert!(by_stage(&v, it, Stage::Current).await.is_none());
-        assert!(by_version(&v, it, &v1).await.is_none());
         assert!(
             v.labels("test", &v.secret_id(&path))
                 .await
                 .unwrap()
                 .is_none()
         );
-        v.destroy(it).await.unwrap();
-        let e = v.promote(it, &v1).await.unwrap_err();
-        assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
     }
 
     #[cfg_attr(
@@ -1252,15 +1174,6 @@ mod tests {
         for p in &paths {
             v.destroy(item(&k, p)).await.unwrap();
         }
-    }
-
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
-    async fn check_real_server() {
-        vault().await.check().await.unwrap();
     }
 
     /// A one-trick HTTP server that answers every request with `status` and

@@ -1608,6 +1608,26 @@ mod tests {
         SecretValue::from_string(s.into())
     }
 
+    async fn contract_subject() -> (HashicorpVault, String, ()) {
+        (root_vault().await, unique("contract"), ())
+    }
+
+    crate::vaults::contract::vault_contract! {
+        #[cfg_attr(
+            not(feature = "real-servers"),
+            ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+        )]
+        open = contract_subject,
+        known_bugs = {
+            // `stage` finds a rotation only in the pending slot or as the
+            // latest version: replaying the rotation of the previous version
+            // writes the new value into the slot as a new pending version
+            // (and a retired one's rotation is gone with its destroyed data).
+            stage_replay_after_the_version_moved_on_returns_it:
+                "after a stage replay of the previous rotation",
+        },
+    }
+
     async fn value_at(
         v: &HashicorpVault,
         item: VaultItem<'_>,
@@ -1624,7 +1644,7 @@ mod tests {
         ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
     )]
     #[tokio::test]
-    async fn full_cycle_keeps_pending_out_of_sight_of_plain_readers() {
+    async fn plain_readers_see_only_promoted_values_and_retired_data_is_destroyed() {
         let v = root_vault().await;
         let (k, path) = (key(), unique("cycle"));
         let item = VaultItem {
@@ -1639,24 +1659,9 @@ mod tests {
         );
 
         let ref1 = v.stage(item, &r1, &secret("one")).await.unwrap();
-        assert_eq!(ref1.0, r1.as_str());
+        assert_eq!(ref1.0, r1.as_str(), "the version ref is the rotation id");
         // Staged, not promoted: a plain reader sees nothing at the path.
         assert!(raw_latest(&path).await.is_none());
-        assert!(
-            v.read(item, Select::Stage(Stage::Current))
-                .await
-                .unwrap()
-                .is_none()
-        );
-        assert_eq!(
-            value_at(&v, item, Select::Stage(Stage::Pending)).await,
-            Some(("one".into(), Stage::Pending, ref1.clone()))
-        );
-        assert_eq!(
-            value_at(&v, item, Select::Version(&ref1)).await,
-            Some(("one".into(), Stage::Pending, ref1.clone()))
-        );
-
         v.promote(item, &ref1).await.unwrap();
         let latest = raw_latest(&path).await.unwrap();
         assert_eq!(latest["value"], "one");
@@ -1667,73 +1672,25 @@ mod tests {
                 .await
                 .is_none()
         );
-        assert_eq!(
-            value_at(&v, item, Select::Stage(Stage::Current)).await,
-            Some(("one".into(), Stage::Current, ref1.clone()))
-        );
-        assert!(
-            v.read(item, Select::Stage(Stage::Pending))
-                .await
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            v.read(item, Select::Stage(Stage::Previous))
-                .await
-                .unwrap()
-                .is_none()
-        );
 
         let ref2 = v.stage(item, &r2, &secret("two")).await.unwrap();
         // Readers still get the promoted value while "two" is pending.
         assert_eq!(raw_latest(&path).await.unwrap()["value"], "one");
-        assert_eq!(
-            value_at(&v, item, Select::Stage(Stage::Pending)).await,
-            Some(("two".into(), Stage::Pending, ref2.clone()))
-        );
         v.promote(item, &ref2).await.unwrap();
         assert_eq!(raw_latest(&path).await.unwrap()["value"], "two");
-        assert_eq!(
-            value_at(&v, item, Select::Stage(Stage::Current)).await,
-            Some(("two".into(), Stage::Current, ref2.clone()))
-        );
-        assert_eq!(
-            value_at(&v, item, Select::Stage(Stage::Previous)).await,
-            Some(("one".into(), Stage::Previous, ref1.clone()))
-        );
-        assert_eq!(
-            value_at(&v, item, Select::Version(&ref1)).await,
-            Some(("one".into(), Stage::Previous, ref1.clone()))
-        );
 
         // Retire: only the previous, and its data is destroyed.
         let e = v.retire(item, &ref2).await.unwrap_err();
-        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
         assert!(e.message.contains("is current"), "{e}");
         v.retire(item, &ref1).await.unwrap();
         assert!(raw_meta(&path).await.unwrap().versions["1"].destroyed);
-        assert!(
-            v.read(item, Select::Stage(Stage::Previous))
-                .await
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            v.read(item, Select::Version(&ref1))
-                .await
-                .unwrap()
-                .is_none()
-        );
-        v.retire(item, &ref1).await.unwrap(); // idempotent
-
-        // A pending version cannot be retired.
         let ref3 = v.stage(item, &r3, &secret("three")).await.unwrap();
         let e = v.retire(item, &ref3).await.unwrap_err();
-        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
         assert!(e.message.contains("is pending"), "{e}");
-        v.promote(item, &ref3).await.unwrap();
+
         // Two promotes without a retire in between: the version before the
         // previous is retired by promote (its data destroyed).
+        v.promote(item, &ref3).await.unwrap();
         let ref4 = v.stage(item, &r4, &secret("four")).await.unwrap();
         v.promote(item, &ref4).await.unwrap();
         let meta = raw_meta(&path).await.unwrap();
@@ -1743,16 +1700,6 @@ mod tests {
             "the old previous keeps no data"
         );
         assert!(!meta.versions["3"].destroyed, "previous stays readable");
-        assert_eq!(
-            value_at(&v, item, Select::Stage(Stage::Previous)).await,
-            Some(("three".into(), Stage::Previous, ref3.clone()))
-        );
-        assert!(
-            v.read(item, Select::Stage(Stage::Retired))
-                .await
-                .unwrap()
-                .is_none()
-        );
 
         v.destroy(item).await.unwrap();
     }
@@ -1773,17 +1720,11 @@ mod tests {
         let r = RotationId::generate();
 
         let first = v.stage(item, &r, &secret("first")).await.unwrap();
-        let again = v.stage(item, &r, &secret("second")).await.unwrap();
-        assert_eq!(first, again);
+        v.stage(item, &r, &secret("second")).await.unwrap();
         assert_eq!(
             raw_meta(&slot).await.unwrap().current_version,
             1,
             "no second pending version"
-        );
-        assert_eq!(
-            value_at(&v, item, Select::Version(&first)).await.unwrap().0,
-            "first",
-            "the value stored the first time wins"
         );
 
         v.promote(item, &first).await.unwrap();
@@ -1794,7 +1735,7 @@ mod tests {
             "promote replay wrote again"
         );
         // A stage replay after promote neither writes a pending copy again.
-        assert_eq!(v.stage(item, &r, &secret("third")).await.unwrap(), first);
+        v.stage(item, &r, &secret("third")).await.unwrap();
         assert!(raw_meta(&slot).await.is_none());
         assert_eq!(raw_latest(&path).await.unwrap()["value"], "first");
 
@@ -1861,7 +1802,7 @@ mod tests {
         ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
     )]
     #[tokio::test]
-    async fn a_new_rotation_replaces_an_abandoned_pending_value() {
+    async fn an_abandoned_pending_value_is_destroyed_and_not_found_to_promote() {
         let v = root_vault().await;
         let (k, path) = (key(), unique("abandoned"));
         let item = VaultItem {
@@ -1873,19 +1814,13 @@ mod tests {
             .stage(item, &RotationId::generate(), &secret("old"))
             .await
             .unwrap();
-        let new = v
-            .stage(item, &RotationId::generate(), &secret("new"))
+        v.stage(item, &RotationId::generate(), &secret("new"))
             .await
             .unwrap();
-        assert_eq!(
-            value_at(&v, item, Select::Stage(Stage::Pending)).await,
-            Some(("new".into(), Stage::Pending, new.clone()))
-        );
         assert!(
             raw_meta(&slot).await.unwrap().versions["1"].destroyed,
             "old value wiped"
         );
-        assert!(v.read(item, Select::Version(&old)).await.unwrap().is_none());
         let e = v.promote(item, &old).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
         v.destroy(item).await.unwrap();
@@ -2164,7 +2099,7 @@ mod tests {
         ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
     )]
     #[tokio::test]
-    async fn destroy_removes_every_version_and_the_pending_slot() {
+    async fn destroy_deletes_the_metadata_of_the_path_and_of_the_pending_slot() {
         let v = root_vault().await;
         let (k, path) = (key(), unique("destroy"));
         let item = VaultItem {
@@ -2186,10 +2121,6 @@ mod tests {
                 .await
                 .is_none()
         );
-        for stage in [Stage::Current, Stage::Previous, Stage::Pending] {
-            assert!(v.read(item, Select::Stage(stage)).await.unwrap().is_none());
-        }
-        v.destroy(item).await.unwrap(); // already gone: fine
     }
 
     /// `<method> /v1/<path>` over plain HTTP; vaultrs has no namespace API.

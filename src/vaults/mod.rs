@@ -4,12 +4,29 @@
 //! call per operation, a [`PluginError`] with a kind on failure, no retries (the
 //! rotation engine owns retries, backoff, concurrency limits, metrics and audit).
 //!
-//! The contract every vault keeps, because crash safety depends on it:
+//! The contract every vault keeps, because crash safety depends on it
+//! ([`contract`] checks each clause against every vault):
+//! - `stage` stores the value, durably, as the one pending version of the
+//!   credential and returns its [`VersionRef`]: one of its own per rotation,
+//!   never handed out again, not even after `destroy` (state may still hold
+//!   the old one).
 //! - `stage` is idempotent per rotation id. If this rotation already staged a
 //!   version, it returns that version and does **not** store the new value; the
 //!   engine then reads the durable value back with `read`. So a replay after a
 //!   crash never creates a second version nor loses the first value.
-//! - `promote` and `retire` are idempotent: repeating them is a no-op.
+//! - Staging a new rotation while an older one is pending retires the older
+//!   one (its rotation was abandoned): it reads as `None` and promoting it fails.
+//! - `read` gives one version, by stage or by ref, with its stage, rotation
+//!   and exact value; `Ok(None)` when there is none (nothing staged, retired,
+//!   destroyed, or a ref the credential never had).
+//! - `promote`: pending (or previous, a rollback) → current, the old current
+//!   → previous, the old previous → retired. A no-op when the version is
+//!   already current; `NotFound` for a version the credential never had.
+//! - `retire`: previous → retired, its value gone. A no-op when already
+//!   retired or unknown; `Invalid` for the current or the pending version.
+//! - `destroy` removes every version of the credential, and of no other; a
+//!   no-op when there is none.
+//! - Error messages name the vault and never contain a value.
 //!
 //! # Adding a vault
 //! Write `vaults/NAME.rs` (a folder when it is large) holding:
@@ -20,8 +37,9 @@
 //!   [`Validator`] and completes the config in place; `open` makes the
 //!   [`Vault`] without network I/O (a remote vault wraps its connect in
 //!   [`lazy::LazyVault`], so a vault that is down does not stop start-up);
-//! - the `Vault` itself, and its tests (run the contract suite of
-//!   [`contract`] against it).
+//! - the `Vault` itself, and its tests: one line of
+//!   `contract::vault_contract!` runs the contract suite against it, and
+//!   its own tests check only what is its alone.
 //!
 //! Then add one line to [`VaultSpec`] below. Nothing else changes: the
 //! config loader, validation, the catalog and the engine only see the
@@ -40,6 +58,8 @@ use crate::plugin::registry;
 pub mod aws;
 pub mod azure;
 pub mod budget;
+#[cfg(test)]
+pub(crate) mod contract;
 pub mod hashicorp;
 pub mod lazy;
 pub mod local;

@@ -47,31 +47,45 @@ impl VaultPlugin for ToyConfig {
 }
 
 struct Version {
+    number: usize,
     rotation: RotationId,
     stage: Stage,
+    /// `None` once retired.
     value: Option<Vec<u8>>,
+}
+
+/// One credential's versions, oldest first.
+#[derive(Default)]
+struct Versions {
+    /// The last number handed out. It survives `destroy`, so a number
+    /// remembered in state never names a newer value.
+    last: usize,
+    list: Vec<Version>,
 }
 
 pub struct ToyVault {
     name: String,
     prefix: String,
-    /// Path → versions, version `n` at index `n - 1`.
-    paths: Mutex<HashMap<String, Vec<Version>>>,
+    paths: Mutex<HashMap<String, Versions>>,
 }
 
 impl ToyVault {
     fn key(&self, item: VaultItem<'_>) -> String {
         format!("{}{}", self.prefix, item.path)
     }
-}
 
-fn number(version: &VersionRef) -> Result<usize, PluginError> {
-    version
-        .0
-        .parse::<usize>()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(|| PluginError::new(ErrorKind::Invalid, format!("no version {version}")))
+    fn err(&self, kind: ErrorKind, detail: impl std::fmt::Display) -> PluginError {
+        PluginError::new(kind, format!("toy vault {}: {detail}", self.name))
+    }
+
+    fn number(&self, version: &VersionRef) -> Result<usize, PluginError> {
+        version
+            .0
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| self.err(ErrorKind::Invalid, format!("no version {version}")))
+    }
 }
 
 #[async_trait]
@@ -88,15 +102,26 @@ impl Vault for ToyVault {
     ) -> Result<VersionRef, PluginError> {
         let mut paths = self.paths.lock().unwrap();
         let versions = paths.entry(self.key(item)).or_default();
-        if let Some(i) = versions.iter().position(|v| v.rotation == *rotation) {
-            return Ok(VersionRef((i + 1).to_string()));
+        if let Some(v) = versions.list.iter().find(|v| v.rotation == *rotation) {
+            return Ok(VersionRef(v.number.to_string()));
         }
-        versions.push(Version {
+        // One pending version per credential: an older one was abandoned.
+        for v in versions
+            .list
+            .iter_mut()
+            .filter(|v| v.stage == Stage::Pending)
+        {
+            v.stage = Stage::Retired;
+            v.value = None;
+        }
+        versions.last += 1;
+        versions.list.push(Version {
+            number: versions.last,
             rotation: rotation.clone(),
             stage: Stage::Pending,
             value: Some(value.expose().to_vec()),
         });
-        Ok(VersionRef(versions.len().to_string()))
+        Ok(VersionRef(versions.last.to_string()))
     }
 
     async fn read(
@@ -104,18 +129,22 @@ impl Vault for ToyVault {
         item: VaultItem<'_>,
         select: Select<'_>,
     ) -> Result<Option<StoredVersion>, PluginError> {
+        let wanted = match select {
+            Select::Version(r) => Some(self.number(r)?),
+            Select::Stage(_) => None,
+        };
         let paths = self.paths.lock().unwrap();
         let Some(versions) = paths.get(&self.key(item)) else {
             return Ok(None);
         };
-        let found = match select {
-            Select::Stage(stage) => versions.iter().rposition(|v| v.stage == stage),
-            Select::Version(r) => Some(number(r)? - 1).filter(|i| *i < versions.len()),
-        };
-        Ok(found.and_then(|i| {
-            let v = &versions[i];
+        let found = versions.list.iter().rev().find(|v| match select {
+            Select::Stage(stage) => v.stage == stage,
+            Select::Version(_) => Some(v.number) == wanted,
+        });
+        // Retired versions have no value left to read.
+        Ok(found.and_then(|v| {
             Some(StoredVersion {
-                version: VersionRef((i + 1).to_string()),
+                version: VersionRef(v.number.to_string()),
                 rotation: Some(v.rotation.clone()),
                 stage: v.stage,
                 value: SecretValue::new(v.value.clone()?),
@@ -124,35 +153,37 @@ impl Vault for ToyVault {
     }
 
     async fn promote(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
-        let n = number(version)?;
+        let n = self.number(version)?;
         let mut paths = self.paths.lock().unwrap();
         let versions = paths.entry(self.key(item)).or_default();
-        if versions.get(n - 1).is_none_or(|v| v.value.is_none()) {
-            return Err(PluginError::new(ErrorKind::Conflict, "no such version"));
+        match versions.list.iter().find(|v| v.number == n) {
+            None => return Err(self.err(ErrorKind::NotFound, format!("no version {n}"))),
+            Some(v) if v.stage == Stage::Current => return Ok(()),
+            Some(v) if v.stage == Stage::Retired => {
+                return Err(self.err(ErrorKind::Invalid, format!("version {n} is retired")));
+            }
+            Some(_) => {}
         }
-        if versions[n - 1].stage == Stage::Current {
-            return Ok(());
-        }
-        for v in versions.iter_mut() {
-            match v.stage {
-                Stage::Previous => {
-                    v.stage = Stage::Retired;
-                    v.value = None;
-                }
-                Stage::Current => v.stage = Stage::Previous,
-                _ => {}
+        // Pending, or previous for a rollback.
+        for v in versions.list.iter_mut() {
+            if v.number == n {
+                v.stage = Stage::Current;
+            } else if v.stage == Stage::Current {
+                v.stage = Stage::Previous;
+            } else if v.stage == Stage::Previous {
+                v.stage = Stage::Retired;
+                v.value = None;
             }
         }
-        versions[n - 1].stage = Stage::Current;
         Ok(())
     }
 
     async fn retire(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
-        let n = number(version)?;
+        let n = self.number(version)?;
         let mut paths = self.paths.lock().unwrap();
         let Some(v) = paths
             .get_mut(&self.key(item))
-            .and_then(|vs| vs.get_mut(n - 1))
+            .and_then(|vs| vs.list.iter_mut().find(|v| v.number == n))
         else {
             return Ok(());
         };
@@ -162,15 +193,14 @@ impl Vault for ToyVault {
                 v.value = None;
                 Ok(())
             }
-            s => Err(PluginError::new(
-                ErrorKind::Invalid,
-                format!("version {n} is {s:?}"),
-            )),
+            s => Err(self.err(ErrorKind::Invalid, format!("version {n} is {s}"))),
         }
     }
 
     async fn destroy(&self, item: VaultItem<'_>) -> Result<(), PluginError> {
-        self.paths.lock().unwrap().remove(&self.key(item));
+        if let Some(versions) = self.paths.lock().unwrap().get_mut(&self.key(item)) {
+            versions.list.clear();
+        }
         Ok(())
     }
 
@@ -192,6 +222,17 @@ mod tests {
     use crate::rotation::{Catalog, Engine, TokioClock};
     use crate::state::{MemoryStore, StateStore};
     use crate::telemetry::Metrics;
+
+    async fn contract_subject() -> (ToyVault, String, ()) {
+        let vault = ToyVault {
+            name: "toy".into(),
+            prefix: "kt-".into(),
+            paths: Mutex::default(),
+        };
+        (vault, "agents/bot/db".to_owned(), ())
+    }
+
+    crate::vaults::contract::vault_contract!(open = contract_subject);
 
     #[tokio::test(start_paused = true)]
     async fn a_toy_vault_from_toml_rotates_through_the_engine_under_paused_time() {
