@@ -1,0 +1,606 @@
+//! The Azure Key Vault tests: pure ones, and ones against the in-repo contract stub (no emulator exists).
+
+//! Unit tests for naming and error mapping, and REAL-SERVER tests against
+//! the Key Vault contract stub (`tests/stubs/azure_keyvault_stub.py`),
+//! started by `scripts/services.sh`, through the real SDK over TLS.
+
+use super::*;
+use crate::model::{AgentId, CredentialId, CredentialKey};
+use azure_core::credentials::{AccessToken, TokenRequestOptions};
+
+const STUB_TOKEN: &str = "keyturn-test-token";
+/// The stub's default `--client-id` / `--client-secret`.
+const STUB_CLIENT_ID: &str = "keyturn-test-client";
+const STUB_CLIENT_SECRET: &str = "keyturn-test-secret";
+const START_SERVICES: &str =
+    "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
+
+#[test]
+fn secret_names_are_valid_deterministic_and_distinct() {
+    assert_eq!(
+        secret_name("agents/invoice-bot/db_main").unwrap(),
+        "agents--invoice-hbot--db-umain"
+    );
+    assert_eq!(secret_name("a/b_c").unwrap(), "a--b-uc");
+    assert_eq!(secret_name("Db.v2").unwrap(), "-cdb-pv2");
+    assert_eq!(secret_name("a b").unwrap(), "a-x20b");
+    // Pairs that a lossy mapping (drop, lowercase, `/`→`-`) would merge.
+    let paths = [
+        "a/b", "a-b", "a_b", "a.b", "ab", "a//b", "a--b", "A/b", "a/B", "a-/b", "a/-b", "a-hb",
+        "a/hb", "é", "a-x20b", "a b",
+    ];
+    let mut seen = std::collections::HashMap::new();
+    for p in paths {
+        let n = secret_name(p).unwrap();
+        assert!(
+            n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            "{p} -> {n}"
+        );
+        assert!(!n.contains("-s"), "{n} could collide with a staging name");
+        if let Some(other) = seen.insert(n.clone(), p) {
+            panic!("{p} and {other} both map to {n}");
+        }
+    }
+    assert_eq!(
+        secret_name(&"a".repeat(MAX_ENCODED_LEN)).unwrap().len(),
+        MAX_ENCODED_LEN
+    );
+    let long = secret_name(&"a".repeat(MAX_ENCODED_LEN + 1)).unwrap_err();
+    assert_eq!(long.kind, ErrorKind::Invalid);
+    assert!(secret_name("").is_err());
+    let names = Names::of("x/y").unwrap();
+    assert_eq!(names.staging, "x--y-staging");
+    assert!(names.staging.len() <= 127);
+}
+
+#[test]
+fn http_errors_map_to_kinds_with_retry_after() {
+    use azure_core::http::headers::Headers;
+    use azure_core::http::{RawResponse, StatusCode};
+    let err = |status: StatusCode, retry_after: Option<&str>| {
+        let mut headers = Headers::new();
+        if let Some(r) = retry_after {
+            headers.insert(RETRY_AFTER, r.to_owned());
+        }
+        let raw = RawResponse::from_bytes(status, headers, "");
+        azure_core::Error::with_message(
+            AzErrorKind::HttpResponse {
+                status,
+                error_code: Some("Code".into()),
+                raw_response: Some(Box::new(raw)),
+            },
+            "service said no",
+        )
+    };
+    assert_eq!(
+        retry_after(&err(StatusCode::TooManyRequests, Some("7"))),
+        Some(std::time::Duration::from_secs(7))
+    );
+    assert_eq!(retry_after(&err(StatusCode::TooManyRequests, None)), None);
+    let (k, d) = classify(&err(StatusCode::TooManyRequests, Some("7")));
+    assert_eq!(k, ErrorKind::Throttled);
+    assert!(
+        d.contains("HTTP 429") && d.contains("retry after 7s"),
+        "{d}"
+    );
+    for (status, kind) in [
+        (StatusCode::ServiceUnavailable, ErrorKind::Transient),
+        (StatusCode::InternalServerError, ErrorKind::Transient),
+        (StatusCode::Unauthorized, ErrorKind::Unauthorized),
+        (StatusCode::Forbidden, ErrorKind::Unauthorized),
+        (StatusCode::NotFound, ErrorKind::NotFound),
+        (StatusCode::Conflict, ErrorKind::Conflict),
+        (StatusCode::BadRequest, ErrorKind::Invalid),
+    ] {
+        assert_eq!(classify(&err(status, None)).0, kind, "{status:?}");
+    }
+    let io = azure_core::Error::with_message(AzErrorKind::Io, "connection reset");
+    assert_eq!(classify(&io).0, ErrorKind::Transient);
+    let conn = azure_core::Error::with_message(AzErrorKind::Connection, "refused");
+    assert_eq!(classify(&conn).0, ErrorKind::Transient);
+    let cred = azure_core::Error::with_message(AzErrorKind::Credential, "no token");
+    assert_eq!(classify(&cred).0, ErrorKind::Unauthorized);
+}
+
+#[test]
+fn settings_without_https_are_refused() {
+    let s = AzureConfig {
+        timeout: Some("1s".into()),
+        ..AzureConfig::new("http://127.0.0.1:1", "workload_identity")
+    };
+    let e = AzureVault::with_credential("kv", &s, Arc::new(FixedToken("t".into()))).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Invalid);
+    assert!(e.message.contains("https://"), "{}", e.message);
+}
+
+// --- against the stub (real SDK, real TLS) ------------------------------
+
+/// Stands in for Entra ID: always the same token.
+#[derive(Debug)]
+struct FixedToken(String);
+
+#[async_trait]
+impl TokenCredential for FixedToken {
+    async fn get_token(
+        &self,
+        _scopes: &[&str],
+        _options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        Ok(AccessToken::new(
+            self.0.clone(),
+            OffsetDateTime::now_utc() + azure_core::time::Duration::hours(1),
+        ))
+    }
+}
+
+struct Stub {
+    url: String,
+    ca: PathBuf,
+}
+
+fn stub() -> Stub {
+    let url =
+        std::env::var("KEYTURN_TEST_AZURE_URL").unwrap_or_else(|_| panic!("{START_SERVICES}"));
+    let ca = std::env::var("KEYTURN_TEST_AZURE_CA").unwrap_or_else(|_| panic!("{START_SERVICES}"));
+    Stub {
+        url: url.trim_end_matches('/').to_owned(),
+        ca: PathBuf::from(ca),
+    }
+}
+
+fn vault_with_token(token: &str) -> AzureVault {
+    let stub = stub();
+    let s = AzureConfig {
+        ca_file: Some(stub.ca),
+        verify_challenge_resource: Some(false),
+        timeout: Some("10s".into()),
+        ..AzureConfig::new(stub.url, "workload_identity")
+    };
+    AzureVault::with_credential("kv-test", &s, Arc::new(FixedToken(token.into()))).unwrap()
+}
+
+fn vault() -> AzureVault {
+    vault_with_token(STUB_TOKEN)
+}
+
+/// A vault that logs in like the daemon does: a client secret sent to
+/// the stub's Entra ID token endpoint (`authority_host`), over the same
+/// TLS client as the vault requests (the stub's CA is only in `ca_file`).
+async fn vault_with_client_secret(secret: &str) -> (AzureVault, tempfile::TempDir) {
+    let stub = stub();
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("client-secret");
+    std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+    let s = AzureConfig {
+        tenant_id: Some("00000000-0000-0000-0000-000000000001".into()),
+        client_id: Some(STUB_CLIENT_ID.into()),
+        client_secret_file: Some(secret_file),
+        ca_file: Some(stub.ca),
+        verify_challenge_resource: Some(false),
+        authority_host: Some(stub.url.clone()),
+        timeout: Some("10s".into()),
+        ..AzureConfig::new(stub.url, "client_secret")
+    };
+    (AzureVault::connect("kv-entra", &s).await.unwrap(), dir)
+}
+
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn client_secret_logs_in_at_the_authority_host() {
+    let (v, _dir) = vault_with_client_secret(STUB_CLIENT_SECRET).await;
+    v.check().await.unwrap();
+    // A full write and read, so the token is really accepted for writes.
+    let path = unique_path("entra");
+    let k = key();
+    let item = VaultItem {
+        key: &k,
+        path: &path,
+    };
+    let id = RotationId::generate();
+    let r = v.stage(item, &id, &value("entra-value")).await.unwrap();
+    v.promote(item, &r).await.unwrap();
+    assert_eq!(latest(&v, &path).await.as_deref(), Some("entra-value"));
+}
+
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn a_wrong_client_secret_is_unauthorized_and_not_quoted() {
+    let wrong = "wrong-secret-7f3a9c";
+    let (v, _dir) = vault_with_client_secret(wrong).await;
+    let e = v.check().await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unauthorized, "{}", e.message);
+    assert!(e.message.contains("kv-entra"), "{}", e.message);
+    assert!(!e.message.contains(wrong), "{}", e.message);
+    // Entra ID's own reason reaches the operator.
+    assert!(e.message.contains("Invalid client secret"), "{}", e.message);
+}
+
+/// A path no other test (or earlier run) uses.
+fn unique_path(test: &str) -> String {
+    format!("tests/{test}/{}", RotationId::generate())
+}
+
+fn key() -> CredentialKey {
+    CredentialKey::new(
+        AgentId::new("agent").unwrap(),
+        CredentialId::new("db").unwrap(),
+    )
+}
+
+fn value(s: &str) -> SecretValue {
+    SecretValue::from_string(s.to_owned())
+}
+
+async fn contract_subject() -> (AzureVault, String, ()) {
+    (vault(), unique_path("contract"), ())
+}
+
+crate::vaults::contract::vault_contract! {
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    open = contract_subject
+}
+
+/// Tells the stub to misbehave for one secret.
+async fn control(what: &str, body: serde_json::Value) {
+    let stub = stub();
+    let pem = std::fs::read(&stub.ca).unwrap();
+    let client = reqwest::Client::builder()
+        .tls_certs_merge(reqwest::Certificate::from_pem_bundle(&pem).unwrap())
+        .build()
+        .unwrap();
+    let rsp = client
+        .post(format!("{}/_stub/{what}", stub.url))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        rsp.status().is_success(),
+        "stub control {what}: {}",
+        rsp.status()
+    );
+}
+
+/// What a plain reader of the vault gets: the latest version's value.
+async fn latest(v: &AzureVault, path: &str) -> Option<String> {
+    match v.client.get_secret(&secret_name(path).unwrap(), None).await {
+        Ok(r) => r.into_model().unwrap().value,
+        Err(e) if e.http_status().map(u16::from) == Some(404) => None,
+        Err(e) => panic!("plain read of {path}: {e}"),
+    }
+}
+
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn plain_readers_get_only_promoted_values_and_retired_versions_are_disabled() {
+    let v = vault();
+    let path = unique_path("cycle");
+    let k = key();
+    let item = VaultItem {
+        key: &k,
+        path: &path,
+    };
+    let names = Names::of(&path).unwrap();
+
+    let v1 = v
+        .stage(item, &RotationId::generate(), &value("value-one"))
+        .await
+        .unwrap();
+    assert_eq!(
+        latest(&v, &path).await,
+        None,
+        "a pending value must not be what readers get"
+    );
+
+    // Promote: readers get it; a replayed promote makes no second version.
+    v.promote(item, &v1).await.unwrap();
+    v.promote(item, &v1).await.unwrap();
+    assert_eq!(latest(&v, &path).await.as_deref(), Some("value-one"));
+    assert_eq!(
+        v.list_versions("t", &names.main).await.unwrap().len(),
+        1,
+        "a replayed promote made a second version"
+    );
+
+    // Readers keep the current value while the next one is pending.
+    let v2 = v
+        .stage(item, &RotationId::generate(), &value("value-two"))
+        .await
+        .unwrap();
+    assert_eq!(latest(&v, &path).await.as_deref(), Some("value-one"));
+    v.promote(item, &v2).await.unwrap();
+    assert_eq!(latest(&v, &path).await.as_deref(), Some("value-two"));
+
+    // Retire the previous: disabled in the vault, unreadable even by id.
+    v.retire(item, &v1).await.unwrap();
+    let main = v.list_versions("t", &names.main).await.unwrap();
+    let old = main
+        .iter()
+        .find(|m| m.tag(TAG_VERSION) == Some(v1.0.as_str()))
+        .unwrap();
+    assert!(!old.enabled, "the retired version must be disabled");
+    assert_eq!(old.stage(), Some("retired"));
+    let opts = SecretClientGetSecretOptions {
+        secret_version: Some(old.id.clone()),
+        ..Default::default()
+    };
+    let e = v
+        .client
+        .get_secret(&names.main, Some(opts))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.http_status().map(u16::from),
+        Some(403),
+        "a disabled version must not be readable"
+    );
+    // A refused retire of the current version leaves readers alone.
+    assert_eq!(
+        v.retire(item, &v2).await.unwrap_err().kind,
+        ErrorKind::Invalid
+    );
+    assert_eq!(latest(&v, &path).await.as_deref(), Some("value-two"));
+
+    v.destroy(item).await.unwrap();
+    assert_eq!(latest(&v, &path).await, None);
+}
+
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn stage_replay_after_a_lost_response_returns_the_same_version() {
+    let v = vault();
+    let path = unique_path("dropped");
+    let k = key();
+    let item = VaultItem {
+        key: &k,
+        path: &path,
+    };
+    let names = Names::of(&path).unwrap();
+    let r = RotationId::generate();
+
+    control(
+        "drop_response",
+        serde_json::json!({"count": 1, "secret": names.staging}),
+    )
+    .await;
+    let e = v.stage(item, &r, &value("first-try")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Transient, "{}", e.message);
+    assert!(
+        e.message.contains(&names.staging) && e.message.contains("kv-test"),
+        "{}",
+        e.message
+    );
+    assert!(!e.message.contains("first-try"));
+
+    // The write happened; the retry must find it, not write again.
+    let version = v.stage(item, &r, &value("second-try")).await.unwrap();
+    let staged = v.list_versions("t", &names.staging).await.unwrap();
+    assert_eq!(
+        staged.len(),
+        1,
+        "the retried stage created a second version"
+    );
+    assert_eq!(staged[0].id, version.0);
+    let p = v
+        .read(item, Select::Stage(Stage::Pending))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        p.value.expose(),
+        b"first-try",
+        "the committed value is the one kept"
+    );
+
+    // Same for promote: the copy to the main secret is not made twice.
+    control(
+        "drop_response",
+        serde_json::json!({"count": 1, "secret": names.main}),
+    )
+    .await;
+    assert_eq!(
+        v.promote(item, &version).await.unwrap_err().kind,
+        ErrorKind::Transient
+    );
+    v.promote(item, &version).await.unwrap();
+    assert_eq!(v.list_versions("t", &names.main).await.unwrap().len(), 1);
+    assert_eq!(latest(&v, &path).await.as_deref(), Some("first-try"));
+    v.destroy(item).await.unwrap();
+}
+
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn throttling_is_throttled_with_retry_after_and_not_retried_by_the_sdk() {
+    let v = vault();
+    let path = unique_path("throttled");
+    let k = key();
+    let item = VaultItem {
+        key: &k,
+        path: &path,
+    };
+    let names = Names::of(&path).unwrap();
+    control(
+        "faults",
+        serde_json::json!({"status": 429, "count": 1, "retry_after": 7, "secret": names.staging}),
+    )
+    .await;
+    let e = v
+        .stage(item, &RotationId::generate(), &value("v"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Throttled, "{}", e.message);
+    assert!(e.message.contains("retry after 7s"), "{}", e.message);
+    assert_eq!(
+        e.retry_after,
+        Some(std::time::Duration::from_secs(7)),
+        "the engine waits at least what the vault asked"
+    );
+    assert!(
+        e.message.contains("stage") && e.message.contains(&names.staging),
+        "{}",
+        e.message
+    );
+    // One fault, one failure: the SDK did not retry it away, and it is over.
+    v.stage(item, &RotationId::generate(), &value("v"))
+        .await
+        .unwrap();
+    v.destroy(item).await.unwrap();
+}
+
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn service_unavailable_is_transient() {
+    let v = vault();
+    let path = unique_path("unavailable");
+    let k = key();
+    let item = VaultItem {
+        key: &k,
+        path: &path,
+    };
+    let names = Names::of(&path).unwrap();
+    control(
+        "faults",
+        serde_json::json!({"status": 503, "count": 1, "retry_after": 1, "secret": names.main}),
+    )
+    .await;
+    let e = v
+        .read(item, Select::Stage(Stage::Current))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Transient, "{}", e.message);
+    assert!(e.message.contains("HTTP 503"), "{}", e.message);
+    assert!(
+        v.read(item, Select::Stage(Stage::Current))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn a_bad_token_is_unauthorized() {
+    let v = vault_with_token("not-the-token");
+    let path = unique_path("badtoken");
+    let k = key();
+    let item = VaultItem {
+        key: &k,
+        path: &path,
+    };
+    let e = v
+        .stage(item, &RotationId::generate(), &value("v"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unauthorized, "{}", e.message);
+    assert!(!e.message.contains("not-the-token"), "{}", e.message);
+    assert_eq!(v.check().await.unwrap_err().kind, ErrorKind::Unauthorized);
+}
+
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn an_unreachable_vault_is_transient() {
+    // A port nobody listens on (bind, read the port, close).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let s = AzureConfig {
+        ca_file: Some(stub().ca),
+        verify_challenge_resource: Some(false),
+        timeout: Some("5s".into()),
+        ..AzureConfig::new(format!("https://127.0.0.1:{port}"), "workload_identity")
+    };
+    let v = AzureVault::with_credential("kv-down", &s, Arc::new(FixedToken(STUB_TOKEN.into())))
+        .unwrap();
+    let e = v.check().await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Transient, "{}", e.message);
+    assert!(e.message.contains("kv-down"), "{}", e.message);
+}
+
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn promoting_an_abandoned_version_is_invalid() {
+    let v = vault();
+    let path = unique_path("abandon");
+    let k = key();
+    let item = VaultItem {
+        key: &k,
+        path: &path,
+    };
+    let old = v
+        .stage(item, &RotationId::generate(), &value("old"))
+        .await
+        .unwrap();
+    v.stage(item, &RotationId::generate(), &value("new"))
+        .await
+        .unwrap();
+    assert_eq!(
+        v.promote(item, &old).await.unwrap_err().kind,
+        ErrorKind::Invalid
+    );
+    v.destroy(item).await.unwrap();
+}
+
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn replay_finds_a_version_beyond_the_first_page() {
+    let v = vault();
+    let path = unique_path("paging");
+    let k = key();
+    let item = VaultItem {
+        key: &k,
+        path: &path,
+    };
+    let rotations: Vec<RotationId> = (0..30).map(|_| RotationId::generate()).collect();
+    let mut versions = Vec::new();
+    for r in &rotations {
+        versions.push(v.stage(item, r, &value("x")).await.unwrap());
+    }
+    // The service pages at 25: rotation 28's version is on page two.
+    assert_eq!(
+        v.stage(item, &rotations[28], &value("y")).await.unwrap(),
+        versions[28]
+    );
+    let names = Names::of(&path).unwrap();
+    assert_eq!(
+        v.list_versions("t", &names.staging).await.unwrap().len(),
+        30
+    );
+    v.destroy(item).await.unwrap();
+}

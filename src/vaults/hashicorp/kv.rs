@@ -1,0 +1,381 @@
+//! KV v2 calls: reading and writing versions, the pending slot, promote plans.
+
+use super::*;
+
+impl HashicorpVault {
+    pub(super) fn location(&self, path: &str) -> String {
+        format!("{}/{path}", self.mount)
+    }
+
+    pub(super) fn pending_path(path: &str) -> String {
+        format!("{PENDING_PREFIX}/{path}")
+    }
+
+    // -----------------------------------------------------------------------
+    // KV v2 calls (one HTTP request each)
+    // -----------------------------------------------------------------------
+
+    /// Reads the latest (`None`) or a given version. `Ok(None)` on 404
+    /// (absent, deleted or destroyed).
+    pub(super) async fn read_kv(
+        &self,
+        step: &str,
+        path: &str,
+        version: Option<u64>,
+    ) -> Result<Option<KvVersion>, PluginError> {
+        let location = self.location(path);
+        let res = self
+            .call(step, &location, |c| async move {
+                let endpoint = ReadSecretRequest::builder()
+                    .mount(self.mount.as_str())
+                    .path(path)
+                    .version(version)
+                    .build()
+                    .map_err(|e| ClientError::RestClientError {
+                        source: rustify::errors::ClientError::EndpointBuildError {
+                            source: e.into(),
+                        },
+                    })?;
+                vaultrs::api::exec_with_result(&*c, endpoint).await
+            })
+            .await;
+        let res: ReadSecretResponse = match res {
+            Ok(r) => r,
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let data = match res.data {
+            Value::Object(map) => map,
+            // A deleted version can come back as `data: null`.
+            Value::Null => return Ok(None),
+            _ => {
+                return Err(self.err(
+                    ErrorKind::Fatal,
+                    step,
+                    &location,
+                    format!(
+                        "version {} has data that is not a map",
+                        res.metadata.version
+                    ),
+                ));
+            }
+        };
+        let rotation = match data.get(ROTATION_KEY) {
+            None => None,
+            Some(Value::String(s)) => Some(RotationId::parse(s).ok_or_else(|| {
+                self.err(
+                    ErrorKind::Fatal,
+                    step,
+                    &location,
+                    format!(
+                        "version {} has a malformed {ROTATION_KEY}",
+                        res.metadata.version
+                    ),
+                )
+            })?),
+            Some(_) => {
+                return Err(self.err(
+                    ErrorKind::Fatal,
+                    step,
+                    &location,
+                    format!(
+                        "version {} has a {ROTATION_KEY} that is not a string",
+                        res.metadata.version
+                    ),
+                ));
+            }
+        };
+        Ok(Some(KvVersion {
+            number: res.metadata.version,
+            rotation,
+            data,
+        }))
+    }
+
+    pub(super) async fn read_meta(
+        &self,
+        step: &str,
+        path: &str,
+    ) -> Result<Option<ReadSecretMetadataResponse>, PluginError> {
+        let location = self.location(path);
+        match self
+            .call(step, &location, |c| async move {
+                vaultrs::kv2::read_metadata(&*c, &self.mount, path).await
+            })
+            .await
+        {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `{field: value, keyturn_rotation: rotation}` with `cas`; returns
+    /// the new version number.
+    pub(super) async fn write_kv(
+        &self,
+        step: &str,
+        path: &str,
+        cas: u64,
+        rotation: &RotationId,
+        value: &SecretValue,
+    ) -> Result<u64, PluginError> {
+        let location = self.location(path);
+        let text = value.expose_str().ok_or_else(|| {
+            self.err(
+                ErrorKind::Invalid,
+                step,
+                &location,
+                "the value is not UTF-8 text; KV v2 stores strings",
+            )
+        })?;
+        let cas = u32::try_from(cas).map_err(|_| {
+            self.err(
+                ErrorKind::Fatal,
+                step,
+                &location,
+                "version number beyond u32",
+            )
+        })?;
+        let mut map = Map::new();
+        map.insert(self.field.clone(), Value::String(text.to_owned()));
+        map.insert(
+            ROTATION_KEY.to_owned(),
+            Value::String(rotation.as_str().to_owned()),
+        );
+        let data = Value::Object(map);
+        let res = self
+            .call(step, &location, |c| {
+                let data = data.clone();
+                async move {
+                    let endpoint = SetSecretRequest::builder()
+                        .mount(self.mount.as_str())
+                        .path(path)
+                        .data(data)
+                        .options(SetSecretRequestOptions { cas })
+                        .build()
+                        .map_err(|e| ClientError::RestClientError {
+                            source: rustify::errors::ClientError::EndpointBuildError {
+                                source: e.into(),
+                            },
+                        })?;
+                    vaultrs::api::exec_with_result(&*c, endpoint).await
+                }
+            })
+            .await;
+        // Best effort: drop our JSON copy of the value promptly.
+        wipe_json(data);
+        Ok(res?.version)
+    }
+
+    pub(super) async fn destroy_versions(
+        &self,
+        step: &str,
+        path: &str,
+        versions: Vec<u64>,
+    ) -> Result<(), PluginError> {
+        let location = self.location(path);
+        self.call(step, &location, |c| {
+            let versions = versions.clone();
+            async move { vaultrs::kv2::destroy_versions(&*c, &self.mount, path, versions).await }
+        })
+        .await
+    }
+
+    pub(super) async fn delete_all(&self, step: &str, path: &str) -> Result<(), PluginError> {
+        let location = self.location(path);
+        match self
+            .call(step, &location, |c| async move {
+                vaultrs::kv2::delete_metadata(&*c, &self.mount, path).await
+            })
+            .await
+        {
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    /// The latest version number of `path` (0 when it has none), and that
+    /// version's data when it can be read.
+    pub(super) async fn latest(
+        &self,
+        step: &str,
+        path: &str,
+    ) -> Result<(u64, Option<KvVersion>), PluginError> {
+        if let Some(v) = self.read_kv(step, path, None).await? {
+            return Ok((v.number, Some(v)));
+        }
+        // 404: no such path, or its latest version is deleted/destroyed; the
+        // metadata has the number a cas write must name.
+        let current = self
+            .read_meta(step, path)
+            .await?
+            .map_or(0, |m| m.current_version);
+        Ok((current, None))
+    }
+
+    pub(super) fn to_stored(
+        &self,
+        step: &str,
+        path: &str,
+        mut v: KvVersion,
+        stage: Stage,
+    ) -> Result<StoredVersion, PluginError> {
+        let reference = v.reference();
+        let value = match v.data.remove(&self.field) {
+            Some(Value::String(s)) => SecretValue::from_string(s),
+            Some(_) => {
+                return Err(self.err(
+                    ErrorKind::Invalid,
+                    step,
+                    &self.location(path),
+                    format!(
+                        "version {}: field {:?} is not a string",
+                        v.number, self.field
+                    ),
+                ));
+            }
+            None => {
+                return Err(self.err(
+                    ErrorKind::Invalid,
+                    step,
+                    &self.location(path),
+                    format!("version {} has no field {:?}", v.number, self.field),
+                ));
+            }
+        };
+        wipe_json(Value::Object(v.data));
+        Ok(StoredVersion {
+            version: reference,
+            rotation: v.rotation,
+            stage,
+            value,
+        })
+    }
+
+    pub(super) fn parse_ref(
+        &self,
+        step: &str,
+        path: &str,
+        v: &VersionRef,
+    ) -> Result<Ref, PluginError> {
+        Ref::parse(v).ok_or_else(|| {
+            self.err(
+                ErrorKind::Invalid,
+                step,
+                &self.location(path),
+                format!("{v:?} is not a version reference of this vault (a rotation id or kv-<N>)"),
+            )
+        })
+    }
+
+    /// Reads the previous version (latest − 1) when its data is still there.
+    pub(super) async fn read_previous(
+        &self,
+        step: &str,
+        path: &str,
+        latest: u64,
+    ) -> Result<Option<KvVersion>, PluginError> {
+        if latest < 2 {
+            return Ok(None);
+        }
+        self.read_kv(step, path, Some(latest - 1)).await
+    }
+
+    // -----------------------------------------------------------------------
+    // Promote, in two halves so tests can put a writer between them
+    // -----------------------------------------------------------------------
+
+    pub(super) async fn plan_promote(
+        &self,
+        path: &str,
+        target: &Ref,
+    ) -> Result<PromotePlan, PluginError> {
+        const STEP: &str = "promote";
+        let pending_path = Self::pending_path(path);
+        let slot = match target {
+            Ref::Rotation(_) => self.read_kv(STEP, &pending_path, None).await?,
+            Ref::Kv(_) => None,
+        };
+        let slot_holds_it = slot.as_ref().is_some_and(|s| s.is(target));
+        let (latest, latest_data) = self.latest(STEP, path).await?;
+        if latest_data.as_ref().is_some_and(|v| v.is(target)) {
+            return Ok(PromotePlan::Done {
+                latest,
+                clear_slot: slot_holds_it,
+            });
+        }
+        let (source, rotation) = if let Some(slot) = slot.filter(|s| s.is(target)) {
+            let rotation = slot.rotation.clone();
+            (
+                self.to_stored(STEP, &pending_path, slot, Stage::Pending)?,
+                rotation,
+            )
+        } else if let Some(prev) = self
+            .read_previous(STEP, path, latest)
+            .await?
+            .filter(|p| p.is(target))
+        {
+            // A rollback: the previous value becomes current again.
+            let rotation = prev.rotation.clone();
+            (self.to_stored(STEP, path, prev, Stage::Previous)?, rotation)
+        } else {
+            return Err(self.err(
+                ErrorKind::NotFound,
+                STEP,
+                &self.location(path),
+                format!(
+                    "version {} is not pending, current or previous (never staged here, or already retired)",
+                    ref_text(target)
+                ),
+            ));
+        };
+        let Some(rotation) = rotation else {
+            return Err(self.err(
+                ErrorKind::Invalid,
+                STEP,
+                &self.location(path),
+                format!(
+                    "version {} was not written by keyturn; only keyturn's versions can be promoted",
+                    ref_text(target)
+                ),
+            ));
+        };
+        Ok(PromotePlan::Write {
+            cas: latest,
+            rotation,
+            value: source.value,
+            clear_slot: slot_holds_it,
+        })
+    }
+
+    pub(super) async fn commit_promote(
+        &self,
+        path: &str,
+        plan: PromotePlan,
+    ) -> Result<(), PluginError> {
+        const STEP: &str = "promote";
+        let (current, clear_slot) = match plan {
+            PromotePlan::Done { latest, clear_slot } => (latest, clear_slot),
+            PromotePlan::Write {
+                cas,
+                rotation,
+                value,
+                clear_slot,
+            } => (
+                self.write_kv(STEP, path, cas, &rotation, &value).await?,
+                clear_slot,
+            ),
+        };
+        // The clean-up a crash may have interrupted; both calls are idempotent.
+        // The version before the new previous is retired: destroy its data
+        // (destroying a missing or destroyed version is a no-op in KV v2).
+        if current >= 3 {
+            self.destroy_versions(STEP, path, vec![current - 2]).await?;
+        }
+        if clear_slot {
+            self.delete_all(STEP, &Self::pending_path(path)).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,368 @@
+//! The client session: login (token, token file, AppRole), renewal, re-login after a 403, and error mapping.
+
+use super::*;
+
+/// The lease of an AppRole token.
+#[derive(Clone, Copy)]
+pub(super) struct Lease {
+    pub(super) renew_at: Instant,
+    pub(super) expires_at: Instant,
+    /// What the last login granted; a renewal giving much less means the max
+    /// TTL is near and a fresh login is due.
+    pub(super) granted: Duration,
+}
+
+impl Lease {
+    fn new(now: Instant, ttl: Duration, granted: Duration) -> Self {
+        Lease {
+            renew_at: now + ttl - ttl / RENEW_FRACTION,
+            expires_at: now + ttl,
+            granted,
+        }
+    }
+}
+
+pub(super) struct Session {
+    pub(super) client: Arc<VaultClient>,
+    /// Bumped whenever the token changes, so a task that got a 403 with an old
+    /// token knows someone else already replaced it.
+    pub(super) generation: u64,
+    /// `None`: the token does not expire, or keyturn does not manage it.
+    pub(super) lease: Option<Lease>,
+    /// AppRole before the first login.
+    pub(super) needs_login: bool,
+}
+
+pub(super) enum Upkeep {
+    Ready,
+    Renew,
+    Login,
+}
+
+impl Session {
+    fn upkeep(&self, now: Instant) -> Upkeep {
+        if self.needs_login {
+            return Upkeep::Login;
+        }
+        match self.lease {
+            Some(l) if now >= l.expires_at => Upkeep::Login,
+            Some(l) if now >= l.renew_at => Upkeep::Renew,
+            _ => Upkeep::Ready,
+        }
+    }
+}
+
+impl HashicorpVault {
+    pub(super) fn build_client(&self, token: &str) -> Result<VaultClient, PluginError> {
+        let invalid = |detail: String| self.err(ErrorKind::Invalid, "connect", "client", detail);
+        let mut settings = VaultClientSettingsBuilder::default()
+            // vaultrs's address setter panics on a bad URL; give it a constant
+            // and replace it below with a checked parse. Every other field is
+            // set explicitly so nothing comes from VAULT_* environment variables.
+            .address("http://127.0.0.1:8200")
+            .token(token)
+            .ca_certs(
+                self.ca_file
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>(),
+            )
+            .identity(None)
+            .verify(true)
+            .timeout(Some(self.timeout))
+            .namespace(self.namespace.clone())
+            .build()
+            .map_err(|e| invalid(format!("client settings: {e}")))?;
+        // An absolute URL joined onto any base is parsed on its own.
+        settings.address = settings
+            .address
+            .join(&self.address)
+            .map_err(|e| invalid(format!("address is not a valid URL: {e}")))?;
+        if settings.address.host_str().is_none_or(str::is_empty) {
+            return Err(invalid("address has no host".into()));
+        }
+        if let Some(ca) = &self.ca_file
+            && settings.address.scheme() == "http"
+        {
+            tracing::warn!(vault = %self.name, ca_file = %ca.display(), "ca_file is ignored for an http:// address");
+        }
+        VaultClient::new(settings).map_err(|e| self.error("connect", "client", e))
+    }
+
+    /// Reads a token / role id / secret id file: trimmed, non-empty, header-safe.
+    pub(super) fn read_secret_file(
+        &self,
+        path: &Path,
+        what: &str,
+    ) -> Result<Zeroizing<String>, PluginError> {
+        use std::io::Read;
+        let ctx = || {
+            format!(
+                "vault {} ({}): {what} {}",
+                self.name,
+                self.address,
+                path.display()
+            )
+        };
+        let file = std::fs::File::open(path).map_err(|e| PluginError::io(ctx(), &e))?;
+        let mut buf = Zeroizing::new(Vec::new());
+        file.take(MAX_SECRET_FILE + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| PluginError::io(ctx(), &e))?;
+        if buf.len() as u64 > MAX_SECRET_FILE {
+            return Err(PluginError::new(
+                ErrorKind::Invalid,
+                format!("{}: larger than {MAX_SECRET_FILE} bytes", ctx()),
+            ));
+        }
+        let text = std::str::from_utf8(&buf).map(str::trim).unwrap_or_default();
+        if !header_safe(text) {
+            return Err(PluginError::new(
+                ErrorKind::Invalid,
+                format!("{}: empty or not printable ASCII", ctx()),
+            ));
+        }
+        Ok(Zeroizing::new(text.to_owned()))
+    }
+
+    pub(super) fn install(&self, client: VaultClient, lease: Option<Lease>) {
+        let mut s = self.session.write().unwrap_or_else(PoisonError::into_inner);
+        s.client = Arc::new(client);
+        s.generation += 1;
+        s.lease = lease;
+        s.needs_login = false;
+    }
+
+    pub(super) fn snapshot(&self) -> (Arc<VaultClient>, u64, Upkeep) {
+        let s = self.session.read().unwrap_or_else(PoisonError::into_inner);
+        (s.client.clone(), s.generation, s.upkeep(Instant::now()))
+    }
+
+    /// The client to use now, logging in or renewing first when due.
+    pub(super) async fn client(&self) -> Result<(Arc<VaultClient>, u64), PluginError> {
+        let (client, generation, upkeep) = self.snapshot();
+        if matches!(upkeep, Upkeep::Ready) {
+            return Ok((client, generation));
+        }
+        let _guard = self.auth_lock.lock().await;
+        // Another task may have done it while we waited.
+        let (client, _, upkeep) = self.snapshot();
+        match upkeep {
+            Upkeep::Ready => {}
+            Upkeep::Login => self.login().await?,
+            Upkeep::Renew => self.renew(&client).await?,
+        }
+        let (client, generation, _) = self.snapshot();
+        Ok((client, generation))
+    }
+
+    /// AppRole login; installs the new token. Caller holds `auth_lock`.
+    pub(super) async fn login(&self) -> Result<(), PluginError> {
+        let HashicorpAuth::AppRole {
+            mount,
+            role_id_file,
+            secret_id_file,
+        } = &self.auth
+        else {
+            return Ok(());
+        };
+        let role_id = self.read_secret_file(role_id_file, "role_id file")?;
+        let secret_id = self.read_secret_file(secret_id_file, "secret_id file")?;
+        let anonymous = self.build_client("")?;
+        let now = Instant::now();
+        let auth = vaultrs::auth::approle::login(&anonymous, mount, &role_id, &secret_id)
+            .await
+            .map_err(|e| self.error("login", &format!("auth/{mount}/login"), e))?;
+        let token = Zeroizing::new(auth.client_token);
+        if !header_safe(&token) {
+            return Err(self.err(
+                ErrorKind::Fatal,
+                "login",
+                &format!("auth/{mount}/login"),
+                "the vault returned a token that is not printable ASCII",
+            ));
+        }
+        let ttl = Duration::from_secs(auth.lease_duration);
+        let lease = (!ttl.is_zero()).then(|| Lease::new(now, ttl, ttl));
+        let client = self.build_client(&token)?;
+        self.install(client, lease);
+        self.logins.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(vault = %self.name, ttl_s = ttl.as_secs(), "logged in with approle");
+        Ok(())
+    }
+
+    /// Renews our own token; falls back to a login when renewal is refused or
+    /// no longer extends the lease enough. Caller holds `auth_lock`.
+    pub(super) async fn renew(&self, client: &VaultClient) -> Result<(), PluginError> {
+        let now = Instant::now();
+        let lease = self
+            .session
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lease;
+        match vaultrs::token::renew_self(client, None).await {
+            Ok(auth) => {
+                let ttl = Duration::from_secs(auth.lease_duration);
+                let granted = lease.map_or(ttl, |l| l.granted);
+                if ttl < granted / RENEW_FRACTION {
+                    // The max TTL caps the renewal: start a fresh token now
+                    // rather than run into the wall.
+                    return self.login().await;
+                }
+                let mut s = self.session.write().unwrap_or_else(PoisonError::into_inner);
+                s.lease = Some(Lease::new(now, ttl, granted));
+                drop(s);
+                self.renewals.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(vault = %self.name, ttl_s = ttl.as_secs(), "renewed own token");
+                Ok(())
+            }
+            Err(e) => {
+                let e = self.error("renew", "auth/token/renew-self", e);
+                if e.kind == ErrorKind::Unauthorized {
+                    return self.login().await;
+                }
+                // Still valid (we only renew in its last third): keep using it
+                // and try renewing again on the next use.
+                tracing::warn!(vault = %self.name, error = %e, "token renewal failed; token still valid");
+                Ok(())
+            }
+        }
+    }
+
+    /// After a 403: reload the token file or log in again, once. Returns
+    /// whether repeating the call can help.
+    pub(super) async fn reauth_after_denied(
+        &self,
+        failed_generation: u64,
+    ) -> Result<bool, PluginError> {
+        let _guard = self.auth_lock.lock().await;
+        let (client, generation, _) = self.snapshot();
+        if generation != failed_generation {
+            return Ok(true);
+        }
+        match &self.auth {
+            HashicorpAuth::Token(_) => Ok(false),
+            HashicorpAuth::TokenFile(path) => {
+                let token = self.read_secret_file(path, "token file")?;
+                if *token == client.settings.token {
+                    return Ok(false);
+                }
+                let client = self.build_client(&token)?;
+                self.install(client, None);
+                tracing::info!(vault = %self.name, token_file = %path.display(), "reloaded the token file after a 403");
+                Ok(true)
+            }
+            HashicorpAuth::AppRole { .. } => {
+                self.login().await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Runs one vault call with auth upkeep, repeating it once after a 403 if
+    /// the credentials changed. `location` names the path for messages.
+    ///
+    /// `op` gets its own handle on the client; the future it returns may
+    /// borrow from `self` and the arguments, but not from the closure (a
+    /// higher-ranked `AsyncFn` would make the trait's futures non-`Send`).
+    pub(super) async fn call<T, F, Fut>(
+        &self,
+        step: &str,
+        location: &str,
+        op: F,
+    ) -> Result<T, PluginError>
+    where
+        F: Fn(Arc<VaultClient>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let (client, generation) = self.client().await?;
+        match op(client).await {
+            Ok(v) => Ok(v),
+            Err(e) if http_status(&e) == Some(403) => {
+                if self.reauth_after_denied(generation).await? {
+                    let (client, _) = self.client().await?;
+                    op(client).await.map_err(|e| self.error(step, location, e))
+                } else {
+                    Err(self.error(step, location, e))
+                }
+            }
+            Err(e) => Err(self.error(step, location, e)),
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Errors
+    // -----------------------------------------------------------------------
+
+    pub(super) fn err(
+        &self,
+        kind: ErrorKind,
+        step: &str,
+        location: &str,
+        detail: impl std::fmt::Display,
+    ) -> PluginError {
+        PluginError::new(
+            kind,
+            format!(
+                "vault {} ({}): {step} {location}: {detail}",
+                self.name, self.address
+            ),
+        )
+    }
+
+    /// Maps a vaultrs error to a kind and a message without any response body.
+    pub(super) fn error(&self, step: &str, location: &str, e: ClientError) -> PluginError {
+        use rustify::errors::ClientError as Rest;
+        let (kind, detail) = match &e {
+            ClientError::APIError { code, errors } => {
+                let text = errors.join("; ");
+                (
+                    status_kind(*code, &text),
+                    format!("{}: {text}", http_status_text(*code)),
+                )
+            }
+            ClientError::RestClientError { source } => match source {
+                Rest::ServerResponseError { code, .. } => {
+                    (status_kind(*code, ""), http_status_text(*code))
+                }
+                Rest::RequestError { source, .. } => {
+                    let chain = format!("{source:#}");
+                    // A certificate the client does not trust will not start
+                    // working by retrying; everything else (refused, reset,
+                    // timeout, DNS) may.
+                    let kind = if chain.contains("certificate") || chain.contains("UnknownIssuer") {
+                        ErrorKind::Invalid
+                    } else {
+                        ErrorKind::Transient
+                    };
+                    (kind, format!("cannot reach the vault: {chain}"))
+                }
+                Rest::ResponseError { source } => (
+                    ErrorKind::Transient,
+                    format!("reading the response failed: {source:#}"),
+                ),
+                other => (
+                    ErrorKind::Fatal,
+                    format!("unexpected response or request: {other}"),
+                ),
+            },
+            ClientError::FileReadError { path, source } => (
+                ErrorKind::from_io(source),
+                format!("cannot read {path}: {source}"),
+            ),
+            ClientError::FileNotFoundError { path } => {
+                (ErrorKind::NotFound, format!("no such file: {path}"))
+            }
+            ClientError::ParseCertificateError { path, source } => (
+                ErrorKind::Invalid,
+                format!("ca_file {path} is not a PEM certificate bundle: {source}"),
+            ),
+            ClientError::RestClientBuildError { source } => (
+                ErrorKind::Invalid,
+                format!("cannot build the HTTP client: {source}"),
+            ),
+            other => (ErrorKind::Fatal, format!("unexpected response: {other}")),
+        };
+        self.err(kind, step, location, detail)
+    }
+}

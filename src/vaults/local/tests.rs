@@ -1,0 +1,614 @@
+//! The local vault's tests.
+
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+use crate::model::{AgentId, CredentialId, CredentialKey};
+
+const KEY: [u8; KEY_LEN] = [7u8; KEY_LEN];
+
+fn cred() -> CredentialKey {
+    CredentialKey::new(
+        AgentId::new("bot").unwrap(),
+        CredentialId::new("db").unwrap(),
+    )
+}
+
+fn item<'a>(key: &'a CredentialKey, path: &'a str) -> VaultItem<'a> {
+    VaultItem { key, path }
+}
+
+fn open(dir: &Path) -> LocalVault {
+    LocalVault::open("test", dir, LocalKey::from_bytes(KEY)).unwrap()
+}
+
+fn secret(s: &str) -> SecretValue {
+    SecretValue::from_string(s.to_owned())
+}
+
+fn v(n: u64) -> VersionRef {
+    VersionRef(n.to_string())
+}
+
+async fn by_stage(vault: &LocalVault, path: &str, stage: Stage) -> Option<(String, Vec<u8>)> {
+    let c = cred();
+    vault
+        .read(item(&c, path), Select::Stage(stage))
+        .await
+        .unwrap()
+        .map(|s| (s.version.0, s.value.expose().to_vec()))
+}
+
+fn raw_db(dir: &Path) -> Connection {
+    Connection::open(dir.join(DB_FILE)).unwrap()
+}
+
+/// Stages and promotes `times` rotations of `it`, versions 1 to `times`.
+async fn rotate(vault: &LocalVault, it: VaultItem<'_>, times: u64) {
+    for n in 1..=times {
+        vault
+            .stage(it, &RotationId::generate(), &secret("x"))
+            .await
+            .unwrap();
+        vault.promote(it, &v(n)).await.unwrap();
+    }
+}
+
+async fn contract_subject() -> (LocalVault, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (open(dir.path()), "agents/bot/db".to_owned(), dir)
+}
+
+crate::vaults::contract::vault_contract!(open = contract_subject);
+
+// The contract suite checks stages, replays, retire and destroy through
+// the trait; the tests below check what it cannot see (the rows) and
+// what is this vault's own (its error kinds and messages, numbering).
+
+#[tokio::test]
+async fn retired_values_leave_no_ciphertext_in_their_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = open(dir.path());
+    let c = cred();
+    let it = item(&c, "agents/bot/db");
+    rotate(&vault, it, 3).await;
+    // Version 1 was retired by the third promote, version 2 by retire.
+    vault.retire(it, &v(2)).await.unwrap();
+    let raw = raw_db(dir.path());
+    for version in [1, 2] {
+        let (stage, nonce, ct): (String, Option<Vec<u8>>, Option<Vec<u8>>) = raw
+            .query_row(
+                "SELECT stage, nonce, ciphertext FROM versions WHERE version = ?1",
+                [version],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(stage, "retired", "version {version}");
+        assert!(nonce.is_none() && ct.is_none(), "version {version}");
+    }
+}
+
+#[tokio::test]
+async fn a_stage_replay_adds_no_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = open(dir.path());
+    let c = cred();
+    let it = item(&c, "p");
+    let r1 = RotationId::generate();
+    vault.stage(it, &r1, &secret("first")).await.unwrap();
+    vault.stage(it, &r1, &secret("second")).await.unwrap();
+    vault.promote(it, &v(1)).await.unwrap();
+    vault.stage(it, &r1, &secret("third")).await.unwrap();
+    let rows: i64 = raw_db(dir.path())
+        .query_row("SELECT count(*) FROM versions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 1);
+}
+
+#[tokio::test]
+async fn an_abandoned_version_is_a_conflict_to_promote_and_its_replay_finds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = open(dir.path());
+    let c = cred();
+    let it = item(&c, "p");
+    let (r1, r2) = (RotationId::generate(), RotationId::generate());
+    assert_eq!(vault.stage(it, &r1, &secret("old")).await.unwrap(), v(1));
+    assert_eq!(vault.stage(it, &r2, &secret("new")).await.unwrap(), v(2));
+    let e = vault.promote(it, &v(1)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
+    // The abandoned rotation's replay finds its (retired) version, never a new one.
+    assert_eq!(vault.stage(it, &r1, &secret("again")).await.unwrap(), v(1));
+    assert_eq!(by_stage(&vault, "p", Stage::Pending).await.unwrap().0, "2");
+}
+
+#[tokio::test]
+async fn promote_names_an_unknown_version_and_refuses_malformed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = open(dir.path());
+    let c = cred();
+    let it = item(&c, "p");
+    let e = vault.promote(it, &v(99)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(
+        e.message.contains("version 99") && e.message.contains("p"),
+        "{e}"
+    );
+    for junk in ["abc", "0", "-1", "01", "+2", ""] {
+        let e = vault
+            .promote(it, &VersionRef(junk.into()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{junk:?}");
+    }
+}
+
+#[tokio::test]
+async fn destroy_deletes_the_rows_and_numbers_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = open(dir.path());
+    let c = cred();
+    let it = item(&c, "p");
+    rotate(&vault, it, 3).await;
+    vault
+        .stage(it, &RotationId::generate(), &secret("y"))
+        .await
+        .unwrap();
+    vault.destroy(it).await.unwrap();
+    let rows: i64 = raw_db(dir.path())
+        .query_row("SELECT count(*) FROM versions WHERE path = 'p'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(rows, 0);
+    assert_eq!(
+        vault
+            .stage(it, &RotationId::generate(), &secret("z"))
+            .await
+            .unwrap(),
+        v(5)
+    );
+}
+
+#[tokio::test]
+async fn retired_history_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = open(dir.path());
+    let c = cred();
+    let it = item(&c, "p");
+    rotate(&vault, it, 40).await;
+    let rows: i64 = raw_db(dir.path())
+        .query_row("SELECT count(*) FROM versions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, RETIRED_KEPT + 2);
+    assert_eq!(by_stage(&vault, "p", Stage::Current).await.unwrap().0, "40");
+}
+
+#[tokio::test]
+async fn values_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cred();
+    let it = item(&c, "p");
+    {
+        let vault = open(dir.path());
+        vault
+            .stage(it, &RotationId::generate(), &secret("durable"))
+            .await
+            .unwrap();
+    }
+    let vault = open(dir.path());
+    assert_eq!(
+        by_stage(&vault, "p", Stage::Pending).await.unwrap().1,
+        b"durable"
+    );
+}
+
+#[tokio::test]
+async fn values_are_encrypted_at_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A directory the vault creates itself, to check its mode too.
+    let vdir = tmp.path().join("vaults/local");
+    let vault = open(&vdir);
+    let c = cred();
+    let canary = "canary-7d1f0b9e-not-in-any-file";
+    let path = "agents/bot/canary-path";
+    let it = item(&c, path);
+    vault
+        .stage(it, &RotationId::generate(), &secret(canary))
+        .await
+        .unwrap();
+    vault.promote(it, &v(1)).await.unwrap();
+    assert_eq!(
+        by_stage(&vault, path, Stage::Current).await.unwrap().1,
+        canary.as_bytes()
+    );
+
+    let mut all = Vec::new();
+    for f in std::fs::read_dir(&vdir).unwrap() {
+        let f = f.unwrap();
+        let mode = f.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "{:?} is {mode:o}", f.file_name());
+        all.extend(std::fs::read(f.path()).unwrap());
+    }
+    let find = |needle: &[u8]| all.windows(needle.len()).any(|w| w == needle);
+    // The scan does see the data (the path is stored in clear)...
+    assert!(
+        find(path.as_bytes()),
+        "scan did not see the path: scanning the wrong files?"
+    );
+    // ...but never the value.
+    assert!(!find(canary.as_bytes()));
+    assert!(!find(&canary.as_bytes()[..12]));
+    let mode = std::fs::metadata(&vdir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+}
+
+#[tokio::test]
+async fn wrong_key_is_fatal_and_names_the_vault() {
+    let dir = tempfile::tempdir().unwrap();
+    open(dir.path());
+    let e = LocalVault::open("test", dir.path(), LocalKey::from_bytes([8u8; KEY_LEN])).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Fatal);
+    assert!(
+        e.message.contains("local vault test") && e.message.contains("key"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_key_on_a_row_is_fatal_naming_path_and_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cred();
+    open(dir.path())
+        .stage(item(&c, "p"), &RotationId::generate(), &secret("x"))
+        .await
+        .unwrap();
+    // Without the key check (an old or damaged file), a wrong key still
+    // cannot read anything: each row fails on its own.
+    raw_db(dir.path())
+        .execute("DELETE FROM meta WHERE name = 'key_check'", [])
+        .unwrap();
+    let vault = LocalVault::open("test", dir.path(), LocalKey::from_bytes([9u8; KEY_LEN])).unwrap();
+    let e = vault
+        .read(item(&c, "p"), Select::Version(&v(1)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Fatal);
+    assert!(
+        e.message.contains("p") && e.message.contains("version 1"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn tampered_swapped_or_corrupt_rows_are_fatal_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = open(dir.path());
+    let c = cred();
+    for path in ["a", "b", "c", "d", "e"] {
+        vault
+            .stage(item(&c, path), &RotationId::generate(), &secret(path))
+            .await
+            .unwrap();
+    }
+    let raw = raw_db(dir.path());
+    // a: one flipped ciphertext bit.
+    raw.execute(
+        "UPDATE versions SET ciphertext = (SELECT ciphertext FROM versions WHERE path = 'a') || x'00' WHERE path = 'a'",
+        [],
+    )
+    .unwrap();
+    // b: c's sealed value moved onto b.
+    raw.execute(
+        "UPDATE versions SET (nonce, ciphertext) = (SELECT nonce, ciphertext FROM versions WHERE path = 'c') WHERE path = 'b'",
+        [],
+    )
+    .unwrap();
+    // c: nonce of the wrong length (would panic in XNonce::from_slice).
+    raw.execute("UPDATE versions SET nonce = x'0102' WHERE path = 'c'", [])
+        .unwrap();
+    // d: value missing on a live row.
+    raw.execute("UPDATE versions SET ciphertext = NULL WHERE path = 'd'", [])
+        .unwrap();
+    // e: a version column that is not a number, and columns of the wrong type.
+    raw.execute(
+        "UPDATE versions SET version = 'x', nonce = 'text', ciphertext = 42 WHERE path = 'e'",
+        [],
+    )
+    .unwrap();
+    drop(raw);
+    for path in ["a", "b", "c", "d", "e"] {
+        let e = vault
+            .read(item(&c, path), Select::Stage(Stage::Pending))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Fatal, "{path}: {e}");
+        assert!(e.message.contains(path), "{e}");
+    }
+    // The vault keeps working for healthy rows.
+    vault
+        .stage(item(&c, "f"), &RotationId::generate(), &secret("f"))
+        .await
+        .unwrap();
+    assert_eq!(by_stage(&vault, "f", Stage::Pending).await.unwrap().1, b"f");
+    vault.check().await.unwrap();
+}
+
+#[tokio::test]
+async fn unsafe_paths_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = open(dir.path());
+    let c = cred();
+    for path in ["", "/abs", "a/../b", "..", "a//b", "a/", "./a", "a\nb"] {
+        let e = vault
+            .stage(item(&c, path), &RotationId::generate(), &secret("x"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{path:?}");
+        let e = vault.destroy(item(&c, path)).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{path:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_stages_on_many_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = open(dir.path());
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let vault = vault.clone();
+            tokio::spawn(async move {
+                let c = cred();
+                let path = format!("agents/a{i}/db");
+                let it = item(&c, &path);
+                let r = RotationId::generate();
+                let ver = vault
+                    .stage(it, &r, &secret(&format!("v{i}")))
+                    .await
+                    .unwrap();
+                vault.promote(it, &ver).await.unwrap();
+                let got = vault
+                    .read(it, Select::Stage(Stage::Current))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(got.value.expose(), format!("v{i}").as_bytes());
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    vault.check().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_write_does_not_spoil_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = open(dir.path());
+    // Interleave good stages with promotes that must fail, so they share
+    // group-commit batches.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let vault = vault.clone();
+        tasks.spawn(async move {
+            let c = cred();
+            let path = format!("p{i}");
+            let it = item(&c, &path);
+            if i % 2 == 0 {
+                vault
+                    .stage(it, &RotationId::generate(), &secret(&path))
+                    .await
+                    .map(|_| ())
+            } else {
+                vault.promote(it, &v(7)).await
+            }
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        results.push(r.unwrap());
+    }
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 50);
+    assert!(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| e.kind == ErrorKind::NotFound)
+    );
+    for i in (0..100).step_by(2) {
+        let path = format!("p{i}");
+        assert_eq!(
+            by_stage(&vault, &path, Stage::Pending).await.unwrap().1,
+            path.as_bytes()
+        );
+    }
+}
+
+#[test]
+fn key_file_is_created_0600_and_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("sub/vault.key");
+    let k1 = load_key_from(&key_file, "vault-key", None).unwrap();
+    let meta = std::fs::metadata(&key_file).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let text = std::fs::read_to_string(&key_file).unwrap();
+    assert_eq!(text.len(), 65);
+    assert!(text[..64].bytes().all(|b| b.is_ascii_hexdigit()) && text.ends_with('\n'));
+    let k2 = load_key_from(&key_file, "vault-key", None).unwrap();
+    assert_eq!(*k1.0, *k2.0);
+    assert_ne!(*k1.0, [0u8; KEY_LEN]);
+    // And a vault opened with it opens again with the reloaded key.
+    let vdir = dir.path().join("v");
+    LocalVault::open("t", &vdir, k1).unwrap();
+    LocalVault::open(
+        "t",
+        &vdir,
+        load_key_from(&key_file, "vault-key", None).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn unsafe_key_files_are_refused_with_the_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.key");
+    std::fs::write(&good, hex::encode(KEY)).unwrap();
+    std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(*load_key_from(&good, "k", None).unwrap().0, KEY);
+
+    let readable = dir.path().join("readable.key");
+    std::fs::write(&readable, hex::encode(KEY)).unwrap();
+    std::fs::set_permissions(&readable, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = load_key_from(&readable, "k", None).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Invalid);
+    assert!(
+        e.message.contains("readable.key") && e.message.contains("0644"),
+        "{e}"
+    );
+
+    let group = dir.path().join("group.key");
+    std::fs::write(&group, KEY).unwrap();
+    std::fs::set_permissions(&group, std::fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(
+        load_key_from(&group, "k", None).unwrap_err().kind,
+        ErrorKind::Invalid
+    );
+
+    let link = dir.path().join("link.key");
+    std::os::unix::fs::symlink(&good, &link).unwrap();
+    let e = load_key_from(&link, "k", None).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Invalid);
+    assert!(
+        e.message.contains("link.key") && e.message.contains("symlink"),
+        "{e}"
+    );
+
+    for (name, content) in [
+        ("short.key", b"abcdef".to_vec()),
+        ("long.key", vec![b'a'; 1000]),
+        ("nothex.key", vec![b'z'; 64]),
+        ("empty.key", Vec::new()),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, &content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = load_key_from(&p, "k", None).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{name}");
+        assert!(e.message.contains(name), "{e}");
+        // Nothing of the file's content is echoed.
+        assert!(
+            !e.message.contains("zzzz") && !e.message.contains("aaaa"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn credentials_directory_wins_over_the_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    let key_file = dir.path().join("vault.key");
+
+    // Raw 32 bytes.
+    std::fs::write(creds.join("vault-key"), KEY).unwrap();
+    let k = load_key_from(&key_file, "vault-key", Some(&creds)).unwrap();
+    assert_eq!(*k.0, KEY);
+    assert!(
+        !key_file.exists(),
+        "the key file must not be created when the credential is there"
+    );
+
+    // 64 hex characters and a newline.
+    let other = [3u8; KEY_LEN];
+    std::fs::write(creds.join("hex-key"), format!("{}\n", hex::encode(other))).unwrap();
+    assert_eq!(
+        *load_key_from(&key_file, "hex-key", Some(&creds)).unwrap().0,
+        other
+    );
+
+    // Credential absent: falls back to (and creates) the key file.
+    let k = load_key_from(&key_file, "missing", Some(&creds)).unwrap();
+    assert!(key_file.exists());
+    assert_ne!(*k.0, KEY);
+
+    // A bad credential is an error, not a silent fallback.
+    std::fs::write(creds.join("bad"), b"nope").unwrap();
+    let e = load_key_from(&key_file, "bad", Some(&creds)).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Invalid);
+    assert!(e.message.contains("bad"), "{e}");
+    let e = load_key_from(&key_file, "../vault.key", Some(&creds)).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Invalid);
+}
+
+/// Throughput table, not an assertion: `KT_BENCH_N=100000 cargo test --lib
+/// vaults::local::tests::bench -- --ignored --nocapture`. Each credential
+/// is staged, promoted and read back, `KT_BENCH_CONCURRENCY` at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run by hand"]
+async fn bench_stage_promote_read() {
+    let n: usize = std::env::var("KT_BENCH_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
+    let conc: usize = std::env::var("KT_BENCH_CONCURRENCY")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(32);
+    let dir =
+        tempfile::tempdir_in(std::env::var("KT_BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
+    let vault = open(dir.path());
+    let sem = Arc::new(tokio::sync::Semaphore::new(conc));
+    println!("| phase | credentials | seconds | ops/s |");
+    println!("|---|---|---|---|");
+    for phase in ["stage", "promote", "read current"] {
+        let start = std::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let (vault, sem) = (vault.clone(), sem.clone());
+            tasks.spawn(async move {
+                let _permit = sem.acquire().await.unwrap();
+                let c = cred();
+                let path = format!("agents/a{i}/db");
+                let it = item(&c, &path);
+                match phase {
+                    "stage" => {
+                        vault
+                            .stage(
+                                it,
+                                &RotationId::generate(),
+                                &secret("0123456789abcdef0123456789abcdef"),
+                            )
+                            .await
+                            .unwrap();
+                    }
+                    "promote" => vault.promote(it, &v(1)).await.unwrap(),
+                    _ => assert!(
+                        vault
+                            .read(it, Select::Stage(Stage::Current))
+                            .await
+                            .unwrap()
+                            .is_some()
+                    ),
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!("| {phase} | {n} | {secs:.2} | {:.0} |", n as f64 / secs);
+    }
+    let size = std::fs::metadata(dir.path().join(DB_FILE)).unwrap().len();
+    println!("vault.db: {} KiB", size / 1024);
+}
+
+#[test]
+fn key_debug_is_redacted() {
+    let k = LocalKey::from_bytes(KEY);
+    let s = format!("{k:?}");
+    assert_eq!(s, "LocalKey([redacted])");
+    let dir = tempfile::tempdir().unwrap();
+    let vault = LocalVault::open("t", dir.path(), k).unwrap();
+    assert!(!format!("{vault:?}").contains("07"));
+}
