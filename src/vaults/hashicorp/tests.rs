@@ -25,27 +25,27 @@ fn key() -> CredentialKey {
 }
 
 /// A vault's name, config and way to log in.
-struct Settings {
+struct Setup {
     name: String,
     config: HashicorpConfig,
     auth: HashicorpAuth,
 }
 
-impl std::ops::Deref for Settings {
+impl std::ops::Deref for Setup {
     type Target = HashicorpConfig;
     fn deref(&self) -> &HashicorpConfig {
         &self.config
     }
 }
 
-impl std::ops::DerefMut for Settings {
+impl std::ops::DerefMut for Setup {
     fn deref_mut(&mut self) -> &mut HashicorpConfig {
         &mut self.config
     }
 }
 
-fn settings(name: &str, address: &str, auth: HashicorpAuth) -> Settings {
-    Settings {
+fn settings(name: &str, address: &str, auth: HashicorpAuth) -> Setup {
+    Setup {
         name: name.into(),
         config: HashicorpConfig {
             timeout: Some("5s".into()),
@@ -55,7 +55,7 @@ fn settings(name: &str, address: &str, auth: HashicorpAuth) -> Settings {
     }
 }
 
-async fn connect(s: Settings) -> Result<HashicorpVault, PluginError> {
+async fn connect(s: Setup) -> Result<HashicorpVault, PluginError> {
     HashicorpVault::with_auth(&s.name, &s.config, s.auth).await
 }
 
