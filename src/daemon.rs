@@ -50,6 +50,7 @@ pub fn state_db_in(state_dir: &Path) -> PathBuf {
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let started = std::time::Instant::now();
+    memory::configure();
     let (config, mut config_files) =
         config::load_tracked(config_path).map_err(DaemonError::Config)?;
     tracing::debug!(elapsed = ?started.elapsed(), "config loaded");

@@ -440,11 +440,12 @@ impl Server {
     }
 }
 
+/// Writes `response` as one line; returns its length.
 async fn write_response<W: AsyncWrite + Unpin>(
     w: &mut W,
     response: &Response,
     timeout: Duration,
-) -> io::Result<()> {
+) -> io::Result<usize> {
     let mut bytes = serde_json::to_vec(response).unwrap_or_else(|e| {
         // Our own types always serialize; keep the connection honest anyway.
         serde_json::to_vec(&Response::Error(ApiError::internal(format!(
@@ -458,7 +459,8 @@ async fn write_response<W: AsyncWrite + Unpin>(
         w.flush().await
     })
     .await
-    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client did not read the response"))?
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client did not read the response"))??;
+    Ok(bytes.len())
 }
 
 enum Line {
@@ -586,9 +588,15 @@ async fn handle_connection(stream: UnixStream, server: Arc<Server>, cancel: Canc
             continue;
         }
         let response = server.dispatch(&peer, &buf).await;
-        if let Err(e) = write_response(&mut write_half, &response, limits.write_timeout).await {
-            debug!(uid = peer.uid, error = %e, "writing a control response failed");
-            break;
+        let written = write_response(&mut write_half, &response, limits.write_timeout).await;
+        drop(response);
+        match written {
+            // A status of every credential is tens of MB of heap, freed now.
+            Ok(bytes) => crate::memory::freed(crate::memory::Freed::Response(bytes)),
+            Err(e) => {
+                debug!(uid = peer.uid, error = %e, "writing a control response failed");
+                break;
+            }
         }
         if last {
             break;

@@ -180,7 +180,13 @@ impl Engine {
     /// their first one now, overdue ones are spread over the catch-up window,
     /// the rest wait for their next due time.
     pub async fn start(&self) -> Result<(), EngineError> {
-        let snapshot = self.inner.writer.read(|s| s.snapshot()).await?;
+        // Read on the caller (the daemon's main thread, at start-up), not on
+        // the state thread: at 100k credentials the snapshot is tens of MB
+        // of small rows, freed below, and only the main arena gives a freed
+        // top back to `malloc_trim` (see `crate::memory`); on the state
+        // thread's arena ~25 MB stayed resident. Nothing else uses the
+        // state yet.
+        let snapshot = self.inner.state.snapshot()?;
         let catalog = self.catalog();
         // Rotations to resume before their retire step (usually none).
         let mut resume = HashSet::new();
