@@ -168,16 +168,7 @@ impl SqliteStore {
             .open(path)
             .map_err(|e| io_err("cannot create", e))?;
 
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| db_err(&display, e))?;
-        let store = SqliteStore {
-            conn: Mutex::new(conn),
-            path: display,
-        };
-        store.configure(false)?;
+        let store = Self::connect(path, false)?;
         store.migrate()?;
         Ok(store)
     }
@@ -186,17 +177,7 @@ impl SqliteStore {
     /// while the daemon runs). Never migrates: a database at another schema
     /// version is refused, telling which side must be upgraded.
     pub fn open_read_only(path: &Path) -> Result<SqliteStore> {
-        let display = path.display().to_string();
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| db_err(&display, e))?;
-        let store = SqliteStore {
-            conn: Mutex::new(conn),
-            path: display,
-        };
-        store.configure(true)?;
+        let store = Self::connect(path, true)?;
         let found = store.user_version()?;
         if found > SCHEMA_VERSION {
             return Err(store.too_new(found));
@@ -243,6 +224,26 @@ impl SqliteStore {
             found,
             supported: SCHEMA_VERSION,
         }
+    }
+
+    /// Opens the connection both [`open`](Self::open) and
+    /// [`open_read_only`](Self::open_read_only) use, with the settings every
+    /// connection needs (and, read-write, WAL mode).
+    fn connect(path: &Path, read_only: bool) -> Result<SqliteStore> {
+        let display = path.display().to_string();
+        let access = if read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+        };
+        let conn = Connection::open_with_flags(path, access | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|e| db_err(&display, e))?;
+        let store = SqliteStore {
+            conn: Mutex::new(conn),
+            path: display,
+        };
+        store.configure(read_only)?;
+        Ok(store)
     }
 
     fn configure(&self, read_only: bool) -> Result<()> {
