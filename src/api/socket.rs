@@ -440,6 +440,12 @@ impl Server {
     }
 }
 
+/// Answers with `error` just before the connection is closed: best effort,
+/// as there is nothing left to do if the client does not read it.
+async fn write_last_error<W: AsyncWrite + Unpin>(w: &mut W, error: ApiError, timeout: Duration) {
+    let _ = write_response(w, &Response::Error(error), timeout).await;
+}
+
 async fn write_response<W: AsyncWrite + Unpin>(
     w: &mut W,
     response: &Response,
@@ -515,9 +521,9 @@ async fn handle_connection(stream: UnixStream, server: Arc<Server>, cancel: Canc
         let reason = server.refusal_message(&peer);
         warn!(uid = peer.uid, gid = peer.gid, pid = peer.pid, socket = %server.path.display(), "refused control connection");
         server.handler.refused(peer, reason.clone()).await;
-        let _ = write_response(
+        write_last_error(
             &mut write_half,
-            &Response::Error(ApiError::forbidden(reason)),
+            ApiError::forbidden(reason),
             limits.write_timeout,
         )
         .await;
@@ -537,16 +543,11 @@ async fn handle_connection(stream: UnixStream, server: Arc<Server>, cancel: Canc
         };
         let line = match read {
             Err(_) => {
-                let msg = format!(
+                let error = ApiError::bad_request(format!(
                     "no complete request line within {}; closing",
                     humantime::format_duration(limits.read_timeout)
-                );
-                let _ = write_response(
-                    &mut write_half,
-                    &Response::Error(ApiError::bad_request(msg)),
-                    limits.write_timeout,
-                )
-                .await;
+                ));
+                write_last_error(&mut write_half, error, limits.write_timeout).await;
                 break;
             }
             Ok(Err(e)) => {
@@ -564,16 +565,11 @@ async fn handle_connection(stream: UnixStream, server: Arc<Server>, cancel: Canc
                     "control request longer than {} bytes; closing",
                     limits.max_line
                 );
-                let msg = format!(
+                let error = ApiError::bad_request(format!(
                     "request line longer than {} bytes; closing the connection",
                     limits.max_line
-                );
-                let _ = write_response(
-                    &mut write_half,
-                    &Response::Error(ApiError::bad_request(msg)),
-                    limits.write_timeout,
-                )
-                .await;
+                ));
+                write_last_error(&mut write_half, error, limits.write_timeout).await;
                 break;
             }
             Line::Complete { last } => last,
