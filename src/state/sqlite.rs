@@ -834,6 +834,7 @@ fn decode_version(row: &Row<'_>) -> DecodeResult<VersionRow> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
     use std::time::Instant;
 
     fn key(a: &str, c: &str) -> CredentialKey {
@@ -887,10 +888,41 @@ mod tests {
         }
     }
 
-    fn open_tmp() -> (tempfile::TempDir, SqliteStore) {
+    /// `relative` inside a fresh temp dir, which lives as long as the `TempDir`.
+    fn tmp_path(relative: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("state/keyturn.db")).unwrap();
-        (dir, store)
+        let path = dir.path().join(relative);
+        (dir, path)
+    }
+
+    fn open_tmp() -> (tempfile::TempDir, SqliteStore) {
+        let (dir, path) = tmp_path("state/keyturn.db");
+        (dir, SqliteStore::open(&path).unwrap())
+    }
+
+    fn stages(s: &SqliteStore, k: &CredentialKey) -> Vec<(u64, Stage)> {
+        s.versions(k)
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.version, v.stage))
+            .collect()
+    }
+
+    /// One write of each row type, in one transaction.
+    fn apply_one_of_each(
+        s: &SqliteStore,
+        c: &CredentialRow,
+        r: &RotationRow,
+        v: &VersionRow,
+        h: &AuditHead,
+    ) {
+        s.apply(&[
+            Write::Credential(c.clone()),
+            Write::Rotation(r.clone()),
+            Write::Version(v.clone()),
+            Write::AuditHead(h.clone()),
+        ])
+        .unwrap();
     }
 
     #[test]
@@ -936,14 +968,8 @@ mod tests {
             },
         ])
         .unwrap();
-        let stages: Vec<(u64, Stage)> = s
-            .versions(&k)
-            .unwrap()
-            .into_iter()
-            .map(|v| (v.version, v.stage))
-            .collect();
         assert_eq!(
-            stages,
+            stages(&s, &k),
             vec![
                 (1, Stage::Retired),
                 (2, Stage::Retired),
@@ -979,13 +1005,7 @@ mod tests {
             seq: 42,
             hash: "ab".repeat(32),
         };
-        s.apply(&[
-            Write::Credential(c.clone()),
-            Write::Rotation(r.clone()),
-            Write::Version(v.clone()),
-            Write::AuditHead(h.clone()),
-        ])
-        .unwrap();
+        apply_one_of_each(&s, &c, &r, &v, &h);
         assert_eq!(s.credential(&k).unwrap(), Some(c.clone()));
         assert_eq!(s.rotation(&r.id).unwrap(), Some(r.clone()));
         assert_eq!(s.versions(&k).unwrap(), vec![v]);
@@ -1030,16 +1050,11 @@ mod tests {
         let mut r = rot(&k, Step::Create);
         let mut v = version(&k, &r.id, 4);
         v.stage = Stage::Pending;
-        s.apply(&[
-            Write::Credential(c.clone()),
-            Write::Rotation(r.clone()),
-            Write::Version(v.clone()),
-            Write::AuditHead(AuditHead {
-                seq: 1,
-                hash: "x".into(),
-            }),
-        ])
-        .unwrap();
+        let h = AuditHead {
+            seq: 1,
+            hash: "x".into(),
+        };
+        apply_one_of_each(&s, &c, &r, &v, &h);
 
         c.current_version = Some(4);
         c.consecutive_failures = 0;
@@ -1051,13 +1066,7 @@ mod tests {
             seq: 9,
             hash: "y".into(),
         };
-        s.apply(&[
-            Write::Credential(c.clone()),
-            Write::Rotation(r.clone()),
-            Write::Version(v.clone()),
-            Write::AuditHead(h.clone()),
-        ])
-        .unwrap();
+        apply_one_of_each(&s, &c, &r, &v, &h);
 
         let snap = s.snapshot().unwrap();
         assert_eq!(snap.credentials, vec![c]);
@@ -1134,12 +1143,7 @@ mod tests {
         s.apply(&[Write::PruneHistory(k.clone())]).unwrap();
 
         let kept = u64::from(crate::state::HISTORY_KEPT);
-        let versions: Vec<(u64, Stage)> = s
-            .versions(&k)
-            .unwrap()
-            .into_iter()
-            .map(|v| (v.version, v.stage))
-            .collect();
+        let versions = stages(&s, &k);
         let retired: Vec<u64> = versions
             .iter()
             .filter(|(_, st)| *st == Stage::Retired)
@@ -1210,8 +1214,7 @@ mod tests {
 
     #[test]
     fn migrates_an_empty_database_and_reopens() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("new/dir/keyturn.db");
+        let (_dir, path) = tmp_path("new/dir/keyturn.db");
         let k = key("a", "c");
         {
             let s = SqliteStore::open(&path).unwrap();
@@ -1237,8 +1240,7 @@ mod tests {
 
     #[test]
     fn a_version_1_database_is_migrated_and_keeps_its_rotations() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keyturn.db");
+        let (_dir, path) = tmp_path("keyturn.db");
         let k = key("a", "c");
         {
             // What keyturn wrote before rotations had a footprint.
@@ -1270,8 +1272,7 @@ mod tests {
 
     #[test]
     fn a_newer_database_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keyturn.db");
+        let (_dir, path) = tmp_path("keyturn.db");
         drop(SqliteStore::open(&path).unwrap());
         {
             let conn = Connection::open(&path).unwrap();
@@ -1309,8 +1310,7 @@ mod tests {
 
     #[test]
     fn read_only_open_of_a_missing_database_fails() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("absent.db");
+        let (_dir, path) = tmp_path("absent.db");
         assert!(SqliteStore::open_read_only(&path).is_err());
         assert!(!path.exists());
     }
@@ -1340,24 +1340,25 @@ mod tests {
         raw.execute("UPDATE rotations SET step = 'done'", [])
             .unwrap();
 
-        raw.execute("UPDATE credentials SET agent = '../etc'", [])
-            .unwrap();
-        expect_corrupt("credentials.agent", s.snapshot().map(drop));
-        raw.execute(
-            "UPDATE credentials SET agent = 'a', current_version = -1",
-            [],
-        )
-        .unwrap();
-        expect_corrupt("current_version", s.snapshot().map(drop));
-        raw.execute("UPDATE credentials SET current_version = 'three'", [])
-            .unwrap();
-        expect_corrupt("", s.snapshot().map(drop));
-        raw.execute(
-            "UPDATE credentials SET current_version = 1, next_due = 9223372036854775807",
-            [],
-        )
-        .unwrap();
-        expect_corrupt("next_due", s.snapshot().map(drop));
+        // Each update spoils one column (and repairs the one before).
+        for (update, what) in [
+            (
+                "UPDATE credentials SET agent = '../etc'",
+                "credentials.agent",
+            ),
+            (
+                "UPDATE credentials SET agent = 'a', current_version = -1",
+                "current_version",
+            ),
+            ("UPDATE credentials SET current_version = 'three'", ""),
+            (
+                "UPDATE credentials SET current_version = 1, next_due = 9223372036854775807",
+                "next_due",
+            ),
+        ] {
+            raw.execute(update, []).unwrap();
+            expect_corrupt(what, s.snapshot().map(drop));
+        }
     }
 
     /// A guard for future changes: a value that only ever lived in a
