@@ -20,6 +20,7 @@
 //! - [`daemon`]     wiring and lifecycle: sd_notify, signals, reload, drain
 //! - [`telemetry`]  tracing setup and the metrics registry
 //! - [`cli`]        the `keyturn` commands
+//! - `test_support` helpers the unit tests of several modules share (tests only)
 
 pub mod api;
 pub mod audit;
@@ -37,4 +38,6 @@ pub mod sinks;
 pub mod state;
 pub mod targets;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod vaults;

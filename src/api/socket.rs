@@ -1031,10 +1031,7 @@ mod tests {
 
     #[tokio::test]
     async fn bind_sets_the_group_by_name_or_number() {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "chgrp to another group needs root (as CI runs the suite)"
-        );
+        crate::test_support::assert_root("chgrp to another group");
         let dir = tempfile::tempdir().unwrap();
         let nogroup = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(65534))
             .ok()
@@ -1149,10 +1146,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_of_another_uid_is_refused_and_audited() {
         use std::os::unix::process::CommandExt;
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "starting a client as uid 65534 needs root (as CI runs the suite)"
-        );
+        crate::test_support::assert_root("starting a client as uid 65534");
         let handler = Arc::new(FakeHandler::default());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("control.sock");

@@ -270,12 +270,8 @@ pub(super) enum Keep {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{AgentId, CredentialId};
+    use crate::test_support::key;
     use chrono::TimeZone;
-
-    fn key(a: &str, c: &str) -> CredentialKey {
-        CredentialKey::new(AgentId::new(a).unwrap(), CredentialId::new(c).unwrap())
-    }
 
     fn t(s: i64) -> DateTime<Utc> {
         Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()

@@ -833,13 +833,10 @@ fn decode_version(row: &Row<'_>) -> DecodeResult<VersionRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::key;
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
     use std::time::Instant;
-
-    fn key(a: &str, c: &str) -> CredentialKey {
-        CredentialKey::new(AgentId::new(a).unwrap(), CredentialId::new(c).unwrap())
-    }
 
     /// A timestamp as the engine makes them: truncated to milliseconds.
     fn at(millis: i64) -> DateTime<Utc> {
