@@ -1,5 +1,7 @@
 //! Helpers the unit tests of several modules share (compiled for tests only).
 
+use chrono::{DateTime, Utc};
+
 use crate::model::{AgentId, CredentialId, CredentialKey, SecretValue};
 
 /// The key of `agent`'s credential `credential` (both valid ids).
@@ -8,6 +10,17 @@ pub(crate) fn key(agent: &str, credential: &str) -> CredentialKey {
         AgentId::new(agent).unwrap(),
         CredentialId::new(credential).unwrap(),
     )
+}
+
+/// `ms` milliseconds after a fixed instant (in 2027): a test clock at the
+/// precision the engine keeps.
+pub(crate) fn at_ms(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(1_800_000_000_000 + ms).unwrap()
+}
+
+/// [`at_ms`] in whole seconds.
+pub(crate) fn at_secs(s: i64) -> DateTime<Utc> {
+    at_ms(s * 1000)
 }
 
 pub(crate) fn secret(s: &str) -> SecretValue {
