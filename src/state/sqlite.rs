@@ -26,8 +26,6 @@
 //! its timestamps to milliseconds; anything finer is dropped on write).
 //! Secret values never reach this database: no table has a column for one.
 
-use std::fs::{DirBuilder, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -40,6 +38,7 @@ use super::{
     VersionRow, Write,
 };
 use crate::model::{AgentId, CredentialId, CredentialKey, RotationId, Stage, VersionNo};
+use crate::private_file;
 
 /// Migration `i` moves the schema from `user_version = i` to `i + 1`.
 /// Append new migrations; never edit a released one.
@@ -147,24 +146,13 @@ impl SqliteStore {
             path: display.clone(),
             message: format!("{what}: {e}"),
         };
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
-            && !parent.exists()
-        {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(|e| io_err("cannot create its directory", e))?;
-        }
+        private_file::create_parent(path).map_err(|e| io_err("cannot create its directory", e))?;
         // Create the file ourselves so its mode is 0600 from the first byte,
         // whatever the process umask is. An existing file is left as it is.
-        OpenOptions::new()
+        private_file::open_options()
             .read(true)
             .write(true)
-            .create(true)
             .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| io_err("cannot create", e))?;
 
