@@ -34,8 +34,7 @@ const RAW_CREDS: usize = 2;
 const VALUE_LEN: usize = 24;
 
 fn config() -> String {
-    let mut s =
-        String::from("[agents.bot]\nowner = \"o@example.com\"\ntenant = \"t\"\ntier = \"high\"\n");
+    let mut s = agent_table("bot");
     let cred = |id: &str, generate: &str, deliver: &str| {
         format!(
             "[agents.bot.credentials.{id}]\nvault = \"local\"\ngenerate = {generate}\nevery = \"1s\"\njitter = \"300ms\"\ngrace = \"500ms\"\ndeliver = [{deliver}]\n"
