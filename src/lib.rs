@@ -16,10 +16,12 @@
 //! - `plugin`       the macro behind the vault, target and sink registries
 //! - [`group_commit`] one thread serving queued jobs in batches (state, audit, local vault)
 //! - [`memory`]     giving freed heap back to the OS after bursts
+//! - `private_file`  creating the daemon's own files: 0700 directory, 0600 file, no symlinks
 //! - [`api`]        control socket (SO_PEERCRED) and HTTP `/metrics` `/healthz` `/readyz`
 //! - [`daemon`]     wiring and lifecycle: sd_notify, signals, reload, drain
 //! - [`telemetry`]  tracing setup and the metrics registry
 //! - [`cli`]        the `keyturn` commands
+//! - `test_support` helpers the unit tests of several modules share (tests only)
 
 pub mod api;
 pub mod audit;
@@ -31,10 +33,13 @@ pub mod group_commit;
 pub mod memory;
 pub mod model;
 mod plugin;
+mod private_file;
 pub mod rotation;
 pub mod schedule;
 pub mod sinks;
 pub mod state;
 pub mod targets;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod vaults;

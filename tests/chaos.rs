@@ -34,8 +34,7 @@ const RAW_CREDS: usize = 2;
 const VALUE_LEN: usize = 24;
 
 fn config() -> String {
-    let mut s =
-        String::from("[agents.bot]\nowner = \"o@example.com\"\ntenant = \"t\"\ntier = \"high\"\n");
+    let mut s = agent_table("bot");
     let cred = |id: &str, generate: &str, deliver: &str| {
         format!(
             "[agents.bot.credentials.{id}]\nvault = \"local\"\ngenerate = {generate}\nevery = \"1s\"\njitter = \"300ms\"\ngrace = \"500ms\"\ndeliver = [{deliver}]\n"
@@ -197,16 +196,15 @@ impl Readers {
     }
 }
 
+/// `name` from the environment, if it is set and parses.
+fn env_value<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
+}
+
 #[test]
 fn random_kill_9_under_load_loses_nothing_and_readers_never_see_a_bad_file() {
-    let seconds: u64 = std::env::var("KEYTURN_CHAOS_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
-    let seed: u64 = std::env::var("KEYTURN_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
+    let seconds: u64 = env_value("KEYTURN_CHAOS_SECONDS").unwrap_or(40);
+    let seed: u64 = env_value("KEYTURN_CHAOS_SEED").unwrap_or_else(rand::random);
     eprintln!("chaos: {seconds} s, KEYTURN_CHAOS_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 

@@ -29,11 +29,17 @@ deliver = [
 ]
 "#;
 
-#[test]
-fn delivers_files_with_mode_and_owner_and_rotates_on_demand() {
+/// [`ONE_RAW`] with its daemon started and version 1 delivered.
+fn one_raw_at_version_1() -> (Env, Daemon) {
     let env = Env::new(ONE_RAW);
     let daemon = env.start();
     wait_version(&env, "bot", "db", 1);
+    (env, daemon)
+}
+
+#[test]
+fn delivers_files_with_mode_and_owner_and_rotates_on_demand() {
+    let (env, daemon) = one_raw_at_version_1();
 
     let raw = env.root().join("bot/db");
     let meta = std::fs::metadata(&raw).unwrap();
@@ -59,12 +65,7 @@ fn delivers_files_with_mode_and_owner_and_rotates_on_demand() {
         "{envfile}"
     );
 
-    let out = env.cli(&["rotate", "bot/db", "--wait"]);
-    assert!(
-        out.status.success(),
-        "rotate failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = env.cli_ok(&["rotate", "bot/db", "--wait"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("version 2"));
     let v2 = std::fs::read_to_string(&raw).unwrap();
     assert_ne!(v1, v2, "rotate --wait must change the delivered value");
@@ -81,9 +82,7 @@ fn delivers_files_with_mode_and_owner_and_rotates_on_demand() {
 
 #[test]
 fn a_reader_never_sees_a_partial_or_empty_file() {
-    let env = Env::new(ONE_RAW);
-    let daemon = env.start();
-    wait_version(&env, "bot", "db", 1);
+    let (env, daemon) = one_raw_at_version_1();
     let raw = env.root().join("bot/db");
     let json = env.root().join("bot/db.json");
     let stop = Arc::new(AtomicBool::new(false));
@@ -106,12 +105,7 @@ fn a_reader_never_sees_a_partial_or_empty_file() {
         })
     };
     for _ in 0..15 {
-        let out = env.cli(&["rotate", "bot/db", "--wait"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        env.cli_ok(&["rotate", "bot/db", "--wait"]);
     }
     stop.store(true, Ordering::Relaxed);
     let (reads, distinct) = reader.join().expect("reader saw a partial file");
@@ -345,19 +339,12 @@ deliver = [{ type = "file", path = "{root}/bot/sub/broken", format = "raw" }]
 
 #[test]
 fn audit_log_is_verified_and_tampering_is_detected() {
-    let env = Env::new(ONE_RAW);
-    let daemon = env.start();
-    wait_version(&env, "bot", "db", 1);
+    let (env, daemon) = one_raw_at_version_1();
     for _ in 0..2 {
-        assert!(env.cli(&["rotate", "bot/db", "--wait"]).status.success());
+        env.cli_ok(&["rotate", "bot/db", "--wait"]);
     }
     daemon.stop();
-    let ok = env.cli(&["audit", "verify"]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    audit_verifies(&env, "before tampering");
     let original = std::fs::read_to_string(env.audit_log()).unwrap();
     let lines: Vec<&str> = original.lines().collect();
     assert!(lines.len() > 10, "every step is audited: {}", lines.len());
@@ -479,16 +466,9 @@ fn rotate_without_a_daemon_says_what_to_do() {
 
 #[test]
 fn status_without_a_daemon_shows_the_stored_state() {
-    let env = Env::new(ONE_RAW);
-    let daemon = env.start();
-    wait_version(&env, "bot", "db", 1);
+    let (env, daemon) = one_raw_at_version_1();
     daemon.stop();
-    let out = env.cli(&["status", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = env.cli_ok(&["status", "--json"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("showing the state stored"));
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows[0]["version"], 1);
@@ -497,9 +477,7 @@ fn status_without_a_daemon_shows_the_stored_state() {
 
 #[test]
 fn reload_adds_a_credential_and_rotates_it() {
-    let env = Env::new(ONE_RAW);
-    let daemon = env.start();
-    wait_version(&env, "bot", "db", 1);
+    let (env, daemon) = one_raw_at_version_1();
     let mut text = std::fs::read_to_string(&env.config).unwrap();
     text.push_str(&format!(
         "\n[agents.bot.credentials.token]\nvault = \"local\"\ngenerate = {{ kind = \"api_key\", prefix = \"tok_\", length = 24 }}\nevery = \"1h\"\ndeliver = [{{ type = \"file\", path = \"{}/bot/token\" }}]\n",
@@ -520,8 +498,7 @@ fn reload_adds_a_credential_and_rotates_it() {
 
 #[test]
 fn overdue_rotations_after_downtime_are_spread_not_stampeded() {
-    let mut creds =
-        String::from("[agents.bot]\nowner = \"o@example.com\"\ntenant = \"t\"\ntier = \"high\"\n");
+    let mut creds = agent_table("bot");
     for i in 0..5 {
         creds.push_str(&format!(
             "[agents.bot.credentials.c{i}]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"2s\"\ngrace = \"0s\"\ndeliver = [{{ type = \"file\", path = \"{{root}}/bot/c{i}\" }}]\n"

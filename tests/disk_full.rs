@@ -96,8 +96,7 @@ impl Drop for Volume {
 }
 
 fn creds(n: usize) -> String {
-    let mut s =
-        String::from("[agents.bot]\nowner = \"o@example.com\"\ntenant = \"t\"\ntier = \"high\"\n");
+    let mut s = agent_table("bot");
     for i in 0..n {
         s.push_str(&format!(
             "[agents.bot.credentials.c{i}]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 24 }}\nevery = \"1s\"\ngrace = \"0s\"\ndeliver = [{{ type = \"file\", path = \"{{root}}/bot/c{i}.json\", format = \"json\" }}]\n"
@@ -181,20 +180,12 @@ fn a_full_state_volume_loses_nothing_and_the_daemon_starts_once_there_is_room() 
         before
     };
     assert_eq!(before.len(), N);
-    let verify = env.cli(&["audit", "verify"]);
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
+    audit_verifies(&env, "after the disk filled up");
     let integrity: String = rusqlite_integrity(&env.state_dir().join("state.db"));
     assert_eq!(integrity, "ok");
     // What each agent holds is what the vault holds as current.
     for i in 0..N {
-        let key = keyturn::model::CredentialKey::new(
-            keyturn::model::AgentId::new("bot").unwrap(),
-            keyturn::model::CredentialId::new(format!("c{i}")).unwrap(),
-        );
+        let key = bot_key(&format!("c{i}"));
         let (_, current) = block_on(local_vault_value(
             &env,
             "local",

@@ -14,8 +14,7 @@ use common::*;
 
 /// `n` credentials of agent `bot`, each `every`/`jitter`, one file each.
 fn creds(n: usize, every: &str, jitter: &str, grace: &str) -> String {
-    let mut s =
-        String::from("[agents.bot]\nowner = \"o@example.com\"\ntenant = \"t\"\ntier = \"high\"\n");
+    let mut s = agent_table("bot");
     for i in 0..n {
         s.push_str(&cred(i, every, jitter, grace));
     }
@@ -302,9 +301,7 @@ fn a_reload_reads_only_the_agent_files_that_changed() {
     let agents_d = env.path().join("agents.d");
     std::fs::create_dir(&agents_d).unwrap();
     let agent = |name: &str, creds: &[&str]| {
-        let mut s = format!(
-            "[agents.{name}]\nowner = \"o@example.com\"\ntenant = \"t\"\ntier = \"high\"\n"
-        );
+        let mut s = agent_table(name);
         for c in creds {
             s.push_str(&format!(
                 "[agents.{name}.credentials.{c}]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"1h\"\ndeliver = [{{ type = \"file\", path = \"{}/{name}/{c}\" }}]\n",

@@ -135,10 +135,6 @@ timeout = "10s"
     )
 }
 
-fn agent_table() -> String {
-    format!("[agents.{AGENT}]\nowner = \"alice@example.com\"\ntenant = \"acme\"\ntier = \"high\"\n")
-}
-
 /// One credential of [`AGENT`] with a json delivery at `{root}/bot/<cred>.json`.
 fn credential(cred: &str, vaults: &str, path: &str, grace: &str, extra: &str) -> String {
     format!(
@@ -512,7 +508,7 @@ fn initial_password(role: &str) -> String {
 fn pg_local_env(files: &Files, role: &str, strategy: &str, grace: &str) -> Env {
     Env::new(&format!(
         "{}{}",
-        agent_table(),
+        agent_table(AGENT),
         credential(
             "db",
             r#""local""#,
@@ -571,7 +567,7 @@ fn two_versions(
 ) -> (Env, Daemon, Delivered, Delivered) {
     let env = Env::new(&format!(
         "{vault_tables}\n{}{}",
-        agent_table(),
+        agent_table(AGENT),
         credential("db", vaults, path, "1h", "")
     ));
     let daemon = env.start();
@@ -828,7 +824,7 @@ fn hook_env(files: &Files, h: &Hook, path: &str) -> Env {
     Env::new(&format!(
         "{}{}{}",
         bao_vault_table(files),
-        agent_table(),
+        agent_table(AGENT),
         credential("api", r#""bao""#, path, "0s", &h.target)
     ))
 }
@@ -935,7 +931,7 @@ fn no_delivered_value_nor_server_credential_appears_in_any_output() {
         bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
         aws_table("aws"),
         azure_table("kv", &azure_secret),
-        agent_table(),
+        agent_table(AGENT),
         credential(
             "db",
             r#"["bao", "aws"]"#,
@@ -1052,7 +1048,7 @@ fn bad_input_wrong_vault_address() {
     let env = Env::new(&format!(
         "{}{}{}",
         bao_table("bao", &addr, &token),
-        agent_table(),
+        agent_table(AGENT),
         credential("db", r#""bao""#, &unique("e2e/bad/"), "0s", "")
     ));
     let daemon = env.start();
@@ -1068,7 +1064,7 @@ fn bad_input_bad_openbao_token() {
     let env = Env::new(&format!(
         "{}{}{}",
         bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
-        agent_table(),
+        agent_table(AGENT),
         credential("db", r#""bao""#, &unique("e2e/bad/"), "0s", "")
     ));
     let daemon = env.start();
@@ -1094,7 +1090,7 @@ fn bad_input_current_secret_deleted_out_of_band() {
     let env = Env::new(&format!(
         "{}{}{}",
         bao_vault_table(&files),
-        agent_table(),
+        agent_table(AGENT),
         credential("db", r#""bao""#, &path, "1h", "")
     ));
     let daemon = env.start();
@@ -1190,7 +1186,7 @@ fn bad_input_target_dsn_cannot_connect() {
     );
     let env = Env::new(&format!(
         "{}{}",
-        agent_table(),
+        agent_table(AGENT),
         credential(
             "db",
             r#""local""#,
@@ -1221,7 +1217,7 @@ fn successful_rotations_log_no_error_or_warning_at_the_default_level() {
     );
     let env = Env::new(&format!(
         "{tables}\n{}{}{}",
-        agent_table(),
+        agent_table(AGENT),
         credential("db", r#""bao""#, &unique("quiet/bao/"), "0s", ""),
         credential(
             "all",

@@ -430,11 +430,8 @@ pub fn render_status_table(rows: &[StatusRow]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::key;
     use chrono::TimeZone;
-
-    fn key(a: &str, c: &str) -> CredentialKey {
-        CredentialKey::new(AgentId::new(a).unwrap(), CredentialId::new(c).unwrap())
-    }
 
     fn row() -> StatusRow {
         StatusRow {

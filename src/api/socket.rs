@@ -440,6 +440,12 @@ impl Server {
     }
 }
 
+/// Answers with `error` just before the connection is closed: best effort,
+/// as there is nothing left to do if the client does not read it.
+async fn write_last_error<W: AsyncWrite + Unpin>(w: &mut W, error: ApiError, timeout: Duration) {
+    let _ = write_response(w, &Response::Error(error), timeout).await;
+}
+
 /// Writes `response` as one line; returns its length.
 async fn write_response<W: AsyncWrite + Unpin>(
     w: &mut W,
@@ -517,9 +523,9 @@ async fn handle_connection(stream: UnixStream, server: Arc<Server>, cancel: Canc
         let reason = server.refusal_message(&peer);
         warn!(uid = peer.uid, gid = peer.gid, pid = peer.pid, socket = %server.path.display(), "refused control connection");
         server.handler.refused(peer, reason.clone()).await;
-        let _ = write_response(
+        write_last_error(
             &mut write_half,
-            &Response::Error(ApiError::forbidden(reason)),
+            ApiError::forbidden(reason),
             limits.write_timeout,
         )
         .await;
@@ -539,16 +545,11 @@ async fn handle_connection(stream: UnixStream, server: Arc<Server>, cancel: Canc
         };
         let line = match read {
             Err(_) => {
-                let msg = format!(
+                let error = ApiError::bad_request(format!(
                     "no complete request line within {}; closing",
                     humantime::format_duration(limits.read_timeout)
-                );
-                let _ = write_response(
-                    &mut write_half,
-                    &Response::Error(ApiError::bad_request(msg)),
-                    limits.write_timeout,
-                )
-                .await;
+                ));
+                write_last_error(&mut write_half, error, limits.write_timeout).await;
                 break;
             }
             Ok(Err(e)) => {
@@ -566,16 +567,11 @@ async fn handle_connection(stream: UnixStream, server: Arc<Server>, cancel: Canc
                     "control request longer than {} bytes; closing",
                     limits.max_line
                 );
-                let msg = format!(
+                let error = ApiError::bad_request(format!(
                     "request line longer than {} bytes; closing the connection",
                     limits.max_line
-                );
-                let _ = write_response(
-                    &mut write_half,
-                    &Response::Error(ApiError::bad_request(msg)),
-                    limits.write_timeout,
-                )
-                .await;
+                ));
+                write_last_error(&mut write_half, error, limits.write_timeout).await;
                 break;
             }
             Line::Complete { last } => last,
@@ -1043,10 +1039,7 @@ mod tests {
 
     #[tokio::test]
     async fn bind_sets_the_group_by_name_or_number() {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "chgrp to another group needs root (as CI runs the suite)"
-        );
+        crate::test_support::assert_root("chgrp to another group");
         let dir = tempfile::tempdir().unwrap();
         let nogroup = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(65534))
             .ok()
@@ -1161,10 +1154,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_of_another_uid_is_refused_and_audited() {
         use std::os::unix::process::CommandExt;
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "starting a client as uid 65534 needs root (as CI runs the suite)"
-        );
+        crate::test_support::assert_root("starting a client as uid 65534");
         let handler = Arc::new(FakeHandler::default());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("control.sock");

@@ -8,9 +8,9 @@
 //! then answers each caller with the head after *its* record. Under load the
 //! cost of an fsync is shared by every append waiting for it.
 
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::File;
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 #[cfg(test)]
@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 
 use super::{AuditError, AuditEvent, AuditRecord, GENESIS};
 use crate::group_commit::{Flow, GroupCommit};
+use crate::private_file;
 use crate::state::AuditHead;
 
 /// Most appends written under one fsync; bounds the latency of the first caller.
@@ -110,30 +111,18 @@ impl AuditLog {
             path: display.clone(),
             message: format!("{what}: {e}"),
         };
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-        if let Some(parent) = parent
-            && !parent.exists()
-        {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(|e| io("cannot create its directory", e))?;
-        }
+        private_file::create_parent(path).map_err(|e| io("cannot create its directory", e))?;
         let existed = path.exists();
         // O_APPEND: every write lands at the end, whatever the offset, so a
         // stray second writer can interleave lines but never overwrite them.
-        let file = OpenOptions::new()
+        let file = private_file::open_options()
             .read(true)
             .append(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| io("cannot open", e))?;
         if !existed {
             // Make the new directory entry durable too.
-            if let Some(parent) = parent {
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 File::open(parent)
                     .and_then(|d| d.sync_all())
                     .map_err(|e| io("cannot fsync its directory", e))?;
@@ -548,6 +537,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::audit::{Actor, Outcome, verify_file};
     use crate::model::{AgentId, CredentialId};
+    use std::fs::OpenOptions;
     use std::os::unix::fs::PermissionsExt;
 
     pub(crate) fn event(i: u64) -> AuditEvent {

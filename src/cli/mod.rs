@@ -214,20 +214,29 @@ fn check(path: &Path) -> u8 {
 
 /// Why a request to the daemon gave no usable answer.
 enum Failure {
-    /// The daemon answered with an error, already printed; exit with this code.
-    Answered(u8),
-    /// No daemon answered.
+    /// Already printed (the daemon's error, or the errors of an invalid
+    /// config file when no daemon answered); exit with this code.
+    Reported(u8),
+    /// No daemon answered, and the config file is valid.
     Unreachable(ClientError),
 }
 
-async fn request(socket: &Path, req: &Request) -> Result<ResponseBody, Failure> {
-    match call(socket, req).await {
+/// Sends `req` to the daemon whose socket the config file at `path` names.
+async fn request(
+    client: &ClientConfig,
+    path: &Path,
+    req: &Request,
+) -> Result<ResponseBody, Failure> {
+    match call(&client.paths().socket, req).await {
         Ok(Response::Ok(body)) => Ok(body),
         Ok(Response::Error(e)) => {
             eprintln!("keyturn: {}", e.message);
-            Err(Failure::Answered(EXIT_FAILED))
+            Err(Failure::Reported(EXIT_FAILED))
         }
-        Err(e) => Err(Failure::Unreachable(e)),
+        Err(e) => match client.unreachable_and_invalid(path, &e) {
+            Some(code) => Err(Failure::Reported(code)),
+            None => Err(Failure::Unreachable(e)),
+        },
     }
 }
 
@@ -241,16 +250,13 @@ async fn status(path: &Path, json: bool) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let rows = match request(&client.paths().socket, &Request::Status).await {
+    let rows = match request(&client, path, &Request::Status).await {
         Ok(ResponseBody::Status(rows)) => rows,
         Ok(_) => return unexpected(),
-        Err(Failure::Answered(code)) => return code,
+        Err(Failure::Reported(code)) => return code,
         Err(Failure::Unreachable(e)) => {
-            if let Some(code) = client.unreachable_and_invalid(path, &e) {
-                return code;
-            }
             let ClientConfig::Valid(cfg) = &client else {
-                unreachable!("an invalid config returned above");
+                unreachable!("with an invalid config, an unreachable daemon is Reported");
             };
             match offline_status(cfg) {
                 Some(rows) => {
@@ -335,14 +341,11 @@ async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {
         Err(code) => return code,
     };
     let req = Request::Rotate { selector, wait };
-    let results = match request(&client.paths().socket, &req).await {
+    let results = match request(&client, path, &req).await {
         Ok(ResponseBody::Rotate(results)) => results,
         Ok(_) => return unexpected(),
-        Err(Failure::Answered(code)) => return code,
+        Err(Failure::Reported(code)) => return code,
         Err(Failure::Unreachable(e)) => {
-            if let Some(code) = client.unreachable_and_invalid(path, &e) {
-                return code;
-            }
             eprintln!("keyturn: {e}");
             return EXIT_UNAVAILABLE;
         }

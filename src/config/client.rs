@@ -104,26 +104,31 @@ mod tests {
         ClientPaths::lenient(Path::new("/etc/keyturn/keyturn.toml"), text)
     }
 
+    /// A file that does not validate, or has a syntax error outside the
+    /// daemon table, still names the socket, state directory and audit log.
     #[test]
-    fn a_file_that_does_not_validate_still_names_its_socket() {
-        let p = paths(
-            "[daemon]\nsocket = \"/run/k/control.sock\"\nstate_dir = \"state\"\n\n[agents.x]\nowner = 42\n",
-        )
-        .unwrap();
-        assert_eq!(p.socket, PathBuf::from("/run/k/control.sock"));
-        assert_eq!(p.state_dir, PathBuf::from("/etc/keyturn/state"));
-        assert_eq!(p.audit_log, PathBuf::from("/etc/keyturn/state/audit.log"));
-    }
-
-    #[test]
-    fn a_syntax_error_outside_the_daemon_table_is_read_around() {
-        let p = paths(
-            "# keyturn\n[ daemon ]  # the daemon\nsocket = \"/run/k.sock\"\naudit_log = \"/var/log/k.log\"\n[agents.x\nowner = \n",
-        )
-        .unwrap();
-        assert_eq!(p.socket, PathBuf::from("/run/k.sock"));
-        assert_eq!(p.audit_log, PathBuf::from("/var/log/k.log"));
-        assert_eq!(p.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+    fn the_daemon_table_is_read_around_errors_elsewhere() {
+        for (what, text, socket, state_dir, audit_log) in [
+            (
+                "a file that does not validate",
+                "[daemon]\nsocket = \"/run/k/control.sock\"\nstate_dir = \"state\"\n\n[agents.x]\nowner = 42\n",
+                "/run/k/control.sock",
+                "/etc/keyturn/state",
+                "/etc/keyturn/state/audit.log",
+            ),
+            (
+                "a syntax error outside the daemon table",
+                "# keyturn\n[ daemon ]  # the daemon\nsocket = \"/run/k.sock\"\naudit_log = \"/var/log/k.log\"\n[agents.x\nowner = \n",
+                "/run/k.sock",
+                DEFAULT_STATE_DIR,
+                "/var/log/k.log",
+            ),
+        ] {
+            let p = paths(text).unwrap_or_else(|| panic!("{what}: no paths"));
+            assert_eq!(p.socket, PathBuf::from(socket), "{what}");
+            assert_eq!(p.state_dir, PathBuf::from(state_dir), "{what}");
+            assert_eq!(p.audit_log, PathBuf::from(audit_log), "{what}");
+        }
     }
 
     #[test]

@@ -270,16 +270,7 @@ pub(super) enum Keep {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{AgentId, CredentialId};
-    use chrono::TimeZone;
-
-    fn key(a: &str, c: &str) -> CredentialKey {
-        CredentialKey::new(AgentId::new(a).unwrap(), CredentialId::new(c).unwrap())
-    }
-
-    fn t(s: i64) -> DateTime<Utc> {
-        Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
-    }
+    use crate::test_support::{at_secs as t, key};
 
     #[test]
     fn a_credential_entry_stays_small() {
@@ -372,6 +363,7 @@ mod model_tests {
 
     use super::*;
     use crate::model::{AgentId, CredentialId};
+    use crate::test_support::at_ms as t;
 
     const KEYS: usize = 12;
 
@@ -401,10 +393,6 @@ mod model_tests {
             3 => (0..110i64, 0..8usize).prop_map(|(now, max)| Op::Pop(now, max)),
             1 => any::<u32>().prop_map(Op::Retain),
         ]
-    }
-
-    fn t(ms: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp_millis(1_800_000_000_000 + ms).unwrap()
     }
 
     proptest! {

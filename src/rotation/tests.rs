@@ -20,8 +20,7 @@ use tokio_util::task::TaskTracker;
 use super::{Catalog, CredEntry, Engine, Step, TokioClock, VaultHandle};
 use crate::audit::{AuditLog, verify_file};
 use crate::model::{
-    AgentId, CredentialId, CredentialKey, ErrorKind, PluginError, RotationId, SecretValue, Stage,
-    VersionNo,
+    CredentialKey, ErrorKind, PluginError, RotationId, SecretValue, Stage, VersionNo,
 };
 use crate::sinks::{Delivered, Notice, Sink};
 use crate::state::{CredentialRow, MemoryStore, StateStore, Write};
@@ -288,10 +287,7 @@ fn t0() -> DateTime<Utc> {
 }
 
 fn key(cred: &str) -> CredentialKey {
-    CredentialKey::new(
-        AgentId::new("bot").unwrap(),
-        CredentialId::new(cred).unwrap(),
-    )
+    crate::test_support::key("bot", cred)
 }
 
 fn path(cred: &str) -> String {

@@ -170,11 +170,7 @@ fn is_live(slots: &[Slot], slot: u32, generation: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
-
-    fn t(s: i64) -> DateTime<Utc> {
-        Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
-    }
+    use crate::test_support::at_secs as t;
 
     #[test]
     fn pops_in_deadline_order_only_when_due() {
@@ -270,6 +266,7 @@ mod model_tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::test_support::at_ms as t;
 
     #[derive(Debug, Clone)]
     enum Op {
@@ -284,10 +281,6 @@ mod model_tests {
             2 => (0..slots).prop_map(Op::Cancel),
             2 => (0..70i64, 0..6usize).prop_map(|(now, max)| Op::PopDue(now, max)),
         ]
-    }
-
-    fn t(ms: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp_millis(1_800_000_000_000 + ms).unwrap()
     }
 
     proptest! {

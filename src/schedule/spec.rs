@@ -227,21 +227,18 @@ mod tests {
     }
 
     #[test]
-    fn five_field_cron_fires_on_the_minute() {
-        let s = ScheduleSpec::parse_cron("*/15 * * * *").unwrap();
-        assert_eq!(
-            s.next_after(at(2026, 1, 1, 10, 7, 30)),
-            Some(at(2026, 1, 1, 10, 15, 0))
-        );
-    }
-
-    #[test]
-    fn six_field_cron_has_seconds() {
-        let s = ScheduleSpec::parse_cron("*/20 * * * * *").unwrap();
-        assert_eq!(
-            s.next_after(at(2026, 1, 1, 10, 7, 30)),
-            Some(at(2026, 1, 1, 10, 7, 40))
-        );
+    fn five_field_cron_fires_on_the_minute_and_six_field_cron_has_seconds() {
+        for (cron, next) in [
+            ("*/15 * * * *", at(2026, 1, 1, 10, 15, 0)),
+            ("*/20 * * * * *", at(2026, 1, 1, 10, 7, 40)),
+        ] {
+            let s = ScheduleSpec::parse_cron(cron).unwrap();
+            assert_eq!(
+                s.next_after(at(2026, 1, 1, 10, 7, 30)),
+                Some(next),
+                "{cron}"
+            );
+        }
     }
 
     #[test]

@@ -187,13 +187,13 @@ impl StateStore for MemoryStore {
 /// reads back must be the same.
 #[cfg(test)]
 mod differential_tests {
-    use chrono::DateTime;
     use proptest::prelude::*;
 
     use super::*;
     use crate::model::{AgentId, CredentialId};
     use crate::rotation::Trigger;
     use crate::state::SqliteStore;
+    use crate::test_support::at_ms as at;
 
     fn key(i: u8) -> CredentialKey {
         CredentialKey::new(
@@ -204,10 +204,6 @@ mod differential_tests {
 
     fn rid(i: u8) -> RotationId {
         RotationId::parse(&format!("{:032x}", u128::from(i) + 1)).unwrap()
-    }
-
-    fn at(ms: i64) -> chrono::DateTime<chrono::Utc> {
-        DateTime::from_timestamp_millis(1_800_000_000_000 + ms).unwrap()
     }
 
     fn stage(i: u8) -> Stage {

@@ -26,8 +26,6 @@
 //! its timestamps to milliseconds; anything finer is dropped on write).
 //! Secret values never reach this database: no table has a column for one.
 
-use std::fs::{DirBuilder, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -40,6 +38,7 @@ use super::{
     VersionRow, Write,
 };
 use crate::model::{AgentId, CredentialId, CredentialKey, RotationId, Stage, VersionNo};
+use crate::private_file;
 
 /// Migration `i` moves the schema from `user_version = i` to `i + 1`.
 /// Append new migrations; never edit a released one.
@@ -147,37 +146,17 @@ impl SqliteStore {
             path: display.clone(),
             message: format!("{what}: {e}"),
         };
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
-            && !parent.exists()
-        {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(|e| io_err("cannot create its directory", e))?;
-        }
+        private_file::create_parent(path).map_err(|e| io_err("cannot create its directory", e))?;
         // Create the file ourselves so its mode is 0600 from the first byte,
         // whatever the process umask is. An existing file is left as it is.
-        OpenOptions::new()
+        private_file::open_options()
             .read(true)
             .write(true)
-            .create(true)
             .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| io_err("cannot create", e))?;
 
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| db_err(&display, e))?;
-        let store = SqliteStore {
-            conn: Mutex::new(conn),
-            path: display,
-        };
-        store.configure(false)?;
+        let store = Self::connect(path, false)?;
         store.migrate()?;
         Ok(store)
     }
@@ -186,17 +165,7 @@ impl SqliteStore {
     /// while the daemon runs). Never migrates: a database at another schema
     /// version is refused, telling which side must be upgraded.
     pub fn open_read_only(path: &Path) -> Result<SqliteStore> {
-        let display = path.display().to_string();
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| db_err(&display, e))?;
-        let store = SqliteStore {
-            conn: Mutex::new(conn),
-            path: display,
-        };
-        store.configure(true)?;
+        let store = Self::connect(path, true)?;
         let found = store.user_version()?;
         if found > SCHEMA_VERSION {
             return Err(store.too_new(found));
@@ -243,6 +212,26 @@ impl SqliteStore {
             found,
             supported: SCHEMA_VERSION,
         }
+    }
+
+    /// Opens the connection both [`open`](Self::open) and
+    /// [`open_read_only`](Self::open_read_only) use, with the settings every
+    /// connection needs (and, read-write, WAL mode).
+    fn connect(path: &Path, read_only: bool) -> Result<SqliteStore> {
+        let display = path.display().to_string();
+        let access = if read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+        };
+        let conn = Connection::open_with_flags(path, access | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|e| db_err(&display, e))?;
+        let store = SqliteStore {
+            conn: Mutex::new(conn),
+            path: display,
+        };
+        store.configure(read_only)?;
+        Ok(store)
     }
 
     fn configure(&self, read_only: bool) -> Result<()> {
@@ -832,12 +821,10 @@ fn decode_version(row: &Row<'_>) -> DecodeResult<VersionRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::key;
     use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
     use std::time::Instant;
-
-    fn key(a: &str, c: &str) -> CredentialKey {
-        CredentialKey::new(AgentId::new(a).unwrap(), CredentialId::new(c).unwrap())
-    }
 
     /// A timestamp as the engine makes them: truncated to milliseconds.
     fn at(millis: i64) -> DateTime<Utc> {
@@ -886,10 +873,41 @@ mod tests {
         }
     }
 
-    fn open_tmp() -> (tempfile::TempDir, SqliteStore) {
+    /// `relative` inside a fresh temp dir, which lives as long as the `TempDir`.
+    fn tmp_path(relative: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("state/keyturn.db")).unwrap();
-        (dir, store)
+        let path = dir.path().join(relative);
+        (dir, path)
+    }
+
+    fn open_tmp() -> (tempfile::TempDir, SqliteStore) {
+        let (dir, path) = tmp_path("state/keyturn.db");
+        (dir, SqliteStore::open(&path).unwrap())
+    }
+
+    fn stages(s: &SqliteStore, k: &CredentialKey) -> Vec<(u64, Stage)> {
+        s.versions(k)
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.version, v.stage))
+            .collect()
+    }
+
+    /// One write of each row type, in one transaction.
+    fn apply_one_of_each(
+        s: &SqliteStore,
+        c: &CredentialRow,
+        r: &RotationRow,
+        v: &VersionRow,
+        h: &AuditHead,
+    ) {
+        s.apply(&[
+            Write::Credential(c.clone()),
+            Write::Rotation(r.clone()),
+            Write::Version(v.clone()),
+            Write::AuditHead(h.clone()),
+        ])
+        .unwrap();
     }
 
     #[test]
@@ -935,14 +953,8 @@ mod tests {
             },
         ])
         .unwrap();
-        let stages: Vec<(u64, Stage)> = s
-            .versions(&k)
-            .unwrap()
-            .into_iter()
-            .map(|v| (v.version, v.stage))
-            .collect();
         assert_eq!(
-            stages,
+            stages(&s, &k),
             vec![
                 (1, Stage::Retired),
                 (2, Stage::Retired),
@@ -978,13 +990,7 @@ mod tests {
             seq: 42,
             hash: "ab".repeat(32),
         };
-        s.apply(&[
-            Write::Credential(c.clone()),
-            Write::Rotation(r.clone()),
-            Write::Version(v.clone()),
-            Write::AuditHead(h.clone()),
-        ])
-        .unwrap();
+        apply_one_of_each(&s, &c, &r, &v, &h);
         assert_eq!(s.credential(&k).unwrap(), Some(c.clone()));
         assert_eq!(s.rotation(&r.id).unwrap(), Some(r.clone()));
         assert_eq!(s.versions(&k).unwrap(), vec![v]);
@@ -1029,16 +1035,11 @@ mod tests {
         let mut r = rot(&k, Step::Create);
         let mut v = version(&k, &r.id, 4);
         v.stage = Stage::Pending;
-        s.apply(&[
-            Write::Credential(c.clone()),
-            Write::Rotation(r.clone()),
-            Write::Version(v.clone()),
-            Write::AuditHead(AuditHead {
-                seq: 1,
-                hash: "x".into(),
-            }),
-        ])
-        .unwrap();
+        let h = AuditHead {
+            seq: 1,
+            hash: "x".into(),
+        };
+        apply_one_of_each(&s, &c, &r, &v, &h);
 
         c.current_version = Some(4);
         c.consecutive_failures = 0;
@@ -1050,13 +1051,7 @@ mod tests {
             seq: 9,
             hash: "y".into(),
         };
-        s.apply(&[
-            Write::Credential(c.clone()),
-            Write::Rotation(r.clone()),
-            Write::Version(v.clone()),
-            Write::AuditHead(h.clone()),
-        ])
-        .unwrap();
+        apply_one_of_each(&s, &c, &r, &v, &h);
 
         let snap = s.snapshot().unwrap();
         assert_eq!(snap.credentials, vec![c]);
@@ -1133,12 +1128,7 @@ mod tests {
         s.apply(&[Write::PruneHistory(k.clone())]).unwrap();
 
         let kept = u64::from(crate::state::HISTORY_KEPT);
-        let versions: Vec<(u64, Stage)> = s
-            .versions(&k)
-            .unwrap()
-            .into_iter()
-            .map(|v| (v.version, v.stage))
-            .collect();
+        let versions = stages(&s, &k);
         let retired: Vec<u64> = versions
             .iter()
             .filter(|(_, st)| *st == Stage::Retired)
@@ -1209,8 +1199,7 @@ mod tests {
 
     #[test]
     fn migrates_an_empty_database_and_reopens() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("new/dir/keyturn.db");
+        let (_dir, path) = tmp_path("new/dir/keyturn.db");
         let k = key("a", "c");
         {
             let s = SqliteStore::open(&path).unwrap();
@@ -1236,8 +1225,7 @@ mod tests {
 
     #[test]
     fn a_version_1_database_is_migrated_and_keeps_its_rotations() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keyturn.db");
+        let (_dir, path) = tmp_path("keyturn.db");
         let k = key("a", "c");
         {
             // What keyturn wrote before rotations had a footprint.
@@ -1269,8 +1257,7 @@ mod tests {
 
     #[test]
     fn a_newer_database_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keyturn.db");
+        let (_dir, path) = tmp_path("keyturn.db");
         drop(SqliteStore::open(&path).unwrap());
         {
             let conn = Connection::open(&path).unwrap();
@@ -1308,8 +1295,7 @@ mod tests {
 
     #[test]
     fn read_only_open_of_a_missing_database_fails() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("absent.db");
+        let (_dir, path) = tmp_path("absent.db");
         assert!(SqliteStore::open_read_only(&path).is_err());
         assert!(!path.exists());
     }
@@ -1339,24 +1325,25 @@ mod tests {
         raw.execute("UPDATE rotations SET step = 'done'", [])
             .unwrap();
 
-        raw.execute("UPDATE credentials SET agent = '../etc'", [])
-            .unwrap();
-        expect_corrupt("credentials.agent", s.snapshot().map(drop));
-        raw.execute(
-            "UPDATE credentials SET agent = 'a', current_version = -1",
-            [],
-        )
-        .unwrap();
-        expect_corrupt("current_version", s.snapshot().map(drop));
-        raw.execute("UPDATE credentials SET current_version = 'three'", [])
-            .unwrap();
-        expect_corrupt("", s.snapshot().map(drop));
-        raw.execute(
-            "UPDATE credentials SET current_version = 1, next_due = 9223372036854775807",
-            [],
-        )
-        .unwrap();
-        expect_corrupt("next_due", s.snapshot().map(drop));
+        // Each update spoils one column (and repairs the one before).
+        for (update, what) in [
+            (
+                "UPDATE credentials SET agent = '../etc'",
+                "credentials.agent",
+            ),
+            (
+                "UPDATE credentials SET agent = 'a', current_version = -1",
+                "current_version",
+            ),
+            ("UPDATE credentials SET current_version = 'three'", ""),
+            (
+                "UPDATE credentials SET current_version = 1, next_due = 9223372036854775807",
+                "next_due",
+            ),
+        ] {
+            raw.execute(update, []).unwrap();
+            expect_corrupt(what, s.snapshot().map(drop));
+        }
     }
 
     /// A guard for future changes: a value that only ever lived in a

@@ -446,15 +446,11 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::model::{AgentId, CredentialId};
     use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
 
     fn key() -> CredentialKey {
-        CredentialKey::new(
-            AgentId::new("hook-bot").unwrap(),
-            CredentialId::new("api").unwrap(),
-        )
+        crate::test_support::key("hook-bot", "api")
     }
 
     fn script(dir: &Path, body: &str) -> PathBuf {

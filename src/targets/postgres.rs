@@ -680,7 +680,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::model::{AgentId, CredentialId};
+    use crate::test_support::secret;
 
     const NEED: &str =
         "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
@@ -703,14 +703,7 @@ mod tests {
     }
 
     fn key() -> CredentialKey {
-        CredentialKey::new(
-            AgentId::new("bot").unwrap(),
-            CredentialId::new("db").unwrap(),
-        )
-    }
-
-    fn secret(s: &str) -> SecretValue {
-        SecretValue::from_string(s.to_owned())
+        crate::test_support::key("bot", "db")
     }
 
     /// A role unique to one test; dropped (with its clone) when the test ends,

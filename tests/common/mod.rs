@@ -18,6 +18,12 @@ pub fn bin() -> &'static str {
 /// A value that must never show up in any output: tests grep for it.
 pub const CANARY_PREFIX: &str = "kt_canary_";
 
+/// The `[agents.NAME]` table (owner, tenant, tier) of a test agent, for a
+/// config that adds its credentials after it.
+pub fn agent_table(name: &str) -> String {
+    format!("[agents.{name}]\nowner = \"alice@example.com\"\ntenant = \"acme\"\ntier = \"high\"\n")
+}
+
 /// A temp directory with a config whose paths all point inside it.
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -102,6 +108,19 @@ type = "local"
             .stdin(Stdio::null())
             .output()
             .expect("run keyturn")
+    }
+
+    /// [`cli`](Self::cli), asserting that the command succeeded (its stderr
+    /// says why not).
+    pub fn cli_ok(&self, args: &[&str]) -> Output {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "keyturn {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
     }
 
     pub fn start(&self) -> Daemon {

@@ -789,6 +789,28 @@ impl Validator<'_> {
         }
     }
 
+    /// A generator's `length` (32 when unset), checked against its range;
+    /// `unit` ends the message (`" bytes"`, or nothing for a password).
+    fn generated_length(
+        &mut self,
+        p: &Loc<'_>,
+        generator: &str,
+        length: Option<usize>,
+        min: usize,
+        unit: &str,
+    ) -> usize {
+        let length = length.unwrap_or(32);
+        if !(min..=MAX_GENERATED_LEN).contains(&length) {
+            self.err(
+                p.key("length"),
+                format!(
+                    "{generator} length {length} is out of range: it must be between {min} and {MAX_GENERATED_LEN}{unit}"
+                ),
+            );
+        }
+        length
+    }
+
     fn generator(&mut self, p: &Loc<'_>, g: &RawGenerator) -> Option<GeneratorConfig> {
         let before = self.issues.len();
         let out = match g {
@@ -799,15 +821,7 @@ impl Validator<'_> {
                 digits,
                 symbols,
             } => {
-                let length = length.unwrap_or(32);
-                if !(MIN_PASSWORD_LEN..=MAX_GENERATED_LEN).contains(&length) {
-                    self.err(
-                        p.key("length"),
-                        format!(
-                            "password length {length} is out of range: it must be between {MIN_PASSWORD_LEN} and {MAX_GENERATED_LEN}"
-                        ),
-                    );
-                }
+                let length = self.generated_length(p, "password", *length, MIN_PASSWORD_LEN, "");
                 let (lowercase, uppercase, digits, symbols) = (
                     lowercase.unwrap_or(true),
                     uppercase.unwrap_or(true),
@@ -829,15 +843,8 @@ impl Validator<'_> {
                 }
             }
             RawGenerator::RandomBytes { length, encoding } => {
-                let length = length.unwrap_or(32);
-                if !(MIN_RANDOM_LEN..=MAX_GENERATED_LEN).contains(&length) {
-                    self.err(
-                        p.key("length"),
-                        format!(
-                            "random_bytes length {length} is out of range: it must be between {MIN_RANDOM_LEN} and {MAX_GENERATED_LEN} bytes"
-                        ),
-                    );
-                }
+                let length =
+                    self.generated_length(p, "random_bytes", *length, MIN_RANDOM_LEN, " bytes");
                 GeneratorConfig::RandomBytes {
                     length,
                     encoding: match encoding.unwrap_or(RawEncoding::Hex) {
@@ -847,15 +854,8 @@ impl Validator<'_> {
                 }
             }
             RawGenerator::ApiKey { prefix, length } => {
-                let length = length.unwrap_or(32);
-                if !(MIN_RANDOM_LEN..=MAX_GENERATED_LEN).contains(&length) {
-                    self.err(
-                        p.key("length"),
-                        format!(
-                            "api_key length {length} is out of range: it must be between {MIN_RANDOM_LEN} and {MAX_GENERATED_LEN} characters"
-                        ),
-                    );
-                }
+                let length =
+                    self.generated_length(p, "api_key", *length, MIN_RANDOM_LEN, " characters");
                 let prefix = prefix.clone().unwrap_or_default();
                 // The key ends up in env files and HTTP headers: keep the
                 // prefix to characters that need no quoting anywhere.

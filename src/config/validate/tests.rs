@@ -86,10 +86,14 @@ fn first_seen_tells_apart_values_with_the_same_hash() {
     assert_eq!(seen.first_or_insert(9, "a", same), None);
 }
 
-fn load_errors(text: &str) -> Vec<super::super::ConfigError> {
-    super::super::load_str(Path::new("/etc/keyturn/t.toml"), text)
+/// Loading `text` fails with exactly one error: `message`, at `toml_path`.
+fn assert_only_error(text: &str, toml_path: &str, message: &str) {
+    let e = super::super::load_str(Path::new("/etc/keyturn/t.toml"), text)
         .expect_err("should fail")
-        .0
+        .0;
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].toml_path, toml_path);
+    assert_eq!(e[0].message, message);
 }
 
 const HEAD: &str = "[daemon]\ndelivery_roots = [\"/run/kt\"]\n[vaults.v]\ntype = \"local\"\n\
@@ -102,12 +106,10 @@ fn a_written_vault_path_clashes_with_a_default_one() {
         "{HEAD}[agents.a.credentials.x]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
 [agents.b.credentials.y]\nvault = \"v\"\npath = \"agents/a/x\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n"
     );
-    let e = load_errors(&text);
-    assert_eq!(e.len(), 1, "{e:?}");
-    assert_eq!(e[0].toml_path, "agents.b.credentials.y.path");
-    assert_eq!(
-        e[0].message,
-        "duplicate vault path: `agents/a/x` in vault `v` is also used by `agents.a.credentials.x` (line 13)"
+    assert_only_error(
+        &text,
+        "agents.b.credentials.y.path",
+        "duplicate vault path: `agents/a/x` in vault `v` is also used by `agents.a.credentials.x` (line 13)",
     );
 }
 
@@ -119,12 +121,10 @@ deliver = [{{ type = \"file\", path = \"a/./x\" }}]\n\
 [agents.b.credentials.y]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
 deliver = [{{ type = \"file\", path = \"/run/kt/a/x\" }}, {{ type = \"file\", path = \"/run/kt/a/x2\" }}]\n"
     );
-    let e = load_errors(&text);
-    assert_eq!(e.len(), 1, "{e:?}");
-    assert_eq!(e[0].toml_path, "agents.b.credentials.y.deliver[0].path");
-    assert_eq!(
-        e[0].message,
-        "duplicate delivery path `/run/kt/a/x`: also written by `agents.a.credentials.x.deliver[0].path` (line 17)"
+    assert_only_error(
+        &text,
+        "agents.b.credentials.y.deliver[0].path",
+        "duplicate delivery path `/run/kt/a/x`: also written by `agents.a.credentials.x.deliver[0].path` (line 17)",
     );
 }
 

@@ -57,6 +57,17 @@ pub(super) fn is_type(st: &FileStat, t: SFlag) -> bool {
     st.st_mode & SFlag::S_IFMT.bits() == t.bits()
 }
 
+/// Unlinks `name` in `dir`: a file, or an empty directory when `st` (its
+/// `stat_nofollow`) says it is one, since `unlinkat` must be told which.
+pub(super) fn unlink_entry(dir: &OwnedFd, name: &OsStr, st: &FileStat) -> Result<(), Errno> {
+    let flag = if is_type(st, SFlag::S_IFDIR) {
+        UnlinkatFlags::RemoveDir
+    } else {
+        UnlinkatFlags::NoRemoveDir
+    };
+    nix::unistd::unlinkat(Some(dir.as_raw_fd()), name, flag)
+}
+
 pub(super) fn chown_fd(fd: &OwnedFd, owner: Owner) -> Result<(), Errno> {
     if !owner.is_set() {
         return Ok(());

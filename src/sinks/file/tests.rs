@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use chrono::TimeZone;
 
 use super::*;
-use crate::model::{AgentId, CredentialId, RotationId};
+use crate::model::RotationId;
+use crate::test_support::{assert_root, key, secret};
 
 const AGENT: &str = "invoice-bot";
 
@@ -33,12 +34,33 @@ fn sink(root: &Path, path: &Path, format: FileFormat) -> FileSink {
     new_sink(cfg(path, format), &[root.to_path_buf()]).expect("valid sink")
 }
 
+/// A sink writing `root/AGENT/name`, and that path.
+fn agent_sink(root: &Path, name: &str, format: FileFormat) -> (PathBuf, FileSink) {
+    let path = root.join(AGENT).join(name);
+    let s = sink(root, &path, format);
+    (path, s)
+}
+
+/// Delivers `value` as `version` of a password.
+async fn deliver_password(
+    s: &FileSink,
+    version: u64,
+    value: &str,
+) -> Result<Delivered, PluginError> {
+    s.deliver(&notice(version, ValueKind::Password, None), &secret(value))
+        .await
+}
+
+/// `root/AGENT`, created (empty).
+fn agent_dir(root: &Path) -> PathBuf {
+    let dir = root.join(AGENT);
+    std::fs::create_dir(&dir).unwrap();
+    dir
+}
+
 fn notice(version: u64, kind: ValueKind, public: Option<&str>) -> Notice {
     Notice {
-        key: CredentialKey::new(
-            AgentId::new(AGENT).unwrap(),
-            CredentialId::new("db").unwrap(),
-        ),
+        key: key(AGENT, "db"),
         tenant: "acme".into(),
         owner: "alice@example.com".into(),
         version,
@@ -49,10 +71,6 @@ fn notice(version: u64, kind: ValueKind, public: Option<&str>) -> Notice {
         public: public.map(str::to_owned),
         login: None,
     }
-}
-
-fn secret(s: &str) -> SecretValue {
-    SecretValue::from_string(s.to_owned())
 }
 
 fn entries(dir: &Path) -> Vec<String> {
@@ -71,15 +89,8 @@ fn mode_of(p: &Path) -> u32 {
 #[tokio::test]
 async fn raw_is_the_value_bytes_exactly() {
     let root = tempfile::tempdir().unwrap();
-    let path = root.path().join(AGENT).join("db");
-    let s = sink(root.path(), &path, FileFormat::Raw);
-    let got = s
-        .deliver(
-            &notice(1, ValueKind::Password, None),
-            &secret("pa ss\n'x\""),
-        )
-        .await
-        .unwrap();
+    let (path, s) = agent_sink(root.path(), "db", FileFormat::Raw);
+    let got = deliver_password(&s, 1, "pa ss\n'x\"").await.unwrap();
     assert_eq!(got, Delivered::Acknowledged);
     assert_eq!(std::fs::read(&path).unwrap(), b"pa ss\n'x\"");
     assert_eq!(mode_of(&path), 0o400);
@@ -90,8 +101,7 @@ async fn raw_is_the_value_bytes_exactly() {
 #[tokio::test]
 async fn json_has_every_documented_field() {
     let root = tempfile::tempdir().unwrap();
-    let path = root.path().join(AGENT).join("db.json");
-    let s = sink(root.path(), &path, FileFormat::Json);
+    let (path, s) = agent_sink(root.path(), "db.json", FileFormat::Json);
     let mut n = notice(7, ValueKind::Password, Some("ssh-ed25519 AAAA"));
     n.expires_hint = Some(Utc.with_ymd_and_hms(2026, 1, 3, 0, 0, 0).unwrap());
     s.deliver(&n, &secret("p\"w\\d")).await.unwrap();
@@ -110,9 +120,7 @@ async fn json_has_every_documented_field() {
         })
     );
     // Without a public key there is no "public" field and the hint is null.
-    s.deliver(&notice(8, ValueKind::Password, None), &secret("x"))
-        .await
-        .unwrap();
+    deliver_password(&s, 8, "x").await.unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     assert!(doc.get("public").is_none());
     assert_eq!(doc["expires_hint"], serde_json::Value::Null);
@@ -122,12 +130,9 @@ async fn json_has_every_documented_field() {
 #[tokio::test]
 async fn env_quotes_single_quotes_and_sources_back() {
     let root = tempfile::tempdir().unwrap();
-    let path = root.path().join(AGENT).join("db.env");
-    let s = sink(root.path(), &path, FileFormat::Env);
+    let (path, s) = agent_sink(root.path(), "db.env", FileFormat::Env);
     let value = "it's $HOME `x` \"q\"";
-    s.deliver(&notice(3, ValueKind::Password, None), &secret(value))
-        .await
-        .unwrap();
+    deliver_password(&s, 3, value).await.unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(
         text, "DB='it'\\''s $HOME `x` \"q\"'\nDB_VERSION=3\n",
@@ -188,9 +193,7 @@ async fn mode_is_exact_whatever_the_umask() {
         c.mode = Some("0440".into());
         let s = new_sink(c, &[root.path().to_path_buf()]).unwrap();
         let old = nix::sys::stat::umask(Mode::from_bits_truncate(umask));
-        let res = s
-            .deliver(&notice(1, ValueKind::Password, None), &secret("v"))
-            .await;
+        let res = deliver_password(&s, 1, "v").await;
         nix::sys::stat::umask(old);
         res.unwrap();
         assert_eq!(mode_of(&path), 0o440, "file mode with umask {umask:o}");
@@ -203,10 +206,7 @@ async fn mode_is_exact_whatever_the_umask() {
 
 #[tokio::test]
 async fn owner_is_set_on_file_and_agent_dir() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "chown needs root (as CI runs the suite)"
-    );
+    assert_root("chown");
     let root = tempfile::tempdir().unwrap();
     let path = root.path().join(AGENT).join("sub").join("db");
     let c = cfg(&path, FileFormat::Raw);
@@ -217,9 +217,7 @@ async fn owner_is_set_on_file_and_agent_dir() {
         gid: Some(1234),
     };
     let s = FileSink::new(c, &ctx).unwrap();
-    s.deliver(&notice(1, ValueKind::Password, None), &secret("v"))
-        .await
-        .unwrap();
+    deliver_password(&s, 1, "v").await.unwrap();
     for p in [
         path.clone(),
         root.path().join(AGENT),
@@ -237,8 +235,7 @@ async fn owner_is_set_on_file_and_agent_dir() {
 #[tokio::test]
 async fn same_version_twice_leaves_the_file_alone() {
     let root = tempfile::tempdir().unwrap();
-    let path = root.path().join(AGENT).join("db");
-    let s = sink(root.path(), &path, FileFormat::Json);
+    let (path, s) = agent_sink(root.path(), "db", FileFormat::Json);
     let n = notice(4, ValueKind::Password, None);
     s.deliver(&n, &secret("v4")).await.unwrap();
     let ino = std::fs::metadata(&path).unwrap().ino();
@@ -248,9 +245,7 @@ async fn same_version_twice_leaves_the_file_alone() {
         ino,
         "not rewritten"
     );
-    s.deliver(&notice(5, ValueKind::Password, None), &secret("v5"))
-        .await
-        .unwrap();
+    deliver_password(&s, 5, "v5").await.unwrap();
     assert_ne!(
         std::fs::metadata(&path).unwrap().ino(),
         ino,
@@ -263,11 +258,7 @@ async fn same_version_twice_leaves_the_file_alone() {
 async fn assert_symlink_refused(root: &Path, path: &Path, link: &Path, outside: &Path) {
     let s = sink(root, path, FileFormat::Raw);
     let before = entries(outside);
-    let err = s
-        .deliver(
-            &notice(1, ValueKind::Password, None),
-            &secret("canary-sym-81c2"),
-        )
+    let err = deliver_password(&s, 1, "canary-sym-81c2")
         .await
         .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
@@ -283,8 +274,7 @@ async fn assert_symlink_refused(root: &Path, path: &Path, link: &Path, outside: 
 async fn symlink_at_the_target_file_is_refused() {
     let root = tempfile::tempdir().unwrap();
     let outside = tempfile::tempdir().unwrap();
-    let dir = root.path().join(AGENT);
-    std::fs::create_dir(&dir).unwrap();
+    let dir = agent_dir(root.path());
     let path = dir.join("db");
     symlink(outside.path().join("stolen"), &path).unwrap();
     assert_symlink_refused(root.path(), &path, &path, outside.path()).await;
@@ -331,10 +321,7 @@ async fn a_directory_at_a_single_file_target_is_refused() {
     let path = root.path().join(AGENT).join("db");
     std::fs::create_dir_all(&path).unwrap();
     let s = sink(root.path(), &path, FileFormat::Raw);
-    let err = s
-        .deliver(&notice(1, ValueKind::Password, None), &secret("v"))
-        .await
-        .unwrap_err();
+    let err = deliver_password(&s, 1, "v").await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Invalid);
     assert!(err.message.contains("is a directory"), "{err}");
 }
@@ -383,13 +370,10 @@ fn construction_rejects_paths_outside_the_root() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_never_see_a_partial_file() {
     let root = tempfile::tempdir().unwrap();
-    let path = root.path().join(AGENT).join("db.json");
-    let s = sink(root.path(), &path, FileFormat::Json);
+    let (path, s) = agent_sink(root.path(), "db.json", FileFormat::Json);
     // Large enough that a non-atomic write would be seen half done.
     let values = ["a".repeat(64 * 1024), "b".repeat(64 * 1024)];
-    s.deliver(&notice(1, ValueKind::Password, None), &secret(&values[0]))
-        .await
-        .unwrap();
+    deliver_password(&s, 1, &values[0]).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicUsize::new(0));
     let reader = {
@@ -413,14 +397,23 @@ async fn readers_never_see_a_partial_file() {
     };
     for version in 2..=201u64 {
         let value = &values[((version - 1) % 2) as usize];
-        s.deliver(&notice(version, ValueKind::Password, None), &secret(value))
-            .await
-            .unwrap();
+        deliver_password(&s, version, value).await.unwrap();
     }
     stop.store(true, Ordering::Relaxed);
     reader.join().expect("reader saw only complete versions");
     assert!(reads.load(Ordering::Relaxed) > 0);
     assert_eq!(entries(&root.path().join(AGENT)), vec!["db.json"]);
+}
+
+/// Delivers `version` of an Ed25519 keypair (the made-up PEMs of [`pem`]).
+async fn deliver_keypair(s: &FileSink, version: u64) {
+    let public = pem("PUBLIC KEY", version);
+    s.deliver(
+        &notice(version, ValueKind::Ed25519, Some(&public)),
+        &secret(&pem("PRIVATE KEY", version)),
+    )
+    .await
+    .unwrap();
 }
 
 fn pem(kind: &str, version: u64) -> String {
@@ -442,13 +435,7 @@ async fn bundle_swaps_data_and_prunes_old_dirs() {
     c.mode = Some("0440".into());
     let s = new_sink(c, &[root.path().to_path_buf()]).unwrap();
     for version in 1..=4u64 {
-        let public = pem("PUBLIC KEY", version);
-        s.deliver(
-            &notice(version, ValueKind::Ed25519, Some(&public)),
-            &secret(&pem("PRIVATE KEY", version)),
-        )
-        .await
-        .unwrap();
+        deliver_keypair(&s, version).await;
         let data = std::fs::read_link(bundle.join(DATA_LINK)).unwrap();
         let data = data.to_str().unwrap();
         assert!(
@@ -461,7 +448,7 @@ async fn bundle_swaps_data_and_prunes_old_dirs() {
         );
         assert_eq!(
             std::fs::read_to_string(bundle.join("public.pem")).unwrap(),
-            public
+            pem("PUBLIC KEY", version)
         );
         let meta: serde_json::Value =
             serde_json::from_slice(&std::fs::read(bundle.join("meta.json")).unwrap()).unwrap();
@@ -488,17 +475,8 @@ async fn bundle_swaps_data_and_prunes_old_dirs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bundle_readers_never_mix_versions() {
     let root = tempfile::tempdir().unwrap();
-    let bundle = root.path().join(AGENT).join("signing");
-    let s = sink(root.path(), &bundle, FileFormat::Raw);
-    let deliver = |v: u64| {
-        let public = pem("PUBLIC KEY", v);
-        (
-            notice(v, ValueKind::Ed25519, Some(&public)),
-            secret(&pem("PRIVATE KEY", v)),
-        )
-    };
-    let (n, v) = deliver(1);
-    s.deliver(&n, &v).await.unwrap();
+    let (bundle, s) = agent_sink(root.path(), "signing", FileFormat::Raw);
+    deliver_keypair(&s, 1).await;
     let stop = Arc::new(AtomicBool::new(false));
     let pairs = Arc::new(AtomicUsize::new(0));
     let reader = {
@@ -527,8 +505,7 @@ async fn bundle_readers_never_mix_versions() {
         })
     };
     for version in 2..=60u64 {
-        let (n, v) = deliver(version);
-        s.deliver(&n, &v).await.unwrap();
+        deliver_keypair(&s, version).await;
     }
     stop.store(true, Ordering::Relaxed);
     reader.join().expect("reader saw only matched pairs");
@@ -589,8 +566,7 @@ fn touch_aged(path: &Path, age: Duration) {
 #[tokio::test]
 async fn preflight_removes_dead_temp_files_only() {
     let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join(AGENT);
-    std::fs::create_dir(&dir).unwrap();
+    let dir = agent_dir(root.path());
     let path = dir.join("db");
     let minutes = Duration::from_secs(120);
     // Another process's temp is a crash leftover, however young.
@@ -639,8 +615,7 @@ async fn preflight_removes_dead_temp_files_only() {
 #[tokio::test]
 async fn a_delivery_removes_this_processs_stale_temp_files_in_its_directory() {
     let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join(AGENT);
-    std::fs::create_dir(&dir).unwrap();
+    let dir = agent_dir(root.path());
     let path = dir.join("db");
     // Left by a failed delivery of this process a while ago, to this
     // file and to another one in the same directory.
@@ -654,9 +629,7 @@ async fn a_delivery_removes_this_processs_stale_temp_files_in_its_directory() {
     let dead = dir.join(temp_of("db", false));
     touch_aged(&dead, Duration::from_secs(120));
     let s = sink(root.path(), &path, FileFormat::Raw);
-    s.deliver(&notice(1, ValueKind::Password, None), &secret("v1"))
-        .await
-        .unwrap();
+    deliver_password(&s, 1, "v1").await.unwrap();
     assert!(!mine_old.exists() && !mine_other.exists());
     assert!(mine_young.exists(), "a young temp may be in use");
     assert!(dead.exists(), "left to preflight");
@@ -667,14 +640,8 @@ async fn a_delivery_removes_this_processs_stale_temp_files_in_its_directory() {
 #[tokio::test]
 async fn preflight_removes_a_bundle_directory_left_by_a_crash() {
     let root = tempfile::tempdir().unwrap();
-    let path = root.path().join(AGENT).join("signing");
-    let s = sink(root.path(), &path, FileFormat::Raw);
-    s.deliver(
-        &notice(1, ValueKind::Ed25519, Some(&pem("PUBLIC KEY", 1))),
-        &secret(&pem("PRIVATE KEY", 1)),
-    )
-    .await
-    .unwrap();
+    let (path, s) = agent_sink(root.path(), "signing", FileFormat::Raw);
+    deliver_keypair(&s, 1).await;
     let current = timestamped_dirs(&path);
     assert_eq!(current.len(), 1);
     // What a kill -9 between writing version 2 and the swap leaves.
@@ -717,25 +684,15 @@ async fn retract_removes_everything_and_twice_is_fine() {
     let root = tempfile::tempdir().unwrap();
     let key = notice(1, ValueKind::Password, None).key;
 
-    let path = root.path().join(AGENT).join("db");
-    let s = sink(root.path(), &path, FileFormat::Env);
-    s.deliver(&notice(1, ValueKind::Password, None), &secret("v"))
-        .await
-        .unwrap();
+    let (_, s) = agent_sink(root.path(), "db", FileFormat::Env);
+    deliver_password(&s, 1, "v").await.unwrap();
     s.retract(&key).await.unwrap();
     assert!(entries(&root.path().join(AGENT)).is_empty());
     s.retract(&key).await.unwrap();
 
-    let bundle = root.path().join(AGENT).join("signing");
-    let b = sink(root.path(), &bundle, FileFormat::Raw);
+    let (bundle, b) = agent_sink(root.path(), "signing", FileFormat::Raw);
     for v in 1..=3 {
-        let public = pem("PUBLIC KEY", v);
-        b.deliver(
-            &notice(v, ValueKind::Ed25519, Some(&public)),
-            &secret(&pem("PRIVATE KEY", v)),
-        )
-        .await
-        .unwrap();
+        deliver_keypair(&b, v).await;
     }
     b.retract(&key).await.unwrap();
     assert!(
@@ -759,22 +716,14 @@ async fn error_messages_never_carry_the_value() {
     let n = notice(1, ValueKind::Password, None);
 
     // A NUL byte cannot be put in an env file.
-    let s = sink(
-        root.path(),
-        &root.path().join(AGENT).join("db.env"),
-        FileFormat::Env,
-    );
+    let (_, s) = agent_sink(root.path(), "db.env", FileFormat::Env);
     let v = SecretValue::new(format!("{canary}\0").into_bytes());
     let err = s.deliver(&n, &v).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Invalid);
     assert!(!format!("{err} {err:?}").contains(canary));
 
     // Non-UTF-8 cannot be json.
-    let s = sink(
-        root.path(),
-        &root.path().join(AGENT).join("db.json"),
-        FileFormat::Json,
-    );
+    let (_, s) = agent_sink(root.path(), "db.json", FileFormat::Json);
     let mut bytes = canary.as_bytes().to_vec();
     bytes.push(0xff);
     let err = s.deliver(&n, &SecretValue::new(bytes)).await.unwrap_err();
@@ -782,11 +731,7 @@ async fn error_messages_never_carry_the_value() {
     assert!(!format!("{err} {err:?}").contains(canary));
 
     // An ed25519 notice without its public key.
-    let s = sink(
-        root.path(),
-        &root.path().join(AGENT).join("sig"),
-        FileFormat::Raw,
-    );
+    let (_, s) = agent_sink(root.path(), "sig", FileFormat::Raw);
     let err = s
         .deliver(&notice(1, ValueKind::Ed25519, None), &secret(canary))
         .await

@@ -142,12 +142,7 @@ impl Inner {
             if now.saturating_sub(st.st_mtime) < STALE_TEMP_AGE.as_secs() as i64 {
                 continue;
             }
-            let flag = if is_type(&st, SFlag::S_IFDIR) {
-                UnlinkatFlags::RemoveDir
-            } else {
-                UnlinkatFlags::NoRemoveDir
-            };
-            match nix::unistd::unlinkat(Some(dir.as_raw_fd()), n.as_os_str(), flag) {
+            match unlink_entry(dir, n, &st) {
                 Ok(()) | Err(Errno::ENOENT) => {
                     tracing::info!(path = %self.path().display(), temp = ?n, "file sink: removed a stale temp file");
                 }
@@ -188,12 +183,7 @@ impl Inner {
             if ours && !all && age < STALE_TEMP_AGE.as_secs() as i64 {
                 continue;
             }
-            let flag = if is_type(&st, SFlag::S_IFDIR) {
-                UnlinkatFlags::RemoveDir
-            } else {
-                UnlinkatFlags::NoRemoveDir
-            };
-            match nix::unistd::unlinkat(Some(dir.as_raw_fd()), n.as_os_str(), flag) {
+            match unlink_entry(dir, n, &st) {
                 Ok(()) => {
                     tracing::info!(path = %self.path().display(), temp = ?n, "file sink: removed a stale temp file");
                 }
