@@ -5,7 +5,7 @@
 //! rotation engine owns retries, backoff, concurrency limits, metrics and audit).
 //!
 //! The contract every vault keeps, because crash safety depends on it
-//! ([`contract`] checks each clause against every vault):
+//! (`contract.rs`, compiled into tests only, checks each clause against every vault):
 //! - `stage` stores the value, durably, as the one pending version of the
 //!   credential and returns its [`VersionRef`]: one of its own per rotation,
 //!   never handed out again, not even after `destroy` (state may still hold
