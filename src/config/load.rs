@@ -176,13 +176,16 @@ pub fn read_sources(path: &Path) -> Result<(PathBuf, Vec<SourceFile>), ConfigErr
 }
 
 /// What a file was when it was read: a reload re-reads only files whose
-/// signature changed.
+/// signature changed. The change time is part of it: a tool that writes a
+/// file in place and puts its modification time back (`cp -p`, `touch -r`)
+/// cannot set the change time, which every write and every `utimes` moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileSig {
     dev: u64,
     ino: u64,
     len: u64,
     mtime_ns: i128,
+    ctime_ns: i128,
 }
 
 /// A file modified this recently when it is read may be modified again
@@ -206,6 +209,7 @@ impl FileSig {
             ino: m.ino(),
             len: m.len(),
             mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
         })
     }
 }
