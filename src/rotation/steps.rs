@@ -284,7 +284,7 @@ impl Inner {
                 })?;
                 let primary = &entry.primary().vault;
                 let vref = primary
-                    .stage(item, &rot.id, &generated.value)
+                    .stage(item.pending(&rot.id, &generated.value))
                     .await
                     .map_err(|e| vault_error(primary.describe(), e))?;
                 drop(generated);
@@ -298,7 +298,7 @@ impl Inner {
                 for other in &entry.vaults[1..] {
                     let v = &other.vault;
                     let r = v
-                        .stage(item, &rot.id, &stored)
+                        .stage(item.pending(&rot.id, &stored))
                         .await
                         .map_err(|e| vault_error(v.describe(), e))?;
                     refs.0.push((v.describe().to_owned(), r));

@@ -25,7 +25,7 @@ use crate::model::{
 use crate::sinks::{Delivered, Notice, Sink};
 use crate::state::{CredentialRow, MemoryStore, StateStore, Write};
 use crate::telemetry::Metrics;
-use crate::vaults::{Select, StoredVersion, Vault, VaultItem, VersionRef};
+use crate::vaults::{Pending, Select, StoredVersion, Vault, VaultItem, VersionRef};
 
 // ---------------------------------------------------------------------------
 // In-memory plug-ins
@@ -114,16 +114,11 @@ impl Vault for MemVault {
         "mem"
     }
 
-    async fn stage(
-        &self,
-        item: VaultItem<'_>,
-        rotation: &RotationId,
-        value: &SecretValue,
-    ) -> Result<VersionRef, PluginError> {
-        self.enter("stage", item.path).await?;
+    async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
+        self.enter("stage", new.item.path).await?;
         let mut paths = self.paths.lock().unwrap();
-        let vs = paths.entry(item.path.to_owned()).or_default();
-        if let Some(v) = vs.iter().find(|v| v.rotation == *rotation) {
+        let vs = paths.entry(new.item.path.to_owned()).or_default();
+        if let Some(v) = vs.iter().find(|v| v.rotation == *new.rotation) {
             return Ok(VersionRef(v.n.to_string()));
         }
         for v in vs.iter_mut().filter(|v| v.stage == Stage::Pending) {
@@ -133,9 +128,9 @@ impl Vault for MemVault {
         let n = vs.len() as u64 + 1;
         vs.push(Version {
             n,
-            rotation: rotation.clone(),
+            rotation: new.rotation.clone(),
             stage: Stage::Pending,
-            value: Some(value.expose().to_vec()),
+            value: Some(new.value.expose().to_vec()),
         });
         Ok(VersionRef(n.to_string()))
     }

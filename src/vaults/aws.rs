@@ -82,7 +82,7 @@ use aws_sdk_secretsmanager::primitives::Blob;
 
 use super::budget::WriteBudget;
 use super::lazy::LazyVault;
-use super::{Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
+use super::{Pending, Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
 use crate::config::validate::{Loc, Validator, VaultScope, duration_value};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
 
@@ -526,14 +526,9 @@ impl Vault for AwsVault {
         &self.name
     }
 
-    async fn stage(
-        &self,
-        item: VaultItem<'_>,
-        rotation: &RotationId,
-        value: &SecretValue,
-    ) -> Result<VersionRef, PluginError> {
-        let secret = self.secret_id(item.path);
-        let token = rotation.as_str();
+    async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
+        let secret = self.secret_id(new.item.path);
+        let token = new.rotation.as_str();
         match self.labels("stage", &secret).await? {
             // Replay: the first value for this rotation wins; do not write.
             Some(versions) if versions.contains_key(token) => {
@@ -550,9 +545,9 @@ impl Vault for AwsVault {
             .client_request_token(token)
             .version_stages(AWSPENDING);
         // Every generator makes text; SecretBinary is for anything else.
-        let put = match value.expose_str() {
+        let put = match new.value.expose_str() {
             Some(text) => put.secret_string(text),
-            None => put.secret_binary(Blob::new(value.expose().to_vec())),
+            None => put.secret_binary(Blob::new(new.value.expose().to_vec())),
         };
         self.budget.acquire().await;
         match put.send().await {
@@ -563,7 +558,7 @@ impl Vault for AwsVault {
             Err(e) if error_code(&e) == Some("ResourceExistsException") => {
                 Ok(VersionRef(token.to_owned()))
             }
-            Err(e) => Err(self.sdk_err("stage (PutSecretValue)", &secret, &e, Some(value))),
+            Err(e) => Err(self.sdk_err("stage (PutSecretValue)", &secret, &e, Some(new.value))),
         }
     }
 
@@ -930,7 +925,7 @@ mod tests {
 
         // First rotation: creates the secret; the version is pending.
         let r1 = RotationId::generate();
-        let v1 = v.stage(it, &r1, &value("one")).await.unwrap();
+        let v1 = v.stage(it.pending(&r1, &value("one"))).await.unwrap();
         assert_eq!(v1.0, r1.as_str(), "the VersionId is the rotation id");
         v.promote(it, &v1).await.unwrap();
         assert_eq!(
@@ -940,7 +935,7 @@ mod tests {
 
         // Second rotation: the server moved AWSPREVIOUS itself (moto as AWS does).
         let v2 = v
-            .stage(it, &RotationId::generate(), &value("two"))
+            .stage(it.pending(&RotationId::generate(), &value("two")))
             .await
             .unwrap();
         v.promote(it, &v2).await.unwrap();
@@ -951,7 +946,7 @@ mod tests {
         // Third rotation: the old previous loses its label when the old
         // current becomes previous.
         let v3 = v
-            .stage(it, &RotationId::generate(), &value("three"))
+            .stage(it.pending(&RotationId::generate(), &value("three")))
             .await
             .unwrap();
         v.promote(it, &v3).await.unwrap();
@@ -976,18 +971,18 @@ mod tests {
         let it = item(&k, &path);
 
         let r1 = RotationId::generate();
-        let first = v.stage(it, &r1, &value("first")).await.unwrap();
+        let first = v.stage(it.pending(&r1, &value("first"))).await.unwrap();
         assert_eq!(v.writes_issued(), 2, "CreateSecret + PutSecretValue");
-        v.stage(it, &r1, &value("second")).await.unwrap();
+        v.stage(it.pending(&r1, &value("second"))).await.unwrap();
         assert_eq!(v.writes_issued(), 2, "a replay writes nothing");
         assert_eq!(raw_labels(&v, &path).await.len(), 1, "still one version");
 
         // Replay of a later rotation on an existing secret, too.
         v.promote(it, &first).await.unwrap();
         let r2 = RotationId::generate();
-        v.stage(it, &r2, &value("a")).await.unwrap();
+        v.stage(it.pending(&r2, &value("a"))).await.unwrap();
         let writes = v.writes_issued();
-        v.stage(it, &r2, &value("b")).await.unwrap();
+        v.stage(it.pending(&r2, &value("b"))).await.unwrap();
         assert_eq!(v.writes_issued(), writes);
         assert_eq!(raw_labels(&v, &path).await.len(), 2);
         v.destroy(it).await.unwrap();
@@ -1006,7 +1001,7 @@ mod tests {
         let secret = v.secret_id(&path);
 
         let v1 = v
-            .stage(it, &RotationId::generate(), &value("one"))
+            .stage(it.pending(&RotationId::generate(), &value("one")))
             .await
             .unwrap();
         v.promote(it, &v1).await.unwrap();
@@ -1021,7 +1016,7 @@ mod tests {
         // A crash between promote's two writes: AWSCURRENT moved, AWSPENDING
         // still on the version. The replay finishes the job.
         let v2 = v
-            .stage(it, &RotationId::generate(), &value("two"))
+            .stage(it.pending(&RotationId::generate(), &value("two")))
             .await
             .unwrap();
         v.move_label("test", &secret, AWSCURRENT, Some(&v2.0), Some(&v1.0))
@@ -1056,12 +1051,12 @@ mod tests {
         let it = item(&k, &path);
 
         let v1 = v
-            .stage(it, &RotationId::generate(), &value("one"))
+            .stage(it.pending(&RotationId::generate(), &value("one")))
             .await
             .unwrap();
         v.promote(it, &v1).await.unwrap();
         let v2 = v
-            .stage(it, &RotationId::generate(), &value("two"))
+            .stage(it.pending(&RotationId::generate(), &value("two")))
             .await
             .unwrap();
         v.promote(it, &v2).await.unwrap();
@@ -1091,7 +1086,7 @@ mod tests {
         let it = item(&k, &path);
 
         let v1 = v
-            .stage(it, &RotationId::generate(), &value("one"))
+            .stage(it.pending(&RotationId::generate(), &value("one")))
             .await
             .unwrap();
         v.promote(it, &v1).await.unwrap();
@@ -1115,7 +1110,10 @@ mod tests {
         let path = unique_path("binary");
         let it = item(&k, &path);
         let bytes = SecretValue::new(vec![0, 159, 146, 150, 255]);
-        let r = v.stage(it, &RotationId::generate(), &bytes).await.unwrap();
+        let r = v
+            .stage(it.pending(&RotationId::generate(), &bytes))
+            .await
+            .unwrap();
         assert_eq!(by_version(&v, it, &r).await.unwrap().value, bytes);
         v.destroy(it).await.unwrap();
     }
@@ -1146,7 +1144,7 @@ mod tests {
             tasks.spawn(async move {
                 let path = unique_path("budget");
                 let it = item(&k, &path);
-                v.stage(it, &RotationId::generate(), &value("x"))
+                v.stage(it.pending(&RotationId::generate(), &value("x")))
                     .await
                     .unwrap();
                 path
@@ -1246,9 +1244,8 @@ mod tests {
             let k = key();
             let e = v
                 .stage(
-                    item(&k, "agents/bot/db"),
-                    &RotationId::generate(),
-                    &value("canary-0c4d"),
+                    (item(&k, "agents/bot/db"))
+                        .pending(&RotationId::generate(), &value("canary-0c4d")),
                 )
                 .await
                 .unwrap_err();
@@ -1297,9 +1294,7 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::Transient, "{e}");
         let e = v
             .stage(
-                item(&k, "agents/bot/db"),
-                &RotationId::generate(),
-                &value("canary-51b0"),
+                (item(&k, "agents/bot/db")).pending(&RotationId::generate(), &value("canary-51b0")),
             )
             .await
             .unwrap_err();

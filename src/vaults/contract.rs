@@ -625,7 +625,7 @@ impl<'a> Cred<'a> {
     async fn stage_for(&self, rotation: &RotationId, value: &str) -> VersionRef {
         let value = SecretValue::from_string(value.to_owned());
         self.vault
-            .stage(self.item(), rotation, &value)
+            .stage(self.item().pending(rotation, &value))
             .await
             .unwrap_or_else(|e| panic!("{}: stage: {e}", self.name()))
     }

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::OnceCell;
 
-use super::{Select, StoredVersion, Vault, VaultItem, VersionRef};
-use crate::model::{PluginError, RotationId, SecretValue};
+use super::{Pending, Select, StoredVersion, Vault, VaultItem, VersionRef};
+use crate::model::PluginError;
 
 type ConnectFuture = Pin<Box<dyn Future<Output = Result<Arc<dyn Vault>, PluginError>> + Send>>;
 
@@ -65,13 +65,8 @@ impl Vault for LazyVault {
         &self.name
     }
 
-    async fn stage(
-        &self,
-        item: VaultItem<'_>,
-        rotation: &RotationId,
-        value: &SecretValue,
-    ) -> Result<VersionRef, PluginError> {
-        self.client().await?.stage(item, rotation, value).await
+    async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
+        self.client().await?.stage(new).await
     }
 
     async fn read(
@@ -104,7 +99,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
-    use crate::model::{AgentId, CredentialId, CredentialKey, ErrorKind};
+    use crate::model::{AgentId, CredentialId, CredentialKey, ErrorKind, RotationId, SecretValue};
     use crate::vaults::local::{LocalKey, LocalVault};
 
     #[tokio::test]
@@ -139,7 +134,7 @@ mod tests {
         };
         let rot = RotationId::generate();
         let v = lazy
-            .stage(item, &rot, &SecretValue::new(b"x".to_vec()))
+            .stage(item.pending(&rot, &SecretValue::new(b"x".to_vec())))
             .await
             .unwrap();
         lazy.promote(item, &v).await.unwrap();

@@ -106,6 +106,27 @@ pub struct VaultItem<'a> {
     pub path: &'a str,
 }
 
+impl<'a> VaultItem<'a> {
+    /// `value` as this item's pending version for `rotation`: what
+    /// [`Vault::stage`] stores.
+    pub fn pending(self, rotation: &'a RotationId, value: &'a SecretValue) -> Pending<'a> {
+        Pending {
+            item: self,
+            rotation,
+            value,
+        }
+    }
+}
+
+/// What one `stage` call stores: a value for one item and one rotation (the
+/// rotation id is what makes a replay idempotent).
+#[derive(Debug, Clone, Copy)]
+pub struct Pending<'a> {
+    pub item: VaultItem<'a>,
+    pub rotation: &'a RotationId,
+    pub value: &'a SecretValue,
+}
+
 /// A vault-native version identifier (a number for the local vault and KV v2,
 /// a version id for AWS and Azure). Stored in state; never a secret.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -141,12 +162,7 @@ pub trait Vault: Send + Sync {
 
     /// Stores `value` as the pending version of `item` for `rotation`, durably,
     /// before returning. Idempotent per rotation id (see the module docs).
-    async fn stage(
-        &self,
-        item: VaultItem<'_>,
-        rotation: &RotationId,
-        value: &SecretValue,
-    ) -> Result<VersionRef, PluginError>;
+    async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError>;
 
     /// Reads one version; `Ok(None)` when there is none (no current yet,
     /// destroyed, retired values are gone).

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
+use super::{Pending, Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
 use crate::config::validate::{Loc, Validator, VaultScope};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
 
@@ -94,15 +94,10 @@ impl Vault for ToyVault {
         &self.name
     }
 
-    async fn stage(
-        &self,
-        item: VaultItem<'_>,
-        rotation: &RotationId,
-        value: &SecretValue,
-    ) -> Result<VersionRef, PluginError> {
+    async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
         let mut paths = self.paths.lock().unwrap();
-        let versions = paths.entry(self.key(item)).or_default();
-        if let Some(v) = versions.list.iter().find(|v| v.rotation == *rotation) {
+        let versions = paths.entry(self.key(new.item)).or_default();
+        if let Some(v) = versions.list.iter().find(|v| v.rotation == *new.rotation) {
             return Ok(VersionRef(v.number.to_string()));
         }
         // One pending version per credential: an older one was abandoned.
@@ -117,9 +112,9 @@ impl Vault for ToyVault {
         versions.last += 1;
         versions.list.push(Version {
             number: versions.last,
-            rotation: rotation.clone(),
+            rotation: new.rotation.clone(),
             stage: Stage::Pending,
-            value: Some(value.expose().to_vec()),
+            value: Some(new.value.expose().to_vec()),
         });
         Ok(VersionRef(versions.last.to_string()))
     }

@@ -96,7 +96,7 @@ use futures::TryStreamExt;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::lazy::LazyVault;
-use super::{Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
+use super::{Pending, Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
 use crate::config::validate::{Loc, Validator, VaultScope, duration_value};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
 
@@ -512,32 +512,27 @@ impl Vault for AzureVault {
         &self.name
     }
 
-    async fn stage(
-        &self,
-        item: VaultItem<'_>,
-        rotation: &RotationId,
-        value: &SecretValue,
-    ) -> Result<VersionRef, PluginError> {
-        let names = Names::of(item.path)?;
+    async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
+        let names = Names::of(new.item.path)?;
         // Read back first: if a previous attempt's write happened (its answer
         // lost, or we crashed), that version is this rotation's.
         let staged = self.list_versions("stage", &names.staging).await?;
         if let Some(v) = staged
             .iter()
             .rev()
-            .find(|v| v.tag(TAG_ROTATION) == Some(rotation.as_str()))
+            .find(|v| v.tag(TAG_ROTATION) == Some(new.rotation.as_str()))
         {
             self.abandon_other_pending(&names, &staged, &v.id).await?;
             return Ok(VersionRef(v.id.clone()));
         }
         let tags = HashMap::from([
-            (TAG_ROTATION.to_owned(), rotation.to_string()),
+            (TAG_ROTATION.to_owned(), new.rotation.to_string()),
             (TAG_STAGE.to_owned(), Stage::Pending.as_str().to_owned()),
-            (TAG_PATH.to_owned(), item.path.to_owned()),
+            (TAG_PATH.to_owned(), new.item.path.to_owned()),
         ]);
-        let id = self.set("stage", &names.staging, value, tags).await?;
+        let id = self.set("stage", &names.staging, new.value, tags).await?;
         self.abandon_other_pending(&names, &staged, &id).await?;
-        tracing::debug!(vault = %self.name, credential = %item.key, secret = %names.staging, version = %id, "staged a pending version");
+        tracing::debug!(vault = %self.name, credential = %new.item.key, secret = %names.staging, version = %id, "staged a pending version");
         Ok(VersionRef(id))
     }
 

@@ -201,7 +201,10 @@ async fn client_secret_logs_in_at_the_authority_host() {
         path: &path,
     };
     let id = RotationId::generate();
-    let r = v.stage(item, &id, &value("entra-value")).await.unwrap();
+    let r = v
+        .stage(item.pending(&id, &value("entra-value")))
+        .await
+        .unwrap();
     v.promote(item, &r).await.unwrap();
     assert_eq!(latest(&v, &path).await.as_deref(), Some("entra-value"));
 }
@@ -297,7 +300,7 @@ async fn plain_readers_get_only_promoted_values_and_retired_versions_are_disable
     let names = Names::of(&path).unwrap();
 
     let v1 = v
-        .stage(item, &RotationId::generate(), &value("value-one"))
+        .stage(item.pending(&RotationId::generate(), &value("value-one")))
         .await
         .unwrap();
     assert_eq!(
@@ -318,7 +321,7 @@ async fn plain_readers_get_only_promoted_values_and_retired_versions_are_disable
 
     // Readers keep the current value while the next one is pending.
     let v2 = v
-        .stage(item, &RotationId::generate(), &value("value-two"))
+        .stage(item.pending(&RotationId::generate(), &value("value-two")))
         .await
         .unwrap();
     assert_eq!(latest(&v, &path).await.as_deref(), Some("value-one"));
@@ -380,7 +383,10 @@ async fn stage_replay_after_a_lost_response_returns_the_same_version() {
         serde_json::json!({"count": 1, "secret": names.staging}),
     )
     .await;
-    let e = v.stage(item, &r, &value("first-try")).await.unwrap_err();
+    let e = v
+        .stage(item.pending(&r, &value("first-try")))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Transient, "{}", e.message);
     assert!(
         e.message.contains(&names.staging) && e.message.contains("kv-test"),
@@ -390,7 +396,10 @@ async fn stage_replay_after_a_lost_response_returns_the_same_version() {
     assert!(!e.message.contains("first-try"));
 
     // The write happened; the retry must find it, not write again.
-    let version = v.stage(item, &r, &value("second-try")).await.unwrap();
+    let version = v
+        .stage(item.pending(&r, &value("second-try")))
+        .await
+        .unwrap();
     let staged = v.list_versions("t", &names.staging).await.unwrap();
     assert_eq!(
         staged.len(),
@@ -445,7 +454,7 @@ async fn throttling_is_throttled_with_retry_after_and_not_retried_by_the_sdk() {
     )
     .await;
     let e = v
-        .stage(item, &RotationId::generate(), &value("v"))
+        .stage(item.pending(&RotationId::generate(), &value("v")))
         .await
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Throttled, "{}", e.message);
@@ -461,7 +470,7 @@ async fn throttling_is_throttled_with_retry_after_and_not_retried_by_the_sdk() {
         e.message
     );
     // One fault, one failure: the SDK did not retry it away, and it is over.
-    v.stage(item, &RotationId::generate(), &value("v"))
+    v.stage(item.pending(&RotationId::generate(), &value("v")))
         .await
         .unwrap();
     v.destroy(item).await.unwrap();
@@ -514,7 +523,7 @@ async fn a_bad_token_is_unauthorized() {
         path: &path,
     };
     let e = v
-        .stage(item, &RotationId::generate(), &value("v"))
+        .stage(item.pending(&RotationId::generate(), &value("v")))
         .await
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Unauthorized, "{}", e.message);
@@ -561,10 +570,10 @@ async fn promoting_an_abandoned_version_is_invalid() {
         path: &path,
     };
     let old = v
-        .stage(item, &RotationId::generate(), &value("old"))
+        .stage(item.pending(&RotationId::generate(), &value("old")))
         .await
         .unwrap();
-    v.stage(item, &RotationId::generate(), &value("new"))
+    v.stage(item.pending(&RotationId::generate(), &value("new")))
         .await
         .unwrap();
     assert_eq!(
@@ -590,11 +599,13 @@ async fn replay_finds_a_version_beyond_the_first_page() {
     let rotations: Vec<RotationId> = (0..30).map(|_| RotationId::generate()).collect();
     let mut versions = Vec::new();
     for r in &rotations {
-        versions.push(v.stage(item, r, &value("x")).await.unwrap());
+        versions.push(v.stage(item.pending(r, &value("x"))).await.unwrap());
     }
     // The service pages at 25: rotation 28's version is on page two.
     assert_eq!(
-        v.stage(item, &rotations[28], &value("y")).await.unwrap(),
+        v.stage(item.pending(&rotations[28], &value("y")))
+            .await
+            .unwrap(),
         versions[28]
     );
     let names = Names::of(&path).unwrap();

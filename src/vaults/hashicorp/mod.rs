@@ -87,7 +87,7 @@ use vaultrs::error::ClientError;
 use zeroize::Zeroizing;
 
 use super::lazy::LazyVault;
-use super::{Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
+use super::{Pending, Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
 use crate::config::validate::{Loc, Validator, VaultScope, duration_value, is_env_name};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
 
@@ -425,23 +425,18 @@ impl Vault for HashicorpVault {
         &self.name
     }
 
-    async fn stage(
-        &self,
-        item: VaultItem<'_>,
-        rotation: &RotationId,
-        value: &SecretValue,
-    ) -> Result<VersionRef, PluginError> {
+    async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
         const STEP: &str = "stage";
-        let reference = VersionRef(rotation.as_str().to_owned());
-        let target = Ref::Rotation(rotation.clone());
-        let pending_path = Self::pending_path(item.path);
+        let reference = VersionRef(new.rotation.as_str().to_owned());
+        let target = Ref::Rotation(new.rotation.clone());
+        let pending_path = Self::pending_path(new.item.path);
         let slot = self.read_kv(STEP, &pending_path, None).await?;
         if slot.as_ref().is_some_and(|s| s.is(&target)) {
             // Replay: the value stored the first time wins.
             return Ok(reference);
         }
         // A replay after promote finished (and cleared the slot).
-        if let Some(latest) = self.read_kv(STEP, item.path, None).await?
+        if let Some(latest) = self.read_kv(STEP, new.item.path, None).await?
             && latest.is(&target)
         {
             return Ok(reference);
@@ -449,8 +444,8 @@ impl Vault for HashicorpVault {
         let cas = match &slot {
             Some(old) => {
                 tracing::warn!(
-                    vault = %self.name, credential = %item.key, path = item.path,
-                    abandoned = %old.reference(), rotation = %rotation,
+                    vault = %self.name, credential = %new.item.key, path = new.item.path,
+                    abandoned = %old.reference(), rotation = %new.rotation,
                     "replacing the pending value of an abandoned rotation"
                 );
                 old.number
@@ -461,7 +456,7 @@ impl Vault for HashicorpVault {
                 .await?
                 .map_or(0, |m| m.current_version),
         };
-        self.write_kv(STEP, &pending_path, cas, rotation, value)
+        self.write_kv(STEP, &pending_path, cas, new.rotation, new.value)
             .await?;
         if let Some(old) = slot {
             // The abandoned value must not linger in the slot's history.

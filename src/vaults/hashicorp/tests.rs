@@ -154,7 +154,7 @@ async fn plain_readers_see_only_promoted_values_and_retired_data_is_destroyed() 
         RotationId::generate(),
     );
 
-    let ref1 = v.stage(item, &r1, &secret("one")).await.unwrap();
+    let ref1 = v.stage(item.pending(&r1, &secret("one"))).await.unwrap();
     assert_eq!(ref1.0, r1.as_str(), "the version ref is the rotation id");
     // Staged, not promoted: a plain reader sees nothing at the path.
     assert!(raw_latest(&path).await.is_none());
@@ -169,7 +169,7 @@ async fn plain_readers_see_only_promoted_values_and_retired_data_is_destroyed() 
             .is_none()
     );
 
-    let ref2 = v.stage(item, &r2, &secret("two")).await.unwrap();
+    let ref2 = v.stage(item.pending(&r2, &secret("two"))).await.unwrap();
     // Readers still get the promoted value while "two" is pending.
     assert_eq!(raw_latest(&path).await.unwrap()["value"], "one");
     v.promote(item, &ref2).await.unwrap();
@@ -180,14 +180,14 @@ async fn plain_readers_see_only_promoted_values_and_retired_data_is_destroyed() 
     assert!(e.message.contains("is current"), "{e}");
     v.retire(item, &ref1).await.unwrap();
     assert!(raw_meta(&path).await.unwrap().versions["1"].destroyed);
-    let ref3 = v.stage(item, &r3, &secret("three")).await.unwrap();
+    let ref3 = v.stage(item.pending(&r3, &secret("three"))).await.unwrap();
     let e = v.retire(item, &ref3).await.unwrap_err();
     assert!(e.message.contains("is pending"), "{e}");
 
     // Two promotes without a retire in between: the version before the
     // previous is retired by promote (its data destroyed).
     v.promote(item, &ref3).await.unwrap();
-    let ref4 = v.stage(item, &r4, &secret("four")).await.unwrap();
+    let ref4 = v.stage(item.pending(&r4, &secret("four"))).await.unwrap();
     v.promote(item, &ref4).await.unwrap();
     let meta = raw_meta(&path).await.unwrap();
     assert_eq!(meta.current_version, 4);
@@ -215,8 +215,8 @@ async fn stage_and_promote_replays_write_nothing_new() {
     let slot = HashicorpVault::pending_path(&path);
     let r = RotationId::generate();
 
-    let first = v.stage(item, &r, &secret("first")).await.unwrap();
-    v.stage(item, &r, &secret("second")).await.unwrap();
+    let first = v.stage(item.pending(&r, &secret("first"))).await.unwrap();
+    v.stage(item.pending(&r, &secret("second"))).await.unwrap();
     assert_eq!(
         raw_meta(&slot).await.unwrap().current_version,
         1,
@@ -231,7 +231,7 @@ async fn stage_and_promote_replays_write_nothing_new() {
         "promote replay wrote again"
     );
     // A stage replay after promote neither writes a pending copy again.
-    v.stage(item, &r, &secret("third")).await.unwrap();
+    v.stage(item.pending(&r, &secret("third"))).await.unwrap();
     assert!(raw_meta(&slot).await.is_none());
     assert_eq!(raw_latest(&path).await.unwrap()["value"], "first");
 
@@ -252,7 +252,7 @@ async fn promote_finishes_clean_up_after_a_crash_between_write_and_clear() {
     };
     let slot = HashicorpVault::pending_path(&path);
     let r = RotationId::generate();
-    let reference = v.stage(item, &r, &secret("v")).await.unwrap();
+    let reference = v.stage(item.pending(&r, &secret("v"))).await.unwrap();
     // The write half of promote ran; the clean-up did not (crash).
     let PromotePlan::Write {
         cas,
@@ -307,10 +307,10 @@ async fn an_abandoned_pending_value_is_destroyed_and_not_found_to_promote() {
     };
     let slot = HashicorpVault::pending_path(&path);
     let old = v
-        .stage(item, &RotationId::generate(), &secret("old"))
+        .stage(item.pending(&RotationId::generate(), &secret("old")))
         .await
         .unwrap();
-    v.stage(item, &RotationId::generate(), &secret("new"))
+    v.stage(item.pending(&RotationId::generate(), &secret("new")))
         .await
         .unwrap();
     assert!(
@@ -335,7 +335,7 @@ async fn a_concurrent_writer_makes_promote_conflict() {
         path: &path,
     };
     let r = RotationId::generate();
-    let reference = v.stage(item, &r, &secret("ours")).await.unwrap();
+    let reference = v.stage(item.pending(&r, &secret("ours"))).await.unwrap();
     let plan = v
         .plan_promote(&path, &Ref::Rotation(r.clone()))
         .await
@@ -438,7 +438,7 @@ async fn approle_logs_in_once_and_renews_its_token_before_the_ttl() {
     };
     v.check().await.unwrap();
     let r = v
-        .stage(item, &RotationId::generate(), &secret("x"))
+        .stage(item.pending(&RotationId::generate(), &secret("x")))
         .await
         .unwrap();
     assert_eq!(v.counters(), (1, 0), "one login for several calls");
@@ -495,7 +495,7 @@ async fn a_bad_token_is_unauthorized_and_never_printed() {
         path: &path,
     };
     let e = v
-        .stage(item, &RotationId::generate(), &secret("value-canary"))
+        .stage(item.pending(&RotationId::generate(), &secret("value-canary")))
         .await
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
@@ -602,11 +602,11 @@ async fn destroy_deletes_the_metadata_of_the_path_and_of_the_pending_slot() {
         path: &path,
     };
     let r = v
-        .stage(item, &RotationId::generate(), &secret("a"))
+        .stage(item.pending(&RotationId::generate(), &secret("a")))
         .await
         .unwrap();
     v.promote(item, &r).await.unwrap();
-    v.stage(item, &RotationId::generate(), &secret("b"))
+    v.stage(item.pending(&RotationId::generate(), &secret("b")))
         .await
         .unwrap();
     v.destroy(item).await.unwrap();
@@ -674,7 +674,7 @@ async fn a_namespace_scopes_every_call() {
         path: &path,
     };
     let r = v
-        .stage(item, &RotationId::generate(), &secret("in-ns"))
+        .stage(item.pending(&RotationId::generate(), &secret("in-ns")))
         .await
         .unwrap();
     v.promote(item, &r).await.unwrap();

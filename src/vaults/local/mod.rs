@@ -73,7 +73,7 @@ use rand::rngs::OsRng;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use zeroize::Zeroizing;
 
-use super::{Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
+use super::{Pending, Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
 use crate::config::validate::{Loc, Validator, VaultScope};
 use crate::group_commit::{Flow, GroupCommit};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
@@ -533,14 +533,13 @@ impl Vault for LocalVault {
         &self.inner.name
     }
 
-    async fn stage(
-        &self,
-        item: VaultItem<'_>,
-        rotation: &RotationId,
-        value: &SecretValue,
-    ) -> Result<VersionRef, PluginError> {
-        check_path(&self.inner.name, item.path)?;
-        let (path, rotation, value) = (item.path.to_owned(), rotation.clone(), value.clone());
+    async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
+        check_path(&self.inner.name, new.item.path)?;
+        let (path, rotation, value) = (
+            new.item.path.to_owned(),
+            new.rotation.clone(),
+            new.value.clone(),
+        );
         self.write(move |inner, tx| inner.stage(tx, &path, &rotation, &value))
             .await
     }

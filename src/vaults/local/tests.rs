@@ -47,7 +47,7 @@ fn raw_db(dir: &Path) -> Connection {
 async fn rotate(vault: &LocalVault, it: VaultItem<'_>, times: u64) {
     for n in 1..=times {
         vault
-            .stage(it, &RotationId::generate(), &secret("x"))
+            .stage(it.pending(&RotationId::generate(), &secret("x")))
             .await
             .unwrap();
         vault.promote(it, &v(n)).await.unwrap();
@@ -95,10 +95,19 @@ async fn a_stage_replay_adds_no_row() {
     let c = cred();
     let it = item(&c, "p");
     let r1 = RotationId::generate();
-    vault.stage(it, &r1, &secret("first")).await.unwrap();
-    vault.stage(it, &r1, &secret("second")).await.unwrap();
+    vault
+        .stage(it.pending(&r1, &secret("first")))
+        .await
+        .unwrap();
+    vault
+        .stage(it.pending(&r1, &secret("second")))
+        .await
+        .unwrap();
     vault.promote(it, &v(1)).await.unwrap();
-    vault.stage(it, &r1, &secret("third")).await.unwrap();
+    vault
+        .stage(it.pending(&r1, &secret("third")))
+        .await
+        .unwrap();
     let rows: i64 = raw_db(dir.path())
         .query_row("SELECT count(*) FROM versions", [], |r| r.get(0))
         .unwrap();
@@ -112,12 +121,24 @@ async fn an_abandoned_version_is_a_conflict_to_promote_and_its_replay_finds_it()
     let c = cred();
     let it = item(&c, "p");
     let (r1, r2) = (RotationId::generate(), RotationId::generate());
-    assert_eq!(vault.stage(it, &r1, &secret("old")).await.unwrap(), v(1));
-    assert_eq!(vault.stage(it, &r2, &secret("new")).await.unwrap(), v(2));
+    assert_eq!(
+        vault.stage(it.pending(&r1, &secret("old"))).await.unwrap(),
+        v(1)
+    );
+    assert_eq!(
+        vault.stage(it.pending(&r2, &secret("new"))).await.unwrap(),
+        v(2)
+    );
     let e = vault.promote(it, &v(1)).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
     // The abandoned rotation's replay finds its (retired) version, never a new one.
-    assert_eq!(vault.stage(it, &r1, &secret("again")).await.unwrap(), v(1));
+    assert_eq!(
+        vault
+            .stage(it.pending(&r1, &secret("again")))
+            .await
+            .unwrap(),
+        v(1)
+    );
     assert_eq!(by_stage(&vault, "p", Stage::Pending).await.unwrap().0, "2");
 }
 
@@ -150,7 +171,7 @@ async fn destroy_deletes_the_rows_and_numbers_go_on() {
     let it = item(&c, "p");
     rotate(&vault, it, 3).await;
     vault
-        .stage(it, &RotationId::generate(), &secret("y"))
+        .stage(it.pending(&RotationId::generate(), &secret("y")))
         .await
         .unwrap();
     vault.destroy(it).await.unwrap();
@@ -162,7 +183,7 @@ async fn destroy_deletes_the_rows_and_numbers_go_on() {
     assert_eq!(rows, 0);
     assert_eq!(
         vault
-            .stage(it, &RotationId::generate(), &secret("z"))
+            .stage(it.pending(&RotationId::generate(), &secret("z")))
             .await
             .unwrap(),
         v(5)
@@ -191,7 +212,7 @@ async fn values_survive_reopen() {
     {
         let vault = open(dir.path());
         vault
-            .stage(it, &RotationId::generate(), &secret("durable"))
+            .stage(it.pending(&RotationId::generate(), &secret("durable")))
             .await
             .unwrap();
     }
@@ -213,7 +234,7 @@ async fn values_are_encrypted_at_rest() {
     let path = "agents/bot/canary-path";
     let it = item(&c, path);
     vault
-        .stage(it, &RotationId::generate(), &secret(canary))
+        .stage(it.pending(&RotationId::generate(), &secret(canary)))
         .await
         .unwrap();
     vault.promote(it, &v(1)).await.unwrap();
@@ -259,7 +280,7 @@ async fn wrong_key_on_a_row_is_fatal_naming_path_and_version() {
     let dir = tempfile::tempdir().unwrap();
     let c = cred();
     open(dir.path())
-        .stage(item(&c, "p"), &RotationId::generate(), &secret("x"))
+        .stage((item(&c, "p")).pending(&RotationId::generate(), &secret("x")))
         .await
         .unwrap();
     // Without the key check (an old or damaged file), a wrong key still
@@ -286,7 +307,7 @@ async fn tampered_swapped_or_corrupt_rows_are_fatal_not_panics() {
     let c = cred();
     for path in ["a", "b", "c", "d", "e"] {
         vault
-            .stage(item(&c, path), &RotationId::generate(), &secret(path))
+            .stage((item(&c, path)).pending(&RotationId::generate(), &secret(path)))
             .await
             .unwrap();
     }
@@ -326,7 +347,7 @@ async fn tampered_swapped_or_corrupt_rows_are_fatal_not_panics() {
     }
     // The vault keeps working for healthy rows.
     vault
-        .stage(item(&c, "f"), &RotationId::generate(), &secret("f"))
+        .stage((item(&c, "f")).pending(&RotationId::generate(), &secret("f")))
         .await
         .unwrap();
     assert_eq!(by_stage(&vault, "f", Stage::Pending).await.unwrap().1, b"f");
@@ -340,7 +361,7 @@ async fn unsafe_paths_are_refused() {
     let c = cred();
     for path in ["", "/abs", "a/../b", "..", "a//b", "a/", "./a", "a\nb"] {
         let e = vault
-            .stage(item(&c, path), &RotationId::generate(), &secret("x"))
+            .stage((item(&c, path)).pending(&RotationId::generate(), &secret("x")))
             .await
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid, "{path:?}");
@@ -362,7 +383,7 @@ async fn concurrent_stages_on_many_paths() {
                 let it = item(&c, &path);
                 let r = RotationId::generate();
                 let ver = vault
-                    .stage(it, &r, &secret(&format!("v{i}")))
+                    .stage(it.pending(&r, &secret(&format!("v{i}"))))
                     .await
                     .unwrap();
                 vault.promote(it, &ver).await.unwrap();
@@ -396,7 +417,7 @@ async fn a_failing_write_does_not_spoil_its_batch() {
             let it = item(&c, &path);
             if i % 2 == 0 {
                 vault
-                    .stage(it, &RotationId::generate(), &secret(&path))
+                    .stage(it.pending(&RotationId::generate(), &secret(&path)))
                     .await
                     .map(|_| ())
             } else {
@@ -574,11 +595,10 @@ async fn bench_stage_promote_read() {
                 match phase {
                     "stage" => {
                         vault
-                            .stage(
-                                it,
+                            .stage(it.pending(
                                 &RotationId::generate(),
                                 &secret("0123456789abcdef0123456789abcdef"),
-                            )
+                            ))
                             .await
                             .unwrap();
                     }
