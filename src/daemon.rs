@@ -25,7 +25,7 @@ use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
 use crate::config::{self, Config, ConfigErrors};
 use crate::memory;
 use crate::model::CredentialKey;
-use crate::rotation::{Catalog, CredStatus, Engine};
+use crate::rotation::{Catalog, Engine, EngineParts};
 use crate::state::{SqliteStore, StateStore};
 use crate::telemetry::{CredentialTimes, Metrics};
 
@@ -103,14 +103,14 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     metrics.set_state_dir(state_dir.clone());
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let engine = Engine::new(
+    let engine = Engine::new(EngineParts {
         catalog,
-        state.clone(),
-        audit.clone(),
-        metrics.clone(),
-        cancel.clone(),
-        tracker.clone(),
-    )
+        state: state.clone(),
+        audit: audit.clone(),
+        metrics: metrics.clone(),
+        cancel: cancel.clone(),
+        tracker: tracker.clone(),
+    })
     .map_err(|e| startup("cannot start the engine", &e))?;
 
     audit_daemon(
@@ -500,26 +500,10 @@ impl Handler {
     }
 }
 
-pub(crate) fn status_row(s: CredStatus) -> StatusRow {
-    StatusRow {
-        agent: s.key.agent,
-        credential: s.key.credential,
-        vault: s.vault,
-        version: s.version,
-        stage: s.stage,
-        last_rotated: s.last_rotated,
-        next_due: s.next_due,
-        state: s.state.to_string(),
-        step: s.step.map(|st| st.to_string()),
-        rotation: s.rotation.map(|r| r.to_string()),
-        last_error: s.last_error,
-    }
-}
-
 #[async_trait]
 impl ControlHandler for Handler {
     async fn status(&self) -> Vec<StatusRow> {
-        self.engine.status().into_iter().map(status_row).collect()
+        self.engine.status()
     }
 
     async fn rotate(

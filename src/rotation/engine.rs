@@ -15,8 +15,9 @@ use super::catalog::{Catalog, CredEntry};
 use super::clock::{Clock, SystemClock};
 use super::step::Step;
 use super::table::{CredLive, Job, LiveRow, RotateFinished, Table};
+use crate::api::StatusRow;
 use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
-use crate::model::{CredentialKey, ErrorKind, PluginError, RotationId, Stage, VersionNo};
+use crate::model::{CredentialKey, ErrorKind, PluginError, RotationId, Stage};
 use crate::state::{CredentialRow, RotationRow, StateError, StateStore, StateWriter, Write};
 use crate::telemetry::{CredentialState, Metrics};
 
@@ -26,21 +27,6 @@ pub enum EngineError {
     State(#[from] StateError),
     #[error("cannot start the state writer thread: {0}")]
     Thread(#[from] std::io::Error),
-}
-
-/// One credential's line in `status`.
-#[derive(Debug, Clone)]
-pub struct CredStatus {
-    pub key: CredentialKey,
-    pub vault: String,
-    pub version: Option<VersionNo>,
-    pub stage: Option<Stage>,
-    pub last_rotated: Option<DateTime<Utc>>,
-    pub next_due: Option<DateTime<Utc>>,
-    pub state: &'static str,
-    pub step: Option<Step>,
-    pub rotation: Option<RotationId>,
-    pub last_error: Option<String>,
 }
 
 /// A cheap handle; clones share one engine.
@@ -86,26 +72,21 @@ pub(super) fn chrono_dur(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
+/// What an engine is made of, besides its clock and its state writer.
+pub struct EngineParts {
+    pub catalog: Catalog,
+    pub state: Arc<dyn StateStore>,
+    pub audit: AuditLog,
+    pub metrics: Arc<Metrics>,
+    pub cancel: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
 impl Engine {
-    pub fn new(
-        catalog: Catalog,
-        state: Arc<dyn StateStore>,
-        audit: AuditLog,
-        metrics: Arc<Metrics>,
-        cancel: CancellationToken,
-        tracker: TaskTracker,
-    ) -> Result<Engine, EngineError> {
-        let writer = StateWriter::start(state.clone())?;
-        Ok(Self::assemble(
-            catalog,
-            state,
-            writer,
-            audit,
-            metrics,
-            Arc::new(SystemClock),
-            cancel,
-            tracker,
-        ))
+    /// The daemon's engine: the system clock, state writes on a writer thread.
+    pub fn new(parts: EngineParts) -> Result<Engine, EngineError> {
+        let writer = StateWriter::start(parts.state.clone())?;
+        Ok(Self::assemble(parts, writer, Arc::new(SystemClock)))
     }
 
     /// An engine on `clock` whose state calls are served on the calling task
@@ -113,33 +94,20 @@ impl Engine {
     /// with an in-memory store, an inline audit log and in-memory plug-ins,
     /// so that nothing the engine awaits runs on another thread and the
     /// paused clock moves only when every task waits for a timer.
-    #[allow(clippy::too_many_arguments)]
-    pub fn with_clock_inline(
-        catalog: Catalog,
-        state: Arc<dyn StateStore>,
-        audit: AuditLog,
-        metrics: Arc<Metrics>,
-        clock: Arc<dyn Clock>,
-        cancel: CancellationToken,
-        tracker: TaskTracker,
-    ) -> Engine {
-        let writer = StateWriter::inline(state.clone());
-        Self::assemble(
-            catalog, state, writer, audit, metrics, clock, cancel, tracker,
-        )
+    pub fn with_clock_inline(parts: EngineParts, clock: Arc<dyn Clock>) -> Engine {
+        let writer = StateWriter::inline(parts.state.clone());
+        Self::assemble(parts, writer, clock)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn assemble(
-        catalog: Catalog,
-        state: Arc<dyn StateStore>,
-        writer: StateWriter,
-        audit: AuditLog,
-        metrics: Arc<Metrics>,
-        clock: Arc<dyn Clock>,
-        cancel: CancellationToken,
-        tracker: TaskTracker,
-    ) -> Engine {
+    fn assemble(parts: EngineParts, writer: StateWriter, clock: Arc<dyn Clock>) -> Engine {
+        let EngineParts {
+            catalog,
+            state,
+            audit,
+            metrics,
+            cancel,
+            tracker,
+        } = parts;
         let global = Arc::new(Semaphore::new(
             catalog.config.daemon.max_concurrent_rotations.max(1),
         ));
@@ -296,7 +264,7 @@ impl Engine {
     }
 
     /// The status of every configured credential, in a stable order.
-    pub fn status(&self) -> Vec<CredStatus> {
+    pub fn status(&self) -> Vec<StatusRow> {
         self.inner.status()
     }
 
@@ -371,7 +339,7 @@ impl Inner {
         self.departed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn status(&self) -> Vec<CredStatus> {
+    pub(super) fn status(&self) -> Vec<StatusRow> {
         let catalog = self.catalog();
         let live = self.live();
         // In key order (the catalog's).
@@ -385,8 +353,9 @@ impl Inner {
                 let running = l.and_then(|l| l.running.as_ref());
                 let state = l.map_or(CredentialState::Idle, CredLive::state).as_str();
                 let version = row.and_then(|r| r.current_version);
-                CredStatus {
-                    key: key.clone(),
+                StatusRow {
+                    agent: key.agent.clone(),
+                    credential: key.credential.clone(),
                     vault: entry.vault_label(),
                     version,
                     stage: version.map(|_| Stage::Current),
@@ -394,14 +363,16 @@ impl Inner {
                     next_due: live
                         .deadline(key, Job::Rotate)
                         .or_else(|| row.and_then(|r| r.next_due)),
-                    state,
+                    state: state.to_owned(),
                     // A parked rotation shows where it stopped.
                     step: running
                         .map(|r| r.step)
-                        .or_else(|| l.and_then(|l| l.parked.as_ref()?.step)),
+                        .or_else(|| l.and_then(|l| l.parked.as_ref()?.step))
+                        .map(|s| s.to_string()),
                     rotation: running
-                        .and_then(|r| r.rotation.clone())
-                        .or_else(|| l.and_then(|l| l.parked.as_ref()?.rotation.clone())),
+                        .and_then(|r| r.rotation.as_ref())
+                        .or_else(|| l.and_then(|l| l.parked.as_ref()?.rotation.as_ref()))
+                        .map(RotationId::to_string),
                     last_error: running
                         .and_then(|r| r.last_error.clone())
                         .or_else(|| row.and_then(|r| r.last_error.as_deref().map(String::from))),

@@ -49,7 +49,7 @@ mod table;
 
 pub use catalog::{BuildError, Catalog, CredEntry, CredMap, VaultHandle};
 pub use clock::{Clock, SystemClock, TokioClock};
-pub use engine::{CredStatus, Engine, EngineError};
+pub use engine::{Engine, EngineError, EngineParts};
 pub use failpoint::{FAILPOINTS, crash_point};
 pub use step::{Step, Trigger};
 pub use table::RotateFinished;

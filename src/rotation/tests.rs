@@ -17,7 +17,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Catalog, CredEntry, Engine, Step, TokioClock, VaultHandle};
+use super::{Catalog, CredEntry, Engine, EngineParts, Step, TokioClock, VaultHandle};
+use crate::api::StatusRow;
 use crate::audit::{AuditLog, verify_file};
 use crate::model::{
     CredentialKey, ErrorKind, PluginError, RotationId, SecretValue, Stage, VersionNo,
@@ -413,15 +414,15 @@ impl Rig {
         let audit = AuditLog::open_inline(&dir.path().join("audit.log"), head.as_ref()).unwrap();
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let engine = Engine::with_clock_inline(
+        let parts = EngineParts {
             catalog,
-            store.clone(),
+            state: store.clone(),
             audit,
-            Arc::new(Metrics::new()),
-            Arc::new(TokioClock::starting_at(t0())),
-            cancel.clone(),
-            tracker.clone(),
-        );
+            metrics: Arc::new(Metrics::new()),
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+        };
+        let engine = Engine::with_clock_inline(parts, Arc::new(TokioClock::starting_at(t0())));
         Rig {
             dir,
             engine,
@@ -447,11 +448,12 @@ impl Rig {
         t.duration_since(self.start)
     }
 
-    fn status(&self, cred: &str) -> super::CredStatus {
+    fn status(&self, cred: &str) -> StatusRow {
+        let key = key(cred);
         self.engine
             .status()
             .into_iter()
-            .find(|s| s.key == key(cred))
+            .find(|s| s.agent == key.agent && s.credential == key.credential)
             .unwrap()
     }
 
@@ -529,7 +531,7 @@ async fn a_credential_rotates_on_schedule_and_its_previous_version_retires_after
         ]
     );
     let s = rig.status("c0");
-    assert_eq!((s.version, s.state), (Some(3), "idle"));
+    assert_eq!((s.version, s.state.as_str()), (Some(3), "idle"));
     assert_eq!(
         s.next_due,
         Some(t0() + chrono::Duration::hours(18)),
@@ -586,8 +588,8 @@ async fn exhausted_retries_park_the_rotation_with_a_doubling_delay_then_it_compl
     .await;
     let s = rig.status("c0");
     assert_eq!(
-        s.step,
-        Some(Step::Create),
+        s.step.as_deref(),
+        Some("create"),
         "a parked rotation shows its step"
     );
     assert!(s.rotation.is_some());

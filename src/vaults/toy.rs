@@ -214,7 +214,7 @@ mod tests {
     use super::*;
     use crate::audit::AuditLog;
     use crate::model::{AgentId, CredentialId, CredentialKey};
-    use crate::rotation::{Catalog, Engine, TokioClock};
+    use crate::rotation::{Catalog, Engine, EngineParts, TokioClock};
     use crate::state::{MemoryStore, StateStore};
     use crate::telemetry::Metrics;
 
@@ -258,15 +258,15 @@ grace = "10m"
         let audit = AuditLog::open_inline(&dir.path().join("audit.log"), None).unwrap();
         let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
         let start = chrono::DateTime::from_timestamp(1_798_761_600, 0).unwrap();
-        let engine = Engine::with_clock_inline(
+        let parts = EngineParts {
             catalog,
-            store.clone(),
+            state: store.clone(),
             audit,
-            Arc::new(Metrics::new()),
-            Arc::new(TokioClock::starting_at(start)),
-            cancel.clone(),
-            tracker.clone(),
-        );
+            metrics: Arc::new(Metrics::new()),
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+        };
+        let engine = Engine::with_clock_inline(parts, Arc::new(TokioClock::starting_at(start)));
         engine.start().await.unwrap();
         let e = engine.clone();
         tracker.spawn(async move { e.run_scheduler(None, || {}).await });
