@@ -12,6 +12,12 @@ pub(crate) fn key(agent: &str, credential: &str) -> CredentialKey {
     )
 }
 
+/// The `[agents.NAME]` table (owner, tenant, tier) of a test agent, for a
+/// config that adds its credentials after it.
+pub(crate) fn agent_table(name: &str) -> String {
+    format!("[agents.{name}]\nowner = \"alice@example.com\"\ntenant = \"acme\"\ntier = \"high\"\n")
+}
+
 /// `ms` milliseconds after a fixed instant (in 2027): a test clock at the
 /// precision the engine keeps.
 pub(crate) fn at_ms(ms: i64) -> DateTime<Utc> {

@@ -17,15 +17,10 @@ use keyturn::vaults::{Select, VersionRef};
 /// every failpoint also checks that the vaults never disagree. Its target is
 /// a hook that reads the value and succeeds: with no target at all the engine
 /// skips `set` and `test`, and their failpoints would never be reached.
-const CONFIG: &str = r#"
-[vaults.mirror]
-type = "local"
-
-[agents.bot]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-
+fn config() -> String {
+    "[vaults.mirror]\ntype = \"local\"\n".to_owned()
+        + &agent_table("bot")
+        + r#"
 [agents.bot.credentials.db]
 vault = ["local", "mirror"]
 generate = { kind = "password", length = 32 }
@@ -33,12 +28,13 @@ every = "1h"
 grace = "0s"
 target = { type = "command", program = "/bin/sh", args = ["-c", "cat >/dev/null"] }
 deliver = [{ type = "file", path = "{root}/bot/db.json", format = "json" }]
-"#;
+"#
+}
 
 /// Kill -9 at `failpoint` (tests/common/crash.rs), then: each local vault
 /// holds exactly one new version, and they agree on the current value.
 fn check_one(failpoint: &str) {
-    let env = Env::new(CONFIG);
+    let env = Env::new(&config());
     kill_9_and_resume(
         &env,
         failpoint,
@@ -88,7 +84,7 @@ fn every_failpoint_is_survived() {
 /// rotation at the following step.
 #[test]
 fn sigterm_drains_the_in_flight_step_and_the_rotation_resumes() {
-    let env = Env::new(CONFIG);
+    let env = Env::new(&config());
     let first = env.start();
     wait_settled(&env, 1, &["idle"]);
     first.stop();

@@ -204,12 +204,8 @@ fn stopping_is_notified() {
 
 #[test]
 fn symlinks_at_the_delivery_path_or_its_parent_are_refused() {
-    let env = Env::new(
-        r#"
-[agents.bot]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
+    let creds = agent_table("bot")
+        + r#"
 [agents.bot.credentials.a]
 vault = "local"
 generate = { kind = "random_bytes", length = 32, encoding = "hex" }
@@ -220,12 +216,8 @@ vault = "local"
 generate = { kind = "random_bytes", length = 32, encoding = "hex" }
 every = "1h"
 deliver = [{ type = "file", path = "{root}/spy/b", format = "raw" }]
-[agents.spy]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-"#,
-    );
+"# + &agent_table("spy");
+    let env = Env::new(&creds);
     let outside = env.path().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
     // A symlink at the file itself, and one at its parent directory.
@@ -270,11 +262,8 @@ tier = "high"
 #[test]
 fn canary_values_never_leak_into_logs_audit_state_or_errors() {
     let env = Env::new(
-        r#"
-[agents.bot]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
+        &(agent_table("bot")
+            + r#"
 [agents.bot.credentials.key]
 vault = "local"
 generate = { kind = "api_key", prefix = "kt_canary_", length = 32 }
@@ -286,7 +275,7 @@ vault = "local"
 generate = { kind = "password", length = 24 }
 every = "1h"
 deliver = [{ type = "file", path = "{root}/bot/sub/broken", format = "raw" }]
-"#,
+"#),
     );
     // Make one delivery fail so error paths run too.
     std::fs::create_dir_all(env.root().join("bot")).unwrap();

@@ -99,6 +99,29 @@ impl Engine {
         Self::assemble(parts, writer, clock)
     }
 
+    /// [`Engine::with_clock_inline`] on a [`TokioClock`] starting at `start`,
+    /// with fresh metrics, cancel token and task tracker (returned for the
+    /// test to stop the engine and to spawn its scheduler).
+    #[cfg(test)]
+    pub(crate) fn paused_for_test(
+        catalog: Catalog,
+        state: Arc<dyn StateStore>,
+        audit: AuditLog,
+        start: DateTime<Utc>,
+    ) -> (Engine, CancellationToken, TaskTracker) {
+        let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let parts = EngineParts {
+            catalog,
+            state,
+            audit,
+            metrics: Arc::new(Metrics::new()),
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+        };
+        let clock = Arc::new(super::TokioClock::starting_at(start));
+        (Self::with_clock_inline(parts, clock), cancel, tracker)
+    }
+
     fn assemble(parts: EngineParts, writer: StateWriter, clock: Arc<dyn Clock>) -> Engine {
         let EngineParts {
             catalog,

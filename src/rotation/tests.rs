@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Catalog, CredEntry, Engine, EngineParts, Step, TokioClock, VaultHandle};
+use super::{Catalog, CredEntry, Engine, Step, VaultHandle};
 use crate::api::StatusRow;
 use crate::audit::{AuditLog, verify_file};
 use crate::model::{
@@ -25,7 +25,6 @@ use crate::model::{
 };
 use crate::sinks::{Delivered, Notice, Sink};
 use crate::state::{CredentialRow, MemoryStore, StateStore, Write};
-use crate::telemetry::Metrics;
 use crate::vaults::{Pending, Select, StoredVersion, Vault, VaultItem, VersionRef};
 
 // ---------------------------------------------------------------------------
@@ -304,11 +303,8 @@ catch_up_spread = "10m"
 {extra_daemon}
 [vaults.local]
 type = "local"
-[agents.bot]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-"#
+{agent}"#,
+        agent = crate::test_support::agent_table("bot")
     );
     for i in 0..n {
         text.push_str(&format!(
@@ -412,17 +408,8 @@ impl Rig {
         let catalog = catalog(dir.path(), &text, &vault, &sink);
         let head = store.audit_head().unwrap();
         let audit = AuditLog::open_inline(&dir.path().join("audit.log"), head.as_ref()).unwrap();
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let parts = EngineParts {
-            catalog,
-            state: store.clone(),
-            audit,
-            metrics: Arc::new(Metrics::new()),
-            cancel: cancel.clone(),
-            tracker: tracker.clone(),
-        };
-        let engine = Engine::with_clock_inline(parts, Arc::new(TokioClock::starting_at(t0())));
+        let (engine, cancel, tracker) =
+            Engine::paused_for_test(catalog, store.clone(), audit, t0());
         Rig {
             dir,
             engine,

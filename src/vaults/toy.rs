@@ -208,15 +208,11 @@ impl Vault for ToyVault {
 mod tests {
     use std::time::Duration;
 
-    use tokio_util::sync::CancellationToken;
-    use tokio_util::task::TaskTracker;
-
     use super::*;
     use crate::audit::AuditLog;
     use crate::model::{AgentId, CredentialId, CredentialKey};
-    use crate::rotation::{Catalog, Engine, EngineParts, TokioClock};
+    use crate::rotation::{Catalog, Engine};
     use crate::state::{MemoryStore, StateStore};
-    use crate::telemetry::Metrics;
 
     async fn contract_subject() -> (ToyVault, String, ()) {
         let vault = ToyVault {
@@ -240,33 +236,22 @@ socket = "{d}/control.sock"
 [vaults.play]
 type = "toy"
 prefix = "kt-"
-[agents.bot]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-[agents.bot.credentials.db]
+{agent}[agents.bot.credentials.db]
 vault = "play"
 generate = {{ kind = "password", length = 24 }}
 every = "1h"
 grace = "10m"
-"#
+"#,
+            agent = crate::test_support::agent_table("bot")
         );
         let config = crate::config::load_str(&dir.path().join("k.toml"), &text).unwrap();
         let catalog = Catalog::build(config, None).unwrap();
         let vault = catalog.vaults["play"].vault.clone();
         let store = Arc::new(MemoryStore::new());
         let audit = AuditLog::open_inline(&dir.path().join("audit.log"), None).unwrap();
-        let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
         let start = chrono::DateTime::from_timestamp(1_798_761_600, 0).unwrap();
-        let parts = EngineParts {
-            catalog,
-            state: store.clone(),
-            audit,
-            metrics: Arc::new(Metrics::new()),
-            cancel: cancel.clone(),
-            tracker: tracker.clone(),
-        };
-        let engine = Engine::with_clock_inline(parts, Arc::new(TokioClock::starting_at(start)));
+        let (engine, cancel, tracker) =
+            Engine::paused_for_test(catalog, store.clone(), audit, start);
         engine.start().await.unwrap();
         let e = engine.clone();
         tracker.spawn(async move { e.run_scheduler(None, || {}).await });
