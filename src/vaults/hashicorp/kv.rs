@@ -31,11 +31,7 @@ impl HashicorpVault {
                     .path(path)
                     .version(version)
                     .build()
-                    .map_err(|e| ClientError::RestClientError {
-                        source: rustify::errors::ClientError::EndpointBuildError {
-                            source: e.into(),
-                        },
-                    })?;
+                    .map_err(endpoint_error)?;
                 vaultrs::api::exec_with_result(&*c, endpoint).await
             })
             .await;
@@ -44,49 +40,29 @@ impl HashicorpVault {
             Err(e) if e.kind == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
+        let number = res.metadata.version;
+        let malformed = |what: &str| {
+            let message = format!("version {number} has {what}");
+            self.err(ErrorKind::Fatal, step, &location, message)
+        };
         let data = match res.data {
             Value::Object(map) => map,
             // A deleted version can come back as `data: null`.
             Value::Null => return Ok(None),
-            _ => {
-                return Err(self.err(
-                    ErrorKind::Fatal,
-                    step,
-                    &location,
-                    format!(
-                        "version {} has data that is not a map",
-                        res.metadata.version
-                    ),
-                ));
-            }
+            _ => return Err(malformed("data that is not a map")),
         };
         let rotation = match data.get(ROTATION_KEY) {
             None => None,
-            Some(Value::String(s)) => Some(RotationId::parse(s).ok_or_else(|| {
-                self.err(
-                    ErrorKind::Fatal,
-                    step,
-                    &location,
-                    format!(
-                        "version {} has a malformed {ROTATION_KEY}",
-                        res.metadata.version
-                    ),
-                )
-            })?),
+            Some(Value::String(s)) => Some(
+                RotationId::parse(s)
+                    .ok_or_else(|| malformed(&format!("a malformed {ROTATION_KEY}")))?,
+            ),
             Some(_) => {
-                return Err(self.err(
-                    ErrorKind::Fatal,
-                    step,
-                    &location,
-                    format!(
-                        "version {} has a {ROTATION_KEY} that is not a string",
-                        res.metadata.version
-                    ),
-                ));
+                return Err(malformed(&format!("a {ROTATION_KEY} that is not a string")));
             }
         };
         Ok(Some(KvVersion {
-            number: res.metadata.version,
+            number,
             rotation,
             data,
         }))
@@ -154,11 +130,7 @@ impl HashicorpVault {
                         .data(data)
                         .options(SetSecretRequestOptions { cas })
                         .build()
-                        .map_err(|e| ClientError::RestClientError {
-                            source: rustify::errors::ClientError::EndpointBuildError {
-                                source: e.into(),
-                            },
-                        })?;
+                        .map_err(endpoint_error)?;
                     vaultrs::api::exec_with_result(&*c, endpoint).await
                 }
             })
@@ -222,28 +194,15 @@ impl HashicorpVault {
         stage: Stage,
     ) -> Result<StoredVersion, PluginError> {
         let reference = v.reference();
-        let value = match v.data.remove(&self.field) {
-            Some(Value::String(s)) => SecretValue::from_string(s),
-            Some(_) => {
-                return Err(self.err(
-                    ErrorKind::Invalid,
-                    step,
-                    &self.location(path),
-                    format!(
-                        "version {}: field {:?} is not a string",
-                        v.number, self.field
-                    ),
-                ));
-            }
-            None => {
-                return Err(self.err(
-                    ErrorKind::Invalid,
-                    step,
-                    &self.location(path),
-                    format!("version {} has no field {:?}", v.number, self.field),
-                ));
-            }
+        let problem = match v.data.remove(&self.field) {
+            Some(Value::String(s)) => Ok(SecretValue::from_string(s)),
+            Some(_) => Err("is not a string"),
+            None => Err("is missing"),
         };
+        let value = problem.map_err(|what| {
+            let message = format!("version {}: field {:?} {what}", v.number, self.field);
+            self.err(ErrorKind::Invalid, step, &self.location(path), message)
+        })?;
         wipe_json(Value::Object(v.data));
         Ok(StoredVersion {
             version: reference,
@@ -377,5 +336,12 @@ impl HashicorpVault {
             self.delete_all(STEP, &Self::pending_path(path)).await?;
         }
         Ok(())
+    }
+}
+
+/// An endpoint builder's error, as the client error a call returns.
+fn endpoint_error(e: impl std::error::Error + Send + Sync + 'static) -> ClientError {
+    ClientError::RestClientError {
+        source: rustify::errors::ClientError::EndpointBuildError { source: e.into() },
     }
 }
