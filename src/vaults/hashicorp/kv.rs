@@ -257,6 +257,10 @@ impl HashicorpVault {
             Ref::Kv(_) => None,
         };
         let slot_holds_it = slot.as_ref().is_some_and(|s| s.is(target));
+        let refuse = |kind, why: &str| {
+            let message = format!("version {} {why}", ref_text(target));
+            self.err(kind, STEP, &self.location(path), message)
+        };
         let (latest, latest_data) = self.latest(STEP, path).await?;
         if latest_data.as_ref().is_some_and(|v| v.is(target)) {
             return Ok(PromotePlan::Done {
@@ -279,25 +283,15 @@ impl HashicorpVault {
             let rotation = prev.rotation.clone();
             (self.to_stored(STEP, path, prev, Stage::Previous)?, rotation)
         } else {
-            return Err(self.err(
+            return Err(refuse(
                 ErrorKind::NotFound,
-                STEP,
-                &self.location(path),
-                format!(
-                    "version {} is not pending, current or previous (never staged here, or already retired)",
-                    ref_text(target)
-                ),
+                "is not pending, current or previous (never staged here, or already retired)",
             ));
         };
         let Some(rotation) = rotation else {
-            return Err(self.err(
+            return Err(refuse(
                 ErrorKind::Invalid,
-                STEP,
-                &self.location(path),
-                format!(
-                    "version {} was not written by keyturn; only keyturn's versions can be promoted",
-                    ref_text(target)
-                ),
+                "was not written by keyturn; only keyturn's versions can be promoted",
             ));
         };
         Ok(PromotePlan::Write {
