@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Catalog, CredEntry, Engine, Step, VaultHandle};
+use super::{Catalog, CredEntry, Engine, RotateFinished, Step, VaultHandle};
 use crate::api::StatusRow;
 use crate::audit::{AuditLog, verify_file};
 use crate::model::{
@@ -359,6 +359,16 @@ fn catalog(
 }
 
 impl Rig {
+    /// One credential, `c0`, due every six hours.
+    async fn single() -> Rig {
+        Rig::new(1, "every = \"6h\"").await
+    }
+
+    /// Triggers `c0` and waits for its rotation to end.
+    async fn rotate_c0(&self) -> RotateFinished {
+        self.engine.trigger(&key("c0")).unwrap().await.unwrap()
+    }
+
     async fn new(n: usize, schedule: &str) -> Rig {
         Self::with(
             n,
@@ -531,9 +541,9 @@ async fn a_credential_rotates_on_schedule_and_its_previous_version_retires_after
 /// exponential back-off and jitter: delays in [1 s, 2 s), then [2 s, 4 s).
 #[tokio::test(start_paused = true)]
 async fn transient_failures_are_retried_with_backoff_within_the_rotation() {
-    let rig = Rig::new(1, "every = \"6h\"").await;
+    let rig = Rig::single().await;
     rig.vault.fail("stage", 2, ErrorKind::Transient, None);
-    let done = rig.engine.trigger(&key("c0")).unwrap().await.unwrap();
+    let done = rig.rotate_c0().await;
     assert_eq!((done.error, done.version), (None, Some(1)));
     let t = rig.vault.times("stage", None);
     assert_eq!(t.len(), 3, "two failures, then success");
@@ -565,7 +575,7 @@ async fn transient_failures_are_retried_with_backoff_within_the_rotation() {
 /// doubled per consecutive failure), and the same rotation then completes.
 #[tokio::test(start_paused = true)]
 async fn exhausted_retries_park_the_rotation_with_a_doubling_delay_then_it_completes() {
-    let rig = Rig::new(1, "every = \"6h\"").await;
+    let rig = Rig::single().await;
     // Two runs of 4 attempts fail; the third run's first attempt succeeds.
     rig.vault.fail("stage", 8, ErrorKind::Throttled, None);
     rig.run().await;
@@ -614,12 +624,12 @@ async fn exhausted_retries_park_the_rotation_with_a_doubling_delay_then_it_compl
 
 #[tokio::test(start_paused = true)]
 async fn a_non_retryable_error_parks_at_once_and_a_manual_retry_resumes() {
-    let rig = Rig::new(1, "every = \"6h\"").await;
+    let rig = Rig::single().await;
     rig.vault.fail("stage", 1, ErrorKind::Unauthorized, None);
-    let done = rig.engine.trigger(&key("c0")).unwrap().await.unwrap();
+    let done = rig.rotate_c0().await;
     assert!(done.error.unwrap().contains("unauthorized"));
     assert_eq!(rig.vault.times("stage", None).len(), 1, "no retry");
-    let again = rig.engine.trigger(&key("c0")).unwrap().await.unwrap();
+    let again = rig.rotate_c0().await;
     assert_eq!((again.error, again.version), (None, Some(1)));
     rig.shutdown().await;
 }
@@ -629,7 +639,7 @@ async fn a_non_retryable_error_parks_at_once_and_a_manual_retry_resumes() {
 #[tokio::test(start_paused = true)]
 async fn retry_after_is_honoured_by_the_in_step_retries_and_by_the_parked_retry() {
     const AFTER: Duration = Duration::from_secs(7);
-    let rig = Rig::new(1, "every = \"6h\"").await;
+    let rig = Rig::single().await;
     rig.vault
         .fail("stage", 4, ErrorKind::Throttled, Some(AFTER));
     rig.run().await;
@@ -651,14 +661,14 @@ async fn retry_after_is_honoured_by_the_in_step_retries_and_by_the_parked_retry(
 
 #[tokio::test(start_paused = true)]
 async fn concurrent_triggers_join_one_rotation() {
-    let rig = Rig::new(1, "every = \"6h\"").await;
+    let rig = Rig::single().await;
     rig.vault.slow("stage", Duration::from_secs(2));
     let a = rig.engine.trigger(&key("c0")).unwrap();
     let b = rig.engine.trigger(&key("c0")).unwrap();
     let (a, b) = (a.await.unwrap(), b.await.unwrap());
     assert_eq!(a.rotation, b.rotation);
     assert_eq!(rig.vault.times("stage", None).len(), 1);
-    let next = rig.engine.trigger(&key("c0")).unwrap().await.unwrap();
+    let next = rig.rotate_c0().await;
     assert_eq!(next.version, Some(2));
     rig.shutdown().await;
 }
@@ -802,7 +812,7 @@ async fn jobs_popped_when_a_trigger_took_their_slot_go_back_in_the_queue() {
 /// then resumes at the next start, as the same rotation with one version.
 #[tokio::test(start_paused = true)]
 async fn shutdown_drains_the_step_in_flight_and_the_rotation_resumes() {
-    let rig = Rig::new(1, "every = \"6h\"").await;
+    let rig = Rig::single().await;
     let (store, vault) = (rig.store.clone(), rig.vault.clone());
     vault.slow("stage", Duration::from_secs(5));
     let waiter = rig.engine.trigger(&key("c0")).unwrap();
