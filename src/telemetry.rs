@@ -20,7 +20,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 use tracing_subscriber::EnvFilter;
 
 /// The environment variable that overrides the log filter (`EnvFilter` syntax).
@@ -203,15 +203,18 @@ impl Default for Metrics {
     }
 }
 
+/// A new metric of type `M`, registered as `name` with `help`.
+fn register<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("keyturn");
-        let rotations = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "rotations",
-            "Rotations finished, by result",
-            rotations.clone(),
-        );
+        let rotations: Family<ResultLabels, Counter> =
+            register(&mut registry, "rotations", "Rotations finished, by result");
         // Pre-create the result series at 0 so `rate()` and alerts see them
         // from the first scrape, not only after the first failure.
         for ok in [true, false] {
@@ -219,11 +222,10 @@ impl Metrics {
                 result: result_label(ok),
             });
         }
-        let step_failures = Family::<StepLabels, Counter>::default();
-        registry.register(
+        let step_failures: Family<StepLabels, Counter> = register(
+            &mut registry,
             "rotation_step_failures",
             "Failed attempts of a rotation step (each retry counts)",
-            step_failures.clone(),
         );
         // 1 ms doubling 17 times: the last finite bucket is ~65 s; slower
         // rotations land in +Inf.
@@ -233,11 +235,10 @@ impl Metrics {
             "Wall time of a rotation from create to deliver",
             rotation_duration.clone(),
         );
-        let credentials = Family::<StateLabels, Gauge>::default();
-        registry.register(
+        let credentials: Family<StateLabels, Gauge> = register(
+            &mut registry,
             "credentials",
             "Configured credentials, by state",
-            credentials.clone(),
         );
         // Export every state from the start, so a dashboard sees 0 rather than
         // a missing series before the first transition.
@@ -246,11 +247,10 @@ impl Metrics {
                 .get_or_create(&StateLabels { state: s.as_str() })
                 .set(0);
         }
-        let deliveries = Family::<DeliveryLabels, Counter>::default();
-        registry.register(
+        let deliveries: Family<DeliveryLabels, Counter> = register(
+            &mut registry,
             "deliveries",
             "Deliveries of a new version to a sink, by sink type and result",
-            deliveries.clone(),
         );
         for ok in [true, false] {
             let _ = deliveries.get_or_create(&DeliveryLabels {
@@ -258,17 +258,15 @@ impl Metrics {
                 result: result_label(ok),
             });
         }
-        let audit_records = Counter::default();
-        registry.register(
+        let audit_records: Counter = register(
+            &mut registry,
             "audit_records",
             "Records appended to the audit log",
-            audit_records.clone(),
         );
-        let state_free = Gauge::default();
-        registry.register(
+        let state_free: Gauge = register(
+            &mut registry,
             "state_free_bytes",
             "Free bytes on the filesystem of the state directory (keyturn refuses to start below 4 MiB)",
-            state_free.clone(),
         );
         let provider = Arc::new(RwLock::new(None));
         registry.register_collector(Box::new(CredentialTimesCollector {

@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::model::{AgentId, CredentialId, CredentialKey, SecretValue};
+use crate::state::CredentialRow;
 
 /// The key of `agent`'s credential `credential` (both valid ids).
 pub(crate) fn key(agent: &str, credential: &str) -> CredentialKey {
@@ -40,4 +41,17 @@ pub(crate) fn assert_root(what_needs_it: &str) {
         nix::unistd::geteuid().is_root(),
         "{what_needs_it} needs root (as CI runs the suite)"
     );
+}
+
+/// A credential's state row with every field set (timestamps at the
+/// millisecond precision the engine keeps).
+pub(crate) fn credential_row(k: &CredentialKey) -> CredentialRow {
+    CredentialRow {
+        key: k.clone(),
+        current_version: Some(3),
+        last_rotated_at: Some(at_ms(1_000)),
+        next_due: Some(at_ms(21_600_456)),
+        consecutive_failures: 2,
+        last_error: Some("vault bao: connection refused".into()),
+    }
 }

@@ -285,14 +285,7 @@ mod tests {
     #[test]
     fn live_rows_round_trip_to_state_rows() {
         let k = key("a", "x");
-        let row = CredentialRow {
-            key: k.clone(),
-            current_version: Some(3),
-            last_rotated_at: Some(t(1)),
-            next_due: Some(t(2)),
-            consecutive_failures: 4,
-            last_error: Some("vault down".into()),
-        };
+        let row = crate::test_support::credential_row(&k);
         assert_eq!(LiveRow::from(row.clone()).to_row(&k), row);
     }
 

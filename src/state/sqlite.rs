@@ -821,7 +821,7 @@ fn decode_version(row: &Row<'_>) -> DecodeResult<VersionRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::key;
+    use crate::test_support::{credential_row, key};
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
     use std::time::Instant;
@@ -829,17 +829,6 @@ mod tests {
     /// A timestamp as the engine makes them: truncated to milliseconds.
     fn at(millis: i64) -> DateTime<Utc> {
         DateTime::from_timestamp_millis(millis).unwrap()
-    }
-
-    fn cred(k: &CredentialKey) -> CredentialRow {
-        CredentialRow {
-            key: k.clone(),
-            current_version: Some(3),
-            last_rotated_at: Some(at(1_700_000_000_123)),
-            next_due: Some(at(1_700_021_600_456)),
-            consecutive_failures: 2,
-            last_error: Some("vault bao: connection refused".into()),
-        }
     }
 
     fn rot(k: &CredentialKey, step: Step) -> RotationRow {
@@ -983,7 +972,7 @@ mod tests {
     fn each_row_type_round_trips() {
         let (_dir, s) = open_tmp();
         let k = key("invoice-bot", "db");
-        let c = cred(&k);
+        let c = credential_row(&k);
         let r = rot(&k, Step::Deliver);
         let v = version(&k, &r.id, 3);
         let h = AuditHead {
@@ -1031,7 +1020,7 @@ mod tests {
     fn writes_upsert() {
         let (_dir, s) = open_tmp();
         let k = key("a", "c");
-        let mut c = cred(&k);
+        let mut c = credential_row(&k);
         let mut r = rot(&k, Step::Create);
         let mut v = version(&k, &r.id, 4);
         v.stage = Stage::Pending;
@@ -1168,7 +1157,7 @@ mod tests {
             let r = rot(k, Step::Set);
             writes.push(Write::Version(version(k, &r.id, 1)));
             writes.push(Write::Rotation(r));
-            writes.push(Write::Credential(cred(k)));
+            writes.push(Write::Credential(credential_row(k)));
         }
         s.apply(&writes).unwrap();
         s.apply(&[Write::ForgetCredential(gone.clone())]).unwrap();
@@ -1191,7 +1180,10 @@ mod tests {
         let mut too_big = rot(&k, Step::Create);
         too_big.version = u64::MAX;
         let err = s
-            .apply(&[Write::Credential(cred(&k)), Write::Rotation(too_big)])
+            .apply(&[
+                Write::Credential(credential_row(&k)),
+                Write::Rotation(too_big),
+            ])
             .unwrap_err();
         assert!(matches!(err, StateError::Db { .. }), "{err}");
         assert_eq!(s.credential(&k).unwrap(), None);
@@ -1204,7 +1196,7 @@ mod tests {
         {
             let s = SqliteStore::open(&path).unwrap();
             assert_eq!(s.user_version().unwrap(), SCHEMA_VERSION);
-            s.apply(&[Write::Credential(cred(&k))]).unwrap();
+            s.apply(&[Write::Credential(credential_row(&k))]).unwrap();
         }
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
@@ -1213,7 +1205,7 @@ mod tests {
         // Re-opening applies nothing and keeps the data.
         let s = SqliteStore::open(&path).unwrap();
         assert_eq!(s.user_version().unwrap(), SCHEMA_VERSION);
-        assert_eq!(s.credential(&k).unwrap(), Some(cred(&k)));
+        assert_eq!(s.credential(&k).unwrap(), Some(credential_row(&k)));
         let journal: String = s
             .lock()
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -1283,9 +1275,9 @@ mod tests {
         let ro = SqliteStore::open_read_only(&dir.path().join("state/keyturn.db")).unwrap();
         let k = key("a", "c");
         assert_eq!(ro.credential(&k).unwrap(), None);
-        rw.apply(&[Write::Credential(cred(&k))]).unwrap();
-        assert_eq!(ro.credential(&k).unwrap(), Some(cred(&k)));
-        let mut c = cred(&k);
+        rw.apply(&[Write::Credential(credential_row(&k))]).unwrap();
+        assert_eq!(ro.credential(&k).unwrap(), Some(credential_row(&k)));
+        let mut c = credential_row(&k);
         c.current_version = Some(7);
         rw.apply(&[Write::Credential(c.clone())]).unwrap();
         assert_eq!(ro.snapshot().unwrap().credentials, vec![c]);
@@ -1305,8 +1297,11 @@ mod tests {
         let (dir, s) = open_tmp();
         let k = key("a", "c");
         let r = rot(&k, Step::Set);
-        s.apply(&[Write::Rotation(r.clone()), Write::Credential(cred(&k))])
-            .unwrap();
+        s.apply(&[
+            Write::Rotation(r.clone()),
+            Write::Credential(credential_row(&k)),
+        ])
+        .unwrap();
         let raw = Connection::open(dir.path().join("state/keyturn.db")).unwrap();
         let expect_corrupt = |what: &str, res: Result<()>| match res {
             Err(StateError::Corrupt { message, .. }) => {
@@ -1356,7 +1351,7 @@ mod tests {
         let k = key("a", "c");
         let r = rot(&k, Step::Promote);
         s.apply(&[
-            Write::Credential(cred(&k)),
+            Write::Credential(credential_row(&k)),
             Write::Rotation(r.clone()),
             Write::Version(version(&k, &r.id, 4)),
             Write::AuditHead(AuditHead {
@@ -1368,7 +1363,7 @@ mod tests {
         // Errors are formatted the way the engine does it: the value redacts itself.
         let c = CredentialRow {
             last_error: Some(format!("target rejected {canary} / {canary:?}")),
-            ..cred(&k)
+            ..credential_row(&k)
         };
         s.apply(&[Write::Credential(c)]).unwrap();
 
@@ -1388,7 +1383,7 @@ mod tests {
     fn snapshot_of_100k_credentials() {
         let (_dir, s) = open_tmp();
         let writes: Vec<Write> = (0..100_000)
-            .map(|i| Write::Credential(cred(&key(&format!("agent-{i}"), "db"))))
+            .map(|i| Write::Credential(credential_row(&key(&format!("agent-{i}"), "db"))))
             .collect();
         let t = Instant::now();
         s.apply(&writes).unwrap();
