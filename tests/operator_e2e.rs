@@ -372,3 +372,54 @@ fn a_reload_reads_only_the_agent_files_that_changed() {
     assert_eq!(rows.len(), 3, "the running config stays: {rows:?}");
     daemon.stop();
 }
+
+/// A user the kernel keeps off the socket (mode 0660, another group) gets
+/// EX_NOPERM (77), not "no daemon listening" (69), and is told which group
+/// to join.
+#[test]
+fn a_user_kept_off_the_socket_exits_77_naming_the_socket_group() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "running a client as uid 65534 needs root (as CI runs the suite)"
+    );
+    let daemon_group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(1))
+        .ok()
+        .flatten()
+        .expect("group 1 exists")
+        .name;
+    let env = Env::with_daemon(
+        &creds(1, "1h", "0s", "0s"),
+        &format!("socket_group = \"{daemon_group}\""),
+    );
+    let daemon = env.start();
+    // uid 65534 may enter the directory and read the config, but the
+    // socket is 0660 root:<group 1>.
+    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A copy of the binary it can run wherever the checkout is (e.g. /root).
+    let exe = env.path().join("keyturn-client");
+    std::fs::copy(bin(), &exe).unwrap();
+    for args in [&["status"][..], &["rotate", "bot/c0"][..]] {
+        let out = std::process::Command::new(&exe)
+            .args(args)
+            .arg("--config")
+            .arg(&env.config)
+            .env_remove("KEYTURN_CONFIG")
+            .current_dir(env.path())
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{args:?}: {stderr}");
+        assert!(stderr.contains("permission denied on"), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "add the user to the socket's group `{daemon_group}`"
+            )),
+            "{stderr}"
+        );
+    }
+    daemon.stop();
+}
