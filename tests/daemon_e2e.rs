@@ -585,6 +585,130 @@ fn http_listener_serves_metrics_health_and_readiness() {
     daemon.stop();
 }
 
+/// Any local user can open TCP connections to the HTTP listener. With the
+/// daemon at 256 open files (soft; hard 1024), 400 idle connections used to
+/// take every descriptor: /healthz went unanswered, the control socket
+/// stopped accepting and deliveries failed with EMFILE. Now the soft limit
+/// is raised to the hard one, the listener holds at most its share and
+/// closes the oldest idle connection for a new one, and a header that never
+/// ends is cut off.
+#[test]
+fn idle_http_connections_cannot_exhaust_the_daemons_descriptors() {
+    use std::io::{Read, Write};
+    use std::os::unix::process::CommandExt;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = Env::with_daemon(
+        &ONE_RAW.replace("grace = \"0s\"", "grace = \"1h\""),
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    let daemon = env.spawn_command(&[("KEYTURN_LOG", "info")], |cmd| {
+        // SAFETY: setrlimit is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 256,
+                    rlim_max: 1024,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    daemon.wait_ready();
+    wait_version(&env, "bot", "db", 1);
+    let idle: Vec<std::net::TcpStream> = (0..400)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut health = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    health
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        health,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = health.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "/healthz with 400 idle connections open: {answer:?}"
+    );
+    // The control socket accepts, and a rotation delivers (a file: new
+    // descriptors), each within a bound rather than hanging.
+    let bounded = |args: &[&str]| {
+        std::process::Command::new("timeout")
+            .arg("30")
+            .arg(bin())
+            .args(args)
+            .arg("--config")
+            .arg(&env.config)
+            .env_remove("KEYTURN_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let out = bounded(&["status"]);
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bounded(&["rotate", "bot/db", "--wait"]);
+    assert!(
+        out.status.success(),
+        "rotate --wait: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(version_of(&env, "bot", "db"), Some(2));
+    drop(idle);
+
+    // A header that never ends is cut off after the header-read timeout
+    // (10 s), however slowly it trickles in.
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut cut_off = false;
+    for i in 0..30 {
+        std::thread::sleep(Duration::from_secs(1));
+        if slow.write_all(format!("X-{i}: y\r\n").as_bytes()).is_err() {
+            cut_off = true;
+            break;
+        }
+    }
+    assert!(cut_off, "a slow header was not cut off in 30 s");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert!(
+        open_files
+            .split_whitespace()
+            .skip(3)
+            .take(2)
+            .eq(["1024", "1024"]),
+        "the soft limit is raised to the hard one: {open_files}"
+    );
+
+    let log = daemon.stop();
+    assert!(!log.contains("Too many open files"), "{log}");
+}
+
 #[test]
 fn json_log_format_writes_one_json_object_per_line() {
     let env = Env::new(ONE_RAW);
