@@ -553,8 +553,8 @@ fn http_get(port: u16, path: &str) -> String {
     out
 }
 
-#[test]
-fn http_listener_serves_metrics_health_and_readiness() {
+/// [`ONE_RAW`] (kept in grace) with the HTTP listener on a free port.
+fn with_http_listener() -> (u16, Env) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -564,6 +564,12 @@ fn http_listener_serves_metrics_health_and_readiness() {
         &ONE_RAW.replace("grace = \"0s\"", "grace = \"1h\""),
         &format!("listen = \"127.0.0.1:{port}\""),
     );
+    (port, env)
+}
+
+#[test]
+fn http_listener_serves_metrics_health_and_readiness() {
+    let (port, env) = with_http_listener();
     let daemon = env.spawn(&[("KEYTURN_LOG", "info")]);
     daemon.wait_ready();
     wait_version(&env, "bot", "db", 1);
@@ -596,15 +602,7 @@ fn http_listener_serves_metrics_health_and_readiness() {
 fn idle_http_connections_cannot_exhaust_the_daemons_descriptors() {
     use std::io::{Read, Write};
     use std::os::unix::process::CommandExt;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let env = Env::with_daemon(
-        &ONE_RAW.replace("grace = \"0s\"", "grace = \"1h\""),
-        &format!("listen = \"127.0.0.1:{port}\""),
-    );
+    let (port, env) = with_http_listener();
     let daemon = env.spawn_command(&[("KEYTURN_LOG", "info")], |cmd| {
         // SAFETY: setrlimit is async-signal-safe.
         unsafe {
@@ -743,9 +741,63 @@ fn json_log_format_writes_one_json_object_per_line() {
     assert!(text.contains("\"message\":\"rotated\""), "{text}");
 }
 
+/// Runs a CLI command as uid/gid 65534 (nobody), which needs root. It
+/// needs to reach the binary (a copy beside the config: the checkout may
+/// sit where nobody cannot enter, e.g. /root), the config and the socket's
+/// directory.
+fn cli_as_nobody(env: &Env, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let bin_copy = env.path().join("keyturn-client");
+    if !bin_copy.exists() {
+        std::fs::copy(bin(), &bin_copy).unwrap();
+    }
+    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::process::Command::new(&bin_copy)
+        .args(args)
+        .arg("--config")
+        .arg(&env.config)
+        .env_remove("KEYTURN_CONFIG")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap()
+}
+
+/// A user the kernel keeps off the socket (mode 0660, another group) gets
+/// EX_NOPERM (77), not "no daemon listening" (69), and is told which group
+/// to join. That refusal never reaches the daemon, so it is not audited.
+#[test]
+fn a_user_kept_off_the_socket_exits_77_naming_the_socket_group() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test runs a client as another uid, which needs root (as CI runs the suite)"
+    );
+    let daemon_group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(1))
+        .ok()
+        .flatten()
+        .expect("group 1 exists")
+        .name;
+    let env = Env::with_daemon(ONE_RAW, &format!("socket_group = \"{daemon_group}\""));
+    let daemon = env.start();
+    for args in [&["status"][..], &["rotate", "bot/db"][..]] {
+        let out = cli_as_nobody(&env, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{args:?}: {stderr}");
+        assert!(stderr.contains("permission denied on"), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "add the user to the socket's group `{daemon_group}`"
+            )),
+            "{stderr}"
+        );
+    }
+    daemon.stop();
+}
+
 #[test]
 fn a_peer_outside_the_socket_policy_is_refused_and_audited() {
-    use std::os::unix::process::CommandExt;
     assert_eq!(
         unsafe { libc::geteuid() },
         0,
@@ -753,27 +805,17 @@ fn a_peer_outside_the_socket_policy_is_refused_and_audited() {
     );
     let env = Env::new(ONE_RAW);
     let daemon = env.start();
-    // The client runs as nobody: it needs to reach the binary, the config
-    // and the socket. An admin loosening the socket's mode must still not
-    // let it in: SO_PEERCRED is checked on every connection.
-    let bin_copy = env.path().join("keyturn-client");
-    std::fs::copy(bin(), &bin_copy).unwrap();
-    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // An admin loosening the socket's mode must still not let nobody in:
+    // SO_PEERCRED is checked on every connection.
     std::fs::set_permissions(
         env.path().join("control.sock"),
         std::fs::Permissions::from_mode(0o666),
     )
     .unwrap();
-    let out = std::process::Command::new(&bin_copy)
-        .args(["rotate", "bot/db", "--wait", "--config"])
-        .arg(&env.config)
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
+    let out = cli_as_nobody(&env, &["rotate", "bot/db", "--wait"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    // EX_NOPERM, as when the kernel refuses the connection.
+    assert_eq!(out.status.code(), Some(77), "{err}");
     assert!(err.contains("65534"), "the refusal names the uid: {err}");
     daemon.stop();
     let audit = std::fs::read_to_string(env.audit_log()).unwrap();
