@@ -8,7 +8,8 @@
 //! group). The second check matters when an operator loosens the file mode or
 //! the socket is passed around; a refused peer gets one `forbidden` answer
 //! saying how to get access, and the refusal goes to the audit log through
-//! [`ControlHandler::refused`].
+//! [`ControlHandler::refused`]. A peer the kernel refuses never reaches the
+//! daemon, so only its client knows (it exits 77 and names the group).
 //!
 //! Every connection runs in its own task on the caller's `TaskTracker`, so the
 //! daemon's shutdown (cancel, then wait for the tracker) lets requests already
