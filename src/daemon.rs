@@ -47,10 +47,37 @@ pub fn state_db_in(state_dir: &Path) -> PathBuf {
     state_dir.join("state.db")
 }
 
+/// Raises the soft limit on open files to the hard one and returns the
+/// limit in force. systemd's default soft limit (1024) is kept low for
+/// programs that use select(2); keyturn does not, and every delivery, vault
+/// connection and client needs descriptors (the unit also sets
+/// `LimitNOFILE`). Failing to raise it is not fatal: the HTTP listener's
+/// share is derived from what is in force.
+fn raise_nofile_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft >= hard {
+        return soft;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => {
+            tracing::debug!(from = soft, to = hard, "raised the open files limit");
+            hard
+        }
+        Err(e) => {
+            tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit");
+            soft
+        }
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let started = std::time::Instant::now();
     memory::configure();
+    let nofile = raise_nofile_limit();
     let (config, mut config_files) =
         config::load_tracked(config_path).map_err(DaemonError::Config)?;
     tracing::debug!(elapsed = ?started.elapsed(), "config loaded");
@@ -177,6 +204,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             metrics.clone(),
             ready.clone(),
             cancel.clone(),
+            crate::api::http::Limits::for_nofile(nofile),
         ));
     }
 

@@ -542,8 +542,8 @@ fn http_get(port: u16, path: &str) -> String {
     out
 }
 
-#[test]
-fn http_listener_serves_metrics_health_and_readiness() {
+/// [`ONE_RAW`] (kept in grace) with the HTTP listener on a free port.
+fn with_http_listener() -> (u16, Env) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -553,6 +553,12 @@ fn http_listener_serves_metrics_health_and_readiness() {
         &ONE_RAW.replace("grace = \"0s\"", "grace = \"1h\""),
         &format!("listen = \"127.0.0.1:{port}\""),
     );
+    (port, env)
+}
+
+#[test]
+fn http_listener_serves_metrics_health_and_readiness() {
+    let (port, env) = with_http_listener();
     let daemon = env.spawn(&[("KEYTURN_LOG", "info")]);
     daemon.wait_ready();
     wait_version(&env, "bot", "db", 1);
@@ -572,6 +578,122 @@ fn http_listener_serves_metrics_health_and_readiness() {
         );
     }
     daemon.stop();
+}
+
+/// Any local user can open TCP connections to the HTTP listener. With the
+/// daemon at 256 open files (soft; hard 1024), 400 idle connections used to
+/// take every descriptor: /healthz went unanswered, the control socket
+/// stopped accepting and deliveries failed with EMFILE. Now the soft limit
+/// is raised to the hard one, the listener holds at most its share and
+/// closes the oldest idle connection for a new one, and a header that never
+/// ends is cut off.
+#[test]
+fn idle_http_connections_cannot_exhaust_the_daemons_descriptors() {
+    use std::io::{Read, Write};
+    use std::os::unix::process::CommandExt;
+    let (port, env) = with_http_listener();
+    let daemon = env.spawn_command(&[("KEYTURN_LOG", "info")], |cmd| {
+        // SAFETY: setrlimit is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 256,
+                    rlim_max: 1024,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    daemon.wait_ready();
+    wait_version(&env, "bot", "db", 1);
+    let idle: Vec<std::net::TcpStream> = (0..400)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut health = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    health
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        health,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = health.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "/healthz with 400 idle connections open: {answer:?}"
+    );
+    // The control socket accepts, and a rotation delivers (a file: new
+    // descriptors), each within a bound rather than hanging.
+    let bounded = |args: &[&str]| {
+        std::process::Command::new("timeout")
+            .arg("30")
+            .arg(bin())
+            .args(args)
+            .arg("--config")
+            .arg(&env.config)
+            .env_remove("KEYTURN_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let out = bounded(&["status"]);
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bounded(&["rotate", "bot/db", "--wait"]);
+    assert!(
+        out.status.success(),
+        "rotate --wait: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(version_of(&env, "bot", "db"), Some(2));
+    drop(idle);
+
+    // A header that never ends is cut off after the header-read timeout
+    // (10 s), however slowly it trickles in.
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut cut_off = false;
+    for i in 0..30 {
+        std::thread::sleep(Duration::from_secs(1));
+        if slow.write_all(format!("X-{i}: y\r\n").as_bytes()).is_err() {
+            cut_off = true;
+            break;
+        }
+    }
+    assert!(cut_off, "a slow header was not cut off in 30 s");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert!(
+        open_files
+            .split_whitespace()
+            .skip(3)
+            .take(2)
+            .eq(["1024", "1024"]),
+        "the soft limit is raised to the hard one: {open_files}"
+    );
+
+    let log = daemon.stop();
+    assert!(!log.contains("Too many open files"), "{log}");
 }
 
 #[test]
@@ -608,9 +730,63 @@ fn json_log_format_writes_one_json_object_per_line() {
     assert!(text.contains("\"message\":\"rotated\""), "{text}");
 }
 
+/// Runs a CLI command as uid/gid 65534 (nobody), which needs root. It
+/// needs to reach the binary (a copy beside the config: the checkout may
+/// sit where nobody cannot enter, e.g. /root), the config and the socket's
+/// directory.
+fn cli_as_nobody(env: &Env, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let bin_copy = env.path().join("keyturn-client");
+    if !bin_copy.exists() {
+        std::fs::copy(bin(), &bin_copy).unwrap();
+    }
+    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::process::Command::new(&bin_copy)
+        .args(args)
+        .arg("--config")
+        .arg(&env.config)
+        .env_remove("KEYTURN_CONFIG")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap()
+}
+
+/// A user the kernel keeps off the socket (mode 0660, another group) gets
+/// EX_NOPERM (77), not "no daemon listening" (69), and is told which group
+/// to join. That refusal never reaches the daemon, so it is not audited.
+#[test]
+fn a_user_kept_off_the_socket_exits_77_naming_the_socket_group() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test runs a client as another uid, which needs root (as CI runs the suite)"
+    );
+    let daemon_group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(1))
+        .ok()
+        .flatten()
+        .expect("group 1 exists")
+        .name;
+    let env = Env::with_daemon(ONE_RAW, &format!("socket_group = \"{daemon_group}\""));
+    let daemon = env.start();
+    for args in [&["status"][..], &["rotate", "bot/db"][..]] {
+        let out = cli_as_nobody(&env, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{args:?}: {stderr}");
+        assert!(stderr.contains("permission denied on"), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "add the user to the socket's group `{daemon_group}`"
+            )),
+            "{stderr}"
+        );
+    }
+    daemon.stop();
+}
+
 #[test]
 fn a_peer_outside_the_socket_policy_is_refused_and_audited() {
-    use std::os::unix::process::CommandExt;
     assert_eq!(
         unsafe { libc::geteuid() },
         0,
@@ -618,27 +794,17 @@ fn a_peer_outside_the_socket_policy_is_refused_and_audited() {
     );
     let env = Env::new(ONE_RAW);
     let daemon = env.start();
-    // The client runs as nobody: it needs to reach the binary, the config
-    // and the socket. An admin loosening the socket's mode must still not
-    // let it in: SO_PEERCRED is checked on every connection.
-    let bin_copy = env.path().join("keyturn-client");
-    std::fs::copy(bin(), &bin_copy).unwrap();
-    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // An admin loosening the socket's mode must still not let nobody in:
+    // SO_PEERCRED is checked on every connection.
     std::fs::set_permissions(
         env.path().join("control.sock"),
         std::fs::Permissions::from_mode(0o666),
     )
     .unwrap();
-    let out = std::process::Command::new(&bin_copy)
-        .args(["rotate", "bot/db", "--wait", "--config"])
-        .arg(&env.config)
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
+    let out = cli_as_nobody(&env, &["rotate", "bot/db", "--wait"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    // EX_NOPERM, as when the kernel refuses the connection.
+    assert_eq!(out.status.code(), Some(77), "{err}");
     assert!(err.contains("65534"), "the refusal names the uid: {err}");
     daemon.stop();
     let audit = std::fs::read_to_string(env.audit_log()).unwrap();

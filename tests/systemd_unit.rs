@@ -54,3 +54,18 @@ fn systemd_analyze_verify_accepts_the_unit() {
         "systemd-analyze verify: {err}"
     );
 }
+
+/// The daemon needs descriptors for deliveries, vault connections and
+/// clients beyond systemd's default soft limit of 1024.
+#[test]
+fn unit_raises_the_open_files_limit() {
+    let u = unit();
+    let limit: u64 = u
+        .lines()
+        .find_map(|l| l.strip_prefix("LimitNOFILE="))
+        .expect("unit lacks LimitNOFILE=")
+        .trim()
+        .parse()
+        .expect("LimitNOFILE= is a number");
+    assert!(limit >= 8192, "LimitNOFILE={limit}");
+}

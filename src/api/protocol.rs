@@ -33,9 +33,15 @@ use crate::model::{AgentId, CredentialId, CredentialKey, Stage};
 /// The commands a client may send, in the order they are listed in errors.
 pub const COMMANDS: &[&str] = &["ping", "status", "rotate"];
 
-/// One request line.
+/// One request line. Read through [`WireRequest`], which refuses unknown
+/// fields in every shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(
+    tag = "cmd",
+    rename_all = "snake_case",
+    deny_unknown_fields,
+    from = "WireRequest"
+)]
 pub enum Request {
     /// Liveness of the daemon; answers with its version.
     Ping,
@@ -61,13 +67,66 @@ impl Request {
     }
 }
 
+/// The shape of a request as read. serde ignores fields beside the tag of a
+/// unit variant even with `deny_unknown_fields`, so every command is a
+/// struct variant here (`{"cmd":"ping","verbose":true}` is refused).
+#[derive(Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+enum WireRequest {
+    Ping {},
+    Status {},
+    Rotate {
+        selector: Selector,
+        #[serde(default)]
+        wait: bool,
+    },
+}
+
+impl From<WireRequest> for Request {
+    fn from(w: WireRequest) -> Self {
+        match w {
+            WireRequest::Ping {} => Request::Ping,
+            WireRequest::Status {} => Request::Status,
+            WireRequest::Rotate { selector, wait } => Request::Rotate { selector, wait },
+        }
+    }
+}
+
 /// Which credentials a command applies to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", from = "WireSelector")]
 pub enum Selector {
     All,
     Agent(AgentId),
     Credential(CredentialKey),
+}
+
+/// A selector as read: a credential key refuses unknown fields.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum WireSelector {
+    All,
+    Agent(AgentId),
+    Credential(WireKey),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireKey {
+    agent: AgentId,
+    credential: CredentialId,
+}
+
+impl From<WireSelector> for Selector {
+    fn from(w: WireSelector) -> Self {
+        match w {
+            WireSelector::All => Selector::All,
+            WireSelector::Agent(a) => Selector::Agent(a),
+            WireSelector::Credential(k) => {
+                Selector::Credential(CredentialKey::new(k.agent, k.credential))
+            }
+        }
+    }
 }
 
 impl Selector {
@@ -514,6 +573,28 @@ mod tests {
         assert!(e.message.contains("force"), "{e}");
         assert!(parse_request(r#"{"cmd":"rotate"}"#).is_err());
         assert!(parse_request("[]").is_err());
+    }
+
+    /// Every request shape refuses a field it does not know, naming it, as
+    /// the config does: a misspelt option must not be silently dropped.
+    #[test]
+    fn unknown_fields_are_refused_everywhere() {
+        for (line, field) in [
+            (r#"{"cmd":"ping","verbose":true}"#, "verbose"),
+            (r#"{"cmd":"status","agent":"bot"}"#, "agent"),
+            (r#"{"cmd":"rotate","selector":"all","force":true}"#, "force"),
+            (
+                r#"{"cmd":"rotate","selector":{"credential":{"agent":"bot","credential":"db","stage":"x"}}}"#,
+                "stage",
+            ),
+        ] {
+            let e = parse_request(line).expect_err(line);
+            assert_eq!(e.kind, ApiErrorKind::BadRequest, "{line}");
+            assert!(
+                e.message.contains(&format!("unknown field `{field}`")),
+                "{line}: {e}"
+            );
+        }
     }
 
     #[test]

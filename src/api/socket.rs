@@ -8,7 +8,8 @@
 //! group). The second check matters when an operator loosens the file mode or
 //! the socket is passed around; a refused peer gets one `forbidden` answer
 //! saying how to get access, and the refusal goes to the audit log through
-//! [`ControlHandler::refused`].
+//! [`ControlHandler::refused`]. A peer the kernel refuses never reaches the
+//! daemon, so only its client knows (it exits 77 and names the group).
 //!
 //! Every connection runs in its own task on the caller's `TaskTracker`, so the
 //! daemon's shutdown (cancel, then wait for the tracker) lets requests already
@@ -215,11 +216,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> io::Result<ControlSocket> {
         let gid = meta.gid();
         let group_name = match group {
             Some(g) if g.parse::<u32>().is_err() => g.to_owned(),
-            _ => nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
-                .ok()
-                .flatten()
-                .map(|g| g.name)
-                .unwrap_or_else(|| gid.to_string()),
+            _ => group_name(gid),
         };
         Ok(ControlSocket {
             listener,
@@ -397,12 +394,10 @@ impl Server {
 
     fn refusal_message(&self, peer: &PeerCred) -> String {
         format!(
-            "uid {} is not allowed to use the keyturn control socket {}: run as root, \
-             or add the user to group `{}` (usermod -aG {} USER) and log in again",
+            "uid {} is not allowed to use the keyturn control socket {}: {}",
             peer.uid,
             self.path.display(),
-            self.group_name,
-            self.group_name
+            access_advice(Some(&self.group_name))
         )
     }
 
@@ -613,11 +608,13 @@ pub enum ClientError {
         path.display()
     )]
     NotListening { path: PathBuf },
-    #[error(
-        "permission denied on {}: run as root or as a member of the socket's group",
-        path.display()
-    )]
-    PermissionDenied { path: PathBuf },
+    #[error("permission denied on {}: {}", path.display(), access_advice(group.as_deref()))]
+    PermissionDenied {
+        path: PathBuf,
+        /// The name (or gid) of the socket file's group, when its metadata
+        /// can be read.
+        group: Option<String>,
+    },
     #[error(
         "timed out after {}s connecting to {}: the daemon is not accepting connections",
         CONNECT_TIMEOUT.as_secs(),
@@ -630,6 +627,33 @@ pub enum ClientError {
     Protocol { path: PathBuf, message: String },
 }
 
+/// What to do about a refusal, naming the socket's group. The daemon's own
+/// group is often `root` when no `daemon.socket_group` is set; joining it
+/// is not advice to give, so that case says to configure a group instead.
+fn access_advice(group: Option<&str>) -> String {
+    match group {
+        Some("root" | "0") => "the socket's group is `root`, so only root may use it: \
+             run as root, or set `daemon.socket_group` to a group for operators \
+             (e.g. keyturn) and add the user to it"
+            .to_owned(),
+        Some(g) => format!(
+            "run as root, or add the user to the socket's group `{g}` \
+             (usermod -aG {g} USER) and log in again"
+        ),
+        None => "run as root or as a member of the socket's group \
+             (the socket's directory cannot be read to say which)"
+            .to_owned(),
+    }
+}
+
+/// The name of a group, or its number when it has none.
+fn group_name(gid: u32) -> String {
+    nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+        .ok()
+        .flatten()
+        .map_or_else(|| gid.to_string(), |g| g.name)
+}
+
 fn connect_error(path: &Path, e: io::Error) -> ClientError {
     let path = path.to_owned();
     match e.kind() {
@@ -637,7 +661,10 @@ fn connect_error(path: &Path, e: io::Error) -> ClientError {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
             ClientError::NotListening { path }
         }
-        io::ErrorKind::PermissionDenied => ClientError::PermissionDenied { path },
+        io::ErrorKind::PermissionDenied => {
+            let group = std::fs::metadata(&path).ok().map(|m| group_name(m.gid()));
+            ClientError::PermissionDenied { path, group }
+        }
         _ => ClientError::Io { path, source: e },
     }
 }
@@ -1125,7 +1152,17 @@ mod tests {
         let denied = connect_error(p, io::Error::from(io::ErrorKind::PermissionDenied));
         assert_eq!(
             denied.to_string(),
-            "permission denied on /run/keyturn/control.sock: run as root or as a member of the socket's group"
+            "permission denied on /run/keyturn/control.sock: run as root or as a member of the \
+             socket's group (the socket's directory cannot be read to say which)"
+        );
+        let denied = ClientError::PermissionDenied {
+            path: p.to_owned(),
+            group: Some("keyturn".into()),
+        };
+        assert_eq!(
+            denied.to_string(),
+            "permission denied on /run/keyturn/control.sock: run as root, or add the user to the \
+             socket's group `keyturn` (usermod -aG keyturn USER) and log in again"
         );
         let refused = connect_error(p, io::Error::from(io::ErrorKind::ConnectionRefused));
         assert_eq!(
@@ -1225,7 +1262,10 @@ mod tests {
         let (kind, msg) = error_kind(serde_json::from_str(line).unwrap());
         assert_eq!(kind, ApiErrorKind::Forbidden);
         assert!(msg.contains("uid 65534 is not allowed"), "{msg}");
-        assert!(msg.contains("add the user to group `root`"), "{msg}");
+        // The socket's group is root: joining it is not the advice.
+        assert!(msg.contains("the socket's group is `root`"), "{msg}");
+        assert!(msg.contains("set `daemon.socket_group`"), "{msg}");
+        assert!(!msg.contains("add the user to group `root`"), "{msg}");
 
         let refused = handler.refused.lock().unwrap().clone();
         assert_eq!(refused.len(), 1);

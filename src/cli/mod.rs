@@ -1,6 +1,7 @@
 //! The `keyturn` commands. Each returns an exit code:
 //! 0 success, 1 the operation failed, 64 bad config or usage (EX_USAGE),
-//! 69 the daemon is not reachable (EX_UNAVAILABLE).
+//! 69 the daemon is not reachable (EX_UNAVAILABLE), 77 the user may not use
+//! the control socket (EX_NOPERM).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,7 +9,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::api::protocol::{
-    Request, Response, ResponseBody, RotateOutcome, StatusRow, parse_selector, render_status_table,
+    ApiErrorKind, Request, Response, ResponseBody, RotateOutcome, StatusRow, parse_selector,
+    render_status_table,
 };
 use crate::api::socket::{ClientError, call};
 use crate::audit::verify_file;
@@ -19,6 +21,7 @@ use crate::telemetry::{self, LogFormat};
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 64;
 pub const EXIT_UNAVAILABLE: u8 = 69;
+pub const EXIT_NOPERM: u8 = 77;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -231,7 +234,16 @@ async fn request(
         Ok(Response::Ok(body)) => Ok(body),
         Ok(Response::Error(e)) => {
             eprintln!("keyturn: {}", e.message);
-            Err(Failure::Reported(EXIT_FAILED))
+            Err(Failure::Reported(match e.kind {
+                ApiErrorKind::Forbidden => EXIT_NOPERM,
+                _ => EXIT_FAILED,
+            }))
+        }
+        // The kernel refused the connect: a daemon may well be running, so
+        // neither the config's errors nor the stored state are the answer.
+        Err(e @ ClientError::PermissionDenied { .. }) => {
+            eprintln!("keyturn: {e}");
+            Err(Failure::Reported(EXIT_NOPERM))
         }
         Err(e) => match client.unreachable_and_invalid(path, &e) {
             Some(code) => Err(Failure::Reported(code)),

@@ -19,6 +19,7 @@ use crate::targets::TargetConfig;
 use crate::vaults::VaultSpec;
 
 pub mod client;
+mod lines;
 pub mod load;
 pub mod raw;
 pub mod validate;

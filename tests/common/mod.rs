@@ -136,6 +136,12 @@ type = "local"
 
     /// Starts the daemon without waiting for READY.
     pub fn spawn(&self, env: &[(&str, &str)]) -> Daemon {
+        self.spawn_command(env, |_| {})
+    }
+
+    /// [`spawn`](Self::spawn), with `adjust` applied to the command last
+    /// (e.g. a `pre_exec` that sets resource limits).
+    pub fn spawn_command(&self, env: &[(&str, &str)], adjust: impl FnOnce(&mut Command)) -> Daemon {
         let notify_path = self
             .dir
             .path()
@@ -161,6 +167,7 @@ type = "local"
         for (k, v) in env {
             cmd.env(k, v);
         }
+        adjust(&mut cmd);
         let child = cmd.spawn().expect("spawn keyturn daemon");
         Daemon {
             child: Some(child),
