@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keyturn::config::{ByteEncoding, Config, ConfigError, GeneratorConfig, load_file};
+use keyturn::config::{ByteEncoding, CharClasses, Config, ConfigError, GeneratorConfig, load_file};
 use keyturn::schedule::ScheduleSpec;
 use keyturn::sinks::SinkConfig;
 use keyturn::sinks::file::FileFormat;
@@ -441,10 +441,12 @@ fn good_full_reads_every_key() {
         db.generate,
         GeneratorConfig::Password {
             length: 40,
-            lowercase: true,
-            uppercase: true,
-            digits: true,
-            symbols: true
+            classes: CharClasses {
+                lowercase: true,
+                uppercase: true,
+                digits: true,
+                symbols: true
+            }
         }
     );
     assert!(db.target.is_none());

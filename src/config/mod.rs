@@ -177,10 +177,7 @@ impl CredentialConfig {
 pub enum GeneratorConfig {
     Password {
         length: usize,
-        lowercase: bool,
-        uppercase: bool,
-        digits: bool,
-        symbols: bool,
+        classes: CharClasses,
     },
     RandomBytes {
         /// Bytes of randomness before encoding.
@@ -194,6 +191,21 @@ pub enum GeneratorConfig {
         length: usize,
     },
     Ed25519,
+}
+
+/// The character classes a password draws from (at least one is on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CharClasses {
+    pub lowercase: bool,
+    pub uppercase: bool,
+    pub digits: bool,
+    pub symbols: bool,
+}
+
+impl CharClasses {
+    pub fn any(&self) -> bool {
+        self.lowercase || self.uppercase || self.digits || self.symbols
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -41,18 +41,12 @@ pub const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnop
 pub fn generate(cfg: &GeneratorConfig) -> Result<Generated, GenerateError> {
     let kind = kind_of(cfg);
     let (value, public) = match cfg {
-        GeneratorConfig::Password {
-            length,
-            lowercase,
-            uppercase,
-            digits,
-            symbols,
-        } => {
+        GeneratorConfig::Password { length, classes } => {
             let classes: Vec<&[u8]> = [
-                (*lowercase, LOWERCASE),
-                (*uppercase, UPPERCASE),
-                (*digits, DIGITS),
-                (*symbols, SYMBOLS),
+                (classes.lowercase, LOWERCASE),
+                (classes.uppercase, UPPERCASE),
+                (classes.digits, DIGITS),
+                (classes.symbols, SYMBOLS),
             ]
             .into_iter()
             .filter_map(|(on, class)| on.then_some(class))
@@ -181,15 +175,18 @@ mod tests {
     use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey};
 
     use super::*;
+    use crate::config::CharClasses;
     use crate::model::{ErrorKind, ValueKind};
 
     fn pw(length: usize, l: bool, u: bool, d: bool, s: bool) -> GeneratorConfig {
         GeneratorConfig::Password {
             length,
-            lowercase: l,
-            uppercase: u,
-            digits: d,
-            symbols: s,
+            classes: CharClasses {
+                lowercase: l,
+                uppercase: u,
+                digits: d,
+                symbols: s,
+            },
         }
     }
 

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use super::raw::{Parsed, RawAgent, RawCredential, RawDaemon, RawEncoding, RawGenerator};
 use super::{
-    AgentConfig, ByteEncoding, Config, CredentialConfig, DaemonConfig, GeneratorConfig,
-    RetryConfig, TierConfig, VaultConfig, resolve_relative,
+    AgentConfig, ByteEncoding, CharClasses, Config, CredentialConfig, DaemonConfig,
+    GeneratorConfig, RetryConfig, TierConfig, VaultConfig, resolve_relative,
 };
 use crate::model::{AgentId, CredentialId, CredentialKey, MAX_ID_LEN, validate_id};
 use crate::schedule::ScheduleSpec;
@@ -822,25 +822,19 @@ impl Validator<'_> {
                 symbols,
             } => {
                 let length = self.generated_length(p, "password", *length, MIN_PASSWORD_LEN, "");
-                let (lowercase, uppercase, digits, symbols) = (
-                    lowercase.unwrap_or(true),
-                    uppercase.unwrap_or(true),
-                    digits.unwrap_or(true),
-                    symbols.unwrap_or(false),
-                );
-                if !(lowercase || uppercase || digits || symbols) {
+                let classes = CharClasses {
+                    lowercase: lowercase.unwrap_or(true),
+                    uppercase: uppercase.unwrap_or(true),
+                    digits: digits.unwrap_or(true),
+                    symbols: symbols.unwrap_or(false),
+                };
+                if !classes.any() {
                     self.err(
                         *p,
                         "password has no character class enabled: enable at least one of lowercase, uppercase, digits, symbols",
                     );
                 }
-                GeneratorConfig::Password {
-                    length,
-                    lowercase,
-                    uppercase,
-                    digits,
-                    symbols,
-                }
+                GeneratorConfig::Password { length, classes }
             }
             RawGenerator::RandomBytes { length, encoding } => {
                 let length =
