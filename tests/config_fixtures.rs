@@ -583,6 +583,7 @@ fn good_minimal_takes_the_defaults() {
             dir: Some("/var/lib/keyturn/vaults/local".into()),
             key_file: Some("/var/lib/keyturn/local-vault.key".into()),
             key_credential: Some("keyturn-local-vault-key".into()),
+            key_credential_required: false,
             max_concurrent: None,
         }))
     );
