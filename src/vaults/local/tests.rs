@@ -46,11 +46,7 @@ fn raw_db(dir: &Path) -> Connection {
 /// Stages and promotes `times` rotations of `it`, versions 1 to `times`.
 async fn rotate(vault: &LocalVault, it: VaultItem<'_>, times: u64) {
     for n in 1..=times {
-        vault
-            .stage(it, &RotationId::generate(), &secret("x"))
-            .await
-            .unwrap();
-        vault.promote(it, &v(n)).await.unwrap();
+        rotate_to(vault, it, n, "x").await;
     }
 }
 
@@ -503,12 +499,17 @@ fn unsafe_key_files_are_refused_with_the_file_named() {
     }
 }
 
+/// An empty credentials directory in `dir`, and a key file path beside it.
+fn creds_and_key_file(dir: &Path) -> (PathBuf, PathBuf) {
+    let creds = dir.join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    (creds, dir.join("vault.key"))
+}
+
 #[test]
 fn credentials_directory_wins_over_the_key_file() {
     let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("creds");
-    std::fs::create_dir(&creds).unwrap();
-    let key_file = dir.path().join("vault.key");
+    let (creds, key_file) = creds_and_key_file(dir.path());
 
     // Raw 32 bytes.
     std::fs::write(creds.join("vault-key"), KEY).unwrap();
@@ -549,9 +550,7 @@ fn credentials_directory_wins_over_the_key_file() {
 #[test]
 fn a_named_key_credential_that_is_missing_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("creds");
-    std::fs::create_dir(&creds).unwrap();
-    let key_file = dir.path().join("vault.key");
+    let (creds, key_file) = creds_and_key_file(dir.path());
     for credentials_dir in [Some(creds.as_path()), None] {
         let e = load_key_from(&key_file, "vault-key", true, credentials_dir).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
@@ -593,24 +592,16 @@ fn a_crash_while_creating_the_key_file_leaves_no_empty_key() {
 /// of handing out the old value as the current one.
 #[tokio::test]
 async fn a_stage_changed_in_the_database_is_detected() {
-    let dir = tempfile::tempdir().unwrap();
-    let vault = open(dir.path());
-    let c = cred();
-    let it = item(&c, "agents/bot/db");
-    for (n, value) in [(1, "old-canary"), (2, "new-canary")] {
-        vault
-            .stage(it, &RotationId::generate(), &secret(value))
-            .await
-            .unwrap();
-        vault.promote(it, &v(n)).await.unwrap();
-    }
+    let (c, dir) = (cred(), tempfile::tempdir().unwrap());
+    let (it, vault) = (item(&c, "agents/bot/db"), open(dir.path()));
+    rotate_to(&vault, it, 1, "old-canary").await;
+    rotate_to(&vault, it, 2, "new-canary").await;
     assert_eq!(
-        by_stage(&vault, "agents/bot/db", Stage::Current).await,
-        Some(("2".into(), b"new-canary".to_vec()))
-    );
-    assert_eq!(
-        by_stage(&vault, "agents/bot/db", Stage::Previous).await,
-        Some(("1".into(), b"old-canary".to_vec()))
+        current_and_previous(&vault).await,
+        [
+            Some(("2".into(), b"new-canary".to_vec())),
+            Some(("1".into(), b"old-canary".to_vec()))
+        ]
     );
     raw_db(dir.path())
         .execute(
@@ -635,10 +626,8 @@ async fn a_vault_sealed_without_the_stage_is_migrated_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let c = cred();
     let it = item(&c, "agents/bot/db");
-    {
-        let vault = open(dir.path());
-        rotate(&vault, it, 2).await;
-    }
+    // Two rotations, the vault closed again at the end of the statement.
+    rotate(&open(dir.path()), it, 2).await;
     // Re-seal every value as the v1 format did, and mark the file v1.
     let cipher = LocalKey::from_bytes(KEY).cipher();
     let raw = raw_db(dir.path());
@@ -675,12 +664,11 @@ async fn a_vault_sealed_without_the_stage_is_migrated_on_open() {
 
     let vault = open(dir.path());
     assert_eq!(
-        by_stage(&vault, "agents/bot/db", Stage::Current).await,
-        Some(("2".into(), b"v1-current".to_vec()))
-    );
-    assert_eq!(
-        by_stage(&vault, "agents/bot/db", Stage::Previous).await,
-        Some(("1".into(), b"v1-previous".to_vec()))
+        current_and_previous(&vault).await,
+        [
+            Some(("2".into(), b"v1-current".to_vec())),
+            Some(("1".into(), b"v1-previous".to_vec()))
+        ]
     );
     let schema: i64 = raw_db(dir.path())
         .query_row("SELECT value FROM meta WHERE name = 'schema'", [], |r| {
@@ -689,17 +677,25 @@ async fn a_vault_sealed_without_the_stage_is_migrated_on_open() {
         .unwrap();
     assert_eq!(schema, SCHEMA_VERSION, "migrated once");
     // And it keeps working: a rotation moves both stages on.
-    rotate_from(&vault, it, 3).await;
+    rotate_to(&vault, it, 3, "x").await;
     assert_eq!(
         by_stage(&vault, "agents/bot/db", Stage::Previous).await,
         Some(("2".into(), b"v1-current".to_vec()))
     );
 }
 
-/// Stages and promotes one more rotation of `it` as version `n`.
-async fn rotate_from(vault: &LocalVault, it: VaultItem<'_>, n: u64) {
+/// The current and the previous version of `agents/bot/db` and their values.
+async fn current_and_previous(vault: &LocalVault) -> [Option<(String, Vec<u8>)>; 2] {
+    [
+        by_stage(vault, "agents/bot/db", Stage::Current).await,
+        by_stage(vault, "agents/bot/db", Stage::Previous).await,
+    ]
+}
+
+/// Stages and promotes one more rotation of `it`, `value` as version `n`.
+async fn rotate_to(vault: &LocalVault, it: VaultItem<'_>, n: u64, value: &str) {
     vault
-        .stage(it, &RotationId::generate(), &secret("x"))
+        .stage(it, &RotationId::generate(), &secret(value))
         .await
         .unwrap();
     vault.promote(it, &v(n)).await.unwrap();
