@@ -195,6 +195,41 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "invalid vault path `/agents/bot/db`: it is absolute",
     ),
     (
+        "bad-vault-path-reserved.toml",
+        16,
+        8,
+        "agents.bot.credentials.db.path",
+        "invalid vault path `keyturn-pending/agents/other/db`: `keyturn-pending/` is reserved",
+    ),
+    (
+        "bad-vault-path-chars.toml",
+        16,
+        8,
+        "agents.bot.credentials.db.path",
+        "invalid vault path `agents/bot/db?version=1`: it contains `?`",
+    ),
+    (
+        "bad-azure-unverified-challenge.toml",
+        13,
+        29,
+        "vaults.kv.verify_challenge_resource",
+        "verify_challenge_resource = false is only for a loopback stub",
+    ),
+    (
+        "bad-delivery-root-in-state-dir.toml",
+        4,
+        29,
+        "daemon.delivery_roots[1]",
+        "overlaps the state directory",
+    ),
+    (
+        "bad-delivery-other-agents-dir.toml",
+        23,
+        36,
+        "agents.bot.credentials.db.deliver[0].path",
+        "is in the directory of agent `other`",
+    ),
+    (
         "bad-delivery-outside-root.toml",
         18,
         36,
@@ -550,6 +585,7 @@ fn good_minimal_takes_the_defaults() {
             dir: Some("/var/lib/keyturn/vaults/local".into()),
             key_file: Some("/var/lib/keyturn/local-vault.key".into()),
             key_credential: Some("keyturn-local-vault-key".into()),
+            key_credential_required: false,
             max_concurrent: None,
         }))
     );

@@ -17,7 +17,7 @@
 
 use std::fmt;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -172,8 +172,8 @@ fn clear_stale_socket(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Binds the control socket at `path`: creates the parent directory (0750)
-/// if missing, replaces a stale socket, refuses a live one or a non-socket,
+/// Binds the control socket at `path`: creates the parent directory (0750,
+/// the socket's group) if missing, replaces a stale socket, refuses a live one or a non-socket,
 /// then sets mode 0660 and, if `group` is given (name or numeric gid), its
 /// group. Must be called inside a Tokio runtime.
 pub fn bind(path: &Path, group: Option<&str>) -> io::Result<ControlSocket> {
@@ -183,16 +183,13 @@ pub fn bind(path: &Path, group: Option<&str>) -> io::Result<ControlSocket> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
         && !parent.exists()
     {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o750)
-            .create(parent)
-            .map_err(|e| {
-                io_context(
-                    e,
-                    format_args!("creating control socket directory {}", parent.display()),
-                )
-            })?;
+        // 0750 and the socket's group: its members must reach the socket.
+        crate::private_file::create_shared_dir(parent, 0o750, wanted_gid).map_err(|e| {
+            io_context(
+                e,
+                format_args!("creating control socket directory {}", parent.display()),
+            )
+        })?;
     }
     clear_stale_socket(path)?;
     let listener = UnixListener::bind(path)
@@ -1088,6 +1085,28 @@ mod tests {
             "{err}"
         );
         assert!(!dir.path().join("c.sock").exists());
+    }
+
+    /// A socket directory keyturn creates belongs to the socket's group
+    /// (0750), whatever the umask: otherwise the group's members could not
+    /// reach the socket inside it.
+    #[tokio::test]
+    async fn a_created_socket_directory_gets_the_sockets_group() {
+        crate::test_support::assert_root("chgrp to another group");
+        let dir = tempfile::tempdir().unwrap();
+        let sock_dir = dir.path().join("run").join("keyturn");
+        let path = sock_dir.join("control.sock");
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let sock = bind(&path, Some("65534"));
+        nix::sys::stat::umask(old);
+        let sock = sock.unwrap();
+        assert_eq!(sock.gid(), 65534);
+        let meta = std::fs::metadata(&sock_dir).unwrap();
+        assert_eq!(meta.gid(), 65534, "the socket directory's group");
+        assert_eq!(meta.mode() & 0o7777, 0o750, "the socket directory's mode");
+        // Directories above it are only passed through.
+        let above = std::fs::metadata(dir.path().join("run")).unwrap();
+        assert_eq!(above.mode() & 0o7777, 0o755);
     }
 
     #[test]

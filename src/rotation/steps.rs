@@ -461,6 +461,13 @@ impl Inner {
                 stage: Stage::Retired,
             });
         }
+        // What a sink kept of the previous version for readers mid-read (a
+        // bundle's previous private key) leaves the disk with it.
+        for sink in &entry.sinks {
+            sink.retire_previous(entry.key())
+                .await
+                .map_err(|e| StepError::new(format!("sink {}", sink.describe()), e))?;
+        }
         // Failed attempts of this step were shown on the credential's row;
         // that is over now.
         let row = self.cred_row(entry.key());

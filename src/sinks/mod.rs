@@ -99,6 +99,12 @@ pub trait Sink: Send + Sync {
     async fn deliver(&self, notice: &Notice, value: &SecretValue)
     -> Result<Delivered, PluginError>;
 
+    /// The previous version was retired: anything of it kept for readers
+    /// mid-read goes now (a bundle's previous directory and its private key).
+    async fn retire_previous(&self, _key: &CredentialKey) -> Result<(), PluginError> {
+        Ok(())
+    }
+
     /// Removes what was delivered (decommission).
     async fn retract(&self, key: &CredentialKey) -> Result<(), PluginError>;
 

@@ -9,7 +9,7 @@
 //! Validation keeps going after a problem: an operator fixing a config wants
 //! the whole list at once, not one error per `keyturn check` run.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
@@ -80,6 +80,13 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(15 * 60);
 const MIN_PASSWORD_LEN: usize = 8;
 const MAX_GENERATED_LEN: usize = 4096;
 const MIN_RANDOM_LEN: usize = 16;
+/// What a vault path is made of (said in every message about one).
+pub const VAULT_PATH_CHARS: &str = "letters, digits, `.`, `_`, `-` and `/` (ASCII only)";
+/// The first segment of the vaults' pending slots (OpenBao's
+/// `keyturn-pending/<path>`): no credential's own path may start there, or
+/// its value would be another credential's pending value. Reserved in
+/// every vault, so a credential can move between vaults unchanged.
+pub const RESERVED_VAULT_PREFIX: &str = crate::vaults::hashicorp::PENDING_PREFIX;
 
 /// Whether a duration may be zero.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -144,6 +151,8 @@ struct Scope<'a> {
     /// `None` when `[daemon]` failed to deserialize: root checks are skipped
     /// rather than reporting every sink against roots we do not know.
     delivery_roots: Option<Vec<PathBuf>>,
+    /// Every `[agents.NAME]` name.
+    agent_names: HashSet<&'a str>,
 }
 
 impl Validator<'_> {
@@ -180,6 +189,7 @@ impl Validator<'_> {
                 None => DEFAULT_TIERS.iter().map(|(n, _)| n.to_string()).collect(),
             },
             delivery_roots: daemon_ok.then(|| daemon.delivery_roots.clone()),
+            agent_names: raw.agents.iter().map(|(n, _)| n.as_str()).collect(),
         };
 
         let mut agents = BTreeMap::new();
@@ -355,13 +365,14 @@ impl Validator<'_> {
                     None
                 }
             });
-        let delivery_roots = d
+        let delivery_roots: Vec<PathBuf> = d
             .delivery_roots
             .iter()
             .flatten()
             .enumerate()
             .map(|(i, r)| self.path_setting(p.key("delivery_roots").index(i), r))
             .collect();
+        self.roots_apart_from_state(p, &delivery_roots, &state_dir);
         let audit_log = match &d.audit_log {
             Some(s) => self.path_setting(p.key("audit_log"), s),
             None => state_dir.join("audit.log"),
@@ -399,6 +410,31 @@ impl Validator<'_> {
             max_concurrent_rotations,
             catch_up_spread,
             retry,
+        }
+    }
+
+    /// A sink writes anything it likes below a delivery root (as root), so
+    /// a root must neither hold the state directory (vault keys, vault and
+    /// state databases, the audit log) nor lie inside it.
+    fn roots_apart_from_state(&mut self, p: &Loc<'_>, roots: &[PathBuf], state_dir: &Path) {
+        for (i, root) in roots.iter().enumerate() {
+            let how = if root == state_dir {
+                "the same directory"
+            } else if state_dir.starts_with(root) {
+                "the root contains it"
+            } else if root.starts_with(state_dir) {
+                "the root is inside it"
+            } else {
+                continue;
+            };
+            self.err(
+                p.key("delivery_roots").index(i),
+                format!(
+                    "delivery root `{}` overlaps the state directory `{}` ({how}), where keyturn keeps its keys and databases; choose a delivery root outside it (e.g. /run/keyturn/agents)",
+                    root.display(),
+                    state_dir.display()
+                ),
+            );
         }
     }
 
@@ -734,6 +770,8 @@ impl Validator<'_> {
             let mut sink = sink.clone();
             let mut sink_scope = SinkScope {
                 credential: cred_name,
+                agent: agent_name,
+                agent_names: &scope.agent_names,
                 roots: scope.delivery_roots.as_deref(),
                 at: SinkRef {
                     cred: this,
@@ -764,18 +802,38 @@ impl Validator<'_> {
         })
     }
 
-    /// A path inside a vault: relative, `/`-separated, no `.`/`..`/empty parts.
+    /// A path inside a vault: relative, `/`-separated, no `.`/`..`/empty
+    /// parts, only [`VAULT_PATH_CHARS`], and not in the pending slot's
+    /// namespace ([`RESERVED_VAULT_PREFIX`]). The path ends up in URLs
+    /// (OpenBao, Azure), ARNs and SQL keys, so anything a URL or a shell
+    /// gives a meaning to (`?`, `#`, `%`, spaces, control bytes) is refused
+    /// rather than escaped differently by each vault.
     fn vault_path(&mut self, p: Loc<'_>, s: &str) {
+        let odd = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/')));
         let problem = if s.is_empty() {
-            Some("it is empty")
+            Some("it is empty".to_owned())
+        } else if let Some(c) = odd {
+            Some(match c {
+                '\0' => "it contains a NUL byte".to_owned(),
+                '\n' | '\r' => "it contains a newline".to_owned(),
+                ' ' => "it contains a space".to_owned(),
+                c if c.is_control() => format!("it contains the control character {c:?}"),
+                c => format!("it contains `{c}`"),
+            })
         } else if s.starts_with('/') {
-            Some("it is absolute")
+            Some("it is absolute".to_owned())
         } else if s.split('/').any(|seg| seg == "..") {
-            Some("it contains `..`")
+            Some("it contains `..`".to_owned())
         } else if s.split('/').any(|seg| seg == ".") {
-            Some("it contains `.`")
+            Some("it contains `.`".to_owned())
         } else if s.split('/').any(str::is_empty) {
-            Some("it has an empty segment (`//` or a trailing `/`)")
+            Some("it has an empty segment (`//` or a trailing `/`)".to_owned())
+        } else if s.split('/').next() == Some(RESERVED_VAULT_PREFIX) {
+            Some(format!(
+                "`{RESERVED_VAULT_PREFIX}/` is reserved for the pending values of rotations in progress"
+            ))
         } else {
             None
         };
@@ -783,7 +841,8 @@ impl Validator<'_> {
             self.err(
                 p,
                 format!(
-                    "invalid vault path `{s}`: {why}; a vault path is relative and `/`-separated, e.g. \"agents/invoice-bot/db\""
+                    "invalid vault path `{}`: {why}; a vault path is relative and `/`-separated, made of {VAULT_PATH_CHARS}, e.g. \"agents/invoice-bot/db\"",
+                    s.escape_debug()
                 ),
             );
         }

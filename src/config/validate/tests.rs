@@ -118,12 +118,14 @@ fn an_absolute_and_a_relative_delivery_path_clash() {
     let text = format!(
         "{HEAD}[agents.a.credentials.x]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
 deliver = [{{ type = \"file\", path = \"a/./x\" }}]\n\
-[agents.b.credentials.y]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+[agents.a.credentials.y]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
 deliver = [{{ type = \"file\", path = \"/run/kt/a/x\" }}, {{ type = \"file\", path = \"/run/kt/a/x2\" }}]\n"
     );
+    // (Both credentials are agent `a`'s: another agent's sink in `a/` is
+    // refused before it could clash, see `another_agents_directory_is_refused`.)
     assert_only_error(
         &text,
-        "agents.b.credentials.y.deliver[0].path",
+        "agents.a.credentials.y.deliver[0].path",
         "duplicate delivery path `/run/kt/a/x`: also written by `agents.a.credentials.x.deliver[0].path` (line 17)",
     );
 }
@@ -170,4 +172,61 @@ fn env_names() {
     assert!(!is_env_name("1X"));
     assert!(!is_env_name("db"));
     assert!(!is_env_name(""));
+}
+
+/// Vault paths end up in URLs (OpenBao, Azure), ARNs and SQL keys: only a
+/// strict character set is accepted, and `keyturn-pending/` is reserved.
+#[test]
+fn vault_paths_accept_only_the_strict_character_set() {
+    let ctx = Context {
+        source: PathBuf::from("/etc/keyturn/keyturn.toml"),
+    };
+    let problem = |s: &str| {
+        let mut v = Validator {
+            ctx: &ctx,
+            issues: Vec::new(),
+            durations: DurationCache::default(),
+        };
+        v.vault_path(Loc::top("path"), s);
+        v.issues.into_iter().next().map(|i| i.message)
+    };
+    for good in ["agents/bot/db", "acme/invoice-bot/db.v2", "A_b-c.d/e"] {
+        assert_eq!(problem(good), None, "{good:?} is a good vault path");
+    }
+    for (bad, why) in [
+        ("agents/bot\0/db", "a NUL byte"),
+        ("agents/bot/db\nx", "a newline"),
+        ("agents/bot/db?x", "`?`"),
+        ("agents/bot/db#x", "`#`"),
+        ("agents/%2e%2e/db", "`%`"),
+        ("agents/bot db", "a space"),
+        ("agents/bøt/db", "`ø`"),
+        (
+            "keyturn-pending/agents/bot/db",
+            "`keyturn-pending/` is reserved",
+        ),
+        ("keyturn-pending", "`keyturn-pending/` is reserved"),
+    ] {
+        let got = problem(bad).unwrap_or_else(|| panic!("{bad:?} must be refused"));
+        assert!(got.contains(why), "{bad:?}: {got}");
+        assert!(
+            got.contains("letters, digits, `.`, `_`, `-`"),
+            "says what is allowed: {got}"
+        );
+    }
+}
+
+/// A directory right below a delivery root named after an agent is that
+/// agent's: another agent's sink may not write there (nor create it).
+#[test]
+fn another_agents_directory_is_refused() {
+    let text = format!(
+        "{HEAD}[agents.b.credentials.y]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+deliver = [{{ type = \"file\", path = \"a\" }}, {{ type = \"file\", path = \"b/a/y\" }}]\n"
+    );
+    assert_only_error(
+        &text,
+        "agents.b.credentials.y.deliver[0].path",
+        "delivery path `/run/kt/a` of agent `b` is in the directory of agent `a` (/run/kt/a); put agent `b`'s files under /run/kt/b",
+    );
 }

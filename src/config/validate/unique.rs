@@ -16,6 +16,10 @@ pub struct VaultScope<'a> {
 pub struct SinkScope<'s, 'r> {
     /// The credential's name (e.g. to derive a variable name).
     pub credential: &'r str,
+    /// The agent's name.
+    pub agent: &'r str,
+    /// Every agent's name in the file.
+    pub(super) agent_names: &'s HashSet<&'r str>,
     /// `daemon.delivery_roots`; `None` when `[daemon]` itself was invalid
     /// (root checks are skipped rather than reported against unknown roots).
     pub roots: Option<&'s [PathBuf]>,
@@ -24,6 +28,12 @@ pub struct SinkScope<'s, 'r> {
 }
 
 impl SinkScope<'_, '_> {
+    /// Whether `name` is the name of an agent other than this sink's: a
+    /// directory of that name right below a delivery root is that agent's.
+    pub fn is_other_agent(&self, name: &str) -> bool {
+        name != self.agent && self.agent_names.contains(name)
+    }
+
     /// `true` the first time it is asked in a file: "there are no delivery
     /// roots" is said once, not for every sink.
     pub fn first_to_miss_roots(&mut self) -> bool {

@@ -222,6 +222,37 @@ impl Inner {
         }
     }
 
+    /// The previous version was retired: removes every timestamped
+    /// directory of the bundle but the current one, and with it the retired
+    /// private key. A single file, or nothing delivered yet: nothing to do.
+    pub(super) fn retire_previous(&self) -> Result<(), PluginError> {
+        let Some(dir) = self.walk(self.rel_len() - 1, None)? else {
+            return Ok(());
+        };
+        let name = self.file_name();
+        match stat_nofollow(&dir, name) {
+            Ok(Some(st)) if is_type(&st, SFlag::S_IFDIR) => {}
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(self.sys(format_args!("inspect {}", self.path().display()), e)),
+        }
+        let bundle = open_dir(Some(dir.as_raw_fd()), name)
+            .map_err(|e| self.refuse_component(&dir, self.rel_len(), e))?;
+        let Some(current) = self.current_data_dir(&bundle)? else {
+            return Ok(());
+        };
+        let names = list_dir(&bundle).map_err(|e| self.sys("list bundle directory", e))?;
+        for n in names {
+            if n.as_bytes().starts_with(b"..")
+                && n != DATA_LINK
+                && n != DATA_LINK_TMP
+                && n.as_bytes() != current.as_bytes()
+            {
+                self.remove_data_dir(&bundle, &n)?;
+            }
+        }
+        fsync_dir(&bundle).map_err(|e| self.sys("fsync bundle directory", e))
+    }
+
     pub(super) fn retract_bundle(&self, bundle: &OwnedFd) -> Result<(), PluginError> {
         let bfd = bundle.as_raw_fd();
         // Check first, so a foreign file is refused before anything is removed.

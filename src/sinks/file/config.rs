@@ -120,16 +120,40 @@ impl FileConfig {
             return;
         }
         let resolved = Self::resolve(roots, written);
-        if !roots
+        // The most specific root, as the sink picks it.
+        let Some(root) = roots
             .iter()
-            .any(|r| resolved.starts_with(r) && resolved != *r)
-        {
+            .filter(|r| resolved.starts_with(r) && resolved != **r)
+            .max_by_key(|r| r.components().count())
+        else {
             v.err(
                 p,
                 format!(
                     "delivery path `{}` is outside every delivery root ({})",
                     resolved.display(),
                     list(roots.iter().map(|r| r.display().to_string()))
+                ),
+            );
+            return;
+        };
+        // A directory right below a root named after an agent is that
+        // agent's (the sink gives it the agent's owner); another agent's
+        // file there would make it, or sit in it, with the wrong owner.
+        if let Some(Component::Normal(first)) = resolved
+            .strip_prefix(root)
+            .ok()
+            .and_then(|rest| rest.components().next())
+            && let Some(first) = first.to_str()
+            && scope.is_other_agent(first)
+        {
+            let agent = scope.agent;
+            v.err(
+                p,
+                format!(
+                    "delivery path `{}` of agent `{agent}` is in the directory of agent `{first}` ({}); put agent `{agent}`'s files under {}",
+                    resolved.display(),
+                    root.join(first).display(),
+                    root.join(agent).display(),
                 ),
             );
             return;

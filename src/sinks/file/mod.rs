@@ -12,7 +12,9 @@
 //!    everything below it get 0750 and the agent's uid/gid; directories above
 //!    it get 0755 and stay the daemon's. A directory is configured under a
 //!    temp name and then renamed into place, so a crash never leaves one with
-//!    the wrong owner.
+//!    the wrong owner. An existing directory is used only when root or the
+//!    daemon owns it, or (from the agent's directory down) the agent; a
+//!    missing delivery root is created 0755 whatever the umask.
 //! 2. In that directory, create `.NAME.tmp.<random>` with
 //!    `O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC`, `fchmod` it to the exact mode
 //!    (the umask cannot narrow it) and `fchown` it *before* writing a byte, so
@@ -27,7 +29,9 @@
 //! `rename`. The top-level `private.pem`, `public.pem` and `meta.json` are
 //! links through `..data`. A reader that wants a consistent pair resolves
 //! `..data` once and reads both files from that directory. One previous
-//! directory is kept for readers mid-read; older ones are pruned.
+//! directory is kept for readers mid-read; older ones are pruned, and the
+//! previous one goes when its version is retired (`Sink::retire_previous`),
+//! so a retired private key does not wait for the next delivery to leave.
 //!
 //! # Idempotence and clean-up
 //! Delivering a version the file already holds (same bytes, mode and owner)
@@ -326,6 +330,10 @@ impl Sink for FileSink {
         Ok(Delivered::Acknowledged)
     }
 
+    async fn retire_previous(&self, _key: &CredentialKey) -> Result<(), PluginError> {
+        self.blocking(|inner| inner.retire_previous()).await
+    }
+
     async fn retract(&self, _key: &CredentialKey) -> Result<(), PluginError> {
         self.blocking(|inner| inner.retract()).await
     }
@@ -410,11 +418,7 @@ impl Inner {
         match open_dir(None, self.root().as_os_str()) {
             Ok(fd) => Ok(fd),
             Err(Errno::ENOENT) => {
-                use std::os::unix::fs::DirBuilderExt;
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(SHARED_DIR_MODE)
-                    .create(self.root())
+                crate::private_file::create_shared_dir(self.root(), SHARED_DIR_MODE, None)
                     .map_err(|e| {
                         PluginError::io(
                             format_args!(
@@ -470,9 +474,45 @@ impl Inner {
                 },
                 Err(e) => return Err(self.refuse_component(&cur, i + 1, e)),
             };
+            // Also one another process made while we were creating it.
+            if let Some(agent_depth) = agent_depth {
+                self.check_dir_owner(&next, i + 1, i + 1 >= agent_depth)?;
+            }
             cur = next;
         }
         Ok(Some(cur))
+    }
+
+    /// An existing directory on the way to a delivery is used only when it
+    /// belongs to root or the daemon's user, or (the agent's directory and
+    /// below, `agents`) to the agent: the owner of a directory can rename
+    /// and replace what is in it, so anyone else's would let them swap the
+    /// delivered file or read the next one through a file of their own.
+    fn check_dir_owner(
+        &self,
+        dir: &OwnedFd,
+        depth: usize,
+        agents: bool,
+    ) -> Result<(), PluginError> {
+        let st = nix::sys::stat::fstat(dir.as_raw_fd())
+            .map_err(|e| self.sys(format_args!("inspect {}", self.shown(depth).display()), e))?;
+        let daemon = nix::unistd::geteuid().as_raw();
+        let agent = self.cfg.uid.filter(|_| agents);
+        if st.st_uid == 0 || st.st_uid == daemon || agent == Some(st.st_uid) {
+            return Ok(());
+        }
+        let allowed = match agent {
+            Some(a) => format!("root, the daemon (uid {daemon}) or the agent (uid {a})"),
+            None => format!("root or the daemon (uid {daemon})"),
+        };
+        Err(self.err(
+            ErrorKind::Invalid,
+            format_args!(
+                "existing directory {} is owned by uid {}, not by {allowed}; refusing to deliver into it (chown it, or remove it and keyturn recreates it)",
+                self.shown(depth).display(),
+                st.st_uid
+            ),
+        ))
     }
 
     /// How many components down the agent's directory is: the first one when

@@ -766,3 +766,86 @@ fn resolving_onto_the_root_is_normalizing_the_join() {
         PathBuf::from("/run/kt/a")
     );
 }
+
+/// `UMask=0077` in the unit must not narrow a delivery root keyturn creates
+/// to 0700: the agents below it could no longer reach their directories.
+#[tokio::test]
+async fn a_created_delivery_root_has_its_mode_whatever_the_umask() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("run").join("agents");
+    let s = sink(&root, &root.join(AGENT).join("db"), FileFormat::Raw);
+    let old = nix::sys::stat::umask(Mode::from_bits_truncate(0o077));
+    let res = deliver_password(&s, 1, "v").await;
+    nix::sys::stat::umask(old);
+    res.unwrap();
+    assert_eq!(mode_of(&root), 0o755, "the delivery root");
+    assert_eq!(mode_of(&dir.path().join("run")), 0o755, "above the root");
+    assert_eq!(mode_of(&root.join(AGENT)), 0o750, "the agent's directory");
+}
+
+/// An existing directory on the way is used only when it belongs to the
+/// daemon (or, from the agent's directory down, to the agent): a directory
+/// another user owns could be theirs to rename files in or out of.
+#[tokio::test]
+async fn existing_directories_owned_by_another_user_are_refused() {
+    assert_root("chown");
+    let root = tempfile::tempdir().unwrap();
+    let roots = [root.path().to_path_buf()];
+    let ctx = SinkContext {
+        delivery_roots: &roots,
+        uid: Some(1234),
+        gid: Some(1234),
+    };
+    // The agent's own directory, owned by someone else.
+    let agent = agent_dir(root.path());
+    nix::unistd::chown(&agent, Some(Uid::from_raw(4321)), None).unwrap();
+    let s = FileSink::new(cfg(&agent.join("db"), FileFormat::Raw), &ctx).unwrap();
+    let err = deliver_password(&s, 1, "v").await.unwrap_err();
+    assert!(
+        err.message.contains("owned by uid 4321") && err.message.contains(AGENT),
+        "{err}"
+    );
+    assert!(!agent.join("db").exists(), "nothing written");
+    // The agent's own uid is fine.
+    nix::unistd::chown(&agent, Some(Uid::from_raw(1234)), None).unwrap();
+    deliver_password(&s, 1, "v").await.unwrap();
+
+    // A directory above the agent's, owned by someone else.
+    let shared = root.path().join("tenant");
+    std::fs::create_dir(&shared).unwrap();
+    nix::unistd::chown(&shared, Some(Uid::from_raw(1234)), None).unwrap();
+    let path = shared.join(AGENT).join("db");
+    let s = FileSink::new(cfg(&path, FileFormat::Raw), &ctx).unwrap();
+    let err = deliver_password(&s, 1, "v").await.unwrap_err();
+    assert!(err.message.contains("owned by uid 1234"), "{err}");
+    assert!(!shared.join(AGENT).exists(), "nothing created below it");
+}
+
+/// When the previous version is retired, its private key leaves the disk
+/// at once, not at the next delivery.
+#[tokio::test]
+async fn retiring_the_previous_keypair_removes_its_private_key() {
+    let root = tempfile::tempdir().unwrap();
+    let (bundle, s) = agent_sink(root.path(), "signing", FileFormat::Raw);
+    deliver_keypair(&s, 1).await;
+    deliver_keypair(&s, 2).await;
+    assert_eq!(timestamped_dirs(&bundle).len(), 2, "the previous is kept");
+    let key = notice(2, ValueKind::Ed25519, None).key;
+    s.retire_previous(&key).await.unwrap();
+    let current = std::fs::read_link(bundle.join(DATA_LINK)).unwrap();
+    assert_eq!(
+        timestamped_dirs(&bundle),
+        vec![current.to_str().unwrap().to_owned()],
+        "only the current directory is left"
+    );
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("private.pem")).unwrap(),
+        pem("PRIVATE KEY", 2)
+    );
+    // Twice, and on a single file or nothing delivered yet: fine.
+    s.retire_previous(&key).await.unwrap();
+    let (_, f) = agent_sink(root.path(), "db", FileFormat::Raw);
+    f.retire_previous(&key).await.unwrap();
+    deliver_password(&f, 1, "v").await.unwrap();
+    f.retire_previous(&key).await.unwrap();
+}

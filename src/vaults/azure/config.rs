@@ -20,7 +20,8 @@ pub struct AzureConfig {
     /// endpoint's, or a test server's).
     pub ca_file: Option<PathBuf>,
     /// Require the auth challenge's resource to be a parent domain of the
-    /// vault host (the SDK's default, true); false only for a loopback stub.
+    /// vault host (the SDK's default, true); false is accepted only when
+    /// `vault_url`'s host is loopback (a test stub).
     pub verify_challenge_resource: Option<bool>,
     /// Where the Entra ID credentials (client secret, workload identity) get
     /// tokens, e.g. `https://login.microsoftonline.us` for a sovereign cloud
@@ -128,6 +129,15 @@ impl VaultPlugin for AzureConfig {
                 format!("unknown auth `{other}`; expected one of `client_secret`, `managed_identity`, `workload_identity`"),
             ),
         }
+        if self.verify_challenge_resource == Some(false) && !is_loopback_url(&self.vault_url) {
+            v.err(
+                p.key("verify_challenge_resource"),
+                format!(
+                    "verify_challenge_resource = false is only for a loopback stub (https://127.0.0.1:PORT, https://[::1]:PORT or https://localhost:PORT), and vault_url `{}` is not one: without the check a token for another resource may be sent to this host; remove the setting",
+                    self.vault_url
+                ),
+            );
+        }
         if let Some(ca) = &mut self.ca_file {
             v.resolve_path(p.key("ca_file"), ca);
         }
@@ -146,5 +156,26 @@ impl VaultPlugin for AzureConfig {
                 Ok(Arc::new(AzureVault::connect(&name, &c).await?) as Arc<dyn Vault>)
             },
         ))
+    }
+}
+
+/// Whether `url`'s host is this machine's loopback (`localhost`, 127.0.0.0/8,
+/// `::1`), the only place a test stub runs.
+pub(super) fn is_loopback_url(url: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    // An IPv6 host comes bracketed (`[::1]`).
+    match url
+        .host_str()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+    {
+        Some(host) => {
+            host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        None => false,
     }
 }

@@ -71,7 +71,9 @@
 //! The SDK refuses bearer tokens over plain http, so tests use the in-repo
 //! TLS contract stub `tests/stubs/azure_keyvault_stub.py`; `ca_file` adds its
 //! CA to the trusted roots, and `verify_challenge_resource = false` lets the
-//! challenge's `resource` (vault.azure.net) differ from a loopback host. The
+//! challenge's `resource` (vault.azure.net) differ from a loopback host
+//! (validation refuses it for any other host: there it would let a server
+//! ask for a token meant for another resource). The
 //! SDK keeps the response bodies it parses in buffers keyturn cannot zeroize;
 //! keyturn's own copies of values are zeroized.
 

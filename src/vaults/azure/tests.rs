@@ -615,3 +615,25 @@ async fn replay_finds_a_version_beyond_the_first_page() {
     );
     v.destroy(item).await.unwrap();
 }
+
+#[test]
+fn only_loopback_urls_count_as_loopback() {
+    use super::config::is_loopback_url;
+    for url in [
+        "https://127.0.0.1:8443",
+        "https://127.3.2.1",
+        "https://[::1]:8443/",
+        "https://LOCALHOST:1",
+    ] {
+        assert!(is_loopback_url(url), "{url}");
+    }
+    for url in [
+        "https://acme.vault.azure.net",
+        "https://localhost.evil.example",
+        "https://127.0.0.1.nip.io",
+        "https://10.0.0.1",
+        "not a url",
+    ] {
+        assert!(!is_loopback_url(url), "{url}");
+    }
+}

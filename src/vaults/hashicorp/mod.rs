@@ -107,7 +107,7 @@ pub const PENDING_PREFIX: &str = "keyturn-pending";
 /// Prefix of the [`VersionRef`] of a version keyturn did not write.
 const KV_REF_PREFIX: &str = "kv-";
 /// A token, role id or secret id file larger than this is not one.
-const MAX_SECRET_FILE: u64 = 16 * 1024;
+const MAX_SECRET_FILE: usize = 16 * 1024;
 /// Renew when less than this fraction (1/RENEW_FRACTION) of the TTL is left.
 const RENEW_FRACTION: u32 = 3;
 

@@ -95,7 +95,6 @@ impl HashicorpVault {
         path: &Path,
         what: &str,
     ) -> Result<Zeroizing<String>, PluginError> {
-        use std::io::Read;
         let ctx = || {
             format!(
                 "vault {} ({}): {what} {}",
@@ -105,11 +104,9 @@ impl HashicorpVault {
             )
         };
         let file = std::fs::File::open(path).map_err(|e| PluginError::io(ctx(), &e))?;
-        let mut buf = Zeroizing::new(Vec::new());
-        file.take(MAX_SECRET_FILE + 1)
-            .read_to_end(&mut buf)
+        let buf = crate::vaults::local::read_capped(file, MAX_SECRET_FILE)
             .map_err(|e| PluginError::io(ctx(), &e))?;
-        if buf.len() as u64 > MAX_SECRET_FILE {
+        if buf.len() > MAX_SECRET_FILE {
             return Err(PluginError::new(
                 ErrorKind::Invalid,
                 format!("{}: larger than {MAX_SECRET_FILE} bytes", ctx()),

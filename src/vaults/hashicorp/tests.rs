@@ -753,3 +753,48 @@ fn status_texts_say_what_the_code_means() {
     assert_eq!(http_status_text(429), "HTTP 429 Too Many Requests");
     assert_eq!(http_status_text(599), "HTTP 599");
 }
+
+/// A token file is read into one buffer sized for the largest file up
+/// front: a buffer that grows leaves copies of the token in the freed
+/// allocations, which nothing zeroizes. Each read must land right after
+/// the previous one in the same allocation.
+#[test]
+fn a_token_file_is_read_into_one_presized_buffer() {
+    struct Trickle {
+        left: usize,
+        at: Vec<usize>,
+    }
+    impl std::io::Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.left == 0 || buf.is_empty() {
+                return Ok(0);
+            }
+            self.at.push(buf.as_ptr() as usize);
+            buf[0] = b't';
+            self.left -= 1;
+            Ok(1)
+        }
+    }
+    let mut r = Trickle {
+        left: 5000,
+        at: Vec::new(),
+    };
+    let buf = crate::vaults::local::read_capped(&mut r, MAX_SECRET_FILE).unwrap();
+    assert_eq!(buf.len(), 5000);
+    assert!(buf.iter().all(|b| *b == b't'));
+    let first = r.at[0];
+    let moved = r.at.iter().enumerate().find(|(i, p)| **p != first + i);
+    assert_eq!(
+        moved,
+        None,
+        "read {} bytes; a read landed outside the first buffer",
+        r.at.len()
+    );
+    // Larger than the limit: one byte past it is read, no more.
+    let mut big = Trickle {
+        left: MAX_SECRET_FILE + 100,
+        at: Vec::new(),
+    };
+    let buf = crate::vaults::local::read_capped(&mut big, MAX_SECRET_FILE).unwrap();
+    assert_eq!(buf.len(), MAX_SECRET_FILE + 1);
+}

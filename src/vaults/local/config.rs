@@ -12,10 +12,15 @@ pub struct LocalConfig {
     /// Key file; created 0600 on first start when missing. Default:
     /// `<state_dir>/<name>-vault.key`.
     pub key_file: Option<PathBuf>,
-    /// Name of the systemd credential (`LoadCredential=`) holding the key,
-    /// used instead of the key file when `$CREDENTIALS_DIRECTORY` holds it.
-    /// Default: `keyturn-<name>-vault-key`.
+    /// Name of the systemd credential (`LoadCredential=`) holding the key.
+    /// When the file names it, the key is that credential and a missing one
+    /// is an error; when it is left out, `keyturn-<name>-vault-key` is used
+    /// if `$CREDENTIALS_DIRECTORY` holds it, else the key file.
     pub key_credential: Option<String>,
+    /// Set by `check` when the file names `key_credential`: then the key is
+    /// that credential and nothing else (missing is an error).
+    #[serde(skip)]
+    pub key_credential_required: bool,
     pub max_concurrent: Option<usize>,
 }
 
@@ -30,6 +35,8 @@ impl VaultPlugin for LocalConfig {
             Some(k) => v.resolve_path(p.key("key_file"), k),
             None => self.key_file = Some(scope.state_dir.join(format!("{name}-vault.key"))),
         }
+        // Named in the file: the key must come from there (see `load_key`).
+        self.key_credential_required = self.key_credential.is_some();
         let key_credential = self
             .key_credential
             .get_or_insert_with(|| format!("keyturn-{name}-vault-key"));
@@ -68,7 +75,7 @@ impl VaultPlugin for LocalConfig {
             .key_credential
             .as_deref()
             .ok_or_else(|| missing("key_credential"))?;
-        let key = load_key(key_file, key_credential)?;
+        let key = load_key(key_file, key_credential, self.key_credential_required)?;
         Ok(Arc::new(LocalVault::open(name, dir, key)?))
     }
 

@@ -30,10 +30,21 @@ impl fmt::Debug for LocalKey {
 }
 
 /// Loads the vault key, from `$CREDENTIALS_DIRECTORY/<key_credential>` when
-/// systemd passed it, else from `key_file` (created on first start).
-pub fn load_key(key_file: &Path, key_credential: &str) -> Result<LocalKey, PluginError> {
+/// systemd passed it, else from `key_file` (created on first start). With
+/// `required` (the config names the credential) only the credential will
+/// do: missing, it is an error.
+pub fn load_key(
+    key_file: &Path,
+    key_credential: &str,
+    required: bool,
+) -> Result<LocalKey, PluginError> {
     let credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-    load_key_from(key_file, key_credential, credentials_dir.as_deref())
+    load_key_from(
+        key_file,
+        key_credential,
+        required,
+        credentials_dir.as_deref(),
+    )
 }
 
 /// [`load_key`] with the credentials directory passed in, so tests never
@@ -41,12 +52,30 @@ pub fn load_key(key_file: &Path, key_credential: &str) -> Result<LocalKey, Plugi
 pub fn load_key_from(
     key_file: &Path,
     key_credential: &str,
+    required: bool,
     credentials_dir: Option<&Path>,
 ) -> Result<LocalKey, PluginError> {
-    if let Some(dir) = credentials_dir.filter(|d| !d.as_os_str().is_empty())
+    let credentials_dir = credentials_dir.filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = credentials_dir
         && let Some(key) = read_credential(dir, key_credential)?
     {
         return Ok(key);
+    }
+    // A credential the config names is the key. Falling back to the key
+    // file would make a new key that nobody backed up, and values sealed
+    // under it would be lost with the state directory.
+    if required {
+        let why = match credentials_dir {
+            Some(dir) => format!("{} has no such file", dir.display()),
+            None => "$CREDENTIALS_DIRECTORY is not set".to_owned(),
+        };
+        return Err(PluginError::new(
+            ErrorKind::Invalid,
+            format!(
+                "local vault key_credential `{key_credential}` is missing: {why}; pass it with LoadCredential={key_credential}:/path/to/key in the unit, or remove key_credential to use key_file {}",
+                key_file.display()
+            ),
+        ));
     }
     // Two attempts: if another process creates the file between our failed
     // read and our O_EXCL create, the second read picks its key up.
@@ -143,13 +172,31 @@ pub(super) fn read_key_file(path: &Path) -> Result<Option<LocalKey>, PluginError
     parse_key(&raw, path).map(Some)
 }
 
-/// Reads at most `MAX_KEY_SOURCE + 1` bytes into a buffer that is zeroized
-/// and never reallocated (so no stray copy of the key is left in freed memory).
+/// Reads at most `MAX_KEY_SOURCE + 1` bytes of a key (see [`read_capped`]).
 pub(super) fn read_bounded(file: File, path: &Path) -> Result<Zeroizing<Vec<u8>>, PluginError> {
-    let mut buf = Zeroizing::new(Vec::with_capacity(MAX_KEY_SOURCE + 1));
-    file.take(MAX_KEY_SOURCE as u64 + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| PluginError::io(format!("local vault key {}", path.display()), &e))?;
+    read_capped(file, MAX_KEY_SOURCE)
+        .map_err(|e| PluginError::io(format!("local vault key {}", path.display()), &e))
+}
+
+/// Reads a secret of at most `max` bytes (one more is read, to tell "too
+/// large" apart) into one zeroized buffer allocated at its full size up
+/// front. `read_to_end` would grow the buffer (each reallocation leaves a
+/// copy of what was read so far in freed memory, never zeroized) and reads
+/// through a stack probe buffer; here every byte lands in its final place.
+pub(crate) fn read_capped<R: Read>(mut r: R, max: usize) -> std::io::Result<Zeroizing<Vec<u8>>> {
+    let mut buf = Zeroizing::new(vec![0u8; max + 1]);
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // Shrinking keeps the allocation (and zeroizes the dropped tail on drop,
+    // since `Zeroizing<Vec>` wipes the whole capacity).
+    buf.truncate(filled);
     Ok(buf)
 }
 
@@ -184,6 +231,13 @@ pub(super) fn parse_key(raw: &[u8], path: &Path) -> Result<LocalKey, PluginError
 
 /// Creates `path` holding a new key as 64 hex characters and a newline, mode
 /// 0600, durably. `None` if someone else created the file first.
+///
+/// The key is written to a temp file next to `path` and linked into place
+/// (a link never replaces an existing file): a crash at any point leaves
+/// either no key file or a complete one, never an empty or partial one that
+/// every later start would refuse. A crash can leave the temp file behind
+/// (`NAME.tmp.<random>`, 0600): it holds a key that never sealed anything,
+/// and may be deleted.
 pub(super) fn create_key_file(path: &Path) -> Result<Option<LocalKey>, PluginError> {
     let ctx = || format!("local vault key file {}", path.display());
     let parent = path
@@ -195,6 +249,14 @@ pub(super) fn create_key_file(path: &Path) -> Result<Option<LocalKey>, PluginErr
         .mode(0o700)
         .create(parent)
         .map_err(|e| PluginError::io(format!("{}: creating its directory", ctx()), &e))?;
+    let file_name = path.file_name().ok_or_else(|| {
+        PluginError::new(ErrorKind::Invalid, format!("{}: not a file name", ctx()))
+    })?;
+    // Unique per attempt: two processes creating the key at once each
+    // link their own file, and the one that loses reads the winner's.
+    let mut tmp_name = file_name.to_os_string();
+    tmp_name.push(format!(".tmp.{:016x}", OsRng.next_u64()));
+    let tmp = parent.join(tmp_name);
 
     let key = LocalKey::generate();
     let mut text = Zeroizing::new([0u8; 2 * KEY_LEN + 1]);
@@ -202,28 +264,31 @@ pub(super) fn create_key_file(path: &Path) -> Result<Option<LocalKey>, PluginErr
         .map_err(|_| PluginError::new(ErrorKind::Fatal, format!("{}: hex encoding", ctx())))?;
     text[2 * KEY_LEN] = b'\n';
 
-    let mut file = match OpenOptions::new()
+    let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(None),
-        Err(e) => return Err(PluginError::io(format!("{}: creating it", ctx()), &e)),
-    };
-    let written = file
+        .open(&tmp)
+        .map_err(|e| PluginError::io(format!("{}: creating {}", ctx(), tmp.display()), &e))?;
+    fail::fail_point!(KEY_CRASH_POINT, |_| Err(PluginError::new(
+        ErrorKind::Fatal,
+        "failpoint"
+    )));
+    let linked = file
         .write_all(&*text)
         .and_then(|()| file.sync_all())
-        .and_then(|()| File::open(parent)?.sync_all());
-    if let Err(e) = written {
-        // A half-written key file would be refused on every later start;
-        // remove it so the next attempt starts clean.
-        drop(file);
-        let _ = std::fs::remove_file(path);
-        return Err(PluginError::io(format!("{}: writing it", ctx()), &e));
+        .and_then(|()| std::fs::hard_link(&tmp, path));
+    drop(file);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(None),
+        Err(e) => return Err(PluginError::io(format!("{}: writing it", ctx()), &e)),
     }
+    File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| PluginError::io(format!("{}: syncing its directory", ctx()), &e))?;
     tracing::info!(key_file = %path.display(), "created a new local vault key");
     Ok(Some(key))
 }

@@ -17,9 +17,12 @@
 //! # Encryption
 //! Each value is sealed with XChaCha20-Poly1305 under the vault key, with a
 //! fresh random 24-byte nonce per version and associated data binding the
-//! ciphertext to `(path, version, rotation_id)`: a row copied or swapped onto
-//! another path or version fails to decrypt instead of yielding the wrong
-//! credential. A wrong key or tampered row is an [`ErrorKind::Fatal`] error
+//! ciphertext to `(path, version, rotation_id, stage)`: a row copied or
+//! swapped onto another path or version, or given another stage (the
+//! previous version made current again: a silent rollback), fails to
+//! decrypt instead of yielding the wrong credential. So every stage change
+//! re-seals the value under a fresh nonce; a schema-1 file (sealed without
+//! the stage) is re-sealed once when opened. A wrong key or tampered row is an [`ErrorKind::Fatal`] error
 //! naming the path and version, never a panic. At open, a small sealed
 //! "key check" record in `meta` tells a wrong key apart from a corrupt row.
 //!
@@ -54,7 +57,8 @@
 //! # Key
 //! [`load_key`] takes the key from the systemd credential `key_credential` in
 //! `$CREDENTIALS_DIRECTORY` when there is one, otherwise from `key_file`,
-//! which is created (0600, 64 hex characters) on first start.
+//! which is created (0600, 64 hex characters) on first start through a temp
+//! file linked into place. A `key_credential` the config names is required.
 
 use std::any::Any;
 use std::fmt;
@@ -85,6 +89,7 @@ mod store;
 mod tests;
 
 pub use config::LocalConfig;
+pub(crate) use key::read_capped;
 pub use key::{LocalKey, load_key, load_key_from};
 use store::*;
 
@@ -97,7 +102,9 @@ pub const RETIRED_KEPT: i64 = 16;
 /// The database file inside the vault's directory.
 pub const DB_FILE: &str = "vault.db";
 /// Schema version this code writes; a newer one is refused.
-const SCHEMA_VERSION: i64 = 1;
+/// 2: the stage is part of each value's associated data (1: it was not;
+/// a schema-1 file is migrated when opened).
+const SCHEMA_VERSION: i64 = 2;
 /// A key file or credential larger than this is certainly not a key; stop
 /// reading instead of slurping whatever was put there.
 const MAX_KEY_SOURCE: usize = 128;
@@ -107,8 +114,13 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// it opens under the key.
 const KEY_CHECK_PLAINTEXT: &[u8] = b"keyturn local vault key check";
 const KEY_CHECK_AAD: &[u8] = b"keyturn-local-vault/v1/key-check";
-/// Domain separation for the per-version associated data.
-const VERSION_AAD_PREFIX: &[u8] = b"keyturn-local-vault/v1/version\0";
+/// Domain separation for the per-version associated data (schema 1's is
+/// still read, to migrate).
+const VERSION_AAD_PREFIX: &[u8] = b"keyturn-local-vault/v2/version\0";
+const VERSION_AAD_PREFIX_V1: &[u8] = b"keyturn-local-vault/v1/version\0";
+/// Where a test stops the key file's creation half way (a crash).
+#[cfg(feature = "failpoints")]
+const KEY_CRASH_POINT: &str = "local_vault.key_file.before_write";
 /// Most write operations committed together by the writer thread.
 pub const MAX_BATCH: usize = 256;
 /// Longest path accepted (it is only a database key here, but keep it sane).
@@ -461,6 +473,27 @@ fn check_meta(conn: &Connection, cipher: &XChaCha20Poly1305) -> Result<(), MetaE
         Some(_) => {}
     }
 
+    key_check(conn, cipher)?;
+    if schema == Some(1) {
+        // Values sealed before the stage was bound: re-seal them once, in
+        // one transaction with the schema's new number.
+        let tx = conn.unchecked_transaction()?;
+        let migrated = store::migrate_v1(&tx, cipher)?;
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE name = 'schema'",
+            [SCHEMA_VERSION],
+        )?;
+        tx.commit()?;
+        tracing::info!(
+            values = migrated,
+            "local vault: bound each value to its stage (schema 1 to 2)"
+        );
+    }
+    Ok(())
+}
+
+/// Seals the key check on first open; later, refuses a key that does not open it.
+fn key_check(conn: &Connection, cipher: &XChaCha20Poly1305) -> Result<(), MetaError> {
     let check: Option<Vec<u8>> = conn
         .query_row("SELECT value FROM meta WHERE name = 'key_check'", [], |r| {
             r.get(0)
@@ -525,6 +558,19 @@ struct Row {
     stage: String,
     nonce: Option<Vec<u8>>,
     ciphertext: Option<Vec<u8>>,
+}
+
+impl Row {
+    /// From `SELECT version, rotation_id, stage, nonce, ciphertext`.
+    fn from_sql(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+        Ok(Row {
+            version: r.get(0)?,
+            rotation_id: r.get(1)?,
+            stage: r.get(2)?,
+            nonce: r.get(3)?,
+            ciphertext: r.get(4)?,
+        })
+    }
 }
 
 #[async_trait]

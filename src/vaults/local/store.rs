@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// A row's stage and its value, opened.
+pub(super) type Opened = (Stage, Zeroizing<Vec<u8>>);
+
 impl Inner {
     pub(super) fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock dropped its transaction, which rolls
@@ -31,46 +34,44 @@ impl Inner {
         move |e| self.err(sql_kind(&e), op, &path, e)
     }
 
+    /// Seals `value` for `(path, version, rotation, stage)` under a fresh nonce.
     pub(super) fn seal(
         &self,
         path: &str,
         version: i64,
         rotation: &str,
-        value: &SecretValue,
+        stage: Stage,
+        value: &[u8],
     ) -> Result<(Vec<u8>, Vec<u8>), PluginError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        OsRng.fill_bytes(&mut nonce);
-        let aad = version_aad(path, version, rotation);
-        let ciphertext = self
-            .cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: value.expose(),
-                    aad: &aad,
-                },
+        seal_with(
+            &self.cipher,
+            &version_aad(path, version, rotation, stage),
+            value,
+        )
+        .ok_or_else(|| {
+            self.err(
+                ErrorKind::Fatal,
+                "stage",
+                path,
+                format!("encrypting version {version} failed"),
             )
-            .map_err(|_| {
-                self.err(
-                    ErrorKind::Fatal,
-                    "stage",
-                    path,
-                    format!("encrypting version {version} failed"),
-                )
-            })?;
-        Ok((nonce.to_vec(), ciphertext))
+        })
     }
 
-    pub(super) fn open_row(
+    /// The stage and plaintext of `row`, `None` when it is retired. Its
+    /// value only opens for the path, version, rotation and stage it was
+    /// sealed for: a wrong key or any of them changed since is `Fatal`.
+    pub(super) fn unseal(
         &self,
+        op: &str,
         path: &str,
-        row: Row,
-    ) -> Result<Option<StoredVersion>, PluginError> {
+        row: &Row,
+    ) -> Result<Option<Opened>, PluginError> {
         let v = row.version;
         let corrupt = |what: &str| {
             self.err(
                 ErrorKind::Fatal,
-                "read",
+                op,
                 path,
                 format!("version {v} is corrupt: {what}"),
             )
@@ -79,35 +80,102 @@ impl Inner {
         if stage == Stage::Retired {
             return Ok(None);
         }
-        let (Some(nonce), Some(ciphertext)) = (row.nonce, row.ciphertext) else {
+        let (Some(nonce), Some(ciphertext)) = (&row.nonce, &row.ciphertext) else {
             return Err(corrupt("its value is missing"));
         };
         if nonce.len() != NONCE_LEN {
             return Err(corrupt("bad nonce length"));
         }
-        let aad = version_aad(path, v, &row.rotation_id);
-        let plaintext = self
-            .cipher
-            .decrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: &ciphertext,
-                    aad: &aad,
-                },
+        let aad = version_aad(path, v, &row.rotation_id, stage);
+        let plaintext = unseal_with(&self.cipher, &aad, nonce, ciphertext).ok_or_else(|| {
+            self.err(
+                ErrorKind::Fatal,
+                op,
+                path,
+                format!(
+                    "cannot decrypt version {v}: wrong key, or the row was tampered with, moved or given another stage"
+                ),
             )
-            .map_err(|_| {
-                self.err(
-                    ErrorKind::Fatal,
-                    "read",
-                    path,
-                    format!("cannot decrypt version {v}: wrong key, or the row was tampered with or moved"),
-                )
-            })?;
+        })?;
+        Ok(Some((stage, Zeroizing::new(plaintext))))
+    }
+
+    /// The row of `version`, inside `tx` (or through the reader).
+    pub(super) fn row(
+        &self,
+        conn: &Connection,
+        op: &'static str,
+        path: &str,
+        version: i64,
+    ) -> Result<Option<Row>, PluginError> {
+        conn.prepare_cached(
+            "SELECT version, rotation_id, stage, nonce, ciphertext FROM versions
+             WHERE path = ?1 AND version = ?2",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![path, version], Row::from_sql)
+                .optional()
+        })
+        .map_err(self.sql(op, path))
+    }
+
+    /// Moves `version` (at stage `from`) to `to`, re-sealing its value for
+    /// the new stage (the stage is part of the associated data). Every
+    /// current or previous row passes through here, so a stage written
+    /// into the database by anyone else fails to open.
+    pub(super) fn restage(
+        &self,
+        tx: &Connection,
+        path: &str,
+        version: i64,
+        from: Stage,
+        to: Stage,
+    ) -> Result<(), PluginError> {
+        let row = self.row(tx, "promote", path, version)?;
+        let opened = match &row {
+            Some(row) => self.unseal("promote", path, row)?,
+            None => None,
+        };
+        let (Some(row), Some((stage, plaintext))) = (row, opened) else {
+            return Err(self.err(
+                ErrorKind::Fatal,
+                "promote",
+                path,
+                format!("version {version} is corrupt: its {from} value is missing"),
+            ));
+        };
+        if stage != from {
+            return Err(self.err(
+                ErrorKind::Conflict,
+                "promote",
+                path,
+                format!("version {version} is {stage}, not {from}"),
+            ));
+        }
+        let (nonce, ciphertext) = self.seal(path, version, &row.rotation_id, to, &plaintext)?;
+        tx.prepare_cached(
+            "UPDATE versions SET stage = ?3, nonce = ?4, ciphertext = ?5
+             WHERE path = ?1 AND version = ?2",
+        )
+        .and_then(|mut s| s.execute(params![path, version, to.as_str(), nonce, ciphertext]))
+        .map_err(self.sql("promote", path))?;
+        Ok(())
+    }
+
+    pub(super) fn open_row(
+        &self,
+        path: &str,
+        row: Row,
+    ) -> Result<Option<StoredVersion>, PluginError> {
+        let Some((stage, mut plaintext)) = self.unseal("read", path, &row)? else {
+            return Ok(None);
+        };
         Ok(Some(StoredVersion {
-            version: VersionRef(v.to_string()),
+            version: VersionRef(row.version.to_string()),
             rotation: RotationId::parse(&row.rotation_id),
             stage,
-            value: SecretValue::new(plaintext),
+            // Moved out, not copied: no second copy to wipe.
+            value: SecretValue::new(std::mem::take(&mut *plaintext)),
         }))
     }
 
@@ -163,7 +231,13 @@ impl Inner {
         .and_then(|mut s| s.execute(params![path, version]))
         .map_err(&sql)?;
 
-        let (nonce, ciphertext) = self.seal(path, version, rotation.as_str(), value)?;
+        let (nonce, ciphertext) = self.seal(
+            path,
+            version,
+            rotation.as_str(),
+            Stage::Pending,
+            value.expose(),
+        )?;
         tx.prepare_cached(
             "INSERT INTO versions (path, version, rotation_id, stage, created_at, nonce, ciphertext)
              VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6)",
@@ -189,15 +263,6 @@ impl Inner {
     ) -> Result<Option<StoredVersion>, PluginError> {
         let sql = self.sql("read", path);
         let conn = Self::lock(&self.reader);
-        let map = |r: &rusqlite::Row<'_>| {
-            Ok(Row {
-                version: r.get(0)?,
-                rotation_id: r.get(1)?,
-                stage: r.get(2)?,
-                nonce: r.get(3)?,
-                ciphertext: r.get(4)?,
-            })
-        };
         let row = match select {
             // Retired versions have no value left to read.
             Selector::Stage(Stage::Retired) => return Ok(None),
@@ -206,15 +271,13 @@ impl Inner {
                     "SELECT version, rotation_id, stage, nonce, ciphertext FROM versions
                      WHERE path = ?1 AND stage = ?2 ORDER BY version DESC LIMIT 1",
                 )
-                .and_then(|mut s| s.query_row(params![path, stage.as_str()], map).optional()),
-            Selector::Version(version) => conn
-                .prepare_cached(
-                    "SELECT version, rotation_id, stage, nonce, ciphertext FROM versions
-                     WHERE path = ?1 AND version = ?2",
-                )
-                .and_then(|mut s| s.query_row(params![path, version], map).optional()),
-        }
-        .map_err(&sql)?;
+                .and_then(|mut s| {
+                    s.query_row(params![path, stage.as_str()], Row::from_sql)
+                        .optional()
+                })
+                .map_err(&sql)?,
+            Selector::Version(version) => self.row(&conn, "read", path, version)?,
+        };
         drop(conn);
         match row {
             Some(row) => self.open_row(path, row),
@@ -255,7 +318,7 @@ impl Inner {
         version: i64,
     ) -> Result<(), PluginError> {
         let sql = self.sql("promote", path);
-        match self.stage_of(tx, "promote", path, version)? {
+        let from = match self.stage_of(tx, "promote", path, version)? {
             None => {
                 return Err(self.err(
                     ErrorKind::NotFound,
@@ -275,8 +338,8 @@ impl Inner {
                     ),
                 ));
             }
-            Some(Stage::Pending | Stage::Previous) => {}
-        }
+            Some(stage @ (Stage::Pending | Stage::Previous)) => stage,
+        };
         // Order matters: wipe the old previous (unless it is the version being
         // promoted back, a rollback), then shift current → previous, then
         // make `version` current.
@@ -286,14 +349,14 @@ impl Inner {
         )
         .and_then(|mut s| s.execute(params![path, version]))
         .map_err(&sql)?;
-        tx.prepare_cached(
-            "UPDATE versions SET stage = 'previous' WHERE path = ?1 AND stage = 'current'",
-        )
-        .and_then(|mut s| s.execute([path]))
-        .map_err(&sql)?;
-        tx.prepare_cached("UPDATE versions SET stage = 'current' WHERE path = ?1 AND version = ?2")
-            .and_then(|mut s| s.execute(params![path, version]))
+        let current: Vec<i64> = tx
+            .prepare_cached("SELECT version FROM versions WHERE path = ?1 AND stage = 'current'")
+            .and_then(|mut s| s.query_map([path], |r| r.get(0))?.collect())
             .map_err(&sql)?;
+        for old in current {
+            self.restage(tx, path, old, Stage::Current, Stage::Previous)?;
+        }
+        self.restage(tx, path, version, from, Stage::Current)?;
         prune_retired(tx, path).map_err(&sql)?;
         Ok(())
     }
@@ -369,17 +432,116 @@ pub(super) fn prune_retired(tx: &Connection, path: &str) -> rusqlite::Result<usi
 }
 
 /// Associated data for one version: the ciphertext only opens at the path,
-/// version and rotation it was sealed for. Length-prefixed, so no two
-/// different triples encode alike.
-pub(super) fn version_aad(path: &str, version: i64, rotation: &str) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(VERSION_AAD_PREFIX.len() + 24 + path.len() + rotation.len());
-    aad.extend_from_slice(VERSION_AAD_PREFIX);
+/// version, rotation and stage it was sealed for. Length-prefixed, so no
+/// two different tuples encode alike. The stage is bound so that a stage
+/// changed in the database (the previous version made current again, a
+/// silent rollback to a value the target may still accept) fails to open;
+/// every stage change re-seals the value (`Inner::restage`).
+pub(super) fn version_aad(path: &str, version: i64, rotation: &str, stage: Stage) -> Vec<u8> {
+    let stage = stage.as_str();
+    let mut aad = aad_of(VERSION_AAD_PREFIX, path, version, rotation, 8 + stage.len());
+    aad.extend_from_slice(&(stage.len() as u64).to_be_bytes());
+    aad.extend_from_slice(stage.as_bytes());
+    aad
+}
+
+/// Schema 1's associated data, without the stage: read only to migrate.
+pub(super) fn version_aad_v1(path: &str, version: i64, rotation: &str) -> Vec<u8> {
+    aad_of(VERSION_AAD_PREFIX_V1, path, version, rotation, 0)
+}
+
+/// `prefix`, then path, version and rotation, length-prefixed; `spare`
+/// bytes of room for what the caller appends.
+fn aad_of(prefix: &[u8], path: &str, version: i64, rotation: &str, spare: usize) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(prefix.len() + 24 + path.len() + rotation.len() + spare);
+    aad.extend_from_slice(prefix);
     aad.extend_from_slice(&(path.len() as u64).to_be_bytes());
     aad.extend_from_slice(path.as_bytes());
     aad.extend_from_slice(&version.to_be_bytes());
     aad.extend_from_slice(&(rotation.len() as u64).to_be_bytes());
     aad.extend_from_slice(rotation.as_bytes());
     aad
+}
+
+/// `(nonce, ciphertext)` of `value` under a fresh random nonce.
+pub(super) fn seal_with(
+    cipher: &XChaCha20Poly1305,
+    aad: &[u8],
+    value: &[u8],
+) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut nonce = [0u8; NONCE_LEN];
+    OsRng.fill_bytes(&mut nonce);
+    let ciphertext = cipher
+        .encrypt(XNonce::from_slice(&nonce), Payload { msg: value, aad })
+        .ok()?;
+    Some((nonce.to_vec(), ciphertext))
+}
+
+/// The plaintext, or `None` when it does not open (wrong key, wrong
+/// associated data, tampered, or a nonce of the wrong length).
+pub(super) fn unseal_with(
+    cipher: &XChaCha20Poly1305,
+    aad: &[u8],
+    nonce: &[u8],
+    ciphertext: &[u8],
+) -> Option<Vec<u8>> {
+    if nonce.len() != NONCE_LEN {
+        return None;
+    }
+    cipher
+        .decrypt(
+            XNonce::from_slice(nonce),
+            Payload {
+                msg: ciphertext,
+                aad,
+            },
+        )
+        .ok()
+}
+
+/// Re-seals every value sealed under schema 1's associated data (no stage)
+/// for its current stage, inside `conn`'s transaction. A value that does
+/// not open is left as it is: reading it reports it, naming the version.
+pub(super) fn migrate_v1(conn: &Connection, cipher: &XChaCha20Poly1305) -> rusqlite::Result<usize> {
+    type Sealed = (String, i64, String, String, Vec<u8>, Vec<u8>);
+    let rows: Vec<Sealed> = conn
+        .prepare(
+            "SELECT path, version, rotation_id, stage, nonce, ciphertext FROM versions
+             WHERE nonce IS NOT NULL AND ciphertext IS NOT NULL",
+        )?
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut update = conn.prepare(
+        "UPDATE versions SET nonce = ?3, ciphertext = ?4 WHERE path = ?1 AND version = ?2",
+    )?;
+    let mut migrated = 0;
+    for (path, version, rotation, stage, nonce, ciphertext) in rows {
+        let Some(stage) = Stage::parse(&stage) else {
+            continue;
+        };
+        let old_aad = version_aad_v1(&path, version, &rotation);
+        let Some(plaintext) =
+            unseal_with(cipher, &old_aad, &nonce, &ciphertext).map(Zeroizing::new)
+        else {
+            continue;
+        };
+        let aad = version_aad(&path, version, &rotation, stage);
+        let Some((nonce, ciphertext)) = seal_with(cipher, &aad, &plaintext) else {
+            continue;
+        };
+        update.execute(params![path, version, nonce, ciphertext])?;
+        migrated += 1;
+    }
+    Ok(migrated)
 }
 
 pub(super) fn sql_kind(e: &rusqlite::Error) -> ErrorKind {

@@ -46,11 +46,7 @@ fn raw_db(dir: &Path) -> Connection {
 /// Stages and promotes `times` rotations of `it`, versions 1 to `times`.
 async fn rotate(vault: &LocalVault, it: VaultItem<'_>, times: u64) {
     for n in 1..=times {
-        vault
-            .stage(it.pending(&RotationId::generate(), &secret("x")))
-            .await
-            .unwrap();
-        vault.promote(it, &v(n)).await.unwrap();
+        rotate_to(vault, it, n, "x").await;
     }
 }
 
@@ -449,13 +445,13 @@ async fn a_failing_write_does_not_spoil_its_batch() {
 fn key_file_is_created_0600_and_reused() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("sub/vault.key");
-    let k1 = load_key_from(&key_file, "vault-key", None).unwrap();
+    let k1 = load_key_from(&key_file, "vault-key", false, None).unwrap();
     let meta = std::fs::metadata(&key_file).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     let text = std::fs::read_to_string(&key_file).unwrap();
     assert_eq!(text.len(), 65);
     assert!(text[..64].bytes().all(|b| b.is_ascii_hexdigit()) && text.ends_with('\n'));
-    let k2 = load_key_from(&key_file, "vault-key", None).unwrap();
+    let k2 = load_key_from(&key_file, "vault-key", false, None).unwrap();
     assert_eq!(*k1.0, *k2.0);
     assert_ne!(*k1.0, [0u8; KEY_LEN]);
     // And a vault opened with it opens again with the reloaded key.
@@ -464,7 +460,7 @@ fn key_file_is_created_0600_and_reused() {
     LocalVault::open(
         "t",
         &vdir,
-        load_key_from(&key_file, "vault-key", None).unwrap(),
+        load_key_from(&key_file, "vault-key", false, None).unwrap(),
     )
     .unwrap();
 }
@@ -475,12 +471,12 @@ fn unsafe_key_files_are_refused_with_the_file_named() {
     let good = dir.path().join("good.key");
     std::fs::write(&good, hex::encode(KEY)).unwrap();
     std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o600)).unwrap();
-    assert_eq!(*load_key_from(&good, "k", None).unwrap().0, KEY);
+    assert_eq!(*load_key_from(&good, "k", false, None).unwrap().0, KEY);
 
     let readable = dir.path().join("readable.key");
     std::fs::write(&readable, hex::encode(KEY)).unwrap();
     std::fs::set_permissions(&readable, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let e = load_key_from(&readable, "k", None).unwrap_err();
+    let e = load_key_from(&readable, "k", false, None).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Invalid);
     assert!(
         e.message.contains("readable.key") && e.message.contains("0644"),
@@ -491,13 +487,13 @@ fn unsafe_key_files_are_refused_with_the_file_named() {
     std::fs::write(&group, KEY).unwrap();
     std::fs::set_permissions(&group, std::fs::Permissions::from_mode(0o640)).unwrap();
     assert_eq!(
-        load_key_from(&group, "k", None).unwrap_err().kind,
+        load_key_from(&group, "k", false, None).unwrap_err().kind,
         ErrorKind::Invalid
     );
 
     let link = dir.path().join("link.key");
     std::os::unix::fs::symlink(&good, &link).unwrap();
-    let e = load_key_from(&link, "k", None).unwrap_err();
+    let e = load_key_from(&link, "k", false, None).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Invalid);
     assert!(
         e.message.contains("link.key") && e.message.contains("symlink"),
@@ -513,7 +509,7 @@ fn unsafe_key_files_are_refused_with_the_file_named() {
         let p = dir.path().join(name);
         std::fs::write(&p, &content).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let e = load_key_from(&p, "k", None).unwrap_err();
+        let e = load_key_from(&p, "k", false, None).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid, "{name}");
         assert!(e.message.contains(name), "{e}");
         // Nothing of the file's content is echoed.
@@ -524,16 +520,21 @@ fn unsafe_key_files_are_refused_with_the_file_named() {
     }
 }
 
+/// An empty credentials directory in `dir`, and a key file path beside it.
+fn creds_and_key_file(dir: &Path) -> (PathBuf, PathBuf) {
+    let creds = dir.join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    (creds, dir.join("vault.key"))
+}
+
 #[test]
 fn credentials_directory_wins_over_the_key_file() {
     let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("creds");
-    std::fs::create_dir(&creds).unwrap();
-    let key_file = dir.path().join("vault.key");
+    let (creds, key_file) = creds_and_key_file(dir.path());
 
     // Raw 32 bytes.
     std::fs::write(creds.join("vault-key"), KEY).unwrap();
-    let k = load_key_from(&key_file, "vault-key", Some(&creds)).unwrap();
+    let k = load_key_from(&key_file, "vault-key", false, Some(&creds)).unwrap();
     assert_eq!(*k.0, KEY);
     assert!(
         !key_file.exists(),
@@ -544,22 +545,181 @@ fn credentials_directory_wins_over_the_key_file() {
     let other = [3u8; KEY_LEN];
     std::fs::write(creds.join("hex-key"), format!("{}\n", hex::encode(other))).unwrap();
     assert_eq!(
-        *load_key_from(&key_file, "hex-key", Some(&creds)).unwrap().0,
+        *load_key_from(&key_file, "hex-key", false, Some(&creds))
+            .unwrap()
+            .0,
         other
     );
 
     // Credential absent: falls back to (and creates) the key file.
-    let k = load_key_from(&key_file, "missing", Some(&creds)).unwrap();
+    let k = load_key_from(&key_file, "missing", false, Some(&creds)).unwrap();
     assert!(key_file.exists());
     assert_ne!(*k.0, KEY);
 
     // A bad credential is an error, not a silent fallback.
     std::fs::write(creds.join("bad"), b"nope").unwrap();
-    let e = load_key_from(&key_file, "bad", Some(&creds)).unwrap_err();
+    let e = load_key_from(&key_file, "bad", false, Some(&creds)).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Invalid);
     assert!(e.message.contains("bad"), "{e}");
-    let e = load_key_from(&key_file, "../vault.key", Some(&creds)).unwrap_err();
+    let e = load_key_from(&key_file, "../vault.key", false, Some(&creds)).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Invalid);
+}
+
+/// A key credential the config names is the key: when systemd did not pass
+/// it, that is an error, never a reason to make a new key file (which
+/// would encrypt new values under a key nobody backed up).
+#[test]
+fn a_named_key_credential_that_is_missing_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (creds, key_file) = creds_and_key_file(dir.path());
+    for credentials_dir in [Some(creds.as_path()), None] {
+        let e = load_key_from(&key_file, "vault-key", true, credentials_dir).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(
+            e.message.contains("`vault-key`") && e.message.contains("LoadCredential"),
+            "names the credential and what to do: {e}"
+        );
+        assert!(!key_file.exists(), "no key file made");
+    }
+    std::fs::write(creds.join("vault-key"), KEY).unwrap();
+    assert_eq!(
+        *load_key_from(&key_file, "vault-key", true, Some(&creds))
+            .unwrap()
+            .0,
+        KEY
+    );
+}
+
+/// A crash between creating the key file and writing it must not leave an
+/// empty key file behind, which every later start would refuse.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_crash_while_creating_the_key_file_leaves_no_empty_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("vault.key");
+    fail::cfg(KEY_CRASH_POINT, "return").unwrap();
+    let crashed = load_key_from(&key_file, "vault-key", false, None);
+    fail::remove(KEY_CRASH_POINT);
+    assert!(crashed.is_err(), "the failpoint stopped the creation");
+    let k1 = load_key_from(&key_file, "vault-key", false, None)
+        .expect("the next start makes a key instead of refusing a leftover");
+    let k2 = load_key_from(&key_file, "vault-key", false, None).unwrap();
+    assert_eq!(*k1.0, *k2.0);
+    assert_eq!(std::fs::read(&key_file).unwrap().len(), 65);
+}
+
+/// The stage is bound to the ciphertext: a row whose stage was changed in
+/// the database (previous made current: a rollback) fails to open instead
+/// of handing out the old value as the current one.
+#[tokio::test]
+async fn a_stage_changed_in_the_database_is_detected() {
+    let (c, dir) = (cred(), tempfile::tempdir().unwrap());
+    let (it, vault) = (item(&c, "agents/bot/db"), open(dir.path()));
+    rotate_to(&vault, it, 1, "old-canary").await;
+    rotate_to(&vault, it, 2, "new-canary").await;
+    assert_eq!(
+        current_and_previous(&vault).await,
+        [
+            Some(("2".into(), b"new-canary".to_vec())),
+            Some(("1".into(), b"old-canary".to_vec()))
+        ]
+    );
+    raw_db(dir.path())
+        .execute(
+            "UPDATE versions SET stage = CASE stage WHEN 'current' THEN 'previous' ELSE 'current' END
+             WHERE path = 'agents/bot/db' AND stage IN ('current', 'previous')",
+            [],
+        )
+        .unwrap();
+    let e = vault
+        .read(it, Select::Stage(Stage::Current))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Fatal, "{e}");
+    assert!(e.message.contains("version 1"), "{e}");
+    assert!(!e.message.contains("canary"), "{e}");
+}
+
+/// Vaults written before the stage was bound (the v1 associated data)
+/// stay readable: opening one re-seals its values with the stage, once.
+#[tokio::test]
+async fn a_vault_sealed_without_the_stage_is_migrated_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cred();
+    let it = item(&c, "agents/bot/db");
+    // Two rotations, the vault closed again at the end of the statement.
+    rotate(&open(dir.path()), it, 2).await;
+    // Re-seal every value as the v1 format did, and mark the file v1.
+    let cipher = LocalKey::from_bytes(KEY).cipher();
+    let raw = raw_db(dir.path());
+    let rows: Vec<(i64, String, String, Vec<u8>)> = raw
+        .prepare(
+            "SELECT version, rotation_id, stage, nonce FROM versions WHERE ciphertext IS NOT NULL",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    for (version, rotation, stage, nonce) in rows {
+        let value = format!("v1-{stage}");
+        let ct = cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: value.as_bytes(),
+                    aad: &version_aad_v1("agents/bot/db", version, &rotation),
+                },
+            )
+            .unwrap();
+        raw.execute(
+            "UPDATE versions SET ciphertext = ?1 WHERE path = 'agents/bot/db' AND version = ?2",
+            params![ct, version],
+        )
+        .unwrap();
+    }
+    raw.execute("UPDATE meta SET value = 1 WHERE name = 'schema'", [])
+        .unwrap();
+    drop(raw);
+
+    let vault = open(dir.path());
+    assert_eq!(
+        current_and_previous(&vault).await,
+        [
+            Some(("2".into(), b"v1-current".to_vec())),
+            Some(("1".into(), b"v1-previous".to_vec()))
+        ]
+    );
+    let schema: i64 = raw_db(dir.path())
+        .query_row("SELECT value FROM meta WHERE name = 'schema'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(schema, SCHEMA_VERSION, "migrated once");
+    // And it keeps working: a rotation moves both stages on.
+    rotate_to(&vault, it, 3, "x").await;
+    assert_eq!(
+        by_stage(&vault, "agents/bot/db", Stage::Previous).await,
+        Some(("2".into(), b"v1-current".to_vec()))
+    );
+}
+
+/// The current and the previous version of `agents/bot/db` and their values.
+async fn current_and_previous(vault: &LocalVault) -> [Option<(String, Vec<u8>)>; 2] {
+    [
+        by_stage(vault, "agents/bot/db", Stage::Current).await,
+        by_stage(vault, "agents/bot/db", Stage::Previous).await,
+    ]
+}
+
+/// Stages and promotes one more rotation of `it`, `value` as version `n`.
+async fn rotate_to(vault: &LocalVault, it: VaultItem<'_>, n: u64, value: &str) {
+    vault
+        .stage(it.pending(&RotationId::generate(), &secret(value)))
+        .await
+        .unwrap();
+    vault.promote(it, &v(n)).await.unwrap();
 }
 
 /// Throughput table, not an assertion: `KT_BENCH_N=100000 cargo test --lib
