@@ -497,6 +497,18 @@ impl AwsVault {
         }
     }
 
+    /// Takes `label` off `version`.
+    async fn remove_label(
+        &self,
+        op: &str,
+        secret: &str,
+        label: &str,
+        version: &VersionRef,
+    ) -> Result<(), PluginError> {
+        self.move_label(op, secret, label, None, Some(&version.0))
+            .await
+    }
+
     /// `UpdateSecretVersionStage`, within the write budget.
     async fn move_label(
         &self,
@@ -657,14 +669,8 @@ impl Vault for AwsVault {
             .await?;
         }
         if has_label(labels, AWSPENDING) {
-            self.move_label(
-                "promote (remove AWSPENDING)",
-                &secret,
-                AWSPENDING,
-                None,
-                Some(&version.0),
-            )
-            .await?;
+            self.remove_label("promote (remove AWSPENDING)", &secret, AWSPENDING, version)
+                .await?;
         }
         Ok(())
     }
@@ -689,14 +695,8 @@ impl Vault for AwsVault {
             ));
         }
         if has_label(labels, AWSPREVIOUS) {
-            self.move_label(
-                "retire (remove AWSPREVIOUS)",
-                &secret,
-                AWSPREVIOUS,
-                None,
-                Some(&version.0),
-            )
-            .await?;
+            self.remove_label("retire (remove AWSPREVIOUS)", &secret, AWSPREVIOUS, version)
+                .await?;
         }
         Ok(())
     }
