@@ -17,7 +17,9 @@
 //! - The hook runs in its own process group. On timeout the whole group is
 //!   killed (SIGKILL) and the step fails as transient. Processes the hook
 //!   leaves behind holding its stdout/stderr are killed too, after a short
-//!   grace, so they cannot hold the step open.
+//!   grace, so they cannot hold the step open. Every kill happens before
+//!   the hook is reaped: until then its pid, the group's id, cannot be given
+//!   to another process group.
 //! - stdout is read and discarded (so a chatty hook never blocks on a full
 //!   pipe). The last ~2 KiB of stderr go into the error message, with every
 //!   occurrence of the secret — and of each of its lines, for multi-line
@@ -189,6 +191,11 @@ impl CommandTarget {
                 format!("{ctx}: cannot start the hook: {e}"),
             )
         })?;
+        // The leader's pid is the group's id. It stays reserved as long as
+        // the leader is not reaped (a zombie keeps it), so every killpg below
+        // happens before `child.wait()` reaps it: a group id that the kernel
+        // handed out again to an unrelated process group would otherwise be
+        // killed instead.
         let pgid = child
             .id()
             .and_then(|p| i32::try_from(p).ok())
@@ -199,6 +206,11 @@ impl CommandTarget {
                 let _ = killpg(g, Signal::SIGKILL);
             }
         };
+        let mut exited = tokio::task::spawn_blocking(move || {
+            if let Some(pid) = pgid {
+                exited_unreaped(pid);
+            }
+        });
 
         let stderr_tail = Arc::new(Mutex::new(Tail::default()));
         let stderr_task = child
@@ -216,20 +228,15 @@ impl CommandTarget {
             drop(stdin); // EOF
         };
 
-        let waited = tokio::time::timeout(self.timeout, async {
-            let ((), status) = tokio::join!(feed, child.wait());
-            status
+        let timed_out = tokio::time::timeout(self.timeout, async {
+            let _ = tokio::join!(feed, &mut exited);
         })
-        .await;
-
-        let status = match waited {
-            Ok(status) => Some(status),
-            Err(_) => {
-                kill_group();
-                let _ = child.wait().await;
-                None
-            }
-        };
+        .await
+        .is_err();
+        if timed_out {
+            kill_group();
+            let _ = exited.await;
+        }
         // Let the readers see EOF; a leftover grandchild holding the pipes is
         // killed with the group rather than holding the step open.
         for task in [stderr_task, stdout_task].into_iter().flatten() {
@@ -239,6 +246,9 @@ impl CommandTarget {
                 handle.abort();
             }
         }
+        // Only now is the leader reaped (and its pid free for reuse).
+        let status = child.wait().await;
+        let status = (!timed_out).then_some(status);
         let stderr = {
             let tail = stderr_tail.lock().unwrap_or_else(|p| p.into_inner());
             render_stderr(&tail, secret.map(|s| s.expose()).unwrap_or_default())
@@ -357,6 +367,18 @@ impl Tail {
             self.truncated = true;
         }
     }
+}
+
+/// Blocks until the child `pid` has exited, leaving it unreaped (`WNOWAIT`):
+/// its pid, and so its process group's id, stays reserved until
+/// `Child::wait` reaps it.
+fn exited_unreaped(pid: Pid) {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    // EINTR: try again; anything else (ECHILD: already reaped, by a dropped
+    // `Child`'s kill-on-drop) means there is nothing left to wait for.
+    while let Err(nix::errno::Errno::EINTR) =
+        waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT)
+    {}
 }
 
 async fn read_tail(mut r: impl AsyncRead + Unpin, tail: Arc<Mutex<Tail>>) {
@@ -576,6 +598,74 @@ cat > "$d/stdin""#,
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(gone(), "background child {bg} survived the timeout");
+    }
+
+    /// State of `/proc/<pid>`: `None` once the pid is reaped (gone).
+    fn proc_state(pid: i32) -> Option<char> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        s.rsplit(')').next()?.trim_start().chars().next()
+    }
+
+    fn read_pid(path: &Path) -> Option<i32> {
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+
+    /// A hook that exits while a background child still holds its stderr:
+    /// the child is killed with the group after the grace, and the group is
+    /// killed while the hook (the group's leader) is still unreaped, so its
+    /// id cannot have been handed to another process group in between.
+    #[tokio::test]
+    async fn a_leftover_child_is_killed_before_the_leader_is_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let leader_file = dir.path().join("leader.pid");
+        let bg_file = dir.path().join("bg.pid");
+        let hook = script(
+            dir.path(),
+            &format!(
+                "cat >/dev/null; sleep 30 & echo $! > {bg}.tmp; mv {bg}.tmp {bg}\necho $$ > {l}.tmp; mv {l}.tmp {l}; exit 0",
+                bg = bg_file.display(),
+                l = leader_file.display()
+            ),
+        );
+        let t = target(hook, vec![], Duration::from_secs(10));
+        let started = std::time::Instant::now();
+        let run = tokio::spawn(async move {
+            t.set(&key(), 1, &SecretValue::from_string("x".into()))
+                .await
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let leader = loop {
+            if let Some(p) = read_pid(&leader_file) {
+                break p;
+            }
+            assert!(std::time::Instant::now() < deadline, "the hook never ran");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        // Wait for the leader to exit (a zombie, or already reaped).
+        while proc_state(leader).is_some_and(|s| s != 'Z') {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the hook never exited"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Well within the pipe grace: the leader must still be unreaped.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            proc_state(leader),
+            Some('Z'),
+            "the hook was reaped while its group could still be signalled"
+        );
+        run.await.unwrap().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(proc_state(leader), None, "reaped in the end");
+        let bg = read_pid(&bg_file).unwrap();
+        let gone = || proc_state(bg).is_none_or(|s| s == 'Z');
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while !gone() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(gone(), "the child holding stderr survived");
     }
 
     #[tokio::test]
