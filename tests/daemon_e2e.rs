@@ -337,6 +337,126 @@ deliver = [{ type = "file", path = "{root}/bot/sub/broken", format = "raw" }]
     }
 }
 
+/// A hook that prints the secret in every common encoding (as `curl -v -u
+/// user:$SECRET` prints `Authorization: Basic ...`), then fails. Its stderr
+/// must reach none of the state database, the audit log, `status` and the
+/// errors, and the daemon's log only redacted.
+const LEAKY_HOOK: &str = r#"#!/bin/sh
+s=$(cat)
+[ "$KEYTURN_STEP" = set ] || exit 0
+printf '%s' "$s" > "$1/secret"
+bytes=$(printf '%s' "$s" | od -An -tx1 -v)
+{
+  printf '%s\n' "$s"
+  printf '%.20s\n' "$s"
+  printf '%s' "$bytes" | tr -d ' \n'; echo
+  printf '%s' "$bytes" | tr -d ' \n' | tr a-f A-F; echo
+  for u in user ab abc; do
+    b=$(printf '%s:%s' "$u" "$s" | base64 -w0)
+    echo "$b"
+    echo "$b" | tr -d '='
+    echo "$b" | tr '+/' '-_'
+    echo "$b" | cut -c1-30
+  done
+  printf '%s' "$s" | base64 -w0; echo
+  for b in $bytes; do printf '%%%s' "$b"; done; echo
+  for b in $bytes; do printf '\\u00%s' "$b"; done; echo
+} > "$1/printed"
+sed 's/^/> Authorization: Basic /' "$1/printed" >&2
+echo "< HTTP/1.1 401 Unauthorized" >&2
+exit 3
+"#;
+
+#[test]
+fn hook_stderr_in_any_encoding_never_leaks() {
+    let env = Env::new(
+        r#"
+[agents.bot]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+[agents.bot.credentials.api]
+vault = "local"
+generate = { kind = "password", length = 32 }
+every = "1h"
+target = { type = "command", program = "{dir}/hook.sh", args = ["{dir}"] }
+deliver = [{ type = "file", path = "{root}/bot/api", format = "raw" }]
+"#,
+    );
+    let hook = env.path().join("hook.sh");
+    std::fs::write(&hook, LEAKY_HOOK).unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = env.start();
+    // The first rotation fails at `set`, retries, and parks.
+    let row = wait_for(Duration::from_secs(30), || {
+        let rows = status_json(&env);
+        let r = row(&rows, "bot", "api").clone();
+        r["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("exited with 3"))
+            .then_some(r)
+    })
+    .expect("the hook's failure shows in status");
+    let error = row["last_error"].as_str().unwrap().to_owned();
+    let failed = env.cli(&["rotate", "bot/api", "--wait"]);
+    assert_eq!(failed.status.code(), Some(1));
+    let status = env.cli(&["status"]);
+    let status_json = env.cli(&["status", "--json"]);
+    let log = daemon.stop();
+    let log_text = log.clone();
+
+    let secret = std::fs::read(env.path().join("secret")).unwrap();
+    assert_eq!(secret.len(), 32);
+    let printed = std::fs::read_to_string(env.path().join("printed")).unwrap();
+    let forms: Vec<&[u8]> = printed
+        .lines()
+        .map(str::as_bytes)
+        .chain([secret.as_slice()])
+        .filter(|l| l.len() >= 16)
+        .collect();
+    assert!(forms.len() >= 17, "{printed}");
+    let mut haystacks: Vec<(String, Vec<u8>)> = vec![
+        ("daemon log".into(), log.into_bytes()),
+        (
+            "rotate error".into(),
+            [failed.stdout, failed.stderr].concat(),
+        ),
+        ("status".into(), [status.stdout, status.stderr].concat()),
+        ("status --json".into(), status_json.stdout),
+    ];
+    for (p, bytes) in read_tree(&env.state_dir()) {
+        haystacks.push((p.display().to_string(), bytes));
+    }
+    assert!(
+        haystacks.iter().any(|(n, _)| n.ends_with("audit.log"))
+            && haystacks.iter().any(|(n, _)| n.ends_with("state.db")),
+        "the audit log and the state database are searched"
+    );
+    for form in &forms {
+        // Skip the `user:` part of the Basic forms: 12 bytes from the 8th on
+        // depend on the secret alone.
+        let w = &form[8..20];
+        for (name, hay) in &haystacks {
+            assert!(
+                !contains(hay, w),
+                "{} of the secret leaked into {name}",
+                String::from_utf8_lossy(form)
+            );
+        }
+    }
+    assert!(
+        log_text.contains("hook failed")
+            && log_text.contains("[REDACTED]")
+            && log_text.contains("401 Unauthorized"),
+        "the hook's stderr is in the log, redacted: {log_text}"
+    );
+    // What state and audit carry instead: the exit status, a fixed text.
+    assert!(
+        error.contains("the hook exited with 3 (its stderr is in the daemon's log)"),
+        "{error}"
+    );
+}
+
 #[test]
 fn audit_log_is_verified_and_tampering_is_detected() {
     let (env, daemon) = one_raw_at_version_1();
