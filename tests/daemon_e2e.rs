@@ -520,6 +520,117 @@ fn audit_log_is_verified_and_tampering_is_detected() {
     );
 }
 
+/// Waits until `event` is the log's last record and the head stored in the
+/// state database reaches it, then checks that a copy of the log without it
+/// fails verification.
+fn cutting_the_last_record_is_detected(env: &Env, event: &str) {
+    let db = env.state_dir().join("state.db");
+    let found = wait_for(Duration::from_secs(5), || {
+        let text = std::fs::read_to_string(env.audit_log()).ok()?;
+        let last: serde_json::Value = serde_json::from_str(text.lines().last()?).ok()?;
+        if last["event"] != event {
+            return None;
+        }
+        use keyturn::state::StateStore as _;
+        let store = keyturn::state::SqliteStore::open_read_only(&db).ok()?;
+        let head = store.audit_head().ok()??;
+        (Some(head.seq) == last["seq"].as_u64()).then_some((text, head))
+    });
+    let Some((text, head)) = found else {
+        panic!(
+            "{event}: the head in the state database does not reach it, so cutting it off is not detected; log:\n{}",
+            std::fs::read_to_string(env.audit_log()).unwrap_or_default()
+        );
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let cut = env.path().join("audit-cut.log");
+    let kept: String = lines[..lines.len() - 1]
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&cut, kept).unwrap();
+    let err = keyturn::audit::verify_file(&cut, Some(&head)).expect_err(event);
+    assert!(
+        matches!(err.problem, keyturn::audit::Problem::Truncated { .. }),
+        "{event}: {err}"
+    );
+}
+
+#[test]
+fn cutting_any_kind_of_record_off_the_end_is_detected() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test runs a client as another uid, which needs root (as CI runs the suite)"
+    );
+    let env = Env::new("");
+    let daemon = env.start();
+    cutting_the_last_record_is_detected(&env, "daemon.start");
+    daemon.reload();
+    cutting_the_last_record_is_detected(&env, "daemon.reload");
+
+    // A hook that holds `set` open while the marker exists: the first
+    // rotation waits there, and a manual rotate joins it, adding only
+    // its own record.
+    let marker = env.path().join("hold");
+    std::fs::write(&marker, "").unwrap();
+    let hook = env.path().join("hold.sh");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\ncat >/dev/null\nwhile [ -e \"$1\" ]; do sleep 0.05; done\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.write_credentials(&format!(
+        r#"{}
+[agents.bot.credentials.api]
+vault = "local"
+generate = {{ kind = "password", length = 24 }}
+every = "1h"
+target = {{ type = "command", program = "{{dir}}/hold.sh", args = ["{{dir}}/hold"], timeout = "60s" }}
+deliver = [{{ type = "file", path = "{{root}}/bot/api", format = "raw" }}]
+"#,
+        agent_table("bot")
+    ));
+    daemon.reload();
+    cutting_the_last_record_is_detected(&env, "rotation.create");
+    env.cli_ok(&["rotate", "bot/api"]);
+    cutting_the_last_record_is_detected(&env, "admin.rotate");
+    let refused = cli_as_nobody(&env, &["status"]);
+    assert!(!refused.status.success());
+    cutting_the_last_record_is_detected(&env, "admin.refused");
+    std::fs::remove_file(&marker).unwrap();
+    wait_version(&env, "bot", "api", 1);
+    daemon.stop();
+    cutting_the_last_record_is_detected(&env, "daemon.stop");
+
+    // The same through `keyturn audit verify`, on the log itself.
+    let original = std::fs::read_to_string(env.audit_log()).unwrap();
+    let lines: Vec<&str> = original.lines().collect();
+    std::fs::write(env.audit_log(), lines[..lines.len() - 1].join("\n") + "\n").unwrap();
+    let out = env.cli(&["audit", "verify"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("the tail was truncated"), "{err}");
+    std::fs::write(env.audit_log(), &original).unwrap();
+    audit_verifies(&env, "restored");
+
+    // Without the state database the tail cannot be checked: said, not passed.
+    std::fs::rename(
+        env.state_dir().join("state.db"),
+        env.path().join("state.db.moved"),
+    )
+    .unwrap();
+    let out = env.cli(&["audit", "verify"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("chain intact, but the tail was NOT checked")
+            && err.contains("no state database"),
+        "{err}"
+    );
+}
+
 #[test]
 fn check_passes_every_shipped_config() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -739,19 +850,12 @@ fn json_log_format_writes_one_json_object_per_line() {
     assert!(text.contains("\"message\":\"rotated\""), "{text}");
 }
 
-#[test]
-fn a_peer_outside_the_socket_policy_is_refused_and_audited() {
+/// Runs a CLI command as nobody (uid 65534; needs root). The client needs to
+/// reach the binary, the config and the socket: an admin loosening the
+/// socket's mode must still not let it in, SO_PEERCRED is checked on every
+/// connection.
+fn cli_as_nobody(env: &Env, args: &[&str]) -> std::process::Output {
     use std::os::unix::process::CommandExt;
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test runs a client as another uid, which needs root (as CI runs the suite)"
-    );
-    let env = Env::new(ONE_RAW);
-    let daemon = env.start();
-    // The client runs as nobody: it needs to reach the binary, the config
-    // and the socket. An admin loosening the socket's mode must still not
-    // let it in: SO_PEERCRED is checked on every connection.
     let bin_copy = env.path().join("keyturn-client");
     std::fs::copy(bin(), &bin_copy).unwrap();
     std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -761,13 +865,26 @@ fn a_peer_outside_the_socket_policy_is_refused_and_audited() {
         std::fs::Permissions::from_mode(0o666),
     )
     .unwrap();
-    let out = std::process::Command::new(&bin_copy)
-        .args(["rotate", "bot/db", "--wait", "--config"])
+    std::process::Command::new(&bin_copy)
+        .args(args)
+        .arg("--config")
         .arg(&env.config)
         .uid(65534)
         .gid(65534)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn a_peer_outside_the_socket_policy_is_refused_and_audited() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test runs a client as another uid, which needs root (as CI runs the suite)"
+    );
+    let env = Env::new(ONE_RAW);
+    let daemon = env.start();
+    let out = cli_as_nobody(&env, &["rotate", "bot/db", "--wait"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("65534"), "the refusal names the uid: {err}");
