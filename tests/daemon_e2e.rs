@@ -369,20 +369,17 @@ exit 3
 
 #[test]
 fn hook_stderr_in_any_encoding_never_leaks() {
-    let env = Env::new(
-        r#"
-[agents.bot]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
+    let env = Env::new(&format!(
+        r#"{}
 [agents.bot.credentials.api]
 vault = "local"
-generate = { kind = "password", length = 32 }
+generate = {{ kind = "password", length = 32 }}
 every = "1h"
-target = { type = "command", program = "{dir}/hook.sh", args = ["{dir}"] }
-deliver = [{ type = "file", path = "{root}/bot/api", format = "raw" }]
+target = {{ type = "command", program = "{{dir}}/hook.sh", args = ["{{dir}}"] }}
+deliver = [{{ type = "file", path = "{{root}}/bot/api", format = "raw" }}]
 "#,
-    );
+        agent_table("bot")
+    ));
     let hook = env.path().join("hook.sh");
     std::fs::write(&hook, LEAKY_HOOK).unwrap();
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();

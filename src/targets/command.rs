@@ -25,7 +25,7 @@
 //!   reaches the state database, the audit log and `keyturn status`. The last
 //!   ~2 KiB of stderr go to the daemon's log at warn level, with the secret
 //!   redacted in every common encoding and every run of 8 bytes or more of
-//!   it (see [`redact`]).
+//!   it (see `redact` below).
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -637,8 +637,8 @@ impl View {
                     }
                     // A lone surrogate: no UTF-8 form, keep the text as is.
                     None => {
-                        for j in i..i + len {
-                            v.push(text[j], j, j + 1);
+                        for (j, &b) in text.iter().enumerate().skip(i).take(len) {
+                            v.push(b, j, j + 1);
                         }
                     }
                 }
