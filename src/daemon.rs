@@ -141,7 +141,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     .map_err(|e| startup("cannot start the engine", &e))?;
 
     audit_daemon(
-        &audit,
+        &engine,
         "daemon.start",
         Outcome::Ok,
         Some(format!("config={}", config_path.display())),
@@ -262,7 +262,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
         tracing::warn!(timeout = %humantime::format_duration(drain), "in-flight steps did not finish in time; they resume at the next start");
     }
-    audit_daemon(&audit, "daemon.stop", Outcome::Ok, None, None).await;
+    audit_daemon(&engine, "daemon.stop", Outcome::Ok, None, None).await;
     audit.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -342,7 +342,7 @@ async fn reload(config_path: &Path, engine: &Engine, files: &mut config::FileSet
                 credentials = engine.catalog().creds.len(),
                 "config reloaded"
             );
-            audit_daemon(engine.audit(), "daemon.reload", Outcome::Ok, None, None).await;
+            audit_daemon(engine, "daemon.reload", Outcome::Ok, None, None).await;
             let status = format!(
                 "serving {} credentials (reloaded)",
                 engine.catalog().creds.len()
@@ -352,7 +352,7 @@ async fn reload(config_path: &Path, engine: &Engine, files: &mut config::FileSet
         Err(why) => {
             tracing::error!(error = %why, "reload failed; keeping the previous config");
             audit_daemon(
-                engine.audit(),
+                engine,
                 "daemon.reload",
                 Outcome::Failed,
                 None,
@@ -475,8 +475,10 @@ fn notify(states: &[NotifyState<'_>]) {
     }
 }
 
+/// Records a lifecycle event of the daemon (its head stored in state, like
+/// every record's).
 async fn audit_daemon(
-    audit: &AuditLog,
+    engine: &Engine,
     event: &str,
     outcome: Outcome,
     detail: Option<String>,
@@ -485,7 +487,7 @@ async fn audit_daemon(
     let mut ev = AuditEvent::new(event, Actor::Daemon, outcome);
     ev.detail = detail;
     ev.error = error;
-    if let Err(e) = audit.append(ev).await {
+    if let Err(e) = engine.record(ev).await {
         tracing::error!(event, error = %e, "cannot write to the audit log");
     }
 }
@@ -547,7 +549,7 @@ impl ControlHandler for Handler {
             ev.agent = Some(only.agent.clone());
             ev.credential = Some(only.credential.clone());
         }
-        if let Err(e) = self.engine.audit().append(ev).await {
+        if let Err(e) = self.engine.record(ev).await {
             return Err(ApiError {
                 kind: ApiErrorKind::Unavailable,
                 message: format!("cannot write the audit record: {e}"),
@@ -616,7 +618,7 @@ impl ControlHandler for Handler {
             Outcome::Refused,
         );
         ev.error = Some(reason);
-        if let Err(e) = self.engine.audit().append(ev).await {
+        if let Err(e) = self.engine.record(ev).await {
             tracing::error!(error = %e, "cannot audit a refused control connection");
         }
     }

@@ -326,6 +326,123 @@ deliver = [{ type = "file", path = "{root}/bot/sub/broken", format = "raw" }]
     }
 }
 
+/// A hook that prints the secret in every common encoding (as `curl -v -u
+/// user:$SECRET` prints `Authorization: Basic ...`), then fails. Its stderr
+/// must reach none of the state database, the audit log, `status` and the
+/// errors, and the daemon's log only redacted.
+const LEAKY_HOOK: &str = r#"#!/bin/sh
+s=$(cat)
+[ "$KEYTURN_STEP" = set ] || exit 0
+printf '%s' "$s" > "$1/secret"
+bytes=$(printf '%s' "$s" | od -An -tx1 -v)
+{
+  printf '%s\n' "$s"
+  printf '%.20s\n' "$s"
+  printf '%s' "$bytes" | tr -d ' \n'; echo
+  printf '%s' "$bytes" | tr -d ' \n' | tr a-f A-F; echo
+  for u in user ab abc; do
+    b=$(printf '%s:%s' "$u" "$s" | base64 -w0)
+    echo "$b"
+    echo "$b" | tr -d '='
+    echo "$b" | tr '+/' '-_'
+    echo "$b" | cut -c1-30
+  done
+  printf '%s' "$s" | base64 -w0; echo
+  for b in $bytes; do printf '%%%s' "$b"; done; echo
+  for b in $bytes; do printf '\\u00%s' "$b"; done; echo
+} > "$1/printed"
+sed 's/^/> Authorization: Basic /' "$1/printed" >&2
+echo "< HTTP/1.1 401 Unauthorized" >&2
+exit 3
+"#;
+
+#[test]
+fn hook_stderr_in_any_encoding_never_leaks() {
+    let env = Env::new(&format!(
+        r#"{}
+[agents.bot.credentials.api]
+vault = "local"
+generate = {{ kind = "password", length = 32 }}
+every = "1h"
+target = {{ type = "command", program = "{{dir}}/hook.sh", args = ["{{dir}}"] }}
+deliver = [{{ type = "file", path = "{{root}}/bot/api", format = "raw" }}]
+"#,
+        agent_table("bot")
+    ));
+    let hook = env.path().join("hook.sh");
+    std::fs::write(&hook, LEAKY_HOOK).unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = env.start();
+    // The first rotation fails at `set`, retries, and parks.
+    let row = wait_for(Duration::from_secs(30), || {
+        let rows = status_json(&env);
+        let r = row(&rows, "bot", "api").clone();
+        r["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("exited with 3"))
+            .then_some(r)
+    })
+    .expect("the hook's failure shows in status");
+    let error = row["last_error"].as_str().unwrap().to_owned();
+    let failed = env.cli(&["rotate", "bot/api", "--wait"]);
+    assert_eq!(failed.status.code(), Some(1));
+    let status = env.cli(&["status"]);
+    let status_json = env.cli(&["status", "--json"]);
+    let log = daemon.stop();
+    let log_text = log.clone();
+
+    let secret = std::fs::read(env.path().join("secret")).unwrap();
+    assert_eq!(secret.len(), 32);
+    let printed = std::fs::read_to_string(env.path().join("printed")).unwrap();
+    let forms: Vec<&[u8]> = printed
+        .lines()
+        .map(str::as_bytes)
+        .chain([secret.as_slice()])
+        .filter(|l| l.len() >= 16)
+        .collect();
+    assert!(forms.len() >= 17, "{printed}");
+    let mut haystacks: Vec<(String, Vec<u8>)> = vec![
+        ("daemon log".into(), log.into_bytes()),
+        (
+            "rotate error".into(),
+            [failed.stdout, failed.stderr].concat(),
+        ),
+        ("status".into(), [status.stdout, status.stderr].concat()),
+        ("status --json".into(), status_json.stdout),
+    ];
+    for (p, bytes) in read_tree(&env.state_dir()) {
+        haystacks.push((p.display().to_string(), bytes));
+    }
+    assert!(
+        haystacks.iter().any(|(n, _)| n.ends_with("audit.log"))
+            && haystacks.iter().any(|(n, _)| n.ends_with("state.db")),
+        "the audit log and the state database are searched"
+    );
+    for form in &forms {
+        // Skip the `user:` part of the Basic forms: 12 bytes from the 8th on
+        // depend on the secret alone.
+        let w = &form[8..20];
+        for (name, hay) in &haystacks {
+            assert!(
+                !contains(hay, w),
+                "{} of the secret leaked into {name}",
+                String::from_utf8_lossy(form)
+            );
+        }
+    }
+    assert!(
+        log_text.contains("hook failed")
+            && log_text.contains("[REDACTED]")
+            && log_text.contains("401 Unauthorized"),
+        "the hook's stderr is in the log, redacted: {log_text}"
+    );
+    // What state and audit carry instead: the exit status, a fixed text.
+    assert!(
+        error.contains("the hook exited with 3 (its stderr is in the daemon's log)"),
+        "{error}"
+    );
+}
+
 #[test]
 fn audit_log_is_verified_and_tampering_is_detected() {
     let (env, daemon) = one_raw_at_version_1();
@@ -386,6 +503,124 @@ fn audit_log_is_verified_and_tampering_is_detected() {
     assert!(
         env.cli(&["audit", "verify"]).status.success(),
         "restored log verifies again"
+    );
+}
+
+/// Waits until `event` is the log's last record and the head stored in the
+/// state database reaches it, then checks that a copy of the log without it
+/// fails verification.
+fn cutting_the_last_record_is_detected(env: &Env, event: &str) {
+    let db = env.state_dir().join("state.db");
+    let found = wait_for(Duration::from_secs(5), || {
+        let text = std::fs::read_to_string(env.audit_log()).ok()?;
+        let last: serde_json::Value = serde_json::from_str(text.lines().last()?).ok()?;
+        if last["event"] != event {
+            return None;
+        }
+        use keyturn::state::StateStore as _;
+        let store = keyturn::state::SqliteStore::open_read_only(&db).ok()?;
+        let head = store.audit_head().ok()??;
+        (Some(head.seq) == last["seq"].as_u64()).then_some((text, head))
+    });
+    let Some((text, head)) = found else {
+        panic!(
+            "{event}: the head in the state database does not reach it, so cutting it off is not detected; log:\n{}",
+            std::fs::read_to_string(env.audit_log()).unwrap_or_default()
+        );
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let cut = env.path().join("audit-cut.log");
+    let kept: String = lines[..lines.len() - 1]
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&cut, kept).unwrap();
+    let err = keyturn::audit::verify_file(&cut, Some(&head)).expect_err(event);
+    assert!(
+        matches!(err.problem, keyturn::audit::Problem::Truncated { .. }),
+        "{event}: {err}"
+    );
+}
+
+#[test]
+fn cutting_any_kind_of_record_off_the_end_is_detected() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test runs a client as another uid, which needs root (as CI runs the suite)"
+    );
+    let env = Env::new("");
+    let daemon = env.start();
+    cutting_the_last_record_is_detected(&env, "daemon.start");
+    daemon.reload();
+    cutting_the_last_record_is_detected(&env, "daemon.reload");
+
+    // A hook that holds `set` open while the marker exists: the first
+    // rotation waits there, and a manual rotate joins it, adding only
+    // its own record.
+    let marker = env.path().join("hold");
+    std::fs::write(&marker, "").unwrap();
+    let hook = env.path().join("hold.sh");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\ncat >/dev/null\nwhile [ -e \"$1\" ]; do sleep 0.05; done\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.write_credentials(&format!(
+        r#"{}
+[agents.bot.credentials.api]
+vault = "local"
+generate = {{ kind = "password", length = 24 }}
+every = "1h"
+target = {{ type = "command", program = "{{dir}}/hold.sh", args = ["{{dir}}/hold"], timeout = "60s" }}
+deliver = [{{ type = "file", path = "{{root}}/bot/api", format = "raw" }}]
+"#,
+        agent_table("bot")
+    ));
+    daemon.reload();
+    cutting_the_last_record_is_detected(&env, "rotation.create");
+    env.cli_ok(&["rotate", "bot/api"]);
+    cutting_the_last_record_is_detected(&env, "admin.rotate");
+    // A socket mode loosened by an admin lets nobody connect, so that the
+    // daemon itself refuses (and audits) it.
+    std::fs::set_permissions(
+        env.path().join("control.sock"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    let refused = cli_as_nobody(&env, &["status"]);
+    assert!(!refused.status.success());
+    cutting_the_last_record_is_detected(&env, "admin.refused");
+    std::fs::remove_file(&marker).unwrap();
+    wait_version(&env, "bot", "api", 1);
+    daemon.stop();
+    cutting_the_last_record_is_detected(&env, "daemon.stop");
+
+    // The same through `keyturn audit verify`, on the log itself.
+    let original = std::fs::read_to_string(env.audit_log()).unwrap();
+    let lines: Vec<&str> = original.lines().collect();
+    std::fs::write(env.audit_log(), lines[..lines.len() - 1].join("\n") + "\n").unwrap();
+    let out = env.cli(&["audit", "verify"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("the tail was truncated"), "{err}");
+    std::fs::write(env.audit_log(), &original).unwrap();
+    audit_verifies(&env, "restored");
+
+    // Without the state database the tail cannot be checked: said, not passed.
+    std::fs::rename(
+        env.state_dir().join("state.db"),
+        env.path().join("state.db.moved"),
+    )
+    .unwrap();
+    let out = env.cli(&["audit", "verify"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("chain intact, but the tail was NOT checked")
+            && err.contains("no state database"),
+        "{err}"
     );
 }
 

@@ -2,6 +2,20 @@
 //! of the previous line, appended and fsynced before the step it records counts
 //! as done. The head (last seq + hash) is also kept in the state database so a
 //! truncated tail is detected; `keyturn audit verify` names the first bad record.
+//! Every append advances that head: a step's records with the step's own
+//! state writes, every other record (daemon start/stop/reload, admin requests,
+//! refused peers) through [`Engine::record`](crate::rotation::Engine::record).
+//!
+//! What the chain proves: a record edited, deleted, reordered or inserted
+//! anywhere, and records cut off the end, are detected, as long as the state
+//! database is not rewritten as well. What it does not prove: the chain is a
+//! plain hash with no key, so whoever can write both the log and the state
+//! database (root, or the daemon's user) can rebuild a consistent, forged
+//! history; the last records of a step in flight when the daemon is killed
+//! are ahead of the stored head (the state lags by at most that step), and a
+//! power loss can roll the head back a few commits (`synchronous=NORMAL`),
+//! which makes the check lenient, never wrong. Ship the log off the host
+//! (journald forwarding, a log shipper) for evidence that outlives the host.
 //!
 //! Appends from many rotations are group-committed: one writer thread batches
 //! whatever is queued, writes it, fsyncs once, then answers every caller.

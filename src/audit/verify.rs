@@ -7,7 +7,8 @@
 //! - a record deleted: a gap in `seq` where it was;
 //! - two records swapped: `seq` goes backwards / jumps;
 //! - the tail cut off: invisible from the file alone (it is a valid shorter
-//!   chain), which is why the state database keeps the head; pass it in.
+//!   chain), which is why the state database keeps the head; pass it in
+//!   (`keyturn audit verify` does not call a log good without it).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};

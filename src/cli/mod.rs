@@ -411,9 +411,30 @@ fn audit_verify(path: &Path) -> u8 {
         None
     };
     match verify_file(&paths.audit_log, head.as_ref()) {
+        // Records the state database knows nothing of: the chain is intact,
+        // but a cut tail is a valid shorter chain, so that is not a pass.
+        Ok(report) if head.is_none() && report.records > 0 => {
+            let why = if db.exists() {
+                format!("the state database {} records no audit head", db.display())
+            } else {
+                format!("there is no state database at {}", db.display())
+            };
+            eprintln!(
+                "keyturn: {}: {} records, chain intact, but the tail was NOT checked: {why}; \
+                 records cut off the end cannot be detected without the head it keeps",
+                paths.audit_log.display(),
+                report.records
+            );
+            EXIT_FAILED
+        }
         Ok(report) => {
+            let tail = if head.is_some() {
+                ", tail checked against the state database"
+            } else {
+                ""
+            };
             println!(
-                "{}: ok, {} records, chain intact",
+                "{}: ok, {} records, chain intact{tail}",
                 paths.audit_log.display(),
                 report.records
             );

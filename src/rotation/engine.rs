@@ -18,7 +18,9 @@ use super::table::{CredLive, Job, LiveRow, RotateFinished, Table};
 use crate::api::StatusRow;
 use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
 use crate::model::{CredentialKey, ErrorKind, PluginError, RotationId, Stage};
-use crate::state::{CredentialRow, RotationRow, StateError, StateStore, StateWriter, Write};
+use crate::state::{
+    AuditHead, CredentialRow, RotationRow, StateError, StateStore, StateWriter, Write,
+};
 use crate::telemetry::{CredentialState, Metrics};
 
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +162,19 @@ impl Engine {
 
     pub fn audit(&self) -> &AuditLog {
         &self.inner.audit
+    }
+
+    /// Appends a record that belongs to no rotation step (the daemon's
+    /// start, stop and reloads, admin requests, refused peers) and stores the
+    /// new head in the state database before returning: cutting any record
+    /// off the end of the log must be detectable, and only the stored head
+    /// can tell. (Step records store it with the step's own writes.)
+    pub async fn record(&self, ev: AuditEvent) -> Result<AuditHead, PluginError> {
+        let head = self.inner.append(ev).await?;
+        self.inner
+            .persist(vec![Write::AuditHead(head.clone())])
+            .await?;
+        Ok(head)
     }
 
     pub fn state(&self) -> &Arc<dyn StateStore> {
@@ -457,12 +472,17 @@ impl Inner {
         ev.version = rot.map(|r| r.version);
         ev.detail = detail;
         ev.error = error;
+        Ok(Write::AuditHead(self.append(ev).await?))
+    }
+
+    /// Appends one record (durable when this returns) and counts it.
+    async fn append(&self, ev: AuditEvent) -> Result<AuditHead, PluginError> {
         let head = self
             .audit
             .append(ev)
             .await
             .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))?;
         self.metrics.audit_records(1);
-        Ok(Write::AuditHead(head))
+        Ok(head)
     }
 }

@@ -17,11 +17,15 @@
 //! - The hook runs in its own process group. On timeout the whole group is
 //!   killed (SIGKILL) and the step fails as transient. Processes the hook
 //!   leaves behind holding its stdout/stderr are killed too, after a short
-//!   grace, so they cannot hold the step open.
+//!   grace, so they cannot hold the step open. Every kill happens before
+//!   the hook is reaped: until then its pid, the group's id, cannot be given
+//!   to another process group.
 //! - stdout is read and discarded (so a chatty hook never blocks on a full
-//!   pipe). The last ~2 KiB of stderr go into the error message, with every
-//!   occurrence of the secret — and of each of its lines, for multi-line
-//!   values such as PEM keys — replaced by `[REDACTED]`.
+//!   pipe). A failed step's error carries only how the hook ended: that error
+//!   reaches the state database, the audit log and `keyturn status`. The last
+//!   ~2 KiB of stderr go to the daemon's log at warn level, with the secret
+//!   redacted in every common encoding and every run of 8 bytes or more of
+//!   it (see `redact` below).
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -48,9 +52,6 @@ const STDERR_TAIL: usize = 2048;
 const STDERR_WINDOW: usize = 16 * 1024;
 /// After the hook exits, how long its pipes may stay open (a leftover child).
 const PIPE_GRACE: Duration = Duration::from_millis(500);
-/// Lines of a multi-line secret shorter than this are not redacted on their
-/// own: a line like `-----` or `}` would shred the message and reveals nothing.
-const MIN_REDACTED_LINE: usize = 8;
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// Default time a hook may take for one step.
@@ -145,21 +146,15 @@ impl CommandTarget {
         }
     }
 
-    async fn run(
+    /// Starts the hook, feeds it the secret, waits for it within the
+    /// timeout and collects its stderr. Err: it could not be started.
+    async fn exec(
         &self,
         step: Step,
         key: &CredentialKey,
         version: Option<VersionNo>,
         secret: Option<&SecretValue>,
-    ) -> Result<(), PluginError> {
-        let ctx = match version {
-            Some(v) => format!(
-                "{}: {} version {v} of {key}",
-                self.describe(),
-                step.as_str()
-            ),
-            None => format!("{}: {} {key}", self.describe(), step.as_str()),
-        };
+    ) -> std::io::Result<Ran> {
         let mut cmd = tokio::process::Command::new(&self.s.program);
         cmd.args(&self.s.args)
             .env_clear()
@@ -183,12 +178,12 @@ impl CommandTarget {
         if let Some(v) = version {
             cmd.env("KEYTURN_VERSION", v.to_string());
         }
-        let mut child = cmd.spawn().map_err(|e| {
-            PluginError::new(
-                ErrorKind::Invalid,
-                format!("{ctx}: cannot start the hook: {e}"),
-            )
-        })?;
+        let mut child = cmd.spawn()?;
+        // The leader's pid is the group's id. It stays reserved as long as
+        // the leader is not reaped (a zombie keeps it), so every killpg below
+        // happens before `child.wait()` reaps it: a group id that the kernel
+        // handed out again to an unrelated process group would otherwise be
+        // killed instead.
         let pgid = child
             .id()
             .and_then(|p| i32::try_from(p).ok())
@@ -199,6 +194,11 @@ impl CommandTarget {
                 let _ = killpg(g, Signal::SIGKILL);
             }
         };
+        let mut exited = tokio::task::spawn_blocking(move || {
+            if let Some(pid) = pgid {
+                exited_unreaped(pid);
+            }
+        });
 
         let stderr_tail = Arc::new(Mutex::new(Tail::default()));
         let stderr_task = child
@@ -216,20 +216,15 @@ impl CommandTarget {
             drop(stdin); // EOF
         };
 
-        let waited = tokio::time::timeout(self.timeout, async {
-            let ((), status) = tokio::join!(feed, child.wait());
-            status
+        let timed_out = tokio::time::timeout(self.timeout, async {
+            let _ = tokio::join!(feed, &mut exited);
         })
-        .await;
-
-        let status = match waited {
-            Ok(status) => Some(status),
-            Err(_) => {
-                kill_group();
-                let _ = child.wait().await;
-                None
-            }
-        };
+        .await
+        .is_err();
+        if timed_out {
+            kill_group();
+            let _ = exited.await;
+        }
         // Let the readers see EOF; a leftover grandchild holding the pipes is
         // killed with the group rather than holding the step open.
         for task in [stderr_task, stdout_task].into_iter().flatten() {
@@ -239,54 +234,87 @@ impl CommandTarget {
                 handle.abort();
             }
         }
+        // Only now is the leader reaped (and its pid free for reuse).
+        let status = child.wait().await;
+        let status = (!timed_out).then_some(status);
         let stderr = {
             let tail = stderr_tail.lock().unwrap_or_else(|p| p.into_inner());
             render_stderr(&tail, secret.map(|s| s.expose()).unwrap_or_default())
         };
-        let with_stderr = |m: String| {
-            if stderr.is_empty() {
-                m
-            } else {
-                format!("{m}; stderr: {stderr}")
-            }
-        };
-
-        let status = match status {
-            None => {
-                return Err(PluginError::new(
-                    ErrorKind::Transient,
-                    with_stderr(format!(
-                        "{ctx}: the hook timed out after {} and was killed",
-                        humantime::format_duration(self.timeout)
-                    )),
-                ));
-            }
-            Some(Err(e)) => {
-                return Err(PluginError::new(
-                    ErrorKind::Transient,
-                    format!("{ctx}: waiting for the hook: {e}"),
-                ));
-            }
-            Some(Ok(status)) => status,
-        };
-        if status.success() {
-            return Ok(());
-        }
-        use std::os::unix::process::ExitStatusExt;
-        let (kind, what) = match (status.code(), status.signal()) {
-            (Some(EX_TEMPFAIL), _) => (
-                ErrorKind::Transient,
-                format!("exited with {EX_TEMPFAIL} (EX_TEMPFAIL)"),
-            ),
-            (Some(code), _) => (ErrorKind::Invalid, format!("exited with {code}")),
-            (None, Some(sig)) => (ErrorKind::Transient, format!("was killed by signal {sig}")),
-            (None, None) => (ErrorKind::Transient, format!("ended with {status}")),
-        };
-        Err(PluginError::new(
-            kind,
-            with_stderr(format!("{ctx}: the hook {what}")),
-        ))
+        Ok(Ran { status, stderr })
     }
+
+    /// Runs the hook for one step. A failure's error carries the exit status
+    /// and a fixed message only: the error reaches the state database, the
+    /// audit log and `keyturn status` (readable by the socket's group), and
+    /// what a hook prints is not under keyturn's control. Its stderr goes to
+    /// the daemon's log instead, at warn level, redacted.
+    async fn run(
+        &self,
+        step: Step,
+        key: &CredentialKey,
+        version: Option<VersionNo>,
+        secret: Option<&SecretValue>,
+    ) -> Result<(), PluginError> {
+        let ctx = match version {
+            Some(v) => format!(
+                "{}: {} version {v} of {key}",
+                self.describe(),
+                step.as_str()
+            ),
+            None => format!("{}: {} {key}", self.describe(), step.as_str()),
+        };
+        let ran = self.exec(step, key, version, secret).await.map_err(|e| {
+            PluginError::new(
+                ErrorKind::Invalid,
+                format!("{ctx}: cannot start the hook: {e}"),
+            )
+        })?;
+        use std::os::unix::process::ExitStatusExt;
+        let (kind, what) = match ran.status {
+            None => (
+                ErrorKind::Transient,
+                format!(
+                    "timed out after {} and was killed",
+                    humantime::format_duration(self.timeout)
+                ),
+            ),
+            Some(Err(e)) => (
+                ErrorKind::Transient,
+                format!("could not be waited for: {e}"),
+            ),
+            Some(Ok(status)) if status.success() => return Ok(()),
+            Some(Ok(status)) => match (status.code(), status.signal()) {
+                (Some(EX_TEMPFAIL), _) => (
+                    ErrorKind::Transient,
+                    format!("exited with {EX_TEMPFAIL} (EX_TEMPFAIL)"),
+                ),
+                (Some(code), _) => (ErrorKind::Invalid, format!("exited with {code}")),
+                (None, Some(sig)) => (ErrorKind::Transient, format!("was killed by signal {sig}")),
+                (None, None) => (ErrorKind::Transient, format!("ended with {status}")),
+            },
+        };
+        let mut message = format!("{ctx}: the hook {what}");
+        if !ran.stderr.is_empty() {
+            tracing::warn!(
+                agent = %key.agent,
+                credential = %key.credential,
+                step = step.as_str(),
+                hook = %self.s.program.display(),
+                stderr = ?ran.stderr,
+                "hook failed; the end of its stderr, secret redacted"
+            );
+            message.push_str(" (its stderr is in the daemon's log)");
+        }
+        Err(PluginError::new(kind, message))
+    }
+}
+
+/// How a hook ended: `status` is None when it timed out and was killed;
+/// `stderr` is the end of what it printed there, redacted.
+struct Ran {
+    status: Option<std::io::Result<std::process::ExitStatus>>,
+    stderr: String,
 }
 
 #[async_trait]
@@ -359,6 +387,18 @@ impl Tail {
     }
 }
 
+/// Blocks until the child `pid` has exited, leaving it unreaped (`WNOWAIT`):
+/// its pid, and so its process group's id, stays reserved until
+/// `Child::wait` reaps it.
+fn exited_unreaped(pid: Pid) {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    // EINTR: try again; anything else (ECHILD: already reaped, by a dropped
+    // `Child`'s kill-on-drop) means there is nothing left to wait for.
+    while let Err(nix::errno::Errno::EINTR) =
+        waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT)
+    {}
+}
+
 async fn read_tail(mut r: impl AsyncRead + Unpin, tail: Arc<Mutex<Tail>>) {
     let mut chunk = [0u8; 4096];
     while let Ok(n) = r.read(&mut chunk).await {
@@ -385,9 +425,10 @@ async fn discard(mut r: impl AsyncRead + Unpin) {
 fn render_stderr(tail: &Tail, secret: &[u8]) -> String {
     let mut kept: &[u8] = &tail.buf;
     if tail.truncated {
-        // The window may start inside an occurrence that redaction would no
-        // longer recognise: drop as much as a secret is long.
-        kept = &kept[secret.len().min(kept.len())..];
+        // The window may start inside an occurrence, and its last few bytes
+        // are too short to be recognised (see [`MIN_RUN`]): drop as much as
+        // the longest encoding of that many bytes (`\u00XX` per byte).
+        kept = &kept[(6 * MIN_RUN).min(kept.len())..];
     }
     let redacted = redact(kept, secret);
     let text = String::from_utf8_lossy(&redacted);
@@ -402,42 +443,225 @@ fn render_stderr(tail: &Tail, secret: &[u8]) -> String {
     format!("...{}", &text[start..])
 }
 
-/// Replaces every occurrence of `secret`, and of each of its lines that is at
-/// least [`MIN_REDACTED_LINE`] bytes long, with `[REDACTED]`.
+/// Runs at least this long of the secret (or of one of its encodings) are
+/// redacted wherever they appear: a hook that prints a cut-off value, one
+/// line of a PEM key or a value glued to other text still reveals nothing.
+/// Shorter runs are left alone: they would shred the text (every `-----`,
+/// every common word) and reveal at most a few bytes.
+const MIN_RUN: usize = 8;
+
+/// Replaces with `[REDACTED]` every place where `text` shows the secret, or
+/// a run of at least [`MIN_RUN`] bytes of it, in any of the forms a tool
+/// prints a value in: as is, hex (either case), base64 (standard or URL
+/// alphabet, padded or not, starting at any of the three byte alignments —
+/// `user:SECRET` in an HTTP Basic header shifts it), percent-encoded (any
+/// choice of escaped bytes, either case, `+` for space) or JSON-escaped.
+///
+/// Encodings with one spelling per value (hex, base64) are matched by
+/// encoding the secret; those that let the encoder choose what to escape
+/// (percent, JSON) by decoding the text into a view that remembers where
+/// each byte came from, and searching the secret there.
 fn redact(text: &[u8], secret: &[u8]) -> Vec<u8> {
     if secret.is_empty() {
         return text.to_vec();
     }
-    let mut needles: Vec<&[u8]> = vec![secret];
-    for line in secret.split(|b| *b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let line = line.trim_ascii();
-        if line.len() >= MIN_REDACTED_LINE && !needles.contains(&line) {
-            needles.push(line);
+    let mut needles = vec![
+        secret.to_vec(),
+        hex::encode(secret).into_bytes(),
+        hex::encode_upper(secret).into_bytes(),
+    ];
+    for alphabet in [
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ] {
+        for align in 0..3 {
+            needles.push(base64_core(alphabet, align, secret));
         }
     }
-    // Longest first, so the whole secret goes before its parts.
-    needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
-    let mut out = text.to_vec();
-    for n in needles {
-        out = replace_all(&out, n, b"[REDACTED]");
-    }
-    out
-}
-
-fn replace_all(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(hay.len());
-    let mut i = 0;
-    while i < hay.len() {
-        if hay[i..].starts_with(needle) {
-            out.extend_from_slice(with);
-            i += needle.len();
+    // Short needles are found whole; long ones by their MIN_RUN-byte windows.
+    let mut grams = std::collections::HashSet::new();
+    let mut whole = Vec::new();
+    for n in needles.iter().filter(|n| !n.is_empty()) {
+        if n.len() < MIN_RUN {
+            whole.push(n.as_slice());
         } else {
-            out.push(hay[i]);
+            grams.extend(n.windows(MIN_RUN));
+        }
+    }
+
+    let mut hidden = vec![false; text.len()];
+    for view in [
+        View::raw(text),
+        View::percent_decoded(text, false),
+        View::percent_decoded(text, true),
+        View::json_unescaped(text),
+    ] {
+        let b = &view.bytes;
+        let mut hide = |from: usize, len: usize| {
+            let (start, end) = (view.spans[from].0, view.spans[from + len - 1].1);
+            hidden[start..end].fill(true);
+        };
+        for i in 0..b.len() {
+            if b.len() - i >= MIN_RUN && grams.contains(&b[i..i + MIN_RUN]) {
+                hide(i, MIN_RUN);
+            }
+            for n in &whole {
+                if b[i..].starts_with(n) {
+                    hide(i, n.len());
+                }
+            }
+        }
+    }
+
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        if hidden[i] {
+            out.extend_from_slice(b"[REDACTED]");
+            while i < text.len() && hidden[i] {
+                i += 1;
+            }
+        } else {
+            out.push(text[i]);
             i += 1;
         }
     }
     out
+}
+
+/// The characters of the base64 form of `secret` that depend on it alone,
+/// when it starts `align` bytes after a 3-byte boundary of the encoded data:
+/// the characters shared with what came before, and the last partial one
+/// (and padding), are left out, so the result is found whatever surrounds it.
+fn base64_core(engine: &impl base64::Engine, align: usize, secret: &[u8]) -> Vec<u8> {
+    let mut shifted = vec![0u8; align];
+    shifted.extend_from_slice(secret);
+    let encoded = engine.encode(&shifted).into_bytes();
+    // Character i covers bits 6i..6i+6 of the data.
+    let first = (8 * align).div_ceil(6);
+    let end = (8 * shifted.len() / 6).min(encoded.len());
+    encoded
+        .get(first..end)
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default()
+}
+
+/// `text` decoded by one escaping scheme; `spans[i]` is the range of `text`
+/// that `bytes[i]` came from.
+struct View {
+    bytes: Vec<u8>,
+    spans: Vec<(usize, usize)>,
+}
+
+impl View {
+    fn raw(text: &[u8]) -> View {
+        View {
+            bytes: text.to_vec(),
+            spans: (0..text.len()).map(|i| (i, i + 1)).collect(),
+        }
+    }
+
+    /// `%XX` (either case) decoded; with `plus_space`, `+` too (HTML forms).
+    fn percent_decoded(text: &[u8], plus_space: bool) -> View {
+        let mut v = View::with_capacity(text.len());
+        let mut i = 0;
+        while i < text.len() {
+            let hex_byte = text
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match (text[i], hex_byte) {
+                (b'%', Some(b)) => {
+                    v.push(b, i, i + 3);
+                    i += 3;
+                }
+                (b'+', _) if plus_space => {
+                    v.push(b' ', i, i + 1);
+                    i += 1;
+                }
+                (c, _) => {
+                    v.push(c, i, i + 1);
+                    i += 1;
+                }
+            }
+        }
+        v
+    }
+
+    /// JSON string escapes decoded: `\"`, `\\`, `\/`, `\b\f\n\r\t` and
+    /// `\uXXXX` (surrogate pairs joined), the latter as UTF-8.
+    fn json_unescaped(text: &[u8]) -> View {
+        let hex4 = |at: usize| {
+            text.get(at..at + 4)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+        };
+        let mut v = View::with_capacity(text.len());
+        let mut i = 0;
+        while i < text.len() {
+            let simple = match text.get(i + 1) {
+                Some(b'"') => Some(b'"'),
+                Some(b'\\') => Some(b'\\'),
+                Some(b'/') => Some(b'/'),
+                Some(b'b') => Some(0x08),
+                Some(b'f') => Some(0x0c),
+                Some(b'n') => Some(b'\n'),
+                Some(b'r') => Some(b'\r'),
+                Some(b't') => Some(b'\t'),
+                _ => None,
+            };
+            if text[i] != b'\\' {
+                v.push(text[i], i, i + 1);
+                i += 1;
+            } else if let Some(b) = simple {
+                v.push(b, i, i + 2);
+                i += 2;
+            } else if text.get(i + 1) == Some(&b'u')
+                && let Some(hi) = hex4(i + 2)
+            {
+                // A high surrogate followed by `\uDC00`-`\uDFFF` is one character.
+                let low = (text.get(i + 6..i + 8) == Some(b"\\u"))
+                    .then(|| hex4(i + 8))
+                    .flatten()
+                    .filter(|lo| (0xD800..0xDC00).contains(&hi) && (0xDC00..0xE000).contains(lo));
+                let (code, len) = match low {
+                    Some(lo) => (0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00), 12),
+                    None => (hi, 6),
+                };
+                let mut utf8 = [0u8; 4];
+                match char::from_u32(code) {
+                    Some(c) => {
+                        for b in c.encode_utf8(&mut utf8).bytes() {
+                            v.push(b, i, i + len);
+                        }
+                    }
+                    // A lone surrogate: no UTF-8 form, keep the text as is.
+                    None => {
+                        for (j, &b) in text.iter().enumerate().skip(i).take(len) {
+                            v.push(b, j, j + 1);
+                        }
+                    }
+                }
+                i += len;
+            } else {
+                v.push(text[i], i, i + 1);
+                i += 1;
+            }
+        }
+        v
+    }
+
+    fn with_capacity(n: usize) -> View {
+        View {
+            bytes: Vec::with_capacity(n),
+            spans: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, b: u8, start: usize, end: usize) {
+        self.bytes.push(b);
+        self.spans.push((start, end));
+    }
 }
 
 #[cfg(test)]
@@ -578,8 +802,101 @@ cat > "$d/stdin""#,
         assert!(gone(), "background child {bg} survived the timeout");
     }
 
+    /// State of `/proc/<pid>`: `None` once the pid is reaped (gone).
+    fn proc_state(pid: i32) -> Option<char> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        s.rsplit(')').next()?.trim_start().chars().next()
+    }
+
+    fn read_pid(path: &Path) -> Option<i32> {
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+
+    /// A hook that exits while a background child still holds its stderr:
+    /// the child is killed with the group after the grace, and the group is
+    /// killed while the hook (the group's leader) is still unreaped, so its
+    /// id cannot have been handed to another process group in between.
     #[tokio::test]
-    async fn failure_carries_redacted_stderr() {
+    async fn a_leftover_child_is_killed_before_the_leader_is_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let leader_file = dir.path().join("leader.pid");
+        let bg_file = dir.path().join("bg.pid");
+        let hook = script(
+            dir.path(),
+            &format!(
+                "cat >/dev/null; sleep 30 & echo $! > {bg}.tmp; mv {bg}.tmp {bg}\necho $$ > {l}.tmp; mv {l}.tmp {l}; exit 0",
+                bg = bg_file.display(),
+                l = leader_file.display()
+            ),
+        );
+        let t = target(hook, vec![], Duration::from_secs(10));
+        let started = std::time::Instant::now();
+        let run = tokio::spawn(async move {
+            t.set(&key(), 1, &SecretValue::from_string("x".into()))
+                .await
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let leader = loop {
+            if let Some(p) = read_pid(&leader_file) {
+                break p;
+            }
+            assert!(std::time::Instant::now() < deadline, "the hook never ran");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        // Wait for the leader to exit (a zombie, or already reaped).
+        while proc_state(leader).is_some_and(|s| s != 'Z') {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the hook never exited"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Well within the pipe grace: the leader must still be unreaped.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            proc_state(leader),
+            Some('Z'),
+            "the hook was reaped while its group could still be signalled"
+        );
+        run.await.unwrap().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(proc_state(leader), None, "reaped in the end");
+        let bg = read_pid(&bg_file).unwrap();
+        let gone = || proc_state(bg).is_none_or(|s| s == 'Z');
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while !gone() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(gone(), "the child holding stderr survived");
+    }
+
+    /// Captures what the code under test logs on this thread (the tests
+    /// run on a current-thread runtime, so spawned tasks log here too).
+    fn capture_logs() -> (tracing::subscriber::DefaultGuard, Arc<Mutex<Vec<u8>>>) {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || LogSink(sink.clone()))
+            .finish();
+        (tracing::subscriber::set_default(subscriber), buf)
+    }
+
+    struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogSink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn failure_logs_redacted_stderr_and_keeps_it_out_of_the_error() {
         let dir = tempfile::tempdir().unwrap();
         let hook = script(
             dir.path(),
@@ -588,22 +905,39 @@ echo "rejected password '$s' for $KEYTURN_AGENT" >&2
 printf 'second line %s\n' "$s" >&2
 exit 3"#,
         );
-        let t = target(hook, vec![], Duration::from_secs(10));
+        let t = target(hook.clone(), vec![], Duration::from_secs(10));
         let canary = "canary-3f9d0c71";
+        let (_guard, logs) = capture_logs();
         let e = t
             .set(&key(), 2, &SecretValue::from_string(canary.into()))
             .await
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
-        assert!(!e.message.contains(canary), "{e}");
-        assert!(
-            e.message
-                .contains("rejected password '[REDACTED]' for hook-bot"),
-            "{e}"
+        // The error (state, audit, `status`) has the exit status and a fixed text.
+        assert_eq!(
+            e.message,
+            format!(
+                "command:{}: set version 2 of hook-bot/api: the hook exited with 3 \
+                 (its stderr is in the daemon's log)",
+                hook.display()
+            )
         );
-        assert!(e.message.contains("second line [REDACTED]"), "{e}");
-        assert!(e.message.contains("exited with 3"), "{e}");
-        assert!(e.message.contains("set version 2 of hook-bot/api"), "{e}");
+        let log = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        assert!(!log.contains(canary), "{log}");
+        let line = log
+            .lines()
+            .find(|l| l.contains("hook failed"))
+            .unwrap_or_else(|| panic!("no hook failure in the log: {log}"));
+        assert!(line.contains("WARN"), "{line}");
+        assert!(
+            line.contains("rejected password '[REDACTED]' for hook-bot"),
+            "{line}"
+        );
+        assert!(line.contains("second line [REDACTED]"), "{line}");
+        assert!(
+            line.contains("agent=hook-bot") && line.contains("step=\"set\""),
+            "{line}"
+        );
     }
 
     #[tokio::test]
@@ -618,7 +952,9 @@ exit 3"#,
         let e = t.set(&key(), 1, &v).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Transient, "EX_TEMPFAIL: {e}");
         assert!(!e.message.contains("canary"), "{e}");
-        assert!(e.message.contains("[REDACTED]"), "{e}");
+        let ran = t.exec(Step::Set, &key(), Some(1), Some(&v)).await.unwrap();
+        assert!(!ran.stderr.contains("canary"), "{}", ran.stderr);
+        assert_eq!(ran.stderr, "[REDACTED]");
     }
 
     #[tokio::test]
@@ -629,16 +965,139 @@ exit 3"#,
             "cat >/dev/null; head -c 2000000 /dev/zero; head -c 100000 /dev/zero | tr '\\0' a >&2; echo END >&2; exit 1",
         );
         let t = target(hook, vec![], Duration::from_secs(10));
-        let e = t
-            .test(&key(), 1, &SecretValue::from_string("pw".into()))
+        let pw = SecretValue::from_string("pw".into());
+        let e = t.test(&key(), 1, &pw).await.unwrap_err();
+        assert!(e.message.len() < 300, "{}", e.message);
+        let ran = t
+            .exec(Step::Test, &key(), Some(1), Some(&pw))
             .await
-            .unwrap_err();
-        assert!(
-            e.message.ends_with("aaaaEND"),
-            "{}",
-            &e.message[e.message.len() - 20..]
-        );
-        assert!(e.message.len() < STDERR_TAIL + 300, "{}", e.message.len());
+            .unwrap();
+        let tail = &ran.stderr;
+        assert!(tail.ends_with("aaaaEND"), "{}", &tail[tail.len() - 20..]);
+        assert!(tail.len() < STDERR_TAIL + 300, "{}", tail.len());
+    }
+
+    /// Every common spelling of a secret a tool might print, each once as a
+    /// whole and once cut short: all of them must go.
+    pub(crate) fn encodings_of(secret: &[u8]) -> Vec<(String, Vec<u8>)> {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::{
+            STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD,
+        };
+        let pct = |upper: bool, plus: bool| -> Vec<u8> {
+            let mut out = Vec::new();
+            for &b in secret {
+                if b.is_ascii_alphanumeric() {
+                    out.push(b);
+                } else if b == b' ' && plus {
+                    out.push(b'+');
+                } else if upper {
+                    out.extend_from_slice(format!("%{b:02X}").as_bytes());
+                } else {
+                    out.extend_from_slice(format!("%{b:02x}").as_bytes());
+                }
+            }
+            out
+        };
+        let text = String::from_utf8_lossy(secret);
+        let json_ascii: String = text
+            .chars()
+            .map(|c| match c {
+                '"' => "\\\"".to_owned(),
+                '\\' => "\\\\".to_owned(),
+                '/' => "\\/".to_owned(),
+                c if c.is_ascii() => c.to_string(),
+                c => c
+                    .encode_utf16(&mut [0; 2])
+                    .iter()
+                    .map(|u| format!("\\u{u:04x}"))
+                    .collect(),
+            })
+            .collect();
+        let mut all: Vec<(String, Vec<u8>)> = vec![
+            ("raw".into(), secret.to_vec()),
+            ("hex".into(), hex::encode(secret).into_bytes()),
+            ("HEX".into(), hex::encode_upper(secret).into_bytes()),
+            ("percent".into(), pct(true, false)),
+            ("percent lower".into(), pct(false, false)),
+            ("form".into(), pct(true, true)),
+            (
+                "json".into(),
+                serde_json::to_string(&text).unwrap().into_bytes(),
+            ),
+            ("json ascii".into(), json_ascii.into_bytes()),
+        ];
+        // HTTP Basic (`user:SECRET`, `ab:SECRET`, `abc:SECRET`): the three
+        // alignments, in both alphabets, padded or not.
+        for user in ["user", "ab", "abc"] {
+            let mut cred = format!("{user}:").into_bytes();
+            cred.extend_from_slice(secret);
+            for (name, e) in [
+                ("base64", STANDARD.encode(&cred)),
+                ("base64 nopad", STANDARD_NO_PAD.encode(&cred)),
+                ("base64url", URL_SAFE.encode(&cred)),
+                ("base64url nopad", URL_SAFE_NO_PAD.encode(&cred)),
+            ] {
+                all.push((format!("{name} after {user}:"), e.into_bytes()));
+            }
+        }
+        all.push(("base64 alone".into(), STANDARD.encode(secret).into_bytes()));
+        // Cut short: the first 2/3 of each form.
+        let cut: Vec<_> = all
+            .iter()
+            .map(|(n, e)| (format!("{n}, cut short"), e[..e.len() * 2 / 3].to_vec()))
+            .collect();
+        all.extend(cut);
+        all
+    }
+
+    /// The secret's give-away part in each encoding: what must not survive.
+    /// For a cut-short or prefixed form, at least its first 8 bytes' worth.
+    fn leaks(secret: &[u8], hay: &[u8]) -> Vec<String> {
+        let mut found = Vec::new();
+        for (name, enc) in encodings_of(secret) {
+            // Any 12-byte window of an encoding that the text still shows.
+            // (The forms after `user:` start with the user's base64, which is
+            // no secret: those windows are skipped by starting later.)
+            let skip = if name.contains("after") { 8 } else { 0 };
+            if enc.len() < skip + 12 {
+                continue;
+            }
+            if enc[skip..]
+                .windows(12)
+                .any(|w| hay.windows(12).any(|h| h == w))
+            {
+                found.push(name);
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn every_encoding_of_the_secret_is_redacted() {
+        let secret = "kt_canary_Zq\"9\\/é+ &%x7Lm-Q2wR8vT".as_bytes();
+        for (name, enc) in encodings_of(secret) {
+            let mut text = b"curl: > Authorization: Basic ".to_vec();
+            text.extend_from_slice(&enc);
+            text.extend_from_slice(b"\r\n< HTTP/1.1 401 Unauthorized");
+            let out = redact(&text, secret);
+            let leaked = leaks(secret, &out);
+            assert!(
+                leaked.is_empty(),
+                "{name}: {leaked:?} in {}",
+                String::from_utf8_lossy(&out)
+            );
+            assert!(out.starts_with(b"curl: > Authorization: Basic "), "{name}");
+            assert!(out.ends_with(b"< HTTP/1.1 401 Unauthorized"), "{name}");
+            assert!(contains_redacted(&out), "{name}");
+        }
+        // Text without the secret is left alone, however it is spelled.
+        let plain = b"error: role \"bot\" password authentication failed (code 28P01) %2F +x";
+        assert_eq!(redact(plain, secret), plain.to_vec());
+    }
+
+    fn contains_redacted(b: &[u8]) -> bool {
+        b.windows(10).any(|w| w == b"[REDACTED]")
     }
 
     #[tokio::test]
@@ -674,8 +1133,12 @@ exit 3"#,
             truncated: true,
         };
         assert!(!render_stderr(&t2, b"SECRETVALUE1").contains("CRETVALUE1"));
+        // Untruncated, a run of 8 bytes or more of the secret goes too; a
+        // shorter one stays (it would shred ordinary text).
         t2.truncated = false;
-        assert!(render_stderr(&t2, b"SECRETVALUE1").contains("CRETVALUE1"));
+        assert!(!render_stderr(&t2, b"SECRETVALUE1").contains("CRETVALUE1"));
+        t2.buf = b"VALUE1 end".to_vec();
+        assert!(render_stderr(&t2, b"SECRETVALUE1").contains("VALUE1 end"));
         assert!(tail.truncated && tail.buf.len() <= 2 * STDERR_WINDOW);
     }
 }
