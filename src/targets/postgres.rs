@@ -31,6 +31,11 @@
 //! Role names are used exactly as configured (always quoted): `Invoice_Bot`
 //! and `invoice_bot` are different roles.
 //!
+//! `alternating_users` adopts an existing `<role>_clone` only if keyturn made
+//! it: keyturn's mark in its comment, a member of `role` that inherits, no
+//! other membership and no attribute beyond LOGIN/INHERIT. Anything else is
+//! someone else's role, and setting its password would hand it to the agent.
+//!
 //! Only plain TCP / Unix sockets are supported (no TLS connector is linked in
 //! yet); a DSN asking for `sslmode=require` is rejected with a clear error
 //! instead of silently connecting in the clear.
@@ -56,6 +61,9 @@ const CLONE_SUFFIX: &str = "_clone";
 /// Marks which version a role's password belongs to (`COMMENT ON ROLE`), so a
 /// late `retire(previous)` never clears a newer version set on the same role.
 const VERSION_MARK: &str = "keyturn: version ";
+/// Every comment keyturn puts on a clone starts with this: the clone was made
+/// by keyturn (the mark at creation, then [`VERSION_MARK`]).
+const KEYTURN_MARK: &str = "keyturn: ";
 
 /// Default time allowed to connect to the server.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -281,31 +289,122 @@ impl PostgresTarget {
         Ok(client)
     }
 
-    /// Creates `<role>_clone` as a member of `role` if it does not exist yet.
+    /// Creates `<role>_clone` as a member of `role` if it does not exist yet,
+    /// with keyturn's mark in its comment (one implicit transaction, so a crash
+    /// never leaves an unmarked clone); adopts an existing one only if it is
+    /// what keyturn makes.
     async fn ensure_clone(
         &self,
         client: &Client,
         clone: &str,
         ctx: &str,
     ) -> Result<(), PluginError> {
-        if role_exists(client, clone, ctx).await? {
+        let sql = format!(
+            "CREATE ROLE {c} LOGIN INHERIT IN ROLE {r}; COMMENT ON ROLE {c} IS {m}",
+            c = quote_ident(clone),
+            r = quote_ident(&self.s.role),
+            m = quote_literal(&format!("{KEYTURN_MARK}clone of {}", self.s.role)),
+        );
+        if !role_exists(client, clone, ctx).await? {
+            match client.batch_execute(&sql).await {
+                Ok(()) => return Ok(()),
+                // Another keyturn (or a retried step) created it meanwhile:
+                // checked below like any existing role.
+                Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+                Err(e) => {
+                    return Err(pg_error(
+                        &format!("{ctx}: creating role {clone:?}"),
+                        &e,
+                        &[],
+                    ));
+                }
+            }
+        }
+        let problems = self.foreign_clone(client, clone, ctx).await?;
+        if problems.is_empty() {
             return Ok(());
         }
-        let sql = format!(
-            "CREATE ROLE {} LOGIN INHERIT IN ROLE {}",
-            quote_ident(clone),
-            quote_ident(&self.s.role)
-        );
-        match client.batch_execute(&sql).await {
-            Ok(()) => Ok(()),
-            // Another keyturn (or a retried step) created it meanwhile.
-            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(()),
-            Err(e) => Err(pg_error(
-                &format!("{ctx}: creating role {clone:?}"),
-                &e,
-                &[],
-            )),
+        Err(PluginError::new(
+            ErrorKind::Invalid,
+            format!(
+                "{ctx}: role {clone:?} exists but is not the clone keyturn makes ({}); keyturn \
+                 will not set a password on someone else's role. Drop or rename it, or choose \
+                 another `role`",
+                problems.join("; ")
+            ),
+        ))
+    }
+
+    /// Whether `role` carries keyturn's mark (true when it does not exist:
+    /// nothing to tell apart).
+    async fn marked(&self, client: &Client, role: &str, ctx: &str) -> Result<bool, PluginError> {
+        let comment: Option<Option<String>> = client
+            .query_opt(
+                "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1",
+                &[&role],
+            )
+            .await
+            .map_err(|e| pg_error(ctx, &e, &[]))?
+            .map(|row| row.get(0));
+        Ok(match comment {
+            None => true,
+            Some(c) => c.is_some_and(|c| c.starts_with(KEYTURN_MARK)),
+        })
+    }
+
+    /// What makes the existing role `clone` differ from the clone keyturn
+    /// creates: empty when it is keyturn's.
+    async fn foreign_clone(
+        &self,
+        client: &Client,
+        clone: &str,
+        ctx: &str,
+    ) -> Result<Vec<String>, PluginError> {
+        let row = client
+            .query_one(
+                "SELECT r.rolsuper, r.rolcreaterole, r.rolcreatedb, r.rolreplication, \
+                        r.rolbypassrls, r.rolinherit, shobj_description(r.oid, 'pg_authid'), \
+                        ARRAY(SELECT g.rolname::text FROM pg_auth_members m \
+                              JOIN pg_roles g ON g.oid = m.roleid WHERE m.member = r.oid) \
+                 FROM pg_roles r WHERE r.rolname = $1",
+                &[&clone],
+            )
+            .await
+            .map_err(|e| pg_error(ctx, &e, &[]))?;
+        let mut problems = Vec::new();
+        for (i, attribute) in [
+            "SUPERUSER",
+            "CREATEROLE",
+            "CREATEDB",
+            "REPLICATION",
+            "BYPASSRLS",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if row.get::<_, bool>(i) {
+                problems.push(format!("it has {attribute}"));
+            }
         }
+        if !row.get::<_, bool>(5) {
+            problems.push("it is NOINHERIT".into());
+        }
+        let comment: Option<String> = row.get(6);
+        if !comment
+            .as_deref()
+            .is_some_and(|c| c.starts_with(KEYTURN_MARK))
+        {
+            problems.push(format!("its comment lacks keyturn's mark `{KEYTURN_MARK}`"));
+        }
+        let member_of: Vec<String> = row.get(7);
+        if !member_of.contains(&self.s.role) {
+            problems.push(format!("it is not a member of {:?}", self.s.role));
+        }
+        let others: Vec<&String> = member_of.iter().filter(|g| **g != self.s.role).collect();
+        if !others.is_empty() {
+            problems.push(format!("it is also a member of {others:?}"));
+        }
+        Ok(problems)
     }
 
     fn roles(&self) -> Vec<&str> {
@@ -463,6 +562,13 @@ impl Target for PostgresTarget {
         let client = self.connect_admin("revoke").await?;
         let mut present = Vec::new();
         for role in self.roles() {
+            if Some(role) == self.clone.as_deref() && !self.marked(&client, role, &ctx).await? {
+                // Someone else's role under the clone's name: `set` refused
+                // it, so no value keyturn made logs in with it. Not ours to
+                // disable.
+                tracing::warn!(credential = %key, role, "revoke skipped a role keyturn did not make");
+                continue;
+            }
             if role_exists(&client, role, &ctx).await? {
                 // NOLOGIN first so the sessions we terminate cannot come back.
                 client
@@ -1001,6 +1107,65 @@ mod tests {
             !e.message.contains("canary") && !e.message.contains("SCRAM"),
             "{e}"
         );
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn a_foreign_clone_is_refused_and_keyturns_own_is_adopted() {
+        let f = Fixture::new("clone").await;
+        let t = f.target(PgStrategy::AlternatingUsers);
+        let clone = format!("{}_clone", f.role);
+        let admin = f.admin().await;
+        // Someone else's role under the clone's name: a login role, not a
+        // member of `role`, without keyturn's mark.
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {} LOGIN PASSWORD 'theirs-1234'",
+                quote_ident(&clone)
+            ))
+            .await
+            .unwrap();
+        t.set(&key(), 1, &secret("own-pass-1")).await.unwrap();
+        let e = t.set(&key(), 2, &secret("own-pass-2")).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains("not the clone keyturn makes"), "{e}");
+        assert!(e.message.contains("mark"), "{e}");
+        assert!(e.message.contains("not a member of"), "{e}");
+        // Its password is untouched, and revoke leaves it alone too.
+        f.login(&clone, "theirs-1234").await.unwrap();
+        assert!(f.login(&clone, "own-pass-2").await.is_err());
+        t.revoke(&key()).await.unwrap();
+        f.login(&clone, "theirs-1234").await.unwrap();
+        f.assert_login_refused(&f.role, "own-pass-1").await;
+
+        // Marked and a member, but with a privilege of its own: still refused.
+        admin
+            .batch_execute(&format!(
+                "GRANT {r} TO {c}; ALTER ROLE {c} CREATEDB; COMMENT ON ROLE {c} IS 'keyturn: version 2'",
+                r = quote_ident(&f.role),
+                c = quote_ident(&clone)
+            ))
+            .await
+            .unwrap();
+        let e = t.set(&key(), 2, &secret("own-pass-2")).await.unwrap_err();
+        assert!(e.message.contains("CREATEDB"), "{e}");
+
+        // keyturn's own clone, left behind by a crash after it was created:
+        // adopted, and a replayed set is idempotent.
+        admin
+            .batch_execute(&format!("DROP ROLE {}", quote_ident(&clone)))
+            .await
+            .unwrap();
+        t.ensure_clone(&t.connect_admin("set").await.unwrap(), &clone, "test")
+            .await
+            .unwrap();
+        t.set(&key(), 2, &secret("own-pass-2")).await.unwrap();
+        t.set(&key(), 2, &secret("own-pass-2")).await.unwrap();
+        t.test(&key(), 2, &secret("own-pass-2")).await.unwrap();
+        f.login(&clone, "own-pass-2").await.unwrap();
     }
 
     #[cfg_attr(
