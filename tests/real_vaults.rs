@@ -448,6 +448,28 @@ async fn pg_admin(sql: &str) {
     let _ = conn.await;
 }
 
+/// The SCRAM verifier stored for `role` (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`).
+async fn pg_verifier(role: &str) -> String {
+    let cfg: tokio_postgres::Config = pg_admin_dsn().parse().unwrap();
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let v: String = client
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    drop(client);
+    let _ = conn.await;
+    assert!(
+        v.starts_with("SCRAM-SHA-256$"),
+        "{role}: not a SCRAM verifier"
+    );
+    v
+}
+
 /// Logs in as `user` with `password` and runs a query. `Err` carries the
 /// server's reason.
 async fn pg_login(user: &str, password: &str) -> Result<(), String> {
@@ -772,6 +794,40 @@ fn postgres_single_user_new_value_logs_in_and_old_does_not() {
         assert_login_refused(&role, &v1.value).await;
     });
     daemon.stop();
+    rt.block_on(pg_admin(&format!("DROP ROLE {role}")));
+}
+
+/// tokio-postgres logs every statement it sends at debug level, and the
+/// daemon bridges those records into its log: the SCRAM verifier that
+/// `ALTER ROLE ... PASSWORD` carries must not be among them (with it and one
+/// observed login, anyone can log in as the role).
+#[test]
+fn postgres_trace_log_holds_no_scram_verifier() {
+    let files = Files::new();
+    let role = pg_new_role("kt_verifier_");
+    let env = pg_local_env(&files, &role, "single_user", "1h");
+    let daemon = env.start(); // --log-level trace
+    wait_version(&env, "db", 1);
+    let rt = rt();
+    let mut verifiers = vec![rt.block_on(pg_verifier(&role))];
+    rotate_ok(&env, "db", 2);
+    verifiers.push(rt.block_on(pg_verifier(&role)));
+    assert_ne!(verifiers[0], verifiers[1]);
+    let log = daemon.stop();
+    assert!(
+        log.contains("tokio_postgres") && log.contains("executing"),
+        "the driver's own statement records are not in the log, the scan proves little"
+    );
+    for v in &verifiers {
+        // The whole verifier, and each key alone (44 base64 characters).
+        let keys = v.rsplit('$').next().unwrap();
+        for part in std::iter::once(v.as_str()).chain(keys.split(':')) {
+            assert!(
+                !log.contains(part),
+                "a SCRAM verifier part appears in the trace log"
+            );
+        }
+    }
     rt.block_on(pg_admin(&format!("DROP ROLE {role}")));
 }
 

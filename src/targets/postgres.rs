@@ -31,6 +31,16 @@
 //! Role names are used exactly as configured (always quoted): `Invoice_Bot`
 //! and `invoice_bot` are different roles.
 //!
+//! The verifier travels as a bind parameter whose `Debug` is redacted, read
+//! by a constant `DO` block that runs the `ALTER ROLE`: tokio-postgres logs
+//! every statement's text and every parameter's `Debug` at debug level, and
+//! keyturn's log bridges those records, so a verifier in the statement text
+//! would be in keyturn's own log. (A verifier plus one observed login lets
+//! its holder log in as the role.) On the server, `log_statement` shows the
+//! `DO` block, not the `ALTER ROLE` it runs; `log_statement = 'all'` would
+//! show the bind parameter, which is why the session still asks for
+//! `log_statement = 'none'` above.
+//!
 //! `alternating_users` adopts an existing `<role>_clone` only if keyturn made
 //! it: keyturn's mark in its comment, a member of `role` that inherits, no
 //! other membership and no attribute beyond LOGIN/INHERIT. Anything else is
@@ -41,8 +51,10 @@
 //! instead of silently connecting in the clear.
 
 use async_trait::async_trait;
+use bytes::BytesMut;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, Config, NoTls};
 use zeroize::Zeroizing;
 
@@ -64,6 +76,19 @@ const VERSION_MARK: &str = "keyturn: version ";
 /// Every comment keyturn puts on a clone starts with this: the clone was made
 /// by keyturn (the mark at creation, then [`VERSION_MARK`]).
 const KEYTURN_MARK: &str = "keyturn: ";
+
+/// Sets the password (and, under `alternating_users`, the version mark) of
+/// the role named by the session settings `keyturn.*`, which the same
+/// transaction set from bind parameters. Constant text: nothing secret is in
+/// any statement tokio-postgres or the server may log.
+const SET_PASSWORD: &str = "DO $keyturn$ BEGIN \
+    EXECUTE format('ALTER ROLE %I WITH LOGIN PASSWORD %L', \
+        current_setting('keyturn.role'), current_setting('keyturn.verifier')); \
+    IF current_setting('keyturn.mark') <> '' THEN \
+        EXECUTE format('COMMENT ON ROLE %I IS %L', \
+            current_setting('keyturn.role'), current_setting('keyturn.mark')); \
+    END IF; \
+    END $keyturn$";
 
 /// Default time allowed to connect to the server.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -447,24 +472,25 @@ impl Target for PostgresTarget {
         if self.clone.as_deref() == Some(role) {
             self.ensure_clone(&client, role, &ctx).await?;
         }
-        let mut sql = Zeroizing::new(format!(
-            "ALTER ROLE {} WITH LOGIN PASSWORD {}",
-            quote_ident(role),
-            quote_literal(&verifier)
-        ));
-        if self.clone.is_some() {
-            // One simple-query message = one implicit transaction: the
-            // password and its version mark change together.
-            sql.push_str(&format!(
-                "; COMMENT ON ROLE {} IS {}",
-                quote_ident(role),
-                quote_literal(&format!("{VERSION_MARK}{version}"))
-            ));
-        }
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(|e| pg_error(&ctx, &e, &[value.expose(), verifier.as_bytes()]))
+        // Under alternating_users the password and its version mark change
+        // together, in one transaction.
+        let mark = match self.clone {
+            Some(_) => format!("{VERSION_MARK}{version}"),
+            None => String::new(),
+        };
+        let fail =
+            |e: tokio_postgres::Error| pg_error(&ctx, &e, &[value.expose(), verifier.as_bytes()]);
+        let mut client = client;
+        let tx = client.transaction().await.map_err(fail)?;
+        tx.execute(
+            "SELECT set_config('keyturn.role', $1, true), set_config('keyturn.verifier', $2, true), \
+                    set_config('keyturn.mark', $3, true)",
+            &[&role, &Hidden(&verifier), &mark],
+        )
+        .await
+        .map_err(fail)?;
+        tx.batch_execute(SET_PASSWORD).await.map_err(fail)?;
+        tx.commit().await.map_err(fail)
     }
 
     async fn test(
@@ -658,6 +684,32 @@ async fn connect(cfg: &Config, what: &str) -> Result<Client, PluginError> {
         }
     });
     Ok(client)
+}
+
+/// A text bind parameter whose `Debug` is redacted: tokio-postgres logs the
+/// `Debug` of every parameter at debug level.
+struct Hidden<'a>(&'a str);
+
+impl std::fmt::Debug for Hidden<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl ToSql for Hidden<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        self.0.to_sql(ty, out)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <&str as ToSql>::accepts(ty)
+    }
+
+    to_sql_checked!();
 }
 
 /// `host:port` list for messages: where we tried, never who or with what.
