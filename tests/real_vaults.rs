@@ -528,6 +528,11 @@ fn initial_password(role: &str) -> String {
 /// An Env with one credential, `db` in the local vault, whose target is
 /// `role` at the test server, rotated with `strategy`.
 fn pg_local_env(files: &Files, role: &str, strategy: &str, grace: &str) -> Env {
+    pg_local_env_with(files, role, strategy, grace, "")
+}
+
+/// [`pg_local_env`] with `extra` target settings (`, key = value` pairs).
+fn pg_local_env_with(files: &Files, role: &str, strategy: &str, grace: &str, extra: &str) -> Env {
     Env::new(&format!(
         "{}{}",
         agent_table(AGENT),
@@ -536,16 +541,21 @@ fn pg_local_env(files: &Files, role: &str, strategy: &str, grace: &str) -> Env {
             r#""local""#,
             &unique("e2e/pg/"),
             grace,
-            &pg_target(files, role, strategy, &pg_admin_dsn()),
+            &pg_target_with(files, role, strategy, &pg_admin_dsn(), extra),
         )
     ))
 }
 
 /// A postgres target on `role` with the admin DSN in a 0600 file.
 fn pg_target(files: &Files, role: &str, strategy: &str, dsn: &str) -> String {
+    pg_target_with(files, role, strategy, dsn, "")
+}
+
+/// [`pg_target`] with `extra` settings (`, key = value` pairs).
+fn pg_target_with(files: &Files, role: &str, strategy: &str, dsn: &str, extra: &str) -> String {
     let dsn_file = files.write(&format!("{role}.dsn"), dsn, 0o600);
     format!(
-        r#"target = {{ type = "postgres", admin_dsn_file = "{}", role = "{role}", strategy = "{strategy}", connect_timeout = "3s" }}"#,
+        r#"target = {{ type = "postgres", admin_dsn_file = "{}", role = "{role}", strategy = "{strategy}", connect_timeout = "3s"{extra} }}"#,
         dsn_file.display()
     )
 }
@@ -829,6 +839,35 @@ fn postgres_trace_log_holds_no_scram_verifier() {
         }
     }
     rt.block_on(pg_admin(&format!("DROP ROLE {role}")));
+}
+
+/// A rotation over TLS with the server's certificate checked against the
+/// test CA and its name (`sslmode = "verify-full"`). The role may log in over
+/// TLS only (pg_hba `hostnossl ... reject`), so the `test` step, and the
+/// agent's own logins below, prove the target really used TLS.
+#[test]
+fn postgres_rotates_over_tls_with_verify_full() {
+    let files = Files::new();
+    let role = pg_new_role("kt_tls_");
+    rt().block_on(pg_admin(&format!("GRANT kt_hba_tls_only TO {role}")));
+    let tls = format!(
+        r#", sslmode = "verify-full", ssl_root_cert = "{}""#,
+        need("KEYTURN_TEST_PG_CA")
+    );
+    let env = pg_local_env_with(&files, &role, "single_user", "1h", &tls);
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    rotate_ok(&env, "db", 2);
+    let v2 = delivered(&env, "db");
+    let e = rt()
+        .block_on(pg_login(&role, &v2.value))
+        .expect_err("the role logs in over TLS only");
+    assert!(
+        e.contains("no encryption"),
+        "refused for another reason: {e}"
+    );
+    daemon.stop();
+    rt().block_on(pg_admin(&format!("DROP ROLE {role}")));
 }
 
 // --- 4. command target ---------------------------------------------------------------------

@@ -41,22 +41,27 @@
 //! show the bind parameter, which is why the session still asks for
 //! `log_statement = 'none'` above.
 //!
+//! TLS, channel binding and the refusal of clear-text and MD5 password
+//! exchanges: see [`connect`]. `sslmode` is the target's setting (the DSN's
+//! parser knows only disable/prefer/require); a DSN's own `sslmode=require`
+//! counts when the target names none.
+//!
 //! `alternating_users` adopts an existing `<role>_clone` only if keyturn made
 //! it: keyturn's mark in its comment, a member of `role` that inherits, no
 //! other membership and no attribute beyond LOGIN/INHERIT. Anything else is
 //! someone else's role, and setting its password would hand it to the agent.
-//!
-//! Only plain TCP / Unix sockets are supported (no TLS connector is linked in
-//! yet); a DSN asking for `sslmode=require` is rejected with a clear error
-//! instead of silently connecting in the clear.
+
+mod connect;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::{Client, Config};
 use zeroize::Zeroizing;
+
+pub use connect::{PgTls, WeakAuth};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -108,6 +113,17 @@ pub struct PostgresConfig {
     /// Database to log into when testing a new value (default: the admin DSN's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_dbname: Option<String>,
+    /// `disable`, `require` or `verify-full` (default: the admin DSN's
+    /// `sslmode=require`, else `disable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslmode: Option<String>,
+    /// PEM file of the CA(s) the server's certificate must chain to (`verify-full`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_root_cert: Option<PathBuf>,
+    /// Weak password exchanges the server may ask for: `password` (clear
+    /// text), `md5`. Refused unless named here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_weak_auth: Vec<String>,
 }
 
 /// How versions map to roles.
@@ -129,6 +145,17 @@ impl PostgresConfig {
             strategy: None,
             connect_timeout: None,
             test_dbname: None,
+            sslmode: None,
+            ssl_root_cert: None,
+            allow_weak_auth: Vec::new(),
+        }
+    }
+
+    /// The `sslmode` setting; `None` when it is unknown.
+    pub fn tls(&self) -> Option<Option<PgTls>> {
+        match self.sslmode.as_deref() {
+            None => Some(None),
+            Some(s) => PgTls::parse(s).map(Some),
         }
     }
 
@@ -185,6 +212,35 @@ impl TargetPlugin for PostgresConfig {
             DEFAULT_CONNECT_TIMEOUT,
             Zero::Rejected,
         );
+        match self.tls() {
+            None => v.err(
+                p.key("sslmode"),
+                format!(
+                    "unknown sslmode `{}`; expected `disable`, `require` or `verify-full`",
+                    self.sslmode.as_deref().unwrap_or_default()
+                ),
+            ),
+            Some(Some(PgTls::VerifyFull)) if self.ssl_root_cert.is_none() => v.err(
+                p.key("sslmode"),
+                "sslmode = \"verify-full\" needs ssl_root_cert: the PEM file of the CA that signs the server's certificate",
+            ),
+            Some(mode) if mode != Some(PgTls::VerifyFull) && self.ssl_root_cert.is_some() => v.err(
+                p.key("ssl_root_cert"),
+                "ssl_root_cert is only used with sslmode = \"verify-full\"; set that, or remove ssl_root_cert",
+            ),
+            _ => {}
+        }
+        if let Some(ca) = &mut self.ssl_root_cert {
+            v.resolve_path(p.key("ssl_root_cert"), ca);
+        }
+        for (i, name) in self.allow_weak_auth.iter().enumerate() {
+            if !WeakAuth::NAMES.contains(&name.as_str()) {
+                v.err(
+                    p.key("allow_weak_auth").index(i),
+                    format!("unknown authentication method `{name}`; expected `password` or `md5`"),
+                );
+            }
+        }
     }
 
     fn build(&self) -> Result<Option<Arc<dyn Target>>, PluginError> {
@@ -198,6 +254,9 @@ pub struct PostgresTarget {
     connect_timeout: Duration,
     /// `<role>_clone` under `alternating_users`.
     clone: Option<String>,
+    /// The target's own `sslmode` (`None`: the DSN decides).
+    tls: Option<PgTls>,
+    weak: WeakAuth,
 }
 
 impl PostgresTarget {
@@ -232,10 +291,16 @@ impl PostgresTarget {
                 "postgres target: test_dbname must be non-empty".into(),
             ));
         }
+        let tls = s.tls().ok_or_else(|| {
+            invalid("postgres target: sslmode must be disable, require or verify-full".into())
+        })?;
+        let weak = WeakAuth::from_names(&s.allow_weak_auth);
         Ok(Self {
             s,
             connect_timeout,
             clone,
+            tls,
+            weak,
         })
     }
 
@@ -273,20 +338,46 @@ impl PostgresTarget {
                 ),
             )
         })?;
-        if cfg.get_ssl_mode() == SslMode::Require {
-            return Err(PluginError::new(
-                ErrorKind::Invalid,
-                format!(
-                    "{}: {step}: admin DSN in {} asks for sslmode=require, but keyturn has no TLS \
-                     connector for PostgreSQL yet; use a Unix socket or a trusted loopback/tunnel",
-                    self.describe(),
-                    path.display()
-                ),
-            ));
-        }
-        cfg.connect_timeout(self.connect_timeout);
         cfg.application_name("keyturn");
         Ok(cfg)
+    }
+
+    /// How to reach the server: the target's `sslmode`, else the DSN's
+    /// `sslmode=require`. A DSN that says `disable` while the target asks for
+    /// TLS is a contradiction the operator must resolve.
+    fn transport(&self, dsn: &Config, step: &str) -> Result<connect::Transport, PluginError> {
+        let what = format!("{}: {step}", self.describe());
+        let mode = match (self.tls, dsn.get_ssl_mode()) {
+            (None, SslMode::Require) => PgTls::Require,
+            (None, _) => PgTls::Disable,
+            // Never connect with less than either side asked for.
+            (Some(mode), dsn_mode @ (SslMode::Disable | SslMode::Require))
+                if (mode == PgTls::Disable) != (dsn_mode == SslMode::Disable) =>
+            {
+                let dsn_mode = if dsn_mode == SslMode::Disable {
+                    "disable"
+                } else {
+                    "require"
+                };
+                return Err(PluginError::new(
+                    ErrorKind::Invalid,
+                    format!(
+                        "{what}: the admin DSN in {} says sslmode={dsn_mode} but the target says \
+                         sslmode = \"{}\"; remove one of them",
+                        self.s.admin_dsn_file.display(),
+                        mode.as_str()
+                    ),
+                ));
+            }
+            (Some(mode), _) => mode,
+        };
+        connect::Transport::new(
+            mode,
+            self.s.ssl_root_cert.as_deref(),
+            self.weak,
+            self.connect_timeout,
+            &what,
+        )
     }
 
     async fn connect_admin(&self, step: &str) -> Result<Client, PluginError> {
@@ -296,7 +387,7 @@ impl PostgresTarget {
             self.describe(),
             endpoint(&cfg)
         );
-        let client = connect(&cfg, &what).await?;
+        let client = self.transport(&cfg, step)?.connect(&cfg, &what).await?;
         // Keep the verifier out of the server log where we may. Failing for
         // lack of privilege is fine (see the module doc); anything else is not.
         if let Err(e) = client
@@ -534,7 +625,9 @@ impl Target for PostgresTarget {
             self.describe(),
             endpoint(&cfg)
         );
-        let client = connect(&cfg, &ctx)
+        let client = self
+            .transport(&admin, "test")?
+            .connect(&cfg, &ctx)
             .await
             .map_err(|e| redact_err(e, value.expose()))?;
         client
@@ -669,21 +762,6 @@ async fn role_exists(client: &Client, role: &str, ctx: &str) -> Result<bool, Plu
         .await
         .map(|r| r.is_some())
         .map_err(|e| pg_error(ctx, &e, &[]))
-}
-
-/// Connects and drives the connection on its own task (tokio-postgres' split
-/// design); it ends when the client is dropped.
-async fn connect(cfg: &Config, what: &str) -> Result<Client, PluginError> {
-    let (client, conn) = cfg
-        .connect(NoTls)
-        .await
-        .map_err(|e| pg_error(what, &e, &[]))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "postgres connection ended");
-        }
-    });
-    Ok(client)
 }
 
 /// A text bind parameter whose `Debug` is redacted: tokio-postgres logs the
@@ -839,6 +917,7 @@ mod tests {
 
     use super::*;
     use crate::test_support::secret;
+    use tokio_postgres::NoTls;
 
     const NEED: &str =
         "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
@@ -984,6 +1063,52 @@ mod tests {
         assert_eq!(
             PostgresTarget::new(long).unwrap_err().kind,
             ErrorKind::Invalid
+        );
+    }
+
+    #[test]
+    fn tls_and_weak_auth_settings_are_checked() {
+        let errors = |target: &str| -> Vec<(String, String)> {
+            let text = format!(
+                "[vaults.v]\ntype = \"local\"\n[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+                 [agents.a.credentials.db]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+                 target = {{ type = \"postgres\", admin_dsn_file = \"pg.dsn\", role = \"bot\"{target} }}\n"
+            );
+            match crate::config::load_str(std::path::Path::new("/etc/keyturn/t.toml"), &text) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.0.into_iter().map(|e| (e.toml_path, e.message)).collect(),
+            }
+        };
+        let at = |key: &str| format!("agents.a.credentials.db.target.{key}");
+        assert_eq!(
+            errors(r#", sslmode = "verify-full", ssl_root_cert = "ca.pem""#),
+            vec![]
+        );
+        assert_eq!(
+            errors(r#", sslmode = "require", allow_weak_auth = ["md5", "password"]"#),
+            vec![]
+        );
+        let e = errors(r#", sslmode = "verify-ca""#);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].0, at("sslmode"));
+        assert!(e[0].1.contains("unknown sslmode `verify-ca`"), "{e:?}");
+        let e = errors(r#", sslmode = "verify-full""#);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].0, at("sslmode"));
+        assert!(e[0].1.contains("needs ssl_root_cert"), "{e:?}");
+        let e = errors(r#", ssl_root_cert = "ca.pem""#);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].0, at("ssl_root_cert"));
+        assert!(
+            e[0].1.contains("only used with sslmode = \"verify-full\""),
+            "{e:?}"
+        );
+        let e = errors(r#", allow_weak_auth = ["trust"]"#);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].0, at("allow_weak_auth[0]"));
+        assert!(
+            e[0].1.contains("unknown authentication method `trust`"),
+            "{e:?}"
         );
     }
 
@@ -1133,11 +1258,20 @@ mod tests {
         let e = t.check().await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
         assert!(!e.message.contains(canary), "{e}");
-        // TLS demanded but not available: refused, not silently downgraded.
+        // The DSN's own sslmode=require is honoured (TLS, the certificate
+        // unchecked); a DSN saying disable while the target asks for TLS is
+        // refused, not silently downgraded.
         set_dsn(format!("{} sslmode=require", f.pg.admin_dsn));
-        let e = t.check().await.unwrap_err();
+        t.check().await.unwrap();
+        set_dsn(format!("{} sslmode=disable", f.pg.admin_dsn));
+        let tls = PostgresTarget::new(PostgresConfig {
+            sslmode: Some("require".into()),
+            ..f.settings(PgStrategy::SingleUser)
+        })
+        .unwrap();
+        let e = tls.check().await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
-        assert!(e.message.contains("sslmode=require"), "{e}");
+        assert!(e.message.contains("sslmode=disable"), "{e}");
         std::fs::remove_file(&path).unwrap();
         let e = t.check().await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
@@ -1159,6 +1293,186 @@ mod tests {
             !e.message.contains("canary") && !e.message.contains("SCRAM"),
             "{e}"
         );
+    }
+
+    fn ca() -> PathBuf {
+        std::env::var("KEYTURN_TEST_PG_CA")
+            .unwrap_or_else(|_| panic!("KEYTURN_TEST_PG_CA is not set: {NEED}"))
+            .into()
+    }
+
+    impl Fixture {
+        /// Puts the fixture's role in a pg_hba group of the test server
+        /// (scripts/services.sh): `kt_hba_password`, `kt_hba_md5`, `kt_hba_tls_only`.
+        async fn join(&self, group: &str) {
+            self.admin()
+                .await
+                .batch_execute(&format!("GRANT {group} TO {}", quote_ident(&self.role)))
+                .await
+                .unwrap();
+        }
+
+        fn tls_target(&self, mode: &str, ca: Option<PathBuf>) -> PostgresTarget {
+            PostgresTarget::new(PostgresConfig {
+                sslmode: Some(mode.into()),
+                ssl_root_cert: ca,
+                ..self.settings(PgStrategy::SingleUser)
+            })
+            .unwrap()
+        }
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn verify_full_checks_the_ca_and_the_host_name() {
+        let f = Fixture::new("tls").await;
+        // The role may log in over TLS only: `test` passing proves TLS.
+        f.join("kt_hba_tls_only").await;
+        for mode in ["verify-full", "require"] {
+            let t = f.tls_target(mode, (mode == "verify-full").then(ca));
+            t.check().await.unwrap();
+            t.set(&key(), 1, &secret("tls-pass-1")).await.unwrap();
+            t.test(&key(), 1, &secret("tls-pass-1")).await.unwrap();
+        }
+        let e = f.login(&f.role, "tls-pass-1").await.unwrap_err();
+        assert!(
+            e.as_db_error()
+                .is_some_and(|d| d.message().contains("no encryption")),
+            "only TLS logins are accepted for this role: {e}"
+        );
+
+        // A missing CA file, one without a certificate, and a CA that did
+        // not sign the server's certificate.
+        let e = f
+            .tls_target("verify-full", Some(f.dir.path().join("missing-ca.pem")))
+            .check()
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+        assert!(e.message.contains("ssl_root_cert"), "{e}");
+        std::fs::write(f.dir.path().join("not-pem.pem"), "not a certificate\n").unwrap();
+        let e = f
+            .tls_target("verify-full", Some(f.dir.path().join("not-pem.pem")))
+            .check()
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains("holds no certificate"), "{e}");
+        // Another test CA (the Azure stub's): the chain does not verify.
+        let other_ca = std::env::var("KEYTURN_TEST_AZURE_CA")
+            .unwrap_or_else(|_| panic!("KEYTURN_TEST_AZURE_CA is not set: {NEED}"));
+        let e = f
+            .tls_target("verify-full", Some(other_ca.into()))
+            .check()
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("invalid peer certificate"), "{e}");
+        // The right CA, but a name the certificate does not hold.
+        let path = f.dir.path().join("admin.dsn");
+        std::fs::write(
+            &path,
+            f.pg.admin_dsn.replace(
+                "host=127.0.0.1",
+                "host=not-in-the-cert.invalid hostaddr=127.0.0.1",
+            ),
+        )
+        .unwrap();
+        let e = f
+            .tls_target("verify-full", Some(ca()))
+            .check()
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("certificate"), "{e}");
+        assert!(
+            e.message.contains("NotValidForName") || e.message.contains("not valid for"),
+            "{e}"
+        );
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn clear_text_and_md5_password_requests_are_refused_unless_allowed() {
+        let f = Fixture::new("weak").await;
+        // The server asks this role for its password in clear text.
+        f.join("kt_hba_password").await;
+        let plain = f.target(PgStrategy::SingleUser);
+        plain.set(&key(), 1, &secret("weak-pass-1")).await.unwrap();
+        let e = plain
+            .test(&key(), 1, &secret("weak-pass-1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains("clear text"), "{e}");
+        assert!(
+            e.message.contains("allow_weak_auth"),
+            "says what to do: {e}"
+        );
+        assert!(!e.message.contains("weak-pass-1"), "{e}");
+        // Over TLS, channel binding refuses it.
+        let tls = f.tls_target("verify-full", Some(ca()));
+        let e = tls
+            .test(&key(), 1, &secret("weak-pass-1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains("channel binding"), "{e}");
+        // Allowed explicitly: the login goes through.
+        let allowed = PostgresTarget::new(PostgresConfig {
+            allow_weak_auth: vec!["password".into()],
+            ..f.settings(PgStrategy::SingleUser)
+        })
+        .unwrap();
+        allowed
+            .test(&key(), 1, &secret("weak-pass-1"))
+            .await
+            .unwrap();
+
+        // An admin whose password is stored as MD5, in an `md5` pg_hba group.
+        let md5_admin = format!("{}_md5", f.role);
+        let admin = f.admin().await;
+        admin
+            .batch_execute(&format!(
+                "SET password_encryption = 'md5'; \
+                 CREATE ROLE {r} LOGIN PASSWORD 'md5-admin-pass' IN ROLE kt_hba_md5",
+                r = quote_ident(&md5_admin)
+            ))
+            .await
+            .unwrap();
+        std::fs::write(
+            f.dir.path().join("admin.dsn"),
+            format!(
+                "host={} port={} user={md5_admin} password=md5-admin-pass dbname=postgres",
+                f.pg.host, f.pg.port
+            ),
+        )
+        .unwrap();
+        let outcome = async {
+            let e = plain.check().await.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+            assert!(e.message.contains("MD5"), "{e}");
+            assert!(!e.message.contains("md5-admin-pass"), "{e}");
+            let allowed = PostgresTarget::new(PostgresConfig {
+                allow_weak_auth: vec!["md5".into()],
+                ..f.settings(PgStrategy::SingleUser)
+            })
+            .unwrap();
+            allowed.check().await.unwrap();
+        };
+        // The extra role is dropped even when an assertion fails.
+        let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(outcome)).await;
+        admin
+            .batch_execute(&format!("DROP ROLE {}", quote_ident(&md5_admin)))
+            .await
+            .unwrap();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
     }
 
     #[cfg_attr(
