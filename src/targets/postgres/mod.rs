@@ -31,15 +31,37 @@
 //! Role names are used exactly as configured (always quoted): `Invoice_Bot`
 //! and `invoice_bot` are different roles.
 //!
-//! Only plain TCP / Unix sockets are supported (no TLS connector is linked in
-//! yet); a DSN asking for `sslmode=require` is rejected with a clear error
-//! instead of silently connecting in the clear.
+//! The verifier travels as a bind parameter whose `Debug` is redacted, read
+//! by a constant `DO` block that runs the `ALTER ROLE`: tokio-postgres logs
+//! every statement's text and every parameter's `Debug` at debug level, and
+//! keyturn's log bridges those records, so a verifier in the statement text
+//! would be in keyturn's own log. (A verifier plus one observed login lets
+//! its holder log in as the role.) On the server, `log_statement` shows the
+//! `DO` block, not the `ALTER ROLE` it runs; `log_statement = 'all'` would
+//! show the bind parameter, which is why the session still asks for
+//! `log_statement = 'none'` above.
+//!
+//! TLS, channel binding and the refusal of clear-text and MD5 password
+//! exchanges: see [`connect`]. `sslmode` is the target's setting (the DSN's
+//! parser knows only disable/prefer/require); a DSN's own `sslmode=require`
+//! counts when the target names none.
+//!
+//! `alternating_users` adopts an existing `<role>_clone` only if keyturn made
+//! it: keyturn's mark in its comment, a member of `role` that inherits, no
+//! other membership and no attribute beyond LOGIN/INHERIT. Anything else is
+//! someone else's role, and setting its password would hand it to the agent.
+
+mod connect;
 
 use async_trait::async_trait;
+use bytes::BytesMut;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use tokio_postgres::{Client, Config};
 use zeroize::Zeroizing;
+
+pub use connect::{PgTls, WeakAuth};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,6 +78,22 @@ const CLONE_SUFFIX: &str = "_clone";
 /// Marks which version a role's password belongs to (`COMMENT ON ROLE`), so a
 /// late `retire(previous)` never clears a newer version set on the same role.
 const VERSION_MARK: &str = "keyturn: version ";
+/// Every comment keyturn puts on a clone starts with this: the clone was made
+/// by keyturn (the mark at creation, then [`VERSION_MARK`]).
+const KEYTURN_MARK: &str = "keyturn: ";
+
+/// Sets the password (and, under `alternating_users`, the version mark) of
+/// the role named by the session settings `keyturn.*`, which the same
+/// transaction set from bind parameters. Constant text: nothing secret is in
+/// any statement tokio-postgres or the server may log.
+const SET_PASSWORD: &str = "DO $keyturn$ BEGIN \
+    EXECUTE format('ALTER ROLE %I WITH LOGIN PASSWORD %L', \
+        current_setting('keyturn.role'), current_setting('keyturn.verifier')); \
+    IF current_setting('keyturn.mark') <> '' THEN \
+        EXECUTE format('COMMENT ON ROLE %I IS %L', \
+            current_setting('keyturn.role'), current_setting('keyturn.mark')); \
+    END IF; \
+    END $keyturn$";
 
 /// Default time allowed to connect to the server.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,6 +113,17 @@ pub struct PostgresConfig {
     /// Database to log into when testing a new value (default: the admin DSN's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_dbname: Option<String>,
+    /// `disable`, `require` or `verify-full` (default: the admin DSN's
+    /// `sslmode=require`, else `disable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslmode: Option<String>,
+    /// PEM file of the CA(s) the server's certificate must chain to (`verify-full`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_root_cert: Option<PathBuf>,
+    /// Weak password exchanges the server may ask for: `password` (clear
+    /// text), `md5`. Refused unless named here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_weak_auth: Vec<String>,
 }
 
 /// How versions map to roles.
@@ -96,6 +145,17 @@ impl PostgresConfig {
             strategy: None,
             connect_timeout: None,
             test_dbname: None,
+            sslmode: None,
+            ssl_root_cert: None,
+            allow_weak_auth: Vec::new(),
+        }
+    }
+
+    /// The `sslmode` setting; `None` when it is unknown.
+    pub fn tls(&self) -> Option<Option<PgTls>> {
+        match self.sslmode.as_deref() {
+            None => Some(None),
+            Some(s) => PgTls::parse(s).map(Some),
         }
     }
 
@@ -152,6 +212,35 @@ impl TargetPlugin for PostgresConfig {
             DEFAULT_CONNECT_TIMEOUT,
             Zero::Rejected,
         );
+        match self.tls() {
+            None => v.err(
+                p.key("sslmode"),
+                format!(
+                    "unknown sslmode `{}`; expected `disable`, `require` or `verify-full`",
+                    self.sslmode.as_deref().unwrap_or_default()
+                ),
+            ),
+            Some(Some(PgTls::VerifyFull)) if self.ssl_root_cert.is_none() => v.err(
+                p.key("sslmode"),
+                "sslmode = \"verify-full\" needs ssl_root_cert: the PEM file of the CA that signs the server's certificate",
+            ),
+            Some(mode) if mode != Some(PgTls::VerifyFull) && self.ssl_root_cert.is_some() => v.err(
+                p.key("ssl_root_cert"),
+                "ssl_root_cert is only used with sslmode = \"verify-full\"; set that, or remove ssl_root_cert",
+            ),
+            _ => {}
+        }
+        if let Some(ca) = &mut self.ssl_root_cert {
+            v.resolve_path(p.key("ssl_root_cert"), ca);
+        }
+        for (i, name) in self.allow_weak_auth.iter().enumerate() {
+            if !WeakAuth::NAMES.contains(&name.as_str()) {
+                v.err(
+                    p.key("allow_weak_auth").index(i),
+                    format!("unknown authentication method `{name}`; expected `password` or `md5`"),
+                );
+            }
+        }
     }
 
     fn build(&self) -> Result<Option<Arc<dyn Target>>, PluginError> {
@@ -165,6 +254,9 @@ pub struct PostgresTarget {
     connect_timeout: Duration,
     /// `<role>_clone` under `alternating_users`.
     clone: Option<String>,
+    /// The target's own `sslmode` (`None`: the DSN decides).
+    tls: Option<PgTls>,
+    weak: WeakAuth,
 }
 
 impl PostgresTarget {
@@ -199,10 +291,16 @@ impl PostgresTarget {
                 "postgres target: test_dbname must be non-empty".into(),
             ));
         }
+        let tls = s.tls().ok_or_else(|| {
+            invalid("postgres target: sslmode must be disable, require or verify-full".into())
+        })?;
+        let weak = WeakAuth::from_names(&s.allow_weak_auth);
         Ok(Self {
             s,
             connect_timeout,
             clone,
+            tls,
+            weak,
         })
     }
 
@@ -240,20 +338,46 @@ impl PostgresTarget {
                 ),
             )
         })?;
-        if cfg.get_ssl_mode() == SslMode::Require {
-            return Err(PluginError::new(
-                ErrorKind::Invalid,
-                format!(
-                    "{}: {step}: admin DSN in {} asks for sslmode=require, but keyturn has no TLS \
-                     connector for PostgreSQL yet; use a Unix socket or a trusted loopback/tunnel",
-                    self.describe(),
-                    path.display()
-                ),
-            ));
-        }
-        cfg.connect_timeout(self.connect_timeout);
         cfg.application_name("keyturn");
         Ok(cfg)
+    }
+
+    /// How to reach the server: the target's `sslmode`, else the DSN's
+    /// `sslmode=require`. A DSN that says `disable` while the target asks for
+    /// TLS is a contradiction the operator must resolve.
+    fn transport(&self, dsn: &Config, step: &str) -> Result<connect::Transport, PluginError> {
+        let what = format!("{}: {step}", self.describe());
+        let mode = match (self.tls, dsn.get_ssl_mode()) {
+            (None, SslMode::Require) => PgTls::Require,
+            (None, _) => PgTls::Disable,
+            // Never connect with less than either side asked for.
+            (Some(mode), dsn_mode @ (SslMode::Disable | SslMode::Require))
+                if (mode == PgTls::Disable) != (dsn_mode == SslMode::Disable) =>
+            {
+                let dsn_mode = if dsn_mode == SslMode::Disable {
+                    "disable"
+                } else {
+                    "require"
+                };
+                return Err(PluginError::new(
+                    ErrorKind::Invalid,
+                    format!(
+                        "{what}: the admin DSN in {} says sslmode={dsn_mode} but the target says \
+                         sslmode = \"{}\"; remove one of them",
+                        self.s.admin_dsn_file.display(),
+                        mode.as_str()
+                    ),
+                ));
+            }
+            (Some(mode), _) => mode,
+        };
+        connect::Transport::new(
+            mode,
+            self.s.ssl_root_cert.as_deref(),
+            self.weak,
+            self.connect_timeout,
+            &what,
+        )
     }
 
     async fn connect_admin(&self, step: &str) -> Result<Client, PluginError> {
@@ -263,7 +387,7 @@ impl PostgresTarget {
             self.describe(),
             endpoint(&cfg)
         );
-        let client = connect(&cfg, &what).await?;
+        let client = self.transport(&cfg, step)?.connect(&cfg, &what).await?;
         // Keep the verifier out of the server log where we may. Failing for
         // lack of privilege is fine (see the module doc); anything else is not.
         if let Err(e) = client
@@ -281,31 +405,122 @@ impl PostgresTarget {
         Ok(client)
     }
 
-    /// Creates `<role>_clone` as a member of `role` if it does not exist yet.
+    /// Creates `<role>_clone` as a member of `role` if it does not exist yet,
+    /// with keyturn's mark in its comment (one implicit transaction, so a crash
+    /// never leaves an unmarked clone); adopts an existing one only if it is
+    /// what keyturn makes.
     async fn ensure_clone(
         &self,
         client: &Client,
         clone: &str,
         ctx: &str,
     ) -> Result<(), PluginError> {
-        if role_exists(client, clone, ctx).await? {
+        let sql = format!(
+            "CREATE ROLE {c} LOGIN INHERIT IN ROLE {r}; COMMENT ON ROLE {c} IS {m}",
+            c = quote_ident(clone),
+            r = quote_ident(&self.s.role),
+            m = quote_literal(&format!("{KEYTURN_MARK}clone of {}", self.s.role)),
+        );
+        if !role_exists(client, clone, ctx).await? {
+            match client.batch_execute(&sql).await {
+                Ok(()) => return Ok(()),
+                // Another keyturn (or a retried step) created it meanwhile:
+                // checked below like any existing role.
+                Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+                Err(e) => {
+                    return Err(pg_error(
+                        &format!("{ctx}: creating role {clone:?}"),
+                        &e,
+                        &[],
+                    ));
+                }
+            }
+        }
+        let problems = self.foreign_clone(client, clone, ctx).await?;
+        if problems.is_empty() {
             return Ok(());
         }
-        let sql = format!(
-            "CREATE ROLE {} LOGIN INHERIT IN ROLE {}",
-            quote_ident(clone),
-            quote_ident(&self.s.role)
-        );
-        match client.batch_execute(&sql).await {
-            Ok(()) => Ok(()),
-            // Another keyturn (or a retried step) created it meanwhile.
-            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(()),
-            Err(e) => Err(pg_error(
-                &format!("{ctx}: creating role {clone:?}"),
-                &e,
-                &[],
-            )),
+        Err(PluginError::new(
+            ErrorKind::Invalid,
+            format!(
+                "{ctx}: role {clone:?} exists but is not the clone keyturn makes ({}); keyturn \
+                 will not set a password on someone else's role. Drop or rename it, or choose \
+                 another `role`",
+                problems.join("; ")
+            ),
+        ))
+    }
+
+    /// Whether `role` carries keyturn's mark (true when it does not exist:
+    /// nothing to tell apart).
+    async fn marked(&self, client: &Client, role: &str, ctx: &str) -> Result<bool, PluginError> {
+        let comment: Option<Option<String>> = client
+            .query_opt(
+                "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1",
+                &[&role],
+            )
+            .await
+            .map_err(|e| pg_error(ctx, &e, &[]))?
+            .map(|row| row.get(0));
+        Ok(match comment {
+            None => true,
+            Some(c) => c.is_some_and(|c| c.starts_with(KEYTURN_MARK)),
+        })
+    }
+
+    /// What makes the existing role `clone` differ from the clone keyturn
+    /// creates: empty when it is keyturn's.
+    async fn foreign_clone(
+        &self,
+        client: &Client,
+        clone: &str,
+        ctx: &str,
+    ) -> Result<Vec<String>, PluginError> {
+        let row = client
+            .query_one(
+                "SELECT r.rolsuper, r.rolcreaterole, r.rolcreatedb, r.rolreplication, \
+                        r.rolbypassrls, r.rolinherit, shobj_description(r.oid, 'pg_authid'), \
+                        ARRAY(SELECT g.rolname::text FROM pg_auth_members m \
+                              JOIN pg_roles g ON g.oid = m.roleid WHERE m.member = r.oid) \
+                 FROM pg_roles r WHERE r.rolname = $1",
+                &[&clone],
+            )
+            .await
+            .map_err(|e| pg_error(ctx, &e, &[]))?;
+        let mut problems = Vec::new();
+        for (i, attribute) in [
+            "SUPERUSER",
+            "CREATEROLE",
+            "CREATEDB",
+            "REPLICATION",
+            "BYPASSRLS",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if row.get::<_, bool>(i) {
+                problems.push(format!("it has {attribute}"));
+            }
         }
+        if !row.get::<_, bool>(5) {
+            problems.push("it is NOINHERIT".into());
+        }
+        let comment: Option<String> = row.get(6);
+        if !comment
+            .as_deref()
+            .is_some_and(|c| c.starts_with(KEYTURN_MARK))
+        {
+            problems.push(format!("its comment lacks keyturn's mark `{KEYTURN_MARK}`"));
+        }
+        let member_of: Vec<String> = row.get(7);
+        if !member_of.contains(&self.s.role) {
+            problems.push(format!("it is not a member of {:?}", self.s.role));
+        }
+        let others: Vec<&String> = member_of.iter().filter(|g| **g != self.s.role).collect();
+        if !others.is_empty() {
+            problems.push(format!("it is also a member of {others:?}"));
+        }
+        Ok(problems)
     }
 
     fn roles(&self) -> Vec<&str> {
@@ -348,24 +563,25 @@ impl Target for PostgresTarget {
         if self.clone.as_deref() == Some(role) {
             self.ensure_clone(&client, role, &ctx).await?;
         }
-        let mut sql = Zeroizing::new(format!(
-            "ALTER ROLE {} WITH LOGIN PASSWORD {}",
-            quote_ident(role),
-            quote_literal(&verifier)
-        ));
-        if self.clone.is_some() {
-            // One simple-query message = one implicit transaction: the
-            // password and its version mark change together.
-            sql.push_str(&format!(
-                "; COMMENT ON ROLE {} IS {}",
-                quote_ident(role),
-                quote_literal(&format!("{VERSION_MARK}{version}"))
-            ));
-        }
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(|e| pg_error(&ctx, &e, &[value.expose(), verifier.as_bytes()]))
+        // Under alternating_users the password and its version mark change
+        // together, in one transaction.
+        let mark = match self.clone {
+            Some(_) => format!("{VERSION_MARK}{version}"),
+            None => String::new(),
+        };
+        let fail =
+            |e: tokio_postgres::Error| pg_error(&ctx, &e, &[value.expose(), verifier.as_bytes()]);
+        let mut client = client;
+        let tx = client.transaction().await.map_err(fail)?;
+        tx.execute(
+            "SELECT set_config('keyturn.role', $1, true), set_config('keyturn.verifier', $2, true), \
+                    set_config('keyturn.mark', $3, true)",
+            &[&role, &Hidden(&verifier), &mark],
+        )
+        .await
+        .map_err(fail)?;
+        tx.batch_execute(SET_PASSWORD).await.map_err(fail)?;
+        tx.commit().await.map_err(fail)
     }
 
     async fn test(
@@ -409,7 +625,9 @@ impl Target for PostgresTarget {
             self.describe(),
             endpoint(&cfg)
         );
-        let client = connect(&cfg, &ctx)
+        let client = self
+            .transport(&admin, "test")?
+            .connect(&cfg, &ctx)
             .await
             .map_err(|e| redact_err(e, value.expose()))?;
         client
@@ -463,6 +681,13 @@ impl Target for PostgresTarget {
         let client = self.connect_admin("revoke").await?;
         let mut present = Vec::new();
         for role in self.roles() {
+            if Some(role) == self.clone.as_deref() && !self.marked(&client, role, &ctx).await? {
+                // Someone else's role under the clone's name: `set` refused
+                // it, so no value keyturn made logs in with it. Not ours to
+                // disable.
+                tracing::warn!(credential = %key, role, "revoke skipped a role keyturn did not make");
+                continue;
+            }
             if role_exists(&client, role, &ctx).await? {
                 // NOLOGIN first so the sessions we terminate cannot come back.
                 client
@@ -539,19 +764,30 @@ async fn role_exists(client: &Client, role: &str, ctx: &str) -> Result<bool, Plu
         .map_err(|e| pg_error(ctx, &e, &[]))
 }
 
-/// Connects and drives the connection on its own task (tokio-postgres' split
-/// design); it ends when the client is dropped.
-async fn connect(cfg: &Config, what: &str) -> Result<Client, PluginError> {
-    let (client, conn) = cfg
-        .connect(NoTls)
-        .await
-        .map_err(|e| pg_error(what, &e, &[]))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "postgres connection ended");
-        }
-    });
-    Ok(client)
+/// A text bind parameter whose `Debug` is redacted: tokio-postgres logs the
+/// `Debug` of every parameter at debug level.
+struct Hidden<'a>(&'a str);
+
+impl std::fmt::Debug for Hidden<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl ToSql for Hidden<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        self.0.to_sql(ty, out)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <&str as ToSql>::accepts(ty)
+    }
+
+    to_sql_checked!();
 }
 
 /// `host:port` list for messages: where we tried, never who or with what.
@@ -681,6 +917,7 @@ mod tests {
 
     use super::*;
     use crate::test_support::secret;
+    use tokio_postgres::NoTls;
 
     const NEED: &str =
         "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
@@ -826,6 +1063,52 @@ mod tests {
         assert_eq!(
             PostgresTarget::new(long).unwrap_err().kind,
             ErrorKind::Invalid
+        );
+    }
+
+    #[test]
+    fn tls_and_weak_auth_settings_are_checked() {
+        let errors = |target: &str| -> Vec<(String, String)> {
+            let text = format!(
+                "[vaults.v]\ntype = \"local\"\n[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+                 [agents.a.credentials.db]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+                 target = {{ type = \"postgres\", admin_dsn_file = \"pg.dsn\", role = \"bot\"{target} }}\n"
+            );
+            match crate::config::load_str(std::path::Path::new("/etc/keyturn/t.toml"), &text) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.0.into_iter().map(|e| (e.toml_path, e.message)).collect(),
+            }
+        };
+        let at = |key: &str| format!("agents.a.credentials.db.target.{key}");
+        assert_eq!(
+            errors(r#", sslmode = "verify-full", ssl_root_cert = "ca.pem""#),
+            vec![]
+        );
+        assert_eq!(
+            errors(r#", sslmode = "require", allow_weak_auth = ["md5", "password"]"#),
+            vec![]
+        );
+        let e = errors(r#", sslmode = "verify-ca""#);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].0, at("sslmode"));
+        assert!(e[0].1.contains("unknown sslmode `verify-ca`"), "{e:?}");
+        let e = errors(r#", sslmode = "verify-full""#);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].0, at("sslmode"));
+        assert!(e[0].1.contains("needs ssl_root_cert"), "{e:?}");
+        let e = errors(r#", ssl_root_cert = "ca.pem""#);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].0, at("ssl_root_cert"));
+        assert!(
+            e[0].1.contains("only used with sslmode = \"verify-full\""),
+            "{e:?}"
+        );
+        let e = errors(r#", allow_weak_auth = ["trust"]"#);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].0, at("allow_weak_auth[0]"));
+        assert!(
+            e[0].1.contains("unknown authentication method `trust`"),
+            "{e:?}"
         );
     }
 
@@ -975,11 +1258,20 @@ mod tests {
         let e = t.check().await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
         assert!(!e.message.contains(canary), "{e}");
-        // TLS demanded but not available: refused, not silently downgraded.
+        // The DSN's own sslmode=require is honoured (TLS, the certificate
+        // unchecked); a DSN saying disable while the target asks for TLS is
+        // refused, not silently downgraded.
         set_dsn(format!("{} sslmode=require", f.pg.admin_dsn));
-        let e = t.check().await.unwrap_err();
+        t.check().await.unwrap();
+        set_dsn(format!("{} sslmode=disable", f.pg.admin_dsn));
+        let tls = PostgresTarget::new(PostgresConfig {
+            sslmode: Some("require".into()),
+            ..f.settings(PgStrategy::SingleUser)
+        })
+        .unwrap();
+        let e = tls.check().await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
-        assert!(e.message.contains("sslmode=require"), "{e}");
+        assert!(e.message.contains("sslmode=disable"), "{e}");
         std::fs::remove_file(&path).unwrap();
         let e = t.check().await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
@@ -1001,6 +1293,245 @@ mod tests {
             !e.message.contains("canary") && !e.message.contains("SCRAM"),
             "{e}"
         );
+    }
+
+    fn ca() -> PathBuf {
+        std::env::var("KEYTURN_TEST_PG_CA")
+            .unwrap_or_else(|_| panic!("KEYTURN_TEST_PG_CA is not set: {NEED}"))
+            .into()
+    }
+
+    impl Fixture {
+        /// Puts the fixture's role in a pg_hba group of the test server
+        /// (scripts/services.sh): `kt_hba_password`, `kt_hba_md5`, `kt_hba_tls_only`.
+        async fn join(&self, group: &str) {
+            self.admin()
+                .await
+                .batch_execute(&format!("GRANT {group} TO {}", quote_ident(&self.role)))
+                .await
+                .unwrap();
+        }
+
+        fn tls_target(&self, mode: &str, ca: Option<PathBuf>) -> PostgresTarget {
+            PostgresTarget::new(PostgresConfig {
+                sslmode: Some(mode.into()),
+                ssl_root_cert: ca,
+                ..self.settings(PgStrategy::SingleUser)
+            })
+            .unwrap()
+        }
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn verify_full_checks_the_ca_and_the_host_name() {
+        let f = Fixture::new("tls").await;
+        // The role may log in over TLS only: `test` passing proves TLS.
+        f.join("kt_hba_tls_only").await;
+        for mode in ["verify-full", "require"] {
+            let t = f.tls_target(mode, (mode == "verify-full").then(ca));
+            t.check().await.unwrap();
+            t.set(&key(), 1, &secret("tls-pass-1")).await.unwrap();
+            t.test(&key(), 1, &secret("tls-pass-1")).await.unwrap();
+        }
+        let e = f.login(&f.role, "tls-pass-1").await.unwrap_err();
+        assert!(
+            e.as_db_error()
+                .is_some_and(|d| d.message().contains("no encryption")),
+            "only TLS logins are accepted for this role: {e}"
+        );
+
+        // A missing CA file, one without a certificate, and a CA that did
+        // not sign the server's certificate.
+        let e = f
+            .tls_target("verify-full", Some(f.dir.path().join("missing-ca.pem")))
+            .check()
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+        assert!(e.message.contains("ssl_root_cert"), "{e}");
+        std::fs::write(f.dir.path().join("not-pem.pem"), "not a certificate\n").unwrap();
+        let e = f
+            .tls_target("verify-full", Some(f.dir.path().join("not-pem.pem")))
+            .check()
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains("holds no certificate"), "{e}");
+        // Another test CA (the Azure stub's): the chain does not verify.
+        let other_ca = std::env::var("KEYTURN_TEST_AZURE_CA")
+            .unwrap_or_else(|_| panic!("KEYTURN_TEST_AZURE_CA is not set: {NEED}"));
+        let e = f
+            .tls_target("verify-full", Some(other_ca.into()))
+            .check()
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("invalid peer certificate"), "{e}");
+        // The right CA, but a name the certificate does not hold.
+        let path = f.dir.path().join("admin.dsn");
+        std::fs::write(
+            &path,
+            f.pg.admin_dsn.replace(
+                "host=127.0.0.1",
+                "host=not-in-the-cert.invalid hostaddr=127.0.0.1",
+            ),
+        )
+        .unwrap();
+        let e = f
+            .tls_target("verify-full", Some(ca()))
+            .check()
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("certificate"), "{e}");
+        assert!(
+            e.message.contains("NotValidForName") || e.message.contains("not valid for"),
+            "{e}"
+        );
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn clear_text_and_md5_password_requests_are_refused_unless_allowed() {
+        let f = Fixture::new("weak").await;
+        // The server asks this role for its password in clear text.
+        f.join("kt_hba_password").await;
+        let plain = f.target(PgStrategy::SingleUser);
+        plain.set(&key(), 1, &secret("weak-pass-1")).await.unwrap();
+        let e = plain
+            .test(&key(), 1, &secret("weak-pass-1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains("clear text"), "{e}");
+        assert!(
+            e.message.contains("allow_weak_auth"),
+            "says what to do: {e}"
+        );
+        assert!(!e.message.contains("weak-pass-1"), "{e}");
+        // Over TLS, channel binding refuses it.
+        let tls = f.tls_target("verify-full", Some(ca()));
+        let e = tls
+            .test(&key(), 1, &secret("weak-pass-1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains("channel binding"), "{e}");
+        // Allowed explicitly: the login goes through.
+        let allowed = PostgresTarget::new(PostgresConfig {
+            allow_weak_auth: vec!["password".into()],
+            ..f.settings(PgStrategy::SingleUser)
+        })
+        .unwrap();
+        allowed
+            .test(&key(), 1, &secret("weak-pass-1"))
+            .await
+            .unwrap();
+
+        // An admin whose password is stored as MD5, in an `md5` pg_hba group.
+        let md5_admin = format!("{}_md5", f.role);
+        let admin = f.admin().await;
+        admin
+            .batch_execute(&format!(
+                "SET password_encryption = 'md5'; \
+                 CREATE ROLE {r} LOGIN PASSWORD 'md5-admin-pass' IN ROLE kt_hba_md5",
+                r = quote_ident(&md5_admin)
+            ))
+            .await
+            .unwrap();
+        std::fs::write(
+            f.dir.path().join("admin.dsn"),
+            format!(
+                "host={} port={} user={md5_admin} password=md5-admin-pass dbname=postgres",
+                f.pg.host, f.pg.port
+            ),
+        )
+        .unwrap();
+        let outcome = async {
+            let e = plain.check().await.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+            assert!(e.message.contains("MD5"), "{e}");
+            assert!(!e.message.contains("md5-admin-pass"), "{e}");
+            let allowed = PostgresTarget::new(PostgresConfig {
+                allow_weak_auth: vec!["md5".into()],
+                ..f.settings(PgStrategy::SingleUser)
+            })
+            .unwrap();
+            allowed.check().await.unwrap();
+        };
+        // The extra role is dropped even when an assertion fails.
+        let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(outcome)).await;
+        admin
+            .batch_execute(&format!("DROP ROLE {}", quote_ident(&md5_admin)))
+            .await
+            .unwrap();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn a_foreign_clone_is_refused_and_keyturns_own_is_adopted() {
+        let f = Fixture::new("clone").await;
+        let t = f.target(PgStrategy::AlternatingUsers);
+        let clone = format!("{}_clone", f.role);
+        let admin = f.admin().await;
+        // Someone else's role under the clone's name: a login role, not a
+        // member of `role`, without keyturn's mark.
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {} LOGIN PASSWORD 'theirs-1234'",
+                quote_ident(&clone)
+            ))
+            .await
+            .unwrap();
+        t.set(&key(), 1, &secret("own-pass-1")).await.unwrap();
+        let e = t.set(&key(), 2, &secret("own-pass-2")).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains("not the clone keyturn makes"), "{e}");
+        assert!(e.message.contains("mark"), "{e}");
+        assert!(e.message.contains("not a member of"), "{e}");
+        // Its password is untouched, and revoke leaves it alone too.
+        f.login(&clone, "theirs-1234").await.unwrap();
+        assert!(f.login(&clone, "own-pass-2").await.is_err());
+        t.revoke(&key()).await.unwrap();
+        f.login(&clone, "theirs-1234").await.unwrap();
+        f.assert_login_refused(&f.role, "own-pass-1").await;
+
+        // Marked and a member, but with a privilege of its own: still refused.
+        admin
+            .batch_execute(&format!(
+                "GRANT {r} TO {c}; ALTER ROLE {c} CREATEDB; COMMENT ON ROLE {c} IS 'keyturn: version 2'",
+                r = quote_ident(&f.role),
+                c = quote_ident(&clone)
+            ))
+            .await
+            .unwrap();
+        let e = t.set(&key(), 2, &secret("own-pass-2")).await.unwrap_err();
+        assert!(e.message.contains("CREATEDB"), "{e}");
+
+        // keyturn's own clone, left behind by a crash after it was created:
+        // adopted, and a replayed set is idempotent.
+        admin
+            .batch_execute(&format!("DROP ROLE {}", quote_ident(&clone)))
+            .await
+            .unwrap();
+        t.ensure_clone(&t.connect_admin("set").await.unwrap(), &clone, "test")
+            .await
+            .unwrap();
+        t.set(&key(), 2, &secret("own-pass-2")).await.unwrap();
+        t.set(&key(), 2, &secret("own-pass-2")).await.unwrap();
+        t.test(&key(), 2, &secret("own-pass-2")).await.unwrap();
+        f.login(&clone, "own-pass-2").await.unwrap();
     }
 
     #[cfg_attr(
