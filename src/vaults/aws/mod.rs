@@ -256,6 +256,15 @@ fn stage_of(labels: &[String]) -> Option<Stage> {
     }
 }
 
+/// The version that holds AWSCURRENT without having been promoted: AWS puts
+/// AWSCURRENT on a secret's first version along with the AWSPENDING asked for.
+fn unpromoted_current(versions: &Labels) -> Option<String> {
+    versions
+        .iter()
+        .find(|(_, l)| has_label(l, AWSCURRENT) && has_label(l, AWSPENDING))
+        .map(|(id, _)| id.clone())
+}
+
 fn has_label(labels: &[String], label: &str) -> bool {
     labels.iter().any(|l| l == label)
 }
@@ -497,6 +506,28 @@ impl AwsVault {
         }
     }
 
+    /// The clean-up of a `stage` over the abandoned first version, for a
+    /// replay after a crash between its two calls: while the AWSCURRENT
+    /// holder is still pending (never promoted), no version was ever
+    /// previous, so an AWSPREVIOUS anywhere marks an abandoned value.
+    async fn clear_abandoned_previous(
+        &self,
+        secret: &str,
+        versions: &Labels,
+    ) -> Result<(), PluginError> {
+        if unpromoted_current(versions).is_none() {
+            return Ok(());
+        }
+        for (id, labels) in versions {
+            if has_label(labels, AWSPREVIOUS) {
+                let op = "stage (remove AWSPREVIOUS)";
+                self.remove_label(op, secret, AWSPREVIOUS, &VersionRef(id.clone()))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Takes `label` off `version`.
     async fn remove_label(
         &self,
@@ -541,12 +572,14 @@ impl Vault for AwsVault {
     async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
         let secret = self.secret_id(new.item.path);
         let token = new.rotation.as_str();
+        let mut unpromoted = None;
         match self.labels("stage", &secret).await? {
             // Replay: the first value for this rotation wins; do not write.
             Some(versions) if versions.contains_key(token) => {
+                self.clear_abandoned_previous(&secret, &versions).await?;
                 return Ok(VersionRef(token.to_owned()));
             }
-            Some(_) => {}
+            Some(versions) => unpromoted = unpromoted_current(&versions),
             None => self.create_empty(&secret).await?,
         }
 
@@ -556,6 +589,14 @@ impl Vault for AwsVault {
             .secret_id(&secret)
             .client_request_token(token)
             .version_stages(AWSPENDING);
+        // Over the abandoned first version, which AWS labelled AWSCURRENT as
+        // well: AWSCURRENT moves along with AWSPENDING, so that a value never
+        // applied at the target does not read as current once it is no
+        // longer pending (the new version is then in the first one's place).
+        let put = match unpromoted {
+            Some(_) => put.version_stages(AWSCURRENT),
+            None => put,
+        };
         // Every generator makes text; SecretBinary is for anything else.
         let put = match new.value.expose_str() {
             Some(text) => put.secret_string(text),
@@ -563,15 +604,24 @@ impl Vault for AwsVault {
         };
         self.budget.acquire().await;
         match put.send().await {
-            Ok(_) => Ok(VersionRef(token.to_owned())),
+            Ok(_) => {}
             // A version with this token exists but carries no label (AWS does
             // not list those in DescribeSecret): this rotation staged before
             // and its version was since superseded. Same answer as a replay.
             Err(e) if error_code(&e) == Some("ResourceExistsException") => {
-                Ok(VersionRef(token.to_owned()))
+                return Ok(VersionRef(token.to_owned()));
             }
-            Err(e) => Err(self.sdk_err("stage (PutSecretValue)", &secret, &e, Some(new.value))),
+            Err(e) => {
+                return Err(self.sdk_err("stage (PutSecretValue)", &secret, &e, Some(new.value)));
+            }
         }
+        if let Some(old) = unpromoted {
+            // Moving AWSCURRENT put AWSPREVIOUS on the abandoned version.
+            let op = "stage (remove AWSPREVIOUS)";
+            self.remove_label(op, &secret, AWSPREVIOUS, &VersionRef(old))
+                .await?;
+        }
+        Ok(VersionRef(token.to_owned()))
     }
 
     async fn read(

@@ -87,14 +87,6 @@ crate::vaults::contract::vault_contract! {
         ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
     )]
     open = contract_subject,
-    known_bugs = {
-        // Staging over the abandoned *first* version moves AWSPENDING off
-        // it but leaves the AWSCURRENT that AWS put on it, so a value that
-        // was never applied at the target reads as current (and becomes
-        // previous at the next promote).
-        a_new_rotation_abandons_even_the_first_pending_version:
-            "after staging over an abandoned pending version",
-    },
 }
 
 // -- pure ---------------------------------------------------------------
@@ -249,6 +241,66 @@ async fn a_stage_replay_writes_nothing_real_server() {
     v.stage(it.pending(&r2, &value("b"))).await.unwrap();
     assert_eq!(v.writes_issued(), writes);
     assert_eq!(raw_labels(&v, &path).await.len(), 2);
+    v.destroy(it).await.unwrap();
+}
+
+/// Staging over the abandoned first version takes two calls: the put that
+/// moves AWSCURRENT along with AWSPENDING (AWS then labels the abandoned
+/// version AWSPREVIOUS), and the removal of that AWSPREVIOUS. A crash
+/// between them is mended by the replay, and nothing reads as current or
+/// previous until a promote.
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn staging_over_the_abandoned_first_version_survives_a_crash_between_its_calls_real_server() {
+    let v = vault().await;
+    let k = key();
+    let path = unique_path("first-abandoned");
+    let it = item(&k, &path);
+    let secret = v.secret_id(&path);
+    let one = v
+        .stage(it.pending(&RotationId::generate(), &value("one")))
+        .await
+        .unwrap();
+    let labels = raw_labels(&v, &path).await;
+    assert_eq!(sorted(labels[&one.0].clone()), [AWSCURRENT, AWSPENDING]);
+
+    // The first call of a second rotation's stage, then the crash.
+    let r2 = RotationId::generate();
+    v.client
+        .put_secret_value()
+        .secret_id(&secret)
+        .client_request_token(r2.as_str())
+        .version_stages(AWSPENDING)
+        .version_stages(AWSCURRENT)
+        .secret_string("two")
+        .send()
+        .await
+        .unwrap();
+    let labels = raw_labels(&v, &path).await;
+    assert_eq!(labels[&one.0], [AWSPREVIOUS], "what AWS does on its own");
+
+    let two = v.stage(it.pending(&r2, &value("two"))).await.unwrap();
+    let labels = raw_labels(&v, &path).await;
+    assert!(
+        labels.get(&one.0).is_none_or(|l| l.is_empty()),
+        "{labels:?}"
+    );
+    assert_eq!(sorted(labels[&two.0].clone()), [AWSCURRENT, AWSPENDING]);
+    for stage in [Stage::Current, Stage::Previous] {
+        let read = v.read(it, Select::Stage(stage)).await.unwrap();
+        assert!(read.is_none(), "{stage:?} before any promote: {read:?}");
+    }
+    v.promote(it, &two).await.unwrap();
+    let current = v.read(it, Select::Stage(Stage::Current)).await.unwrap();
+    assert_eq!(current.unwrap().value.expose(), b"two");
+    let previous = v.read(it, Select::Stage(Stage::Previous)).await.unwrap();
+    assert!(
+        previous.is_none(),
+        "the abandoned value is nobody's previous"
+    );
     v.destroy(it).await.unwrap();
 }
 
