@@ -16,7 +16,7 @@ use crate::config::RetryConfig;
 use crate::generators;
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
 use crate::sinks::Notice;
-use crate::state::{CredentialRow, RotationRow, VersionRow, Write};
+use crate::state::{CredentialRow, Restage, RotationRow, VersionRow, Write};
 use crate::targets::Target;
 use crate::vaults::{Select, Vault, VaultItem, VaultRefs, VersionRef};
 
@@ -365,12 +365,12 @@ impl Inner {
                 }
                 // Anything older still marked current or previous was
                 // retired in the vault by this promote.
-                writes.push(Write::RetireOthers {
+                writes.push(Write::RetireOthers(Restage {
                     key: key.clone(),
                     except: keep,
                     from: vec![Stage::Current, Stage::Previous],
                     to: Stage::Retired,
-                });
+                }));
                 Ok(writes)
             }
             Step::Deliver => {

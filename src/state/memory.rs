@@ -72,15 +72,10 @@ impl Tables {
                     v.stage = *stage;
                 }
             }
-            Write::RetireOthers {
-                key,
-                except,
-                from,
-                to,
-            } => {
+            Write::RetireOthers(r) => {
                 for ((k, n), v) in self.versions.iter_mut() {
-                    if k == key && !except.contains(n) && from.contains(&v.stage) {
-                        v.stage = *to;
+                    if *k == r.key && r.moves(*n, v.stage) {
+                        v.stage = r.to;
                     }
                 }
             }
@@ -192,6 +187,7 @@ mod differential_tests {
     use super::*;
     use crate::model::{AgentId, CredentialId};
     use crate::rotation::Trigger;
+    use crate::state::Restage;
     use crate::state::SqliteStore;
     use crate::test_support::at_ms as at;
 
@@ -261,12 +257,12 @@ mod differential_tests {
                 version: v,
                 stage: stage(s),
             }),
-            (k.clone(), 1u64..12).prop_map(|(k, v)| Write::RetireOthers {
+            (k.clone(), 1u64..12).prop_map(|(k, v)| Write::RetireOthers(Restage {
                 key: key(k),
                 except: vec![v, v + 1],
                 from: vec![Stage::Current, Stage::Previous],
                 to: Stage::Retired,
-            }),
+            })),
             (0u64..6).prop_map(|seq| Write::AuditHead(AuditHead {
                 seq,
                 hash: format!("h{seq}"),

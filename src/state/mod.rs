@@ -91,6 +91,22 @@ pub struct VersionRow {
     pub public: Option<String>,
 }
 
+/// Every version of `key` other than `except` that is in `from` moves to `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restage {
+    pub key: CredentialKey,
+    pub except: Vec<VersionNo>,
+    pub from: Vec<Stage>,
+    pub to: Stage,
+}
+
+impl Restage {
+    /// Whether `version`, now at `stage`, moves (it is one of `key`'s).
+    pub fn moves(&self, version: VersionNo, stage: Stage) -> bool {
+        !self.except.contains(&version) && self.from.contains(&stage)
+    }
+}
+
 /// The last audit record's sequence number and hash, to detect a truncated log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditHead {
@@ -111,13 +127,7 @@ pub enum Write {
         version: VersionNo,
         stage: Stage,
     },
-    /// Every version of `key` other than `except` that is in `from` moves to `to`.
-    RetireOthers {
-        key: CredentialKey,
-        except: Vec<VersionNo>,
-        from: Vec<Stage>,
-        to: Stage,
-    },
+    RetireOthers(Restage),
     AuditHead(AuditHead),
     /// Forget a credential removed from config (its rows, not its audit).
     ForgetCredential(CredentialKey),

@@ -415,12 +415,8 @@ impl SqliteStore {
                 ])
                 .map_err(e)?;
             }
-            Write::RetireOthers {
-                key,
-                except,
-                from,
-                to,
-            } => {
+            Write::RetireOthers(r) => {
+                let key = &r.key;
                 // Few rows per credential: select the candidates, filter here.
                 let mut st = tx
                     .prepare_cached(
@@ -444,13 +440,12 @@ impl SqliteStore {
                     let Some(stage) = Stage::parse(&stage) else {
                         continue;
                     };
-                    let keep = u64::try_from(v).is_ok_and(|v| except.contains(&v));
-                    if !keep && from.contains(&stage) {
+                    if u64::try_from(v).is_ok_and(|v| r.moves(v, stage)) {
                         up.execute(params![
                             key.agent.as_str(),
                             key.credential.as_str(),
                             v,
-                            to.as_str()
+                            r.to.as_str()
                         ])
                         .map_err(e)?;
                     }
@@ -821,6 +816,7 @@ fn decode_version(row: &Row<'_>) -> DecodeResult<VersionRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::Restage;
     use crate::test_support::{credential_row, key};
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
@@ -928,12 +924,12 @@ mod tests {
                 version: 3,
                 stage: Stage::Previous,
             },
-            Write::RetireOthers {
+            Write::RetireOthers(Restage {
                 key: k.clone(),
                 except: vec![4, 3],
                 from: vec![Stage::Current, Stage::Previous],
                 to: Stage::Retired,
-            },
+            }),
             // A missing version is a no-op, not an error.
             Write::VersionStage {
                 key: k.clone(),
