@@ -24,11 +24,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{AgentId, CredentialId, RotationId, VersionNo};
 
+mod key;
 mod log;
 mod verify;
 
+pub use key::{AUDIT_KEY_CREDENTIAL, AuditKey, MIN_KEY_LEN};
 pub use log::AuditLog;
-pub use verify::{Problem, VerifyError, VerifyReport, verify_file};
+pub use verify::{Problem, VerifyError, VerifyReport, verify_file, verify_file_keyed};
 
 /// The hash a first record points back to.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -43,6 +45,25 @@ pub enum AuditError {
     /// last line is not a record): refuse to chain onto a tampered history.
     #[error("audit log {path}: {message}; run `keyturn audit verify` to find the first bad record")]
     Tampered { path: String, message: String },
+    /// The log is keyed and no key is configured: appending plain records
+    /// after keyed ones would be a downgrade `audit verify` refuses.
+    #[error(
+        "audit log {path} is keyed (hmac-sha256; record seq {seq}) but no audit key is configured; {}",
+        KEY_HINT
+    )]
+    NoKey { path: String, seq: u64 },
+}
+
+/// How to give the audit key, for the errors that need it.
+pub const KEY_HINT: &str = "give the key with `audit_key_file` in [daemon] or the systemd credential `keyturn-audit-key` (LoadCredentialEncrypted=keyturn-audit-key:...)";
+
+/// How a record's `prev` links it to the line before; absent from a record
+/// (`None`) means plain SHA-256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Chain {
+    /// HMAC-SHA256 under the audit key.
+    #[serde(rename = "hmac-sha256")]
+    HmacSha256,
 }
 
 /// Who did it.
@@ -123,8 +144,12 @@ pub struct AuditRecord {
     pub seq: u64,
     /// RFC 3339, UTC.
     pub ts: String,
-    /// SHA-256 (hex) of the previous line's bytes, or [`GENESIS`].
+    /// SHA-256 (hex) of the previous line's bytes, or HMAC-SHA256 under the
+    /// audit key when `chain` says so, or [`GENESIS`].
     pub prev: String,
+    /// `"hmac-sha256"` for a keyed record; absent for a plain SHA-256 link.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub chain: Option<Chain>,
     #[serde(flatten)]
     pub event: AuditEvent,
 }
