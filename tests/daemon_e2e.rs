@@ -606,7 +606,7 @@ fn a_keyed_audit_chain_cannot_be_rebuilt_without_the_key() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("keyed: hmac-sha256 from seq 1, checked with the audit key"),
+        stdout.contains("; keyed (hmac-sha256) from seq 1, checked with the audit key"),
         "{stdout}"
     );
     let original = std::fs::read_to_string(env.audit_log()).unwrap();
@@ -699,7 +699,7 @@ fn a_plain_audit_log_goes_keyed_with_the_systemd_credential() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains(&format!("keyed: hmac-sha256 from seq {}", plain + 1)),
+        stdout.contains(&format!("keyed (hmac-sha256) from seq {}", plain + 1)),
         "{stdout}"
     );
     // Without the credential the keyed part cannot be checked, and the

@@ -427,8 +427,8 @@ fn audit_verify(path: &Path) -> u8 {
                 format!("there is no state database at {}", db.display())
             };
             eprintln!(
-                "keyturn: {}: {} records, chain intact{}, but the tail was NOT checked: {why}; \
-                 records cut off the end cannot be detected without the head it keeps",
+                "keyturn: {}: {} records, chain intact, but the tail was NOT checked: {why}; \
+                 records cut off the end cannot be detected without the head it keeps{}",
                 paths.audit_log.display(),
                 report.records,
                 keying(&report)
@@ -442,7 +442,7 @@ fn audit_verify(path: &Path) -> u8 {
                 ""
             };
             println!(
-                "{}: ok, {} records, chain intact{}{tail}",
+                "{}: ok, {} records, chain intact{tail}{}",
                 paths.audit_log.display(),
                 report.records,
                 keying(&report)
@@ -460,7 +460,7 @@ fn audit_verify(path: &Path) -> u8 {
 fn keying(report: &VerifyReport) -> String {
     match report.keyed_from {
         None if report.records == 0 => String::new(),
-        Some(seq) => format!(" (keyed: hmac-sha256 from seq {seq}, checked with the audit key)"),
-        None => " (plain sha-256: no audit key, so not proof against whoever can write the log and the state database)".into(),
+        Some(seq) => format!("; keyed (hmac-sha256) from seq {seq}, checked with the audit key"),
+        None => "; plain sha-256, not keyed (no audit key: not proof against whoever can write both the log and the state database)".into(),
     }
 }
