@@ -263,9 +263,14 @@ mod tests {
 
     /// A good log of ten records.
     fn fixture() -> Fixture {
+        fixture_with(|path| write_log(path, 10))
+    }
+
+    /// The log `write` writes, returning its head.
+    fn fixture_with(write: impl FnOnce(&Path) -> AuditHead) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let head = write_log(&path, 10);
+        let head = write(&path);
         let lines = std::fs::read_to_string(&path)
             .unwrap()
             .lines()
@@ -470,20 +475,7 @@ mod tests {
 
         /// A log of ten records, all keyed with `test_key(b'a')`.
         fn keyed_fixture() -> Fixture {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("audit.log");
-            let head = append_keyed(&path, None, 1, 10, Some(test_key(b'a')));
-            let lines = std::fs::read_to_string(&path)
-                .unwrap()
-                .lines()
-                .map(str::to_owned)
-                .collect();
-            Fixture {
-                _dir: dir,
-                path,
-                head,
-                lines,
-            }
+            fixture_with(|path| append_keyed(path, None, 1, 10, Some(test_key(b'a'))))
         }
 
         /// What an attacker who can write the log and the state database
