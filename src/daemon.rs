@@ -21,7 +21,7 @@ use crate::api::protocol::{
     ApiError, ApiErrorKind, RotateOutcome, RotateResult, Selector, StatusRow,
 };
 use crate::api::socket::{self, ControlHandler, PeerCred};
-use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
+use crate::audit::{Actor, AuditEvent, AuditKey, AuditLog, Outcome};
 use crate::config::{self, Config, ConfigErrors};
 use crate::memory;
 use crate::model::CredentialKey;
@@ -118,7 +118,18 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let head = state
         .audit_head()
         .map_err(|e| startup("cannot read the audit head", &e))?;
-    let audit = AuditLog::open(&config.daemon.audit_log, head.as_ref())
+    let audit_key = AuditKey::load(config.daemon.audit_key_file.as_deref())
+        .map_err(|e| DaemonError::Startup(format!("cannot load the audit key: {e}")))?;
+    tracing::info!(
+        keyed = audit_key.is_some(),
+        "audit chain: {}",
+        if audit_key.is_some() {
+            "keyed (hmac-sha256)"
+        } else {
+            "plain sha-256 (no audit key configured)"
+        }
+    );
+    let audit = AuditLog::open_keyed(&config.daemon.audit_log, head.as_ref(), audit_key)
         .map_err(|e| startup("cannot open the audit log", &e))?;
 
     let catalog =
@@ -398,6 +409,10 @@ fn keep_restart_only_settings(old: &Config, new: &mut Config) -> Vec<&'static st
     if o.audit_log != n.audit_log {
         changed.push("daemon.audit_log");
         n.audit_log = o.audit_log.clone();
+    }
+    if o.audit_key_file != n.audit_key_file {
+        changed.push("daemon.audit_key_file");
+        n.audit_key_file = o.audit_key_file.clone();
     }
     if o.socket != n.socket || o.socket_group != n.socket_group {
         changed.push("daemon.socket");

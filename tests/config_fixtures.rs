@@ -216,6 +216,20 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "verify_challenge_resource = false is only for a loopback stub",
     ),
     (
+        "bad-audit-key-in-state-dir.toml",
+        5,
+        18,
+        "daemon.audit_key_file",
+        "audit_key_file `/var/lib/keyturn/keys/audit.key` is inside the state directory `/var/lib/keyturn`",
+    ),
+    (
+        "bad-audit-key-beside-log.toml",
+        5,
+        18,
+        "daemon.audit_key_file",
+        "is inside the audit log's directory `/var/log/keyturn`",
+    ),
+    (
         "bad-delivery-root-in-state-dir.toml",
         4,
         29,
@@ -436,6 +450,10 @@ fn good_full_reads_every_key() {
         ]
     );
     assert_eq!(d.audit_log, Path::new("/var/log/keyturn/audit.log"));
+    assert_eq!(
+        d.audit_key_file.as_deref(),
+        Some(Path::new("/etc/keyturn/audit.key"))
+    );
     assert_eq!(d.drain_timeout, Duration::from_secs(45));
     assert_eq!(d.max_concurrent_rotations, 8);
     assert_eq!(d.catch_up_spread, Duration::from_secs(120));
@@ -557,6 +575,7 @@ fn good_minimal_takes_the_defaults() {
     assert_eq!(d.state_dir, Path::new("/var/lib/keyturn"));
     assert_eq!(d.socket, Path::new("/run/keyturn/control.sock"));
     assert_eq!(d.audit_log, Path::new("/var/lib/keyturn/audit.log"));
+    assert_eq!(d.audit_key_file, None);
     assert_eq!(d.listen, None);
     assert!(d.delivery_roots.is_empty());
     assert_eq!(d.drain_timeout, Duration::from_secs(30));

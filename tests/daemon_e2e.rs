@@ -506,6 +506,214 @@ fn audit_log_is_verified_and_tampering_is_detected() {
     );
 }
 
+/// The audit key of the keyed-chain tests: 40 bytes spelling a canary that
+/// must never show up in a log, an output, the audit log or the state.
+const AUDIT_KEY: &[u8] = b"AUDITKEYCANARY-0123456789-abcdefghijklmn";
+
+/// `keyturn audit verify` with `config` and extra environment variables.
+fn verify_with(config: &std::path::Path, env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["audit", "verify", "--config"])
+        .arg(config)
+        .env_remove("KEYTURN_CONFIG")
+        .env_remove("CREDENTIALS_DIRECTORY");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run keyturn")
+}
+
+/// Rewrites the audit log as an attacker without the key can: record 3
+/// edited, every link a plain SHA-256 (the `chain` field dropped, or kept
+/// when `keep_chain`), and the head in the state database set to match.
+fn forge_plain_chain(env: &Env, original: &str, keep_chain: bool) {
+    use sha2::Digest as _;
+    let mut out: Vec<String> = Vec::new();
+    for (i, line) in original.lines().enumerate() {
+        let mut r: serde_json::Value = serde_json::from_str(line).unwrap();
+        if i == 2 {
+            r["detail"] = "nothing happened".into();
+        }
+        r["prev"] = match out.last() {
+            None => keyturn::audit::GENESIS.into(),
+            Some(p) => hex::encode(sha2::Sha256::digest(p.as_bytes())).into(),
+        };
+        if !keep_chain {
+            r.as_object_mut().unwrap().remove("chain");
+        }
+        out.push(serde_json::to_string(&r).unwrap());
+    }
+    let last = out.last().unwrap();
+    let hash = hex::encode(sha2::Sha256::digest(last.as_bytes()));
+    std::fs::write(env.audit_log(), out.join("\n") + "\n").unwrap();
+    let db = rusqlite::Connection::open(env.state_dir().join("state.db")).unwrap();
+    let n = db
+        .execute(
+            "UPDATE audit_head SET seq = ?1, hash = ?2 WHERE id = 1",
+            rusqlite::params![out.len() as i64, hash],
+        )
+        .unwrap();
+    assert_eq!(n, 1, "the state database holds the audit head");
+}
+
+#[test]
+fn a_keyed_audit_chain_cannot_be_rebuilt_without_the_key() {
+    let env = Env::with_daemon(ONE_RAW, r#"audit_key_file = "{dir}/keys/audit.key""#);
+    let keys = env.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let key_file = keys.join("audit.key");
+    let write_key = |bytes: &[u8], mode: u32| {
+        std::fs::write(&key_file, bytes).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // Unusable keys stop the daemon at start, with how to make one.
+    let refused = |what: &str, needles: &[&str]| {
+        let mut daemon = env.spawn(&[]);
+        let status = daemon.wait_exit(Duration::from_secs(10)).expect(what);
+        let log = daemon.log_text();
+        assert_eq!(status.code(), Some(1), "{what}: {log}");
+        for n in needles {
+            assert!(log.contains(n), "{what}: should say {n:?}: {log}");
+        }
+        assert!(!log.contains("AUDITKEYCANARY"), "{what}: {log}");
+    };
+    refused(
+        "missing",
+        &["does not exist", "head -c 32 /dev/urandom > ", "chmod 600"],
+    );
+    assert!(!key_file.exists(), "keyturn never creates the key");
+    write_key(&AUDIT_KEY[..31], 0o600);
+    refused("short", &["holds 31 bytes", "at least 32"]);
+    write_key(AUDIT_KEY, 0o640);
+    refused("group-readable", &["mode 0640", "chmod 600"]);
+
+    write_key(AUDIT_KEY, 0o600);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    let daemon_log = daemon.stop();
+    let records = audit_records(&env);
+    assert!(records.len() > 5);
+    assert!(
+        records.iter().all(|r| r["chain"] == "hmac-sha256"),
+        "every record is keyed"
+    );
+    let out = env.cli(&["audit", "verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("; keyed (hmac-sha256) from seq 1, checked with the audit key"),
+        "{stdout}"
+    );
+    let original = std::fs::read_to_string(env.audit_log()).unwrap();
+
+    // The same log and state without the key: not a pass.
+    let no_key = env.path().join("no-key.toml");
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&no_key, text.replace("audit_key_file", "# audit_key_file")).unwrap();
+    let out = verify_with(&no_key, &[]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("could not be checked") && err.contains("audit_key_file"),
+        "{err}"
+    );
+    // The key from a systemd credential does instead.
+    let creds = env.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("keyturn-audit-key"), AUDIT_KEY).unwrap();
+    let out = verify_with(
+        &no_key,
+        &[("CREDENTIALS_DIRECTORY", creds.to_str().unwrap())],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Rebuilt with plain SHA-256 and the state head to match: detected,
+    // whether the records still claim to be keyed or not.
+    let mut outputs = vec![daemon_log, stdout, err];
+    for keep_chain in [true, false] {
+        forge_plain_chain(&env, &original, keep_chain);
+        let out = env.cli(&["audit", "verify"]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(1), "forgery passed: {err}");
+        let expected = if keep_chain {
+            "line 2 (seq 2): prev HMAC does not match line 1"
+        } else {
+            "the last record is plain (unkeyed) although the audit key is configured"
+        };
+        assert!(err.contains(expected), "{err}");
+        outputs.push(err);
+    }
+
+    // The key never shows: not in the daemon's log, any output, the audit
+    // log or the state database.
+    let canary = &AUDIT_KEY[..14];
+    for text in &outputs {
+        assert!(!text.contains("AUDITKEYCANARY"), "{text}");
+    }
+    let db = env.state_dir().join("state.db");
+    for file in [env.audit_log(), db.clone(), db.with_extension("db-wal")] {
+        let Ok(bytes) = std::fs::read(&file) else {
+            continue;
+        };
+        assert!(!contains(&bytes, canary), "{}", file.display());
+    }
+}
+
+/// A plain log goes keyed once the daemon runs with the key as a systemd
+/// credential (`LoadCredentialEncrypted=keyturn-audit-key:...`).
+#[test]
+fn a_plain_audit_log_goes_keyed_with_the_systemd_credential() {
+    let (env, daemon) = one_raw_at_version_1();
+    daemon.stop();
+    let plain = audit_records(&env).len();
+    assert!(audit_records(&env).iter().all(|r| r.get("chain").is_none()));
+    audit_verifies(&env, "plain");
+
+    let creds = env.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("keyturn-audit-key"), AUDIT_KEY).unwrap();
+    let creds_env = [("CREDENTIALS_DIRECTORY", creds.to_str().unwrap())];
+    let daemon = env.start_with(&creds_env);
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    let log = daemon.stop();
+    assert!(log.contains("keyed (hmac-sha256)"), "{log}");
+    assert!(!log.contains("AUDITKEYCANARY"), "{log}");
+    let records = audit_records(&env);
+    assert!(records[..plain].iter().all(|r| r.get("chain").is_none()));
+    assert!(records[plain..].iter().all(|r| r["chain"] == "hmac-sha256"));
+
+    let out = verify_with(&env.config, &creds_env);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("keyed (hmac-sha256) from seq {}", plain + 1)),
+        "{stdout}"
+    );
+    // Without the credential the keyed part cannot be checked, and the
+    // daemon will not append plain records after it.
+    let out = verify_with(&env.config, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("could not be checked"));
+    let mut daemon = env.spawn(&[]);
+    let status = daemon.wait_exit(Duration::from_secs(10)).expect("refused");
+    let log = daemon.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("is keyed (hmac-sha256"), "{log}");
+}
+
 /// Waits until `event` is the log's last record and the head stored in the
 /// state database reaches it, then checks that a copy of the log without it
 /// fails verification.

@@ -21,7 +21,7 @@ use chrono::{SecondsFormat, Utc};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
-use super::{AuditError, AuditEvent, AuditRecord, GENESIS};
+use super::{AuditError, AuditEvent, AuditKey, AuditRecord, Chain, GENESIS};
 use crate::group_commit::{Flow, GroupCommit};
 use crate::private_file;
 use crate::state::AuditHead;
@@ -34,6 +34,21 @@ const TAIL_CHUNK: u64 = 64 * 1024;
 /// The hash a record is known by: SHA-256 of its line, without the newline.
 pub(crate) fn line_hash(line: &[u8]) -> String {
     hex::encode(Sha256::digest(line))
+}
+
+/// The link to `line` of the kind `chain`: what a record of that kind
+/// carries as `prev` for it, and the head after a record of that kind.
+/// `None` for a keyed link without the key.
+pub(crate) fn link_as(chain: Option<Chain>, key: Option<&AuditKey>, line: &[u8]) -> Option<String> {
+    match chain {
+        None => Some(line_hash(line)),
+        Some(Chain::HmacSha256) => key.map(|k| k.link(line)),
+    }
+}
+
+/// The kind of link a writer with `key` makes.
+fn chain_of(key: Option<&AuditKey>) -> Option<Chain> {
+    key.map(|_| Chain::HmacSha256)
 }
 
 /// The head of an empty log: what the first record points back to.
@@ -87,7 +102,19 @@ impl AuditLog {
     /// truncated or altered, and is refused: continuing would chain new
     /// records onto a tampered history.
     pub fn open(path: &Path, head_in_state: Option<&AuditHead>) -> Result<AuditLog, AuditError> {
-        Self::open_with(path, head_in_state, false)
+        Self::open_with(path, head_in_state, false, None)
+    }
+
+    /// [`open`](Self::open), keyed when `key` is given: every record it
+    /// appends links to the one before with HMAC-SHA256 under the key and
+    /// says so (`"chain":"hmac-sha256"`). A plain log continues keyed; a
+    /// keyed log without the key is refused ([`AuditError::NoKey`]).
+    pub fn open_keyed(
+        path: &Path,
+        head_in_state: Option<&AuditHead>,
+        key: Option<AuditKey>,
+    ) -> Result<AuditLog, AuditError> {
+        Self::open_with(path, head_in_state, false, key)
     }
 
     /// [`open`](Self::open), but every append is written and fsynced on the
@@ -98,13 +125,14 @@ impl AuditLog {
         path: &Path,
         head_in_state: Option<&AuditHead>,
     ) -> Result<AuditLog, AuditError> {
-        Self::open_with(path, head_in_state, true)
+        Self::open_with(path, head_in_state, true, None)
     }
 
     fn open_with(
         path: &Path,
         head_in_state: Option<&AuditHead>,
         inline: bool,
+        key: Option<AuditKey>,
     ) -> Result<AuditLog, AuditError> {
         let display = path.display().to_string();
         let io = |what: &str, e: std::io::Error| AuditError::Io {
@@ -129,7 +157,7 @@ impl AuditLog {
             }
         }
 
-        let head = recover_tail(&file, &display, head_in_state)?;
+        let head = recover_tail(&file, &display, head_in_state, key.as_ref())?;
         let head = Arc::new(Mutex::new(head));
         let fsyncs = Arc::new(AtomicU64::new(0));
         let mut writer = Writer {
@@ -138,6 +166,7 @@ impl AuditLog {
             head: Arc::clone(&head),
             fsyncs: Arc::clone(&fsyncs),
             failed: None,
+            key,
         };
         let serve = move |batch: &mut Vec<Msg>| writer.serve(batch);
         let server = if inline {
@@ -235,6 +264,8 @@ struct Writer {
     /// Set after an fsync failed: the kernel may have dropped the dirty pages,
     /// so nothing about the file's content can be trusted any more.
     failed: Option<String>,
+    /// Keys the chain; never leaves this thread.
+    key: Option<AuditKey>,
 }
 
 impl Writer {
@@ -288,13 +319,14 @@ impl Writer {
                 seq: head.seq + 1,
                 ts: ts.clone(),
                 prev: head.hash.clone(),
+                chain: chain_of(self.key.as_ref()),
                 event: *ev,
             };
             match serde_json::to_vec(&record) {
                 Ok(line) => {
                     head = AuditHead {
                         seq: record.seq,
-                        hash: line_hash(&line),
+                        hash: writer_link(self.key.as_ref(), &line),
                     };
                     buf.extend_from_slice(&line);
                     buf.push(b'\n');
@@ -401,12 +433,23 @@ impl<'a> RevLines<'a> {
     }
 }
 
+/// The link a writer with `key` makes to `line`: the next record's `prev`.
+fn writer_link(key: Option<&AuditKey>, line: &[u8]) -> String {
+    match key {
+        Some(k) => k.link(line),
+        None => line_hash(line),
+    }
+}
+
 /// Finds the last record, cuts a partial last line, and checks the file is
-/// not behind the head the state database remembers.
+/// not behind the head the state database remembers. Each link is checked
+/// as the record carrying it says (plain or keyed); the head returned is
+/// the link the next record (written with `key`) points back with.
 fn recover_tail(
     file: &File,
     path: &str,
     head_in_state: Option<&AuditHead>,
+    key: Option<&AuditKey>,
 ) -> Result<AuditHead, AuditError> {
     let io = |what: &str, e: std::io::Error| AuditError::Io {
         path: path.to_owned(),
@@ -453,9 +496,20 @@ fn recover_tail(
     let last = parse_seq_prev(&last_line).ok_or_else(|| {
         tampered("its last line is not a valid record: the audit log was altered".into())
     })?;
+    let no_key = |seq: u64| AuditError::NoKey {
+        path: path.to_owned(),
+        seq,
+    };
+    // The link of a line as the record after it (of kind `chain`) checks it.
+    let link = |chain: Option<Chain>, seq: u64, line: &[u8]| {
+        link_as(chain, key, line).ok_or_else(|| no_key(seq))
+    };
+    // Without the key the last record's link cannot be checked, and plain
+    // records after keyed ones would be a downgrade.
+    let own = link(last.2, last.0, &last_line)?;
     let head = AuditHead {
         seq: last.0,
-        hash: line_hash(&last_line),
+        hash: writer_link(key, &last_line),
     };
     let Some(want) = state_head else {
         return cut_partial_line(file, path, len, kept).map(|()| head);
@@ -468,19 +522,21 @@ fn recover_tail(
     }
     // Walk back to the record at the state's head, checking the links on the
     // way: usually only a few records, since the state lags by at most a batch.
-    let (mut seq, mut prev) = last;
-    let mut hash = head.hash.clone();
+    // `hash`: the link of the record at `seq` of its own kind (the head a
+    // writer stored after it).
+    let (mut seq, mut prev, mut chain) = last;
+    let mut hash = own;
     while seq > want.seq {
         let Some((_, line)) = lines.prev().map_err(|e| io("cannot read", e))? else {
             break;
         };
-        let line_hash = line_hash(&line);
         let parsed = parse_seq_prev(&line);
         match parsed {
-            Some((s, p)) if s + 1 == seq && line_hash == prev => {
+            Some((s, p, c)) if s + 1 == seq && link(chain, seq, &line)? == prev => {
+                hash = link(c, s, &line)?;
                 seq = s;
                 prev = p;
-                hash = line_hash;
+                chain = c;
             }
             _ => {
                 return Err(tampered(format!(
@@ -522,14 +578,16 @@ fn cut_partial_line(file: &File, path: &str, len: u64, kept: u64) -> Result<(), 
 }
 
 /// Just the chain fields of a record line.
-fn parse_seq_prev(line: &[u8]) -> Option<(u64, String)> {
+fn parse_seq_prev(line: &[u8]) -> Option<(u64, String, Option<Chain>)> {
     #[derive(serde::Deserialize)]
-    struct Chain {
+    struct Link {
         seq: u64,
         prev: String,
+        #[serde(default)]
+        chain: Option<Chain>,
     }
-    let c: Chain = serde_json::from_slice(line).ok()?;
-    Some((c.seq, c.prev))
+    let c: Link = serde_json::from_slice(line).ok()?;
+    Some((c.seq, c.prev, c.chain))
 }
 
 #[cfg(test)]
@@ -554,6 +612,30 @@ pub(crate) mod tests {
         let log = AuditLog::open(path, None).unwrap();
         let mut head = log.head();
         for i in 1..=n {
+            head = log.append_blocking(event(i)).unwrap();
+        }
+        head
+    }
+
+    /// A 32-byte test key whose bytes spell a canary.
+    pub(crate) fn test_key(tag: u8) -> AuditKey {
+        let mut bytes = b"KEYCANARY-audit-key-0123456789-x".to_vec();
+        bytes[31] = tag;
+        AuditKey::from_bytes(zeroize::Zeroizing::new(bytes)).unwrap()
+    }
+
+    /// Appends records `from..=to` to the log at `path` (continuing from
+    /// `head`), keyed with `key` when given; closed after.
+    pub(crate) fn append_keyed(
+        path: &Path,
+        head: Option<&AuditHead>,
+        from: u64,
+        to: u64,
+        key: Option<AuditKey>,
+    ) -> AuditHead {
+        let log = AuditLog::open_keyed(path, head, key).unwrap();
+        let mut head = log.head();
+        for i in from..=to {
             head = log.append_blocking(event(i)).unwrap();
         }
         head
@@ -841,5 +923,67 @@ pub(crate) mod tests {
         let mut wrong = heads[10].clone();
         wrong.hash = heads[11].hash.clone();
         assert!(AuditLog::open(&path, Some(&wrong)).is_err());
+    }
+
+    #[test]
+    fn a_keyed_log_links_with_the_hmac_and_reopens_only_with_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let h3 = append_keyed(&path, None, 1, 3, Some(test_key(b'a')));
+        let all = lines(&path);
+        let key = test_key(b'a');
+        for (i, l) in all.iter().enumerate() {
+            let r: AuditRecord = serde_json::from_str(l).unwrap();
+            assert_eq!(r.chain, Some(Chain::HmacSha256), "{l}");
+            assert!(l.contains(r#","chain":"hmac-sha256","#), "{l}");
+            if i > 0 {
+                assert_eq!(r.prev, key.link(all[i - 1].as_bytes()));
+                assert_ne!(r.prev, line_hash(all[i - 1].as_bytes()));
+            }
+        }
+        // The head in state is the link the next record carries.
+        assert_eq!(h3.hash, key.link(all[2].as_bytes()));
+        assert!(
+            !std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("KEYCANARY")
+        );
+
+        // With the key it continues; without it, or with another key, the
+        // daemon refuses to chain onto it.
+        let h4 = append_keyed(&path, Some(&h3), 4, 4, Some(test_key(b'a')));
+        assert_eq!(h4.seq, 4);
+        let err = AuditLog::open_keyed(&path, Some(&h4), None).unwrap_err();
+        assert!(matches!(err, AuditError::NoKey { seq: 4, .. }), "{err}");
+        assert!(err.to_string().contains("audit_key_file"), "{err}");
+        assert!(matches!(
+            AuditLog::open(&path, None),
+            Err(AuditError::NoKey { .. })
+        ));
+        assert!(matches!(
+            AuditLog::open_keyed(&path, Some(&h3), Some(test_key(b'b'))),
+            Err(AuditError::Tampered { .. })
+        ));
+    }
+
+    #[test]
+    fn a_plain_log_continues_keyed_once_a_key_is_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let h2 = write_log(&path, 2);
+        let plain = std::fs::read_to_string(&path).unwrap();
+        assert!(!plain.contains("chain"), "plain records stay as they were");
+        let h4 = append_keyed(&path, Some(&h2), 3, 4, Some(test_key(b'a')));
+        let all = lines(&path);
+        let r3: AuditRecord = serde_json::from_str(&all[2]).unwrap();
+        assert_eq!(r3.chain, Some(Chain::HmacSha256));
+        assert_eq!(r3.prev, test_key(b'a').link(all[1].as_bytes()));
+        // The state head from the plain era (seq 2) still checks on reopen.
+        assert_eq!(
+            AuditLog::open_keyed(&path, Some(&h2), Some(test_key(b'a')))
+                .unwrap()
+                .head(),
+            h4
+        );
     }
 }

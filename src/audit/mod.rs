@@ -1,21 +1,46 @@
 //! The tamper-evident audit log: JSON lines, each record carrying the SHA-256
-//! of the previous line, appended and fsynced before the step it records counts
-//! as done. The head (last seq + hash) is also kept in the state database so a
-//! truncated tail is detected; `keyturn audit verify` names the first bad record.
+//! of the previous line — or, with an audit key, its HMAC-SHA256 under the
+//! key (the record then says `"chain":"hmac-sha256"`) — appended and fsynced
+//! before the step it records counts as done. The head (last seq + link) is
+//! also kept in the state database so a truncated tail is detected;
+//! `keyturn audit verify` names the first bad record.
 //! Every append advances that head: a step's records with the step's own
 //! state writes, every other record (daemon start/stop/reload, admin requests,
 //! refused peers) through [`Engine::record`](crate::rotation::Engine::record).
 //!
 //! What the chain proves: a record edited, deleted, reordered or inserted
 //! anywhere, and records cut off the end, are detected, as long as the state
-//! database is not rewritten as well. What it does not prove: the chain is a
-//! plain hash with no key, so whoever can write both the log and the state
-//! database (root, or the daemon's user) can rebuild a consistent, forged
-//! history; the last records of a step in flight when the daemon is killed
-//! are ahead of the stored head (the state lags by at most that step), and a
-//! power loss can roll the head back a few commits (`synchronous=NORMAL`),
-//! which makes the check lenient, never wrong. Ship the log off the host
-//! (journald forwarding, a log shipper) for evidence that outlives the host.
+//! database is not rewritten as well. Without an audit key the chain is a
+//! plain hash, so whoever can write both the log and the state database
+//! (root, or the daemon's user) can rebuild a consistent, forged history.
+//! With the key ([`AuditKey`]: `[daemon] audit_key_file`, or the systemd
+//! credential `keyturn-audit-key`), forging a record, or rebuilding the
+//! chain after an edit, needs the key: write access to the log and the
+//! state is no longer enough. The key must therefore live outside the state
+//! directory and the log's directory (validation refuses it there); best is
+//! `LoadCredentialEncrypted=`, so it is on disk only encrypted to the host.
+//!
+//! What it does not prove, even with the key: records cut off the end by
+//! someone who can also roll the state head back to an earlier value they
+//! saw (an old head is a valid head); a log rewritten entirely without the
+//! key before the daemon first ran with one (the switch from plain to keyed
+//! is trusted on first use: `audit verify` reports the seq keying starts at,
+//! to compare with when the key was configured); and anything by whoever
+//! holds the key. The last records of a step in flight when the daemon is
+//! killed are ahead of the stored head (the state lags by at most that
+//! step), and a power loss can roll the head back a few commits
+//! (`synchronous=NORMAL`), which makes the check lenient, never wrong. Ship
+//! the log off the host (journald forwarding, a log shipper) for evidence
+//! that outlives the host.
+//!
+//! Keyed and plain records: a log may go from plain to keyed (a key
+//! configured later; the daemon writes keyed records whenever it has the
+//! key), never back: `audit verify` refuses a plain record after a keyed
+//! one, and with the key, a log whose last record is plain. The daemon
+//! refuses to start without the key on a keyed log rather than append
+//! plain records to it. A record's `prev` is of its own kind; the head
+//! stored after a record is that record's line linked with the writer's
+//! key (the next record's `prev`).
 //!
 //! Appends from many rotations are group-committed: one writer thread batches
 //! whatever is queued, writes it, fsyncs once, then answers every caller.
@@ -24,11 +49,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{AgentId, CredentialId, RotationId, VersionNo};
 
+mod key;
 mod log;
 mod verify;
 
+pub use key::{AUDIT_KEY_CREDENTIAL, AuditKey, MIN_KEY_LEN};
 pub use log::AuditLog;
-pub use verify::{Problem, VerifyError, VerifyReport, verify_file};
+pub use verify::{Problem, VerifyError, VerifyReport, verify_file, verify_file_keyed};
 
 /// The hash a first record points back to.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -43,6 +70,25 @@ pub enum AuditError {
     /// last line is not a record): refuse to chain onto a tampered history.
     #[error("audit log {path}: {message}; run `keyturn audit verify` to find the first bad record")]
     Tampered { path: String, message: String },
+    /// The log is keyed and no key is configured: appending plain records
+    /// after keyed ones would be a downgrade `audit verify` refuses.
+    #[error(
+        "audit log {path} is keyed (hmac-sha256; record seq {seq}) but no audit key is configured; {}",
+        KEY_HINT
+    )]
+    NoKey { path: String, seq: u64 },
+}
+
+/// How to give the audit key, for the errors that need it.
+pub const KEY_HINT: &str = "give the key with `audit_key_file` in [daemon] or the systemd credential `keyturn-audit-key` (LoadCredentialEncrypted=keyturn-audit-key:...)";
+
+/// How a record's `prev` links it to the line before; absent from a record
+/// (`None`) means plain SHA-256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Chain {
+    /// HMAC-SHA256 under the audit key.
+    #[serde(rename = "hmac-sha256")]
+    HmacSha256,
 }
 
 /// Who did it.
@@ -123,8 +169,12 @@ pub struct AuditRecord {
     pub seq: u64,
     /// RFC 3339, UTC.
     pub ts: String,
-    /// SHA-256 (hex) of the previous line's bytes, or [`GENESIS`].
+    /// SHA-256 (hex) of the previous line's bytes, or HMAC-SHA256 under the
+    /// audit key when `chain` says so, or [`GENESIS`].
     pub prev: String,
+    /// `"hmac-sha256"` for a keyed record; absent for a plain SHA-256 link.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub chain: Option<Chain>,
     #[serde(flatten)]
     pub event: AuditEvent,
 }

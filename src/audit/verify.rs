@@ -9,12 +9,20 @@
 //! - the tail cut off: invisible from the file alone (it is a valid shorter
 //!   chain), which is why the state database keeps the head; pass it in
 //!   (`keyturn audit verify` does not call a log good without it).
+//!
+//! A keyed record (`"chain":"hmac-sha256"`) is checked with the audit key:
+//! its `prev` must be the HMAC of the line before. Plain records may come
+//! before keyed ones (a key configured later), never after them (a
+//! downgrade); and when the key is given, the last record must be keyed, or
+//! a whole log rewritten without the key would pass. Without the key, a
+//! keyed record cannot be checked: that is an error, not a pass.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
-use super::{AuditRecord, GENESIS, log::line_hash};
+use super::log::link_as;
+use super::{AuditKey, AuditRecord, GENESIS, KEY_HINT};
 use crate::state::AuditHead;
 
 /// Longer lines are refused rather than buffered (records are a few hundred bytes).
@@ -30,6 +38,9 @@ pub struct VerifyReport {
     /// The file ends with a partial line: an append the process died in the
     /// middle of, never acknowledged. Not tampering; the daemon cuts it on start.
     pub partial_tail: bool,
+    /// The seq of the first keyed record, checked with the audit key (records
+    /// from there on are all keyed); `None` for a plain chain.
+    pub keyed_from: Option<u64>,
 }
 
 /// The first bad record: where it is and what is wrong with it.
@@ -80,12 +91,39 @@ pub enum Problem {
         "hash differs from the head recorded in the state database: the record was edited, or the tail was cut and rewritten"
     )]
     HeadMismatch,
+    #[error(
+        "prev HMAC does not match line {prev_line}: the record before it was edited, deleted or reordered, or the chain was rebuilt without the audit key (or with another key)"
+    )]
+    HmacMismatch { prev_line: u64 },
+    #[error(
+        "a plain (unkeyed) record after keyed ones: the chain was rebuilt without the audit key (a downgrade)"
+    )]
+    Downgrade,
+    #[error(
+        "the record is keyed (hmac-sha256) and no audit key was given, so the keyed part of the log (from this record on) could not be checked; {KEY_HINT}"
+    )]
+    NoKey,
+    #[error(
+        "the last record is plain (unkeyed) although the audit key is configured: the log was rewritten without the key, or the daemon has not run since the key was configured"
+    )]
+    UnkeyedEnd,
 }
 
 /// Streams the log at `path` and checks every link. With `head` (from the
 /// state database), also checks the log reaches it: the record at
-/// `head.seq` must exist and hash to `head.hash`.
+/// `head.seq` must exist and hash to `head.hash`. Without the audit key; a
+/// keyed log fails with [`Problem::NoKey`].
 pub fn verify_file(path: &Path, head: Option<&AuditHead>) -> Result<VerifyReport, VerifyError> {
+    verify_file_keyed(path, head, None)
+}
+
+/// [`verify_file`] with the audit key, when one is configured: keyed
+/// links are checked with it, and the log must end keyed.
+pub fn verify_file_keyed(
+    path: &Path,
+    head: Option<&AuditHead>,
+    key: Option<&AuditKey>,
+) -> Result<VerifyReport, VerifyError> {
     let display = path.display().to_string();
     let fail = |line: Option<u64>, seq: Option<u64>, problem: Problem| VerifyError {
         path: display.clone(),
@@ -100,6 +138,9 @@ pub fn verify_file(path: &Path, head: Option<&AuditHead>) -> Result<VerifyReport
     let mut buf = Vec::with_capacity(1024);
     let mut line_no = 0u64;
     let mut last: Option<AuditHead> = None;
+    // The previous line's bytes, to link to; kept alongside `buf`.
+    let mut prev_line: Vec<u8> = Vec::with_capacity(1024);
+    let mut keyed_from = None;
     let mut partial_tail = false;
     let mut head_seen = false;
     loop {
@@ -142,18 +183,27 @@ pub fn verify_file(path: &Path, head: Option<&AuditHead>) -> Result<VerifyReport
                 found: record.seq,
             }));
         }
-        match &last {
-            None if record.prev != GENESIS => return Err(at(Problem::NotGenesis)),
-            Some(prev) if record.prev != prev.hash => {
-                return Err(at(Problem::PrevMismatch {
-                    prev_line: line_no - 1,
-                }));
-            }
+        match (record.chain, keyed_from) {
+            (Some(_), None) => keyed_from = Some(record.seq),
+            (None, Some(_)) => return Err(at(Problem::Downgrade)),
             _ => {}
         }
+        let own = link_as(record.chain, key, line).ok_or_else(|| at(Problem::NoKey))?;
+        if last.is_none() {
+            if record.prev != GENESIS {
+                return Err(at(Problem::NotGenesis));
+            }
+        } else if link_as(record.chain, key, &prev_line).as_ref() != Some(&record.prev) {
+            let prev_line = line_no - 1;
+            return Err(at(match record.chain {
+                None => Problem::PrevMismatch { prev_line },
+                Some(_) => Problem::HmacMismatch { prev_line },
+            }));
+        }
+        // The head a writer stored after this record: its own kind of link.
         let this = AuditHead {
             seq: record.seq,
-            hash: line_hash(line),
+            hash: own,
         };
         if let Some(h) = head
             && h.seq == this.seq
@@ -164,6 +214,18 @@ pub fn verify_file(path: &Path, head: Option<&AuditHead>) -> Result<VerifyReport
             head_seen = true;
         }
         last = Some(this);
+        prev_line.clear();
+        prev_line.extend_from_slice(line);
+    }
+    if key.is_some()
+        && let Some(l) = &last
+        && keyed_from.is_none()
+    {
+        return Err(fail(
+            Some(line_no - partial_tail as u64),
+            Some(l.seq),
+            Problem::UnkeyedEnd,
+        ));
     }
 
     if let Some(h) = head
@@ -183,6 +245,7 @@ pub fn verify_file(path: &Path, head: Option<&AuditHead>) -> Result<VerifyReport
         records: last.as_ref().map_or(0, |l| l.seq),
         head: last,
         partial_tail,
+        keyed_from,
     })
 }
 
@@ -200,9 +263,14 @@ mod tests {
 
     /// A good log of ten records.
     fn fixture() -> Fixture {
+        fixture_with(|path| write_log(path, 10))
+    }
+
+    /// The log `write` writes, returning its head.
+    fn fixture_with(write: impl FnOnce(&Path) -> AuditHead) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let head = write_log(&path, 10);
+        let head = write(&path);
         let lines = std::fs::read_to_string(&path)
             .unwrap()
             .lines()
@@ -235,7 +303,8 @@ mod tests {
             VerifyReport {
                 records: 10,
                 head: Some(f.head.clone()),
-                partial_tail: false
+                partial_tail: false,
+                keyed_from: None,
             }
         );
         assert_eq!(f.verify(None).unwrap().records, 10);
@@ -396,5 +465,153 @@ mod tests {
                 head_seq: 1
             }
         ));
+    }
+
+    mod keyed {
+        use super::*;
+        use crate::audit::Chain;
+        use crate::audit::log::line_hash;
+        use crate::audit::log::tests::{append_keyed, test_key, write_log};
+
+        /// A log of ten records, all keyed with `test_key(b'a')`.
+        fn keyed_fixture() -> Fixture {
+            fixture_with(|path| append_keyed(path, None, 1, 10, Some(test_key(b'a'))))
+        }
+
+        /// What an attacker who can write the log and the state database
+        /// does: rewrites every record's link with `link` (and the `chain`
+        /// field with `chain`), and computes the head the state would hold.
+        fn rebuild(
+            lines: &[String],
+            link: impl Fn(&[u8]) -> String,
+            chain: Option<Chain>,
+        ) -> (Vec<String>, AuditHead) {
+            let mut out: Vec<String> = Vec::new();
+            for l in lines {
+                let mut r: AuditRecord = serde_json::from_str(l).unwrap();
+                r.prev = out
+                    .last()
+                    .map_or_else(|| GENESIS.to_owned(), |p| link(p.as_bytes()));
+                r.chain = chain;
+                out.push(serde_json::to_string(&r).unwrap());
+            }
+            let head = AuditHead {
+                seq: out.len() as u64,
+                hash: link(out.last().unwrap().as_bytes()),
+            };
+            (out, head)
+        }
+
+        fn edited(f: &Fixture) -> Vec<String> {
+            let mut lines = f.lines.clone();
+            assert!(lines[4].contains("event-5"));
+            lines[4] = lines[4].replace("event-5", "event-6");
+            lines
+        }
+
+        #[test]
+        fn a_keyed_log_verifies_with_its_key() {
+            let f = keyed_fixture();
+            let key = test_key(b'a');
+            let report = verify_file_keyed(&f.path, Some(&f.head), Some(&key)).unwrap();
+            assert_eq!(report.records, 10);
+            assert_eq!(report.keyed_from, Some(1));
+            assert_eq!(report.head, Some(f.head.clone()));
+            // A plain edit is still named by the next record.
+            f.rewrite(&edited(&f));
+            let err = verify_file_keyed(&f.path, Some(&f.head), Some(&key)).unwrap_err();
+            assert_eq!((err.line, err.seq), (Some(6), Some(6)));
+            assert_eq!(err.problem, Problem::HmacMismatch { prev_line: 5 });
+        }
+
+        #[test]
+        fn a_chain_rebuilt_with_plain_sha256_is_detected() {
+            let f = keyed_fixture();
+            let key = test_key(b'a');
+            // Without the key: plain links, the chain field kept or dropped,
+            // and the state head updated to match.
+            let (forged, head) = rebuild(&edited(&f), line_hash, Some(Chain::HmacSha256));
+            f.rewrite(&forged);
+            let err = verify_file_keyed(&f.path, Some(&head), Some(&key)).unwrap_err();
+            assert_eq!((err.line, err.seq), (Some(2), Some(2)));
+            assert_eq!(err.problem, Problem::HmacMismatch { prev_line: 1 });
+
+            let (forged, head) = rebuild(&edited(&f), line_hash, None);
+            f.rewrite(&forged);
+            assert_eq!(
+                verify_file(&f.path, Some(&head)).unwrap().records,
+                10,
+                "a consistent plain chain: only the key tells"
+            );
+            let err = verify_file_keyed(&f.path, Some(&head), Some(&key)).unwrap_err();
+            assert_eq!((err.line, err.seq), (Some(10), Some(10)));
+            assert_eq!(err.problem, Problem::UnkeyedEnd);
+            assert!(
+                err.to_string().contains("rewritten without the key"),
+                "{err}"
+            );
+
+            // Plain from the edit on, the keyed part kept: a downgrade.
+            let mut lines = f.lines.clone();
+            let (tail, _) = rebuild(&edited(&f), line_hash, None);
+            lines.truncate(4);
+            let mut r: AuditRecord = serde_json::from_str(&tail[4]).unwrap();
+            r.prev = line_hash(lines[3].as_bytes());
+            lines.push(serde_json::to_string(&r).unwrap());
+            f.rewrite(&lines);
+            let err = verify_file_keyed(&f.path, None, Some(&key)).unwrap_err();
+            assert_eq!((err.line, err.problem), (Some(5), Problem::Downgrade));
+        }
+
+        #[test]
+        fn a_chain_rebuilt_with_another_key_is_detected() {
+            let f = keyed_fixture();
+            let wrong = test_key(b'b');
+            let (forged, head) = rebuild(&edited(&f), |l| wrong.link(l), Some(Chain::HmacSha256));
+            f.rewrite(&forged);
+            assert!(verify_file_keyed(&f.path, Some(&head), Some(&wrong)).is_ok());
+            let err = verify_file_keyed(&f.path, Some(&head), Some(&test_key(b'a'))).unwrap_err();
+            assert_eq!((err.line, err.seq), (Some(2), Some(2)));
+            assert_eq!(err.problem, Problem::HmacMismatch { prev_line: 1 });
+        }
+
+        #[test]
+        fn a_keyed_log_without_the_key_is_not_a_pass() {
+            let f = keyed_fixture();
+            let err = verify_file(&f.path, Some(&f.head)).unwrap_err();
+            assert_eq!((err.line, err.seq), (Some(1), Some(1)));
+            assert_eq!(err.problem, Problem::NoKey);
+            let text = err.to_string();
+            assert!(text.contains("could not be checked"), "{text}");
+            assert!(
+                text.contains("audit_key_file") && text.contains("keyturn-audit-key"),
+                "{text}"
+            );
+        }
+
+        #[test]
+        fn plain_then_keyed_verifies_and_plain_logs_still_do() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("audit.log");
+            let h3 = write_log(&path, 3);
+            // An old plain log, with or without a key configured since.
+            let report = verify_file(&path, Some(&h3)).unwrap();
+            assert_eq!((report.records, report.keyed_from), (3, None));
+            let key = test_key(b'a');
+            assert_eq!(
+                verify_file_keyed(&path, Some(&h3), Some(&key))
+                    .unwrap_err()
+                    .problem,
+                Problem::UnkeyedEnd,
+                "the daemon has not run with the key yet"
+            );
+            // The daemon restarted with the key: keyed from seq 4 on.
+            let h6 = append_keyed(&path, Some(&h3), 4, 6, Some(test_key(b'a')));
+            let report = verify_file_keyed(&path, Some(&h6), Some(&key)).unwrap();
+            assert_eq!((report.records, report.keyed_from), (6, Some(4)));
+            // The state head may still be a plain one from before the switch.
+            let report = verify_file_keyed(&path, Some(&h3), Some(&key)).unwrap();
+            assert_eq!(report.records, 6);
+        }
     }
 }

@@ -13,7 +13,7 @@ use crate::api::protocol::{
     render_status_table,
 };
 use crate::api::socket::{ClientError, call};
-use crate::audit::verify_file;
+use crate::audit::{AuditKey, VerifyReport, verify_file_keyed};
 use crate::config::{self, ClientPaths, Config, ConfigErrors, DEFAULT_CONFIG_PATH};
 use crate::state::{SqliteStore, StateStore};
 use crate::telemetry::{self, LogFormat};
@@ -410,7 +410,14 @@ fn audit_verify(path: &Path) -> u8 {
     } else {
         None
     };
-    match verify_file(&paths.audit_log, head.as_ref()) {
+    let key = match AuditKey::load(paths.audit_key_file.as_deref()) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("keyturn: cannot load the audit key: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    match verify_file_keyed(&paths.audit_log, head.as_ref(), key.as_ref()) {
         // Records the state database knows nothing of: the chain is intact,
         // but a cut tail is a valid shorter chain, so that is not a pass.
         Ok(report) if head.is_none() && report.records > 0 => {
@@ -421,9 +428,10 @@ fn audit_verify(path: &Path) -> u8 {
             };
             eprintln!(
                 "keyturn: {}: {} records, chain intact, but the tail was NOT checked: {why}; \
-                 records cut off the end cannot be detected without the head it keeps",
+                 records cut off the end cannot be detected without the head it keeps{}",
                 paths.audit_log.display(),
-                report.records
+                report.records,
+                keying(&report)
             );
             EXIT_FAILED
         }
@@ -434,9 +442,10 @@ fn audit_verify(path: &Path) -> u8 {
                 ""
             };
             println!(
-                "{}: ok, {} records, chain intact{tail}",
+                "{}: ok, {} records, chain intact{tail}{}",
                 paths.audit_log.display(),
-                report.records
+                report.records,
+                keying(&report)
             );
             0
         }
@@ -444,5 +453,14 @@ fn audit_verify(path: &Path) -> u8 {
             eprintln!("keyturn: {e}");
             EXIT_FAILED
         }
+    }
+}
+
+/// Whether the chain was checked with the audit key, for the report.
+fn keying(report: &VerifyReport) -> String {
+    match report.keyed_from {
+        None if report.records == 0 => String::new(),
+        Some(seq) => format!("; keyed (hmac-sha256) from seq {seq}, checked with the audit key"),
+        None => "; plain sha-256, not keyed (no audit key: not proof against whoever can write both the log and the state database)".into(),
     }
 }

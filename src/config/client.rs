@@ -19,6 +19,8 @@ pub struct ClientPaths {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub audit_log: PathBuf,
+    /// `[daemon] audit_key_file`, if set.
+    pub audit_key_file: Option<PathBuf>,
 }
 
 impl ClientPaths {
@@ -27,6 +29,7 @@ impl ClientPaths {
             socket: cfg.daemon.socket.clone(),
             state_dir: cfg.daemon.state_dir.clone(),
             audit_log: cfg.daemon.audit_log.clone(),
+            audit_key_file: cfg.daemon.audit_key_file.clone(),
         }
     }
 
@@ -60,10 +63,12 @@ impl ClientPaths {
         let state_dir =
             setting("state_dir")?.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), resolve);
         let audit_log = setting("audit_log")?.map_or_else(|| state_dir.join("audit.log"), resolve);
+        let audit_key_file = setting("audit_key_file")?.map(resolve);
         Some(ClientPaths {
             socket,
             state_dir,
             audit_log,
+            audit_key_file,
         })
     }
 }

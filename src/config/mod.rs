@@ -77,6 +77,10 @@ pub struct DaemonConfig {
     pub delivery_roots: Vec<PathBuf>,
     /// Audit log path (default: `<state_dir>/audit.log`).
     pub audit_log: PathBuf,
+    /// The audit key (keys the audit chain), outside the state directory and
+    /// the audit log's directory. `None`: the systemd credential
+    /// `keyturn-audit-key` if there is one, else the chain is plain.
+    pub audit_key_file: Option<PathBuf>,
     /// How long SIGTERM waits for in-flight steps before exiting.
     pub drain_timeout: Duration,
     /// Rotations running at once across all vaults.

@@ -75,6 +75,7 @@ pub struct RawDaemon {
     pub listen: Option<String>,
     pub delivery_roots: Option<Vec<String>>,
     pub audit_log: Option<String>,
+    pub audit_key_file: Option<String>,
     pub drain_timeout: Option<String>,
     pub max_concurrent_rotations: Option<usize>,
     pub catch_up_spread: Option<String>,

@@ -111,6 +111,8 @@ impl Restage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditHead {
     pub seq: u64,
+    /// The link to that record as the next record would carry it: its
+    /// SHA-256, or its HMAC-SHA256 under the audit key for a keyed chain.
     pub hash: String,
 }
 

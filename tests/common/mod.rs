@@ -35,6 +35,7 @@ impl Env {
     /// `credentials` is TOML appended after the `[daemon]`/`[vaults]` header;
     /// `{root}` in it is replaced by the delivery root and `{dir}` by the
     /// temp directory (for token files and the like the test writes there).
+    /// `{dir}` is replaced in `daemon_extra` too.
     pub fn new(credentials: &str) -> Env {
         Self::with_daemon(credentials, "")
     }
@@ -73,7 +74,7 @@ type = "local"
 
 {creds}
 "#,
-            daemon_extra = self.daemon_extra,
+            daemon_extra = self.daemon_extra.replace("{dir}", &d.to_string()),
             creds = credentials
                 .replace("{root}", &root.display().to_string())
                 .replace("{dir}", &d.to_string())

@@ -377,6 +377,11 @@ impl Validator<'_> {
             Some(s) => self.path_setting(p.key("audit_log"), s),
             None => state_dir.join("audit.log"),
         };
+        let audit_key_file = d.audit_key_file.as_ref().map(|s| {
+            let key = self.path_setting(p.key("audit_key_file"), s);
+            self.key_apart_from_log(p, &key, &state_dir, &audit_log);
+            key
+        });
         let drain_timeout = self.duration_or(
             p.key("drain_timeout"),
             d.drain_timeout.as_ref(),
@@ -406,6 +411,7 @@ impl Validator<'_> {
             listen,
             delivery_roots,
             audit_log,
+            audit_key_file,
             drain_timeout,
             max_concurrent_rotations,
             catch_up_spread,
@@ -436,6 +442,26 @@ impl Validator<'_> {
                 ),
             );
         }
+    }
+
+    /// The audit key keys the chain against whoever can write the log and
+    /// the state database: kept beside them it would protect nothing.
+    fn key_apart_from_log(&mut self, p: &Loc<'_>, key: &Path, state_dir: &Path, audit_log: &Path) {
+        let audit_dir = audit_log.parent().unwrap_or(Path::new("/"));
+        let inside = if key.starts_with(state_dir) {
+            format!("the state directory `{}`", state_dir.display())
+        } else if key.starts_with(audit_dir) {
+            format!("the audit log's directory `{}`", audit_dir.display())
+        } else {
+            return;
+        };
+        self.err(
+            p.key("audit_key_file"),
+            format!(
+                "audit_key_file `{}` is inside {inside}: whoever can write the audit log and the state database could read or replace it, and the key is there to stop them; keep it elsewhere (e.g. /etc/keyturn/audit.key) or pass it as the systemd credential keyturn-audit-key (LoadCredentialEncrypted=)",
+                key.display()
+            ),
+        );
     }
 
     fn retry(&mut self, p: &Loc<'_>, d: &RawDaemon) -> RetryConfig {
