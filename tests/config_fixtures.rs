@@ -362,6 +362,13 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "agents.bot.credentials.db.deliver[0].env_name",
         "invalid env_name `db-password`: it must match [A-Z_][A-Z0-9_]*",
     ),
+    (
+        "bad-in-place-keypair.toml",
+        18,
+        56,
+        "agents.bot.credentials.ssh.deliver[0].atomic",
+        "`atomic = false` cannot deliver credential `ssh`: an ed25519 keypair is delivered as a directory",
+    ),
 ];
 
 #[test]

@@ -119,6 +119,68 @@ fn a_reader_never_sees_a_partial_or_empty_file() {
 }
 
 #[test]
+fn in_place_delivery_keeps_the_inode_a_bind_mount_holds() {
+    use std::io::{Read, Seek};
+    // Every sink of ONE_RAW (raw 0440, json, env), in place.
+    let config = ONE_RAW.replace(" },", ", atomic = false },");
+    assert_eq!(config.matches("atomic = false").count(), 3);
+    let env = Env::new(&config);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    let raw = env.root().join("bot/db");
+    let files = ["bot/db", "bot/db.json", "bot/db.env"].map(|f| env.root().join(f));
+    // The inode as `stat` reports it, which is what a bind mount pins.
+    let inode = |p: &std::path::Path| {
+        let out = std::process::Command::new("stat")
+            .args(["-c", "%i"])
+            .arg(p)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "stat {}", p.display());
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let inodes = files.each_ref().map(|f| inode(f));
+    // A reader that opened the file before the rotations, as a container
+    // bind-mounting it does.
+    let mut held = std::fs::File::open(&raw).unwrap();
+    let mut previous = std::fs::read_to_string(&raw).unwrap();
+    assert_eq!(previous.len(), 40);
+    for version in [2, 3] {
+        env.cli_ok(&["rotate", "bot/db", "--wait"]);
+        assert_eq!(
+            files.each_ref().map(|f| inode(f)),
+            inodes,
+            "inodes of {files:?} after version {version}"
+        );
+        let now = std::fs::read_to_string(&raw).unwrap();
+        assert_eq!(now.len(), 40);
+        assert_ne!(now, previous, "version {version} delivered a new value");
+        let doc = delivered_json(&env, "bot/db.json");
+        assert_eq!(doc["version"], version);
+        assert_eq!(doc["value"], now.as_str(), "json and raw agree");
+        let envfile = std::fs::read_to_string(env.root().join("bot/db.env")).unwrap();
+        assert!(
+            envfile.contains(&format!("DB_PASSWORD='{now}'")),
+            "{envfile}"
+        );
+        held.rewind().unwrap();
+        let mut seen = String::new();
+        held.read_to_string(&mut seen).unwrap();
+        assert_eq!(
+            seen, now,
+            "the descriptor held since version 1 reads version {version}"
+        );
+        previous = now;
+    }
+    let meta = std::fs::metadata(&raw).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o440);
+    assert_eq!((meta.uid(), meta.gid()), (1234, 2345));
+    assert_eq!(version_of(&env, "bot", "db"), Some(3));
+    assert!(temp_files(&env).is_empty(), "{:?}", temp_files(&env));
+    daemon.stop();
+}
+
+#[test]
 fn notify_socket_gets_ready_watchdog_reloading_stopping_and_bad_reload_keeps_config() {
     let env = Env::new(ONE_RAW);
     let daemon = env.start_with(&[("WATCHDOG_USEC", "400000")]);

@@ -797,6 +797,7 @@ impl Validator<'_> {
             let mut sink_scope = SinkScope {
                 credential: cred_name,
                 agent: agent_name,
+                keypair: matches!(c.generate, RawGenerator::Ed25519 {}),
                 agent_names: &scope.agent_names,
                 roots: scope.delivery_roots.as_deref(),
                 at: SinkRef {

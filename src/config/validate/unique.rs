@@ -18,6 +18,8 @@ pub struct SinkScope<'s, 'r> {
     pub credential: &'r str,
     /// The agent's name.
     pub agent: &'r str,
+    /// Whether the credential is an ed25519 keypair (delivered as a bundle).
+    pub keypair: bool,
     /// Every agent's name in the file.
     pub(super) agent_names: &'s HashSet<&'r str>,
     /// `daemon.delivery_roots`; `None` when `[daemon]` itself was invalid

@@ -21,6 +21,9 @@ pub struct FileConfig {
     /// Variable name for `format = "env"`; `check` fills in the default
     /// (the credential's name upper-cased, `-` → `_`).
     pub env_name: Option<String>,
+    /// `false`: write the new value into the existing file (same inode)
+    /// instead of renaming a new file over it; see the module doc. Default true.
+    pub atomic: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -48,7 +51,14 @@ impl FileConfig {
             format: Some(format),
             mode: None,
             env_name: None,
+            atomic: None,
         }
+    }
+
+    /// Whether deliveries rename a new file into place (the default) rather
+    /// than rewrite the existing one.
+    pub fn atomic(&self) -> bool {
+        self.atomic.unwrap_or(true)
     }
 
     pub fn format(&self) -> FileFormat {
@@ -167,6 +177,18 @@ impl FileConfig {
 impl SinkPlugin for FileConfig {
     fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>, scope: &mut SinkScope<'_, '_>) {
         self.check_path(v, p.key("path"), scope);
+        // A keypair is a directory of files that must change together; only
+        // the `..data` swap gives a reader a consistent pair, and a directory
+        // cannot be bind-mounted as a single file anyway.
+        if !self.atomic() && scope.keypair {
+            v.err(
+                p.key("atomic"),
+                format!(
+                    "`atomic = false` cannot deliver credential `{}`: an ed25519 keypair is delivered as a directory whose files must change together, which only the atomic swap gives; remove `atomic = false` (bind-mount the directory, not a file in it)",
+                    scope.credential
+                ),
+            );
+        }
         if self.mode.is_some() {
             let at = p.key("mode");
             let text = self.mode.as_deref().unwrap_or_default();

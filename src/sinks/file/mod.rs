@@ -1,6 +1,7 @@
 //! Atomic file sink: puts the current version of a credential in a file the
 //! agent reads, so that a reader sees either the old or the new content,
-//! complete, and never anything else.
+//! complete, and never anything else (unless the operator trades that for
+//! a stable inode: see "In place" below).
 //!
 //! # The recipe (see `design/references.md`, "File delivery")
 //! 1. Walk from the delivery root down to the file's directory one component
@@ -50,10 +51,18 @@
 //! unswapped timestamped directory of an earlier process is removed by
 //! preflight too.
 //!
-//! # Not here (yet)
-//! An in-place mode (write + fsync of the same inode) for single-file bind
-//! mounts, which a rename breaks; its trade-off is that readers can see a
-//! partial file.
+//! # In place (`atomic = false`)
+//! A container that bind-mounts one file sees the inode that was there at
+//! mount time; a rename puts a new inode at the name and the container keeps
+//! reading the old one forever. With `atomic = false` a single-file delivery
+//! opens the existing file (`O_NOFOLLOW`, every directory walked as above),
+//! checks on the descriptor that it is a regular file with one link (a hard
+//! link would carry the write elsewhere), sets mode and owner, truncates,
+//! writes and fsyncs: same inode, new content. The price is the guarantee in
+//! the first line of this doc: a reader can see an empty or partial file
+//! during the write, so readers must retry on a parse or auth error. A missing
+//! file is still created the atomic way. Keypairs (bundle directories) are
+//! refused by `check`: their files must change together.
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -158,6 +167,8 @@ struct Spec {
     uid: Option<u32>,
     gid: Option<u32>,
     env_name: Box<str>,
+    /// `false`: rewrite the file in place (see the module doc).
+    atomic: bool,
 }
 
 /// Deliveries to one path run one at a time (a bundle swap is several
@@ -220,6 +231,7 @@ impl FileSink {
             }
         };
         let env_name = cfg.env_name.clone().unwrap_or_default();
+        let atomic = cfg.atomic();
         if format == FileFormat::Env && !is_env_name(&env_name) {
             return Err(invalid(&format!(
                 "env_name {env_name:?} is not a valid variable name"
@@ -268,6 +280,7 @@ impl FileSink {
             uid: ctx.uid,
             gid: ctx.gid,
             env_name: env_name.into_boxed_str(),
+            atomic,
         };
         Ok(FileSink {
             inner: Inner { cfg, root_len },
@@ -321,6 +334,13 @@ impl Sink for FileSink {
         let value = value.clone();
         self.blocking(move |inner| {
             if notice.kind == ValueKind::Ed25519 {
+                // `check` refuses this pairing; a bundle is never written in place.
+                if !inner.cfg.atomic {
+                    return Err(inner.err(
+                        ErrorKind::Invalid,
+                        "an ed25519 keypair cannot be delivered with `atomic = false`",
+                    ));
+                }
                 inner.deliver_bundle(&notice, &value)
             } else {
                 inner.deliver_file(&notice, &value)

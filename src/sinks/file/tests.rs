@@ -849,3 +849,175 @@ async fn retiring_the_previous_keypair_removes_its_private_key() {
     deliver_password(&f, 1, "v").await.unwrap();
     f.retire_previous(&key).await.unwrap();
 }
+
+/// A sink writing `root/AGENT/name` in place (`atomic = false`), and that path.
+fn in_place_sink(root: &Path, name: &str, format: FileFormat) -> (PathBuf, FileSink) {
+    let path = root.join(AGENT).join(name);
+    let mut c = cfg(&path, format);
+    c.atomic = Some(false);
+    let s = new_sink(c, &[root.to_path_buf()]).expect("valid sink");
+    (path, s)
+}
+
+#[tokio::test]
+async fn in_place_creates_the_file_then_keeps_its_inode() {
+    use std::io::Seek;
+    let root = tempfile::tempdir().unwrap();
+    let (path, s) = in_place_sink(root.path(), "db", FileFormat::Raw);
+    // Absent: created, with the default mode, and no temp left behind.
+    deliver_password(&s, 1, "first-value-long").await.unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"first-value-long");
+    assert_eq!(mode_of(&path), 0o400);
+    let ino = std::fs::metadata(&path).unwrap().ino();
+    // What a bind mount is: a descriptor on the inode, opened before.
+    let mut held = std::fs::File::open(&path).unwrap();
+    for (version, value) in [(2, "second"), (3, "third-and-longest-value")] {
+        deliver_password(&s, version, value).await.unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.ino(), ino, "version {version} kept the inode");
+        assert_eq!(meta.nlink(), 1);
+        // Truncated first: a shorter value leaves no tail of the longer one.
+        assert_eq!(std::fs::read(&path).unwrap(), value.as_bytes());
+        held.rewind().unwrap();
+        let mut seen = Vec::new();
+        held.read_to_end(&mut seen).unwrap();
+        assert_eq!(
+            seen,
+            value.as_bytes(),
+            "the held descriptor sees version {version}"
+        );
+    }
+    assert_eq!(mode_of(&path), 0o400);
+    assert_eq!(entries(&root.path().join(AGENT)), vec!["db"]);
+    // The atomic default, for contrast, replaces the inode.
+    let atomic = sink(root.path(), &path, FileFormat::Raw);
+    deliver_password(&atomic, 4, "fourth").await.unwrap();
+    assert_ne!(std::fs::metadata(&path).unwrap().ino(), ino);
+}
+
+#[tokio::test]
+async fn in_place_json_and_env_are_complete_after_each_delivery() {
+    let root = tempfile::tempdir().unwrap();
+    let (json, s) = in_place_sink(root.path(), "db.json", FileFormat::Json);
+    let (envf, e) = in_place_sink(root.path(), "db.env", FileFormat::Env);
+    deliver_password(&s, 1, "a-rather-long-first-value")
+        .await
+        .unwrap();
+    deliver_password(&e, 1, "a-rather-long-first-value")
+        .await
+        .unwrap();
+    let (ji, ei) = (
+        std::fs::metadata(&json).unwrap().ino(),
+        std::fs::metadata(&envf).unwrap().ino(),
+    );
+    deliver_password(&s, 2, "v2").await.unwrap();
+    deliver_password(&e, 2, "v2").await.unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(
+        (doc["value"].as_str(), doc["version"].as_u64()),
+        (Some("v2"), Some(2))
+    );
+    assert_eq!(
+        std::fs::read_to_string(&envf).unwrap(),
+        "DB='v2'\nDB_VERSION=2\n"
+    );
+    assert_eq!(std::fs::metadata(&json).unwrap().ino(), ji);
+    assert_eq!(std::fs::metadata(&envf).unwrap().ino(), ei);
+}
+
+#[tokio::test]
+async fn in_place_applies_a_changed_mode_and_owner_to_the_same_inode() {
+    assert_root("chown");
+    let root = tempfile::tempdir().unwrap();
+    let (path, s) = in_place_sink(root.path(), "db", FileFormat::Raw);
+    deliver_password(&s, 1, "v1").await.unwrap();
+    let ino = std::fs::metadata(&path).unwrap().ino();
+    let mut c = cfg(&path, FileFormat::Raw);
+    c.atomic = Some(false);
+    c.mode = Some("0440".into());
+    let roots = [root.path().to_path_buf()];
+    let s = FileSink::new(
+        c,
+        &SinkContext {
+            delivery_roots: &roots,
+            uid: Some(1234),
+            gid: Some(2345),
+        },
+    )
+    .unwrap();
+    deliver_password(&s, 2, "v2").await.unwrap();
+    let m = std::fs::metadata(&path).unwrap();
+    assert_eq!(m.ino(), ino);
+    assert_eq!(mode_of(&path), 0o440);
+    assert_eq!((m.uid(), m.gid()), (1234, 2345));
+    assert_eq!(std::fs::read(&path).unwrap(), b"v2");
+    // The same version again changes nothing (no write to wake watchers).
+    let before = m.mtime_nsec() + m.mtime() * 1_000_000_000;
+    std::thread::sleep(Duration::from_millis(20));
+    deliver_password(&s, 2, "v2").await.unwrap();
+    let m = std::fs::metadata(&path).unwrap();
+    assert_eq!(
+        m.mtime_nsec() + m.mtime() * 1_000_000_000,
+        before,
+        "not rewritten"
+    );
+}
+
+/// An in-place delivery to `root/AGENT/db` is refused as Invalid, saying
+/// `why`, without the value, and `target` (what the path leads to) still
+/// holds `precious`.
+async fn assert_in_place_refused(root: &Path, target: &Path, why: &str) {
+    let (_, s) = in_place_sink(root, "db", FileFormat::Raw);
+    let err = deliver_password(&s, 1, "canary-inplace-5d1e")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    assert!(err.message.contains(why), "{err}");
+    assert!(!err.message.contains("canary"), "{err}");
+    assert_eq!(std::fs::read(target).unwrap(), b"precious");
+}
+
+#[tokio::test]
+async fn in_place_refuses_a_symlink_at_the_path() {
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("victim");
+    std::fs::write(&target, b"precious").unwrap();
+    let dir = agent_dir(root.path());
+    let path = dir.join("db");
+    symlink(&target, &path).unwrap();
+    assert_in_place_refused(root.path(), &target, "symlink").await;
+    assert!(
+        std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+}
+
+#[tokio::test]
+async fn in_place_refuses_a_hard_link_at_the_path() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = agent_dir(root.path());
+    // Same file system as the delivery, so the link can be made.
+    let target = root.path().join("victim");
+    std::fs::write(&target, b"precious").unwrap();
+    std::fs::hard_link(&target, dir.join("db")).unwrap();
+    assert_in_place_refused(root.path(), &target, "2 hard links").await;
+}
+
+#[tokio::test]
+async fn in_place_never_writes_a_keypair() {
+    let root = tempfile::tempdir().unwrap();
+    let (path, s) = in_place_sink(root.path(), "ssh", FileFormat::Raw);
+    let err = s
+        .deliver(
+            &notice(1, ValueKind::Ed25519, Some("pub")),
+            &secret("canary-key-0b9e"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    assert!(err.message.contains("atomic = false"), "{err}");
+    assert!(!path.exists());
+}

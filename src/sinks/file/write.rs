@@ -1,4 +1,4 @@
-//! Single-file deliveries (raw, json, env): rendering and the atomic write.
+//! Single-file deliveries (raw, json, env): rendering, the atomic write and the in-place one.
 
 use super::*;
 
@@ -20,12 +20,12 @@ impl Inner {
         if let Err(e) = self.sweep_own_stale(&dir) {
             tracing::warn!(path = %self.path().display(), error = %e, "file sink: could not remove stale temp files");
         }
-        self.write_file_at(
-            &dir,
-            self.file_name(),
-            &contents,
-            self.shown(depth).as_path(),
-        )
+        let dir_shown = self.shown(depth);
+        if self.cfg.atomic {
+            self.write_file_at(&dir, self.file_name(), &contents, &dir_shown)
+        } else {
+            self.write_file_in_place(&dir, self.file_name(), &contents, &dir_shown)
+        }
     }
 
     /// The bytes of a single-file delivery. They contain the secret, hence the
@@ -109,27 +109,8 @@ impl Inner {
         let dfd = dir.as_raw_fd();
         // Refusing here is for the operator's benefit; safety does not depend
         // on it: `renameat` replaces a symlink planted later, never follows it.
-        match stat_nofollow(dir, name) {
-            Ok(None) => {}
-            Ok(Some(st)) if is_type(&st, SFlag::S_IFREG) => {
-                if self.already_holds(dir, name, contents) {
-                    return Ok(());
-                }
-            }
-            Ok(Some(st)) => {
-                let what = if is_type(&st, SFlag::S_IFLNK) {
-                    "a symlink"
-                } else if is_type(&st, SFlag::S_IFDIR) {
-                    "a directory"
-                } else {
-                    "not a regular file"
-                };
-                return Err(self.err(
-                    ErrorKind::Invalid,
-                    format_args!("{} is {what}; refusing to replace it", shown.display()),
-                ));
-            }
-            Err(e) => return Err(self.sys(format_args!("inspect {}", shown.display()), e)),
+        if self.existing(dir, name, contents, &shown)? == Existing::Holds {
+            return Ok(());
         }
 
         let tmp = temp_name(name);
@@ -174,6 +155,130 @@ impl Inner {
         fsync_dir(dir).map_err(|e| self.sys(format_args!("fsync {}", dir_shown.display()), e))
     }
 
+    /// What is at `name` in `dir`: nothing, a regular file (holding
+    /// `contents` already or not), or something a delivery must refuse
+    /// (a symlink, a directory, a device...), which is an error.
+    fn existing(
+        &self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        contents: &[u8],
+        shown: &Path,
+    ) -> Result<Existing, PluginError> {
+        match stat_nofollow(dir, name) {
+            Ok(None) => Ok(Existing::Absent),
+            Ok(Some(st)) if is_type(&st, SFlag::S_IFREG) => {
+                Ok(if self.already_holds(dir, name, contents) {
+                    Existing::Holds
+                } else {
+                    Existing::Stale
+                })
+            }
+            Ok(Some(st)) => {
+                let what = if is_type(&st, SFlag::S_IFLNK) {
+                    "a symlink"
+                } else if is_type(&st, SFlag::S_IFDIR) {
+                    "a directory"
+                } else {
+                    "not a regular file"
+                };
+                Err(self.err(
+                    ErrorKind::Invalid,
+                    format_args!("{} is {what}; refusing to replace it", shown.display()),
+                ))
+            }
+            Err(e) => Err(self.sys(format_args!("inspect {}", shown.display()), e)),
+        }
+    }
+
+    /// `atomic = false`: writes `contents` into the existing file `name`
+    /// itself (truncate, write, fsync), so its inode, and a bind mount of
+    /// it, stays the same. A missing file is created the atomic way (no one
+    /// can have mounted it yet, so nothing is lost, and its first content
+    /// is never seen partial). Mode and owner are applied before the first
+    /// byte, as in the atomic write.
+    pub(super) fn write_file_in_place(
+        &self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        contents: &[u8],
+        dir_shown: &Path,
+    ) -> Result<(), PluginError> {
+        let shown = dir_shown.join(name);
+        match self.existing(dir, name, contents, &shown)? {
+            Existing::Holds => return Ok(()),
+            Existing::Absent => return self.write_file_at(dir, name, contents, dir_shown),
+            Existing::Stale => {}
+        }
+        // O_NOFOLLOW: a symlink swapped in since the check is refused, not
+        // followed; O_NONBLOCK: a FIFO swapped in cannot hang the open; and
+        // no O_TRUNC: nothing is changed before the checks on the descriptor.
+        let fd = nix::fcntl::openat(
+            Some(dir.as_raw_fd()),
+            name,
+            OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            Errno::ELOOP => self.err(
+                ErrorKind::Invalid,
+                format_args!("{} is a symlink; refusing to follow it", shown.display()),
+            ),
+            e => self.sys(format_args!("open {}", shown.display()), e),
+        })?;
+        // SAFETY: `openat` just returned this descriptor and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let st = nix::sys::stat::fstat(fd.as_raw_fd())
+            .map_err(|e| self.sys(format_args!("inspect {}", shown.display()), e))?;
+        if !is_type(&st, SFlag::S_IFREG) {
+            return Err(self.err(
+                ErrorKind::Invalid,
+                format_args!(
+                    "{} is not a regular file; refusing to write it",
+                    shown.display()
+                ),
+            ));
+        }
+        // Writing through a name writes every name of the inode. The atomic
+        // write cannot be fooled by a hard link (the rename replaces the
+        // name); here, a link planted at the path to a file elsewhere would
+        // have the secret written, and the other file destroyed, there.
+        if st.st_nlink != 1 {
+            return Err(self.err(
+                ErrorKind::Invalid,
+                format_args!(
+                    "{} has {} hard links; refusing to write a secret through it in place (remove it and keyturn recreates it)",
+                    shown.display(),
+                    st.st_nlink
+                ),
+            ));
+        }
+        nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(self.cfg.mode))
+            .map_err(|e| self.sys(format_args!("set mode of {}", shown.display()), e))?;
+        chown_fd(&fd, self.owner())
+            .map_err(|e| self.sys(format_args!("set owner of {}", shown.display()), e))?;
+        let mut file = std::fs::File::from(fd);
+        file.set_len(0).map_err(|e| {
+            self.err(
+                ErrorKind::from_io(&e),
+                format_args!("truncate {}: {e}", shown.display()),
+            )
+        })?;
+        // The descriptor has no O_APPEND and is fresh: this writes from offset 0.
+        file.write_all(contents).map_err(|e| {
+            self.err(
+                ErrorKind::from_io(&e),
+                format_args!("write {}: {e}", shown.display()),
+            )
+        })?;
+        file.sync_all().map_err(|e| {
+            self.err(
+                ErrorKind::from_io(&e),
+                format_args!("fsync {}: {e}", shown.display()),
+            )
+        })
+    }
+
     /// Whether `name` already has exactly these bytes, mode and owner, so a
     /// repeated delivery of one version leaves the file (and its watchers) alone.
     /// Any doubt answers "no" and the file is rewritten.
@@ -210,6 +315,16 @@ impl Inner {
             Err(_) => false,
         }
     }
+}
+
+/// What a delivery finds at a single file's path.
+#[derive(PartialEq, Eq)]
+enum Existing {
+    Absent,
+    /// A regular file with exactly the bytes, mode and owner to deliver.
+    Holds,
+    /// A regular file to be replaced or rewritten.
+    Stale,
 }
 
 /// Appends `'bytes'` and a newline, quoted for POSIX sh: a `'` inside becomes
