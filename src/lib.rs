@@ -10,12 +10,13 @@
 //! - [`rotation`]   the persisted rotation state machine and its engine; resume after crash
 //! - [`targets`]    trait `Target` + `postgres`, `command` (apply and test a new value where it is used)
 //! - [`vaults`]     trait `Vault` + `local` (embedded, encrypted), `hashicorp`, `aws`, `azure`
-//! - [`sinks`]      trait `Sink` + `file` (atomic write, bundles via `..data`)
+//! - [`sinks`]      trait `Sink` + `file` (atomic write, bundles via `..data`), `exec` (run a program)
 //! - [`audit`]      hash-chained JSON-lines log, group-committed; verify
 //! - [`state`]      trait `StateStore` + SQLite (WAL, migrations); never secret values
 //! - `plugin`       the macro behind the vault, target and sink registries
 //! - [`group_commit`] one thread serving queued jobs in batches (state, audit, local vault)
 //! - [`memory`]     giving freed heap back to the OS after bursts
+//! - [`process`]    running a program: own process group, stdin, redacted stderr tail, timeout + killpg
 //! - `private_file`  creating the daemon's own files: 0700 directory, 0600 file, no symlinks
 //! - [`api`]        control socket (SO_PEERCRED) and HTTP `/metrics` `/healthz` `/readyz`
 //! - [`daemon`]     wiring and lifecycle: sd_notify, signals, reload, drain
@@ -34,6 +35,7 @@ pub mod memory;
 pub mod model;
 mod plugin;
 mod private_file;
+pub mod process;
 pub mod rotation;
 pub mod schedule;
 pub mod sinks;

@@ -55,3 +55,57 @@ pub(crate) fn credential_row(k: &CredentialKey) -> CredentialRow {
         last_error: Some("vault bao: connection refused".into()),
     }
 }
+
+/// Captures what the code under test logs on this thread (the tests
+/// run on a current-thread runtime, so spawned tasks log here too).
+pub(crate) fn capture_logs() -> (
+    tracing::subscriber::DefaultGuard,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || LogSink(sink.clone()))
+        .finish();
+    (tracing::subscriber::set_default(subscriber), buf)
+}
+
+struct LogSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes `body` as an executable `#!/bin/sh` script `dir/name`.
+pub(crate) fn shell_script(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// State of `/proc/<pid>`: `None` once the pid is reaped (gone).
+pub(crate) fn proc_state(pid: i32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')').next()?.trim_start().chars().next()
+}
+
+/// Whether process `pid` died within 3 s (reaped, or a zombie until its
+/// new parent reaps it).
+pub(crate) async fn died(pid: i32) -> bool {
+    let gone = || proc_state(pid).is_none_or(|s| s == 'Z');
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !gone() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    gone()
+}

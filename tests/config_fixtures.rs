@@ -104,6 +104,34 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "unknown key `schedul`; expected one of `vault`, `path`, `generate`",
     ),
     (
+        "bad-exec-stdin-typo.toml",
+        18,
+        68,
+        "agents.bot.credentials.db.deliver[0].stdin",
+        "unknown key `stdin`; expected one of `program`, `args`, `timeout`, `stdin_value`, `env`",
+    ),
+    (
+        "bad-exec-timeout.toml",
+        18,
+        78,
+        "agents.bot.credentials.db.deliver[0].timeout",
+        "duration `0s` is zero: it must be greater than zero",
+    ),
+    (
+        "bad-exec-env.toml",
+        18,
+        76,
+        "agents.bot.credentials.db.deliver[0].env.KEYTURN_VERSION",
+        "invalid environment variable `KEYTURN_VERSION`: `KEYTURN_*` variables are set by keyturn",
+    ),
+    (
+        "bad-exec-empty-program.toml",
+        18,
+        75,
+        "agents.bot.credentials.db.deliver[1].program",
+        "path must not be empty",
+    ),
+    (
         "bad-unknown-key-in-deliver.toml",
         18,
         46,
@@ -517,7 +545,9 @@ fn good_full_reads_every_key() {
     assert_eq!(db.jitter, Duration::from_secs(300));
     assert_eq!(db.grace, Duration::from_secs(600));
     assert_eq!(db.deliver.len(), 2);
-    let SinkConfig::File(json) = &db.deliver[0];
+    let SinkConfig::File(json) = &db.deliver[0] else {
+        panic!("a file sink")
+    };
     assert_eq!(
         json.path,
         Path::new("/run/keyturn/agents/invoice-bot/db.json")
@@ -528,7 +558,9 @@ fn good_full_reads_every_key() {
     );
     // (File sinks take the owner from the agent when they are built:
     // `daemon_e2e::delivers_files_with_mode_and_owner_and_rotates_on_demand`.)
-    let SinkConfig::File(env) = &db.deliver[1];
+    let SinkConfig::File(env) = &db.deliver[1] else {
+        panic!("a file sink")
+    };
     assert_eq!(
         (env.format(), env.mode(), env.env_name.as_deref()),
         (FileFormat::Env, Some(0o400), Some("DB_PASSWORD"))
@@ -556,7 +588,9 @@ fn good_full_reads_every_key() {
             length: 40
         }
     );
-    let SinkConfig::File(t) = &token.deliver[0];
+    let SinkConfig::File(t) = &token.deliver[0] else {
+        panic!("a file sink")
+    };
     assert_eq!(
         t.env_name.as_deref(),
         Some("API_TOKEN"),
@@ -692,8 +726,10 @@ fn the_demo_writes_only_under_demo_run() {
                 .unwrap()
                 .to_owned(),
         );
-        for SinkConfig::File(f) in &cred.deliver {
-            formats.insert(f.format().as_str());
+        for sink in &cred.deliver {
+            if let SinkConfig::File(f) = sink {
+                formats.insert(f.format().as_str());
+            }
         }
         let period = cred.schedule.min_period().unwrap();
         assert!(

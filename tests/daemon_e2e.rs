@@ -436,16 +436,7 @@ deliver = [{{ type = "file", path = "{{root}}/bot/api", format = "raw" }}]
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
     let daemon = env.start();
     // The first rotation fails at `set`, retries, and parks.
-    let row = wait_for(Duration::from_secs(30), || {
-        let rows = status_json(&env);
-        let r = row(&rows, "bot", "api").clone();
-        r["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("exited with 3"))
-            .then_some(r)
-    })
-    .expect("the hook's failure shows in status");
-    let error = row["last_error"].as_str().unwrap().to_owned();
+    let error = wait_last_error(&env, "bot", "api", "exited with 3");
     let failed = env.cli(&["rotate", "bot/api", "--wait"]);
     assert_eq!(failed.status.code(), Some(1));
     let status = env.cli(&["status"]);
@@ -503,6 +494,100 @@ deliver = [{{ type = "file", path = "{{root}}/bot/api", format = "raw" }}]
         error.contains("the hook exited with 3 (its stderr is in the daemon's log)"),
         "{error}"
     );
+}
+
+/// Run by the `exec` sink: records its environment and argv per version,
+/// and, once `fail` exists, prints the delivered value on stderr and fails.
+const ON_DELIVERY: &str = r#"#!/bin/sh
+env > "$1/env.$KEYTURN_VERSION"
+printf '%s\n' "$0" "$@" > "$1/argv.$KEYTURN_VERSION"
+if [ -e "$1/fail" ]; then
+  echo "reload refused: $(cat "$2") was rejected" >&2
+  exit 3
+fi
+"#;
+
+#[test]
+fn exec_sink_runs_with_the_notice_in_env_and_a_failure_shows_without_its_stderr() {
+    let env = Env::new(&format!(
+        r#"{}
+[agents.bot.credentials.api]
+vault = "local"
+generate = {{ kind = "password", length = 32 }}
+every = "1h"
+deliver = [
+  {{ type = "file", path = "{{root}}/bot/api", format = "raw" }},
+  {{ type = "exec", program = "{{dir}}/on-delivery.sh", args = ["{{dir}}", "{{root}}/bot/api"], timeout = "10s" }},
+]
+"#,
+        agent_table("bot")
+    ));
+    let program = env.path().join("on-delivery.sh");
+    std::fs::write(&program, ON_DELIVERY).unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = env.start();
+    wait_version(&env, "bot", "api", 1);
+
+    // The program ran after the file was in place, with the notice in its
+    // environment and the value nowhere in it.
+    let v1 = std::fs::read_to_string(env.root().join("bot/api")).unwrap();
+    assert_eq!(v1.len(), 32);
+    let seen = std::fs::read_to_string(env.path().join("env.1")).unwrap();
+    let argv = std::fs::read_to_string(env.path().join("argv.1")).unwrap();
+    let vars: Vec<&str> = seen.lines().collect();
+    for want in [
+        "KEYTURN_AGENT=bot",
+        "KEYTURN_CREDENTIAL=api",
+        "KEYTURN_TENANT=acme",
+        "KEYTURN_VERSION=1",
+    ] {
+        assert!(vars.contains(&want), "{want} missing in {seen}");
+    }
+    let rotation = vars
+        .iter()
+        .find_map(|l| l.strip_prefix("KEYTURN_ROTATION="))
+        .unwrap_or_else(|| panic!("no KEYTURN_ROTATION in {seen}"));
+    assert_eq!(rotation.len(), 32, "{rotation}");
+    assert!(!seen.contains(&v1) && !argv.contains(&v1), "{seen}{argv}");
+
+    // Now the program fails: the rotation fails at delivery and status says
+    // how the program ended, not what it printed.
+    std::fs::write(env.path().join("fail"), "").unwrap();
+    let failed = env.cli(&["rotate", "bot/api", "--wait"]);
+    assert_eq!(failed.status.code(), Some(1));
+    let error = wait_last_error(&env, "bot", "api", "exited with 3");
+    assert!(
+        error.contains("the program exited with 3 (its stderr is in the daemon's log)"),
+        "{error}"
+    );
+    assert!(!error.contains("reload refused"), "{error}");
+    let status = env.cli(&["status"]);
+    let log = daemon.stop();
+    // The file sink delivered version 2 before the program refused it.
+    let v2 = std::fs::read_to_string(env.root().join("bot/api")).unwrap();
+    assert_ne!(v1, v2);
+    assert!(
+        std::fs::read_to_string(env.path().join("env.2"))
+            .unwrap()
+            .contains("KEYTURN_VERSION=2")
+    );
+    assert!(
+        log.contains("exec sink failed") && log.contains("reload refused: [REDACTED] was rejected"),
+        "the program's stderr is in the log, redacted: {log}"
+    );
+    let mut haystacks: Vec<(String, Vec<u8>)> = vec![
+        ("daemon log".into(), log.into_bytes()),
+        ("rotate".into(), [failed.stdout, failed.stderr].concat()),
+        ("status".into(), [status.stdout, status.stderr].concat()),
+    ];
+    for (p, bytes) in read_tree(&env.state_dir()) {
+        haystacks.push((p.display().to_string(), bytes));
+    }
+    for (name, hay) in &haystacks {
+        for v in [&v1, &v2] {
+            assert!(!contains(hay, v.as_bytes()), "a value leaked into {name}");
+        }
+    }
 }
 
 #[test]

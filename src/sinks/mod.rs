@@ -27,12 +27,14 @@ use crate::config::validate::{Loc, SinkScope, Validator};
 use crate::model::{CredentialKey, PluginError, RotationId, SecretValue, ValueKind, VersionNo};
 use crate::plugin::registry;
 
+pub mod exec;
 pub mod file;
 
 registry! {
     /// One entry of a credential's `deliver = [...]`: one variant per sink.
     pub enum SinkConfig: SinkPlugin {
         File(file::FileConfig),
+        Exec(exec::ExecConfig),
     }
 }
 

@@ -390,6 +390,19 @@ pub fn row<'a>(rows: &'a [serde_json::Value], agent: &str, cred: &str) -> &'a se
         .unwrap_or_else(|| panic!("no status row for {agent}/{cred} in {rows:?}"))
 }
 
+/// Waits (up to 30 s) until `status` shows a `last_error` containing
+/// `needle` for `agent/cred`, and returns it.
+pub fn wait_last_error(env: &Env, agent: &str, cred: &str, needle: &str) -> String {
+    wait_for(Duration::from_secs(30), || {
+        let rows = status_json(env);
+        row(&rows, agent, cred)["last_error"]
+            .as_str()
+            .filter(|e| e.contains(needle))
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|| panic!("no last_error with {needle:?} for {agent}/{cred} in status"))
+}
+
 /// The current version `status` shows for `agent/cred`.
 pub fn version_of(env: &Env, agent: &str, cred: &str) -> Option<u64> {
     // No row yet (a reload not applied yet) is no version yet.
