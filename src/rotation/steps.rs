@@ -392,7 +392,7 @@ impl Inner {
                 };
                 for sink in &entry.sinks {
                     let result = sink.deliver(&notice, &value).await;
-                    self.metrics.delivery("file", result.is_ok());
+                    self.metrics.delivery(sink.kind(), result.is_ok());
                     let (outcome, error) = match &result {
                         Ok(_) => (Outcome::Ok, None),
                         Err(e) => (Outcome::Failed, Some(e.to_string())),

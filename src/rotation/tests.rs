@@ -249,6 +249,10 @@ impl MemSink {
 
 #[async_trait]
 impl Sink for MemSink {
+    fn kind(&self) -> &'static str {
+        "mem"
+    }
+
     fn describe(&self) -> String {
         "mem".into()
     }

@@ -92,6 +92,10 @@ pub struct ExecSink {
 
 #[async_trait]
 impl Sink for ExecSink {
+    fn kind(&self) -> &'static str {
+        "exec"
+    }
+
     fn describe(&self) -> String {
         format!("exec:{}", self.s.program.display())
     }

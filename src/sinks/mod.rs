@@ -98,6 +98,10 @@ pub trait Sink: Send + Sync {
     /// Short description for logs and status, e.g. `file:/run/keyturn/a/db`.
     fn describe(&self) -> String;
 
+    /// The sink's `type` (`file`, `exec`, ...): the `sink` label of the
+    /// deliveries metric.
+    fn kind(&self) -> &'static str;
+
     async fn deliver(&self, notice: &Notice, value: &SecretValue)
     -> Result<Delivered, PluginError>;
 

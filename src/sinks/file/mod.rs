@@ -321,6 +321,10 @@ impl FileSink {
 
 #[async_trait]
 impl Sink for FileSink {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
     fn describe(&self) -> String {
         format!("file:{}", self.inner.cfg.path.display())
     }
