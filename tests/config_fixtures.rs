@@ -362,6 +362,34 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "agents.bot.credentials.db.deliver[0].env_name",
         "invalid env_name `db-password`: it must match [A-Z_][A-Z0-9_]*",
     ),
+    (
+        "bad-signal-target.toml",
+        18,
+        12,
+        "agents.bot.credentials.db.deliver[0]",
+        "a signal sink names its process by exactly one of `pid_file` or `unit`",
+    ),
+    (
+        "bad-signal-name.toml",
+        18,
+        67,
+        "agents.bot.credentials.db.deliver[0].signal",
+        "unknown signal `SIGKILL`: use one of `SIGHUP`, `SIGINT`, `SIGQUIT`, `SIGTERM`, `SIGUSR1`, `SIGUSR2`, `SIGWINCH`",
+    ),
+    (
+        "bad-signal-coalesce.toml",
+        18,
+        69,
+        "agents.bot.credentials.db.deliver[0].coalesce",
+        "coalesce `5m` is longer than 1m",
+    ),
+    (
+        "bad-signal-unit.toml",
+        18,
+        38,
+        "agents.bot.credentials.db.deliver[0].unit",
+        "invalid unit `--now`: write a systemd service name",
+    ),
 ];
 
 #[test]
@@ -510,7 +538,9 @@ fn good_full_reads_every_key() {
     assert_eq!(db.jitter, Duration::from_secs(300));
     assert_eq!(db.grace, Duration::from_secs(600));
     assert_eq!(db.deliver.len(), 2);
-    let SinkConfig::File(json) = &db.deliver[0];
+    let SinkConfig::File(json) = &db.deliver[0] else {
+        panic!("a file sink")
+    };
     assert_eq!(
         json.path,
         Path::new("/run/keyturn/agents/invoice-bot/db.json")
@@ -521,7 +551,9 @@ fn good_full_reads_every_key() {
     );
     // (File sinks take the owner from the agent when they are built:
     // `daemon_e2e::delivers_files_with_mode_and_owner_and_rotates_on_demand`.)
-    let SinkConfig::File(env) = &db.deliver[1];
+    let SinkConfig::File(env) = &db.deliver[1] else {
+        panic!("a file sink")
+    };
     assert_eq!(
         (env.format(), env.mode(), env.env_name.as_deref()),
         (FileFormat::Env, Some(0o400), Some("DB_PASSWORD"))
@@ -549,7 +581,9 @@ fn good_full_reads_every_key() {
             length: 40
         }
     );
-    let SinkConfig::File(t) = &token.deliver[0];
+    let SinkConfig::File(t) = &token.deliver[0] else {
+        panic!("a file sink")
+    };
     assert_eq!(
         t.env_name.as_deref(),
         Some("API_TOKEN"),
@@ -685,7 +719,10 @@ fn the_demo_writes_only_under_demo_run() {
                 .unwrap()
                 .to_owned(),
         );
-        for SinkConfig::File(f) in &cred.deliver {
+        for sink in &cred.deliver {
+            let SinkConfig::File(f) = sink else {
+                panic!("only file sinks here")
+            };
             formats.insert(f.format().as_str());
         }
         let period = cred.schedule.min_period().unwrap();
