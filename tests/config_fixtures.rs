@@ -397,6 +397,34 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "agents.bot.credentials.ssh.deliver[0].atomic",
         "`atomic = false` cannot deliver credential `ssh`: an ed25519 keypair is delivered as a directory",
     ),
+    (
+        "bad-signal-target.toml",
+        18,
+        12,
+        "agents.bot.credentials.db.deliver[0]",
+        "a signal sink names its process by exactly one of `pid_file` or `unit`",
+    ),
+    (
+        "bad-signal-name.toml",
+        18,
+        67,
+        "agents.bot.credentials.db.deliver[0].signal",
+        "unknown signal `SIGKILL`: use one of `SIGHUP`, `SIGINT`, `SIGQUIT`, `SIGTERM`, `SIGUSR1`, `SIGUSR2`, `SIGWINCH`",
+    ),
+    (
+        "bad-signal-coalesce.toml",
+        18,
+        69,
+        "agents.bot.credentials.db.deliver[0].coalesce",
+        "coalesce `5m` is longer than 1m",
+    ),
+    (
+        "bad-signal-unit.toml",
+        18,
+        38,
+        "agents.bot.credentials.db.deliver[0].unit",
+        "invalid unit `--now`: write a systemd service name",
+    ),
 ];
 
 #[test]

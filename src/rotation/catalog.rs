@@ -315,6 +315,9 @@ impl Catalog {
                     })?;
                     sinks.push(sink);
                 }
+                // Sinks run one after another in this order (the deliver
+                // step): the ones that write first, whatever the config's order.
+                sinks.sort_by_key(|s| s.only_notifies());
                 let entry = CredEntry {
                     agent: agent.clone(),
                     offset: jitter_offset(&cred.key, cred.jitter),

@@ -29,12 +29,14 @@ use crate::plugin::registry;
 
 pub mod exec;
 pub mod file;
+pub mod signal;
 
 registry! {
     /// One entry of a credential's `deliver = [...]`: one variant per sink.
     pub enum SinkConfig: SinkPlugin {
         File(file::FileConfig),
         Exec(exec::ExecConfig),
+        Signal(signal::SignalConfig),
     }
 }
 
@@ -118,4 +120,11 @@ pub trait Sink: Send + Sync {
     /// exists or can be created, no symlink in the way, writable). Also the
     /// place to clean up stale temp files.
     async fn preflight(&self) -> Result<(), PluginError>;
+
+    /// Whether the sink only tells the agent to look again (a signal)
+    /// rather than handing it the value. The catalog delivers these after
+    /// a credential's other sinks, so the agent finds what they wrote.
+    fn only_notifies(&self) -> bool {
+        false
+    }
 }

@@ -1,0 +1,235 @@
+//! End-to-end tests of the real binary's `signal` sink, against real
+//! processes: a shell that logs every SIGHUP it gets.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// A consumer process: it logs each SIGHUP, with the versions of the three
+/// JSON files it would re-read, and writes its pid file once it listens.
+struct Consumer {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Consumer {
+    fn start(env: &Env, pid_file: &Path) -> Consumer {
+        let log = env.path().join("hup.log");
+        let bot = env.root().join("bot");
+        let script = format!(
+            r#"trap 'echo hup >> {log}; for f in a b c; do grep -o "\"version\":[0-9]*" {bot}/$f.json >> {log}; done' HUP
+echo $$ > {pid}.tmp && mv {pid}.tmp {pid}
+while :; do sleep 0.1; done"#,
+            log = log.display(),
+            bot = bot.display(),
+            pid = pid_file.display(),
+        );
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the consumer");
+        wait_for(Duration::from_secs(10), || pid_file.exists().then_some(()))
+            .expect("the consumer writes its pid file");
+        Consumer { child, log }
+    }
+
+    /// Its log, one entry per line.
+    fn lines(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn hups(&self) -> usize {
+        self.lines().iter().filter(|l| *l == "hup").count()
+    }
+
+    /// Waits for a SIGHUP after the `before`th, then for longer than the
+    /// window, and asserts that exactly one came; the log.
+    fn one_more_hup(&self, before: usize) -> Vec<String> {
+        wait_for(Duration::from_secs(5), || {
+            (self.hups() > before).then_some(())
+        })
+        .unwrap_or_else(|| panic!("no SIGHUP after the rotation: {:?}", self.lines()));
+        std::thread::sleep(Duration::from_secs(3));
+        let lines = self.lines();
+        assert_eq!(
+            self.hups(),
+            before + 1,
+            "three credentials rotated within the window make exactly one SIGHUP: {lines:?}"
+        );
+        lines
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Credential `c` of `bot`: a signal sink, listed first (it must still go
+/// after the file is written), then a JSON file.
+fn signalled_credential(c: &str, pid_file: &Path, coalesce: &str) -> String {
+    format!(
+        r#"
+[agents.bot.credentials.{c}]
+vault = "local"
+generate = {{ kind = "password", length = 32 }}
+every = "1h"
+grace = "0s"
+deliver = [
+  {{ type = "signal", pid_file = "{pid}", coalesce = "{coalesce}" }},
+  {{ type = "file", path = "{{root}}/bot/{c}.json", format = "json" }},
+]
+"#,
+        pid = pid_file.display()
+    )
+}
+
+fn three_credentials(pid_file: &Path) -> String {
+    agent_table("bot")
+        + &["a", "b", "c"]
+            .map(|c| signalled_credential(c, pid_file, "2s"))
+            .concat()
+}
+
+#[test]
+fn a_burst_of_rotations_is_one_sighup_after_the_files() {
+    let pid_file = tempfile::tempdir().unwrap();
+    let pid_file = pid_file.path().join("consumer.pid");
+    let env = Env::new(&three_credentials(&pid_file));
+    let consumer = Consumer::start(&env, &pid_file);
+    let daemon = env.start();
+    for c in ["a", "b", "c"] {
+        wait_version(&env, "bot", c, 1);
+    }
+    // The first deliveries signalled it too (spread over catch_up_spread,
+    // so once or twice); let the shell run its trap.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = consumer.hups();
+    assert!(
+        before >= 1,
+        "the first delivery signals: {:?}",
+        consumer.lines()
+    );
+
+    // All three at once, as the brief's operator would.
+    env.cli_ok(&["rotate", "bot", "--wait"]);
+    let lines = consumer.one_more_hup(before);
+    // When it arrived, all three files already held version 2.
+    let last = lines.iter().rposition(|l| l == "hup").unwrap();
+    assert_eq!(
+        lines[last + 1..],
+        vec![r#""version":2"#.to_owned(); 3],
+        "{lines:?}"
+    );
+
+    // Signals sent within a moment of each other may merge in the kernel
+    // (a pending SIGHUP is not queued twice), so the window shows best
+    // with deliveries far enough apart for the shell to trap each one.
+    let before = consumer.hups();
+    for c in ["a", "b", "c"] {
+        env.cli_ok(&["rotate", &format!("bot/{c}")]);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    for c in ["a", "b", "c"] {
+        wait_version(&env, "bot", c, 3);
+    }
+    let lines = consumer.one_more_hup(before);
+    let last = lines.iter().rposition(|l| l == "hup").unwrap();
+    assert_eq!(
+        lines[last + 1..],
+        vec![r#""version":3"#.to_owned(); 3],
+        "{lines:?}"
+    );
+    daemon.stop();
+}
+
+#[test]
+fn no_signal_when_the_file_before_it_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("consumer.pid");
+    // Without a window: it must still wait for the file.
+    let creds = agent_table("bot") + &signalled_credential("a", &pid_file, "0s");
+    let env = Env::new(&creds);
+    // The file cannot be written: a symlink stands where it goes.
+    std::fs::create_dir_all(env.root().join("bot")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("elsewhere"), env.root().join("bot/a.json"))
+        .unwrap();
+    let consumer = Consumer::start(&env, &pid_file);
+    let daemon = env.start();
+    wait_for(Duration::from_secs(20), || {
+        status_json(&env)
+            .iter()
+            .any(|r| {
+                r["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("symlink"))
+            })
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the file delivery must fail: {:?}", status_json(&env)));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        consumer.hups(),
+        0,
+        "no signal for a value that was not delivered: {:?}",
+        consumer.lines()
+    );
+    daemon.stop();
+}
+
+#[test]
+fn a_process_of_another_uid_is_not_signalled() {
+    let me = nix::unistd::geteuid().as_raw();
+    let agent_uid = if me == 65534 { 65533 } else { 65534 };
+    let mut sleeper = Command::new("sleep").arg("120").spawn().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("other.pid");
+    std::fs::write(&pid_file, sleeper.id().to_string()).unwrap();
+    let creds = agent_table("bot")
+        + &format!(
+            r#"uid = {agent_uid}
+
+[agents.bot.credentials.db]
+vault = "local"
+generate = {{ kind = "password", length = 32 }}
+every = "1h"
+deliver = [{{ type = "signal", pid_file = "{pid}", signal = "SIGTERM", coalesce = "0s" }}]
+"#,
+            pid = pid_file.display()
+        );
+    let env = Env::new(&creds);
+    let daemon = env.start();
+    let expected = format!(
+        "a process of uid {me}, not of uid {agent_uid} (the agent's); refusing to signal it"
+    );
+    let error = wait_for(Duration::from_secs(20), || {
+        status_json(&env)
+            .iter()
+            .find_map(|r| r["last_error"].as_str().map(str::to_owned))
+            .filter(|e| e.contains(&expected))
+    })
+    .unwrap_or_else(|| panic!("status must show the refusal: {:?}", status_json(&env)));
+    assert!(error.contains(&pid_file.display().to_string()), "{error}");
+    let out = env.cli(&["rotate", "bot/db", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "rotate --wait must fail");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("refusing to signal it"));
+    assert!(
+        sleeper.try_wait().unwrap().is_none(),
+        "the other uid's process must not have been sent SIGTERM"
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    daemon.stop();
+}
