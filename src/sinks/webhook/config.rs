@@ -105,10 +105,8 @@ impl SinkPlugin for WebhookConfig {
         match Url::parse(&self.url) {
             Err(e) => v.err(
                 p.key("url"),
-                format!(
-                    "invalid URL `{}`: {e} (write e.g. \"https://hooks.example.com/keyturn\")",
-                    self.url
-                ),
+                // Not echoed: a URL that does not parse may still hold a password.
+                format!("invalid URL: {e} (write e.g. \"https://hooks.example.com/keyturn\")"),
             ),
             Ok(url) => {
                 if let Some(why) = url_problem(&url, self.include_value, policy_of(self)) {
