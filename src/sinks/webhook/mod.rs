@@ -458,6 +458,12 @@ impl Sink for WebhookSink {
         }
     }
 
+    /// Without the value the notice says "look again": it goes after the
+    /// credential's sinks that write, so `file` is in place when it arrives.
+    fn only_notifies(&self) -> bool {
+        !self.include_value
+    }
+
     /// Nothing to take back: the receiver was told of versions, and
     /// decommission revokes those at the vaults and the target. A notice
     /// of the decommission would be a new kind of message, which receivers
