@@ -271,10 +271,21 @@ impl PyReceiver {
         PyReceiver { child, lines, port }
     }
 
+    /// The next notice's line, past any refused because the key file was
+    /// not delivered yet (keyturn retries those).
     fn next(&self) -> serde_json::Value {
-        self.lines
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the receiver got a notice")
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the receiver got a notice");
+            let waiting = line["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("key unavailable"));
+            if !waiting {
+                return line;
+            }
+        }
     }
 }
 
