@@ -468,6 +468,13 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "`bot/db` is the credential this webhook announces",
     ),
     (
+        "bad-webhook-short-key.toml",
+        18,
+        91,
+        "agents.bot.credentials.db.deliver[0].secret_credential",
+        "`bot/hook-key` makes values of 22 bytes; a webhook signing key needs at least 32",
+    ),
+    (
         "bad-webhook-timeout.toml",
         18,
         120,

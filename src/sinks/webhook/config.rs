@@ -138,6 +138,15 @@ impl SinkPlugin for WebhookConfig {
                                     "unknown credential `{name}`: no [agents.{a}.credentials.{c}] in the config"
                                 ),
                             );
+                        } else if let Some(n) = scope.value_len(a, c)
+                            && n < MIN_KEY_LEN
+                        {
+                            v.err(
+                                at,
+                                format!(
+                                    "`{name}` makes values of {n} bytes; a webhook signing key needs at least {MIN_KEY_LEN} (e.g. generate = {{ kind = \"random_bytes\", length = 32 }})"
+                                ),
+                            );
                         }
                     }
                     _ => v.err(
