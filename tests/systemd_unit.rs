@@ -69,3 +69,52 @@ fn unit_raises_the_open_files_limit() {
         .expect("LimitNOFILE= is a number");
     assert!(limit >= 8192, "LimitNOFILE={limit}");
 }
+
+/// Under `ProtectSystem=strict` the daemon can write only where the unit
+/// says. Every place the production example config writes to (state, the
+/// audit log, the socket, the delivery roots) must be writable there, or the
+/// daemon fails at start on a real host.
+#[test]
+fn unit_lets_the_production_config_write_where_it_writes() {
+    let u = unit();
+    let writable: Vec<&str> = u
+        .lines()
+        .filter_map(|l| l.strip_prefix("ReadWritePaths="))
+        .flat_map(str::split_whitespace)
+        .collect();
+    let managed = |dir: &str, base: &str| {
+        // StateDirectory=keyturn -> /var/lib/keyturn, and so on.
+        u.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{dir}=")))
+            .flat_map(str::split_whitespace)
+            .map(|d| format!("{base}/{d}"))
+            .collect::<Vec<_>>()
+    };
+    let mut allowed: Vec<String> = writable.iter().map(|s| (*s).to_owned()).collect();
+    allowed.extend(managed("StateDirectory", "/var/lib"));
+    allowed.extend(managed("RuntimeDirectory", "/run"));
+    allowed.extend(managed("LogsDirectory", "/var/log"));
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/production.toml"),
+    )
+    .unwrap();
+    let cfg: toml::Table = toml::from_str(&example).unwrap();
+    let daemon = cfg["daemon"].as_table().unwrap();
+    let parent = |p: &str| Path::new(p).parent().unwrap().to_str().unwrap().to_owned();
+    let mut places = vec![
+        daemon["state_dir"].as_str().unwrap().to_owned(),
+        parent(daemon["audit_log"].as_str().unwrap()),
+        parent(daemon["socket"].as_str().unwrap()),
+    ];
+    for root in daemon["delivery_roots"].as_array().unwrap() {
+        places.push(root.as_str().unwrap().to_owned());
+    }
+    for place in places {
+        assert!(
+            allowed
+                .iter()
+                .any(|a| Path::new(&place).starts_with(Path::new(a))),
+            "the production config writes to {place}, which the unit does not make writable ({allowed:?})"
+        );
+    }
+}
