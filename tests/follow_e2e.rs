@@ -123,7 +123,6 @@ fn text(o: &std::process::Output) -> String {
 }
 
 /// Runs the scenario on `table` (the same vault table for both daemons).
-/// Returns the rotator's env (for vault-specific checks) after both stop.
 fn one_rotator_one_follower(table: &str, path: &str) {
     let rotator = Env::new(&format!(
         "{table}\n{}{}",
@@ -163,7 +162,9 @@ fn one_rotator_one_follower(table: &str, path: &str) {
     }
     assert_eq!(seen, vec![1, 2, 3, 4], "the follower's versions, in order");
 
-    // Status: the follower shows the credential as followed, at its version.
+    // Status: the follower shows the credential as followed, at its version
+    // (recorded right after the file is written).
+    wait_version(&follower, AGENT, "db", 4);
     let rows = status_json(&follower);
     let row = row(&rows, AGENT, "db");
     assert_eq!(row["state"], "follow", "{row}");
