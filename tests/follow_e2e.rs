@@ -3,8 +3,9 @@
 //! (`mode = "follow"`, `poll = "1s"`). After every rotation the follower's
 //! delivered file holds the value the rotator delivered to its own file, in
 //! order, each version once; the follower audits its deliveries with the
-//! rotator's rotation ids, `status` shows it as followed, and
-//! `keyturn rotate` on the follower refuses.
+//! rotator's rotation ids, `status` shows it as followed, `keyturn rotate`
+//! on the follower refuses, following survives a reload (SIGHUP), and a
+//! restarted follower does not deliver the same version again.
 //!
 //! OpenBao and moto run with a change index (`change_index` on the vault,
 //! on both daemons); the Azure stub without one (one metadata read per
@@ -142,6 +143,10 @@ fn one_rotator_one_follower(table: &str, path: &str) {
     // order, one version step each (none skipped, none twice).
     let mut seen = Vec::new();
     for round in 1..=4u64 {
+        if round == 3 {
+            // A reload rebuilds the follow loops; following goes on.
+            f.reload();
+        }
         if round > 1 {
             let out = rotator.cli(&["rotate", &format!("{AGENT}/db"), "--wait"]);
             assert!(out.status.success(), "rotate: {}", text(&out));

@@ -20,9 +20,10 @@
 //!   per poll, whatever the number of credentials; the index itself is read
 //!   only when it changed, and a value only for a credential whose version
 //!   changed. As a safety net (a credential rotated by a keyturn that does
-//!   not write the index), every credential is also checked directly once
+//!   not write the index), every credential's own mark is also read once
 //!   every [`SWEEP_POLLS`] polls, spread evenly: 1,000 credentials at
-//!   `poll = "1s"` add ~17 metadata reads a second.
+//!   `poll = "1s"` add ~17 metadata reads a second (and a value read only
+//!   when a mark moved without the index saying so).
 //! - Without one: one metadata read per credential per poll
 //!   ([`crate::vaults::Vault::current_mark`]: KV v2 metadata, AWS
 //!   `DescribeSecret`; the value itself on vaults without a cheaper call),
@@ -211,6 +212,8 @@ impl Inner {
             }
             None => None,
         };
+        // Credentials to check by their own mark (metadata, no value).
+        let mut by_mark: Vec<usize> = Vec::new();
         match index_read {
             Some(changed) => {
                 let first = p.index_mark.is_none();
@@ -226,32 +229,34 @@ impl Inner {
                         // by a keyturn that does not write it.
                         Some(None) => first,
                         None => false,
-                    } || i % SWEEP_POLLS == polls % SWEEP_POLLS;
+                    };
                     if due {
                         check.push((i, None));
+                    } else if i % SWEEP_POLLS == polls % SWEEP_POLLS {
+                        by_mark.push(i);
                     }
                 }
             }
-            None => {
-                for (i, e) in p.entries.iter().enumerate() {
-                    let item = VaultItem {
-                        key: e.key(),
-                        path: &e.cfg.vault_path(),
-                    };
-                    match vault.current_mark(item).await {
-                        Ok(mark) => {
-                            let mut seen = lock(memory);
-                            let s = seen.entry(e.key().clone()).or_default();
-                            if mark.is_none() {
-                                s.mark = None;
-                            } else if mark != s.mark {
-                                check.push((i, mark));
-                            }
-                        }
-                        Err(e) => {
-                            first_error.get_or_insert(e);
-                        }
+            None => by_mark.extend(0..p.entries.len()),
+        }
+        for i in by_mark {
+            let e = &p.entries[i];
+            let item = VaultItem {
+                key: e.key(),
+                path: &e.cfg.vault_path(),
+            };
+            match vault.current_mark(item).await {
+                Ok(mark) => {
+                    let mut seen = lock(memory);
+                    let s = seen.entry(e.key().clone()).or_default();
+                    if mark.is_none() {
+                        s.mark = None;
+                    } else if mark != s.mark {
+                        check.push((i, mark));
                     }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
                 }
             }
         }

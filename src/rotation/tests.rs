@@ -1025,6 +1025,26 @@ async fn a_follower_polls_the_index_and_reads_only_what_changed() {
         .map(|c| rig.calls("read", &path(c)))
         .collect();
     assert_eq!(after, vec![reads[0], reads[1] + 1, reads[2]]);
+    // The safety net: each credential's own mark is read about once a
+    // minute, and its value is not read again unless the mark moved.
+    let marks_before: Vec<usize> = ["c0", "c1", "c2"]
+        .iter()
+        .map(|c| rig.calls("mark", &path(c)))
+        .collect();
+    let reads_before: Vec<usize> = ["c0", "c1", "c2"]
+        .iter()
+        .map(|c| rig.calls("read", &path(c)))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(70)).await;
+    for (i, c) in ["c0", "c1", "c2"].iter().enumerate() {
+        let swept = rig.calls("mark", &path(c)) - marks_before[i];
+        assert!((1..=2).contains(&swept), "{c}: {swept} mark reads in 70 s");
+    }
+    let reads_after: Vec<usize> = ["c0", "c1", "c2"]
+        .iter()
+        .map(|c| rig.calls("read", &path(c)))
+        .collect();
+    assert_eq!(reads_after, reads_before, "the sweep read values");
     let s = rig.status("c1");
     assert_eq!(
         (s.state.as_str(), s.version, s.next_due),
