@@ -23,7 +23,8 @@
 //!   not write the index), every credential's own mark is also read once
 //!   every [`SWEEP_POLLS`] polls, spread evenly: 1,000 credentials at
 //!   `poll = "1s"` add ~17 metadata reads a second (and a value read only
-//!   when a mark moved without the index saying so).
+//!   when a mark moved without the index saying so). A credential the index
+//!   lists as changed costs a metadata read and a value read.
 //! - Without one: one metadata read per credential per poll
 //!   ([`crate::vaults::Vault::current_mark`]: KV v2 metadata, AWS
 //!   `DescribeSecret`; the value itself on vaults without a cheaper call),
@@ -262,6 +263,24 @@ impl Inner {
         }
         for (i, mark) in check {
             let entry = p.entries[i].clone();
+            let mark = match mark {
+                Some(m) => Some(m),
+                // Listed by the index: its mark too, read before the value,
+                // so that the safety-net sweep need not read the value again.
+                None => {
+                    let item = VaultItem {
+                        key: entry.key(),
+                        path: &entry.cfg.vault_path(),
+                    };
+                    match vault.current_mark(item).await {
+                        Ok(m) => m,
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                            continue;
+                        }
+                    }
+                }
+            };
             let checked = self.follow_check(&entry, memory).await;
             if checked.is_ok() && mark.is_some() {
                 // Checked at this mark (or later): not again until it moves.
