@@ -142,6 +142,7 @@ fn one_rotator_one_follower(table: &str, path: &str) {
     // Every version the rotator delivers reaches the follower's file, in
     // order, one version step each (none skipped, none twice).
     let mut seen = Vec::new();
+    let mut values = Vec::new();
     for round in 1..=4u64 {
         if round == 3 {
             // A reload rebuilds the follow loops; following goes on.
@@ -164,6 +165,7 @@ fn one_rotator_one_follower(table: &str, path: &str) {
             )
         });
         seen.push(got.1);
+        values.push(want);
     }
     assert_eq!(seen, vec![1, 2, 3, 4], "the follower's versions, in order");
 
@@ -221,9 +223,25 @@ fn one_rotator_one_follower(table: &str, path: &str) {
 
     let log = f.stop();
     r.stop();
-    // Secret values stay out of the follower's log.
-    for (value, _) in [delivered(&rotator).unwrap()] {
-        assert!(!log.contains(&value), "a value in the follower's log");
+    // Secret values stay out of the follower's log, audit and state.
+    let audit = std::fs::read_to_string(follower.audit_log()).unwrap();
+    let state = read_tree(&follower.state_dir());
+    for value in &values {
+        assert!(
+            !log.contains(value.as_str()),
+            "a value in the follower's log"
+        );
+        assert!(
+            !audit.contains(value.as_str()),
+            "a value in the follower's audit log"
+        );
+        for (p, bytes) in &state {
+            assert!(
+                !contains(bytes, value.as_bytes()),
+                "a value in {}",
+                p.display()
+            );
+        }
     }
 }
 

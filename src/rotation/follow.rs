@@ -75,6 +75,9 @@ struct Seen {
 
 type Memory = Arc<Mutex<HashMap<CredentialKey, Seen>>>;
 
+/// The followed credentials of one vault and poll interval.
+type Group = (Arc<VaultHandle>, Vec<Arc<CredEntry>>);
+
 fn lock(m: &Memory) -> std::sync::MutexGuard<'_, HashMap<CredentialKey, Seen>> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -106,8 +109,7 @@ impl Inner {
         let memory: Memory = Arc::default();
         loop {
             let catalog = self.catalog();
-            let mut groups: BTreeMap<(String, Duration), (Arc<VaultHandle>, Vec<Arc<CredEntry>>)> =
-                BTreeMap::new();
+            let mut groups: BTreeMap<(String, Duration), Group> = BTreeMap::new();
             for e in catalog.creds.values() {
                 if let Some(poll) = e.cfg.follow {
                     let h = e.vaults[0].clone();
