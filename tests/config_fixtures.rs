@@ -460,6 +460,13 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "vaults.bao.change_index",
         "invalid vault path `../keyturn/index`: it contains `..`",
     ),
+    (
+        "bad-change-index-clash.toml",
+        17,
+        0,
+        "agents.bot.credentials.db",
+        "vault path `agents/bot/db` is the change_index of vault `bao`",
+    ),
 ];
 
 /// `mode = "follow"`: no schedule needed, `poll` defaults to 5 s, and

@@ -170,10 +170,10 @@ impl Inner {
         };
         let mut failures = 0u32;
         loop {
-            let polled = tokio::select! {
-                r = self.follow_once(&mut poller, &memory) => r,
-                _ = cancel.cancelled() => return,
-            };
+            // A poll in flight is finished, not dropped (drain and reload
+            // wait for it, within the drain timeout): a delivery is not cut
+            // between its sinks and its record in state.
+            let polled = self.follow_once(&mut poller, &memory).await;
             match polled {
                 Ok(()) => failures = 0,
                 Err(e) => {
