@@ -312,3 +312,93 @@ fn a_follower_on_the_azure_stub_without_an_index_delivers_every_version() {
     let path = unique("e2e-follow-azure-");
     one_rotator_one_follower(&azure_table(&files, None), &path);
 }
+
+/// The request load a follower puts on OpenBao, counted by a proxy in
+/// front of it: with the change index one metadata read per poll (plus the
+/// slow safety-net sweep), whatever the number of credentials; without it,
+/// one per credential per poll.
+#[test]
+fn with_a_change_index_a_follower_of_many_credentials_reads_openbao_about_once_per_poll() {
+    use common::proxy::{Flavor, Proxy};
+    const N: usize = 20;
+    let files = tempfile::tempdir().unwrap();
+    let prefix = unique("e2e/follow/load-");
+    let index = format!("{prefix}/index");
+    let creds = |how: &str| -> String {
+        (0..N)
+            .map(|i| {
+                format!(
+                    r#"
+[agents.{AGENT}.credentials.c{i}]
+vault = "shared"
+path = "{prefix}/c{i}"
+generate = {{ kind = "password", length = 32 }}
+{how}
+deliver = [{{ type = "file", path = "{{root}}/{AGENT}/c{i}", format = "raw" }}]
+"#
+                )
+            })
+            .collect()
+    };
+    let rotator = Env::new(&format!(
+        "{}\n{}{}",
+        bao_table(&files, Some(&index)),
+        agent_table(AGENT),
+        creds("every = \"1h\"")
+    ));
+    let r = rotator.start();
+    for i in 0..N {
+        wait_version(&rotator, AGENT, &format!("c{i}"), 1);
+    }
+    // Count the requests of `poll = "1s"` followers over 5 s once every
+    // credential arrived.
+    let load = |with_index: bool| -> usize {
+        let proxy = Proxy::start(&need("KEYTURN_TEST_BAO_ADDR"), Flavor::Bao);
+        let token = secret_file(&files, "bao-token", &need("KEYTURN_TEST_BAO_TOKEN"));
+        let table = format!(
+            "[vaults.shared]\ntype = \"vault\"\naddress = \"{}\"\nmount = \"secret\"\ntoken_file = \"{}\"\ntimeout = \"5s\"\n{}",
+            proxy.url(),
+            token.display(),
+            index_line(with_index.then_some(index.as_str()))
+        );
+        let follower = Env::new(&format!(
+            "{table}\n{}{}",
+            agent_table(AGENT),
+            creds("mode = \"follow\"\npoll = \"1s\"")
+        ));
+        let f = follower.start();
+        for i in 0..N {
+            let want = std::fs::read(rotator.root().join(AGENT).join(format!("c{i}"))).unwrap();
+            wait_for(Duration::from_secs(20), || {
+                std::fs::read(follower.root().join(AGENT).join(format!("c{i}")))
+                    .ok()
+                    .filter(|got| *got == want)
+            })
+            .unwrap_or_else(|| panic!("c{i} never reached the follower:\n{}", f.log_text()));
+        }
+        let before = proxy.seen().len();
+        std::thread::sleep(Duration::from_secs(5));
+        let requests = proxy.seen().len() - before;
+        f.stop();
+        requests
+    };
+    let indexed = load(true);
+    let per_credential = load(false);
+    r.stop();
+    eprintln!(
+        "requests to OpenBao in 5 s, {N} followed credentials, poll = 1s: {indexed} with the change index, {per_credential} without"
+    );
+    // 5 polls: ~5 index reads, and the sweep touches at most ~6 of the 20.
+    assert!(
+        (3..=14).contains(&indexed),
+        "{indexed} requests in 5 s with the index"
+    );
+    assert!(
+        per_credential >= 4 * N,
+        "{per_credential} requests in 5 s without the index"
+    );
+    assert!(
+        indexed * 5 < per_credential,
+        "the index saves little: {indexed} vs {per_credential}"
+    );
+}
