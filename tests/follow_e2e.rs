@@ -394,7 +394,9 @@ deliver = [{{ type = "file", path = "{{root}}/{AGENT}/c{i}", format = "raw" }}]
         "{indexed} requests in 5 s with the index"
     );
     assert!(
-        per_credential >= 4 * N,
+        // 4 to 5 polls fit in 5 s at 1 s ±10 % (a poll of 20 reads takes
+        // a little time too); 3 leaves room for a slow machine.
+        per_credential >= 3 * N,
         "{per_credential} requests in 5 s without the index"
     );
     assert!(
