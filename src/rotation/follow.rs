@@ -27,8 +27,8 @@
 //!   lists as changed costs a metadata read and a value read.
 //! - Without one: one metadata read per credential per poll
 //!   ([`crate::vaults::Vault::current_mark`]: KV v2 metadata, AWS
-//!   `DescribeSecret`; the value itself on vaults without a cheaper call),
-//!   and a read of the value when it changed.
+//!   `DescribeSecret`, Azure's version list; the value itself on vaults
+//!   without a cheaper call), and a read of the value when it changed.
 //!
 //! # State
 //! Each delivery records the version row (its vault ref) and the
