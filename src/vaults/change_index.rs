@@ -32,7 +32,8 @@
 //! rotator per index is the layout this is for.
 //!
 //! The entry grows with the credentials rotated through it (~60 bytes
-//! each). AWS Secrets Manager holds at most 64 KiB per value (about 1,000
+//! each); the entry of a credential no longer rotated stays (a follower
+//! looks up only the paths it follows). AWS Secrets Manager holds at most 64 KiB per value (about 1,000
 //! credentials), Azure Key Vault 25 KiB; KV v2 has no such small limit.
 
 use std::collections::BTreeMap;
