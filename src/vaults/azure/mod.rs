@@ -98,7 +98,9 @@ use futures::TryStreamExt;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::lazy::LazyVault;
-use super::{Pending, Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
+use super::{
+    CurrentMark, Pending, Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef,
+};
 use crate::config::validate::{Loc, Validator, VaultScope, duration_value};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
 
@@ -785,6 +787,19 @@ impl Vault for AzureVault {
             }
         }
         Ok(())
+    }
+
+    /// The current version's id from the version list (properties only,
+    /// no value): one call per 25 versions of the secret, which grows by
+    /// one version per rotation.
+    async fn current_mark(&self, item: VaultItem<'_>) -> Result<Option<CurrentMark>, PluginError> {
+        let names = Names::of(item.path)?;
+        let main = self.list_versions("current_mark", &names.main).await?;
+        Ok(main
+            .iter()
+            .rev()
+            .find(|v| v.enabled && v.is(Stage::Current.as_str()))
+            .map(|v| CurrentMark(v.id.clone())))
     }
 
     async fn check(&self) -> Result<(), PluginError> {
