@@ -581,6 +581,8 @@ class Phase:
         self.files = self.d / "files"
         self.windows: dict[str, list[dict]] = {}
         self.last_rotated: dict[str, float] = {}
+        # Versions asked of the rotator per credential (the initial rotation is one).
+        self.requested: dict[str, int] = {s: 1 for s in self.sels}
         self.bg: dict[str, dict] = {}
 
     def names(self, label: str) -> None:
@@ -613,6 +615,23 @@ class Phase:
                 return False
             time.sleep(0.05)
 
+    def wait_rotator(self, creds: list[str], timeout: float) -> bool:
+        """Until every rotation asked for is promoted (audit) and delivered to
+        the rotator's own file."""
+        deadline = time.monotonic() + timeout
+        while True:
+            late = [s for s in creds
+                    if len(self.audit.promotes.get(kv_path(self.prefix, *s.split("/")), [])) < self.requested[s]
+                    or len(self.watcher.events.get((f"{self.n}:rot", s), [])) < self.requested[s]]
+            if not late:
+                return True
+            if not self.rot.alive():
+                raise RuntimeError(f"rotating keyturn exited; see {self.rot.log_path}")
+            if time.monotonic() > deadline:
+                log(f"N={self.n}: {len(late)} rotation(s) not promoted and delivered after {timeout:.0f}s")
+                return False
+            time.sleep(0.05)
+
     def start_rotator(self) -> None:
         webhook = None
         if self.features["webhook"]:
@@ -626,7 +645,7 @@ class Phase:
         t0 = time.monotonic()
         self.rot = KeyturnProc(cfg, "rotating")
         remote.wait_settled(cfg, self.n, max(300, self.n))
-        if not self.wait_synced("rot", self.rot, 60):
+        if not self.wait_rotator(self.sels, 60):
             raise RuntimeError("rotator's files incomplete after its initial rotations")
         log(f"N={self.n}: rotating keyturn ready, {self.n} credentials delivered in {time.monotonic() - t0:.1f}s")
 
@@ -662,6 +681,7 @@ class Phase:
             if r.returncode != 0:
                 raise RuntimeError(f"rotate {s}: {r.stderr.decode(errors='replace')[:300]}")
             self.last_rotated[s] = time.time()
+            self.requested[s] += 1
             done.append(s)
             time.sleep(gap * random.uniform(0.5, 1.5))
         return done
@@ -694,8 +714,9 @@ class Phase:
             w["change"] = {"cpu_pct": cpu.end(), "rss": rss(pid), "wall_s": round(t1 - t0, 2),
                            "requests": self.audit.requests(t0, t1), "rotations": len(rotated)}
             w["t0"], w["t1"] = t0, t1
-            # Drain: until the consumer holds every rotated version.
-            self.wait_synced("rot", self.rot, 30, sorted(set(rotated)))
+            # Drain: until the rotator has promoted and delivered every rotation
+            # asked for, then until the consumer holds every rotated version.
+            w["rotator_done"] = self.wait_rotator(sorted(set(rotated)), 90)
             if label != "rotating":
                 ok = self.wait_synced(label, proc, self.args.drain, sorted(set(rotated)))
                 w["drained"] = ok
@@ -806,7 +827,18 @@ class Phase:
         return summarize(lat, missed)
 
     def results(self) -> dict:
-        res: dict = {"n": self.n, "rows": {}}
+        res: dict = {"n": self.n, "rows": {}, "diagnostics": {
+            "promotes_seen": sum(len(self.audit.promotes.get(kv_path(self.prefix, *s.split("/")), []))
+                                 for s in self.sels),
+            "rotator_file_versions": sum(len(self.watcher.events.get((f"{self.n}:rot", s), [])) for s in self.sels),
+            "rotations_requested": sum(w["change"]["rotations"] for ws in self.windows.values() for w in ws),
+            "audit_lines_unparsed": self.audit.bad}}
+        if os.environ.get("AGENT_BENCH_DEBUG"):
+            dump = {s: {"promotes": self.audit.promotes.get(kv_path(self.prefix, *s.split("/")), []),
+                        "files": {lab: self.watcher.events.get((f"{self.n}:{lab}", s), [])
+                                  for lab in ("rot", "follow", "agent-1s", "agent-default")}}
+                    for s in self.sels}
+            (base.OUT / f"agent-debug-{self.n}.json").write_text(json.dumps(dump))
         for label, ws in self.windows.items():
             spans = [(w["t0"], w["t_end"]) for w in ws]
             row = {"latency": self.latencies("rot" if label == "rotating" else label, spans),
