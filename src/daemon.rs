@@ -226,6 +226,8 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             e.run_scheduler(watchdog, || notify(&[NotifyState::Watchdog]))
                 .await;
         });
+        let e = engine.clone();
+        tracker.spawn(async move { e.run_followers().await });
     }
 
     // Sink preflight (directory checks, stale temp cleanup) touches the disk
@@ -570,12 +572,36 @@ impl ControlHandler for Handler {
                 message: format!("cannot write the audit record: {e}"),
             });
         }
+        let catalog = self.engine.catalog();
+        let followed =
+            |k: &CredentialKey| catalog.creds.get(k).is_some_and(|e| e.cfg.follow.is_some());
+        if let [only] = keys.as_slice()
+            && followed(only)
+        {
+            return Err(ApiError {
+                kind: ApiErrorKind::BadRequest,
+                message: format!(
+                    "{only} is followed (mode = \"follow\"), rotated by another keyturn: rotate it there"
+                ),
+            });
+        }
         let mut waiting = Vec::with_capacity(keys.len());
+        let mut results = Vec::with_capacity(keys.len());
         for key in keys {
+            if followed(&key) {
+                results.push(RotateResult {
+                    agent: key.agent,
+                    credential: key.credential,
+                    rotation: None,
+                    version: None,
+                    outcome: RotateOutcome::Failed,
+                    error: Some("followed, rotated by another keyturn".into()),
+                });
+                continue;
+            }
             let rx = self.engine.trigger(&key);
             waiting.push((key, rx));
         }
-        let mut results = Vec::with_capacity(waiting.len());
         for (key, rx) in waiting {
             let result = match rx {
                 None => RotateResult {

@@ -192,7 +192,8 @@ pub struct StatusRow {
     pub stage: Option<Stage>,
     pub last_rotated: Option<DateTime<Utc>>,
     pub next_due: Option<DateTime<Utc>>,
-    /// `idle`, `rotating`, `retiring` or `failed`.
+    /// `idle`, `rotating`, `retiring`, `failed`, or `follow` (a credential
+    /// another keyturn rotates, `mode = "follow"`).
     pub state: String,
     /// The step a rotation in progress is at (`create`, `promote`, ...).
     pub step: Option<String>,
@@ -453,7 +454,11 @@ pub fn render_status_table(rows: &[StatusRow]) -> String {
                 r.version.map_or_else(|| "-".into(), |v| v.to_string()),
                 r.stage.map_or_else(|| "-".into(), |s| s.to_string()),
                 time(r.last_rotated),
-                time(r.next_due),
+                if r.state == "follow" {
+                    "follow".into()
+                } else {
+                    time(r.next_due)
+                },
                 clean(&state),
                 r.last_error.as_deref().map_or_else(|| "-".into(), clean),
             ]

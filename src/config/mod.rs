@@ -157,6 +157,10 @@ pub struct CredentialConfig {
     /// How long the previous version stays valid after delivery.
     pub grace: Duration,
     pub deliver: Vec<SinkConfig>,
+    /// `mode = "follow"`: the poll interval. This keyturn does not rotate
+    /// the credential; it delivers each new current version it finds in the
+    /// vault (`rotation::follow`). `schedule` is then unused.
+    pub follow: Option<Duration>,
 }
 
 impl CredentialConfig {

@@ -126,6 +126,10 @@ pub struct RawCredential {
     pub jitter: Option<String>,
     pub grace: Option<String>,
     pub deliver: Option<Vec<SinkConfig>>,
+    /// `"rotate"` (default) or `"follow"`.
+    pub mode: Option<String>,
+    /// How often a followed credential's vault is polled (default 5 s).
+    pub poll: Option<String>,
 }
 
 /// `vault = "bao"` or `vault = ["bao", "aws"]`: a credential kept in several

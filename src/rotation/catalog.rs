@@ -15,6 +15,7 @@ use crate::schedule::{ScheduleSpec, jitter_offset};
 use crate::sinks::{Sink, SinkContext};
 use crate::targets::Target;
 use crate::vaults::Vault;
+use crate::vaults::change_index::IndexedVault;
 
 /// A vault and the limit on rotations touching it at once. Shared (`Arc`)
 /// by every credential kept in it.
@@ -121,6 +122,7 @@ impl CredEntry {
                 jitter: Duration::ZERO,
                 grace: Duration::ZERO,
                 deliver: Vec::new(),
+                follow: None,
             },
             vaults: vaults.into(),
             target,
@@ -128,6 +130,20 @@ impl CredEntry {
             offset: Duration::ZERO,
         })
     }
+}
+
+/// Opens the vault of `[vaults.NAME]`, with its change index recording
+/// every promote when it has one.
+fn open_vault(name: &str, vcfg: &VaultConfig) -> Result<Arc<dyn Vault>, BuildError> {
+    let plugin = vcfg.spec.plugin();
+    let vault = plugin.open(name).map_err(|source| BuildError::Vault {
+        vault: name.to_owned(),
+        source,
+    })?;
+    Ok(match plugin.change_index() {
+        Some(path) => Arc::new(IndexedVault::new(vault, path)),
+        None => vault,
+    })
 }
 
 /// A list that is almost always one item long (a credential's vaults, its
@@ -263,20 +279,14 @@ impl Catalog {
             let reuse = previous.and_then(|p| p.vaults.get(name)).filter(|h| {
                 h.config.spec == vcfg.spec && h.config.max_concurrent == vcfg.max_concurrent
             });
-            let handle =
-                match reuse {
-                    Some(h) => h.clone(),
-                    None => Arc::new(VaultHandle {
-                        vault: vcfg.spec.plugin().open(name).map_err(|source| {
-                            BuildError::Vault {
-                                vault: name.clone(),
-                                source,
-                            }
-                        })?,
-                        limit: Arc::new(Semaphore::new(vcfg.max_concurrent.max(1))),
-                        config: vcfg.clone(),
-                    }),
-                };
+            let handle = match reuse {
+                Some(h) => h.clone(),
+                None => Arc::new(VaultHandle {
+                    vault: open_vault(name, vcfg)?,
+                    limit: Arc::new(Semaphore::new(vcfg.max_concurrent.max(1))),
+                    config: vcfg.clone(),
+                }),
+            };
             vaults.insert(name.clone(), handle);
         }
         let roots = config.daemon.delivery_roots.clone();

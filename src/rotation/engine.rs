@@ -56,6 +56,8 @@ pub(super) struct Inner {
     pub(super) in_flight: AtomicUsize,
     pub(super) finished_since_trim: AtomicUsize,
     pub(super) wake: Notify,
+    /// Tells the follow loops (`follow.rs`) that the catalog changed.
+    pub(super) follow_reload: Notify,
     pub(super) cancel: CancellationToken,
     pub(super) tracker: TaskTracker,
 }
@@ -150,6 +152,7 @@ impl Engine {
                 in_flight: AtomicUsize::new(0),
                 finished_since_trim: AtomicUsize::new(0),
                 wake: Notify::new(),
+                follow_reload: Notify::new(),
                 cancel,
                 tracker,
             }),
@@ -293,6 +296,7 @@ impl Engine {
         }
         self.inner.schedule_all(&resume, false);
         self.inner.wake.notify_one();
+        self.inner.follow_reload.notify_one();
     }
 
     /// Starts (or joins) a rotation of `key` now. Returns `None` if the
@@ -391,6 +395,14 @@ impl Inner {
                 let running = l.and_then(|l| l.running.as_ref());
                 let state = l.map_or(CredentialState::Idle, CredLive::state).as_str();
                 let version = row.and_then(|r| r.current_version);
+                // A followed credential has no due time: it moves when its
+                // rotator rotates it.
+                let follow = entry.cfg.follow.is_some();
+                let state = if follow && state == "idle" {
+                    "follow"
+                } else {
+                    state
+                };
                 StatusRow {
                     agent: key.agent.clone(),
                     credential: key.credential.clone(),
@@ -400,7 +412,8 @@ impl Inner {
                     last_rotated: row.and_then(|r| r.last_rotated_at),
                     next_due: live
                         .deadline(key, Job::Rotate)
-                        .or_else(|| row.and_then(|r| r.next_due)),
+                        .or_else(|| row.and_then(|r| r.next_due))
+                        .filter(|_| !follow),
                     state: state.to_owned(),
                     // A parked rotation shows where it stopped.
                     step: running
@@ -476,7 +489,7 @@ impl Inner {
     }
 
     /// Appends one record (durable when this returns) and counts it.
-    async fn append(&self, ev: AuditEvent) -> Result<AuditHead, PluginError> {
+    pub(super) async fn append(&self, ev: AuditEvent) -> Result<AuditHead, PluginError> {
         let head = self
             .audit
             .append(ev)

@@ -25,7 +25,10 @@ impl Inner {
         key: &CredentialKey,
     ) -> Option<oneshot::Receiver<RotateFinished>> {
         let catalog = self.catalog();
-        catalog.creds.get(key)?;
+        if catalog.creds.get(key)?.cfg.follow.is_some() {
+            // Rotated by another keyturn; the control API says so first.
+            return None;
+        }
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut live = self.live();

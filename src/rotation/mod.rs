@@ -32,6 +32,9 @@
 //! - `table.rs`: the live view of every credential and its timers;
 //! - `catalog.rs`: the config turned into live plug-ins;
 //! - `clock.rs`: the engine's wall clock, injectable for paused-time tests;
+//! - `follow.rs`: follow mode (`mode = "follow"`): one poll loop per vault
+//!   delivering the versions another keyturn rotates, with the change
+//!   index's one read per poll;
 //! - `footprint.rs`: where a rotation's versions are held, to retire them
 //!   after the credential left the config;
 //! - `failpoint.rs`: crash points for the kill -9 tests.
@@ -40,6 +43,7 @@ mod catalog;
 mod clock;
 mod engine;
 mod failpoint;
+mod follow;
 mod footprint;
 mod jobs;
 mod scheduler;

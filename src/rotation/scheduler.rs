@@ -94,6 +94,13 @@ impl Inner {
         // In key order (the catalog's).
         for entry in catalog.creds.values() {
             let key = entry.key();
+            if entry.cfg.follow.is_some() {
+                // Rotated by another keyturn (see `follow.rs`): no timers.
+                live.entry(key);
+                live.cancel(key, Job::Rotate);
+                live.cancel(key, Job::Retire);
+                continue;
+            }
             let l = live.entry(key);
             let retire_at = l.retire_at;
             // The rotate timer: `Some(Some(at))` sets it, `Some(None)`

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::OnceCell;
 
-use super::{Pending, Select, StoredVersion, Vault, VaultItem, VersionRef};
+use super::{CurrentMark, Pending, Select, StoredVersion, Vault, VaultItem, VersionRef};
 use crate::model::PluginError;
 
 type ConnectFuture = Pin<Box<dyn Future<Output = Result<Arc<dyn Vault>, PluginError>> + Send>>;
@@ -91,6 +91,10 @@ impl Vault for LazyVault {
 
     async fn check(&self) -> Result<(), PluginError> {
         self.client().await?.check().await
+    }
+
+    async fn current_mark(&self, item: VaultItem<'_>) -> Result<Option<CurrentMark>, PluginError> {
+        self.client().await?.current_mark(item).await
     }
 }
 

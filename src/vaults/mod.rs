@@ -26,6 +26,10 @@
 //!   retired or unknown; `Invalid` for the current or the pending version.
 //! - `destroy` removes every version of the credential, and of no other; a
 //!   no-op when there is none.
+//! - `current_mark` names the current version cheaply (metadata only, no
+//!   value): `None` while nothing is current (nothing staged, only pending,
+//!   destroyed); the same mark while the current version stays; another mark
+//!   after a promote makes another version current. Followers poll it.
 //! - Error messages name the vault and never contain a value.
 //!
 //! # Adding a vault
@@ -58,6 +62,7 @@ use crate::plugin::registry;
 pub mod aws;
 pub mod azure;
 pub mod budget;
+pub mod change_index;
 #[cfg(test)]
 pub(crate) mod contract;
 pub mod hashicorp;
@@ -90,6 +95,13 @@ pub trait VaultPlugin: std::fmt::Debug + Send + Sync {
 
     /// The vault named `name`. No network I/O.
     fn open(&self, name: &str) -> Result<Arc<dyn Vault>, PluginError>;
+
+    /// `change_index` as written: the path of the entry, in this vault,
+    /// where a rotating keyturn records every promote for its followers
+    /// (see [`change_index`]).
+    fn change_index(&self) -> Option<&str> {
+        None
+    }
 
     /// A local directory the vault writes to, for the free-space check at
     /// start-up.
@@ -185,7 +197,26 @@ pub trait Vault: Send + Sync {
 
     /// Health: can we reach and use the vault? (`check --online`, `/readyz`).
     async fn check(&self) -> Result<(), PluginError>;
+
+    /// A mark that changes whenever another version of `item` becomes
+    /// current, read as cheaply as the vault allows (no value): what a
+    /// follower polls. `None` while there is no current version. The
+    /// default reads the current version (value included); a vault with a
+    /// metadata call overrides it.
+    async fn current_mark(&self, item: VaultItem<'_>) -> Result<Option<CurrentMark>, PluginError> {
+        Ok(self
+            .read(item, Select::Stage(Stage::Current))
+            .await?
+            .map(|v| CurrentMark(v.version.0)))
+    }
 }
+
+/// What [`Vault::current_mark`] returns: opaque, compared only for equality
+/// with an earlier mark of the same item (a KV version number, an AWS
+/// version id, a version ref). Not a [`VersionRef`]: a vault may mark its
+/// current version with something it cannot read a version by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CurrentMark(pub String);
 
 /// The version one rotation created in each of a credential's vaults, as
 /// recorded in state (`vault_version` columns): a JSON object

@@ -77,6 +77,9 @@ const DEFAULT_MAX_CONCURRENT_ROTATIONS: usize = 64;
 const DEFAULT_CATCH_UP_SPREAD: Duration = Duration::from_secs(300);
 const DEFAULT_VAULT_MAX_CONCURRENT: usize = 16;
 const DEFAULT_GRACE: Duration = Duration::from_secs(15 * 60);
+/// `poll` of a followed credential: its default and its floor.
+const DEFAULT_POLL: Duration = Duration::from_secs(5);
+const MIN_POLL: Duration = Duration::from_secs(1);
 const MIN_PASSWORD_LEN: usize = 8;
 const MAX_GENERATED_LEN: usize = 4096;
 const MIN_RANDOM_LEN: usize = 16;
@@ -562,6 +565,9 @@ impl Validator<'_> {
             if max_concurrent == 0 {
                 self.err(p.key("max_concurrent"), "max_concurrent must be at least 1");
             }
+            if let Some(index) = spec.plugin().change_index() {
+                self.vault_path(p.key("change_index"), index);
+            }
             if id_ok && self.issues.len() == before {
                 out.insert(
                     name.clone(),
@@ -733,7 +739,11 @@ impl Validator<'_> {
             }
         };
 
+        let follow = self.follow(p, c);
         let schedule = match (&c.schedule, &c.every) {
+            // A followed credential is rotated by another keyturn: no
+            // schedule here (`follow` reported one that is set).
+            _ if follow.is_some() => Some(ScheduleSpec::Every(Duration::MAX)),
             (Some(_), Some(_)) => {
                 self.err(
                     p.key("every"),
@@ -826,7 +836,73 @@ impl Validator<'_> {
             jitter,
             grace,
             deliver,
+            follow: follow.flatten(),
         })
+    }
+
+    /// `mode` and `poll`: `Some(Some(poll))` for `mode = "follow"`,
+    /// `Some(None)` when follow mode is asked for but misconfigured (the
+    /// schedule is then not checked: the error says why it must go),
+    /// `None` for `mode = "rotate"` (the default).
+    fn follow(&mut self, p: &Loc<'_>, c: &RawCredential) -> Option<Option<Duration>> {
+        let follow = match c.mode.as_deref() {
+            None | Some("rotate") => false,
+            Some("follow") => true,
+            Some(other) => {
+                self.err(
+                    p.key("mode"),
+                    format!(
+                        "unknown mode `{other}`; expected \"rotate\" (the default) or \"follow\""
+                    ),
+                );
+                false
+            }
+        };
+        if !follow {
+            if c.poll.is_some() {
+                self.err(
+                    p.key("poll"),
+                    "`poll` is only for `mode = \"follow\"`: a rotated credential has a schedule",
+                );
+            }
+            return None;
+        }
+        let before = self.issues.len();
+        let why =
+            "this keyturn does not rotate a followed credential (another keyturn does): remove it";
+        for (key, set) in [
+            ("schedule", c.schedule.is_some()),
+            ("every", c.every.is_some()),
+            ("jitter", c.jitter.is_some()),
+        ] {
+            if set {
+                self.err(
+                    p.key(key),
+                    format!("`{key}` with `mode = \"follow\"`: {why}"),
+                );
+            }
+        }
+        if c.target
+            .as_ref()
+            .is_some_and(|t| *t != TargetConfig::none())
+        {
+            self.err(
+                p.key("target"),
+                format!("a target with `mode = \"follow\"`: the rotating keyturn applies the value at the target; {why}"),
+            );
+        }
+        let poll = self.duration_or(p.key("poll"), c.poll.as_ref(), DEFAULT_POLL, Zero::Rejected);
+        if poll < MIN_POLL {
+            self.err(
+                p.key("poll"),
+                format!(
+                    "poll ({}) must be at least {}",
+                    humantime::format_duration(poll),
+                    humantime::format_duration(MIN_POLL)
+                ),
+            );
+        }
+        Some((self.issues.len() == before).then_some(poll))
     }
 
     /// A path inside a vault: relative, `/`-separated, no `.`/`..`/empty

@@ -82,7 +82,9 @@ use aws_sdk_secretsmanager::primitives::Blob;
 
 use super::budget::WriteBudget;
 use super::lazy::LazyVault;
-use super::{Pending, Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
+use super::{
+    CurrentMark, Pending, Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef,
+};
 use crate::config::validate::{Loc, Validator, VaultScope, duration_value};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
 
@@ -117,6 +119,9 @@ pub struct AwsConfig {
     pub write_budget: Option<f64>,
     /// Time allowed for one call (default 30 s).
     pub timeout: Option<String>,
+    /// Where a rotating keyturn keeps its change index for followers (a
+    /// path in this vault, opt-in; see `vaults::change_index`).
+    pub change_index: Option<String>,
     pub max_concurrent: Option<usize>,
 }
 
@@ -152,6 +157,10 @@ impl VaultPlugin for AwsConfig {
 
     fn max_concurrent(&self) -> Option<usize> {
         self.max_concurrent
+    }
+
+    fn change_index(&self) -> Option<&str> {
+        self.change_index.as_deref()
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn Vault>, PluginError> {
@@ -766,6 +775,22 @@ impl Vault for AwsVault {
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(self.sdk_err("destroy (DeleteSecret)", &secret, &e, None)),
         }
+    }
+
+    /// `DescribeSecret`: the version id labelled `AWSCURRENT` (and not
+    /// `AWSPENDING`, like `read`), without reading a value.
+    async fn current_mark(&self, item: VaultItem<'_>) -> Result<Option<CurrentMark>, PluginError> {
+        let secret = self.secret_id(item.path);
+        let Some(versions) = self
+            .labels("current_mark (DescribeSecret)", &secret)
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(versions
+            .iter()
+            .find(|(_, l)| has_label(l, AWSCURRENT) && !has_label(l, AWSPENDING))
+            .map(|(id, _)| CurrentMark(id.clone())))
     }
 
     async fn check(&self) -> Result<(), PluginError> {

@@ -58,6 +58,9 @@ pub struct HashicorpConfig {
     pub ca_file: Option<PathBuf>,
     /// Per HTTP request (default 30 s).
     pub timeout: Option<String>,
+    /// Where a rotating keyturn keeps its change index for followers (a
+    /// path in this vault, opt-in; see `vaults::change_index`).
+    pub change_index: Option<String>,
     pub max_concurrent: Option<usize>,
 }
 
@@ -183,6 +186,10 @@ impl VaultPlugin for HashicorpConfig {
 
     fn max_concurrent(&self) -> Option<usize> {
         self.max_concurrent
+    }
+
+    fn change_index(&self) -> Option<&str> {
+        self.change_index.as_deref()
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn Vault>, PluginError> {

@@ -87,7 +87,9 @@ use vaultrs::error::ClientError;
 use zeroize::Zeroizing;
 
 use super::lazy::LazyVault;
-use super::{Pending, Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef};
+use super::{
+    CurrentMark, Pending, Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef,
+};
 use crate::config::validate::{Loc, Validator, VaultScope, duration_value, is_env_name};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
 
@@ -578,6 +580,17 @@ impl Vault for HashicorpVault {
         self.delete_all("destroy", item.path).await?;
         self.delete_all("destroy", &Self::pending_path(item.path))
             .await
+    }
+
+    /// The KV metadata's `current_version` (`kv-N`): one metadata read, no
+    /// value. Every promote writes a new KV version of `<path>` (a rollback
+    /// too), so the number moves exactly when another version is current.
+    async fn current_mark(&self, item: VaultItem<'_>) -> Result<Option<CurrentMark>, PluginError> {
+        Ok(self
+            .read_meta("current_mark", item.path)
+            .await?
+            .filter(|m| m.current_version > 0)
+            .map(|m| CurrentMark(format!("{KV_REF_PREFIX}{}", m.current_version))))
     }
 
     async fn check(&self) -> Result<(), PluginError> {

@@ -1,0 +1,478 @@
+//! Follow mode: credentials another keyturn rotates (`mode = "follow"`).
+//!
+//! This keyturn never stages, promotes or retires a followed credential. It
+//! watches the credential's (primary) vault for a new current version and
+//! delivers it through the credential's sinks, with the same `delivery`
+//! audit records as the deliver step of a rotation. One rotator, N
+//! followers: replicas of one agent on several hosts share a credential.
+//!
+//! # One loop per vault and poll interval
+//! Followed credentials are grouped by vault and `poll`; each group has one
+//! loop that wakes every `poll` (±10 % jitter, so that followers started
+//! together do not poll in step), and backs off exponentially (capped at
+//! [`MAX_BACKOFF`]) while its vault fails. The loops are rebuilt from the
+//! new catalog on reload and end on drain; what they know (the version each
+//! credential was given) outlives a reload, and a restart finds it in state.
+//!
+//! # What one poll costs the vault
+//! - With a change index on the vault (`change_index`, see
+//!   [`crate::vaults::change_index`]): one metadata read of the index entry
+//!   per poll, whatever the number of credentials; the index itself is read
+//!   only when it changed, and a value only for a credential whose version
+//!   changed. As a safety net (a credential rotated by a keyturn that does
+//!   not write the index), every credential is also checked directly once
+//!   every [`SWEEP_POLLS`] polls, spread evenly: 1,000 credentials at
+//!   `poll = "1s"` add ~17 metadata reads a second.
+//! - Without one: one metadata read per credential per poll
+//!   ([`crate::vaults::Vault::current_mark`]: KV v2 metadata, AWS
+//!   `DescribeSecret`; the value itself on vaults without a cheaper call),
+//!   and a read of the value when it changed.
+//!
+//! # State
+//! Each delivery records the version row (its vault ref) and the
+//! credential row (`current_version`, `last_rotated_at`): after a restart a
+//! version already delivered is not delivered again. Version numbers are
+//! this keyturn's own (one more per version delivered); the rotation id in
+//! the notice and the audit is the rotator's when the vault records it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::catalog::{CredEntry, VaultHandle};
+use super::engine::{Engine, Inner};
+use crate::audit::{Actor, AuditEvent, Outcome};
+use crate::generators;
+use crate::model::{CredentialKey, PluginError, RotationId, Stage};
+use crate::sinks::Notice;
+use crate::state::{CredentialRow, Restage, VersionRow, Write};
+use crate::vaults::{
+    CurrentMark, Select, StoredVersion, VaultItem, VaultRefs, VersionRef, change_index,
+};
+
+/// The longest wait between polls of a failing vault.
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// With a change index, every credential is also checked directly once per
+/// this many polls.
+pub(super) const SWEEP_POLLS: usize = 60;
+
+/// What the follower knows of one followed credential.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    /// Loaded from state (the version last delivered).
+    loaded: bool,
+    delivered: Option<VersionRef>,
+    /// The credential's current mark when it was last checked (fallback
+    /// polling without an index).
+    mark: Option<CurrentMark>,
+}
+
+type Memory = Arc<Mutex<HashMap<CredentialKey, Seen>>>;
+
+fn lock(m: &Memory) -> std::sync::MutexGuard<'_, HashMap<CredentialKey, Seen>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The wait before the next poll: `poll` ±10 %, doubled per consecutive
+/// failed poll up to [`MAX_BACKOFF`] (or `poll`, if that is longer).
+pub(super) fn next_delay(poll: Duration, failures: u32) -> Duration {
+    let base = if failures == 0 {
+        poll
+    } else {
+        let factor = 1u32 << failures.min(16);
+        poll.saturating_mul(factor).min(MAX_BACKOFF.max(poll))
+    };
+    let jitter = rand::thread_rng().gen_range(0.9..=1.1);
+    base.mul_f64(jitter)
+}
+
+impl Engine {
+    /// Follows every followed credential until the engine is cancelled;
+    /// rebuilt from the catalog at each reload. A no-op loop (waiting for a
+    /// reload) when nothing is followed.
+    pub async fn run_followers(&self) {
+        self.inner.clone().run_followers().await
+    }
+}
+
+impl Inner {
+    async fn run_followers(self: Arc<Self>) {
+        let memory: Memory = Arc::default();
+        loop {
+            let catalog = self.catalog();
+            let mut groups: BTreeMap<(String, Duration), (Arc<VaultHandle>, Vec<Arc<CredEntry>>)> =
+                BTreeMap::new();
+            for e in catalog.creds.values() {
+                if let Some(poll) = e.cfg.follow {
+                    let h = e.vaults[0].clone();
+                    groups
+                        .entry((h.config.name.clone(), poll))
+                        .or_insert_with(|| (h, Vec::new()))
+                        .1
+                        .push(e.clone());
+                }
+            }
+            drop(catalog);
+            let round = self.cancel.child_token();
+            let tasks = TaskTracker::new();
+            for ((_, poll), (handle, entries)) in groups {
+                tasks.spawn(self.clone().follow_vault(
+                    handle,
+                    entries,
+                    poll,
+                    memory.clone(),
+                    round.clone(),
+                ));
+            }
+            tasks.close();
+            tokio::select! {
+                _ = self.follow_reload.notified() => {
+                    round.cancel();
+                    tasks.wait().await;
+                }
+                _ = self.cancel.cancelled() => {
+                    tasks.wait().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The loop of one vault (and poll interval).
+    async fn follow_vault(
+        self: Arc<Self>,
+        handle: Arc<VaultHandle>,
+        entries: Vec<Arc<CredEntry>>,
+        poll: Duration,
+        memory: Memory,
+        cancel: CancellationToken,
+    ) {
+        let index = handle
+            .config
+            .spec
+            .plugin()
+            .change_index()
+            .map(str::to_owned);
+        let mut poller = Poller {
+            handle,
+            entries,
+            index,
+            index_mark: None,
+            polls: 0,
+        };
+        let mut failures = 0u32;
+        loop {
+            let polled = tokio::select! {
+                r = self.follow_once(&mut poller, &memory) => r,
+                _ = cancel.cancelled() => return,
+            };
+            match polled {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(vault = %poller.handle.config.name, failures, error = %e, "follow: poll failed; backing off");
+                }
+            }
+            let delay = next_delay(poll, failures);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// One poll of one vault: finds the followed credentials whose current
+    /// version may have changed and checks (and delivers) each.
+    async fn follow_once(&self, p: &mut Poller, memory: &Memory) -> Result<(), PluginError> {
+        self.load_delivered(&p.entries, memory).await?;
+        let vault = p.handle.vault.clone();
+        let polls = p.polls;
+        p.polls += 1;
+        let mut check: Vec<(usize, Option<CurrentMark>)> = Vec::new();
+        let mut first_error = None;
+        let mut new_index_mark = None;
+        let index_read = match &p.index {
+            Some(path) => {
+                let mark = vault.current_mark(change_index::item(path)).await?;
+                if mark.is_some() && mark == p.index_mark {
+                    Some(None)
+                } else if mark.is_some() {
+                    let map = change_index::read(vault.as_ref(), path).await?;
+                    new_index_mark = mark;
+                    Some(map)
+                } else {
+                    // No index (yet): poll each credential.
+                    None
+                }
+            }
+            None => None,
+        };
+        match index_read {
+            Some(changed) => {
+                let first = p.index_mark.is_none();
+                let seen = lock(memory);
+                for (i, e) in p.entries.iter().enumerate() {
+                    let delivered = seen.get(e.key()).and_then(|s| s.delivered.as_ref());
+                    let listed = changed
+                        .as_ref()
+                        .map(|m| m.get(&*e.cfg.vault_path()).cloned());
+                    let due = match listed {
+                        Some(Some(r)) => Some(&r) != delivered,
+                        // Not in the index: rotated before it existed, or
+                        // by a keyturn that does not write it.
+                        Some(None) => first,
+                        None => false,
+                    } || i % SWEEP_POLLS == polls % SWEEP_POLLS;
+                    if due {
+                        check.push((i, None));
+                    }
+                }
+            }
+            None => {
+                for (i, e) in p.entries.iter().enumerate() {
+                    let item = VaultItem {
+                        key: e.key(),
+                        path: &e.cfg.vault_path(),
+                    };
+                    match vault.current_mark(item).await {
+                        Ok(mark) => {
+                            let mut seen = lock(memory);
+                            let s = seen.entry(e.key().clone()).or_default();
+                            if mark.is_none() {
+                                s.mark = None;
+                            } else if mark != s.mark {
+                                check.push((i, mark));
+                            }
+                        }
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+        }
+        for (i, mark) in check {
+            let entry = p.entries[i].clone();
+            let checked = self.follow_check(&entry, memory).await;
+            if checked.is_ok() && mark.is_some() {
+                // Checked at this mark (or later): not again until it moves.
+                lock(memory).entry(entry.key().clone()).or_default().mark = mark;
+            }
+            if let Err(e) = checked {
+                tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, error = %e, "follow: delivery failed; retried at the next poll");
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            // The index is taken as read only when everything it listed
+            // was delivered; otherwise the next poll reads it again.
+            None => {
+                if new_index_mark.is_some() {
+                    p.index_mark = new_index_mark;
+                }
+                Ok(())
+            }
+            Some(e) => Err(e),
+        }
+    }
+
+    /// The version each credential was last given, from state, once.
+    async fn load_delivered(
+        &self,
+        entries: &[Arc<CredEntry>],
+        memory: &Memory,
+    ) -> Result<(), PluginError> {
+        let todo: Vec<(CredentialKey, String)> = {
+            let seen = lock(memory);
+            entries
+                .iter()
+                .filter(|e| !seen.get(e.key()).is_some_and(|s| s.loaded))
+                .map(|e| (e.key().clone(), e.primary().config.name.clone()))
+                .collect()
+        };
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let found = self
+            .load(move |s| {
+                let mut out = Vec::with_capacity(todo.len());
+                for (key, primary) in todo {
+                    let current = s.credential(&key)?.and_then(|r| r.current_version);
+                    let vref = match current {
+                        None => None,
+                        Some(cv) => s
+                            .versions(&key)?
+                            .into_iter()
+                            .find(|v| v.version == cv)
+                            .and_then(|v| {
+                                VaultRefs::decode(&v.vault_version, &primary)
+                                    .get(&primary)
+                                    .cloned()
+                            }),
+                    };
+                    out.push((key, vref));
+                }
+                Ok(out)
+            })
+            .await?;
+        let mut seen = lock(memory);
+        for (key, vref) in found {
+            let s = seen.entry(key).or_default();
+            s.loaded = true;
+            s.delivered = vref;
+        }
+        Ok(())
+    }
+
+    /// Reads the credential's current version and delivers it unless it
+    /// was delivered already.
+    async fn follow_check(&self, entry: &CredEntry, memory: &Memory) -> Result<(), PluginError> {
+        let vault = &entry.primary().vault;
+        let path = entry.cfg.vault_path();
+        let item = VaultItem {
+            key: entry.key(),
+            path: &path,
+        };
+        let Some(stored) = vault.read(item, Select::Stage(Stage::Current)).await? else {
+            return Ok(());
+        };
+        let delivered = lock(memory)
+            .get(entry.key())
+            .and_then(|s| s.delivered.clone());
+        if delivered.as_ref() != Some(&stored.version) {
+            self.follow_deliver(entry, stored, memory).await?;
+        }
+        Ok(())
+    }
+
+    /// Delivers `stored` through every sink of `entry`, audited like the
+    /// deliver step, and records it in state.
+    // Isolated on purpose: the deliver step's sink loop is being factored
+    // into a shared function (with acks); this loop is then replaced by it.
+    async fn follow_deliver(
+        &self,
+        entry: &CredEntry,
+        stored: StoredVersion,
+        memory: &Memory,
+    ) -> Result<(), PluginError> {
+        let key = entry.key();
+        let before = self.cred_row(key);
+        let version = before.current_version.unwrap_or(0) + 1;
+        let rotation = stored.rotation.clone().unwrap_or_else(RotationId::generate);
+        let kind = generators::kind_of(&entry.cfg.generate);
+        let value = stored.value;
+        let now = self.now();
+        let notice = Notice {
+            key: key.clone(),
+            tenant: entry.agent.tenant.clone(),
+            owner: entry.agent.owner.clone(),
+            version,
+            rotation: rotation.clone(),
+            rotated_at: now,
+            expires_hint: None,
+            kind,
+            public: generators::public_part(kind, &value),
+            login: None,
+        };
+        let mut failed = None;
+        let mut head = None;
+        for sink in &entry.sinks {
+            let result = sink.deliver(&notice, &value).await;
+            self.metrics.delivery(sink.kind(), result.is_ok());
+            let mut ev = AuditEvent::new(
+                "delivery",
+                Actor::Daemon,
+                if result.is_ok() {
+                    Outcome::Ok
+                } else {
+                    Outcome::Failed
+                },
+            );
+            ev.agent = Some(key.agent.clone());
+            ev.credential = Some(key.credential.clone());
+            ev.tenant = Some(entry.agent.tenant.clone());
+            ev.owner = Some(entry.agent.owner.clone());
+            ev.rotation = Some(rotation.clone());
+            ev.version = Some(version);
+            ev.detail = Some(format!("follow {}", sink.describe()));
+            ev.error = result.as_ref().err().map(|e| e.to_string());
+            head = Some(self.append(ev).await?);
+            if let Err(e) = result {
+                failed = Some(PluginError::new(
+                    e.kind,
+                    format!("sink {}: {}", sink.describe(), e.message),
+                ));
+                break;
+            }
+        }
+        let mut writes: Vec<Write> = Vec::new();
+        let row = match &failed {
+            None => {
+                writes.push(Write::Version(VersionRow {
+                    key: key.clone(),
+                    version,
+                    rotation,
+                    stage: Stage::Current,
+                    vault_version: VaultRefs(vec![(
+                        entry.primary().config.name.clone(),
+                        stored.version.clone(),
+                    )])
+                    .encode(),
+                    created_at: now,
+                    public: notice.public.clone(),
+                }));
+                writes.push(Write::RetireOthers(Restage {
+                    key: key.clone(),
+                    except: vec![version],
+                    from: vec![Stage::Current, Stage::Previous],
+                    to: Stage::Retired,
+                }));
+                writes.push(Write::PruneHistory(key.clone()));
+                CredentialRow {
+                    key: key.clone(),
+                    current_version: Some(version),
+                    last_rotated_at: Some(now),
+                    next_due: None,
+                    consecutive_failures: 0,
+                    last_error: None,
+                }
+            }
+            Some(e) => CredentialRow {
+                consecutive_failures: before.consecutive_failures + 1,
+                last_error: Some(format!("follow: {}", e.message)),
+                ..before
+            },
+        };
+        writes.push(Write::Credential(row.clone()));
+        writes.extend(head.map(Write::AuditHead));
+        self.persist(writes).await?;
+        if let Some(l) = self.live().get_mut(key) {
+            l.row = Some(row.into());
+        }
+        match failed {
+            None => {
+                tracing::info!(agent = %key.agent, credential = %key.credential, version, vault_version = %stored.version, "follow: delivered a new version");
+                let mut seen = lock(memory);
+                let s = seen.entry(key.clone()).or_default();
+                s.delivered = Some(stored.version);
+                Ok(())
+            }
+            Some(e) => Err(e),
+        }
+    }
+}
+
+/// One follow loop's view of its vault.
+struct Poller {
+    handle: Arc<VaultHandle>,
+    entries: Vec<Arc<CredEntry>>,
+    /// The vault's `change_index` path.
+    index: Option<String>,
+    /// The index's mark when it was last read and fully delivered.
+    index_mark: Option<CurrentMark>,
+    polls: usize,
+}
