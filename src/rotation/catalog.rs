@@ -10,12 +10,12 @@ use tokio::sync::Semaphore;
 
 use super::footprint::Footprint;
 use crate::config::{AgentConfig, Config, CredentialConfig, GeneratorConfig, VaultConfig};
-use crate::model::{CredentialKey, PluginError};
+use crate::model::{CredentialKey, ErrorKind, PluginError, SecretValue, Stage};
 use crate::schedule::{ScheduleSpec, jitter_offset};
-use crate::sinks::{Sink, SinkContext};
+use crate::sinks::{CurrentValue, Sink, SinkContext};
 use crate::targets::Target;
-use crate::vaults::Vault;
 use crate::vaults::change_index::IndexedVault;
+use crate::vaults::{Select, Vault, VaultItem};
 
 /// A vault and the limit on rotations touching it at once. Shared (`Arc`)
 /// by every credential kept in it.
@@ -290,6 +290,7 @@ impl Catalog {
             vaults.insert(name.clone(), handle);
         }
         let roots = config.daemon.delivery_roots.clone();
+        let readers = current_value_readers(&config, &vaults, previous);
         let mut creds = Vec::with_capacity(config.credential_count());
         for agent in config.agents.values_mut() {
             let credentials = std::mem::take(&mut agent.credentials);
@@ -312,12 +313,13 @@ impl Catalog {
                 // entry is empty (one path per sink, 100k sinks).
                 let deliver = std::mem::take(&mut cred.deliver);
                 let mut sinks = Vec::with_capacity(deliver.len());
-                let ctx = SinkContext {
-                    delivery_roots: &roots,
-                    uid: agent.uid,
-                    gid: agent.gid,
-                };
                 for (index, s) in deliver.into_iter().enumerate() {
+                    let ctx = SinkContext {
+                        delivery_roots: &roots,
+                        uid: agent.uid,
+                        gid: agent.gid,
+                        reader: s.plugin().reads_credential().and_then(|k| readers.get(&k)),
+                    };
                     let sink = s.build(&ctx).map_err(|source| BuildError::Sink {
                         key: cred.key.clone(),
                         index,
@@ -350,6 +352,96 @@ impl Catalog {
             vaults,
         })
     }
+}
+
+/// Reads a credential's current value from its primary vault (a webhook
+/// signs with another credential's current value). Reads the vault without
+/// taking its concurrency limit: the reader runs inside a rotation's
+/// deliver step, which may hold the last permit already.
+struct VaultCurrentValue {
+    vault: Arc<VaultHandle>,
+    key: CredentialKey,
+    path: String,
+}
+
+impl std::fmt::Debug for VaultCurrentValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} in vault {}", self.key, self.vault.config.name)
+    }
+}
+
+#[async_trait::async_trait]
+impl CurrentValue for VaultCurrentValue {
+    async fn current(&self) -> Result<SecretValue, PluginError> {
+        let item = VaultItem {
+            key: &self.key,
+            path: &self.path,
+        };
+        match self
+            .vault
+            .vault
+            .read(item, Select::Stage(Stage::Current))
+            .await
+        {
+            Ok(Some(v)) => Ok(v.value),
+            Ok(None) => Err(PluginError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "credential {} has no current version in vault {} yet",
+                    self.key, self.vault.config.name
+                ),
+            )),
+            Err(e) => Err(PluginError::new(
+                e.kind,
+                format!(
+                    "reading the current version of credential {} in vault {}: {}",
+                    self.key, self.vault.config.name, e.message
+                ),
+            )
+            .with_retry_after(e.retry_after)),
+        }
+    }
+}
+
+/// A reader for every credential a sink reads ([`crate::sinks::SinkPlugin::reads_credential`]),
+/// usually none. A credential not in `config` (a partial reload keeps the
+/// agents of unchanged files out of it) is found in `previous`.
+fn current_value_readers(
+    config: &Config,
+    vaults: &HashMap<String, Arc<VaultHandle>>,
+    previous: Option<&Catalog>,
+) -> HashMap<CredentialKey, Arc<dyn CurrentValue>> {
+    let wanted: std::collections::HashSet<CredentialKey> = config
+        .agents
+        .values()
+        .flat_map(|a| a.credentials.values())
+        .flat_map(|c| c.deliver.iter())
+        .filter_map(|s| s.plugin().reads_credential())
+        .collect();
+    let mut readers: HashMap<CredentialKey, Arc<dyn CurrentValue>> = HashMap::new();
+    for key in wanted {
+        let found = config
+            .agents
+            .get(&key.agent)
+            .and_then(|a| a.credentials.get(&key.credential))
+            .and_then(|c| {
+                let vault = vaults.get(&**c.vaults.first()?)?.clone();
+                Some((vault, c.vault_path().into_owned()))
+            })
+            .or_else(|| {
+                let e = previous?.creds.get(&key)?;
+                Some((e.vaults[0].clone(), e.cfg.vault_path().into_owned()))
+            });
+        if let Some((vault, path)) = found {
+            let reader = VaultCurrentValue {
+                vault,
+                key: key.clone(),
+                path,
+            };
+            readers.insert(key, Arc::new(reader));
+        }
+    }
+    readers
 }
 
 impl Catalog {

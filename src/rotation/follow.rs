@@ -377,6 +377,15 @@ impl Inner {
             kind,
             public: generators::public_part(kind, &value),
             login: None,
+            previous_version: before.current_version,
+            grace_until: before
+                .current_version
+                .map(|_| now + chrono::Duration::from_std(entry.cfg.grace).unwrap_or_default()),
+            file: entry
+                .sinks
+                .iter()
+                .find_map(|s| s.delivered_path())
+                .map(Into::into),
         };
         let mut failed = None;
         let mut head = None;

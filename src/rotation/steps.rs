@@ -383,12 +383,21 @@ impl Inner {
                     tenant: entry.agent.tenant.clone(),
                     owner: entry.agent.owner.clone(),
                     version: rot.version,
+                    previous_version: rot.previous_version,
                     rotation: rot.id.clone(),
                     rotated_at: self.now(),
                     expires_hint: row.next_due.map(|d| d + chrono_dur(entry.cfg.grace)),
                     kind,
                     public,
                     login: entry.target.as_ref().and_then(|t| t.login_for(rot.version)),
+                    grace_until: rot
+                        .previous_version
+                        .map(|_| self.now() + chrono_dur(entry.cfg.grace)),
+                    file: entry
+                        .sinks
+                        .iter()
+                        .find_map(|s| s.delivered_path())
+                        .map(Into::into),
                 };
                 for sink in &entry.sinks {
                     let result = sink.deliver(&notice, &value).await;

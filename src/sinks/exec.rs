@@ -9,8 +9,11 @@
 //!   a cleared environment: `PATH` (the daemon's), the configured `env`, and
 //!   the notice: `KEYTURN_AGENT`, `KEYTURN_CREDENTIAL`, `KEYTURN_TENANT`,
 //!   `KEYTURN_OWNER`, `KEYTURN_VERSION`, `KEYTURN_ROTATION` (the rotation id),
-//!   `KEYTURN_ROTATED_AT` (RFC 3339) and, when the target decides it,
-//!   `KEYTURN_LOGIN`. keyturn's variables win over configured ones.
+//!   `KEYTURN_ROTATED_AT` (RFC 3339) and, when there is one,
+//!   `KEYTURN_LOGIN` (the target decides it), `KEYTURN_PREVIOUS_VERSION`,
+//!   `KEYTURN_GRACE_UNTIL` (RFC 3339) and `KEYTURN_FILE` (the path another
+//!   sink of the credential delivered to). keyturn's variables win over
+//!   configured ones.
 //! - The value is never in argv or the environment (other local users can
 //!   read both via /proc). With `stdin_value = true` it arrives on stdin,
 //!   followed by EOF; otherwise stdin is `/dev/null`.
@@ -119,9 +122,21 @@ impl Sink for ExecSink {
             .env("KEYTURN_VERSION", notice.version.to_string())
             .env("KEYTURN_ROTATION", notice.rotation.as_str())
             .env("KEYTURN_ROTATED_AT", notice.rotated_at.to_rfc3339())
-            .env_remove("KEYTURN_LOGIN");
+            .env_remove("KEYTURN_LOGIN")
+            .env_remove("KEYTURN_PREVIOUS_VERSION")
+            .env_remove("KEYTURN_GRACE_UNTIL")
+            .env_remove("KEYTURN_FILE");
         if let Some(login) = &notice.login {
             cmd.env("KEYTURN_LOGIN", login);
+        }
+        if let Some(previous) = notice.previous_version {
+            cmd.env("KEYTURN_PREVIOUS_VERSION", previous.to_string());
+        }
+        if let Some(until) = notice.grace_until {
+            cmd.env("KEYTURN_GRACE_UNTIL", until.to_rfc3339());
+        }
+        if let Some(file) = &notice.file {
+            cmd.env("KEYTURN_FILE", file);
         }
         let stdin = self.s.stdin_value.then(|| value.expose());
         let ran = process::run(cmd, stdin, value.expose(), self.timeout).await;
@@ -166,12 +181,15 @@ mod tests {
             tenant: "acme".into(),
             owner: "alice@example.com".into(),
             version: 7,
+            previous_version: Some(6),
             rotation: RotationId::parse(&format!("{:032x}", 7)).unwrap(),
             rotated_at: chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
             expires_hint: None,
             kind: ValueKind::Password,
             public: None,
             login: Some("bot_b".into()),
+            grace_until: Some(chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 19, 5).unwrap()),
+            file: Some("/run/keyturn/agents/exec-bot/api".into()),
         }
     }
 
@@ -196,6 +214,7 @@ mod tests {
             delivery_roots: &[],
             uid: None,
             gid: None,
+            reader: None,
         })
         .unwrap()
     }
@@ -268,6 +287,9 @@ env > "$1/env"; readlink /proc/$$/fd/0 > "$1/fd0"; cat > "$1/stdin""#,
                 "KEYTURN_ROTATION=00000000000000000000000000000007",
                 "KEYTURN_ROTATED_AT=2026-01-02T03:04:05+00:00",
                 "KEYTURN_LOGIN=bot_b",
+                "KEYTURN_PREVIOUS_VERSION=6",
+                "KEYTURN_GRACE_UNTIL=2026-01-02T03:19:05+00:00",
+                "KEYTURN_FILE=/run/keyturn/agents/exec-bot/api",
                 "MODE=reload",
             ] {
                 assert!(vars.contains(&want), "{want} missing in {env}");

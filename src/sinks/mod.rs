@@ -17,7 +17,7 @@
 //!
 //! Then add one line to [`SinkConfig`] below. Nothing else changes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -30,6 +30,7 @@ use crate::plugin::registry;
 pub mod exec;
 pub mod file;
 pub mod signal;
+pub mod webhook;
 
 registry! {
     /// One entry of a credential's `deliver = [...]`: one variant per sink.
@@ -37,6 +38,7 @@ registry! {
         File(file::FileConfig),
         Exec(exec::ExecConfig),
         Signal(signal::SignalConfig),
+        Webhook(webhook::WebhookConfig),
     }
 }
 
@@ -48,6 +50,19 @@ pub trait SinkPlugin: std::fmt::Debug + Send + Sync {
     /// The sink. No I/O: `Sink::preflight` checks the place before the
     /// first delivery.
     fn build(self: Box<Self>, ctx: &SinkContext<'_>) -> Result<Arc<dyn Sink>, PluginError>;
+
+    /// Another credential whose current value the sink reads when it
+    /// delivers (a webhook's signing key), once `check` accepted it: the
+    /// catalog builds it with a reader for it ([`SinkContext::reader`]).
+    fn reads_credential(&self) -> Option<CredentialKey> {
+        None
+    }
+}
+
+/// Reads the current value of one credential from its primary vault.
+#[async_trait]
+pub trait CurrentValue: std::fmt::Debug + Send + Sync {
+    async fn current(&self) -> Result<SecretValue, PluginError>;
 }
 
 /// What a sink is built with besides its own config.
@@ -59,6 +74,8 @@ pub struct SinkContext<'a> {
     /// (`None`: the daemon's own).
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// The reader of the credential [`SinkPlugin::reads_credential`] names.
+    pub reader: Option<&'a Arc<dyn CurrentValue>>,
 }
 
 impl SinkConfig {
@@ -74,6 +91,8 @@ pub struct Notice {
     pub tenant: String,
     pub owner: String,
     pub version: VersionNo,
+    /// The version this one replaces (`None` for the first).
+    pub previous_version: Option<VersionNo>,
     pub rotation: RotationId,
     pub rotated_at: DateTime<Utc>,
     /// When the agent should expect the next value (next due + grace); a hint only.
@@ -84,6 +103,13 @@ pub struct Notice {
     /// The user name this version logs in as, when the target decides it
     /// (PostgreSQL `alternating_users`: it changes with every rotation).
     pub login: Option<String>,
+    /// Until when the previous version keeps working (delivery + grace);
+    /// `None` when there is no previous version.
+    pub grace_until: Option<DateTime<Utc>>,
+    /// Where a sink of the same credential put the value on disk (the
+    /// first one that has a [`Sink::delivered_path`]), for sinks that only
+    /// tell the agent where to look.
+    pub file: Option<PathBuf>,
 }
 
 /// The outcome of a delivery.
@@ -126,5 +152,11 @@ pub trait Sink: Send + Sync {
     /// a credential's other sinks, so the agent finds what they wrote.
     fn only_notifies(&self) -> bool {
         false
+    }
+
+    /// The file (or bundle directory) this sink delivers to, if it writes
+    /// one: the notice of the credential's other sinks names it.
+    fn delivered_path(&self) -> Option<&Path> {
+        None
     }
 }

@@ -9,7 +9,7 @@
 //! Validation keeps going after a problem: an operator fixing a config wants
 //! the whole list at once, not one error per `keyturn check` run.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
@@ -154,8 +154,8 @@ struct Scope<'a> {
     /// `None` when `[daemon]` failed to deserialize: root checks are skipped
     /// rather than reporting every sink against roots we do not know.
     delivery_roots: Option<Vec<PathBuf>>,
-    /// Every `[agents.NAME]` name.
-    agent_names: HashSet<&'a str>,
+    /// Every `[agents.NAME]` table, by name.
+    agent_names: HashMap<&'a str, &'a super::raw::RawAgentEntry>,
 }
 
 impl Validator<'_> {
@@ -192,7 +192,7 @@ impl Validator<'_> {
                 None => DEFAULT_TIERS.iter().map(|(n, _)| n.to_string()).collect(),
             },
             delivery_roots: daemon_ok.then(|| daemon.delivery_roots.clone()),
-            agent_names: raw.agents.iter().map(|(n, _)| n.as_str()).collect(),
+            agent_names: raw.agents.iter().map(|(n, a)| (n.as_str(), a)).collect(),
         };
 
         let mut agents = BTreeMap::new();

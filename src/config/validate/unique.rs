@@ -20,8 +20,8 @@ pub struct SinkScope<'s, 'r> {
     pub agent: &'r str,
     /// Whether the credential is an ed25519 keypair (delivered as a bundle).
     pub keypair: bool,
-    /// Every agent's name in the file.
-    pub(super) agent_names: &'s HashSet<&'r str>,
+    /// Every agent in the file, by name.
+    pub(super) agent_names: &'s HashMap<&'r str, &'r super::super::raw::RawAgentEntry>,
     /// `daemon.delivery_roots`; `None` when `[daemon]` itself was invalid
     /// (root checks are skipped rather than reported against unknown roots).
     pub roots: Option<&'s [PathBuf]>,
@@ -33,7 +33,15 @@ impl SinkScope<'_, '_> {
     /// Whether `name` is the name of an agent other than this sink's: a
     /// directory of that name right below a delivery root is that agent's.
     pub fn is_other_agent(&self, name: &str) -> bool {
-        name != self.agent && self.agent_names.contains(name)
+        name != self.agent && self.agent_names.contains_key(name)
+    }
+
+    /// Whether the file defines credential `credential` of agent `agent`
+    /// (for a sink that refers to another credential).
+    pub fn is_credential(&self, agent: &str, credential: &str) -> bool {
+        self.agent_names
+            .get(agent)
+            .is_some_and(|a| a.credentials.iter().any(|(c, _)| c == credential))
     }
 
     /// `true` the first time it is asked in a file: "there are no delivery

@@ -329,6 +329,10 @@ impl Sink for FileSink {
         format!("file:{}", self.inner.cfg.path.display())
     }
 
+    fn delivered_path(&self) -> Option<&Path> {
+        Some(&self.inner.cfg.path)
+    }
+
     async fn deliver(
         &self,
         notice: &Notice,

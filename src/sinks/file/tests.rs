@@ -26,6 +26,7 @@ fn new_sink(cfg: FileConfig, roots: &[PathBuf]) -> Result<FileSink, PluginError>
             delivery_roots: roots,
             uid: None,
             gid: None,
+            reader: None,
         },
     )
 }
@@ -64,12 +65,15 @@ fn notice(version: u64, kind: ValueKind, public: Option<&str>) -> Notice {
         tenant: "acme".into(),
         owner: "alice@example.com".into(),
         version,
+        previous_version: version.checked_sub(1).filter(|&v| v > 0),
         rotation: RotationId::parse(&format!("{version:032x}")).unwrap(),
         rotated_at: Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
         expires_hint: None,
         kind,
         public: public.map(str::to_owned),
         login: None,
+        grace_until: None,
+        file: None,
     }
 }
 
@@ -215,6 +219,7 @@ async fn owner_is_set_on_file_and_agent_dir() {
         delivery_roots: &roots,
         uid: Some(1234),
         gid: Some(1234),
+        reader: None,
     };
     let s = FileSink::new(c, &ctx).unwrap();
     deliver_password(&s, 1, "v").await.unwrap();
@@ -795,6 +800,7 @@ async fn existing_directories_owned_by_another_user_are_refused() {
         delivery_roots: &roots,
         uid: Some(1234),
         gid: Some(1234),
+        reader: None,
     };
     // The agent's own directory, owned by someone else.
     let agent = agent_dir(root.path());
@@ -942,6 +948,7 @@ async fn in_place_applies_a_changed_mode_and_owner_to_the_same_inode() {
             delivery_roots: &roots,
             uid: Some(1234),
             gid: Some(2345),
+            reader: None,
         },
     )
     .unwrap();
