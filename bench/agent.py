@@ -53,6 +53,7 @@ import hashlib
 import http.client
 import http.server
 import json
+import math
 import os
 import random
 import secrets
@@ -406,7 +407,7 @@ class Receiver:
                     cred = f"{j.get('agent')}/{j.get('credential')}"
                     with rec.lock:
                         rec.raw_fields.update(k for k in j if k != "value")
-                        rec.notices.setdefault(cred, []).append((t, str(j.get("version"))))
+                        rec.notices.setdefault(cred, []).append((t, str(j.get("rotation") or j.get("version"))))
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.server.daemon_threads = True
@@ -443,7 +444,7 @@ def kv_path(prefix: str, aid: str, cid: str) -> str:
 
 
 def keyturn_config(d: Path, bao: Bao, token_file: Path, creds: list[tuple[str, str]], prefix: str,
-                   follow: bool, webhook: dict | None, out_label: str) -> Path:
+                   follow: bool, webhook: dict | None, out_label: str, change_index: str | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     lines = [
         "[daemon]",
@@ -460,8 +461,10 @@ def keyturn_config(d: Path, bao: Bao, token_file: Path, creds: list[tuple[str, s
         f'mount = "{MOUNT}"',
         f'token_file = "{token_file}"',
         "max_concurrent = 64",
-        "",
     ]
+    if change_index:
+        lines.append(f'change_index = "{change_index}"')
+    lines.append("")
     agents = sorted({a for a, _ in creds})
     for aid in agents:
         lines += [f"[agents.{aid}]", 'owner = "bench@example.com"', 'tenant = "bench"', 'tier = "low"', ""]
@@ -472,10 +475,11 @@ def keyturn_config(d: Path, bao: Bao, token_file: Path, creds: list[tuple[str, s
             if webhook:
                 sinks.append("{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in webhook.items()) + " }")
             lines += [f"[agents.{aid}.credentials.{cid}]", 'vault = "bao"', f'path = "{kv_path(prefix, aid, cid)}"']
+            lines.append('generate = { kind = "password", length = 32 }')
             if follow:
                 lines += ['mode = "follow"', 'poll = "1s"']
             else:
-                lines += ['generate = { kind = "password", length = 32 }', 'every = "24h"', 'jitter = "1h"']
+                lines += ['every = "24h"', 'jitter = "1h"']
             lines += ['grace = "1h"', f"deliver = [{', '.join(sinks)}]", ""]
     cfg = d / "keyturn.toml"
     cfg.write_text("\n".join(lines))
@@ -504,11 +508,11 @@ def agent_config(d: Path, bao: Bao, token_file: Path, creds: list[tuple[str, str
     return cfg
 
 
-def feature_supported(d: Path, bao: Bao, token_file: Path, kind: str) -> tuple[bool, str]:
+def feature_supported(d: Path, bao: Bao, token_file: Path, hook_key: Path, kind: str) -> tuple[bool, str]:
     """Does this keyturn accept a config with follow mode / a webhook sink?
     (`keyturn check` on a one-credential config.)"""
     probe = d / f"probe-{kind}"
-    webhook = {"type": "webhook", "url": "http://127.0.0.1:9/hook", "secret_file": str(token_file)} \
+    webhook = {"type": "webhook", "url": "http://127.0.0.1:9/hook", "secret_file": str(hook_key)} \
         if kind == "webhook" else None
     cfg = keyturn_config(probe, bao, token_file, [("a000", "c000")], "probe", kind == "follow", webhook, "probe")
     r = base.cli(cfg, "check", timeout=60)
@@ -573,6 +577,9 @@ class Phase:
         self.n, self.args, self.bao, self.audit, self.watcher, self.receiver = n, args, bao, audit, watcher, receiver
         self.features, self.tokens = features, tokens
         self.prefix = f"bench-{run_id}-n{n}"
+        # One change index per phase, written by the rotator, read by the
+        # follower (when this keyturn has follow mode and it is not disabled).
+        self.index = f"{self.prefix}/keyturn-index" if features["follow"] and args.change_index else None
         self.d = OUT / f"n{n}"
         if self.d.exists():
             shutil.rmtree(self.d)
@@ -637,9 +644,8 @@ class Phase:
         if self.features["webhook"]:
             webhook = {"type": "webhook", "url": self.receiver.url, "secret_file": str(self.tokens["hook-key"]),
                        "timeout": "5s"}
-            webhook.update(self.features.get("webhook_extra") or {})
         cfg = keyturn_config(self.d / "rotating", self.bao, self.tokens["rotating"], self.creds, self.prefix,
-                             False, webhook, "rot")
+                             False, webhook, "rot", self.index)
         self.names("rot")
         log(f"N={self.n}: rotating keyturn: initial rotations")
         t0 = time.monotonic()
@@ -652,7 +658,7 @@ class Phase:
     def start_consumer(self, label: str):
         if label == "follow":
             cfg = keyturn_config(self.d / "follow", self.bao, self.tokens["follow"], self.creds, self.prefix,
-                                 True, None, "follow")
+                                 True, None, "follow", self.index)
             return KeyturnProc(cfg, f"follow-{len(self.windows.get(label, []))}")
         interval = "1s" if label == "agent-1s" else None
         cfg = agent_config(self.d / label, self.bao, self.tokens[label], self.creds, self.prefix, interval,
@@ -762,10 +768,24 @@ class Phase:
             if self.args.default_agent:
                 self.start_background_default()
             labels = ["rotating"] + (["follow"] if self.features["follow"] else []) + ["agent-1s"]
-            for rnd in range(self.args.rounds):
+            rnd = 0
+            while True:
+                t_round = time.time()
                 order = labels[:] if rnd % 2 == 0 else labels[::-1]
                 for label in order:
                     self.measure(label, rnd)
+                rnd += 1
+                if rnd >= self.args.max_rounds:
+                    break
+                if rnd >= self.args.rounds:
+                    # More rounds only while the default-interval agent waits
+                    # for its first refresh anyway (no rotation after 80 % of
+                    # its interval, so that its refresh sees every one).
+                    if not self.bg:
+                        break
+                    took = time.time() - t_round
+                    if time.time() + took > self.bg["t_start"] + 0.8 * AGENT_DEFAULT_INTERVAL_S:
+                        break
             if self.args.default_agent:
                 self.finish_background_default()
         finally:
@@ -852,8 +872,14 @@ class Phase:
             t0, t1 = self.bg["t_start"], self.bg["t_end"]
             wall = t1 - t0
             req = self.bg["requests"].get(f"token-{CLIENTS['agent-default']}", 0)
+            # Versions made current after its last render are censored (its
+            # next refresh is after the end of the phase): not counted.
+            renders = [t for s in self.sels for t, _ in self.watcher.events.get((f"{self.n}:agent-default", s), [])]
+            last = max(renders) if renders else t1
+            lat = self.latencies("agent-default", [(t0, last)])
+            lat["censored_after_last_render"] = self.latencies("agent-default", [(last, t1)])["missed"]
             res["rows"]["agent-default"] = {
-                "latency": self.latencies("agent-default", [(t0, t1)]),
+                "latency": lat,
                 "drained": self.bg["drained"], "start_to_synced_s": self.bg["start_to_synced_s"],
                 "whole_phase": {"wall_s": round(wall, 1), "cpu_pct": self.bg["cpu_pct"].get("consumer"),
                                 "rss": self.bg["rss"], "own_requests_per_s": round(req / wall, 2)},
@@ -870,7 +896,7 @@ def summarize(lat: list[float], missed: int) -> dict:
         # infinitely late.
         if not total:
             return None
-        k = max(0, min(total - 1, int(round(p * total + 0.5)) - 1))
+        k = max(0, min(total - 1, math.ceil(p * total) - 1))
         return lat[k] if k < len(lat) else None
 
     return {"samples": len(lat), "missed": missed, "p50_s": q(0.50), "p99_s": q(0.99),
@@ -954,8 +980,10 @@ def fmt_table(results: dict) -> str:
                 rows.append([f"{n:,}", title, reason] + [""] * (len(head) - 3))
                 continue
             lat = r["latency"]
-            cells = [f"{n:,}", title, lat_cell(lat, "p50_s"), lat_cell(lat, "p99_s"),
-                     f"{lat['samples'] + lat['missed']} ({lat['missed']})"]
+            count = f"{lat['samples'] + lat['missed']} ({lat['missed']})"
+            if lat.get("censored_after_last_render"):
+                count += f" +{lat['censored_after_last_render']} after its last refresh"
+            cells = [f"{n:,}", title, lat_cell(lat, "p50_s"), lat_cell(lat, "p99_s"), count]
             if key == "webhook":
                 cells += ["(same process as rotating)"] + [""] * 6
             elif key == "agent-default":
@@ -1043,24 +1071,33 @@ def check_goals(results: dict) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,1000", help="comma-separated credential counts (default 1,1000)")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds per N (default 2)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds per N at least (default 2); more while the default-interval agent waits anyway")
+    ap.add_argument("--max-rounds", type=int, default=6, help="rounds per N at most (default 6)")
     ap.add_argument("--idle", type=float, default=10.0, help="idle window per consumer and round, s (default 10)")
-    ap.add_argument("--change", type=float, default=25.0, help="change window per consumer and round, s (default 25)")
+    ap.add_argument("--change", type=float, default=20.0, help="change window per consumer and round, s (default 20)")
     ap.add_argument("--drain", type=float, default=15.0, help="max wait for a consumer to catch up, s (default 15)")
     ap.add_argument("--min-spacing", type=float, default=2.5,
                     help="seconds between two rotations of one credential (default 2.5)")
     ap.add_argument("--min-gap", type=float, default=0.2, help="min seconds between two rotations (default 0.2)")
+    ap.add_argument("--no-change-index", dest="change_index", action="store_false",
+                    help="no change index: the follower polls every credential's metadata")
     ap.add_argument("--no-default-agent", dest="default_agent", action="store_false",
                     help="skip the agent at its default (5 min) interval")
     ap.add_argument("--quick", action="store_true", help="N = 1 and 20, one round of short windows, "
                                                          "no default-interval agent (~1.5 min)")
     ap.add_argument("--no-build", action="store_true", help="use the existing target/release/keyturn")
+    ap.add_argument("--bin", type=Path, help="the keyturn binary to measure (implies --no-build; "
+                                             "default target/release/keyturn)")
     ap.add_argument("--keep", action="store_true", help="keep bench/out/agent/ (configs, logs, files)")
     args = ap.parse_args()
     if args.quick:
-        args.sizes, args.rounds, args.idle, args.change, args.drain = "1,20", 1, 4.0, 8.0, 8.0
+        args.sizes, args.rounds, args.max_rounds, args.idle, args.change, args.drain = "1,20", 1, 1, 4.0, 8.0, 8.0
         args.default_agent = False
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    if args.bin:
+        base.BIN = args.bin.resolve()
+        args.no_build = True
 
     signal.signal(signal.SIGTERM, base._on_signal)
     sys.setswitchinterval(0.001)  # the inotify thread stamps events; keep its wake-up short
@@ -1092,7 +1129,7 @@ def main() -> int:
         tokens["hook-key"] = key
         features: dict = {}
         for kind in ("follow", "webhook"):
-            ok, msg = feature_supported(OUT, bao, tokens["rotating"], kind)
+            ok, msg = feature_supported(OUT, bao, tokens["rotating"], key, kind)
             features[kind] = ok
             log(f"{kind}: {'supported' if ok else 'NOT on this branch'}" + ("" if ok else f" ({msg[-200:]})"))
         results["features"] = features
@@ -1115,7 +1152,7 @@ def main() -> int:
         results["audit_lines"] = audit.lines
         results["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
         results["goals"] = check_goals(results)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print()
         print(fmt_table(results))
         print()
