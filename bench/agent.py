@@ -135,6 +135,18 @@ def fhash(b: bytes) -> str:
 # --------------------------------------------------------------------------
 
 
+def request_kind(path: str) -> str:
+    """`secret/data/<path>` -> `data`, `secret/metadata/keyturn-pending/<p>`
+    -> `metadata[pending]`, the change index -> `...[index]`, others as is."""
+    if path.startswith("sys/internal/ui/mounts/"):
+        return "sys/internal/ui/mounts/*"
+    parts = path.split("/", 2)
+    if len(parts) < 3 or parts[0] != MOUNT:
+        return path
+    tag = "[pending]" if parts[2].startswith("keyturn-pending/") else "[index]" if "keyturn-index" in parts[2] else ""
+    return parts[1] + tag
+
+
 class AuditSink:
     """A TCP listener for OpenBao's `socket` audit device. Counts requests per
     token display name in 1-s buckets (by arrival time here) and records every
@@ -145,6 +157,8 @@ class AuditSink:
         self.rotator = f'"display_name":"token-{rotator_display}"'
         self.lock = threading.Lock()
         self.counts: dict[str, dict[int, int]] = {}
+        # (client, "operation kind") -> requests, for the whole run.
+        self.kinds: dict[tuple[str, str], int] = {}
         self.promotes: dict[str, list[tuple[float, int]]] = {}
         self.lines = 0
         self.bad = 0
@@ -186,9 +200,15 @@ class AuditSink:
         if line.startswith('{"time":"') and '"type":"request"' in line[:60]:
             i = line.find('"display_name":"')
             name = line[i + 16: line.index('"', i + 16)] if i >= 0 else "?"
+            i = line.find('"operation":"')
+            op = line[i + 13: line.index('"', i + 13)] if i >= 0 else "?"
+            i = line.find('"path":"')
+            path = line[i + 8: line.index('"', i + 8)] if i >= 0 else "?"
             with self.lock:
                 b = self.counts.setdefault(name, {})
                 b[now] = b.get(now, 0) + 1
+                k = (name, f"{op} {request_kind(path)}")
+                self.kinds[k] = self.kinds.get(k, 0) + 1
             return
         if ('"type":"response"' not in line[:60] or self.rotator not in line
                 or f'"path":"{MOUNT}/data/' not in line):
@@ -1150,6 +1170,10 @@ def main() -> int:
                 r["not_measured"]["agent-default"] = "not measured (--quick / --no-default-agent)"
             results["phases"].append(r)
         results["audit_lines"] = audit.lines
+        by_kind: dict[str, dict[str, int]] = {}
+        for (name, kind), v in sorted(audit.kinds.items()):
+            by_kind.setdefault(name, {})[kind] = v
+        results["requests_by_client_and_kind"] = by_kind
         results["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
         results["goals"] = check_goals(results)
         RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
