@@ -7,9 +7,11 @@
 //! - [`config`]     TOML → raw serde structs → pure validation (all errors, located) → `Config`
 //! - [`schedule`]   cron / every / jitter → next due; one timer heap for all credentials
 //! - [`generators`] password, random bytes, API key, Ed25519 keypair
-//! - [`rotation`]   the persisted rotation state machine and its engine; resume after crash
+//! - [`rotation`]   the persisted rotation state machine and its engine; resume after crash;
+//!   follow mode (delivering what another keyturn rotates)
 //! - [`targets`]    trait `Target` + `postgres`, `command` (apply and test a new value where it is used)
-//! - [`vaults`]     trait `Vault` + `local` (embedded, encrypted), `hashicorp`, `aws`, `azure`
+//! - [`vaults`]     trait `Vault` + `local` (embedded, encrypted), `hashicorp`, `aws`, `azure`;
+//!   `change_index`, the rotator's record of promotes that followers poll
 //! - [`sinks`]      trait `Sink` + `file` (atomic write, bundles via `..data`), `signal`, `exec`
 //! - [`audit`]      hash-chained JSON-lines log, group-committed; verify
 //! - [`state`]      trait `StateStore` + SQLite (WAL, migrations); never secret values

@@ -425,7 +425,107 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "agents.bot.credentials.db.deliver[0].unit",
         "invalid unit `--now`: write a systemd service name",
     ),
+    (
+        "bad-follow-schedule.toml",
+        17,
+        9,
+        "agents.bot.credentials.db.every",
+        "`every` with `mode = \"follow\"`: this keyturn does not rotate a followed credential",
+    ),
+    (
+        "bad-follow-poll.toml",
+        17,
+        8,
+        "agents.bot.credentials.db.poll",
+        "poll (500ms) must be at least 1s",
+    ),
+    (
+        "bad-follow-target.toml",
+        18,
+        10,
+        "agents.bot.credentials.db.target",
+        "a target with `mode = \"follow\"`",
+    ),
+    (
+        "bad-mode.toml",
+        16,
+        8,
+        "agents.bot.credentials.db.mode",
+        "unknown mode `mirror`; expected \"rotate\" (the default) or \"follow\"",
+    ),
+    (
+        "bad-change-index.toml",
+        10,
+        16,
+        "vaults.bao.change_index",
+        "invalid vault path `../keyturn/index`: it contains `..`",
+    ),
+    (
+        "bad-change-index-clash.toml",
+        17,
+        0,
+        "agents.bot.credentials.db",
+        "vault path `agents/bot/db` is the change_index of vault `bao`",
+    ),
 ];
+
+/// `mode = "follow"`: no schedule needed, `poll` defaults to 5 s, and
+/// `change_index` is read on a remote vault.
+#[test]
+fn a_followed_credential_loads_with_its_poll() {
+    let text = r#"
+[daemon]
+state_dir = "state"
+delivery_roots = ["agents"]
+
+[vaults.bao]
+type = "vault"
+address = "https://vault.example.com:8200"
+token_file = "bao-token"
+change_index = "keyturn/index"
+
+[agents.bot]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+
+[agents.bot.credentials.db]
+vault = "bao"
+mode = "follow"
+generate = { kind = "password", length = 32 }
+deliver = [{ type = "file", path = "bot/db" }]
+
+[agents.bot.credentials.api]
+vault = "bao"
+mode = "follow"
+poll = "1s"
+generate = { kind = "api_key" }
+deliver = [{ type = "file", path = "bot/api" }]
+
+[agents.bot.credentials.rotated]
+vault = "bao"
+every = "1h"
+generate = { kind = "api_key" }
+deliver = [{ type = "file", path = "bot/rotated" }]
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = keyturn::config::load_str(&dir.path().join("k.toml"), text)
+        .unwrap_or_else(|e| panic!("must load:\n{e}"));
+    let cred = |c: &str| {
+        let key = keyturn::model::CredentialKey::new(
+            keyturn::model::AgentId::new("bot").unwrap(),
+            keyturn::model::CredentialId::new(c).unwrap(),
+        );
+        cfg.credential(&key).unwrap().1.follow
+    };
+    assert_eq!(cred("db"), Some(Duration::from_secs(5)));
+    assert_eq!(cred("api"), Some(Duration::from_secs(1)));
+    assert_eq!(cred("rotated"), None);
+    assert_eq!(
+        cfg.vaults["bao"].spec.plugin().change_index(),
+        Some("keyturn/index")
+    );
+}
 
 #[test]
 fn every_bad_fixture_reports_its_specific_error() {

@@ -20,9 +20,11 @@
 //!   per poll, whatever the number of credentials; the index itself is read
 //!   only when it changed, and a value only for a credential whose version
 //!   changed. As a safety net (a credential rotated by a keyturn that does
-//!   not write the index), every credential is also checked directly once
+//!   not write the index), every credential's own mark is also read once
 //!   every [`SWEEP_POLLS`] polls, spread evenly: 1,000 credentials at
-//!   `poll = "1s"` add ~17 metadata reads a second.
+//!   `poll = "1s"` add ~17 metadata reads a second (and a value read only
+//!   when a mark moved without the index saying so). A credential the index
+//!   lists as changed costs a metadata read and a value read.
 //! - Without one: one metadata read per credential per poll
 //!   ([`crate::vaults::Vault::current_mark`]: KV v2 metadata, AWS
 //!   `DescribeSecret`; the value itself on vaults without a cheaper call),
@@ -73,6 +75,9 @@ struct Seen {
 
 type Memory = Arc<Mutex<HashMap<CredentialKey, Seen>>>;
 
+/// The followed credentials of one vault and poll interval.
+type Group = (Arc<VaultHandle>, Vec<Arc<CredEntry>>);
+
 fn lock(m: &Memory) -> std::sync::MutexGuard<'_, HashMap<CredentialKey, Seen>> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -104,8 +109,7 @@ impl Inner {
         let memory: Memory = Arc::default();
         loop {
             let catalog = self.catalog();
-            let mut groups: BTreeMap<(String, Duration), (Arc<VaultHandle>, Vec<Arc<CredEntry>>)> =
-                BTreeMap::new();
+            let mut groups: BTreeMap<(String, Duration), Group> = BTreeMap::new();
             for e in catalog.creds.values() {
                 if let Some(poll) = e.cfg.follow {
                     let h = e.vaults[0].clone();
@@ -166,10 +170,10 @@ impl Inner {
         };
         let mut failures = 0u32;
         loop {
-            let polled = tokio::select! {
-                r = self.follow_once(&mut poller, &memory) => r,
-                _ = cancel.cancelled() => return,
-            };
+            // A poll in flight is finished, not dropped (drain and reload
+            // wait for it, within the drain timeout): a delivery is not cut
+            // between its sinks and its record in state.
+            let polled = self.follow_once(&mut poller, &memory).await;
             match polled {
                 Ok(()) => failures = 0,
                 Err(e) => {
@@ -211,6 +215,8 @@ impl Inner {
             }
             None => None,
         };
+        // Credentials to check by their own mark (metadata, no value).
+        let mut by_mark: Vec<usize> = Vec::new();
         match index_read {
             Some(changed) => {
                 let first = p.index_mark.is_none();
@@ -226,37 +232,57 @@ impl Inner {
                         // by a keyturn that does not write it.
                         Some(None) => first,
                         None => false,
-                    } || i % SWEEP_POLLS == polls % SWEEP_POLLS;
+                    };
                     if due {
                         check.push((i, None));
+                    } else if i % SWEEP_POLLS == polls % SWEEP_POLLS {
+                        by_mark.push(i);
                     }
                 }
             }
-            None => {
-                for (i, e) in p.entries.iter().enumerate() {
-                    let item = VaultItem {
-                        key: e.key(),
-                        path: &e.cfg.vault_path(),
-                    };
-                    match vault.current_mark(item).await {
-                        Ok(mark) => {
-                            let mut seen = lock(memory);
-                            let s = seen.entry(e.key().clone()).or_default();
-                            if mark.is_none() {
-                                s.mark = None;
-                            } else if mark != s.mark {
-                                check.push((i, mark));
-                            }
-                        }
-                        Err(e) => {
-                            first_error.get_or_insert(e);
-                        }
+            None => by_mark.extend(0..p.entries.len()),
+        }
+        for i in by_mark {
+            let e = &p.entries[i];
+            let item = VaultItem {
+                key: e.key(),
+                path: &e.cfg.vault_path(),
+            };
+            match vault.current_mark(item).await {
+                Ok(mark) => {
+                    let mut seen = lock(memory);
+                    let s = seen.entry(e.key().clone()).or_default();
+                    if mark.is_none() {
+                        s.mark = None;
+                    } else if mark != s.mark {
+                        check.push((i, mark));
                     }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
                 }
             }
         }
         for (i, mark) in check {
             let entry = p.entries[i].clone();
+            let mark = match mark {
+                Some(m) => Some(m),
+                // Listed by the index: its mark too, read before the value,
+                // so that the safety-net sweep need not read the value again.
+                None => {
+                    let item = VaultItem {
+                        key: entry.key(),
+                        path: &entry.cfg.vault_path(),
+                    };
+                    match vault.current_mark(item).await {
+                        Ok(m) => m,
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                            continue;
+                        }
+                    }
+                }
+            };
             let checked = self.follow_check(&entry, memory).await;
             if checked.is_ok() && mark.is_some() {
                 // Checked at this mark (or later): not again until it moves.

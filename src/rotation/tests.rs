@@ -25,7 +25,7 @@ use crate::model::{
 };
 use crate::sinks::{Delivered, Notice, Sink};
 use crate::state::{CredentialRow, MemoryStore, StateStore, Write};
-use crate::vaults::{Pending, Select, StoredVersion, Vault, VaultItem, VersionRef};
+use crate::vaults::{CurrentMark, Pending, Select, StoredVersion, Vault, VaultItem, VersionRef};
 
 // ---------------------------------------------------------------------------
 // In-memory plug-ins
@@ -220,6 +220,18 @@ impl Vault for MemVault {
     async fn check(&self) -> Result<(), PluginError> {
         Ok(())
     }
+
+    /// The current version's number; a call of its own (`mark`), so tests
+    /// tell metadata polls from value reads.
+    async fn current_mark(&self, item: VaultItem<'_>) -> Result<Option<CurrentMark>, PluginError> {
+        self.enter("mark", item.path).await?;
+        let paths = self.paths.lock().unwrap();
+        Ok(paths.get(item.path).and_then(|vs| {
+            vs.iter()
+                .find(|v| v.stage == Stage::Current)
+                .map(|v| CurrentMark(v.n.to_string()))
+        }))
+    }
 }
 
 /// One delivery: credential, version, value, when.
@@ -244,6 +256,16 @@ impl MemSink {
 
     fn count(&self) -> usize {
         self.delivered.lock().unwrap().len()
+    }
+
+    fn values(&self, cred: &str) -> Vec<(VersionNo, Vec<u8>)> {
+        self.delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(c, ..)| c == cred)
+            .map(|(_, v, value, _)| (*v, value.clone()))
+            .collect()
     }
 }
 
@@ -844,4 +866,282 @@ async fn shutdown_drains_the_step_in_flight_and_the_rotation_resumes() {
     );
     assert_eq!(vault.stages(&path("c0")), vec![(1, Stage::Current)]);
     again.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// Follow mode
+// ---------------------------------------------------------------------------
+
+const FOLLOW: &str = "mode = \"follow\"\npoll = \"1s\"";
+const INDEX: &str = "keyturn/index";
+
+/// What the rotating keyturn does to the vault: a new current version of
+/// `cred` with `value` (through `via`, which may be the index decorator).
+async fn rotate_elsewhere(via: &dyn Vault, cred: &str, value: &str) {
+    let key = key(cred);
+    let path = path(cred);
+    let item = VaultItem {
+        key: &key,
+        path: &path,
+    };
+    let rotation = RotationId::generate();
+    let value = SecretValue::from_string(value.to_owned());
+    let v = via.stage(item.pending(&rotation, &value)).await.unwrap();
+    via.promote(item, &v).await.unwrap();
+}
+
+impl Rig {
+    /// Loads state and runs the follow loops (and the scheduler, which
+    /// must leave followed credentials alone).
+    async fn run_following(&self) {
+        self.run().await;
+        let e = self.engine.clone();
+        self.tracker.spawn(async move { e.run_followers().await });
+    }
+
+    fn calls(&self, op: &str, path: &str) -> usize {
+        self.vault.times(op, Some(path)).len()
+    }
+
+    /// A rig of `n` followed credentials whose vault has a change index.
+    fn following_with_index(n: usize) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let (vault, sink) = (Arc::<MemVault>::default(), Arc::new(MemSink::default()));
+        let store = Arc::new(MemoryStore::new());
+        let text = config_text(dir.path(), n, FOLLOW, "");
+        let mut catalog = catalog(dir.path(), &text, &vault, &sink);
+        let shared = catalog.vaults["local"].clone();
+        let mut config = shared.config.clone();
+        config.spec = crate::vaults::VaultSpec::Toy(Box::new(crate::vaults::toy::ToyConfig {
+            change_index: Some(INDEX.into()),
+            ..Default::default()
+        }));
+        let handle = Arc::new(VaultHandle {
+            vault: shared.vault.clone(),
+            limit: shared.limit.clone(),
+            config,
+        });
+        catalog.vaults.insert("local".into(), handle.clone());
+        let entries: Vec<Arc<CredEntry>> = catalog.creds.values().cloned().collect();
+        for old in entries {
+            catalog.creds.insert(Arc::new(CredEntry {
+                agent: old.agent.clone(),
+                cfg: old.cfg.clone(),
+                vaults: vec![handle.clone()].into(),
+                target: old.target.clone(),
+                sinks: old.sinks.clone(),
+                offset: old.offset,
+            }));
+        }
+        let audit = AuditLog::open_inline(&dir.path().join("audit.log"), None).unwrap();
+        let (engine, cancel, tracker) =
+            Engine::paused_for_test(catalog, store.clone(), audit, t0());
+        Rig {
+            dir,
+            engine,
+            vault,
+            sink,
+            store,
+            cancel,
+            tracker,
+            start: Instant::now(),
+        }
+    }
+}
+
+/// With a change index, a follower of three credentials polls only the
+/// index's mark; it reads the index only when it changed, and the value
+/// only of the credential that changed. The rotating side's index writes
+/// come from the decorator the catalog puts around its vault.
+#[tokio::test(start_paused = true)]
+async fn a_follower_polls_the_index_and_reads_only_what_changed() {
+    let rig = Rig::following_with_index(3);
+    let rotator = crate::vaults::change_index::IndexedVault::new(rig.vault.clone(), INDEX);
+    rotate_elsewhere(&rotator, "c0", "kt-canary-c0-one").await;
+    rotate_elsewhere(&rotator, "c1", "kt-canary-c1-one").await;
+    rig.run_following().await;
+    rig.until(Duration::from_secs(5), "first deliveries", |r| {
+        r.sink.count() == 2
+    })
+    .await;
+    assert_eq!(
+        rig.sink.values("c0"),
+        vec![(1, b"kt-canary-c0-one".to_vec())]
+    );
+    assert_eq!(
+        rig.sink.values("c1"),
+        vec![(1, b"kt-canary-c1-one".to_vec())]
+    );
+    // The first polls sweep each credential once; then it is quiet.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let marks = rig.calls("mark", INDEX);
+    let index_reads = rig.calls("read", INDEX);
+    let reads: Vec<usize> = ["c0", "c1", "c2"]
+        .iter()
+        .map(|c| rig.calls("read", &path(c)))
+        .collect();
+    let cred_marks: usize = ["c0", "c1", "c2"]
+        .iter()
+        .map(|c| rig.calls("mark", &path(c)))
+        .sum();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let polls = rig.calls("mark", INDEX) - marks;
+    assert!(
+        (8..=12).contains(&polls),
+        "{polls} index polls in 10 s at poll = 1s"
+    );
+    assert_eq!(
+        rig.calls("read", INDEX),
+        index_reads,
+        "the index was read though unchanged"
+    );
+    let now: Vec<usize> = ["c0", "c1", "c2"]
+        .iter()
+        .map(|c| rig.calls("read", &path(c)))
+        .collect();
+    assert_eq!(now, reads, "values were read though nothing changed");
+    let cred_marks_now: usize = ["c0", "c1", "c2"]
+        .iter()
+        .map(|c| rig.calls("mark", &path(c)))
+        .sum();
+    assert_eq!(
+        cred_marks_now, cred_marks,
+        "credentials were polled one by one"
+    );
+    assert_eq!(rig.sink.count(), 2, "nothing new was delivered");
+
+    // One rotation elsewhere: one index read, one value read of c1 only.
+    rotate_elsewhere(&rotator, "c1", "kt-canary-c1-two").await;
+    // (The rotator's own index write reads the index too.)
+    let index_reads = rig.calls("read", INDEX);
+    rig.until(Duration::from_secs(3), "c1's second version", |r| {
+        r.sink.versions("c1").len() == 2
+    })
+    .await;
+    assert_eq!(rig.sink.values("c1")[1], (2, b"kt-canary-c1-two".to_vec()));
+    assert_eq!(rig.calls("read", INDEX), index_reads + 1);
+    let after: Vec<usize> = ["c0", "c1", "c2"]
+        .iter()
+        .map(|c| rig.calls("read", &path(c)))
+        .collect();
+    assert_eq!(after, vec![reads[0], reads[1] + 1, reads[2]]);
+    // The safety net: each credential's own mark is read about once a
+    // minute, and its value is not read again unless the mark moved.
+    let marks_before: Vec<usize> = ["c0", "c1", "c2"]
+        .iter()
+        .map(|c| rig.calls("mark", &path(c)))
+        .collect();
+    let reads_before: Vec<usize> = ["c0", "c1", "c2"]
+        .iter()
+        .map(|c| rig.calls("read", &path(c)))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(70)).await;
+    for (i, c) in ["c0", "c1", "c2"].iter().enumerate() {
+        let swept = rig.calls("mark", &path(c)) - marks_before[i];
+        assert!((1..=2).contains(&swept), "{c}: {swept} mark reads in 70 s");
+    }
+    let reads_after: Vec<usize> = ["c0", "c1", "c2"]
+        .iter()
+        .map(|c| rig.calls("read", &path(c)))
+        .collect();
+    assert_eq!(reads_after, reads_before, "the sweep read values");
+    let s = rig.status("c1");
+    assert_eq!(
+        (s.state.as_str(), s.version, s.next_due),
+        ("follow", Some(2), None)
+    );
+    assert!(
+        rig.engine.trigger(&key("c1")).is_none(),
+        "a followed credential was rotated"
+    );
+    assert!(
+        rig.vault.times("stage", Some(&path("c2"))).is_empty(),
+        "the follower staged"
+    );
+    rig.shutdown().await;
+}
+
+/// While the vault fails, the follower waits twice as long after each
+/// failed poll (±10 % jitter); once it answers, the poll interval is back.
+#[tokio::test(start_paused = true)]
+async fn a_failing_vault_is_polled_with_growing_back_off_then_at_the_interval_again() {
+    let rig = Rig::new(1, FOLLOW).await;
+    rig.vault.fail("mark", 4, ErrorKind::Transient, None);
+    rig.run_following().await;
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let times = rig.vault.times("mark", Some(&path("c0")));
+    let gaps: Vec<f64> = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    assert!(gaps.len() >= 7, "{gaps:?}");
+    for (i, want) in [2.0, 4.0, 8.0, 16.0, 1.0, 1.0].iter().enumerate() {
+        assert!(
+            (gaps[i] - want).abs() <= want * 0.11,
+            "gap {i} after {} failures: {:.2}s, want {want}s ±10%: {gaps:?}",
+            i + 1,
+            gaps[i]
+        );
+    }
+    rig.shutdown().await;
+}
+
+#[test]
+fn the_back_off_is_capped_and_never_shorter_than_the_poll() {
+    use super::follow::{MAX_BACKOFF, next_delay};
+    let s = Duration::from_secs;
+    for _ in 0..100 {
+        let d = next_delay(s(1), 30);
+        assert!(
+            d >= MAX_BACKOFF.mul_f64(0.9) && d <= MAX_BACKOFF.mul_f64(1.1),
+            "{d:?}"
+        );
+        let d = next_delay(s(90), 3);
+        assert!(d >= s(81) && d <= s(99), "{d:?}");
+        let d = next_delay(s(5), 0);
+        assert!(
+            d >= Duration::from_millis(4500) && d <= Duration::from_millis(5500),
+            "{d:?}"
+        );
+    }
+}
+
+/// Without an index the follower polls each credential's mark, delivers
+/// each new version once, records it, and after a restart does not
+/// deliver it again; the scheduler never rotates it.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_follower_does_not_deliver_the_same_version_again() {
+    let rig = Rig::new(1, FOLLOW).await;
+    rotate_elsewhere(rig.vault.as_ref(), "c0", "kt-canary-one").await;
+    rig.run_following().await;
+    rig.until(Duration::from_secs(5), "delivery", |r| r.sink.count() == 1)
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(rig.sink.count(), 1, "delivered twice");
+    assert_eq!(
+        rig.calls("read", &path("c0")),
+        1,
+        "the value was read again unchanged"
+    );
+    let rig = rig.restart(1, FOLLOW).await;
+    rig.run_following().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        rig.sink.count(),
+        0,
+        "a restart delivered the same version again"
+    );
+    assert_eq!(rig.status("c0").version, Some(1));
+    rotate_elsewhere(rig.vault.as_ref(), "c0", "kt-canary-two").await;
+    rig.until(Duration::from_secs(5), "second version", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    assert_eq!(rig.sink.values("c0"), vec![(2, b"kt-canary-two".to_vec())]);
+    assert_eq!(
+        rig.vault.times("stage", Some(&path("c0"))).len(),
+        2,
+        "only the rotator staged"
+    );
+    rig.shutdown().await;
 }

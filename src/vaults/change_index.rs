@@ -247,3 +247,167 @@ impl Vault for IndexedVault {
         self.inner.current_mark(item).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::vaults::VaultPlugin;
+    use crate::vaults::toy::ToyConfig;
+
+    /// The toy vault, with index writes slowed down (so promotes pile up
+    /// behind one) and a switch that makes the next index `stage` fail.
+    struct Slow {
+        inner: Arc<dyn Vault>,
+        fail_next: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Vault for Slow {
+        fn describe(&self) -> &str {
+            self.inner.describe()
+        }
+        async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
+            if new.item.path == INDEX {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if self.fail_next.swap(false, Ordering::SeqCst) {
+                    return Err(PluginError::new(
+                        ErrorKind::Transient,
+                        "index down (injected)",
+                    ));
+                }
+            }
+            self.inner.stage(new).await
+        }
+        async fn read(
+            &self,
+            item: VaultItem<'_>,
+            select: Select<'_>,
+        ) -> Result<Option<StoredVersion>, PluginError> {
+            self.inner.read(item, select).await
+        }
+        async fn promote(&self, item: VaultItem<'_>, v: &VersionRef) -> Result<(), PluginError> {
+            self.inner.promote(item, v).await
+        }
+        async fn retire(&self, item: VaultItem<'_>, v: &VersionRef) -> Result<(), PluginError> {
+            self.inner.retire(item, v).await
+        }
+        async fn destroy(&self, item: VaultItem<'_>) -> Result<(), PluginError> {
+            self.inner.destroy(item).await
+        }
+        async fn check(&self) -> Result<(), PluginError> {
+            Ok(())
+        }
+    }
+
+    const INDEX: &str = "keyturn/index";
+
+    fn indexed() -> (Arc<IndexedVault>, Arc<Slow>) {
+        let slow = Arc::new(Slow {
+            inner: ToyConfig::default().open("toy").unwrap(),
+            fail_next: AtomicBool::new(false),
+        });
+        (Arc::new(IndexedVault::new(slow.clone(), INDEX)), slow)
+    }
+
+    fn key(n: usize) -> CredentialKey {
+        crate::test_support::key("bot", &format!("c{n}"))
+    }
+
+    /// Stages and promotes a value of credential `n` through `v`.
+    async fn rotate(v: &IndexedVault, n: usize) -> Result<VersionRef, PluginError> {
+        let key = key(n);
+        let path = format!("agents/bot/c{n}");
+        let item = VaultItem {
+            key: &key,
+            path: &path,
+        };
+        let rotation = RotationId::generate();
+        let value = SecretValue::from_string(format!("kt-canary-{n}"));
+        let version = v.stage(item.pending(&rotation, &value)).await?;
+        v.promote(item, &version).await?;
+        Ok(version)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_promotes_lose_no_update_and_share_index_writes() {
+        let (v, _) = indexed();
+        let tasks: Vec<_> = (0..40)
+            .map(|n| {
+                let v = v.clone();
+                tokio::spawn(async move { (n, rotate(&v, n).await.unwrap()) })
+            })
+            .collect();
+        let mut promoted = BTreeMap::new();
+        for t in tasks {
+            let (n, version) = t.await.unwrap();
+            promoted.insert(format!("agents/bot/c{n}"), version);
+        }
+        let listed = read(v.as_ref(), INDEX).await.unwrap().expect("an index");
+        assert_eq!(
+            listed, promoted,
+            "every promote is in the index, with its version"
+        );
+        assert!(
+            v.writes() < 10,
+            "40 concurrent promotes took {} index writes; they should share a few",
+            v.writes()
+        );
+        // No secret value in the index.
+        let raw = v
+            .read(item(INDEX), Select::Stage(Stage::Current))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8(raw.value.expose().to_vec()).unwrap();
+        assert!(!text.contains("kt-canary"), "{text}");
+        assert!(text.contains("\"keyturn_change_index\":1"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_index_write_fails_its_promote_and_its_records_go_with_the_next_write() {
+        let (v, slow) = indexed();
+        let first = rotate(&v, 0).await.unwrap();
+        slow.fail_next.store(true, Ordering::SeqCst);
+        let e = rotate(&v, 1).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Transient);
+        assert!(e.message.contains("change index"), "{}", e.message);
+        // c1 is promoted in the vault but not yet in the index.
+        let listed = read(v.as_ref(), INDEX).await.unwrap().unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        // The next write (another credential's promote) carries it.
+        let third = rotate(&v, 2).await.unwrap();
+        let listed = read(v.as_ref(), INDEX).await.unwrap().unwrap();
+        assert_eq!(listed.get("agents/bot/c0"), Some(&first));
+        assert!(listed.contains_key("agents/bot/c1"), "{listed:?}");
+        assert_eq!(listed.get("agents/bot/c2"), Some(&third));
+        // The newest version of a credential wins.
+        let newer = rotate(&v, 0).await.unwrap();
+        let listed = read(v.as_ref(), INDEX).await.unwrap().unwrap();
+        assert_eq!(listed.get("agents/bot/c0"), Some(&newer));
+    }
+
+    #[tokio::test]
+    async fn something_else_at_the_index_path_is_an_invalid_error_without_its_content() {
+        let (v, slow) = indexed();
+        let k = key(9);
+        let at = VaultItem {
+            key: &k,
+            path: INDEX,
+        };
+        let rotation = RotationId::generate();
+        let value = SecretValue::from_string("kt-canary-not-an-index".into());
+        let version = slow.stage(at.pending(&rotation, &value)).await.unwrap();
+        slow.promote(at, &version).await.unwrap();
+        let e = read(v.as_ref(), INDEX).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid);
+        assert!(!e.message.contains("kt-canary"), "{}", e.message);
+        assert!(
+            e.message.contains("not a keyturn change index"),
+            "{}",
+            e.message
+        );
+    }
+}

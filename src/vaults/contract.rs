@@ -26,7 +26,7 @@ use futures::FutureExt;
 use crate::model::{AgentId, CredentialId, CredentialKey, PluginError, RotationId, SecretValue};
 use crate::model::{ErrorKind, Stage};
 
-use super::{Select, Vault, VaultItem, VersionRef};
+use super::{CurrentMark, Select, Vault, VaultItem, VersionRef};
 
 /// Every value a clause writes starts with this, so one `contains` finds any
 /// of them in an error message.
@@ -81,6 +81,7 @@ macro_rules! vault_contract {
                 a_new_rotation_abandons_even_the_first_pending_version,
                 destroy_removes_every_version,
                 values_come_back_byte_for_byte,
+                current_mark_moves_with_the_current_version,
             );
         }
     };
@@ -489,6 +490,73 @@ pub(crate) async fn destroy_removes_every_version(vault: &dyn Vault, path: &str)
     other.destroy().await;
 }
 
+/// `current_mark` is `None` while nothing is current (absent, only
+/// pending, destroyed), stays while the current version stays (a new
+/// pending version does not move it), and moves with every promote,
+/// rollback included; another credential's promote leaves it.
+pub(crate) async fn current_mark_moves_with_the_current_version(vault: &dyn Vault, path: &str) {
+    let c = Cred::new(vault, path);
+    let other = Cred::new(vault, &format!("{path}-other"));
+    assert_eq!(
+        c.mark().await,
+        None,
+        "{}: mark of an absent credential",
+        c.name()
+    );
+    let one = c.stage(ONE).await;
+    assert_eq!(
+        c.mark().await,
+        None,
+        "{}: mark with only a pending version",
+        c.name()
+    );
+    c.promote(&one.version).await;
+    let m1 = c
+        .mark()
+        .await
+        .unwrap_or_else(|| panic!("{}: no mark after promote", c.name()));
+    assert_eq!(
+        c.mark().await,
+        Some(m1.clone()),
+        "{}: the mark moved with nothing changed",
+        c.name()
+    );
+    let two = c.stage(TWO).await;
+    assert_eq!(
+        c.mark().await,
+        Some(m1.clone()),
+        "{}: a pending version moved the mark",
+        c.name()
+    );
+    other.stage_and_promote(OTHER).await;
+    assert_eq!(
+        c.mark().await,
+        Some(m1.clone()),
+        "{}: another credential's promote moved the mark",
+        c.name()
+    );
+    c.promote(&two.version).await;
+    let m2 = c
+        .mark()
+        .await
+        .unwrap_or_else(|| panic!("{}: no mark after the second promote", c.name()));
+    assert_ne!(m1, m2, "{}: the mark did not move with a promote", c.name());
+    c.promote(&one.version).await;
+    let m3 = c
+        .mark()
+        .await
+        .unwrap_or_else(|| panic!("{}: no mark after a rollback", c.name()));
+    assert_ne!(
+        m2,
+        m3,
+        "{}: the mark did not move with a rollback",
+        c.name()
+    );
+    c.destroy().await;
+    assert_eq!(c.mark().await, None, "{}: mark after destroy", c.name());
+    other.destroy().await;
+}
+
 /// What is staged comes back exactly: quotes, backslashes, JSON and shell
 /// characters, non-ASCII text, surrounding white space and line breaks, a
 /// few KiB long.
@@ -676,6 +744,13 @@ impl<'a> Cred<'a> {
             Ok(()) => panic!("{}: retire {version} succeeded; it must fail", self.name()),
             Err(e) => e,
         }
+    }
+
+    async fn mark(&self) -> Option<CurrentMark> {
+        self.vault
+            .current_mark(self.item())
+            .await
+            .unwrap_or_else(|e| panic!("{}: current_mark: {e}", self.name()))
     }
 
     async fn read(&self, select: Select<'_>) -> Option<Seen> {

@@ -48,7 +48,9 @@
 //! Then add one line to [`VaultSpec`] below. Nothing else changes: the
 //! config loader, validation, the catalog and the engine only see the
 //! registry. Policies that are not about one system are decorators around a
-//! `Vault` ([`lazy`]), not code inside a plug-in.
+//! `Vault` ([`lazy`], [`change_index`]), not code inside a plug-in. A
+//! vault that can say which version is current more cheaply than by
+//! reading it overrides [`Vault::current_mark`] (followers poll it).
 
 use std::path::Path;
 use std::sync::Arc;

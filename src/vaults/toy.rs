@@ -21,6 +21,7 @@ use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
 pub struct ToyConfig {
     /// Prepended to every path (checked: no `/` at either end).
     pub prefix: Option<String>,
+    pub change_index: Option<String>,
     pub max_concurrent: Option<usize>,
 }
 
@@ -35,6 +36,10 @@ impl VaultPlugin for ToyConfig {
 
     fn max_concurrent(&self) -> Option<usize> {
         self.max_concurrent
+    }
+
+    fn change_index(&self) -> Option<&str> {
+        self.change_index.as_deref()
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn Vault>, PluginError> {

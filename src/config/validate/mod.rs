@@ -156,6 +156,8 @@ struct Scope<'a> {
     delivery_roots: Option<Vec<PathBuf>>,
     /// Every `[agents.NAME]` table, by name.
     agent_names: HashMap<&'a str, &'a super::raw::RawAgentEntry>,
+    /// Vault name → its `change_index` path (no credential may live there).
+    change_indexes: HashMap<String, String>,
 }
 
 impl Validator<'_> {
@@ -193,6 +195,10 @@ impl Validator<'_> {
             },
             delivery_roots: daemon_ok.then(|| daemon.delivery_roots.clone()),
             agent_names: raw.agents.iter().map(|(n, a)| (n.as_str(), a)).collect(),
+            change_indexes: vaults
+                .iter()
+                .filter_map(|(n, v)| Some((n.clone(), v.spec.plugin().change_index()?.to_owned())))
+                .collect(),
         };
 
         let mut agents = BTreeMap::new();
@@ -700,6 +706,19 @@ impl Validator<'_> {
         };
         let here = if c.path.is_some() { p.key("path") } else { *p };
         for vault in &vaults {
+            if scope
+                .change_indexes
+                .get(&**vault)
+                .is_some_and(|i| *i == shown_path())
+            {
+                self.err(
+                    here,
+                    format!(
+                        "vault path `{}` is the change_index of vault `{vault}`: keyturn writes its index there; use another path",
+                        shown_path()
+                    ),
+                );
+            }
             // The scope's own copy of the name lives as long as the raw file,
             // so the map can borrow it instead of copying.
             let Some((&vault, _)) = scope.vault_names.get_key_value(&**vault) else {

@@ -1,0 +1,314 @@
+//! Follow mode end to end (issue 11, item 6): two real `keyturn` daemons on
+//! one vault server, one rotating a credential and one following it
+//! (`mode = "follow"`, `poll = "1s"`). After every rotation the follower's
+//! delivered file holds the value the rotator delivered to its own file, in
+//! order, each version once; the follower audits its deliveries with the
+//! rotator's rotation ids, `status` shows it as followed, `keyturn rotate`
+//! on the follower refuses, following survives a reload (SIGHUP), and a
+//! restarted follower does not deliver the same version again.
+//!
+//! OpenBao and moto run with a change index (`change_index` on the vault,
+//! on both daemons); the Azure stub without one (one metadata read per
+//! credential per poll), so both ways of watching are covered.
+//!
+//! REAL SERVERS: needs `bash scripts/services.sh start` and its env file
+//! sourced. A missing variable fails the test; it never skips. Every path
+//! carries a random suffix (the servers are shared).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use keyturn::vaults::Vault;
+use keyturn::vaults::aws::{AwsConfig, AwsVault};
+use keyturn::vaults::change_index;
+use keyturn::vaults::hashicorp::{HashicorpAuth, HashicorpConfig, HashicorpVault};
+
+const AGENT: &str = "bot";
+const STUB_CLIENT_ID: &str = "keyturn-test-client";
+const STUB_CLIENT_SECRET: &str = "keyturn-test-secret";
+const TENANT: &str = "00000000-0000-0000-0000-000000000001";
+
+fn need(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set; start the test services: `bash scripts/services.sh start`")
+    })
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{:016x}", rand::random::<u64>())
+}
+
+fn secret_file(dir: &tempfile::TempDir, name: &str, content: &str) -> PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, content).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+fn bao_table(files: &tempfile::TempDir, index: Option<&str>) -> String {
+    let token = secret_file(files, "bao-token", &need("KEYTURN_TEST_BAO_TOKEN"));
+    format!(
+        "[vaults.shared]\ntype = \"vault\"\naddress = \"{}\"\nmount = \"secret\"\ntoken_file = \"{}\"\ntimeout = \"5s\"\n{}",
+        need("KEYTURN_TEST_BAO_ADDR"),
+        token.display(),
+        index_line(index)
+    )
+}
+
+fn aws_table(index: Option<&str>) -> String {
+    format!(
+        "[vaults.shared]\ntype = \"aws_secrets_manager\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\ntimeout = \"5s\"\n{}",
+        need("KEYTURN_TEST_AWS_ENDPOINT"),
+        index_line(index)
+    )
+}
+
+fn azure_table(files: &tempfile::TempDir, index: Option<&str>) -> String {
+    let url = need("KEYTURN_TEST_AZURE_URL");
+    let secret = secret_file(files, "azure-client-secret", STUB_CLIENT_SECRET);
+    format!(
+        r#"[vaults.shared]
+type = "azure_key_vault"
+vault_url = "{url}"
+auth = "client_secret"
+tenant_id = "{TENANT}"
+client_id = "{STUB_CLIENT_ID}"
+client_secret_file = "{}"
+authority_host = "{url}"
+ca_file = "{}"
+verify_challenge_resource = false
+timeout = "10s"
+{}"#,
+        secret.display(),
+        need("KEYTURN_TEST_AZURE_CA"),
+        index_line(index)
+    )
+}
+
+fn index_line(index: Option<&str>) -> String {
+    index.map_or_else(String::new, |p| format!("change_index = \"{p}\"\n"))
+}
+
+/// `db` of [`AGENT`], delivered as JSON to `{root}/bot/db.json`; `how` is
+/// the schedule (rotator) or the mode (follower).
+fn credential(path: &str, how: &str) -> String {
+    format!(
+        r#"
+[agents.{AGENT}.credentials.db]
+vault = "shared"
+path = "{path}"
+generate = {{ kind = "password", length = 32 }}
+{how}
+deliver = [{{ type = "file", path = "{{root}}/{AGENT}/db.json", format = "json" }}]
+"#
+    )
+}
+
+/// (value, version) of the delivered JSON file, if there is one.
+fn delivered(env: &Env) -> Option<(String, u64)> {
+    let p = env.root().join(AGENT).join("db.json");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+    Some((doc["value"].as_str()?.to_owned(), doc["version"].as_u64()?))
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs the scenario on `table` (the same vault table for both daemons).
+fn one_rotator_one_follower(table: &str, path: &str) {
+    let rotator = Env::new(&format!(
+        "{table}\n{}{}",
+        agent_table(AGENT),
+        credential(path, "every = \"1h\"\ngrace = \"1h\"")
+    ));
+    let follower = Env::new(&format!(
+        "{table}\n{}{}",
+        agent_table(AGENT),
+        credential(path, "mode = \"follow\"\npoll = \"1s\"")
+    ));
+    let r = rotator.start();
+    wait_version(&rotator, AGENT, "db", 1);
+    let f = follower.start();
+
+    // Every version the rotator delivers reaches the follower's file, in
+    // order, one version step each (none skipped, none twice).
+    let mut seen = Vec::new();
+    let mut values = Vec::new();
+    for round in 1..=4u64 {
+        if round == 3 {
+            // A reload rebuilds the follow loops; following goes on.
+            f.reload();
+        }
+        if round > 1 {
+            let out = rotator.cli(&["rotate", &format!("{AGENT}/db"), "--wait"]);
+            assert!(out.status.success(), "rotate: {}", text(&out));
+        }
+        let (want, rv) = delivered(&rotator).expect("the rotator's file");
+        assert_eq!(rv, round, "the rotator's version");
+        let got = wait_for(Duration::from_secs(20), || {
+            delivered(&follower).filter(|(v, _)| *v == want)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "round {round}: the follower's file never got the rotator's value; it holds {:?}; follower log:\n{}",
+                delivered(&follower).map(|(_, v)| v),
+                f.log_text()
+            )
+        });
+        seen.push(got.1);
+        values.push(want);
+    }
+    assert_eq!(seen, vec![1, 2, 3, 4], "the follower's versions, in order");
+
+    // Status: the follower shows the credential as followed, at its version
+    // (recorded right after the file is written).
+    wait_version(&follower, AGENT, "db", 4);
+    let rows = status_json(&follower);
+    let row = row(&rows, AGENT, "db");
+    assert_eq!(row["state"], "follow", "{row}");
+    assert_eq!(row["version"], 4, "{row}");
+    assert!(row["next_due"].is_null(), "{row}");
+    let table = text(&follower.cli_ok(&["status"]));
+    assert!(table.contains("follow"), "{table}");
+
+    // `rotate` on the follower is refused, and nothing rotates.
+    let out = follower.cli(&["rotate", &format!("{AGENT}/db"), "--wait"]);
+    assert!(
+        !out.status.success(),
+        "rotate on a follower succeeded: {}",
+        text(&out)
+    );
+    assert!(text(&out).contains("followed"), "{}", text(&out));
+
+    // The follower's audit: one successful delivery per version, carrying
+    // the rotator's rotation id for it (the vault records it).
+    let rotator_ids: Vec<String> = audit_records(&rotator)
+        .iter()
+        .filter(|r| r["event"] == "rotation.deliver" && r["outcome"] == "ok")
+        .filter_map(|r| r["rotation"].as_str().map(str::to_owned))
+        .collect();
+    let follower_ids: Vec<String> = audit_records(&follower)
+        .iter()
+        .filter(|r| r["event"] == "delivery" && r["outcome"] == "ok")
+        .filter_map(|r| r["rotation"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(follower_ids.len(), 4, "{follower_ids:?}");
+    assert_eq!(
+        follower_ids, rotator_ids,
+        "the follower delivers the rotator's rotations"
+    );
+    audit_verifies(&follower, "follower");
+
+    // A restart does not deliver the same version again.
+    let before = audit_records(&follower).len();
+    f.stop();
+    let f = follower.start();
+    std::thread::sleep(Duration::from_secs(3));
+    let again = audit_records(&follower)
+        .iter()
+        .skip(before)
+        .filter(|r| r["event"] == "delivery")
+        .count();
+    assert_eq!(again, 0, "a restarted follower delivered again");
+    assert_eq!(delivered(&follower).map(|(_, v)| v), Some(4));
+
+    let log = f.stop();
+    r.stop();
+    // Secret values stay out of the follower's log, audit and state.
+    let audit = std::fs::read_to_string(follower.audit_log()).unwrap();
+    let state = read_tree(&follower.state_dir());
+    for value in &values {
+        assert!(
+            !log.contains(value.as_str()),
+            "a value in the follower's log"
+        );
+        assert!(
+            !audit.contains(value.as_str()),
+            "a value in the follower's audit log"
+        );
+        for (p, bytes) in &state {
+            assert!(
+                !contains(bytes, value.as_bytes()),
+                "a value in {}",
+                p.display()
+            );
+        }
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn a_follower_on_openbao_with_a_change_index_delivers_every_version() {
+    let files = tempfile::tempdir().unwrap();
+    let path = unique("e2e/follow/bao/");
+    let index = unique("e2e/follow/index-");
+    one_rotator_one_follower(&bao_table(&files, Some(&index)), &path);
+    // The index the rotator keeps lists the credential (and no value).
+    rt().block_on(async {
+        let v = HashicorpVault::with_auth(
+            "bao-reader",
+            &HashicorpConfig {
+                mount: Some("secret".into()),
+                ..HashicorpConfig::new(need("KEYTURN_TEST_BAO_ADDR"))
+            },
+            HashicorpAuth::Token(keyturn::model::SecretValue::from_string(need(
+                "KEYTURN_TEST_BAO_TOKEN",
+            ))),
+        )
+        .await
+        .unwrap();
+        let listed = change_index::read(&v, &index)
+            .await
+            .unwrap()
+            .expect("the change index exists");
+        assert!(listed.contains_key(&path), "{listed:?}");
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        v.check().await.unwrap();
+    });
+}
+
+#[test]
+fn a_follower_on_moto_with_a_change_index_delivers_every_version() {
+    let path = unique("e2e/follow/aws/");
+    let index = unique("e2e/follow/index-");
+    one_rotator_one_follower(&aws_table(Some(&index)), &path);
+    rt().block_on(async {
+        let v = AwsVault::connect(
+            "aws-reader",
+            &AwsConfig {
+                endpoint_url: Some(need("KEYTURN_TEST_AWS_ENDPOINT")),
+                region: Some("us-east-1".into()),
+                ..AwsConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        let listed = change_index::read(&v, &index)
+            .await
+            .unwrap()
+            .expect("the change index exists");
+        assert!(listed.contains_key(&path), "{listed:?}");
+    });
+}
+
+#[test]
+fn a_follower_on_the_azure_stub_without_an_index_delivers_every_version() {
+    let files = tempfile::tempdir().unwrap();
+    let path = unique("e2e-follow-azure-");
+    one_rotator_one_follower(&azure_table(&files, None), &path);
+}
