@@ -83,7 +83,12 @@ def main() -> int:
             body = self.rfile.read(length)
             try:
                 # Read the key per request, so a replaced key file takes effect.
-                verify(read_key(args.key_file), self.headers.get("Keyturn-Signature", ""), body)
+                key = read_key(args.key_file)
+            except OSError as e:
+                # Not there yet (keyturn is delivering it): keyturn retries a 503.
+                return self.answer(503, {"verified": False, "reason": f"key unavailable: {e.strerror}"})
+            try:
+                verify(key, self.headers.get("Keyturn-Signature", ""), body)
             except BadSignature as e:
                 return self.answer(400, {"verified": False, "reason": str(e)})
             notice = json.loads(body)

@@ -12,7 +12,7 @@
 //! - [`targets`]    trait `Target` + `postgres`, `command` (apply and test a new value where it is used)
 //! - [`vaults`]     trait `Vault` + `local` (embedded, encrypted), `hashicorp`, `aws`, `azure`;
 //!   `change_index`, the rotator's record of promotes that followers poll
-//! - [`sinks`]      trait `Sink` + `file` (atomic write, bundles via `..data`), `signal`, `exec`
+//! - [`sinks`]      trait `Sink` + `file` (atomic write, bundles via `..data`), `signal`, `exec`, `webhook` (signed, address-guarded)
 //! - [`audit`]      hash-chained JSON-lines log, group-committed; verify
 //! - [`state`]      trait `StateStore` + SQLite (WAL, migrations); never secret values
 //! - `plugin`       the macro behind the vault, target and sink registries

@@ -467,6 +467,62 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "agents.bot.credentials.db",
         "vault path `agents/bot/db` is the change_index of vault `bao`",
     ),
+    (
+        "bad-webhook-userinfo.toml",
+        18,
+        38,
+        "agents.bot.credentials.db.deliver[0].url",
+        "invalid webhook URL: it holds a user name or password, which would end up in logs",
+    ),
+    (
+        "bad-webhook-metadata.toml",
+        18,
+        38,
+        "agents.bot.credentials.db.deliver[0].url",
+        "invalid webhook URL: its address ::ffff:169.254.169.254 is a cloud metadata service address",
+    ),
+    (
+        "bad-webhook-include-value.toml",
+        18,
+        38,
+        "agents.bot.credentials.db.deliver[0].url",
+        "`include_value = true` sends the value, so it needs https, or plain http to a loopback address",
+    ),
+    (
+        "bad-webhook-secret-source.toml",
+        18,
+        12,
+        "agents.bot.credentials.db.deliver[0]",
+        "a webhook sink signs with exactly one of `secret_file` or `secret_credential`",
+    ),
+    (
+        "bad-webhook-unknown-credential.toml",
+        18,
+        91,
+        "agents.bot.credentials.db.deliver[0].secret_credential",
+        "unknown credential `bot/hook-key`: no [agents.bot.credentials.hook-key] in the config",
+    ),
+    (
+        "bad-webhook-own-credential.toml",
+        18,
+        91,
+        "agents.bot.credentials.db.deliver[0].secret_credential",
+        "`bot/db` is the credential this webhook announces",
+    ),
+    (
+        "bad-webhook-short-key.toml",
+        18,
+        91,
+        "agents.bot.credentials.db.deliver[0].secret_credential",
+        "`bot/hook-key` makes values of 22 bytes; a webhook signing key needs at least 32",
+    ),
+    (
+        "bad-webhook-timeout.toml",
+        18,
+        120,
+        "agents.bot.credentials.db.deliver[0].timeout",
+        "timeout `5m` is out of range: it must be between 100ms and 1m",
+    ),
 ];
 
 /// `mode = "follow"`: no schedule needed, `poll` defaults to 5 s, and

@@ -1,5 +1,6 @@
 //! End-to-end tests of the real binary's `signal` sink, against real
-//! processes: a shell that logs every SIGHUP it gets.
+//! processes: a shell that logs every SIGHUP it gets; and of its `webhook`
+//! sink, against the reference receiver in `examples/`.
 
 mod common;
 
@@ -232,4 +233,153 @@ deliver = [{{ type = "signal", pid_file = "{pid}", signal = "SIGTERM", coalesce 
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     daemon.stop();
+}
+
+/// The reference receiver `examples/webhook_receiver.py`, verifying with
+/// the key in `key_file`; one JSON line per request on its stdout.
+struct PyReceiver {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+    port: u16,
+}
+
+impl PyReceiver {
+    fn start(key_file: &Path) -> PyReceiver {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/webhook_receiver.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg("--key-file")
+            .arg(key_file)
+            .args(["--port", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                    break;
+                }
+            }
+        });
+        let first: serde_json::Value = lines.recv_timeout(Duration::from_secs(20)).unwrap();
+        let port = first["listening"].as_u64().unwrap() as u16;
+        PyReceiver { child, lines, port }
+    }
+
+    /// The next notice's line, past any refused because the key file was
+    /// not delivered yet (keyturn retries those).
+    fn next(&self) -> serde_json::Value {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the receiver got a notice");
+            let waiting = line["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("key unavailable"));
+            if !waiting {
+                return line;
+            }
+        }
+    }
+}
+
+impl Drop for PyReceiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A rotation delivers a file and a webhook: the receiver (the reference
+/// one, in Python) gets one signed POST per version, verifies it with the
+/// current value of another credential (delivered to it as a file: the
+/// catalog's reader of `secret_credential`), with `Idempotency-Key` = the
+/// rotation id and the file's path in the body, never the value.
+#[test]
+fn a_rotation_posts_one_signed_notice_naming_the_file() {
+    // The receiver reads the signing key where keyturn delivers it.
+    let env = Env::new("");
+    let key_file = env.root().join("bot/hook.key");
+    let receiver = PyReceiver::start(&key_file);
+    let config = agent_table("bot")
+        + &format!(
+            r#"
+[agents.bot.credentials.hook-key]
+vault = "local"
+generate = {{ kind = "random_bytes", length = 32, encoding = "hex" }}
+every = "24h"
+deliver = [{{ type = "file", path = "{{root}}/bot/hook.key" }}]
+
+[agents.bot.credentials.db]
+vault = "local"
+generate = {{ kind = "password", length = 32 }}
+every = "1h"
+deliver = [
+  {{ type = "webhook", url = "http://127.0.0.1:{port}/rotated?token=kept-out-of-logs", secret_credential = "bot/hook-key" }},
+  {{ type = "file", path = "{{root}}/bot/db.json", format = "json" }},
+]
+"#,
+            port = receiver.port
+        );
+    env.write_credentials(&config);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    let first = receiver.next();
+    assert_eq!(first["verified"], true, "{first}");
+    assert_eq!(first["version"], 1);
+
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    let second = receiver.next();
+    assert_eq!(second["verified"], true, "{second}");
+    assert_eq!(second["repeat"], false);
+    assert_eq!(second["agent"], "bot");
+    assert_eq!(second["credential"], "db");
+    assert_eq!(second["version"], 2);
+    assert_eq!(second["has_value"], false);
+    let file = env.root().join("bot/db.json");
+    assert_eq!(second["file"], file.display().to_string());
+    assert_eq!(second["idempotency_key"], second["rotation"]);
+    // The rotation id is the one the audit log records for this delivery.
+    let rotation = second["rotation"].as_str().unwrap();
+    let audited = audit_records(&env);
+    let delivery = audited
+        .iter()
+        .find(|r| {
+            r["event"] == "delivery"
+                && r["credential"] == "db"
+                && r["version"] == 2
+                && r["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("webhook:"))
+        })
+        .unwrap_or_else(|| panic!("no webhook delivery audited: {audited:?}"));
+    assert_eq!(delivery["rotation"], rotation);
+    assert_eq!(delivery["outcome"], "ok");
+    assert_eq!(
+        delivery["detail"],
+        format!("webhook:http://127.0.0.1:{}/rotated", receiver.port)
+    );
+    // One POST per version: nothing more arrives.
+    assert!(
+        receiver
+            .lines
+            .recv_timeout(Duration::from_millis(500))
+            .is_err()
+    );
+    // Neither the value nor the URL's query is in the log or the audit.
+    let value = std::fs::read_to_string(&file).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&value).unwrap();
+    let value = value["value"].as_str().unwrap().to_owned();
+    let log = daemon.stop();
+    let audit = std::fs::read_to_string(env.audit_log()).unwrap();
+    for text in [&log, &audit] {
+        assert!(!text.contains(&value));
+        assert!(!text.contains("kept-out-of-logs"));
+    }
 }

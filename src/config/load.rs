@@ -358,7 +358,12 @@ pub fn reload(path: &Path, previous: &FileSet) -> Result<Reloaded, ConfigErrors>
         }
     }
     let read = files.len() - 1;
-    let (mut config, names) = load_named(&main_path, &files)?;
+    // A check that refers to another agent (a webhook signed with another
+    // credential's value) fails when that agent's file was not read: the
+    // whole config says whether the problem is real, and locates it if so.
+    let Ok((mut config, names)) = load_named(&main_path, &files) else {
+        return full();
+    };
     // The main file's own agents are always in `config`; an agent of a file
     // that was read must not also be one of a file that was not.
     if config.agents.keys().any(|a| kept.contains(a.as_str())) {
@@ -1398,5 +1403,47 @@ generate = { kind = \"ed25519\" }\n[[agents.a.credentials.c.deliver]]\ntype = \"
             reload(dir.path(), &files).unwrap(),
             Reloaded::Full(..)
         ));
+    }
+
+    #[test]
+    fn a_changed_file_referring_to_an_unchanged_one_reloads_whole() {
+        let hook = |timeout: &str| {
+            agent(
+                "b",
+                &format!(
+                    "deliver = [{{ type = \"webhook\", url = \"http://127.0.0.1:8080/\", secret_credential = \"a/c\", timeout = \"{timeout}\" }}]\n"
+                ),
+            )
+        };
+        let dir = config_dir(
+            Some(MAIN),
+            &[("a.toml", &agent("a", "")), ("b.toml", &hook("5s"))],
+        );
+        age(dir.path());
+        let (_, files) = load_tracked(dir.path()).unwrap();
+        std::fs::write(dir.path().join("agents.d/b.toml"), hook("6s")).unwrap();
+        age_files(&[dir.path().join("agents.d/b.toml")]);
+        match reload(dir.path(), &files) {
+            Ok(Reloaded::Full(config, _)) => assert_eq!(config.agents.len(), 2),
+            Ok(Reloaded::Partial { .. }) => panic!("b refers to a, which was not read"),
+            Err(e) => panic!("a valid config was refused: {e}"),
+        }
+        // A real error in the changed file is still located there.
+        std::fs::write(
+            dir.path().join("agents.d/b.toml"),
+            hook("6s").replace("a/c", "a/nope"),
+        )
+        .unwrap();
+        age_files(&[dir.path().join("agents.d/b.toml")]);
+        let e = reload(dir.path(), &files)
+            .err()
+            .expect("an unknown credential")
+            .0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].file.ends_with("agents.d/b.toml"), "{e:?}");
+        assert!(
+            e[0].message.contains("unknown credential `a/nope`"),
+            "{e:?}"
+        );
     }
 }

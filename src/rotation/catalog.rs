@@ -384,8 +384,10 @@ impl CurrentValue for VaultCurrentValue {
             .await
         {
             Ok(Some(v)) => Ok(v.value),
+            // Transient: at start-up its first rotation may still be
+            // running, and the delivery waiting for it succeeds once it is done.
             Ok(None) => Err(PluginError::new(
-                ErrorKind::NotFound,
+                ErrorKind::Transient,
                 format!(
                     "credential {} has no current version in vault {} yet",
                     self.key, self.vault.config.name

@@ -44,6 +44,29 @@ impl SinkScope<'_, '_> {
             .is_some_and(|a| a.credentials.iter().any(|(c, _)| c == credential))
     }
 
+    /// How many bytes the values of credential `agent/credential` have, as
+    /// its generator says (`None`: unknown, or a keypair's PEM, longer than
+    /// any key minimum). For a sink keying something with that value.
+    pub fn value_len(&self, agent: &str, credential: &str) -> Option<usize> {
+        let a = self.agent_names.get(agent)?;
+        let (_, c) = a.credentials.iter().find(|(c, _)| c == credential)?;
+        // 32 when unset, as for the credential itself.
+        Some(match &c.ok()?.generate {
+            RawGenerator::Password { length, .. } => length.unwrap_or(32),
+            RawGenerator::RandomBytes { length, encoding } => {
+                let n = length.unwrap_or(32);
+                match encoding.unwrap_or(RawEncoding::Hex) {
+                    RawEncoding::Hex => 2 * n,
+                    RawEncoding::Base64Url => (4 * n).div_ceil(3),
+                }
+            }
+            RawGenerator::ApiKey { prefix, length } => {
+                prefix.as_ref().map_or(0, String::len) + length.unwrap_or(32)
+            }
+            RawGenerator::Ed25519 {} => return None,
+        })
+    }
+
     /// `true` the first time it is asked in a file: "there are no delivery
     /// roots" is said once, not for every sink.
     pub fn first_to_miss_roots(&mut self) -> bool {

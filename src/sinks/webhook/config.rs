@@ -105,10 +105,8 @@ impl SinkPlugin for WebhookConfig {
         match Url::parse(&self.url) {
             Err(e) => v.err(
                 p.key("url"),
-                format!(
-                    "invalid URL `{}`: {e} (write e.g. \"https://hooks.example.com/keyturn\")",
-                    self.url
-                ),
+                // Not echoed: a URL that does not parse may still hold a password.
+                format!("invalid URL: {e} (write e.g. \"https://hooks.example.com/keyturn\")"),
             ),
             Ok(url) => {
                 if let Some(why) = url_problem(&url, self.include_value, policy_of(self)) {
@@ -138,6 +136,15 @@ impl SinkPlugin for WebhookConfig {
                                 at,
                                 format!(
                                     "unknown credential `{name}`: no [agents.{a}.credentials.{c}] in the config"
+                                ),
+                            );
+                        } else if let Some(n) = scope.value_len(a, c)
+                            && n < MIN_KEY_LEN
+                        {
+                            v.err(
+                                at,
+                                format!(
+                                    "`{name}` makes values of {n} bytes; a webhook signing key needs at least {MIN_KEY_LEN} (e.g. generate = {{ kind = \"random_bytes\", length = 32 }})"
                                 ),
                             );
                         }

@@ -15,7 +15,7 @@
 //! Allowed: public addresses and loopback (a receiver on the same host is the
 //! common case, and reaching it needs no network position an attacker could
 //! use). Refused: link-local (where the metadata services live), the known
-//! metadata addresses, unspecified, multicast, broadcast and reserved, and,
+//! metadata addresses (some are not link-local), unspecified, multicast, broadcast and reserved, and,
 //! unless `allow_private`, the private ranges. An IPv6 address that carries
 //! an IPv4 one (mapped `::ffff:a.b.c.d`, compatible `::a.b.c.d`, NAT64
 //! `64:ff9b::/96`, 6to4 `2002::/16`) is judged as that IPv4 address: the
@@ -65,11 +65,15 @@ pub struct Policy {
     pub loopback_only: bool,
 }
 
-/// Metadata services that are not link-local: AWS's IPv6 one (in fc00::/7)
-/// and Alibaba Cloud's (in 100.64/10). Refused even with `allow_private`.
-const METADATA_V4: [Ipv4Addr; 2] = [
+/// Metadata and platform services that are not link-local, refused even
+/// with `allow_private`: AWS's IPv6 one (in fc00::/7), Alibaba Cloud's (in
+/// 100.64/10), Azure's WireServer (a public address that hands a VM its
+/// extension settings) and Oracle Cloud's older one (in 192.0.0.0/24).
+const METADATA_V4: [Ipv4Addr; 4] = [
     Ipv4Addr::new(169, 254, 169, 254),
     Ipv4Addr::new(100, 100, 100, 200),
+    Ipv4Addr::new(168, 63, 129, 16),
+    Ipv4Addr::new(192, 0, 0, 192),
 ];
 const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 

@@ -246,17 +246,17 @@ impl WebhookSink {
         Ok(self.client.get_or_init(|| c).clone())
     }
 
-    /// The signing key, read now.
+    /// The signing key, read now (a replaced key file or a rotated key
+    /// credential takes effect at the next delivery).
     async fn signing_key(&self) -> Result<SecretValue, PluginError> {
-        let (key, from) = match &self.key {
+        match &self.key {
             KeySource::File(path) => {
                 let path = path.clone();
-                let key = tokio::task::spawn_blocking(move || read_key_file(&path))
+                tokio::task::spawn_blocking(move || read_key_file(&path))
                     .await
                     .map_err(|e| {
                         PluginError::new(ErrorKind::Transient, format!("reading the key: {e}"))
-                    })??;
-                (key, "secret_file")
+                    })?
             }
             KeySource::Credential(cred, reader) => {
                 let key = reader.current().await.map_err(|e| {
@@ -276,11 +276,9 @@ impl WebhookSink {
                         ),
                     ));
                 }
-                (key, "secret_credential")
+                Ok(key)
             }
-        };
-        debug_assert!(!from.is_empty());
-        Ok(key)
+        }
     }
 
     /// The body, in a buffer wiped on drop (it may hold the value).
@@ -456,6 +454,12 @@ impl Sink for WebhookSink {
         } else {
             Err(self.status_error(status, retry_after))
         }
+    }
+
+    /// Without the value the notice says "look again": it goes after the
+    /// credential's sinks that write, so `file` is in place when it arrives.
+    fn only_notifies(&self) -> bool {
+        !self.include_value
     }
 
     /// Nothing to take back: the receiver was told of versions, and

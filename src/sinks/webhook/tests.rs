@@ -173,6 +173,8 @@ fn the_guard_refuses_link_local_metadata_and_private_and_unwraps_ipv4_in_ipv6() 
         ("169.254.169.254", Err(Metadata)),
         ("100.100.100.200", Err(Metadata)),
         ("fd00:ec2::254", Err(Metadata)),
+        ("168.63.129.16", Err(Metadata)),
+        ("192.0.0.192", Err(Metadata)),
         ("169.254.1.1", Err(LinkLocal)),
         ("fe80::1", Err(LinkLocal)),
         ("febf::1", Err(LinkLocal)),
