@@ -159,6 +159,9 @@ class AuditSink:
         self.counts: dict[str, dict[int, int]] = {}
         # (client, "operation kind") -> requests, for the whole run.
         self.kinds: dict[tuple[str, str], int] = {}
+        # When the tracked client (the default-interval agent) read each path.
+        self.track = f"token-{CLIENTS['agent-default']}"
+        self.reads: dict[str, list[float]] = {}
         self.promotes: dict[str, list[tuple[float, int]]] = {}
         self.lines = 0
         self.bad = 0
@@ -209,6 +212,8 @@ class AuditSink:
                 b[now] = b.get(now, 0) + 1
                 k = (name, f"{op} {request_kind(path)}")
                 self.kinds[k] = self.kinds.get(k, 0) + 1
+                if name == self.track and path.startswith(f"{MOUNT}/data/"):
+                    self.reads.setdefault(path[len(MOUNT) + 6:], []).append(time.time())
             return
         if ('"type":"response"' not in line[:60] or self.rotator not in line
                 or f'"path":"{MOUNT}/data/' not in line):
@@ -610,7 +615,9 @@ class Phase:
         self.last_rotated: dict[str, float] = {}
         # Versions asked of the rotator per credential (the initial rotation is one).
         self.requested: dict[str, int] = {s: 1 for s in self.sels}
-        self.bg: dict[str, dict] = {}
+        self.bg: dict = {}
+        self.default_s = (float(args.default_interval.rstrip("s")) if args.default_interval
+                          else AGENT_DEFAULT_INTERVAL_S)
 
     def names(self, label: str) -> None:
         by_dir: dict[str, dict[str, str]] = {}
@@ -680,7 +687,7 @@ class Phase:
             cfg = keyturn_config(self.d / "follow", self.bao, self.tokens["follow"], self.creds, self.prefix,
                                  True, None, "follow", self.index)
             return KeyturnProc(cfg, f"follow-{len(self.windows.get(label, []))}")
-        interval = "1s" if label == "agent-1s" else None
+        interval = "1s" if label == "agent-1s" else self.args.default_interval
         cfg = agent_config(self.d / label, self.bao, self.tokens[label], self.creds, self.prefix, interval,
                            self.files / label)
         return AgentProc(cfg, str(len(self.windows.get(label, []))))
@@ -770,7 +777,7 @@ class Phase:
     def finish_background_default(self) -> None:
         proc = self.bg["proc"]
         rotated = sorted(self.last_rotated)
-        limit = self.bg["t_start"] + AGENT_DEFAULT_INTERVAL_S * 1.25 - time.time()
+        limit = self.bg["t_start"] + self.default_s * 1.25 - time.time()
         log(f"N={self.n}: waiting up to {max(limit, 0):.0f}s for the default-interval agent to render "
             f"{len(rotated)} rotated credentials")
         ok = self.wait_synced("agent-default", proc, max(limit, 1), rotated)
@@ -804,7 +811,7 @@ class Phase:
                     if not self.bg:
                         break
                     took = time.time() - t_round
-                    if time.time() + took > self.bg["t_start"] + 0.8 * AGENT_DEFAULT_INTERVAL_S:
+                    if time.time() + took > self.bg["t_start"] + 0.8 * self.default_s:
                         break
             if self.args.default_agent:
                 self.finish_background_default()
@@ -832,15 +839,19 @@ class Phase:
             j += 1
         return out
 
-    def latencies(self, label: str, spans: list[tuple[float, float]]) -> dict:
-        """For every version made current inside one of `spans`: the time until
-        the consumer's file held it or a newer one."""
+    def latencies(self, label: str, spans: list[tuple[float, float]],
+                  until: dict[str, float] | None = None) -> dict:
+        """For every version made current inside one of `spans` (and, with
+        `until`, before until[credential]): the time until the consumer's file
+        held it or a newer one."""
         lat, missed = [], 0
         for s in self.sels:
             vers = self.versions(s)
             ev = self.watcher.events.get((f"{self.n}:{label}", s), [])
             for k, (t, _h) in enumerate(vers):
                 if not any(a <= t < b for a, b in spans):
+                    continue
+                if until is not None and t >= until[s]:
                     continue
                 newer = {h for _, h in vers[k:]}
                 got = next((te for te, he in ev if te >= t - 0.001 and he in newer), None)
@@ -892,12 +903,14 @@ class Phase:
             t0, t1 = self.bg["t_start"], self.bg["t_end"]
             wall = t1 - t0
             req = self.bg["requests"].get(f"token-{CLIENTS['agent-default']}", 0)
-            # Versions made current after its last render are censored (its
-            # next refresh is after the end of the phase): not counted.
-            renders = [t for s in self.sels for t, _ in self.watcher.events.get((f"{self.n}:agent-default", s), [])]
-            last = max(renders) if renders else t1
-            lat = self.latencies("agent-default", [(t0, last)])
-            lat["censored_after_last_render"] = self.latencies("agent-default", [(last, t1)])["missed"]
+            # A version made current after the agent's last read of its secret
+            # (audit) is censored: its next refresh is after the end of the
+            # phase. Not counted in the percentiles; reported.
+            last_read = {s: max(self.audit.reads.get(kv_path(self.prefix, *s.split("/")), [t1]))
+                         for s in self.sels}
+            lat = self.latencies("agent-default", [(t0, t1)], until=last_read)
+            lat["censored_after_last_render"] = sum(
+                1 for s in self.sels for t, _ in self.versions(s) if t0 <= t < t1 and t >= last_read[s])
             res["rows"]["agent-default"] = {
                 "latency": lat,
                 "drained": self.bg["drained"], "start_to_synced_s": self.bg["start_to_synced_s"],
@@ -1104,6 +1117,7 @@ def main() -> int:
                     help="no change index: the follower polls every credential's metadata")
     ap.add_argument("--no-default-agent", dest="default_agent", action="store_false",
                     help="skip the agent at its default (5 min) interval")
+    ap.add_argument("--default-interval", help=argparse.SUPPRESS)  # harness test only, e.g. "20s"
     ap.add_argument("--quick", action="store_true", help="N = 1 and 20, one round of short windows, "
                                                          "no default-interval agent (~1.5 min)")
     ap.add_argument("--no-build", action="store_true", help="use the existing target/release/keyturn")
