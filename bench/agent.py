@@ -70,6 +70,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 import remote  # noqa: E402  (bench/remote.py: CpuOf, wait_settled)
 import run as base  # noqa: E402  (bench/run.py: daemon, CLI, /proc helpers)
 
