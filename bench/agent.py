@@ -61,7 +61,6 @@ import select
 import shutil
 import signal
 import socket
-import socketserver
 import struct
 import subprocess
 import sys
