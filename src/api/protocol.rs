@@ -199,6 +199,14 @@ pub struct StatusRow {
     /// The id of the rotation in progress or the last one.
     pub rotation: Option<String>,
     pub last_error: Option<String>,
+    /// Consumers that have not acknowledged the current version yet, within
+    /// its grace period (`file:/run/keyturn/a/db (ack=open)`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub awaiting_ack: Vec<String>,
+    /// Consumers that had not acknowledged the current version when the
+    /// previous one was retired at its grace deadline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holdouts: Vec<String>,
 }
 
 /// What happened to one credential of a `rotate` request.
@@ -505,6 +513,8 @@ mod tests {
             step: Some("promote".into()),
             rotation: Some("0123456789abcdef0123456789abcdef".into()),
             last_error: None,
+            awaiting_ack: Vec::new(),
+            holdouts: Vec::new(),
         }
     }
 

@@ -739,6 +739,8 @@ mod tests {
                 step: None,
                 rotation: None,
                 last_error: None,
+                awaiting_ack: Vec::new(),
+                holdouts: Vec::new(),
             }]
         }
         async fn rotate(

@@ -333,6 +333,14 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                 last_error: unfinished
                     .and_then(|r| r.last_error.clone())
                     .or_else(|| row.and_then(|r| r.last_error.clone())),
+                awaiting_ack: Vec::new(),
+                // Offline, consumers still awaited are listed as holdouts.
+                holdouts: snapshot
+                    .acks
+                    .iter()
+                    .filter(|a| a.key == c.key && a.acked_at.is_none())
+                    .map(|a| a.consumer.clone())
+                    .collect(),
             }
         })
         .collect();
