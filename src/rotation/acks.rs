@@ -523,6 +523,10 @@ impl Inner {
                         tracing::warn!(agent = %key.agent, credential = %key.credential, version, consumer = %name, error = %e, "recording an acknowledgement failed");
                     }
                 }
+                // A watch of a version that was replaced ends so.
+                Err(e) if !self.awaits_from(&key, version, &name) => {
+                    tracing::debug!(agent = %key.agent, credential = %key.credential, version, consumer = %name, error = %e, "acknowledgement watch ended");
+                }
                 Err(e) => {
                     tracing::warn!(agent = %key.agent, credential = %key.credential, version, consumer = %name, error = %e, "watching for an acknowledgement failed; the consumer can still ack with `keyturn ack`");
                 }
