@@ -140,7 +140,11 @@ fn keyturn_ack_retires_the_previous_version_and_refuses_other_uids() {
         text(&out)
     );
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(stage_of(&env, 1), Some(Stage::Previous), "still awaits the ack");
+    assert_eq!(
+        stage_of(&env, 1),
+        Some(Stage::Previous),
+        "still awaits the ack"
+    );
 
     // The agent's own uid acks: the previous version goes right after.
     let out = ack_as(&env, Some(AGENT_UID), 2);
@@ -169,8 +173,10 @@ fn with_ack_open_a_reader_opening_the_file_acknowledges_it() {
     wait_version(&env, "bot", "db", 1);
     let path = env.root().join("bot/db");
     std::fs::read(&path).unwrap();
-    wait_for(Duration::from_secs(10), || awaiting(&env).is_empty().then_some(()))
-        .unwrap_or_else(|| panic!("reading version 1 acks it: {:?}", status_json(&env)));
+    wait_for(Duration::from_secs(10), || {
+        awaiting(&env).is_empty().then_some(())
+    })
+    .unwrap_or_else(|| panic!("reading version 1 acks it: {:?}", status_json(&env)));
 
     env.cli_ok(&["rotate", "bot/db", "--wait"]);
     wait_version(&env, "bot", "db", 2);

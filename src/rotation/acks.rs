@@ -135,7 +135,6 @@ impl Inner {
     pub(crate) async fn deliver_to_sinks(
         &self,
         entry: &CredEntry,
-        rot: &RotationRow,
         notice: &Notice,
         value: &SecretValue,
     ) -> Result<Vec<Write>, StepError> {
@@ -159,16 +158,9 @@ impl Inner {
             };
             // The audit head is persisted later, with the step (or with the
             // failure record of a failed attempt).
-            self.audit(
-                entry,
-                Some(rot),
-                "delivery",
-                outcome,
-                Some(sink.describe()),
-                error,
-            )
-            .await
-            .map_err(|e| StepError::new("audit", e))?;
+            self.audit_delivery(entry, notice, outcome, sink.describe(), error)
+                .await
+                .map_err(|e| StepError::new("audit", e))?;
             let how = match result {
                 Ok(Delivered::Acknowledged) => continue,
                 Ok(Delivered::Sent) => match sink.ack_watch(key, notice.version) {
@@ -217,6 +209,28 @@ impl Inner {
             version: notice.version,
             consumers: names,
         }])
+    }
+
+    /// A `delivery` record of `notice`'s version to the sink `consumer`;
+    /// returns the write that records the new head.
+    async fn audit_delivery(
+        &self,
+        entry: &CredEntry,
+        notice: &Notice,
+        outcome: Outcome,
+        consumer: String,
+        error: Option<String>,
+    ) -> Result<Write, crate::model::PluginError> {
+        let mut ev = AuditEvent::new("delivery", Actor::Daemon, outcome);
+        ev.agent = Some(entry.key().agent.clone());
+        ev.credential = Some(entry.key().credential.clone());
+        ev.tenant = Some(entry.agent.tenant.clone());
+        ev.owner = Some(entry.agent.owner.clone());
+        ev.rotation = Some(notice.rotation.clone());
+        ev.version = Some(notice.version);
+        ev.detail = Some(consumer);
+        ev.error = error;
+        Ok(Write::AuditHead(self.append(ev).await?))
     }
 
     /// Records the consumers awaited for `version`, keeping the acks of a
@@ -584,7 +598,7 @@ impl Inner {
                     Err(e) => (Outcome::Failed, Some(format!("attempt {attempt}: {e}"))),
                 };
                 let head = self
-                    .audit(&entry, None, "delivery", outcome, Some(name.clone()), error)
+                    .audit_delivery(&entry, &notice, outcome, name.clone(), error)
                     .await;
                 match head {
                     Ok(h) => {

@@ -393,7 +393,7 @@ impl Inner {
                     public,
                     login: entry.target.as_ref().and_then(|t| t.login_for(rot.version)),
                 };
-                let mut writes = self.deliver_to_sinks(entry, rot, &notice, &value).await?;
+                let mut writes = self.deliver_to_sinks(entry, &notice, &value).await?;
                 writes.push(Write::Credential(row));
                 Ok(writes)
             }
