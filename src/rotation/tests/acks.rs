@@ -245,8 +245,8 @@ async fn with_a_missing_ack_it_retires_at_the_grace_deadline_and_names_the_holdo
 
 #[tokio::test(start_paused = true)]
 async fn a_new_rotation_waits_for_the_current_versions_acks_before_retiring_it() {
-    let a = SentSink::new("a");
-    let rig = rig_with(&[a.clone()]);
+    let a: Arc<dyn Sink> = SentSink::new("a");
+    let rig = rig_with(&[a]);
     second_version_delivered(&rig).await;
     // A manual rotation 5 minutes later: it must not retire version 1
     // under a consumer that has not moved to version 2.
@@ -268,7 +268,8 @@ async fn a_new_rotation_waits_for_the_current_versions_acks_before_retiring_it()
 #[tokio::test(start_paused = true)]
 async fn a_receiver_that_is_down_is_retried_in_the_background_while_the_rotation_goes_on() {
     let down = DownSink::new(3);
-    let rig = rig_with(&[down.clone()]);
+    let sinks: Vec<Arc<dyn Sink>> = vec![down.clone()];
+    let rig = rig_with(&sinks);
     rig.run().await;
     rig.until(Duration::from_secs(1), "first version", |r| {
         r.sink.count() == 1
@@ -327,14 +328,14 @@ async fn a_receiver_that_is_down_is_retried_in_the_background_while_the_rotation
 
 #[tokio::test(start_paused = true)]
 async fn a_restart_keeps_the_awaited_acks_and_never_retires_early() {
-    let a = SentSink::new("a");
-    let rig = rig_with(&[a.clone()]);
+    let a: Arc<dyn Sink> = SentSink::new("a");
+    let rig = rig_with(&[a]);
     second_version_delivered(&rig).await;
     tokio::time::sleep(10 * MINUTE).await;
     let (store, vault) = (rig.store.clone(), rig.vault.clone());
     let dir = rig.shutdown().await;
-    let a2 = SentSink::new("a");
-    let rig = Rig::in_dir_with(dir, 1, SCHEDULE, "", store, vault, &[a2.clone()]);
+    let a2: Arc<dyn Sink> = SentSink::new("a");
+    let rig = Rig::in_dir_with(dir, 1, SCHEDULE, "", store, vault, &[a2]);
     rig.run().await;
     tokio::time::sleep(20 * MINUTE).await;
     assert_eq!(

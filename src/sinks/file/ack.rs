@@ -97,7 +97,7 @@ impl OpenAck {
                     Box::pin(async move { Err(e) })
                 }
             },
-            None => self.from_now(path, version),
+            None => self.starting_now(path, version),
         };
         *self.slot() = Some((version, watch));
     }
@@ -110,12 +110,12 @@ impl OpenAck {
             other => {
                 *slot = other;
                 drop(slot);
-                self.from_now(path, version)
+                self.starting_now(path, version)
             }
         }
     }
 
-    fn from_now(&self, path: &Path, version: VersionNo) -> AckWatch {
+    fn starting_now(&self, path: &Path, version: VersionNo) -> AckWatch {
         let name = path.file_name().map(OsString::from).unwrap_or_default();
         match watch_dir(path) {
             Ok(inotify) => self.stream(path, inotify, name, version),
