@@ -541,6 +541,29 @@ pub fn render_status_table(rows: &[StatusRow]) -> String {
         let refs: Vec<&str> = row.iter().map(String::as_str).collect();
         line(&refs);
     }
+    // Consumers that have not acknowledged the current version, below the
+    // table (rare, and too long for a column).
+    for r in rows {
+        let list = |l: &[String]| clean(&l.join(", "));
+        if !r.awaiting_ack.is_empty() {
+            let _ = writeln!(
+                out,
+                "{}/{}: awaiting ack: {}",
+                r.agent,
+                r.credential,
+                list(&r.awaiting_ack)
+            );
+        }
+        if !r.holdouts.is_empty() {
+            let _ = writeln!(
+                out,
+                "{}/{}: holdouts (previous version retired at the grace deadline without their ack): {}",
+                r.agent,
+                r.credential,
+                list(&r.holdouts)
+            );
+        }
+    }
     out
 }
 
@@ -810,5 +833,36 @@ mod ack_tests {
             r#"{"ok":true,"result":{"ack":{"agent":"a","credential":"db","version":7,"acknowledged":["file:/run/a/db"],"awaiting":[],"retiring":true}}}"#
         );
         assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), resp);
+    }
+
+    #[test]
+    fn status_lists_awaited_consumers_and_holdouts_below_the_table() {
+        let mut row = StatusRow {
+            agent: AgentId::new("a").unwrap(),
+            credential: CredentialId::new("db").unwrap(),
+            vault: "local".into(),
+            version: Some(2),
+            stage: Some(Stage::Current),
+            last_rotated: None,
+            next_due: None,
+            state: "idle".into(),
+            step: None,
+            rotation: None,
+            last_error: None,
+            awaiting_ack: vec![],
+            holdouts: vec![],
+        };
+        let plain = render_status_table(std::slice::from_ref(&row));
+        assert_eq!(plain.lines().count(), 2, "{plain}");
+        row.holdouts = vec!["file:/run/a/db (ack=open)".into()];
+        let table = render_status_table(std::slice::from_ref(&row));
+        assert!(table.starts_with(&plain), "{table}");
+        assert!(
+            table.ends_with("a/db: holdouts (previous version retired at the grace deadline without their ack): file:/run/a/db (ack=open)\n"),
+            "{table}"
+        );
+        // JSON: the lists are left out when empty.
+        row.holdouts.clear();
+        assert!(!serde_json::to_string(&row).unwrap().contains("holdouts"));
     }
 }
