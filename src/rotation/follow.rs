@@ -47,7 +47,6 @@ use tokio_util::task::TaskTracker;
 
 use super::catalog::{CredEntry, VaultHandle};
 use super::engine::{Engine, Inner};
-use crate::audit::{Actor, AuditEvent, Outcome};
 use crate::generators;
 use crate::model::{CredentialKey, PluginError, RotationId, Stage};
 use crate::sinks::Notice;
@@ -377,8 +376,6 @@ impl Inner {
 
     /// Delivers `stored` through every sink of `entry`, audited like the
     /// deliver step, and records it in state.
-    // Isolated on purpose: the deliver step's sink loop is being factored
-    // into a shared function (with acks); this loop is then replaced by it.
     async fn follow_deliver(
         &self,
         entry: &CredEntry,
@@ -413,38 +410,13 @@ impl Inner {
                 .find_map(|s| s.delivered_path())
                 .map(Into::into),
         };
-        let mut failed = None;
-        let mut head = None;
-        for sink in &entry.sinks {
-            let result = sink.deliver(&notice, &value).await;
-            self.metrics.delivery(sink.kind(), result.is_ok());
-            let mut ev = AuditEvent::new(
-                "delivery",
-                Actor::Daemon,
-                if result.is_ok() {
-                    Outcome::Ok
-                } else {
-                    Outcome::Failed
-                },
-            );
-            ev.agent = Some(key.agent.clone());
-            ev.credential = Some(key.credential.clone());
-            ev.tenant = Some(entry.agent.tenant.clone());
-            ev.owner = Some(entry.agent.owner.clone());
-            ev.rotation = Some(rotation.clone());
-            ev.version = Some(version);
-            ev.detail = Some(format!("follow {}", sink.describe()));
-            ev.error = result.as_ref().err().map(|e| e.to_string());
-            head = Some(self.append(ev).await?);
-            if let Err(e) = result {
-                failed = Some(PluginError::new(
-                    e.kind,
-                    format!("sink {}: {}", sink.describe(), e.message),
-                ));
-                break;
-            }
-        }
-        let mut writes: Vec<Write> = Vec::new();
+        // Audited like the deliver step; the consumers that must ack are
+        // awaited the same way (a follower retires nothing, so they are
+        // reported, never waited for).
+        let (mut writes, failed) = match self.deliver_to_sinks(entry, &notice, &value).await {
+            Ok(w) => (w, None),
+            Err(e) => (Vec::new(), Some(e.plugin_error())),
+        };
         let row = match &failed {
             None => {
                 writes.push(Write::Version(VersionRow {
@@ -483,7 +455,6 @@ impl Inner {
             },
         };
         writes.push(Write::Credential(row.clone()));
-        writes.extend(head.map(Write::AuditHead));
         self.persist(writes).await?;
         if let Some(l) = self.live().get_mut(key) {
             l.row = Some(row.into());

@@ -21,7 +21,7 @@ use crate::targets::Target;
 use crate::vaults::{Select, Vault, VaultItem, VaultRefs, VersionRef};
 
 /// A step failure with the plug-in context it happened in.
-pub(super) struct StepError {
+pub(crate) struct StepError {
     context: String,
     error: PluginError,
 }
@@ -37,6 +37,13 @@ impl StepError {
         format!(
             "{}: {} ({})",
             self.context, self.error.message, self.error.kind
+        )
+    }
+    /// The error with its context in the message.
+    pub(super) fn plugin_error(self) -> PluginError {
+        PluginError::new(
+            self.error.kind,
+            format!("{}: {}", self.context, self.error.message),
         )
     }
 }
@@ -58,7 +65,10 @@ impl Inner {
             mut latest => {
                 if let Some(prev) = latest.as_mut().filter(|r| r.step == Step::Retire) {
                     // A new version is coming: the one before the current
-                    // must go now rather than at the end of its grace.
+                    // must go now rather than at the end of its grace, but
+                    // not before the current one's consumers have it (or
+                    // its grace deadline passed).
+                    self.wait_for_acks(prev).await?;
                     self.run_step(entry, prev).await?;
                     if let Some(l) = self.live().get_mut(&key) {
                         l.retire_at = None;
@@ -375,52 +385,11 @@ impl Inner {
             }
             Step::Deliver => {
                 let value = self.read_staged(entry, rot).await?;
-                let kind = generators::kind_of(&entry.cfg.generate);
-                let public = generators::public_part(kind, &value);
                 let row = delivered_row(entry, rot);
-                let notice = Notice {
-                    key: key.clone(),
-                    tenant: entry.agent.tenant.clone(),
-                    owner: entry.agent.owner.clone(),
-                    version: rot.version,
-                    previous_version: rot.previous_version,
-                    rotation: rot.id.clone(),
-                    rotated_at: self.now(),
-                    expires_hint: row.next_due.map(|d| d + chrono_dur(entry.cfg.grace)),
-                    kind,
-                    public,
-                    login: entry.target.as_ref().and_then(|t| t.login_for(rot.version)),
-                    grace_until: rot
-                        .previous_version
-                        .map(|_| self.now() + chrono_dur(entry.cfg.grace)),
-                    file: entry
-                        .sinks
-                        .iter()
-                        .find_map(|s| s.delivered_path())
-                        .map(Into::into),
-                };
-                for sink in &entry.sinks {
-                    let result = sink.deliver(&notice, &value).await;
-                    self.metrics.delivery(sink.kind(), result.is_ok());
-                    let (outcome, error) = match &result {
-                        Ok(_) => (Outcome::Ok, None),
-                        Err(e) => (Outcome::Failed, Some(e.to_string())),
-                    };
-                    // The audit head is persisted later, with the step (or
-                    // with the failure record of a failed attempt).
-                    self.audit(
-                        entry,
-                        Some(rot),
-                        "delivery",
-                        outcome,
-                        Some(sink.describe()),
-                        error,
-                    )
-                    .await
-                    .map_err(|e| StepError::new("audit", e))?;
-                    result.map_err(|e| StepError::new(format!("sink {}", sink.describe()), e))?;
-                }
-                Ok(vec![Write::Credential(row)])
+                let notice = notice_for(entry, rot, &value, self.now(), row.next_due);
+                let mut writes = self.deliver_to_sinks(entry, &notice, &value).await?;
+                writes.push(Write::Credential(row));
+                Ok(writes)
             }
             Step::Retire => self.retire_previous(entry, rot).await,
             Step::Done => Ok(vec![]),
@@ -436,6 +405,7 @@ impl Inner {
         rot: &RotationRow,
     ) -> Result<Vec<Write>, StepError> {
         let mut writes = vec![Write::PruneHistory(entry.key().clone())];
+        writes.extend(self.report_holdouts(entry, rot).await?);
         let Some(prev) = &rot.previous_vault_version else {
             return Ok(writes);
         };
@@ -566,6 +536,39 @@ impl Inner {
             .map_err(|e| StepError::new("audit", e))?;
         }
         Ok(())
+    }
+}
+
+/// What the sinks are told of the version `rot` made (`value`).
+pub(super) fn notice_for(
+    entry: &CredEntry,
+    rot: &RotationRow,
+    value: &SecretValue,
+    rotated_at: chrono::DateTime<chrono::Utc>,
+    next_due: Option<chrono::DateTime<chrono::Utc>>,
+) -> Notice {
+    let kind = generators::kind_of(&entry.cfg.generate);
+    Notice {
+        key: entry.key().clone(),
+        tenant: entry.agent.tenant.clone(),
+        owner: entry.agent.owner.clone(),
+        version: rot.version,
+        rotation: rot.id.clone(),
+        rotated_at,
+        expires_hint: next_due.map(|d| d + chrono_dur(entry.cfg.grace)),
+        kind,
+        public: generators::public_part(kind, value),
+        login: entry.target.as_ref().and_then(|t| t.login_for(rot.version)),
+        previous_version: rot.previous_version,
+        // The latest the previous version works: acks may retire it sooner.
+        grace_until: rot
+            .previous_version
+            .map(|_| rotated_at + chrono_dur(entry.cfg.grace)),
+        file: entry
+            .sinks
+            .iter()
+            .find_map(|s| s.delivered_path())
+            .map(Into::into),
     }
 }
 

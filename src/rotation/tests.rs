@@ -352,12 +352,13 @@ struct Rig {
 }
 
 /// Builds the catalog from `text`, with every credential kept in `vault` and
-/// delivered to `sink`.
-fn catalog(
+/// delivered to `sink`, then to `extra`.
+fn catalog_with(
     dir: &std::path::Path,
     text: &str,
     vault: &Arc<MemVault>,
     sink: &Arc<MemSink>,
+    extra: &[Arc<dyn Sink>],
 ) -> Catalog {
     let config = crate::config::load_str(&dir.join("k.toml"), text).expect("valid config");
     let mut catalog = Catalog::build(config, None).expect("catalog");
@@ -372,12 +373,14 @@ fn catalog(
     for k in keys {
         let old = catalog.creds.remove(&k).unwrap();
         let sink: Arc<dyn Sink> = sink.clone();
+        let mut sinks = vec![sink];
+        sinks.extend(extra.iter().cloned());
         catalog.creds.insert(Arc::new(CredEntry {
             agent: old.agent.clone(),
             cfg: old.cfg.clone(),
             vaults: vec![handle.clone()].into(),
             target: old.target.clone(),
-            sinks: vec![sink].into(),
+            sinks: sinks.into(),
             offset: old.offset,
         }));
     }
@@ -439,9 +442,22 @@ impl Rig {
         store: Arc<MemoryStore>,
         vault: Arc<MemVault>,
     ) -> Rig {
+        Self::in_dir_with(dir, n, schedule, extra_daemon, store, vault, &[])
+    }
+
+    /// [`Rig::in_dir`], every credential also delivered to `extra`.
+    fn in_dir_with(
+        dir: tempfile::TempDir,
+        n: usize,
+        schedule: &str,
+        extra_daemon: &str,
+        store: Arc<MemoryStore>,
+        vault: Arc<MemVault>,
+        extra: &[Arc<dyn Sink>],
+    ) -> Rig {
         let sink = Arc::new(MemSink::default());
         let text = config_text(dir.path(), n, schedule, extra_daemon);
-        let catalog = catalog(dir.path(), &text, &vault, &sink);
+        let catalog = catalog_with(dir.path(), &text, &vault, &sink, extra);
         let head = store.audit_head().unwrap();
         let audit = AuditLog::open_inline(&dir.path().join("audit.log"), head.as_ref()).unwrap();
         let (engine, cancel, tracker) =
@@ -909,7 +925,7 @@ impl Rig {
         let (vault, sink) = (Arc::<MemVault>::default(), Arc::new(MemSink::default()));
         let store = Arc::new(MemoryStore::new());
         let text = config_text(dir.path(), n, FOLLOW, "");
-        let mut catalog = catalog(dir.path(), &text, &vault, &sink);
+        let mut catalog = catalog_with(dir.path(), &text, &vault, &sink, &[]);
         let shared = catalog.vaults["local"].clone();
         let mut config = shared.config.clone();
         config.spec = crate::vaults::VaultSpec::Toy(Box::new(crate::vaults::toy::ToyConfig {
@@ -1145,3 +1161,6 @@ async fn a_restarted_follower_does_not_deliver_the_same_version_again() {
     );
     rig.shutdown().await;
 }
+
+/// Acknowledgements, cut-over and independent deliveries.
+mod acks;

@@ -462,6 +462,13 @@ impl Sink for WebhookSink {
         !self.include_value
     }
 
+    /// A receiver that is down delays only its own delivery: the engine
+    /// retries it in the background (until the grace deadline) while the
+    /// other sinks and the rotation go on.
+    fn holds_up_rotation(&self) -> bool {
+        false
+    }
+
     /// Nothing to take back: the receiver was told of versions, and
     /// decommission revokes those at the vaults and the target. A notice
     /// of the decommission would be a new kind of message, which receivers
