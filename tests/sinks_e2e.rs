@@ -245,12 +245,18 @@ struct PyReceiver {
 
 impl PyReceiver {
     fn start(key_file: &Path) -> PyReceiver {
+        Self::start_on(key_file, 0)
+    }
+
+    /// On `port` (0: any free one).
+    fn start_on(key_file: &Path, port: u16) -> PyReceiver {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/webhook_receiver.py");
         let mut child = Command::new("python3")
             .arg(script)
             .arg("--key-file")
             .arg(key_file)
-            .args(["--port", "0"])
+            .arg("--port")
+            .arg(port.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -382,4 +388,110 @@ deliver = [
         assert!(!text.contains(&value));
         assert!(!text.contains("kept-out-of-logs"));
     }
+}
+
+/// A webhook receiver that is down delays only its own delivery: the
+/// rotation and the credential's file go on at once, the webhook is retried
+/// in the background (every attempt audited), and the previous version
+/// waits for it (it is the consumer's ack). Once the receiver is up, the
+/// retried notice arrives, verified, and the previous version is retired
+/// right after.
+#[test]
+fn a_receiver_that_is_down_is_retried_while_the_rotation_and_the_file_go_on() {
+    use keyturn::model::Stage;
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("");
+    let key_file = env.path().join("hook.key");
+    std::fs::write(&key_file, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A free port.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let config = agent_table("bot")
+        + &format!(
+            r#"
+[agents.bot.credentials.db]
+vault = "local"
+generate = {{ kind = "password", length = 32 }}
+every = "24h"
+grace = "1h"
+deliver = [
+  {{ type = "webhook", url = "http://127.0.0.1:{port}/rotated", secret_file = "{key}", timeout = "1s" }},
+  {{ type = "file", path = "{{root}}/bot/db.json", format = "json" }},
+]
+"#,
+            key = key_file.display()
+        );
+    env.write_credentials(&config);
+    // Up for version 1 (a new rotation waits for the current version's
+    // acks, and the webhook's is its 2xx), then down.
+    let receiver = PyReceiver::start_on(&key_file, port);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    assert_eq!(receiver.next()["version"], 1);
+    drop(receiver);
+    let file = env.root().join("bot/db.json");
+    let version_in_file = || {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["version"].as_u64().unwrap()
+    };
+
+    // The rotation finishes although its webhook cannot be delivered.
+    let started = std::time::Instant::now();
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the rotation waited for the receiver: {:?}",
+        started.elapsed()
+    );
+    wait_version(&env, "bot", "db", 2);
+    assert_eq!(version_in_file(), 2, "the file sink went on");
+    let rows = status_json(&env);
+    let awaiting = row(&rows, "bot", "db")["awaiting_ack"].clone();
+    assert!(
+        awaiting.as_array().is_some_and(|a| a
+            .iter()
+            .any(|c| c.as_str().unwrap().starts_with("webhook:"))),
+        "the webhook is awaited: {awaiting}"
+    );
+    // Retried in the background: several failed attempts for version 2.
+    let failed_attempts = || {
+        audit_records(&env)
+            .iter()
+            .filter(|r| {
+                r["event"] == "delivery"
+                    && r["version"] == 2
+                    && r["outcome"] == "failed"
+                    && r["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.starts_with("webhook:"))
+            })
+            .count()
+    };
+    wait_for(Duration::from_secs(20), || {
+        (failed_attempts() >= 3).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{} failed attempts audited", failed_attempts()));
+    let stage_of = |v: u64| {
+        stages(&env, &bot_key("db"))
+            .into_iter()
+            .find(|(n, _)| *n == v)
+            .map(|(_, s)| s)
+    };
+    assert_eq!(stage_of(1), Some(Stage::Previous), "retired before the ack");
+
+    // The receiver comes up on that port: the retried notice arrives,
+    // verified, and the previous version is retired right after.
+    let receiver = PyReceiver::start_on(&key_file, port);
+    let notice = receiver.next();
+    assert_eq!(notice["verified"], true, "{notice}");
+    assert_eq!(notice["version"], 2, "{notice}");
+    wait_for(Duration::from_secs(15), || {
+        (stage_of(1) == Some(Stage::Retired)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("version 1 not retired: {:?}", stages(&env, &bot_key("db"))));
+    daemon.stop();
 }
