@@ -13,11 +13,10 @@
 //!   the directory has been quiet for `--debounce` (at most
 //!   [`MAX_DEBOUNCE_FACTOR`] × that after the first event, so a steady stream
 //!   of changes still gets through) every file is fingerprinted and compared
-//!   with what the child was last given. Only a real change counts: a
-//!   rewrite with the same bytes, a temp file or an unrelated file in the
-//!   directory does nothing. The fingerprint is a SHA-256 of the content,
-//!   read into a zeroized buffer and never logged (or, for a file watch may
-//!   not read, its inode, size and mtime).
+//!   with what the child was last given. Only a new file counts (a new inode
+//!   renamed over it, or a write in place: size, mtime, ctime): a temp file,
+//!   an unrelated file or a chmod of another file in the directory does
+//!   nothing. watch never opens the files (see [`Fingerprint`]).
 //! - **Acting.** `--signal SIG` (one of the signals the `signal` sink may
 //!   send) goes to the child's process group. `--restart` sends SIGTERM to
 //!   the group, waits up to `--drain` for the child to exit, SIGKILLs the
@@ -40,7 +39,6 @@
 //! own process group is shared.
 
 use std::ffi::OsString;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -51,11 +49,9 @@ use futures::StreamExt;
 use inotify::{Inotify, WatchMask};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use sha2::{Digest, Sha256};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
-use zeroize::Zeroizing;
 
 use crate::sinks::signal::SIGNALS;
 
@@ -116,44 +112,35 @@ pub fn parse_signal(name: &str) -> Result<Signal, String> {
         })
 }
 
-/// What a file was when last looked at. Compared, never shown.
+/// What a file was when last looked at: which inode, its size and its
+/// change times. Every delivery of the file sink is a new inode (renamed
+/// over the old one) or, in place, a new mtime. watch never opens the file:
+/// it holds a secret watch has no use for, and a file sink with
+/// `ack = "open"` would count watch's read as the agent's acknowledgement.
 #[derive(Clone, PartialEq, Eq)]
 enum Fingerprint {
     Missing,
-    Content([u8; 32]),
-    /// watch may not read the file: its identity and size and mtime.
     Meta {
         dev: u64,
         ino: u64,
         size: u64,
         mtime_ns: i128,
+        ctime_ns: i128,
     },
 }
 
 fn fingerprint(path: &Path) -> Fingerprint {
-    let Ok(meta) = std::fs::metadata(path) else {
-        return Fingerprint::Missing;
-    };
-    let by_meta = || Fingerprint::Meta {
-        dev: meta.dev(),
-        ino: meta.ino(),
-        size: meta.size(),
-        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-    };
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return by_meta();
-    };
-    // The content is a secret: it lives only in this zeroized buffer.
-    let mut buf = Zeroizing::new(vec![0u8; 8192]);
-    let mut hash = Sha256::new();
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => hash.update(&buf[..n]),
-            Err(_) => return by_meta(),
-        }
+    // Follows symlinks: a bundle's files point into the `..data` swapped in.
+    match std::fs::metadata(path) {
+        Ok(m) => Fingerprint::Meta {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        },
+        Err(_) => Fingerprint::Missing,
     }
-    Fingerprint::Content(hash.finalize().into())
 }
 
 fn fingerprints(files: &[PathBuf]) -> Vec<Fingerprint> {
@@ -390,16 +377,21 @@ mod tests {
     }
 
     #[test]
-    fn a_fingerprint_changes_with_the_content_only() {
+    fn a_fingerprint_changes_with_a_new_file_or_a_write_only() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("db.json");
         assert!(fingerprint(&p) == Fingerprint::Missing);
         std::fs::write(&p, "one").unwrap();
         let a = fingerprint(&p);
+        assert!(fingerprint(&p) == a, "nothing happened: no change");
         std::fs::write(dir.path().join("tmp"), "one").unwrap();
+        let tmp = fingerprint(&dir.path().join("tmp"));
         std::fs::rename(dir.path().join("tmp"), &p).unwrap();
-        assert!(fingerprint(&p) == a, "same bytes, new inode: no change");
+        assert!(fingerprint(&p) != a, "renamed over it: a new version");
+        assert!(fingerprint(&p) == tmp);
+        let b = fingerprint(&p);
+        std::thread::sleep(Duration::from_millis(10));
         std::fs::write(&p, "two").unwrap();
-        assert!(fingerprint(&p) != a);
+        assert!(fingerprint(&p) != b, "written in place: a new version");
     }
 }

@@ -134,15 +134,20 @@ fn stop(mut child: Child) {
 }
 
 #[test]
-fn a_new_version_sends_sighup_and_the_same_bytes_send_nothing() {
+fn a_new_version_sends_sighup_and_other_files_send_nothing() {
     let rig = Rig::new();
     let watch = rig.watch(&[], &[]);
     let start = rig.pids("start")[0];
     rig.deliver("v2");
     assert_eq!(rig.wait_lines("hup", 1), vec![start]);
-    // The same bytes again, a temp file and an unrelated file: no change.
-    rig.deliver("v2");
-    std::fs::write(rig.dir.path().join("agents").join("other"), "x").unwrap();
+    // A temp file, an unrelated file, a chmod of it, a read of the watched
+    // file: no new version.
+    let dir = rig.dir.path().join("agents");
+    std::fs::write(dir.join(".db.json.tmp"), "v3").unwrap();
+    std::fs::remove_file(dir.join(".db.json.tmp")).unwrap();
+    std::fs::write(dir.join("other"), "x").unwrap();
+    std::fs::set_permissions(dir.join("other"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(std::fs::read_to_string(rig.file()).unwrap(), "v2");
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(rig.pids("hup").len(), 1, "{:?}", rig.lines());
     // An in-place rewrite with new bytes counts.
