@@ -18,14 +18,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::protocol::{
-    ApiError, ApiErrorKind, RotateOutcome, RotateResult, Selector, StatusRow,
+    AckResult, ApiError, ApiErrorKind, RotateOutcome, RotateResult, Selector, StatusRow,
 };
 use crate::api::socket::{self, ControlHandler, PeerCred};
 use crate::audit::{Actor, AuditEvent, AuditKey, AuditLog, Outcome};
 use crate::config::{self, Config, ConfigErrors};
 use crate::memory;
 use crate::model::CredentialKey;
-use crate::rotation::{Catalog, Engine, EngineParts};
+use crate::rotation::{AckError, Catalog, Engine, EngineParts};
 use crate::state::{SqliteStore, StateStore};
 use crate::telemetry::{CredentialTimes, Metrics};
 
@@ -174,11 +174,23 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             )
         },
     )?;
+    let agent_sock = socket::bind_agent(&config.daemon.agent_socket).map_err(|e| {
+        startup(
+            &format!("agent socket {}", config.daemon.agent_socket.display()),
+            &e,
+        )
+    })?;
     let handler = Arc::new(Handler {
         engine: engine.clone(),
     });
     tracker.spawn(socket::serve(
         sock,
+        handler.clone(),
+        cancel.clone(),
+        tracker.clone(),
+    ));
+    tracker.spawn(socket::serve(
+        agent_sock,
         handler,
         cancel.clone(),
         tracker.clone(),
@@ -419,6 +431,10 @@ fn keep_restart_only_settings(old: &Config, new: &mut Config) -> Vec<&'static st
         n.socket = o.socket.clone();
         n.socket_group = o.socket_group.clone();
     }
+    if o.agent_socket != n.agent_socket {
+        changed.push("daemon.agent_socket");
+        n.agent_socket = o.agent_socket.clone();
+    }
     if o.listen != n.listen {
         changed.push("daemon.listen");
         n.listen = o.listen;
@@ -620,6 +636,58 @@ impl ControlHandler for Handler {
             results.push(result);
         }
         Ok(results)
+    }
+
+    async fn ack(
+        &self,
+        peer: PeerCred,
+        key: CredentialKey,
+        version: u64,
+    ) -> Result<AckResult, ApiError> {
+        let catalog = self.engine.catalog();
+        let agent_uid = catalog.config.agents.get(&key.agent).and_then(|a| a.uid);
+        let allowed = peer.uid == 0
+            || peer.uid == nix::unistd::geteuid().as_raw()
+            || agent_uid == Some(peer.uid);
+        if !allowed {
+            // Said the same whether or not the agent exists: a peer that may
+            // not ack learns nothing about the config.
+            let reason = format!(
+                "uid {} may not acknowledge {key}: only root, the daemon's user and the agent's configured uid may",
+                peer.uid
+            );
+            tracing::warn!(uid = peer.uid, pid = peer.pid, credential = %key, version, "refused ack");
+            let mut ev = AuditEvent::new("ack.refused", peer.actor(), Outcome::Refused);
+            ev.agent = Some(key.agent.clone());
+            ev.credential = Some(key.credential.clone());
+            ev.version = Some(version);
+            ev.error = Some(reason.clone());
+            if let Err(e) = self.engine.record(ev).await {
+                tracing::error!(error = %e, "cannot audit a refused ack");
+            }
+            return Err(ApiError::forbidden(reason));
+        }
+        if !catalog.creds.contains_key(&key) {
+            return Err(ApiError::not_found(format!(
+                "no credential {key} in the config (see `keyturn status`)"
+            )));
+        }
+        match self.engine.ack(&key, version, peer.actor()).await {
+            Ok(done) => Ok(AckResult {
+                agent: key.agent,
+                credential: key.credential,
+                version,
+                acknowledged: done.acknowledged,
+                awaiting: done.awaiting,
+                retiring: done.retiring,
+            }),
+            Err(e @ (AckError::Stale { .. } | AckError::NothingAwaited { .. })) => {
+                Err(ApiError::stale(e.to_string()))
+            }
+            Err(AckError::Internal(m)) => Err(ApiError::unavailable(format!(
+                "cannot record the acknowledgement: {m}"
+            ))),
+        }
     }
 
     async fn refused(&self, peer: PeerCred, reason: String) {

@@ -180,6 +180,8 @@ pub struct Metrics {
     credentials: Family<StateLabels, Gauge>,
     deliveries: Family<DeliveryLabels, Counter>,
     audit_records: Counter,
+    ack_holdouts: Counter,
+    acks_awaiting: Gauge,
     provider: Arc<RwLock<Option<CredentialTimesProvider>>>,
     state_counts: RwLock<Option<StateCountsProvider>>,
     /// Free bytes where the state directory is, read at scrape time.
@@ -263,6 +265,16 @@ impl Metrics {
             "audit_records",
             "Records appended to the audit log",
         );
+        let ack_holdouts: Counter = register(
+            &mut registry,
+            "ack_holdouts",
+            "Consumers that had not acknowledged a version when its previous version was retired at the grace deadline",
+        );
+        let acks_awaiting: Gauge = register(
+            &mut registry,
+            "acks_awaiting",
+            "Consumers that have not acknowledged the current version of their credential (holdouts included)",
+        );
         let state_free: Gauge = register(
             &mut registry,
             "state_free_bytes",
@@ -280,6 +292,8 @@ impl Metrics {
             credentials,
             deliveries,
             audit_records,
+            ack_holdouts,
+            acks_awaiting,
             provider,
             state_counts: RwLock::new(None),
             state_free,
@@ -331,6 +345,17 @@ impl Metrics {
                 result: result_label(ok),
             })
             .inc();
+    }
+
+    /// A previous version was retired at its grace deadline with `n`
+    /// consumers that had not acknowledged the new one.
+    pub fn ack_holdouts(&self, n: u64) {
+        self.ack_holdouts.inc_by(n);
+    }
+
+    /// Consumers awaiting an ack went up or down by `delta`.
+    pub fn acks_awaiting(&self, delta: i64) {
+        self.acks_awaiting.inc_by(delta);
     }
 
     /// `n` records were appended to the audit log.

@@ -391,6 +391,20 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "invalid env_name `db-password`: it must match [A-Z_][A-Z0-9_]*",
     ),
     (
+        "bad-ack-open-keypair.toml",
+        18,
+        53,
+        "agents.bot.credentials.ssh.deliver[0].ack",
+        "`ack = \"open\"` cannot watch credential `ssh`: an ed25519 keypair is delivered as a directory",
+    ),
+    (
+        "bad-agent-socket-is-control.toml",
+        5,
+        16,
+        "daemon.agent_socket",
+        "agent_socket must not be the control socket",
+    ),
+    (
         "bad-in-place-keypair.toml",
         18,
         56,

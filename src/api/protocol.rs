@@ -8,12 +8,14 @@
 //! {"cmd":"rotate","selector":"all","wait":true}
 //! {"cmd":"rotate","selector":{"agent":"invoice-bot"}}                          (wait defaults to false)
 //! {"cmd":"rotate","selector":{"credential":{"agent":"invoice-bot","credential":"db"}}}
+//! {"cmd":"ack","agent":"invoice-bot","credential":"db","version":7}
 //! ```
 //! Responses carry `ok` and exactly one of `result` / `error`:
 //! ```text
 //! {"ok":true,"result":{"pong":{"version":"0.1.0"}}}
 //! {"ok":true,"result":{"status":[{...StatusRow...}]}}
 //! {"ok":true,"result":{"rotate":[{...RotateResult...}]}}
+//! {"ok":true,"result":{"ack":{...AckResult...}}}
 //! {"ok":false,"error":{"kind":"bad_request","message":"..."}}
 //! ```
 //! The `ok` flag lets a shell script (`jq .ok`) branch without knowing every
@@ -31,7 +33,10 @@ use serde::{Deserialize, Serialize};
 use crate::model::{AgentId, CredentialId, CredentialKey, Stage};
 
 /// The commands a client may send, in the order they are listed in errors.
-pub const COMMANDS: &[&str] = &["ping", "status", "rotate"];
+pub const COMMANDS: &[&str] = &["ping", "status", "rotate", "ack"];
+
+/// The commands served on the agents' socket.
+pub const AGENT_COMMANDS: &[&str] = &["ping", "ack"];
 
 /// One request line. Read through [`WireRequest`], which refuses unknown
 /// fields in every shape.
@@ -54,6 +59,14 @@ pub enum Request {
         #[serde(default)]
         wait: bool,
     },
+    /// A consumer has version `version` of `agent/credential`: every
+    /// consumer awaiting an acknowledgement of it is acknowledged. Allowed
+    /// for root, the daemon's uid and the agent's configured `uid`.
+    Ack {
+        agent: AgentId,
+        credential: CredentialId,
+        version: u64,
+    },
 }
 
 impl Request {
@@ -63,6 +76,7 @@ impl Request {
             Request::Ping => "ping",
             Request::Status => "status",
             Request::Rotate { .. } => "rotate",
+            Request::Ack { .. } => "ack",
         }
     }
 }
@@ -80,6 +94,11 @@ enum WireRequest {
         #[serde(default)]
         wait: bool,
     },
+    Ack {
+        agent: AgentId,
+        credential: CredentialId,
+        version: u64,
+    },
 }
 
 impl From<WireRequest> for Request {
@@ -88,6 +107,15 @@ impl From<WireRequest> for Request {
             WireRequest::Ping {} => Request::Ping,
             WireRequest::Status {} => Request::Status,
             WireRequest::Rotate { selector, wait } => Request::Rotate { selector, wait },
+            WireRequest::Ack {
+                agent,
+                credential,
+                version,
+            } => Request::Ack {
+                agent,
+                credential,
+                version,
+            },
         }
     }
 }
@@ -199,6 +227,14 @@ pub struct StatusRow {
     /// The id of the rotation in progress or the last one.
     pub rotation: Option<String>,
     pub last_error: Option<String>,
+    /// Consumers that have not acknowledged the current version yet, within
+    /// its grace period (`file:/run/keyturn/a/db (ack=open)`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub awaiting_ack: Vec<String>,
+    /// Consumers that had not acknowledged the current version when the
+    /// previous one was retired at its grace deadline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holdouts: Vec<String>,
 }
 
 /// What happened to one credential of a `rotate` request.
@@ -210,6 +246,20 @@ pub struct RotateResult {
     pub version: Option<u64>,
     pub outcome: RotateOutcome,
     pub error: Option<String>,
+}
+
+/// What an `ack` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckResult {
+    pub agent: AgentId,
+    pub credential: CredentialId,
+    pub version: u64,
+    /// The consumers this ack acknowledged (empty: they all had already).
+    pub acknowledged: Vec<String>,
+    /// Consumers of the version still awaited.
+    pub awaiting: Vec<String>,
+    /// Whether the previous version is being retired now.
+    pub retiring: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,6 +316,7 @@ pub enum ResponseBody {
     Pong { version: String },
     Status(Vec<StatusRow>),
     Rotate(Vec<RotateResult>),
+    Ack(AckResult),
 }
 
 /// The JSON shape of a response; see the module doc.
@@ -341,6 +392,9 @@ impl ApiError {
     pub fn failed(message: impl Into<String>) -> Self {
         Self::new(ApiErrorKind::Failed, message)
     }
+    pub fn stale(message: impl Into<String>) -> Self {
+        Self::new(ApiErrorKind::Stale, message)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -358,6 +412,9 @@ pub enum ApiErrorKind {
     Internal,
     /// The requested operation ran and failed (e.g. `rotate --wait`).
     Failed,
+    /// The request names a version that is not (or no longer) the one it
+    /// could apply to (an `ack` of a version not awaiting acks).
+    Stale,
 }
 
 impl ApiErrorKind {
@@ -369,6 +426,7 @@ impl ApiErrorKind {
             ApiErrorKind::Unavailable => "unavailable",
             ApiErrorKind::Internal => "internal",
             ApiErrorKind::Failed => "failed",
+            ApiErrorKind::Stale => "stale",
         }
     }
 }
@@ -483,6 +541,29 @@ pub fn render_status_table(rows: &[StatusRow]) -> String {
         let refs: Vec<&str> = row.iter().map(String::as_str).collect();
         line(&refs);
     }
+    // Consumers that have not acknowledged the current version, below the
+    // table (rare, and too long for a column).
+    for r in rows {
+        let list = |l: &[String]| clean(&l.join(", "));
+        if !r.awaiting_ack.is_empty() {
+            let _ = writeln!(
+                out,
+                "{}/{}: awaiting ack: {}",
+                r.agent,
+                r.credential,
+                list(&r.awaiting_ack)
+            );
+        }
+        if !r.holdouts.is_empty() {
+            let _ = writeln!(
+                out,
+                "{}/{}: holdouts (previous version retired at the grace deadline without their ack): {}",
+                r.agent,
+                r.credential,
+                list(&r.holdouts)
+            );
+        }
+    }
     out
 }
 
@@ -505,6 +586,8 @@ mod tests {
             step: Some("promote".into()),
             rotation: Some("0123456789abcdef0123456789abcdef".into()),
             last_error: None,
+            awaiting_ack: Vec::new(),
+            holdouts: Vec::new(),
         }
     }
 
@@ -713,5 +796,73 @@ mod tests {
         assert_eq!(&lines[2][col..col + 4], "2025");
         // No rows: just the header.
         assert_eq!(render_status_table(&[]).lines().count(), 1);
+    }
+}
+
+#[cfg(test)]
+mod ack_tests {
+    use super::*;
+
+    #[test]
+    fn the_ack_request_and_result_have_the_documented_json() {
+        let line = r#"{"cmd":"ack","agent":"invoice-bot","credential":"db","version":7}"#;
+        let req = parse_request(line).unwrap();
+        assert_eq!(
+            req,
+            Request::Ack {
+                agent: AgentId::new("invoice-bot").unwrap(),
+                credential: CredentialId::new("db").unwrap(),
+                version: 7,
+            }
+        );
+        assert_eq!(serde_json::to_string(&req).unwrap(), line);
+        let err = parse_request(r#"{"cmd":"ack","agent":"a","credential":"db"}"#).unwrap_err();
+        assert_eq!(err.kind, ApiErrorKind::BadRequest, "{}", err.message);
+        assert!(err.message.contains("version"), "{}", err.message);
+        let resp = Response::Ok(ResponseBody::Ack(AckResult {
+            agent: AgentId::new("a").unwrap(),
+            credential: CredentialId::new("db").unwrap(),
+            version: 7,
+            acknowledged: vec!["file:/run/a/db".into()],
+            awaiting: vec![],
+            retiring: true,
+        }));
+        let json = serde_json::to_string(&resp).unwrap();
+        assert_eq!(
+            json,
+            r#"{"ok":true,"result":{"ack":{"agent":"a","credential":"db","version":7,"acknowledged":["file:/run/a/db"],"awaiting":[],"retiring":true}}}"#
+        );
+        assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), resp);
+    }
+
+    #[test]
+    fn status_lists_awaited_consumers_and_holdouts_below_the_table() {
+        let mut row = StatusRow {
+            agent: AgentId::new("a").unwrap(),
+            credential: CredentialId::new("db").unwrap(),
+            vault: "local".into(),
+            version: Some(2),
+            stage: Some(Stage::Current),
+            last_rotated: None,
+            next_due: None,
+            state: "idle".into(),
+            step: None,
+            rotation: None,
+            last_error: None,
+            awaiting_ack: vec![],
+            holdouts: vec![],
+        };
+        let plain = render_status_table(std::slice::from_ref(&row));
+        assert_eq!(plain.lines().count(), 2, "{plain}");
+        row.holdouts = vec!["file:/run/a/db (ack=open)".into()];
+        let table = render_status_table(std::slice::from_ref(&row));
+        assert!(table.starts_with(&plain), "{table}");
+        assert!(
+            table.ends_with("a/db: holdouts (previous version retired at the grace deadline without their ack): file:/run/a/db (ack=open)\n"),
+            "{table}"
+        );
+        // JSON: the lists are left out when empty.
+        row.holdouts.clear();
+        assert!(!serde_json::to_string(&row).unwrap().contains("holdouts"));
     }
 }

@@ -14,6 +14,12 @@
 //! Every connection runs in its own task on the caller's `TaskTracker`, so the
 //! daemon's shutdown (cancel, then wait for the tracker) lets requests already
 //! being handled finish while no new ones are accepted.
+//!
+//! The agents' socket ([`bind_agent`], mode 0666) is served by the same
+//! code with one difference: anyone may connect, and only `ping` and `ack`
+//! are served there. An `ack` is authorized per request by the peer's uid
+//! (root, the daemon's, or the agent's configured `uid`), by the handler,
+//! on either socket.
 
 use std::fmt;
 use std::io;
@@ -30,9 +36,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::protocol::{
-    ApiError, Request, Response, ResponseBody, RotateResult, Selector, StatusRow, parse_request,
+    AGENT_COMMANDS, AckResult, ApiError, Request, Response, ResponseBody, RotateResult, Selector,
+    StatusRow, parse_request,
 };
 use crate::audit::Actor;
+use crate::model::CredentialKey;
 
 /// Longest request line accepted (without its newline).
 pub const MAX_REQUEST_LINE: usize = 64 * 1024;
@@ -57,6 +65,14 @@ pub trait ControlHandler: Send + Sync + 'static {
     ) -> Result<Vec<RotateResult>, ApiError>;
     /// Record a refused connection in the audit log.
     async fn refused(&self, peer: PeerCred, reason: String);
+    /// `peer` acknowledges `version` of `key`. The handler decides whether
+    /// the peer may (and audits a refusal).
+    async fn ack(
+        &self,
+        peer: PeerCred,
+        key: CredentialKey,
+        version: u64,
+    ) -> Result<AckResult, ApiError>;
 }
 
 /// The peer's credentials as the kernel reported them at `connect` time.
@@ -97,6 +113,8 @@ pub struct ControlSocket {
     /// Device and inode of the socket file, so `serve` removes only the file
     /// it created and never one a later daemon put at the same path.
     file_id: (u64, u64),
+    /// The agents' socket: anyone connects, only agent commands are served.
+    agent: bool,
 }
 
 impl ControlSocket {
@@ -221,6 +239,65 @@ pub fn bind(path: &Path, group: Option<&str>) -> io::Result<ControlSocket> {
             gid,
             group_name,
             file_id: (meta.dev(), meta.ino()),
+            agent: false,
+        })
+    };
+    finish().inspect_err(|_| {
+        let _ = std::fs::remove_file(path);
+    })
+}
+
+/// Binds the agents' socket at `path`, mode 0666: agents are not in the
+/// control socket's group, and every request on it is authorized by the
+/// peer's uid. A missing parent directory is created 0755; an existing one
+/// that others cannot traverse (the control socket's 0750 directory, when
+/// the agent socket is beside it) is opened to traversal (o+x, never
+/// listing) if the daemon owns it, else it is left alone with a warning.
+pub fn bind_agent(path: &Path) -> io::Result<ControlSocket> {
+    let shown = path.display();
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            crate::private_file::create_shared_dir(parent, 0o755, None).map_err(|e| {
+                io_context(
+                    e,
+                    format_args!("creating agent socket directory {}", parent.display()),
+                )
+            })?;
+        }
+        let meta = std::fs::metadata(parent).map_err(|e| {
+            io_context(
+                e,
+                format_args!("agent socket directory {}", parent.display()),
+            )
+        })?;
+        let mode = meta.permissions().mode();
+        if mode & 0o001 == 0 {
+            if meta.uid() == nix::unistd::geteuid().as_raw() {
+                std::fs::set_permissions(parent, std::fs::Permissions::from_mode(mode | 0o001))
+                    .map_err(|e| {
+                        io_context(e, format_args!("letting agents reach {}", parent.display()))
+                    })?;
+                info!(dir = %parent.display(), "agent socket directory opened to traversal (o+x) so agents reach the agent socket");
+            } else {
+                warn!(dir = %parent.display(), "agents cannot traverse the agent socket's directory; `keyturn ack` from an agent will fail");
+            }
+        }
+    }
+    clear_stale_socket(path)?;
+    let listener = UnixListener::bind(path)
+        .map_err(|e| io_context(e, format_args!("binding agent socket {shown}")))?;
+    let finish = || -> io::Result<ControlSocket> {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+            .map_err(|e| io_context(e, format_args!("setting mode 0666 on {shown}")))?;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| io_context(e, format_args!("agent socket {shown}")))?;
+        Ok(ControlSocket {
+            listener,
+            path: path.to_owned(),
+            gid: meta.gid(),
+            group_name: group_name(meta.gid()),
+            file_id: (meta.dev(), meta.ino()),
+            agent: true,
         })
     };
     finish().inspect_err(|_| {
@@ -265,6 +342,7 @@ impl Default for Limits {
 
 struct Server {
     handler: Arc<dyn ControlHandler>,
+    agent: bool,
     daemon_uid: u32,
     sock_gid: u32,
     group_name: String,
@@ -297,6 +375,7 @@ async fn serve_with(
         gid,
         group_name,
         file_id,
+        agent,
     } = sock;
     let _remove = RemoveSocketOnDrop {
         path: path.clone(),
@@ -304,6 +383,7 @@ async fn serve_with(
     };
     let server = Arc::new(Server {
         handler,
+        agent,
         daemon_uid: nix::unistd::geteuid().as_raw(),
         sock_gid: gid,
         group_name,
@@ -382,7 +462,8 @@ async fn supplementary_groups(peer: &PeerCred) -> Option<Vec<u32>> {
 
 impl Server {
     async fn authorize(&self, peer: &PeerCred) -> bool {
-        if peer_allowed(peer, self.daemon_uid, self.sock_gid, &[]) {
+        // On the agents' socket every request is authorized on its own.
+        if self.agent || peer_allowed(peer, self.daemon_uid, self.sock_gid, &[]) {
             return true;
         }
         let groups = supplementary_groups(peer).await.unwrap_or_default();
@@ -415,6 +496,14 @@ impl Server {
             cmd = request.cmd(),
             "control request"
         );
+        if self.agent && !AGENT_COMMANDS.contains(&request.cmd()) {
+            return Response::Error(ApiError::forbidden(format!(
+                "the agent socket {} serves only {}; `{}` needs the control socket",
+                self.path.display(),
+                AGENT_COMMANDS.join(", "),
+                request.cmd()
+            )));
+        }
         match request {
             Request::Ping => Response::Ok(ResponseBody::Pong {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -426,6 +515,19 @@ impl Server {
                     .rotate(peer.actor(), selector, wait)
                     .await
                     .map(ResponseBody::Rotate)
+                    .into()
+            }
+            Request::Ack {
+                agent,
+                credential,
+                version,
+            } => {
+                let key = CredentialKey::new(agent, credential);
+                info!(uid = peer.uid, pid = peer.pid, credential = %key, version, "ack");
+                self.handler
+                    .ack(*peer, key, version)
+                    .await
+                    .map(ResponseBody::Ack)
                     .into()
             }
         }
@@ -739,6 +841,8 @@ mod tests {
                 step: None,
                 rotation: None,
                 last_error: None,
+                awaiting_ack: Vec::new(),
+                holdouts: Vec::new(),
             }]
         }
         async fn rotate(
@@ -772,6 +876,24 @@ mod tests {
         }
         async fn refused(&self, peer: PeerCred, reason: String) {
             self.refused.lock().unwrap().push((peer, reason));
+        }
+        async fn ack(
+            &self,
+            _peer: PeerCred,
+            key: CredentialKey,
+            version: u64,
+        ) -> Result<AckResult, ApiError> {
+            if version != 3 {
+                return Err(ApiError::stale(format!("{key}: version 3 awaits acks")));
+            }
+            Ok(AckResult {
+                agent: key.agent,
+                credential: key.credential,
+                version,
+                acknowledged: vec!["file:/run/x".into()],
+                awaiting: vec![],
+                retiring: true,
+            })
         }
     }
 
@@ -827,6 +949,67 @@ mod tests {
             Response::Error(e) => (e.kind, e.message),
             other => panic!("expected an error, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn the_agent_socket_is_open_to_all_but_serves_only_ping_and_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        // Beside a control socket whose directory is 0750: opened to traversal.
+        let control = bind(&dir.path().join("run/control.sock"), None).unwrap();
+        let path = dir.path().join("run/agent.sock");
+        let sock = bind_agent(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o666);
+        let dir_mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o007, 0o001, "traversal only, no listing");
+        let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let handler = Arc::new(FakeHandler::default());
+        let server = tokio::spawn(serve_with(
+            sock,
+            handler.clone(),
+            cancel.clone(),
+            tracker.clone(),
+            Limits::default(),
+        ));
+        assert!(matches!(
+            call(&path, &Request::Ping).await.unwrap(),
+            Response::Ok(ResponseBody::Pong { .. })
+        ));
+        let ack = |version| Request::Ack {
+            agent: AgentId::new("bot").unwrap(),
+            credential: CredentialId::new("db").unwrap(),
+            version,
+        };
+        match call(&path, &ack(3)).await.unwrap() {
+            Response::Ok(ResponseBody::Ack(r)) => {
+                assert_eq!(r.acknowledged, vec!["file:/run/x".to_owned()]);
+                assert!(r.retiring);
+            }
+            other => panic!("{other:?}"),
+        }
+        let (kind, msg) = error_kind(call(&path, &ack(2)).await.unwrap());
+        assert_eq!(kind, ApiErrorKind::Stale, "{msg}");
+        for req in [
+            Request::Status,
+            Request::Rotate {
+                selector: Selector::All,
+                wait: false,
+            },
+        ] {
+            let (kind, msg) = error_kind(call(&path, &req).await.unwrap());
+            assert_eq!(kind, ApiErrorKind::Forbidden, "{msg}");
+            assert!(msg.contains("serves only ping, ack"), "{msg}");
+        }
+        assert!(handler.rotations.lock().unwrap().is_empty());
+        cancel.cancel();
+        server.await.unwrap();
+        tracker.close();
+        tracker.wait().await;
+        assert!(!path.exists(), "the socket file is removed");
+        drop(control);
     }
 
     #[tokio::test]

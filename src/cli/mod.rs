@@ -67,6 +67,22 @@ pub enum Command {
     },
     /// Run COMMAND and signal or restart it on each new version of a file.
     Watch(WatchArgs),
+    /// Acknowledge that this consumer has version VERSION of
+    /// AGENT/CREDENTIAL (its previous version may then be retired). Sent to
+    /// the agents' socket; allowed for root, the daemon's user and the
+    /// agent's configured `uid`.
+    Ack {
+        /// AGENT/CREDENTIAL.
+        credential: String,
+        version: u64,
+        /// The agents' socket (default: `daemon.agent_socket` of the config
+        /// if it can be read, else /run/keyturn/agent.sock).
+        #[arg(long, env = "KEYTURN_AGENT_SOCKET")]
+        socket: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Audit log commands.
     Audit {
         #[command(subcommand)]
@@ -170,6 +186,12 @@ async fn run(cli: Cli) -> u8 {
             })
             .await
         }
+        Command::Ack {
+            credential,
+            version,
+            socket,
+            json,
+        } => ack(&cli.config, &credential, version, socket, json).await,
         Command::Audit {
             command: AuditCommand::Verify,
         } => audit_verify(&cli.config),
@@ -373,11 +395,102 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                 last_error: unfinished
                     .and_then(|r| r.last_error.clone())
                     .or_else(|| row.and_then(|r| r.last_error.clone())),
+                awaiting_ack: Vec::new(),
+                // Offline, consumers still awaited are listed as holdouts.
+                holdouts: snapshot
+                    .acks
+                    .iter()
+                    .filter(|a| a.key == c.key && a.acked_at.is_none())
+                    .map(|a| a.consumer.clone())
+                    .collect(),
             }
         })
         .collect();
     rows.sort_by(|a, b| (&a.agent, &a.credential).cmp(&(&b.agent, &b.credential)));
     Some(rows)
+}
+
+/// `keyturn ack`: usually run by an agent, which may not be able to read
+/// the config (it is only read for the socket's path) and is not in the
+/// control socket's group (it talks to the agents' socket).
+async fn ack(
+    path: &Path,
+    credential: &str,
+    version: u64,
+    socket: Option<PathBuf>,
+    json: bool,
+) -> u8 {
+    let key = match parse_selector(credential) {
+        Ok(crate::api::protocol::Selector::Credential(k)) => k,
+        Ok(_) => {
+            eprintln!("keyturn: `{credential}`: expected AGENT/CREDENTIAL");
+            return EXIT_USAGE;
+        }
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let socket = socket.unwrap_or_else(|| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| crate::config::ClientPaths::lenient(path, &text))
+            .map_or_else(
+                || PathBuf::from(crate::config::validate::DEFAULT_AGENT_SOCKET),
+                |p| p.agent_socket,
+            )
+    });
+    let req = Request::Ack {
+        agent: key.agent,
+        credential: key.credential,
+        version,
+    };
+    let result = match call(&socket, &req).await {
+        Ok(Response::Ok(ResponseBody::Ack(r))) => r,
+        Ok(Response::Ok(_)) => return unexpected(),
+        Ok(Response::Error(e)) => {
+            eprintln!("keyturn: {}", e.message);
+            return match e.kind {
+                ApiErrorKind::Forbidden => EXIT_NOPERM,
+                ApiErrorKind::Unavailable => EXIT_UNAVAILABLE,
+                _ => EXIT_FAILED,
+            };
+        }
+        Err(e @ ClientError::PermissionDenied { .. }) => {
+            eprintln!("keyturn: {e}");
+            return EXIT_NOPERM;
+        }
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            return EXIT_UNAVAILABLE;
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&result).unwrap_or_default()
+        );
+    } else {
+        let what = if result.acknowledged.is_empty() {
+            "already acknowledged".to_owned()
+        } else {
+            format!("acknowledged ({})", result.acknowledged.join(", "))
+        };
+        let rest = if result.awaiting.is_empty() {
+            if result.retiring {
+                "; the previous version is being retired".to_owned()
+            } else {
+                String::new()
+            }
+        } else {
+            format!("; still awaiting {}", result.awaiting.join(", "))
+        };
+        println!(
+            "{}/{} version {}: {what}{rest}",
+            result.agent, result.credential, result.version
+        );
+    }
+    0
 }
 
 async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {

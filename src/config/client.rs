@@ -17,6 +17,7 @@ use super::validate::{DEFAULT_SOCKET, DEFAULT_STATE_DIR, normalize};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientPaths {
     pub socket: PathBuf,
+    pub agent_socket: PathBuf,
     pub state_dir: PathBuf,
     pub audit_log: PathBuf,
     /// `[daemon] audit_key_file`, if set.
@@ -27,6 +28,7 @@ impl ClientPaths {
     pub fn of(cfg: &Config) -> ClientPaths {
         ClientPaths {
             socket: cfg.daemon.socket.clone(),
+            agent_socket: cfg.daemon.agent_socket.clone(),
             state_dir: cfg.daemon.state_dir.clone(),
             audit_log: cfg.daemon.audit_log.clone(),
             audit_key_file: cfg.daemon.audit_key_file.clone(),
@@ -60,12 +62,15 @@ impl ClientPaths {
         };
         let resolve = |p: &str| normalize(&resolve_relative(&source, Path::new(p)));
         let socket = setting("socket")?.map_or_else(|| PathBuf::from(DEFAULT_SOCKET), resolve);
+        let agent_socket =
+            setting("agent_socket")?.map_or_else(|| socket.with_file_name("agent.sock"), resolve);
         let state_dir =
             setting("state_dir")?.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), resolve);
         let audit_log = setting("audit_log")?.map_or_else(|| state_dir.join("audit.log"), resolve);
         let audit_key_file = setting("audit_key_file")?.map(resolve);
         Some(ClientPaths {
             socket,
+            agent_socket,
             state_dir,
             audit_log,
             audit_key_file,

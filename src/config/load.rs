@@ -636,6 +636,10 @@ pub fn summary(cfg: &Config) -> String {
     );
     s.push_str(&format!("state_dir: {}\n", cfg.daemon.state_dir.display()));
     s.push_str(&format!("socket: {}\n", cfg.daemon.socket.display()));
+    s.push_str(&format!(
+        "agent socket: {}\n",
+        cfg.daemon.agent_socket.display()
+    ));
     if let Some(listen) = cfg.daemon.listen {
         s.push_str(&format!("listen: {listen}\n"));
     }

@@ -71,6 +71,9 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     /// Group that may use the control socket besides root and the daemon's uid.
     pub socket_group: Option<String>,
+    /// The agents' socket (mode 0666): only `ack` and `ping`, each request
+    /// authorized by the peer's uid (default: `agent.sock` beside `socket`).
+    pub agent_socket: PathBuf,
     /// Optional HTTP listener for /metrics, /healthz, /readyz.
     pub listen: Option<SocketAddr>,
     /// File sinks may only write below one of these directories.

@@ -72,6 +72,7 @@ pub struct RawDaemon {
     pub state_dir: Option<String>,
     pub socket: Option<String>,
     pub socket_group: Option<String>,
+    pub agent_socket: Option<String>,
     pub listen: Option<String>,
     pub delivery_roots: Option<Vec<String>>,
     pub audit_log: Option<String>,

@@ -38,6 +38,14 @@ pub struct Engine {
 }
 
 pub(super) struct Inner {
+    /// The engine itself, for the tasks it spawns from `&self` (ack
+    /// watches, background delivery retries).
+    pub(super) me: std::sync::Weak<Inner>,
+    /// The consumers awaited for the last delivered version of each
+    /// credential (see `acks.rs`).
+    pub(super) acks: Mutex<HashMap<CredentialKey, super::acks::Awaited>>,
+    /// Notified on every acknowledgement.
+    pub(super) ack_changed: Notify,
     pub(super) clock: Arc<dyn Clock>,
     pub(super) catalog: RwLock<Arc<Catalog>>,
     pub(super) state: Arc<dyn StateStore>,
@@ -137,7 +145,10 @@ impl Engine {
             catalog.config.daemon.max_concurrent_rotations.max(1),
         ));
         Engine {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me| Inner {
+                me: me.clone(),
+                acks: Mutex::new(HashMap::new()),
+                ack_changed: Notify::new(),
                 clock,
                 catalog: RwLock::new(Arc::new(catalog)),
                 state,
@@ -192,8 +203,23 @@ impl Engine {
         // top back to `malloc_trim` (see `crate::memory`); on the state
         // thread's arena ~25 MB stayed resident. Nothing else uses the
         // state yet.
-        let snapshot = self.inner.state.snapshot()?;
+        let mut snapshot = self.inner.state.snapshot()?;
         let catalog = self.catalog();
+        // Acks first: a rotation waiting to retire whose consumers have all
+        // acknowledged retires now.
+        let retiring: HashMap<CredentialKey, u64> = snapshot
+            .unfinished
+            .iter()
+            .filter(|r| r.step == Step::Retire)
+            .map(|r| (r.key.clone(), r.version))
+            .collect();
+        self.inner
+            .restore_awaited(std::mem::take(&mut snapshot.acks), &retiring);
+        for rot in &mut snapshot.unfinished {
+            if rot.step == Step::Retire {
+                rot.retire_at = self.inner.retire_time(&rot.key, rot.version, rot.retire_at);
+            }
+        }
         // Rotations to resume before their retire step (usually none).
         let mut resume = HashSet::new();
         {
@@ -301,6 +327,17 @@ impl Engine {
         self.inner.clone().trigger(key)
     }
 
+    /// `keyturn ack`: every consumer awaiting an acknowledgement of
+    /// `version` of `key` has it now (see `rotation/acks.rs`).
+    pub async fn ack(
+        &self,
+        key: &CredentialKey,
+        version: u64,
+        actor: Actor,
+    ) -> Result<super::AckOutcome, super::AckError> {
+        self.inner.ack(key, version, None, actor).await
+    }
+
     /// The status of every configured credential, in a stable order.
     pub fn status(&self) -> Vec<StatusRow> {
         self.inner.status()
@@ -391,7 +428,15 @@ impl Inner {
                 let running = l.and_then(|l| l.running.as_ref());
                 let state = l.map_or(CredentialState::Idle, CredLive::state).as_str();
                 let version = row.and_then(|r| r.current_version);
+                let (awaited, holdouts) = self.awaited_labels(key);
+                let (awaiting_ack, holdouts) = if holdouts {
+                    (Vec::new(), awaited)
+                } else {
+                    (awaited, Vec::new())
+                };
                 StatusRow {
+                    awaiting_ack,
+                    holdouts,
                     agent: key.agent.clone(),
                     credential: key.credential.clone(),
                     vault: entry.vault_label(),
@@ -476,7 +521,7 @@ impl Inner {
     }
 
     /// Appends one record (durable when this returns) and counts it.
-    async fn append(&self, ev: AuditEvent) -> Result<AuditHead, PluginError> {
+    pub(super) async fn append(&self, ev: AuditEvent) -> Result<AuditHead, PluginError> {
         let head = self
             .audit
             .append(ev)

@@ -156,7 +156,13 @@ impl Inner {
                             version: Some(rot.version),
                             error: None,
                         },
-                        vec![(Job::Rotate, next), (Job::Retire, rot.retire_at)],
+                        vec![
+                            (Job::Rotate, next),
+                            (
+                                Job::Retire,
+                                self.retire_time(&key, rot.version, rot.retire_at),
+                            ),
+                        ],
                     )
                 }
                 Err(Stop::Failed(msg, retry_after)) => {

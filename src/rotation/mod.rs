@@ -28,6 +28,8 @@
 //! - `jobs.rs`: a job's lifecycle: spawned, run, how it ended recorded, the
 //!   next timers armed;
 //! - `steps.rs`: the steps of one rotation and their one failure path;
+//! - `acks.rs`: deliveries to sinks, the consumers that must acknowledge
+//!   them, and when the previous version may be retired;
 //! - `step.rs`: the state machine ([`Step`], [`Trigger`]);
 //! - `table.rs`: the live view of every credential and its timers;
 //! - `catalog.rs`: the config turned into live plug-ins;
@@ -36,6 +38,7 @@
 //!   after the credential left the config;
 //! - `failpoint.rs`: crash points for the kill -9 tests.
 
+mod acks;
 mod catalog;
 mod clock;
 mod engine;
@@ -47,6 +50,7 @@ mod step;
 mod steps;
 mod table;
 
+pub use acks::{AckError, AckOutcome};
 pub use catalog::{BuildError, Catalog, CredEntry, CredMap, VaultHandle};
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use engine::{Engine, EngineError, EngineParts};

@@ -21,7 +21,7 @@ use crate::targets::Target;
 use crate::vaults::{Select, Vault, VaultItem, VaultRefs, VersionRef};
 
 /// A step failure with the plug-in context it happened in.
-pub(super) struct StepError {
+pub(crate) struct StepError {
     context: String,
     error: PluginError,
 }
@@ -58,7 +58,10 @@ impl Inner {
             mut latest => {
                 if let Some(prev) = latest.as_mut().filter(|r| r.step == Step::Retire) {
                     // A new version is coming: the one before the current
-                    // must go now rather than at the end of its grace.
+                    // must go now rather than at the end of its grace, but
+                    // not before the current one's consumers have it (or
+                    // its grace deadline passed).
+                    self.wait_for_acks(prev).await?;
                     self.run_step(entry, prev).await?;
                     if let Some(l) = self.live().get_mut(&key) {
                         l.retire_at = None;
@@ -390,28 +393,9 @@ impl Inner {
                     public,
                     login: entry.target.as_ref().and_then(|t| t.login_for(rot.version)),
                 };
-                for sink in &entry.sinks {
-                    let result = sink.deliver(&notice, &value).await;
-                    self.metrics.delivery(sink.kind(), result.is_ok());
-                    let (outcome, error) = match &result {
-                        Ok(_) => (Outcome::Ok, None),
-                        Err(e) => (Outcome::Failed, Some(e.to_string())),
-                    };
-                    // The audit head is persisted later, with the step (or
-                    // with the failure record of a failed attempt).
-                    self.audit(
-                        entry,
-                        Some(rot),
-                        "delivery",
-                        outcome,
-                        Some(sink.describe()),
-                        error,
-                    )
-                    .await
-                    .map_err(|e| StepError::new("audit", e))?;
-                    result.map_err(|e| StepError::new(format!("sink {}", sink.describe()), e))?;
-                }
-                Ok(vec![Write::Credential(row)])
+                let mut writes = self.deliver_to_sinks(entry, &notice, &value).await?;
+                writes.push(Write::Credential(row));
+                Ok(writes)
             }
             Step::Retire => self.retire_previous(entry, rot).await,
             Step::Done => Ok(vec![]),
@@ -427,6 +411,7 @@ impl Inner {
         rot: &RotationRow,
     ) -> Result<Vec<Write>, StepError> {
         let mut writes = vec![Write::PruneHistory(entry.key().clone())];
+        writes.extend(self.report_holdouts(entry, rot).await?);
         let Some(prev) = &rot.previous_vault_version else {
             return Ok(writes);
         };

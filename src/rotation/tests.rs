@@ -330,12 +330,13 @@ struct Rig {
 }
 
 /// Builds the catalog from `text`, with every credential kept in `vault` and
-/// delivered to `sink`.
-fn catalog(
+/// delivered to `sink`, then to `extra`.
+fn catalog_with(
     dir: &std::path::Path,
     text: &str,
     vault: &Arc<MemVault>,
     sink: &Arc<MemSink>,
+    extra: &[Arc<dyn Sink>],
 ) -> Catalog {
     let config = crate::config::load_str(&dir.join("k.toml"), text).expect("valid config");
     let mut catalog = Catalog::build(config, None).expect("catalog");
@@ -350,12 +351,14 @@ fn catalog(
     for k in keys {
         let old = catalog.creds.remove(&k).unwrap();
         let sink: Arc<dyn Sink> = sink.clone();
+        let mut sinks = vec![sink];
+        sinks.extend(extra.iter().cloned());
         catalog.creds.insert(Arc::new(CredEntry {
             agent: old.agent.clone(),
             cfg: old.cfg.clone(),
             vaults: vec![handle.clone()].into(),
             target: old.target.clone(),
-            sinks: vec![sink].into(),
+            sinks: sinks.into(),
             offset: old.offset,
         }));
     }
@@ -417,9 +420,22 @@ impl Rig {
         store: Arc<MemoryStore>,
         vault: Arc<MemVault>,
     ) -> Rig {
+        Self::in_dir_with(dir, n, schedule, extra_daemon, store, vault, &[])
+    }
+
+    /// [`Rig::in_dir`], every credential also delivered to `extra`.
+    fn in_dir_with(
+        dir: tempfile::TempDir,
+        n: usize,
+        schedule: &str,
+        extra_daemon: &str,
+        store: Arc<MemoryStore>,
+        vault: Arc<MemVault>,
+        extra: &[Arc<dyn Sink>],
+    ) -> Rig {
         let sink = Arc::new(MemSink::default());
         let text = config_text(dir.path(), n, schedule, extra_daemon);
-        let catalog = catalog(dir.path(), &text, &vault, &sink);
+        let catalog = catalog_with(dir.path(), &text, &vault, &sink, extra);
         let head = store.audit_head().unwrap();
         let audit = AuditLog::open_inline(&dir.path().join("audit.log"), head.as_ref()).unwrap();
         let (engine, cancel, tracker) =
@@ -845,3 +861,6 @@ async fn shutdown_drains_the_step_in_flight_and_the_rotation_resumes() {
     assert_eq!(vault.stages(&path("c0")), vec![(1, Stage::Current)]);
     again.shutdown().await;
 }
+
+/// Acknowledgements, cut-over and independent deliveries.
+mod acks;

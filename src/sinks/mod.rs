@@ -17,7 +17,9 @@
 //!
 //! Then add one line to [`SinkConfig`] below. Nothing else changes.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -86,6 +88,10 @@ pub struct Notice {
     pub login: Option<String>,
 }
 
+/// Resolves when a consumer has acknowledged a version by itself (a file
+/// sink with `ack = "open"`: the file was opened after it was put in place).
+pub type AckWatch = Pin<Box<dyn Future<Output = Result<(), PluginError>> + Send>>;
+
 /// The outcome of a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivered {
@@ -126,5 +132,23 @@ pub trait Sink: Send + Sync {
     /// a credential's other sinks, so the agent finds what they wrote.
     fn only_notifies(&self) -> bool {
         false
+    }
+
+    /// Whether a failed delivery fails the deliver step (retried with it,
+    /// the rotation waiting). A sink that answers `false` (a webhook to a
+    /// receiver that may be down) is retried by the engine in the
+    /// background instead: its consumer counts as not yet acknowledged, the
+    /// other sinks and the rotation go on.
+    fn holds_up_rotation(&self) -> bool {
+        true
+    }
+
+    /// For a delivery of `version` that returned [`Delivered::Sent`]: a
+    /// watch that resolves when the consumer acknowledges it by itself.
+    /// `None` (the default): only `keyturn ack` acknowledges it. Called
+    /// right after `deliver`, and after a restart for a version still
+    /// awaited (then anything from now on counts).
+    fn ack_watch(&self, _key: &CredentialKey, _version: VersionNo) -> Option<AckWatch> {
+        None
     }
 }

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::{
-    AuditHead, CredentialRow, HISTORY_KEPT, Result, RotationRow, Snapshot, StateError, StateStore,
-    VersionRow, Write,
+    AckRow, AuditHead, CredentialRow, HISTORY_KEPT, Result, RotationRow, Snapshot, StateError,
+    StateStore, VersionRow, Write,
 };
 use crate::model::{CredentialKey, RotationId, Stage, VersionNo};
 use crate::rotation::Step;
@@ -25,6 +25,7 @@ struct Tables {
     rotations: BTreeMap<String, RotationRow>,
     versions: BTreeMap<(CredentialKey, VersionNo), VersionRow>,
     audit_head: Option<AuditHead>,
+    acks: BTreeMap<(CredentialKey, String), AckRow>,
 }
 
 impl MemoryStore {
@@ -86,7 +87,39 @@ impl Tables {
                     self.audit_head = Some(h.clone());
                 }
             }
+            Write::AwaitAcks {
+                key,
+                version,
+                consumers,
+            } => {
+                fits(*version, "version number")?;
+                self.acks.retain(|(k, _), _| k != key);
+                for c in consumers {
+                    self.acks.insert(
+                        (key.clone(), c.clone()),
+                        AckRow {
+                            key: key.clone(),
+                            version: *version,
+                            consumer: c.clone(),
+                            acked_at: None,
+                        },
+                    );
+                }
+            }
+            Write::Acked {
+                key,
+                version,
+                consumer,
+                at,
+            } => {
+                if let Some(row) = self.acks.get_mut(&(key.clone(), consumer.clone()))
+                    && row.version == *version
+                {
+                    row.acked_at = Some(*at);
+                }
+            }
             Write::ForgetCredential(key) => {
+                self.acks.retain(|(k, _), _| k != key);
                 self.credentials.remove(key);
                 self.rotations.retain(|_, r| r.key != *key);
                 self.versions.retain(|(k, _), _| k != key);
@@ -142,6 +175,7 @@ impl StateStore for MemoryStore {
                 .filter(|r| r.step != Step::Done)
                 .cloned()
                 .collect(),
+            acks: t.acks.values().cloned().collect(),
         })
     }
 
@@ -268,6 +302,17 @@ mod differential_tests {
                 hash: format!("h{seq}"),
             })),
             k.clone().prop_map(|k| Write::PruneHistory(key(k))),
+            (k.clone(), 1u64..4, 0usize..3).prop_map(|(k, v, n)| Write::AwaitAcks {
+                key: key(k),
+                version: v,
+                consumers: (0..n).map(|i| format!("file:/c{i}")).collect(),
+            }),
+            (k.clone(), 1u64..4, 0u8..3, 0i64..5).prop_map(|(k, v, c, s)| Write::Acked {
+                key: key(k),
+                version: v,
+                consumer: format!("file:/c{c}"),
+                at: chrono::DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap(),
+            }),
             k.prop_map(|k| Write::ForgetCredential(key(k))),
         ]
     }

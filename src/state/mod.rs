@@ -107,6 +107,19 @@ impl Restage {
     }
 }
 
+/// One consumer that must acknowledge a delivered version (a sink whose
+/// delivery was `Sent`, or one whose delivery is still being retried).
+/// Rows are replaced by the next delivery of the credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckRow {
+    pub key: CredentialKey,
+    pub version: VersionNo,
+    /// The sink's description (`file:/run/keyturn/a/db`).
+    pub consumer: String,
+    /// `None` while awaited.
+    pub acked_at: Option<DateTime<Utc>>,
+}
+
 /// The last audit record's sequence number and hash, to detect a truncated log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditHead {
@@ -133,6 +146,21 @@ pub enum Write {
     AuditHead(AuditHead),
     /// Forget a credential removed from config (its rows, not its audit).
     ForgetCredential(CredentialKey),
+    /// Replaces every ack row of `key` by one awaited row per consumer of
+    /// `version` (none: clears them). Written with the deliver step, so it
+    /// costs no commit of its own.
+    AwaitAcks {
+        key: CredentialKey,
+        version: VersionNo,
+        consumers: Vec<String>,
+    },
+    /// `consumer` acknowledged `version` (no-op without such a row).
+    Acked {
+        key: CredentialKey,
+        version: VersionNo,
+        consumer: String,
+        at: DateTime<Utc>,
+    },
     /// Drops `key`'s finished rotations and retired versions beyond the
     /// newest [`HISTORY_KEPT`] of each, so the state database stays bounded
     /// per credential however long it rotates (the audit log is the history).
@@ -148,6 +176,8 @@ pub struct Snapshot {
     pub credentials: Vec<CredentialRow>,
     /// Rotations whose step is not `Done`.
     pub unfinished: Vec<RotationRow>,
+    /// Every ack row (awaited or acknowledged) of the last deliveries.
+    pub acks: Vec<AckRow>,
 }
 
 pub trait StateStore: Send + Sync {

@@ -34,8 +34,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    AuditHead, CredentialRow, Result, RotationRow, Snapshot, StateError, StateStore, Step, Trigger,
-    VersionRow, Write,
+    AckRow, AuditHead, CredentialRow, Result, RotationRow, Snapshot, StateError, StateStore, Step,
+    Trigger, VersionRow, Write,
 };
 use crate::model::{AgentId, CredentialId, CredentialKey, RotationId, Stage, VersionNo};
 use crate::private_file;
@@ -99,6 +99,18 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE rotations ADD COLUMN footprint TEXT;
     "#,
+    // 3: consumers that must acknowledge the last delivered version, so a
+    // restart neither forgets an awaited ack nor retires early.
+    r#"
+    CREATE TABLE acks (
+        agent      TEXT    NOT NULL,
+        credential TEXT    NOT NULL,
+        version    INTEGER NOT NULL,
+        consumer   TEXT    NOT NULL,
+        acked_at   INTEGER,
+        PRIMARY KEY (agent, credential, consumer)
+    );
+    "#,
 ];
 
 /// The WAL is checkpointed into the database every this many pages (1 MiB
@@ -119,6 +131,7 @@ const CREDENTIAL_COLS: &str = "agent, credential, current_version, last_rotated_
 const ROTATION_COLS: &str = "id, agent, credential, step, \"trigger\", version, vault_version, \
      previous_version, previous_vault_version, started_at, updated_at, retire_at, attempts, \
      last_error, footprint";
+const ACK_COLS: &str = "agent, credential, version, consumer, acked_at";
 const VERSION_COLS: &str =
     "agent, credential, version, rotation, stage, vault_version, created_at, public";
 
@@ -488,8 +501,54 @@ impl SqliteStore {
                         .map_err(e)?;
                 }
             }
+            Write::AwaitAcks {
+                key,
+                version,
+                consumers,
+            } => {
+                tx.prepare_cached("DELETE FROM acks WHERE agent = ?1 AND credential = ?2")
+                    .map_err(e)?
+                    .execute(params![key.agent.as_str(), key.credential.as_str()])
+                    .map_err(e)?;
+                let version = self.ver_to_sql(*version)?;
+                for c in consumers {
+                    tx.prepare_cached(
+                        "INSERT INTO acks (agent, credential, version, consumer, acked_at) \
+                         VALUES (?1, ?2, ?3, ?4, NULL)",
+                    )
+                    .map_err(e)?
+                    .execute(params![
+                        key.agent.as_str(),
+                        key.credential.as_str(),
+                        version,
+                        c
+                    ])
+                    .map_err(e)?;
+                }
+            }
+            Write::Acked {
+                key,
+                version,
+                consumer,
+                at,
+            } => {
+                tx.prepare_cached(
+                    "UPDATE acks SET acked_at = ?5 WHERE agent = ?1 AND credential = ?2 \
+                     AND consumer = ?3 AND version = ?4",
+                )
+                .map_err(e)?
+                .execute(params![
+                    key.agent.as_str(),
+                    key.credential.as_str(),
+                    consumer,
+                    self.ver_to_sql(*version)?,
+                    to_millis(*at)
+                ])
+                .map_err(e)?;
+            }
             Write::ForgetCredential(key) => {
                 for sql in [
+                    "DELETE FROM acks WHERE agent = ?1 AND credential = ?2",
                     "DELETE FROM versions WHERE agent = ?1 AND credential = ?2",
                     "DELETE FROM rotations WHERE agent = ?1 AND credential = ?2",
                     "DELETE FROM credentials WHERE agent = ?1 AND credential = ?2",
@@ -614,9 +673,15 @@ impl StateStore for SqliteStore {
             [],
             decode_rotation,
         )?;
+        let acks = self.query_rows(
+            &format!("SELECT {ACK_COLS} FROM acks ORDER BY agent, credential, consumer"),
+            [],
+            decode_ack,
+        )?;
         Ok(Snapshot {
             credentials,
             unfinished,
+            acks,
         })
     }
 
@@ -766,6 +831,16 @@ fn decode_credential(row: &Row<'_>) -> DecodeResult<CredentialRow> {
         next_due: opt_ts(T, "next_due", row.get(4)?)?,
         consecutive_failures: count(T, "consecutive_failures", row.get(5)?)?,
         last_error: row.get(6)?,
+    })
+}
+
+fn decode_ack(row: &Row<'_>) -> DecodeResult<AckRow> {
+    const T: &str = "acks";
+    Ok(AckRow {
+        key: key_at(row, T, 0)?,
+        version: ver(T, "version", row.get(2)?)?,
+        consumer: row.get(3)?,
+        acked_at: opt_ts(T, "acked_at", row.get(4)?)?,
     })
 }
 

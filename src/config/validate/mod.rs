@@ -71,6 +71,7 @@ pub const DEFAULT_TIERS: &[(&str, Duration)] = &[
 ];
 
 pub const DEFAULT_SOCKET: &str = "/run/keyturn/control.sock";
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/keyturn/agent.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/keyturn";
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_CONCURRENT_ROTATIONS: usize = 64;
@@ -345,6 +346,16 @@ impl Validator<'_> {
             Some(s) => self.path_setting(p.key("socket"), s),
             None => PathBuf::from(DEFAULT_SOCKET),
         };
+        let agent_socket = match &d.agent_socket {
+            Some(s) => self.path_setting(p.key("agent_socket"), s),
+            None => socket.with_file_name("agent.sock"),
+        };
+        if agent_socket == socket {
+            self.err(
+                p.key("agent_socket"),
+                "agent_socket must not be the control socket: agents reach it without the socket's group",
+            );
+        }
         if let Some(g) = &d.socket_group
             && g.trim().is_empty()
         {
@@ -408,6 +419,7 @@ impl Validator<'_> {
             state_dir,
             socket,
             socket_group: d.socket_group.clone(),
+            agent_socket,
             listen,
             delivery_roots,
             audit_log,

@@ -24,6 +24,21 @@ pub struct FileConfig {
     /// `false`: write the new value into the existing file (same inode)
     /// instead of renaming a new file over it; see the module doc. Default true.
     pub atomic: Option<bool>,
+    /// Whether the consumer must acknowledge a delivery before the previous
+    /// version is retired early (see `rotation/acks.rs`): `open` (opening
+    /// the file after delivery acks it), `explicit` (`keyturn ack`). Default
+    /// none: the file in place counts as acknowledged.
+    pub ack: Option<FileAck>,
+}
+
+/// How a file's consumer acknowledges a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileAck {
+    /// Opening the file after it was put in place (inotify `IN_OPEN`).
+    Open,
+    /// `keyturn ack AGENT/CREDENTIAL VERSION`.
+    Explicit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -52,6 +67,7 @@ impl FileConfig {
             mode: None,
             env_name: None,
             atomic: None,
+            ack: None,
         }
     }
 
@@ -185,6 +201,15 @@ impl SinkPlugin for FileConfig {
                 p.key("atomic"),
                 format!(
                     "`atomic = false` cannot deliver credential `{}`: an ed25519 keypair is delivered as a directory whose files must change together, which only the atomic swap gives; remove `atomic = false` (bind-mount the directory, not a file in it)",
+                    scope.credential
+                ),
+            );
+        }
+        if self.ack == Some(FileAck::Open) && scope.keypair {
+            v.err(
+                p.key("ack"),
+                format!(
+                    "`ack = \"open\"` cannot watch credential `{}`: an ed25519 keypair is delivered as a directory of links; use `ack = \"explicit\"` (`keyturn ack`)",
                     scope.credential
                 ),
             );

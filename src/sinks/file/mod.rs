@@ -63,6 +63,11 @@
 //! during the write, so readers must retry on a parse or auth error. A missing
 //! file is still created the atomic way. Keypairs (bundle directories) are
 //! refused by `check`: their files must change together.
+//!
+//! # Acknowledgements (`ack`)
+//! With `ack = "explicit"` a delivery is `Sent` and the consumer acks with
+//! `keyturn ack`. With `ack = "open"` the consumer acks by opening the file
+//! after it is in place: see `ack.rs`.
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -88,6 +93,7 @@ use crate::config::validate::{
 };
 use crate::model::{CredentialKey, ErrorKind, PluginError, SecretValue, ValueKind};
 
+mod ack;
 mod bundle;
 mod config;
 mod fs;
@@ -96,7 +102,7 @@ mod tests;
 mod upkeep;
 mod write;
 
-pub use config::{DEFAULT_MODE, FileConfig, FileFormat, MAX_MODE};
+pub use config::{DEFAULT_MODE, FileAck, FileConfig, FileFormat, MAX_MODE};
 use fs::*;
 use write::*;
 
@@ -142,6 +148,10 @@ const BUNDLE_FILES: [&str; 3] = ["private.pem", "public.pem", "meta.json"];
 /// Delivers one credential to one file (or bundle directory) below a delivery root.
 pub struct FileSink {
     inner: Inner,
+    /// `ack = "explicit"` or `"open"`; the state of the open watch (boxed:
+    /// most sinks have none, and there may be 100k sinks).
+    ack: Option<FileAck>,
+    open_ack: Option<Box<ack::OpenAck>>,
 }
 
 /// Everything a blocking task needs; each task gets its own copy (a few
@@ -232,6 +242,7 @@ impl FileSink {
         };
         let env_name = cfg.env_name.clone().unwrap_or_default();
         let atomic = cfg.atomic();
+        let ack = cfg.ack;
         if format == FileFormat::Env && !is_env_name(&env_name) {
             return Err(invalid(&format!(
                 "env_name {env_name:?} is not a valid variable name"
@@ -284,6 +295,8 @@ impl FileSink {
         };
         Ok(FileSink {
             inner: Inner { cfg, root_len },
+            ack,
+            open_ack: (ack == Some(FileAck::Open)).then(Box::default),
         })
     }
 
@@ -334,6 +347,11 @@ impl Sink for FileSink {
         notice: &Notice,
         value: &SecretValue,
     ) -> Result<Delivered, PluginError> {
+        let version = notice.version;
+        let watch = self
+            .open_ack
+            .as_ref()
+            .map(|o| o.arm(&self.inner.cfg.path, version));
         let notice = notice.clone();
         let value = value.clone();
         self.blocking(move |inner| {
@@ -351,7 +369,24 @@ impl Sink for FileSink {
             }
         })
         .await?;
-        Ok(Delivered::Acknowledged)
+        match (self.ack, watch, &self.open_ack) {
+            (None, ..) => Ok(Delivered::Acknowledged),
+            (Some(FileAck::Open), Some(watch), Some(o)) => {
+                o.delivered(&self.inner.cfg.path, version, watch);
+                Ok(Delivered::Sent)
+            }
+            (Some(_), ..) => Ok(Delivered::Sent),
+        }
+    }
+
+    fn ack_watch(
+        &self,
+        _key: &CredentialKey,
+        version: crate::model::VersionNo,
+    ) -> Option<super::AckWatch> {
+        self.open_ack
+            .as_ref()
+            .map(|o| o.take(&self.inner.cfg.path, version))
     }
 
     async fn retire_previous(&self, _key: &CredentialKey) -> Result<(), PluginError> {

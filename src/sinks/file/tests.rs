@@ -1021,3 +1021,112 @@ async fn in_place_never_writes_a_keypair() {
     assert!(err.message.contains("atomic = false"), "{err}");
     assert!(!path.exists());
 }
+
+/// A sink with `ack` set, writing `root/AGENT/db` (atomic or in place).
+fn ack_sink(root: &Path, ack: FileAck, atomic: bool) -> (PathBuf, FileSink) {
+    let path = root.join(AGENT).join("db");
+    let cfg = FileConfig {
+        ack: Some(ack),
+        atomic: Some(atomic),
+        ..cfg(&path, FileFormat::Raw)
+    };
+    let s = new_sink(cfg, &[root.to_path_buf()]).expect("valid sink");
+    (path, s)
+}
+
+/// Whether `watch` resolves (Ok) within `wait`.
+async fn acked_within(watch: &mut crate::sinks::AckWatch, wait: Duration) -> bool {
+    match tokio::time::timeout(wait, watch.as_mut()).await {
+        Ok(r) => {
+            r.expect("the watch works");
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn ack_explicit_is_sent_and_has_no_watch() {
+    let root = tempfile::tempdir().unwrap();
+    let (_, s) = ack_sink(root.path(), FileAck::Explicit, true);
+    assert_eq!(deliver_password(&s, 1, "a").await.unwrap(), Delivered::Sent);
+    assert!(s.ack_watch(&key(AGENT, "db"), 1).is_none());
+}
+
+#[tokio::test]
+async fn ack_open_counts_a_readers_open_after_delivery_but_not_keyturns_own() {
+    for atomic in [true, false] {
+        let root = tempfile::tempdir().unwrap();
+        let (path, s) = ack_sink(root.path(), FileAck::Open, atomic);
+        // The first delivery creates the directory: the watch starts after it.
+        assert_eq!(
+            deliver_password(&s, 1, "one").await.unwrap(),
+            Delivered::Sent
+        );
+        let mut w1 = s.ack_watch(&key(AGENT, "db"), 1).expect("a watch");
+        assert!(
+            !acked_within(&mut w1, Duration::from_millis(200)).await,
+            "atomic={atomic}: nobody opened it yet"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"one");
+        assert!(
+            acked_within(&mut w1, Duration::from_secs(5)).await,
+            "atomic={atomic}"
+        );
+
+        // Version 2 over an existing file: keyturn opens the file to compare
+        // and (in place) to write; neither counts.
+        assert_eq!(
+            deliver_password(&s, 2, "two").await.unwrap(),
+            Delivered::Sent
+        );
+        let mut w2 = s.ack_watch(&key(AGENT, "db"), 2).expect("a watch");
+        assert!(
+            !acked_within(&mut w2, Duration::from_millis(200)).await,
+            "atomic={atomic}: keyturn's own opens are not an ack"
+        );
+        // Delivered again (a retried step): the file already holds it.
+        assert_eq!(
+            deliver_password(&s, 2, "two").await.unwrap(),
+            Delivered::Sent
+        );
+        let mut w2b = s.ack_watch(&key(AGENT, "db"), 2).expect("a watch");
+        assert!(!acked_within(&mut w2b, Duration::from_millis(200)).await);
+        let mut f = std::fs::File::open(&path).unwrap();
+        let mut got = String::new();
+        f.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "two");
+        assert!(
+            acked_within(&mut w2, Duration::from_secs(5)).await,
+            "atomic={atomic}"
+        );
+        assert!(
+            acked_within(&mut w2b, Duration::from_secs(5)).await,
+            "atomic={atomic}"
+        );
+
+        // A watch of a version that was replaced ends with an error.
+        assert_eq!(
+            deliver_password(&s, 3, "three").await.unwrap(),
+            Delivered::Sent
+        );
+        let mut w3 = s.ack_watch(&key(AGENT, "db"), 3).expect("a watch");
+        assert_eq!(
+            deliver_password(&s, 4, "four").await.unwrap(),
+            Delivered::Sent
+        );
+        std::fs::read(&path).unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), w3.as_mut())
+            .await
+            .expect("ends");
+        assert!(
+            r.unwrap_err().message.contains("replaced"),
+            "atomic={atomic}"
+        );
+        // After a restart (no watch from a delivery), any open from now counts.
+        let mut w4 = s.ack_watch(&key(AGENT, "db"), 4).expect("a watch");
+        let _ = s.ack_watch(&key(AGENT, "db"), 4);
+        std::fs::read(&path).unwrap();
+        assert!(acked_within(&mut w4, Duration::from_secs(5)).await);
+    }
+}

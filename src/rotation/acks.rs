@@ -1,0 +1,658 @@
+//! Acknowledgements and cut-over: which consumers of a delivered version
+//! must acknowledge it, the deliveries retried in the background, and when
+//! the previous version may be retired.
+//!
+//! A delivery that returns [`Delivered::Acknowledged`] (a file in place, a
+//! webhook's 2xx, an exec that exited 0) counts as acknowledged at once. One
+//! that returns [`Delivered::Sent`] makes its consumer *awaited*, acknowledged
+//! by `keyturn ack` or by the sink's own watch ([`Sink::ack_watch`], a file
+//! opened after delivery). A failed delivery to a sink that does not hold up
+//! the rotation ([`Sink::holds_up_rotation`]) makes its consumer awaited
+//! too, and is retried here until it succeeds.
+//!
+//! The previous version is retired when every awaited consumer has
+//! acknowledged, or at the grace deadline, whichever is first; those still
+//! awaited then are *holdouts* (audited as `delivery.holdout`, counted in
+//! `keyturn_ack_holdouts_total`, listed by `status`). A credential none of
+//! whose consumers is awaited keeps its whole grace period, as before.
+//!
+//! The awaited consumers are persisted (`Write::AwaitAcks`, with the deliver
+//! step's own writes: no commit of their own) and every ack is persisted as
+//! it arrives, so a restart keeps them and never retires early.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::{DateTime, Utc};
+
+use super::catalog::CredEntry;
+use super::engine::{Inner, chrono_dur};
+use super::steps::{StepError, entry_retry};
+use super::table::Job;
+use crate::audit::{Actor, AuditEvent, Outcome};
+use crate::model::{CredentialKey, SecretValue, VersionNo};
+use crate::sinks::{Delivered, Notice, Sink};
+use crate::state::{AckRow, RotationRow, Write};
+
+/// How a consumer acknowledges, shown after its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AckHow {
+    /// By `keyturn ack`.
+    Explicit,
+    /// By its sink's watch (a file opened after delivery).
+    Watched,
+    /// Its delivery failed and is being retried.
+    Retrying,
+}
+
+impl AckHow {
+    fn as_str(self) -> &'static str {
+        match self {
+            AckHow::Explicit => "ack=explicit",
+            AckHow::Watched => "ack=open",
+            AckHow::Retrying => "delivery retrying",
+        }
+    }
+}
+
+/// One consumer that must acknowledge a version.
+#[derive(Debug, Clone)]
+pub(super) struct Consumer {
+    /// The sink's description: the consumer's name, in state and audit.
+    pub name: String,
+    pub how: AckHow,
+    pub acked: bool,
+}
+
+impl Consumer {
+    /// `file:/run/keyturn/a/db (ack=open)`, as status shows it.
+    pub fn label(&self) -> String {
+        format!("{} ({})", self.name, self.how.as_str())
+    }
+}
+
+/// The consumers that must acknowledge the last delivered version of one
+/// credential.
+#[derive(Debug, Clone)]
+pub(super) struct Awaited {
+    pub version: VersionNo,
+    pub consumers: Vec<Consumer>,
+    /// The previous version was retired with some of them still awaited.
+    pub retired_with_holdouts: bool,
+}
+
+impl Awaited {
+    fn outstanding(&self) -> impl Iterator<Item = &Consumer> {
+        self.consumers.iter().filter(|c| !c.acked)
+    }
+
+    /// Whether some consumer had to ack and every one has.
+    fn complete(&self) -> bool {
+        !self.consumers.is_empty() && self.consumers.iter().all(|c| c.acked)
+    }
+}
+
+/// What an ack did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckOutcome {
+    /// Consumers this ack acknowledged (empty: all had already).
+    pub acknowledged: Vec<String>,
+    /// Consumers of the version still awaited.
+    pub awaiting: Vec<String>,
+    /// Whether the previous version is now retired or being retired.
+    pub retiring: bool,
+}
+
+/// Why an ack was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    #[error("{key}: no consumer awaits an acknowledgement of any version")]
+    NothingAwaited { key: CredentialKey },
+    #[error(
+        "{key}: version {version} is not the one awaiting acknowledgements (version {awaited} is)"
+    )]
+    Stale {
+        key: CredentialKey,
+        version: VersionNo,
+        awaited: VersionNo,
+    },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Inner {
+    pub(super) fn awaited(&self) -> std::sync::MutexGuard<'_, HashMap<CredentialKey, Awaited>> {
+        self.acks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Delivers `value` to every sink of `entry` (the deliver step, and
+    /// follow mode), auditing each delivery. Returns the writes that persist
+    /// the consumers now awaited; the caller persists them with its own.
+    /// A failed delivery to a sink that holds up the rotation is the step's
+    /// error; one to a sink that does not is retried in the background.
+    pub(crate) async fn deliver_to_sinks(
+        &self,
+        entry: &CredEntry,
+        notice: &Notice,
+        value: &SecretValue,
+    ) -> Result<Vec<Write>, StepError> {
+        let key = entry.key();
+        let mut consumers = Vec::new();
+        let mut watches = Vec::new();
+        let mut retries = Vec::new();
+        for sink in entry.sinks.iter() {
+            let result = sink.deliver(notice, value).await;
+            self.metrics.delivery(sink.kind(), result.is_ok());
+            let deferred = result.is_err() && !sink.holds_up_rotation();
+            let (outcome, error) = match &result {
+                Ok(_) => (Outcome::Ok, None),
+                Err(e) if deferred => (
+                    Outcome::Failed,
+                    Some(format!(
+                        "{e}; retried in the background, the rotation goes on"
+                    )),
+                ),
+                Err(e) => (Outcome::Failed, Some(e.to_string())),
+            };
+            // The audit head is persisted later, with the step (or with the
+            // failure record of a failed attempt).
+            self.audit_delivery(entry, notice, outcome, sink.describe(), error)
+                .await
+                .map_err(|e| StepError::new("audit", e))?;
+            let how = match result {
+                Ok(Delivered::Acknowledged) => continue,
+                Ok(Delivered::Sent) => match sink.ack_watch(key, notice.version) {
+                    Some(w) => {
+                        watches.push((sink.describe(), w));
+                        AckHow::Watched
+                    }
+                    None => AckHow::Explicit,
+                },
+                Err(_) if deferred => {
+                    retries.push(sink.clone());
+                    AckHow::Retrying
+                }
+                Err(e) => return Err(StepError::new(format!("sink {}", sink.describe()), e)),
+            };
+            consumers.push(Consumer {
+                name: sink.describe(),
+                how,
+                acked: false,
+            });
+        }
+        let names: Vec<String> = consumers.iter().map(|c| c.name.clone()).collect();
+        let had_rows = self.register_awaited(key, notice.version, consumers);
+        let deadline = self.now() + chrono_dur(entry.cfg.grace);
+        if let Some(me) = self.me.upgrade() {
+            for (name, watch) in watches {
+                me.clone()
+                    .spawn_ack_watch(key.clone(), notice.version, name, watch);
+            }
+            for sink in retries {
+                me.clone().spawn_delivery_retry(
+                    key.clone(),
+                    sink,
+                    notice.clone(),
+                    value.clone(),
+                    deadline,
+                );
+            }
+        }
+        // Nothing awaited now or before: nothing to write (the common case).
+        if names.is_empty() && !had_rows {
+            return Ok(vec![]);
+        }
+        Ok(vec![Write::AwaitAcks {
+            key: key.clone(),
+            version: notice.version,
+            consumers: names,
+        }])
+    }
+
+    /// A `delivery` record of `notice`'s version to the sink `consumer`;
+    /// returns the write that records the new head.
+    async fn audit_delivery(
+        &self,
+        entry: &CredEntry,
+        notice: &Notice,
+        outcome: Outcome,
+        consumer: String,
+        error: Option<String>,
+    ) -> Result<Write, crate::model::PluginError> {
+        let mut ev = AuditEvent::new("delivery", Actor::Daemon, outcome);
+        ev.agent = Some(entry.key().agent.clone());
+        ev.credential = Some(entry.key().credential.clone());
+        ev.tenant = Some(entry.agent.tenant.clone());
+        ev.owner = Some(entry.agent.owner.clone());
+        ev.rotation = Some(notice.rotation.clone());
+        ev.version = Some(notice.version);
+        ev.detail = Some(consumer);
+        ev.error = error;
+        Ok(Write::AuditHead(self.append(ev).await?))
+    }
+
+    /// Records the consumers awaited for `version`, keeping the acks of a
+    /// delivery of the same version that was retried. Returns whether any
+    /// were recorded for the credential before.
+    fn register_awaited(
+        &self,
+        key: &CredentialKey,
+        version: VersionNo,
+        mut consumers: Vec<Consumer>,
+    ) -> bool {
+        let mut map = self.awaited();
+        let old = map.remove(key);
+        let had = old.is_some();
+        let old_outstanding = old.as_ref().map_or(0, |a| a.outstanding().count());
+        if let Some(old) = old.filter(|o| o.version == version) {
+            for c in &mut consumers {
+                c.acked = old.consumers.iter().any(|o| o.name == c.name && o.acked);
+            }
+        }
+        let outstanding = consumers.iter().filter(|c| !c.acked).count();
+        self.metrics
+            .acks_awaiting(outstanding as i64 - old_outstanding as i64);
+        if !consumers.is_empty() {
+            map.insert(
+                key.clone(),
+                Awaited {
+                    version,
+                    consumers,
+                    retired_with_holdouts: false,
+                },
+            );
+        }
+        had
+    }
+
+    /// Whether `version` of `key` still has consumers to hear from.
+    pub(super) fn awaits_acks(&self, key: &CredentialKey, version: VersionNo) -> bool {
+        self.awaited()
+            .get(key)
+            .is_some_and(|a| a.version == version && a.outstanding().next().is_some())
+    }
+
+    /// When the previous version of a rotation that delivered `version` is
+    /// retired: now if every consumer that had to ack has, else `grace_end`.
+    pub(super) fn retire_time(
+        &self,
+        key: &CredentialKey,
+        version: VersionNo,
+        grace_end: Option<DateTime<Utc>>,
+    ) -> Option<DateTime<Utc>> {
+        let done = self
+            .awaited()
+            .get(key)
+            .is_some_and(|a| a.version == version && a.complete());
+        match grace_end {
+            Some(end) if done => Some(end.min(self.now())),
+            other => other,
+        }
+    }
+
+    /// The consumers still awaited for the current version of `key`, and
+    /// whether they are holdouts (the previous version was retired without
+    /// their ack), for status.
+    pub(super) fn awaited_labels(&self, key: &CredentialKey) -> (Vec<String>, bool) {
+        match self.awaited().get(key) {
+            Some(a) => (
+                a.outstanding().map(Consumer::label).collect(),
+                a.retired_with_holdouts,
+            ),
+            None => (Vec::new(), false),
+        }
+    }
+
+    /// Before the retire step of the rotation that delivered `version`: the
+    /// consumers still awaited are holdouts. Returns the audit write naming
+    /// them (persisted with the step), once per version.
+    pub(super) async fn report_holdouts(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+    ) -> Result<Option<Write>, StepError> {
+        let labels: Vec<String> = {
+            let mut map = self.awaited();
+            let Some(a) = map
+                .get_mut(entry.key())
+                .filter(|a| a.version == rot.version && !a.retired_with_holdouts)
+            else {
+                return Ok(None);
+            };
+            let labels: Vec<String> = a.outstanding().map(Consumer::label).collect();
+            if labels.is_empty() {
+                return Ok(None);
+            }
+            a.retired_with_holdouts = true;
+            labels
+        };
+        self.metrics.ack_holdouts(labels.len() as u64);
+        tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, version = rot.version, holdouts = %labels.join(", "), "grace period over: the previous version is retired although some consumers have not acknowledged the current one");
+        let head = self
+            .audit(
+                entry,
+                Some(rot),
+                "delivery.holdout",
+                Outcome::Failed,
+                Some(format!("holdouts: {}", labels.join(", "))),
+                Some("not acknowledged by the grace deadline".to_owned()),
+            )
+            .await
+            .map_err(|e| StepError::new("audit", e))?;
+        Ok(Some(head))
+    }
+
+    /// Waits, before a new rotation retires the previous version early, for
+    /// the consumers of the current one (`rot` delivered it) to acknowledge
+    /// it, but no longer than its grace deadline. With alternating users the
+    /// new rotation's `set` re-uses the user of the version being retired, so
+    /// retiring it under a consumer that has not moved would break it.
+    pub(super) async fn wait_for_acks(&self, rot: &RotationRow) -> Result<(), super::engine::Stop> {
+        let Some(deadline) = rot.retire_at else {
+            return Ok(());
+        };
+        loop {
+            let changed = self.ack_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !self.awaits_acks(&rot.key, rot.version) {
+                return Ok(());
+            }
+            let left = (deadline - self.now()).to_std().unwrap_or(Duration::ZERO);
+            if left.is_zero() {
+                return Ok(());
+            }
+            tracing::info!(agent = %rot.key.agent, credential = %rot.key.credential, version = rot.version, "a new rotation waits for the current version's acknowledgements (at most until its grace deadline)");
+            tokio::select! {
+                _ = tokio::time::sleep(left) => return Ok(()),
+                _ = &mut changed => {}
+                _ = self.cancel.cancelled() => return Err(super::engine::Stop::Drained),
+            }
+        }
+    }
+
+    /// `consumer` (every awaited one when `None`) acknowledges `version` of
+    /// `key`; `actor` did it. Persisted and audited; the last ack of a
+    /// version moves the retirement of the previous one to now.
+    pub(crate) async fn ack(
+        &self,
+        key: &CredentialKey,
+        version: VersionNo,
+        consumer: Option<&str>,
+        actor: Actor,
+    ) -> Result<AckOutcome, AckError> {
+        let now = self.now();
+        let (acknowledged, awaiting, complete) = {
+            let mut map = self.awaited();
+            let Some(a) = map.get_mut(key) else {
+                return Err(AckError::NothingAwaited { key: key.clone() });
+            };
+            if a.version != version {
+                return Err(AckError::Stale {
+                    key: key.clone(),
+                    version,
+                    awaited: a.version,
+                });
+            }
+            let mut acknowledged = Vec::new();
+            for c in a.consumers.iter_mut() {
+                if !c.acked && consumer.is_none_or(|n| n == c.name) {
+                    c.acked = true;
+                    acknowledged.push(c.name.clone());
+                }
+            }
+            let awaiting: Vec<String> = a.outstanding().map(|c| c.name.clone()).collect();
+            (acknowledged, awaiting, a.complete())
+        };
+        if acknowledged.is_empty() {
+            return Ok(AckOutcome {
+                acknowledged,
+                awaiting,
+                retiring: complete,
+            });
+        }
+        self.metrics.acks_awaiting(-(acknowledged.len() as i64));
+        let entry = self
+            .catalog()
+            .creds
+            .get(key)
+            .cloned()
+            .or_else(|| self.departed_entries().get(key).cloned());
+        let mut writes: Vec<Write> = acknowledged
+            .iter()
+            .map(|c| Write::Acked {
+                key: key.clone(),
+                version,
+                consumer: c.clone(),
+                at: now,
+            })
+            .collect();
+        for c in &acknowledged {
+            let mut ev = AuditEvent::new("delivery.ack", actor.clone(), Outcome::Ok);
+            ev.agent = Some(key.agent.clone());
+            ev.credential = Some(key.credential.clone());
+            if let Some(e) = &entry {
+                ev.tenant = Some(e.agent.tenant.clone());
+                ev.owner = Some(e.agent.owner.clone());
+            }
+            ev.version = Some(version);
+            ev.detail = Some(format!("consumer={c}"));
+            match self.append(ev).await {
+                Ok(head) => writes.push(Write::AuditHead(head)),
+                Err(e) => return Err(AckError::Internal(format!("audit: {}", e.message))),
+            }
+        }
+        if let Err(e) = self.persist(writes).await {
+            return Err(AckError::Internal(format!("state: {}", e.message)));
+        }
+        tracing::info!(agent = %key.agent, credential = %key.credential, version, consumers = %acknowledged.join(", "), actor = %actor, "acknowledged");
+        self.ack_changed.notify_waiters();
+        let mut retiring = false;
+        if complete {
+            // The retire timer, if the rotation is waiting for it, fires now.
+            let mut live = self.live();
+            if live.get(key).is_some_and(|l| l.retire_at.is_some()) {
+                live.schedule(key, Job::Retire, now);
+                retiring = true;
+            }
+            drop(live);
+            self.wake.notify_one();
+        }
+        Ok(AckOutcome {
+            acknowledged,
+            awaiting,
+            retiring,
+        })
+    }
+
+    /// Rebuilds the awaited consumers from state at start-up. `retiring`:
+    /// the versions whose previous version is still to be retired (their
+    /// rotation is at its retire step); any other version's outstanding
+    /// consumers are holdouts already.
+    pub(super) fn restore_awaited(
+        self: &Arc<Self>,
+        rows: Vec<AckRow>,
+        retiring: &HashMap<CredentialKey, VersionNo>,
+    ) {
+        let catalog = self.catalog();
+        let mut map = self.awaited();
+        let mut outstanding = 0i64;
+        let mut watches = Vec::new();
+        for row in rows {
+            let sink = catalog.creds.get(&row.key).and_then(|e| {
+                e.sinks
+                    .iter()
+                    .find(|s| s.describe() == row.consumer)
+                    .cloned()
+            });
+            let acked = row.acked_at.is_some();
+            let mut how = AckHow::Explicit;
+            if !acked
+                && let Some(sink) = &sink
+                && let Some(w) = sink.ack_watch(&row.key, row.version)
+            {
+                how = AckHow::Watched;
+                watches.push((row.key.clone(), row.version, row.consumer.clone(), w));
+            }
+            outstanding += i64::from(!acked);
+            let a = map.entry(row.key.clone()).or_insert_with(|| Awaited {
+                version: row.version,
+                consumers: Vec::new(),
+                retired_with_holdouts: retiring.get(&row.key) != Some(&row.version),
+            });
+            a.consumers.push(Consumer {
+                name: row.consumer,
+                how,
+                acked,
+            });
+        }
+        drop(map);
+        self.metrics.acks_awaiting(outstanding);
+        for (key, version, name, w) in watches {
+            self.clone().spawn_ack_watch(key, version, name, w);
+        }
+    }
+
+    /// Acknowledges for `name` when its sink's watch says so.
+    fn spawn_ack_watch(
+        self: Arc<Self>,
+        key: CredentialKey,
+        version: VersionNo,
+        name: String,
+        watch: crate::sinks::AckWatch,
+    ) {
+        let tracker = self.tracker.clone();
+        tracker.spawn(async move {
+            let result = tokio::select! {
+                r = watch => r,
+                _ = self.cancel.cancelled() => return,
+            };
+            match result {
+                Ok(()) => {
+                    if let Err(e) = self.ack(&key, version, Some(&name), Actor::Daemon).await
+                        && !matches!(e, AckError::Stale { .. } | AckError::NothingAwaited { .. })
+                    {
+                        tracing::warn!(agent = %key.agent, credential = %key.credential, version, consumer = %name, error = %e, "recording an acknowledgement failed");
+                    }
+                }
+                // A watch of a version that was replaced ends so.
+                Err(e) if !self.awaits_from(&key, version, &name) => {
+                    tracing::debug!(agent = %key.agent, credential = %key.credential, version, consumer = %name, error = %e, "acknowledgement watch ended");
+                }
+                Err(e) => {
+                    tracing::warn!(agent = %key.agent, credential = %key.credential, version, consumer = %name, error = %e, "watching for an acknowledgement failed; the consumer can still ack with `keyturn ack`");
+                }
+            }
+        });
+    }
+
+    /// Retries a failed delivery to a sink that does not hold up the
+    /// rotation, with the step back-off (capped, jittered, without an
+    /// attempt limit), auditing each attempt, until it succeeds, the version
+    /// is no longer awaited from it (a newer one was delivered), or the
+    /// grace deadline passes (then the consumer is a holdout).
+    fn spawn_delivery_retry(
+        self: Arc<Self>,
+        key: CredentialKey,
+        sink: Arc<dyn Sink>,
+        notice: Notice,
+        value: SecretValue,
+        deadline: DateTime<Utc>,
+    ) {
+        let tracker = self.tracker.clone();
+        tracker.spawn(async move {
+            let retry = entry_retry(&self.catalog());
+            let mut delays = ExponentialBuilder::default()
+                .with_min_delay(retry.initial_delay)
+                .with_max_delay(retry.max_delay)
+                .without_max_times()
+                .with_jitter()
+                .build();
+            let name = sink.describe();
+            let version = notice.version;
+            let mut attempt = 1u32;
+            loop {
+                let delay = delays.next().unwrap_or(retry.max_delay);
+                let left = (deadline - self.now()).to_std().unwrap_or(Duration::ZERO);
+                if left.is_zero() {
+                    tracing::warn!(agent = %key.agent, credential = %key.credential, version, sink = %name, "grace deadline passed: delivery no longer retried");
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay.min(left)) => {}
+                    _ = self.cancel.cancelled() => return,
+                }
+                if !self.awaits_from(&key, version, &name) {
+                    return;
+                }
+                let Some(entry) = self.catalog().creds.get(&key).cloned() else {
+                    return;
+                };
+                attempt += 1;
+                let result = sink.deliver(&notice, &value).await;
+                self.metrics.delivery(sink.kind(), result.is_ok());
+                let (outcome, error) = match &result {
+                    Ok(_) => (Outcome::Ok, None),
+                    Err(e) => (Outcome::Failed, Some(format!("attempt {attempt}: {e}"))),
+                };
+                let head = self
+                    .audit_delivery(&entry, &notice, outcome, name.clone(), error)
+                    .await;
+                match head {
+                    Ok(h) => {
+                        if let Err(e) = self.persist(vec![h]).await {
+                            tracing::error!(error = %e, "recording a delivery attempt failed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "auditing a delivery attempt failed");
+                    }
+                }
+                match result {
+                    Ok(Delivered::Acknowledged) => {
+                        let _ = self.ack(&key, version, Some(&name), Actor::Daemon).await;
+                        return;
+                    }
+                    Ok(Delivered::Sent) => {
+                        let watch = sink.ack_watch(&key, version);
+                        self.set_how(
+                            &key,
+                            version,
+                            &name,
+                            if watch.is_some() {
+                                AckHow::Watched
+                            } else {
+                                AckHow::Explicit
+                            },
+                        );
+                        if let Some(w) = watch {
+                            self.clone().spawn_ack_watch(key.clone(), version, name, w);
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        // Every kind is retried: a receiver that refuses now
+                        // may be fixed before the grace deadline.
+                        tracing::warn!(agent = %key.agent, credential = %key.credential, version, sink = %name, attempt, error = %e, "delivery failed; retrying in the background");
+                    }
+                }
+            }
+        });
+    }
+
+    fn awaits_from(&self, key: &CredentialKey, version: VersionNo, name: &str) -> bool {
+        self.awaited().get(key).is_some_and(|a| {
+            a.version == version && a.consumers.iter().any(|c| c.name == name && !c.acked)
+        })
+    }
+
+    fn set_how(&self, key: &CredentialKey, version: VersionNo, name: &str, how: AckHow) {
+        if let Some(a) = self.awaited().get_mut(key).filter(|a| a.version == version)
+            && let Some(c) = a.consumers.iter_mut().find(|c| c.name == name)
+        {
+            c.how = how;
+        }
+    }
+}

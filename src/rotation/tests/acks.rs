@@ -1,0 +1,356 @@
+//! Acknowledgements and cut-over under paused time: the previous version is
+//! retired right after the last awaited ack (not before), or at the grace
+//! deadline with the holdouts reported; a sink that does not hold up the
+//! rotation is retried in the background; a restart keeps what is awaited.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+use crate::audit::Actor;
+use crate::rotation::AckError;
+
+/// A consumer that must acknowledge: its delivery is `Sent`.
+struct SentSink {
+    name: &'static str,
+    versions: Mutex<Vec<VersionNo>>,
+}
+
+impl SentSink {
+    fn new(name: &'static str) -> Arc<SentSink> {
+        Arc::new(SentSink {
+            name,
+            versions: Mutex::default(),
+        })
+    }
+}
+
+#[async_trait]
+impl Sink for SentSink {
+    fn kind(&self) -> &'static str {
+        "sent"
+    }
+    fn describe(&self) -> String {
+        format!("sent:{}", self.name)
+    }
+    async fn deliver(&self, notice: &Notice, _: &SecretValue) -> Result<Delivered, PluginError> {
+        self.versions.lock().unwrap().push(notice.version);
+        Ok(Delivered::Sent)
+    }
+    async fn retract(&self, _: &CredentialKey) -> Result<(), PluginError> {
+        Ok(())
+    }
+    async fn preflight(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
+/// A receiver that is down for its first `fails` deliveries, and does not
+/// hold up the rotation (a webhook).
+struct DownSink {
+    fails: AtomicUsize,
+    attempts: Mutex<Vec<(VersionNo, Instant)>>,
+}
+
+impl DownSink {
+    fn new(fails: usize) -> Arc<DownSink> {
+        Arc::new(DownSink {
+            fails: AtomicUsize::new(fails),
+            attempts: Mutex::default(),
+        })
+    }
+    fn attempts(&self) -> Vec<(VersionNo, Instant)> {
+        self.attempts.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Sink for DownSink {
+    fn kind(&self) -> &'static str {
+        "down"
+    }
+    fn describe(&self) -> String {
+        "down:receiver".into()
+    }
+    fn holds_up_rotation(&self) -> bool {
+        false
+    }
+    async fn deliver(&self, notice: &Notice, _: &SecretValue) -> Result<Delivered, PluginError> {
+        self.attempts
+            .lock()
+            .unwrap()
+            .push((notice.version, Instant::now()));
+        let left = self.fails.load(Ordering::SeqCst);
+        if left > 0 {
+            self.fails.store(left - 1, Ordering::SeqCst);
+            return Err(PluginError::new(
+                ErrorKind::Transient,
+                "connection refused (injected)",
+            ));
+        }
+        Ok(Delivered::Acknowledged)
+    }
+    async fn retract(&self, _: &CredentialKey) -> Result<(), PluginError> {
+        Ok(())
+    }
+    async fn preflight(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+const SCHEDULE: &str = "every = \"6h\"\ngrace = \"1h\"";
+
+fn rig_with(extra: &[Arc<dyn Sink>]) -> Rig {
+    Rig::in_dir_with(
+        tempfile::tempdir().unwrap(),
+        1,
+        SCHEDULE,
+        "",
+        Arc::new(MemoryStore::new()),
+        Arc::default(),
+        extra,
+    )
+}
+
+fn retires(rig: &Rig) -> Vec<Duration> {
+    rig.vault
+        .times("retire", None)
+        .iter()
+        .map(|t| rig.at(*t))
+        .collect()
+}
+
+async fn ack(rig: &Rig, version: VersionNo, consumer: Option<&str>) -> Result<(), AckError> {
+    rig.engine
+        .inner
+        .ack(&key("c0"), version, consumer, Actor::Daemon)
+        .await
+        .map(|_| ())
+}
+
+/// Version 1 delivered and acknowledged by everyone, then version 2
+/// delivered at `10 min`: the rig's state for the tests below.
+async fn second_version_delivered(rig: &Rig) {
+    rig.run().await;
+    rig.until(Duration::from_secs(1), "first version", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    ack(rig, 1, None).await.unwrap();
+    tokio::time::sleep(10 * MINUTE).await;
+    let done = rig.rotate_c0().await;
+    assert_eq!((done.error, done.version), (None, Some(2)));
+    assert_eq!(
+        retires(rig),
+        Vec::<Duration>::new(),
+        "nothing to retire yet"
+    );
+}
+
+fn audit_text(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("audit.log")).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_previous_version_retires_right_after_the_last_ack_and_not_before() {
+    let (a, b) = (SentSink::new("a"), SentSink::new("b"));
+    let rig = rig_with(&[a.clone(), b.clone()]);
+    second_version_delivered(&rig).await;
+    assert_eq!(
+        rig.status("c0").awaiting_ack,
+        vec!["sent:a (ack=explicit)", "sent:b (ack=explicit)"]
+    );
+    tokio::time::sleep(10 * MINUTE).await;
+    ack(&rig, 2, Some("sent:a")).await.unwrap();
+    tokio::time::sleep(10 * MINUTE).await;
+    assert_eq!(
+        retires(&rig),
+        Vec::<Duration>::new(),
+        "one consumer of two has acked: the previous version stays"
+    );
+    assert_eq!(rig.status("c0").awaiting_ack, vec!["sent:b (ack=explicit)"]);
+    // A stale version is refused and changes nothing.
+    assert!(matches!(
+        ack(&rig, 1, None).await,
+        Err(AckError::Stale { awaited: 2, .. })
+    ));
+    // The last ack, at 30 min: the retirement runs right after it, 40 min
+    // before the grace deadline.
+    let acked_at = rig.at(Instant::now());
+    assert!(acked_at >= 30 * MINUTE && acked_at < 31 * MINUTE);
+    ack(&rig, 2, Some("sent:b")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(retires(&rig), vec![acked_at]);
+    assert_eq!(
+        rig.vault.stages(&path("c0")),
+        vec![(1, Stage::Retired), (2, Stage::Current)]
+    );
+    let s = rig.status("c0");
+    assert!(s.awaiting_ack.is_empty() && s.holdouts.is_empty(), "{s:?}");
+    // Nothing more happens at the grace deadline.
+    tokio::time::sleep(2 * HOUR).await;
+    assert_eq!(retires(&rig), vec![acked_at]);
+    let dir = rig.shutdown().await;
+    let audit = audit_text(dir.path());
+    // Version 1 by both consumers at once, then version 2 by each.
+    assert_eq!(
+        audit.matches("\"delivery.ack\"").count(),
+        2 + 1 + 1,
+        "{audit}"
+    );
+    assert!(audit.contains("consumer=sent:b"), "{audit}");
+    assert!(!audit.contains("delivery.holdout"), "{audit}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_a_missing_ack_it_retires_at_the_grace_deadline_and_names_the_holdout() {
+    let (a, b) = (SentSink::new("a"), SentSink::new("b"));
+    let rig = rig_with(&[a.clone(), b.clone()]);
+    second_version_delivered(&rig).await;
+    let delivered_at = rig.at(Instant::now());
+    ack(&rig, 2, Some("sent:a")).await.unwrap();
+    tokio::time::sleep(59 * MINUTE).await;
+    assert_eq!(
+        retires(&rig),
+        Vec::<Duration>::new(),
+        "not before the deadline"
+    );
+    tokio::time::sleep(2 * MINUTE).await;
+    assert_eq!(
+        retires(&rig),
+        vec![delivered_at + HOUR],
+        "at the grace deadline: one hour after delivery"
+    );
+    let s = rig.status("c0");
+    assert_eq!(s.holdouts, vec!["sent:b (ack=explicit)"], "{s:?}");
+    assert!(s.awaiting_ack.is_empty());
+    let metrics = rig.engine.inner.metrics.encode();
+    assert!(
+        metrics.contains("keyturn_ack_holdouts_total 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("keyturn_acks_awaiting 1\n"), "{metrics}");
+    // A late ack still counts: the holdout is gone.
+    ack(&rig, 2, None).await.unwrap();
+    assert!(rig.status("c0").holdouts.is_empty());
+    let dir = rig.shutdown().await;
+    let audit = audit_text(dir.path());
+    let holdout = audit
+        .lines()
+        .find(|l| l.contains("\"delivery.holdout\""))
+        .unwrap_or_else(|| panic!("no holdout record: {audit}"));
+    assert!(holdout.contains("sent:b (ack=explicit)"), "{holdout}");
+    assert!(!holdout.contains("sent:a"), "{holdout}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_rotation_waits_for_the_current_versions_acks_before_retiring_it() {
+    let a: Arc<dyn Sink> = SentSink::new("a");
+    let rig = rig_with(&[a]);
+    second_version_delivered(&rig).await;
+    // A manual rotation 5 minutes later: it must not retire version 1
+    // under a consumer that has not moved to version 2.
+    tokio::time::sleep(5 * MINUTE).await;
+    let engine = rig.engine.clone();
+    let third = tokio::spawn(async move { engine.trigger(&key("c0")).unwrap().await.unwrap() });
+    tokio::time::sleep(10 * MINUTE).await;
+    assert_eq!(retires(&rig), Vec::<Duration>::new());
+    assert_eq!(rig.vault.times("stage", None).len(), 2, "version 3 waits");
+    let acked_at = rig.at(Instant::now());
+    ack(&rig, 2, None).await.unwrap();
+    let done = third.await.unwrap();
+    assert_eq!((done.error, done.version), (None, Some(3)));
+    assert_eq!(retires(&rig), vec![acked_at], "right after the ack");
+    assert_eq!(rig.at(rig.vault.times("stage", None)[2]), acked_at);
+    rig.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_receiver_that_is_down_is_retried_in_the_background_while_the_rotation_goes_on() {
+    let down = DownSink::new(3);
+    let sinks: Vec<Arc<dyn Sink>> = vec![down.clone()];
+    let rig = rig_with(&sinks);
+    rig.run().await;
+    rig.until(Duration::from_secs(1), "first version", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    // The rotation finished and the other sink has the version, although
+    // the receiver refused it.
+    let s = rig.status("c0");
+    assert_eq!(
+        (s.version, s.last_error.as_deref()),
+        (Some(1), None),
+        "{s:?}"
+    );
+    assert_eq!(s.awaiting_ack, vec!["down:receiver (delivery retrying)"]);
+    assert_eq!(rig.sink.versions("c0"), vec![1]);
+    tokio::time::sleep(MINUTE).await;
+    let attempts = down.attempts();
+    assert_eq!(attempts.len(), 4, "three failures, then delivered");
+    assert!(attempts.iter().all(|(v, _)| *v == 1));
+    // Back-off between attempts: jittered, growing, capped at 4 s.
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    assert!(gaps[0] >= Duration::from_secs(1), "{gaps:?}");
+    assert!(
+        gaps.iter().all(|g| *g <= Duration::from_secs(8)),
+        "{gaps:?}"
+    );
+    assert!(rig.status("c0").awaiting_ack.is_empty());
+    // Version 2: the receiver is down twice more. Its delivery, once it
+    // succeeds, counts as its ack: the previous version retires right then,
+    // long before the grace deadline.
+    down.fails.store(2, Ordering::SeqCst);
+    let done = rig.rotate_c0().await;
+    assert_eq!((done.error, done.version), (None, Some(2)));
+    assert_eq!(rig.vault.times("retire", None).len(), 0);
+    rig.until(Duration::from_secs(30), "retired", |r| {
+        !r.vault.times("retire", None).is_empty()
+    })
+    .await;
+    let delivered = down.attempts().last().unwrap().1;
+    let retired = rig.vault.times("retire", None)[0];
+    assert_eq!(down.attempts().len(), 7);
+    assert!(
+        retired - delivered < Duration::from_millis(200),
+        "{:?}",
+        retired - delivered
+    );
+    assert!(rig.status("c0").awaiting_ack.is_empty());
+    let dir = rig.shutdown().await;
+    let audit = audit_text(dir.path());
+    let failed = audit
+        .lines()
+        .filter(|l| l.contains("down:receiver") && l.contains("\"failed\""))
+        .count();
+    assert_eq!(failed, 5, "every failed attempt is audited: {audit}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_keeps_the_awaited_acks_and_never_retires_early() {
+    let a: Arc<dyn Sink> = SentSink::new("a");
+    let rig = rig_with(&[a]);
+    second_version_delivered(&rig).await;
+    tokio::time::sleep(10 * MINUTE).await;
+    let (store, vault) = (rig.store.clone(), rig.vault.clone());
+    let dir = rig.shutdown().await;
+    let a2: Arc<dyn Sink> = SentSink::new("a");
+    let rig = Rig::in_dir_with(dir, 1, SCHEDULE, "", store, vault, &[a2]);
+    rig.run().await;
+    tokio::time::sleep(20 * MINUTE).await;
+    assert_eq!(
+        rig.vault.times("retire", None).len(),
+        0,
+        "the restart did not retire the previous version"
+    );
+    assert_eq!(rig.status("c0").awaiting_ack, vec!["sent:a (ack=explicit)"]);
+    // An ack after the restart counts: the retirement runs right after it.
+    rig.engine
+        .ack(&key("c0"), 2, Actor::Daemon)
+        .await
+        .expect("acknowledged");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(rig.vault.times("retire", None).len(), 1);
+    assert!(rig.status("c0").awaiting_ack.is_empty());
+    rig.shutdown().await;
+}

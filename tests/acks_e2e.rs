@@ -1,0 +1,204 @@
+//! End-to-end tests of acknowledgements with the real binary: `keyturn ack`
+//! on the agents' socket (root, the agent's uid, and a refused other uid),
+//! and a file sink with `ack = "open"` acknowledged by a reader opening it.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+use keyturn::model::Stage;
+
+/// The agent's uid in these tests; another uid is refused.
+const AGENT_UID: u32 = 65533;
+const OTHER_UID: u32 = 65534;
+
+fn credential(ack: &str) -> String {
+    format!(
+        r#"[agents.bot]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+uid = {AGENT_UID}
+
+[agents.bot.credentials.db]
+vault = "local"
+generate = {{ kind = "password", length = 32 }}
+every = "24h"
+grace = "1h"
+deliver = [{{ type = "file", path = "{{root}}/bot/db", ack = "{ack}" }}]
+"#
+    )
+}
+
+/// An env whose directory others may traverse (not list), so that a CLI
+/// run as another uid reaches the config and the agents' socket.
+fn env(ack: &str) -> Env {
+    let env = Env::with_daemon(&credential(ack), "agent_socket = \"{dir}/run/agent.sock\"");
+    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    env
+}
+
+/// `keyturn ack bot/db VERSION` run as `uid` (`None`: this test's own).
+fn ack_as(env: &Env, uid: Option<u32>, version: u64) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(["ack", "bot/db", &version.to_string(), "--config"])
+        .arg(&env.config)
+        .env_remove("KEYTURN_CONFIG")
+        .env_remove("KEYTURN_AGENT_SOCKET")
+        .stdin(Stdio::null());
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    cmd.output().expect("run keyturn ack")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn stage_of(env: &Env, version: u64) -> Option<Stage> {
+    stages(env, &bot_key("db"))
+        .into_iter()
+        .find(|(v, _)| *v == version)
+        .map(|(_, s)| s)
+}
+
+fn awaiting(env: &Env) -> Vec<String> {
+    let rows = status_json(env);
+    row(&rows, "bot", "db")["awaiting_ack"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default()
+}
+
+fn wait_retired(env: &Env, version: u64) {
+    wait_for(Duration::from_secs(10), || {
+        (stage_of(env, version) == Some(Stage::Retired)).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "version {version} was not retired: {:?}",
+            stages(env, &bot_key("db"))
+        )
+    });
+}
+
+#[test]
+fn keyturn_ack_retires_the_previous_version_and_refuses_other_uids() {
+    assert_eq!(
+        nix::unistd::geteuid().as_raw(),
+        0,
+        "runs as root (CI does): it spawns the CLI as other uids"
+    );
+    let env = env("explicit");
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    let path = env.root().join("bot/db");
+    assert_eq!(
+        awaiting(&env),
+        vec![format!("file:{} (ack=explicit)", path.display())]
+    );
+    // Root acks version 1 (nothing to retire before it).
+    let out = ack_as(&env, None, 1);
+    assert!(out.status.success(), "{}", text(&out));
+
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    wait_version(&env, "bot", "db", 2);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(stage_of(&env, 1), Some(Stage::Previous), "awaits the ack");
+
+    // Another uid is refused, and the refusal is audited with its uid.
+    let out = ack_as(&env, Some(OTHER_UID), 2);
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("may not acknowledge"),
+        "{}",
+        text(&out)
+    );
+    let refused = audit_records(&env)
+        .into_iter()
+        .find(|r| r["event"] == "ack.refused")
+        .expect("an ack.refused record");
+    assert_eq!(refused["actor"]["uid"], OTHER_UID, "{refused}");
+    assert_eq!(refused["credential"], "db", "{refused}");
+    // A stale version is a clear error.
+    let out = ack_as(&env, Some(AGENT_UID), 1);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("version 1 is not the one awaiting"),
+        "{}",
+        text(&out)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        stage_of(&env, 1),
+        Some(Stage::Previous),
+        "still awaits the ack"
+    );
+
+    // The agent's own uid acks: the previous version goes right after.
+    let out = ack_as(&env, Some(AGENT_UID), 2);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("acknowledged"),
+        "{}",
+        text(&out)
+    );
+    wait_retired(&env, 1);
+    assert!(awaiting(&env).is_empty());
+    let acks: Vec<_> = audit_records(&env)
+        .into_iter()
+        .filter(|r| r["event"] == "delivery.ack" && r["version"] == 2)
+        .collect();
+    assert_eq!(acks.len(), 1, "{acks:?}");
+    assert_eq!(acks[0]["actor"]["uid"], AGENT_UID, "{:?}", acks[0]);
+    daemon.stop();
+    audit_verifies(&env, "after acks");
+}
+
+#[test]
+fn with_ack_open_a_reader_opening_the_file_acknowledges_it() {
+    let env = env("open");
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    let path = env.root().join("bot/db");
+    std::fs::read(&path).unwrap();
+    wait_for(Duration::from_secs(10), || {
+        awaiting(&env).is_empty().then_some(())
+    })
+    .unwrap_or_else(|| panic!("reading version 1 acks it: {:?}", status_json(&env)));
+
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    wait_version(&env, "bot", "db", 2);
+    assert_eq!(
+        awaiting(&env),
+        vec![format!("file:{} (ack=open)", path.display())]
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        stage_of(&env, 1),
+        Some(Stage::Previous),
+        "keyturn's own writes are not an ack"
+    );
+    // The reader opens the new file: version 1 goes right after.
+    let value = std::fs::read(&path).unwrap();
+    assert_eq!(value.len(), 32);
+    wait_retired(&env, 1);
+    let acks: Vec<_> = audit_records(&env)
+        .into_iter()
+        .filter(|r| r["event"] == "delivery.ack" && r["version"] == 2)
+        .collect();
+    assert_eq!(acks.len(), 1, "{acks:?}");
+    assert_eq!(acks[0]["actor"]["type"], "daemon", "{:?}", acks[0]);
+    daemon.stop();
+}
