@@ -144,7 +144,7 @@ generate = {{ kind = "password", length = 32 }}
 every = "24h"
 grace = "20s"
 target = {{ type = "postgres", admin_dsn_file = "{dsn}", role = "{role}", strategy = "alternating_users", connect_timeout = "3s" }}
-deliver = [{{ type = "file", path = "{{root}}/bot/db.json", format = "json" }}{signal}]
+deliver = [{{ type = "file", path = "{{root}}/bot/db.json", format = "json", ack = "explicit" }}{signal}]
 "#,
             agent = agent_table("bot"),
             dsn = dsn.display(),
