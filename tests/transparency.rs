@@ -113,6 +113,9 @@ struct Run {
     role: String,
     daemon: Option<Daemon>,
     agent: Option<Child>,
+    /// Holds the signal sink's pid file until the agent runs (the first
+    /// version must be delivered before the agent can start).
+    placeholder: Option<Child>,
     out: PathBuf,
     err: PathBuf,
 }
@@ -156,6 +159,7 @@ deliver = [{{ type = "file", path = "{{root}}/bot/db.json", format = "json", ack
             role,
             daemon: None,
             agent: None,
+            placeholder: None,
             out,
             err,
         }
@@ -218,6 +222,24 @@ deliver = [{{ type = "file", path = "{{root}}/bot/db.json", format = "json", ack
         self.agent = Some(child);
     }
 
+    fn write_pid(&self, pid: u32) {
+        let tmp = self.env.path().join("agent.pid.tmp");
+        std::fs::write(&tmp, format!("{pid}\n")).unwrap();
+        std::fs::rename(&tmp, self.env.path().join("agent.pid")).unwrap();
+    }
+
+    /// A process that ignores SIGHUP, named by the pid file until the agent
+    /// starts.
+    fn start_placeholder(&mut self) {
+        let p = Command::new("sh")
+            .args(["-c", "trap '' HUP; exec sleep 600"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.write_pid(p.id());
+        self.placeholder = Some(p);
+    }
+
     fn agent_err(&self) -> String {
         std::fs::read_to_string(&self.err).unwrap_or_default()
     }
@@ -261,6 +283,10 @@ deliver = [{{ type = "file", path = "{{root}}/bot/db.json", format = "json", ack
 
 impl Drop for Run {
     fn drop(&mut self) {
+        if let Some(mut p) = self.placeholder.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
         if let Some(mut a) = self.agent.take() {
             unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
             let _ = wait_for(Duration::from_secs(5), || a.try_wait().unwrap());
@@ -285,6 +311,9 @@ fn tail(s: &str) -> String {
 
 fn transparency(variant: Variant, lang: Lang) {
     let mut run = Run::new(variant);
+    if variant == Variant::Sighup {
+        run.start_placeholder();
+    }
     run.daemon = Some(run.env.start());
     wait_version(&run.env, "bot", "db", 1);
     run.start_agent(variant, lang);
@@ -309,6 +338,8 @@ fn transparency(variant: Variant, lang: Lang) {
     let took = t.elapsed();
     let last = rotations + 1;
     run.wait_agent_uses(last, Duration::from_secs(20));
+    // Let the loop run queries with it (a reload is followed by queries).
+    std::thread::sleep(Duration::from_secs(1));
     let summaries = run.stop_agent();
     assert!(!summaries.is_empty(), "the agent printed no summary");
     let sum = |k: &str| {
