@@ -385,10 +385,8 @@ mod tests {
         let a = fingerprint(&p);
         assert!(fingerprint(&p) == a, "nothing happened: no change");
         std::fs::write(dir.path().join("tmp"), "one").unwrap();
-        let tmp = fingerprint(&dir.path().join("tmp"));
         std::fs::rename(dir.path().join("tmp"), &p).unwrap();
-        assert!(fingerprint(&p) != a, "renamed over it: a new version");
-        assert!(fingerprint(&p) == tmp);
+        assert!(fingerprint(&p) != a, "renamed over it, same bytes: a new version");
         let b = fingerprint(&p);
         std::thread::sleep(Duration::from_millis(10));
         std::fs::write(&p, "two").unwrap();
