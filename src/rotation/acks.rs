@@ -515,6 +515,58 @@ impl Inner {
         }
     }
 
+    /// After a restart: the deliveries that were being retried in the
+    /// background (to sinks that do not hold up the rotation, for a version
+    /// still in its grace period) are retried again, with the value read
+    /// back from the vault.
+    pub(super) fn resume_deliveries(self: &Arc<Self>, retiring: Vec<RotationRow>) {
+        let catalog = self.catalog();
+        let now = self.now();
+        for rot in retiring {
+            let (Some(entry), Some(deadline)) = (catalog.creds.get(&rot.key), rot.retire_at) else {
+                continue;
+            };
+            if deadline <= now {
+                continue;
+            }
+            let sinks: Vec<Arc<dyn Sink>> = entry
+                .sinks
+                .iter()
+                .filter(|s| {
+                    !s.holds_up_rotation() && self.awaits_from(&rot.key, rot.version, &s.describe())
+                })
+                .cloned()
+                .collect();
+            if sinks.is_empty() {
+                continue;
+            }
+            for s in &sinks {
+                self.set_how(&rot.key, rot.version, &s.describe(), AckHow::Retrying);
+            }
+            let (me, entry) = (self.clone(), entry.clone());
+            self.tracker.spawn(async move {
+                let value = match me.read_staged(&entry, &rot).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(agent = %rot.key.agent, credential = %rot.key.credential, version = rot.version, error = %e.message(), "cannot resume the deliveries being retried: the version cannot be read back");
+                        return;
+                    }
+                };
+                let next_due = me.cred_row(entry.key()).next_due;
+                let notice = super::steps::notice_for(&entry, &rot, &value, rot.updated_at, next_due);
+                for sink in sinks {
+                    me.clone().spawn_delivery_retry(
+                        rot.key.clone(),
+                        sink,
+                        notice.clone(),
+                        value.clone(),
+                        deadline,
+                    );
+                }
+            });
+        }
+    }
+
     /// Acknowledges for `name` when its sink's watch says so.
     fn spawn_ack_watch(
         self: Arc<Self>,

@@ -215,6 +215,14 @@ impl Engine {
             .collect();
         self.inner
             .restore_awaited(std::mem::take(&mut snapshot.acks), &retiring);
+        self.inner.resume_deliveries(
+            snapshot
+                .unfinished
+                .iter()
+                .filter(|r| r.step == Step::Retire)
+                .cloned()
+                .collect(),
+        );
         for rot in &mut snapshot.unfinished {
             if rot.step == Step::Retire {
                 rot.retire_at = self.inner.retire_time(&rot.key, rot.version, rot.retire_at);

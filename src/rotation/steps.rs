@@ -378,21 +378,8 @@ impl Inner {
             }
             Step::Deliver => {
                 let value = self.read_staged(entry, rot).await?;
-                let kind = generators::kind_of(&entry.cfg.generate);
-                let public = generators::public_part(kind, &value);
                 let row = delivered_row(entry, rot);
-                let notice = Notice {
-                    key: key.clone(),
-                    tenant: entry.agent.tenant.clone(),
-                    owner: entry.agent.owner.clone(),
-                    version: rot.version,
-                    rotation: rot.id.clone(),
-                    rotated_at: self.now(),
-                    expires_hint: row.next_due.map(|d| d + chrono_dur(entry.cfg.grace)),
-                    kind,
-                    public,
-                    login: entry.target.as_ref().and_then(|t| t.login_for(rot.version)),
-                };
+                let notice = notice_for(entry, rot, &value, self.now(), row.next_due);
                 let mut writes = self.deliver_to_sinks(entry, &notice, &value).await?;
                 writes.push(Write::Credential(row));
                 Ok(writes)
@@ -542,6 +529,29 @@ impl Inner {
             .map_err(|e| StepError::new("audit", e))?;
         }
         Ok(())
+    }
+}
+
+/// What the sinks are told of the version `rot` made (`value`).
+pub(super) fn notice_for(
+    entry: &CredEntry,
+    rot: &RotationRow,
+    value: &SecretValue,
+    rotated_at: chrono::DateTime<chrono::Utc>,
+    next_due: Option<chrono::DateTime<chrono::Utc>>,
+) -> Notice {
+    let kind = generators::kind_of(&entry.cfg.generate);
+    Notice {
+        key: entry.key().clone(),
+        tenant: entry.agent.tenant.clone(),
+        owner: entry.agent.owner.clone(),
+        version: rot.version,
+        rotation: rot.id.clone(),
+        rotated_at,
+        expires_hint: next_due.map(|d| d + chrono_dur(entry.cfg.grace)),
+        kind,
+        public: generators::public_part(kind, value),
+        login: entry.target.as_ref().and_then(|t| t.login_for(rot.version)),
     }
 }
 

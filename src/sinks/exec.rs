@@ -14,8 +14,9 @@
 //! - The value is never in argv or the environment (other local users can
 //!   read both via /proc). With `stdin_value = true` it arrives on stdin,
 //!   followed by EOF; otherwise stdin is `/dev/null`.
-//! - Exit 0: the delivery is [`Delivered::Sent`] (the program ran; whether
-//!   the agent took the new value is not known). Exit 75 (`EX_TEMPFAIL`),
+//! - Exit 0: the delivery is [`Delivered::Acknowledged`] (the program ran
+//!   and is the agent's way of taking the value; nothing awaits an ack from
+//!   it, see `rotation/acks.rs`). Exit 75 (`EX_TEMPFAIL`),
 //!   death by a signal and a timeout are transient (the engine retries);
 //!   any other status is `invalid`. On timeout the whole group is killed.
 //! - The error carries only how the program ended; the end of its stderr
@@ -135,7 +136,7 @@ impl Sink for ExecSink {
                 "exec sink failed; the end of its stderr, value redacted"
             );
         })?;
-        Ok(Delivered::Sent)
+        Ok(Delivered::Acknowledged)
     }
 
     /// Nothing was placed anywhere.
@@ -255,7 +256,7 @@ env > "$1/env"; readlink /proc/$$/fd/0 > "$1/fd0"; cat > "$1/stdin""#,
                 "{cmdline}"
             );
             std::fs::write(dir.path().join("go"), "").unwrap();
-            assert_eq!(run.await.unwrap().unwrap(), Delivered::Sent);
+            assert_eq!(run.await.unwrap().unwrap(), Delivered::Acknowledged);
 
             let env = std::fs::read_to_string(dir.path().join("env")).unwrap();
             let vars: Vec<&str> = env.lines().collect();

@@ -354,3 +354,54 @@ async fn a_restart_keeps_the_awaited_acks_and_never_retires_early() {
     assert!(rig.status("c0").awaiting_ack.is_empty());
     rig.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_resumes_the_deliveries_being_retried_in_the_background() {
+    let down = DownSink::new(0);
+    let sinks: Vec<Arc<dyn Sink>> = vec![down.clone()];
+    let rig = rig_with(&sinks);
+    rig.run().await;
+    rig.until(Duration::from_secs(1), "first version", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    assert!(rig.status("c0").awaiting_ack.is_empty());
+    tokio::time::sleep(10 * MINUTE).await;
+    // Version 2, while the receiver is down for good (in this process).
+    down.fails.store(usize::MAX, Ordering::SeqCst);
+    let done = rig.rotate_c0().await;
+    assert_eq!((done.error, done.version), (None, Some(2)));
+    tokio::time::sleep(MINUTE).await;
+    assert_eq!(
+        rig.status("c0").awaiting_ack,
+        vec!["down:receiver (delivery retrying)"]
+    );
+    let (store, vault) = (rig.store.clone(), rig.vault.clone());
+    let dir = rig.shutdown().await;
+    // After the restart the receiver is back after two more failures.
+    let down2 = DownSink::new(2);
+    let sinks: Vec<Arc<dyn Sink>> = vec![down2.clone()];
+    let rig = Rig::in_dir_with(dir, 1, SCHEDULE, "", store, vault, &sinks);
+    rig.run().await;
+    assert_eq!(
+        rig.status("c0").awaiting_ack,
+        vec!["down:receiver (delivery retrying)"]
+    );
+    let retired_before = rig.vault.times("retire", None).len();
+    rig.until(
+        Duration::from_secs(60),
+        "delivered after the restart",
+        |r| r.status("c0").awaiting_ack.is_empty(),
+    )
+    .await;
+    let attempts = down2.attempts();
+    assert_eq!(attempts.len(), 3, "{attempts:?}");
+    assert!(attempts.iter().all(|(v, _)| *v == 2));
+    // Its delivery was its ack: version 1 retires right after, long before
+    // the grace deadline.
+    rig.until(Duration::from_secs(1), "retired", |r| {
+        r.vault.times("retire", None).len() > retired_before
+    })
+    .await;
+    rig.shutdown().await;
+}

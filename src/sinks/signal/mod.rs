@@ -163,8 +163,9 @@ impl Sink for SignalSink {
                 || self.send(),
             )
             .await?;
-        // The consumer was told; whether it re-read is its own affair.
-        Ok(Delivered::Sent)
+        // The consumer was told; whether it re-read is its own affair: a
+        // signal counts as acknowledged (nothing awaits an ack from it).
+        Ok(Delivered::Acknowledged)
     }
 
     async fn retract(&self, _key: &CredentialKey) -> Result<(), PluginError> {
