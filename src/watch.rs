@@ -386,7 +386,10 @@ mod tests {
         assert!(fingerprint(&p) == a, "nothing happened: no change");
         std::fs::write(dir.path().join("tmp"), "one").unwrap();
         std::fs::rename(dir.path().join("tmp"), &p).unwrap();
-        assert!(fingerprint(&p) != a, "renamed over it, same bytes: a new version");
+        assert!(
+            fingerprint(&p) != a,
+            "renamed over it, same bytes: a new version"
+        );
         let b = fingerprint(&p);
         std::thread::sleep(Duration::from_millis(10));
         std::fs::write(&p, "two").unwrap();
