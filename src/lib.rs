@@ -24,6 +24,7 @@
 //! - [`daemon`]     wiring and lifecycle: sd_notify, signals, reload, drain
 //! - [`telemetry`]  tracing setup and the metrics registry
 //! - [`cli`]        the `keyturn` commands
+//! - [`watch`]      `keyturn watch`: run an agent, signal or restart it when its files change
 //! - `test_support` helpers the unit tests of several modules share (tests only)
 
 pub mod api;
@@ -47,3 +48,4 @@ pub mod telemetry;
 #[cfg(test)]
 mod test_support;
 pub mod vaults;
+pub mod watch;

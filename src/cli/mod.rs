@@ -65,6 +65,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run COMMAND and signal or restart it on each new version of a file.
+    Watch(WatchArgs),
     /// Acknowledge that this consumer has version VERSION of
     /// AGENT/CREDENTIAL (its previous version may then be retired). Sent to
     /// the agents' socket; allowed for root, the daemon's user and the
@@ -88,6 +90,29 @@ pub enum Command {
     },
 }
 
+/// `keyturn watch --file PATH [--signal SIG | --restart] [--drain 10s] -- COMMAND...`
+#[derive(Debug, clap::Args)]
+pub struct WatchArgs {
+    /// A delivered file to watch (repeat for several); its directory is watched.
+    #[arg(long = "file", required = true, value_name = "PATH")]
+    pub files: Vec<PathBuf>,
+    /// Signal the command's process group on a change (default SIGHUP).
+    #[arg(long, value_name = "SIG", value_parser = crate::watch::parse_signal, conflicts_with = "restart")]
+    pub signal: Option<nix::sys::signal::Signal>,
+    /// Restart the command on a change: SIGTERM, wait up to --drain, SIGKILL, start again.
+    #[arg(long)]
+    pub restart: bool,
+    /// How long a restart waits for the command to exit before SIGKILL.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub drain: std::time::Duration,
+    /// A burst of changes closer together than this makes one action.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "250ms")]
+    pub debounce: std::time::Duration,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<std::ffi::OsString>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Check the hash chain; name the first bad record.
@@ -99,7 +124,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.command {
         // Client commands stay quiet unless asked.
-        Command::Daemon => cli.log_level.clone(),
+        Command::Daemon | Command::Watch(_) => cli.log_level.clone(),
         _ if cli.log_level == "info" => "warn".to_string(),
         _ => cli.log_level.clone(),
     };
@@ -146,6 +171,21 @@ async fn run(cli: Cli) -> u8 {
             wait,
             json,
         } => rotate(&cli.config, &selector, wait, json).await,
+        Command::Watch(args) => {
+            crate::watch::run(crate::watch::Watch {
+                files: args.files,
+                action: if args.restart {
+                    crate::watch::Action::Restart { drain: args.drain }
+                } else {
+                    crate::watch::Action::Signal(
+                        args.signal.unwrap_or(nix::sys::signal::Signal::SIGHUP),
+                    )
+                },
+                debounce: args.debounce,
+                command: args.command,
+            })
+            .await
+        }
         Command::Ack {
             credential,
             version,
