@@ -420,6 +420,7 @@ impl Inner {
                     .map_err(|e| StepError::new("audit", e))?;
                     result.map_err(|e| StepError::new(format!("sink {}", sink.describe()), e))?;
                 }
+                self.settle_vaults(entry, rot).await?;
                 Ok(vec![Write::Credential(row)])
             }
             Step::Retire => self.retire_previous(entry, rot).await,
@@ -503,6 +504,30 @@ impl Inner {
         let primary = entry.primary();
         let vref = staged_in(entry, rot, primary)?;
         read_from(primary.vault.as_ref(), item, &vref).await
+    }
+
+    /// The end of the deliver step: waits until each vault has made durable
+    /// what it owes others about the promoted version (its change index
+    /// entry, written in the background since the promote). Local delivery
+    /// went first; the step is recorded done only after this, so a replay
+    /// after a crash settles again.
+    pub(super) async fn settle_vaults(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+    ) -> Result<(), StepError> {
+        let item = VaultItem {
+            key: entry.key(),
+            path: &entry.cfg.vault_path(),
+        };
+        for h in entry.vaults.iter() {
+            let vref = staged_in(entry, rot, h)?;
+            h.vault
+                .settle(item, &vref)
+                .await
+                .map_err(|e| vault_error(h.vault.describe(), e))?;
+        }
+        Ok(())
     }
 
     /// Before promote: is the version keyturn knows as current still current
