@@ -80,7 +80,7 @@ pub(super) fn sweep_pick(polls: usize, n: usize) -> Option<usize> {
         return None;
     }
     let stride = (SWEEP_POLLS / n).max(1);
-    (polls % stride == 0).then(|| (polls / stride) % n)
+    polls.is_multiple_of(stride).then(|| (polls / stride) % n)
 }
 
 /// What the follower knows of one followed credential.

@@ -39,7 +39,12 @@
 //! write is logged; the `settle` that then writes them gets the error, and
 //! the engine retries its step). Two *rotating* keyturns must not share one
 //! index path (each would overwrite the other's records); one rotator per
-//! index is the layout this is for.
+//! index is the layout this is for. Within one keyturn, a reload keeps the
+//! decorator of a vault whose config is unchanged; a reload that changes
+//! the vault's config makes a new one, which reads the entry afresh, and a
+//! write of the old one still in flight then can be overwritten by the new
+//! one's next write (the credential is listed again at its next rotation;
+//! followers' safety-net sweep finds it before).
 //!
 //! The entry grows with the credentials rotated through it (~60 bytes
 //! each); the entry of a credential no longer rotated stays (a follower
