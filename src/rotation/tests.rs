@@ -1074,6 +1074,39 @@ async fn a_follower_polls_the_index_and_reads_only_what_changed() {
     rig.shutdown().await;
 }
 
+/// With a change index, the safety-net sweep of a follower of many
+/// credentials reads about one credential's mark per poll, not a share of
+/// all of them.
+#[tokio::test(start_paused = true)]
+async fn a_follower_of_many_credentials_sweeps_about_one_mark_per_poll() {
+    const N: usize = 100;
+    let rig = Rig::following_with_index(N);
+    let rotator = crate::vaults::change_index::IndexedVault::new(rig.vault.clone(), INDEX);
+    rotate_elsewhere(&rotator, "c0", "kt-canary-c0-one").await;
+    rig.run_following().await;
+    rig.until(Duration::from_secs(5), "first delivery", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let marks = |r: &Rig| -> usize {
+        (0..N)
+            .map(|i| r.calls("mark", &path(&format!("c{i}"))))
+            .sum()
+    };
+    let (polls, swept) = (rig.calls("mark", INDEX), marks(&rig));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let polls = rig.calls("mark", INDEX) - polls;
+    let swept = marks(&rig) - swept;
+    assert!((25..=35).contains(&polls), "{polls} polls in 30 s");
+    assert!(
+        swept <= polls && swept + 2 >= polls,
+        "{swept} credential marks read in {polls} polls; want one per poll"
+    );
+    assert_eq!(rig.sink.count(), 1, "nothing new was delivered");
+    rig.shutdown().await;
+}
+
 /// A vault whose change index `stage`s fail while `down` is above zero
 /// (counting down); everything else goes to the inner vault.
 struct IndexDown {
