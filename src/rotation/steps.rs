@@ -388,6 +388,7 @@ impl Inner {
                 let row = delivered_row(entry, rot);
                 let notice = notice_for(entry, rot, &value, self.now(), row.next_due);
                 let mut writes = self.deliver_to_sinks(entry, &notice, &value).await?;
+                self.settle_vaults(entry, rot).await?;
                 writes.push(Write::Credential(row));
                 Ok(writes)
             }
@@ -473,6 +474,30 @@ impl Inner {
         let primary = entry.primary();
         let vref = staged_in(entry, rot, primary)?;
         read_from(primary.vault.as_ref(), item, &vref).await
+    }
+
+    /// The end of the deliver step: waits until each vault has made durable
+    /// what it owes others about the promoted version (its change index
+    /// entry, written in the background since the promote). Local delivery
+    /// went first; the step is recorded done only after this, so a replay
+    /// after a crash settles again.
+    pub(super) async fn settle_vaults(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+    ) -> Result<(), StepError> {
+        let item = VaultItem {
+            key: entry.key(),
+            path: &entry.cfg.vault_path(),
+        };
+        for h in entry.vaults.iter() {
+            let vref = staged_in(entry, rot, h)?;
+            h.vault
+                .settle(item, &vref)
+                .await
+                .map_err(|e| vault_error(h.vault.describe(), e))?;
+        }
+        Ok(())
     }
 
     /// Before promote: is the version keyturn knows as current still current

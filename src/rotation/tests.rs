@@ -904,6 +904,9 @@ async fn rotate_elsewhere(via: &dyn Vault, cred: &str, value: &str) {
     let value = SecretValue::from_string(value.to_owned());
     let v = via.stage(item.pending(&rotation, &value)).await.unwrap();
     via.promote(item, &v).await.unwrap();
+    // As the rotator's deliver step does (a change index is written in
+    // the background until then).
+    via.settle(item, &v).await.unwrap();
 }
 
 impl Rig {
@@ -921,10 +924,20 @@ impl Rig {
 
     /// A rig of `n` followed credentials whose vault has a change index.
     fn following_with_index(n: usize) -> Rig {
+        Self::with_index(n, FOLLOW, |v| v)
+    }
+
+    /// A rig of `n` credentials (`schedule`) whose vault has a change
+    /// index; the catalog's vault is `wrap(the MemVault)`.
+    fn with_index(
+        n: usize,
+        schedule: &str,
+        wrap: impl Fn(Arc<dyn Vault>) -> Arc<dyn Vault>,
+    ) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let (vault, sink) = (Arc::<MemVault>::default(), Arc::new(MemSink::default()));
         let store = Arc::new(MemoryStore::new());
-        let text = config_text(dir.path(), n, FOLLOW, "");
+        let text = config_text(dir.path(), n, schedule, "");
         let mut catalog = catalog_with(dir.path(), &text, &vault, &sink, &[]);
         let shared = catalog.vaults["local"].clone();
         let mut config = shared.config.clone();
@@ -933,7 +946,7 @@ impl Rig {
             ..Default::default()
         }));
         let handle = Arc::new(VaultHandle {
-            vault: shared.vault.clone(),
+            vault: wrap(shared.vault.clone()),
             limit: shared.limit.clone(),
             config,
         });
@@ -1028,7 +1041,7 @@ async fn a_follower_polls_the_index_and_reads_only_what_changed() {
 
     // One rotation elsewhere: one index read, one value read of c1 only.
     rotate_elsewhere(&rotator, "c1", "kt-canary-c1-two").await;
-    // (The rotator's own index write reads the index too.)
+    // (Counted after the rotator's index write, which settle waited for.)
     let index_reads = rig.calls("read", INDEX);
     rig.until(Duration::from_secs(3), "c1's second version", |r| {
         r.sink.versions("c1").len() == 2
@@ -1077,6 +1090,158 @@ async fn a_follower_polls_the_index_and_reads_only_what_changed() {
     rig.shutdown().await;
 }
 
+/// With a change index, the safety-net sweep of a follower of many
+/// credentials reads about one credential's mark per poll, not a share of
+/// all of them.
+#[tokio::test(start_paused = true)]
+async fn a_follower_of_many_credentials_sweeps_about_one_mark_per_poll() {
+    const N: usize = 100;
+    let rig = Rig::following_with_index(N);
+    let rotator = crate::vaults::change_index::IndexedVault::new(rig.vault.clone(), INDEX);
+    rotate_elsewhere(&rotator, "c0", "kt-canary-c0-one").await;
+    rig.run_following().await;
+    rig.until(Duration::from_secs(5), "first delivery", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let marks = |r: &Rig| -> usize {
+        (0..N)
+            .map(|i| r.calls("mark", &path(&format!("c{i}"))))
+            .sum()
+    };
+    let (polls, swept) = (rig.calls("mark", INDEX), marks(&rig));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let polls = rig.calls("mark", INDEX) - polls;
+    let swept = marks(&rig) - swept;
+    assert!((25..=35).contains(&polls), "{polls} polls in 30 s");
+    assert!(
+        swept <= polls && swept + 2 >= polls,
+        "{swept} credential marks read in {polls} polls; want one per poll"
+    );
+    assert_eq!(rig.sink.count(), 1, "nothing new was delivered");
+    rig.shutdown().await;
+}
+
+/// A vault whose change index `stage`s fail while `down` is above zero
+/// (counting down); everything else goes to the inner vault.
+struct IndexDown {
+    inner: Arc<dyn Vault>,
+    down: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl Vault for IndexDown {
+    fn describe(&self) -> &str {
+        self.inner.describe()
+    }
+    async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if new.item.path == INDEX
+            && self
+                .down
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(PluginError::new(
+                ErrorKind::Transient,
+                "index down (injected)",
+            ));
+        }
+        self.inner.stage(new).await
+    }
+    async fn read(
+        &self,
+        item: VaultItem<'_>,
+        select: Select<'_>,
+    ) -> Result<Option<StoredVersion>, PluginError> {
+        self.inner.read(item, select).await
+    }
+    async fn promote(&self, item: VaultItem<'_>, v: &VersionRef) -> Result<(), PluginError> {
+        self.inner.promote(item, v).await
+    }
+    async fn retire(&self, item: VaultItem<'_>, v: &VersionRef) -> Result<(), PluginError> {
+        self.inner.retire(item, v).await
+    }
+    async fn destroy(&self, item: VaultItem<'_>) -> Result<(), PluginError> {
+        self.inner.destroy(item).await
+    }
+    async fn check(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
+    async fn current_mark(&self, item: VaultItem<'_>) -> Result<Option<CurrentMark>, PluginError> {
+        self.inner.current_mark(item).await
+    }
+}
+
+/// With a change index, the rotating keyturn delivers to its own sinks
+/// without waiting for the index write, and the deliver step is recorded
+/// done only once the index holds the version: while the index cannot be
+/// written, the step fails and is retried (delivering again), and the
+/// rotation ends only after the write.
+#[tokio::test(start_paused = true)]
+async fn the_deliver_step_delivers_first_and_ends_only_once_the_change_index_holds_the_version() {
+    let rig = Rig::with_index(1, "every = \"6h\"", |inner| {
+        Arc::new(crate::vaults::change_index::IndexedVault::new(
+            Arc::new(IndexDown {
+                inner,
+                // The background write and the deliver step's own.
+                down: 2.into(),
+            }),
+            INDEX,
+        ))
+    });
+    rig.run().await;
+    rig.until(Duration::from_secs(20), "the rotation's end", |r| {
+        let s = r.status("c0");
+        s.version == Some(1) && s.rotation.is_none()
+    })
+    .await;
+    let deliveries: Vec<Duration> = rig
+        .sink
+        .delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| rig.at(d.3))
+        .collect();
+    assert_eq!(
+        deliveries.len(),
+        2,
+        "delivered once, then again by the retried step: {deliveries:?}"
+    );
+    assert_eq!(
+        deliveries[0],
+        Duration::ZERO,
+        "the sink waited for the index"
+    );
+    let written: Vec<Duration> = rig
+        .vault
+        .times("promote", Some(INDEX))
+        .iter()
+        .map(|t| rig.at(*t))
+        .collect();
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert!(
+        written[0] >= Duration::from_millis(500) && written[0] <= deliveries[1],
+        "the index write came at {:?}, deliveries at {deliveries:?}",
+        written[0]
+    );
+    let index = crate::vaults::change_index::read(rig.vault.as_ref(), INDEX)
+        .await
+        .unwrap()
+        .expect("an index");
+    assert_eq!(index.get(&path("c0")), Some(&VersionRef("1".into())));
+    let audit = std::fs::read_to_string(rig.dir.path().join("audit.log")).unwrap();
+    assert!(
+        audit.lines().any(|l| l.contains("rotation.deliver")
+            && l.contains("failed")
+            && l.contains("change index")),
+        "no failed deliver step naming the change index in the audit"
+    );
+    rig.shutdown().await;
+}
+
 /// While the vault fails, the follower waits twice as long after each
 /// failed poll (±10 % jitter); once it answers, the poll interval is back.
 #[tokio::test(start_paused = true)]
@@ -1100,6 +1265,39 @@ async fn a_failing_vault_is_polled_with_growing_back_off_then_at_the_interval_ag
         );
     }
     rig.shutdown().await;
+}
+
+/// The safety-net sweep reads at most one credential's mark per poll,
+/// reaches every credential within `max(n, SWEEP_POLLS)` polls, and with
+/// few credentials spreads them out rather than checking each every poll.
+#[test]
+fn the_sweep_checks_at_most_one_credential_per_poll_and_each_within_its_cycle() {
+    use super::follow::{SWEEP_POLLS, sweep_pick};
+    assert_eq!(sweep_pick(0, 0), None);
+    for n in [1, 2, 3, 7, 30, 59, 60, 61, 1000] {
+        let cycle = n.max(SWEEP_POLLS);
+        let picks: Vec<Option<usize>> = (0..3 * cycle).map(|p| sweep_pick(p, n)).collect();
+        let mut last: Vec<Option<usize>> = vec![None; n];
+        for (p, pick) in picks.iter().enumerate() {
+            let Some(i) = *pick else { continue };
+            assert!(i < n, "n = {n}: poll {p} picked {i}");
+            if let Some(before) = last[i] {
+                let gap = p - before;
+                assert!(gap <= cycle, "n = {n}: credential {i} waited {gap} polls");
+                assert!(
+                    gap > SWEEP_POLLS / 2,
+                    "n = {n}: credential {i} checked again after {gap} polls"
+                );
+            }
+            last[i] = Some(p);
+        }
+        for (i, l) in last.iter().enumerate() {
+            assert!(
+                l.is_some_and(|l| l >= 2 * cycle),
+                "n = {n}: credential {i} not checked in the last cycle"
+            );
+        }
+    }
 }
 
 #[test]

@@ -17,19 +17,34 @@
 //! values of the credentials whose refs changed and that it follows.
 //!
 //! # Writing it
-//! [`IndexedVault`] is a decorator around the rotating keyturn's vault: its
-//! `promote` promotes, then records `{path: version}` and returns only once
-//! the index holds it. So a crash between the two replays the promote step
-//! (a no-op in the vault) and records again: no update is lost to a crash.
-//! Records are group-committed: one write carries every record that arrived
+//! [`IndexedVault`] is a decorator around the rotating keyturn's vault. Its
+//! `promote` promotes, queues `{path: version}` for the index and returns:
+//! the index write happens in the background, so a rotation's own delivery
+//! does not wait for it. Its [`Vault::settle`] returns once the index holds
+//! the version, and the engine calls it at the end of the deliver step: the
+//! step is not recorded done before, so a crash between the promote and
+//! the index write replays the deliver step, whose `settle` (on a new
+//! decorator that knows nothing pending) records the version again: no
+//! update is lost to a crash.
+//!
+//! Records are group-committed: one write carries every record queued
 //! while the previous write was in flight, so a burst of promotes costs a
-//! few writes, not one each, and an idle rotator writes nothing. Within one
-//! keyturn no update is lost to concurrency either: a write is a
-//! read-merge-write under one lock, and a failed write puts its records back
-//! for the next one (the caller whose write failed gets the error, and the
-//! engine retries its promote). Two *rotating* keyturns must not share one
-//! index path (their writes could interleave between read and write); one
-//! rotator per index is the layout this is for.
+//! few writes, not one each, and an idle rotator writes nothing. The
+//! decorator keeps its copy of the entry after the first read (this keyturn
+//! is its one writer), so a write is a merge and a `stage` + `promote` of
+//! the entry, without reading it again; after a failed write it reads the
+//! entry again before the next one. Within one keyturn no update is lost to
+//! concurrency either: writes are taken one at a time under one lock, and a
+//! failed write puts its records back for the next one (a failed background
+//! write is logged; the `settle` that then writes them gets the error, and
+//! the engine retries its step). Two *rotating* keyturns must not share one
+//! index path (each would overwrite the other's records); one rotator per
+//! index is the layout this is for. Within one keyturn, a reload keeps the
+//! decorator of a vault whose config is unchanged; a reload that changes
+//! the vault's config makes a new one, which reads the entry afresh, and a
+//! write of the old one still in flight then can be overwritten by the new
+//! one's next write (the credential is listed again at its next rotation;
+//! followers' safety-net sweep finds it before).
 //!
 //! The entry grows with the credentials rotated through it (~60 bytes
 //! each); the entry of a credential no longer rotated stays (a follower
@@ -69,7 +84,7 @@ pub fn item(path: &str) -> VaultItem<'_> {
 }
 
 /// The entry's JSON.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct IndexDoc {
     keyturn_change_index: u32,
     /// Credential path → the version ref promoted last.
@@ -107,113 +122,154 @@ fn parse(vault: &dyn Vault, path: &str, stored: &StoredVersion) -> Result<IndexD
     })
 }
 
-/// Records waiting for the next write.
-struct Queued {
-    records: BTreeMap<String, VersionRef>,
-    /// The number of the write that will take `records` (from 1).
-    batch: u64,
+/// What an [`IndexedVault`] knows, under one lock.
+#[derive(Default)]
+struct Book {
+    /// Records waiting for the next write.
+    queued: BTreeMap<String, VersionRef>,
+    /// The entry as the vault holds it, from the first read and then from
+    /// this keyturn's own writes; `None` before the first read and after a
+    /// failed write (the entry is read again then).
+    doc: Option<IndexDoc>,
+    /// A background write was spawned and has not taken the queue yet.
+    kicked: bool,
 }
 
-/// A vault whose promotes are recorded in its change index (see the
-/// module docs). Everything else goes to the vault unchanged.
-pub struct IndexedVault {
+impl Book {
+    fn holds(&self, path: &str, version: &VersionRef) -> bool {
+        self.doc
+            .as_ref()
+            .is_some_and(|d| d.credentials.get(path) == Some(version))
+    }
+}
+
+/// The part of an [`IndexedVault`] its background writes share.
+struct Core {
     inner: Arc<dyn Vault>,
     path: String,
-    queued: Mutex<Queued>,
-    /// Held by the one write in flight; holds the number of the last batch
-    /// written.
-    writing: tokio::sync::Mutex<u64>,
+    book: Mutex<Book>,
+    /// Held by the one write in flight.
+    writing: tokio::sync::Mutex<()>,
     writes: AtomicU64,
 }
 
-impl IndexedVault {
-    pub fn new(inner: Arc<dyn Vault>, path: impl Into<String>) -> Self {
-        Self {
-            inner,
-            path: path.into(),
-            queued: Mutex::new(Queued {
-                records: BTreeMap::new(),
-                batch: 1,
-            }),
-            writing: tokio::sync::Mutex::new(0),
-            writes: AtomicU64::new(0),
-        }
+impl Core {
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Index writes so far (tests, and the batching they check).
-    pub fn writes(&self) -> u64 {
-        self.writes.load(Ordering::Relaxed)
-    }
-
-    fn queued(&self) -> std::sync::MutexGuard<'_, Queued> {
-        self.queued.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records `path` → `version` and returns once the index holds it.
-    pub async fn record(&self, path: &str, version: &VersionRef) -> Result<(), PluginError> {
-        let mine = {
-            let mut q = self.queued();
-            q.records.insert(path.to_owned(), version.clone());
-            q.batch
+    /// Writes everything queued, once the write in flight (if any) is
+    /// done; returns early if `until` is in the index by then.
+    async fn flush(&self, until: Option<(&str, &VersionRef)>) -> Result<(), PluginError> {
+        let _writing = self.writing.lock().await;
+        let records = {
+            let mut b = self.book();
+            if until.is_some_and(|(p, v)| b.holds(p, v)) {
+                // Queued again by a `settle` while the write that carried
+                // it was in flight: nothing left to write for those.
+                let Book { queued, doc, .. } = &mut *b;
+                if let Some(doc) = doc {
+                    queued.retain(|p, v| doc.credentials.get(p) != Some(v));
+                }
+                return Ok(());
+            }
+            b.kicked = false;
+            std::mem::take(&mut b.queued)
         };
-        let mut written = self.writing.lock().await;
-        // Batches are taken in order under this lock, so a write that took
-        // ours has finished: it either succeeded, or put ours back.
-        if *written >= mine {
+        // Empty: whatever was queued went with an earlier write, or a newer
+        // version of the same credential replaced it.
+        if records.is_empty() {
             return Ok(());
         }
-        let (records, batch) = {
-            let mut q = self.queued();
-            let batch = q.batch;
-            q.batch += 1;
-            (std::mem::take(&mut q.records), batch)
-        };
         match self.write(&records).await {
-            Ok(()) => {
-                *written = batch;
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(e) => {
-                // Back for the next write; a newer record of the same
-                // credential (queued meanwhile) wins.
-                let mut q = self.queued();
+                // Back for the next write, which reads the entry again
+                // first (this one may have half happened); a newer record
+                // of the same credential (queued meanwhile) wins.
+                let mut b = self.book();
+                b.doc = None;
                 for (p, v) in records {
-                    q.records.entry(p).or_insert(v);
+                    b.queued.entry(p).or_insert(v);
                 }
                 Err(e)
             }
         }
     }
 
-    /// One read-merge-write of the entry.
+    /// One merge-and-write of the entry (reading it first only when this
+    /// keyturn has no copy of it). Called under `writing`.
     async fn write(&self, records: &BTreeMap<String, VersionRef>) -> Result<(), PluginError> {
         let at = item(&self.path);
-        let mut doc = match self.inner.read(at, Select::Stage(Stage::Current)).await? {
-            Some(stored) => parse(self.inner.as_ref(), &self.path, &stored)?,
-            None => IndexDoc::default(),
+        let known = self.book().doc.clone();
+        let mut doc = match known {
+            Some(doc) => doc,
+            None => match self.inner.read(at, Select::Stage(Stage::Current)).await? {
+                Some(stored) => parse(self.inner.as_ref(), &self.path, &stored)?,
+                None => IndexDoc::default(),
+            },
         };
-        doc.keyturn_change_index = FORMAT;
-        doc.credentials
-            .extend(records.iter().map(|(p, v)| (p.clone(), v.clone())));
-        let text = serde_json::to_string(&doc)
-            .map_err(|e| PluginError::new(ErrorKind::Fatal, format!("change index: {e}")))?;
-        let value = SecretValue::from_string(text);
-        let rotation = RotationId::generate();
-        let version = self.inner.stage(at.pending(&rotation, &value)).await?;
-        self.inner.promote(at, &version).await?;
-        self.writes.fetch_add(1, Ordering::Relaxed);
+        let changed = doc.keyturn_change_index != FORMAT
+            || records
+                .iter()
+                .any(|(p, v)| doc.credentials.get(p) != Some(v));
+        if changed {
+            doc.keyturn_change_index = FORMAT;
+            doc.credentials
+                .extend(records.iter().map(|(p, v)| (p.clone(), v.clone())));
+            let text = serde_json::to_string(&doc)
+                .map_err(|e| PluginError::new(ErrorKind::Fatal, format!("change index: {e}")))?;
+            let value = SecretValue::from_string(text);
+            let rotation = RotationId::generate();
+            let version = self.inner.stage(at.pending(&rotation, &value)).await?;
+            self.inner.promote(at, &version).await?;
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        self.book().doc = Some(doc);
         Ok(())
+    }
+}
+
+/// A vault whose promotes are recorded in its change index (see the
+/// module docs). Everything else goes to the vault unchanged.
+pub struct IndexedVault {
+    core: Arc<Core>,
+}
+
+impl IndexedVault {
+    pub fn new(inner: Arc<dyn Vault>, path: impl Into<String>) -> Self {
+        Self {
+            core: Arc::new(Core {
+                inner,
+                path: path.into(),
+                book: Mutex::new(Book::default()),
+                writing: tokio::sync::Mutex::new(()),
+                writes: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Index writes so far (tests, and the batching they check).
+    pub fn writes(&self) -> u64 {
+        self.core.writes.load(Ordering::Relaxed)
+    }
+
+    fn context(&self, mut e: PluginError) -> PluginError {
+        if !e.message.contains("change index") {
+            e.message = format!("change index {}: {}", self.core.path, e.message);
+        }
+        e
     }
 }
 
 #[async_trait]
 impl Vault for IndexedVault {
     fn describe(&self) -> &str {
-        self.inner.describe()
+        self.core.inner.describe()
     }
 
     async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
-        self.inner.stage(new).await
+        self.core.inner.stage(new).await
     }
 
     async fn read(
@@ -221,59 +277,105 @@ impl Vault for IndexedVault {
         item: VaultItem<'_>,
         select: Select<'_>,
     ) -> Result<Option<StoredVersion>, PluginError> {
-        self.inner.read(item, select).await
+        self.core.inner.read(item, select).await
     }
 
+    /// Promotes, queues the record and returns; a background write takes
+    /// it (see [`Vault::settle`] for the wait).
     async fn promote(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
-        self.inner.promote(item, version).await?;
-        self.record(item.path, version).await.map_err(|mut e| {
-            e.message = format!("recording the promote in the change index: {}", e.message);
-            e
-        })
+        self.core.inner.promote(item, version).await?;
+        let kick = {
+            let mut b = self.core.book();
+            b.queued.insert(item.path.to_owned(), version.clone());
+            !std::mem::replace(&mut b.kicked, true)
+        };
+        if kick {
+            let core = self.core.clone();
+            tokio::spawn(async move {
+                if let Err(e) = core.flush(None).await {
+                    // Not lost: queued again, written by the next write or
+                    // by the `settle` of the deliver step, which retries.
+                    tracing::warn!(vault = %core.inner.describe(), index = %core.path, kind = %e.kind, error = %e.message, "change index: write failed; retried with the next one");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Returns once the index holds `version` for `item`: at once when it
+    /// does already, else after the write that carries it (queuing it
+    /// first when this decorator does not know it: a deliver step replayed
+    /// after a restart). Meant for the version promoted last: it replaces
+    /// a record of the same credential still queued.
+    async fn settle(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
+        self.core.inner.settle(item, version).await?;
+        {
+            let mut b = self.core.book();
+            if b.holds(item.path, version) {
+                return Ok(());
+            }
+            b.queued.insert(item.path.to_owned(), version.clone());
+        }
+        self.core
+            .flush(Some((item.path, version)))
+            .await
+            .map_err(|e| self.context(e))
     }
 
     async fn retire(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
-        self.inner.retire(item, version).await
+        self.core.inner.retire(item, version).await
     }
 
     async fn destroy(&self, item: VaultItem<'_>) -> Result<(), PluginError> {
-        self.inner.destroy(item).await
+        self.core.inner.destroy(item).await
     }
 
     async fn check(&self) -> Result<(), PluginError> {
-        self.inner.check().await
+        self.core.inner.check().await
     }
 
     async fn current_mark(&self, item: VaultItem<'_>) -> Result<Option<CurrentMark>, PluginError> {
-        self.inner.current_mark(item).await
+        self.core.inner.current_mark(item).await
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
+
+    use tokio::sync::Notify;
 
     use super::*;
     use crate::vaults::VaultPlugin;
     use crate::vaults::toy::ToyConfig;
 
     /// The toy vault, with index writes slowed down (so promotes pile up
-    /// behind one) and a switch that makes the next index `stage` fail.
-    struct Slow {
+    /// behind one), a count of index `stage`s to fail, an optional gate
+    /// that index `stage`s wait at, and a count of index reads.
+    struct Gate {
         inner: Arc<dyn Vault>,
-        fail_next: AtomicBool,
+        fail: AtomicUsize,
+        hold: Mutex<Option<Arc<Notify>>>,
+        index_reads: AtomicUsize,
     }
 
     #[async_trait]
-    impl Vault for Slow {
+    impl Vault for Gate {
         fn describe(&self) -> &str {
             self.inner.describe()
         }
         async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
             if new.item.path == INDEX {
+                let hold = self.hold.lock().unwrap().clone();
+                if let Some(gate) = hold {
+                    gate.notified().await;
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                if self.fail_next.swap(false, Ordering::SeqCst) {
+                let failing = self
+                    .fail
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                if failing.is_ok() {
                     return Err(PluginError::new(
                         ErrorKind::Transient,
                         "index down (injected)",
@@ -287,6 +389,9 @@ mod tests {
             item: VaultItem<'_>,
             select: Select<'_>,
         ) -> Result<Option<StoredVersion>, PluginError> {
+            if item.path == INDEX {
+                self.index_reads.fetch_add(1, Ordering::SeqCst);
+            }
             self.inner.read(item, select).await
         }
         async fn promote(&self, item: VaultItem<'_>, v: &VersionRef) -> Result<(), PluginError> {
@@ -305,22 +410,29 @@ mod tests {
 
     const INDEX: &str = "keyturn/index";
 
-    fn indexed() -> (Arc<IndexedVault>, Arc<Slow>) {
-        let slow = Arc::new(Slow {
+    fn indexed() -> (Arc<IndexedVault>, Arc<Gate>) {
+        let gate = Arc::new(Gate {
             inner: ToyConfig::default().open("toy").unwrap(),
-            fail_next: AtomicBool::new(false),
+            fail: AtomicUsize::new(0),
+            hold: Mutex::new(None),
+            index_reads: AtomicUsize::new(0),
         });
-        (Arc::new(IndexedVault::new(slow.clone(), INDEX)), slow)
+        (Arc::new(IndexedVault::new(gate.clone(), INDEX)), gate)
     }
 
     fn key(n: usize) -> CredentialKey {
         crate::test_support::key("bot", &format!("c{n}"))
     }
 
-    /// Stages and promotes a value of credential `n` through `v`.
-    async fn rotate(v: &IndexedVault, n: usize) -> Result<VersionRef, PluginError> {
+    fn cred_path(n: usize) -> String {
+        format!("agents/bot/c{n}")
+    }
+
+    /// Stages and promotes a value of credential `n` through `v` (the
+    /// rotation's create and promote steps).
+    async fn promote(v: &dyn Vault, n: usize) -> Result<VersionRef, PluginError> {
         let key = key(n);
-        let path = format!("agents/bot/c{n}");
+        let path = cred_path(n);
         let item = VaultItem {
             key: &key,
             path: &path,
@@ -332,19 +444,40 @@ mod tests {
         Ok(version)
     }
 
+    async fn settle(v: &dyn Vault, n: usize, version: &VersionRef) -> Result<(), PluginError> {
+        let key = key(n);
+        let path = cred_path(n);
+        v.settle(
+            VaultItem {
+                key: &key,
+                path: &path,
+            },
+            version,
+        )
+        .await
+    }
+
+    /// Promotes and settles, as a rotation does (settle at the end of its
+    /// deliver step).
+    async fn rotate(v: &dyn Vault, n: usize) -> Result<VersionRef, PluginError> {
+        let version = promote(v, n).await?;
+        settle(v, n, &version).await?;
+        Ok(version)
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_promotes_lose_no_update_and_share_index_writes() {
-        let (v, _) = indexed();
+        let (v, gate) = indexed();
         let tasks: Vec<_> = (0..40)
             .map(|n| {
                 let v = v.clone();
-                tokio::spawn(async move { (n, rotate(&v, n).await.unwrap()) })
+                tokio::spawn(async move { (n, rotate(v.as_ref(), n).await.unwrap()) })
             })
             .collect();
         let mut promoted = BTreeMap::new();
         for t in tasks {
             let (n, version) = t.await.unwrap();
-            promoted.insert(format!("agents/bot/c{n}"), version);
+            promoted.insert(cred_path(n), version);
         }
         let listed = read(v.as_ref(), INDEX).await.unwrap().expect("an index");
         assert_eq!(
@@ -356,6 +489,9 @@ mod tests {
             "40 concurrent promotes took {} index writes; they should share a few",
             v.writes()
         );
+        // The decorator read the entry once (its first write), then kept
+        // its copy; the other read is the check just above.
+        assert_eq!(gate.index_reads.load(Ordering::SeqCst), 2);
         // No secret value in the index.
         let raw = v
             .read(item(INDEX), Select::Stage(Stage::Current))
@@ -367,32 +503,113 @@ mod tests {
         assert!(text.contains("\"keyturn_change_index\":1"), "{text}");
     }
 
+    /// The index write is off the promote's path: `promote` returns while
+    /// the write is held up, and `settle` returns only once it is done.
     #[tokio::test]
-    async fn a_failed_index_write_fails_its_promote_and_its_records_go_with_the_next_write() {
-        let (v, slow) = indexed();
-        let first = rotate(&v, 0).await.unwrap();
-        slow.fail_next.store(true, Ordering::SeqCst);
-        let e = rotate(&v, 1).await.unwrap_err();
+    async fn promote_returns_before_the_index_write_and_settle_waits_for_it() {
+        let (v, gate) = indexed();
+        let release = Arc::new(Notify::new());
+        *gate.hold.lock().unwrap() = Some(release.clone());
+        let version = tokio::time::timeout(Duration::from_secs(5), promote(v.as_ref(), 0))
+            .await
+            .expect("promote waited for the index write")
+            .unwrap();
+        assert_eq!(
+            read(gate.as_ref(), INDEX).await.unwrap(),
+            None,
+            "the index was written before the gate opened"
+        );
+        let settling = {
+            let (v, version) = (v.clone(), version.clone());
+            tokio::spawn(async move { settle(v.as_ref(), 0, &version).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !settling.is_finished(),
+            "settle returned before the index held the version"
+        );
+        release.notify_one();
+        tokio::time::timeout(Duration::from_secs(5), settling)
+            .await
+            .expect("settle never returned")
+            .unwrap()
+            .unwrap();
+        let listed = read(gate.as_ref(), INDEX).await.unwrap().unwrap();
+        assert_eq!(listed.get(&cred_path(0)), Some(&version));
+        assert_eq!(v.writes(), 1, "the background write and settle shared one");
+    }
+
+    /// After a restart nothing is pending in the (new) decorator: `settle`
+    /// of a version promoted before the crash records it; `settle` of a
+    /// version the index holds already writes nothing.
+    #[tokio::test]
+    async fn settle_after_a_restart_records_a_version_the_decorator_never_saw() {
+        let (v, gate) = indexed();
+        let first = rotate(v.as_ref(), 0).await.unwrap();
+        // Promoted, then the process died before the index write.
+        let lost = promote(gate.as_ref(), 1).await.unwrap();
+        drop(v);
+        let restarted = IndexedVault::new(gate.clone(), INDEX);
+        settle(&restarted, 1, &lost).await.unwrap();
+        let listed = read(gate.as_ref(), INDEX).await.unwrap().unwrap();
+        assert_eq!(listed.get(&cred_path(1)), Some(&lost), "{listed:?}");
+        assert_eq!(listed.get(&cred_path(0)), Some(&first), "{listed:?}");
+        assert_eq!(restarted.writes(), 1);
+        // A replayed deliver step whose version is in the index already:
+        // one read, no write.
+        let again = IndexedVault::new(gate.clone(), INDEX);
+        let reads = gate.index_reads.load(Ordering::SeqCst);
+        settle(&again, 0, &first).await.unwrap();
+        assert_eq!(again.writes(), 0, "rewrote an index that held the version");
+        assert_eq!(gate.index_reads.load(Ordering::SeqCst), reads + 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_index_write_fails_settle_and_its_records_go_with_the_next_write() {
+        let (v, gate) = indexed();
+        let first = rotate(v.as_ref(), 0).await.unwrap();
+        assert_eq!(gate.index_reads.load(Ordering::SeqCst), 1);
+        // Down for the background write and for settle's own.
+        gate.fail.store(2, Ordering::SeqCst);
+        let lost = promote(v.as_ref(), 1)
+            .await
+            .expect("promote does not wait for the index");
+        let e = settle(v.as_ref(), 1, &lost).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Transient);
         assert!(e.message.contains("change index"), "{}", e.message);
+        // The other of the two writes (the background one) fails too.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while gate.fail.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("only one index write was tried");
         // c1 is promoted in the vault but not yet in the index.
-        let listed = read(v.as_ref(), INDEX).await.unwrap().unwrap();
+        let listed = read(gate.as_ref(), INDEX).await.unwrap().unwrap();
         assert_eq!(listed.len(), 1, "{listed:?}");
-        // The next write (another credential's promote) carries it.
-        let third = rotate(&v, 2).await.unwrap();
-        let listed = read(v.as_ref(), INDEX).await.unwrap().unwrap();
-        assert_eq!(listed.get("agents/bot/c0"), Some(&first));
-        assert!(listed.contains_key("agents/bot/c1"), "{listed:?}");
-        assert_eq!(listed.get("agents/bot/c2"), Some(&third));
+        // The next write (another credential's) carries it, after reading
+        // the entry again (a failed write may have half happened).
+        let reads = gate.index_reads.load(Ordering::SeqCst);
+        let third = rotate(v.as_ref(), 2).await.unwrap();
+        assert_eq!(gate.index_reads.load(Ordering::SeqCst), reads + 1);
+        let listed = read(gate.as_ref(), INDEX).await.unwrap().unwrap();
+        assert_eq!(listed.get(&cred_path(0)), Some(&first));
+        assert_eq!(listed.get(&cred_path(1)), Some(&lost));
+        assert_eq!(listed.get(&cred_path(2)), Some(&third));
+        // The engine's retry of c1's deliver step settles at once.
+        let writes = v.writes();
+        settle(v.as_ref(), 1, &lost).await.unwrap();
+        assert_eq!(v.writes(), writes);
         // The newest version of a credential wins.
-        let newer = rotate(&v, 0).await.unwrap();
-        let listed = read(v.as_ref(), INDEX).await.unwrap().unwrap();
-        assert_eq!(listed.get("agents/bot/c0"), Some(&newer));
+        let newer = rotate(v.as_ref(), 0).await.unwrap();
+        let listed = read(gate.as_ref(), INDEX).await.unwrap().unwrap();
+        assert_eq!(listed.get(&cred_path(0)), Some(&newer));
     }
 
     #[tokio::test]
     async fn something_else_at_the_index_path_is_an_invalid_error_without_its_content() {
-        let (v, slow) = indexed();
+        let (v, gate) = indexed();
         let k = key(9);
         let at = VaultItem {
             key: &k,
@@ -400,8 +617,8 @@ mod tests {
         };
         let rotation = RotationId::generate();
         let value = SecretValue::from_string("kt-canary-not-an-index".into());
-        let version = slow.stage(at.pending(&rotation, &value)).await.unwrap();
-        slow.promote(at, &version).await.unwrap();
+        let version = gate.stage(at.pending(&rotation, &value)).await.unwrap();
+        gate.promote(at, &version).await.unwrap();
         let e = read(v.as_ref(), INDEX).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid);
         assert!(!e.message.contains("kt-canary"), "{}", e.message);
@@ -410,5 +627,10 @@ mod tests {
             "{}",
             e.message
         );
+        // And a rotation's settle says so too (its promote went ahead).
+        let promoted = promote(v.as_ref(), 0).await.unwrap();
+        let e = settle(v.as_ref(), 0, &promoted).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid);
+        assert!(!e.message.contains("kt-canary"), "{}", e.message);
     }
 }

@@ -81,6 +81,10 @@ impl Vault for LazyVault {
         self.client().await?.promote(item, version).await
     }
 
+    async fn settle(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
+        self.client().await?.settle(item, version).await
+    }
+
     async fn retire(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
         self.client().await?.retire(item, version).await
     }

@@ -30,6 +30,8 @@
 //!   value): `None` while nothing is current (nothing staged, only pending,
 //!   destroyed); the same mark while the current version stays; another mark
 //!   after a promote makes another version current. Followers poll it.
+//! - `settle` returns once what the vault owes others about a promoted
+//!   version is durable; a no-op by default (only [`change_index`] owes).
 //! - Error messages name the vault and never contain a value.
 //!
 //! # Adding a vault
@@ -199,6 +201,17 @@ pub trait Vault: Send + Sync {
 
     /// Health: can we reach and use the vault? (`check --online`, `/readyz`).
     async fn check(&self) -> Result<(), PluginError>;
+
+    /// Returns once everything this vault owes others about `version` of
+    /// `item` (the version the caller promoted last) is durable: a change
+    /// index entry that followers read ([`change_index`]). The engine calls
+    /// it at the end of the deliver step, so the step is not recorded done
+    /// (and is replayed after a crash) until then; a vault with nothing to
+    /// owe keeps this default. Decorators forward it.
+    async fn settle(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
+        let _ = (item, version);
+        Ok(())
+    }
 
     /// A mark that changes whenever another version of `item` becomes
     /// current, read as cheaply as the vault allows (no value): what a
