@@ -20,6 +20,7 @@
 //! - [`memory`]     giving freed heap back to the OS after bursts
 //! - [`process`]    running a program: own process group, stdin, redacted stderr tail, timeout + killpg
 //! - `private_file`  creating the daemon's own files: 0700 directory, 0600 file, no symlinks
+//! - [`alerts`]     conditions for the on-call and the alert sinks that carry them
 //! - [`api`]        control socket (SO_PEERCRED) and HTTP `/metrics` `/healthz` `/readyz`
 //! - [`daemon`]     wiring and lifecycle: sd_notify, signals, reload, drain
 //! - [`telemetry`]  tracing setup and the metrics registry
@@ -27,6 +28,7 @@
 //! - [`watch`]      `keyturn watch`: run an agent, signal or restart it when its files change
 //! - `test_support` helpers the unit tests of several modules share (tests only)
 
+pub mod alerts;
 pub mod api;
 pub mod audit;
 pub mod cli;
