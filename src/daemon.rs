@@ -18,13 +18,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::protocol::{
-    AckResult, ApiError, ApiErrorKind, RotateOutcome, RotateResult, Selector, StatusRow,
+    AckResult, AgentLifecycle, ApiError, ApiErrorKind, DecommissionResult, RotateOutcome,
+    RotateResult, Selector, StatusRow,
 };
 use crate::api::socket::{self, ControlHandler, PeerCred};
 use crate::audit::{Actor, AuditEvent, AuditKey, AuditLog, Outcome};
 use crate::config::{self, Config, ConfigErrors};
 use crate::memory;
-use crate::model::CredentialKey;
+use crate::model::{AgentId, CredentialKey};
+use crate::revocation::{Decision, DecommissionError, Revocations};
 use crate::rotation::{AckError, Catalog, Engine, EngineParts};
 use crate::state::{SqliteStore, StateStore};
 use crate::telemetry::{CredentialTimes, Metrics};
@@ -180,8 +182,14 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             &e,
         )
     })?;
+    // Something an alert depends on changed: the alert loop looks again.
+    let alert_poke = Arc::new(tokio::sync::Notify::new());
+    let revocations = Revocations::start(engine.clone(), alert_poke.clone())
+        .await
+        .map_err(|e| startup("cannot load the decommissions", &e))?;
     let handler = Arc::new(Handler {
         engine: engine.clone(),
+        revocations: revocations.clone(),
     });
     tracker.spawn(socket::serve(
         sock,
@@ -209,6 +217,31 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                     next_due_seconds: due,
                 })
                 .collect()
+        }));
+        let r = revocations.clone();
+        let e = engine.clone();
+        metrics.set_lifecycle_provider(Arc::new(move || {
+            let lifecycle = r.lifecycle();
+            let catalog = e.catalog();
+            let mut agents = vec![("active", 0i64)];
+            for state in ["decommissioning", "decommissioned", "orphaned"] {
+                agents.push((
+                    state,
+                    lifecycle.iter().filter(|l| l.state == state).count() as i64,
+                ));
+            }
+            // Active: configured and not decommissioned.
+            agents[0].1 = catalog
+                .config
+                .agents
+                .keys()
+                .filter(|a| !lifecycle.iter().any(|l| &l.agent == *a))
+                .count() as i64;
+            crate::telemetry::Lifecycle {
+                sla_remaining: r.sla_remaining(),
+                agents,
+                totals: Vec::new(),
+            }
         }));
         let e = engine.clone();
         metrics.set_state_counts_provider(Arc::new(move || {
@@ -269,7 +302,10 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         signal(SignalKind::interrupt()).map_err(|e| startup("cannot handle SIGINT", &e))?;
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(config_path, &engine, &mut config_files).await,
+            _ = hup.recv() => {
+                reload(config_path, &engine, &mut config_files).await;
+                revocations.reload().await;
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -528,6 +564,7 @@ async fn audit_daemon(
 /// Answers control-socket requests from the engine.
 struct Handler {
     engine: Engine,
+    revocations: Revocations,
 }
 
 impl Handler {
@@ -589,6 +626,14 @@ impl ControlHandler for Handler {
             });
         }
         let catalog = self.engine.catalog();
+        if let Some(label) = keys.first().and_then(|k| self.engine.agent_label(&k.agent))
+            && keys.iter().all(|k| k.agent == keys[0].agent)
+        {
+            return Err(ApiError::bad_request(format!(
+                "agent {} is {label}: its credentials are not rotated any more (see `keyturn status`)",
+                keys[0].agent
+            )));
+        }
         let followed =
             |k: &CredentialKey| catalog.creds.get(k).is_some_and(|e| e.cfg.follow.is_some());
         if let [only] = keys.as_slice()
@@ -612,6 +657,17 @@ impl ControlHandler for Handler {
                     version: None,
                     outcome: RotateOutcome::Failed,
                     error: Some("followed, rotated by another keyturn".into()),
+                });
+                continue;
+            }
+            if let Some(label) = self.engine.agent_label(&key.agent) {
+                results.push(RotateResult {
+                    agent: key.agent,
+                    credential: key.credential,
+                    rotation: None,
+                    version: None,
+                    outcome: RotateOutcome::Failed,
+                    error: Some(format!("the agent is {label}")),
                 });
                 continue;
             }
@@ -714,6 +770,48 @@ impl ControlHandler for Handler {
                 "cannot record the acknowledgement: {m}"
             ))),
         }
+    }
+
+    async fn decommission(
+        &self,
+        actor: Actor,
+        agent: AgentId,
+        reason: String,
+        by: Option<String>,
+    ) -> Result<DecommissionResult, ApiError> {
+        if reason.trim().is_empty() {
+            return Err(ApiError::bad_request(
+                "a decommission needs a reason (--reason TEXT): it goes to the audit log",
+            ));
+        }
+        let decision = Decision {
+            agent: agent.clone(),
+            reason: reason.trim().to_owned(),
+            by: by.map(|b| b.trim().to_owned()).filter(|b| !b.is_empty()),
+            actor,
+            source: "command",
+            decided_at: None,
+        };
+        match self.revocations.decide(decision).await {
+            Ok((already, _)) => {
+                let row = self
+                    .revocations
+                    .lifecycle()
+                    .into_iter()
+                    .find(|l| l.agent == agent)
+                    .ok_or_else(|| ApiError::internal("the decommission vanished"))?;
+                Ok(DecommissionResult {
+                    already,
+                    agent: row,
+                })
+            }
+            Err(DecommissionError::NotFound(m)) => Err(ApiError::not_found(m)),
+            Err(DecommissionError::Unavailable(m)) => Err(ApiError::unavailable(m)),
+        }
+    }
+
+    async fn agents(&self) -> Vec<AgentLifecycle> {
+        self.revocations.lifecycle()
     }
 
     async fn refused(&self, peer: PeerCred, reason: String) {

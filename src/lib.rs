@@ -21,6 +21,7 @@
 //! - [`process`]    running a program: own process group, stdin, redacted stderr tail, timeout + killpg
 //! - `private_file`  creating the daemon's own files: 0700 directory, 0600 file, no symlinks
 //! - [`alerts`]     conditions for the on-call and the alert sinks that carry them
+//! - [`revocation`] decommission: the decision, revoking and verifying everything an agent held, SLA clocks, orphans
 //! - [`api`]        control socket (SO_PEERCRED) and HTTP `/metrics` `/healthz` `/readyz`
 //! - [`daemon`]     wiring and lifecycle: sd_notify, signals, reload, drain
 //! - [`telemetry`]  tracing setup and the metrics registry
@@ -41,6 +42,7 @@ pub mod model;
 mod plugin;
 mod private_file;
 pub mod process;
+pub mod revocation;
 pub mod rotation;
 pub mod schedule;
 pub mod sinks;

@@ -145,6 +145,21 @@ pub struct CredentialTimes {
 /// Called on every scrape; must be cheap enough to run for every credential.
 pub type CredentialTimesProvider = Arc<dyn Fn() -> Vec<CredentialTimes> + Send + Sync>;
 
+/// Decommissions and the identity surface, read at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct Lifecycle {
+    /// `(agent, seconds until its revocation SLA deadline)` of every
+    /// decommission not complete (negative once breached).
+    pub sla_remaining: Vec<(String, f64)>,
+    /// Agents by lifecycle state (`active`, `decommissioning`, ...).
+    pub agents: Vec<(&'static str, i64)>,
+    /// Further totals: `(metric name without prefix, help, value)`.
+    pub totals: Vec<(&'static str, &'static str, f64)>,
+}
+
+/// Reads the [`Lifecycle`] figures at scrape time.
+pub type LifecycleProvider = Arc<dyn Fn() -> Lifecycle + Send + Sync>;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
@@ -183,6 +198,7 @@ pub struct Metrics {
     ack_holdouts: Counter,
     acks_awaiting: Gauge,
     provider: Arc<RwLock<Option<CredentialTimesProvider>>>,
+    lifecycle: Arc<RwLock<Option<LifecycleProvider>>>,
     state_counts: RwLock<Option<StateCountsProvider>>,
     /// Free bytes where the state directory is, read at scrape time.
     state_free: Gauge,
@@ -284,6 +300,10 @@ impl Metrics {
         registry.register_collector(Box::new(CredentialTimesCollector {
             provider: Arc::clone(&provider),
         }));
+        let lifecycle = Arc::new(RwLock::new(None));
+        registry.register_collector(Box::new(LifecycleCollector {
+            provider: Arc::clone(&lifecycle),
+        }));
         Self {
             registry,
             rotations,
@@ -295,6 +315,7 @@ impl Metrics {
             ack_holdouts,
             acks_awaiting,
             provider,
+            lifecycle,
             state_counts: RwLock::new(None),
             state_free,
             state_dir: RwLock::new(None),
@@ -304,6 +325,11 @@ impl Metrics {
     /// The state directory whose free space `state_free_bytes` reports.
     pub fn set_state_dir(&self, dir: std::path::PathBuf) {
         *self.state_dir.write().unwrap_or_else(|p| p.into_inner()) = Some(dir);
+    }
+
+    /// Installs the source of the decommission and surface figures.
+    pub fn set_lifecycle_provider(&self, provider: LifecycleProvider) {
+        *self.lifecycle.write().unwrap_or_else(|p| p.into_inner()) = Some(provider);
     }
 
     /// Installs the source of the `credentials{state}` counts, read at scrape time.
@@ -457,6 +483,55 @@ impl Collector for CredentialTimesCollector {
                     metric.encode_family(&labels)?.encode_gauge(&v)?;
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+/// Writes the [`Lifecycle`] gauges from the provider at scrape time.
+struct LifecycleCollector {
+    provider: Arc<RwLock<Option<LifecycleProvider>>>,
+}
+
+impl fmt::Debug for LifecycleCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LifecycleCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for LifecycleCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let provider = self
+            .provider
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(l) = provider.map(|p| p()) else {
+            return Ok(());
+        };
+        let mut m = encoder.encode_descriptor(
+            "decommission_sla_remaining_seconds",
+            "Seconds until the revocation SLA deadline of each decommission in progress (negative once breached)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (agent, secs) in l.sla_remaining.iter().filter(|(_, s)| s.is_finite()) {
+            m.encode_family(&[("agent", agent.as_str())])?
+                .encode_gauge(secs)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "agents",
+            "Agents by lifecycle state (active, decommissioning, decommissioned, orphaned)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, n) in &l.agents {
+            m.encode_family(&[("state", *state)])?.encode_gauge(n)?;
+        }
+        for (name, help, v) in &l.totals {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(v)?;
         }
         Ok(())
     }

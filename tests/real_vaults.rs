@@ -1354,3 +1354,207 @@ fn successful_rotations_log_no_error_or_warning_at_the_default_level() {
     );
     assert!(log.contains("rotated"), "the log is at info level:\n{log}");
 }
+
+// --- 4. decommission ---------------------------------------------------------------
+
+/// An open session of `user`, kept until the returned client is dropped.
+async fn pg_session(user: &str, password: &str) -> tokio_postgres::Client {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(need("KEYTURN_TEST_PG_HOST"))
+        .port(need("KEYTURN_TEST_PG_PORT").parse().unwrap())
+        .user(user)
+        .password(password)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(5));
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client.simple_query("SELECT 1").await.unwrap();
+    client
+}
+
+#[test]
+fn decommission_revokes_and_verifies_every_vault_the_target_and_the_files() {
+    let files = Files::new();
+    let secret = files.write("azure-client-secret", STUB_CLIENT_SECRET, 0o600);
+    let role = pg_new_role("kt_dec_");
+    let clone = format!("{role}_clone");
+    let (bao_path, aws_path, kv_path) =
+        (unique("e2e/dec/"), unique("e2e/dec/"), unique("e2e/dec/"));
+    let env = Env::new(&format!(
+        "{}{}{}{}{}{}{}{}",
+        bao_vault_table(&files),
+        aws_table("aws"),
+        azure_table("kv", &secret),
+        agent_table(AGENT),
+        credential(
+            "db",
+            r#""local""#,
+            &unique("e2e/dec/pg/"),
+            "1h",
+            &pg_target(&files, &role, "alternating_users", &pg_admin_dsn())
+        ),
+        credential("in-bao", r#""bao""#, &bao_path, "1h", ""),
+        credential("in-aws", r#""aws""#, &aws_path, "1h", ""),
+        credential("in-kv", r#""kv""#, &kv_path, "1h", ""),
+    ));
+    let daemon = env.start();
+    for c in ["db", "in-bao", "in-aws", "in-kv"] {
+        wait_version(&env, c, 1);
+    }
+    let v1 = delivered(&env, "db");
+    rotate_ok(&env, "db", 2);
+    let v2 = delivered(&env, "db");
+    assert_eq!(v2.username.as_deref(), Some(clone.as_str()));
+    let values: Vec<(String, String)> = ["in-bao", "in-aws", "in-kv"]
+        .iter()
+        .map(|c| (c.to_string(), delivered(&env, c).value))
+        .collect();
+    let rt = rt();
+    // The agent is logged in (as the clone, with v2) when it is retired.
+    let session = rt.block_on(pg_session(&clone, &v2.value));
+
+    let out = env.cli(&[
+        "decommission",
+        AGENT,
+        "--reason",
+        "retired in the e2e test",
+        "--by",
+        "alice@example.com",
+        "--wait",
+        "--json",
+    ]);
+    assert!(out.status.success(), "decommission: {}", text(&out));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &result["agent"];
+    assert_eq!(result["already"], false);
+    assert_eq!(row["state"], "decommissioned", "{row}");
+    assert_eq!(row["by"], "alice@example.com");
+    assert_eq!(row["items"], row["verified"], "{row}");
+    // acks + file + target + vault for db; acks + file + vault for the others.
+    assert_eq!(row["items"], 4 + 3 * 3, "{row}");
+
+    rt.block_on(async {
+        // No value is readable from any vault through its own API.
+        assert_eq!(bao_plain(&bao_path, None).await, None, "bao");
+        for stage in ["AWSCURRENT", "AWSPREVIOUS", "AWSPENDING"] {
+            assert_eq!(aws_plain(&aws_path, stage).await, None, "aws {stage}");
+        }
+        assert_eq!(azure_plain_latest(&kv_path).await, None, "azure");
+        // No role logs in, with any value the agent ever had.
+        for (user, password) in [(&role, &v1.value), (&clone, &v2.value)] {
+            let e = pg_login(user, password)
+                .await
+                .expect_err("a revoked role must not log in");
+            assert!(
+                e.contains("not permitted to log in")
+                    || e.contains("password authentication failed"),
+                "{user}: refused for another reason: {e}"
+            );
+        }
+        // The session the agent held is gone.
+        assert!(
+            session.simple_query("SELECT 1").await.is_err(),
+            "the agent's session survived its decommission"
+        );
+    });
+    // The files are gone.
+    for c in ["db", "in-bao", "in-aws", "in-kv"] {
+        let p = env.root().join(AGENT).join(format!("{c}.json"));
+        assert!(!p.exists(), "{} is still there", p.display());
+    }
+    // Status shows it complete; rotating it is refused.
+    for r in status_json(&env) {
+        assert_eq!(r["state"], "decommissioned", "{r}");
+    }
+    let table = text(&env.cli_ok(&["status"]));
+    assert!(table.contains("decommissioned"), "{table}");
+    let refused = rotate(&env, "db");
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("decommissioned"),
+        "{}",
+        text(&refused)
+    );
+
+    // Twice is harmless; an unknown agent is a clear error with its own code.
+    let again = env.cli(&["decommission", AGENT, "--reason", "again"]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        text(&again).contains("already decommissioned"),
+        "{}",
+        text(&again)
+    );
+    let ghost = env.cli(&["decommission", "ghost", "--reason", "x"]);
+    assert_eq!(ghost.status.code(), Some(67), "{}", text(&ghost));
+    assert!(
+        text(&ghost).contains("no agent \"ghost\""),
+        "{}",
+        text(&ghost)
+    );
+
+    let log = daemon.stop();
+    rt.block_on(async {
+        let k = bot_key("db");
+        for stage in [Stage::Current, Stage::Previous, Stage::Pending] {
+            assert_eq!(
+                local_vault_value(&env, "local", &k, Select::Stage(stage)).await,
+                None,
+                "local vault {stage:?}"
+            );
+        }
+    });
+
+    // The audit log: decision → revoked → verified, in order, with times.
+    audit_verifies(&env, "after a decommission");
+    let records = audit_records(&env);
+    let pos = |event: &str| {
+        records
+            .iter()
+            .position(|r| r["event"] == event)
+            .unwrap_or_else(|| panic!("no {event} record"))
+    };
+    let decided = pos("decommission.decided");
+    let verified = pos("decommission.verified");
+    assert!(decided < pos("revocation.revoked") && pos("revocation.verified") < verified);
+    let d = &records[decided];
+    assert!(
+        d["detail"]
+            .as_str()
+            .unwrap()
+            .contains("retired in the e2e test"),
+        "{d}"
+    );
+    assert!(
+        d["detail"].as_str().unwrap().contains("alice@example.com"),
+        "{d}"
+    );
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["event"] == "revocation.verified")
+            .count(),
+        13
+    );
+    let v = &records[verified];
+    assert!(v["detail"].as_str().unwrap().contains(" met "), "{v}");
+
+    // No value leaked anywhere.
+    let mut secrets = vec![("v1", v1.value.clone()), ("v2", v2.value.clone())];
+    for (c, value) in &values {
+        secrets.push((c.as_str(), value.clone()));
+    }
+    let mut places = vec![
+        ("daemon log".to_owned(), log.into_bytes()),
+        (
+            "audit log".to_owned(),
+            std::fs::read(env.audit_log()).unwrap(),
+        ),
+        ("status".to_owned(), table.into_bytes()),
+        ("decommission output".to_owned(), out.stdout.clone()),
+    ];
+    places.push((
+        "state db".to_owned(),
+        std::fs::read(env.state_dir().join("state.db")).unwrap(),
+    ));
+    assert_nowhere(&secrets, &places);
+}

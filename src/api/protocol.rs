@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{AgentId, CredentialId, CredentialKey, Stage};
 
 /// The commands a client may send, in the order they are listed in errors.
-pub const COMMANDS: &[&str] = &["ping", "status", "rotate", "ack"];
+pub const COMMANDS: &[&str] = &["ping", "status", "rotate", "ack", "decommission", "agents"];
 
 /// The commands served on the agents' socket.
 pub const AGENT_COMMANDS: &[&str] = &["ping", "ack"];
@@ -67,6 +67,17 @@ pub enum Request {
         credential: CredentialId,
         version: u64,
     },
+    /// Retire `agent` for good and revoke everything it holds (see
+    /// `crate::revocation`). Harmless when already decommissioned.
+    Decommission {
+        agent: AgentId,
+        reason: String,
+        /// The human who decided (default: none named).
+        #[serde(default)]
+        by: Option<String>,
+    },
+    /// Agents being decommissioned, decommissioned, or orphaned.
+    Agents,
 }
 
 impl Request {
@@ -77,6 +88,8 @@ impl Request {
             Request::Status => "status",
             Request::Rotate { .. } => "rotate",
             Request::Ack { .. } => "ack",
+            Request::Decommission { .. } => "decommission",
+            Request::Agents => "agents",
         }
     }
 }
@@ -99,6 +112,13 @@ enum WireRequest {
         credential: CredentialId,
         version: u64,
     },
+    Decommission {
+        agent: AgentId,
+        reason: String,
+        #[serde(default)]
+        by: Option<String>,
+    },
+    Agents {},
 }
 
 impl From<WireRequest> for Request {
@@ -116,6 +136,10 @@ impl From<WireRequest> for Request {
                 credential,
                 version,
             },
+            WireRequest::Decommission { agent, reason, by } => {
+                Request::Decommission { agent, reason, by }
+            }
+            WireRequest::Agents {} => Request::Agents,
         }
     }
 }
@@ -238,6 +262,80 @@ pub struct StatusRow {
     pub holdouts: Vec<String>,
 }
 
+/// One agent that is not simply active: decommissioning, decommissioned,
+/// or orphaned (state remembers it, the config does not name it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentLifecycle {
+    pub agent: AgentId,
+    /// `decommissioning`, `decommissioned` or `orphaned`.
+    pub state: String,
+    #[serde(default)]
+    pub owner: String,
+    #[serde(default)]
+    pub tenant: String,
+    #[serde(default)]
+    pub tier: String,
+    /// Orphaned: since when this daemon has seen it so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orphaned_since: Option<DateTime<Utc>>,
+    /// The decision (absent for an orphan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// `command` or `config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sla_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
+    /// Milliseconds until the deadline (negative once it passed); absent
+    /// when complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<DateTime<Utc>>,
+    /// Decision → every item revoked, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_revoked_ms: Option<i64>,
+    /// Decision → every item verified, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_verified_ms: Option<i64>,
+    #[serde(default)]
+    pub items: usize,
+    #[serde(default)]
+    pub revoked: usize,
+    #[serde(default)]
+    pub verified: usize,
+    /// Items not verified yet, with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<PendingItem>,
+}
+
+/// A revocation item not done yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingItem {
+    pub item: String,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// What a `decommission` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecommissionResult {
+    /// The agent was already decommissioned: nothing new was decided.
+    pub already: bool,
+    pub agent: AgentLifecycle,
+}
+
 /// What happened to one credential of a `rotate` request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RotateResult {
@@ -318,6 +416,8 @@ pub enum ResponseBody {
     Status(Vec<StatusRow>),
     Rotate(Vec<RotateResult>),
     Ack(AckResult),
+    Decommission(DecommissionResult),
+    Agents(Vec<AgentLifecycle>),
 }
 
 /// The JSON shape of a response; see the module doc.
@@ -522,30 +622,7 @@ pub fn render_status_table(rows: &[StatusRow]) -> String {
             ]
         })
         .collect();
-    let mut widths = HEADER.map(|h| h.chars().count());
-    for row in &cells {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cols: &[&str]| {
-        let mut l = String::new();
-        for (i, c) in cols.iter().enumerate() {
-            if i + 1 == cols.len() {
-                l.push_str(c);
-            } else {
-                let _ = write!(l, "{c:<w$}  ", w = widths[i]);
-            }
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(&HEADER);
-    for row in &cells {
-        let refs: Vec<&str> = row.iter().map(String::as_str).collect();
-        line(&refs);
-    }
+    let mut out = render_table(&HEADER, &cells);
     // Consumers that have not acknowledged the current version, below the
     // table (rare, and too long for a column).
     for r in rows {
@@ -870,4 +947,114 @@ mod ack_tests {
         row.holdouts.clear();
         assert!(!serde_json::to_string(&row).unwrap().contains("holdouts"));
     }
+}
+
+/// Columns padded to their widest cell, two spaces apart; the last one is
+/// not padded.
+fn render_table<const N: usize>(header: &[&str; N], cells: &[[String; N]]) -> String {
+    let mut widths = header.map(|h| h.chars().count());
+    for row in cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cols: &[&str]| {
+        let mut l = String::new();
+        for (i, c) in cols.iter().enumerate() {
+            if i + 1 == cols.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}  ", w = widths[i]);
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header);
+    for row in cells {
+        let refs: Vec<&str> = row.iter().map(String::as_str).collect();
+        line(&refs);
+    }
+    out
+}
+
+/// The agents that are not simply active, for `keyturn status` and
+/// `keyturn decommission`: decision → revoked → verified with durations,
+/// the SLA and what is left, then each pending item with its error.
+pub fn render_agents_table(rows: &[AgentLifecycle]) -> String {
+    fn time(t: Option<DateTime<Utc>>) -> String {
+        t.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
+            .unwrap_or_else(|| "-".into())
+    }
+    fn dur(ms: Option<i64>) -> String {
+        match ms {
+            Some(ms) if ms < 0 => format!("-{}", dur(Some(-ms))),
+            Some(ms) if ms < 10_000 => format!("{:.3}s", ms as f64 / 1000.0),
+            Some(ms) => {
+                humantime::format_duration(std::time::Duration::from_secs((ms / 1000) as u64))
+                    .to_string()
+            }
+            None => "-".into(),
+        }
+    }
+    fn clean(s: &str) -> String {
+        s.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect()
+    }
+    let header = [
+        "AGENT", "STATE", "DECIDED", "REVOKED", "VERIFIED", "SLA", "LEFT", "ITEMS", "REASON",
+    ];
+    let cells: Vec<[String; 9]> = rows
+        .iter()
+        .map(|r| {
+            let decided = match r.state.as_str() {
+                "orphaned" => format!("orphaned since {}", time(r.orphaned_since)),
+                _ => time(r.decided_at),
+            };
+            [
+                r.agent.to_string(),
+                clean(&r.state),
+                decided,
+                match r.revoked_at {
+                    Some(_) => format!("+{}", dur(r.to_revoked_ms)),
+                    None => "-".into(),
+                },
+                match r.verified_at {
+                    Some(_) => format!("+{}", dur(r.to_verified_ms)),
+                    None => "-".into(),
+                },
+                r.sla_seconds
+                    .map_or_else(|| "-".into(), |s| dur(Some(s as i64 * 1000))),
+                dur(r.remaining_ms),
+                if r.state == "orphaned" {
+                    "-".into()
+                } else {
+                    format!("{}/{}/{}", r.verified, r.revoked, r.items)
+                },
+                clean(r.reason.as_deref().unwrap_or("-")),
+            ]
+        })
+        .collect();
+    let mut out = render_table(&header, &cells);
+    out.push_str(
+        "(ITEMS: verified/revoked/total; REVOKED and VERIFIED: time after the decision)\n",
+    );
+    for r in rows {
+        for p in &r.pending {
+            let _ = writeln!(
+                out,
+                "  {} pending {}: {} attempt(s){}",
+                r.agent,
+                clean(&p.item),
+                p.attempts,
+                p.last_error
+                    .as_deref()
+                    .map(|e| format!(", last error: {}", clean(e)))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    out
 }

@@ -36,11 +36,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::protocol::{
-    AGENT_COMMANDS, AckResult, ApiError, Request, Response, ResponseBody, RotateResult, Selector,
-    StatusRow, parse_request,
+    AGENT_COMMANDS, AckResult, AgentLifecycle, ApiError, DecommissionResult, Request, Response,
+    ResponseBody, RotateResult, Selector, StatusRow, parse_request,
 };
 use crate::audit::Actor;
-use crate::model::CredentialKey;
+use crate::model::{AgentId, CredentialKey};
 
 /// Longest request line accepted (without its newline).
 pub const MAX_REQUEST_LINE: usize = 64 * 1024;
@@ -65,6 +65,16 @@ pub trait ControlHandler: Send + Sync + 'static {
     ) -> Result<Vec<RotateResult>, ApiError>;
     /// Record a refused connection in the audit log.
     async fn refused(&self, peer: PeerCred, reason: String);
+    /// Decommission `agent` (see `crate::revocation`).
+    async fn decommission(
+        &self,
+        actor: Actor,
+        agent: AgentId,
+        reason: String,
+        by: Option<String>,
+    ) -> Result<DecommissionResult, ApiError>;
+    /// Agents decommissioning, decommissioned or orphaned.
+    async fn agents(&self) -> Vec<AgentLifecycle>;
     /// `peer` acknowledges `version` of `key`. The handler decides whether
     /// the peer may (and audits a refusal).
     async fn ack(
@@ -517,6 +527,15 @@ impl Server {
                     .map(ResponseBody::Rotate)
                     .into()
             }
+            Request::Decommission { agent, reason, by } => {
+                info!(uid = peer.uid, pid = peer.pid, agent = %agent, "decommission requested");
+                self.handler
+                    .decommission(peer.actor(), agent, reason, by)
+                    .await
+                    .map(ResponseBody::Decommission)
+                    .into()
+            }
+            Request::Agents => Response::Ok(ResponseBody::Agents(self.handler.agents().await)),
             Request::Ack {
                 agent,
                 credential,
@@ -894,6 +913,18 @@ mod tests {
                 awaiting: vec![],
                 retiring: true,
             })
+        }
+        async fn decommission(
+            &self,
+            _actor: Actor,
+            agent: AgentId,
+            _reason: String,
+            _by: Option<String>,
+        ) -> Result<DecommissionResult, ApiError> {
+            Err(ApiError::not_found(format!("no agent {agent:?}")))
+        }
+        async fn agents(&self) -> Vec<AgentLifecycle> {
+            Vec::new()
         }
     }
 

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::api::protocol::{
     ApiErrorKind, Request, Response, ResponseBody, RotateOutcome, StatusRow, parse_selector,
-    render_status_table,
+    render_agents_table, render_status_table,
 };
 use crate::api::socket::{ClientError, call};
 use crate::audit::{AuditKey, VerifyReport, verify_file_keyed};
@@ -22,6 +22,8 @@ pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 64;
 pub const EXIT_UNAVAILABLE: u8 = 69;
 pub const EXIT_NOPERM: u8 = 77;
+/// `decommission` of an agent neither the config nor state knows (EX_NOUSER).
+pub const EXIT_NO_AGENT: u8 = 67;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,6 +61,25 @@ pub enum Command {
     Rotate {
         selector: String,
         /// Wait until the rotation has delivered (or failed); exit 1 if it failed.
+        #[arg(long)]
+        wait: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retire AGENT for good: stop its rotations and revoke everything it
+    /// holds (every version at every vault, the target, delivered files,
+    /// awaited acks) within its tier's revocation SLA. Harmless twice.
+    Decommission {
+        agent: String,
+        /// Why (goes to the audit log).
+        #[arg(long)]
+        reason: String,
+        /// The human who decided (goes to the audit log).
+        #[arg(long)]
+        by: Option<String>,
+        /// Wait until every item is revoked and verified; exit 1 if the
+        /// daemon stops first.
         #[arg(long)]
         wait: bool,
         /// Print the result as JSON.
@@ -171,6 +192,13 @@ async fn run(cli: Cli) -> u8 {
             wait,
             json,
         } => rotate(&cli.config, &selector, wait, json).await,
+        Command::Decommission {
+            agent,
+            reason,
+            by,
+            wait,
+            json,
+        } => decommission(&cli.config, &agent, reason, by, wait, json).await,
         Command::Watch(args) => {
             crate::watch::run(crate::watch::Watch {
                 files: args.files,
@@ -298,6 +326,9 @@ async fn request(
             eprintln!("keyturn: {}", e.message);
             Err(Failure::Reported(match e.kind {
                 ApiErrorKind::Forbidden => EXIT_NOPERM,
+                ApiErrorKind::NotFound if matches!(req, Request::Decommission { .. }) => {
+                    EXIT_NO_AGENT
+                }
                 _ => EXIT_FAILED,
             }))
         }
@@ -357,6 +388,78 @@ async fn status(path: &Path, json: bool) -> u8 {
         }
     } else {
         print!("{}", render_status_table(&rows));
+        // Decommissions and orphans, when the daemon answers.
+        if let Ok(ResponseBody::Agents(agents)) = request(&client, path, &Request::Agents).await
+            && !agents.is_empty()
+        {
+            println!();
+            print!("{}", render_agents_table(&agents));
+        }
+    }
+    0
+}
+
+async fn decommission(
+    path: &Path,
+    agent: &str,
+    reason: String,
+    by: Option<String>,
+    wait: bool,
+    json: bool,
+) -> u8 {
+    let agent = match crate::model::AgentId::new(agent) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("keyturn: agent id {agent:?} {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let client = match load_for_client(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = Request::Decommission {
+        agent: agent.clone(),
+        reason,
+        by,
+    };
+    let mut result = match request(&client, path, &req).await {
+        Ok(ResponseBody::Decommission(r)) => r,
+        Ok(_) => return unexpected(),
+        Err(Failure::Reported(code)) => return code,
+        Err(Failure::Unreachable(e)) => {
+            eprintln!("keyturn: {e}");
+            return EXIT_UNAVAILABLE;
+        }
+    };
+    if result.already && !json {
+        println!("{agent}: already decommissioned; nothing new decided");
+    }
+    while wait && result.agent.state != "decommissioned" {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        match request(&client, path, &Request::Agents).await {
+            Ok(ResponseBody::Agents(rows)) => match rows.into_iter().find(|r| r.agent == agent) {
+                Some(row) => result.agent = row,
+                None => return unexpected(),
+            },
+            Ok(_) => return unexpected(),
+            Err(Failure::Reported(code)) => return code,
+            Err(Failure::Unreachable(e)) => {
+                eprintln!("keyturn: {e}");
+                return EXIT_UNAVAILABLE;
+            }
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&result).unwrap_or_default()
+        );
+    } else {
+        print!(
+            "{}",
+            render_agents_table(std::slice::from_ref(&result.agent))
+        );
     }
     0
 }

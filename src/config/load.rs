@@ -679,6 +679,8 @@ pub(super) struct FileAgent {
     tier: String,
     uid: Option<u32>,
     gid: Option<u32>,
+    revocation_sla: Option<String>,
+    decommissioned: Option<super::raw::RawDecommissioned>,
     #[serde(default)]
     credentials: BTreeMap<String, RawCredential>,
 }
@@ -705,6 +707,8 @@ fn into_raw(f: File) -> RawConfig {
                         tier: a.tier,
                         uid: a.uid,
                         gid: a.gid,
+                        revocation_sla: a.revocation_sla,
+                        decommissioned: a.decommissioned,
                         credentials: None,
                     }),
                     credentials: a

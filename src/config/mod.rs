@@ -139,7 +139,30 @@ pub struct AgentConfig {
     pub tier: String,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// Overrides the tier's revocation SLA.
+    pub revocation_sla: Option<Duration>,
+    /// Declared retired in the config (`decommissioned = { ... }`).
+    pub decommissioned: Option<Decommissioned>,
     pub credentials: BTreeMap<CredentialId, CredentialConfig>,
+}
+
+/// `decommissioned = { at, reason, by }` on an agent: the decision, as the
+/// config records it. Acted on at start and reload once `at` has come.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decommissioned {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub reason: String,
+    pub by: Option<String>,
+}
+
+impl Config {
+    /// The revocation SLA of `agent`: its own, else its tier's.
+    pub fn revocation_sla(&self, agent: &AgentConfig) -> Duration {
+        agent
+            .revocation_sla
+            .or_else(|| self.tiers.get(&agent.tier).map(|t| t.revocation_sla))
+            .unwrap_or(Duration::from_secs(3600))
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -108,10 +108,47 @@ pub struct RawAgent {
     pub tier: String,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// Overrides the tier's `revocation_sla` for this agent.
+    pub revocation_sla: Option<String>,
+    /// `decommissioned = { at = "RFC 3339", reason = "..." }`: the agent
+    /// is retired (declared in config, GitOps style).
+    pub decommissioned: Option<RawDecommissioned>,
     /// Deserialized credential by credential elsewhere; listed here so the
     /// key is known (and named in "expected one of" messages).
     #[serde(default)]
     pub credentials: Option<IgnoredAny>,
+}
+
+/// `decommissioned = { at = ..., reason = ..., by = ... }` on an agent.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDecommissioned {
+    pub at: RawTime,
+    pub reason: String,
+    /// The human who decided (default: the config).
+    pub by: Option<String>,
+}
+
+/// A point in time as written: an RFC 3339 string or a TOML datetime.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawTime(pub String);
+
+impl<'de> Deserialize<'de> for RawTime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Text(String),
+            Toml(toml::value::Datetime),
+        }
+        match Either::deserialize(d) {
+            Ok(Either::Text(s)) => Ok(RawTime(s)),
+            Ok(Either::Toml(t)) => Ok(RawTime(t.to_string())),
+            Err(_) => Err(serde::de::Error::custom(
+                "expected an RFC 3339 time like \"2026-12-01T09:00:00Z\"",
+            )),
+        }
+    }
 }
 
 /// `[agents.AGENT.credentials.NAME]`.

@@ -361,6 +361,9 @@ impl Inner {
             let changed = self.ack_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            if self.is_retired(&rot.key.agent) {
+                return Err(super::engine::Stop::Abandoned);
+            }
             if !self.awaits_acks(&rot.key, rot.version) {
                 return Ok(());
             }

@@ -109,6 +109,8 @@ impl CredEntry {
                 tier: String::new(),
                 uid: None,
                 gid: None,
+                revocation_sla: None,
+                decommissioned: None,
                 credentials: Default::default(),
             }),
             cfg: CredentialConfig {

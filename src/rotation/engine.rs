@@ -64,6 +64,13 @@ pub(super) struct Inner {
     pub(super) in_flight: AtomicUsize,
     pub(super) finished_since_trim: AtomicUsize,
     pub(super) wake: Notify,
+    /// Agents being (or already) decommissioned, with the label `status`
+    /// shows for their credentials: none of their credentials is rotated,
+    /// retired or followed any more (see `retired.rs`).
+    pub(super) retired: RwLock<HashMap<crate::model::AgentId, &'static str>>,
+    /// Woken when an agent is retired, so its rotations waiting out a
+    /// back-off stop at once.
+    pub(super) agent_stopped: Notify,
     /// Tells the follow loops (`follow.rs`) that the catalog changed.
     pub(super) follow_reload: Notify,
     pub(super) cancel: CancellationToken,
@@ -78,6 +85,9 @@ pub(super) enum Stop {
     Failed(String, Option<Duration>),
     /// The daemon is stopping; state is persisted and it resumes at next start.
     Drained,
+    /// The agent was decommissioned: the rotation was recorded as abandoned
+    /// and is never resumed.
+    Abandoned,
 }
 
 pub(super) fn chrono_dur(d: Duration) -> chrono::Duration {
@@ -164,6 +174,8 @@ impl Engine {
                 finished_since_trim: AtomicUsize::new(0),
                 wake: Notify::new(),
                 follow_reload: Notify::new(),
+                retired: RwLock::new(HashMap::new()),
+                agent_stopped: Notify::new(),
                 cancel,
                 tracker,
             }),
@@ -443,7 +455,9 @@ impl Inner {
                 // A followed credential has no due time: it moves when its
                 // rotator rotates it.
                 let follow = entry.cfg.follow.is_some();
-                let state = if follow && state == "idle" {
+                let state = if let Some(label) = self.retired_label(&key.agent) {
+                    label
+                } else if follow && state == "idle" {
                     "follow"
                 } else {
                     state

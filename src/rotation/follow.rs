@@ -131,7 +131,9 @@ impl Inner {
             let catalog = self.catalog();
             let mut groups: BTreeMap<(String, Duration), Group> = BTreeMap::new();
             for e in catalog.creds.values() {
-                if let Some(poll) = e.cfg.follow {
+                if let Some(poll) = e.cfg.follow
+                    && !self.is_retired(&e.key().agent)
+                {
                     let h = e.vaults[0].clone();
                     groups
                         .entry((h.config.name.clone(), poll))
@@ -461,6 +463,10 @@ impl Inner {
                     to: Stage::Retired,
                 }));
                 writes.push(Write::PruneHistory(key.clone()));
+                writes.push(Write::Holding {
+                    key: key.clone(),
+                    footprint: super::footprint::Footprint::holding(entry).to_json(),
+                });
                 CredentialRow {
                     key: key.clone(),
                     current_version: Some(version),

@@ -30,6 +30,17 @@ pub struct Footprint {
     pub target: Option<TargetConfig>,
     pub owner: String,
     pub tenant: String,
+    /// The files (or bundle directories) the credential's sinks deliver
+    /// to. Only in a holding (`Footprint::holding`), not in a rotation's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<std::path::PathBuf>,
+    /// Followed (`mode = "follow"`): the vaults and the target are the
+    /// rotator's; a decommission here only takes the files back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub follow: bool,
+    /// The agent's tier, for the SLA of a decommission from state alone.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tier: String,
 }
 
 /// A stored target in today's form or in the one written before targets
@@ -49,6 +60,27 @@ impl Footprint {
             target: (!entry.cfg.target.is_none()).then(|| entry.cfg.target.clone()),
             owner: entry.agent.owner.clone(),
             tenant: entry.agent.tenant.clone(),
+            files: Vec::new(),
+            follow: false,
+            tier: String::new(),
+        }
+    }
+
+    /// Everything `entry` holds, for a decommission: where its versions
+    /// are, its target, the files its sinks deliver to, and its agent's tier.
+    /// Persisted with every delivery (`Write::Holding`), so a credential
+    /// that left the config can still be revoked from state alone.
+    pub fn holding(entry: &CredEntry) -> Footprint {
+        Footprint {
+            files: entry
+                .sinks
+                .iter()
+                .filter_map(|s| s.delivered_path())
+                .map(Into::into)
+                .collect(),
+            follow: entry.cfg.follow.is_some(),
+            tier: entry.agent.tier.clone(),
+            ..Footprint::of(entry)
         }
     }
 
@@ -93,6 +125,9 @@ mod tests {
                 target: target.clone(),
                 owner: "alice@example.com".into(),
                 tenant: "acme".into(),
+                files: vec!["/run/keyturn/a/db".into()],
+                follow: true,
+                tier: "high".into(),
             };
             let back = Footprint::parse(&fp.to_json()).unwrap();
             assert_eq!(back, fp);

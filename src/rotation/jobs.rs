@@ -25,7 +25,7 @@ impl Inner {
         key: &CredentialKey,
     ) -> Option<oneshot::Receiver<RotateFinished>> {
         let catalog = self.catalog();
-        if catalog.creds.get(key)?.cfg.follow.is_some() {
+        if catalog.creds.get(key)?.cfg.follow.is_some() || self.is_retired(&key.agent) {
             // Rotated by another keyturn; the control API says so first.
             return None;
         }
@@ -78,6 +78,12 @@ impl Inner {
         job: Job,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
+        if self.is_retired(&key.agent) {
+            // Decommissioned: nothing of it runs any more; what is waiting
+            // is told so.
+            self.finish_waiters(&key, "the agent is decommissioned");
+            return;
+        }
         let catalog = self.catalog();
         let entry = match catalog.creds.get(&key) {
             Some(e) => e.clone(),
@@ -201,6 +207,18 @@ impl Inner {
                     },
                     vec![],
                 ),
+                Err(Stop::Abandoned) => (
+                    RotateFinished {
+                        key: key.clone(),
+                        rotation: None,
+                        version: None,
+                        error: Some(
+                            "abandoned: the agent is decommissioned (its credentials are being revoked)"
+                                .into(),
+                        ),
+                    },
+                    vec![],
+                ),
             };
             for w in waiters {
                 let _ = w.send(finished.clone());
@@ -225,6 +243,14 @@ impl Inner {
 
     pub(super) async fn run_retire(self: Arc<Self>, entry: Arc<CredEntry>) {
         let key = entry.key().clone();
+        if self.is_retired(&key.agent) {
+            // The revocation destroys every version; nothing to retire.
+            if let Some(l) = self.live().get_mut(&key) {
+                l.running = None;
+                l.retire_at = None;
+            }
+            return;
+        }
         let _vault_permits = vault_permits(&entry).await;
         let k = key.clone();
         let result = match self.load(move |s| s.latest_rotation(&k)).await {
@@ -255,7 +281,7 @@ impl Inner {
                     tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, "retiring the previous version failed; will retry");
                     retry_at = Some(self.now() + chrono_dur(delay));
                 }
-                Err(Stop::Drained) => {}
+                Err(Stop::Drained) | Err(Stop::Abandoned) => {}
             }
             let rotate_next =
                 std::mem::take(&mut l.rotate_after_retire) && !self.cancel.is_cancelled();

@@ -39,6 +39,9 @@
 //!   index's one read per poll;
 //! - `footprint.rs`: where a rotation's versions are held, to retire them
 //!   after the credential left the config;
+//! - `retired.rs`: decommissioned agents: their rotations stop (in-flight
+//!   ones are abandoned at their next step) and what they hold is handed to
+//!   `crate::revocation`;
 //! - `failpoint.rs`: crash points for the kill -9 tests.
 
 mod acks;
@@ -49,6 +52,7 @@ mod failpoint;
 mod follow;
 mod footprint;
 mod jobs;
+mod retired;
 mod scheduler;
 mod step;
 mod steps;
@@ -59,6 +63,7 @@ pub use catalog::{BuildError, Catalog, CredEntry, CredMap, VaultHandle};
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use engine::{Engine, EngineError, EngineParts};
 pub use failpoint::{FAILPOINTS, crash_point};
+pub use footprint::Footprint;
 pub use step::{Step, Trigger};
 pub use table::RotateFinished;
 

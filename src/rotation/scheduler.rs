@@ -94,8 +94,9 @@ impl Inner {
         // In key order (the catalog's).
         for entry in catalog.creds.values() {
             let key = entry.key();
-            if entry.cfg.follow.is_some() {
-                // Rotated by another keyturn (see `follow.rs`): no timers.
+            if entry.cfg.follow.is_some() || self.is_retired(&key.agent) {
+                // Rotated by another keyturn (see `follow.rs`), or
+                // decommissioned (`retired.rs`): no timers.
                 live.entry(key);
                 live.cancel(key, Job::Rotate);
                 live.cancel(key, Job::Retire);

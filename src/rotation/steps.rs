@@ -52,6 +52,9 @@ impl Inner {
     /// Runs (or resumes) one rotation up to and including delivery.
     pub(super) async fn rotate(&self, entry: &CredEntry) -> Result<RotationRow, Stop> {
         let key = entry.key().clone();
+        if self.is_retired(&key.agent) {
+            return Err(Stop::Abandoned);
+        }
         let k = key.clone();
         let latest = self
             .load(move |s| s.latest_rotation(&k))
@@ -83,7 +86,16 @@ impl Inner {
             if self.cancel.is_cancelled() {
                 return Err(Stop::Drained);
             }
-            self.run_step(entry, &mut rot).await?;
+            let ran = if self.is_retired(&key.agent) {
+                Err(Stop::Abandoned)
+            } else {
+                self.run_step(entry, &mut rot).await
+            };
+            if let Err(Stop::Abandoned) = ran {
+                self.abandon(entry, &mut rot, "the agent is decommissioned")
+                    .await;
+            }
+            ran?;
         }
         Ok(rot)
     }
@@ -257,9 +269,17 @@ impl Inner {
                     error.error.retry_after,
                 ));
             };
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.cancel.cancelled() => return Err(Stop::Drained),
+            let until = tokio::time::Instant::now() + delay;
+            loop {
+                let stopped = self.agent_stopped.notified();
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = self.cancel.cancelled() => return Err(Stop::Drained),
+                    _ = stopped => {}
+                }
+                if self.is_retired(&entry.key().agent) {
+                    return Err(Stop::Abandoned);
+                }
             }
         }
     }
@@ -390,6 +410,10 @@ impl Inner {
                 let mut writes = self.deliver_to_sinks(entry, &notice, &value).await?;
                 self.settle_vaults(entry, rot).await?;
                 writes.push(Write::Credential(row));
+                writes.push(Write::Holding {
+                    key: key.clone(),
+                    footprint: Footprint::holding(entry).to_json(),
+                });
                 Ok(writes)
             }
             Step::Retire => self.retire_previous(entry, rot).await,

@@ -86,6 +86,27 @@ impl SinkConfig {
     }
 }
 
+/// A sink that can only take back what was delivered at `path` (a file,
+/// or a bundle directory) below one of `delivery_roots`: a decommission
+/// retracts with it once the credential's own sink is gone from the config.
+pub fn delivered_at(path: &Path, delivery_roots: &[PathBuf]) -> Result<Arc<dyn Sink>, PluginError> {
+    let cfg = file::FileConfig {
+        path: path.to_path_buf(),
+        format: None,
+        mode: None,
+        env_name: None,
+        atomic: None,
+        ack: None,
+    };
+    let ctx = SinkContext {
+        delivery_roots,
+        uid: None,
+        gid: None,
+        reader: None,
+    };
+    Ok(Arc::new(file::FileSink::new(cfg, &ctx)?))
+}
+
 /// What a sink is told about the version it delivers (everything but the value).
 #[derive(Debug, Clone)]
 pub struct Notice {

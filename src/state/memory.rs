@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::{
-    AckRow, AuditHead, CredentialRow, HISTORY_KEPT, Result, RotationRow, Snapshot, StateError,
-    StateStore, VersionRow, Write,
+    AckRow, AuditHead, CredentialRow, DecommissionRow, HISTORY_KEPT, Result, RevocationRow,
+    RotationRow, Snapshot, StateError, StateStore, VersionRow, Write,
 };
-use crate::model::{CredentialKey, RotationId, Stage, VersionNo};
+use crate::model::{AgentId, CredentialKey, RotationId, Stage, VersionNo};
 use crate::rotation::Step;
 
 #[derive(Debug, Default)]
@@ -26,6 +26,9 @@ struct Tables {
     versions: BTreeMap<(CredentialKey, VersionNo), VersionRow>,
     audit_head: Option<AuditHead>,
     acks: BTreeMap<(CredentialKey, String), AckRow>,
+    decommissions: BTreeMap<AgentId, DecommissionRow>,
+    revocations: BTreeMap<(AgentId, String), RevocationRow>,
+    holdings: BTreeMap<CredentialKey, String>,
 }
 
 impl MemoryStore {
@@ -118,7 +121,18 @@ impl Tables {
                     row.acked_at = Some(*at);
                 }
             }
+            Write::Decommission(d) => {
+                self.decommissions.insert(d.agent.clone(), d.clone());
+            }
+            Write::Revocation(r) => {
+                self.revocations
+                    .insert((r.agent.clone(), r.item.clone()), r.clone());
+            }
+            Write::Holding { key, footprint } => {
+                self.holdings.insert(key.clone(), footprint.clone());
+            }
             Write::ForgetCredential(key) => {
+                self.holdings.remove(key);
                 self.acks.retain(|(k, _), _| k != key);
                 self.credentials.remove(key);
                 self.rotations.retain(|_, r| r.key != *key);
@@ -209,6 +223,43 @@ impl StateStore for MemoryStore {
 
     fn audit_head(&self) -> Result<Option<AuditHead>> {
         Ok(self.tables().audit_head.clone())
+    }
+
+    fn decommissions(&self) -> Result<Vec<DecommissionRow>> {
+        Ok(self.tables().decommissions.values().cloned().collect())
+    }
+
+    fn revocations(&self, agent: &AgentId) -> Result<Vec<RevocationRow>> {
+        Ok(self
+            .tables()
+            .revocations
+            .iter()
+            .filter(|((a, _), _)| a == agent)
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
+
+    fn holdings(&self, agent: &AgentId) -> Result<Vec<(CredentialKey, String)>> {
+        Ok(self
+            .tables()
+            .holdings
+            .iter()
+            .filter(|(k, _)| k.agent == *agent)
+            .map(|(k, f)| (k.clone(), f.clone()))
+            .collect())
+    }
+
+    fn agents(&self) -> Result<Vec<AgentId>> {
+        let t = self.tables();
+        let mut agents: Vec<AgentId> = t
+            .credentials
+            .keys()
+            .chain(t.holdings.keys())
+            .map(|k| k.agent.clone())
+            .collect();
+        agents.sort();
+        agents.dedup();
+        Ok(agents)
     }
 }
 

@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{CredentialKey, RotationId, Stage, VersionNo};
+use crate::model::{AgentId, CredentialId, CredentialKey, RotationId, Stage, VersionNo};
 use crate::rotation::{Step, Trigger};
 
 pub mod memory;
@@ -120,6 +120,70 @@ pub struct AckRow {
     pub acked_at: Option<DateTime<Utc>>,
 }
 
+/// The recorded decision that an agent is retired, and how far its
+/// revocation got. Kept as keyturn's own JSON (add fields with defaults,
+/// never rename one): rows outlive the config that made them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecommissionRow {
+    pub agent: AgentId,
+    /// When the decision was made (the SLA clock starts here).
+    pub decided_at: DateTime<Utc>,
+    /// When keyturn recorded it (later than `decided_at` for a decision
+    /// declared in the config before the daemon read it).
+    pub recorded_at: DateTime<Utc>,
+    /// Who asked: the control-socket peer (`uid=0 gid=0 pid=42`) or `config`.
+    pub actor: String,
+    /// The human named with `--by` (or in the config's `by`), if any.
+    #[serde(default)]
+    pub by: Option<String>,
+    pub reason: String,
+    /// `command` or `config`.
+    pub source: String,
+    #[serde(default)]
+    pub owner: String,
+    #[serde(default)]
+    pub tenant: String,
+    #[serde(default)]
+    pub tier: String,
+    /// The revocation SLA, in milliseconds.
+    pub sla_ms: u64,
+    /// Every item revoked (the last one's time).
+    #[serde(default)]
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// Every item verified (the last one's time): the decommission is complete.
+    #[serde(default)]
+    pub verified_at: Option<DateTime<Utc>>,
+}
+
+impl DecommissionRow {
+    pub fn deadline(&self) -> DateTime<Utc> {
+        self.decided_at
+            + chrono::Duration::milliseconds(i64::try_from(self.sla_ms).unwrap_or(i64::MAX / 2))
+    }
+}
+
+/// One thing a decommissioned agent held, revoked and then verified on its
+/// own, and retried until both are done (across restarts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationRow {
+    pub agent: AgentId,
+    /// Unique within the agent: `db/vault:bao`, `db/target`, `db/sink:0`, `db/acks`.
+    pub item: String,
+    pub credential: CredentialId,
+    /// `vault`, `target`, `sink` or `acks`.
+    pub kind: String,
+    /// What to revoke, as the revocation module wrote it (JSON; never a value).
+    pub spec: serde_json::Value,
+    #[serde(default)]
+    pub revoked_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub verified_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
 /// The last audit record's sequence number and hash, to detect a truncated log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditHead {
@@ -161,6 +225,17 @@ pub enum Write {
         consumer: String,
         at: DateTime<Utc>,
     },
+    /// Records (or updates) a decommission.
+    Decommission(DecommissionRow),
+    /// Records (or updates) one item of a decommission.
+    Revocation(RevocationRow),
+    /// What `key` holds where, as last delivered (the rotation footprint
+    /// with the sinks): what a decommission revokes once the credential
+    /// has left the config.
+    Holding {
+        key: CredentialKey,
+        footprint: String,
+    },
     /// Drops `key`'s finished rotations and retired versions beyond the
     /// newest [`HISTORY_KEPT`] of each, so the state database stays bounded
     /// per credential however long it rotates (the audit log is the history).
@@ -197,4 +272,12 @@ pub trait StateStore: Send + Sync {
     fn latest_rotation(&self, key: &CredentialKey) -> Result<Option<RotationRow>>;
     fn versions(&self, key: &CredentialKey) -> Result<Vec<VersionRow>>;
     fn audit_head(&self) -> Result<Option<AuditHead>>;
+    /// Every decommission, in agent order.
+    fn decommissions(&self) -> Result<Vec<DecommissionRow>>;
+    /// The items of `agent`'s decommission, in item order.
+    fn revocations(&self, agent: &AgentId) -> Result<Vec<RevocationRow>>;
+    /// What each of `agent`'s credentials holds (`Write::Holding`), in key order.
+    fn holdings(&self, agent: &AgentId) -> Result<Vec<(CredentialKey, String)>>;
+    /// Every agent state remembers (a credential row or a holding), sorted.
+    fn agents(&self) -> Result<Vec<AgentId>>;
 }

@@ -34,8 +34,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    AckRow, AuditHead, CredentialRow, Result, RotationRow, Snapshot, StateError, StateStore, Step,
-    Trigger, VersionRow, Write,
+    AckRow, AuditHead, CredentialRow, DecommissionRow, Result, RevocationRow, RotationRow,
+    Snapshot, StateError, StateStore, Step, Trigger, VersionRow, Write,
 };
 use crate::model::{AgentId, CredentialId, CredentialKey, RotationId, Stage, VersionNo};
 use crate::private_file;
@@ -109,6 +109,27 @@ const MIGRATIONS: &[&str] = &[
         consumer   TEXT    NOT NULL,
         acked_at   INTEGER,
         PRIMARY KEY (agent, credential, consumer)
+    );
+    "#,
+    // 4: decommissions, each item of their revocation, and what every
+    // credential holds where (to revoke it after it left the config). The
+    // records are keyturn's own JSON (`state::DecommissionRow`, ...).
+    r#"
+    CREATE TABLE decommissions (
+        agent  TEXT NOT NULL PRIMARY KEY,
+        record TEXT NOT NULL
+    );
+    CREATE TABLE revocations (
+        agent  TEXT NOT NULL,
+        item   TEXT NOT NULL,
+        record TEXT NOT NULL,
+        PRIMARY KEY (agent, item)
+    );
+    CREATE TABLE holdings (
+        agent      TEXT NOT NULL,
+        credential TEXT NOT NULL,
+        footprint  TEXT NOT NULL,
+        PRIMARY KEY (agent, credential)
     );
     "#,
 ];
@@ -546,8 +567,41 @@ impl SqliteStore {
                 ])
                 .map_err(e)?;
             }
+            Write::Decommission(d) => {
+                tx.prepare_cached(
+                    "INSERT INTO decommissions (agent, record) VALUES (?1, ?2) \
+                     ON CONFLICT (agent) DO UPDATE SET record = excluded.record",
+                )
+                .map_err(e)?
+                .execute(params![d.agent.as_str(), to_json(d)])
+                .map_err(e)?;
+            }
+            Write::Revocation(r) => {
+                tx.prepare_cached(
+                    "INSERT INTO revocations (agent, item, record) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (agent, item) DO UPDATE SET record = excluded.record",
+                )
+                .map_err(e)?
+                .execute(params![r.agent.as_str(), r.item, to_json(r)])
+                .map_err(e)?;
+            }
+            Write::Holding { key, footprint } => {
+                tx.prepare_cached(
+                    "INSERT INTO holdings (agent, credential, footprint) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (agent, credential) DO UPDATE SET footprint = excluded.footprint \
+                     WHERE footprint != excluded.footprint",
+                )
+                .map_err(e)?
+                .execute(params![
+                    key.agent.as_str(),
+                    key.credential.as_str(),
+                    footprint
+                ])
+                .map_err(e)?;
+            }
             Write::ForgetCredential(key) => {
                 for sql in [
+                    "DELETE FROM holdings WHERE agent = ?1 AND credential = ?2",
                     "DELETE FROM acks WHERE agent = ?1 AND credential = ?2",
                     "DELETE FROM versions WHERE agent = ?1 AND credential = ?2",
                     "DELETE FROM rotations WHERE agent = ?1 AND credential = ?2",
@@ -749,6 +803,38 @@ impl StateStore for SqliteStore {
         })
         .transpose()
     }
+
+    fn decommissions(&self) -> Result<Vec<DecommissionRow>> {
+        self.query_rows(
+            "SELECT record FROM decommissions ORDER BY agent",
+            [],
+            decode_decommission,
+        )
+    }
+
+    fn revocations(&self, agent: &AgentId) -> Result<Vec<RevocationRow>> {
+        self.query_rows(
+            "SELECT record FROM revocations WHERE agent = ?1 ORDER BY item",
+            params![agent.as_str()],
+            decode_revocation,
+        )
+    }
+
+    fn holdings(&self, agent: &AgentId) -> Result<Vec<(CredentialKey, String)>> {
+        self.query_rows(
+            "SELECT agent, credential, footprint FROM holdings WHERE agent = ?1 ORDER BY credential",
+            params![agent.as_str()],
+            decode_holding,
+        )
+    }
+
+    fn agents(&self) -> Result<Vec<AgentId>> {
+        self.query_rows(
+            "SELECT agent FROM credentials UNION SELECT agent FROM holdings ORDER BY 1",
+            [],
+            decode_agent,
+        )
+    }
 }
 
 fn db_err(path: &str, e: rusqlite::Error) -> StateError {
@@ -756,6 +842,32 @@ fn db_err(path: &str, e: rusqlite::Error) -> StateError {
         path: path.to_owned(),
         message: e.to_string(),
     }
+}
+
+fn to_json<T: serde::Serialize>(t: &T) -> String {
+    serde_json::to_string(t).expect("a state record serialises")
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(table: &str, text: &str) -> DecodeResult<T> {
+    serde_json::from_str(text)
+        .map_err(|e| Decode::Corrupt(format!("{table}: unreadable record: {e}")))
+}
+
+fn decode_decommission(row: &Row<'_>) -> DecodeResult<DecommissionRow> {
+    from_json("decommissions", &row.get::<_, String>(0)?)
+}
+
+fn decode_revocation(row: &Row<'_>) -> DecodeResult<RevocationRow> {
+    from_json("revocations", &row.get::<_, String>(0)?)
+}
+
+fn decode_holding(row: &Row<'_>) -> DecodeResult<(CredentialKey, String)> {
+    Ok((key_at(row, "holdings", 0)?, row.get(2)?))
+}
+
+fn decode_agent(row: &Row<'_>) -> DecodeResult<AgentId> {
+    let a: String = row.get(0)?;
+    AgentId::new(a.clone()).map_err(|e| Decode::Corrupt(format!("agent id {a:?}: {e}")))
 }
 
 fn to_millis(t: DateTime<Utc>) -> i64 {

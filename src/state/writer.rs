@@ -256,6 +256,21 @@ mod tests {
         fn rotation(&self, id: &RotationId) -> Result<Option<RotationRow>> {
             self.inner.rotation(id)
         }
+        fn decommissions(&self) -> Result<Vec<crate::state::DecommissionRow>> {
+            self.inner.decommissions()
+        }
+        fn revocations(
+            &self,
+            agent: &crate::model::AgentId,
+        ) -> Result<Vec<crate::state::RevocationRow>> {
+            self.inner.revocations(agent)
+        }
+        fn holdings(&self, agent: &crate::model::AgentId) -> Result<Vec<(CredentialKey, String)>> {
+            self.inner.holdings(agent)
+        }
+        fn agents(&self) -> Result<Vec<crate::model::AgentId>> {
+            self.inner.agents()
+        }
         fn latest_rotation(&self, key: &CredentialKey) -> Result<Option<RotationRow>> {
             self.inner.latest_rotation(key)
         }

@@ -243,6 +243,7 @@ impl Validator<'_> {
                 }
             }
             if let (Some(id), Some(a)) = (agent_id, raw_agent) {
+                let (revocation_sla, decommissioned) = self.agent_lifecycle(&agent_path, a);
                 agents.insert(
                     id.clone(),
                     AgentConfig {
@@ -252,6 +253,8 @@ impl Validator<'_> {
                         tier: a.tier.clone(),
                         uid: a.uid,
                         gid: a.gid,
+                        revocation_sla,
+                        decommissioned,
                         credentials,
                     },
                 );
@@ -655,6 +658,46 @@ impl Validator<'_> {
                 ),
             );
         }
+    }
+
+    /// `revocation_sla` and `decommissioned` of an agent.
+    fn agent_lifecycle(
+        &mut self,
+        p: &Loc<'_>,
+        a: &RawAgent,
+    ) -> (Option<Duration>, Option<super::Decommissioned>) {
+        let sla = a
+            .revocation_sla
+            .as_deref()
+            .and_then(|t| self.duration(p.key("revocation_sla"), t, Zero::Rejected));
+        let decommissioned = a.decommissioned.as_ref().and_then(|d| {
+            let dp = p.key("decommissioned");
+            if d.reason.trim().is_empty() {
+                self.err(
+                    dp.key("reason"),
+                    "reason must not be empty: say why the agent is retired (it goes to the audit log)",
+                );
+            }
+            let at = match chrono::DateTime::parse_from_rfc3339(d.at.0.trim()) {
+                Ok(t) => Some(t.with_timezone(&chrono::Utc)),
+                Err(e) => {
+                    self.err(
+                        dp.key("at"),
+                        format!(
+                            "invalid time `{}`: {e}; write an RFC 3339 time with its offset, e.g. \"2026-12-01T09:00:00Z\"",
+                            d.at.0
+                        ),
+                    );
+                    None
+                }
+            };
+            Some(super::Decommissioned {
+                at: at?,
+                reason: d.reason.trim().to_owned(),
+                by: d.by.as_ref().map(|b| b.trim().to_owned()).filter(|b| !b.is_empty()),
+            })
+        });
+        (sla, decommissioned)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -1,0 +1,289 @@
+//! The items of one decommission: what an agent holds, each revoked and
+//! then verified on its own.
+//!
+//! Per credential, in this order (each one waits for the one before it to
+//! be verified):
+//! 1. `acks`: the consumers still awaited are forgotten;
+//! 2. `sink:N`: every file (or bundle) delivered is removed; verified by
+//!    finding nothing at the path;
+//! 3. `target`: the target stops accepting every value (postgres: NOLOGIN
+//!    on every role, sessions terminated; `command`: the hook's `revoke`);
+//!    verified by logging in with each value the vault still holds, which
+//!    must be refused — so this comes before the vaults are emptied;
+//! 4. `vault:NAME`: every version destroyed; verified by reading the
+//!    current, previous and pending stages through the vault's own API,
+//!    which must find nothing.
+//!
+//! A followed credential (`mode = "follow"`) has only the first two: its
+//! versions and its target belong to the keyturn that rotates it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{AgentId, CredentialKey, ErrorKind, PluginError, Stage};
+use crate::rotation::{Catalog, Engine, Footprint};
+use crate::state::RevocationRow;
+use crate::targets::TargetConfig;
+use crate::vaults::{Select, VaultItem, VaultRefs};
+
+/// What one item revokes: the row's `spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Spec {
+    Acks {},
+    Sink {
+        path: PathBuf,
+    },
+    Target {
+        /// The target's own config (its JSON form).
+        target: serde_json::Value,
+        /// Where the values to try are: the primary vault and the path.
+        vault: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+    },
+    Vault {
+        vault: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+    },
+}
+
+impl Spec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Spec::Acks {} => "acks",
+            Spec::Sink { .. } => "sink",
+            Spec::Target { .. } => "target",
+            Spec::Vault { .. } => "vault",
+        }
+    }
+
+    /// The order within a credential.
+    fn rank(&self) -> u8 {
+        match self {
+            Spec::Acks {} => 0,
+            Spec::Sink { .. } => 1,
+            Spec::Target { .. } => 2,
+            Spec::Vault { .. } => 3,
+        }
+    }
+}
+
+/// The items of one credential, from what it holds.
+pub fn plan(
+    agent: &AgentId,
+    key: &CredentialKey,
+    fp: &Footprint,
+    now: DateTime<Utc>,
+) -> Vec<RevocationRow> {
+    let mut specs = vec![(format!("{}/acks", key.credential), Spec::Acks {})];
+    for (i, path) in fp.files.iter().enumerate() {
+        specs.push((
+            format!("{}/sink:{i}", key.credential),
+            Spec::Sink { path: path.clone() },
+        ));
+    }
+    if !fp.follow {
+        if let (Some(target), Some(primary)) = (&fp.target, fp.vaults.first())
+            && !target.is_none()
+        {
+            specs.push((
+                format!("{}/target", key.credential),
+                Spec::Target {
+                    target: serde_json::to_value(target).expect("a target config serialises"),
+                    vault: primary.clone(),
+                    path: fp.path.clone(),
+                },
+            ));
+        }
+        for v in &fp.vaults {
+            specs.push((
+                format!("{}/vault:{v}", key.credential),
+                Spec::Vault {
+                    vault: v.clone(),
+                    path: fp.path.clone(),
+                },
+            ));
+        }
+    }
+    let _ = now;
+    specs
+        .into_iter()
+        .map(|(item, spec)| RevocationRow {
+            agent: agent.clone(),
+            item,
+            credential: key.credential.clone(),
+            kind: spec.kind().to_owned(),
+            spec: serde_json::to_value(&spec).expect("a spec serialises"),
+            revoked_at: None,
+            verified_at: None,
+            attempts: 0,
+            last_error: None,
+        })
+        .collect()
+}
+
+/// Items of one credential in the order they are done.
+pub fn ordered(mut items: Vec<RevocationRow>) -> Vec<RevocationRow> {
+    items.sort_by_key(|r| {
+        (
+            parse(r).map(|s| s.rank()).unwrap_or(u8::MAX),
+            r.item.clone(),
+        )
+    });
+    items
+}
+
+pub fn parse(row: &RevocationRow) -> Result<Spec, PluginError> {
+    serde_json::from_value(row.spec.clone()).map_err(|e| {
+        PluginError::new(
+            ErrorKind::Fatal,
+            format!("item {} has an unreadable spec ({e})", row.item),
+        )
+    })
+}
+
+fn vault_of<'a>(
+    catalog: &'a Catalog,
+    name: &str,
+) -> Result<&'a Arc<crate::rotation::VaultHandle>, PluginError> {
+    catalog.vaults.get(name).ok_or_else(|| {
+        PluginError::new(
+            ErrorKind::Invalid,
+            format!(
+                "vault {name:?} is not configured any more: add it back so keyturn can empty it, or destroy the agent's versions there by hand"
+            ),
+        )
+    })
+}
+
+fn default_path(key: &CredentialKey, path: &Option<String>) -> String {
+    path.clone()
+        .unwrap_or_else(|| format!("agents/{}/{}", key.agent, key.credential))
+}
+
+/// Revokes one item. Idempotent: revoking twice is harmless.
+pub async fn revoke(engine: &Engine, key: &CredentialKey, spec: &Spec) -> Result<(), PluginError> {
+    match spec {
+        Spec::Acks {} => engine.clear_acks(key).await,
+        Spec::Sink { path } => {
+            let roots = engine.catalog().config.daemon.delivery_roots.clone();
+            crate::sinks::delivered_at(path, &roots)?.retract(key).await
+        }
+        Spec::Target { target, .. } => match build_target(target)? {
+            Some(t) => t.revoke(key).await,
+            None => Ok(()),
+        },
+        Spec::Vault { vault, path } => {
+            let catalog = engine.catalog();
+            let h = vault_of(&catalog, vault)?;
+            let path = default_path(key, path);
+            h.vault.destroy(VaultItem { key, path: &path }).await
+        }
+    }
+}
+
+fn build_target(
+    target: &serde_json::Value,
+) -> Result<Option<Arc<dyn crate::targets::Target>>, PluginError> {
+    let cfg = TargetConfig::from_stored(target.clone())
+        .map_err(|e| PluginError::new(ErrorKind::Fatal, e))?;
+    cfg.build()
+}
+
+/// Proves one revoked item where it can be proved. `Ok` with a note on how.
+pub async fn verify(
+    engine: &Engine,
+    key: &CredentialKey,
+    spec: &Spec,
+) -> Result<String, PluginError> {
+    match spec {
+        Spec::Acks {} => Ok("no consumer awaited".into()),
+        Spec::Sink { path } => match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(format!("{} is gone", path.display()))
+            }
+            Err(e) => Err(PluginError::new(
+                ErrorKind::Transient,
+                format!("cannot check {}: {e}", path.display()),
+            )),
+            Ok(_) => Err(PluginError::new(
+                ErrorKind::Transient,
+                format!("{} is still there", path.display()),
+            )),
+        },
+        Spec::Target {
+            target,
+            vault,
+            path,
+        } => {
+            let Some(t) = build_target(target)? else {
+                return Ok("no target".into());
+            };
+            let catalog = engine.catalog();
+            let h = vault_of(&catalog, vault)?;
+            let path = default_path(key, path);
+            let item = VaultItem { key, path: &path };
+            let k = key.clone();
+            let versions = engine.load(move |s| s.versions(&k)).await?;
+            let mut tried = 0;
+            for v in versions.iter().filter(|v| v.stage != Stage::Retired) {
+                let refs = VaultRefs::decode(&v.vault_version, vault);
+                let Some(vref) = refs.get(vault) else {
+                    continue;
+                };
+                let Some(stored) = h.vault.read(item, Select::Version(vref)).await? else {
+                    continue;
+                };
+                match t.test(key, v.version, &stored.value).await {
+                    Ok(()) => {
+                        return Err(PluginError::new(
+                            ErrorKind::Transient,
+                            format!(
+                                "{}: version {} still logs in after the revocation",
+                                t.describe(),
+                                v.version
+                            ),
+                        ));
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind,
+                            ErrorKind::Unauthorized | ErrorKind::Invalid | ErrorKind::NotFound
+                        ) =>
+                    {
+                        tried += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(if tried == 0 {
+                format!("{}: no value left to try", t.describe())
+            } else {
+                format!("{}: {tried} value(s) refused", t.describe())
+            })
+        }
+        Spec::Vault { vault, path } => {
+            let catalog = engine.catalog();
+            let h = vault_of(&catalog, vault)?;
+            let path = default_path(key, path);
+            let item = VaultItem { key, path: &path };
+            for stage in [Stage::Current, Stage::Previous, Stage::Pending] {
+                if let Some(v) = h.vault.read(item, Select::Stage(stage)).await? {
+                    return Err(PluginError::new(
+                        ErrorKind::Transient,
+                        format!(
+                            "vault {vault:?} still serves a {stage} version ({}) of {path}",
+                            v.version
+                        ),
+                    ));
+                }
+            }
+            Ok(format!("vault {vault:?} serves nothing at {path}"))
+        }
+    }
+}

@@ -1,0 +1,597 @@
+//! Decommission: the recorded decision that an agent is retired, and the
+//! revocation of everything it holds within its tier's SLA.
+//!
+//! - **Decision.** `keyturn decommission AGENT --reason ... [--by WHO]`
+//!   (control socket) or `decommissioned = { at, reason }` on the agent in
+//!   the config (acted on at start and reload once `at` has come). The
+//!   decision time, actor and reason are audited (`decommission.decided`)
+//!   and persisted with the list of items to revoke, in one transaction;
+//!   the agent's rotations stop for good first (`Engine::stop_agent`; one in
+//!   flight is abandoned at its next step). Deciding twice is harmless: the
+//!   second answer is the first decision's progress.
+//! - **Items** (`items.rs`): per credential, the awaited acks, every file
+//!   delivered, the target, every vault; each revoked, then verified
+//!   through the system's own API, each persisted and audited
+//!   (`revocation.revoked`, `revocation.verified`, `revocation.failed`),
+//!   retried with back-off until done, across restarts. Credentials are
+//!   worked on concurrently (`CONCURRENCY`), the items of one in order.
+//! - **Complete** when every item is verified (`decommission.verified`,
+//!   with decision → revoked → verified durations against the SLA).
+//! - **SLA** (`sla.rs`): `revocation_sla` of the agent's tier, or the
+//!   agent's own. A warning alert at 80 %, a breach (critical) at 100 %;
+//!   revocation goes on after a breach; completion resolves both.
+//! - **Orphans.** An agent that state remembers and the config does not
+//!   name is never revoked silently: it is listed as orphaned (status,
+//!   surface, a warning alert) until someone decommissions it, which works
+//!   from what state remembers it held (`Write::Holding`, else its last
+//!   rotation's footprint).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use tokio::sync::Notify;
+
+use crate::audit::{Actor, AuditEvent, Outcome};
+use crate::model::{AgentId, CredentialKey, PluginError};
+use crate::rotation::{Engine, Footprint};
+use crate::state::{DecommissionRow, RevocationRow, StateError, Write};
+
+pub mod items;
+mod sla;
+
+pub use sla::lifecycle_rows;
+
+/// Credentials of one agent revoked at once.
+const CONCURRENCY: usize = 16;
+
+/// A decision to act on.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub agent: AgentId,
+    pub reason: String,
+    /// The human who decided, if named.
+    pub by: Option<String>,
+    pub actor: Actor,
+    /// `command` or `config`.
+    pub source: &'static str,
+    /// When it was decided (default: now).
+    pub decided_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecommissionError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// One decommission as it stands.
+#[derive(Debug, Clone)]
+pub struct Decom {
+    pub row: DecommissionRow,
+    pub items: Vec<RevocationRow>,
+}
+
+impl Decom {
+    pub fn complete(&self) -> bool {
+        self.row.verified_at.is_some()
+    }
+}
+
+/// The decommissions of this daemon: a cheap handle.
+#[derive(Clone)]
+pub struct Revocations {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Engine,
+    decoms: Mutex<BTreeMap<AgentId, Decom>>,
+    /// Agents state remembers that the config does not name, since when.
+    orphans: Mutex<BTreeMap<AgentId, DateTime<Utc>>>,
+    /// Serialises decisions (two requests for one agent make one decision).
+    deciding: tokio::sync::Mutex<()>,
+    /// A reload happened: look at the config's declarations again.
+    declared: Notify,
+    /// Something an alert depends on changed.
+    poke: Arc<Notify>,
+}
+
+impl Revocations {
+    /// Loads every decommission from state, stops the agents' rotations,
+    /// resumes the revocations not complete, lists orphans, and starts
+    /// acting on the config's declarations. `poke` is notified whenever an
+    /// alert condition may have changed.
+    pub async fn start(engine: Engine, poke: Arc<Notify>) -> Result<Revocations, PluginError> {
+        let stored = engine
+            .load(|s| {
+                s.decommissions()?
+                    .into_iter()
+                    .map(|row| {
+                        let items = s.revocations(&row.agent)?;
+                        Ok(Decom { row, items })
+                    })
+                    .collect::<Result<Vec<_>, StateError>>()
+            })
+            .await?;
+        let this = Revocations {
+            inner: Arc::new(Inner {
+                engine: engine.clone(),
+                decoms: Mutex::new(BTreeMap::new()),
+                orphans: Mutex::new(BTreeMap::new()),
+                deciding: tokio::sync::Mutex::new(()),
+                declared: Notify::new(),
+                poke,
+            }),
+        };
+        for d in stored {
+            let agent = d.row.agent.clone();
+            let complete = d.complete();
+            engine
+                .stop_agent(
+                    &agent,
+                    if complete {
+                        "decommissioned"
+                    } else {
+                        "decommissioning"
+                    },
+                )
+                .await;
+            this.decoms().insert(agent.clone(), d);
+            if !complete {
+                tracing::info!(agent = %agent, "resuming the revocation of a decommissioned agent");
+                this.spawn_worker(agent);
+            }
+        }
+        this.refresh_orphans().await;
+        {
+            let me = this.clone();
+            engine
+                .tracker()
+                .spawn(async move { me.act_on_declarations().await });
+        }
+        Ok(this)
+    }
+
+    fn decoms(&self) -> std::sync::MutexGuard<'_, BTreeMap<AgentId, Decom>> {
+        self.inner.decoms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn orphans(&self) -> std::sync::MutexGuard<'_, BTreeMap<AgentId, DateTime<Utc>>> {
+        self.inner.orphans.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After a reload: orphans again, and the config's declarations.
+    pub async fn reload(&self) {
+        self.refresh_orphans().await;
+        self.inner.declared.notify_one();
+        self.inner.poke.notify_one();
+    }
+
+    /// Every decommission and every orphan (for `status`, `surface` and
+    /// alerts), in agent order.
+    pub fn snapshot(&self) -> (Vec<Decom>, Vec<(AgentId, DateTime<Utc>)>) {
+        let decoms = self.decoms().values().cloned().collect();
+        let orphans = self
+            .orphans()
+            .iter()
+            .map(|(a, t)| (a.clone(), *t))
+            .collect();
+        (decoms, orphans)
+    }
+
+    /// The decommission of `agent`, if there is one.
+    pub fn get(&self, agent: &AgentId) -> Option<Decom> {
+        self.decoms().get(agent).cloned()
+    }
+
+    /// Recomputes the orphans: agents state remembers that neither the
+    /// config names nor a decommission covers.
+    async fn refresh_orphans(&self) {
+        let agents = match self.inner.engine.load(|s| s.agents()).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list the agents state remembers; orphans are not checked");
+                return;
+            }
+        };
+        let catalog = self.inner.engine.catalog();
+        let now = self.inner.engine.now();
+        let decided: Vec<AgentId> = self.decoms().keys().cloned().collect();
+        let mut orphans = self.orphans();
+        let before: BTreeMap<AgentId, DateTime<Utc>> = std::mem::take(&mut *orphans);
+        for a in agents {
+            if catalog.config.agents.contains_key(&a) || decided.contains(&a) {
+                continue;
+            }
+            let since = before.get(&a).copied().unwrap_or(now);
+            if !before.contains_key(&a) {
+                tracing::warn!(agent = %a, "orphaned agent: state remembers credentials of an agent the config no longer names; they are NOT revoked until `keyturn decommission {a} --reason ...`");
+            }
+            orphans.insert(a, since);
+        }
+    }
+
+    /// Acts on `decommissioned = { at, reason }` in the config: now for a
+    /// past `at`, at `at` for a future one, again after every reload.
+    async fn act_on_declarations(self) {
+        let engine = self.inner.engine.clone();
+        loop {
+            let catalog = engine.catalog();
+            let now = engine.now();
+            let mut next: Option<DateTime<Utc>> = None;
+            for (id, agent) in &catalog.config.agents {
+                let Some(d) = &agent.decommissioned else {
+                    continue;
+                };
+                if d.at > now {
+                    next = Some(next.map_or(d.at, |n| n.min(d.at)));
+                    continue;
+                }
+                if self.decoms().contains_key(id) {
+                    continue;
+                }
+                let decision = Decision {
+                    agent: id.clone(),
+                    reason: d.reason.clone(),
+                    by: d.by.clone(),
+                    actor: Actor::Daemon,
+                    source: "config",
+                    decided_at: Some(d.at),
+                };
+                if let Err(e) = self.decide(decision).await {
+                    tracing::error!(agent = %id, error = %e, "cannot act on the decommission the config declares; trying again in a minute");
+                    next = Some(now + chrono::Duration::seconds(60));
+                }
+            }
+            drop(catalog);
+            let sleep = next
+                .map(|t| (t - engine.now()).to_std().unwrap_or(Duration::ZERO))
+                .unwrap_or(Duration::from_secs(3600))
+                .min(Duration::from_secs(60));
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.inner.declared.notified() => {}
+                _ = engine.cancelled().cancelled() => return,
+            }
+        }
+    }
+
+    /// Records a decision and starts revoking. Returns whether the agent
+    /// was already decommissioned, and the decommission as it stands.
+    pub async fn decide(&self, d: Decision) -> Result<(bool, Decom), DecommissionError> {
+        let _one = self.inner.deciding.lock().await;
+        if let Some(existing) = self.get(&d.agent) {
+            return Ok((true, existing));
+        }
+        let engine = &self.inner.engine;
+        let catalog = engine.catalog();
+        let agent = d.agent.clone();
+        let configured = catalog.config.agents.get(&agent).cloned();
+        // What it holds: its configured credentials, and what state
+        // remembers of any other (removed from the config earlier, or all
+        // of them for an orphan).
+        let mut held: BTreeMap<CredentialKey, Footprint> = engine
+            .entries_of(&agent)
+            .iter()
+            .map(|e| (e.key().clone(), Footprint::holding(e)))
+            .collect();
+        let a = agent.clone();
+        let remembered = engine
+            .load(move |s| {
+                let mut out: Vec<(CredentialKey, String)> = s.holdings(&a)?;
+                // Credentials last delivered before holdings were recorded:
+                // their last rotation's footprint (no files).
+                let known: Vec<CredentialKey> = out.iter().map(|(k, _)| k.clone()).collect();
+                for row in s.snapshot()?.credentials {
+                    if row.key.agent == a
+                        && !known.contains(&row.key)
+                        && let Some(fp) = s.latest_rotation(&row.key)?.and_then(|r| r.footprint)
+                    {
+                        out.push((row.key, fp));
+                    }
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|e| DecommissionError::Unavailable(format!("cannot read state: {e}")))?;
+        for (key, text) in remembered {
+            if held.contains_key(&key) {
+                continue;
+            }
+            match Footprint::parse(&text) {
+                Ok(fp) => {
+                    held.insert(key, fp);
+                }
+                Err(e) => {
+                    tracing::warn!(agent = %key.agent, credential = %key.credential, error = %e, "what this credential held cannot be read; revoke it by hand")
+                }
+            }
+        }
+        if configured.is_none() && held.is_empty() {
+            return Err(DecommissionError::NotFound(format!(
+                "no agent \"{agent}\" in the config or in state (see `keyturn status`; an agent that never ran holds nothing to revoke)"
+            )));
+        }
+        let now = engine.now();
+        let first = held.values().next();
+        let (owner, tenant, tier) = match &configured {
+            Some(a) => (a.owner.clone(), a.tenant.clone(), a.tier.clone()),
+            None => (
+                first.map(|f| f.owner.clone()).unwrap_or_default(),
+                first.map(|f| f.tenant.clone()).unwrap_or_default(),
+                held.values()
+                    .map(|f| f.tier.clone())
+                    .find(|t| !t.is_empty())
+                    .unwrap_or_default(),
+            ),
+        };
+        let sla = match &configured {
+            Some(a) => catalog.config.revocation_sla(a),
+            // Unknown tier: the strictest configured SLA.
+            None => catalog
+                .config
+                .tiers
+                .get(&tier)
+                .map(|t| t.revocation_sla)
+                .or_else(|| {
+                    catalog
+                        .config
+                        .tiers
+                        .values()
+                        .map(|t| t.revocation_sla)
+                        .min()
+                })
+                .unwrap_or(Duration::from_secs(3600)),
+        };
+        let actor_text = match (&d.actor, d.source) {
+            (_, "config") => "config".to_owned(),
+            (a, _) => a.to_string(),
+        };
+        let row = DecommissionRow {
+            agent: agent.clone(),
+            decided_at: d.decided_at.unwrap_or(now),
+            recorded_at: now,
+            actor: actor_text,
+            by: d.by.clone(),
+            reason: d.reason.clone(),
+            source: d.source.to_owned(),
+            owner: owner.clone(),
+            tenant: tenant.clone(),
+            tier: tier.clone(),
+            sla_ms: u64::try_from(sla.as_millis()).unwrap_or(u64::MAX),
+            revoked_at: None,
+            verified_at: None,
+        };
+        let items: Vec<RevocationRow> = held
+            .iter()
+            .flat_map(|(key, fp)| items::plan(&agent, key, fp, now))
+            .collect();
+        // No new rotation may start from here on.
+        engine.stop_agent(&agent, "decommissioning").await;
+        let mut ev = AuditEvent::new("decommission.decided", d.actor.clone(), Outcome::Ok);
+        ev.agent = Some(agent.clone());
+        ev.owner = Some(owner);
+        ev.tenant = Some(tenant);
+        ev.detail = Some(format!(
+            "reason={:?} by={} source={} decided_at={} sla={} items={}",
+            d.reason,
+            d.by.as_deref().unwrap_or("-"),
+            d.source,
+            row.decided_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            humantime::format_duration(sla),
+            items.len()
+        ));
+        let recorded = async {
+            let head = engine.audit_write(ev).await?;
+            let mut writes = vec![Write::Decommission(row.clone())];
+            writes.extend(items.iter().cloned().map(Write::Revocation));
+            writes.push(head);
+            engine.persist(writes).await
+        }
+        .await;
+        if let Err(e) = recorded {
+            return Err(DecommissionError::Unavailable(format!(
+                "cannot record the decision: {e}"
+            )));
+        }
+        tracing::warn!(agent = %agent, reason = %d.reason, by = d.by.as_deref().unwrap_or("-"), source = d.source, sla = %humantime::format_duration(sla), items = items.len(), "agent decommissioned: revoking everything it holds");
+        let decom = Decom { row, items };
+        self.decoms().insert(agent.clone(), decom.clone());
+        self.orphans().remove(&agent);
+        self.spawn_worker(agent);
+        self.inner.poke.notify_one();
+        Ok((false, decom))
+    }
+
+    fn spawn_worker(&self, agent: AgentId) {
+        let me = self.clone();
+        self.inner
+            .engine
+            .tracker()
+            .spawn(async move { me.work(agent).await });
+    }
+
+    /// Revokes and verifies every item of `agent`'s decommission, retrying
+    /// with back-off until all are done or the daemon stops.
+    async fn work(self, agent: AgentId) {
+        let engine = self.inner.engine.clone();
+        let retry = engine.catalog().config.daemon.retry;
+        let mut rounds: u32 = 0;
+        loop {
+            let Some(decom) = self.get(&agent) else {
+                return;
+            };
+            let mut by_credential: BTreeMap<_, Vec<RevocationRow>> = BTreeMap::new();
+            for item in decom.items.into_iter().filter(|i| i.verified_at.is_none()) {
+                by_credential
+                    .entry(item.credential.clone())
+                    .or_default()
+                    .push(item);
+            }
+            let outstanding = by_credential.len();
+            let done: usize = futures::stream::iter(by_credential.into_values())
+                .map(|group| self.work_credential(items::ordered(group)))
+                .buffer_unordered(CONCURRENCY)
+                .filter(|ok| std::future::ready(*ok))
+                .count()
+                .await;
+            if done == outstanding {
+                self.finish(&agent).await;
+                return;
+            }
+            rounds += 1;
+            let factor = 1u32 << rounds.saturating_sub(1).min(10);
+            let delay = (retry.initial_delay * factor).min(retry.max_delay);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = engine.cancelled().cancelled() => return,
+            }
+        }
+    }
+
+    /// The items of one credential, in order; `false` at the first that
+    /// cannot be done yet.
+    async fn work_credential(&self, group: Vec<RevocationRow>) -> bool {
+        let engine = &self.inner.engine;
+        for mut item in group {
+            if engine.cancelled().is_cancelled() {
+                return false;
+            }
+            let key = CredentialKey::new(item.agent.clone(), item.credential.clone());
+            let spec = match items::parse(&item) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.failed(&mut item, e).await;
+                    return false;
+                }
+            };
+            if item.revoked_at.is_none() {
+                if let Err(e) = items::revoke(engine, &key, &spec).await {
+                    self.failed(&mut item, e).await;
+                    return false;
+                }
+                item.revoked_at = Some(engine.now());
+                item.last_error = None;
+                self.record(&item, "revocation.revoked", Outcome::Ok, None, None)
+                    .await;
+            }
+            match items::verify(engine, &key, &spec).await {
+                Ok(how) => {
+                    item.verified_at = Some(engine.now());
+                    item.last_error = None;
+                    self.record(&item, "revocation.verified", Outcome::Ok, Some(how), None)
+                        .await;
+                }
+                Err(e) => {
+                    self.failed(&mut item, e).await;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    async fn failed(&self, item: &mut RevocationRow, e: PluginError) {
+        item.attempts += 1;
+        let msg = format!("{} ({})", e.message, e.kind);
+        item.last_error = Some(msg.clone());
+        tracing::warn!(agent = %item.agent, item = %item.item, attempt = item.attempts, error = %msg, "revocation item not done yet; will retry");
+        self.record(item, "revocation.failed", Outcome::Failed, None, Some(msg))
+            .await;
+    }
+
+    /// Persists `item` with its audit record and updates the view.
+    async fn record(
+        &self,
+        item: &RevocationRow,
+        event: &str,
+        outcome: Outcome,
+        note: Option<String>,
+        error: Option<String>,
+    ) {
+        let engine = &self.inner.engine;
+        let mut ev = AuditEvent::new(event, Actor::Daemon, outcome);
+        ev.agent = Some(item.agent.clone());
+        ev.credential = Some(item.credential.clone());
+        ev.detail = Some(match note {
+            Some(n) => format!("item={} {n}", item.item),
+            None => format!("item={}", item.item),
+        });
+        ev.error = error;
+        let persisted = async {
+            let head = engine.audit_write(ev).await?;
+            engine
+                .persist(vec![Write::Revocation(item.clone()), head])
+                .await
+        }
+        .await;
+        if let Err(e) = persisted {
+            tracing::error!(agent = %item.agent, item = %item.item, error = %e, "cannot record a revocation step; it is redone");
+            return;
+        }
+        if let Some(d) = self.decoms().get_mut(&item.agent)
+            && let Some(slot) = d.items.iter_mut().find(|i| i.item == item.item)
+        {
+            *slot = item.clone();
+        }
+    }
+
+    /// Every item is verified: the decommission is complete.
+    async fn finish(&self, agent: &AgentId) {
+        let engine = &self.inner.engine;
+        let Some(mut d) = self.get(agent) else {
+            return;
+        };
+        let now = engine.now();
+        d.row.revoked_at = Some(
+            d.items
+                .iter()
+                .filter_map(|i| i.revoked_at)
+                .max()
+                .unwrap_or(now),
+        );
+        d.row.verified_at = Some(now);
+        let secs = |t: Option<DateTime<Utc>>| {
+            t.map(|t| (t - d.row.decided_at).num_milliseconds() as f64 / 1000.0)
+                .unwrap_or(0.0)
+        };
+        let met = now <= d.row.deadline();
+        let mut ev = AuditEvent::new(
+            "decommission.verified",
+            Actor::Daemon,
+            if met { Outcome::Ok } else { Outcome::Failed },
+        );
+        ev.agent = Some(agent.clone());
+        ev.owner = Some(d.row.owner.clone());
+        ev.tenant = Some(d.row.tenant.clone());
+        ev.detail = Some(format!(
+            "decision→revoked {:.3}s decision→verified {:.3}s sla={} {} items={}",
+            secs(d.row.revoked_at),
+            secs(d.row.verified_at),
+            humantime::format_duration(Duration::from_millis(d.row.sla_ms)),
+            if met { "met" } else { "breached" },
+            d.items.len()
+        ));
+        let persisted = async {
+            let head = engine.audit_write(ev).await?;
+            engine
+                .persist(vec![Write::Decommission(d.row.clone()), head])
+                .await
+        }
+        .await;
+        if let Err(e) = persisted {
+            tracing::error!(agent = %agent, error = %e, "cannot record the end of a decommission; it is recorded at the next start");
+            return;
+        }
+        tracing::info!(agent = %agent, to_verified_s = secs(d.row.verified_at), sla_met = met, "decommission complete: every item revoked and verified");
+        engine.set_agent_label(agent, "decommissioned");
+        self.decoms().insert(agent.clone(), d);
+        self.inner.poke.notify_one();
+    }
+}

@@ -1,0 +1,205 @@
+//! SLA clocks and what `status`, `/metrics` and alerts see of
+//! decommissions and orphans.
+
+use chrono::{DateTime, Utc};
+
+use super::{Decom, Revocations};
+use crate::alerts::{Alert, ConditionSource, Conditions, Severity};
+use crate::api::protocol::{AgentLifecycle, PendingItem};
+use crate::model::AgentId;
+
+/// The share of the SLA at which the warning fires.
+const WARN_AT: f64 = 0.8;
+
+fn at_share(d: &Decom, share: f64) -> DateTime<Utc> {
+    d.row.decided_at + chrono::Duration::milliseconds((d.row.sla_ms as f64 * share) as i64)
+}
+
+/// The rows `keyturn status` and `keyturn surface` show.
+pub fn lifecycle_rows(
+    decoms: &[Decom],
+    orphans: &[(AgentId, DateTime<Utc>)],
+    now: DateTime<Utc>,
+) -> Vec<AgentLifecycle> {
+    let mut rows: Vec<AgentLifecycle> = decoms
+        .iter()
+        .map(|d| {
+            let ms =
+                |t: Option<DateTime<Utc>>| t.map(|t| (t - d.row.decided_at).num_milliseconds());
+            let complete = d.complete();
+            AgentLifecycle {
+                agent: d.row.agent.clone(),
+                state: if complete {
+                    "decommissioned"
+                } else {
+                    "decommissioning"
+                }
+                .into(),
+                owner: d.row.owner.clone(),
+                tenant: d.row.tenant.clone(),
+                tier: d.row.tier.clone(),
+                orphaned_since: None,
+                decided_at: Some(d.row.decided_at),
+                actor: Some(d.row.actor.clone()),
+                by: d.row.by.clone(),
+                reason: Some(d.row.reason.clone()),
+                source: Some(d.row.source.clone()),
+                sla_seconds: Some(d.row.sla_ms / 1000),
+                deadline: Some(d.row.deadline()),
+                remaining_ms: (!complete).then(|| (d.row.deadline() - now).num_milliseconds()),
+                revoked_at: d.row.revoked_at,
+                verified_at: d.row.verified_at,
+                to_revoked_ms: ms(d.row.revoked_at),
+                to_verified_ms: ms(d.row.verified_at),
+                items: d.items.len(),
+                revoked: d.items.iter().filter(|i| i.revoked_at.is_some()).count(),
+                verified: d.items.iter().filter(|i| i.verified_at.is_some()).count(),
+                pending: d
+                    .items
+                    .iter()
+                    .filter(|i| i.verified_at.is_none())
+                    .map(|i| PendingItem {
+                        item: i.item.clone(),
+                        attempts: i.attempts,
+                        last_error: i.last_error.clone(),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    rows.extend(orphans.iter().map(|(agent, since)| AgentLifecycle {
+        agent: agent.clone(),
+        state: "orphaned".into(),
+        owner: String::new(),
+        tenant: String::new(),
+        tier: String::new(),
+        orphaned_since: Some(*since),
+        decided_at: None,
+        actor: None,
+        by: None,
+        reason: None,
+        source: None,
+        sla_seconds: None,
+        deadline: None,
+        remaining_ms: None,
+        revoked_at: None,
+        verified_at: None,
+        to_revoked_ms: None,
+        to_verified_ms: None,
+        items: 0,
+        revoked: 0,
+        verified: 0,
+        pending: Vec::new(),
+    }));
+    rows.sort_by(|a, b| a.agent.cmp(&b.agent));
+    rows
+}
+
+impl Revocations {
+    /// `status` rows of every decommission and orphan.
+    pub fn lifecycle(&self) -> Vec<AgentLifecycle> {
+        let (decoms, orphans) = self.snapshot();
+        lifecycle_rows(&decoms, &orphans, self.inner.engine.now())
+    }
+
+    /// `(agent, seconds left)` of every decommission not complete, for
+    /// `keyturn_decommission_sla_remaining_seconds`.
+    pub fn sla_remaining(&self) -> Vec<(String, f64)> {
+        let now = self.inner.engine.now();
+        self.snapshot()
+            .0
+            .iter()
+            .filter(|d| !d.complete())
+            .map(|d| {
+                (
+                    d.row.agent.to_string(),
+                    (d.row.deadline() - now).num_milliseconds() as f64 / 1000.0,
+                )
+            })
+            .collect()
+    }
+}
+
+impl ConditionSource for Revocations {
+    fn conditions(&self, now: DateTime<Utc>) -> Conditions {
+        let (decoms, orphans) = self.snapshot();
+        let mut out = Conditions::default();
+        let mut next = |t: DateTime<Utc>| {
+            if t > now {
+                out.next_change = Some(out.next_change.map_or(t, |n| n.min(t)));
+            }
+        };
+        let mut firing = Vec::new();
+        for d in decoms.iter().filter(|d| !d.complete()) {
+            let warn_at = at_share(d, WARN_AT);
+            let deadline = d.row.deadline();
+            next(warn_at);
+            next(deadline);
+            let pending = d.items.iter().filter(|i| i.verified_at.is_none()).count();
+            let first_error = d
+                .items
+                .iter()
+                .find_map(|i| i.last_error.as_deref().map(|e| format!("{}: {e}", i.item)))
+                .unwrap_or_else(|| "no error yet".into());
+            let alert = |name: &str, severity, since, summary: String| Alert {
+                name: name.into(),
+                severity,
+                agent: Some(d.row.agent.to_string()),
+                credential: None,
+                tenant: Some(d.row.tenant.clone()),
+                tier: Some(d.row.tier.clone()),
+                summary,
+                description: format!(
+                    "Agent {} was decommissioned at {} ({}); {pending} of {} revocation item(s) are not verified yet. First problem: {first_error}. keyturn keeps retrying; `keyturn status` shows each item.",
+                    d.row.agent,
+                    d.row
+                        .decided_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    d.row.reason,
+                    d.items.len()
+                ),
+                since,
+            };
+            if now >= warn_at {
+                firing.push(alert(
+                    "KeyturnRevocationSlaAtRisk",
+                    Severity::Warning,
+                    warn_at,
+                    format!(
+                        "revocation of {} has used 80% of its SLA ({}), not verified yet",
+                        d.row.agent,
+                        humantime::format_duration(std::time::Duration::from_millis(d.row.sla_ms))
+                    ),
+                ));
+            }
+            if now >= deadline {
+                firing.push(alert(
+                    "KeyturnRevocationSlaBreached",
+                    Severity::Critical,
+                    deadline,
+                    format!(
+                        "revocation SLA of {} breached: credentials of a decommissioned agent may still work",
+                        d.row.agent
+                    ),
+                ));
+            }
+        }
+        for (agent, since) in &orphans {
+            firing.push(Alert {
+                name: "KeyturnAgentOrphaned".into(),
+                severity: Severity::Warning,
+                agent: Some(agent.to_string()),
+                credential: None,
+                tenant: None,
+                tier: None,
+                summary: format!("agent {agent} left the config without a decommission"),
+                description: format!(
+                    "State remembers credentials of agent {agent}, which the config no longer names. They are not revoked: run `keyturn decommission {agent} --reason ...` to revoke them, or put the agent back in the config."
+                ),
+                since: *since,
+            });
+        }
+        out.firing = firing;
+        out
+    }
+}

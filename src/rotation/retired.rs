@@ -1,0 +1,221 @@
+//! Decommissioned agents, as the engine sees them: none of their
+//! credentials is rotated, retired or followed any more. A rotation in
+//! flight stops before its next step (or at once if it waits out a
+//! back-off) and is recorded as abandoned; timers are cancelled; waiters of
+//! `rotate --wait` are told. What the agent holds is then revoked by
+//! [`crate::revocation`], which drives this through the [`Engine`] methods
+//! below.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::catalog::CredEntry;
+use super::engine::{Engine, Inner};
+use super::table::{Job, RotateFinished};
+use crate::audit::Outcome;
+use crate::model::{AgentId, CredentialKey, PluginError};
+use crate::state::{RotationRow, StateError, StateStore, Write};
+
+impl Inner {
+    pub(super) fn is_retired(&self, agent: &AgentId) -> bool {
+        // Cheap when nothing is decommissioned (the usual case): one read lock.
+        let retired = self.retired.read().unwrap_or_else(|p| p.into_inner());
+        !retired.is_empty() && retired.contains_key(agent)
+    }
+
+    pub(super) fn retired_label(&self, agent: &AgentId) -> Option<&'static str> {
+        let retired = self.retired.read().unwrap_or_else(|p| p.into_inner());
+        retired.get(agent).copied()
+    }
+
+    /// Tells every `rotate --wait` caller of `key` that nothing will run.
+    pub(super) fn finish_waiters(&self, key: &CredentialKey, why: &str) {
+        let waiters = self
+            .live()
+            .get_mut(key)
+            .and_then(|l| l.waiters.take())
+            .map(|w| *w)
+            .unwrap_or_default();
+        for w in waiters {
+            let _ = w.send(RotateFinished {
+                key: key.clone(),
+                rotation: None,
+                version: None,
+                error: Some(format!("{key}: {why}")),
+            });
+        }
+    }
+
+    /// Records `rot` as abandoned: finished (never resumed), with the reason
+    /// as its error, audited. Its staged version, if any, goes with the
+    /// rest of the credential when the revocation destroys it.
+    pub(super) async fn abandon(&self, entry: &CredEntry, rot: &mut RotationRow, why: &str) {
+        rot.last_error = Some(format!("abandoned at step {}: {why}", rot.step));
+        rot.step = super::Step::Done;
+        rot.updated_at = self.now();
+        let recorded = async {
+            let head = self
+                .audit(
+                    entry,
+                    Some(rot),
+                    "rotation.abandoned",
+                    Outcome::Failed,
+                    None,
+                    Some(why.to_owned()),
+                )
+                .await?;
+            self.persist(vec![Write::Rotation(rot.clone()), head]).await
+        }
+        .await;
+        match recorded {
+            Ok(()) => {
+                tracing::info!(agent = %entry.key().agent, credential = %entry.key().credential, rotation = %rot.id, "rotation abandoned: {why}")
+            }
+            Err(e) => {
+                tracing::error!(agent = %entry.key().agent, credential = %entry.key().credential, rotation = %rot.id, error = %e, "could not record an abandoned rotation; it is abandoned again at the next start")
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Stops every rotation of `agent` for good (the decommission decision)
+    /// and returns once none of its jobs runs any more. `status` shows its
+    /// credentials as `label`.
+    pub async fn stop_agent(&self, agent: &AgentId, label: &'static str) {
+        let inner = &self.inner;
+        inner
+            .retired
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(agent.clone(), label);
+        let keys = self.keys_of(agent);
+        {
+            let mut live = inner.live();
+            for key in &keys {
+                live.cancel(key, Job::Rotate);
+                live.cancel(key, Job::Retire);
+                if let Some(l) = live.get_mut(key) {
+                    l.retire_at = None;
+                    l.rotate_after_retire = false;
+                }
+            }
+        }
+        for key in &keys {
+            inner.finish_waiters(key, "the agent is decommissioned");
+        }
+        inner.agent_stopped.notify_waiters();
+        inner.ack_changed.notify_waiters();
+        inner.follow_reload.notify_one();
+        // A step in flight finishes (a plug-in call is not cut in half);
+        // the rotation stops right after it.
+        loop {
+            let running = {
+                let live = inner.live();
+                keys.iter()
+                    .any(|k| live.get(k).is_some_and(|l| l.running.is_some()))
+            };
+            if !running || inner.cancel.is_cancelled() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `decommissioning` or `decommissioned` for an agent whose rotations
+    /// were stopped; `None` for an active one.
+    pub fn agent_label(&self, agent: &AgentId) -> Option<&'static str> {
+        self.inner.retired_label(agent)
+    }
+
+    /// Changes the label `status` shows for a stopped agent's credentials.
+    pub fn set_agent_label(&self, agent: &AgentId, label: &'static str) {
+        if let Some(l) = self
+            .inner
+            .retired
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(agent)
+        {
+            *l = label;
+        }
+    }
+
+    /// The configured credentials of `agent`, in key order.
+    pub fn entries_of(&self, agent: &AgentId) -> Vec<Arc<CredEntry>> {
+        self.catalog()
+            .creds
+            .values()
+            .filter(|e| e.key().agent == *agent)
+            .cloned()
+            .collect()
+    }
+
+    /// Every credential of `agent` the engine has seen (configured now, or
+    /// earlier in this run).
+    fn keys_of(&self, agent: &AgentId) -> Vec<CredentialKey> {
+        let mut keys: Vec<CredentialKey> = self
+            .entries_of(agent)
+            .iter()
+            .map(|e| e.key().clone())
+            .collect();
+        keys.extend(
+            self.inner
+                .departed_entries()
+                .keys()
+                .filter(|k| k.agent == *agent)
+                .cloned(),
+        );
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// Forgets the consumers awaited for `key` (in memory and in state).
+    pub async fn clear_acks(&self, key: &CredentialKey) -> Result<(), PluginError> {
+        self.inner.awaited().remove(key);
+        self.inner
+            .persist(vec![Write::AwaitAcks {
+                key: key.clone(),
+                version: 0,
+                consumers: Vec::new(),
+            }])
+            .await?;
+        self.inner.ack_changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Durable state writes, one transaction (through the engine's writer).
+    pub async fn persist(&self, writes: Vec<Write>) -> Result<(), PluginError> {
+        self.inner.persist(writes).await
+    }
+
+    /// A read of the state database (through the engine's writer).
+    pub async fn load<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn StateStore) -> Result<T, StateError> + Send + 'static,
+    ) -> Result<T, PluginError> {
+        self.inner.load(f).await
+    }
+
+    /// Appends `ev` to the audit log (durable when this returns) and gives
+    /// the write that records the new head, to persist with what it records.
+    pub async fn audit_write(&self, ev: crate::audit::AuditEvent) -> Result<Write, PluginError> {
+        Ok(Write::AuditHead(self.inner.append(ev).await?))
+    }
+
+    /// The engine's clock, at millisecond precision.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.inner.now()
+    }
+
+    /// The engine's cancellation (the daemon is stopping).
+    pub fn cancelled(&self) -> &tokio_util::sync::CancellationToken {
+        &self.inner.cancel
+    }
+
+    /// Where the engine's background tasks are tracked (drained at stop).
+    pub fn tracker(&self) -> &tokio_util::task::TaskTracker {
+        &self.inner.tracker
+    }
+}
