@@ -1,0 +1,235 @@
+//! Decommission from the operator's side, on the local vault: an agent that
+//! leaves the config is orphaned (listed, alerted, never revoked silently)
+//! and revocable from state alone; a decommission declared in the config is
+//! acted on at reload, survives `kill -9` mid-way without a second decision,
+//! and completes when the target comes back. (Every vault type and the
+//! PostgreSQL target: `real_vaults.rs`.)
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use keyturn::model::Stage;
+use keyturn::vaults::Select;
+
+fn cred_with_file(agent: &str, cred: &str, extra: &str) -> String {
+    format!(
+        r#"
+[agents.{agent}.credentials.{cred}]
+vault = "local"
+generate = {{ kind = "password", length = 24 }}
+every = "1h"
+deliver = [{{ type = "file", path = "{{root}}/{agent}/{cred}", format = "raw" }}]
+{extra}
+"#
+    )
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The `status` table's line for `agent` in its agents section.
+fn agents_line(env: &Env, agent: &str) -> Option<String> {
+    let out = text(&env.cli_ok(&["status"]));
+    out.lines()
+        .skip_while(|l| !l.starts_with("AGENT  ") || !l.contains("DECIDED"))
+        .find(|l| l.split_whitespace().next() == Some(agent))
+        .map(str::to_owned)
+}
+
+fn wait_state(env: &Env, agent: &str, state: &str) {
+    wait_for(Duration::from_secs(30), || {
+        status_json(env)
+            .iter()
+            .filter(|r| r["agent"] == agent)
+            .all(|r| r["state"] == state)
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("{agent} never reached {state}: {:?}", status_json(env)));
+}
+
+#[test]
+fn an_agent_that_left_the_config_is_orphaned_and_revoked_only_when_told() {
+    let two = format!(
+        "{}{}{}{}",
+        agent_table("gone"),
+        cred_with_file("gone", "api", ""),
+        agent_table("stays"),
+        cred_with_file("stays", "api", "")
+    );
+    let env = Env::new(&two);
+    let daemon = env.start();
+    wait_version(&env, "gone", "api", 1);
+    wait_version(&env, "stays", "api", 1);
+    let file = env.root().join("gone/api");
+    assert!(file.exists());
+
+    // Removed by a reload: listed as orphaned, nothing revoked.
+    env.write_credentials(&format!(
+        "{}{}",
+        agent_table("stays"),
+        cred_with_file("stays", "api", "")
+    ));
+    daemon.reload();
+    let line = wait_for(Duration::from_secs(10), || agents_line(&env, "gone"))
+        .expect("the removed agent is listed");
+    assert!(line.contains("orphaned"), "{line}");
+    assert!(file.exists(), "an orphan must not be revoked silently");
+    assert!(agents_line(&env, "stays").is_none());
+    let nothing_decided = audit_records(&env)
+        .iter()
+        .all(|r| r["event"] != "decommission.decided");
+    assert!(nothing_decided, "nobody decided anything");
+
+    // Still an orphan after a restart (from state alone).
+    daemon.stop();
+    let daemon = env.start();
+    let line = agents_line(&env, "gone").expect("still listed after a restart");
+    assert!(line.contains("orphaned"), "{line}");
+    assert!(file.exists());
+
+    // Told: revoked from what state remembers.
+    let out = env.cli(&[
+        "decommission",
+        "gone",
+        "--reason",
+        "left the config",
+        "--wait",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("decommissioned"), "{}", text(&out));
+    assert!(!file.exists(), "the orphan's file is removed");
+    assert!(
+        env.root().join("stays/api").exists(),
+        "the other agent keeps its file"
+    );
+    let line = agents_line(&env, "gone").expect("listed as decommissioned");
+    assert!(line.contains("decommissioned"), "{line}");
+    daemon.stop();
+    block_on(async {
+        let k = keyturn::model::CredentialKey::new(
+            keyturn::model::AgentId::new("gone").unwrap(),
+            keyturn::model::CredentialId::new("api").unwrap(),
+        );
+        for stage in [Stage::Current, Stage::Previous, Stage::Pending] {
+            assert_eq!(
+                local_vault_value(&env, "local", &k, Select::Stage(stage)).await,
+                None
+            );
+        }
+        let kept = keyturn::model::CredentialKey::new(
+            keyturn::model::AgentId::new("stays").unwrap(),
+            keyturn::model::CredentialId::new("api").unwrap(),
+        );
+        assert!(
+            local_vault_value(&env, "local", &kept, Select::Stage(Stage::Current))
+                .await
+                .is_some()
+        );
+    });
+    audit_verifies(&env, "after an orphan's decommission");
+}
+
+/// A hook whose `revoke` fails (EX_TEMPFAIL) until `{dir}/revoke-ok`
+/// exists; `test` refuses any value once revoked.
+fn hook(env: &Env) -> std::path::PathBuf {
+    let p = env.path().join("hook.sh");
+    let d = env.path().display();
+    std::fs::write(
+        &p,
+        format!(
+            r#"#!/bin/sh
+case "$KEYTURN_STEP" in
+  set) cat > "{d}/hook-value" ;;
+  test) [ -e "{d}/revoked" ] && exit 1; cmp -s - "{d}/hook-value" || exit 1 ;;
+  revoke) [ -e "{d}/revoke-ok" ] || exit 75; touch "{d}/revoked" ;;
+esac
+exit 0
+"#
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+#[test]
+fn a_decommission_declared_in_the_config_survives_kill_9_and_completes_when_the_target_returns() {
+    let env = Env::new("");
+    let hook = hook(&env);
+    let target = format!(
+        r#"target = {{ type = "command", program = "{}" }}"#,
+        hook.display()
+    );
+    let config = |declared: &str| {
+        format!(
+            "{}{declared}\n{}",
+            agent_table("bot"),
+            cred_with_file("bot", "api", &target)
+        )
+    };
+    env.write_credentials(&config(""));
+    let daemon = env.start();
+    wait_version(&env, "bot", "api", 1);
+    let file = env.root().join("bot/api");
+    assert!(file.exists());
+
+    // GitOps: the decision is in the config, acted on at reload.
+    env.write_credentials(&config(
+        r#"decommissioned = { at = "2026-01-02T03:04:05Z", reason = "gitops retire", by = "bob@example.com" }"#,
+    ));
+    daemon.reload();
+    wait_state(&env, "bot", "decommissioning");
+    // The file goes first; the target's revoke keeps failing.
+    wait_for(Duration::from_secs(10), || (!file.exists()).then_some(()))
+        .expect("the file is retracted");
+    wait_for(Duration::from_secs(10), || {
+        audit_records(&env)
+            .iter()
+            .any(|r| r["event"] == "revocation.failed")
+            .then_some(())
+    })
+    .expect("the target's revoke is retried");
+    let line = agents_line(&env, "bot").expect("listed");
+    assert!(line.contains("decommissioning"), "{line}");
+    assert!(
+        line.contains("2026-01-02T03:04:05Z"),
+        "decided at the config's time: {line}"
+    );
+    daemon.kill9();
+
+    // Back, with the target fixed: it resumes, decides nothing twice, ends.
+    std::fs::write(env.path().join("revoke-ok"), b"").unwrap();
+    let daemon = env.start();
+    wait_state(&env, "bot", "decommissioned");
+    daemon.stop();
+    let records = audit_records(&env);
+    let decided: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"] == "decommission.decided")
+        .collect();
+    assert_eq!(decided.len(), 1, "one decision, however often it restarts");
+    let detail = decided[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("source=config") && detail.contains("bob@example.com"),
+        "{detail}"
+    );
+    let done = records
+        .iter()
+        .find(|r| r["event"] == "decommission.verified")
+        .expect("completed");
+    // Decided in January: the 1h SLA of tier high was long gone.
+    assert!(
+        done["detail"].as_str().unwrap().contains("breached"),
+        "{done}"
+    );
+    assert!(env.path().join("revoked").exists());
+    audit_verifies(&env, "after a declared decommission and a kill -9");
+}
