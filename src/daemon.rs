@@ -237,10 +237,32 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 .keys()
                 .filter(|a| !lifecycle.iter().any(|l| &l.agent == *a))
                 .count() as i64;
+            let (live_versions, outstanding) = e.live_totals(e.now());
+            let identities = agents
+                .iter()
+                .filter(|(s, _)| *s != "decommissioned")
+                .map(|(_, n)| *n)
+                .sum::<i64>();
             crate::telemetry::Lifecycle {
                 sla_remaining: r.sla_remaining(),
                 agents,
-                totals: Vec::new(),
+                totals: vec![
+                    (
+                        "identities",
+                        "Agents not fully decommissioned (active, decommissioning, orphaned): the identity surface",
+                        identities as f64,
+                    ),
+                    (
+                        "live_credential_versions",
+                        "Credential versions that still work (current ones, and previous ones in their grace period)",
+                        live_versions as f64,
+                    ),
+                    (
+                        "credential_seconds_outstanding",
+                        "Sum over live versions of the time each stays valid from now",
+                        outstanding as f64,
+                    ),
+                ],
             }
         }));
         let e = engine.clone();
@@ -812,6 +834,29 @@ impl ControlHandler for Handler {
 
     async fn agents(&self) -> Vec<AgentLifecycle> {
         self.revocations.lifecycle()
+    }
+
+    async fn surface(&self, unused_after: Duration) -> Result<crate::surface::Surface, ApiError> {
+        let rows = self
+            .engine
+            .load(|s| Ok(s.snapshot()?.acks))
+            .await
+            .map_err(|e| ApiError::unavailable(format!("cannot read state: {e}")))?;
+        let mut acks: crate::surface::Acks = std::collections::HashMap::new();
+        for r in rows {
+            let a = acks.entry(r.key).or_default();
+            a.0 = a.0.max(r.acked_at);
+            a.1 += 1;
+        }
+        let facts = self.engine.surface_facts();
+        let lifecycle = self.revocations.lifecycle();
+        Ok(crate::surface::build(
+            &facts,
+            &lifecycle,
+            &acks,
+            unused_after,
+            self.engine.now(),
+        ))
     }
 
     async fn refused(&self, peer: PeerCred, reason: String) {

@@ -22,6 +22,7 @@
 //! - `private_file`  creating the daemon's own files: 0700 directory, 0600 file, no symlinks
 //! - [`alerts`]     conditions for the on-call and the alert sinks that carry them
 //! - [`revocation`] decommission: the decision, revoking and verifying everything an agent held, SLA clocks, orphans
+//! - [`surface`]    `keyturn surface`: every identity, its credentials, totals and flags
 //! - [`api`]        control socket (SO_PEERCRED) and HTTP `/metrics` `/healthz` `/readyz`
 //! - [`daemon`]     wiring and lifecycle: sd_notify, signals, reload, drain
 //! - [`telemetry`]  tracing setup and the metrics registry
@@ -47,6 +48,7 @@ pub mod rotation;
 pub mod schedule;
 pub mod sinks;
 pub mod state;
+pub mod surface;
 pub mod targets;
 pub mod telemetry;
 #[cfg(test)]

@@ -233,3 +233,145 @@ fn a_decommission_declared_in_the_config_survives_kill_9_and_completes_when_the_
     assert!(env.path().join("revoked").exists());
     audit_verifies(&env, "after a declared decommission and a kill -9");
 }
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn surface(env: &Env, unused_after: &str) -> serde_json::Value {
+    let out = env.cli_ok(&["surface", "--json", "--unused-after", unused_after]);
+    serde_json::from_slice(&out.stdout).expect("surface --json is JSON")
+}
+
+#[test]
+fn surface_matches_the_configured_and_observed_state() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let with_d = |d: bool| {
+        let mut c = format!(
+            "{}{}{}{}{}{}{}",
+            agent_table("app"),
+            cred_with_file("app", "db", r#"grace = "10m""#)
+                .replace(r#"format = "raw" }]"#, r#"format = "raw", ack = "open" }]"#),
+            cred_with_file("app", "api", ""),
+            agent_table("quiet"),
+            cred_with_file("quiet", "api", ""),
+            agent_table("retired"),
+            cred_with_file("retired", "api", ""),
+        );
+        if d {
+            c.push_str(&agent_table("left"));
+            c.push_str(&cred_with_file("left", "api", ""));
+        }
+        c
+    };
+    let env = Env::with_daemon(&with_d(true), &format!("listen = \"127.0.0.1:{port}\""));
+    let daemon = env.start();
+    for (a, c) in [
+        ("app", "db"),
+        ("app", "api"),
+        ("quiet", "api"),
+        ("retired", "api"),
+        ("left", "api"),
+    ] {
+        wait_version(&env, a, c, 1);
+    }
+    // The app opens its file: that acknowledgement is its observed use.
+    let ack_file = env.root().join("app/db");
+    wait_for(Duration::from_secs(10), || {
+        let _ = std::fs::read(&ack_file);
+        status_json(&env)
+            .iter()
+            .find(|r| r["agent"] == "app" && r["credential"] == "db")
+            .filter(|r| r.get("awaiting_ack").is_none())
+            .map(|_| ())
+    })
+    .expect("the open acknowledges the delivery");
+    env.cli_ok(&["decommission", "retired", "--reason", "done", "--wait"]);
+    env.write_credentials(&with_d(false));
+    daemon.reload();
+    wait_for(Duration::from_secs(10), || agents_line(&env, "left")).expect("left is orphaned");
+
+    let s = surface(&env, "30d");
+    let t = &s["totals"];
+    // app, quiet and the orphan `left`; `retired` is fully decommissioned.
+    assert_eq!(t["identities"], 3, "{t}");
+    assert_eq!(t["agents"]["active"], 2, "{t}");
+    assert_eq!(t["agents"]["decommissioned"], 1, "{t}");
+    assert_eq!(t["agents"]["orphaned"], 1, "{t}");
+    assert_eq!(t["credentials"], 4, "app 2, quiet 1, retired 1: {t}");
+    assert_eq!(t["live_versions"], 3, "retired's version is revoked: {t}");
+    // Each live current version stays valid its hour + grace from now
+    // (app/db's grace is 10m, the others have the default 15m).
+    let out = t["credential_seconds_outstanding"].as_u64().unwrap();
+    let expect = 3 * 3600 + 600 + 2 * 900;
+    assert!(out <= expect && out + 60 >= expect, "{out} vs {expect}");
+    let agents = s["agents"].as_array().unwrap();
+    let agent = |name: &str| agents.iter().find(|a| a["agent"] == name).unwrap();
+    assert_eq!(agent("app")["state"], "active");
+    assert_eq!(agent("app")["owner"], "alice@example.com");
+    assert_eq!(agent("app")["usage_observed"], true);
+    assert!(agent("app")["last_used"].is_string(), "{}", agent("app"));
+    assert_eq!(agent("quiet")["usage_observed"], false);
+    assert_eq!(agent("retired")["state"], "decommissioned");
+    assert_eq!(agent("retired")["credentials"][0]["live_versions"], 0);
+    assert_eq!(agent("left")["state"], "orphaned");
+    let db = agent("app")["credentials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["credential"] == "db")
+        .unwrap()
+        .clone();
+    assert_eq!(db["version"], 1);
+    assert_eq!(db["vaults"], serde_json::json!(["local"]));
+    assert_eq!(db["lifetime_seconds"], 3600 + 600, "{db}");
+    assert_eq!(db["acking_consumers"], 1, "{db}");
+    let f = &s["flags"];
+    assert_eq!(f["orphaned"], serde_json::json!(["left"]), "{f}");
+    assert_eq!(f["decommissions_in_progress"], serde_json::json!([]), "{f}");
+    assert_eq!(
+        f["unused"],
+        serde_json::json!([]),
+        "used within 30 days: {f}"
+    );
+    // With a window shorter than the time since the ack, app is unused;
+    // quiet, whose use cannot be observed, never is.
+    std::thread::sleep(Duration::from_millis(1100));
+    let s = surface(&env, "1s");
+    assert_eq!(
+        s["flags"]["unused"],
+        serde_json::json!(["app"]),
+        "{}",
+        s["flags"]
+    );
+    // The table says the same.
+    let table = text(&env.cli_ok(&["surface"]));
+    assert!(table.contains("identities 3"), "{table}");
+    assert!(table.contains("left  [orphaned]"), "{table}");
+
+    // The same totals as metrics.
+    let m = http_get(port, "/metrics");
+    for line in [
+        "keyturn_identities 3",
+        "keyturn_live_credential_versions 3",
+        "keyturn_agents{state=\"orphaned\"} 1",
+        "keyturn_agents{state=\"decommissioned\"} 1",
+        "keyturn_agents{state=\"active\"} 2",
+    ] {
+        assert!(m.contains(line), "missing {line:?} in\n{m}");
+    }
+    daemon.stop();
+}

@@ -9,6 +9,9 @@
 //! {"cmd":"rotate","selector":{"agent":"invoice-bot"}}                          (wait defaults to false)
 //! {"cmd":"rotate","selector":{"credential":{"agent":"invoice-bot","credential":"db"}}}
 //! {"cmd":"ack","agent":"invoice-bot","credential":"db","version":7}
+//! {"cmd":"decommission","agent":"invoice-bot","reason":"retired","by":"alice@example.com"}
+//! {"cmd":"agents"}
+//! {"cmd":"surface","unused_after_seconds":2592000}
 //! ```
 //! Responses carry `ok` and exactly one of `result` / `error`:
 //! ```text
@@ -33,7 +36,15 @@ use serde::{Deserialize, Serialize};
 use crate::model::{AgentId, CredentialId, CredentialKey, Stage};
 
 /// The commands a client may send, in the order they are listed in errors.
-pub const COMMANDS: &[&str] = &["ping", "status", "rotate", "ack", "decommission", "agents"];
+pub const COMMANDS: &[&str] = &[
+    "ping",
+    "status",
+    "rotate",
+    "ack",
+    "decommission",
+    "agents",
+    "surface",
+];
 
 /// The commands served on the agents' socket.
 pub const AGENT_COMMANDS: &[&str] = &["ping", "ack"];
@@ -78,6 +89,12 @@ pub enum Request {
     },
     /// Agents being decommissioned, decommissioned, or orphaned.
     Agents,
+    /// The whole identity surface (`crate::surface`).
+    Surface {
+        /// Flag agents with no use observed for this long (default 30 days).
+        #[serde(default)]
+        unused_after_seconds: Option<u64>,
+    },
 }
 
 impl Request {
@@ -90,6 +107,7 @@ impl Request {
             Request::Ack { .. } => "ack",
             Request::Decommission { .. } => "decommission",
             Request::Agents => "agents",
+            Request::Surface { .. } => "surface",
         }
     }
 }
@@ -119,6 +137,10 @@ enum WireRequest {
         by: Option<String>,
     },
     Agents {},
+    Surface {
+        #[serde(default)]
+        unused_after_seconds: Option<u64>,
+    },
 }
 
 impl From<WireRequest> for Request {
@@ -140,6 +162,11 @@ impl From<WireRequest> for Request {
                 Request::Decommission { agent, reason, by }
             }
             WireRequest::Agents {} => Request::Agents,
+            WireRequest::Surface {
+                unused_after_seconds,
+            } => Request::Surface {
+                unused_after_seconds,
+            },
         }
     }
 }
@@ -416,8 +443,9 @@ pub enum ResponseBody {
     Status(Vec<StatusRow>),
     Rotate(Vec<RotateResult>),
     Ack(AckResult),
-    Decommission(DecommissionResult),
+    Decommission(Box<DecommissionResult>),
     Agents(Vec<AgentLifecycle>),
+    Surface(Box<crate::surface::Surface>),
 }
 
 /// The JSON shape of a response; see the module doc.

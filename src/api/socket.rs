@@ -75,6 +75,11 @@ pub trait ControlHandler: Send + Sync + 'static {
     ) -> Result<DecommissionResult, ApiError>;
     /// Agents decommissioning, decommissioned or orphaned.
     async fn agents(&self) -> Vec<AgentLifecycle>;
+    /// The identity surface.
+    async fn surface(
+        &self,
+        unused_after: std::time::Duration,
+    ) -> Result<crate::surface::Surface, ApiError>;
     /// `peer` acknowledges `version` of `key`. The handler decides whether
     /// the peer may (and audits a refusal).
     async fn ack(
@@ -532,10 +537,20 @@ impl Server {
                 self.handler
                     .decommission(peer.actor(), agent, reason, by)
                     .await
-                    .map(ResponseBody::Decommission)
+                    .map(|d| ResponseBody::Decommission(Box::new(d)))
                     .into()
             }
             Request::Agents => Response::Ok(ResponseBody::Agents(self.handler.agents().await)),
+            Request::Surface {
+                unused_after_seconds,
+            } => self
+                .handler
+                .surface(std::time::Duration::from_secs(
+                    unused_after_seconds.unwrap_or(30 * 86_400),
+                ))
+                .await
+                .map(|s| ResponseBody::Surface(Box::new(s)))
+                .into(),
             Request::Ack {
                 agent,
                 credential,
@@ -925,6 +940,12 @@ mod tests {
         }
         async fn agents(&self) -> Vec<AgentLifecycle> {
             Vec::new()
+        }
+        async fn surface(
+            &self,
+            _unused_after: std::time::Duration,
+        ) -> Result<crate::surface::Surface, ApiError> {
+            Err(ApiError::unavailable("not in this test"))
         }
     }
 

@@ -86,6 +86,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The identity surface: every agent with its state and credentials,
+    /// totals, and flags (unused, past max_age, no owner, decommissions in
+    /// progress, orphaned).
+    Surface {
+        /// Flag agents with no use observed for this long.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30d")]
+        unused_after: std::time::Duration,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run COMMAND and signal or restart it on each new version of a file.
     Watch(WatchArgs),
     /// Acknowledge that this consumer has version VERSION of
@@ -199,6 +210,7 @@ async fn run(cli: Cli) -> u8 {
             wait,
             json,
         } => decommission(&cli.config, &agent, reason, by, wait, json).await,
+        Command::Surface { unused_after, json } => surface(&cli.config, unused_after, json).await,
         Command::Watch(args) => {
             crate::watch::run(crate::watch::Watch {
                 files: args.files,
@@ -399,6 +411,34 @@ async fn status(path: &Path, json: bool) -> u8 {
     0
 }
 
+async fn surface(path: &Path, unused_after: std::time::Duration, json: bool) -> u8 {
+    let client = match load_for_client(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = Request::Surface {
+        unused_after_seconds: Some(unused_after.as_secs()),
+    };
+    let surface = match request(&client, path, &req).await {
+        Ok(ResponseBody::Surface(s)) => s,
+        Ok(_) => return unexpected(),
+        Err(Failure::Reported(code)) => return code,
+        Err(Failure::Unreachable(e)) => {
+            eprintln!("keyturn: {e}");
+            return EXIT_UNAVAILABLE;
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&surface).unwrap_or_default()
+        );
+    } else {
+        print!("{}", crate::surface::render(&surface));
+    }
+    0
+}
+
 async fn decommission(
     path: &Path,
     agent: &str,
@@ -424,7 +464,7 @@ async fn decommission(
         by,
     };
     let mut result = match request(&client, path, &req).await {
-        Ok(ResponseBody::Decommission(r)) => r,
+        Ok(ResponseBody::Decommission(r)) => *r,
         Ok(_) => return unexpected(),
         Err(Failure::Reported(code)) => return code,
         Err(Failure::Unreachable(e)) => {

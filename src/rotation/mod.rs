@@ -64,6 +64,7 @@ pub use clock::{Clock, SystemClock, TokioClock};
 pub use engine::{Engine, EngineError, EngineParts};
 pub use failpoint::{FAILPOINTS, crash_point};
 pub use footprint::Footprint;
+pub use retired::SurfaceFacts;
 pub use step::{Step, Trigger};
 pub use table::RotateFinished;
 

@@ -78,6 +78,17 @@ impl Inner {
     }
 }
 
+/// A credential's live times, for `keyturn surface`.
+#[derive(Debug, Clone, Default)]
+pub struct SurfaceFacts {
+    pub current_version: Option<crate::model::VersionNo>,
+    pub last_rotated: Option<chrono::DateTime<chrono::Utc>>,
+    pub next_due: Option<chrono::DateTime<chrono::Utc>>,
+    /// The previous version is live until then (its grace period).
+    pub previous_until: Option<chrono::DateTime<chrono::Utc>>,
+    pub consecutive_failures: u32,
+}
+
 impl Engine {
     /// Stops every rotation of `agent` for good (the decommission decision)
     /// and returns once none of its jobs runs any more. `status` shows its
@@ -126,6 +137,68 @@ impl Engine {
     /// were stopped; `None` for an active one.
     pub fn agent_label(&self, agent: &AgentId) -> Option<&'static str> {
         self.inner.retired_label(agent)
+    }
+
+    /// What `keyturn surface` needs of every configured credential, in key
+    /// order: the entry and its live times.
+    pub fn surface_facts(&self) -> Vec<(Arc<CredEntry>, SurfaceFacts)> {
+        let catalog = self.catalog();
+        let live = self.inner.live();
+        catalog
+            .creds
+            .values()
+            .map(|e| {
+                let l = live.get(e.key());
+                let row = l.and_then(|l| l.row.as_ref());
+                let facts = SurfaceFacts {
+                    current_version: row.and_then(|r| r.current_version),
+                    last_rotated: row.and_then(|r| r.last_rotated_at),
+                    next_due: live
+                        .deadline(e.key(), Job::Rotate)
+                        .or_else(|| row.and_then(|r| r.next_due)),
+                    // A retirement pending after version 1 has no previous version.
+                    previous_until: l
+                        .and_then(|l| l.retire_at)
+                        .filter(|_| row.and_then(|r| r.current_version) > Some(1)),
+                    consecutive_failures: row.map_or(0, |r| r.consecutive_failures),
+                };
+                (e.clone(), facts)
+            })
+            .collect()
+    }
+
+    /// `(live versions, credential-seconds outstanding)` over every
+    /// configured credential (see `crate::surface`), without allocating:
+    /// read at every metrics scrape.
+    pub fn live_totals(&self, now: chrono::DateTime<chrono::Utc>) -> (u64, u64) {
+        let catalog = self.catalog();
+        let live = self.inner.live();
+        let secs = |d: chrono::Duration| u64::try_from(d.num_seconds()).unwrap_or(0);
+        let (mut versions, mut outstanding) = (0, 0);
+        for e in catalog.creds.values() {
+            if self.inner.retired_label(&e.key().agent) == Some("decommissioned") {
+                continue;
+            }
+            let Some(l) = live.get(e.key()) else { continue };
+            let Some(row) = l.row.as_ref().filter(|r| r.current_version.is_some()) else {
+                continue;
+            };
+            versions += 1;
+            let grace = chrono::Duration::from_std(e.cfg.grace).unwrap_or_default();
+            if e.cfg.follow.is_none()
+                && let Some(n) = live.deadline(e.key(), Job::Rotate).or(row.next_due)
+            {
+                outstanding += secs(n + grace - now);
+            }
+            // A retirement pending after version 1 has no previous version.
+            if let Some(until) = l.retire_at.filter(|u| *u > now)
+                && row.current_version > Some(1)
+            {
+                versions += 1;
+                outstanding += secs(until - now);
+            }
+        }
+        (versions, outstanding)
     }
 
     /// Changes the label `status` shows for a stopped agent's credentials.

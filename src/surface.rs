@@ -1,0 +1,338 @@
+//! `keyturn surface`: the program's whole identity surface, so that unused
+//! identities get decommissioned. Every agent with its owner, tenant, tier
+//! and lifecycle state, its credentials with their age, lifetime, last
+//! rotation, last acknowledgement, vaults and target; totals; and flags for
+//! what an operator should look at.
+//!
+//! Definitions (stable: dashboards and the metrics use them):
+//! - **identities**: agents not fully decommissioned (active,
+//!   decommissioning, orphaned);
+//! - **live versions**: versions that still work — each rotated
+//!   credential's current version, plus its previous one while its grace
+//!   period runs; none once the agent is decommissioned;
+//! - **credential-seconds outstanding**: for each live version, the time
+//!   it stays valid from now (the current one until its next rotation plus
+//!   grace, the previous one until its grace ends): the exposure if every
+//!   live value leaked this instant;
+//! - **lifetime**: how long one version of the credential lives (its
+//!   rotation period plus grace);
+//! - **last use**: the last acknowledgement by a consumer of the
+//!   credential (a file opened with `ack = "open"`, `keyturn ack`, a
+//!   webhook's 2xx). keyturn observes use only where a consumer
+//!   acknowledges; an agent none of whose consumers do is reported with
+//!   `usage_observed = false` and is never flagged unused.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::api::protocol::AgentLifecycle;
+use crate::model::CredentialKey;
+use crate::rotation::{CredEntry, SurfaceFacts};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Surface {
+    pub generated_at: DateTime<Utc>,
+    /// An agent with no use observed for this long is flagged unused.
+    pub unused_after_seconds: u64,
+    pub totals: Totals,
+    pub flags: Flags,
+    pub agents: Vec<SurfaceAgent>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub identities: usize,
+    /// Agents by state: active, decommissioning, decommissioned, orphaned.
+    pub agents: BTreeMap<String, usize>,
+    pub credentials: usize,
+    pub live_versions: usize,
+    pub credential_seconds_outstanding: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flags {
+    /// Agents with no use observed within `unused_after_seconds`.
+    pub unused: Vec<String>,
+    /// `agent/credential` whose current version is older than its `max_age`.
+    pub past_max_age: Vec<String>,
+    pub without_owner: Vec<String>,
+    pub decommissions_in_progress: Vec<String>,
+    pub orphaned: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SurfaceAgent {
+    pub agent: String,
+    pub owner: String,
+    pub tenant: String,
+    pub tier: String,
+    /// active, decommissioning, decommissioned, orphaned.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<DateTime<Utc>>,
+    pub usage_observed: bool,
+    pub credentials: Vec<SurfaceCredential>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decommission: Option<AgentLifecycle>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SurfaceCredential {
+    pub credential: String,
+    /// `rotate` or `follow`.
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotated: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_due: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ack: Option<DateTime<Utc>>,
+    /// Consumers that acknowledge deliveries (so use can be observed).
+    pub acking_consumers: usize,
+    pub vaults: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    pub live_versions: usize,
+    pub outstanding_seconds: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_seconds: Option<u64>,
+    pub past_max_age: bool,
+}
+
+/// The last acknowledgement of each credential and how many consumers
+/// acknowledge it (from the state's ack rows).
+pub type Acks = HashMap<CredentialKey, (Option<DateTime<Utc>>, usize)>;
+
+fn secs(d: chrono::Duration) -> u64 {
+    u64::try_from(d.num_seconds()).unwrap_or(0)
+}
+
+/// One credential of the surface, and its live versions.
+fn credential(
+    entry: &CredEntry,
+    f: &SurfaceFacts,
+    acks: &Acks,
+    revoked: bool,
+    now: DateTime<Utc>,
+) -> SurfaceCredential {
+    let grace = chrono::Duration::from_std(entry.cfg.grace).unwrap_or_default();
+    let follow = entry.cfg.follow.is_some();
+    let lifetime = match (f.last_rotated, f.next_due) {
+        (Some(l), Some(n)) if !follow => Some(secs(n - l + grace)),
+        _ => None,
+    };
+    let mut live = 0;
+    let mut outstanding = 0;
+    if !revoked && f.current_version.is_some() {
+        live += 1;
+        if let Some(n) = f.next_due.filter(|_| !follow) {
+            outstanding += secs(n + grace - now);
+        }
+        if let Some(until) = f.previous_until.filter(|u| *u > now) {
+            live += 1;
+            outstanding += secs(until - now);
+        }
+    }
+    let max_age = max_age_of(entry);
+    let age = f.last_rotated.map(|l| secs(now - l));
+    let (last_ack, acking) = acks.get(entry.key()).copied().unwrap_or((None, 0));
+    SurfaceCredential {
+        credential: entry.key().credential.to_string(),
+        mode: if follow { "follow" } else { "rotate" }.into(),
+        version: f.current_version,
+        age_seconds: age,
+        lifetime_seconds: lifetime,
+        last_rotated: f.last_rotated,
+        next_due: f.next_due.filter(|_| !follow),
+        last_ack,
+        acking_consumers: acking,
+        vaults: entry.vaults.iter().map(|h| h.config.name.clone()).collect(),
+        target: entry.target.as_ref().map(|t| t.describe()),
+        live_versions: live,
+        outstanding_seconds: outstanding,
+        max_age_seconds: max_age.map(|d| d.as_secs()),
+        past_max_age: !revoked && matches!((age, max_age), (Some(a), Some(m)) if a > m.as_secs()),
+    }
+}
+
+/// The credential's `max_age`, where the config has one.
+fn max_age_of(_entry: &CredEntry) -> Option<std::time::Duration> {
+    None
+}
+
+/// Builds the surface.
+pub fn build(
+    facts: &[(std::sync::Arc<CredEntry>, SurfaceFacts)],
+    lifecycle: &[AgentLifecycle],
+    acks: &Acks,
+    unused_after: std::time::Duration,
+    now: DateTime<Utc>,
+) -> Surface {
+    let by_agent: HashMap<&str, &AgentLifecycle> =
+        lifecycle.iter().map(|l| (l.agent.as_str(), l)).collect();
+    let mut agents: BTreeMap<String, SurfaceAgent> = BTreeMap::new();
+    for (entry, f) in facts {
+        let name = entry.key().agent.to_string();
+        let decom = by_agent.get(name.as_str()).copied();
+        let state = decom.map_or("active", |d| d.state.as_str());
+        let revoked = state == "decommissioned";
+        let a = agents.entry(name.clone()).or_insert_with(|| SurfaceAgent {
+            agent: name.clone(),
+            owner: entry.agent.owner.clone(),
+            tenant: entry.agent.tenant.clone(),
+            tier: entry.agent.tier.clone(),
+            state: state.into(),
+            last_used: None,
+            usage_observed: false,
+            credentials: Vec::new(),
+            decommission: decom.cloned(),
+        });
+        let c = credential(entry, f, acks, revoked, now);
+        a.usage_observed |= c.acking_consumers > 0;
+        a.last_used = a.last_used.max(c.last_ack);
+        a.credentials.push(c);
+    }
+    // Decommissions of agents gone from the config, and orphans.
+    for l in lifecycle {
+        agents
+            .entry(l.agent.to_string())
+            .or_insert_with(|| SurfaceAgent {
+                agent: l.agent.to_string(),
+                owner: l.owner.clone(),
+                tenant: l.tenant.clone(),
+                tier: l.tier.clone(),
+                state: l.state.clone(),
+                last_used: None,
+                usage_observed: false,
+                credentials: Vec::new(),
+                decommission: Some(l.clone()),
+            });
+    }
+    let unused_cut = now - chrono::Duration::from_std(unused_after).unwrap_or_default();
+    let mut totals = Totals::default();
+    let mut flags = Flags::default();
+    for a in agents.values() {
+        *totals.agents.entry(a.state.clone()).or_default() += 1;
+        if a.state != "decommissioned" {
+            totals.identities += 1;
+        }
+        totals.credentials += a.credentials.len();
+        for c in &a.credentials {
+            totals.live_versions += c.live_versions;
+            totals.credential_seconds_outstanding += c.outstanding_seconds;
+            if c.past_max_age {
+                flags
+                    .past_max_age
+                    .push(format!("{}/{}", a.agent, c.credential));
+            }
+        }
+        if a.owner.trim().is_empty() {
+            flags.without_owner.push(a.agent.clone());
+        }
+        match a.state.as_str() {
+            "decommissioning" => flags.decommissions_in_progress.push(a.agent.clone()),
+            "orphaned" => flags.orphaned.push(a.agent.clone()),
+            "active" if a.usage_observed && a.last_used.is_none_or(|t| t < unused_cut) => {
+                flags.unused.push(a.agent.clone())
+            }
+            _ => {}
+        }
+    }
+    for state in ["active", "decommissioning", "decommissioned", "orphaned"] {
+        totals.agents.entry(state.into()).or_default();
+    }
+    Surface {
+        generated_at: now,
+        unused_after_seconds: unused_after.as_secs(),
+        totals,
+        flags,
+        agents: agents.into_values().collect(),
+    }
+}
+
+/// `keyturn surface` as a table.
+pub fn render(s: &Surface) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let t = &s.totals;
+    let _ = writeln!(
+        out,
+        "identities {}  (active {}, decommissioning {}, decommissioned {}, orphaned {})",
+        t.identities,
+        t.agents.get("active").copied().unwrap_or(0),
+        t.agents.get("decommissioning").copied().unwrap_or(0),
+        t.agents.get("decommissioned").copied().unwrap_or(0),
+        t.agents.get("orphaned").copied().unwrap_or(0),
+    );
+    let _ = writeln!(
+        out,
+        "credentials {}  live versions {}  credential-hours outstanding {:.1}",
+        t.credentials,
+        t.live_versions,
+        t.credential_seconds_outstanding as f64 / 3600.0
+    );
+    let hours =
+        |x: Option<u64>| x.map_or_else(|| "-".to_owned(), |s| format!("{:.1}h", s as f64 / 3600.0));
+    for a in &s.agents {
+        let used = match (a.usage_observed, a.last_used) {
+            (false, _) => "not observed".to_owned(),
+            (true, None) => "never".to_owned(),
+            (true, Some(t)) => t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        };
+        let _ = writeln!(
+            out,
+            "\n{}  [{}]  owner {}  tenant {}  tier {}  last used {used}",
+            a.agent,
+            a.state,
+            if a.owner.is_empty() { "-" } else { &a.owner },
+            if a.tenant.is_empty() { "-" } else { &a.tenant },
+            if a.tier.is_empty() { "-" } else { &a.tier },
+        );
+        for c in &a.credentials {
+            let _ = writeln!(
+                out,
+                "  {:<20} v{:<4} age {:<8} lifetime {:<8} live {}  {}{}{}",
+                c.credential,
+                c.version.map_or_else(|| "-".into(), |v| v.to_string()),
+                hours(c.age_seconds),
+                hours(c.lifetime_seconds),
+                c.live_versions,
+                c.vaults.join("+"),
+                c.target
+                    .as_deref()
+                    .map(|t| format!(" -> {t}"))
+                    .unwrap_or_default(),
+                if c.past_max_age { "  PAST MAX_AGE" } else { "" },
+            );
+        }
+    }
+    let f = &s.flags;
+    let mut flag = |what: &str, list: &[String]| {
+        if !list.is_empty() {
+            let _ = writeln!(out, "\nflag: {what}: {}", list.join(", "));
+        }
+    };
+    flag(
+        &format!(
+            "unused (no use observed for {})",
+            humantime::format_duration(std::time::Duration::from_secs(s.unused_after_seconds))
+        ),
+        &f.unused,
+    );
+    flag("past max_age", &f.past_max_age);
+    flag("without an owner", &f.without_owner);
+    flag("decommission in progress", &f.decommissions_in_progress);
+    flag(
+        "orphaned (left the config, not decommissioned)",
+        &f.orphaned,
+    );
+    out
+}
