@@ -1049,6 +1049,69 @@ mod tests {
             .0
     }
 
+    /// `decommissioned` and `revocation_sla` on an agent: typed when good
+    /// (a TOML datetime or an RFC 3339 string), every problem located.
+    #[test]
+    fn decommission_words_are_typed_and_their_errors_located() {
+        let base = "[vaults.v]\ntype = \"local\"\n";
+        let good = format!(
+            "{base}[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\nrevocation_sla = \"5m\"\n\
+             decommissioned = {{ at = 2026-12-01T09:00:00Z, reason = \"retired\", by = \"bob\" }}\n\
+             [agents.b]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+             decommissioned = {{ at = \"2026-12-01T10:00:00+01:00\", reason = \"gone\" }}\n"
+        );
+        let cfg = load_str(Path::new("/etc/keyturn/t.toml"), &good).unwrap();
+        let a = &cfg.agents[&crate::model::AgentId::new("a").unwrap()];
+        assert_eq!(a.revocation_sla, Some(std::time::Duration::from_secs(300)));
+        assert_eq!(cfg.revocation_sla(a), std::time::Duration::from_secs(300));
+        let d = a.decommissioned.as_ref().unwrap();
+        assert_eq!(d.at.to_rfc3339(), "2026-12-01T09:00:00+00:00");
+        assert_eq!(
+            (d.reason.as_str(), d.by.as_deref()),
+            ("retired", Some("bob"))
+        );
+        let b = &cfg.agents[&crate::model::AgentId::new("b").unwrap()];
+        assert_eq!(
+            b.decommissioned.as_ref().unwrap().at.to_rfc3339(),
+            "2026-12-01T09:00:00+00:00"
+        );
+        // The tier's SLA when the agent has none (built-in low = 24h).
+        assert_eq!(
+            cfg.revocation_sla(b),
+            std::time::Duration::from_secs(86_400)
+        );
+
+        let bad = format!(
+            "{base}[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\nrevocation_sla = \"soon\"\n\
+             decommissioned = {{ at = \"yesterday\", reason = \" \" }}\n\
+             [agents.b]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+             decommissioned = {{ at = 2026-12-01T09:00:00Z, reason = \"x\", when = 1 }}\n"
+        );
+        let e = errors(&bad);
+        let at = |path: &str| {
+            e.iter()
+                .find(|e| e.toml_path == path)
+                .unwrap_or_else(|| panic!("no error at {path}: {e:?}"))
+        };
+        assert_eq!(at("agents.a.revocation_sla").line, 7);
+        assert!(
+            at("agents.a.decommissioned.at")
+                .message
+                .contains("RFC 3339")
+        );
+        assert_eq!(at("agents.a.decommissioned.at").line, 8);
+        assert!(
+            at("agents.a.decommissioned.reason")
+                .message
+                .contains("reason must not be empty")
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.toml_path.starts_with("agents.b") && e.message.contains("when")),
+            "{e:?}"
+        );
+    }
+
     /// Locating errors is linear in the file: a config with 20,000 errors
     /// (one unknown key per agent) used to rescan the text per error
     /// (quadratic: tens of seconds); it now takes well under a second in a

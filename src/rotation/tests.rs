@@ -1362,3 +1362,4 @@ async fn a_restarted_follower_does_not_deliver_the_same_version_again() {
 
 /// Acknowledgements, cut-over and independent deliveries.
 mod acks;
+mod retired;

@@ -1372,6 +1372,86 @@ mod tests {
         assert_eq!(s.credential(&k).unwrap(), None);
     }
 
+    /// Decommissions, their items and holdings survive a reopen, read back
+    /// the same from SQLite and from the in-memory store, and `agents`
+    /// lists every agent either table remembers.
+    #[test]
+    fn decommissions_items_and_holdings_round_trip_in_both_stores() {
+        use crate::model::AgentId;
+        use crate::state::{DecommissionRow, MemoryStore, RevocationRow};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let t = crate::test_support::at_secs(100);
+        let agent = AgentId::new("gone").unwrap();
+        let d = DecommissionRow {
+            agent: agent.clone(),
+            decided_at: t,
+            recorded_at: t,
+            actor: "uid=0 gid=0 pid=1".into(),
+            by: Some("alice".into()),
+            reason: "retired".into(),
+            source: "command".into(),
+            owner: "o".into(),
+            tenant: "acme".into(),
+            tier: "high".into(),
+            sla_ms: 3_600_000,
+            revoked_at: None,
+            verified_at: None,
+        };
+        let item = |name: &str| RevocationRow {
+            agent: agent.clone(),
+            item: format!("db/{name}"),
+            credential: key("gone", "db").credential,
+            kind: name.into(),
+            spec: serde_json::json!({"kind": "acks"}),
+            revoked_at: Some(t),
+            verified_at: None,
+            attempts: 2,
+            last_error: Some("still there".into()),
+        };
+        let writes = vec![
+            Write::Decommission(d.clone()),
+            Write::Revocation(item("acks")),
+            Write::Revocation(item("vault:bao")),
+            Write::Holding {
+                key: key("gone", "db"),
+                footprint: "{\"vaults\":[\"bao\"]}".into(),
+            },
+            Write::Credential(credential_row(&key("other", "x"))),
+        ];
+        let memory = MemoryStore::new();
+        memory.apply(&writes).unwrap();
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.apply(&writes).unwrap();
+            // An update replaces the record.
+            let mut done = item("acks");
+            done.verified_at = Some(t);
+            s.apply(&[Write::Revocation(done.clone())]).unwrap();
+            memory.apply(&[Write::Revocation(done)]).unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        for store in [&s as &dyn StateStore, &memory] {
+            assert_eq!(store.decommissions().unwrap(), vec![d.clone()]);
+            let items = store.revocations(&agent).unwrap();
+            assert_eq!(items.len(), 2);
+            assert_eq!(items[0].item, "db/acks");
+            assert_eq!(items[0].verified_at, Some(t));
+            assert_eq!(items[1].last_error.as_deref(), Some("still there"));
+            assert_eq!(
+                store.holdings(&agent).unwrap(),
+                vec![(key("gone", "db"), "{\"vaults\":[\"bao\"]}".to_owned())]
+            );
+            let agents: Vec<String> = store
+                .agents()
+                .unwrap()
+                .into_iter()
+                .map(|a| a.to_string())
+                .collect();
+            assert_eq!(agents, vec!["gone".to_owned(), "other".to_owned()]);
+        }
+    }
+
     #[test]
     fn migrates_an_empty_database_and_reopens() {
         let (_dir, path) = tmp_path("new/dir/keyturn.db");

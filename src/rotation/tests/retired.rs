@@ -1,0 +1,106 @@
+//! A decommissioned agent's rotations stop for good, under paused time: one
+//! waiting out a back-off stops at once and one mid-step stops right after
+//! the step, each recorded as abandoned; no timer fires for it again, a
+//! manual trigger is refused, and the other agents go on.
+
+use super::*;
+
+#[tokio::test(start_paused = true)]
+async fn stopping_an_agent_abandons_its_rotation_in_flight_and_nothing_of_it_runs_again() {
+    let rig = Rig::new(2, "every = \"1h\"").await;
+    rig.run().await;
+    rig.until(Duration::from_secs(30), "first versions", |r| {
+        r.sink.count() == 2
+    })
+    .await;
+    // c0's next rotation keeps failing at `stage`: it waits out back-offs.
+    rig.vault.fail("stage", 100, ErrorKind::Transient, None);
+    let waiter = rig.engine.trigger(&key("c0")).unwrap();
+    rig.until(Duration::from_secs(30), "c0 retrying", |r| {
+        r.vault.times("stage", Some(&path("c0"))).len() >= 2
+    })
+    .await;
+    let agent = key("c0").agent.clone();
+    let before = Instant::now();
+    rig.engine.stop_agent(&agent, "decommissioning").await;
+    assert!(
+        Instant::now() - before < Duration::from_secs(1),
+        "the back-off is cut short, not waited out"
+    );
+    let done = waiter.await.unwrap();
+    assert!(
+        done.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("decommissioned"),
+        "{done:?}"
+    );
+    // Recorded as abandoned: finished, with the reason, audited.
+    let latest = rig.store.latest_rotation(&key("c0")).unwrap().unwrap();
+    assert_eq!(latest.step, Step::Done);
+    assert!(
+        latest
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("abandoned at step create"),
+        "{latest:?}"
+    );
+    let audit = std::fs::read_to_string(rig.dir.path().join("audit.log")).unwrap();
+    assert!(audit.contains("\"event\":\"rotation.abandoned\""));
+    // Nothing of the agent runs again: no timer, no manual trigger.
+    let stages = rig.vault.times("stage", None).len();
+    assert!(rig.engine.trigger(&key("c1")).is_none(), "refused");
+    tokio::time::sleep(3 * HOUR).await;
+    assert_eq!(rig.vault.times("stage", None).len(), stages);
+    assert_eq!(rig.status("c0").state, "decommissioning");
+    assert_eq!(rig.status("c1").state, "decommissioning");
+    rig.engine.set_agent_label(&agent, "decommissioned");
+    assert_eq!(rig.status("c1").state, "decommissioned");
+    rig.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_in_flight_finishes_and_the_rotation_stops_right_after_it() {
+    let rig = Rig::single().await;
+    rig.run().await;
+    rig.until(Duration::from_secs(30), "first version", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    rig.vault.slow("stage", Duration::from_secs(5));
+    let waiter = rig.engine.trigger(&key("c0")).unwrap();
+    rig.until(Duration::from_secs(10), "staging", |r| {
+        r.vault.times("stage", None).len() == 2
+    })
+    .await;
+    let started = Instant::now();
+    rig.engine
+        .stop_agent(&key("c0").agent, "decommissioning")
+        .await;
+    let waited = Instant::now() - started;
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(6),
+        "returns once the step in flight is over: {waited:?}"
+    );
+    assert!(waiter.await.unwrap().error.is_some());
+    // The step it was in finished; nothing after it ran.
+    assert_eq!(rig.vault.times("promote", None).len(), 1, "only v1's");
+    assert_eq!(rig.sink.count(), 1);
+    let latest = rig.store.latest_rotation(&key("c0")).unwrap().unwrap();
+    assert_eq!(latest.step, Step::Done);
+    assert!(
+        latest
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("abandoned at step set")
+            || latest
+                .last_error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("abandoned at step promote"),
+        "{latest:?}"
+    );
+    rig.shutdown().await;
+}
