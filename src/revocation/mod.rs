@@ -82,6 +82,18 @@ impl Decom {
     }
 }
 
+/// An agent state remembers and the config does not name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    pub agent: AgentId,
+    /// Since when this daemon has seen it so.
+    pub since: DateTime<Utc>,
+    /// As its credentials' holdings recorded them (empty if unknown).
+    pub owner: String,
+    pub tenant: String,
+    pub tier: String,
+}
+
 /// The decommissions of this daemon: a cheap handle.
 #[derive(Clone)]
 pub struct Revocations {
@@ -92,7 +104,7 @@ struct Inner {
     engine: Engine,
     decoms: Mutex<BTreeMap<AgentId, Decom>>,
     /// Agents state remembers that the config does not name, since when.
-    orphans: Mutex<BTreeMap<AgentId, DateTime<Utc>>>,
+    orphans: Mutex<BTreeMap<AgentId, Orphan>>,
     /// Serialises decisions (two requests for one agent make one decision).
     deciding: tokio::sync::Mutex<()>,
     /// A reload happened: look at the config's declarations again.
@@ -161,7 +173,7 @@ impl Revocations {
         self.inner.decoms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn orphans(&self) -> std::sync::MutexGuard<'_, BTreeMap<AgentId, DateTime<Utc>>> {
+    fn orphans(&self) -> std::sync::MutexGuard<'_, BTreeMap<AgentId, Orphan>> {
         self.inner.orphans.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -174,13 +186,9 @@ impl Revocations {
 
     /// Every decommission and every orphan (for `status`, `surface` and
     /// alerts), in agent order.
-    pub fn snapshot(&self) -> (Vec<Decom>, Vec<(AgentId, DateTime<Utc>)>) {
+    pub fn snapshot(&self) -> (Vec<Decom>, Vec<Orphan>) {
         let decoms = self.decoms().values().cloned().collect();
-        let orphans = self
-            .orphans()
-            .iter()
-            .map(|(a, t)| (a.clone(), *t))
-            .collect();
+        let orphans = self.orphans().values().cloned().collect();
         (decoms, orphans)
     }
 
@@ -192,28 +200,47 @@ impl Revocations {
     /// Recomputes the orphans: agents state remembers that neither the
     /// config names nor a decommission covers.
     async fn refresh_orphans(&self) {
-        let agents = match self.inner.engine.load(|s| s.agents()).await {
+        let engine = &self.inner.engine;
+        let agents = match engine.load(|s| s.agents()).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "cannot list the agents state remembers; orphans are not checked");
                 return;
             }
         };
-        let catalog = self.inner.engine.catalog();
-        let now = self.inner.engine.now();
-        let decided: Vec<AgentId> = self.decoms().keys().cloned().collect();
-        let mut orphans = self.orphans();
-        let before: BTreeMap<AgentId, DateTime<Utc>> = std::mem::take(&mut *orphans);
+        let catalog = engine.catalog();
+        let now = engine.now();
+        let before: BTreeMap<AgentId, Orphan> = self.orphans().clone();
+        let mut found = BTreeMap::new();
         for a in agents {
-            if catalog.config.agents.contains_key(&a) || decided.contains(&a) {
+            if catalog.config.agents.contains_key(&a) || self.decoms().contains_key(&a) {
                 continue;
             }
-            let since = before.get(&a).copied().unwrap_or(now);
-            if !before.contains_key(&a) {
-                tracing::warn!(agent = %a, "orphaned agent: state remembers credentials of an agent the config no longer names; they are NOT revoked until `keyturn decommission {a} --reason ...`");
+            if let Some(known) = before.get(&a) {
+                found.insert(a, known.clone());
+                continue;
             }
-            orphans.insert(a, since);
+            tracing::warn!(agent = %a, "orphaned agent: state remembers credentials of an agent the config no longer names; they are NOT revoked until `keyturn decommission {a} --reason ...`");
+            // Who it belonged to, as its holdings recorded it.
+            let id = a.clone();
+            let first = engine
+                .load(move |s| Ok(s.holdings(&id)?.into_iter().next()))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|(_, text)| Footprint::parse(&text).ok());
+            found.insert(
+                a.clone(),
+                Orphan {
+                    agent: a,
+                    since: now,
+                    owner: first.as_ref().map(|f| f.owner.clone()).unwrap_or_default(),
+                    tenant: first.as_ref().map(|f| f.tenant.clone()).unwrap_or_default(),
+                    tier: first.map(|f| f.tier).unwrap_or_default(),
+                },
+            );
         }
+        *self.orphans() = found;
     }
 
     /// Acts on `decommissioned = { at, reason }` in the config: now for a

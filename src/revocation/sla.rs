@@ -3,10 +3,9 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{Decom, Revocations};
+use super::{Decom, Orphan, Revocations};
 use crate::alerts::{Alert, ConditionSource, Conditions, Severity};
 use crate::api::protocol::{AgentLifecycle, PendingItem};
-use crate::model::AgentId;
 
 /// The share of the SLA at which the warning fires.
 const WARN_AT: f64 = 0.8;
@@ -18,7 +17,7 @@ fn at_share(d: &Decom, share: f64) -> DateTime<Utc> {
 /// The rows `keyturn status` and `keyturn surface` show.
 pub fn lifecycle_rows(
     decoms: &[Decom],
-    orphans: &[(AgentId, DateTime<Utc>)],
+    orphans: &[Orphan],
     now: DateTime<Utc>,
 ) -> Vec<AgentLifecycle> {
     let mut rows: Vec<AgentLifecycle> = decoms
@@ -67,13 +66,13 @@ pub fn lifecycle_rows(
             }
         })
         .collect();
-    rows.extend(orphans.iter().map(|(agent, since)| AgentLifecycle {
-        agent: agent.clone(),
+    rows.extend(orphans.iter().map(|o| AgentLifecycle {
+        agent: o.agent.clone(),
         state: "orphaned".into(),
-        owner: String::new(),
-        tenant: String::new(),
-        tier: String::new(),
-        orphaned_since: Some(*since),
+        owner: o.owner.clone(),
+        tenant: o.tenant.clone(),
+        tier: o.tier.clone(),
+        orphaned_since: Some(o.since),
         decided_at: None,
         actor: None,
         by: None,
@@ -123,6 +122,13 @@ impl Revocations {
 impl ConditionSource for Revocations {
     fn conditions(&self, now: DateTime<Utc>) -> Conditions {
         let (decoms, orphans) = self.snapshot();
+        conditions_of(&decoms, &orphans, now)
+    }
+}
+
+/// The alerts of these decommissions and orphans at `now`.
+pub fn conditions_of(decoms: &[Decom], orphans: &[Orphan], now: DateTime<Utc>) -> Conditions {
+    {
         let mut out = Conditions::default();
         let mut next = |t: DateTime<Utc>| {
             if t > now {
@@ -184,22 +190,138 @@ impl ConditionSource for Revocations {
                 ));
             }
         }
-        for (agent, since) in &orphans {
+        for o in orphans {
+            let agent = &o.agent;
+            let known = |s: &String| (!s.is_empty()).then(|| s.clone());
             firing.push(Alert {
                 name: "KeyturnAgentOrphaned".into(),
                 severity: Severity::Warning,
                 agent: Some(agent.to_string()),
                 credential: None,
-                tenant: None,
-                tier: None,
+                tenant: known(&o.tenant),
+                tier: known(&o.tier),
                 summary: format!("agent {agent} left the config without a decommission"),
                 description: format!(
                     "State remembers credentials of agent {agent}, which the config no longer names. They are not revoked: run `keyturn decommission {agent} --reason ...` to revoke them, or put the agent back in the config."
                 ),
-                since: *since,
+                since: o.since,
             });
         }
         out.firing = firing;
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::AgentId;
+    use crate::state::{DecommissionRow, RevocationRow};
+    use crate::test_support::at_secs as t;
+
+    fn decom(sla_s: u64, verified: bool) -> Decom {
+        let agent = AgentId::new("bot").unwrap();
+        Decom {
+            row: DecommissionRow {
+                agent: agent.clone(),
+                decided_at: t(1000),
+                recorded_at: t(1000),
+                actor: "config".into(),
+                by: None,
+                reason: "retired".into(),
+                source: "config".into(),
+                owner: "o".into(),
+                tenant: "acme".into(),
+                tier: "high".into(),
+                sla_ms: sla_s * 1000,
+                revoked_at: verified.then(|| t(1001)),
+                verified_at: verified.then(|| t(1002)),
+            },
+            items: vec![RevocationRow {
+                agent,
+                item: "db/vault:bao".into(),
+                credential: crate::model::CredentialId::new("db").unwrap(),
+                kind: "vault".into(),
+                spec: serde_json::json!({}),
+                revoked_at: None,
+                verified_at: verified.then(|| t(1002)),
+                attempts: 3,
+                last_error: (!verified).then(|| "vault \"bao\": connection refused".into()),
+            }],
+        }
+    }
+
+    fn names(c: &Conditions) -> Vec<(String, Severity)> {
+        c.firing
+            .iter()
+            .map(|a| (a.name.clone(), a.severity))
+            .collect()
+    }
+
+    #[test]
+    fn the_warning_fires_at_80_percent_the_breach_at_100_and_completion_clears_both() {
+        let d = [decom(100, false)];
+        let before = conditions_of(&d, &[], t(1079));
+        assert!(before.firing.is_empty());
+        assert_eq!(before.next_change, Some(t(1080)), "wake at 80 %");
+        let warn = conditions_of(&d, &[], t(1080));
+        assert_eq!(
+            names(&warn),
+            vec![("KeyturnRevocationSlaAtRisk".into(), Severity::Warning)]
+        );
+        assert_eq!(warn.next_change, Some(t(1100)), "wake at the deadline");
+        let a = &warn.firing[0];
+        assert_eq!(
+            (a.since, a.tenant.as_deref(), a.tier.as_deref()),
+            (t(1080), Some("acme"), Some("high"))
+        );
+        assert!(
+            a.description.contains("connection refused"),
+            "{}",
+            a.description
+        );
+        let breach = conditions_of(&d, &[], t(5000));
+        assert_eq!(breach.firing.len(), 2);
+        let b = breach
+            .firing
+            .iter()
+            .find(|a| a.name == "KeyturnRevocationSlaBreached")
+            .unwrap();
+        // Stable from one evaluation to the next: one incident.
+        assert_eq!(b.since, t(1100));
+        assert_eq!(
+            b.dedup_key(),
+            conditions_of(&d, &[], t(9000)).firing[1].dedup_key()
+        );
+        assert_eq!(breach.next_change, None);
+        assert!(
+            conditions_of(&[decom(100, true)], &[], t(5000))
+                .firing
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn an_orphan_raises_a_warning_with_what_is_known_of_it() {
+        let o = Orphan {
+            agent: AgentId::new("gone").unwrap(),
+            since: t(7),
+            owner: "alice".into(),
+            tenant: "acme".into(),
+            tier: String::new(),
+        };
+        let c = conditions_of(&[], std::slice::from_ref(&o), t(100));
+        assert_eq!(
+            names(&c),
+            vec![("KeyturnAgentOrphaned".into(), Severity::Warning)]
+        );
+        assert_eq!(c.firing[0].since, t(7));
+        assert_eq!(c.firing[0].tenant.as_deref(), Some("acme"));
+        assert_eq!(c.firing[0].tier, None);
+        let rows = lifecycle_rows(&[], &[o], t(100));
+        assert_eq!(
+            (rows[0].state.as_str(), rows[0].owner.as_str()),
+            ("orphaned", "alice")
+        );
     }
 }
