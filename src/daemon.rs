@@ -671,25 +671,21 @@ impl ControlHandler for Handler {
         let mut waiting = Vec::with_capacity(keys.len());
         let mut results = Vec::with_capacity(keys.len());
         for key in keys {
-            if followed(&key) {
+            let refused = if followed(&key) {
+                Some("followed, rotated by another keyturn".to_owned())
+            } else {
+                self.engine
+                    .agent_label(&key.agent)
+                    .map(|label| format!("the agent is {label}"))
+            };
+            if let Some(why) = refused {
                 results.push(RotateResult {
                     agent: key.agent,
                     credential: key.credential,
                     rotation: None,
                     version: None,
                     outcome: RotateOutcome::Failed,
-                    error: Some("followed, rotated by another keyturn".into()),
-                });
-                continue;
-            }
-            if let Some(label) = self.engine.agent_label(&key.agent) {
-                results.push(RotateResult {
-                    agent: key.agent,
-                    credential: key.credential,
-                    rotation: None,
-                    version: None,
-                    outcome: RotateOutcome::Failed,
-                    error: Some(format!("the agent is {label}")),
+                    error: Some(why),
                 });
                 continue;
             }

@@ -1119,19 +1119,6 @@ fn overdue_rotations_after_downtime_are_spread_not_stampeded() {
     second.stop();
 }
 
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 /// [`ONE_RAW`] (kept in grace) with the HTTP listener on a free port.
 fn with_http_listener() -> (u16, Env) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -234,19 +234,6 @@ fn a_decommission_declared_in_the_config_survives_kill_9_and_completes_when_the_
     audit_verifies(&env, "after a declared decommission and a kill -9");
 }
 
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 fn surface(env: &Env, unused_after: &str) -> serde_json::Value {
     let out = env.cli_ok(&["surface", "--json", "--unused-after", unused_after]);
     serde_json::from_slice(&out.stdout).expect("surface --json is JSON")

@@ -470,9 +470,8 @@ async fn pg_verifier(role: &str) -> String {
     v
 }
 
-/// Logs in as `user` with `password` and runs a query. `Err` carries the
-/// server's reason.
-async fn pg_login(user: &str, password: &str) -> Result<(), String> {
+/// The test server, logging in as `user` with `password`.
+fn pg_user_config(user: &str, password: &str) -> tokio_postgres::Config {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(need("KEYTURN_TEST_PG_HOST"))
         .port(need("KEYTURN_TEST_PG_PORT").parse().unwrap())
@@ -480,13 +479,19 @@ async fn pg_login(user: &str, password: &str) -> Result<(), String> {
         .password(password)
         .dbname("postgres")
         .connect_timeout(Duration::from_secs(5));
-    let (client, conn) =
-        cfg.connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| match e.as_db_error() {
-                Some(db) => db.message().to_owned(),
-                None => e.to_string(),
-            })?;
+    cfg
+}
+
+/// Logs in as `user` with `password` and runs a query. `Err` carries the
+/// server's reason.
+async fn pg_login(user: &str, password: &str) -> Result<(), String> {
+    let (client, conn) = pg_user_config(user, password)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| match e.as_db_error() {
+            Some(db) => db.message().to_owned(),
+            None => e.to_string(),
+        })?;
     let conn = tokio::spawn(conn);
     let r = client
         .simple_query("SELECT 1")
@@ -1359,14 +1364,10 @@ fn successful_rotations_log_no_error_or_warning_at_the_default_level() {
 
 /// An open session of `user`, kept until the returned client is dropped.
 async fn pg_session(user: &str, password: &str) -> tokio_postgres::Client {
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host(need("KEYTURN_TEST_PG_HOST"))
-        .port(need("KEYTURN_TEST_PG_PORT").parse().unwrap())
-        .user(user)
-        .password(password)
-        .dbname("postgres")
-        .connect_timeout(Duration::from_secs(5));
-    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    let (client, conn) = pg_user_config(user, password)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(conn);
     client.simple_query("SELECT 1").await.unwrap();
     client

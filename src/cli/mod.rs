@@ -357,6 +357,27 @@ async fn request(
     }
 }
 
+/// [`request`] for commands that need the daemon: a failure is already
+/// reported and becomes the exit code.
+async fn ask(client: &ClientConfig, path: &Path, req: &Request) -> Result<ResponseBody, u8> {
+    match request(client, path, req).await {
+        Ok(body) => Ok(body),
+        Err(Failure::Reported(code)) => Err(code),
+        Err(Failure::Unreachable(e)) => {
+            eprintln!("keyturn: {e}");
+            Err(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+/// Prints `value` as pretty JSON.
+fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
 fn unexpected() -> u8 {
     eprintln!("keyturn: unexpected answer from the daemon (is it the same keyturn version?)");
     EXIT_FAILED
@@ -419,20 +440,13 @@ async fn surface(path: &Path, unused_after: std::time::Duration, json: bool) -> 
     let req = Request::Surface {
         unused_after_seconds: Some(unused_after.as_secs()),
     };
-    let surface = match request(&client, path, &req).await {
+    let surface = match ask(&client, path, &req).await {
         Ok(ResponseBody::Surface(s)) => s,
         Ok(_) => return unexpected(),
-        Err(Failure::Reported(code)) => return code,
-        Err(Failure::Unreachable(e)) => {
-            eprintln!("keyturn: {e}");
-            return EXIT_UNAVAILABLE;
-        }
+        Err(code) => return code,
     };
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&surface).unwrap_or_default()
-        );
+        print_json(&surface);
     } else {
         print!("{}", crate::surface::render(&surface));
     }
@@ -463,38 +477,27 @@ async fn decommission(
         reason,
         by,
     };
-    let mut result = match request(&client, path, &req).await {
+    let mut result = match ask(&client, path, &req).await {
         Ok(ResponseBody::Decommission(r)) => *r,
         Ok(_) => return unexpected(),
-        Err(Failure::Reported(code)) => return code,
-        Err(Failure::Unreachable(e)) => {
-            eprintln!("keyturn: {e}");
-            return EXIT_UNAVAILABLE;
-        }
+        Err(code) => return code,
     };
     if result.already && !json {
         println!("{agent}: already decommissioned; nothing new decided");
     }
     while wait && result.agent.state != "decommissioned" {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        match request(&client, path, &Request::Agents).await {
+        match ask(&client, path, &Request::Agents).await {
             Ok(ResponseBody::Agents(rows)) => match rows.into_iter().find(|r| r.agent == agent) {
                 Some(row) => result.agent = row,
                 None => return unexpected(),
             },
             Ok(_) => return unexpected(),
-            Err(Failure::Reported(code)) => return code,
-            Err(Failure::Unreachable(e)) => {
-                eprintln!("keyturn: {e}");
-                return EXIT_UNAVAILABLE;
-            }
+            Err(code) => return code,
         }
     }
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&result).unwrap_or_default()
-        );
+        print_json(&result);
     } else {
         print!(
             "{}",
@@ -649,20 +652,13 @@ async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {
         Err(code) => return code,
     };
     let req = Request::Rotate { selector, wait };
-    let results = match request(&client, path, &req).await {
+    let results = match ask(&client, path, &req).await {
         Ok(ResponseBody::Rotate(results)) => results,
         Ok(_) => return unexpected(),
-        Err(Failure::Reported(code)) => return code,
-        Err(Failure::Unreachable(e)) => {
-            eprintln!("keyturn: {e}");
-            return EXIT_UNAVAILABLE;
-        }
+        Err(code) => return code,
     };
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&results).unwrap_or_default()
-        );
+        print_json(&results);
     } else {
         for r in &results {
             let outcome = match r.outcome {

@@ -530,6 +530,21 @@ pub async fn local_vault_value(
         .map(|v| (v.version.0, v.value.expose().to_vec()))
 }
 
+/// `GET path` on the daemon's HTTP listener at `port`: the whole response,
+/// head and body.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 /// Runs `f` on a fresh single-threaded runtime.
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
