@@ -123,6 +123,7 @@ impl CredEntry {
                 grace: Duration::ZERO,
                 deliver: Vec::new(),
                 follow: None,
+                max_age: None,
             },
             vaults: vaults.into(),
             target,

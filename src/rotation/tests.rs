@@ -730,6 +730,7 @@ async fn overdue_rotations_after_downtime_are_spread_over_the_catch_up_window() 
                 last_rotated_at: Some(t0() - chrono::Duration::hours(2 + i as i64)),
                 next_due: None,
                 consecutive_failures: 0,
+                failing_since: None,
                 last_error: None,
             })
         })
