@@ -39,6 +39,8 @@
 //!   index's one read per poll;
 //! - `footprint.rs`: where a rotation's versions are held, to retire them
 //!   after the credential left the config;
+//! - `health.rs`: rotation health as alert conditions (failing rotations,
+//!   versions near or past `max_age`, ack holdouts);
 //! - `failpoint.rs`: crash points for the kill -9 tests.
 
 mod acks;
@@ -48,6 +50,7 @@ mod engine;
 mod failpoint;
 mod follow;
 mod footprint;
+mod health;
 mod jobs;
 mod scheduler;
 mod step;
@@ -59,6 +62,9 @@ pub use catalog::{BuildError, Catalog, CredEntry, CredMap, VaultHandle};
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use engine::{Engine, EngineError, EngineParts};
 pub use failpoint::{FAILPOINTS, crash_point};
+pub use health::{
+    ACK_HOLDOUTS, CREDENTIAL_EXPIRED, CREDENTIAL_EXPIRING, ROTATION_FAILING, RotationHealth,
+};
 pub use step::{Step, Trigger};
 pub use table::RotateFinished;
 

@@ -1363,3 +1363,4 @@ async fn a_restarted_follower_does_not_deliver_the_same_version_again() {
 
 /// Acknowledgements, cut-over and independent deliveries.
 mod acks;
+mod health;
