@@ -642,6 +642,54 @@ deliver = [{ type = "file", path = "bot/rotated" }]
     );
 }
 
+/// `max_age` on a followed credential: no schedule here, so only the
+/// duration is checked (a follower alerts on a version it has held too long).
+#[test]
+fn max_age_on_a_followed_credential_needs_no_schedule() {
+    let text = |max_age: &str| {
+        format!(
+            r#"
+[daemon]
+state_dir = "state"
+delivery_roots = ["agents"]
+
+[vaults.bao]
+type = "vault"
+address = "https://vault.example.com:8200"
+token_file = "bao-token"
+
+[agents.bot]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+
+[agents.bot.credentials.db]
+vault = "bao"
+mode = "follow"
+max_age = "{max_age}"
+generate = {{ kind = "password", length = 32 }}
+deliver = [{{ type = "file", path = "bot/db" }}]
+"#
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("k.toml");
+    let cfg =
+        keyturn::config::load_str(&file, &text("1m")).unwrap_or_else(|e| panic!("must load:\n{e}"));
+    let (_, db) = cfg.credentials().next().expect("the followed credential");
+    assert_eq!(db.max_age, Some(Duration::from_secs(60)));
+    assert_eq!(db.rotation_period(), None, "a follower has no period");
+    let errors = keyturn::config::load_str(&file, &text("soon"))
+        .unwrap_err()
+        .0;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].toml_path, "agents.bot.credentials.db.max_age");
+    assert!(
+        errors[0].message.contains("invalid duration `soon`"),
+        "{errors:?}"
+    );
+}
+
 #[test]
 fn every_bad_fixture_reports_its_specific_error() {
     let mut failures = Vec::new();
