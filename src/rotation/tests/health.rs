@@ -332,10 +332,11 @@ async fn a_followed_credential_raises_no_failure_alert() {
     {
         let mut live = rig.engine.inner.live();
         let l = live.entry(&key("c0"));
-        let mut row = super::super::table::LiveRow::default();
-        row.consecutive_failures = 3;
-        row.failing_since = Some(t0());
-        l.row = Some(row);
+        l.row = Some(super::super::table::LiveRow {
+            consecutive_failures: 3,
+            failing_since: Some(t0()),
+            ..Default::default()
+        });
     }
     assert!(rig.engine.health_conditions(at(HOUR)).firing.is_empty());
     {
