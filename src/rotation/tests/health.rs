@@ -355,3 +355,33 @@ async fn a_followed_credential_raises_no_failure_alert() {
     );
     rig.shutdown().await;
 }
+
+/// After a restart, the credential whose rotation was abandoned gets its
+/// fresh rotation at once (as a parked rotation resumes at once), not at its
+/// next due time six hours later.
+#[tokio::test(start_paused = true)]
+async fn after_a_restart_the_fresh_rotation_after_an_abandoned_one_starts_at_once() {
+    let rig = Rig::single().await;
+    assert_eq!(rig.rotate_c0().await.version, Some(1));
+    rig.vault.fail("promote", 1, ErrorKind::Unauthorized, None);
+    assert!(rig.rotate_c0().await.error.is_some());
+    rig.vault
+        .paths
+        .lock()
+        .unwrap()
+        .get_mut(&path("c0"))
+        .unwrap()
+        .retain(|v| v.stage != Stage::Pending);
+    let err = rig.rotate_c0().await.error.unwrap();
+    assert!(err.contains("abandoned"), "{err}");
+
+    let rig = rig.restart(1, "every = \"6h\"").await;
+    rig.run().await;
+    rig.until(Duration::from_secs(1), "the fresh rotation", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    assert_eq!(rig.sink.versions("c0"), vec![3]);
+    assert!(rig.engine.health_conditions(at(HOUR)).firing.is_empty());
+    rig.shutdown().await;
+}
