@@ -442,7 +442,10 @@ impl Inner {
                         // after a vault was promoted is another matter: the
                         // value is current there.)
                         error.staged_gone = i == 0
-                            && matches!(h.vault.read(item, Select::Version(&vref)).await, Ok(None));
+                            && match h.vault.read(item, Select::Version(&vref)).await {
+                                Ok(found) => found.is_none(),
+                                Err(e) => e.kind == ErrorKind::NotFound,
+                            };
                         return Err(error);
                     }
                 }
@@ -738,8 +741,8 @@ pub(super) fn vault_error(name: &str, e: PluginError) -> StepError {
     StepError::new(format!("vault {name:?}"), e)
 }
 
-/// Reads one version back; a version that is gone is an error (marked
-/// `staged_gone`).
+/// Reads one version back; a version that is gone (none, or a not-found
+/// error) is an error marked `staged_gone`.
 pub(super) async fn read_from(
     vault: &dyn Vault,
     item: VaultItem<'_>,
@@ -760,7 +763,10 @@ pub(super) async fn read_from(
                 ),
             )
         }),
-        Err(e) => Err(vault_error(vault.describe(), e)),
+        Err(e) => Err(StepError {
+            staged_gone: e.kind == ErrorKind::NotFound,
+            ..vault_error(vault.describe(), e)
+        }),
     }
 }
 
