@@ -159,6 +159,9 @@ deliver = [{{ type = "file", path = "{{root}}/bot/db.json", format = "json" }}]
     let row = row_of(&env);
     assert!(row["last_error"].is_null(), "{row}");
     let log = daemon.stop();
-    assert!(log.contains("abandoned at step set"), "{log}");
+    assert!(
+        log.contains(&format!("step set: rotation {stuck} abandoned")),
+        "{log}"
+    );
     audit_verifies(&env, "after the abandoned rotation");
 }

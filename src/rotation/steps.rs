@@ -291,8 +291,10 @@ impl Inner {
         let step = rot.step;
         let key = entry.key();
         let now = self.now();
+        // Said like any step failure (`step STEP: ...`), so `rotate --wait`
+        // and status read the same.
         let reason = format!(
-            "rotation {} abandoned at step {step}: {why}; the next attempt starts a new rotation",
+            "step {step}: rotation {} abandoned: {why}; the next attempt starts a new rotation",
             rot.id
         );
         tracing::warn!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, step = %step, version = rot.version, "{reason}");
@@ -434,19 +436,33 @@ impl Inner {
                     }
                     let vref = staged_in(entry, rot, h)?;
                     if let Err(e) = h.vault.promote(item, &vref).await {
-                        let mut error = vault_error(h.vault.describe(), e);
                         // Vaults are promoted in order, so when the first
                         // one refuses nothing is promoted anywhere yet: if
                         // the staged version is gone from it, the rotation
                         // is abandoned like in `set` and `test`. (Gone
                         // after a vault was promoted is another matter: the
                         // value is current there.)
-                        error.staged_gone = i == 0
+                        let gone = i == 0
                             && match h.vault.read(item, Select::Version(&vref)).await {
                                 Ok(found) => found.is_none(),
                                 Err(e) => e.kind == ErrorKind::NotFound,
                             };
-                        return Err(error);
+                        if !gone {
+                            return Err(vault_error(h.vault.describe(), e));
+                        }
+                        return Err(StepError {
+                            staged_gone: true,
+                            ..vault_error(
+                                h.vault.describe(),
+                                PluginError::new(
+                                    ErrorKind::NotFound,
+                                    format!(
+                                        "version {vref} of {} is gone from the vault (deleted out of band?), so it cannot be promoted ({})",
+                                        item.path, e.message
+                                    ),
+                                ),
+                            )
+                        });
                     }
                 }
                 let mut writes = vec![Write::VersionStage {

@@ -280,7 +280,11 @@ async fn a_rotation_whose_staged_version_vanished_while_parked_is_abandoned_and_
 
     let abandoned = rig.rotate_c0().await;
     let err = abandoned.error.unwrap();
-    assert!(err.contains("abandoned at step promote"), "{err}");
+    assert!(
+        err.contains(&format!("step promote: rotation {} abandoned: ", stuck.id))
+            && err.contains("is gone"),
+        "{err}"
+    );
     let row = rig.store.rotation(&stuck.id).unwrap().unwrap();
     assert_eq!(row.step, Step::Done);
     assert!(
