@@ -52,6 +52,7 @@ pub(crate) fn credential_row(k: &CredentialKey) -> CredentialRow {
         last_rotated_at: Some(at_ms(1_000)),
         next_due: Some(at_ms(21_600_456)),
         consecutive_failures: 2,
+        failing_since: Some(at_ms(7_000)),
         last_error: Some("vault bao: connection refused".into()),
     }
 }

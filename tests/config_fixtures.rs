@@ -6,7 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keyturn::config::{ByteEncoding, CharClasses, Config, ConfigError, GeneratorConfig, load_file};
+use keyturn::config::{
+    AlertRules, ByteEncoding, CharClasses, Config, ConfigError, ExpiryLead, GeneratorConfig,
+    load_file,
+};
 use keyturn::schedule::ScheduleSpec;
 use keyturn::sinks::SinkConfig;
 use keyturn::sinks::file::FileFormat;
@@ -537,6 +540,48 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "agents.bot.credentials.db",
         "vault path `agents/bot/db` is the change_index of vault `bao`",
     ),
+    (
+        "bad-max-age-short.toml",
+        18,
+        11,
+        "agents.bot.credentials.db.max_age",
+        "max_age (1h) must be longer than the rotation period (1h) plus grace (15m): a version is used that long when every rotation runs on time, so the credential would always be \"expired\"",
+    ),
+    (
+        "bad-max-age-pages-on-schedule.toml",
+        17,
+        11,
+        "agents.bot.credentials.db.max_age",
+        "max_age (10h) must be longer than the rotation period (6h) plus [alert_rules] expiry_critical_before (6h)",
+    ),
+    (
+        "bad-max-age-cron.toml",
+        17,
+        11,
+        "agents.bot.credentials.db.max_age",
+        "max_age (2days) must be longer than the rotation period (3days) plus grace (15m)",
+    ),
+    (
+        "bad-alert-rules-critical.toml",
+        16,
+        21,
+        "alert_rules.failures_critical",
+        "failures_critical (2) must be at least failures_warning (3)",
+    ),
+    (
+        "bad-alert-rules-lead.toml",
+        15,
+        26,
+        "alert_rules.expiry_critical_before",
+        "invalid expiry_critical_before `one period`: write \"period\" (the credential's rotation period) or a duration",
+    ),
+    (
+        "bad-alert-rules-unknown-key.toml",
+        15,
+        1,
+        "alert_rules.failure_warning",
+        "unknown key `failure_warning`; expected one of `failures_warning`, `failures_critical`, `expiry_critical_before`, `holdouts`",
+    ),
 ];
 
 /// `mode = "follow"`: no schedule needed, `poll` defaults to 5 s, and
@@ -594,6 +639,54 @@ deliver = [{ type = "file", path = "bot/rotated" }]
     assert_eq!(
         cfg.vaults["bao"].spec.plugin().change_index(),
         Some("keyturn/index")
+    );
+}
+
+/// `max_age` on a followed credential: no schedule here, so only the
+/// duration is checked (a follower alerts on a version it has held too long).
+#[test]
+fn max_age_on_a_followed_credential_needs_no_schedule() {
+    let text = |max_age: &str| {
+        format!(
+            r#"
+[daemon]
+state_dir = "state"
+delivery_roots = ["agents"]
+
+[vaults.bao]
+type = "vault"
+address = "https://vault.example.com:8200"
+token_file = "bao-token"
+
+[agents.bot]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+
+[agents.bot.credentials.db]
+vault = "bao"
+mode = "follow"
+max_age = "{max_age}"
+generate = {{ kind = "password", length = 32 }}
+deliver = [{{ type = "file", path = "bot/db" }}]
+"#
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("k.toml");
+    let cfg =
+        keyturn::config::load_str(&file, &text("1m")).unwrap_or_else(|e| panic!("must load:\n{e}"));
+    let (_, db) = cfg.credentials().next().expect("the followed credential");
+    assert_eq!(db.max_age, Some(Duration::from_secs(60)));
+    assert_eq!(db.rotation_period(), None, "a follower has no period");
+    let errors = keyturn::config::load_str(&file, &text("soon"))
+        .unwrap_err()
+        .0;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].toml_path, "agents.bot.credentials.db.max_age");
+    assert!(
+        errors[0].message.contains("invalid duration `soon`"),
+        "{errors:?}"
     );
 }
 
@@ -697,6 +790,16 @@ fn good_full_reads_every_key() {
     assert_eq!(cfg.tiers.keys().collect::<Vec<_>>(), ["high", "low"]);
     assert_eq!(cfg.tiers["high"].revocation_sla, Duration::from_secs(3600));
 
+    assert_eq!(
+        cfg.alert_rules,
+        AlertRules {
+            failures_warning: 3,
+            failures_critical: Some(5),
+            expiry_critical_before: ExpiryLead::Fixed(Duration::from_secs(8 * 3600)),
+            holdouts: false,
+        }
+    );
+
     let v = &cfg.vaults["local"];
     assert_eq!(v.max_concurrent, 4);
     let VaultSpec::Local(local) = &v.spec else {
@@ -742,6 +845,12 @@ fn good_full_reads_every_key() {
     );
     assert_eq!(db.jitter, Duration::from_secs(300));
     assert_eq!(db.grace, Duration::from_secs(600));
+    assert_eq!(db.max_age, Some(Duration::from_secs(86400)));
+    // The widest gap of the cron expression, plus its jitter.
+    assert_eq!(
+        db.rotation_period(),
+        Some(Duration::from_secs(6 * 3600 + 300))
+    );
     assert_eq!(db.deliver.len(), 2);
     let SinkConfig::File(json) = &db.deliver[0] else {
         panic!("a file sink")
@@ -776,6 +885,7 @@ fn good_full_reads_every_key() {
         ScheduleSpec::Every(Duration::from_secs(7 * 86400))
     );
     assert_eq!(key.grace, Duration::from_secs(15 * 60), "default grace");
+    assert_eq!(key.max_age, None, "no max_age by default");
 
     let crawler = &cfg.agents[&"crawler".parse().unwrap()];
     let token = &crawler.credentials[&"api-token".parse().unwrap()];
@@ -821,6 +931,15 @@ fn good_minimal_takes_the_defaults() {
     assert_eq!(d.max_concurrent_rotations, 64);
     assert_eq!(d.catch_up_spread, Duration::from_secs(300));
     assert_eq!(d.retry, Default::default());
+    assert_eq!(
+        cfg.alert_rules,
+        AlertRules {
+            failures_warning: 2,
+            failures_critical: None,
+            expiry_critical_before: ExpiryLead::Period,
+            holdouts: true,
+        }
+    );
     let tiers: Vec<(&str, u64)> = cfg
         .tiers
         .values()

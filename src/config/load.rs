@@ -25,7 +25,8 @@ use toml_edit::{Document, Item, Key, Table, TableLike, Value};
 use super::Config;
 use super::lines::LineIndex;
 use super::raw::{
-    Parsed, RawAgent, RawAgentEntry, RawConfig, RawCredential, RawDaemon, RawTier, TOP_LEVEL_KEYS,
+    Parsed, RawAgent, RawAgentEntry, RawAlertRules, RawConfig, RawCredential, RawDaemon, RawTier,
+    TOP_LEVEL_KEYS,
 };
 use super::validate::{self, Anchor, Context, Issue, Seg, TomlPath, normalize};
 
@@ -463,6 +464,7 @@ fn parse_one(f: &SourceFile) -> Option<File> {
     } else {
         toml::from_str::<AgentsFile>(&f.text).ok().map(|a| File {
             daemon: None,
+            alert_rules: None,
             tiers: None,
             vaults: BTreeMap::new(),
             agents: a.agents,
@@ -477,6 +479,9 @@ fn merge_raw(raw: &mut RawConfig, more: RawConfig) {
     }
     if more.tiers.is_some() {
         raw.tiers = more.tiers;
+    }
+    if more.alert_rules.is_some() {
+        raw.alert_rules = more.alert_rules;
     }
     raw.vaults.extend(more.vaults);
     raw.agents.extend(more.agents);
@@ -656,6 +661,7 @@ pub fn summary(cfg: &Config) -> String {
 #[serde(deny_unknown_fields)]
 pub(super) struct File {
     daemon: Option<RawDaemon>,
+    alert_rules: Option<RawAlertRules>,
     tiers: Option<BTreeMap<String, RawTier>>,
     #[serde(default)]
     vaults: BTreeMap<String, crate::vaults::VaultSpec>,
@@ -688,6 +694,7 @@ pub(super) struct FileAgent {
 fn into_raw(f: File) -> RawConfig {
     RawConfig {
         daemon: f.daemon.map(Parsed::Ok),
+        alert_rules: f.alert_rules.map(Parsed::Ok),
         tiers: f
             .tiers
             .map(|t| t.into_iter().map(|(n, t)| (n, Parsed::Ok(t))).collect()),
@@ -744,6 +751,7 @@ fn deserialize_sections(root: &Table, main: bool) -> (RawConfig, Vec<Issue>) {
         }
         match name {
             "daemon" => raw.daemon = Some(section(item, &p, &mut issues)),
+            "alert_rules" => raw.alert_rules = Some(section(item, &p, &mut issues)),
             "tiers" => {
                 raw.tiers = Some(
                     entries(item, &p, &mut issues)

@@ -44,6 +44,52 @@ pub struct Config {
     pub tiers: BTreeMap<String, TierConfig>,
     pub vaults: BTreeMap<String, VaultConfig>,
     pub agents: BTreeMap<AgentId, AgentConfig>,
+    /// `[alert_rules]`: when rotation health raises an alert.
+    pub alert_rules: AlertRules,
+}
+
+/// `[alert_rules]`, with its defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlertRules {
+    /// This many failed rotations in a row raise a warning.
+    pub failures_warning: u32,
+    /// This many raise it to critical (never when `None`).
+    pub failures_critical: Option<u32>,
+    /// Page when less than this is left before a credential's `max_age`.
+    pub expiry_critical_before: ExpiryLead,
+    /// Warn on consumers that had not acknowledged when grace ended.
+    pub holdouts: bool,
+}
+
+impl Default for AlertRules {
+    fn default() -> Self {
+        Self {
+            failures_warning: 2,
+            failures_critical: None,
+            expiry_critical_before: ExpiryLead::Period,
+            holdouts: true,
+        }
+    }
+}
+
+/// How long before `max_age` a credential is "expiring".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiryLead {
+    /// The credential's rotation period: if the next scheduled rotation
+    /// fails too, the version expires.
+    Period,
+    Fixed(Duration),
+}
+
+impl ExpiryLead {
+    /// The lead for a credential rotated every `period` (`None`: no period,
+    /// e.g. a followed credential, so no lead).
+    pub fn for_period(self, period: Option<Duration>) -> Option<Duration> {
+        match self {
+            ExpiryLead::Period => period,
+            ExpiryLead::Fixed(d) => Some(d),
+        }
+    }
 }
 
 impl Config {
@@ -187,6 +233,10 @@ pub struct CredentialConfig {
     /// the credential; it delivers each new current version it finds in the
     /// vault (`rotation::follow`). `schedule` is then unused.
     pub follow: Option<Duration>,
+    /// The oldest the current version may be before it counts as expired
+    /// (an alert; see [`AlertRules`]). On a followed credential, counted
+    /// from when this keyturn delivered the version.
+    pub max_age: Option<Duration>,
 }
 
 impl CredentialConfig {
@@ -204,6 +254,16 @@ impl CredentialConfig {
     /// The vault names for status and messages: `bao` or `bao+aws`.
     pub fn vault_label(&self) -> String {
         self.vaults.join("+")
+    }
+
+    /// The longest time between two scheduled rotations (an interval, or
+    /// the widest gap of a cron expression), with the jitter that can
+    /// delay a cron rotation; `None` for a followed credential.
+    pub fn rotation_period(&self) -> Option<Duration> {
+        if self.follow.is_some() {
+            return None;
+        }
+        rotation_period(&self.schedule, self.jitter)
     }
 }
 
@@ -246,6 +306,16 @@ impl CharClasses {
 pub enum ByteEncoding {
     Hex,
     Base64Url,
+}
+
+/// The longest time between two rotations on `schedule`: an interval (its
+/// jitter only makes it shorter), or the widest gap of a cron expression
+/// plus the jitter that may delay each firing.
+pub fn rotation_period(schedule: &ScheduleSpec, jitter: Duration) -> Option<Duration> {
+    match schedule {
+        ScheduleSpec::Every(d) => Some(*d),
+        ScheduleSpec::Cron(c) => c.max_period.map(|p| p.saturating_add(jitter)),
+    }
 }
 
 /// Resolves a possibly relative path in the config against the config file's directory.

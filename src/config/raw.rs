@@ -54,6 +54,19 @@ pub struct RawConfig {
     /// In file order, so that of two clashing credentials or sinks the one
     /// further down is reported as the duplicate.
     pub agents: Vec<(String, RawAgentEntry)>,
+    /// `None` when there is no `[alert_rules]` table (every key has a default).
+    pub alert_rules: Option<Parsed<RawAlertRules>>,
+}
+
+/// `[alert_rules]`: when rotation health raises an alert. Every key is optional.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlertRules {
+    pub failures_warning: Option<u32>,
+    pub failures_critical: Option<u32>,
+    /// `"period"` or a duration.
+    pub expiry_critical_before: Option<String>,
+    pub holdouts: Option<bool>,
 }
 
 /// One `[agents.NAME]` table: its own keys and its credentials, each
@@ -168,6 +181,8 @@ pub struct RawCredential {
     pub mode: Option<String>,
     /// How often a followed credential's vault is polled (default 5 s).
     pub poll: Option<String>,
+    /// The oldest the current version may be (alerts: `[alert_rules]`).
+    pub max_age: Option<String>,
 }
 
 /// `vault = "bao"` or `vault = ["bao", "aws"]`: a credential kept in several
@@ -232,4 +247,4 @@ pub enum RawEncoding {
 }
 
 /// The keys allowed at the top of the file (for "unknown key" messages).
-pub const TOP_LEVEL_KEYS: &[&str] = &["daemon", "tiers", "vaults", "agents"];
+pub const TOP_LEVEL_KEYS: &[&str] = &["daemon", "tiers", "vaults", "agents", "alert_rules"];

@@ -84,7 +84,7 @@ pub(super) struct Awaited {
 }
 
 impl Awaited {
-    fn outstanding(&self) -> impl Iterator<Item = &Consumer> {
+    pub(super) fn outstanding(&self) -> impl Iterator<Item = &Consumer> {
         self.consumers.iter().filter(|c| !c.acked)
     }
 

@@ -125,6 +125,7 @@ impl CredEntry {
                 grace: Duration::ZERO,
                 deliver: Vec::new(),
                 follow: None,
+                max_age: None,
             },
             vaults: vaults.into(),
             target,

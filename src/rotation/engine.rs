@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use super::catalog::{Catalog, CredEntry};
 use super::clock::{Clock, SystemClock};
-use super::step::Step;
+use super::step::{Step, Trigger};
 use super::table::{CredLive, Job, LiveRow, RotateFinished, Table};
 use crate::api::StatusRow;
 use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
@@ -254,11 +254,32 @@ impl Engine {
             for key in catalog.creds.keys() {
                 live.entry(key);
             }
+            let mut failing = Vec::new();
             for row in snapshot.credentials {
                 if let Some(l) = live.get_mut(&row.key) {
+                    if row.consecutive_failures > 0 {
+                        failing.push(row.key.clone());
+                    }
                     l.row = Some(row.into());
                 }
             }
+            // A failing credential with no rotation to resume had its last
+            // one abandoned (its staged version vanished; `steps.rs`): the
+            // fresh rotation that follows is tried now, as a parked one is,
+            // not at the credential's next due time.
+            let unfinished: HashSet<&CredentialKey> =
+                snapshot.unfinished.iter().map(|r| &r.key).collect();
+            for key in failing {
+                let rotated_here = catalog
+                    .creds
+                    .get(&key)
+                    .is_some_and(|e| e.cfg.follow.is_none());
+                if rotated_here && !unfinished.contains(&key) {
+                    live.entry(&key).next_trigger = Some(Trigger::Schedule);
+                    resume.insert(key);
+                }
+            }
+            drop(unfinished);
             for rot in snapshot.unfinished {
                 if !catalog.creds.contains_key(&rot.key) {
                     // Left the config while the daemon was down: only a

@@ -473,14 +473,18 @@ impl Inner {
                     last_rotated_at: Some(now),
                     next_due: None,
                     consecutive_failures: 0,
+                    failing_since: None,
                     last_error: None,
                 }
             }
-            Some(e) => CredentialRow {
-                consecutive_failures: before.consecutive_failures + 1,
-                last_error: Some(format!("follow: {}", e.message)),
-                ..before
-            },
+            Some(e) => {
+                let mut row = CredentialRow {
+                    last_error: Some(format!("follow: {}", e.message)),
+                    ..before
+                };
+                row.count_failure(now);
+                row
+            }
         };
         writes.push(Write::Credential(row.clone()));
         self.persist(writes).await?;

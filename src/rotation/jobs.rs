@@ -269,6 +269,7 @@ impl Inner {
                     if let Some(row) = l.row.as_mut() {
                         row.last_error = None;
                         row.consecutive_failures = 0;
+                        row.failing_since = None;
                     }
                     if !self.catalog().creds.contains_key(&key) {
                         self.departed_entries().remove(&key);

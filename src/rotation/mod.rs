@@ -42,6 +42,8 @@
 //! - `retired.rs`: decommissioned agents: their rotations stop (in-flight
 //!   ones are abandoned at their next step) and what they hold is handed to
 //!   `crate::revocation`;
+//! - `health.rs`: rotation health as alert conditions (failing rotations,
+//!   versions near or past `max_age`, ack holdouts);
 //! - `failpoint.rs`: crash points for the kill -9 tests.
 
 mod acks;
@@ -51,6 +53,7 @@ mod engine;
 mod failpoint;
 mod follow;
 mod footprint;
+mod health;
 mod jobs;
 mod retired;
 mod scheduler;
@@ -64,6 +67,9 @@ pub use clock::{Clock, SystemClock, TokioClock};
 pub use engine::{Engine, EngineError, EngineParts};
 pub use failpoint::{FAILPOINTS, crash_point};
 pub use footprint::Footprint;
+pub use health::{
+    ACK_HOLDOUTS, CREDENTIAL_EXPIRED, CREDENTIAL_EXPIRING, ROTATION_FAILING, RotationHealth,
+};
 pub use retired::SurfaceFacts;
 pub use step::{Step, Trigger};
 pub use table::RotateFinished;

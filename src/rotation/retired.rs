@@ -49,7 +49,12 @@ impl Inner {
     /// Records `rot` as abandoned: finished (never resumed), with the reason
     /// as its error, audited. Its staged version, if any, goes with the
     /// rest of the credential when the revocation destroys it.
-    pub(super) async fn abandon(&self, entry: &CredEntry, rot: &mut RotationRow, why: &str) {
+    pub(super) async fn abandon_for_good(
+        &self,
+        entry: &CredEntry,
+        rot: &mut RotationRow,
+        why: &str,
+    ) {
         rot.last_error = Some(format!("abandoned at step {}: {why}", rot.step));
         rot.step = super::Step::Done;
         rot.updated_at = self.now();

@@ -24,6 +24,9 @@ use crate::vaults::{Select, Vault, VaultItem, VaultRefs, VersionRef};
 pub(crate) struct StepError {
     context: String,
     error: PluginError,
+    /// The version this rotation staged is gone from the vault (see
+    /// [`Inner::abandon`]).
+    staged_gone: bool,
 }
 
 impl StepError {
@@ -31,6 +34,7 @@ impl StepError {
         Self {
             context: context.into(),
             error,
+            staged_gone: false,
         }
     }
     pub(super) fn message(&self) -> String {
@@ -92,7 +96,7 @@ impl Inner {
                 self.run_step(entry, &mut rot).await
             };
             if let Err(Stop::Abandoned) = ran {
-                self.abandon(entry, &mut rot, "the agent is decommissioned")
+                self.abandon_for_good(entry, &mut rot, "the agent is decommissioned")
                     .await;
             }
             ran?;
@@ -222,6 +226,9 @@ impl Inner {
             // One failure path for every step and plug-in.
             let msg = error.message();
             self.metrics.step_failed(step.as_str());
+            if error.staged_gone && matches!(step, Step::Set | Step::Test | Step::Promote) {
+                return Err(self.abandon(entry, rot, &msg).await);
+            }
             rot.attempts += 1;
             rot.last_error = Some(format!("step {step}: {msg}"));
             rot.updated_at = self.now();
@@ -235,7 +242,7 @@ impl Inner {
                 None
             };
             if delay.is_none() {
-                cred.consecutive_failures += 1;
+                cred.count_failure(rot.updated_at);
             }
             self.set_running(entry.key(), rot);
             let recorded = async {
@@ -282,6 +289,80 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// The version this rotation staged is gone from the vault before it
+    /// was promoted (deleted out of band while the rotation was parked):
+    /// no retry can bring the value back, and a new one must not be
+    /// generated under the same rotation id (it may already be applied at
+    /// the target). The rotation is recorded as abandoned: its row is done
+    /// with the reason, its pending version retired in state, a
+    /// `rotation.abandoned` audit record says why, and the failure counts
+    /// like any other. The credential's next attempt then begins a fresh
+    /// rotation (new id, new value, the next version number). All of it is
+    /// one commit: a crash before it replays the failing step, which finds
+    /// the version gone again and abandons again.
+    pub(super) async fn abandon(
+        &self,
+        entry: &CredEntry,
+        rot: &mut RotationRow,
+        why: &str,
+    ) -> Stop {
+        let step = rot.step;
+        let key = entry.key();
+        let now = self.now();
+        // Said like any step failure (`step STEP: ...`), so `rotate --wait`
+        // and status read the same.
+        let reason = format!(
+            "step {step}: rotation {} abandoned: {why}; the next attempt starts a new rotation",
+            rot.id
+        );
+        tracing::warn!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, step = %step, version = rot.version, "{reason}");
+        let mut done = rot.clone();
+        done.step = Step::Done;
+        done.attempts += 1;
+        done.last_error = Some(reason.clone());
+        done.updated_at = now;
+        let mut cred = self.cred_row(key);
+        cred.last_error = Some(reason.clone());
+        cred.count_failure(now);
+        let recorded = async {
+            let head = self
+                .audit(
+                    entry,
+                    Some(&done),
+                    "rotation.abandoned",
+                    Outcome::Failed,
+                    Some(format!("step={step}")),
+                    Some(why.to_owned()),
+                )
+                .await?;
+            self.persist(vec![
+                Write::Rotation(done.clone()),
+                Write::VersionStage {
+                    key: key.clone(),
+                    version: done.version,
+                    stage: Stage::Retired,
+                },
+                Write::Credential(cred.clone()),
+                head,
+            ])
+            .await
+        }
+        .await;
+        match recorded {
+            Ok(()) => {
+                *rot = done;
+                self.set_running(key, rot);
+            }
+            Err(e) => {
+                tracing::error!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, error = %e, "could not record the abandoned rotation; the next attempt finds its version gone again");
+            }
+        }
+        if let Some(l) = self.live().get_mut(key) {
+            l.row = Some(cred.into());
+        }
+        Stop::Failed(format!("{key}: {reason}"), None)
     }
 
     /// Keeps the in-memory credential row in step with what was persisted.
@@ -374,10 +455,35 @@ impl Inner {
                         crash_point("rotation.promote.after_first_vault");
                     }
                     let vref = staged_in(entry, rot, h)?;
-                    h.vault
-                        .promote(item, &vref)
-                        .await
-                        .map_err(|e| vault_error(h.vault.describe(), e))?;
+                    if let Err(e) = h.vault.promote(item, &vref).await {
+                        // Vaults are promoted in order, so when the first
+                        // one refuses nothing is promoted anywhere yet: if
+                        // the staged version is gone from it, the rotation
+                        // is abandoned like in `set` and `test`. (Gone
+                        // after a vault was promoted is another matter: the
+                        // value is current there.)
+                        let gone = i == 0
+                            && match h.vault.read(item, Select::Version(&vref)).await {
+                                Ok(found) => found.is_none(),
+                                Err(e) => e.kind == ErrorKind::NotFound,
+                            };
+                        if !gone {
+                            return Err(vault_error(h.vault.describe(), e));
+                        }
+                        return Err(StepError {
+                            staged_gone: true,
+                            ..vault_error(
+                                h.vault.describe(),
+                                PluginError::new(
+                                    ErrorKind::NotFound,
+                                    format!(
+                                        "version {vref} of {} is gone from the vault (deleted out of band?), so it cannot be promoted ({})",
+                                        item.path, e.message
+                                    ),
+                                ),
+                            )
+                        });
+                    }
                 }
                 let mut writes = vec![Write::VersionStage {
                     key: key.clone(),
@@ -479,6 +585,7 @@ impl Inner {
             writes.push(Write::Credential(CredentialRow {
                 last_error: None,
                 consecutive_failures: 0,
+                failing_since: None,
                 ..row
             }));
         }
@@ -630,6 +737,7 @@ pub(super) fn delivered_row(entry: &CredEntry, rot: &RotationRow) -> CredentialR
         last_rotated_at: Some(at),
         next_due: entry.cfg.schedule.next_due(at, entry.offset),
         consecutive_failures: 0,
+        failing_since: None,
         last_error: None,
     }
 }
@@ -673,7 +781,8 @@ pub(super) fn vault_error(name: &str, e: PluginError) -> StepError {
     StepError::new(format!("vault {name:?}"), e)
 }
 
-/// Reads one version back; a version that is gone is an error.
+/// Reads one version back; a version that is gone (none, or a not-found
+/// error) is an error marked `staged_gone`.
 pub(super) async fn read_from(
     vault: &dyn Vault,
     item: VaultItem<'_>,
@@ -681,17 +790,23 @@ pub(super) async fn read_from(
 ) -> Result<SecretValue, StepError> {
     match vault.read(item, Select::Version(vref)).await {
         Ok(Some(v)) => Ok(v.value),
-        Ok(None) => Err(vault_error(
-            vault.describe(),
-            PluginError::new(
-                ErrorKind::NotFound,
-                format!(
-                    "version {vref} of {} is gone from the vault (deleted out of band?); the rotation cannot go on without the value it staged",
-                    item.path
+        Ok(None) => Err(StepError {
+            staged_gone: true,
+            ..vault_error(
+                vault.describe(),
+                PluginError::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "version {vref} of {} is gone from the vault (deleted out of band?); the rotation cannot go on without the value it staged",
+                        item.path
+                    ),
                 ),
-            ),
-        )),
-        Err(e) => Err(vault_error(vault.describe(), e)),
+            )
+        }),
+        Err(e) => Err(StepError {
+            staged_gone: e.kind == ErrorKind::NotFound,
+            ..vault_error(vault.describe(), e)
+        }),
     }
 }
 

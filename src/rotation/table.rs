@@ -69,6 +69,8 @@ pub(super) struct LiveRow {
     pub last_rotated_at: Option<DateTime<Utc>>,
     pub next_due: Option<DateTime<Utc>>,
     pub consecutive_failures: u32,
+    /// When the first of `consecutive_failures` happened.
+    pub failing_since: Option<DateTime<Utc>>,
     pub last_error: Option<Box<str>>,
 }
 
@@ -79,6 +81,7 @@ impl From<CredentialRow> for LiveRow {
             last_rotated_at: r.last_rotated_at,
             next_due: r.next_due,
             consecutive_failures: r.consecutive_failures,
+            failing_since: r.failing_since,
             last_error: r.last_error.map(String::into_boxed_str),
         }
     }
@@ -92,6 +95,7 @@ impl LiveRow {
             last_rotated_at: self.last_rotated_at,
             next_due: self.next_due,
             consecutive_failures: self.consecutive_failures,
+            failing_since: self.failing_since,
             last_error: self.last_error.as_deref().map(String::from),
         }
     }

@@ -730,6 +730,7 @@ async fn overdue_rotations_after_downtime_are_spread_over_the_catch_up_window() 
                 last_rotated_at: Some(t0() - chrono::Duration::hours(2 + i as i64)),
                 next_due: None,
                 consecutive_failures: 0,
+                failing_since: None,
                 last_error: None,
             })
         })
@@ -1362,4 +1363,5 @@ async fn a_restarted_follower_does_not_deliver_the_same_version_again() {
 
 /// Acknowledgements, cut-over and independent deliveries.
 mod acks;
+mod health;
 mod retired;

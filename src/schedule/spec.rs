@@ -27,6 +27,9 @@ pub struct CronSpec {
     pub schedule: cron::Schedule,
     /// Shortest gap between two firings, computed once per expression.
     pub min_period: Option<Duration>,
+    /// Widest gap between two firings (among the next 64), computed once
+    /// per expression.
+    pub max_period: Option<Duration>,
 }
 
 impl PartialEq for ScheduleSpec {
@@ -80,9 +83,11 @@ impl ScheduleSpec {
         if schedule.upcoming(Utc).next().is_none() {
             return Err(format!("cron expression {text:?} never fires"));
         }
+        let (min_period, max_period) = cron_periods(&schedule);
         let spec = Arc::new(CronSpec {
             text: text.to_owned(),
-            min_period: cron_min_period(&schedule),
+            min_period,
+            max_period,
             schedule,
         });
         cache
@@ -134,13 +139,12 @@ impl ScheduleSpec {
     }
 }
 
-/// The shortest gap among the next 64 firings (validation checks jitter < it).
-fn cron_min_period(schedule: &cron::Schedule) -> Option<Duration> {
+/// The shortest and the widest gap among the next 64 firings (validation
+/// checks jitter < the shortest and `max_age` against the widest).
+fn cron_periods(schedule: &cron::Schedule) -> (Option<Duration>, Option<Duration>) {
     let times: Vec<_> = schedule.upcoming(Utc).take(64).collect();
-    times
-        .windows(2)
-        .filter_map(|w| (w[1] - w[0]).to_std().ok())
-        .min()
+    let gaps = || times.windows(2).filter_map(|w| (w[1] - w[0]).to_std().ok());
+    (gaps().min(), gaps().max())
 }
 
 /// Expands a standard day-of-week field into day names for the `cron` crate.

@@ -305,6 +305,7 @@ mod differential_tests {
                 last_rotated_at: Some(at(i64::from(f))),
                 next_due: None,
                 consecutive_failures: f,
+                failing_since: (f > 0).then(|| at(100)),
                 last_error: (f > 1).then(|| "vault down".into()),
             })),
             // Two rotations of a credential never start in the same

@@ -48,7 +48,21 @@ pub struct CredentialRow {
     pub next_due: Option<DateTime<Utc>>,
     /// Failed attempts since the last success (drives the retry delay).
     pub consecutive_failures: u32,
+    /// When the first of those failures happened (`None` when there are
+    /// none): the stable start of a "rotation failing" alert, across
+    /// restarts.
+    pub failing_since: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
+}
+
+impl CredentialRow {
+    /// One more failure at `at`; the first of a run starts `failing_since`.
+    pub fn count_failure(&mut self, at: DateTime<Utc>) {
+        if self.consecutive_failures == 0 || self.failing_since.is_none() {
+            self.failing_since = Some(at);
+        }
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+    }
 }
 
 /// One rotation, persisted before and after every step.

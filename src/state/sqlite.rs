@@ -111,7 +111,15 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (agent, credential, consumer)
     );
     "#,
-    // 4: decommissions, each item of their revocation, and what every
+    // 4: when a credential's current run of failures began, the stable
+    // start of its "rotation failing" alert. Rows failing before this
+    // migration have no first-failure time: they get the migration's time.
+    r#"
+    ALTER TABLE credentials ADD COLUMN failing_since INTEGER;
+    UPDATE credentials SET failing_since = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)
+        WHERE consecutive_failures > 0;
+    "#,
+    // 5: decommissions, each item of their revocation, and what every
     // credential holds where (to revoke it after it left the config). The
     // records are keyturn's own JSON (`state::DecommissionRow`, ...).
     r#"
@@ -148,7 +156,7 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 // Column lists shared by the SELECTs and their decoders: keep them in step.
 const CREDENTIAL_COLS: &str = "agent, credential, current_version, last_rotated_at, next_due, \
-     consecutive_failures, last_error";
+     consecutive_failures, last_error, failing_since";
 const ROTATION_COLS: &str = "id, agent, credential, step, \"trigger\", version, vault_version, \
      previous_version, previous_vault_version, started_at, updated_at, retire_at, attempts, \
      last_error, footprint";
@@ -348,14 +356,16 @@ impl SqliteStore {
                 let mut st = tx
                     .prepare_cached(
                         "INSERT INTO credentials (agent, credential, current_version, \
-                         last_rotated_at, next_due, consecutive_failures, last_error) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                         last_rotated_at, next_due, consecutive_failures, last_error, \
+                         failing_since) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
                          ON CONFLICT (agent, credential) DO UPDATE SET \
                          current_version = excluded.current_version, \
                          last_rotated_at = excluded.last_rotated_at, \
                          next_due = excluded.next_due, \
                          consecutive_failures = excluded.consecutive_failures, \
-                         last_error = excluded.last_error",
+                         last_error = excluded.last_error, \
+                         failing_since = excluded.failing_since",
                     )
                     .map_err(e)?;
                 st.execute(params![
@@ -366,6 +376,7 @@ impl SqliteStore {
                     c.next_due.map(to_millis),
                     i64::from(c.consecutive_failures),
                     c.last_error,
+                    c.failing_since.map(to_millis),
                 ])
                 .map_err(e)?;
             }
@@ -943,6 +954,7 @@ fn decode_credential(row: &Row<'_>) -> DecodeResult<CredentialRow> {
         next_due: opt_ts(T, "next_due", row.get(4)?)?,
         consecutive_failures: count(T, "consecutive_failures", row.get(5)?)?,
         last_error: row.get(6)?,
+        failing_since: opt_ts(T, "failing_since", row.get(7)?)?,
     })
 }
 
@@ -1176,6 +1188,7 @@ mod tests {
             last_rotated_at: None,
             next_due: None,
             consecutive_failures: 0,
+            failing_since: None,
             last_error: None,
         };
         let bare = RotationRow {
@@ -1508,6 +1521,46 @@ mod tests {
         with.footprint = Some("{}".into());
         s.apply(&[Write::Rotation(with.clone())]).unwrap();
         assert_eq!(s.latest_rotation(&k).unwrap(), Some(with));
+    }
+
+    #[test]
+    fn a_version_3_database_gives_failing_credentials_a_stable_failing_since() {
+        let (_dir, path) = tmp_path("keyturn.db");
+        {
+            // What keyturn wrote before failure runs had a start time.
+            let conn = Connection::open(&path).unwrap();
+            for m in &MIGRATIONS[..3] {
+                conn.execute_batch(m).unwrap();
+            }
+            conn.execute_batch(
+                "INSERT INTO credentials (agent, credential, current_version, \
+                 consecutive_failures) VALUES ('a', 'failing', 1, 3), ('a', 'fine', 1, 0); \
+                 PRAGMA user_version = 3;",
+            )
+            .unwrap();
+        }
+        let before = Utc::now() - chrono::Duration::seconds(1);
+        let s = SqliteStore::open(&path).unwrap();
+        let failing = s.credential(&key("a", "failing")).unwrap().unwrap();
+        let since = failing.failing_since.expect("a failing row gets a start");
+        assert!(since >= before && since <= Utc::now(), "{since}");
+        assert_eq!(
+            s.credential(&key("a", "fine"))
+                .unwrap()
+                .unwrap()
+                .failing_since,
+            None
+        );
+        drop(s);
+        // Persisted: reopening does not move it.
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            s.credential(&key("a", "failing"))
+                .unwrap()
+                .unwrap()
+                .failing_since,
+            Some(since)
+        );
     }
 
     #[test]

@@ -180,6 +180,7 @@ mod tests {
             last_rotated_at: DateTime::from_timestamp_millis(1_700_000_000_000),
             next_due: None,
             consecutive_failures: 0,
+            failing_since: None,
             last_error: None,
         })
     }

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use super::raw::{Parsed, RawAgent, RawCredential, RawDaemon, RawEncoding, RawGenerator};
 use super::{
-    AgentConfig, ByteEncoding, CharClasses, Config, CredentialConfig, DaemonConfig,
-    GeneratorConfig, RetryConfig, TierConfig, VaultConfig, resolve_relative,
+    AgentConfig, AlertRules, ByteEncoding, CharClasses, Config, CredentialConfig, DaemonConfig,
+    ExpiryLead, GeneratorConfig, RetryConfig, TierConfig, VaultConfig, resolve_relative,
 };
 use crate::model::{AgentId, CredentialId, CredentialKey, MAX_ID_LEN, validate_id};
 use crate::schedule::ScheduleSpec;
@@ -159,6 +159,9 @@ struct Scope<'a> {
     agent_names: HashMap<&'a str, &'a super::raw::RawAgentEntry>,
     /// Vault name → its `change_index` path (no credential may live there).
     change_indexes: HashMap<String, String>,
+    /// `None` when `[alert_rules]` failed to deserialize: `max_age` is then
+    /// checked against the schedule only.
+    alert_rules: Option<AlertRules>,
 }
 
 impl Validator<'_> {
@@ -183,6 +186,7 @@ impl Validator<'_> {
 
         let tiers = self.tiers(raw);
         let vaults = self.vaults(raw, &daemon.state_dir);
+        let alert_rules = self.alert_rules(raw);
 
         let scope = Scope {
             vault_names: raw
@@ -200,6 +204,10 @@ impl Validator<'_> {
                 .iter()
                 .filter_map(|(n, v)| Some((n.clone(), v.spec.plugin().change_index()?.to_owned())))
                 .collect(),
+            alert_rules: match &raw.alert_rules {
+                Some(Parsed::Invalid) => None,
+                _ => Some(alert_rules),
+            },
         };
 
         let mut agents = BTreeMap::new();
@@ -267,7 +275,107 @@ impl Validator<'_> {
             tiers,
             vaults,
             agents,
+            alert_rules,
         }
+    }
+
+    /// `[alert_rules]`: every key optional.
+    fn alert_rules(&mut self, raw: &RawConfig) -> AlertRules {
+        let default = AlertRules::default();
+        let Some(Parsed::Ok(r)) = &raw.alert_rules else {
+            return default;
+        };
+        let p = Loc::top("alert_rules");
+        let failures_warning = r.failures_warning.unwrap_or(default.failures_warning);
+        if failures_warning == 0 {
+            self.err(
+                p.key("failures_warning"),
+                "failures_warning must be at least 1 (the number of failed rotations in a row that raises a warning)",
+            );
+        }
+        if let Some(critical) = r.failures_critical
+            && critical < failures_warning.max(1)
+        {
+            self.err(
+                p.key("failures_critical"),
+                format!(
+                    "failures_critical ({critical}) must be at least failures_warning ({failures_warning}): the page comes after the warning"
+                ),
+            );
+        }
+        let expiry_critical_before = match r.expiry_critical_before.as_deref().map(str::trim) {
+            None => default.expiry_critical_before,
+            Some("period") => ExpiryLead::Period,
+            Some(text) => {
+                let at = p.key("expiry_critical_before");
+                if text.starts_with(|c: char| c.is_ascii_digit()) {
+                    self.duration(at, text, Zero::Rejected)
+                        .map_or(default.expiry_critical_before, ExpiryLead::Fixed)
+                } else {
+                    self.err(
+                        at,
+                        format!(
+                            "invalid expiry_critical_before `{text}`: write \"period\" (the credential's rotation period) or a duration such as \"6h\""
+                        ),
+                    );
+                    default.expiry_critical_before
+                }
+            }
+        };
+        AlertRules {
+            failures_warning,
+            failures_critical: r.failures_critical,
+            expiry_critical_before,
+            holdouts: r.holdouts.unwrap_or(default.holdouts),
+        }
+    }
+
+    /// `max_age` of a credential: longer than a version lives on schedule
+    /// (the period, plus grace), else the credential would always be
+    /// "expired"; and longer than the period plus `expiry_critical_before`,
+    /// else it would be "expiring" before its next rotation is even due.
+    /// A followed credential has no schedule here: only the value is checked.
+    fn max_age(
+        &mut self,
+        p: &Loc<'_>,
+        text: &str,
+        period: Option<Duration>,
+        grace: Duration,
+        rules: Option<&AlertRules>,
+    ) -> Option<Duration> {
+        let at = p.key("max_age");
+        let max_age = self.duration(at, text, Zero::Rejected)?;
+        let Some(period) = period else {
+            return Some(max_age);
+        };
+        let fmt = |d: Duration| humantime::format_duration(d).to_string();
+        if max_age <= period.saturating_add(grace) {
+            self.err(
+                at,
+                format!(
+                    "max_age ({}) must be longer than the rotation period ({}) plus grace ({}): a version is used that long when every rotation runs on time, so the credential would always be \"expired\"",
+                    fmt(max_age),
+                    fmt(period),
+                    fmt(grace)
+                ),
+            );
+            return None;
+        }
+        if let Some(lead) = rules.and_then(|r| r.expiry_critical_before.for_period(Some(period)))
+            && max_age <= period.saturating_add(lead)
+        {
+            self.err(
+                at,
+                format!(
+                    "max_age ({}) must be longer than the rotation period ({}) plus [alert_rules] expiry_critical_before ({}): otherwise less than that is left before max_age before the next rotation is even due, and a healthy credential pages every period",
+                    fmt(max_age),
+                    fmt(period),
+                    fmt(lead)
+                ),
+            );
+            return None;
+        }
+        Some(max_age)
     }
 
     /// Checks a name against the id grammar; the key is what is wrong, so
@@ -872,6 +980,16 @@ impl Validator<'_> {
             Zero::Allowed,
         );
 
+        let max_age = c.max_age.as_ref().and_then(|text| {
+            // What a version lives on schedule: the widest gap between two
+            // rotations (a cron rotation may also come `jitter` late).
+            let period = match (&schedule, &follow) {
+                (Some(s), None) => super::rotation_period(s, jitter),
+                _ => None,
+            };
+            self.max_age(p, text, period, grace, scope.alert_rules.as_ref())
+        });
+
         let sinks = c.deliver.as_deref().unwrap_or_default();
         let mut deliver = Vec::with_capacity(sinks.len());
         let deliver_loc = p.key("deliver");
@@ -911,6 +1029,7 @@ impl Validator<'_> {
             grace,
             deliver,
             follow: follow.flatten(),
+            max_age,
         })
     }
 

@@ -1,0 +1,391 @@
+//! Rotation health under paused time: the alert conditions the engine
+//! reports (failing rotations, versions near or past `max_age`, holdouts),
+//! their severities, their stable `since` (also across a restart) and
+//! `next_change`; and the abandonment of a rotation whose staged version
+//! vanished while it was parked.
+
+use super::*;
+use crate::alerts::{Alert, Conditions, Severity};
+use crate::audit::Actor;
+use crate::rotation::{ACK_HOLDOUTS, CREDENTIAL_EXPIRED, CREDENTIAL_EXPIRING, ROTATION_FAILING};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn rig_in(schedule: &str, rules: &str, extra: &[Arc<dyn Sink>]) -> Rig {
+    Rig::in_dir_with(
+        tempfile::tempdir().unwrap(),
+        1,
+        schedule,
+        &format!("[alert_rules]\n{rules}\n"),
+        Arc::new(MemoryStore::new()),
+        Arc::default(),
+        extra,
+    )
+}
+
+fn at(d: Duration) -> DateTime<Utc> {
+    t0() + chrono::Duration::from_std(d).unwrap()
+}
+
+fn names(c: &Conditions) -> Vec<(&str, Severity)> {
+    c.firing
+        .iter()
+        .map(|a| (a.name.as_str(), a.severity))
+        .collect()
+}
+
+fn only<'a>(c: &'a Conditions, name: &str) -> &'a Alert {
+    let found: Vec<&Alert> = c.firing.iter().filter(|a| a.name == name).collect();
+    assert_eq!(found.len(), 1, "one {name} in {:?}", c.firing);
+    found[0]
+}
+
+/// Each failed rotation counts; at `failures_warning` (2) a warning fires,
+/// at `failures_critical` (3) it pages; its start is the first failure and
+/// stays put; a success makes it disappear.
+#[tokio::test(start_paused = true)]
+async fn failures_warn_at_two_page_at_three_and_a_success_clears_them() {
+    let rig = rig_in(
+        "every = \"6h\"",
+        "failures_warning = 2\nfailures_critical = 3",
+        &[],
+    );
+    // Refused without retries: every trigger is one failed rotation.
+    rig.vault.fail("stage", 3, ErrorKind::Unauthorized, None);
+    assert!(rig.rotate_c0().await.error.is_some());
+    let one = rig.engine.health_conditions(at(MINUTE));
+    assert!(one.firing.is_empty(), "one failure is not enough: {one:?}");
+
+    tokio::time::sleep(10 * MINUTE).await;
+    assert!(rig.rotate_c0().await.error.is_some());
+    let two = rig.engine.health_conditions(at(11 * MINUTE));
+    assert_eq!(names(&two), vec![(ROTATION_FAILING, Severity::Warning)]);
+    let a = only(&two, ROTATION_FAILING);
+    assert_eq!(a.since, t0(), "the run began with the first failure");
+    assert_eq!(
+        (a.agent.as_deref(), a.credential.as_deref()),
+        (Some("bot"), Some("c0"))
+    );
+    assert_eq!(
+        (a.tenant.as_deref(), a.tier.as_deref()),
+        (Some("acme"), Some("high"))
+    );
+    assert!(a.description.contains("unauthorized"), "{}", a.description);
+    assert_eq!(
+        two.next_change, None,
+        "no max_age: nothing happens by the clock"
+    );
+    // Asked again later, the same condition with the same start and key.
+    let again = rig.engine.health_conditions(at(15 * MINUTE));
+    assert_eq!(only(&again, ROTATION_FAILING).since, t0());
+    assert_eq!(only(&again, ROTATION_FAILING).dedup_key(), a.dedup_key());
+
+    tokio::time::sleep(10 * MINUTE).await;
+    assert!(rig.rotate_c0().await.error.is_some());
+    let three = rig.engine.health_conditions(at(21 * MINUTE));
+    assert_eq!(names(&three), vec![(ROTATION_FAILING, Severity::Critical)]);
+    assert_eq!(only(&three, ROTATION_FAILING).since, t0());
+
+    let ok = rig.rotate_c0().await;
+    assert_eq!((ok.error, ok.version), (None, Some(1)));
+    let healthy = rig.engine.health_conditions(at(22 * MINUTE));
+    assert!(healthy.firing.is_empty(), "{healthy:?}");
+    rig.shutdown().await;
+}
+
+/// `since` comes from state: a restarted engine on the same store reports
+/// the same start for the same failing run.
+#[tokio::test(start_paused = true)]
+async fn the_start_of_a_failing_run_survives_a_restart() {
+    let rig = Rig::single().await;
+    // The default rules: a warning at 2 failures.
+    rig.vault.fail("stage", 2, ErrorKind::Unauthorized, None);
+    assert!(rig.rotate_c0().await.error.is_some());
+    tokio::time::sleep(5 * MINUTE).await;
+    assert!(rig.rotate_c0().await.error.is_some());
+    let before = rig.engine.health_conditions(at(6 * MINUTE));
+    assert_eq!(only(&before, ROTATION_FAILING).since, t0());
+
+    tokio::time::sleep(HOUR).await;
+    let rig = rig.restart(1, "every = \"6h\"").await;
+    // Loads the state, without the scheduler (which would retry at once).
+    rig.engine.start().await.unwrap();
+    let after = rig.engine.health_conditions(at(2 * HOUR));
+    assert_eq!(
+        after.firing, before.firing,
+        "the same alert, the same start"
+    );
+    rig.shutdown().await;
+}
+
+/// `max_age = 13h` on a 6 h schedule, expiring `period` (6 h) before: the
+/// version delivered at 0 is expiring from 7 h and expired from 13 h;
+/// `next_change` names each threshold before it comes; a rotation resets
+/// the clock.
+#[tokio::test(start_paused = true)]
+async fn a_version_is_expiring_one_period_before_max_age_then_expired() {
+    let rig = rig_in("every = \"6h\"\nmax_age = \"13h\"", "", &[]);
+    assert_eq!(rig.rotate_c0().await.version, Some(1));
+
+    let fresh = rig.engine.health_conditions(at(HOUR));
+    assert!(fresh.firing.is_empty(), "{fresh:?}");
+    assert_eq!(fresh.next_change, Some(at(7 * HOUR)));
+    let just_before = rig
+        .engine
+        .health_conditions(at(7 * HOUR) - chrono::Duration::milliseconds(1));
+    assert!(just_before.firing.is_empty(), "{just_before:?}");
+
+    let expiring = rig.engine.health_conditions(at(7 * HOUR));
+    assert_eq!(
+        names(&expiring),
+        vec![(CREDENTIAL_EXPIRING, Severity::Critical)]
+    );
+    assert_eq!(only(&expiring, CREDENTIAL_EXPIRING).since, at(7 * HOUR));
+    assert_eq!(expiring.next_change, Some(at(13 * HOUR)));
+    let later = rig.engine.health_conditions(at(10 * HOUR));
+    assert_eq!(later.firing, expiring.firing, "stable while it holds");
+
+    let expired = rig.engine.health_conditions(at(13 * HOUR));
+    assert_eq!(
+        names(&expired),
+        vec![(CREDENTIAL_EXPIRED, Severity::Critical)],
+        "expired replaces expiring"
+    );
+    assert_eq!(only(&expired, CREDENTIAL_EXPIRED).since, at(13 * HOUR));
+    assert_eq!(expired.next_change, None);
+
+    // A rotation at 8 h (the scheduler is not running here) resets it.
+    tokio::time::sleep(8 * HOUR).await;
+    assert_eq!(rig.rotate_c0().await.version, Some(2));
+    let rotated = rig.engine.health_conditions(at(8 * HOUR));
+    assert!(rotated.firing.is_empty(), "{rotated:?}");
+    assert_eq!(rotated.next_change, Some(at(15 * HOUR)));
+    rig.shutdown().await;
+}
+
+/// A fixed `expiry_critical_before` instead of the period.
+#[tokio::test(start_paused = true)]
+async fn a_fixed_expiry_lead_moves_the_expiring_threshold() {
+    let rig = rig_in(
+        "every = \"6h\"\nmax_age = \"13h\"",
+        "expiry_critical_before = \"2h\"",
+        &[],
+    );
+    assert_eq!(rig.rotate_c0().await.version, Some(1));
+    let c = rig.engine.health_conditions(at(HOUR));
+    assert_eq!(c.next_change, Some(at(11 * HOUR)));
+    assert!(
+        rig.engine
+            .health_conditions(at(10 * HOUR))
+            .firing
+            .is_empty()
+    );
+    let c = rig.engine.health_conditions(at(11 * HOUR));
+    assert_eq!(only(&c, CREDENTIAL_EXPIRING).since, at(11 * HOUR));
+    rig.shutdown().await;
+}
+
+/// A consumer that must acknowledge (its delivery is `Sent`) and never does.
+struct Silent;
+
+#[async_trait]
+impl Sink for Silent {
+    fn kind(&self) -> &'static str {
+        "silent"
+    }
+    fn describe(&self) -> String {
+        "silent:reader".into()
+    }
+    async fn deliver(&self, _: &Notice, _: &SecretValue) -> Result<Delivered, PluginError> {
+        Ok(Delivered::Sent)
+    }
+    async fn retract(&self, _: &CredentialKey) -> Result<(), PluginError> {
+        Ok(())
+    }
+    async fn preflight(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
+/// A consumer that had not acknowledged when grace ended raises a warning
+/// starting at the grace deadline; its late ack resolves it; with
+/// `holdouts = false` nothing is raised.
+#[tokio::test(start_paused = true)]
+async fn holdouts_past_grace_raise_a_warning_until_they_ack() {
+    for enabled in [true, false] {
+        let rig = rig_in(
+            "every = \"6h\"\ngrace = \"1h\"",
+            &format!("holdouts = {enabled}"),
+            &[Arc::new(Silent)],
+        );
+        rig.run().await;
+        rig.until(Duration::from_secs(1), "first version", |r| {
+            r.sink.count() == 1
+        })
+        .await;
+        let c0 = key("c0");
+        let ack = |v| rig.engine.inner.ack(&c0, v, None, Actor::Daemon);
+        ack(1).await.unwrap();
+        tokio::time::sleep(10 * MINUTE).await;
+        assert_eq!(rig.rotate_c0().await.version, Some(2));
+        let during = rig.engine.health_conditions(at(30 * MINUTE));
+        assert!(during.firing.is_empty(), "within grace: {during:?}");
+        tokio::time::sleep(HOUR + MINUTE).await;
+        assert_eq!(
+            rig.status("c0").holdouts,
+            vec!["silent:reader (ack=explicit)"]
+        );
+        let after = rig.engine.health_conditions(at(80 * MINUTE));
+        if !enabled {
+            assert!(after.firing.is_empty(), "holdouts = false: {after:?}");
+            rig.shutdown().await;
+            continue;
+        }
+        assert_eq!(names(&after), vec![(ACK_HOLDOUTS, Severity::Warning)]);
+        let a = only(&after, ACK_HOLDOUTS);
+        // The grace deadline: version 2's delivery (10 min and a poll of
+        // `until` in) plus 1 h.
+        let delivered = rig.status("c0").last_rotated.unwrap();
+        assert_eq!(a.since, delivered + chrono::Duration::hours(1));
+        assert!(a.since >= at(70 * MINUTE) && a.since < at(70 * MINUTE + Duration::from_secs(1)));
+        assert!(a.description.contains("silent:reader"), "{}", a.description);
+        ack(2).await.unwrap();
+        let acked = rig.engine.health_conditions(at(81 * MINUTE));
+        assert!(acked.firing.is_empty(), "{acked:?}");
+        rig.shutdown().await;
+    }
+}
+
+/// A rotation parked before promote whose staged version is deleted out
+/// of band is abandoned (audited, its row done, its version retired in
+/// state) instead of failing forever; the next attempt is a fresh rotation
+/// with a new id and value, and it succeeds.
+#[tokio::test(start_paused = true)]
+async fn a_rotation_whose_staged_version_vanished_while_parked_is_abandoned_and_redone() {
+    let rig = Rig::single().await;
+    assert_eq!(rig.rotate_c0().await.version, Some(1));
+    rig.vault.fail("promote", 1, ErrorKind::Unauthorized, None);
+    let parked = rig.rotate_c0().await;
+    assert!(parked.error.is_some());
+    let stuck = rig.store.latest_rotation(&key("c0")).unwrap().unwrap();
+    assert_eq!((stuck.step, stuck.version), (Step::Promote, 2));
+    // Someone deletes the pending version in the vault.
+    rig.vault
+        .paths
+        .lock()
+        .unwrap()
+        .get_mut(&path("c0"))
+        .unwrap()
+        .retain(|v| v.stage != Stage::Pending);
+
+    let abandoned = rig.rotate_c0().await;
+    let err = abandoned.error.unwrap();
+    assert!(
+        err.contains(&format!("step promote: rotation {} abandoned: ", stuck.id))
+            && err.contains("is gone"),
+        "{err}"
+    );
+    let row = rig.store.rotation(&stuck.id).unwrap().unwrap();
+    assert_eq!(row.step, Step::Done);
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("abandoned"),
+        "{row:?}"
+    );
+    let stage_of = |v: VersionNo| {
+        rig.store
+            .versions(&key("c0"))
+            .unwrap()
+            .into_iter()
+            .find(|r| r.version == v)
+            .map(|r| r.stage)
+    };
+    assert_eq!(stage_of(2), Some(Stage::Retired));
+    assert_eq!(rig.status("c0").version, Some(1), "the current one stays");
+
+    let fresh = rig.rotate_c0().await;
+    assert_eq!((fresh.error, fresh.version), (None, Some(3)));
+    assert_ne!(fresh.rotation, Some(stuck.id.clone()), "a new rotation");
+    assert_eq!(rig.sink.versions("c0"), vec![1, 3]);
+    let values = rig.sink.values("c0");
+    assert_ne!(values[0].1, values[1].1, "a new value");
+    assert_eq!(stage_of(3), Some(Stage::Current));
+    assert!(rig.engine.health_conditions(at(HOUR)).firing.is_empty());
+    let dir = rig.shutdown().await;
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    let record = audit
+        .lines()
+        .find(|l| l.contains("\"rotation.abandoned\""))
+        .unwrap_or_else(|| panic!("no abandon record: {audit}"));
+    assert!(
+        record.contains(stuck.id.as_str()) && record.contains("step=promote"),
+        "{record}"
+    );
+    assert_eq!(audit.matches("\"rotation.abandoned\"").count(), 1);
+}
+
+/// A followed credential raises no failure alert (it does not rotate
+/// here); its `max_age` counts from when this keyturn delivered it.
+#[tokio::test(start_paused = true)]
+async fn a_followed_credential_raises_no_failure_alert() {
+    let rig = rig_in("mode = \"follow\"\nmax_age = \"1h\"", "", &[]);
+    rig.engine.start().await.unwrap();
+    // As if its follow loop had failed three times and delivered nothing.
+    {
+        let mut live = rig.engine.inner.live();
+        let l = live.entry(&key("c0"));
+        l.row = Some(super::super::table::LiveRow {
+            consecutive_failures: 3,
+            failing_since: Some(t0()),
+            ..Default::default()
+        });
+    }
+    assert!(rig.engine.health_conditions(at(HOUR)).firing.is_empty());
+    {
+        let mut live = rig.engine.inner.live();
+        let row = live.entry(&key("c0")).row.as_mut().unwrap();
+        row.current_version = Some(4);
+        row.last_rotated_at = Some(t0());
+    }
+    let c = rig.engine.health_conditions(at(2 * HOUR));
+    assert_eq!(names(&c), vec![(CREDENTIAL_EXPIRED, Severity::Critical)]);
+    assert!(
+        only(&c, CREDENTIAL_EXPIRED)
+            .description
+            .contains("followed"),
+        "{c:?}"
+    );
+    rig.shutdown().await;
+}
+
+/// After a restart, the credential whose rotation was abandoned gets its
+/// fresh rotation at once (as a parked rotation resumes at once), not at its
+/// next due time six hours later.
+#[tokio::test(start_paused = true)]
+async fn after_a_restart_the_fresh_rotation_after_an_abandoned_one_starts_at_once() {
+    let rig = Rig::single().await;
+    assert_eq!(rig.rotate_c0().await.version, Some(1));
+    rig.vault.fail("promote", 1, ErrorKind::Unauthorized, None);
+    assert!(rig.rotate_c0().await.error.is_some());
+    rig.vault
+        .paths
+        .lock()
+        .unwrap()
+        .get_mut(&path("c0"))
+        .unwrap()
+        .retain(|v| v.stage != Stage::Pending);
+    let err = rig.rotate_c0().await.error.unwrap();
+    assert!(err.contains("abandoned"), "{err}");
+
+    let rig = rig.restart(1, "every = \"6h\"").await;
+    rig.run().await;
+    rig.until(Duration::from_secs(1), "the fresh rotation", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    assert_eq!(rig.sink.versions("c0"), vec![3]);
+    assert!(rig.engine.health_conditions(at(HOUR)).firing.is_empty());
+    rig.shutdown().await;
+}
