@@ -164,8 +164,8 @@ fn credential(
 }
 
 /// The credential's `max_age`, where the config has one.
-fn max_age_of(_entry: &CredEntry) -> Option<std::time::Duration> {
-    None
+fn max_age_of(entry: &CredEntry) -> Option<std::time::Duration> {
+    entry.cfg.max_age
 }
 
 /// Builds the surface.
