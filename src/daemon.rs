@@ -17,6 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::alerts::{self, Alerts};
 use crate::api::protocol::{
     AckResult, ApiError, ApiErrorKind, RotateOutcome, RotateResult, Selector, StatusRow,
 };
@@ -166,6 +167,24 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     tracing::debug!(elapsed = ?started.elapsed(), "rotations resumed and timers armed");
     memory::freed(memory::Freed::ConfigLoad);
 
+    // Alerts: the spool is read now, so deliveries still owed from before
+    // a restart go out at once; the loop asks the conditions.
+    let alerts = Alerts::open(
+        &state_dir.join("alerts"),
+        alerts::build_sinks(&config.alerts).map_err(|e| startup("alert sinks", &e))?,
+        Arc::new(EngineRecorder(engine.clone())),
+        Some(metrics.clone()),
+        alerts::ManagerOptions::default(),
+        cancel.clone(),
+        tracker.clone(),
+    )
+    .map_err(|e| startup("cannot open the alert spool", &e))?;
+    tracker.spawn(alerts::run_loop(
+        alerts.clone(),
+        Arc::new(alerts::NoConditions),
+        cancel.clone(),
+    ));
+
     let sock = socket::bind(&config.daemon.socket, config.daemon.socket_group.as_deref()).map_err(
         |e| {
             startup(
@@ -269,7 +288,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         signal(SignalKind::interrupt()).map_err(|e| startup("cannot handle SIGINT", &e))?;
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(config_path, &engine, &mut config_files).await,
+            _ = hup.recv() => reload(config_path, &engine, &alerts, &mut config_files).await,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -296,7 +315,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
 /// SIGHUP: validate the new config and swap it in, or keep the old one.
 /// Only the files that changed since the last load are read again (see
 /// [`config::reload`]).
-async fn reload(config_path: &Path, engine: &Engine, files: &mut config::FileSet) {
+async fn reload(config_path: &Path, engine: &Engine, alerts: &Alerts, files: &mut config::FileSet) {
     if let Ok(now) = NotifyState::monotonic_usec_now() {
         notify(&[NotifyState::Reloading, now]);
     }
@@ -335,27 +354,32 @@ async fn reload(config_path: &Path, engine: &Engine, files: &mut config::FileSet
         Ok(config::Reloaded::Full(config, new_files)) => build_full(config, new_files, &old),
     };
     let outcome = match rebuilt {
-        Ok((catalog, new_files, restart_only)) => {
-            *files = new_files;
-            engine.reload(catalog).await;
-            memory::freed(memory::Freed::ConfigLoad);
-            // As at start-up, checked in the background, not on the reload
-            // path; only the sinks of credentials built anew.
-            let old_entries: std::collections::HashSet<usize> = old
-                .creds
-                .values()
-                .map(|e| Arc::as_ptr(e) as usize)
-                .collect();
-            let catalog = engine.catalog();
-            tokio::spawn(async move {
-                let fresh = catalog
+        Ok((catalog, new_files, restart_only)) => match alerts::build_sinks(&catalog.config.alerts)
+        {
+            Err(e) => Err(format!("alert sinks: {e}")),
+            Ok(alert_sinks) => {
+                alerts.set_sinks(alert_sinks);
+                *files = new_files;
+                engine.reload(catalog).await;
+                memory::freed(memory::Freed::ConfigLoad);
+                // As at start-up, checked in the background, not on the reload
+                // path; only the sinks of credentials built anew.
+                let old_entries: std::collections::HashSet<usize> = old
                     .creds
                     .values()
-                    .filter(|e| !old_entries.contains(&(Arc::as_ptr(e) as usize)));
-                preflight_entries(fresh).await;
-            });
-            Ok(restart_only)
-        }
+                    .map(|e| Arc::as_ptr(e) as usize)
+                    .collect();
+                let catalog = engine.catalog();
+                tokio::spawn(async move {
+                    let fresh = catalog
+                        .creds
+                        .values()
+                        .filter(|e| !old_entries.contains(&(Arc::as_ptr(e) as usize)));
+                    preflight_entries(fresh).await;
+                });
+                Ok(restart_only)
+            }
+        },
         Err(why) => Err(why),
     };
     match outcome {
@@ -522,6 +546,20 @@ async fn audit_daemon(
     ev.error = error;
     if let Err(e) = engine.record(ev).await {
         tracing::error!(event, error = %e, "cannot write to the audit log");
+    }
+}
+
+/// Alert deliveries go to the audit log through the engine, which
+/// persists the audit head with each record.
+struct EngineRecorder(Engine);
+
+#[async_trait]
+impl alerts::AlertRecorder for EngineRecorder {
+    async fn record(&self, event: AuditEvent) {
+        let name = event.event.clone();
+        if let Err(e) = self.0.record(event).await {
+            tracing::error!(event = %name, error = %e, "cannot write to the audit log");
+        }
     }
 }
 

@@ -466,6 +466,7 @@ fn parse_one(f: &SourceFile) -> Option<File> {
             tiers: None,
             vaults: BTreeMap::new(),
             agents: a.agents,
+            alerts: BTreeMap::new(),
         })
     }
 }
@@ -480,6 +481,7 @@ fn merge_raw(raw: &mut RawConfig, more: RawConfig) {
     }
     raw.vaults.extend(more.vaults);
     raw.agents.extend(more.agents);
+    raw.alerts.extend(more.alerts);
 }
 
 /// The slow path: spans kept, each section on its own, every error located
@@ -661,6 +663,8 @@ pub(super) struct File {
     vaults: BTreeMap<String, crate::vaults::VaultSpec>,
     #[serde(default)]
     agents: BTreeMap<String, FileAgent>,
+    #[serde(default)]
+    alerts: BTreeMap<String, crate::alerts::AlertSinkConfig>,
 }
 
 /// A file of `agents.d` in one serde pass: agents only.
@@ -716,6 +720,11 @@ fn into_raw(f: File) -> RawConfig {
                 (name, entry)
             })
             .collect(),
+        alerts: f
+            .alerts
+            .into_iter()
+            .map(|(n, a)| (n, Parsed::Ok(a)))
+            .collect(),
     }
 }
 
@@ -753,6 +762,15 @@ fn deserialize_sections(root: &Table, main: bool) -> (RawConfig, Vec<Issue>) {
             }
             "vaults" => {
                 raw.vaults = entries(item, &p, &mut issues)
+                    .into_iter()
+                    .map(|(n, i)| {
+                        let parsed = section(i, &p.key(&n), &mut issues);
+                        (n, parsed)
+                    })
+                    .collect()
+            }
+            "alerts" => {
+                raw.alerts = entries(item, &p, &mut issues)
                     .into_iter()
                     .map(|(n, i)| {
                         let parsed = section(i, &p.key(&n), &mut issues);

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::alerts::AlertSinkConfig;
 use crate::model::{AgentId, CredentialId, CredentialKey};
 use crate::schedule::ScheduleSpec;
 use crate::sinks::SinkConfig;
@@ -44,6 +45,8 @@ pub struct Config {
     pub tiers: BTreeMap<String, TierConfig>,
     pub vaults: BTreeMap<String, VaultConfig>,
     pub agents: BTreeMap<AgentId, AgentConfig>,
+    /// `[alerts.NAME]`: the alert sinks, by name.
+    pub alerts: BTreeMap<String, AlertSinkConfig>,
 }
 
 impl Config {
