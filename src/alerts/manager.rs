@@ -126,6 +126,11 @@ struct Delivery {
     last_sent: Option<DateTime<Utc>>,
     /// Whether a fire of this key reached the sink.
     fired: bool,
+    /// A resolve whose fire never reached the sink (it was down the whole
+    /// time): the fire goes first, so the on-call still learns that the
+    /// condition happened.
+    #[serde(default)]
+    owes_fire: bool,
     /// Changes whenever `action` or `pending` does, so a worker finishing a
     /// request knows whether the row moved on meanwhile.
     #[serde(skip)]
@@ -333,6 +338,7 @@ impl Alerts {
                             pending: true,
                             last_sent: None,
                             fired: false,
+                            owes_fire: false,
                             generation,
                         };
                         ops.push(Op::PutDelivery(id.0.clone(), id.1.clone(), d.clone()));
@@ -403,6 +409,7 @@ impl Alerts {
                             pending: true,
                             last_sent: None,
                             fired,
+                            owes_fire: false,
                             generation,
                         };
                         ops.push(Op::PutDelivery(id.0.clone(), id.1.clone(), d.clone()));
@@ -463,6 +470,7 @@ impl Alerts {
                 let generation = state.next_generation();
                 let d = state.deliveries.get_mut(&id).expect("listed above");
                 d.action = Action::Resolve { ended_at: gone_at };
+                d.owes_fire = !d.fired;
                 d.pending = true;
                 d.generation = generation;
                 ops.push(Op::PutDelivery(id.0.clone(), id.1.clone(), d.clone()));
@@ -589,8 +597,14 @@ impl Alerts {
             }
             let mut backoff = None;
             for (key, d) in due {
+                // The fire a resolve still owes goes first (the next round
+                // sends the resolve).
+                let what = match d.action {
+                    Action::Resolve { .. } if d.owes_fire => Action::Fire,
+                    a => a,
+                };
                 let attempt = async {
-                    match d.action {
+                    match what {
                         Action::Fire => sink.fire(&d.alert).await,
                         Action::Resolve { ended_at } => sink.resolve(&d.alert, ended_at).await,
                     }
@@ -602,7 +616,7 @@ impl Alerts {
                 match result {
                     Ok(()) => {
                         failures = 0;
-                        self.delivered(&name, &key, &d).await;
+                        self.delivered(&name, &key, &d, what).await;
                     }
                     Err(e) if e.kind.is_retryable() => {
                         failures = failures.saturating_add(1);
@@ -619,7 +633,7 @@ impl Alerts {
                         backoff = Some(wait);
                         break;
                     }
-                    Err(e) => self.gave_up(&name, &key, &d, &e).await,
+                    Err(e) => self.gave_up(&name, &key, &d, what, &e).await,
                 }
             }
             if let Some(wait) = backoff {
@@ -631,8 +645,8 @@ impl Alerts {
         }
     }
 
-    /// `sent` reached sink `name`.
-    async fn delivered(&self, name: &str, key: &str, sent: &Delivery) {
+    /// `what` of `sent` reached sink `name`.
+    async fn delivered(&self, name: &str, key: &str, sent: &Delivery, what: Action) {
         let now = Utc::now();
         let mut first_fire = false;
         {
@@ -641,11 +655,13 @@ impl Alerts {
             let mut ops = Vec::new();
             if let Some(d) = state.deliveries.get_mut(&id) {
                 let unchanged = d.generation == sent.generation;
-                match sent.action {
+                match what {
                     Action::Fire => {
                         first_fire = !d.fired;
                         d.fired = true;
-                        if unchanged {
+                        d.owes_fire = false;
+                        // A resolve that owed its fire stays pending.
+                        if unchanged && d.action == Action::Fire {
                             d.pending = false;
                             d.last_sent = Some(now);
                         }
@@ -666,7 +682,7 @@ impl Alerts {
         if let Some(m) = &self.inner.metrics {
             m.alert_delivery(name, "ok");
         }
-        let event = match sent.action {
+        let event = match what {
             Action::Fire if first_fire => "alert.fired",
             Action::Fire => return,
             Action::Resolve { .. } => "alert.resolved",
@@ -678,8 +694,9 @@ impl Alerts {
             .await;
     }
 
-    /// `sent` was refused by sink `name` in a way retrying will not change.
-    async fn gave_up(&self, name: &str, key: &str, sent: &Delivery, e: &PluginError) {
+    /// `what` of `sent` was refused by sink `name` in a way retrying will
+    /// not change.
+    async fn gave_up(&self, name: &str, key: &str, sent: &Delivery, what: Action, e: &PluginError) {
         let now = Utc::now();
         {
             let mut state = self.state();
@@ -713,7 +730,7 @@ impl Alerts {
         event.detail = Some(format!(
             "{} action={}",
             event.detail.unwrap_or_default(),
-            match sent.action {
+            match what {
                 Action::Fire => "fire",
                 Action::Resolve { .. } => "resolve",
             }
@@ -791,7 +808,7 @@ fn audit_event(
 /// The wait after `failures` failures in a row: `initial × 2^(failures-1)`
 /// capped at `max`, then drawn in its upper half (jitter, so sinks failing
 /// together do not retry in step).
-fn backoff_delay(opts: &ManagerOptions, failures: u32) -> Duration {
+pub(super) fn backoff_delay(opts: &ManagerOptions, failures: u32) -> Duration {
     let exp = opts
         .initial_backoff
         .saturating_mul(1u32 << failures.saturating_sub(1).min(20));

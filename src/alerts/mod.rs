@@ -42,6 +42,8 @@ pub mod alertmanager;
 mod http;
 pub mod manager;
 pub mod pagerduty;
+#[cfg(test)]
+mod tests;
 pub mod webhook;
 
 pub use manager::{AlertRecorder, Alerts, ManagerOptions, NamedSink, NoConditions, run_loop};
