@@ -39,7 +39,8 @@ pub const API_PATH: &str = "/api/v2/alerts";
 pub struct AlertmanagerConfig {
     /// Alertmanager's base URL, or its `/api/v2/alerts` endpoint.
     pub url: String,
-    pub severities: Option<Vec<Severity>>,
+    /// `warning`, `critical` (absent: both).
+    pub severities: Option<Vec<String>>,
     pub tiers: Option<Vec<String>>,
     pub tenants: Option<Vec<String>>,
     /// Per request; default 5s.

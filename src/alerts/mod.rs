@@ -65,6 +65,15 @@ impl Severity {
             Severity::Critical => "critical",
         }
     }
+
+    /// The severity named `text` (`warning`, `critical`).
+    pub fn parse(text: &str) -> Option<Severity> {
+        match text {
+            "warning" => Some(Severity::Warning),
+            "critical" => Some(Severity::Critical),
+            _ => None,
+        }
+    }
 }
 
 /// One condition that is true now. Never carries a secret value.
@@ -198,7 +207,7 @@ impl Route {
 
 /// The routing keys and `timeout` every alert sink takes, checked alike.
 pub(crate) struct Common<'a> {
-    pub severities: &'a Option<Vec<Severity>>,
+    pub severities: &'a Option<Vec<String>>,
     pub tiers: &'a Option<Vec<String>>,
     pub tenants: &'a Option<Vec<String>>,
     pub timeout: &'a Option<String>,
@@ -214,8 +223,18 @@ impl Common<'_> {
                 ),
             )
         };
-        if self.severities.as_ref().is_some_and(|s| s.is_empty()) {
-            empty(v, "severities");
+        if let Some(severities) = self.severities {
+            if severities.is_empty() {
+                empty(v, "severities");
+            }
+            for (i, s) in severities.iter().enumerate() {
+                if Severity::parse(s).is_none() {
+                    v.err(
+                        p.key("severities").index(i),
+                        format!("unknown severity `{s}`; expected `warning` or `critical`"),
+                    );
+                }
+            }
         }
         if let Some(tiers) = self.tiers {
             if tiers.is_empty() {
@@ -262,7 +281,10 @@ impl Common<'_> {
 
     pub(crate) fn route(&self) -> Route {
         Route {
-            severities: self.severities.clone(),
+            severities: self
+                .severities
+                .as_ref()
+                .map(|s| s.iter().filter_map(|s| Severity::parse(s)).collect()),
             tiers: self.tiers.clone(),
             tenants: self.tenants.clone(),
         }

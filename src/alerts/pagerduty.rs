@@ -49,7 +49,8 @@ pub struct PagerdutyConfig {
     pub routing_key_file: PathBuf,
     /// Default [`DEFAULT_URL`].
     pub url: Option<String>,
-    pub severities: Option<Vec<Severity>>,
+    /// `warning`, `critical` (absent: both).
+    pub severities: Option<Vec<String>>,
     pub tiers: Option<Vec<String>>,
     pub tenants: Option<Vec<String>>,
     /// Per request; default 5s.

@@ -41,7 +41,8 @@ pub struct AlertWebhookConfig {
     pub url: String,
     /// The HMAC key; after `check`, absolute.
     pub secret_file: PathBuf,
-    pub severities: Option<Vec<Severity>>,
+    /// `warning`, `critical` (absent: both).
+    pub severities: Option<Vec<String>>,
     pub tiers: Option<Vec<String>>,
     pub tenants: Option<Vec<String>>,
     /// Per request; default 5s.
