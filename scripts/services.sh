@@ -557,15 +557,15 @@ cmd_status() {
     any=1
     pid=$(live_pid "$name")
     if [[ -n $pid ]]; then
-      printf '%-9s running  pid %-8s 127.0.0.1:%s\n' "$name" "$pid" "$(cat "$RUN_DIR/$name.port" 2>/dev/null)"
+      printf '%-13s running  pid %-8s 127.0.0.1:%s\n' "$name" "$pid" "$(cat "$RUN_DIR/$name.port" 2>/dev/null)"
     else
-      printf '%-9s dead     (pid file left; "%s stop" cleans up)\n' "$name" "$0"
+      printf '%-13s dead     (pid file left; "%s stop" cleans up)\n' "$name" "$0"
     fi
   done
   if ((any == 0)); then
     echo "no test services running"
   elif [[ ! -f $AZURE_STUB ]]; then
-    echo "azure     not started (${AZURE_STUB#"$ROOT"/} not in this tree)"
+    echo "azure         not started (${AZURE_STUB#"$ROOT"/} not in this tree)"
   fi
   all_running || return 3
 }

@@ -3,7 +3,10 @@
 //! `scripts/services.sh`), read back through its own API; the PagerDuty
 //! Events v2 contract stub (`tests/stubs/pagerduty_events_stub.py`, started
 //! here); and a local webhook receiver that checks the signature with its
-//! own HMAC.
+//! own HMAC. And the daemon's wiring: spool, metrics, reload, start-up
+//! errors.
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -19,7 +22,8 @@ use keyturn::alerts::alertmanager::{AlertmanagerConfig, AlertmanagerSink};
 use keyturn::alerts::pagerduty::{PagerdutyConfig, PagerdutySink};
 use keyturn::alerts::webhook::{AlertWebhookConfig, AlertWebhookSink};
 use keyturn::alerts::{
-    Alert, AlertRecorder, AlertSink, Alerts, Conditions, ManagerOptions, NamedSink, Route, Severity,
+    Alert, AlertRecorder, AlertSink, Alerts, ConditionSource, Conditions, ManagerOptions,
+    NamedSink, Route, Severity, run_loop,
 };
 use keyturn::audit::AuditEvent;
 use serde_json::Value;
@@ -662,4 +666,141 @@ async fn the_webhook_gets_signed_alertmanager_version_4_payloads() {
     );
     assert_eq!(fingerprints[0].len(), 16);
     m.stop().await;
+}
+
+// --- the deadline, end to end -----------------------------------------------
+
+/// Fires from `at` on, and says when in `next_change`.
+struct Deadline(DateTime<Utc>, Alert);
+
+impl ConditionSource for Deadline {
+    fn conditions(&self, now: DateTime<Utc>) -> Conditions {
+        if now >= self.0 {
+            Conditions {
+                firing: vec![self.1.clone()],
+                next_change: None,
+            }
+        } else {
+            Conditions {
+                firing: vec![],
+                next_change: Some(self.0),
+            }
+        }
+    }
+}
+
+/// The issue's goal: a breach visible in Alertmanager's API within 1 s of
+/// its deadline (the loop wakes at `next_change`; nothing polls).
+#[tokio::test]
+async fn a_deadline_is_visible_in_alertmanager_within_a_second() {
+    let base = std::env::var("KEYTURN_TEST_ALERTMANAGER_URL").expect(NEED_SERVICES);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Arc::new(AlertmanagerSink::new(&AlertmanagerConfig::new(&base)).unwrap());
+    let m = Manager::open(dir.path(), "am", sink);
+    let name = format!("KeyturnTestDeadline{}", suffix());
+    let deadline = Utc::now() + chrono::Duration::seconds(2);
+    m.tracker.spawn(run_loop(
+        m.alerts.clone(),
+        Arc::new(Deadline(deadline, alert(&name, Severity::Critical))),
+        m.cancel.clone(),
+    ));
+    until(
+        "the breach in Alertmanager",
+        Duration::from_secs(10),
+        async || am_alerts(&base, &name).await.pop(),
+    )
+    .await;
+    let seen = Utc::now() - deadline;
+    assert!(
+        seen < chrono::Duration::seconds(1),
+        "visible {seen} after the deadline"
+    );
+    assert!(
+        seen >= chrono::Duration::zero(),
+        "fired before its deadline"
+    );
+    m.stop().await;
+}
+
+// --- the daemon ----------------------------------------------------------
+
+const BOT: &str = r#"
+[agents.bot]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+
+[agents.bot.credentials.db]
+vault = "local"
+generate = { kind = "password", length = 40 }
+every = "1h"
+deliver = [{ type = "file", path = "{root}/bot/db" }]
+
+[alerts.am]
+type = "alertmanager"
+url = "http://127.0.0.1:9"
+"#;
+
+fn metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn the_daemon_keeps_a_private_spool_exports_alert_metrics_and_refuses_a_bad_sink() {
+    use std::os::unix::fs::MetadataExt;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = common::Env::with_daemon(BOT, &format!("listen = \"127.0.0.1:{port}\""));
+    let daemon = env.spawn(&[("KEYTURN_LOG", "info")]);
+    daemon.wait_ready();
+    let spool = env.state_dir().join("alerts");
+    assert_eq!(std::fs::metadata(&spool).unwrap().mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::metadata(spool.join("spool.db")).unwrap().mode() & 0o777,
+        0o600
+    );
+    let text = metrics(port);
+    for needle in [
+        "keyturn_alerts_firing{severity=\"critical\"} 0",
+        "keyturn_alerts_firing{severity=\"warning\"} 0",
+        "keyturn_alert_spool_depth 0",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
+    // A sink whose key file is missing: the reload is refused, the old
+    // sinks stay.
+    env.write_credentials(&format!(
+        "{BOT}\n[alerts.pd]\ntype = \"pagerduty\"\nrouting_key_file = \"{{dir}}/no-such.key\"\n"
+    ));
+    daemon.reload();
+    let log = daemon.log_text();
+    assert!(
+        log.contains("reload failed") && log.contains("[alerts.pd]"),
+        "{log}"
+    );
+    daemon.stop();
+
+    // At start-up the same sink stops the daemon, saying which one.
+    let mut daemon = env.spawn(&[("KEYTURN_LOG", "info")]);
+    let status = daemon
+        .wait_exit(Duration::from_secs(30))
+        .expect("the daemon exits");
+    assert!(!status.success());
+    let log = daemon.log_text();
+    assert!(
+        log.contains("[alerts.pd]") && log.contains("no-such.key"),
+        "{log}"
+    );
 }

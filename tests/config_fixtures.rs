@@ -1115,15 +1115,11 @@ fn good_remote_reads_every_vault_and_target_type() {
     );
 }
 
-
 #[test]
 fn good_alerts_reads_every_alert_sink_key() {
     use keyturn::alerts::{AlertSinkConfig, Route, Severity};
     let cfg = load_good("good-alerts.toml");
-    assert_eq!(
-        cfg.alerts.keys().collect::<Vec<_>>(),
-        ["am", "hook", "pd"]
-    );
+    assert_eq!(cfg.alerts.keys().collect::<Vec<_>>(), ["am", "hook", "pd"]);
     let AlertSinkConfig::Alertmanager(am) = &cfg.alerts["am"] else {
         panic!("{:?}", cfg.alerts["am"]);
     };
@@ -1167,7 +1163,10 @@ fn every_alert_sink_problem_is_reported_at_once_and_no_password_is_echoed() {
         )
         .replace("severities = [\"critical\"]", "severities = [\"urgent\"]")
         .replace("timeout = \"10s\"", "timeout = \"0s\"")
-        .replace("secret_file = \"/etc/keyturn/alert-hook.key\"", "secret_file = \"\"");
+        .replace(
+            "secret_file = \"/etc/keyturn/alert-hook.key\"",
+            "secret_file = \"\"",
+        );
     let errors = keyturn::config::load_str(&fixture("good-alerts.toml"), &text)
         .unwrap_err()
         .0;
