@@ -81,12 +81,18 @@ pub(super) fn parse(kind: &str, text: &str) -> Result<Url, PluginError> {
 }
 
 /// One endpoint an alert sink POSTs JSON to.
-#[derive(Debug)]
 pub(super) struct Endpoint {
     pub url: Url,
     /// [`describe_url`].
     pub shown: String,
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for Endpoint {
+    /// The URL without its query, which may hold a token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
 }
 
 impl Endpoint {

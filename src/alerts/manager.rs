@@ -38,7 +38,9 @@
 //! delivered resolve as `alert.resolved` (re-sends are not audited).
 //!
 //! **Routing** is decided when a key fires (and for what is firing when a
-//! sink is added); a resolve goes to the sinks that were sent the fire.
+//! sink is added); a resolve goes to the sinks the fire was meant for. A
+//! sink that was down for the whole life of a condition still gets both:
+//! the fire first, then the resolve, so the on-call learns it happened.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -450,12 +452,15 @@ impl Alerts {
             .cloned()
             .collect();
         for key in gone {
-            let gone_at = {
+            let (gone_at, newly) = {
                 let f = state.firing.get_mut(&key).expect("listed above");
-                *f.gone_at.get_or_insert(now)
+                let newly = f.gone_at.is_none();
+                (*f.gone_at.get_or_insert(now), newly)
             };
             if now < gone_at + hold {
-                ops.push(Op::PutFiring(key.clone(), state.firing[&key].clone()));
+                if newly {
+                    ops.push(Op::PutFiring(key.clone(), state.firing[&key].clone()));
+                }
                 continue;
             }
             state.firing.remove(&key);

@@ -651,3 +651,49 @@ fn backoff_doubles_is_capped_and_jittered() {
         assert!(d <= full && d >= full / 2, "{failures}: {d:?} vs {full:?}");
     }
 }
+
+#[test]
+fn a_route_passes_an_alert_when_every_filter_set_lists_its_value() {
+    let a = alert("KeyturnRotationFailing", Severity::Warning, "billing");
+    let no_tier = Alert {
+        tier: None,
+        ..a.clone()
+    };
+    let route = |severities: Option<Vec<Severity>>,
+                 tiers: Option<Vec<&str>>,
+                 tenants: Option<Vec<&str>>| Route {
+        severities,
+        tiers: tiers.map(|t| t.into_iter().map(String::from).collect()),
+        tenants: tenants.map(|t| t.into_iter().map(String::from).collect()),
+    };
+    assert!(Route::default().matches(&a));
+    assert!(Route::default().matches(&no_tier));
+    assert!(route(Some(vec![Severity::Warning]), None, None).matches(&a));
+    assert!(!route(Some(vec![Severity::Critical]), None, None).matches(&a));
+    assert!(route(None, Some(vec!["low", "high"]), Some(vec!["billing"])).matches(&a));
+    assert!(!route(None, Some(vec!["high"]), Some(vec!["payments"])).matches(&a));
+    assert!(
+        !route(None, Some(vec!["high"]), None).matches(&no_tier),
+        "an alert without a tier passes no tier filter"
+    );
+}
+
+#[test]
+fn an_alert_webhook_needs_a_strong_private_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("hook.key");
+    std::fs::write(&key, "too-short").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cfg = webhook::AlertWebhookConfig::new("https://alerts.example.com/k?token=t0k3n", &key);
+    let e = webhook::AlertWebhookSink::new(&cfg, "hook").unwrap_err();
+    assert!(e.message.contains("must be at least 32"), "{e}");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+    let sink = webhook::AlertWebhookSink::new(&cfg, "hook").unwrap();
+    // The query (a token) is never shown.
+    assert_eq!(
+        sink.describe(),
+        "alert-webhook:https://alerts.example.com/k"
+    );
+    assert!(!format!("{sink:?}").contains("t0k3n"));
+}
