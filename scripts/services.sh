@@ -403,8 +403,11 @@ azure_ready() {
 }
 
 start_alertmanager() {
-  local port=$1 dir
-  dir=$(mktemp -d -t keyturn-am.XXXXXX)
+  local port=$1 dir=$RUN_DIR/alertmanager.d
+  # Config and storage (silences, notification log) in the run dir; `stop`
+  # removes them with the other bookkeeping.
+  rm -rf -- "$dir"
+  mkdir -p "$dir"
   echo "$dir" >"$RUN_DIR/alertmanager.dir"
   # One receiver that notifies nobody: the tests read alerts back from the
   # API (GET /api/v2/alerts), which is what keyturn's alerts are for.
