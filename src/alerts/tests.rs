@@ -339,7 +339,10 @@ async fn a_flap_within_the_hold_sends_nothing_and_a_real_end_resolves_once() {
     until("the resolve", || pd.calls().len() == 2).await;
     assert_eq!(pd.calls()[1], Call::Resolve(a.dedup_key(), gone));
     assert!(h.alerts.firing().is_empty());
-    assert_eq!(h.recorder.events(), vec!["alert.fired", "alert.resolved"]);
+    until("both audit records", || {
+        h.recorder.events() == ["alert.fired", "alert.resolved"]
+    })
+    .await;
     h.kill().await;
 }
 
