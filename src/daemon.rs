@@ -353,33 +353,36 @@ async fn reload(config_path: &Path, engine: &Engine, alerts: &Alerts, files: &mu
         }
         Ok(config::Reloaded::Full(config, new_files)) => build_full(config, new_files, &old),
     };
+    // The alert sinks are built (their key files read) before anything is
+    // swapped, so a bad one keeps the whole old config.
+    let rebuilt = rebuilt.and_then(|(catalog, new_files, restart_only)| {
+        let sinks =
+            alerts::build_sinks(&catalog.config.alerts).map_err(|e| format!("alert sinks: {e}"))?;
+        Ok((catalog, new_files, restart_only, sinks))
+    });
     let outcome = match rebuilt {
-        Ok((catalog, new_files, restart_only)) => match alerts::build_sinks(&catalog.config.alerts)
-        {
-            Err(e) => Err(format!("alert sinks: {e}")),
-            Ok(alert_sinks) => {
-                alerts.set_sinks(alert_sinks);
-                *files = new_files;
-                engine.reload(catalog).await;
-                memory::freed(memory::Freed::ConfigLoad);
-                // As at start-up, checked in the background, not on the reload
-                // path; only the sinks of credentials built anew.
-                let old_entries: std::collections::HashSet<usize> = old
+        Ok((catalog, new_files, restart_only, alert_sinks)) => {
+            alerts.set_sinks(alert_sinks);
+            *files = new_files;
+            engine.reload(catalog).await;
+            memory::freed(memory::Freed::ConfigLoad);
+            // As at start-up, checked in the background, not on the reload
+            // path; only the sinks of credentials built anew.
+            let old_entries: std::collections::HashSet<usize> = old
+                .creds
+                .values()
+                .map(|e| Arc::as_ptr(e) as usize)
+                .collect();
+            let catalog = engine.catalog();
+            tokio::spawn(async move {
+                let fresh = catalog
                     .creds
                     .values()
-                    .map(|e| Arc::as_ptr(e) as usize)
-                    .collect();
-                let catalog = engine.catalog();
-                tokio::spawn(async move {
-                    let fresh = catalog
-                        .creds
-                        .values()
-                        .filter(|e| !old_entries.contains(&(Arc::as_ptr(e) as usize)));
-                    preflight_entries(fresh).await;
-                });
-                Ok(restart_only)
-            }
-        },
+                    .filter(|e| !old_entries.contains(&(Arc::as_ptr(e) as usize)));
+                preflight_entries(fresh).await;
+            });
+            Ok(restart_only)
+        }
         Err(why) => Err(why),
     };
     match outcome {
