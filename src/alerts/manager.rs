@@ -430,12 +430,13 @@ impl Alerts {
                         f.alert = updated.clone();
                         changed = true;
                         // Re-sends carry the new text; nothing is sent now.
-                        for (_, d) in state
+                        for ((sink, k), d) in state
                             .deliveries
                             .iter_mut()
                             .filter(|((_, k), d)| k == key && d.action == Action::Fire)
                         {
                             d.alert = updated.clone();
+                            ops.push(Op::PutDelivery(sink.clone(), k.clone(), d.clone()));
                         }
                     }
                     if changed {

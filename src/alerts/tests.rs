@@ -32,6 +32,8 @@ struct Scripted {
     answer: Mutex<Answer>,
     /// Successful calls only: what reached the receiver.
     received: Mutex<Vec<(Instant, Call)>>,
+    /// The alerts of the successful fires.
+    fired: Mutex<Vec<Alert>>,
     attempts: AtomicU32,
 }
 
@@ -42,6 +44,7 @@ impl Scripted {
             resend,
             answer: Mutex::new(Answer::Ok),
             received: Mutex::new(Vec::new()),
+            fired: Mutex::new(Vec::new()),
             attempts: AtomicU32::new(0),
         })
     }
@@ -82,7 +85,9 @@ impl AlertSink for Scripted {
         self.resend
     }
     async fn fire(&self, alert: &Alert) -> Result<(), PluginError> {
-        self.reply(Call::Fire(alert.dedup_key()))
+        self.reply(Call::Fire(alert.dedup_key()))?;
+        self.fired.lock().unwrap().push(alert.clone());
+        Ok(())
     }
     async fn resolve(&self, alert: &Alert, ended_at: DateTime<Utc>) -> Result<(), PluginError> {
         self.reply(Call::Resolve(alert.dedup_key(), ended_at))
@@ -702,4 +707,42 @@ fn an_alert_webhook_needs_a_strong_private_key() {
         "alert-webhook:https://alerts.example.com/k"
     );
     assert!(!format!("{sink:?}").contains("t0k3n"));
+}
+
+#[tokio::test]
+async fn new_text_for_a_firing_alert_is_re_sent_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let am = Scripted::new(Some(Duration::from_millis(100)));
+    let a = alert("KeyturnRotationFailing", Severity::Warning, "billing");
+    let worse = Alert {
+        summary: "now 5 failures in a row".into(),
+        since: Utc::now(),
+        ..a.clone()
+    };
+    {
+        let h = Harness::open(
+            dir.path(),
+            vec![named("am", &am, Route::default())],
+            options(Duration::ZERO),
+        );
+        h.alerts.reconcile(Utc::now(), firing(&[&a]));
+        until("the fire", || am.calls().len() == 1).await;
+        h.alerts.reconcile(Utc::now(), firing(&[&worse]));
+        let firing_now = h.alerts.firing();
+        assert_eq!(firing_now[0].alert.summary, worse.summary);
+        assert_eq!(firing_now[0].alert.since, a.since, "since is when it began");
+        h.kill().await;
+    }
+    let h = Harness::open(
+        dir.path(),
+        vec![named("am", &am, Route::default())],
+        options(Duration::ZERO),
+    );
+    // No reconcile: the re-send comes from the spool alone.
+    let before = am.calls().len();
+    until("a re-send after the restart", || am.calls().len() > before).await;
+    let resent = am.fired.lock().unwrap().last().unwrap().clone();
+    assert_eq!(resent.summary, worse.summary);
+    assert_eq!(resent.since, a.since);
+    h.kill().await;
 }
