@@ -1126,11 +1126,13 @@ mod tests {
 
     #[test]
     fn unknown_top_level_key_points_at_the_key() {
-        let e = errors("\n[alerts.x]\ntype = \"webhook\"\n");
+        // (`alerts` was the example until [alerts.NAME] became a section.)
+        let e = errors("\n[notify.x]\ntype = \"webhook\"\n");
         assert_eq!(e.len(), 1, "{e:?}");
         assert_eq!((e[0].line, e[0].column), (2, 2));
-        assert_eq!(e[0].toml_path, "alerts");
-        assert!(e[0].message.contains("unknown key `alerts`"));
+        assert_eq!(e[0].toml_path, "notify");
+        assert!(e[0].message.contains("unknown key `notify`"));
+        assert!(e[0].message.contains("`agents`, `alerts`"), "{}", e[0]);
     }
 
     #[test]
