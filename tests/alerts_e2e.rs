@@ -811,3 +811,125 @@ fn the_daemon_keeps_a_private_spool_exports_alert_metrics_and_refuses_a_bad_sink
         "{log}"
     );
 }
+
+// --- answers -----------------------------------------------------------------
+
+/// A receiver answering `/<status>/api/v2/alerts` with that status (a 3xx
+/// points at `/followed`, which counts the requests that reach it).
+async fn answering() -> (String, Arc<std::sync::atomic::AtomicU32>) {
+    use axum::http::{HeaderMap, HeaderValue, StatusCode};
+    let followed = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let app = axum::Router::new()
+        .route(
+            "/:status/api/v2/alerts",
+            axum::routing::post(
+                |axum::extract::Path(status): axum::extract::Path<u16>| async move {
+                    let mut h = HeaderMap::new();
+                    h.insert("retry-after", HeaderValue::from_static("7"));
+                    h.insert("location", HeaderValue::from_static("/followed"));
+                    (
+                        StatusCode::from_u16(status).unwrap(),
+                        h,
+                        "a body that must never be read or logged: canary-body",
+                    )
+                },
+            ),
+        )
+        .route(
+            "/followed",
+            axum::routing::post({
+                let followed = followed.clone();
+                move || {
+                    followed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async { StatusCode::OK }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, followed)
+}
+
+#[tokio::test]
+async fn answers_map_to_error_kinds_redirects_are_not_followed_and_bodies_not_read() {
+    use keyturn::model::ErrorKind;
+    let (base, followed) = answering().await;
+    let a = alert("KeyturnRevocationSlaBreached", Severity::Critical);
+    let sink = |status: u16| {
+        AlertmanagerSink::new(&AlertmanagerConfig::new(format!("{base}/{status}"))).unwrap()
+    };
+    assert!(sink(200).fire(&a).await.is_ok());
+    assert!(sink(202).resolve(&a, Utc::now()).await.is_ok());
+    for (status, kind) in [
+        (302, ErrorKind::Invalid),
+        (307, ErrorKind::Invalid),
+        (400, ErrorKind::Invalid),
+        (404, ErrorKind::Invalid),
+        (401, ErrorKind::Unauthorized),
+        (403, ErrorKind::Unauthorized),
+        (408, ErrorKind::Transient),
+        (429, ErrorKind::Throttled),
+        (500, ErrorKind::Transient),
+        (503, ErrorKind::Transient),
+    ] {
+        let e = sink(status).fire(&a).await.unwrap_err();
+        assert_eq!(e.kind, kind, "{status}: {e}");
+        assert!(e.message.contains(&status.to_string()), "{e}");
+        assert!(!e.message.contains("canary-body"), "{e}");
+        if matches!(status, 429 | 503) {
+            assert_eq!(e.retry_after, Some(Duration::from_secs(7)), "{status}");
+        }
+    }
+    assert_eq!(
+        followed.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a redirect was followed"
+    );
+}
+
+#[tokio::test]
+async fn garbage_and_silence_from_a_receiver_are_transient_errors() {
+    use keyturn::model::ErrorKind;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // One server that answers garbage, one that never answers.
+    let garbage = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let garbage_url = format!("http://{}", garbage.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let (mut c, _) = garbage.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf).await;
+            let _ = c.write_all(b"\x00\xffNOT HTTP AT ALL\r\n\r\n").await;
+        }
+    });
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (c, _) = silent.accept().await.unwrap();
+            held.push(c);
+        }
+    });
+    let a = alert("KeyturnRevocationSlaBreached", Severity::Critical);
+    let e = AlertmanagerSink::new(&AlertmanagerConfig::new(&garbage_url))
+        .unwrap()
+        .fire(&a)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Transient, "{e}");
+    let cfg = AlertmanagerConfig {
+        timeout: Some("300ms".into()),
+        ..AlertmanagerConfig::new(&silent_url)
+    };
+    let started = Instant::now();
+    let e = AlertmanagerSink::new(&cfg)
+        .unwrap()
+        .fire(&a)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Transient, "{e}");
+    assert!(e.message.contains("no answer within 300ms"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
