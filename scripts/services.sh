@@ -6,11 +6,12 @@
 #   moto        AWS Secrets Manager (PyPI moto[server])       -> KEYTURN_TEST_AWS_ENDPOINT, AWS_*
 #   PostgreSQL  a throwaway TLS cluster (Debian postgresql)   -> KEYTURN_TEST_PG_*
 #   Azure stub  tests/stubs/azure_keyvault_stub.py over TLS   -> KEYTURN_TEST_AZURE_*
+#   Alertmanager (Debian prometheus-alertmanager), no gossip  -> KEYTURN_TEST_ALERTMANAGER_URL
 #
 # Usage: scripts/services.sh start|stop|status|env
 #
 #   start   installs what is missing (a venv under target/, apt for
-#           PostgreSQL), starts everything on free loopback ports, waits until
+#           PostgreSQL and Alertmanager), starts everything on free loopback ports, waits until
 #           each answers, writes target/test-services/services.env and prints
 #           its path on stdout (progress goes to stderr), so
 #           `. "$(bash scripts/services.sh start)"` works. Already running:
@@ -31,7 +32,7 @@ RUN_DIR=$ROOT/target/test-services
 VENV=$RUN_DIR/venv
 ENV_FILE=$RUN_DIR/services.env
 AZURE_STUB=$ROOT/tests/stubs/azure_keyvault_stub.py
-SERVICES=(bao moto postgres azure)
+SERVICES=(bao moto postgres azure alertmanager)
 
 # Pinned to the versions the tests were written against (moto's behaviour in
 # particular changes between releases); override to try newer ones.
@@ -58,6 +59,7 @@ cmdline_pattern() {
     moto) echo 'moto_server' ;;
     postgres) echo 'postgres' ;;
     azure) echo 'azure_keyvault_stub' ;;
+    alertmanager) echo 'alertmanager' ;;
   esac
 }
 
@@ -263,6 +265,17 @@ find_pg_bin() {
   fi
 }
 
+# Sets AM_BIN to Alertmanager's binary (Debian names it prometheus-alertmanager).
+ensure_alertmanager() {
+  AM_BIN=$(command -v prometheus-alertmanager || command -v alertmanager || true)
+  if [[ -z $AM_BIN ]]; then
+    [[ $(id -u) == 0 ]] || die "Alertmanager is not installed. Install it (Debian/Ubuntu: sudo apt-get install prometheus-alertmanager; elsewhere: put alertmanager on PATH) and run this again."
+    apt_install prometheus-alertmanager
+    AM_BIN=$(command -v prometheus-alertmanager || command -v alertmanager || true)
+    [[ -n $AM_BIN ]] || die "apt-get installed prometheus-alertmanager but no alertmanager binary is on PATH"
+  fi
+}
+
 # --- the services -----------------------------------------------------------
 
 start_bao() {
@@ -389,6 +402,36 @@ azure_ready() {
   [[ -f $2 ]] && [[ $(http_status "https://127.0.0.1:$1/healthz" "$2") == 200 ]]
 }
 
+start_alertmanager() {
+  local port=$1 dir=$RUN_DIR/alertmanager.d
+  # Config and storage (silences, notification log) in the run dir; `stop`
+  # removes them with the other bookkeeping.
+  rm -rf -- "$dir"
+  mkdir -p "$dir"
+  echo "$dir" >"$RUN_DIR/alertmanager.dir"
+  # One receiver that notifies nobody: the tests read alerts back from the
+  # API (GET /api/v2/alerts), which is what keyturn's alerts are for.
+  cat >"$dir/alertmanager.yml" <<'YAML'
+# keyturn test Alertmanager (scripts/services.sh): no notifications.
+route:
+  receiver: blackhole
+  group_wait: 0s
+  group_interval: 1s
+  repeat_interval: 1h
+receivers:
+  - name: blackhole
+YAML
+  # An empty cluster address turns gossip (HA peering) off: one instance,
+  # nothing listening but the API.
+  spawn alertmanager "$AM_BIN" --config.file="$dir/alertmanager.yml" \
+    --storage.path="$dir/data" --web.listen-address="127.0.0.1:$port" \
+    --cluster.listen-address=
+  echo "$port" >"$RUN_DIR/alertmanager.port"
+  wait_ready alertmanager "GET /-/ready = 200" alertmanager_ready "$port"
+}
+
+alertmanager_ready() { [[ $(http_status "http://127.0.0.1:$1/-/ready") == 200 ]]; }
+
 # --- commands ---------------------------------------------------------------
 
 cmd_start() {
@@ -406,6 +449,7 @@ cmd_start() {
   INSTALLED=0
   ensure_venv
   ensure_postgres
+  ensure_alertmanager
   # A server's very first start after an install can be slow (cold caches).
   READY_TIMEOUT=30
   ((INSTALLED)) && READY_TIMEOUT=120
@@ -413,8 +457,8 @@ cmd_start() {
   # Whatever fails from here on, leave nothing half-started behind.
   trap 'rc=$?; if ((rc != 0)); then log "start failed; stopping what was started"; stop_all; fi' EXIT
 
-  local bao_port moto_port pg_port azure_port token pg_password
-  read -r bao_port moto_port pg_port azure_port <<<"$(free_ports 4)"
+  local bao_port moto_port pg_port azure_port am_port token pg_password
+  read -r bao_port moto_port pg_port azure_port am_port <<<"$(free_ports 5)"
   token=$(rand_hex)
   pg_password=$(rand_hex)
 
@@ -430,6 +474,8 @@ cmd_start() {
   else
     log "note: ${AZURE_STUB#"$ROOT"/} is not in this tree yet; no Azure stub (KEYTURN_TEST_AZURE_* unset)"
   fi
+  log "starting Alertmanager ($AM_BIN) on 127.0.0.1:$am_port"
+  start_alertmanager "$am_port"
 
   local tmp=$ENV_FILE.tmp
   (
@@ -451,6 +497,7 @@ cmd_start() {
       echo "export KEYTURN_TEST_PG_CA='$(<"$RUN_DIR/postgres.dir")/tls/ca.pem'"
       # The venv's python has pg8000 and inotify_simple (examples/python-agent).
       echo "export KEYTURN_TEST_PYTHON='$VENV/bin/python'"
+      echo "export KEYTURN_TEST_ALERTMANAGER_URL='http://127.0.0.1:$am_port'"
       if [[ -f $AZURE_STUB ]]; then
         echo "export KEYTURN_TEST_AZURE_URL='https://127.0.0.1:$azure_port'"
         echo "export KEYTURN_TEST_AZURE_CA='$(<"$RUN_DIR/azure.dir")/ca.pem'"
@@ -513,15 +560,15 @@ cmd_status() {
     any=1
     pid=$(live_pid "$name")
     if [[ -n $pid ]]; then
-      printf '%-9s running  pid %-8s 127.0.0.1:%s\n' "$name" "$pid" "$(cat "$RUN_DIR/$name.port" 2>/dev/null)"
+      printf '%-13s running  pid %-8s 127.0.0.1:%s\n' "$name" "$pid" "$(cat "$RUN_DIR/$name.port" 2>/dev/null)"
     else
-      printf '%-9s dead     (pid file left; "%s stop" cleans up)\n' "$name" "$0"
+      printf '%-13s dead     (pid file left; "%s stop" cleans up)\n' "$name" "$0"
     fi
   done
   if ((any == 0)); then
     echo "no test services running"
   elif [[ ! -f $AZURE_STUB ]]; then
-    echo "azure     not started (${AZURE_STUB#"$ROOT"/} not in this tree)"
+    echo "azure         not started (${AZURE_STUB#"$ROOT"/} not in this tree)"
   fi
   all_running || return 3
 }

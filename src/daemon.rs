@@ -17,6 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::alerts::{self, Alerts};
 use crate::api::protocol::{
     AckResult, AgentLifecycle, ApiError, ApiErrorKind, DecommissionResult, RotateOutcome,
     RotateResult, Selector, StatusRow,
@@ -168,6 +169,22 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     tracing::debug!(elapsed = ?started.elapsed(), "rotations resumed and timers armed");
     memory::freed(memory::Freed::ConfigLoad);
 
+    // Alerts: the spool is read now, so deliveries still owed from before
+    // a restart go out at once; the loop asks the conditions.
+    let alerts = Alerts::open(
+        &state_dir.join("alerts"),
+        alerts::build_sinks(&config.alerts).map_err(|e| startup("alert sinks", &e))?,
+        Arc::new(EngineRecorder(engine.clone())),
+        Some(metrics.clone()),
+        alerts::ManagerOptions {
+            flap_hold: config.alert_rules.resolve_hold,
+            ..alerts::ManagerOptions::default()
+        },
+        cancel.clone(),
+        tracker.clone(),
+    )
+    .map_err(|e| startup("cannot open the alert spool", &e))?;
+
     let sock = socket::bind(&config.daemon.socket, config.daemon.socket_group.as_deref()).map_err(
         |e| {
             startup(
@@ -182,11 +199,18 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             &e,
         )
     })?;
-    // Something an alert depends on changed: the alert loop looks again.
-    let alert_poke = Arc::new(tokio::sync::Notify::new());
-    let revocations = Revocations::start(engine.clone(), alert_poke.clone())
+    // A decommission poke the alert loop when an alert may have changed.
+    let revocations = Revocations::start(engine.clone(), alerts.poke_handle())
         .await
         .map_err(|e| startup("cannot load the decommissions", &e))?;
+    tracker.spawn(alerts::run_loop(
+        alerts.clone(),
+        Arc::new(alerts::AllConditions(vec![
+            Arc::new(revocations.clone()),
+            Arc::new(crate::rotation::RotationHealth(engine.clone())),
+        ])),
+        cancel.clone(),
+    ));
     let handler = Arc::new(Handler {
         engine: engine.clone(),
         revocations: revocations.clone(),
@@ -325,7 +349,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                reload(config_path, &engine, &mut config_files).await;
+                reload(config_path, &engine, &alerts, &mut config_files).await;
                 revocations.reload().await;
             }
             _ = term.recv() => break,
@@ -354,7 +378,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
 /// SIGHUP: validate the new config and swap it in, or keep the old one.
 /// Only the files that changed since the last load are read again (see
 /// [`config::reload`]).
-async fn reload(config_path: &Path, engine: &Engine, files: &mut config::FileSet) {
+async fn reload(config_path: &Path, engine: &Engine, alerts: &Alerts, files: &mut config::FileSet) {
     if let Ok(now) = NotifyState::monotonic_usec_now() {
         notify(&[NotifyState::Reloading, now]);
     }
@@ -392,8 +416,16 @@ async fn reload(config_path: &Path, engine: &Engine, files: &mut config::FileSet
         }
         Ok(config::Reloaded::Full(config, new_files)) => build_full(config, new_files, &old),
     };
+    // The alert sinks are built (their key files read) before anything is
+    // swapped, so a bad one keeps the whole old config.
+    let rebuilt = rebuilt.and_then(|(catalog, new_files, restart_only)| {
+        let sinks =
+            alerts::build_sinks(&catalog.config.alerts).map_err(|e| format!("alert sinks: {e}"))?;
+        Ok((catalog, new_files, restart_only, sinks))
+    });
     let outcome = match rebuilt {
-        Ok((catalog, new_files, restart_only)) => {
+        Ok((catalog, new_files, restart_only, alert_sinks)) => {
+            alerts.set_sinks(alert_sinks);
             *files = new_files;
             engine.reload(catalog).await;
             memory::freed(memory::Freed::ConfigLoad);
@@ -580,6 +612,20 @@ async fn audit_daemon(
     ev.error = error;
     if let Err(e) = engine.record(ev).await {
         tracing::error!(event, error = %e, "cannot write to the audit log");
+    }
+}
+
+/// Alert deliveries go to the audit log through the engine, which
+/// persists the audit head with each record.
+struct EngineRecorder(Engine);
+
+#[async_trait]
+impl alerts::AlertRecorder for EngineRecorder {
+    async fn record(&self, event: AuditEvent) {
+        let name = event.event.clone();
+        if let Err(e) = self.0.record(event).await {
+            tracing::error!(event = %name, error = %e, "cannot write to the audit log");
+        }
     }
 }
 

@@ -181,6 +181,17 @@ struct DeliveryLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SeverityLabels {
+    severity: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AlertDeliveryLabels {
+    sink: String,
+    outcome: &'static str,
+}
+
 fn result_label(ok: bool) -> &'static str {
     if ok { "ok" } else { "failed" }
 }
@@ -203,6 +214,9 @@ pub struct Metrics {
     /// Free bytes where the state directory is, read at scrape time.
     state_free: Gauge,
     state_dir: RwLock<Option<std::path::PathBuf>>,
+    alerts_firing: Family<SeverityLabels, Gauge>,
+    alert_deliveries: Family<AlertDeliveryLabels, Counter>,
+    alert_spool_depth: Gauge,
 }
 
 /// Counts credentials by state at scrape time, so the gauge is never stale
@@ -296,6 +310,26 @@ impl Metrics {
             "state_free_bytes",
             "Free bytes on the filesystem of the state directory (keyturn refuses to start below 4 MiB)",
         );
+        let alerts_firing: Family<SeverityLabels, Gauge> = register(
+            &mut registry,
+            "alerts_firing",
+            "Alert conditions firing now, by severity",
+        );
+        for severity in ["warning", "critical"] {
+            alerts_firing
+                .get_or_create(&SeverityLabels { severity })
+                .set(0);
+        }
+        let alert_deliveries: Family<AlertDeliveryLabels, Counter> = register(
+            &mut registry,
+            "alert_deliveries",
+            "Fire and resolve deliveries to alert sinks, by sink name and outcome (ok, retry, gave_up)",
+        );
+        let alert_spool_depth: Gauge = register(
+            &mut registry,
+            "alert_spool_depth",
+            "Alert deliveries (fire or resolve, per sink) spooled and not yet delivered",
+        );
         let provider = Arc::new(RwLock::new(None));
         registry.register_collector(Box::new(CredentialTimesCollector {
             provider: Arc::clone(&provider),
@@ -319,7 +353,34 @@ impl Metrics {
             state_counts: RwLock::new(None),
             state_free,
             state_dir: RwLock::new(None),
+            alerts_firing,
+            alert_deliveries,
+            alert_spool_depth,
         }
+    }
+
+    /// The number of alert conditions firing with `severity` (`warning`, `critical`).
+    pub fn set_alerts_firing(&self, severity: &'static str, n: i64) {
+        self.alerts_firing
+            .get_or_create(&SeverityLabels { severity })
+            .set(n);
+    }
+
+    /// One delivery attempt to the alert sink `sink` (its `[alerts.NAME]`)
+    /// ended with `outcome`: `ok`, `retry` (it will be tried again) or
+    /// `gave_up`.
+    pub fn alert_delivery(&self, sink: &str, outcome: &'static str) {
+        self.alert_deliveries
+            .get_or_create(&AlertDeliveryLabels {
+                sink: sink.into(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Alert deliveries spooled and not yet delivered.
+    pub fn set_alert_spool_depth(&self, n: i64) {
+        self.alert_spool_depth.set(n);
     }
 
     /// The state directory whose free space `state_free_bytes` reports.

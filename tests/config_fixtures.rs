@@ -580,7 +580,70 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         15,
         1,
         "alert_rules.failure_warning",
-        "unknown key `failure_warning`; expected one of `failures_warning`, `failures_critical`, `expiry_critical_before`, `holdouts`",
+        "unknown key `failure_warning`; expected one of `failures_warning`, `failures_critical`, `expiry_critical_before`, `holdouts`, `resolve_hold`",
+    ),
+    (
+        "bad-alert-unknown-type.toml",
+        21,
+        8,
+        "alerts.chat.type",
+        "unknown value `slack`; expected one of `alertmanager`, `pagerduty`, `webhook`",
+    ),
+    (
+        "bad-alert-url.toml",
+        22,
+        7,
+        "alerts.am.url",
+        "invalid Alertmanager URL: its address 169.254.169.254 is a cloud metadata service address",
+    ),
+    (
+        "bad-alert-url-userinfo.toml",
+        22,
+        7,
+        "alerts.hook.url",
+        "invalid webhook URL: it holds a user name or password, which would end up in logs",
+    ),
+    (
+        "bad-alert-unknown-tier.toml",
+        23,
+        18,
+        "alerts.pd.tiers[1]",
+        "unknown tier `gold`; defined tiers: `critical`, `high`, `low`, `medium`",
+    ),
+    (
+        "bad-alert-empty-filter.toml",
+        23,
+        11,
+        "alerts.am.tenants",
+        "`tenants = []` routes nothing to this sink; remove the key to route every alert",
+    ),
+    (
+        "bad-alert-severity.toml",
+        23,
+        26,
+        "alerts.am.severities[1]",
+        "unknown severity `page`; expected `warning` or `critical`",
+    ),
+    (
+        "bad-alert-routing-key-inline.toml",
+        22,
+        1,
+        "alerts.pd.routing_key",
+        "unknown key `routing_key`; expected one of `routing_key_file`, `url`",
+    ),
+    (
+        "bad-alert-timeout.toml",
+        23,
+        11,
+        "alerts.am.timeout",
+        "timeout `5m` is out of range: it must be between 100ms and 1m",
+    ),
+    (
+        "bad-alert-name.toml",
+        20,
+        9,
+        "alerts.On-Call",
+        "invalid alert sink name `On-Call`",
     ),
 ];
 
@@ -797,6 +860,7 @@ fn good_full_reads_every_key() {
             failures_critical: Some(5),
             expiry_critical_before: ExpiryLead::Fixed(Duration::from_secs(8 * 3600)),
             holdouts: false,
+            resolve_hold: Duration::from_secs(30),
         }
     );
 
@@ -938,6 +1002,7 @@ fn good_minimal_takes_the_defaults() {
             failures_critical: None,
             expiry_critical_before: ExpiryLead::Period,
             holdouts: true,
+            resolve_hold: Duration::from_secs(120),
         }
     );
     let tiers: Vec<(&str, u64)> = cfg
@@ -1169,4 +1234,75 @@ fn good_remote_reads_every_vault_and_target_type() {
             &"https://partner.example.com".to_owned()
         )]
     );
+}
+
+#[test]
+fn good_alerts_reads_every_alert_sink_key() {
+    use keyturn::alerts::{AlertSinkConfig, Route, Severity};
+    let cfg = load_good("good-alerts.toml");
+    assert_eq!(cfg.alerts.keys().collect::<Vec<_>>(), ["am", "hook", "pd"]);
+    let AlertSinkConfig::Alertmanager(am) = &cfg.alerts["am"] else {
+        panic!("{:?}", cfg.alerts["am"]);
+    };
+    assert_eq!(am.url, "http://alertmanager.internal:9093");
+    assert_eq!(cfg.alerts["am"].plugin().route(), Route::default());
+    let AlertSinkConfig::Pagerduty(pd) = &cfg.alerts["pd"] else {
+        panic!("{:?}", cfg.alerts["pd"]);
+    };
+    // Relative to the config file's directory.
+    assert_eq!(pd.routing_key_file, fixture("keys/pagerduty.key"));
+    assert_eq!(
+        pd.url.as_deref(),
+        Some("https://events.eu.pagerduty.com/v2/enqueue")
+    );
+    assert_eq!(pd.timeout.as_deref(), Some("10s"));
+    assert_eq!(
+        cfg.alerts["pd"].plugin().route(),
+        Route {
+            severities: Some(vec![Severity::Critical]),
+            tiers: Some(vec!["critical".into(), "high".into()]),
+            tenants: Some(vec!["acme".into()]),
+        }
+    );
+    let AlertSinkConfig::Webhook(hook) = &cfg.alerts["hook"] else {
+        panic!("{:?}", cfg.alerts["hook"]);
+    };
+    assert_eq!(hook.secret_file, Path::new("/etc/keyturn/alert-hook.key"));
+    assert_eq!(
+        cfg.alerts["hook"].plugin().route().severities,
+        Some(vec![Severity::Warning, Severity::Critical])
+    );
+}
+
+#[test]
+fn every_alert_sink_problem_is_reported_at_once_and_no_password_is_echoed() {
+    let text = std::fs::read_to_string(fixture("good-alerts.toml"))
+        .unwrap()
+        .replace(
+            "url = \"http://alertmanager.internal:9093\"",
+            "url = \"http://am:s3cr3t-canary@alertmanager.internal:9093\"",
+        )
+        .replace("severities = [\"critical\"]", "severities = [\"urgent\"]")
+        .replace("timeout = \"10s\"", "timeout = \"0s\"")
+        .replace(
+            "secret_file = \"/etc/keyturn/alert-hook.key\"",
+            "secret_file = \"\"",
+        );
+    let errors = keyturn::config::load_str(&fixture("good-alerts.toml"), &text)
+        .unwrap_err()
+        .0;
+    let got: Vec<&str> = errors.iter().map(|e| e.toml_path.as_str()).collect();
+    assert_eq!(
+        got,
+        [
+            "alerts.am.url",
+            "alerts.pd.severities[0]",
+            "alerts.pd.timeout",
+            "alerts.hook.secret_file",
+        ],
+        "{errors:#?}"
+    );
+    for e in &errors {
+        assert!(!e.to_string().contains("s3cr3t-canary"), "{e}");
+    }
 }

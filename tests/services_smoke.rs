@@ -198,3 +198,17 @@ async fn https_get(url: &str, ca: Option<&str>) -> Result<(u16, String), String>
     let status = response.status().as_u16();
     Ok((status, response.text().await.map_err(|e| e.to_string())?))
 }
+
+#[test]
+fn alertmanager_answers_alone_without_gossip() {
+    let url = required("KEYTURN_TEST_ALERTMANAGER_URL");
+    let addr = authority(&url, "KEYTURN_TEST_ALERTMANAGER_URL");
+    let (status, _) = http_get(&addr, "/-/ready", &[]);
+    assert_eq!(status, 200, "Alertmanager is not ready");
+    let (status, body) = http_get(&addr, "/api/v2/status", &[]);
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(r#""cluster":{"peers":[],"status":"disabled"}"#),
+        "Alertmanager runs with gossip: {body}"
+    );
+}

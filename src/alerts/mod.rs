@@ -11,9 +11,42 @@
 //! resolves the ones gone. Level-triggered, so a restart, a flapping
 //! condition or a sink that was down never opens a second incident for one
 //! condition.
+//!
+//! # Layout
+//! - [`manager`]: [`Alerts`], the spooled, retried, audited delivery of
+//!   the firing set to every alert sink whose routing filters match;
+//! - [`alertmanager`], [`pagerduty`], [`webhook`]: the alert sinks, each
+//!   owning its `[alerts.NAME]` config, its check and its build;
+//! - `http`: what the three share (URL rules, the POST and how an answer
+//!   maps to an error kind).
+//!
+//! # Adding an alert sink
+//! Write `alerts/NAME.rs` with its config struct (`deny_unknown_fields`,
+//! the routing keys `severities`, `tiers`, `tenants` and `timeout` among
+//! its own), `impl AlertSinkPlugin` (check through the [`Validator`],
+//! build) and the [`AlertSink`]; then add one line to [`AlertSinkConfig`].
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+use crate::config::validate::{Loc, Validator, Zero};
+use crate::model::PluginError;
+use crate::plugin::registry;
+
+pub mod alertmanager;
+mod http;
+pub mod manager;
+pub mod pagerduty;
+#[cfg(test)]
+mod tests;
+pub mod webhook;
+
+pub use manager::{AlertRecorder, Alerts, ManagerOptions, NamedSink, NoConditions, run_loop};
 
 /// How urgent an alert is (the `severity` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -30,6 +63,15 @@ impl Severity {
         match self {
             Severity::Warning => "warning",
             Severity::Critical => "critical",
+        }
+    }
+
+    /// The severity named `text` (`warning`, `critical`).
+    pub fn parse(text: &str) -> Option<Severity> {
+        match text {
+            "warning" => Some(Severity::Warning),
+            "critical" => Some(Severity::Critical),
+            _ => None,
         }
     }
 }
@@ -74,9 +116,229 @@ pub trait ConditionSource: Send + Sync {
     fn conditions(&self, now: DateTime<Utc>) -> Conditions;
 }
 
+/// Several sources as one: every alert of each, the earliest next change.
+pub struct AllConditions(pub Vec<std::sync::Arc<dyn ConditionSource>>);
+
+impl ConditionSource for AllConditions {
+    fn conditions(&self, now: DateTime<Utc>) -> Conditions {
+        let mut all = Conditions::default();
+        for source in &self.0 {
+            let c = source.conditions(now);
+            all.firing.extend(c.firing);
+            all.next_change = match (all.next_change, c.next_change) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        all
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Conditions {
     pub firing: Vec<Alert>,
     /// The next time a condition starts or stops by the clock alone.
     pub next_change: Option<DateTime<Utc>>,
+}
+
+registry! {
+    /// One `[alerts.NAME]` table: one variant per alert sink.
+    pub enum AlertSinkConfig: AlertSinkPlugin {
+        Alertmanager(alertmanager::AlertmanagerConfig),
+        Pagerduty(pagerduty::PagerdutyConfig),
+        Webhook(webhook::AlertWebhookConfig),
+    }
+}
+
+/// What the registry needs of an alert sink's config.
+pub trait AlertSinkPlugin: std::fmt::Debug + Send + Sync {
+    /// Reports every problem of `[alerts.NAME]` at `at` and completes it in
+    /// place (relative paths resolved).
+    fn check(&mut self, v: &mut Validator<'_>, at: Loc<'_>, scope: &AlertScope<'_>);
+
+    /// Which alerts go to this sink, once `check` accepted the config.
+    fn route(&self) -> Route;
+
+    /// The sink, named `name` (the `NAME` of `[alerts.NAME]`). Reads its
+    /// secret file, if it has one, so a missing key fails here.
+    fn build(self: Box<Self>, name: &str) -> Result<Arc<dyn AlertSink>, PluginError>;
+}
+
+impl AlertSinkConfig {
+    /// The sink and its route.
+    pub fn build(self, name: &str) -> Result<NamedSink, PluginError> {
+        let route = self.plugin().route();
+        let sink = self.into_plugin().build(name)?;
+        Ok(NamedSink {
+            name: name.to_owned(),
+            sink,
+            route,
+        })
+    }
+}
+
+/// Builds every `[alerts.NAME]` of a config.
+pub fn build_sinks(
+    configs: &BTreeMap<String, AlertSinkConfig>,
+) -> Result<Vec<NamedSink>, PluginError> {
+    configs
+        .iter()
+        .map(|(name, c)| {
+            c.clone().build(name).map_err(|e| {
+                PluginError::new(e.kind, format!("[alerts.{name}]: {}", e.message))
+                    .with_retry_after(e.retry_after)
+            })
+        })
+        .collect()
+}
+
+/// What an alert sink's check needs to know about the rest of the config.
+#[derive(Debug, Clone, Copy)]
+pub struct AlertScope<'a> {
+    /// The tier names (`[tiers]`, or the built-in ones).
+    pub tiers: &'a [String],
+}
+
+/// The routing filters of one alert sink: an alert goes to the sink when
+/// each filter that is set lists its value (an alert without a tier or a
+/// tenant passes only the filters that are not set).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Route {
+    pub severities: Option<Vec<Severity>>,
+    pub tiers: Option<Vec<String>>,
+    pub tenants: Option<Vec<String>>,
+}
+
+impl Route {
+    pub fn matches(&self, alert: &Alert) -> bool {
+        let listed = |filter: &Option<Vec<String>>, value: &Option<String>| match filter {
+            None => true,
+            Some(list) => value.as_ref().is_some_and(|v| list.contains(v)),
+        };
+        self.severities
+            .as_ref()
+            .is_none_or(|s| s.contains(&alert.severity))
+            && listed(&self.tiers, &alert.tier)
+            && listed(&self.tenants, &alert.tenant)
+    }
+}
+
+/// The routing keys and `timeout` every alert sink takes, checked alike.
+pub(crate) struct Common<'a> {
+    pub severities: &'a Option<Vec<String>>,
+    pub tiers: &'a Option<Vec<String>>,
+    pub tenants: &'a Option<Vec<String>>,
+    pub timeout: &'a Option<String>,
+}
+
+impl Common<'_> {
+    pub(crate) fn check(&self, v: &mut Validator<'_>, p: Loc<'_>, scope: &AlertScope<'_>) {
+        let empty = |v: &mut Validator<'_>, key: &'static str| {
+            v.err(
+                p.key(key),
+                format!(
+                    "`{key} = []` routes nothing to this sink; remove the key to route every alert"
+                ),
+            )
+        };
+        if let Some(severities) = self.severities {
+            if severities.is_empty() {
+                empty(v, "severities");
+            }
+            for (i, s) in severities.iter().enumerate() {
+                if Severity::parse(s).is_none() {
+                    v.err(
+                        p.key("severities").index(i),
+                        format!("unknown severity `{s}`; expected `warning` or `critical`"),
+                    );
+                }
+            }
+        }
+        if let Some(tiers) = self.tiers {
+            if tiers.is_empty() {
+                empty(v, "tiers");
+            }
+            for (i, t) in tiers.iter().enumerate() {
+                if !scope.tiers.contains(t) {
+                    v.err(
+                        p.key("tiers").index(i),
+                        format!(
+                            "unknown tier `{t}`; defined tiers: {}",
+                            crate::config::validate::list(scope.tiers.iter())
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(tenants) = self.tenants {
+            if tenants.is_empty() {
+                empty(v, "tenants");
+            }
+            for (i, t) in tenants.iter().enumerate() {
+                if t.trim().is_empty() {
+                    v.err(p.key("tenants").index(i), "a tenant must not be empty");
+                }
+            }
+        }
+        if let Some(text) = self.timeout {
+            let at = p.key("timeout");
+            if let Some(d) = v.duration(at, text, Zero::Rejected)
+                && !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&d)
+            {
+                v.err(
+                    at,
+                    format!(
+                        "timeout `{text}` is out of range: it must be between {} and {}",
+                        humantime::format_duration(MIN_TIMEOUT),
+                        humantime::format_duration(MAX_TIMEOUT)
+                    ),
+                );
+            }
+        }
+    }
+
+    pub(crate) fn route(&self) -> Route {
+        Route {
+            severities: self
+                .severities
+                .as_ref()
+                .map(|s| s.iter().filter_map(|s| Severity::parse(s)).collect()),
+            tiers: self.tiers.clone(),
+            tenants: self.tenants.clone(),
+        }
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        crate::config::validate::duration_value(self.timeout.as_deref(), DEFAULT_TIMEOUT)
+    }
+}
+
+/// `timeout` of an alert sink when unset, and its range.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Carries alerts to one alerting pipeline. One call is one request; the
+/// manager owns retries, backoff, spooling and audit. Never logs or keeps a
+/// response body.
+#[async_trait]
+pub trait AlertSink: Send + Sync {
+    /// For logs, status and audit, e.g. `alertmanager:http://am:9093/api/v2/alerts`
+    /// (never a query string or a key).
+    fn describe(&self) -> String;
+
+    /// The sink's `type`.
+    fn kind(&self) -> &'static str;
+
+    /// How often a firing alert is sent again for as long as it fires
+    /// (`None`: once; the receiver keeps it open until resolved).
+    fn resend_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// The condition is firing.
+    async fn fire(&self, alert: &Alert) -> Result<(), PluginError>;
+
+    /// The condition ended at `ended_at`.
+    async fn resolve(&self, alert: &Alert, ended_at: DateTime<Utc>) -> Result<(), PluginError>;
 }

@@ -468,6 +468,7 @@ fn parse_one(f: &SourceFile) -> Option<File> {
             tiers: None,
             vaults: BTreeMap::new(),
             agents: a.agents,
+            alerts: BTreeMap::new(),
         })
     }
 }
@@ -485,6 +486,7 @@ fn merge_raw(raw: &mut RawConfig, more: RawConfig) {
     }
     raw.vaults.extend(more.vaults);
     raw.agents.extend(more.agents);
+    raw.alerts.extend(more.alerts);
 }
 
 /// The slow path: spans kept, each section on its own, every error located
@@ -667,6 +669,8 @@ pub(super) struct File {
     vaults: BTreeMap<String, crate::vaults::VaultSpec>,
     #[serde(default)]
     agents: BTreeMap<String, FileAgent>,
+    #[serde(default)]
+    alerts: BTreeMap<String, crate::alerts::AlertSinkConfig>,
 }
 
 /// A file of `agents.d` in one serde pass: agents only.
@@ -727,6 +731,11 @@ fn into_raw(f: File) -> RawConfig {
                 (name, entry)
             })
             .collect(),
+        alerts: f
+            .alerts
+            .into_iter()
+            .map(|(n, a)| (n, Parsed::Ok(a)))
+            .collect(),
     }
 }
 
@@ -765,6 +774,15 @@ fn deserialize_sections(root: &Table, main: bool) -> (RawConfig, Vec<Issue>) {
             }
             "vaults" => {
                 raw.vaults = entries(item, &p, &mut issues)
+                    .into_iter()
+                    .map(|(n, i)| {
+                        let parsed = section(i, &p.key(&n), &mut issues);
+                        (n, parsed)
+                    })
+                    .collect()
+            }
+            "alerts" => {
+                raw.alerts = entries(item, &p, &mut issues)
                     .into_iter()
                     .map(|(n, i)| {
                         let parsed = section(i, &p.key(&n), &mut issues);
@@ -1183,11 +1201,13 @@ mod tests {
 
     #[test]
     fn unknown_top_level_key_points_at_the_key() {
-        let e = errors("\n[alerts.x]\ntype = \"webhook\"\n");
+        // (`alerts` was the example until [alerts.NAME] became a section.)
+        let e = errors("\n[notify.x]\ntype = \"webhook\"\n");
         assert_eq!(e.len(), 1, "{e:?}");
         assert_eq!((e[0].line, e[0].column), (2, 2));
-        assert_eq!(e[0].toml_path, "alerts");
-        assert!(e[0].message.contains("unknown key `alerts`"));
+        assert_eq!(e[0].toml_path, "notify");
+        assert!(e[0].message.contains("unknown key `notify`"));
+        assert!(e[0].message.contains("`agents`, `alerts`"), "{}", e[0]);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::alerts::AlertSinkConfig;
 use crate::model::{AgentId, CredentialId, CredentialKey};
 use crate::schedule::ScheduleSpec;
 use crate::sinks::SinkConfig;
@@ -44,6 +45,8 @@ pub struct Config {
     pub tiers: BTreeMap<String, TierConfig>,
     pub vaults: BTreeMap<String, VaultConfig>,
     pub agents: BTreeMap<AgentId, AgentConfig>,
+    /// `[alerts.NAME]`: the alert sinks, by name.
+    pub alerts: BTreeMap<String, AlertSinkConfig>,
     /// `[alert_rules]`: when rotation health raises an alert.
     pub alert_rules: AlertRules,
 }
@@ -59,6 +62,9 @@ pub struct AlertRules {
     pub expiry_critical_before: ExpiryLead,
     /// Warn on consumers that had not acknowledged when grace ended.
     pub holdouts: bool,
+    /// A condition that ends is resolved only after it stayed gone this
+    /// long (a flapping one opens no second incident). Read at start.
+    pub resolve_hold: Duration,
 }
 
 impl Default for AlertRules {
@@ -68,6 +74,7 @@ impl Default for AlertRules {
             failures_critical: None,
             expiry_critical_before: ExpiryLead::Period,
             holdouts: true,
+            resolve_hold: Duration::from_secs(120),
         }
     }
 }

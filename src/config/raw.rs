@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
+use crate::alerts::AlertSinkConfig;
 use crate::sinks::SinkConfig;
 use crate::targets::TargetConfig;
 use crate::vaults::VaultSpec;
@@ -54,6 +55,8 @@ pub struct RawConfig {
     /// In file order, so that of two clashing credentials or sinks the one
     /// further down is reported as the duplicate.
     pub agents: Vec<(String, RawAgentEntry)>,
+    /// `[alerts.NAME]`: the alert sinks.
+    pub alerts: BTreeMap<String, Parsed<AlertSinkConfig>>,
     /// `None` when there is no `[alert_rules]` table (every key has a default).
     pub alert_rules: Option<Parsed<RawAlertRules>>,
 }
@@ -67,6 +70,8 @@ pub struct RawAlertRules {
     /// `"period"` or a duration.
     pub expiry_critical_before: Option<String>,
     pub holdouts: Option<bool>,
+    /// How long a condition must stay gone before its alert is resolved.
+    pub resolve_hold: Option<String>,
 }
 
 /// One `[agents.NAME]` table: its own keys and its credentials, each
@@ -247,4 +252,11 @@ pub enum RawEncoding {
 }
 
 /// The keys allowed at the top of the file (for "unknown key" messages).
-pub const TOP_LEVEL_KEYS: &[&str] = &["daemon", "tiers", "vaults", "agents", "alert_rules"];
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "daemon",
+    "tiers",
+    "vaults",
+    "agents",
+    "alerts",
+    "alert_rules",
+];

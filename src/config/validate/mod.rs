@@ -269,12 +269,14 @@ impl Validator<'_> {
             }
         }
 
+        let alerts = self.alerts(raw, &scope.tier_names);
         Config {
             source: self.ctx.source.clone(),
             daemon,
             tiers,
             vaults,
             agents,
+            alerts,
             alert_rules,
         }
     }
@@ -327,6 +329,11 @@ impl Validator<'_> {
             failures_critical: r.failures_critical,
             expiry_critical_before,
             holdouts: r.holdouts.unwrap_or(default.holdouts),
+            resolve_hold: r
+                .resolve_hold
+                .as_deref()
+                .and_then(|t| self.duration(p.key("resolve_hold"), t, Zero::Allowed))
+                .unwrap_or(default.resolve_hold),
         }
     }
 
@@ -376,6 +383,29 @@ impl Validator<'_> {
             return None;
         }
         Some(max_age)
+    }
+
+    /// `[alerts.NAME]`: each alert sink checked by its plug-in.
+    fn alerts(
+        &mut self,
+        raw: &RawConfig,
+        tiers: &[String],
+    ) -> BTreeMap<String, crate::alerts::AlertSinkConfig> {
+        let mut out = BTreeMap::new();
+        let alerts_loc = Loc::top("alerts");
+        for (name, sink) in &raw.alerts {
+            let p = alerts_loc.key(name);
+            let id_ok = self.id(&p, "alert sink", name);
+            let Parsed::Ok(sink) = sink else { continue };
+            let before = self.issues.len();
+            let mut sink = sink.clone();
+            sink.plugin_mut()
+                .check(self, p, &crate::alerts::AlertScope { tiers });
+            if id_ok && self.issues.len() == before {
+                out.insert(name.clone(), sink);
+            }
+        }
+        out
     }
 
     /// Checks a name against the id grammar; the key is what is wrong, so

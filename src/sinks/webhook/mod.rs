@@ -492,7 +492,7 @@ impl Sink for WebhookSink {
     }
 }
 
-const USER_AGENT_VALUE: &str = concat!("keyturn/", env!("CARGO_PKG_VERSION"));
+pub(crate) const USER_AGENT_VALUE: &str = concat!("keyturn/", env!("CARGO_PKG_VERSION"));
 
 /// `webhook:<scheme>://<host>[:port]<path>`: never the query or fragment,
 /// which may hold a token.
@@ -510,24 +510,39 @@ fn describe_url(url: &Url) -> String {
 /// others, [`MIN_KEY_LEN`]..=[`MAX_KEY_LEN`] bytes once one trailing
 /// newline is dropped (`openssl rand -hex 32 > hook.key` makes a good one).
 fn read_key_file(path: &Path) -> Result<SecretValue, PluginError> {
+    read_secret_file(
+        path,
+        "webhook key file",
+        MIN_KEY_LEN,
+        &format!("a webhook key must be at least {MIN_KEY_LEN} (e.g. `openssl rand -hex 32`)"),
+    )
+}
+
+/// A secret file (`what` names it in messages): a regular file (not a
+/// symlink), no access for group and others, `min_len..=`[`MAX_KEY_LEN`]
+/// bytes once one trailing newline is dropped (`too_short` says what is
+/// needed when it is shorter). Also read by the alert sinks
+/// (a PagerDuty routing key, an alert webhook's signing key).
+pub(crate) fn read_secret_file(
+    path: &Path,
+    what: &str,
+    min_len: usize,
+    too_short: &str,
+) -> Result<SecretValue, PluginError> {
     let shown = path.display();
-    let invalid = |why: String| {
-        PluginError::new(
-            ErrorKind::Invalid,
-            format!("webhook key file {shown}: {why}"),
-        )
-    };
+    let invalid =
+        |why: String| PluginError::new(ErrorKind::Invalid, format!("{what} {shown}: {why}"));
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => invalid("is a symlink; point secret_file at the real file".into()),
-            _ => PluginError::io(format_args!("webhook key file {shown}"), &e),
+            _ => PluginError::io(format_args!("{what} {shown}"), &e),
         })?;
     let meta = file
         .metadata()
-        .map_err(|e| PluginError::io(format_args!("webhook key file {shown}"), &e))?;
+        .map_err(|e| PluginError::io(format_args!("{what} {shown}"), &e))?;
     if !meta.is_file() {
         return Err(invalid("is not a regular file".into()));
     }
@@ -538,7 +553,7 @@ fn read_key_file(path: &Path) -> Result<SecretValue, PluginError> {
         )));
     }
     let mut raw = crate::vaults::local::read_capped(&file, MAX_KEY_LEN)
-        .map_err(|e| PluginError::io(format_args!("webhook key file {shown}"), &e))?;
+        .map_err(|e| PluginError::io(format_args!("{what} {shown}"), &e))?;
     if raw.len() > MAX_KEY_LEN {
         return Err(invalid(format!("is longer than {MAX_KEY_LEN} bytes")));
     }
@@ -548,17 +563,14 @@ fn read_key_file(path: &Path) -> Result<SecretValue, PluginError> {
             raw.pop();
         }
     }
-    if raw.len() < MIN_KEY_LEN {
-        return Err(invalid(format!(
-            "holds {} bytes; a webhook key must be at least {MIN_KEY_LEN} (e.g. `openssl rand -hex 32`)",
-            raw.len()
-        )));
+    if raw.len() < min_len {
+        return Err(invalid(format!("holds {} bytes; {too_short}", raw.len())));
     }
     Ok(SecretValue::new(std::mem::take(&mut *raw)))
 }
 
 /// `Retry-After` in seconds or as an HTTP date, capped.
-fn retry_after(h: Option<&HeaderValue>) -> Option<Duration> {
+pub(crate) fn retry_after(h: Option<&HeaderValue>) -> Option<Duration> {
     let text = h?.to_str().ok()?.trim();
     let after = match text.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
@@ -572,7 +584,7 @@ fn retry_after(h: Option<&HeaderValue>) -> Option<Duration> {
     Some(after.min(MAX_RETRY_AFTER))
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -593,7 +605,7 @@ fn system_lookup() -> Arc<dyn Lookup> {
 
 /// One client per policy for every sink on the system resolver: a client
 /// holds a connection pool and the TLS roots, too much to keep per sink.
-fn shared_client(policy: Policy) -> Result<reqwest::Client, PluginError> {
+pub(crate) fn shared_client(policy: Policy) -> Result<reqwest::Client, PluginError> {
     static CLIENTS: LazyLock<Mutex<Vec<(Policy, reqwest::Client)>>> =
         LazyLock::new(Default::default);
     let mut clients = CLIENTS.lock().unwrap_or_else(|p| p.into_inner());
