@@ -199,7 +199,9 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             &e,
         )
     })?;
-    // A decommission poke the alert loop when an alert may have changed.
+    // Decommissions and rotations poke the alert loop when an alert may
+    // have changed.
+    engine.set_alert_poke(alerts.poke_handle());
     let revocations = Revocations::start(engine.clone(), alerts.poke_handle())
         .await
         .map_err(|e| startup("cannot load the decommissions", &e))?;

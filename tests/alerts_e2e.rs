@@ -408,7 +408,7 @@ async fn pagerduty_gets_a_trigger_and_a_resolve_with_one_dedup_key_checked_field
     assert_eq!(t["dedup_key"], a.dedup_key().as_str());
     assert_eq!(
         t["dedup_key"],
-        "keyturn/KeyturnRevocationSlaBreached/invoice-bot/db"
+        "keyturn/KeyturnRevocationSlaBreached/invoice-bot/db/critical"
     );
     let p = &t["payload"];
     assert_eq!(p["summary"], a.summary.as_str());

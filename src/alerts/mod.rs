@@ -96,14 +96,20 @@ pub struct Alert {
 }
 
 impl Alert {
-    /// Stable per condition, agent and credential: PagerDuty's `dedup_key`,
-    /// the spool's key. Two evaluations of one condition give the same key.
+    /// Stable per condition, agent, credential and severity: PagerDuty's
+    /// `dedup_key`, the spool's key. Two evaluations of one condition give
+    /// the same key. The severity is part of it, as it is of Alertmanager's
+    /// labels: a condition that escalates (a warning at two failed
+    /// rotations, a page at five) is a second alert, routed on its own (a
+    /// sink that takes only `critical` gets the page when it comes), and the
+    /// warning resolves when the condition has moved on.
     pub fn dedup_key(&self) -> String {
         format!(
-            "keyturn/{}/{}/{}",
+            "keyturn/{}/{}/{}/{}",
             self.name,
             self.agent.as_deref().unwrap_or("-"),
-            self.credential.as_deref().unwrap_or("-")
+            self.credential.as_deref().unwrap_or("-"),
+            self.severity.as_str()
         )
     }
 }

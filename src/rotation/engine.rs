@@ -68,6 +68,9 @@ pub(super) struct Inner {
     /// shows for their credentials: none of their credentials is rotated,
     /// retired or followed any more (see `retired.rs`).
     pub(super) retired: RwLock<HashMap<crate::model::AgentId, &'static str>>,
+    /// Told whenever a rotation ends (an alert condition may have changed):
+    /// the daemon's alert loop, once it is set.
+    pub(super) alert_poke: std::sync::OnceLock<Arc<Notify>>,
     /// Woken when an agent is retired, so its rotations waiting out a
     /// back-off stop at once.
     pub(super) agent_stopped: Notify,
@@ -176,6 +179,7 @@ impl Engine {
                 follow_reload: Notify::new(),
                 retired: RwLock::new(HashMap::new()),
                 agent_stopped: Notify::new(),
+                alert_poke: std::sync::OnceLock::new(),
                 cancel,
                 tracker,
             }),

@@ -134,6 +134,9 @@ impl Inner {
             }
             drop(permit);
             self.wake.notify_one();
+            if let Some(poke) = self.alert_poke.get() {
+                poke.notify_one();
+            }
             self.after_job();
         });
     }

@@ -138,6 +138,12 @@ impl Engine {
         }
     }
 
+    /// Pokes `alerts` whenever a rotation ends, so a failure (or the success
+    /// that resolves it) reaches the alert loop at once.
+    pub fn set_alert_poke(&self, alerts: Arc<tokio::sync::Notify>) {
+        let _ = self.inner.alert_poke.set(alerts);
+    }
+
     /// `decommissioning` or `decommissioned` for an agent whose rotations
     /// were stopped; `None` for an active one.
     pub fn agent_label(&self, agent: &AgentId) -> Option<&'static str> {
