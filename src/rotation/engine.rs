@@ -73,6 +73,8 @@ pub(super) struct Inner {
     pub(super) agent_stopped: Notify,
     /// Tells the follow loops (`follow.rs`) that the catalog changed.
     pub(super) follow_reload: Notify,
+    /// What the follow loops and follow nudges share (`follow.rs`).
+    pub(super) follow: super::follow::Shared,
     pub(super) cancel: CancellationToken,
     pub(super) tracker: TaskTracker,
 }
@@ -174,6 +176,7 @@ impl Engine {
                 finished_since_trim: AtomicUsize::new(0),
                 wake: Notify::new(),
                 follow_reload: Notify::new(),
+                follow: Default::default(),
                 retired: RwLock::new(HashMap::new()),
                 agent_stopped: Notify::new(),
                 cancel,
