@@ -552,3 +552,36 @@ fn a_nudged_follower_on_openbao_has_each_new_version_long_before_its_poll() {
     assert!(!log.contains(&canary), "the value in the follower's log");
     audit_verifies(&follower, "follower");
 }
+
+/// A nudge key the webhook sink would refuse (readable by others, too
+/// short) stops the daemon at start with the setting named, instead of
+/// answering every nudge with an error.
+#[test]
+fn a_follower_with_a_nudge_key_it_cannot_use_does_not_start() {
+    for (content, mode, why) in [
+        ("kt-test-nudge-key-0123456789abcdef0123456789", 0o644, "chmod 600"),
+        ("kt-short-key", 0o600, "at least 32"),
+    ] {
+        let files = tempfile::tempdir().unwrap();
+        let key = files.path().join("nudge.key");
+        std::fs::write(&key, content).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let env = Env::with_daemon(
+            "",
+            &format!(
+                "listen = \"127.0.0.1:{}\"\nfollow_nudge_key_file = \"{}\"",
+                free_port(),
+                key.display()
+            ),
+        );
+        let mut daemon = env.spawn(&[]);
+        let status = daemon
+            .wait_exit(Duration::from_secs(20))
+            .expect("the daemon must refuse to start");
+        let log = daemon.log_text();
+        assert!(!status.success(), "{log}");
+        assert!(log.contains("follow_nudge_key_file"), "{log}");
+        assert!(log.contains(why), "{why}: {log}");
+        assert!(!log.contains(content), "the key in the log: {log}");
+    }
+}
