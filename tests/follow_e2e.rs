@@ -494,7 +494,10 @@ fn a_nudged_follower_on_openbao_has_each_new_version_long_before_its_poll() {
                 f.log_text()
             )
         });
-        eprintln!("round {round}: the follower's file after {:?}", rotated.elapsed());
+        eprintln!(
+            "round {round}: the follower's file after {:?}",
+            rotated.elapsed()
+        );
     }
     assert_eq!(delivered(&follower).map(|(_, v)| v), Some(3));
     r.stop();
@@ -559,7 +562,11 @@ fn a_nudged_follower_on_openbao_has_each_new_version_long_before_its_poll() {
 #[test]
 fn a_follower_with_a_nudge_key_it_cannot_use_does_not_start() {
     for (content, mode, why) in [
-        ("kt-test-nudge-key-0123456789abcdef0123456789", 0o644, "chmod 600"),
+        (
+            "kt-test-nudge-key-0123456789abcdef0123456789",
+            0o644,
+            "chmod 600",
+        ),
         ("kt-short-key", 0o600, "at least 32"),
     ] {
         let files = tempfile::tempdir().unwrap();

@@ -132,10 +132,7 @@ async fn nudge_handler(State(state): State<AppState>, headers: HeaderMap, body: 
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         }
     };
-    let Some(signature) = headers
-        .get(SIGNATURE_HEADER)
-        .and_then(|h| h.to_str().ok())
-    else {
+    let Some(signature) = headers.get(SIGNATURE_HEADER).and_then(|h| h.to_str().ok()) else {
         warn!("follow nudge refused: no {SIGNATURE_HEADER} header");
         return StatusCode::UNAUTHORIZED.into_response();
     };

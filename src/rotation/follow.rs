@@ -82,6 +82,9 @@ pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// With a change index, no credential is checked directly (the safety-net
 /// sweep) more often than once per this many polls.
 pub(super) const SWEEP_POLLS: usize = 60;
+/// The shortest time between the starts of two polls of one loop when
+/// nudges (for credentials it does not know by name) wake it early.
+pub(super) const MIN_EARLY_GAP: Duration = Duration::from_millis(250);
 
 /// The credential (an index into a group of `n`) that poll number `polls`
 /// checks by its own mark in the safety-net sweep, if any: one every
@@ -211,7 +214,7 @@ impl Inner {
                     lock_map(&me.follow.nudged).remove(key);
                     return;
                 }
-                let checked = match me.load_delivered(&[entry.clone()], &memory).await {
+                let checked = match me.load_delivered(std::slice::from_ref(&entry), &memory).await {
                     Ok(()) => me.follow_check(&entry, &memory).await,
                     Err(e) => Err(e),
                 };
@@ -301,6 +304,7 @@ impl Inner {
             // A poll in flight is finished, not dropped (drain and reload
             // wait for it, within the drain timeout): a delivery is not cut
             // between its sinks and its record in state.
+            let started = tokio::time::Instant::now();
             let polled = self.follow_once(&mut poller, &memory).await;
             match polled {
                 Ok(()) => failures = 0,
@@ -312,8 +316,15 @@ impl Inner {
             let delay = next_delay(poll, failures);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                // A nudge for a credential no loop knows by name.
-                _ = self.follow.early.notified() => {}
+                // A nudge for a credential no loop knows by name: poll now,
+                // but a flood of them no more often than MIN_EARLY_GAP.
+                _ = self.follow.early.notified() => {
+                    let wait = MIN_EARLY_GAP.saturating_sub(started.elapsed());
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = cancel.cancelled() => return,
+                    }
+                }
                 _ = cancel.cancelled() => return,
             }
         }
