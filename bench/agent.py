@@ -8,6 +8,13 @@ interleaved (every round runs each consumer in turn, one at a time):
     - keyturn *rotating* the credential (its own file sink),
     - keyturn *following* it (`mode = "follow"`, `poll = "1s"`), when this
       branch has follow mode,
+    - keyturn following it at `poll = "1s"` *and nudged*: the rotating
+      keyturn has a second `webhook` sink to the follower's
+      `POST /v1/follow/nudge` (`[daemon] listen` and `follow_nudge_key_file`
+      on the follower), when this branch has follow nudges; while another
+      consumer is measured, a stub on the follower's port answers the
+      rotator's nudges with 204 (so that its deliveries do not fail and
+      retry in the background),
     - `bao agent` with `static_secret_render_interval = "1s"`,
     - `bao agent` at its default interval (5 min; it runs in the background
       for the whole phase of one N, see below; skipped by --quick);
@@ -93,6 +100,7 @@ GOAL_RSS_RATIO = 0.25
 CLIENTS = {
     "rotating": "kt-rotating",
     "follow": "kt-follow",
+    "follow-nudge": "kt-follow-nudge",
     "agent-1s": "agent-1s",
     "agent-default": "agent-default",
 }
@@ -454,6 +462,37 @@ class Receiver:
         self.server.server_close()
 
 
+class NudgeStub:
+    """Stands in for the nudged follower on its port while another consumer
+    is measured: answers 204 to every POST (the rotator's nudges), so that
+    they neither fail nor retry in the rotator's background."""
+
+    def __init__(self, port: int):
+        class H(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response_only(204)
+                # No keep-alive: a kept connection would outlive close() and
+                # go on answering the rotator's nudges for the follower.
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+
+        http.server.ThreadingHTTPServer.allow_reuse_address = True
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 # --------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------
@@ -469,8 +508,12 @@ def kv_path(prefix: str, aid: str, cid: str) -> str:
 
 
 def keyturn_config(d: Path, bao: Bao, token_file: Path, creds: list[tuple[str, str]], prefix: str,
-                   follow: bool, webhook: dict | None, out_label: str, change_index: str | None = None) -> Path:
+                   follow: bool, webhook: dict | list[dict] | None, out_label: str, change_index: str | None = None,
+                   daemon_extra: list[str] | None = None) -> Path:
+    """`webhook`: one webhook sink's keys, or several; `daemon_extra`: more
+    `[daemon]` lines."""
     d.mkdir(parents=True, exist_ok=True)
+    webhooks = [webhook] if isinstance(webhook, dict) else (webhook or [])
     lines = [
         "[daemon]",
         f'state_dir = "{d}/state"',
@@ -479,6 +522,7 @@ def keyturn_config(d: Path, bao: Bao, token_file: Path, creds: list[tuple[str, s
         'drain_timeout = "10s"',
         "max_concurrent_rotations = 64",
         'retry = { initial_delay = "500ms", max_delay = "10s", max_attempts = 5 }',
+        *(daemon_extra or []),
         "",
         "[vaults.bao]",
         'type = "vault"',
@@ -497,8 +541,8 @@ def keyturn_config(d: Path, bao: Bao, token_file: Path, creds: list[tuple[str, s
             if a != aid:
                 continue
             sinks = [f'{{ type = "file", path = "{out_label}/{aid}/{cid}" }}']
-            if webhook:
-                sinks.append("{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in webhook.items()) + " }")
+            for hook in webhooks:
+                sinks.append("{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in hook.items()) + " }")
             lines += [f"[agents.{aid}.credentials.{cid}]", 'vault = "bao"', f'path = "{kv_path(prefix, aid, cid)}"']
             lines.append('generate = { kind = "password", length = 32 }')
             if follow:
@@ -533,13 +577,20 @@ def agent_config(d: Path, bao: Bao, token_file: Path, creds: list[tuple[str, str
     return cfg
 
 
+def nudge_daemon_lines(port: int, key: Path) -> list[str]:
+    """The follower's `[daemon]` lines that enable follow nudges."""
+    return [f'listen = "127.0.0.1:{port}"', f'follow_nudge_key_file = "{key}"']
+
+
 def feature_supported(d: Path, bao: Bao, token_file: Path, hook_key: Path, kind: str) -> tuple[bool, str]:
-    """Does this keyturn accept a config with follow mode / a webhook sink?
-    (`keyturn check` on a one-credential config.)"""
+    """Does this keyturn accept a config with follow mode / a webhook sink /
+    follow nudges? (`keyturn check` on a one-credential config.)"""
     probe = d / f"probe-{kind}"
     webhook = {"type": "webhook", "url": "http://127.0.0.1:9/hook", "secret_file": str(hook_key)} \
         if kind == "webhook" else None
-    cfg = keyturn_config(probe, bao, token_file, [("a000", "c000")], "probe", kind == "follow", webhook, "probe")
+    extra = nudge_daemon_lines(9, hook_key) if kind == "nudge" else None
+    cfg = keyturn_config(probe, bao, token_file, [("a000", "c000")], "probe", kind in ("follow", "nudge"), webhook,
+                         "probe", daemon_extra=extra)
     r = base.cli(cfg, "check", timeout=60)
     msg = (r.stdout + r.stderr).decode(errors="replace").strip()
     shutil.rmtree(probe, ignore_errors=True)
@@ -618,6 +669,9 @@ class Phase:
         self.bg: dict = {}
         self.default_s = (float(args.default_interval.rstrip("s")) if args.default_interval
                           else AGENT_DEFAULT_INTERVAL_S)
+        # The nudged follower's port (a stub holds it between its rounds).
+        self.nudge_port = free_port() if features.get("nudge") else None
+        self.stub: NudgeStub | None = None
 
     def names(self, label: str) -> None:
         by_dir: dict[str, dict[str, str]] = {}
@@ -667,10 +721,15 @@ class Phase:
             time.sleep(0.05)
 
     def start_rotator(self) -> None:
-        webhook = None
+        webhook = []
         if self.features["webhook"]:
-            webhook = {"type": "webhook", "url": self.receiver.url, "secret_file": str(self.tokens["hook-key"]),
-                       "timeout": "5s"}
+            webhook.append({"type": "webhook", "url": self.receiver.url,
+                            "secret_file": str(self.tokens["hook-key"]), "timeout": "5s"})
+        if self.nudge_port:
+            # The same webhook sink, pointed at the nudged follower.
+            webhook.append({"type": "webhook", "url": f"http://127.0.0.1:{self.nudge_port}/v1/follow/nudge",
+                            "secret_file": str(self.tokens["nudge-key"]), "timeout": "5s"})
+            self.stub = NudgeStub(self.nudge_port)
         cfg = keyturn_config(self.d / "rotating", self.bao, self.tokens["rotating"], self.creds, self.prefix,
                              False, webhook, "rot", self.index)
         self.names("rot")
@@ -687,6 +746,19 @@ class Phase:
             cfg = keyturn_config(self.d / "follow", self.bao, self.tokens["follow"], self.creds, self.prefix,
                                  True, None, "follow", self.index)
             return KeyturnProc(cfg, f"follow-{len(self.windows.get(label, []))}")
+        if label == "follow-nudge":
+            cfg = keyturn_config(self.d / "follow-nudge", self.bao, self.tokens["follow-nudge"], self.creds,
+                                 self.prefix, True, None, "follow-nudge", self.index,
+                                 daemon_extra=nudge_daemon_lines(self.nudge_port, self.tokens["nudge-key"]))
+            # The follower takes the port over from the stub.
+            if self.stub is not None:
+                self.stub.close()
+                self.stub = None
+            try:
+                return KeyturnProc(cfg, f"follow-nudge-{len(self.windows.get(label, []))}")
+            except BaseException:
+                self.stub = NudgeStub(self.nudge_port)
+                raise
         interval = "1s" if label == "agent-1s" else self.args.default_interval
         cfg = agent_config(self.d / label, self.bao, self.tokens[label], self.creds, self.prefix, interval,
                            self.files / label)
@@ -761,6 +833,8 @@ class Phase:
         finally:
             if proc is not None:
                 proc.stop()
+            if label == "follow-nudge" and self.stub is None:
+                self.stub = NudgeStub(self.nudge_port)
 
     def start_background_default(self) -> None:
         self.names("agent-default")
@@ -789,12 +863,15 @@ class Phase:
     def run(self) -> dict:
         if self.features["follow"]:
             self.names("follow")
+        if self.features.get("nudge"):
+            self.names("follow-nudge")
         self.names("agent-1s")
         self.start_rotator()
         try:
             if self.args.default_agent:
                 self.start_background_default()
-            labels = ["rotating"] + (["follow"] if self.features["follow"] else []) + ["agent-1s"]
+            labels = (["rotating"] + (["follow"] if self.features["follow"] else [])
+                      + (["follow-nudge"] if self.features.get("nudge") else []) + ["agent-1s"])
             rnd = 0
             while True:
                 t_round = time.time()
@@ -819,6 +896,9 @@ class Phase:
             if self.bg and self.bg["proc"].alive():
                 self.bg["proc"].stop()
             self.rot.stop()
+            if self.stub is not None:
+                self.stub.close()
+                self.stub = None
         return self.results()
 
     # ------------------------------------------------------------------
@@ -887,7 +967,7 @@ class Phase:
         if os.environ.get("AGENT_BENCH_DEBUG"):
             dump = {s: {"promotes": self.audit.promotes.get(kv_path(self.prefix, *s.split("/")), []),
                         "files": {lab: self.watcher.events.get((f"{self.n}:{lab}", s), [])
-                                  for lab in ("rot", "follow", "agent-1s", "agent-default")}}
+                                  for lab in ("rot", "follow", "follow-nudge", "agent-1s", "agent-default")}}
                     for s in self.sels}
             (base.OUT / f"agent-debug-{self.n}.json").write_text(json.dumps(dump))
         for label, ws in self.windows.items():
@@ -973,6 +1053,7 @@ ROWS = [
     ("rotating", "keyturn rotating -> file"),
     ("webhook", "keyturn rotating -> webhook 2xx"),
     ("follow", "keyturn following, poll 1s -> file"),
+    ("follow-nudge", "keyturn following, poll 1s + nudge -> file"),
     ("agent-1s", "bao agent, 1s interval -> file"),
     ("agent-default", "bao agent, default interval -> file"),
 ]
@@ -1064,6 +1145,16 @@ def check_goals(results: dict) -> list[dict]:
             fp, ap = f["latency"]["p99_s"], a["latency"]["p99_s"]
             if fp is None or ap is None:
                 add(g, None, f"follow p99 {ms(fp)}, agent p99 {ms(ap)}")
+            else:
+                add(g, fp <= GOAL_FOLLOW_P99_RATIO * ap, f"{ms(fp)} / {ms(ap)} = {fp / ap:.2f}")
+        fn = rows.get("follow-nudge")
+        g = f"N={n}: following keyturn (nudged) p99 <= 0.5 x bao agent's at 1 s"
+        if fn is None or a is None:
+            add(g, None, "not measured (follow nudges not on this branch)" if fn is None else "agent not measured")
+        else:
+            fp, ap = fn["latency"]["p99_s"], a["latency"]["p99_s"]
+            if fp is None or ap is None:
+                add(g, None, f"nudged follow p99 {ms(fp)}, agent p99 {ms(ap)}")
             else:
                 add(g, fp <= GOAL_FOLLOW_P99_RATIO * ap, f"{ms(fp)} / {ms(ap)} = {fp / ap:.2f}")
         if f is not None and a is not None and n >= 1000:
@@ -1161,11 +1252,20 @@ def main() -> int:
         os.write(fd, secrets.token_hex(32).encode())
         os.close(fd)
         tokens["hook-key"] = key
+        # The follow nudges' own key (the rotator's nudge webhook sink and the
+        # follower's follow_nudge_key_file).
+        nkey = OUT / "nudge-key"
+        fd = os.open(nkey, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(fd, secrets.token_hex(32).encode())
+        os.close(fd)
+        tokens["nudge-key"] = nkey
         features: dict = {}
-        for kind in ("follow", "webhook"):
+        for kind in ("follow", "webhook", "nudge"):
             ok, msg = feature_supported(OUT, bao, tokens["rotating"], key, kind)
             features[kind] = ok
             log(f"{kind}: {'supported' if ok else 'NOT on this branch'}" + ("" if ok else f" ({msg[-200:]})"))
+        # The rotator nudges through a webhook sink.
+        features["nudge"] = features["nudge"] and features["webhook"]
         results["features"] = features
         run_id = time.strftime("%H%M%S")
         for n in sizes:
@@ -1180,6 +1280,8 @@ def main() -> int:
                 r["not_measured"]["follow"] = NOT_ON_BRANCH
             if not features["webhook"]:
                 r["not_measured"]["webhook"] = NOT_ON_BRANCH
+            if not features["nudge"]:
+                r["not_measured"]["follow-nudge"] = NOT_ON_BRANCH
             if not args.default_agent:
                 r["not_measured"]["agent-default"] = "not measured (--quick / --no-default-agent)"
             results["phases"].append(r)

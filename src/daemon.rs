@@ -300,6 +300,20 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         }));
     }
     if let Some(addr) = config.daemon.listen {
+        // The nudge key is read at every nudge; a key that cannot work is
+        // a start-up error, not a stream of 500s.
+        let nudge = match &config.daemon.follow_nudge_key_file {
+            None => None,
+            Some(path) => {
+                crate::sinks::webhook::read_key_file(path).map_err(|e| {
+                    DaemonError::Startup(format!("daemon.follow_nudge_key_file: {e}"))
+                })?;
+                Some(Arc::new(crate::api::http::FollowNudge {
+                    key_file: path.clone(),
+                    target: Arc::new(engine.clone()),
+                }))
+            }
+        };
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| startup(&format!("cannot listen on {addr}"), &e))?;
@@ -309,6 +323,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             ready.clone(),
             cancel.clone(),
             crate::api::http::Limits::for_nofile(nofile),
+            nudge,
         ));
     }
 
@@ -532,6 +547,10 @@ fn keep_restart_only_settings(old: &Config, new: &mut Config) -> Vec<&'static st
     if o.listen != n.listen {
         changed.push("daemon.listen");
         n.listen = o.listen;
+    }
+    if o.follow_nudge_key_file != n.follow_nudge_key_file {
+        changed.push("daemon.follow_nudge_key_file");
+        n.follow_nudge_key_file = o.follow_nudge_key_file.clone();
     }
     if o.max_concurrent_rotations != n.max_concurrent_rotations {
         changed.push("daemon.max_concurrent_rotations");

@@ -405,3 +405,190 @@ deliver = [{{ type = "file", path = "{{root}}/{AGENT}/c{i}", format = "raw" }}]
         "the index saves little: {indexed} vs {per_credential}"
     );
 }
+
+/// A free loopback port (bound, then released for the daemon).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// POSTs a webhook-shaped nudge signed with `key` to the follower; the status.
+fn nudge(port: u16, key: &[u8], body: &[u8]) -> u16 {
+    rt().block_on(async {
+        let sig = keyturn::sinks::webhook::sign(key, chrono::Utc::now().timestamp(), body);
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .post(format!("http://127.0.0.1:{port}/v1/follow/nudge"))
+            .header("Content-Type", "application/json")
+            .header(keyturn::sinks::webhook::SIGNATURE_HEADER, sig)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    })
+}
+
+/// Follow nudges (issue 11's push with the poll as the safety net): the
+/// rotator's plain `webhook` sink POSTs to the follower's
+/// `/v1/follow/nudge`, and the follower, polling only every 60 s, has each
+/// new version within 2 s of `rotate --wait`. A nudge signed with another
+/// key is refused (401) and delivers nothing; the same nudge signed with
+/// the right key then delivers at once (so the refusal, not a slow
+/// follower, is what kept the file unchanged).
+#[test]
+fn a_nudged_follower_on_openbao_has_each_new_version_long_before_its_poll() {
+    let files = tempfile::tempdir().unwrap();
+    let path = unique("e2e/follow/nudge/");
+    let index = unique("e2e/follow/index-");
+    let table = bao_table(&files, Some(&index));
+    let key = secret_file(
+        &files,
+        "nudge.key",
+        "kt-test-nudge-key-0123456789abcdef0123456789",
+    );
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/v1/follow/nudge");
+    let rotator = Env::new(&format!(
+        "{table}\n{}\n[agents.{AGENT}.credentials.db]\nvault = \"shared\"\npath = \"{path}\"\ngenerate = {{ kind = \"password\", length = 32 }}\nevery = \"1h\"\ngrace = \"1h\"\ndeliver = [\n  {{ type = \"file\", path = \"{{root}}/{AGENT}/db.json\", format = \"json\" }},\n  {{ type = \"webhook\", url = \"{url}\", secret_file = \"{}\" }},\n]\n",
+        agent_table(AGENT),
+        key.display()
+    ));
+    let follower = Env::with_daemon(
+        &format!(
+            "{table}\n{}{}",
+            agent_table(AGENT),
+            credential(&path, "mode = \"follow\"\npoll = \"60s\"")
+        ),
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\nfollow_nudge_key_file = \"{}\"",
+            key.display()
+        ),
+    );
+    let r = rotator.start();
+    wait_version(&rotator, AGENT, "db", 1);
+    let f = follower.start();
+    // The first poll (at start) delivers version 1.
+    wait_for(Duration::from_secs(20), || {
+        delivered(&follower).filter(|(_, v)| *v == 1)
+    })
+    .unwrap_or_else(|| panic!("the first poll delivered nothing:\n{}", f.log_text()));
+
+    for round in 2..=3u64 {
+        let out = rotator.cli(&["rotate", &format!("{AGENT}/db"), "--wait"]);
+        assert!(out.status.success(), "rotate: {}", text(&out));
+        let rotated = std::time::Instant::now();
+        let (want, _) = delivered(&rotator).expect("the rotator's file");
+        wait_for(Duration::from_secs(2), || {
+            delivered(&follower).filter(|(v, _)| *v == want)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "round {round}: not nudged within 2 s (poll = 60s); follower log:\n{}",
+                f.log_text()
+            )
+        });
+        eprintln!(
+            "round {round}: the follower's file after {:?}",
+            rotated.elapsed()
+        );
+    }
+    assert_eq!(delivered(&follower).map(|(_, v)| v), Some(3));
+    r.stop();
+
+    // A new current version the index does not list (written straight
+    // into OpenBao): only a nudge finds it before the poll.
+    let canary = format!("kt-canary-nudge-{:016x}", rand::random::<u64>());
+    rt().block_on(async {
+        let v = HashicorpVault::with_auth(
+            "bao-writer",
+            &HashicorpConfig {
+                mount: Some("secret".into()),
+                ..HashicorpConfig::new(need("KEYTURN_TEST_BAO_ADDR"))
+            },
+            HashicorpAuth::Token(keyturn::model::SecretValue::from_string(need(
+                "KEYTURN_TEST_BAO_TOKEN",
+            ))),
+        )
+        .await
+        .unwrap();
+        let cred = keyturn::model::CredentialKey::new(
+            keyturn::model::AgentId::new(AGENT).unwrap(),
+            keyturn::model::CredentialId::new("db").unwrap(),
+        );
+        let item = keyturn::vaults::VaultItem {
+            key: &cred,
+            path: &path,
+        };
+        let rotation = keyturn::model::RotationId::generate();
+        let value = keyturn::model::SecretValue::from_string(canary.clone());
+        let staged = v.stage(item.pending(&rotation, &value)).await.unwrap();
+        v.promote(item, &staged).await.unwrap();
+    });
+    let body = serde_json::to_vec(&serde_json::json!({
+        "agent": AGENT, "credential": "db", "tenant": "acme", "version": 4,
+        "rotation": "r", "rotated_at": "2026-12-03T00:00:00Z", "kind": "password",
+    }))
+    .unwrap();
+    let wrong = b"kt-test-another-key-0123456789abcdef0123456789";
+    assert_eq!(nudge(port, wrong, &body), 401, "a wrongly signed nudge");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        delivered(&follower).map(|(_, v)| v),
+        Some(3),
+        "a refused nudge delivered"
+    );
+    let right = std::fs::read(&key).unwrap();
+    assert_eq!(nudge(port, &right, &body), 202, "a rightly signed nudge");
+    let got = wait_for(Duration::from_secs(2), || {
+        delivered(&follower).filter(|(v, _)| *v == canary)
+    })
+    .unwrap_or_else(|| panic!("the signed nudge delivered nothing:\n{}", f.log_text()));
+    assert_eq!(got.1, 4);
+    let log = f.stop();
+    assert!(!log.contains(&canary), "the value in the follower's log");
+    audit_verifies(&follower, "follower");
+}
+
+/// A nudge key the webhook sink would refuse (readable by others, too
+/// short) stops the daemon at start with the setting named, instead of
+/// answering every nudge with an error.
+#[test]
+fn a_follower_with_a_nudge_key_it_cannot_use_does_not_start() {
+    for (content, mode, why) in [
+        (
+            "kt-test-nudge-key-0123456789abcdef0123456789",
+            0o644,
+            "chmod 600",
+        ),
+        ("kt-short-key", 0o600, "at least 32"),
+    ] {
+        let files = tempfile::tempdir().unwrap();
+        let key = files.path().join("nudge.key");
+        std::fs::write(&key, content).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let env = Env::with_daemon(
+            "",
+            &format!(
+                "listen = \"127.0.0.1:{}\"\nfollow_nudge_key_file = \"{}\"",
+                free_port(),
+                key.display()
+            ),
+        );
+        let mut daemon = env.spawn(&[]);
+        let status = daemon
+            .wait_exit(Duration::from_secs(20))
+            .expect("the daemon must refuse to start");
+        let log = daemon.log_text();
+        assert!(!status.success(), "{log}");
+        assert!(log.contains("follow_nudge_key_file"), "{log}");
+        assert!(log.contains(why), "{why}: {log}");
+        assert!(!log.contains(content), "the key in the log: {log}");
+    }
+}

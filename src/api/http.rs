@@ -2,8 +2,18 @@
 //! is up and serving) and `/readyz` (the daemon finished start-up: state
 //! opened, rotations resumed, timers armed — the daemon flips the flag).
 //!
-//! It serves nothing else and carries no secret: it is safe to expose to a
-//! metrics scraper, though the default is a loopback address.
+//! It carries no secret: it is safe to expose to a metrics scraper, though
+//! the default is a loopback address.
+//!
+//! With `[daemon] follow_nudge_key_file`, it also serves
+//! `POST /v1/follow/nudge` ([`FollowNudge`]): a rotating keyturn's
+//! `webhook` sink tells this follower that a credential has a new version,
+//! so that it looks now instead of at its next poll. The request is
+//! verified like any webhook ([`crate::sinks::webhook::verify`]: HMAC over
+//! `timestamp.body`, [`NUDGE_TOLERANCE`]), its body is capped at
+//! [`MAX_NUDGE_BODY`] and never logged, and it is trusted only to say
+//! *which* credential to look at: the follower reads the version from its
+//! own vault. Without the key file the route does not exist (404).
 //!
 //! Any local user can connect to it, so it must not let them use up the
 //! daemon's file descriptors (the control socket and every delivery need
@@ -21,11 +31,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::sync::Semaphore;
@@ -33,6 +46,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::model::{AgentId, CredentialId, CredentialKey};
+use crate::sinks::webhook::{SIGNATURE_HEADER, read_key_file, verify};
 use crate::telemetry::Metrics;
 
 /// The content type of the OpenMetrics text format that prometheus-client writes.
@@ -43,15 +58,108 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
 struct AppState {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    nudge: Option<Arc<FollowNudge>>,
+}
+
+/// The path of follow nudges.
+pub const NUDGE_PATH: &str = "/v1/follow/nudge";
+/// The largest nudge body read (a webhook notice is well under 2 KiB).
+pub const MAX_NUDGE_BODY: usize = 64 * 1024;
+/// How far a nudge's signed timestamp may be from now (the webhook
+/// receivers' tolerance): a captured nudge cannot be replayed later.
+pub const NUDGE_TOLERANCE: Duration = Duration::from_secs(300);
+
+/// What a verified nudge pokes: the engine (`Engine::nudge`), a fake in tests.
+pub trait NudgeTarget: Send + Sync {
+    fn nudge(&self, key: &CredentialKey);
+}
+
+/// `POST /v1/follow/nudge`, enabled by `[daemon] follow_nudge_key_file`.
+pub struct FollowNudge {
+    /// Read at every nudge (the webhook sink's key file rules), so that a
+    /// replaced key takes effect at once.
+    pub key_file: PathBuf,
+    pub target: Arc<dyn NudgeTarget>,
 }
 
 /// The routes, without a listener (for embedding or tests).
-pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Router {
-    Router::new()
+pub fn router(
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    nudge: Option<Arc<FollowNudge>>,
+) -> Router {
+    let mut r = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready_handler))
-        .with_state(AppState { metrics, ready })
+        .route("/readyz", get(ready_handler));
+    if nudge.is_some() {
+        r = r.route(
+            NUDGE_PATH,
+            post(nudge_handler).layer(DefaultBodyLimit::max(MAX_NUDGE_BODY)),
+        );
+    }
+    r.with_state(AppState {
+        metrics,
+        ready,
+        nudge,
+    })
+}
+
+/// The only part of the notice a nudge is trusted for: which credential.
+#[derive(serde::Deserialize)]
+struct NudgeBody {
+    agent: String,
+    credential: String,
+}
+
+/// 202 once verified and handed over; 401 for a missing, malformed, stale
+/// or wrong signature; 400 for a body that names no credential; 413 (the
+/// body limit) for an oversized one; 500 when the key file cannot be read.
+/// The body is never logged.
+async fn nudge_handler(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(nudge) = state.nudge else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let path = nudge.key_file.clone();
+    let key = match tokio::task::spawn_blocking(move || read_key_file(&path)).await {
+        Ok(Ok(key)) => key,
+        Ok(Err(e)) => {
+            error!(error = %e, "follow nudge: cannot read the nudge key");
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+        Err(e) => {
+            error!(error = %e, "follow nudge: reading the nudge key panicked");
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+    };
+    let Some(signature) = headers.get(SIGNATURE_HEADER).and_then(|h| h.to_str().ok()) else {
+        warn!("follow nudge refused: no {SIGNATURE_HEADER} header");
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    let now = chrono::Utc::now().timestamp();
+    if let Err(why) = verify(key.expose(), signature, &body, now, NUDGE_TOLERANCE) {
+        warn!(reason = %why, "follow nudge refused: bad signature");
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    drop(key);
+    let named = serde_json::from_slice::<NudgeBody>(&body)
+        .ok()
+        .and_then(|b| {
+            Some(CredentialKey::new(
+                AgentId::new(&b.agent).ok()?,
+                CredentialId::new(&b.credential).ok()?,
+            ))
+        });
+    let Some(cred) = named else {
+        warn!("follow nudge refused: the body names no AGENT/CREDENTIAL");
+        return (
+            StatusCode::BAD_REQUEST,
+            "expected a keyturn webhook notice naming agent and credential\n",
+        )
+            .into_response();
+    };
+    nudge.target.nudge(&cred);
+    StatusCode::ACCEPTED.into_response()
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> Response {
@@ -139,15 +247,18 @@ pub async fn serve_http(
     ready: Arc<AtomicBool>,
     cancel: CancellationToken,
     limits: Limits,
+    nudge: Option<Arc<FollowNudge>>,
 ) -> io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
         info!(
             listen = %addr,
             max_connections = limits.max_connections,
-            "HTTP listener serving /metrics /healthz /readyz"
+            follow_nudge = nudge.is_some(),
+            "HTTP listener serving /metrics /healthz /readyz{}",
+            if nudge.is_some() { " and POST /v1/follow/nudge" } else { "" }
         );
     }
-    let service = TowerToHyperService::new(router(metrics, ready));
+    let service = TowerToHyperService::new(router(metrics, ready, nudge));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let open = Arc::new(Mutex::new(Open::default()));
     let connections = TaskTracker::new();
@@ -269,6 +380,7 @@ mod tests {
             Arc::clone(&ready),
             cancel.clone(),
             Limits::for_nofile(1024),
+            None,
         ));
 
         let (status, _, body) = get(addr, "/healthz").await;
@@ -331,6 +443,7 @@ mod tests {
             Arc::new(AtomicBool::new(true)),
             cancel.clone(),
             limits,
+            None,
         ));
         (addr, cancel, server)
     }
@@ -441,6 +554,156 @@ mod tests {
             String::from_utf8_lossy(&buf[..n])
         );
         closed_within(&mut kept, Duration::from_secs(5)).await;
+        stop(cancel, server).await;
+    }
+
+    /// Records what it was nudged for.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<CredentialKey>>);
+
+    impl NudgeTarget for Recorder {
+        fn nudge(&self, key: &CredentialKey) {
+            self.0.lock().unwrap().push(key.clone());
+        }
+    }
+
+    const NUDGE_KEY: &[u8] = b"0123456789abcdef0123456789abcdef-nudge";
+
+    fn start_nudged(
+        dir: &tempfile::TempDir,
+    ) -> (
+        std::net::SocketAddr,
+        Arc<Recorder>,
+        CancellationToken,
+        tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        use std::os::unix::fs::PermissionsExt;
+        let key_file = dir.path().join("nudge.key");
+        std::fs::write(&key_file, NUDGE_KEY).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve_http(
+            tokio::net::TcpListener::from_std(listener).unwrap(),
+            Arc::new(Metrics::new()),
+            Arc::new(AtomicBool::new(true)),
+            cancel.clone(),
+            Limits::for_nofile(1024),
+            Some(Arc::new(FollowNudge {
+                key_file,
+                target: recorder.clone(),
+            })),
+        ));
+        (addr, recorder, cancel, server)
+    }
+
+    /// POSTs `body` to the nudge path with `signature` (if any); the status.
+    async fn post_nudge(addr: std::net::SocketAddr, body: &[u8], signature: Option<String>) -> u16 {
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let mut req = client
+            .post(format!("http://{addr}{NUDGE_PATH}"))
+            .header("Content-Type", "application/json")
+            .header("Idempotency-Key", "rot-1")
+            .body(body.to_vec());
+        if let Some(sig) = signature {
+            req = req.header(SIGNATURE_HEADER, sig);
+        }
+        req.send().await.unwrap().status().as_u16()
+    }
+
+    fn notice(agent: &str, credential: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "agent": agent, "credential": credential, "tenant": "acme",
+            "version": 7, "previous_version": 6, "rotation": "rot-1",
+            "rotated_at": "2026-12-03T19:00:00Z", "grace_until": null,
+            "file": null, "login": null, "kind": "password",
+        }))
+        .unwrap()
+    }
+
+    fn now() -> i64 {
+        chrono::Utc::now().timestamp()
+    }
+
+    #[tokio::test]
+    async fn a_nudge_signed_like_a_webhook_pokes_the_engine_for_that_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, recorder, cancel, server) = start_nudged(&dir);
+        let body = notice("bot", "db");
+        let sig = crate::sinks::webhook::sign(NUDGE_KEY, now(), &body);
+        assert_eq!(post_nudge(addr, &body, Some(sig)).await, 202);
+        let poked = recorder.0.lock().unwrap().clone();
+        assert_eq!(poked.len(), 1, "{poked:?}");
+        assert_eq!(poked[0].agent.as_str(), "bot");
+        assert_eq!(poked[0].credential.as_str(), "db");
+        // A GET on the path is not a nudge.
+        let (status, _, _) = get(addr, NUDGE_PATH).await;
+        assert_eq!(status, 405);
+        assert_eq!(recorder.0.lock().unwrap().len(), 1);
+        stop(cancel, server).await;
+    }
+
+    #[tokio::test]
+    async fn nudges_with_a_bad_missing_or_stale_signature_are_refused_and_poke_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, recorder, cancel, server) = start_nudged(&dir);
+        let body = notice("bot", "db");
+        let wrong_key = b"another-key-of-enough-length-0123456789";
+        let cases: Vec<(&str, Option<String>, Vec<u8>)> = vec![
+            ("missing", None, body.clone()),
+            ("malformed", Some("v1=zz".into()), body.clone()),
+            (
+                "wrong key",
+                Some(crate::sinks::webhook::sign(wrong_key, now(), &body)),
+                body.clone(),
+            ),
+            (
+                "stale (10 minutes old)",
+                Some(crate::sinks::webhook::sign(NUDGE_KEY, now() - 600, &body)),
+                body.clone(),
+            ),
+            (
+                "tampered body",
+                Some(crate::sinks::webhook::sign(NUDGE_KEY, now(), &body)),
+                notice("bot", "other"),
+            ),
+        ];
+        for (what, sig, sent) in cases {
+            assert_eq!(post_nudge(addr, &sent, sig).await, 401, "{what}");
+        }
+        assert!(recorder.0.lock().unwrap().is_empty());
+        stop(cancel, server).await;
+    }
+
+    #[tokio::test]
+    async fn an_oversized_or_nameless_nudge_is_refused_and_pokes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, recorder, cancel, server) = start_nudged(&dir);
+        let big = vec![b' '; MAX_NUDGE_BODY + 1];
+        let sig = crate::sinks::webhook::sign(NUDGE_KEY, now(), &big);
+        assert_eq!(post_nudge(addr, &big, Some(sig)).await, 413);
+        // Signed, but naming no valid credential.
+        for body in [
+            b"{\"agent\":\"bot\"}".to_vec(),
+            b"not json".to_vec(),
+            notice("../etc", "db"),
+        ] {
+            let sig = crate::sinks::webhook::sign(NUDGE_KEY, now(), &body);
+            assert_eq!(post_nudge(addr, &body, Some(sig)).await, 400);
+        }
+        assert!(recorder.0.lock().unwrap().is_empty());
+        stop(cancel, server).await;
+    }
+
+    #[tokio::test]
+    async fn without_a_nudge_key_there_is_no_nudge_route() {
+        let (addr, cancel, server) = start(Limits::for_nofile(1024));
+        let body = notice("bot", "db");
+        let sig = crate::sinks::webhook::sign(NUDGE_KEY, now(), &body);
+        assert_eq!(post_nudge(addr, &body, Some(sig)).await, 404);
         stop(cancel, server).await;
     }
 }

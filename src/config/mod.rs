@@ -137,6 +137,9 @@ pub struct DaemonConfig {
     /// the audit log's directory. `None`: the systemd credential
     /// `keyturn-audit-key` if there is one, else the chain is plain.
     pub audit_key_file: Option<PathBuf>,
+    /// The key that signs follow nudges (`POST /v1/follow/nudge` on
+    /// `listen`, the webhook sink's signature); `None`: no such route.
+    pub follow_nudge_key_file: Option<PathBuf>,
     /// How long SIGTERM waits for in-flight steps before exiting.
     pub drain_timeout: Duration,
     /// Rotations running at once across all vaults.

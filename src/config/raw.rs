@@ -95,6 +95,8 @@ pub struct RawDaemon {
     pub delivery_roots: Option<Vec<String>>,
     pub audit_log: Option<String>,
     pub audit_key_file: Option<String>,
+    /// Enables `POST /v1/follow/nudge` on `listen`, signed with this key.
+    pub follow_nudge_key_file: Option<String>,
     pub drain_timeout: Option<String>,
     pub max_concurrent_rotations: Option<usize>,
     pub catch_up_spread: Option<String>,

@@ -76,6 +76,8 @@ pub(super) struct Inner {
     pub(super) agent_stopped: Notify,
     /// Tells the follow loops (`follow.rs`) that the catalog changed.
     pub(super) follow_reload: Notify,
+    /// What the follow loops and follow nudges share (`follow.rs`).
+    pub(super) follow: super::follow::Shared,
     pub(super) cancel: CancellationToken,
     pub(super) tracker: TaskTracker,
 }
@@ -177,6 +179,7 @@ impl Engine {
                 finished_since_trim: AtomicUsize::new(0),
                 wake: Notify::new(),
                 follow_reload: Notify::new(),
+                follow: Default::default(),
                 retired: RwLock::new(HashMap::new()),
                 agent_stopped: Notify::new(),
                 alert_poke: std::sync::OnceLock::new(),

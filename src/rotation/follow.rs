@@ -38,6 +38,20 @@
 //!   `DescribeSecret`, Azure's version list; the value itself on vaults
 //!   without a cheaper call), and a read of the value when it changed.
 //!
+//! # Nudges
+//! A follower with `[daemon] follow_nudge_key_file` accepts a signed
+//! `POST /v1/follow/nudge` (see [`crate::api::http`]): the notice a
+//! rotating keyturn's `webhook` sink sends. A nudge naming a followed
+//! credential checks that credential at once ([`Engine::nudge`]: its
+//! current version in the vault, the same check and delivery as a poll's;
+//! not the change index, which the rotator writes after its sinks ran);
+//! any other nudge wakes every follow loop for one early poll. At most one
+//! nudge-triggered check per credential runs at a time: nudges arriving
+//! meanwhile coalesce into one more check after it. A check (polled or
+//! nudged) holds the credential's lock, so a version is never delivered
+//! twice by a poll and a nudge racing. The poll goes on as before: a lost
+//! nudge costs at most one poll interval.
+//!
 //! # State
 //! Each delivery records the version row (its vault ref) and the
 //! credential row (`current_version`, `last_rotated_at`): after a restart a
@@ -68,6 +82,9 @@ pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// With a change index, no credential is checked directly (the safety-net
 /// sweep) more often than once per this many polls.
 pub(super) const SWEEP_POLLS: usize = 60;
+/// The shortest time between the starts of two polls of one loop when
+/// nudges (for credentials it does not know by name) wake it early.
+pub(super) const MIN_EARLY_GAP: Duration = Duration::from_millis(250);
 
 /// The credential (an index into a group of `n`) that poll number `polls`
 /// checks by its own mark in the safety-net sweep, if any: one every
@@ -94,6 +111,36 @@ struct Seen {
 }
 
 type Memory = Arc<Mutex<HashMap<CredentialKey, Seen>>>;
+
+/// What the follow loops and the nudges share (one per engine): what the
+/// follower knows, outliving reloads.
+#[derive(Default)]
+pub(super) struct Shared {
+    memory: Memory,
+    /// One lock per followed credential, held by each check: a poll and a
+    /// nudge never deliver the same version twice.
+    checking: Mutex<HashMap<CredentialKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Credentials with a nudge-triggered check running; `true`: another
+    /// nudge came meanwhile, check once more after it.
+    nudged: Mutex<HashMap<CredentialKey, bool>>,
+    /// Wakes every follow loop for an early poll.
+    early: tokio::sync::Notify,
+}
+
+/// What a nudge did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nudged {
+    /// A check of the followed credential started.
+    Check,
+    /// A check of it was already running: one more follows it.
+    Coalesced,
+    /// Not a credential this keyturn follows: every follow loop polls early.
+    Poll,
+}
+
+fn lock_map<K, V>(m: &Mutex<HashMap<K, V>>) -> std::sync::MutexGuard<'_, HashMap<K, V>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// The followed credentials of one vault and poll interval.
 type Group = (Arc<VaultHandle>, Vec<Arc<CredEntry>>);
@@ -122,11 +169,73 @@ impl Engine {
     pub async fn run_followers(&self) {
         self.inner.clone().run_followers().await
     }
+
+    /// A signed nudge named `key` (see the module's "Nudges"): checks it
+    /// now if this keyturn follows it, else polls every followed vault
+    /// early. Returns at once; the check runs in the background.
+    pub fn nudge(&self, key: &CredentialKey) -> Nudged {
+        self.inner.clone().nudge(key)
+    }
+}
+
+impl crate::api::http::NudgeTarget for Engine {
+    fn nudge(&self, key: &CredentialKey) {
+        let how = Engine::nudge(self, key);
+        tracing::debug!(agent = %key.agent, credential = %key.credential, ?how, "follow: nudged");
+    }
 }
 
 impl Inner {
+    fn nudge(self: Arc<Self>, key: &CredentialKey) -> Nudged {
+        let entry = self
+            .catalog()
+            .creds
+            .get(key)
+            .filter(|e| e.cfg.follow.is_some() && !self.is_retired(&key.agent))
+            .cloned();
+        let Some(entry) = entry else {
+            self.follow.early.notify_waiters();
+            return Nudged::Poll;
+        };
+        {
+            let mut nudged = lock_map(&self.follow.nudged);
+            if let Some(again) = nudged.get_mut(key) {
+                *again = true;
+                return Nudged::Coalesced;
+            }
+            nudged.insert(key.clone(), false);
+        }
+        let me = self.clone();
+        self.tracker.spawn(async move {
+            let key = entry.key();
+            let memory = me.follow.memory.clone();
+            loop {
+                if me.cancel.is_cancelled() {
+                    lock_map(&me.follow.nudged).remove(key);
+                    return;
+                }
+                let checked = match me.load_delivered(std::slice::from_ref(&entry), &memory).await {
+                    Ok(()) => me.follow_check(&entry, &memory).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = checked {
+                    // The poll retries it.
+                    tracing::warn!(agent = %key.agent, credential = %key.credential, error = %e, "follow: nudged check failed; retried at the next poll");
+                }
+                let mut nudged = lock_map(&me.follow.nudged);
+                if nudged.get(key) == Some(&true) {
+                    nudged.insert(key.clone(), false);
+                } else {
+                    nudged.remove(key);
+                    return;
+                }
+            }
+        });
+        Nudged::Check
+    }
+
     async fn run_followers(self: Arc<Self>) {
-        let memory: Memory = Arc::default();
+        let memory: Memory = self.follow.memory.clone();
         loop {
             let catalog = self.catalog();
             let mut groups: BTreeMap<(String, Duration), Group> = BTreeMap::new();
@@ -195,6 +304,7 @@ impl Inner {
             // A poll in flight is finished, not dropped (drain and reload
             // wait for it, within the drain timeout): a delivery is not cut
             // between its sinks and its record in state.
+            let started = tokio::time::Instant::now();
             let polled = self.follow_once(&mut poller, &memory).await;
             match polled {
                 Ok(()) => failures = 0,
@@ -206,6 +316,15 @@ impl Inner {
             let delay = next_delay(poll, failures);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
+                // A nudge for a credential no loop knows by name: poll now,
+                // but a flood of them no more often than MIN_EARLY_GAP.
+                _ = self.follow.early.notified() => {
+                    let wait = MIN_EARLY_GAP.saturating_sub(started.elapsed());
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = cancel.cancelled() => return,
+                    }
+                }
                 _ = cancel.cancelled() => return,
             }
         }
@@ -380,6 +499,11 @@ impl Inner {
     /// Reads the credential's current version and delivers it unless it
     /// was delivered already.
     async fn follow_check(&self, entry: &CredEntry, memory: &Memory) -> Result<(), PluginError> {
+        let one = lock_map(&self.follow.checking)
+            .entry(entry.key().clone())
+            .or_default()
+            .clone();
+        let _checking = one.lock().await;
         let vault = &entry.primary().vault;
         let path = entry.cfg.vault_path();
         let item = VaultItem {

@@ -1361,6 +1361,71 @@ async fn a_restarted_follower_does_not_deliver_the_same_version_again() {
     rig.shutdown().await;
 }
 
+/// A nudge (`POST /v1/follow/nudge`) for a followed credential checks
+/// its current version in the vault at once, long before the poll, even
+/// when the change index does not list it yet; nudges arriving while that
+/// check runs coalesce into one more check, and nothing is delivered
+/// twice. A nudge for a credential this keyturn does not follow wakes the
+/// loops for one early poll of the index.
+#[tokio::test(start_paused = true)]
+async fn a_nudge_checks_the_followed_credential_now_and_nudges_coalesce() {
+    use super::follow::Nudged;
+    let rig = Rig::with_index(2, "mode = \"follow\"\npoll = \"60s\"", |v| v);
+    let rotator = crate::vaults::change_index::IndexedVault::new(rig.vault.clone(), INDEX);
+    rotate_elsewhere(&rotator, "c0", "kt-canary-nudge-c0-one").await;
+    rig.run_following().await;
+    rig.until(Duration::from_secs(5), "the first poll's delivery", |r| {
+        r.sink.versions("c0").len() == 1
+    })
+    .await;
+    let started = Instant::now();
+
+    // Written without the index (as a rotator whose index write has not
+    // happened yet): only the nudge can find it before the sweep.
+    rotate_elsewhere(rig.vault.as_ref(), "c0", "kt-canary-nudge-c0-two").await;
+    let reads = rig.calls("read", &path("c0"));
+    assert_eq!(rig.engine.nudge(&key("c0")), Nudged::Check);
+    assert_eq!(rig.engine.nudge(&key("c0")), Nudged::Coalesced);
+    assert_eq!(rig.engine.nudge(&key("c0")), Nudged::Coalesced);
+    rig.until(Duration::from_secs(2), "the nudged delivery", |r| {
+        r.sink.versions("c0").len() == 2
+    })
+    .await;
+    assert_eq!(
+        rig.sink.values("c0")[1],
+        (2, b"kt-canary-nudge-c0-two".to_vec())
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        rig.calls("read", &path("c0")),
+        reads + 2,
+        "three nudges: one check, and one more for those that came during it"
+    );
+    assert_eq!(rig.sink.versions("c0").len(), 2, "delivered twice");
+    // A nudge for a version already delivered delivers nothing.
+    assert_eq!(rig.engine.nudge(&key("c0")), Nudged::Check);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(rig.sink.versions("c0").len(), 2);
+
+    // Not followed here: one early poll of the index finds c1.
+    rotate_elsewhere(&rotator, "c1", "kt-canary-nudge-c1-one").await;
+    let other = CredentialKey::new(
+        crate::model::AgentId::new("someone-else").unwrap(),
+        crate::model::CredentialId::new("db").unwrap(),
+    );
+    assert_eq!(rig.engine.nudge(&other), Nudged::Poll);
+    rig.until(Duration::from_secs(2), "the early poll's delivery", |r| {
+        r.sink.versions("c1").len() == 1
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}: waited for the poll",
+        started.elapsed()
+    );
+    rig.shutdown().await;
+}
+
 /// Acknowledgements, cut-over and independent deliveries.
 mod acks;
 mod health;

@@ -543,6 +543,16 @@ impl Validator<'_> {
             self.key_apart_from_log(p, &key, &state_dir, &audit_log);
             key
         });
+        let follow_nudge_key_file = d.follow_nudge_key_file.as_ref().map(|s| {
+            let key = self.path_setting(p.key("follow_nudge_key_file"), s);
+            if d.listen.is_none() {
+                self.err(
+                    p.key("follow_nudge_key_file"),
+                    "follow_nudge_key_file enables POST /v1/follow/nudge on the HTTP listener, but there is no `listen` address (write e.g. listen = \"0.0.0.0:9464\")",
+                );
+            }
+            key
+        });
         let drain_timeout = self.duration_or(
             p.key("drain_timeout"),
             d.drain_timeout.as_ref(),
@@ -574,6 +584,7 @@ impl Validator<'_> {
             delivery_roots,
             audit_log,
             audit_key_file,
+            follow_nudge_key_file,
             drain_timeout,
             max_concurrent_rotations,
             catch_up_spread,

@@ -230,3 +230,24 @@ deliver = [{{ type = \"file\", path = \"a\" }}, {{ type = \"file\", path = \"b/a
         "delivery path `/run/kt/a` of agent `b` is in the directory of agent `a` (/run/kt/a); put agent `b`'s files under /run/kt/b",
     );
 }
+
+#[test]
+fn a_follow_nudge_key_needs_the_http_listener_and_is_resolved_like_other_paths() {
+    let head = HEAD.replacen(
+        "[daemon]\n",
+        "[daemon]\nfollow_nudge_key_file = \"keys/nudge.key\"\n",
+        1,
+    );
+    assert_only_error(
+        &head,
+        "daemon.follow_nudge_key_file",
+        "follow_nudge_key_file enables POST /v1/follow/nudge on the HTTP listener, but there is no `listen` address (write e.g. listen = \"0.0.0.0:9464\")",
+    );
+    let with_listen = head.replacen("[daemon]\n", "[daemon]\nlisten = \"127.0.0.1:9464\"\n", 1);
+    let cfg = super::super::load_str(Path::new("/etc/keyturn/t.toml"), &with_listen)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        cfg.daemon.follow_nudge_key_file.as_deref(),
+        Some(Path::new("/etc/keyturn/keys/nudge.key"))
+    );
+}

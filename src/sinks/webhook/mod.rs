@@ -509,7 +509,8 @@ fn describe_url(url: &Url) -> String {
 /// A key file: a regular file (not a symlink), no access for group and
 /// others, [`MIN_KEY_LEN`]..=[`MAX_KEY_LEN`] bytes once one trailing
 /// newline is dropped (`openssl rand -hex 32 > hook.key` makes a good one).
-fn read_key_file(path: &Path) -> Result<SecretValue, PluginError> {
+/// Also the key of follow nudges (`[daemon] follow_nudge_key_file`).
+pub(crate) fn read_key_file(path: &Path) -> Result<SecretValue, PluginError> {
     read_secret_file(
         path,
         "webhook key file",
