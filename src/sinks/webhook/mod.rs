@@ -236,13 +236,14 @@ impl WebhookSink {
     }
 
     fn client(&self) -> Result<reqwest::Client, PluginError> {
+        let plain = self.url.scheme() == "http";
         if !self.own_client {
-            return shared_client(self.policy);
+            return shared_client_for(self.policy, plain);
         }
         if let Some(c) = self.client.get() {
             return Ok(c.clone());
         }
-        let c = build_client(self.lookup.clone(), self.policy)?;
+        let c = build_client(self.lookup.clone(), self.policy, plain)?;
         Ok(self.client.get_or_init(|| c).clone())
     }
 
@@ -607,19 +608,37 @@ fn system_lookup() -> Arc<dyn Lookup> {
 /// One client per policy for every sink on the system resolver: a client
 /// holds a connection pool and the TLS roots, too much to keep per sink.
 pub(crate) fn shared_client(policy: Policy) -> Result<reqwest::Client, PluginError> {
-    static CLIENTS: LazyLock<Mutex<Vec<(Policy, reqwest::Client)>>> =
+    shared_client_for(policy, false)
+}
+
+/// [`shared_client`], for plain-http URLs only when `plain` (see
+/// [`build_client`]).
+fn shared_client_for(policy: Policy, plain: bool) -> Result<reqwest::Client, PluginError> {
+    static CLIENTS: LazyLock<Mutex<Vec<(Policy, bool, reqwest::Client)>>> =
         LazyLock::new(Default::default);
     let mut clients = CLIENTS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, c)) = clients.iter().find(|(p, _)| *p == policy) {
+    if let Some((_, _, c)) = clients.iter().find(|(p, h, _)| *p == policy && *h == plain) {
         return Ok(c.clone());
     }
-    let c = build_client(system_lookup(), policy)?;
-    clients.push((policy, c.clone()));
+    let c = build_client(system_lookup(), policy, plain)?;
+    clients.push((policy, plain, c.clone()));
     Ok(c)
 }
 
-fn build_client(lookup: Arc<dyn Lookup>, policy: Policy) -> Result<reqwest::Client, PluginError> {
-    reqwest::Client::builder()
+/// `plain`: the client only ever talks plain http (the sink's URL is
+/// `http://`), so it trusts no CA at all: the platform's root store (~2 MiB
+/// resident) is not loaded for a receiver on loopback or a follower's nudge
+/// URL. A redirect to https is never followed anyway.
+fn build_client(
+    lookup: Arc<dyn Lookup>,
+    policy: Policy,
+    plain: bool,
+) -> Result<reqwest::Client, PluginError> {
+    let mut builder = reqwest::Client::builder();
+    if plain {
+        builder = builder.tls_certs_only(std::iter::empty());
+    }
+    builder
         .redirect(reqwest::redirect::Policy::none())
         // A proxy would connect wherever the name points, past the guard.
         .no_proxy()
