@@ -407,8 +407,8 @@ class KeyturnMode:
             shutil.rmtree(d)
         d.mkdir(parents=True)
         dsn = decommission.write_private(d / "pg-admin.dsn", pg.dsn)
-        prefix = f"pgpeer-{secrets.token_hex(4)}"
-        self.cfg = keyturn_config(d, roles, dsn, level, bao, address, prefix)
+        self.prefix = f"pgpeer-{secrets.token_hex(4)}"
+        self.cfg = keyturn_config(d, roles, dsn, level, bao, address, self.prefix)
         r = base.cli(self.cfg, "check", timeout=60)
         if r.returncode != 0:
             raise RuntimeError(f"keyturn check failed: {r.stdout.decode()[:1500]} {r.stderr.decode()[:1500]}")
@@ -609,6 +609,18 @@ def fsync_pass(mode: KeyturnMode, level: int, per_cred: int) -> dict:
             "fsyncs": total, "fsyncs_per_rotation": round(total / max(rotations, 1), 2)}
 
 
+def listed_calls(events: list[tuple[float, str, str, int]], prefix: str, rotations: int) -> dict[str, float]:
+    """Calls per rotation by method + path pattern; a path that is not one
+    of the credentials' own (an index, a sys/ path) is shown as it is."""
+    out: dict[str, int] = {}
+    for _, op, key, _ in events:
+        pat = call_pattern(op)
+        if key and not key.startswith(prefix + "/"):
+            pat = pat.replace("<path>", key)
+        out[pat] = out.get(pat, 0) + 1
+    return {k: round(v / max(rotations, 1), 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
 def calls_pass(bao: PlainBao, pg: OwnPostgres, pgc: decommission.Postgres, n: int) -> dict:
     """A keyturn with OpenBao KV through remote.py's counting proxy, with
     roles of its own: every call of a steady-state rotation (the third and
@@ -626,7 +638,10 @@ def calls_pass(bao: PlainBao, pg: OwnPostgres, pgc: decommission.Postgres, n: in
             r = drive(m, level, per_cred=1)
             if r["errors"]:
                 raise RuntimeError(f"calls pass: {r['errors'][:2]}")
-            out[str(level)] = remote.summarize_calls(proxy.take(), sum(r["counts"]))
+            events = proxy.take()
+            rotations = sum(r["counts"])
+            out[str(level)] = remote.summarize_calls(events, rotations)
+            out[str(level)]["listed_per_rotation"] = listed_calls(events, m.prefix, rotations)
         return out
     finally:
         if m is not None:
@@ -688,6 +703,17 @@ def aggregate(windows: list[dict], rounds: int, levels: list[int]) -> dict:
     return {"modes": agg, "ratios": ratios}
 
 
+def call_pattern(op: str) -> str:
+    """remote.CountingProxy's operation (`GET data[pending]`, `GET data?version`)
+    as method + path pattern under /v1/secret/."""
+    method, _, kind = op.partition(" ")
+    m = re.match(r"^(data|metadata|destroy|delete|undelete)(\[pending\])?(\?version)?$", kind)
+    if not m:
+        return op
+    path = f"secret/{m.group(1)}/" + ("keyturn-pending/" if m.group(2) else "") + "<path>"
+    return f"{method} {path}" + ("?version=N" if m.group(3) else "")
+
+
 def render(head: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
@@ -733,11 +759,14 @@ def fmt_table(results: dict, levels: list[int]) -> str:
         for level, s in vc.items():
             lines.append(f"  {level:>2} in flight: {s['calls_per_rotation']} calls/rotation over "
                          f"{s['rotations']} rotations")
+        ops = sorted({op for s in vc.values() for op in s["listed_per_rotation"]},
+                     key=lambda op: -max(s["listed_per_rotation"].get(op, 0) for s in vc.values()))
+        lines += ["  " + line for line in render(
+            ["call", *(f"per rotation, {lv} in flight" for lv in vc)],
+            [[op, *(f"{s['listed_per_rotation'].get(op, 0):g}" for s in vc.values())] for op in ops])]
         first = next(iter(vc.values()))
-        for op, c in first["by_op_per_rotation"].items():
-            lines.append(f"    {c:>5}  {op}")
         if first.get("sequence"):
-            lines.append("  sequence of one rotation: " + ", ".join(first["sequence"]))
+            lines.append("  one rotation, in order: " + ", ".join(first["sequence"]))
     return "\n".join(lines)
 
 
