@@ -505,7 +505,12 @@ impl Inner {
                     // before this rotation began (`rotate` runs the last
                     // rotation's retire step first).
                     let expected = previous.get(h.vault.describe());
-                    let promoted = h.vault.promote_from(item, &vref, expected).await;
+                    let promoted = match expected {
+                        Some(_) => h.vault.promote_from(item, &vref, expected).await,
+                        // Nothing to check against (a first rotation, or a
+                        // vault added since): a plain promote reads less.
+                        None => h.vault.promote(item, &vref).await.map(|()| None),
+                    };
                     if let (Ok(before), Some(prev_ref)) = (&promoted, expected) {
                         self.check_current_before_promote(
                             entry,

@@ -227,7 +227,8 @@ pub trait Vault: Send + Sync {
     /// engine. Returns the version that was current just before the promote
     /// (`None`: none; `version` itself when it already was, a replay), which
     /// the engine compares with `expected` to notice a current version
-    /// deleted or overwritten out of band.
+    /// deleted or overwritten out of band. (With no current version in
+    /// state the engine calls plain `promote`: there is nothing to check.)
     ///
     /// The default reads the current version, then promotes: two calls. A
     /// vault whose promote reads the current version anyway overrides it to

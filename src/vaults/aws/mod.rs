@@ -508,7 +508,7 @@ impl AwsVault {
             return Err(self.err(
                 ErrorKind::NotFound,
                 "promote",
-                &secret,
+                secret,
                 "the secret does not exist",
             ));
         };
@@ -518,7 +518,7 @@ impl AwsVault {
                 return Err(self.err(
                     ErrorKind::NotFound,
                     "promote",
-                    &secret,
+                    secret,
                     format!("version {version} does not exist or is retired"),
                 ));
             }
@@ -531,7 +531,7 @@ impl AwsVault {
             // AWS moves AWSPREVIOUS to `current` as part of this call.
             self.move_label(
                 "promote (move AWSCURRENT)",
-                &secret,
+                secret,
                 AWSCURRENT,
                 Some(&version.0),
                 current,
@@ -539,7 +539,7 @@ impl AwsVault {
             .await?;
         }
         if has_label(labels, AWSPENDING) {
-            self.remove_label("promote (remove AWSPENDING)", &secret, AWSPENDING, version)
+            self.remove_label("promote (remove AWSPENDING)", secret, AWSPENDING, version)
                 .await?;
         }
         Ok(())
