@@ -590,15 +590,13 @@ class BaoRaw:
     connection per thread (as keyturn's reqwest pool keeps its connections).
 
     Per steady-state rotation of path p (latest version L, pending slot absent),
-    in keyturn's order (src/vaults/hashicorp.rs, rotation/engine.rs):
+    in keyturn's order (docs/vault-calls.md, src/vaults/hashicorp/):
       retire L-1:  GET data/p; GET data/p?version=L-1; POST destroy/p [L-1]
-      stage:       GET data/pending/p (404); GET data/p; GET metadata/pending/p (404);
-                   POST data/pending/p (cas 0)
-      read back:   GET data/p; GET data/pending/p
-      check:       GET data/p (is the current still the one keyturn wrote?)
+      stage:       POST data/pending/p (cas 0: a fresh stage into the empty slot)
       promote:     GET data/pending/p; GET data/p; POST data/p (cas L);
-                   POST destroy/p [L-1]; DELETE metadata/pending/p
-      deliver:     GET data/p
+                   DELETE metadata/pending/p
+    (the engine keeps the staged value for set, test and deliver; promote's
+    read of data/p answers its check; L-1 was destroyed by retire already).
     The calibration compares this with what keyturn sent.
     """
 
@@ -649,29 +647,15 @@ class BaoRaw:
         if latest >= 2:
             self.req("GET", f"data/{p}?version={latest - 1}")
             self.req("POST", f"destroy/{p}", {"versions": [latest - 1]})
-        # stage
-        self.req("GET", f"data/{pend}")
-        self.req("GET", f"data/{p}")
-        meta = self.req("GET", f"metadata/{pend}")
-        cas = meta["data"]["current_version"] if meta else 0
-        self.req("POST", f"data/{pend}", {"options": {"cas": cas},
+        # stage (fresh: one write, cas 0)
+        self.req("POST", f"data/{pend}", {"options": {"cas": 0},
                                           "data": {"value": value, "keyturn_rotation": rid}})
-        # read back by version (the engine checks what the vault holds)
-        self.req("GET", f"data/{p}")
-        self.req("GET", f"data/{pend}")
-        # the engine checks that the current version is still the one it wrote
-        self.req("GET", f"data/{p}")
         # promote
         slot = self.req("GET", f"data/{pend}")
         cur = self.req("GET", f"data/{p}")
         latest = cur["data"]["metadata"]["version"] if cur else 0
-        w = self.req("POST", f"data/{p}", {"options": {"cas": latest}, "data": slot["data"]["data"]})
-        new = w["data"]["version"]
-        if new >= 3:
-            self.req("POST", f"destroy/{p}", {"versions": [new - 2]})
+        self.req("POST", f"data/{p}", {"options": {"cas": latest}, "data": slot["data"]["data"]})
         self.req("DELETE", f"metadata/{pend}")
-        # read by version for delivery
-        self.req("GET", f"data/{p}")
 
     def calls_done(self) -> int:
         return getattr(self.local, "calls", 0)
@@ -736,8 +720,9 @@ def update(t, s, stage, move=None, remove=None):
     sm.update_secret_version_stage(**kw)
 
 def rotate(t, s):
-    # One steady-state keyturn rotation (src/vaults/aws.rs, rotation/engine.rs):
-    # retire the previous, stage, read back, promote, read for delivery.
+    # One steady-state keyturn rotation (docs/vault-calls.md, src/vaults/aws/):
+    # retire the previous, stage, promote (its DescribeSecret answers the
+    # engine's check; the engine keeps the staged value for delivery).
     v = labels(t, s)
     prev = next((i for i, l in (v or {}).items() if "AWSPREVIOUS" in l), None)
     if prev:
@@ -749,20 +734,11 @@ def rotate(t, s):
     calls[t] += 1
     sm.put_secret_value(SecretId=s, ClientRequestToken=rid, SecretString=os.urandom(16).hex(),
                         VersionStages=["AWSPENDING"])
-    calls[t] += 1
-    sm.get_secret_value(SecretId=s, VersionId=rid)  # read back
-    calls[t] += 1
-    try:  # the engine checks that the current version is still the one it wrote
-        sm.get_secret_value(SecretId=s, VersionStage="AWSCURRENT")
-    except sm.exceptions.ResourceNotFoundException:
-        pass
     v = labels(t, s)
     cur = next((i for i, l in v.items() if "AWSCURRENT" in l), None)
     if cur != rid:
         update(t, s, "AWSCURRENT", move=rid, remove=cur)
     update(t, s, "AWSPENDING", remove=rid)
-    calls[t] += 1
-    sm.get_secret_value(SecretId=s, VersionId=rid)  # read for delivery
 
 def worker(t, mine, stop_at, counts, errors):
     i = 0

@@ -1095,3 +1095,183 @@ fn c_kv_throttled_429_honours_retry_after_then_completes() {
         "took {took:?}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// d. The calls of one rotation (docs/vault-calls.md)
+// ---------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------
+// d. The calls of one rotation (docs/vault-calls.md)
+// ---------------------------------------------------------------------------
+
+/// `METHOD path` of an OpenBao call, the credential's path written `P`.
+fn bao_call(r: &common::proxy::Seen, path: &str) -> String {
+    let p = r.path.strip_prefix("/v1/secret/").unwrap_or(&r.path);
+    let p = p.strip_suffix('?').unwrap_or(p);
+    format!("{} {}", r.method, p.replace(path, "P"))
+}
+
+/// The Secrets Manager operation, with the label an
+/// `UpdateSecretVersionStage` moves.
+fn aws_call(r: &common::proxy::Seen) -> String {
+    let op = r
+        .amz_target
+        .as_deref()
+        .unwrap_or("?")
+        .trim_start_matches("secretsmanager.");
+    let label = ["AWSCURRENT", "AWSPENDING", "AWSPREVIOUS"]
+        .into_iter()
+        .find(|l| op == "UpdateSecretVersionStage" && r.body.contains(&format!("\"{l}\"")));
+    match label {
+        Some(l) => format!("{op} {l}"),
+        None => op.to_owned(),
+    }
+}
+
+/// One fresh rotation of a credential kept in OpenBao (the primary) and
+/// AWS makes exactly the calls docs/vault-calls.md lists, in that order:
+/// the rotation after the first, with grace 1h so that it begins by
+/// retiring the version before the current one. A change that adds a call
+/// fails here, and so does one that drops a call (update the doc with it).
+#[test]
+fn d_one_rotation_makes_the_listed_openbao_and_aws_calls() {
+    let direct = Addresses::direct();
+    let bao = Proxy::start(&direct.bao, Flavor::Bao);
+    let aws = Proxy::start(&direct.aws, Flavor::Aws);
+    let path = unique_path("calls");
+    let env = remote_env(
+        Layout::BaoAws,
+        &Addresses {
+            bao: bao.url(),
+            aws: aws.url(),
+        },
+        &path,
+        "1h",
+        "",
+    );
+    let daemon = env.start();
+    wait_rotated(&env, 1);
+    rotate_wait_succeeds(&env, &daemon, "version 2");
+    wait_rotated(&env, 2);
+    let held = check_vaults(&env, Layout::BaoAws, &path, 2, None, "version 2");
+    let (b, a) = (bao.seen().len(), aws.seen().len());
+    rotate_wait_succeeds(&env, &daemon, "version 3");
+    wait_rotated(&env, 3);
+    let bao_calls: Vec<String> = bao.seen()[b..].iter().map(|r| bao_call(r, &path)).collect();
+    let aws_calls: Vec<String> = aws.seen()[a..].iter().map(aws_call).collect();
+    check_vaults(&env, Layout::BaoAws, &path, 3, Some(&held), "version 3");
+    daemon.stop();
+    audit_verifies(&env, "counted rotations");
+
+    let bao_want = [
+        // retire version 1 (the previous rotation's previous)
+        "GET data/P",
+        "GET data/P?version=1",
+        "POST destroy/P",
+        // create: one write, cas 0, into the empty pending slot
+        "POST data/keyturn-pending/P",
+        // promote
+        "GET data/keyturn-pending/P",
+        "GET data/P",
+        "POST data/P",
+        "DELETE metadata/keyturn-pending/P",
+    ];
+    assert_eq!(bao_calls, bao_want, "the OpenBao calls of one rotation");
+    let aws_want = [
+        // retire version 1
+        "DescribeSecret",
+        "UpdateSecretVersionStage AWSPREVIOUS",
+        // create
+        "DescribeSecret",
+        "PutSecretValue",
+        // promote
+        "DescribeSecret",
+        "UpdateSecretVersionStage AWSCURRENT",
+        "UpdateSecretVersionStage AWSPENDING",
+    ];
+    assert_eq!(aws_calls, aws_want, "the AWS calls of one rotation");
+}
+
+/// The same for Azure Key Vault as the primary (`["kv", "bao"]`), counted
+/// by the stub's request log (which does not log token requests; the SDK
+/// caches its token). OpenBao, second here, makes the same calls as when
+/// it is the primary: no step reads a value back after a fresh stage.
+#[test]
+fn d_kv_one_rotation_makes_the_listed_azure_calls() {
+    let direct = Addresses::direct();
+    let bao = Proxy::start(&direct.bao, Flavor::Bao);
+    let path = unique_path("calls-kv");
+    let (main, staging) = kv_names(&path);
+    let env = remote_env(
+        Layout::KvBao,
+        &Addresses {
+            bao: bao.url(),
+            aws: direct.aws.clone(),
+        },
+        &path,
+        "1h",
+        "",
+    );
+    // `METHOD secret` of the logged Key Vault requests after `since`.
+    let kv_calls = |since: f64| {
+        let mut rows: Vec<(f64, String)> = with_kv(async |kv| {
+            let mut rows = Vec::new();
+            for (secret, name) in [(&main, "NAME"), (&staging, "NAME-staging")] {
+                for r in kv.requests(secret).await {
+                    let start = r["start"].as_f64().expect("a start time");
+                    if start > since {
+                        rows.push((start, format!("{} {name}", r["method"].as_str().unwrap())));
+                    }
+                }
+            }
+            rows
+        });
+        rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+        rows
+    };
+    let daemon = env.start();
+    wait_rotated(&env, 1);
+    rotate_wait_succeeds(&env, &daemon, "version 2");
+    wait_rotated(&env, 2);
+    let held = check_vaults(&env, Layout::KvBao, &path, 2, None, "version 2");
+    let since = kv_calls(0.0).last().map_or(0.0, |r| r.0);
+    let b = bao.seen().len();
+    rotate_wait_succeeds(&env, &daemon, "version 3");
+    wait_rotated(&env, 3);
+    let kv: Vec<String> = kv_calls(since).into_iter().map(|r| r.1).collect();
+    let bao_calls: Vec<String> = bao.seen()[b..].iter().map(|r| bao_call(r, &path)).collect();
+    check_vaults(&env, Layout::KvBao, &path, 3, Some(&held), "version 3");
+    daemon.stop();
+    audit_verifies(&env, "counted rotations");
+
+    let kv_want = [
+        // retire version 1: list NAME's versions, disable the previous
+        "GET NAME",
+        "PATCH NAME",
+        // create: list the staging versions (a replay's read-back, and
+        // pending leftovers to abandon), write the pending version
+        "GET NAME-staging",
+        "PUT NAME-staging",
+        // promote: list both secrets, get the pending value, write it as
+        // NAME's latest, tag the old current previous, disable the
+        // staging version
+        "GET NAME",
+        "GET NAME-staging",
+        "GET NAME-staging",
+        "PUT NAME",
+        "PATCH NAME",
+        "PATCH NAME-staging",
+    ];
+    assert_eq!(kv, kv_want, "the Azure calls of one rotation");
+    let bao_want = [
+        "GET data/P",
+        "GET data/P?version=1",
+        "POST destroy/P",
+        "POST data/keyturn-pending/P",
+        "GET data/keyturn-pending/P",
+        "GET data/P",
+        "POST data/P",
+        "DELETE metadata/keyturn-pending/P",
+    ];
+    assert_eq!(bao_calls, bao_want, "the OpenBao calls of one rotation");
+}

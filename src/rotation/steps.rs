@@ -52,6 +52,35 @@ impl StepError {
     }
 }
 
+/// What one run of a rotation remembers between its steps, in memory only,
+/// so the steps after create do not read back from the vault what this run
+/// staged (`docs/vault-calls.md` counts the calls). A resumed rotation
+/// starts with nothing remembered, and a failed attempt forgets it all:
+/// then each step reads what the vault holds, as it must after a crash or
+/// when the vault may have changed while the step was failing.
+#[derive(Default)]
+pub(super) struct RunMemory {
+    /// The value this rotation staged, as the vault holds it.
+    staged: Option<SecretValue>,
+    /// The create step has not been attempted in this run, and the
+    /// rotation was begun by it (not resumed): its first `stage` is fresh.
+    fresh: bool,
+}
+
+impl RunMemory {
+    /// For a rotation this run has just begun.
+    pub(super) fn begun() -> Self {
+        RunMemory {
+            staged: None,
+            fresh: true,
+        }
+    }
+
+    fn forget(&mut self) {
+        *self = RunMemory::default();
+    }
+}
+
 impl Inner {
     /// Runs (or resumes) one rotation up to and including delivery.
     pub(super) async fn rotate(&self, entry: &CredEntry) -> Result<RotationRow, Stop> {
@@ -64,6 +93,7 @@ impl Inner {
             .load(move |s| s.latest_rotation(&k))
             .await
             .map_err(|e| Stop::Failed(format!("{key}: {e}"), None))?;
+        let mut run = RunMemory::default();
         let mut rot = match latest {
             Some(r) if r.step < Step::Retire => {
                 tracing::info!(agent = %key.agent, credential = %key.credential, rotation = %r.id, step = %r.step, "resuming rotation");
@@ -76,12 +106,14 @@ impl Inner {
                     // not before the current one's consumers have it (or
                     // its grace deadline passed).
                     self.wait_for_acks(prev).await?;
-                    self.run_step(entry, prev).await?;
+                    self.run_step(entry, prev, &mut RunMemory::default())
+                        .await?;
                     if let Some(l) = self.live().get_mut(&key) {
                         l.retire_at = None;
                     }
                     self.live().cancel(&key, Job::Retire);
                 }
+                run = RunMemory::begun();
                 self.begin(entry, latest.as_ref()).await?
             }
         };
@@ -93,7 +125,7 @@ impl Inner {
             let ran = if self.is_retired(&key.agent) {
                 Err(Stop::Abandoned)
             } else {
-                self.run_step(entry, &mut rot).await
+                self.run_step(entry, &mut rot, &mut run).await
             };
             if let Err(Stop::Abandoned) = ran {
                 self.abandon_for_good(entry, &mut rot, "the agent is decommissioned")
@@ -178,12 +210,13 @@ impl Inner {
         &self,
         entry: &CredEntry,
         rot: &mut RotationRow,
+        run: &mut RunMemory,
     ) -> Result<(), Stop> {
         let mut delays = step_backoff(entry_retry(&self.catalog()));
         let step = rot.step;
         loop {
             crash_point(before(step));
-            let attempt = self.attempt_step(entry, rot).await;
+            let attempt = self.attempt_step(entry, rot, run).await;
             let error = match attempt {
                 Ok(mut writes) => {
                     crash_point(after(step));
@@ -224,6 +257,7 @@ impl Inner {
                 Err(e) => e,
             };
             // One failure path for every step and plug-in.
+            run.forget();
             let msg = error.message();
             self.metrics.step_failed(step.as_str());
             if error.staged_gone && matches!(step, Step::Set | Step::Test | Step::Promote) {
@@ -379,6 +413,7 @@ impl Inner {
         &self,
         entry: &CredEntry,
         rot: &mut RotationRow,
+        run: &mut RunMemory,
     ) -> Result<Vec<Write>, StepError> {
         let key = entry.key();
         let item = VaultItem {
@@ -387,6 +422,7 @@ impl Inner {
         };
         match rot.step {
             Step::Create => {
+                let fresh = std::mem::take(&mut run.fresh);
                 let generated = generators::generate(&entry.cfg.generate).map_err(|e| {
                     StepError::new(
                         "generator",
@@ -395,21 +431,26 @@ impl Inner {
                 })?;
                 let primary = &entry.primary().vault;
                 let vref = primary
-                    .stage(item.pending(&rot.id, &generated.value))
+                    .stage(item.pending(&rot.id, &generated.value).with_fresh(fresh))
                     .await
                     .map_err(|e| vault_error(primary.describe(), e))?;
-                drop(generated);
                 crash_point("rotation.create.after_primary_stage");
-                // Read back what the vault holds: after a replay it is the
-                // value staged the first time, not the one generated now.
-                // The other vaults get that value, so a replay that finds
-                // some of them already staged cannot make them disagree.
-                let stored = read_from(primary.as_ref(), item, &vref).await?;
+                // A fresh stage stored the value generated now. Otherwise read
+                // back what the vault holds: after a replay it is the value
+                // staged the first time, not the one generated now. The other
+                // vaults get that value, so a replay that finds some of them
+                // already staged cannot make them disagree.
+                let stored = if fresh {
+                    generated.value
+                } else {
+                    drop(generated);
+                    read_from(primary.as_ref(), item, &vref).await?
+                };
                 let mut refs = VaultRefs(vec![(primary.describe().to_owned(), vref)]);
                 for other in &entry.vaults[1..] {
                     let v = &other.vault;
                     let r = v
-                        .stage(item.pending(&rot.id, &stored))
+                        .stage(item.pending(&rot.id, &stored).with_fresh(fresh))
                         .await
                         .map_err(|e| vault_error(v.describe(), e))?;
                     refs.0.push((v.describe().to_owned(), r));
@@ -418,6 +459,7 @@ impl Inner {
                     generators::public_part(generators::kind_of(&entry.cfg.generate), &stored);
                 let encoded = refs.encode();
                 rot.vault_version = Some(encoded.clone());
+                run.staged = Some(stored);
                 Ok(vec![Write::Version(VersionRow {
                     key: key.clone(),
                     version: rot.version,
@@ -435,27 +477,52 @@ impl Inner {
                 let Some(target) = &entry.target else {
                     return Ok(vec![]);
                 };
-                let value = self.read_staged(entry, rot).await?;
+                let value = self.staged_value(entry, rot, run).await?;
                 let r = if rot.step == Step::Set {
-                    target.set(key, rot.version, &value).await
+                    target.set(key, rot.version, value).await
                 } else {
-                    target.test(key, rot.version, &value).await
+                    target.test(key, rot.version, value).await
                 };
                 r.map_err(|e| target_error(target.as_ref(), e))?;
                 Ok(vec![])
             }
             Step::Promote => {
-                self.check_current_before_promote(entry, rot).await?;
                 // Every vault already holds the value (create staged it in
                 // all); promote each. Promote is idempotent, so after a
                 // failure in one vault the retry re-promotes the others as
                 // no-ops and the vaults converge on the same current version.
+                let previous = rot
+                    .previous_vault_version
+                    .as_deref()
+                    .map(|p| VaultRefs::decode(p, entry.primary().vault.describe()))
+                    .unwrap_or_default();
                 for (i, h) in entry.vaults.iter().enumerate() {
                     if i == 1 {
                         crash_point("rotation.promote.after_first_vault");
                     }
                     let vref = staged_in(entry, rot, h)?;
-                    if let Err(e) = h.vault.promote(item, &vref).await {
+                    // Every version older than the previous one was retired
+                    // before this rotation began (`rotate` runs the last
+                    // rotation's retire step first).
+                    let expected = previous.get(h.vault.describe());
+                    let promoted = match expected {
+                        Some(_) => h.vault.promote_from(item, &vref, expected).await,
+                        // Nothing to check against (a first rotation, or a
+                        // vault added since): a plain promote reads less.
+                        None => h.vault.promote(item, &vref).await.map(|()| None),
+                    };
+                    if let (Ok(before), Some(prev_ref)) = (&promoted, expected) {
+                        self.check_current_before_promote(
+                            entry,
+                            rot,
+                            h.vault.describe(),
+                            prev_ref,
+                            &vref,
+                            before.as_ref(),
+                        )
+                        .await?;
+                    }
+                    if let Err(e) = promoted {
                         // Vaults are promoted in order, so when the first
                         // one refuses nothing is promoted anywhere yet: if
                         // the staged version is gone from it, the rotation
@@ -510,10 +577,10 @@ impl Inner {
                 Ok(writes)
             }
             Step::Deliver => {
-                let value = self.read_staged(entry, rot).await?;
+                let value = self.staged_value(entry, rot, run).await?;
                 let row = delivered_row(entry, rot);
-                let notice = notice_for(entry, rot, &value, self.now(), row.next_due);
-                let mut writes = self.deliver_to_sinks(entry, &notice, &value).await?;
+                let notice = notice_for(entry, rot, value, self.now(), row.next_due);
+                let mut writes = self.deliver_to_sinks(entry, &notice, value).await?;
                 self.settle_vaults(entry, rot).await?;
                 writes.push(Write::Credential(row));
                 writes.push(Write::Holding {
@@ -592,6 +659,21 @@ impl Inner {
         Ok(writes)
     }
 
+    /// The value this rotation staged: what this run remembers, else read
+    /// from the primary vault (and remembered).
+    async fn staged_value<'r>(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+        run: &'r mut RunMemory,
+    ) -> Result<&'r SecretValue, StepError> {
+        let value = match run.staged.take() {
+            Some(v) => v,
+            None => self.read_staged(entry, rot).await?,
+        };
+        Ok(run.staged.insert(value))
+    }
+
     /// The value this rotation staged, read from the primary vault.
     pub(super) async fn read_staged(
         &self,
@@ -631,66 +713,52 @@ impl Inner {
         Ok(())
     }
 
-    /// Before promote: is the version keyturn knows as current still current
-    /// in every vault? If someone deleted or overwrote it out of band, the
-    /// promote goes ahead (it makes the vault serve a working value again,
-    /// which is better than leaving it broken until an operator acts), but
-    /// that vault no longer holds the previous value agents may still use
-    /// during the grace period. Nothing else would notice, so it is said
-    /// loudly: a warning and an audit record per vault. Costs one read per
-    /// vault per rotation.
+    /// At promote: was the version keyturn knows as current (`prev_ref`)
+    /// still current in vault `vault` (`before`, what the vault found
+    /// current as it promoted)? If someone deleted or overwrote it out of
+    /// band, the promote went ahead (it makes the vault serve a working
+    /// value again, which is better than leaving it broken until an operator
+    /// acts), but that vault no longer holds the previous value agents may
+    /// still use during the grace period. Nothing else would notice, so it
+    /// is said loudly: a warning and an audit record. Costs no vault call:
+    /// [`Vault::promote_from`] reports `before`.
     pub(super) async fn check_current_before_promote(
         &self,
         entry: &CredEntry,
         rot: &RotationRow,
+        vault: &str,
+        prev_ref: &VersionRef,
+        new_ref: &VersionRef,
+        before: Option<&VersionRef>,
     ) -> Result<(), StepError> {
-        let (Some(prev), Some(prev_version)) = (&rot.previous_vault_version, rot.previous_version)
-        else {
+        let Some(prev_version) = rot.previous_version else {
             return Ok(());
         };
-        let item = VaultItem {
-            key: entry.key(),
-            path: &entry.cfg.vault_path(),
-        };
-        let refs = VaultRefs::decode(prev, entry.primary().vault.describe());
-        for h in &entry.vaults {
-            let Some(prev_ref) = refs.get(h.vault.describe()) else {
-                continue;
-            };
-            let new_ref = staged_in(entry, rot, h)?;
-            let current = h
-                .vault
-                .read(item, Select::Stage(Stage::Current))
-                .await
-                .map_err(|e| vault_error(h.vault.describe(), e))?
-                .map(|v| v.version);
-            // The new ref: a replay after this vault was already promoted.
-            if current.as_ref() == Some(prev_ref) || current.as_ref() == Some(&new_ref) {
-                continue;
-            }
-            let now_there = match &current {
-                Some(r) => format!("its current version is {r}, which keyturn did not write"),
-                None => "it has no current version".to_owned(),
-            };
-            let msg = format!(
-                "step promote: vault {:?}: version {prev_version} ({prev_ref}) of {}, the current version before this rotation, is gone: {now_there} (deleted or overwritten out of band). Promoting version {} makes it current again, but this vault no longer holds the previous value",
-                h.vault.describe(),
-                entry.cfg.vault_path(),
-                rot.version,
-            );
-            tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %h.vault.describe(), version = prev_version, rotation = %rot.id, "{msg}");
-            // The head is persisted with the step, like delivery records.
-            self.audit(
-                entry,
-                Some(rot),
-                "vault.current_gone",
-                Outcome::Failed,
-                Some(h.vault.describe().to_owned()),
-                Some(msg),
-            )
-            .await
-            .map_err(|e| StepError::new("audit", e))?;
+        // The new ref: a replay after this vault was already promoted.
+        if before == Some(prev_ref) || before == Some(new_ref) {
+            return Ok(());
         }
+        let now_there = match before {
+            Some(r) => format!("its current version is {r}, which keyturn did not write"),
+            None => "it has no current version".to_owned(),
+        };
+        let msg = format!(
+            "step promote: vault {vault:?}: version {prev_version} ({prev_ref}) of {}, the current version before this rotation, is gone: {now_there} (deleted or overwritten out of band). Promoting version {} makes it current again, but this vault no longer holds the previous value",
+            entry.cfg.vault_path(),
+            rot.version,
+        );
+        tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %vault, version = prev_version, rotation = %rot.id, "{msg}");
+        // The head is persisted with the step, like delivery records.
+        self.audit(
+            entry,
+            Some(rot),
+            "vault.current_gone",
+            Outcome::Failed,
+            Some(vault.to_owned()),
+            Some(msg),
+        )
+        .await
+        .map_err(|e| StepError::new("audit", e))?;
         Ok(())
     }
 }

@@ -612,6 +612,32 @@ async fn transient_failures_are_retried_with_backoff_within_the_rotation() {
     rig.shutdown().await;
 }
 
+/// The engine keeps the value it staged for the steps after create
+/// (docs/vault-calls.md): a rotation it begins reads nothing back. A failed
+/// attempt forgets it, so the steps after it read what the vault holds.
+#[tokio::test(start_paused = true)]
+async fn a_begun_rotation_reads_nothing_back_and_a_failed_attempt_reads_again() {
+    let rig = Rig::single().await;
+    let done = rig.rotate_c0().await;
+    assert_eq!((done.error, done.version), (None, Some(1)));
+    assert_eq!(
+        rig.vault.times("read", None).len(),
+        0,
+        "the first rotation reads nothing: the stage was fresh, deliver uses the value staged"
+    );
+    assert_eq!(rig.vault.times("stage", None).len(), 1);
+
+    rig.vault.fail("promote", 1, ErrorKind::Transient, None);
+    let done = rig.rotate_c0().await;
+    assert_eq!((done.error, done.version), (None, Some(2)));
+    // promote_from's read of the current version (the engine's check), the
+    // failed promote's look for the staged version, the retry's check, and
+    // deliver reading the staged value again: the failure made it forget.
+    assert_eq!(rig.vault.times("read", None).len(), 4);
+    assert_eq!(rig.vault.times("promote", None).len(), 3, "one, then two");
+    rig.shutdown().await;
+}
+
 /// After its retries a rotation is parked: status names the step and the
 /// error; the scheduler tries again after the park delay (the retry ceiling,
 /// doubled per consecutive failure), and the same rotation then completes.

@@ -262,6 +262,27 @@ impl IndexedVault {
     }
 }
 
+impl IndexedVault {
+    /// Queues the change index record of a promote and kicks off its write.
+    fn queue(&self, item: VaultItem<'_>, version: &VersionRef) {
+        let kick = {
+            let mut b = self.core.book();
+            b.queued.insert(item.path.to_owned(), version.clone());
+            !std::mem::replace(&mut b.kicked, true)
+        };
+        if kick {
+            let core = self.core.clone();
+            tokio::spawn(async move {
+                if let Err(e) = core.flush(None).await {
+                    // Not lost: queued again, written by the next write or
+                    // by the `settle` of the deliver step, which retries.
+                    tracing::warn!(vault = %core.inner.describe(), index = %core.path, kind = %e.kind, error = %e.message, "change index: write failed; retried with the next one");
+                }
+            });
+        }
+    }
+}
+
 #[async_trait]
 impl Vault for IndexedVault {
     fn describe(&self) -> &str {
@@ -284,22 +305,24 @@ impl Vault for IndexedVault {
     /// it (see [`Vault::settle`] for the wait).
     async fn promote(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
         self.core.inner.promote(item, version).await?;
-        let kick = {
-            let mut b = self.core.book();
-            b.queued.insert(item.path.to_owned(), version.clone());
-            !std::mem::replace(&mut b.kicked, true)
-        };
-        if kick {
-            let core = self.core.clone();
-            tokio::spawn(async move {
-                if let Err(e) = core.flush(None).await {
-                    // Not lost: queued again, written by the next write or
-                    // by the `settle` of the deliver step, which retries.
-                    tracing::warn!(vault = %core.inner.describe(), index = %core.path, kind = %e.kind, error = %e.message, "change index: write failed; retried with the next one");
-                }
-            });
-        }
+        self.queue(item, version);
         Ok(())
+    }
+
+    /// Like `promote`: the inner vault's, then the record queued.
+    async fn promote_from(
+        &self,
+        item: VaultItem<'_>,
+        version: &VersionRef,
+        expected: Option<&VersionRef>,
+    ) -> Result<Option<VersionRef>, PluginError> {
+        let before = self
+            .core
+            .inner
+            .promote_from(item, version, expected)
+            .await?;
+        self.queue(item, version);
+        Ok(before)
     }
 
     /// Returns once the index holds `version` for `item`: at once when it

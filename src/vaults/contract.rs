@@ -82,6 +82,8 @@ macro_rules! vault_contract {
                 destroy_removes_every_version,
                 values_come_back_byte_for_byte,
                 current_mark_moves_with_the_current_version,
+                a_fresh_stage_stores_its_value,
+                promote_from_reports_what_was_current,
             );
         }
     };
@@ -578,6 +580,106 @@ pub(crate) async fn values_come_back_byte_for_byte(vault: &dyn Vault, path: &str
     c.destroy().await;
 }
 
+/// A `stage` marked fresh (the rotation's first) stores its value as the
+/// pending version, whatever the credential holds: nothing, a current
+/// version, or the pending leftover of an abandoned rotation (which it
+/// abandons, as any stage does).
+pub(crate) async fn a_fresh_stage_stores_its_value(vault: &dyn Vault, path: &str) {
+    let c = Cred::new(vault, path);
+    let one = c.stage_fresh(ONE).await;
+    c.expect(Stages::NONE.pending(&one), "after a fresh first stage")
+        .await;
+    c.promote(&one.version).await;
+    let two = c.stage_fresh(TWO).await;
+    c.expect(
+        Stages::NONE.pending(&two).current(&one),
+        "after a fresh stage next to a current version",
+    )
+    .await;
+    let three = c.stage_fresh(THREE).await;
+    c.expect_abandoned(&two, Stages::NONE.pending(&three).current(&one))
+        .await;
+    c.expect_at(
+        &three,
+        Stage::Pending,
+        "the fresh stage over an abandoned one",
+    )
+    .await;
+    c.destroy().await;
+}
+
+/// `promote_from` promotes like `promote` and returns what was current
+/// before: nothing at first, the old current, the version itself on a
+/// replay. An `expected` that is not what is current (an out-of-band change)
+/// changes nothing of what the promote does: the old previous is retired.
+pub(crate) async fn promote_from_reports_what_was_current(vault: &dyn Vault, path: &str) {
+    let c = Cred::new(vault, path);
+    let one = c.stage(ONE).await;
+    assert_eq!(
+        c.promote_from(&one.version, None).await,
+        None,
+        "{}: first promote",
+        c.name()
+    );
+    assert_eq!(
+        c.promote_from(&one.version, None).await,
+        Some(one.version.clone()),
+        "{}: a replayed promote reports the version itself",
+        c.name()
+    );
+    let two = c.stage(TWO).await;
+    let before = c.promote_from(&two.version, Some(&one.version)).await;
+    assert_eq!(
+        before,
+        Some(one.version.clone()),
+        "{}: second promote",
+        c.name()
+    );
+    c.expect(
+        Stages::NONE.current(&two).previous(&one),
+        "after the second promote_from",
+    )
+    .await;
+    // The engine retires the previous before its next rotation begins.
+    c.retire(&one.version).await;
+    let three = c.stage(THREE).await;
+    let before = c.promote_from(&three.version, Some(&two.version)).await;
+    assert_eq!(
+        before,
+        Some(two.version.clone()),
+        "{}: third promote",
+        c.name()
+    );
+    c.expect(
+        Stages::NONE.current(&three).previous(&two),
+        "after the third promote_from",
+    )
+    .await;
+    c.expect_gone(&one.version, "the version retired before the third promote")
+        .await;
+    // State expects a version that is not current: the old previous (two)
+    // is retired by the promote all the same.
+    let four = c.stage(FOUR).await;
+    let before = c.promote_from(&four.version, Some(&one.version)).await;
+    assert_eq!(
+        before,
+        Some(three.version.clone()),
+        "{}: fourth promote",
+        c.name()
+    );
+    c.expect(
+        Stages::NONE.current(&four).previous(&three),
+        "after a promote_from expecting a version that was not current",
+    )
+    .await;
+    c.expect_gone(
+        &two.version,
+        "the old previous, retired by the fourth promote",
+    )
+    .await;
+    c.destroy().await;
+}
+
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
@@ -712,6 +814,33 @@ impl<'a> Cred<'a> {
         let staged = self.stage(value).await;
         self.promote(&staged.version).await;
         staged
+    }
+
+    /// Stages `value` for a new rotation, marked fresh.
+    async fn stage_fresh(&self, value: &str) -> Staged {
+        let rotation = RotationId::generate();
+        let secret = SecretValue::from_string(value.to_owned());
+        let version = self
+            .vault
+            .stage(self.item().pending(&rotation, &secret).with_fresh(true))
+            .await
+            .unwrap_or_else(|e| panic!("{}: fresh stage: {e}", self.name()));
+        Staged {
+            version,
+            rotation,
+            value: value.to_owned(),
+        }
+    }
+
+    async fn promote_from(
+        &self,
+        version: &VersionRef,
+        expected: Option<&VersionRef>,
+    ) -> Option<VersionRef> {
+        self.vault
+            .promote_from(self.item(), version, expected)
+            .await
+            .unwrap_or_else(|e| panic!("{}: promote_from {version}: {e}", self.name()))
     }
 
     async fn promote(&self, version: &VersionRef) {

@@ -81,6 +81,18 @@ impl Vault for LazyVault {
         self.client().await?.promote(item, version).await
     }
 
+    async fn promote_from(
+        &self,
+        item: VaultItem<'_>,
+        version: &VersionRef,
+        expected: Option<&VersionRef>,
+    ) -> Result<Option<VersionRef>, PluginError> {
+        self.client()
+            .await?
+            .promote_from(item, version, expected)
+            .await
+    }
+
     async fn settle(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
         self.client().await?.settle(item, version).await
     }

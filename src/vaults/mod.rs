@@ -30,6 +30,8 @@
 //!   value): `None` while nothing is current (nothing staged, only pending,
 //!   destroyed); the same mark while the current version stays; another mark
 //!   after a promote makes another version current. Followers poll it.
+//! - `promote_from` is `promote` told what the engine's state expects to
+//!   be current; it returns what was current just before (see its docs).
 //! - `settle` returns once what the vault owes others about a promoted
 //!   version is durable; a no-op by default (only [`change_index`] owes).
 //! - Error messages name the vault and never contain a value.
@@ -53,6 +55,21 @@
 //! `Vault` ([`lazy`], [`change_index`]), not code inside a plug-in. A
 //! vault that can say which version is current more cheaply than by
 //! reading it overrides [`Vault::current_mark`] (followers poll it).
+//!
+//! # What the engine tells a vault, to save calls
+//! Each rotation costs vault calls, which cost the vault CPU and the
+//! rotation latency; `docs/vault-calls.md` lists them per vault. Most reads
+//! a vault makes are there for the case state cannot rule out: a replay
+//! after a crash, or someone writing the vault out of band. Two hints let
+//! the engine say when it can rule them out; both are optional (ignoring
+//! them is always correct, only slower):
+//! - [`Pending::fresh`]: this is the rotation's first `stage` call on this
+//!   vault (its first attempt, not resumed after a restart), so nothing of
+//!   it can be there yet. A vault may skip its replay checks; it must still
+//!   cope with a leftover of another rotation, and it stores `value`, so the
+//!   engine does not read it back.
+//! - [`Vault::promote_from`]'s `expected`: the version state holds as current,
+//!   every older one of which the engine has already retired.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -130,6 +147,7 @@ impl<'a> VaultItem<'a> {
             item: self,
             rotation,
             value,
+            fresh: false,
         }
     }
 }
@@ -141,6 +159,17 @@ pub struct Pending<'a> {
     pub item: VaultItem<'a>,
     pub rotation: &'a RotationId,
     pub value: &'a SecretValue,
+    /// The caller guarantees that no `stage` call for this rotation was
+    /// ever made on this vault (see "What the engine tells a vault" in the
+    /// module docs). `false` unless set with [`Pending::with_fresh`].
+    pub fresh: bool,
+}
+
+impl Pending<'_> {
+    /// Marks this as the rotation's first `stage` call on the vault.
+    pub fn with_fresh(self, fresh: bool) -> Self {
+        Pending { fresh, ..self }
+    }
 }
 
 /// A vault-native version identifier (a number for the local vault and KV v2,
@@ -191,6 +220,34 @@ pub trait Vault: Send + Sync {
     /// Makes `version` current; the old current becomes previous and an older
     /// previous becomes retired. A no-op when `version` is already current.
     async fn promote(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError>;
+
+    /// [`Vault::promote`], as the engine's promote step calls it: `expected`
+    /// is the version the engine's state holds as current in this vault
+    /// (`None`: none), every version older than it already retired by the
+    /// engine. Returns the version that was current just before the promote
+    /// (`None`: none; `version` itself when it already was, a replay), which
+    /// the engine compares with `expected` to notice a current version
+    /// deleted or overwritten out of band. (With no current version in
+    /// state the engine calls plain `promote`: there is nothing to check.)
+    ///
+    /// The default reads the current version, then promotes: two calls. A
+    /// vault whose promote reads the current version anyway overrides it to
+    /// read once, and may skip retiring versions older than `expected` when
+    /// the version it finds current is `expected`. Decorators forward it.
+    async fn promote_from(
+        &self,
+        item: VaultItem<'_>,
+        version: &VersionRef,
+        expected: Option<&VersionRef>,
+    ) -> Result<Option<VersionRef>, PluginError> {
+        let _ = expected;
+        let before = self
+            .read(item, Select::Stage(Stage::Current))
+            .await?
+            .map(|v| v.version);
+        self.promote(item, version).await?;
+        Ok(before)
+    }
 
     /// Retires `version` (drops or disables its value) if it is previous. A no-op
     /// when it is already retired or gone; an error if it is current or pending.

@@ -497,6 +497,54 @@ impl AwsVault {
         }
     }
 
+    /// `promote` once `DescribeSecret` answered (`versions`).
+    async fn promote_labeled(
+        &self,
+        secret: &str,
+        versions: Option<Labels>,
+        version: &VersionRef,
+    ) -> Result<(), PluginError> {
+        let Some(versions) = versions else {
+            return Err(self.err(
+                ErrorKind::NotFound,
+                "promote",
+                secret,
+                "the secret does not exist",
+            ));
+        };
+        let labels = match versions.get(&version.0) {
+            Some(labels) if !labels.is_empty() => labels,
+            _ => {
+                return Err(self.err(
+                    ErrorKind::NotFound,
+                    "promote",
+                    secret,
+                    format!("version {version} does not exist or is retired"),
+                ));
+            }
+        };
+        if !has_label(labels, AWSCURRENT) {
+            let current = versions
+                .iter()
+                .find(|(_, l)| has_label(l, AWSCURRENT))
+                .map(|(id, _)| id.as_str());
+            // AWS moves AWSPREVIOUS to `current` as part of this call.
+            self.move_label(
+                "promote (move AWSCURRENT)",
+                secret,
+                AWSCURRENT,
+                Some(&version.0),
+                current,
+            )
+            .await?;
+        }
+        if has_label(labels, AWSPENDING) {
+            self.remove_label("promote (remove AWSPENDING)", secret, AWSPENDING, version)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Creates `secret` without a value (so without a version). A secret
     /// that already exists (a lost response, a race) is fine.
     async fn create_empty(&self, secret: &str) -> Result<(), PluginError> {
@@ -693,45 +741,27 @@ impl Vault for AwsVault {
 
     async fn promote(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
         let secret = self.secret_id(item.path);
-        let Some(versions) = self.labels("promote", &secret).await? else {
-            return Err(self.err(
-                ErrorKind::NotFound,
-                "promote",
-                &secret,
-                "the secret does not exist",
-            ));
-        };
-        let labels = match versions.get(&version.0) {
-            Some(labels) if !labels.is_empty() => labels,
-            _ => {
-                return Err(self.err(
-                    ErrorKind::NotFound,
-                    "promote",
-                    &secret,
-                    format!("version {version} does not exist or is retired"),
-                ));
-            }
-        };
-        if !has_label(labels, AWSCURRENT) {
-            let current = versions
-                .iter()
-                .find(|(_, l)| has_label(l, AWSCURRENT))
-                .map(|(id, _)| id.as_str());
-            // AWS moves AWSPREVIOUS to `current` as part of this call.
-            self.move_label(
-                "promote (move AWSCURRENT)",
-                &secret,
-                AWSCURRENT,
-                Some(&version.0),
-                current,
-            )
-            .await?;
-        }
-        if has_label(labels, AWSPENDING) {
-            self.remove_label("promote (remove AWSPENDING)", &secret, AWSPENDING, version)
-                .await?;
-        }
-        Ok(())
+        let versions = self.labels("promote", &secret).await?;
+        self.promote_labeled(&secret, versions, version).await
+    }
+
+    /// Promote's `DescribeSecret` names the current version too (like
+    /// [`Vault::current_mark`]): no `GetSecretValue` for the engine's check.
+    async fn promote_from(
+        &self,
+        item: VaultItem<'_>,
+        version: &VersionRef,
+        _expected: Option<&VersionRef>,
+    ) -> Result<Option<VersionRef>, PluginError> {
+        let secret = self.secret_id(item.path);
+        let versions = self.labels("promote", &secret).await?;
+        let before = versions.as_ref().and_then(|vs| {
+            vs.iter()
+                .find(|(_, l)| has_label(l, AWSCURRENT) && !has_label(l, AWSPENDING))
+                .map(|(id, _)| VersionRef(id.clone()))
+        });
+        self.promote_labeled(&secret, versions, version).await?;
+        Ok(before)
     }
 
     /// Removes `AWSPREVIOUS` from `version`. Secrets Manager cannot delete

@@ -605,10 +605,27 @@ impl Vault for AzureVault {
     }
 
     async fn promote(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
+        self.promote_from(item, version, None).await.map(|_| ())
+    }
+
+    /// Promote lists `NAME`'s versions, which names the current one too (as
+    /// `read` of the current stage would): no extra list and get for the
+    /// engine's check.
+    async fn promote_from(
+        &self,
+        item: VaultItem<'_>,
+        version: &VersionRef,
+        _expected: Option<&VersionRef>,
+    ) -> Result<Option<VersionRef>, PluginError> {
         let names = Names::of(item.path)?;
         let op = format!("promote version {version}");
         let v = version.0.as_str();
         let main = self.list_versions(&op, &names.main).await?;
+        let before = main
+            .iter()
+            .rev()
+            .find(|m| m.enabled && m.is(Stage::Current.as_str()))
+            .map(|m| VersionRef(m.tag(TAG_VERSION).unwrap_or(&m.id).to_owned()));
         let staged = self.list_versions(&op, &names.staging).await?;
         let copies = |stage: &str| {
             main.iter()
@@ -704,7 +721,7 @@ impl Vault for AzureVault {
                 .await?;
         }
         tracing::debug!(vault = %self.name, credential = %item.key, secret = %names.main, version = %version, "promoted");
-        Ok(())
+        Ok(before)
     }
 
     async fn retire(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {

@@ -245,10 +245,12 @@ impl HashicorpVault {
     // Promote, in two halves so tests can put a writer between them
     // -----------------------------------------------------------------------
 
+    /// `expected`: see [`Vault::promote_from`].
     pub(super) async fn plan_promote(
         &self,
         path: &str,
         target: &Ref,
+        expected: Option<&VersionRef>,
     ) -> Result<PromotePlan, PluginError> {
         const STEP: &str = "promote";
         let pending_path = Self::pending_path(path);
@@ -256,16 +258,25 @@ impl HashicorpVault {
             Ref::Rotation(_) => self.read_kv(STEP, &pending_path, None).await?,
             Ref::Kv(_) => None,
         };
-        let slot_holds_it = slot.as_ref().is_some_and(|s| s.is(target));
+        let clear_slot = slot.as_ref().is_some_and(|s| s.is(target));
         let refuse = |kind, why: &str| {
             let message = format!("version {} {why}", ref_text(target));
             self.err(kind, STEP, &self.location(path), message)
         };
         let (latest, latest_data) = self.latest(STEP, path).await?;
+        let before = latest_data.as_ref().map(KvVersion::reference);
+        // The engine retired everything older than `expected`; when that
+        // is what is current, the version that becomes retired now (the one
+        // before it) has no data left to destroy.
+        let retire_older = expected.is_none() || before.as_ref() != expected;
         if latest_data.as_ref().is_some_and(|v| v.is(target)) {
-            return Ok(PromotePlan::Done {
-                latest,
-                clear_slot: slot_holds_it,
+            return Ok(PromotePlan {
+                before,
+                clear_slot,
+                // A replay: what was current before this version is not
+                // known here, so the clean-up is done again (a no-op).
+                retire_older: true,
+                action: PromoteAction::Done { latest },
             });
         }
         let (source, rotation) = if let Some(slot) = slot.filter(|s| s.is(target)) {
@@ -294,42 +305,43 @@ impl HashicorpVault {
                 "was not written by keyturn; only keyturn's versions can be promoted",
             ));
         };
-        Ok(PromotePlan::Write {
-            cas: latest,
-            rotation,
-            value: source.value,
-            clear_slot: slot_holds_it,
+        Ok(PromotePlan {
+            before,
+            clear_slot,
+            retire_older,
+            action: PromoteAction::Write {
+                cas: latest,
+                rotation,
+                value: source.value,
+            },
         })
     }
 
+    /// Carries out `plan`; returns what was current before it.
     pub(super) async fn commit_promote(
         &self,
         path: &str,
         plan: PromotePlan,
-    ) -> Result<(), PluginError> {
+    ) -> Result<Option<VersionRef>, PluginError> {
         const STEP: &str = "promote";
-        let (current, clear_slot) = match plan {
-            PromotePlan::Done { latest, clear_slot } => (latest, clear_slot),
-            PromotePlan::Write {
+        let current = match plan.action {
+            PromoteAction::Done { latest } => latest,
+            PromoteAction::Write {
                 cas,
                 rotation,
                 value,
-                clear_slot,
-            } => (
-                self.write_kv(STEP, path, cas, &rotation, &value).await?,
-                clear_slot,
-            ),
+            } => self.write_kv(STEP, path, cas, &rotation, &value).await?,
         };
         // The clean-up a crash may have interrupted; both calls are idempotent.
         // The version before the new previous is retired: destroy its data
         // (destroying a missing or destroyed version is a no-op in KV v2).
-        if current >= 3 {
+        if current >= 3 && plan.retire_older {
             self.destroy_versions(STEP, path, vec![current - 2]).await?;
         }
-        if clear_slot {
+        if plan.clear_slot {
             self.delete_all(STEP, &Self::pending_path(path)).await?;
         }
-        Ok(())
+        Ok(plan.before)
     }
 }
 

@@ -323,15 +323,26 @@ impl HashicorpVault {
 }
 
 /// What `promote` decided after reading, before writing.
-enum PromotePlan {
+struct PromotePlan {
+    /// What was current before: the latest version's reference, if its
+    /// data could be read.
+    before: Option<VersionRef>,
+    /// Delete the pending slot (it holds the promoted value).
+    clear_slot: bool,
+    /// Destroy the data of the version that becomes retired (the one before
+    /// the new previous); `false` when the engine retired it already.
+    retire_older: bool,
+    action: PromoteAction,
+}
+
+enum PromoteAction {
     /// Already current at KV version `latest`; only clean-up is left.
-    Done { latest: u64, clear_slot: bool },
+    Done { latest: u64 },
     /// Write `value` for `rotation` as a new version, cas = `cas`.
     Write {
         cas: u64,
         rotation: RotationId,
         value: SecretValue,
-        clear_slot: bool,
     },
 }
 
@@ -432,6 +443,20 @@ impl Vault for HashicorpVault {
         let reference = VersionRef(new.rotation.as_str().to_owned());
         let target = Ref::Rotation(new.rotation.clone());
         let pending_path = Self::pending_path(new.item.path);
+        if new.fresh {
+            // Nothing of this rotation can be here yet, and after a promote
+            // the slot is deleted whole: cas 0 ("only if absent") succeeds in
+            // one call. A slot that is there (an abandoned rotation's
+            // leftover) refuses it; the checks below then deal with it.
+            match self
+                .write_kv(STEP, &pending_path, 0, new.rotation, new.value)
+                .await
+            {
+                Ok(_) => return Ok(reference),
+                Err(e) if e.kind == ErrorKind::Conflict => {}
+                Err(e) => return Err(e),
+            }
+        }
         let slot = self.read_kv(STEP, &pending_path, None).await?;
         if slot.as_ref().is_some_and(|s| s.is(&target)) {
             // Replay: the value stored the first time wins.
@@ -532,7 +557,22 @@ impl Vault for HashicorpVault {
 
     async fn promote(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
         let target = self.parse_ref("promote", item.path, version)?;
-        let plan = self.plan_promote(item.path, &target).await?;
+        let plan = self.plan_promote(item.path, &target, None).await?;
+        self.commit_promote(item.path, plan).await.map(|_| ())
+    }
+
+    /// The promote's own read of the latest version says what was current,
+    /// so the engine's check costs no call. When that is `expected`, the
+    /// version before it was retired by the engine already and is not
+    /// destroyed again.
+    async fn promote_from(
+        &self,
+        item: VaultItem<'_>,
+        version: &VersionRef,
+        expected: Option<&VersionRef>,
+    ) -> Result<Option<VersionRef>, PluginError> {
+        let target = self.parse_ref("promote", item.path, version)?;
+        let plan = self.plan_promote(item.path, &target, expected).await?;
         self.commit_promote(item.path, plan).await
     }
 

@@ -254,13 +254,16 @@ async fn promote_finishes_clean_up_after_a_crash_between_write_and_clear() {
     let r = RotationId::generate();
     let reference = v.stage(item.pending(&r, &secret("v"))).await.unwrap();
     // The write half of promote ran; the clean-up did not (crash).
-    let PromotePlan::Write {
-        cas,
-        rotation,
-        value,
+    let PromotePlan {
+        action:
+            PromoteAction::Write {
+                cas,
+                rotation,
+                value,
+            },
         ..
     } = v
-        .plan_promote(&path, &Ref::Rotation(r.clone()))
+        .plan_promote(&path, &Ref::Rotation(r.clone()), None)
         .await
         .unwrap()
     else {
@@ -337,7 +340,7 @@ async fn a_concurrent_writer_makes_promote_conflict() {
     let r = RotationId::generate();
     let reference = v.stage(item.pending(&r, &secret("ours"))).await.unwrap();
     let plan = v
-        .plan_promote(&path, &Ref::Rotation(r.clone()))
+        .plan_promote(&path, &Ref::Rotation(r.clone()), None)
         .await
         .unwrap();
     // Someone writes the path between our read and our write.
