@@ -1,8 +1,10 @@
 //! `postgres`: the credential is the password of a PostgreSQL role.
 //!
 //! keyturn connects with an admin DSN read from a file (re-read on every
-//! connect, so the operator can rotate the admin password without a reload)
-//! and runs `ALTER ROLE <role> WITH LOGIN PASSWORD '<verifier>'`.
+//! step, so the operator can rotate the admin password without a reload)
+//! and runs `ALTER ROLE <role> WITH LOGIN PASSWORD '<verifier>'`. Admin
+//! connections come from a pool shared by every target on the same server
+//! and DSN: see [`pool`].
 //!
 //! The password itself never leaves this process: like psql's `\password`
 //! (libpq `PQencryptPasswordConn`), we hash it client-side into a
@@ -1069,6 +1071,7 @@ mod tests {
     //! (KEYTURN_TEST_PG_*), and fail — never skip — without it. Each test
     //! works on its own uniquely named roles so they run in parallel.
 
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
     use super::*;
@@ -1265,6 +1268,38 @@ mod tests {
         assert!(
             e[0].1.contains("unknown authentication method `trust`"),
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn pool_size_is_checked() {
+        let text = |extra: &str| {
+            format!(
+                "[vaults.v]\ntype = \"local\"\n[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+                 [agents.a.credentials.db]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+                 target = {{ type = \"postgres\", admin_dsn_file = \"pg.dsn\", role = \"bot\"{extra} }}\n"
+            )
+        };
+        let load = |extra: &str| {
+            crate::config::load_str(std::path::Path::new("/etc/keyturn/t.toml"), &text(extra))
+        };
+        assert!(load(", pool_size = 8").is_ok());
+        let e = load(", pool_size = 0").unwrap_err().0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].toml_path, "agents.a.credentials.db.target.pool_size");
+        assert!(
+            e[0].message.contains("pool_size must be at least 1"),
+            "{e:?}"
+        );
+        assert!(load(", pool_size = -1").is_err());
+        assert_eq!(
+            PostgresTarget::new(PostgresConfig {
+                pool_size: Some(0),
+                ..PostgresConfig::new("/nonexistent", "app")
+            })
+            .unwrap_err()
+            .kind,
+            ErrorKind::Invalid
         );
     }
 
@@ -1729,5 +1764,306 @@ mod tests {
         }
         let e = t.test(&key(), 1, &secret("rev-pass-1")).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Unauthorized);
+    }
+
+    // ---- the admin connection pool ----
+
+    impl Fixture {
+        /// Points the fixture's DSN file at the test server with
+        /// `application_name = app`, so the pool's sessions can be counted.
+        fn dsn_with_app(&self, app: &str) {
+            std::fs::write(
+                self.dir.path().join("admin.dsn"),
+                format!("{} application_name={app}\n", self.pg.admin_dsn),
+            )
+            .unwrap();
+        }
+
+        /// Server sessions named `app`.
+        async fn sessions(&self, app: &str) -> i64 {
+            self.admin()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                    &[&app],
+                )
+                .await
+                .unwrap()
+                .get(0)
+        }
+
+        /// Waits (up to 5 s) until `app` has `n` sessions; false if never.
+        async fn sessions_become(&self, app: &str, n: i64) -> bool {
+            for _ in 0..100 {
+                if self.sessions(app).await == n {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        }
+    }
+
+    fn app(tag: &str) -> String {
+        format!("kt_{tag}_{}", hex::encode(rand::random::<[u8; 4]>()))
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn twenty_targets_on_one_dsn_share_pool_size_admin_connections() {
+        let f = Fixture::new("pool").await;
+        let app = app("pool");
+        f.dsn_with_app(&app);
+        const SIZE: usize = 3;
+        let roles: Vec<String> = (0..20).map(|i| format!("{}_{i}", f.role)).collect();
+        let admin = f.admin().await;
+        for r in &roles {
+            admin
+                .batch_execute(&format!("CREATE ROLE {} NOLOGIN", quote_ident(r)))
+                .await
+                .unwrap();
+        }
+        let outcome = async {
+            let targets: Vec<Arc<PostgresTarget>> = roles
+                .iter()
+                .map(|r| {
+                    Arc::new(
+                        PostgresTarget::new(PostgresConfig {
+                            role: r.clone(),
+                            pool_size: Some(SIZE as u32),
+                            ..f.settings(PgStrategy::SingleUser)
+                        })
+                        .unwrap(),
+                    )
+                })
+                .collect();
+            // Sample the server's sessions of this pool while the burst runs.
+            let stop = Arc::new(AtomicBool::new(false));
+            let sampler = tokio::spawn({
+                let stop = stop.clone();
+                let admin = f.admin().await;
+                let app = app.clone();
+                async move {
+                    let mut most = 0i64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let n: i64 = admin
+                            .query_one(
+                                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                                &[&app],
+                            )
+                            .await
+                            .unwrap()
+                            .get(0);
+                        most = most.max(n);
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    most
+                }
+            });
+            let burst = targets.iter().enumerate().map(|(i, t)| {
+                let t = t.clone();
+                tokio::spawn(
+                    async move { t.set(&key(), 1, &secret(&format!("pool-pass-{i}"))).await },
+                )
+            });
+            for r in futures::future::join_all(burst).await {
+                r.unwrap().unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+            let most = sampler.await.unwrap();
+            // One pool for all twenty, never more than SIZE connections made.
+            let (_, pool) = targets[0].pool("test").await.unwrap();
+            for t in &targets[1..] {
+                let (_, other) = t.pool("test").await.unwrap();
+                assert!(
+                    std::ptr::eq(pool.manager(), other.manager()),
+                    "targets with one DSN share one pool"
+                );
+            }
+            let created = pool.manager().created.load(Ordering::Relaxed);
+            assert!(
+                (1..=SIZE).contains(&created),
+                "{created} admin connections made"
+            );
+            assert!(most <= SIZE as i64, "{most} admin sessions at once");
+            // They stay open for the next step.
+            assert_eq!(f.sessions(&app).await, created as i64);
+            for (i, r) in roles.iter().enumerate() {
+                f.login(r, &format!("pool-pass-{i}")).await.unwrap();
+            }
+        };
+        let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(outcome)).await;
+        for r in &roles {
+            admin
+                .batch_execute(&format!("DROP ROLE IF EXISTS {}", quote_ident(r)))
+                .await
+                .unwrap();
+        }
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn a_changed_dsn_file_is_used_by_the_next_step_without_a_reload() {
+        let f = Fixture::new("dsnchg").await;
+        let (first, second) = (app("dsn_a"), app("dsn_b"));
+        f.dsn_with_app(&first);
+        let t = f.target(PgStrategy::SingleUser);
+        t.set(&key(), 1, &secret("chg-pass-1")).await.unwrap();
+        assert_eq!(f.sessions(&first).await, 1);
+
+        // A wrong admin password in the file: the pooled, healthy connection
+        // of the old content is not used.
+        let canary = "canary-admin-55e0";
+        std::fs::write(
+            f.dir.path().join("admin.dsn"),
+            format!(
+                "host={} port={} user=postgres password={canary} dbname=postgres",
+                f.pg.host, f.pg.port
+            ),
+        )
+        .unwrap();
+        let e = t.set(&key(), 2, &secret("chg-pass-2")).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
+        assert!(!e.message.contains(canary), "{e}");
+        assert!(!e.message.contains("chg-pass"), "{e}");
+
+        // New content: a new pool; the old one's connection is closed.
+        f.dsn_with_app(&second);
+        t.set(&key(), 2, &secret("chg-pass-2")).await.unwrap();
+        t.test(&key(), 2, &secret("chg-pass-2")).await.unwrap();
+        assert_eq!(f.sessions(&second).await, 1);
+        assert!(
+            f.sessions_become(&first, 0).await,
+            "the old pool's connection stays open"
+        );
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn a_killed_pooled_connection_does_not_fail_the_next_step() {
+        let f = Fixture::new("kill").await;
+        let app = app("kill");
+        f.dsn_with_app(&app);
+        let t = f.target(PgStrategy::AlternatingUsers);
+        let kill = || async {
+            let killed: i64 = f
+                .admin()
+                .await
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
+                     WHERE application_name = $1",
+                    &[&app],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(killed, 1, "one pooled admin session");
+        };
+        t.set(&key(), 1, &secret("kill-pass-1")).await.unwrap();
+        kill().await;
+        // The pool notices the closed connection when it hands it out.
+        t.set(&key(), 2, &secret("kill-pass-2")).await.unwrap();
+        t.test(&key(), 2, &secret("kill-pass-2")).await.unwrap();
+
+        // A dead connection the pool did not notice reaches the step: it is
+        // retried once, on a new connection.
+        let (_, pool) = t.pool("test").await.unwrap();
+        pool.manager().trust_idle.store(true, Ordering::Relaxed);
+        for (step, v) in [("set", 3), ("retire", 2), ("revoke", 0), ("check", 0)] {
+            kill().await;
+            let before = pool.manager().retries.load(Ordering::Relaxed);
+            match step {
+                "set" => t.set(&key(), v, &secret("kill-pass-3")).await,
+                "retire" => t.retire(&key(), v).await,
+                "revoke" => t.revoke(&key()).await,
+                _ => t.check().await,
+            }
+            .unwrap_or_else(|e| panic!("{step} after the admin session was killed: {e}"));
+            assert_eq!(
+                pool.manager().retries.load(Ordering::Relaxed),
+                before + 1,
+                "{step} retried on a new connection"
+            );
+        }
+        // revoke ran on the pooled connection and disabled the role.
+        f.assert_login_refused(&f.role, "kill-pass-3").await;
+        assert_eq!(f.sessions(&app).await, 1);
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn idle_admin_connections_are_closed_and_made_again_when_needed() {
+        let f = Fixture::new("idle").await;
+        let app = app("idle");
+        f.dsn_with_app(&app);
+        let mut t = f.target(PgStrategy::SingleUser);
+        t.idle_timeout = Duration::from_millis(300);
+        t.set(&key(), 1, &secret("idle-pass-1")).await.unwrap();
+        assert_eq!(f.sessions(&app).await, 1);
+        assert!(
+            f.sessions_become(&app, 0).await,
+            "the idle connection stays open"
+        );
+        let (_, pool) = t.pool("test").await.unwrap();
+        assert_eq!(pool.status().size, 0);
+        // The reaper ends with the last connection: nothing keeps ticking.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!pool.manager().reaping.load(Ordering::Relaxed));
+        t.set(&key(), 2, &secret("idle-pass-2")).await.unwrap();
+        t.test(&key(), 2, &secret("idle-pass-2")).await.unwrap();
+        assert_eq!(pool.manager().created.load(Ordering::Relaxed), 2);
+        assert!(
+            f.sessions_become(&app, 0).await,
+            "the second one is closed too"
+        );
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn the_login_test_closes_its_connection_at_once() {
+        let f = Fixture::new("login").await;
+        let t = f.target(PgStrategy::SingleUser);
+        t.set(&key(), 1, &secret("login-pass-1")).await.unwrap();
+        t.test(&key(), 1, &secret("login-pass-1")).await.unwrap();
+        // `test` returned after its connection ended: the server has (or is
+        // about to have) no session of the role.
+        let sessions = || async {
+            f.admin()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                    &[&f.role],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        };
+        let mut n = sessions().await;
+        for _ in 0..20 {
+            if n == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            n = sessions().await;
+        }
+        assert_eq!(n, 0, "the login test's session is still open");
     }
 }

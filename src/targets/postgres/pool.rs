@@ -107,13 +107,16 @@ pub(super) struct AdminManager {
     what: String,
     idle: Duration,
     /// A reaper task is running for this pool.
-    reaping: AtomicBool,
+    pub(super) reaping: AtomicBool,
     /// Tests: skip the recycle check, so a dead connection reaches a step.
     #[cfg(test)]
     pub(super) trust_idle: AtomicBool,
     /// Tests: steps retried on a new connection.
     #[cfg(test)]
     pub(super) retries: std::sync::atomic::AtomicUsize,
+    /// Tests: connections made.
+    #[cfg(test)]
+    pub(super) created: std::sync::atomic::AtomicUsize,
 }
 
 impl AdminManager {
@@ -128,6 +131,8 @@ impl AdminManager {
             trust_idle: AtomicBool::new(false),
             #[cfg(test)]
             retries: Default::default(),
+            #[cfg(test)]
+            created: Default::default(),
         }
     }
 
@@ -165,6 +170,8 @@ impl managed::Manager for AdminManager {
         {
             return Err(super::pg_error(&self.what, &e, &[]));
         }
+        #[cfg(test)]
+        self.created.fetch_add(1, Ordering::Relaxed);
         Ok(AdminConn {
             client,
             statements: Mutex::default(),
