@@ -11,7 +11,8 @@
 //! pool, and the old pool is dropped (its connections closed) once no target
 //! holds it.
 //!
-//! The pool is `deadpool`'s generic `managed::Pool`, with a [`Manager`] whose
+//! The pool is `deadpool`'s generic `managed::Pool`, with a
+//! [`managed::Manager`] whose
 //! `create` is [`Transport::connect`] — the same TLS, channel-binding and
 //! [`AuthGuard`](super::connect) path as an unpooled connection, and errors
 //! that keep their kind and their explanation (a refused MD5 exchange, a
@@ -26,14 +27,19 @@
 //! - prepares each statement once ([`AdminConn::prepared`]);
 //! - is discarded instead of returned when it saw a connection-level error,
 //!   and on recycle when its connection task has ended (server restart,
-//!   `pg_terminate_backend`); a step whose *reused* connection turns out
-//!   dead is retried once on a new one (every step is idempotent);
+//!   `pg_terminate_backend`). Recycling sends nothing (a ping would cost
+//!   every step a round trip); a step whose *reused* connection turns out
+//!   dead is retried once on a new one instead (every step is idempotent);
 //! - is closed after [`IDLE_TIMEOUT`] unused, by a reaper task that holds
 //!   the pool weakly and ends when the pool is empty or gone, so an idle
 //!   daemon keeps neither connections nor timers.
 //!
 //! Logging in costs the client a 4096-round PBKDF2 (SCRAM); new connections
 //! log in on the blocking pool ([`Transport::connect_off_worker`]).
+//!
+//! The pool keeps the parsed admin DSN (a `tokio_postgres::Config`, whose
+//! `Debug` hides the password) to make connections with, for as long as the
+//! pool lives.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
