@@ -159,16 +159,24 @@ impl Transport {
         cfg: Config,
         what: String,
     ) -> Result<(Client, JoinHandle<()>), PluginError> {
+        use tracing::Instrument;
         let this = self.clone();
         let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || handle.block_on(this.connect(&cfg, &what)))
-            .await
-            .unwrap_or_else(|e| {
-                Err(PluginError::new(
-                    ErrorKind::Fatal,
-                    format!("postgres login task failed: {e}"),
-                ))
+        // The blocking thread logs where the caller does, in its span.
+        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            tracing::dispatcher::with_default(&dispatch, || {
+                handle.block_on(this.connect(&cfg, &what).instrument(span))
             })
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(PluginError::new(
+                ErrorKind::Fatal,
+                format!("postgres login task failed: {e}"),
+            ))
+        })
     }
 
     /// Connects and drives the connection on its own task (tokio-postgres'

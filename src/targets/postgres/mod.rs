@@ -2066,4 +2066,36 @@ mod tests {
         }
         assert_eq!(n, 0, "the login test's session is still open");
     }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn neither_the_value_nor_its_verifier_reaches_the_log() {
+        let f = Fixture::new("logs").await;
+        // tokio-postgres logs with `log`; the daemon bridges it (telemetry).
+        let _ = tracing_log::LogTracer::init();
+        let (_guard, logs) = crate::test_support::capture_logs();
+        let canary = "canary-logged-4f1a";
+        let t = f.target(PgStrategy::AlternatingUsers);
+        for v in 1..=2 {
+            t.set(&key(), v, &secret(canary)).await.unwrap();
+            t.test(&key(), v, &secret(canary)).await.unwrap();
+        }
+        let e = t
+            .test(&key(), 1, &secret("canary-wrong-4f1a"))
+            .await
+            .unwrap_err();
+        assert!(!e.message.contains("canary"), "{e}");
+        t.retire(&key(), 1).await.unwrap();
+        t.revoke(&key()).await.unwrap();
+        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        // The capture works: tokio-postgres' statement log is in it (the
+        // pooled admin connection's statements and the login test's query).
+        assert!(logs.contains("executing statement"), "{logs}");
+        assert!(logs.contains("SELECT 1"), "{logs}");
+        assert!(!logs.contains("canary"), "{logs}");
+        assert!(!logs.contains("SCRAM-SHA-256$"), "{logs}");
+    }
 }
