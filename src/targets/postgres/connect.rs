@@ -36,6 +36,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio::task::JoinHandle;
 use tokio_postgres::config::{ChannelBinding, Host, SslMode};
 use tokio_postgres::{Client, Config, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -43,7 +44,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::model::{ErrorKind, PluginError};
 
 /// `sslmode`: how the connection is protected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PgTls {
     Disable,
     Require,
@@ -68,7 +69,7 @@ impl PgTls {
 }
 
 /// The weak password exchanges a server may ask for (`allow_weak_auth`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct WeakAuth {
     /// pg_hba `password`: the password itself, in clear text.
     pub password: bool,
@@ -97,8 +98,10 @@ impl WeakAuth {
     }
 }
 
-/// How one target connects; built per connection (the CA file is re-read, like
-/// the DSN file, so the operator can replace it without a reload).
+/// How one target connects. Built once per pool ([`super::pool`]), whose key
+/// holds the CA file's content: a replaced CA file makes a new pool, like a
+/// changed DSN file.
+#[derive(Clone)]
 pub(super) struct Transport {
     /// `None`: no TLS.
     tls: Option<MakeRustlsConnect>,
@@ -107,10 +110,11 @@ pub(super) struct Transport {
 }
 
 impl Transport {
-    /// `ca` is the `ssl_root_cert` file (required by `verify-full`).
+    /// `ca` is the `ssl_root_cert` file and its content ([`read_ca`];
+    /// required by `verify-full`).
     pub(super) fn new(
         mode: PgTls,
-        ca: Option<&Path>,
+        ca: Option<(&Path, &[u8])>,
         weak: WeakAuth,
         connect_timeout: Duration,
         what: &str,
@@ -127,8 +131,8 @@ impl Transport {
                     "sslmode = \"verify-full\" needs ssl_root_cert (the CA's PEM file)".into(),
                 ));
             }
-            (PgTls::VerifyFull, Some(ca)) => {
-                Some(builder.with_root_certificates(root_store(ca, what)?))
+            (PgTls::VerifyFull, Some((ca, pem))) => {
+                Some(builder.with_root_certificates(root_store(ca, pem, what)?))
             }
             (PgTls::Require, _) => Some(
                 builder
@@ -143,9 +147,46 @@ impl Transport {
         })
     }
 
+    /// [`Self::connect`] on the blocking pool: logging in costs the client a
+    /// SCRAM key derivation (PBKDF2, 4096 rounds of HMAC-SHA-256), CPU work
+    /// that must not hold an async worker (the scheduler, the control socket
+    /// and the HTTP listener share them). The connection's I/O still runs on
+    /// the runtime: `Handle::block_on` only polls the login future there,
+    /// and the runtime's own threads (or, on a current-thread runtime, the
+    /// thread blocked in `Runtime::block_on` awaiting this) drive the I/O.
+    pub(super) async fn connect_off_worker(
+        &self,
+        cfg: Config,
+        what: String,
+    ) -> Result<(Client, JoinHandle<()>), PluginError> {
+        use tracing::Instrument;
+        let this = self.clone();
+        let handle = tokio::runtime::Handle::current();
+        // The blocking thread logs where the caller does, in its span.
+        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            tracing::dispatcher::with_default(&dispatch, || {
+                handle.block_on(this.connect(&cfg, &what).instrument(span))
+            })
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(PluginError::new(
+                ErrorKind::Fatal,
+                format!("postgres login task failed: {e}"),
+            ))
+        })
+    }
+
     /// Connects and drives the connection on its own task (tokio-postgres'
-    /// split design); it ends when the client is dropped.
-    pub(super) async fn connect(&self, cfg: &Config, what: &str) -> Result<Client, PluginError> {
+    /// split design), whose handle is returned; it ends when the client is
+    /// dropped.
+    pub(super) async fn connect(
+        &self,
+        cfg: &Config,
+        what: &str,
+    ) -> Result<(Client, JoinHandle<()>), PluginError> {
         let mut cfg = cfg.clone();
         cfg.connect_timeout(self.connect_timeout);
         let client = match &self.tls {
@@ -162,8 +203,7 @@ impl Transport {
                     .connect(tls.clone())
                     .await
                     .map_err(|e| refusal(what, &e, self.weak))?;
-                spawn(conn);
-                client
+                (client, spawn(conn))
             }
             None => {
                 cfg.ssl_mode(SslMode::Disable);
@@ -178,15 +218,14 @@ impl Transport {
                     .connect_raw(guard, NoTls)
                     .await
                     .map_err(|e| refusal(what, &e, self.weak))?;
-                spawn(conn);
-                client
+                (client, spawn(conn))
             }
         };
         Ok(client)
     }
 }
 
-fn spawn<F>(conn: F)
+fn spawn<F>(conn: F) -> JoinHandle<()>
 where
     F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
 {
@@ -194,17 +233,21 @@ where
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "postgres connection ended");
         }
-    });
+    })
 }
 
-/// The CAs in the PEM file `ca`; messages name the file.
-fn root_store(ca: &Path, what: &str) -> Result<RootCertStore, PluginError> {
-    let pem = std::fs::read(ca).map_err(|e| {
+/// The content of the `ssl_root_cert` file `ca`; messages name the file.
+pub(super) async fn read_ca(ca: &Path, what: &str) -> Result<Vec<u8>, PluginError> {
+    tokio::fs::read(ca).await.map_err(|e| {
         PluginError::io(
             format!("{what}: reading ssl_root_cert {}", ca.display()),
             &e,
         )
-    })?;
+    })
+}
+
+/// The CAs in `pem`, the content of the file `ca`; messages name the file.
+fn root_store(ca: &Path, pem: &[u8], what: &str) -> Result<RootCertStore, PluginError> {
     let bad = |m: String| {
         PluginError::new(
             ErrorKind::Invalid,
@@ -212,7 +255,7 @@ fn root_store(ca: &Path, what: &str) -> Result<RootCertStore, PluginError> {
         )
     };
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
+    for cert in CertificateDer::pem_slice_iter(pem) {
         let cert = cert.map_err(|e| bad(format!("not PEM: {e}")))?;
         roots
             .add(cert)

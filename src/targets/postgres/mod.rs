@@ -1,8 +1,10 @@
 //! `postgres`: the credential is the password of a PostgreSQL role.
 //!
 //! keyturn connects with an admin DSN read from a file (re-read on every
-//! connect, so the operator can rotate the admin password without a reload)
-//! and runs `ALTER ROLE <role> WITH LOGIN PASSWORD '<verifier>'`.
+//! step, so the operator can rotate the admin password without a reload)
+//! and runs `ALTER ROLE <role> WITH LOGIN PASSWORD '<verifier>'`. Admin
+//! connections come from a pool shared by every target on the same server
+//! and DSN: see [`pool`].
 //!
 //! The password itself never leaves this process: like psql's `\password`
 //! (libpq `PQencryptPasswordConn`), we hash it client-side into a
@@ -52,16 +54,21 @@
 //! someone else's role, and setting its password would hand it to the agent.
 
 mod connect;
+mod pool;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
+use sha2::Digest;
+use tokio_postgres::Config;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
-use tokio_postgres::{Client, Config};
 use zeroize::Zeroizing;
 
+use pool::{AdminConn, AdminManager, AdminPool, Lease, PoolKey, PoolSlot};
+
 pub use connect::{PgTls, WeakAuth};
+pub use pool::DEFAULT_POOL_SIZE;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -124,6 +131,10 @@ pub struct PostgresConfig {
     /// text), `md5`. Refused unless named here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_weak_auth: Vec<String>,
+    /// Most admin connections open at once, shared with every target of the
+    /// same server and admin DSN (default [`DEFAULT_POOL_SIZE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<u32>,
 }
 
 /// How versions map to roles.
@@ -148,6 +159,7 @@ impl PostgresConfig {
             sslmode: None,
             ssl_root_cert: None,
             allow_weak_auth: Vec::new(),
+            pool_size: None,
         }
     }
 
@@ -180,6 +192,10 @@ impl PostgresConfig {
 
     pub fn connect_timeout(&self) -> Duration {
         duration_value(self.connect_timeout.as_deref(), DEFAULT_CONNECT_TIMEOUT)
+    }
+
+    pub fn pool_size(&self) -> u32 {
+        self.pool_size.unwrap_or(DEFAULT_POOL_SIZE)
     }
 }
 
@@ -233,6 +249,12 @@ impl TargetPlugin for PostgresConfig {
         if let Some(ca) = &mut self.ssl_root_cert {
             v.resolve_path(p.key("ssl_root_cert"), ca);
         }
+        if self.pool_size == Some(0) {
+            v.err(
+                p.key("pool_size"),
+                "pool_size must be at least 1 (the most admin connections keyturn keeps open to this server)",
+            );
+        }
         for (i, name) in self.allow_weak_auth.iter().enumerate() {
             if !WeakAuth::NAMES.contains(&name.as_str()) {
                 v.err(
@@ -257,6 +279,10 @@ pub struct PostgresTarget {
     /// The target's own `sslmode` (`None`: the DSN decides).
     tls: Option<PgTls>,
     weak: WeakAuth,
+    /// How long an admin connection may stay unused ([`pool::IDLE_TIMEOUT`];
+    /// shorter in tests).
+    idle_timeout: Duration,
+    pool: PoolSlot,
 }
 
 impl PostgresTarget {
@@ -295,12 +321,19 @@ impl PostgresTarget {
             invalid("postgres target: sslmode must be disable, require or verify-full".into())
         })?;
         let weak = WeakAuth::from_names(&s.allow_weak_auth);
+        if s.pool_size() == 0 {
+            return Err(invalid(
+                "postgres target: pool_size must be at least 1".into(),
+            ));
+        }
         Ok(Self {
             s,
             connect_timeout,
             clone,
             tls,
             weak,
+            idle_timeout: pool::IDLE_TIMEOUT,
+            pool: PoolSlot::default(),
         })
     }
 
@@ -312,8 +345,9 @@ impl PostgresTarget {
         }
     }
 
-    /// Reads and parses the admin DSN. Messages name the file, never its content.
-    async fn admin_config(&self, step: &str) -> Result<Config, PluginError> {
+    /// Reads and parses the admin DSN, and digests its content (the pool's
+    /// key). Messages name the file, never its content.
+    async fn admin_config(&self, step: &str) -> Result<(Config, [u8; 32]), PluginError> {
         let path = &self.s.admin_dsn_file;
         let text = Zeroizing::new(tokio::fs::read_to_string(path).await.map_err(|e| {
             PluginError::io(
@@ -325,6 +359,7 @@ impl PostgresTarget {
                 &e,
             )
         })?);
+        let digest = sha2::Sha256::digest(text.as_bytes()).into();
         let mut cfg: Config = text.trim().parse().map_err(|e: tokio_postgres::Error| {
             // Parse errors name the option (`invalid value for option `port``),
             // never its value.
@@ -338,16 +373,18 @@ impl PostgresTarget {
                 ),
             )
         })?;
-        cfg.application_name("keyturn");
-        Ok(cfg)
+        if cfg.get_application_name().is_none() {
+            cfg.application_name("keyturn");
+        }
+        Ok((cfg, digest))
     }
 
     /// How to reach the server: the target's `sslmode`, else the DSN's
     /// `sslmode=require`. A DSN that says `disable` while the target asks for
     /// TLS is a contradiction the operator must resolve.
-    fn transport(&self, dsn: &Config, step: &str) -> Result<connect::Transport, PluginError> {
+    fn tls_mode(&self, dsn: &Config, step: &str) -> Result<PgTls, PluginError> {
         let what = format!("{}: {step}", self.describe());
-        let mode = match (self.tls, dsn.get_ssl_mode()) {
+        Ok(match (self.tls, dsn.get_ssl_mode()) {
             (None, SslMode::Require) => PgTls::Require,
             (None, _) => PgTls::Disable,
             // Never connect with less than either side asked for.
@@ -370,39 +407,58 @@ impl PostgresTarget {
                 ));
             }
             (Some(mode), _) => mode,
-        };
-        connect::Transport::new(
-            mode,
-            self.s.ssl_root_cert.as_deref(),
-            self.weak,
-            self.connect_timeout,
-            &what,
-        )
+        })
     }
 
-    async fn connect_admin(&self, step: &str) -> Result<Client, PluginError> {
-        let cfg = self.admin_config(step).await?;
-        let what = format!(
-            "{}: {step}: admin connection to {}",
-            self.describe(),
-            endpoint(&cfg)
-        );
-        let client = self.transport(&cfg, step)?.connect(&cfg, &what).await?;
-        // Keep the verifier out of the server log where we may. Failing for
-        // lack of privilege is fine (see the module doc); anything else is not.
-        if let Err(e) = client
-            .batch_execute("SET log_statement = 'none'; SET log_min_error_statement = 'panic'")
-            .await
-            && e.code() != Some(&SqlState::INSUFFICIENT_PRIVILEGE)
-        {
-            return Err(pg_error(&what, &e, &[]));
-        }
-        let ms = self.connect_timeout.as_millis().max(1);
-        client
-            .batch_execute(&format!("SET statement_timeout = {ms}"))
-            .await
-            .map_err(|e| pg_error(&what, &e, &[]))?;
-        Ok(client)
+    /// The admin DSN and the pool of connections it names (see [`pool`]).
+    async fn pool(&self, step: &str) -> Result<(Config, AdminPool), PluginError> {
+        let (mut cfg, dsn_digest) = self.admin_config(step).await?;
+        let mode = self.tls_mode(&cfg, step)?;
+        let what = format!("{}: {step}", self.describe());
+        let ca = match (mode, &self.s.ssl_root_cert) {
+            (PgTls::VerifyFull, Some(path)) => Some((path, connect::read_ca(path, &what).await?)),
+            _ => None,
+        };
+        let key = PoolKey {
+            dsn_file: self.s.admin_dsn_file.clone(),
+            dsn_digest,
+            mode,
+            ca: ca
+                .as_ref()
+                .map(|(path, pem)| ((*path).clone(), sha2::Sha256::digest(pem).into())),
+            weak: self.weak,
+            connect_timeout: self.connect_timeout,
+            size: self.s.pool_size() as usize,
+            idle: self.idle_timeout,
+        };
+        let test_cfg = cfg.clone();
+        let pool = self.pool.pool(key, || {
+            let transport = connect::Transport::new(
+                mode,
+                ca.as_ref()
+                    .map(|(path, pem)| (path.as_path(), pem.as_slice())),
+                self.weak,
+                self.connect_timeout,
+                &what,
+            )?;
+            // Session settings travel in the startup packet: no extra round
+            // trip per step, nor per connection.
+            let ms = self.connect_timeout.as_millis().max(1);
+            let options = match cfg.get_options() {
+                Some(o) => format!("{o} -c statement_timeout={ms}"),
+                None => format!("-c statement_timeout={ms}"),
+            };
+            cfg.options(options);
+            let what = format!("admin connection to {}", endpoint(&cfg));
+            Ok(AdminManager::new(cfg, transport, what, self.idle_timeout))
+        })?;
+        Ok((test_cfg, pool))
+    }
+
+    /// An admin connection for `step`, from the shared pool.
+    async fn admin(&self, step: &str) -> Result<Lease, PluginError> {
+        let (_, pool) = self.pool(step).await?;
+        Lease::get(&pool, &format!("{}: {step}", self.describe())).await
     }
 
     /// Creates `<role>_clone` as a member of `role` if it does not exist yet,
@@ -411,7 +467,7 @@ impl PostgresTarget {
     /// what keyturn makes.
     async fn ensure_clone(
         &self,
-        client: &Client,
+        conn: &AdminConn,
         clone: &str,
         ctx: &str,
     ) -> Result<(), PluginError> {
@@ -421,22 +477,18 @@ impl PostgresTarget {
             r = quote_ident(&self.s.role),
             m = quote_literal(&format!("{KEYTURN_MARK}clone of {}", self.s.role)),
         );
-        if !role_exists(client, clone, ctx).await? {
-            match client.batch_execute(&sql).await {
+        if !role_exists(conn, clone, ctx).await? {
+            match conn.client.batch_execute(&sql).await {
                 Ok(()) => return Ok(()),
                 // Another keyturn (or a retried step) created it meanwhile:
                 // checked below like any existing role.
                 Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
                 Err(e) => {
-                    return Err(pg_error(
-                        &format!("{ctx}: creating role {clone:?}"),
-                        &e,
-                        &[],
-                    ));
+                    return Err(conn.error(&format!("{ctx}: creating role {clone:?}"), &e, &[]));
                 }
             }
         }
-        let problems = self.foreign_clone(client, clone, ctx).await?;
+        let problems = self.foreign_clone(conn, clone, ctx).await?;
         if problems.is_empty() {
             return Ok(());
         }
@@ -453,15 +505,9 @@ impl PostgresTarget {
 
     /// Whether `role` carries keyturn's mark (true when it does not exist:
     /// nothing to tell apart).
-    async fn marked(&self, client: &Client, role: &str, ctx: &str) -> Result<bool, PluginError> {
-        let comment: Option<Option<String>> = client
-            .query_opt(
-                "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1",
-                &[&role],
-            )
-            .await
-            .map_err(|e| pg_error(ctx, &e, &[]))?
-            .map(|row| row.get(0));
+    async fn marked(&self, conn: &AdminConn, role: &str, ctx: &str) -> Result<bool, PluginError> {
+        let comment: Option<Option<String>> =
+            role_comment(conn, role, ctx).await?.map(|row| row.get(0));
         Ok(match comment {
             None => true,
             Some(c) => c.is_some_and(|c| c.starts_with(KEYTURN_MARK)),
@@ -472,21 +518,21 @@ impl PostgresTarget {
     /// creates: empty when it is keyturn's.
     async fn foreign_clone(
         &self,
-        client: &Client,
+        conn: &AdminConn,
         clone: &str,
         ctx: &str,
     ) -> Result<Vec<String>, PluginError> {
-        let row = client
-            .query_one(
-                "SELECT r.rolsuper, r.rolcreaterole, r.rolcreatedb, r.rolreplication, \
+        const SQL: &str = "SELECT r.rolsuper, r.rolcreaterole, r.rolcreatedb, r.rolreplication, \
                         r.rolbypassrls, r.rolinherit, shobj_description(r.oid, 'pg_authid'), \
                         ARRAY(SELECT g.rolname::text FROM pg_auth_members m \
                               JOIN pg_roles g ON g.oid = m.roleid WHERE m.member = r.oid) \
-                 FROM pg_roles r WHERE r.rolname = $1",
-                &[&clone],
-            )
-            .await
-            .map_err(|e| pg_error(ctx, &e, &[]))?;
+                 FROM pg_roles r WHERE r.rolname = $1";
+        let row = async {
+            let sql = conn.prepared(SQL).await?;
+            conn.client.query_one(&sql, &[&clone]).await
+        }
+        .await
+        .map_err(|e| conn.error(ctx, &e, &[]))?;
         let mut problems = Vec::new();
         for (i, attribute) in [
             "SUPERUSER",
@@ -558,30 +604,31 @@ impl Target for PostgresTarget {
                 format!("{ctx}: a PostgreSQL password must be non-empty and contain no NUL byte"),
             ));
         }
-        let verifier = Zeroizing::new(postgres_protocol::password::scram_sha_256(value.expose()));
-        let client = self.connect_admin("set").await?;
-        if self.clone.as_deref() == Some(role) {
-            self.ensure_clone(&client, role, &ctx).await?;
-        }
+        // The verifier is a 4096-round PBKDF2: CPU work, kept off the async
+        // workers.
+        let password = value.clone();
+        let verifier = tokio::task::spawn_blocking(move || {
+            Zeroizing::new(postgres_protocol::password::scram_sha_256(
+                password.expose(),
+            ))
+        })
+        .await
+        .map_err(|e| PluginError::new(ErrorKind::Fatal, format!("{ctx}: hashing: {e}")))?;
         // Under alternating_users the password and its version mark change
         // together, in one transaction.
         let mark = match self.clone {
             Some(_) => format!("{VERSION_MARK}{version}"),
             None => String::new(),
         };
-        let fail =
-            |e: tokio_postgres::Error| pg_error(&ctx, &e, &[value.expose(), verifier.as_bytes()]);
-        let mut client = client;
-        let tx = client.transaction().await.map_err(fail)?;
-        tx.execute(
-            "SELECT set_config('keyturn.role', $1, true), set_config('keyturn.verifier', $2, true), \
-                    set_config('keyturn.mark', $3, true)",
-            &[&role, &Hidden(&verifier), &mark],
-        )
-        .await
-        .map_err(fail)?;
-        tx.batch_execute(SET_PASSWORD).await.map_err(fail)?;
-        tx.commit().await.map_err(fail)
+        let mut conn = self.admin("set").await?;
+        loop {
+            let outcome = self
+                .set_on(&conn, role, &verifier, &mark, value, &ctx)
+                .await;
+            if !conn.again(&outcome, &ctx).await? {
+                return outcome;
+            }
+        }
     }
 
     async fn test(
@@ -591,7 +638,7 @@ impl Target for PostgresTarget {
         value: &SecretValue,
     ) -> Result<(), PluginError> {
         let role = self.role_for(version);
-        let admin = self.admin_config("test").await?;
+        let (admin, pool) = self.pool("test").await?;
         let mut cfg = Config::new();
         for h in admin.get_hosts() {
             match h {
@@ -625,16 +672,24 @@ impl Target for PostgresTarget {
             self.describe(),
             endpoint(&cfg)
         );
-        let client = self
-            .transport(&admin, "test")?
-            .connect(&cfg, &ctx)
+        // Its own connection (the point is to log in with the new value),
+        // on the blocking pool for the SCRAM login, closed at once.
+        let (client, task) = pool
+            .manager()
+            .transport()
+            .connect_off_worker(cfg, ctx.clone())
             .await
             .map_err(|e| redact_err(e, value.expose()))?;
-        client
+        let outcome = client
             .simple_query("SELECT 1")
             .await
             .map(drop)
-            .map_err(|e| pg_error(&ctx, &e, &[value.expose()]))
+            .map_err(|e| pg_error(&ctx, &e, &[value.expose()]));
+        // Dropping the client makes the connection task say goodbye
+        // (Terminate) and end; wait for that, briefly.
+        drop(client);
+        let _ = tokio::time::timeout(self.connect_timeout, task).await;
+        outcome
     }
 
     async fn retire(&self, key: &CredentialKey, previous: VersionNo) -> Result<(), PluginError> {
@@ -647,15 +702,100 @@ impl Target for PostgresTarget {
             "{}: retire version {previous} of {key} on role {role:?}",
             self.describe()
         );
-        let client = self.connect_admin("retire").await?;
-        let row = client
-            .query_opt(
-                "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1",
-                &[&role],
+        let mut conn = self.admin("retire").await?;
+        loop {
+            let outcome = self.retire_on(&conn, key, previous, role, &ctx).await;
+            if !conn.again(&outcome, &ctx).await? {
+                return outcome;
+            }
+        }
+    }
+
+    async fn revoke(&self, key: &CredentialKey) -> Result<(), PluginError> {
+        let ctx = format!("{}: revoke {key}", self.describe());
+        let mut conn = self.admin("revoke").await?;
+        loop {
+            let outcome = self.revoke_on(&conn, key, &ctx).await;
+            if !conn.again(&outcome, &ctx).await? {
+                return outcome;
+            }
+        }
+    }
+
+    async fn check(&self) -> Result<(), PluginError> {
+        let ctx = format!("{}: check", self.describe());
+        let mut conn = self.admin("check").await?;
+        let exists = loop {
+            let outcome = role_exists(&conn, &self.s.role, &ctx).await;
+            if !conn.again(&outcome, &ctx).await? {
+                break outcome?;
+            }
+        };
+        if exists {
+            Ok(())
+        } else {
+            Err(PluginError::new(
+                ErrorKind::Invalid,
+                format!("{ctx}: role {:?} does not exist", self.s.role),
+            ))
+        }
+    }
+}
+
+/// The steps' work on one admin connection (the [`Target`] methods retry
+/// them once on a new connection when a reused one was dead).
+impl PostgresTarget {
+    async fn set_on(
+        &self,
+        conn: &AdminConn,
+        role: &str,
+        verifier: &str,
+        mark: &str,
+        value: &SecretValue,
+        ctx: &str,
+    ) -> Result<(), PluginError> {
+        if self.clone.as_deref() == Some(role) {
+            self.ensure_clone(conn, role, ctx).await?;
+        }
+        let fail =
+            |e: tokio_postgres::Error| conn.error(ctx, &e, &[value.expose(), verifier.as_bytes()]);
+        let settings = conn
+            .prepared(
+                "SELECT set_config('keyturn.role', $1, true), \
+                        set_config('keyturn.verifier', $2, true), \
+                        set_config('keyturn.mark', $3, true)",
             )
             .await
-            .map_err(|e| pg_error(&ctx, &e, &[]))?;
-        let Some(row) = row else {
+            .map_err(fail)?;
+        // One transaction, pipelined: the four messages leave together and
+        // their answers come back in order (one round trip). If one fails,
+        // the server rejects the rest of the transaction and its COMMIT rolls
+        // back, so the pooled session is idle again either way; the settings
+        // are transaction-local, so no secret stays in the session.
+        let client = &conn.client;
+        let hidden = Hidden(verifier);
+        let params: [&(dyn ToSql + Sync); 3] = [&role, &hidden, &mark];
+        let (begin, settings, alter, commit) = tokio::join!(
+            client.batch_execute("BEGIN"),
+            client.execute(&settings, &params),
+            client.batch_execute(SET_PASSWORD),
+            client.batch_execute("COMMIT"),
+        );
+        begin.map_err(fail)?;
+        settings.map_err(fail)?;
+        alter.map_err(fail)?;
+        commit.map_err(fail)
+    }
+
+    async fn retire_on(
+        &self,
+        conn: &AdminConn,
+        key: &CredentialKey,
+        previous: VersionNo,
+        role: &str,
+        ctx: &str,
+    ) -> Result<(), PluginError> {
+        let Some(row) = role_comment(conn, role, ctx).await? else {
             return Ok(()); // no such role: nothing logs in with it
         };
         let mark: Option<String> = row.get(0);
@@ -667,36 +807,39 @@ impl Target for PostgresTarget {
             tracing::warn!(credential = %key, role, previous, holds = mark, "retire skipped: the role holds a newer version");
             return Ok(());
         }
-        client
+        conn.client
             .batch_execute(&format!(
                 "ALTER ROLE {} WITH PASSWORD NULL",
                 quote_ident(role)
             ))
             .await
-            .map_err(|e| pg_error(&ctx, &e, &[]))
+            .map_err(|e| conn.error(ctx, &e, &[]))
     }
 
-    async fn revoke(&self, key: &CredentialKey) -> Result<(), PluginError> {
-        let ctx = format!("{}: revoke {key}", self.describe());
-        let client = self.connect_admin("revoke").await?;
+    async fn revoke_on(
+        &self,
+        conn: &AdminConn,
+        key: &CredentialKey,
+        ctx: &str,
+    ) -> Result<(), PluginError> {
         let mut present = Vec::new();
         for role in self.roles() {
-            if Some(role) == self.clone.as_deref() && !self.marked(&client, role, &ctx).await? {
+            if Some(role) == self.clone.as_deref() && !self.marked(conn, role, ctx).await? {
                 // Someone else's role under the clone's name: `set` refused
                 // it, so no value keyturn made logs in with it. Not ours to
                 // disable.
                 tracing::warn!(credential = %key, role, "revoke skipped a role keyturn did not make");
                 continue;
             }
-            if role_exists(&client, role, &ctx).await? {
+            if role_exists(conn, role, ctx).await? {
                 // NOLOGIN first so the sessions we terminate cannot come back.
-                client
+                conn.client
                     .batch_execute(&format!(
                         "ALTER ROLE {} WITH NOLOGIN PASSWORD NULL",
                         quote_ident(role)
                     ))
                     .await
-                    .map_err(|e| pg_error(&format!("{ctx}: role {role:?}"), &e, &[]))?;
+                    .map_err(|e| conn.error(&format!("{ctx}: role {role:?}"), &e, &[]))?;
                 present.push(role.to_owned());
             }
         }
@@ -705,30 +848,38 @@ impl Target for PostgresTarget {
         }
         // PostgreSQL ≥ 14 can wait for each backend to exit, which lets us
         // report a *verified* revocation; older servers only get the signal.
-        let version: i32 = client
-            .query_one("SELECT current_setting('server_version_num')::int", &[])
-            .await
-            .map_err(|e| pg_error(&ctx, &e, &[]))?
-            .get(0);
-        let wait_ms = i64::try_from(self.connect_timeout.as_millis()).unwrap_or(i64::MAX);
-        let rows = if version >= 140000 {
-            client
-                .query(
-                    "SELECT pid, pg_terminate_backend(pid, $2) FROM pg_stat_activity \
-                     WHERE usename = ANY($1) AND pid <> pg_backend_pid()",
-                    &[&present, &wait_ms],
-                )
-                .await
-        } else {
-            client
-                .query(
-                    "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE usename = ANY($1) AND pid <> pg_backend_pid()",
-                    &[&present],
-                )
-                .await
+        // The admin session itself is never one of the role's.
+        let version: i32 = async {
+            let sql = conn
+                .prepared("SELECT current_setting('server_version_num')::int")
+                .await?;
+            conn.client.query_one(&sql, &[]).await
         }
-        .map_err(|e| pg_error(&format!("{ctx}: terminating sessions"), &e, &[]))?;
+        .await
+        .map_err(|e| conn.error(ctx, &e, &[]))?
+        .get(0);
+        let wait_ms = i64::try_from(self.connect_timeout.as_millis()).unwrap_or(i64::MAX);
+        let rows = async {
+            if version >= 140000 {
+                let sql = conn
+                    .prepared(
+                        "SELECT pid, pg_terminate_backend(pid, $2) FROM pg_stat_activity \
+                         WHERE usename = ANY($1) AND pid <> pg_backend_pid()",
+                    )
+                    .await?;
+                conn.client.query(&sql, &[&present, &wait_ms]).await
+            } else {
+                let sql = conn
+                    .prepared(
+                        "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE usename = ANY($1) AND pid <> pg_backend_pid()",
+                    )
+                    .await?;
+                conn.client.query(&sql, &[&present]).await
+            }
+        }
+        .await
+        .map_err(|e| conn.error(&format!("{ctx}: terminating sessions"), &e, &[]))?;
         let alive = rows.iter().filter(|r| !r.get::<_, bool>(1)).count();
         if alive > 0 && version >= 140000 {
             return Err(PluginError::new(
@@ -741,27 +892,34 @@ impl Target for PostgresTarget {
         tracing::info!(credential = %key, roles = ?present, terminated = rows.len(), "postgres logins revoked");
         Ok(())
     }
-
-    async fn check(&self) -> Result<(), PluginError> {
-        let ctx = format!("{}: check", self.describe());
-        let client = self.connect_admin("check").await?;
-        if role_exists(&client, &self.s.role, &ctx).await? {
-            Ok(())
-        } else {
-            Err(PluginError::new(
-                ErrorKind::Invalid,
-                format!("{ctx}: role {:?} does not exist", self.s.role),
-            ))
-        }
-    }
 }
 
-async fn role_exists(client: &Client, role: &str, ctx: &str) -> Result<bool, PluginError> {
-    client
-        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
-        .await
-        .map(|r| r.is_some())
-        .map_err(|e| pg_error(ctx, &e, &[]))
+async fn role_exists(conn: &AdminConn, role: &str, ctx: &str) -> Result<bool, PluginError> {
+    async {
+        let sql = conn
+            .prepared("SELECT 1 FROM pg_roles WHERE rolname = $1")
+            .await?;
+        conn.client.query_opt(&sql, &[&role]).await
+    }
+    .await
+    .map(|r| r.is_some())
+    .map_err(|e| conn.error(ctx, &e, &[]))
+}
+
+/// The row of `role`'s comment (none: no such role).
+async fn role_comment(
+    conn: &AdminConn,
+    role: &str,
+    ctx: &str,
+) -> Result<Option<tokio_postgres::Row>, PluginError> {
+    async {
+        let sql = conn
+            .prepared("SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1")
+            .await?;
+        conn.client.query_opt(&sql, &[&role]).await
+    }
+    .await
+    .map_err(|e| conn.error(ctx, &e, &[]))
 }
 
 /// A text bind parameter whose `Debug` is redacted: tokio-postgres logs the
@@ -913,11 +1071,12 @@ mod tests {
     //! (KEYTURN_TEST_PG_*), and fail — never skip — without it. Each test
     //! works on its own uniquely named roles so they run in parallel.
 
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
     use super::*;
     use crate::test_support::secret;
-    use tokio_postgres::NoTls;
+    use tokio_postgres::{Client, NoTls};
 
     const NEED: &str =
         "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
@@ -1109,6 +1268,38 @@ mod tests {
         assert!(
             e[0].1.contains("unknown authentication method `trust`"),
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn pool_size_is_checked() {
+        let text = |extra: &str| {
+            format!(
+                "[vaults.v]\ntype = \"local\"\n[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+                 [agents.a.credentials.db]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+                 target = {{ type = \"postgres\", admin_dsn_file = \"pg.dsn\", role = \"bot\"{extra} }}\n"
+            )
+        };
+        let load = |extra: &str| {
+            crate::config::load_str(std::path::Path::new("/etc/keyturn/t.toml"), &text(extra))
+        };
+        assert!(load(", pool_size = 8").is_ok());
+        let e = load(", pool_size = 0").unwrap_err().0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].toml_path, "agents.a.credentials.db.target.pool_size");
+        assert!(
+            e[0].message.contains("pool_size must be at least 1"),
+            "{e:?}"
+        );
+        assert!(load(", pool_size = -1").is_err());
+        assert_eq!(
+            PostgresTarget::new(PostgresConfig {
+                pool_size: Some(0),
+                ..PostgresConfig::new("/nonexistent", "app")
+            })
+            .unwrap_err()
+            .kind,
+            ErrorKind::Invalid
         );
     }
 
@@ -1525,7 +1716,7 @@ mod tests {
             .batch_execute(&format!("DROP ROLE {}", quote_ident(&clone)))
             .await
             .unwrap();
-        t.ensure_clone(&t.connect_admin("set").await.unwrap(), &clone, "test")
+        t.ensure_clone(&t.admin("set").await.unwrap(), &clone, "test")
             .await
             .unwrap();
         t.set(&key(), 2, &secret("own-pass-2")).await.unwrap();
@@ -1573,5 +1764,338 @@ mod tests {
         }
         let e = t.test(&key(), 1, &secret("rev-pass-1")).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Unauthorized);
+    }
+
+    // ---- the admin connection pool ----
+
+    impl Fixture {
+        /// Points the fixture's DSN file at the test server with
+        /// `application_name = app`, so the pool's sessions can be counted.
+        fn dsn_with_app(&self, app: &str) {
+            std::fs::write(
+                self.dir.path().join("admin.dsn"),
+                format!("{} application_name={app}\n", self.pg.admin_dsn),
+            )
+            .unwrap();
+        }
+
+        /// Server sessions named `app`.
+        async fn sessions(&self, app: &str) -> i64 {
+            self.admin()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                    &[&app],
+                )
+                .await
+                .unwrap()
+                .get(0)
+        }
+
+        /// Waits (up to 5 s) until `app` has `n` sessions; false if never.
+        async fn sessions_become(&self, app: &str, n: i64) -> bool {
+            for _ in 0..100 {
+                if self.sessions(app).await == n {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        }
+    }
+
+    fn app(tag: &str) -> String {
+        format!("kt_{tag}_{}", hex::encode(rand::random::<[u8; 4]>()))
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn twenty_targets_on_one_dsn_share_pool_size_admin_connections() {
+        let f = Fixture::new("pool").await;
+        let app = app("pool");
+        f.dsn_with_app(&app);
+        const SIZE: usize = 3;
+        let roles: Vec<String> = (0..20).map(|i| format!("{}_{i}", f.role)).collect();
+        let admin = f.admin().await;
+        for r in &roles {
+            admin
+                .batch_execute(&format!("CREATE ROLE {} NOLOGIN", quote_ident(r)))
+                .await
+                .unwrap();
+        }
+        let outcome = async {
+            let targets: Vec<Arc<PostgresTarget>> = roles
+                .iter()
+                .map(|r| {
+                    Arc::new(
+                        PostgresTarget::new(PostgresConfig {
+                            role: r.clone(),
+                            pool_size: Some(SIZE as u32),
+                            ..f.settings(PgStrategy::SingleUser)
+                        })
+                        .unwrap(),
+                    )
+                })
+                .collect();
+            // Sample the server's sessions of this pool while the burst runs.
+            let stop = Arc::new(AtomicBool::new(false));
+            let sampler = tokio::spawn({
+                let stop = stop.clone();
+                let admin = f.admin().await;
+                let app = app.clone();
+                async move {
+                    let mut most = 0i64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let n: i64 = admin
+                            .query_one(
+                                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                                &[&app],
+                            )
+                            .await
+                            .unwrap()
+                            .get(0);
+                        most = most.max(n);
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    most
+                }
+            });
+            let burst = targets.iter().enumerate().map(|(i, t)| {
+                let t = t.clone();
+                tokio::spawn(
+                    async move { t.set(&key(), 1, &secret(&format!("pool-pass-{i}"))).await },
+                )
+            });
+            for r in futures::future::join_all(burst).await {
+                r.unwrap().unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+            let most = sampler.await.unwrap();
+            // One pool for all twenty, never more than SIZE connections made.
+            let (_, pool) = targets[0].pool("test").await.unwrap();
+            for t in &targets[1..] {
+                let (_, other) = t.pool("test").await.unwrap();
+                assert!(
+                    std::ptr::eq(pool.manager(), other.manager()),
+                    "targets with one DSN share one pool"
+                );
+            }
+            let created = pool.manager().created.load(Ordering::Relaxed);
+            assert!(
+                (1..=SIZE).contains(&created),
+                "{created} admin connections made"
+            );
+            assert!(most <= SIZE as i64, "{most} admin sessions at once");
+            // They stay open for the next step.
+            assert_eq!(f.sessions(&app).await, created as i64);
+            for (i, r) in roles.iter().enumerate() {
+                f.login(r, &format!("pool-pass-{i}")).await.unwrap();
+            }
+        };
+        let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(outcome)).await;
+        for r in &roles {
+            admin
+                .batch_execute(&format!("DROP ROLE IF EXISTS {}", quote_ident(r)))
+                .await
+                .unwrap();
+        }
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn a_changed_dsn_file_is_used_by_the_next_step_without_a_reload() {
+        let f = Fixture::new("dsnchg").await;
+        let (first, second) = (app("dsn_a"), app("dsn_b"));
+        f.dsn_with_app(&first);
+        let t = f.target(PgStrategy::SingleUser);
+        t.set(&key(), 1, &secret("chg-pass-1")).await.unwrap();
+        assert_eq!(f.sessions(&first).await, 1);
+
+        // A wrong admin password in the file: the pooled, healthy connection
+        // of the old content is not used.
+        let canary = "canary-admin-55e0";
+        std::fs::write(
+            f.dir.path().join("admin.dsn"),
+            format!(
+                "host={} port={} user=postgres password={canary} dbname=postgres",
+                f.pg.host, f.pg.port
+            ),
+        )
+        .unwrap();
+        let e = t.set(&key(), 2, &secret("chg-pass-2")).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
+        assert!(!e.message.contains(canary), "{e}");
+        assert!(!e.message.contains("chg-pass"), "{e}");
+
+        // New content: a new pool; the old one's connection is closed.
+        f.dsn_with_app(&second);
+        t.set(&key(), 2, &secret("chg-pass-2")).await.unwrap();
+        t.test(&key(), 2, &secret("chg-pass-2")).await.unwrap();
+        assert_eq!(f.sessions(&second).await, 1);
+        assert!(
+            f.sessions_become(&first, 0).await,
+            "the old pool's connection stays open"
+        );
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn a_killed_pooled_connection_does_not_fail_the_next_step() {
+        let f = Fixture::new("kill").await;
+        let app = app("kill");
+        f.dsn_with_app(&app);
+        let t = f.target(PgStrategy::AlternatingUsers);
+        let kill = || async {
+            let killed: i64 = f
+                .admin()
+                .await
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
+                     WHERE application_name = $1",
+                    &[&app],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(killed, 1, "one pooled admin session");
+        };
+        t.set(&key(), 1, &secret("kill-pass-1")).await.unwrap();
+        kill().await;
+        // The pool notices the closed connection when it hands it out.
+        t.set(&key(), 2, &secret("kill-pass-2")).await.unwrap();
+        t.test(&key(), 2, &secret("kill-pass-2")).await.unwrap();
+
+        // A dead connection the pool did not notice reaches the step: it is
+        // retried once, on a new connection.
+        let (_, pool) = t.pool("test").await.unwrap();
+        pool.manager().trust_idle.store(true, Ordering::Relaxed);
+        for (step, v) in [("set", 3), ("retire", 2), ("revoke", 0), ("check", 0)] {
+            kill().await;
+            let before = pool.manager().retries.load(Ordering::Relaxed);
+            match step {
+                "set" => t.set(&key(), v, &secret("kill-pass-3")).await,
+                "retire" => t.retire(&key(), v).await,
+                "revoke" => t.revoke(&key()).await,
+                _ => t.check().await,
+            }
+            .unwrap_or_else(|e| panic!("{step} after the admin session was killed: {e}"));
+            assert_eq!(
+                pool.manager().retries.load(Ordering::Relaxed),
+                before + 1,
+                "{step} retried on a new connection"
+            );
+        }
+        // revoke ran on the pooled connection and disabled the role.
+        f.assert_login_refused(&f.role, "kill-pass-3").await;
+        assert_eq!(f.sessions(&app).await, 1);
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn idle_admin_connections_are_closed_and_made_again_when_needed() {
+        let f = Fixture::new("idle").await;
+        let app = app("idle");
+        f.dsn_with_app(&app);
+        let mut t = f.target(PgStrategy::SingleUser);
+        t.idle_timeout = Duration::from_millis(300);
+        t.set(&key(), 1, &secret("idle-pass-1")).await.unwrap();
+        assert_eq!(f.sessions(&app).await, 1);
+        assert!(
+            f.sessions_become(&app, 0).await,
+            "the idle connection stays open"
+        );
+        let (_, pool) = t.pool("test").await.unwrap();
+        assert_eq!(pool.status().size, 0);
+        // The reaper ends with the last connection: nothing keeps ticking.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!pool.manager().reaping.load(Ordering::Relaxed));
+        t.set(&key(), 2, &secret("idle-pass-2")).await.unwrap();
+        t.test(&key(), 2, &secret("idle-pass-2")).await.unwrap();
+        assert_eq!(pool.manager().created.load(Ordering::Relaxed), 2);
+        assert!(
+            f.sessions_become(&app, 0).await,
+            "the second one is closed too"
+        );
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn the_login_test_closes_its_connection_at_once() {
+        let f = Fixture::new("login").await;
+        let t = f.target(PgStrategy::SingleUser);
+        t.set(&key(), 1, &secret("login-pass-1")).await.unwrap();
+        t.test(&key(), 1, &secret("login-pass-1")).await.unwrap();
+        // `test` returned after its connection ended: the server has (or is
+        // about to have) no session of the role.
+        let sessions = || async {
+            f.admin()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                    &[&f.role],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        };
+        let mut n = sessions().await;
+        for _ in 0..20 {
+            if n == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            n = sessions().await;
+        }
+        assert_eq!(n, 0, "the login test's session is still open");
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn neither_the_value_nor_its_verifier_reaches_the_log() {
+        let f = Fixture::new("logs").await;
+        // tokio-postgres logs with `log`; the daemon bridges it (telemetry).
+        let _ = tracing_log::LogTracer::init();
+        let (_guard, logs) = crate::test_support::capture_logs();
+        let canary = "canary-logged-4f1a";
+        let t = f.target(PgStrategy::AlternatingUsers);
+        for v in 1..=2 {
+            t.set(&key(), v, &secret(canary)).await.unwrap();
+            t.test(&key(), v, &secret(canary)).await.unwrap();
+        }
+        let e = t
+            .test(&key(), 1, &secret("canary-wrong-4f1a"))
+            .await
+            .unwrap_err();
+        assert!(!e.message.contains("canary"), "{e}");
+        t.retire(&key(), 1).await.unwrap();
+        t.revoke(&key()).await.unwrap();
+        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        // The capture works: tokio-postgres' statement log is in it (the
+        // pooled admin connection's statements and the login test's query).
+        assert!(logs.contains("executing statement"), "{logs}");
+        assert!(logs.contains("SELECT 1"), "{logs}");
+        assert!(!logs.contains("canary"), "{logs}");
+        assert!(!logs.contains("SCRAM-SHA-256$"), "{logs}");
     }
 }
