@@ -233,8 +233,16 @@ impl Inner {
         ev.rotation = Some(notice.rotation.clone());
         ev.version = Some(notice.version);
         ev.detail = Some(consumer);
-        ev.error = error;
-        Ok(Write::AuditHead(self.append(ev).await?))
+        // A delivery is recorded with the step that made it (its head
+        // reaches the state only through `persist`, which makes it durable
+        // first); a failed one at once, as it may be the step's error.
+        let head = if error.is_none() {
+            self.append_unsynced(ev).await?
+        } else {
+            ev.error = error;
+            self.append(ev).await?
+        };
+        Ok(Write::AuditHead(head))
     }
 
     /// Records the consumers awaited for `version`, keeping the acks of a

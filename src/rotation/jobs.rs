@@ -257,7 +257,9 @@ impl Inner {
         let _vault_permits = vault_permits(&entry).await;
         let k = key.clone();
         let result = match self.load(move |s| s.latest_rotation(&k)).await {
-            Ok(Some(mut rot)) if rot.step == Step::Retire => self.run_step(&entry, &mut rot).await,
+            Ok(Some(mut rot)) if rot.step == Step::Retire => {
+                self.run_step(&entry, &mut rot, None).await
+            }
             Ok(_) => Ok(()),
             Err(e) => Err(Stop::Failed(e.to_string(), None)),
         };
