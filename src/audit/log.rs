@@ -191,8 +191,14 @@ impl AuditLog {
         let server = if inline {
             GroupCommit::inline(serve)
         } else {
-            GroupCommit::spawn("keyturn-audit", MAX_BATCH, serve)
-                .map_err(|e| io("cannot start the writer thread", e))?
+            GroupCommit::spawn_lingering(
+                "keyturn-audit",
+                MAX_BATCH,
+                crate::group_commit::FSYNC_LINGER,
+                &crate::group_commit::BUSY,
+                serve,
+            )
+            .map_err(|e| io("cannot start the writer thread", e))?
         };
         Ok(AuditLog {
             inner: Arc::new(Inner {

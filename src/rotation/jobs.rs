@@ -128,10 +128,13 @@ impl Inner {
                 },
             };
             self.in_flight.fetch_add(1, Ordering::SeqCst);
+            // Lets the fsyncing writers wait briefly for this job's records.
+            let busy = crate::group_commit::Busy::enter();
             match job {
                 Job::Rotate => self.clone().run_rotation(entry).await,
                 Job::Retire => self.clone().run_retire(entry).await,
             }
+            drop(busy);
             drop(permit);
             self.wake.notify_one();
             if let Some(poke) = self.alert_poke.get() {
