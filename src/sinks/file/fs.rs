@@ -103,8 +103,8 @@ pub(super) fn dir_sync(dev: u64, ino: u64) -> Arc<DirSync> {
     // One entry per delivery directory the daemon has written into: bounded
     // by the configured paths (an inode reused by another directory just
     // shares the counters, which stay correct for it).
-    static DIRS: LazyLock<Mutex<HashMap<(u64, u64), Arc<DirSync>>>> =
-        LazyLock::new(Default::default);
+    type ByInode = HashMap<(u64, u64), Arc<DirSync>>;
+    static DIRS: LazyLock<Mutex<ByInode>> = LazyLock::new(Default::default);
     DIRS.lock()
         .unwrap_or_else(|p| p.into_inner())
         .entry((dev, ino))
@@ -133,54 +133,6 @@ pub(super) fn fsync_dir_after_change(dir: &OwnedFd) -> Result<(), Errno> {
     shared.fsyncs.fetch_add(1, Ordering::Relaxed);
     *synced = upto;
     Ok(())
-}
-
-#[cfg(test)]
-mod dir_sync_tests {
-    use super::*;
-    use std::sync::atomic::Ordering;
-
-    #[test]
-    fn queued_deliveries_into_one_directory_share_one_fsync() {
-        let root = tempfile::tempdir().unwrap();
-        let open = || open_dir(None, root.path().as_os_str()).unwrap();
-        let st = nix::sys::stat::fstat(open().as_raw_fd()).unwrap();
-        let shared = dir_sync(st.st_dev, st.st_ino);
-        assert_eq!(shared.fsyncs.load(Ordering::SeqCst), 0);
-
-        // Alone: one fsync per change.
-        fsync_dir_after_change(&open()).unwrap();
-        fsync_dir_after_change(&open()).unwrap();
-        assert_eq!(shared.fsyncs.load(Ordering::SeqCst), 2);
-
-        // Eight changes registered while an fsync is under way (its lock
-        // held here): the first caller's fsync covers all eight.
-        let held = shared.synced.lock().unwrap();
-        let threads: Vec<_> = (0..8)
-            .map(|_| {
-                let dir = open();
-                std::thread::spawn(move || fsync_dir_after_change(&dir).unwrap())
-            })
-            .collect();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while shared.changes.load(Ordering::SeqCst) < 10 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "threads never registered"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        drop(held);
-        for t in threads {
-            t.join().unwrap();
-        }
-        assert_eq!(
-            shared.fsyncs.load(Ordering::SeqCst),
-            3,
-            "one fsync for eight"
-        );
-        assert_eq!(*shared.synced.lock().unwrap(), 10);
-    }
 }
 
 pub(super) fn ignore_enoent(e: Errno) -> Result<(), Errno> {
@@ -276,4 +228,52 @@ pub(super) fn list_dir(dir: &OwnedFd) -> Result<Vec<OsString>, Errno> {
     // SAFETY: `d` came from `fdopendir` and is closed once.
     unsafe { libc::closedir(d) };
     result.map(|()| names)
+}
+
+#[cfg(test)]
+mod dir_sync_tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn queued_deliveries_into_one_directory_share_one_fsync() {
+        let root = tempfile::tempdir().unwrap();
+        let open = || open_dir(None, root.path().as_os_str()).unwrap();
+        let st = nix::sys::stat::fstat(open().as_raw_fd()).unwrap();
+        let shared = dir_sync(st.st_dev, st.st_ino);
+        assert_eq!(shared.fsyncs.load(Ordering::SeqCst), 0);
+
+        // Alone: one fsync per change.
+        fsync_dir_after_change(&open()).unwrap();
+        fsync_dir_after_change(&open()).unwrap();
+        assert_eq!(shared.fsyncs.load(Ordering::SeqCst), 2);
+
+        // Eight changes registered while an fsync is under way (its lock
+        // held here): the first caller's fsync covers all eight.
+        let held = shared.synced.lock().unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let dir = open();
+                std::thread::spawn(move || fsync_dir_after_change(&dir).unwrap())
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while shared.changes.load(Ordering::SeqCst) < 10 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "threads never registered"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        drop(held);
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(
+            shared.fsyncs.load(Ordering::SeqCst),
+            3,
+            "one fsync for eight"
+        );
+        assert_eq!(*shared.synced.lock().unwrap(), 10);
+    }
 }
