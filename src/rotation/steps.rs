@@ -894,8 +894,7 @@ pub(super) fn records_later(step: Step, entry: &CredEntry) -> bool {
 }
 
 /// The step after `step` for this credential: `set` and `test` are skipped
-/// without a target (each step costs an audit record and a state commit,
-/// both fsynced).
+/// without a target (each step costs an audit record and a state commit).
 pub(super) fn next_step(step: Step, entry: &CredEntry) -> Step {
     let mut next = step.next();
     while matches!(next, Step::Set | Step::Test) && entry.target.is_none() {
