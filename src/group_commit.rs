@@ -29,7 +29,7 @@ pub static BUSY: AtomicUsize = AtomicUsize::new(0);
 
 /// How long a server that fsyncs waits for the jobs of other running
 /// rotations: a few fsyncs' worth on a fast disk, small next to a rotation.
-pub const FSYNC_LINGER: Duration = Duration::from_millis(1);
+pub const FSYNC_LINGER: Duration = Duration::from_millis(2);
 
 /// Counts one running job in [`BUSY`] while it lives.
 #[derive(Debug)]

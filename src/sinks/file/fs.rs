@@ -124,6 +124,12 @@ pub(super) fn fsync_dir_after_change(dir: &OwnedFd) -> Result<(), Errno> {
     let st = nix::sys::stat::fstat(dir.as_raw_fd())?;
     let shared = dir_sync(st.st_dev, st.st_ino);
     let mine = shared.changes.fetch_add(1, Ordering::SeqCst) + 1;
+    // Other rotations running may be about to deliver here too: give them
+    // the time of a few fsyncs to join this one (as the group-commit
+    // writers do), on this blocking thread.
+    if crate::group_commit::BUSY.load(Ordering::Relaxed) > 1 {
+        std::thread::sleep(crate::group_commit::FSYNC_LINGER);
+    }
     let mut synced = shared.synced.lock().unwrap_or_else(|p| p.into_inner());
     if *synced >= mine {
         return Ok(());
