@@ -92,7 +92,7 @@ impl Inner {
         while rot.step < Step::Retire {
             if self.cancel.is_cancelled() {
                 // The steps done are recorded before the daemon stops.
-                self.record_carried(entry, &rot, &mut carried).await;
+                self.record_carried(entry, Some(&rot), &mut carried).await;
                 return Err(Stop::Drained);
             }
             let ran = if self.is_retired(&key.agent) {
@@ -101,7 +101,7 @@ impl Inner {
                 self.run_step(entry, &mut rot, Some(&mut carried)).await
             };
             if let Err(Stop::Abandoned) = ran {
-                self.record_carried(entry, &rot, &mut carried).await;
+                self.record_carried(entry, Some(&rot), &mut carried).await;
                 self.abandon_for_good(entry, &mut rot, "the agent is decommissioned")
                     .await;
             }
@@ -115,12 +115,19 @@ impl Inner {
     /// rotation row where it is now, and the audit head once the records
     /// written unsynced are durable. A failure leaves the state at the last
     /// recorded step, which the next start replays.
-    async fn record_carried(&self, entry: &CredEntry, rot: &RotationRow, carried: &mut Vec<Write>) {
+    /// (The carried writes end with the rotation row after the last carried
+    /// step; `rot`, if given, is where the rotation is now.)
+    async fn record_carried(
+        &self,
+        entry: &CredEntry,
+        rot: Option<&RotationRow>,
+        carried: &mut Vec<Write>,
+    ) {
         if carried.is_empty() {
             return;
         }
         let mut writes = std::mem::take(carried);
-        writes.push(Write::Rotation(rot.clone()));
+        writes.extend(rot.map(|r| Write::Rotation(r.clone())));
         let recorded = async {
             let head = self
                 .audit
@@ -132,7 +139,7 @@ impl Inner {
         }
         .await;
         if let Err(e) = recorded {
-            tracing::error!(agent = %entry.key().agent, credential = %entry.key().credential, rotation = %rot.id, error = %e, "could not record the steps done; the next start replays them");
+            tracing::error!(agent = %entry.key().agent, credential = %entry.key().credential, error = %e, "could not record the steps done; the next start replays them");
         }
     }
 
@@ -226,7 +233,23 @@ impl Inner {
         let later = carried.is_some() && records_later(step, entry);
         loop {
             crash_point(before(step));
-            let attempt = self.attempt_step(entry, rot).await;
+            let attempt = {
+                let attempt = self.attempt_step(entry, rot);
+                tokio::pin!(attempt);
+                match carried.as_deref_mut().filter(|c| !c.is_empty()) {
+                    // A step that takes long does not keep the records
+                    // carried into it unanchored: after `CARRY_LIMIT` they
+                    // are recorded on their own, as without the carry.
+                    Some(carried) => tokio::select! {
+                        r = &mut attempt => r,
+                        _ = tokio::time::sleep(CARRY_LIMIT) => {
+                            self.record_carried(entry, None, carried).await;
+                            attempt.await
+                        }
+                    },
+                    None => attempt.await,
+                }
+            };
             let error = match attempt {
                 Ok(mut writes) => {
                     crash_point(after(step));
@@ -873,6 +896,12 @@ pub(super) async fn read_from(
         }),
     }
 }
+
+/// How long records carried into a step (see [`records_later`]) wait for
+/// it to end before they are recorded on their own: a step held open (a
+/// slow target, a hanging hook) must not leave the end of the audit log
+/// unanchored in the state, where cutting it off would go unnoticed.
+const CARRY_LIMIT: Duration = Duration::from_millis(200);
 
 /// Whether the record of `step` (its audit record and state writes) may wait
 /// for the next step's, so that both cost one fsync of the audit log: the
