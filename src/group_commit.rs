@@ -10,8 +10,43 @@
 //! [`GroupCommit::inline`] serves each job on the caller's thread instead, at
 //! once: for tests under `tokio::time::pause()`, where waiting on another
 //! thread would let the paused clock jump ahead.
+//!
+//! A batch forms by itself only when jobs arrive while the previous one is
+//! being served. On a disk whose fsync takes a fraction of a millisecond,
+//! concurrent rotations spread over time each found the server idle and
+//! paid an fsync of their own. So a server that fsyncs lingers (like
+//! PostgreSQL's `commit_delay` with `commit_siblings`): while more
+//! rotations are running than jobs are in its batch, it waits up to its
+//! linger for more. With one rotation running it never waits.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+/// How many rotation jobs are running now (see [`Busy`]): the callers a
+/// lingering server may expect a job from soon.
+pub static BUSY: AtomicUsize = AtomicUsize::new(0);
+
+/// How long a server that fsyncs waits for the jobs of other running
+/// rotations: a few fsyncs' worth on a fast disk, small next to a rotation.
+pub const FSYNC_LINGER: Duration = Duration::from_millis(2);
+
+/// Counts one running job in [`BUSY`] while it lives.
+#[derive(Debug)]
+pub struct Busy(());
+
+impl Busy {
+    pub fn enter() -> Busy {
+        BUSY.fetch_add(1, Ordering::Relaxed);
+        Busy(())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        BUSY.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Whether the server goes on after a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +92,19 @@ impl<J: Send + 'static> GroupCommit<J> {
     pub fn spawn(
         name: &str,
         max_batch: usize,
+        serve: impl FnMut(&mut Vec<J>) -> Flow + Send + 'static,
+    ) -> std::io::Result<Self> {
+        Self::spawn_lingering(name, max_batch, Duration::ZERO, &BUSY, serve)
+    }
+
+    /// [`spawn`](Self::spawn), but after the jobs already queued, while
+    /// fewer are in the batch than `busy` counts callers (the daemon passes
+    /// [`BUSY`]), the thread waits up to `linger` (in all, per batch) for more.
+    pub fn spawn_lingering(
+        name: &str,
+        max_batch: usize,
+        linger: Duration,
+        busy: &'static AtomicUsize,
         mut serve: impl FnMut(&mut Vec<J>) -> Flow + Send + 'static,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<J>();
@@ -70,6 +118,16 @@ impl<J: Send + 'static> GroupCommit<J> {
                         match rx.try_recv() {
                             Ok(job) => batch.push(job),
                             Err(_) => break,
+                        }
+                    }
+                    if !linger.is_zero() {
+                        let until = Instant::now() + linger;
+                        while batch.len() < max_batch.min(busy.load(Ordering::Relaxed)) {
+                            let left = until.saturating_duration_since(Instant::now());
+                            match rx.recv_timeout(left) {
+                                Ok(job) => batch.push(job),
+                                Err(_) => break,
+                            }
                         }
                     }
                     let flow = serve(&mut batch);
@@ -154,6 +212,48 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never stopped");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn a_lingering_server_waits_for_busy_callers_but_not_alone() {
+        static CALLERS: AtomicUsize = AtomicUsize::new(1);
+        let batches = Arc::new(AtomicUsize::new(0));
+        let gc = GroupCommit::spawn_lingering(
+            "test-linger",
+            64,
+            Duration::from_secs(1),
+            &CALLERS,
+            summer(batches.clone()),
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel();
+        // One caller: its job is served at once.
+        let t = Instant::now();
+        gc.submit((1, tx.clone())).unwrap();
+        assert_eq!(rx.recv().unwrap(), 1);
+        assert!(
+            t.elapsed() < Duration::from_millis(900),
+            "did not linger alone"
+        );
+        // Three callers: their jobs, submitted apart, share one batch.
+        CALLERS.store(3, Ordering::SeqCst);
+        for n in [2, 3, 4] {
+            gc.submit((n, tx.clone())).unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        assert_eq!(
+            (0..3).map(|_| rx.recv().unwrap()).collect::<Vec<_>>(),
+            vec![3, 6, 10]
+        );
+        assert_eq!(batches.load(Ordering::SeqCst), 2, "one batch for the three");
+        // The linger is bounded: with callers that send nothing, a job
+        // waits for the linger at most.
+        CALLERS.store(64, Ordering::SeqCst);
+        let t = Instant::now();
+        gc.submit((5, tx.clone())).unwrap();
+        assert_eq!(rx.recv().unwrap(), 15);
+        assert!(t.elapsed() >= Duration::from_secs(1));
+        assert!(t.elapsed() < Duration::from_secs(10));
     }
 
     #[test]

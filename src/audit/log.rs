@@ -7,6 +7,15 @@
 //! everything queued, writes all the lines with one `write`, fsyncs once and
 //! then answers each caller with the head after *its* record. Under load the
 //! cost of an fsync is shared by every append waiting for it.
+//!
+//! A caller that knows it will make the log durable a moment later (the
+//! rotation engine, recording a step whose replay is harmless: see
+//! `rotation/steps.rs`) appends with [`AuditLog::append_unsynced`]: the line
+//! is written at once (so it survives `kill -9`, and keeps its place in the
+//! chain) but not fsynced; the next fsync of the file, by any later append or
+//! [`AuditLog::sync`], covers it. Such a record is not acknowledged as
+//! durable, and its head must not be stored in the state database until
+//! [`AuditLog::synced_seq`] has passed it (`Inner::persist` enforces that).
 
 use std::fs::File;
 use std::io::Write as _;
@@ -62,7 +71,10 @@ fn genesis_head() -> AuditHead {
 type Reply = oneshot::Sender<Result<AuditHead, AuditError>>;
 
 enum Msg {
-    Append(Box<AuditEvent>, Reply),
+    /// An event, and whether it must be durable before it is answered.
+    Append(Box<AuditEvent>, Reply, bool),
+    /// Make every line written so far durable; answered with the head.
+    Sync(Reply),
     Close(oneshot::Sender<()>),
     /// Tests: block the writer until the sender is dropped, so appends queue up.
     #[cfg(test)]
@@ -81,6 +93,8 @@ struct Inner {
     /// The head after the last acknowledged append (seq 0 and [`GENESIS`] when empty).
     head: Arc<Mutex<AuditHead>>,
     fsyncs: Arc<AtomicU64>,
+    /// The seq of the last record known durable (fsynced).
+    synced: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -160,11 +174,16 @@ impl AuditLog {
         let head = recover_tail(&file, &display, head_in_state, key.as_ref())?;
         let head = Arc::new(Mutex::new(head));
         let fsyncs = Arc::new(AtomicU64::new(0));
+        // What is in the file at open is durable: recovery fsyncs what it cuts,
+        // and appends before a restart were acknowledged or replayed.
+        let synced = Arc::new(AtomicU64::new(lock(&head).seq));
         let mut writer = Writer {
             path: display.clone(),
             file,
             head: Arc::clone(&head),
             fsyncs: Arc::clone(&fsyncs),
+            synced: Arc::clone(&synced),
+            unsynced: false,
             failed: None,
             key,
         };
@@ -172,8 +191,14 @@ impl AuditLog {
         let server = if inline {
             GroupCommit::inline(serve)
         } else {
-            GroupCommit::spawn("keyturn-audit", MAX_BATCH, serve)
-                .map_err(|e| io("cannot start the writer thread", e))?
+            GroupCommit::spawn_lingering(
+                "keyturn-audit",
+                MAX_BATCH,
+                crate::group_commit::FSYNC_LINGER,
+                &crate::group_commit::BUSY,
+                serve,
+            )
+            .map_err(|e| io("cannot start the writer thread", e))?
         };
         Ok(AuditLog {
             inner: Arc::new(Inner {
@@ -181,6 +206,7 @@ impl AuditLog {
                 server,
                 head,
                 fsyncs,
+                synced,
             }),
         })
     }
@@ -188,14 +214,41 @@ impl AuditLog {
     /// Appends one record; returns once it is written and fsynced, with the
     /// head after it (the caller persists it in the state database).
     pub async fn append(&self, ev: AuditEvent) -> Result<AuditHead, AuditError> {
-        let rx = self.send(ev)?;
+        let rx = self.send(ev, true)?;
         rx.await.map_err(|_| self.closed())?
+    }
+
+    /// Appends one record without waiting for an fsync: returns once the
+    /// line is written (it survives the process being killed, not a power
+    /// cut), with the head after it. The record becomes durable with the
+    /// next fsync of the log: a later [`append`](Self::append) or
+    /// [`sync`](Self::sync). Until then its head must not be stored in the
+    /// state database (a stored head the disk lacks reads as truncation).
+    pub async fn append_unsynced(&self, ev: AuditEvent) -> Result<AuditHead, AuditError> {
+        let rx = self.send(ev, false)?;
+        rx.await.map_err(|_| self.closed())?
+    }
+
+    /// Makes every record written so far durable (one fsync, none if they
+    /// already are); returns the head after the last of them.
+    pub async fn sync(&self) -> Result<AuditHead, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .server
+            .submit(Msg::Sync(tx))
+            .map_err(|_| self.closed())?;
+        rx.await.map_err(|_| self.closed())?
+    }
+
+    /// The seq of the last record known to be on disk.
+    pub fn synced_seq(&self) -> u64 {
+        self.inner.synced.load(Ordering::Acquire)
     }
 
     /// [`append`](Self::append) for blocking code. Must not be called from
     /// an async task (it blocks the thread); `spawn_blocking` threads are fine.
     pub fn append_blocking(&self, ev: AuditEvent) -> Result<AuditHead, AuditError> {
-        let rx = self.send(ev)?;
+        let rx = self.send(ev, true)?;
         rx.blocking_recv().map_err(|_| self.closed())?
     }
 
@@ -228,11 +281,12 @@ impl AuditLog {
     fn send(
         &self,
         ev: AuditEvent,
+        durable: bool,
     ) -> Result<oneshot::Receiver<Result<AuditHead, AuditError>>, AuditError> {
         let (tx, rx) = oneshot::channel();
         self.inner
             .server
-            .submit(Msg::Append(Box::new(ev), tx))
+            .submit(Msg::Append(Box::new(ev), tx, durable))
             .map_err(|_| self.closed())?;
         Ok(rx)
     }
@@ -255,12 +309,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What one batch asks of the writer.
+#[derive(Default)]
+struct Batch {
+    appends: Vec<(Box<AuditEvent>, Reply)>,
+    syncs: Vec<Reply>,
+    /// Some caller needs its record (or everything written) on disk.
+    durable: bool,
+}
+
 /// The thread that owns the file.
 struct Writer {
     path: String,
     file: File,
     head: Arc<Mutex<AuditHead>>,
     fsyncs: Arc<AtomicU64>,
+    synced: Arc<AtomicU64>,
+    /// Lines were written since the last fsync.
+    unsynced: bool,
     /// Set after an fsync failed: the kernel may have dropped the dirty pages,
     /// so nothing about the file's content can be trusted any more.
     failed: Option<String>,
@@ -273,14 +339,21 @@ impl Writer {
     /// fsync); a close answers once the appends before it are done, and
     /// refuses the rest.
     fn serve(&mut self, msgs: &mut Vec<Msg>) -> Flow {
-        let mut batch = Vec::new();
+        let mut batch = Batch::default();
         for msg in msgs.drain(..) {
             match msg {
-                Msg::Append(ev, reply) => batch.push((ev, reply)),
+                Msg::Append(ev, reply, durable) => {
+                    batch.durable |= durable;
+                    batch.appends.push((ev, reply));
+                }
+                Msg::Sync(reply) => {
+                    batch.durable = true;
+                    batch.syncs.push(reply);
+                }
                 Msg::Close(reply) => {
-                    if !batch.is_empty() {
-                        self.commit(std::mem::take(&mut batch));
-                    }
+                    // Whatever was written unsynced is made durable too.
+                    batch.durable = true;
+                    self.commit(std::mem::take(&mut batch));
                     let _ = reply.send(());
                     // What follows in `msgs` is dropped: those callers are
                     // told the log is closed.
@@ -288,23 +361,33 @@ impl Writer {
                 }
                 #[cfg(test)]
                 Msg::Hold(release) => {
-                    if !batch.is_empty() {
-                        self.commit(std::mem::take(&mut batch));
-                    }
+                    self.commit(std::mem::take(&mut batch));
                     let _ = release.recv();
                 }
             }
         }
-        if !batch.is_empty() {
-            self.commit(batch);
-        }
+        self.commit(batch);
         Flow::Continue
     }
 
-    fn commit(&mut self, batch: Vec<(Box<AuditEvent>, Reply)>) {
+    /// Writes the batch's lines with one `write`; fsyncs once if any of its
+    /// callers needs durability (covering lines written unsynced before);
+    /// then answers each.
+    fn commit(&mut self, batch: Batch) {
+        let Batch {
+            appends: batch,
+            syncs,
+            durable,
+        } = batch;
+        if batch.is_empty() && syncs.is_empty() && !(durable && self.unsynced) {
+            return;
+        }
         if let Some(why) = &self.failed {
             let message = format!("an earlier fsync failed ({why}); restart keyturn");
             for (_, reply) in batch {
+                let _ = reply.send(Err(self.io_err(&message)));
+            }
+            for reply in syncs {
                 let _ = reply.send(Err(self.io_err(&message)));
             }
             return;
@@ -337,12 +420,20 @@ impl Writer {
                 }
             }
         }
-        if replies.is_empty() {
+        if replies.is_empty() && !(durable && self.unsynced) {
+            // Nothing written and nothing to make durable.
+            for reply in syncs {
+                let _ = reply.send(Ok(before.clone()));
+            }
             return;
         }
 
         let len_before = self.file.metadata().map(|m| m.len());
-        let written = self.file.write_all(&buf);
+        let written = if buf.is_empty() {
+            Ok(())
+        } else {
+            self.file.write_all(&buf)
+        };
         if let Err(e) = written {
             // Take back whatever part of the batch reached the file, so the
             // chain continues from the last acknowledged record.
@@ -356,6 +447,17 @@ impl Writer {
             for (reply, _) in replies {
                 let _ = reply.send(Err(self.io_err(&message)));
             }
+            for reply in syncs {
+                let _ = reply.send(Err(self.io_err(&message)));
+            }
+            return;
+        }
+        if !durable {
+            self.unsynced = true;
+            *lock(&self.head) = head;
+            for (reply, head) in replies {
+                let _ = reply.send(Ok(head));
+            }
             return;
         }
         // fdatasync: the size change is metadata it covers; mtime is not needed.
@@ -368,11 +470,19 @@ impl Writer {
             for (reply, _) in replies {
                 let _ = reply.send(Err(self.io_err(&message)));
             }
+            for reply in syncs {
+                let _ = reply.send(Err(self.io_err(&message)));
+            }
             return;
         }
-        *lock(&self.head) = head;
+        self.unsynced = false;
+        self.synced.store(head.seq, Ordering::Release);
+        *lock(&self.head) = head.clone();
         for (reply, head) in replies {
             let _ = reply.send(Ok(head));
+        }
+        for reply in syncs {
+            let _ = reply.send(Ok(head.clone()));
         }
     }
 
@@ -688,7 +798,9 @@ pub(crate) mod tests {
 
         // Hold the writer so that 200 appends are queued when it wakes up.
         let release = log.hold();
-        let pending: Vec<_> = (1..=200).map(|i| log.send(event(i)).unwrap()).collect();
+        let pending: Vec<_> = (1..=200)
+            .map(|i| log.send(event(i), true).unwrap())
+            .collect();
         drop(release);
         let mut heads = Vec::new();
         for rx in pending {
@@ -704,6 +816,45 @@ pub(crate) mod tests {
         assert_eq!(heads[199].hash, line_hash(all[200].as_bytes()));
         assert_eq!(log.head(), heads[199]);
         assert_eq!(verify_file(&path, Some(&heads[199])).unwrap().records, 201);
+    }
+
+    #[tokio::test]
+    async fn unsynced_appends_are_written_at_once_and_made_durable_by_the_next_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, None).unwrap();
+        assert_eq!(log.synced_seq(), 0);
+        let a = log.append_unsynced(event(1)).await.unwrap();
+        let b = log.append_unsynced(event(2)).await.unwrap();
+        assert_eq!((a.seq, b.seq), (1, 2));
+        assert_eq!(log.fsync_count(), 0, "no fsync for unsynced appends");
+        assert_eq!(log.synced_seq(), 0, "not durable yet");
+        // Written already: another reader (or a restart after kill -9) sees them.
+        assert_eq!(lines(&path).len(), 2);
+        assert_eq!(verify_file(&path, Some(&b)).unwrap().records, 2);
+
+        // One durable append covers the two before it.
+        let c = log.append(event(3)).await.unwrap();
+        assert_eq!(log.fsync_count(), 1);
+        assert_eq!(log.synced_seq(), 3);
+        assert_eq!(log.head(), c);
+
+        // A sync with nothing unsynced costs nothing; one after an unsynced
+        // append costs one fsync and answers with the head.
+        assert_eq!(log.sync().await.unwrap(), c);
+        assert_eq!(log.fsync_count(), 1);
+        let d = log.append_unsynced(event(4)).await.unwrap();
+        assert_eq!(log.sync().await.unwrap(), d);
+        assert_eq!((log.fsync_count(), log.synced_seq()), (2, 4));
+
+        // Close makes an unsynced tail durable.
+        let e = log.append_unsynced(event(5)).await.unwrap();
+        log.close().await;
+        assert_eq!((log.fsync_count(), log.synced_seq()), (3, 5));
+        assert_eq!(verify_file(&path, Some(&e)).unwrap().records, 5);
+        let reopened = AuditLog::open(&path, Some(&e)).unwrap();
+        assert_eq!(reopened.head(), e);
+        assert_eq!(reopened.synced_seq(), 5);
     }
 
     #[tokio::test]

@@ -143,7 +143,8 @@ impl Inner {
         let mut watches = Vec::new();
         let mut retries = Vec::new();
         let mut head = None;
-        for sink in entry.sinks.iter() {
+        for (i, sink) in entry.sinks.iter().enumerate() {
+            let last = i + 1 == entry.sinks.len();
             let result = sink.deliver(notice, value).await;
             self.metrics.delivery(sink.kind(), result.is_ok());
             let deferred = result.is_err() && !sink.holds_up_rotation();
@@ -160,7 +161,7 @@ impl Inner {
             // The audit head is persisted with the caller's writes (or with
             // the failure record of a failed attempt).
             head = Some(
-                self.audit_delivery(entry, notice, outcome, sink.describe(), error)
+                self.audit_delivery(entry, notice, outcome, sink.describe(), error, last)
                     .await
                     .map_err(|e| StepError::new("audit", e))?,
             );
@@ -224,6 +225,7 @@ impl Inner {
         outcome: Outcome,
         consumer: String,
         error: Option<String>,
+        last: bool,
     ) -> Result<Write, crate::model::PluginError> {
         let mut ev = AuditEvent::new("delivery", Actor::Daemon, outcome);
         ev.agent = Some(entry.key().agent.clone());
@@ -233,8 +235,17 @@ impl Inner {
         ev.rotation = Some(notice.rotation.clone());
         ev.version = Some(notice.version);
         ev.detail = Some(consumer);
-        ev.error = error;
-        Ok(Write::AuditHead(self.append(ev).await?))
+        // The last sink's delivery is made durable with the record that
+        // follows it at once (its head reaches the state only through
+        // `persist`, which makes it durable first); one followed by another
+        // sink's delivery (which may take long) or a failure, at once.
+        let head = if error.is_none() && last {
+            self.append_unsynced(ev).await?
+        } else {
+            ev.error = error;
+            self.append(ev).await?
+        };
+        Ok(Write::AuditHead(head))
     }
 
     /// Records the consumers awaited for `version`, keeping the acks of a
@@ -657,7 +668,7 @@ impl Inner {
                     Err(e) => (Outcome::Failed, Some(format!("attempt {attempt}: {e}"))),
                 };
                 let head = self
-                    .audit_delivery(&entry, &notice, outcome, name.clone(), error)
+                    .audit_delivery(&entry, &notice, outcome, name.clone(), error, true)
                     .await;
                 match head {
                     Ok(h) => {

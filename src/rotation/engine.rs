@@ -543,7 +543,20 @@ impl Inner {
         }
     }
 
+    /// Commits `writes`. An audit head among them is stored only once the
+    /// log holds it on disk (records may have been appended unsynced): a
+    /// stored head the disk lacks would read as truncation after a power cut.
     pub(super) async fn persist(&self, writes: Vec<Write>) -> Result<(), PluginError> {
+        let synced = self.audit.synced_seq();
+        if writes
+            .iter()
+            .any(|w| matches!(w, Write::AuditHead(h) if h.seq > synced))
+        {
+            self.audit
+                .sync()
+                .await
+                .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))?;
+        }
         self.writer
             .apply(writes)
             .await
@@ -571,6 +584,20 @@ impl Inner {
         detail: Option<String>,
         error: Option<String>,
     ) -> Result<Write, PluginError> {
+        let ev = self.audit_event(entry, rot, event, outcome, detail, error);
+        Ok(Write::AuditHead(self.append(ev).await?))
+    }
+
+    /// The audit record of `event` for `entry` (and `rot` if given).
+    pub(super) fn audit_event(
+        &self,
+        entry: &CredEntry,
+        rot: Option<&RotationRow>,
+        event: &str,
+        outcome: Outcome,
+        detail: Option<String>,
+        error: Option<String>,
+    ) -> AuditEvent {
         let mut ev = AuditEvent::new(event, Actor::Daemon, outcome);
         ev.agent = Some(entry.key().agent.clone());
         ev.credential = Some(entry.key().credential.clone());
@@ -580,7 +607,7 @@ impl Inner {
         ev.version = rot.map(|r| r.version);
         ev.detail = detail;
         ev.error = error;
-        Ok(Write::AuditHead(self.append(ev).await?))
+        ev
     }
 
     /// Appends one record (durable when this returns) and counts it.
@@ -588,6 +615,19 @@ impl Inner {
         let head = self
             .audit
             .append(ev)
+            .await
+            .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))?;
+        self.metrics.audit_records(1);
+        Ok(head)
+    }
+
+    /// Appends one record without waiting for the fsync (see
+    /// [`AuditLog::append_unsynced`]); a head it returns reaches the state
+    /// only through [`Inner::persist`], which makes it durable first.
+    pub(super) async fn append_unsynced(&self, ev: AuditEvent) -> Result<AuditHead, PluginError> {
+        let head = self
+            .audit
+            .append_unsynced(ev)
             .await
             .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))?;
         self.metrics.audit_records(1);

@@ -128,10 +128,13 @@ impl Inner {
                 },
             };
             self.in_flight.fetch_add(1, Ordering::SeqCst);
+            // Lets the fsyncing writers wait briefly for this job's records.
+            let busy = crate::group_commit::Busy::enter();
             match job {
                 Job::Rotate => self.clone().run_rotation(entry).await,
                 Job::Retire => self.clone().run_retire(entry).await,
             }
+            drop(busy);
             drop(permit);
             self.wake.notify_one();
             if let Some(poke) = self.alert_poke.get() {
@@ -259,7 +262,7 @@ impl Inner {
         let result = match self.load(move |s| s.latest_rotation(&k)).await {
             Ok(Some(mut rot)) if rot.step == Step::Retire => {
                 let mut run = super::steps::RunMemory::default();
-                self.run_step(&entry, &mut rot, &mut run).await
+                self.run_step(&entry, &mut rot, &mut run, None).await
             }
             Ok(_) => Ok(()),
             Err(e) => Err(Stop::Failed(e.to_string(), None)),

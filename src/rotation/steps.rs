@@ -94,6 +94,8 @@ impl Inner {
             .await
             .map_err(|e| Stop::Failed(format!("{key}: {e}"), None))?;
         let mut run = RunMemory::default();
+        // The state writes of steps recorded later (see `records_later`).
+        let mut carried = Vec::new();
         let mut rot = match latest {
             Some(r) if r.step < Step::Retire => {
                 tracing::info!(agent = %key.agent, credential = %key.credential, rotation = %r.id, step = %r.step, "resuming rotation");
@@ -106,7 +108,7 @@ impl Inner {
                     // not before the current one's consumers have it (or
                     // its grace deadline passed).
                     self.wait_for_acks(prev).await?;
-                    self.run_step(entry, prev, &mut RunMemory::default())
+                    self.run_step(entry, prev, &mut RunMemory::default(), Some(&mut carried))
                         .await?;
                     if let Some(l) = self.live().get_mut(&key) {
                         l.retire_at = None;
@@ -114,20 +116,25 @@ impl Inner {
                     self.live().cancel(&key, Job::Retire);
                 }
                 run = RunMemory::begun();
-                self.begin(entry, latest.as_ref()).await?
+                self.begin(entry, latest.as_ref(), std::mem::take(&mut carried))
+                    .await?
             }
         };
         self.set_running(&key, &rot);
         while rot.step < Step::Retire {
             if self.cancel.is_cancelled() {
+                // The steps done are recorded before the daemon stops.
+                self.record_carried(entry, Some(&rot), &mut carried).await;
                 return Err(Stop::Drained);
             }
             let ran = if self.is_retired(&key.agent) {
                 Err(Stop::Abandoned)
             } else {
-                self.run_step(entry, &mut rot, &mut run).await
+                self.run_step(entry, &mut rot, &mut run, Some(&mut carried))
+                    .await
             };
             if let Err(Stop::Abandoned) = ran {
+                self.record_carried(entry, Some(&rot), &mut carried).await;
                 self.abandon_for_good(entry, &mut rot, "the agent is decommissioned")
                     .await;
             }
@@ -136,13 +143,49 @@ impl Inner {
         Ok(rot)
     }
 
+    /// Records the steps whose records were carried (see `records_later`)
+    /// when the rotation stops between steps: the carried writes, the
+    /// rotation row where it is now, and the audit head once the records
+    /// written unsynced are durable. A failure leaves the state at the last
+    /// recorded step, which the next start replays.
+    /// (The carried writes end with the rotation row after the last carried
+    /// step; `rot`, if given, is where the rotation is now.)
+    async fn record_carried(
+        &self,
+        entry: &CredEntry,
+        rot: Option<&RotationRow>,
+        carried: &mut Vec<Write>,
+    ) {
+        if carried.is_empty() {
+            return;
+        }
+        let mut writes = std::mem::take(carried);
+        writes.extend(rot.map(|r| Write::Rotation(r.clone())));
+        let recorded = async {
+            let head = self
+                .audit
+                .sync()
+                .await
+                .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))?;
+            writes.push(Write::AuditHead(head));
+            self.persist(writes).await
+        }
+        .await;
+        if let Err(e) = recorded {
+            tracing::error!(agent = %entry.key().agent, credential = %entry.key().credential, error = %e, "could not record the steps done; the next start replays them");
+        }
+    }
+
     /// Records the start of a new rotation.
     /// `latest` is the credential's newest (finished) rotation, if any: it
     /// created the current version, so it knows its number and vault id.
+    /// `carried`: the writes of a step recorded with this one (the retire
+    /// of the version before the current).
     pub(super) async fn begin(
         &self,
         entry: &CredEntry,
         latest: Option<&RotationRow>,
+        mut carried: Vec<Write>,
     ) -> Result<RotationRow, Stop> {
         let key = entry.key();
         let cred = self.cred_row(key);
@@ -197,7 +240,9 @@ impl Inner {
             )
             .await
             .map_err(|e| Stop::Failed(format!("{key}: audit: {}", e.message), None))?;
-        self.persist(vec![Write::Rotation(rot.clone()), head])
+        carried.push(Write::Rotation(rot.clone()));
+        carried.push(head);
+        self.persist(carried)
             .await
             .map_err(|e| Stop::Failed(format!("{key}: {}", e.message), None))?;
         crash_point("rotation.after_start");
@@ -205,18 +250,40 @@ impl Inner {
     }
 
     /// Runs `rot.step` with retries; on success the step's effects, the
-    /// audit record and the advanced rotation row are all durable.
+    /// audit record and the advanced rotation row are all durable, except
+    /// for a step whose record is carried (`carried` given and
+    /// [`records_later`]): its audit record is written unsynced and its
+    /// writes are left in `carried`, for the next recorded step (or a
+    /// failure record) to commit with its own.
     pub(super) async fn run_step(
         &self,
         entry: &CredEntry,
         rot: &mut RotationRow,
         run: &mut RunMemory,
+        mut carried: Option<&mut Vec<Write>>,
     ) -> Result<(), Stop> {
         let mut delays = step_backoff(entry_retry(&self.catalog()));
         let step = rot.step;
+        let later = carried.is_some() && records_later(step, entry);
         loop {
             crash_point(before(step));
-            let attempt = self.attempt_step(entry, rot, run).await;
+            let attempt = {
+                let attempt = self.attempt_step(entry, rot, run);
+                tokio::pin!(attempt);
+                match carried.as_deref_mut().filter(|c| !c.is_empty()) {
+                    // A step that takes long does not keep the records
+                    // carried into it unanchored: after `CARRY_LIMIT` they
+                    // are recorded on their own, as without the carry.
+                    Some(carried) => tokio::select! {
+                        r = &mut attempt => r,
+                        _ = tokio::time::sleep(CARRY_LIMIT) => {
+                            self.record_carried(entry, None, carried).await;
+                            attempt.await
+                        }
+                    },
+                    None => attempt.await,
+                }
+            };
             let error = match attempt {
                 Ok(mut writes) => {
                     crash_point(after(step));
@@ -229,19 +296,30 @@ impl Inner {
                         next.retire_at = Some(next.updated_at + chrono_dur(entry.cfg.grace));
                     }
                     let persisted = async {
-                        let head = self
-                            .audit(
-                                entry,
-                                Some(&next),
-                                &format!("rotation.{step}"),
-                                Outcome::Ok,
-                                None,
-                                None,
-                            )
-                            .await?;
-                        writes.push(Write::Rotation(next.clone()));
-                        writes.push(head);
-                        self.persist(writes).await
+                        let ev = self.audit_event(
+                            entry,
+                            Some(&next),
+                            &format!("rotation.{step}"),
+                            Outcome::Ok,
+                            None,
+                            None,
+                        );
+                        if later && let Some(carried) = carried.as_deref_mut() {
+                            // Its head is stored with the next record's.
+                            self.append_unsynced(ev).await?;
+                            carried.append(&mut writes);
+                            carried.push(Write::Rotation(next.clone()));
+                            return Ok(());
+                        }
+                        let head = Write::AuditHead(self.append(ev).await?);
+                        let mut all = carried
+                            .as_deref_mut()
+                            .map(std::mem::take)
+                            .unwrap_or_default();
+                        all.append(&mut writes);
+                        all.push(Write::Rotation(next.clone()));
+                        all.push(head);
+                        self.persist(all).await
                     }
                     .await;
                     match persisted {
@@ -261,7 +339,11 @@ impl Inner {
             let msg = error.message();
             self.metrics.step_failed(step.as_str());
             if error.staged_gone && matches!(step, Step::Set | Step::Test | Step::Promote) {
-                return Err(self.abandon(entry, rot, &msg).await);
+                let carried = carried
+                    .as_deref_mut()
+                    .map(std::mem::take)
+                    .unwrap_or_default();
+                return Err(self.abandon(entry, rot, &msg, carried).await);
             }
             rot.attempts += 1;
             rot.last_error = Some(format!("step {step}: {msg}"));
@@ -290,12 +372,17 @@ impl Inner {
                         Some(msg.clone()),
                     )
                     .await?;
-                self.persist(vec![
+                // The steps carried so far are recorded with the failure.
+                let mut writes = carried
+                    .as_deref_mut()
+                    .map(std::mem::take)
+                    .unwrap_or_default();
+                writes.extend([
                     Write::Rotation(rot.clone()),
                     Write::Credential(cred.clone()),
                     head,
-                ])
-                .await
+                ]);
+                self.persist(writes).await
             }
             .await;
             if let Err(e) = recorded {
@@ -341,6 +428,7 @@ impl Inner {
         entry: &CredEntry,
         rot: &mut RotationRow,
         why: &str,
+        mut carried: Vec<Write>,
     ) -> Stop {
         let step = rot.step;
         let key = entry.key();
@@ -371,7 +459,7 @@ impl Inner {
                     Some(why.to_owned()),
                 )
                 .await?;
-            self.persist(vec![
+            carried.extend([
                 Write::Rotation(done.clone()),
                 Write::VersionStage {
                     key: key.clone(),
@@ -380,8 +468,8 @@ impl Inner {
                 },
                 Write::Credential(cred.clone()),
                 head,
-            ])
-            .await
+            ]);
+            self.persist(std::mem::take(&mut carried)).await
         }
         .await;
         match recorded {
@@ -878,9 +966,33 @@ pub(super) async fn read_from(
     }
 }
 
+/// How long records carried into a step (see [`records_later`]) wait for
+/// it to end before they are recorded on their own: a step held open (a
+/// slow target, a hanging hook) must not leave the end of the audit log
+/// unanchored in the state, where cutting it off would go unnoticed.
+const CARRY_LIMIT: Duration = Duration::from_millis(200);
+
+/// Whether the record of `step` (its audit record and state writes) may wait
+/// for the next step's, so that both cost one fsync of the audit log: the
+/// next step records it, or a crash before that replays `step` and then the
+/// next, each idempotent per rotation id, which is the replay a crash inside
+/// the next step already causes. The record is never held past a vault
+/// write that the replayed step would then follow in the wrong order:
+/// `create` waits only for `set`/`test` (not for `promote`, after which a
+/// replayed `create` would stage again), `set` for `test`, `promote` for
+/// `deliver`, and a `retire` for the `start` of the next rotation.
+/// Invariant 2 does not rest on these records: the vault makes the staged
+/// value durable itself before `create` returns.
+pub(super) fn records_later(step: Step, entry: &CredEntry) -> bool {
+    match step {
+        Step::Create => matches!(next_step(step, entry), Step::Set | Step::Test),
+        Step::Set | Step::Promote | Step::Retire => true,
+        Step::Test | Step::Deliver | Step::Done => false,
+    }
+}
+
 /// The step after `step` for this credential: `set` and `test` are skipped
-/// without a target (each step costs an audit record and a state commit,
-/// both fsynced).
+/// without a target (each step costs an audit record and a state commit).
 pub(super) fn next_step(step: Step, entry: &CredEntry) -> Step {
     let mut next = step.next();
     while matches!(next, Step::Set | Step::Test) && entry.target.is_none() {

@@ -727,6 +727,54 @@ async fn retry_after_is_honoured_by_the_in_step_retries_and_by_the_parked_retry(
     rig.shutdown().await;
 }
 
+/// A step whose replay is harmless is recorded with the next one: a
+/// rotation after the first appends its six records (the previous
+/// rotation's retire, start, create, promote, the delivery, deliver) with
+/// three fsyncs of the audit log, and the state ends holding the log's head.
+#[tokio::test(start_paused = true)]
+async fn a_rotation_records_its_six_records_with_three_audit_fsyncs() {
+    let rig = Rig::single().await;
+    assert_eq!(rig.rotate_c0().await.error, None);
+    let audit = rig.engine.audit().clone();
+    let (fsyncs, seq) = (audit.fsync_count(), audit.head().seq);
+    let done = rig.rotate_c0().await;
+    assert_eq!((done.error, done.version), (None, Some(2)));
+    assert_eq!(audit.fsync_count() - fsyncs, 3, "fsyncs for one rotation");
+    let events: Vec<String> = std::fs::read_to_string(rig.dir.path().join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["seq"].as_u64().unwrap() > seq)
+        .map(|r| r["event"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "rotation.retire",
+            "rotation.start",
+            "rotation.create",
+            "rotation.promote",
+            "delivery",
+            "rotation.deliver"
+        ]
+    );
+    assert_eq!(audit.synced_seq(), audit.head().seq, "all of it durable");
+    assert_eq!(rig.store.audit_head().unwrap(), Some(audit.head()));
+    // What the carried steps wrote reached the state with them.
+    let rot = rig.store.latest_rotation(&key("c0")).unwrap().unwrap();
+    assert_eq!((rot.version, rot.step), (2, Step::Retire));
+    let stages: Vec<(u64, Stage)> = rig
+        .store
+        .versions(&key("c0"))
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.version, v.stage))
+        .collect();
+    assert!(stages.contains(&(2, Stage::Current)), "{stages:?}");
+    assert!(stages.contains(&(1, Stage::Previous)), "{stages:?}");
+    rig.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn concurrent_triggers_join_one_rotation() {
     let rig = Rig::single().await;

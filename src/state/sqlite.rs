@@ -15,7 +15,8 @@
 //! crash: the WAL is fsynced only at checkpoints, so the last few commits can
 //! roll back. That is safe for keyturn because every rotation step is
 //! idempotent and keyed by the rotation id: state that is *behind* reality is
-//! replayed to the same end state, and the audit log (fsynced on every append)
+//! replayed to the same end state, and the audit log (fsynced before any
+//! head of it is stored here)
 //! stays the record of what happened. `FULL` would cost an fsync per step.
 //!
 //! # Schema

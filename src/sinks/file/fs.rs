@@ -83,6 +83,64 @@ pub(super) fn fsync_dir(dir: &OwnedFd) -> Result<(), Errno> {
     nix::unistd::fsync(dir.as_raw_fd())
 }
 
+/// The entry changes made in one directory and how many of them an fsync
+/// has made durable; shared by every delivery into it.
+#[derive(Default)]
+pub(super) struct DirSync {
+    /// Entry changes registered (each counted once it is done).
+    changes: std::sync::atomic::AtomicU64,
+    /// The count of changes the last successful fsync began after; its
+    /// lock is held through an fsync, so callers queue behind it.
+    synced: std::sync::Mutex<u64>,
+    /// fsyncs done (tests).
+    fsyncs: std::sync::atomic::AtomicU64,
+}
+
+/// The [`DirSync`] of the directory `(dev, ino)`.
+pub(super) fn dir_sync(dev: u64, ino: u64) -> Arc<DirSync> {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, Mutex};
+    // One entry per delivery directory the daemon has written into: bounded
+    // by the configured paths (an inode reused by another directory just
+    // shares the counters, which stay correct for it).
+    type ByInode = HashMap<(u64, u64), Arc<DirSync>>;
+    static DIRS: LazyLock<Mutex<ByInode>> = LazyLock::new(Default::default);
+    DIRS.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry((dev, ino))
+        .or_default()
+        .clone()
+}
+
+/// Makes an entry change just done in `dir` (a rename) durable, sharing the
+/// fsync with concurrent deliveries into the same directory. An fsync of a
+/// directory makes durable every change made in it before the fsync began
+/// (it acts on the inode, whichever descriptor names it). So a caller
+/// registers its change, then waits for the directory's fsync lock: if an
+/// fsync that began after its change has succeeded meanwhile, it is done
+/// without one; otherwise it fsyncs, covering every change registered so far.
+pub(super) fn fsync_dir_after_change(dir: &OwnedFd) -> Result<(), Errno> {
+    use std::sync::atomic::Ordering;
+    let st = nix::sys::stat::fstat(dir.as_raw_fd())?;
+    let shared = dir_sync(st.st_dev, st.st_ino);
+    let mine = shared.changes.fetch_add(1, Ordering::SeqCst) + 1;
+    // Other rotations running may be about to deliver here too: give them
+    // the time of a few fsyncs to join this one (as the group-commit
+    // writers do), on this blocking thread.
+    if crate::group_commit::BUSY.load(Ordering::Relaxed) > 1 {
+        std::thread::sleep(crate::group_commit::FSYNC_LINGER);
+    }
+    let mut synced = shared.synced.lock().unwrap_or_else(|p| p.into_inner());
+    if *synced >= mine {
+        return Ok(());
+    }
+    let upto = shared.changes.load(Ordering::SeqCst);
+    fsync_dir(dir)?;
+    shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+    *synced = upto;
+    Ok(())
+}
+
 pub(super) fn ignore_enoent(e: Errno) -> Result<(), Errno> {
     if e == Errno::ENOENT { Ok(()) } else { Err(e) }
 }
@@ -176,4 +234,52 @@ pub(super) fn list_dir(dir: &OwnedFd) -> Result<Vec<OsString>, Errno> {
     // SAFETY: `d` came from `fdopendir` and is closed once.
     unsafe { libc::closedir(d) };
     result.map(|()| names)
+}
+
+#[cfg(test)]
+mod dir_sync_tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn queued_deliveries_into_one_directory_share_one_fsync() {
+        let root = tempfile::tempdir().unwrap();
+        let open = || open_dir(None, root.path().as_os_str()).unwrap();
+        let st = nix::sys::stat::fstat(open().as_raw_fd()).unwrap();
+        let shared = dir_sync(st.st_dev, st.st_ino);
+        assert_eq!(shared.fsyncs.load(Ordering::SeqCst), 0);
+
+        // Alone: one fsync per change.
+        fsync_dir_after_change(&open()).unwrap();
+        fsync_dir_after_change(&open()).unwrap();
+        assert_eq!(shared.fsyncs.load(Ordering::SeqCst), 2);
+
+        // Eight changes registered while an fsync is under way (its lock
+        // held here): the first caller's fsync covers all eight.
+        let held = shared.synced.lock().unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let dir = open();
+                std::thread::spawn(move || fsync_dir_after_change(&dir).unwrap())
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while shared.changes.load(Ordering::SeqCst) < 10 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "threads never registered"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        drop(held);
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(
+            shared.fsyncs.load(Ordering::SeqCst),
+            3,
+            "one fsync for eight"
+        );
+        assert_eq!(*shared.synced.lock().unwrap(), 10);
+    }
 }

@@ -152,7 +152,8 @@ impl Inner {
             let _ = nix::unistd::unlinkat(Some(dfd), tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
             return Err(e);
         }
-        fsync_dir(dir).map_err(|e| self.sys(format_args!("fsync {}", dir_shown.display()), e))
+        fsync_dir_after_change(dir)
+            .map_err(|e| self.sys(format_args!("fsync {}", dir_shown.display()), e))
     }
 
     /// What is at `name` in `dir`: nothing, a regular file (holding

@@ -47,7 +47,17 @@
 //! already queued (up to [`MAX_BATCH`]), runs each inside its own savepoint
 //! (a failing operation rolls back alone), commits once, and only then
 //! answers each caller. Every caller still gets "durable before return";
-//! under load they share the fsync. Reads run on a second thread through a
+//! under load they share the fsync.
+//!
+//! One exception: a batch holding only `retire`s commits with
+//! `synchronous=NORMAL` (no fsync); the next `stage`, `promote` or
+//! `destroy` commit (whose WAL fsync covers every frame before it) or a
+//! checkpoint makes it durable. In a rotation that next commit follows at
+//! once: the engine retires the previous version right before it stages the
+//! next. Losing a retire to a power cut costs no invariant: if the state
+//! lost the step too, the retire step is replayed; if not, the value stays
+//! at stage `previous` (where it sat through the grace period) until the
+//! next `promote` of the path wipes every other previous version. Reads run on a second thread through a
 //! second, read-only connection, so they never queue behind a write's fsync
 //! (WAL lets readers proceed during a write); one thread, not the blocking
 //! pool, because the reads share that one connection anyway and a pool
@@ -186,6 +196,9 @@ type WriteOp = Box<dyn FnOnce(&Inner, &Connection) -> WriteOutput + Send>;
 /// One write operation for the writer thread, and where to answer.
 struct WriteJob {
     op: WriteOp,
+    /// Its caller is answered only once the commit is fsynced (all but
+    /// `retire`; see the module doc).
+    durable: bool,
     answer: tokio::sync::oneshot::Sender<WriteOutput>,
 }
 
@@ -261,10 +274,16 @@ impl LocalVault {
             reader: Mutex::new(reader),
         });
         let thread_inner = Arc::clone(&inner);
-        let writes = GroupCommit::spawn(&format!("vault-{name}"), MAX_BATCH, move |batch| {
-            write_batch(&thread_inner, &writer, batch);
-            Flow::Continue
-        })
+        let writes = GroupCommit::spawn_lingering(
+            &format!("vault-{name}"),
+            MAX_BATCH,
+            crate::group_commit::FSYNC_LINGER,
+            &crate::group_commit::BUSY,
+            move |batch| {
+                write_batch(&thread_inner, &writer, batch);
+                Flow::Continue
+            },
+        )
         .map_err(|e| PluginError::io(ctx("starting the writer thread for"), &e))?;
         let thread_inner = Arc::clone(&inner);
         let reads = GroupCommit::spawn(
@@ -289,8 +308,9 @@ impl LocalVault {
         })
     }
 
-    /// Queues `op` for the writer thread and waits until its batch committed.
-    async fn write<T, F>(&self, op: F) -> Result<T, PluginError>
+    /// Queues `op` for the writer thread and waits until its batch
+    /// committed (durably, if `durable`).
+    async fn write<T, F>(&self, durable: bool, op: F) -> Result<T, PluginError>
     where
         T: Send + 'static,
         F: FnOnce(&Inner, &Connection) -> Result<T, PluginError> + Send + 'static,
@@ -301,6 +321,7 @@ impl LocalVault {
                 op(inner, conn).map(|t| Box::new(t) as Box<dyn Any + Send>)
             }),
             answer,
+            durable,
         };
         let bug = |what: &str| {
             PluginError::new(
@@ -380,6 +401,23 @@ fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
 /// One batch of writes: one transaction, each operation in its own savepoint
 /// (a failing one rolls back alone), answers sent only after the commit.
 fn write_batch(inner: &Inner, conn: &Connection, batch: &mut Vec<WriteJob>) {
+    // FULL is the connection's setting; a batch no caller needs durable
+    // yet commits without the fsync (see the module doc). If switching
+    // fails, the batch simply stays FULL.
+    let relaxed = !batch.iter().any(|j| j.durable)
+        && conn.pragma_update(None, "synchronous", "NORMAL").is_ok();
+    write_ops(inner, conn, batch);
+    if relaxed && let Err(e) = conn.pragma_update(None, "synchronous", "FULL") {
+        // Later batches would not be durable: refuse them instead.
+        tracing::error!(vault = %inner.name, error = %e, "local vault: cannot restore synchronous=FULL");
+        panic!(
+            "local vault {}: cannot restore synchronous=FULL: {e}",
+            inner.name
+        );
+    }
+}
+
+fn write_ops(inner: &Inner, conn: &Connection, batch: &mut Vec<WriteJob>) {
     let mut done: Vec<(WriteOutput, tokio::sync::oneshot::Sender<WriteOutput>)> =
         Vec::with_capacity(batch.len());
     let fail = |what: &str, e: &rusqlite::Error| {
@@ -395,7 +433,7 @@ fn write_batch(inner: &Inner, conn: &Connection, batch: &mut Vec<WriteJob>) {
         }
         return;
     }
-    for WriteJob { op, answer } in batch.drain(..) {
+    for WriteJob { op, answer, .. } in batch.drain(..) {
         if let Err(e) = conn.execute_batch("SAVEPOINT op") {
             done.push((Err(fail("starting a savepoint", &e)), answer));
             continue;
@@ -586,8 +624,10 @@ impl Vault for LocalVault {
             new.rotation.clone(),
             new.value.clone(),
         );
-        self.write(move |inner, tx| inner.stage(tx, &path, &rotation, &value))
-            .await
+        self.write(true, move |inner, tx| {
+            inner.stage(tx, &path, &rotation, &value)
+        })
+        .await
     }
 
     async fn read(
@@ -608,7 +648,7 @@ impl Vault for LocalVault {
         check_path(&self.inner.name, item.path)?;
         let version = parse_version(&self.inner.name, item.path, version)?;
         let path = item.path.to_owned();
-        self.write(move |inner, tx| inner.promote(tx, &path, version))
+        self.write(true, move |inner, tx| inner.promote(tx, &path, version))
             .await
     }
 
@@ -616,14 +656,15 @@ impl Vault for LocalVault {
         check_path(&self.inner.name, item.path)?;
         let version = parse_version(&self.inner.name, item.path, version)?;
         let path = item.path.to_owned();
-        self.write(move |inner, tx| inner.retire(tx, &path, version))
+        self.write(false, move |inner, tx| inner.retire(tx, &path, version))
             .await
     }
 
     async fn destroy(&self, item: VaultItem<'_>) -> Result<(), PluginError> {
         check_path(&self.inner.name, item.path)?;
         let path = item.path.to_owned();
-        self.write(move |inner, tx| inner.destroy(tx, &path)).await
+        self.write(true, move |inner, tx| inner.destroy(tx, &path))
+            .await
     }
 
     async fn check(&self) -> Result<(), PluginError> {

@@ -792,3 +792,48 @@ fn key_debug_is_redacted() {
     let vault = LocalVault::open("t", dir.path(), k).unwrap();
     assert!(!format!("{vault:?}").contains("07"));
 }
+
+/// A batch no caller needs durable (only retires) commits with
+/// `synchronous=NORMAL`; every other batch, and every batch after it, with
+/// `FULL`, whose WAL fsync covers the relaxed commit before it.
+#[tokio::test]
+async fn only_a_batch_of_retires_commits_without_fsync_and_full_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = open(dir.path());
+    let setting = |durable: bool| {
+        vault.write(durable, |_, conn| {
+            conn.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))
+                .map_err(|e| PluginError::new(ErrorKind::Fatal, e.to_string()))
+        })
+    };
+    const NORMAL: i64 = 1;
+    const FULL: i64 = 2;
+    assert_eq!(setting(true).await.unwrap(), FULL);
+    assert_eq!(setting(false).await.unwrap(), NORMAL);
+    assert_eq!(setting(true).await.unwrap(), FULL, "restored after");
+
+    // A retire, then a stage: both land, and the previous value is gone.
+    let c = cred();
+    for n in 1..=3 {
+        let rot = RotationId::generate();
+        let r = vault
+            .stage(item(&c, "p").pending(&rot, &secret(&format!("value-{n}"))))
+            .await
+            .unwrap();
+        vault.promote(item(&c, "p"), &r).await.unwrap();
+    }
+    vault.retire(item(&c, "p"), &v(2)).await.unwrap();
+    assert_eq!(by_stage(&vault, "p", Stage::Previous).await, None);
+    assert_eq!(setting(true).await.unwrap(), FULL);
+    drop(vault);
+    let vault = open(dir.path());
+    assert_eq!(
+        by_stage(&vault, "p", Stage::Previous).await,
+        None,
+        "after reopening"
+    );
+    assert_eq!(
+        by_stage(&vault, "p", Stage::Current).await,
+        Some(("3".to_owned(), b"value-3".to_vec()))
+    );
+}
