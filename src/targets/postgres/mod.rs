@@ -1104,6 +1104,25 @@ mod tests {
 
     /// A role unique to one test; dropped (with its clone) when the test ends,
     /// even by panic.
+    /// Runs `body`, then drops `roles` even when an assertion in it failed
+    /// (the panic goes on afterwards).
+    async fn dropping_roles(
+        admin: &Client,
+        roles: &[String],
+        body: impl std::future::Future<Output = ()>,
+    ) {
+        let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(body)).await;
+        for r in roles {
+            admin
+                .batch_execute(&format!("DROP ROLE IF EXISTS {}", quote_ident(r)))
+                .await
+                .unwrap();
+        }
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
     struct Fixture {
         pg: Pg,
         role: String,
@@ -1656,14 +1675,7 @@ mod tests {
             allowed.check().await.unwrap();
         };
         // The extra role is dropped even when an assertion fails.
-        let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(outcome)).await;
-        admin
-            .batch_execute(&format!("DROP ROLE {}", quote_ident(&md5_admin)))
-            .await
-            .unwrap();
-        if let Err(panic) = outcome {
-            std::panic::resume_unwind(panic);
-        }
+        dropping_roles(&admin, &[md5_admin], outcome).await;
     }
 
     #[cfg_attr(
@@ -1895,16 +1907,7 @@ mod tests {
                 f.login(r, &format!("pool-pass-{i}")).await.unwrap();
             }
         };
-        let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(outcome)).await;
-        for r in &roles {
-            admin
-                .batch_execute(&format!("DROP ROLE IF EXISTS {}", quote_ident(r)))
-                .await
-                .unwrap();
-        }
-        if let Err(panic) = outcome {
-            std::panic::resume_unwind(panic);
-        }
+        dropping_roles(&admin, &roles, outcome).await;
     }
 
     #[cfg_attr(
