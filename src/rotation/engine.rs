@@ -612,24 +612,21 @@ impl Inner {
 
     /// Appends one record (durable when this returns) and counts it.
     pub(super) async fn append(&self, ev: AuditEvent) -> Result<AuditHead, PluginError> {
-        let head = self
-            .audit
-            .append(ev)
-            .await
-            .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))?;
-        self.metrics.audit_records(1);
-        Ok(head)
+        self.counted(self.audit.append(ev).await)
     }
 
     /// Appends one record without waiting for the fsync (see
     /// [`AuditLog::append_unsynced`]); a head it returns reaches the state
     /// only through [`Inner::persist`], which makes it durable first.
     pub(super) async fn append_unsynced(&self, ev: AuditEvent) -> Result<AuditHead, PluginError> {
-        let head = self
-            .audit
-            .append_unsynced(ev)
-            .await
-            .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))?;
+        self.counted(self.audit.append_unsynced(ev).await)
+    }
+
+    fn counted(
+        &self,
+        appended: Result<AuditHead, crate::audit::AuditError>,
+    ) -> Result<AuditHead, PluginError> {
+        let head = appended.map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))?;
         self.metrics.audit_records(1);
         Ok(head)
     }

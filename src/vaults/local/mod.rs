@@ -57,9 +57,11 @@
 //! next. Losing a retire to a power cut costs no invariant: if the state
 //! lost the step too, the retire step is replayed; if not, the value stays
 //! at stage `previous` (where it sat through the grace period) until the
-//! next `promote` of the path wipes every other previous version. Reads run on a second thread through a
-//! second, read-only connection, so they never queue behind a write's fsync
-//! (WAL lets readers proceed during a write); one thread, not the blocking
+//! next `promote` of the path wipes every other previous version.
+//!
+//! Reads run on a second thread through a second, read-only connection, so
+//! they never queue behind a write's fsync (WAL lets readers proceed during
+//! a write); one thread, not the blocking
 //! pool, because the reads share that one connection anyway and a pool
 //! thread per read only added hand-offs. Statements are prepared once and
 //! cached.
