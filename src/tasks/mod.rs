@@ -21,3 +21,4 @@
 //!   rotated Ed25519 key (an RFC 7523 JWT assertion).
 
 pub mod issuers;
+pub mod policy;
