@@ -22,3 +22,4 @@
 
 pub mod issuers;
 pub mod policy;
+pub mod store;
