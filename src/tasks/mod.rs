@@ -21,5 +21,6 @@
 //!   rotated Ed25519 key (an RFC 7523 JWT assertion).
 
 pub mod issuers;
+pub mod manager;
 pub mod policy;
 pub mod store;
