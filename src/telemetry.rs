@@ -397,6 +397,18 @@ impl Metrics {
             .inc();
     }
 
+    /// The alert sink `sink` is configured: its outcome series start at 0,
+    /// so `increase()` in an alert rule sees its first refusal (a series
+    /// born at 1 has no increase to show).
+    pub fn alert_sink_configured(&self, sink: &str) {
+        for outcome in ["ok", "retry", "gave_up"] {
+            let _ = self.alert_deliveries.get_or_create(&AlertDeliveryLabels {
+                sink: sink.into(),
+                outcome,
+            });
+        }
+    }
+
     /// Alert deliveries spooled and not yet delivered.
     pub fn set_alert_spool_depth(&self, n: i64) {
         self.alert_spool_depth.set(n);
@@ -669,6 +681,8 @@ mod tests {
         m.delivery("file", true);
         m.delivery("file", false);
         m.audit_records(5);
+        m.alert_sink_configured("oncall");
+        m.alert_delivery("oncall", "gave_up");
         m.audit_append_failed();
         m.audit_append_failed();
         let text = m.encode();
@@ -684,6 +698,9 @@ mod tests {
             "keyturn_deliveries_total{sink=\"file\",result=\"failed\"} 1",
             "keyturn_audit_records_total 5",
             "keyturn_audit_append_failures_total 2",
+            "keyturn_alert_deliveries_total{sink=\"oncall\",outcome=\"ok\"} 0",
+            "keyturn_alert_deliveries_total{sink=\"oncall\",outcome=\"retry\"} 0",
+            "keyturn_alert_deliveries_total{sink=\"oncall\",outcome=\"gave_up\"} 1",
             "# TYPE keyturn_credential_age_seconds gauge",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
