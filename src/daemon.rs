@@ -238,10 +238,12 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             e.credential_times()
                 .into_iter()
                 .map(|(key, age, due)| CredentialTimes {
+                    // From `creds`: the catalog's config no longer holds
+                    // the credentials (they were moved there).
                     max_age_seconds: catalog
-                        .config
-                        .credential(&key)
-                        .and_then(|(_, c)| c.max_age)
+                        .creds
+                        .get(&key)
+                        .and_then(|c| c.cfg.max_age)
                         .map(|d| d.as_secs_f64()),
                     agent: key.agent.to_string(),
                     credential: key.credential.to_string(),
