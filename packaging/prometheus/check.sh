@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Checks the Prometheus alert rules: `promtool check rules` (syntax, PromQL,
 # labels) and `promtool test rules` (the unit tests in tests.yml: series in,
-# alerts expected out at given times). CI runs it from scripts/test.sh.
+# alerts expected out at given times), then that every query of the Grafana
+# dashboard (packaging/grafana/keyturn.json) parses as PromQL. CI runs it
+# from scripts/test.sh. (That the rules and the dashboard name only metrics
+# keyturn exports is tests/observability.rs.)
 #
 # promtool comes from the distribution's `prometheus` package. When it is not
 # on PATH and we are root, the package is installed with apt, with a
@@ -32,5 +35,35 @@ fi
 promtool --version 2>&1 | head -1
 promtool check rules "$here/keyturn.rules.yml"
 # Paths in tests.yml are relative to it.
-cd "$here"
-promtool test rules tests.yml
+(cd "$here" && promtool test rules tests.yml)
+
+# The Grafana dashboard's queries parse as PromQL: each becomes a recording
+# rule (Grafana's variables replaced by plain values) for promtool to check.
+dashboard_rules=$(mktemp --suffix=.yml)
+trap 'rm -f "$dashboard_rules"' EXIT
+python3 - "$here/../grafana/keyturn.json" >"$dashboard_rules" <<'PY'
+import json, sys
+
+def exprs(v):
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if k == "expr" and isinstance(x, str):
+                yield x
+            else:
+                yield from exprs(x)
+    elif isinstance(v, list):
+        for x in v:
+            yield from exprs(x)
+
+rules = []
+for i, e in enumerate(exprs(json.load(open(sys.argv[1])))):
+    for var, value in (("$__rate_interval", "5m"), ("$job", ".*"),
+                       ("$instance", ".*"), ("$agent", ".*")):
+        e = e.replace(var, value)
+    rules.append({"record": f"keyturn_dashboard:query_{i}", "expr": e})
+if len(rules) < 10:
+    sys.exit(f"only {len(rules)} queries found in the dashboard")
+json.dump({"groups": [{"name": "dashboard", "rules": rules}]}, sys.stdout)
+PY
+echo "the dashboard's queries:"
+promtool check rules "$dashboard_rules"
