@@ -192,6 +192,14 @@ url = "http://127.0.0.1:9"
     let daemon = env.start();
     wait_version(&env, "app", "db", 1);
     wait_version(&env, "gone", "api", 1);
+    // Read now: the decommission removes gone's file.
+    let values: Vec<(&str, Vec<u8>)> = ["app/db", "gone/api"]
+        .map(|f| (f, std::fs::read(env.root().join(f)).unwrap()))
+        .into();
+    assert!(
+        values.iter().all(|(_, v)| v.len() == 24),
+        "24-char passwords"
+    );
     env.cli_ok(&["decommission", "gone", "--reason", "observability test"]);
     let page = wait_for(Duration::from_secs(30), || {
         let page = http_get(port, "/metrics");
@@ -210,6 +218,13 @@ url = "http://127.0.0.1:9"
         "keyturn_rotation_duration_seconds_bucket{le=",
     ] {
         assert!(page.contains(line), "missing {line:?} in\n{page}");
+    }
+    // The values delivered are nowhere on the page.
+    for (file, value) in &values {
+        assert!(
+            !contains(page.as_bytes(), value),
+            "{file}'s value in /metrics"
+        );
     }
     let exported = exported_names(&page);
     let from_dashboard = missing(&from_dashboard, &exported);
