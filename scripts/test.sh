@@ -15,6 +15,8 @@ cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
 cargo clippy --all-targets --all-features -- -D warnings
+echo "== test dependencies (scripts/deps.sh: systemd-analyze, bwrap, setpriv)"
+bash scripts/deps.sh
 echo "== systemd unit"
 # systemd-analyze verify is clean and the security exposure is at most 2.0
 # (needs systemd-analyze, not a running systemd).
