@@ -8,20 +8,23 @@
 #  - bubblewrap: the mount sandbox of tests/sandbox_e2e.rs (the daemon under
 #    the unit's ProtectSystem=/PrivateTmp=/PrivateDevices=/... settings).
 #  - util-linux: setpriv (the unit's User=, capabilities, NoNewPrivileges=).
+#  - python3-seccomp: builds that test's seccomp filter from the unit's
+#    SystemCallFilter= (tests/sandbox/seccomp_filter.py).
 # Not root: says what is missing and fails.
 set -euo pipefail
 
-# package=version, and the command that shows it is installed.
+# package=version|a command that succeeds when it is installed.
 wanted=(
-  "systemd=252.38-1~deb12u1 systemd-analyze"
-  "bubblewrap=0.8.0-2+deb12u1 bwrap"
-  "util-linux=2.38.1-5+deb12u3 setpriv"
+  "systemd=252.38-1~deb12u1|command -v systemd-analyze"
+  "bubblewrap=0.8.0-2+deb12u1|command -v bwrap"
+  "util-linux=2.38.1-5+deb12u3|command -v setpriv"
+  "python3-seccomp=2.5.4-1+deb12u1|/usr/bin/python3 -c 'import seccomp'"
 )
 
 missing=()
 for entry in "${wanted[@]}"; do
-  read -r pin command <<<"$entry"
-  command -v "$command" >/dev/null || missing+=("$pin")
+  pin=${entry%%|*}
+  bash -c "${entry#*|}" >/dev/null 2>&1 || missing+=("$pin")
 done
 ((${#missing[@]} == 0)) && exit 0
 

@@ -19,22 +19,26 @@
 //!   `ProtectHostname=yes` (a UTS namespace);
 //! - `RuntimeDirectoryMode=0711` and `StateDirectoryMode=0700`: the
 //!   directories are made with those modes, owned by the daemon's uid, as
-//!   systemd makes them.
+//!   systemd makes them;
+//! - a seccomp filter built from the unit's `SystemCallFilter=` lines (the
+//!   groups expanded by the installed `systemd-analyze syscall-filter`,
+//!   EPERM for the rest: `SystemCallErrorNumber=EPERM`),
+//!   `SystemCallArchitectures=native`, `MemoryDenyWriteExecute=yes`,
+//!   `RestrictAddressFamilies=` (on socket()) and `LockPersonality=yes`
+//!   (tests/sandbox/seccomp_filter.py; bubblewrap loads it).
 //!
-//! Not applied (they need systemd, or a seccomp/BPF loader this test does
-//! not have): `SystemCallFilter=`, `SystemCallArchitectures=`,
-//! `MemoryDenyWriteExecute=`, `RestrictAddressFamilies=`,
-//! `RestrictNamespaces=`, `RestrictRealtime=`, `RestrictSUIDSGID=`,
-//! `LockPersonality=` (all seccomp filters systemd installs),
-//! `ProcSubset=pid`, `ProtectKernelModules=`, `ProtectKernelLogs=`,
-//! `ProtectClock=`, `RemoveIPC=`, `LimitNOFILE=`, `WatchdogSec=` (no
-//! watchdog is asked for here), `LoadCredential*=`, and cgroup settings.
-//! The capability set is what makes most of those moot for a non-root
-//! process: without CAP_SYS_ADMIN, CAP_SYS_MODULE, CAP_SYS_TIME or
-//! CAP_SYSLOG the calls they filter fail anyway.
+//! Not applied (they need systemd itself): `RestrictNamespaces=` (clone
+//! flag filtering), `RestrictRealtime=` (moot: `~@resources` already takes
+//! sched_setscheduler), `RestrictSUIDSGID=`, `ProcSubset=pid`,
+//! `ProtectKernelModules=`, `ProtectKernelLogs=`, `ProtectClock=`,
+//! `RemoveIPC=`, `LimitNOFILE=`, `WatchdogSec=` (no watchdog is asked for
+//! here), `LoadCredential*=`, and cgroup settings (`DeviceAllow=`,
+//! `IPAddressDeny=` in the drop-in). Without CAP_SYS_ADMIN, CAP_SYS_MODULE,
+//! CAP_SYS_TIME or CAP_SYSLOG most of what they forbid fails anyway.
 //!
-//! Needs root (to switch uids and make mount namespaces) and bubblewrap
-//! (`bwrap`, installed by scripts/deps.sh); CI has both.
+//! Needs root (to switch uids and make mount namespaces), bubblewrap,
+//! setpriv, systemd-analyze and python3-seccomp (scripts/deps.sh installs
+//! them; CI runs it).
 
 mod common;
 
@@ -106,8 +110,16 @@ fn sandbox(env: &Env, unit: &str, pid_file: &Path) -> Vec<String> {
          --inh-caps=-all,{caps} --ambient-caps=-all,{caps} --bounding-set=-all,{caps} --no-new-privs -- \"$@\"",
         pid = pid_file.display()
     );
+    let filter = seccomp_filter(env, unit);
+    // The outer shell opens the filter on fd 9 for bwrap, which loads it
+    // just before it runs the inner shell (so setpriv and the daemon run
+    // under it, as systemd loads it before exec).
+    let outer = format!("exec bwrap --seccomp 9 \"$@\" 9<'{}'", filter.display());
     [
-        "bwrap",
+        "sh",
+        "-c",
+        &outer,
+        "sh",
         "--die-with-parent",
         "--ro-bind",
         "/",
@@ -137,9 +149,43 @@ fn sandbox(env: &Env, unit: &str, pid_file: &Path) -> Vec<String> {
     .collect()
 }
 
+/// Writes the seccomp program for the unit's SystemCallFilter= lines and
+/// RestrictAddressFamilies= (tests/sandbox/seccomp_filter.py, which also
+/// applies MemoryDenyWriteExecute=, LockPersonality= and
+/// SystemCallArchitectures=native, so the unit must set those).
+fn seccomp_filter(env: &Env, unit: &str) -> std::path::PathBuf {
+    for (key, value) in [
+        ("MemoryDenyWriteExecute", "yes"),
+        ("LockPersonality", "yes"),
+        ("SystemCallArchitectures", "native"),
+        ("SystemCallErrorNumber", "EPERM"),
+    ] {
+        assert_eq!(
+            settings(unit, key),
+            [value],
+            "the filter applies {key}={value}"
+        );
+    }
+    let out = env.path().join("seccomp.bpf");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sandbox/seccomp_filter.py");
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(script).arg(&out);
+    for value in settings(unit, "SystemCallFilter") {
+        cmd.arg("--filter").arg(value);
+    }
+    let families = settings(unit, "RestrictAddressFamilies").join(" ");
+    cmd.arg("--families").arg(families);
+    let status = cmd.status().expect("python3 runs");
+    assert!(
+        status.success(),
+        "seccomp_filter.py failed (python3-seccomp: scripts/deps.sh)"
+    );
+    out
+}
+
 fn tools_present() {
     assert_root();
-    for tool in ["bwrap", "setpriv"] {
+    for tool in ["bwrap", "setpriv", "systemd-analyze"] {
         let found = Command::new(tool)
             .arg("--version")
             .stdout(Stdio::null())
@@ -241,6 +287,8 @@ fn assert_sandboxed(pid: i32, unit: &str) {
         assert_eq!(got, mask, "{set} is {got:#x}, the unit grants {mask:#x}");
     }
     assert_eq!(field(&status, "NoNewPrivs"), "1");
+    // A seccomp filter (mode 2) is in force.
+    assert_eq!(field(&status, "Seccomp"), "2", "no seccomp filter");
     assert_eq!(field(&status, "Umask"), "0077");
     // Its root is a read-only bind of the host's.
     let root = mountinfo
@@ -317,8 +365,14 @@ deliver = [{ type = "file", path = "{root}/bot/api.json", format = "json" }]
         assert_eq!(meta.mode() & 0o077, 0, "state entry mode {:o}", meta.mode());
     }
 
-    // SIGTERM: a clean exit; and no secret in what it logged.
+    // SIGTERM: a clean exit; the sandbox refused nothing the daemon tried
+    // (EPERM is what the filter and the missing capabilities answer); and
+    // no secret in what it logged.
     let log = daemon.stop();
+    assert!(
+        !log.contains("Operation not permitted") && !log.contains("EPERM"),
+        "the sandbox refused something:\n{log}"
+    );
     let rotated: serde_json::Value = serde_json::from_slice(&rotated).unwrap();
     for doc in [value, rotated] {
         let secret = doc["value"].as_str().expect("a delivered value");
