@@ -333,7 +333,35 @@ fn the_daemon_runs_end_to_end_under_the_units_sandbox() {
     let (ok, _) = as_user(OTHER_UID, &["ls", env.root().to_str().unwrap()]);
     assert!(!ok, "another user listed the agents' directory (0711)");
 
-    // Status over the control socket; a rotation on demand.
+    // Status over the control socket, for an operator in the daemon's group
+    // (the socket's, with no socket_group): the daemon reads the client's
+    // supplementary groups in /proc/PID/status, which the unit leaves
+    // readable (no ProtectProc=). Without the group: refused (77).
+    let status_as = |groups: &str| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            format!("--reuid={OTHER_UID}"),
+            format!("--regid={OTHER_UID}"),
+        ]);
+        if groups.is_empty() {
+            cmd.arg("--clear-groups");
+        } else {
+            cmd.arg(format!("--groups={groups}"));
+        }
+        cmd.args(["--", bin(), "status", "--json", "--config"])
+            .arg(&env.config)
+            .env_remove("KEYTURN_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let out = status_as(&DAEMON_UID.to_string());
+    assert!(
+        out.status.success(),
+        "a member of the socket's group was refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(status_as("").status.code(), Some(77));
+    // A rotation on demand.
     let rows = status_json(&env);
     assert_eq!(row(&rows, "bot", "db")["version"], 1, "{rows:?}");
     env.cli_ok(&["rotate", "bot/db", "--wait"]);
