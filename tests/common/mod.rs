@@ -353,17 +353,28 @@ impl Daemon {
         log
     }
 
-    pub fn kill9(mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+    /// SIGKILL (the daemon, and its wrapper if any) and reap.
+    pub fn kill9(self) {
+        drop(self);
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // A wrapped daemon is not the child, and one that changed its
+            // uid lost the wrapper's parent-death signal: kill it by pid.
+            if let Some(pid) = self
+                .pid_file
+                .as_ref()
+                .and_then(|f| std::fs::read_to_string(f).ok())
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) on the daemon this harness started.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
