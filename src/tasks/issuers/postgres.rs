@@ -1166,6 +1166,16 @@ mod tests {
             ttl: Duration,
         ) -> Result<Issued, PluginError> {
             let grant = Grant(serde_json::json!({ "roles": roles }));
+            self.issue_grant(issuer, task, grant, ttl).await
+        }
+
+        async fn issue_grant(
+            &self,
+            issuer: &PgIssuer,
+            task: &TaskAttribution,
+            grant: Grant,
+            ttl: Duration,
+        ) -> Result<Issued, PluginError> {
             issuer
                 .issue(&IssueRequest {
                     task,
@@ -1386,7 +1396,8 @@ mod tests {
             .issue(&issuer, &task, &[fx.low(), fx.high()], TTL)
             .await
             .unwrap();
-        let second = fx.issue(&issuer, &task, &[fx.low()], TTL).await.unwrap();
+        let grant = Grant(serde_json::json!({ "roles": [fx.low()], "connection_limit": 1 }));
+        let second = fx.issue_grant(&issuer, &task, grant, TTL).await.unwrap();
         assert_eq!(first.handle, second.handle);
         assert_ne!(
             first.secret["password"].expose(),
@@ -1404,6 +1415,41 @@ mod tests {
             "r_high's membership was not taken back"
         );
         assert_eq!(fx.member_of(&second.handle).await, vec![fx.low()]);
+        // connection_limit = 1: a second session is refused.
+        let e = fx.login(&second).await.expect_err("a second session");
+        assert_eq!(e.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{e}");
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn over_verified_tls_the_delivered_dsn_asks_for_it_too() {
+        let fx = Fx::new().await;
+        let ca = std::env::var("KEYTURN_TEST_PG_CA").unwrap_or_else(|_| panic!("{NEED}"));
+        let issuer = PgIssuer::new(PgIssuerConfig {
+            sslmode: Some("verify-full".into()),
+            ssl_root_cert: Some(ca.clone().into()),
+            database: Some("postgres".into()),
+            ..fx.config()
+        })
+        .unwrap();
+        issuer.check().await.unwrap();
+        let task = fx.task("tls");
+        let got = fx.issue(&issuer, &task, &[fx.low()], TTL).await.unwrap();
+        assert_eq!(got.public["sslmode"], "verify-full");
+        assert_eq!(got.public["sslrootcert"], ca);
+        let dsn = got.secret["dsn"].expose_str().unwrap();
+        assert!(
+            dsn.contains(" sslmode=verify-full sslrootcert='"),
+            "the DSN lacks TLS"
+        );
+        assert!(dsn.starts_with(&format!(
+            "host='{}' dbname='postgres' user='{}'",
+            fx.host, got.handle
+        )));
+        issuer.revoke(&task, Some(&got.handle)).await.unwrap();
     }
 
     #[cfg_attr(
