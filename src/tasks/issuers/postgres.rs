@@ -63,6 +63,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use async_trait::async_trait;
 use tokio_postgres::Config;
 use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::{Grant, IssueRequest, Issued, IssuerPlugin, Revoked, TaskAttribution, TaskIssuer};
@@ -440,27 +441,35 @@ impl PgIssuer {
             terminate_sessions(conn, &[role.to_owned()], self.admin.connect_timeout, ctx).await?;
         // Most task roles own nothing: try the plain drop first, as it
         // needs no more than CREATEROLE.
-        let dropped = match conn.client.batch_execute(&format!("DROP ROLE {q}")).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DEPENDENT_OBJECTS_STILL_EXIST) => conn
+        let mut dropped = conn.client.batch_execute(&format!("DROP ROLE {q}")).await;
+        if let Err(e) = &dropped
+            && e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST)
+        {
+            dropped = conn
                 .client
                 .batch_execute(&format!(
-                    "BEGIN; REASSIGN OWNED BY {q} TO CURRENT_USER; DROP OWNED BY {q}; DROP ROLE {q}; COMMIT"
+                    "BEGIN; REASSIGN OWNED BY {q} TO CURRENT_USER; DROP OWNED BY {q}; \
+                     DROP ROLE {q}; COMMIT"
                 ))
-                .await,
-            Err(e) => Err(e),
-        };
+                .await;
+            if dropped.as_ref().is_err_and(|e| e.as_db_error().is_some()) {
+                // Leave the failed transaction: the session goes back to
+                // the pool idle.
+                let _ = conn.client.batch_execute("ROLLBACK").await;
+            }
+        }
         match dropped {
             Ok(()) => {
                 tracing::info!(task = %task.task_id, role, terminated, "postgres task role dropped");
             }
+            // The server refused (objects in another database, privileges
+            // the admin lacks): the role can no longer be used, and stays.
             Err(e) if e.as_db_error().is_some() => {
-                // Leave the failed transaction, if any: the session goes back
-                // to the pool idle.
-                let _ = conn.client.batch_execute("ROLLBACK").await;
                 let e = conn.error(ctx, &e, &[]);
-                tracing::warn!(task = %task.task_id, role, terminated, error = %e,
-                    "postgres task role disabled (NOLOGIN, no password, no session) but not dropped");
+                tracing::warn!(
+                    task = %task.task_id, role, terminated, error = %e,
+                    "postgres task role disabled (NOLOGIN, no password, no session) but not dropped"
+                );
             }
             Err(e) => return Err(conn.error(ctx, &e, &[])),
         }
@@ -838,7 +847,6 @@ mod tests {
     use std::path::Path;
     use std::time::SystemTime;
 
-    use tokio_postgres::error::SqlState;
     use tokio_postgres::{Client, NoTls};
 
     use super::*;
