@@ -102,7 +102,7 @@ impl WeakAuth {
 /// holds the CA file's content: a replaced CA file makes a new pool, like a
 /// changed DSN file.
 #[derive(Clone)]
-pub(crate) struct Transport {
+pub(super) struct Transport {
     /// `None`: no TLS.
     tls: Option<MakeRustlsConnect>,
     weak: WeakAuth,
@@ -112,7 +112,7 @@ pub(crate) struct Transport {
 impl Transport {
     /// `ca` is the `ssl_root_cert` file and its content ([`read_ca`];
     /// required by `verify-full`).
-    pub(crate) fn new(
+    pub(super) fn new(
         mode: PgTls,
         ca: Option<(&Path, &[u8])>,
         weak: WeakAuth,
@@ -154,7 +154,7 @@ impl Transport {
     /// the runtime: `Handle::block_on` only polls the login future there,
     /// and the runtime's own threads (or, on a current-thread runtime, the
     /// thread blocked in `Runtime::block_on` awaiting this) drive the I/O.
-    pub(crate) async fn connect_off_worker(
+    pub(super) async fn connect_off_worker(
         &self,
         cfg: Config,
         what: String,
@@ -182,7 +182,7 @@ impl Transport {
     /// Connects and drives the connection on its own task (tokio-postgres'
     /// split design), whose handle is returned; it ends when the client is
     /// dropped.
-    pub(crate) async fn connect(
+    pub(super) async fn connect(
         &self,
         cfg: &Config,
         what: &str,
@@ -237,7 +237,7 @@ where
 }
 
 /// The content of the `ssl_root_cert` file `ca`; messages name the file.
-pub(crate) async fn read_ca(ca: &Path, what: &str) -> Result<Vec<u8>, PluginError> {
+pub(super) async fn read_ca(ca: &Path, what: &str) -> Result<Vec<u8>, PluginError> {
     tokio::fs::read(ca).await.map_err(|e| {
         PluginError::io(
             format!("{what}: reading ssl_root_cert {}", ca.display()),

@@ -725,11 +725,7 @@ impl PostgresTarget {
     }
 }
 
-pub(crate) async fn role_exists(
-    conn: &AdminConn,
-    role: &str,
-    ctx: &str,
-) -> Result<bool, PluginError> {
+async fn role_exists(conn: &AdminConn, role: &str, ctx: &str) -> Result<bool, PluginError> {
     async {
         let sql = conn
             .prepared("SELECT 1 FROM pg_roles WHERE rolname = $1")
@@ -784,7 +780,7 @@ impl ToSql for Hidden<'_> {
 }
 
 /// `host:port` list for messages: where we tried, never who or with what.
-pub(crate) fn endpoint(cfg: &Config) -> String {
+fn endpoint(cfg: &Config) -> String {
     let ports = cfg.get_ports();
     let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
     let hosts: Vec<String> = cfg
@@ -805,7 +801,7 @@ pub(crate) fn endpoint(cfg: &Config) -> String {
 
 /// The error's cause chain, `: `-joined (tokio-postgres' Display stops at the
 /// top level, e.g. "error connecting to server").
-pub(crate) fn cause(e: &tokio_postgres::Error) -> String {
+fn cause(e: &tokio_postgres::Error) -> String {
     let mut out = String::new();
     let mut src = std::error::Error::source(e);
     while let Some(s) = src {
@@ -819,7 +815,7 @@ pub(crate) fn cause(e: &tokio_postgres::Error) -> String {
 /// Maps a tokio-postgres error to a plug-in error. A server error keeps only
 /// its message and SQLSTATE (no DETAIL/HINT, no query text); `secrets` are
 /// scrubbed from the result anyway, as a last line of defence.
-pub(crate) fn pg_error(ctx: &str, e: &tokio_postgres::Error, secrets: &[&[u8]]) -> PluginError {
+fn pg_error(ctx: &str, e: &tokio_postgres::Error, secrets: &[&[u8]]) -> PluginError {
     let (kind, msg) = match e.as_db_error() {
         Some(db) => {
             let code = db.code();
@@ -851,7 +847,7 @@ pub(crate) fn pg_error(ctx: &str, e: &tokio_postgres::Error, secrets: &[&[u8]]) 
     err
 }
 
-pub(crate) fn redact_err(mut e: PluginError, secret: &[u8]) -> PluginError {
+fn redact_err(mut e: PluginError, secret: &[u8]) -> PluginError {
     if let Ok(s) = std::str::from_utf8(secret)
         && !s.is_empty()
         && e.message.contains(s)
@@ -891,7 +887,7 @@ pub(crate) fn quote_ident(s: &str) -> String {
 /// A string literal safe under either `standard_conforming_strings` setting,
 /// as libpq's `PQescapeLiteral` builds it: quotes doubled, and with a
 /// backslash present, an `E'...'` literal with backslashes doubled.
-pub(crate) fn quote_literal(s: &str) -> String {
+fn quote_literal(s: &str) -> String {
     let body = s.replace('\'', "''");
     if s.contains('\\') {
         format!(" E'{}'", body.replace('\\', "\\\\"))

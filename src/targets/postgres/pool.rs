@@ -58,14 +58,14 @@ use crate::model::{ErrorKind, PluginError};
 /// Admin connections per pool unless the target says `pool_size`.
 pub const DEFAULT_POOL_SIZE: u32 = 4;
 /// An admin connection unused this long is closed.
-pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a step waits for a free connection of a full pool.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What makes two targets' admin connections interchangeable. Contents are
 /// kept as SHA-256 digests: the key never holds the admin password.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct PoolKey {
+pub(super) struct PoolKey {
     pub dsn_file: PathBuf,
     pub dsn_digest: [u8; 32],
     pub mode: PgTls,
@@ -86,7 +86,7 @@ static POOLS: LazyLock<Mutex<HashMap<PoolKey, managed::WeakPool<AdminManager>>>>
 
 /// The pool for `key`: the live one, or a new one made by `make` (which
 /// builds the transport; its errors are the caller's).
-pub(crate) fn shared(
+pub(super) fn shared(
     key: &PoolKey,
     make: impl FnOnce() -> Result<AdminManager, PluginError>,
 ) -> Result<AdminPool, PluginError> {
@@ -114,20 +114,20 @@ pub(crate) struct AdminManager {
     what: String,
     idle: Duration,
     /// A reaper task is running for this pool.
-    pub(crate) reaping: AtomicBool,
+    pub(super) reaping: AtomicBool,
     /// Tests: skip the recycle check, so a dead connection reaches a step.
     #[cfg(test)]
-    pub(crate) trust_idle: AtomicBool,
+    pub(super) trust_idle: AtomicBool,
     /// Tests: steps retried on a new connection.
     #[cfg(test)]
-    pub(crate) retries: std::sync::atomic::AtomicUsize,
+    pub(super) retries: std::sync::atomic::AtomicUsize,
     /// Tests: connections made.
     #[cfg(test)]
-    pub(crate) created: std::sync::atomic::AtomicUsize,
+    pub(super) created: std::sync::atomic::AtomicUsize,
 }
 
 impl AdminManager {
-    pub(crate) fn new(cfg: Config, transport: Transport, what: String, idle: Duration) -> Self {
+    pub(super) fn new(cfg: Config, transport: Transport, what: String, idle: Duration) -> Self {
         Self {
             cfg,
             transport,
@@ -145,7 +145,7 @@ impl AdminManager {
 
     /// The transport this pool's connections use (also right for the
     /// target's login test: same server, same rules).
-    pub(crate) fn transport(&self) -> &Transport {
+    pub(super) fn transport(&self) -> &Transport {
         &self.transport
     }
 }
@@ -376,12 +376,12 @@ async fn reap(pool: managed::WeakPool<AdminManager>, idle: Duration) {
 /// The pool a target used last: holding it keeps it (and its connections)
 /// alive between steps.
 #[derive(Default)]
-pub(crate) struct PoolSlot(Mutex<Option<(PoolKey, AdminPool)>>);
+pub(super) struct PoolSlot(Mutex<Option<(PoolKey, AdminPool)>>);
 
 impl PoolSlot {
     /// The pool for `key`: the one held, or the process's shared one (made
     /// by `make` if there is none), which is then held instead.
-    pub(crate) fn pool(
+    pub(super) fn pool(
         &self,
         key: PoolKey,
         make: impl FnOnce() -> Result<AdminManager, PluginError>,
