@@ -43,6 +43,10 @@
 //! down; it does not end sessions already open, which keyturn's revoke at
 //! the TTL does.
 //!
+//! The admin role needs `CREATEROLE` and membership in `pg_signal_backend`
+//! (or superuser); on PostgreSQL 16 and later also `ADMIN OPTION` on the
+//! roles it grants. `check` says which is missing.
+//!
 //! **revoke** sets the role `NOLOGIN PASSWORD NULL`, ends its sessions, then
 //! drops it. A role that still owns objects or holds privileges in the admin
 //! DSN's database is cleaned up first: `REASSIGN OWNED BY` the admin role
@@ -98,7 +102,7 @@ const SERVER_ROLES: [&str; 3] = [
 #[serde(deny_unknown_fields)]
 pub struct PgIssuerConfig {
     /// File holding the admin connection string (libpq key=value or URL);
-    /// its role needs `CREATEROLE` (or superuser).
+    /// its role needs `CREATEROLE` and `pg_signal_backend` (or superuser).
     pub admin_dsn_file: PathBuf,
     /// `disable`, `require` or `verify-full` (default: the admin DSN's
     /// `sslmode=require`, else `disable`).
@@ -808,32 +812,35 @@ impl TaskIssuer for PgIssuer {
     async fn check(&self) -> Result<(), PluginError> {
         let ctx = format!("{}: check", self.describe());
         let mut conn = self.admin.lease(&self.describe(), "check").await?;
-        let can = loop {
+        let (create, signal) = loop {
             let outcome = async {
                 let sql = conn
                     .prepared(
-                        "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user",
+                        "SELECT rolsuper OR rolcreaterole, \
+                                rolsuper OR pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') \
+                         FROM pg_roles WHERE rolname = current_user",
                     )
                     .await?;
                 conn.client.query_one(&sql, &[]).await
             }
             .await
-            .map(|row| row.get::<_, bool>(0))
+            .map(|row| (row.get::<_, bool>(0), row.get::<_, bool>(1)))
             .map_err(|e| conn.error(&ctx, &e, &[]));
             if !conn.again(&outcome, &ctx).await? {
                 break outcome?;
             }
         };
-        if can {
-            Ok(())
-        } else {
-            Err(PluginError::new(
-                ErrorKind::Unauthorized,
-                format!(
-                    "{ctx}: the admin DSN's role can not create roles: it needs CREATEROLE (or superuser)"
-                ),
-            ))
-        }
+        let missing = match (create, signal) {
+            (true, true) => return Ok(()),
+            (false, _) => "can not create roles: it needs CREATEROLE",
+            (true, false) => {
+                "can not end a task role's sessions at revoke: grant it pg_signal_backend"
+            }
+        };
+        Err(PluginError::new(
+            ErrorKind::Unauthorized,
+            format!("{ctx}: the admin DSN's role {missing} (or be superuser)"),
+        ))
     }
 }
 
@@ -1729,6 +1736,46 @@ mod tests {
         ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
     )]
     #[tokio::test]
+    async fn an_admin_with_createrole_and_pg_signal_backend_is_enough() {
+        let fx = Fx::new().await;
+        let admin = format!("kt_adm_{}", fx.sfx);
+        fx.admin()
+            .await
+            .batch_execute(&format!(
+                "CREATE ROLE {admin} LOGIN CREATEROLE PASSWORD 'adm-pw-1'; \
+                 GRANT pg_signal_backend TO {admin}"
+            ))
+            .await
+            .unwrap();
+        std::fs::write(
+            fx.dsn_file(),
+            format!(
+                "host={} port={} user={admin} password=adm-pw-1 dbname=postgres",
+                fx.host, fx.port
+            ),
+        )
+        .unwrap();
+        let issuer = fx.issuer();
+        issuer.check().await.unwrap();
+        let task = fx.task("notsuper");
+        let got = fx.issue(&issuer, &task, &[fx.low()], TTL).await.unwrap();
+        let c = fx.login(&got).await.unwrap();
+        assert!(fx.reads(&c, "a").await);
+        assert!(!fx.reads(&c, "b").await);
+        assert_eq!(issuer.revoke(&task, None).await.unwrap(), Revoked::Now);
+        assert!(
+            c.simple_query("SELECT 1").await.is_err(),
+            "the session survived"
+        );
+        assert!(!fx.role_exists(&got.handle).await);
+        assert!(issuer.verify_revoked(&task, None).await.unwrap());
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
     async fn check_reports_a_wrong_admin_password_or_an_admin_without_createrole() {
         let fx = Fx::new().await;
         let canary = "canary-admin-3b9f";
@@ -1764,5 +1811,14 @@ mod tests {
         let e = issuer.check().await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
         assert!(e.message.contains("CREATEROLE"), "{e}");
+        // It may create roles but not end their sessions.
+        fx.admin()
+            .await
+            .batch_execute(&format!("ALTER ROLE {weak} CREATEROLE"))
+            .await
+            .unwrap();
+        let e = issuer.check().await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
+        assert!(e.message.contains("pg_signal_backend"), "{e}");
     }
 }
