@@ -115,6 +115,23 @@ pub fn validate(raw: &RawConfig, ctx: &Context) -> Result<Config, Vec<Issue>> {
     }
 }
 
+/// Runs `check` with the validator of a config file at `source`, as a
+/// plug-in's check runs inside [`validate`], and returns what it reported:
+/// for tests of a plug-in kind whose table the file does not read yet.
+#[cfg(test)]
+pub(crate) fn issues_of(source: &Path, check: impl FnOnce(&mut Validator<'_>)) -> Vec<Issue> {
+    let ctx = Context {
+        source: source.to_path_buf(),
+    };
+    let mut v = Validator {
+        ctx: &ctx,
+        issues: Vec::new(),
+        durations: DurationCache::default(),
+    };
+    check(&mut v);
+    v.issues
+}
+
 /// The validation API plug-ins use: report located issues, read the common
 /// kinds of setting (durations, paths, URLs) with the same messages
 /// everywhere. A plug-in's `check` reports through it and completes its own
