@@ -164,6 +164,24 @@ struct Scope<'a> {
     alert_rules: Option<AlertRules>,
 }
 
+#[cfg(test)]
+impl<'a> Validator<'a> {
+    /// A validator for one section checked on its own: plug-in unit tests,
+    /// and sections the loader does not read yet (`[issuers.NAME]`).
+    pub(crate) fn for_section(ctx: &'a Context) -> Self {
+        Validator {
+            ctx,
+            issues: Vec::new(),
+            durations: DurationCache::default(),
+        }
+    }
+
+    /// Every issue reported so far.
+    pub(crate) fn into_issues(self) -> Vec<Issue> {
+        self.issues
+    }
+}
+
 impl Validator<'_> {
     /// Reports a problem with a value.
     pub(crate) fn err(&mut self, at: Loc<'_>, message: impl Into<String>) {

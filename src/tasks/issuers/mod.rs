@@ -43,6 +43,7 @@ use async_trait::async_trait;
 
 use crate::config::validate::{Loc, Validator};
 use crate::model::{PluginError, SecretValue};
+use crate::plugin::registry;
 
 /// Who a task is for and why: carried into every system that sees the
 /// task's credential, and into every audit record about it.
@@ -157,4 +158,13 @@ pub trait IssuerPlugin: std::fmt::Debug + Send + Sync {
 
     /// The issuer. No I/O: connect when a task needs it.
     fn build(&self) -> Result<Arc<dyn TaskIssuer>, PluginError>;
+}
+
+pub mod vault_token;
+
+registry! {
+    /// `[issuers.NAME] type = ...`: one variant per issuer.
+    pub enum IssuerConfig: IssuerPlugin {
+        VaultToken(vault_token::TokenIssuerConfig),
+    }
 }
