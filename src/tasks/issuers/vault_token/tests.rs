@@ -395,6 +395,109 @@ path "auth/token/lookup-accessor" {{ capabilities = ["update"] }}"#
     f.cleanup().await;
 }
 
+/// The issuer logs in like the `vault` vault does (the same session code):
+/// AppRole on first use, the role's policies on keyturn's own token.
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn approle_login_then_issue_through_a_token_role() {
+    let f = Fixture::new().await;
+    let root = root();
+    let mount = format!("approle-{}", f.suffix);
+    let role = format!("kt-role-{}", f.suffix);
+    let own_policy = format!("kt-keyturn-{}", f.suffix);
+    vaultrs::sys::auth::enable(&root, &mount, "approle", None)
+        .await
+        .unwrap();
+    vaultrs::sys::policy::set(
+        &root,
+        &own_policy,
+        &format!(
+            r#"path "auth/token/create/{role}" {{ capabilities = ["update"] }}
+path "auth/token/revoke-accessor" {{ capabilities = ["update"] }}
+path "auth/token/lookup-accessor" {{ capabilities = ["update"] }}"#
+        ),
+    )
+    .await
+    .unwrap();
+    vaultrs::token::role::set(
+        &root,
+        &role,
+        Some(
+            SetTokenRoleRequest::builder()
+                .allowed_policies(vec![f.policy.clone()])
+                .orphan(true),
+        ),
+    )
+    .await
+    .unwrap();
+    vaultrs::auth::approle::role::set(
+        &root,
+        &mount,
+        "keyturn",
+        Some(
+            vaultrs::api::auth::approle::requests::SetAppRoleRequest::builder()
+                .token_ttl("1m")
+                .token_policies(vec![own_policy.clone()]),
+        ),
+    )
+    .await
+    .unwrap();
+    let role_id = vaultrs::auth::approle::role::read_id(&root, &mount, "keyturn")
+        .await
+        .unwrap()
+        .role_id;
+    let secret_id = vaultrs::auth::approle::role::secret::generate(&root, &mount, "keyturn", None)
+        .await
+        .unwrap()
+        .secret_id;
+    let (role_file, secret_file) = (f.dir.path().join("role-id"), f.dir.path().join("secret-id"));
+    std::fs::write(&role_file, &role_id).unwrap();
+    std::fs::write(&secret_file, &secret_id).unwrap();
+    let issuer = TokenIssuerConfig {
+        address: bao().0,
+        approle: Some(AppRoleConfig {
+            mount: Some(mount.clone()),
+            role_id_file: role_file,
+            secret_id_file: secret_file,
+        }),
+        token_role: Some(role.clone()),
+        ..TokenIssuerConfig::default()
+    }
+    .build()
+    .unwrap();
+    issuer.check().await.unwrap();
+    let task = attribution();
+    let grant = f.grant();
+    let issued = issuer
+        .issue(&request(&task, &grant, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let token = issued.secret["token"].expose_str().unwrap().to_owned();
+    assert_eq!(read_as(&token, &f.a).await, Ok("alpha".to_owned()));
+    assert!(lookup(&issued.handle).await.unwrap().orphan);
+    assert_eq!(
+        issuer.revoke(&task, Some(&issued.handle)).await.unwrap(),
+        Revoked::Now
+    );
+    assert!(
+        issuer
+            .verify_revoked(&task, Some(&issued.handle))
+            .await
+            .unwrap()
+    );
+    assert_eq!(read_as(&token, &f.a).await, Err(Some(403)));
+
+    vaultrs::sys::auth::disable(&root, &mount).await.unwrap();
+    vaultrs::token::role::delete(&root, &role).await.unwrap();
+    vaultrs::sys::policy::delete(&root, &own_policy)
+        .await
+        .unwrap();
+    f.cleanup().await;
+}
+
 #[cfg_attr(
     not(feature = "real-servers"),
     ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
