@@ -179,7 +179,7 @@ async fn the_token_has_exactly_the_grant_and_ttl_and_is_revoked_at_revoke() {
 
     // What the server holds.
     let info = lookup(&issued.handle).await.expect("the token exists");
-    assert_eq!(info.policies, [f.policy.clone()], "exactly the grant's");
+    assert_eq!(info.policies, [f.policy.as_str()], "exactly the grant's");
     let expire_time = chrono::DateTime::parse_from_rfc3339(info.expire_time.as_deref().unwrap())
         .unwrap()
         .with_timezone(&chrono::Utc);
@@ -350,7 +350,7 @@ path "auth/token/lookup-accessor" {{ capabilities = ["update"] }}"#
     let orphan_info = lookup(&orphan.handle).await.unwrap();
     assert!(orphan_info.orphan);
     assert_eq!(orphan_info.path, format!("auth/token/create/{role}"));
-    assert_eq!(orphan_info.policies, [f.policy.clone()]);
+    assert_eq!(orphan_info.policies, [f.policy.as_str()]);
     assert!(!lookup(&child.handle).await.unwrap().orphan);
 
     // The role's allowed_policies bound what a grant may get.
@@ -358,8 +358,7 @@ path "auth/token/lookup-accessor" {{ capabilities = ["update"] }}"#
     let e = via_role
         .issue(&request(&task, &other, Duration::from_secs(60)))
         .await
-        .err()
-        .expect("a policy outside the role's allowed_policies is refused");
+        .expect_err("a policy outside the role's allowed_policies is refused");
     assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
     assert!(e.message.starts_with("issuer vault_token ("), "{e}");
     assert!(e.message.contains(&task.task_id), "{e}");
@@ -548,8 +547,7 @@ async fn no_secret_in_errors_debug_handle_or_public() {
         wrong
             .issue(&request(&task, &grant, Duration::from_secs(60)))
             .await
-            .err()
-            .unwrap(),
+            .unwrap_err(),
         wrong.revoke(&task, Some(&issued.handle)).await.unwrap_err(),
         wrong
             .verify_revoked(&task, Some(&issued.handle))
