@@ -513,8 +513,8 @@ async fn check_looks_up_keyturns_own_token() {
     f.cleanup().await;
 }
 
-/// No secret in errors, `Debug`, the handle or `public`: the real token,
-/// and a canary standing in for keyturn's own token.
+/// No secret in errors, logs, `Debug`, the handle or `public`: the real
+/// token, keyturn's own (root) token, and a canary standing in for it.
 #[cfg_attr(
     not(feature = "real-servers"),
     ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
@@ -522,6 +522,8 @@ async fn check_looks_up_keyturns_own_token() {
 #[tokio::test]
 async fn no_secret_in_errors_debug_handle_or_public() {
     let f = Fixture::new().await;
+    // Everything logged, down to vaultrs's and the HTTP client's traces.
+    let (guard, logs) = crate::test_support::capture_logs();
     let issuer = f.issuer(&bao().1, None);
     let task = attribution();
     let grant = f.grant();
@@ -567,6 +569,15 @@ async fn no_secret_in_errors_debug_handle_or_public() {
         ..TokenIssuerConfig::default()
     };
     assert!(!format!("{config:?}").contains(&bao().1));
+    drop(guard);
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        logs.contains("auth/token/create"),
+        "the capture works: {logs}"
+    );
+    assert!(!logs.contains(&token), "{logs}");
+    assert!(!logs.contains(&canary), "{logs}");
+    assert!(!logs.contains(&bao().1), "{logs}");
     f.cleanup().await;
 }
 
