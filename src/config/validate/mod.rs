@@ -123,13 +123,9 @@ pub(crate) fn issues_of(source: &Path, check: impl FnOnce(&mut Validator<'_>)) -
     let ctx = Context {
         source: source.to_path_buf(),
     };
-    let mut v = Validator {
-        ctx: &ctx,
-        issues: Vec::new(),
-        durations: DurationCache::default(),
-    };
+    let mut v = Validator::for_section(&ctx);
     check(&mut v);
-    v.issues
+    v.into_issues()
 }
 
 /// The validation API plug-ins use: report located issues, read the common
@@ -181,16 +177,11 @@ struct Scope<'a> {
     alert_rules: Option<AlertRules>,
 }
 
+#[cfg(test)]
 impl<'a> Validator<'a> {
-    /// Reports a problem with a value.
-    pub(crate) fn err(&mut self, at: Loc<'_>, message: impl Into<String>) {
-        self.issues.push(Issue::at(at.path(), message));
-    }
-
-    /// A validator for unit tests of a section's check (the whole file is
-    /// checked through [`validate`]).
-    #[cfg(test)]
-    pub(crate) fn for_tests(ctx: &'a Context) -> Validator<'a> {
+    /// A validator for one section checked on its own: plug-in unit tests,
+    /// and sections the loader does not read yet (`[issuers.NAME]`).
+    pub(crate) fn for_section(ctx: &'a Context) -> Self {
         Validator {
             ctx,
             issues: Vec::new(),
@@ -198,10 +189,16 @@ impl<'a> Validator<'a> {
         }
     }
 
-    /// The issues reported, for unit tests.
-    #[cfg(test)]
-    pub(crate) fn issues(&self) -> &[Issue] {
-        &self.issues
+    /// Every issue reported so far.
+    pub(crate) fn into_issues(self) -> Vec<Issue> {
+        self.issues
+    }
+}
+
+impl Validator<'_> {
+    /// Reports a problem with a value.
+    pub(crate) fn err(&mut self, at: Loc<'_>, message: impl Into<String>) {
+        self.issues.push(Issue::at(at.path(), message));
     }
 
     /// How many issues were reported so far (a section is kept only when

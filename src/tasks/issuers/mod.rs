@@ -46,11 +46,13 @@ use crate::model::{PluginError, SecretValue};
 use crate::plugin::registry;
 
 pub mod postgres;
+pub mod vault_token;
 
 registry! {
     /// `[issuers.NAME] type = ...`: one variant per issuer.
     pub enum IssuerConfig: IssuerPlugin {
         Postgres(postgres::PgIssuerConfig),
+        VaultToken(vault_token::TokenIssuerConfig),
     }
 }
 

@@ -900,7 +900,9 @@ mod tests {
             role_prefix = "agent_task_"
             database = "sales"
         "#;
-        let IssuerConfig::Postgres(mut c) = toml::from_str::<IssuerConfig>(text).unwrap();
+        let IssuerConfig::Postgres(mut c) = toml::from_str::<IssuerConfig>(text).unwrap() else {
+            panic!("`type = \"postgres\"` is the postgres issuer")
+        };
         let top = Loc::top("issuers");
         let issues = issues_of(Path::new("/etc/keyturn/keyturn.toml"), |v| {
             c.plugin_check(v, top.key("pg"))
