@@ -470,6 +470,7 @@ fn parse_one(f: &SourceFile) -> Option<File> {
             agents: a.agents,
             alerts: BTreeMap::new(),
             policies: BTreeMap::new(),
+            issuers: BTreeMap::new(),
         })
     }
 }
@@ -489,6 +490,7 @@ fn merge_raw(raw: &mut RawConfig, more: RawConfig) {
     raw.agents.extend(more.agents);
     raw.alerts.extend(more.alerts);
     raw.policies.extend(more.policies);
+    raw.issuers.extend(more.issuers);
 }
 
 /// The slow path: spans kept, each section on its own, every error located
@@ -675,6 +677,8 @@ pub(super) struct File {
     alerts: BTreeMap<String, crate::alerts::AlertSinkConfig>,
     #[serde(default)]
     policies: BTreeMap<String, crate::tasks::policy::RawPolicy>,
+    #[serde(default)]
+    issuers: BTreeMap<String, crate::tasks::issuers::IssuerConfig>,
 }
 
 /// A file of `agents.d` in one serde pass: agents only.
@@ -745,6 +749,11 @@ fn into_raw(f: File) -> RawConfig {
             .into_iter()
             .map(|(n, a)| (n, Parsed::Ok(a)))
             .collect(),
+        issuers: f
+            .issuers
+            .into_iter()
+            .map(|(n, a)| (n, Parsed::Ok(a)))
+            .collect(),
     }
 }
 
@@ -783,6 +792,15 @@ fn deserialize_sections(root: &Table, main: bool) -> (RawConfig, Vec<Issue>) {
             }
             "vaults" => {
                 raw.vaults = entries(item, &p, &mut issues)
+                    .into_iter()
+                    .map(|(n, i)| {
+                        let parsed = section(i, &p.key(&n), &mut issues);
+                        (n, parsed)
+                    })
+                    .collect()
+            }
+            "issuers" => {
+                raw.issuers = entries(item, &p, &mut issues)
                     .into_iter()
                     .map(|(n, i)| {
                         let parsed = section(i, &p.key(&n), &mut issues);

@@ -51,6 +51,8 @@ pub struct Config {
     pub alert_rules: AlertRules,
     /// `[policies.NAME]`: what tasks each agent may start (task-scoped credentials).
     pub policies: BTreeMap<String, crate::tasks::policy::Policy>,
+    /// `[issuers.NAME]`: the systems that mint task credentials.
+    pub issuers: BTreeMap<String, crate::tasks::issuers::IssuerConfig>,
 }
 
 /// `[alert_rules]`, with its defaults.
@@ -150,6 +152,9 @@ pub struct DaemonConfig {
     /// restart does not stampede the vaults.
     pub catch_up_spread: Duration,
     pub retry: RetryConfig,
+    /// Where task credentials are written (`<task_root>/<agent>/<task
+    /// id>/<issuer>.json`); `None`: only returned to the agent that asked.
+    pub task_root: Option<PathBuf>,
 }
 
 /// Capped exponential backoff with jitter for failed steps (owned by the engine).

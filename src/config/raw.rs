@@ -62,6 +62,8 @@ pub struct RawConfig {
     pub alert_rules: Option<Parsed<RawAlertRules>>,
     /// `[policies.NAME]`: what tasks each agent may start.
     pub policies: BTreeMap<String, Parsed<RawPolicy>>,
+    /// `[issuers.NAME]`: the systems that mint task credentials.
+    pub issuers: BTreeMap<String, Parsed<crate::tasks::issuers::IssuerConfig>>,
 }
 
 /// `[alert_rules]`: when rotation health raises an alert. Every key is optional.
@@ -104,6 +106,8 @@ pub struct RawDaemon {
     pub max_concurrent_rotations: Option<usize>,
     pub catch_up_spread: Option<String>,
     pub retry: Option<RawRetry>,
+    /// Where task credentials are written (`<task_root>/<agent>/<task id>/`).
+    pub task_root: Option<String>,
 }
 
 /// `[daemon.retry]`: backoff of failed rotation steps.
@@ -265,4 +269,5 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "alerts",
     "alert_rules",
     "policies",
+    "issuers",
 ];

@@ -101,6 +101,7 @@ pub fn check_all<'i>(
     agents: &BTreeSet<&str>,
     issuer: &dyn Fn(&str) -> Option<&'i dyn IssuerPlugin>,
     issuer_names: &[&str],
+    invalid_issuer: &dyn Fn(&str) -> bool,
     v: &mut Validator<'_>,
 ) -> BTreeMap<String, Policy> {
     let top = Loc::top("policies");
@@ -111,7 +112,9 @@ pub fn check_all<'i>(
             v.err_key(at, format!("invalid policy name `{name}`: {e}"));
         }
         let Some(p) = p else { continue };
-        if let Some(policy) = check_one(name, p, agents, issuer, issuer_names, v, at) {
+        if let Some(policy) =
+            check_one(name, p, agents, issuer, issuer_names, invalid_issuer, v, at)
+        {
             // Overlap with every policy already accepted.
             if let Some((other, why)) = out
                 .values()
@@ -151,6 +154,7 @@ fn check_one<'i>(
     agents: &BTreeSet<&str>,
     issuer: &dyn Fn(&str) -> Option<&'i dyn IssuerPlugin>,
     issuer_names: &[&str],
+    invalid_issuer: &dyn Fn(&str) -> bool,
     v: &mut Validator<'_>,
     at: Loc<'_>,
 ) -> Option<Policy> {
@@ -244,6 +248,8 @@ fn check_one<'i>(
             let grant = Grant(g.clone());
             match issuer(issuer_name) {
                 Some(plugin) => plugin.check_grant(&grant, v, at),
+                // Its own errors are reported; the grant cannot be checked.
+                None if invalid_issuer(issuer_name) => {}
                 None => v.err_key(
                     at,
                     format!(

@@ -307,7 +307,8 @@ impl Validator<'_> {
         }
 
         let alerts = self.alerts(raw, &scope.tier_names);
-        let policies = self.policies(raw);
+        let issuers = self.issuers(raw);
+        let policies = self.policies(raw, &issuers);
         Config {
             source: self.ctx.source.clone(),
             daemon,
@@ -317,11 +318,37 @@ impl Validator<'_> {
             alerts,
             alert_rules,
             policies,
+            issuers,
         }
     }
 
+    /// `[issuers.NAME]`: each checked by its plug-in.
+    fn issuers(
+        &mut self,
+        raw: &RawConfig,
+    ) -> BTreeMap<String, crate::tasks::issuers::IssuerConfig> {
+        let mut out = BTreeMap::new();
+        let top = Loc::top("issuers");
+        for (name, issuer) in &raw.issuers {
+            let p = top.key(name);
+            let id_ok = self.id(&p, "issuer", name);
+            let Parsed::Ok(issuer) = issuer else { continue };
+            let before = self.issues.len();
+            let mut issuer = issuer.clone();
+            issuer.plugin_mut().check(self, p);
+            if id_ok && self.issues.len() == before {
+                out.insert(name.clone(), issuer);
+            }
+        }
+        out
+    }
+
     /// `[policies.NAME]`: checked by the tasks module, each grant by its issuer.
-    fn policies(&mut self, raw: &RawConfig) -> BTreeMap<String, crate::tasks::policy::Policy> {
+    fn policies(
+        &mut self,
+        raw: &RawConfig,
+        issuers: &BTreeMap<String, crate::tasks::issuers::IssuerConfig>,
+    ) -> BTreeMap<String, crate::tasks::policy::Policy> {
         let agents: std::collections::BTreeSet<&str> =
             raw.agents.iter().map(|(n, _)| n.as_str()).collect();
         let policies = raw
@@ -329,8 +356,14 @@ impl Validator<'_> {
             .iter()
             .map(|(n, p)| (n.clone(), p.ok()))
             .collect();
-        let no_issuer = |_: &str| -> Option<&dyn crate::tasks::issuers::IssuerPlugin> { None };
-        crate::tasks::policy::check_all(&policies, &agents, &no_issuer, &[], self)
+        let names: Vec<&str> = raw.issuers.keys().map(String::as_str).collect();
+        let lookup = |name: &str| -> Option<&dyn crate::tasks::issuers::IssuerPlugin> {
+            issuers.get(name).map(|i| i.plugin())
+        };
+        // An issuer that failed its own check is still known by name: its
+        // grants are not reported as naming an unknown issuer.
+        let invalid = |name: &str| raw.issuers.contains_key(name) && !issuers.contains_key(name);
+        crate::tasks::policy::check_all(&policies, &agents, &lookup, &names, &invalid, self)
     }
 
     /// `[alert_rules]`: every key optional.
@@ -627,6 +660,21 @@ impl Validator<'_> {
             Zero::Allowed,
         );
         let retry = self.retry(&p.key("retry"), d);
+        let task_root = d.task_root.as_ref().map(|s| {
+            let root = self.path_setting(p.key("task_root"), s);
+            if !delivery_roots.iter().any(|r| root.starts_with(r)) {
+                self.err(
+                    p.key("task_root"),
+                    format!(
+                        "task_root {} is not inside a delivery root ({}); task credentials are delivered like the other files: put it under one, e.g. \"{}\"",
+                        root.display(),
+                        if delivery_roots.is_empty() { "none is configured".to_owned() } else { delivery_roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ") },
+                        delivery_roots.first().map(|r| r.join("tasks").display().to_string()).unwrap_or_else(|| "/run/keyturn/agents/tasks".to_owned())
+                    ),
+                );
+            }
+            root
+        });
         DaemonConfig {
             state_dir,
             socket,
@@ -641,6 +689,7 @@ impl Validator<'_> {
             max_concurrent_rotations,
             catch_up_spread,
             retry,
+            task_root,
         }
     }
 

@@ -63,6 +63,7 @@ fn check(text: &str) -> (BTreeMap<String, Policy>, Vec<String>) {
         &agents,
         &lookup,
         &["pg"],
+        &|_| false,
         &mut v,
     );
     let issues = v
@@ -452,4 +453,84 @@ proptest! {
             prop_assert!(ttl <= p.levels[sensitivity].max_ttl && ttl <= p.max_ttl);
         }
     }
+}
+
+#[test]
+fn issuers_and_policies_in_a_whole_file() {
+    let file = Path::new("/etc/keyturn/keyturn.toml");
+    let text = r#"
+[daemon]
+delivery_roots = ["/run/keyturn/agents"]
+task_root = "/run/keyturn/agents/tasks"
+
+[agents.bot]
+owner = "o@example.com"
+tenant = "acme"
+tier = "low"
+uid = 1001
+
+[issuers.pg]
+type = "postgres"
+admin_dsn_file = "pg-admin.dsn"
+
+[issuers.bao]
+type = "vault_token"
+address = "https://bao.internal:8200"
+token_file = "/etc/keyturn/bao-token"
+
+[policies.p]
+agents = ["bot"]
+tenants = ["acme"]
+levels.low.grants.pg = { roles = ["read_a"] }
+levels.high.grants.pg = { roles = ["read_a", "read_b"] }
+levels.high.grants.bao = { policies = ["invoices-read"] }
+"#;
+    let cfg = crate::config::load::load_str(file, text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.issuers.keys().collect::<Vec<_>>(), ["bao", "pg"]);
+    assert_eq!(
+        cfg.daemon.task_root.as_deref(),
+        Some(Path::new("/run/keyturn/agents/tasks"))
+    );
+    let p = &cfg.policies["p"];
+    assert_eq!(
+        p.levels["high"].grants.keys().collect::<Vec<_>>(),
+        ["bao", "pg"]
+    );
+
+    // Each issuer checks its own grants; a task root outside the delivery
+    // roots is refused; a grant of an issuer that failed its own check is
+    // not reported twice.
+    let bad = text
+        .replace(
+            "task_root = \"/run/keyturn/agents/tasks\"",
+            "task_root = \"/var/tmp/tasks\"",
+        )
+        .replace("{ policies = [\"invoices-read\"] }", "{ policies = [] }")
+        .replace(
+            "{ roles = [\"read_a\"] }",
+            "{ roles = [\"read_a\"], surprise = 1 }",
+        )
+        .replace("address = \"https://bao.internal:8200\"\n", "");
+    let errs = crate::config::load::load_str(file, &bad).unwrap_err();
+    let got: Vec<String> = errs
+        .0
+        .iter()
+        .map(|e| format!("{}: {}", e.toml_path, e.message))
+        .collect();
+    assert!(
+        got.iter().any(|e| e.starts_with(
+            "daemon.task_root: task_root /var/tmp/tasks is not inside a delivery root"
+        )),
+        "{got:#?}"
+    );
+    assert!(
+        got.iter()
+            .any(|e| e.starts_with("policies.p.levels.low.grants.pg") && e.contains("surprise")),
+        "{got:#?}"
+    );
+    assert!(got.iter().any(|e| e.starts_with("issuers.bao")), "{got:#?}");
+    assert!(
+        !got.iter().any(|e| e.contains("unknown issuer")),
+        "{got:#?}"
+    );
 }
