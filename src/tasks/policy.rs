@@ -92,16 +92,25 @@ impl Policy {
     }
 }
 
+/// What the policies' checks know of the configured issuers.
+pub struct IssuerScope<'a, 'i> {
+    /// The issuer of a name, when its own check passed.
+    pub lookup: &'a dyn Fn(&str) -> Option<&'i dyn IssuerPlugin>,
+    /// Every `[issuers.NAME]` name, for messages.
+    pub names: &'a [&'a str],
+    /// Whether a name is an issuer whose own check failed (its errors are
+    /// reported; its grants are not reported again as unknown).
+    pub invalid: &'a dyn Fn(&str) -> bool,
+}
+
 /// Checks every `[policies.NAME]`: agents that exist, tenants and use cases
 /// that are labels, TTLs that fit, levels whose grants each issuer accepts,
 /// and no two policies that could match one request. Returns the policies
 /// that are valid (the caller keeps a config only when nothing was reported).
-pub fn check_all<'i>(
+pub fn check_all(
     raw: &BTreeMap<String, Option<&RawPolicy>>,
     agents: &BTreeSet<&str>,
-    issuer: &dyn Fn(&str) -> Option<&'i dyn IssuerPlugin>,
-    issuer_names: &[&str],
-    invalid_issuer: &dyn Fn(&str) -> bool,
+    issuers: &IssuerScope<'_, '_>,
     v: &mut Validator<'_>,
 ) -> BTreeMap<String, Policy> {
     let top = Loc::top("policies");
@@ -112,9 +121,7 @@ pub fn check_all<'i>(
             v.err_key(at, format!("invalid policy name `{name}`: {e}"));
         }
         let Some(p) = p else { continue };
-        if let Some(policy) =
-            check_one(name, p, agents, issuer, issuer_names, invalid_issuer, v, at)
-        {
+        if let Some(policy) = check_one(name, p, agents, issuers, v, at) {
             // Overlap with every policy already accepted.
             if let Some((other, why)) = out
                 .values()
@@ -148,13 +155,11 @@ fn overlap(a: &Policy, b: &Policy) -> Option<String> {
     Some(format!("agent `{agent}`, tenant `{tenant}`, {use_case}"))
 }
 
-fn check_one<'i>(
+fn check_one(
     name: &str,
     p: &RawPolicy,
     agents: &BTreeSet<&str>,
-    issuer: &dyn Fn(&str) -> Option<&'i dyn IssuerPlugin>,
-    issuer_names: &[&str],
-    invalid_issuer: &dyn Fn(&str) -> bool,
+    issuers: &IssuerScope<'_, '_>,
     v: &mut Validator<'_>,
     at: Loc<'_>,
 ) -> Option<Policy> {
@@ -246,18 +251,18 @@ fn check_one<'i>(
         for (issuer_name, g) in &l.grants {
             let at = gat.key(issuer_name);
             let grant = Grant(g.clone());
-            match issuer(issuer_name) {
+            match (issuers.lookup)(issuer_name) {
                 Some(plugin) => plugin.check_grant(&grant, v, at),
                 // Its own errors are reported; the grant cannot be checked.
-                None if invalid_issuer(issuer_name) => {}
+                None if (issuers.invalid)(issuer_name) => {}
                 None => v.err_key(
                     at,
                     format!(
                         "unknown issuer `{issuer_name}`; {}",
-                        if issuer_names.is_empty() {
+                        if issuers.names.is_empty() {
                             "no [issuers.NAME] table is configured".to_owned()
                         } else {
-                            format!("configured: {}", issuer_names.join(", "))
+                            format!("configured: {}", issuers.names.join(", "))
                         }
                     ),
                 ),

@@ -363,7 +363,12 @@ impl Validator<'_> {
         // An issuer that failed its own check is still known by name: its
         // grants are not reported as naming an unknown issuer.
         let invalid = |name: &str| raw.issuers.contains_key(name) && !issuers.contains_key(name);
-        crate::tasks::policy::check_all(&policies, &agents, &lookup, &names, &invalid, self)
+        let scope = crate::tasks::policy::IssuerScope {
+            lookup: &lookup,
+            names: &names,
+            invalid: &invalid,
+        };
+        crate::tasks::policy::check_all(&policies, &agents, &scope, self)
     }
 
     /// `[alert_rules]`: every key optional.

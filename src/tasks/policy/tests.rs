@@ -61,9 +61,11 @@ fn check(text: &str) -> (BTreeMap<String, Policy>, Vec<String>) {
     let policies = check_all(
         &raw.iter().map(|(n, p)| (n.clone(), Some(p))).collect(),
         &agents,
-        &lookup,
-        &["pg"],
-        &|_| false,
+        &IssuerScope {
+            lookup: &lookup,
+            names: &["pg"],
+            invalid: &|_| false,
+        },
         &mut v,
     );
     let issues = v
