@@ -1,7 +1,8 @@
 //! The `keyturn` commands. Each returns an exit code:
 //! 0 success, 1 the operation failed, 64 bad config or usage (EX_USAGE),
-//! 69 the daemon is not reachable (EX_UNAVAILABLE), 77 the user may not use
-//! the control socket (EX_NOPERM).
+//! 69 the daemon is not reachable, or `check --online` found a vault or
+//! target it cannot use (EX_UNAVAILABLE), 77 the user may not use the
+//! control socket (EX_NOPERM).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,6 +18,8 @@ use crate::audit::{AuditKey, VerifyReport, verify_file_keyed};
 use crate::config::{self, ClientPaths, Config, ConfigErrors, DEFAULT_CONFIG_PATH};
 use crate::state::{SqliteStore, StateStore};
 use crate::telemetry::{self, LogFormat};
+
+mod online;
 
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 64;
@@ -48,7 +51,16 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate the config; exit 0 with a summary, or 64 with every error.
-    Check,
+    Check {
+        /// Then log in to every vault and every credential's target and use
+        /// each once, changing nothing; one line per item; exit 69 if any
+        /// fails.
+        #[arg(long)]
+        online: bool,
+        /// How long each online check may take.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s", requires = "online")]
+        timeout: std::time::Duration,
+    },
     /// Run the daemon (systemd: Type=notify).
     Daemon,
     /// Show every credential: version, stage, last rotated, next due, state, last error.
@@ -179,7 +191,7 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> u8 {
     match cli.command {
-        Command::Check => check(&cli.config),
+        Command::Check { online, timeout } => check(&cli.config, online, timeout).await,
         Command::Daemon => match crate::daemon::run(&cli.config).await {
             Ok(()) => 0,
             Err(crate::daemon::DaemonError::Config(errors)) => {
@@ -307,13 +319,26 @@ fn load_for_client(path: &Path) -> Result<ClientConfig, u8> {
     }
 }
 
-fn check(path: &Path) -> u8 {
-    match load(path) {
-        Ok(cfg) => {
-            println!("{}", config::summary(&cfg));
-            0
-        }
-        Err(code) => code,
+async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
+    let cfg = match load(path) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    println!("{}", config::summary(&cfg));
+    if !online {
+        return 0;
+    }
+    let items = online::probe_all(&cfg, timeout).await;
+    print!("{}", online::render(&items));
+    let failed = items.iter().filter(|i| i.outcome.is_err()).count();
+    if failed == 0 {
+        0
+    } else {
+        eprintln!(
+            "keyturn: {failed} of {} online check(s) failed",
+            items.len()
+        );
+        EXIT_UNAVAILABLE
     }
 }
 
