@@ -20,6 +20,7 @@ use crate::state::{SqliteStore, StateStore};
 use crate::telemetry::{self, LogFormat};
 
 mod online;
+pub mod screen;
 
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 64;
@@ -64,10 +65,19 @@ pub enum Command {
     /// Run the daemon (systemd: Type=notify).
     Daemon,
     /// Show every credential: version, stage, last rotated, next due, state, last error.
+    /// Fits 80 columns (`--wide`: every field in full); colours on a
+    /// terminal unless NO_COLOR is set.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Every field in full (absolute times, whole errors), however wide.
+        #[arg(long, conflicts_with = "json")]
+        wide: bool,
+        /// Colour the table: auto (stdout a terminal, NO_COLOR unset or
+        /// empty), always or never.
+        #[arg(long, value_enum, default_value_t = screen::ColorChoice::Auto)]
+        color: screen::ColorChoice,
     },
     /// Rotate now: `AGENT`, `AGENT/CREDENTIAL` or `all`.
     Rotate {
@@ -209,7 +219,17 @@ async fn run(cli: Cli) -> u8 {
                 EXIT_FAILED
             }
         },
-        Command::Status { json } => status(&cli.config, json).await,
+        Command::Status { json, wide, color } => {
+            let view = match (json, wide) {
+                (true, _) => StatusView::Json,
+                (_, true) => StatusView::Wide,
+                _ => StatusView::Fitted(screen::Screen {
+                    width: screen::WIDTH,
+                    color: screen::color_for_stdout(color),
+                }),
+            };
+            status(&cli.config, view).await
+        }
         Command::Rotate {
             selector,
             wait,
@@ -408,7 +428,16 @@ fn unexpected() -> u8 {
     EXIT_FAILED
 }
 
-async fn status(path: &Path, json: bool) -> u8 {
+/// How `status` prints.
+enum StatusView {
+    Json,
+    /// The full table, as wide as it needs.
+    Wide,
+    /// Fitted to the screen ([`screen`]).
+    Fitted(screen::Screen),
+}
+
+async fn status(path: &Path, view: StatusView) -> u8 {
     let client = match load_for_client(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -436,7 +465,7 @@ async fn status(path: &Path, json: bool) -> u8 {
             }
         }
     };
-    if json {
+    if let StatusView::Json = view {
         match serde_json::to_string_pretty(&rows) {
             Ok(s) => println!("{s}"),
             Err(e) => {
@@ -444,14 +473,21 @@ async fn status(path: &Path, json: bool) -> u8 {
                 return EXIT_FAILED;
             }
         }
-    } else {
-        print!("{}", render_status_table(&rows));
-        // Decommissions and orphans, when the daemon answers.
-        if let Ok(ResponseBody::Agents(agents)) = request(&client, path, &Request::Agents).await
-            && !agents.is_empty()
-        {
-            println!();
-            print!("{}", render_agents_table(&agents));
+        return 0;
+    }
+    let now = chrono::Utc::now();
+    match &view {
+        StatusView::Fitted(s) => print!("{}", screen::render_status(&rows, now, s)),
+        _ => print!("{}", render_status_table(&rows)),
+    }
+    // Decommissions and orphans, when the daemon answers.
+    if let Ok(ResponseBody::Agents(agents)) = request(&client, path, &Request::Agents).await
+        && !agents.is_empty()
+    {
+        println!();
+        match &view {
+            StatusView::Fitted(s) => print!("{}", screen::render_agents(&agents, s)),
+            _ => print!("{}", render_agents_table(&agents)),
         }
     }
     0
