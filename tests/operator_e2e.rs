@@ -427,7 +427,10 @@ fn status_fits_80_columns_and_colours_only_on_a_terminal() {
     assert!(!plain.contains('\x1b'), "escapes in a pipe: {plain:?}");
     // The output is ASCII but for `…` (one column): chars are columns here.
     for line in plain.lines() {
-        assert!(line.chars().count() <= 80, "wider than 80: {line:?}\n{plain}");
+        assert!(
+            line.chars().count() <= 80,
+            "wider than 80: {line:?}\n{plain}"
+        );
     }
     let line = plain
         .lines()
@@ -447,7 +450,13 @@ fn status_fits_80_columns_and_colours_only_on_a_terminal() {
     assert!(tty.contains("\x1b["), "no colour on a terminal: {tty:?}");
     let no_color = status_on_a_tty(&env, &[("NO_COLOR", "1")]);
     assert!(no_color.contains("c-end"), "{no_color}");
-    assert!(!no_color.contains('\x1b'), "NO_COLOR=1 must win: {no_color:?}");
+    assert!(
+        !no_color.contains('\x1b'),
+        "NO_COLOR=1 must win: {no_color:?}"
+    );
     let empty = status_on_a_tty(&env, &[("NO_COLOR", "")]);
-    assert!(empty.contains("\x1b["), "an empty NO_COLOR is unset: {empty:?}");
+    assert!(
+        empty.contains("\x1b["),
+        "an empty NO_COLOR is unset: {empty:?}"
+    );
 }
