@@ -31,13 +31,23 @@ impl LocalConfig {
         let db = dir.join(DB_FILE);
         let db_exists = std::fs::symlink_metadata(&db).is_ok();
 
+        let credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty());
         let key = if self.key_credential_required {
+            if credentials_dir.is_none() {
+                // Run from a shell, not the unit: systemd hands the
+                // credential to the service only. Not a failure of the vault.
+                return Ok(Some(format!(
+                    "key not checked: it is the systemd credential `{key_credential}`, \
+                     which only the service gets (run this under the unit's \
+                     LoadCredential= to check it)"
+                )));
+            }
             // Never creates anything: a required credential is the key or an error.
             Some(load_key(key_file, key_credential, true)?)
         } else {
-            let from_credential = match std::env::var_os("CREDENTIALS_DIRECTORY") {
-                Some(d) if !d.is_empty() => read_credential(Path::new(&d), key_credential)?,
-                _ => None,
+            let from_credential = match &credentials_dir {
+                Some(d) => read_credential(Path::new(d), key_credential)?,
+                None => None,
             };
             match from_credential {
                 Some(key) => Some(key),
@@ -179,6 +189,21 @@ mod tests {
         let e = config(tmp.path()).probe_files("v").unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
         assert!(e.message.contains("is not a directory"), "{e}");
+    }
+
+    #[test]
+    fn a_key_only_the_service_gets_is_not_checked_from_a_shell() {
+        // The test process is not a systemd service.
+        assert!(std::env::var_os("CREDENTIALS_DIRECTORY").is_none());
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = LocalConfig {
+            key_credential_required: true,
+            ..config(tmp.path())
+        };
+        let note = cfg.probe_files("v").unwrap().unwrap();
+        assert!(note.contains("`keyturn-v-vault-key`"), "{note}");
+        assert!(note.contains("not checked"), "{note}");
+        assert!(names(tmp.path()).is_empty());
     }
 
     #[test]
