@@ -349,6 +349,9 @@ async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
         return 0;
     }
     let items = online::probe_all(&cfg, timeout).await;
+    if items.is_empty() {
+        println!("no vaults or targets to check online");
+    }
     print!("{}", online::render(&items));
     let failed = items.iter().filter(|i| i.outcome.is_err()).count();
     if failed == 0 {
