@@ -1669,6 +1669,7 @@ fn check_online_passes_when_every_vault_and_target_answers() {
             [stdout, stderr].concat().into_bytes(),
         )],
     );
+    rt().block_on(pg_admin(&format!("DROP ROLE {role}")));
 }
 
 /// Each kind of vault and target fails for its own reason; each failure is
@@ -1789,4 +1790,5 @@ key_file = "{}"
             [stdout, stderr].concat().into_bytes(),
         )],
     );
+    rt().block_on(pg_admin(&format!("DROP ROLE {role}")));
 }
