@@ -53,6 +53,14 @@ macro_rules! registry {
                 }
             }
 
+            /// The `type` as written in the config (`aws_secrets_manager`).
+            pub fn type_name(&self) -> String {
+                let variant = match self {
+                    $($(#[cfg($cfg)])? $name::$variant(_) => stringify!($variant),)+
+                };
+                $crate::plugin::snake_case(variant)
+            }
+
             /// The plug-in's config, owned, behind its trait.
             pub fn into_plugin(self) -> Box<dyn $plugin> {
                 match self {
@@ -64,3 +72,38 @@ macro_rules! registry {
 }
 
 pub(crate) use registry;
+
+/// `AwsSecretsManager` → `aws_secrets_manager`: what serde's
+/// `rename_all = "snake_case"` makes of a variant name.
+pub(crate) fn snake_case(variant: &str) -> String {
+    let mut out = String::with_capacity(variant.len() + 4);
+    for (i, c) in variant.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.extend(c.to_lowercase());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::vaults::VaultSpec;
+
+    #[test]
+    fn type_name_is_the_type_serde_reads() {
+        for text in [
+            r#"type = "local""#,
+            r#"type = "vault"
+address = "http://127.0.0.1:8200""#,
+            r#"type = "aws_secrets_manager""#,
+            r#"type = "azure_key_vault"
+vault_url = "https://x.vault.azure.net"
+auth = "managed_identity""#,
+        ] {
+            let spec: VaultSpec = toml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let written = text.lines().next().unwrap();
+            assert_eq!(written, format!("type = \"{}\"", spec.type_name()));
+        }
+    }
+}

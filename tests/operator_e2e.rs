@@ -372,3 +372,91 @@ fn a_reload_reads_only_the_agent_files_that_changed() {
     assert_eq!(rows.len(), 3, "the running config stays: {rows:?}");
     daemon.stop();
 }
+
+/// `keyturn status` on a pseudo-terminal (`script` from util-linux), with
+/// `extra` environment; its output with `\r\n` made `\n`.
+fn status_on_a_tty(env: &Env, extra: &[(&str, &str)]) -> String {
+    let command = format!(
+        "{} status --config {}",
+        bin(),
+        env.path().join("keyturn.toml").display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("NO_COLOR")
+        .env_remove("KEYTURN_CONFIG")
+        .env("TERM", "xterm-256color")
+        .envs(extra.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script(1)");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n")
+}
+
+/// Agent and credential ids of the longest allowed length: every line of
+/// `status` still fits 80 columns, with the ids cut in the middle. No
+/// colour when piped, even forced off by nothing; `--color always` colours;
+/// on a terminal it colours unless NO_COLOR is set (and not empty).
+#[test]
+fn status_fits_80_columns_and_colours_only_on_a_terminal() {
+    let agent = format!("{}-tail", "a".repeat(59));
+    let cred = format!("{}-end", "c".repeat(60));
+    let env = Env::new(&format!(
+        "{}[agents.{agent}.credentials.{cred}]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"1h\"\ndeliver = [{{ type = \"file\", path = \"{{root}}/long\" }}]\n",
+        agent_table(&agent)
+    ));
+    let _daemon = env.start();
+    wait_version(&env, &agent, &cred, 1);
+
+    let piped = |args: &[&str], extra: &[(&str, &str)]| {
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(env.path().join("keyturn.toml"))
+            .env_remove("KEYTURN_CONFIG")
+            .env_remove("NO_COLOR")
+            .env_remove("CLICOLOR_FORCE")
+            .envs(extra.iter().copied())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let plain = piped(&["status"], &[]);
+    assert!(!plain.contains('\x1b'), "escapes in a pipe: {plain:?}");
+    // The output is ASCII but for `…` (one column): chars are columns here.
+    for line in plain.lines() {
+        assert!(
+            line.chars().count() <= 80,
+            "wider than 80: {line:?}\n{plain}"
+        );
+    }
+    let line = plain
+        .lines()
+        .find(|l| l.starts_with("aaaa"))
+        .unwrap_or_else(|| panic!("no row: {plain}"));
+    assert!(line.contains('…') && line.contains("c-end "), "{line}");
+    assert!(line.contains("current") && line.contains(" ago "), "{line}");
+
+    let forced = piped(&["status", "--color", "always"], &[("NO_COLOR", "1")]);
+    assert!(forced.contains("\x1b["), "--color always: {forced:?}");
+    assert!(!piped(&["status", "--color", "never"], &[]).contains('\x1b'));
+    // --wide: the full table, whole ids.
+    let wide = piped(&["status", "--wide"], &[]);
+    assert!(wide.contains(&cred) && wide.contains(&agent), "{wide}");
+
+    let tty = status_on_a_tty(&env, &[]);
+    assert!(tty.contains("\x1b["), "no colour on a terminal: {tty:?}");
+    let no_color = status_on_a_tty(&env, &[("NO_COLOR", "1")]);
+    assert!(no_color.contains("c-end"), "{no_color}");
+    assert!(
+        !no_color.contains('\x1b'),
+        "NO_COLOR=1 must win: {no_color:?}"
+    );
+    let empty = status_on_a_tty(&env, &[("NO_COLOR", "")]);
+    assert!(
+        empty.contains("\x1b["),
+        "an empty NO_COLOR is unset: {empty:?}"
+    );
+}

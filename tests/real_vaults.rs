@@ -1559,3 +1559,236 @@ fn decommission_revokes_and_verifies_every_vault_the_target_and_the_files() {
     ));
     assert_nowhere(&secrets, &places);
 }
+
+// --- `keyturn check --online` ------------------------------------------------------
+
+/// `keyturn check --online` on `env`'s config, with the AWS secret key
+/// replaced by `aws_secret` (moto accepts any key; it stands for a canary).
+fn check_online(env: &Env, args: &[&str], aws_secret: &str) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(bin())
+        .args(["check", "--online"])
+        .args(args)
+        .arg("--config")
+        .arg(env.path().join("keyturn.toml"))
+        .env_remove("KEYTURN_CONFIG")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env("AWS_SECRET_ACCESS_KEY", aws_secret)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The report's line for `what` (`vault` or `target`) named `name`.
+fn probe_line<'a>(stdout: &'a str, what: &str, name: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|l| {
+            let mut words = l.split_whitespace();
+            words.next() == Some(what) && words.next() == Some(name)
+        })
+        .unwrap_or_else(|| panic!("no line for {what} {name}:\n{stdout}"))
+}
+
+/// Every vault type and both target types, all reachable with good
+/// credentials: one `ok` line each, exit 0. Nothing is created: the local
+/// vault, never started, reports that its key and database do not exist yet.
+#[test]
+fn check_online_passes_when_every_vault_and_target_answers() {
+    let files = Files::new();
+    let role = pg_new_role("kt_online_");
+    let azure_secret = files.write("azure-secret", STUB_CLIENT_SECRET, 0o600);
+    let hook = files.write("hook.sh", "#!/bin/sh\nexit 0\n", 0o755);
+    let env = Env::new(&format!(
+        "{}{}{}{}{}{}",
+        bao_vault_table(&files),
+        aws_table("aws"),
+        azure_table("azure", &azure_secret),
+        agent_table(AGENT),
+        credential(
+            "db",
+            r#""bao""#,
+            &unique("e2e/online/"),
+            "0s",
+            &pg_target(&files, &role, "single_user", &pg_admin_dsn()),
+        ),
+        credential(
+            "api",
+            r#"["aws", "azure", "local"]"#,
+            &unique("e2e/online/"),
+            "0s",
+            &format!(
+                r#"target = {{ type = "command", program = "{}" }}"#,
+                hook.display()
+            ),
+        ),
+    ));
+    let canary = unique("kt_canary_aws_secret_");
+    let started = Instant::now();
+    let (code, stdout, stderr) = check_online(&env, &[], &canary);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    for (what, name) in [
+        ("vault", "aws"),
+        ("vault", "azure"),
+        ("vault", "bao"),
+        ("vault", "local"),
+        ("target", "bot/api"),
+        ("target", "bot/db"),
+    ] {
+        let line = probe_line(&stdout, what, name);
+        assert!(line.contains(" ok"), "{line}");
+    }
+    assert!(probe_line(&stdout, "vault", "aws").contains("aws_secrets_manager"));
+    assert!(probe_line(&stdout, "target", "bot/db").contains(&format!("postgres:{role}")));
+    assert!(
+        probe_line(&stdout, "target", "bot/api").contains("not run"),
+        "a hook is not run: {stdout}"
+    );
+    assert!(
+        probe_line(&stdout, "vault", "local").contains("not created yet"),
+        "{stdout}"
+    );
+    assert!(
+        !env.state_dir().exists(),
+        "check --online created the state directory (the local vault's key)"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_nowhere(
+        &[
+            ("the AWS secret key", canary),
+            ("the Azure client secret", STUB_CLIENT_SECRET.to_owned()),
+            ("the OpenBao token", need("KEYTURN_TEST_BAO_TOKEN")),
+            ("the PostgreSQL admin password", pg_admin_password()),
+        ],
+        &[(
+            "check --online".to_owned(),
+            [stdout, stderr].concat().into_bytes(),
+        )],
+    );
+    rt().block_on(pg_admin(&format!("DROP ROLE {role}")));
+}
+
+/// Each kind of vault and target fails for its own reason; each failure is
+/// reported with its reason and what to do, the others are still checked,
+/// and the command exits 69. No credential of the config is printed.
+#[test]
+fn check_online_reports_each_failure_and_checks_the_rest() {
+    let files = Files::new();
+    let role = pg_new_role("kt_online_");
+    let bao_canary = unique("kt_canary_bao_token_");
+    let azure_canary = unique("kt_canary_azure_secret_");
+    let pg_canary = unique("kt_canary_pg_password_");
+    let aws_canary = unique("kt_canary_aws_secret_");
+    let bad_token = files.write("bad-token", &bao_canary, 0o600);
+    let bad_azure = files.write("bad-azure", &azure_canary, 0o600);
+    let wrong_dsn = pg_admin_dsn().replace(&pg_admin_password(), &pg_canary);
+    // A local vault whose database exists but whose key directory is gone.
+    let lost = files.path("lost");
+    std::fs::create_dir(&lost).unwrap();
+    std::fs::write(lost.join("vault.db"), b"").unwrap();
+    // An address that accepts connections and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = format!("http://{}", silent.local_addr().unwrap());
+    let good_token = files.write("good-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
+    let env = Env::new(&format!(
+        r#"{}{}
+[vaults.aws]
+type = "aws_secrets_manager"
+endpoint_url = "http://127.0.0.1:{}"
+region = "us-east-1"
+timeout = "3s"
+{}
+[vaults.lost]
+type = "local"
+dir = "{}"
+key_file = "{}"
+{}{}{}{}"#,
+        bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &bad_token),
+        bao_table("silent", &silent_addr, &good_token),
+        closed_port(),
+        azure_table("azure", &bad_azure),
+        lost.display(),
+        files.path("gone/lost-vault.key").display(),
+        agent_table(AGENT),
+        credential(
+            "db",
+            r#""local""#,
+            &unique("e2e/online/"),
+            "0s",
+            // Its own DSN file (`pg_target` names the file after the role).
+            &format!(
+                r#"target = {{ type = "postgres", admin_dsn_file = "{}", role = "{role}", connect_timeout = "3s" }}"#,
+                files.write("wrong.dsn", &wrong_dsn, 0o600).display()
+            ),
+        ),
+        credential(
+            "api",
+            r#"["aws", "azure", "lost", "silent"]"#,
+            &unique("e2e/online/"),
+            "0s",
+            &format!(
+                r#"target = {{ type = "command", program = "{}" }}"#,
+                files.path("no-such-hook").display()
+            ),
+        ),
+        credential(
+            "ok",
+            r#""bao""#,
+            &unique("e2e/online/"),
+            "0s",
+            &pg_target(&files, &role, "single_user", &pg_admin_dsn()),
+        ),
+    ));
+    let started = Instant::now();
+    let (code, stdout, stderr) = check_online(&env, &["--timeout", "2s"], &aws_canary);
+    let took = started.elapsed();
+    assert_eq!(code, Some(69), "{stdout}{stderr}");
+    // Concurrent: the silent vault's 2 s and the AWS SDK's retries overlap.
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    let failed = |what: &str, name: &str, needles: &[&str]| {
+        let line = probe_line(&stdout, what, name);
+        assert!(line.contains("FAILED"), "{line}");
+        for n in needles {
+            assert!(line.contains(n), "{what} {name}: no {n:?} in: {line}");
+        }
+    };
+    failed("vault", "bao", &["unauthorized", "check the credentials"]);
+    failed("vault", "aws", &["transient", "reachable"]);
+    failed("vault", "azure", &["unauthorized", "check the credentials"]);
+    failed(
+        "vault",
+        "lost",
+        &["key file", "is missing but the database", "restore the key"],
+    );
+    failed("vault", "silent", &["no answer within 2s", "--timeout"]);
+    failed("target", "bot/api", &["no-such-hook"]);
+    failed("target", "bot/db", &["password authentication failed"]);
+    // Still checked, and fine: the local vault and the good target.
+    assert!(
+        probe_line(&stdout, "vault", "local").contains(" ok"),
+        "{stdout}"
+    );
+    assert!(
+        probe_line(&stdout, "target", "bot/ok").contains(" ok"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("7 of 9 online check(s) failed"), "{stderr}");
+    drop(silent);
+    assert_nowhere(
+        &[
+            ("the OpenBao token", bao_canary),
+            ("the Azure client secret", azure_canary),
+            ("the PostgreSQL password", pg_canary),
+            ("the AWS secret key", aws_canary),
+        ],
+        &[(
+            "check --online".to_owned(),
+            [stdout, stderr].concat().into_bytes(),
+        )],
+    );
+    rt().block_on(pg_admin(&format!("DROP ROLE {role}")));
+}

@@ -1,7 +1,8 @@
 //! The `keyturn` commands. Each returns an exit code:
 //! 0 success, 1 the operation failed, 64 bad config or usage (EX_USAGE),
-//! 69 the daemon is not reachable (EX_UNAVAILABLE), 77 the user may not use
-//! the control socket (EX_NOPERM).
+//! 69 the daemon is not reachable, or `check --online` found a vault or
+//! target it cannot use (EX_UNAVAILABLE), 77 the user may not use the
+//! control socket (EX_NOPERM).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,6 +21,8 @@ use crate::state::{SqliteStore, StateStore};
 use crate::telemetry::{self, LogFormat};
 
 mod completions;
+mod online;
+pub mod screen;
 
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 64;
@@ -52,14 +55,32 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate the config; exit 0 with a summary, or 64 with every error.
-    Check,
+    Check {
+        /// Then log in to every vault and every credential's target and use
+        /// each once, changing nothing; one line per item; exit 69 if any
+        /// fails.
+        #[arg(long)]
+        online: bool,
+        /// How long each online check may take.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s", requires = "online")]
+        timeout: std::time::Duration,
+    },
     /// Run the daemon (systemd: Type=notify).
     Daemon,
     /// Show every credential: version, stage, last rotated, next due, state, last error.
+    /// Fits 80 columns (`--wide`: every field in full); colours on a
+    /// terminal unless NO_COLOR is set.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Every field in full (absolute times, whole errors), however wide.
+        #[arg(long, conflicts_with = "json")]
+        wide: bool,
+        /// Colour the table: auto (stdout a terminal, NO_COLOR unset or
+        /// empty), always or never.
+        #[arg(long, value_enum, default_value_t = screen::ColorChoice::Auto)]
+        color: screen::ColorChoice,
     },
     /// Rotate now: `AGENT`, `AGENT/CREDENTIAL` or `all`.
     Rotate {
@@ -206,7 +227,7 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> u8 {
     match cli.command {
-        Command::Check => check(&cli.config),
+        Command::Check { online, timeout } => check(&cli.config, online, timeout).await,
         Command::Daemon => match crate::daemon::run(&cli.config).await {
             Ok(()) => 0,
             Err(crate::daemon::DaemonError::Config(errors)) => {
@@ -224,7 +245,17 @@ async fn run(cli: Cli) -> u8 {
                 EXIT_FAILED
             }
         },
-        Command::Status { json } => status(&cli.config, json).await,
+        Command::Status { json, wide, color } => {
+            let view = match (json, wide) {
+                (true, _) => StatusView::Json,
+                (_, true) => StatusView::Wide,
+                _ => StatusView::Fitted(screen::Screen {
+                    width: screen::WIDTH,
+                    color: screen::color_for_stdout(color),
+                }),
+            };
+            status(&cli.config, view).await
+        }
         Command::Rotate {
             selector,
             wait,
@@ -336,13 +367,29 @@ fn load_for_client(path: &Path) -> Result<ClientConfig, u8> {
     }
 }
 
-fn check(path: &Path) -> u8 {
-    match load(path) {
-        Ok(cfg) => {
-            println!("{}", config::summary(&cfg));
-            0
-        }
-        Err(code) => code,
+async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
+    let cfg = match load(path) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    println!("{}", config::summary(&cfg));
+    if !online {
+        return 0;
+    }
+    let items = online::probe_all(&cfg, timeout).await;
+    if items.is_empty() {
+        println!("no vaults or targets to check online");
+    }
+    print!("{}", online::render(&items));
+    let failed = items.iter().filter(|i| i.outcome.is_err()).count();
+    if failed == 0 {
+        0
+    } else {
+        eprintln!(
+            "keyturn: {failed} of {} online check(s) failed",
+            items.len()
+        );
+        EXIT_UNAVAILABLE
     }
 }
 
@@ -412,7 +459,16 @@ fn unexpected() -> u8 {
     EXIT_FAILED
 }
 
-async fn status(path: &Path, json: bool) -> u8 {
+/// How `status` prints.
+enum StatusView {
+    Json,
+    /// The full table, as wide as it needs.
+    Wide,
+    /// Fitted to the screen ([`screen`]).
+    Fitted(screen::Screen),
+}
+
+async fn status(path: &Path, view: StatusView) -> u8 {
     let client = match load_for_client(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -440,7 +496,7 @@ async fn status(path: &Path, json: bool) -> u8 {
             }
         }
     };
-    if json {
+    if let StatusView::Json = view {
         match serde_json::to_string_pretty(&rows) {
             Ok(s) => println!("{s}"),
             Err(e) => {
@@ -448,14 +504,21 @@ async fn status(path: &Path, json: bool) -> u8 {
                 return EXIT_FAILED;
             }
         }
-    } else {
-        print!("{}", render_status_table(&rows));
-        // Decommissions and orphans, when the daemon answers.
-        if let Ok(ResponseBody::Agents(agents)) = request(&client, path, &Request::Agents).await
-            && !agents.is_empty()
-        {
-            println!();
-            print!("{}", render_agents_table(&agents));
+        return 0;
+    }
+    let now = chrono::Utc::now();
+    match &view {
+        StatusView::Fitted(s) => print!("{}", screen::render_status(&rows, now, s)),
+        _ => print!("{}", render_status_table(&rows)),
+    }
+    // Decommissions and orphans, when the daemon answers.
+    if let Ok(ResponseBody::Agents(agents)) = request(&client, path, &Request::Agents).await
+        && !agents.is_empty()
+    {
+        println!();
+        match &view {
+            StatusView::Fitted(s) => print!("{}", screen::render_agents(&agents, s)),
+            _ => print!("{}", render_agents_table(&agents)),
         }
     }
     0

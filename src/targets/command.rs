@@ -212,6 +212,10 @@ impl Target for CommandTarget {
         let ctx = format!("{}: check", self.describe());
         process::check_executable(&ctx, &self.s.program).await
     }
+
+    fn check_caveat(&self) -> Option<&'static str> {
+        Some("the program is executable; not run (running it is a step that changes the target)")
+    }
 }
 
 #[cfg(test)]

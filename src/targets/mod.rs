@@ -163,7 +163,15 @@ pub trait Target: Send + Sync {
     /// Revokes every value at the target (decommission).
     async fn revoke(&self, key: &CredentialKey) -> Result<(), PluginError>;
 
+    /// Health: can we reach the target and use it as the steps do, changing
+    /// nothing? (`keyturn check --online`.)
     async fn check(&self) -> Result<(), PluginError>;
+
+    /// What [`Target::check`] cannot prove, for `keyturn check --online` to
+    /// say next to its `ok` (a hook is not run: that would be a step).
+    fn check_caveat(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 #[cfg(test)]

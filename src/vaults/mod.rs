@@ -106,6 +106,7 @@ registry! {
 }
 
 /// What the registry needs of a vault's config.
+#[async_trait]
 pub trait VaultPlugin: std::fmt::Debug + Send + Sync {
     /// Reports every problem of the section at `at` and completes it in
     /// place (defaults that depend on the daemon, relative paths resolved).
@@ -128,6 +129,15 @@ pub trait VaultPlugin: std::fmt::Debug + Send + Sync {
     /// start-up.
     fn data_dir(&self) -> Option<&Path> {
         None
+    }
+
+    /// `keyturn check --online`: logs in to the vault named `name` and uses
+    /// it once ([`Vault::check`]), changing nothing. `Ok` may carry a note
+    /// for the operator (what was not checked, and why). The default opens
+    /// the vault; one whose `open` creates things (the local vault makes its
+    /// key and database) overrides this to look without touching.
+    async fn probe(&self, name: &str) -> Result<Option<String>, PluginError> {
+        self.open(name)?.check().await.map(|()| None)
     }
 }
 

@@ -24,6 +24,7 @@ pub struct LocalConfig {
     pub max_concurrent: Option<usize>,
 }
 
+#[async_trait]
 impl VaultPlugin for LocalConfig {
     fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>, scope: &VaultScope<'_>) {
         let name = scope.name;
@@ -81,5 +82,14 @@ impl VaultPlugin for LocalConfig {
 
     fn data_dir(&self) -> Option<&Path> {
         self.dir.as_deref()
+    }
+
+    /// Reads the key and the database's key check without creating or
+    /// opening anything for writing (see [`super::probe`]).
+    async fn probe(&self, name: &str) -> Result<Option<String>, PluginError> {
+        let (config, name) = (self.clone(), name.to_owned());
+        tokio::task::spawn_blocking(move || config.probe_files(&name))
+            .await
+            .map_err(|e| PluginError::new(ErrorKind::Fatal, format!("local vault probe: {e}")))?
     }
 }

@@ -96,6 +96,7 @@ use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
 
 mod config;
 mod key;
+mod probe;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -562,27 +563,29 @@ fn key_check(conn: &Connection, cipher: &XChaCha20Poly1305) -> Result<(), MetaEr
             )?;
         }
         Some(value) => {
-            let opens = value.len() > NONCE_LEN
-                && cipher
-                    .decrypt(
-                        XNonce::from_slice(&value[..NONCE_LEN]),
-                        Payload {
-                            msg: &value[NONCE_LEN..],
-                            aad: KEY_CHECK_AAD,
-                        },
-                    )
-                    .is_ok_and(|p| p == KEY_CHECK_PLAINTEXT);
-            if !opens {
-                return Err(MetaError::Refused(
-                    ErrorKind::Fatal,
-                    "the key does not open this vault: wrong key file or credential, \
-                     or a new key was generated because the old key file went missing"
-                        .into(),
-                ));
+            if !key_check_opens(&value, cipher) {
+                return Err(MetaError::Refused(ErrorKind::Fatal, WRONG_KEY.into()));
             }
         }
     }
     Ok(())
+}
+
+const WRONG_KEY: &str = "the key does not open this vault: wrong key file or credential, \
+                         or a new key was generated because the old key file went missing";
+
+/// Whether `value`, the sealed key check in `meta`, opens under `cipher`.
+fn key_check_opens(value: &[u8], cipher: &XChaCha20Poly1305) -> bool {
+    value.len() > NONCE_LEN
+        && cipher
+            .decrypt(
+                XNonce::from_slice(&value[..NONCE_LEN]),
+                Payload {
+                    msg: &value[NONCE_LEN..],
+                    aad: KEY_CHECK_AAD,
+                },
+            )
+            .is_ok_and(|p| p == KEY_CHECK_PLAINTEXT)
 }
 
 /// What `read` selects, owned so it can move to the blocking pool.
