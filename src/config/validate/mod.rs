@@ -164,6 +164,25 @@ struct Scope<'a> {
     alert_rules: Option<AlertRules>,
 }
 
+#[cfg(test)]
+impl Validator<'_> {
+    /// Runs `check` with a validator for a config file at
+    /// `/etc/keyturn/keyturn.toml`: every issue it reported. For the tests
+    /// of a plug-in's own checks (a config struct, an issuer's grant).
+    pub(crate) fn issues_of(check: impl FnOnce(&mut Validator<'_>)) -> Vec<Issue> {
+        let ctx = Context {
+            source: PathBuf::from("/etc/keyturn/keyturn.toml"),
+        };
+        let mut v = Validator {
+            ctx: &ctx,
+            issues: Vec::new(),
+            durations: DurationCache::default(),
+        };
+        check(&mut v);
+        v.issues
+    }
+}
+
 impl Validator<'_> {
     /// Reports a problem with a value.
     pub(crate) fn err(&mut self, at: Loc<'_>, message: impl Into<String>) {
