@@ -43,6 +43,16 @@ use async_trait::async_trait;
 
 use crate::config::validate::{Loc, Validator};
 use crate::model::{PluginError, SecretValue};
+use crate::plugin::registry;
+
+pub mod aws_sts;
+
+registry! {
+    /// `[issuers.NAME] type = ...`: one variant per issuer.
+    pub enum IssuerConfig: IssuerPlugin {
+        AwsSts(aws_sts::StsIssuerConfig),
+    }
+}
 
 /// Who a task is for and why: carried into every system that sees the
 /// task's credential, and into every audit record about it.
