@@ -12,10 +12,12 @@
 //!   policy allow (AWS: "the intersection of the role's identity-based
 //!   policy and the session policies");
 //! - `DurationSeconds` = the task's TTL. STS takes 900 s to the role's
-//!   `MaxSessionDuration` (at most 43,200 s); a TTL outside that range is
-//!   refused with an `invalid` error rather than silently stretched: STS
-//!   credentials cannot be ended early (see Revoke), so a 5-minute task
-//!   would hold a credential for 15;
+//!   `MaxSessionDuration` (at most 43,200 s; above the role's own maximum
+//!   STS refuses, `invalid`). A TTL below 900 s gets 900 s only with
+//!   `revoke_with_deny_policy`, which lets the task manager end the session
+//!   at the TTL (see Revoke); without it such a TTL is refused (`invalid`)
+//!   rather than silently stretched, since a 5-minute task would otherwise
+//!   hold a credential for 15;
 //! - session tags `task_id`, `agent`, `tenant`, `use_case`, `run_id`,
 //!   `initiator`, `sensitivity` (not transitive: a role chained from the
 //!   session does not carry them), and `SourceIdentity` = the initiator,
@@ -39,14 +41,35 @@
 //!
 //! # Revoke
 //! STS session credentials cannot be deleted: they work until their
-//! expiration (the documented way to end one early, a deny statement on the
-//! role conditioned on `aws:userid`, is not implemented here). `revoke`
-//! therefore answers [`Revoked::ExpiresAt`] with the session's expiration
-//! from the handle (or [`Revoked::Now`] once it has passed). Without a
-//! handle (a crash between the mint and its record) the expiration is not
-//! known: it answers the bound STS guarantees, 12 hours from now.
-//! `verify_revoked` says whether the expiration has passed; without a handle
-//! it cannot know and answers `false`.
+//! expiration. A session whose expiration has passed is [`Revoked::Now`].
+//! Otherwise:
+//! - by default `revoke` answers [`Revoked::ExpiresAt`] with the session's
+//!   expiration from the handle;
+//! - with `revoke_with_deny_policy = true` it ends the session the way AWS
+//!   documents ("Disabling permissions for temporary security
+//!   credentials"): a statement denying `*` to `aws:userid` =
+//!   `ROLEID:keyturn-<task_id>` (the `AssumedRoleId`, exactly this task's
+//!   sessions, not the role's other sessions, unlike `aws:TokenIssueTime`)
+//!   in the role's inline policy `keyturn-revoked-sessions`
+//!   (`GetRolePolicy`, then `PutRolePolicy`), and answers [`Revoked::Now`].
+//!   Sessions expiring in the same 5 minutes share a statement
+//!   (`KeyturnRevokedUntil<unix seconds>`), which is dropped at the next
+//!   revocation once they have all expired; statements that are not
+//!   keyturn's are kept. IAM applies a policy change within seconds
+//!   (eventual consistency), not at the instant of the call. Limits: an
+//!   inline policy holds 10,240 characters per role, about 150 revoked,
+//!   unexpired sessions (IAM then refuses the write: `invalid`, and the
+//!   session still ends at its expiration); the read-modify-write is
+//!   serialised within one keyturn, but two keyturn daemons revoking on one
+//!   role at the same moment can lose one entry (IAM has no conditional
+//!   write) — `verify_revoked` reads the policy back, so the task manager
+//!   sees it and revokes again.
+//!
+//! Without a handle (a crash between the mint and its record) neither the
+//! role nor the expiration is known: `revoke` answers the bound STS
+//! guarantees, 12 hours from now, and `verify_revoked` answers `false`.
+//! `verify_revoked` with a handle: the expiration has passed, or (with the
+//! deny policy) a deny statement of the role's policy names the session.
 //!
 //! # Errors
 //! The AWS vault's mapping ([`crate::vaults::aws::sdk_error_detail`]):
@@ -68,7 +91,7 @@ use tokio::sync::OnceCell;
 use super::{Grant, IssueRequest, Issued, IssuerPlugin, Revoked, TaskAttribution, TaskIssuer};
 use crate::config::validate::{Loc, Validator, duration_value};
 use crate::model::{ErrorKind, PluginError, SecretValue};
-use crate::vaults::aws::{sdk_config, sdk_error_detail};
+use crate::vaults::aws::{error_code, sdk_config, sdk_error_detail};
 
 /// The issuer type in config, also used in messages.
 pub const TYPE: &str = "aws_sts";
@@ -105,6 +128,15 @@ pub struct StsIssuerConfig {
     pub profile: Option<String>,
     /// Time allowed for one call (default 30 s).
     pub timeout: Option<String>,
+    /// End a session at once on revoke, with a deny statement in the
+    /// inline policy `keyturn-revoked-sessions` of its role (see the module
+    /// docs). Off by default: it needs `iam:GetRolePolicy` and
+    /// `iam:PutRolePolicy` on the task roles.
+    #[serde(default)]
+    pub revoke_with_deny_policy: bool,
+    /// IAM's endpoint for `revoke_with_deny_policy` (moto in tests);
+    /// default AWS's. `endpoint_url` is STS's only.
+    pub iam_endpoint_url: Option<String>,
 }
 
 impl StsIssuerConfig {
@@ -146,6 +178,21 @@ impl IssuerPlugin for StsIssuerConfig {
                 &["http", "https"],
                 "https://sts.eu-west-1.amazonaws.com",
             );
+        }
+        if let Some(u) = &self.iam_endpoint_url {
+            if self.revoke_with_deny_policy {
+                v.url(
+                    at.key("iam_endpoint_url"),
+                    u,
+                    &["http", "https"],
+                    "https://iam.amazonaws.com",
+                );
+            } else {
+                v.err_key(
+                    at.key("iam_endpoint_url"),
+                    "iam_endpoint_url is used only with revoke_with_deny_policy = true",
+                );
+            }
         }
         v.timeout(&at, &self.timeout, DEFAULT_TIMEOUT);
     }
@@ -345,11 +392,16 @@ pub fn session_tags(task: &TaskAttribution) -> [(&'static str, String); 7] {
     ]
 }
 
-/// The `DurationSeconds` of a TTL, or why STS cannot honour it.
-fn session_seconds(ttl: Duration) -> Result<i32, String> {
+/// The `DurationSeconds` of a TTL, or why STS cannot honour it. With
+/// early revocation a TTL below STS's minimum gets the minimum: the task
+/// manager revokes the session (a deny statement) at the TTL.
+fn session_seconds(ttl: Duration, early_revocation: bool) -> Result<i32, String> {
+    if ttl < MIN_SESSION && early_revocation {
+        return Ok(MIN_SESSION.as_secs() as i32);
+    }
     if ttl < MIN_SESSION {
         return Err(format!(
-            "the task's TTL of {}s is below STS's shortest session ({}s): STS credentials cannot be ended early, so the credential would outlive the task; ask for a TTL of at least 15m",
+            "the task's TTL of {}s is below STS's shortest session ({}s): without revoke_with_deny_policy the credential cannot be ended early and would outlive the task; ask for a TTL of at least 15m",
             ttl.as_secs(),
             MIN_SESSION.as_secs()
         ));
@@ -393,14 +445,141 @@ impl StsHandle {
 }
 
 // ---------------------------------------------------------------------------
+// The deny policy (early revocation)
+// ---------------------------------------------------------------------------
+
+/// The inline policy of a task role that holds keyturn's deny statements.
+pub const DENY_POLICY_NAME: &str = "keyturn-revoked-sessions";
+/// keyturn's statements in it are `KeyturnRevokedUntil<unix seconds>`.
+const DENY_SID_PREFIX: &str = "KeyturnRevokedUntil";
+/// Revoked sessions share a statement per this many seconds of expiry:
+/// fewer statements (an inline policy is limited to 10,240 characters per
+/// role), and a statement goes as a whole once its sessions have expired.
+const DENY_BUCKET_SECS: u64 = 300;
+
+/// The role name of `arn:...:role/[PATH/]NAME`.
+fn role_name(arn: &str) -> &str {
+    arn.rsplit('/').next().unwrap_or(arn)
+}
+
+/// The policy document as IAM answers it: URL-encoded (RFC 3986) on AWS,
+/// plain on moto.
+fn decode_policy_document(text: &str) -> String {
+    if text.trim_start().starts_with('{') {
+        text.to_owned()
+    } else {
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8_lossy()
+            .into_owned()
+    }
+}
+
+/// The statements of a policy document (a lone statement is a list of one).
+fn statements(doc: &str) -> Result<Vec<serde_json::Value>, String> {
+    let value: serde_json::Value = serde_json::from_str(doc)
+        .map_err(|e| format!("the {DENY_POLICY_NAME} policy is not JSON: {e}"))?;
+    match value.get("Statement") {
+        Some(serde_json::Value::Array(list)) => Ok(list.clone()),
+        Some(one @ serde_json::Value::Object(_)) => Ok(vec![one.clone()]),
+        None => Ok(Vec::new()),
+        Some(_) => Err(format!(
+            "the {DENY_POLICY_NAME} policy's Statement is neither a list nor an object"
+        )),
+    }
+}
+
+/// The expiry bucket of one of keyturn's statements.
+fn bucket_of(statement: &serde_json::Value) -> Option<u64> {
+    statement
+        .get("Sid")?
+        .as_str()?
+        .strip_prefix(DENY_SID_PREFIX)?
+        .parse()
+        .ok()
+}
+
+/// The `aws:userid` values a statement denies.
+fn denied_user_ids(statement: &serde_json::Value) -> Vec<&str> {
+    match statement.pointer("/Condition/StringEquals/aws:userid") {
+        Some(serde_json::Value::String(one)) => vec![one.as_str()],
+        Some(serde_json::Value::Array(list)) => list.iter().filter_map(|v| v.as_str()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The deny policy once `user_id` (a session expiring at `expires`) is in
+/// it and the statements whose sessions have all expired by `now` are gone;
+/// `None` when it lists the session already and nothing expired. Statements
+/// that are not keyturn's are kept as they are.
+pub(crate) fn deny_policy_with(
+    existing: Option<&str>,
+    user_id: &str,
+    expires: u64,
+    now: u64,
+) -> Result<Option<String>, String> {
+    let mut list = match existing {
+        Some(doc) => statements(doc)?,
+        None => Vec::new(),
+    };
+    let before = list.len();
+    list.retain(|st| bucket_of(st).is_none_or(|bucket| bucket > now));
+    let mut changed = list.len() != before;
+    let bucket = expires.div_ceil(DENY_BUCKET_SECS) * DENY_BUCKET_SECS;
+    match list.iter_mut().find(|st| bucket_of(st) == Some(bucket)) {
+        Some(st) if denied_user_ids(st).contains(&user_id) => {}
+        Some(st) => {
+            let mut ids: Vec<serde_json::Value> = denied_user_ids(st)
+                .into_iter()
+                .map(|id| serde_json::Value::String(id.to_owned()))
+                .collect();
+            ids.push(user_id.into());
+            st["Condition"]["StringEquals"]["aws:userid"] = ids.into();
+            changed = true;
+        }
+        None => {
+            list.push(serde_json::json!({
+                "Sid": format!("{DENY_SID_PREFIX}{bucket}"),
+                "Effect": "Deny",
+                "Action": "*",
+                "Resource": "*",
+                "Condition": {"StringEquals": {"aws:userid": [user_id]}},
+            }));
+            changed = true;
+        }
+    }
+    Ok(
+        changed
+            .then(|| serde_json::json!({"Version": "2012-10-17", "Statement": list}).to_string()),
+    )
+}
+
+/// Whether a deny statement of the policy names `user_id`.
+pub(crate) fn deny_policy_lists(doc: &str, user_id: &str) -> Result<bool, String> {
+    Ok(statements(doc)?.iter().any(|st| {
+        st.get("Effect").and_then(|e| e.as_str()) == Some("Deny")
+            && denied_user_ids(st).contains(&user_id)
+    }))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------
 // The issuer
 // ---------------------------------------------------------------------------
 
-/// The STS client and what messages say about it, built at the first call.
+/// The STS and IAM clients and what messages say about them, built at the
+/// first call.
 struct Connected {
     client: Client,
     region: String,
     endpoint: String,
+    iam: aws_sdk_iam::Client,
+    iam_endpoint: String,
 }
 
 /// An `aws_sts` issuer. Cheap to share behind an `Arc`.
@@ -409,6 +588,9 @@ pub struct StsIssuer {
     connected: OnceCell<Connected>,
     /// Credentials instead of the chain's (tests against a private moto).
     credentials: Option<aws_sdk_sts::config::SharedCredentialsProvider>,
+    /// One read-modify-write of a deny policy at a time (IAM has no
+    /// conditional write; see the module docs for several daemons).
+    deny_writes: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for StsIssuer {
@@ -427,6 +609,7 @@ impl StsIssuer {
             config,
             connected: OnceCell::new(),
             credentials: None,
+            deny_writes: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -486,21 +669,56 @@ impl StsIssuer {
                         "no AWS region: set `region` in the issuer's config, or AWS_REGION, or a region in the profile",
                     ));
                 };
-                let mut builder = aws_sdk_sts::config::Builder::from(&conf);
+                let mut sts = aws_sdk_sts::config::Builder::from(&conf);
+                // IAM has its own endpoint: never STS's.
+                let mut iam = aws_sdk_iam::config::Builder::from(&conf);
+                iam.set_endpoint_url(self.config.iam_endpoint_url.clone());
                 if let Some(c) = &self.credentials {
-                    builder = builder.credentials_provider(c.clone());
+                    sts = sts.credentials_provider(c.clone());
+                    iam = iam.credentials_provider(c.clone());
                 }
                 let endpoint = match &self.config.endpoint_url {
                     Some(url) => url.clone(),
                     None => format!("the STS endpoint of region {region}"),
                 };
+                let iam_endpoint = match &self.config.iam_endpoint_url {
+                    Some(url) => url.clone(),
+                    None => "the IAM endpoint".to_owned(),
+                };
                 Ok(Connected {
-                    client: Client::from_conf(builder.build()),
+                    client: Client::from_conf(sts.build()),
                     region,
                     endpoint,
+                    iam: aws_sdk_iam::Client::from_conf(iam.build()),
+                    iam_endpoint,
                 })
             })
             .await
+    }
+
+    /// The deny policy of `role_arn`, decoded; `None` when the role has none.
+    async fn deny_policy(
+        &self,
+        c: &Connected,
+        op: &str,
+        what: &str,
+        role_arn: &str,
+    ) -> Result<Option<String>, PluginError> {
+        match c
+            .iam
+            .get_role_policy()
+            .role_name(role_name(role_arn))
+            .policy_name(DENY_POLICY_NAME)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(decode_policy_document(out.policy_document()))),
+            Err(e) if error_code(&e) == Some("NoSuchEntity") => Ok(None),
+            Err(e) => {
+                let (kind, detail) = sdk_error_detail(&e, &c.iam_endpoint, self.config.timeout());
+                Err(self.err(kind, &format!("{op} (GetRolePolicy)"), what, detail))
+            }
+        }
     }
 
     /// The grant's session policy, packed.
@@ -554,7 +772,8 @@ impl TaskIssuer for StsIssuer {
         })?;
         let what = task_role(task, &grant.role_arn);
         let invalid = |detail: String| self.err(ErrorKind::Invalid, "issue", &what, detail);
-        let seconds = session_seconds(req.ttl).map_err(invalid)?;
+        let seconds =
+            session_seconds(req.ttl, self.config.revoke_with_deny_policy).map_err(invalid)?;
         check_role_arn(&grant.role_arn).map_err(invalid)?;
         if let Some(id) = &grant.external_id {
             check_external_id(id).map_err(invalid)?;
@@ -649,11 +868,34 @@ impl TaskIssuer for StsIssuer {
                 e,
             )
         })?;
-        if SystemTime::now() >= h.expires_at() {
-            Ok(Revoked::Now)
-        } else {
-            Ok(Revoked::ExpiresAt(h.expires_at()))
+        let now = unix_now();
+        if now >= h.expires {
+            return Ok(Revoked::Now);
         }
+        if !self.config.revoke_with_deny_policy {
+            return Ok(Revoked::ExpiresAt(h.expires_at()));
+        }
+        let what = task_role(task, &h.role_arn);
+        let c = self.connected().await?;
+        let _one_writer = self.deny_writes.lock().await;
+        let existing = self.deny_policy(c, "revoke", &what, &h.role_arn).await?;
+        let updated = deny_policy_with(existing.as_deref(), &h.assumed_role_id, h.expires, now)
+            .map_err(|e| self.err(ErrorKind::Invalid, "revoke", &what, e))?;
+        if let Some(doc) = updated {
+            c.iam
+                .put_role_policy()
+                .role_name(role_name(&h.role_arn))
+                .policy_name(DENY_POLICY_NAME)
+                .policy_document(doc)
+                .send()
+                .await
+                .map_err(|e| {
+                    let (kind, detail) =
+                        sdk_error_detail(&e, &c.iam_endpoint, self.config.timeout());
+                    self.err(kind, "revoke (PutRolePolicy)", &what, detail)
+                })?;
+        }
+        Ok(Revoked::Now)
     }
 
     async fn verify_revoked(
@@ -672,7 +914,22 @@ impl TaskIssuer for StsIssuer {
                 e,
             )
         })?;
-        Ok(SystemTime::now() >= h.expires_at())
+        if unix_now() >= h.expires {
+            return Ok(true);
+        }
+        if !self.config.revoke_with_deny_policy {
+            return Ok(false);
+        }
+        let what = task_role(task, &h.role_arn);
+        let c = self.connected().await?;
+        match self
+            .deny_policy(c, "verify_revoked", &what, &h.role_arn)
+            .await?
+        {
+            None => Ok(false),
+            Some(doc) => deny_policy_lists(&doc, &h.assumed_role_id)
+                .map_err(|e| self.err(ErrorKind::Invalid, "verify_revoked", &what, e)),
+        }
     }
 
     /// `GetCallerIdentity`: reaches STS and authenticates, needs no

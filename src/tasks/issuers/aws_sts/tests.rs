@@ -87,6 +87,8 @@ fn a_good_config_and_grant_have_no_issues() {
         endpoint_url: Some("https://sts.eu-west-1.amazonaws.com".into()),
         profile: Some("keyturn".into()),
         timeout: Some("10s".into()),
+        revoke_with_deny_policy: true,
+        iam_endpoint_url: Some("https://iam.amazonaws.com".into()),
     };
     assert_eq!(config_issues(config), vec![]);
     assert_eq!(config_issues(StsIssuerConfig::default()), vec![]);
@@ -110,15 +112,34 @@ fn config_checks_report_every_problem_located() {
         endpoint_url: Some("sts.amazonaws.com".into()),
         profile: None,
         timeout: Some("0s".into()),
+        revoke_with_deny_policy: false,
+        iam_endpoint_url: Some("https://iam.amazonaws.com".into()),
     });
     let got = located(&issues);
-    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(got.len(), 4, "{got:?}");
     assert_eq!(got[0].0, "issuers.sts.region");
     assert!(got[0].1.contains("region must not be empty"), "{got:?}");
     assert_eq!(got[1].0, "issuers.sts.endpoint_url");
     assert!(got[1].1.contains("it has no scheme"), "{got:?}");
-    assert_eq!(got[2].0, "issuers.sts.timeout");
-    assert!(got[2].1.contains("is zero"), "{got:?}");
+    assert_eq!(got[2].0, "issuers.sts.iam_endpoint_url");
+    assert_eq!(issues[2].anchor, Anchor::Key);
+    assert!(
+        got[2]
+            .1
+            .contains("only with revoke_with_deny_policy = true"),
+        "{got:?}"
+    );
+    assert_eq!(got[3].0, "issuers.sts.timeout");
+    assert!(got[3].1.contains("is zero"), "{got:?}");
+
+    let got = located(&config_issues(StsIssuerConfig {
+        revoke_with_deny_policy: true,
+        iam_endpoint_url: Some("iam".into()),
+        ..StsIssuerConfig::default()
+    }));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, "issuers.sts.iam_endpoint_url");
+    assert!(got[0].1.contains("invalid URL"), "{got:?}");
 }
 
 #[test]
@@ -282,14 +303,22 @@ fn attribution_is_sanitised_deterministically_into_sts_patterns() {
 
 #[test]
 fn ttls_outside_sts_session_bounds_are_refused() {
-    assert_eq!(session_seconds(Duration::from_secs(900)), Ok(900));
-    assert_eq!(session_seconds(Duration::from_secs(43_200)), Ok(43_200));
-    let short = session_seconds(Duration::from_secs(899)).unwrap_err();
+    for early in [false, true] {
+        assert_eq!(session_seconds(Duration::from_secs(900), early), Ok(900));
+        assert_eq!(
+            session_seconds(Duration::from_secs(43_200), early),
+            Ok(43_200)
+        );
+        assert!(session_seconds(Duration::from_secs(43_201), early).is_err());
+    }
+    // With early revocation a short TTL gets STS's minimum; keyturn ends it.
+    assert_eq!(session_seconds(Duration::from_secs(60), true), Ok(900));
+    let short = session_seconds(Duration::from_secs(899), false).unwrap_err();
     assert!(
         short.contains("899s") && short.contains("900s") && short.contains("at least 15m"),
         "{short}"
     );
-    let long = session_seconds(Duration::from_secs(43_201)).unwrap_err();
+    let long = session_seconds(Duration::from_secs(43_201), false).unwrap_err();
     assert!(long.contains("43200s"), "{long}");
 }
 
@@ -370,6 +399,65 @@ async fn revoke_and_verify_follow_the_session_expiry() {
     );
 }
 
+#[test]
+fn the_deny_policy_lists_revoked_sessions_until_they_expire() {
+    let a = "AROAEXAMPLE:keyturn-a";
+    let b = "AROAEXAMPLE:keyturn-b";
+    let now = 1_000_000;
+    // Both expire in the same 5-minute bucket (ending at 1,000,800).
+    let doc = deny_policy_with(None, a, now + 700, now)
+        .unwrap()
+        .expect("a new policy");
+    assert!(deny_policy_lists(&doc, a).unwrap());
+    assert!(!deny_policy_lists(&doc, b).unwrap());
+    let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(
+        v["Statement"],
+        serde_json::json!([{
+            "Sid": "KeyturnRevokedUntil1000800",
+            "Effect": "Deny",
+            "Action": "*",
+            "Resource": "*",
+            "Condition": {"StringEquals": {"aws:userid": [a]}},
+        }])
+    );
+    // Listed already: nothing to write.
+    assert_eq!(deny_policy_with(Some(&doc), a, now + 700, now), Ok(None));
+    // Same bucket: one more user id in the same statement.
+    let doc = deny_policy_with(Some(&doc), b, now + 650, now)
+        .unwrap()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(
+        v["Statement"][0]["Condition"]["StringEquals"]["aws:userid"],
+        serde_json::json!([a, b])
+    );
+
+    // Once its bucket has passed, a statement goes; other statements stay.
+    let with_foreign = serde_json::json!({"Version": "2012-10-17", "Statement": [
+        v["Statement"][0].clone(),
+        {"Sid": "Ops", "Effect": "Deny", "Action": "s3:*", "Resource": "*"},
+    ]})
+    .to_string();
+    let later = now + 800;
+    let c = "AROAEXAMPLE:keyturn-c";
+    let doc = deny_policy_with(Some(&with_foreign), c, later + 900, later)
+        .unwrap()
+        .unwrap();
+    assert!(!deny_policy_lists(&doc, a).unwrap() && !deny_policy_lists(&doc, b).unwrap());
+    assert!(deny_policy_lists(&doc, c).unwrap());
+    let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(v["Statement"][0]["Sid"], "Ops");
+    assert_eq!(v["Statement"].as_array().unwrap().len(), 2);
+
+    // AWS answers the document URL-encoded; moto plain.
+    let encoded = "%7B%22Statement%22%3A%5B%5D%7D";
+    assert_eq!(decode_policy_document(encoded), "{\"Statement\":[]}");
+    assert_eq!(decode_policy_document("{\"a\": 1}"), "{\"a\": 1}");
+    assert!(deny_policy_with(Some("not json"), a, now + 1, now).is_err());
+    assert_eq!(role_name("arn:aws:iam::123456789012:role/agents/x"), "x");
+}
+
 // -- real server (a private moto with IAM enforced) --------------------------
 
 const NO_SERVICES: &str =
@@ -392,7 +480,8 @@ impl Drop for PrivateMoto {
 /// What the setup made in a private moto.
 #[derive(serde::Deserialize)]
 struct Setup {
-    /// keyturn's own IAM user: may assume the task role.
+    /// keyturn's own IAM user: may assume the task role and read and
+    /// write its inline policies.
     access_key_id: String,
     secret_access_key: String,
     /// A user without any permission.
@@ -419,7 +508,8 @@ def user(name, actions):
             {"Version": "2012-10-17",
              "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
     return iam.create_access_key(UserName=name)["AccessKey"]
-keyturn = user("keyturn", ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"])
+keyturn = user("keyturn", ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity",
+                           "iam:GetRolePolicy", "iam:PutRolePolicy"])
 powerless = user("powerless", [])
 trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"},
          "Action": ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"]}]}
@@ -519,6 +609,11 @@ impl PrivateMoto {
 
     /// The form parameters of every `Action=AssumeRole` request received.
     fn assume_role_requests(&self) -> Vec<BTreeMap<String, String>> {
+        self.requests("AssumeRole")
+    }
+
+    /// The form parameters of every request of `action` received.
+    fn requests(&self, action: &str) -> Vec<BTreeMap<String, String>> {
         let text = std::fs::read_to_string(self.dir.path().join("requests.jsonl"))
             .expect("moto's recording");
         let mut found = Vec::new();
@@ -536,7 +631,7 @@ impl PrivateMoto {
             let form: BTreeMap<String, String> = form_urlencoded::parse(&body)
                 .map(|(k, v)| (k.into_owned(), v.into_owned()))
                 .collect();
-            if form.get("Action").map(String::as_str) == Some("AssumeRole") {
+            if form.get("Action").map(String::as_str) == Some(action) {
                 found.push(form);
             }
         }
@@ -892,4 +987,138 @@ async fn no_secret_in_errors_debug_handle_or_public_real_server() {
         }
     }
     assert!(texts[0].contains("[redacted]"), "{}", texts[0]);
+}
+
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn revoke_with_deny_policy_ends_the_session_at_once_real_server() {
+    let (moto, setup) = PrivateMoto::start().await;
+    let config = StsIssuerConfig {
+        revoke_with_deny_policy: true,
+        iam_endpoint_url: Some(moto.url.clone()),
+        ..moto.config()
+    };
+    let keyturn_creds = aws_sdk_sts::config::Credentials::new(
+        &setup.access_key_id,
+        &setup.secret_access_key,
+        None,
+        None,
+        "test",
+    );
+    let issuer = StsIssuer::with_credentials(config, keyturn_creds.clone());
+    let t = task(&unique_task());
+    // A TTL below STS's minimum: the session gets 900 s; keyturn ends it at
+    // the TTL by revoking it.
+    let before = SystemTime::now();
+    let issued = issue(
+        &issuer,
+        &t,
+        &grant(&setup.role_arn),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("issue");
+    assert_eq!(moto.assume_role_requests()[0]["DurationSeconds"], "900");
+    assert!(
+        issued.expires_at >= before + MIN_SESSION,
+        "{:?}",
+        issued.expires_at
+    );
+    let other_task = task(&unique_task());
+    let other = issue(
+        &issuer,
+        &other_task,
+        &grant(&setup.role_arn),
+        Duration::from_secs(900),
+    )
+    .await
+    .expect("issue another task");
+
+    let sm = secrets_client(&moto, &issued);
+    sm.list_secrets().send().await.expect("works before revoke");
+    assert!(
+        !issuer
+            .verify_revoked(&t, Some(&issued.handle))
+            .await
+            .unwrap()
+    );
+
+    assert_eq!(
+        issuer.revoke(&t, Some(&issued.handle)).await.unwrap(),
+        Revoked::Now
+    );
+    assert!(
+        issuer
+            .verify_revoked(&t, Some(&issued.handle))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !issuer
+            .verify_revoked(&other_task, Some(&other.handle))
+            .await
+            .unwrap(),
+        "only the revoked task's session is listed"
+    );
+
+    // The session is refused at once.
+    let refused = sm
+        .list_secrets()
+        .send()
+        .await
+        .expect_err("refused after revoke");
+    let raw = refused.raw_response().expect("an HTTP answer");
+    let body = String::from_utf8_lossy(raw.body().bytes().unwrap_or_default()).into_owned();
+    assert_eq!(raw.status().as_u16(), 403, "{body}");
+    assert!(body.contains("<Code>AccessDenied</Code>"), "{body}");
+
+    // The deny statement names exactly that session's aws:userid. (moto
+    // does not evaluate aws:userid: it would refuse the other task's
+    // session as well, so that is checked here in the policy, not by a call.)
+    let iam = aws_sdk_iam::Client::from_conf(
+        aws_sdk_iam::Config::builder()
+            .behavior_version(aws_sdk_iam::config::BehaviorVersion::latest())
+            .region(aws_sdk_iam::config::Region::new("us-east-1"))
+            .endpoint_url(&moto.url)
+            .credentials_provider(keyturn_creds)
+            .build(),
+    );
+    let doc = iam
+        .get_role_policy()
+        .role_name("invoice-tasks")
+        .policy_name(DENY_POLICY_NAME)
+        .send()
+        .await
+        .expect("the deny policy");
+    let doc: serde_json::Value =
+        serde_json::from_str(&decode_policy_document(doc.policy_document())).unwrap();
+    let h = StsHandle::decode(&issued.handle).unwrap();
+    let statements = doc["Statement"].as_array().expect("statements");
+    assert_eq!(statements.len(), 1, "{doc}");
+    assert_eq!(statements[0]["Effect"], "Deny");
+    assert_eq!(statements[0]["Action"], "*");
+    assert_eq!(
+        statements[0]["Condition"]["StringEquals"]["aws:userid"],
+        serde_json::json!([h.assumed_role_id])
+    );
+    assert!(
+        h.assumed_role_id
+            .ends_with(&format!(":keyturn-{}", t.task_id)),
+        "{h:?}"
+    );
+
+    // Twice is harmless and writes nothing more.
+    assert_eq!(
+        issuer.revoke(&t, Some(&issued.handle)).await.unwrap(),
+        Revoked::Now
+    );
+    let deny_writes = moto
+        .requests("PutRolePolicy")
+        .into_iter()
+        .filter(|r| r["PolicyName"] == DENY_POLICY_NAME)
+        .count();
+    assert_eq!(deny_writes, 1);
 }
