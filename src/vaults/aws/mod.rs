@@ -210,8 +210,9 @@ pub(crate) async fn sdk_config(
 // Error mapping
 // ---------------------------------------------------------------------------
 
-/// The kind of a Secrets Manager service error, from its code, HTTP status
-/// and message. Pure, so it is tested without a server.
+/// The kind of an AWS service error, from its code, HTTP status and
+/// message: Secrets Manager's codes, and those of STS and IAM that the
+/// `aws_sts` task issuer meets. Pure, so it is tested without a server.
 pub(crate) fn classify_service(
     code: Option<&str>,
     status: u16,
@@ -233,8 +234,15 @@ pub(crate) fn classify_service(
         | "IncompleteSignature"
         | "MissingAuthenticationToken"
         | "ExpiredTokenException" => ErrorKind::Unauthorized,
-        "ResourceNotFoundException" => ErrorKind::NotFound,
-        "ResourceExistsException" => ErrorKind::Conflict,
+        "ResourceNotFoundException" | "NoSuchEntity" => ErrorKind::NotFound,
+        "ResourceExistsException" | "ConcurrentModification" => ErrorKind::Conflict,
+        // STS: a bad session policy, too much policy and tags, a duration
+        // above the role's maximum; IAM: an inline policy over its quota.
+        "MalformedPolicyDocument"
+        | "PackedPolicyTooLarge"
+        | "ValidationError"
+        | "LimitExceeded" => ErrorKind::Invalid,
+        "EntityTemporarilyUnmodifiable" | "ServiceFailure" => ErrorKind::Transient,
         "InvalidRequestException"
         | "InvalidParameterException"
         | "InvalidNextTokenException"
