@@ -573,8 +573,11 @@ impl PrivateMoto {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // boto3 would honour a proxy from the environment; moto is local.
         let out = Command::new(&python)
             .args(["-c", SETUP, &moto.url])
+            .env("NO_PROXY", "127.0.0.1")
+            .env("no_proxy", "127.0.0.1")
             .output()
             .expect("run the setup");
         assert!(
