@@ -195,6 +195,16 @@ impl<'a> Validator<'a> {
     }
 }
 
+#[cfg(test)]
+impl Validator<'_> {
+    /// Runs `check` with a validator for a config file at
+    /// `/etc/keyturn/keyturn.toml`: every issue it reported. For the tests
+    /// of a plug-in's own checks (a config struct, an issuer's grant).
+    pub(crate) fn issues_of(check: impl FnOnce(&mut Validator<'_>)) -> Vec<Issue> {
+        issues_of(Path::new("/etc/keyturn/keyturn.toml"), check)
+    }
+}
+
 impl Validator<'_> {
     /// Reports a problem with a value.
     pub(crate) fn err(&mut self, at: Loc<'_>, message: impl Into<String>) {

@@ -45,6 +45,7 @@ use crate::config::validate::{Loc, Validator};
 use crate::model::{PluginError, SecretValue};
 use crate::plugin::registry;
 
+pub mod aws_sts;
 pub mod postgres;
 pub mod vault_token;
 
@@ -53,6 +54,7 @@ registry! {
     pub enum IssuerConfig: IssuerPlugin {
         Postgres(postgres::PgIssuerConfig),
         VaultToken(vault_token::TokenIssuerConfig),
+        AwsSts(aws_sts::StsIssuerConfig),
     }
 }
 

@@ -172,13 +172,52 @@ impl VaultPlugin for AwsConfig {
     }
 }
 
+/// The SDK config of every AWS plug-in (this vault, the `aws_sts` task
+/// issuer): the standard credential chain, with `region`, `profile` and
+/// `endpoint_url` from config, the SDK's own retries off (the engine owns
+/// retries and back-off) and `timeout` for connect, each attempt and the
+/// whole call. Does not call AWS: credentials are resolved at the first call.
+pub(crate) async fn sdk_config(
+    region: Option<&str>,
+    profile: Option<&str>,
+    endpoint_url: Option<&str>,
+    timeout: Duration,
+) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        // A retry inside the SDK would also spend a vault's write budget
+        // behind the engine's back.
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(timeout)
+                .operation_attempt_timeout(timeout)
+                .operation_timeout(timeout)
+                .build(),
+        );
+    if let Some(region) = region {
+        loader = loader.region(Region::new(region.to_owned()));
+    }
+    if let Some(profile) = profile {
+        loader = loader.profile_name(profile);
+    }
+    if let Some(url) = endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    loader.load().await
+}
+
 // ---------------------------------------------------------------------------
 // Error mapping
 // ---------------------------------------------------------------------------
 
-/// The kind of a Secrets Manager service error, from its code, HTTP status
-/// and message. Pure, so it is tested without a server.
-fn classify_service(code: Option<&str>, status: u16, message: Option<&str>) -> ErrorKind {
+/// The kind of an AWS service error, from its code, HTTP status and
+/// message: Secrets Manager's codes, and those of STS and IAM that the
+/// `aws_sts` task issuer meets. Pure, so it is tested without a server.
+pub(crate) fn classify_service(
+    code: Option<&str>,
+    status: u16,
+    message: Option<&str>,
+) -> ErrorKind {
     let rate_exceeded = message.is_some_and(|m| m.contains("Rate exceeded"));
     match code.unwrap_or("") {
         "ThrottlingException"
@@ -195,8 +234,15 @@ fn classify_service(code: Option<&str>, status: u16, message: Option<&str>) -> E
         | "IncompleteSignature"
         | "MissingAuthenticationToken"
         | "ExpiredTokenException" => ErrorKind::Unauthorized,
-        "ResourceNotFoundException" => ErrorKind::NotFound,
-        "ResourceExistsException" => ErrorKind::Conflict,
+        "ResourceNotFoundException" | "NoSuchEntity" => ErrorKind::NotFound,
+        "ResourceExistsException" | "ConcurrentModification" => ErrorKind::Conflict,
+        // STS: a bad session policy, too much policy and tags, a duration
+        // above the role's maximum; IAM: an inline policy over its quota.
+        "MalformedPolicyDocument"
+        | "PackedPolicyTooLarge"
+        | "ValidationError"
+        | "LimitExceeded" => ErrorKind::Invalid,
+        "EntityTemporarilyUnmodifiable" | "ServiceFailure" => ErrorKind::Transient,
         "InvalidRequestException"
         | "InvalidParameterException"
         | "InvalidNextTokenException"
@@ -214,8 +260,91 @@ fn classify_service(code: Option<&str>, status: u16, message: Option<&str>) -> E
     }
 }
 
+/// The kind and text of a failed SDK call of any AWS service (they share
+/// `SdkError` and the response type): the service's code and message, or
+/// why the request did not reach it. `endpoint` and `timeout` are for the
+/// text. The text may carry whatever the service echoed: a caller that sent
+/// a secret scrubs it.
+pub(crate) fn sdk_error_detail<E>(
+    e: &SdkError<E, HttpResponse>,
+    endpoint: &str,
+    timeout: Duration,
+) -> (ErrorKind, String)
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match e {
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            let code = se.err().code();
+            let message = se.err().message();
+            (
+                classify_service(code, status, message),
+                format!(
+                    "{} (HTTP {status}): {}",
+                    code.unwrap_or("unknown error"),
+                    message.unwrap_or("no message")
+                ),
+            )
+        }
+        SdkError::TimeoutError(_) => (
+            ErrorKind::Transient,
+            format!("no answer from {} within {:?}", endpoint, timeout),
+        ),
+        SdkError::DispatchFailure(d) => {
+            let text = error_chain(e);
+            if d.is_io() || d.is_timeout() {
+                (
+                    ErrorKind::Transient,
+                    format!("cannot reach {}: {text}", endpoint),
+                )
+            } else if text.to_ascii_lowercase().contains("credential") {
+                // The credential chain found nothing or failed: the
+                // request never left. Config or IAM must change.
+                (
+                    ErrorKind::Unauthorized,
+                    format!("no usable AWS credentials: {text}"),
+                )
+            } else if d.is_user() {
+                (ErrorKind::Invalid, format!("request not sent: {text}"))
+            } else {
+                (
+                    ErrorKind::Transient,
+                    format!("cannot reach {}: {text}", endpoint),
+                )
+            }
+        }
+        SdkError::ResponseError(r) => {
+            let status = r.raw().status().as_u16();
+            let kind = if status == 429 {
+                ErrorKind::Throttled
+            } else {
+                ErrorKind::Transient
+            };
+            (
+                kind,
+                format!(
+                    "unreadable response (HTTP {status}) from {}: {}",
+                    endpoint,
+                    error_chain(e)
+                ),
+            )
+        }
+        SdkError::ConstructionFailure(_) => {
+            let text = error_chain(e);
+            let kind = if text.to_ascii_lowercase().contains("credential") {
+                ErrorKind::Unauthorized
+            } else {
+                ErrorKind::Invalid
+            };
+            (kind, format!("could not build the request: {text}"))
+        }
+        _ => (ErrorKind::Transient, error_chain(e)),
+    }
+}
+
 /// The service error code, if the call reached the service.
-fn error_code<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> Option<&str> {
+pub(crate) fn error_code<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> Option<&str> {
     e.as_service_error().and_then(|s| s.code())
 }
 
@@ -225,7 +354,7 @@ fn is_not_found<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> bool 
 
 /// `error: cause: cause ...`, without the `Debug` dump that the SDK's
 /// `DisplayErrorContext` appends (it repeats the chain in one long line).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
@@ -335,27 +464,13 @@ impl AwsVault {
             return Err(invalid("timeout must be more than zero".into()));
         }
 
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            // The engine owns retries and back-off; a retry inside the SDK
-            // would also spend write budget behind the engine's back.
-            .retry_config(RetryConfig::disabled())
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(timeout)
-                    .operation_attempt_timeout(timeout)
-                    .operation_timeout(timeout)
-                    .build(),
-            );
-        if let Some(region) = &s.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
-        if let Some(profile) = &s.profile {
-            loader = loader.profile_name(profile);
-        }
-        if let Some(url) = &s.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
-        let conf = loader.load().await;
+        let conf = sdk_config(
+            s.region.as_deref(),
+            s.profile.as_deref(),
+            s.endpoint_url.as_deref(),
+            timeout,
+        )
+        .await;
         let Some(region) = conf.region().map(|r| r.to_string()) else {
             return Err(invalid(
                 "no AWS region: set `region` in the vault's config, or AWS_REGION, or a region in the profile"
@@ -415,74 +530,7 @@ impl AwsVault {
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
-        let (kind, detail) = match e {
-            SdkError::ServiceError(se) => {
-                let status = se.raw().status().as_u16();
-                let code = se.err().code();
-                let message = se.err().message();
-                (
-                    classify_service(code, status, message),
-                    format!(
-                        "{} (HTTP {status}): {}",
-                        code.unwrap_or("unknown error"),
-                        message.unwrap_or("no message")
-                    ),
-                )
-            }
-            SdkError::TimeoutError(_) => (
-                ErrorKind::Transient,
-                format!("no answer from {} within {:?}", self.endpoint, self.timeout),
-            ),
-            SdkError::DispatchFailure(d) => {
-                let text = error_chain(e);
-                if d.is_io() || d.is_timeout() {
-                    (
-                        ErrorKind::Transient,
-                        format!("cannot reach {}: {text}", self.endpoint),
-                    )
-                } else if text.to_ascii_lowercase().contains("credential") {
-                    // The credential chain found nothing or failed: the
-                    // request never left. Config or IAM must change.
-                    (
-                        ErrorKind::Unauthorized,
-                        format!("no usable AWS credentials: {text}"),
-                    )
-                } else if d.is_user() {
-                    (ErrorKind::Invalid, format!("request not sent: {text}"))
-                } else {
-                    (
-                        ErrorKind::Transient,
-                        format!("cannot reach {}: {text}", self.endpoint),
-                    )
-                }
-            }
-            SdkError::ResponseError(r) => {
-                let status = r.raw().status().as_u16();
-                let kind = if status == 429 {
-                    ErrorKind::Throttled
-                } else {
-                    ErrorKind::Transient
-                };
-                (
-                    kind,
-                    format!(
-                        "unreadable response (HTTP {status}) from {}: {}",
-                        self.endpoint,
-                        error_chain(e)
-                    ),
-                )
-            }
-            SdkError::ConstructionFailure(_) => {
-                let text = error_chain(e);
-                let kind = if text.to_ascii_lowercase().contains("credential") {
-                    ErrorKind::Unauthorized
-                } else {
-                    ErrorKind::Invalid
-                };
-                (kind, format!("could not build the request: {text}"))
-            }
-            _ => (ErrorKind::Transient, error_chain(e)),
-        };
+        let (kind, detail) = sdk_error_detail(e, &self.endpoint, self.timeout);
         self.err(kind, op, secret, scrub(detail, value))
     }
 

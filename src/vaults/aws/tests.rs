@@ -113,6 +113,17 @@ fn service_errors_map_to_kinds() {
         (Some("InternalServiceError"), 500, None, Transient),
         (None, 503, None, Transient),
         (Some("SomethingNew"), 400, None, Invalid),
+        // STS and IAM (the aws_sts task issuer).
+        (Some("AccessDenied"), 403, None, Unauthorized),
+        (Some("ExpiredTokenException"), 400, None, Unauthorized),
+        (Some("MalformedPolicyDocument"), 400, None, Invalid),
+        (Some("PackedPolicyTooLarge"), 400, None, Invalid),
+        (Some("ValidationError"), 400, None, Invalid),
+        (Some("LimitExceeded"), 409, None, Invalid),
+        (Some("NoSuchEntity"), 404, None, NotFound),
+        (Some("ConcurrentModification"), 409, None, Conflict),
+        (Some("EntityTemporarilyUnmodifiable"), 409, None, Transient),
+        (Some("ServiceFailure"), 500, None, Transient),
     ];
     for (code, status, message, kind) in cases {
         assert_eq!(

@@ -1,0 +1,952 @@
+//! The `aws_sts` task issuer: a task's credential is an STS session of an
+//! IAM role, narrowed by a session policy, tagged with the task's
+//! attribution and lasting the task's TTL.
+//!
+//! # Issue
+//! `AssumeRole` of the grant's `role_arn` with
+//! - `RoleSessionName` = `keyturn-<task_id>`: CloudTrail names every call of
+//!   the session after the task, and IAM sees it in `aws:userid`
+//!   (`ROLEID:keyturn-<task_id>`);
+//! - `Policy` = the grant's session policy, sent packed (no whitespace). The
+//!   session may do only what both the role's policies and the session
+//!   policy allow (AWS: "the intersection of the role's identity-based
+//!   policy and the session policies");
+//! - `DurationSeconds` = the task's TTL. STS takes 900 s to the role's
+//!   `MaxSessionDuration` (at most 43,200 s; above the role's own maximum
+//!   STS refuses, `invalid`). A TTL below 900 s gets 900 s only with
+//!   `revoke_with_deny_policy`, which lets the task manager end the session
+//!   at the TTL (see Revoke); without it such a TTL is refused (`invalid`)
+//!   rather than silently stretched, since a 5-minute task would otherwise
+//!   hold a credential for 15;
+//! - session tags `task_id`, `agent`, `tenant`, `use_case`, `run_id`,
+//!   `initiator`, `sensitivity` (not transitive: a role chained from the
+//!   session does not carry them), and `SourceIdentity` = the initiator,
+//!   which AWS keeps across role chaining and logs in CloudTrail. The
+//!   role's trust policy must allow `sts:TagSession` and
+//!   `sts:SetSourceIdentity` besides `sts:AssumeRole`;
+//! - `ExternalId` when the grant has one.
+//!
+//! Tag values and the source identity must match STS's patterns. keyturn
+//! sanitises them deterministically ([`tag_value`], [`source_identity`]):
+//! every character outside the allowed ASCII set becomes `_`, then the text
+//! is cut to STS's length (256 characters for a tag value, 64 for the source
+//! identity, padded with `_` to its minimum of 2). Non-ASCII letters, which
+//! AWS allows in tag values, become `_` too: the rule stays one simple,
+//! predictable mapping. The audit record keeps the attribution as given.
+//!
+//! The handle is a small JSON object ([`StsHandle`]: role ARN, the
+//! `AssumedRoleId`, access key id, expiry), never secret. The agent gets
+//! `access_key_id`, `expiration`, `region` and `assumed_role_arn` as public
+//! fields and `secret_access_key` and `session_token` as secrets.
+//!
+//! # Revoke
+//! STS session credentials cannot be deleted: they work until their
+//! expiration. A session whose expiration has passed is [`Revoked::Now`].
+//! Otherwise:
+//! - by default `revoke` answers [`Revoked::ExpiresAt`] with the session's
+//!   expiration from the handle;
+//! - with `revoke_with_deny_policy = true` it ends the session the way AWS
+//!   documents ("Disabling permissions for temporary security
+//!   credentials"): a statement denying `*` to `aws:userid` =
+//!   `ROLEID:keyturn-<task_id>` (the `AssumedRoleId`, exactly this task's
+//!   sessions, not the role's other sessions, unlike `aws:TokenIssueTime`)
+//!   in the role's inline policy `keyturn-revoked-sessions`
+//!   (`GetRolePolicy`, then `PutRolePolicy`), and answers [`Revoked::Now`].
+//!   Sessions expiring in the same 5 minutes share a statement
+//!   (`KeyturnRevokedUntil<unix seconds>`), which is dropped at the next
+//!   revocation once they have all expired; statements that are not
+//!   keyturn's are kept. IAM applies a policy change within seconds
+//!   (eventual consistency), not at the instant of the call. Limits: an
+//!   inline policy holds 10,240 characters per role, about 150 revoked,
+//!   unexpired sessions (IAM then refuses the write: `invalid`, and the
+//!   session still ends at its expiration); the read-modify-write is
+//!   serialised within one keyturn, but two keyturn daemons revoking on one
+//!   role at the same moment can lose one entry (IAM has no conditional
+//!   write) — `verify_revoked` reads the policy back, so the task manager
+//!   sees it and revokes again.
+//!
+//! Without a handle (a crash between the mint and its record) neither the
+//! role nor the expiration is known: `revoke` answers the bound STS
+//! guarantees, 12 hours from now, and `verify_revoked` answers `false`.
+//! `verify_revoked` with a handle: the expiration has passed, or (with the
+//! deny policy) a deny statement of the role's policy names the session.
+//!
+//! # Errors
+//! The AWS vault's mapping ([`crate::vaults::aws::sdk_error_detail`]):
+//! `AccessDenied` → `unauthorized`, throttling → `throttled`, a malformed or
+//! too large session policy, a duration above the role's maximum →
+//! `invalid`, connection errors and 5xx → `transient`. Messages name the
+//! issuer, the operation, the task and the role, never a credential.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use aws_sdk_sts::Client;
+use aws_sdk_sts::types::Tag;
+use tokio::sync::OnceCell;
+
+use super::{Grant, IssueRequest, Issued, IssuerPlugin, Revoked, TaskAttribution, TaskIssuer};
+use crate::config::validate::{Loc, Validator, duration_value};
+use crate::model::{ErrorKind, PluginError, SecretValue};
+use crate::vaults::aws::{error_code, sdk_config, sdk_error_detail};
+
+/// The issuer type in config, also used in messages.
+pub const TYPE: &str = "aws_sts";
+/// Default time allowed for one call (connect + request + response).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// STS's shortest session (`DurationSeconds` minimum).
+pub const MIN_SESSION: Duration = Duration::from_secs(900);
+/// STS's longest role session (a role's `MaxSessionDuration` maximum).
+pub const MAX_SESSION: Duration = Duration::from_secs(43_200);
+/// STS's limit on a session policy's plain text, in characters ("The
+/// plaintext that you use for both inline and managed session policies
+/// can't exceed 2,048 characters", AssumeRole API reference).
+pub const MAX_POLICY_CHARS: usize = 2048;
+/// Every session keyturn opens is named `keyturn-<task_id>`.
+pub const SESSION_PREFIX: &str = "keyturn-";
+/// `RoleSessionName` and `SourceIdentity` length limits.
+const MAX_SESSION_NAME: usize = 64;
+const MAX_SOURCE_IDENTITY: usize = 64;
+const MIN_SOURCE_IDENTITY: usize = 2;
+/// A session tag value's length limit.
+const MAX_TAG_VALUE: usize = 256;
+/// `ExternalId` length limits.
+const EXTERNAL_ID_LEN: std::ops::RangeInclusive<usize> = 2..=1224;
+
+/// `[issuers.NAME]` with `type = "aws_sts"`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StsIssuerConfig {
+    /// AWS region; `None` = the credential chain's region (env, profile).
+    pub region: Option<String>,
+    /// e.g. a VPC endpoint of STS in production, moto in tests.
+    pub endpoint_url: Option<String>,
+    /// A profile of the shared config/credentials files.
+    pub profile: Option<String>,
+    /// Time allowed for one call (default 30 s).
+    pub timeout: Option<String>,
+    /// End a session at once on revoke, with a deny statement in the
+    /// inline policy `keyturn-revoked-sessions` of its role (see the module
+    /// docs). Off by default: it needs `iam:GetRolePolicy` and
+    /// `iam:PutRolePolicy` on the task roles.
+    #[serde(default)]
+    pub revoke_with_deny_policy: bool,
+    /// IAM's endpoint for `revoke_with_deny_policy` (moto in tests);
+    /// default AWS's. `endpoint_url` is STS's only.
+    pub iam_endpoint_url: Option<String>,
+}
+
+impl StsIssuerConfig {
+    pub fn timeout(&self) -> Duration {
+        duration_value(self.timeout.as_deref(), DEFAULT_TIMEOUT)
+    }
+}
+
+/// What a policy level grants at an `aws_sts` issuer:
+/// `{ role_arn = "...", session_policy = '{"Version": ...}' }`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StsGrant {
+    /// The role the task's session assumes.
+    pub role_arn: String,
+    /// The session policy, inline (a JSON document).
+    pub session_policy: Option<String>,
+    /// The session policy, from a file (an absolute path; read at each
+    /// issuance, so an edit takes effect with the next task).
+    pub session_policy_file: Option<PathBuf>,
+    /// `ExternalId`, when the role's trust policy asks for one.
+    pub external_id: Option<String>,
+}
+
+impl IssuerPlugin for StsIssuerConfig {
+    fn check(&mut self, v: &mut Validator<'_>, at: Loc<'_>) {
+        if let Some(region) = &self.region
+            && region.trim().is_empty()
+        {
+            v.err(
+                at.key("region"),
+                "region must not be empty (write e.g. \"eu-west-1\", or leave it out to use the credential chain's)",
+            );
+        }
+        if let Some(u) = &self.endpoint_url {
+            v.url(
+                at.key("endpoint_url"),
+                u,
+                &["http", "https"],
+                "https://sts.eu-west-1.amazonaws.com",
+            );
+        }
+        if let Some(u) = &self.iam_endpoint_url {
+            if self.revoke_with_deny_policy {
+                v.url(
+                    at.key("iam_endpoint_url"),
+                    u,
+                    &["http", "https"],
+                    "https://iam.amazonaws.com",
+                );
+            } else {
+                v.err_key(
+                    at.key("iam_endpoint_url"),
+                    "iam_endpoint_url is used only with revoke_with_deny_policy = true",
+                );
+            }
+        }
+        v.timeout(&at, &self.timeout, DEFAULT_TIMEOUT);
+    }
+
+    fn check_grant(&self, grant: &Grant, v: &mut Validator<'_>, at: Loc<'_>) {
+        let g: StsGrant = match grant.parse() {
+            Ok(g) => g,
+            Err(e) => {
+                v.err(at, format!("invalid {TYPE} grant: {e}"));
+                return;
+            }
+        };
+        if let Err(why) = check_role_arn(&g.role_arn) {
+            v.err(at.key("role_arn"), why);
+        }
+        match (&g.session_policy, &g.session_policy_file) {
+            (Some(_), Some(_)) => v.err_key(
+                at.key("session_policy_file"),
+                "set either session_policy or session_policy_file, not both",
+            ),
+            (None, None) => v.err_key(
+                at,
+                "a session policy is required: set session_policy (a JSON document) or session_policy_file",
+            ),
+            (Some(text), None) => {
+                if let Err(why) = pack_policy(text) {
+                    v.err(at.key("session_policy"), why);
+                }
+            }
+            (None, Some(path)) => {
+                // Validation is pure: the file is read (and its policy
+                // checked) at each issuance.
+                if !path.is_absolute() {
+                    v.err(
+                        at.key("session_policy_file"),
+                        format!(
+                            "session_policy_file must be an absolute path, got `{}`",
+                            path.display()
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(id) = &g.external_id
+            && let Err(why) = check_external_id(id)
+        {
+            v.err(at.key("external_id"), why);
+        }
+    }
+
+    fn build(&self) -> Result<Arc<dyn TaskIssuer>, PluginError> {
+        Ok(Arc::new(StsIssuer::new(self.clone())))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Pure checks and mappings
+// ---------------------------------------------------------------------------
+
+/// `arn:PARTITION:iam::ACCOUNT:role/[PATH/]NAME`.
+fn check_role_arn(arn: &str) -> Result<(), String> {
+    let example = "arn:aws:iam::123456789012:role/agent-tasks";
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let problem = match parts.as_slice() {
+        ["arn", partition, "iam", "", account, resource] => {
+            if partition.is_empty() {
+                Some("it has no partition")
+            } else if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+                Some("the account must be 12 digits")
+            } else if !resource.starts_with("role/")
+                || resource.ends_with('/')
+                || resource.contains(char::is_whitespace)
+            {
+                Some("the resource must be role/NAME")
+            } else {
+                None
+            }
+        }
+        _ => Some("it is not an IAM role ARN"),
+    };
+    match problem {
+        None => Ok(()),
+        Some(why) => Err(format!(
+            "invalid role_arn `{arn}`: {why} (write e.g. \"{example}\")"
+        )),
+    }
+}
+
+/// A session policy as sent to STS: parsed, then written without
+/// whitespace. Err says why STS would refuse it.
+pub(crate) fn pack_policy(text: &str) -> Result<String, String> {
+    let doc: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| format!("the session policy is not valid JSON: {e}"))?;
+    let Some(obj) = doc.as_object() else {
+        return Err("the session policy must be a JSON object (an IAM policy document)".into());
+    };
+    if !obj.contains_key("Statement") {
+        return Err("the session policy has no \"Statement\"".into());
+    }
+    let packed = doc.to_string();
+    // STS accepts tab, LF, CR and U+0020..=U+00FF in a policy.
+    if let Some(c) = packed
+        .chars()
+        .find(|&c| !matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{ff}'))
+    {
+        return Err(format!(
+            "the session policy contains {c:?} (U+{:04X}); STS accepts only characters up to U+00FF",
+            c as u32
+        ));
+    }
+    let chars = packed.chars().count();
+    if chars > MAX_POLICY_CHARS {
+        return Err(format!(
+            "the session policy is {chars} characters without whitespace; STS accepts at most {MAX_POLICY_CHARS}"
+        ));
+    }
+    Ok(packed)
+}
+
+/// `[\w+=,.@:/-]`, 2 to 1224 characters.
+fn check_external_id(id: &str) -> Result<(), String> {
+    let len = id.chars().count();
+    if !EXTERNAL_ID_LEN.contains(&len) {
+        return Err(format!(
+            "external_id must be 2 to 1224 characters, got {len}"
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|&c| !(c.is_ascii_alphanumeric() || "_+=,.@:/-".contains(c)))
+    {
+        return Err(format!(
+            "external_id contains {c:?}; STS accepts letters, digits and _+=,.@:/-"
+        ));
+    }
+    Ok(())
+}
+
+/// A session tag value STS accepts (`[\p{L}\p{Z}\p{N}_.:/=+\-@]*`, at most
+/// 256 characters), kept to ASCII: letters, digits, space and `_.:/=+-@`
+/// stay, anything else becomes `_`; then cut to 256 characters.
+pub fn tag_value(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || " _.:/=+-@".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(MAX_TAG_VALUE)
+        .collect()
+}
+
+/// Text STS accepts as a `SourceIdentity` or `RoleSessionName`
+/// (`[\w+=,.@-]*`): letters, digits and `_+=,.@-` stay, anything else
+/// becomes `_`; then cut to `max` characters.
+fn sts_name(s: &str, max: usize) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(max)
+        .collect()
+}
+
+/// The `SourceIdentity` for an initiator: [`sts_name`] cut to 64
+/// characters and padded with `_` to STS's minimum of 2.
+pub fn source_identity(initiator: &str) -> String {
+    let mut s = sts_name(initiator, MAX_SOURCE_IDENTITY);
+    while s.chars().count() < MIN_SOURCE_IDENTITY {
+        s.push('_');
+    }
+    s
+}
+
+/// `keyturn-<task_id>` (a task id is already in STS's charset; the
+/// mapping only guards against a future id format).
+pub fn session_name(task_id: &str) -> String {
+    sts_name(&format!("{SESSION_PREFIX}{task_id}"), MAX_SESSION_NAME)
+}
+
+/// The session tags of a task, in a fixed order.
+pub fn session_tags(task: &TaskAttribution) -> [(&'static str, String); 7] {
+    [
+        ("task_id", tag_value(&task.task_id)),
+        ("agent", tag_value(&task.agent)),
+        ("tenant", tag_value(&task.tenant)),
+        ("use_case", tag_value(&task.use_case)),
+        ("run_id", tag_value(&task.run_id)),
+        ("initiator", tag_value(&task.initiator)),
+        ("sensitivity", tag_value(&task.sensitivity)),
+    ]
+}
+
+/// The `DurationSeconds` of a TTL, or why STS cannot honour it. With
+/// early revocation a TTL below STS's minimum gets the minimum: the task
+/// manager revokes the session (a deny statement) at the TTL.
+fn session_seconds(ttl: Duration, early_revocation: bool) -> Result<i32, String> {
+    if ttl < MIN_SESSION && early_revocation {
+        return Ok(MIN_SESSION.as_secs() as i32);
+    }
+    if ttl < MIN_SESSION {
+        return Err(format!(
+            "the task's TTL of {}s is below STS's shortest session ({}s): without revoke_with_deny_policy the credential cannot be ended early and would outlive the task; ask for a TTL of at least 15m",
+            ttl.as_secs(),
+            MIN_SESSION.as_secs()
+        ));
+    }
+    if ttl > MAX_SESSION {
+        return Err(format!(
+            "the task's TTL of {}s is above STS's longest role session ({}s)",
+            ttl.as_secs(),
+            MAX_SESSION.as_secs()
+        ));
+    }
+    // ≤ 43,200: fits.
+    Ok(ttl.as_secs() as i32)
+}
+
+/// What `revoke` and `verify_revoked` need of a session, persisted as the
+/// task's handle. Not secret: an access key id identifies a credential
+/// without granting anything.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StsHandle {
+    pub role_arn: String,
+    /// `ROLEID:keyturn-<task_id>`: the session's `aws:userid`.
+    pub assumed_role_id: String,
+    pub access_key_id: String,
+    /// The session's expiration, seconds since the Unix epoch.
+    pub expires: u64,
+}
+
+impl StsHandle {
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("a handle serializes")
+    }
+
+    pub fn decode(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| format!("unreadable {TYPE} handle: {e}"))
+    }
+
+    pub fn expires_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.expires)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The deny policy (early revocation)
+// ---------------------------------------------------------------------------
+
+/// The inline policy of a task role that holds keyturn's deny statements.
+pub const DENY_POLICY_NAME: &str = "keyturn-revoked-sessions";
+/// keyturn's statements in it are `KeyturnRevokedUntil<unix seconds>`.
+const DENY_SID_PREFIX: &str = "KeyturnRevokedUntil";
+/// Revoked sessions share a statement per this many seconds of expiry:
+/// fewer statements (an inline policy is limited to 10,240 characters per
+/// role), and a statement goes as a whole once its sessions have expired.
+const DENY_BUCKET_SECS: u64 = 300;
+
+/// The role name of `arn:...:role/[PATH/]NAME`.
+fn role_name(arn: &str) -> &str {
+    arn.rsplit('/').next().unwrap_or(arn)
+}
+
+/// The policy document as IAM answers it: URL-encoded (RFC 3986) on AWS,
+/// plain on moto.
+fn decode_policy_document(text: &str) -> String {
+    if text.trim_start().starts_with('{') {
+        text.to_owned()
+    } else {
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8_lossy()
+            .into_owned()
+    }
+}
+
+/// The statements of a policy document (a lone statement is a list of one).
+fn statements(doc: &str) -> Result<Vec<serde_json::Value>, String> {
+    let value: serde_json::Value = serde_json::from_str(doc)
+        .map_err(|e| format!("the {DENY_POLICY_NAME} policy is not JSON: {e}"))?;
+    match value.get("Statement") {
+        Some(serde_json::Value::Array(list)) => Ok(list.clone()),
+        Some(one @ serde_json::Value::Object(_)) => Ok(vec![one.clone()]),
+        None => Ok(Vec::new()),
+        Some(_) => Err(format!(
+            "the {DENY_POLICY_NAME} policy's Statement is neither a list nor an object"
+        )),
+    }
+}
+
+/// The expiry bucket of one of keyturn's statements.
+fn bucket_of(statement: &serde_json::Value) -> Option<u64> {
+    statement
+        .get("Sid")?
+        .as_str()?
+        .strip_prefix(DENY_SID_PREFIX)?
+        .parse()
+        .ok()
+}
+
+/// The `aws:userid` values a statement denies.
+fn denied_user_ids(statement: &serde_json::Value) -> Vec<&str> {
+    match statement.pointer("/Condition/StringEquals/aws:userid") {
+        Some(serde_json::Value::String(one)) => vec![one.as_str()],
+        Some(serde_json::Value::Array(list)) => list.iter().filter_map(|v| v.as_str()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The deny policy once `user_id` (a session expiring at `expires`) is in
+/// it and the statements whose sessions have all expired by `now` are gone;
+/// `None` when it lists the session already and nothing expired. Statements
+/// that are not keyturn's are kept as they are.
+pub(crate) fn deny_policy_with(
+    existing: Option<&str>,
+    user_id: &str,
+    expires: u64,
+    now: u64,
+) -> Result<Option<String>, String> {
+    let mut list = match existing {
+        Some(doc) => statements(doc)?,
+        None => Vec::new(),
+    };
+    let before = list.len();
+    list.retain(|st| bucket_of(st).is_none_or(|bucket| bucket > now));
+    let mut changed = list.len() != before;
+    let bucket = expires.div_ceil(DENY_BUCKET_SECS) * DENY_BUCKET_SECS;
+    match list.iter_mut().find(|st| bucket_of(st) == Some(bucket)) {
+        Some(st) if denied_user_ids(st).contains(&user_id) => {}
+        Some(st) => {
+            let mut ids: Vec<serde_json::Value> = denied_user_ids(st)
+                .into_iter()
+                .map(|id| serde_json::Value::String(id.to_owned()))
+                .collect();
+            ids.push(user_id.into());
+            st["Condition"]["StringEquals"]["aws:userid"] = ids.into();
+            changed = true;
+        }
+        None => {
+            list.push(serde_json::json!({
+                "Sid": format!("{DENY_SID_PREFIX}{bucket}"),
+                "Effect": "Deny",
+                "Action": "*",
+                "Resource": "*",
+                "Condition": {"StringEquals": {"aws:userid": [user_id]}},
+            }));
+            changed = true;
+        }
+    }
+    Ok(
+        changed
+            .then(|| serde_json::json!({"Version": "2012-10-17", "Statement": list}).to_string()),
+    )
+}
+
+/// Whether a deny statement of the policy names `user_id`.
+pub(crate) fn deny_policy_lists(doc: &str, user_id: &str) -> Result<bool, String> {
+    Ok(statements(doc)?.iter().any(|st| {
+        st.get("Effect").and_then(|e| e.as_str()) == Some("Deny")
+            && denied_user_ids(st).contains(&user_id)
+    }))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------
+// The issuer
+// ---------------------------------------------------------------------------
+
+/// The STS and IAM clients and what messages say about them, built at the
+/// first call.
+struct Connected {
+    client: Client,
+    region: String,
+    endpoint: String,
+    iam: aws_sdk_iam::Client,
+    iam_endpoint: String,
+}
+
+/// An `aws_sts` issuer. Cheap to share behind an `Arc`.
+pub struct StsIssuer {
+    config: StsIssuerConfig,
+    connected: OnceCell<Connected>,
+    /// Credentials instead of the chain's (tests against a private moto).
+    credentials: Option<aws_sdk_sts::config::SharedCredentialsProvider>,
+    /// One read-modify-write of a deny policy at a time (IAM has no
+    /// conditional write; see the module docs for several daemons).
+    deny_writes: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for StsIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StsIssuer")
+            .field("region", &self.config.region)
+            .field("endpoint_url", &self.config.endpoint_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StsIssuer {
+    /// No I/O: the client is built at the first call.
+    pub fn new(config: StsIssuerConfig) -> Self {
+        Self {
+            config,
+            connected: OnceCell::new(),
+            credentials: None,
+            deny_writes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// With fixed credentials instead of the credential chain.
+    #[cfg(test)]
+    pub(crate) fn with_credentials(
+        config: StsIssuerConfig,
+        credentials: aws_sdk_sts::config::Credentials,
+    ) -> Self {
+        Self {
+            credentials: Some(aws_sdk_sts::config::SharedCredentialsProvider::new(
+                credentials,
+            )),
+            ..Self::new(config)
+        }
+    }
+
+    /// `issuer aws_sts:ENDPOINT: OP WHAT: DETAIL`.
+    fn err(
+        &self,
+        kind: ErrorKind,
+        op: &str,
+        what: &str,
+        detail: impl std::fmt::Display,
+    ) -> PluginError {
+        let sep = if what.is_empty() { "" } else { " " };
+        PluginError::new(
+            kind,
+            format!("issuer {}: {op}{sep}{what}: {detail}", self.describe()),
+        )
+    }
+
+    async fn connected(&self) -> Result<&Connected, PluginError> {
+        self.connected
+            .get_or_try_init(|| async {
+                let timeout = self.config.timeout();
+                if timeout.is_zero() {
+                    return Err(self.err(
+                        ErrorKind::Invalid,
+                        "connect",
+                        "",
+                        "timeout must be more than zero",
+                    ));
+                }
+                let conf = sdk_config(
+                    self.config.region.as_deref(),
+                    self.config.profile.as_deref(),
+                    self.config.endpoint_url.as_deref(),
+                    timeout,
+                )
+                .await;
+                let Some(region) = conf.region().map(|r| r.to_string()) else {
+                    return Err(self.err(
+                        ErrorKind::Invalid,
+                        "connect",
+                        "",
+                        "no AWS region: set `region` in the issuer's config, or AWS_REGION, or a region in the profile",
+                    ));
+                };
+                let mut sts = aws_sdk_sts::config::Builder::from(&conf);
+                // IAM has its own endpoint: never STS's.
+                let mut iam = aws_sdk_iam::config::Builder::from(&conf);
+                iam.set_endpoint_url(self.config.iam_endpoint_url.clone());
+                if let Some(c) = &self.credentials {
+                    sts = sts.credentials_provider(c.clone());
+                    iam = iam.credentials_provider(c.clone());
+                }
+                let endpoint = match &self.config.endpoint_url {
+                    Some(url) => url.clone(),
+                    None => format!("the STS endpoint of region {region}"),
+                };
+                let iam_endpoint = match &self.config.iam_endpoint_url {
+                    Some(url) => url.clone(),
+                    None => "the IAM endpoint".to_owned(),
+                };
+                Ok(Connected {
+                    client: Client::from_conf(sts.build()),
+                    region,
+                    endpoint,
+                    iam: aws_sdk_iam::Client::from_conf(iam.build()),
+                    iam_endpoint,
+                })
+            })
+            .await
+    }
+
+    /// The deny policy of `role_arn`, decoded; `None` when the role has none.
+    async fn deny_policy(
+        &self,
+        c: &Connected,
+        op: &str,
+        what: &str,
+        role_arn: &str,
+    ) -> Result<Option<String>, PluginError> {
+        match c
+            .iam
+            .get_role_policy()
+            .role_name(role_name(role_arn))
+            .policy_name(DENY_POLICY_NAME)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(decode_policy_document(out.policy_document()))),
+            Err(e) if error_code(&e) == Some("NoSuchEntity") => Ok(None),
+            Err(e) => {
+                let (kind, detail) = sdk_error_detail(&e, &c.iam_endpoint, self.config.timeout());
+                Err(self.err(kind, &format!("{op} (GetRolePolicy)"), what, detail))
+            }
+        }
+    }
+
+    /// The grant's session policy, packed.
+    async fn session_policy(&self, grant: &StsGrant, what: &str) -> Result<String, PluginError> {
+        let invalid = |detail: String| self.err(ErrorKind::Invalid, "issue", what, detail);
+        let text = match (&grant.session_policy, &grant.session_policy_file) {
+            (Some(text), None) => text.clone(),
+            (None, Some(path)) => read_policy_file(path)
+                .await
+                .map_err(|e| self.err(e.kind, "issue", what, e.message))?,
+            _ => {
+                return Err(invalid(
+                    "the grant needs exactly one of session_policy and session_policy_file".into(),
+                ));
+            }
+        };
+        pack_policy(&text).map_err(invalid)
+    }
+}
+
+async fn read_policy_file(path: &Path) -> Result<String, PluginError> {
+    tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| PluginError::io(format!("session_policy_file {}", path.display()), &e))
+}
+
+/// A message naming the task and the role.
+fn task_role(task: &TaskAttribution, role_arn: &str) -> String {
+    format!("for task {} (role {role_arn})", task.task_id)
+}
+
+#[async_trait]
+impl TaskIssuer for StsIssuer {
+    fn describe(&self) -> String {
+        match (&self.config.endpoint_url, &self.config.region) {
+            (Some(url), _) => format!("{TYPE}:{url}"),
+            (None, Some(region)) => format!("{TYPE}:{region}"),
+            (None, None) => TYPE.to_owned(),
+        }
+    }
+
+    async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError> {
+        let task = req.task;
+        let grant: StsGrant = req.grant.parse().map_err(|e| {
+            self.err(
+                ErrorKind::Invalid,
+                "issue",
+                &format!("for task {}", task.task_id),
+                format!("invalid grant: {e}"),
+            )
+        })?;
+        let what = task_role(task, &grant.role_arn);
+        let invalid = |detail: String| self.err(ErrorKind::Invalid, "issue", &what, detail);
+        let seconds =
+            session_seconds(req.ttl, self.config.revoke_with_deny_policy).map_err(invalid)?;
+        check_role_arn(&grant.role_arn).map_err(invalid)?;
+        if let Some(id) = &grant.external_id {
+            check_external_id(id).map_err(invalid)?;
+        }
+        let policy = self.session_policy(&grant, &what).await?;
+        let c = self.connected().await?;
+
+        let mut call = c
+            .client
+            .assume_role()
+            .role_arn(&grant.role_arn)
+            .role_session_name(session_name(&task.task_id))
+            .policy(policy)
+            .duration_seconds(seconds)
+            .source_identity(source_identity(&task.initiator))
+            .set_external_id(grant.external_id.clone());
+        for (key, value) in session_tags(task) {
+            let tag = Tag::builder()
+                .key(key)
+                .value(value)
+                .build()
+                .map_err(|e| invalid(format!("session tag {key}: {e}")))?;
+            call = call.tags(tag);
+        }
+        let out = call.send().await.map_err(|e| {
+            let (kind, detail) = sdk_error_detail(&e, &c.endpoint, self.config.timeout());
+            self.err(kind, "issue (AssumeRole)", &what, detail)
+        })?;
+
+        let fatal = |detail: &str| self.err(ErrorKind::Fatal, "issue (AssumeRole)", &what, detail);
+        let (Some(creds), Some(user)) = (out.credentials, out.assumed_role_user) else {
+            return Err(fatal("the response carries no credentials"));
+        };
+        let since_epoch = SystemTime::try_from(creds.expiration)
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .ok_or_else(|| fatal("the response's expiration is out of range"))?;
+        // Whole seconds, rounded up: the handle keeps seconds, and keyturn
+        // must never think a session over before STS does (AWS answers
+        // whole seconds; moto milliseconds).
+        let expires = since_epoch.as_secs() + u64::from(since_epoch.subsec_nanos() > 0);
+        let expires_at = UNIX_EPOCH + Duration::from_secs(expires);
+        let handle = StsHandle {
+            role_arn: grant.role_arn.clone(),
+            assumed_role_id: user.assumed_role_id,
+            access_key_id: creds.access_key_id.clone(),
+            expires,
+        };
+        let public = BTreeMap::from([
+            ("access_key_id".to_owned(), creds.access_key_id),
+            (
+                "expiration".to_owned(),
+                humantime::format_rfc3339_seconds(expires_at).to_string(),
+            ),
+            ("region".to_owned(), c.region.clone()),
+            ("assumed_role_arn".to_owned(), user.arn),
+        ]);
+        // The SDK's strings move into SecretValue without a copy.
+        let secret = BTreeMap::from([
+            (
+                "secret_access_key".to_owned(),
+                SecretValue::from_string(creds.secret_access_key),
+            ),
+            (
+                "session_token".to_owned(),
+                SecretValue::from_string(creds.session_token),
+            ),
+        ]);
+        Ok(Issued {
+            handle: handle.encode(),
+            public,
+            secret,
+            expires_at,
+        })
+    }
+
+    async fn revoke(
+        &self,
+        task: &TaskAttribution,
+        handle: Option<&str>,
+    ) -> Result<Revoked, PluginError> {
+        let Some(handle) = handle else {
+            // The session's expiration was never recorded; no session lasts
+            // longer than STS's maximum from its start, which was before now.
+            return Ok(Revoked::ExpiresAt(SystemTime::now() + MAX_SESSION));
+        };
+        let h = StsHandle::decode(handle).map_err(|e| {
+            self.err(
+                ErrorKind::Fatal,
+                "revoke",
+                &format!("for task {}", task.task_id),
+                e,
+            )
+        })?;
+        let now = unix_now();
+        if now >= h.expires {
+            return Ok(Revoked::Now);
+        }
+        if !self.config.revoke_with_deny_policy {
+            return Ok(Revoked::ExpiresAt(h.expires_at()));
+        }
+        let what = task_role(task, &h.role_arn);
+        let c = self.connected().await?;
+        let _one_writer = self.deny_writes.lock().await;
+        let existing = self.deny_policy(c, "revoke", &what, &h.role_arn).await?;
+        let updated = deny_policy_with(existing.as_deref(), &h.assumed_role_id, h.expires, now)
+            .map_err(|e| self.err(ErrorKind::Invalid, "revoke", &what, e))?;
+        if let Some(doc) = updated {
+            c.iam
+                .put_role_policy()
+                .role_name(role_name(&h.role_arn))
+                .policy_name(DENY_POLICY_NAME)
+                .policy_document(doc)
+                .send()
+                .await
+                .map_err(|e| {
+                    let (kind, detail) =
+                        sdk_error_detail(&e, &c.iam_endpoint, self.config.timeout());
+                    self.err(kind, "revoke (PutRolePolicy)", &what, detail)
+                })?;
+        }
+        Ok(Revoked::Now)
+    }
+
+    async fn verify_revoked(
+        &self,
+        task: &TaskAttribution,
+        handle: Option<&str>,
+    ) -> Result<bool, PluginError> {
+        let Some(handle) = handle else {
+            return Ok(false);
+        };
+        let h = StsHandle::decode(handle).map_err(|e| {
+            self.err(
+                ErrorKind::Fatal,
+                "verify_revoked",
+                &format!("for task {}", task.task_id),
+                e,
+            )
+        })?;
+        if unix_now() >= h.expires {
+            return Ok(true);
+        }
+        if !self.config.revoke_with_deny_policy {
+            return Ok(false);
+        }
+        let what = task_role(task, &h.role_arn);
+        let c = self.connected().await?;
+        match self
+            .deny_policy(c, "verify_revoked", &what, &h.role_arn)
+            .await?
+        {
+            None => Ok(false),
+            Some(doc) => deny_policy_lists(&doc, &h.assumed_role_id)
+                .map_err(|e| self.err(ErrorKind::Invalid, "verify_revoked", &what, e)),
+        }
+    }
+
+    /// `GetCallerIdentity`: reaches STS and authenticates, needs no
+    /// permission.
+    async fn check(&self) -> Result<(), PluginError> {
+        let c = self.connected().await?;
+        c.client
+            .get_caller_identity()
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                let (kind, detail) = sdk_error_detail(&e, &c.endpoint, self.config.timeout());
+                self.err(kind, "check (GetCallerIdentity)", "", detail)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests;
