@@ -213,9 +213,19 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         ])),
         cancel.clone(),
     ));
+    let tasks = Arc::new(crate::tasks::manager::TaskManager::new(
+        crate::tasks::store::TaskStore::open(&config.daemon.state_dir.join("tasks"))
+            .map_err(|e| startup("cannot open the task store", &e))?,
+        task_setup(&engine.catalog().config, &revocations)
+            .map_err(|e| startup("cannot build the task issuers", &e))?,
+        Arc::new(EngineRecorder(engine.clone())),
+        Arc::new(crate::rotation::SystemClock),
+    ));
+    tracker.spawn(tasks.clone().run(cancel.clone()));
     let handler = Arc::new(Handler {
         engine: engine.clone(),
         revocations: revocations.clone(),
+        tasks: tasks.clone(),
     });
     tracker.spawn(socket::serve(
         sock,
@@ -375,6 +385,10 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         tokio::select! {
             _ = hup.recv() => {
                 reload(config_path, &engine, &alerts, &mut config_files).await;
+                match task_setup(&engine.catalog().config, &revocations) {
+                    Ok(setup) => tasks.set_setup(setup),
+                    Err(e) => tracing::error!("task issuers: {e}; tasks keep the issuers they had"),
+                }
                 revocations.reload().await;
             }
             _ = term.recv() => break,
@@ -644,7 +658,7 @@ async fn audit_daemon(
     }
 }
 
-/// Alert deliveries go to the audit log through the engine, which
+/// Alert deliveries and task records go to the audit log through the engine, which
 /// persists the audit head with each record.
 struct EngineRecorder(Engine);
 
@@ -662,6 +676,108 @@ impl alerts::AlertRecorder for EngineRecorder {
 struct Handler {
     engine: Engine,
     revocations: Revocations,
+    tasks: Arc<crate::tasks::manager::TaskManager>,
+}
+
+/// The task manager's records take the same way.
+#[async_trait]
+impl crate::tasks::manager::TaskRecorder for EngineRecorder {
+    async fn record(&self, event: AuditEvent) {
+        alerts::AlertRecorder::record(self, event).await;
+    }
+}
+
+/// What the task manager works with, from the config: the policies, the
+/// issuers (built, no I/O), the agents that may hold tasks (not the
+/// decommissioned: the manager ends their tasks) and the task root.
+fn task_setup(
+    config: &Config,
+    revocations: &Revocations,
+) -> Result<crate::tasks::manager::TaskSetup, crate::model::PluginError> {
+    let retired: std::collections::HashSet<AgentId> = revocations
+        .lifecycle()
+        .into_iter()
+        .filter(|l| l.state != "orphaned")
+        .map(|l| l.agent)
+        .collect();
+    let mut issuers = std::collections::BTreeMap::new();
+    for (name, issuer) in &config.issuers {
+        issuers.insert(name.clone(), issuer.plugin().build()?);
+    }
+    Ok(crate::tasks::manager::TaskSetup {
+        policies: config.policies.clone(),
+        issuers,
+        agents: config
+            .agents
+            .iter()
+            .filter(|(id, a)| a.decommissioned.is_none() && !retired.contains(*id))
+            .map(|(id, a)| {
+                (
+                    id.to_string(),
+                    crate::tasks::manager::AgentOwner {
+                        uid: a.uid,
+                        gid: a.gid,
+                    },
+                )
+            })
+            .collect(),
+        task_root: config.daemon.task_root.clone(),
+    })
+}
+
+impl Handler {
+    /// The agent a task request is for: `as_agent` when the peer is
+    /// privileged (audited as acting for it) or is that agent's own uid;
+    /// else the one agent configured with the peer's uid.
+    fn task_caller(
+        &self,
+        peer: PeerCred,
+        privileged: bool,
+        as_agent: Option<&AgentId>,
+    ) -> Result<crate::tasks::manager::Caller, ApiError> {
+        let catalog = self.engine.catalog();
+        let agents = &catalog.config.agents;
+        let caller = |agent: &AgentId, described: String| crate::tasks::manager::Caller {
+            agent: agent.to_string(),
+            actor: peer.actor(),
+            described,
+        };
+        if let Some(a) = as_agent {
+            let Some(cfg) = agents.get(a) else {
+                return Err(ApiError::not_found(format!("no agent {a:?} in the config")));
+            };
+            if cfg.uid == Some(peer.uid) {
+                return Ok(caller(a, format!("uid={}", peer.uid)));
+            }
+            if privileged {
+                return Ok(caller(a, format!("uid={} as {a}", peer.uid)));
+            }
+            return Err(ApiError::forbidden(format!(
+                "uid {} may not act for agent {a}: only the agent's own uid, root or the control socket's group may",
+                peer.uid
+            )));
+        }
+        let mine: Vec<&AgentId> = agents
+            .iter()
+            .filter(|(_, a)| a.uid == Some(peer.uid))
+            .map(|(id, _)| id)
+            .collect();
+        match mine.as_slice() {
+            [one] => Ok(caller(one, format!("uid={}", peer.uid))),
+            [] => Err(ApiError::forbidden(format!(
+                "uid {} is not the uid of any configured agent; an agent calls as itself (its `uid` in the config), an operator names one with `as`",
+                peer.uid
+            ))),
+            many => Err(ApiError::bad_request(format!(
+                "uid {} is the uid of several agents ({}); name one with `as`",
+                peer.uid,
+                many.iter()
+                    .map(|a| a.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
 }
 
 impl Handler {
@@ -813,6 +929,101 @@ impl ControlHandler for Handler {
         Ok(results)
     }
 
+    async fn task(
+        &self,
+        peer: PeerCred,
+        privileged: bool,
+        command: socket::TaskCommand,
+    ) -> Result<crate::api::protocol::ResponseBody, ApiError> {
+        use crate::api::protocol::{
+            ResponseBody, TaskCredential, TaskStarted, TaskView, WireSecret,
+        };
+        use crate::tasks::manager::{StartRequest, TaskError};
+        let as_agent = match &command {
+            socket::TaskCommand::Start { as_agent, .. }
+            | socket::TaskCommand::End { as_agent, .. }
+            | socket::TaskCommand::List { as_agent } => as_agent.clone(),
+        };
+        let caller = match self.task_caller(peer, privileged, as_agent.as_ref()) {
+            Ok(c) => c,
+            Err(e) => {
+                let mut ev = AuditEvent::new("task.refused", peer.actor(), Outcome::Refused);
+                ev.agent = as_agent;
+                ev.error = Some(e.message.clone());
+                if let Err(err) = self.engine.record(ev).await {
+                    tracing::error!(error = %err, "cannot audit a refused task request");
+                }
+                return Err(e);
+            }
+        };
+        let api_error = |e: TaskError| match e {
+            TaskError::Refused(r) => ApiError::forbidden(r.to_string()),
+            TaskError::AgentRetired(_) => ApiError::forbidden(e.to_string()),
+            TaskError::Invalid { .. } => ApiError::bad_request(e.to_string()),
+            TaskError::NotFound(_) | TaskError::NotYours(_) => ApiError::not_found(e.to_string()),
+            TaskError::Issue { .. } | TaskError::Deliver { .. } => ApiError::failed(e.to_string()),
+            TaskError::Store(_) => ApiError::internal(e.to_string()),
+        };
+        match command {
+            socket::TaskCommand::Start { task, .. } => {
+                let started = self
+                    .tasks
+                    .start(
+                        &caller,
+                        StartRequest {
+                            tenant: task.tenant,
+                            use_case: task.use_case,
+                            run_id: task.run_id,
+                            initiator: task.initiator,
+                            sensitivity: task.sensitivity,
+                            ttl: task.ttl_seconds.map(Duration::from_secs),
+                        },
+                    )
+                    .await
+                    .map_err(api_error)?;
+                // With a task directory the secrets are in its files only.
+                let in_files = started.dir.is_some();
+                Ok(ResponseBody::TaskStarted(Box::new(TaskStarted {
+                    task: TaskView::of(&started.task),
+                    dir: started.dir.map(|d| d.display().to_string()),
+                    credentials: started
+                        .credentials
+                        .into_iter()
+                        .map(|(name, c)| {
+                            (
+                                name,
+                                TaskCredential {
+                                    public: c.public,
+                                    secret: if in_files {
+                                        Default::default()
+                                    } else {
+                                        c.secret
+                                            .into_iter()
+                                            .map(|(k, v)| (k, WireSecret(v)))
+                                            .collect()
+                                    },
+                                    expires_at: c.expires_at.into(),
+                                    file: c.file.map(|f| f.display().to_string()),
+                                },
+                            )
+                        })
+                        .collect(),
+                })))
+            }
+            socket::TaskCommand::End { task, .. } => {
+                let row = self.tasks.end(&caller, &task).await.map_err(api_error)?;
+                Ok(ResponseBody::TaskEnded(Box::new(TaskView::of(&row))))
+            }
+            socket::TaskCommand::List { .. } => {
+                let rows = self
+                    .tasks
+                    .list(Some(&caller.agent), 20)
+                    .map_err(api_error)?;
+                Ok(ResponseBody::Tasks(rows.iter().map(TaskView::of).collect()))
+            }
+        }
+    }
+
     async fn ack(
         &self,
         peer: PeerCred,
@@ -885,6 +1096,10 @@ impl ControlHandler for Handler {
             source: "command",
             decided_at: None,
         };
+        // Its tasks end first: their credentials are revoked at once.
+        if let Err(e) = self.tasks.end_all_of(agent.as_str(), "decommission").await {
+            tracing::error!(agent = %agent, "ending the agent's tasks: {e}");
+        }
         match self.revocations.decide(decision).await {
             Ok((already, _)) => {
                 let row = self

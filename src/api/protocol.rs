@@ -44,10 +44,13 @@ pub const COMMANDS: &[&str] = &[
     "decommission",
     "agents",
     "surface",
+    "task_start",
+    "task_end",
+    "task_list",
 ];
 
 /// The commands served on the agents' socket.
-pub const AGENT_COMMANDS: &[&str] = &["ping", "ack"];
+pub const AGENT_COMMANDS: &[&str] = &["ping", "ack", "task_start", "task_end", "task_list"];
 
 /// One request line. Read through [`WireRequest`], which refuses unknown
 /// fields in every shape.
@@ -95,6 +98,41 @@ pub enum Request {
         #[serde(default)]
         unused_after_seconds: Option<u64>,
     },
+    /// Start a task with task-scoped credentials (`crate::tasks`), for the
+    /// agent the caller authenticates as: its uid's agent, or `as_agent`
+    /// (root and the socket's group for any agent, audited; an agent's own
+    /// uid for itself).
+    TaskStart {
+        #[serde(default, rename = "as")]
+        as_agent: Option<AgentId>,
+        #[serde(flatten)]
+        task: TaskStartArgs,
+    },
+    /// End one of the caller's tasks now: its credentials are revoked.
+    TaskEnd {
+        #[serde(default, rename = "as")]
+        as_agent: Option<AgentId>,
+        task: String,
+    },
+    /// The caller's tasks (live and ending, then the last ended ones).
+    TaskList {
+        #[serde(default, rename = "as")]
+        as_agent: Option<AgentId>,
+    },
+}
+
+/// What a task start asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskStartArgs {
+    pub tenant: String,
+    pub use_case: String,
+    pub run_id: String,
+    pub initiator: String,
+    pub sensitivity: String,
+    /// Default: the policy's `default_ttl`.
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
 }
 
 impl Request {
@@ -108,6 +146,9 @@ impl Request {
             Request::Decommission { .. } => "decommission",
             Request::Agents => "agents",
             Request::Surface { .. } => "surface",
+            Request::TaskStart { .. } => "task_start",
+            Request::TaskEnd { .. } => "task_end",
+            Request::TaskList { .. } => "task_list",
         }
     }
 }
@@ -141,6 +182,26 @@ enum WireRequest {
         #[serde(default)]
         unused_after_seconds: Option<u64>,
     },
+    TaskStart {
+        #[serde(default, rename = "as")]
+        as_agent: Option<AgentId>,
+        tenant: String,
+        use_case: String,
+        run_id: String,
+        initiator: String,
+        sensitivity: String,
+        #[serde(default)]
+        ttl_seconds: Option<u64>,
+    },
+    TaskEnd {
+        #[serde(default, rename = "as")]
+        as_agent: Option<AgentId>,
+        task: String,
+    },
+    TaskList {
+        #[serde(default, rename = "as")]
+        as_agent: Option<AgentId>,
+    },
 }
 
 impl From<WireRequest> for Request {
@@ -167,6 +228,27 @@ impl From<WireRequest> for Request {
             } => Request::Surface {
                 unused_after_seconds,
             },
+            WireRequest::TaskStart {
+                as_agent,
+                tenant,
+                use_case,
+                run_id,
+                initiator,
+                sensitivity,
+                ttl_seconds,
+            } => Request::TaskStart {
+                as_agent,
+                task: TaskStartArgs {
+                    tenant,
+                    use_case,
+                    run_id,
+                    initiator,
+                    sensitivity,
+                    ttl_seconds,
+                },
+            },
+            WireRequest::TaskEnd { as_agent, task } => Request::TaskEnd { as_agent, task },
+            WireRequest::TaskList { as_agent } => Request::TaskList { as_agent },
         }
     }
 }
@@ -446,6 +528,151 @@ pub enum ResponseBody {
     Decommission(Box<DecommissionResult>),
     Agents(Vec<AgentLifecycle>),
     Surface(Box<crate::surface::Surface>),
+    TaskStarted(Box<TaskStarted>),
+    TaskEnded(Box<TaskView>),
+    Tasks(Vec<TaskView>),
+}
+
+/// A task as `task_list` and `task_end` report it (never a credential).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub task: String,
+    pub agent: String,
+    pub tenant: String,
+    pub use_case: String,
+    pub run_id: String,
+    pub initiator: String,
+    pub sensitivity: String,
+    pub policy: String,
+    pub started_by: String,
+    pub started_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// `live`, `ending` or `ended`.
+    pub state: String,
+    #[serde(default)]
+    pub ended_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub end_reason: Option<String>,
+    pub items: Vec<TaskItemView>,
+}
+
+/// One issuer's credential of a task (its handle: a role name, an access
+/// key id, a token accessor; never the secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskItemView {
+    pub issuer: String,
+    #[serde(default)]
+    pub handle: Option<String>,
+    /// `issuing`, `issued`, `revoked`, `expiring`, `verified`.
+    pub state: String,
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// The answer to `task_start`: the task, and each issuer's credential. The
+/// secret fields are here only when no task directory is configured (then
+/// this answer is the one way they reach the agent); otherwise `file` says
+/// where they were written and `secret` is empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStarted {
+    #[serde(flatten)]
+    pub task: TaskView,
+    #[serde(default)]
+    pub dir: Option<String>,
+    pub credentials: std::collections::BTreeMap<String, TaskCredential>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCredential {
+    pub public: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub secret: std::collections::BTreeMap<String, WireSecret>,
+    pub expires_at: DateTime<Utc>,
+    #[serde(default)]
+    pub file: Option<String>,
+}
+
+/// A secret in a `task_start` answer to the agent itself: the one place a
+/// secret leaves the daemon over a socket. Zeroized and redacted like
+/// [`crate::model::SecretValue`], whose bytes it holds; serialized as the
+/// text only here.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WireSecret(pub crate::model::SecretValue);
+
+impl fmt::Debug for WireSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for WireSecret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.expose_str() {
+            Some(text) => s.serialize_str(text),
+            None => Err(serde::ser::Error::custom("a task secret is not UTF-8")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WireSecret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = zeroize::Zeroizing::new(String::deserialize(d)?);
+        Ok(WireSecret(crate::model::SecretValue::new(
+            text.as_bytes().to_vec(),
+        )))
+    }
+}
+
+impl TaskView {
+    /// The view of a stored task.
+    pub fn of(t: &crate::tasks::store::TaskRow) -> TaskView {
+        let time = |ms: i64| DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default();
+        let name = |v: &dyn erased_name::Named| v.name();
+        TaskView {
+            task: t.task.task_id.clone(),
+            agent: t.task.agent.clone(),
+            tenant: t.task.tenant.clone(),
+            use_case: t.task.use_case.clone(),
+            run_id: t.task.run_id.clone(),
+            initiator: t.task.initiator.clone(),
+            sensitivity: t.task.sensitivity.clone(),
+            policy: t.policy.clone(),
+            started_by: t.started_by.clone(),
+            started_at: time(t.started_at_ms),
+            expires_at: time(t.expires_at_ms),
+            state: name(&t.state),
+            ended_at: t.ended_at_ms.map(time),
+            end_reason: t.end_reason.clone(),
+            items: t
+                .items
+                .iter()
+                .map(|i| TaskItemView {
+                    issuer: i.issuer.clone(),
+                    handle: i.handle.clone(),
+                    state: name(&i.state),
+                    expires_at: i.expires_at_ms.map(time),
+                    last_error: i.last_error.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The snake_case name serde gives a unit enum value.
+mod erased_name {
+    pub trait Named {
+        fn name(&self) -> String;
+    }
+    impl<T: serde::Serialize> Named for T {
+        fn name(&self) -> String {
+            serde_json::to_value(self)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        }
+    }
 }
 
 /// The JSON shape of a response; see the module doc.

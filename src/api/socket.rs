@@ -88,6 +88,32 @@ pub trait ControlHandler: Send + Sync + 'static {
         key: CredentialKey,
         version: u64,
     ) -> Result<AckResult, ApiError>;
+    /// A task command (`task_start`, `task_end`, `task_list`) from `peer`.
+    /// `privileged`: the peer may use the control socket (root, the
+    /// daemon's uid, the socket's group), so it may act for any agent with
+    /// `as`. The handler maps the peer to its agent and audits refusals.
+    async fn task(
+        &self,
+        peer: PeerCred,
+        privileged: bool,
+        request: TaskCommand,
+    ) -> Result<ResponseBody, ApiError>;
+}
+
+/// A task command as the socket read it.
+#[derive(Debug, Clone)]
+pub enum TaskCommand {
+    Start {
+        as_agent: Option<AgentId>,
+        task: crate::api::protocol::TaskStartArgs,
+    },
+    End {
+        as_agent: Option<AgentId>,
+        task: String,
+    },
+    List {
+        as_agent: Option<AgentId>,
+    },
 }
 
 /// The peer's credentials as the kernel reported them at `connect` time.
@@ -485,6 +511,19 @@ impl Server {
         peer_allowed(peer, self.daemon_uid, self.sock_gid, &groups)
     }
 
+    async fn task(&self, peer: &PeerCred, command: TaskCommand) -> Response {
+        // On the control socket every peer that got here is privileged; on
+        // the agents' socket, only those the control socket would admit.
+        let privileged = if self.agent {
+            let groups = supplementary_groups(peer).await.unwrap_or_default();
+            peer_allowed(peer, self.daemon_uid, self.sock_gid, &groups)
+        } else {
+            true
+        };
+        info!(uid = peer.uid, pid = peer.pid, ?command, "task request");
+        self.handler.task(*peer, privileged, command).await.into()
+    }
+
     fn refusal_message(&self, peer: &PeerCred) -> String {
         format!(
             "uid {} is not allowed to use the keyturn control socket {}: {}",
@@ -551,6 +590,13 @@ impl Server {
                 .await
                 .map(|s| ResponseBody::Surface(Box::new(s)))
                 .into(),
+            Request::TaskStart { as_agent, task } => {
+                self.task(peer, TaskCommand::Start { as_agent, task }).await
+            }
+            Request::TaskEnd { as_agent, task } => {
+                self.task(peer, TaskCommand::End { as_agent, task }).await
+            }
+            Request::TaskList { as_agent } => self.task(peer, TaskCommand::List { as_agent }).await,
             Request::Ack {
                 agent,
                 credential,
@@ -862,6 +908,20 @@ mod tests {
 
     #[async_trait]
     impl ControlHandler for FakeHandler {
+        async fn task(
+            &self,
+            _peer: PeerCred,
+            privileged: bool,
+            _request: TaskCommand,
+        ) -> Result<ResponseBody, ApiError> {
+            // Says what the socket decided, for the dispatch tests.
+            if privileged {
+                Ok(ResponseBody::Tasks(Vec::new()))
+            } else {
+                Err(ApiError::forbidden("not privileged"))
+            }
+        }
+
         async fn status(&self) -> Vec<StatusRow> {
             vec![StatusRow {
                 agent: AgentId::new("bot").unwrap(),

@@ -102,6 +102,10 @@ pub enum TaskError {
         field: &'static str,
         message: String,
     },
+    #[error(
+        "agent `{0}` is decommissioned (or no longer configured): it may not start tasks, and its tasks were ended"
+    )]
+    AgentRetired(String),
     #[error("no task `{0}`")]
     NotFound(String),
     /// Another agent's task: said like an unknown one, so that ids of other
@@ -214,6 +218,9 @@ impl TaskManager {
             policy::label(value).map_err(|message| TaskError::Invalid { field, message })?;
         }
         let setup = self.setup();
+        if !setup.agents.contains_key(&caller.agent) {
+            return Err(TaskError::AgentRetired(caller.agent.clone()));
+        }
         let now = self.clock.now();
         let task = TaskAttribution {
             task_id: new_task_id(),
@@ -589,9 +596,14 @@ impl TaskManager {
     pub async fn tick(&self) -> Result<Duration, TaskError> {
         let now = ms(self.clock.now());
         let open = self.store.list(None, 0)?;
+        let setup = self.setup();
         let mut next: Option<i64> = None;
         for t in open {
             match t.state {
+                // Decommissioned, or gone from the config: its tasks end.
+                TaskState::Live if !setup.agents.contains_key(&t.task.agent) => {
+                    self.end_now(&t.task.task_id, "agent_retired").await
+                }
                 TaskState::Live if t.expires_at_ms <= now => {
                     self.end_now(&t.task.task_id, "ttl").await
                 }

@@ -189,13 +189,23 @@ fn setup(pg: &Arc<MemIssuer>, sts: &Arc<MemIssuer>, root: &Path) -> TaskSetup {
             ("sts".to_owned(), sts.clone() as Arc<dyn TaskIssuer>),
         ]
         .into(),
-        agents: [(
-            "bot".to_owned(),
-            AgentOwner {
-                uid: None,
-                gid: None,
-            },
-        )]
+        // `intruder` is configured but no policy lists it.
+        agents: [
+            (
+                "bot".to_owned(),
+                AgentOwner {
+                    uid: None,
+                    gid: None,
+                },
+            ),
+            (
+                "intruder".to_owned(),
+                AgentOwner {
+                    uid: None,
+                    gid: None,
+                },
+            ),
+        ]
         .into(),
         task_root: Some(root.to_path_buf()),
     }
@@ -610,6 +620,36 @@ async fn decommission_ends_every_task_of_the_agent() {
         );
     }
     assert!(h.pg.live.lock().unwrap().is_empty() && h.sts.live.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retired_agent_starts_nothing_and_its_tasks_end() {
+    let h = harness();
+    let id = h
+        .mgr
+        .start(&caller("bot"), ask("low", None))
+        .await
+        .unwrap()
+        .task
+        .task
+        .task_id;
+    // The config no longer lists it as active (decommissioned, or removed).
+    let mut s = setup(&h.pg, &h.sts, &h.root);
+    s.agents.clear();
+    h.mgr.set_setup(s);
+    let e = h
+        .mgr
+        .start(&caller("bot"), ask("low", None))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, TaskError::AgentRetired(_)), "{e}");
+    h.mgr.tick().await.unwrap();
+    let t = h.mgr.store.get(&id).unwrap().unwrap();
+    assert_eq!(
+        (t.state, t.end_reason.as_deref()),
+        (TaskState::Ended, Some("agent_retired"))
+    );
+    assert!(!h.pg.is_live(&id));
 }
 
 #[tokio::test(start_paused = true)]

@@ -593,6 +593,12 @@ impl TaskIssuer for VaultTokenIssuer {
             match vaultrs::token::lookup_accessor(&*c, accessor).await {
                 Ok(_) => Ok(false),
                 Err(e) if unknown_accessor(&e) => Ok(true),
+                // A token being revoked by the server (its last use spent)
+                // can answer with a partial entry for a moment: not
+                // confirmed gone yet; the next pass looks again.
+                Err(ClientError::RestClientError {
+                    source: rustify::errors::ClientError::ResponseParseError { .. },
+                }) => Ok(false),
                 Err(e) => Err(e),
             }
         })
