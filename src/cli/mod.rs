@@ -18,6 +18,8 @@ use crate::config::{self, ClientPaths, Config, ConfigErrors, DEFAULT_CONFIG_PATH
 use crate::state::{SqliteStore, StateStore};
 use crate::telemetry::{self, LogFormat};
 
+mod manpages;
+
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 64;
 pub const EXIT_UNAVAILABLE: u8 = 69;
@@ -119,6 +121,14 @@ pub enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Write the man pages (keyturn.1 and one keyturn-COMMAND.1 per
+    /// command) into DIR; packaging/build.sh runs it. Hidden: not for
+    /// operators, who get the pages from the package.
+    #[command(hide = true)]
+    Manpages {
+        /// Created if missing; existing pages are overwritten.
+        dir: PathBuf,
     },
 }
 
@@ -235,6 +245,7 @@ async fn run(cli: Cli) -> u8 {
         Command::Audit {
             command: AuditCommand::Verify,
         } => audit_verify(&cli.config),
+        Command::Manpages { dir } => manpages::write(&dir),
     }
 }
 
