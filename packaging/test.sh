@@ -11,7 +11,8 @@
 #     /var/lib/keyturn) and the audit log directory are kept;
 #   - installs again with systemd-sysusers and systemd-tmpfiles hidden (a
 #     private mount namespace): the adduser / install -d fallback makes the
-#     same user, group, owners and modes;
+#     same user, group, owners and modes; so does the .rpm's %post, run
+#     here with and without those tools;
 #   - `rpm -qlp` lists the same files with the same modes as `dpkg -c`.
 # It refuses to run where keyturn is installed or its directories or user
 # exist, and leaves the machine as it found it: on exit (pass or fail) it
@@ -48,7 +49,7 @@ cleanup() {
 	if dpkg-query -W keyturn >/dev/null 2>&1; then
 		dpkg -P keyturn >/dev/null 2>&1 || echo "packaging/test.sh: cleanup: dpkg -P keyturn failed" >&2
 	fi
-	rm -rf "${owned[@]}"
+	rm -rf "${owned[@]}" "${rpm_post:-}"
 	if getent passwd keyturn >/dev/null; then userdel keyturn; fi
 	if getent group keyturn >/dev/null; then groupdel keyturn; fi
 }
@@ -210,9 +211,35 @@ unshare --mount --propagation private sh -ec '
 	[ ! -x /usr/bin/systemd-sysusers ] && [ ! -x /usr/bin/systemd-tmpfiles ]
 	dpkg -i "$1" >/dev/null' sh "$deb" || fail "dpkg -i without systemd's tools"
 check_users_and_dirs
+ok "the fallback install makes the same user, group and directories"
+
+# The .rpm's %post on this Debian machine, against the same files (the
+# sysusers and tmpfiles snippets and the config, installed by the .deb):
+# with systemd's tools, then with them hidden (groupadd/useradd, install -d).
+rpm_post=$(mktemp)
+rpm -qp --qf '%{POSTIN}' "$rpm" >"$rpm_post"
+for how in systemd fallback; do
+	echo "== the .rpm's %post ($how)"
+	userdel keyturn
+	if getent group keyturn >/dev/null; then groupdel keyturn; fi
+	rm -rf /var/lib/keyturn /var/log/keyturn /run/keyturn /etc/keyturn/agents.d
+	chown root:root /etc/keyturn /etc/keyturn/keyturn.toml
+	chmod 0755 /etc/keyturn
+	if [[ $how == systemd ]]; then
+		sh "$rpm_post" 1 || fail "the .rpm's %post"
+	else
+		unshare --mount --propagation private sh -ec '
+			mount --bind /dev/null /usr/bin/systemd-sysusers
+			mount --bind /dev/null /usr/bin/systemd-tmpfiles
+			sh "$1" 1' sh "$rpm_post" || fail "the .rpm's %post without systemd's tools"
+	fi
+	check_users_and_dirs
+	ok "the .rpm's %post ($how) makes the same user, group and directories"
+done
+rm -f "$rpm_post"
+
 dpkg -P keyturn >/dev/null || fail "dpkg -P keyturn (fallback install)"
 [[ ! -e /etc/keyturn ]] || fail "/etc/keyturn left after dpkg -P"
-ok "the fallback install makes the same user, group and directories"
 
 echo "== rpm -qlp vs dpkg -c"
 # "mode path" of every non-directory entry (rpm lists only the directories
