@@ -103,6 +103,16 @@ DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$PWD/$deb" >/dev/null ||
 [[ $(dpkg-query -W -f '${Status}' keyturn) == "install ok installed" ]] || fail "not installed"
 ok "installed"
 check_users_and_dirs
+# The directories the unit makes itself (StateDirectory= etc.) get the
+# same modes as tmpfiles gives them, whichever comes first.
+for pair in StateDirectoryMode:/var/lib/keyturn LogsDirectoryMode:/var/log/keyturn \
+	RuntimeDirectoryMode:/run/keyturn; do
+	mode=$(sed -n "s/^${pair%%:*}=//p" /usr/lib/systemd/system/keyturn.service | tail -n 1)
+	mode=$((8#${mode:-0755}))
+	[[ $(printf %o "$mode") == $(stat -c %a "${pair#*:}") ]] ||
+		fail "the unit's ${pair%%:*}=$(printf %04o "$mode") but ${pair#*:} is $(stat -c %a "${pair#*:}")"
+done
+ok "the unit's directory modes match the tmpfiles snippet's"
 expect_stat /usr/bin/keyturn "755 root root"
 expect_stat /usr/lib/systemd/system/keyturn.service "644 root root"
 dpkg-query -W -f '${Conffiles}\n' keyturn | grep -q '^ /etc/keyturn/keyturn.toml ' ||
@@ -137,8 +147,9 @@ ok "man keyturn-check finds the installed page"
 
 bash_completion=/usr/share/bash-completion/completions/keyturn
 expect_stat "$bash_completion" "644 root root"
-for f in /usr/share/zsh/vendor-completions/_keyturn /usr/share/fish/vendor_completions.d/keyturn.fish; do
+for f in "$bash_completion" /usr/share/zsh/vendor-completions/_keyturn /usr/share/fish/vendor_completions.d/keyturn.fish; do
 	[[ -s $f ]] || fail "$f missing or empty"
+	! grep -q "target/packaging\|$PWD" "$f" || fail "$f names a path of the build: $(grep -n "target/packaging\|$PWD" "$f")"
 done
 if standin "$bash_completion"; then
 	echo "  SKIPPED: bash completion is a stand-in (KEYTURN_PKG_STANDINS=1)"
