@@ -103,16 +103,16 @@ DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$PWD/$deb" >/dev/null ||
 [[ $(dpkg-query -W -f '${Status}' keyturn) == "install ok installed" ]] || fail "not installed"
 ok "installed"
 check_users_and_dirs
-# The directories the unit makes itself (StateDirectory= etc.) get the
-# same modes as tmpfiles gives them, whichever comes first.
-for pair in StateDirectoryMode:/var/lib/keyturn LogsDirectoryMode:/var/log/keyturn \
-	RuntimeDirectoryMode:/run/keyturn; do
+# The directories the unit makes itself (StateDirectory=, LogsDirectory=)
+# get the same modes from tmpfiles, whichever comes first. (The runtime
+# directory's mode and every owner are the unit's to set when it starts.)
+for pair in StateDirectoryMode:/var/lib/keyturn LogsDirectoryMode:/var/log/keyturn; do
 	mode=$(sed -n "s/^${pair%%:*}=//p" /usr/lib/systemd/system/keyturn.service | tail -n 1)
 	mode=$((8#${mode:-0755}))
 	[[ $(printf %o "$mode") == $(stat -c %a "${pair#*:}") ]] ||
 		fail "the unit's ${pair%%:*}=$(printf %04o "$mode") but ${pair#*:} is $(stat -c %a "${pair#*:}")"
 done
-ok "the unit's directory modes match the tmpfiles snippet's"
+ok "the unit's state and logs directory modes match the tmpfiles snippet's"
 expect_stat /usr/bin/keyturn "755 root root"
 expect_stat /usr/lib/systemd/system/keyturn.service "644 root root"
 dpkg-query -W -f '${Conffiles}\n' keyturn | grep -q '^ /etc/keyturn/keyturn.toml ' ||
@@ -177,9 +177,14 @@ ok "Prometheus rules and Grafana dashboard in /usr/share/keyturn"
 echo "== reinstall (an upgrade's scripts) after disable"
 systemctl disable keyturn.service 2>/dev/null
 [[ ! -e $wants ]] || fail "systemctl disable left $wants"
+# As the unit does when it starts with a User=: the state is that user's.
+chown nobody:nogroup /var/lib/keyturn /var/log/keyturn
 dpkg -i "$deb" >/dev/null || fail "dpkg -i over the installed package"
 [[ ! -e $wants && ! -L $wants ]] || fail "an upgrade re-enabled a unit the operator disabled"
 ok "an upgrade keeps the unit disabled"
+expect_stat /var/lib/keyturn "700 nobody nogroup"
+expect_stat /var/log/keyturn "700 nobody nogroup"
+chown root:root /var/lib/keyturn /var/log/keyturn
 systemctl enable keyturn.service 2>/dev/null
 [[ -L $wants ]] || fail "systemctl enable made no $wants"
 

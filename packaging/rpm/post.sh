@@ -10,7 +10,7 @@ if [ -x /usr/bin/systemd-sysusers ]; then
 else
 	getent group keyturn >/dev/null || groupadd --system keyturn
 	getent passwd keyturn >/dev/null ||
-		useradd --system --gid keyturn --no-create-home --home-dir / \
+		useradd --system --gid keyturn --no-create-home --home-dir /var/lib/keyturn \
 			--shell /sbin/nologin --comment "keyturn credential rotation daemon" keyturn
 fi
 if [ -x /usr/bin/systemd-tmpfiles ]; then
@@ -21,8 +21,14 @@ else
 		chown root:keyturn /etc/keyturn/keyturn.toml
 		chmod 0640 /etc/keyturn/keyturn.toml
 	fi
-	install -d -m 0700 -o root -g root /var/lib/keyturn /var/log/keyturn
-	install -d -m 0755 -o root -g root /run/keyturn /run/keyturn/agents
+	# As the tmpfiles snippet: made if missing; an existing one keeps its owner.
+	for d in /var/lib/keyturn /var/log/keyturn; do
+		[ -d "$d" ] || install -d -m 0700 "$d"
+		chmod 0700 "$d"
+	done
+	for d in /run/keyturn /run/keyturn/agents; do
+		[ -d "$d" ] || install -d -m 0755 "$d"
+	done
 fi
 if [ "$1" -eq 1 ] && command -v systemctl >/dev/null; then
 	systemctl --no-reload preset keyturn.service >/dev/null 2>&1 || :
