@@ -53,6 +53,7 @@ Python 3.11 standard library. Run from anywhere:
     python3 bench/pg_peer.py --quick       # 2 rounds of 5 s per mode
     python3 bench/pg_peer.py --no-build --rounds 3 --seconds 8
     python3 bench/pg_peer.py --bao-storage inmem   # OpenBao -dev (in memory)
+    python3 bench/pg_peer.py --floor-only  # PostgreSQL's CPU per statement only
 """
 
 from __future__ import annotations
@@ -619,6 +620,84 @@ def measure(mode, level: int, seconds: float, meter: Meter, pg: OwnPostgres, psq
 # --------------------------------------------------------------------------
 
 
+def scram_verifier(password: str, iterations: int) -> str:
+    """A SCRAM-SHA-256 verifier as PostgreSQL stores it (RFC 5802/7677), for
+    the floor pass's few-iteration comparison."""
+    import base64
+    import hmac
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def floor_pass(pg: OwnPostgres, pgc: decommission.Postgres, n: int = 400) -> dict:
+    """PostgreSQL's own CPU for the statements of one rotation, measured one
+    kind at a time on an otherwise idle cluster: what keyturn's rotation
+    costs the server at the least, whatever keyturn does.
+
+    - `ALTER ROLE r WITH LOGIN PASSWORD '<SCRAM verifier>'` (keyturn sends
+      a verifier it computed) and `... PASSWORD '<clear text>'` (what
+      OpenBao's engine sends; the server hashes it), over one psql session,
+      minus the same session running `SELECT 1` as often;
+    - the same ALTER with a 1-iteration verifier: the server's cost of the
+      4096-iteration one is its check that the new password is not the empty
+      string (`AlterRole` → `plain_crypt_verify(.., "")`, a full PBKDF2 over
+      the verifier's iterations);
+    - a login as the role (pgbench -C: connect with SCRAM, `SELECT 1`,
+      disconnect), keyturn's login test."""
+    role = f"ktfloor{secrets.token_hex(4)}"
+    pgc.sql(f"CREATE ROLE {role} LOGIN PASSWORD '{secrets.token_hex(16)}'")
+    pgc.roles.append(role)
+    password = secrets.token_hex(16)
+    verifier = scram_verifier(password, 4096)
+    one = scram_verifier(password, 1)
+    work = Path(tempfile.mkdtemp(prefix="keyturn-pgfloor-"))
+    try:
+        def psql_ticks(lines: list[str]) -> int:
+            f = work / "script.sql"
+            f.write_text("\n".join(lines) + "\n")
+            time.sleep(0.3)
+            a = pg.cpu_ticks()
+            subprocess.run([pgc.psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(f)], env=pgc.env,
+                           check=True, capture_output=True, timeout=600)
+            time.sleep(0.5)  # the backend has exited and been reaped
+            return pg.cpu_ticks() - a
+
+        ms = lambda ticks: round(1000.0 * ticks / base.CLK_TCK / n, 3)  # noqa: E731
+        alter = f'ALTER ROLE "{role}" WITH LOGIN PASSWORD '
+        base_t = psql_ticks(["SELECT 1;"] * n)
+        ver_t = psql_ticks([f"{alter}'{verifier}';"] * n)
+        one_t = psql_ticks([f"{alter}'{one}';"] * n)
+        clear_t = psql_ticks([f"{alter}'{secrets.token_hex(16)}';" for _ in range(n)])
+        # Leave the role with a known password for the login pass.
+        psql_ticks([f"{alter}'{verifier}';"])
+        stored = pgc.sql(f"SELECT rolpassword = '{verifier}' FROM pg_authid WHERE rolname = '{role}'")
+        if stored != "t":
+            raise RuntimeError("floor pass: the server did not keep the verifier as sent")
+        script = work / "select1.sql"
+        script.write_text("SELECT 1;\n")
+        env = dict(pgc.env, PGUSER=role, PGPASSWORD=password)
+        time.sleep(0.3)
+        a = pg.cpu_ticks()
+        subprocess.run([str(pg.bin / "pgbench"), "-n", "-C", "-t", str(n), "-f", str(script)], env=env,
+                       check=True, capture_output=True, timeout=600)
+        time.sleep(0.5)
+        login_t = pg.cpu_ticks() - a
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "statements": n,
+        "alter_verifier_4096_ms": ms(ver_t - base_t),
+        "alter_verifier_1_ms": ms(one_t - base_t),
+        "alter_clear_text_ms": ms(clear_t - base_t),
+        "login_select1_ms": ms(login_t),
+    }
+
+
 def strace_counts(path: Path) -> dict[str, int]:
     """calls per syscall from an `strace -c` summary."""
     out: dict[str, int] = {}
@@ -836,6 +915,21 @@ def fmt_table(results: dict, levels: list[int]) -> str:
         first = next(iter(vc.values()))
         if first.get("sequence"):
             lines.append("  one rotation, in order: " + ", ".join(first["sequence"]))
+    fl = results.get("pg_floor")
+    if fl:
+        agg = results["aggregate"]["modes"]
+        lines += ["", f"PostgreSQL's CPU per statement, measured alone ({fl['statements']} each, separate pass):",
+                  f"  ALTER ROLE .. PASSWORD '<4096-iteration SCRAM verifier>' (keyturn): {fl['alter_verifier_4096_ms']:.2f} ms",
+                  f"  ALTER ROLE .. PASSWORD '<1-iteration SCRAM verifier>':              {fl['alter_verifier_1_ms']:.2f} ms",
+                  f"  ALTER ROLE .. PASSWORD '<clear text>' (OpenBao's engine):          {fl['alter_clear_text_ms']:.2f} ms",
+                  f"  login with SCRAM + SELECT 1 + disconnect (keyturn's login test):    {fl['login_select1_ms']:.2f} ms"]
+        floor = fl["alter_verifier_4096_ms"] + fl["login_select1_ms"]
+        for level in levels:
+            a = agg.get(f"A{level}")
+            if a:
+                whole = a["cpu_ms_per_rotation"]["sum"]
+                lines.append(f"  {level:>2} in flight: PostgreSQL's floor for a keyturn rotation (ALTER + login) "
+                             f"{floor:.2f} ms vs OpenBao's whole rotation, all processes, {whole:.2f} ms")
     return "\n".join(lines)
 
 
@@ -888,6 +982,24 @@ def check_goals(results: dict, levels: list[int]) -> list[dict]:
 # --------------------------------------------------------------------------
 
 
+def floor_only() -> int:
+    pg = OwnPostgres()
+    try:
+        log(f"PostgreSQL ({pg.bin}) on 127.0.0.1:{pg.port}, data in {pg.dir}")
+        pg.start()
+        pgc = decommission.Postgres(pg.dsn)
+        version = pgc.sql("SHOW server_version")
+        fl = floor_pass(pg, pgc)
+        print(f"PostgreSQL {version}: CPU per statement, {fl['statements']} each, on an idle cluster")
+        for k, v in fl.items():
+            if k != "statements":
+                print(f"  {k:<24} {v:.2f} ms")
+        print(f"  ALTER (verifier) + login: {fl['alter_verifier_4096_ms'] + fl['login_select1_ms']:.2f} ms")
+    finally:
+        pg.stop()
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
@@ -906,7 +1018,11 @@ def main() -> int:
     ap.add_argument("--no-calls", action="store_true", help="skip the vault-calls pass")
     ap.add_argument("--quick", action="store_true", help="2 rounds of 5 s")
     ap.add_argument("--no-build", action="store_true", help="use the existing target/release/keyturn")
+    ap.add_argument("--floor-only", action="store_true",
+                    help="only PostgreSQL's CPU per statement (own cluster, no OpenBao, no keyturn; ~20 s)")
     args = ap.parse_args()
+    if args.floor_only:
+        return floor_only()
     if args.quick:
         args.rounds, args.seconds = 2, 5.0
     n = args.creds
@@ -991,6 +1107,9 @@ def main() -> int:
                         f"{f['rotations']} rotations)")
                     fs.append(f)
             results["fsyncs"] = fs
+        log("PostgreSQL's CPU per statement, measured alone")
+        results["pg_floor"] = floor_pass(pg, pgc)
+        log(f"    {results['pg_floor']}")
         if not args.no_calls:
             log("vault calls: a keyturn with OpenBao KV through the counting proxy")
             results["vault_calls"] = calls_pass(bao, pg, pgc, n)

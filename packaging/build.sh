@@ -6,18 +6,16 @@
 #   2. builds the release binary once (`cargo build --release --locked`);
 #   3. stages what is generated, under target/packaging/: the stripped
 #      binary, the man pages (`keyturn manpages`, gzipped), the shell
-#      completions (`keyturn completions bash|zsh|fish`), the Prometheus
-#      rules and the Grafana dashboard (packaging/prometheus/,
-#      packaging/grafana/);
+#      completions (`keyturn completions bash|zsh|fish`);
 #   4. packages: `cargo deb` and `cargo generate-rpm`, from the metadata in
 #      Cargo.toml ([package.metadata.deb], [package.metadata.generate-rpm]).
 # The version is Cargo.toml's. Usage: bash packaging/build.sh (as root the
 # first time, for apt-get).
 #
-# KEYTURN_PKG_STANDINS=1 replaces the completions and the Prometheus/Grafana
-# files, when they are missing, by stand-ins that say so: only to test this
-# packaging before the branches that add them are merged. CI never sets it,
-# so a package missing them fails to build there.
+# KEYTURN_PKG_STANDINS=1 replaces the completions, when this keyturn has no
+# `completions` command, by stand-ins that say so: only to test this
+# packaging before the branch that adds the command is merged. CI never
+# sets it, so a package without completions fails to build there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +32,7 @@ cargo build --release --locked --bin keyturn
 built=$SECONDS
 
 rm -rf "$out"
-mkdir -p "$out/bin" "$out/man" "$out/completions" "$out/share/prometheus" "$out/share/grafana"
+mkdir -p "$out/bin" "$out/man" "$out/completions"
 # Stripped as Debian and Fedora ship binaries (the release profile keeps
 # line tables, for the benchmarks' profiles).
 strip --strip-all -o "$out/bin/keyturn" "$target_dir/release/keyturn"
@@ -66,15 +64,6 @@ else
 			"\`keyturn completions SHELL\` is missing from this keyturn (issue 14's CLI polish adds it)"
 	done
 fi
-
-echo "== Prometheus rules, Grafana dashboard" >&2
-for f in prometheus/keyturn.rules.yml grafana/keyturn.json; do
-	if [[ -f packaging/$f ]]; then
-		cp "packaging/$f" "$out/share/$f"
-	else
-		standin "$out/share/$f" "packaging/$f is missing (issue 14's observability part adds it)"
-	fi
-done
 
 echo "== cargo deb" >&2
 cargo deb --no-build --no-strip --output "$out/" >/dev/null

@@ -168,9 +168,8 @@ for f in README.md copyright examples/minimal.toml examples/production.toml; do
 	[[ -s /usr/share/doc/keyturn/$f ]] || fail "/usr/share/doc/keyturn/$f missing"
 done
 ok "docs in /usr/share/doc/keyturn"
-for f in prometheus/keyturn.rules.yml grafana/keyturn.json; do
-	[[ -s /usr/share/keyturn/$f ]] || fail "/usr/share/keyturn/$f missing"
-	if standin "/usr/share/keyturn/$f"; then echo "  SKIPPED: /usr/share/keyturn/$f is a stand-in"; fi
+for f in prometheus/keyturn.rules.yml prometheus/tests.yml grafana/keyturn.json; do
+	cmp -s "packaging/$f" "/usr/share/keyturn/$f" || fail "/usr/share/keyturn/$f is not packaging/$f"
 done
 ok "Prometheus rules and Grafana dashboard in /usr/share/keyturn"
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as README.md documents it and CI runs it:
-# formatting, lints (with and without failpoints), then every unit and
+# formatting, lints (with and without failpoints), promtool checks of the alert
+# rules and the dashboard's queries (packaging/prometheus/check.sh), then every unit and
 # integration test, including the crash-safety tests that need the
 # `failpoints` feature, then the .deb and .rpm (packaging/test.sh: built,
 # installed, removed and purged here, as root). Needs nothing running
@@ -17,6 +18,8 @@ cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
 cargo clippy --all-targets --all-features -- -D warnings
+echo "== alert rules and dashboard queries (promtool)"
+bash packaging/prometheus/check.sh
 echo "== test services"
 if bash scripts/services.sh status >/dev/null; then
   # Started by hand beforehand: use them and leave them to their owner.

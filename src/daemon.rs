@@ -234,9 +234,17 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     {
         let e = engine.clone();
         metrics.set_credential_times_provider(Arc::new(move || {
+            let catalog = e.catalog();
             e.credential_times()
                 .into_iter()
                 .map(|(key, age, due)| CredentialTimes {
+                    // From `creds`: the catalog's config no longer holds
+                    // the credentials (they were moved there).
+                    max_age_seconds: catalog
+                        .creds
+                        .get(&key)
+                        .and_then(|c| c.cfg.max_age)
+                        .map(|d| d.as_secs_f64()),
                     agent: key.agent.to_string(),
                     credential: key.credential.to_string(),
                     age_seconds: age,
@@ -270,7 +278,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 .map(|(_, n)| *n)
                 .sum::<i64>();
             crate::telemetry::Lifecycle {
-                sla_remaining: r.sla_remaining(),
+                sla_clocks: r.sla_clocks(),
                 agents,
                 totals: vec![
                     (

@@ -10,6 +10,7 @@
 //! - [`rotation`]   the persisted rotation state machine and its engine; resume after crash;
 //!   follow mode (delivering what another keyturn rotates)
 //! - [`targets`]    trait `Target` + `postgres`, `command` (apply and test a new value where it is used)
+//! - [`tasks`]      task-scoped credentials: trait `TaskIssuer` (mint and revoke one task's credential at its system)
 //! - [`vaults`]     trait `Vault` + `local` (embedded, encrypted), `hashicorp`, `aws`, `azure`;
 //!   `change_index`, the rotator's record of promotes that followers poll
 //! - [`sinks`]      trait `Sink` + `file` (atomic write, bundles via `..data`), `signal`, `exec`, `webhook` (signed, address-guarded)
@@ -50,6 +51,7 @@ pub mod sinks;
 pub mod state;
 pub mod surface;
 pub mod targets;
+pub mod tasks;
 pub mod telemetry;
 #[cfg(test)]
 mod test_support;

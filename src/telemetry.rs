@@ -140,17 +140,29 @@ pub struct CredentialTimes {
     pub age_seconds: Option<f64>,
     /// Seconds until the next rotation is due; negative when overdue.
     pub next_due_seconds: Option<f64>,
+    /// The credential's configured `max_age` in seconds; `None` without one.
+    pub max_age_seconds: Option<f64>,
 }
 
 /// Called on every scrape; must be cheap enough to run for every credential.
 pub type CredentialTimesProvider = Arc<dyn Fn() -> Vec<CredentialTimes> + Send + Sync>;
 
+/// The revocation SLA clock of one decommission not complete.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlaClock {
+    pub agent: String,
+    /// Seconds until the SLA deadline (negative once breached).
+    pub remaining_seconds: f64,
+    /// The whole SLA (the agent's tier's), so an alert rule can say "80%
+    /// of it is gone" as keyturn's own warning does.
+    pub sla_seconds: f64,
+}
+
 /// Decommissions and the identity surface, read at scrape time.
 #[derive(Debug, Clone, Default)]
 pub struct Lifecycle {
-    /// `(agent, seconds until its revocation SLA deadline)` of every
-    /// decommission not complete (negative once breached).
-    pub sla_remaining: Vec<(String, f64)>,
+    /// Every decommission not complete.
+    pub sla_clocks: Vec<SlaClock>,
     /// Agents by lifecycle state (`active`, `decommissioning`, ...).
     pub agents: Vec<(&'static str, i64)>,
     /// Further totals: `(metric name without prefix, help, value)`.
@@ -206,6 +218,7 @@ pub struct Metrics {
     credentials: Family<StateLabels, Gauge>,
     deliveries: Family<DeliveryLabels, Counter>,
     audit_records: Counter,
+    audit_append_failures: Counter,
     ack_holdouts: Counter,
     acks_awaiting: Gauge,
     provider: Arc<RwLock<Option<CredentialTimesProvider>>>,
@@ -295,6 +308,11 @@ impl Metrics {
             "audit_records",
             "Records appended to the audit log",
         );
+        let audit_append_failures: Counter = register(
+            &mut registry,
+            "audit_append_failures",
+            "Audit records that could not be appended (the step that wrote them fails and is retried)",
+        );
         let ack_holdouts: Counter = register(
             &mut registry,
             "ack_holdouts",
@@ -346,6 +364,7 @@ impl Metrics {
             credentials,
             deliveries,
             audit_records,
+            audit_append_failures,
             ack_holdouts,
             acks_awaiting,
             provider,
@@ -376,6 +395,18 @@ impl Metrics {
                 outcome,
             })
             .inc();
+    }
+
+    /// The alert sink `sink` is configured: its outcome series start at 0,
+    /// so `increase()` in an alert rule sees its first refusal (a series
+    /// born at 1 has no increase to show).
+    pub fn alert_sink_configured(&self, sink: &str) {
+        for outcome in ["ok", "retry", "gave_up"] {
+            let _ = self.alert_deliveries.get_or_create(&AlertDeliveryLabels {
+                sink: sink.into(),
+                outcome,
+            });
+        }
     }
 
     /// Alert deliveries spooled and not yet delivered.
@@ -450,6 +481,11 @@ impl Metrics {
         self.audit_records.inc_by(n);
     }
 
+    /// Appending an audit record failed (full disk, I/O error, closed log).
+    pub fn audit_append_failed(&self) {
+        self.audit_append_failures.inc();
+    }
+
     /// Installs (or replaces) the source of per-credential times. Until one is
     /// set the per-credential gauges are exported without samples.
     pub fn set_credential_times_provider(&self, provider: CredentialTimesProvider) {
@@ -497,8 +533,9 @@ impl Metrics {
     }
 }
 
-/// Writes `credential_age_seconds` and `credential_next_due_seconds` from the
-/// provider at scrape time; holds nothing per credential.
+/// Writes `credential_age_seconds`, `credential_next_due_seconds` and
+/// `credential_max_age_seconds` from the provider at scrape time; holds
+/// nothing per credential.
 struct CredentialTimesCollector {
     provider: Arc<RwLock<Option<CredentialTimesProvider>>>,
 }
@@ -521,7 +558,7 @@ impl Collector for CredentialTimesCollector {
         let times = provider.map(|p| p()).unwrap_or_default();
 
         type Pick = fn(&CredentialTimes) -> Option<f64>;
-        let gauges: [(&str, &str, Pick); 2] = [
+        let gauges: [(&str, &str, Pick); 3] = [
             (
                 "credential_age_seconds",
                 "Seconds since the current version of the credential was promoted",
@@ -531,6 +568,11 @@ impl Collector for CredentialTimesCollector {
                 "credential_next_due_seconds",
                 "Seconds until the credential's next rotation is due (negative when overdue)",
                 |t| t.next_due_seconds,
+            ),
+            (
+                "credential_max_age_seconds",
+                "The credential's configured max_age: its current version counts as expired when older (only credentials with one)",
+                |t| t.max_age_seconds,
             ),
         ];
         for (name, help, pick) in gauges {
@@ -576,9 +618,23 @@ impl Collector for LifecycleCollector {
             None,
             MetricType::Gauge,
         )?;
-        for (agent, secs) in l.sla_remaining.iter().filter(|(_, s)| s.is_finite()) {
-            m.encode_family(&[("agent", agent.as_str())])?
-                .encode_gauge(secs)?;
+        for c in l
+            .sla_clocks
+            .iter()
+            .filter(|c| c.remaining_seconds.is_finite())
+        {
+            m.encode_family(&[("agent", c.agent.as_str())])?
+                .encode_gauge(&c.remaining_seconds)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "decommission_sla_seconds",
+            "The whole revocation SLA of each decommission in progress (its agent's tier's)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for c in l.sla_clocks.iter().filter(|c| c.sla_seconds.is_finite()) {
+            m.encode_family(&[("agent", c.agent.as_str())])?
+                .encode_gauge(&c.sla_seconds)?;
         }
         let mut m = encoder.encode_descriptor(
             "agents",
@@ -612,6 +668,7 @@ mod tests {
             "keyturn_deliveries_total{sink=\"file\",result=\"failed\"} 0",
             "keyturn_credentials{state=\"retiring\"} 0",
             "keyturn_audit_records_total 0",
+            "keyturn_audit_append_failures_total 0",
         ] {
             assert!(fresh.contains(line), "missing {line:?} in\n{fresh}");
         }
@@ -624,6 +681,10 @@ mod tests {
         m.delivery("file", true);
         m.delivery("file", false);
         m.audit_records(5);
+        m.alert_sink_configured("oncall");
+        m.alert_delivery("oncall", "gave_up");
+        m.audit_append_failed();
+        m.audit_append_failed();
         let text = m.encode();
         for line in [
             "keyturn_rotations_total{result=\"ok\"} 2",
@@ -636,6 +697,10 @@ mod tests {
             "keyturn_deliveries_total{sink=\"file\",result=\"ok\"} 1",
             "keyturn_deliveries_total{sink=\"file\",result=\"failed\"} 1",
             "keyturn_audit_records_total 5",
+            "keyturn_audit_append_failures_total 2",
+            "keyturn_alert_deliveries_total{sink=\"oncall\",outcome=\"ok\"} 0",
+            "keyturn_alert_deliveries_total{sink=\"oncall\",outcome=\"retry\"} 0",
+            "keyturn_alert_deliveries_total{sink=\"oncall\",outcome=\"gave_up\"} 1",
             "# TYPE keyturn_credential_age_seconds gauge",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
@@ -661,12 +726,14 @@ mod tests {
                     credential: "db".into(),
                     age_seconds: Some(12.5),
                     next_due_seconds: Some(-3.0),
+                    max_age_seconds: Some(86400.0),
                 },
                 CredentialTimes {
                     agent: "bot".into(),
                     credential: "api".into(),
                     age_seconds: None,
                     next_due_seconds: Some(f64::NAN),
+                    max_age_seconds: None,
                 },
             ]
         }));
@@ -682,11 +749,53 @@ mod tests {
             ),
             "{text}"
         );
-        // Unknown or non-finite values are omitted, not exported as garbage.
+        assert!(
+            text.contains(
+                "keyturn_credential_max_age_seconds{agent=\"bot\",credential=\"db\"} 86400.0"
+            ),
+            "{text}"
+        );
+        // Unknown or non-finite values (and no max_age) are omitted, not
+        // exported as garbage.
         assert!(!text.contains("credential=\"api\""), "{text}");
         // A second scrape asks again (values are not cached per credential).
         m.encode();
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn decommission_sla_clocks_export_what_is_left_and_the_whole_sla() {
+        let m = Metrics::new();
+        // No provider yet: no lifecycle families at all.
+        assert!(!m.encode().contains("decommission_sla"));
+        m.set_lifecycle_provider(Arc::new(|| Lifecycle {
+            sla_clocks: vec![
+                SlaClock {
+                    agent: "late".into(),
+                    remaining_seconds: -30.0,
+                    sla_seconds: 3600.0,
+                },
+                SlaClock {
+                    agent: "odd".into(),
+                    remaining_seconds: f64::NAN,
+                    sla_seconds: 600.0,
+                },
+            ],
+            ..Lifecycle::default()
+        }));
+        let text = m.encode();
+        for line in [
+            "keyturn_decommission_sla_remaining_seconds{agent=\"late\"} -30.0",
+            "keyturn_decommission_sla_seconds{agent=\"late\"} 3600.0",
+            "keyturn_decommission_sla_seconds{agent=\"odd\"} 600.0",
+            "# TYPE keyturn_decommission_sla_seconds gauge",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("keyturn_decommission_sla_remaining_seconds{agent=\"odd\"}"),
+            "{text}"
+        );
     }
 
     #[test]

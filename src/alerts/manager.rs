@@ -352,6 +352,9 @@ impl Alerts {
             self.gauges(&state);
         }
         for named in sinks {
+            if let Some(m) = &self.inner.metrics {
+                m.alert_sink_configured(&named.name);
+            }
             let slot = Arc::new(SinkSlot {
                 named,
                 wake: Notify::new(),

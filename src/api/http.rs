@@ -368,6 +368,7 @@ mod tests {
                 credential: "db".into(),
                 age_seconds: Some(60.0),
                 next_due_seconds: Some(3600.0),
+                max_age_seconds: None,
             }]
         }));
         let ready = Arc::new(AtomicBool::new(false));

@@ -469,6 +469,7 @@ fn parse_one(f: &SourceFile) -> Option<File> {
             vaults: BTreeMap::new(),
             agents: a.agents,
             alerts: BTreeMap::new(),
+            policies: BTreeMap::new(),
         })
     }
 }
@@ -487,6 +488,7 @@ fn merge_raw(raw: &mut RawConfig, more: RawConfig) {
     raw.vaults.extend(more.vaults);
     raw.agents.extend(more.agents);
     raw.alerts.extend(more.alerts);
+    raw.policies.extend(more.policies);
 }
 
 /// The slow path: spans kept, each section on its own, every error located
@@ -671,6 +673,8 @@ pub(super) struct File {
     agents: BTreeMap<String, FileAgent>,
     #[serde(default)]
     alerts: BTreeMap<String, crate::alerts::AlertSinkConfig>,
+    #[serde(default)]
+    policies: BTreeMap<String, crate::tasks::policy::RawPolicy>,
 }
 
 /// A file of `agents.d` in one serde pass: agents only.
@@ -736,6 +740,11 @@ fn into_raw(f: File) -> RawConfig {
             .into_iter()
             .map(|(n, a)| (n, Parsed::Ok(a)))
             .collect(),
+        policies: f
+            .policies
+            .into_iter()
+            .map(|(n, a)| (n, Parsed::Ok(a)))
+            .collect(),
     }
 }
 
@@ -774,6 +783,15 @@ fn deserialize_sections(root: &Table, main: bool) -> (RawConfig, Vec<Issue>) {
             }
             "vaults" => {
                 raw.vaults = entries(item, &p, &mut issues)
+                    .into_iter()
+                    .map(|(n, i)| {
+                        let parsed = section(i, &p.key(&n), &mut issues);
+                        (n, parsed)
+                    })
+                    .collect()
+            }
+            "policies" => {
+                raw.policies = entries(item, &p, &mut issues)
                     .into_iter()
                     .map(|(n, i)| {
                         let parsed = section(i, &p.key(&n), &mut issues);

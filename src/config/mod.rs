@@ -49,6 +49,8 @@ pub struct Config {
     pub alerts: BTreeMap<String, AlertSinkConfig>,
     /// `[alert_rules]`: when rotation health raises an alert.
     pub alert_rules: AlertRules,
+    /// `[policies.NAME]`: what tasks each agent may start (task-scoped credentials).
+    pub policies: BTreeMap<String, crate::tasks::policy::Policy>,
 }
 
 /// `[alert_rules]`, with its defaults.

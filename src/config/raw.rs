@@ -25,6 +25,7 @@ use serde::de::IgnoredAny;
 use crate::alerts::AlertSinkConfig;
 use crate::sinks::SinkConfig;
 use crate::targets::TargetConfig;
+use crate::tasks::policy::RawPolicy;
 use crate::vaults::VaultSpec;
 
 /// A section that deserialized, or one whose error was already reported.
@@ -59,6 +60,8 @@ pub struct RawConfig {
     pub alerts: BTreeMap<String, Parsed<AlertSinkConfig>>,
     /// `None` when there is no `[alert_rules]` table (every key has a default).
     pub alert_rules: Option<Parsed<RawAlertRules>>,
+    /// `[policies.NAME]`: what tasks each agent may start.
+    pub policies: BTreeMap<String, Parsed<RawPolicy>>,
 }
 
 /// `[alert_rules]`: when rotation health raises an alert. Every key is optional.
@@ -261,4 +264,5 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "agents",
     "alerts",
     "alert_rules",
+    "policies",
 ];

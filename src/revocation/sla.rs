@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use super::{Decom, Orphan, Revocations};
 use crate::alerts::{Alert, ConditionSource, Conditions, Severity};
 use crate::api::protocol::{AgentLifecycle, PendingItem};
+use crate::telemetry::SlaClock;
 
 /// The share of the SLA at which the warning fires.
 const WARN_AT: f64 = 0.8;
@@ -101,19 +102,19 @@ impl Revocations {
         lifecycle_rows(&decoms, &orphans, self.inner.engine.now())
     }
 
-    /// `(agent, seconds left)` of every decommission not complete, for
-    /// `keyturn_decommission_sla_remaining_seconds`.
-    pub fn sla_remaining(&self) -> Vec<(String, f64)> {
+    /// The SLA clock of every decommission not complete, for
+    /// `keyturn_decommission_sla_remaining_seconds` and
+    /// `keyturn_decommission_sla_seconds`.
+    pub fn sla_clocks(&self) -> Vec<SlaClock> {
         let now = self.inner.engine.now();
         self.snapshot()
             .0
             .iter()
             .filter(|d| !d.complete())
-            .map(|d| {
-                (
-                    d.row.agent.to_string(),
-                    (d.row.deadline() - now).num_milliseconds() as f64 / 1000.0,
-                )
+            .map(|d| SlaClock {
+                agent: d.row.agent.to_string(),
+                remaining_seconds: (d.row.deadline() - now).num_milliseconds() as f64 / 1000.0,
+                sla_seconds: d.row.sla_ms as f64 / 1000.0,
             })
             .collect()
     }

@@ -626,7 +626,10 @@ impl Inner {
         &self,
         appended: Result<AuditHead, crate::audit::AuditError>,
     ) -> Result<AuditHead, PluginError> {
-        let head = appended.map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))?;
+        let head = appended.map_err(|e| {
+            self.metrics.audit_append_failed();
+            PluginError::new(ErrorKind::Transient, e.to_string())
+        })?;
         self.metrics.audit_records(1);
         Ok(head)
     }

@@ -775,6 +775,32 @@ async fn a_rotation_records_its_six_records_with_three_audit_fsyncs() {
     rig.shutdown().await;
 }
 
+/// An audit record that cannot be appended fails its step (no rotation goes
+/// unrecorded) and is counted, so an alert can say why rotations stopped.
+#[tokio::test(start_paused = true)]
+async fn a_failed_audit_append_fails_the_rotation_and_is_counted() {
+    let rig = Rig::single().await;
+    let failures = |rig: &Rig| {
+        rig.engine
+            .inner
+            .metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix("keyturn_audit_append_failures_total "))
+            .map(str::to_owned)
+    };
+    assert_eq!(rig.rotate_c0().await.error, None);
+    assert_eq!(failures(&rig).as_deref(), Some("0"));
+    rig.engine.audit().close().await;
+    let done = rig.rotate_c0().await;
+    assert!(done.error.is_some(), "{done:?}");
+    let n: u64 = failures(&rig).unwrap().parse().unwrap();
+    assert!(n >= 1, "every failed append counts: {n}");
+    rig.cancel.cancel();
+    rig.tracker.close();
+    rig.tracker.wait().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn concurrent_triggers_join_one_rotation() {
     let rig = Rig::single().await;

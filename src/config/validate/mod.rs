@@ -164,10 +164,33 @@ struct Scope<'a> {
     alert_rules: Option<AlertRules>,
 }
 
-impl Validator<'_> {
+impl<'a> Validator<'a> {
     /// Reports a problem with a value.
     pub(crate) fn err(&mut self, at: Loc<'_>, message: impl Into<String>) {
         self.issues.push(Issue::at(at.path(), message));
+    }
+
+    /// A validator for unit tests of a section's check (the whole file is
+    /// checked through [`validate`]).
+    #[cfg(test)]
+    pub(crate) fn for_tests(ctx: &'a Context) -> Validator<'a> {
+        Validator {
+            ctx,
+            issues: Vec::new(),
+            durations: DurationCache::default(),
+        }
+    }
+
+    /// The issues reported, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn issues(&self) -> &[Issue] {
+        &self.issues
+    }
+
+    /// How many issues were reported so far (a section is kept only when
+    /// checking it reported none).
+    pub(crate) fn issue_count(&self) -> usize {
+        self.issues.len()
     }
 
     /// Reports a problem with a key (unknown, missing next to it, ...).
@@ -270,6 +293,7 @@ impl Validator<'_> {
         }
 
         let alerts = self.alerts(raw, &scope.tier_names);
+        let policies = self.policies(raw);
         Config {
             source: self.ctx.source.clone(),
             daemon,
@@ -278,7 +302,21 @@ impl Validator<'_> {
             agents,
             alerts,
             alert_rules,
+            policies,
         }
+    }
+
+    /// `[policies.NAME]`: checked by the tasks module, each grant by its issuer.
+    fn policies(&mut self, raw: &RawConfig) -> BTreeMap<String, crate::tasks::policy::Policy> {
+        let agents: std::collections::BTreeSet<&str> =
+            raw.agents.iter().map(|(n, _)| n.as_str()).collect();
+        let policies = raw
+            .policies
+            .iter()
+            .map(|(n, p)| (n.clone(), p.ok()))
+            .collect();
+        let no_issuer = |_: &str| -> Option<&dyn crate::tasks::issuers::IssuerPlugin> { None };
+        crate::tasks::policy::check_all(&policies, &agents, &no_issuer, &[], self)
     }
 
     /// `[alert_rules]`: every key optional.

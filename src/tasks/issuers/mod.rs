@@ -1,0 +1,160 @@
+//! Task issuers: mint a credential for one task at the system that enforces
+//! it, and revoke it.
+//!
+//! An issuer does the minimum, like every plug-in: one mint, one revoke, one
+//! check that the credential no longer works, a typed error with a `kind`;
+//! the task manager owns retries, timers, persistence and audit.
+//!
+//! # The contract
+//! - **Attribution.** Every issuer writes the task's [`TaskAttribution`]
+//!   (task id, agent, tenant, use case, run id, initiator, sensitivity)
+//!   where its system keeps it next to the credential (a role's comment and
+//!   `application_name`, STS session tags and `SourceIdentity`, token
+//!   metadata), so that the system's own logs name the task.
+//! - **Lifetime.** The credential expires at the system by itself at
+//!   [`IssueRequest::expires_at`] where the system can say so (`VALID UNTIL`,
+//!   `DurationSeconds`, a token TTL), so that a keyturn that is down at the
+//!   TTL still does not leave it working.
+//! - **Crash safety.** The task is persisted before `issue` runs. If keyturn
+//!   dies after the mint and before it recorded [`Issued::handle`], `revoke`
+//!   is called with `handle: None` and must find the credential from the
+//!   task id alone where the system allows (a role named after the task), or
+//!   say in [`Revoked::ExpiresAt`] when it ends by itself.
+//! - **Idempotence.** `issue` for a task id that was already issued either
+//!   returns the same credential's handle with fresh values (a role's
+//!   password set again) or mints a new one and revokes nothing; `revoke`
+//!   and `verify_revoked` are harmless twice and after the credential is gone.
+//! - **Secrets.** Values only in [`SecretValue`]; never in errors, logs,
+//!   the handle or `public` fields.
+//!
+//! # Adding an issuer
+//! Write `tasks/issuers/NAME.rs` (a folder when large) with its config struct
+//! (`[issuers.X] type = "NAME"`, `deny_unknown_fields`), its grant struct (the
+//! table a policy level gives it), `impl IssuerPlugin` (check the config and
+//! a grant through the [`Validator`], build the issuer without I/O) and `impl
+//! TaskIssuer`, with tests against the real system. Then one line in the
+//! registry below.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+
+use crate::config::validate::{Loc, Validator};
+use crate::model::{PluginError, SecretValue};
+
+/// Who a task is for and why: carried into every system that sees the
+/// task's credential, and into every audit record about it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TaskAttribution {
+    /// keyturn's id for the task (unique, URL- and identifier-safe:
+    /// lowercase letters and digits, at most 32 characters).
+    pub task_id: String,
+    pub agent: String,
+    pub tenant: String,
+    pub use_case: String,
+    /// The agent framework's id for the run the task belongs to.
+    pub run_id: String,
+    /// The human (or system) who started the run.
+    pub initiator: String,
+    /// The sensitivity level the policy granted (e.g. `low`, `high`).
+    pub sensitivity: String,
+}
+
+/// What a policy level grants at one issuer: the level's table for that
+/// issuer, as written. The issuer checks it with
+/// [`IssuerPlugin::check_grant`] when the config is loaded and reads it
+/// with [`Grant::parse`] into its own struct when it issues.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Grant(pub serde_json::Value);
+
+impl Grant {
+    /// The grant as the issuer's own struct.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
+        serde_json::from_value(self.0.clone()).map_err(|e| e.to_string())
+    }
+}
+
+/// One issuance.
+#[derive(Debug, Clone)]
+pub struct IssueRequest<'a> {
+    pub task: &'a TaskAttribution,
+    pub grant: &'a Grant,
+    /// The task's TTL, whole seconds.
+    pub ttl: Duration,
+    /// When the credential must stop working at the latest.
+    pub expires_at: SystemTime,
+}
+
+/// What an issuer minted.
+#[derive(Debug)]
+pub struct Issued {
+    /// What `revoke` needs to find the credential (a role name, an access
+    /// key id, a token accessor). Persisted in state: never secret.
+    pub handle: String,
+    /// Fields the agent needs that are not secret (a user name, a host, an
+    /// access key id, the expiry), delivered with the secrets.
+    pub public: BTreeMap<String, String>,
+    /// The secret fields (a password, a secret access key and session
+    /// token, a token).
+    pub secret: BTreeMap<String, SecretValue>,
+    /// When the system itself ends the credential (at or before the TTL).
+    pub expires_at: SystemTime,
+}
+
+/// What `revoke` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    /// The credential no longer works (or was never minted).
+    Now,
+    /// The system cannot end it early; it stops working by itself then
+    /// (STS session credentials without a deny policy, a token whose
+    /// accessor was never recorded).
+    ExpiresAt(SystemTime),
+}
+
+/// A task issuer at one system.
+#[async_trait]
+pub trait TaskIssuer: Send + Sync {
+    /// `type:name`-like text for messages (`postgres:127.0.0.1:5432`).
+    fn describe(&self) -> String;
+
+    /// Mints the task's credential per the grant, expiring at the system
+    /// by `expires_at` where it can.
+    async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError>;
+
+    /// Ends the task's credential: `handle` is [`Issued::handle`], or `None`
+    /// when keyturn did not record it (a crash between mint and record).
+    /// Harmless when it is already gone.
+    async fn revoke(
+        &self,
+        task: &TaskAttribution,
+        handle: Option<&str>,
+    ) -> Result<Revoked, PluginError>;
+
+    /// Whether the credential is refused by the system now (checked through
+    /// the system, not keyturn's memory).
+    async fn verify_revoked(
+        &self,
+        task: &TaskAttribution,
+        handle: Option<&str>,
+    ) -> Result<bool, PluginError>;
+
+    /// The issuer can reach and authenticate to its system
+    /// (`keyturn check --online`).
+    async fn check(&self) -> Result<(), PluginError>;
+}
+
+/// What the registry needs of an issuer's config.
+pub trait IssuerPlugin: std::fmt::Debug + Send + Sync {
+    /// Reports every problem of `[issuers.NAME]` at `at` and completes it in
+    /// place (relative paths resolved).
+    fn check(&mut self, v: &mut Validator<'_>, at: Loc<'_>);
+
+    /// Reports every problem of a policy level's grant for this issuer.
+    fn check_grant(&self, grant: &Grant, v: &mut Validator<'_>, at: Loc<'_>);
+
+    /// The issuer. No I/O: connect when a task needs it.
+    fn build(&self) -> Result<Arc<dyn TaskIssuer>, PluginError>;
+}

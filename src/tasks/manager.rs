@@ -1,0 +1,755 @@
+//! The task manager: starts a task (policy decision, persisted record,
+//! issuance at each issuer the level grants, the credentials in a per-task
+//! directory), ends it on request, at its TTL or when its start failed
+//! (revoke at each issuer, verify, remove the directory), and resumes all of
+//! that after a restart from the [`TaskStore`].
+//!
+//! Every decision is audited with the whole attribution chain: `task.refused`
+//! (with the reason's code), `task.started`, `task.issued` (per issuer, with
+//! the handle), `task.revoked` / `task.revoke_failed` (per issuer),
+//! `task.ended` (with the reason). Never a credential.
+//!
+//! Ending is retried until every item is verified revoked (or past the
+//! expiry its system enforces by itself): [`TaskManager::tick`] ends what is
+//! due and pushes what is ending forward, and returns when it wants to run
+//! again; [`TaskManager::run`] loops on it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::issuers::{IssueRequest, Issued, Revoked, TaskAttribution, TaskIssuer};
+use super::policy::{self, Policy, Refusal, TaskAsk};
+use super::store::{ItemRow, ItemState, StoreError, TaskRow, TaskState, TaskStore};
+use crate::audit::{Actor, AuditEvent, Outcome};
+use crate::model::{AgentId, PluginError, SecretValue};
+
+/// Where the audit records go (the daemon appends them and keeps the head).
+#[async_trait]
+pub trait TaskRecorder: Send + Sync {
+    async fn record(&self, event: AuditEvent);
+}
+
+/// Who is asking, as authenticated by the API (never taken from the request).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The agent the caller acts as.
+    pub agent: String,
+    /// For the audit record.
+    pub actor: Actor,
+    /// e.g. `uid=1001`, `uid=0 as invoice-bot`, `jwt invoice-bot`.
+    pub described: String,
+}
+
+/// A task start as asked (the agent is the caller's).
+#[derive(Debug, Clone, Default)]
+pub struct StartRequest {
+    pub tenant: String,
+    pub use_case: String,
+    pub run_id: String,
+    pub initiator: String,
+    pub sensitivity: String,
+    pub ttl: Option<Duration>,
+}
+
+/// The agent a task belongs to: who owns its directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentOwner {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// What the manager works with; replaced whole on reload.
+#[derive(Clone, Default)]
+pub struct TaskSetup {
+    pub policies: BTreeMap<String, Policy>,
+    pub issuers: BTreeMap<String, Arc<dyn TaskIssuer>>,
+    pub agents: BTreeMap<String, AgentOwner>,
+    /// Per-task directories go under `<task_root>/<agent>/<task id>/`;
+    /// `None`: credentials are only returned to the caller.
+    pub task_root: Option<PathBuf>,
+}
+
+/// One issuer's credential of a started task, for the caller.
+#[derive(Debug)]
+pub struct Credential {
+    pub public: BTreeMap<String, String>,
+    pub secret: BTreeMap<String, SecretValue>,
+    pub expires_at: SystemTime,
+    /// Where it was written, when a task root is configured.
+    pub file: Option<PathBuf>,
+}
+
+/// A started task.
+#[derive(Debug)]
+pub struct Started {
+    pub task: TaskRow,
+    /// Issuer name → its credential.
+    pub credentials: BTreeMap<String, Credential>,
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("refused: {0}")]
+    Refused(Refusal),
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("no task `{0}`")]
+    NotFound(String),
+    /// Another agent's task: said like an unknown one, so that ids of other
+    /// agents' tasks cannot be probed.
+    #[error("no task `{0}`")]
+    NotYours(String),
+    #[error(
+        "task {task}: issuer `{issuer}`: {error}; the task was ended and what was issued is being revoked"
+    )]
+    Issue {
+        task: String,
+        issuer: String,
+        error: PluginError,
+    },
+    #[error("task {task}: its credentials could not be written: {message}; the task was ended")]
+    Deliver { task: String, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct TaskManager {
+    store: TaskStore,
+    setup: RwLock<Arc<TaskSetup>>,
+    recorder: Arc<dyn TaskRecorder>,
+    clock: Arc<dyn crate::rotation::Clock>,
+    /// One lock per task being ended, so that an `end` racing the TTL (or
+    /// two ends) revoke once.
+    ending: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    wake: tokio::sync::Notify,
+    /// How long a failed revocation waits before the next attempt.
+    pub retry: Duration,
+}
+
+/// Milliseconds since the epoch.
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn system_time(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+impl TaskManager {
+    pub fn new(
+        store: TaskStore,
+        setup: TaskSetup,
+        recorder: Arc<dyn TaskRecorder>,
+        clock: Arc<dyn crate::rotation::Clock>,
+    ) -> TaskManager {
+        TaskManager {
+            store,
+            setup: RwLock::new(Arc::new(setup)),
+            recorder,
+            clock,
+            ending: Mutex::new(HashMap::new()),
+            wake: tokio::sync::Notify::new(),
+            retry: Duration::from_secs(5),
+        }
+    }
+
+    /// The config changed: new policies and issuers apply to new tasks; a
+    /// live task keeps its TTL and is revoked through the issuer of its
+    /// name (one that was removed is retried until it is back).
+    pub fn set_setup(&self, setup: TaskSetup) {
+        *self.setup.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(setup);
+        self.wake.notify_one();
+    }
+
+    fn setup(&self) -> Arc<TaskSetup> {
+        self.setup.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn event(
+        &self,
+        name: &str,
+        outcome: Outcome,
+        caller: Option<&Caller>,
+        task: &TaskAttribution,
+    ) -> AuditEvent {
+        let mut ev = AuditEvent::new(
+            name,
+            caller.map_or(Actor::Daemon, |c| c.actor.clone()),
+            outcome,
+        );
+        ev.agent = AgentId::new(&task.agent).ok();
+        ev.tenant = Some(task.tenant.clone());
+        ev.detail = Some(
+            serde_json::json!({
+                "task": task.task_id,
+                "use_case": task.use_case,
+                "run_id": task.run_id,
+                "initiator": task.initiator,
+                "sensitivity": task.sensitivity,
+                "by": caller.map(|c| c.described.as_str()),
+            })
+            .to_string(),
+        );
+        ev
+    }
+
+    /// Starts a task for `caller`'s agent.
+    pub async fn start(&self, caller: &Caller, req: StartRequest) -> Result<Started, TaskError> {
+        for (field, value) in [
+            ("tenant", &req.tenant),
+            ("use_case", &req.use_case),
+            ("run_id", &req.run_id),
+            ("initiator", &req.initiator),
+            ("sensitivity", &req.sensitivity),
+        ] {
+            policy::label(value).map_err(|message| TaskError::Invalid { field, message })?;
+        }
+        let setup = self.setup();
+        let now = self.clock.now();
+        let task = TaskAttribution {
+            task_id: new_task_id(),
+            agent: caller.agent.clone(),
+            tenant: req.tenant.clone(),
+            use_case: req.use_case.clone(),
+            run_id: req.run_id.clone(),
+            initiator: req.initiator.clone(),
+            sensitivity: req.sensitivity.clone(),
+        };
+        let ask = TaskAsk {
+            agent: &caller.agent,
+            tenant: &req.tenant,
+            use_case: &req.use_case,
+            sensitivity: &req.sensitivity,
+            ttl: req.ttl,
+        };
+        let decision = match policy::decide(&setup.policies, &ask) {
+            Ok(d) => d,
+            Err(refusal) => {
+                let mut ev = self.event("task.refused", Outcome::Refused, Some(caller), &task);
+                ev.error = Some(format!("{}: {refusal}", refusal.code()));
+                self.recorder.record(ev).await;
+                return Err(TaskError::Refused(refusal));
+            }
+        };
+        let ttl = decision.ttl;
+        let expires_at_ms = ms(now) + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let row = TaskRow {
+            task: task.clone(),
+            policy: decision.policy.name.clone(),
+            started_by: caller.described.clone(),
+            started_at_ms: ms(now),
+            expires_at_ms,
+            state: TaskState::Live,
+            ended_at_ms: None,
+            end_reason: None,
+            items: decision
+                .level
+                .grants
+                .keys()
+                .map(|issuer| ItemRow {
+                    issuer: issuer.clone(),
+                    handle: None,
+                    state: ItemState::Issuing,
+                    expires_at_ms: None,
+                    last_error: None,
+                })
+                .collect(),
+        };
+        // Persisted before anything is issued: a crash from here on leaves
+        // a record that is revoked at restart.
+        self.store.insert(&row)?;
+        let mut ev = self.event("task.started", Outcome::Ok, Some(caller), &task);
+        ev.detail = ev.detail.map(|d| {
+            let mut v: serde_json::Value = serde_json::from_str(&d).unwrap_or_default();
+            v["policy"] = row.policy.clone().into();
+            v["ttl_s"] = ttl.as_secs().into();
+            v.to_string()
+        });
+        self.recorder.record(ev).await;
+        self.wake.notify_one();
+
+        let mut issued: BTreeMap<String, Issued> = BTreeMap::new();
+        for (issuer_name, grant) in &decision.level.grants {
+            let outcome = match setup.issuers.get(issuer_name) {
+                Some(issuer) => {
+                    issuer
+                        .issue(&IssueRequest {
+                            task: &task,
+                            grant,
+                            ttl,
+                            expires_at: system_time(expires_at_ms),
+                        })
+                        .await
+                }
+                None => Err(PluginError::new(
+                    crate::model::ErrorKind::Invalid,
+                    format!("issuer `{issuer_name}` is not configured"),
+                )),
+            };
+            match outcome {
+                Ok(cred) => {
+                    let until = cred
+                        .expires_at
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                        .unwrap_or(expires_at_ms);
+                    self.store.set_item(
+                        &task.task_id,
+                        issuer_name,
+                        ItemState::Issued,
+                        Some(&cred.handle),
+                        Some(until),
+                        None,
+                    )?;
+                    let mut ev = self.event("task.issued", Outcome::Ok, Some(caller), &task);
+                    ev.detail = Some(
+                        serde_json::json!({"task": task.task_id, "issuer": issuer_name, "handle": cred.handle})
+                            .to_string(),
+                    );
+                    self.recorder.record(ev).await;
+                    issued.insert(issuer_name.clone(), cred);
+                }
+                Err(error) => {
+                    let mut ev = self.event("task.issued", Outcome::Failed, Some(caller), &task);
+                    ev.detail = Some(
+                        serde_json::json!({"task": task.task_id, "issuer": issuer_name})
+                            .to_string(),
+                    );
+                    ev.error = Some(error.to_string());
+                    self.recorder.record(ev).await;
+                    drop(issued);
+                    self.end_now(&task.task_id, "start_failed").await;
+                    return Err(TaskError::Issue {
+                        task: task.task_id.clone(),
+                        issuer: issuer_name.clone(),
+                        error,
+                    });
+                }
+            }
+        }
+
+        let owner = setup
+            .agents
+            .get(&caller.agent)
+            .copied()
+            .unwrap_or(AgentOwner {
+                uid: None,
+                gid: None,
+            });
+        let mut dir = None;
+        let mut files: BTreeMap<String, PathBuf> = BTreeMap::new();
+        if let Some(root) = &setup.task_root {
+            match write_task_files(root, &task, owner, &issued) {
+                Ok((d, f)) => {
+                    dir = Some(d);
+                    files = f;
+                }
+                Err(message) => {
+                    drop(issued);
+                    self.end_now(&task.task_id, "start_failed").await;
+                    return Err(TaskError::Deliver {
+                        task: task.task_id.clone(),
+                        message,
+                    });
+                }
+            }
+        }
+        let credentials = issued
+            .into_iter()
+            .map(|(name, c)| {
+                let file = files.remove(&name);
+                (
+                    name,
+                    Credential {
+                        public: c.public,
+                        secret: c.secret,
+                        expires_at: c.expires_at,
+                        file,
+                    },
+                )
+            })
+            .collect();
+        let task = self
+            .store
+            .get(&task.task_id)?
+            .ok_or_else(|| TaskError::NotFound(task.task_id.clone()))?;
+        Ok(Started {
+            task,
+            credentials,
+            dir,
+        })
+    }
+
+    /// Ends `caller`'s task `id` now: revoked and verified before it returns
+    /// when the systems answer; otherwise it stays `ending` and is retried.
+    pub async fn end(&self, caller: &Caller, id: &str) -> Result<TaskRow, TaskError> {
+        let row = self
+            .store
+            .get(id)?
+            .ok_or_else(|| TaskError::NotFound(id.to_owned()))?;
+        if row.task.agent != caller.agent {
+            let mut ev = self.event("task.end", Outcome::Refused, Some(caller), &row.task);
+            ev.error = Some(format!("task {id} belongs to another agent"));
+            ev.agent = AgentId::new(&caller.agent).ok();
+            ev.tenant = None;
+            self.recorder.record(ev).await;
+            return Err(TaskError::NotYours(id.to_owned()));
+        }
+        self.end_now(id, "end").await;
+        self.store
+            .get(id)?
+            .ok_or_else(|| TaskError::NotFound(id.to_owned()))
+    }
+
+    /// `caller`'s tasks (live and ending, then the `recent` last ended).
+    pub fn list(&self, agent: Option<&str>, recent: usize) -> Result<Vec<TaskRow>, TaskError> {
+        Ok(self.store.list(agent, recent)?)
+    }
+
+    /// Ends every live task of `agent` (decommission), now.
+    pub async fn end_all_of(&self, agent: &str, reason: &str) -> Result<usize, TaskError> {
+        let tasks = self.store.list(Some(agent), 0)?;
+        for t in &tasks {
+            self.end_now(&t.task.task_id, reason).await;
+        }
+        Ok(tasks.len())
+    }
+
+    /// Moves task `id` towards ended: marks it ending (the first reason
+    /// stays), revokes and verifies each item not done, and marks it ended
+    /// when all are. Errors are recorded on the item and retried by `tick`.
+    async fn end_now(&self, id: &str, reason: &str) {
+        let lock = {
+            let mut m = self.ending.lock().unwrap_or_else(|p| p.into_inner());
+            m.entry(id.to_owned()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        let result = self.end_locked(id, reason).await;
+        drop(_guard);
+        let mut m = self.ending.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&lock) <= 2 {
+            m.remove(id);
+        }
+        if let Err(e) = result {
+            tracing::error!(task = id, "ending the task: {e}");
+        }
+    }
+
+    async fn end_locked(&self, id: &str, reason: &str) -> Result<(), StoreError> {
+        let Some(row) = self.store.get(id)? else {
+            return Ok(());
+        };
+        if row.state == TaskState::Ended {
+            return Ok(());
+        }
+        let now = self.clock.now();
+        if row.state == TaskState::Live {
+            self.store
+                .set_state(id, TaskState::Ending, Some(reason), ms(now))?;
+        }
+        let setup = self.setup();
+        let mut all_done = true;
+        for item in &row.items {
+            if item.state.is_done(item.expires_at_ms, ms(now)) {
+                continue;
+            }
+            let Some(issuer) = setup.issuers.get(&item.issuer) else {
+                all_done = false;
+                self.store.item_error(
+                    id,
+                    &item.issuer,
+                    "the issuer is no longer configured; add it back to revoke",
+                )?;
+                continue;
+            };
+            let mut state = item.state;
+            if state == ItemState::Expiring {
+                // Not past the expiry its system enforces yet.
+                all_done = false;
+                continue;
+            }
+            if matches!(state, ItemState::Issuing | ItemState::Issued) {
+                match issuer.revoke(&row.task, item.handle.as_deref()).await {
+                    Ok(Revoked::Now) => {
+                        state = ItemState::Revoked;
+                        self.store
+                            .set_item(id, &item.issuer, state, None, None, None)?;
+                    }
+                    Ok(Revoked::ExpiresAt(t)) => {
+                        let t = DateTime::<Utc>::from(t);
+                        state = ItemState::Expiring;
+                        self.store.set_item(
+                            id,
+                            &item.issuer,
+                            state,
+                            None,
+                            Some(ms(t)),
+                            Some("the system cannot end it early; it expires by itself"),
+                        )?;
+                        let mut ev = self.event("task.revoked", Outcome::Ok, None, &row.task);
+                        ev.detail = Some(
+                            serde_json::json!({"task": id, "issuer": item.issuer, "expires_at": t.to_rfc3339()})
+                                .to_string(),
+                        );
+                        self.recorder.record(ev).await;
+                        if ms(t) > ms(now) {
+                            all_done = false;
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        all_done = false;
+                        self.store.item_error(id, &item.issuer, &e.to_string())?;
+                        let mut ev =
+                            self.event("task.revoke_failed", Outcome::Failed, None, &row.task);
+                        ev.detail = Some(
+                            serde_json::json!({"task": id, "issuer": item.issuer}).to_string(),
+                        );
+                        ev.error = Some(e.to_string());
+                        self.recorder.record(ev).await;
+                        continue;
+                    }
+                }
+            }
+            if state == ItemState::Revoked {
+                match issuer
+                    .verify_revoked(&row.task, item.handle.as_deref())
+                    .await
+                {
+                    Ok(true) => {
+                        self.store.set_item(
+                            id,
+                            &item.issuer,
+                            ItemState::Verified,
+                            None,
+                            None,
+                            None,
+                        )?;
+                        let mut ev = self.event("task.revoked", Outcome::Ok, None, &row.task);
+                        ev.detail = Some(
+                            serde_json::json!({"task": id, "issuer": item.issuer, "verified": true}).to_string(),
+                        );
+                        self.recorder.record(ev).await;
+                    }
+                    Ok(false) => {
+                        all_done = false;
+                        // Revoked but still accepted: revoke again next time.
+                        self.store.set_item(
+                            id,
+                            &item.issuer,
+                            ItemState::Issued,
+                            None,
+                            None,
+                            Some("revoked, but the system still accepts it"),
+                        )?;
+                    }
+                    Err(e) => {
+                        all_done = false;
+                        self.store.item_error(id, &item.issuer, &e.to_string())?;
+                    }
+                }
+            }
+        }
+        if !all_done {
+            return Ok(());
+        }
+        if let Some(root) = &setup.task_root
+            && let Err(e) = remove_task_dir(root, &row.task)
+        {
+            tracing::warn!(task = id, "removing the task's directory: {e}");
+            return Ok(());
+        }
+        self.store
+            .set_state(id, TaskState::Ended, Some(reason), ms(self.clock.now()))?;
+        let mut ev = self.event("task.ended", Outcome::Ok, None, &row.task);
+        ev.detail = ev.detail.map(|d| {
+            let mut v: serde_json::Value = serde_json::from_str(&d).unwrap_or_default();
+            v["reason"] = row
+                .end_reason
+                .clone()
+                .unwrap_or_else(|| reason.to_owned())
+                .into();
+            v.to_string()
+        });
+        self.recorder.record(ev).await;
+        Ok(())
+    }
+
+    /// One pass: ends every live task past its TTL, pushes every ending one
+    /// forward. Returns how long until the next pass is due.
+    pub async fn tick(&self) -> Result<Duration, TaskError> {
+        let now = ms(self.clock.now());
+        let open = self.store.list(None, 0)?;
+        let mut next: Option<i64> = None;
+        for t in open {
+            match t.state {
+                TaskState::Live if t.expires_at_ms <= now => {
+                    self.end_now(&t.task.task_id, "ttl").await
+                }
+                TaskState::Live => {
+                    next = Some(next.map_or(t.expires_at_ms, |n| n.min(t.expires_at_ms)));
+                    continue;
+                }
+                _ => self.end_now(&t.task.task_id, "end").await,
+            }
+            // Still not ended: again after the retry interval (or when an
+            // item's own expiry passes, if sooner).
+            if let Some(after) = self.store.get(&t.task.task_id)?
+                && after.state != TaskState::Ended
+            {
+                let retry_at = now + i64::try_from(self.retry.as_millis()).unwrap_or(5_000);
+                let expiring = after
+                    .items
+                    .iter()
+                    .filter(|i| i.state == ItemState::Expiring)
+                    .filter_map(|i| i.expires_at_ms)
+                    .filter(|&e| e > now)
+                    .min()
+                    .unwrap_or(retry_at);
+                let at = retry_at.min(expiring.max(now + 1));
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        let now = ms(self.clock.now());
+        Ok(match next {
+            Some(at) => Duration::from_millis(u64::try_from(at - now).unwrap_or(0)),
+            None => Duration::from_secs(3600),
+        })
+    }
+
+    /// Runs [`tick`](Self::tick) until `cancel`, waking early when a task
+    /// starts or the setup changes.
+    pub async fn run(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        loop {
+            let wait = match self.tick().await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!("tasks: {e}");
+                    self.retry
+                }
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+                () = self.wake.notified() => {}
+            }
+        }
+    }
+}
+
+/// 24 lowercase hex digits: unique, and safe in a role name, an STS session
+/// name, a file name and a URL.
+fn new_task_id() -> String {
+    hex::encode(rand::random::<[u8; 12]>())
+}
+
+/// Writes each issuer's credential as `<root>/<agent>/<task id>/<issuer>.json`
+/// (the directory 0700 and the files 0400, owned by the agent; `<agent>`
+/// 0750 root-owned with the agent's group, so the agent cannot plant
+/// anything in it). Returns the directory and each file.
+fn write_task_files(
+    root: &Path,
+    task: &TaskAttribution,
+    owner: AgentOwner,
+    issued: &BTreeMap<String, Issued>,
+) -> Result<(PathBuf, BTreeMap<String, PathBuf>), String> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let agent_dir = root.join(&task.agent);
+    crate::private_file::create_shared_dir(&agent_dir, 0o750, owner.gid)
+        .map_err(|e| format!("{}: {e}", agent_dir.display()))?;
+    let meta = std::fs::symlink_metadata(&agent_dir)
+        .map_err(|e| format!("{}: {e}", agent_dir.display()))?;
+    if !meta.is_dir()
+        || std::os::unix::fs::MetadataExt::uid(&meta) != nix::unistd::geteuid().as_raw()
+    {
+        return Err(format!(
+            "{} is not a directory owned by keyturn's user; remove it and keyturn recreates it",
+            agent_dir.display()
+        ));
+    }
+    let dir = agent_dir.join(&task.task_id);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let chown = |p: &Path| -> Result<(), String> {
+        if owner.uid.is_some() || owner.gid.is_some() {
+            std::os::unix::fs::lchown(p, owner.uid, owner.gid)
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+        Ok(())
+    };
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| e.to_string())?;
+    chown(&dir)?;
+    let mut files = BTreeMap::new();
+    for (issuer, cred) in issued {
+        let path = dir.join(format!("{issuer}.json"));
+        let mut doc = serde_json::Map::new();
+        for (k, v) in &cred.public {
+            doc.insert(k.clone(), v.clone().into());
+        }
+        doc.insert("task".into(), task.task_id.clone().into());
+        doc.insert(
+            "expires_at".into(),
+            DateTime::<Utc>::from(cred.expires_at).to_rfc3339().into(),
+        );
+        for (k, v) in &cred.secret {
+            let s = v
+                .expose_str()
+                .ok_or_else(|| format!("{issuer}: field {k} is not UTF-8"))?;
+            doc.insert(k.clone(), s.into());
+        }
+        let bytes = zeroize::Zeroizing::new(serde_json::to_vec(&doc).map_err(|e| e.to_string())?);
+        // Clear the map's copies of the secrets too.
+        for v in doc.values_mut() {
+            if let serde_json::Value::String(s) = v {
+                zeroize::Zeroize::zeroize(s);
+            }
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if owner.uid.is_some() || owner.gid.is_some() {
+            std::os::unix::fs::fchown(&f, owner.uid, owner.gid)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        files.insert(issuer.clone(), path);
+    }
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok((dir, files))
+}
+
+/// Removes a task's directory and the files keyturn wrote in it.
+fn remove_task_dir(root: &Path, task: &TaskAttribution) -> Result<(), String> {
+    let dir = root.join(&task.agent).join(&task.task_id);
+    match std::fs::symlink_metadata(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+        Ok(m) if !m.is_dir() => return Err(format!("{} is not a directory", dir.display())),
+        Ok(_) => {}
+    }
+    std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,632 @@
+//! Task manager tests under paused time, with an in-memory issuer standing
+//! in for the systems (each real issuer is tested against its own server in
+//! its module): what is issued, revoked, retried, audited and written.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::*;
+use crate::model::ErrorKind;
+use crate::rotation::TokioClock;
+use crate::tasks::issuers::Grant;
+use crate::tasks::policy::Level;
+
+const CANARY: &str = "canary-task-secret-7f3a9c";
+
+/// Credentials "live at the system", by task id: what a real system would
+/// accept. Failure injection per operation.
+#[derive(Default)]
+struct MemIssuer {
+    name: String,
+    live: Mutex<BTreeSet<String>>,
+    fail_issue: AtomicU32,
+    fail_revoke: AtomicU32,
+    /// Revoke answers "expires by itself" (like STS without a deny policy).
+    expires_only: bool,
+    revokes: AtomicU32,
+}
+
+impl MemIssuer {
+    fn new(name: &str) -> Arc<MemIssuer> {
+        Arc::new(MemIssuer {
+            name: name.into(),
+            ..Default::default()
+        })
+    }
+
+    fn is_live(&self, task: &str) -> bool {
+        self.live.lock().unwrap().contains(task)
+    }
+}
+
+#[async_trait]
+impl TaskIssuer for MemIssuer {
+    fn describe(&self) -> String {
+        format!("mem:{}", self.name)
+    }
+
+    async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError> {
+        if self.fail_issue.load(Ordering::SeqCst) > 0 {
+            self.fail_issue.fetch_sub(1, Ordering::SeqCst);
+            return Err(PluginError::new(ErrorKind::Transient, "connection refused"));
+        }
+        self.live.lock().unwrap().insert(req.task.task_id.clone());
+        Ok(Issued {
+            handle: format!("{}-{}", self.name, req.task.task_id),
+            public: [("user".to_owned(), format!("kt_task_{}", req.task.task_id))].into(),
+            secret: [(
+                "password".to_owned(),
+                SecretValue::from_string(CANARY.into()),
+            )]
+            .into(),
+            expires_at: req.expires_at,
+        })
+    }
+
+    async fn revoke(
+        &self,
+        task: &TaskAttribution,
+        _handle: Option<&str>,
+    ) -> Result<Revoked, PluginError> {
+        self.revokes.fetch_add(1, Ordering::SeqCst);
+        if self.fail_revoke.load(Ordering::SeqCst) > 0 {
+            self.fail_revoke.fetch_sub(1, Ordering::SeqCst);
+            return Err(PluginError::new(
+                ErrorKind::Transient,
+                "server closed the connection",
+            ));
+        }
+        if self.expires_only {
+            return Ok(Revoked::ExpiresAt(
+                SystemTime::now() + Duration::from_secs(600),
+            ));
+        }
+        self.live.lock().unwrap().remove(&task.task_id);
+        Ok(Revoked::Now)
+    }
+
+    async fn verify_revoked(
+        &self,
+        task: &TaskAttribution,
+        _handle: Option<&str>,
+    ) -> Result<bool, PluginError> {
+        Ok(!self.is_live(&task.task_id))
+    }
+
+    async fn check(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Recorded(Mutex<Vec<AuditEvent>>);
+
+#[async_trait]
+impl TaskRecorder for Recorded {
+    async fn record(&self, event: AuditEvent) {
+        self.0.lock().unwrap().push(event);
+    }
+}
+
+impl Recorded {
+    fn names(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| format!("{}:{:?}", e.event, e.outcome).to_lowercase())
+            .collect()
+    }
+
+    fn all_text(&self) -> String {
+        serde_json::to_string(&*self.0.lock().unwrap()).unwrap()
+    }
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    state: PathBuf,
+    pg: Arc<MemIssuer>,
+    sts: Arc<MemIssuer>,
+    rec: Arc<Recorded>,
+    mgr: Arc<TaskManager>,
+}
+
+fn policy() -> Policy {
+    let level = |issuers: &[&str], max: u64| Level {
+        max_ttl: Duration::from_secs(max),
+        grants: issuers
+            .iter()
+            .map(|i| ((*i).to_owned(), Grant(serde_json::json!({"roles": ["r"]}))))
+            .collect(),
+    };
+    Policy {
+        name: "invoicing".into(),
+        agents: ["bot".to_owned()].into(),
+        tenants: ["acme".to_owned(), "globex".to_owned()].into(),
+        use_cases: None,
+        max_ttl: Duration::from_secs(3600),
+        default_ttl: Duration::from_secs(900),
+        levels: [
+            ("low".to_owned(), level(&["pg"], 900)),
+            ("high".to_owned(), level(&["pg", "sts"], 3600)),
+        ]
+        .into(),
+    }
+}
+
+fn harness_with(pg: Arc<MemIssuer>, sts: Arc<MemIssuer>) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("tasks");
+    let state = dir.path().join("state");
+    let rec = Arc::new(Recorded::default());
+    let setup = setup(&pg, &sts, &root);
+    let clock = Arc::new(TokioClock::starting_at(Utc::now()));
+    let mgr = Arc::new(TaskManager::new(
+        TaskStore::open(&state).unwrap(),
+        setup,
+        rec.clone(),
+        clock,
+    ));
+    Harness {
+        _dir: dir,
+        root,
+        state,
+        pg,
+        sts,
+        rec,
+        mgr,
+    }
+}
+
+fn setup(pg: &Arc<MemIssuer>, sts: &Arc<MemIssuer>, root: &Path) -> TaskSetup {
+    TaskSetup {
+        policies: [("invoicing".to_owned(), policy())].into(),
+        issuers: [
+            ("pg".to_owned(), pg.clone() as Arc<dyn TaskIssuer>),
+            ("sts".to_owned(), sts.clone() as Arc<dyn TaskIssuer>),
+        ]
+        .into(),
+        agents: [(
+            "bot".to_owned(),
+            AgentOwner {
+                uid: None,
+                gid: None,
+            },
+        )]
+        .into(),
+        task_root: Some(root.to_path_buf()),
+    }
+}
+
+fn harness() -> Harness {
+    harness_with(MemIssuer::new("pg"), MemIssuer::new("sts"))
+}
+
+fn caller(agent: &str) -> Caller {
+    Caller {
+        agent: agent.into(),
+        actor: Actor::Peer {
+            uid: 1001,
+            gid: 1001,
+            pid: 42,
+        },
+        described: "uid=1001".into(),
+    }
+}
+
+fn ask(sensitivity: &str, ttl: Option<u64>) -> StartRequest {
+    StartRequest {
+        tenant: "acme".into(),
+        use_case: "month-end".into(),
+        run_id: "run-77".into(),
+        initiator: "alice@example.com".into(),
+        sensitivity: sensitivity.into(),
+        ttl: ttl.map(Duration::from_secs),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_is_issued_written_ended_revoked_and_audited() {
+    let h = harness();
+    let started = h
+        .mgr
+        .start(&caller("bot"), ask("high", Some(600)))
+        .await
+        .unwrap();
+    let id = started.task.task.task_id.clone();
+    assert_eq!(id.len(), 24);
+    assert!(h.pg.is_live(&id) && h.sts.is_live(&id));
+    assert_eq!(started.task.state, TaskState::Live);
+    assert_eq!(started.task.policy, "invoicing");
+    assert_eq!(
+        started.task.expires_at_ms - started.task.started_at_ms,
+        600_000
+    );
+    assert!(
+        started
+            .task
+            .items
+            .iter()
+            .all(|i| i.state == ItemState::Issued && i.handle.is_some())
+    );
+
+    // The files: one per issuer, 0400 in a 0700 directory named by the task.
+    let dir = started.dir.clone().unwrap();
+    assert_eq!(dir, h.root.join("bot").join(&id));
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    assert_eq!(
+        std::fs::metadata(h.root.join("bot"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o750
+    );
+    let f = &started.credentials["pg"].file.clone().unwrap();
+    assert_eq!(
+        std::fs::metadata(f).unwrap().permissions().mode() & 0o777,
+        0o400
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap();
+    assert_eq!(doc["password"], CANARY);
+    assert_eq!(doc["task"], id.as_str());
+    assert_eq!(doc["user"], format!("kt_task_{id}"));
+
+    let ended = h.mgr.end(&caller("bot"), &id).await.unwrap();
+    assert_eq!(
+        (ended.state, ended.end_reason.as_deref()),
+        (TaskState::Ended, Some("end"))
+    );
+    assert!(ended.items.iter().all(|i| i.state == ItemState::Verified));
+    assert!(!h.pg.is_live(&id) && !h.sts.is_live(&id));
+    assert!(!dir.exists());
+    // Ending twice is harmless and revokes nothing more.
+    h.mgr.end(&caller("bot"), &id).await.unwrap();
+    assert_eq!(h.pg.revokes.load(Ordering::SeqCst), 1);
+
+    assert_eq!(
+        h.rec.names(),
+        [
+            "task.started:ok",
+            "task.issued:ok",
+            "task.issued:ok",
+            "task.revoked:ok",
+            "task.revoked:ok",
+            "task.ended:ok"
+        ]
+    );
+    let text = h.rec.all_text();
+    for field in [
+        "run-77",
+        "alice@example.com",
+        "month-end",
+        "\\\"high\\\"",
+        "uid=1001",
+        &id,
+    ] {
+        assert!(
+            text.contains(field),
+            "{field} missing from the audit: {text}"
+        );
+    }
+    // Never the credential: not in the audit, not in the store.
+    assert!(!text.contains(CANARY));
+    let db = std::fs::read(h.state.join("tasks.db")).unwrap();
+    let wal = std::fs::read(h.state.join("tasks.db-wal")).unwrap_or_default();
+    for bytes in [db, wal] {
+        assert!(!bytes.windows(CANARY.len()).any(|w| w == CANARY.as_bytes()));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn refusals_are_audited_and_issue_nothing() {
+    let h = harness();
+    let mut other_tenant = ask("low", None);
+    other_tenant.tenant = "initech".into();
+    let e = h.mgr.start(&caller("bot"), other_tenant).await.unwrap_err();
+    assert!(
+        matches!(e, TaskError::Refused(Refusal::Tenant { .. })),
+        "{e}"
+    );
+    let e = h
+        .mgr
+        .start(&caller("bot"), ask("low", Some(901)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "refused: a TTL of 15m 1s is longer than policy `invoicing` allows at sensitivity `low` (15m); ask for 15m or less"
+    );
+    let e = h
+        .mgr
+        .start(&caller("intruder"), ask("low", None))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, TaskError::Refused(Refusal::NoPolicy { .. })));
+    let mut bad = ask("low", None);
+    bad.run_id = "run\n42".into();
+    let e = h.mgr.start(&caller("bot"), bad).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid run_id: it contains a control character"
+    );
+
+    assert_eq!(h.rec.names(), ["task.refused:refused"; 3]);
+    assert!(
+        h.rec
+            .all_text()
+            .contains("tenant_not_allowed: agent `bot` may not serve tenant `initech`")
+    );
+    assert!(h.pg.live.lock().unwrap().is_empty());
+    assert!(h.mgr.list(None, 10).unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_cannot_end_or_see_another_agents_task() {
+    let h = harness();
+    let id = h
+        .mgr
+        .start(&caller("bot"), ask("low", None))
+        .await
+        .unwrap()
+        .task
+        .task
+        .task_id;
+    let e = h.mgr.end(&caller("other"), &id).await.unwrap_err();
+    // Said like an unknown task.
+    assert_eq!(e.to_string(), format!("no task `{id}`"));
+    assert!(h.pg.is_live(&id));
+    assert_eq!(h.mgr.list(Some("other"), 10).unwrap().len(), 0);
+    assert_eq!(h.mgr.list(Some("bot"), 10).unwrap().len(), 1);
+    assert!(h.rec.names().contains(&"task.end:refused".to_owned()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_ttl_ends_a_task_and_survives_a_restart() {
+    let h = harness();
+    let id = h
+        .mgr
+        .start(&caller("bot"), ask("low", Some(60)))
+        .await
+        .unwrap()
+        .task
+        .task
+        .task_id;
+    // Due in 60 s.
+    let wait = h.mgr.tick().await.unwrap();
+    assert_eq!(wait, Duration::from_secs(60));
+
+    // "Restart": a new manager over the same store (what kill -9 leaves).
+    let clock = Arc::new(TokioClock::starting_at(
+        Utc::now() + chrono::Duration::seconds(61),
+    ));
+    let mgr = TaskManager::new(
+        TaskStore::open(&h.state).unwrap(),
+        setup(&h.pg, &h.sts, &h.root),
+        h.rec.clone(),
+        clock,
+    );
+    assert!(h.pg.is_live(&id));
+    mgr.tick().await.unwrap();
+    let t = mgr.list(Some("bot"), 10).unwrap().remove(0);
+    assert_eq!(
+        (t.state, t.end_reason.as_deref()),
+        (TaskState::Ended, Some("ttl"))
+    );
+    assert!(!h.pg.is_live(&id));
+    assert!(!h.root.join("bot").join(&id).exists());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_credential_minted_before_a_crash_is_found_and_revoked() {
+    let h = harness();
+    // The crash: the task was recorded and the system minted the
+    // credential, but keyturn died before it recorded the handle.
+    let row = TaskRow {
+        task: TaskAttribution {
+            task_id: "0123456789abcdef01234567".into(),
+            agent: "bot".into(),
+            tenant: "acme".into(),
+            use_case: "month-end".into(),
+            run_id: "r".into(),
+            initiator: "alice".into(),
+            sensitivity: "low".into(),
+        },
+        policy: "invoicing".into(),
+        started_by: "uid=1001".into(),
+        started_at_ms: 0,
+        expires_at_ms: i64::MAX / 4,
+        state: TaskState::Live,
+        ended_at_ms: None,
+        end_reason: None,
+        items: vec![ItemRow {
+            issuer: "pg".into(),
+            handle: None,
+            state: ItemState::Issuing,
+            expires_at_ms: None,
+            last_error: None,
+        }],
+    };
+    h.mgr.store.insert(&row).unwrap();
+    h.pg.live.lock().unwrap().insert(row.task.task_id.clone());
+    // An `issuing` item of a live task keeps working until its TTL: the
+    // task is live. Ending it revokes by task id.
+    h.mgr.end(&caller("bot"), &row.task.task_id).await.unwrap();
+    assert!(!h.pg.is_live(&row.task.task_id));
+    assert_eq!(
+        h.mgr.store.get(&row.task.task_id).unwrap().unwrap().state,
+        TaskState::Ended
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_start_revokes_what_was_issued() {
+    let sts = MemIssuer::new("sts");
+    sts.fail_issue.store(1, Ordering::SeqCst);
+    let h = harness_with(MemIssuer::new("pg"), sts);
+    let e = h
+        .mgr
+        .start(&caller("bot"), ask("high", None))
+        .await
+        .unwrap_err();
+    let TaskError::Issue { task, issuer, .. } = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(issuer, "sts");
+    assert!(
+        !h.pg.is_live(task),
+        "pg's credential outlived the failed start"
+    );
+    let t = h.mgr.store.get(task).unwrap().unwrap();
+    assert_eq!(
+        (t.state, t.end_reason.as_deref()),
+        (TaskState::Ended, Some("start_failed"))
+    );
+    assert!(h.rec.names().contains(&"task.issued:failed".to_owned()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_revocation_is_retried_until_verified() {
+    let pg = MemIssuer::new("pg");
+    pg.fail_revoke.store(2, Ordering::SeqCst);
+    let h = harness_with(pg, MemIssuer::new("sts"));
+    let id = h
+        .mgr
+        .start(&caller("bot"), ask("low", None))
+        .await
+        .unwrap()
+        .task
+        .task
+        .task_id;
+    let t = h.mgr.end(&caller("bot"), &id).await.unwrap();
+    assert_eq!(t.state, TaskState::Ending);
+    assert_eq!(
+        t.items[0].last_error.as_deref(),
+        Some("server closed the connection")
+    );
+    assert!(h.pg.is_live(&id));
+    // The next pass is the retry interval away; it fails once more, then works.
+    assert_eq!(h.mgr.tick().await.unwrap(), h.mgr.retry);
+    assert_eq!(
+        h.mgr.store.get(&id).unwrap().unwrap().state,
+        TaskState::Ending
+    );
+    h.mgr.tick().await.unwrap();
+    assert_eq!(
+        h.mgr.store.get(&id).unwrap().unwrap().state,
+        TaskState::Ended
+    );
+    assert!(!h.pg.is_live(&id));
+    assert_eq!(
+        h.rec
+            .names()
+            .iter()
+            .filter(|n| *n == "task.revoke_failed:failed")
+            .count(),
+        2
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_credential_that_only_expires_ends_the_task_at_its_expiry() {
+    let sts = Arc::new(MemIssuer {
+        name: "sts".into(),
+        expires_only: true,
+        ..Default::default()
+    });
+    let h = harness_with(MemIssuer::new("pg"), sts);
+    let id = h
+        .mgr
+        .start(&caller("bot"), ask("high", None))
+        .await
+        .unwrap()
+        .task
+        .task
+        .task_id;
+    let t = h.mgr.end(&caller("bot"), &id).await.unwrap();
+    assert_eq!(t.state, TaskState::Ending);
+    let sts_item = t.items.iter().find(|i| i.issuer == "sts").unwrap();
+    assert_eq!(sts_item.state, ItemState::Expiring);
+    // Before the expiry, a pass leaves it ending (the system still accepts
+    // the credential).
+    h.mgr.tick().await.unwrap();
+    h.mgr.end(&caller("bot"), &id).await.unwrap();
+    assert_eq!(
+        h.mgr.store.get(&id).unwrap().unwrap().state,
+        TaskState::Ending
+    );
+    assert!(h.root.join("bot").join(&id).is_dir());
+    // Ended once the clock passes the expiry the system enforces (600 s).
+    tokio::time::advance(Duration::from_secs(601)).await;
+    let clock = Arc::new(TokioClock::starting_at(
+        Utc::now() + chrono::Duration::seconds(601),
+    ));
+    let mgr = TaskManager::new(
+        TaskStore::open(&h.state).unwrap(),
+        setup(&h.pg, &h.sts, &h.root),
+        h.rec.clone(),
+        clock,
+    );
+    mgr.tick().await.unwrap();
+    assert_eq!(mgr.store.get(&id).unwrap().unwrap().state, TaskState::Ended);
+}
+
+#[tokio::test(start_paused = true)]
+async fn decommission_ends_every_task_of_the_agent() {
+    let h = harness();
+    let a = h
+        .mgr
+        .start(&caller("bot"), ask("low", None))
+        .await
+        .unwrap()
+        .task
+        .task
+        .task_id;
+    let mut other = ask("high", None);
+    other.tenant = "globex".into();
+    let b = h
+        .mgr
+        .start(&caller("bot"), other)
+        .await
+        .unwrap()
+        .task
+        .task
+        .task_id;
+    // Two tenants, two directories: never a shared file.
+    assert_ne!(a, b);
+    assert!(h.root.join("bot").join(&a).is_dir() && h.root.join("bot").join(&b).is_dir());
+    assert_eq!(h.mgr.end_all_of("bot", "decommission").await.unwrap(), 2);
+    for id in [&a, &b] {
+        let t = h.mgr.store.get(id).unwrap().unwrap();
+        assert_eq!(
+            (t.state, t.end_reason.as_deref()),
+            (TaskState::Ended, Some("decommission"))
+        );
+    }
+    assert!(h.pg.live.lock().unwrap().is_empty() && h.sts.live.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_planted_agent_directory_is_refused() {
+    let h = harness();
+    // Someone else's directory (here: not a directory) where keyturn writes.
+    std::fs::create_dir_all(&h.root).unwrap();
+    std::os::unix::fs::symlink("/tmp", h.root.join("bot")).unwrap();
+    let e = h
+        .mgr
+        .start(&caller("bot"), ask("low", None))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, TaskError::Deliver { .. }), "{e}");
+    assert!(
+        h.pg.live.lock().unwrap().is_empty(),
+        "the credential outlived the failed start"
+    );
+    let _ = std::fs::metadata(&h.root).unwrap().uid();
+}
