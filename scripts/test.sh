@@ -18,6 +18,12 @@ cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
 cargo clippy --all-targets --all-features -- -D warnings
+echo "== test dependencies (scripts/deps.sh: systemd-analyze, bwrap, setpriv)"
+bash scripts/deps.sh
+echo "== systemd unit"
+# systemd-analyze verify is clean and the security exposure is at most 2.0
+# (needs systemd-analyze, not a running systemd).
+bash systemd/check.sh
 echo "== alert rules and dashboard queries (promtool)"
 bash packaging/prometheus/check.sh
 echo "== test services"

@@ -118,3 +118,101 @@ fn unit_lets_the_production_config_write_where_it_writes() {
         );
     }
 }
+
+/// Runs systemd/check.sh (the CI check) on `unit`.
+fn check_script(unit: Option<&Path>) -> std::process::Output {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/check.sh");
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(script)
+        .env("KEYTURN_BIN", env!("CARGO_BIN_EXE_keyturn"));
+    if let Some(unit) = unit {
+        cmd.arg(unit);
+    }
+    cmd.output().expect("bash runs")
+}
+
+/// A copy of the shipped unit with `edit` applied, in a temp dir.
+fn edited_unit(edit: impl Fn(&str) -> Option<String>) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keyturn.service");
+    let text: Vec<String> = unit().lines().filter_map(&edit).collect();
+    std::fs::write(&path, text.join("\n") + "\n").unwrap();
+    (dir, path)
+}
+
+#[test]
+fn check_script_passes_the_shipped_unit_and_its_drop_ins() {
+    let out = check_script(None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("(at most 2.0)"), "{stdout}");
+    for dropin in ["local-vault-key", "signal-sink", "restrict-network"] {
+        assert!(
+            stdout.contains(&format!("with examples/{dropin}.conf it verifies cleanly")),
+            "{stdout}"
+        );
+    }
+}
+
+/// The check can fail: without its system call filter the unit is far
+/// above 2.0.
+#[test]
+fn check_script_fails_a_unit_without_system_call_filter() {
+    let (_dir, path) = edited_unit(|l| (!l.starts_with("SystemCallFilter=")).then(|| l.to_owned()));
+    let out = check_script(Some(&path));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is above 2.0"), "{stderr}");
+    assert!(stderr.contains("SystemCallFilter=~@"), "{stderr}");
+}
+
+/// The check can fail on verify alone: an unknown setting (here a typo)
+/// costs no exposure but makes `systemd-analyze verify` complain.
+#[test]
+fn check_script_fails_a_unit_verify_complains_about() {
+    let (_dir, path) = edited_unit(|l| {
+        Some(match l {
+            "LockPersonality=yes" => "LockPersonalty=yes\nLockPersonality=yes".to_owned(),
+            l => l.to_owned(),
+        })
+    });
+    let out = check_script(Some(&path));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Unknown key 'LockPersonalty'"), "{stderr}");
+    assert!(!stderr.contains("is above"), "{stderr}");
+}
+
+/// Not root: the daemon's user, with exactly the capabilities delivery
+/// needs as ambient ones (bounding = ambient, so nothing else can be
+/// regained), and sysusers creates that user.
+#[test]
+fn unit_runs_as_its_own_user_with_only_the_capabilities_delivery_needs() {
+    let u = unit();
+    let value = |key: &str| -> Vec<String> {
+        u.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(value("User"), ["keyturn"]);
+    assert_eq!(value("Group"), ["keyturn"]);
+    assert_eq!(
+        value("CapabilityBoundingSet"),
+        ["CAP_CHOWN CAP_DAC_OVERRIDE"]
+    );
+    assert_eq!(value("AmbientCapabilities"), ["CAP_CHOWN CAP_DAC_OVERRIDE"]);
+    assert_eq!(value("NoNewPrivileges"), ["yes"]);
+    let sysusers = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/keyturn.sysusers.conf"),
+    )
+    .unwrap();
+    assert!(
+        sysusers.lines().any(|l| l.starts_with("u keyturn ")),
+        "{sysusers}"
+    );
+}

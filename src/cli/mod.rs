@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use clap_complete::engine::ArgValueCompleter;
 
 use crate::api::protocol::{
     ApiErrorKind, Request, Response, ResponseBody, RotateOutcome, StatusRow, parse_selector,
@@ -18,6 +19,7 @@ use crate::config::{self, ClientPaths, Config, ConfigErrors, DEFAULT_CONFIG_PATH
 use crate::state::{SqliteStore, StateStore};
 use crate::telemetry::{self, LogFormat};
 
+mod completions;
 mod manpages;
 
 pub const EXIT_FAILED: u8 = 1;
@@ -30,7 +32,8 @@ pub const EXIT_NO_AGENT: u8 = 67;
 #[derive(Debug, Parser)]
 #[command(
     name = "keyturn",
-    version,
+    // The package version and the git revision it was built from (build.rs).
+    version = env!("KEYTURN_VERSION"),
     about = "Rotates, stores, delivers and revokes the credentials of software agents"
 )]
 pub struct Cli {
@@ -61,6 +64,7 @@ pub enum Command {
     },
     /// Rotate now: `AGENT`, `AGENT/CREDENTIAL` or `all`.
     Rotate {
+        #[arg(add = ArgValueCompleter::new(completions::selectors))]
         selector: String,
         /// Wait until the rotation has delivered (or failed); exit 1 if it failed.
         #[arg(long)]
@@ -73,6 +77,7 @@ pub enum Command {
     /// holds (every version at every vault, the target, delivered files,
     /// awaited acks) within its tier's revocation SLA. Harmless twice.
     Decommission {
+        #[arg(add = ArgValueCompleter::new(completions::agents))]
         agent: String,
         /// Why (goes to the audit log).
         #[arg(long)]
@@ -107,6 +112,7 @@ pub enum Command {
     /// agent's configured `uid`.
     Ack {
         /// AGENT/CREDENTIAL.
+        #[arg(add = ArgValueCompleter::new(completions::credentials))]
         credential: String,
         version: u64,
         /// The agents' socket (default: `daemon.agent_socket` of the config
@@ -121,6 +127,14 @@ pub enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Print the shell completion script for SHELL. It completes commands,
+    /// options and the agent ids of the config (it asks `keyturn` at each
+    /// TAB). Bash: `keyturn completions bash > /etc/bash_completion.d/keyturn`,
+    /// or `source <(keyturn completions bash)` in ~/.bashrc.
+    Completions {
+        #[arg(value_enum)]
+        shell: completions::Shell,
     },
     /// Write the man pages (keyturn.1 and one keyturn-COMMAND.1 per
     /// command) into DIR; packaging/build.sh runs it. Hidden: not for
@@ -163,7 +177,19 @@ pub enum AuditCommand {
 
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
+    // A TAB in a shell with `keyturn completions` loaded: answer and exit.
+    completions::answer_if_asked();
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        let mut out = std::io::stdout().lock();
+        return match completions::write_script(shell, &mut out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keyturn: writing the completion script: {e}");
+                ExitCode::from(EXIT_FAILED)
+            }
+        };
+    }
     let level = match cli.command {
         // Client commands stay quiet unless asked.
         Command::Daemon | Command::Watch(_) => cli.log_level.clone(),
@@ -245,6 +271,8 @@ async fn run(cli: Cli) -> u8 {
         Command::Audit {
             command: AuditCommand::Verify,
         } => audit_verify(&cli.config),
+        // Answered in `main`, before logging and the runtime start.
+        Command::Completions { .. } => 0,
         Command::Manpages { dir } => manpages::write(&dir),
     }
 }

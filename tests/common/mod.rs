@@ -143,6 +143,30 @@ type = "local"
     /// [`spawn`](Self::spawn), with `adjust` applied to the command last
     /// (e.g. a `pre_exec` that sets resource limits).
     pub fn spawn_command(&self, env: &[(&str, &str)], adjust: impl FnOnce(&mut Command)) -> Daemon {
+        self.spawn_inner(env, &[], None, adjust)
+    }
+
+    /// [`spawn`](Self::spawn) through `wrapper` (a sandbox: a program and
+    /// its arguments, which end by running the rest of the command line):
+    /// the command is `wrapper... keyturn daemon ...`. The wrapper writes
+    /// the daemon's pid to `pid_file`, which [`Daemon::pid`] (and so every
+    /// signal) uses, as the daemon need not be the wrapper's own process.
+    pub fn spawn_wrapped(
+        &self,
+        env: &[(&str, &str)],
+        wrapper: &[String],
+        pid_file: &Path,
+    ) -> Daemon {
+        self.spawn_inner(env, wrapper, Some(pid_file.to_owned()), |_| {})
+    }
+
+    fn spawn_inner(
+        &self,
+        env: &[(&str, &str)],
+        wrapper: &[String],
+        pid_file: Option<PathBuf>,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let notify_path = self
             .dir
             .path()
@@ -156,7 +180,14 @@ type = "local"
             .path()
             .join(format!("daemon-{}.log", rand_suffix()));
         let log_file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin());
+                cmd
+            }
+            None => Command::new(bin()),
+        };
         cmd.args(["daemon", "--log-level", "trace", "--config"])
             .arg(&self.config)
             .env("NOTIFY_SOCKET", &notify_path)
@@ -175,6 +206,7 @@ type = "local"
             notify,
             log,
             messages: Default::default(),
+            pid_file,
         }
     }
 }
@@ -194,6 +226,8 @@ pub struct Daemon {
     notify: UnixDatagram,
     pub log: PathBuf,
     messages: std::cell::RefCell<Vec<String>>,
+    /// Where a wrapper wrote the daemon's pid ([`Env::spawn_wrapped`]).
+    pid_file: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -275,11 +309,18 @@ impl Daemon {
     }
 
     pub fn pid(&self) -> i32 {
+        if let Some(file) = &self.pid_file {
+            return wait_for(Duration::from_secs(30), || {
+                std::fs::read_to_string(file).ok()?.trim().parse().ok()
+            })
+            .unwrap_or_else(|| panic!("the wrapper wrote no pid to {}", file.display()));
+        }
         self.child.as_ref().expect("running").id() as i32
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: sending a signal to our own child.
+        // SAFETY: kill(2) on the daemon this harness started (its child, or
+        // the process its wrapper named); no memory is involved.
         unsafe {
             libc::kill(self.pid(), sig);
         }
@@ -312,17 +353,28 @@ impl Daemon {
         log
     }
 
-    pub fn kill9(mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+    /// SIGKILL (the daemon, and its wrapper if any) and reap.
+    pub fn kill9(self) {
+        drop(self);
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // A wrapped daemon is not the child, and one that changed its
+            // uid lost the wrapper's parent-death signal: kill it by pid.
+            if let Some(pid) = self
+                .pid_file
+                .as_ref()
+                .and_then(|f| std::fs::read_to_string(f).ok())
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) on the daemon this harness started.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

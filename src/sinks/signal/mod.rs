@@ -117,6 +117,15 @@ impl SignalSink {
         }
         nix::sys::signal::kill(Pid::from_raw(pid), self.signal).map_err(|e| match e {
             Errno::ESRCH => self.stale(pid, e),
+            // The shipped unit runs as user keyturn without CAP_KILL, which
+            // a signal to another user's process takes.
+            Errno::EPERM => PluginError::new(
+                ErrorKind::Unauthorized,
+                format!(
+                    "sending {} to pid {pid} ({}, uid {}) is not permitted: the daemon needs CAP_KILL to signal another user's process (systemd: add the drop-in systemd/examples/signal-sink.conf)",
+                    self.signal, self.target, self.uid
+                ),
+            ),
             e => PluginError::new(
                 ErrorKind::Transient,
                 format!(

@@ -53,20 +53,20 @@
 //! other membership and no attribute beyond LOGIN/INHERIT. Anything else is
 //! someone else's role, and setting its password would hand it to the agent.
 
+pub(crate) mod admin;
 mod connect;
-mod pool;
-mod scram;
+pub(crate) mod pool;
+pub(crate) mod scram;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
-use sha2::Digest;
 use tokio_postgres::Config;
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
-use zeroize::Zeroizing;
 
-use pool::{AdminConn, AdminManager, AdminPool, Lease, PoolKey, PoolSlot};
+use admin::Admin;
+use pool::{AdminConn, AdminPool, Lease};
 
 pub use connect::{PgTls, WeakAuth};
 pub use pool::DEFAULT_POOL_SIZE;
@@ -200,29 +200,12 @@ impl PostgresConfig {
     }
 }
 
-impl TargetPlugin for PostgresConfig {
-    fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>) {
+impl PostgresConfig {
+    /// Checks (and completes in place) the settings of the admin connection:
+    /// `admin_dsn_file`, `connect_timeout`, `sslmode`, `ssl_root_cert`,
+    /// `pool_size`, `allow_weak_auth`. The postgres task issuer has the same.
+    pub(crate) fn check_admin(&mut self, v: &mut Validator<'_>, p: Loc<'_>) {
         v.resolve_path(p.key("admin_dsn_file"), &mut self.admin_dsn_file);
-        // A role name is an identifier keyturn quotes itself; the clone's
-        // name adds `_clone`, so leave room for it within PostgreSQL's
-        // 63-byte limit.
-        let role = &self.role;
-        if role.is_empty() || role.len() > MAX_ROLE_LEN - CLONE_SUFFIX.len() || role.contains('\0')
-        {
-            v.err(
-                p.key("role"),
-                format!("invalid role `{role}`: it must be 1 to 57 bytes (keyturn adds `_clone` for alternating_users) without NUL"),
-            );
-        }
-        if self.strategy().is_none() {
-            v.err(
-                p.key("strategy"),
-                format!(
-                    "unknown strategy `{}`; expected `single_user` or `alternating_users`",
-                    self.strategy.as_deref().unwrap_or_default()
-                ),
-            );
-        }
         v.duration_or(
             p.key("connect_timeout"),
             self.connect_timeout.as_ref(),
@@ -265,6 +248,32 @@ impl TargetPlugin for PostgresConfig {
             }
         }
     }
+}
+
+impl TargetPlugin for PostgresConfig {
+    fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>) {
+        // A role name is an identifier keyturn quotes itself; the clone's
+        // name adds `_clone`, so leave room for it within PostgreSQL's
+        // 63-byte limit.
+        let role = &self.role;
+        if role.is_empty() || role.len() > MAX_ROLE_LEN - CLONE_SUFFIX.len() || role.contains('\0')
+        {
+            v.err(
+                p.key("role"),
+                format!("invalid role `{role}`: it must be 1 to 57 bytes (keyturn adds `_clone` for alternating_users) without NUL"),
+            );
+        }
+        if self.strategy().is_none() {
+            v.err(
+                p.key("strategy"),
+                format!(
+                    "unknown strategy `{}`; expected `single_user` or `alternating_users`",
+                    self.strategy.as_deref().unwrap_or_default()
+                ),
+            );
+        }
+        self.check_admin(v, p);
+    }
 
     fn build(&self) -> Result<Option<Arc<dyn Target>>, PluginError> {
         Ok(Some(Arc::new(PostgresTarget::new(self.clone())?)))
@@ -274,16 +283,9 @@ impl TargetPlugin for PostgresConfig {
 #[derive(Debug)]
 pub struct PostgresTarget {
     s: PostgresConfig,
-    connect_timeout: Duration,
     /// `<role>_clone` under `alternating_users`.
     clone: Option<String>,
-    /// The target's own `sslmode` (`None`: the DSN decides).
-    tls: Option<PgTls>,
-    weak: WeakAuth,
-    /// How long an admin connection may stay unused ([`pool::IDLE_TIMEOUT`];
-    /// shorter in tests).
-    idle_timeout: Duration,
-    pool: PoolSlot,
+    admin: Admin,
 }
 
 impl PostgresTarget {
@@ -305,12 +307,6 @@ impl PostgresTarget {
                 "postgres target: role name {longest:?} is longer than {MAX_ROLE_LEN} bytes"
             )));
         }
-        let connect_timeout = s.connect_timeout();
-        if connect_timeout.is_zero() {
-            return Err(invalid(
-                "postgres target: connect_timeout must be > 0".into(),
-            ));
-        }
         if let Some(db) = &s.test_dbname
             && (db.is_empty() || db.contains('\0'))
         {
@@ -318,24 +314,8 @@ impl PostgresTarget {
                 "postgres target: test_dbname must be non-empty".into(),
             ));
         }
-        let tls = s.tls().ok_or_else(|| {
-            invalid("postgres target: sslmode must be disable, require or verify-full".into())
-        })?;
-        let weak = WeakAuth::from_names(&s.allow_weak_auth);
-        if s.pool_size() == 0 {
-            return Err(invalid(
-                "postgres target: pool_size must be at least 1".into(),
-            ));
-        }
-        Ok(Self {
-            s,
-            connect_timeout,
-            clone,
-            tls,
-            weak,
-            idle_timeout: pool::IDLE_TIMEOUT,
-            pool: PoolSlot::default(),
-        })
+        let admin = Admin::new(&s, "postgres target")?;
+        Ok(Self { s, clone, admin })
     }
 
     /// The role `version` logs in as.
@@ -346,120 +326,14 @@ impl PostgresTarget {
         }
     }
 
-    /// Reads and parses the admin DSN, and digests its content (the pool's
-    /// key). Messages name the file, never its content.
-    async fn admin_config(&self, step: &str) -> Result<(Config, [u8; 32]), PluginError> {
-        let path = &self.s.admin_dsn_file;
-        let text = Zeroizing::new(tokio::fs::read_to_string(path).await.map_err(|e| {
-            PluginError::io(
-                format!(
-                    "{}: {step}: reading admin DSN file {}",
-                    self.describe(),
-                    path.display()
-                ),
-                &e,
-            )
-        })?);
-        let digest = sha2::Sha256::digest(text.as_bytes()).into();
-        let mut cfg: Config = text.trim().parse().map_err(|e: tokio_postgres::Error| {
-            // Parse errors name the option (`invalid value for option `port``),
-            // never its value.
-            PluginError::new(
-                ErrorKind::Invalid,
-                format!(
-                    "{}: {step}: admin DSN in {}: {e}{}",
-                    self.describe(),
-                    path.display(),
-                    cause(&e)
-                ),
-            )
-        })?;
-        if cfg.get_application_name().is_none() {
-            cfg.application_name("keyturn");
-        }
-        Ok((cfg, digest))
-    }
-
-    /// How to reach the server: the target's `sslmode`, else the DSN's
-    /// `sslmode=require`. A DSN that says `disable` while the target asks for
-    /// TLS is a contradiction the operator must resolve.
-    fn tls_mode(&self, dsn: &Config, step: &str) -> Result<PgTls, PluginError> {
-        let what = format!("{}: {step}", self.describe());
-        Ok(match (self.tls, dsn.get_ssl_mode()) {
-            (None, SslMode::Require) => PgTls::Require,
-            (None, _) => PgTls::Disable,
-            // Never connect with less than either side asked for.
-            (Some(mode), dsn_mode @ (SslMode::Disable | SslMode::Require))
-                if (mode == PgTls::Disable) != (dsn_mode == SslMode::Disable) =>
-            {
-                let dsn_mode = if dsn_mode == SslMode::Disable {
-                    "disable"
-                } else {
-                    "require"
-                };
-                return Err(PluginError::new(
-                    ErrorKind::Invalid,
-                    format!(
-                        "{what}: the admin DSN in {} says sslmode={dsn_mode} but the target says \
-                         sslmode = \"{}\"; remove one of them",
-                        self.s.admin_dsn_file.display(),
-                        mode.as_str()
-                    ),
-                ));
-            }
-            (Some(mode), _) => mode,
-        })
-    }
-
-    /// The admin DSN and the pool of connections it names (see [`pool`]).
+    /// The admin DSN and the pool of connections it names (see [`admin`]).
     async fn pool(&self, step: &str) -> Result<(Config, AdminPool), PluginError> {
-        let (mut cfg, dsn_digest) = self.admin_config(step).await?;
-        let mode = self.tls_mode(&cfg, step)?;
-        let what = format!("{}: {step}", self.describe());
-        let ca = match (mode, &self.s.ssl_root_cert) {
-            (PgTls::VerifyFull, Some(path)) => Some((path, connect::read_ca(path, &what).await?)),
-            _ => None,
-        };
-        let key = PoolKey {
-            dsn_file: self.s.admin_dsn_file.clone(),
-            dsn_digest,
-            mode,
-            ca: ca
-                .as_ref()
-                .map(|(path, pem)| ((*path).clone(), sha2::Sha256::digest(pem).into())),
-            weak: self.weak,
-            connect_timeout: self.connect_timeout,
-            size: self.s.pool_size() as usize,
-            idle: self.idle_timeout,
-        };
-        let test_cfg = cfg.clone();
-        let pool = self.pool.pool(key, || {
-            let transport = connect::Transport::new(
-                mode,
-                ca.as_ref()
-                    .map(|(path, pem)| (path.as_path(), pem.as_slice())),
-                self.weak,
-                self.connect_timeout,
-                &what,
-            )?;
-            // Session settings travel in the startup packet: no extra round
-            // trip per step, nor per connection.
-            let ms = self.connect_timeout.as_millis().max(1);
-            let options = match cfg.get_options() {
-                Some(o) => format!("{o} -c statement_timeout={ms}"),
-                None => format!("-c statement_timeout={ms}"),
-            };
-            cfg.options(options);
-            let what = format!("admin connection to {}", endpoint(&cfg));
-            Ok(AdminManager::new(cfg, transport, what, self.idle_timeout))
-        })?;
-        Ok((test_cfg, pool))
+        self.admin.pool(&self.describe(), step).await
     }
 
     /// An admin connection for `step`, from the shared pool.
     async fn admin(&self, step: &str) -> Result<Lease, PluginError> {
-        let (_, pool) = self.pool(step).await?;
-        Lease::get(&pool, &format!("{}: {step}", self.describe())).await
+        self.admin.lease(&self.describe(), step).await
     }
 
     /// Creates `<role>_clone` as a member of `role` if it does not exist yet,
@@ -662,7 +536,7 @@ impl Target for PostgresTarget {
             .password(value.expose())
             .dbname(db)
             .ssl_mode(admin.get_ssl_mode())
-            .connect_timeout(self.connect_timeout)
+            .connect_timeout(self.admin.connect_timeout)
             .application_name("keyturn-test");
         let ctx = format!(
             "{}: test version {version} of {key}: login as {role:?} to database {db:?} at {}",
@@ -685,7 +559,7 @@ impl Target for PostgresTarget {
         // Dropping the client makes the connection task say goodbye
         // (Terminate) and end; wait for that, briefly.
         drop(client);
-        let _ = tokio::time::timeout(self.connect_timeout, task).await;
+        let _ = tokio::time::timeout(self.admin.connect_timeout, task).await;
         outcome
     }
 
@@ -843,50 +717,10 @@ impl PostgresTarget {
         if present.is_empty() {
             return Ok(());
         }
-        // PostgreSQL ≥ 14 can wait for each backend to exit, which lets us
-        // report a *verified* revocation; older servers only get the signal.
         // The admin session itself is never one of the role's.
-        let version: i32 = async {
-            let sql = conn
-                .prepared("SELECT current_setting('server_version_num')::int")
-                .await?;
-            conn.client.query_one(&sql, &[]).await
-        }
-        .await
-        .map_err(|e| conn.error(ctx, &e, &[]))?
-        .get(0);
-        let wait_ms = i64::try_from(self.connect_timeout.as_millis()).unwrap_or(i64::MAX);
-        let rows = async {
-            if version >= 140000 {
-                let sql = conn
-                    .prepared(
-                        "SELECT pid, pg_terminate_backend(pid, $2) FROM pg_stat_activity \
-                         WHERE usename = ANY($1) AND pid <> pg_backend_pid()",
-                    )
-                    .await?;
-                conn.client.query(&sql, &[&present, &wait_ms]).await
-            } else {
-                let sql = conn
-                    .prepared(
-                        "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity \
-                         WHERE usename = ANY($1) AND pid <> pg_backend_pid()",
-                    )
-                    .await?;
-                conn.client.query(&sql, &[&present]).await
-            }
-        }
-        .await
-        .map_err(|e| conn.error(&format!("{ctx}: terminating sessions"), &e, &[]))?;
-        let alive = rows.iter().filter(|r| !r.get::<_, bool>(1)).count();
-        if alive > 0 && version >= 140000 {
-            return Err(PluginError::new(
-                ErrorKind::Transient,
-                format!(
-                    "{ctx}: {alive} session(s) of {present:?} still alive after pg_terminate_backend"
-                ),
-            ));
-        }
-        tracing::info!(credential = %key, roles = ?present, terminated = rows.len(), "postgres logins revoked");
+        let terminated =
+            admin::terminate_sessions(conn, &present, self.admin.connect_timeout, ctx).await?;
+        tracing::info!(credential = %key, roles = ?present, terminated, "postgres logins revoked");
         Ok(())
     }
 }
@@ -904,7 +738,7 @@ async fn role_exists(conn: &AdminConn, role: &str, ctx: &str) -> Result<bool, Pl
 }
 
 /// The row of `role`'s comment (none: no such role).
-async fn role_comment(
+pub(crate) async fn role_comment(
     conn: &AdminConn,
     role: &str,
     ctx: &str,
@@ -921,7 +755,7 @@ async fn role_comment(
 
 /// A text bind parameter whose `Debug` is redacted: tokio-postgres logs the
 /// `Debug` of every parameter at debug level.
-struct Hidden<'a>(&'a str);
+pub(crate) struct Hidden<'a>(pub(crate) &'a str);
 
 impl std::fmt::Debug for Hidden<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1046,7 +880,7 @@ fn db_kind(code: &SqlState) -> ErrorKind {
 }
 
 /// `"name"` with embedded quotes doubled: any role name becomes one identifier.
-fn quote_ident(s: &str) -> String {
+pub(crate) fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
@@ -2015,7 +1849,7 @@ mod tests {
         let app = app("idle");
         f.dsn_with_app(&app);
         let mut t = f.target(PgStrategy::SingleUser);
-        t.idle_timeout = Duration::from_millis(300);
+        t.admin.idle_timeout = Duration::from_millis(300);
         t.set(&key(), 1, &secret("idle-pass-1")).await.unwrap();
         assert_eq!(f.sessions(&app).await, 1);
         assert!(

@@ -1,5 +1,6 @@
 //! The admin connections of the postgres target: pooled, and shared by every
-//! target of the process that reaches the same server the same way.
+//! target (and postgres task issuer, see [`super::admin`]) of the process
+//! that reaches the same server the same way.
 //!
 //! One credential is one target object, so twenty credentials on one server
 //! are twenty targets; they share one pool when their admin DSN file (path
@@ -76,7 +77,7 @@ pub(super) struct PoolKey {
     pub idle: Duration,
 }
 
-pub(super) type AdminPool = Pool<AdminManager>;
+pub(crate) type AdminPool = Pool<AdminManager>;
 
 /// Every live pool of the process, by key. Weak: a pool lives as long as a
 /// target holds it.
@@ -105,7 +106,7 @@ pub(super) fn shared(
 }
 
 /// Makes and checks admin connections for one pool.
-pub(super) struct AdminManager {
+pub(crate) struct AdminManager {
     /// The admin DSN with the session settings added.
     cfg: Config,
     transport: Transport,
@@ -198,8 +199,8 @@ impl managed::Manager for AdminManager {
 }
 
 /// One pooled admin connection and its prepared statements.
-pub(super) struct AdminConn {
-    pub(super) client: Client,
+pub(crate) struct AdminConn {
+    pub(crate) client: Client,
     statements: Mutex<HashMap<&'static str, Statement>>,
     /// It saw a connection-level error: never hand it out again.
     lost: AtomicBool,
@@ -207,7 +208,7 @@ pub(super) struct AdminConn {
 
 impl AdminConn {
     /// `sql`, prepared on this connection the first time it is used.
-    pub(super) async fn prepared(
+    pub(crate) async fn prepared(
         &self,
         sql: &'static str,
     ) -> Result<Statement, tokio_postgres::Error> {
@@ -229,7 +230,7 @@ impl AdminConn {
 
     /// Maps `e` like [`super::pg_error`], and marks the connection lost when
     /// `e` says the session is gone (or the protocol state is unknown).
-    pub(super) fn error(
+    pub(crate) fn error(
         &self,
         ctx: &str,
         e: &tokio_postgres::Error,
@@ -261,7 +262,7 @@ fn connection_lost(e: &tokio_postgres::Error) -> bool {
 
 /// An admin connection lent to one step. Dropped, it goes back to the pool,
 /// unless it was lost: then it is closed.
-pub(super) struct Lease {
+pub(crate) struct Lease {
     /// `None` only after a lost connection with no retry left.
     conn: Option<Object<AdminManager>>,
     /// The step already retried once on a new connection.
@@ -289,7 +290,7 @@ impl Drop for Lease {
 
 impl Lease {
     /// A connection from `pool`; errors are prefixed with `ctx`.
-    pub(super) async fn get(pool: &AdminPool, ctx: &str) -> Result<Self, PluginError> {
+    pub(crate) async fn get(pool: &AdminPool, ctx: &str) -> Result<Self, PluginError> {
         let conn = pool.get().await.map_err(|e| match e {
             PoolError::Backend(e) => PluginError {
                 message: format!("{ctx}: {}", e.message),
@@ -324,7 +325,7 @@ impl Lease {
     /// reused one (so a new one may well work) and the step has not retried
     /// yet, the pool's idle connections are closed too (after a server
     /// restart they are all dead) and the lease moves to a new connection.
-    pub(super) async fn again<T>(
+    pub(crate) async fn again<T>(
         &mut self,
         outcome: &Result<T, PluginError>,
         ctx: &str,

@@ -43,6 +43,18 @@ use async_trait::async_trait;
 
 use crate::config::validate::{Loc, Validator};
 use crate::model::{PluginError, SecretValue};
+use crate::plugin::registry;
+
+pub mod postgres;
+pub mod vault_token;
+
+registry! {
+    /// `[issuers.NAME] type = ...`: one variant per issuer.
+    pub enum IssuerConfig: IssuerPlugin {
+        Postgres(postgres::PgIssuerConfig),
+        VaultToken(vault_token::TokenIssuerConfig),
+    }
+}
 
 /// Who a task is for and why: carried into every system that sees the
 /// task's credential, and into every audit record about it.

@@ -52,7 +52,7 @@ fn check(text: &str) -> (BTreeMap<String, Policy>, Vec<String>) {
     let ctx = Context {
         source: PathBuf::from("/etc/keyturn/keyturn.toml"),
     };
-    let mut v = Validator::for_tests(&ctx);
+    let mut v = Validator::for_section(&ctx);
     let agents: BTreeSet<&str> = ["bot", "other"].into_iter().collect();
     let pg = RolesIssuer;
     let lookup = |name: &str| -> Option<&dyn IssuerPlugin> {
@@ -66,7 +66,7 @@ fn check(text: &str) -> (BTreeMap<String, Policy>, Vec<String>) {
         &mut v,
     );
     let issues = v
-        .issues()
+        .into_issues()
         .iter()
         .map(|i| format!("{}: {}", i.path, i.message))
         .collect();

@@ -138,8 +138,11 @@ fn check_mount(v: &mut Validator<'_>, p: Loc<'_>, mount: &mut Option<String>, de
     }
 }
 
-impl VaultPlugin for HashicorpConfig {
-    fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>, _: &VaultScope<'_>) {
+impl HashicorpConfig {
+    /// Checks and completes what every client of the server has: `address`,
+    /// the one way to log in, `ca_file` and `timeout`. The `vault_token`
+    /// task issuer checks its own table with this too.
+    pub(crate) fn check_connection(&mut self, v: &mut Validator<'_>, p: Loc<'_>) {
         v.url(
             p.key("address"),
             &self.address,
@@ -168,6 +171,16 @@ impl VaultPlugin for HashicorpConfig {
                 "set exactly one way to log in: `token_file`, `token_env` or `approle = { role_id_file = ..., secret_id_file = ... }`",
             ),
         }
+        if let Some(ca) = &mut self.ca_file {
+            v.resolve_path(p.key("ca_file"), ca);
+        }
+        v.timeout(&p, &self.timeout, DEFAULT_TIMEOUT);
+    }
+}
+
+impl VaultPlugin for HashicorpConfig {
+    fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>, _: &VaultScope<'_>) {
+        self.check_connection(v, p);
         check_mount(v, p.key("mount"), &mut self.mount, "secret");
         let field = self.field();
         if field.is_empty() || field.starts_with("keyturn_") {
@@ -178,10 +191,6 @@ impl VaultPlugin for HashicorpConfig {
                 ),
             );
         }
-        if let Some(ca) = &mut self.ca_file {
-            v.resolve_path(p.key("ca_file"), ca);
-        }
-        v.timeout(&p, &self.timeout, DEFAULT_TIMEOUT);
     }
 
     fn max_concurrent(&self) -> Option<usize> {

@@ -25,6 +25,7 @@ impl HashicorpVault {
     ) -> Result<Option<KvVersion>, PluginError> {
         let location = self.location(path);
         let res = self
+            .conn
             .call(step, &location, |c| async move {
                 let endpoint = ReadSecretRequest::builder()
                     .mount(self.mount.as_str())
@@ -43,7 +44,7 @@ impl HashicorpVault {
         let number = res.metadata.version;
         let malformed = |what: &str| {
             let message = format!("version {number} has {what}");
-            self.err(ErrorKind::Fatal, step, &location, message)
+            self.conn.err(ErrorKind::Fatal, step, &location, message)
         };
         let data = match res.data {
             Value::Object(map) => map,
@@ -75,6 +76,7 @@ impl HashicorpVault {
     ) -> Result<Option<ReadSecretMetadataResponse>, PluginError> {
         let location = self.location(path);
         match self
+            .conn
             .call(step, &location, |c| async move {
                 vaultrs::kv2::read_metadata(&*c, &self.mount, path).await
             })
@@ -98,7 +100,7 @@ impl HashicorpVault {
     ) -> Result<u64, PluginError> {
         let location = self.location(path);
         let text = value.expose_str().ok_or_else(|| {
-            self.err(
+            self.conn.err(
                 ErrorKind::Invalid,
                 step,
                 &location,
@@ -106,7 +108,7 @@ impl HashicorpVault {
             )
         })?;
         let cas = u32::try_from(cas).map_err(|_| {
-            self.err(
+            self.conn.err(
                 ErrorKind::Fatal,
                 step,
                 &location,
@@ -121,6 +123,7 @@ impl HashicorpVault {
         );
         let data = Value::Object(map);
         let res = self
+            .conn
             .call(step, &location, |c| {
                 let data = data.clone();
                 async move {
@@ -147,7 +150,7 @@ impl HashicorpVault {
         versions: Vec<u64>,
     ) -> Result<(), PluginError> {
         let location = self.location(path);
-        self.call(step, &location, |c| {
+        self.conn.call(step, &location, |c| {
             let versions = versions.clone();
             async move { vaultrs::kv2::destroy_versions(&*c, &self.mount, path, versions).await }
         })
@@ -157,6 +160,7 @@ impl HashicorpVault {
     pub(super) async fn delete_all(&self, step: &str, path: &str) -> Result<(), PluginError> {
         let location = self.location(path);
         match self
+            .conn
             .call(step, &location, |c| async move {
                 vaultrs::kv2::delete_metadata(&*c, &self.mount, path).await
             })
@@ -201,7 +205,8 @@ impl HashicorpVault {
         };
         let value = problem.map_err(|what| {
             let message = format!("version {}: field {:?} {what}", v.number, self.field);
-            self.err(ErrorKind::Invalid, step, &self.location(path), message)
+            self.conn
+                .err(ErrorKind::Invalid, step, &self.location(path), message)
         })?;
         wipe_json(Value::Object(v.data));
         Ok(StoredVersion {
@@ -219,7 +224,7 @@ impl HashicorpVault {
         v: &VersionRef,
     ) -> Result<Ref, PluginError> {
         Ref::parse(v).ok_or_else(|| {
-            self.err(
+            self.conn.err(
                 ErrorKind::Invalid,
                 step,
                 &self.location(path),
@@ -261,7 +266,7 @@ impl HashicorpVault {
         let clear_slot = slot.as_ref().is_some_and(|s| s.is(target));
         let refuse = |kind, why: &str| {
             let message = format!("version {} {why}", ref_text(target));
-            self.err(kind, STEP, &self.location(path), message)
+            self.conn.err(kind, STEP, &self.location(path), message)
         };
         let (latest, latest_data) = self.latest(STEP, path).await?;
         let before = latest_data.as_ref().map(KvVersion::reference);
@@ -346,7 +351,7 @@ impl HashicorpVault {
 }
 
 /// An endpoint builder's error, as the client error a call returns.
-fn endpoint_error(e: impl std::error::Error + Send + Sync + 'static) -> ClientError {
+pub(crate) fn endpoint_error(e: impl std::error::Error + Send + Sync + 'static) -> ClientError {
     ClientError::RestClientError {
         source: rustify::errors::ClientError::EndpointBuildError { source: e.into() },
     }

@@ -100,7 +100,8 @@ mod session;
 mod tests;
 
 pub use config::{AppRoleConfig, DEFAULT_TIMEOUT, HashicorpAuth, HashicorpConfig};
-use session::*;
+pub(crate) use kv::endpoint_error;
+pub(crate) use session::Connection;
 
 /// The key, next to the value's field, that records which rotation wrote a version.
 pub const ROTATION_KEY: &str = "keyturn_rotation";
@@ -153,19 +154,9 @@ impl KvVersion {
 
 /// A KV v2 mount of one HashiCorp Vault or OpenBao server.
 pub struct HashicorpVault {
-    name: String,
-    address: String,
+    conn: Connection,
     mount: String,
-    namespace: Option<String>,
     field: String,
-    ca_file: Option<PathBuf>,
-    timeout: Duration,
-    auth: HashicorpAuth,
-    session: RwLock<Session>,
-    /// Serializes logins, renewals and token-file reloads.
-    auth_lock: tokio::sync::Mutex<()>,
-    logins: AtomicU64,
-    renewals: AtomicU64,
 }
 
 impl HashicorpVault {
@@ -185,24 +176,14 @@ impl HashicorpVault {
         c: &HashicorpConfig,
         auth: HashicorpAuth,
     ) -> Result<Self, PluginError> {
-        let name = name.to_owned();
-        let address = c.address.trim_end_matches('/').to_owned();
         let mount = c.mount().to_owned();
-        let namespace = c.namespace.clone();
         let field = c.field().to_owned();
-        let ca_file = c.ca_file.clone();
-        let timeout = c.timeout();
         let invalid = |what: String| {
             PluginError::new(
                 ErrorKind::Invalid,
-                format!("vault {} ({}): {what}", name, address),
+                format!("vault {name} ({}): {what}", c.address.trim_end_matches('/')),
             )
         };
-        if !(address.starts_with("http://") || address.starts_with("https://")) {
-            return Err(invalid(
-                "address must start with http:// or https://".into(),
-            ));
-        }
         if mount.is_empty() || mount.starts_with('/') || mount.ends_with('/') {
             return Err(invalid(format!(
                 "mount {:?} must be a non-empty path without leading or trailing '/'",
@@ -215,110 +196,11 @@ impl HashicorpVault {
                 field
             )));
         }
-        if let Some(ns) = &namespace
-            && !header_safe(ns)
-        {
-            return Err(invalid(
-                "namespace must be printable ASCII without spaces".into(),
-            ));
-        }
-        if let HashicorpAuth::AppRole { mount, .. } = &auth
-            && (mount.is_empty() || mount.starts_with('/') || mount.ends_with('/'))
-        {
-            return Err(invalid(format!(
-                "approle mount {mount:?} must be a non-empty path without leading or trailing '/'"
-            )));
-        }
-
-        if let Some(ca) = &ca_file {
-            // reqwest accepts a file without any certificate in it (and then
-            // trusts nothing extra); say so at start instead of failing every
-            // call with an unknown-issuer error.
-            let pem = std::fs::read(ca).map_err(|e| {
-                PluginError::io(
-                    format!("vault {} ({}): ca_file {}", name, address, ca.display()),
-                    &e,
-                )
-            })?;
-            if !pem
-                .windows(b"-----BEGIN CERTIFICATE-----".len())
-                .any(|w| w == b"-----BEGIN CERTIFICATE-----")
-            {
-                return Err(invalid(format!(
-                    "ca_file {} holds no PEM certificate",
-                    ca.display()
-                )));
-            }
-        }
-
-        let mut vault = HashicorpVault {
-            name,
-            address,
+        Ok(HashicorpVault {
+            conn: Connection::new("vault", name, c, auth)?,
             mount,
-            namespace,
             field,
-            ca_file,
-            timeout,
-            auth,
-            // Replaced just below, once the client can be built.
-            session: RwLock::new(Session {
-                client: Arc::new(placeholder_client()?),
-                generation: 0,
-                lease: None,
-                needs_login: false,
-            }),
-            auth_lock: tokio::sync::Mutex::new(()),
-            logins: AtomicU64::new(0),
-            renewals: AtomicU64::new(0),
-        };
-        let (token, needs_login) = match &vault.auth {
-            HashicorpAuth::Token(t) => {
-                let t = t.expose_str().map(str::trim).unwrap_or_default();
-                if !header_safe(t) {
-                    return Err(vault.err(
-                        ErrorKind::Invalid,
-                        "connect",
-                        "token",
-                        "the token is empty or not printable ASCII",
-                    ));
-                }
-                (Zeroizing::new(t.to_owned()), false)
-            }
-            HashicorpAuth::TokenFile(path) => (vault.read_secret_file(path, "token file")?, false),
-            HashicorpAuth::AppRole {
-                role_id_file,
-                secret_id_file,
-                ..
-            } => {
-                // Read now so a missing or unreadable file fails at start.
-                vault.read_secret_file(role_id_file, "role_id file")?;
-                vault.read_secret_file(secret_id_file, "secret_id file")?;
-                (Zeroizing::new(String::new()), true)
-            }
-        };
-        let client = vault.build_client(&token)?;
-        *vault
-            .session
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner) = Session {
-            client: Arc::new(client),
-            generation: 1,
-            lease: None,
-            needs_login,
-        };
-        Ok(vault)
-    }
-
-    // -----------------------------------------------------------------------
-    // Client, auth
-    // -----------------------------------------------------------------------
-
-    #[cfg(test)]
-    fn counters(&self) -> (u64, u64) {
-        (
-            self.logins.load(Ordering::Relaxed),
-            self.renewals.load(Ordering::Relaxed),
-        )
+        })
     }
 }
 
@@ -390,7 +272,7 @@ fn http_status_text(code: u16) -> String {
     format!("HTTP {code} {reason}")
 }
 
-fn http_status(e: &ClientError) -> Option<u16> {
+pub(crate) fn http_status(e: &ClientError) -> Option<u16> {
     match e {
         ClientError::APIError { code, .. } => Some(*code),
         ClientError::RestClientError {
@@ -402,7 +284,7 @@ fn http_status(e: &ClientError) -> Option<u16> {
 
 /// Tokens and namespaces go into HTTP headers; vaultrs unwraps the header
 /// conversion, so anything it would reject must be refused before.
-fn header_safe(s: &str) -> bool {
+pub(crate) fn header_safe(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
 
@@ -435,7 +317,7 @@ fn placeholder_client() -> Result<VaultClient, PluginError> {
 #[async_trait]
 impl Vault for HashicorpVault {
     fn describe(&self) -> &str {
-        &self.name
+        &self.conn.name
     }
 
     async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
@@ -471,7 +353,7 @@ impl Vault for HashicorpVault {
         let cas = match &slot {
             Some(old) => {
                 tracing::warn!(
-                    vault = %self.name, credential = %new.item.key, path = new.item.path,
+                    vault = %self.conn.name, credential = %new.item.key, path = new.item.path,
                     abandoned = %old.reference(), rotation = %new.rotation,
                     "replacing the pending value of an abandoned rotation"
                 );
@@ -587,7 +469,7 @@ impl Vault for HashicorpVault {
             (Ref::Rotation(_), None) => false,
         };
         if is_current {
-            return Err(self.err(
+            return Err(self.conn.err(
                 ErrorKind::Invalid,
                 STEP,
                 &self.location(path),
@@ -605,7 +487,7 @@ impl Vault for HashicorpVault {
                 .await?
                 .is_some_and(|s| s.is(&target))
         {
-            return Err(self.err(
+            return Err(self.conn.err(
                 ErrorKind::Invalid,
                 STEP,
                 &self.location(path),
@@ -634,10 +516,11 @@ impl Vault for HashicorpVault {
     }
 
     async fn check(&self) -> Result<(), PluginError> {
-        self.call("check", "auth/token/lookup-self", |c| async move {
-            vaultrs::token::lookup_self(&*c).await
-        })
-        .await
-        .map(|_| ())
+        self.conn
+            .call("check", "auth/token/lookup-self", |c| async move {
+                vaultrs::token::lookup_self(&*c).await
+            })
+            .await
+            .map(|_| ())
     }
 }

@@ -1,4 +1,9 @@
 //! The client session: login (token, token file, AppRole), renewal, re-login after a 403, and error mapping.
+//!
+//! [`Connection`] is everything about talking to one OpenBao/Vault server
+//! that is not KV: the `vault` vault holds one, and so does the
+//! `vault_token` task issuer (`tasks::issuers::vault_token`), so both log
+//! in, renew, re-login and map errors the same way.
 
 use super::*;
 
@@ -52,7 +57,151 @@ impl Session {
     }
 }
 
-impl HashicorpVault {
+/// A logged-in (or ready to log in) client of one OpenBao/Vault server.
+pub(crate) struct Connection {
+    /// What the server is to keyturn, first word of every message: `vault`
+    /// (a `[vaults.NAME]`) or `issuer` (an `[issuers.NAME]`).
+    pub(super) noun: &'static str,
+    pub(super) name: String,
+    pub(super) address: String,
+    pub(super) namespace: Option<String>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) timeout: Duration,
+    pub(super) auth: HashicorpAuth,
+    pub(super) session: RwLock<Session>,
+    /// Serializes logins, renewals and token-file reloads.
+    pub(super) auth_lock: tokio::sync::Mutex<()>,
+    pub(super) logins: AtomicU64,
+    pub(super) renewals: AtomicU64,
+}
+
+impl Connection {
+    /// Checks the connection settings of `c` (address, namespace, AppRole
+    /// mount, `ca_file`), reads the token or AppRole files and builds the
+    /// client. No network I/O: the first call logs in when it must.
+    pub(crate) fn new(
+        noun: &'static str,
+        name: &str,
+        c: &HashicorpConfig,
+        auth: HashicorpAuth,
+    ) -> Result<Self, PluginError> {
+        let name = name.to_owned();
+        let address = c.address.trim_end_matches('/').to_owned();
+        let namespace = c.namespace.clone();
+        let ca_file = c.ca_file.clone();
+        let timeout = c.timeout();
+        let invalid = |what: String| {
+            PluginError::new(
+                ErrorKind::Invalid,
+                format!("{noun} {name} ({address}): {what}"),
+            )
+        };
+        if !(address.starts_with("http://") || address.starts_with("https://")) {
+            return Err(invalid(
+                "address must start with http:// or https://".into(),
+            ));
+        }
+        if let Some(ns) = &namespace
+            && !header_safe(ns)
+        {
+            return Err(invalid(
+                "namespace must be printable ASCII without spaces".into(),
+            ));
+        }
+        if let HashicorpAuth::AppRole { mount, .. } = &auth
+            && (mount.is_empty() || mount.starts_with('/') || mount.ends_with('/'))
+        {
+            return Err(invalid(format!(
+                "approle mount {mount:?} must be a non-empty path without leading or trailing '/'"
+            )));
+        }
+
+        if let Some(ca) = &ca_file {
+            // reqwest accepts a file without any certificate in it (and then
+            // trusts nothing extra); say so at start instead of failing every
+            // call with an unknown-issuer error.
+            let pem = std::fs::read(ca).map_err(|e| {
+                PluginError::io(
+                    format!("{noun} {name} ({address}): ca_file {}", ca.display()),
+                    &e,
+                )
+            })?;
+            if !pem
+                .windows(b"-----BEGIN CERTIFICATE-----".len())
+                .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+            {
+                return Err(invalid(format!(
+                    "ca_file {} holds no PEM certificate",
+                    ca.display()
+                )));
+            }
+        }
+
+        let mut conn = Connection {
+            noun,
+            name,
+            address,
+            namespace,
+            ca_file,
+            timeout,
+            auth,
+            // Replaced just below, once the client can be built.
+            session: RwLock::new(Session {
+                client: Arc::new(placeholder_client()?),
+                generation: 0,
+                lease: None,
+                needs_login: false,
+            }),
+            auth_lock: tokio::sync::Mutex::new(()),
+            logins: AtomicU64::new(0),
+            renewals: AtomicU64::new(0),
+        };
+        let (token, needs_login) = match &conn.auth {
+            HashicorpAuth::Token(t) => {
+                let t = t.expose_str().map(str::trim).unwrap_or_default();
+                if !header_safe(t) {
+                    return Err(conn.err(
+                        ErrorKind::Invalid,
+                        "connect",
+                        "token",
+                        "the token is empty or not printable ASCII",
+                    ));
+                }
+                (Zeroizing::new(t.to_owned()), false)
+            }
+            HashicorpAuth::TokenFile(path) => (conn.read_secret_file(path, "token file")?, false),
+            HashicorpAuth::AppRole {
+                role_id_file,
+                secret_id_file,
+                ..
+            } => {
+                // Read now so a missing or unreadable file fails at start.
+                conn.read_secret_file(role_id_file, "role_id file")?;
+                conn.read_secret_file(secret_id_file, "secret_id file")?;
+                (Zeroizing::new(String::new()), true)
+            }
+        };
+        let client = conn.build_client(&token)?;
+        *conn
+            .session
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) = Session {
+            client: Arc::new(client),
+            generation: 1,
+            lease: None,
+            needs_login,
+        };
+        Ok(conn)
+    }
+
+    #[cfg(test)]
+    pub(super) fn counters(&self) -> (u64, u64) {
+        (
+            self.logins.load(Ordering::Relaxed),
+            self.renewals.load(Ordering::Relaxed),
+        )
+    }
+
     pub(super) fn build_client(&self, token: &str) -> Result<VaultClient, PluginError> {
         let invalid = |detail: String| self.err(ErrorKind::Invalid, "connect", "client", detail);
         let mut settings = VaultClientSettingsBuilder::default()
@@ -97,7 +246,8 @@ impl HashicorpVault {
     ) -> Result<Zeroizing<String>, PluginError> {
         let ctx = || {
             format!(
-                "vault {} ({}): {what} {}",
+                "{} {} ({}): {what} {}",
+                self.noun,
                 self.name,
                 self.address,
                 path.display()
@@ -262,7 +412,7 @@ impl HashicorpVault {
     /// `op` gets its own handle on the client; the future it returns may
     /// borrow from `self` and the arguments, but not from the closure (a
     /// higher-ranked `AsyncFn` would make the trait's futures non-`Send`).
-    pub(super) async fn call<T, F, Fut>(
+    pub(crate) async fn call<T, F, Fut>(
         &self,
         step: &str,
         location: &str,
@@ -291,7 +441,7 @@ impl HashicorpVault {
     // Errors
     // -----------------------------------------------------------------------
 
-    pub(super) fn err(
+    pub(crate) fn err(
         &self,
         kind: ErrorKind,
         step: &str,
@@ -301,14 +451,14 @@ impl HashicorpVault {
         PluginError::new(
             kind,
             format!(
-                "vault {} ({}): {step} {location}: {detail}",
-                self.name, self.address
+                "{} {} ({}): {step} {location}: {detail}",
+                self.noun, self.name, self.address
             ),
         )
     }
 
     /// Maps a vaultrs error to a kind and a message without any response body.
-    pub(super) fn error(&self, step: &str, location: &str, e: ClientError) -> PluginError {
+    pub(crate) fn error(&self, step: &str, location: &str, e: ClientError) -> PluginError {
         use rustify::errors::ClientError as Rest;
         let (kind, detail) = match &e {
             ClientError::APIError { code, errors } => {

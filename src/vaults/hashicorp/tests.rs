@@ -433,7 +433,7 @@ async fn approle_logs_in_once_and_renews_its_token_before_the_ttl() {
     ))
     .await
     .unwrap();
-    assert_eq!(v.counters(), (0, 0), "no network I/O at connect");
+    assert_eq!(v.conn.counters(), (0, 0), "no network I/O at connect");
     let (k, item_path) = (key(), path.clone());
     let item = VaultItem {
         key: &k,
@@ -444,15 +444,15 @@ async fn approle_logs_in_once_and_renews_its_token_before_the_ttl() {
         .stage(item.pending(&RotationId::generate(), &secret("x")))
         .await
         .unwrap();
-    assert_eq!(v.counters(), (1, 0), "one login for several calls");
+    assert_eq!(v.conn.counters(), (1, 0), "one login for several calls");
 
     // Past two thirds of the 4 s TTL: the next use renews.
     tokio::time::sleep(Duration::from_millis(3000)).await;
     v.promote(item, &r).await.unwrap();
-    assert_eq!(v.counters(), (1, 1), "renewed, not logged in again");
+    assert_eq!(v.conn.counters(), (1, 1), "renewed, not logged in again");
     // Past the first lease's end: works only because it was renewed.
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let token = v.session.read().unwrap().client.settings.token.clone();
+    let token = v.conn.session.read().unwrap().client.settings.token.clone();
     let looked_up = vaultrs::token::lookup(&root, &token).await.unwrap();
     assert!(looked_up.ttl > 0, "token still alive after its first TTL");
     assert!(
@@ -461,7 +461,7 @@ async fn approle_logs_in_once_and_renews_its_token_before_the_ttl() {
             .unwrap()
             .is_some()
     );
-    assert_eq!(v.counters().0, 1);
+    assert_eq!(v.conn.counters().0, 1);
 
     // A revoked token (403) leads to one fresh login and the call succeeds.
     vaultrs::token::revoke(&root, &token).await.unwrap();
@@ -471,7 +471,7 @@ async fn approle_logs_in_once_and_renews_its_token_before_the_ttl() {
             .unwrap()
             .is_some()
     );
-    assert_eq!(v.counters().0, 2);
+    assert_eq!(v.conn.counters().0, 2);
 
     v.destroy(item).await.unwrap();
     vaultrs::sys::auth::disable(&root, &mount).await.unwrap();

@@ -1,0 +1,1826 @@
+//! `postgres`: a PostgreSQL role per task.
+//!
+//! ```toml
+//! [issuers.warehouse]
+//! type = "postgres"
+//! admin_dsn_file = "/etc/keyturn/warehouse.dsn"
+//! sslmode = "verify-full"
+//! ssl_root_cert = "/etc/keyturn/warehouse-ca.pem"
+//! database = "sales"          # delivered to the agent (default: the admin DSN's)
+//! role_prefix = "kt_task_"    # the default
+//! ```
+//! and, in a policy level, the grant `{ roles = ["read_a"], connection_limit = 2 }`.
+//!
+//! The admin connection is the postgres target's, setting for setting
+//! (`admin_dsn_file`, `sslmode`, `ssl_root_cert`, `connect_timeout`,
+//! `pool_size`, `allow_weak_auth`), and so is its pool: an issuer and a
+//! target that agree on those share one set of admin sessions
+//! ([`crate::targets::postgres::admin`]).
+//!
+//! **issue** makes the role `<role_prefix><task_id>` (named after the task,
+//! so `revoke` finds it without a handle), in one transaction:
+//! `LOGIN PASSWORD '<SCRAM verifier>' VALID UNTIL '<expires_at>'`, member
+//! (inheriting) of exactly the grant's roles, `CONNECTION LIMIT` if the grant
+//! says, the task's attribution as JSON in its comment (`{"keyturn":"task",
+//! "task_id":..., "agent":..., ...}`; the comment is also keyturn's mark), and
+//! `application_name` set for the role (`keyturn-task <id> run <run> by
+//! <initiator>`, made of safe characters, cut to 63 bytes), so that
+//! `pg_stat_activity` names the task. A client that sets its own
+//! `application_name` overrides that default; `usename` still names the task.
+//! The password is 32 random letters and digits; only its verifier, computed
+//! by keyturn, reaches the server, as a redacted bind parameter read by a
+//! constant `DO` block (the target's technique: see
+//! [`crate::targets::postgres`]). Issuing again for the same task sets a
+//! fresh password, expiry and membership on the same role.
+//!
+//! The grant may not reach a role with `SUPERUSER`, `CREATEROLE`,
+//! `REPLICATION` or `BYPASSRLS`, nor `pg_execute_server_program`,
+//! `pg_read_server_files` or `pg_write_server_files`, directly or through
+//! the roles it is a member of: a member can `SET ROLE` to any of them and
+//! would hold more than the policy meant.
+//!
+//! `VALID UNTIL` refuses new logins after the expiry even when keyturn is
+//! down; it does not end sessions already open, which keyturn's revoke at
+//! the TTL does.
+//!
+//! The admin role needs `CREATEROLE` and membership in `pg_signal_backend`
+//! (or superuser); on PostgreSQL 16 and later also `ADMIN OPTION` on the
+//! roles it grants. `check` says which is missing.
+//!
+//! **revoke** sets the role `NOLOGIN PASSWORD NULL`, ends its sessions, then
+//! drops it. A role that still owns objects or holds privileges in the admin
+//! DSN's database is cleaned up first: `REASSIGN OWNED BY` the admin role
+//! (what the task made is kept, owned by the admin) and `DROP OWNED BY`
+//! (its own privileges). When the role cannot be dropped (objects in another
+//! database, or an admin without the membership `REASSIGN OWNED` needs), it
+//! stays, unable to log in, and a warning names it. A role that does not
+//! exist is already revoked. A role with the task's name whose comment lacks
+//! keyturn's mark for that task is someone else's: `issue`, `revoke` and
+//! `verify_revoked` refuse it (`invalid`) and leave it alone.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use tokio_postgres::Config;
+use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+
+use super::{Grant, IssueRequest, Issued, IssuerPlugin, Revoked, TaskAttribution, TaskIssuer};
+use crate::config::validate::{Loc, Validator};
+use crate::config::{CharClasses, GeneratorConfig};
+use crate::model::{ErrorKind, PluginError, SecretValue};
+use crate::targets::postgres::admin::{Admin, terminate_sessions};
+use crate::targets::postgres::pool::{AdminConn, Lease};
+use crate::targets::postgres::{Hidden, PgTls, PostgresConfig, quote_ident, role_comment, scram};
+
+/// The role name's start unless `role_prefix` says otherwise.
+pub const DEFAULT_ROLE_PREFIX: &str = "kt_task_";
+/// PostgreSQL's identifier limit (NAMEDATALEN - 1).
+const MAX_IDENT_LEN: usize = 63;
+/// A task id's longest ([`TaskAttribution::task_id`]).
+const MAX_TASK_ID_LEN: usize = 32;
+/// So that `<role_prefix><task_id>` always fits in an identifier.
+const MAX_PREFIX_LEN: usize = MAX_IDENT_LEN - MAX_TASK_ID_LEN;
+const PASSWORD_LEN: usize = 32;
+/// The `keyturn` key of a task role's comment.
+const TASK_MARK: &str = "task";
+/// Predefined roles that reach the server's files or programs: as much as
+/// a superuser, for a task.
+const SERVER_ROLES: [&str; 3] = [
+    "pg_execute_server_program",
+    "pg_read_server_files",
+    "pg_write_server_files",
+];
+
+/// `[issuers.NAME] type = "postgres"`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgIssuerConfig {
+    /// File holding the admin connection string (libpq key=value or URL);
+    /// its role needs `CREATEROLE` and `pg_signal_backend` (or superuser).
+    pub admin_dsn_file: PathBuf,
+    /// `disable`, `require` or `verify-full` (default: the admin DSN's
+    /// `sslmode=require`, else `disable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslmode: Option<String>,
+    /// PEM file of the CA(s) the server's certificate must chain to (`verify-full`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_root_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+    /// Most admin connections open at once, shared with every target and
+    /// issuer of the same server and admin DSN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<u32>,
+    /// Weak password exchanges the server may ask for: `password`, `md5`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_weak_auth: Vec<String>,
+    /// The task roles' names start with this (default [`DEFAULT_ROLE_PREFIX`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_prefix: Option<String>,
+    /// The database delivered to the agent (default: the admin DSN's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+}
+
+impl PgIssuerConfig {
+    /// A config with the defaults.
+    pub fn new(admin_dsn_file: impl Into<PathBuf>) -> Self {
+        Self {
+            admin_dsn_file: admin_dsn_file.into(),
+            sslmode: None,
+            ssl_root_cert: None,
+            connect_timeout: None,
+            pool_size: None,
+            allow_weak_auth: Vec::new(),
+            role_prefix: None,
+            database: None,
+        }
+    }
+
+    pub fn role_prefix(&self) -> &str {
+        self.role_prefix.as_deref().unwrap_or(DEFAULT_ROLE_PREFIX)
+    }
+
+    /// The admin settings as the postgres target holds them (its role and
+    /// strategy unused), to check and connect with the target's code.
+    fn admin_settings(&self) -> PostgresConfig {
+        PostgresConfig {
+            connect_timeout: self.connect_timeout.clone(),
+            sslmode: self.sslmode.clone(),
+            ssl_root_cert: self.ssl_root_cert.clone(),
+            allow_weak_auth: self.allow_weak_auth.clone(),
+            pool_size: self.pool_size,
+            ..PostgresConfig::new(&self.admin_dsn_file, DEFAULT_ROLE_PREFIX)
+        }
+    }
+}
+
+/// What a policy level grants at a postgres issuer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgGrant {
+    /// The roles the task role becomes a member of (inheriting their
+    /// privileges), and no other.
+    pub roles: Vec<String>,
+    /// Most sessions of the task role at once (default: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_limit: Option<u32>,
+}
+
+/// A problem of a grant, and the key it is about.
+enum GrantField {
+    Roles,
+    Role(usize),
+    ConnectionLimit,
+}
+
+/// Every problem of `g` (a task role would have the name `prefix...`).
+fn grant_problems(g: &PgGrant, prefix: &str) -> Vec<(GrantField, String)> {
+    let mut out = Vec::new();
+    if g.roles.is_empty() {
+        out.push((
+            GrantField::Roles,
+            "roles is empty: name the roles whose privileges the task gets".to_owned(),
+        ));
+    }
+    for (i, r) in g.roles.iter().enumerate() {
+        let problem = if r.is_empty() || r.len() > MAX_IDENT_LEN || r.contains('\0') {
+            Some(format!(
+                "invalid role `{r}`: a role name is 1 to {MAX_IDENT_LEN} bytes without NUL"
+            ))
+        } else if r.starts_with(prefix) {
+            Some(format!(
+                "role `{r}` starts with the issuer's role_prefix `{prefix}`: task roles are not granted to other tasks"
+            ))
+        } else if SERVER_ROLES.contains(&r.as_str()) {
+            Some(format!(
+                "role `{r}` reaches the server's files or programs, as much as a superuser: not granted to tasks"
+            ))
+        } else if g.roles[..i].contains(r) {
+            Some(format!("role `{r}` is listed twice"))
+        } else {
+            None
+        };
+        out.extend(problem.map(|p| (GrantField::Role(i), p)));
+    }
+    if let Some(n) = g.connection_limit
+        && (n == 0 || n > i32::MAX as u32)
+    {
+        out.push((
+            GrantField::ConnectionLimit,
+            format!(
+                "connection_limit {n} is out of range: at least 1 (leave it out for no limit), at most {}",
+                i32::MAX
+            ),
+        ));
+    }
+    out
+}
+
+impl IssuerPlugin for PgIssuerConfig {
+    fn check(&mut self, v: &mut Validator<'_>, at: Loc<'_>) {
+        let mut admin = self.admin_settings();
+        admin.check_admin(v, at);
+        self.admin_dsn_file = admin.admin_dsn_file;
+        self.ssl_root_cert = admin.ssl_root_cert;
+        if let Some(p) = &self.role_prefix {
+            let shape = !p.is_empty()
+                && p.len() <= MAX_PREFIX_LEN
+                && p.starts_with(|c: char| c.is_ascii_lowercase())
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !shape {
+                v.err(
+                    at.key("role_prefix"),
+                    format!(
+                        "invalid role_prefix `{p}`: 1 to {MAX_PREFIX_LEN} bytes of lowercase letters, digits and `_`, starting with a letter (the task id, up to {MAX_TASK_ID_LEN} characters, follows it within PostgreSQL's {MAX_IDENT_LEN}-byte names)"
+                    ),
+                );
+            } else if p.starts_with("pg_") {
+                v.err(
+                    at.key("role_prefix"),
+                    format!("invalid role_prefix `{p}`: PostgreSQL reserves role names starting with `pg_`"),
+                );
+            }
+        }
+        if let Some(db) = &self.database
+            && (db.is_empty() || db.len() > MAX_IDENT_LEN || db.contains('\0'))
+        {
+            v.err(
+                at.key("database"),
+                format!("invalid database `{db}`: a database name is 1 to {MAX_IDENT_LEN} bytes without NUL"),
+            );
+        }
+    }
+
+    fn check_grant(&self, grant: &Grant, v: &mut Validator<'_>, at: Loc<'_>) {
+        let g: PgGrant = match grant.parse() {
+            Ok(g) => g,
+            Err(e) => {
+                return v.err(
+                    at,
+                    format!(
+                        "invalid postgres grant: {e} (expected roles = [\"role\", ...] and optionally connection_limit = N)"
+                    ),
+                );
+            }
+        };
+        for (field, problem) in grant_problems(&g, self.role_prefix()) {
+            let roles = at.key("roles");
+            let loc = match field {
+                GrantField::Roles => roles,
+                GrantField::Role(i) => roles.index(i),
+                GrantField::ConnectionLimit => at.key("connection_limit"),
+            };
+            v.err(loc, problem);
+        }
+    }
+
+    fn build(&self) -> Result<Arc<dyn TaskIssuer>, PluginError> {
+        Ok(Arc::new(PgIssuer::new(self.clone())?))
+    }
+}
+
+/// Makes, for the role named by the session settings `keyturn.*` (set from
+/// bind parameters in the same transaction), everything a task role is:
+/// created when `keyturn.create` is `on` (a role that appeared meanwhile
+/// fails the transaction), LOGIN with the verifier and expiry, member of
+/// exactly the roles in the JSON array `keyturn.roles`, the comment and
+/// `application_name`. Constant text: nothing secret is in any statement
+/// tokio-postgres or the server may log.
+const ISSUE: &str = "DO $keyturn$ \
+DECLARE \
+    r text := current_setting('keyturn.role'); \
+    wanted text[] := ARRAY(SELECT json_array_elements_text(current_setting('keyturn.roles')::json)); \
+    g text; \
+    too_strong text; \
+BEGIN \
+    too_strong := ( \
+        WITH RECURSIVE up(oid) AS ( \
+            SELECT oid FROM pg_roles WHERE rolname = ANY (wanted) \
+            UNION SELECT m.roleid FROM pg_auth_members m JOIN up ON m.member = up.oid) \
+        SELECT string_agg(DISTINCT quote_ident(p.rolname), ', ') FROM pg_roles p JOIN up USING (oid) \
+        WHERE p.rolsuper OR p.rolcreaterole OR p.rolreplication OR p.rolbypassrls \
+           OR p.rolname IN ('pg_execute_server_program', 'pg_read_server_files', 'pg_write_server_files')); \
+    IF too_strong IS NOT NULL THEN \
+        RAISE EXCEPTION 'the grant reaches %, which a member can SET ROLE to: a superuser, CREATEROLE, REPLICATION or BYPASSRLS role, or one with the server''s files or programs', too_strong \
+            USING ERRCODE = 'invalid_parameter_value'; \
+    END IF; \
+    IF current_setting('keyturn.create') = 'on' THEN \
+        EXECUTE format('CREATE ROLE %I', r); \
+    END IF; \
+    EXECUTE format('ALTER ROLE %I WITH LOGIN INHERIT CONNECTION LIMIT %s PASSWORD %L VALID UNTIL %L', \
+        r, current_setting('keyturn.limit')::int, current_setting('keyturn.verifier'), \
+        current_setting('keyturn.until')); \
+    FOR g IN SELECT b.rolname FROM pg_auth_members m \
+             JOIN pg_roles b ON b.oid = m.roleid JOIN pg_roles t ON t.oid = m.member \
+             WHERE t.rolname = r AND b.rolname <> ALL (wanted) LOOP \
+        EXECUTE format('REVOKE %I FROM %I', g, r); \
+    END LOOP; \
+    FOREACH g IN ARRAY wanted LOOP \
+        IF NOT EXISTS (SELECT 1 FROM pg_auth_members m \
+                       JOIN pg_roles b ON b.oid = m.roleid JOIN pg_roles t ON t.oid = m.member \
+                       WHERE t.rolname = r AND b.rolname = g) THEN \
+            EXECUTE format('GRANT %I TO %I', g, r); \
+        END IF; \
+    END LOOP; \
+    EXECUTE format('COMMENT ON ROLE %I IS %L', r, current_setting('keyturn.comment')); \
+    EXECUTE format('ALTER ROLE %I SET application_name = %L', r, current_setting('keyturn.app')); \
+END $keyturn$";
+
+/// The task's role at one server.
+#[derive(Debug)]
+pub struct PgIssuer {
+    c: PgIssuerConfig,
+    admin: Admin,
+}
+
+impl PgIssuer {
+    pub fn new(c: PgIssuerConfig) -> Result<Self, PluginError> {
+        let admin = Admin::new(&c.admin_settings(), "postgres issuer")?;
+        Ok(Self { c, admin })
+    }
+
+    /// The role of `task_id`; the id is checked, as it becomes part of an
+    /// identifier and of `application_name`.
+    fn role_of(&self, task_id: &str) -> Result<String, PluginError> {
+        let ok = !task_id.is_empty()
+            && task_id.len() <= MAX_TASK_ID_LEN
+            && task_id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if !ok {
+            return Err(PluginError::new(
+                ErrorKind::Invalid,
+                format!(
+                    "{}: task id {task_id:?} is not 1 to {MAX_TASK_ID_LEN} lowercase letters and digits",
+                    self.describe()
+                ),
+            ));
+        }
+        Ok(format!("{}{task_id}", self.c.role_prefix()))
+    }
+
+    async fn issue_on(
+        &self,
+        conn: &AdminConn,
+        role: &str,
+        settings: &IssueSettings<'_>,
+        ctx: &str,
+    ) -> Result<(), PluginError> {
+        let create = match role_comment(conn, role, ctx).await? {
+            None => "on",
+            Some(row) => {
+                foreign(row.get(0), settings.task_id, role, ctx)?;
+                "off"
+            }
+        };
+        let fail = |e: tokio_postgres::Error| {
+            conn.error(ctx, &e, &[settings.password, settings.verifier.as_bytes()])
+        };
+        let set = conn
+            .prepared(
+                "SELECT set_config('keyturn.role', $1, true), \
+                        set_config('keyturn.create', $2, true), \
+                        set_config('keyturn.verifier', $3, true), \
+                        set_config('keyturn.until', $4, true), \
+                        set_config('keyturn.limit', $5, true), \
+                        set_config('keyturn.roles', $6, true), \
+                        set_config('keyturn.comment', $7, true), \
+                        set_config('keyturn.app', $8, true)",
+            )
+            .await
+            .map_err(fail)?;
+        // One transaction, pipelined (one round trip); on an error the rest
+        // is rejected and COMMIT rolls back, so the pooled session is idle
+        // again, and the settings, transaction-local, are gone.
+        let client = &conn.client;
+        let hidden = Hidden(settings.verifier);
+        let params: [&(dyn ToSql + Sync); 8] = [
+            &role,
+            &create,
+            &hidden,
+            &settings.until,
+            &settings.limit,
+            &settings.roles,
+            &settings.comment,
+            &settings.app,
+        ];
+        let (begin, set, run, commit) = tokio::join!(
+            client.batch_execute("BEGIN"),
+            client.execute(&set, &params),
+            client.batch_execute(ISSUE),
+            client.batch_execute("COMMIT"),
+        );
+        begin.map_err(fail)?;
+        set.map_err(fail)?;
+        run.map_err(fail)?;
+        commit.map_err(fail)
+    }
+
+    async fn revoke_on(
+        &self,
+        conn: &AdminConn,
+        role: &str,
+        task: &TaskAttribution,
+        ctx: &str,
+    ) -> Result<Revoked, PluginError> {
+        let Some(row) = role_comment(conn, role, ctx).await? else {
+            return Ok(Revoked::Now);
+        };
+        foreign(row.get(0), &task.task_id, role, ctx)?;
+        let q = quote_ident(role);
+        // NOLOGIN first, so the sessions ended next cannot come back.
+        conn.client
+            .batch_execute(&format!("ALTER ROLE {q} WITH NOLOGIN PASSWORD NULL"))
+            .await
+            .map_err(|e| conn.error(ctx, &e, &[]))?;
+        let terminated =
+            terminate_sessions(conn, &[role.to_owned()], self.admin.connect_timeout, ctx).await?;
+        // Most task roles own nothing: try the plain drop first, as it
+        // needs no more than CREATEROLE.
+        let mut dropped = conn.client.batch_execute(&format!("DROP ROLE {q}")).await;
+        if let Err(e) = &dropped
+            && e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST)
+        {
+            dropped = conn
+                .client
+                .batch_execute(&format!(
+                    "BEGIN; REASSIGN OWNED BY {q} TO CURRENT_USER; DROP OWNED BY {q}; \
+                     DROP ROLE {q}; COMMIT"
+                ))
+                .await;
+            if dropped.as_ref().is_err_and(|e| e.as_db_error().is_some()) {
+                // Leave the failed transaction: the session goes back to
+                // the pool idle.
+                let _ = conn.client.batch_execute("ROLLBACK").await;
+            }
+        }
+        match dropped {
+            Ok(()) => {
+                tracing::info!(task = %task.task_id, role, terminated, "postgres task role dropped");
+            }
+            // The server refused (objects in another database, privileges
+            // the admin lacks): the role can no longer be used, and stays.
+            Err(e) if e.as_db_error().is_some() => {
+                let e = conn.error(ctx, &e, &[]);
+                tracing::warn!(
+                    task = %task.task_id, role, terminated, error = %e,
+                    "postgres task role disabled (NOLOGIN, no password, no session) but not dropped"
+                );
+            }
+            Err(e) => return Err(conn.error(ctx, &e, &[])),
+        }
+        Ok(Revoked::Now)
+    }
+
+    async fn verify_on(
+        &self,
+        conn: &AdminConn,
+        role: &str,
+        task: &TaskAttribution,
+        ctx: &str,
+    ) -> Result<bool, PluginError> {
+        const SQL: &str = "SELECT r.rolcanlogin AND (r.rolvaliduntil IS NULL OR r.rolvaliduntil > now()), \
+                    shobj_description(r.oid, 'pg_authid'), \
+                    (SELECT count(*) FROM pg_stat_activity a WHERE a.usesysid = r.oid) \
+             FROM pg_roles r WHERE r.rolname = $1";
+        let row = async {
+            let sql = conn.prepared(SQL).await?;
+            conn.client.query_opt(&sql, &[&role]).await
+        }
+        .await
+        .map_err(|e| conn.error(ctx, &e, &[]))?;
+        let Some(row) = row else { return Ok(true) };
+        foreign(row.get(1), &task.task_id, role, ctx)?;
+        let can_log_in: bool = row.get(0);
+        let sessions: i64 = row.get(2);
+        Ok(!can_log_in && sessions == 0)
+    }
+
+    /// The role named by `handle`, else by the task id.
+    fn role_for(
+        &self,
+        task: &TaskAttribution,
+        handle: Option<&str>,
+    ) -> Result<String, PluginError> {
+        let derived = self.role_of(&task.task_id)?;
+        match handle {
+            Some(h) if h != derived => Err(PluginError::new(
+                ErrorKind::Invalid,
+                format!(
+                    "{}: task {}: handle {h:?} is not its role {derived:?}",
+                    self.describe(),
+                    task.task_id
+                ),
+            )),
+            _ => Ok(derived),
+        }
+    }
+}
+
+/// What one issuance sets, besides the role's name.
+struct IssueSettings<'a> {
+    task_id: &'a str,
+    password: &'a [u8],
+    verifier: &'a str,
+    until: String,
+    limit: String,
+    roles: String,
+    comment: String,
+    app: String,
+}
+
+/// Err unless `comment` carries keyturn's mark for `task_id`.
+fn foreign(
+    comment: Option<String>,
+    task_id: &str,
+    role: &str,
+    ctx: &str,
+) -> Result<(), PluginError> {
+    let ours = comment
+        .and_then(|c| serde_json::from_str::<serde_json::Value>(&c).ok())
+        .is_some_and(|v| v["keyturn"] == TASK_MARK && v["task_id"] == task_id);
+    if ours {
+        return Ok(());
+    }
+    Err(PluginError::new(
+        ErrorKind::Invalid,
+        format!(
+            "{ctx}: role {role:?} exists but is not keyturn's role for task {task_id} (its comment \
+             lacks keyturn's task mark); keyturn leaves someone else's role alone. Rename or drop \
+             it, or change the issuer's role_prefix"
+        ),
+    ))
+}
+
+/// The role's comment: keyturn's mark and the task's whole attribution.
+#[derive(serde::Serialize)]
+struct Comment<'a> {
+    keyturn: &'static str,
+    #[serde(flatten)]
+    task: &'a TaskAttribution,
+    expires_at: &'a str,
+}
+
+/// `keyturn-task <task_id> run <run_id> by <initiator>`: characters outside
+/// `[A-Za-z0-9._@-]` become `_`, and the run id and initiator are cut
+/// (sharing the room fairly) to fit PostgreSQL's 63 bytes.
+fn application_name(t: &TaskAttribution) -> String {
+    let safe = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._@-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let head = format!("keyturn-task {} run ", safe(&t.task_id));
+    let (run, who) = (safe(&t.run_id), safe(&t.initiator));
+    let room = MAX_IDENT_LEN.saturating_sub(head.len() + " by ".len());
+    let half = room / 2;
+    let (r, w) = if run.len() + who.len() <= room {
+        (run.len(), who.len())
+    } else if run.len() <= half {
+        (run.len(), room - run.len())
+    } else if who.len() <= room - half {
+        (room - who.len(), who.len())
+    } else {
+        (half, room - half)
+    };
+    let mut name = format!("{head}{} by {}", &run[..r], &who[..w]);
+    name.truncate(MAX_IDENT_LEN);
+    name
+}
+
+/// `value` quoted for a libpq key=value connection string.
+fn dsn_value(out: &mut String, value: &str) {
+    out.push('\'');
+    for c in value.chars() {
+        if c == '\'' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+}
+
+/// Where the agent connects: the admin DSN's first host and port.
+fn host_port(dsn: &Config) -> (String, u16) {
+    let host = match (dsn.get_hostaddrs().first(), dsn.get_hosts().first()) {
+        (_, Some(Host::Tcp(name))) => name.clone(),
+        (Some(ip), None) => ip.to_string(),
+        (_, Some(Host::Unix(dir))) => dir.display().to_string(),
+        (None, None) => "localhost".to_owned(),
+    };
+    (host, dsn.get_ports().first().copied().unwrap_or(5432))
+}
+
+#[async_trait]
+impl TaskIssuer for PgIssuer {
+    fn describe(&self) -> String {
+        format!("postgres issuer ({})", self.admin.dsn_file().display())
+    }
+
+    async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError> {
+        let task = req.task;
+        let role = self.role_of(&task.task_id)?;
+        let ctx = format!(
+            "{}: issue for task {} (role {role:?})",
+            self.describe(),
+            task.task_id
+        );
+        let invalid = |m: String| PluginError::new(ErrorKind::Invalid, format!("{ctx}: {m}"));
+        let grant: PgGrant = req
+            .grant
+            .parse()
+            .map_err(|e| invalid(format!("invalid grant: {e}")))?;
+        if let Some((_, problem)) = grant_problems(&grant, self.c.role_prefix())
+            .into_iter()
+            .next()
+        {
+            return Err(invalid(format!("invalid grant: {problem}")));
+        }
+        // VALID UNTIL in whole seconds, never after `expires_at`.
+        let secs = req
+            .expires_at
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| invalid("expires_at is before 1970".into()))?
+            .as_secs();
+        let expires_at = UNIX_EPOCH + Duration::from_secs(secs);
+        let until = humantime::format_rfc3339_seconds(expires_at).to_string();
+
+        let password = crate::generators::generate(&GeneratorConfig::Password {
+            length: PASSWORD_LEN,
+            classes: CharClasses {
+                lowercase: true,
+                uppercase: true,
+                digits: true,
+                symbols: false,
+            },
+        })
+        .map_err(|e| PluginError::new(e.kind(), format!("{ctx}: {e}")))?
+        .value;
+        // A 4096-round PBKDF2: kept off the async workers.
+        let verifier = {
+            let password = password.clone();
+            tokio::task::spawn_blocking(move || scram::verifier(password.expose()))
+                .await
+                .map_err(|e| PluginError::new(ErrorKind::Fatal, format!("{ctx}: hashing: {e}")))?
+        };
+        let settings = IssueSettings {
+            task_id: &task.task_id,
+            password: password.expose(),
+            verifier: &verifier,
+            until: until.clone(),
+            limit: grant.connection_limit.map_or(-1, i64::from).to_string(),
+            roles: serde_json::to_string(&grant.roles).expect("strings serialize"),
+            comment: serde_json::to_string(&Comment {
+                keyturn: TASK_MARK,
+                task,
+                expires_at: &until,
+            })
+            .expect("strings serialize"),
+            app: application_name(task),
+        };
+
+        let (dsn, pool) = self.admin.pool(&self.describe(), "issue").await?;
+        let mut conn = Lease::get(&pool, &ctx).await?;
+        loop {
+            let outcome = self.issue_on(&conn, &role, &settings, &ctx).await;
+            if !conn.again(&outcome, &ctx).await? {
+                outcome?;
+                break;
+            }
+        }
+        drop(conn);
+
+        let mode = self.admin.tls_mode(&dsn, &ctx)?;
+        let (host, port) = host_port(&dsn);
+        let dbname = self
+            .c
+            .database
+            .as_deref()
+            .or(dsn.get_dbname())
+            .or(dsn.get_user())
+            .unwrap_or("postgres")
+            .to_owned();
+        let mut public = BTreeMap::from([
+            ("user".to_owned(), role.clone()),
+            ("host".to_owned(), host.clone()),
+            ("port".to_owned(), port.to_string()),
+            ("dbname".to_owned(), dbname.clone()),
+            ("sslmode".to_owned(), mode.as_str().to_owned()),
+            ("expires_at".to_owned(), until),
+        ]);
+        let root_cert = match mode {
+            PgTls::VerifyFull => self
+                .c
+                .ssl_root_cert
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            _ => None,
+        };
+        if let Some(ca) = &root_cert {
+            public.insert("sslrootcert".to_owned(), ca.clone());
+        }
+        // Sized once, so no reallocation leaves a copy of the password behind.
+        let pw = password.expose_str().expect("generated passwords are text");
+        let mut dsn_text = String::with_capacity(
+            128 + host.len()
+                + dbname.len()
+                + role.len()
+                + pw.len()
+                + root_cert.as_ref().map_or(0, |c| c.len()) * 2,
+        );
+        for (key, value) in [
+            ("host", host.as_str()),
+            ("dbname", dbname.as_str()),
+            ("user", role.as_str()),
+            ("password", pw),
+        ] {
+            let _ = write!(dsn_text, "{key}=");
+            dsn_value(&mut dsn_text, value);
+            dsn_text.push(' ');
+        }
+        let _ = write!(dsn_text, "port={port} sslmode={}", mode.as_str());
+        if let Some(ca) = &root_cert {
+            dsn_text.push_str(" sslrootcert=");
+            dsn_value(&mut dsn_text, ca);
+        }
+        let secret = BTreeMap::from([
+            ("password".to_owned(), password),
+            ("dsn".to_owned(), SecretValue::from_string(dsn_text)),
+        ]);
+        Ok(Issued {
+            handle: role,
+            public,
+            secret,
+            expires_at,
+        })
+    }
+
+    async fn revoke(
+        &self,
+        task: &TaskAttribution,
+        handle: Option<&str>,
+    ) -> Result<Revoked, PluginError> {
+        let role = self.role_for(task, handle)?;
+        let ctx = format!(
+            "{}: revoke task {} (role {role:?})",
+            self.describe(),
+            task.task_id
+        );
+        let mut conn = self.admin.lease(&self.describe(), "revoke").await?;
+        loop {
+            let outcome = self.revoke_on(&conn, &role, task, &ctx).await;
+            if !conn.again(&outcome, &ctx).await? {
+                return outcome;
+            }
+        }
+    }
+
+    async fn verify_revoked(
+        &self,
+        task: &TaskAttribution,
+        handle: Option<&str>,
+    ) -> Result<bool, PluginError> {
+        let role = self.role_for(task, handle)?;
+        let ctx = format!(
+            "{}: verify revocation of task {} (role {role:?})",
+            self.describe(),
+            task.task_id
+        );
+        let mut conn = self.admin.lease(&self.describe(), "verify").await?;
+        loop {
+            let outcome = self.verify_on(&conn, &role, task, &ctx).await;
+            if !conn.again(&outcome, &ctx).await? {
+                return outcome;
+            }
+        }
+    }
+
+    async fn check(&self) -> Result<(), PluginError> {
+        let ctx = format!("{}: check", self.describe());
+        let mut conn = self.admin.lease(&self.describe(), "check").await?;
+        let (create, signal) = loop {
+            let outcome = async {
+                let sql = conn
+                    .prepared(
+                        "SELECT rolsuper OR rolcreaterole, \
+                                rolsuper OR pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') \
+                         FROM pg_roles WHERE rolname = current_user",
+                    )
+                    .await?;
+                conn.client.query_one(&sql, &[]).await
+            }
+            .await
+            .map(|row| (row.get::<_, bool>(0), row.get::<_, bool>(1)))
+            .map_err(|e| conn.error(&ctx, &e, &[]));
+            if !conn.again(&outcome, &ctx).await? {
+                break outcome?;
+            }
+        };
+        let missing = match (create, signal) {
+            (true, true) => return Ok(()),
+            (false, _) => "can not create roles: it needs CREATEROLE",
+            (true, false) => {
+                "can not end a task role's sessions at revoke: grant it pg_signal_backend"
+            }
+        };
+        Err(PluginError::new(
+            ErrorKind::Unauthorized,
+            format!("{ctx}: the admin DSN's role {missing} (or be superuser)"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Config checks, then real-server tests: they need the PostgreSQL the
+    //! services script starts (KEYTURN_TEST_PG_*) and fail, never skip,
+    //! without it. Each test works on its own uniquely named tables, roles
+    //! and tasks, so they run in parallel.
+
+    use std::path::Path;
+    use std::time::SystemTime;
+
+    use tokio_postgres::{Client, NoTls};
+
+    use super::*;
+    use crate::config::validate::issues_of;
+    use crate::tasks::issuers::IssuerConfig;
+
+    // ---- config ----
+
+    /// `[issuers.pg]` from `body`, checked: (TOML path, message) of each issue.
+    fn config_issues(body: &str) -> Vec<(String, String)> {
+        let mut c: PgIssuerConfig = toml::from_str(body).unwrap();
+        let top = Loc::top("issuers");
+        issues_of(Path::new("/etc/keyturn/keyturn.toml"), |v| {
+            c.check(v, top.key("pg"))
+        })
+        .into_iter()
+        .map(|i| (i.path.to_string(), i.message))
+        .collect()
+    }
+
+    /// The grant `body` (a TOML table) checked by a default issuer.
+    fn grant_issues(body: &str) -> Vec<(String, String)> {
+        let value: serde_json::Value = toml::from_str(body).unwrap();
+        let c = PgIssuerConfig::new("/etc/keyturn/pg.dsn");
+        let top = Loc::top("policies");
+        issues_of(Path::new("/etc/keyturn/keyturn.toml"), |v| {
+            c.check_grant(&Grant(value), v, top.key("p").key("low").key("pg"))
+        })
+        .into_iter()
+        .map(|i| (i.path.to_string(), i.message))
+        .collect()
+    }
+
+    #[test]
+    fn a_full_config_is_accepted_and_completed_in_place() {
+        let text = r#"
+            type = "postgres"
+            admin_dsn_file = "pg.dsn"
+            sslmode = "verify-full"
+            ssl_root_cert = "ca.pem"
+            connect_timeout = "3s"
+            pool_size = 2
+            allow_weak_auth = ["md5"]
+            role_prefix = "agent_task_"
+            database = "sales"
+        "#;
+        let IssuerConfig::Postgres(mut c) = toml::from_str::<IssuerConfig>(text).unwrap() else {
+            panic!("`type = \"postgres\"` is the postgres issuer")
+        };
+        let top = Loc::top("issuers");
+        let issues = issues_of(Path::new("/etc/keyturn/keyturn.toml"), |v| {
+            c.plugin_check(v, top.key("pg"))
+        });
+        assert!(issues.is_empty(), "{issues:?}");
+        assert_eq!(c.admin_dsn_file, Path::new("/etc/keyturn/pg.dsn"));
+        assert_eq!(
+            c.ssl_root_cert.as_deref(),
+            Some(Path::new("/etc/keyturn/ca.pem"))
+        );
+        assert_eq!(c.role_prefix(), "agent_task_");
+        c.build().unwrap();
+        assert_eq!(PgIssuerConfig::new("/x").role_prefix(), DEFAULT_ROLE_PREFIX);
+    }
+
+    impl PgIssuerConfig {
+        fn plugin_check(&mut self, v: &mut Validator<'_>, at: Loc<'_>) {
+            IssuerPlugin::check(self, v, at)
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = toml::from_str::<IssuerConfig>(
+            "type = \"postgres\"\nadmin_dsn_file = \"pg.dsn\"\nrole = \"x\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown field `role`"), "{e}");
+    }
+
+    #[test]
+    fn every_bad_setting_is_reported_at_its_key_at_once() {
+        let issues = config_issues(
+            r#"
+            admin_dsn_file = ""
+            sslmode = "verify-ca"
+            connect_timeout = "0s"
+            pool_size = 0
+            allow_weak_auth = ["trust"]
+            role_prefix = "Task-"
+            database = ""
+        "#,
+        );
+        let at: Vec<&str> = issues.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            at,
+            [
+                "issuers.pg.admin_dsn_file",
+                "issuers.pg.connect_timeout",
+                "issuers.pg.sslmode",
+                "issuers.pg.pool_size",
+                "issuers.pg.allow_weak_auth[0]",
+                "issuers.pg.role_prefix",
+                "issuers.pg.database",
+            ],
+            "{issues:?}"
+        );
+        assert!(
+            issues[2].1.contains("unknown sslmode `verify-ca`"),
+            "{issues:?}"
+        );
+        assert!(
+            issues[5].1.contains("invalid role_prefix `Task-`"),
+            "{issues:?}"
+        );
+
+        let e = config_issues("admin_dsn_file = \"pg.dsn\"\nsslmode = \"verify-full\"\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].0, "issuers.pg.sslmode");
+        assert!(e[0].1.contains("needs ssl_root_cert"), "{e:?}");
+
+        let long = "p".repeat(MAX_PREFIX_LEN + 1);
+        let e = config_issues(&format!(
+            "admin_dsn_file = \"pg.dsn\"\nrole_prefix = \"{long}\"\n"
+        ));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].1.contains("1 to 31 bytes"), "{e:?}");
+        let e = config_issues("admin_dsn_file = \"pg.dsn\"\nrole_prefix = \"pg_task_\"\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].1.contains("reserves role names starting with `pg_`"),
+            "{e:?}"
+        );
+        assert_eq!(
+            config_issues(&format!(
+                "admin_dsn_file = \"pg.dsn\"\nrole_prefix = \"{}\"\n",
+                "p".repeat(MAX_PREFIX_LEN)
+            )),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn grants_are_checked_at_each_key() {
+        assert_eq!(
+            grant_issues("roles = [\"read_a\"]\nconnection_limit = 2"),
+            vec![]
+        );
+        let e = grant_issues("roles = []");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].0, "policies.p.low.pg.roles");
+        assert!(e[0].1.contains("roles is empty"), "{e:?}");
+        let e = grant_issues(
+            "roles = [\"a\", \"\", \"kt_task_other\", \"pg_execute_server_program\", \"a\"]\nconnection_limit = 0",
+        );
+        let at: Vec<&str> = e.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            at,
+            [
+                "policies.p.low.pg.roles[1]",
+                "policies.p.low.pg.roles[2]",
+                "policies.p.low.pg.roles[3]",
+                "policies.p.low.pg.roles[4]",
+                "policies.p.low.pg.connection_limit",
+            ],
+            "{e:?}"
+        );
+        assert!(e[1].1.contains("role_prefix `kt_task_`"), "{e:?}");
+        assert!(e[3].1.contains("listed twice"), "{e:?}");
+        // Unknown keys and wrong types: one issue at the grant.
+        let e = grant_issues("role = [\"a\"]");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].0, "policies.p.low.pg");
+        assert!(e[0].1.contains("unknown field `role`"), "{e:?}");
+        let e = grant_issues("roles = \"a\"");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].1.contains("invalid type"), "{e:?}");
+    }
+
+    fn attribution(task_id: &str) -> TaskAttribution {
+        TaskAttribution {
+            task_id: task_id.to_owned(),
+            agent: "invoice-bot".into(),
+            tenant: "acme".into(),
+            use_case: "monthly-report".into(),
+            run_id: "run-42".into(),
+            initiator: "alice@example.com".into(),
+            sensitivity: "low".into(),
+        }
+    }
+
+    #[test]
+    fn application_name_is_safe_and_fits() {
+        let mut t = attribution("abc123");
+        assert_eq!(
+            application_name(&t),
+            "keyturn-task abc123 run run-42 by alice@example.com"
+        );
+        t.task_id = "a".repeat(32);
+        t.run_id = "r".repeat(40);
+        t.initiator = "Zoë O'Brien; DROP ROLE x".into();
+        let name = application_name(&t);
+        assert!(name.len() <= 63, "{name}");
+        assert!(
+            name.starts_with(&format!("keyturn-task {} run rrrr", t.task_id)),
+            "{name}"
+        );
+        assert!(name.contains(" by Zo_"), "{name}");
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b" ._@-".contains(&b)),
+            "{name}"
+        );
+    }
+
+    #[test]
+    fn task_ids_and_handles_are_checked() {
+        let issuer = PgIssuer::new(PgIssuerConfig::new("/nonexistent")).unwrap();
+        assert_eq!(issuer.role_of("abc1").unwrap(), "kt_task_abc1");
+        for bad in ["", "ABC", "a-b", "a\"b", &"a".repeat(33)] {
+            assert_eq!(
+                issuer.role_of(bad).unwrap_err().kind,
+                ErrorKind::Invalid,
+                "{bad:?}"
+            );
+        }
+        let t = attribution("abc1");
+        assert_eq!(issuer.role_for(&t, None).unwrap(), "kt_task_abc1");
+        assert_eq!(
+            issuer.role_for(&t, Some("kt_task_abc1")).unwrap(),
+            "kt_task_abc1"
+        );
+        assert_eq!(
+            issuer.role_for(&t, Some("postgres")).unwrap_err().kind,
+            ErrorKind::Invalid
+        );
+    }
+
+    // ---- real PostgreSQL below ----
+
+    const NEED: &str =
+        "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
+
+    /// Tables A and B, roles `r_low` (SELECT on A) and `r_high` (SELECT on
+    /// A and B), a DSN file; all named with a random suffix and dropped with
+    /// every task role of the fixture when it goes.
+    struct Fx {
+        host: String,
+        port: u16,
+        admin_dsn: String,
+        sfx: String,
+        dir: tempfile::TempDir,
+    }
+
+    impl Fx {
+        async fn new() -> Self {
+            let var =
+                |n: &str| std::env::var(n).unwrap_or_else(|_| panic!("{n} is not set: {NEED}"));
+            let fx = Fx {
+                host: var("KEYTURN_TEST_PG_HOST"),
+                port: var("KEYTURN_TEST_PG_PORT").parse().unwrap(),
+                admin_dsn: var("KEYTURN_TEST_PG_ADMIN_DSN"),
+                sfx: hex::encode(rand::random::<[u8; 4]>()),
+                dir: tempfile::tempdir().unwrap(),
+            };
+            std::fs::write(fx.dsn_file(), format!("{}\n", fx.admin_dsn)).unwrap();
+            fx.admin()
+                .await
+                .batch_execute(&format!(
+                    "CREATE TABLE {a} (x int); INSERT INTO {a} VALUES (1); \
+                     CREATE TABLE {b} (x int); INSERT INTO {b} VALUES (2); \
+                     CREATE ROLE {low}; GRANT SELECT ON {a} TO {low}; \
+                     CREATE ROLE {high}; GRANT SELECT ON {a}, {b} TO {high};",
+                    a = fx.table("a"),
+                    b = fx.table("b"),
+                    low = fx.low(),
+                    high = fx.high(),
+                ))
+                .await
+                .unwrap();
+            fx
+        }
+
+        fn dsn_file(&self) -> PathBuf {
+            self.dir.path().join("admin.dsn")
+        }
+
+        fn table(&self, n: &str) -> String {
+            format!("kt_{n}_{}", self.sfx)
+        }
+
+        fn low(&self) -> String {
+            format!("r_low_{}", self.sfx)
+        }
+
+        fn high(&self) -> String {
+            format!("r_high_{}", self.sfx)
+        }
+
+        /// A task of this fixture (its id ends with the suffix).
+        fn task(&self, name: &str) -> TaskAttribution {
+            attribution(&format!("{name}{}", self.sfx))
+        }
+
+        fn config(&self) -> PgIssuerConfig {
+            PgIssuerConfig {
+                connect_timeout: Some("5s".into()),
+                ..PgIssuerConfig::new(self.dsn_file())
+            }
+        }
+
+        fn issuer(&self) -> PgIssuer {
+            PgIssuer::new(self.config()).unwrap()
+        }
+
+        async fn admin(&self) -> Client {
+            let cfg: Config = self.admin_dsn.parse().unwrap();
+            let (c, conn) = cfg.connect(NoTls).await.unwrap();
+            tokio::spawn(conn);
+            c
+        }
+
+        async fn issue(
+            &self,
+            issuer: &PgIssuer,
+            task: &TaskAttribution,
+            roles: &[String],
+            ttl: Duration,
+        ) -> Result<Issued, PluginError> {
+            let grant = Grant(serde_json::json!({ "roles": roles }));
+            self.issue_grant(issuer, task, grant, ttl).await
+        }
+
+        async fn issue_grant(
+            &self,
+            issuer: &PgIssuer,
+            task: &TaskAttribution,
+            grant: Grant,
+            ttl: Duration,
+        ) -> Result<Issued, PluginError> {
+            issuer
+                .issue(&IssueRequest {
+                    task,
+                    grant: &grant,
+                    ttl,
+                    expires_at: SystemTime::now() + ttl,
+                })
+                .await
+        }
+
+        /// Logs in as the issued credential says, independently of keyturn.
+        async fn login(&self, issued: &Issued) -> Result<Client, tokio_postgres::Error> {
+            let p = &issued.public;
+            assert_eq!(p["host"], self.host);
+            assert_eq!(p["port"], self.port.to_string());
+            self.login_as(&p["user"], issued.secret["password"].expose_str().unwrap())
+                .await
+        }
+
+        async fn login_as(
+            &self,
+            user: &str,
+            password: &str,
+        ) -> Result<Client, tokio_postgres::Error> {
+            let mut cfg = Config::new();
+            cfg.host(&self.host)
+                .port(self.port)
+                .user(user)
+                .password(password)
+                .dbname("postgres")
+                .connect_timeout(Duration::from_secs(5));
+            let (c, conn) = cfg.connect(NoTls).await?;
+            tokio::spawn(conn);
+            c.simple_query("SELECT 1").await?;
+            Ok(c)
+        }
+
+        async fn reads(&self, c: &Client, table: &str) -> bool {
+            match c
+                .simple_query(&format!("SELECT x FROM {}", self.table(table)))
+                .await
+            {
+                Ok(_) => true,
+                Err(e) => {
+                    assert_eq!(e.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{e}");
+                    false
+                }
+            }
+        }
+
+        /// The roles `role` is directly a member of, sorted.
+        async fn member_of(&self, role: &str) -> Vec<String> {
+            self.admin()
+                .await
+                .query_one(
+                    "SELECT coalesce(array_agg(b.rolname::text ORDER BY b.rolname), '{}') \
+                     FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.roleid \
+                     JOIN pg_roles t ON t.oid = m.member WHERE t.rolname = $1",
+                    &[&role],
+                )
+                .await
+                .unwrap()
+                .get(0)
+        }
+
+        async fn role_exists(&self, role: &str) -> bool {
+            self.admin()
+                .await
+                .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+                .await
+                .unwrap()
+                .is_some()
+        }
+    }
+
+    impl Drop for Fx {
+        fn drop(&mut self) {
+            let dsn = self.admin_dsn.clone();
+            let sfx = self.sfx.clone();
+            let (a, b, low, high) = (self.table("a"), self.table("b"), self.low(), self.high());
+            // Drop runs inside the test's runtime: clean up on a fresh one.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let cfg: Config = dsn.parse().unwrap();
+                    let Ok((c, conn)) = cfg.connect(NoTls).await else {
+                        return;
+                    };
+                    tokio::spawn(conn);
+                    let Ok(rows) = c
+                        .query(
+                            "SELECT rolname::text FROM pg_roles WHERE rolname LIKE '%' || $1",
+                            &[&sfx],
+                        )
+                        .await
+                    else {
+                        return;
+                    };
+                    let mut tasks: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                    tasks.retain(|r| *r != low && *r != high);
+                    for r in &tasks {
+                        let _ = c
+                            .query(
+                                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+                                &[r],
+                            )
+                            .await;
+                        let _ = c
+                            .batch_execute(&format!(
+                                "DROP OWNED BY {q}; DROP ROLE IF EXISTS {q}",
+                                q = quote_ident(r)
+                            ))
+                            .await;
+                    }
+                    let _ = c
+                        .batch_execute(&format!(
+                            "DROP TABLE IF EXISTS {a}, {b}; DROP ROLE IF EXISTS {low}; DROP ROLE IF EXISTS {high}"
+                        ))
+                        .await;
+                });
+            })
+            .join();
+        }
+    }
+
+    const TTL: Duration = Duration::from_secs(600);
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn a_low_task_reads_a_not_b_a_high_task_reads_both_and_the_server_names_the_task() {
+        let fx = Fx::new().await;
+        let issuer = fx.issuer();
+        issuer.check().await.unwrap();
+
+        let low = fx.task("low");
+        let got = fx.issue(&issuer, &low, &[fx.low()], TTL).await.unwrap();
+        assert_eq!(got.handle, format!("kt_task_{}", low.task_id));
+        assert_eq!(got.public["user"], got.handle);
+        assert_eq!(got.public["dbname"], "postgres");
+        assert_eq!(got.public["sslmode"], "disable");
+        assert_eq!(got.secret["password"].len(), PASSWORD_LEN);
+        let c = fx.login(&got).await.unwrap();
+        assert!(fx.reads(&c, "a").await, "low reads A");
+        assert!(!fx.reads(&c, "b").await, "low must not read B");
+        assert_eq!(fx.member_of(&got.handle).await, vec![fx.low()]);
+
+        // The server names the task: application_name of its session, and
+        // the whole attribution in the role's comment.
+        let app: String = c
+            .query_one(
+                "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            app,
+            format!(
+                "keyturn-task {} run run-42 by alice@example.com",
+                low.task_id
+            )
+        );
+        let comment: String = fx
+            .admin()
+            .await
+            .query_one(
+                "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1",
+                &[&got.handle],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let comment: serde_json::Value = serde_json::from_str(&comment).unwrap();
+        assert_eq!(comment["keyturn"], "task");
+        let back: TaskAttribution = serde_json::from_value(comment.clone()).unwrap();
+        assert_eq!(back, low);
+        assert_eq!(comment["expires_at"], got.public["expires_at"]);
+
+        // The same agent at high sensitivity: both tables. Logged in through
+        // the delivered DSN this time.
+        let high = fx.task("high");
+        let got_high = fx
+            .issue(&issuer, &high, &[fx.low(), fx.high()], TTL)
+            .await
+            .unwrap();
+        let dsn: Config = got_high.secret["dsn"]
+            .expose_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(dsn.get_user(), Some(got_high.handle.as_str()));
+        let (ch, conn) = dsn.connect(NoTls).await.unwrap();
+        tokio::spawn(conn);
+        assert!(fx.reads(&ch, "a").await);
+        assert!(fx.reads(&ch, "b").await);
+        let mut both = vec![fx.high(), fx.low()];
+        both.sort();
+        assert_eq!(fx.member_of(&got_high.handle).await, both);
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn issuing_again_sets_a_fresh_password_and_exactly_the_new_grant() {
+        let fx = Fx::new().await;
+        let issuer = fx.issuer();
+        let task = fx.task("again");
+        let first = fx
+            .issue(&issuer, &task, &[fx.low(), fx.high()], TTL)
+            .await
+            .unwrap();
+        let grant = Grant(serde_json::json!({ "roles": [fx.low()], "connection_limit": 1 }));
+        let second = fx.issue_grant(&issuer, &task, grant, TTL).await.unwrap();
+        assert_eq!(first.handle, second.handle);
+        assert_ne!(
+            first.secret["password"].expose(),
+            second.secret["password"].expose()
+        );
+        let e = fx
+            .login(&first)
+            .await
+            .expect_err("the first password still works");
+        assert_eq!(e.code(), Some(&SqlState::INVALID_PASSWORD), "{e}");
+        let c = fx.login(&second).await.unwrap();
+        assert!(fx.reads(&c, "a").await);
+        assert!(
+            !fx.reads(&c, "b").await,
+            "r_high's membership was not taken back"
+        );
+        assert_eq!(fx.member_of(&second.handle).await, vec![fx.low()]);
+        // connection_limit = 1: a second session is refused.
+        let e = fx.login(&second).await.expect_err("a second session");
+        assert_eq!(e.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{e}");
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn over_verified_tls_the_delivered_dsn_asks_for_it_too() {
+        let fx = Fx::new().await;
+        let ca = std::env::var("KEYTURN_TEST_PG_CA").unwrap_or_else(|_| panic!("{NEED}"));
+        let issuer = PgIssuer::new(PgIssuerConfig {
+            sslmode: Some("verify-full".into()),
+            ssl_root_cert: Some(ca.clone().into()),
+            database: Some("postgres".into()),
+            ..fx.config()
+        })
+        .unwrap();
+        issuer.check().await.unwrap();
+        let task = fx.task("tls");
+        let got = fx.issue(&issuer, &task, &[fx.low()], TTL).await.unwrap();
+        assert_eq!(got.public["sslmode"], "verify-full");
+        assert_eq!(got.public["sslrootcert"], ca);
+        let dsn = got.secret["dsn"].expose_str().unwrap();
+        assert!(
+            dsn.contains(" sslmode=verify-full sslrootcert='"),
+            "the DSN lacks TLS"
+        );
+        assert!(dsn.starts_with(&format!(
+            "host='{}' dbname='postgres' user='{}'",
+            fx.host, got.handle
+        )));
+        issuer.revoke(&task, Some(&got.handle)).await.unwrap();
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn revoke_ends_the_session_and_the_login_and_is_harmless_twice() {
+        let fx = Fx::new().await;
+        let issuer = fx.issuer();
+        let task = fx.task("rev");
+        let got = fx.issue(&issuer, &task, &[fx.low()], TTL).await.unwrap();
+        let live = fx.login(&got).await.unwrap();
+        assert!(
+            !issuer
+                .verify_revoked(&task, Some(&got.handle))
+                .await
+                .unwrap()
+        );
+
+        assert_eq!(
+            issuer.revoke(&task, Some(&got.handle)).await.unwrap(),
+            Revoked::Now
+        );
+        assert!(
+            live.simple_query("SELECT 1").await.is_err(),
+            "the task's session survived revoke"
+        );
+        let e = fx.login(&got).await.expect_err("login after revoke");
+        assert_eq!(e.code(), Some(&SqlState::INVALID_PASSWORD), "{e}");
+        assert!(
+            !fx.role_exists(&got.handle).await,
+            "the role was not dropped"
+        );
+        assert!(
+            issuer
+                .verify_revoked(&task, Some(&got.handle))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            issuer.revoke(&task, Some(&got.handle)).await.unwrap(),
+            Revoked::Now
+        );
+        assert_eq!(issuer.revoke(&task, None).await.unwrap(), Revoked::Now);
+        assert!(issuer.verify_revoked(&task, None).await.unwrap());
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn revoke_without_a_handle_finds_the_role_by_task_id_and_keeps_what_it_made() {
+        let fx = Fx::new().await;
+        let issuer = fx.issuer();
+        let task = fx.task("crash");
+        let got = fx.issue(&issuer, &task, &[fx.low()], TTL).await.unwrap();
+        // The task made a table: its role owns something.
+        let owned = fx.table("made");
+        fx.admin()
+            .await
+            .batch_execute(&format!("GRANT CREATE ON SCHEMA public TO {}", fx.low()))
+            .await
+            .unwrap();
+        let c = fx.login(&got).await.unwrap();
+        c.batch_execute(&format!("CREATE TABLE {owned} (x int)"))
+            .await
+            .unwrap();
+        // keyturn "crashed" before it recorded the handle.
+        assert_eq!(issuer.revoke(&task, None).await.unwrap(), Revoked::Now);
+        assert!(c.simple_query("SELECT 1").await.is_err());
+        assert!(!fx.role_exists(&got.handle).await);
+        assert!(issuer.verify_revoked(&task, None).await.unwrap());
+        // What the task made is kept, owned by the admin.
+        let admin = fx.admin().await;
+        let owner: String = admin
+            .query_one(
+                "SELECT tableowner::text FROM pg_tables WHERE tablename = $1",
+                &[&owned],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(owner, "postgres");
+        admin
+            .batch_execute(&format!(
+                "DROP TABLE {owned}; REVOKE CREATE ON SCHEMA public FROM {}",
+                fx.low()
+            ))
+            .await
+            .unwrap();
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn valid_until_refuses_login_after_the_expiry_without_keyturn() {
+        let fx = Fx::new().await;
+        let issuer = fx.issuer();
+        let task = fx.task("ttl");
+        let got = fx
+            .issue(&issuer, &task, &[fx.low()], Duration::from_secs(2))
+            .await
+            .unwrap();
+        let live = fx.login(&got).await.unwrap();
+        let until: SystemTime = humantime::parse_rfc3339(&got.public["expires_at"]).unwrap();
+        assert_eq!(until, got.expires_at);
+        assert!(got.expires_at <= SystemTime::now() + Duration::from_secs(2));
+        tokio::time::sleep(
+            got.expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                + Duration::from_millis(1100),
+        )
+        .await;
+        let e = fx.login(&got).await.expect_err("login after VALID UNTIL");
+        assert_eq!(e.code(), Some(&SqlState::INVALID_PASSWORD), "{e}");
+        // VALID UNTIL ends no session: it is not revoked until keyturn says.
+        assert!(!issuer.verify_revoked(&task, None).await.unwrap());
+        drop(live);
+        issuer.revoke(&task, None).await.unwrap();
+        assert!(issuer.verify_revoked(&task, None).await.unwrap());
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn someone_elses_role_with_the_tasks_name_is_left_alone() {
+        let fx = Fx::new().await;
+        let issuer = fx.issuer();
+        let task = fx.task("foreign");
+        let role = format!("kt_task_{}", task.task_id);
+        let admin = fx.admin().await;
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {role} LOGIN PASSWORD 'theirs-0'; \
+                 COMMENT ON ROLE {role} IS '{{\"keyturn\":\"task\",\"task_id\":\"another\"}}'"
+            ))
+            .await
+            .unwrap();
+        let e = fx
+            .issue(&issuer, &task, &[fx.low()], TTL)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains("not keyturn's role"), "{e}");
+        let e = issuer.revoke(&task, None).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        let e = issuer.verify_revoked(&task, None).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        // Untouched: it logs in with its own password, no membership.
+        fx.login_as(&role, "theirs-0").await.unwrap();
+        assert_eq!(fx.member_of(&role).await, Vec::<String>::new());
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn a_grant_reaching_a_powerful_or_missing_role_issues_nothing() {
+        let fx = Fx::new().await;
+        let issuer = fx.issuer();
+        let admin = fx.admin().await;
+        // `r_low` reaches a CREATEROLE role through a membership.
+        let strong = format!("r_strong_{}", fx.sfx);
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {strong} CREATEROLE; GRANT {strong} TO {}",
+                fx.low()
+            ))
+            .await
+            .unwrap();
+        let task = fx.task("strong");
+        let e = fx
+            .issue(&issuer, &task, &[fx.low()], TTL)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains(&strong), "{e}");
+        assert!(!fx.role_exists(&format!("kt_task_{}", task.task_id)).await);
+        // A role that does not exist: the whole transaction rolls back.
+        let task = fx.task("missing");
+        let e = fx
+            .issue(
+                &issuer,
+                &task,
+                &[fx.high(), format!("r_none_{}", fx.sfx)],
+                TTL,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains("does not exist"), "{e}");
+        assert!(!fx.role_exists(&format!("kt_task_{}", task.task_id)).await);
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn the_password_and_its_verifier_reach_no_log_error_handle_or_public_field() {
+        let fx = Fx::new().await;
+        // tokio-postgres logs with `log`; the daemon bridges it (telemetry).
+        let _ = tracing_log::LogTracer::init();
+        let (_guard, logs) = crate::test_support::capture_logs();
+        let issuer = fx.issuer();
+        let task = fx.task("canary");
+        let got = fx.issue(&issuer, &task, &[fx.low()], TTL).await.unwrap();
+        let password = got.secret["password"].expose_str().unwrap().to_owned();
+        // A second issue fails in the server after the verifier was sent.
+        let e = fx
+            .issue(&issuer, &task, &[format!("r_none_{}", fx.sfx)], TTL)
+            .await
+            .unwrap_err();
+        issuer.revoke(&task, None).await.unwrap();
+        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        // The capture works: the admin connection's statements are in it.
+        assert!(logs.contains("executing statement"), "{logs}");
+        assert!(logs.contains("set_config('keyturn.verifier'"), "{logs}");
+        for text in [
+            logs,
+            e.to_string(),
+            format!("{got:?}"),
+            format!("{:?}", got.public),
+            got.handle.clone(),
+            format!("{issuer:?}"),
+        ] {
+            assert!(!text.contains(&password), "the password leaked: {text}");
+            assert!(
+                !text.contains("SCRAM-SHA-256$"),
+                "the verifier leaked: {text}"
+            );
+        }
+        assert!(got.secret["dsn"].expose_str().unwrap().contains(&password));
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn an_issuer_and_a_target_on_one_dsn_share_one_pool() {
+        let fx = Fx::new().await;
+        let issuer = fx.issuer();
+        issuer.check().await.unwrap();
+        // The postgres target builds its admin side from its own config.
+        let target = PostgresConfig {
+            connect_timeout: Some("5s".into()),
+            ..PostgresConfig::new(fx.dsn_file(), "some_role")
+        };
+        let target_admin = Admin::new(&target, "postgres target").unwrap();
+        let (_, a) = issuer.admin.pool("t", "test").await.unwrap();
+        let (_, b) = target_admin.pool("t", "test").await.unwrap();
+        assert!(
+            std::ptr::eq(a.manager(), b.manager()),
+            "two pools for one DSN"
+        );
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn an_admin_with_createrole_and_pg_signal_backend_is_enough() {
+        let fx = Fx::new().await;
+        let admin = format!("kt_adm_{}", fx.sfx);
+        fx.admin()
+            .await
+            .batch_execute(&format!(
+                "CREATE ROLE {admin} LOGIN CREATEROLE PASSWORD 'adm-pw-1'; \
+                 GRANT pg_signal_backend TO {admin}"
+            ))
+            .await
+            .unwrap();
+        std::fs::write(
+            fx.dsn_file(),
+            format!(
+                "host={} port={} user={admin} password=adm-pw-1 dbname=postgres",
+                fx.host, fx.port
+            ),
+        )
+        .unwrap();
+        let issuer = fx.issuer();
+        issuer.check().await.unwrap();
+        let task = fx.task("notsuper");
+        let got = fx.issue(&issuer, &task, &[fx.low()], TTL).await.unwrap();
+        let c = fx.login(&got).await.unwrap();
+        assert!(fx.reads(&c, "a").await);
+        assert!(!fx.reads(&c, "b").await);
+        assert_eq!(issuer.revoke(&task, None).await.unwrap(), Revoked::Now);
+        assert!(
+            c.simple_query("SELECT 1").await.is_err(),
+            "the session survived"
+        );
+        assert!(!fx.role_exists(&got.handle).await);
+        assert!(issuer.verify_revoked(&task, None).await.unwrap());
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn check_reports_a_wrong_admin_password_or_an_admin_without_createrole() {
+        let fx = Fx::new().await;
+        let canary = "canary-admin-3b9f";
+        std::fs::write(
+            fx.dsn_file(),
+            format!(
+                "host={} port={} user=postgres password={canary} dbname=postgres",
+                fx.host, fx.port
+            ),
+        )
+        .unwrap();
+        let issuer = fx.issuer();
+        let e = issuer.check().await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
+        assert!(!e.message.contains(canary), "{e}");
+        assert!(e.message.contains("admin.dsn"), "{e}");
+
+        // An admin that may log in but not create roles.
+        let weak = format!("kt_weakadmin_{}", fx.sfx);
+        fx.admin()
+            .await
+            .batch_execute(&format!("CREATE ROLE {weak} LOGIN PASSWORD 'weak-pw-1'"))
+            .await
+            .unwrap();
+        std::fs::write(
+            fx.dsn_file(),
+            format!(
+                "host={} port={} user={weak} password=weak-pw-1 dbname=postgres",
+                fx.host, fx.port
+            ),
+        )
+        .unwrap();
+        let e = issuer.check().await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
+        assert!(e.message.contains("CREATEROLE"), "{e}");
+        // It may create roles but not end their sessions.
+        fx.admin()
+            .await
+            .batch_execute(&format!("ALTER ROLE {weak} CREATEROLE"))
+            .await
+            .unwrap();
+        let e = issuer.check().await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
+        assert!(e.message.contains("pg_signal_backend"), "{e}");
+    }
+}
