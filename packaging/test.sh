@@ -67,9 +67,6 @@ rpm=${packages[1]:-}
 	fail "build.sh printed ${packages[*]:-nothing}, expected a .deb and an .rpm"
 ok "built $deb and $rpm"
 
-# The stand-ins build.sh makes with KEYTURN_PKG_STANDINS=1 are not real files.
-standin() { grep -q '^# keyturn packaging stand-in' "$1"; }
-
 # expect_stat PATH "MODE OWNER GROUP"
 expect_stat() {
 	local got
@@ -151,21 +148,17 @@ for f in "$bash_completion" /usr/share/zsh/vendor-completions/_keyturn /usr/shar
 	[[ -s $f ]] || fail "$f missing or empty"
 	! grep -q "target/packaging\|$PWD" "$f" || fail "$f names a path of the build: $(grep -n "target/packaging\|$PWD" "$f")"
 done
-if standin "$bash_completion"; then
-	echo "  SKIPPED: bash completion is a stand-in (KEYTURN_PKG_STANDINS=1)"
-else
 	# Completes the subcommands, through the function the file registers.
-	# What readline does on TAB; the installed /usr/bin/keyturn answers.
-	got=$(PATH=/usr/bin:/bin bash --norc --noprofile -c '
-		source '"$bash_completion"'
-		fn=$(complete -p keyturn | sed -n "s/.*-F \([^ ]*\).*/\1/p")
-		COMP_WORDS=(keyturn ch); COMP_CWORD=1; COMP_LINE="keyturn ch"
-		COMP_POINT=${#COMP_LINE}; COMP_TYPE=9
-		"$fn" keyturn ch keyturn
-		printf "%s\n" "${COMPREPLY[@]}"') || fail "bash completion: $got"
-	sed 's/[[:space:]]*$//' <<<"$got" | grep -qx check || fail "bash completion of 'keyturn ch' gave: $got"
-	ok "bash completion completes 'keyturn ch' to check"
-fi
+# What readline does on TAB; the installed /usr/bin/keyturn answers.
+got=$(PATH=/usr/bin:/bin bash --norc --noprofile -c '
+	source '"$bash_completion"'
+	fn=$(complete -p keyturn | sed -n "s/.*-F \([^ ]*\).*/\1/p")
+	COMP_WORDS=(keyturn ch); COMP_CWORD=1; COMP_LINE="keyturn ch"
+	COMP_POINT=${#COMP_LINE}; COMP_TYPE=9
+	"$fn" keyturn ch keyturn
+	printf "%s\n" "${COMPREPLY[@]}"') || fail "bash completion: $got"
+sed 's/[[:space:]]*$//' <<<"$got" | grep -qx check || fail "bash completion of 'keyturn ch' gave: $got"
+ok "bash completion completes 'keyturn ch' to check"
 for f in README.md copyright examples/minimal.toml examples/production.toml; do
 	[[ -s /usr/share/doc/keyturn/$f ]] || fail "/usr/share/doc/keyturn/$f missing"
 done
