@@ -159,7 +159,7 @@ got=$(PATH=/usr/bin:/bin bash --norc --noprofile -c '
 	printf "%s\n" "${COMPREPLY[@]}"') || fail "bash completion: $got"
 sed 's/[[:space:]]*$//' <<<"$got" | grep -qx check || fail "bash completion of 'keyturn ch' gave: $got"
 ok "bash completion completes 'keyturn ch' to check"
-for f in README.md copyright examples/minimal.toml examples/production.toml; do
+for f in README.md copyright examples/minimal.toml examples/production.toml examples/systemd/signal-sink.conf; do
 	[[ -s /usr/share/doc/keyturn/$f ]] || fail "/usr/share/doc/keyturn/$f missing"
 done
 ok "docs in /usr/share/doc/keyturn"
