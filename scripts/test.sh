@@ -3,11 +3,13 @@
 # formatting, lints (with and without failpoints), promtool checks of the alert
 # rules and the dashboard's queries (packaging/prometheus/check.sh), then every unit and
 # integration test, including the crash-safety tests that need the
-# `failpoints` feature. Needs nothing running beforehand and leaves nothing
-# running: every test starts its own daemon in a temp directory, and the real
-# servers the vault and target tests use (OpenBao, moto, PostgreSQL, the Azure
-# stub) are started by scripts/services.sh before the tests and stopped on
-# exit, whether the tests pass, fail or are interrupted.
+# `failpoints` feature, then the .deb and .rpm (packaging/test.sh: built,
+# installed, removed and purged here, as root). Needs nothing running
+# beforehand and leaves nothing running: every test starts its own daemon
+# in a temp directory, and the real servers the vault and target tests use
+# (OpenBao, moto, PostgreSQL, the Azure stub) are started by
+# scripts/services.sh before the tests and stopped on exit, whether the
+# tests pass, fail or are interrupted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,9 +40,17 @@ fi
 env_file=$(bash scripts/services.sh start)
 # shellcheck source=/dev/null
 . "$env_file"
+# groff and man-db for the man page test; cargo-deb, cargo-generate-rpm and
+# rpm for the packages below (installs only what is missing).
+bash packaging/tools.sh
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --all-features --no-fail-fast
 else
   cargo test --all-features --no-fail-fast
 fi
+# Builds the .deb and .rpm (a release build), installs, removes and purges
+# the .deb here, and compares the two packages' files; leaves nothing
+# installed.
+echo "== packages (packaging/test.sh)"
+bash packaging/test.sh

@@ -982,7 +982,11 @@ deliver = [{{ type = "file", path = "{{root}}/bot/api", format = "raw" }}]
 #[test]
 fn check_passes_every_shipped_config() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut files = vec![root.join("config/keyturn.toml")];
+    // packaging/keyturn.toml: the packages' /etc/keyturn/keyturn.toml.
+    let mut files = vec![
+        root.join("config/keyturn.toml"),
+        root.join("packaging/keyturn.toml"),
+    ];
     for e in std::fs::read_dir(root.join("config/examples")).unwrap() {
         files.push(e.unwrap().path());
     }

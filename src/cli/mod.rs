@@ -21,6 +21,7 @@ use crate::state::{SqliteStore, StateStore};
 use crate::telemetry::{self, LogFormat};
 
 mod completions;
+mod manpages;
 mod online;
 pub mod screen;
 
@@ -155,6 +156,14 @@ pub enum Command {
     Completions {
         #[arg(value_enum)]
         shell: completions::Shell,
+    },
+    /// Write the man pages (keyturn.1 and one keyturn-COMMAND.1 per
+    /// command) into DIR; packaging/build.sh runs it. Hidden: not for
+    /// operators, who get the pages from the package.
+    #[command(hide = true)]
+    Manpages {
+        /// Created if missing; existing pages are overwritten.
+        dir: PathBuf,
     },
 }
 
@@ -295,6 +304,7 @@ async fn run(cli: Cli) -> u8 {
         } => audit_verify(&cli.config),
         // Answered in `main`, before logging and the runtime start.
         Command::Completions { .. } => 0,
+        Command::Manpages { dir } => manpages::write(&dir),
     }
 }
 
