@@ -144,6 +144,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Task-scoped credentials: start a task (its credentials issued for
+    /// it alone), end it (revoked at once), list yours. Talks to the agents'
+    /// socket as the calling uid's agent; root and the control socket's
+    /// group name one with `--as`.
+    Task {
+        #[command(subcommand)]
+        command: TaskCommand,
+        /// The socket (default: `daemon.agent_socket` of the config if it
+        /// can be read, else /run/keyturn/agent.sock).
+        #[arg(long, env = "KEYTURN_AGENT_SOCKET", global = true)]
+        socket: Option<PathBuf>,
+        /// Act for this agent (root and the control socket's group; audited).
+        #[arg(long = "as", value_name = "AGENT", global = true, add = ArgValueCompleter::new(completions::agents))]
+        as_agent: Option<String>,
+    },
     /// Audit log commands.
     Audit {
         #[command(subcommand)]
@@ -188,6 +203,33 @@ pub struct WatchArgs {
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<std::ffi::OsString>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Start a task: prints its id and where its credentials are (or, with
+    /// no task directory configured, the credentials as JSON).
+    Start {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        use_case: String,
+        #[arg(long)]
+        run_id: String,
+        /// The human (or system) who started the run.
+        #[arg(long)]
+        initiator: String,
+        /// The sensitivity level of the policy (e.g. low, high).
+        #[arg(long)]
+        sensitivity: String,
+        /// e.g. 15m (default: the policy's default_ttl).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// End a task now: its credentials are revoked.
+    End { task: String },
+    /// Your live tasks and the last ended ones.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -299,6 +341,11 @@ async fn run(cli: Cli) -> u8 {
             socket,
             json,
         } => ack(&cli.config, &credential, version, socket, json).await,
+        Command::Task {
+            command,
+            socket,
+            as_agent,
+        } => task(&cli.config, command, socket, as_agent).await,
         Command::Audit {
             command: AuditCommand::Verify,
         } => audit_verify(&cli.config),
@@ -658,6 +705,103 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
     Some(rows)
 }
 
+/// `keyturn task`: run by an agent (or by an operator `--as` one), talking to
+/// the agents' socket.
+async fn task(
+    path: &Path,
+    command: TaskCommand,
+    socket: Option<PathBuf>,
+    as_agent: Option<String>,
+) -> u8 {
+    use crate::api::protocol::TaskStartArgs;
+    let as_agent = match as_agent.map(crate::model::AgentId::new).transpose() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("keyturn: --as: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let socket = socket.unwrap_or_else(|| agent_socket_of(path));
+    let req = match command {
+        TaskCommand::Start {
+            tenant,
+            use_case,
+            run_id,
+            initiator,
+            sensitivity,
+            ttl,
+        } => {
+            let ttl_seconds = match ttl.as_deref().map(humantime::parse_duration).transpose() {
+                Ok(t) => t.map(|d| d.as_secs()),
+                Err(e) => {
+                    eprintln!("keyturn: --ttl: {e} (write e.g. 15m)");
+                    return EXIT_USAGE;
+                }
+            };
+            Request::TaskStart {
+                as_agent,
+                task: TaskStartArgs {
+                    tenant,
+                    use_case,
+                    run_id,
+                    initiator,
+                    sensitivity,
+                    ttl_seconds,
+                },
+            }
+        }
+        TaskCommand::End { task } => Request::TaskEnd { as_agent, task },
+        TaskCommand::List => Request::TaskList { as_agent },
+    };
+    let body = match call(&socket, &req).await {
+        Ok(Response::Ok(body)) => body,
+        Ok(Response::Error(e)) => {
+            eprintln!("keyturn: {}", e.message);
+            return match e.kind {
+                ApiErrorKind::Forbidden => EXIT_NOPERM,
+                ApiErrorKind::NotFound => EXIT_FAILED,
+                ApiErrorKind::BadRequest => EXIT_USAGE,
+                ApiErrorKind::Unavailable => EXIT_UNAVAILABLE,
+                _ => EXIT_FAILED,
+            };
+        }
+        Err(e @ ClientError::PermissionDenied { .. }) => {
+            eprintln!("keyturn: {e}");
+            return EXIT_NOPERM;
+        }
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            return EXIT_UNAVAILABLE;
+        }
+    };
+    // JSON always: the output is for the agent's code as much as for people.
+    match body {
+        ResponseBody::TaskStarted(t) => {
+            println!("{}", serde_json::to_string_pretty(&t).unwrap_or_default())
+        }
+        ResponseBody::TaskEnded(t) => {
+            println!("{}", serde_json::to_string_pretty(&t).unwrap_or_default())
+        }
+        ResponseBody::Tasks(t) => {
+            println!("{}", serde_json::to_string_pretty(&t).unwrap_or_default())
+        }
+        _ => return unexpected(),
+    }
+    0
+}
+
+/// The agents' socket named by the config at `path` (read leniently: an
+/// agent may not be able to read it), else the default.
+fn agent_socket_of(path: &Path) -> PathBuf {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| crate::config::ClientPaths::lenient(path, &text))
+        .map_or_else(
+            || PathBuf::from(crate::config::validate::DEFAULT_AGENT_SOCKET),
+            |p| p.agent_socket,
+        )
+}
+
 /// `keyturn ack`: usually run by an agent, which may not be able to read
 /// the config (it is only read for the socket's path) and is not in the
 /// control socket's group (it talks to the agents' socket).
@@ -679,15 +823,7 @@ async fn ack(
             return EXIT_USAGE;
         }
     };
-    let socket = socket.unwrap_or_else(|| {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|text| crate::config::ClientPaths::lenient(path, &text))
-            .map_or_else(
-                || PathBuf::from(crate::config::validate::DEFAULT_AGENT_SOCKET),
-                |p| p.agent_socket,
-            )
-    });
+    let socket = socket.unwrap_or_else(|| agent_socket_of(path));
     let req = Request::Ack {
         agent: key.agent,
         credential: key.credential,

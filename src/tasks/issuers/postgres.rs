@@ -25,8 +25,10 @@
 //! "task_id":..., "agent":..., ...}`; the comment is also keyturn's mark), and
 //! `application_name` set for the role (`keyturn-task <id> run <run> by
 //! <initiator>`, made of safe characters, cut to 63 bytes), so that
-//! `pg_stat_activity` names the task. A client that sets its own
-//! `application_name` overrides that default; `usename` still names the task.
+//! `pg_stat_activity` names the task. The delivered `dsn` carries the same
+//! `application_name` (and so does the public field of that name): a client
+//! that sets its own (psql's fallback included) overrides the role's
+//! default; `usename` still names the task.
 //! The password is 32 random letters and digits; only its verifier, computed
 //! by keyturn, reaches the server, as a redacted bind parameter read by a
 //! constant `DO` block (the target's technique: see
@@ -721,6 +723,7 @@ impl TaskIssuer for PgIssuer {
             ("dbname".to_owned(), dbname.clone()),
             ("sslmode".to_owned(), mode.as_str().to_owned()),
             ("expires_at".to_owned(), until),
+            ("application_name".to_owned(), application_name(task)),
         ]);
         let root_cert = match mode {
             PgTls::VerifyFull => self
@@ -742,11 +745,16 @@ impl TaskIssuer for PgIssuer {
                 + pw.len()
                 + root_cert.as_ref().map_or(0, |c| c.len()) * 2,
         );
+        // application_name too: a client's own (psql's fallback included)
+        // would override the role's default, and the server should name
+        // the task whatever connects with this DSN.
+        let app = application_name(task);
         for (key, value) in [
             ("host", host.as_str()),
             ("dbname", dbname.as_str()),
             ("user", role.as_str()),
             ("password", pw),
+            ("application_name", app.as_str()),
         ] {
             let _ = write!(dsn_text, "{key}=");
             dsn_value(&mut dsn_text, value);
