@@ -93,14 +93,8 @@ fn rand_u32() -> u32 {
 }
 
 fn env(db: &Db) -> Env {
-    let dsn_file = tempfile::NamedTempFile::new()
-        .unwrap()
-        .into_temp_path()
-        .keep()
-        .unwrap();
-    std::fs::write(&dsn_file, &db.admin).unwrap();
     let s = &db.suffix;
-    Env::with_daemon(
+    let env = Env::with_daemon(
         &format!(
             r#"
 [agents.bot]
@@ -112,7 +106,7 @@ gid = 4242
 
 [issuers.pg]
 type = "postgres"
-admin_dsn_file = "{dsn}"
+admin_dsn_file = "{{dir}}/pg-admin.dsn"
 
 [policies.invoicing]
 agents = ["bot"]
@@ -121,11 +115,12 @@ max_ttl = "1h"
 default_ttl = "10m"
 levels.low.grants.pg = {{ roles = ["r_low_{s}"] }}
 levels.high.grants.pg = {{ roles = ["r_high_{s}"] }}
-"#,
-            dsn = dsn_file.display()
+"#
         ),
         "task_root = \"{dir}/agents/tasks\"",
-    )
+    );
+    std::fs::write(env.path().join("pg-admin.dsn"), &db.admin).unwrap();
+    env
 }
 
 fn start(env: &Env, sensitivity: &str, extra: &[&str]) -> serde_json::Value {
@@ -163,6 +158,14 @@ fn pg_credential(started: &serde_json::Value) -> serde_json::Value {
 fn a_task_gets_what_its_sensitivity_grants_and_loses_it_at_end() {
     let db = Db::new();
     let env = env(&db);
+    // The issuer's system is checked with the rest.
+    let online = env.cli_ok(&["check", "--online"]);
+    let text = String::from_utf8_lossy(&online.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("issuer") && l.contains(" pg ") && l.contains(" ok")),
+        "{text}"
+    );
     let _d = env.start();
     let s = &db.suffix;
 

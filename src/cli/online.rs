@@ -23,7 +23,7 @@ const CONCURRENT_TARGETS: usize = 16;
 /// One thing checked.
 #[derive(Debug)]
 pub struct Probed {
-    /// `vault` or `target`.
+    /// `vault`, `issuer` or `target`.
     pub what: &'static str,
     /// The vault's name, or the credential `agent/credential` of a target.
     pub name: String,
@@ -33,9 +33,10 @@ pub struct Probed {
     pub outcome: Result<Option<String>, PluginError>,
 }
 
-/// Checks every vault (all at once) and every credential's target
-/// ([`CONCURRENT_TARGETS`] at once), each bounded by `timeout`. In config
-/// order: vaults by name, then targets by credential.
+/// Checks every vault and every task issuer (all at once) and every
+/// credential's target ([`CONCURRENT_TARGETS`] at once), each bounded by
+/// `timeout`. In config order: vaults by name, issuers by name, then targets
+/// by credential.
 pub async fn probe_all(cfg: &Config, timeout: Duration) -> Vec<Probed> {
     let mut vaults: Vec<_> = cfg.vaults.iter().collect();
     vaults.sort_by(|a, b| a.0.cmp(b.0));
@@ -45,6 +46,17 @@ pub async fn probe_all(cfg: &Config, timeout: Duration) -> Vec<Probed> {
             name: name.clone(),
             kind: v.spec.type_name(),
             outcome: bounded(timeout, v.spec.plugin().probe(name)).await,
+        }
+    });
+    let issuer_checks = cfg.issuers.iter().map(|(name, i)| async move {
+        Probed {
+            what: "issuer",
+            name: name.clone(),
+            kind: i.type_name(),
+            outcome: match i.plugin().build() {
+                Ok(issuer) => bounded(timeout, async { issuer.check().await.map(|()| None) }).await,
+                Err(e) => Err(e),
+            },
         }
     });
     let mut creds: Vec<_> = cfg
@@ -81,12 +93,14 @@ pub async fn probe_all(cfg: &Config, timeout: Duration) -> Vec<Probed> {
             },
         }
     });
-    let (mut out, targets) = tokio::join!(
+    let (mut out, issuers, targets) = tokio::join!(
         futures::future::join_all(vault_checks),
+        futures::future::join_all(issuer_checks),
         stream::iter(target_checks)
             .buffered(CONCURRENT_TARGETS)
             .collect::<Vec<_>>()
     );
+    out.extend(issuers);
     out.extend(targets);
     out
 }
