@@ -115,6 +115,14 @@ fn sandbox(env: &Env, unit: &str, pid_file: &Path) -> Vec<String> {
     // just before it runs the inner shell (so setpriv and the daemon run
     // under it, as systemd loads it before exec).
     let outer = format!("exec bwrap --seccomp 9 \"$@\" 9<'{}'", filter.display());
+    // The binary under test, bound where it is: a checkout under /tmp (or
+    // /home, /root) would be hidden by the tmpfs mounts below. Under
+    // systemd the unit runs /usr/bin/keyturn, which they do not hide.
+    let bin_dir = Path::new(bin())
+        .parent()
+        .expect("the binary is in a directory")
+        .display()
+        .to_string();
     [
         "sh",
         "-c",
@@ -135,6 +143,9 @@ fn sandbox(env: &Env, unit: &str, pid_file: &Path) -> Vec<String> {
         "--dev",
         "/dev",
         "--unshare-uts",
+        "--ro-bind",
+        &bin_dir,
+        &bin_dir,
         "--bind",
         &dir,
         &dir,
