@@ -3,7 +3,7 @@
 //! its module): what is issued, revoked, retried, audited and written.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::*;
@@ -668,5 +668,4 @@ async fn a_planted_agent_directory_is_refused() {
         h.pg.live.lock().unwrap().is_empty(),
         "the credential outlived the failed start"
     );
-    let _ = std::fs::metadata(&h.root).unwrap().uid();
 }
