@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -135,6 +136,11 @@ pub struct TaskManager {
     /// two ends) revoke once.
     ending: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     wake: tokio::sync::Notify,
+    /// When the run loop's next tick is due (ms since the epoch), or
+    /// `i64::MAX` while a tick runs: a new task wakes the loop only if it
+    /// expires before that, so that a start does not cost a pass over every
+    /// open task.
+    armed_until_ms: AtomicI64,
     /// How long a failed revocation waits before the next attempt.
     pub retry: Duration,
 }
@@ -162,6 +168,7 @@ impl TaskManager {
             clock,
             ending: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
+            armed_until_ms: AtomicI64::new(i64::MAX),
             retry: Duration::from_secs(5),
         }
     }
@@ -221,6 +228,9 @@ impl TaskManager {
         if !setup.agents.contains_key(&caller.agent) {
             return Err(TaskError::AgentRetired(caller.agent.clone()));
         }
+        // Counted as running, so that the store's and the audit log's
+        // group commits wait briefly for the writes of concurrent tasks.
+        let _busy = crate::group_commit::Busy::enter();
         let now = self.clock.now();
         let task = TaskAttribution {
             task_id: new_task_id(),
@@ -273,7 +283,7 @@ impl TaskManager {
         };
         // Persisted before anything is issued: a crash from here on leaves
         // a record that is revoked at restart.
-        self.store.insert(&row)?;
+        self.store.insert(&row).await?;
         let mut ev = self.event("task.started", Outcome::Ok, Some(caller), &task);
         ev.detail = ev.detail.map(|d| {
             let mut v: serde_json::Value = serde_json::from_str(&d).unwrap_or_default();
@@ -282,7 +292,9 @@ impl TaskManager {
             v.to_string()
         });
         self.recorder.record(ev).await;
-        self.wake.notify_one();
+        if expires_at_ms < self.armed_until_ms.load(Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
 
         let mut issued: BTreeMap<String, Issued> = BTreeMap::new();
         for (issuer_name, grant) in &decision.level.grants {
@@ -309,14 +321,16 @@ impl TaskManager {
                         .duration_since(UNIX_EPOCH)
                         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
                         .unwrap_or(expires_at_ms);
-                    self.store.set_item(
-                        &task.task_id,
-                        issuer_name,
-                        ItemState::Issued,
-                        Some(&cred.handle),
-                        Some(until),
-                        None,
-                    )?;
+                    self.store
+                        .set_item(
+                            &task.task_id,
+                            issuer_name,
+                            ItemState::Issued,
+                            Some(&cred.handle),
+                            Some(until),
+                            None,
+                        )
+                        .await?;
                     let mut ev = self.event("task.issued", Outcome::Ok, Some(caller), &task);
                     ev.detail = Some(
                         serde_json::json!({"task": task.task_id, "issuer": issuer_name, "handle": cred.handle})
@@ -435,6 +449,7 @@ impl TaskManager {
     /// stays), revokes and verifies each item not done, and marks it ended
     /// when all are. Errors are recorded on the item and retried by `tick`.
     async fn end_now(&self, id: &str, reason: &str) {
+        let _busy = crate::group_commit::Busy::enter();
         let lock = {
             let mut m = self.ending.lock().unwrap_or_else(|p| p.into_inner());
             m.entry(id.to_owned()).or_default().clone()
@@ -461,7 +476,8 @@ impl TaskManager {
         let now = self.clock.now();
         if row.state == TaskState::Live {
             self.store
-                .set_state(id, TaskState::Ending, Some(reason), ms(now))?;
+                .set_state(id, TaskState::Ending, Some(reason), ms(now))
+                .await?;
         }
         let setup = self.setup();
         let mut all_done = true;
@@ -471,11 +487,13 @@ impl TaskManager {
             }
             let Some(issuer) = setup.issuers.get(&item.issuer) else {
                 all_done = false;
-                self.store.item_error(
-                    id,
-                    &item.issuer,
-                    "the issuer is no longer configured; add it back to revoke",
-                )?;
+                self.store
+                    .item_error(
+                        id,
+                        &item.issuer,
+                        "the issuer is no longer configured; add it back to revoke",
+                    )
+                    .await?;
                 continue;
             };
             let mut state = item.state;
@@ -489,19 +507,22 @@ impl TaskManager {
                     Ok(Revoked::Now) => {
                         state = ItemState::Revoked;
                         self.store
-                            .set_item(id, &item.issuer, state, None, None, None)?;
+                            .set_item(id, &item.issuer, state, None, None, None)
+                            .await?;
                     }
                     Ok(Revoked::ExpiresAt(t)) => {
                         let t = DateTime::<Utc>::from(t);
                         state = ItemState::Expiring;
-                        self.store.set_item(
-                            id,
-                            &item.issuer,
-                            state,
-                            None,
-                            Some(ms(t)),
-                            Some("the system cannot end it early; it expires by itself"),
-                        )?;
+                        self.store
+                            .set_item(
+                                id,
+                                &item.issuer,
+                                state,
+                                None,
+                                Some(ms(t)),
+                                Some("the system cannot end it early; it expires by itself"),
+                            )
+                            .await?;
                         let mut ev = self.event("task.revoked", Outcome::Ok, None, &row.task);
                         ev.detail = Some(
                             serde_json::json!({"task": id, "issuer": item.issuer, "expires_at": t.to_rfc3339()})
@@ -515,7 +536,9 @@ impl TaskManager {
                     }
                     Err(e) => {
                         all_done = false;
-                        self.store.item_error(id, &item.issuer, &e.to_string())?;
+                        self.store
+                            .item_error(id, &item.issuer, &e.to_string())
+                            .await?;
                         let mut ev =
                             self.event("task.revoke_failed", Outcome::Failed, None, &row.task);
                         ev.detail = Some(
@@ -533,14 +556,9 @@ impl TaskManager {
                     .await
                 {
                     Ok(true) => {
-                        self.store.set_item(
-                            id,
-                            &item.issuer,
-                            ItemState::Verified,
-                            None,
-                            None,
-                            None,
-                        )?;
+                        self.store
+                            .set_item(id, &item.issuer, ItemState::Verified, None, None, None)
+                            .await?;
                         let mut ev = self.event("task.revoked", Outcome::Ok, None, &row.task);
                         ev.detail = Some(
                             serde_json::json!({"task": id, "issuer": item.issuer, "verified": true}).to_string(),
@@ -550,18 +568,22 @@ impl TaskManager {
                     Ok(false) => {
                         all_done = false;
                         // Revoked but still accepted: revoke again next time.
-                        self.store.set_item(
-                            id,
-                            &item.issuer,
-                            ItemState::Issued,
-                            None,
-                            None,
-                            Some("revoked, but the system still accepts it"),
-                        )?;
+                        self.store
+                            .set_item(
+                                id,
+                                &item.issuer,
+                                ItemState::Issued,
+                                None,
+                                None,
+                                Some("revoked, but the system still accepts it"),
+                            )
+                            .await?;
                     }
                     Err(e) => {
                         all_done = false;
-                        self.store.item_error(id, &item.issuer, &e.to_string())?;
+                        self.store
+                            .item_error(id, &item.issuer, &e.to_string())
+                            .await?;
                     }
                 }
             }
@@ -576,7 +598,8 @@ impl TaskManager {
             return Ok(());
         }
         self.store
-            .set_state(id, TaskState::Ended, Some(reason), ms(self.clock.now()))?;
+            .set_state(id, TaskState::Ended, Some(reason), ms(self.clock.now()))
+            .await?;
         let mut ev = self.event("task.ended", Outcome::Ok, None, &row.task);
         ev.detail = ev.detail.map(|d| {
             let mut v: serde_json::Value = serde_json::from_str(&d).unwrap_or_default();
@@ -598,7 +621,22 @@ impl TaskManager {
         let open = self.store.list(None, 0)?;
         let setup = self.setup();
         let mut next: Option<i64> = None;
+        let retry_ms = i64::try_from(self.retry.as_millis()).unwrap_or(5_000);
         for t in open {
+            if t.state != TaskState::Live || t.expires_at_ms <= now {
+                let ending_now = self
+                    .ending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(&t.task.task_id);
+                if ending_now {
+                    // A caller is ending it now; look again after the
+                    // retry interval in case that attempt fails.
+                    let at = now + retry_ms;
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                    continue;
+                }
+            }
             match t.state {
                 // Decommissioned, or gone from the config: its tasks end.
                 TaskState::Live if !setup.agents.contains_key(&t.task.agent) => {
@@ -618,7 +656,7 @@ impl TaskManager {
             if let Some(after) = self.store.get(&t.task.task_id)?
                 && after.state != TaskState::Ended
             {
-                let retry_at = now + i64::try_from(self.retry.as_millis()).unwrap_or(5_000);
+                let retry_at = now + retry_ms;
                 let expiring = after
                     .items
                     .iter()
@@ -642,6 +680,9 @@ impl TaskManager {
     /// starts or the setup changes.
     pub async fn run(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
         loop {
+            // While the tick runs every start wakes the loop again (a task
+            // inserted after the tick listed the open ones would be missed).
+            self.armed_until_ms.store(i64::MAX, Ordering::SeqCst);
             let wait = match self.tick().await {
                 Ok(d) => d,
                 Err(e) => {
@@ -649,6 +690,9 @@ impl TaskManager {
                     self.retry
                 }
             };
+            let due = ms(self.clock.now())
+                .saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+            self.armed_until_ms.store(due, Ordering::SeqCst);
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}

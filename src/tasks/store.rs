@@ -8,9 +8,15 @@
 //! credential that may exist: an item still `issuing` is revoked by task id
 //! (the issuer's contract), an `issued` one by its handle, and a live task's
 //! TTL is enforced from `expires_at` whatever happened in between. `FULL`
-//! because a task is rarer than a rotation step and a forgotten one would be
-//! a credential nobody revokes; a task start costs one fsync for the task and
-//! one per issuer.
+//! because a forgotten task would be a credential nobody revokes.
+//!
+//! Writes go through one thread ([`crate::group_commit`]): the writes of
+//! every caller queued together commit in one transaction, each in its own
+//! savepoint, so concurrent task starts and ends share an fsync instead of
+//! queueing for one each behind a mutex (a start and an end make six
+//! writes). A caller is answered only once its writes committed. Reads use a
+//! connection of their own; WAL lets them run beside the writer's commit, and
+//! they see every write their caller has been answered for.
 //!
 //! No secret is stored: handles are role names, access key ids and token
 //! accessors.
@@ -19,6 +25,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use crate::group_commit::{self, Flow, GroupCommit};
 
 use super::issuers::TaskAttribution;
 
@@ -150,7 +159,42 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 
 pub struct TaskStore {
     path: PathBuf,
+    /// The connection for reads.
     db: Mutex<Connection>,
+    /// The writer thread (or, for tests under paused time, inline).
+    writer: GroupCommit<WriteJob>,
+}
+
+/// Most callers' writes committed in one transaction.
+const MAX_BATCH: usize = 256;
+
+/// One write, as the manager asks for it.
+enum Write {
+    Insert(TaskRow),
+    Item {
+        task: String,
+        issuer: String,
+        state: ItemState,
+        handle: Option<String>,
+        expires_at_ms: Option<i64>,
+        last_error: Option<String>,
+    },
+    ItemError {
+        task: String,
+        issuer: String,
+        error: String,
+    },
+    State {
+        task: String,
+        state: TaskState,
+        reason: Option<String>,
+        at_ms: i64,
+    },
+}
+
+struct WriteJob {
+    write: Write,
+    reply: oneshot::Sender<std::result::Result<(), String>>,
 }
 
 const SCHEMA: &str = "
@@ -184,8 +228,35 @@ const SCHEMA: &str = "
 ";
 
 impl TaskStore {
-    /// Opens (creating it 0600 if missing) `<dir>/tasks.db`.
+    /// Opens (creating it 0600 if missing) `<dir>/tasks.db`, with its
+    /// writer thread.
     pub fn open(dir: &Path) -> Result<TaskStore> {
+        Self::open_with(dir, |conn| {
+            let mut conn = conn;
+            GroupCommit::spawn_lingering(
+                "keyturn-tasks",
+                MAX_BATCH,
+                group_commit::FSYNC_LINGER,
+                &group_commit::BUSY,
+                move |batch| serve(&mut conn, batch),
+            )
+        })
+    }
+
+    /// [`open`](Self::open), but each write is committed on the caller's
+    /// thread, alone: for tests under `tokio::time::pause()`, where waiting
+    /// on another thread would let the paused clock jump ahead.
+    pub fn open_inline(dir: &Path) -> Result<TaskStore> {
+        Self::open_with(dir, |conn| {
+            let mut conn = conn;
+            Ok(GroupCommit::inline(move |batch| serve(&mut conn, batch)))
+        })
+    }
+
+    fn open_with(
+        dir: &Path,
+        writer: impl FnOnce(Connection) -> std::io::Result<GroupCommit<WriteJob>>,
+    ) -> Result<TaskStore> {
         let path = dir.join("tasks.db");
         let err = |what: &str, e: &dyn std::fmt::Display| StoreError {
             path: path.display().to_string(),
@@ -199,14 +270,37 @@ impl TaskStore {
             .truncate(false)
             .open(&path)
             .map_err(|e| err("cannot create", &e))?;
-        let db = Connection::open(&path).map_err(|e| err("cannot open", &e))?;
-        db.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
-            .and_then(|()| db.execute_batch(SCHEMA))
+        let open = || -> rusqlite::Result<Connection> {
+            let db = Connection::open(&path)?;
+            db.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
+            Ok(db)
+        };
+        let wdb = open()
+            .and_then(|db| db.execute_batch(SCHEMA).map(|()| db))
             .map_err(|e| err("cannot set up", &e))?;
+        let db = open().map_err(|e| err("cannot open", &e))?;
+        let writer = writer(wdb).map_err(|e| err("cannot start its writer thread", &e))?;
         Ok(TaskStore {
             path,
             db: Mutex::new(db),
+            writer,
         })
+    }
+
+    /// Queues `write` and waits until it is committed.
+    async fn write(&self, what: &str, write: Write) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        let failed = |message: String| StoreError {
+            path: self.path.display().to_string(),
+            message: format!("{what}: {message}"),
+        };
+        self.writer
+            .submit(WriteJob { write, reply })
+            .map_err(|_| failed("the writer thread has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| failed("the writer thread has stopped".into()))?
+            .map_err(failed)
     }
 
     fn db(&self) -> MutexGuard<'_, Connection> {
@@ -220,34 +314,14 @@ impl TaskStore {
         }
     }
 
-    /// Records a new live task and one `issuing` item per issuer, in one
-    /// transaction, before anything is issued.
-    pub fn insert(&self, t: &TaskRow) -> Result<()> {
-        let mut db = self.db();
-        let tx = db.transaction().map_err(|e| self.err("insert", e))?;
-        let a = &t.task;
-        tx.execute(
-            "INSERT INTO tasks (id, agent, tenant, use_case, run_id, initiator, sensitivity, policy,
-                                started_by, started_at, expires_at, state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'live')",
-            params![
-                a.task_id, a.agent, a.tenant, a.use_case, a.run_id, a.initiator, a.sensitivity,
-                t.policy, t.started_by, t.started_at_ms, t.expires_at_ms
-            ],
-        )
-        .map_err(|e| self.err("insert task", e))?;
-        for item in &t.items {
-            tx.execute(
-                "INSERT INTO task_items (task, issuer, state) VALUES (?1, ?2, 'issuing')",
-                params![a.task_id, item.issuer],
-            )
-            .map_err(|e| self.err("insert task item", e))?;
-        }
-        tx.commit().map_err(|e| self.err("insert", e))
+    /// Records a new live task and one `issuing` item per issuer,
+    /// atomically, before anything is issued.
+    pub async fn insert(&self, t: &TaskRow) -> Result<()> {
+        self.write("insert task", Write::Insert(t.clone())).await
     }
 
     /// Records an item's new state (and its handle and expiry once known).
-    pub fn set_item(
+    pub async fn set_item(
         &self,
         task: &str,
         issuer: &str,
@@ -256,53 +330,43 @@ impl TaskStore {
         expires_at_ms: Option<i64>,
         last_error: Option<&str>,
     ) -> Result<()> {
-        self.db()
-            .execute(
-                "UPDATE task_items SET state = ?3, handle = COALESCE(?4, handle),
-                        expires_at = COALESCE(?5, expires_at), last_error = ?6
-                 WHERE task = ?1 AND issuer = ?2",
-                params![
-                    task,
-                    issuer,
-                    state.as_str(),
-                    handle,
-                    expires_at_ms,
-                    last_error
-                ],
-            )
-            .map(drop)
-            .map_err(|e| self.err("update task item", e))
+        let write = Write::Item {
+            task: task.to_owned(),
+            issuer: issuer.to_owned(),
+            state,
+            handle: handle.map(str::to_owned),
+            expires_at_ms,
+            last_error: last_error.map(str::to_owned),
+        };
+        self.write("update task item", write).await
     }
 
     /// Records only an item's last error (a revocation attempt failed).
-    pub fn item_error(&self, task: &str, issuer: &str, error: &str) -> Result<()> {
-        self.db()
-            .execute(
-                "UPDATE task_items SET last_error = ?3 WHERE task = ?1 AND issuer = ?2",
-                params![task, issuer, error],
-            )
-            .map(drop)
-            .map_err(|e| self.err("update task item", e))
+    pub async fn item_error(&self, task: &str, issuer: &str, error: &str) -> Result<()> {
+        let write = Write::ItemError {
+            task: task.to_owned(),
+            issuer: issuer.to_owned(),
+            error: error.to_owned(),
+        };
+        self.write("update task item", write).await
     }
 
     /// Moves a task to `state`: `Ending` only from `Live`; the first end
     /// reason given stays; `Ended` records when.
-    pub fn set_state(
+    pub async fn set_state(
         &self,
         task: &str,
         state: TaskState,
         reason: Option<&str>,
         at_ms: i64,
     ) -> Result<()> {
-        self.db()
-            .execute(
-                "UPDATE tasks SET state = ?2, end_reason = COALESCE(end_reason, ?3),
-                        ended_at = CASE WHEN ?2 = 'ended' THEN ?4 ELSE ended_at END
-                 WHERE id = ?1 AND (?2 != 'ending' OR state = 'live')",
-                params![task, state.as_str(), reason, at_ms],
-            )
-            .map(drop)
-            .map_err(|e| self.err("update task", e))
+        let write = Write::State {
+            task: task.to_owned(),
+            state,
+            reason: reason.map(str::to_owned),
+            at_ms,
+        };
+        self.write("update task", write).await
     }
 
     /// One task with its items.
@@ -367,6 +431,117 @@ impl TaskStore {
         }
         Ok(out)
     }
+}
+
+/// One batch: every job's write in its own savepoint of one transaction
+/// (a failed write is rolled back alone and answered with its error), one
+/// commit, then every caller is answered. If the commit fails, all are.
+fn serve(db: &mut Connection, batch: &mut Vec<WriteJob>) -> Flow {
+    let jobs = std::mem::take(batch);
+    let tx = match db.transaction() {
+        Ok(tx) => tx,
+        Err(e) => {
+            let message = format!("cannot begin: {e}");
+            for job in jobs {
+                let _ = job.reply.send(Err(message.clone()));
+            }
+            return Flow::Continue;
+        }
+    };
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        let applied = tx
+            .execute_batch("SAVEPOINT w")
+            .and_then(|()| apply(&tx, &job.write));
+        let result = match applied {
+            Ok(()) => tx.execute_batch("RELEASE w"),
+            Err(e) => tx.execute_batch("ROLLBACK TO w; RELEASE w").and(Err(e)),
+        };
+        results.push(result.map_err(|e| e.to_string()));
+    }
+    match tx.commit() {
+        Ok(()) => {
+            for (job, result) in jobs.into_iter().zip(results) {
+                let _ = job.reply.send(result);
+            }
+        }
+        Err(e) => {
+            let message = format!("cannot commit: {e}");
+            for job in jobs {
+                let _ = job.reply.send(Err(message.clone()));
+            }
+        }
+    }
+    Flow::Continue
+}
+
+fn apply(db: &Connection, write: &Write) -> rusqlite::Result<()> {
+    match write {
+        Write::Insert(t) => {
+            let a = &t.task;
+            db.prepare_cached(
+                "INSERT INTO tasks (id, agent, tenant, use_case, run_id, initiator, sensitivity, policy,
+                                    started_by, started_at, expires_at, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'live')",
+            )?
+            .execute(params![
+                a.task_id, a.agent, a.tenant, a.use_case, a.run_id, a.initiator, a.sensitivity,
+                t.policy, t.started_by, t.started_at_ms, t.expires_at_ms
+            ])?;
+            let mut item = db.prepare_cached(
+                "INSERT INTO task_items (task, issuer, state) VALUES (?1, ?2, 'issuing')",
+            )?;
+            for i in &t.items {
+                item.execute(params![a.task_id, i.issuer])?;
+            }
+        }
+        Write::Item {
+            task,
+            issuer,
+            state,
+            handle,
+            expires_at_ms,
+            last_error,
+        } => {
+            db.prepare_cached(
+                "UPDATE task_items SET state = ?3, handle = COALESCE(?4, handle),
+                        expires_at = COALESCE(?5, expires_at), last_error = ?6
+                 WHERE task = ?1 AND issuer = ?2",
+            )?
+            .execute(params![
+                task,
+                issuer,
+                state.as_str(),
+                handle,
+                expires_at_ms,
+                last_error
+            ])?;
+        }
+        Write::ItemError {
+            task,
+            issuer,
+            error,
+        } => {
+            db.prepare_cached(
+                "UPDATE task_items SET last_error = ?3 WHERE task = ?1 AND issuer = ?2",
+            )?
+            .execute(params![task, issuer, error])?;
+        }
+        Write::State {
+            task,
+            state,
+            reason,
+            at_ms,
+        } => {
+            db.prepare_cached(
+                "UPDATE tasks SET state = ?2, end_reason = COALESCE(end_reason, ?3),
+                        ended_at = CASE WHEN ?2 = 'ended' THEN ?4 ELSE ended_at END
+                 WHERE id = ?1 AND (?2 != 'ending' OR state = 'live')",
+            )?
+            .execute(params![task, state.as_str(), reason, at_ms])?;
+        }
+    }
+    Ok(())
 }
 
 const SELECT_TASK: &str =
@@ -447,12 +622,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_task_survives_reopening_at_every_stage() {
+    #[tokio::test]
+    async fn a_task_survives_reopening_at_every_stage() {
         let dir = tempfile::tempdir().unwrap();
         let s = TaskStore::open(dir.path()).unwrap();
         let t = row("t1", "bot", &["pg", "sts"], 9_000);
-        s.insert(&t).unwrap();
+        s.insert(&t).await.unwrap();
         // Recorded before anything is issued: both items may exist.
         assert_eq!(s.get("t1").unwrap().unwrap(), t);
         s.set_item(
@@ -463,6 +638,7 @@ mod tests {
             Some(9_000),
             None,
         )
+        .await
         .unwrap();
         drop(s);
 
@@ -472,9 +648,11 @@ mod tests {
         assert_eq!(got.items[0].state, ItemState::Issued);
         assert_eq!(got.items[1].state, ItemState::Issuing);
         s.set_state("t1", TaskState::Ending, Some("ttl"), 9_000)
+            .await
             .unwrap();
         // The first reason stays.
         s.set_state("t1", TaskState::Ending, Some("end"), 9_001)
+            .await
             .unwrap();
         s.set_item(
             "t1",
@@ -484,8 +662,10 @@ mod tests {
             Some(9_000),
             Some("cannot end early"),
         )
+        .await
         .unwrap();
         s.set_item("t1", "pg", ItemState::Verified, None, None, None)
+            .await
             .unwrap();
         let got = s.get("t1").unwrap().unwrap();
         assert_eq!(
@@ -504,7 +684,9 @@ mod tests {
                 .state
                 .is_done(got.items[1].expires_at_ms, 8_999)
         );
-        s.set_state("t1", TaskState::Ended, None, 9_100).unwrap();
+        s.set_state("t1", TaskState::Ended, None, 9_100)
+            .await
+            .unwrap();
         drop(s);
 
         let s = TaskStore::open(dir.path()).unwrap();
@@ -524,14 +706,15 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
     }
 
-    #[test]
-    fn open_tasks_are_listed_by_expiry_and_by_agent() {
+    #[tokio::test]
+    async fn open_tasks_are_listed_by_expiry_and_by_agent() {
         let dir = tempfile::tempdir().unwrap();
         let s = TaskStore::open(dir.path()).unwrap();
-        s.insert(&row("a", "bot", &["pg"], 3_000)).unwrap();
-        s.insert(&row("b", "other", &["pg"], 2_000)).unwrap();
-        s.insert(&row("c", "bot", &["pg"], 1_000)).unwrap();
+        s.insert(&row("a", "bot", &["pg"], 3_000)).await.unwrap();
+        s.insert(&row("b", "other", &["pg"], 2_000)).await.unwrap();
+        s.insert(&row("c", "bot", &["pg"], 1_000)).await.unwrap();
         s.set_state("c", TaskState::Ended, Some("end"), 1_500)
+            .await
             .unwrap();
         let ids = |v: Vec<TaskRow>| v.into_iter().map(|t| t.task.task_id).collect::<Vec<_>>();
         assert_eq!(ids(s.list(None, 0).unwrap()), ["b", "a"]);
@@ -539,6 +722,54 @@ mod tests {
         assert_eq!(ids(s.list(Some("bot"), 10).unwrap()), ["a", "c"]);
         assert_eq!(ids(s.list(Some("other"), 10).unwrap()), ["b"]);
         // A second task with the same id is refused, not merged.
-        assert!(s.insert(&row("a", "bot", &["pg"], 5_000)).is_err());
+        assert!(s.insert(&row("a", "bot", &["pg"], 5_000)).await.is_err());
+    }
+
+    /// Several callers' writes in one batch: each is applied or refused on
+    /// its own (a duplicate task leaves the others, and a half-applied
+    /// insert leaves nothing), all under one commit.
+    #[test]
+    fn a_batch_commits_each_callers_write_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TaskStore::open_inline(dir.path()).unwrap();
+        let mut db = Connection::open(dir.path().join("tasks.db")).unwrap();
+        let mut answers = Vec::new();
+        let mut batch = Vec::new();
+        for write in [
+            Write::Insert(row("a", "bot", &["pg"], 3_000)),
+            // Same id: refused.
+            Write::Insert(row("a", "bot", &["pg", "sts"], 4_000)),
+            // Its task row goes in, its second item fails: neither stays.
+            Write::Insert(row("half", "bot", &["pg", "pg"], 4_000)),
+            Write::Insert(row("b", "bot", &["pg"], 5_000)),
+            Write::State {
+                task: "b".into(),
+                state: TaskState::Ending,
+                reason: Some("end".into()),
+                at_ms: 4_500,
+            },
+        ] {
+            let (reply, answer) = oneshot::channel();
+            batch.push(WriteJob { write, reply });
+            answers.push(answer);
+        }
+        assert_eq!(serve(&mut db, &mut batch), Flow::Continue);
+        let got: Vec<bool> = answers
+            .into_iter()
+            .map(|mut a| a.try_recv().unwrap().is_ok())
+            .collect();
+        assert_eq!(got, [true, false, false, true, true]);
+        let a = s.get("a").unwrap().unwrap();
+        assert_eq!((a.expires_at_ms, a.items.len()), (3_000, 1));
+        assert!(s.get("half").unwrap().is_none());
+        let items: i64 = db
+            .query_row(
+                "SELECT count(*) FROM task_items WHERE task = 'half'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(items, 0);
+        assert_eq!(s.get("b").unwrap().unwrap().state, TaskState::Ending);
     }
 }

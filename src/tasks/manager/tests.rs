@@ -165,7 +165,7 @@ fn harness_with(pg: Arc<MemIssuer>, sts: Arc<MemIssuer>) -> Harness {
     let setup = setup(&pg, &sts, &root);
     let clock = Arc::new(TokioClock::starting_at(Utc::now()));
     let mgr = Arc::new(TaskManager::new(
-        TaskStore::open(&state).unwrap(),
+        TaskStore::open_inline(&state).unwrap(),
         setup,
         rec.clone(),
         clock,
@@ -417,7 +417,7 @@ async fn the_ttl_ends_a_task_and_survives_a_restart() {
         Utc::now() + chrono::Duration::seconds(61),
     ));
     let mgr = TaskManager::new(
-        TaskStore::open(&h.state).unwrap(),
+        TaskStore::open_inline(&h.state).unwrap(),
         setup(&h.pg, &h.sts, &h.root),
         h.rec.clone(),
         clock,
@@ -463,7 +463,7 @@ async fn a_credential_minted_before_a_crash_is_found_and_revoked() {
             last_error: None,
         }],
     };
-    h.mgr.store.insert(&row).unwrap();
+    h.mgr.store.insert(&row).await.unwrap();
     h.pg.live.lock().unwrap().insert(row.task.task_id.clone());
     // An `issuing` item of a live task keeps working until its TTL: the
     // task is live. Ending it revokes by task id.
@@ -578,7 +578,7 @@ async fn a_credential_that_only_expires_ends_the_task_at_its_expiry() {
         Utc::now() + chrono::Duration::seconds(601),
     ));
     let mgr = TaskManager::new(
-        TaskStore::open(&h.state).unwrap(),
+        TaskStore::open_inline(&h.state).unwrap(),
         setup(&h.pg, &h.sts, &h.root),
         h.rec.clone(),
         clock,
