@@ -28,9 +28,13 @@ Measured, per issuer, one task at a time (--samples each):
   * task start -> credential usable: from writing the `task_start` line
     until a use of the delivered credential succeeds, polled: pg = a LOGIN
     with it (pg8000, a new connection; `SELECT current_user`), bao =
-    `GET auth/token/lookup-self` with the token answers 200, aws = STS
+    `GET auth/token/lookup-self` with the token answers 200 (the token has
+    exactly its grant's policies, no `default`, so the bench policy allows
+    lookup-self), aws = STS
     `GetCallerIdentity` with the session answers the assumed role (boto3).
-    The start call alone (until its answer) is reported too.
+    The start call alone (until its answer) is reported too, and so is the
+    pg probe alone (logins of a standing role): a new PostgreSQL session
+    costs tens of ms on a loaded 2-core machine, whoever asks for it.
   * task end -> revoked: from writing the `task_end` line until a use is
     refused (pg: the login fails; bao: lookup-self answers 403). STS
     sessions cannot be revoked (keyturn's default leaves them to expire at
@@ -55,6 +59,7 @@ servers are not used. Results: a table, and bench/out/tasks-results.json
     python3 bench/tasks.py --quick         # 50 samples, 8 s
     python3 bench/tasks.py --no-build --samples 300 --seconds 30
     python3 bench/tasks.py --bao-storage inmem
+    python3 bench/tasks.py --bin /tmp/keyturn-old --issuers pg   # A/B with another build
 """
 
 from __future__ import annotations
@@ -273,7 +278,8 @@ def pg_login(cred: dict) -> bool:
     try:
         conn = pg8000.native.Connection(user=cred["user"], password=cred["password"], host=cred["host"],
                                         port=int(cred["port"]), database=cred.get("dbname") or "postgres",
-                                        timeout=5, application_name="bench")
+                                        timeout=5, application_name="bench",
+                                        ssl_context=False if cred.get("sslmode", "disable") == "disable" else None)
     except (pg8000.native.DatabaseError, pg8000.native.InterfaceError):
         return False
     try:
@@ -313,6 +319,20 @@ def poll(check, timeout: float = USABLE_TIMEOUT, interval: float = 0.002) -> flo
         if time.monotonic() > deadline:
             return None
         time.sleep(interval)
+
+
+def login_floor(pg: pg_peer.OwnPostgres, n: int) -> dict:
+    """The probe alone: `n` logins of a standing role (the admin), to tell
+    PostgreSQL's cost of a new session from keyturn's part of start→usable."""
+    cred = {"user": "postgres", "password": pg.password, "host": "127.0.0.1", "port": pg.port,
+            "dbname": "postgres", "sslmode": "disable"}
+    xs = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        if not pg_login(cred):
+            raise RuntimeError("the admin cannot log in to our own PostgreSQL")
+        xs.append(time.monotonic() - t0)
+    return decommission.quantiles(xs)
 
 
 # --------------------------------------------------------------------------
@@ -455,7 +475,9 @@ def throughput(sock: Path, seconds: float, dpid: int, pg: pg_peer.OwnPostgres) -
 
 
 def verify_all_ended(cfg: Path, task_ids: list[str], pg: pg_peer.OwnPostgres, timeout: float = 60) -> dict:
-    """Every throughput task ended, and no task role left at PostgreSQL."""
+    """Every throughput task (sensitivity `pg`) ended, and no task role left
+    at PostgreSQL. (aws tasks of the latency pass stay `ending` until their
+    TTL: STS sessions cannot be ended early.)"""
     pgc = decommission.Postgres(pg.dsn)
     deadline = time.monotonic() + timeout
     while True:
@@ -468,7 +490,7 @@ def verify_all_ended(cfg: Path, task_ids: list[str], pg: pg_peer.OwnPostgres, ti
         live = 0
         for i in range(AGENTS):
             for t in body_of(conn.call({"cmd": "task_list", "as": agent_name(i)}), "task_list"):
-                if t["state"] != "ended":
+                if t["sensitivity"] == "pg" and t["state"] != "ended":
                     live += 1
     finally:
         conn.close()
@@ -497,10 +519,12 @@ def fmt_table(results: dict) -> str:
                      f"{ms(r['end_to_revoked'], 'p50')} / {ms(r['end_to_revoked'], 'p99')}"
                      if r["end_to_revoked"]["samples"] else "not measurable (see note)",
                      str(r["failure_count"])])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines = []
+    if rows:
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+        lines += ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
+                  "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
     tp = results.get("throughput")
     if tp:
         conns = ", ".join(f"{u}: {v:.2f}" for u, v in sorted(tp["pg_connections_per_task"].items())
@@ -515,6 +539,10 @@ def fmt_table(results: dict) -> str:
                   f"{tp['postgres_cpu_ms_per_task']:.2f} ms; new PostgreSQL connections per task: {conns}",
                   f"after the window: {tp['check']['tasks_not_ended']} tasks not ended, "
                   f"{tp['check']['roles_left']} task roles left"]
+    probe = results.get("pg_login_probe")
+    if probe:
+        lines.append(f"postgres: the login probe alone (a standing role, new session each time) takes "
+                     f"p50 {ms(probe, 'p50')} / p99 {ms(probe, 'p99')} ms of start→usable and end→revoked")
     for r in results["latency"]:
         if r.get("note"):
             lines.append(f"{r['issuer']}: {r['note']}")
@@ -552,9 +580,13 @@ def main() -> int:
                     help="OpenBao storage (default raft: fsync on every commit)")
     ap.add_argument("--no-build", action="store_true", help="use the existing target/release/keyturn")
     ap.add_argument("--keep", action="store_true", help="keep the run directory under bench/out/tasks/")
+    ap.add_argument("--bin", type=Path, help="another keyturn binary (an A/B run; implies --no-build)")
     args = ap.parse_args()
     if args.quick:
         args.samples, args.seconds = 50, 8.0
+    if args.bin:
+        base.BIN = args.bin.resolve()
+        args.no_build = True
 
     signal.signal(signal.SIGTERM, base._on_signal)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -567,6 +599,7 @@ def main() -> int:
         if not args.no_build:
             log("cargo build --release")
             subprocess.run(["cargo", "build", "--release"], cwd=REPO, check=True)
+        results["binary"] = str(base.BIN)
         if not base.BIN.exists():
             log(f"{base.BIN} is missing; build it first")
             return 1
@@ -580,7 +613,10 @@ def main() -> int:
         pgc.sql(f"CREATE ROLE {pg_role} NOLOGIN; CREATE TABLE bench_t (v int); "
                 f"GRANT SELECT ON bench_t TO {pg_role}")
         bao.must("PUT", "/v1/sys/policies/acl/bench-read",
-                 {"policy": 'path "secret/data/bench/*" { capabilities = ["read"] }'})
+                 {"policy": 'path "secret/data/bench/*" { capabilities = ["read"] }\n'
+                            # What the `default` policy would give; the task token has exactly its
+                            # grant's policies, so this one must allow the usability probe.
+                            'path "auth/token/lookup-self" { capabilities = ["read"] }'})
         bao.must("POST", "/v1/auth/token/roles/keyturn-bench-tasks",
                  {"orphan": True, "renewable": False, "allowed_policies": "bench-read",
                   "token_explicit_max_ttl": "1h"})
@@ -596,6 +632,9 @@ def main() -> int:
         sock = d / "control.sock"
         # One warm-up task per issuer (first connections, first SDK calls).
         latency(sock, "pg", 2, bao, moto), latency(sock, "bao", 2, bao, moto), latency(sock, "aws", 2, bao, moto)
+        results["pg_login_probe"] = login_floor(pg, min(args.samples, 100))
+        log(f"PostgreSQL login probe alone (a standing role): p50 {ms(results['pg_login_probe'], 'p50')} ms, "
+            f"p99 {ms(results['pg_login_probe'], 'p99')} ms")
         names = {"pg": "postgres", "bao": "vault_token", "aws": "aws_sts"}
         results["latency"] = []
         for level in [s.strip() for s in args.issuers.split(",") if s.strip()]:
