@@ -15,6 +15,7 @@
 //!   `change_index`, the rotator's record of promotes that followers poll
 //! - [`sinks`]      trait `Sink` + `file` (atomic write, bundles via `..data`), `signal`, `exec`, `webhook` (signed, address-guarded)
 //! - [`audit`]      hash-chained JSON-lines log, group-committed; verify
+//! - [`auth`]       agents authenticating as themselves: RFC 7523 Ed25519 JWT assertions, single-use `jti`
 //! - [`state`]      trait `StateStore` + SQLite (WAL, migrations); never secret values
 //! - `plugin`       the macro behind the vault, target and sink registries
 //! - [`group_commit`] one thread serving queued jobs in batches (state, audit, local vault)
@@ -34,6 +35,7 @@
 pub mod alerts;
 pub mod api;
 pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod daemon;

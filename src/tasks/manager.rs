@@ -166,6 +166,12 @@ impl TaskManager {
         }
     }
 
+    /// The task store, also the ledger of spent assertion ids
+    /// (`crate::auth`).
+    pub fn store(&self) -> &TaskStore {
+        &self.store
+    }
+
     /// The config changed: new policies and issuers apply to new tasks; a
     /// live task keeps its TTL and is revoked through the issuer of its
     /// name (one that was removed is retried until it is back).

@@ -148,6 +148,21 @@ pub struct StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// Spent assertion ids live beside the tasks they authorize: one durable
+/// database, so a replay after a restart is refused too.
+impl crate::auth::JtiLedger for TaskStore {
+    fn spend(
+        &self,
+        agent: &str,
+        jti: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> std::result::Result<bool, String> {
+        self.spend_jti(agent, jti, expires_at, now)
+            .map_err(|e| e.to_string())
+    }
+}
+
 pub struct TaskStore {
     path: PathBuf,
     db: Mutex<Connection>,
@@ -180,6 +195,12 @@ const SCHEMA: &str = "
         expires_at  INTEGER,
         last_error  TEXT,
         PRIMARY KEY (task, issuer)
+    );
+    CREATE TABLE IF NOT EXISTS assertions (
+        agent       TEXT    NOT NULL,
+        jti         TEXT    NOT NULL,
+        expires_at  INTEGER NOT NULL,
+        PRIMARY KEY (agent, jti)
     );
 ";
 
@@ -303,6 +324,25 @@ impl TaskStore {
             )
             .map(drop)
             .map_err(|e| self.err("update task", e))
+    }
+
+    /// Spends an agent's assertion `jti` (see `crate::auth`): `false` when
+    /// it was already spent. Rows past `expires_at` (unix seconds) are
+    /// pruned first, in the same transaction: such an assertion is refused
+    /// as expired before it gets here.
+    pub fn spend_jti(&self, agent: &str, jti: &str, expires_at: i64, now: i64) -> Result<bool> {
+        let mut db = self.db();
+        let tx = db.transaction().map_err(|e| self.err("spend jti", e))?;
+        tx.execute("DELETE FROM assertions WHERE expires_at < ?1", params![now])
+            .map_err(|e| self.err("prune spent jtis", e))?;
+        let inserted = tx
+            .execute(
+                "INSERT OR IGNORE INTO assertions (agent, jti, expires_at) VALUES (?1, ?2, ?3)",
+                params![agent, jti, expires_at],
+            )
+            .map_err(|e| self.err("spend jti", e))?;
+        tx.commit().map_err(|e| self.err("spend jti", e))?;
+        Ok(inserted == 1)
     }
 
     /// One task with its items.
