@@ -699,6 +699,7 @@ pub(super) struct FileAgent {
     gid: Option<u32>,
     revocation_sla: Option<String>,
     decommissioned: Option<super::raw::RawDecommissioned>,
+    auth_key: Option<String>,
     #[serde(default)]
     credentials: BTreeMap<String, RawCredential>,
 }
@@ -728,6 +729,7 @@ fn into_raw(f: File) -> RawConfig {
                         gid: a.gid,
                         revocation_sla: a.revocation_sla,
                         decommissioned: a.decommissioned,
+                        auth_key: a.auth_key,
                         credentials: None,
                     }),
                     credentials: a

@@ -108,6 +108,8 @@ pub struct RawDaemon {
     pub retry: Option<RawRetry>,
     /// Where task credentials are written (`<task_root>/<agent>/<task id>/`).
     pub task_root: Option<String>,
+    /// The `aud` agents' JWT assertions must name (default `keyturn`).
+    pub assertion_audience: Option<String>,
 }
 
 /// `[daemon.retry]`: backoff of failed rotation steps.
@@ -140,6 +142,8 @@ pub struct RawAgent {
     /// `decommissioned = { at = "RFC 3339", reason = "..." }`: the agent
     /// is retired (declared in config, GitOps style).
     pub decommissioned: Option<RawDecommissioned>,
+    /// The agent's ed25519 credential whose key signs its JWT assertions.
+    pub auth_key: Option<String>,
     /// Deserialized credential by credential elsewhere; listed here so the
     /// key is known (and named in "expected one of" messages).
     #[serde(default)]
