@@ -105,6 +105,10 @@ pub enum Request {
     TaskStart {
         #[serde(default, rename = "as")]
         as_agent: Option<AgentId>,
+        /// An RFC 7523 JWT assertion signed with the agent's own key
+        /// (`crate::auth`): the caller is its agent, whatever the uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        assertion: Option<WireSecret>,
         #[serde(flatten)]
         task: TaskStartArgs,
     },
@@ -112,12 +116,20 @@ pub enum Request {
     TaskEnd {
         #[serde(default, rename = "as")]
         as_agent: Option<AgentId>,
+        /// An RFC 7523 JWT assertion signed with the agent's own key
+        /// (`crate::auth`): the caller is its agent, whatever the uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        assertion: Option<WireSecret>,
         task: String,
     },
     /// The caller's tasks (live and ending, then the last ended ones).
     TaskList {
         #[serde(default, rename = "as")]
         as_agent: Option<AgentId>,
+        /// An RFC 7523 JWT assertion signed with the agent's own key
+        /// (`crate::auth`): the caller is its agent, whatever the uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        assertion: Option<WireSecret>,
     },
 }
 
@@ -185,6 +197,10 @@ enum WireRequest {
     TaskStart {
         #[serde(default, rename = "as")]
         as_agent: Option<AgentId>,
+        /// An RFC 7523 JWT assertion signed with the agent's own key
+        /// (`crate::auth`): the caller is its agent, whatever the uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        assertion: Option<WireSecret>,
         tenant: String,
         use_case: String,
         run_id: String,
@@ -196,11 +212,19 @@ enum WireRequest {
     TaskEnd {
         #[serde(default, rename = "as")]
         as_agent: Option<AgentId>,
+        /// An RFC 7523 JWT assertion signed with the agent's own key
+        /// (`crate::auth`): the caller is its agent, whatever the uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        assertion: Option<WireSecret>,
         task: String,
     },
     TaskList {
         #[serde(default, rename = "as")]
         as_agent: Option<AgentId>,
+        /// An RFC 7523 JWT assertion signed with the agent's own key
+        /// (`crate::auth`): the caller is its agent, whatever the uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        assertion: Option<WireSecret>,
     },
 }
 
@@ -230,6 +254,7 @@ impl From<WireRequest> for Request {
             },
             WireRequest::TaskStart {
                 as_agent,
+                assertion,
                 tenant,
                 use_case,
                 run_id,
@@ -238,6 +263,7 @@ impl From<WireRequest> for Request {
                 ttl_seconds,
             } => Request::TaskStart {
                 as_agent,
+                assertion,
                 task: TaskStartArgs {
                     tenant,
                     use_case,
@@ -247,8 +273,22 @@ impl From<WireRequest> for Request {
                     ttl_seconds,
                 },
             },
-            WireRequest::TaskEnd { as_agent, task } => Request::TaskEnd { as_agent, task },
-            WireRequest::TaskList { as_agent } => Request::TaskList { as_agent },
+            WireRequest::TaskEnd {
+                as_agent,
+                assertion,
+                task,
+            } => Request::TaskEnd {
+                as_agent,
+                assertion,
+                task,
+            },
+            WireRequest::TaskList {
+                as_agent,
+                assertion,
+            } => Request::TaskList {
+                as_agent,
+                assertion,
+            },
         }
     }
 }

@@ -265,7 +265,14 @@ fn alg_none_and_other_algorithms_are_refused() {
     );
     // The classic confusion: HS256 keyed with the public key's bytes (as a
     // verifier that takes the alg from the token would check it).
-    for secret in [p.public.as_bytes().to_vec()] {
+    let raw_public = {
+        use ed25519_dalek::pkcs8::DecodePublicKey;
+        ed25519_dalek::VerifyingKey::from_public_key_pem(&p.public)
+            .unwrap()
+            .to_bytes()
+            .to_vec()
+    };
+    for secret in [p.public.as_bytes().to_vec(), raw_public] {
         let hs = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &claims(),
