@@ -1009,6 +1009,33 @@ mod tests {
         );
     }
 
+    /// The socket logs task requests with `{:?}`: the assertion, a bearer
+    /// token while it lives, must not show; it goes back out as sent.
+    #[test]
+    fn an_assertion_is_read_on_every_task_command_and_never_printed() {
+        let token = "eyJhbGciOiJFZERTQSJ9.kt_canary_payload.kt_canary_sig";
+        for line in [
+            format!(r#"{{"cmd":"task_list","assertion":"{token}"}}"#),
+            format!(r#"{{"cmd":"task_end","task":"t1","assertion":"{token}"}}"#),
+            format!(
+                r#"{{"cmd":"task_start","assertion":"{token}","tenant":"a","use_case":"u","run_id":"r","initiator":"i","sensitivity":"low"}}"#
+            ),
+        ] {
+            let req = parse_request(&line).unwrap();
+            let (Request::TaskList { assertion, .. }
+            | Request::TaskEnd { assertion, .. }
+            | Request::TaskStart { assertion, .. }) = &req
+            else {
+                panic!("{line}");
+            };
+            assert_eq!(assertion.as_ref().unwrap().0.expose_str(), Some(token));
+            assert!(!format!("{req:?}").contains("kt_canary"), "{req:?}");
+            assert!(serde_json::to_string(&req).unwrap().contains(token));
+        }
+        let plain = parse_request(r#"{"cmd":"task_list"}"#).unwrap();
+        assert!(!serde_json::to_string(&plain).unwrap().contains("assertion"));
+    }
+
     #[test]
     fn bad_requests_are_explained() {
         let e = parse_request("{not json").unwrap_err();
