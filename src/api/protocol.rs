@@ -12,6 +12,7 @@
 //! {"cmd":"decommission","agent":"invoice-bot","reason":"retired","by":"alice@example.com"}
 //! {"cmd":"agents"}
 //! {"cmd":"surface","unused_after_seconds":2592000}
+//! {"cmd":"tasks"}
 //! ```
 //! Responses carry `ok` and exactly one of `result` / `error`:
 //! ```text
@@ -47,6 +48,7 @@ pub const COMMANDS: &[&str] = &[
     "task_start",
     "task_end",
     "task_list",
+    "tasks",
 ];
 
 /// The commands served on the agents' socket.
@@ -119,6 +121,9 @@ pub enum Request {
         #[serde(default, rename = "as")]
         as_agent: Option<AgentId>,
     },
+    /// Every agent's tasks not ended (live, and ending: revocation not
+    /// verified yet), for `keyturn status`. Control socket only.
+    Tasks,
 }
 
 /// What a task start asks for.
@@ -149,6 +154,7 @@ impl Request {
             Request::TaskStart { .. } => "task_start",
             Request::TaskEnd { .. } => "task_end",
             Request::TaskList { .. } => "task_list",
+            Request::Tasks => "tasks",
         }
     }
 }
@@ -202,6 +208,7 @@ enum WireRequest {
         #[serde(default, rename = "as")]
         as_agent: Option<AgentId>,
     },
+    Tasks {},
 }
 
 impl From<WireRequest> for Request {
@@ -249,6 +256,7 @@ impl From<WireRequest> for Request {
             },
             WireRequest::TaskEnd { as_agent, task } => Request::TaskEnd { as_agent, task },
             WireRequest::TaskList { as_agent } => Request::TaskList { as_agent },
+            WireRequest::Tasks {} => Request::Tasks,
         }
     }
 }
@@ -933,6 +941,7 @@ mod tests {
         let cases = [
             (Request::Ping, r#"{"cmd":"ping"}"#),
             (Request::Status, r#"{"cmd":"status"}"#),
+            (Request::Tasks, r#"{"cmd":"tasks"}"#),
             (
                 Request::Rotate {
                     selector: Selector::All,

@@ -98,6 +98,8 @@ pub trait ControlHandler: Send + Sync + 'static {
         privileged: bool,
         request: TaskCommand,
     ) -> Result<ResponseBody, ApiError>;
+    /// Every agent's tasks not ended (for `keyturn status`).
+    async fn tasks(&self) -> Result<Vec<crate::api::protocol::TaskView>, ApiError>;
 }
 
 /// A task command as the socket read it.
@@ -597,6 +599,7 @@ impl Server {
                 self.task(peer, TaskCommand::End { as_agent, task }).await
             }
             Request::TaskList { as_agent } => self.task(peer, TaskCommand::List { as_agent }).await,
+            Request::Tasks => self.handler.tasks().await.map(ResponseBody::Tasks).into(),
             Request::Ack {
                 agent,
                 credential,
@@ -1005,6 +1008,9 @@ mod tests {
             &self,
             _unused_after: std::time::Duration,
         ) -> Result<crate::surface::Surface, ApiError> {
+            Err(ApiError::unavailable("not in this test"))
+        }
+        async fn tasks(&self) -> Result<Vec<crate::api::protocol::TaskView>, ApiError> {
             Err(ApiError::unavailable("not in this test"))
         }
     }

@@ -530,6 +530,7 @@ async fn status(path: &Path, view: StatusView) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let mut online = true;
     let rows = match request(&client, path, &Request::Status).await {
         Ok(ResponseBody::Status(rows)) => rows,
         Ok(_) => return unexpected(),
@@ -544,6 +545,7 @@ async fn status(path: &Path, view: StatusView) -> u8 {
                         "keyturn: {e}; showing the state stored in {}",
                         cfg.daemon.state_dir.display()
                     );
+                    online = false;
                     rows
                 }
                 None => {
@@ -553,8 +555,28 @@ async fn status(path: &Path, view: StatusView) -> u8 {
             }
         }
     };
+    // Every agent's tasks not ended, when the daemon answers (the task
+    // store is the daemon's while it runs).
+    let tasks = match online {
+        true => match request(&client, path, &Request::Tasks).await {
+            Ok(ResponseBody::Tasks(tasks)) => Some(tasks),
+            _ => None,
+        },
+        false => None,
+    };
     if let StatusView::Json = view {
-        match serde_json::to_string_pretty(&rows) {
+        /// `status --json`: every credential, and every task not ended
+        /// (`null` when the daemon did not answer).
+        #[derive(serde::Serialize)]
+        struct StatusJson<'a> {
+            credentials: &'a [StatusRow],
+            tasks: Option<&'a [crate::api::protocol::TaskView]>,
+        }
+        let doc = StatusJson {
+            credentials: &rows,
+            tasks: tasks.as_deref(),
+        };
+        match serde_json::to_string_pretty(&doc) {
             Ok(s) => println!("{s}"),
             Err(e) => {
                 eprintln!("keyturn: {e}");
@@ -567,6 +589,24 @@ async fn status(path: &Path, view: StatusView) -> u8 {
     match &view {
         StatusView::Fitted(s) => print!("{}", screen::render_status(&rows, now, s)),
         _ => print!("{}", render_status_table(&rows)),
+    }
+    if let Some(tasks) = tasks.filter(|t| !t.is_empty()) {
+        println!();
+        match &view {
+            StatusView::Fitted(s) => print!("{}", screen::render_tasks(&tasks, now, s, false)),
+            _ => print!(
+                "{}",
+                screen::render_tasks(
+                    &tasks,
+                    now,
+                    &screen::Screen {
+                        width: usize::MAX,
+                        color: false
+                    },
+                    true
+                )
+            ),
+        }
     }
     // Decommissions and orphans, when the daemon answers.
     if let Ok(ResponseBody::Agents(agents)) = request(&client, path, &Request::Agents).await
