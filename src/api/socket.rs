@@ -1110,12 +1110,14 @@ mod tests {
         }
         let (kind, msg) = error_kind(call(&path, &ack(2)).await.unwrap());
         assert_eq!(kind, ApiErrorKind::Stale, "{msg}");
+        // `tasks` lists every agent's tasks: operators only.
         for req in [
             Request::Status,
             Request::Rotate {
                 selector: Selector::All,
                 wait: false,
             },
+            Request::Tasks,
         ] {
             let (kind, msg) = error_kind(call(&path, &req).await.unwrap());
             assert_eq!(kind, ApiErrorKind::Forbidden, "{msg}");

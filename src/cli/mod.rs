@@ -556,13 +556,16 @@ async fn status(path: &Path, view: StatusView) -> u8 {
         }
     };
     // Every agent's tasks not ended, when the daemon answers (the task
-    // store is the daemon's while it runs).
-    let tasks = match online {
-        true => match request(&client, path, &Request::Tasks).await {
-            Ok(ResponseBody::Tasks(tasks)) => Some(tasks),
+    // store is the daemon's while it runs). Asked quietly: a daemon of an
+    // older version does not know the command, and its credentials are
+    // still worth showing.
+    let tasks = if online {
+        match call(&client.paths().socket, &Request::Tasks).await {
+            Ok(Response::Ok(ResponseBody::Tasks(tasks))) => Some(tasks),
             _ => None,
-        },
-        false => None,
+        }
+    } else {
+        None
     };
     if let StatusView::Json = view {
         /// `status --json`: every credential, and every task not ended
