@@ -564,12 +564,16 @@ async fn status(path: &Path, view: StatusView) -> u8 {
             Ok(Response::Ok(ResponseBody::Tasks(tasks))) => Some(tasks),
             _ => None,
         }
+    } else if let ClientConfig::Valid(cfg) = &client {
+        // The daemon is down: its live tasks' credentials may still work,
+        // and it ends them when it is back.
+        offline_tasks(cfg)
     } else {
         None
     };
     if let StatusView::Json = view {
         /// `status --json`: every credential, and every task not ended
-        /// (`null` when the daemon did not answer).
+        /// (`null` when they could not be read).
         #[derive(serde::Serialize)]
         struct StatusJson<'a> {
             credentials: &'a [StatusRow],
@@ -697,6 +701,29 @@ async fn decommission(
         );
     }
     0
+}
+
+/// The tasks not ended, from the task store, when the daemon is not running.
+fn offline_tasks(cfg: &Config) -> Option<Vec<crate::api::protocol::TaskView>> {
+    let dir = cfg.daemon.state_dir.join("tasks");
+    match crate::tasks::store::TaskStore::open_read_only(&dir) {
+        Ok(Some(store)) => match store.list(None, 0) {
+            Ok(rows) => Some(
+                rows.iter()
+                    .map(crate::api::protocol::TaskView::of)
+                    .collect(),
+            ),
+            Err(e) => {
+                eprintln!("keyturn: {e}");
+                None
+            }
+        },
+        Ok(None) => Some(Vec::new()),
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            None
+        }
+    }
 }
 
 /// Status from the state database when the daemon is not running.
