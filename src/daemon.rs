@@ -213,14 +213,20 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         ])),
         cancel.clone(),
     ));
-    let tasks = Arc::new(crate::tasks::manager::TaskManager::new(
-        crate::tasks::store::TaskStore::open(&config.daemon.state_dir.join("tasks"))
-            .map_err(|e| startup("cannot open the task store", &e))?,
-        task_setup(&engine.catalog().config, &revocations)
-            .map_err(|e| startup("cannot build the task issuers", &e))?,
-        Arc::new(EngineRecorder(engine.clone())),
-        Arc::new(crate::rotation::SystemClock),
-    ));
+    let tasks = Arc::new(
+        crate::tasks::manager::TaskManager::new(
+            crate::tasks::store::TaskStore::open(&config.daemon.state_dir.join("tasks"))
+                .map_err(|e| startup("cannot open the task store", &e))?,
+            task_setup(&engine.catalog().config, &revocations)
+                .map_err(|e| startup("cannot build the task issuers", &e))?,
+            Arc::new(EngineRecorder(engine.clone())),
+            Arc::new(crate::rotation::SystemClock),
+        )
+        .with_metrics(metrics.clone()),
+    );
+    for issuer in engine.catalog().config.issuers.keys() {
+        metrics.task_issuer_configured(issuer);
+    }
     tracker.spawn(tasks.clone().run(cancel.clone()));
     let handler = Arc::new(Handler {
         engine: engine.clone(),
@@ -309,6 +315,13 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 ],
             }
         }));
+        let t = tasks.clone();
+        metrics.set_task_figures_provider(Arc::new(move || {
+            t.figures().unwrap_or_else(|e| {
+                tracing::error!("task metrics: {e}");
+                Default::default()
+            })
+        }));
         let e = engine.clone();
         metrics.set_state_counts_provider(Arc::new(move || {
             e.state_counts()
@@ -386,7 +399,12 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             _ = hup.recv() => {
                 reload(config_path, &engine, &alerts, &mut config_files).await;
                 match task_setup(&engine.catalog().config, &revocations) {
-                    Ok(setup) => tasks.set_setup(setup),
+                    Ok(setup) => {
+                        for issuer in setup.issuers.keys() {
+                            metrics.task_issuer_configured(issuer);
+                        }
+                        tasks.set_setup(setup)
+                    }
                     Err(e) => tracing::error!("task issuers: {e}; tasks keep the issuers they had"),
                 }
                 revocations.reload().await;
@@ -1223,6 +1241,17 @@ impl ControlHandler for Handler {
         self.revocations.lifecycle()
     }
 
+    async fn tasks(&self) -> Result<Vec<crate::api::protocol::TaskView>, ApiError> {
+        let rows = self
+            .tasks
+            .list(None, 0)
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        Ok(rows
+            .iter()
+            .map(crate::api::protocol::TaskView::of)
+            .collect())
+    }
+
     async fn surface(&self, unused_after: Duration) -> Result<crate::surface::Surface, ApiError> {
         let rows = self
             .engine
@@ -1237,13 +1266,25 @@ impl ControlHandler for Handler {
         }
         let facts = self.engine.surface_facts();
         let lifecycle = self.revocations.lifecycle();
-        Ok(crate::surface::build(
-            &facts,
-            &lifecycle,
-            &acks,
-            unused_after,
-            self.engine.now(),
-        ))
+        let mut surface =
+            crate::surface::build(&facts, &lifecycle, &acks, unused_after, self.engine.now());
+        let tasks = self
+            .tasks
+            .surface_tasks()
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let catalog = self.engine.catalog();
+        crate::surface::add_tasks(&mut surface, tasks, &|agent| {
+            AgentId::new(agent)
+                .ok()
+                .and_then(|id| catalog.config.agents.get(&id))
+                .map(|a| crate::surface::AgentInfo {
+                    owner: a.owner.clone(),
+                    tenant: a.tenant.clone(),
+                    tier: a.tier.clone(),
+                })
+                .unwrap_or_default()
+        });
+        Ok(surface)
     }
 
     async fn refused(&self, peer: PeerCred, reason: String) {

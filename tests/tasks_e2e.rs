@@ -260,6 +260,10 @@ fn the_ttl_is_enforced_across_kill_9() {
     let as_task = db.as_task(&pg_credential(&t));
     assert!(psql(&as_task, "SELECT 1").is_ok());
     d.kill9();
+    // The daemon is down: `status` shows the live task from the store.
+    let offline = common::status_doc(&env);
+    assert_eq!(offline["tasks"][0]["task"], t["task"], "{offline}");
+    assert_eq!(offline["tasks"][0]["state"], "live", "{offline}");
     std::thread::sleep(Duration::from_secs(5));
     // Restarted after the TTL passed: the task ends at once.
     let _d = env.start();

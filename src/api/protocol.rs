@@ -12,6 +12,7 @@
 //! {"cmd":"decommission","agent":"invoice-bot","reason":"retired","by":"alice@example.com"}
 //! {"cmd":"agents"}
 //! {"cmd":"surface","unused_after_seconds":2592000}
+//! {"cmd":"tasks"}
 //! ```
 //! Responses carry `ok` and exactly one of `result` / `error`:
 //! ```text
@@ -47,6 +48,7 @@ pub const COMMANDS: &[&str] = &[
     "task_start",
     "task_end",
     "task_list",
+    "tasks",
 ];
 
 /// The commands served on the agents' socket.
@@ -131,6 +133,9 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         assertion: Option<WireSecret>,
     },
+    /// Every agent's tasks not ended (live, and ending: revocation not
+    /// verified yet), for `keyturn status`. Control socket only.
+    Tasks,
 }
 
 /// What a task start asks for.
@@ -161,6 +166,7 @@ impl Request {
             Request::TaskStart { .. } => "task_start",
             Request::TaskEnd { .. } => "task_end",
             Request::TaskList { .. } => "task_list",
+            Request::Tasks => "tasks",
         }
     }
 }
@@ -226,6 +232,7 @@ enum WireRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         assertion: Option<WireSecret>,
     },
+    Tasks {},
 }
 
 impl From<WireRequest> for Request {
@@ -289,6 +296,7 @@ impl From<WireRequest> for Request {
                 as_agent,
                 assertion,
             },
+            WireRequest::Tasks {} => Request::Tasks,
         }
     }
 }
@@ -973,6 +981,7 @@ mod tests {
         let cases = [
             (Request::Ping, r#"{"cmd":"ping"}"#),
             (Request::Status, r#"{"cmd":"status"}"#),
+            (Request::Tasks, r#"{"cmd":"tasks"}"#),
             (
                 Request::Rotate {
                     selector: Selector::All,

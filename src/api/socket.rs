@@ -98,6 +98,8 @@ pub trait ControlHandler: Send + Sync + 'static {
         privileged: bool,
         request: TaskCommand,
     ) -> Result<ResponseBody, ApiError>;
+    /// Every agent's tasks not ended (for `keyturn status`).
+    async fn tasks(&self) -> Result<Vec<crate::api::protocol::TaskView>, ApiError>;
 }
 
 /// A task command as the socket read it.
@@ -649,6 +651,7 @@ impl Server {
                 };
                 self.task(peer, command).await
             }
+            Request::Tasks => self.handler.tasks().await.map(ResponseBody::Tasks).into(),
             Request::Ack {
                 agent,
                 credential,
@@ -1059,6 +1062,9 @@ mod tests {
         ) -> Result<crate::surface::Surface, ApiError> {
             Err(ApiError::unavailable("not in this test"))
         }
+        async fn tasks(&self) -> Result<Vec<crate::api::protocol::TaskView>, ApiError> {
+            Err(ApiError::unavailable("not in this test"))
+        }
     }
 
     struct Running {
@@ -1156,12 +1162,14 @@ mod tests {
         }
         let (kind, msg) = error_kind(call(&path, &ack(2)).await.unwrap());
         assert_eq!(kind, ApiErrorKind::Stale, "{msg}");
+        // `tasks` lists every agent's tasks: operators only.
         for req in [
             Request::Status,
             Request::Rotate {
                 selector: Selector::All,
                 wait: false,
             },
+            Request::Tasks,
         ] {
             let (kind, msg) = error_kind(call(&path, &req).await.unwrap());
             assert_eq!(kind, ApiErrorKind::Forbidden, "{msg}");

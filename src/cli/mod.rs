@@ -559,6 +559,7 @@ async fn status(path: &Path, view: StatusView) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let mut online = true;
     let rows = match request(&client, path, &Request::Status).await {
         Ok(ResponseBody::Status(rows)) => rows,
         Ok(_) => return unexpected(),
@@ -573,6 +574,7 @@ async fn status(path: &Path, view: StatusView) -> u8 {
                         "keyturn: {e}; showing the state stored in {}",
                         cfg.daemon.state_dir.display()
                     );
+                    online = false;
                     rows
                 }
                 None => {
@@ -582,8 +584,35 @@ async fn status(path: &Path, view: StatusView) -> u8 {
             }
         }
     };
+    // Every agent's tasks not ended, when the daemon answers (the task
+    // store is the daemon's while it runs). Asked quietly: a daemon of an
+    // older version does not know the command, and its credentials are
+    // still worth showing.
+    let tasks = if online {
+        match call(&client.paths().socket, &Request::Tasks).await {
+            Ok(Response::Ok(ResponseBody::Tasks(tasks))) => Some(tasks),
+            _ => None,
+        }
+    } else if let ClientConfig::Valid(cfg) = &client {
+        // The daemon is down: its live tasks' credentials may still work,
+        // and it ends them when it is back.
+        offline_tasks(cfg)
+    } else {
+        None
+    };
     if let StatusView::Json = view {
-        match serde_json::to_string_pretty(&rows) {
+        /// `status --json`: every credential, and every task not ended
+        /// (`null` when they could not be read).
+        #[derive(serde::Serialize)]
+        struct StatusJson<'a> {
+            credentials: &'a [StatusRow],
+            tasks: Option<&'a [crate::api::protocol::TaskView]>,
+        }
+        let doc = StatusJson {
+            credentials: &rows,
+            tasks: tasks.as_deref(),
+        };
+        match serde_json::to_string_pretty(&doc) {
             Ok(s) => println!("{s}"),
             Err(e) => {
                 eprintln!("keyturn: {e}");
@@ -596,6 +625,24 @@ async fn status(path: &Path, view: StatusView) -> u8 {
     match &view {
         StatusView::Fitted(s) => print!("{}", screen::render_status(&rows, now, s)),
         _ => print!("{}", render_status_table(&rows)),
+    }
+    if let Some(tasks) = tasks.filter(|t| !t.is_empty()) {
+        println!();
+        match &view {
+            StatusView::Fitted(s) => print!("{}", screen::render_tasks(&tasks, now, s, false)),
+            _ => print!(
+                "{}",
+                screen::render_tasks(
+                    &tasks,
+                    now,
+                    &screen::Screen {
+                        width: usize::MAX,
+                        color: false
+                    },
+                    true
+                )
+            ),
+        }
     }
     // Decommissions and orphans, when the daemon answers.
     if let Ok(ResponseBody::Agents(agents)) = request(&client, path, &Request::Agents).await
@@ -683,6 +730,29 @@ async fn decommission(
         );
     }
     0
+}
+
+/// The tasks not ended, from the task store, when the daemon is not running.
+fn offline_tasks(cfg: &Config) -> Option<Vec<crate::api::protocol::TaskView>> {
+    let dir = cfg.daemon.state_dir.join("tasks");
+    match crate::tasks::store::TaskStore::open_read_only(&dir) {
+        Ok(Some(store)) => match store.list(None, 0) {
+            Ok(rows) => Some(
+                rows.iter()
+                    .map(crate::api::protocol::TaskView::of)
+                    .collect(),
+            ),
+            Err(e) => {
+                eprintln!("keyturn: {e}");
+                None
+            }
+        },
+        Ok(None) => Some(Vec::new()),
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            None
+        }
+    }
 }
 
 /// Status from the state database when the daemon is not running.

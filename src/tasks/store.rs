@@ -230,6 +230,28 @@ impl TaskStore {
         })
     }
 
+    /// Opens `<dir>/tasks.db` only to read it (`keyturn status` while the
+    /// daemon is down): `None` when there is none, nothing created, nothing
+    /// set up.
+    pub fn open_read_only(dir: &Path) -> Result<Option<TaskStore>> {
+        let path = dir.join("tasks.db");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let db = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| StoreError {
+            path: path.display().to_string(),
+            message: format!("cannot open: {e}"),
+        })?;
+        Ok(Some(TaskStore {
+            path,
+            db: Mutex::new(db),
+        }))
+    }
+
     fn db(&self) -> MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -580,5 +602,18 @@ mod tests {
         assert_eq!(ids(s.list(Some("other"), 10).unwrap()), ["b"]);
         // A second task with the same id is refused, not merged.
         assert!(s.insert(&row("a", "bot", &["pg"], 5_000)).is_err());
+    }
+
+    #[test]
+    fn read_only_opens_what_exists_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(TaskStore::open_read_only(dir.path()).unwrap().is_none());
+        assert!(!dir.path().join("tasks.db").exists(), "nothing created");
+        let s = TaskStore::open(dir.path()).unwrap();
+        s.insert(&row("a", "bot", &["pg"], 3_000)).unwrap();
+        drop(s);
+        let r = TaskStore::open_read_only(dir.path()).unwrap().unwrap();
+        assert_eq!(r.list(None, 0).unwrap()[0].task.task_id, "a");
+        assert!(r.insert(&row("b", "bot", &["pg"], 3_000)).is_err());
     }
 }
