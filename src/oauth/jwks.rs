@@ -273,7 +273,7 @@ pub struct Jwks {
     /// for the same load instead of each starting one.
     loading: tokio::sync::Mutex<()>,
     unknown_kid_floor: Duration,
-    client: reqwest::Client,
+    client: Option<reqwest::Client>,
     last_error: Mutex<Option<JwksError>>,
     pub stats: JwksStats,
 }
@@ -299,16 +299,22 @@ impl Jwks {
         pinned: Vec<Algorithm>,
         unknown_kid_floor: Duration,
     ) -> Result<Self, JwksError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(FETCH_TIMEOUT)
-            .timeout(FETCH_TIMEOUT)
-            // A redirect could lead anywhere; the configured URL is the one.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| JwksError::Fetch {
-                url: source_name(&source),
-                error: format!("building the HTTP client: {e}"),
-            })?;
+        // Only a URL needs a client (and, for https, the platform's roots).
+        let client = match &source {
+            JwksSource::File(_) => None,
+            JwksSource::Url(url) => Some(
+                reqwest::Client::builder()
+                    .connect_timeout(FETCH_TIMEOUT)
+                    .timeout(FETCH_TIMEOUT)
+                    // A redirect could lead anywhere; the configured URL is the one.
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .map_err(|e| JwksError::Fetch {
+                        url: url.clone(),
+                        error: format!("building the HTTP client: {}", error_chain(&e)),
+                    })?,
+            ),
+        };
         Ok(Jwks {
             source,
             pinned,
@@ -414,48 +420,51 @@ impl Jwks {
     }
 
     async fn read(&self) -> Result<Vec<u8>, JwksError> {
-        match &self.source {
-            JwksSource::File(path) => read_file(path).await,
-            JwksSource::Url(url) => self.fetch(url).await,
+        match (&self.source, &self.client) {
+            (JwksSource::File(path), _) => read_file(path).await,
+            (JwksSource::Url(url), Some(client)) => fetch(client, url).await,
+            (JwksSource::Url(url), None) => Err(JwksError::Fetch {
+                url: url.clone(),
+                error: "no HTTP client".to_owned(),
+            }),
         }
     }
+}
 
-    async fn fetch(&self, url: &str) -> Result<Vec<u8>, JwksError> {
-        let err = |error: String| JwksError::Fetch {
-            url: url.to_owned(),
-            error,
-        };
-        let mut resp = self
-            .client
-            .get(url)
-            .header(
-                reqwest::header::ACCEPT,
-                "application/jwk-set+json, application/json",
-            )
-            .send()
-            .await
-            .map_err(|e| err(error_chain(&e)))?;
-        if resp.status() != reqwest::StatusCode::OK {
-            return Err(err(format!("HTTP status {}", resp.status())));
-        }
-        let too_large = || JwksError::TooLarge {
-            source_name: url.to_owned(),
-        };
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
-        {
+async fn fetch(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, JwksError> {
+    let err = |error: String| JwksError::Fetch {
+        url: url.to_owned(),
+        error,
+    };
+    let mut resp = client
+        .get(url)
+        .header(
+            reqwest::header::ACCEPT,
+            "application/jwk-set+json, application/json",
+        )
+        .send()
+        .await
+        .map_err(|e| err(error_chain(&e)))?;
+    if resp.status() != reqwest::StatusCode::OK {
+        return Err(err(format!("HTTP status {}", resp.status())));
+    }
+    let too_large = || JwksError::TooLarge {
+        source_name: url.to_owned(),
+    };
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| err(error_chain(&e)))? {
+        if body.len() + chunk.len() > MAX_JWKS_BYTES {
             return Err(too_large());
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| err(error_chain(&e)))? {
-            if body.len() + chunk.len() > MAX_JWKS_BYTES {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        body.extend_from_slice(&chunk);
     }
+    Ok(body)
 }
 
 async fn read_file(path: &std::path::Path) -> Result<Vec<u8>, JwksError> {

@@ -1101,3 +1101,38 @@ x = 1
     }
     assert_eq!(got.len(), want.len(), "{got:#?}");
 }
+
+#[tokio::test]
+async fn start_loads_every_issuer_and_refreshes_a_jwks_file_on_schedule() {
+    let (a, b) = (ed_a(), ed_b());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, jwks_of(&[&a])).unwrap();
+    let cfg = SubjectIssuerConfig {
+        refresh: Duration::from_millis(100),
+        ..config(JwksSource::File(path.clone()), vec![Algorithm::EdDSA])
+    };
+    let tokens = SubjectTokens::new(vec![SubjectIssuer::from_config(cfg).unwrap()]);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokens.start(&cancel).await;
+    let jwks = tokens.issuers()[0].jwks().clone();
+    assert!(jwks.keys().has_kid("a"), "start loads the set");
+    tokens.validate(&token(&a)).await.unwrap();
+
+    std::fs::write(&path, jwks_of(&[&b])).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !jwks.keys().has_kid("b") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the file was never read again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokens.validate(&token(&b)).await.unwrap();
+    cancel.cancel();
+    // After cancel no more loads happen.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let loads = jwks.stats.loads.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(jwks.stats.loads.load(Ordering::Relaxed), loads);
+}
