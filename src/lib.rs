@@ -10,6 +10,7 @@
 //! - [`rotation`]   the persisted rotation state machine and its engine; resume after crash;
 //!   follow mode (delivering what another keyturn rotates)
 //! - [`targets`]    trait `Target` + `postgres`, `command` (apply and test a new value where it is used)
+//! - [`oauth`]      the token service (RFC 8693), so far: validating the human's subject tokens
 //! - [`tasks`]      task-scoped credentials: trait `TaskIssuer` (mint and revoke one task's credential at its system)
 //! - [`vaults`]     trait `Vault` + `local` (embedded, encrypted), `hashicorp`, `aws`, `azure`;
 //!   `change_index`, the rotator's record of promotes that followers poll
@@ -43,6 +44,7 @@ pub mod generators;
 pub mod group_commit;
 pub mod memory;
 pub mod model;
+pub mod oauth;
 mod plugin;
 mod private_file;
 pub mod process;

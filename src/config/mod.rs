@@ -53,6 +53,9 @@ pub struct Config {
     pub policies: BTreeMap<String, crate::tasks::policy::Policy>,
     /// `[issuers.NAME]`: the systems that mint task credentials.
     pub issuers: BTreeMap<String, crate::tasks::issuers::IssuerConfig>,
+    /// `[token_service.subject_issuers.NAME]`: whose subject tokens the token
+    /// service accepts (checked; not yet served, see [`crate::oauth`]).
+    pub subject_issuers: BTreeMap<String, crate::oauth::config::SubjectIssuerConfig>,
 }
 
 /// `[alert_rules]`, with its defaults.

@@ -64,6 +64,8 @@ pub struct RawConfig {
     pub policies: BTreeMap<String, Parsed<RawPolicy>>,
     /// `[issuers.NAME]`: the systems that mint task credentials.
     pub issuers: BTreeMap<String, Parsed<crate::tasks::issuers::IssuerConfig>>,
+    /// `[token_service.subject_issuers.NAME]`: whose subject tokens are accepted.
+    pub subject_issuers: BTreeMap<String, Parsed<crate::oauth::config::RawSubjectIssuer>>,
 }
 
 /// `[alert_rules]`: when rotation health raises an alert. Every key is optional.
@@ -274,4 +276,5 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "alert_rules",
     "policies",
     "issuers",
+    "token_service",
 ];

@@ -325,6 +325,7 @@ impl Validator<'_> {
         let alerts = self.alerts(raw, &scope.tier_names);
         let issuers = self.issuers(raw);
         let policies = self.policies(raw, &issuers);
+        let subject_issuers = self.subject_issuers(raw);
         Config {
             source: self.ctx.source.clone(),
             daemon,
@@ -335,7 +336,43 @@ impl Validator<'_> {
             alert_rules,
             policies,
             issuers,
+            subject_issuers,
         }
+    }
+
+    /// `[token_service.subject_issuers.NAME]`: each checked by the oauth
+    /// module; two may not claim the same `iss` (a token would have two sets
+    /// of keys and rules).
+    fn subject_issuers(
+        &mut self,
+        raw: &RawConfig,
+    ) -> BTreeMap<String, crate::oauth::config::SubjectIssuerConfig> {
+        let mut out = BTreeMap::new();
+        let top = Loc::top("token_service");
+        let all = top.key("subject_issuers");
+        let mut seen: HashMap<&str, &str> = HashMap::new();
+        for (name, issuer) in &raw.subject_issuers {
+            let p = all.key(name);
+            let id_ok = self.id(&p, "subject issuer", name);
+            let Parsed::Ok(issuer) = issuer else { continue };
+            if let Some(first) = seen.get(issuer.issuer.as_str()).copied() {
+                self.err(
+                    p.key("issuer"),
+                    format!(
+                        "issuer `{}` is already configured in [token_service.subject_issuers.{first}]: one table per `iss`",
+                        issuer.issuer
+                    ),
+                );
+                continue;
+            }
+            seen.insert(issuer.issuer.as_str(), name.as_str());
+            if let Some(checked) = issuer.check(self, &p, name)
+                && id_ok
+            {
+                out.insert(name.clone(), checked);
+            }
+        }
+        out
     }
 
     /// `[issuers.NAME]`: each checked by its plug-in.
