@@ -448,10 +448,11 @@ def cli(cfg: Path, *args: str, timeout: float = 3600) -> subprocess.CompletedPro
 
 
 def status_json(cfg: Path) -> list[dict]:
+    """The credential rows of `status --json` ({"credentials": [...], "tasks": [...]})."""
     r = cli(cfg, "status", "--json", timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"status --json failed ({r.returncode}): {r.stderr.decode(errors='replace')[:500]}")
-    return json.loads(r.stdout)
+    return json.loads(r.stdout)["credentials"]
 
 
 # --------------------------------------------------------------------------

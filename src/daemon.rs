@@ -213,14 +213,20 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         ])),
         cancel.clone(),
     ));
-    let tasks = Arc::new(crate::tasks::manager::TaskManager::new(
-        crate::tasks::store::TaskStore::open(&config.daemon.state_dir.join("tasks"))
-            .map_err(|e| startup("cannot open the task store", &e))?,
-        task_setup(&engine.catalog().config, &revocations)
-            .map_err(|e| startup("cannot build the task issuers", &e))?,
-        Arc::new(EngineRecorder(engine.clone())),
-        Arc::new(crate::rotation::SystemClock),
-    ));
+    let tasks = Arc::new(
+        crate::tasks::manager::TaskManager::new(
+            crate::tasks::store::TaskStore::open(&config.daemon.state_dir.join("tasks"))
+                .map_err(|e| startup("cannot open the task store", &e))?,
+            task_setup(&engine.catalog().config, &revocations)
+                .map_err(|e| startup("cannot build the task issuers", &e))?,
+            Arc::new(EngineRecorder(engine.clone())),
+            Arc::new(crate::rotation::SystemClock),
+        )
+        .with_metrics(metrics.clone()),
+    );
+    for issuer in engine.catalog().config.issuers.keys() {
+        metrics.task_issuer_configured(issuer);
+    }
     tracker.spawn(tasks.clone().run(cancel.clone()));
     let handler = Arc::new(Handler {
         engine: engine.clone(),
@@ -309,6 +315,13 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 ],
             }
         }));
+        let t = tasks.clone();
+        metrics.set_task_figures_provider(Arc::new(move || {
+            t.figures().unwrap_or_else(|e| {
+                tracing::error!("task metrics: {e}");
+                Default::default()
+            })
+        }));
         let e = engine.clone();
         metrics.set_state_counts_provider(Arc::new(move || {
             e.state_counts()
@@ -386,7 +399,12 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             _ = hup.recv() => {
                 reload(config_path, &engine, &alerts, &mut config_files).await;
                 match task_setup(&engine.catalog().config, &revocations) {
-                    Ok(setup) => tasks.set_setup(setup),
+                    Ok(setup) => {
+                        for issuer in setup.issuers.keys() {
+                            metrics.task_issuer_configured(issuer);
+                        }
+                        tasks.set_setup(setup)
+                    }
                     Err(e) => tracing::error!("task issuers: {e}; tasks keep the issuers they had"),
                 }
                 revocations.reload().await;
@@ -781,6 +799,99 @@ impl Handler {
 }
 
 impl Handler {
+    /// The agent a task request with a JWT assertion is for (`crate::auth`):
+    /// the assertion's, checked against the current and previous public
+    /// keys of that agent's `auth_key`, its `jti` spent in the task store.
+    /// Refused with `as` (one way to name the agent per request), and when
+    /// the peer's uid is another agent's (that agent must not be able to
+    /// act as this one by holding its token). The error goes with the
+    /// agent to put in the refusal's audit record, when known.
+    async fn assertion_caller(
+        &self,
+        peer: PeerCred,
+        as_agent: Option<&AgentId>,
+        token: &crate::api::protocol::WireSecret,
+    ) -> Result<crate::tasks::manager::Caller, (ApiError, Option<AgentId>)> {
+        use crate::auth::{AgentKey, Verifier};
+        if as_agent.is_some() {
+            return Err((
+                ApiError::bad_request(
+                    "`as` and `assertion` together: an assertion already names its agent; send one of them",
+                ),
+                as_agent.cloned(),
+            ));
+        }
+        let Some(token) = token.0.expose_str() else {
+            return Err((ApiError::forbidden("the assertion is not UTF-8 text"), None));
+        };
+        let catalog = self.engine.catalog();
+        let config = &catalog.config;
+        let verifier = Verifier::new(config.daemon.assertion_audience.clone());
+        let refused = |e: crate::auth::AssertionError, agent: Option<AgentId>| {
+            (ApiError::forbidden(e.to_string()), agent)
+        };
+        let claimed = verifier
+            .claimed_agent(token)
+            .map_err(|e| refused(e, None))?;
+        let Some((agent, cfg)) = AgentId::new(&claimed.agent)
+            .ok()
+            .and_then(|id| config.agents.get_key_value(&id))
+        else {
+            return Err((
+                ApiError::forbidden(format!(
+                    "the assertion's iss {:?} is not a configured agent",
+                    claimed.agent.chars().take(64).collect::<String>()
+                )),
+                None,
+            ));
+        };
+        let agent = agent.clone();
+        let deny = |message: String| (ApiError::forbidden(message), Some(agent.clone()));
+        if cfg.uid != Some(peer.uid)
+            && let Some((other, _)) = config
+                .agents
+                .iter()
+                .find(|(id, a)| **id != agent && a.uid == Some(peer.uid))
+        {
+            return Err(deny(format!(
+                "uid {} is agent {other}'s: it may not present an assertion of agent {agent}",
+                peer.uid
+            )));
+        }
+        let Some(auth_key) = cfg.auth_key.clone() else {
+            return Err(deny(format!(
+                "agent {agent} has no `auth_key` in the config: set auth_key to one of its ed25519 credentials to let it authenticate by assertion"
+            )));
+        };
+        let key = CredentialKey::new(agent.clone(), auth_key);
+        let versions = self
+            .engine
+            .load(move |s| s.versions(&key))
+            .await
+            .map_err(|e| {
+                (
+                    ApiError::unavailable(format!("cannot read the agent's keys: {e}")),
+                    Some(agent.clone()),
+                )
+            })?;
+        let keys = AgentKey::accepted(&versions);
+        let verified = verifier
+            .verify(token, &claimed, &keys, self.tasks.store())
+            .map_err(|e| deny(e.to_string()))?;
+        Ok(crate::tasks::manager::Caller {
+            agent: agent.to_string(),
+            actor: peer.actor(),
+            described: format!(
+                "assertion {agent} (key v{}, jti {}) from uid={}",
+                verified.key_version,
+                verified.jti.chars().take(64).collect::<String>(),
+                peer.uid
+            ),
+        })
+    }
+}
+
+impl Handler {
     fn select(&self, selector: &Selector) -> Result<Vec<CredentialKey>, ApiError> {
         let catalog = self.engine.catalog();
         let mut keys: Vec<CredentialKey> = catalog
@@ -939,17 +1050,25 @@ impl ControlHandler for Handler {
             ResponseBody, TaskCredential, TaskStarted, TaskView, WireSecret,
         };
         use crate::tasks::manager::{StartRequest, TaskError};
-        let as_agent = match &command {
-            socket::TaskCommand::Start { as_agent, .. }
-            | socket::TaskCommand::End { as_agent, .. }
-            | socket::TaskCommand::List { as_agent } => as_agent.clone(),
+        let (as_agent, assertion) = command.auth();
+        let (as_agent, assertion) = (as_agent.cloned(), assertion.cloned());
+        let by_assertion = assertion.is_some();
+        let decided = match &assertion {
+            Some(token) => self.assertion_caller(peer, as_agent.as_ref(), token).await,
+            None => self
+                .task_caller(peer, privileged, as_agent.as_ref())
+                .map_err(|e| (e, as_agent.clone())),
         };
-        let caller = match self.task_caller(peer, privileged, as_agent.as_ref()) {
+        let caller = match decided {
             Ok(c) => c,
-            Err(e) => {
+            Err((e, agent)) => {
+                // The reason only: the token itself never reaches the log.
                 let mut ev = AuditEvent::new("task.refused", peer.actor(), Outcome::Refused);
-                ev.agent = as_agent;
+                ev.agent = agent;
                 ev.error = Some(e.message.clone());
+                if by_assertion {
+                    ev.detail = Some("authenticated by assertion".into());
+                }
                 if let Err(err) = self.engine.record(ev).await {
                     tracing::error!(error = %err, "cannot audit a refused task request");
                 }
@@ -1122,6 +1241,17 @@ impl ControlHandler for Handler {
         self.revocations.lifecycle()
     }
 
+    async fn tasks(&self) -> Result<Vec<crate::api::protocol::TaskView>, ApiError> {
+        let rows = self
+            .tasks
+            .list(None, 0)
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        Ok(rows
+            .iter()
+            .map(crate::api::protocol::TaskView::of)
+            .collect())
+    }
+
     async fn surface(&self, unused_after: Duration) -> Result<crate::surface::Surface, ApiError> {
         let rows = self
             .engine
@@ -1136,13 +1266,25 @@ impl ControlHandler for Handler {
         }
         let facts = self.engine.surface_facts();
         let lifecycle = self.revocations.lifecycle();
-        Ok(crate::surface::build(
-            &facts,
-            &lifecycle,
-            &acks,
-            unused_after,
-            self.engine.now(),
-        ))
+        let mut surface =
+            crate::surface::build(&facts, &lifecycle, &acks, unused_after, self.engine.now());
+        let tasks = self
+            .tasks
+            .surface_tasks()
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let catalog = self.engine.catalog();
+        crate::surface::add_tasks(&mut surface, tasks, &|agent| {
+            AgentId::new(agent)
+                .ok()
+                .and_then(|id| catalog.config.agents.get(&id))
+                .map(|a| crate::surface::AgentInfo {
+                    owner: a.owner.clone(),
+                    tenant: a.tenant.clone(),
+                    tier: a.tier.clone(),
+                })
+                .unwrap_or_default()
+        });
+        Ok(surface)
     }
 
     async fn refused(&self, peer: PeerCred, reason: String) {

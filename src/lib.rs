@@ -10,11 +10,13 @@
 //! - [`rotation`]   the persisted rotation state machine and its engine; resume after crash;
 //!   follow mode (delivering what another keyturn rotates)
 //! - [`targets`]    trait `Target` + `postgres`, `command` (apply and test a new value where it is used)
+//! - [`oauth`]      the token service (RFC 8693), so far: validating the human's subject tokens
 //! - [`tasks`]      task-scoped credentials: trait `TaskIssuer` (mint and revoke one task's credential at its system)
 //! - [`vaults`]     trait `Vault` + `local` (embedded, encrypted), `hashicorp`, `aws`, `azure`;
 //!   `change_index`, the rotator's record of promotes that followers poll
 //! - [`sinks`]      trait `Sink` + `file` (atomic write, bundles via `..data`), `signal`, `exec`, `webhook` (signed, address-guarded)
 //! - [`audit`]      hash-chained JSON-lines log, group-committed; verify
+//! - [`auth`]       agents authenticating as themselves: RFC 7523 Ed25519 JWT assertions, single-use `jti`
 //! - [`state`]      trait `StateStore` + SQLite (WAL, migrations); never secret values
 //! - `plugin`       the macro behind the vault, target and sink registries
 //! - [`group_commit`] one thread serving queued jobs in batches (state, audit, local vault)
@@ -34,6 +36,7 @@
 pub mod alerts;
 pub mod api;
 pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -41,6 +44,7 @@ pub mod generators;
 pub mod group_commit;
 pub mod memory;
 pub mod model;
+pub mod oauth;
 mod plugin;
 mod private_file;
 pub mod process;

@@ -21,6 +21,14 @@
 //!   webhook's 2xx). keyturn observes use only where a consumer
 //!   acknowledges; an agent none of whose consumers do is reported with
 //!   `usage_observed = false` and is never flagged unused.
+//! - **task credentials**: what issuers minted for an agent's tasks not
+//!   ended (`crate::tasks`) that may still work: not verified revoked and
+//!   not past the expiry their system enforces. Each is listed under its
+//!   agent with its issuer, the object at the system (a role, a token
+//!   accessor, an STS session) and when it expires; they count in the
+//!   totals (`task_credentials`, `task_credential_seconds_outstanding`)
+//!   apart from the standing credentials, whose definitions above they do
+//!   not change.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -49,6 +57,15 @@ pub struct Totals {
     pub credentials: usize,
     pub live_versions: usize,
     pub credential_seconds_outstanding: u64,
+    /// Tasks not ended, of every agent.
+    #[serde(default)]
+    pub tasks: usize,
+    /// Their credentials that may still work.
+    #[serde(default)]
+    pub task_credentials: usize,
+    /// Sum over those of the time each stays valid from now.
+    #[serde(default)]
+    pub task_credential_seconds_outstanding: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +93,36 @@ pub struct SurfaceAgent {
     pub credentials: Vec<SurfaceCredential>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decommission: Option<AgentLifecycle>,
+    /// Its tasks not ended, soonest to expire first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<SurfaceTask>,
+}
+
+/// A task not ended, and its credentials that may still work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SurfaceTask {
+    pub task: String,
+    pub tenant: String,
+    pub use_case: String,
+    pub sensitivity: String,
+    /// `live`, or `ending` (its credentials are being revoked).
+    pub state: String,
+    /// The task's TTL.
+    pub expires_at: DateTime<Utc>,
+    pub credentials: Vec<SurfaceTaskCredential>,
+}
+
+/// One issuer's credential of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SurfaceTaskCredential {
+    pub issuer: String,
+    /// What it is at the system: `role kt_task_…`, `token accessor …`,
+    /// `STS session keyturn-… of arn:…`. Never secret.
+    pub object: String,
+    /// When the system ends it by itself (the task's TTL when not known).
+    pub expires_at: DateTime<Utc>,
+    /// `issuing`, `issued`, `revoked` (not verified yet) or `expiring`.
+    pub state: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,6 +241,7 @@ pub fn build(
             usage_observed: false,
             credentials: Vec::new(),
             decommission: decom.cloned(),
+            tasks: Vec::new(),
         });
         let c = credential(entry, f, acks, revoked, now);
         a.usage_observed |= c.acking_consumers > 0;
@@ -214,6 +262,7 @@ pub fn build(
                 usage_observed: false,
                 credentials: Vec::new(),
                 decommission: Some(l.clone()),
+                tasks: Vec::new(),
             });
     }
     let unused_cut = now - chrono::Duration::from_std(unused_after).unwrap_or_default();
@@ -258,6 +307,65 @@ pub fn build(
     }
 }
 
+/// Who an agent is, for one that has tasks but no standing credential.
+#[derive(Debug, Clone, Default)]
+pub struct AgentInfo {
+    pub owner: String,
+    pub tenant: String,
+    pub tier: String,
+}
+
+/// Adds each agent's tasks not ended to `s` (`tasks`: agent, task), and
+/// counts their credentials in the totals. An agent with tasks and no
+/// standing credential joins the surface as `active` (`info` says who it
+/// is), so that an identity holding only task credentials is not missed.
+pub fn add_tasks(
+    s: &mut Surface,
+    tasks: Vec<(String, SurfaceTask)>,
+    info: &dyn Fn(&str) -> AgentInfo,
+) {
+    let now = s.generated_at;
+    for (agent, task) in tasks {
+        let i = match s.agents.binary_search_by(|a| a.agent.as_str().cmp(&agent)) {
+            Ok(i) => i,
+            Err(i) => {
+                let who = info(&agent);
+                s.agents.insert(
+                    i,
+                    SurfaceAgent {
+                        agent: agent.clone(),
+                        owner: who.owner,
+                        tenant: who.tenant,
+                        tier: who.tier,
+                        state: "active".into(),
+                        last_used: None,
+                        usage_observed: false,
+                        credentials: Vec::new(),
+                        decommission: None,
+                        tasks: Vec::new(),
+                    },
+                );
+                *s.totals.agents.entry("active".into()).or_default() += 1;
+                s.totals.identities += 1;
+                if s.agents[i].owner.trim().is_empty() {
+                    s.flags.without_owner.push(agent.clone());
+                    s.flags.without_owner.sort();
+                }
+                i
+            }
+        };
+        s.totals.tasks += 1;
+        for c in &task.credentials {
+            s.totals.task_credentials += 1;
+            s.totals.task_credential_seconds_outstanding += secs(c.expires_at - now);
+        }
+        let a = &mut s.agents[i];
+        a.tasks.push(task);
+        a.tasks
+            .sort_by(|x, y| (x.expires_at, &x.task).cmp(&(y.expires_at, &y.task)));
+    }
+}
+
 /// `keyturn surface` as a table.
 pub fn render(s: &Surface) -> String {
     use std::fmt::Write as _;
@@ -279,6 +387,15 @@ pub fn render(s: &Surface) -> String {
         t.live_versions,
         t.credential_seconds_outstanding as f64 / 3600.0
     );
+    if t.tasks > 0 {
+        let _ = writeln!(
+            out,
+            "tasks {}  task credentials {}  task credential-hours outstanding {:.1}",
+            t.tasks,
+            t.task_credentials,
+            t.task_credential_seconds_outstanding as f64 / 3600.0
+        );
+    }
     let hours =
         |x: Option<u64>| x.map_or_else(|| "-".to_owned(), |s| format!("{:.1}h", s as f64 / 3600.0));
     for a in &s.agents {
@@ -313,6 +430,23 @@ pub fn render(s: &Surface) -> String {
                 if c.past_max_age { "  PAST MAX_AGE" } else { "" },
             );
         }
+        for task in &a.tasks {
+            let _ = writeln!(
+                out,
+                "  task {}  tenant {}  use case {}  sensitivity {}  [{}]",
+                task.task, task.tenant, task.use_case, task.sensitivity, task.state
+            );
+            for c in &task.credentials {
+                let _ = writeln!(
+                    out,
+                    "    {:<20} {}  expires {}",
+                    c.issuer,
+                    c.object,
+                    c.expires_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                );
+            }
+        }
     }
     let f = &s.flags;
     let mut flag = |what: &str, list: &[String]| {
@@ -335,4 +469,82 @@ pub fn render(s: &Surface) -> String {
         &f.orphaned,
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str, minutes: i64, now: DateTime<Utc>) -> SurfaceTask {
+        SurfaceTask {
+            task: id.into(),
+            tenant: "acme".into(),
+            use_case: "month-end".into(),
+            sensitivity: "low".into(),
+            state: "live".into(),
+            expires_at: now + chrono::Duration::minutes(minutes),
+            credentials: vec![SurfaceTaskCredential {
+                issuer: "bao".into(),
+                object: format!("token accessor acc-{id}"),
+                expires_at: now + chrono::Duration::minutes(minutes),
+                state: "issued".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn task_credentials_count_in_their_agents_surface() {
+        let now = crate::test_support::at_secs(0);
+        let mut s = build(
+            &[],
+            &[],
+            &Acks::new(),
+            std::time::Duration::from_secs(60),
+            now,
+        );
+        assert_eq!(s.totals.identities, 0);
+        add_tasks(
+            &mut s,
+            vec![
+                ("bot".into(), task("t2", 30, now)),
+                ("bot".into(), task("t1", 10, now)),
+            ],
+            &|agent| AgentInfo {
+                owner: format!("owner-of-{agent}"),
+                tenant: "acme".into(),
+                tier: "high".into(),
+            },
+        );
+        // An agent holding only task credentials is an identity too.
+        assert_eq!(s.totals.identities, 1);
+        assert_eq!(s.totals.agents["active"], 1);
+        assert_eq!(
+            (s.totals.tasks, s.totals.task_credentials),
+            (2, 2),
+            "{:?}",
+            s.totals
+        );
+        assert_eq!(s.totals.task_credential_seconds_outstanding, 40 * 60);
+        let a = &s.agents[0];
+        assert_eq!(
+            (a.agent.as_str(), a.owner.as_str()),
+            ("bot", "owner-of-bot")
+        );
+        assert_eq!(
+            a.tasks.iter().map(|t| t.task.as_str()).collect::<Vec<_>>(),
+            ["t1", "t2"],
+            "soonest to expire first"
+        );
+        let text = render(&s);
+        assert!(text.contains("tasks 2  task credentials 2"), "{text}");
+        assert!(
+            text.contains("token accessor acc-t1  expires 2027-01-15T08:10:00Z"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            json["agents"][0]["tasks"][1]["credentials"][0]["issuer"],
+            "bao"
+        );
+    }
 }

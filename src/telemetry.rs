@@ -172,6 +172,19 @@ pub struct Lifecycle {
 /// Reads the [`Lifecycle`] figures at scrape time.
 pub type LifecycleProvider = Arc<dyn Fn() -> Lifecycle + Send + Sync>;
 
+/// Task-scoped credentials, read at scrape time (`crate::tasks`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskFigures {
+    /// `(agent, issuer, n)`: credentials of tasks not ended that may still
+    /// work (not yet verified revoked nor past their own expiry).
+    pub active: Vec<(String, String, i64)>,
+    /// Tasks past their TTL whose credentials are not all revoked yet.
+    pub revocation_overdue: i64,
+}
+
+/// Reads the [`TaskFigures`] at scrape time.
+pub type TaskFiguresProvider = Arc<dyn Fn() -> TaskFigures + Send + Sync>;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
@@ -191,6 +204,41 @@ struct StateLabels {
 struct DeliveryLabels {
     sink: String,
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IssuerResultLabels {
+    issuer: String,
+    result: &'static str,
+}
+
+/// How one revocation attempt of a task credential ended, as counted by
+/// `keyturn_task_revocations_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskRevocation {
+    /// Revoked, and the system verified to refuse it.
+    Verified,
+    /// The system cannot end it early; it expires by itself (STS without
+    /// the deny policy).
+    Expires,
+    /// The revocation or its verification failed; retried.
+    Failed,
+}
+
+impl TaskRevocation {
+    pub const ALL: [TaskRevocation; 3] = [
+        TaskRevocation::Verified,
+        TaskRevocation::Expires,
+        TaskRevocation::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskRevocation::Verified => "verified",
+            TaskRevocation::Expires => "expires",
+            TaskRevocation::Failed => "failed",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -230,6 +278,9 @@ pub struct Metrics {
     alerts_firing: Family<SeverityLabels, Gauge>,
     alert_deliveries: Family<AlertDeliveryLabels, Counter>,
     alert_spool_depth: Gauge,
+    task_starts: Family<IssuerResultLabels, Counter>,
+    task_revocations: Family<IssuerResultLabels, Counter>,
+    tasks: Arc<RwLock<Option<TaskFiguresProvider>>>,
 }
 
 /// Counts credentials by state at scrape time, so the gauge is never stale
@@ -348,6 +399,23 @@ impl Metrics {
             "alert_spool_depth",
             "Alert deliveries (fire or resolve, per sink) spooled and not yet delivered",
         );
+        // Labels are the issuer's name and the agent: both from the config,
+        // so bounded; never a task id or a tenant (free text an agent
+        // chooses per task).
+        let task_starts: Family<IssuerResultLabels, Counter> = register(
+            &mut registry,
+            "task_starts",
+            "Task credentials issued at start, by issuer name and result (ok, failed)",
+        );
+        let task_revocations: Family<IssuerResultLabels, Counter> = register(
+            &mut registry,
+            "task_revocations",
+            "Revocations of task credentials, by issuer name and result (verified; expires: the system ends it at its expiry; failed: retried)",
+        );
+        let tasks = Arc::new(RwLock::new(None));
+        registry.register_collector(Box::new(TasksCollector {
+            provider: Arc::clone(&tasks),
+        }));
         let provider = Arc::new(RwLock::new(None));
         registry.register_collector(Box::new(CredentialTimesCollector {
             provider: Arc::clone(&provider),
@@ -375,7 +443,52 @@ impl Metrics {
             alerts_firing,
             alert_deliveries,
             alert_spool_depth,
+            task_starts,
+            task_revocations,
+            tasks,
         }
+    }
+
+    /// The task issuer `issuer` is configured: its start and revocation
+    /// series exist at 0, so `increase()` sees the first failure.
+    pub fn task_issuer_configured(&self, issuer: &str) {
+        for result in ["ok", "failed"] {
+            let _ = self.task_starts.get_or_create(&IssuerResultLabels {
+                issuer: issuer.into(),
+                result,
+            });
+        }
+        for r in TaskRevocation::ALL {
+            let _ = self.task_revocations.get_or_create(&IssuerResultLabels {
+                issuer: issuer.into(),
+                result: r.as_str(),
+            });
+        }
+    }
+
+    /// A task's credential at `issuer` was issued (`ok`) or not.
+    pub fn task_issued(&self, issuer: &str, ok: bool) {
+        self.task_starts
+            .get_or_create(&IssuerResultLabels {
+                issuer: issuer.into(),
+                result: result_label(ok),
+            })
+            .inc();
+    }
+
+    /// One revocation attempt of a task's credential at `issuer`.
+    pub fn task_revocation(&self, issuer: &str, result: TaskRevocation) {
+        self.task_revocations
+            .get_or_create(&IssuerResultLabels {
+                issuer: issuer.into(),
+                result: result.as_str(),
+            })
+            .inc();
+    }
+
+    /// Installs the source of `tasks_active` and `task_revocation_overdue`.
+    pub fn set_task_figures_provider(&self, provider: TaskFiguresProvider) {
+        *self.tasks.write().unwrap_or_else(|p| p.into_inner()) = Some(provider);
     }
 
     /// The number of alert conditions firing with `severity` (`warning`, `critical`).
@@ -654,6 +767,50 @@ impl Collector for LifecycleCollector {
     }
 }
 
+/// Writes `tasks_active{agent,issuer}` and `task_revocation_overdue` from
+/// the provider at scrape time (the task store is their one source).
+struct TasksCollector {
+    provider: Arc<RwLock<Option<TaskFiguresProvider>>>,
+}
+
+impl fmt::Debug for TasksCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TasksCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for TasksCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let provider = self
+            .provider
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let figures = provider.map(|p| p()).unwrap_or_default();
+        let mut m = encoder.encode_descriptor(
+            "tasks_active",
+            "Credentials of tasks not ended that may still work, by agent and issuer name",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (agent, issuer, n) in &figures.active {
+            m.encode_family(&[("agent", agent.as_str()), ("issuer", issuer.as_str())])?
+                .encode_gauge(n)?;
+        }
+        // Always exported (0 without tasks), so an alert on it is never
+        // blind to a missing series.
+        encoder
+            .encode_descriptor(
+                "task_revocation_overdue",
+                "Tasks past their TTL whose credentials are not all revoked yet (revocation is retried)",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&figures.revocation_overdue)?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -761,6 +918,45 @@ mod tests {
         // A second scrape asks again (values are not cached per credential).
         m.encode();
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn task_metrics_have_bounded_labels_and_start_at_zero() {
+        let m = Metrics::new();
+        let fresh = m.encode();
+        assert!(
+            fresh.contains("keyturn_task_revocation_overdue 0\n"),
+            "{fresh}"
+        );
+        assert!(!fresh.contains("keyturn_tasks_active{"), "{fresh}");
+        m.task_issuer_configured("bao");
+        for line in [
+            "keyturn_task_starts_total{issuer=\"bao\",result=\"failed\"} 0",
+            "keyturn_task_revocations_total{issuer=\"bao\",result=\"failed\"} 0",
+            "keyturn_task_revocations_total{issuer=\"bao\",result=\"expires\"} 0",
+        ] {
+            assert!(m.encode().contains(line), "missing {line:?}");
+        }
+        m.task_issued("bao", true);
+        m.task_issued("bao", false);
+        m.task_revocation("bao", TaskRevocation::Verified);
+        m.set_task_figures_provider(Arc::new(|| TaskFigures {
+            active: vec![("bot".into(), "bao".into(), 2)],
+            revocation_overdue: 1,
+        }));
+        let text = m.encode();
+        for line in [
+            "# TYPE keyturn_tasks_active gauge",
+            "keyturn_tasks_active{agent=\"bot\",issuer=\"bao\"} 2",
+            "# TYPE keyturn_task_revocation_overdue gauge",
+            "keyturn_task_revocation_overdue 1",
+            "keyturn_task_starts_total{issuer=\"bao\",result=\"ok\"} 1",
+            "keyturn_task_starts_total{issuer=\"bao\",result=\"failed\"} 1",
+            "keyturn_task_revocations_total{issuer=\"bao\",result=\"verified\"} 1",
+            "# HELP keyturn_task_starts Task credentials issued at start",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
     }
 
     #[test]

@@ -37,6 +37,34 @@ fn load_good(name: &str) -> Config {
 /// (fixture, line, column, TOML path, message substring). Column 0 = not checked.
 const BAD: &[(&str, usize, usize, &str, &str)] = &[
     (
+        "bad-auth-key-unknown.toml",
+        13,
+        12,
+        "agents.bot.auth_key",
+        "unknown credential `signing` for auth_key; agent `bot`'s credentials: `db`",
+    ),
+    (
+        "bad-auth-key-not-ed25519.toml",
+        13,
+        12,
+        "agents.bot.auth_key",
+        "auth_key `db` is not an ed25519 keypair",
+    ),
+    (
+        "bad-auth-key-other-agent.toml",
+        13,
+        12,
+        "agents.bot.auth_key",
+        "auth_key `signing` is a credential of agent `other`: an agent authenticates with a key of its own",
+    ),
+    (
+        "bad-assertion-audience.toml",
+        5,
+        22,
+        "daemon.assertion_audience",
+        "assertion_audience must be a non-empty name",
+    ),
+    (
         "bad-vault-listed-twice.toml",
         15,
         19,
@@ -646,6 +674,51 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "invalid alert sink name `On-Call`",
     ),
 ];
+
+/// `auth_key` names the agent's ed25519 credential; the audience defaults
+/// to `keyturn` and can be set.
+#[test]
+fn an_auth_key_and_the_assertion_audience_load() {
+    let text = |daemon_extra: &str| {
+        format!(
+            r#"
+[daemon]
+state_dir = "state"
+delivery_roots = ["agents"]
+{daemon_extra}
+
+[vaults.local]
+type = "local"
+
+[agents.bot]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+auth_key = "signing"
+
+[agents.bot.credentials.signing]
+vault = "local"
+every = "1h"
+generate = {{ kind = "ed25519" }}
+deliver = [{{ type = "file", path = "bot/signing" }}]
+"#
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let load = |t: String| {
+        keyturn::config::load_str(&dir.path().join("k.toml"), &t)
+            .unwrap_or_else(|e| panic!("must load:\n{e}"))
+    };
+    let cfg = load(text(""));
+    let bot = keyturn::model::AgentId::new("bot").unwrap();
+    assert_eq!(
+        cfg.agents[&bot].auth_key.as_ref().map(|c| c.as_str()),
+        Some("signing")
+    );
+    assert_eq!(cfg.daemon.assertion_audience, "keyturn");
+    let cfg = load(text("assertion_audience = \"keyturn.example.com\""));
+    assert_eq!(cfg.daemon.assertion_audience, "keyturn.example.com");
+}
 
 /// `mode = "follow"`: no schedule needed, `poll` defaults to 5 s, and
 /// `change_index` is read on a remote vault.

@@ -1053,9 +1053,12 @@ fn status_without_a_daemon_shows_the_stored_state() {
     daemon.stop();
     let out = env.cli_ok(&["status", "--json"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("showing the state stored"));
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = &doc["credentials"];
     assert_eq!(rows[0]["version"], 1);
     assert_eq!(rows[0]["state"], "stopped");
+    // Tasks too, from the task store (none here).
+    assert_eq!(doc["tasks"], serde_json::json!([]), "{doc}");
 }
 
 #[test]

@@ -260,6 +260,10 @@ fn the_ttl_is_enforced_across_kill_9() {
     let as_task = db.as_task(&pg_credential(&t));
     assert!(psql(&as_task, "SELECT 1").is_ok());
     d.kill9();
+    // The daemon is down: `status` shows the live task from the store.
+    let offline = common::status_doc(&env);
+    assert_eq!(offline["tasks"][0]["task"], t["task"], "{offline}");
+    assert_eq!(offline["tasks"][0]["state"], "live", "{offline}");
     std::thread::sleep(Duration::from_secs(5));
     // Restarted after the TTL passed: the task ends at once.
     let _d = env.start();
@@ -350,4 +354,207 @@ fn refusals_are_clear_and_audited() {
         .filter(|r| r["event"] == "task.refused")
         .count();
     assert!(refused >= 5, "{refused} refusals audited");
+}
+
+/// An agent with an `auth_key`: its ed25519 key is delivered to it, and
+/// it authenticates with an assertion signed by that key instead of its
+/// uid (a container's uid means nothing); `other` is a second agent whose
+/// uid must not be able to use `bot`'s assertion.
+fn assertion_env(db: &Db) -> Env {
+    let s = &db.suffix;
+    let env = Env::with_daemon(
+        &format!(
+            r#"
+[agents.bot]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+uid = 4242
+gid = 4242
+auth_key = "signing"
+
+[agents.bot.credentials.signing]
+vault = "local"
+every = "1h"
+generate = {{ kind = "ed25519" }}
+deliver = [{{ type = "file", path = "{{root}}/bot/signing" }}]
+
+[agents.other]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+uid = 4343
+gid = 4343
+
+[agents.other.credentials.db]
+vault = "local"
+every = "1h"
+generate = {{ kind = "password", length = 24 }}
+deliver = [{{ type = "file", path = "{{root}}/other/db" }}]
+
+[issuers.pg]
+type = "postgres"
+admin_dsn_file = "{{dir}}/pg-admin.dsn"
+
+[policies.invoicing]
+agents = ["bot"]
+tenants = ["acme"]
+max_ttl = "1h"
+default_ttl = "10m"
+levels.low.grants.pg = {{ roles = ["r_low_{s}"] }}
+"#
+        ),
+        "task_root = \"{dir}/agents/tasks\"",
+    );
+    std::fs::write(env.path().join("pg-admin.dsn"), &db.admin).unwrap();
+    env
+}
+
+/// One raw JSON request line on the agents' socket, and its answer.
+fn raw_request(socket: &std::path::Path, request: &serde_json::Value) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let mut line = serde_json::to_vec(request).unwrap();
+    line.push(b'\n');
+    stream.write_all(&line).unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut answer)
+        .unwrap();
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{answer:?}: {e}"))
+}
+
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[test]
+fn an_agent_authenticates_with_an_assertion_signed_by_its_own_key() {
+    let db = Db::new();
+    let env = assertion_env(&db);
+    let _d = env.start();
+    let key = env.root().join("bot/signing/private.pem");
+    wait_for(Duration::from_secs(20), || key.exists().then_some(()))
+        .unwrap_or_else(|| panic!("{} was never delivered", key.display()));
+    let key_arg = key.display().to_string();
+
+    // The CLI signs a fresh assertion; root's uid plays no part (no `--as`).
+    let out = env.cli_ok(&[
+        "task",
+        "start",
+        "--key",
+        &key_arg,
+        "--agent",
+        "bot",
+        "--tenant",
+        "acme",
+        "--use-case",
+        "month-end",
+        "--run-id",
+        "run-jwt",
+        "--initiator",
+        "alice@example.com",
+        "--sensitivity",
+        "low",
+    ]);
+    let started: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(started["agent"], "bot", "{started}");
+    let by = started["started_by"].as_str().unwrap().to_owned();
+    assert!(by.starts_with("assertion bot (key v"), "{by}");
+    let records = audit_records(&env);
+    let rec = records
+        .iter()
+        .find(|r| r["event"] == "task.started")
+        .unwrap_or_else(|| panic!("no task.started: {records:?}"));
+    assert_eq!(rec["agent"], "bot", "{rec}");
+    assert!(
+        serde_json::to_string(rec)
+            .unwrap()
+            .contains("assertion bot"),
+        "{rec}"
+    );
+    let list: serde_json::Value = serde_json::from_slice(
+        &env.cli_ok(&["task", "list", "--key", &key_arg, "--agent", "bot"])
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+
+    // The same assertion twice over the socket: the second is a replay.
+    let private = keyturn::model::SecretValue::new(std::fs::read(&key).unwrap());
+    let token = keyturn::auth::sign(&private, "bot", "keyturn", 60).unwrap();
+    let token = token.expose_str().unwrap().to_owned();
+    let socket = env.path().join("agent.sock");
+    let request = serde_json::json!({"cmd": "task_list", "assertion": token});
+    let first = raw_request(&socket, &request);
+    assert_eq!(first["ok"], true, "{first}");
+    let replay = raw_request(&socket, &request);
+    assert_eq!(replay["ok"], false, "{replay}");
+    assert!(
+        replay["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already used"),
+        "{replay}"
+    );
+    // `as` with an assertion is refused, whoever sends it.
+    let fresh = keyturn::auth::sign(&private, "bot", "keyturn", 60).unwrap();
+    let both = raw_request(
+        &socket,
+        &serde_json::json!({"cmd": "task_list", "as": "bot", "assertion": fresh.expose_str().unwrap()}),
+    );
+    assert_eq!(both["ok"], false, "{both}");
+
+    // Agent `other`'s uid holding bot's key (and so its assertions): refused.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let stolen = env.path().join("stolen.pem");
+    std::fs::copy(&key, &stolen).unwrap();
+    std::fs::set_permissions(&stolen, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=4343", "--regid=4343", "--clear-groups", "--"])
+        .arg(common::bin())
+        .args(["task", "list", "--key"])
+        .arg(&stolen)
+        .args(["--agent", "bot", "--socket"])
+        .arg(&socket)
+        .args(["--config", "/nonexistent.toml"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(77), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("uid 4343 is agent other's"),
+        "{out:?}"
+    );
+
+    // Every refusal is audited with its reason, never the token.
+    let records = audit_records(&env);
+    let refused: Vec<String> = records
+        .iter()
+        .filter(|r| r["event"] == "task.refused")
+        .map(|r| r["error"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(
+        refused.iter().any(|e| e.contains("already used")),
+        "{refused:?}"
+    );
+    assert!(
+        refused.iter().any(|e| e.contains("`as` and `assertion`")),
+        "{refused:?}"
+    );
+    assert!(
+        refused.iter().any(|e| e.contains("uid 4343")),
+        "{refused:?}"
+    );
+    let log = std::fs::read_to_string(env.audit_log()).unwrap();
+    let signature = token.rsplit('.').next().unwrap();
+    assert!(!log.contains(signature), "the token reached the audit log");
+    env.cli_ok(&[
+        "task",
+        "end",
+        "--as",
+        "bot",
+        started["task"].as_str().unwrap(),
+    ]);
 }

@@ -12,6 +12,7 @@
 //! {"cmd":"decommission","agent":"invoice-bot","reason":"retired","by":"alice@example.com"}
 //! {"cmd":"agents"}
 //! {"cmd":"surface","unused_after_seconds":2592000}
+//! {"cmd":"tasks"}
 //! ```
 //! Responses carry `ok` and exactly one of `result` / `error`:
 //! ```text
@@ -47,6 +48,7 @@ pub const COMMANDS: &[&str] = &[
     "task_start",
     "task_end",
     "task_list",
+    "tasks",
 ];
 
 /// The commands served on the agents' socket.
@@ -105,6 +107,10 @@ pub enum Request {
     TaskStart {
         #[serde(default, rename = "as")]
         as_agent: Option<AgentId>,
+        /// An RFC 7523 JWT assertion signed with the agent's own key
+        /// (`crate::auth`): the caller is its agent, whatever the uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        assertion: Option<WireSecret>,
         #[serde(flatten)]
         task: TaskStartArgs,
     },
@@ -112,13 +118,24 @@ pub enum Request {
     TaskEnd {
         #[serde(default, rename = "as")]
         as_agent: Option<AgentId>,
+        /// An RFC 7523 JWT assertion signed with the agent's own key
+        /// (`crate::auth`): the caller is its agent, whatever the uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        assertion: Option<WireSecret>,
         task: String,
     },
     /// The caller's tasks (live and ending, then the last ended ones).
     TaskList {
         #[serde(default, rename = "as")]
         as_agent: Option<AgentId>,
+        /// An RFC 7523 JWT assertion signed with the agent's own key
+        /// (`crate::auth`): the caller is its agent, whatever the uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        assertion: Option<WireSecret>,
     },
+    /// Every agent's tasks not ended (live, and ending: revocation not
+    /// verified yet), for `keyturn status`. Control socket only.
+    Tasks,
 }
 
 /// What a task start asks for.
@@ -149,6 +166,7 @@ impl Request {
             Request::TaskStart { .. } => "task_start",
             Request::TaskEnd { .. } => "task_end",
             Request::TaskList { .. } => "task_list",
+            Request::Tasks => "tasks",
         }
     }
 }
@@ -185,6 +203,10 @@ enum WireRequest {
     TaskStart {
         #[serde(default, rename = "as")]
         as_agent: Option<AgentId>,
+        /// An RFC 7523 JWT assertion signed with the agent's own key
+        /// (`crate::auth`): the caller is its agent, whatever the uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        assertion: Option<WireSecret>,
         tenant: String,
         use_case: String,
         run_id: String,
@@ -196,12 +218,21 @@ enum WireRequest {
     TaskEnd {
         #[serde(default, rename = "as")]
         as_agent: Option<AgentId>,
+        /// An RFC 7523 JWT assertion signed with the agent's own key
+        /// (`crate::auth`): the caller is its agent, whatever the uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        assertion: Option<WireSecret>,
         task: String,
     },
     TaskList {
         #[serde(default, rename = "as")]
         as_agent: Option<AgentId>,
+        /// An RFC 7523 JWT assertion signed with the agent's own key
+        /// (`crate::auth`): the caller is its agent, whatever the uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        assertion: Option<WireSecret>,
     },
+    Tasks {},
 }
 
 impl From<WireRequest> for Request {
@@ -230,6 +261,7 @@ impl From<WireRequest> for Request {
             },
             WireRequest::TaskStart {
                 as_agent,
+                assertion,
                 tenant,
                 use_case,
                 run_id,
@@ -238,6 +270,7 @@ impl From<WireRequest> for Request {
                 ttl_seconds,
             } => Request::TaskStart {
                 as_agent,
+                assertion,
                 task: TaskStartArgs {
                     tenant,
                     use_case,
@@ -247,8 +280,23 @@ impl From<WireRequest> for Request {
                     ttl_seconds,
                 },
             },
-            WireRequest::TaskEnd { as_agent, task } => Request::TaskEnd { as_agent, task },
-            WireRequest::TaskList { as_agent } => Request::TaskList { as_agent },
+            WireRequest::TaskEnd {
+                as_agent,
+                assertion,
+                task,
+            } => Request::TaskEnd {
+                as_agent,
+                assertion,
+                task,
+            },
+            WireRequest::TaskList {
+                as_agent,
+                assertion,
+            } => Request::TaskList {
+                as_agent,
+                assertion,
+            },
+            WireRequest::Tasks {} => Request::Tasks,
         }
     }
 }
@@ -933,6 +981,7 @@ mod tests {
         let cases = [
             (Request::Ping, r#"{"cmd":"ping"}"#),
             (Request::Status, r#"{"cmd":"status"}"#),
+            (Request::Tasks, r#"{"cmd":"tasks"}"#),
             (
                 Request::Rotate {
                     selector: Selector::All,
@@ -967,6 +1016,33 @@ mod tests {
                 wait: false
             }
         );
+    }
+
+    /// The socket logs task requests with `{:?}`: the assertion, a bearer
+    /// token while it lives, must not show; it goes back out as sent.
+    #[test]
+    fn an_assertion_is_read_on_every_task_command_and_never_printed() {
+        let token = "eyJhbGciOiJFZERTQSJ9.kt_canary_payload.kt_canary_sig";
+        for line in [
+            format!(r#"{{"cmd":"task_list","assertion":"{token}"}}"#),
+            format!(r#"{{"cmd":"task_end","task":"t1","assertion":"{token}"}}"#),
+            format!(
+                r#"{{"cmd":"task_start","assertion":"{token}","tenant":"a","use_case":"u","run_id":"r","initiator":"i","sensitivity":"low"}}"#
+            ),
+        ] {
+            let req = parse_request(&line).unwrap();
+            let (Request::TaskList { assertion, .. }
+            | Request::TaskEnd { assertion, .. }
+            | Request::TaskStart { assertion, .. }) = &req
+            else {
+                panic!("{line}");
+            };
+            assert_eq!(assertion.as_ref().unwrap().0.expose_str(), Some(token));
+            assert!(!format!("{req:?}").contains("kt_canary"), "{req:?}");
+            assert!(serde_json::to_string(&req).unwrap().contains(token));
+        }
+        let plain = parse_request(r#"{"cmd":"task_list"}"#).unwrap();
+        assert!(!serde_json::to_string(&plain).unwrap().contains("assertion"));
     }
 
     #[test]

@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use super::protocol::{
     AGENT_COMMANDS, AckResult, AgentLifecycle, ApiError, DecommissionResult, Request, Response,
-    ResponseBody, RotateResult, Selector, StatusRow, parse_request,
+    ResponseBody, RotateResult, Selector, StatusRow, WireSecret, parse_request,
 };
 use crate::audit::Actor;
 use crate::model::{AgentId, CredentialKey};
@@ -98,6 +98,8 @@ pub trait ControlHandler: Send + Sync + 'static {
         privileged: bool,
         request: TaskCommand,
     ) -> Result<ResponseBody, ApiError>;
+    /// Every agent's tasks not ended (for `keyturn status`).
+    async fn tasks(&self) -> Result<Vec<crate::api::protocol::TaskView>, ApiError>;
 }
 
 /// A task command as the socket read it.
@@ -105,15 +107,40 @@ pub trait ControlHandler: Send + Sync + 'static {
 pub enum TaskCommand {
     Start {
         as_agent: Option<AgentId>,
+        assertion: Option<WireSecret>,
         task: crate::api::protocol::TaskStartArgs,
     },
     End {
         as_agent: Option<AgentId>,
+        assertion: Option<WireSecret>,
         task: String,
     },
     List {
         as_agent: Option<AgentId>,
+        assertion: Option<WireSecret>,
     },
+}
+
+impl TaskCommand {
+    /// `as` and the assertion, whichever command it is.
+    pub fn auth(&self) -> (Option<&AgentId>, Option<&WireSecret>) {
+        match self {
+            TaskCommand::Start {
+                as_agent,
+                assertion,
+                ..
+            }
+            | TaskCommand::End {
+                as_agent,
+                assertion,
+                ..
+            }
+            | TaskCommand::List {
+                as_agent,
+                assertion,
+            } => (as_agent.as_ref(), assertion.as_ref()),
+        }
+    }
 }
 
 /// The peer's credentials as the kernel reported them at `connect` time.
@@ -590,13 +617,41 @@ impl Server {
                 .await
                 .map(|s| ResponseBody::Surface(Box::new(s)))
                 .into(),
-            Request::TaskStart { as_agent, task } => {
-                self.task(peer, TaskCommand::Start { as_agent, task }).await
+            Request::TaskStart {
+                as_agent,
+                assertion,
+                task,
+            } => {
+                let command = TaskCommand::Start {
+                    as_agent,
+                    assertion,
+                    task,
+                };
+                self.task(peer, command).await
             }
-            Request::TaskEnd { as_agent, task } => {
-                self.task(peer, TaskCommand::End { as_agent, task }).await
+            Request::TaskEnd {
+                as_agent,
+                assertion,
+                task,
+            } => {
+                let command = TaskCommand::End {
+                    as_agent,
+                    assertion,
+                    task,
+                };
+                self.task(peer, command).await
             }
-            Request::TaskList { as_agent } => self.task(peer, TaskCommand::List { as_agent }).await,
+            Request::TaskList {
+                as_agent,
+                assertion,
+            } => {
+                let command = TaskCommand::List {
+                    as_agent,
+                    assertion,
+                };
+                self.task(peer, command).await
+            }
+            Request::Tasks => self.handler.tasks().await.map(ResponseBody::Tasks).into(),
             Request::Ack {
                 agent,
                 credential,
@@ -1007,6 +1062,9 @@ mod tests {
         ) -> Result<crate::surface::Surface, ApiError> {
             Err(ApiError::unavailable("not in this test"))
         }
+        async fn tasks(&self) -> Result<Vec<crate::api::protocol::TaskView>, ApiError> {
+            Err(ApiError::unavailable("not in this test"))
+        }
     }
 
     struct Running {
@@ -1104,12 +1162,14 @@ mod tests {
         }
         let (kind, msg) = error_kind(call(&path, &ack(2)).await.unwrap());
         assert_eq!(kind, ApiErrorKind::Stale, "{msg}");
+        // `tasks` lists every agent's tasks: operators only.
         for req in [
             Request::Status,
             Request::Rotate {
                 selector: Selector::All,
                 wait: false,
             },
+            Request::Tasks,
         ] {
             let (kind, msg) = error_kind(call(&path, &req).await.unwrap());
             assert_eq!(kind, ApiErrorKind::Forbidden, "{msg}");

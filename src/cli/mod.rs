@@ -147,7 +147,8 @@ pub enum Command {
     /// Task-scoped credentials: start a task (its credentials issued for
     /// it alone), end it (revoked at once), list yours. Talks to the agents'
     /// socket as the calling uid's agent; root and the control socket's
-    /// group name one with `--as`.
+    /// group name one with `--as`; an agent whose uid means nothing (in a
+    /// container) signs an assertion with its own key: `--key --agent`.
     Task {
         #[command(subcommand)]
         command: TaskCommand,
@@ -158,6 +159,24 @@ pub enum Command {
         /// Act for this agent (root and the control socket's group; audited).
         #[arg(long = "as", value_name = "AGENT", global = true, add = ArgValueCompleter::new(completions::agents))]
         as_agent: Option<String>,
+        /// Authenticate as `--agent` with a JWT assertion signed by this
+        /// Ed25519 private key (PKCS#8 PEM: the file keyturn delivers for
+        /// the agent's `auth_key` credential).
+        #[arg(
+            long,
+            value_name = "PATH",
+            global = true,
+            requires = "agent",
+            conflicts_with = "as_agent"
+        )]
+        key: Option<PathBuf>,
+        /// The agent the `--key` belongs to.
+        #[arg(long, value_name = "AGENT", global = true, requires = "key", add = ArgValueCompleter::new(completions::agents))]
+        agent: Option<String>,
+        /// The assertion's `aud` (default: the config's
+        /// `daemon.assertion_audience` if it can be read, else keyturn).
+        #[arg(long, value_name = "AUD", global = true, requires = "key")]
+        audience: Option<String>,
     },
     /// Audit log commands.
     Audit {
@@ -345,7 +364,17 @@ async fn run(cli: Cli) -> u8 {
             command,
             socket,
             as_agent,
-        } => task(&cli.config, command, socket, as_agent).await,
+            key,
+            agent,
+            audience,
+        } => {
+            let signer = key.zip(agent).map(|(key, agent)| AssertionSigner {
+                key,
+                agent,
+                audience,
+            });
+            task(&cli.config, command, socket, as_agent, signer).await
+        }
         Command::Audit {
             command: AuditCommand::Verify,
         } => audit_verify(&cli.config),
@@ -530,6 +559,7 @@ async fn status(path: &Path, view: StatusView) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let mut online = true;
     let rows = match request(&client, path, &Request::Status).await {
         Ok(ResponseBody::Status(rows)) => rows,
         Ok(_) => return unexpected(),
@@ -544,6 +574,7 @@ async fn status(path: &Path, view: StatusView) -> u8 {
                         "keyturn: {e}; showing the state stored in {}",
                         cfg.daemon.state_dir.display()
                     );
+                    online = false;
                     rows
                 }
                 None => {
@@ -553,8 +584,35 @@ async fn status(path: &Path, view: StatusView) -> u8 {
             }
         }
     };
+    // Every agent's tasks not ended, when the daemon answers (the task
+    // store is the daemon's while it runs). Asked quietly: a daemon of an
+    // older version does not know the command, and its credentials are
+    // still worth showing.
+    let tasks = if online {
+        match call(&client.paths().socket, &Request::Tasks).await {
+            Ok(Response::Ok(ResponseBody::Tasks(tasks))) => Some(tasks),
+            _ => None,
+        }
+    } else if let ClientConfig::Valid(cfg) = &client {
+        // The daemon is down: its live tasks' credentials may still work,
+        // and it ends them when it is back.
+        offline_tasks(cfg)
+    } else {
+        None
+    };
     if let StatusView::Json = view {
-        match serde_json::to_string_pretty(&rows) {
+        /// `status --json`: every credential, and every task not ended
+        /// (`null` when they could not be read).
+        #[derive(serde::Serialize)]
+        struct StatusJson<'a> {
+            credentials: &'a [StatusRow],
+            tasks: Option<&'a [crate::api::protocol::TaskView]>,
+        }
+        let doc = StatusJson {
+            credentials: &rows,
+            tasks: tasks.as_deref(),
+        };
+        match serde_json::to_string_pretty(&doc) {
             Ok(s) => println!("{s}"),
             Err(e) => {
                 eprintln!("keyturn: {e}");
@@ -567,6 +625,24 @@ async fn status(path: &Path, view: StatusView) -> u8 {
     match &view {
         StatusView::Fitted(s) => print!("{}", screen::render_status(&rows, now, s)),
         _ => print!("{}", render_status_table(&rows)),
+    }
+    if let Some(tasks) = tasks.filter(|t| !t.is_empty()) {
+        println!();
+        match &view {
+            StatusView::Fitted(s) => print!("{}", screen::render_tasks(&tasks, now, s, false)),
+            _ => print!(
+                "{}",
+                screen::render_tasks(
+                    &tasks,
+                    now,
+                    &screen::Screen {
+                        width: usize::MAX,
+                        color: false
+                    },
+                    true
+                )
+            ),
+        }
     }
     // Decommissions and orphans, when the daemon answers.
     if let Ok(ResponseBody::Agents(agents)) = request(&client, path, &Request::Agents).await
@@ -656,6 +732,29 @@ async fn decommission(
     0
 }
 
+/// The tasks not ended, from the task store, when the daemon is not running.
+fn offline_tasks(cfg: &Config) -> Option<Vec<crate::api::protocol::TaskView>> {
+    let dir = cfg.daemon.state_dir.join("tasks");
+    match crate::tasks::store::TaskStore::open_read_only(&dir) {
+        Ok(Some(store)) => match store.list(None, 0) {
+            Ok(rows) => Some(
+                rows.iter()
+                    .map(crate::api::protocol::TaskView::of)
+                    .collect(),
+            ),
+            Err(e) => {
+                eprintln!("keyturn: {e}");
+                None
+            }
+        },
+        Ok(None) => Some(Vec::new()),
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            None
+        }
+    }
+}
+
 /// Status from the state database when the daemon is not running.
 fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
     let db = crate::daemon::state_db_path(cfg);
@@ -712,6 +811,7 @@ async fn task(
     command: TaskCommand,
     socket: Option<PathBuf>,
     as_agent: Option<String>,
+    signer: Option<AssertionSigner>,
 ) -> u8 {
     use crate::api::protocol::TaskStartArgs;
     let as_agent = match as_agent.map(crate::model::AgentId::new).transpose() {
@@ -720,6 +820,10 @@ async fn task(
             eprintln!("keyturn: --as: {e}");
             return EXIT_USAGE;
         }
+    };
+    let assertion = match signer.map(|s| s.sign(path)).transpose() {
+        Ok(a) => a,
+        Err(code) => return code,
     };
     let socket = socket.unwrap_or_else(|| agent_socket_of(path));
     let req = match command {
@@ -740,6 +844,7 @@ async fn task(
             };
             Request::TaskStart {
                 as_agent,
+                assertion,
                 task: TaskStartArgs {
                     tenant,
                     use_case,
@@ -750,8 +855,15 @@ async fn task(
                 },
             }
         }
-        TaskCommand::End { task } => Request::TaskEnd { as_agent, task },
-        TaskCommand::List => Request::TaskList { as_agent },
+        TaskCommand::End { task } => Request::TaskEnd {
+            as_agent,
+            assertion,
+            task,
+        },
+        TaskCommand::List => Request::TaskList {
+            as_agent,
+            assertion,
+        },
     };
     let body = match call(&socket, &req).await {
         Ok(Response::Ok(body)) => body,
@@ -792,6 +904,49 @@ async fn task(
 
 /// The agents' socket named by the config at `path` (read leniently: an
 /// agent may not be able to read it), else the default.
+/// `keyturn task --key PATH --agent NAME [--audience AUD]`: the agent
+/// proves who it is with a fresh assertion signed by its own key.
+struct AssertionSigner {
+    key: PathBuf,
+    agent: String,
+    audience: Option<String>,
+}
+
+impl AssertionSigner {
+    /// How long a signed assertion lives: enough to reach the daemon, and
+    /// it is single-use anyway.
+    const LIFETIME_SECS: i64 = 60;
+
+    fn sign(self, config: &Path) -> Result<crate::api::protocol::WireSecret, u8> {
+        if let Err(e) = crate::model::AgentId::new(&self.agent) {
+            eprintln!("keyturn: --agent: {e}");
+            return Err(EXIT_USAGE);
+        }
+        let private = match std::fs::read(&self.key) {
+            Ok(bytes) => crate::model::SecretValue::new(bytes),
+            Err(e) => {
+                eprintln!("keyturn: --key {}: {e}", self.key.display());
+                return Err(EXIT_USAGE);
+            }
+        };
+        let audience = self.audience.unwrap_or_else(|| {
+            std::fs::read_to_string(config)
+                .ok()
+                .and_then(|text| crate::config::ClientPaths::lenient(config, &text))
+                .map_or_else(
+                    || crate::auth::DEFAULT_AUDIENCE.to_owned(),
+                    |p| p.assertion_audience,
+                )
+        });
+        crate::auth::sign(&private, &self.agent, &audience, Self::LIFETIME_SECS)
+            .map(crate::api::protocol::WireSecret)
+            .map_err(|e| {
+                eprintln!("keyturn: --key {}: {e}", self.key.display());
+                EXIT_USAGE
+            })
+    }
+}
+
 fn agent_socket_of(path: &Path) -> PathBuf {
     std::fs::read_to_string(path)
         .ok()

@@ -15,7 +15,7 @@ use anstyle::{AnsiColor, Style};
 use chrono::{DateTime, Utc};
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
-use crate::api::protocol::{AgentLifecycle, StatusRow};
+use crate::api::protocol::{AgentLifecycle, StatusRow, TaskView};
 
 /// The terminal width assumed: what fits everywhere.
 pub const WIDTH: usize = 80;
@@ -325,6 +325,111 @@ pub fn render_status(rows: &[StatusRow], now: DateTime<Utc>, screen: &Screen) ->
     out
 }
 
+/// Tasks listed per agent on the fitted screen; the rest are counted.
+pub const TASKS_PER_AGENT: usize = 5;
+
+/// Every task not ended, per agent, soonest to expire first: id, issuers,
+/// tenant, use case, sensitivity and when it expires (`ending`: its
+/// credentials are being revoked; `overdue`: past its TTL and not all
+/// revoked). Fitted, at most [`TASKS_PER_AGENT`] an agent and a count line
+/// for the rest; `wide`, every task with its expiry as a time. Never a
+/// credential: a task view holds none.
+pub fn render_tasks(tasks: &[TaskView], now: DateTime<Utc>, screen: &Screen, wide: bool) -> String {
+    const HEADER: [&str; 7] = [
+        "AGENT", "TASK", "ISSUERS", "TENANT", "USE CASE", "SENS", "EXPIRES",
+    ];
+    let mut sorted: Vec<&TaskView> = tasks.iter().collect();
+    sorted.sort_by(|a, b| (&a.agent, a.expires_at).cmp(&(&b.agent, b.expires_at)));
+    let mut shown: Vec<&TaskView> = Vec::new();
+    // (agent, tasks not shown)
+    let mut more: Vec<(&str, usize)> = Vec::new();
+    for t in &sorted {
+        let of_agent = shown.iter().filter(|s| s.agent == t.agent).count();
+        if wide || of_agent < TASKS_PER_AGENT {
+            shown.push(t);
+        } else {
+            match more.last_mut() {
+                Some((a, n)) if *a == t.agent => *n += 1,
+                _ => more.push((&t.agent, 1)),
+            }
+        }
+    }
+    let expires = |t: &TaskView| -> (String, Style) {
+        let open = t.items.iter().any(|i| match i.state.as_str() {
+            "verified" => false,
+            "expiring" => i.expires_at.is_none_or(|e| e > now),
+            _ => true,
+        });
+        if t.expires_at <= now && open {
+            ("overdue".into(), RED.bold())
+        } else if t.state == "ending" {
+            ("ending".into(), YELLOW)
+        } else if wide {
+            (
+                t.expires_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                Style::new(),
+            )
+        } else if t.expires_at <= now {
+            ("now".into(), Style::new())
+        } else {
+            (format!("in {}", short(t.expires_at - now)), Style::new())
+        }
+    };
+    let cells: Vec<[String; 7]> = shown
+        .iter()
+        .map(|t| {
+            [
+                clean(&t.agent),
+                t.task.clone(),
+                clean(
+                    &t.items
+                        .iter()
+                        .map(|i| i.issuer.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                clean(&t.tenant),
+                clean(&t.use_case),
+                clean(&t.sensitivity),
+                expires(t).0,
+            ]
+        })
+        .collect();
+    // The task id stays whole (`keyturn task end` needs it); the free text
+    // shrinks first, then the agent and the issuers.
+    let fit = Fitted::new(
+        &HEADER,
+        &cells,
+        &[(4, 8), (3, 6), (0, 10), (2, 8), (5, 4)],
+        screen.width,
+    );
+    let mut out = fit.line(screen, &HEADER.map(str::to_owned), &[BOLD; 7]);
+    for (k, (t, c)) in shown.iter().zip(&cells).enumerate() {
+        let mut styles = [Style::new(); 7];
+        styles[6] = expires(t).1;
+        out.push_str(&fit.line(screen, c, &styles));
+        // After an agent's last row shown: how many of its tasks are not.
+        if shown.get(k + 1).is_none_or(|next| next.agent != t.agent)
+            && let Some((agent, n)) = more.iter().find(|(a, _)| *a == t.agent)
+        {
+            let total = tasks.iter().filter(|x| x.agent == *agent).count();
+            for l in wrap(
+                &format!(
+                    "… and {n} more of {} ({total} in all; see status --json)",
+                    ellipsize_middle(&clean(agent), 24)
+                ),
+                "",
+                screen.width,
+                2,
+            ) {
+                let _ = writeln!(out, "{}", screen.paint(DIM, &l));
+            }
+        }
+    }
+    out
+}
+
 /// The agents that are not simply active (decommissions, orphans): one
 /// line each, with the revocation times, reason and pending items under it.
 pub fn render_agents(rows: &[AgentLifecycle], screen: &Screen) -> String {
@@ -596,5 +701,86 @@ mod tests {
         assert!(!use_color(Auto, tty, None, dumb));
         assert!(use_color(Always, pipe, set, dumb), "--color always wins");
         assert!(!use_color(Never, tty, None, xterm));
+    }
+
+    fn task(agent: &str, n: i64, state: &str) -> TaskView {
+        serde_json::from_value(serde_json::json!({
+            "task": format!("{n:024x}"),
+            "agent": agent,
+            "tenant": "tenant-".to_owned() + &"t".repeat(40),
+            "use_case": "use-case-".to_owned() + &"u".repeat(40),
+            "run_id": "run-1",
+            "initiator": "alice@example.com",
+            "sensitivity": "high",
+            "policy": "invoicing",
+            "started_by": "uid=1001",
+            "started_at": now() - chrono::TimeDelta::minutes(5),
+            "expires_at": now() + chrono::TimeDelta::minutes(n),
+            "state": state,
+            "items": [
+                {"issuer": "bao-eu-west-primary", "handle": "acc", "state": "issued"},
+                {"issuer": "sts", "handle": "h", "state": "issued"},
+            ],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn tasks_fit_80_columns_keep_their_ids_and_count_the_rest() {
+        let screen = Screen {
+            width: WIDTH,
+            color: false,
+        };
+        let long_agent = "b".repeat(64);
+        let mut tasks: Vec<TaskView> = (1..=8).map(|n| task(&long_agent, n, "live")).collect();
+        tasks.push(task("bot", 30, "ending"));
+        let mut overdue = task("bot", -3, "ending");
+        overdue.task = "f".repeat(24);
+        tasks.push(overdue);
+        let text = render_tasks(&tasks, now(), &screen, false);
+        assert_fits(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("AGENT") && lines[0].contains("EXPIRES"),
+            "{text}"
+        );
+        // Per agent, soonest first; every id shown is whole.
+        assert!(
+            lines[1].contains(&format!("{:024x}", 1)) && lines[1].contains("in 1m"),
+            "{text}"
+        );
+        assert!(lines[5].contains(&format!("{:024x}", 5)), "{text}");
+        assert!(!text.contains(&format!("{:024x}", 6)), "{text}");
+        // The rest of that agent's tasks: a count line under them.
+        assert!(
+            lines[6].contains("and 3 more of") && lines[6].contains("(8 in all;"),
+            "{text}"
+        );
+        assert!(
+            lines[7].contains("overdue") && lines[7].contains(&"f".repeat(24)),
+            "{text}"
+        );
+        assert!(
+            lines[8].contains("ending") && lines[8].contains(&format!("{:024x}", 30)),
+            "{text}"
+        );
+        assert_eq!(lines.len(), 9, "{text}");
+
+        // Wide: every task, its expiry as a time, nothing cut.
+        let wide = render_tasks(
+            &tasks,
+            now(),
+            &Screen {
+                width: usize::MAX,
+                color: false,
+            },
+            true,
+        );
+        assert_eq!(wide.lines().count(), 11, "{wide}");
+        assert!(
+            wide.contains(&"t".repeat(40)) && wide.contains("2026-03-01T12:08:00Z"),
+            "{wide}"
+        );
+        assert!(!wide.contains('…'), "{wide}");
     }
 }

@@ -22,6 +22,8 @@ pub struct ClientPaths {
     pub audit_log: PathBuf,
     /// `[daemon] audit_key_file`, if set.
     pub audit_key_file: Option<PathBuf>,
+    /// The `aud` of agents' JWT assertions (`keyturn task --key`).
+    pub assertion_audience: String,
 }
 
 impl ClientPaths {
@@ -32,6 +34,7 @@ impl ClientPaths {
             state_dir: cfg.daemon.state_dir.clone(),
             audit_log: cfg.daemon.audit_log.clone(),
             audit_key_file: cfg.daemon.audit_key_file.clone(),
+            assertion_audience: cfg.daemon.assertion_audience.clone(),
         }
     }
 
@@ -68,12 +71,16 @@ impl ClientPaths {
             setting("state_dir")?.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), resolve);
         let audit_log = setting("audit_log")?.map_or_else(|| state_dir.join("audit.log"), resolve);
         let audit_key_file = setting("audit_key_file")?.map(resolve);
+        let assertion_audience = setting("assertion_audience")?
+            .unwrap_or(crate::auth::DEFAULT_AUDIENCE)
+            .to_owned();
         Some(ClientPaths {
             socket,
             agent_socket,
             state_dir,
             audit_log,
             audit_key_file,
+            assertion_audience,
         })
     }
 }

@@ -471,6 +471,7 @@ fn parse_one(f: &SourceFile) -> Option<File> {
             alerts: BTreeMap::new(),
             policies: BTreeMap::new(),
             issuers: BTreeMap::new(),
+            token_service: None,
         })
     }
 }
@@ -491,6 +492,7 @@ fn merge_raw(raw: &mut RawConfig, more: RawConfig) {
     raw.alerts.extend(more.alerts);
     raw.policies.extend(more.policies);
     raw.issuers.extend(more.issuers);
+    raw.subject_issuers.extend(more.subject_issuers);
 }
 
 /// The slow path: spans kept, each section on its own, every error located
@@ -679,6 +681,7 @@ pub(super) struct File {
     policies: BTreeMap<String, crate::tasks::policy::RawPolicy>,
     #[serde(default)]
     issuers: BTreeMap<String, crate::tasks::issuers::IssuerConfig>,
+    token_service: Option<crate::oauth::config::RawTokenService>,
 }
 
 /// A file of `agents.d` in one serde pass: agents only.
@@ -699,6 +702,7 @@ pub(super) struct FileAgent {
     gid: Option<u32>,
     revocation_sla: Option<String>,
     decommissioned: Option<super::raw::RawDecommissioned>,
+    auth_key: Option<String>,
     #[serde(default)]
     credentials: BTreeMap<String, RawCredential>,
 }
@@ -728,6 +732,7 @@ fn into_raw(f: File) -> RawConfig {
                         gid: a.gid,
                         revocation_sla: a.revocation_sla,
                         decommissioned: a.decommissioned,
+                        auth_key: a.auth_key,
                         credentials: None,
                     }),
                     credentials: a
@@ -751,6 +756,13 @@ fn into_raw(f: File) -> RawConfig {
             .collect(),
         issuers: f
             .issuers
+            .into_iter()
+            .map(|(n, a)| (n, Parsed::Ok(a)))
+            .collect(),
+        subject_issuers: f
+            .token_service
+            .map(|t| t.subject_issuers)
+            .unwrap_or_default()
             .into_iter()
             .map(|(n, a)| (n, Parsed::Ok(a)))
             .collect(),
@@ -808,6 +820,7 @@ fn deserialize_sections(root: &Table, main: bool) -> (RawConfig, Vec<Issue>) {
                     })
                     .collect()
             }
+            "token_service" => raw.subject_issuers = subject_issuers(item, &p, &mut issues),
             "policies" => {
                 raw.policies = entries(item, &p, &mut issues)
                     .into_iter()
@@ -880,6 +893,37 @@ fn without_credentials(item: &Item) -> Item {
 }
 
 /// The `name → item` entries of a table of named sections.
+/// `[token_service]`: each `subject_issuers.NAME` deserialized on its own.
+fn subject_issuers(
+    item: &Item,
+    p: &TomlPath,
+    issues: &mut Vec<Issue>,
+) -> BTreeMap<String, Parsed<crate::oauth::config::RawSubjectIssuer>> {
+    let mut out = BTreeMap::new();
+    for (key, sub) in entries(item, p, issues) {
+        let sp = p.key(&key);
+        if key != "subject_issuers" {
+            issues.push(Issue::at_key(
+                sp,
+                format!(
+                    "unknown key `{key}`; expected one of {}",
+                    crate::oauth::config::TOKEN_SERVICE_KEYS
+                        .iter()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+            continue;
+        }
+        for (name, i) in entries(sub, &sp, issues) {
+            let parsed = section(i, &sp.key(&name), issues);
+            out.insert(name, parsed);
+        }
+    }
+    out
+}
+
 fn entries<'a>(item: &'a Item, p: &TomlPath, issues: &mut Vec<Issue>) -> Vec<(String, &'a Item)> {
     match item.as_table_like() {
         Some(t) => t.iter().map(|(k, v)| (k.to_owned(), v)).collect(),

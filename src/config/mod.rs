@@ -53,6 +53,9 @@ pub struct Config {
     pub policies: BTreeMap<String, crate::tasks::policy::Policy>,
     /// `[issuers.NAME]`: the systems that mint task credentials.
     pub issuers: BTreeMap<String, crate::tasks::issuers::IssuerConfig>,
+    /// `[token_service.subject_issuers.NAME]`: whose subject tokens the token
+    /// service accepts (checked; not yet served, see [`crate::oauth`]).
+    pub subject_issuers: BTreeMap<String, crate::oauth::config::SubjectIssuerConfig>,
 }
 
 /// `[alert_rules]`, with its defaults.
@@ -155,6 +158,9 @@ pub struct DaemonConfig {
     /// Where task credentials are written (`<task_root>/<agent>/<task
     /// id>/<issuer>.json`); `None`: only returned to the agent that asked.
     pub task_root: Option<PathBuf>,
+    /// The `aud` an agent's JWT assertion must name (`crate::auth`);
+    /// default `keyturn`.
+    pub assertion_audience: String,
 }
 
 /// Capped exponential backoff with jitter for failed steps (owned by the engine).
@@ -207,6 +213,9 @@ pub struct AgentConfig {
     /// Declared retired in the config (`decommissioned = { ... }`).
     pub decommissioned: Option<Decommissioned>,
     pub credentials: BTreeMap<CredentialId, CredentialConfig>,
+    /// One of its ed25519 credentials whose current and previous public
+    /// keys check the agent's JWT assertions (`crate::auth`).
+    pub auth_key: Option<CredentialId>,
 }
 
 /// `decommissioned = { at, reason, by }` on an agent: the decision, as the

@@ -64,6 +64,8 @@ pub struct RawConfig {
     pub policies: BTreeMap<String, Parsed<RawPolicy>>,
     /// `[issuers.NAME]`: the systems that mint task credentials.
     pub issuers: BTreeMap<String, Parsed<crate::tasks::issuers::IssuerConfig>>,
+    /// `[token_service.subject_issuers.NAME]`: whose subject tokens are accepted.
+    pub subject_issuers: BTreeMap<String, Parsed<crate::oauth::config::RawSubjectIssuer>>,
 }
 
 /// `[alert_rules]`: when rotation health raises an alert. Every key is optional.
@@ -108,6 +110,8 @@ pub struct RawDaemon {
     pub retry: Option<RawRetry>,
     /// Where task credentials are written (`<task_root>/<agent>/<task id>/`).
     pub task_root: Option<String>,
+    /// The `aud` agents' JWT assertions must name (default `keyturn`).
+    pub assertion_audience: Option<String>,
 }
 
 /// `[daemon.retry]`: backoff of failed rotation steps.
@@ -140,6 +144,8 @@ pub struct RawAgent {
     /// `decommissioned = { at = "RFC 3339", reason = "..." }`: the agent
     /// is retired (declared in config, GitOps style).
     pub decommissioned: Option<RawDecommissioned>,
+    /// The agent's ed25519 credential whose key signs its JWT assertions.
+    pub auth_key: Option<String>,
     /// Deserialized credential by credential elsewhere; listed here so the
     /// key is known (and named in "expected one of" messages).
     #[serde(default)]
@@ -270,4 +276,5 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "alert_rules",
     "policies",
     "issuers",
+    "token_service",
 ];

@@ -112,6 +112,7 @@ impl CredEntry {
                 revocation_sla: None,
                 decommissioned: None,
                 credentials: Default::default(),
+                auth_key: None,
             }),
             cfg: CredentialConfig {
                 key: key.clone(),

@@ -28,6 +28,7 @@ use super::policy::{self, Policy, Refusal, TaskAsk};
 use super::store::{ItemRow, ItemState, StoreError, TaskRow, TaskState, TaskStore};
 use crate::audit::{Actor, AuditEvent, Outcome};
 use crate::model::{AgentId, PluginError, SecretValue};
+use crate::telemetry::TaskRevocation;
 
 /// Where the audit records go (the daemon appends them and keeps the head).
 #[async_trait]
@@ -143,6 +144,8 @@ pub struct TaskManager {
     armed_until_ms: AtomicI64,
     /// How long a failed revocation waits before the next attempt.
     pub retry: Duration,
+    /// Where issuances and revocations are counted (the daemon's).
+    metrics: Option<Arc<crate::telemetry::Metrics>>,
 }
 
 /// Milliseconds since the epoch.
@@ -170,7 +173,117 @@ impl TaskManager {
             wake: tokio::sync::Notify::new(),
             armed_until_ms: AtomicI64::new(i64::MAX),
             retry: Duration::from_secs(5),
+            metrics: None,
         }
+    }
+
+    /// The task store, also the ledger of spent assertion ids
+    /// (`crate::auth`).
+    pub fn store(&self) -> &TaskStore {
+        &self.store
+    }
+
+    /// Counts issuances and revocations in `metrics` (`task_starts`,
+    /// `task_revocations`), next to their audit records.
+    pub fn with_metrics(mut self, metrics: Arc<crate::telemetry::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count_issued(&self, issuer: &str, ok: bool) {
+        if let Some(m) = &self.metrics {
+            m.task_issued(issuer, ok);
+        }
+    }
+
+    fn count_revocation(&self, issuer: &str, result: crate::telemetry::TaskRevocation) {
+        if let Some(m) = &self.metrics {
+            m.task_revocation(issuer, result);
+        }
+    }
+
+    /// Every task not ended, with its credentials that may still work, for
+    /// the identity surface: `(agent, task)`. Each credential is named by
+    /// its issuer's [`TaskIssuer::object`] (the handle as is when the
+    /// issuer is no longer configured).
+    pub fn surface_tasks(&self) -> Result<Vec<(String, crate::surface::SurfaceTask)>, TaskError> {
+        let now = ms(self.clock.now());
+        let setup = self.setup();
+        let time = |ms: i64| DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default();
+        let mut out = Vec::new();
+        for t in self.store.list(None, 0)? {
+            if t.state == TaskState::Ended {
+                continue;
+            }
+            let credentials = t
+                .items
+                .iter()
+                .filter(|i| !i.state.is_done(i.expires_at_ms, now))
+                .map(|i| crate::surface::SurfaceTaskCredential {
+                    issuer: i.issuer.clone(),
+                    object: match setup.issuers.get(&i.issuer) {
+                        Some(issuer) => issuer.object(&t.task, i.handle.as_deref()),
+                        None => i.handle.clone().unwrap_or_else(|| "not recorded".into()),
+                    },
+                    expires_at: time(i.expires_at_ms.unwrap_or(t.expires_at_ms)),
+                    state: serde_json::to_value(i.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                })
+                .collect();
+            out.push((
+                t.task.agent.clone(),
+                crate::surface::SurfaceTask {
+                    task: t.task.task_id.clone(),
+                    tenant: t.task.tenant.clone(),
+                    use_case: t.task.use_case.clone(),
+                    sensitivity: t.task.sensitivity.clone(),
+                    state: serde_json::to_value(t.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    expires_at: time(t.expires_at_ms),
+                    credentials,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The task figures `/metrics` exports, from the store: per agent and
+    /// issuer, the credentials of tasks not ended that may still work; and
+    /// the tasks past their TTL whose credentials are not all revoked.
+    pub fn figures(&self) -> Result<crate::telemetry::TaskFigures, TaskError> {
+        let now = ms(self.clock.now());
+        let mut active: BTreeMap<(String, String), i64> = BTreeMap::new();
+        let mut overdue = 0;
+        for t in self.store.list(None, 0)? {
+            if t.state == TaskState::Ended {
+                continue;
+            }
+            let mut open = 0;
+            for i in t
+                .items
+                .iter()
+                .filter(|i| !i.state.is_done(i.expires_at_ms, now))
+            {
+                open += 1;
+                *active
+                    .entry((t.task.agent.clone(), i.issuer.clone()))
+                    .or_default() += 1;
+            }
+            if t.expires_at_ms <= now && open > 0 {
+                overdue += 1;
+            }
+        }
+        Ok(crate::telemetry::TaskFigures {
+            active: active
+                .into_iter()
+                .map(|((agent, issuer), n)| (agent, issuer, n))
+                .collect(),
+            revocation_overdue: overdue,
+        })
     }
 
     /// The config changed: new policies and issuers apply to new tasks; a
@@ -337,6 +450,7 @@ impl TaskManager {
                             .to_string(),
                     );
                     self.recorder.record(ev).await;
+                    self.count_issued(issuer_name, true);
                     issued.insert(issuer_name.clone(), cred);
                 }
                 Err(error) => {
@@ -347,6 +461,7 @@ impl TaskManager {
                     );
                     ev.error = Some(error.to_string());
                     self.recorder.record(ev).await;
+                    self.count_issued(issuer_name, false);
                     drop(issued);
                     self.end_now(&task.task_id, "start_failed").await;
                     return Err(TaskError::Issue {
@@ -529,6 +644,7 @@ impl TaskManager {
                                 .to_string(),
                         );
                         self.recorder.record(ev).await;
+                        self.count_revocation(&item.issuer, TaskRevocation::Expires);
                         if ms(t) > ms(now) {
                             all_done = false;
                         }
@@ -546,6 +662,7 @@ impl TaskManager {
                         );
                         ev.error = Some(e.to_string());
                         self.recorder.record(ev).await;
+                        self.count_revocation(&item.issuer, TaskRevocation::Failed);
                         continue;
                     }
                 }
@@ -564,9 +681,11 @@ impl TaskManager {
                             serde_json::json!({"task": id, "issuer": item.issuer, "verified": true}).to_string(),
                         );
                         self.recorder.record(ev).await;
+                        self.count_revocation(&item.issuer, TaskRevocation::Verified);
                     }
                     Ok(false) => {
                         all_done = false;
+                        self.count_revocation(&item.issuer, TaskRevocation::Failed);
                         // Revoked but still accepted: revoke again next time.
                         self.store
                             .set_item(
@@ -584,6 +703,7 @@ impl TaskManager {
                         self.store
                             .item_error(id, &item.issuer, &e.to_string())
                             .await?;
+                        self.count_revocation(&item.issuer, TaskRevocation::Failed);
                     }
                 }
             }

@@ -16,7 +16,9 @@
 //! queueing for one each behind a mutex (a start and an end make six
 //! writes). A caller is answered only once its writes committed. Reads use a
 //! connection of their own; WAL lets them run beside the writer's commit, and
-//! they see every write their caller has been answered for.
+//! they see every write their caller has been answered for. (The ledger of
+//! spent assertion ids writes on the read connection: one short transaction
+//! that its request waits for anyway.)
 //!
 //! No secret is stored: handles are role names, access key ids and token
 //! accessors.
@@ -157,6 +159,21 @@ pub struct StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// Spent assertion ids live beside the tasks they authorize: one durable
+/// database, so a replay after a restart is refused too.
+impl crate::auth::JtiLedger for TaskStore {
+    fn spend(
+        &self,
+        agent: &str,
+        jti: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> std::result::Result<bool, String> {
+        self.spend_jti(agent, jti, expires_at, now)
+            .map_err(|e| e.to_string())
+    }
+}
+
 pub struct TaskStore {
     path: PathBuf,
     /// The connection for reads.
@@ -224,6 +241,12 @@ const SCHEMA: &str = "
         expires_at  INTEGER,
         last_error  TEXT,
         PRIMARY KEY (task, issuer)
+    );
+    CREATE TABLE IF NOT EXISTS assertions (
+        agent       TEXT    NOT NULL,
+        jti         TEXT    NOT NULL,
+        expires_at  INTEGER NOT NULL,
+        PRIMARY KEY (agent, jti)
     );
 ";
 
@@ -303,6 +326,36 @@ impl TaskStore {
             .map_err(failed)
     }
 
+    /// Opens `<dir>/tasks.db` only to read it (`keyturn status` while the
+    /// daemon is down): `None` when there is none, nothing created, nothing
+    /// set up.
+    pub fn open_read_only(dir: &Path) -> Result<Option<TaskStore>> {
+        let path = dir.join("tasks.db");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let db = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| StoreError {
+            path: path.display().to_string(),
+            message: format!("cannot open: {e}"),
+        })?;
+        // Every write is refused: a reader must not change the daemon's store.
+        let writer = GroupCommit::inline(|batch: &mut Vec<WriteJob>| {
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err("opened read-only".into()));
+            }
+            Flow::Continue
+        });
+        Ok(Some(TaskStore {
+            path,
+            db: Mutex::new(db),
+            writer,
+        }))
+    }
+
     fn db(&self) -> MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -367,6 +420,25 @@ impl TaskStore {
             at_ms,
         };
         self.write("update task", write).await
+    }
+
+    /// Spends an agent's assertion `jti` (see `crate::auth`): `false` when
+    /// it was already spent. Rows past `expires_at` (unix seconds) are
+    /// pruned first, in the same transaction: such an assertion is refused
+    /// as expired before it gets here.
+    pub fn spend_jti(&self, agent: &str, jti: &str, expires_at: i64, now: i64) -> Result<bool> {
+        let mut db = self.db();
+        let tx = db.transaction().map_err(|e| self.err("spend jti", e))?;
+        tx.execute("DELETE FROM assertions WHERE expires_at < ?1", params![now])
+            .map_err(|e| self.err("prune spent jtis", e))?;
+        let inserted = tx
+            .execute(
+                "INSERT OR IGNORE INTO assertions (agent, jti, expires_at) VALUES (?1, ?2, ?3)",
+                params![agent, jti, expires_at],
+            )
+            .map_err(|e| self.err("spend jti", e))?;
+        tx.commit().map_err(|e| self.err("spend jti", e))?;
+        Ok(inserted == 1)
     }
 
     /// One task with its items.
@@ -771,5 +843,18 @@ mod tests {
             .unwrap();
         assert_eq!(items, 0);
         assert_eq!(s.get("b").unwrap().unwrap().state, TaskState::Ending);
+    }
+
+    #[tokio::test]
+    async fn read_only_opens_what_exists_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(TaskStore::open_read_only(dir.path()).unwrap().is_none());
+        assert!(!dir.path().join("tasks.db").exists(), "nothing created");
+        let s = TaskStore::open(dir.path()).unwrap();
+        s.insert(&row("a", "bot", &["pg"], 3_000)).await.unwrap();
+        drop(s);
+        let r = TaskStore::open_read_only(dir.path()).unwrap().unwrap();
+        assert_eq!(r.list(None, 0).unwrap()[0].task.task_id, "a");
+        assert!(r.insert(&row("b", "bot", &["pg"], 3_000)).await.is_err());
     }
 }

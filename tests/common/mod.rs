@@ -395,8 +395,14 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
-/// `status --json` as parsed JSON rows.
+/// `status --json`'s credential rows.
 pub fn status_json(env: &Env) -> Vec<serde_json::Value> {
+    let doc = status_doc(env);
+    serde_json::from_value(doc["credentials"].clone()).expect("status --json has credentials")
+}
+
+/// `status --json` whole: `{"credentials": [...], "tasks": [...]}`.
+pub fn status_doc(env: &Env) -> serde_json::Value {
     let out = env.cli(&["status", "--json"]);
     assert!(
         out.status.success(),

@@ -15,7 +15,9 @@ use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{Parsed, RawAgent, RawCredential, RawDaemon, RawEncoding, RawGenerator};
+use super::raw::{
+    Parsed, RawAgent, RawAgentEntry, RawCredential, RawDaemon, RawEncoding, RawGenerator,
+};
 use super::{
     AgentConfig, AlertRules, ByteEncoding, CharClasses, Config, CredentialConfig, DaemonConfig,
     ExpiryLead, GeneratorConfig, RetryConfig, TierConfig, VaultConfig, resolve_relative,
@@ -297,6 +299,9 @@ impl Validator<'_> {
                     credentials.insert(cred.key.credential.clone(), cred);
                 }
             }
+            let auth_key = raw_agent.and_then(|a| {
+                self.auth_key(&agent_path, agent_name, a.auth_key.as_deref()?, entry, raw)
+            });
             if let (Some(id), Some(a)) = (agent_id, raw_agent) {
                 let (revocation_sla, decommissioned) = self.agent_lifecycle(&agent_path, a);
                 agents.insert(
@@ -311,6 +316,7 @@ impl Validator<'_> {
                         revocation_sla,
                         decommissioned,
                         credentials,
+                        auth_key,
                     },
                 );
             }
@@ -319,6 +325,7 @@ impl Validator<'_> {
         let alerts = self.alerts(raw, &scope.tier_names);
         let issuers = self.issuers(raw);
         let policies = self.policies(raw, &issuers);
+        let subject_issuers = self.subject_issuers(raw);
         Config {
             source: self.ctx.source.clone(),
             daemon,
@@ -329,7 +336,43 @@ impl Validator<'_> {
             alert_rules,
             policies,
             issuers,
+            subject_issuers,
         }
+    }
+
+    /// `[token_service.subject_issuers.NAME]`: each checked by the oauth
+    /// module; two may not claim the same `iss` (a token would have two sets
+    /// of keys and rules).
+    fn subject_issuers(
+        &mut self,
+        raw: &RawConfig,
+    ) -> BTreeMap<String, crate::oauth::config::SubjectIssuerConfig> {
+        let mut out = BTreeMap::new();
+        let top = Loc::top("token_service");
+        let all = top.key("subject_issuers");
+        let mut seen: HashMap<&str, &str> = HashMap::new();
+        for (name, issuer) in &raw.subject_issuers {
+            let p = all.key(name);
+            let id_ok = self.id(&p, "subject issuer", name);
+            let Parsed::Ok(issuer) = issuer else { continue };
+            if let Some(first) = seen.get(issuer.issuer.as_str()).copied() {
+                self.err(
+                    p.key("issuer"),
+                    format!(
+                        "issuer `{}` is already configured in [token_service.subject_issuers.{first}]: one table per `iss`",
+                        issuer.issuer
+                    ),
+                );
+                continue;
+            }
+            seen.insert(issuer.issuer.as_str(), name.as_str());
+            if let Some(checked) = issuer.check(self, &p, name)
+                && id_ok
+            {
+                out.insert(name.clone(), checked);
+            }
+        }
+        out
     }
 
     /// `[issuers.NAME]`: each checked by its plug-in.
@@ -690,6 +733,17 @@ impl Validator<'_> {
             }
             root
         });
+        let assertion_audience = match &d.assertion_audience {
+            Some(a) if a.trim().is_empty() || a.trim() != a => {
+                self.err(
+                    p.key("assertion_audience"),
+                    "assertion_audience must be a non-empty name without surrounding spaces (default \"keyturn\")",
+                );
+                a.clone()
+            }
+            Some(a) => a.clone(),
+            None => crate::auth::DEFAULT_AUDIENCE.to_owned(),
+        };
         DaemonConfig {
             state_dir,
             socket,
@@ -705,6 +759,7 @@ impl Validator<'_> {
             catch_up_spread,
             retry,
             task_root,
+            assertion_audience,
         }
     }
 
@@ -922,6 +977,56 @@ impl Validator<'_> {
                     list(scope.tier_names.iter().map(String::as_str))
                 ),
             );
+        }
+    }
+
+    /// `auth_key = "NAME"`: one of this agent's own credentials, generated
+    /// as an ed25519 keypair (its public keys check the agent's JWT
+    /// assertions, see `crate::auth`).
+    fn auth_key(
+        &mut self,
+        p: &Loc<'_>,
+        agent: &str,
+        name: &str,
+        entry: &RawAgentEntry,
+        raw: &RawConfig,
+    ) -> Option<CredentialId> {
+        let at = p.key("auth_key");
+        let own = entry.credentials.iter().find(|(n, _)| n == name);
+        let Some((_, cred)) = own else {
+            let (other_agent, cred) = name.split_once('/').unwrap_or(("", name));
+            let elsewhere = raw.agents.iter().find(|(a, e)| {
+                a != agent
+                    && (other_agent.is_empty() || a == other_agent)
+                    && e.credentials.iter().any(|(n, _)| n == cred)
+            });
+            let message = match elsewhere {
+                Some((other, _)) => format!(
+                    "auth_key `{name}` is a credential of agent `{other}`: an agent authenticates with a key of its own; name one of `{agent}`'s ed25519 credentials"
+                ),
+                None => format!(
+                    "unknown credential `{name}` for auth_key; agent `{agent}`'s credentials: {}",
+                    list(entry.credentials.iter().map(|(n, _)| n.as_str()))
+                ),
+            };
+            self.err(at, message);
+            return None;
+        };
+        match cred {
+            Parsed::Ok(c) if matches!(c.generate, RawGenerator::Ed25519 {}) => {
+                CredentialId::new(name).ok()
+            }
+            Parsed::Ok(_) => {
+                self.err(
+                    at,
+                    format!(
+                        "auth_key `{name}` is not an ed25519 keypair: an assertion is checked with the credential's public key, so it needs generate = {{ kind = \"ed25519\" }}"
+                    ),
+                );
+                None
+            }
+            // Its own error is already reported.
+            Parsed::Invalid => None,
         }
     }
 

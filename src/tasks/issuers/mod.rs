@@ -134,6 +134,16 @@ pub trait TaskIssuer: Send + Sync {
     /// `type:name`-like text for messages (`postgres:127.0.0.1:5432`).
     fn describe(&self) -> String;
 
+    /// What the task's credential is at the system, for the identity
+    /// surface (`role kt_task_…`, `token accessor …`, `STS session …`):
+    /// never secret. `handle` is [`Issued::handle`] when it was recorded.
+    fn object(&self, task: &TaskAttribution, handle: Option<&str>) -> String {
+        match handle {
+            Some(h) => h.to_owned(),
+            None => format!("not recorded (task {})", task.task_id),
+        }
+    }
+
     /// Mints the task's credential per the grant, expiring at the system
     /// by `expires_at` where it can.
     async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError>;

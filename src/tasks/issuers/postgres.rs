@@ -633,6 +633,17 @@ impl TaskIssuer for PgIssuer {
         format!("postgres issuer ({})", self.admin.dsn_file().display())
     }
 
+    fn object(&self, task: &TaskAttribution, handle: Option<&str>) -> String {
+        // Without a handle the role is still the one named after the task.
+        match handle
+            .map(str::to_owned)
+            .or_else(|| self.role_of(&task.task_id).ok())
+        {
+            Some(role) => format!("role {role}"),
+            None => format!("role of task {}", task.task_id),
+        }
+    }
+
     async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError> {
         let task = req.task;
         let role = self.role_of(&task.task_id)?;

@@ -669,3 +669,61 @@ async fn a_planted_agent_directory_is_refused() {
         "the credential outlived the failed start"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn metrics_show_active_credentials_results_and_overdue_revocations() {
+    let pg = MemIssuer::new("pg");
+    pg.fail_revoke.store(u32::MAX, Ordering::SeqCst);
+    let h = harness_with(pg, MemIssuer::new("sts"));
+    let metrics = Arc::new(crate::telemetry::Metrics::new());
+    let mgr = TaskManager::new(
+        TaskStore::open_inline(&h.state.join("metered")).unwrap(),
+        setup(&h.pg, &h.sts, &h.root),
+        h.rec.clone(),
+        Arc::new(TokioClock::starting_at(Utc::now())),
+    )
+    .with_metrics(metrics.clone());
+    let high = mgr
+        .start(&caller("bot"), ask("high", Some(60)))
+        .await
+        .unwrap();
+    mgr.start(&caller("bot"), ask("low", Some(600)))
+        .await
+        .unwrap();
+    let f = mgr.figures().unwrap();
+    assert_eq!(
+        f.active,
+        vec![
+            ("bot".to_owned(), "pg".to_owned(), 2),
+            ("bot".to_owned(), "sts".to_owned(), 1)
+        ]
+    );
+    assert_eq!(f.revocation_overdue, 0);
+
+    // Past the first task's TTL its pg role cannot be revoked: overdue,
+    // and still counted active; its sts credential is revoked.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    mgr.tick().await.unwrap();
+    let f = mgr.figures().unwrap();
+    assert_eq!(f.revocation_overdue, 1);
+    assert_eq!(f.active, vec![("bot".to_owned(), "pg".to_owned(), 2)]);
+    let text = metrics.encode();
+    for line in [
+        "keyturn_task_starts_total{issuer=\"pg\",result=\"ok\"} 2",
+        "keyturn_task_starts_total{issuer=\"sts\",result=\"ok\"} 1",
+        "keyturn_task_revocations_total{issuer=\"pg\",result=\"failed\"} 1",
+        "keyturn_task_revocations_total{issuer=\"sts\",result=\"verified\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    assert!(!text.contains(&high.task.task.task_id), "no task id label");
+
+    // Once it can be revoked, nothing is overdue and the task's
+    // credentials are no longer active.
+    h.pg.fail_revoke.store(0, Ordering::SeqCst);
+    tokio::time::advance(mgr.retry).await;
+    mgr.tick().await.unwrap();
+    let f = mgr.figures().unwrap();
+    assert_eq!(f.revocation_overdue, 0);
+    assert_eq!(f.active, vec![("bot".to_owned(), "pg".to_owned(), 1)]);
+}

@@ -760,6 +760,17 @@ impl TaskIssuer for StsIssuer {
         }
     }
 
+    fn object(&self, task: &TaskAttribution, handle: Option<&str>) -> String {
+        let session = session_name(&task.task_id);
+        match handle.map(StsHandle::decode) {
+            Some(Ok(h)) => format!(
+                "STS session {session} of {} (access key {})",
+                h.role_arn, h.access_key_id
+            ),
+            _ => format!("STS session {session}"),
+        }
+    }
+
     async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError> {
         let task = req.task;
         let grant: StsGrant = req.grant.parse().map_err(|e| {

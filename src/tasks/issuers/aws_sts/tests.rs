@@ -496,40 +496,9 @@ struct Setup {
 }
 
 /// Creates the users and the role while moto does not authenticate, then
-/// turns authentication on for every later request.
-const SETUP: &str = r#"
-import json, sys, urllib.request
-import boto3
-url = sys.argv[1]
-iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1",
-                   aws_access_key_id="setup", aws_secret_access_key="setup")
-def user(name, actions):
-    iam.create_user(UserName=name)
-    if actions:
-        iam.put_user_policy(UserName=name, PolicyName="keyturn", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17",
-             "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
-    return iam.create_access_key(UserName=name)["AccessKey"]
-keyturn = user("keyturn", ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity",
-                           "iam:GetRolePolicy", "iam:PutRolePolicy"])
-powerless = user("powerless", [])
-trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"},
-         "Action": ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"]}]}
-role = iam.create_role(RoleName="invoice-tasks", AssumeRolePolicyDocument=json.dumps(trust),
-                       MaxSessionDuration=3600)["Role"]
-iam.put_role_policy(RoleName="invoice-tasks", PolicyName="work", PolicyDocument=json.dumps(
-    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
-     "Action": ["secretsmanager:ListSecrets", "secretsmanager:DescribeSecret"], "Resource": "*"}]}))
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-# text/plain: moto reads the raw body, which Flask leaves empty for a form.
-opener.open(urllib.request.Request(url + "/moto-api/reset-auth", data=b"0", method="POST",
-                                   headers={"Content-Type": "text/plain"}), timeout=10)
-print(json.dumps({
-    "access_key_id": keyturn["AccessKeyId"], "secret_access_key": keyturn["SecretAccessKey"],
-    "powerless_access_key_id": powerless["AccessKeyId"],
-    "powerless_secret_access_key": powerless["SecretAccessKey"],
-    "role_arn": role["Arn"]}))
-"#;
+/// turns authentication on for every later request. Shared with the daemon
+/// e2e tests (tests/tasks_issuers_e2e.rs).
+const SETUP: &str = include_str!("../../../../tests/fixtures/moto_iam_setup.py");
 
 impl PrivateMoto {
     /// Starts moto on a free loopback port and sets it up ([`SETUP`]).

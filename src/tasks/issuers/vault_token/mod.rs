@@ -427,6 +427,13 @@ impl TaskIssuer for VaultTokenIssuer {
         format!("{NAME}:{}", self.address)
     }
 
+    fn object(&self, task: &TaskAttribution, handle: Option<&str>) -> String {
+        match handle {
+            Some(accessor) => format!("token accessor {accessor}"),
+            None => format!("token of task {} (accessor not recorded)", task.task_id),
+        }
+    }
+
     async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError> {
         let task = req.task;
         let step = format!("issue (task {})", task.task_id);

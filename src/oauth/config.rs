@@ -1,0 +1,323 @@
+//! `[token_service.subject_issuers.NAME]`: the identity providers whose
+//! access tokens keyturn accepts as the human's subject token.
+//!
+//! The raw struct is what the file says; [`RawSubjectIssuer::check`] turns it
+//! into a [`SubjectIssuerConfig`] and reports every problem, located, through
+//! the config [`Validator`] like every other section.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+
+use crate::config::validate::{Loc, Validator, Zero, list};
+
+/// The algorithms a subject issuer may be pinned to. Only asymmetric ones:
+/// with HMAC the verifier would hold the issuer's signing secret.
+pub const ALLOWED_ALGORITHMS: &[(&str, Algorithm)] = &[
+    ("EdDSA", Algorithm::EdDSA),
+    ("ES256", Algorithm::ES256),
+    ("RS256", Algorithm::RS256),
+    ("PS256", Algorithm::PS256),
+];
+
+/// `refresh` when unset: how often the key set is fetched again.
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(5 * 60);
+/// The floor of `refresh`: an identity provider is not polled harder.
+pub const MIN_REFRESH: Duration = Duration::from_secs(30);
+/// `skew` when unset, and its ceiling.
+pub const DEFAULT_SKEW: Duration = Duration::from_secs(30);
+pub const MAX_SKEW: Duration = Duration::from_secs(5 * 60);
+/// `typ` when unset. RFC 9068 section 4: a resource server MUST check that
+/// `typ` is `at+jwt` (or `application/at+jwt`). That is what tells an access
+/// token from an ID token (`typ: JWT`) signed by the same keys, so an ID
+/// token is not accepted as a subject token unless the operator lists `JWT`
+/// for an identity provider that does not set `at+jwt`.
+pub const DEFAULT_TYP: &[&str] = &["at+jwt"];
+
+/// `[token_service]` as written (the fast path reads it in one go).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokenService {
+    #[serde(default)]
+    pub subject_issuers: std::collections::BTreeMap<String, RawSubjectIssuer>,
+}
+
+/// The keys `[token_service]` takes (for "unknown key" messages).
+pub const TOKEN_SERVICE_KEYS: &[&str] = &["subject_issuers"];
+
+/// One issuer as written.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSubjectIssuer {
+    /// The exact `iss` of its tokens.
+    pub issuer: String,
+    /// The audiences naming this token service (string or list): a token's
+    /// `aud` must contain one of them.
+    pub audience: StringList,
+    /// The algorithms its tokens are signed with (pinned; required).
+    pub algorithms: Vec<String>,
+    pub jwks_file: Option<String>,
+    pub jwks_url: Option<String>,
+    pub refresh: Option<String>,
+    pub skew: Option<String>,
+    pub typ: Option<StringList>,
+    /// The tenant its subjects belong to.
+    pub tenant: String,
+}
+
+/// `"a"` or `["a", "b"]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StringList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for StringList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = StringList;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StringList, E> {
+                Ok(StringList(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<StringList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(StringList(out))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// Where an issuer's keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    File(PathBuf),
+    /// https, or http to a loopback address.
+    Url(String),
+}
+
+/// A checked subject issuer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubjectIssuerConfig {
+    /// The `NAME` of its table.
+    pub name: String,
+    pub issuer: String,
+    pub audience: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub jwks: JwksSource,
+    pub refresh: Duration,
+    pub skew: Duration,
+    /// Accepted `typ` headers, lower case, without `application/`.
+    pub typ: Vec<String>,
+    pub tenant: String,
+}
+
+/// `typ` compared as RFC 7515 section 4.1.9 says: case-insensitive, with
+/// `application/` omitted.
+pub fn normalize_typ(t: &str) -> String {
+    let t = t.trim().to_ascii_lowercase();
+    match t.strip_prefix("application/") {
+        Some(rest) => rest.to_owned(),
+        None => t,
+    }
+}
+
+impl RawSubjectIssuer {
+    /// Every problem reported through `v`; the config only when there was none.
+    pub(crate) fn check(
+        &self,
+        v: &mut Validator<'_>,
+        p: &Loc<'_>,
+        name: &str,
+    ) -> Option<SubjectIssuerConfig> {
+        let before = v.issue_count();
+        if self.issuer.is_empty() {
+            v.err(
+                p.key("issuer"),
+                "issuer must not be empty: write the exact `iss` of the identity provider's tokens",
+            );
+        } else if self.issuer.trim() != self.issuer {
+            v.err(p.key("issuer"), "issuer has leading or trailing whitespace: `iss` is compared exactly, so no token would match");
+        }
+        let audience = self.audience.0.clone();
+        if audience.is_empty() {
+            v.err(p.key("audience"), "audience must name at least one audience: the `aud` value the identity provider puts in tokens meant for keyturn");
+        }
+        for (i, a) in audience.iter().enumerate() {
+            if a.trim().is_empty() {
+                v.err(p.key("audience").index(i), "an audience must not be empty");
+            }
+        }
+
+        let mut algorithms = Vec::new();
+        if self.algorithms.is_empty() {
+            v.err(
+                p.key("algorithms"),
+                format!(
+                    "algorithms must not be empty: pin the algorithms the identity provider signs with ({})",
+                    list(ALLOWED_ALGORITHMS.iter().map(|(n, _)| *n))
+                ),
+            );
+        }
+        for (i, a) in self.algorithms.iter().enumerate() {
+            match ALLOWED_ALGORITHMS.iter().find(|(n, _)| n == a) {
+                Some((_, alg)) if algorithms.contains(alg) => {
+                    v.err(p.key("algorithms").index(i), format!("algorithm `{a}` is listed twice"));
+                }
+                Some((_, alg)) => algorithms.push(*alg),
+                None => v.err(
+                    p.key("algorithms").index(i),
+                    format!(
+                        "algorithm `{a}` is not accepted for subject tokens; choose from {} (asymmetric only: `none` and HMAC never are)",
+                        list(ALLOWED_ALGORITHMS.iter().map(|(n, _)| *n))
+                    ),
+                ),
+            }
+        }
+
+        let jwks = match (&self.jwks_file, &self.jwks_url) {
+            (None, None) => {
+                v.err_key(p.key("jwks_url"), "missing key `jwks_url` or `jwks_file`: say where the identity provider's keys are");
+                None
+            }
+            (Some(_), Some(_)) => {
+                v.err_key(
+                    p.key("jwks_url"),
+                    "set either `jwks_file` or `jwks_url`, not both",
+                );
+                None
+            }
+            (Some(f), None) => {
+                let mut path = PathBuf::from(f);
+                v.resolve_path(p.key("jwks_file"), &mut path);
+                Some(JwksSource::File(path))
+            }
+            (None, Some(u)) => {
+                let at = p.key("jwks_url");
+                let issues = v.issue_count();
+                v.url(
+                    at,
+                    u,
+                    &["https", "http"],
+                    "https://idp.example.com/.well-known/jwks.json",
+                );
+                if v.issue_count() == issues && u.starts_with("http://") && !is_loopback_url(u) {
+                    v.err(
+                        p.key("jwks_url"),
+                        format!("plain http is allowed only to a loopback address (127.0.0.1, [::1], localhost): the keys decide whose tokens are trusted; use https for `{u}`"),
+                    );
+                }
+                Some(JwksSource::Url(u.clone()))
+            }
+        };
+
+        let refresh = v.duration_or(
+            p.key("refresh"),
+            self.refresh.as_ref(),
+            DEFAULT_REFRESH,
+            Zero::Rejected,
+        );
+        if refresh < MIN_REFRESH {
+            v.err(
+                p.key("refresh"),
+                format!("refresh must be at least {}: the identity provider is not polled harder than that", humantime::format_duration(MIN_REFRESH)),
+            );
+        }
+        let skew = v.duration_or(
+            p.key("skew"),
+            self.skew.as_ref(),
+            DEFAULT_SKEW,
+            Zero::Allowed,
+        );
+        if skew > MAX_SKEW {
+            v.err(
+                p.key("skew"),
+                format!(
+                    "skew must be at most {}: a larger one keeps expired tokens alive",
+                    humantime::format_duration(MAX_SKEW)
+                ),
+            );
+        }
+        let typ: Vec<String> = match &self.typ {
+            None => DEFAULT_TYP.iter().map(|t| normalize_typ(t)).collect(),
+            Some(l) => {
+                if l.0.is_empty() {
+                    v.err(
+                        p.key("typ"),
+                        "typ must name at least one accepted `typ` header (RFC 9068: \"at+jwt\")",
+                    );
+                }
+                for (i, t) in l.0.iter().enumerate() {
+                    if t.trim().is_empty() {
+                        v.err(p.key("typ").index(i), "a typ must not be empty");
+                    }
+                }
+                l.0.iter().map(|t| normalize_typ(t)).collect()
+            }
+        };
+        if self.tenant.trim().is_empty() {
+            v.err(
+                p.key("tenant"),
+                "tenant must not be empty: the tenant this issuer's subjects belong to",
+            );
+        }
+        if v.issue_count() != before {
+            return None;
+        }
+        Some(SubjectIssuerConfig {
+            name: name.to_owned(),
+            issuer: self.issuer.clone(),
+            audience,
+            algorithms,
+            jwks: jwks?,
+            refresh,
+            skew,
+            typ,
+            tenant: self.tenant.trim().to_owned(),
+        })
+    }
+}
+
+/// Whether an `http://` URL's host is a loopback address.
+fn is_loopback_url(u: &str) -> bool {
+    let Some(rest) = u.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    // Userinfo is not part of the host.
+    let hostport = authority.rsplit('@').next().unwrap_or("");
+    let host = if let Some(v6) = hostport.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        hostport.split(':').next().unwrap_or("")
+    };
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_url;
+
+    #[test]
+    fn loopback_urls() {
+        assert!(is_loopback_url("http://127.0.0.1:8080/jwks"));
+        assert!(is_loopback_url("http://[::1]:80/jwks"));
+        assert!(is_loopback_url("http://localhost/jwks"));
+        assert!(!is_loopback_url("http://127.0.0.1.evil.example/jwks"));
+        assert!(!is_loopback_url("http://idp.example.com/jwks"));
+        assert!(!is_loopback_url("http://127.0.0.1@idp.example.com/jwks"));
+    }
+}

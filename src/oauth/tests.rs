@@ -1,0 +1,1138 @@
+//! Subject-token validation against attacks, key rotation and a failing
+//! identity provider. Key sets are served by a local hyper server (or read
+//! from a file); the keys in `testdata/` are test-only keys.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, EncodingKey};
+use serde_json::{Value, json};
+
+use super::config::{JwksSource, SubjectIssuerConfig};
+use super::jwks::{Jwks, JwksError, MAX_JWKS_BYTES};
+use super::subject::{MAX_TOKEN_BYTES, SubjectError, SubjectIssuer, SubjectTokens};
+
+const ISS: &str = "https://idp.example.com/realms/corp";
+const AUD: &str = "keyturn";
+
+// ---------------------------------------------------------------- keys
+
+struct TestKey {
+    enc: EncodingKey,
+    alg: Algorithm,
+    kid: String,
+    /// The public JWK, with `kid`.
+    jwk: Value,
+}
+
+fn key(pem: &[u8], alg: Algorithm, kid: &str) -> TestKey {
+    let enc = match alg {
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(pem),
+        Algorithm::ES256 => EncodingKey::from_ec_pem(pem),
+        _ => EncodingKey::from_rsa_pem(pem),
+    }
+    .unwrap();
+    let mut jwk = serde_json::to_value(Jwk::from_encoding_key(&enc, alg).unwrap()).unwrap();
+    jwk["kid"] = json!(kid);
+    TestKey {
+        enc,
+        alg,
+        kid: kid.to_owned(),
+        jwk,
+    }
+}
+
+fn ed_a() -> TestKey {
+    key(
+        include_bytes!("testdata/ed25519_a.pem"),
+        Algorithm::EdDSA,
+        "a",
+    )
+}
+fn ed_b() -> TestKey {
+    key(
+        include_bytes!("testdata/ed25519_b.pem"),
+        Algorithm::EdDSA,
+        "b",
+    )
+}
+/// A key no configured issuer publishes.
+fn ed_attacker() -> TestKey {
+    key(
+        include_bytes!("testdata/ed25519_attacker.pem"),
+        Algorithm::EdDSA,
+        "a",
+    )
+}
+fn p256() -> TestKey {
+    key(include_bytes!("testdata/p256.pem"), Algorithm::ES256, "ec")
+}
+fn rsa(alg: Algorithm) -> TestKey {
+    key(include_bytes!("testdata/rsa.pem"), alg, "rsa")
+}
+
+fn jwks_of(keys: &[&TestKey]) -> String {
+    json!({ "keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>() }).to_string()
+}
+
+// -------------------------------------------------------------- tokens
+
+fn now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+fn claims() -> Value {
+    json!({
+        "iss": ISS,
+        "sub": "alice@example.com",
+        "aud": [AUD, "other-api"],
+        "exp": now() + 300,
+        "iat": now(),
+        "scope": "invoices:read invoices:write",
+        "jti": "jti-1",
+        "client_id": "web-app",
+    })
+}
+
+fn b64(s: &str) -> String {
+    URL_SAFE_NO_PAD.encode(s)
+}
+
+/// Signs the exact header and claims texts given.
+fn sign_raw(key: &EncodingKey, alg: Algorithm, header: &str, claims: &str) -> String {
+    let msg = format!("{}.{}", b64(header), b64(claims));
+    let sig = jsonwebtoken::crypto::sign(msg.as_bytes(), key, alg).unwrap();
+    format!("{msg}.{sig}")
+}
+
+/// A token signed by `k`: header `alg`, `typ: at+jwt`, `kid`, then `extra`
+/// (a `null` member removes one).
+fn token_with(k: &TestKey, extra: Value, claims: &Value) -> String {
+    let mut h = json!({ "alg": format!("{:?}", k.alg), "typ": "at+jwt", "kid": k.kid });
+    for (name, v) in extra.as_object().unwrap() {
+        if v.is_null() {
+            h.as_object_mut().unwrap().remove(name);
+        } else {
+            h[name] = v.clone();
+        }
+    }
+    sign_raw(&k.enc, k.alg, &h.to_string(), &claims.to_string())
+}
+
+fn token(k: &TestKey) -> String {
+    token_with(k, json!({}), &claims())
+}
+
+fn with_claim(name: &str, v: Value) -> Value {
+    let mut c = claims();
+    if v.is_null() {
+        c.as_object_mut().unwrap().remove(name);
+    } else {
+        c[name] = v;
+    }
+    c
+}
+
+// ------------------------------------------------------------- issuers
+
+fn config(jwks: JwksSource, algorithms: Vec<Algorithm>) -> SubjectIssuerConfig {
+    SubjectIssuerConfig {
+        name: "corp".to_owned(),
+        issuer: ISS.to_owned(),
+        audience: vec![AUD.to_owned()],
+        algorithms,
+        jwks,
+        refresh: Duration::from_secs(300),
+        skew: Duration::from_secs(30),
+        typ: vec!["at+jwt".to_owned()],
+        tenant: "acme".to_owned(),
+    }
+}
+
+/// An issuer whose keys are read from a file holding `keys`, loaded. The
+/// unknown-kid floor is long: no second load happens in the test.
+async fn file_issuer(
+    keys: &[&TestKey],
+    algorithms: Vec<Algorithm>,
+) -> (SubjectIssuer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, jwks_of(keys)).unwrap();
+    let cfg = config(JwksSource::File(path), algorithms);
+    let jwks = Jwks::with_floor(
+        cfg.jwks.clone(),
+        cfg.algorithms.clone(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    jwks.load().await.unwrap();
+    (SubjectIssuer::new(cfg, Arc::new(jwks)), dir)
+}
+
+async fn ed_issuer() -> (SubjectIssuer, tempfile::TempDir) {
+    file_issuer(&[&ed_a()], vec![Algorithm::EdDSA]).await
+}
+
+async fn url_issuer(server: &JwksServer, floor: Duration) -> SubjectIssuer {
+    let cfg = config(JwksSource::Url(server.url()), vec![Algorithm::EdDSA]);
+    let jwks = Jwks::with_floor(cfg.jwks.clone(), cfg.algorithms.clone(), floor).unwrap();
+    SubjectIssuer::new(cfg, Arc::new(jwks))
+}
+
+/// Asserts the refusal, that its message holds no part of the token, and
+/// that it maps to the RFC 8693 error code.
+fn refused(r: Result<super::Subject, SubjectError>, token: &str) -> SubjectError {
+    let e = r.expect_err("the token must be refused");
+    let msg = e.to_string();
+    for part in token.split('.').filter(|p| p.len() >= 8) {
+        assert!(!msg.contains(part), "the message quotes the token: {msg}");
+    }
+    assert_eq!(e.oauth_error(), "invalid_request");
+    e
+}
+
+// -------------------------------------------------------- JWKS server
+
+/// A local HTTP server answering every request with the current status and
+/// body, counting connections and requests.
+struct JwksServer {
+    addr: SocketAddr,
+    reply: Arc<Mutex<(u16, String)>>,
+    requests: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl JwksServer {
+    async fn start(body: String) -> JwksServer {
+        use http_body_util::Full;
+        use hyper::body::Bytes;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reply = Arc::new(Mutex::new((200u16, body)));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (r, q, c) = (reply.clone(), requests.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (r, q) = (r.clone(), q.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req| {
+                        q.fetch_add(1, Ordering::SeqCst);
+                        let (status, body) = r.lock().unwrap().clone();
+                        async move {
+                            Ok::<_, Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from(body)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        JwksServer {
+            addr,
+            reply,
+            requests,
+            connections,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/jwks.json", self.addr)
+    }
+
+    fn serve(&self, status: u16, body: String) {
+        *self.reply.lock().unwrap() = (status, body);
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ------------------------------------------------------------ accepted
+
+#[tokio::test]
+async fn a_valid_token_yields_its_subject() {
+    let (issuer, _dir) = ed_issuer().await;
+    let mut c = claims();
+    c["act"] = json!({ "sub": "agent-1", "act": { "sub": "agent-0" } });
+    c["may_act"] = json!({ "sub": "invoice-bot" });
+    let t = token_with(&ed_a(), json!({}), &c);
+    let s = issuer.validate(&t).await.unwrap();
+    assert_eq!(s.iss, ISS);
+    assert_eq!(s.sub, "alice@example.com");
+    assert_eq!(s.aud, vec![AUD.to_owned(), "other-api".to_owned()]);
+    assert_eq!(s.exp, c["exp"].as_u64().unwrap());
+    assert_eq!(s.scope, vec!["invoices:read", "invoices:write"]);
+    assert_eq!(s.tenant, "acme");
+    assert_eq!(s.issuer_name, "corp");
+    assert_eq!(s.jti.as_deref(), Some("jti-1"));
+    assert_eq!(s.client_id.as_deref(), Some("web-app"));
+    // The earlier delegation chain is kept whole, nested.
+    assert_eq!(Value::Object(s.act.unwrap()), c["act"]);
+    assert_eq!(Value::Object(s.may_act.unwrap()), c["may_act"]);
+}
+
+#[tokio::test]
+async fn every_pinned_algorithm_verifies_with_its_key_type() {
+    let (ec, rs, ps) = (p256(), rsa(Algorithm::RS256), rsa(Algorithm::PS256));
+    let mut ps_jwk = ps.jwk.clone();
+    ps_jwk["kid"] = json!("rsa-pss");
+    let ps = TestKey {
+        kid: "rsa-pss".into(),
+        jwk: ps_jwk,
+        ..ps
+    };
+    let all = vec![
+        Algorithm::EdDSA,
+        Algorithm::ES256,
+        Algorithm::RS256,
+        Algorithm::PS256,
+    ];
+    let (issuer, _dir) = file_issuer(&[&ed_a(), &ec, &rs, &ps], all).await;
+    for k in [ed_a(), p256(), rsa(Algorithm::RS256)] {
+        issuer
+            .validate(&token(&k))
+            .await
+            .unwrap_or_else(|e| panic!("{:?}: {e}", k.alg));
+    }
+    issuer.validate(&token(&ps)).await.unwrap();
+}
+
+#[tokio::test]
+async fn scp_arrays_are_read_as_scope_and_the_typ_media_type_form_is_accepted() {
+    let (issuer, _dir) = ed_issuer().await;
+    let mut c = with_claim("scope", Value::Null);
+    c["scp"] = json!(["a", "b"]);
+    let t = token_with(&ed_a(), json!({ "typ": "application/AT+JWT" }), &c);
+    assert_eq!(issuer.validate(&t).await.unwrap().scope, vec!["a", "b"]);
+}
+
+// -------------------------------------------------------------- attacks
+
+#[tokio::test]
+async fn alg_none_is_refused() {
+    let (issuer, _dir) = ed_issuer().await;
+    for alg in ["none", "None", "NONE"] {
+        let h = json!({ "alg": alg, "typ": "at+jwt", "kid": "a" }).to_string();
+        let t = format!("{}.{}.", b64(&h), b64(&claims().to_string()));
+        let e = refused(issuer.validate(&t).await, &t);
+        assert_eq!(e, SubjectError::Unsigned, "{alg}");
+    }
+}
+
+#[tokio::test]
+async fn hs256_signed_with_the_public_key_as_secret_is_refused() {
+    let (issuer, _dir) = ed_issuer().await;
+    let public = ed_a().jwk["x"].as_str().unwrap().to_owned();
+    for secret in [
+        public.as_bytes().to_vec(),
+        URL_SAFE_NO_PAD.decode(&public).unwrap(),
+    ] {
+        let hs = EncodingKey::from_secret(&secret).unwrap();
+        let h = json!({ "alg": "HS256", "typ": "at+jwt", "kid": "a" }).to_string();
+        let t = sign_raw(&hs, Algorithm::HS256, &h, &claims().to_string());
+        let e = refused(issuer.validate(&t).await, &t);
+        assert!(
+            matches!(e, SubjectError::AlgorithmNotAllowed { ref alg, .. } if alg == "HS256"),
+            "{e}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_algorithm_that_is_not_pinned_is_refused_even_with_a_valid_signature() {
+    // The issuer publishes an EC key but is pinned to EdDSA only: the EC key
+    // is unusable and an ES256 token is refused before any key is chosen.
+    let (issuer, _dir) = file_issuer(&[&ed_a(), &p256()], vec![Algorithm::EdDSA]).await;
+    let t = token(&p256());
+    let e = refused(issuer.validate(&t).await, &t);
+    assert_eq!(
+        e,
+        SubjectError::AlgorithmNotAllowed {
+            alg: "ES256".into(),
+            issuer: "corp".into(),
+            pinned: "EdDSA".into()
+        }
+    );
+    assert_eq!(issuer.jwks().keys().len(), 1, "the EC key is not usable");
+}
+
+#[tokio::test]
+async fn an_rs256_header_on_an_ec_key_is_refused() {
+    let algs = vec![Algorithm::ES256, Algorithm::RS256];
+    // With the JWK's own `alg` and without it: the key type decides.
+    let mut bare = p256();
+    bare.jwk.as_object_mut().unwrap().remove("alg");
+    for ec in [p256(), bare] {
+        let (issuer, _dir) = file_issuer(&[&ec, &rsa(Algorithm::RS256)], algs.clone()).await;
+        let rs = rsa(Algorithm::RS256);
+        let h = json!({ "alg": "RS256", "typ": "at+jwt", "kid": "ec" }).to_string();
+        let t = sign_raw(&rs.enc, Algorithm::RS256, &h, &claims().to_string());
+        let e = refused(issuer.validate(&t).await, &t);
+        assert!(
+            matches!(e, SubjectError::AlgorithmKeyMismatch { ref alg, key_type: "EC P-256", .. } if alg == "RS256"),
+            "{e}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_jwk_whose_alg_disagrees_with_its_type_is_unusable() {
+    let mut ec = p256();
+    ec.jwk["alg"] = json!("RS256");
+    let (issuer, _dir) = file_issuer(
+        &[&ec, &rsa(Algorithm::RS256)],
+        vec![Algorithm::ES256, Algorithm::RS256],
+    )
+    .await;
+    assert_eq!(issuer.jwks().keys().len(), 1);
+    assert_eq!(issuer.jwks().keys().skipped, 1);
+    let t = token(&p256());
+    let e = refused(issuer.validate(&t).await, &t);
+    assert!(matches!(e, SubjectError::UnknownKey { .. }), "{e}");
+    // A set with no usable key at all is not taken.
+    let e = super::jwks::KeySet::parse(jwks_of(&[&ec]).as_bytes(), &[Algorithm::ES256], "t")
+        .unwrap_err();
+    assert!(e.to_string().contains("none of its 1 keys"), "{e}");
+}
+
+#[tokio::test]
+async fn kid_injection_is_a_map_miss_with_one_rate_limited_refresh() {
+    let a = ed_a();
+    let server = JwksServer::start(jwks_of(&[&a])).await;
+    let issuer = url_issuer(&server, Duration::from_millis(300)).await;
+    issuer.jwks().load().await.unwrap();
+    assert_eq!(server.requests(), 1);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+
+    let kids = [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "a/../a",
+        "a\u{0}",
+        "' OR '1'='1",
+        "https://attacker.example/jwks.json",
+    ];
+    for (i, kid) in kids.iter().enumerate() {
+        let t = token_with(&a, json!({ "kid": kid }), &claims());
+        let e = refused(issuer.validate(&t).await, &t);
+        assert!(matches!(e, SubjectError::UnknownKey { .. }), "{kid}: {e}");
+        if i == 0 {
+            // The first unknown kid triggers exactly one load...
+            assert_eq!(server.requests(), 2);
+        }
+    }
+    // ...and the rest, within the floor, none.
+    assert_eq!(
+        server.requests(),
+        2,
+        "a load per request would let forged tokens hammer the IdP"
+    );
+    assert_eq!(
+        issuer
+            .jwks()
+            .stats
+            .unknown_kid_loads
+            .load(Ordering::Relaxed),
+        1
+    );
+
+    // Concurrent requests with unknown kids after the floor: still one load.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let t = token_with(&a, json!({ "kid": "nope" }), &claims());
+    let all = futures::future::join_all((0..20).map(|_| issuer.validate(&t))).await;
+    assert!(
+        all.iter()
+            .all(|r| matches!(r, Err(SubjectError::UnknownKey { .. })))
+    );
+    assert_eq!(server.requests(), 3);
+    assert_eq!(
+        issuer
+            .jwks()
+            .stats
+            .unknown_kid_loads
+            .load(Ordering::Relaxed),
+        2
+    );
+
+    // The real key still works, and the message quotes the kid escaped.
+    issuer.validate(&token(&a)).await.unwrap();
+    let t = token_with(&a, json!({ "kid": "x\ny" }), &claims());
+    let e = refused(issuer.validate(&t).await, &t);
+    assert!(e.to_string().contains(r#""x\ny""#), "{e}");
+}
+
+#[tokio::test]
+async fn kid_is_required_when_the_set_has_several_keys() {
+    let (issuer, _dir) = file_issuer(&[&ed_a(), &ed_b()], vec![Algorithm::EdDSA]).await;
+    let t = token_with(&ed_a(), json!({ "kid": null }), &claims());
+    let e = refused(issuer.validate(&t).await, &t);
+    assert_eq!(
+        e,
+        SubjectError::KidRequired {
+            issuer: "corp".into(),
+            keys: 2
+        }
+    );
+    // With one key in the set, no kid is needed.
+    let (single, _dir) = ed_issuer().await;
+    single.validate(&t).await.unwrap();
+}
+
+#[tokio::test]
+async fn jku_x5u_jwk_and_x5c_headers_are_never_used() {
+    let listener = JwksServer::start(jwks_of(&[&ed_attacker()])).await;
+    let (issuer, _dir) = ed_issuer().await;
+    let url = listener.url();
+    let attacker = ed_attacker();
+    let mut attacker_jwk = attacker.jwk.clone();
+    attacker_jwk["kid"] = json!("evil");
+    let pointers = json!({
+        "jku": url,
+        "x5u": url,
+        "jwk": attacker_jwk,
+        "x5c": ["MIIBszCCAVmgAwIBAgIUEjR4"],
+    });
+    // Signed by the attacker with the key it points to: refused, as the
+    // issuer's own key does not verify it.
+    for (name, v) in pointers.as_object().unwrap() {
+        let kid = if name == "jwk" { "evil" } else { "a" };
+        let t = token_with(&attacker, json!({ name: v, "kid": kid }), &claims());
+        let e = refused(issuer.validate(&t).await, &t);
+        assert!(
+            matches!(
+                e,
+                SubjectError::BadSignature { .. } | SubjectError::UnknownKey { .. }
+            ),
+            "{name}: {e}"
+        );
+    }
+    // Signed by the real key with all of them set: accepted, with the
+    // configured key; the pointers are not followed.
+    let mut extra = pointers.clone();
+    extra["kid"] = json!("a");
+    let t = token_with(&ed_a(), extra, &claims());
+    issuer.validate(&t).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(listener.connections(), 0, "a header URL was contacted");
+}
+
+#[tokio::test]
+async fn time_claims_are_checked_with_the_skew() {
+    let (issuer, _dir) = ed_issuer().await;
+    let n = now();
+    let cases = [
+        (
+            "exp",
+            json!(n - 120),
+            SubjectError::Expired { skew_secs: 30 },
+        ),
+        (
+            "nbf",
+            json!(n + 120),
+            SubjectError::NotYetValid { skew_secs: 30 },
+        ),
+        (
+            "iat",
+            json!(n + 120),
+            SubjectError::IssuedInFuture { skew_secs: 30 },
+        ),
+        ("exp", Value::Null, SubjectError::MissingClaim("exp".into())),
+    ];
+    for (claim, v, want) in cases {
+        let t = token_with(&ed_a(), json!({}), &with_claim(claim, v.clone()));
+        let e = refused(issuer.validate(&t).await, &t);
+        assert_eq!(e, want, "{claim} = {v}");
+    }
+    // Within the skew: accepted.
+    for (claim, v) in [("exp", n - 10), ("nbf", n + 10), ("iat", n + 10)] {
+        let t = token_with(&ed_a(), json!({}), &with_claim(claim, json!(v)));
+        issuer
+            .validate(&t)
+            .await
+            .unwrap_or_else(|e| panic!("{claim}: {e}"));
+    }
+}
+
+#[tokio::test]
+async fn wrong_issuer_and_audience_are_refused() {
+    let (issuer, _dir) = ed_issuer().await;
+    let cases = [
+        (
+            "iss",
+            json!("https://idp.example.com/realms/corp/"),
+            SubjectError::WrongIssuer {
+                expected: ISS.into(),
+            },
+        ),
+        (
+            "iss",
+            json!("https://IDP.example.com/realms/corp"),
+            SubjectError::WrongIssuer {
+                expected: ISS.into(),
+            },
+        ),
+        (
+            "aud",
+            json!("other-api"),
+            SubjectError::WrongAudience {
+                expected: "`keyturn`".into(),
+            },
+        ),
+        (
+            "aud",
+            json!(["keyturn-evil", "other"]),
+            SubjectError::WrongAudience {
+                expected: "`keyturn`".into(),
+            },
+        ),
+        ("aud", Value::Null, SubjectError::MissingClaim("aud".into())),
+        ("sub", Value::Null, SubjectError::MissingClaim("sub".into())),
+    ];
+    for (claim, v, want) in cases {
+        let t = token_with(&ed_a(), json!({}), &with_claim(claim, v.clone()));
+        let e = refused(issuer.validate(&t).await, &t);
+        assert_eq!(e, want, "{claim} = {v}");
+    }
+}
+
+#[tokio::test]
+async fn an_id_token_or_another_typ_is_not_an_access_token() {
+    let (issuer, _dir) = ed_issuer().await;
+    let mut id_token = claims();
+    id_token["nonce"] = json!("n-0S6_WzA2Mj");
+    id_token["aud"] = json!(AUD);
+    for typ in [
+        json!("JWT"),
+        json!("id_token+jwt"),
+        json!("dpop+jwt"),
+        Value::Null,
+    ] {
+        let t = token_with(&ed_a(), json!({ "typ": typ }), &id_token);
+        let e = refused(issuer.validate(&t).await, &t);
+        assert!(matches!(e, SubjectError::WrongType { .. }), "{typ}: {e}");
+    }
+    // An issuer configured to accept `JWT` takes it.
+    let (mut lenient, _dir2) = ed_issuer().await;
+    let cfg = SubjectIssuerConfig {
+        typ: vec!["at+jwt".into(), "jwt".into()],
+        ..lenient.config().clone()
+    };
+    lenient = SubjectIssuer::new(cfg, lenient.jwks().clone());
+    let t = token_with(&ed_a(), json!({ "typ": "JWT" }), &id_token);
+    lenient.validate(&t).await.unwrap();
+}
+
+#[tokio::test]
+async fn tokens_of_unconfigured_issuers_and_their_keys_are_refused() {
+    let (issuer, _dir) = ed_issuer().await;
+    let tokens = SubjectTokens::new(vec![issuer]);
+    // A configured `iss`, signed by a key of another issuer with the same kid.
+    let forged = token(&ed_attacker());
+    let e = refused(tokens.validate(&forged).await, &forged);
+    assert!(matches!(e, SubjectError::BadSignature { .. }), "{e}");
+    // Another issuer's token, validly signed by its own key.
+    let other = token_with(
+        &ed_attacker(),
+        json!({}),
+        &with_claim("iss", json!("https://evil.example")),
+    );
+    let e = refused(tokens.validate(&other).await, &other);
+    assert_eq!(
+        e,
+        SubjectError::UnknownIssuer {
+            iss: "https://evil.example".into()
+        }
+    );
+    // The configured one is found by its `iss`.
+    tokens.validate(&token(&ed_a())).await.unwrap();
+}
+
+#[tokio::test]
+async fn duplicate_json_members_are_refused() {
+    let (issuer, _dir) = ed_issuer().await;
+    let a = ed_a();
+    let exp = now() + 300;
+    let claims_dup =
+        format!(r#"{{"iss":"{ISS}","sub":"alice","sub":"admin","aud":"{AUD}","exp":{exp}}}"#);
+    let header = r#"{"alg":"EdDSA","typ":"at+jwt","kid":"a"}"#;
+    let t = sign_raw(&a.enc, a.alg, header, &claims_dup);
+    let e = refused(issuer.validate(&t).await, &t);
+    assert!(
+        matches!(e, SubjectError::DuplicateMember { part: "claims", .. }),
+        "{e}"
+    );
+
+    let nested = format!(
+        r#"{{"iss":"{ISS}","sub":"alice","aud":"{AUD}","exp":{exp},"act":{{"sub":"a","sub":"b"}}}}"#
+    );
+    let t = sign_raw(&a.enc, a.alg, header, &nested);
+    let e = refused(issuer.validate(&t).await, &t);
+    assert!(
+        matches!(e, SubjectError::DuplicateMember { part: "claims", .. }),
+        "{e}"
+    );
+
+    let header_dup = r#"{"alg":"EdDSA","typ":"at+jwt","kid":"a","kid":"b"}"#;
+    let ok_claims = format!(r#"{{"iss":"{ISS}","sub":"alice","aud":"{AUD}","exp":{exp}}}"#);
+    let t = sign_raw(&a.enc, a.alg, header_dup, &ok_claims);
+    let e = refused(issuer.validate(&t).await, &t);
+    assert!(
+        matches!(e, SubjectError::DuplicateMember { part: "header", .. }),
+        "{e}"
+    );
+    // The same bytes without the duplicate are fine.
+    let t = sign_raw(&a.enc, a.alg, header, &ok_claims);
+    issuer.validate(&t).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_oversized_token_is_refused_before_it_is_decoded() {
+    let (issuer, _dir) = ed_issuer().await;
+    let t = token_with(
+        &ed_a(),
+        json!({}),
+        &with_claim("pad", json!("x".repeat(MAX_TOKEN_BYTES))),
+    );
+    assert!(t.len() > MAX_TOKEN_BYTES);
+    let e = refused(issuer.validate(&t).await, &t);
+    assert_eq!(e, SubjectError::TooLarge { len: t.len() });
+    // Not base64 at all, but too large: the size is what is reported.
+    let junk = "!".repeat(MAX_TOKEN_BYTES + 1);
+    assert!(matches!(
+        issuer.validate(&junk).await,
+        Err(SubjectError::TooLarge { .. })
+    ));
+}
+
+#[tokio::test]
+async fn crit_headers_and_malformed_tokens_are_refused() {
+    let (issuer, _dir) = ed_issuer().await;
+    let t = token_with(&ed_a(), json!({ "crit": ["exp"], "exp": 1 }), &claims());
+    assert_eq!(
+        refused(issuer.validate(&t).await, &t),
+        SubjectError::CriticalHeader
+    );
+    let good = token(&ed_a());
+    let parts: Vec<&str> = good.split('.').collect();
+    let cases = [
+        String::new(),
+        "a.b".to_owned(),
+        format!("{good}.x.y"),
+        format!("{}.{}.{}=", parts[0], parts[1], parts[2]),
+        format!("{}.{}.", parts[0], parts[1]),
+        format!("{}.{}.{}", parts[0], b64("[1,2]"), parts[2]),
+        format!("{}.{}.{}", b64("{\"typ\":\"at+jwt\"}"), parts[1], parts[2]),
+    ];
+    for t in cases {
+        let r = issuer.validate(&t).await;
+        assert!(r.is_err(), "accepted {t:?}");
+    }
+    // A tampered claim breaks the signature.
+    let tampered = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64(&with_claim("sub", json!("admin")).to_string()),
+        parts[2]
+    );
+    let e = refused(issuer.validate(&tampered).await, &tampered);
+    assert!(matches!(e, SubjectError::BadSignature { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn scope_and_scp_together_and_malformed_actors_are_refused() {
+    let (issuer, _dir) = ed_issuer().await;
+    let mut c = claims();
+    c["scp"] = json!(["admin"]);
+    let t = token_with(&ed_a(), json!({}), &c);
+    assert!(matches!(
+        refused(issuer.validate(&t).await, &t),
+        SubjectError::InvalidClaim { .. }
+    ));
+    for act in [json!("agent-1"), json!({ "client_id": "x" })] {
+        let t = token_with(&ed_a(), json!({}), &with_claim("act", act));
+        let e = refused(issuer.validate(&t).await, &t);
+        assert!(
+            matches!(e, SubjectError::InvalidClaim { ref claim, .. } if claim == "act"),
+            "{e}"
+        );
+    }
+}
+
+// ------------------------------------------------------------- garbage
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Whatever arrives, validation answers with an error and never panics.
+    #[test]
+    fn garbage_never_panics(
+        raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+        header in "[ -~]{0,80}",
+        claims_text in "[ -~]{0,120}",
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (issuer, _dir) = ed_issuer().await;
+            let text = String::from_utf8_lossy(&raw).into_owned();
+            proptest::prop_assert!(issuer.validate(&text).await.is_err());
+            let dotted = format!("{}.{}.{}", b64(&header), b64(&claims_text), b64(&text));
+            proptest::prop_assert!(issuer.validate(&dotted).await.is_err());
+            let a = ed_a();
+            let signed = sign_raw(&a.enc, a.alg, &header, &claims_text);
+            let _ = issuer.validate(&signed).await;
+            Ok(())
+        })?;
+    }
+}
+
+// -------------------------------------------------- rotation & failures
+
+#[tokio::test]
+async fn a_rotated_key_is_picked_up_and_the_old_one_stays_until_removed() {
+    let (a, b) = (ed_a(), ed_b());
+    let server = JwksServer::start(jwks_of(&[&a])).await;
+    let issuer = url_issuer(&server, Duration::ZERO).await;
+    issuer.jwks().load().await.unwrap();
+    issuer.validate(&token(&a)).await.unwrap();
+
+    // The IdP publishes b next to a, then signs with b: the unknown kid
+    // loads the set again and b verifies; a still does.
+    server.serve(200, jwks_of(&[&a, &b]));
+    issuer.validate(&token(&b)).await.unwrap();
+    assert_eq!(server.requests(), 2);
+    issuer.validate(&token(&a)).await.unwrap();
+    assert_eq!(server.requests(), 2, "a known kid loads nothing");
+
+    // The scheduled refresh picks up a's removal.
+    server.serve(200, jwks_of(&[&b]));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = issuer
+        .jwks()
+        .clone()
+        .spawn_refresh(Duration::from_millis(100), cancel.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while issuer.jwks().keys().has_kid("a") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refresh never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cancel.cancel();
+    task.await.unwrap();
+    let old = token(&a);
+    let e = refused(issuer.validate(&old).await, &old);
+    assert!(matches!(e, SubjectError::UnknownKey { .. }), "{e}");
+    issuer.validate(&token(&b)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_jwks_url_keeps_the_cached_keys() {
+    let a = ed_a();
+    let server = JwksServer::start(jwks_of(&[&a])).await;
+    let issuer = url_issuer(&server, Duration::ZERO).await;
+    let jwks = issuer.jwks().clone();
+    jwks.load().await.unwrap();
+
+    let bad = [
+        (500, "internal error".to_owned()),
+        (200, "<html>maintenance</html>".to_owned()),
+        (200, jwks_of(&[&a, &a])),
+        (200, r#"{"keys":[{"kid":"a"}]}"#.to_owned()),
+        (
+            200,
+            format!(r#"{{"keys":[],"pad":"{}"}}"#, "x".repeat(MAX_JWKS_BYTES)),
+        ),
+        (302, String::new()),
+    ];
+    for (status, body) in bad {
+        server.serve(status, body);
+        let e = jwks.load().await.unwrap_err();
+        if status == 200 && jwks.stats.failures.load(Ordering::Relaxed) == 5 {
+            assert!(matches!(e, JwksError::TooLarge { .. }), "{e}");
+        }
+        issuer
+            .validate(&token(&a))
+            .await
+            .unwrap_or_else(|err| panic!("after {status} ({e}): {err}"));
+    }
+    // The server gone entirely: same.
+    let url = server.url();
+    drop(server);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let e = jwks.load().await.unwrap_err();
+    assert!(matches!(e, JwksError::Fetch { .. }), "{e}");
+    assert!(e.to_string().contains(&url), "{e}");
+    issuer.validate(&token(&a)).await.unwrap();
+    assert_eq!(jwks.stats.failures.load(Ordering::Relaxed), 7);
+    assert_eq!(jwks.last_error(), Some(e));
+}
+
+#[tokio::test]
+async fn an_issuer_whose_keys_never_loaded_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        JwksSource::File(dir.path().join("missing.json")),
+        vec![Algorithm::EdDSA],
+    );
+    let issuer = SubjectIssuer::from_config(cfg).unwrap();
+    let t = token(&ed_a());
+    let e = refused(issuer.validate(&t).await, &t);
+    assert!(
+        matches!(e, SubjectError::NoKeys { ref why, .. } if why.contains("missing.json")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn no_token_reaches_the_logs() {
+    let (_guard, logs) = crate::test_support::capture_logs();
+    let server = JwksServer::start(jwks_of(&[&ed_a()])).await;
+    let issuer = url_issuer(&server, Duration::ZERO).await;
+    issuer.jwks().load().await.unwrap();
+    server.serve(500, String::new());
+    let _ = issuer.jwks().load().await;
+    let mut tokens = vec![token(&ed_a()), token(&ed_attacker())];
+    tokens.push(token_with(&ed_a(), json!({ "kid": "unknown" }), &claims()));
+    for t in &tokens {
+        let _ = issuer.validate(t).await;
+    }
+    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("key set not refreshed"),
+        "the failed load is logged: {logs}"
+    );
+    for t in &tokens {
+        for part in t.split('.') {
+            assert!(!logs.contains(part), "a token part was logged");
+        }
+    }
+}
+
+// --------------------------------------------------------------- config
+
+fn load(text: &str) -> Result<crate::config::Config, crate::config::ConfigErrors> {
+    crate::config::load_str(std::path::Path::new("/etc/keyturn/keyturn.toml"), text)
+}
+
+#[test]
+fn a_subject_issuer_loads_with_its_defaults() {
+    let cfg = load(
+        r#"
+[token_service.subject_issuers.corp]
+issuer = "https://idp.example.com/realms/corp"
+audience = "keyturn"
+algorithms = ["EdDSA", "RS256"]
+jwks_file = "idp/jwks.json"
+tenant = "acme"
+
+[token_service.subject_issuers.partner]
+issuer = "https://partner.example"
+audience = ["keyturn", "https://keyturn.example/oauth/token"]
+algorithms = ["ES256"]
+jwks_url = "http://127.0.0.1:8443/jwks.json"
+refresh = "1m"
+skew = "5m"
+typ = ["at+jwt", "application/JWT"]
+tenant = "partner"
+"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let corp = &cfg.subject_issuers["corp"];
+    assert_eq!(corp.issuer, "https://idp.example.com/realms/corp");
+    assert_eq!(corp.audience, vec!["keyturn"]);
+    assert_eq!(corp.algorithms, vec![Algorithm::EdDSA, Algorithm::RS256]);
+    assert_eq!(
+        corp.jwks,
+        JwksSource::File("/etc/keyturn/idp/jwks.json".into())
+    );
+    assert_eq!(corp.refresh, Duration::from_secs(300));
+    assert_eq!(corp.skew, Duration::from_secs(30));
+    assert_eq!(corp.typ, vec!["at+jwt"], "RFC 9068: at+jwt only by default");
+    assert_eq!(corp.tenant, "acme");
+    let p = &cfg.subject_issuers["partner"];
+    assert_eq!(
+        p.jwks,
+        JwksSource::Url("http://127.0.0.1:8443/jwks.json".into())
+    );
+    assert_eq!(p.audience.len(), 2);
+    assert_eq!(
+        (p.refresh, p.skew),
+        (Duration::from_secs(60), Duration::from_secs(300))
+    );
+    assert_eq!(p.typ, vec!["at+jwt", "jwt"]);
+}
+
+#[test]
+fn every_subject_issuer_problem_is_reported_located_at_once() {
+    let text = r#"
+[token_service.subject_issuers.corp]
+issuer = "https://idp.example.com"
+audience = []
+algorithms = ["EdDSA", "HS256", "none"]
+jwks_url = "http://idp.example.com/jwks.json"
+refresh = "1s"
+skew = "10m"
+typ = []
+tenant = " "
+
+[token_service.subject_issuers.both]
+issuer = "https://other.example"
+audience = "keyturn"
+algorithms = []
+jwks_file = "a.json"
+jwks_url = "https://other.example/jwks"
+tenant = "t"
+
+[token_service.subject_issuers.neither]
+issuer = "https://idp.example.com"
+audience = "keyturn"
+algorithms = ["ES256"]
+tenant = "t"
+
+[token_service.subject_issuers.typo]
+issuer = "https://third.example"
+audience = "keyturn"
+algorithms = ["ES256"]
+jwks_file = "a.json"
+tenant = "t"
+skw = "1s"
+
+[token_service.other]
+x = 1
+"#;
+    let errors = load(text).unwrap_err().0;
+    let got: Vec<(usize, String, String)> = errors
+        .iter()
+        .map(|e| (e.line, e.toml_path.clone(), e.message.clone()))
+        .collect();
+    let want: &[(usize, &str, &str)] = &[
+        (
+            4,
+            "token_service.subject_issuers.corp.audience",
+            "at least one audience",
+        ),
+        (
+            5,
+            "token_service.subject_issuers.corp.algorithms[1]",
+            "`HS256` is not accepted",
+        ),
+        (
+            5,
+            "token_service.subject_issuers.corp.algorithms[2]",
+            "`none` is not accepted",
+        ),
+        (
+            6,
+            "token_service.subject_issuers.corp.jwks_url",
+            "plain http is allowed only to a loopback address",
+        ),
+        (
+            7,
+            "token_service.subject_issuers.corp.refresh",
+            "at least 30s",
+        ),
+        (8, "token_service.subject_issuers.corp.skew", "at most 5m"),
+        (9, "token_service.subject_issuers.corp.typ", "at least one"),
+        (
+            10,
+            "token_service.subject_issuers.corp.tenant",
+            "tenant must not be empty",
+        ),
+        (
+            15,
+            "token_service.subject_issuers.both.algorithms",
+            "must not be empty",
+        ),
+        (
+            17,
+            "token_service.subject_issuers.both.jwks_url",
+            "not both",
+        ),
+        (
+            21,
+            "token_service.subject_issuers.neither.issuer",
+            "already configured in [token_service.subject_issuers.corp]",
+        ),
+        (
+            32,
+            "token_service.subject_issuers.typo.skw",
+            "unknown key `skw`",
+        ),
+        (34, "token_service.other", "unknown key `other`"),
+    ];
+    for (line, path, msg) in want {
+        assert!(
+            got.iter()
+                .any(|(l, p, m)| l == line && p == path && m.contains(msg)),
+            "missing {line} {path} {msg:?} in:\n{got:#?}"
+        );
+    }
+    assert_eq!(got.len(), want.len(), "{got:#?}");
+}
+
+#[tokio::test]
+async fn start_loads_every_issuer_and_refreshes_a_jwks_file_on_schedule() {
+    let (a, b) = (ed_a(), ed_b());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, jwks_of(&[&a])).unwrap();
+    let cfg = SubjectIssuerConfig {
+        refresh: Duration::from_millis(100),
+        ..config(JwksSource::File(path.clone()), vec![Algorithm::EdDSA])
+    };
+    let tokens = SubjectTokens::new(vec![SubjectIssuer::from_config(cfg).unwrap()]);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokens.start(&cancel).await;
+    let jwks = tokens.issuers()[0].jwks().clone();
+    assert!(jwks.keys().has_kid("a"), "start loads the set");
+    tokens.validate(&token(&a)).await.unwrap();
+
+    std::fs::write(&path, jwks_of(&[&b])).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !jwks.keys().has_kid("b") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the file was never read again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokens.validate(&token(&b)).await.unwrap();
+    cancel.cancel();
+    // After cancel no more loads happen.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let loads = jwks.stats.loads.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(jwks.stats.loads.load(Ordering::Relaxed), loads);
+}

@@ -1,0 +1,711 @@
+//! The `vault_token` and `aws_sts` task issuers end to end: the real daemon,
+//! `keyturn task start/end` on the agents' socket, and the real systems —
+//! the OpenBao of scripts/services.sh, and a private moto with IAM enforced
+//! (the shared one accepts any credentials, so it cannot refuse a call).
+//! Each test also follows its task through `keyturn status`, `/metrics` and
+//! the identity surface, from start to end, and greps everything keyturn
+//! wrote or printed for the task's secrets.
+//!
+//! (tests/tasks_e2e.rs covers the `postgres` issuer the same way, with TTL
+//! and `kill -9`; the issuers' own tests cover each system in detail.)
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Env, audit_records, block_on, http_get, read_tree, status_doc, wait_for};
+
+fn need(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)")
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn suffix() -> String {
+    let mut b = [0u8; 6];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .unwrap();
+    hex::encode(b)
+}
+
+/// The agent `bot` (uid 4242, tenant acme), the issuer and policy in
+/// `issuer_and_policy`, tasks delivered under `{dir}/agents/tasks` and
+/// `/metrics` on `port`.
+fn env(issuer_and_policy: &str, port: u16) -> Env {
+    Env::with_daemon(
+        &format!(
+            r#"
+[agents.bot]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+uid = 4242
+gid = 4242
+{issuer_and_policy}
+"#
+        ),
+        &format!("task_root = \"{{dir}}/agents/tasks\"\nlisten = \"127.0.0.1:{port}\""),
+    )
+}
+
+/// `keyturn task start --as bot` for tenant acme: the answer.
+fn start_task(env: &Env, ttl: &str) -> serde_json::Value {
+    let out = env.cli_ok(&[
+        "task",
+        "start",
+        "--as",
+        "bot",
+        "--tenant",
+        "acme",
+        "--use-case",
+        "month-end",
+        "--run-id",
+        "run-77",
+        "--initiator",
+        "alice@example.com",
+        "--sensitivity",
+        "low",
+        "--ttl",
+        ttl,
+    ]);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The credential file of `issuer` in a task start answer; the secrets are
+/// in it, not in the answer.
+fn credential_file(started: &serde_json::Value, issuer: &str) -> serde_json::Value {
+    let c = &started["credentials"][issuer];
+    assert!(
+        c["secret"].as_object().is_none_or(|m| m.is_empty()),
+        "{started}"
+    );
+    let file = c["file"].as_str().expect("a credential file");
+    serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
+}
+
+/// What `status`, `/metrics` and the surface say of the agent's tasks.
+struct Seen {
+    /// `status --json`'s tasks.
+    tasks: Vec<serde_json::Value>,
+    /// `keyturn status` as printed.
+    table: String,
+    metrics: String,
+    /// The surface's tasks of `bot`.
+    surface: Vec<serde_json::Value>,
+    /// Everything as printed, for the secret greps.
+    printed: String,
+}
+
+fn seen(env: &Env, port: u16) -> Seen {
+    let doc = status_doc(env);
+    let table = String::from_utf8_lossy(&env.cli_ok(&["status"]).stdout).into_owned();
+    let metrics = http_get(port, "/metrics");
+    let surface: serde_json::Value =
+        serde_json::from_slice(&env.cli_ok(&["surface", "--json"]).stdout).unwrap();
+    let surface_text = String::from_utf8_lossy(&env.cli_ok(&["surface"]).stdout).into_owned();
+    let bot_tasks = surface["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["agent"] == "bot")
+        .and_then(|a| a["tasks"].as_array().cloned())
+        .unwrap_or_default();
+    Seen {
+        tasks: doc["tasks"]
+            .as_array()
+            .expect("tasks while the daemon runs")
+            .clone(),
+        printed: format!("{doc}\n{table}\n{metrics}\n{surface}\n{surface_text}"),
+        table,
+        metrics,
+        surface: bot_tasks,
+    }
+}
+
+/// Asserts that no output, state file, log or audit record of `env` holds
+/// any of `secrets`.
+fn assert_nowhere(env: &Env, printed: &[&str], daemon_log: &str, secrets: &[&str]) {
+    let mut places: Vec<(String, Vec<u8>)> = read_tree(&env.state_dir())
+        .into_iter()
+        .map(|(p, b)| (p.display().to_string(), b))
+        .collect();
+    places.push(("daemon log".into(), daemon_log.as_bytes().to_vec()));
+    for (i, p) in printed.iter().enumerate() {
+        places.push((format!("output {i}"), p.as_bytes().to_vec()));
+    }
+    for s in secrets {
+        assert!(s.len() >= 16, "a secret to look for: {s:?}");
+        for (place, bytes) in &places {
+            assert!(
+                !common::contains(bytes, s.as_bytes()),
+                "a task secret in {place}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// vault_token, against the OpenBao of the test services
+// ---------------------------------------------------------------------------
+
+/// A policy that may read `kt-<suffix>/a` and not `kt-<suffix>/b`, both
+/// written; removed on drop.
+struct Bao {
+    addr: String,
+    root: String,
+    policy: String,
+    a: String,
+    b: String,
+}
+
+fn bao_client(addr: &str, token: &str) -> vaultrs::client::VaultClient {
+    vaultrs::client::VaultClient::new(
+        vaultrs::client::VaultClientSettingsBuilder::default()
+            .address(addr)
+            .token(token)
+            .build()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// The HTTP status of a failed OpenBao call.
+fn status_of(e: &vaultrs::error::ClientError) -> Option<u16> {
+    match e {
+        vaultrs::error::ClientError::APIError { code, .. } => Some(*code),
+        vaultrs::error::ClientError::RestClientError {
+            source: rustify::errors::ClientError::ServerResponseError { code, .. },
+        } => Some(*code),
+        _ => None,
+    }
+}
+
+impl Bao {
+    fn new() -> Bao {
+        let s = suffix();
+        let bao = Bao {
+            addr: need("KEYTURN_TEST_BAO_ADDR"),
+            root: need("KEYTURN_TEST_BAO_TOKEN"),
+            policy: format!("kt-e2e-task-{s}"),
+            a: format!("kt-e2e-{s}/a"),
+            b: format!("kt-e2e-{s}/b"),
+        };
+        let root = bao.client(&bao.root);
+        block_on(async {
+            vaultrs::sys::policy::set(
+                &root,
+                &bao.policy,
+                &format!(
+                    r#"path "secret/data/{}" {{ capabilities = ["read"] }}"#,
+                    bao.a
+                ),
+            )
+            .await
+            .unwrap();
+            for (path, value) in [(&bao.a, "alpha"), (&bao.b, "bravo")] {
+                vaultrs::kv2::set(
+                    &root,
+                    "secret",
+                    path,
+                    &serde_json::json!({ "value": value }),
+                )
+                .await
+                .unwrap();
+            }
+        });
+        bao
+    }
+
+    fn client(&self, token: &str) -> vaultrs::client::VaultClient {
+        bao_client(&self.addr, token)
+    }
+
+    /// What `token` reads at a KV path: the value, or the HTTP status.
+    fn read_as(&self, token: &str, path: &str) -> Result<String, Option<u16>> {
+        block_on(vaultrs::kv2::read::<serde_json::Value>(
+            &self.client(token),
+            "secret",
+            path,
+        ))
+        .map(|v| v["value"].as_str().unwrap_or_default().to_owned())
+        .map_err(|e| status_of(&e))
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        let root = self.client(&self.root);
+        block_on(async {
+            let _ = vaultrs::sys::policy::delete(&root, &self.policy).await;
+            for p in [&self.a, &self.b] {
+                let _ = vaultrs::kv2::delete_metadata(&root, "secret", p).await;
+            }
+        });
+    }
+}
+
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[test]
+fn a_vault_token_task_has_exactly_its_grant_and_is_revoked_at_end() {
+    let bao = Bao::new();
+    let port = free_port();
+    let env = env(
+        &format!(
+            r#"
+[issuers.bao]
+type = "vault_token"
+address = "{addr}"
+token_file = "{{dir}}/bao-token"
+timeout = "5s"
+
+[policies.invoicing]
+agents = ["bot"]
+tenants = ["acme"]
+max_ttl = "1h"
+default_ttl = "5m"
+levels.low.grants.bao = {{ policies = ["{policy}"] }}
+"#,
+            addr = bao.addr,
+            policy = bao.policy
+        ),
+        port,
+    );
+    std::fs::write(env.path().join("bao-token"), &bao.root).unwrap();
+    let daemon = env.start();
+
+    let started = start_task(&env, "10m");
+    let id = started["task"].as_str().unwrap().to_owned();
+    let cred = credential_file(&started, "bao");
+    let token = cred["token"].as_str().unwrap().to_owned();
+    let accessor = cred["accessor"].as_str().unwrap().to_owned();
+    assert_eq!(cred["address"], bao.addr.as_str());
+    assert_eq!(started["items"][0]["handle"], accessor.as_str());
+
+    // At the server: exactly the grant's policies, the task's TTL (not
+    // renewable past it), the attribution in its metadata.
+    let root = bao.client(&bao.root);
+    let info = block_on(vaultrs::token::lookup_accessor(&root, &accessor)).expect("the token");
+    assert_eq!(info.policies, [bao.policy.as_str()], "exactly the grant's");
+    assert!(
+        (598..=600).contains(&info.creation_ttl),
+        "TTL {}",
+        info.creation_ttl
+    );
+    assert_eq!(info.explicit_max_ttl, info.creation_ttl);
+    assert_eq!(info.renewable, Some(false));
+    let meta = info.meta.unwrap_or_default();
+    for (k, v) in [
+        ("task_id", id.as_str()),
+        ("agent", "bot"),
+        ("tenant", "acme"),
+        ("use_case", "month-end"),
+        ("run_id", "run-77"),
+        ("initiator", "alice@example.com"),
+    ] {
+        assert_eq!(meta.get(k).map(String::as_str), Some(v), "{meta:?}");
+    }
+    // As the agent: the allowed path reads, the other is refused.
+    assert_eq!(bao.read_as(&token, &bao.a), Ok("alpha".to_owned()));
+    assert_eq!(bao.read_as(&token, &bao.b), Err(Some(403)));
+
+    // status, /metrics and the surface show the task and its credential.
+    let live = seen(&env, port);
+    assert_eq!(live.tasks.len(), 1, "{:?}", live.tasks);
+    assert_eq!(live.tasks[0]["task"], id.as_str());
+    assert_eq!(live.tasks[0]["state"], "live");
+    assert_eq!(live.tasks[0]["items"][0]["issuer"], "bao");
+    assert!(
+        live.table
+            .lines()
+            .any(|l| l.starts_with("bot") && l.contains(&id) && l.contains("bao")),
+        "{}",
+        live.table
+    );
+    for line in [
+        "keyturn_tasks_active{agent=\"bot\",issuer=\"bao\"} 1\n",
+        "keyturn_task_starts_total{issuer=\"bao\",result=\"ok\"} 1\n",
+        "keyturn_task_revocation_overdue 0\n",
+    ] {
+        assert!(
+            live.metrics.contains(line),
+            "missing {line:?} in\n{}",
+            live.metrics
+        );
+    }
+    assert_eq!(live.surface.len(), 1, "{:?}", live.surface);
+    assert_eq!(live.surface[0]["task"], id.as_str());
+    assert_eq!(
+        live.surface[0]["credentials"][0]["object"],
+        format!("token accessor {accessor}")
+    );
+
+    // `task end`: revoked at once, and the server says so.
+    let ended: serde_json::Value =
+        serde_json::from_slice(&env.cli_ok(&["task", "end", "--as", "bot", &id]).stdout).unwrap();
+    assert_eq!(ended["state"], "ended", "{ended}");
+    let self_lookup = block_on(vaultrs::token::lookup_self(&bao.client(&token)))
+        .expect_err("lookup-self with an ended task's token");
+    assert_eq!(status_of(&self_lookup), Some(403), "{self_lookup}");
+    assert_eq!(bao.read_as(&token, &bao.a), Err(Some(403)));
+
+    // ... and the task is gone from status, /metrics and the surface.
+    let after = seen(&env, port);
+    assert!(after.tasks.is_empty(), "{:?}", after.tasks);
+    assert!(!after.table.contains(&id), "{}", after.table);
+    assert!(
+        !after.metrics.contains("keyturn_tasks_active{"),
+        "{}",
+        after.metrics
+    );
+    assert!(
+        after
+            .metrics
+            .contains("keyturn_task_revocations_total{issuer=\"bao\",result=\"verified\"} 1\n"),
+        "{}",
+        after.metrics
+    );
+    assert!(after.surface.is_empty(), "{:?}", after.surface);
+
+    let records = audit_records(&env);
+    let issued = records
+        .iter()
+        .find(|r| r["event"] == "task.issued")
+        .expect("a task.issued record");
+    assert!(issued["detail"].as_str().unwrap().contains(&accessor));
+    let log = daemon.stop();
+    assert_nowhere(&env, &[&live.printed, &after.printed], &log, &[&token]);
+}
+
+// ---------------------------------------------------------------------------
+// aws_sts, against a private moto with IAM enforced
+// ---------------------------------------------------------------------------
+
+/// A moto server of this test alone, killed on drop, set up by
+/// tests/fixtures/moto_iam_setup.py (the issuer's unit tests use the same
+/// script): keyturn's IAM user, and the role `invoice-tasks` whose own
+/// policy allows secretsmanager:ListSecrets and DescribeSecret. moto
+/// records every request it receives (`MOTO_ENABLE_RECORDING`): that is how
+/// the test reads what STS was asked.
+struct PrivateMoto {
+    child: Child,
+    url: String,
+    dir: tempfile::TempDir,
+    python: String,
+}
+
+#[derive(serde::Deserialize)]
+struct MotoSetup {
+    access_key_id: String,
+    secret_access_key: String,
+    role_arn: String,
+}
+
+impl Drop for PrivateMoto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl PrivateMoto {
+    fn start() -> (PrivateMoto, MotoSetup) {
+        let python = need("KEYTURN_TEST_PYTHON");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("moto.log")).unwrap();
+        let child = Command::new(&python)
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .env("MOTO_ENABLE_RECORDING", "true")
+            .env("MOTO_RECORDER_FILEPATH", dir.path().join("requests.jsonl"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start moto.server");
+        let moto = PrivateMoto {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            dir,
+            python,
+        };
+        let up = wait_for(Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        assert!(
+            up.is_some(),
+            "moto did not listen within 30 s: {}",
+            std::fs::read_to_string(moto.dir.path().join("moto.log")).unwrap_or_default()
+        );
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/moto_iam_setup.py"
+        );
+        let out = Command::new(&moto.python)
+            .args([script, &moto.url])
+            .env("NO_PROXY", "127.0.0.1")
+            .env("no_proxy", "127.0.0.1")
+            .output()
+            .expect("run the moto setup");
+        assert!(
+            out.status.success(),
+            "setup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let setup = serde_json::from_slice(&out.stdout).expect("setup output");
+        (moto, setup)
+    }
+
+    /// The form parameters of every request of `action` moto received.
+    fn requests(&self, action: &str) -> Vec<BTreeMap<String, String>> {
+        use base64::Engine as _;
+        let text = std::fs::read_to_string(self.dir.path().join("requests.jsonl")).unwrap();
+        let mut found = Vec::new();
+        for line in text.lines() {
+            let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+            let body = entry["body"].as_str().unwrap_or_default();
+            let body = if entry["body_encoded"].as_bool() == Some(true) {
+                base64::engine::general_purpose::STANDARD
+                    .decode(body)
+                    .unwrap()
+            } else {
+                body.as_bytes().to_vec()
+            };
+            let form: BTreeMap<String, String> = form_urlencoded::parse(&body)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            if form.get("Action").map(String::as_str) == Some(action) {
+                found.push(form);
+            }
+        }
+        found
+    }
+
+    /// A Secrets Manager client signing with a task's session credential.
+    fn secrets_as(&self, cred: &serde_json::Value) -> aws_sdk_secretsmanager::Client {
+        let creds = aws_sdk_secretsmanager::config::Credentials::new(
+            cred["access_key_id"].as_str().unwrap(),
+            cred["secret_access_key"].as_str().unwrap(),
+            Some(cred["session_token"].as_str().unwrap().to_owned()),
+            None,
+            "task",
+        );
+        aws_sdk_secretsmanager::Client::from_conf(
+            aws_sdk_secretsmanager::Config::builder()
+                .behavior_version(aws_sdk_secretsmanager::config::BehaviorVersion::latest())
+                .region(aws_sdk_secretsmanager::config::Region::new("us-east-1"))
+                .endpoint_url(&self.url)
+                .credentials_provider(creds)
+                .build(),
+        )
+    }
+}
+
+/// The session policy of the test's grant: ListSecrets only.
+const SESSION_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"secretsmanager:ListSecrets","Resource":"*"}]}"#;
+
+/// moto answers a refused Secrets Manager call in XML, which the SDK cannot
+/// read into a code: the HTTP status and body as received.
+fn refusal<E>(e: &aws_sdk_secretsmanager::error::SdkError<E>) -> (u16, String) {
+    let raw = e.raw_response().expect("an HTTP answer");
+    (
+        raw.status().as_u16(),
+        String::from_utf8_lossy(raw.body().bytes().unwrap_or_default()).into_owned(),
+    )
+}
+
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[test]
+fn an_aws_sts_task_works_within_its_session_policy_and_is_revoked_at_end() {
+    let (moto, setup) = PrivateMoto::start();
+    let port = free_port();
+    let env = env(
+        &format!(
+            r#"
+[issuers.sts]
+type = "aws_sts"
+region = "us-east-1"
+endpoint_url = "{url}"
+revoke_with_deny_policy = true
+iam_endpoint_url = "{url}"
+timeout = "10s"
+
+[policies.invoicing]
+agents = ["bot"]
+tenants = ["acme"]
+max_ttl = "1h"
+default_ttl = "30m"
+levels.low.grants.sts = {{ role_arn = "{role}", session_policy = '{SESSION_POLICY}' }}
+"#,
+            url = moto.url,
+            role = setup.role_arn
+        ),
+        port,
+    );
+    // keyturn's own AWS credentials come from the environment, as in a
+    // systemd unit's `Environment=` or credentials file.
+    let daemon = env.start_with(&[
+        ("AWS_ACCESS_KEY_ID", setup.access_key_id.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", setup.secret_access_key.as_str()),
+    ]);
+
+    let started = start_task(&env, "20m");
+    let id = started["task"].as_str().unwrap().to_owned();
+    let cred = credential_file(&started, "sts");
+    let session = format!("keyturn-{id}");
+    assert_eq!(
+        cred["assumed_role_arn"],
+        format!("arn:aws:sts::123456789012:assumed-role/invoice-tasks/{session}")
+    );
+
+    // The allowed call works; one outside the session policy (and the
+    // role's: moto enforces only the role's policies, see
+    // src/tasks/issuers/aws_sts/tests.rs) is refused.
+    let sm = moto.secrets_as(&cred);
+    block_on(sm.list_secrets().send()).expect("ListSecrets is allowed");
+    let refused = block_on(
+        sm.create_secret()
+            .name(format!("kt-e2e-{id}"))
+            .secret_string("not-a-secret")
+            .send(),
+    )
+    .expect_err("CreateSecret is outside the session policy");
+    let (status, body) = refusal(&refused);
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("<Code>AccessDenied</Code>")
+            && body.contains("is not authorized to perform: secretsmanager:CreateSecret"),
+        "{body}"
+    );
+
+    // What STS was asked: the session policy, the TTL as the duration,
+    // the attribution as session tags and the initiator as source identity.
+    let asked = moto.requests("AssumeRole");
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    let r = &asked[0];
+    assert_eq!(r["RoleArn"], setup.role_arn);
+    assert_eq!(r["RoleSessionName"], session);
+    assert_eq!(r["DurationSeconds"], "1200");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&r["Policy"]).unwrap(),
+        serde_json::from_str::<serde_json::Value>(SESSION_POLICY).unwrap()
+    );
+    assert_eq!(r["SourceIdentity"], "alice@example.com");
+    let mut tags = BTreeMap::new();
+    for n in 1.. {
+        let Some(key) = r.get(&format!("Tags.member.{n}.Key")) else {
+            break;
+        };
+        tags.insert(key.as_str(), r[&format!("Tags.member.{n}.Value")].as_str());
+    }
+    for (k, v) in [
+        ("task_id", id.as_str()),
+        ("agent", "bot"),
+        ("tenant", "acme"),
+        ("use_case", "month-end"),
+        ("run_id", "run-77"),
+        ("initiator", "alice@example.com"),
+        ("sensitivity", "low"),
+    ] {
+        assert_eq!(tags.get(k).copied(), Some(v), "{tags:?}");
+    }
+    // The expiry STS answered is the asked duration away.
+    let expires = chrono::DateTime::parse_from_rfc3339(cred["expiration"].as_str().unwrap())
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let started_at = chrono::DateTime::parse_from_rfc3339(started["started_at"].as_str().unwrap())
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let lasts = (expires - started_at).num_seconds();
+    assert!((1195..=1205).contains(&lasts), "{lasts} s");
+
+    // status, /metrics and the surface show the task and its session.
+    let live = seen(&env, port);
+    assert_eq!(live.tasks.len(), 1, "{:?}", live.tasks);
+    assert_eq!(live.tasks[0]["task"], id.as_str());
+    assert_eq!(live.tasks[0]["items"][0]["issuer"], "sts");
+    assert!(
+        live.table
+            .lines()
+            .any(|l| l.starts_with("bot") && l.contains(&id) && l.contains("sts")),
+        "{}",
+        live.table
+    );
+    for line in [
+        "keyturn_tasks_active{agent=\"bot\",issuer=\"sts\"} 1\n",
+        "keyturn_task_starts_total{issuer=\"sts\",result=\"ok\"} 1\n",
+    ] {
+        assert!(
+            live.metrics.contains(line),
+            "missing {line:?} in\n{}",
+            live.metrics
+        );
+    }
+    let object = live.surface[0]["credentials"][0]["object"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        object.starts_with(&format!("STS session {session} of {}", setup.role_arn))
+            && object.contains(cred["access_key_id"].as_str().unwrap()),
+        "{object}"
+    );
+
+    // `task end`: the deny policy ends the session at once.
+    let ended: serde_json::Value =
+        serde_json::from_slice(&env.cli_ok(&["task", "end", "--as", "bot", &id]).stdout).unwrap();
+    assert_eq!(ended["state"], "ended", "{ended}");
+    let after_end = block_on(sm.list_secrets().send()).expect_err("refused after the end");
+    let (status, body) = refusal(&after_end);
+    assert_eq!(status, 403, "{body}");
+
+    let after = seen(&env, port);
+    assert!(after.tasks.is_empty(), "{:?}", after.tasks);
+    assert!(
+        !after.metrics.contains("keyturn_tasks_active{"),
+        "{}",
+        after.metrics
+    );
+    assert!(
+        after
+            .metrics
+            .contains("keyturn_task_revocations_total{issuer=\"sts\",result=\"verified\"} 1\n"),
+        "{}",
+        after.metrics
+    );
+    assert!(after.surface.is_empty(), "{:?}", after.surface);
+
+    let log = daemon.stop();
+    assert_nowhere(
+        &env,
+        &[&live.printed, &after.printed],
+        &log,
+        &[
+            cred["secret_access_key"].as_str().unwrap(),
+            cred["session_token"].as_str().unwrap(),
+            &setup.secret_access_key,
+        ],
+    );
+}
