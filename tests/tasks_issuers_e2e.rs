@@ -12,10 +12,8 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
-use common::{Env, audit_records, block_on, http_get, read_tree, status_doc, wait_for};
+use common::{Env, audit_records, block_on, http_get, read_tree, status_doc};
 
 fn need(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
@@ -393,18 +391,13 @@ levels.low.grants.bao = {{ policies = ["{policy}"] }}
 // aws_sts, against a private moto with IAM enforced
 // ---------------------------------------------------------------------------
 
-/// A moto server of this test alone, killed on drop, set up by
-/// tests/fixtures/moto_iam_setup.py (the issuer's unit tests use the same
-/// script): keyturn's IAM user, and the role `invoice-tasks` whose own
-/// policy allows secretsmanager:ListSecrets and DescribeSecret. moto
-/// records every request it receives (`MOTO_ENABLE_RECORDING`): that is how
-/// the test reads what STS was asked.
-struct PrivateMoto {
-    child: Child,
-    url: String,
-    dir: tempfile::TempDir,
-    python: String,
-}
+/// A moto server of this test alone (tests/fixtures/private_moto.rs, shared
+/// with the issuer's unit tests): keyturn's IAM user, and the role
+/// `invoice-tasks` whose own policy allows secretsmanager:ListSecrets and
+/// DescribeSecret; every request it receives is recorded.
+#[path = "fixtures/private_moto.rs"]
+mod private_moto;
+use private_moto::PrivateMoto;
 
 #[derive(serde::Deserialize)]
 struct MotoSetup {
@@ -413,111 +406,23 @@ struct MotoSetup {
     role_arn: String,
 }
 
-impl Drop for PrivateMoto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl PrivateMoto {
-    fn start() -> (PrivateMoto, MotoSetup) {
-        let python = need("KEYTURN_TEST_PYTHON");
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("moto.log")).unwrap();
-        let child = Command::new(&python)
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .env("MOTO_ENABLE_RECORDING", "true")
-            .env("MOTO_RECORDER_FILEPATH", dir.path().join("requests.jsonl"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start moto.server");
-        let moto = PrivateMoto {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            dir,
-            python,
-        };
-        let up = wait_for(Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        assert!(
-            up.is_some(),
-            "moto did not listen within 30 s: {}",
-            std::fs::read_to_string(moto.dir.path().join("moto.log")).unwrap_or_default()
-        );
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/moto_iam_setup.py"
-        );
-        let out = Command::new(&moto.python)
-            .args([script, &moto.url])
-            .env("NO_PROXY", "127.0.0.1")
-            .env("no_proxy", "127.0.0.1")
-            .output()
-            .expect("run the moto setup");
-        assert!(
-            out.status.success(),
-            "setup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let setup = serde_json::from_slice(&out.stdout).expect("setup output");
-        (moto, setup)
-    }
-
-    /// The form parameters of every request of `action` moto received.
-    fn requests(&self, action: &str) -> Vec<BTreeMap<String, String>> {
-        use base64::Engine as _;
-        let text = std::fs::read_to_string(self.dir.path().join("requests.jsonl")).unwrap();
-        let mut found = Vec::new();
-        for line in text.lines() {
-            let entry: serde_json::Value = serde_json::from_str(line).unwrap();
-            let body = entry["body"].as_str().unwrap_or_default();
-            let body = if entry["body_encoded"].as_bool() == Some(true) {
-                base64::engine::general_purpose::STANDARD
-                    .decode(body)
-                    .unwrap()
-            } else {
-                body.as_bytes().to_vec()
-            };
-            let form: BTreeMap<String, String> = form_urlencoded::parse(&body)
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
-            if form.get("Action").map(String::as_str) == Some(action) {
-                found.push(form);
-            }
-        }
-        found
-    }
-
-    /// A Secrets Manager client signing with a task's session credential.
-    fn secrets_as(&self, cred: &serde_json::Value) -> aws_sdk_secretsmanager::Client {
-        let creds = aws_sdk_secretsmanager::config::Credentials::new(
-            cred["access_key_id"].as_str().unwrap(),
-            cred["secret_access_key"].as_str().unwrap(),
-            Some(cred["session_token"].as_str().unwrap().to_owned()),
-            None,
-            "task",
-        );
-        aws_sdk_secretsmanager::Client::from_conf(
-            aws_sdk_secretsmanager::Config::builder()
-                .behavior_version(aws_sdk_secretsmanager::config::BehaviorVersion::latest())
-                .region(aws_sdk_secretsmanager::config::Region::new("us-east-1"))
-                .endpoint_url(&self.url)
-                .credentials_provider(creds)
-                .build(),
-        )
-    }
+/// A Secrets Manager client of `moto` signing with a task's session credential.
+fn secrets_as(moto: &PrivateMoto, cred: &serde_json::Value) -> aws_sdk_secretsmanager::Client {
+    let creds = aws_sdk_secretsmanager::config::Credentials::new(
+        cred["access_key_id"].as_str().unwrap(),
+        cred["secret_access_key"].as_str().unwrap(),
+        Some(cred["session_token"].as_str().unwrap().to_owned()),
+        None,
+        "task",
+    );
+    aws_sdk_secretsmanager::Client::from_conf(
+        aws_sdk_secretsmanager::Config::builder()
+            .behavior_version(aws_sdk_secretsmanager::config::BehaviorVersion::latest())
+            .region(aws_sdk_secretsmanager::config::Region::new("us-east-1"))
+            .endpoint_url(&moto.url)
+            .credentials_provider(creds)
+            .build(),
+    )
 }
 
 /// The session policy of the test's grant: ListSecrets only.
@@ -539,7 +444,7 @@ fn refusal<E>(e: &aws_sdk_secretsmanager::error::SdkError<E>) -> (u16, String) {
 )]
 #[test]
 fn an_aws_sts_task_works_within_its_session_policy_and_is_revoked_at_end() {
-    let (moto, setup) = PrivateMoto::start();
+    let (moto, setup): (PrivateMoto, MotoSetup) = PrivateMoto::start();
     let port = free_port();
     let env = env(
         &format!(
@@ -583,7 +488,7 @@ levels.low.grants.sts = {{ role_arn = "{role}", session_policy = '{SESSION_POLIC
     // The allowed call works; one outside the session policy (and the
     // role's: moto enforces only the role's policies, see
     // src/tasks/issuers/aws_sts/tests.rs) is refused.
-    let sm = moto.secrets_as(&cred);
+    let sm = secrets_as(&moto, &cred);
     block_on(sm.list_secrets().send()).expect("ListSecrets is allowed");
     let refused = block_on(
         sm.create_secret()

@@ -30,7 +30,6 @@
 //! keyturn as an HTTP 403 without a code (still `unauthorized`).
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use super::*;
@@ -462,22 +461,9 @@ fn the_deny_policy_lists_revoked_sessions_until_they_expire() {
 
 // -- real server (a private moto with IAM enforced) --------------------------
 
-const NO_SERVICES: &str =
-    "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
-
-/// A moto server of this test alone, killed on drop.
-struct PrivateMoto {
-    child: Child,
-    url: String,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for PrivateMoto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+#[path = "../../../../tests/fixtures/private_moto.rs"]
+mod private_moto;
+use private_moto::PrivateMoto;
 
 /// What the setup made in a private moto.
 #[derive(serde::Deserialize)]
@@ -495,71 +481,14 @@ struct Setup {
     role_arn: String,
 }
 
-/// Creates the users and the role while moto does not authenticate, then
-/// turns authentication on for every later request. Shared with the daemon
-/// e2e tests (tests/tasks_issuers_e2e.rs).
-const SETUP: &str = include_str!("../../../../tests/fixtures/moto_iam_setup.py");
+/// What these tests make of a private moto.
+trait MotoExt {
+    fn config(&self) -> StsIssuerConfig;
+    fn issuer(&self, access_key_id: &str, secret_access_key: &str) -> StsIssuer;
+    fn assume_role_requests(&self) -> Vec<BTreeMap<String, String>>;
+}
 
-impl PrivateMoto {
-    /// Starts moto on a free loopback port and sets it up ([`SETUP`]).
-    async fn start() -> (Self, Setup) {
-        let python = std::env::var("KEYTURN_TEST_PYTHON")
-            .unwrap_or_else(|_| panic!("KEYTURN_TEST_PYTHON is not set: {NO_SERVICES}"));
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let log = std::fs::File::create(dir.path().join("moto.log")).expect("log file");
-        let child = Command::new(&python)
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .env("MOTO_ENABLE_RECORDING", "true")
-            .env("MOTO_RECORDER_FILEPATH", dir.path().join("requests.jsonl"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start moto.server");
-        let moto = PrivateMoto {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            dir,
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "moto did not listen within 30 s: {}",
-                std::fs::read_to_string(moto.dir.path().join("moto.log")).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        // boto3 would honour a proxy from the environment; moto is local.
-        let out = Command::new(&python)
-            .args(["-c", SETUP, &moto.url])
-            .env("NO_PROXY", "127.0.0.1")
-            .env("no_proxy", "127.0.0.1")
-            .output()
-            .expect("run the setup");
-        assert!(
-            out.status.success(),
-            "setup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let setup = serde_json::from_slice(&out.stdout).expect("setup output");
-        (moto, setup)
-    }
-
+impl MotoExt for PrivateMoto {
     fn config(&self) -> StsIssuerConfig {
         StsIssuerConfig {
             region: Some("us-east-1".into()),
@@ -584,32 +513,6 @@ impl PrivateMoto {
     /// The form parameters of every `Action=AssumeRole` request received.
     fn assume_role_requests(&self) -> Vec<BTreeMap<String, String>> {
         self.requests("AssumeRole")
-    }
-
-    /// The form parameters of every request of `action` received.
-    fn requests(&self, action: &str) -> Vec<BTreeMap<String, String>> {
-        let text = std::fs::read_to_string(self.dir.path().join("requests.jsonl"))
-            .expect("moto's recording");
-        let mut found = Vec::new();
-        for line in text.lines() {
-            let entry: serde_json::Value = serde_json::from_str(line).expect("a recorded request");
-            let body = entry["body"].as_str().unwrap_or_default();
-            let body = if entry["body_encoded"].as_bool() == Some(true) {
-                use base64::Engine as _;
-                base64::engine::general_purpose::STANDARD
-                    .decode(body)
-                    .expect("base64 body")
-            } else {
-                body.as_bytes().to_vec()
-            };
-            let form: BTreeMap<String, String> = form_urlencoded::parse(&body)
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
-            if form.get("Action").map(String::as_str) == Some(action) {
-                found.push(form);
-            }
-        }
-        found
     }
 }
 
@@ -695,7 +598,7 @@ async fn issue(
 )]
 #[tokio::test]
 async fn issued_session_works_for_the_allowed_call_and_is_refused_outside_real_server() {
-    let (moto, setup) = PrivateMoto::start().await;
+    let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
     let issuer = moto.issuer(&setup.access_key_id, &setup.secret_access_key);
     issuer.check().await.expect("check");
     let t = TaskAttribution {
@@ -831,7 +734,7 @@ async fn issued_session_works_for_the_allowed_call_and_is_refused_outside_real_s
 )]
 #[tokio::test]
 async fn refusals_map_to_kinds_and_name_the_task_real_server() {
-    let (moto, setup) = PrivateMoto::start().await;
+    let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
     let t = task(&unique_task());
 
     // A user that may not assume the role.
@@ -900,7 +803,7 @@ async fn refusals_map_to_kinds_and_name_the_task_real_server() {
 )]
 #[tokio::test]
 async fn no_secret_in_errors_debug_handle_or_public_real_server() {
-    let (moto, setup) = PrivateMoto::start().await;
+    let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
     let issuer = moto.issuer(&setup.access_key_id, &setup.secret_access_key);
     let t = task(&unique_task());
     let issued = issue(
@@ -969,7 +872,7 @@ async fn no_secret_in_errors_debug_handle_or_public_real_server() {
 )]
 #[tokio::test]
 async fn revoke_with_deny_policy_ends_the_session_at_once_real_server() {
-    let (moto, setup) = PrivateMoto::start().await;
+    let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
     let config = StsIssuerConfig {
         revoke_with_deny_policy: true,
         iam_endpoint_url: Some(moto.url.clone()),
