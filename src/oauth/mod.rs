@@ -23,10 +23,13 @@
 //! the token endpoint.
 
 pub mod config;
+pub mod exchange;
 pub mod jwks;
 pub mod strict_json;
 pub mod subject;
 
+#[cfg(test)]
+mod exchange_tests;
 #[cfg(test)]
 mod tests;
 
