@@ -200,7 +200,7 @@ pub fn exchange(
     }
 
     // Tenant: a subject from a tenant this agent does not serve never yields a token.
-    if !client.tenants.iter().any(|t| *t == subject.tenant) {
+    if !client.tenants.contains(&subject.tenant) {
         return Err(ExchangeError::new(
             "invalid_request",
             format!(

@@ -17,6 +17,8 @@
 //! - [`subject`]     `validate(token) -> Subject`: every check, each refusal a
 //!   [`subject::SubjectError`] with its OAuth error code
 //! - [`strict_json`] JSON that refuses duplicate members (headers, claims, key sets)
+//! - [`exchange`]    the exchange as a pure function: validated subject, agent,
+//!   request and client policy in; a signed `at+jwt` or the OAuth error out
 //!
 //! The config is parsed and checked by `keyturn check` and at start; the
 //! daemon does not build [`subject::SubjectTokens`] yet, as nothing serves
