@@ -366,3 +366,27 @@ pub fn exchange(
         jti,
     })
 }
+
+/// The JWK Set (RFC 7517) of the signing credential's published versions
+/// (as [`crate::auth::AgentKey::accepted`] picks them: current, then
+/// previous): OKP/Ed25519 keys with `kid` = the version, `alg` EdDSA, `use`
+/// sig. A version whose public key is not an Ed25519 SPKI PEM is left out.
+pub fn jwks_document(keys: &[crate::auth::AgentKey]) -> Value {
+    use base64::Engine as _;
+    use ed25519_dalek::pkcs8::DecodePublicKey as _;
+    let keys: Vec<Value> = keys
+        .iter()
+        .filter_map(|k| {
+            let vk = ed25519_dalek::VerifyingKey::from_public_key_pem(&k.public_pem).ok()?;
+            Some(json!({
+                "kty": "OKP",
+                "crv": "Ed25519",
+                "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(vk.as_bytes()),
+                "kid": k.version.to_string(),
+                "alg": "EdDSA",
+                "use": "sig",
+            }))
+        })
+        .collect();
+    json!({ "keys": keys })
+}

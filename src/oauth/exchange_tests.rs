@@ -347,3 +347,50 @@ fn requested_token_type_is_checked() {
     };
     assert_eq!(err(&subject(), &p).code, "invalid_request");
 }
+
+#[test]
+fn issued_tokens_verify_with_the_published_jwks_by_kid() {
+    use ed25519_dalek::pkcs8::{DecodePrivateKey as _, EncodePublicKey as _};
+    let public = |pem: &[u8]| {
+        ed25519_dalek::SigningKey::from_pkcs8_pem(std::str::from_utf8(pem).unwrap())
+            .unwrap()
+            .verifying_key()
+            .to_public_key_pem(Default::default())
+            .unwrap()
+    };
+    let keys = [
+        crate::auth::AgentKey {
+            version: 7,
+            public_pem: public(PEM),
+        },
+        crate::auth::AgentKey {
+            version: 6,
+            public_pem: public(include_bytes!("testdata/ed25519_b.pem")),
+        },
+        crate::auth::AgentKey {
+            version: 5,
+            public_pem: "not a key".into(),
+        },
+    ];
+    let doc = super::exchange::jwks_document(&keys);
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(doc.clone()).unwrap();
+    assert_eq!(set.keys.len(), 2, "{doc}");
+    assert_eq!(doc["keys"][0]["kty"], "OKP");
+    assert_eq!(doc["keys"][0]["crv"], "Ed25519");
+    assert_eq!(doc["keys"][1]["kid"], "6");
+    assert!(doc["keys"][0].get("d").is_none(), "never the private part");
+
+    let i = ok(&subject(), &params());
+    let token = i.access_token.expose_str().unwrap();
+    let kid = jsonwebtoken::decode_header(token).unwrap().kid.unwrap();
+    let mut v = Validation::new(Algorithm::EdDSA);
+    v.set_audience(&["https://api.example.com"]);
+    v.validate_exp = false;
+    let jwk = set.find(&kid).unwrap();
+    jsonwebtoken::decode::<Value>(token, &DecodingKey::from_jwk(jwk).unwrap(), &v).unwrap();
+    // The previous version's key does not verify the current one's token.
+    let other = set.find("6").unwrap();
+    assert!(
+        jsonwebtoken::decode::<Value>(token, &DecodingKey::from_jwk(other).unwrap(), &v).is_err()
+    );
+}
