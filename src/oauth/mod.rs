@@ -17,6 +17,7 @@
 //! - [`subject`]     `validate(token) -> Subject`: every check, each refusal a
 //!   [`subject::SubjectError`] with its OAuth error code
 //! - [`strict_json`] JSON that refuses duplicate members (headers, claims, key sets)
+//! - [`request`]     the form body of `POST /oauth/token` parsed (not yet served)
 //! - [`exchange`]    the exchange as a pure function: validated subject, agent,
 //!   request and client policy in; a signed `at+jwt` or the OAuth error out
 //!
@@ -27,6 +28,7 @@
 pub mod config;
 pub mod exchange;
 pub mod jwks;
+pub mod request;
 pub mod strict_json;
 pub mod subject;
 
