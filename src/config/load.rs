@@ -493,6 +493,10 @@ fn merge_raw(raw: &mut RawConfig, more: RawConfig) {
     raw.policies.extend(more.policies);
     raw.issuers.extend(more.issuers);
     raw.subject_issuers.extend(more.subject_issuers);
+    if more.token_settings.is_some() {
+        raw.token_settings = more.token_settings;
+    }
+    raw.token_clients.extend(more.token_clients);
 }
 
 /// The slow path: spans kept, each section on its own, every error located
@@ -759,6 +763,18 @@ fn into_raw(f: File) -> RawConfig {
             .into_iter()
             .map(|(n, a)| (n, Parsed::Ok(a)))
             .collect(),
+        token_settings: f.token_service.as_ref().and_then(|t| {
+            let s = t.settings();
+            (s != Default::default()).then_some(Parsed::Ok(s))
+        }),
+        token_clients: f
+            .token_service
+            .as_ref()
+            .map(|t| t.clients.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(n, a)| (n, Parsed::Ok(a)))
+            .collect(),
         subject_issuers: f
             .token_service
             .map(|t| t.subject_issuers)
@@ -820,7 +836,7 @@ fn deserialize_sections(root: &Table, main: bool) -> (RawConfig, Vec<Issue>) {
                     })
                     .collect()
             }
-            "token_service" => raw.subject_issuers = subject_issuers(item, &p, &mut issues),
+            "token_service" => token_service(item, &p, &mut issues, &mut raw),
             "policies" => {
                 raw.policies = entries(item, &p, &mut issues)
                     .into_iter()
@@ -893,15 +909,24 @@ fn without_credentials(item: &Item) -> Item {
 }
 
 /// The `name → item` entries of a table of named sections.
-/// `[token_service]`: each `subject_issuers.NAME` deserialized on its own.
-fn subject_issuers(
-    item: &Item,
-    p: &TomlPath,
-    issues: &mut Vec<Issue>,
-) -> BTreeMap<String, Parsed<crate::oauth::config::RawSubjectIssuer>> {
+/// `[token_service]`: each `subject_issuers.NAME` and `clients.AGENT`
+/// deserialized on its own, the scalar keys together.
+fn token_service(item: &Item, p: &TomlPath, issues: &mut Vec<Issue>, raw: &mut RawConfig) {
     let mut out = BTreeMap::new();
+    let mut settings = toml_edit::Table::new();
     for (key, sub) in entries(item, p, issues) {
         let sp = p.key(&key);
+        if crate::oauth::config::TOKEN_SERVICE_SETTINGS.contains(&key.as_str()) {
+            settings.insert(&key, sub.clone());
+            continue;
+        }
+        if key == "clients" {
+            for (name, i) in entries(sub, &sp, issues) {
+                let parsed = section(i, &sp.key(&name), issues);
+                raw.token_clients.insert(name, parsed);
+            }
+            continue;
+        }
         if key != "subject_issuers" {
             issues.push(Issue::at_key(
                 sp,
@@ -921,7 +946,10 @@ fn subject_issuers(
             out.insert(name, parsed);
         }
     }
-    out
+    raw.subject_issuers = out;
+    if !settings.is_empty() {
+        raw.token_settings = Some(section(&Item::Table(settings), p, issues));
+    }
 }
 
 fn entries<'a>(item: &'a Item, p: &TomlPath, issues: &mut Vec<Issue>) -> Vec<(String, &'a Item)> {

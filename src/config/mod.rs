@@ -56,6 +56,9 @@ pub struct Config {
     /// `[token_service.subject_issuers.NAME]`: whose subject tokens the token
     /// service accepts (checked; not yet served, see [`crate::oauth`]).
     pub subject_issuers: BTreeMap<String, crate::oauth::config::SubjectIssuerConfig>,
+    /// `[token_service]` for issued tokens (issuer, signing credential,
+    /// clients); `None` when not configured. Checked, not yet served.
+    pub token_service: Option<crate::oauth::config::TokenServiceConfig>,
 }
 
 /// `[alert_rules]`, with its defaults.

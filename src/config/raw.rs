@@ -66,6 +66,10 @@ pub struct RawConfig {
     pub issuers: BTreeMap<String, Parsed<crate::tasks::issuers::IssuerConfig>>,
     /// `[token_service.subject_issuers.NAME]`: whose subject tokens are accepted.
     pub subject_issuers: BTreeMap<String, Parsed<crate::oauth::config::RawSubjectIssuer>>,
+    /// `[token_service]`'s keys for issued tokens; `None` when none is set.
+    pub token_settings: Option<Parsed<crate::oauth::config::RawTokenSettings>>,
+    /// `[token_service.clients.AGENT]`.
+    pub token_clients: BTreeMap<String, Parsed<crate::oauth::config::RawClient>>,
 }
 
 /// `[alert_rules]`: when rotation health raises an alert. Every key is optional.

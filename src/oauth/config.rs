@@ -42,10 +42,76 @@ pub const DEFAULT_TYP: &[&str] = &["at+jwt"];
 pub struct RawTokenService {
     #[serde(default)]
     pub subject_issuers: std::collections::BTreeMap<String, RawSubjectIssuer>,
+    pub issuer: Option<String>,
+    pub signing_credential: Option<String>,
+    pub max_ttl: Option<String>,
+    pub max_act_depth: Option<i64>,
+    #[serde(default)]
+    pub clients: std::collections::BTreeMap<String, RawClient>,
+}
+
+impl RawTokenService {
+    /// The scalar keys, apart from the tables.
+    pub fn settings(&self) -> RawTokenSettings {
+        RawTokenSettings {
+            issuer: self.issuer.clone(),
+            signing_credential: self.signing_credential.clone(),
+            max_ttl: self.max_ttl.clone(),
+            max_act_depth: self.max_act_depth,
+        }
+    }
 }
 
 /// The keys `[token_service]` takes (for "unknown key" messages).
-pub const TOKEN_SERVICE_KEYS: &[&str] = &["subject_issuers"];
+pub const TOKEN_SERVICE_KEYS: &[&str] = &[
+    "subject_issuers",
+    "clients",
+    "issuer",
+    "signing_credential",
+    "max_ttl",
+    "max_act_depth",
+];
+/// The scalar keys among them.
+pub const TOKEN_SERVICE_SETTINGS: &[&str] =
+    &["issuer", "signing_credential", "max_ttl", "max_act_depth"];
+
+/// `[token_service]`'s own keys for issued tokens, as written.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokenSettings {
+    /// `iss` of issued tokens: https, or http to a loopback address.
+    pub issuer: Option<String>,
+    /// `AGENT/CRED`: the ed25519 credential whose current version signs.
+    pub signing_credential: Option<String>,
+    pub max_ttl: Option<String>,
+    pub max_act_depth: Option<i64>,
+}
+
+/// `[token_service.clients.AGENT]` as written.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClient {
+    pub scopes: Vec<String>,
+    pub audiences: Vec<String>,
+    /// Default: the agent's own `tenant`.
+    pub tenants: Option<Vec<String>>,
+    /// Default and ceiling: `max_ttl`.
+    pub ttl: Option<String>,
+}
+
+/// `[token_service]` for issued tokens, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenServiceConfig {
+    pub issuer: String,
+    pub signing_credential: crate::model::CredentialKey,
+    pub max_ttl: Duration,
+    pub max_act_depth: usize,
+    /// By agent name.
+    pub clients: std::collections::BTreeMap<String, super::exchange::ClientPolicy>,
+}
+
+/// The ceiling of `max_act_depth`.
+pub const MAX_ACT_DEPTH_CEILING: i64 = 16;
 
 /// One issuer as written.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -285,6 +351,189 @@ impl RawSubjectIssuer {
             tenant: self.tenant.trim().to_owned(),
         })
     }
+}
+
+/// `[token_service]`'s issued-token keys and its clients, checked against
+/// the agents: everything reported through `v`, located; `None` when the
+/// section sets none of them (the token service is off) or there was a problem.
+pub(crate) fn check_token_service(
+    v: &mut Validator<'_>,
+    settings: Option<&RawTokenSettings>,
+    clients: &std::collections::BTreeMap<String, crate::config::raw::Parsed<RawClient>>,
+    agents: &std::collections::BTreeMap<crate::model::AgentId, crate::config::AgentConfig>,
+) -> Option<TokenServiceConfig> {
+    let empty = RawTokenSettings::default();
+    let s = settings.unwrap_or(&empty);
+    if *s == empty && clients.is_empty() {
+        return None;
+    }
+    let before = v.issue_count();
+    let top = Loc::top("token_service");
+    let issuer = match &s.issuer {
+        None => {
+            v.err_key(top.key("issuer"), "missing key `issuer`: the `iss` of the tokens keyturn issues (https, e.g. \"https://keyturn.example.com\")");
+            String::new()
+        }
+        Some(u) => {
+            let issues = v.issue_count();
+            v.url(
+                top.key("issuer"),
+                u,
+                &["https", "http"],
+                "https://keyturn.example.com",
+            );
+            if v.issue_count() == issues && u.starts_with("http://") && !is_loopback_url(u) {
+                v.err(
+                    top.key("issuer"),
+                    format!(
+                        "plain http is allowed only to a loopback address: use https for `{u}`"
+                    ),
+                );
+            }
+            u.clone()
+        }
+    };
+    let signing_credential = match &s.signing_credential {
+        None => {
+            v.err_key(top.key("signing_credential"), "missing key `signing_credential`: name the ed25519 credential that signs issued tokens, as \"AGENT/CRED\"");
+            None
+        }
+        Some(text) => {
+            let found = text.split_once('/').and_then(|(a, c)| {
+                let agent = agents.iter().find(|(id, _)| id.as_str() == a)?.1;
+                agent
+                    .credentials
+                    .iter()
+                    .find(|(id, _)| id.as_str() == c)
+                    .map(|(_, cred)| cred)
+            });
+            match found {
+                None => {
+                    v.err(top.key("signing_credential"), format!("signing_credential `{text}` is not a configured credential: write \"AGENT/CRED\" naming one with `generate = {{ kind = \"ed25519\" }}`"));
+                    None
+                }
+                Some(cred) if !matches!(cred.generate, crate::config::GeneratorConfig::Ed25519) => {
+                    v.err(top.key("signing_credential"), format!("signing_credential `{text}` must be an ed25519 credential: issued tokens are signed with EdDSA"));
+                    None
+                }
+                Some(cred) => Some(cred.key.clone()),
+            }
+        }
+    };
+    let max_ttl = v.duration_or(
+        top.key("max_ttl"),
+        s.max_ttl.as_ref(),
+        super::exchange::DEFAULT_MAX_TTL,
+        Zero::Rejected,
+    );
+    let max_act_depth = match s.max_act_depth {
+        None => super::exchange::DEFAULT_MAX_ACT_DEPTH,
+        Some(d) if (1..=MAX_ACT_DEPTH_CEILING).contains(&d) => usize::try_from(d).unwrap_or(1),
+        Some(_) => {
+            v.err(
+                top.key("max_act_depth"),
+                format!(
+                    "max_act_depth must be from 1 (only the agent acts) to {MAX_ACT_DEPTH_CEILING}"
+                ),
+            );
+            1
+        }
+    };
+    let mut out = std::collections::BTreeMap::new();
+    let all_clients = top.key("clients");
+    for (name, raw) in clients {
+        let p = all_clients.key(name);
+        let crate::config::raw::Parsed::Ok(c) = raw else {
+            continue;
+        };
+        let Some(agent) = agents
+            .iter()
+            .find(|(id, _)| id.as_str() == name)
+            .map(|(_, a)| a)
+        else {
+            v.err(
+                p,
+                format!(
+                    "`{name}` is not a configured agent: a client is an agent in [agents.NAME]"
+                ),
+            );
+            continue;
+        };
+        let n = v.issue_count();
+        if c.scopes.is_empty() {
+            v.err(
+                p.key("scopes"),
+                "scopes must name at least one scope the agent may obtain",
+            );
+        }
+        for (i, sc) in c.scopes.iter().enumerate() {
+            if sc.is_empty()
+                || !sc
+                    .bytes()
+                    .all(|b| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b))
+            {
+                v.err(
+                    p.key("scopes").index(i),
+                    "a scope is printable ASCII without spaces, `\"` or `\\` (RFC 6749 3.3)",
+                );
+            }
+        }
+        if c.audiences.is_empty() {
+            v.err(p.key("audiences"), "audiences must name at least one audience (resource server) the agent may obtain tokens for");
+        }
+        for (i, a) in c.audiences.iter().enumerate() {
+            if a.trim().is_empty() || a.trim() != a {
+                v.err(
+                    p.key("audiences").index(i),
+                    "an audience must not be empty or have surrounding whitespace",
+                );
+            }
+        }
+        let tenants = match &c.tenants {
+            None => vec![agent.tenant.clone()],
+            Some(t) => {
+                if t.is_empty() {
+                    v.err(
+                        p.key("tenants"),
+                        "tenants must name at least one tenant (or leave it out: the agent's own)",
+                    );
+                }
+                t.clone()
+            }
+        };
+        let ttl = v.duration_or(p.key("ttl"), c.ttl.as_ref(), max_ttl, Zero::Rejected);
+        if ttl > max_ttl {
+            v.err(
+                p.key("ttl"),
+                format!(
+                    "ttl must be at most max_ttl ({})",
+                    humantime::format_duration(max_ttl)
+                ),
+            );
+        }
+        if v.issue_count() == n {
+            out.insert(
+                name.clone(),
+                super::exchange::ClientPolicy {
+                    agent: name.clone(),
+                    scopes: c.scopes.clone(),
+                    audiences: c.audiences.clone(),
+                    tenants,
+                    ttl,
+                },
+            );
+        }
+    }
+    if v.issue_count() != before {
+        return None;
+    }
+    Some(TokenServiceConfig {
+        issuer,
+        signing_credential: signing_credential?,
+        max_ttl,
+        max_act_depth,
+        clients: out,
+    })
 }
 
 /// Whether an `http://` URL's host is a loopback address.

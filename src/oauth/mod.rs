@@ -17,16 +17,23 @@
 //! - [`subject`]     `validate(token) -> Subject`: every check, each refusal a
 //!   [`subject::SubjectError`] with its OAuth error code
 //! - [`strict_json`] JSON that refuses duplicate members (headers, claims, key sets)
+//! - [`request`]     the form body of `POST /oauth/token` parsed (not yet served)
+//! - [`exchange`]    the exchange as a pure function: validated subject, agent,
+//!   request and client policy in; a signed `at+jwt` or the OAuth error out
 //!
 //! The config is parsed and checked by `keyturn check` and at start; the
 //! daemon does not build [`subject::SubjectTokens`] yet, as nothing serves
 //! the token endpoint.
 
 pub mod config;
+pub mod exchange;
 pub mod jwks;
+pub mod request;
 pub mod strict_json;
 pub mod subject;
 
+#[cfg(test)]
+mod exchange_tests;
 #[cfg(test)]
 mod tests;
 

@@ -1136,3 +1136,133 @@ async fn start_loads_every_issuer_and_refreshes_a_jwks_file_on_schedule() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(jwks.stats.loads.load(Ordering::Relaxed), loads);
 }
+
+const TOKEN_AGENTS: &str = r#"
+[vaults.v]
+type = "local"
+
+[agents.signer]
+owner = "o"
+tenant = "acme"
+tier = "low"
+[agents.signer.credentials.sig]
+vault = "v"
+every = "1d"
+generate = { kind = "ed25519" }
+
+[agents.reporter]
+owner = "o"
+tenant = "acme"
+tier = "low"
+[agents.reporter.credentials.c]
+vault = "v"
+every = "1h"
+generate = { kind = "ed25519" }
+[agents.reporter.credentials.pw]
+vault = "v"
+every = "1h"
+generate = { kind = "password", length = 20 }
+"#;
+
+#[test]
+fn the_token_service_loads_with_its_defaults_and_clients() {
+    let cfg = load(&format!(
+        r#"{TOKEN_AGENTS}
+[token_service]
+issuer = "https://keyturn.example.com"
+signing_credential = "signer/sig"
+
+[token_service.clients.reporter]
+scopes = ["read:reports"]
+audiences = ["https://api.example.com"]
+
+[token_service.clients.signer]
+scopes = ["a", "b"]
+audiences = ["x"]
+tenants = ["acme", "partner"]
+ttl = "1m"
+"#
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let t = cfg.token_service.expect("configured");
+    assert_eq!(t.issuer, "https://keyturn.example.com");
+    assert_eq!(t.signing_credential.to_string(), "signer/sig");
+    assert_eq!(t.max_ttl, Duration::from_secs(300));
+    assert_eq!(t.max_act_depth, 3);
+    let r = &t.clients["reporter"];
+    assert_eq!(r.tenants, vec!["acme"], "default: the agent's own tenant");
+    assert_eq!(r.ttl, Duration::from_secs(300), "default: max_ttl");
+    assert_eq!(r.scopes, vec!["read:reports"]);
+    let s = &t.clients["signer"];
+    assert_eq!((s.ttl, s.tenants.len()), (Duration::from_secs(60), 2));
+    // Without the section the token service is off.
+    assert!(load(TOKEN_AGENTS).unwrap().token_service.is_none());
+}
+
+#[test]
+fn every_token_service_problem_is_reported_located_at_once() {
+    let text = format!(
+        r#"{TOKEN_AGENTS}
+[token_service]
+issuer = "http://keyturn.example.com"
+signing_credential = "reporter/pw"
+max_ttl = "0s"
+max_act_depth = 0
+
+[token_service.clients.ghost]
+scopes = ["a"]
+audiences = ["x"]
+
+[token_service.clients.reporter]
+scopes = ["bad scope"]
+audiences = []
+tenants = []
+ttl = "1h"
+extra = 1
+"#
+    );
+    let errors = load(&text).unwrap_err().0;
+    let got: Vec<(String, String)> = errors
+        .iter()
+        .map(|e| (e.toml_path.clone(), e.message.clone()))
+        .collect();
+    let want: &[(&str, &str)] = &[
+        (
+            "token_service.issuer",
+            "plain http is allowed only to a loopback",
+        ),
+        (
+            "token_service.signing_credential",
+            "must be an ed25519 credential",
+        ),
+        ("token_service.max_ttl", ""),
+        ("token_service.max_act_depth", "from 1"),
+        ("token_service.clients.ghost", "not a configured agent"),
+        ("token_service.clients.reporter.extra", "unknown"),
+    ];
+    for (path, msg) in want {
+        assert!(
+            got.iter().any(|(p, m)| p == path && m.contains(msg)),
+            "missing {path}: {msg} in {got:#?}"
+        );
+    }
+    assert!(errors.iter().all(|e| e.line > 0), "{got:#?}");
+
+    // Once the typo is fixed, the client's own problems are all reported.
+    let errors = load(&text.replace("extra = 1\n", "")).unwrap_err().0;
+    let got: Vec<(String, String)> = errors
+        .iter()
+        .map(|e| (e.toml_path.clone(), e.message.clone()))
+        .collect();
+    for (path, msg) in [
+        ("token_service.clients.reporter.scopes[0]", "RFC 6749"),
+        ("token_service.clients.reporter.audiences", "at least one"),
+        ("token_service.clients.reporter.tenants", "at least one"),
+        ("token_service.issuer", "loopback"),
+    ] {
+        assert!(
+            got.iter().any(|(p, m)| p == path && m.contains(msg)),
+            "missing {path}: {msg} in {got:#?}"
+        );
+    }
+}

@@ -326,6 +326,12 @@ impl Validator<'_> {
         let issuers = self.issuers(raw);
         let policies = self.policies(raw, &issuers);
         let subject_issuers = self.subject_issuers(raw);
+        let settings = match &raw.token_settings {
+            Some(Parsed::Ok(s)) => Some(s),
+            _ => None,
+        };
+        let token_service =
+            crate::oauth::config::check_token_service(self, settings, &raw.token_clients, &agents);
         Config {
             source: self.ctx.source.clone(),
             daemon,
@@ -337,6 +343,7 @@ impl Validator<'_> {
             policies,
             issuers,
             subject_issuers,
+            token_service,
         }
     }
 
