@@ -109,10 +109,9 @@ NOT_ON_BRANCH = "not measured (feature not on this branch)"
 
 
 def bao_bin() -> Path:
-    for root in (REPO, Path("/work/main")):
-        p = root / "target" / "test-services" / "venv" / "bin" / "bao"
-        if p.exists():
-            return p
+    p = REPO / "target" / "test-services" / "venv" / "bin" / "bao"
+    if p.exists():
+        return p
     found = shutil.which("bao")
     if found:
         return Path(found)

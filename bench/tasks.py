@@ -84,8 +84,7 @@ sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 
 def _venv_python() -> Path | None:
     for cand in (os.environ.get("KEYTURN_TEST_PYTHON"),
-                 HERE.parent / "target" / "test-services" / "venv" / "bin" / "python",
-                 Path("/work/main/target/test-services/venv/bin/python")):
+                 HERE.parent / "target" / "test-services" / "venv" / "bin" / "python"):
         if cand and Path(cand).exists():
             return Path(cand)
     return None
