@@ -78,7 +78,8 @@ enum Msg {
     Close(oneshot::Sender<()>),
     /// Tests: block the writer until the sender is dropped, so appends queue up.
     #[cfg(test)]
-    Hold(mpsc::Receiver<()>),
+    /// The writer says it is holding, then waits for the release.
+    Hold(mpsc::Sender<()>, mpsc::Receiver<()>),
 }
 
 /// A cheap, cloneable handle to the audit log's writer thread.
@@ -297,10 +298,14 @@ impl AuditLog {
         }
     }
 
+    /// Returns once the writer is held (alone in its batch, so everything
+    /// sent after this is queued behind it); dropping the sender releases it.
     #[cfg(test)]
     fn hold(&self) -> mpsc::Sender<()> {
         let (tx, rx) = mpsc::channel();
-        let _ = self.inner.server.submit(Msg::Hold(rx));
+        let (held_tx, held_rx) = mpsc::channel();
+        let _ = self.inner.server.submit(Msg::Hold(held_tx, rx));
+        held_rx.recv().expect("the writer holds");
         tx
     }
 }
@@ -360,8 +365,9 @@ impl Writer {
                     return Flow::Stop;
                 }
                 #[cfg(test)]
-                Msg::Hold(release) => {
+                Msg::Hold(held, release) => {
                     self.commit(std::mem::take(&mut batch));
+                    let _ = held.send(());
                     let _ = release.recv();
                 }
             }

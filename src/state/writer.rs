@@ -36,9 +36,10 @@ type Reply = oneshot::Sender<Result<()>>;
 enum Msg {
     Apply(Vec<Write>, Reply),
     Read(Read),
-    /// Tests: block the thread until the sender is dropped, so calls queue up.
+    /// Tests: say the thread is held, then block it until the sender is
+    /// dropped, so calls queue up.
     #[cfg(test)]
-    Hold(mpsc::Receiver<()>),
+    Hold(mpsc::Sender<()>, mpsc::Receiver<()>),
 }
 
 /// A handle to the writer thread. The thread stops once the handle is
@@ -96,10 +97,14 @@ impl StateWriter {
         rx.await.map_err(|_| stopped())?
     }
 
+    /// Returns once the thread is held, alone in its batch: every call sent
+    /// after this queues for the next batch.
     #[cfg(test)]
     fn hold(&self) -> mpsc::Sender<()> {
         let (tx, rx) = mpsc::channel();
-        let _ = self.server.submit(Msg::Hold(rx));
+        let (held_tx, held_rx) = mpsc::channel();
+        let _ = self.server.submit(Msg::Hold(held_tx, rx));
+        held_rx.recv().expect("the writer holds");
         tx
     }
 }
@@ -125,7 +130,8 @@ fn serve(store: &dyn StateStore, batch: &mut Vec<Msg>) -> Flow {
                 let _ = catch_unwind(AssertUnwindSafe(move || f(store)));
             }
             #[cfg(test)]
-            Msg::Hold(release) => {
+            Msg::Hold(held, release) => {
+                let _ = held.send(());
                 let _ = release.recv();
             }
         }
