@@ -152,12 +152,20 @@ fn api_key(prefix: &str, length: usize) -> Result<SecretValue, GenerateError> {
     Ok(SecretValue::from_string(out))
 }
 
-/// The private key as PKCS#8 PEM (the secret value) and the public key as
-/// SPKI PEM. `SigningKey` zeroizes itself on drop and `to_pkcs8_pem` returns a
-/// zeroizing string, so the only long-lived copy is the `SecretValue`.
+/// The private key as PKCS#8 v1 PEM (the secret value) and the public key as
+/// SPKI PEM. v1 (RFC 8410 section 7: the seed alone, no public key) is what
+/// OpenSSL 3.0 and Python's `cryptography` read; the v2 form (with the public
+/// key, RFC 5958) that `SigningKey::to_pkcs8_pem` writes is refused by both,
+/// so an agent could not load its own key. `SigningKey` and `KeypairBytes`
+/// zeroize themselves on drop and `to_pkcs8_pem` returns a zeroizing string,
+/// so the only long-lived copy is the `SecretValue`.
 fn ed25519() -> Result<(SecretValue, String), GenerateError> {
     let signing = SigningKey::generate(&mut OsRng);
-    let private = signing
+    let seed_only = ed25519_dalek::pkcs8::KeypairBytes {
+        secret_key: signing.to_bytes(),
+        public_key: None,
+    };
+    let private = seed_only
         .to_pkcs8_pem(LineEnding::LF)
         .map_err(|e| GenerateError::Encode(format!("ed25519 private key as PKCS#8: {e}")))?;
     let public = signing
@@ -396,6 +404,25 @@ mod tests {
         let public_pem = g.public.expect("a keypair has a public half");
         assert!(public_pem.starts_with("-----BEGIN PUBLIC KEY-----\n"));
         assert!(!public_pem.contains("PRIVATE"));
+
+        // PKCS#8 v1 as RFC 8410 section 7 shows it (what OpenSSL and
+        // Python's cryptography read): SEQUENCE { INTEGER 0, { 1.3.101.112 },
+        // OCTET STRING { OCTET STRING seed } }, 48 bytes.
+        let b64: String = private_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        assert_eq!(der.len(), 48, "v1, no public key");
+        assert_eq!(
+            der[..16],
+            [
+                0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+                0x04, 0x20
+            ]
+        );
 
         let signing = SigningKey::from_pkcs8_pem(&private_pem).expect("PKCS#8 parses back");
         let verifying = VerifyingKey::from_public_key_pem(&public_pem).expect("SPKI parses back");
