@@ -330,6 +330,11 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 .collect()
         }));
     }
+    if config.daemon.listen.is_none() && config.token_service.is_some() {
+        tracing::warn!(
+            "[token_service] is configured but [daemon] listen is not: the token service is not served; set listen (e.g. \"127.0.0.1:9464\")"
+        );
+    }
     if let Some(addr) = config.daemon.listen {
         // The nudge key is read at every nudge; a key that cannot work is
         // a start-up error, not a stream of 500s.
