@@ -242,6 +242,28 @@ impl TaskRevocation {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OauthLabels {
+    endpoint: &'static str,
+    result: &'static str,
+}
+
+/// The `result` label of a token-service request: `ok` or its OAuth error
+/// code (a fixed set: anything else is `other`).
+pub const OAUTH_RESULTS: &[&str] = &[
+    "ok",
+    "invalid_request",
+    "invalid_client",
+    "invalid_grant",
+    "invalid_target",
+    "invalid_scope",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "server_error",
+    "temporarily_unavailable",
+    "other",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SeverityLabels {
     severity: &'static str,
 }
@@ -280,6 +302,7 @@ pub struct Metrics {
     alert_spool_depth: Gauge,
     task_starts: Family<IssuerResultLabels, Counter>,
     task_revocations: Family<IssuerResultLabels, Counter>,
+    oauth_requests: Family<OauthLabels, Counter>,
     tasks: Arc<RwLock<Option<TaskFiguresProvider>>>,
 }
 
@@ -412,6 +435,11 @@ impl Metrics {
             "task_revocations",
             "Revocations of task credentials, by issuer name and result (verified; expires: the system ends it at its expiry; failed: retried)",
         );
+        let oauth_requests: Family<OauthLabels, Counter> = register(
+            &mut registry,
+            "oauth_requests",
+            "Token service requests, by endpoint (token, introspect, revoke) and result (ok or the OAuth error code)",
+        );
         let tasks = Arc::new(RwLock::new(None));
         registry.register_collector(Box::new(TasksCollector {
             provider: Arc::clone(&tasks),
@@ -445,8 +473,33 @@ impl Metrics {
             alert_spool_depth,
             task_starts,
             task_revocations,
+            oauth_requests,
             tasks,
         }
+    }
+
+    /// The token service is served: its series exist at 0.
+    pub fn oauth_configured(&self) {
+        for endpoint in ["token", "introspect", "revoke"] {
+            for result in ["ok", "invalid_client", "invalid_request", "server_error"] {
+                let _ = self
+                    .oauth_requests
+                    .get_or_create(&OauthLabels { endpoint, result });
+            }
+        }
+    }
+
+    /// One token-service request at `endpoint`, answered with `result`
+    /// (`ok` or an OAuth error code).
+    pub fn oauth_request(&self, endpoint: &'static str, result: &str) {
+        let result = OAUTH_RESULTS
+            .iter()
+            .find(|r| **r == result)
+            .copied()
+            .unwrap_or("other");
+        self.oauth_requests
+            .get_or_create(&OauthLabels { endpoint, result })
+            .inc();
     }
 
     /// The task issuer `issuer` is configured: its start and revocation

@@ -113,6 +113,7 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, routes: Routes) -> 
         );
     }
     if oauth.is_some() {
+        metrics.oauth_configured();
         use crate::oauth::service as s;
         let limit = DefaultBodyLimit::max(crate::oauth::request::MAX_BODY_BYTES);
         r = r
@@ -132,6 +133,20 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, routes: Routes) -> 
 
 /// A token-service answer as HTTP: JSON, never cached (RFC 6749 5.1,
 /// RFC 8693 2.2), `WWW-Authenticate` with a 401.
+/// Counts the answer in `keyturn_oauth_requests_total`.
+fn counted(
+    metrics: &Metrics,
+    endpoint: &'static str,
+    reply: crate::oauth::service::Reply,
+) -> Response {
+    let result = match &reply.body {
+        Some(b) if reply.status >= 400 => b["error"].as_str().unwrap_or("other"),
+        _ => "ok",
+    };
+    metrics.oauth_request(endpoint, result);
+    oauth_response(reply)
+}
+
 fn oauth_response(reply: crate::oauth::service::Reply) -> Response {
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut headers = HeaderMap::new();
@@ -184,9 +199,14 @@ async fn token_handler(
         return StatusCode::NOT_FOUND.into_response();
     };
     if let Some(r) = form_content_type(&headers) {
+        state.metrics.oauth_request("token", "invalid_request");
         return r;
     }
-    oauth_response(oauth.token(&body, &peer.to_string()).await)
+    counted(
+        &state.metrics,
+        "token",
+        oauth.token(&body, &peer.to_string()).await,
+    )
 }
 
 async fn introspect_handler(
@@ -198,9 +218,10 @@ async fn introspect_handler(
         return StatusCode::NOT_FOUND.into_response();
     };
     if let Some(r) = form_content_type(&headers) {
+        state.metrics.oauth_request("introspect", "invalid_request");
         return r;
     }
-    oauth_response(oauth.introspect(&body).await)
+    counted(&state.metrics, "introspect", oauth.introspect(&body).await)
 }
 
 async fn revoke_handler(
@@ -213,9 +234,14 @@ async fn revoke_handler(
         return StatusCode::NOT_FOUND.into_response();
     };
     if let Some(r) = form_content_type(&headers) {
+        state.metrics.oauth_request("revoke", "invalid_request");
         return r;
     }
-    oauth_response(oauth.revoke(&body, &peer.to_string()).await)
+    counted(
+        &state.metrics,
+        "revoke",
+        oauth.revoke(&body, &peer.to_string()).await,
+    )
 }
 
 async fn jwks_handler(State(state): State<AppState>) -> Response {

@@ -135,6 +135,7 @@ fn signing_row(version: u64, stage: Stage, public: &str) -> VersionRow {
 
 struct Harness {
     addr: std::net::SocketAddr,
+    metrics: Arc<crate::telemetry::Metrics>,
     mem: Arc<Mem>,
     /// The agents' private keys.
     keys: HashMap<&'static str, Pair>,
@@ -238,9 +239,10 @@ async fn harness() -> Harness {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
+    let metrics = Arc::new(crate::telemetry::Metrics::new());
     tokio::spawn(crate::api::http::serve_http(
         tokio::net::TcpListener::from_std(listener).unwrap(),
-        Arc::new(crate::telemetry::Metrics::new()),
+        metrics.clone(),
         Arc::new(AtomicBool::new(true)),
         cancel.clone(),
         crate::api::http::Limits::for_nofile(1024),
@@ -251,6 +253,7 @@ async fn harness() -> Harness {
     ));
     Harness {
         addr,
+        metrics,
         mem,
         keys,
         idp,
@@ -607,6 +610,17 @@ async fn every_error_code_on_the_wire() {
     // Not a form.
     let a = post_raw(&h, "/oauth/token", "application/json", "{}".into()).await;
     assert_eq!(refused(&a, &[]), "invalid_request");
+    // Each answer is counted by endpoint and code.
+    let text = h.metrics.encode();
+    for line in [
+        r#"keyturn_oauth_requests_total{endpoint="token",result="invalid_target"} 1"#,
+        r#"keyturn_oauth_requests_total{endpoint="token",result="unauthorized_client"} 1"#,
+        r#"keyturn_oauth_requests_total{endpoint="token",result="invalid_client"} 1"#,
+        r#"keyturn_oauth_requests_total{endpoint="token",result="invalid_request"} 4"#,
+        r#"keyturn_oauth_requests_total{endpoint="introspect",result="ok"} 0"#,
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
     // GET is not the endpoint.
     let r = h
         .http
