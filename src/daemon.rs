@@ -348,13 +348,30 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| startup(&format!("cannot listen on {addr}"), &e))?;
+        let oauth = match &config.token_service {
+            None => None,
+            Some(ts) => {
+                let subjects = token_subjects(&config)?;
+                subjects.start(&cancel).await;
+                Some(Arc::new(crate::oauth::service::TokenService::new(
+                    ts,
+                    subjects,
+                    Arc::new(OauthBackend {
+                        engine: engine.clone(),
+                        revocations: revocations.clone(),
+                        tasks: tasks.clone(),
+                        signing: ts.signing_credential.clone(),
+                    }),
+                )))
+            }
+        };
         tracker.spawn(crate::api::http::serve_http(
             listener,
             metrics.clone(),
             ready.clone(),
             cancel.clone(),
             crate::api::http::Limits::for_nofile(nofile),
-            nudge,
+            crate::api::http::Routes { nudge, oauth },
         ));
     }
 
@@ -691,6 +708,19 @@ impl alerts::AlertRecorder for EngineRecorder {
 }
 
 /// Answers control-socket requests from the engine.
+/// The subject issuers of `[token_service.subject_issuers]`, each with its
+/// key set (loaded by [`crate::oauth::SubjectTokens::start`]).
+fn token_subjects(config: &Config) -> Result<crate::oauth::SubjectTokens, DaemonError> {
+    let mut issuers = Vec::new();
+    for (name, cfg) in &config.subject_issuers {
+        let issuer = crate::oauth::SubjectIssuer::from_config(cfg.clone()).map_err(|e| {
+            DaemonError::Startup(format!("token_service.subject_issuers.{name}: {e}"))
+        })?;
+        issuers.push(issuer);
+    }
+    Ok(crate::oauth::SubjectTokens::new(issuers))
+}
+
 struct Handler {
     engine: Engine,
     revocations: Revocations,
@@ -888,6 +918,108 @@ impl Handler {
                 peer.uid
             ),
         })
+    }
+}
+
+/// What the token service needs of the daemon: agents' keys from state,
+/// the task store's ledgers, the signing credential from its vault,
+/// decommissions, the audit log.
+struct OauthBackend {
+    engine: Engine,
+    revocations: Revocations,
+    tasks: Arc<crate::tasks::manager::TaskManager>,
+    signing: CredentialKey,
+}
+
+#[async_trait::async_trait]
+impl crate::oauth::service::Backend for OauthBackend {
+    async fn client_keys(&self, agent: &str) -> Result<Vec<crate::auth::AgentKey>, String> {
+        let catalog = self.engine.catalog();
+        let Some((id, cfg)) = AgentId::new(agent)
+            .ok()
+            .and_then(|id| catalog.config.agents.get_key_value(&id))
+        else {
+            return Err(format!(
+                "{:?} is not a configured agent",
+                agent.chars().take(64).collect::<String>()
+            ));
+        };
+        if cfg.decommissioned.is_some() || self.revocations.get(id).is_some() {
+            return Err(format!("agent {id} is decommissioned"));
+        }
+        let Some(auth_key) = cfg.auth_key.clone() else {
+            return Err(format!(
+                "agent {id} has no `auth_key` in the config: set auth_key to one of its ed25519 credentials to let it authenticate"
+            ));
+        };
+        let key = CredentialKey::new(id.clone(), auth_key);
+        let versions = self
+            .engine
+            .load(move |s| s.versions(&key))
+            .await
+            .map_err(|e| format!("cannot read the agent's keys: {e}"))?;
+        Ok(crate::auth::AgentKey::accepted(&versions))
+    }
+
+    fn jti_ledger(&self) -> &dyn crate::auth::JtiLedger {
+        self.tasks.store()
+    }
+
+    fn token_ledger(&self) -> &dyn crate::oauth::service::TokenLedger {
+        self.tasks.store()
+    }
+
+    async fn signing_versions(&self) -> Result<Vec<crate::state::VersionRow>, String> {
+        let key = self.signing.clone();
+        self.engine
+            .load(move |s| s.versions(&key))
+            .await
+            .map_err(|e| format!("cannot read the signing credential's versions: {e}"))
+    }
+
+    async fn signing_value(
+        &self,
+        version: &crate::state::VersionRow,
+    ) -> Result<crate::model::SecretValue, String> {
+        use crate::vaults::{Select, VaultItem, VersionRef};
+        let catalog = self.engine.catalog();
+        let Some(entry) = catalog.creds.get(&self.signing) else {
+            return Err(format!(
+                "the signing credential {} is not configured",
+                self.signing
+            ));
+        };
+        let path = entry.cfg.vault_path();
+        let vault = &entry.vaults[0];
+        let item = VaultItem {
+            key: &self.signing,
+            path: &path,
+        };
+        let wanted = VersionRef(version.vault_version.clone());
+        match vault.vault.read(item, Select::Version(&wanted)).await {
+            Ok(Some(v)) => Ok(v.value),
+            Ok(None) => Err(format!(
+                "version {} of {} is not in vault {}",
+                version.version, self.signing, vault.config.name
+            )),
+            Err(e) => Err(format!(
+                "reading version {} of {} in vault {}: {}",
+                version.version, self.signing, vault.config.name, e.message
+            )),
+        }
+    }
+
+    fn decommissioned_at(&self, agent: &str) -> Option<i64> {
+        let id = AgentId::new(agent).ok()?;
+        self.revocations
+            .get(&id)
+            .map(|d| d.row.decided_at.timestamp())
+    }
+
+    async fn audit(&self, event: AuditEvent) {
+        if let Err(e) = self.engine.record(event).await {
+            tracing::error!(error = %e, "cannot audit a token service request");
+        }
     }
 }
 

@@ -47,6 +47,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::model::{AgentId, CredentialId, CredentialKey};
+use crate::oauth::service::TokenService;
 use crate::sinks::webhook::{SIGNATURE_HEADER, read_key_file, verify};
 use crate::telemetry::Metrics;
 
@@ -59,7 +60,23 @@ struct AppState {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     nudge: Option<Arc<FollowNudge>>,
+    oauth: Option<Arc<TokenService>>,
 }
+
+/// The optional routes: each exists only when configured.
+#[derive(Clone, Default)]
+pub struct Routes {
+    /// `POST /v1/follow/nudge` (`[daemon] follow_nudge_key_file`).
+    pub nudge: Option<Arc<FollowNudge>>,
+    /// The token service (`[token_service]` with an `issuer`):
+    /// `/oauth/token`, `/oauth/introspect`, `/oauth/revoke`,
+    /// `/.well-known/jwks.json`, `/.well-known/oauth-authorization-server`.
+    pub oauth: Option<Arc<TokenService>>,
+}
+
+/// The client's address, for the audit of token requests.
+#[derive(Clone, Copy)]
+struct Peer(std::net::SocketAddr);
 
 /// The path of follow nudges.
 pub const NUDGE_PATH: &str = "/v1/follow/nudge";
@@ -83,11 +100,8 @@ pub struct FollowNudge {
 }
 
 /// The routes, without a listener (for embedding or tests).
-pub fn router(
-    metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
-    nudge: Option<Arc<FollowNudge>>,
-) -> Router {
+pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, routes: Routes) -> Router {
+    let Routes { nudge, oauth } = routes;
     let mut r = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok" }))
@@ -98,11 +112,124 @@ pub fn router(
             post(nudge_handler).layer(DefaultBodyLimit::max(MAX_NUDGE_BODY)),
         );
     }
+    if oauth.is_some() {
+        use crate::oauth::service as s;
+        let limit = DefaultBodyLimit::max(crate::oauth::request::MAX_BODY_BYTES);
+        r = r
+            .route(s::TOKEN_PATH, post(token_handler).layer(limit))
+            .route(s::INTROSPECT_PATH, post(introspect_handler).layer(limit))
+            .route(s::REVOKE_PATH, post(revoke_handler).layer(limit))
+            .route(s::JWKS_PATH, get(jwks_handler))
+            .route(s::METADATA_PATH, get(metadata_handler));
+    }
     r.with_state(AppState {
         metrics,
         ready,
         nudge,
+        oauth,
     })
+}
+
+/// A token-service answer as HTTP: JSON, never cached (RFC 6749 5.1,
+/// RFC 8693 2.2), `WWW-Authenticate` with a 401.
+fn oauth_response(reply: crate::oauth::service::Reply) -> Response {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CACHE_CONTROL, "no-store".parse().expect("static"));
+    headers.insert(header::PRAGMA, "no-cache".parse().expect("static"));
+    if status == StatusCode::UNAUTHORIZED {
+        headers.insert(
+            header::WWW_AUTHENTICATE,
+            "private_key_jwt".parse().expect("static"),
+        );
+    }
+    match reply.body {
+        Some(body) => {
+            headers.insert(
+                header::CONTENT_TYPE,
+                "application/json".parse().expect("static"),
+            );
+            (status, headers, body.to_string()).into_response()
+        }
+        None => (status, headers).into_response(),
+    }
+}
+
+/// RFC 6749 3.2 and RFC 7662/7009: the body is a form.
+fn form_content_type(headers: &HeaderMap) -> Option<Response> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        return None;
+    }
+    Some(oauth_response(crate::oauth::service::Reply {
+        status: 400,
+        body: Some(serde_json::json!({
+            "error": "invalid_request",
+            "error_description": "send the parameters as application/x-www-form-urlencoded",
+        })),
+    }))
+}
+
+async fn token_handler(
+    State(state): State<AppState>,
+    axum::Extension(Peer(peer)): axum::Extension<Peer>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(oauth) = state.oauth else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    if let Some(r) = form_content_type(&headers) {
+        return r;
+    }
+    oauth_response(oauth.token(&body, &peer.to_string()).await)
+}
+
+async fn introspect_handler(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(oauth) = state.oauth else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    if let Some(r) = form_content_type(&headers) {
+        return r;
+    }
+    oauth_response(oauth.introspect(&body).await)
+}
+
+async fn revoke_handler(
+    State(state): State<AppState>,
+    axum::Extension(Peer(peer)): axum::Extension<Peer>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(oauth) = state.oauth else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    if let Some(r) = form_content_type(&headers) {
+        return r;
+    }
+    oauth_response(oauth.revoke(&body, &peer.to_string()).await)
+}
+
+async fn jwks_handler(State(state): State<AppState>) -> Response {
+    match state.oauth {
+        Some(oauth) => oauth_response(oauth.jwks().await),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn metadata_handler(State(state): State<AppState>) -> Response {
+    match state.oauth {
+        Some(oauth) => oauth_response(oauth.metadata()),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 /// The only part of the notice a nudge is trusted for: which credential.
@@ -247,18 +374,20 @@ pub async fn serve_http(
     ready: Arc<AtomicBool>,
     cancel: CancellationToken,
     limits: Limits,
-    nudge: Option<Arc<FollowNudge>>,
+    routes: Routes,
 ) -> io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
         info!(
             listen = %addr,
             max_connections = limits.max_connections,
-            follow_nudge = nudge.is_some(),
-            "HTTP listener serving /metrics /healthz /readyz{}",
-            if nudge.is_some() { " and POST /v1/follow/nudge" } else { "" }
+            follow_nudge = routes.nudge.is_some(),
+            token_service = routes.oauth.is_some(),
+            "HTTP listener serving /metrics /healthz /readyz{}{}",
+            if routes.nudge.is_some() { ", POST /v1/follow/nudge" } else { "" },
+            if routes.oauth.is_some() { ", the token service (/oauth/*, /.well-known/*)" } else { "" },
         );
     }
-    let service = TowerToHyperService::new(router(metrics, ready, nudge));
+    let app = router(metrics, ready, routes);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let open = Arc::new(Mutex::new(Open::default()));
     let connections = TaskTracker::new();
@@ -268,8 +397,8 @@ pub async fn serve_http(
             _ = cancel.cancelled() => break,
             r = listener.accept() => r,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // EMFILE and friends: pause instead of spinning on the error.
                 warn!(error = %e, "accepting an HTTP connection failed");
@@ -301,7 +430,7 @@ pub async fn serve_http(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .add(token.clone());
-        let service = service.clone();
+        let service = TowerToHyperService::new(app.clone().layer(axum::Extension(Peer(peer))));
         let open = Arc::clone(&open);
         connections.spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -381,7 +510,7 @@ mod tests {
             Arc::clone(&ready),
             cancel.clone(),
             Limits::for_nofile(1024),
-            None,
+            Routes::default(),
         ));
 
         let (status, _, body) = get(addr, "/healthz").await;
@@ -444,7 +573,7 @@ mod tests {
             Arc::new(AtomicBool::new(true)),
             cancel.clone(),
             limits,
-            None,
+            Routes::default(),
         ));
         (addr, cancel, server)
     }
@@ -593,10 +722,13 @@ mod tests {
             Arc::new(AtomicBool::new(true)),
             cancel.clone(),
             Limits::for_nofile(1024),
-            Some(Arc::new(FollowNudge {
-                key_file,
-                target: recorder.clone(),
-            })),
+            Routes {
+                nudge: Some(Arc::new(FollowNudge {
+                    key_file,
+                    target: recorder.clone(),
+                })),
+                ..Routes::default()
+            },
         ));
         (addr, recorder, cancel, server)
     }

@@ -149,10 +149,11 @@ pub struct Claimed {
     pub kid: Option<String>,
 }
 
-/// Checks assertions for one audience.
+/// Checks assertions for an audience (or one of a few).
 #[derive(Debug, Clone)]
 pub struct Verifier {
-    audience: String,
+    /// Accepted `aud` values; the first is the one to name in messages.
+    audiences: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -196,12 +197,20 @@ fn segment(
 impl Verifier {
     pub fn new(audience: impl Into<String>) -> Verifier {
         Verifier {
-            audience: audience.into(),
+            audiences: vec![audience.into()],
         }
     }
 
+    /// An assertion whose `aud` names any of `audiences` (not empty) is
+    /// accepted: the token service takes its issuer or its token endpoint
+    /// (RFC 7523 3).
+    pub fn for_audiences(audiences: Vec<String>) -> Verifier {
+        assert!(!audiences.is_empty(), "a verifier needs an audience");
+        Verifier { audiences }
+    }
+
     pub fn audience(&self) -> &str {
-        &self.audience
+        &self.audiences[0]
     }
 
     /// The agent a token claims to be (its `iss`) and its `kid`, read
@@ -277,7 +286,7 @@ impl Verifier {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.leeway = SKEW_SECS;
         validation.validate_nbf = true;
-        validation.set_audience(&[&self.audience]);
+        validation.set_audience(&self.audiences);
         validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
         validation.iss = Some(HashSet::from([agent.clone()]));
         let mut last = AssertionError::BadSignature(agent.clone());
@@ -360,7 +369,7 @@ impl Verifier {
             JwtErrorKind::ExpiredSignature => AssertionError::Expired,
             JwtErrorKind::ImmatureSignature => AssertionError::NotYetValid,
             JwtErrorKind::InvalidAudience => AssertionError::Audience {
-                expected: self.audience.clone(),
+                expected: self.audiences.join(" or "),
             },
             JwtErrorKind::InvalidIssuer => AssertionError::Invalid("iss".into()),
             JwtErrorKind::InvalidSubject => AssertionError::Invalid("sub".into()),

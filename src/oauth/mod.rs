@@ -29,6 +29,7 @@ pub mod config;
 pub mod exchange;
 pub mod jwks;
 pub mod request;
+pub mod service;
 pub mod strict_json;
 pub mod subject;
 

@@ -174,6 +174,66 @@ impl crate::auth::JtiLedger for TaskStore {
     }
 }
 
+/// The token service's revocations and key uses live here too: durable,
+/// and small (a row per revoked token until it expires, one per key).
+impl crate::oauth::service::TokenLedger for TaskStore {
+    fn revoke(&self, jti: &str, expires_at: i64, now: i64) -> std::result::Result<(), String> {
+        let mut db = self.db();
+        let tx = db.transaction().map_err(|e| e.to_string())?;
+        tx.execute(
+            "DELETE FROM revoked_tokens WHERE expires_at < ?1",
+            params![now],
+        )
+        .map_err(|e| self.err("prune revoked tokens", e).to_string())?;
+        tx.execute(
+            "INSERT OR REPLACE INTO revoked_tokens (jti, expires_at) VALUES (?1, ?2)",
+            params![jti, expires_at],
+        )
+        .map_err(|e| self.err("revoke a token", e).to_string())?;
+        tx.commit()
+            .map_err(|e| self.err("revoke a token", e).to_string())
+    }
+
+    fn is_revoked(&self, jti: &str) -> std::result::Result<bool, String> {
+        self.db()
+            .query_row(
+                "SELECT 1 FROM revoked_tokens WHERE jti = ?1",
+                params![jti],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(|e| self.err("read revoked tokens", e).to_string())
+    }
+
+    fn signed(&self, version: u64, until: i64) -> std::result::Result<(), String> {
+        let version = i64::try_from(version).map_err(|_| "key version out of range".to_string())?;
+        self.db()
+            .execute(
+                "INSERT INTO token_keys (version, signed_until) VALUES (?1, ?2)
+                 ON CONFLICT(version) DO UPDATE SET signed_until = max(signed_until, excluded.signed_until)",
+                params![version, until],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err("record a signing key use", e).to_string())
+    }
+
+    fn signed_until(&self) -> std::result::Result<Vec<(u64, i64)>, String> {
+        let db = self.db();
+        let mut stmt = db
+            .prepare_cached("SELECT version, signed_until FROM token_keys")
+            .map_err(|e| self.err("read signing key uses", e).to_string())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(|e| self.err("read signing key uses", e).to_string())?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(v, u)| Some((u64::try_from(v).ok()?, u)))
+            .collect())
+    }
+}
+
 pub struct TaskStore {
     path: PathBuf,
     /// The connection for reads.
@@ -247,6 +307,14 @@ const SCHEMA: &str = "
         jti         TEXT    NOT NULL,
         expires_at  INTEGER NOT NULL,
         PRIMARY KEY (agent, jti)
+    );
+    CREATE TABLE IF NOT EXISTS revoked_tokens (
+        jti         TEXT    NOT NULL PRIMARY KEY,
+        expires_at  INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS token_keys (
+        version     INTEGER NOT NULL PRIMARY KEY,
+        signed_until INTEGER NOT NULL
     );
 ";
 

@@ -1,0 +1,673 @@
+//! The token service as served on the HTTP listener: `POST /oauth/token`
+//! (RFC 8693), `POST /oauth/introspect` (RFC 7662), `POST /oauth/revoke`
+//! (RFC 7009), `GET /.well-known/jwks.json` and `GET
+//! /.well-known/oauth-authorization-server` (RFC 8414).
+//!
+//! [`TokenService`] holds the policy and the subject issuers and answers
+//! each request with a [`Reply`]; what it needs of the daemon (the agents'
+//! keys, the jti ledger, the signing credential in its vault, decommissions,
+//! the audit log) comes through [`Backend`], so the whole flow is tested
+//! here with real keys and tokens and served unchanged by the daemon.
+//!
+//! - **Client authentication** is `private_key_jwt` (RFC 7523 2.2): an
+//!   EdDSA assertion signed with the agent's `auth_key`, `aud` the issuer or
+//!   the token endpoint, single-use `jti` (the task store's ledger, so a
+//!   replay is refused after a restart too). A failure is `invalid_client`
+//!   with 401.
+//! - **The actor token** is another such assertion of the *same* agent:
+//!   an assertion of another agent is the confused deputy and is refused.
+//!   Its `exp` is the actor's credential lifetime: the issued token never
+//!   outlives it.
+//! - **Keys**: the current version of `signing_credential`, read from its
+//!   vault by the version state names (so `kid` always matches the key),
+//!   cached until the current version changes. The JWKS publishes the
+//!   current and previous versions and every other version that signed a
+//!   token not yet expired ([`TokenLedger::signed`]).
+//! - **Inactive tokens**: expired, revoked (by `jti`, kept until `exp`), or
+//!   issued (`iat`) no later than the decommission of the client or of any
+//!   agent in its `act` chain: the decommission is the agent's epoch.
+//! - Every issuance, refusal and revocation is audited; no token or part
+//!   of one is ever logged, audited or put in an error.
+
+use std::sync::{Arc, Mutex};
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value, json};
+
+use super::exchange::{
+    self, Actor, ClientPolicy, ExchangeError, GRANT_TYPE, ServicePolicy, SigningKey,
+    TOKEN_TYPE_ACCESS_TOKEN,
+};
+use super::request::{self, CLIENT_ASSERTION_TYPE};
+use super::subject::SubjectTokens;
+use crate::audit::{Actor as AuditActor, AuditEvent, Outcome};
+use crate::auth::{AgentKey, JtiLedger, Verified, Verifier};
+use crate::model::{AgentId, SecretValue};
+use crate::state::VersionRow;
+
+pub const TOKEN_PATH: &str = "/oauth/token";
+pub const INTROSPECT_PATH: &str = "/oauth/introspect";
+pub const REVOKE_PATH: &str = "/oauth/revoke";
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+pub const METADATA_PATH: &str = "/.well-known/oauth-authorization-server";
+
+/// An answer: the status and its JSON body (`None`: empty). Every answer
+/// of the token service is sent with `Cache-Control: no-store`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Option<Value>,
+}
+
+impl Reply {
+    fn ok(body: Value) -> Reply {
+        Reply {
+            status: 200,
+            body: Some(body),
+        }
+    }
+
+    /// RFC 6749 5.2: 401 for a client that failed to authenticate, 500 for
+    /// `server_error`, else 400.
+    fn error(e: &ExchangeError) -> Reply {
+        let status = match e.code {
+            "invalid_client" => 401,
+            "server_error" => 500,
+            "temporarily_unavailable" => 503,
+            _ => 400,
+        };
+        Reply {
+            status,
+            body: Some(json!({ "error": e.code, "error_description": e.description })),
+        }
+    }
+}
+
+/// Revoked tokens and which signing key versions signed tokens until when.
+/// Durable (the task store): a revoked token stays revoked after a restart.
+pub trait TokenLedger: Send + Sync {
+    /// Records `jti` as revoked until `expires_at` (unix seconds); rows past
+    /// `now` may be pruned.
+    fn revoke(&self, jti: &str, expires_at: i64, now: i64) -> Result<(), String>;
+    fn is_revoked(&self, jti: &str) -> Result<bool, String>;
+    /// Key `version` signed a token that expires at `until`.
+    fn signed(&self, version: u64, until: i64) -> Result<(), String>;
+    /// Each version with the latest `exp` it signed.
+    fn signed_until(&self) -> Result<Vec<(u64, i64)>, String>;
+}
+
+/// What the token service needs of the daemon.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync {
+    /// The accepted keys of `agent`'s `auth_key` ([`AgentKey::accepted`]);
+    /// `Err` says why the agent cannot authenticate (not configured, no
+    /// `auth_key`, decommissioned, state unreadable).
+    async fn client_keys(&self, agent: &str) -> Result<Vec<AgentKey>, String>;
+    fn jti_ledger(&self) -> &dyn JtiLedger;
+    fn token_ledger(&self) -> &dyn TokenLedger;
+    /// Every version of the signing credential, as state has them.
+    async fn signing_versions(&self) -> Result<Vec<VersionRow>, String>;
+    /// The value (an Ed25519 PKCS#8 PEM) of one signing credential version,
+    /// read from its vault.
+    async fn signing_value(&self, version: &VersionRow) -> Result<SecretValue, String>;
+    /// When `agent` was decommissioned (unix seconds), if it was.
+    fn decommissioned_at(&self, agent: &str) -> Option<i64>;
+    async fn audit(&self, event: AuditEvent);
+}
+
+/// The token service.
+pub struct TokenService {
+    policy: ServicePolicy,
+    clients: std::collections::BTreeMap<String, ClientPolicy>,
+    subjects: SubjectTokens,
+    backend: Arc<dyn Backend>,
+    verifier: Verifier,
+    /// The current signing version and its key.
+    signing: Mutex<Option<(u64, Arc<SigningKey>)>>,
+    /// What the ledger holds of each key's use: a write records `exp` plus
+    /// `max_ttl`, so one write covers every token signed in the next
+    /// `max_ttl`.
+    signed: Mutex<std::collections::HashMap<u64, i64>>,
+}
+
+/// The unix time now.
+fn now_secs() -> i64 {
+    i64::try_from(jsonwebtoken::get_current_timestamp()).unwrap_or(i64::MAX)
+}
+
+fn err(code: &'static str, description: impl Into<String>) -> ExchangeError {
+    ExchangeError {
+        code,
+        description: description.into(),
+    }
+}
+
+/// The form parameters of introspection and revocation.
+struct TokenForm {
+    token: SecretValue,
+    client_assertion: SecretValue,
+}
+
+/// `token` and client authentication, each at most once (RFC 6749 3.2);
+/// `token_type_hint` and unknown parameters are ignored (RFC 7662 2.1,
+/// RFC 7009 2.1: the hint is only an optimisation).
+fn token_form(body: &[u8]) -> Result<TokenForm, ExchangeError> {
+    if body.len() > request::MAX_BODY_BYTES {
+        return Err(err(
+            "invalid_request",
+            format!("the request body is over {} bytes", request::MAX_BODY_BYTES),
+        ));
+    }
+    let mut token = None;
+    let mut assertion = None;
+    let mut assertion_type = None;
+    for (k, v) in form_urlencoded::parse(body) {
+        let slot = match k.as_ref() {
+            "token" => &mut token,
+            "client_assertion" => &mut assertion,
+            "client_assertion_type" => &mut assertion_type,
+            _ => continue,
+        };
+        if slot.replace(v.into_owned()).is_some() {
+            return Err(err(
+                "invalid_request",
+                format!("parameter `{k}` is sent more than once"),
+            ));
+        }
+    }
+    let client_assertion = match (assertion_type.as_deref(), assertion) {
+        (Some(CLIENT_ASSERTION_TYPE), Some(a)) if !a.is_empty() => SecretValue::from_string(a),
+        _ => {
+            return Err(err(
+                "invalid_client",
+                format!(
+                    "authenticate with private_key_jwt: client_assertion_type={CLIENT_ASSERTION_TYPE} and client_assertion"
+                ),
+            ));
+        }
+    };
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return Err(err("invalid_request", "token is missing"));
+    };
+    Ok(TokenForm {
+        token: SecretValue::from_string(token),
+        client_assertion,
+    })
+}
+
+/// The claims of a token this service issued, once its signature, `iss`
+/// and `exp` are checked.
+struct Checked {
+    claims: Map<String, Value>,
+}
+
+impl Checked {
+    fn str(&self, k: &str) -> Option<&str> {
+        self.claims.get(k).and_then(Value::as_str)
+    }
+    fn int(&self, k: &str) -> Option<i64> {
+        self.claims.get(k).and_then(Value::as_i64)
+    }
+    /// The client and every agent in the `act` chain.
+    fn agents(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.str("client_id").map(str::to_owned).into_iter().collect();
+        let mut cur = self.claims.get("act").and_then(Value::as_object);
+        let mut depth = 0;
+        while let Some(level) = cur {
+            if let Some(s) = level.get("sub").and_then(Value::as_str) {
+                out.push(s.to_owned());
+            }
+            cur = level.get("act").and_then(Value::as_object);
+            depth += 1;
+            if depth > 64 {
+                break;
+            }
+        }
+        out
+    }
+}
+
+impl TokenService {
+    pub fn new(
+        config: &super::config::TokenServiceConfig,
+        subjects: SubjectTokens,
+        backend: Arc<dyn Backend>,
+    ) -> TokenService {
+        let issuer = config.issuer.trim_end_matches('/').to_owned();
+        let verifier =
+            Verifier::for_audiences(vec![issuer.clone(), format!("{issuer}{TOKEN_PATH}")]);
+        TokenService {
+            policy: ServicePolicy {
+                issuer,
+                max_ttl: config.max_ttl,
+                max_act_depth: config.max_act_depth,
+            },
+            clients: config.clients.clone(),
+            subjects,
+            backend,
+            verifier,
+            signing: Mutex::new(None),
+            signed: Mutex::new(Default::default()),
+        }
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.policy.issuer
+    }
+
+    pub fn subjects(&self) -> &SubjectTokens {
+        &self.subjects
+    }
+
+    /// RFC 8414 metadata.
+    pub fn metadata(&self) -> Reply {
+        let iss = &self.policy.issuer;
+        Reply::ok(json!({
+            "issuer": iss,
+            "token_endpoint": format!("{iss}{TOKEN_PATH}"),
+            "jwks_uri": format!("{iss}{JWKS_PATH}"),
+            "introspection_endpoint": format!("{iss}{INTROSPECT_PATH}"),
+            "revocation_endpoint": format!("{iss}{REVOKE_PATH}"),
+            "grant_types_supported": [GRANT_TYPE],
+            "response_types_supported": [],
+            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
+            "introspection_endpoint_auth_methods_supported": ["private_key_jwt"],
+            "introspection_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
+            "revocation_endpoint_auth_methods_supported": ["private_key_jwt"],
+            "revocation_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
+            "scopes_supported": self.all_scopes(),
+        }))
+    }
+
+    fn all_scopes(&self) -> Vec<String> {
+        let mut s: Vec<String> = self
+            .clients
+            .values()
+            .flat_map(|c| c.scopes.iter().cloned())
+            .collect();
+        s.sort();
+        s.dedup();
+        s
+    }
+
+    /// The versions whose public keys are published: current, previous and
+    /// any other (not pending) version that signed a token not yet expired.
+    async fn published(&self, now: i64) -> Result<Vec<AgentKey>, String> {
+        let versions = self.backend.signing_versions().await?;
+        let mut keys = AgentKey::accepted(&versions);
+        let signed = self.backend.token_ledger().signed_until()?;
+        let mut older: Vec<&VersionRow> = versions
+            .iter()
+            .filter(|v| !matches!(v.stage, crate::model::Stage::Pending))
+            .filter(|v| !keys.iter().any(|k| k.version == v.version))
+            .filter(|v| {
+                signed
+                    .iter()
+                    .any(|(ver, until)| *ver == v.version && *until > now)
+            })
+            .collect();
+        older.sort_by_key(|v| std::cmp::Reverse(v.version));
+        keys.extend(older.into_iter().filter_map(|v| {
+            Some(AgentKey {
+                version: v.version,
+                public_pem: v.public.clone()?,
+            })
+        }));
+        Ok(keys)
+    }
+
+    /// `GET /.well-known/jwks.json`.
+    pub async fn jwks(&self) -> Reply {
+        match self.published(now_secs()).await {
+            Ok(keys) => Reply::ok(exchange::jwks_document(&keys)),
+            Err(e) => {
+                tracing::error!("token service: cannot list the signing keys: {e}");
+                Reply::error(&err(
+                    "temporarily_unavailable",
+                    "the signing keys cannot be read now; retry",
+                ))
+            }
+        }
+    }
+
+    /// The current signing key, read from the vault when the current
+    /// version changed since the last read.
+    async fn signing_key(&self) -> Result<Arc<SigningKey>, ExchangeError> {
+        let unavailable = |why: String| {
+            tracing::error!("token service: no signing key: {why}");
+            err(
+                "server_error",
+                "the token service cannot sign now: the operator must check the signing credential (keyturn status)",
+            )
+        };
+        let versions = self.backend.signing_versions().await.map_err(unavailable)?;
+        let Some(current) = versions
+            .iter()
+            .find(|v| v.stage == crate::model::Stage::Current)
+        else {
+            return Err(unavailable(
+                "the signing credential has no current version yet".into(),
+            ));
+        };
+        if let Some((v, key)) = &*self.signing.lock().unwrap_or_else(|p| p.into_inner())
+            && *v == current.version
+        {
+            return Ok(key.clone());
+        }
+        let pem = self
+            .backend
+            .signing_value(current)
+            .await
+            .map_err(unavailable)?;
+        let key = SigningKey::from_ed25519_pem(current.version.to_string(), &pem).ok_or_else(
+            || {
+                unavailable(format!(
+                    "version {} of the signing credential is not an Ed25519 private key",
+                    current.version
+                ))
+            },
+        )?;
+        let key = Arc::new(key);
+        *self.signing.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((current.version, key.clone()));
+        Ok(key)
+    }
+
+    /// Checks a private_key_jwt assertion (client or actor) and spends its jti.
+    async fn authenticate(
+        &self,
+        token: &SecretValue,
+        code: &'static str,
+        what: &str,
+    ) -> Result<Verified, ExchangeError> {
+        let refuse = |why: String| err(code, format!("the {what} is refused: {why}"));
+        let Some(token) = token.expose_str() else {
+            return Err(refuse("it is not UTF-8 text".into()));
+        };
+        let claimed = self
+            .verifier
+            .claimed_agent(token)
+            .map_err(|e| refuse(e.to_string()))?;
+        let keys = self
+            .backend
+            .client_keys(&claimed.agent)
+            .await
+            .map_err(refuse)?;
+        self.verifier
+            .verify(token, &claimed, &keys, self.backend.jti_ledger())
+            .map_err(|e| refuse(e.to_string()))
+    }
+
+    /// `POST /oauth/token`.
+    pub async fn token(&self, body: &[u8], peer: &str) -> Reply {
+        let mut ev = AuditEvent::new("oauth.token", AuditActor::Daemon, Outcome::Ok);
+        let result = self.issue(body, &mut ev).await;
+        ev.detail = Some(match &ev.detail {
+            Some(d) => format!("{d}; from {peer}"),
+            None => format!("from {peer}"),
+        });
+        let reply = match result {
+            Ok(r) => r,
+            Err(e) => {
+                ev.outcome = if e.code == "server_error" {
+                    Outcome::Failed
+                } else {
+                    Outcome::Refused
+                };
+                ev.error = Some(e.to_string());
+                Reply::error(&e)
+            }
+        };
+        self.backend.audit(ev).await;
+        reply
+    }
+
+    async fn issue(&self, body: &[u8], ev: &mut AuditEvent) -> Result<Reply, ExchangeError> {
+        let req = request::parse(body)?;
+        let client = self
+            .authenticate(&req.client_assertion, "invalid_client", "client assertion")
+            .await?;
+        ev.agent = AgentId::new(&client.agent).ok();
+        let actor = self
+            .authenticate(&req.actor_token, "invalid_request", "actor_token")
+            .await?;
+        if actor.agent != client.agent {
+            return Err(err(
+                "invalid_request",
+                format!(
+                    "the actor_token is agent `{}`'s, but the client is `{}`: an agent acts only as itself",
+                    actor.agent, client.agent
+                ),
+            ));
+        }
+        let subject = self
+            .subjects
+            .validate(req.subject_token.expose_str().unwrap_or(""))
+            .await
+            .map_err(|e| err(e.oauth_error(), format!("the subject_token is refused: {e}")))?;
+        ev.tenant = Some(subject.tenant.clone());
+        let key = self.signing_key().await?;
+        let now = now_secs();
+        let issued = exchange::exchange(
+            &self.policy,
+            self.clients.get(&client.agent),
+            &subject,
+            &Actor {
+                agent: client.agent.clone(),
+                valid_until: u64::try_from(actor.exp).ok(),
+            },
+            &req.params,
+            u64::try_from(now).unwrap_or(0),
+            &key,
+        )?;
+        let exp = now.saturating_add(i64::try_from(issued.expires_in).unwrap_or(i64::MAX));
+        if let Err(e) = self.note_signed(&key.kid, exp) {
+            // Without the record the key could leave the JWKS before the
+            // token expires: refuse rather than issue an unverifiable token.
+            tracing::error!("token service: cannot record the signing key's use: {e}");
+            return Err(err(
+                "server_error",
+                "the token service cannot record the issuance now; retry",
+            ));
+        }
+        ev.detail = Some(format!(
+            "subject {:?} of issuer {}, scope {:?}, aud {:?}, jti {}, kid {}, expires_in {}s",
+            subject.sub, subject.issuer_name, issued.scope, issued.aud, issued.jti, key.kid,
+            issued.expires_in
+        ));
+        Ok(Reply::ok(json!({
+            "access_token": issued.access_token.expose_str().unwrap_or_default(),
+            "issued_token_type": TOKEN_TYPE_ACCESS_TOKEN,
+            "token_type": "Bearer",
+            "expires_in": issued.expires_in,
+            "scope": issued.scope,
+        })))
+    }
+
+    /// Makes sure the ledger keeps key `kid` published until `exp`.
+    fn note_signed(&self, kid: &str, exp: i64) -> Result<(), String> {
+        let version: u64 = kid.parse().map_err(|_| format!("kid {kid:?} is not a version"))?;
+        let mut signed = self.signed.lock().unwrap_or_else(|p| p.into_inner());
+        if signed.get(&version).is_some_and(|until| *until >= exp) {
+            return Ok(());
+        }
+        let ttl = i64::try_from(self.policy.max_ttl.as_secs()).unwrap_or(i64::MAX);
+        let until = exp.saturating_add(ttl);
+        self.backend.token_ledger().signed(version, until)?;
+        signed.insert(version, until);
+        Ok(())
+    }
+
+    /// A token of this service with a valid signature by a published key,
+    /// `iss` this issuer, not expired. `None` for anything else.
+    async fn check(&self, token: &SecretValue, now: i64) -> Result<Option<Checked>, ExchangeError> {
+        let Some(token) = token.expose_str() else {
+            return Ok(None);
+        };
+        if token.len() > crate::auth::MAX_TOKEN_BYTES * 4 {
+            return Ok(None);
+        }
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return Ok(None);
+        };
+        if header.alg != Algorithm::EdDSA
+            || header.typ.as_deref() != Some("at+jwt")
+            || header.jku.is_some()
+            || header.x5u.is_some()
+        {
+            return Ok(None);
+        }
+        let Some(kid) = header.kid.and_then(|k| k.parse::<u64>().ok()) else {
+            return Ok(None);
+        };
+        let keys = self.published(now).await.map_err(|e| {
+            tracing::error!("token service: cannot list the signing keys: {e}");
+            err(
+                "temporarily_unavailable",
+                "the signing keys cannot be read now; retry",
+            )
+        })?;
+        let Some(key) = keys.iter().find(|k| k.version == kid) else {
+            return Ok(None);
+        };
+        let Ok(decoding) = DecodingKey::from_ed_pem(key.public_pem.as_bytes()) else {
+            return Ok(None);
+        };
+        let mut v = Validation::new(Algorithm::EdDSA);
+        v.leeway = 0;
+        v.validate_aud = false;
+        v.set_required_spec_claims(&["exp", "iss", "iat", "jti"]);
+        v.iss = Some(std::collections::HashSet::from([self.policy.issuer.clone()]));
+        match jsonwebtoken::decode::<Map<String, Value>>(token, &decoding, &v) {
+            Ok(data) => Ok(Some(Checked {
+                claims: data.claims,
+            })),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Whether a checked token is still active: not revoked, and issued
+    /// after the decommission of every agent it names.
+    fn active(&self, t: &Checked) -> Result<bool, ExchangeError> {
+        let jti = t.str("jti").unwrap_or_default();
+        let revoked = self.backend.token_ledger().is_revoked(jti).map_err(|e| {
+            tracing::error!("token service: cannot read revocations: {e}");
+            err(
+                "temporarily_unavailable",
+                "revocations cannot be read now; retry",
+            )
+        })?;
+        if revoked {
+            return Ok(false);
+        }
+        let iat = t.int("iat").unwrap_or(i64::MIN);
+        Ok(!t
+            .agents()
+            .iter()
+            .any(|a| self.backend.decommissioned_at(a).is_some_and(|at| iat <= at)))
+    }
+
+    /// `POST /oauth/introspect`: any agent that authenticates may ask.
+    pub async fn introspect(&self, body: &[u8]) -> Reply {
+        let answer = async {
+            let form = token_form(body)?;
+            self.authenticate(&form.client_assertion, "invalid_client", "client assertion")
+                .await?;
+            let now = now_secs();
+            let Some(t) = self.check(&form.token, now).await? else {
+                return Ok::<_, ExchangeError>(json!({ "active": false }));
+            };
+            if !self.active(&t)? {
+                return Ok(json!({ "active": false }));
+            }
+            let mut out = Map::new();
+            out.insert("active".into(), Value::Bool(true));
+            for k in [
+                "iss",
+                "sub",
+                "aud",
+                "exp",
+                "iat",
+                "nbf",
+                "jti",
+                "client_id",
+                "scope",
+                "act",
+                "tenant",
+                "txn",
+                "use_case",
+            ] {
+                if let Some(v) = t.claims.get(k) {
+                    out.insert(k.into(), v.clone());
+                }
+            }
+            out.insert("token_type".into(), Value::String("Bearer".into()));
+            Ok(Value::Object(out))
+        }
+        .await;
+        match answer {
+            Ok(body) => Reply::ok(body),
+            Err(e) => Reply::error(&e),
+        }
+    }
+
+    /// `POST /oauth/revoke`: the client that a token was issued to revokes
+    /// it; an unknown or invalid token is answered 200 (RFC 7009 2.2).
+    pub async fn revoke(&self, body: &[u8], peer: &str) -> Reply {
+        let mut ev = AuditEvent::new("oauth.revoke", AuditActor::Daemon, Outcome::Ok);
+        let result = async {
+            let form = token_form(body)?;
+            let client = self
+                .authenticate(&form.client_assertion, "invalid_client", "client assertion")
+                .await?;
+            ev.agent = AgentId::new(&client.agent).ok();
+            let now = now_secs();
+            let Some(t) = self.check(&form.token, now).await? else {
+                ev.detail = Some("not an active token of this service: nothing to revoke".into());
+                return Ok(());
+            };
+            if t.str("client_id") != Some(client.agent.as_str()) {
+                return Err(err(
+                    "unauthorized_client",
+                    format!(
+                        "the token was not issued to agent `{}`: only its client may revoke it",
+                        client.agent
+                    ),
+                ));
+            }
+            let jti = t.str("jti").unwrap_or_default();
+            let exp = t.int("exp").unwrap_or(now);
+            self.backend
+                .token_ledger()
+                .revoke(jti, exp, now)
+                .map_err(|e| {
+                    tracing::error!("token service: cannot record a revocation: {e}");
+                    err(
+                        "temporarily_unavailable",
+                        "the revocation cannot be recorded now; retry",
+                    )
+                })?;
+            ev.detail = Some(format!("jti {jti}"));
+            Ok(())
+        }
+        .await;
+        ev.detail = Some(match &ev.detail {
+            Some(d) => format!("{d}; from {peer}"),
+            None => format!("from {peer}"),
+        });
+        let reply = match result {
+            Ok(()) => Reply {
+                status: 200,
+                body: None,
+            },
+            Err(e) => {
+                ev.outcome = Outcome::Refused;
+                ev.error = Some(e.to_string());
+                Reply::error(&e)
+            }
+        };
+        self.backend.audit(ev).await;
+        reply
+    }
+}
