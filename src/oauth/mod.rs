@@ -36,6 +36,8 @@ pub mod subject;
 #[cfg(test)]
 mod exchange_tests;
 #[cfg(test)]
+mod service_tests;
+#[cfg(test)]
 mod tests;
 
 pub use subject::{Subject, SubjectError, SubjectIssuer, SubjectTokens};

@@ -210,7 +210,11 @@ impl Checked {
     }
     /// The client and every agent in the `act` chain.
     fn agents(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.str("client_id").map(str::to_owned).into_iter().collect();
+        let mut out: Vec<String> = self
+            .str("client_id")
+            .map(str::to_owned)
+            .into_iter()
+            .collect();
         let mut cur = self.claims.get("act").and_then(Value::as_object);
         let mut depth = 0;
         while let Some(level) = cur {
@@ -360,14 +364,13 @@ impl TokenService {
             .signing_value(current)
             .await
             .map_err(unavailable)?;
-        let key = SigningKey::from_ed25519_pem(current.version.to_string(), &pem).ok_or_else(
-            || {
+        let key =
+            SigningKey::from_ed25519_pem(current.version.to_string(), &pem).ok_or_else(|| {
                 unavailable(format!(
                     "version {} of the signing credential is not an Ed25519 private key",
                     current.version
                 ))
-            },
-        )?;
+            })?;
         let key = Arc::new(key);
         *self.signing.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((current.version, key.clone()));
@@ -445,7 +448,12 @@ impl TokenService {
             .subjects
             .validate(req.subject_token.expose_str().unwrap_or(""))
             .await
-            .map_err(|e| err(e.oauth_error(), format!("the subject_token is refused: {e}")))?;
+            .map_err(|e| {
+                err(
+                    e.oauth_error(),
+                    format!("the subject_token is refused: {e}"),
+                )
+            })?;
         ev.tenant = Some(subject.tenant.clone());
         let key = self.signing_key().await?;
         let now = now_secs();
@@ -473,7 +481,12 @@ impl TokenService {
         }
         ev.detail = Some(format!(
             "subject {:?} of issuer {}, scope {:?}, aud {:?}, jti {}, kid {}, expires_in {}s",
-            subject.sub, subject.issuer_name, issued.scope, issued.aud, issued.jti, key.kid,
+            subject.sub,
+            subject.issuer_name,
+            issued.scope,
+            issued.aud,
+            issued.jti,
+            key.kid,
             issued.expires_in
         ));
         Ok(Reply::ok(json!({
@@ -487,7 +500,9 @@ impl TokenService {
 
     /// Makes sure the ledger keeps key `kid` published until `exp`.
     fn note_signed(&self, kid: &str, exp: i64) -> Result<(), String> {
-        let version: u64 = kid.parse().map_err(|_| format!("kid {kid:?} is not a version"))?;
+        let version: u64 = kid
+            .parse()
+            .map_err(|_| format!("kid {kid:?} is not a version"))?;
         let mut signed = self.signed.lock().unwrap_or_else(|p| p.into_inner());
         if signed.get(&version).is_some_and(|until| *until >= exp) {
             return Ok(());
@@ -538,7 +553,10 @@ impl TokenService {
         v.leeway = 0;
         v.validate_aud = false;
         v.set_required_spec_claims(&["exp", "iss", "iat", "jti"]);
-        v.iss = Some(std::collections::HashSet::from([self.policy.issuer.clone()]));
+        v.iss = Some(std::collections::HashSet::from([self
+            .policy
+            .issuer
+            .clone()]));
         match jsonwebtoken::decode::<Map<String, Value>>(token, &decoding, &v) {
             Ok(data) => Ok(Some(Checked {
                 claims: data.claims,
@@ -562,10 +580,11 @@ impl TokenService {
             return Ok(false);
         }
         let iat = t.int("iat").unwrap_or(i64::MIN);
-        Ok(!t
-            .agents()
-            .iter()
-            .any(|a| self.backend.decommissioned_at(a).is_some_and(|at| iat <= at)))
+        Ok(!t.agents().iter().any(|a| {
+            self.backend
+                .decommissioned_at(a)
+                .is_some_and(|at| iat <= at)
+        }))
     }
 
     /// `POST /oauth/introspect`: any agent that authenticates may ask.

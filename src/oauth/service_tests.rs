@@ -1,0 +1,992 @@
+//! The token service through the HTTP listener: golden wire tests of RFC
+//! 8693 requests and answers, every error code, and the attack cases of
+//! issue 16 that need the whole flow (client and actor authentication,
+//! replays, the confused deputy, revocation, decommission, key rotation).
+//!
+//! The daemon's part (state, vault, audit) is an in-memory [`Backend`] here,
+//! with the real task store for the ledgers; the daemon's own backend is
+//! exercised end to end by `tests/oauth_e2e.rs`.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::config::{JwksSource, SubjectIssuerConfig, TokenServiceConfig};
+use super::exchange::ClientPolicy;
+use super::service::{Backend, TokenLedger, TokenService};
+use super::subject::{SubjectIssuer, SubjectTokens};
+use crate::audit::{AuditEvent, Outcome};
+use crate::auth::{AgentKey, JtiLedger};
+use crate::config::GeneratorConfig;
+use crate::model::{AgentId, CredentialId, CredentialKey, RotationId, SecretValue, Stage};
+use crate::state::VersionRow;
+use crate::tasks::store::TaskStore;
+
+const ISSUER: &str = "https://keyturn.test";
+const IDP: &str = "https://idp.test/realms/corp";
+const API: &str = "https://api.test";
+const TOKEN_TYPE_AT: &str = "urn:ietf:params:oauth:token-type:access_token";
+const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+const GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+struct Pair {
+    private: SecretValue,
+    public: String,
+}
+
+fn pair() -> Pair {
+    let g = crate::generators::generate(&GeneratorConfig::Ed25519).unwrap();
+    Pair {
+        private: g.value,
+        public: g.public.unwrap(),
+    }
+}
+
+fn now() -> i64 {
+    i64::try_from(jsonwebtoken::get_current_timestamp()).unwrap()
+}
+
+/// The daemon's side, in memory; the ledgers are a real task store.
+struct Mem {
+    store: TaskStore,
+    agents: Mutex<HashMap<String, Vec<AgentKey>>>,
+    decommissioned: Mutex<HashMap<String, i64>>,
+    signing: Mutex<Vec<(VersionRow, SecretValue)>>,
+    audit: Mutex<Vec<AuditEvent>>,
+}
+
+#[async_trait::async_trait]
+impl Backend for Mem {
+    async fn client_keys(&self, agent: &str) -> Result<Vec<AgentKey>, String> {
+        if self.decommissioned.lock().unwrap().contains_key(agent) {
+            return Err(format!("agent {agent} is decommissioned"));
+        }
+        self.agents
+            .lock()
+            .unwrap()
+            .get(agent)
+            .cloned()
+            .ok_or_else(|| format!("{agent:?} is not a configured agent"))
+    }
+    fn jti_ledger(&self) -> &dyn JtiLedger {
+        &self.store
+    }
+    fn token_ledger(&self) -> &dyn TokenLedger {
+        &self.store
+    }
+    async fn signing_versions(&self) -> Result<Vec<VersionRow>, String> {
+        Ok(self
+            .signing
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(v, _)| v.clone())
+            .collect())
+    }
+    async fn signing_value(&self, version: &VersionRow) -> Result<SecretValue, String> {
+        self.signing
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(v, _)| v.version == version.version)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| "no such version".into())
+    }
+    fn decommissioned_at(&self, agent: &str) -> Option<i64> {
+        self.decommissioned.lock().unwrap().get(agent).copied()
+    }
+    async fn audit(&self, event: AuditEvent) {
+        self.audit.lock().unwrap().push(event);
+    }
+}
+
+fn signing_row(version: u64, stage: Stage, public: &str) -> VersionRow {
+    VersionRow {
+        key: CredentialKey::new(
+            AgentId::new("keyturn").unwrap(),
+            CredentialId::new("signer").unwrap(),
+        ),
+        version,
+        rotation: RotationId::generate(),
+        stage,
+        vault_version: version.to_string(),
+        created_at: chrono::Utc::now(),
+        public: Some(public.to_owned()),
+    }
+}
+
+struct Harness {
+    addr: std::net::SocketAddr,
+    mem: Arc<Mem>,
+    /// The agents' private keys.
+    keys: HashMap<&'static str, Pair>,
+    idp: EncodingKey,
+    cancel: CancellationToken,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+fn client(agent: &str, scopes: &[&str], tenants: &[&str]) -> ClientPolicy {
+    ClientPolicy {
+        agent: agent.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        audiences: vec![API.into(), "https://db.test".into()],
+        tenants: tenants.iter().map(|s| s.to_string()).collect(),
+        ttl: Duration::from_secs(120),
+    }
+}
+
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = TaskStore::open(&dir.path().join("tasks")).unwrap();
+    let mut keys = HashMap::new();
+    let mut agents = HashMap::new();
+    for agent in ["reporter", "intruder", "nopolicy"] {
+        let p = pair();
+        agents.insert(
+            agent.to_owned(),
+            vec![AgentKey {
+                version: 1,
+                public_pem: p.public.clone(),
+            }],
+        );
+        keys.insert(agent, p);
+    }
+    let signer = pair();
+    let mem = Arc::new(Mem {
+        store,
+        agents: Mutex::new(agents),
+        decommissioned: Mutex::default(),
+        signing: Mutex::new(vec![(
+            signing_row(1, Stage::Current, &signer.public),
+            signer.private,
+        )]),
+        audit: Mutex::default(),
+    });
+
+    // The identity provider: an EdDSA key, published in a JWKS file.
+    let idp_pem = include_bytes!("testdata/ed25519_b.pem");
+    let idp = EncodingKey::from_ed_pem(idp_pem).unwrap();
+    let mut jwk =
+        serde_json::to_value(Jwk::from_encoding_key(&idp, Algorithm::EdDSA).unwrap()).unwrap();
+    jwk["kid"] = json!("idp-1");
+    let jwks_path = dir.path().join("idp-jwks.json");
+    std::fs::write(&jwks_path, json!({ "keys": [jwk] }).to_string()).unwrap();
+    let issuer = SubjectIssuer::from_config(SubjectIssuerConfig {
+        name: "corp".into(),
+        issuer: IDP.into(),
+        audience: vec!["keyturn".into()],
+        algorithms: vec![Algorithm::EdDSA],
+        jwks: JwksSource::File(jwks_path),
+        refresh: Duration::from_secs(300),
+        skew: Duration::from_secs(30),
+        typ: vec!["at+jwt".into()],
+        tenant: "acme".into(),
+    })
+    .unwrap();
+    let subjects = SubjectTokens::new(vec![issuer]);
+    let cancel = CancellationToken::new();
+    subjects.start(&cancel).await;
+
+    let config = TokenServiceConfig {
+        issuer: ISSUER.into(),
+        signing_credential: CredentialKey::new(
+            AgentId::new("keyturn").unwrap(),
+            CredentialId::new("signer").unwrap(),
+        ),
+        max_ttl: Duration::from_secs(300),
+        max_act_depth: 3,
+        clients: [
+            (
+                "reporter".to_owned(),
+                client("reporter", &["read:reports", "write:reports"], &["acme"]),
+            ),
+            (
+                "intruder".to_owned(),
+                client("intruder", &["read:reports"], &["other-tenant"]),
+            ),
+        ]
+        .into(),
+    };
+    let service = Arc::new(TokenService::new(&config, subjects, mem.clone()));
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(crate::api::http::serve_http(
+        tokio::net::TcpListener::from_std(listener).unwrap(),
+        Arc::new(crate::telemetry::Metrics::new()),
+        Arc::new(AtomicBool::new(true)),
+        cancel.clone(),
+        crate::api::http::Limits::for_nofile(1024),
+        crate::api::http::Routes {
+            nudge: None,
+            oauth: Some(service),
+        },
+    ));
+    Harness {
+        addr,
+        mem,
+        keys,
+        idp,
+        cancel,
+        http: reqwest::Client::new(),
+        _dir: dir,
+    }
+}
+
+/// The human's access token from the identity provider: `claims` over the
+/// defaults (a `null` removes one), `header` over `alg/typ/kid`.
+fn subject_with(h: &Harness, header: Value, claims: Value) -> String {
+    let mut c = json!({
+        "iss": IDP,
+        "sub": "alice@example.com",
+        "aud": "keyturn",
+        "exp": now() + 600,
+        "iat": now(),
+        "scope": "read:reports write:reports admin",
+        "jti": "idp-jti-1",
+    });
+    merge(&mut c, claims);
+    let mut hd = json!({ "alg": "EdDSA", "typ": "at+jwt", "kid": "idp-1" });
+    merge(&mut hd, header);
+    sign_raw(&h.idp, Algorithm::EdDSA, &hd, &c)
+}
+
+fn subject(h: &Harness) -> String {
+    subject_with(h, json!({}), json!({}))
+}
+
+fn merge(into: &mut Value, over: Value) {
+    for (k, v) in over.as_object().unwrap() {
+        if v.is_null() {
+            into.as_object_mut().unwrap().remove(k);
+        } else {
+            into[k] = v.clone();
+        }
+    }
+}
+
+fn b64(v: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+}
+
+fn sign_raw(key: &EncodingKey, alg: Algorithm, header: &Value, claims: &Value) -> String {
+    let msg = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig = jsonwebtoken::crypto::sign(msg.as_bytes(), key, alg).unwrap();
+    format!("{msg}.{sig}")
+}
+
+/// An assertion of `agent` signed with `signer`'s key: claims over the
+/// defaults, header over `alg: EdDSA`.
+fn assertion_with(h: &Harness, agent: &str, signer: &str, header: Value, claims: Value) -> String {
+    let mut c = json!({
+        "iss": agent,
+        "sub": agent,
+        "aud": ISSUER,
+        "exp": now() + 60,
+        "iat": now(),
+        "jti": hex::encode(rand::random::<[u8; 16]>()),
+    });
+    merge(&mut c, claims);
+    let mut hd = json!({ "alg": "EdDSA", "typ": "JWT" });
+    merge(&mut hd, header);
+    let key = EncodingKey::from_ed_pem(h.keys[signer].private.expose()).unwrap();
+    sign_raw(&key, Algorithm::EdDSA, &hd, &c)
+}
+
+fn assertion(h: &Harness, agent: &str) -> String {
+    assertion_with(h, agent, agent, json!({}), json!({}))
+}
+
+/// A complete, valid exchange request of `reporter`, as form pairs.
+fn request(h: &Harness) -> Vec<(String, String)> {
+    [
+        ("grant_type", GRANT.to_owned()),
+        ("subject_token", subject(h)),
+        ("subject_token_type", TOKEN_TYPE_AT.to_owned()),
+        ("actor_token", assertion(h, "reporter")),
+        ("actor_token_type", TOKEN_TYPE_JWT.to_owned()),
+        ("client_assertion_type", ASSERTION_TYPE.to_owned()),
+        ("client_assertion", assertion(h, "reporter")),
+        ("audience", API.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+fn set(form: &mut Vec<(String, String)>, k: &str, v: &str) {
+    form.retain(|(n, _)| n != k);
+    form.push((k.to_owned(), v.to_owned()));
+}
+
+fn without(mut form: Vec<(String, String)>, k: &str) -> Vec<(String, String)> {
+    form.retain(|(n, _)| n != k);
+    form
+}
+
+fn encode(form: &[(String, String)]) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish()
+}
+
+struct Answer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    json: Value,
+}
+
+async fn post(h: &Harness, path: &str, form: &[(String, String)]) -> Answer {
+    post_raw(h, path, "application/x-www-form-urlencoded", encode(form)).await
+}
+
+async fn post_raw(h: &Harness, path: &str, content_type: &str, body: String) -> Answer {
+    let r = h
+        .http
+        .post(format!("http://{}{path}", h.addr))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await.unwrap();
+    let json = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+    };
+    Answer {
+        status,
+        headers,
+        json,
+    }
+}
+
+async fn get(h: &Harness, path: &str) -> Answer {
+    let r = h
+        .http
+        .get(format!("http://{}{path}", h.addr))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let json = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    Answer {
+        status,
+        headers,
+        json,
+    }
+}
+
+/// The error code of a refused request, after checking the wire format of
+/// an error (RFC 6749 5.2) and that no token leaked into it.
+fn refused(a: &Answer, sent: &[(String, String)]) -> String {
+    assert!(
+        a.status == 400 || a.status == 401,
+        "{} {}",
+        a.status,
+        a.json
+    );
+    assert_eq!(a.headers["cache-control"], "no-store");
+    assert_eq!(a.headers["content-type"], "application/json");
+    let obj = a.json.as_object().unwrap();
+    assert!(obj.keys().all(|k| k == "error" || k == "error_description"));
+    let text = a.json.to_string();
+    for (k, v) in sent {
+        if k.ends_with("token") || k == "client_assertion" || k == "token" {
+            let sig = v.rsplit('.').next().unwrap_or(v);
+            assert!(sig.len() < 8 || !text.contains(sig), "{k} leaked: {text}");
+        }
+    }
+    let code = a.json["error"].as_str().unwrap().to_owned();
+    assert_eq!(
+        a.status == 401,
+        code == "invalid_client",
+        "{code}: {}",
+        a.status
+    );
+    code
+}
+
+async fn code_of(h: &Harness, form: Vec<(String, String)>) -> String {
+    let a = post(h, "/oauth/token", &form).await;
+    refused(&a, &form)
+}
+
+/// Decodes an issued token with the JWKS the service publishes.
+async fn verify_with_jwks(h: &Harness, token: &str) -> (Header, Value) {
+    let jwks = get(h, "/.well-known/jwks.json").await.json;
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(jwks).unwrap();
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    let jwk = set
+        .find(header.kid.as_deref().unwrap())
+        .expect("kid in JWKS");
+    let mut v = Validation::new(Algorithm::EdDSA);
+    v.set_issuer(&[ISSUER]);
+    v.set_audience(&[API]);
+    v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    let data =
+        jsonwebtoken::decode::<Value>(token, &DecodingKey::from_jwk(jwk).unwrap(), &v).unwrap();
+    (data.header, data.claims)
+}
+
+async fn issue(h: &Harness, form: &[(String, String)]) -> (String, Value) {
+    let a = post(h, "/oauth/token", form).await;
+    assert_eq!(a.status, 200, "{}", a.json);
+    let token = a.json["access_token"].as_str().unwrap().to_owned();
+    (token, a.json)
+}
+
+#[tokio::test]
+async fn a_token_exchange_answers_exactly_as_rfc_8693_says() {
+    let h = harness().await;
+    let form = request(&h);
+    let a = post(&h, "/oauth/token", &form).await;
+    assert_eq!(a.status, 200, "{}", a.json);
+    assert_eq!(a.headers["cache-control"], "no-store");
+    assert_eq!(a.headers["pragma"], "no-cache");
+    assert_eq!(a.headers["content-type"], "application/json");
+    let mut keys: Vec<&String> = a.json.as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "access_token",
+            "expires_in",
+            "issued_token_type",
+            "scope",
+            "token_type"
+        ]
+    );
+    assert_eq!(a.json["issued_token_type"], TOKEN_TYPE_AT);
+    assert_eq!(a.json["token_type"], "Bearer");
+    assert_eq!(a.json["scope"], "read:reports write:reports");
+    let expires_in = a.json["expires_in"].as_u64().unwrap();
+    assert!(
+        (55..=60).contains(&expires_in),
+        "{expires_in}: the actor token's exp caps it"
+    );
+
+    let token = a.json["access_token"].as_str().unwrap();
+    let (header, claims) = verify_with_jwks(&h, token).await;
+    assert_eq!(header.typ.as_deref(), Some("at+jwt"));
+    assert_eq!(header.alg, Algorithm::EdDSA);
+    assert_eq!(header.kid.as_deref(), Some("1"));
+    assert_eq!(claims["sub"], "alice@example.com");
+    assert_eq!(claims["act"], json!({ "sub": "reporter" }));
+    assert_eq!(claims["client_id"], "reporter");
+    assert_eq!(claims["aud"], API);
+    assert_eq!(claims["tenant"], "acme");
+    assert_eq!(claims["iss"], ISSUER);
+
+    // The audit has the issuance, without any token.
+    let audit = h.mem.audit.lock().unwrap().clone();
+    let ev = audit.last().unwrap();
+    assert_eq!(ev.event, "oauth.token");
+    assert_eq!(ev.outcome, Outcome::Ok);
+    assert_eq!(ev.agent.as_ref().unwrap().as_str(), "reporter");
+    let text = serde_json::to_string(&audit).unwrap();
+    for (k, v) in &form {
+        if k.contains("token") || k == "client_assertion" {
+            assert!(
+                !text.contains(v.rsplit('.').next().unwrap()),
+                "{k} in audit"
+            );
+        }
+    }
+    assert!(!text.contains(token.rsplit('.').next().unwrap()));
+}
+
+#[tokio::test]
+async fn metadata_and_jwks_are_published() {
+    let h = harness().await;
+    let m = get(&h, "/.well-known/oauth-authorization-server").await;
+    assert_eq!(m.status, 200);
+    assert_eq!(m.json["issuer"], ISSUER);
+    assert_eq!(m.json["token_endpoint"], format!("{ISSUER}/oauth/token"));
+    assert_eq!(
+        m.json["jwks_uri"],
+        format!("{ISSUER}/.well-known/jwks.json")
+    );
+    assert_eq!(
+        m.json["introspection_endpoint"],
+        format!("{ISSUER}/oauth/introspect")
+    );
+    assert_eq!(
+        m.json["revocation_endpoint"],
+        format!("{ISSUER}/oauth/revoke")
+    );
+    assert_eq!(m.json["grant_types_supported"], json!([GRANT]));
+    assert_eq!(
+        m.json["token_endpoint_auth_methods_supported"],
+        json!(["private_key_jwt"])
+    );
+    let j = get(&h, "/.well-known/jwks.json").await;
+    assert_eq!(j.status, 200);
+    let keys = j.json["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0]["kid"], "1");
+    assert_eq!(keys[0]["kty"], "OKP");
+    assert_eq!(keys[0]["crv"], "Ed25519");
+    assert!(keys[0].get("d").is_none(), "never the private part");
+}
+
+#[tokio::test]
+async fn every_error_code_on_the_wire() {
+    let h = harness().await;
+    let cases: Vec<(&str, Vec<(String, String)>)> = vec![
+        ("invalid_request", without(request(&h), "subject_token")),
+        ("invalid_request", without(request(&h), "actor_token")),
+        ("invalid_client", without(request(&h), "client_assertion")),
+        ("unsupported_grant_type", {
+            let mut f = request(&h);
+            set(&mut f, "grant_type", "client_credentials");
+            f
+        }),
+        ("invalid_target", {
+            let mut f = request(&h);
+            set(&mut f, "audience", "https://evil.test");
+            f
+        }),
+        ("invalid_scope", {
+            let mut f = request(&h);
+            set(&mut f, "scope", "admin");
+            f
+        }),
+        ("unauthorized_client", {
+            let mut f = request(&h);
+            set(&mut f, "client_assertion", &assertion(&h, "nopolicy"));
+            set(&mut f, "actor_token", &assertion(&h, "nopolicy"));
+            f
+        }),
+    ];
+    for (want, form) in cases {
+        assert_eq!(code_of(&h, form).await, want);
+    }
+    // invalid_grant is the only code RFC 6749 has for a bad grant; token
+    // exchange reports bad tokens as invalid_request (RFC 8693 2.2.2), so
+    // it is never sent: a subject token that fails is invalid_request.
+    let mut f = request(&h);
+    set(&mut f, "subject_token", "not.a.token");
+    assert_eq!(code_of(&h, f).await, "invalid_request");
+    // Not a form.
+    let a = post_raw(&h, "/oauth/token", "application/json", "{}".into()).await;
+    assert_eq!(refused(&a, &[]), "invalid_request");
+    // GET is not the endpoint.
+    let r = h
+        .http
+        .get(format!("http://{}/oauth/token", h.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+}
+
+#[tokio::test]
+async fn attacks_on_the_subject_token_are_refused() {
+    let h = harness().await;
+    let attacker =
+        EncodingKey::from_ed_pem(include_bytes!("testdata/ed25519_attacker.pem")).unwrap();
+    let base = json!({
+        "iss": IDP, "sub": "alice@example.com", "aud": "keyturn",
+        "exp": now() + 600, "iat": now(), "scope": "read:reports",
+    });
+    let public_pem = {
+        // HS256 with the IdP's public key bytes as the HMAC secret.
+        let jwks = serde_json::to_value(Jwk::from_encoding_key(&h.idp, Algorithm::EdDSA).unwrap())
+            .unwrap();
+        jwks["x"].as_str().unwrap().to_owned()
+    };
+    let hs = {
+        let key = EncodingKey::from_secret(public_pem.as_bytes()).unwrap();
+        sign_raw(
+            &key,
+            Algorithm::HS256,
+            &json!({"alg": "HS256", "typ": "at+jwt", "kid": "idp-1"}),
+            &base,
+        )
+    };
+    let none = format!(
+        "{}.{}.",
+        b64(json!({"alg": "none", "typ": "at+jwt"})
+            .to_string()
+            .as_bytes()),
+        b64(base.to_string().as_bytes())
+    );
+    let cases: Vec<(&str, String)> = vec![
+        ("alg none", none),
+        ("HS256 with the public key as secret", hs),
+        (
+            "kid path traversal",
+            subject_with(&h, json!({"kid": "../../../../etc/passwd"}), json!({})),
+        ),
+        (
+            "jku pointing elsewhere with a foreign key",
+            sign_raw(
+                &attacker,
+                Algorithm::EdDSA,
+                &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "idp-1", "jku": "http://127.0.0.1:1/jwks"}),
+                &base,
+            ),
+        ),
+        (
+            "x5u pointing elsewhere with a foreign key",
+            sign_raw(
+                &attacker,
+                Algorithm::EdDSA,
+                &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "idp-1", "x5u": "http://127.0.0.1:1/cert"}),
+                &base,
+            ),
+        ),
+        (
+            "expired",
+            subject_with(&h, json!({}), json!({"exp": now() - 120})),
+        ),
+        (
+            "not yet valid",
+            subject_with(&h, json!({}), json!({"nbf": now() + 600})),
+        ),
+        (
+            "wrong iss",
+            subject_with(&h, json!({}), json!({"iss": "https://evil.test"})),
+        ),
+        (
+            "wrong aud",
+            subject_with(&h, json!({}), json!({"aud": "other-api"})),
+        ),
+        (
+            "an ID token",
+            subject_with(&h, json!({"typ": "JWT"}), json!({})),
+        ),
+        (
+            "a keyturn-issued token as subject (unconfigured issuer)",
+            subject_with(&h, json!({}), json!({"iss": ISSUER})),
+        ),
+    ];
+    for (what, token) in cases {
+        let mut f = request(&h);
+        set(&mut f, "subject_token", &token);
+        assert_eq!(code_of(&h, f).await, "invalid_request", "{what}");
+    }
+}
+
+#[tokio::test]
+async fn attacks_on_the_exchange_are_refused() {
+    let h = harness().await;
+    let with = |name: &str, v: String| {
+        let mut f = request(&h);
+        set(&mut f, name, &v);
+        f
+    };
+    // Scope widening: asking only for what the agent may not have is
+    // refused; asking for more along with what it may have yields the
+    // intersection, never wider (and `scope` in the answer says so).
+    assert_eq!(
+        code_of(&h, with("scope", "admin".into())).await,
+        "invalid_scope"
+    );
+    let (token, answer) = issue(&h, &with("scope", "read:reports admin".into())).await;
+    assert_eq!(answer["scope"], "read:reports");
+    assert_eq!(
+        verify_with_jwks(&h, &token).await.1["scope"],
+        "read:reports"
+    );
+    // Audience injection: a second audience outside the policy.
+    let mut f = request(&h);
+    f.push(("audience".into(), "https://evil.test".into()));
+    assert_eq!(code_of(&h, f).await, "invalid_target");
+    let mut f = request(&h);
+    f.push(("resource".into(), "https://evil.test/x".into()));
+    assert_eq!(code_of(&h, f).await, "invalid_target");
+    // The confused deputy: reporter's client presents intruder's actor token.
+    assert_eq!(
+        code_of(&h, with("actor_token", assertion(&h, "intruder"))).await,
+        "invalid_request"
+    );
+    // An actor token forged with another key for reporter.
+    assert_eq!(
+        code_of(
+            &h,
+            with(
+                "actor_token",
+                assertion_with(&h, "reporter", "intruder", json!({}), json!({}))
+            )
+        )
+        .await,
+        "invalid_request"
+    );
+    // A client assertion signed by another agent's key.
+    assert_eq!(
+        code_of(
+            &h,
+            with(
+                "client_assertion",
+                assertion_with(&h, "reporter", "intruder", json!({}), json!({}))
+            )
+        )
+        .await,
+        "invalid_client"
+    );
+    // A client assertion for another audience.
+    assert_eq!(
+        code_of(
+            &h,
+            with(
+                "client_assertion",
+                assertion_with(
+                    &h,
+                    "reporter",
+                    "reporter",
+                    json!({}),
+                    json!({"aud": "keyturn"})
+                )
+            )
+        )
+        .await,
+        "invalid_client"
+    );
+    // An expired client assertion.
+    assert_eq!(
+        code_of(
+            &h,
+            with(
+                "client_assertion",
+                assertion_with(
+                    &h,
+                    "reporter",
+                    "reporter",
+                    json!({}),
+                    json!({"exp": now() - 120})
+                )
+            )
+        )
+        .await,
+        "invalid_client"
+    );
+    // A client assertion with alg HS256.
+    let hs = sign_raw(
+        &EncodingKey::from_secret(b"guess").unwrap(),
+        Algorithm::HS256,
+        &json!({"alg": "HS256"}),
+        &json!({"iss": "reporter", "sub": "reporter", "aud": ISSUER, "exp": now() + 60, "jti": "x"}),
+    );
+    assert_eq!(
+        code_of(&h, with("client_assertion", hs)).await,
+        "invalid_client"
+    );
+    // Replays: the same client assertion, then the same actor token, twice.
+    let form = request(&h);
+    issue(&h, &form).await;
+    let mut replay = request(&h);
+    set(&mut replay, "client_assertion", &form[6].1);
+    assert_eq!(code_of(&h, replay).await, "invalid_client");
+    let mut replay = request(&h);
+    set(&mut replay, "actor_token", &form[3].1);
+    assert_eq!(code_of(&h, replay).await, "invalid_request");
+    // One assertion as both client and actor: its jti is spent once.
+    let a = assertion(&h, "reporter");
+    let mut f = request(&h);
+    set(&mut f, "client_assertion", &a);
+    set(&mut f, "actor_token", &a);
+    assert_eq!(code_of(&h, f).await, "invalid_request");
+    // A parameter twice.
+    let mut f = request(&h);
+    f.push(("subject_token".into(), subject(&h)));
+    assert_eq!(code_of(&h, f).await, "invalid_request");
+    // A refresh token asked for.
+    assert_eq!(
+        code_of(
+            &h,
+            with(
+                "requested_token_type",
+                "urn:ietf:params:oauth:token-type:refresh_token".into()
+            )
+        )
+        .await,
+        "invalid_request"
+    );
+    // Tenant: intruder serves another tenant; alice is acme's.
+    let mut f = request(&h);
+    set(&mut f, "client_assertion", &assertion(&h, "intruder"));
+    set(&mut f, "actor_token", &assertion(&h, "intruder"));
+    assert_eq!(code_of(&h, f).await, "invalid_request");
+    // may_act naming another agent.
+    let s = subject_with(&h, json!({}), json!({"may_act": {"sub": "intruder"}}));
+    assert_eq!(
+        code_of(&h, with("subject_token", s)).await,
+        "invalid_request"
+    );
+    // A chain deeper than max_act_depth (3): two earlier actors + this one
+    // is fine, three earlier are not.
+    let deep = json!({"sub": "a", "act": {"sub": "b", "act": {"sub": "c"}}});
+    let s = subject_with(&h, json!({}), json!({"act": deep}));
+    assert_eq!(
+        code_of(&h, with("subject_token", s)).await,
+        "invalid_request"
+    );
+    // A nested chain is kept whole under the agent.
+    let s = subject_with(&h, json!({}), json!({"act": {"sub": "upstream-agent"}}));
+    let (token, _) = issue(&h, &with("subject_token", s)).await;
+    let (_, claims) = verify_with_jwks(&h, &token).await;
+    assert_eq!(
+        claims["act"],
+        json!({"sub": "reporter", "act": {"sub": "upstream-agent"}})
+    );
+    // Every refusal was audited as refused, the tokens never.
+    let audit = h.mem.audit.lock().unwrap().clone();
+    assert!(
+        audit
+            .iter()
+            .filter(|e| e.outcome == Outcome::Refused)
+            .count()
+            >= 15
+    );
+}
+
+fn auth_form(h: &Harness, agent: &str, token: &str) -> Vec<(String, String)> {
+    vec![
+        ("token".into(), token.into()),
+        ("client_assertion_type".into(), ASSERTION_TYPE.into()),
+        ("client_assertion".into(), assertion(h, agent)),
+    ]
+}
+
+#[tokio::test]
+async fn introspection_revocation_and_decommission() {
+    let h = harness().await;
+    let (token, _) = issue(&h, &request(&h)).await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &token)).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.headers["cache-control"], "no-store");
+    assert_eq!(a.json["active"], true);
+    assert_eq!(a.json["act"], json!({"sub": "reporter"}));
+    assert_eq!(a.json["scope"], "read:reports write:reports");
+    assert_eq!(a.json["tenant"], "acme");
+    assert_eq!(a.json["client_id"], "reporter");
+    assert_eq!(a.json["sub"], "alice@example.com");
+
+    // Introspection needs client authentication.
+    let f = without(auth_form(&h, "intruder", &token), "client_assertion");
+    assert_eq!(
+        refused(&post(&h, "/oauth/introspect", &f).await, &f),
+        "invalid_client"
+    );
+    // Garbage and a forged token are inactive, and say nothing more.
+    for t in ["garbage", "a.b.c"] {
+        let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", t)).await;
+        assert_eq!(a.json, json!({"active": false}));
+    }
+    let forged = {
+        let (_, claims) = verify_with_jwks(&h, &token).await;
+        let attacker =
+            EncodingKey::from_ed_pem(include_bytes!("testdata/ed25519_attacker.pem")).unwrap();
+        sign_raw(
+            &attacker,
+            Algorithm::EdDSA,
+            &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "1"}),
+            &claims,
+        )
+    };
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &forged)).await;
+    assert_eq!(a.json, json!({"active": false}));
+
+    // Only its client may revoke it; then it is inactive.
+    let f = auth_form(&h, "intruder", &token);
+    assert_eq!(
+        refused(&post(&h, "/oauth/revoke", &f).await, &f),
+        "unauthorized_client"
+    );
+    let a = post(&h, "/oauth/revoke", &auth_form(&h, "reporter", &token)).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json, Value::Null);
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &token)).await;
+    assert_eq!(a.json, json!({"active": false}));
+    // Revoking an unknown token is 200 too (RFC 7009 2.2).
+    let a = post(&h, "/oauth/revoke", &auth_form(&h, "reporter", "unknown")).await;
+    assert_eq!(a.status, 200);
+
+    // Decommissioning the agent makes every token it acted in inactive at
+    // once, and it can no longer authenticate.
+    let (t2, _) = issue(&h, &request(&h)).await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &t2)).await;
+    assert_eq!(a.json["active"], true);
+    h.mem
+        .decommissioned
+        .lock()
+        .unwrap()
+        .insert("reporter".into(), now());
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &t2)).await;
+    assert_eq!(a.json, json!({"active": false}));
+    assert_eq!(code_of(&h, request(&h)).await, "invalid_client");
+}
+
+#[tokio::test]
+async fn tokens_stay_verifiable_across_a_signing_key_rotation() {
+    let h = harness().await;
+    let (old, _) = issue(&h, &request(&h)).await;
+    // Rotate: v1 becomes previous, v2 current.
+    let v2 = pair();
+    {
+        let mut s = h.mem.signing.lock().unwrap();
+        s[0].0.stage = Stage::Previous;
+        s.push((signing_row(2, Stage::Current, &v2.public), v2.private));
+    }
+    let (new, _) = issue(&h, &request(&h)).await;
+    let (hn, _) = verify_with_jwks(&h, &new).await;
+    assert_eq!(hn.kid.as_deref(), Some("2"));
+    let (ho, _) = verify_with_jwks(&h, &old).await;
+    assert_eq!(ho.kid.as_deref(), Some("1"));
+    // Rotate again: v1 is retired, but a token it signed is still live, so
+    // it stays published until that token expires.
+    let v3 = pair();
+    {
+        let mut s = h.mem.signing.lock().unwrap();
+        s[0].0.stage = Stage::Retired;
+        s[1].0.stage = Stage::Previous;
+        s.push((signing_row(3, Stage::Current, &v3.public), v3.private));
+    }
+    let kids: Vec<String> = get(&h, "/.well-known/jwks.json").await.json["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kids, ["3", "2", "1"]);
+    verify_with_jwks(&h, &old).await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &old)).await;
+    assert_eq!(a.json["active"], true);
+    // A retired key that never signed anything live is not published.
+    let v4 = pair();
+    {
+        let mut s = h.mem.signing.lock().unwrap();
+        s.push((signing_row(4, Stage::Retired, &v4.public), v4.private));
+    }
+    let n = get(&h, "/.well-known/jwks.json").await.json["keys"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(n, 3);
+}
