@@ -981,7 +981,7 @@ impl crate::oauth::service::Backend for OauthBackend {
         &self,
         version: &crate::state::VersionRow,
     ) -> Result<crate::model::SecretValue, String> {
-        use crate::vaults::{Select, VaultItem, VersionRef};
+        use crate::vaults::{Select, VaultItem, VaultRefs};
         let catalog = self.engine.catalog();
         let Some(entry) = catalog.creds.get(&self.signing) else {
             return Err(format!(
@@ -995,8 +995,16 @@ impl crate::oauth::service::Backend for OauthBackend {
             key: &self.signing,
             path: &path,
         };
-        let wanted = VersionRef(version.vault_version.clone());
-        match vault.vault.read(item, Select::Version(&wanted)).await {
+        // State records the ref each vault gave the version, as
+        // `{"VAULT": "REF"}`; the primary vault is read.
+        let refs = VaultRefs::decode(&version.vault_version, &vault.config.name);
+        let Some(wanted) = refs.get(&vault.config.name) else {
+            return Err(format!(
+                "version {} of {} has no ref in vault {}",
+                version.version, self.signing, vault.config.name
+            ));
+        };
+        match vault.vault.read(item, Select::Version(wanted)).await {
             Ok(Some(v)) => Ok(v.value),
             Ok(None) => Err(format!(
                 "version {} of {} is not in vault {}",
