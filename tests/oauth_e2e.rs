@@ -27,6 +27,8 @@ struct Client {
     python: String,
     script: PathBuf,
     outputs: Vec<u8>,
+    /// The daemon's output, whose end a failure shows.
+    daemon_log: Option<PathBuf>,
 }
 
 impl Client {
@@ -46,6 +48,7 @@ impl Client {
             python,
             script: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oauth_client/client.py"),
             outputs: Vec::new(),
+            daemon_log: None,
         }
     }
 
@@ -65,11 +68,19 @@ impl Client {
     /// Runs `args`, asserting success; its JSON line.
     fn ok(&mut self, args: &[&str]) -> serde_json::Value {
         let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        if !out.status.success() {
+            let log = self
+                .daemon_log
+                .as_ref()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "{}\n--- the daemon's last lines:\n{}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
                 "client.py {} printed no JSON ({e}): {}",
@@ -141,7 +152,10 @@ ttl = "2m"
     )
 }
 
-#[ignore = "needs the /oauth/token endpoint"]
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test services' Python venv: scripts/services.sh start, then --features real-servers"
+)]
 #[test]
 fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
     let mut client = Client::new();
@@ -154,6 +168,7 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
     std::fs::create_dir(dir.join("client")).unwrap();
 
     let daemon = env.start();
+    client.daemon_log = Some(daemon.log.clone());
     let key = env.root().join("bot/auth/private.pem");
     wait_for(std::time::Duration::from_secs(30), || {
         key.exists().then_some(())
