@@ -217,7 +217,13 @@ def fetch_jwks(jwks_uri):
 
 def load_agent_key(path):
     with open(path, "rb") as f:
-        key = serialization.load_pem_private_key(f.read(), password=None)
+        pem = f.read()
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except ValueError as e:
+        # What a PKCS#8 v2 key (with the public key) gives: OpenSSL 3 and
+        # cryptography read only v1, which keyturn delivers.
+        raise CheckFailed(f"cannot load the agent's key {path}: {e}") from None
     check(isinstance(key, ed25519.Ed25519PrivateKey), f"{path} is not an Ed25519 private key")
     return key
 
