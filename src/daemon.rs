@@ -995,12 +995,10 @@ impl crate::oauth::service::Backend for OauthBackend {
             key: &self.signing,
             path: &path,
         };
-        // State records the ref each vault gave the version, as
-        // `{"VAULT": "REF"}`; the primary vault is read.
         let refs = VaultRefs::decode(&version.vault_version, &vault.config.name);
         let Some(wanted) = refs.get(&vault.config.name) else {
             return Err(format!(
-                "version {} of {} has no ref in vault {}",
+                "version {} of {} has no version in vault {}",
                 version.version, self.signing, vault.config.name
             ));
         };

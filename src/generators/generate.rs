@@ -152,25 +152,21 @@ fn api_key(prefix: &str, length: usize) -> Result<SecretValue, GenerateError> {
     Ok(SecretValue::from_string(out))
 }
 
-/// The private key as PKCS#8 PEM (the secret value) and the public key as
-/// SPKI PEM. `SigningKey` zeroizes itself on drop and `to_pkcs8_pem` returns a
-/// zeroizing string, so the only long-lived copy is the `SecretValue`.
-///
-/// The PEM is PKCS#8 v1, the private key alone, as `openssl genpkey`
-/// writes it: OpenSSL 3 and Python's `cryptography` (so PyJWT) cannot read
-/// the v2 form (RFC 5958 `OneAsymmetricKey` with the public key) that
-/// `SigningKey::to_pkcs8_pem` writes, and RFC 8410 section 7 notes exactly
-/// this choice between a consistency check and the widest import. Every
-/// reader keyturn itself uses (ed25519-dalek, aws-lc-rs) takes both.
+/// The private key as PKCS#8 v1 PEM (the secret value) and the public key as
+/// SPKI PEM. v1 (RFC 8410 section 7: the seed alone, no public key) is what
+/// OpenSSL 3.0 and Python's `cryptography` read; the v2 form (with the public
+/// key, RFC 5958) that `SigningKey::to_pkcs8_pem` writes is refused by both,
+/// so an agent could not load its own key. `SigningKey` and `KeypairBytes`
+/// zeroize themselves on drop and `to_pkcs8_pem` returns a zeroizing string,
+/// so the only long-lived copy is the `SecretValue`.
 fn ed25519() -> Result<(SecretValue, String), GenerateError> {
-    use ed25519_dalek::pkcs8::KeypairBytes;
-    use zeroize::Zeroize as _;
     let signing = SigningKey::generate(&mut OsRng);
-    let mut pair = KeypairBytes::from(&signing);
-    pair.public_key = None;
-    let private = pair.to_pkcs8_pem(LineEnding::LF);
-    pair.secret_key.zeroize();
-    let private = private
+    let seed_only = ed25519_dalek::pkcs8::KeypairBytes {
+        secret_key: signing.to_bytes(),
+        public_key: None,
+    };
+    let private = seed_only
+        .to_pkcs8_pem(LineEnding::LF)
         .map_err(|e| GenerateError::Encode(format!("ed25519 private key as PKCS#8: {e}")))?;
     let public = signing
         .verifying_key()
@@ -409,6 +405,25 @@ mod tests {
         assert!(public_pem.starts_with("-----BEGIN PUBLIC KEY-----\n"));
         assert!(!public_pem.contains("PRIVATE"));
 
+        // PKCS#8 v1 as RFC 8410 section 7 shows it (what OpenSSL and
+        // Python's cryptography read): SEQUENCE { INTEGER 0, { 1.3.101.112 },
+        // OCTET STRING { OCTET STRING seed } }, 48 bytes.
+        let b64: String = private_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        assert_eq!(der.len(), 48, "v1, no public key");
+        assert_eq!(
+            der[..16],
+            [
+                0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+                0x04, 0x20
+            ]
+        );
+
         let signing = SigningKey::from_pkcs8_pem(&private_pem).expect("PKCS#8 parses back");
         let verifying = VerifyingKey::from_public_key_pem(&public_pem).expect("SPKI parses back");
         assert_eq!(signing.verifying_key(), verifying);
@@ -417,28 +432,5 @@ mod tests {
         use ed25519_dalek::{Signer, Verifier};
         let sig = signing.sign(b"keyturn");
         verifying.verify(b"keyturn", &sig).unwrap();
-    }
-
-    /// PKCS#8 v1 exactly as RFC 8410 section 7 shows it (and `openssl
-    /// genpkey` writes it): version 0, the Ed25519 OID, the seed in a nested
-    /// OCTET STRING, no public key. The v2 form with the public key is
-    /// unreadable by OpenSSL 3 and Python's `cryptography`.
-    #[test]
-    fn ed25519_private_key_is_pkcs8_v1_as_openssl_writes_it() {
-        let g = generate(&GeneratorConfig::Ed25519).unwrap();
-        let pem = text(&g);
-        let (label, der) =
-            ed25519_dalek::pkcs8::spki::der::pem::decode_vec(pem.as_bytes()).unwrap();
-        assert_eq!(label, "PRIVATE KEY");
-        // SEQUENCE (46 bytes) { INTEGER 0, SEQUENCE { OID 1.3.101.112 },
-        // OCTET STRING { OCTET STRING (32 bytes) } }: nothing after the seed.
-        let prefix = hex::decode("302e020100300506032b657004220420").unwrap();
-        assert_eq!(der.len(), 48, "{}", hex::encode(&der));
-        assert_eq!(der[..16], prefix[..], "{}", hex::encode(&der));
-        // The signer of issued tokens (aws-lc-rs through jsonwebtoken)
-        // takes it.
-        let key = jsonwebtoken::EncodingKey::from_ed_pem(pem.as_bytes()).unwrap();
-        let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
-        jsonwebtoken::encode(&header, &serde_json::json!({"sub": "x"}), &key).unwrap();
     }
 }
