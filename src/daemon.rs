@@ -330,6 +330,11 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 .collect()
         }));
     }
+    if config.daemon.listen.is_none() && config.token_service.is_some() {
+        tracing::warn!(
+            "[token_service] is configured but [daemon] listen is not: the token service is not served; set listen (e.g. \"127.0.0.1:9464\")"
+        );
+    }
     if let Some(addr) = config.daemon.listen {
         // The nudge key is read at every nudge; a key that cannot work is
         // a start-up error, not a stream of 500s.
@@ -1013,6 +1018,30 @@ impl crate::oauth::service::Backend for OauthBackend {
                 version.version, self.signing, vault.config.name, e.message
             )),
         }
+    }
+
+    fn live_task(
+        &self,
+        agent: &str,
+        id: &str,
+    ) -> Result<Option<crate::oauth::exchange::TaskClaims>, String> {
+        let Some(row) = self.tasks.store().get(id).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        if row.task.agent != agent
+            || row.state != crate::tasks::store::TaskState::Live
+            || row.expires_at_ms <= now_ms
+        {
+            return Ok(None);
+        }
+        Ok(Some(crate::oauth::exchange::TaskClaims {
+            task_id: row.task.task_id.clone(),
+            run_id: row.task.run_id.clone(),
+            use_case: row.task.use_case.clone(),
+            tenant: row.task.tenant.clone(),
+            expires_at: u64::try_from(row.expires_at_ms / 1000).unwrap_or(0),
+        }))
     }
 
     fn decommissioned_at(&self, agent: &str) -> Option<i64> {

@@ -68,6 +68,24 @@ pub struct Params {
     /// Space-delimited, as sent.
     pub scope: Option<String>,
     pub requested_token_type: Option<String>,
+    /// `task_id` (a keyturn extension) as sent: the caller's live task the
+    /// token is for. The service resolves it into [`Params::task`].
+    pub task_id: Option<String>,
+    /// The task, resolved: its attribution goes into the token.
+    pub task: Option<TaskClaims>,
+}
+
+/// A live task of the agent, as the token records it: `txn` (RFC 8417's
+/// transaction id) = the run id, `use_case`, `task_id`; the token never
+/// outlives the task and never leaves its tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskClaims {
+    pub task_id: String,
+    pub run_id: String,
+    pub use_case: String,
+    pub tenant: String,
+    /// Unix seconds.
+    pub expires_at: u64,
 }
 
 /// The authenticated agent.
@@ -210,6 +228,19 @@ pub fn exchange(
         ));
     }
 
+    // A task binds the token to its tenant too.
+    if let Some(task) = &params.task
+        && task.tenant != subject.tenant
+    {
+        return Err(ExchangeError::new(
+            "invalid_request",
+            format!(
+                "task {} is for tenant `{}`, the subject token for tenant `{}`: a task never serves another tenant",
+                task.task_id, task.tenant, subject.tenant
+            ),
+        ));
+    }
+
     // may_act (RFC 8693 4.4): when present, it must name this agent.
     if let Some(may) = &subject.may_act {
         let names_agent = may.get("sub").and_then(Value::as_str) == Some(actor.agent.as_str());
@@ -320,6 +351,9 @@ pub fn exchange(
     if let Some(v) = actor.valid_until {
         exp = exp.min(v);
     }
+    if let Some(task) = &params.task {
+        exp = exp.min(task.expires_at);
+    }
     if exp <= now {
         return Err(ExchangeError::new(
             "invalid_request",
@@ -337,7 +371,7 @@ pub fn exchange(
         [one] => Value::String(one.clone()),
         _ => json!(aud),
     };
-    let claims = json!({
+    let mut claims = json!({
         "iss": service.issuer,
         "sub": subject.sub,
         "aud": aud_claim,
@@ -349,6 +383,11 @@ pub fn exchange(
         "act": act,
         "tenant": subject.tenant,
     });
+    if let Some(task) = &params.task {
+        claims["txn"] = json!(task.run_id);
+        claims["use_case"] = json!(task.use_case);
+        claims["task_id"] = json!(task.task_id);
+    }
     let mut header = Header::new(Algorithm::EdDSA);
     header.typ = Some("at+jwt".into());
     header.kid = Some(key.kid.clone());

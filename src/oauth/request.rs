@@ -55,6 +55,7 @@ pub fn parse(body: &[u8]) -> Result<TokenRequest, ExchangeError> {
         "client_assertion",
         "client_assertion_type",
         "client_id",
+        "task_id",
     ];
     let mut single: std::collections::HashMap<&'static str, String> = Default::default();
     let mut params = Params::default();
@@ -125,6 +126,7 @@ pub fn parse(body: &[u8]) -> Result<TokenRequest, ExchangeError> {
     }
     params.scope = single.remove("scope");
     params.requested_token_type = single.remove("requested_token_type");
+    params.task_id = single.remove("task_id").filter(|t| !t.is_empty());
     Ok(TokenRequest {
         params,
         subject_token: SecretValue::from_string(subject_token),

@@ -36,7 +36,7 @@ use serde_json::{Map, Value, json};
 
 use super::exchange::{
     self, Actor, ClientPolicy, ExchangeError, GRANT_TYPE, ServicePolicy, SigningKey,
-    TOKEN_TYPE_ACCESS_TOKEN,
+    TOKEN_TYPE_ACCESS_TOKEN, TaskClaims,
 };
 use super::request::{self, CLIENT_ASSERTION_TYPE};
 use super::subject::SubjectTokens;
@@ -110,6 +110,9 @@ pub trait Backend: Send + Sync {
     /// The value (an Ed25519 PKCS#8 PEM) of one signing credential version,
     /// read from its vault.
     async fn signing_value(&self, version: &VersionRow) -> Result<SecretValue, String>;
+    /// `agent`'s task `id` if it is live (not ended, not expired); `None`
+    /// for a task that is another agent's, ended or unknown.
+    fn live_task(&self, agent: &str, id: &str) -> Result<Option<TaskClaims>, String>;
     /// When `agent` was decommissioned (unix seconds), if it was.
     fn decommissioned_at(&self, agent: &str) -> Option<i64>;
     async fn audit(&self, event: AuditEvent);
@@ -427,7 +430,7 @@ impl TokenService {
     }
 
     async fn issue(&self, body: &[u8], ev: &mut AuditEvent) -> Result<Reply, ExchangeError> {
-        let req = request::parse(body)?;
+        let mut req = request::parse(body)?;
         let client = self
             .authenticate(&req.client_assertion, "invalid_client", "client assertion")
             .await?;
@@ -455,6 +458,26 @@ impl TokenService {
                 )
             })?;
         ev.tenant = Some(subject.tenant.clone());
+        if let Some(id) = &req.params.task_id {
+            let task = self
+                .backend
+                .live_task(&client.agent, id)
+                .map_err(|e| {
+                    tracing::error!("token service: cannot read tasks: {e}");
+                    err("temporarily_unavailable", "tasks cannot be read now; retry")
+                })?
+                .ok_or_else(|| {
+                    err(
+                        "invalid_request",
+                        format!(
+                            "task_id {:?} is not a live task of agent `{}`",
+                            id.chars().take(64).collect::<String>(),
+                            client.agent
+                        ),
+                    )
+                })?;
+            req.params.task = Some(task);
+        }
         let key = self.signing_key().await?;
         let now = now_secs();
         let issued = exchange::exchange(
@@ -616,6 +639,7 @@ impl TokenService {
                 "tenant",
                 "txn",
                 "use_case",
+                "task_id",
             ] {
                 if let Some(v) = t.claims.get(k) {
                     out.insert(k.into(), v.clone());

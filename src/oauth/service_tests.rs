@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::config::{JwksSource, SubjectIssuerConfig, TokenServiceConfig};
-use super::exchange::ClientPolicy;
+use super::exchange::{ClientPolicy, TaskClaims};
 use super::service::{Backend, TokenLedger, TokenService};
 use super::subject::{SubjectIssuer, SubjectTokens};
 use crate::audit::{AuditEvent, Outcome};
@@ -58,6 +58,8 @@ struct Mem {
     store: TaskStore,
     agents: Mutex<HashMap<String, Vec<AgentKey>>>,
     decommissioned: Mutex<HashMap<String, i64>>,
+    /// Live tasks by id: (agent, claims).
+    tasks: Mutex<HashMap<String, (String, TaskClaims)>>,
     signing: Mutex<Vec<(VersionRow, SecretValue)>>,
     audit: Mutex<Vec<AuditEvent>>,
 }
@@ -98,6 +100,15 @@ impl Backend for Mem {
             .find(|(v, _)| v.version == version.version)
             .map(|(_, s)| s.clone())
             .ok_or_else(|| "no such version".into())
+    }
+    fn live_task(&self, agent: &str, id: &str) -> Result<Option<TaskClaims>, String> {
+        Ok(self
+            .tasks
+            .lock()
+            .unwrap()
+            .get(id)
+            .filter(|(a, _)| a == agent)
+            .map(|(_, t)| t.clone()))
     }
     fn decommissioned_at(&self, agent: &str) -> Option<i64> {
         self.decommissioned.lock().unwrap().get(agent).copied()
@@ -170,6 +181,7 @@ async fn harness() -> Harness {
         store,
         agents: Mutex::new(agents),
         decommissioned: Mutex::default(),
+        tasks: Mutex::default(),
         signing: Mutex::new(vec![(
             signing_row(1, Stage::Current, &signer.public),
             signer.private,
@@ -989,4 +1001,52 @@ async fn tokens_stay_verifiable_across_a_signing_key_rotation() {
         .unwrap()
         .len();
     assert_eq!(n, 3);
+}
+
+#[tokio::test]
+async fn a_token_for_a_task_carries_its_attribution_and_ends_with_it() {
+    let h = harness().await;
+    let task = |tenant: &str, expires_at: i64| TaskClaims {
+        task_id: "t1".into(),
+        run_id: "run-42".into(),
+        use_case: "invoicing".into(),
+        tenant: tenant.into(),
+        expires_at: u64::try_from(expires_at).unwrap(),
+    };
+    h.mem
+        .tasks
+        .lock()
+        .unwrap()
+        .insert("t1".into(), ("reporter".into(), task("acme", now() + 30)));
+    let mut f = request(&h);
+    set(&mut f, "task_id", "t1");
+    let (token, answer) = issue(&h, &f).await;
+    assert!(
+        answer["expires_in"].as_u64().unwrap() <= 30,
+        "{answer}: ends with the task"
+    );
+    let (_, claims) = verify_with_jwks(&h, &token).await;
+    assert_eq!(claims["txn"], "run-42");
+    assert_eq!(claims["use_case"], "invoicing");
+    assert_eq!(claims["task_id"], "t1");
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &token)).await;
+    assert_eq!(a.json["txn"], "run-42");
+    assert_eq!(a.json["task_id"], "t1");
+
+    // Another agent's task, an unknown one, and one of another tenant.
+    h.mem
+        .tasks
+        .lock()
+        .unwrap()
+        .insert("t2".into(), ("intruder".into(), task("acme", now() + 30)));
+    h.mem
+        .tasks
+        .lock()
+        .unwrap()
+        .insert("t3".into(), ("reporter".into(), task("globex", now() + 30)));
+    for id in ["t2", "nope", "t3"] {
+        let mut f = request(&h);
+        set(&mut f, "task_id", id);
+        assert_eq!(code_of(&h, f).await, "invalid_request", "task {id}");
+    }
 }
