@@ -41,6 +41,9 @@ MOTO_VERSION=${MOTO_VERSION:-5.2.5}
 # The example Python agent (examples/python-agent) in the transparency test.
 PG8000_VERSION=${PG8000_VERSION:-1.31.6}
 INOTIFY_SIMPLE_VERSION=${INOTIFY_SIMPLE_VERSION:-2.0.1}
+# The independent OAuth client of the token service (tests/oauth_client).
+PYJWT_VERSION=${PYJWT_VERSION:-2.15.1}
+AUTHLIB_VERSION=${AUTHLIB_VERSION:-1.9.6}
 
 log() { echo "services.sh: $*" >&2; }
 die() {
@@ -212,6 +215,10 @@ ensure_venv() {
   "$VENV/bin/python" -c 'import pg8000' 2>/dev/null || pkgs+=("pg8000==$PG8000_VERSION")
   "$VENV/bin/python" -c 'import inotify_simple' 2>/dev/null ||
     pkgs+=("inotify-simple==$INOTIFY_SIMPLE_VERSION")
+  # Checked one by one, so that a venv made before they were needed gets
+  # them too.
+  "$VENV/bin/python" -c 'import jwt' 2>/dev/null || pkgs+=("PyJWT[crypto]==$PYJWT_VERSION")
+  "$VENV/bin/python" -c 'import authlib' 2>/dev/null || pkgs+=("authlib==$AUTHLIB_VERSION")
   if ((${#pkgs[@]})); then
     log "pip install ${pkgs[*]} (first run only)"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "${pkgs[@]}" >&2
@@ -438,6 +445,10 @@ cmd_start() {
   mkdir -p "$RUN_DIR"
   if all_running; then
     log "already running ($(expected_services | paste -sd ' ' -)); \`$0 stop\` stops them"
+    # Servers started by an older checkout: its venv may lack a package
+    # the tests of this one use (installing one does not touch the servers).
+    INSTALLED=0
+    ensure_venv
     echo "$ENV_FILE"
     return 0
   fi
@@ -495,7 +506,8 @@ cmd_start() {
       echo "export KEYTURN_TEST_PG_PORT='$pg_port'"
       echo "export KEYTURN_TEST_PG_ADMIN_DSN='host=127.0.0.1 port=$pg_port user=postgres password=$pg_password dbname=postgres'"
       echo "export KEYTURN_TEST_PG_CA='$(<"$RUN_DIR/postgres.dir")/tls/ca.pem'"
-      # The venv's python has pg8000 and inotify_simple (examples/python-agent).
+      # The venv's python has pg8000 and inotify_simple (examples/python-agent),
+      # PyJWT and authlib (tests/oauth_client).
       echo "export KEYTURN_TEST_PYTHON='$VENV/bin/python'"
       echo "export KEYTURN_TEST_ALERTMANAGER_URL='http://127.0.0.1:$am_port'"
       if [[ -f $AZURE_STUB ]]; then

@@ -395,6 +395,24 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
+/// The value of the environment variable `var`, which the test services
+/// (`scripts/services.sh start`, its env file sourced) set; a missing one
+/// fails the test saying so.
+pub fn need(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)")
+    })
+}
+
+/// A free loopback port (bound, then released for the daemon to listen on).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// `status --json`'s credential rows.
 pub fn status_json(env: &Env) -> Vec<serde_json::Value> {
     let doc = status_doc(env);

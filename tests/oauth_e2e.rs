@@ -1,0 +1,395 @@
+//! The token service seen by an independent client (issue 16's acceptance):
+//! `tests/oauth_client/client.py`, written in Python against the RFCs with
+//! PyJWT and authlib, which share no code with keyturn, talks to the real
+//! daemon over HTTP. It discovers the endpoints (RFC 8414), exchanges a
+//! human's token for a delegated one (RFC 8693) authenticating with two
+//! RFC 7523 assertions signed by the agent's delivered key, and validates
+//! the issued token against the JWKS; then keyturn rotates the signing key
+//! and the old token still validates while a new one carries the new `kid`;
+//! then introspection (RFC 7662) and revocation (RFC 7009). No token may
+//! appear in the daemon's output, the audit log or the state files.
+//!
+//! Needs the Python of the test services' venv (`KEYTURN_TEST_PYTHON`,
+//! from `scripts/services.sh start`, which installs PyJWT and authlib).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+
+const IDP: &str = "https://idp.corp.test";
+const API: &str = "https://api.example.test";
+
+/// Runs the client; every output is kept for the canary grep.
+struct Client {
+    python: String,
+    script: PathBuf,
+    outputs: Vec<u8>,
+    /// The daemon's output, whose end a failure shows.
+    daemon_log: Option<PathBuf>,
+}
+
+impl Client {
+    fn new() -> Client {
+        let python = need("KEYTURN_TEST_PYTHON");
+        // Never a silent skip: a venv without the libraries is a setup error.
+        let probe = Command::new(&python)
+            .args(["-c", "import jwt, authlib, joserfc, cryptography"])
+            .output()
+            .unwrap_or_else(|e| panic!("run {python}: {e}"));
+        assert!(
+            probe.status.success(),
+            "{python} lacks PyJWT or authlib: run `bash scripts/services.sh start` (it installs them into its venv): {}",
+            String::from_utf8_lossy(&probe.stderr)
+        );
+        Client {
+            python,
+            script: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oauth_client/client.py"),
+            outputs: Vec::new(),
+            daemon_log: None,
+        }
+    }
+
+    fn run(&mut self, args: &[&str]) -> Output {
+        let out = Command::new(&self.python)
+            .arg(&self.script)
+            .args(args)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run client.py");
+        self.outputs.extend_from_slice(&out.stdout);
+        self.outputs.extend_from_slice(&out.stderr);
+        out
+    }
+
+    /// Runs `args`, asserting success; its JSON line.
+    fn ok(&mut self, args: &[&str]) -> serde_json::Value {
+        let out = self.run(args);
+        if !out.status.success() {
+            let log = self
+                .daemon_log
+                .as_ref()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "{}\n--- the daemon's last lines:\n{}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "client.py {} printed no JSON ({e}): {}",
+                args[0],
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Runs `args`, asserting a refusal; its stderr.
+    fn fails(&mut self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "client.py {} succeeded where it must fail: {}",
+            args[0],
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+fn config(port: u16) -> String {
+    // SAFETY: getuid/getgid cannot fail and touch no memory.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    format!(
+        r#"
+[agents.bot]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+uid = {uid}
+gid = {gid}
+auth_key = "auth"
+
+[agents.bot.credentials.auth]
+vault = "local"
+every = "1h"
+generate = {{ kind = "ed25519" }}
+deliver = [{{ type = "file", path = "{{root}}/bot/auth" }}]
+
+[agents.keyturn]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+
+[agents.keyturn.credentials.signer]
+vault = "local"
+every = "24h"
+grace = "1h"
+generate = {{ kind = "ed25519" }}
+
+[token_service]
+issuer = "http://127.0.0.1:{port}"
+signing_credential = "keyturn/signer"
+
+[token_service.subject_issuers.corp]
+issuer = "{IDP}"
+audience = "keyturn"
+algorithms = ["ES256"]
+jwks_file = "{{dir}}/idp/jwks.json"
+tenant = "acme"
+
+[token_service.clients.bot]
+scopes = ["invoices:read", "invoices:write", "reports:read"]
+audiences = ["{API}"]
+ttl = "2m"
+"#
+    )
+}
+
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test services' Python venv: scripts/services.sh start, then --features real-servers"
+)]
+#[test]
+fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
+    let mut client = Client::new();
+    let port = free_port();
+    let env = Env::with_daemon(&config(port), &format!("listen = \"127.0.0.1:{port}\""));
+    let dir = env.path().to_owned();
+    let p = |rel: &str| dir.join(rel).display().to_string();
+    // The identity provider's keys exist before the daemon loads them.
+    client.ok(&["idp-init", &p("idp")]);
+    std::fs::create_dir(dir.join("client")).unwrap();
+
+    let daemon = env.start();
+    client.daemon_log = Some(daemon.log.clone());
+    let key = env.root().join("bot/auth/private.pem");
+    wait_for(std::time::Duration::from_secs(30), || {
+        key.exists().then_some(())
+    })
+    .unwrap_or_else(|| panic!("{} was never delivered", key.display()));
+    let key = key.display().to_string();
+    wait_version(&env, "keyturn", "signer", 1);
+    let v1 = version_of(&env, "keyturn", "signer").unwrap().to_string();
+    let metadata = format!("http://127.0.0.1:{port}/.well-known/oauth-authorization-server");
+
+    // Alice holds invoices read and write and email; bot may have invoices
+    // and reports; the request names invoices:read, reports:read and email.
+    // Only invoices:read is in all three.
+    client.ok(&[
+        "subject",
+        &p("idp"),
+        "--sub",
+        "alice",
+        "--scope",
+        "invoices:read invoices:write email",
+        "--aud",
+        "keyturn",
+        "--iss",
+        IDP,
+        "--out",
+        &p("client/subject-1.jwt"),
+    ]);
+    let exchange = |client: &mut Client, subject: &str, out: &str, expect_act: &str| {
+        client.ok(&[
+            "exchange",
+            "--metadata",
+            &metadata,
+            "--agent",
+            "bot",
+            "--key",
+            &key,
+            "--subject-token-file",
+            &p(subject),
+            "--audience",
+            API,
+            "--scope",
+            "invoices:read reports:read email",
+            "--expect-sub",
+            "alice",
+            "--expect-scope",
+            "invoices:read",
+            "--expect-act",
+            expect_act,
+            "--expect-tenant",
+            "acme",
+            "--max-lifetime",
+            "120",
+            "--token-out",
+            &p(out),
+        ])
+    };
+    let first = exchange(
+        &mut client,
+        "client/subject-1.jwt",
+        "client/token-1.jwt",
+        r#"{"sub":"bot"}"#,
+    );
+    assert_eq!(first["kid"], v1.as_str(), "{first}");
+    assert_eq!(first["claims"]["iss"], format!("http://127.0.0.1:{port}"));
+    assert_eq!(first["claims"]["aud"], API, "{first}");
+    assert_eq!(first["claims"]["client_id"], "bot", "{first}");
+    assert_eq!(first["jwks_kids"], serde_json::json!([v1]), "{first}");
+    // The validator can fail: a token for the API is no token for another.
+    let wrong = client.fails(&[
+        "validate",
+        "--metadata",
+        &metadata,
+        "--token-file",
+        &p("client/token-1.jwt"),
+        "--audience",
+        "https://elsewhere.test",
+    ]);
+    assert!(wrong.contains("InvalidAudienceError"), "{wrong}");
+
+    // keyturn rotates its signing key like any credential.
+    env.cli_ok(&["rotate", "keyturn/signer", "--wait"]);
+    let v2 = version_of(&env, "keyturn", "signer").unwrap().to_string();
+    assert_ne!(v1, v2);
+    // The old token still validates: its key is still published.
+    let old = client.ok(&[
+        "validate",
+        "--metadata",
+        &metadata,
+        "--token-file",
+        &p("client/token-1.jwt"),
+        "--audience",
+        API,
+        "--expect-kid",
+        &v1,
+    ]);
+    assert_eq!(old["jwks_kids"], serde_json::json!([v2, v1]), "{old}");
+    assert_eq!(old["claims"]["jti"], first["claims"]["jti"], "{old}");
+    // A new exchange is signed by the new key, and an `act` already in the
+    // subject token is nested under the agent, never dropped.
+    client.ok(&[
+        "subject",
+        &p("idp"),
+        "--sub",
+        "alice",
+        "--scope",
+        "invoices:read invoices:write email",
+        "--aud",
+        "keyturn",
+        "--iss",
+        IDP,
+        "--act",
+        r#"{"sub":"planner"}"#,
+        "--out",
+        &p("client/subject-2.jwt"),
+    ]);
+    let second = exchange(
+        &mut client,
+        "client/subject-2.jwt",
+        "client/token-2.jwt",
+        r#"{"sub":"bot","act":{"sub":"planner"}}"#,
+    );
+    assert_eq!(second["kid"], v2.as_str(), "{second}");
+    assert_ne!(second["claims"]["jti"], first["claims"]["jti"]);
+
+    // Introspection says what the token says; revocation ends it.
+    let active = client.ok(&[
+        "introspect",
+        "--metadata",
+        &metadata,
+        "--agent",
+        "bot",
+        "--key",
+        &key,
+        "--token-file",
+        &p("client/token-2.jwt"),
+        "--audience",
+        API,
+        "--expect-active",
+        "true",
+    ]);
+    assert_eq!(active["act"]["act"]["sub"], "planner", "{active}");
+    assert_eq!(active["scope"], "invoices:read", "{active}");
+    assert_eq!(active["tenant"], "acme", "{active}");
+    client.ok(&[
+        "revoke",
+        "--metadata",
+        &metadata,
+        "--agent",
+        "bot",
+        "--key",
+        &key,
+        "--token-file",
+        &p("client/token-2.jwt"),
+    ]);
+    let inactive = client.ok(&[
+        "introspect",
+        "--metadata",
+        &metadata,
+        "--agent",
+        "bot",
+        "--key",
+        &key,
+        "--token-file",
+        &p("client/token-2.jwt"),
+        "--expect-active",
+        "false",
+    ]);
+    assert_eq!(inactive, serde_json::json!({"active": false}));
+    // The first token was not revoked with it.
+    client.ok(&[
+        "introspect",
+        "--metadata",
+        &metadata,
+        "--agent",
+        "bot",
+        "--key",
+        &key,
+        "--token-file",
+        &p("client/token-1.jwt"),
+        "--audience",
+        API,
+        "--expect-active",
+        "true",
+    ]);
+
+    // Canaries: no token, nor its signature alone, anywhere keyturn writes,
+    // nor in what the client printed.
+    let log = daemon.stop();
+    let mut outputs: Vec<(String, Vec<u8>)> = vec![
+        ("daemon output".into(), log.into_bytes()),
+        ("client output".into(), client.outputs.clone()),
+    ];
+    for (path, bytes) in read_tree(&env.state_dir()) {
+        outputs.push((path.display().to_string(), bytes));
+    }
+    assert!(
+        outputs.iter().any(|(name, _)| name.ends_with("audit.log")),
+        "no audit log among {:?}",
+        outputs.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    let audit = audit_records(&env);
+    assert!(!audit.is_empty(), "the audit log is empty");
+    for file in [
+        "client/subject-1.jwt",
+        "client/subject-2.jwt",
+        "client/token-1.jwt",
+        "client/token-2.jwt",
+    ] {
+        let token = std::fs::read_to_string(dir.join(file)).unwrap();
+        let token = token.trim();
+        let signature = token.rsplit('.').next().unwrap();
+        assert!(signature.len() >= 40, "{file}: a short signature part");
+        for (name, bytes) in &outputs {
+            assert!(
+                !contains(bytes, token.as_bytes()),
+                "{file}'s token appears in {name}"
+            );
+            assert!(
+                !contains(bytes, signature.as_bytes()),
+                "{file}'s signature appears in {name}"
+            );
+        }
+    }
+}
