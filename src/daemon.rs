@@ -966,8 +966,13 @@ impl crate::oauth::service::Backend for OauthBackend {
         Ok(crate::auth::AgentKey::accepted(&versions))
     }
 
-    fn jti_ledger(&self) -> &dyn crate::auth::JtiLedger {
-        self.tasks.store()
+    async fn spend_jtis(&self, jtis: Vec<(String, String, i64)>) -> Result<Vec<bool>, String> {
+        let now = i64::try_from(jsonwebtoken::get_current_timestamp()).unwrap_or(i64::MAX);
+        self.tasks
+            .store()
+            .spend_jtis(jtis, now)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     fn token_ledger(&self) -> &dyn crate::oauth::service::TokenLedger {

@@ -92,6 +92,14 @@ pub struct Verified {
     pub key_version: u64,
 }
 
+impl Verified {
+    /// How long its `jti` must be kept spent: until no clock within the
+    /// skew would accept the assertion any more.
+    pub fn keep_until(&self) -> i64 {
+        self.exp.saturating_add(SKEW_SECS as i64)
+    }
+}
+
 /// Why an assertion was refused. The text never holds the token; it says
 /// which check failed and what a correct assertion looks like.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -263,6 +271,23 @@ impl Verifier {
         keys: &[AgentKey],
         ledger: &dyn JtiLedger,
     ) -> Result<Verified, AssertionError> {
+        let v = self.check(token, claimed, keys)?;
+        match ledger.spend(&v.agent, &v.jti, v.keep_until(), now_secs()) {
+            Ok(true) => Ok(v),
+            Ok(false) => Err(AssertionError::Replayed),
+            Err(e) => Err(AssertionError::Ledger(e)),
+        }
+    }
+
+    /// Every check of [`Self::verify`] but the spending of the `jti`: the
+    /// caller spends it ([`Verified::keep_until`]) before acting on it, for
+    /// example with other callers' in one durable write.
+    pub fn check(
+        &self,
+        token: &str,
+        claimed: &Claimed,
+        keys: &[AgentKey],
+    ) -> Result<Verified, AssertionError> {
         let agent = &claimed.agent;
         if keys.is_empty() {
             return Err(AssertionError::NoKey(agent.clone()));
@@ -344,12 +369,6 @@ impl Verifier {
         }
         if jti.is_empty() || jti.chars().count() > MAX_JTI_CHARS {
             return Err(AssertionError::BadJti);
-        }
-        // Kept until no clock within the skew would accept it any more.
-        match ledger.spend(agent, &jti, exp.saturating_add(skew), now) {
-            Ok(true) => {}
-            Ok(false) => return Err(AssertionError::Replayed),
-            Err(e) => return Err(AssertionError::Ledger(e)),
         }
         Ok(Verified {
             agent: agent.clone(),

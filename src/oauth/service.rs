@@ -41,7 +41,7 @@ use super::exchange::{
 use super::request::{self, CLIENT_ASSERTION_TYPE};
 use super::subject::SubjectTokens;
 use crate::audit::{Actor as AuditActor, AuditEvent, Outcome};
-use crate::auth::{AgentKey, JtiLedger, Verified, Verifier};
+use crate::auth::{AgentKey, Verified, Verifier};
 use crate::model::{AgentId, SecretValue};
 use crate::state::VersionRow;
 
@@ -103,7 +103,10 @@ pub trait Backend: Send + Sync {
     /// `Err` says why the agent cannot authenticate (not configured, no
     /// `auth_key`, decommissioned, state unreadable).
     async fn client_keys(&self, agent: &str) -> Result<Vec<AgentKey>, String>;
-    fn jti_ledger(&self) -> &dyn JtiLedger;
+    /// Spends assertion `jti`s (agent, jti, keep until), durably, in one
+    /// write shared with concurrent requests: for each, `false` when it was
+    /// already spent (a replay).
+    async fn spend_jtis(&self, jtis: Vec<(String, String, i64)>) -> Result<Vec<bool>, String>;
     fn token_ledger(&self) -> &dyn TokenLedger;
     /// Every version of the signing credential, as state has them.
     async fn signing_versions(&self) -> Result<Vec<VersionRow>, String>;
@@ -127,10 +130,24 @@ pub struct TokenService {
     verifier: Verifier,
     /// The current signing version and its key.
     signing: Mutex<Option<(u64, Arc<SigningKey>)>>,
+    /// State reads, kept [`CACHE_FOR`]: the signing credential's versions
+    /// and each agent's accepted keys (read again at once when an assertion
+    /// does not verify with the cached keys: a key just rotated).
+    cache_for: std::time::Duration,
+    versions_cache: Mutex<Option<(std::time::Instant, Arc<Vec<VersionRow>>)>>,
+    keys_cache: Mutex<std::collections::HashMap<String, (std::time::Instant, Arc<Vec<AgentKey>>)>>,
     /// What the ledger holds of each key's use: a write records `exp` plus
     /// `max_ttl`, so one write covers every token signed in the next
     /// `max_ttl`.
     signed: Mutex<std::collections::HashMap<u64, i64>>,
+}
+
+/// How long state reads are reused (at thousands of requests a second, each
+/// would otherwise queue behind the state writer).
+const CACHE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The unix time now.
@@ -255,7 +272,17 @@ impl TokenService {
             verifier,
             signing: Mutex::new(None),
             signed: Mutex::new(Default::default()),
+            cache_for: CACHE_FOR,
+            versions_cache: Mutex::new(None),
+            keys_cache: Mutex::new(Default::default()),
         }
+    }
+
+    /// How long state reads are reused ([`CACHE_FOR`] by default; tests
+    /// that change state under the service use zero).
+    pub fn with_cache_for(mut self, d: std::time::Duration) -> Self {
+        self.cache_for = d;
+        self
     }
 
     pub fn issuer(&self) -> &str {
@@ -300,8 +327,42 @@ impl TokenService {
 
     /// The versions whose public keys are published: current, previous and
     /// any other (not pending) version that signed a token not yet expired.
+    /// The signing credential's versions, from the cache when fresh.
+    async fn signing_versions(&self) -> Result<Arc<Vec<VersionRow>>, String> {
+        if let Some((at, v)) = &*lock(&self.versions_cache)
+            && at.elapsed() < self.cache_for
+        {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(self.backend.signing_versions().await?);
+        *lock(&self.versions_cache) = Some((std::time::Instant::now(), v.clone()));
+        Ok(v)
+    }
+
+    /// `agent`'s accepted keys, from the cache when fresh unless `fresh`.
+    async fn client_keys(
+        &self,
+        agent: &str,
+        fresh: bool,
+    ) -> Result<(Arc<Vec<AgentKey>>, bool), String> {
+        if !fresh
+            && let Some((at, k)) = lock(&self.keys_cache).get(agent)
+            && at.elapsed() < self.cache_for
+        {
+            return Ok((k.clone(), true));
+        }
+        let keys = Arc::new(self.backend.client_keys(agent).await?);
+        let mut cache = lock(&self.keys_cache);
+        if cache.len() > 10_000 {
+            let ttl = self.cache_for;
+            cache.retain(|_, (at, _)| at.elapsed() < ttl);
+        }
+        cache.insert(agent.to_owned(), (std::time::Instant::now(), keys.clone()));
+        Ok((keys, false))
+    }
+
     async fn published(&self, now: i64) -> Result<Vec<AgentKey>, String> {
-        let versions = self.backend.signing_versions().await?;
+        let versions = self.signing_versions().await?;
         let mut keys = AgentKey::accepted(&versions);
         let signed = self.backend.token_ledger().signed_until()?;
         let mut older: Vec<&VersionRow> = versions
@@ -348,7 +409,7 @@ impl TokenService {
                 "the token service cannot sign now: the operator must check the signing credential (keyturn status)",
             )
         };
-        let versions = self.backend.signing_versions().await.map_err(unavailable)?;
+        let versions = self.signing_versions().await.map_err(unavailable)?;
         let Some(current) = versions
             .iter()
             .find(|v| v.stage == crate::model::Stage::Current)
@@ -380,7 +441,8 @@ impl TokenService {
         Ok(key)
     }
 
-    /// Checks a private_key_jwt assertion (client or actor) and spends its jti.
+    /// Checks a private_key_jwt assertion (client or actor); its jti is
+    /// spent by [`Self::spend`] before anything is done on its strength.
     async fn authenticate(
         &self,
         token: &SecretValue,
@@ -395,14 +457,60 @@ impl TokenService {
             .verifier
             .claimed_agent(token)
             .map_err(|e| refuse(e.to_string()))?;
-        let keys = self
-            .backend
-            .client_keys(&claimed.agent)
+        // A decommission takes effect at once, whatever the cache holds.
+        if self.backend.decommissioned_at(&claimed.agent).is_some() {
+            return Err(refuse(format!("agent {} is decommissioned", claimed.agent)));
+        }
+        let (keys, cached) = self
+            .client_keys(&claimed.agent, false)
             .await
             .map_err(refuse)?;
-        self.verifier
-            .verify(token, &claimed, &keys, self.backend.jti_ledger())
-            .map_err(|e| refuse(e.to_string()))
+        match self.verifier.check(token, &claimed, &keys) {
+            Err(
+                crate::auth::AssertionError::BadSignature(_)
+                | crate::auth::AssertionError::UnknownKid { .. }
+                | crate::auth::AssertionError::NoKey(_),
+            ) if cached => {
+                let (keys, _) = self
+                    .client_keys(&claimed.agent, true)
+                    .await
+                    .map_err(refuse)?;
+                self.verifier.check(token, &claimed, &keys)
+            }
+            r => r,
+        }
+        .map_err(|e| refuse(e.to_string()))
+    }
+
+    /// Spends the jtis of checked assertions, each with the error code and
+    /// name to refuse it with if it was spent before (a replay).
+    async fn spend(
+        &self,
+        assertions: &[(&Verified, &'static str, &str)],
+    ) -> Result<(), ExchangeError> {
+        let jtis = assertions
+            .iter()
+            .map(|(v, _, _)| (v.agent.clone(), v.jti.clone(), v.keep_until()))
+            .collect();
+        let fresh = self.backend.spend_jtis(jtis).await.map_err(|e| {
+            tracing::error!("token service: cannot record assertion jtis: {e}");
+            err(
+                "temporarily_unavailable",
+                "the single-use check cannot be recorded now; retry",
+            )
+        })?;
+        for ((_, code, what), fresh) in assertions.iter().zip(fresh) {
+            if !fresh {
+                return Err(err(
+                    code,
+                    format!(
+                        "the {what} is refused: {}",
+                        crate::auth::AssertionError::Replayed
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// `POST /oauth/token`.
@@ -438,6 +546,11 @@ impl TokenService {
         let actor = self
             .authenticate(&req.actor_token, "invalid_request", "actor_token")
             .await?;
+        self.spend(&[
+            (&client, "invalid_client", "client assertion"),
+            (&actor, "invalid_request", "actor_token"),
+        ])
+        .await?;
         if actor.agent != client.agent {
             return Err(err(
                 "invalid_request",
@@ -614,7 +727,10 @@ impl TokenService {
     pub async fn introspect(&self, body: &[u8]) -> Reply {
         let answer = async {
             let form = token_form(body)?;
-            self.authenticate(&form.client_assertion, "invalid_client", "client assertion")
+            let client = self
+                .authenticate(&form.client_assertion, "invalid_client", "client assertion")
+                .await?;
+            self.spend(&[(&client, "invalid_client", "client assertion")])
                 .await?;
             let now = now_secs();
             let Some(t) = self.check(&form.token, now).await? else {
@@ -663,6 +779,8 @@ impl TokenService {
             let form = token_form(body)?;
             let client = self
                 .authenticate(&form.client_assertion, "invalid_client", "client assertion")
+                .await?;
+            self.spend(&[(&client, "invalid_client", "client assertion")])
                 .await?;
             ev.agent = AgentId::new(&client.agent).ok();
             let now = now_secs();

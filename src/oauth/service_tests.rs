@@ -22,7 +22,7 @@ use super::exchange::{ClientPolicy, TaskClaims};
 use super::service::{Backend, TokenLedger, TokenService};
 use super::subject::{SubjectIssuer, SubjectTokens};
 use crate::audit::{AuditEvent, Outcome};
-use crate::auth::{AgentKey, JtiLedger};
+use crate::auth::AgentKey;
 use crate::config::GeneratorConfig;
 use crate::model::{AgentId, CredentialId, CredentialKey, RotationId, SecretValue, Stage};
 use crate::state::VersionRow;
@@ -77,9 +77,14 @@ impl Backend for Mem {
             .cloned()
             .ok_or_else(|| format!("{agent:?} is not a configured agent"))
     }
-    fn jti_ledger(&self) -> &dyn JtiLedger {
-        &self.store
+    async fn spend_jtis(&self, jtis: Vec<(String, String, i64)>) -> Result<Vec<bool>, String> {
+        let now = i64::try_from(jsonwebtoken::get_current_timestamp()).unwrap_or(i64::MAX);
+        self.store
+            .spend_jtis(jtis, now)
+            .await
+            .map_err(|e| e.to_string())
     }
+
     fn token_ledger(&self) -> &dyn TokenLedger {
         &self.store
     }
@@ -234,7 +239,9 @@ async fn harness() -> Harness {
         ]
         .into(),
     };
-    let service = Arc::new(TokenService::new(&config, subjects, mem.clone()));
+    // The tests change state (rotations) under the service: no cache.
+    let service =
+        Arc::new(TokenService::new(&config, subjects, mem.clone()).with_cache_for(Duration::ZERO));
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();

@@ -24,7 +24,7 @@
 //! accessors.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
@@ -267,6 +267,13 @@ enum Write {
         reason: Option<String>,
         at_ms: i64,
     },
+    /// Assertion `jti`s (agent, jti, keep until) to spend; whether each was
+    /// new is written into `spent`, in order. Expired ones are pruned first.
+    Spend {
+        jtis: Vec<(String, String, i64)>,
+        now: i64,
+        spent: Arc<Mutex<Vec<bool>>>,
+    },
 }
 
 struct WriteJob {
@@ -308,6 +315,7 @@ const SCHEMA: &str = "
         expires_at  INTEGER NOT NULL,
         PRIMARY KEY (agent, jti)
     );
+    CREATE INDEX IF NOT EXISTS assertions_expiry ON assertions (expires_at);
     CREATE TABLE IF NOT EXISTS revoked_tokens (
         jti         TEXT    NOT NULL PRIMARY KEY,
         expires_at  INTEGER NOT NULL
@@ -488,6 +496,29 @@ impl TaskStore {
             at_ms,
         };
         self.write("update task", write).await
+    }
+
+    /// Spends assertion `jti`s (agent, jti, keep until: unix seconds) in
+    /// one durable write shared with other callers' (the writer's group
+    /// commit): for each, `false` when it was already spent (a replay).
+    pub async fn spend_jtis(
+        &self,
+        jtis: Vec<(String, String, i64)>,
+        now: i64,
+    ) -> Result<Vec<bool>> {
+        let spent = Arc::new(Mutex::new(Vec::new()));
+        self.write(
+            "spend jtis",
+            Write::Spend {
+                jtis,
+                now,
+                spent: spent.clone(),
+            },
+        )
+        .await?;
+        Ok(std::mem::take(
+            &mut *spent.lock().unwrap_or_else(|p| p.into_inner()),
+        ))
     }
 
     /// Spends an agent's assertion `jti` (see `crate::auth`): `false` when
@@ -679,6 +710,18 @@ fn apply(db: &Connection, write: &Write) -> rusqlite::Result<()> {
                  WHERE id = ?1 AND (?2 != 'ending' OR state = 'live')",
             )?
             .execute(params![task, state.as_str(), reason, at_ms])?;
+        }
+        Write::Spend { jtis, now, spent } => {
+            db.prepare_cached("DELETE FROM assertions WHERE expires_at < ?1")?
+                .execute(params![now])?;
+            let mut insert = db.prepare_cached(
+                "INSERT OR IGNORE INTO assertions (agent, jti, expires_at) VALUES (?1, ?2, ?3)",
+            )?;
+            let mut out = Vec::with_capacity(jtis.len());
+            for (agent, jti, until) in jtis {
+                out.push(insert.execute(params![agent, jti, until])? == 1);
+            }
+            *spent.lock().unwrap_or_else(|p| p.into_inner()) = out;
         }
     }
     Ok(())
