@@ -544,12 +544,8 @@ impl TaskStore {
     pub fn get(&self, id: &str) -> Result<Option<TaskRow>> {
         let db = self.db();
         let task = db
-            .query_row(
-                &format!("{SELECT_TASK} WHERE id = ?1"),
-                params![id],
-                task_row,
-            )
-            .optional()
+            .prepare_cached(&format!("{SELECT_TASK} WHERE id = ?1"))
+            .and_then(|mut stmt| stmt.query_row(params![id], task_row).optional())
             .map_err(|e| self.err("read task", e))?;
         match task {
             None => Ok(None),
@@ -620,15 +616,33 @@ fn serve(db: &mut Connection, batch: &mut Vec<WriteJob>) -> Flow {
         }
     };
     let mut results = Vec::with_capacity(jobs.len());
+    // A job alone needs no savepoint: the transaction is its own, and a
+    // failed write leaves nothing to commit.
+    let alone = jobs.len() == 1;
+    let run = |sql: &str| {
+        tx.prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map(drop)
+    };
     for job in &jobs {
-        let applied = tx
-            .execute_batch("SAVEPOINT w")
-            .and_then(|()| apply(&tx, &job.write));
-        let result = match applied {
-            Ok(()) => tx.execute_batch("RELEASE w"),
-            Err(e) => tx.execute_batch("ROLLBACK TO w; RELEASE w").and(Err(e)),
+        let result = if alone {
+            apply(&tx, &job.write)
+        } else {
+            match run("SAVEPOINT w").and_then(|()| apply(&tx, &job.write)) {
+                Ok(()) => run("RELEASE w"),
+                Err(e) => run("ROLLBACK TO w")
+                    .and_then(|()| run("RELEASE w"))
+                    .and(Err(e)),
+            }
         };
         results.push(result.map_err(|e| e.to_string()));
+    }
+    if alone && results[0].is_err() {
+        drop(tx);
+        for (job, result) in jobs.into_iter().zip(results) {
+            let _ = job.reply.send(result);
+        }
+        return Flow::Continue;
     }
     match tx.commit() {
         Ok(()) => {
@@ -954,6 +968,31 @@ mod tests {
             .unwrap();
         assert_eq!(items, 0);
         assert_eq!(s.get("b").unwrap().unwrap().state, TaskState::Ending);
+
+        // Alone in its batch (no savepoint), a half-applied insert leaves
+        // nothing either, and the next batch commits.
+        for (write, ok) in [
+            (
+                Write::Insert(row("half2", "bot", &["pg", "pg"], 4_000)),
+                false,
+            ),
+            (Write::Insert(row("c", "bot", &["pg"], 6_000)), true),
+        ] {
+            let (reply, mut answer) = oneshot::channel();
+            let mut batch = vec![WriteJob { write, reply }];
+            assert_eq!(serve(&mut db, &mut batch), Flow::Continue);
+            assert_eq!(answer.try_recv().unwrap().is_ok(), ok);
+        }
+        assert!(s.get("half2").unwrap().is_none());
+        let items: i64 = db
+            .query_row(
+                "SELECT count(*) FROM task_items WHERE task = 'half2'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(items, 0);
+        assert_eq!(s.get("c").unwrap().unwrap().items.len(), 1);
     }
 
     #[tokio::test]

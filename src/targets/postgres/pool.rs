@@ -25,7 +25,9 @@
 //! - carries its session settings in the startup packet (`statement_timeout`
 //!   in `options`, `application_name`), and tries `log_statement = 'none'`
 //!   once, when it is made (only a superuser may; see the target's doc);
-//! - prepares each statement once ([`AdminConn::prepared`]);
+//! - prepares each statement once ([`AdminConn::prepared`]), and runs each
+//!   session setup once ([`AdminConn::session`]: the task issuer's
+//!   `pg_temp` functions);
 //! - is discarded instead of returned when it saw a connection-level error,
 //!   and on recycle when its connection task has ended (server restart,
 //!   `pg_terminate_backend`). Recycling sends nothing (a ping would cost
@@ -182,6 +184,7 @@ impl managed::Manager for AdminManager {
         Ok(AdminConn {
             client,
             statements: Mutex::default(),
+            session: Mutex::default(),
             lost: AtomicBool::new(false),
         })
     }
@@ -202,6 +205,9 @@ impl managed::Manager for AdminManager {
 pub(crate) struct AdminConn {
     pub(crate) client: Client,
     statements: Mutex<HashMap<&'static str, Statement>>,
+    /// Session setups run on this connection ([`AdminConn::session`]):
+    /// whether the server took each.
+    session: Mutex<HashMap<&'static str, bool>>,
     /// It saw a connection-level error: never hand it out again.
     lost: AtomicBool,
 }
@@ -221,6 +227,32 @@ impl AdminConn {
             .unwrap_or_else(|e| e.into_inner())
             .insert(sql, s.clone());
         Ok(s)
+    }
+
+    /// Runs `setup` (session objects, e.g. `pg_temp` functions) once on this
+    /// connection: `Ok(true)` once it ran, `Ok(false)` if the server refused
+    /// it for lack of privilege (remembered, not tried again on this
+    /// connection), any other error as is (tried again next time).
+    pub(crate) async fn session(&self, setup: &'static str) -> Result<bool, tokio_postgres::Error> {
+        let known = self
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(setup)
+            .copied();
+        if let Some(took) = known {
+            return Ok(took);
+        }
+        let took = match self.client.batch_execute(setup).await {
+            Ok(()) => true,
+            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => false,
+            Err(e) => return Err(e),
+        };
+        self.session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(setup, took);
+        Ok(took)
     }
 
     fn cached(&self, sql: &str) -> Option<Statement> {

@@ -35,6 +35,17 @@
 //! [`crate::targets::postgres`]). Issuing again for the same task sets a
 //! fresh password, expiry and membership on the same role.
 //!
+//! The statements run in functions each pooled admin session makes once in
+//! its own `pg_temp` schema ([`SESSION`]), so that the server compiles and
+//! plans them once per session rather than at every task: a task start is
+//! one round trip (`CREATE ROLE ... IN ROLE ...`, the comment and
+//! `application_name`, in one transaction; the role's existence is checked
+//! only when that fails), a revoke one more. An admin that may not make
+//! temporary objects (`TEMP` revoked on the database) gets the same
+//! statements as `DO` blocks and separate round trips. What stays per task
+//! at the server is mostly its check of the verifier against the empty
+//! password, a 4096-round PBKDF2 (see BENCHMARKS.md, issue 15).
+//!
 //! The grant may not reach a role with `SUPERUSER`, `CREATEROLE`,
 //! `REPLICATION` or `BYPASSRLS`, nor `pg_execute_server_program`,
 //! `pg_read_server_files` or `pg_write_server_files`, directly or through
@@ -289,15 +300,21 @@ impl IssuerPlugin for PgIssuerConfig {
     }
 }
 
-/// Makes, for the role named by the session settings `keyturn.*` (set from
-/// bind parameters in the same transaction), everything a task role is:
-/// created when `keyturn.create` is `on` (a role that appeared meanwhile
-/// fails the transaction), LOGIN with the verifier and expiry, member of
-/// exactly the roles in the JSON array `keyturn.roles`, the comment and
-/// `application_name`. Constant text: nothing secret is in any statement
-/// tokio-postgres or the server may log.
-const ISSUE: &str = "DO $keyturn$ \
-DECLARE \
+/// The body of what makes, for the role named by the session settings
+/// `keyturn.*` (set from bind parameters in the same transaction),
+/// everything a task role is: created when `keyturn.create` is `on` (in one
+/// `CREATE ROLE ... IN ROLE`; a role that appeared meanwhile fails the
+/// transaction with `duplicate_object`), else altered: LOGIN with the
+/// verifier and expiry, member of exactly the roles in the JSON array
+/// `keyturn.roles`; then the comment and `application_name`. Constant
+/// text: nothing secret is in any statement tokio-postgres or the server
+/// may log. The same body runs as the session function
+/// `pg_temp.keyturn_task_issue()` ([`SESSION`]: compiled and planned once
+/// per pooled connection) or, where the admin may not make temporary
+/// objects, as a `DO` block ([`ISSUE_DO`], compiled at each call).
+macro_rules! issue_body {
+    () => {
+        "DECLARE \
     r text := current_setting('keyturn.role'); \
     wanted text[] := ARRAY(SELECT json_array_elements_text(current_setting('keyturn.roles')::json)); \
     g text; \
@@ -315,26 +332,122 @@ BEGIN \
             USING ERRCODE = 'invalid_parameter_value'; \
     END IF; \
     IF current_setting('keyturn.create') = 'on' THEN \
-        EXECUTE format('CREATE ROLE %I', r); \
+        EXECUTE format('CREATE ROLE %I WITH LOGIN INHERIT CONNECTION LIMIT %s PASSWORD %L VALID UNTIL %L%s', \
+            r, current_setting('keyturn.limit')::int, current_setting('keyturn.verifier'), \
+            current_setting('keyturn.until'), \
+            (SELECT coalesce(' IN ROLE ' || string_agg(quote_ident(w), ', '), '') FROM unnest(wanted) w)); \
+    ELSE \
+        EXECUTE format('ALTER ROLE %I WITH LOGIN INHERIT CONNECTION LIMIT %s PASSWORD %L VALID UNTIL %L', \
+            r, current_setting('keyturn.limit')::int, current_setting('keyturn.verifier'), \
+            current_setting('keyturn.until')); \
+        FOR g IN SELECT b.rolname FROM pg_auth_members m \
+                 JOIN pg_roles b ON b.oid = m.roleid JOIN pg_roles t ON t.oid = m.member \
+                 WHERE t.rolname = r AND b.rolname <> ALL (wanted) LOOP \
+            EXECUTE format('REVOKE %I FROM %I', g, r); \
+        END LOOP; \
+        FOREACH g IN ARRAY wanted LOOP \
+            IF NOT EXISTS (SELECT 1 FROM pg_auth_members m \
+                           JOIN pg_roles b ON b.oid = m.roleid JOIN pg_roles t ON t.oid = m.member \
+                           WHERE t.rolname = r AND b.rolname = g) THEN \
+                EXECUTE format('GRANT %I TO %I', g, r); \
+            END IF; \
+        END LOOP; \
     END IF; \
-    EXECUTE format('ALTER ROLE %I WITH LOGIN INHERIT CONNECTION LIMIT %s PASSWORD %L VALID UNTIL %L', \
-        r, current_setting('keyturn.limit')::int, current_setting('keyturn.verifier'), \
-        current_setting('keyturn.until')); \
-    FOR g IN SELECT b.rolname FROM pg_auth_members m \
-             JOIN pg_roles b ON b.oid = m.roleid JOIN pg_roles t ON t.oid = m.member \
-             WHERE t.rolname = r AND b.rolname <> ALL (wanted) LOOP \
-        EXECUTE format('REVOKE %I FROM %I', g, r); \
-    END LOOP; \
-    FOREACH g IN ARRAY wanted LOOP \
-        IF NOT EXISTS (SELECT 1 FROM pg_auth_members m \
-                       JOIN pg_roles b ON b.oid = m.roleid JOIN pg_roles t ON t.oid = m.member \
-                       WHERE t.rolname = r AND b.rolname = g) THEN \
-            EXECUTE format('GRANT %I TO %I', g, r); \
-        END IF; \
-    END LOOP; \
     EXECUTE format('COMMENT ON ROLE %I IS %L', r, current_setting('keyturn.comment')); \
     EXECUTE format('ALTER ROLE %I SET application_name = %L', r, current_setting('keyturn.app')); \
-END $keyturn$";
+END"
+    };
+}
+
+/// [`issue_body`] as an anonymous block: where the admin may not make the
+/// session functions.
+const ISSUE_DO: &str = concat!("DO $keyturn$ ", issue_body!(), " $keyturn$");
+
+/// Made once per pooled admin connection ([`AdminConn::session`]), in its
+/// own `pg_temp` schema (gone with the session; no other role can make or
+/// change objects there), so that PostgreSQL compiles them and plans their
+/// queries once per session, not at each task:
+/// - `keyturn_task_issue(role, create, verifier, until, limit, roles,
+///   comment, app)`: sets the `keyturn.*` settings (transaction-local) from
+///   its arguments, then runs [`issue_body`]: one statement, its own
+///   transaction;
+/// - `keyturn_task_mark(comment, task)`: whether a role's comment carries
+///   keyturn's mark for `task`: it starts as keyturn writes it (the fast
+///   path), or it is JSON with the mark, as [`foreign`] decides;
+/// - `keyturn_task_disable(role, task)`: `NOLOGIN PASSWORD NULL` on the
+///   task's role; `absent`, `foreign` (left alone) or `disabled`;
+/// - `keyturn_task_drop(role, task, wait_ms)`: for a task role that cannot
+///   log in, ends its sessions (waiting up to `wait_ms` for each to exit,
+///   PostgreSQL 14 and later) and, when none is left, drops it: `(state,
+///   terminated, alive)`, state `absent`, `foreign`, `enabled` (still
+///   LOGIN: not touched), `alive` (sessions outlived the wait: not dropped)
+///   or `dropped`. A role that still owns objects fails it with
+///   `dependent_objects_still_exist`.
+///
+/// `disable` and `drop` are two statements, so that `NOLOGIN` is committed
+/// before the sessions are ended and none can come back.
+const SESSION: &str = concat!(
+    "CREATE OR REPLACE FUNCTION pg_temp.keyturn_task_issue(p_role text, p_create text, \
+        p_verifier text, p_until text, p_limit text, p_roles text, p_comment text, p_app text) \
+    RETURNS void LANGUAGE plpgsql AS $keyturn$ \
+BEGIN \
+    PERFORM set_config('keyturn.role', p_role, true), set_config('keyturn.create', p_create, true), \
+        set_config('keyturn.verifier', p_verifier, true), set_config('keyturn.until', p_until, true), \
+        set_config('keyturn.limit', p_limit, true), set_config('keyturn.roles', p_roles, true), \
+        set_config('keyturn.comment', p_comment, true), set_config('keyturn.app', p_app, true); \
+    ",
+    issue_body!(),
+    "; \
+END $keyturn$; \
+CREATE OR REPLACE FUNCTION pg_temp.keyturn_task_mark(c text, task text) RETURNS boolean \
+LANGUAGE plpgsql AS $keyturn$ \
+DECLARE v json; \
+BEGIN \
+    IF c IS NULL THEN RETURN false; END IF; \
+    IF starts_with(c, '{\"keyturn\":\"task\",\"task_id\":' || to_json(task)::text || ',') THEN \
+        RETURN true; \
+    END IF; \
+    BEGIN v := c::json; EXCEPTION WHEN others THEN RETURN false; END; \
+    RETURN coalesce(json_typeof(v) = 'object' \
+        AND json_typeof(v->'keyturn') = 'string' AND v->>'keyturn' = 'task' \
+        AND json_typeof(v->'task_id') = 'string' AND v->>'task_id' = task, false); \
+END $keyturn$; \
+CREATE OR REPLACE FUNCTION pg_temp.keyturn_task_disable(r text, task text) RETURNS text \
+LANGUAGE plpgsql AS $keyturn$ \
+DECLARE c text; \
+BEGIN \
+    SELECT shobj_description(oid, 'pg_authid') INTO c FROM pg_roles WHERE rolname = r; \
+    IF NOT FOUND THEN RETURN 'absent'; END IF; \
+    IF NOT pg_temp.keyturn_task_mark(c, task) THEN RETURN 'foreign'; END IF; \
+    EXECUTE format('ALTER ROLE %I WITH NOLOGIN PASSWORD NULL', r); \
+    RETURN 'disabled'; \
+END $keyturn$; \
+CREATE OR REPLACE FUNCTION pg_temp.keyturn_task_drop(r text, task text, wait_ms bigint, \
+    OUT state text, OUT terminated int, OUT alive int) \
+LANGUAGE plpgsql AS $keyturn$ \
+DECLARE o oid; c text; login boolean; p int; \
+    waits boolean := current_setting('server_version_num')::int >= 140000; \
+BEGIN \
+    terminated := 0; alive := 0; \
+    SELECT oid, shobj_description(oid, 'pg_authid'), rolcanlogin INTO o, c, login \
+        FROM pg_roles WHERE rolname = r; \
+    IF NOT FOUND THEN state := 'absent'; RETURN; END IF; \
+    IF NOT pg_temp.keyturn_task_mark(c, task) THEN state := 'foreign'; RETURN; END IF; \
+    IF login THEN state := 'enabled'; RETURN; END IF; \
+    FOR p IN SELECT a.pid FROM pg_stat_activity a \
+             WHERE a.usesysid = o AND a.pid <> pg_backend_pid() LOOP \
+        terminated := terminated + 1; \
+        IF waits THEN \
+            IF NOT pg_terminate_backend(p, wait_ms) THEN alive := alive + 1; END IF; \
+        ELSE \
+            PERFORM pg_terminate_backend(p); \
+        END IF; \
+    END LOOP; \
+    IF alive > 0 THEN state := 'alive'; RETURN; END IF; \
+    EXECUTE format('DROP ROLE %I', r); \
+    state := 'dropped'; \
+END $keyturn$"
+);
 
 /// The task's role at one server.
 #[derive(Debug)]
@@ -369,6 +482,10 @@ impl PgIssuer {
         Ok(format!("{}{task_id}", self.c.role_prefix()))
     }
 
+    /// Issues on `conn`: first as a new role (the task's role, named after
+    /// a fresh task id, almost never exists: one round trip); when it does
+    /// exist (issuing again, or someone else's), checks keyturn's mark and
+    /// alters it.
     async fn issue_on(
         &self,
         conn: &AdminConn,
@@ -376,54 +493,22 @@ impl PgIssuer {
         settings: &IssueSettings<'_>,
         ctx: &str,
     ) -> Result<(), PluginError> {
-        let create = match role_comment(conn, role, ctx).await? {
-            None => "on",
-            Some(row) => {
-                foreign(row.get(0), settings.task_id, role, ctx)?;
-                "off"
-            }
-        };
         let fail = |e: tokio_postgres::Error| {
             conn.error(ctx, &e, &[settings.password, settings.verifier.as_bytes()])
         };
-        let set = conn
-            .prepared(
-                "SELECT set_config('keyturn.role', $1, true), \
-                        set_config('keyturn.create', $2, true), \
-                        set_config('keyturn.verifier', $3, true), \
-                        set_config('keyturn.until', $4, true), \
-                        set_config('keyturn.limit', $5, true), \
-                        set_config('keyturn.roles', $6, true), \
-                        set_config('keyturn.comment', $7, true), \
-                        set_config('keyturn.app', $8, true)",
-            )
-            .await
-            .map_err(fail)?;
-        // One transaction, pipelined (one round trip); on an error the rest
-        // is rejected and COMMIT rolls back, so the pooled session is idle
-        // again, and the settings, transaction-local, are gone.
-        let client = &conn.client;
-        let hidden = Hidden(settings.verifier);
-        let params: [&(dyn ToSql + Sync); 8] = [
-            &role,
-            &create,
-            &hidden,
-            &settings.until,
-            &settings.limit,
-            &settings.roles,
-            &settings.comment,
-            &settings.app,
-        ];
-        let (begin, set, run, commit) = tokio::join!(
-            client.batch_execute("BEGIN"),
-            client.execute(&set, &params),
-            client.batch_execute(ISSUE),
-            client.batch_execute("COMMIT"),
-        );
-        begin.map_err(fail)?;
-        set.map_err(fail)?;
-        run.map_err(fail)?;
-        commit.map_err(fail)
+        match run_issue(conn, role, settings, true).await {
+            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+            other => return other.map_err(fail),
+        }
+        let create = match role_comment(conn, role, ctx).await? {
+            // Dropped meanwhile.
+            None => true,
+            Some(row) => {
+                foreign(row.get(0), settings.task_id, role, ctx)?;
+                false
+            }
+        };
+        run_issue(conn, role, settings, create).await.map_err(fail)
     }
 
     async fn revoke_on(
@@ -433,21 +518,34 @@ impl PgIssuer {
         task: &TaskAttribution,
         ctx: &str,
     ) -> Result<Revoked, PluginError> {
-        let Some(row) = role_comment(conn, role, ctx).await? else {
-            return Ok(Revoked::Now);
-        };
-        foreign(row.get(0), &task.task_id, role, ctx)?;
-        let q = quote_ident(role);
-        // NOLOGIN first, so the sessions ended next cannot come back.
-        conn.client
-            .batch_execute(&format!("ALTER ROLE {q} WITH NOLOGIN PASSWORD NULL"))
+        let functions = conn
+            .session(SESSION)
             .await
             .map_err(|e| conn.error(ctx, &e, &[]))?;
-        let terminated =
-            terminate_sessions(conn, &[role.to_owned()], self.admin.connect_timeout, ctx).await?;
-        // Most task roles own nothing: try the plain drop first, as it
-        // needs no more than CREATEROLE.
-        let mut dropped = conn.client.batch_execute(&format!("DROP ROLE {q}")).await;
+        let q = quote_ident(role);
+        let (terminated, mut dropped) = if functions {
+            let Some(done) = self.disable_and_drop(conn, role, task, ctx).await? else {
+                return Ok(Revoked::Now);
+            };
+            done
+        } else {
+            let Some(row) = role_comment(conn, role, ctx).await? else {
+                return Ok(Revoked::Now);
+            };
+            foreign(row.get(0), &task.task_id, role, ctx)?;
+            // NOLOGIN first, so the sessions ended next cannot come back.
+            conn.client
+                .batch_execute(&format!("ALTER ROLE {q} WITH NOLOGIN PASSWORD NULL"))
+                .await
+                .map_err(|e| conn.error(ctx, &e, &[]))?;
+            let terminated =
+                terminate_sessions(conn, &[role.to_owned()], self.admin.connect_timeout, ctx)
+                    .await?;
+            // Most task roles own nothing: try the plain drop first, as it
+            // needs no more than CREATEROLE.
+            let dropped = conn.client.batch_execute(&format!("DROP ROLE {q}")).await;
+            (Some(terminated), dropped)
+        };
         if let Err(e) = &dropped
             && e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST)
         {
@@ -480,6 +578,70 @@ impl PgIssuer {
             Err(e) => return Err(conn.error(ctx, &e, &[])),
         }
         Ok(Revoked::Now)
+    }
+
+    /// `keyturn_task_disable` then `keyturn_task_drop` ([`SESSION`]),
+    /// pipelined: one round trip. `None`: the role does not exist (revoked);
+    /// else the sessions ended (when known) and the drop's outcome, for
+    /// [`Self::revoke_on`] to finish.
+    async fn disable_and_drop(
+        &self,
+        conn: &AdminConn,
+        role: &str,
+        task: &TaskAttribution,
+        ctx: &str,
+    ) -> Result<Option<(Option<usize>, Result<(), tokio_postgres::Error>)>, PluginError> {
+        let (disable, drop) = async {
+            let disable = conn
+                .prepared("SELECT pg_temp.keyturn_task_disable($1, $2)")
+                .await?;
+            let drop = conn
+                .prepared(
+                    "SELECT state, terminated, alive FROM pg_temp.keyturn_task_drop($1, $2, $3)",
+                )
+                .await?;
+            Ok((disable, drop))
+        }
+        .await
+        .map_err(|e: tokio_postgres::Error| conn.error(ctx, &e, &[]))?;
+        let wait_ms = i64::try_from(self.admin.connect_timeout.as_millis()).unwrap_or(i64::MAX);
+        let disable_params: [&(dyn ToSql + Sync); 2] = [&role, &task.task_id];
+        let drop_params: [&(dyn ToSql + Sync); 3] = [&role, &task.task_id, &wait_ms];
+        let (disabled, ended) = tokio::join!(
+            conn.client.query_one(&disable, &disable_params),
+            conn.client.query_one(&drop, &drop_params),
+        );
+        let disabled: String = disabled.map_err(|e| conn.error(ctx, &e, &[]))?.get(0);
+        match disabled.as_str() {
+            "absent" => return Ok(None),
+            "foreign" => return Err(foreign_role(&task.task_id, role, ctx)),
+            _ => {}
+        }
+        let row = match ended {
+            Ok(row) => row,
+            // The sessions were ended (that is not undone), the drop failed.
+            Err(e) if e.as_db_error().is_some() => return Ok(Some((None, Err(e)))),
+            Err(e) => return Err(conn.error(ctx, &e, &[])),
+        };
+        let (state, terminated, alive): (String, i32, i32) = (row.get(0), row.get(1), row.get(2));
+        match state.as_str() {
+            "dropped" => Ok(Some((usize::try_from(terminated).ok(), Ok(())))),
+            "absent" => Ok(None),
+            "alive" => Err(PluginError::new(
+                ErrorKind::Transient,
+                format!(
+                    "{ctx}: {alive} session(s) of {role:?} still alive after pg_terminate_backend"
+                ),
+            )),
+            // Changed between the two statements (its mark, or LOGIN
+            // given back): the next attempt looks again.
+            other => Err(PluginError::new(
+                ErrorKind::Transient,
+                format!(
+                    "{ctx}: role {role:?} changed while it was being revoked ({other}); trying again"
+                ),
+            )),
+        }
     }
 
     async fn verify_on(
@@ -527,6 +689,61 @@ impl PgIssuer {
     }
 }
 
+/// One attempt at the issuance, in one transaction: a call of the session
+/// function (one statement), or, without it, the settings and the `DO`
+/// block between BEGIN and COMMIT, pipelined (one round trip; on an error
+/// the rest is rejected and COMMIT rolls back, so the pooled session is
+/// idle again, and the settings, transaction-local, are gone). `create`:
+/// as a new role.
+async fn run_issue(
+    conn: &AdminConn,
+    role: &str,
+    settings: &IssueSettings<'_>,
+    create: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let client = &conn.client;
+    let create = if create { "on" } else { "off" };
+    let hidden = Hidden(settings.verifier);
+    let params: [&(dyn ToSql + Sync); 8] = [
+        &role,
+        &create,
+        &hidden,
+        &settings.until,
+        &settings.limit,
+        &settings.roles,
+        &settings.comment,
+        &settings.app,
+    ];
+    if conn.session(SESSION).await? {
+        let call = conn
+            .prepared("SELECT pg_temp.keyturn_task_issue($1, $2, $3, $4, $5, $6, $7, $8)")
+            .await?;
+        return client.execute(&call, &params).await.map(drop);
+    }
+    let set = conn
+        .prepared(
+            "SELECT set_config('keyturn.role', $1, true), \
+                    set_config('keyturn.create', $2, true), \
+                    set_config('keyturn.verifier', $3, true), \
+                    set_config('keyturn.until', $4, true), \
+                    set_config('keyturn.limit', $5, true), \
+                    set_config('keyturn.roles', $6, true), \
+                    set_config('keyturn.comment', $7, true), \
+                    set_config('keyturn.app', $8, true)",
+        )
+        .await?;
+    let (begin, set, run, commit) = tokio::join!(
+        client.batch_execute("BEGIN"),
+        client.execute(&set, &params),
+        client.batch_execute(ISSUE_DO),
+        client.batch_execute("COMMIT"),
+    );
+    begin?;
+    set?;
+    run?;
+    commit
+}
+
 /// What one issuance sets, besides the role's name.
 struct IssueSettings<'a> {
     task_id: &'a str,
@@ -552,14 +769,19 @@ fn foreign(
     if ours {
         return Ok(());
     }
-    Err(PluginError::new(
+    Err(foreign_role(task_id, role, ctx))
+}
+
+/// The error for a role with a task's name that is not keyturn's.
+fn foreign_role(task_id: &str, role: &str, ctx: &str) -> PluginError {
+    PluginError::new(
         ErrorKind::Invalid,
         format!(
             "{ctx}: role {role:?} exists but is not keyturn's role for task {task_id} (its comment \
              lacks keyturn's task mark); keyturn leaves someone else's role alone. Rename or drop \
              it, or change the issuer's role_prefix"
         ),
-    ))
+    )
 }
 
 /// The role's comment: keyturn's mark and the task's whole attribution.
@@ -1063,6 +1285,26 @@ mod tests {
         }
     }
 
+    /// `keyturn_task_mark`'s fast path expects the comment to start as
+    /// keyturn writes it; any other start takes its JSON path.
+    #[test]
+    fn the_comment_starts_with_the_mark_and_the_task_id() {
+        let t = attribution("0123456789abcdef01234567");
+        let c = serde_json::to_string(&Comment {
+            keyturn: TASK_MARK,
+            task: &t,
+            expires_at: "2030-01-01T00:00:00Z",
+        })
+        .unwrap();
+        assert!(
+            c.starts_with(r#"{"keyturn":"task","task_id":"0123456789abcdef01234567","#),
+            "{c}"
+        );
+        assert!(SESSION.contains(
+            r#"starts_with(c, '{"keyturn":"task","task_id":' || to_json(task)::text || ',')"#
+        ));
+    }
+
     #[test]
     fn application_name_is_safe_and_fits() {
         let mut t = attribution("abc123");
@@ -1270,6 +1512,21 @@ mod tests {
                     "SELECT coalesce(array_agg(b.rolname::text ORDER BY b.rolname), '{}') \
                      FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.roleid \
                      JOIN pg_roles t ON t.oid = m.member WHERE t.rolname = $1",
+                    &[&role],
+                )
+                .await
+                .unwrap()
+                .get(0)
+        }
+
+        /// The issuer's session functions that `role`'s sessions made.
+        async fn session_functions_of(&self, role: &str) -> i64 {
+            self.admin()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_proc p JOIN pg_roles o ON o.oid = p.proowner \
+                     WHERE o.rolname = $1 AND p.proname LIKE 'keyturn\\_task\\_%' \
+                     AND p.pronamespace::regnamespace::text LIKE 'pg\\_temp\\_%'",
                     &[&role],
                 )
                 .await
@@ -1780,6 +2037,8 @@ mod tests {
         issuer.check().await.unwrap();
         let task = fx.task("notsuper");
         let got = fx.issue(&issuer, &task, &[fx.low()], TTL).await.unwrap();
+        // Through the session functions, made by the admin in its session.
+        assert_eq!(fx.session_functions_of(&admin).await, 4);
         let c = fx.login(&got).await.unwrap();
         assert!(fx.reads(&c, "a").await);
         assert!(!fx.reads(&c, "b").await);
@@ -1790,6 +2049,61 @@ mod tests {
         );
         assert!(!fx.role_exists(&got.handle).await);
         assert!(issuer.verify_revoked(&task, None).await.unwrap());
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn an_admin_that_may_not_make_temporary_objects_issues_and_revokes_the_same() {
+        let fx = Fx::new().await;
+        let admin = format!("kt_adm_{}", fx.sfx);
+        let db = format!("kt_notemp_{}", fx.sfx);
+        let su = fx.admin().await;
+        su.batch_execute(&format!(
+            "CREATE ROLE {admin} LOGIN CREATEROLE PASSWORD 'adm-pw-1'; \
+             GRANT pg_signal_backend TO {admin}"
+        ))
+        .await
+        .unwrap();
+        su.batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        su.batch_execute(&format!("REVOKE TEMP ON DATABASE {db} FROM PUBLIC"))
+            .await
+            .unwrap();
+        std::fs::write(
+            fx.dsn_file(),
+            format!(
+                "host={} port={} user={admin} password=adm-pw-1 dbname={db}",
+                fx.host, fx.port
+            ),
+        )
+        .unwrap();
+        let issuer = fx.issuer();
+        let task = fx.task("notemp");
+        let got = fx.issue(&issuer, &task, &[fx.low()], TTL).await.unwrap();
+        assert_eq!(got.public["dbname"], db);
+        let c = fx.login(&got).await.unwrap();
+        assert!(fx.reads(&c, "a").await);
+        assert!(!fx.reads(&c, "b").await);
+        // Issuing again alters the role: exactly the new grant.
+        let again = fx.issue(&issuer, &task, &[fx.high()], TTL).await.unwrap();
+        assert_eq!(fx.member_of(&again.handle).await, vec![fx.high()]);
+        // The server refused the session functions: DO blocks did it.
+        assert_eq!(fx.session_functions_of(&admin).await, 0);
+        assert_eq!(issuer.revoke(&task, None).await.unwrap(), Revoked::Now);
+        assert!(
+            c.simple_query("SELECT 1").await.is_err(),
+            "the session survived"
+        );
+        assert!(!fx.role_exists(&got.handle).await);
+        assert!(issuer.verify_revoked(&task, None).await.unwrap());
+        drop(issuer);
+        su.batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+            .await
+            .unwrap();
     }
 
     #[cfg_attr(
