@@ -719,6 +719,27 @@ async fn attacks_on_the_subject_token_are_refused() {
             subject_with(&h, json!({}), json!({"iss": ISSUER})),
         ),
     ];
+    // Duplicate JSON members: a second `sub` a lax parser would take.
+    let dup_claims = format!(
+        r#"{{"iss":"{IDP}","sub":"alice@example.com","sub":"admin@example.com","aud":"keyturn","exp":{},"iat":{},"scope":"read:reports"}}"#,
+        now() + 600,
+        now()
+    );
+    let dup = {
+        let msg = format!(
+            "{}.{}",
+            b64(br#"{"alg":"EdDSA","typ":"at+jwt","kid":"idp-1"}"#),
+            b64(dup_claims.as_bytes())
+        );
+        let sig = jsonwebtoken::crypto::sign(msg.as_bytes(), &h.idp, Algorithm::EdDSA).unwrap();
+        format!("{msg}.{sig}")
+    };
+    let mut cases = cases;
+    cases.push(("duplicate JSON members", dup));
+    cases.push((
+        "an oversized token",
+        subject_with(&h, json!({}), json!({"pad": "x".repeat(40_000)})),
+    ));
     for (what, token) in cases {
         let mut f = request(&h);
         set(&mut f, "subject_token", &token);
@@ -813,6 +834,24 @@ async fn attacks_on_the_exchange_are_refused() {
                     "reporter",
                     json!({}),
                     json!({"exp": now() - 120})
+                )
+            )
+        )
+        .await,
+        "invalid_client"
+    );
+    // Lifetime inflation: an assertion valid for an hour.
+    assert_eq!(
+        code_of(
+            &h,
+            with(
+                "client_assertion",
+                assertion_with(
+                    &h,
+                    "reporter",
+                    "reporter",
+                    json!({}),
+                    json!({"exp": now() + 3600})
                 )
             )
         )
