@@ -134,8 +134,8 @@ pub struct TokenService {
     /// and each agent's accepted keys (read again at once when an assertion
     /// does not verify with the cached keys: a key just rotated).
     cache_for: std::time::Duration,
-    versions_cache: Mutex<Option<(std::time::Instant, Arc<Vec<VersionRow>>)>>,
-    keys_cache: Mutex<std::collections::HashMap<String, (std::time::Instant, Arc<Vec<AgentKey>>)>>,
+    versions_cache: Mutex<Option<Cached<Vec<VersionRow>>>>,
+    keys_cache: Mutex<std::collections::HashMap<String, Cached<Vec<AgentKey>>>>,
     /// What the ledger holds of each key's use: a write records `exp` plus
     /// `max_ttl`, so one write covers every token signed in the next
     /// `max_ttl`.
@@ -145,6 +145,9 @@ pub struct TokenService {
 /// How long state reads are reused (at thousands of requests a second, each
 /// would otherwise queue behind the state writer).
 const CACHE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A state read and when it was made.
+type Cached<T> = (std::time::Instant, Arc<T>);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
