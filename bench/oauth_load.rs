@@ -17,6 +17,7 @@
 //!      answer must be 200;
 //!   3. open loop at half that rate: p50/p99 of each request, sent on a
 //!      schedule (latency counts from the scheduled time, so a stall shows).
+//!
 //! Then introspections per second (closed loop) of an issued token.
 //!
 //! The machine has 2 cores and this load generator runs on them too: the
