@@ -110,3 +110,18 @@ pub(crate) async fn died(pid: i32) -> bool {
     }
     gone()
 }
+
+/// An Ed25519 keypair as the generator makes it: PKCS#8 PEM private, SPKI
+/// PEM public.
+pub(crate) struct Pair {
+    pub private: SecretValue,
+    pub public: String,
+}
+
+pub(crate) fn pair() -> Pair {
+    let g = crate::generators::generate(&crate::config::GeneratorConfig::Ed25519).unwrap();
+    Pair {
+        private: g.value,
+        public: g.public.unwrap(),
+    }
+}

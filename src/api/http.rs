@@ -189,59 +189,66 @@ fn form_content_type(headers: &HeaderMap) -> Option<Response> {
     }))
 }
 
-async fn token_handler(
-    State(state): State<AppState>,
-    axum::Extension(Peer(peer)): axum::Extension<Peer>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+/// The token service's POST endpoints.
+#[derive(Clone, Copy)]
+enum OauthPost {
+    Token,
+    Introspect,
+    Revoke,
+}
+
+type OauthArgs = (State<AppState>, axum::Extension<Peer>, HeaderMap, Bytes);
+
+/// A form POST to the token service: 404 when it is not configured, 400
+/// for another content type, else the service's answer; each counted.
+async fn oauth_post(which: OauthPost, args: OauthArgs) -> Response {
+    let (State(state), axum::Extension(Peer(peer)), headers, body) = args;
     let Some(oauth) = state.oauth else {
         return StatusCode::NOT_FOUND.into_response();
     };
+    let name = match which {
+        OauthPost::Token => "token",
+        OauthPost::Introspect => "introspect",
+        OauthPost::Revoke => "revoke",
+    };
     if let Some(r) = form_content_type(&headers) {
-        state.metrics.oauth_request("token", "invalid_request");
+        state.metrics.oauth_request(name, "invalid_request");
         return r;
     }
-    counted(
-        &state.metrics,
-        "token",
-        oauth.token(&body, &peer.to_string()).await,
-    )
+    let peer = peer.to_string();
+    let reply = match which {
+        OauthPost::Token => oauth.token(&body, &peer).await,
+        OauthPost::Introspect => oauth.introspect(&body).await,
+        OauthPost::Revoke => oauth.revoke(&body, &peer).await,
+    };
+    counted(&state.metrics, name, reply)
+}
+
+async fn token_handler(
+    s: State<AppState>,
+    p: axum::Extension<Peer>,
+    h: HeaderMap,
+    b: Bytes,
+) -> Response {
+    oauth_post(OauthPost::Token, (s, p, h, b)).await
 }
 
 async fn introspect_handler(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
+    s: State<AppState>,
+    p: axum::Extension<Peer>,
+    h: HeaderMap,
+    b: Bytes,
 ) -> Response {
-    let Some(oauth) = state.oauth else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    if let Some(r) = form_content_type(&headers) {
-        state.metrics.oauth_request("introspect", "invalid_request");
-        return r;
-    }
-    counted(&state.metrics, "introspect", oauth.introspect(&body).await)
+    oauth_post(OauthPost::Introspect, (s, p, h, b)).await
 }
 
 async fn revoke_handler(
-    State(state): State<AppState>,
-    axum::Extension(Peer(peer)): axum::Extension<Peer>,
-    headers: HeaderMap,
-    body: Bytes,
+    s: State<AppState>,
+    p: axum::Extension<Peer>,
+    h: HeaderMap,
+    b: Bytes,
 ) -> Response {
-    let Some(oauth) = state.oauth else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    if let Some(r) = form_content_type(&headers) {
-        state.metrics.oauth_request("revoke", "invalid_request");
-        return r;
-    }
-    counted(
-        &state.metrics,
-        "revoke",
-        oauth.revoke(&body, &peer.to_string()).await,
-    )
+    oauth_post(OauthPost::Revoke, (s, p, h, b)).await
 }
 
 async fn jwks_handler(State(state): State<AppState>) -> Response {

@@ -13,7 +13,6 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 use super::assertion::{AgentKey, AssertionError, Verifier};
-use crate::config::GeneratorConfig;
 use crate::model::{AgentId, CredentialId, CredentialKey, RotationId, SecretValue, Stage};
 use crate::state::VersionRow;
 use crate::tasks::store::TaskStore;
@@ -21,20 +20,7 @@ use crate::tasks::store::TaskStore;
 const AUD: &str = "keyturn";
 const AGENT: &str = "invoice-bot";
 
-/// An Ed25519 keypair as the generator makes it: PKCS#8 PEM private, SPKI
-/// PEM public.
-struct Pair {
-    private: SecretValue,
-    public: String,
-}
-
-fn pair() -> Pair {
-    let g = crate::generators::generate(&GeneratorConfig::Ed25519).unwrap();
-    Pair {
-        private: g.value,
-        public: g.public.unwrap(),
-    }
-}
+use crate::test_support::{Pair, pair};
 
 fn now() -> i64 {
     i64::try_from(jsonwebtoken::get_current_timestamp()).unwrap()

@@ -23,7 +23,6 @@ use super::service::{Backend, TokenLedger, TokenService};
 use super::subject::{SubjectIssuer, SubjectTokens};
 use crate::audit::{AuditEvent, Outcome};
 use crate::auth::AgentKey;
-use crate::config::GeneratorConfig;
 use crate::model::{AgentId, CredentialId, CredentialKey, RotationId, SecretValue, Stage};
 use crate::state::VersionRow;
 use crate::tasks::store::TaskStore;
@@ -36,18 +35,7 @@ const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 const GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
-struct Pair {
-    private: SecretValue,
-    public: String,
-}
-
-fn pair() -> Pair {
-    let g = crate::generators::generate(&GeneratorConfig::Ed25519).unwrap();
-    Pair {
-        private: g.value,
-        public: g.public.unwrap(),
-    }
-}
+use crate::test_support::{Pair, pair};
 
 fn now() -> i64 {
     i64::try_from(jsonwebtoken::get_current_timestamp()).unwrap()
