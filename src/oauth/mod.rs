@@ -3,27 +3,30 @@
 //! human's and the agent's permissions, recording both (`sub` = the human,
 //! `act` = the agent).
 //!
-//! What it will be: `POST /oauth/token` on the HTTP listener taking the
-//! human's *subject token* (a JWT access token from a configured identity
-//! provider) and the agent's authentication (RFC 7523, `crate::auth` once
-//! it lands), and issuing an RFC 9068 `at+jwt` signed with a rotated keyturn
-//! key, with JWKS, metadata, introspection and revocation endpoints.
+//! Served on the HTTP listener ([`service`], routed by `crate::api::http`):
+//! `POST /oauth/token` takes the human's *subject token* (a JWT access token
+//! from a configured identity provider) and the agent's `private_key_jwt`
+//! assertions (`crate::auth`), and issues an RFC 9068 `at+jwt` signed with
+//! a rotated keyturn key; JWKS, RFC 8414 metadata, introspection (RFC 7662)
+//! and revocation (RFC 7009) beside it.
 //!
-//! What exists now: the first half of that, validating subject tokens.
-//! - [`config`]      `[token_service.subject_issuers.NAME]`: issuer, audience,
-//!   pinned algorithms, JWKS file or URL, refresh, skew, `typ`, tenant
+//! - [`config`]      `[token_service]` and `[token_service.subject_issuers.NAME]`:
+//!   issuer, audience, pinned algorithms, JWKS file or URL, refresh, skew,
+//!   `typ`, tenant; the signing credential and the clients
 //! - [`jwks`]        an issuer's key set: by `kid`, refreshed on a schedule and
 //!   (rate-limited) on an unknown `kid`, the old set kept when a load fails
 //! - [`subject`]     `validate(token) -> Subject`: every check, each refusal a
 //!   [`subject::SubjectError`] with its OAuth error code
 //! - [`strict_json`] JSON that refuses duplicate members (headers, claims, key sets)
-//! - [`request`]     the form body of `POST /oauth/token` parsed (not yet served)
+//! - [`request`]     the form body of `POST /oauth/token` parsed
 //! - [`exchange`]    the exchange as a pure function: validated subject, agent,
 //!   request and client policy in; a signed `at+jwt` or the OAuth error out
+//! - [`service`]     the endpoints: client and actor authentication, single-use
+//!   `jti`s, the signing key from its vault, published keys, introspection,
+//!   revocation, the audit; the daemon's part behind [`service::Backend`]
 //!
-//! The config is parsed and checked by `keyturn check` and at start; the
-//! daemon does not build [`subject::SubjectTokens`] yet, as nothing serves
-//! the token endpoint.
+//! The daemon builds it at start when `[token_service]` is configured and
+//! `[daemon] listen` is set (changes take effect at a restart).
 
 pub mod config;
 pub mod exchange;

@@ -1,6 +1,5 @@
 //! The body of `POST /oauth/token` (`application/x-www-form-urlencoded`)
-//! parsed into an RFC 8693 request, before any token is looked at. Not yet
-//! served (the endpoint is the next increment).
+//! parsed into an RFC 8693 request, before any token is looked at.
 //!
 //! - `grant_type` other than token exchange: `unsupported_grant_type`;
 //! - a single-valued parameter twice (RFC 6749 3.2), a missing

@@ -328,8 +328,6 @@ impl TokenService {
         s
     }
 
-    /// The versions whose public keys are published: current, previous and
-    /// any other (not pending) version that signed a token not yet expired.
     /// The signing credential's versions, from the cache when fresh.
     async fn signing_versions(&self) -> Result<Arc<Vec<VersionRow>>, String> {
         if let Some((at, v)) = &*lock(&self.versions_cache)
@@ -364,6 +362,8 @@ impl TokenService {
         Ok((keys, false))
     }
 
+    /// The versions whose public keys are published: current, previous and
+    /// any other (not pending) version that signed a token not yet expired.
     async fn published(&self, now: i64) -> Result<Vec<AgentKey>, String> {
         let versions = self.signing_versions().await?;
         let mut keys = AgentKey::accepted(&versions);
