@@ -10,7 +10,7 @@
 //! - [`rotation`]   the persisted rotation state machine and its engine; resume after crash;
 //!   follow mode (delivering what another keyturn rotates)
 //! - [`targets`]    trait `Target` + `postgres`, `command` (apply and test a new value where it is used)
-//! - [`oauth`]      the token service (RFC 8693), so far: validating the human's subject tokens
+//! - [`oauth`]      the token service (RFC 8693 token exchange, introspection, revocation, JWKS) on the HTTP listener
 //! - [`tasks`]      task-scoped credentials: trait `TaskIssuer` (mint and revoke one task's credential at its system)
 //! - [`vaults`]     trait `Vault` + `local` (embedded, encrypted), `hashicorp`, `aws`, `azure`;
 //!   `change_index`, the rotator's record of promotes that followers poll
