@@ -355,6 +355,13 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             .map_err(|e| startup(&format!("cannot listen on {addr}"), &e))?;
         let oauth = match &config.token_service {
             None => None,
+            // The listener has no TLS of its own: tokens cross it in the
+            // clear, so only a loopback address (behind a TLS proxy) serves them.
+            Some(_) if !addr.ip().is_loopback() => {
+                return Err(DaemonError::Startup(format!(
+                    "[token_service] needs [daemon] listen on a loopback address (it is {addr}): the listener has no TLS, and access tokens must not cross the network in the clear; listen on 127.0.0.1 and put a TLS proxy in front"
+                )));
+            }
             Some(ts) => {
                 let subjects = token_subjects(&config)?;
                 subjects.start(&cancel).await;
@@ -712,7 +719,6 @@ impl alerts::AlertRecorder for EngineRecorder {
     }
 }
 
-/// Answers control-socket requests from the engine.
 /// The subject issuers of `[token_service.subject_issuers]`, each with its
 /// key set (loaded by [`crate::oauth::SubjectTokens::start`]).
 fn token_subjects(config: &Config) -> Result<crate::oauth::SubjectTokens, DaemonError> {
@@ -726,6 +732,7 @@ fn token_subjects(config: &Config) -> Result<crate::oauth::SubjectTokens, Daemon
     Ok(crate::oauth::SubjectTokens::new(issuers))
 }
 
+/// Answers control-socket requests from the engine.
 struct Handler {
     engine: Engine,
     revocations: Revocations,

@@ -393,3 +393,22 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
         }
     }
 }
+
+/// The listener has no TLS: a non-loopback `listen` with a token service
+/// is a start-up error that says what to do, not tokens in the clear.
+#[test]
+fn the_token_service_refuses_a_listener_off_loopback() {
+    let port = free_port();
+    let env = Env::with_daemon(&config(port), &format!("listen = \"0.0.0.0:{port}\""));
+    let mut daemon = env.spawn(&[]);
+    let status = daemon
+        .wait_exit(std::time::Duration::from_secs(20))
+        .expect("the daemon refuses to start");
+    assert!(!status.success());
+    let log = daemon.log_text();
+    assert!(
+        log.contains("needs [daemon] listen on a loopback address")
+            && log.contains("put a TLS proxy in front"),
+        "{log}"
+    );
+}

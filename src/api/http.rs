@@ -2,8 +2,9 @@
 //! is up and serving) and `/readyz` (the daemon finished start-up: state
 //! opened, rotations resumed, timers armed — the daemon flips the flag).
 //!
-//! It carries no secret: it is safe to expose to a metrics scraper, though
-//! the default is a loopback address.
+//! Without the token service it carries no secret: it is safe to expose to
+//! a metrics scraper, though the default is a loopback address. With it, it
+//! carries access tokens: keep it on loopback or behind TLS.
 //!
 //! With `[daemon] follow_nudge_key_file`, it also serves
 //! `POST /v1/follow/nudge` ([`FollowNudge`]): a rotating keyturn's
@@ -14,6 +15,12 @@
 //! [`MAX_NUDGE_BODY`] and never logged, and it is trusted only to say
 //! *which* credential to look at: the follower reads the version from its
 //! own vault. Without the key file the route does not exist (404).
+//!
+//! With `[token_service]`, it also serves the token service ([`Routes`],
+//! `crate::oauth::service`): `POST /oauth/token`, `/oauth/introspect`,
+//! `/oauth/revoke`, `GET /.well-known/jwks.json` and
+//! `/.well-known/oauth-authorization-server`. Those answers carry tokens:
+//! never cached, never logged.
 //!
 //! Any local user can connect to it, so it must not let them use up the
 //! daemon's file descriptors (the control socket and every delivery need
@@ -131,8 +138,6 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, routes: Routes) -> 
     })
 }
 
-/// A token-service answer as HTTP: JSON, never cached (RFC 6749 5.1,
-/// RFC 8693 2.2), `WWW-Authenticate` with a 401.
 /// Counts the answer in `keyturn_oauth_requests_total`.
 fn counted(
     metrics: &Metrics,
@@ -147,6 +152,8 @@ fn counted(
     oauth_response(reply)
 }
 
+/// A token-service answer as HTTP: JSON, never cached (RFC 6749 5.1,
+/// RFC 8693 2.2), `WWW-Authenticate` with a 401.
 fn oauth_response(reply: crate::oauth::service::Reply) -> Response {
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut headers = HeaderMap::new();
