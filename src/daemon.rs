@@ -986,6 +986,10 @@ impl crate::oauth::service::Backend for OauthBackend {
         self.tasks.store()
     }
 
+    fn signing_current(&self) -> Option<u64> {
+        self.engine.current_version(&self.signing)
+    }
+
     async fn signing_versions(&self) -> Result<Vec<crate::state::VersionRow>, String> {
         let key = self.signing.clone();
         self.engine

@@ -110,6 +110,9 @@ pub trait Backend: Send + Sync {
     fn token_ledger(&self) -> &dyn TokenLedger;
     /// Every version of the signing credential, as state has them.
     async fn signing_versions(&self) -> Result<Vec<VersionRow>, String>;
+    /// The signing credential's current version, from memory (cheap): a
+    /// change makes the service read the versions again at once.
+    fn signing_current(&self) -> Option<u64>;
     /// The value (an Ed25519 PKCS#8 PEM) of one signing credential version,
     /// read from its vault.
     async fn signing_value(&self, version: &VersionRow) -> Result<SecretValue, String>;
@@ -131,8 +134,9 @@ pub struct TokenService {
     /// The current signing version and its key.
     signing: Mutex<Option<(u64, Arc<SigningKey>)>>,
     /// State reads, kept [`CACHE_FOR`]: the signing credential's versions
-    /// and each agent's accepted keys (read again at once when an assertion
-    /// does not verify with the cached keys: a key just rotated).
+    /// (read again at once when its current version changes) and each
+    /// agent's accepted keys (read again at once when an assertion does not
+    /// verify with the cached keys: a key just rotated).
     cache_for: std::time::Duration,
     versions_cache: Mutex<Option<Cached<Vec<VersionRow>>>>,
     keys_cache: Mutex<std::collections::HashMap<String, Cached<Vec<AgentKey>>>>,
@@ -330,8 +334,12 @@ impl TokenService {
 
     /// The signing credential's versions, from the cache when fresh.
     async fn signing_versions(&self) -> Result<Arc<Vec<VersionRow>>, String> {
+        let current = self.backend.signing_current();
         if let Some((at, v)) = &*lock(&self.versions_cache)
             && at.elapsed() < self.cache_for
+            && current.is_some()
+            && v.iter()
+                .any(|r| r.stage == crate::model::Stage::Current && Some(r.version) == current)
         {
             return Ok(v.clone());
         }

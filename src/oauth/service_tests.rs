@@ -85,6 +85,14 @@ impl Backend for Mem {
             .map(|(v, _)| v.clone())
             .collect())
     }
+    fn signing_current(&self) -> Option<u64> {
+        self.signing
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(v, _)| v.stage == Stage::Current)
+            .map(|(v, _)| v.version)
+    }
     async fn signing_value(&self, version: &VersionRow) -> Result<SecretValue, String> {
         self.signing
             .lock()

@@ -419,6 +419,16 @@ impl Engine {
         out
     }
 
+    /// The version `key`'s state names current, from memory (cheap: the
+    /// token service checks it on every request to notice a rotation of
+    /// its signing key at once).
+    pub fn current_version(&self, key: &CredentialKey) -> Option<crate::model::VersionNo> {
+        let live = self.inner.live();
+        live.get(key)
+            .and_then(|l| l.row.as_ref())
+            .and_then(|r| r.current_version)
+    }
+
     /// Counts of credentials by state, for the `credentials{state}` gauge.
     pub fn state_counts(&self) -> [(CredentialState, usize); 4] {
         let mut counts = [
