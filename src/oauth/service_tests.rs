@@ -1262,33 +1262,27 @@ async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
         let rows = h.mem.partner_signing.lock().unwrap();
         EncodingKey::from_ed_pem(rows[0].1.expose()).unwrap()
     };
+    let resign = |kid: &str, claims: &Value| {
+        sign_raw(
+            &partner_key,
+            Algorithm::EdDSA,
+            &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": kid}),
+            claims,
+        )
+    };
     let mut c = claims.clone();
     c["iss"] = json!(ISSUER);
     c["tenant"] = json!("acme");
-    let forged_iss = sign_raw(
-        &partner_key,
-        Algorithm::EdDSA,
-        &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "partner.1"}),
-        &c,
-    );
-    let forged_kid = sign_raw(
-        &partner_key,
-        Algorithm::EdDSA,
-        &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "1"}),
-        &claims,
-    );
-    for (what, t) in [("iss", forged_iss), ("kid", forged_kid)] {
+    for (what, t) in [
+        ("iss", resign("partner.1", &c)),
+        ("kid", resign("1", &claims)),
+    ] {
         let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &t)).await;
         assert_eq!(a.json, json!({"active": false}), "forged {what}");
     }
     // The genuine claims re-signed correctly stay valid: the refusals above
     // are about the key set, not the claims.
-    let genuine = sign_raw(
-        &partner_key,
-        Algorithm::EdDSA,
-        &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "partner.1"}),
-        &claims,
-    );
+    let genuine = resign("partner.1", &claims);
     let a = post(
         &h,
         "/oauth/introspect",
