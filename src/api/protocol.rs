@@ -1143,6 +1143,53 @@ mod tests {
         assert!(!serde_json::to_string(&plain).unwrap().contains("assertion"));
     }
 
+    /// `token_exchange` carries a subject token (and maybe an actor
+    /// token): read, sent back out as sent, never in `{:?}`; its answer's
+    /// access token neither.
+    #[test]
+    fn a_token_exchange_round_trips_and_never_prints_its_tokens() {
+        let subject = "eyJhbGciOiJFZERTQSJ9.kt_subject_payload.kt_subject_sig";
+        let actor = "eyJhbGciOiJFZERTQSJ9.kt_actor_payload.kt_actor_sig";
+        let line = format!(
+            r#"{{"cmd":"token_exchange","as":"bot","subject_token":"{subject}","subject_token_type":"urn:ietf:params:oauth:token-type:access_token","scope":"a b","audience":["https://x","https://y"],"resource":["https://r"],"task_id":"t1","actor_token":"{actor}"}}"#
+        );
+        let req = parse_request(&line).unwrap();
+        let Request::TokenExchange { as_agent, exchange } = &req else {
+            panic!("{req:?}");
+        };
+        assert_eq!(as_agent.as_ref().unwrap().as_str(), "bot");
+        assert_eq!(exchange.subject_token.0.expose_str(), Some(subject));
+        assert_eq!(
+            exchange.actor_token.as_ref().unwrap().0.expose_str(),
+            Some(actor)
+        );
+        assert_eq!(exchange.audience, ["https://x", "https://y"]);
+        assert_eq!(exchange.scope.as_deref(), Some("a b"));
+        assert!(!format!("{req:?}").contains("kt_"), "{req:?}");
+        let back = serde_json::to_string(&req).unwrap();
+        assert_eq!(parse_request(&back).unwrap(), req);
+        // Unknown fields and a missing subject token are refused.
+        for bad in [
+            line.replace(r#""scope""#, r#""scopes""#),
+            r#"{"cmd":"token_exchange","subject_token_type":"x"}"#.to_owned(),
+        ] {
+            assert_eq!(
+                parse_request(&bad).unwrap_err().kind,
+                ApiErrorKind::BadRequest
+            );
+        }
+        let answer = ResponseBody::TokenExchanged(Box::new(TokenExchanged {
+            access_token: WireSecret(crate::model::SecretValue::from_string(subject.into())),
+            issued_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
+            token_type: "Bearer".into(),
+            expires_in: 60,
+            scope: "a".into(),
+        }));
+        assert!(!format!("{answer:?}").contains("kt_"), "{answer:?}");
+        let json: serde_json::Value = serde_json::to_value(&answer).unwrap();
+        assert_eq!(json["token_exchanged"]["access_token"], subject);
+    }
+
     #[test]
     fn bad_requests_are_explained() {
         let e = parse_request("{not json").unwrap_err();
