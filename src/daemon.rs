@@ -336,6 +336,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             "[token_service] is configured but [daemon] listen is not: the token service is not served; set listen (e.g. \"127.0.0.1:9464\")"
         );
     }
+    let mut oauth_service: Option<OauthService> = None;
     if let Some(addr) = config.daemon.listen {
         // The nudge key is read at every nudge; a key that cannot work is
         // a start-up error, not a stream of 500s.
@@ -354,32 +355,21 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| startup(&format!("cannot listen on {addr}"), &e))?;
-        let oauth = match &config.token_service {
-            None => None,
-            // The listener has no TLS of its own: tokens cross it in the
-            // clear, so only a loopback address (behind a TLS proxy) serves them.
-            Some(_) if !addr.ip().is_loopback() => {
-                return Err(DaemonError::Startup(format!(
-                    "[token_service] needs [daemon] listen on a loopback address (it is {addr}): the listener has no TLS, and access tokens must not cross the network in the clear; listen on 127.0.0.1 and put a TLS proxy in front"
-                )));
-            }
-            Some(ts) => {
-                let subjects = token_subjects(&config)?;
-                subjects.start(&cancel).await;
-                let service = Arc::new(crate::oauth::service::TokenService::new(
-                    ts,
-                    subjects,
-                    Arc::new(OauthBackend {
-                        engine: engine.clone(),
-                        revocations: revocations.clone(),
-                        tasks: tasks.clone(),
-                    }),
-                ));
-                // The sockets' `token_exchange` is the same service.
-                let _ = handler.oauth.set(service.clone());
-                Some(service)
-            }
+        let service = OauthService {
+            addr,
+            backend: Arc::new(OauthBackend {
+                engine: engine.clone(),
+                revocations: revocations.clone(),
+                tasks: tasks.clone(),
+            }),
+            // The sockets' `token_exchange` is the same service.
+            slot: handler.oauth.clone(),
+            cancel: cancel.clone(),
+            running: Default::default(),
         };
+        service.apply(&config).await.map_err(DaemonError::Startup)?;
+        let oauth = Some(service.slot.clone());
+        oauth_service = Some(service);
         tracker.spawn(crate::api::http::serve_http(
             listener,
             metrics.clone(),
@@ -440,6 +430,22 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                     Err(e) => tracing::error!("task issuers: {e}; tasks keep the issuers they had"),
                 }
                 revocations.reload().await;
+                let catalog = engine.catalog();
+                let config = &catalog.config;
+                if oauth_service.is_none() && config.token_service.is_some() {
+                    tracing::warn!("[token_service] is configured but [daemon] listen was not at start-up: the token service is not served until a restart with listen set");
+                }
+                if let Some(service) = &oauth_service {
+                    match service.apply(config).await {
+                        Ok(true) if config.token_service.is_some() => {
+                            metrics.oauth_configured();
+                            tracing::info!("token service: reloaded with the new [token_service]");
+                        }
+                        Ok(true) => tracing::info!("token service: reloaded without [token_service]: its routes answer 404"),
+                        Ok(false) => {}
+                        Err(e) => tracing::error!("{e}; the token service keeps its previous configuration"),
+                    }
+                }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -740,9 +746,71 @@ struct Handler {
     engine: Engine,
     revocations: Revocations,
     tasks: Arc<crate::tasks::manager::TaskManager>,
-    /// The token service, once built (when `[token_service]` and `listen`
-    /// are configured).
-    oauth: std::sync::OnceLock<Arc<crate::oauth::service::TokenService>>,
+    /// The token service, when `[token_service]` and `listen` are
+    /// configured (swapped on reload).
+    oauth: Arc<crate::oauth::service::Slot>,
+}
+
+/// The token service's part of the daemon: builds it from the config at
+/// start-up and again on a reload that changes `[token_service]` (the new
+/// one takes over at once, the old one's key-set refreshes stop).
+struct OauthService {
+    /// The listener's address: tokens only on loopback.
+    addr: std::net::SocketAddr,
+    backend: Arc<OauthBackend>,
+    slot: Arc<crate::oauth::service::Slot>,
+    cancel: CancellationToken,
+    /// What the service in the slot was built from, and what stops its
+    /// background work.
+    running: tokio::sync::Mutex<Option<(TokenServiceInputs, CancellationToken)>>,
+}
+
+/// The parts of the config a token service is built from.
+type TokenServiceInputs = (
+    Option<crate::oauth::config::TokenServiceConfig>,
+    std::collections::BTreeMap<String, crate::oauth::config::SubjectIssuerConfig>,
+);
+
+impl OauthService {
+    /// Builds the service `config` asks for, unless it is the one running:
+    /// `true` when the slot changed. An error leaves the slot as it was.
+    async fn apply(&self, config: &Config) -> Result<bool, String> {
+        let inputs: TokenServiceInputs =
+            (config.token_service.clone(), config.subject_issuers.clone());
+        let mut running = self.running.lock().await;
+        if running.as_ref().map(|(i, _)| i) == Some(&inputs) {
+            return Ok(false);
+        }
+        let service = match &config.token_service {
+            None => None,
+            // The listener has no TLS of its own: tokens cross it in the
+            // clear, so only a loopback address (behind a TLS proxy) serves them.
+            Some(_) if !self.addr.ip().is_loopback() => {
+                return Err(format!(
+                    "[token_service] needs [daemon] listen on a loopback address (it is {}): the listener has no TLS, and access tokens must not cross the network in the clear; listen on 127.0.0.1 and put a TLS proxy in front",
+                    self.addr
+                ));
+            }
+            Some(ts) => {
+                let subjects = token_subjects(config).map_err(|e| e.to_string())?;
+                let stop = self.cancel.child_token();
+                subjects.start(&stop).await;
+                let backend: Arc<dyn crate::oauth::service::Backend> = self.backend.clone();
+                Some((
+                    Arc::new(crate::oauth::service::TokenService::new(
+                        ts, subjects, backend,
+                    )),
+                    stop,
+                ))
+            }
+        };
+        let stop = service.as_ref().map(|(_, stop)| stop.clone());
+        self.slot.set(service.map(|(s, _)| s));
+        if let Some((_, old)) = running.replace((inputs, stop.unwrap_or_default())) {
+            old.cancel();
+        }
+        Ok(true)
+    }
 }
 
 /// The task manager's records take the same way.
@@ -1442,9 +1510,9 @@ impl ControlHandler for Handler {
     ) -> Result<crate::api::protocol::ResponseBody, ApiError> {
         use crate::api::protocol::{ResponseBody, TokenExchanged, WireSecret};
         use crate::oauth::service::{AgentExchange, Authenticated};
-        let Some(service) = self.oauth.get().cloned() else {
+        let Some(service) = self.oauth.get() else {
             return Err(ApiError::unavailable(
-                "this daemon serves no token service: configure [token_service] and [daemon] listen (a loopback address), then restart it",
+                "this daemon serves no token service: configure [token_service] and reload (with [daemon] listen on a loopback address, which takes a restart)",
             ));
         };
         let caller = self

@@ -748,3 +748,64 @@ fn the_token_service_refuses_a_listener_off_loopback() {
         "{log}"
     );
 }
+
+/// `[token_service]` follows SIGHUP like the rest of the config: added, it
+/// is served at once; changed, the new one answers; removed, its routes
+/// answer 404. No Python needed: the metadata and JWKS say which is served.
+#[test]
+fn a_reload_starts_changes_and_stops_the_token_service() {
+    let port = free_port();
+    let agents = r#"
+[agents.keyturn]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+
+[agents.keyturn.credentials.signer]
+vault = "local"
+every = "24h"
+generate = { kind = "ed25519" }
+"#;
+    let service = |issuer: &str| {
+        format!(
+            "{agents}\n[token_service]\nissuer = \"{issuer}\"\nsigning_credential = \"keyturn/signer\"\n\n[token_service.clients.keyturn]\nscopes = [\"a\"]\naudiences = [\"{API}\"]\n"
+        )
+    };
+    let env = Env::with_daemon(agents, &format!("listen = \"127.0.0.1:{port}\""));
+    let daemon = env.start();
+    wait_version(&env, "keyturn", "signer", 1);
+    let metadata = "/.well-known/oauth-authorization-server";
+    let status = |path: &str| {
+        let r = http_get(port, path);
+        r.split_whitespace().nth(1).unwrap_or_default().to_owned()
+    };
+    assert_eq!(status(metadata), "404");
+    assert_eq!(status("/.well-known/jwks.json"), "404");
+
+    let first = format!("http://127.0.0.1:{port}");
+    env.write_credentials(&service(&first));
+    daemon.reload();
+    let r = http_get(port, metadata);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains(&format!("\"issuer\":\"{first}\"")), "{r}");
+    let jwks = http_get(port, "/.well-known/jwks.json");
+    assert!(jwks.contains("\"kid\":\"1\""), "{jwks}");
+
+    let second = format!("http://localhost:{port}");
+    env.write_credentials(&service(&second));
+    daemon.reload();
+    let r = http_get(port, metadata);
+    assert!(r.contains(&format!("\"issuer\":\"{second}\"")), "{r}");
+    // The same config again changes nothing (and logs no reload of it).
+    daemon.reload();
+
+    env.write_credentials(agents);
+    daemon.reload();
+    assert_eq!(status(metadata), "404");
+    let log = daemon.stop();
+    assert_eq!(
+        log.matches("token service: reloaded").count(),
+        3,
+        "added, changed, removed: {log}"
+    );
+}

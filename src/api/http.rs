@@ -54,7 +54,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::model::{AgentId, CredentialId, CredentialKey};
-use crate::oauth::service::TokenService;
+use crate::oauth::service::{Slot, TokenService};
 use crate::sinks::webhook::{SIGNATURE_HEADER, read_key_file, verify};
 use crate::telemetry::Metrics;
 
@@ -67,7 +67,14 @@ struct AppState {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     nudge: Option<Arc<FollowNudge>>,
-    oauth: Option<Arc<TokenService>>,
+    oauth: Option<Arc<Slot>>,
+}
+
+impl AppState {
+    /// The token service now, if one is configured.
+    fn oauth(&self) -> Option<Arc<TokenService>> {
+        self.oauth.as_ref().and_then(|s| s.get())
+    }
 }
 
 /// The optional routes: each exists only when configured.
@@ -75,10 +82,12 @@ struct AppState {
 pub struct Routes {
     /// `POST /v1/follow/nudge` (`[daemon] follow_nudge_key_file`).
     pub nudge: Option<Arc<FollowNudge>>,
-    /// The token service (`[token_service]` with an `issuer`):
-    /// `/oauth/token`, `/oauth/introspect`, `/oauth/revoke`,
-    /// `/.well-known/jwks.json`, `/.well-known/oauth-authorization-server`.
-    pub oauth: Option<Arc<TokenService>>,
+    /// The token service's routes: `/oauth/token`, `/oauth/introspect`,
+    /// `/oauth/revoke`, `/.well-known/jwks.json`,
+    /// `/.well-known/oauth-authorization-server`, answered by the service
+    /// in the slot (`[token_service]`, swapped on reload); 404 while the
+    /// slot is empty.
+    pub oauth: Option<Arc<Slot>>,
 }
 
 /// The client's address, for the audit of token requests.
@@ -119,8 +128,10 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, routes: Routes) -> 
             post(nudge_handler).layer(DefaultBodyLimit::max(MAX_NUDGE_BODY)),
         );
     }
-    if oauth.is_some() {
-        metrics.oauth_configured();
+    if let Some(slot) = &oauth {
+        if slot.get().is_some() {
+            metrics.oauth_configured();
+        }
         use crate::oauth::service as s;
         let limit = DefaultBodyLimit::max(crate::oauth::request::MAX_BODY_BYTES);
         r = r
@@ -218,7 +229,7 @@ type OauthArgs = (State<AppState>, axum::Extension<Peer>, HeaderMap, Bytes);
 /// for another content type, else the service's answer; each counted.
 async fn oauth_post(which: OauthPost, args: OauthArgs) -> Response {
     let (State(state), axum::Extension(Peer(peer)), headers, body) = args;
-    let Some(oauth) = state.oauth else {
+    let Some(oauth) = state.oauth() else {
         return StatusCode::NOT_FOUND.into_response();
     };
     let name = match which {
@@ -267,14 +278,14 @@ async fn revoke_handler(
 }
 
 async fn jwks_handler(State(state): State<AppState>) -> Response {
-    match state.oauth {
+    match state.oauth() {
         Some(oauth) => oauth_response(oauth.jwks(None).await),
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }
 
 async fn metadata_handler(State(state): State<AppState>) -> Response {
-    match state.oauth {
+    match state.oauth() {
         Some(oauth) => oauth_response(oauth.metadata(None)),
         None => StatusCode::NOT_FOUND.into_response(),
     }
@@ -285,7 +296,7 @@ async fn tenant_jwks_handler(
     State(state): State<AppState>,
     axum::extract::Path(tenant): axum::extract::Path<String>,
 ) -> Response {
-    match state.oauth {
+    match state.oauth() {
         Some(oauth) => oauth_response(oauth.jwks(Some(&tenant)).await),
         None => StatusCode::NOT_FOUND.into_response(),
     }
@@ -297,7 +308,7 @@ async fn tenant_metadata_handler(
     State(state): State<AppState>,
     axum::extract::Path(tenant): axum::extract::Path<String>,
 ) -> Response {
-    match state.oauth {
+    match state.oauth() {
         Some(oauth) => oauth_response(oauth.metadata(Some(&tenant))),
         None => StatusCode::NOT_FOUND.into_response(),
     }
@@ -452,10 +463,10 @@ pub async fn serve_http(
             listen = %addr,
             max_connections = limits.max_connections,
             follow_nudge = routes.nudge.is_some(),
-            token_service = routes.oauth.is_some(),
+            token_service = routes.oauth.as_ref().is_some_and(|s| s.get().is_some()),
             "HTTP listener serving /metrics /healthz /readyz{}{}",
             if routes.nudge.is_some() { ", POST /v1/follow/nudge" } else { "" },
-            if routes.oauth.is_some() { ", the token service (/oauth/*, /.well-known/*)" } else { "" },
+            if routes.oauth.is_some() { ", the token service's routes (/oauth/*, /.well-known/*)" } else { "" },
         );
     }
     let app = router(metrics, ready, routes);

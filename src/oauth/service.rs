@@ -169,6 +169,30 @@ pub trait Backend: Send + Sync {
     async fn audit(&self, event: AuditEvent);
 }
 
+/// Where the daemon keeps the token service as currently configured: a
+/// reload that changes `[token_service]` swaps in a new one (requests in
+/// flight finish on the one they started with); empty when none is.
+#[derive(Default)]
+pub struct Slot(std::sync::RwLock<Option<Arc<TokenService>>>);
+
+impl Slot {
+    pub fn with(service: Arc<TokenService>) -> Slot {
+        Slot(std::sync::RwLock::new(Some(service)))
+    }
+
+    pub fn get(&self) -> Option<Arc<TokenService>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `service` in; the one it replaces.
+    pub fn set(&self, service: Option<Arc<TokenService>>) -> Option<Arc<TokenService>> {
+        std::mem::replace(
+            &mut *self.0.write().unwrap_or_else(|p| p.into_inner()),
+            service,
+        )
+    }
+}
+
 /// The token service.
 pub struct TokenService {
     /// The default key set (tenants without a key of their own), then one

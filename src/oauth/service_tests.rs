@@ -167,6 +167,8 @@ fn signing_row_of(key: CredentialKey, version: u64, stage: Stage, public: &str) 
 struct Harness {
     addr: std::net::SocketAddr,
     service: Arc<TokenService>,
+    /// What the listener serves (the daemon swaps it on reload).
+    slot: Arc<super::service::Slot>,
     metrics: Arc<crate::telemetry::Metrics>,
     mem: Arc<Mem>,
     /// The agents' private keys.
@@ -285,6 +287,7 @@ async fn harness() -> Harness {
     let service =
         Arc::new(TokenService::new(&config, subjects, mem.clone()).with_cache_for(Duration::ZERO));
 
+    let slot = Arc::new(super::service::Slot::with(service.clone()));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -297,12 +300,13 @@ async fn harness() -> Harness {
         crate::api::http::Limits::for_nofile(1024),
         crate::api::http::Routes {
             nudge: None,
-            oauth: Some(service.clone()),
+            oauth: Some(slot.clone()),
         },
     ));
     Harness {
         addr,
         service,
+        slot,
         metrics,
         mem,
         keys,
@@ -1528,4 +1532,32 @@ async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
     )
     .await;
     assert_eq!(a.json["active"], true);
+}
+
+/// The listener answers with whatever service the slot holds (the daemon
+/// swaps it on a reload): 404 while it is empty, at once when filled.
+#[tokio::test]
+async fn the_listener_serves_the_service_in_the_slot() {
+    let h = harness().await;
+    let old = h.slot.set(None).expect("the harness serves one");
+    for path in ["/.well-known/jwks.json", "/tenants/partner/jwks.json"] {
+        let r = h
+            .http
+            .get(format!("http://{}{path}", h.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
+    let r = h
+        .http
+        .post(format!("http://{}/oauth/token", h.addr))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(encode(&request(&h)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    h.slot.set(Some(old));
+    issue(&h, &request(&h)).await;
 }
