@@ -365,7 +365,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             Some(ts) => {
                 let subjects = token_subjects(&config)?;
                 subjects.start(&cancel).await;
-                Some(Arc::new(crate::oauth::service::TokenService::new(
+                let service = Arc::new(crate::oauth::service::TokenService::new(
                     ts,
                     subjects,
                     Arc::new(OauthBackend {
@@ -374,7 +374,10 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                         tasks: tasks.clone(),
                         signing: ts.signing_credential.clone(),
                     }),
-                )))
+                ));
+                // It verifies the decommissions' `tokens` items.
+                revocations.serve_tokens(service.clone());
+                Some(service)
             }
         };
         tracker.spawn(crate::api::http::serve_http(
@@ -1064,7 +1067,7 @@ impl crate::oauth::service::Backend for OauthBackend {
         let id = AgentId::new(agent).ok()?;
         self.revocations
             .get(&id)
-            .map(|d| d.row.decided_at.timestamp())
+            .map(|d| d.row.token_epoch().timestamp())
     }
 
     async fn audit(&self, event: AuditEvent) {

@@ -52,11 +52,28 @@ pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 pub const METADATA_PATH: &str = "/.well-known/oauth-authorization-server";
 
 /// An answer: the status and its JSON body (`None`: empty). Every answer
-/// of the token service is sent with `Cache-Control: no-store`.
-#[derive(Debug, Clone, PartialEq)]
+/// of the token service is sent with `Cache-Control: no-store`. `Debug`
+/// never shows an `access_token`.
+#[derive(Clone, PartialEq)]
 pub struct Reply {
     pub status: u16,
     pub body: Option<Value>,
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let body = self.body.as_ref().map(|b| {
+            let mut b = b.clone();
+            if let Some(t) = b.get_mut("access_token") {
+                *t = Value::String("<redacted>".into());
+            }
+            b
+        });
+        f.debug_struct("Reply")
+            .field("status", &self.status)
+            .field("body", &body)
+            .finish()
+    }
 }
 
 impl Reply {
@@ -583,6 +600,9 @@ impl TokenService {
             })?;
         ev.tenant = Some(subject.tenant.clone());
         if let Some(id) = &req.params.task_id {
+            // Named in the record, as task records do, refused or not.
+            let id_shown = id.chars().take(64).collect::<String>();
+            ev.detail = Some(format!("task {id_shown:?}"));
             let task = self
                 .backend
                 .live_task(&client.agent, id)
@@ -594,8 +614,7 @@ impl TokenService {
                     err(
                         "invalid_request",
                         format!(
-                            "task_id {:?} is not a live task of agent `{}`",
-                            id.chars().take(64).collect::<String>(),
+                            "task_id {id_shown:?} is not a live task of agent `{}`",
                             client.agent
                         ),
                     )
@@ -626,8 +645,14 @@ impl TokenService {
                 "the token service cannot record the issuance now; retry",
             ));
         }
+        let task = req
+            .params
+            .task
+            .as_ref()
+            .map(|t| format!(", task {:?}, run_id {:?}", t.task_id, t.run_id))
+            .unwrap_or_default();
         ev.detail = Some(format!(
-            "subject {:?} of issuer {}, scope {:?}, aud {:?}, jti {}, kid {}, expires_in {}s",
+            "subject {:?} of issuer {}, scope {:?}, aud {:?}, jti {}, kid {}, expires_in {}s{task}",
             subject.sub,
             subject.issuer_name,
             issued.scope,
@@ -841,5 +866,57 @@ impl TokenService {
         };
         self.backend.audit(ev).await;
         reply
+    }
+
+    /// Whether every token naming `agent` issued (`iat`) at `issued_at` is
+    /// refused: what verifies a decommission's `tokens` item. Probe tokens
+    /// with that `iat`, signed by the current key — one with the agent as
+    /// client, one naming it only deep in an `act` chain — go through
+    /// introspection's own path ([`Self::check`], [`Self::active`]) and must
+    /// come out inactive. A probe is never logged, audited, persisted,
+    /// recorded in the ledger or returned. `Err` says why not.
+    pub async fn refuses_tokens_of(&self, agent: &str, issued_at: i64) -> Result<(), String> {
+        let key = self.signing_key().await.map_err(|e| e.description)?;
+        let now = now_secs();
+        // Not an agent id (`:`), so nothing but `agent` is decommissioned.
+        let other = "keyturn:probe";
+        let probes = [
+            ("as client", agent, json!({ "sub": agent })),
+            (
+                "in an act chain",
+                other,
+                json!({ "sub": other, "act": { "sub": agent } }),
+            ),
+        ];
+        for (how, client_id, act) in probes {
+            let claims = json!({
+                "iss": self.policy.issuer,
+                "sub": other,
+                "aud": other,
+                "iat": issued_at,
+                "exp": now.max(issued_at).saturating_add(60),
+                "jti": format!("{other}:{issued_at}"),
+                "client_id": client_id,
+                "act": act,
+            });
+            let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
+            header.typ = Some("at+jwt".into());
+            header.kid = Some(key.kid.clone());
+            let probe = jsonwebtoken::encode(&header, &claims, &key.key)
+                .map(SecretValue::from_string)
+                .map_err(|_| "the signing key cannot sign a probe".to_owned())?;
+            let Some(checked) = self.check(&probe, now).await.map_err(|e| e.description)? else {
+                return Err(format!(
+                    "a probe signed by the current key (kid {}) does not pass the token check, so the refusal proves nothing",
+                    key.kid
+                ));
+            };
+            if self.active(&checked).map_err(|e| e.description)? {
+                return Err(format!(
+                    "a token naming agent {agent} {how}, issued at its decommission, is still active"
+                ));
+            }
+        }
+        Ok(())
     }
 }
