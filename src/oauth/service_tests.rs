@@ -1232,9 +1232,9 @@ async fn the_tokens_probe_passes_only_when_the_service_refuses_the_agents_tokens
 }
 
 /// The `tokens` item in a whole decommission: the decision records it,
-/// it stays unverified (retried, with why) while the token service still
-/// accepts the agent's tokens, and completes the decommission, within the
-/// SLA, once the service refuses them.
+/// it stays unverified (retried, with why, across a restart) while the
+/// token service still accepts the agent's tokens, and completes the
+/// decommission, within the SLA, once the service refuses them.
 #[tokio::test]
 async fn a_decommission_verifies_its_tokens_item_through_the_token_service() {
     use crate::revocation::{Decision, Revocations};
@@ -1260,25 +1260,34 @@ signing_credential = "keyturn/signer"
         bot = crate::test_support::agent_table("reporter"),
         keyturn = crate::test_support::agent_table("keyturn"),
     );
-    let config = crate::config::load_str(&dir.path().join("k.toml"), &text).expect("config");
-    let catalog = crate::rotation::Catalog::build(config, None).unwrap();
     let store = Arc::new(crate::state::MemoryStore::new());
-    let audit = crate::audit::AuditLog::open_inline(&dir.path().join("audit.log"), None).unwrap();
-    let cancel = CancellationToken::new();
-    let engine = crate::rotation::Engine::with_clock_inline(
-        crate::rotation::EngineParts {
-            catalog,
-            state: store,
-            audit,
-            metrics: Arc::new(crate::telemetry::Metrics::new()),
-            cancel: cancel.clone(),
-            tracker: tokio_util::task::TaskTracker::new(),
-        },
-        Arc::new(crate::rotation::SystemClock),
-    );
-    let revocations = Revocations::start(engine.clone(), Arc::new(tokio::sync::Notify::new()))
-        .await
-        .unwrap();
+    // A daemon over `store`: its revocations and what stops it.
+    let daemon = || async {
+        use crate::state::StateStore as _;
+        let config = crate::config::load_str(&dir.path().join("k.toml"), &text).expect("config");
+        let catalog = crate::rotation::Catalog::build(config, None).unwrap();
+        let head = store.audit_head().unwrap();
+        let audit =
+            crate::audit::AuditLog::open_inline(&dir.path().join("audit.log"), head.as_ref())
+                .unwrap();
+        let cancel = CancellationToken::new();
+        let engine = crate::rotation::Engine::with_clock_inline(
+            crate::rotation::EngineParts {
+                catalog,
+                state: store.clone(),
+                audit,
+                metrics: Arc::new(crate::telemetry::Metrics::new()),
+                cancel: cancel.clone(),
+                tracker: tokio_util::task::TaskTracker::new(),
+            },
+            Arc::new(crate::rotation::SystemClock),
+        );
+        let r = Revocations::start(engine, Arc::new(tokio::sync::Notify::new()))
+            .await
+            .unwrap();
+        (r, cancel)
+    };
+    let (revocations, cancel) = daemon().await;
     let agent = AgentId::new("reporter").unwrap();
     let (_, decom) = revocations
         .decide(Decision {
@@ -1329,6 +1338,17 @@ signing_credential = "keyturn/signer"
         "{pending:?}"
     );
     assert!(!revocations.get(&agent).unwrap().complete());
+
+    // Restarted: resumed from state, still not verified.
+    cancel.cancel();
+    let (revocations, cancel) = daemon().await;
+    let before = item(&revocations).attempts;
+    revocations.serve_tokens(h.service.clone());
+    while item(&revocations).attempts <= before {
+        assert!(std::time::Instant::now() < deadline, "not resumed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(item(&revocations).verified_at, None);
     let row = revocations
         .lifecycle()
         .into_iter()

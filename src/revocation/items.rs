@@ -189,7 +189,7 @@ pub async fn verify_tokens(
     let Some(probe) = probe else {
         return Err(PluginError::new(
             ErrorKind::Transient,
-            "the token service is not serving yet, so its refusal cannot be checked",
+            "the token service is not serving, so its refusal of these tokens cannot be checked; keyturn retries until it serves ([token_service] with [daemon] listen, applied at a restart)",
         ));
     };
     let at = issued_up_to.timestamp();
