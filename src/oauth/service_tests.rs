@@ -1257,7 +1257,8 @@ generate = {{ kind = "ed25519" }}
 issuer = "{ISSUER}"
 signing_credential = "keyturn/signer"
 "#,
-        bot = crate::test_support::agent_table("reporter"),
+        bot =
+            crate::test_support::agent_table("reporter") + &crate::test_support::agent_table("old"),
         keyturn = crate::test_support::agent_table("keyturn"),
     );
     let store = Arc::new(crate::state::MemoryStore::new());
@@ -1310,6 +1311,31 @@ signing_credential = "keyturn/signer"
         ("tokens", None)
     );
     let epoch = decom.row.token_epoch();
+    assert_eq!(epoch, decom.row.decided_at, "decided now: the decision");
+
+    // A decision the config dates in the past: its tokens' epoch is when
+    // the daemon recorded it, so tokens issued in between are covered.
+    let (_, late) = revocations
+        .decide(Decision {
+            agent: AgentId::new("old").unwrap(),
+            reason: "gitops".into(),
+            by: None,
+            actor: crate::audit::Actor::Daemon,
+            source: "config",
+            decided_at: Some(chrono::Utc::now() - chrono::Duration::days(1)),
+        })
+        .await
+        .unwrap();
+    let spec =
+        crate::revocation::items::parse(late.items.iter().find(|i| i.item == "tokens").unwrap())
+            .unwrap();
+    assert_eq!(
+        spec,
+        crate::revocation::items::Spec::Tokens {
+            issued_up_to: late.row.recorded_at
+        }
+    );
+    assert!(late.row.recorded_at > late.row.decided_at);
 
     // Served by a token service whose backend does not know the decision.
     revocations.serve_tokens(h.service.clone());
