@@ -372,7 +372,6 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                         engine: engine.clone(),
                         revocations: revocations.clone(),
                         tasks: tasks.clone(),
-                        signing: ts.signing_credential.clone(),
                     }),
                 ));
                 // It verifies the decommissions' `tokens` items.
@@ -943,7 +942,6 @@ struct OauthBackend {
     engine: Engine,
     revocations: Revocations,
     tasks: Arc<crate::tasks::manager::TaskManager>,
-    signing: CredentialKey,
 }
 
 #[async_trait::async_trait]
@@ -989,12 +987,15 @@ impl crate::oauth::service::Backend for OauthBackend {
         self.tasks.store()
     }
 
-    fn signing_current(&self) -> Option<u64> {
-        self.engine.current_version(&self.signing)
+    fn signing_current(&self, credential: &CredentialKey) -> Option<u64> {
+        self.engine.current_version(credential)
     }
 
-    async fn signing_versions(&self) -> Result<Vec<crate::state::VersionRow>, String> {
-        let key = self.signing.clone();
+    async fn signing_versions(
+        &self,
+        credential: &CredentialKey,
+    ) -> Result<Vec<crate::state::VersionRow>, String> {
+        let key = credential.clone();
         self.engine
             .load(move |s| s.versions(&key))
             .await
@@ -1007,34 +1008,35 @@ impl crate::oauth::service::Backend for OauthBackend {
     ) -> Result<crate::model::SecretValue, String> {
         use crate::vaults::{Select, VaultItem, VaultRefs};
         let catalog = self.engine.catalog();
-        let Some(entry) = catalog.creds.get(&self.signing) else {
+        let signing = &version.key;
+        let Some(entry) = catalog.creds.get(signing) else {
             return Err(format!(
                 "the signing credential {} is not configured",
-                self.signing
+                signing
             ));
         };
         let path = entry.cfg.vault_path();
         let vault = &entry.vaults[0];
         let item = VaultItem {
-            key: &self.signing,
+            key: signing,
             path: &path,
         };
         let refs = VaultRefs::decode(&version.vault_version, &vault.config.name);
         let Some(wanted) = refs.get(&vault.config.name) else {
             return Err(format!(
                 "version {} of {} has no version in vault {}",
-                version.version, self.signing, vault.config.name
+                version.version, signing, vault.config.name
             ));
         };
         match vault.vault.read(item, Select::Version(wanted)).await {
             Ok(Some(v)) => Ok(v.value),
             Ok(None) => Err(format!(
                 "version {} of {} is not in vault {}",
-                version.version, self.signing, vault.config.name
+                version.version, signing, vault.config.name
             )),
             Err(e) => Err(format!(
                 "reading version {} of {} in vault {}: {}",
-                version.version, self.signing, vault.config.name, e.message
+                version.version, signing, vault.config.name, e.message
             )),
         }
     }

@@ -23,6 +23,8 @@ use common::*;
 
 const IDP: &str = "https://idp.corp.test";
 const API: &str = "https://api.example.test";
+/// Tenant `partner`'s identity provider; the tenant has its own signing key.
+const PARTNER_IDP: &str = "https://idp.partner.test";
 
 /// Runs the client; every output is kept for the canary grep.
 struct Client {
@@ -138,6 +140,17 @@ vault = "local"
 every = "1h"
 generate = {{ kind = "ed25519" }}
 deliver = [{{ type = "file", path = "{{root}}/auditor/auth" }}]
+[agents.pbot]
+owner = "bob@partner.test"
+tenant = "partner"
+tier = "high"
+auth_key = "auth"
+
+[agents.pbot.credentials.auth]
+vault = "local"
+every = "1h"
+generate = {{ kind = "ed25519" }}
+deliver = [{{ type = "file", path = "{{root}}/pbot/auth" }}]
 
 [agents.keyturn]
 owner = "alice@example.com"
@@ -150,9 +163,29 @@ every = "24h"
 grace = "1h"
 generate = {{ kind = "ed25519" }}
 
+[agents.keyturn.credentials.partner_signer]
+vault = "local"
+every = "24h"
+grace = "1h"
+generate = {{ kind = "ed25519" }}
+
 [token_service]
 issuer = "http://127.0.0.1:{port}"
 signing_credential = "keyturn/signer"
+
+[token_service.tenants.partner]
+signing_credential = "keyturn/partner_signer"
+
+[token_service.subject_issuers.partner]
+issuer = "{PARTNER_IDP}"
+audience = "keyturn"
+algorithms = ["ES256"]
+jwks_file = "{{dir}}/idp/jwks.json"
+tenant = "partner"
+
+[token_service.clients.pbot]
+scopes = ["reports:read"]
+audiences = ["{API}"]
 
 [token_service.subject_issuers.corp]
 issuer = "{IDP}"
@@ -371,6 +404,77 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
         "true",
     ]);
 
+    // Tenant `partner` has its own key: its issuer (RFC 8414 3.1 metadata
+    // under the tenant's path), its kids, its JWKS.
+    let pkey = env.root().join("pbot/auth/private.pem");
+    wait_for(std::time::Duration::from_secs(30), || {
+        pkey.exists().then_some(())
+    })
+    .unwrap_or_else(|| panic!("{} was never delivered", pkey.display()));
+    let pkey = pkey.display().to_string();
+    wait_version(&env, "keyturn", "partner_signer", 1);
+    let pv = version_of(&env, "keyturn", "partner_signer").unwrap();
+    let partner_metadata =
+        format!("http://127.0.0.1:{port}/.well-known/oauth-authorization-server/tenants/partner");
+    client.ok(&[
+        "subject",
+        &p("idp"),
+        "--sub",
+        "bob",
+        "--scope",
+        "reports:read email",
+        "--aud",
+        "keyturn",
+        "--iss",
+        PARTNER_IDP,
+        "--out",
+        &p("client/subject-p.jwt"),
+    ]);
+    let partner = client.ok(&[
+        "exchange",
+        "--metadata",
+        &partner_metadata,
+        "--agent",
+        "pbot",
+        "--key",
+        &pkey,
+        "--subject-token-file",
+        &p("client/subject-p.jwt"),
+        "--audience",
+        API,
+        "--scope",
+        "reports:read",
+        "--expect-sub",
+        "bob",
+        "--expect-scope",
+        "reports:read",
+        "--expect-act",
+        r#"{"sub":"pbot"}"#,
+        "--expect-tenant",
+        "partner",
+        "--max-lifetime",
+        "300",
+        "--token-out",
+        &p("client/token-p.jwt"),
+    ]);
+    let pkid = format!("partner.{pv}");
+    assert_eq!(partner["kid"], pkid.as_str(), "{partner}");
+    assert_eq!(partner["jwks_kids"], serde_json::json!([pkid]), "{partner}");
+    assert_eq!(
+        partner["claims"]["iss"],
+        format!("http://127.0.0.1:{port}/tenants/partner")
+    );
+    // A resource server of the default issuer does not trust it.
+    let foreign = client.fails(&[
+        "validate",
+        "--metadata",
+        &metadata,
+        "--token-file",
+        &p("client/token-p.jwt"),
+        "--audience",
+        API,
+    ]);
+    assert!(foreign.contains("publishes no key"), "{foreign}");
     // Decommissioning bot makes the token it still holds inactive at once
     // (another agent asks), and its report counts the tokens item in the SLA.
     let auditor = env.root().join("auditor/auth/private.pem");
@@ -483,6 +587,8 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
         "client/subject-2.jwt",
         "client/token-1.jwt",
         "client/token-2.jwt",
+        "client/subject-p.jwt",
+        "client/token-p.jwt",
     ] {
         let token = std::fs::read_to_string(dir.join(file)).unwrap();
         let token = token.trim();

@@ -128,7 +128,15 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, routes: Routes) -> 
             .route(s::INTROSPECT_PATH, post(introspect_handler).layer(limit))
             .route(s::REVOKE_PATH, post(revoke_handler).layer(limit))
             .route(s::JWKS_PATH, get(jwks_handler))
-            .route(s::METADATA_PATH, get(metadata_handler));
+            .route(s::METADATA_PATH, get(metadata_handler))
+            .route(
+                &format!("{}/:tenant/jwks.json", s::TENANTS_PATH),
+                get(tenant_jwks_handler),
+            )
+            .route(
+                &format!("{}{}/:tenant", s::METADATA_PATH, s::TENANTS_PATH),
+                get(tenant_metadata_handler),
+            );
     }
     r.with_state(AppState {
         metrics,
@@ -260,14 +268,37 @@ async fn revoke_handler(
 
 async fn jwks_handler(State(state): State<AppState>) -> Response {
     match state.oauth {
-        Some(oauth) => oauth_response(oauth.jwks().await),
+        Some(oauth) => oauth_response(oauth.jwks(None).await),
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }
 
 async fn metadata_handler(State(state): State<AppState>) -> Response {
     match state.oauth {
-        Some(oauth) => oauth_response(oauth.metadata()),
+        Some(oauth) => oauth_response(oauth.metadata(None)),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// A tenant's own JWKS (`[token_service.tenants.NAME]`).
+async fn tenant_jwks_handler(
+    State(state): State<AppState>,
+    axum::extract::Path(tenant): axum::extract::Path<String>,
+) -> Response {
+    match state.oauth {
+        Some(oauth) => oauth_response(oauth.jwks(Some(&tenant)).await),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// A tenant's own metadata (RFC 8414 3.1: the issuer's path after the
+/// well-known suffix).
+async fn tenant_metadata_handler(
+    State(state): State<AppState>,
+    axum::extract::Path(tenant): axum::extract::Path<String>,
+) -> Response {
+    match state.oauth {
+        Some(oauth) => oauth_response(oauth.metadata(Some(&tenant))),
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }

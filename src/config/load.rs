@@ -497,6 +497,7 @@ fn merge_raw(raw: &mut RawConfig, more: RawConfig) {
         raw.token_settings = more.token_settings;
     }
     raw.token_clients.extend(more.token_clients);
+    raw.token_tenants.extend(more.token_tenants);
 }
 
 /// The slow path: spans kept, each section on its own, every error located
@@ -775,6 +776,14 @@ fn into_raw(f: File) -> RawConfig {
             .into_iter()
             .map(|(n, a)| (n, Parsed::Ok(a)))
             .collect(),
+        token_tenants: f
+            .token_service
+            .as_ref()
+            .map(|t| t.tenants.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(n, a)| (n, Parsed::Ok(a)))
+            .collect(),
         subject_issuers: f
             .token_service
             .map(|t| t.subject_issuers)
@@ -924,6 +933,13 @@ fn token_service(item: &Item, p: &TomlPath, issues: &mut Vec<Issue>, raw: &mut R
             for (name, i) in entries(sub, &sp, issues) {
                 let parsed = section(i, &sp.key(&name), issues);
                 raw.token_clients.insert(name, parsed);
+            }
+            continue;
+        }
+        if key == "tenants" {
+            for (name, i) in entries(sub, &sp, issues) {
+                let parsed = section(i, &sp.key(&name), issues);
+                raw.token_tenants.insert(name, parsed);
             }
             continue;
         }

@@ -70,6 +70,8 @@ pub struct RawConfig {
     pub token_settings: Option<Parsed<crate::oauth::config::RawTokenSettings>>,
     /// `[token_service.clients.AGENT]`.
     pub token_clients: BTreeMap<String, Parsed<crate::oauth::config::RawClient>>,
+    /// `[token_service.tenants.NAME]`.
+    pub token_tenants: BTreeMap<String, Parsed<crate::oauth::config::RawTenantKeys>>,
 }
 
 /// `[alert_rules]`: when rotation health raises an alert. Every key is optional.

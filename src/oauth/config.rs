@@ -48,6 +48,18 @@ pub struct RawTokenService {
     pub max_act_depth: Option<i64>,
     #[serde(default)]
     pub clients: std::collections::BTreeMap<String, RawClient>,
+    #[serde(default)]
+    pub tenants: std::collections::BTreeMap<String, RawTenantKeys>,
+}
+
+/// `[token_service.tenants.NAME]` as written: a tenant with a signing key
+/// of its own.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenantKeys {
+    /// `AGENT/CRED`: the ed25519 credential whose current version signs the
+    /// tokens of this tenant's subjects.
+    pub signing_credential: String,
 }
 
 impl RawTokenService {
@@ -66,6 +78,7 @@ impl RawTokenService {
 pub const TOKEN_SERVICE_KEYS: &[&str] = &[
     "subject_issuers",
     "clients",
+    "tenants",
     "issuer",
     "signing_credential",
     "max_ttl",
@@ -108,6 +121,8 @@ pub struct TokenServiceConfig {
     pub max_act_depth: usize,
     /// By agent name.
     pub clients: std::collections::BTreeMap<String, super::exchange::ClientPolicy>,
+    /// The tenants with a signing key of their own, and that key.
+    pub tenant_keys: std::collections::BTreeMap<String, crate::model::CredentialKey>,
 }
 
 /// The ceiling of `max_act_depth`.
@@ -360,11 +375,12 @@ pub(crate) fn check_token_service(
     v: &mut Validator<'_>,
     settings: Option<&RawTokenSettings>,
     clients: &std::collections::BTreeMap<String, crate::config::raw::Parsed<RawClient>>,
+    tenants: &std::collections::BTreeMap<String, crate::config::raw::Parsed<RawTenantKeys>>,
     agents: &std::collections::BTreeMap<crate::model::AgentId, crate::config::AgentConfig>,
 ) -> Option<TokenServiceConfig> {
     let empty = RawTokenSettings::default();
     let s = settings.unwrap_or(&empty);
-    if *s == empty && clients.is_empty() {
+    if *s == empty && clients.is_empty() && tenants.is_empty() {
         return None;
     }
     let before = v.issue_count();
@@ -398,28 +414,47 @@ pub(crate) fn check_token_service(
             v.err_key(top.key("signing_credential"), "missing key `signing_credential`: name the ed25519 credential that signs issued tokens, as \"AGENT/CRED\"");
             None
         }
-        Some(text) => {
-            let found = text.split_once('/').and_then(|(a, c)| {
-                let agent = agents.iter().find(|(id, _)| id.as_str() == a)?.1;
-                agent
-                    .credentials
-                    .iter()
-                    .find(|(id, _)| id.as_str() == c)
-                    .map(|(_, cred)| cred)
-            });
-            match found {
-                None => {
-                    v.err(top.key("signing_credential"), format!("signing_credential `{text}` is not a configured credential: write \"AGENT/CRED\" naming one with `generate = {{ kind = \"ed25519\" }}`"));
-                    None
-                }
-                Some(cred) if !matches!(cred.generate, crate::config::GeneratorConfig::Ed25519) => {
-                    v.err(top.key("signing_credential"), format!("signing_credential `{text}` must be an ed25519 credential: issued tokens are signed with EdDSA"));
-                    None
-                }
-                Some(cred) => Some(cred.key.clone()),
-            }
-        }
+        Some(text) => signing_credential_ref(v, top.key("signing_credential"), text, agents),
     };
+    let mut tenant_keys = std::collections::BTreeMap::new();
+    let all_tenants = top.key("tenants");
+    for (name, raw) in tenants {
+        let p = all_tenants.key(name);
+        let crate::config::raw::Parsed::Ok(t) = raw else {
+            continue;
+        };
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            v.err_key(
+                p,
+                format!("tenant name {name:?} must be letters, digits, `-` and `_` only: it is part of the tenant's `iss`, JWKS URL and key ids"),
+            );
+            continue;
+        }
+        let cred = p.key("signing_credential");
+        let Some(key) = signing_credential_ref(v, cred, &t.signing_credential, agents) else {
+            continue;
+        };
+        let shared = (signing_credential.as_ref() == Some(&key))
+            .then(|| "[token_service] signing_credential".to_owned())
+            .or_else(|| {
+                tenant_keys
+                    .iter()
+                    .find(|(_, k)| **k == key)
+                    .map(|(other, _)| format!("[token_service.tenants.{other}]"))
+            });
+        if let Some(other) = shared {
+            v.err(
+                cred,
+                format!("`{}` already signs for {other}: a tenant's own key must be its own, or the tenants would trust each other's tokens", t.signing_credential),
+            );
+            continue;
+        }
+        tenant_keys.insert(name.clone(), key);
+    }
     let max_ttl = v.duration_or(
         top.key("max_ttl"),
         s.max_ttl.as_ref(),
@@ -533,7 +568,37 @@ pub(crate) fn check_token_service(
         max_ttl,
         max_act_depth,
         clients: out,
+        tenant_keys,
     })
+}
+
+/// `AGENT/CRED` naming a configured ed25519 credential, else a located
+/// error and `None`.
+fn signing_credential_ref(
+    v: &mut Validator<'_>,
+    at: Loc,
+    text: &str,
+    agents: &std::collections::BTreeMap<crate::model::AgentId, crate::config::AgentConfig>,
+) -> Option<crate::model::CredentialKey> {
+    let found = text.split_once('/').and_then(|(a, c)| {
+        let agent = agents.iter().find(|(id, _)| id.as_str() == a)?.1;
+        agent
+            .credentials
+            .iter()
+            .find(|(id, _)| id.as_str() == c)
+            .map(|(_, cred)| cred)
+    });
+    match found {
+        None => {
+            v.err(at, format!("signing_credential `{text}` is not a configured credential: write \"AGENT/CRED\" naming one with `generate = {{ kind = \"ed25519\" }}`"));
+            None
+        }
+        Some(cred) if !matches!(cred.generate, crate::config::GeneratorConfig::Ed25519) => {
+            v.err(at, format!("signing_credential `{text}` must be an ed25519 credential: issued tokens are signed with EdDSA"));
+            None
+        }
+        Some(cred) => Some(cred.key.clone()),
+    }
 }
 
 /// Whether an `http://` URL's host is a loopback address.

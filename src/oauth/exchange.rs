@@ -408,9 +408,9 @@ pub fn exchange(
 
 /// The JWK Set (RFC 7517) of the signing credential's published versions
 /// (as [`crate::auth::AgentKey::accepted`] picks them: current, then
-/// previous): OKP/Ed25519 keys with `kid` = the version, `alg` EdDSA, `use`
+/// previous): OKP/Ed25519 keys with `kid` as the key set names the version, `alg` EdDSA, `use`
 /// sig. A version whose public key is not an Ed25519 SPKI PEM is left out.
-pub fn jwks_document(keys: &[crate::auth::AgentKey]) -> Value {
+pub fn jwks_document(keys: &[crate::auth::AgentKey], kid: impl Fn(u64) -> String) -> Value {
     use base64::Engine as _;
     use ed25519_dalek::pkcs8::DecodePublicKey as _;
     let keys: Vec<Value> = keys
@@ -421,7 +421,7 @@ pub fn jwks_document(keys: &[crate::auth::AgentKey]) -> Value {
                 "kty": "OKP",
                 "crv": "Ed25519",
                 "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(vk.as_bytes()),
-                "kid": k.version.to_string(),
+                "kid": kid(k.version),
                 "alg": "EdDSA",
                 "use": "sig",
             }))

@@ -372,7 +372,7 @@ fn issued_tokens_verify_with_the_published_jwks_by_kid() {
             public_pem: "not a key".into(),
         },
     ];
-    let doc = super::exchange::jwks_document(&keys);
+    let doc = super::exchange::jwks_document(&keys, |v| v.to_string());
     let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(doc.clone()).unwrap();
     assert_eq!(set.keys.len(), 2, "{doc}");
     assert_eq!(doc["keys"][0]["kty"], "OKP");

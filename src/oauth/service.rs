@@ -22,7 +22,8 @@
 //!   vault by the version state names (so `kid` always matches the key),
 //!   cached until the current version changes. The JWKS publishes the
 //!   current and previous versions and every other version that signed a
-//!   token not yet expired ([`TokenLedger::signed`]).
+//!   token not yet expired ([`TokenLedger::signed`]). A tenant with a key
+//!   of its own ([`KeySet`]) has its own `iss`, `kid`s, JWKS and metadata.
 //! - **Inactive tokens**: expired, revoked (by `jti`, kept until `exp`), or
 //!   issued (`iat`) no later than the decommission of the client or of any
 //!   agent in its `act` chain: the decommission is the agent's epoch.
@@ -42,7 +43,7 @@ use super::request::{self, CLIENT_ASSERTION_TYPE};
 use super::subject::SubjectTokens;
 use crate::audit::{Actor as AuditActor, AuditEvent, Outcome};
 use crate::auth::{AgentKey, Verified, Verifier};
-use crate::model::{AgentId, SecretValue};
+use crate::model::{AgentId, CredentialKey, SecretValue};
 use crate::state::VersionRow;
 
 pub const TOKEN_PATH: &str = "/oauth/token";
@@ -50,6 +51,10 @@ pub const INTROSPECT_PATH: &str = "/oauth/introspect";
 pub const REVOKE_PATH: &str = "/oauth/revoke";
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 pub const METADATA_PATH: &str = "/.well-known/oauth-authorization-server";
+/// Under it: `NAME` (a tenant's `iss` is `ISSUER/tenants/NAME`), its
+/// metadata at `METADATA_PATH/tenants/NAME` (RFC 8414 3.1) and its JWKS at
+/// `/tenants/NAME/jwks.json`.
+pub const TENANTS_PATH: &str = "/tenants";
 
 /// An answer: the status and its JSON body (`None`: empty). Every answer
 /// of the token service is sent with `Cache-Control: no-store`. `Debug`
@@ -107,10 +112,14 @@ pub trait TokenLedger: Send + Sync {
     /// `now` may be pruned.
     fn revoke(&self, jti: &str, expires_at: i64, now: i64) -> Result<(), String>;
     fn is_revoked(&self, jti: &str) -> Result<bool, String>;
-    /// Key `version` signed a token that expires at `until`.
-    fn signed(&self, version: u64, until: i64) -> Result<(), String>;
-    /// Each version with the latest `exp` it signed.
-    fn signed_until(&self) -> Result<Vec<(u64, i64)>, String>;
+    /// Version `version` of signing `credential` signed a token that
+    /// expires at `until`.
+    fn signed(&self, credential: &str, version: u64, until: i64) -> Result<(), String>;
+    /// Each version of `credential` with the latest `exp` it signed.
+    fn signed_until(&self, credential: &str) -> Result<Vec<(u64, i64)>, String>;
+    /// Uses recorded before the ledger named credentials (one signing
+    /// credential then) become `credential`'s.
+    fn adopt_unnamed_key_uses(&self, credential: &str) -> Result<(), String>;
 }
 
 /// What the token service needs of the daemon.
@@ -125,13 +134,14 @@ pub trait Backend: Send + Sync {
     /// already spent (a replay).
     async fn spend_jtis(&self, jtis: Vec<(String, String, i64)>) -> Result<Vec<bool>, String>;
     fn token_ledger(&self) -> &dyn TokenLedger;
-    /// Every version of the signing credential, as state has them.
-    async fn signing_versions(&self) -> Result<Vec<VersionRow>, String>;
-    /// The signing credential's current version, from memory (cheap): a
+    /// Every version of a signing credential, as state has them.
+    async fn signing_versions(&self, credential: &CredentialKey)
+    -> Result<Vec<VersionRow>, String>;
+    /// A signing credential's current version, from memory (cheap): a
     /// change makes the service read the versions again at once.
-    fn signing_current(&self) -> Option<u64>;
-    /// The value (an Ed25519 PKCS#8 PEM) of one signing credential version,
-    /// read from its vault.
+    fn signing_current(&self, credential: &CredentialKey) -> Option<u64>;
+    /// The value (an Ed25519 PKCS#8 PEM) of one signing credential version
+    /// (`version.key` names the credential), read from its vault.
     async fn signing_value(&self, version: &VersionRow) -> Result<SecretValue, String>;
     /// `agent`'s task `id` if it is live (not ended, not expired); `None`
     /// for a task that is another agent's, ended or unknown.
@@ -143,24 +153,68 @@ pub trait Backend: Send + Sync {
 
 /// The token service.
 pub struct TokenService {
-    policy: ServicePolicy,
+    /// The default key set (tenants without a key of their own), then one
+    /// per tenant that has its own.
+    keys: Vec<KeySet>,
     clients: std::collections::BTreeMap<String, ClientPolicy>,
     subjects: SubjectTokens,
     backend: Arc<dyn Backend>,
     verifier: Verifier,
-    /// The current signing version and its key.
-    signing: Mutex<Option<(u64, Arc<SigningKey>)>>,
-    /// State reads, kept [`CACHE_FOR`]: the signing credential's versions
+    /// State reads, kept [`CACHE_FOR`]: each signing credential's versions
     /// (read again at once when its current version changes) and each
     /// agent's accepted keys (read again at once when an assertion does not
     /// verify with the cached keys: a key just rotated).
     cache_for: std::time::Duration,
-    versions_cache: Mutex<Option<Cached<Vec<VersionRow>>>>,
     keys_cache: Mutex<std::collections::HashMap<String, Cached<Vec<AgentKey>>>>,
-    /// What the ledger holds of each key's use: a write records `exp` plus
-    /// `max_ttl`, so one write covers every token signed in the next
+}
+
+/// One signing credential and the tokens it signs: the default one, or a
+/// tenant's own (`[token_service.tenants.NAME]`), whose tokens have their
+/// own `iss` (`ISSUER/tenants/NAME`), `kid`s (`NAME.VERSION`), JWKS and
+/// metadata, so that a resource server of one tenant never trusts another
+/// tenant's tokens.
+struct KeySet {
+    /// `None`: the default.
+    tenant: Option<String>,
+    /// `iss` of its tokens and the rest of the service's policy.
+    policy: ServicePolicy,
+    credential: CredentialKey,
+    /// The current signing version and its key.
+    signing: Mutex<Option<(u64, Arc<SigningKey>)>>,
+    versions_cache: Mutex<Option<Cached<Vec<VersionRow>>>>,
+    /// What the ledger holds of each version's use: a write records `exp`
+    /// plus `max_ttl`, so one write covers every token signed in the next
     /// `max_ttl`.
     signed: Mutex<std::collections::HashMap<u64, i64>>,
+}
+
+impl KeySet {
+    fn kid(&self, version: u64) -> String {
+        match &self.tenant {
+            None => version.to_string(),
+            Some(t) => format!("{t}.{version}"),
+        }
+    }
+
+    /// The version a `kid` of this key set names.
+    fn version_of(&self, kid: &str) -> Option<u64> {
+        let v = match &self.tenant {
+            None => kid,
+            Some(t) => kid.strip_prefix(t.as_str())?.strip_prefix('.')?,
+        };
+        // Digits only: `u64::from_str` would take a leading `+`.
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        v.parse().ok()
+    }
+
+    fn jwks_path(&self) -> String {
+        match &self.tenant {
+            None => JWKS_PATH.to_owned(),
+            Some(t) => format!("{TENANTS_PATH}/{t}/jwks.json"),
+        }
+    }
 }
 
 /// How long state reads are reused (at thousands of requests a second, each
@@ -177,6 +231,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The unix time now.
 fn now_secs() -> i64 {
     i64::try_from(jsonwebtoken::get_current_timestamp()).unwrap_or(i64::MAX)
+}
+
+/// 404 for the metadata or JWKS of a tenant without a key of its own.
+fn not_found_tenant() -> Reply {
+    Reply {
+        status: 404,
+        body: Some(json!({
+            "error": "not_found",
+            "error_description": "no such tenant key set: only the tenants in [token_service.tenants] have their own metadata and JWKS",
+        })),
+    }
 }
 
 fn err(code: &'static str, description: impl Into<String>) -> ExchangeError {
@@ -282,22 +347,40 @@ impl TokenService {
         backend: Arc<dyn Backend>,
     ) -> TokenService {
         let issuer = config.issuer.trim_end_matches('/').to_owned();
-        let verifier =
-            Verifier::for_audiences(vec![issuer.clone(), format!("{issuer}{TOKEN_PATH}")]);
-        TokenService {
+        let key_set = |tenant: Option<&String>, credential: &CredentialKey| KeySet {
+            tenant: tenant.cloned(),
             policy: ServicePolicy {
-                issuer,
+                issuer: match tenant {
+                    None => issuer.clone(),
+                    Some(t) => format!("{issuer}{TENANTS_PATH}/{t}"),
+                },
                 max_ttl: config.max_ttl,
                 max_act_depth: config.max_act_depth,
             },
+            credential: credential.clone(),
+            signing: Mutex::new(None),
+            versions_cache: Mutex::new(None),
+            signed: Mutex::new(Default::default()),
+        };
+        let mut keys = vec![key_set(None, &config.signing_credential)];
+        keys.extend(config.tenant_keys.iter().map(|(t, c)| key_set(Some(t), c)));
+        // A client assertion names the service by its (or its tenant's)
+        // issuer, or by the token endpoint.
+        let mut audiences: Vec<String> = keys.iter().map(|k| k.policy.issuer.clone()).collect();
+        audiences.push(format!("{issuer}{TOKEN_PATH}"));
+        if let Err(e) = backend
+            .token_ledger()
+            .adopt_unnamed_key_uses(&config.signing_credential.to_string())
+        {
+            tracing::error!("token service: cannot name the signing key uses recorded before: {e}");
+        }
+        TokenService {
+            keys,
             clients: config.clients.clone(),
             subjects,
             backend,
-            verifier,
-            signing: Mutex::new(None),
-            signed: Mutex::new(Default::default()),
+            verifier: Verifier::for_audiences(audiences),
             cache_for: CACHE_FOR,
-            versions_cache: Mutex::new(None),
             keys_cache: Mutex::new(Default::default()),
         }
     }
@@ -310,22 +393,37 @@ impl TokenService {
     }
 
     pub fn issuer(&self) -> &str {
-        &self.policy.issuer
+        &self.keys[0].policy.issuer
     }
 
     pub fn subjects(&self) -> &SubjectTokens {
         &self.subjects
     }
 
-    /// RFC 8414 metadata.
-    pub fn metadata(&self) -> Reply {
-        let iss = &self.policy.issuer;
+    /// The key set of a tenant with its own key, or the default one
+    /// (`None`); `None` for a tenant without.
+    fn tenant_keys(&self, tenant: Option<&str>) -> Option<&KeySet> {
+        self.keys.iter().find(|k| k.tenant.as_deref() == tenant)
+    }
+
+    /// The key set that signs tokens for `tenant`'s subjects.
+    fn signer_for(&self, tenant: &str) -> &KeySet {
+        self.tenant_keys(Some(tenant)).unwrap_or(&self.keys[0])
+    }
+
+    /// RFC 8414 metadata of the service (`tenant` `None`) or of a tenant
+    /// with its own key (`METADATA_PATH/tenants/NAME`); 404 for any other.
+    pub fn metadata(&self, tenant: Option<&str>) -> Reply {
+        let Some(set) = self.tenant_keys(tenant) else {
+            return not_found_tenant();
+        };
+        let base = self.issuer();
         Reply::ok(json!({
-            "issuer": iss,
-            "token_endpoint": format!("{iss}{TOKEN_PATH}"),
-            "jwks_uri": format!("{iss}{JWKS_PATH}"),
-            "introspection_endpoint": format!("{iss}{INTROSPECT_PATH}"),
-            "revocation_endpoint": format!("{iss}{REVOKE_PATH}"),
+            "issuer": set.policy.issuer,
+            "token_endpoint": format!("{base}{TOKEN_PATH}"),
+            "jwks_uri": format!("{base}{}", set.jwks_path()),
+            "introspection_endpoint": format!("{base}{INTROSPECT_PATH}"),
+            "revocation_endpoint": format!("{base}{REVOKE_PATH}"),
             "grant_types_supported": [GRANT_TYPE],
             "response_types_supported": [],
             "token_endpoint_auth_methods_supported": ["private_key_jwt"],
@@ -349,10 +447,10 @@ impl TokenService {
         s
     }
 
-    /// The signing credential's versions, from the cache when fresh.
-    async fn signing_versions(&self) -> Result<Arc<Vec<VersionRow>>, String> {
-        let current = self.backend.signing_current();
-        if let Some((at, v)) = &*lock(&self.versions_cache)
+    /// A key set's versions, from the cache when fresh.
+    async fn signing_versions(&self, set: &KeySet) -> Result<Arc<Vec<VersionRow>>, String> {
+        let current = self.backend.signing_current(&set.credential);
+        if let Some((at, v)) = &*lock(&set.versions_cache)
             && at.elapsed() < self.cache_for
             && current.is_some()
             && v.iter()
@@ -360,8 +458,8 @@ impl TokenService {
         {
             return Ok(v.clone());
         }
-        let v = Arc::new(self.backend.signing_versions().await?);
-        *lock(&self.versions_cache) = Some((std::time::Instant::now(), v.clone()));
+        let v = Arc::new(self.backend.signing_versions(&set.credential).await?);
+        *lock(&set.versions_cache) = Some((std::time::Instant::now(), v.clone()));
         Ok(v)
     }
 
@@ -387,12 +485,16 @@ impl TokenService {
         Ok((keys, false))
     }
 
-    /// The versions whose public keys are published: current, previous and
-    /// any other (not pending) version that signed a token not yet expired.
-    async fn published(&self, now: i64) -> Result<Vec<AgentKey>, String> {
-        let versions = self.signing_versions().await?;
+    /// The versions of a key set whose public keys are published: current,
+    /// previous and any other (not pending) version that signed a token not
+    /// yet expired.
+    async fn published(&self, set: &KeySet, now: i64) -> Result<Vec<AgentKey>, String> {
+        let versions = self.signing_versions(set).await?;
         let mut keys = AgentKey::accepted(&versions);
-        let signed = self.backend.token_ledger().signed_until()?;
+        let signed = self
+            .backend
+            .token_ledger()
+            .signed_until(&set.credential.to_string())?;
         let mut older: Vec<&VersionRow> = versions
             .iter()
             .filter(|v| !matches!(v.stage, crate::model::Stage::Pending))
@@ -413,10 +515,15 @@ impl TokenService {
         Ok(keys)
     }
 
-    /// `GET /.well-known/jwks.json`.
-    pub async fn jwks(&self) -> Reply {
-        match self.published(now_secs()).await {
-            Ok(keys) => Reply::ok(exchange::jwks_document(&keys)),
+    /// `GET /.well-known/jwks.json` (`tenant` `None`), or a tenant's
+    /// `GET /tenants/NAME/jwks.json`: only that key set's keys; 404 for a
+    /// tenant without a key of its own.
+    pub async fn jwks(&self, tenant: Option<&str>) -> Reply {
+        let Some(set) = self.tenant_keys(tenant) else {
+            return not_found_tenant();
+        };
+        match self.published(set, now_secs()).await {
+            Ok(keys) => Reply::ok(exchange::jwks_document(&keys, |v| set.kid(v))),
             Err(e) => {
                 tracing::error!("token service: cannot list the signing keys: {e}");
                 Reply::error(&err(
@@ -427,17 +534,17 @@ impl TokenService {
         }
     }
 
-    /// The current signing key, read from the vault when the current
-    /// version changed since the last read.
-    async fn signing_key(&self) -> Result<Arc<SigningKey>, ExchangeError> {
+    /// A key set's current signing key, read from the vault when the
+    /// current version changed since the last read.
+    async fn signing_key(&self, set: &KeySet) -> Result<Arc<SigningKey>, ExchangeError> {
         let unavailable = |why: String| {
-            tracing::error!("token service: no signing key: {why}");
+            tracing::error!("token service: no signing key ({}): {why}", set.credential);
             err(
                 "server_error",
                 "the token service cannot sign now: the operator must check the signing credential (keyturn status)",
             )
         };
-        let versions = self.signing_versions().await.map_err(unavailable)?;
+        let versions = self.signing_versions(set).await.map_err(unavailable)?;
         let Some(current) = versions
             .iter()
             .find(|v| v.stage == crate::model::Stage::Current)
@@ -446,7 +553,7 @@ impl TokenService {
                 "the signing credential has no current version yet".into(),
             ));
         };
-        if let Some((v, key)) = &*self.signing.lock().unwrap_or_else(|p| p.into_inner())
+        if let Some((v, key)) = &*lock(&set.signing)
             && *v == current.version
         {
             return Ok(key.clone());
@@ -457,15 +564,14 @@ impl TokenService {
             .await
             .map_err(unavailable)?;
         let key =
-            SigningKey::from_ed25519_pem(current.version.to_string(), &pem).ok_or_else(|| {
+            SigningKey::from_ed25519_pem(set.kid(current.version), &pem).ok_or_else(|| {
                 unavailable(format!(
                     "version {} of the signing credential is not an Ed25519 private key",
                     current.version
                 ))
             })?;
         let key = Arc::new(key);
-        *self.signing.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((current.version, key.clone()));
+        *lock(&set.signing) = Some((current.version, key.clone()));
         Ok(key)
     }
 
@@ -621,10 +727,11 @@ impl TokenService {
                 })?;
             req.params.task = Some(task);
         }
-        let key = self.signing_key().await?;
+        let set = self.signer_for(&subject.tenant);
+        let key = self.signing_key(set).await?;
         let now = now_secs();
         let issued = exchange::exchange(
-            &self.policy,
+            &set.policy,
             self.clients.get(&client.agent),
             &subject,
             &Actor {
@@ -636,7 +743,7 @@ impl TokenService {
             &key,
         )?;
         let exp = now.saturating_add(i64::try_from(issued.expires_in).unwrap_or(i64::MAX));
-        if let Err(e) = self.note_signed(&key.kid, exp) {
+        if let Err(e) = self.note_signed(set, &key.kid, exp) {
             // Without the record the key could leave the JWKS before the
             // token expires: refuse rather than issue an unverifiable token.
             tracing::error!("token service: cannot record the signing key's use: {e}");
@@ -670,24 +777,27 @@ impl TokenService {
         })))
     }
 
-    /// Makes sure the ledger keeps key `kid` published until `exp`.
-    fn note_signed(&self, kid: &str, exp: i64) -> Result<(), String> {
-        let version: u64 = kid
-            .parse()
-            .map_err(|_| format!("kid {kid:?} is not a version"))?;
-        let mut signed = self.signed.lock().unwrap_or_else(|p| p.into_inner());
+    /// Makes sure the ledger keeps key `kid` of `set` published until `exp`.
+    fn note_signed(&self, set: &KeySet, kid: &str, exp: i64) -> Result<(), String> {
+        let version = set
+            .version_of(kid)
+            .ok_or_else(|| format!("kid {kid:?} is not a version"))?;
+        let mut signed = lock(&set.signed);
         if signed.get(&version).is_some_and(|until| *until >= exp) {
             return Ok(());
         }
-        let ttl = i64::try_from(self.policy.max_ttl.as_secs()).unwrap_or(i64::MAX);
+        let ttl = i64::try_from(set.policy.max_ttl.as_secs()).unwrap_or(i64::MAX);
         let until = exp.saturating_add(ttl);
-        self.backend.token_ledger().signed(version, until)?;
+        self.backend
+            .token_ledger()
+            .signed(&set.credential.to_string(), version, until)?;
         signed.insert(version, until);
         Ok(())
     }
 
-    /// A token of this service with a valid signature by a published key,
-    /// `iss` this issuer, not expired. `None` for anything else.
+    /// A token of this service with a valid signature by a published key
+    /// and the `iss` of that key's set, not expired. `None` for anything
+    /// else.
     async fn check(&self, token: &SecretValue, now: i64) -> Result<Option<Checked>, ExchangeError> {
         let Some(token) = token.expose_str() else {
             return Ok(None);
@@ -705,17 +815,21 @@ impl TokenService {
         {
             return Ok(None);
         }
-        let Some(kid) = header.kid.and_then(|k| k.parse::<u64>().ok()) else {
+        let Some((set, version)) = header
+            .kid
+            .as_deref()
+            .and_then(|kid| self.keys.iter().find_map(|s| Some((s, s.version_of(kid)?))))
+        else {
             return Ok(None);
         };
-        let keys = self.published(now).await.map_err(|e| {
+        let keys = self.published(set, now).await.map_err(|e| {
             tracing::error!("token service: cannot list the signing keys: {e}");
             err(
                 "temporarily_unavailable",
                 "the signing keys cannot be read now; retry",
             )
         })?;
-        let Some(key) = keys.iter().find(|k| k.version == kid) else {
+        let Some(key) = keys.iter().find(|k| k.version == version) else {
             return Ok(None);
         };
         let Ok(decoding) = DecodingKey::from_ed_pem(key.public_pem.as_bytes()) else {
@@ -725,10 +839,7 @@ impl TokenService {
         v.leeway = 0;
         v.validate_aud = false;
         v.set_required_spec_claims(&["exp", "iss", "iat", "jti"]);
-        v.iss = Some(std::collections::HashSet::from([self
-            .policy
-            .issuer
-            .clone()]));
+        v.iss = Some(std::collections::HashSet::from([set.policy.issuer.clone()]));
         match jsonwebtoken::decode::<Map<String, Value>>(token, &decoding, &v) {
             Ok(data) => Ok(Some(Checked {
                 claims: data.claims,
@@ -869,52 +980,60 @@ impl TokenService {
     }
 
     /// Whether every token naming `agent` issued (`iat`) at `issued_at` is
-    /// refused: what verifies a decommission's `tokens` item. Probe tokens
-    /// with that `iat`, signed by the current key — one with the agent as
-    /// client, one naming it only deep in an `act` chain — go through
-    /// introspection's own path ([`Self::check`], [`Self::active`]) and must
-    /// come out inactive. A probe is never logged, audited, persisted,
-    /// recorded in the ledger or returned. `Err` says why not.
+    /// refused: what verifies a decommission's `tokens` item. For each key
+    /// set (the default and each tenant's), probe tokens with that `iat`,
+    /// signed by its current key — one with the agent as client, one naming
+    /// it only deep in an `act` chain — go through introspection's own path
+    /// ([`Self::check`], [`Self::active`]) and must come out inactive. A
+    /// probe is never logged, audited, persisted, recorded in the ledger or
+    /// returned. `Err` says why not.
     pub async fn refuses_tokens_of(&self, agent: &str, issued_at: i64) -> Result<(), String> {
-        let key = self.signing_key().await.map_err(|e| e.description)?;
         let now = now_secs();
         // Not an agent id (`:`), so nothing but `agent` is decommissioned.
         let other = "keyturn:probe";
-        let probes = [
-            ("as client", agent, json!({ "sub": agent })),
-            (
-                "in an act chain",
-                other,
-                json!({ "sub": other, "act": { "sub": agent } }),
-            ),
-        ];
-        for (how, client_id, act) in probes {
-            let claims = json!({
-                "iss": self.policy.issuer,
-                "sub": other,
-                "aud": other,
-                "iat": issued_at,
-                "exp": now.max(issued_at).saturating_add(60),
-                "jti": format!("{other}:{issued_at}"),
-                "client_id": client_id,
-                "act": act,
-            });
-            let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
-            header.typ = Some("at+jwt".into());
-            header.kid = Some(key.kid.clone());
-            let probe = jsonwebtoken::encode(&header, &claims, &key.key)
-                .map(SecretValue::from_string)
-                .map_err(|_| "the signing key cannot sign a probe".to_owned())?;
-            let Some(checked) = self.check(&probe, now).await.map_err(|e| e.description)? else {
-                return Err(format!(
-                    "a probe signed by the current key (kid {}) does not pass the token check, so the refusal proves nothing",
-                    key.kid
-                ));
-            };
-            if self.active(&checked).map_err(|e| e.description)? {
-                return Err(format!(
-                    "a token naming agent {agent} {how}, issued at its decommission, is still active"
-                ));
+        for set in &self.keys {
+            let iss = &set.policy.issuer;
+            let key = self
+                .signing_key(set)
+                .await
+                .map_err(|e| format!("key set of {iss}: {}", e.description))?;
+            let probes = [
+                ("as client", agent, json!({ "sub": agent })),
+                (
+                    "in an act chain",
+                    other,
+                    json!({ "sub": other, "act": { "sub": agent } }),
+                ),
+            ];
+            for (how, client_id, act) in probes {
+                let claims = json!({
+                    "iss": iss,
+                    "sub": other,
+                    "aud": other,
+                    "iat": issued_at,
+                    "exp": now.max(issued_at).saturating_add(60),
+                    "jti": format!("{other}:{issued_at}"),
+                    "client_id": client_id,
+                    "act": act,
+                });
+                let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
+                header.typ = Some("at+jwt".into());
+                header.kid = Some(key.kid.clone());
+                let probe = jsonwebtoken::encode(&header, &claims, &key.key)
+                    .map(SecretValue::from_string)
+                    .map_err(|_| format!("key set of {iss}: the key cannot sign a probe"))?;
+                let Some(checked) = self.check(&probe, now).await.map_err(|e| e.description)?
+                else {
+                    return Err(format!(
+                        "a probe signed by the current key of {iss} (kid {}) does not pass the token check, so the refusal proves nothing",
+                        key.kid
+                    ));
+                };
+                if self.active(&checked).map_err(|e| e.description)? {
+                    return Err(format!(
+                        "a token of {iss} naming agent {agent} {how}, issued at its decommission, is still active"
+                    ));
+                }
             }
         }
         Ok(())

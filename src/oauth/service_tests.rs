@@ -29,6 +29,8 @@ use crate::tasks::store::TaskStore;
 
 const ISSUER: &str = "https://keyturn.test";
 const IDP: &str = "https://idp.test/realms/corp";
+/// The identity provider of tenant `partner`, which has its own signing key.
+const PARTNER_IDP: &str = "https://idp.partner.test";
 const API: &str = "https://api.test";
 const TOKEN_TYPE_AT: &str = "urn:ietf:params:oauth:token-type:access_token";
 const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
@@ -48,7 +50,10 @@ struct Mem {
     decommissioned: Mutex<HashMap<String, i64>>,
     /// Live tasks by id: (agent, claims).
     tasks: Mutex<HashMap<String, (String, TaskClaims)>>,
+    /// The default signing credential's versions.
     signing: Mutex<Vec<(VersionRow, SecretValue)>>,
+    /// Tenant `partner`'s own signing credential's versions.
+    partner_signing: Mutex<Vec<(VersionRow, SecretValue)>>,
     audit: Mutex<Vec<AuditEvent>>,
 }
 
@@ -76,17 +81,20 @@ impl Backend for Mem {
     fn token_ledger(&self) -> &dyn TokenLedger {
         &self.store
     }
-    async fn signing_versions(&self) -> Result<Vec<VersionRow>, String> {
+    async fn signing_versions(
+        &self,
+        credential: &CredentialKey,
+    ) -> Result<Vec<VersionRow>, String> {
         Ok(self
-            .signing
+            .rows(credential)
             .lock()
             .unwrap()
             .iter()
             .map(|(v, _)| v.clone())
             .collect())
     }
-    fn signing_current(&self) -> Option<u64> {
-        self.signing
+    fn signing_current(&self, credential: &CredentialKey) -> Option<u64> {
+        self.rows(credential)
             .lock()
             .unwrap()
             .iter()
@@ -94,7 +102,7 @@ impl Backend for Mem {
             .map(|(v, _)| v.version)
     }
     async fn signing_value(&self, version: &VersionRow) -> Result<SecretValue, String> {
-        self.signing
+        self.rows(&version.key)
             .lock()
             .unwrap()
             .iter()
@@ -119,12 +127,34 @@ impl Backend for Mem {
     }
 }
 
+impl Mem {
+    fn rows(&self, credential: &CredentialKey) -> &Mutex<Vec<(VersionRow, SecretValue)>> {
+        if *credential == partner_signer() {
+            &self.partner_signing
+        } else {
+            &self.signing
+        }
+    }
+}
+
+fn signer_key(name: &str) -> CredentialKey {
+    CredentialKey::new(
+        AgentId::new("keyturn").unwrap(),
+        CredentialId::new(name).unwrap(),
+    )
+}
+
+fn partner_signer() -> CredentialKey {
+    signer_key("partner-signer")
+}
+
 fn signing_row(version: u64, stage: Stage, public: &str) -> VersionRow {
+    signing_row_of(signer_key("signer"), version, stage, public)
+}
+
+fn signing_row_of(key: CredentialKey, version: u64, stage: Stage, public: &str) -> VersionRow {
     VersionRow {
-        key: CredentialKey::new(
-            AgentId::new("keyturn").unwrap(),
-            CredentialId::new("signer").unwrap(),
-        ),
+        key,
         version,
         rotation: RotationId::generate(),
         stage,
@@ -168,7 +198,7 @@ async fn harness() -> Harness {
     let store = TaskStore::open(&dir.path().join("tasks")).unwrap();
     let mut keys = HashMap::new();
     let mut agents = HashMap::new();
-    for agent in ["reporter", "intruder", "nopolicy"] {
+    for agent in ["reporter", "intruder", "nopolicy", "partnerbot"] {
         let p = pair();
         agents.insert(
             agent.to_owned(),
@@ -180,6 +210,7 @@ async fn harness() -> Harness {
         keys.insert(agent, p);
     }
     let signer = pair();
+    let partner = pair();
     let mem = Arc::new(Mem {
         store,
         agents: Mutex::new(agents),
@@ -188,6 +219,10 @@ async fn harness() -> Harness {
         signing: Mutex::new(vec![(
             signing_row(1, Stage::Current, &signer.public),
             signer.private,
+        )]),
+        partner_signing: Mutex::new(vec![(
+            signing_row_of(partner_signer(), 1, Stage::Current, &partner.public),
+            partner.private,
         )]),
         audit: Mutex::default(),
     });
@@ -200,19 +235,24 @@ async fn harness() -> Harness {
     jwk["kid"] = json!("idp-1");
     let jwks_path = dir.path().join("idp-jwks.json");
     std::fs::write(&jwks_path, json!({ "keys": [jwk] }).to_string()).unwrap();
-    let issuer = SubjectIssuer::from_config(SubjectIssuerConfig {
-        name: "corp".into(),
-        issuer: IDP.into(),
-        audience: vec!["keyturn".into()],
-        algorithms: vec![Algorithm::EdDSA],
-        jwks: JwksSource::File(jwks_path),
-        refresh: Duration::from_secs(300),
-        skew: Duration::from_secs(30),
-        typ: vec!["at+jwt".into()],
-        tenant: "acme".into(),
-    })
-    .unwrap();
-    let subjects = SubjectTokens::new(vec![issuer]);
+    let issuer = |name: &str, iss: &str, tenant: &str| {
+        SubjectIssuer::from_config(SubjectIssuerConfig {
+            name: name.into(),
+            issuer: iss.into(),
+            audience: vec!["keyturn".into()],
+            algorithms: vec![Algorithm::EdDSA],
+            jwks: JwksSource::File(jwks_path.clone()),
+            refresh: Duration::from_secs(300),
+            skew: Duration::from_secs(30),
+            typ: vec!["at+jwt".into()],
+            tenant: tenant.into(),
+        })
+        .unwrap()
+    };
+    let subjects = SubjectTokens::new(vec![
+        issuer("corp", IDP, "acme"),
+        issuer("partner", PARTNER_IDP, "partner"),
+    ]);
     let cancel = CancellationToken::new();
     subjects.start(&cancel).await;
 
@@ -233,8 +273,13 @@ async fn harness() -> Harness {
                 "intruder".to_owned(),
                 client("intruder", &["read:reports"], &["other-tenant"]),
             ),
+            (
+                "partnerbot".to_owned(),
+                client("partnerbot", &["read:reports"], &["partner"]),
+            ),
         ]
         .into(),
+        tenant_keys: [("partner".to_owned(), partner_signer())].into(),
     };
     // The tests change state (rotations) under the service: no cache.
     let service =
@@ -1109,6 +1154,152 @@ async fn a_token_for_a_task_carries_its_attribution_and_ends_with_it() {
     }
 }
 
+/// Tenant `partner` has its own signing key: its tokens carry its own `iss`
+/// and `kid`s and are published only in its own JWKS, so a resource server
+/// of one tenant never trusts another's; introspection checks each token
+/// against its own key set.
+#[tokio::test]
+async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
+    let h = harness().await;
+    let tenant_iss = format!("{ISSUER}/tenants/partner");
+    let mut form = request(&h);
+    set(
+        &mut form,
+        "subject_token",
+        &subject_with(&h, json!({}), json!({ "iss": PARTNER_IDP })),
+    );
+    // The client may name the service by its tenant's issuer.
+    let partner_assertion = || {
+        assertion_with(
+            &h,
+            "partnerbot",
+            "partnerbot",
+            json!({}),
+            json!({ "aud": tenant_iss }),
+        )
+    };
+    set(&mut form, "client_assertion", &partner_assertion());
+    set(&mut form, "actor_token", &partner_assertion());
+    set(&mut form, "scope", "read:reports");
+    let (token, _) = issue(&h, &form).await;
+    let header = jsonwebtoken::decode_header(&token).unwrap();
+    assert_eq!(header.kid.as_deref(), Some("partner.1"));
+
+    // Its own JWKS verifies it, with its own `iss`; the default JWKS does
+    // not have its key, and its JWKS does not have the default key.
+    let own = get(&h, "/tenants/partner/jwks.json").await;
+    assert_eq!(own.status, 200);
+    assert_eq!(own.headers["cache-control"], "no-store");
+    let set_p: jsonwebtoken::jwk::JwkSet = serde_json::from_value(own.json).unwrap();
+    assert_eq!(
+        set_p
+            .keys
+            .iter()
+            .map(|k| k.common.key_id.clone().unwrap())
+            .collect::<Vec<_>>(),
+        ["partner.1"]
+    );
+    let mut v = Validation::new(Algorithm::EdDSA);
+    v.set_issuer(&[&tenant_iss]);
+    v.set_audience(&[API]);
+    let claims = jsonwebtoken::decode::<Value>(
+        &token,
+        &DecodingKey::from_jwk(set_p.find("partner.1").unwrap()).unwrap(),
+        &v,
+    )
+    .unwrap()
+    .claims;
+    assert_eq!(claims["tenant"], "partner");
+    assert_eq!(claims["iss"], tenant_iss.as_str());
+    let default: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_value(get(&h, "/.well-known/jwks.json").await.json).unwrap();
+    assert!(default.find("partner.1").is_none());
+    assert_eq!(default.keys.len(), 1);
+
+    // A tenant without a key of its own (acme) signs with the default key.
+    let (acme, _) = issue(&h, &request(&h)).await;
+    let hd = jsonwebtoken::decode_header(&acme).unwrap();
+    assert_eq!(hd.kid.as_deref(), Some("1"));
+    assert!(set_p.find("1").is_none());
+
+    // RFC 8414 3.1 metadata of the tenant's issuer.
+    let m = get(
+        &h,
+        "/.well-known/oauth-authorization-server/tenants/partner",
+    )
+    .await;
+    assert_eq!(m.status, 200);
+    assert_eq!(m.json["issuer"], tenant_iss.as_str());
+    assert_eq!(
+        m.json["jwks_uri"],
+        format!("{ISSUER}/tenants/partner/jwks.json")
+    );
+    assert_eq!(m.json["token_endpoint"], format!("{ISSUER}/oauth/token"));
+    for path in [
+        "/tenants/acme/jwks.json",
+        "/tenants/nobody/jwks.json",
+        "/tenants/..%2F..%2Fetc/jwks.json",
+        "/.well-known/oauth-authorization-server/tenants/acme",
+    ] {
+        let r = h
+            .http
+            .get(format!("http://{}{path}", h.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
+
+    // Introspection: both active, each checked against its own key set.
+    for t in [&token, &acme] {
+        let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", t)).await;
+        assert_eq!(a.json["active"], true, "{}", a.json);
+    }
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &token)).await;
+    assert_eq!(a.json["iss"], tenant_iss.as_str());
+
+    // Forgeries across key sets are inactive: the partner key under the
+    // default `iss`, and under a default `kid`.
+    let partner_key = {
+        let rows = h.mem.partner_signing.lock().unwrap();
+        EncodingKey::from_ed_pem(rows[0].1.expose()).unwrap()
+    };
+    let mut c = claims.clone();
+    c["iss"] = json!(ISSUER);
+    c["tenant"] = json!("acme");
+    let forged_iss = sign_raw(
+        &partner_key,
+        Algorithm::EdDSA,
+        &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "partner.1"}),
+        &c,
+    );
+    let forged_kid = sign_raw(
+        &partner_key,
+        Algorithm::EdDSA,
+        &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "1"}),
+        &claims,
+    );
+    for (what, t) in [("iss", forged_iss), ("kid", forged_kid)] {
+        let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &t)).await;
+        assert_eq!(a.json, json!({"active": false}), "forged {what}");
+    }
+    // The genuine claims re-signed correctly stay valid: the refusals above
+    // are about the key set, not the claims.
+    let genuine = sign_raw(
+        &partner_key,
+        Algorithm::EdDSA,
+        &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "partner.1"}),
+        &claims,
+    );
+    let a = post(
+        &h,
+        "/oauth/introspect",
+        &auth_form(&h, "intruder", &genuine),
+    )
+    .await;
+    assert_eq!(a.json["active"], true);
+}
+
 #[test]
 fn a_reply_debug_never_shows_the_access_token() {
     let token = "eyJhbGciOiJFZERTQSJ9.canary-claims.canary-signature-part";
@@ -1175,7 +1366,12 @@ async fn the_tokens_probe_passes_only_when_the_service_refuses_the_agents_tokens
     let agent = AgentId::new("reporter").unwrap();
     let (live, _) = issue(&h, &request(&h)).await;
     let audited = h.mem.audit.lock().unwrap().len();
-    let signed = h.mem.store.signed_until().unwrap();
+    let signed = |c: &CredentialKey| h.mem.store.signed_until(&c.to_string()).unwrap();
+    let default_signer = CredentialKey::new(
+        AgentId::new("keyturn").unwrap(),
+        CredentialId::new("signer").unwrap(),
+    );
+    let signed_before = (signed(&default_signer), signed(&partner_signer()));
     let epoch = chrono::Utc::now();
 
     // Not decommissioned (or a backend that forgot it): the service would
@@ -1228,7 +1424,10 @@ async fn the_tokens_probe_passes_only_when_the_service_refuses_the_agents_tokens
             .count(),
         0
     );
-    assert_eq!(h.mem.store.signed_until().unwrap(), signed);
+    assert_eq!(
+        (signed(&default_signer), signed(&partner_signer())),
+        signed_before
+    );
 }
 
 /// The `tokens` item in a whole decommission: the decision records it,

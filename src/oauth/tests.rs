@@ -1266,3 +1266,93 @@ extra = 1
         );
     }
 }
+
+#[test]
+fn tenants_with_their_own_signing_keys_load_and_every_problem_is_reported() {
+    let base = format!(
+        r#"{TOKEN_AGENTS}
+[agents.signer.credentials.partner_sig]
+vault = "v"
+every = "1d"
+generate = {{ kind = "ed25519" }}
+
+[token_service]
+issuer = "https://keyturn.example.com"
+signing_credential = "signer/sig"
+"#
+    );
+    let cfg = load(&format!(
+        "{base}\n[token_service.tenants.partner]\nsigning_credential = \"signer/partner_sig\"\n"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let t = cfg.token_service.expect("configured");
+    assert_eq!(
+        t.tenant_keys
+            .iter()
+            .map(|(n, k)| (n.as_str(), k.to_string()))
+            .collect::<Vec<_>>(),
+        [("partner", "signer/partner_sig".to_owned())]
+    );
+
+    let errors = load(&format!(
+        r#"{base}
+[token_service.tenants.shared]
+signing_credential = "signer/sig"
+
+[token_service.tenants.passwords]
+signing_credential = "reporter/pw"
+
+[token_service.tenants."a/b"]
+signing_credential = "signer/partner_sig"
+
+[token_service.tenants.ghost]
+signing_credential = "nobody/none"
+
+[token_service.tenants.typo]
+signing_credential = "signer/partner_sig"
+extra = 1
+"#
+    ))
+    .unwrap_err()
+    .0;
+    let got: Vec<(String, String)> = errors
+        .iter()
+        .map(|e| (e.toml_path.clone(), e.message.clone()))
+        .collect();
+    for (path, msg) in [
+        (
+            "token_service.tenants.shared.signing_credential",
+            "already signs for [token_service] signing_credential",
+        ),
+        (
+            "token_service.tenants.passwords.signing_credential",
+            "must be an ed25519 credential",
+        ),
+        ("token_service.tenants.\"a/b\"", "letters, digits"),
+        (
+            "token_service.tenants.ghost.signing_credential",
+            "not a configured credential",
+        ),
+        ("token_service.tenants.typo.extra", "unknown"),
+    ] {
+        assert!(
+            got.iter().any(|(p, m)| p == path && m.contains(msg)),
+            "missing {path}: {msg} in {got:#?}"
+        );
+    }
+    assert!(errors.iter().all(|e| e.line > 0), "{got:#?}");
+
+    // Two tenants on one key would trust each other's tokens.
+    let errors = load(&format!(
+        "{base}\n[token_service.tenants.a]\nsigning_credential = \"signer/partner_sig\"\n[token_service.tenants.b]\nsigning_credential = \"signer/partner_sig\"\n"
+    ))
+    .unwrap_err()
+    .0;
+    assert!(
+        errors.iter().any(
+            |e| e.toml_path == "token_service.tenants.b.signing_credential"
+                && e.message.contains("[token_service.tenants.a]")
+        ),
+        "{errors:#?}"
+    );
+}

@@ -206,31 +206,50 @@ impl crate::oauth::service::TokenLedger for TaskStore {
             .map_err(|e| self.err("read revoked tokens", e).to_string())
     }
 
-    fn signed(&self, version: u64, until: i64) -> std::result::Result<(), String> {
+    fn signed(
+        &self,
+        credential: &str,
+        version: u64,
+        until: i64,
+    ) -> std::result::Result<(), String> {
         let version = i64::try_from(version).map_err(|_| "key version out of range".to_string())?;
         self.db()
             .execute(
-                "INSERT INTO token_keys (version, signed_until) VALUES (?1, ?2)
-                 ON CONFLICT(version) DO UPDATE SET signed_until = max(signed_until, excluded.signed_until)",
-                params![version, until],
+                "INSERT INTO token_key_uses (credential, version, signed_until) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(credential, version) DO UPDATE SET signed_until = max(signed_until, excluded.signed_until)",
+                params![credential, version, until],
             )
             .map(|_| ())
             .map_err(|e| self.err("record a signing key use", e).to_string())
     }
 
-    fn signed_until(&self) -> std::result::Result<Vec<(u64, i64)>, String> {
+    fn signed_until(&self, credential: &str) -> std::result::Result<Vec<(u64, i64)>, String> {
         let db = self.db();
         let mut stmt = db
-            .prepare_cached("SELECT version, signed_until FROM token_keys")
+            .prepare_cached(
+                "SELECT version, signed_until FROM token_key_uses WHERE credential = ?1",
+            )
             .map_err(|e| self.err("read signing key uses", e).to_string())?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            .query_map(params![credential], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            })
             .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
             .map_err(|e| self.err("read signing key uses", e).to_string())?;
         Ok(rows
             .into_iter()
             .filter_map(|(v, u)| Some((u64::try_from(v).ok()?, u)))
             .collect())
+    }
+
+    fn adopt_unnamed_key_uses(&self, credential: &str) -> std::result::Result<(), String> {
+        self.db()
+            .execute(
+                "UPDATE OR REPLACE token_key_uses SET credential = ?1 WHERE credential = ''",
+                params![credential],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err("adopt signing key uses", e).to_string())
     }
 }
 
@@ -320,10 +339,24 @@ const SCHEMA: &str = "
         jti         TEXT    NOT NULL PRIMARY KEY,
         expires_at  INTEGER NOT NULL
     );
-    CREATE TABLE IF NOT EXISTS token_keys (
-        version     INTEGER NOT NULL PRIMARY KEY,
-        signed_until INTEGER NOT NULL
+    CREATE TABLE IF NOT EXISTS token_key_uses (
+        credential  TEXT    NOT NULL,
+        version     INTEGER NOT NULL,
+        signed_until INTEGER NOT NULL,
+        PRIMARY KEY (credential, version)
     );
+";
+
+/// Before per-tenant signing keys, `token_keys` held the uses of the one
+/// signing credential without naming it: its rows move to
+/// `token_key_uses` under the credential `''`, which the token service
+/// hands to its default credential ([`TokenLedger::adopt_unnamed_key_uses`]).
+///
+/// [`TokenLedger::adopt_unnamed_key_uses`]: crate::oauth::service::TokenLedger::adopt_unnamed_key_uses
+const MIGRATE_TOKEN_KEYS: &str = "
+    INSERT OR IGNORE INTO token_key_uses (credential, version, signed_until)
+        SELECT '', version, signed_until FROM token_keys;
+    DROP TABLE token_keys;
 ";
 
 impl TaskStore {
@@ -376,6 +409,17 @@ impl TaskStore {
         };
         let wdb = open()
             .and_then(|db| db.execute_batch(SCHEMA).map(|()| db))
+            .and_then(|db| {
+                let legacy: bool = db.query_row(
+                    "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'token_keys'",
+                    [],
+                    |r| r.get(0),
+                )?;
+                if legacy {
+                    db.execute_batch(&format!("BEGIN; {MIGRATE_TOKEN_KEYS} COMMIT;"))?;
+                }
+                Ok(db)
+            })
             .map_err(|e| err("cannot set up", &e))?;
         let db = open().map_err(|e| err("cannot open", &e))?;
         let writer = writer(wdb).map_err(|e| err("cannot start its writer thread", &e))?;
@@ -1006,5 +1050,43 @@ mod tests {
         let r = TaskStore::open_read_only(dir.path()).unwrap().unwrap();
         assert_eq!(r.list(None, 0).unwrap()[0].task.task_id, "a");
         assert!(r.insert(&row("b", "bot", &["pg"], 3_000)).await.is_err());
+    }
+
+    /// Signing key uses are per credential; the rows written before they
+    /// named one move to the default credential, and nothing else.
+    #[test]
+    fn key_uses_are_per_credential_and_unnamed_ones_are_adopted() {
+        use crate::oauth::service::TokenLedger;
+        let dir = tempfile::tempdir().unwrap();
+        // A store as the previous schema left it.
+        {
+            let db = Connection::open(dir.path().join("tasks.db")).unwrap();
+            db.execute_batch(
+                "CREATE TABLE token_keys (version INTEGER NOT NULL PRIMARY KEY, signed_until INTEGER NOT NULL);
+                 INSERT INTO token_keys VALUES (3, 500), (4, 900);",
+            )
+            .unwrap();
+        }
+        let s = TaskStore::open(dir.path()).unwrap();
+        s.signed("k/partner", 3, 100).unwrap();
+        assert_eq!(s.signed_until("k/partner").unwrap(), [(3, 100)]);
+        assert!(s.signed_until("k/default").unwrap().is_empty());
+        s.adopt_unnamed_key_uses("k/default").unwrap();
+        let mut d = s.signed_until("k/default").unwrap();
+        d.sort();
+        assert_eq!(d, [(3, 500), (4, 900)]);
+        assert_eq!(s.signed_until("k/partner").unwrap(), [(3, 100)]);
+        // A later use only extends.
+        s.signed("k/default", 4, 800).unwrap();
+        s.signed("k/default", 3, 700).unwrap();
+        d = s.signed_until("k/default").unwrap();
+        d.sort();
+        assert_eq!(d, [(3, 700), (4, 900)]);
+        drop(s);
+        // Reopening migrates nothing twice.
+        let s = TaskStore::open(dir.path()).unwrap();
+        d = s.signed_until("k/default").unwrap();
+        d.sort();
+        assert_eq!(d, [(3, 700), (4, 900)]);
     }
 }

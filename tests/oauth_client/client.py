@@ -179,10 +179,15 @@ def discover(metadata_url):
                 except ValueError as e:
                     raise CheckFailed(f"metadata is not valid RFC 8414 (authlib {name}): {e}") from None
     # RFC 8414 3.3: the issuer is the URL the metadata was fetched from,
-    # less the well-known suffix, exactly.
-    suffix = "/.well-known/oauth-authorization-server"
-    check(metadata_url.endswith(suffix), f"{metadata_url} is not a {suffix} URL")
-    issuer = metadata_url[: -len(suffix)]
+    # less the well-known part, exactly; for an issuer with a path, the
+    # well-known part comes between the host and the path (3.1).
+    well_known = "/.well-known/oauth-authorization-server"
+    parts = urllib.parse.urlsplit(metadata_url)
+    check(
+        parts.path.startswith(well_known) and not parts.query and not parts.fragment,
+        f"{metadata_url} is not a {well_known} URL",
+    )
+    issuer = f"{parts.scheme}://{parts.netloc}{parts.path[len(well_known):]}"
     check(meta["issuer"] == issuer, f"metadata issuer {meta['issuer']!r} is not {issuer!r} (RFC 8414 3.3)")
     for key in ("token_endpoint", "jwks_uri", "introspection_endpoint", "revocation_endpoint"):
         check(isinstance(meta.get(key), str), f"metadata has no {key}")

@@ -330,8 +330,13 @@ impl Validator<'_> {
             Some(Parsed::Ok(s)) => Some(s),
             _ => None,
         };
-        let token_service =
-            crate::oauth::config::check_token_service(self, settings, &raw.token_clients, &agents);
+        let token_service = crate::oauth::config::check_token_service(
+            self,
+            settings,
+            &raw.token_clients,
+            &raw.token_tenants,
+            &agents,
+        );
         Config {
             source: self.ctx.source.clone(),
             daemon,
