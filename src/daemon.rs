@@ -232,6 +232,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         engine: engine.clone(),
         revocations: revocations.clone(),
         tasks: tasks.clone(),
+        oauth: Default::default(),
     });
     tracker.spawn(socket::serve(
         sock,
@@ -241,7 +242,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     ));
     tracker.spawn(socket::serve(
         agent_sock,
-        handler,
+        handler.clone(),
         cancel.clone(),
         tracker.clone(),
     ));
@@ -374,6 +375,8 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                         tasks: tasks.clone(),
                     }),
                 ));
+                // The sockets' `token_exchange` is the same service.
+                let _ = handler.oauth.set(service.clone());
                 // It verifies the decommissions' `tokens` items.
                 revocations.serve_tokens(service.clone());
                 Some(service)
@@ -739,6 +742,9 @@ struct Handler {
     engine: Engine,
     revocations: Revocations,
     tasks: Arc<crate::tasks::manager::TaskManager>,
+    /// The token service, once built (when `[token_service]` and `listen`
+    /// are configured).
+    oauth: std::sync::OnceLock<Arc<crate::oauth::service::TokenService>>,
 }
 
 /// The task manager's records take the same way.
@@ -1427,6 +1433,103 @@ impl ControlHandler for Handler {
 
     async fn agents(&self) -> Vec<AgentLifecycle> {
         self.revocations.lifecycle()
+    }
+
+    async fn token_exchange(
+        &self,
+        peer: PeerCred,
+        privileged: bool,
+        as_agent: Option<AgentId>,
+        args: crate::api::protocol::TokenExchangeArgs,
+    ) -> Result<crate::api::protocol::ResponseBody, ApiError> {
+        use crate::api::protocol::{ResponseBody, TokenExchanged, WireSecret};
+        use crate::oauth::service::{AgentExchange, Authenticated};
+        let Some(service) = self.oauth.get().cloned() else {
+            return Err(ApiError::unavailable(
+                "this daemon serves no token service: configure [token_service] and [daemon] listen (a loopback address), then restart it",
+            ));
+        };
+        let caller = self
+            .task_caller(peer, privileged, as_agent.as_ref())
+            .and_then(|c| {
+                // An agent retired in the config: as over HTTP (its keys
+                // are refused there).
+                let catalog = self.engine.catalog();
+                let retired = AgentId::new(&c.agent)
+                    .ok()
+                    .and_then(|id| catalog.config.agents.get(&id))
+                    .is_some_and(|a| a.decommissioned.is_some());
+                if retired {
+                    return Err(ApiError::forbidden(format!(
+                        "invalid_client: agent {} is decommissioned",
+                        c.agent
+                    )));
+                }
+                Ok(c)
+            });
+        let caller = match caller {
+            Ok(c) => c,
+            Err(mut e) => {
+                // Said as the token service says it: the OAuth code first.
+                if !e.message.starts_with("invalid_client:") {
+                    let code = match e.kind {
+                        ApiErrorKind::Forbidden | ApiErrorKind::NotFound => "invalid_client",
+                        _ => "invalid_request",
+                    };
+                    e.message = format!("{code}: {}", e.message);
+                }
+                let mut ev = AuditEvent::new("oauth.token", peer.actor(), Outcome::Refused);
+                ev.agent = as_agent;
+                ev.error = Some(e.message.clone());
+                ev.detail = Some(format!(
+                    "by peer uid={} (pid {}) on a socket",
+                    peer.uid, peer.pid
+                ));
+                if let Err(err) = self.engine.record(ev).await {
+                    tracing::error!(error = %err, "cannot audit a refused token exchange");
+                }
+                return Err(e);
+            }
+        };
+        let req = AgentExchange {
+            params: crate::oauth::exchange::Params {
+                audience: args.audience,
+                resource: args.resource,
+                scope: args.scope,
+                requested_token_type: args.requested_token_type,
+                task_id: args.task_id.filter(|t| !t.is_empty()),
+                task: None,
+            },
+            subject_token: args.subject_token.0,
+            subject_token_type: Some(args.subject_token_type),
+            actor_token: args.actor_token.map(|t| t.0),
+        };
+        let by = Authenticated {
+            actor: peer.actor(),
+            how: format!(
+                "authenticated by peer {} (pid {}) on a socket",
+                caller.described, peer.pid
+            ),
+        };
+        match service.token_for_agent(&caller.agent, req, by).await {
+            Ok(issued) => Ok(ResponseBody::TokenExchanged(Box::new(TokenExchanged {
+                access_token: WireSecret(issued.access_token),
+                issued_token_type: crate::oauth::exchange::TOKEN_TYPE_ACCESS_TOKEN.to_owned(),
+                token_type: "Bearer".to_owned(),
+                expires_in: issued.expires_in,
+                scope: issued.scope,
+            }))),
+            // The OAuth error code first, as RFC 6749 5.2 names it.
+            Err(e) => Err(ApiError::new(
+                match e.code {
+                    "invalid_client" | "unauthorized_client" => ApiErrorKind::Forbidden,
+                    "server_error" => ApiErrorKind::Internal,
+                    "temporarily_unavailable" => ApiErrorKind::Unavailable,
+                    _ => ApiErrorKind::BadRequest,
+                },
+                e.to_string(),
+            )),
+        }
     }
 
     async fn tasks(&self) -> Result<Vec<crate::api::protocol::TaskView>, ApiError> {

@@ -134,6 +134,8 @@ fn bash_completes_subcommands() {
         "surface",
         "watch",
         "ack",
+        "task",
+        "token",
         "audit",
         "completions",
     ] {
@@ -141,6 +143,8 @@ fn bash_completes_subcommands() {
     }
     let got = complete(dir.path(), &["keyturn", "d"], &[]);
     assert_eq!(got, ["daemon", "decommission"]);
+    let got = complete(dir.path(), &["keyturn", "token", ""], &[]);
+    assert!(got.contains(&"exchange".to_owned()), "{got:?}");
 }
 
 #[test]
@@ -178,6 +182,13 @@ fn bash_completes_agent_ids_of_the_config_the_command_uses() {
         &[],
     );
     assert_eq!(got, ["report-bot/api"]);
+    // `token exchange --as` takes an agent.
+    let got = complete(
+        dir.path(),
+        &["keyturn", "-c", &config, "token", "exchange", "--as", "inv"],
+        &[],
+    );
+    assert_eq!(got, ["invoice-bot"]);
 }
 
 #[test]

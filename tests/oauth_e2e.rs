@@ -131,8 +131,6 @@ deliver = [{{ type = "file", path = "{{root}}/bot/auth" }}]
 owner = "alice@example.com"
 tenant = "acme"
 tier = "high"
-uid = {uid}
-gid = {gid}
 auth_key = "auth"
 
 [agents.auditor.credentials.auth]
@@ -602,6 +600,234 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
             assert!(
                 !contains(bytes, signature.as_bytes()),
                 "{file}'s signature appears in {name}"
+            );
+        }
+    }
+}
+
+/// Client authentication by peer uid (issue 16): `keyturn token exchange`,
+/// run by the agent's uid (the test's), exchanges over the agents' socket
+/// with no assertion at all; the independent client validates the token
+/// against the JWKS and introspects it active. A uid that is no agent's is
+/// refused and audited; no token appears anywhere but the CLI's stdout.
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test services' Python venv: scripts/services.sh start, then --features real-servers"
+)]
+#[test]
+fn the_cli_exchanges_over_the_agents_socket_authenticated_by_peer_uid() {
+    use std::io::Write as _;
+    let mut client = Client::new();
+    let port = free_port();
+    let env = Env::with_daemon(&config(port), &format!("listen = \"127.0.0.1:{port}\""));
+    let dir = env.path().to_owned();
+    let p = |rel: &str| dir.join(rel).display().to_string();
+    client.ok(&["idp-init", &p("idp")]);
+    std::fs::create_dir(dir.join("client")).unwrap();
+    let daemon = env.start();
+    client.daemon_log = Some(daemon.log.clone());
+    let key = env.root().join("bot/auth/private.pem");
+    wait_for(std::time::Duration::from_secs(30), || {
+        key.exists().then_some(())
+    })
+    .unwrap_or_else(|| panic!("{} was never delivered", key.display()));
+    let key = key.display().to_string();
+    wait_version(&env, "keyturn", "signer", 1);
+    let metadata = format!("http://127.0.0.1:{port}/.well-known/oauth-authorization-server");
+    client.ok(&[
+        "subject",
+        &p("idp"),
+        "--sub",
+        "alice",
+        "--scope",
+        "invoices:read invoices:write email",
+        "--aud",
+        "keyturn",
+        "--iss",
+        IDP,
+        "--out",
+        &p("client/subject.jwt"),
+    ]);
+    let mut cli_outputs: Vec<u8> = Vec::new();
+
+    // The test's uid is bot's: the CLI finds the agents' socket in the config.
+    let out = env.cli(&[
+        "token",
+        "exchange",
+        "--subject-token-file",
+        &p("client/subject.jwt"),
+        "--scope",
+        "invoices:read reports:read email",
+        "--audience",
+        API,
+    ]);
+    cli_outputs.extend_from_slice(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut keys: Vec<&String> = answer.as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "access_token",
+            "expires_in",
+            "issued_token_type",
+            "scope",
+            "token_type"
+        ]
+    );
+    assert_eq!(answer["scope"], "invoices:read", "{}", answer["scope"]);
+    assert_eq!(answer["token_type"], "Bearer");
+    assert_eq!(
+        answer["issued_token_type"],
+        "urn:ietf:params:oauth:token-type:access_token"
+    );
+    // No actor token: the client's TTL (2m) applies.
+    let expires_in = answer["expires_in"].as_u64().unwrap();
+    assert!((100..=120).contains(&expires_in), "{expires_in}");
+    let token = answer["access_token"].as_str().unwrap().to_owned();
+    std::fs::write(dir.join("client/token.jwt"), &token).unwrap();
+
+    // The independent client: valid against the JWKS, active.
+    let valid = client.ok(&[
+        "validate",
+        "--metadata",
+        &metadata,
+        "--token-file",
+        &p("client/token.jwt"),
+        "--audience",
+        API,
+    ]);
+    assert_eq!(valid["claims"]["sub"], "alice", "{valid}");
+    assert_eq!(valid["claims"]["act"], serde_json::json!({"sub": "bot"}));
+    assert_eq!(valid["claims"]["client_id"], "bot", "{valid}");
+    assert_eq!(valid["claims"]["scope"], "invoices:read", "{valid}");
+    let active = client.ok(&[
+        "introspect",
+        "--metadata",
+        &metadata,
+        "--agent",
+        "bot",
+        "--key",
+        &key,
+        "--token-file",
+        &p("client/token.jwt"),
+        "--audience",
+        API,
+        "--expect-active",
+        "true",
+    ]);
+    assert_eq!(active["client_id"], "bot", "{active}");
+
+    // The same error codes: a scope nobody holds.
+    let out = env.cli(&[
+        "token",
+        "exchange",
+        "--subject-token-file",
+        &p("client/subject.jwt"),
+        "--scope",
+        "admin",
+        "--audience",
+        API,
+    ]);
+    cli_outputs.extend_from_slice(&out.stdout);
+    cli_outputs.extend_from_slice(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid_scope"),
+        "{out:?}"
+    );
+
+    // A uid that is no agent's is refused (the agents' socket is open to
+    // all), with `--as` too; the subject token comes on stdin.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = env.path().join("agent.sock");
+    let subject = std::fs::read(dir.join("client/subject.jwt")).unwrap();
+    for extra in [vec![], vec!["--as", "bot"]] {
+        let mut child = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin())
+            .args([
+                "token",
+                "exchange",
+                "--subject-token-file",
+                "-",
+                "--audience",
+                API,
+            ])
+            .args(&extra)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--config")
+            .arg("/nonexistent.toml")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&subject).unwrap();
+        let out = child.wait_with_output().unwrap();
+        cli_outputs.extend_from_slice(&out.stdout);
+        cli_outputs.extend_from_slice(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{extra:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("invalid_client"),
+            "{out:?}"
+        );
+    }
+
+    // Audited: issued as authenticated by peer uid, and the refusals.
+    let audit = audit_records(&env);
+    let tokens: Vec<&serde_json::Value> = audit
+        .iter()
+        .filter(|r| r["event"] == "oauth.token")
+        .collect();
+    // SAFETY: getuid cannot fail and touches no memory.
+    let uid = unsafe { libc::getuid() };
+    assert!(
+        tokens.iter().any(|r| r["outcome"] == "ok"
+            && r["agent"] == "bot"
+            && r["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(&format!("authenticated by peer uid={uid}"))),
+        "{tokens:?}"
+    );
+    let refused = tokens
+        .iter()
+        .filter(|r| r["outcome"] == "refused" && r.to_string().contains("uid=65534"))
+        .count();
+    assert_eq!(refused, 2, "{tokens:?}");
+
+    // Canaries: neither token, nor a signature, anywhere but that stdout.
+    let log = daemon.stop();
+    let mut outputs: Vec<(String, Vec<u8>)> = vec![
+        ("daemon output".into(), log.into_bytes()),
+        ("the CLI's stderr and refusals".into(), cli_outputs),
+    ];
+    for (path, bytes) in read_tree(&env.state_dir()) {
+        outputs.push((path.display().to_string(), bytes));
+    }
+    let subject = String::from_utf8(subject).unwrap();
+    for t in [token.as_str(), subject.trim()] {
+        let signature = t.rsplit('.').next().unwrap();
+        assert!(signature.len() >= 40);
+        for (name, bytes) in &outputs {
+            assert!(!contains(bytes, t.as_bytes()), "a token appears in {name}");
+            assert!(
+                !contains(bytes, signature.as_bytes()),
+                "a token's signature appears in {name}"
             );
         }
     }

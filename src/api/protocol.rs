@@ -49,10 +49,18 @@ pub const COMMANDS: &[&str] = &[
     "task_end",
     "task_list",
     "tasks",
+    "token_exchange",
 ];
 
 /// The commands served on the agents' socket.
-pub const AGENT_COMMANDS: &[&str] = &["ping", "ack", "task_start", "task_end", "task_list"];
+pub const AGENT_COMMANDS: &[&str] = &[
+    "ping",
+    "ack",
+    "task_start",
+    "task_end",
+    "task_list",
+    "token_exchange",
+];
 
 /// One request line. Read through [`WireRequest`], which refuses unknown
 /// fields in every shape.
@@ -136,6 +144,52 @@ pub enum Request {
     /// Every agent's tasks not ended (live, and ending: revocation not
     /// verified yet), for `keyturn status`. Control socket only.
     Tasks,
+    /// RFC 8693 token exchange (`crate::oauth`) for the agent the caller
+    /// is: its uid's agent, or `as_agent` as for tasks. The answer is the
+    /// RFC 8693 body; a refusal is an error whose message starts with the
+    /// OAuth error code.
+    TokenExchange {
+        #[serde(default, rename = "as")]
+        as_agent: Option<AgentId>,
+        #[serde(flatten)]
+        exchange: TokenExchangeArgs,
+    },
+}
+
+/// The RFC 8693 parameters of `token_exchange` (no client authentication:
+/// the peer's uid is). Tokens only as [`WireSecret`]s.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenExchangeArgs {
+    pub subject_token: WireSecret,
+    pub subject_token_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_token_type: Option<String>,
+    /// Space-delimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audience: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resource: Vec<String>,
+    /// One of the agent's live tasks the token is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// The agent's own `private_key_jwt` assertion: optional, as the peer
+    /// is the actor; if sent, its `exp` caps the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor_token: Option<WireSecret>,
+}
+
+/// The RFC 8693 2.2.1 answer to `token_exchange`. `Debug` never shows the
+/// token ([`WireSecret`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenExchanged {
+    pub access_token: WireSecret,
+    pub issued_token_type: String,
+    pub token_type: String,
+    pub expires_in: u64,
+    pub scope: String,
 }
 
 /// What a task start asks for.
@@ -167,6 +221,7 @@ impl Request {
             Request::TaskEnd { .. } => "task_end",
             Request::TaskList { .. } => "task_list",
             Request::Tasks => "tasks",
+            Request::TokenExchange { .. } => "token_exchange",
         }
     }
 }
@@ -233,6 +288,24 @@ enum WireRequest {
         assertion: Option<WireSecret>,
     },
     Tasks {},
+    TokenExchange {
+        #[serde(default, rename = "as")]
+        as_agent: Option<AgentId>,
+        subject_token: WireSecret,
+        subject_token_type: String,
+        #[serde(default)]
+        requested_token_type: Option<String>,
+        #[serde(default)]
+        scope: Option<String>,
+        #[serde(default)]
+        audience: Vec<String>,
+        #[serde(default)]
+        resource: Vec<String>,
+        #[serde(default)]
+        task_id: Option<String>,
+        #[serde(default)]
+        actor_token: Option<WireSecret>,
+    },
 }
 
 impl From<WireRequest> for Request {
@@ -297,6 +370,29 @@ impl From<WireRequest> for Request {
                 assertion,
             },
             WireRequest::Tasks {} => Request::Tasks,
+            WireRequest::TokenExchange {
+                as_agent,
+                subject_token,
+                subject_token_type,
+                requested_token_type,
+                scope,
+                audience,
+                resource,
+                task_id,
+                actor_token,
+            } => Request::TokenExchange {
+                as_agent,
+                exchange: TokenExchangeArgs {
+                    subject_token,
+                    subject_token_type,
+                    requested_token_type,
+                    scope,
+                    audience,
+                    resource,
+                    task_id,
+                    actor_token,
+                },
+            },
         }
     }
 }
@@ -595,6 +691,7 @@ pub enum ResponseBody {
     TaskStarted(Box<TaskStarted>),
     TaskEnded(Box<TaskView>),
     Tasks(Vec<TaskView>),
+    TokenExchanged(Box<TokenExchanged>),
 }
 
 /// A task as `task_list` and `task_end` report it (never a credential).
@@ -658,8 +755,9 @@ pub struct TaskCredential {
     pub file: Option<String>,
 }
 
-/// A secret in a `task_start` answer to the agent itself: the one place a
-/// secret leaves the daemon over a socket. Zeroized and redacted like
+/// A secret on the wire: a `task_start` credential or a `token_exchange`
+/// access token to the agent itself (the places a secret leaves the daemon
+/// over a socket), and an assertion or subject token to it. Zeroized and redacted like
 /// [`crate::model::SecretValue`], whose bytes it holds; serialized as the
 /// text only here.
 #[derive(Clone, PartialEq, Eq)]
@@ -1059,6 +1157,53 @@ mod tests {
         }
         let plain = parse_request(r#"{"cmd":"task_list"}"#).unwrap();
         assert!(!serde_json::to_string(&plain).unwrap().contains("assertion"));
+    }
+
+    /// `token_exchange` carries a subject token (and maybe an actor
+    /// token): read, sent back out as sent, never in `{:?}`; its answer's
+    /// access token neither.
+    #[test]
+    fn a_token_exchange_round_trips_and_never_prints_its_tokens() {
+        let subject = "eyJhbGciOiJFZERTQSJ9.kt_subject_payload.kt_subject_sig";
+        let actor = "eyJhbGciOiJFZERTQSJ9.kt_actor_payload.kt_actor_sig";
+        let line = format!(
+            r#"{{"cmd":"token_exchange","as":"bot","subject_token":"{subject}","subject_token_type":"urn:ietf:params:oauth:token-type:access_token","scope":"a b","audience":["https://x","https://y"],"resource":["https://r"],"task_id":"t1","actor_token":"{actor}"}}"#
+        );
+        let req = parse_request(&line).unwrap();
+        let Request::TokenExchange { as_agent, exchange } = &req else {
+            panic!("{req:?}");
+        };
+        assert_eq!(as_agent.as_ref().unwrap().as_str(), "bot");
+        assert_eq!(exchange.subject_token.0.expose_str(), Some(subject));
+        assert_eq!(
+            exchange.actor_token.as_ref().unwrap().0.expose_str(),
+            Some(actor)
+        );
+        assert_eq!(exchange.audience, ["https://x", "https://y"]);
+        assert_eq!(exchange.scope.as_deref(), Some("a b"));
+        assert!(!format!("{req:?}").contains("kt_"), "{req:?}");
+        let back = serde_json::to_string(&req).unwrap();
+        assert_eq!(parse_request(&back).unwrap(), req);
+        // Unknown fields and a missing subject token are refused.
+        for bad in [
+            line.replace(r#""scope""#, r#""scopes""#),
+            r#"{"cmd":"token_exchange","subject_token_type":"x"}"#.to_owned(),
+        ] {
+            assert_eq!(
+                parse_request(&bad).unwrap_err().kind,
+                ApiErrorKind::BadRequest
+            );
+        }
+        let answer = ResponseBody::TokenExchanged(Box::new(TokenExchanged {
+            access_token: WireSecret(crate::model::SecretValue::from_string(subject.into())),
+            issued_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
+            token_type: "Bearer".into(),
+            expires_in: 60,
+            scope: "a".into(),
+        }));
+        assert!(!format!("{answer:?}").contains("kt_"), "{answer:?}");
+        let json: serde_json::Value = serde_json::to_value(&answer).unwrap();
+        assert_eq!(json["token_exchanged"]["access_token"], subject);
     }
 
     #[test]

@@ -16,10 +16,12 @@
 //! being handled finish while no new ones are accepted.
 //!
 //! The agents' socket ([`bind_agent`], mode 0666) is served by the same
-//! code with one difference: anyone may connect, and only `ping` and `ack`
-//! are served there. An `ack` is authorized per request by the peer's uid
-//! (root, the daemon's, or the agent's configured `uid`), by the handler,
-//! on either socket.
+//! code with one difference: anyone may connect, and only
+//! [`AGENT_COMMANDS`] are served there. An `ack` is authorized per request
+//! by the peer's uid (root, the daemon's, or the agent's configured `uid`),
+//! by the handler, on either socket; task commands and `token_exchange` are
+//! for the peer's agent (its uid), or any agent named with `as` by a
+//! privileged peer.
 
 use std::fmt;
 use std::io;
@@ -100,6 +102,15 @@ pub trait ControlHandler: Send + Sync + 'static {
     ) -> Result<ResponseBody, ApiError>;
     /// Every agent's tasks not ended (for `keyturn status`).
     async fn tasks(&self) -> Result<Vec<crate::api::protocol::TaskView>, ApiError>;
+    /// An RFC 8693 token exchange for the peer's agent (`privileged` and
+    /// `as_agent` as for [`Self::task`]); the handler audits refusals.
+    async fn token_exchange(
+        &self,
+        peer: PeerCred,
+        privileged: bool,
+        as_agent: Option<AgentId>,
+        exchange: crate::api::protocol::TokenExchangeArgs,
+    ) -> Result<ResponseBody, ApiError>;
 }
 
 /// A task command as the socket read it.
@@ -538,15 +549,20 @@ impl Server {
         peer_allowed(peer, self.daemon_uid, self.sock_gid, &groups)
     }
 
-    async fn task(&self, peer: &PeerCred, command: TaskCommand) -> Response {
-        // On the control socket every peer that got here is privileged; on
-        // the agents' socket, only those the control socket would admit.
-        let privileged = if self.agent {
+    /// Whether `peer` may act for any agent (`as`): on the control socket
+    /// every peer that got here; on the agents' socket, only those the
+    /// control socket would admit.
+    async fn privileged(&self, peer: &PeerCred) -> bool {
+        if self.agent {
             let groups = supplementary_groups(peer).await.unwrap_or_default();
             peer_allowed(peer, self.daemon_uid, self.sock_gid, &groups)
         } else {
             true
-        };
+        }
+    }
+
+    async fn task(&self, peer: &PeerCred, command: TaskCommand) -> Response {
+        let privileged = self.privileged(peer).await;
         info!(uid = peer.uid, pid = peer.pid, ?command, "task request");
         self.handler.task(*peer, privileged, command).await.into()
     }
@@ -652,6 +668,15 @@ impl Server {
                 self.task(peer, command).await
             }
             Request::Tasks => self.handler.tasks().await.map(ResponseBody::Tasks).into(),
+            Request::TokenExchange { as_agent, exchange } => {
+                let privileged = self.privileged(peer).await;
+                // The parameters only: the tokens never reach the log.
+                info!(uid = peer.uid, pid = peer.pid, as_agent = ?as_agent, scope = ?exchange.scope, "token exchange request");
+                self.handler
+                    .token_exchange(*peer, privileged, as_agent, exchange)
+                    .await
+                    .into()
+            }
             Request::Ack {
                 agent,
                 credential,
@@ -1065,6 +1090,20 @@ mod tests {
         async fn tasks(&self) -> Result<Vec<crate::api::protocol::TaskView>, ApiError> {
             Err(ApiError::unavailable("not in this test"))
         }
+        async fn token_exchange(
+            &self,
+            _peer: PeerCred,
+            privileged: bool,
+            _as_agent: Option<AgentId>,
+            _exchange: crate::api::protocol::TokenExchangeArgs,
+        ) -> Result<ResponseBody, ApiError> {
+            // Says what the socket decided, for the dispatch tests.
+            if privileged {
+                Ok(ResponseBody::Tasks(Vec::new()))
+            } else {
+                Err(ApiError::forbidden("not privileged"))
+            }
+        }
     }
 
     struct Running {
@@ -1162,6 +1201,27 @@ mod tests {
         }
         let (kind, msg) = error_kind(call(&path, &ack(2)).await.unwrap());
         assert_eq!(kind, ApiErrorKind::Stale, "{msg}");
+        // Token exchange is served here, for the peer's agent (root is
+        // privileged: it may name one with `as`).
+        let exchange = Request::TokenExchange {
+            as_agent: None,
+            exchange: crate::api::protocol::TokenExchangeArgs {
+                subject_token: WireSecret(crate::model::SecretValue::from_string(
+                    "SUBJECT-CANARY".into(),
+                )),
+                subject_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
+                requested_token_type: None,
+                scope: None,
+                audience: vec![],
+                resource: vec![],
+                task_id: None,
+                actor_token: None,
+            },
+        };
+        assert_eq!(
+            call(&path, &exchange).await.unwrap(),
+            Response::Ok(ResponseBody::Tasks(Vec::new()))
+        );
         // `tasks` lists every agent's tasks: operators only.
         for req in [
             Request::Status,

@@ -178,6 +178,13 @@ pub enum Command {
         #[arg(long, value_name = "AUD", global = true, requires = "key")]
         audience: Option<String>,
     },
+    /// OAuth token service: `exchange` a human's access token for one
+    /// scoped to the calling uid's agent (RFC 8693), over the agents'
+    /// socket: the peer's uid authenticates the agent.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Audit log commands.
     Audit {
         #[command(subcommand)]
@@ -249,6 +256,42 @@ pub enum TaskCommand {
     End { task: String },
     /// Your live tasks and the last ended ones.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Exchange the human's access token (the subject token) for an access
+    /// token of the calling uid's agent acting for that human; prints the
+    /// RFC 8693 answer as JSON on stdout (the token goes nowhere else).
+    Exchange {
+        /// The subject token: a file holding it, or `-` for stdin.
+        #[arg(long, value_name = "PATH")]
+        subject_token_file: PathBuf,
+        /// Its RFC 8693 type.
+        #[arg(long, value_name = "URI", default_value = crate::oauth::exchange::TOKEN_TYPE_ACCESS_TOKEN)]
+        subject_token_type: String,
+        /// The scopes wanted, space-delimited (default: all that the human
+        /// and the agent both have).
+        #[arg(long)]
+        scope: Option<String>,
+        /// Where the token will be used (repeat for several).
+        #[arg(long, value_name = "AUD")]
+        audience: Vec<String>,
+        /// A resource URI the token is for (repeat for several).
+        #[arg(long, value_name = "URI")]
+        resource: Vec<String>,
+        /// One of the agent's live tasks: the token carries its attribution
+        /// and ends with it.
+        #[arg(long, value_name = "ID")]
+        task: Option<String>,
+        /// Act for this agent (root and the control socket's group; audited).
+        #[arg(long = "as", value_name = "AGENT", add = ArgValueCompleter::new(completions::agents))]
+        as_agent: Option<String>,
+        /// The socket (default: `daemon.agent_socket` of the config if it
+        /// can be read, else /run/keyturn/agent.sock).
+        #[arg(long, env = "KEYTURN_AGENT_SOCKET")]
+        socket: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -374,6 +417,29 @@ async fn run(cli: Cli) -> u8 {
                 audience,
             });
             task(&cli.config, command, socket, as_agent, signer).await
+        }
+        Command::Token {
+            command:
+                TokenCommand::Exchange {
+                    subject_token_file,
+                    subject_token_type,
+                    scope,
+                    audience,
+                    resource,
+                    task,
+                    as_agent,
+                    socket,
+                },
+        } => {
+            let args = ExchangeArgs {
+                subject_token_file,
+                subject_token_type,
+                scope,
+                audience,
+                resource,
+                task,
+            };
+            token_exchange(&cli.config, args, as_agent, socket).await
         }
         Command::Audit {
             command: AuditCommand::Verify,
@@ -900,6 +966,102 @@ async fn task(
         _ => return unexpected(),
     }
     0
+}
+
+/// What `keyturn token exchange` sends, as given.
+struct ExchangeArgs {
+    subject_token_file: PathBuf,
+    subject_token_type: String,
+    scope: Option<String>,
+    audience: Vec<String>,
+    resource: Vec<String>,
+    task: Option<String>,
+}
+
+/// Reads the subject token from `path` (`-`: stdin), without its trailing
+/// newline.
+fn read_subject_token(path: &Path) -> Result<crate::model::SecretValue, String> {
+    use std::io::Read as _;
+    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    let read = if path == Path::new("-") {
+        std::io::stdin().read_to_end(&mut bytes)
+    } else {
+        std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut bytes))
+    };
+    read.map_err(|e| format!("--subject-token-file {}: {e}", path.display()))?;
+    let len = bytes
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
+    if len == 0 {
+        return Err(format!(
+            "--subject-token-file {}: the file is empty; it must hold the human's access token",
+            path.display()
+        ));
+    }
+    Ok(crate::model::SecretValue::new(bytes[..len].to_vec()))
+}
+
+/// `keyturn token exchange`: RFC 8693 over the agents' socket, as the
+/// calling uid's agent (or `--as` one).
+async fn token_exchange(
+    path: &Path,
+    args: ExchangeArgs,
+    as_agent: Option<String>,
+    socket: Option<PathBuf>,
+) -> u8 {
+    let as_agent = match as_agent.map(crate::model::AgentId::new).transpose() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("keyturn: --as: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let subject_token = match read_subject_token(&args.subject_token_file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let socket = socket.unwrap_or_else(|| agent_socket_of(path));
+    let req = Request::TokenExchange {
+        as_agent,
+        exchange: crate::api::protocol::TokenExchangeArgs {
+            subject_token: crate::api::protocol::WireSecret(subject_token),
+            subject_token_type: args.subject_token_type,
+            requested_token_type: None,
+            scope: args.scope,
+            audience: args.audience,
+            resource: args.resource,
+            task_id: args.task,
+            actor_token: None,
+        },
+    };
+    match call(&socket, &req).await {
+        Ok(Response::Ok(ResponseBody::TokenExchanged(t))) => {
+            println!("{}", serde_json::to_string_pretty(&t).unwrap_or_default());
+            0
+        }
+        Ok(Response::Ok(_)) => unexpected(),
+        Ok(Response::Error(e)) => {
+            // The OAuth error code and why (never a token).
+            eprintln!("keyturn: token exchange refused: {}", e.message);
+            match e.kind {
+                ApiErrorKind::Forbidden => EXIT_NOPERM,
+                ApiErrorKind::Unavailable => EXIT_UNAVAILABLE,
+                _ => EXIT_FAILED,
+            }
+        }
+        Err(e @ ClientError::PermissionDenied { .. }) => {
+            eprintln!("keyturn: {e}");
+            EXIT_NOPERM
+        }
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            EXIT_UNAVAILABLE
+        }
+    }
 }
 
 /// The agents' socket named by the config at `path` (read leniently: an

@@ -713,17 +713,20 @@ pub(super) struct FileAgent {
 }
 
 fn into_raw(f: File) -> RawConfig {
+    let token_settings = f
+        .token_service
+        .as_ref()
+        .map(|t| t.settings())
+        .filter(|s| *s != Default::default())
+        .map(Parsed::Ok);
+    let token_service = f.token_service.unwrap_or_default();
     RawConfig {
         daemon: f.daemon.map(Parsed::Ok),
         alert_rules: f.alert_rules.map(Parsed::Ok),
         tiers: f
             .tiers
             .map(|t| t.into_iter().map(|(n, t)| (n, Parsed::Ok(t))).collect()),
-        vaults: f
-            .vaults
-            .into_iter()
-            .map(|(n, v)| (n, Parsed::Ok(v)))
-            .collect(),
+        vaults: all_ok(f.vaults),
         agents: f
             .agents
             .into_iter()
@@ -749,49 +752,22 @@ fn into_raw(f: File) -> RawConfig {
                 (name, entry)
             })
             .collect(),
-        alerts: f
-            .alerts
-            .into_iter()
-            .map(|(n, a)| (n, Parsed::Ok(a)))
-            .collect(),
-        policies: f
-            .policies
-            .into_iter()
-            .map(|(n, a)| (n, Parsed::Ok(a)))
-            .collect(),
-        issuers: f
-            .issuers
-            .into_iter()
-            .map(|(n, a)| (n, Parsed::Ok(a)))
-            .collect(),
-        token_settings: f.token_service.as_ref().and_then(|t| {
-            let s = t.settings();
-            (s != Default::default()).then_some(Parsed::Ok(s))
-        }),
-        token_clients: f
-            .token_service
-            .as_ref()
-            .map(|t| t.clients.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(n, a)| (n, Parsed::Ok(a)))
-            .collect(),
-        token_tenants: f
-            .token_service
-            .as_ref()
-            .map(|t| t.tenants.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(n, a)| (n, Parsed::Ok(a)))
-            .collect(),
-        subject_issuers: f
-            .token_service
-            .map(|t| t.subject_issuers)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(n, a)| (n, Parsed::Ok(a)))
-            .collect(),
+        alerts: all_ok(f.alerts),
+        policies: all_ok(f.policies),
+        issuers: all_ok(f.issuers),
+        token_settings,
+        token_clients: all_ok(token_service.clients),
+        token_tenants: all_ok(token_service.tenants),
+        subject_issuers: all_ok(token_service.subject_issuers),
     }
+}
+
+/// Named sections that deserialized in one go.
+fn all_ok<T>(sections: BTreeMap<String, T>) -> BTreeMap<String, Parsed<T>> {
+    sections
+        .into_iter()
+        .map(|(n, a)| (n, Parsed::Ok(a)))
+        .collect()
 }
 
 /// Step 2: every section deserialized on its own; failures become issues and

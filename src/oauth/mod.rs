@@ -8,7 +8,9 @@
 //! from a configured identity provider) and the agent's `private_key_jwt`
 //! assertions (`crate::auth`), and issues an RFC 9068 `at+jwt` signed with
 //! a rotated keyturn key; JWKS, RFC 8414 metadata, introspection (RFC 7662)
-//! and revocation (RFC 7009) beside it.
+//! and revocation (RFC 7009) beside it. The daemon's sockets serve the same
+//! exchange (`token_exchange`) for an agent authenticated by the peer's uid
+//! ([`service::TokenService::token_for_agent`]).
 //!
 //! - [`config`]      `[token_service]` and `[token_service.subject_issuers.NAME]`:
 //!   issuer, audience, pinned algorithms, JWKS file or URL, refresh, skew,

@@ -35,6 +35,19 @@ fn invalid(code: &'static str, d: impl Into<String>) -> ExchangeError {
     }
 }
 
+/// `subject_token_type` as sent: an access token or a JWT, else
+/// `invalid_request` (the control socket's exchange checks it the same way).
+pub fn subject_token_type(sent: Option<String>) -> Result<String, ExchangeError> {
+    match sent.filter(|t| !t.is_empty()) {
+        Some(t) if t == TOKEN_TYPE_ACCESS_TOKEN || t == TOKEN_TYPE_JWT => Ok(t),
+        Some(_) => Err(invalid(
+            "invalid_request",
+            format!("subject_token_type must be {TOKEN_TYPE_ACCESS_TOKEN} or {TOKEN_TYPE_JWT}"),
+        )),
+        None => Err(invalid("invalid_request", "subject_token_type is missing")),
+    }
+}
+
 /// Parses `body`.
 pub fn parse(body: &[u8]) -> Result<TokenRequest, ExchangeError> {
     if body.len() > MAX_BODY_BYTES {
@@ -101,16 +114,7 @@ pub fn parse(body: &[u8]) -> Result<TokenRequest, ExchangeError> {
     let Some(subject_token) = take("subject_token") else {
         return Err(invalid("invalid_request", "subject_token is missing"));
     };
-    let subject_token_type = match take("subject_token_type") {
-        Some(t) if t == TOKEN_TYPE_ACCESS_TOKEN || t == TOKEN_TYPE_JWT => t,
-        Some(_) => {
-            return Err(invalid(
-                "invalid_request",
-                format!("subject_token_type must be {TOKEN_TYPE_ACCESS_TOKEN} or {TOKEN_TYPE_JWT}"),
-            ));
-        }
-        None => return Err(invalid("invalid_request", "subject_token_type is missing")),
-    };
+    let subject_token_type = subject_token_type(take("subject_token_type"))?;
     let Some(actor_token) = take("actor_token") else {
         return Err(invalid(
             "invalid_request",

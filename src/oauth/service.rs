@@ -14,6 +14,9 @@
 //!   the token endpoint, single-use `jti` (the task store's ledger, so a
 //!   replay is refused after a restart too). A failure is `invalid_client`
 //!   with 401.
+//!   Over the daemon's sockets the client is instead authenticated by the
+//!   peer's uid ([`TokenService::token_for_agent`]): the same exchange,
+//!   audited as authenticated by peer uid.
 //! - **The actor token** is another such assertion of the *same* agent:
 //!   an assertion of another agent is the confused deputy and is refused.
 //!   Its `exp` is the actor's credential lifetime: the issued token never
@@ -36,7 +39,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value, json};
 
 use super::exchange::{
-    self, Actor, ClientPolicy, ExchangeError, GRANT_TYPE, ServicePolicy, SigningKey,
+    self, Actor, ClientPolicy, ExchangeError, GRANT_TYPE, Issued, ServicePolicy, SigningKey,
     TOKEN_TYPE_ACCESS_TOKEN, TaskClaims,
 };
 use super::request::{self, CLIENT_ASSERTION_TYPE};
@@ -103,6 +106,38 @@ impl Reply {
             body: Some(json!({ "error": e.code, "error_description": e.description })),
         }
     }
+}
+
+/// The RFC 8693 2.2.1 answer to an exchange: `access_token`,
+/// `issued_token_type`, `token_type`, `expires_in`, `scope` (always).
+pub fn answer(issued: &Issued) -> Value {
+    json!({
+        "access_token": issued.access_token.expose_str().unwrap_or_default(),
+        "issued_token_type": TOKEN_TYPE_ACCESS_TOKEN,
+        "token_type": "Bearer",
+        "expires_in": issued.expires_in,
+        "scope": issued.scope,
+    })
+}
+
+/// A token exchange of an agent its caller already authenticated
+/// ([`TokenService::token_for_agent`]): the RFC 8693 parameters without
+/// client authentication. Tokens only as [`SecretValue`]s.
+pub struct AgentExchange {
+    /// `audience`, `resource`, `scope`, `requested_token_type`, `task_id`.
+    pub params: exchange::Params,
+    pub subject_token: SecretValue,
+    /// Checked as over HTTP (an access token or a JWT).
+    pub subject_token_type: Option<String>,
+    /// The agent's own `private_key_jwt` assertion, if sent.
+    pub actor_token: Option<SecretValue>,
+}
+
+/// Who asked and how the agent was authenticated, for the audit record.
+pub struct Authenticated {
+    pub actor: AuditActor,
+    /// e.g. `authenticated by peer uid=1000 (pid 42)`.
+    pub how: String,
 }
 
 /// Revoked tokens and which signing key versions signed tokens until when.
@@ -651,28 +686,95 @@ impl TokenService {
     pub async fn token(&self, body: &[u8], peer: &str) -> Reply {
         let mut ev = AuditEvent::new("oauth.token", AuditActor::Daemon, Outcome::Ok);
         let result = self.issue(body, &mut ev).await;
-        ev.detail = Some(match &ev.detail {
-            Some(d) => format!("{d}; from {peer}"),
-            None => format!("from {peer}"),
-        });
-        let reply = match result {
-            Ok(r) => r,
-            Err(e) => {
-                ev.outcome = if e.code == "server_error" {
-                    Outcome::Failed
-                } else {
-                    Outcome::Refused
-                };
-                ev.error = Some(e.to_string());
-                Reply::error(&e)
-            }
-        };
-        self.backend.audit(ev).await;
-        reply
+        let result = self.audited(ev, result, format!("from {peer}")).await;
+        match result {
+            Ok(issued) => Reply::ok(answer(&issued)),
+            Err(e) => Reply::error(&e),
+        }
     }
 
-    async fn issue(&self, body: &[u8], ev: &mut AuditEvent) -> Result<Reply, ExchangeError> {
-        let mut req = request::parse(body)?;
+    /// A token exchange for `agent`, which the caller already authenticated
+    /// (the daemon's sockets: by the peer's uid, `by` says how, for the
+    /// audit). The rest is [`Self::token`]'s: the same checks, the same
+    /// token, the same error codes. A decommissioned agent and one that is
+    /// not a client of the service are refused; an `actor_token`, if sent,
+    /// must be the same agent's assertion (checked and its `jti` spent as
+    /// over HTTP) and caps the token's lifetime; without one the policy's
+    /// TTL does.
+    pub async fn token_for_agent(
+        &self,
+        agent: &str,
+        req: AgentExchange,
+        by: Authenticated,
+    ) -> Result<Issued, ExchangeError> {
+        let mut ev = AuditEvent::new("oauth.token", by.actor, Outcome::Ok);
+        ev.agent = AgentId::new(agent).ok();
+        let result = async {
+            if self.backend.decommissioned_at(agent).is_some() {
+                return Err(err(
+                    "invalid_client",
+                    format!("agent {agent} is decommissioned"),
+                ));
+            }
+            request::subject_token_type(req.subject_token_type)?;
+            if req.subject_token.expose().is_empty() {
+                return Err(err("invalid_request", "subject_token is missing"));
+            }
+            let valid_until = match &req.actor_token {
+                None => None,
+                Some(token) => {
+                    let actor = self
+                        .authenticate(token, "invalid_request", "actor_token")
+                        .await?;
+                    self.spend(&[(&actor, "invalid_request", "actor_token")])
+                        .await?;
+                    if actor.agent != agent {
+                        return Err(err(
+                            "invalid_request",
+                            format!(
+                                "the actor_token is agent `{}`'s, but the client is `{agent}`: an agent acts only as itself",
+                                actor.agent
+                            ),
+                        ));
+                    }
+                    u64::try_from(actor.exp).ok()
+                }
+            };
+            self.grant(agent, valid_until, &req.subject_token, req.params, &mut ev)
+                .await
+        }
+        .await;
+        self.audited(ev, result, by.how).await
+    }
+
+    /// Audits the outcome of an exchange (`note` says where it came from
+    /// and how the client was authenticated) and hands it back.
+    async fn audited(
+        &self,
+        mut ev: AuditEvent,
+        result: Result<Issued, ExchangeError>,
+        note: String,
+    ) -> Result<Issued, ExchangeError> {
+        ev.detail = Some(match &ev.detail {
+            Some(d) => format!("{d}; {note}"),
+            None => note,
+        });
+        if let Err(e) = &result {
+            ev.outcome = if e.code == "server_error" {
+                Outcome::Failed
+            } else {
+                Outcome::Refused
+            };
+            ev.error = Some(e.to_string());
+        }
+        self.backend.audit(ev).await;
+        result
+    }
+
+    /// `POST /oauth/token` once parsed: client and actor authentication
+    /// (private_key_jwt), then [`Self::grant`].
+    async fn issue(&self, body: &[u8], ev: &mut AuditEvent) -> Result<Issued, ExchangeError> {
+        let req = request::parse(body)?;
         let client = self
             .authenticate(&req.client_assertion, "invalid_client", "client assertion")
             .await?;
@@ -694,9 +796,30 @@ impl TokenService {
                 ),
             ));
         }
+        self.grant(
+            &client.agent,
+            u64::try_from(actor.exp).ok(),
+            &req.subject_token,
+            req.params,
+            ev,
+        )
+        .await
+    }
+
+    /// The exchange for an authenticated `agent` (the actor; its credential
+    /// valid until `valid_until`, if known): the subject token, the task,
+    /// the exchange itself, the signing key's use recorded, the audit detail.
+    async fn grant(
+        &self,
+        agent: &str,
+        valid_until: Option<u64>,
+        subject_token: &SecretValue,
+        mut params: exchange::Params,
+        ev: &mut AuditEvent,
+    ) -> Result<Issued, ExchangeError> {
         let subject = self
             .subjects
-            .validate(req.subject_token.expose_str().unwrap_or(""))
+            .validate(subject_token.expose_str().unwrap_or(""))
             .await
             .map_err(|e| {
                 err(
@@ -705,13 +828,13 @@ impl TokenService {
                 )
             })?;
         ev.tenant = Some(subject.tenant.clone());
-        if let Some(id) = &req.params.task_id {
+        if let Some(id) = &params.task_id {
             // Named in the record, as task records do, refused or not.
             let id_shown = id.chars().take(64).collect::<String>();
             ev.detail = Some(format!("task {id_shown:?}"));
             let task = self
                 .backend
-                .live_task(&client.agent, id)
+                .live_task(agent, id)
                 .map_err(|e| {
                     tracing::error!("token service: cannot read tasks: {e}");
                     err("temporarily_unavailable", "tasks cannot be read now; retry")
@@ -719,26 +842,23 @@ impl TokenService {
                 .ok_or_else(|| {
                     err(
                         "invalid_request",
-                        format!(
-                            "task_id {id_shown:?} is not a live task of agent `{}`",
-                            client.agent
-                        ),
+                        format!("task_id {id_shown:?} is not a live task of agent `{agent}`",),
                     )
                 })?;
-            req.params.task = Some(task);
+            params.task = Some(task);
         }
         let set = self.signer_for(&subject.tenant);
         let key = self.signing_key(set).await?;
         let now = now_secs();
         let issued = exchange::exchange(
             &set.policy,
-            self.clients.get(&client.agent),
+            self.clients.get(agent),
             &subject,
             &Actor {
-                agent: client.agent.clone(),
-                valid_until: u64::try_from(actor.exp).ok(),
+                agent: agent.to_owned(),
+                valid_until,
             },
-            &req.params,
+            &params,
             u64::try_from(now).unwrap_or(0),
             &key,
         )?;
@@ -752,8 +872,7 @@ impl TokenService {
                 "the token service cannot record the issuance now; retry",
             ));
         }
-        let task = req
-            .params
+        let task = params
             .task
             .as_ref()
             .map(|t| format!(", task {:?}, run_id {:?}", t.task_id, t.run_id))
@@ -768,13 +887,7 @@ impl TokenService {
             key.kid,
             issued.expires_in
         ));
-        Ok(Reply::ok(json!({
-            "access_token": issued.access_token.expose_str().unwrap_or_default(),
-            "issued_token_type": TOKEN_TYPE_ACCESS_TOKEN,
-            "token_type": "Bearer",
-            "expires_in": issued.expires_in,
-            "scope": issued.scope,
-        })))
+        Ok(issued)
     }
 
     /// Makes sure the ledger keeps key `kid` of `set` published until `exp`.

@@ -166,9 +166,9 @@ fn signing_row_of(key: CredentialKey, version: u64, stage: Stage, public: &str) 
 
 struct Harness {
     addr: std::net::SocketAddr,
+    service: Arc<TokenService>,
     metrics: Arc<crate::telemetry::Metrics>,
     mem: Arc<Mem>,
-    service: Arc<TokenService>,
     /// The agents' private keys.
     keys: HashMap<&'static str, Pair>,
     idp: EncodingKey,
@@ -302,9 +302,9 @@ async fn harness() -> Harness {
     ));
     Harness {
         addr,
+        service,
         metrics,
         mem,
-        service,
         keys,
         idp,
         cancel,
@@ -1154,6 +1154,242 @@ async fn a_token_for_a_task_carries_its_attribution_and_ends_with_it() {
     }
 }
 
+// The pre-authenticated path (the daemon's sockets, by peer uid): the same
+// exchange, checks and error codes as over HTTP.
+
+fn peer_request(h: &Harness) -> super::service::AgentExchange {
+    super::service::AgentExchange {
+        params: super::exchange::Params {
+            audience: vec![API.into()],
+            ..Default::default()
+        },
+        subject_token: SecretValue::from_string(subject(h)),
+        subject_token_type: Some(TOKEN_TYPE_AT.into()),
+        actor_token: None,
+    }
+}
+
+fn by_peer() -> super::service::Authenticated {
+    super::service::Authenticated {
+        actor: crate::audit::Actor::Peer {
+            uid: 1234,
+            gid: 1234,
+            pid: 42,
+        },
+        how: "authenticated by peer uid=1234 (pid 42) on a socket".into(),
+    }
+}
+
+async fn by_uid(
+    h: &Harness,
+    agent: &str,
+    req: super::service::AgentExchange,
+) -> Result<super::exchange::Issued, super::exchange::ExchangeError> {
+    h.service.token_for_agent(agent, req, by_peer()).await
+}
+
+async fn code_by_uid(h: &Harness, agent: &str, req: super::service::AgentExchange) -> &'static str {
+    match by_uid(h, agent, req).await {
+        Ok(i) => panic!("issued: {i:?}"),
+        Err(e) => {
+            let ev = h.mem.audit.lock().unwrap().last().cloned().unwrap();
+            assert_eq!(ev.event, "oauth.token");
+            assert_eq!(ev.outcome, Outcome::Refused, "{ev:?}");
+            assert!(ev.detail.as_deref().unwrap().contains("by peer uid=1234"));
+            e.code
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_agent_authenticated_by_peer_uid_gets_the_same_token() {
+    let h = harness().await;
+    let mut req = peer_request(&h);
+    // The subject has read, write and admin; the agent read and write.
+    req.params.scope = Some("read:reports admin".into());
+    let subject_sig = req
+        .subject_token
+        .expose_str()
+        .unwrap()
+        .rsplit('.')
+        .next()
+        .unwrap()
+        .to_owned();
+    let issued = by_uid(&h, "reporter", req).await.unwrap();
+    assert_eq!(
+        issued.scope, "read:reports",
+        "never wider than asked or held"
+    );
+    // No actor token: the client's TTL (under the policy's) caps it.
+    assert!(
+        (115..=120).contains(&issued.expires_in),
+        "{}",
+        issued.expires_in
+    );
+    let body = super::service::answer(&issued);
+    let mut keys: Vec<&String> = body.as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "access_token",
+            "expires_in",
+            "issued_token_type",
+            "scope",
+            "token_type"
+        ]
+    );
+    assert_eq!(body["issued_token_type"], TOKEN_TYPE_AT);
+    let token = issued.access_token.expose_str().unwrap().to_owned();
+    assert!(!format!("{issued:?}").contains(&token));
+    let (header, claims) = verify_with_jwks(&h, &token).await;
+    assert_eq!(header.typ.as_deref(), Some("at+jwt"));
+    assert_eq!(claims["sub"], "alice@example.com");
+    assert_eq!(claims["act"], json!({ "sub": "reporter" }));
+    assert_eq!(claims["client_id"], "reporter");
+    assert_eq!(claims["scope"], "read:reports");
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &token)).await;
+    assert_eq!(a.json["active"], true, "{}", a.json);
+    assert_eq!(a.json["client_id"], "reporter");
+
+    // Audited as authenticated by peer uid, by that peer, without a token.
+    let audit = h.mem.audit.lock().unwrap().clone();
+    let ev = audit.iter().rfind(|e| e.event == "oauth.token").unwrap();
+    assert_eq!(ev.outcome, Outcome::Ok);
+    assert_eq!(ev.agent.as_ref().unwrap().as_str(), "reporter");
+    assert_eq!(
+        ev.actor,
+        crate::audit::Actor::Peer {
+            uid: 1234,
+            gid: 1234,
+            pid: 42
+        }
+    );
+    let detail = ev.detail.as_deref().unwrap();
+    assert!(
+        detail.contains("authenticated by peer uid=1234"),
+        "{detail}"
+    );
+    assert!(detail.contains("scope \"read:reports\""), "{detail}");
+    let text = serde_json::to_string(&audit).unwrap();
+    assert!(!text.contains(token.rsplit('.').next().unwrap()));
+    assert!(!text.contains(&subject_sig));
+
+    // The same refusals as over HTTP.
+    let mut r = peer_request(&h);
+    r.params.scope = Some("admin".into());
+    assert_eq!(code_by_uid(&h, "reporter", r).await, "invalid_scope");
+    let mut r = peer_request(&h);
+    r.params.audience = vec!["https://evil.test".into()];
+    assert_eq!(code_by_uid(&h, "reporter", r).await, "invalid_target");
+    let mut r = peer_request(&h);
+    r.subject_token_type = Some("urn:ietf:params:oauth:token-type:id_token".into());
+    assert_eq!(code_by_uid(&h, "reporter", r).await, "invalid_request");
+    let mut r = peer_request(&h);
+    r.subject_token = SecretValue::from_string(String::new());
+    assert_eq!(code_by_uid(&h, "reporter", r).await, "invalid_request");
+    let mut r = peer_request(&h);
+    r.subject_token =
+        SecretValue::from_string(subject_with(&h, json!({}), json!({ "exp": now() - 3600 })));
+    assert_eq!(code_by_uid(&h, "reporter", r).await, "invalid_request");
+    // Another tenant's subject: `intruder` serves only other-tenant.
+    assert_eq!(
+        code_by_uid(&h, "intruder", peer_request(&h)).await,
+        "invalid_request"
+    );
+    // An agent that is not a client of the service.
+    assert_eq!(
+        code_by_uid(&h, "nopolicy", peer_request(&h)).await,
+        "unauthorized_client"
+    );
+    // A decommissioned agent, at once.
+    h.mem
+        .decommissioned
+        .lock()
+        .unwrap()
+        .insert("reporter".into(), now());
+    assert_eq!(
+        code_by_uid(&h, "reporter", peer_request(&h)).await,
+        "invalid_client"
+    );
+}
+
+#[tokio::test]
+async fn by_peer_uid_an_actor_token_is_the_agents_own_and_single_use() {
+    let h = harness().await;
+    // The agent's own assertion: accepted, and its exp caps the token.
+    let actor = assertion(&h, "reporter");
+    let mut r = peer_request(&h);
+    r.actor_token = Some(SecretValue::from_string(actor.clone()));
+    let issued = by_uid(&h, "reporter", r).await.unwrap();
+    assert!(issued.expires_in <= 60, "{}", issued.expires_in);
+    // Replayed: refused.
+    let mut r = peer_request(&h);
+    r.actor_token = Some(SecretValue::from_string(actor));
+    assert_eq!(code_by_uid(&h, "reporter", r).await, "invalid_request");
+    let ev = h.mem.audit.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        ev.error.as_deref().unwrap().contains("actor_token"),
+        "{ev:?}"
+    );
+    // Another agent's assertion (the confused deputy): refused.
+    let mut r = peer_request(&h);
+    r.actor_token = Some(SecretValue::from_string(assertion(&h, "intruder")));
+    assert_eq!(code_by_uid(&h, "reporter", r).await, "invalid_request");
+    // One signed with another agent's key: refused.
+    let mut r = peer_request(&h);
+    r.actor_token = Some(SecretValue::from_string(assertion_with(
+        &h,
+        "reporter",
+        "intruder",
+        json!({}),
+        json!({}),
+    )));
+    assert_eq!(code_by_uid(&h, "reporter", r).await, "invalid_request");
+}
+
+#[tokio::test]
+async fn by_peer_uid_a_task_binds_the_token() {
+    let h = harness().await;
+    let task = |tenant: &str| TaskClaims {
+        task_id: "t1".into(),
+        run_id: "run-7".into(),
+        use_case: "invoicing".into(),
+        tenant: tenant.into(),
+        expires_at: u64::try_from(now() + 30).unwrap(),
+    };
+    let tasks = [
+        ("t1", "reporter", "acme"),
+        ("t2", "intruder", "acme"),
+        ("t3", "reporter", "globex"),
+    ];
+    for (id, agent, tenant) in tasks {
+        let mut t = task(tenant);
+        t.task_id = id.into();
+        h.mem
+            .tasks
+            .lock()
+            .unwrap()
+            .insert(id.into(), (agent.into(), t));
+    }
+    let mut r = peer_request(&h);
+    r.params.task_id = Some("t1".into());
+    let issued = by_uid(&h, "reporter", r).await.unwrap();
+    assert!(issued.expires_in <= 30, "ends with the task");
+    let (_, claims) = verify_with_jwks(&h, issued.access_token.expose_str().unwrap()).await;
+    assert_eq!(claims["txn"], "run-7");
+    assert_eq!(claims["task_id"], "t1");
+    for id in ["t2", "nope", "t3"] {
+        let mut r = peer_request(&h);
+        r.params.task_id = Some(id.into());
+        assert_eq!(
+            code_by_uid(&h, "reporter", r).await,
+            "invalid_request",
+            "task {id}"
+        );
+    }
+}
+
 /// Tenant `partner` has its own signing key: its tokens carry its own `iss`
 /// and `kid`s and are published only in its own JWKS, so a resource server
 /// of one tenant never trusts another's; introspection checks each token
@@ -1264,33 +1500,27 @@ async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
         let rows = h.mem.partner_signing.lock().unwrap();
         EncodingKey::from_ed_pem(rows[0].1.expose()).unwrap()
     };
+    let resign = |kid: &str, claims: &Value| {
+        sign_raw(
+            &partner_key,
+            Algorithm::EdDSA,
+            &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": kid}),
+            claims,
+        )
+    };
     let mut c = claims.clone();
     c["iss"] = json!(ISSUER);
     c["tenant"] = json!("acme");
-    let forged_iss = sign_raw(
-        &partner_key,
-        Algorithm::EdDSA,
-        &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "partner.1"}),
-        &c,
-    );
-    let forged_kid = sign_raw(
-        &partner_key,
-        Algorithm::EdDSA,
-        &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "1"}),
-        &claims,
-    );
-    for (what, t) in [("iss", forged_iss), ("kid", forged_kid)] {
+    for (what, t) in [
+        ("iss", resign("partner.1", &c)),
+        ("kid", resign("1", &claims)),
+    ] {
         let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &t)).await;
         assert_eq!(a.json, json!({"active": false}), "forged {what}");
     }
     // The genuine claims re-signed correctly stay valid: the refusals above
     // are about the key set, not the claims.
-    let genuine = sign_raw(
-        &partner_key,
-        Algorithm::EdDSA,
-        &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "partner.1"}),
-        &claims,
-    );
+    let genuine = resign("partner.1", &claims);
     let a = post(
         &h,
         "/oauth/introspect",
