@@ -30,6 +30,8 @@
 //! - **Inactive tokens**: expired, revoked (by `jti`, kept until `exp`), or
 //!   issued (`iat`) no later than the decommission of the client or of any
 //!   agent in its `act` chain: the decommission is the agent's epoch.
+//!   [`TokenService::refuses_tokens_of`] proves it for a decommission's
+//!   `tokens` item, with probe tokens that never leave the service.
 //! - Every issuance, refusal and revocation is audited; no token or part
 //!   of one is ever logged, audited or put in an error.
 
@@ -181,7 +183,8 @@ pub trait Backend: Send + Sync {
     /// `agent`'s task `id` if it is live (not ended, not expired); `None`
     /// for a task that is another agent's, ended or unknown.
     fn live_task(&self, agent: &str, id: &str) -> Result<Option<TaskClaims>, String>;
-    /// When `agent` was decommissioned (unix seconds), if it was.
+    /// When `agent` was decommissioned (unix seconds), if it was: its
+    /// token epoch ([`crate::state::DecommissionRow::token_epoch`]).
     fn decommissioned_at(&self, agent: &str) -> Option<i64>;
     async fn audit(&self, event: AuditEvent);
 }
