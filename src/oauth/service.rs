@@ -1100,7 +1100,7 @@ impl TokenService {
     /// set (the default and each tenant's), probe tokens with that `iat`,
     /// signed by its current key — one with the agent as client, one naming
     /// it only deep in an `act` chain — go through introspection's own path
-    /// ([`Self::check`], [`Self::active`]) and must come out inactive. A
+    /// (`check`, `active`) and must come out inactive. A
     /// probe is never logged, audited, persisted, recorded in the ledger or
     /// returned. `Err` says why not.
     pub async fn refuses_tokens_of(&self, agent: &str, issued_at: i64) -> Result<(), String> {
