@@ -368,6 +368,9 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             running: Default::default(),
         };
         service.apply(&config).await.map_err(DaemonError::Startup)?;
+        // It verifies the decommissions' `tokens` items, whichever service
+        // the slot holds then.
+        revocations.serve_tokens(service.slot.clone());
         let oauth = Some(service.slot.clone());
         oauth_service = Some(service);
         tracker.spawn(crate::api::http::serve_http(
@@ -1141,7 +1144,7 @@ impl crate::oauth::service::Backend for OauthBackend {
         let id = AgentId::new(agent).ok()?;
         self.revocations
             .get(&id)
-            .map(|d| d.row.decided_at.timestamp())
+            .map(|d| d.row.token_epoch().timestamp())
     }
 
     async fn audit(&self, event: AuditEvent) {

@@ -6,7 +6,9 @@
 //! RFC 7523 assertions signed by the agent's delivered key, and validates
 //! the issued token against the JWKS; then keyturn rotates the signing key
 //! and the old token still validates while a new one carries the new `kid`;
-//! then introspection (RFC 7662) and revocation (RFC 7009). No token may
+//! then introspection (RFC 7662) and revocation (RFC 7009); then the agent
+//! is decommissioned and its live token is inactive at once, the
+//! decommission's `tokens` item verified within the SLA. No token may
 //! appear in the daemon's output, the audit log or the state files.
 //!
 //! Needs the Python of the test services' venv (`KEYTURN_TEST_PYTHON`,
@@ -124,6 +126,18 @@ every = "1h"
 generate = {{ kind = "ed25519" }}
 deliver = [{{ type = "file", path = "{{root}}/bot/auth" }}]
 
+# Another agent, which introspects bot's tokens once bot is decommissioned.
+[agents.auditor]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+auth_key = "auth"
+
+[agents.auditor.credentials.auth]
+vault = "local"
+every = "1h"
+generate = {{ kind = "ed25519" }}
+deliver = [{{ type = "file", path = "{{root}}/auditor/auth" }}]
 [agents.pbot]
 owner = "bob@partner.test"
 tenant = "partner"
@@ -459,6 +473,95 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
         API,
     ]);
     assert!(foreign.contains("publishes no key"), "{foreign}");
+    // Decommissioning bot makes the token it still holds inactive at once
+    // (another agent asks), and its report counts the tokens item in the SLA.
+    let auditor = env.root().join("auditor/auth/private.pem");
+    wait_for(std::time::Duration::from_secs(30), || {
+        auditor.exists().then_some(())
+    })
+    .unwrap_or_else(|| panic!("{} was never delivered", auditor.display()));
+    let auditor = auditor.display().to_string();
+    let introspect_as_auditor = |client: &mut Client, file: &str, active: &str| {
+        client.ok(&[
+            "introspect",
+            "--metadata",
+            &metadata,
+            "--agent",
+            "auditor",
+            "--key",
+            &auditor,
+            "--token-file",
+            &p(file),
+            "--audience",
+            API,
+            "--expect-active",
+            active,
+        ])
+    };
+    introspect_as_auditor(&mut client, "client/token-1.jwt", "true");
+    let decided: serde_json::Value = serde_json::from_slice(
+        &env.cli_ok(&["decommission", "bot", "--reason", "retired", "--json"])
+            .stdout,
+    )
+    .expect("decommission --json");
+    let epoch = decided["agent"]["tokens"]["issued_up_to"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no tokens item in {decided}"))
+        .to_owned();
+    let inactive = introspect_as_auditor(&mut client, "client/token-1.jwt", "false");
+    assert_eq!(inactive, serde_json::json!({"active": false}));
+    let done: serde_json::Value = serde_json::from_slice(
+        &env.cli_ok(&[
+            "decommission",
+            "bot",
+            "--reason",
+            "retired",
+            "--wait",
+            "--json",
+        ])
+        .stdout,
+    )
+    .expect("decommission --wait --json");
+    let row = &done["agent"];
+    assert_eq!(row["state"], "decommissioned", "{done}");
+    let tokens = &row["tokens"];
+    assert_eq!(tokens["issued_up_to"], epoch.as_str(), "{done}");
+    let to_verified = tokens["to_verified_ms"].as_i64().expect("verified");
+    let sla_ms = row["sla_seconds"].as_i64().unwrap() * 1000;
+    assert!(
+        (0..=sla_ms).contains(&to_verified),
+        "tokens verified {to_verified} ms after the decision, SLA {sla_ms} ms: {done}"
+    );
+    // The table says it too.
+    let table = String::from_utf8(
+        env.cli_ok(&["decommission", "bot", "--reason", "retired"])
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        table.contains(&format!(
+            "bot tokens issued up to {}Z: inactive, verified +",
+            &epoch[..19]
+        )),
+        "{table}"
+    );
+    let records = audit_records(&env);
+    assert!(
+        records.iter().any(|r| r["event"] == "revocation.verified"
+            && r["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("item=tokens "))),
+        "no verified tokens item in the audit log"
+    );
+    let verified = records
+        .iter()
+        .find(|r| r["event"] == "decommission.verified" && r["agent"] == "bot")
+        .expect("the decommission completed");
+    let detail = verified["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(" met ") && detail.contains("tokens: decision→verified"),
+        "{detail}"
+    );
 
     // Canaries: no token, nor its signature alone, anywhere keyturn writes,
     // nor in what the client printed.

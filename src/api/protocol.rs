@@ -570,6 +570,22 @@ pub struct AgentLifecycle {
     /// Items not verified yet, with why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<PendingItem>,
+    /// Its access tokens, when the daemon serves the token service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokensRevocation>,
+}
+
+/// A decommissioned agent's access tokens (its `tokens` item).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokensRevocation {
+    /// Every token naming the agent issued (`iat`) up to this is inactive.
+    pub issued_up_to: DateTime<Utc>,
+    /// When the token service's own check confirmed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<DateTime<Utc>>,
+    /// Decision → verified, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_verified_ms: Option<i64>,
 }
 
 /// A revocation item not done yet.
@@ -1518,6 +1534,21 @@ pub fn render_agents_table(rows: &[AgentLifecycle]) -> String {
         "(ITEMS: verified/revoked/total; REVOKED and VERIFIED: time after the decision)\n",
     );
     for r in rows {
+        if let Some(t) = &r.tokens {
+            let _ = writeln!(
+                out,
+                "  {} tokens issued up to {}: {}",
+                r.agent,
+                time(Some(t.issued_up_to)),
+                match t.verified_at {
+                    Some(_) => format!(
+                        "inactive, verified +{} after the decision",
+                        dur(t.to_verified_ms)
+                    ),
+                    None => "inactive, not verified yet".into(),
+                }
+            );
+        }
         for p in &r.pending {
             let _ = writeln!(
                 out,

@@ -30,6 +30,8 @@
 //! - **Inactive tokens**: expired, revoked (by `jti`, kept until `exp`), or
 //!   issued (`iat`) no later than the decommission of the client or of any
 //!   agent in its `act` chain: the decommission is the agent's epoch.
+//!   [`TokenService::refuses_tokens_of`] proves it for a decommission's
+//!   `tokens` item, with probe tokens that never leave the service.
 //! - Every issuance, refusal and revocation is audited; no token or part
 //!   of one is ever logged, audited or put in an error.
 
@@ -60,11 +62,28 @@ pub const METADATA_PATH: &str = "/.well-known/oauth-authorization-server";
 pub const TENANTS_PATH: &str = "/tenants";
 
 /// An answer: the status and its JSON body (`None`: empty). Every answer
-/// of the token service is sent with `Cache-Control: no-store`.
-#[derive(Debug, Clone, PartialEq)]
+/// of the token service is sent with `Cache-Control: no-store`. `Debug`
+/// never shows an `access_token`.
+#[derive(Clone, PartialEq)]
 pub struct Reply {
     pub status: u16,
     pub body: Option<Value>,
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let body = self.body.as_ref().map(|b| {
+            let mut b = b.clone();
+            if let Some(t) = b.get_mut("access_token") {
+                *t = Value::String("<redacted>".into());
+            }
+            b
+        });
+        f.debug_struct("Reply")
+            .field("status", &self.status)
+            .field("body", &body)
+            .finish()
+    }
 }
 
 impl Reply {
@@ -164,7 +183,8 @@ pub trait Backend: Send + Sync {
     /// `agent`'s task `id` if it is live (not ended, not expired); `None`
     /// for a task that is another agent's, ended or unknown.
     fn live_task(&self, agent: &str, id: &str) -> Result<Option<TaskClaims>, String>;
-    /// When `agent` was decommissioned (unix seconds), if it was.
+    /// When `agent` was decommissioned (unix seconds), if it was: its
+    /// token epoch ([`crate::state::DecommissionRow::token_epoch`]).
     fn decommissioned_at(&self, agent: &str) -> Option<i64>;
     async fn audit(&self, event: AuditEvent);
 }
@@ -836,6 +856,9 @@ impl TokenService {
             })?;
         ev.tenant = Some(subject.tenant.clone());
         if let Some(id) = &params.task_id {
+            // Named in the record, as task records do, refused or not.
+            let id_shown = id.chars().take(64).collect::<String>();
+            ev.detail = Some(format!("task {id_shown:?}"));
             let task = self
                 .backend
                 .live_task(agent, id)
@@ -846,10 +869,7 @@ impl TokenService {
                 .ok_or_else(|| {
                     err(
                         "invalid_request",
-                        format!(
-                            "task_id {:?} is not a live task of agent `{agent}`",
-                            id.chars().take(64).collect::<String>(),
-                        ),
+                        format!("task_id {id_shown:?} is not a live task of agent `{agent}`",),
                     )
                 })?;
             params.task = Some(task);
@@ -879,8 +899,13 @@ impl TokenService {
                 "the token service cannot record the issuance now; retry",
             ));
         }
+        let task = params
+            .task
+            .as_ref()
+            .map(|t| format!(", task {:?}, run_id {:?}", t.task_id, t.run_id))
+            .unwrap_or_default();
         ev.detail = Some(format!(
-            "subject {:?} of issuer {}, scope {:?}, aud {:?}, jti {}, kid {}, expires_in {}s",
+            "subject {:?} of issuer {}, scope {:?}, aud {:?}, jti {}, kid {}, expires_in {}s{task}",
             subject.sub,
             subject.issuer_name,
             issued.scope,
@@ -1092,5 +1117,65 @@ impl TokenService {
         };
         self.backend.audit(ev).await;
         reply
+    }
+
+    /// Whether every token naming `agent` issued (`iat`) at `issued_at` is
+    /// refused: what verifies a decommission's `tokens` item. For each key
+    /// set (the default and each tenant's), probe tokens with that `iat`,
+    /// signed by its current key — one with the agent as client, one naming
+    /// it only deep in an `act` chain — go through introspection's own path
+    /// (`check`, `active`) and must come out inactive. A
+    /// probe is never logged, audited, persisted, recorded in the ledger or
+    /// returned. `Err` says why not.
+    pub async fn refuses_tokens_of(&self, agent: &str, issued_at: i64) -> Result<(), String> {
+        let now = now_secs();
+        // Not an agent id (`:`), so nothing but `agent` is decommissioned.
+        let other = "keyturn:probe";
+        for set in &self.keys {
+            let iss = &set.policy.issuer;
+            let key = self
+                .signing_key(set)
+                .await
+                .map_err(|e| format!("key set of {iss}: {}", e.description))?;
+            let probes = [
+                ("as client", agent, json!({ "sub": agent })),
+                (
+                    "in an act chain",
+                    other,
+                    json!({ "sub": other, "act": { "sub": agent } }),
+                ),
+            ];
+            for (how, client_id, act) in probes {
+                let claims = json!({
+                    "iss": iss,
+                    "sub": other,
+                    "aud": other,
+                    "iat": issued_at,
+                    "exp": now.max(issued_at).saturating_add(60),
+                    "jti": format!("{other}:{issued_at}"),
+                    "client_id": client_id,
+                    "act": act,
+                });
+                let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
+                header.typ = Some("at+jwt".into());
+                header.kid = Some(key.kid.clone());
+                let probe = jsonwebtoken::encode(&header, &claims, &key.key)
+                    .map(SecretValue::from_string)
+                    .map_err(|_| format!("key set of {iss}: the key cannot sign a probe"))?;
+                let Some(checked) = self.check(&probe, now).await.map_err(|e| e.description)?
+                else {
+                    return Err(format!(
+                        "a probe signed by the current key of {iss} (kid {}) does not pass the token check, so the refusal proves nothing",
+                        key.kid
+                    ));
+                };
+                if self.active(&checked).map_err(|e| e.description)? {
+                    return Err(format!(
+                        "a token of {iss} naming agent {agent} {how}, issued at its decommission, is still active"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }

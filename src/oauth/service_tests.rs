@@ -1561,3 +1561,341 @@ async fn the_listener_serves_the_service_in_the_slot() {
     h.slot.set(Some(old));
     issue(&h, &request(&h)).await;
 }
+
+#[test]
+fn a_reply_debug_never_shows_the_access_token() {
+    let token = "eyJhbGciOiJFZERTQSJ9.canary-claims.canary-signature-part";
+    let reply = super::service::Reply {
+        status: 200,
+        body: Some(json!({ "access_token": token, "token_type": "Bearer", "expires_in": 60 })),
+    };
+    let shown = format!("{reply:?} {reply:#?}");
+    assert!(!shown.contains("canary"), "{shown}");
+    assert!(shown.contains("<redacted>"), "{shown}");
+    assert!(shown.contains("200") && shown.contains("Bearer"), "{shown}");
+    // An error reply is shown whole.
+    let e = super::service::Reply {
+        status: 400,
+        body: Some(json!({ "error": "invalid_scope" })),
+    };
+    assert!(format!("{e:?}").contains("invalid_scope"));
+}
+
+#[tokio::test]
+async fn the_oauth_token_record_names_the_task_and_its_run() {
+    let h = harness().await;
+    h.mem.tasks.lock().unwrap().insert(
+        "t1".into(),
+        (
+            "reporter".into(),
+            TaskClaims {
+                task_id: "t1".into(),
+                run_id: "run-42".into(),
+                use_case: "invoicing".into(),
+                tenant: "acme".into(),
+                expires_at: u64::try_from(now() + 30).unwrap(),
+            },
+        ),
+    );
+    let mut f = request(&h);
+    set(&mut f, "task_id", "t1");
+    issue(&h, &f).await;
+    let mut refused = request(&h);
+    set(&mut refused, "task_id", "gone-7");
+    assert_eq!(code_of(&h, refused).await, "invalid_request");
+    issue(&h, &request(&h)).await;
+    let audit = h.mem.audit.lock().unwrap();
+    let details: Vec<(Outcome, String)> = audit
+        .iter()
+        .filter(|e| e.event == "oauth.token")
+        .map(|e| (e.outcome, e.detail.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(details.len(), 3, "{details:?}");
+    assert_eq!(details[0].0, Outcome::Ok);
+    assert!(
+        details[0].1.contains(r#"task "t1", run_id "run-42""#),
+        "{details:?}"
+    );
+    assert_eq!(details[1].0, Outcome::Refused);
+    assert!(details[1].1.contains(r#"task "gone-7""#), "{details:?}");
+    assert!(!details[2].1.contains("task"), "no task named: {details:?}");
+}
+
+#[tokio::test]
+async fn the_tokens_probe_passes_only_when_the_service_refuses_the_agents_tokens() {
+    use crate::revocation::items::verify_tokens;
+    let h = harness().await;
+    let agent = AgentId::new("reporter").unwrap();
+    let (live, _) = issue(&h, &request(&h)).await;
+    let audited = h.mem.audit.lock().unwrap().len();
+    let signed = |c: &CredentialKey| h.mem.store.signed_until(&c.to_string()).unwrap();
+    let default_signer = CredentialKey::new(
+        AgentId::new("keyturn").unwrap(),
+        CredentialId::new("signer").unwrap(),
+    );
+    let signed_before = (signed(&default_signer), signed(&partner_signer()));
+    let epoch = chrono::Utc::now();
+
+    // Not decommissioned (or a backend that forgot it): the service would
+    // still accept its tokens, so the item is not verified.
+    let e = verify_tokens(Some(&*h.service), &agent, epoch)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, crate::model::ErrorKind::Transient);
+    assert!(e.message.contains("still active"), "{}", e.message);
+    // Not served yet: nothing proved either.
+    assert!(verify_tokens(None, &agent, epoch).await.is_err());
+    // An epoch before the probe's `iat` leaves tokens issued in between
+    // active: the probe sees that too.
+    h.mem
+        .decommissioned
+        .lock()
+        .unwrap()
+        .insert("reporter".into(), epoch.timestamp() - 10);
+    assert!(
+        verify_tokens(Some(&*h.service), &agent, epoch)
+            .await
+            .is_err()
+    );
+
+    // Decommissioned at the epoch: refused as client and in act chains.
+    h.mem
+        .decommissioned
+        .lock()
+        .unwrap()
+        .insert("reporter".into(), epoch.timestamp());
+    let note = verify_tokens(Some(&*h.service), &agent, epoch)
+        .await
+        .unwrap();
+    assert!(
+        note.contains("refuses every token naming reporter"),
+        "{note}"
+    );
+    // So is the live token it held.
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &live)).await;
+    assert_eq!(a.json, json!({"active": false}));
+    // The probes went nowhere: no audit record, no ledger write.
+    assert_eq!(
+        h.mem
+            .audit
+            .lock()
+            .unwrap()
+            .iter()
+            .skip(audited)
+            .filter(|e| e.event != "oauth.introspect")
+            .count(),
+        0
+    );
+    assert_eq!(
+        (signed(&default_signer), signed(&partner_signer())),
+        signed_before
+    );
+}
+
+/// The `tokens` item in a whole decommission: the decision records it,
+/// it stays unverified (retried, with why, across a restart) while the
+/// token service still accepts the agent's tokens, and completes the
+/// decommission, within the SLA, once the service refuses them.
+#[tokio::test]
+async fn a_decommission_verifies_its_tokens_item_through_the_token_service() {
+    use crate::revocation::{Decision, Revocations};
+    let h = harness().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let text = format!(
+        r#"[daemon]
+state_dir = "{d}/state"
+socket = "{d}/control.sock"
+listen = "127.0.0.1:9"
+retry = {{ initial_delay = "200ms", max_delay = "400ms" }}
+[vaults.local]
+type = "local"
+{bot}{keyturn}[agents.keyturn.credentials.signer]
+vault = "local"
+every = "24h"
+generate = {{ kind = "ed25519" }}
+[token_service]
+issuer = "{ISSUER}"
+signing_credential = "keyturn/signer"
+"#,
+        bot =
+            crate::test_support::agent_table("reporter") + &crate::test_support::agent_table("old"),
+        keyturn = crate::test_support::agent_table("keyturn"),
+    );
+    let store = Arc::new(crate::state::MemoryStore::new());
+    // A daemon over `store`: its revocations and what stops it.
+    let daemon = || async {
+        use crate::state::StateStore as _;
+        let config = crate::config::load_str(&dir.path().join("k.toml"), &text).expect("config");
+        let catalog = crate::rotation::Catalog::build(config, None).unwrap();
+        let head = store.audit_head().unwrap();
+        let audit =
+            crate::audit::AuditLog::open_inline(&dir.path().join("audit.log"), head.as_ref())
+                .unwrap();
+        let cancel = CancellationToken::new();
+        let engine = crate::rotation::Engine::with_clock_inline(
+            crate::rotation::EngineParts {
+                catalog,
+                state: store.clone(),
+                audit,
+                metrics: Arc::new(crate::telemetry::Metrics::new()),
+                cancel: cancel.clone(),
+                tracker: tokio_util::task::TaskTracker::new(),
+            },
+            Arc::new(crate::rotation::SystemClock),
+        );
+        let r = Revocations::start(engine, Arc::new(tokio::sync::Notify::new()))
+            .await
+            .unwrap();
+        (r, cancel)
+    };
+    let (revocations, cancel) = daemon().await;
+    let agent = AgentId::new("reporter").unwrap();
+    let (_, decom) = revocations
+        .decide(Decision {
+            agent: agent.clone(),
+            reason: "retired".into(),
+            by: None,
+            actor: crate::audit::Actor::Daemon,
+            source: "command",
+            decided_at: None,
+        })
+        .await
+        .unwrap();
+    let tokens = decom
+        .items
+        .iter()
+        .find(|i| i.item == "tokens")
+        .expect("a tokens item");
+    assert_eq!(
+        (tokens.kind.as_str(), tokens.credential.as_ref()),
+        ("tokens", None)
+    );
+    let epoch = decom.row.token_epoch();
+    assert_eq!(epoch, decom.row.decided_at, "decided now: the decision");
+
+    // A decision the config dates in the past: its tokens' epoch is when
+    // the daemon recorded it, so tokens issued in between are covered.
+    let (_, late) = revocations
+        .decide(Decision {
+            agent: AgentId::new("old").unwrap(),
+            reason: "gitops".into(),
+            by: None,
+            actor: crate::audit::Actor::Daemon,
+            source: "config",
+            decided_at: Some(chrono::Utc::now() - chrono::Duration::days(1)),
+        })
+        .await
+        .unwrap();
+    let spec =
+        crate::revocation::items::parse(late.items.iter().find(|i| i.item == "tokens").unwrap())
+            .unwrap();
+    assert_eq!(
+        spec,
+        crate::revocation::items::Spec::Tokens {
+            issued_up_to: late.row.recorded_at
+        }
+    );
+    assert!(late.row.recorded_at > late.row.decided_at);
+
+    // Served by a token service whose backend does not know the decision.
+    revocations.serve_tokens(h.service.clone());
+    let item = |r: &Revocations| {
+        r.get(&agent)
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|i| i.item == "tokens")
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while item(&revocations).attempts < 2 {
+        assert!(std::time::Instant::now() < deadline, "never retried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pending = item(&revocations);
+    assert_eq!(pending.verified_at, None);
+    assert_eq!(pending.revoked_at, Some(epoch), "revoked at the decision");
+    assert!(
+        pending
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("still active"),
+        "{pending:?}"
+    );
+    assert!(!revocations.get(&agent).unwrap().complete());
+
+    // Restarted: resumed from state, still not verified.
+    cancel.cancel();
+    let (revocations, cancel) = daemon().await;
+    let before = item(&revocations).attempts;
+    revocations.serve_tokens(h.service.clone());
+    while item(&revocations).attempts <= before {
+        assert!(std::time::Instant::now() < deadline, "not resumed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(item(&revocations).verified_at, None);
+    let row = revocations
+        .lifecycle()
+        .into_iter()
+        .find(|l| l.agent == agent)
+        .unwrap();
+    assert_eq!(row.state, "decommissioning");
+    assert!(row.pending.iter().any(|p| p.item == "tokens"), "{row:?}");
+    assert_eq!(row.tokens.as_ref().unwrap().verified_at, None);
+
+    // The service learns the decision: verified, and the decommission ends.
+    h.mem
+        .decommissioned
+        .lock()
+        .unwrap()
+        .insert("reporter".into(), epoch.timestamp());
+    while !revocations.get(&agent).unwrap().complete() {
+        assert!(std::time::Instant::now() < deadline, "never verified");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let row = revocations
+        .lifecycle()
+        .into_iter()
+        .find(|l| l.agent == agent)
+        .unwrap();
+    assert_eq!(row.state, "decommissioned");
+    let t = row.tokens.expect("the tokens progress");
+    assert_eq!(t.issued_up_to, epoch);
+    assert!(t.to_verified_ms.unwrap() >= 0);
+    assert!(
+        t.verified_at.unwrap() <= row.deadline.unwrap(),
+        "within the SLA"
+    );
+    let records: Vec<String> = std::fs::read_to_string(dir.path().join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let find = |event: &str| {
+        records
+            .iter()
+            .filter(|l| l.contains(&format!("\"event\":\"{event}\"")))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        find("revocation.failed")
+            .iter()
+            .any(|l| l.contains("item=tokens"))
+    );
+    assert!(
+        find("revocation.verified")
+            .iter()
+            .any(|l| l.contains("item=tokens"))
+    );
+    let done = find("decommission.verified");
+    assert_eq!(done.len(), 1, "{records:?}");
+    assert!(
+        done[0].contains(" met ") && done[0].contains("tokens: decision→verified"),
+        "{}",
+        done[0]
+    );
+    cancel.cancel();
+}

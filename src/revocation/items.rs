@@ -16,6 +16,19 @@
 //!
 //! A followed credential (`mode = "follow"`) has only the first two: its
 //! versions and its target belong to the keyturn that rotates it.
+//!
+//! Per agent, when the daemon serves the token service (`[token_service]`
+//! and `[daemon] listen`): `tokens`, whatever the agent's client policy —
+//! any agent may be named in an `act` chain (a subject token's own `act` is
+//! nested, never dropped), and the epoch covers those tokens too. Revoked
+//! at the decision: the token service refuses every token naming the agent
+//! (as `client_id` or anywhere in `act`) issued up to
+//! [`DecommissionRow::token_epoch`](crate::state::DecommissionRow::token_epoch).
+//! Verified through the token service's own check
+//! ([`TokenProbe`]): probe tokens naming the agent, issued at the epoch and
+//! signed by the current key, must come out inactive. How many live tokens
+//! that ended is not known (issuing one writes nothing per token): the
+//! record says "every token issued up to" the epoch.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,6 +63,10 @@ pub enum Spec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         path: Option<String>,
     },
+    /// The agent's access tokens: inactive when issued up to `issued_up_to`.
+    Tokens {
+        issued_up_to: DateTime<Utc>,
+    },
 }
 
 impl Spec {
@@ -59,6 +76,7 @@ impl Spec {
             Spec::Sink { .. } => "sink",
             Spec::Target { .. } => "target",
             Spec::Vault { .. } => "vault",
+            Spec::Tokens { .. } => "tokens",
         }
     }
 
@@ -69,6 +87,7 @@ impl Spec {
             Spec::Sink { .. } => 1,
             Spec::Target { .. } => 2,
             Spec::Vault { .. } => 3,
+            Spec::Tokens { .. } => 4,
         }
     }
 }
@@ -116,7 +135,7 @@ pub fn plan(
         .map(|(item, spec)| RevocationRow {
             agent: agent.clone(),
             item,
-            credential: key.credential.clone(),
+            credential: Some(key.credential.clone()),
             kind: spec.kind().to_owned(),
             spec: serde_json::to_value(&spec).expect("a spec serialises"),
             revoked_at: None,
@@ -125,6 +144,74 @@ pub fn plan(
             last_error: None,
         })
         .collect()
+}
+
+/// The `tokens` item of an agent whose tokens become inactive up to
+/// `issued_up_to` (the decommission's token epoch).
+pub fn plan_tokens(agent: &AgentId, issued_up_to: DateTime<Utc>) -> RevocationRow {
+    let spec = Spec::Tokens { issued_up_to };
+    RevocationRow {
+        agent: agent.clone(),
+        item: "tokens".into(),
+        credential: None,
+        kind: spec.kind().to_owned(),
+        spec: serde_json::to_value(&spec).expect("a spec serialises"),
+        revoked_at: None,
+        verified_at: None,
+        attempts: 0,
+        last_error: None,
+    }
+}
+
+/// What verifies the `tokens` item: the token service itself.
+#[async_trait::async_trait]
+pub trait TokenProbe: Send + Sync {
+    /// `Ok` when a token naming `agent` (as client, and only in an `act`
+    /// chain) issued at `issued_at` (unix seconds) is refused by the
+    /// service's own check; `Err` says why not.
+    async fn refuses_tokens_of(&self, agent: &str, issued_at: i64) -> Result<(), String>;
+}
+
+#[async_trait::async_trait]
+impl TokenProbe for crate::oauth::service::TokenService {
+    async fn refuses_tokens_of(&self, agent: &str, issued_at: i64) -> Result<(), String> {
+        crate::oauth::service::TokenService::refuses_tokens_of(self, agent, issued_at).await
+    }
+}
+
+/// The daemon's: the service the slot holds now (a reload may swap it).
+#[async_trait::async_trait]
+impl TokenProbe for crate::oauth::service::Slot {
+    async fn refuses_tokens_of(&self, agent: &str, issued_at: i64) -> Result<(), String> {
+        match self.get() {
+            Some(service) => service.refuses_tokens_of(agent, issued_at).await,
+            None => Err("[token_service] is not configured now: keyturn retries until a reload brings it back".into()),
+        }
+    }
+}
+
+/// Verifies the `tokens` item: `probe` is the token service being served
+/// (`None`: not serving yet, so nothing can be proved).
+pub async fn verify_tokens(
+    probe: Option<&dyn TokenProbe>,
+    agent: &AgentId,
+    issued_up_to: DateTime<Utc>,
+) -> Result<String, PluginError> {
+    let Some(probe) = probe else {
+        return Err(PluginError::new(
+            ErrorKind::Transient,
+            "the token service is not serving, so its refusal of these tokens cannot be checked; keyturn retries until it serves ([token_service] with [daemon] listen)",
+        ));
+    };
+    let at = issued_up_to.timestamp();
+    probe
+        .refuses_tokens_of(agent.as_str(), at)
+        .await
+        .map_err(|e| PluginError::new(ErrorKind::Transient, e))?;
+    Ok(format!(
+        "token service refuses every token naming {agent} issued up to {}",
+        issued_up_to.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    ))
 }
 
 /// Items of one credential in the order they are done.
@@ -184,7 +271,16 @@ pub async fn revoke(engine: &Engine, key: &CredentialKey, spec: &Spec) -> Result
             let path = default_path(key, path);
             h.vault.destroy(VaultItem { key, path: &path }).await
         }
+        Spec::Tokens { .. } => Err(not_a_credential_item()),
     }
+}
+
+/// `tokens` is the agent's, not a credential's ([`verify_tokens`]).
+fn not_a_credential_item() -> PluginError {
+    PluginError::new(
+        ErrorKind::Fatal,
+        "the tokens item belongs to the agent, not to a credential",
+    )
 }
 
 fn build_target(
@@ -285,5 +381,6 @@ pub async fn verify(
             }
             Ok(format!("vault {vault:?} serves nothing at {path}"))
         }
+        Spec::Tokens { .. } => Err(not_a_credential_item()),
     }
 }

@@ -10,8 +10,10 @@
 //!   flight is abandoned at its next step). Deciding twice is harmless: the
 //!   second answer is the first decision's progress.
 //! - **Items** (`items.rs`): per credential, the awaited acks, every file
-//!   delivered, the target, every vault; each revoked, then verified
-//!   through the system's own API, each persisted and audited
+//!   delivered, the target, every vault; per agent, its access tokens
+//!   when the daemon serves the token service (`tokens`: the decision is
+//!   their epoch, verified by the token service's own check). Each revoked,
+//!   then verified through the system's own API, each persisted and audited
 //!   (`revocation.revoked`, `revocation.verified`, `revocation.failed`),
 //!   retried with back-off until done, across restarts. Credentials are
 //!   worked on concurrently (`CONCURRENCY`), the items of one in order.
@@ -35,14 +37,19 @@ use futures::StreamExt;
 use tokio::sync::Notify;
 
 use crate::audit::{Actor, AuditEvent, Outcome};
-use crate::model::{AgentId, CredentialKey, PluginError};
+use crate::model::{AgentId, CredentialId, CredentialKey, ErrorKind, PluginError};
 use crate::rotation::{Engine, Footprint};
 use crate::state::{DecommissionRow, RevocationRow, StateError, Write};
 
 pub mod items;
 mod sla;
 
+pub use items::TokenProbe;
 pub use sla::lifecycle_rows;
+
+/// How long the `tokens` item waits for the token service to be served
+/// (at start the decommissions resume before the listener is up).
+const TOKENS_WAIT: Duration = Duration::from_secs(10);
 
 /// Credentials of one agent revoked at once.
 const CONCURRENCY: usize = 16;
@@ -111,6 +118,8 @@ struct Inner {
     declared: Notify,
     /// Something an alert depends on changed.
     poke: Arc<Notify>,
+    /// The token service, once served: it verifies the `tokens` items.
+    tokens: tokio::sync::watch::Sender<Option<Arc<dyn TokenProbe>>>,
 }
 
 impl Revocations {
@@ -138,6 +147,7 @@ impl Revocations {
                 deciding: tokio::sync::Mutex::new(()),
                 declared: Notify::new(),
                 poke,
+                tokens: tokio::sync::watch::Sender::new(None),
             }),
         };
         for d in stored {
@@ -167,6 +177,22 @@ impl Revocations {
                 .spawn(async move { me.act_on_declarations().await });
         }
         Ok(this)
+    }
+
+    /// The token service being served: it verifies the `tokens` items
+    /// (those waiting for it go on at once).
+    pub fn serve_tokens(&self, probe: Arc<dyn TokenProbe>) {
+        self.inner.tokens.send_replace(Some(probe));
+    }
+
+    /// The token service, waiting up to [`TOKENS_WAIT`] for it to be served.
+    async fn token_probe(&self) -> Option<Arc<dyn TokenProbe>> {
+        let mut rx = self.inner.tokens.subscribe();
+        let served = tokio::time::timeout(TOKENS_WAIT, rx.wait_for(Option::is_some)).await;
+        match served {
+            Ok(Ok(p)) => p.clone(),
+            _ => None,
+        }
     }
 
     fn decoms(&self) -> std::sync::MutexGuard<'_, BTreeMap<AgentId, Decom>> {
@@ -394,10 +420,14 @@ impl Revocations {
             revoked_at: None,
             verified_at: None,
         };
-        let items: Vec<RevocationRow> = held
+        let mut items: Vec<RevocationRow> = held
             .iter()
             .flat_map(|(key, fp)| items::plan(&agent, key, fp, now))
             .collect();
+        // Its access tokens, when the daemon serves the token service.
+        if catalog.config.token_service.is_some() && catalog.config.daemon.listen.is_some() {
+            items.push(items::plan_tokens(&agent, row.token_epoch()));
+        }
         // No new rotation may start from here on.
         engine.stop_agent(&agent, "decommissioning").await;
         let mut ev = AuditEvent::new("decommission.decided", d.actor.clone(), Outcome::Ok);
@@ -454,7 +484,9 @@ impl Revocations {
             let Some(decom) = self.get(&agent) else {
                 return;
             };
-            let mut by_credential: BTreeMap<_, Vec<RevocationRow>> = BTreeMap::new();
+            // Grouped by credential; the agent's own items (`None`) apart.
+            let mut by_credential: BTreeMap<Option<CredentialId>, Vec<RevocationRow>> =
+                BTreeMap::new();
             for item in decom.items.into_iter().filter(|i| i.verified_at.is_none()) {
                 by_credential
                     .entry(item.credential.clone())
@@ -482,15 +514,18 @@ impl Revocations {
         }
     }
 
-    /// The items of one credential, in order; `false` at the first that
-    /// cannot be done yet.
+    /// The items of one credential (or the agent's own), in order; `false`
+    /// at the first that cannot be done yet.
     async fn work_credential(&self, group: Vec<RevocationRow>) -> bool {
         let engine = &self.inner.engine;
         for mut item in group {
             if engine.cancelled().is_cancelled() {
                 return false;
             }
-            let key = CredentialKey::new(item.agent.clone(), item.credential.clone());
+            let key = item
+                .credential
+                .clone()
+                .map(|c| CredentialKey::new(item.agent.clone(), c));
             let spec = match items::parse(&item) {
                 Ok(s) => s,
                 Err(e) => {
@@ -498,17 +533,46 @@ impl Revocations {
                     return false;
                 }
             };
+            let no_credential = || {
+                PluginError::new(
+                    ErrorKind::Fatal,
+                    format!("item {} names no credential", item.item),
+                )
+            };
             if item.revoked_at.is_none() {
-                if let Err(e) = items::revoke(engine, &key, &spec).await {
+                let (revoked, at, note) = match (&spec, &key) {
+                    // The decision is the revocation: the token service
+                    // refuses these tokens from the moment it was recorded.
+                    (items::Spec::Tokens { issued_up_to }, _) => (
+                        Ok(()),
+                        *issued_up_to,
+                        Some(format!(
+                            "every token naming {} issued up to {} is inactive",
+                            item.agent,
+                            issued_up_to.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                        )),
+                    ),
+                    (_, Some(key)) => (items::revoke(engine, key, &spec).await, engine.now(), None),
+                    (_, None) => (Err(no_credential()), engine.now(), None),
+                };
+                if let Err(e) = revoked {
                     self.failed(&mut item, e).await;
                     return false;
                 }
-                item.revoked_at = Some(engine.now());
+                item.revoked_at = Some(at);
                 item.last_error = None;
-                self.record(&item, "revocation.revoked", Outcome::Ok, None, None)
+                self.record(&item, "revocation.revoked", Outcome::Ok, note, None)
                     .await;
             }
-            match items::verify(engine, &key, &spec).await {
+            let verified = match (&spec, &key) {
+                (items::Spec::Tokens { issued_up_to }, _) => {
+                    let probe = self.token_probe().await;
+                    items::verify_tokens(probe.as_deref(), &item.agent, *issued_up_to).await
+                }
+                (_, Some(key)) => items::verify(engine, key, &spec).await,
+                (_, None) => Err(no_credential()),
+            };
+            match verified {
                 Ok(how) => {
                     item.verified_at = Some(engine.now());
                     item.last_error = None;
@@ -545,7 +609,7 @@ impl Revocations {
         let engine = &self.inner.engine;
         let mut ev = AuditEvent::new(event, Actor::Daemon, outcome);
         ev.agent = Some(item.agent.clone());
-        ev.credential = Some(item.credential.clone());
+        ev.credential = item.credential.clone();
         ev.detail = Some(match note {
             Some(n) => format!("item={} {n}", item.item),
             None => format!("item={}", item.item),
@@ -597,8 +661,24 @@ impl Revocations {
         ev.agent = Some(agent.clone());
         ev.owner = Some(d.row.owner.clone());
         ev.tenant = Some(d.row.tenant.clone());
+        // The token service's part, on its own: tokens are what an agent
+        // uses the moment it is decommissioned.
+        let tokens = d
+            .items
+            .iter()
+            .find(|i| i.kind == "tokens")
+            .map(|i| {
+                format!(
+                    " tokens: decision→verified {:.3}s, every token issued up to {} inactive",
+                    secs(i.verified_at),
+                    d.row
+                        .token_epoch()
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                )
+            })
+            .unwrap_or_default();
         ev.detail = Some(format!(
-            "decision→revoked {:.3}s decision→verified {:.3}s sla={} {} items={}",
+            "decision→revoked {:.3}s decision→verified {:.3}s sla={} {} items={}{tokens}",
             secs(d.row.revoked_at),
             secs(d.row.verified_at),
             humantime::format_duration(Duration::from_millis(d.row.sla_ms)),

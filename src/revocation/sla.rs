@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 
 use super::{Decom, Orphan, Revocations};
 use crate::alerts::{Alert, ConditionSource, Conditions, Severity};
-use crate::api::protocol::{AgentLifecycle, PendingItem};
+use crate::api::protocol::{AgentLifecycle, PendingItem, TokensRevocation};
 use crate::telemetry::SlaClock;
 
 /// The share of the SLA at which the warning fires.
@@ -64,6 +64,15 @@ pub fn lifecycle_rows(
                         last_error: i.last_error.clone(),
                     })
                     .collect(),
+                tokens: d
+                    .items
+                    .iter()
+                    .find(|i| i.kind == "tokens")
+                    .map(|i| TokensRevocation {
+                        issued_up_to: d.row.token_epoch(),
+                        verified_at: i.verified_at,
+                        to_verified_ms: ms(i.verified_at),
+                    }),
             }
         })
         .collect();
@@ -90,6 +99,7 @@ pub fn lifecycle_rows(
         revoked: 0,
         verified: 0,
         pending: Vec::new(),
+        tokens: None,
     }));
     rows.sort_by(|a, b| a.agent.cmp(&b.agent));
     rows
@@ -241,7 +251,7 @@ mod tests {
             items: vec![RevocationRow {
                 agent,
                 item: "db/vault:bao".into(),
-                credential: crate::model::CredentialId::new("db").unwrap(),
+                credential: Some(crate::model::CredentialId::new("db").unwrap()),
                 kind: "vault".into(),
                 spec: serde_json::json!({}),
                 revoked_at: None,

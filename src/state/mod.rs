@@ -174,6 +174,14 @@ impl DecommissionRow {
         self.decided_at
             + chrono::Duration::milliseconds(i64::try_from(self.sla_ms).unwrap_or(i64::MAX / 2))
     }
+
+    /// The agent's token epoch: every token naming it that was issued
+    /// (`iat`) at or before this is inactive. The later of the decision and
+    /// its recording, so a decision the config dates in the past still
+    /// covers the tokens issued before the daemon acted on it.
+    pub fn token_epoch(&self) -> DateTime<Utc> {
+        self.decided_at.max(self.recorded_at)
+    }
 }
 
 /// One thing a decommissioned agent held, revoked and then verified on its
@@ -181,10 +189,13 @@ impl DecommissionRow {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevocationRow {
     pub agent: AgentId,
-    /// Unique within the agent: `db/vault:bao`, `db/target`, `db/sink:0`, `db/acks`.
+    /// Unique within the agent: `db/vault:bao`, `db/target`, `db/sink:0`,
+    /// `db/acks`, and `tokens` (the agent's own, not a credential's).
     pub item: String,
-    pub credential: CredentialId,
-    /// `vault`, `target`, `sink` or `acks`.
+    /// The credential the item belongs to; `None` for an agent-level item.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialId>,
+    /// `vault`, `target`, `sink`, `acks` or `tokens`.
     pub kind: String,
     /// What to revoke, as the revocation module wrote it (JSON; never a value).
     pub spec: serde_json::Value,

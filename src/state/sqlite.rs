@@ -1415,7 +1415,7 @@ mod tests {
         let item = |name: &str| RevocationRow {
             agent: agent.clone(),
             item: format!("db/{name}"),
-            credential: key("gone", "db").credential,
+            credential: Some(key("gone", "db").credential),
             kind: name.into(),
             spec: serde_json::json!({"kind": "acks"}),
             revoked_at: Some(t),
