@@ -233,6 +233,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         revocations: revocations.clone(),
         tasks: tasks.clone(),
         oauth: Default::default(),
+        metrics: metrics.clone(),
     });
     tracker.spawn(socket::serve(
         sock,
@@ -752,7 +753,13 @@ struct Handler {
     /// The token service, when `[token_service]` and `listen` are
     /// configured (swapped on reload).
     oauth: Arc<crate::oauth::service::Slot>,
+    /// Socket exchanges are counted with the listener's token requests.
+    metrics: Arc<crate::telemetry::Metrics>,
 }
+
+/// `endpoint` of `keyturn_oauth_requests_total` for exchanges over the
+/// sockets.
+const SOCKET_TOKEN: &str = "token_socket";
 
 /// The token service's part of the daemon: builds it from the config at
 /// start-up and again on a reload that changes `[token_service]` (the new
@@ -1557,6 +1564,8 @@ impl ControlHandler for Handler {
                 if let Err(err) = self.engine.record(ev).await {
                     tracing::error!(error = %err, "cannot audit a refused token exchange");
                 }
+                let code = e.message.split(':').next().unwrap_or_default();
+                self.metrics.oauth_request(SOCKET_TOKEN, code);
                 return Err(e);
             }
         };
@@ -1580,7 +1589,12 @@ impl ControlHandler for Handler {
                 caller.described, peer.pid
             ),
         };
-        match service.token_for_agent(&caller.agent, req, by).await {
+        let result = service.token_for_agent(&caller.agent, req, by).await;
+        self.metrics.oauth_request(
+            SOCKET_TOKEN,
+            result.as_ref().map_or_else(|e| e.code, |_| "ok"),
+        );
+        match result {
             Ok(issued) => Ok(ResponseBody::TokenExchanged(Box::new(TokenExchanged {
                 access_token: WireSecret(issued.access_token),
                 issued_token_type: crate::oauth::exchange::TOKEN_TYPE_ACCESS_TOKEN.to_owned(),

@@ -480,7 +480,7 @@ impl Metrics {
 
     /// The token service is served: its series exist at 0.
     pub fn oauth_configured(&self) {
-        for endpoint in ["token", "introspect", "revoke"] {
+        for endpoint in ["token", "token_socket", "introspect", "revoke"] {
             for result in ["ok", "invalid_client", "invalid_request", "server_error"] {
                 let _ = self
                     .oauth_requests
