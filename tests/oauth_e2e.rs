@@ -26,17 +26,60 @@ const API: &str = "https://api.example.test";
 /// Tenant `partner`'s identity provider; the tenant has its own signing key.
 const PARTNER_IDP: &str = "https://idp.partner.test";
 
-/// Runs the client; every output is kept for the canary grep.
+/// Runs the client; every output is kept for the canary grep. Its files
+/// live in the test's directory: the stand-in identity provider's key and
+/// JWKS in `idp/`, the tokens under `client/`; paths given to its methods
+/// are relative to that directory.
 struct Client {
     python: String,
     script: PathBuf,
+    dir: PathBuf,
     outputs: Vec<u8>,
     /// The daemon's output, whose end a failure shows.
     daemon_log: Option<PathBuf>,
 }
 
+/// An agent as client.py authenticates it (RFC 7523 assertions signed by
+/// the key keyturn delivered to it) to the issuer at `metadata`.
+struct Agent {
+    name: &'static str,
+    key: String,
+    metadata: String,
+}
+
+/// `name` authenticating to the issuer at `metadata`, once keyturn has
+/// delivered its key.
+fn agent(env: &Env, name: &'static str, metadata: &str) -> Agent {
+    let key = env.root().join(format!("{name}/auth/private.pem"));
+    wait_for(std::time::Duration::from_secs(30), || {
+        key.exists().then_some(())
+    })
+    .unwrap_or_else(|| panic!("{} was never delivered", key.display()));
+    Agent {
+        name,
+        key: key.display().to_string(),
+        metadata: metadata.to_owned(),
+    }
+}
+
+/// An RFC 8693 exchange for the audience `API`: what is asked, and what
+/// client.py checks of the issued token besides every check it always does.
+struct Exchange<'a> {
+    subject_token_file: &'a str,
+    scope: &'a str,
+    expect_sub: &'a str,
+    expect_scope: &'a str,
+    /// The whole `act` claim (JSON).
+    expect_act: &'a str,
+    expect_tenant: &'a str,
+    /// Seconds.
+    max_lifetime: u32,
+    /// Where the issued token is written for later steps.
+    token_out: &'a str,
+}
+
 impl Client {
-    fn new() -> Client {
+    fn new(dir: &Path) -> Client {
         let python = need("KEYTURN_TEST_PYTHON");
         // Never a silent skip: a venv without the libraries is a setup error.
         let probe = Command::new(&python)
@@ -51,9 +94,15 @@ impl Client {
         Client {
             python,
             script: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oauth_client/client.py"),
+            dir: dir.to_owned(),
             outputs: Vec::new(),
             daemon_log: None,
         }
+    }
+
+    /// `rel` in the test's directory, as an argument.
+    fn path(&self, rel: &str) -> String {
+        self.dir.join(rel).display().to_string()
     }
 
     fn run(&mut self, args: &[&str]) -> Output {
@@ -105,93 +154,291 @@ impl Client {
         );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
+
+    /// The stand-in identity provider's key and JWKS, in `idp/`.
+    fn idp_init(&mut self) {
+        let idp = self.path("idp");
+        self.ok(&["idp-init", &idp]);
+    }
+
+    /// A subject token from the stand-in identity provider, as issuer `iss`,
+    /// for `sub` holding `scope`, with audience keyturn and, if given, an
+    /// `act` claim (JSON) it already carries; written to `out`.
+    fn subject(&mut self, iss: &str, sub: &str, scope: &str, act: Option<&str>, out: &str) {
+        let (idp, out) = (self.path("idp"), self.path(out));
+        let mut args = vec![
+            "subject", &idp, "--sub", sub, "--scope", scope, "--aud", "keyturn", "--iss", iss,
+        ];
+        if let Some(act) = act {
+            args.extend(["--act", act]);
+        }
+        args.extend(["--out", &out]);
+        self.ok(&args);
+    }
+
+    /// Runs client.py's `command` as `agent` (the arguments every
+    /// authenticated command takes), then `rest`; its JSON line.
+    fn ok_as(&mut self, command: &str, agent: &Agent, rest: &[&str]) -> serde_json::Value {
+        let mut args = vec![
+            command,
+            "--metadata",
+            &agent.metadata,
+            "--agent",
+            agent.name,
+            "--key",
+            &agent.key,
+        ];
+        args.extend_from_slice(rest);
+        self.ok(&args)
+    }
+
+    /// `agent` exchanges a subject token (RFC 8693); the client's summary of
+    /// the issued token (its kid, claims and the JWKS's kids).
+    fn exchange(&mut self, agent: &Agent, x: &Exchange) -> serde_json::Value {
+        let (subject, token_out) = (self.path(x.subject_token_file), self.path(x.token_out));
+        let max_lifetime = x.max_lifetime.to_string();
+        self.ok_as(
+            "exchange",
+            agent,
+            &[
+                "--subject-token-file",
+                &subject,
+                "--audience",
+                API,
+                "--scope",
+                x.scope,
+                "--expect-sub",
+                x.expect_sub,
+                "--expect-scope",
+                x.expect_scope,
+                "--expect-act",
+                x.expect_act,
+                "--expect-tenant",
+                x.expect_tenant,
+                "--max-lifetime",
+                &max_lifetime,
+                "--token-out",
+                &token_out,
+            ],
+        )
+    }
+
+    /// The arguments of `validate`: the token in `token_file` against the
+    /// JWKS of the issuer at `metadata`, for `audience`.
+    fn validate_args(&self, metadata: &str, token_file: &str, audience: &str) -> Vec<String> {
+        ["validate", "--metadata", metadata, "--token-file"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain([self.path(token_file), "--audience".into(), audience.into()])
+            .collect()
+    }
+
+    /// Validates the token in `token_file` (and its `kid`, if given); the
+    /// client's summary of it.
+    fn validate(
+        &mut self,
+        metadata: &str,
+        token_file: &str,
+        audience: &str,
+        expect_kid: Option<&str>,
+    ) -> serde_json::Value {
+        let mut args = self.validate_args(metadata, token_file, audience);
+        if let Some(kid) = expect_kid {
+            args.extend(["--expect-kid".into(), kid.into()]);
+        }
+        self.ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// Validating the token in `token_file` fails; why, as client.py says.
+    fn validate_fails(&mut self, metadata: &str, token_file: &str, audience: &str) -> String {
+        let args = self.validate_args(metadata, token_file, audience);
+        self.fails(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// `agent` introspects the token in `token_file` (RFC 7662); client.py
+    /// checks it is `active` or not (an active one's fields against the
+    /// token's, validated for `API`); the introspection response.
+    fn introspect(&mut self, agent: &Agent, token_file: &str, active: bool) -> serde_json::Value {
+        let token_file = self.path(token_file);
+        let active = if active { "true" } else { "false" };
+        let rest = [
+            "--token-file",
+            &token_file,
+            "--audience",
+            API,
+            "--expect-active",
+            active,
+        ];
+        self.ok_as("introspect", agent, &rest)
+    }
+
+    /// `agent` revokes the token in `token_file` (RFC 7009).
+    fn revoke(&mut self, agent: &Agent, token_file: &str) {
+        let token_file = self.path(token_file);
+        self.ok_as("revoke", agent, &["--token-file", &token_file]);
+    }
+}
+
+/// The daemon on `config(port)`, serving the token service, with the
+/// client ready: the identity provider's keys made before the daemon loads
+/// them, bot's key delivered, keyturn's signer at version 1.
+struct Setup {
+    client: Client,
+    env: Env,
+    daemon: Daemon,
+    /// The default issuer, `http://127.0.0.1:PORT`.
+    issuer: String,
+    /// Its RFC 8414 metadata URL.
+    metadata: String,
+    /// bot, authenticating to the default issuer.
+    bot: Agent,
+}
+
+impl Setup {
+    fn start() -> Setup {
+        let port = free_port();
+        let env = Env::with_daemon(&config(port), &format!("listen = \"127.0.0.1:{port}\""));
+        let mut client = Client::new(env.path());
+        client.idp_init();
+        std::fs::create_dir(env.path().join("client")).unwrap();
+        let daemon = env.start();
+        client.daemon_log = Some(daemon.log.clone());
+        let issuer = format!("http://127.0.0.1:{port}");
+        let metadata = format!("{issuer}/.well-known/oauth-authorization-server");
+        let bot = agent(&env, "bot", &metadata);
+        wait_version(&env, "keyturn", "signer", 1);
+        Setup {
+            client,
+            env,
+            daemon,
+            issuer,
+            metadata,
+            bot,
+        }
+    }
+}
+
+/// Canaries: no token of `tokens` (named for the message), nor its
+/// signature part alone, appears in the daemon's output (the daemon is
+/// stopped to read it all), in `seen` (what else the test watched) or in
+/// any file keyturn keeps under its state directory, the audit log among
+/// them.
+fn assert_no_token_anywhere(
+    env: &Env,
+    daemon: Daemon,
+    seen: (&str, Vec<u8>),
+    tokens: &[(&str, String)],
+) {
+    let log = daemon.stop();
+    let mut outputs: Vec<(String, Vec<u8>)> = vec![
+        ("daemon output".into(), log.into_bytes()),
+        (seen.0.into(), seen.1),
+    ];
+    for (path, bytes) in read_tree(&env.state_dir()) {
+        outputs.push((path.display().to_string(), bytes));
+    }
+    assert!(
+        outputs.iter().any(|(name, _)| name.ends_with("audit.log")),
+        "no audit log among {:?}",
+        outputs.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    assert!(!audit_records(env).is_empty(), "the audit log is empty");
+    for (what, token) in tokens {
+        let token = token.trim();
+        let signature = token.rsplit('.').next().unwrap();
+        assert!(signature.len() >= 40, "{what}: a short signature part");
+        for (name, bytes) in &outputs {
+            assert!(
+                !contains(bytes, token.as_bytes()),
+                "{what} appears in {name}"
+            );
+            assert!(
+                !contains(bytes, signature.as_bytes()),
+                "{what}'s signature appears in {name}"
+            );
+        }
+    }
+}
+
+/// An agent that authenticates to keyturn with the Ed25519 key `auth`
+/// keyturn delivers to it (under `{root}/NAME/auth`); `extra` goes into its
+/// `[agents.NAME]` table.
+fn agent_with_key(name: &str, owner: &str, tenant: &str, extra: &str) -> String {
+    format!(
+        r#"
+[agents.{name}]
+owner = "{owner}"
+tenant = "{tenant}"
+tier = "high"
+auth_key = "auth"
+{extra}
+[agents.{name}.credentials.auth]
+vault = "local"
+every = "1h"
+generate = {{ kind = "ed25519" }}
+deliver = [{{ type = "file", path = "{{root}}/{name}/auth" }}]
+"#
+    )
+}
+
+/// One of keyturn's own signing keys, `[agents.keyturn.credentials.NAME]`.
+fn signing_key(name: &str) -> String {
+    format!(
+        r#"
+[agents.keyturn.credentials.{name}]
+vault = "local"
+every = "24h"
+grace = "1h"
+generate = {{ kind = "ed25519" }}
+"#
+    )
+}
+
+/// A subject token issuer of the token service. Both are the one stand-in
+/// identity provider, whose JWKS client.py writes to `{dir}/idp`.
+fn subject_issuer(name: &str, issuer: &str, tenant: &str) -> String {
+    format!(
+        r#"
+[token_service.subject_issuers.{name}]
+issuer = "{issuer}"
+audience = "keyturn"
+algorithms = ["ES256"]
+jwks_file = "{{dir}}/idp/jwks.json"
+tenant = "{tenant}"
+"#
+    )
 }
 
 fn config(port: u16) -> String {
     // SAFETY: getuid/getgid cannot fail and touch no memory.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let bot = agent_with_key(
+        "bot",
+        "alice@example.com",
+        "acme",
+        &format!("uid = {uid}\ngid = {gid}\n"),
+    );
+    // Another agent, which introspects bot's tokens once bot is decommissioned.
+    let auditor = agent_with_key("auditor", "alice@example.com", "acme", "");
+    let pbot = agent_with_key("pbot", "bob@partner.test", "partner", "");
+    let keyturn = agent_table("keyturn");
+    let (signer, partner_signer) = (signing_key("signer"), signing_key("partner_signer"));
+    let partner_idp = subject_issuer("partner", PARTNER_IDP, "partner");
+    let corp_idp = subject_issuer("corp", IDP, "acme");
     format!(
-        r#"
-[agents.bot]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-uid = {uid}
-gid = {gid}
-auth_key = "auth"
-
-[agents.bot.credentials.auth]
-vault = "local"
-every = "1h"
-generate = {{ kind = "ed25519" }}
-deliver = [{{ type = "file", path = "{{root}}/bot/auth" }}]
-
-# Another agent, which introspects bot's tokens once bot is decommissioned.
-[agents.auditor]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-auth_key = "auth"
-
-[agents.auditor.credentials.auth]
-vault = "local"
-every = "1h"
-generate = {{ kind = "ed25519" }}
-deliver = [{{ type = "file", path = "{{root}}/auditor/auth" }}]
-[agents.pbot]
-owner = "bob@partner.test"
-tenant = "partner"
-tier = "high"
-auth_key = "auth"
-
-[agents.pbot.credentials.auth]
-vault = "local"
-every = "1h"
-generate = {{ kind = "ed25519" }}
-deliver = [{{ type = "file", path = "{{root}}/pbot/auth" }}]
-
-[agents.keyturn]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-
-[agents.keyturn.credentials.signer]
-vault = "local"
-every = "24h"
-grace = "1h"
-generate = {{ kind = "ed25519" }}
-
-[agents.keyturn.credentials.partner_signer]
-vault = "local"
-every = "24h"
-grace = "1h"
-generate = {{ kind = "ed25519" }}
-
+        r#"{bot}{auditor}{pbot}
+{keyturn}{signer}{partner_signer}
 [token_service]
 issuer = "http://127.0.0.1:{port}"
 signing_credential = "keyturn/signer"
 
 [token_service.tenants.partner]
 signing_credential = "keyturn/partner_signer"
-
-[token_service.subject_issuers.partner]
-issuer = "{PARTNER_IDP}"
-audience = "keyturn"
-algorithms = ["ES256"]
-jwks_file = "{{dir}}/idp/jwks.json"
-tenant = "partner"
-
+{partner_idp}
 [token_service.clients.pbot]
 scopes = ["reports:read"]
 audiences = ["{API}"]
-
-[token_service.subject_issuers.corp]
-issuer = "{IDP}"
-audience = "keyturn"
-algorithms = ["ES256"]
-jwks_file = "{{dir}}/idp/jwks.json"
-tenant = "acme"
-
+{corp_idp}
 [token_service.clients.bot]
 scopes = ["invoices:read", "invoices:write", "reports:read"]
 audiences = ["{API}"]
@@ -206,72 +453,35 @@ ttl = "2m"
 )]
 #[test]
 fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
-    let mut client = Client::new();
-    let port = free_port();
-    let env = Env::with_daemon(&config(port), &format!("listen = \"127.0.0.1:{port}\""));
-    let dir = env.path().to_owned();
-    let p = |rel: &str| dir.join(rel).display().to_string();
-    // The identity provider's keys exist before the daemon loads them.
-    client.ok(&["idp-init", &p("idp")]);
-    std::fs::create_dir(dir.join("client")).unwrap();
-
-    let daemon = env.start();
-    client.daemon_log = Some(daemon.log.clone());
-    let key = env.root().join("bot/auth/private.pem");
-    wait_for(std::time::Duration::from_secs(30), || {
-        key.exists().then_some(())
-    })
-    .unwrap_or_else(|| panic!("{} was never delivered", key.display()));
-    let key = key.display().to_string();
-    wait_version(&env, "keyturn", "signer", 1);
+    let Setup {
+        mut client,
+        env,
+        daemon,
+        issuer,
+        metadata,
+        bot,
+    } = Setup::start();
     let v1 = version_of(&env, "keyturn", "signer").unwrap().to_string();
-    let metadata = format!("http://127.0.0.1:{port}/.well-known/oauth-authorization-server");
 
     // Alice holds invoices read and write and email; bot may have invoices
     // and reports; the request names invoices:read, reports:read and email.
     // Only invoices:read is in all three.
-    client.ok(&[
-        "subject",
-        &p("idp"),
-        "--sub",
-        "alice",
-        "--scope",
-        "invoices:read invoices:write email",
-        "--aud",
-        "keyturn",
-        "--iss",
-        IDP,
-        "--out",
-        &p("client/subject-1.jwt"),
-    ]);
-    let exchange = |client: &mut Client, subject: &str, out: &str, expect_act: &str| {
-        client.ok(&[
-            "exchange",
-            "--metadata",
-            &metadata,
-            "--agent",
-            "bot",
-            "--key",
-            &key,
-            "--subject-token-file",
-            &p(subject),
-            "--audience",
-            API,
-            "--scope",
-            "invoices:read reports:read email",
-            "--expect-sub",
-            "alice",
-            "--expect-scope",
-            "invoices:read",
-            "--expect-act",
-            expect_act,
-            "--expect-tenant",
-            "acme",
-            "--max-lifetime",
-            "120",
-            "--token-out",
-            &p(out),
-        ])
+    let alice_holds = "invoices:read invoices:write email";
+    client.subject(IDP, "alice", alice_holds, None, "client/subject-1.jwt");
+    let exchange = |client: &mut Client, subject_token_file, token_out, expect_act| {
+        client.exchange(
+            &bot,
+            &Exchange {
+                subject_token_file,
+                scope: "invoices:read reports:read email",
+                expect_sub: "alice",
+                expect_scope: "invoices:read",
+                expect_act,
+                expect_tenant: "acme",
+                max_lifetime: 120,
+                token_out,
+            },
+        )
     };
     let first = exchange(
         &mut client,
@@ -280,20 +490,12 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
         r#"{"sub":"bot"}"#,
     );
     assert_eq!(first["kid"], v1.as_str(), "{first}");
-    assert_eq!(first["claims"]["iss"], format!("http://127.0.0.1:{port}"));
+    assert_eq!(first["claims"]["iss"], issuer.as_str());
     assert_eq!(first["claims"]["aud"], API, "{first}");
     assert_eq!(first["claims"]["client_id"], "bot", "{first}");
     assert_eq!(first["jwks_kids"], serde_json::json!([v1]), "{first}");
     // The validator can fail: a token for the API is no token for another.
-    let wrong = client.fails(&[
-        "validate",
-        "--metadata",
-        &metadata,
-        "--token-file",
-        &p("client/token-1.jwt"),
-        "--audience",
-        "https://elsewhere.test",
-    ]);
+    let wrong = client.validate_fails(&metadata, "client/token-1.jwt", "https://elsewhere.test");
     assert!(wrong.contains("InvalidAudienceError"), "{wrong}");
 
     // keyturn rotates its signing key like any credential.
@@ -301,37 +503,13 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
     let v2 = version_of(&env, "keyturn", "signer").unwrap().to_string();
     assert_ne!(v1, v2);
     // The old token still validates: its key is still published.
-    let old = client.ok(&[
-        "validate",
-        "--metadata",
-        &metadata,
-        "--token-file",
-        &p("client/token-1.jwt"),
-        "--audience",
-        API,
-        "--expect-kid",
-        &v1,
-    ]);
+    let old = client.validate(&metadata, "client/token-1.jwt", API, Some(&v1));
     assert_eq!(old["jwks_kids"], serde_json::json!([v2, v1]), "{old}");
     assert_eq!(old["claims"]["jti"], first["claims"]["jti"], "{old}");
     // A new exchange is signed by the new key, and an `act` already in the
     // subject token is nested under the agent, never dropped.
-    client.ok(&[
-        "subject",
-        &p("idp"),
-        "--sub",
-        "alice",
-        "--scope",
-        "invoices:read invoices:write email",
-        "--aud",
-        "keyturn",
-        "--iss",
-        IDP,
-        "--act",
-        r#"{"sub":"planner"}"#,
-        "--out",
-        &p("client/subject-2.jwt"),
-    ]);
+    let planner = Some(r#"{"sub":"planner"}"#);
+    client.subject(IDP, "alice", alice_holds, planner, "client/subject-2.jwt");
     let second = exchange(
         &mut client,
         "client/subject-2.jwt",
@@ -342,163 +520,51 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
     assert_ne!(second["claims"]["jti"], first["claims"]["jti"]);
 
     // Introspection says what the token says; revocation ends it.
-    let active = client.ok(&[
-        "introspect",
-        "--metadata",
-        &metadata,
-        "--agent",
-        "bot",
-        "--key",
-        &key,
-        "--token-file",
-        &p("client/token-2.jwt"),
-        "--audience",
-        API,
-        "--expect-active",
-        "true",
-    ]);
+    let active = client.introspect(&bot, "client/token-2.jwt", true);
     assert_eq!(active["act"]["act"]["sub"], "planner", "{active}");
     assert_eq!(active["scope"], "invoices:read", "{active}");
     assert_eq!(active["tenant"], "acme", "{active}");
-    client.ok(&[
-        "revoke",
-        "--metadata",
-        &metadata,
-        "--agent",
-        "bot",
-        "--key",
-        &key,
-        "--token-file",
-        &p("client/token-2.jwt"),
-    ]);
-    let inactive = client.ok(&[
-        "introspect",
-        "--metadata",
-        &metadata,
-        "--agent",
-        "bot",
-        "--key",
-        &key,
-        "--token-file",
-        &p("client/token-2.jwt"),
-        "--expect-active",
-        "false",
-    ]);
+    client.revoke(&bot, "client/token-2.jwt");
+    let inactive = client.introspect(&bot, "client/token-2.jwt", false);
     assert_eq!(inactive, serde_json::json!({"active": false}));
     // The first token was not revoked with it.
-    client.ok(&[
-        "introspect",
-        "--metadata",
-        &metadata,
-        "--agent",
-        "bot",
-        "--key",
-        &key,
-        "--token-file",
-        &p("client/token-1.jwt"),
-        "--audience",
-        API,
-        "--expect-active",
-        "true",
-    ]);
+    client.introspect(&bot, "client/token-1.jwt", true);
 
     // Tenant `partner` has its own key: its issuer (RFC 8414 3.1 metadata
     // under the tenant's path), its kids, its JWKS.
-    let pkey = env.root().join("pbot/auth/private.pem");
-    wait_for(std::time::Duration::from_secs(30), || {
-        pkey.exists().then_some(())
-    })
-    .unwrap_or_else(|| panic!("{} was never delivered", pkey.display()));
-    let pkey = pkey.display().to_string();
+    let partner_metadata = format!("{metadata}/tenants/partner");
+    let pbot = agent(&env, "pbot", &partner_metadata);
     wait_version(&env, "keyturn", "partner_signer", 1);
     let pv = version_of(&env, "keyturn", "partner_signer").unwrap();
-    let partner_metadata =
-        format!("http://127.0.0.1:{port}/.well-known/oauth-authorization-server/tenants/partner");
-    client.ok(&[
-        "subject",
-        &p("idp"),
-        "--sub",
-        "bob",
-        "--scope",
-        "reports:read email",
-        "--aud",
-        "keyturn",
-        "--iss",
-        PARTNER_IDP,
-        "--out",
-        &p("client/subject-p.jwt"),
-    ]);
-    let partner = client.ok(&[
-        "exchange",
-        "--metadata",
-        &partner_metadata,
-        "--agent",
-        "pbot",
-        "--key",
-        &pkey,
-        "--subject-token-file",
-        &p("client/subject-p.jwt"),
-        "--audience",
-        API,
-        "--scope",
-        "reports:read",
-        "--expect-sub",
-        "bob",
-        "--expect-scope",
-        "reports:read",
-        "--expect-act",
-        r#"{"sub":"pbot"}"#,
-        "--expect-tenant",
-        "partner",
-        "--max-lifetime",
-        "300",
-        "--token-out",
-        &p("client/token-p.jwt"),
-    ]);
+    let bob_holds = "reports:read email";
+    client.subject(PARTNER_IDP, "bob", bob_holds, None, "client/subject-p.jwt");
+    let partner = client.exchange(
+        &pbot,
+        &Exchange {
+            subject_token_file: "client/subject-p.jwt",
+            scope: "reports:read",
+            expect_sub: "bob",
+            expect_scope: "reports:read",
+            expect_act: r#"{"sub":"pbot"}"#,
+            expect_tenant: "partner",
+            max_lifetime: 300,
+            token_out: "client/token-p.jwt",
+        },
+    );
     let pkid = format!("partner.{pv}");
     assert_eq!(partner["kid"], pkid.as_str(), "{partner}");
     assert_eq!(partner["jwks_kids"], serde_json::json!([pkid]), "{partner}");
     assert_eq!(
         partner["claims"]["iss"],
-        format!("http://127.0.0.1:{port}/tenants/partner")
+        format!("{issuer}/tenants/partner")
     );
     // A resource server of the default issuer does not trust it.
-    let foreign = client.fails(&[
-        "validate",
-        "--metadata",
-        &metadata,
-        "--token-file",
-        &p("client/token-p.jwt"),
-        "--audience",
-        API,
-    ]);
+    let foreign = client.validate_fails(&metadata, "client/token-p.jwt", API);
     assert!(foreign.contains("publishes no key"), "{foreign}");
     // Decommissioning bot makes the token it still holds inactive at once
     // (another agent asks), and its report counts the tokens item in the SLA.
-    let auditor = env.root().join("auditor/auth/private.pem");
-    wait_for(std::time::Duration::from_secs(30), || {
-        auditor.exists().then_some(())
-    })
-    .unwrap_or_else(|| panic!("{} was never delivered", auditor.display()));
-    let auditor = auditor.display().to_string();
-    let introspect_as_auditor = |client: &mut Client, file: &str, active: &str| {
-        client.ok(&[
-            "introspect",
-            "--metadata",
-            &metadata,
-            "--agent",
-            "auditor",
-            "--key",
-            &auditor,
-            "--token-file",
-            &p(file),
-            "--audience",
-            API,
-            "--expect-active",
-            active,
-        ])
-    };
-    introspect_as_auditor(&mut client, "client/token-1.jwt", "true");
+    let auditor = agent(&env, "auditor", &metadata);
+    client.introspect(&auditor, "client/token-1.jwt", true);
     let decided: serde_json::Value = serde_json::from_slice(
         &env.cli_ok(&["decommission", "bot", "--reason", "retired", "--json"])
             .stdout,
@@ -508,7 +574,7 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
         .as_str()
         .unwrap_or_else(|| panic!("no tokens item in {decided}"))
         .to_owned();
-    let inactive = introspect_as_auditor(&mut client, "client/token-1.jwt", "false");
+    let inactive = client.introspect(&auditor, "client/token-1.jwt", false);
     assert_eq!(inactive, serde_json::json!({"active": false}));
     let done: serde_json::Value = serde_json::from_slice(
         &env.cli_ok(&[
@@ -565,44 +631,19 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
 
     // Canaries: no token, nor its signature alone, anywhere keyturn writes,
     // nor in what the client printed.
-    let log = daemon.stop();
-    let mut outputs: Vec<(String, Vec<u8>)> = vec![
-        ("daemon output".into(), log.into_bytes()),
-        ("client output".into(), client.outputs.clone()),
-    ];
-    for (path, bytes) in read_tree(&env.state_dir()) {
-        outputs.push((path.display().to_string(), bytes));
-    }
-    assert!(
-        outputs.iter().any(|(name, _)| name.ends_with("audit.log")),
-        "no audit log among {:?}",
-        outputs.iter().map(|(n, _)| n).collect::<Vec<_>>()
-    );
-    let audit = audit_records(&env);
-    assert!(!audit.is_empty(), "the audit log is empty");
-    for file in [
+    let tokens: Vec<(&str, String)> = [
         "client/subject-1.jwt",
         "client/subject-2.jwt",
         "client/token-1.jwt",
         "client/token-2.jwt",
         "client/subject-p.jwt",
         "client/token-p.jwt",
-    ] {
-        let token = std::fs::read_to_string(dir.join(file)).unwrap();
-        let token = token.trim();
-        let signature = token.rsplit('.').next().unwrap();
-        assert!(signature.len() >= 40, "{file}: a short signature part");
-        for (name, bytes) in &outputs {
-            assert!(
-                !contains(bytes, token.as_bytes()),
-                "{file}'s token appears in {name}"
-            );
-            assert!(
-                !contains(bytes, signature.as_bytes()),
-                "{file}'s signature appears in {name}"
-            );
-        }
-    }
+    ]
+    .into_iter()
+    .map(|file| (file, std::fs::read_to_string(client.path(file)).unwrap()))
+    .collect();
+    let seen = ("client output", client.outputs.clone());
+    assert_no_token_anywhere(&env, daemon, seen, &tokens);
 }
 
 /// Client authentication by peer uid (issue 16): `keyturn token exchange`,
@@ -617,50 +658,34 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
 #[test]
 fn the_cli_exchanges_over_the_agents_socket_authenticated_by_peer_uid() {
     use std::io::Write as _;
-    let mut client = Client::new();
-    let port = free_port();
-    let env = Env::with_daemon(&config(port), &format!("listen = \"127.0.0.1:{port}\""));
-    let dir = env.path().to_owned();
-    let p = |rel: &str| dir.join(rel).display().to_string();
-    client.ok(&["idp-init", &p("idp")]);
-    std::fs::create_dir(dir.join("client")).unwrap();
-    let daemon = env.start();
-    client.daemon_log = Some(daemon.log.clone());
-    let key = env.root().join("bot/auth/private.pem");
-    wait_for(std::time::Duration::from_secs(30), || {
-        key.exists().then_some(())
-    })
-    .unwrap_or_else(|| panic!("{} was never delivered", key.display()));
-    let key = key.display().to_string();
-    wait_version(&env, "keyturn", "signer", 1);
-    let metadata = format!("http://127.0.0.1:{port}/.well-known/oauth-authorization-server");
-    client.ok(&[
-        "subject",
-        &p("idp"),
-        "--sub",
-        "alice",
-        "--scope",
-        "invoices:read invoices:write email",
-        "--aud",
-        "keyturn",
-        "--iss",
-        IDP,
-        "--out",
-        &p("client/subject.jwt"),
-    ]);
+    let Setup {
+        mut client,
+        env,
+        daemon,
+        metadata,
+        bot,
+        ..
+    } = Setup::start();
+    let alice_holds = "invoices:read invoices:write email";
+    client.subject(IDP, "alice", alice_holds, None, "client/subject.jwt");
+    // `keyturn token exchange` of that subject token for `scope`.
+    let subject_file = client.path("client/subject.jwt");
+    let cli_exchange = |scope: &str| {
+        env.cli(&[
+            "token",
+            "exchange",
+            "--subject-token-file",
+            &subject_file,
+            "--scope",
+            scope,
+            "--audience",
+            API,
+        ])
+    };
     let mut cli_outputs: Vec<u8> = Vec::new();
 
     // The test's uid is bot's: the CLI finds the agents' socket in the config.
-    let out = env.cli(&[
-        "token",
-        "exchange",
-        "--subject-token-file",
-        &p("client/subject.jwt"),
-        "--scope",
-        "invoices:read reports:read email",
-        "--audience",
-        API,
-    ]);
+    let out = cli_exchange("invoices:read reports:read email");
     cli_outputs.extend_from_slice(&out.stderr);
     assert!(
         out.status.success(),
@@ -673,18 +698,16 @@ fn the_cli_exchanges_over_the_agents_socket_authenticated_by_peer_uid() {
         String::from_utf8_lossy(&out.stderr)
     );
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut keys: Vec<&String> = answer.as_object().unwrap().keys().collect();
-    keys.sort();
-    assert_eq!(
-        keys,
-        [
-            "access_token",
-            "expires_in",
-            "issued_token_type",
-            "scope",
-            "token_type"
-        ]
-    );
+    // RFC 8693 2.2.1's fields, and no other.
+    let mut fields: Vec<&str> = answer
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    fields.sort();
+    let rfc_8693 = "access_token expires_in issued_token_type scope token_type";
+    assert_eq!(fields.join(" "), rfc_8693);
     assert_eq!(answer["scope"], "invoices:read", "{}", answer["scope"]);
     assert_eq!(answer["token_type"], "Bearer");
     assert_eq!(
@@ -695,50 +718,19 @@ fn the_cli_exchanges_over_the_agents_socket_authenticated_by_peer_uid() {
     let expires_in = answer["expires_in"].as_u64().unwrap();
     assert!((100..=120).contains(&expires_in), "{expires_in}");
     let token = answer["access_token"].as_str().unwrap().to_owned();
-    std::fs::write(dir.join("client/token.jwt"), &token).unwrap();
+    std::fs::write(client.path("client/token.jwt"), &token).unwrap();
 
     // The independent client: valid against the JWKS, active.
-    let valid = client.ok(&[
-        "validate",
-        "--metadata",
-        &metadata,
-        "--token-file",
-        &p("client/token.jwt"),
-        "--audience",
-        API,
-    ]);
+    let valid = client.validate(&metadata, "client/token.jwt", API, None);
     assert_eq!(valid["claims"]["sub"], "alice", "{valid}");
     assert_eq!(valid["claims"]["act"], serde_json::json!({"sub": "bot"}));
     assert_eq!(valid["claims"]["client_id"], "bot", "{valid}");
     assert_eq!(valid["claims"]["scope"], "invoices:read", "{valid}");
-    let active = client.ok(&[
-        "introspect",
-        "--metadata",
-        &metadata,
-        "--agent",
-        "bot",
-        "--key",
-        &key,
-        "--token-file",
-        &p("client/token.jwt"),
-        "--audience",
-        API,
-        "--expect-active",
-        "true",
-    ]);
+    let active = client.introspect(&bot, "client/token.jwt", true);
     assert_eq!(active["client_id"], "bot", "{active}");
 
     // The same error codes: a scope nobody holds.
-    let out = env.cli(&[
-        "token",
-        "exchange",
-        "--subject-token-file",
-        &p("client/subject.jwt"),
-        "--scope",
-        "admin",
-        "--audience",
-        API,
-    ]);
+    let out = cli_exchange("admin");
     cli_outputs.extend_from_slice(&out.stdout);
     cli_outputs.extend_from_slice(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -752,7 +744,7 @@ fn the_cli_exchanges_over_the_agents_socket_authenticated_by_peer_uid() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let socket = env.path().join("agent.sock");
-    let subject = std::fs::read(dir.join("client/subject.jwt")).unwrap();
+    let subject = std::fs::read(&subject_file).unwrap();
     for extra in [vec![], vec!["--as", "bot"]] {
         let mut child = Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
@@ -811,26 +803,12 @@ fn the_cli_exchanges_over_the_agents_socket_authenticated_by_peer_uid() {
     assert_eq!(refused, 2, "{tokens:?}");
 
     // Canaries: neither token, nor a signature, anywhere but that stdout.
-    let log = daemon.stop();
-    let mut outputs: Vec<(String, Vec<u8>)> = vec![
-        ("daemon output".into(), log.into_bytes()),
-        ("the CLI's stderr and refusals".into(), cli_outputs),
+    let tokens = [
+        ("the issued token", token),
+        ("the subject token", String::from_utf8(subject).unwrap()),
     ];
-    for (path, bytes) in read_tree(&env.state_dir()) {
-        outputs.push((path.display().to_string(), bytes));
-    }
-    let subject = String::from_utf8(subject).unwrap();
-    for t in [token.as_str(), subject.trim()] {
-        let signature = t.rsplit('.').next().unwrap();
-        assert!(signature.len() >= 40);
-        for (name, bytes) in &outputs {
-            assert!(!contains(bytes, t.as_bytes()), "a token appears in {name}");
-            assert!(
-                !contains(bytes, signature.as_bytes()),
-                "a token's signature appears in {name}"
-            );
-        }
-    }
+    let seen = ("the CLI's stderr and refusals", cli_outputs);
+    assert_no_token_anywhere(&env, daemon, seen, &tokens);
 }
 
 /// The listener has no TLS: a non-loopback `listen` with a token service
@@ -858,17 +836,15 @@ fn the_token_service_refuses_a_listener_off_loopback() {
 #[test]
 fn a_reload_starts_changes_and_stops_the_token_service() {
     let port = free_port();
-    let agents = r#"
-[agents.keyturn]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-
+    let agents = &format!(
+        r#"{}
 [agents.keyturn.credentials.signer]
 vault = "local"
 every = "24h"
-generate = { kind = "ed25519" }
-"#;
+generate = {{ kind = "ed25519" }}
+"#,
+        agent_table("keyturn")
+    );
     let service = |issuer: &str| {
         format!(
             "{agents}\n[token_service]\nissuer = \"{issuer}\"\nsigning_credential = \"keyturn/signer\"\n\n[token_service.clients.keyturn]\nscopes = [\"a\"]\naudiences = [\"{API}\"]\n"
