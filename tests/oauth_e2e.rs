@@ -779,6 +779,21 @@ fn the_cli_exchanges_over_the_agents_socket_authenticated_by_peer_uid() {
         );
     }
 
+    // Counted with the listener's token requests, under their own endpoint.
+    let port: u16 = metadata
+        .trim_start_matches("http://127.0.0.1:")
+        .split('/')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the listener's port");
+    let metrics = http_get(port, "/metrics");
+    for (result, n) in [("ok", 1), ("invalid_scope", 1), ("invalid_client", 2)] {
+        let line = format!(
+            "keyturn_oauth_requests_total{{endpoint=\"token_socket\",result=\"{result}\"}} {n}"
+        );
+        assert!(metrics.contains(&line), "no `{line}` in:\n{metrics}");
+    }
+
     // Audited: issued as authenticated by peer uid, and the refusals.
     let audit = audit_records(&env);
     let tokens: Vec<&serde_json::Value> = audit
