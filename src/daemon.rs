@@ -1459,6 +1459,7 @@ impl ControlHandler for Handler {
             Err(e @ (AckError::Stale { .. } | AckError::NothingAwaited { .. })) => {
                 Err(ApiError::stale(e.to_string()))
             }
+            Err(e @ AckError::Delivering { .. }) => Err(ApiError::unavailable(e.to_string())),
             Err(AckError::Internal(m)) => Err(ApiError::unavailable(format!(
                 "cannot record the acknowledgement: {m}"
             ))),

@@ -377,7 +377,12 @@ fn transparency(variant: Variant, lang: Lang) {
         "current_user is the last version's login"
     );
     assert_eq!(end["last_user"], run.role.as_str());
-    assert_eq!(sum("ack_failures"), 0, "every ack was accepted");
+    assert_eq!(
+        sum("ack_failures"),
+        0,
+        "every ack was accepted; agent stderr:\n{}",
+        tail(&run.agent_err())
+    );
     match variant {
         Variant::WatchRestart => assert!(summaries.len() > 1, "restarted: {summaries:?}"),
         _ => assert!(end["reloads"].as_u64().unwrap() >= 1),

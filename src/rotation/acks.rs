@@ -19,6 +19,12 @@
 //! The awaited consumers are persisted (`Write::AwaitAcks`, with the deliver
 //! step's own writes: no commit of their own) and every ack is persisted as
 //! it arrives, so a restart keeps them and never retires early.
+//!
+//! A consumer may ack a version the moment it sees it, before its delivery
+//! is over (a file is in place before its signal is sent, before the
+//! delivery is audited and its consumers persisted). Such an ack waits for
+//! the delivery to be recorded, then counts: it is never refused as stale,
+//! and never recorded before the consumers it acknowledges are.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -118,9 +124,22 @@ pub enum AckError {
         version: VersionNo,
         awaited: VersionNo,
     },
+    #[error(
+        "{key}: version {version} is still being delivered after {waited:?}; ack it again in a moment"
+    )]
+    Delivering {
+        key: CredentialKey,
+        version: VersionNo,
+        waited: Duration,
+    },
     #[error("{0}")]
     Internal(String),
 }
+
+/// How long `keyturn ack` of a version whose delivery is under way waits
+/// for it to be recorded (sinks that hold up the rotation have their own
+/// timeouts, well under this).
+const ACK_WAITS_FOR_DELIVERY: Duration = Duration::from_secs(30);
 
 impl Inner {
     pub(super) fn awaited(&self) -> std::sync::MutexGuard<'_, HashMap<CredentialKey, Awaited>> {
@@ -133,6 +152,76 @@ impl Inner {
     /// A failed delivery to a sink that holds up the rotation is the step's
     /// error; one to a sink that does not is retried in the background.
     pub(crate) async fn deliver_to_sinks(
+        &self,
+        entry: &CredEntry,
+        notice: &Notice,
+        value: &SecretValue,
+    ) -> Result<Vec<Write>, StepError> {
+        let key = entry.key();
+        self.delivering_now().insert(key.clone(), notice.version);
+        let result = self.deliver_each(entry, notice, value).await;
+        // With consumers to persist, the delivery is over when they are
+        // (`Inner::persist`); otherwise now.
+        let awaits = result
+            .as_ref()
+            .is_ok_and(|w| w.iter().any(|w| matches!(w, Write::AwaitAcks { .. })));
+        if !awaits {
+            self.delivery_recorded(key, notice.version);
+        }
+        result
+    }
+
+    fn delivering_now(&self) -> std::sync::MutexGuard<'_, HashMap<CredentialKey, VersionNo>> {
+        self.delivering.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The delivery of `version` of `key` is over: its awaited consumers
+    /// (if any) are persisted, so acks of it may be recorded.
+    pub(super) fn delivery_recorded(&self, key: &CredentialKey, version: VersionNo) {
+        let mut delivering = self.delivering_now();
+        if delivering.get(key) == Some(&version) {
+            delivering.remove(key);
+            drop(delivering);
+            self.ack_changed.notify_waiters();
+        }
+    }
+
+    /// Waits, at most `limit`, until `version` of `key` is not being
+    /// delivered.
+    async fn delivered(
+        &self,
+        key: &CredentialKey,
+        version: VersionNo,
+        limit: Option<Duration>,
+    ) -> Result<(), AckError> {
+        let started = tokio::time::Instant::now();
+        let refused = || AckError::Delivering {
+            key: key.clone(),
+            version,
+            waited: started.elapsed(),
+        };
+        loop {
+            let changed = self.ack_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.delivering_now().get(key) != Some(&version) {
+                return Ok(());
+            }
+            let timeout = async {
+                match limit {
+                    Some(l) => tokio::time::sleep_until(started + l).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = timeout => return Err(refused()),
+                _ = self.cancel.cancelled() => return Err(refused()),
+                _ = &mut changed => {}
+            }
+        }
+    }
+
+    async fn deliver_each(
         &self,
         entry: &CredEntry,
         notice: &Notice,
@@ -401,6 +490,21 @@ impl Inner {
         consumer: Option<&str>,
         actor: Actor,
     ) -> Result<AckOutcome, AckError> {
+        self.ack_within(key, version, consumer, actor, Some(ACK_WAITS_FOR_DELIVERY))
+            .await
+    }
+
+    /// [`Inner::ack`], waiting at most `limit` (`None`: as long as it
+    /// takes) for a delivery of `version` under way to be recorded.
+    async fn ack_within(
+        &self,
+        key: &CredentialKey,
+        version: VersionNo,
+        consumer: Option<&str>,
+        actor: Actor,
+        limit: Option<Duration>,
+    ) -> Result<AckOutcome, AckError> {
+        self.delivered(key, version, limit).await?;
         let now = self.now();
         let (acknowledged, awaiting, complete) = {
             let mut map = self.awaited();
@@ -601,8 +705,16 @@ impl Inner {
             };
             match result {
                 Ok(()) => {
-                    if let Err(e) = self.ack(&key, version, Some(&name), Actor::Daemon).await
-                        && !matches!(e, AckError::Stale { .. } | AckError::NothingAwaited { .. })
+                    if let Err(e) = self
+                        .ack_within(&key, version, Some(&name), Actor::Daemon, None)
+                        .await
+                        && !matches!(
+                            e,
+                            AckError::Stale { .. }
+                                | AckError::NothingAwaited { .. }
+                                // Only when the daemon is stopping.
+                                | AckError::Delivering { .. }
+                        )
                     {
                         tracing::warn!(agent = %key.agent, credential = %key.credential, version, consumer = %name, error = %e, "recording an acknowledgement failed");
                     }

@@ -17,7 +17,7 @@ use super::step::{Step, Trigger};
 use super::table::{CredLive, Job, LiveRow, RotateFinished, Table};
 use crate::api::StatusRow;
 use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
-use crate::model::{CredentialKey, ErrorKind, PluginError, RotationId, Stage};
+use crate::model::{CredentialKey, ErrorKind, PluginError, RotationId, Stage, VersionNo};
 use crate::state::{
     AuditHead, CredentialRow, RotationRow, StateError, StateStore, StateWriter, Write,
 };
@@ -44,7 +44,12 @@ pub(super) struct Inner {
     /// The consumers awaited for the last delivered version of each
     /// credential (see `acks.rs`).
     pub(super) acks: Mutex<HashMap<CredentialKey, super::acks::Awaited>>,
-    /// Notified on every acknowledgement.
+    /// The version of each credential whose delivery is under way: from
+    /// its first sink until the consumers it awaits are persisted (see
+    /// `acks.rs`).
+    pub(super) delivering: Mutex<HashMap<CredentialKey, VersionNo>>,
+    /// Notified on every acknowledgement, and when a delivery's awaited
+    /// consumers are persisted.
     pub(super) ack_changed: Notify,
     pub(super) clock: Arc<dyn Clock>,
     pub(super) catalog: RwLock<Arc<Catalog>>,
@@ -165,6 +170,7 @@ impl Engine {
             inner: Arc::new_cyclic(|me| Inner {
                 me: me.clone(),
                 acks: Mutex::new(HashMap::new()),
+                delivering: Mutex::new(HashMap::new()),
                 ack_changed: Notify::new(),
                 clock,
                 catalog: RwLock::new(Arc::new(catalog)),
@@ -422,7 +428,7 @@ impl Engine {
     /// The version `key`'s state names current, from memory (cheap: the
     /// token service checks it on every request to notice a rotation of
     /// its signing key at once).
-    pub fn current_version(&self, key: &CredentialKey) -> Option<crate::model::VersionNo> {
+    pub fn current_version(&self, key: &CredentialKey) -> Option<VersionNo> {
         let live = self.inner.live();
         live.get(key)
             .and_then(|l| l.row.as_ref())
@@ -567,10 +573,21 @@ impl Inner {
                 .await
                 .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))?;
         }
+        let awaiting: Vec<(CredentialKey, VersionNo)> = writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::AwaitAcks { key, version, .. } => Some((key.clone(), *version)),
+                _ => None,
+            })
+            .collect();
         self.writer
             .apply(writes)
             .await
-            .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))
+            .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))?;
+        for (key, version) in awaiting {
+            self.delivery_recorded(&key, version);
+        }
+        Ok(())
     }
 
     pub(super) async fn load<T: Send + 'static>(

@@ -44,6 +44,46 @@ impl Sink for SentSink {
     }
 }
 
+/// A consumer that must acknowledge, whose deliveries after the first are
+/// held once they are in place (the consumer sees the new version and may
+/// ack it) until the test releases them: the delivery is not over yet.
+struct HeldSink {
+    in_place: tokio::sync::Semaphore,
+    release: tokio::sync::Semaphore,
+}
+
+impl Default for HeldSink {
+    fn default() -> Self {
+        HeldSink {
+            in_place: tokio::sync::Semaphore::new(0),
+            release: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for HeldSink {
+    fn kind(&self) -> &'static str {
+        "held"
+    }
+    fn describe(&self) -> String {
+        "held:a".into()
+    }
+    async fn deliver(&self, notice: &Notice, _: &SecretValue) -> Result<Delivered, PluginError> {
+        if notice.version > 1 {
+            self.in_place.add_permits(1);
+            self.release.acquire().await.unwrap().forget();
+        }
+        Ok(Delivered::Sent)
+    }
+    async fn retract(&self, _: &CredentialKey) -> Result<(), PluginError> {
+        Ok(())
+    }
+    async fn preflight(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
 /// A receiver that is down for its first `fails` deliveries, and does not
 /// hold up the rotation (a webhook).
 struct DownSink {
@@ -262,6 +302,52 @@ async fn a_new_rotation_waits_for_the_current_versions_acks_before_retiring_it()
     assert_eq!((done.error, done.version), (None, Some(3)));
     assert_eq!(retires(&rig), vec![acked_at], "right after the ack");
     assert_eq!(rig.at(rig.vault.times("stage", None)[2]), acked_at);
+    rig.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ack_that_arrives_while_its_version_is_being_delivered_counts_once_it_is_recorded() {
+    let held = Arc::new(HeldSink::default());
+    let sink: Arc<dyn Sink> = held.clone();
+    let rig = rig_with(&[sink]);
+    rig.run().await;
+    rig.until(Duration::from_secs(1), "first version", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    ack(&rig, 1, None).await.unwrap();
+    tokio::time::sleep(10 * MINUTE).await;
+    let engine = rig.engine.clone();
+    let second = tokio::spawn(async move { engine.trigger(&key("c0")).unwrap().await.unwrap() });
+    held.in_place.acquire().await.unwrap().forget();
+    let early_ack = || {
+        let engine = rig.engine.clone();
+        tokio::spawn(async move { engine.ack(&key("c0"), 2, Actor::Daemon).await })
+    };
+    // A delivery that does not end: the ack says so after its wait, and
+    // records nothing.
+    let refused = early_ack().await.unwrap();
+    assert!(
+        matches!(refused, Err(AckError::Delivering { version: 2, waited, .. }) if waited >= Duration::from_secs(30)),
+        "{refused:?}"
+    );
+    // One that ends: the ack waits for it (it is not refused as stale,
+    // version 1 being the one awaited until then), then counts.
+    let waiting = early_ack();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiting.is_finished(), "the ack waits for the delivery");
+    held.release.add_permits(1);
+    let done = waiting.await.unwrap().expect("acknowledged");
+    assert_eq!(done.acknowledged, vec!["held:a"]);
+    assert!(done.awaiting.is_empty() && done.retiring, "{done:?}");
+    assert_eq!(second.await.unwrap().version, Some(2));
+    let acked_at = rig.at(Instant::now());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(retires(&rig), vec![acked_at], "retired right after the ack");
+    // Persisted after the consumers it acknowledges, not overwritten by them.
+    let acks = rig.store.snapshot().unwrap().acks;
+    assert_eq!(acks.len(), 1, "{acks:?}");
+    assert_eq!((acks[0].version, acks[0].acked_at.is_some()), (2, true));
     rig.shutdown().await;
 }
 
