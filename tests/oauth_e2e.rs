@@ -729,6 +729,47 @@ fn the_cli_exchanges_over_the_agents_socket_authenticated_by_peer_uid() {
     let active = client.introspect(&bot, "client/token.jwt", true);
     assert_eq!(active["client_id"], "bot", "{active}");
 
+    // With the agent's own assertion as actor token: the token never
+    // outlives it, and it is single-use.
+    client.ok_as(
+        "assertion",
+        &bot,
+        &[
+            "--lifetime",
+            "45",
+            "--out",
+            &client.path("client/actor.jwt"),
+        ],
+    );
+    let actor_file = client.path("client/actor.jwt");
+    let with_actor = || {
+        env.cli(&[
+            "token",
+            "exchange",
+            "--subject-token-file",
+            &subject_file,
+            "--actor-token-file",
+            &actor_file,
+            "--audience",
+            API,
+        ])
+    };
+    let out = with_actor();
+    cli_outputs.extend_from_slice(&out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expires_in = answer["expires_in"].as_u64().unwrap();
+    assert!((30..=45).contains(&expires_in), "{expires_in}");
+    let capped = answer["access_token"].as_str().unwrap().to_owned();
+    let out = with_actor();
+    cli_outputs.extend_from_slice(&out.stdout);
+    cli_outputs.extend_from_slice(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid_request"),
+        "a replayed actor token: {out:?}"
+    );
+
     // The same error codes: a scope nobody holds.
     let out = cli_exchange("admin");
     cli_outputs.extend_from_slice(&out.stdout);
@@ -787,7 +828,12 @@ fn the_cli_exchanges_over_the_agents_socket_authenticated_by_peer_uid() {
         .and_then(|p| p.parse().ok())
         .expect("the listener's port");
     let metrics = http_get(port, "/metrics");
-    for (result, n) in [("ok", 1), ("invalid_scope", 1), ("invalid_client", 2)] {
+    for (result, n) in [
+        ("ok", 2),
+        ("invalid_request", 1),
+        ("invalid_scope", 1),
+        ("invalid_client", 2),
+    ] {
         let line = format!(
             "keyturn_oauth_requests_total{{endpoint=\"token_socket\",result=\"{result}\"}} {n}"
         );
@@ -818,8 +864,11 @@ fn the_cli_exchanges_over_the_agents_socket_authenticated_by_peer_uid() {
     assert_eq!(refused, 2, "{tokens:?}");
 
     // Canaries: neither token, nor a signature, anywhere but that stdout.
+    let actor = std::fs::read_to_string(&actor_file).unwrap();
     let tokens = [
         ("the issued token", token),
+        ("the token capped by the actor token", capped),
+        ("the actor token", actor),
         ("the subject token", String::from_utf8(subject).unwrap()),
     ];
     let seen = ("the CLI's stderr and refusals", cli_outputs);

@@ -263,35 +263,44 @@ pub enum TokenCommand {
     /// Exchange the human's access token (the subject token) for an access
     /// token of the calling uid's agent acting for that human; prints the
     /// RFC 8693 answer as JSON on stdout (the token goes nowhere else).
-    Exchange {
-        /// The subject token: a file holding it, or `-` for stdin.
-        #[arg(long, value_name = "PATH")]
-        subject_token_file: PathBuf,
-        /// Its RFC 8693 type.
-        #[arg(long, value_name = "URI", default_value = crate::oauth::exchange::TOKEN_TYPE_ACCESS_TOKEN)]
-        subject_token_type: String,
-        /// The scopes wanted, space-delimited (default: all that the human
-        /// and the agent both have).
-        #[arg(long)]
-        scope: Option<String>,
-        /// Where the token will be used (repeat for several).
-        #[arg(long, value_name = "AUD")]
-        audience: Vec<String>,
-        /// A resource URI the token is for (repeat for several).
-        #[arg(long, value_name = "URI")]
-        resource: Vec<String>,
-        /// One of the agent's live tasks: the token carries its attribution
-        /// and ends with it.
-        #[arg(long, value_name = "ID")]
-        task: Option<String>,
-        /// Act for this agent (root and the control socket's group; audited).
-        #[arg(long = "as", value_name = "AGENT", add = ArgValueCompleter::new(completions::agents))]
-        as_agent: Option<String>,
-        /// The socket (default: `daemon.agent_socket` of the config if it
-        /// can be read, else /run/keyturn/agent.sock).
-        #[arg(long, env = "KEYTURN_AGENT_SOCKET")]
-        socket: Option<PathBuf>,
-    },
+    Exchange(ExchangeArgs),
+}
+
+/// What `keyturn token exchange` sends, as given.
+#[derive(Debug, clap::Args)]
+pub struct ExchangeArgs {
+    /// The subject token: a file holding it, or `-` for stdin.
+    #[arg(long, value_name = "PATH")]
+    subject_token_file: PathBuf,
+    /// Its RFC 8693 type.
+    #[arg(long, value_name = "URI", default_value = crate::oauth::exchange::TOKEN_TYPE_ACCESS_TOKEN)]
+    subject_token_type: String,
+    /// The agent's own `private_key_jwt` assertion, as a file (optional:
+    /// the calling uid is the actor; if given, the token never outlives it
+    /// and it is single-use).
+    #[arg(long, value_name = "PATH")]
+    actor_token_file: Option<PathBuf>,
+    /// The scopes wanted, space-delimited (default: all that the human
+    /// and the agent both have).
+    #[arg(long)]
+    scope: Option<String>,
+    /// Where the token will be used (repeat for several).
+    #[arg(long, value_name = "AUD")]
+    audience: Vec<String>,
+    /// A resource URI the token is for (repeat for several).
+    #[arg(long, value_name = "URI")]
+    resource: Vec<String>,
+    /// One of the agent's live tasks: the token carries its attribution
+    /// and ends with it.
+    #[arg(long, value_name = "ID")]
+    task: Option<String>,
+    /// Act for this agent (root and the control socket's group; audited).
+    #[arg(long = "as", value_name = "AGENT", add = ArgValueCompleter::new(completions::agents))]
+    as_agent: Option<String>,
+    /// The socket (default: `daemon.agent_socket` of the config if it
+    /// can be read, else /run/keyturn/agent.sock).
+    #[arg(long, env = "KEYTURN_AGENT_SOCKET")]
+    socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -419,28 +428,8 @@ async fn run(cli: Cli) -> u8 {
             task(&cli.config, command, socket, as_agent, signer).await
         }
         Command::Token {
-            command:
-                TokenCommand::Exchange {
-                    subject_token_file,
-                    subject_token_type,
-                    scope,
-                    audience,
-                    resource,
-                    task,
-                    as_agent,
-                    socket,
-                },
-        } => {
-            let args = ExchangeArgs {
-                subject_token_file,
-                subject_token_type,
-                scope,
-                audience,
-                resource,
-                task,
-            };
-            token_exchange(&cli.config, args, as_agent, socket).await
-        }
+            command: TokenCommand::Exchange(args),
+        } => token_exchange(&cli.config, args).await,
         Command::Audit {
             command: AuditCommand::Verify,
         } => audit_verify(&cli.config),
@@ -931,26 +920,9 @@ async fn task(
             assertion,
         },
     };
-    let body = match call(&socket, &req).await {
-        Ok(Response::Ok(body)) => body,
-        Ok(Response::Error(e)) => {
-            eprintln!("keyturn: {}", e.message);
-            return match e.kind {
-                ApiErrorKind::Forbidden => EXIT_NOPERM,
-                ApiErrorKind::NotFound => EXIT_FAILED,
-                ApiErrorKind::BadRequest => EXIT_USAGE,
-                ApiErrorKind::Unavailable => EXIT_UNAVAILABLE,
-                _ => EXIT_FAILED,
-            };
-        }
-        Err(e @ ClientError::PermissionDenied { .. }) => {
-            eprintln!("keyturn: {e}");
-            return EXIT_NOPERM;
-        }
-        Err(e) => {
-            eprintln!("keyturn: {e}");
-            return EXIT_UNAVAILABLE;
-        }
+    let body = match call_agents_socket(&socket, &req, "", EXIT_USAGE).await {
+        Ok(body) => body,
+        Err(code) => return code,
     };
     // JSON always: the output is for the agent's code as much as for people.
     match body {
@@ -968,19 +940,9 @@ async fn task(
     0
 }
 
-/// What `keyturn token exchange` sends, as given.
-struct ExchangeArgs {
-    subject_token_file: PathBuf,
-    subject_token_type: String,
-    scope: Option<String>,
-    audience: Vec<String>,
-    resource: Vec<String>,
-    task: Option<String>,
-}
-
-/// Reads the subject token from `path` (`-`: stdin), without its trailing
-/// newline.
-fn read_subject_token(path: &Path) -> Result<crate::model::SecretValue, String> {
+/// Reads a token from `path` (`-`: stdin), without its trailing newline;
+/// `flag` and `what` name it in errors.
+fn read_token(path: &Path, flag: &str, what: &str) -> Result<crate::model::SecretValue, String> {
     use std::io::Read as _;
     let mut bytes = zeroize::Zeroizing::new(Vec::new());
     let read = if path == Path::new("-") {
@@ -988,14 +950,14 @@ fn read_subject_token(path: &Path) -> Result<crate::model::SecretValue, String> 
     } else {
         std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut bytes))
     };
-    read.map_err(|e| format!("--subject-token-file {}: {e}", path.display()))?;
+    read.map_err(|e| format!("{flag} {}: {e}", path.display()))?;
     let len = bytes
         .iter()
         .rposition(|b| !b.is_ascii_whitespace())
         .map_or(0, |i| i + 1);
     if len == 0 {
         return Err(format!(
-            "--subject-token-file {}: the file is empty; it must hold the human's access token",
+            "{flag} {}: the file is empty; it must hold {what}",
             path.display()
         ));
     }
@@ -1004,27 +966,35 @@ fn read_subject_token(path: &Path) -> Result<crate::model::SecretValue, String> 
 
 /// `keyturn token exchange`: RFC 8693 over the agents' socket, as the
 /// calling uid's agent (or `--as` one).
-async fn token_exchange(
-    path: &Path,
-    args: ExchangeArgs,
-    as_agent: Option<String>,
-    socket: Option<PathBuf>,
-) -> u8 {
-    let as_agent = match as_agent.map(crate::model::AgentId::new).transpose() {
+async fn token_exchange(path: &Path, args: ExchangeArgs) -> u8 {
+    let as_agent = match args.as_agent.map(crate::model::AgentId::new).transpose() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("keyturn: --as: {e}");
             return EXIT_USAGE;
         }
     };
-    let subject_token = match read_subject_token(&args.subject_token_file) {
+    let tokens = read_token(
+        &args.subject_token_file,
+        "--subject-token-file",
+        "the human's access token",
+    )
+    .and_then(|subject| {
+        let actor = args
+            .actor_token_file
+            .as_deref()
+            .map(|p| read_token(p, "--actor-token-file", "the agent's assertion"))
+            .transpose()?;
+        Ok((subject, actor))
+    });
+    let (subject_token, actor_token) = match tokens {
         Ok(t) => t,
         Err(e) => {
             eprintln!("keyturn: {e}");
             return EXIT_USAGE;
         }
     };
-    let socket = socket.unwrap_or_else(|| agent_socket_of(path));
+    let socket = args.socket.unwrap_or_else(|| agent_socket_of(path));
     let req = Request::TokenExchange {
         as_agent,
         exchange: crate::api::protocol::TokenExchangeArgs {
@@ -1035,31 +1005,46 @@ async fn token_exchange(
             audience: args.audience,
             resource: args.resource,
             task_id: args.task,
-            actor_token: None,
+            actor_token: actor_token.map(crate::api::protocol::WireSecret),
         },
     };
-    match call(&socket, &req).await {
-        Ok(Response::Ok(ResponseBody::TokenExchanged(t))) => {
+    // A refusal: the OAuth error code and why (never a token).
+    match call_agents_socket(&socket, &req, "token exchange refused: ", EXIT_FAILED).await {
+        Ok(ResponseBody::TokenExchanged(t)) => {
             println!("{}", serde_json::to_string_pretty(&t).unwrap_or_default());
             0
         }
-        Ok(Response::Ok(_)) => unexpected(),
+        Ok(_) => unexpected(),
+        Err(code) => code,
+    }
+}
+
+/// Sends `req` to the agents' socket. A refusal is reported on stderr
+/// (`refused` before the daemon's message) and becomes the exit code:
+/// 77 forbidden, 69 unavailable, `bad_request` for a bad request, else 1.
+async fn call_agents_socket(
+    socket: &Path,
+    req: &Request,
+    refused: &str,
+    bad_request: u8,
+) -> Result<ResponseBody, u8> {
+    match call(socket, req).await {
+        Ok(Response::Ok(body)) => Ok(body),
         Ok(Response::Error(e)) => {
-            // The OAuth error code and why (never a token).
-            eprintln!("keyturn: token exchange refused: {}", e.message);
-            match e.kind {
+            eprintln!("keyturn: {refused}{}", e.message);
+            Err(match e.kind {
                 ApiErrorKind::Forbidden => EXIT_NOPERM,
                 ApiErrorKind::Unavailable => EXIT_UNAVAILABLE,
+                ApiErrorKind::BadRequest => bad_request,
                 _ => EXIT_FAILED,
-            }
-        }
-        Err(e @ ClientError::PermissionDenied { .. }) => {
-            eprintln!("keyturn: {e}");
-            EXIT_NOPERM
+            })
         }
         Err(e) => {
             eprintln!("keyturn: {e}");
-            EXIT_UNAVAILABLE
+            Err(match e {
+                ClientError::PermissionDenied { .. } => EXIT_NOPERM,
+                _ => EXIT_UNAVAILABLE,
+            })
         }
     }
 }
@@ -1146,25 +1131,10 @@ async fn ack(
         credential: key.credential,
         version,
     };
-    let result = match call(&socket, &req).await {
-        Ok(Response::Ok(ResponseBody::Ack(r))) => r,
-        Ok(Response::Ok(_)) => return unexpected(),
-        Ok(Response::Error(e)) => {
-            eprintln!("keyturn: {}", e.message);
-            return match e.kind {
-                ApiErrorKind::Forbidden => EXIT_NOPERM,
-                ApiErrorKind::Unavailable => EXIT_UNAVAILABLE,
-                _ => EXIT_FAILED,
-            };
-        }
-        Err(e @ ClientError::PermissionDenied { .. }) => {
-            eprintln!("keyturn: {e}");
-            return EXIT_NOPERM;
-        }
-        Err(e) => {
-            eprintln!("keyturn: {e}");
-            return EXIT_UNAVAILABLE;
-        }
+    let result = match call_agents_socket(&socket, &req, "", EXIT_FAILED).await {
+        Ok(ResponseBody::Ack(r)) => r,
+        Ok(_) => return unexpected(),
+        Err(code) => return code,
     };
     if json {
         println!(

@@ -289,7 +289,14 @@ impl SubjectIssuer {
         };
         let kid_shown = kid.map_or(String::new(), |k| format!(" \"{}\"", shown(k)));
 
-        let key = match self.jwks.keys().find(kid) {
+        let mut found = self.jwks.keys().find(kid);
+        if let Err(Lookup::UnknownKid | Lookup::Empty) = found {
+            // Rotation: the identity provider may have published a new key
+            // since the last load. At most one load per floor.
+            self.jwks.load_for_unknown_kid(kid).await;
+            found = self.jwks.keys().find(kid);
+        }
+        let key = match found {
             Ok(k) => k,
             Err(Lookup::KidRequired { keys }) => {
                 return Err(SubjectError::KidRequired {
@@ -297,33 +304,19 @@ impl SubjectIssuer {
                     keys,
                 });
             }
-            Err(Lookup::UnknownKid | Lookup::Empty) => {
-                // Rotation: the identity provider may have published a new
-                // key since the last load. At most one load per floor.
-                self.jwks.load_for_unknown_kid(kid).await;
-                match self.jwks.keys().find(kid) {
-                    Ok(k) => k,
-                    Err(Lookup::KidRequired { keys }) => {
-                        return Err(SubjectError::KidRequired {
-                            issuer: c.name.clone(),
-                            keys,
-                        });
-                    }
-                    Err(Lookup::UnknownKid) => {
-                        return Err(SubjectError::UnknownKey {
-                            issuer: c.name.clone(),
-                            kid: shown(kid.unwrap_or_default()),
-                        });
-                    }
-                    Err(Lookup::Empty) => {
-                        return Err(SubjectError::NoKeys {
-                            issuer: c.name.clone(),
-                            why: self.jwks.last_error().map_or(String::new(), |e| {
-                                format!(" (the key set could not be loaded: {e})")
-                            }),
-                        });
-                    }
-                }
+            Err(Lookup::UnknownKid) => {
+                return Err(SubjectError::UnknownKey {
+                    issuer: c.name.clone(),
+                    kid: shown(kid.unwrap_or_default()),
+                });
+            }
+            Err(Lookup::Empty) => {
+                return Err(SubjectError::NoKeys {
+                    issuer: c.name.clone(),
+                    why: self.jwks.last_error().map_or(String::new(), |e| {
+                        format!(" (the key set could not be loaded: {e})")
+                    }),
+                });
             }
         };
         if !key.algorithms.contains(&alg) {

@@ -364,6 +364,14 @@ def cmd_subject(args):
     print(json.dumps({"sub": args.sub, "jti": claims["jti"], "exp": claims["exp"]}))
 
 
+def cmd_assertion(args):
+    """An agent assertion (for an actor token sent another way: the CLI)."""
+    issuer = discover(args.metadata)["issuer"]
+    token = assertion(load_agent_key(args.key), args.agent, issuer, args.lifetime)
+    write_private(args.out, token)
+    print(json.dumps({"aud": issuer, "lifetime": args.lifetime}))
+
+
 def cmd_exchange(args):
     meta = discover(args.metadata)
     issuer = meta["issuer"]
@@ -504,6 +512,12 @@ def main():
         s.add_argument("--metadata", required=True, help="the RFC 8414 metadata URL")
         s.add_argument("--agent", required=True)
         s.add_argument("--key", required=True, help="the agent's delivered Ed25519 PKCS#8 PEM")
+
+    s = sub.add_parser("assertion", help="an agent assertion for the issuer, to a file")
+    agent_args(s)
+    s.add_argument("--lifetime", type=int, default=60)
+    s.add_argument("--out", required=True, help="file the assertion is written to (0600)")
+    s.set_defaults(func=cmd_assertion)
 
     s = sub.add_parser("exchange", help="RFC 8693 token exchange, every check")
     agent_args(s)
