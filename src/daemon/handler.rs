@@ -1,0 +1,601 @@
+//! The answers to the daemon's socket requests: status, rotate, ack,
+//! tasks, decommission, the identity surface (the token exchange is in
+//! `oauth.rs`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::api::protocol::{
+    AckResult, AgentLifecycle, ApiError, ApiErrorKind, DecommissionResult, RotateOutcome,
+    RotateResult, Selector, StatusRow,
+};
+use crate::api::socket::{self, ControlHandler, PeerCred};
+use crate::audit::{Actor, AuditEvent, Outcome};
+use crate::model::{AgentId, CredentialKey};
+use crate::revocation::{Decision, DecommissionError, Revocations};
+use crate::rotation::{AckError, Engine};
+use async_trait::async_trait;
+
+/// Answers control-socket requests from the engine.
+pub(super) struct Handler {
+    pub(super) engine: Engine,
+    pub(super) revocations: Revocations,
+    pub(super) tasks: Arc<crate::tasks::manager::TaskManager>,
+    /// The token service, when `[token_service]` and `listen` are
+    /// configured (swapped on reload).
+    pub(super) oauth: Arc<crate::oauth::service::Slot>,
+    /// Socket exchanges are counted with the listener's token requests.
+    pub(super) metrics: Arc<crate::telemetry::Metrics>,
+}
+
+impl Handler {
+    /// The agent a task request is for: `as_agent` when the peer is
+    /// privileged (audited as acting for it) or is that agent's own uid;
+    /// else the one agent configured with the peer's uid.
+    pub(super) fn task_caller(
+        &self,
+        peer: PeerCred,
+        privileged: bool,
+        as_agent: Option<&AgentId>,
+    ) -> Result<crate::tasks::manager::Caller, ApiError> {
+        let catalog = self.engine.catalog();
+        let agents = &catalog.config.agents;
+        let caller = |agent: &AgentId, described: String| crate::tasks::manager::Caller {
+            agent: agent.to_string(),
+            actor: peer.actor(),
+            described,
+        };
+        if let Some(a) = as_agent {
+            let Some(cfg) = agents.get(a) else {
+                return Err(ApiError::not_found(format!("no agent {a:?} in the config")));
+            };
+            if cfg.uid == Some(peer.uid) {
+                return Ok(caller(a, format!("uid={}", peer.uid)));
+            }
+            if privileged {
+                return Ok(caller(a, format!("uid={} as {a}", peer.uid)));
+            }
+            return Err(ApiError::forbidden(format!(
+                "uid {} may not act for agent {a}: only the agent's own uid, root or the control socket's group may",
+                peer.uid
+            )));
+        }
+        let mine: Vec<&AgentId> = agents
+            .iter()
+            .filter(|(_, a)| a.uid == Some(peer.uid))
+            .map(|(id, _)| id)
+            .collect();
+        match mine.as_slice() {
+            [one] => Ok(caller(one, format!("uid={}", peer.uid))),
+            [] => Err(ApiError::forbidden(format!(
+                "uid {} is not the uid of any configured agent; an agent calls as itself (its `uid` in the config), an operator names one with `as`",
+                peer.uid
+            ))),
+            many => Err(ApiError::bad_request(format!(
+                "uid {} is the uid of several agents ({}); name one with `as`",
+                peer.uid,
+                many.iter()
+                    .map(|a| a.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+}
+
+impl Handler {
+    /// The agent a task request with a JWT assertion is for (`crate::auth`):
+    /// the assertion's, checked against the current and previous public
+    /// keys of that agent's `auth_key`, its `jti` spent in the task store.
+    /// Refused with `as` (one way to name the agent per request), and when
+    /// the peer's uid is another agent's (that agent must not be able to
+    /// act as this one by holding its token). The error goes with the
+    /// agent to put in the refusal's audit record, when known.
+    async fn assertion_caller(
+        &self,
+        peer: PeerCred,
+        as_agent: Option<&AgentId>,
+        token: &crate::api::protocol::WireSecret,
+    ) -> Result<crate::tasks::manager::Caller, (ApiError, Option<AgentId>)> {
+        use crate::auth::{AgentKey, Verifier};
+        if as_agent.is_some() {
+            return Err((
+                ApiError::bad_request(
+                    "`as` and `assertion` together: an assertion already names its agent; send one of them",
+                ),
+                as_agent.cloned(),
+            ));
+        }
+        let Some(token) = token.0.expose_str() else {
+            return Err((ApiError::forbidden("the assertion is not UTF-8 text"), None));
+        };
+        let catalog = self.engine.catalog();
+        let config = &catalog.config;
+        let verifier = Verifier::new(config.daemon.assertion_audience.clone());
+        let refused = |e: crate::auth::AssertionError, agent: Option<AgentId>| {
+            (ApiError::forbidden(e.to_string()), agent)
+        };
+        let claimed = verifier
+            .claimed_agent(token)
+            .map_err(|e| refused(e, None))?;
+        let Some((agent, cfg)) = AgentId::new(&claimed.agent)
+            .ok()
+            .and_then(|id| config.agents.get_key_value(&id))
+        else {
+            return Err((
+                ApiError::forbidden(format!(
+                    "the assertion's iss {:?} is not a configured agent",
+                    claimed.agent.chars().take(64).collect::<String>()
+                )),
+                None,
+            ));
+        };
+        let agent = agent.clone();
+        let deny = |message: String| (ApiError::forbidden(message), Some(agent.clone()));
+        if cfg.uid != Some(peer.uid)
+            && let Some((other, _)) = config
+                .agents
+                .iter()
+                .find(|(id, a)| **id != agent && a.uid == Some(peer.uid))
+        {
+            return Err(deny(format!(
+                "uid {} is agent {other}'s: it may not present an assertion of agent {agent}",
+                peer.uid
+            )));
+        }
+        let Some(auth_key) = cfg.auth_key.clone() else {
+            return Err(deny(format!(
+                "agent {agent} has no `auth_key` in the config: set auth_key to one of its ed25519 credentials to let it authenticate by assertion"
+            )));
+        };
+        let key = CredentialKey::new(agent.clone(), auth_key);
+        let versions = self
+            .engine
+            .load(move |s| s.versions(&key))
+            .await
+            .map_err(|e| {
+                (
+                    ApiError::unavailable(format!("cannot read the agent's keys: {e}")),
+                    Some(agent.clone()),
+                )
+            })?;
+        let keys = AgentKey::accepted(&versions);
+        let verified = verifier
+            .verify(token, &claimed, &keys, self.tasks.store())
+            .map_err(|e| deny(e.to_string()))?;
+        Ok(crate::tasks::manager::Caller {
+            agent: agent.to_string(),
+            actor: peer.actor(),
+            described: format!(
+                "assertion {agent} (key v{}, jti {}) from uid={}",
+                verified.key_version,
+                verified.jti.chars().take(64).collect::<String>(),
+                peer.uid
+            ),
+        })
+    }
+}
+
+impl Handler {
+    fn select(&self, selector: &Selector) -> Result<Vec<CredentialKey>, ApiError> {
+        let catalog = self.engine.catalog();
+        let mut keys: Vec<CredentialKey> = catalog
+            .creds
+            .keys()
+            .filter(|k| match selector {
+                Selector::All => true,
+                Selector::Agent(a) => &k.agent == a,
+                Selector::Credential(c) => *k == c,
+            })
+            .cloned()
+            .collect();
+        keys.sort();
+        if keys.is_empty() {
+            let what = match selector {
+                Selector::All => "no credentials are configured".to_string(),
+                Selector::Agent(a) => {
+                    format!("no agent {a:?} in the config (see `keyturn status`)")
+                }
+                Selector::Credential(c) => {
+                    format!("no credential {c} in the config (see `keyturn status`)")
+                }
+            };
+            return Err(ApiError {
+                kind: ApiErrorKind::NotFound,
+                message: what,
+            });
+        }
+        Ok(keys)
+    }
+}
+
+#[async_trait]
+impl ControlHandler for Handler {
+    async fn status(&self) -> Vec<StatusRow> {
+        self.engine.status()
+    }
+
+    async fn rotate(
+        &self,
+        actor: Actor,
+        selector: Selector,
+        wait: bool,
+    ) -> Result<Vec<RotateResult>, ApiError> {
+        let keys = self.select(&selector)?;
+        let mut ev = AuditEvent::new("admin.rotate", actor, Outcome::Ok);
+        ev.detail = Some(format!("{} credential(s), wait={wait}", keys.len()));
+        if let [only] = keys.as_slice() {
+            ev.agent = Some(only.agent.clone());
+            ev.credential = Some(only.credential.clone());
+        }
+        if let Err(e) = self.engine.record(ev).await {
+            return Err(ApiError {
+                kind: ApiErrorKind::Unavailable,
+                message: format!("cannot write the audit record: {e}"),
+            });
+        }
+        let catalog = self.engine.catalog();
+        if let Some(label) = keys.first().and_then(|k| self.engine.agent_label(&k.agent))
+            && keys.iter().all(|k| k.agent == keys[0].agent)
+        {
+            return Err(ApiError::bad_request(format!(
+                "agent {} is {label}: its credentials are not rotated any more (see `keyturn status`)",
+                keys[0].agent
+            )));
+        }
+        let followed =
+            |k: &CredentialKey| catalog.creds.get(k).is_some_and(|e| e.cfg.follow.is_some());
+        if let [only] = keys.as_slice()
+            && followed(only)
+        {
+            return Err(ApiError {
+                kind: ApiErrorKind::BadRequest,
+                message: format!(
+                    "{only} is followed (mode = \"follow\"), rotated by another keyturn: rotate it there"
+                ),
+            });
+        }
+        let mut waiting = Vec::with_capacity(keys.len());
+        let mut results = Vec::with_capacity(keys.len());
+        for key in keys {
+            let refused = if followed(&key) {
+                Some("followed, rotated by another keyturn".to_owned())
+            } else {
+                self.engine
+                    .agent_label(&key.agent)
+                    .map(|label| format!("the agent is {label}"))
+            };
+            if let Some(why) = refused {
+                results.push(RotateResult {
+                    agent: key.agent,
+                    credential: key.credential,
+                    rotation: None,
+                    version: None,
+                    outcome: RotateOutcome::Failed,
+                    error: Some(why),
+                });
+                continue;
+            }
+            let rx = self.engine.trigger(&key);
+            waiting.push((key, rx));
+        }
+        for (key, rx) in waiting {
+            let result = match rx {
+                None => RotateResult {
+                    agent: key.agent,
+                    credential: key.credential,
+                    rotation: None,
+                    version: None,
+                    outcome: RotateOutcome::Failed,
+                    error: Some("removed from the config".into()),
+                },
+                Some(_) if !wait => RotateResult {
+                    agent: key.agent,
+                    credential: key.credential,
+                    rotation: None,
+                    version: None,
+                    outcome: RotateOutcome::Started,
+                    error: None,
+                },
+                Some(rx) => match rx.await {
+                    Ok(done) => RotateResult {
+                        agent: key.agent,
+                        credential: key.credential,
+                        rotation: done.rotation.map(|r| r.to_string()),
+                        version: done.version,
+                        outcome: if done.error.is_none() {
+                            RotateOutcome::Completed
+                        } else {
+                            RotateOutcome::Failed
+                        },
+                        error: done.error,
+                    },
+                    Err(_) => RotateResult {
+                        agent: key.agent,
+                        credential: key.credential,
+                        rotation: None,
+                        version: None,
+                        outcome: RotateOutcome::Failed,
+                        error: Some("the daemon stopped before the rotation finished".into()),
+                    },
+                },
+            };
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    async fn task(
+        &self,
+        peer: PeerCred,
+        privileged: bool,
+        command: socket::TaskCommand,
+    ) -> Result<crate::api::protocol::ResponseBody, ApiError> {
+        use crate::api::protocol::{
+            ResponseBody, TaskCredential, TaskStarted, TaskView, WireSecret,
+        };
+        use crate::tasks::manager::{StartRequest, TaskError};
+        let (as_agent, assertion) = command.auth();
+        let (as_agent, assertion) = (as_agent.cloned(), assertion.cloned());
+        let by_assertion = assertion.is_some();
+        let decided = match &assertion {
+            Some(token) => self.assertion_caller(peer, as_agent.as_ref(), token).await,
+            None => self
+                .task_caller(peer, privileged, as_agent.as_ref())
+                .map_err(|e| (e, as_agent.clone())),
+        };
+        let caller = match decided {
+            Ok(c) => c,
+            Err((e, agent)) => {
+                // The reason only: the token itself never reaches the log.
+                let mut ev = AuditEvent::new("task.refused", peer.actor(), Outcome::Refused);
+                ev.agent = agent;
+                ev.error = Some(e.message.clone());
+                if by_assertion {
+                    ev.detail = Some("authenticated by assertion".into());
+                }
+                if let Err(err) = self.engine.record(ev).await {
+                    tracing::error!(error = %err, "cannot audit a refused task request");
+                }
+                return Err(e);
+            }
+        };
+        let api_error = |e: TaskError| match e {
+            TaskError::Refused(r) => ApiError::forbidden(r.to_string()),
+            TaskError::AgentRetired(_) => ApiError::forbidden(e.to_string()),
+            TaskError::Invalid { .. } => ApiError::bad_request(e.to_string()),
+            TaskError::NotFound(_) | TaskError::NotYours(_) => ApiError::not_found(e.to_string()),
+            TaskError::Issue { .. } | TaskError::Deliver { .. } => ApiError::failed(e.to_string()),
+            TaskError::Store(_) => ApiError::internal(e.to_string()),
+        };
+        match command {
+            socket::TaskCommand::Start { task, .. } => {
+                let started = self
+                    .tasks
+                    .start(
+                        &caller,
+                        StartRequest {
+                            tenant: task.tenant,
+                            use_case: task.use_case,
+                            run_id: task.run_id,
+                            initiator: task.initiator,
+                            sensitivity: task.sensitivity,
+                            ttl: task.ttl_seconds.map(Duration::from_secs),
+                        },
+                    )
+                    .await
+                    .map_err(api_error)?;
+                // With a task directory the secrets are in its files only.
+                let in_files = started.dir.is_some();
+                Ok(ResponseBody::TaskStarted(Box::new(TaskStarted {
+                    task: TaskView::of(&started.task),
+                    dir: started.dir.map(|d| d.display().to_string()),
+                    credentials: started
+                        .credentials
+                        .into_iter()
+                        .map(|(name, c)| {
+                            (
+                                name,
+                                TaskCredential {
+                                    public: c.public,
+                                    secret: if in_files {
+                                        Default::default()
+                                    } else {
+                                        c.secret
+                                            .into_iter()
+                                            .map(|(k, v)| (k, WireSecret(v)))
+                                            .collect()
+                                    },
+                                    expires_at: c.expires_at.into(),
+                                    file: c.file.map(|f| f.display().to_string()),
+                                },
+                            )
+                        })
+                        .collect(),
+                })))
+            }
+            socket::TaskCommand::End { task, .. } => {
+                let row = self.tasks.end(&caller, &task).await.map_err(api_error)?;
+                Ok(ResponseBody::TaskEnded(Box::new(TaskView::of(&row))))
+            }
+            socket::TaskCommand::List { .. } => {
+                let rows = self
+                    .tasks
+                    .list(Some(&caller.agent), 20)
+                    .map_err(api_error)?;
+                Ok(ResponseBody::Tasks(rows.iter().map(TaskView::of).collect()))
+            }
+        }
+    }
+
+    async fn ack(
+        &self,
+        peer: PeerCred,
+        key: CredentialKey,
+        version: u64,
+    ) -> Result<AckResult, ApiError> {
+        let catalog = self.engine.catalog();
+        let agent_uid = catalog.config.agents.get(&key.agent).and_then(|a| a.uid);
+        let allowed = peer.uid == 0
+            || peer.uid == nix::unistd::geteuid().as_raw()
+            || agent_uid == Some(peer.uid);
+        if !allowed {
+            // Said the same whether or not the agent exists: a peer that may
+            // not ack learns nothing about the config.
+            let reason = format!(
+                "uid {} may not acknowledge {key}: only root, the daemon's user and the agent's configured uid may",
+                peer.uid
+            );
+            tracing::warn!(uid = peer.uid, pid = peer.pid, credential = %key, version, "refused ack");
+            let mut ev = AuditEvent::new("ack.refused", peer.actor(), Outcome::Refused);
+            ev.agent = Some(key.agent.clone());
+            ev.credential = Some(key.credential.clone());
+            ev.version = Some(version);
+            ev.error = Some(reason.clone());
+            if let Err(e) = self.engine.record(ev).await {
+                tracing::error!(error = %e, "cannot audit a refused ack");
+            }
+            return Err(ApiError::forbidden(reason));
+        }
+        if !catalog.creds.contains_key(&key) {
+            return Err(ApiError::not_found(format!(
+                "no credential {key} in the config (see `keyturn status`)"
+            )));
+        }
+        match self.engine.ack(&key, version, peer.actor()).await {
+            Ok(done) => Ok(AckResult {
+                agent: key.agent,
+                credential: key.credential,
+                version,
+                acknowledged: done.acknowledged,
+                awaiting: done.awaiting,
+                retiring: done.retiring,
+            }),
+            Err(e @ (AckError::Stale { .. } | AckError::NothingAwaited { .. })) => {
+                Err(ApiError::stale(e.to_string()))
+            }
+            Err(e @ AckError::Delivering { .. }) => Err(ApiError::unavailable(e.to_string())),
+            Err(AckError::Internal(m)) => Err(ApiError::unavailable(format!(
+                "cannot record the acknowledgement: {m}"
+            ))),
+        }
+    }
+
+    async fn decommission(
+        &self,
+        actor: Actor,
+        agent: AgentId,
+        reason: String,
+        by: Option<String>,
+    ) -> Result<DecommissionResult, ApiError> {
+        if reason.trim().is_empty() {
+            return Err(ApiError::bad_request(
+                "a decommission needs a reason (--reason TEXT): it goes to the audit log",
+            ));
+        }
+        let decision = Decision {
+            agent: agent.clone(),
+            reason: reason.trim().to_owned(),
+            by: by.map(|b| b.trim().to_owned()).filter(|b| !b.is_empty()),
+            actor,
+            source: "command",
+            decided_at: None,
+        };
+        // Its tasks end first: their credentials are revoked at once.
+        if let Err(e) = self.tasks.end_all_of(agent.as_str(), "decommission").await {
+            tracing::error!(agent = %agent, "ending the agent's tasks: {e}");
+        }
+        match self.revocations.decide(decision).await {
+            Ok((already, _)) => {
+                let row = self
+                    .revocations
+                    .lifecycle()
+                    .into_iter()
+                    .find(|l| l.agent == agent)
+                    .ok_or_else(|| ApiError::internal("the decommission vanished"))?;
+                Ok(DecommissionResult {
+                    already,
+                    agent: row,
+                })
+            }
+            Err(DecommissionError::NotFound(m)) => Err(ApiError::not_found(m)),
+            Err(DecommissionError::Unavailable(m)) => Err(ApiError::unavailable(m)),
+        }
+    }
+
+    async fn agents(&self) -> Vec<AgentLifecycle> {
+        self.revocations.lifecycle()
+    }
+
+    async fn token_exchange(
+        &self,
+        peer: PeerCred,
+        privileged: bool,
+        as_agent: Option<AgentId>,
+        args: crate::api::protocol::TokenExchangeArgs,
+    ) -> Result<crate::api::protocol::ResponseBody, ApiError> {
+        self.exchange_token(peer, privileged, as_agent, args).await
+    }
+
+    async fn tasks(&self) -> Result<Vec<crate::api::protocol::TaskView>, ApiError> {
+        let rows = self
+            .tasks
+            .list(None, 0)
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        Ok(rows
+            .iter()
+            .map(crate::api::protocol::TaskView::of)
+            .collect())
+    }
+
+    async fn surface(&self, unused_after: Duration) -> Result<crate::surface::Surface, ApiError> {
+        let rows = self
+            .engine
+            .load(|s| Ok(s.snapshot()?.acks))
+            .await
+            .map_err(|e| ApiError::unavailable(format!("cannot read state: {e}")))?;
+        let mut acks: crate::surface::Acks = std::collections::HashMap::new();
+        for r in rows {
+            let a = acks.entry(r.key).or_default();
+            a.0 = a.0.max(r.acked_at);
+            a.1 += 1;
+        }
+        let facts = self.engine.surface_facts();
+        let lifecycle = self.revocations.lifecycle();
+        let mut surface =
+            crate::surface::build(&facts, &lifecycle, &acks, unused_after, self.engine.now());
+        let tasks = self
+            .tasks
+            .surface_tasks()
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let catalog = self.engine.catalog();
+        crate::surface::add_tasks(&mut surface, tasks, &|agent| {
+            AgentId::new(agent)
+                .ok()
+                .and_then(|id| catalog.config.agents.get(&id))
+                .map(|a| crate::surface::AgentInfo {
+                    owner: a.owner.clone(),
+                    tenant: a.tenant.clone(),
+                    tier: a.tier.clone(),
+                })
+                .unwrap_or_default()
+        });
+        Ok(surface)
+    }
+
+    async fn refused(&self, peer: PeerCred, reason: String) {
+        let mut ev = AuditEvent::new(
+            "admin.refused",
+            Actor::Peer {
+                uid: peer.uid,
+                gid: peer.gid,
+                pid: peer.pid,
+            },
+            Outcome::Refused,
+        );
+        ev.error = Some(reason);
+        if let Err(e) = self.engine.record(ev).await {
+            tracing::error!(error = %e, "cannot audit a refused control connection");
+        }
+    }
+}

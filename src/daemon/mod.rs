@@ -1,0 +1,785 @@
+//! Wiring and lifecycle of `keyturn daemon`, in one place:
+//! load config → lock and open state → open the audit log → build plug-ins →
+//! resume rotations → serve the control socket (and HTTP) → `READY=1` →
+//! wait for signals. SIGHUP reloads (an invalid config keeps the old one);
+//! SIGTERM/SIGINT drain in-flight steps within `drain_timeout` and exit 0.
+//!
+//! - `handler.rs`: the answers to socket requests (control and agents').
+//! - `oauth.rs`: the token service's part: built from the config and
+//!   rebuilt on reload, its backend, and exchanges over the sockets.
+
+mod handler;
+mod oauth;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sd_notify::NotifyState;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::alerts::{self, Alerts};
+use crate::api::socket;
+use crate::audit::{Actor, AuditEvent, AuditKey, AuditLog, Outcome};
+use crate::config::{self, Config, ConfigErrors};
+use crate::memory;
+use crate::model::AgentId;
+
+use crate::revocation::Revocations;
+use crate::rotation::{Catalog, Engine, EngineParts};
+use crate::state::{SqliteStore, StateStore};
+use crate::telemetry::{CredentialTimes, Metrics};
+use handler::Handler;
+use oauth::{OauthBackend, OauthService};
+
+/// Why the daemon could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Config(ConfigErrors),
+    #[error("{0}")]
+    Startup(String),
+}
+
+/// The state database inside `state_dir`.
+pub fn state_db_path(config: &Config) -> PathBuf {
+    state_db_in(&config.daemon.state_dir)
+}
+
+pub fn state_db_in(state_dir: &Path) -> PathBuf {
+    state_dir.join("state.db")
+}
+
+/// Raises the soft limit on open files to the hard one and returns the
+/// limit in force. systemd's default soft limit (1024) is kept low for
+/// programs that use select(2); keyturn does not, and every delivery, vault
+/// connection and client needs descriptors (the unit also sets
+/// `LimitNOFILE`). Failing to raise it is not fatal: the HTTP listener's
+/// share is derived from what is in force.
+fn raise_nofile_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft >= hard {
+        return soft;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => {
+            tracing::debug!(from = soft, to = hard, "raised the open files limit");
+            hard
+        }
+        Err(e) => {
+            tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit");
+            soft
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
+    let started = std::time::Instant::now();
+    memory::configure();
+    let nofile = raise_nofile_limit();
+    let (config, mut config_files) =
+        config::load_tracked(config_path).map_err(DaemonError::Config)?;
+    tracing::debug!(elapsed = ?started.elapsed(), "config loaded");
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
+    let startup =
+        |what: &str, e: &dyn std::fmt::Display| DaemonError::Startup(format!("{what}: {e}"));
+
+    let state_dir = config.daemon.state_dir.clone();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&state_dir)
+        .map_err(|e| {
+            startup(
+                &format!("cannot create state_dir {}", state_dir.display()),
+                &e,
+            )
+        })?;
+    let _lock = lock_state_dir(&state_dir)?;
+    {
+        let mut dirs: Vec<&Path> = vec![&state_dir];
+        dirs.extend(config.daemon.audit_log.parent().filter(|d| d.is_dir()));
+        for v in config.vaults.values() {
+            if let Some(dir) = v.spec.plugin().data_dir()
+                && dir.is_dir()
+            {
+                dirs.push(dir);
+            }
+        }
+        crate::state::space::check_room_to_start(&dirs).map_err(DaemonError::Startup)?;
+    }
+
+    let state: Arc<dyn StateStore> = Arc::new(
+        SqliteStore::open(&state_db_path(&config))
+            .map_err(|e| startup("cannot open the state database", &e))?,
+    );
+    let head = state
+        .audit_head()
+        .map_err(|e| startup("cannot read the audit head", &e))?;
+    let audit_key = AuditKey::load(config.daemon.audit_key_file.as_deref())
+        .map_err(|e| DaemonError::Startup(format!("cannot load the audit key: {e}")))?;
+    tracing::info!(
+        keyed = audit_key.is_some(),
+        "audit chain: {}",
+        if audit_key.is_some() {
+            "keyed (hmac-sha256)"
+        } else {
+            "plain sha-256 (no audit key configured)"
+        }
+    );
+    let audit = AuditLog::open_keyed(&config.daemon.audit_log, head.as_ref(), audit_key)
+        .map_err(|e| startup("cannot open the audit log", &e))?;
+
+    let catalog =
+        Catalog::build(config, None).map_err(|e| startup("cannot set up vaults and sinks", &e))?;
+    let config = catalog.config.clone();
+    tracing::debug!(elapsed = ?started.elapsed(), "state, audit log and plug-ins ready");
+
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_state_dir(state_dir.clone());
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let engine = Engine::new(EngineParts {
+        catalog,
+        state: state.clone(),
+        audit: audit.clone(),
+        metrics: metrics.clone(),
+        cancel: cancel.clone(),
+        tracker: tracker.clone(),
+    })
+    .map_err(|e| startup("cannot start the engine", &e))?;
+
+    audit_daemon(
+        &engine,
+        "daemon.start",
+        Outcome::Ok,
+        Some(format!("config={}", config_path.display())),
+        None,
+    )
+    .await;
+    engine
+        .start()
+        .await
+        .map_err(|e| startup("cannot load state", &e))?;
+    tracing::debug!(elapsed = ?started.elapsed(), "rotations resumed and timers armed");
+    memory::freed(memory::Freed::ConfigLoad);
+
+    // Alerts: the spool is read now, so deliveries still owed from before
+    // a restart go out at once; the loop asks the conditions.
+    let alerts = Alerts::open(
+        &state_dir.join("alerts"),
+        alerts::build_sinks(&config.alerts).map_err(|e| startup("alert sinks", &e))?,
+        Arc::new(EngineRecorder(engine.clone())),
+        Some(metrics.clone()),
+        alerts::ManagerOptions {
+            flap_hold: config.alert_rules.resolve_hold,
+            ..alerts::ManagerOptions::default()
+        },
+        cancel.clone(),
+        tracker.clone(),
+    )
+    .map_err(|e| startup("cannot open the alert spool", &e))?;
+
+    let sock = socket::bind(&config.daemon.socket, config.daemon.socket_group.as_deref()).map_err(
+        |e| {
+            startup(
+                &format!("control socket {}", config.daemon.socket.display()),
+                &e,
+            )
+        },
+    )?;
+    let agent_sock = socket::bind_agent(&config.daemon.agent_socket).map_err(|e| {
+        startup(
+            &format!("agent socket {}", config.daemon.agent_socket.display()),
+            &e,
+        )
+    })?;
+    // Decommissions and rotations poke the alert loop when an alert may
+    // have changed.
+    engine.set_alert_poke(alerts.poke_handle());
+    let revocations = Revocations::start(engine.clone(), alerts.poke_handle())
+        .await
+        .map_err(|e| startup("cannot load the decommissions", &e))?;
+    tracker.spawn(alerts::run_loop(
+        alerts.clone(),
+        Arc::new(alerts::AllConditions(vec![
+            Arc::new(revocations.clone()),
+            Arc::new(crate::rotation::RotationHealth(engine.clone())),
+        ])),
+        cancel.clone(),
+    ));
+    let tasks = Arc::new(
+        crate::tasks::manager::TaskManager::new(
+            crate::tasks::store::TaskStore::open(&config.daemon.state_dir.join("tasks"))
+                .map_err(|e| startup("cannot open the task store", &e))?,
+            task_setup(&engine.catalog().config, &revocations)
+                .map_err(|e| startup("cannot build the task issuers", &e))?,
+            Arc::new(EngineRecorder(engine.clone())),
+            Arc::new(crate::rotation::SystemClock),
+        )
+        .with_metrics(metrics.clone()),
+    );
+    for issuer in engine.catalog().config.issuers.keys() {
+        metrics.task_issuer_configured(issuer);
+    }
+    tracker.spawn(tasks.clone().run(cancel.clone()));
+    let handler = Arc::new(Handler {
+        engine: engine.clone(),
+        revocations: revocations.clone(),
+        tasks: tasks.clone(),
+        oauth: Default::default(),
+        metrics: metrics.clone(),
+    });
+    tracker.spawn(socket::serve(
+        sock,
+        handler.clone(),
+        cancel.clone(),
+        tracker.clone(),
+    ));
+    tracker.spawn(socket::serve(
+        agent_sock,
+        handler.clone(),
+        cancel.clone(),
+        tracker.clone(),
+    ));
+
+    let ready = Arc::new(AtomicBool::new(false));
+    {
+        let e = engine.clone();
+        metrics.set_credential_times_provider(Arc::new(move || {
+            let catalog = e.catalog();
+            e.credential_times()
+                .into_iter()
+                .map(|(key, age, due)| CredentialTimes {
+                    // From `creds`: the catalog's config no longer holds
+                    // the credentials (they were moved there).
+                    max_age_seconds: catalog
+                        .creds
+                        .get(&key)
+                        .and_then(|c| c.cfg.max_age)
+                        .map(|d| d.as_secs_f64()),
+                    agent: key.agent.to_string(),
+                    credential: key.credential.to_string(),
+                    age_seconds: age,
+                    next_due_seconds: due,
+                })
+                .collect()
+        }));
+        let r = revocations.clone();
+        let e = engine.clone();
+        metrics.set_lifecycle_provider(Arc::new(move || {
+            let lifecycle = r.lifecycle();
+            let catalog = e.catalog();
+            let mut agents = vec![("active", 0i64)];
+            for state in ["decommissioning", "decommissioned", "orphaned"] {
+                agents.push((
+                    state,
+                    lifecycle.iter().filter(|l| l.state == state).count() as i64,
+                ));
+            }
+            // Active: configured and not decommissioned.
+            agents[0].1 = catalog
+                .config
+                .agents
+                .keys()
+                .filter(|a| !lifecycle.iter().any(|l| &l.agent == *a))
+                .count() as i64;
+            let (live_versions, outstanding) = e.live_totals(e.now());
+            let identities = agents
+                .iter()
+                .filter(|(s, _)| *s != "decommissioned")
+                .map(|(_, n)| *n)
+                .sum::<i64>();
+            crate::telemetry::Lifecycle {
+                sla_clocks: r.sla_clocks(),
+                agents,
+                totals: vec![
+                    (
+                        "identities",
+                        "Agents not fully decommissioned (active, decommissioning, orphaned): the identity surface",
+                        identities as f64,
+                    ),
+                    (
+                        "live_credential_versions",
+                        "Credential versions that still work (current ones, and previous ones in their grace period)",
+                        live_versions as f64,
+                    ),
+                    (
+                        "credential_seconds_outstanding",
+                        "Sum over live versions of the time each stays valid from now",
+                        outstanding as f64,
+                    ),
+                ],
+            }
+        }));
+        let t = tasks.clone();
+        metrics.set_task_figures_provider(Arc::new(move || {
+            t.figures().unwrap_or_else(|e| {
+                tracing::error!("task metrics: {e}");
+                Default::default()
+            })
+        }));
+        let e = engine.clone();
+        metrics.set_state_counts_provider(Arc::new(move || {
+            e.state_counts()
+                .iter()
+                .map(|(s, n)| (*s, *n as i64))
+                .collect()
+        }));
+    }
+    if config.daemon.listen.is_none() && config.token_service.is_some() {
+        tracing::warn!(
+            "[token_service] is configured but [daemon] listen is not: the token service is not served; set listen (e.g. \"127.0.0.1:9464\")"
+        );
+    }
+    let mut oauth_service: Option<OauthService> = None;
+    if let Some(addr) = config.daemon.listen {
+        // The nudge key is read at every nudge; a key that cannot work is
+        // a start-up error, not a stream of 500s.
+        let nudge = match &config.daemon.follow_nudge_key_file {
+            None => None,
+            Some(path) => {
+                crate::sinks::webhook::read_key_file(path).map_err(|e| {
+                    DaemonError::Startup(format!("daemon.follow_nudge_key_file: {e}"))
+                })?;
+                Some(Arc::new(crate::api::http::FollowNudge {
+                    key_file: path.clone(),
+                    target: Arc::new(engine.clone()),
+                }))
+            }
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| startup(&format!("cannot listen on {addr}"), &e))?;
+        let service = OauthService {
+            addr,
+            backend: Arc::new(OauthBackend {
+                engine: engine.clone(),
+                revocations: revocations.clone(),
+                tasks: tasks.clone(),
+            }),
+            // The sockets' `token_exchange` is the same service.
+            slot: handler.oauth.clone(),
+            cancel: cancel.clone(),
+            running: Default::default(),
+        };
+        service.apply(&config).await.map_err(DaemonError::Startup)?;
+        // It verifies the decommissions' `tokens` items, whichever service
+        // the slot holds then.
+        revocations.serve_tokens(service.slot.clone());
+        let oauth = Some(service.slot.clone());
+        oauth_service = Some(service);
+        tracker.spawn(crate::api::http::serve_http(
+            listener,
+            metrics.clone(),
+            ready.clone(),
+            cancel.clone(),
+            crate::api::http::Limits::for_nofile(nofile),
+            crate::api::http::Routes { nudge, oauth },
+        ));
+    }
+
+    let watchdog = watchdog_interval();
+    {
+        let e = engine.clone();
+        tracker.spawn(async move {
+            e.run_scheduler(watchdog, || notify(&[NotifyState::Watchdog]))
+                .await;
+        });
+        let e = engine.clone();
+        tracker.spawn(async move { e.run_followers().await });
+    }
+
+    // Sink preflight (directory checks, stale temp cleanup) touches the disk
+    // once per sink: at 100k credentials that is seconds, so it runs after
+    // READY. A sink that cannot work is reported here and again, with
+    // retries, by the deliver step that needs it.
+    {
+        let catalog = engine.catalog();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                _ = preflight(&catalog) => tracing::debug!(elapsed = ?started.elapsed(), "sinks checked"),
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+
+    ready.store(true, Ordering::SeqCst);
+    let status = format!("serving {} credentials", engine.catalog().creds.len());
+    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    tracing::info!(config = %config_path.display(), credentials = engine.catalog().creds.len(), "keyturn ready");
+
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| startup("cannot handle SIGHUP", &e))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| startup("cannot handle SIGTERM", &e))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| startup("cannot handle SIGINT", &e))?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                reload(config_path, &engine, &alerts, &mut config_files).await;
+                match task_setup(&engine.catalog().config, &revocations) {
+                    Ok(setup) => {
+                        for issuer in setup.issuers.keys() {
+                            metrics.task_issuer_configured(issuer);
+                        }
+                        tasks.set_setup(setup)
+                    }
+                    Err(e) => tracing::error!("task issuers: {e}; tasks keep the issuers they had"),
+                }
+                revocations.reload().await;
+                let catalog = engine.catalog();
+                let config = &catalog.config;
+                if oauth_service.is_none() && config.token_service.is_some() {
+                    tracing::warn!("[token_service] is configured but [daemon] listen was not at start-up: the token service is not served until a restart with listen set");
+                }
+                if let Some(service) = &oauth_service {
+                    match service.apply(config).await {
+                        Ok(true) if config.token_service.is_some() => {
+                            metrics.oauth_configured();
+                            tracing::info!("token service: reloaded with the new [token_service]");
+                        }
+                        Ok(true) => tracing::info!("token service: reloaded without [token_service]: its routes answer 404"),
+                        Ok(false) => {}
+                        Err(e) => tracing::error!("{e}; the token service keeps its previous configuration"),
+                    }
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("draining in-flight rotation steps"),
+    ]);
+    tracing::info!("stopping: draining in-flight rotation steps");
+    ready.store(false, Ordering::SeqCst);
+    cancel.cancel();
+    tracker.close();
+    let drain = engine.catalog().config.daemon.drain_timeout;
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        tracing::warn!(timeout = %humantime::format_duration(drain), "in-flight steps did not finish in time; they resume at the next start");
+    }
+    audit_daemon(&engine, "daemon.stop", Outcome::Ok, None, None).await;
+    audit.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGHUP: validate the new config and swap it in, or keep the old one.
+/// Only the files that changed since the last load are read again (see
+/// [`config::reload`]).
+async fn reload(config_path: &Path, engine: &Engine, alerts: &Alerts, files: &mut config::FileSet) {
+    if let Ok(now) = NotifyState::monotonic_usec_now() {
+        notify(&[NotifyState::Reloading, now]);
+    }
+    let old = engine.catalog();
+    let located = |errors: config::ConfigErrors| {
+        format!(
+            "{} error(s), first: {}",
+            errors.0.len(),
+            errors.0.first().map(|e| e.to_string()).unwrap_or_default()
+        )
+    };
+    let rebuilt = match config::reload(config_path, files) {
+        Err(errors) => Err(located(errors)),
+        Ok(config::Reloaded::Partial {
+            mut config,
+            files: new_files,
+            kept,
+            read,
+        }) => {
+            let restart_only = keep_restart_only_settings(&old.config, &mut config);
+            match Catalog::build_partial(config, &old, &kept) {
+                Ok(Some(catalog)) => {
+                    tracing::debug!(
+                        read,
+                        kept = kept.len(),
+                        "reload: only changed agent files read"
+                    );
+                    Ok((catalog, new_files, restart_only))
+                }
+                // A clash with an unchanged file: read everything, so that
+                // validation locates it.
+                Ok(None) => full_reload(config_path, &old, located),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Ok(config::Reloaded::Full(config, new_files)) => build_full(config, new_files, &old),
+    };
+    // The alert sinks are built (their key files read) before anything is
+    // swapped, so a bad one keeps the whole old config.
+    let rebuilt = rebuilt.and_then(|(catalog, new_files, restart_only)| {
+        let sinks =
+            alerts::build_sinks(&catalog.config.alerts).map_err(|e| format!("alert sinks: {e}"))?;
+        Ok((catalog, new_files, restart_only, sinks))
+    });
+    let outcome = match rebuilt {
+        Ok((catalog, new_files, restart_only, alert_sinks)) => {
+            alerts.set_sinks(alert_sinks);
+            *files = new_files;
+            engine.reload(catalog).await;
+            memory::freed(memory::Freed::ConfigLoad);
+            // As at start-up, checked in the background, not on the reload
+            // path; only the sinks of credentials built anew.
+            let old_entries: std::collections::HashSet<usize> = old
+                .creds
+                .values()
+                .map(|e| Arc::as_ptr(e) as usize)
+                .collect();
+            let catalog = engine.catalog();
+            tokio::spawn(async move {
+                let fresh = catalog
+                    .creds
+                    .values()
+                    .filter(|e| !old_entries.contains(&(Arc::as_ptr(e) as usize)));
+                preflight_entries(fresh).await;
+            });
+            Ok(restart_only)
+        }
+        Err(why) => Err(why),
+    };
+    match outcome {
+        Ok(restart_only) => {
+            for setting in &restart_only {
+                tracing::warn!(setting = %setting, "changed in the config but only takes effect after a restart");
+            }
+            tracing::info!(
+                credentials = engine.catalog().creds.len(),
+                "config reloaded"
+            );
+            audit_daemon(engine, "daemon.reload", Outcome::Ok, None, None).await;
+            let status = format!(
+                "serving {} credentials (reloaded)",
+                engine.catalog().creds.len()
+            );
+            notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        }
+        Err(why) => {
+            tracing::error!(error = %why, "reload failed; keeping the previous config");
+            audit_daemon(
+                engine,
+                "daemon.reload",
+                Outcome::Failed,
+                None,
+                Some(why.clone()),
+            )
+            .await;
+            let status = format!("reload failed, keeping the previous config: {why}");
+            notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        }
+    }
+}
+
+/// Reads every file of the config again and builds its catalog.
+fn full_reload(
+    config_path: &Path,
+    old: &Catalog,
+    located: impl Fn(config::ConfigErrors) -> String,
+) -> Result<(Catalog, config::FileSet, Vec<&'static str>), String> {
+    let (config, files) = config::load_tracked(config_path).map_err(located)?;
+    build_full(config, files, old)
+}
+
+fn build_full(
+    mut config: Config,
+    files: config::FileSet,
+    old: &Catalog,
+) -> Result<(Catalog, config::FileSet, Vec<&'static str>), String> {
+    let restart_only = keep_restart_only_settings(&old.config, &mut config);
+    Catalog::build(config, Some(old))
+        .map(|c| (c, files, restart_only))
+        .map_err(|e| e.to_string())
+}
+
+/// Settings bound at start-up (open files, sockets) cannot change on reload:
+/// keep the running values and say which ones changed.
+fn keep_restart_only_settings(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let (o, n) = (&old.daemon, &mut new.daemon);
+    if o.state_dir != n.state_dir {
+        changed.push("daemon.state_dir");
+        n.state_dir = o.state_dir.clone();
+    }
+    if o.audit_log != n.audit_log {
+        changed.push("daemon.audit_log");
+        n.audit_log = o.audit_log.clone();
+    }
+    if o.audit_key_file != n.audit_key_file {
+        changed.push("daemon.audit_key_file");
+        n.audit_key_file = o.audit_key_file.clone();
+    }
+    if o.socket != n.socket || o.socket_group != n.socket_group {
+        changed.push("daemon.socket");
+        n.socket = o.socket.clone();
+        n.socket_group = o.socket_group.clone();
+    }
+    if o.agent_socket != n.agent_socket {
+        changed.push("daemon.agent_socket");
+        n.agent_socket = o.agent_socket.clone();
+    }
+    if o.listen != n.listen {
+        changed.push("daemon.listen");
+        n.listen = o.listen;
+    }
+    if o.follow_nudge_key_file != n.follow_nudge_key_file {
+        changed.push("daemon.follow_nudge_key_file");
+        n.follow_nudge_key_file = o.follow_nudge_key_file.clone();
+    }
+    if o.max_concurrent_rotations != n.max_concurrent_rotations {
+        changed.push("daemon.max_concurrent_rotations");
+        n.max_concurrent_rotations = o.max_concurrent_rotations;
+    }
+    changed
+}
+
+/// Checks every sink can deliver (and cleans stale temp files). A failure is
+/// logged; the rotation's deliver step reports and retries it.
+async fn preflight(catalog: &Catalog) {
+    preflight_entries(catalog.creds.values()).await;
+}
+
+async fn preflight_entries<'a>(entries: impl Iterator<Item = &'a Arc<crate::rotation::CredEntry>>) {
+    for entry in entries {
+        for sink in &entry.sinks {
+            if let Err(e) = sink.preflight().await {
+                tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, sink = %sink.describe(), error = %e, "sink preflight failed");
+            }
+        }
+    }
+}
+
+/// Holds an exclusive lock on `<state_dir>/keyturn.lock` for the daemon's life,
+/// so two daemons never share one state directory.
+fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
+    let path = state_dir.join("keyturn.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| DaemonError::Startup(format!("cannot open {}: {e}", path.display())))?;
+    // SAFETY: flock on a valid, owned file descriptor.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(DaemonError::Startup(format!(
+            "another keyturn daemon is using {} (lock {} is held)",
+            state_dir.display(),
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// Half of `WATCHDOG_USEC`, when systemd asks for watchdog pings.
+///
+/// As sd_watchdog_enabled(3) specifies: `WATCHDOG_PID`, when set, must be our
+/// pid; when unset the watchdog applies to us. (The sd-notify crate insists on
+/// `WATCHDOG_PID` being set, which a supervisor other than systemd may not do.)
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
+}
+
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Records a lifecycle event of the daemon (its head stored in state, like
+/// every record's).
+async fn audit_daemon(
+    engine: &Engine,
+    event: &str,
+    outcome: Outcome,
+    detail: Option<String>,
+    error: Option<String>,
+) {
+    let mut ev = AuditEvent::new(event, Actor::Daemon, outcome);
+    ev.detail = detail;
+    ev.error = error;
+    if let Err(e) = engine.record(ev).await {
+        tracing::error!(event, error = %e, "cannot write to the audit log");
+    }
+}
+
+/// Alert deliveries and task records go to the audit log through the engine, which
+/// persists the audit head with each record.
+struct EngineRecorder(Engine);
+
+#[async_trait]
+impl alerts::AlertRecorder for EngineRecorder {
+    async fn record(&self, event: AuditEvent) {
+        let name = event.event.clone();
+        if let Err(e) = self.0.record(event).await {
+            tracing::error!(event = %name, error = %e, "cannot write to the audit log");
+        }
+    }
+}
+
+/// The task manager's records take the same way.
+#[async_trait]
+impl crate::tasks::manager::TaskRecorder for EngineRecorder {
+    async fn record(&self, event: AuditEvent) {
+        alerts::AlertRecorder::record(self, event).await;
+    }
+}
+
+/// What the task manager works with, from the config: the policies, the
+/// issuers (built, no I/O), the agents that may hold tasks (not the
+/// decommissioned: the manager ends their tasks) and the task root.
+fn task_setup(
+    config: &Config,
+    revocations: &Revocations,
+) -> Result<crate::tasks::manager::TaskSetup, crate::model::PluginError> {
+    let retired: std::collections::HashSet<AgentId> = revocations
+        .lifecycle()
+        .into_iter()
+        .filter(|l| l.state != "orphaned")
+        .map(|l| l.agent)
+        .collect();
+    let mut issuers = std::collections::BTreeMap::new();
+    for (name, issuer) in &config.issuers {
+        issuers.insert(name.clone(), issuer.plugin().build()?);
+    }
+    Ok(crate::tasks::manager::TaskSetup {
+        policies: config.policies.clone(),
+        issuers,
+        agents: config
+            .agents
+            .iter()
+            .filter(|(id, a)| a.decommissioned.is_none() && !retired.contains(*id))
+            .map(|(id, a)| {
+                (
+                    id.to_string(),
+                    crate::tasks::manager::AgentOwner {
+                        uid: a.uid,
+                        gid: a.gid,
+                    },
+                )
+            })
+            .collect(),
+        task_root: config.daemon.task_root.clone(),
+    })
+}

@@ -1,0 +1,348 @@
+//! The token service's part of the daemon: built from the config at
+//! start-up and again on a reload that changes it, what it needs of the
+//! daemon (its backend), and exchanges over the sockets.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::DaemonError;
+use super::handler::Handler;
+use crate::api::protocol::{ApiError, ApiErrorKind};
+use crate::api::socket::PeerCred;
+use crate::audit::{AuditEvent, Outcome};
+use crate::config::Config;
+use crate::model::{AgentId, CredentialKey};
+use crate::revocation::Revocations;
+use crate::rotation::Engine;
+
+/// The subject issuers of `[token_service.subject_issuers]`, each with its
+/// key set (loaded by [`crate::oauth::SubjectTokens::start`]).
+fn token_subjects(config: &Config) -> Result<crate::oauth::SubjectTokens, DaemonError> {
+    let mut issuers = Vec::new();
+    for (name, cfg) in &config.subject_issuers {
+        let issuer = crate::oauth::SubjectIssuer::from_config(cfg.clone()).map_err(|e| {
+            DaemonError::Startup(format!("token_service.subject_issuers.{name}: {e}"))
+        })?;
+        issuers.push(issuer);
+    }
+    Ok(crate::oauth::SubjectTokens::new(issuers))
+}
+
+/// `endpoint` of `keyturn_oauth_requests_total` for exchanges over the
+/// sockets.
+const SOCKET_TOKEN: &str = "token_socket";
+
+/// The token service's part of the daemon: builds it from the config at
+/// start-up and again on a reload that changes `[token_service]` (the new
+/// one takes over at once, the old one's key-set refreshes stop).
+pub(super) struct OauthService {
+    /// The listener's address: tokens only on loopback.
+    pub(super) addr: std::net::SocketAddr,
+    pub(super) backend: Arc<OauthBackend>,
+    pub(super) slot: Arc<crate::oauth::service::Slot>,
+    pub(super) cancel: CancellationToken,
+    /// What the service in the slot was built from, and what stops its
+    /// background work.
+    pub(super) running: tokio::sync::Mutex<Option<(TokenServiceInputs, CancellationToken)>>,
+}
+
+/// The parts of the config a token service is built from.
+type TokenServiceInputs = (
+    Option<crate::oauth::config::TokenServiceConfig>,
+    std::collections::BTreeMap<String, crate::oauth::config::SubjectIssuerConfig>,
+);
+
+impl OauthService {
+    /// Builds the service `config` asks for, unless it is the one running:
+    /// `true` when the slot changed. An error leaves the slot as it was.
+    pub(super) async fn apply(&self, config: &Config) -> Result<bool, String> {
+        let inputs: TokenServiceInputs =
+            (config.token_service.clone(), config.subject_issuers.clone());
+        let mut running = self.running.lock().await;
+        if running.as_ref().map(|(i, _)| i) == Some(&inputs) {
+            return Ok(false);
+        }
+        let service = match &config.token_service {
+            None => None,
+            // The listener has no TLS of its own: tokens cross it in the
+            // clear, so only a loopback address (behind a TLS proxy) serves them.
+            Some(_) if !self.addr.ip().is_loopback() => {
+                return Err(format!(
+                    "[token_service] needs [daemon] listen on a loopback address (it is {}): the listener has no TLS, and access tokens must not cross the network in the clear; listen on 127.0.0.1 and put a TLS proxy in front",
+                    self.addr
+                ));
+            }
+            Some(ts) => {
+                let subjects = token_subjects(config).map_err(|e| e.to_string())?;
+                let stop = self.cancel.child_token();
+                subjects.start(&stop).await;
+                let backend: Arc<dyn crate::oauth::service::Backend> = self.backend.clone();
+                Some((
+                    Arc::new(crate::oauth::service::TokenService::new(
+                        ts, subjects, backend,
+                    )),
+                    stop,
+                ))
+            }
+        };
+        let stop = service.as_ref().map(|(_, stop)| stop.clone());
+        self.slot.set(service.map(|(s, _)| s));
+        if let Some((_, old)) = running.replace((inputs, stop.unwrap_or_default())) {
+            old.cancel();
+        }
+        Ok(true)
+    }
+}
+
+/// What the token service needs of the daemon: agents' keys from state,
+/// the task store's ledgers, the signing credential from its vault,
+/// decommissions, the audit log.
+pub(super) struct OauthBackend {
+    pub(super) engine: Engine,
+    pub(super) revocations: Revocations,
+    pub(super) tasks: Arc<crate::tasks::manager::TaskManager>,
+}
+
+#[async_trait::async_trait]
+impl crate::oauth::service::Backend for OauthBackend {
+    async fn client_keys(&self, agent: &str) -> Result<Vec<crate::auth::AgentKey>, String> {
+        let catalog = self.engine.catalog();
+        let Some((id, cfg)) = AgentId::new(agent)
+            .ok()
+            .and_then(|id| catalog.config.agents.get_key_value(&id))
+        else {
+            return Err(format!(
+                "{:?} is not a configured agent",
+                agent.chars().take(64).collect::<String>()
+            ));
+        };
+        if cfg.decommissioned.is_some() || self.revocations.get(id).is_some() {
+            return Err(format!("agent {id} is decommissioned"));
+        }
+        let Some(auth_key) = cfg.auth_key.clone() else {
+            return Err(format!(
+                "agent {id} has no `auth_key` in the config: set auth_key to one of its ed25519 credentials to let it authenticate"
+            ));
+        };
+        let key = CredentialKey::new(id.clone(), auth_key);
+        let versions = self
+            .engine
+            .load(move |s| s.versions(&key))
+            .await
+            .map_err(|e| format!("cannot read the agent's keys: {e}"))?;
+        Ok(crate::auth::AgentKey::accepted(&versions))
+    }
+
+    async fn spend_jtis(&self, jtis: Vec<(String, String, i64)>) -> Result<Vec<bool>, String> {
+        let now = i64::try_from(jsonwebtoken::get_current_timestamp()).unwrap_or(i64::MAX);
+        self.tasks
+            .store()
+            .spend_jtis(jtis, now)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn token_ledger(&self) -> &dyn crate::oauth::service::TokenLedger {
+        self.tasks.store()
+    }
+
+    fn signing_current(&self, credential: &CredentialKey) -> Option<u64> {
+        self.engine.current_version(credential)
+    }
+
+    async fn signing_versions(
+        &self,
+        credential: &CredentialKey,
+    ) -> Result<Vec<crate::state::VersionRow>, String> {
+        let key = credential.clone();
+        self.engine
+            .load(move |s| s.versions(&key))
+            .await
+            .map_err(|e| format!("cannot read the signing credential's versions: {e}"))
+    }
+
+    async fn signing_value(
+        &self,
+        version: &crate::state::VersionRow,
+    ) -> Result<crate::model::SecretValue, String> {
+        use crate::vaults::{Select, VaultItem, VaultRefs};
+        let catalog = self.engine.catalog();
+        let signing = &version.key;
+        let Some(entry) = catalog.creds.get(signing) else {
+            return Err(format!(
+                "the signing credential {} is not configured",
+                signing
+            ));
+        };
+        let path = entry.cfg.vault_path();
+        let vault = &entry.vaults[0];
+        let item = VaultItem {
+            key: signing,
+            path: &path,
+        };
+        let refs = VaultRefs::decode(&version.vault_version, &vault.config.name);
+        let Some(wanted) = refs.get(&vault.config.name) else {
+            return Err(format!(
+                "version {} of {} has no version in vault {}",
+                version.version, signing, vault.config.name
+            ));
+        };
+        match vault.vault.read(item, Select::Version(wanted)).await {
+            Ok(Some(v)) => Ok(v.value),
+            Ok(None) => Err(format!(
+                "version {} of {} is not in vault {}",
+                version.version, signing, vault.config.name
+            )),
+            Err(e) => Err(format!(
+                "reading version {} of {} in vault {}: {}",
+                version.version, signing, vault.config.name, e.message
+            )),
+        }
+    }
+
+    fn live_task(
+        &self,
+        agent: &str,
+        id: &str,
+    ) -> Result<Option<crate::oauth::exchange::TaskClaims>, String> {
+        let Some(row) = self.tasks.store().get(id).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        if row.task.agent != agent
+            || row.state != crate::tasks::store::TaskState::Live
+            || row.expires_at_ms <= now_ms
+        {
+            return Ok(None);
+        }
+        Ok(Some(crate::oauth::exchange::TaskClaims {
+            task_id: row.task.task_id.clone(),
+            run_id: row.task.run_id.clone(),
+            use_case: row.task.use_case.clone(),
+            tenant: row.task.tenant.clone(),
+            expires_at: u64::try_from(row.expires_at_ms / 1000).unwrap_or(0),
+        }))
+    }
+
+    fn decommissioned_at(&self, agent: &str) -> Option<i64> {
+        let id = AgentId::new(agent).ok()?;
+        self.revocations
+            .get(&id)
+            .map(|d| d.row.token_epoch().timestamp())
+    }
+
+    async fn audit(&self, event: AuditEvent) {
+        if let Err(e) = self.engine.record(event).await {
+            tracing::error!(error = %e, "cannot audit a token service request");
+        }
+    }
+}
+
+impl Handler {
+    /// `token_exchange` on a socket: the peer's uid authenticates the
+    /// agent (see [`ControlHandler::token_exchange`]).
+    pub(super) async fn exchange_token(
+        &self,
+        peer: PeerCred,
+        privileged: bool,
+        as_agent: Option<AgentId>,
+        args: crate::api::protocol::TokenExchangeArgs,
+    ) -> Result<crate::api::protocol::ResponseBody, ApiError> {
+        use crate::api::protocol::{ResponseBody, TokenExchanged, WireSecret};
+        use crate::oauth::service::{AgentExchange, Authenticated};
+        let Some(service) = self.oauth.get() else {
+            return Err(ApiError::unavailable(
+                "this daemon serves no token service: configure [token_service] and reload (with [daemon] listen on a loopback address, which takes a restart)",
+            ));
+        };
+        let caller = self
+            .task_caller(peer, privileged, as_agent.as_ref())
+            .and_then(|c| {
+                // An agent retired in the config: as over HTTP (its keys
+                // are refused there).
+                let catalog = self.engine.catalog();
+                let retired = AgentId::new(&c.agent)
+                    .ok()
+                    .and_then(|id| catalog.config.agents.get(&id))
+                    .is_some_and(|a| a.decommissioned.is_some());
+                if retired {
+                    return Err(ApiError::forbidden(format!(
+                        "invalid_client: agent {} is decommissioned",
+                        c.agent
+                    )));
+                }
+                Ok(c)
+            });
+        let caller = match caller {
+            Ok(c) => c,
+            Err(mut e) => {
+                // Said as the token service says it: the OAuth code first.
+                if !e.message.starts_with("invalid_client:") {
+                    let code = match e.kind {
+                        ApiErrorKind::Forbidden | ApiErrorKind::NotFound => "invalid_client",
+                        _ => "invalid_request",
+                    };
+                    e.message = format!("{code}: {}", e.message);
+                }
+                let mut ev = AuditEvent::new("oauth.token", peer.actor(), Outcome::Refused);
+                ev.agent = as_agent;
+                ev.error = Some(e.message.clone());
+                ev.detail = Some(format!(
+                    "by peer uid={} (pid {}) on a socket",
+                    peer.uid, peer.pid
+                ));
+                if let Err(err) = self.engine.record(ev).await {
+                    tracing::error!(error = %err, "cannot audit a refused token exchange");
+                }
+                let code = e.message.split(':').next().unwrap_or_default();
+                self.metrics.oauth_request(SOCKET_TOKEN, code);
+                return Err(e);
+            }
+        };
+        let req = AgentExchange {
+            params: crate::oauth::exchange::Params {
+                audience: args.audience,
+                resource: args.resource,
+                scope: args.scope,
+                requested_token_type: args.requested_token_type,
+                task_id: args.task_id.filter(|t| !t.is_empty()),
+                task: None,
+            },
+            subject_token: args.subject_token.0,
+            subject_token_type: Some(args.subject_token_type),
+            actor_token: args.actor_token.map(|t| t.0),
+        };
+        let by = Authenticated {
+            actor: peer.actor(),
+            how: format!(
+                "authenticated by peer {} (pid {}) on a socket",
+                caller.described, peer.pid
+            ),
+        };
+        let result = service.token_for_agent(&caller.agent, req, by).await;
+        self.metrics.oauth_request(
+            SOCKET_TOKEN,
+            result.as_ref().map_or_else(|e| e.code, |_| "ok"),
+        );
+        match result {
+            Ok(issued) => Ok(ResponseBody::TokenExchanged(Box::new(TokenExchanged {
+                access_token: WireSecret(issued.access_token),
+                issued_token_type: crate::oauth::exchange::TOKEN_TYPE_ACCESS_TOKEN.to_owned(),
+                token_type: "Bearer".to_owned(),
+                expires_in: issued.expires_in,
+                scope: issued.scope,
+            }))),
+            // The OAuth error code first, as RFC 6749 5.2 names it.
+            Err(e) => Err(ApiError::new(
+                match e.code {
+                    "invalid_client" | "unauthorized_client" => ApiErrorKind::Forbidden,
+                    "server_error" => ApiErrorKind::Internal,
+                    "temporarily_unavailable" => ApiErrorKind::Unavailable,
+                    _ => ApiErrorKind::BadRequest,
+                },
+                e.to_string(),
+            )),
+        }
+    }
+}
