@@ -22,6 +22,7 @@ use crate::vaults::VaultSpec;
 pub mod client;
 mod lines;
 pub mod load;
+mod located;
 pub mod raw;
 pub mod validate;
 

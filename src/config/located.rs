@@ -1,0 +1,559 @@
+//! The slow path of reading a config, taken only when the fast one (one
+//! serde pass per file, `load.rs`) fails: `toml_edit` keeps every span,
+//! each section is deserialized on its own (steps 1, 2 and 4 of `load.rs`),
+//! and every error is located in the file it is in.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
+
+use serde::de::{DeserializeOwned, IntoDeserializer};
+use toml_edit::{Document, Item, Key, Table, TableLike, Value};
+
+use super::Config;
+use super::lines::LineIndex;
+use super::load::{AGENTS_DIR, ConfigError, ConfigErrors, MAIN_FILE, SourceFile, merge_raw};
+use super::raw::{Parsed, RawAgentEntry, RawConfig, TOP_LEVEL_KEYS};
+use super::validate::{self, Anchor, Context, Issue, Seg, TomlPath};
+
+/// The slow path: spans kept, each section on its own, every error located
+/// in the file it is in.
+pub(super) fn load_located(
+    files: &[SourceFile],
+    ctx: &Context,
+) -> Result<(Config, Vec<Vec<String>>), ConfigErrors> {
+    let mut docs = Vec::with_capacity(files.len());
+    let mut errors = Vec::new();
+    for f in files {
+        match Document::parse(f.text.as_str()) {
+            Ok(doc) => docs.push(Some(doc)),
+            Err(e) => {
+                errors.push(syntax_error(&f.path, &f.text, &e));
+                docs.push(None);
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    let docs: Vec<Document<&str>> = docs.into_iter().flatten().collect();
+
+    let mut raw = RawConfig::default();
+    let mut issues: Vec<(usize, Issue)> = Vec::new();
+    // Which file defines each agent, to locate the issues under it.
+    let mut agent_file: std::collections::HashMap<String, usize> = Default::default();
+    let mut names: Vec<Vec<String>> = vec![Vec::new(); files.len()];
+    let main = files.iter().position(|f| f.main).unwrap_or(0);
+    for (i, (f, doc)) in files.iter().zip(&docs).enumerate() {
+        let (mut more, found) = deserialize_sections(doc.as_table(), f.main);
+        issues.extend(found.into_iter().map(|issue| (i, issue)));
+        more.agents.retain(|(name, _)| match agent_file.get(name) {
+            Some(first) => {
+                issues.push((
+                    i,
+                    Issue::at_key(
+                        TomlPath::root().key("agents").key(name),
+                        format!(
+                            "agent `{name}` is already defined in {}; an agent is defined in one file",
+                            files[*first].path.display()
+                        ),
+                    ),
+                ));
+                false
+            }
+            None => {
+                agent_file.insert(name.clone(), i);
+                names[i].push(name.clone());
+                true
+            }
+        });
+        merge_raw(&mut raw, more);
+    }
+    match validate::validate(&raw, ctx) {
+        Ok(config) if issues.is_empty() => return Ok((config, names)),
+        Ok(_) => {}
+        Err(more) => {
+            for issue in more {
+                let file = match issue.path.segments() {
+                    [Seg::Key(top), Seg::Key(agent), ..] if &**top == "agents" => {
+                        agent_file.get(&**agent).copied().unwrap_or(main)
+                    }
+                    _ => main,
+                };
+                issues.push((file, issue));
+            }
+        }
+    }
+    let lines: Vec<LineIndex> = files.iter().map(|f| LineIndex::new(&f.text)).collect();
+    let mut errors: Vec<(usize, ConfigError)> = issues
+        .into_iter()
+        .map(|(i, issue)| (i, to_error(&files[i].path, &lines[i], &docs[i], issue)))
+        .collect();
+    errors.sort_by_key(|(i, e)| (*i, e.line, e.column));
+    errors.dedup();
+    Err(ConfigErrors(errors.into_iter().map(|(_, e)| e).collect()))
+}
+
+fn syntax_error(file: &Path, text: &str, e: &toml_edit::TomlError) -> ConfigError {
+    let offset = match e.span() {
+        Some(span) => span.start,
+        None => unspanned_error_offset(text, e.message()),
+    };
+    let (line, column) = LineIndex::new(text).line_col(offset);
+    // toml_edit splits its message over lines; one line reads better after
+    // `file:line:col:`.
+    let message: Vec<&str> = e.message().lines().map(str::trim).collect();
+    let mut message = message.join(": ");
+    // "duplicate key" alone does not say which: name it and its table.
+    if message == "duplicate key"
+        && let Some(span) = e.span()
+        && let Some(key) = text.get(span.clone())
+    {
+        let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text[span.start..]
+            .find('\n')
+            .map_or(text.len(), |i| span.start + i);
+        message = format!(
+            "duplicate key `{key}` (in `{}`): a table or key may be defined only once",
+            text[line_start..line_end].trim()
+        );
+    }
+    ConfigError {
+        file: file.to_path_buf(),
+        line,
+        column,
+        toml_path: String::new(),
+        message: format!("TOML syntax error: {message}"),
+    }
+}
+
+/// Where a syntax error the parser gives no span for happens (its nesting
+/// limit: a table or array nested too deep). The parser reads from the
+/// start, so the error first appears for some prefix of the text and for
+/// every longer one: the shortest such prefix ends at the place, found by
+/// a binary search over the text with the parser itself (a few dozen
+/// parses, only for this rare error).
+fn unspanned_error_offset(text: &str, message: &str) -> usize {
+    let same_error = |end: usize| matches!(Document::parse(&text[..end]), Err(e) if e.span().is_none() && e.message() == message);
+    let (mut lo, mut hi) = (0, text.len());
+    if !same_error(hi) {
+        return 0;
+    }
+    // Invariant: the prefix ending at `hi` has the error, the one ending at
+    // `lo` does not.
+    while hi - lo > 1 {
+        let mut mid = lo + (hi - lo) / 2;
+        while !text.is_char_boundary(mid) {
+            mid += 1;
+        }
+        if mid >= hi {
+            break;
+        }
+        if same_error(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    // The last character of the shortest prefix is where it went too deep.
+    let mut at = hi.saturating_sub(1);
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+/// Step 2: every section deserialized on its own; failures become issues and
+/// [`Parsed::Invalid`] entries. A file of `agents.d` (`main` false) holds
+/// agents only.
+fn deserialize_sections(root: &Table, main: bool) -> (RawConfig, Vec<Issue>) {
+    let mut raw = RawConfig::default();
+    let mut issues = Vec::new();
+    let top = TomlPath::root();
+
+    for (name, item) in root.iter() {
+        let p = top.key(name);
+        if !main && name != "agents" {
+            issues.push(Issue::at_key(
+                p.clone(),
+                format!(
+                    "`{name}` belongs in {MAIN_FILE}; a file in {AGENTS_DIR} holds only [agents.NAME] tables"
+                ),
+            ));
+            continue;
+        }
+        match name {
+            "daemon" => raw.daemon = Some(section(item, &p, &mut issues)),
+            "alert_rules" => raw.alert_rules = Some(section(item, &p, &mut issues)),
+            "tiers" => {
+                raw.tiers = Some(
+                    entries(item, &p, &mut issues)
+                        .into_iter()
+                        .map(|(n, i)| {
+                            let parsed = section(i, &p.key(&n), &mut issues);
+                            (n, parsed)
+                        })
+                        .collect(),
+                )
+            }
+            "vaults" => {
+                raw.vaults = entries(item, &p, &mut issues)
+                    .into_iter()
+                    .map(|(n, i)| {
+                        let parsed = section(i, &p.key(&n), &mut issues);
+                        (n, parsed)
+                    })
+                    .collect()
+            }
+            "issuers" => {
+                raw.issuers = entries(item, &p, &mut issues)
+                    .into_iter()
+                    .map(|(n, i)| {
+                        let parsed = section(i, &p.key(&n), &mut issues);
+                        (n, parsed)
+                    })
+                    .collect()
+            }
+            "token_service" => token_service(item, &p, &mut issues, &mut raw),
+            "policies" => {
+                raw.policies = entries(item, &p, &mut issues)
+                    .into_iter()
+                    .map(|(n, i)| {
+                        let parsed = section(i, &p.key(&n), &mut issues);
+                        (n, parsed)
+                    })
+                    .collect()
+            }
+            "alerts" => {
+                raw.alerts = entries(item, &p, &mut issues)
+                    .into_iter()
+                    .map(|(n, i)| {
+                        let parsed = section(i, &p.key(&n), &mut issues);
+                        (n, parsed)
+                    })
+                    .collect()
+            }
+            "agents" => {
+                for (agent_name, agent_item) in entries(item, &p, &mut issues) {
+                    let ap = p.key(&agent_name);
+                    let agent = section(&without_credentials(agent_item), &ap, &mut issues);
+                    let credentials = match agent_item
+                        .as_table_like()
+                        .and_then(|t| t.get("credentials"))
+                    {
+                        Some(creds) => entries(creds, &ap.key("credentials"), &mut issues)
+                            .into_iter()
+                            .map(|(n, i)| {
+                                let parsed =
+                                    section(i, &ap.key("credentials").key(&n), &mut issues);
+                                (n, parsed)
+                            })
+                            .collect(),
+                        None => Default::default(),
+                    };
+                    raw.agents
+                        .push((agent_name, RawAgentEntry { agent, credentials }));
+                }
+            }
+            other => issues.push(Issue::at_key(
+                p.clone(),
+                format!(
+                    "unknown key `{other}`; expected one of {}",
+                    quoted(TOP_LEVEL_KEYS)
+                ),
+            )),
+        }
+    }
+    (raw, issues)
+}
+
+/// An agent's table without its `credentials` sub-table, which is
+/// deserialized credential by credential: cloning it along with the agent's
+/// few scalar keys would copy every credential once more (seconds at 100k).
+fn without_credentials(item: &Item) -> Item {
+    let Some(t) = item.as_table_like() else {
+        return item.clone();
+    };
+    let mut out = Table::new();
+    for (k, v) in t.iter() {
+        if k == "credentials" {
+            continue;
+        }
+        if let Some((key, _)) = t.get_key_value(k) {
+            out.insert_formatted(key, v.clone());
+        }
+    }
+    Item::Table(out)
+}
+
+/// The `name → item` entries of a table of named sections.
+/// `[token_service]`: each `subject_issuers.NAME` and `clients.AGENT`
+/// deserialized on its own, the scalar keys together.
+fn token_service(item: &Item, p: &TomlPath, issues: &mut Vec<Issue>, raw: &mut RawConfig) {
+    let mut out = BTreeMap::new();
+    let mut settings = toml_edit::Table::new();
+    for (key, sub) in entries(item, p, issues) {
+        let sp = p.key(&key);
+        if crate::oauth::config::TOKEN_SERVICE_SETTINGS.contains(&key.as_str()) {
+            settings.insert(&key, sub.clone());
+            continue;
+        }
+        if key == "clients" {
+            for (name, i) in entries(sub, &sp, issues) {
+                let parsed = section(i, &sp.key(&name), issues);
+                raw.token_clients.insert(name, parsed);
+            }
+            continue;
+        }
+        if key == "tenants" {
+            for (name, i) in entries(sub, &sp, issues) {
+                let parsed = section(i, &sp.key(&name), issues);
+                raw.token_tenants.insert(name, parsed);
+            }
+            continue;
+        }
+        if key != "subject_issuers" {
+            issues.push(Issue::at_key(
+                sp,
+                format!(
+                    "unknown key `{key}`; expected one of {}",
+                    crate::oauth::config::TOKEN_SERVICE_KEYS
+                        .iter()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+            continue;
+        }
+        for (name, i) in entries(sub, &sp, issues) {
+            let parsed = section(i, &sp.key(&name), issues);
+            out.insert(name, parsed);
+        }
+    }
+    raw.subject_issuers = out;
+    if !settings.is_empty() {
+        raw.token_settings = Some(section(&Item::Table(settings), p, issues));
+    }
+}
+
+fn entries<'a>(item: &'a Item, p: &TomlPath, issues: &mut Vec<Issue>) -> Vec<(String, &'a Item)> {
+    match item.as_table_like() {
+        Some(t) => t.iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        None => {
+            issues.push(Issue::at(
+                p.clone(),
+                format!(
+                    "expected a table of named entries, found {}",
+                    item.type_name()
+                ),
+            ));
+            Vec::new()
+        }
+    }
+}
+
+/// Deserializes one section, keeping spans (a `Value` deserializer over the
+/// parsed item, not re-parsed text) and the path inside the section.
+fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issue>) -> Parsed<T> {
+    let value = match item.clone().into_value() {
+        Ok(v) => v,
+        Err(_) => {
+            issues.push(Issue::at(p.clone(), "expected a value"));
+            return Parsed::Invalid;
+        }
+    };
+    match serde_path_to_error::deserialize::<_, T>(value.into_deserializer()) {
+        Ok(t) => Parsed::Ok(t),
+        Err(e) => {
+            let mut path = p.clone();
+            for seg in e.path().iter() {
+                match seg {
+                    serde_path_to_error::Segment::Map { key } => path = path.key(key),
+                    serde_path_to_error::Segment::Seq { index } => path = path.index(*index),
+                    // Enum variants of tagged sections are not TOML keys.
+                    serde_path_to_error::Segment::Enum { .. }
+                    | serde_path_to_error::Segment::Unknown => {}
+                }
+            }
+            let inner = e.into_inner();
+            issues.push(serde_issue(path, inner.message(), inner.span()));
+            Parsed::Invalid
+        }
+    }
+}
+
+/// Rewrites serde's wording into the config's (keys, not fields) and points
+/// an unknown key at the key itself.
+fn serde_issue(mut path: TomlPath, message: &str, span: Option<Range<usize>>) -> Issue {
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some((key, expected)) = rest.split_once('`')
+    {
+        let expected = expected.trim_start_matches(',').trim();
+        let expected = if expected == "there are no fields" {
+            "this table takes no other keys".to_owned()
+        } else {
+            expected.to_owned()
+        };
+        if path.segments().last() != Some(&Seg::Key(key.into())) {
+            path = path.key(key);
+        }
+        return Issue::at_key(path, format!("unknown key `{key}`; {expected}"));
+    }
+    let message = if let Some(rest) = message.strip_prefix("unknown variant ") {
+        format!(
+            "unknown value {}",
+            rest.replacen(", expected", "; expected", 1)
+        )
+    } else if let Some(rest) = message.strip_prefix("missing field ") {
+        format!("missing key {rest}")
+    } else {
+        message.to_owned()
+    };
+    let message = plain_types(&message);
+    let mut issue = Issue::at(path, message);
+    issue.span = span;
+    issue
+}
+
+/// serde names Rust types in "expected ..." (`struct RawTier`, `usize`);
+/// say what to write in TOML instead.
+fn plain_types(message: &str) -> String {
+    const WORDS: &[(&str, &str)] = &[
+        (
+            "internally tagged enum RawGenerator",
+            "a table with a `kind` key, e.g. { kind = \"password\" }",
+        ),
+        (
+            "internally tagged enum SinkConfig",
+            "a table with a `type` key, e.g. { type = \"file\", path = \"...\" }",
+        ),
+        (
+            "internally tagged enum TargetConfig",
+            "a table with a `type` key, e.g. { type = \"none\" }",
+        ),
+        (
+            "internally tagged enum VaultSpec",
+            "a table with a `type` key, e.g. type = \"local\"",
+        ),
+        ("struct RawTier", "a table like { revocation_sla = \"1h\" }"),
+        ("struct RawRetry", "a table"),
+        ("struct RawDaemon", "a table"),
+        ("struct RawAgent", "a table"),
+        ("struct RawCredential", "a table"),
+        ("expected usize", "expected a non-negative integer"),
+        ("expected u32", "expected a non-negative integer"),
+    ];
+    let mut out = message.to_owned();
+    for (rust, toml) in WORDS {
+        out = out.replace(rust, toml);
+    }
+    // Any other struct is a plug-in's config section: a table.
+    while let Some(at) = out.find("struct ") {
+        let name_len = out[at + 7..]
+            .find(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .unwrap_or(out.len() - at - 7);
+        out.replace_range(at..at + 7 + name_len, "a table");
+    }
+    out
+}
+
+fn quoted(items: &[&str]) -> String {
+    items
+        .iter()
+        .map(|s| format!("`{s}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn to_error(file: &Path, lines: &LineIndex, doc: &Document<&str>, issue: Issue) -> ConfigError {
+    // Every issue is under a key of the document; should one ever not be
+    // found, it is reported at the file's start rather than at 0:0.
+    let span = locate(doc, &issue.path, issue.anchor).or(issue.span);
+    let (line, column) = lines.line_col(span.map_or(0, |s| s.start));
+    let mut message = issue.message;
+    if let Some(related) = &issue.related
+        && let Some(s) = locate(doc, related, Anchor::Value)
+    {
+        message.push_str(&format!(" (line {})", lines.line_col(s.start).0));
+    }
+    ConfigError {
+        file: file.to_path_buf(),
+        line,
+        column,
+        toml_path: issue.path.to_string(),
+        message,
+    }
+}
+
+/// A node on the way down a TOML path.
+#[derive(Clone, Copy)]
+enum Node<'a> {
+    Item(&'a Item),
+    Value(&'a Value),
+    Table(&'a Table),
+}
+
+impl<'a> Node<'a> {
+    fn table_like(self) -> Option<&'a dyn TableLike> {
+        match self {
+            Node::Item(i) => i.as_table_like(),
+            Node::Value(v) => v.as_inline_table().map(|t| t as &dyn TableLike),
+            Node::Table(t) => Some(t as &dyn TableLike),
+        }
+    }
+    fn index(self, n: usize) -> Option<Node<'a>> {
+        match self {
+            Node::Item(Item::ArrayOfTables(a)) => a.get(n).map(Node::Table),
+            Node::Item(Item::Value(Value::Array(a))) | Node::Value(Value::Array(a)) => {
+                a.get(n).map(Node::Value)
+            }
+            _ => None,
+        }
+    }
+    fn span(self) -> Option<Range<usize>> {
+        match self {
+            Node::Item(i) => i.span(),
+            Node::Value(v) => v.span(),
+            Node::Table(t) => t.span(),
+        }
+    }
+}
+
+/// The byte span a TOML path points at: the deepest node found, its value or
+/// its key as the anchor asks. Implicit tables (`agents` in
+/// `[agents.x]`) have no span of their own, so their key is used.
+fn locate(doc: &Document<&str>, path: &TomlPath, anchor: Anchor) -> Option<Range<usize>> {
+    let mut node = Node::Table(doc.as_table());
+    let mut best: Option<Range<usize>> = None;
+    let segs = path.segments();
+    for (i, seg) in segs.iter().enumerate() {
+        let last = i + 1 == segs.len();
+        match seg {
+            Seg::Key(k) => {
+                let Some((key, child)) = node.table_like().and_then(|t| t.get_key_value(k)) else {
+                    break;
+                };
+                let key_span = key_span(key);
+                let value_span = child.span();
+                let here = if last && anchor == Anchor::Key {
+                    key_span.or(value_span)
+                } else {
+                    value_span.or(key_span)
+                };
+                best = here.or(best);
+                node = Node::Item(child);
+            }
+            Seg::Index(n) => {
+                let Some(child) = node.index(*n) else { break };
+                best = child.span().or(best);
+                node = child;
+            }
+        }
+    }
+    best
+}
+
+fn key_span(key: &Key) -> Option<Range<usize>> {
+    key.span()
+}
