@@ -215,7 +215,11 @@ impl Inner {
             };
             tokio::select! {
                 _ = timeout => return Err(refused()),
-                _ = self.cancel.cancelled() => return Err(refused()),
+                _ = self.cancel.cancelled() => {
+                    return Err(AckError::Internal(
+                        "the daemon is stopping; ack again once it is back".into(),
+                    ));
+                }
                 _ = &mut changed => {}
             }
         }
@@ -705,16 +709,13 @@ impl Inner {
             };
             match result {
                 Ok(()) => {
+                    // Stale: a newer version replaced it; a stopping
+                    // daemon records nothing more.
                     if let Err(e) = self
                         .ack_within(&key, version, Some(&name), Actor::Daemon, None)
                         .await
-                        && !matches!(
-                            e,
-                            AckError::Stale { .. }
-                                | AckError::NothingAwaited { .. }
-                                // Only when the daemon is stopping.
-                                | AckError::Delivering { .. }
-                        )
+                        && !matches!(e, AckError::Stale { .. } | AckError::NothingAwaited { .. })
+                        && !self.cancel.is_cancelled()
                     {
                         tracing::warn!(agent = %key.agent, credential = %key.credential, version, consumer = %name, error = %e, "recording an acknowledgement failed");
                     }
