@@ -97,7 +97,7 @@ impl Handler {
         as_agent: Option<&AgentId>,
         token: &crate::api::protocol::WireSecret,
     ) -> Result<crate::tasks::manager::Caller, (ApiError, Option<AgentId>)> {
-        use crate::auth::{AgentKey, Verifier};
+        use crate::auth::Verifier;
         if as_agent.is_some() {
             return Err((
                 ApiError::bad_request(
@@ -143,23 +143,12 @@ impl Handler {
                 peer.uid
             )));
         }
-        let Some(auth_key) = cfg.auth_key.clone() else {
-            return Err(deny(format!(
-                "agent {agent} has no `auth_key` in the config: set auth_key to one of its ed25519 credentials to let it authenticate by assertion"
-            )));
-        };
-        let key = CredentialKey::new(agent.clone(), auth_key);
-        let versions = self
-            .engine
-            .load(move |s| s.versions(&key))
+        let keys = auth_keys(&self.engine, &agent, cfg)
             .await
-            .map_err(|e| {
-                (
-                    ApiError::unavailable(format!("cannot read the agent's keys: {e}")),
-                    Some(agent.clone()),
-                )
+            .map_err(|e| match e {
+                AuthKeysError::NoAuthKey(m) => deny(format!("{m} by assertion")),
+                AuthKeysError::Unreadable(m) => (ApiError::unavailable(m), Some(agent.clone())),
             })?;
-        let keys = AgentKey::accepted(&versions);
         let verified = verifier
             .verify(token, &claimed, &keys, self.tasks.store())
             .map_err(|e| deny(e.to_string()))?;
@@ -174,6 +163,34 @@ impl Handler {
             ),
         })
     }
+}
+
+/// Why an agent has no keys to check its assertions with.
+pub(super) enum AuthKeysError {
+    /// No `auth_key` in its config (the message says what to set).
+    NoAuthKey(String),
+    /// State cannot be read now.
+    Unreadable(String),
+}
+
+/// The public keys `agent`'s assertions are checked against: the accepted
+/// versions (current and previous) of its `auth_key` credential, from state.
+pub(super) async fn auth_keys(
+    engine: &Engine,
+    agent: &AgentId,
+    cfg: &crate::config::AgentConfig,
+) -> Result<Vec<crate::auth::AgentKey>, AuthKeysError> {
+    let Some(auth_key) = cfg.auth_key.clone() else {
+        return Err(AuthKeysError::NoAuthKey(format!(
+            "agent {agent} has no `auth_key` in the config: set auth_key to one of its ed25519 credentials to let it authenticate"
+        )));
+    };
+    let key = CredentialKey::new(agent.clone(), auth_key);
+    let versions = engine
+        .load(move |s| s.versions(&key))
+        .await
+        .map_err(|e| AuthKeysError::Unreadable(format!("cannot read the agent's keys: {e}")))?;
+    Ok(crate::auth::AgentKey::accepted(&versions))
 }
 
 impl Handler {

@@ -120,18 +120,12 @@ impl crate::oauth::service::Backend for OauthBackend {
         if cfg.decommissioned.is_some() || self.revocations.get(id).is_some() {
             return Err(format!("agent {id} is decommissioned"));
         }
-        let Some(auth_key) = cfg.auth_key.clone() else {
-            return Err(format!(
-                "agent {id} has no `auth_key` in the config: set auth_key to one of its ed25519 credentials to let it authenticate"
-            ));
-        };
-        let key = CredentialKey::new(id.clone(), auth_key);
-        let versions = self
-            .engine
-            .load(move |s| s.versions(&key))
+        super::handler::auth_keys(&self.engine, id, cfg)
             .await
-            .map_err(|e| format!("cannot read the agent's keys: {e}"))?;
-        Ok(crate::auth::AgentKey::accepted(&versions))
+            .map_err(|e| match e {
+                super::handler::AuthKeysError::NoAuthKey(m)
+                | super::handler::AuthKeysError::Unreadable(m) => m,
+            })
     }
 
     async fn spend_jtis(&self, jtis: Vec<(String, String, i64)>) -> Result<Vec<bool>, String> {
