@@ -186,6 +186,14 @@ impl Inner {
         }
     }
 
+    /// A delivery of `key` under way will never be recorded (the credential
+    /// is being retracted): acks of it wait no more.
+    pub(super) fn forget_delivery(&self, key: &CredentialKey) {
+        if self.delivering_now().remove(key).is_some() {
+            self.ack_changed.notify_waiters();
+        }
+    }
+
     /// Waits, at most `limit`, until `version` of `key` is not being
     /// delivered.
     async fn delivered(
