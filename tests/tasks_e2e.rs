@@ -9,7 +9,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Env, audit_records, wait_for};
+use common::{Env, audit_records, start_bot_task, wait_for};
 
 fn need(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
@@ -123,28 +123,6 @@ levels.high.grants.pg = {{ roles = ["r_high_{s}"] }}
     env
 }
 
-fn start(env: &Env, sensitivity: &str, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec![
-        "task",
-        "start",
-        "--as",
-        "bot",
-        "--tenant",
-        "acme",
-        "--use-case",
-        "month-end",
-        "--run-id",
-        "run-77",
-        "--initiator",
-        "alice@example.com",
-        "--sensitivity",
-        sensitivity,
-    ];
-    args.extend_from_slice(extra);
-    let out = env.cli_ok(&args);
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn pg_credential(started: &serde_json::Value) -> serde_json::Value {
     let file = started["credentials"]["pg"]["file"].as_str().unwrap();
     serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
@@ -169,7 +147,7 @@ fn a_task_gets_what_its_sensitivity_grants_and_loses_it_at_end() {
     let _d = env.start();
     let s = &db.suffix;
 
-    let low = start(&env, "low", &[]);
+    let low = start_bot_task(&env, "low", &[]);
     let id = low["task"].as_str().unwrap().to_owned();
     // The secret is in the task's file only, owned by the agent.
     assert!(
@@ -201,7 +179,7 @@ fn a_task_gets_what_its_sensitivity_grants_and_loses_it_at_end() {
     .unwrap();
     assert!(app.contains(&id) && app.contains("run-77"), "{app}");
 
-    let high = start(&env, "high", &[]);
+    let high = start_bot_task(&env, "high", &[]);
     let as_high = db.as_task(&pg_credential(&high));
     assert_eq!(
         psql(&as_high, &format!("SELECT v FROM t_b_{s}")).unwrap(),
@@ -256,7 +234,7 @@ fn the_ttl_is_enforced_across_kill_9() {
     let db = Db::new();
     let env = env(&db);
     let d = env.start();
-    let t = start(&env, "low", &["--ttl", "4s"]);
+    let t = start_bot_task(&env, "low", &["--ttl", "4s"]);
     let as_task = db.as_task(&pg_credential(&t));
     assert!(psql(&as_task, "SELECT 1").is_ok());
     d.kill9();

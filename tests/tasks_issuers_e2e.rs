@@ -13,7 +13,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{Env, audit_records, block_on, http_get, read_tree, status_doc};
+use common::{Env, audit_records, block_on, http_get, read_tree, start_bot_task, status_doc};
 
 fn need(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
@@ -54,29 +54,6 @@ gid = 4242
         ),
         &format!("task_root = \"{{dir}}/agents/tasks\"\nlisten = \"127.0.0.1:{port}\""),
     )
-}
-
-/// `keyturn task start --as bot` for tenant acme: the answer.
-fn start_task(env: &Env, ttl: &str) -> serde_json::Value {
-    let out = env.cli_ok(&[
-        "task",
-        "start",
-        "--as",
-        "bot",
-        "--tenant",
-        "acme",
-        "--use-case",
-        "month-end",
-        "--run-id",
-        "run-77",
-        "--initiator",
-        "alice@example.com",
-        "--sensitivity",
-        "low",
-        "--ttl",
-        ttl,
-    ]);
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The credential file of `issuer` in a task start answer; the secrets are
@@ -284,7 +261,7 @@ levels.low.grants.bao = {{ policies = ["{policy}"] }}
     std::fs::write(env.path().join("bao-token"), &bao.root).unwrap();
     let daemon = env.start();
 
-    let started = start_task(&env, "10m");
+    let started = start_bot_task(&env, "low", &["--ttl", "10m"]);
     let id = started["task"].as_str().unwrap().to_owned();
     let cred = credential_file(&started, "bao");
     let token = cred["token"].as_str().unwrap().to_owned();
@@ -476,7 +453,7 @@ levels.low.grants.sts = {{ role_arn = "{role}", session_policy = '{SESSION_POLIC
         ("AWS_SECRET_ACCESS_KEY", setup.secret_access_key.as_str()),
     ]);
 
-    let started = start_task(&env, "20m");
+    let started = start_bot_task(&env, "low", &["--ttl", "20m"]);
     let id = started["task"].as_str().unwrap().to_owned();
     let cred = credential_file(&started, "sts");
     let session = format!("keyturn-{id}");

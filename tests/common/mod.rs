@@ -629,3 +629,28 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .unwrap()
         .block_on(f)
 }
+
+/// `keyturn task start --as bot` for tenant `acme` (use case `month-end`,
+/// run `run-77`, initiator alice) at `sensitivity`, with `extra`
+/// arguments: the JSON answer.
+pub fn start_bot_task(env: &Env, sensitivity: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "task",
+        "start",
+        "--as",
+        "bot",
+        "--tenant",
+        "acme",
+        "--use-case",
+        "month-end",
+        "--run-id",
+        "run-77",
+        "--initiator",
+        "alice@example.com",
+        "--sensitivity",
+        sensitivity,
+    ];
+    args.extend_from_slice(extra);
+    let out = env.cli_ok(&args);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
