@@ -189,7 +189,8 @@ impl Agent {
         }
     }
 
-    /// Tells keyturn this consumer now uses the held version: one call.
+    /// Tells keyturn this consumer now uses the held version: one call,
+    /// again on exit 69.
     async fn ack(&mut self) {
         if self.acked == Some(self.held.version) {
             return;
@@ -199,25 +200,37 @@ impl Agent {
         let Some(keyturn) = &self.args.ack_with else {
             return;
         };
-        let status = tokio::process::Command::new(keyturn)
-            .arg("ack")
-            .arg(&self.held.name)
-            .arg(self.held.version.to_string())
-            .stdin(std::process::Stdio::null())
-            .status()
-            .await;
-        match status {
-            Ok(s) if s.success() => self.summary.acks += 1,
-            Ok(s) => {
-                self.summary.ack_failures += 1;
-                eprintln!(
-                    "rust_agent: keyturn ack {} {}: {s}",
-                    self.held.name, self.held.version
-                );
-            }
-            Err(e) => {
-                self.summary.ack_failures += 1;
-                eprintln!("rust_agent: cannot run {}: {e}", keyturn.display());
+        // 69: keyturn could not record it now (restarting, or the delivery
+        // is stuck): ack again a little later. Anything else is final.
+        for attempt in 1..=3 {
+            let status = tokio::process::Command::new(keyturn)
+                .arg("ack")
+                .arg(&self.held.name)
+                .arg(self.held.version.to_string())
+                .stdin(std::process::Stdio::null())
+                .status()
+                .await;
+            match status {
+                Ok(s) if s.success() => {
+                    self.summary.acks += 1;
+                    return;
+                }
+                Ok(s) if s.code() == Some(69) && attempt < 3 => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Ok(s) => {
+                    self.summary.ack_failures += 1;
+                    eprintln!(
+                        "rust_agent: keyturn ack {} {}: {s}",
+                        self.held.name, self.held.version
+                    );
+                    return;
+                }
+                Err(e) => {
+                    self.summary.ack_failures += 1;
+                    eprintln!("rust_agent: cannot run {}: {e}", keyturn.display());
+                    return;
+                }
             }
         }
     }

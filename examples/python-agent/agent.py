@@ -113,17 +113,23 @@ class Agent:
             raise
 
     def ack(self):
-        """Tells keyturn this consumer now uses the held version: one call."""
+        """Tells keyturn this consumer now uses the held version: one call, again on exit 69."""
         if self.acked == self.held.version:
             return
         self.acked = self.held.version
         print(f"python_agent: using version {self.held.version}", file=sys.stderr, flush=True)
         if not self.args.ack_with:
             return
-        r = subprocess.run(
-            [self.args.ack_with, "ack", self.held.name, str(self.held.version)],
-            stdin=subprocess.DEVNULL,
-        )
+        # 69: keyturn could not record it now (restarting, or the delivery is
+        # stuck): ack again a little later. Anything else is final.
+        for attempt in range(3):
+            r = subprocess.run(
+                [self.args.ack_with, "ack", self.held.name, str(self.held.version)],
+                stdin=subprocess.DEVNULL,
+            )
+            if r.returncode != 69 or attempt == 2:
+                break
+            time.sleep(1)
         if r.returncode == 0:
             self.summary["acks"] += 1
         else:
