@@ -161,11 +161,12 @@ impl Inner {
         self.delivering_now().insert(key.clone(), notice.version);
         let result = self.deliver_each(entry, notice, value).await;
         // With consumers to persist, the delivery is over when they are
-        // (`Inner::persist`); otherwise now.
-        let awaits = result
-            .as_ref()
-            .is_ok_and(|w| w.iter().any(|w| matches!(w, Write::AwaitAcks { .. })));
-        if !awaits {
+        // (`Inner::persist`); with none, now. A failed one is not over: it
+        // is retried with its step (the file may be in place already, and
+        // its consumer acking it).
+        if let Ok(w) = &result
+            && !w.iter().any(|w| matches!(w, Write::AwaitAcks { .. }))
+        {
             self.delivery_recorded(key, notice.version);
         }
         result

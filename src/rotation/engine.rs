@@ -45,8 +45,8 @@ pub(super) struct Inner {
     /// credential (see `acks.rs`).
     pub(super) acks: Mutex<HashMap<CredentialKey, super::acks::Awaited>>,
     /// The version of each credential whose delivery is under way: from
-    /// its first sink until the consumers it awaits are persisted (see
-    /// `acks.rs`).
+    /// its first sink until the consumers it awaits are persisted, across
+    /// the retries of a delivery that failed (see `acks.rs`).
     pub(super) delivering: Mutex<HashMap<CredentialKey, VersionNo>>,
     /// Notified on every acknowledgement, and when a delivery's awaited
     /// consumers are persisted.

@@ -50,6 +50,8 @@ impl Sink for SentSink {
 struct HeldSink {
     in_place: tokio::sync::Semaphore,
     release: tokio::sync::Semaphore,
+    /// The first delivery after the first fails once it is in place.
+    fail_once: std::sync::atomic::AtomicBool,
 }
 
 impl Default for HeldSink {
@@ -57,6 +59,7 @@ impl Default for HeldSink {
         HeldSink {
             in_place: tokio::sync::Semaphore::new(0),
             release: tokio::sync::Semaphore::new(0),
+            fail_once: false.into(),
         }
     }
 }
@@ -72,6 +75,12 @@ impl Sink for HeldSink {
     async fn deliver(&self, notice: &Notice, _: &SecretValue) -> Result<Delivered, PluginError> {
         if notice.version > 1 {
             self.in_place.add_permits(1);
+            if self.fail_once.swap(false, Ordering::SeqCst) {
+                return Err(PluginError::new(
+                    ErrorKind::Transient,
+                    "the signal after the file failed (injected)",
+                ));
+            }
             self.release.acquire().await.unwrap().forget();
         }
         Ok(Delivered::Sent)
@@ -345,6 +354,41 @@ async fn an_ack_that_arrives_while_its_version_is_being_delivered_counts_once_it
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(retires(&rig), vec![acked_at], "retired right after the ack");
     // Persisted after the consumers it acknowledges, not overwritten by them.
+    let acks = rig.store.snapshot().unwrap().acks;
+    assert_eq!(acks.len(), 1, "{acks:?}");
+    assert_eq!((acks[0].version, acks[0].acked_at.is_some()), (2, true));
+    rig.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ack_during_a_delivery_that_fails_counts_once_the_retried_delivery_is_recorded() {
+    let held = Arc::new(HeldSink {
+        fail_once: true.into(),
+        ..HeldSink::default()
+    });
+    let sink: Arc<dyn Sink> = held.clone();
+    let rig = rig_with(&[sink]);
+    rig.run().await;
+    rig.until(Duration::from_secs(1), "first version", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    ack(&rig, 1, None).await.unwrap();
+    tokio::time::sleep(10 * MINUTE).await;
+    let engine = rig.engine.clone();
+    let second = tokio::spawn(async move { engine.trigger(&key("c0")).unwrap().await.unwrap() });
+    // Version 2 is in place, and its delivery fails: the consumer that saw
+    // it acks while the step waits for its retry.
+    held.in_place.acquire().await.unwrap().forget();
+    let engine = rig.engine.clone();
+    let early = tokio::spawn(async move { engine.ack(&key("c0"), 2, Actor::Daemon).await });
+    held.release.add_permits(1);
+    let done = early
+        .await
+        .unwrap()
+        .expect("acknowledged once the retry is recorded");
+    assert_eq!(done.acknowledged, vec!["held:a"]);
+    assert_eq!(second.await.unwrap().version, Some(2));
     let acks = rig.store.snapshot().unwrap().acks;
     assert_eq!(acks.len(), 1, "{acks:?}");
     assert_eq!((acks[0].version, acks[0].acked_at.is_some()), (2, true));
