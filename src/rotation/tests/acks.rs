@@ -314,9 +314,12 @@ async fn a_new_rotation_waits_for_the_current_versions_acks_before_retiring_it()
     rig.shutdown().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_ack_that_arrives_while_its_version_is_being_delivered_counts_once_it_is_recorded() {
-    let held = Arc::new(HeldSink::default());
+/// Version 1 delivered to `held` and acknowledged, then version 2's
+/// rotation triggered 10 minutes later and its delivery to `held` in place
+/// (not over): the rig, and the rotation.
+async fn second_version_in_place(
+    held: &Arc<HeldSink>,
+) -> (Rig, tokio::task::JoinHandle<RotateFinished>) {
     let sink: Arc<dyn Sink> = held.clone();
     let rig = rig_with(&[sink]);
     rig.run().await;
@@ -329,10 +332,34 @@ async fn an_ack_that_arrives_while_its_version_is_being_delivered_counts_once_it
     let engine = rig.engine.clone();
     let second = tokio::spawn(async move { engine.trigger(&key("c0")).unwrap().await.unwrap() });
     held.in_place.acquire().await.unwrap().forget();
-    let early_ack = || {
-        let engine = rig.engine.clone();
-        tokio::spawn(async move { engine.ack(&key("c0"), 2, Actor::Daemon).await })
-    };
+    (rig, second)
+}
+
+/// `keyturn ack c0 VERSION`, running.
+fn spawn_ack(
+    rig: &Rig,
+    version: VersionNo,
+) -> tokio::task::JoinHandle<Result<crate::rotation::AckOutcome, AckError>> {
+    let engine = rig.engine.clone();
+    tokio::spawn(async move { engine.ack(&key("c0"), version, Actor::Daemon).await })
+}
+
+/// State holds one ack row, of `version`, acknowledged: persisted after the
+/// consumers it acknowledges, not overwritten by them.
+fn assert_acked_in_state(rig: &Rig, version: VersionNo) {
+    let acks = rig.store.snapshot().unwrap().acks;
+    assert_eq!(acks.len(), 1, "{acks:?}");
+    assert_eq!(
+        (acks[0].version, acks[0].acked_at.is_some()),
+        (version, true)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ack_that_arrives_while_its_version_is_being_delivered_counts_once_it_is_recorded() {
+    let held = Arc::new(HeldSink::default());
+    let (rig, second) = second_version_in_place(&held).await;
+    let early_ack = || spawn_ack(&rig, 2);
     // A delivery that does not end: the ack says so after its wait, and
     // records nothing.
     let refused = early_ack().await.unwrap();
@@ -353,10 +380,7 @@ async fn an_ack_that_arrives_while_its_version_is_being_delivered_counts_once_it
     let acked_at = rig.at(Instant::now());
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(retires(&rig), vec![acked_at], "retired right after the ack");
-    // Persisted after the consumers it acknowledges, not overwritten by them.
-    let acks = rig.store.snapshot().unwrap().acks;
-    assert_eq!(acks.len(), 1, "{acks:?}");
-    assert_eq!((acks[0].version, acks[0].acked_at.is_some()), (2, true));
+    assert_acked_in_state(&rig, 2);
     rig.shutdown().await;
 }
 
@@ -366,22 +390,10 @@ async fn an_ack_during_a_delivery_that_fails_counts_once_the_retried_delivery_is
         fail_once: true.into(),
         ..HeldSink::default()
     });
-    let sink: Arc<dyn Sink> = held.clone();
-    let rig = rig_with(&[sink]);
-    rig.run().await;
-    rig.until(Duration::from_secs(1), "first version", |r| {
-        r.sink.count() == 1
-    })
-    .await;
-    ack(&rig, 1, None).await.unwrap();
-    tokio::time::sleep(10 * MINUTE).await;
-    let engine = rig.engine.clone();
-    let second = tokio::spawn(async move { engine.trigger(&key("c0")).unwrap().await.unwrap() });
     // Version 2 is in place, and its delivery fails: the consumer that saw
     // it acks while the step waits for its retry.
-    held.in_place.acquire().await.unwrap().forget();
-    let engine = rig.engine.clone();
-    let early = tokio::spawn(async move { engine.ack(&key("c0"), 2, Actor::Daemon).await });
+    let (rig, second) = second_version_in_place(&held).await;
+    let early = spawn_ack(&rig, 2);
     held.release.add_permits(1);
     let done = early
         .await
@@ -389,9 +401,7 @@ async fn an_ack_during_a_delivery_that_fails_counts_once_the_retried_delivery_is
         .expect("acknowledged once the retry is recorded");
     assert_eq!(done.acknowledged, vec!["held:a"]);
     assert_eq!(second.await.unwrap().version, Some(2));
-    let acks = rig.store.snapshot().unwrap().acks;
-    assert_eq!(acks.len(), 1, "{acks:?}");
-    assert_eq!((acks[0].version, acks[0].acked_at.is_some()), (2, true));
+    assert_acked_in_state(&rig, 2);
     rig.shutdown().await;
 }
 
