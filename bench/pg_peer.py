@@ -1018,6 +1018,8 @@ def main() -> int:
     ap.add_argument("--no-calls", action="store_true", help="skip the vault-calls pass")
     ap.add_argument("--quick", action="store_true", help="2 rounds of 5 s")
     ap.add_argument("--no-build", action="store_true", help="use the existing target/release/keyturn")
+    ap.add_argument("--bin", type=Path, help="the keyturn binary to measure (implies --no-build; "
+                                             "default target/release/keyturn)")
     ap.add_argument("--floor-only", action="store_true",
                     help="only PostgreSQL's CPU per statement (own cluster, no OpenBao, no keyturn; ~20 s)")
     args = ap.parse_args()
@@ -1025,6 +1027,9 @@ def main() -> int:
         return floor_only()
     if args.quick:
         args.rounds, args.seconds = 2, 5.0
+    if args.bin:
+        base.BIN = args.bin.resolve()
+        args.no_build = True
     n = args.creds
     levels = [1, n]
 
