@@ -129,6 +129,15 @@ fn alert(name: &str, severity: Severity, tenant: &str) -> Alert {
     }
 }
 
+/// The alert most tests raise: a critical SLA breach of tenant `billing`.
+fn breach() -> Alert {
+    alert(
+        "KeyturnRevocationSlaBreached",
+        Severity::Critical,
+        "billing",
+    )
+}
+
 fn firing(alerts: &[&Alert]) -> Conditions {
     Conditions {
         firing: alerts.iter().map(|a| (*a).clone()).collect(),
@@ -182,6 +191,16 @@ impl Harness {
         }
     }
 
+    /// A manager in `dir` with one sink, `name`, on the default route and
+    /// no flap hold.
+    fn single(dir: &Path, name: &str, sink: &Arc<Scripted>) -> Harness {
+        Harness::open(
+            dir,
+            vec![named(name, sink, Route::default())],
+            options(Duration::ZERO),
+        )
+    }
+
     /// Stops the delivery tasks and drops the manager, as a `kill -9`
     /// would leave the spool (every change is committed when made).
     async fn kill(self) {
@@ -233,11 +252,7 @@ async fn alerts_go_to_the_sinks_their_routes_match_and_fire_once() {
         options(Duration::ZERO),
     );
     let warn = alert("KeyturnRotationFailing", Severity::Warning, "billing");
-    let crit = alert(
-        "KeyturnRevocationSlaBreached",
-        Severity::Critical,
-        "billing",
-    );
+    let crit = breach();
     let now = Utc::now();
     h.alerts.reconcile(now, firing(&[&warn, &crit]));
     until("both alerts at `all`", || all.calls().len() == 2).await;
@@ -360,11 +375,7 @@ async fn a_sink_down_is_spooled_retried_and_never_blocks_the_others() {
         ],
         options(Duration::ZERO),
     );
-    let a = alert(
-        "KeyturnRevocationSlaBreached",
-        Severity::Critical,
-        "billing",
-    );
+    let a = breach();
     h.alerts.reconcile(Utc::now(), firing(&[&a]));
     until("the fire at the sink that is up", || up.calls().len() == 1).await;
     until("retries at the sink that is down", || {
@@ -403,16 +414,8 @@ async fn a_sink_back_up_gets_each_transition_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Scripted::new(None);
     sink.answer(Answer::Fail(ErrorKind::Transient, None));
-    let h = Harness::open(
-        dir.path(),
-        vec![named("pd", &sink, Route::default())],
-        options(Duration::ZERO),
-    );
-    let a = alert(
-        "KeyturnRevocationSlaBreached",
-        Severity::Critical,
-        "billing",
-    );
+    let h = Harness::single(dir.path(), "pd", &sink);
+    let a = breach();
     h.alerts.reconcile(Utc::now(), firing(&[&a]));
     until("a few failed attempts", || {
         sink.attempts.load(Ordering::SeqCst) >= 2
@@ -440,19 +443,11 @@ async fn a_sink_back_up_gets_each_transition_exactly_once() {
 #[tokio::test]
 async fn a_restart_neither_triggers_again_nor_forgets_an_owed_resolve() {
     let dir = tempfile::tempdir().unwrap();
-    let a = alert(
-        "KeyturnRevocationSlaBreached",
-        Severity::Critical,
-        "billing",
-    );
+    let a = breach();
     let b = alert("KeyturnRotationFailing", Severity::Warning, "billing");
     let pd = Scripted::new(None);
     {
-        let h = Harness::open(
-            dir.path(),
-            vec![named("pd", &pd, Route::default())],
-            options(Duration::ZERO),
-        );
+        let h = Harness::single(dir.path(), "pd", &pd);
         h.alerts.reconcile(Utc::now(), firing(&[&a, &b]));
         until("both fires", || pd.calls().len() == 2).await;
         // The sink goes down; `b` ends; the process dies before the
@@ -466,11 +461,7 @@ async fn a_restart_neither_triggers_again_nor_forgets_an_owed_resolve() {
         h.kill().await;
     }
     pd.answer(Answer::Ok);
-    let h = Harness::open(
-        dir.path(),
-        vec![named("pd", &pd, Route::default())],
-        options(Duration::ZERO),
-    );
+    let h = Harness::single(dir.path(), "pd", &pd);
     assert_eq!(
         h.alerts
             .firing()
@@ -507,16 +498,8 @@ async fn retry_after_is_honoured() {
         ErrorKind::Throttled,
         Some(Duration::from_millis(700)),
     ));
-    let h = Harness::open(
-        dir.path(),
-        vec![named("pd", &sink, Route::default())],
-        options(Duration::ZERO),
-    );
-    let a = alert(
-        "KeyturnRevocationSlaBreached",
-        Severity::Critical,
-        "billing",
-    );
+    let h = Harness::single(dir.path(), "pd", &sink);
+    let a = breach();
     let started = Instant::now();
     h.alerts.reconcile(Utc::now(), firing(&[&a]));
     until("the throttled attempt", || {
@@ -540,16 +523,8 @@ async fn a_refused_delivery_is_given_up_and_audited() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Scripted::new(None);
     sink.answer(Answer::Fail(ErrorKind::Invalid, None));
-    let h = Harness::open(
-        dir.path(),
-        vec![named("pd", &sink, Route::default())],
-        options(Duration::ZERO),
-    );
-    let a = alert(
-        "KeyturnRevocationSlaBreached",
-        Severity::Critical,
-        "billing",
-    );
+    let h = Harness::single(dir.path(), "pd", &sink);
+    let a = breach();
     h.alerts.reconcile(Utc::now(), firing(&[&a]));
     until("alert.failed", || {
         h.recorder.events() == vec!["alert.failed".to_owned()]
@@ -576,16 +551,8 @@ async fn a_sink_added_on_reload_is_sent_what_fires_and_a_removed_one_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let first = Scripted::new(None);
     let second = Scripted::new(None);
-    let h = Harness::open(
-        dir.path(),
-        vec![named("first", &first, Route::default())],
-        options(Duration::ZERO),
-    );
-    let a = alert(
-        "KeyturnRevocationSlaBreached",
-        Severity::Critical,
-        "billing",
-    );
+    let h = Harness::single(dir.path(), "first", &first);
+    let a = breach();
     h.alerts.reconcile(Utc::now(), firing(&[&a]));
     until("the fire at first", || first.calls().len() == 1).await;
     h.alerts
@@ -623,16 +590,8 @@ async fn the_loop_delivers_a_deadline_within_a_fraction_of_a_second() {
     }
     let dir = tempfile::tempdir().unwrap();
     let am = Scripted::new(Some(Duration::from_secs(60)));
-    let h = Harness::open(
-        dir.path(),
-        vec![named("am", &am, Route::default())],
-        options(Duration::ZERO),
-    );
-    let a = alert(
-        "KeyturnRevocationSlaBreached",
-        Severity::Critical,
-        "billing",
-    );
+    let h = Harness::single(dir.path(), "am", &am);
+    let a = breach();
     let at = Utc::now() + chrono::Duration::milliseconds(1500);
     h.tracker.spawn(run_loop(
         h.alerts.clone(),
@@ -720,11 +679,7 @@ async fn new_text_for_a_firing_alert_is_re_sent_and_survives_a_restart() {
         ..a.clone()
     };
     {
-        let h = Harness::open(
-            dir.path(),
-            vec![named("am", &am, Route::default())],
-            options(Duration::ZERO),
-        );
+        let h = Harness::single(dir.path(), "am", &am);
         h.alerts.reconcile(Utc::now(), firing(&[&a]));
         until("the fire", || am.calls().len() == 1).await;
         h.alerts.reconcile(Utc::now(), firing(&[&worse]));
@@ -733,11 +688,7 @@ async fn new_text_for_a_firing_alert_is_re_sent_and_survives_a_restart() {
         assert_eq!(firing_now[0].alert.since, a.since, "since is when it began");
         h.kill().await;
     }
-    let h = Harness::open(
-        dir.path(),
-        vec![named("am", &am, Route::default())],
-        options(Duration::ZERO),
-    );
+    let h = Harness::single(dir.path(), "am", &am);
     // No reconcile: the re-send comes from the spool alone.
     let before = am.calls().len();
     until("a re-send after the restart", || am.calls().len() > before).await;
