@@ -929,6 +929,12 @@ mod tests {
         }
     }
 
+    /// `set`, then `test`, of version `v` with password `pw`: both succeed.
+    async fn set_and_test(t: &PostgresTarget, v: VersionNo, pw: &str) {
+        t.set(&key(), v, &secret(pw)).await.unwrap();
+        t.test(&key(), v, &secret(pw)).await.unwrap();
+    }
+
     fn key() -> CredentialKey {
         crate::test_support::key("bot", "db")
     }
@@ -1164,14 +1170,12 @@ mod tests {
         let f = Fixture::new("single").await;
         let t = f.target(PgStrategy::SingleUser);
         t.check().await.unwrap();
-        t.set(&key(), 1, &secret("first-pass-1")).await.unwrap();
-        t.test(&key(), 1, &secret("first-pass-1")).await.unwrap();
+        set_and_test(&t, 1, "first-pass-1").await;
         f.login(&f.role, "first-pass-1").await.unwrap();
 
         t.set(&key(), 2, &secret("second-pass-2")).await.unwrap();
         // Idempotent per version: a replayed step changes nothing.
-        t.set(&key(), 2, &secret("second-pass-2")).await.unwrap();
-        t.test(&key(), 2, &secret("second-pass-2")).await.unwrap();
+        set_and_test(&t, 2, "second-pass-2").await;
         f.assert_login_refused(&f.role, "first-pass-1").await;
         let e = t
             .test(&key(), 2, &secret("first-pass-1"))
@@ -1203,10 +1207,8 @@ mod tests {
             .await
             .unwrap();
 
-        t.set(&key(), 1, &secret("alt-pass-1")).await.unwrap();
-        t.test(&key(), 1, &secret("alt-pass-1")).await.unwrap();
-        t.set(&key(), 2, &secret("alt-pass-2")).await.unwrap();
-        t.test(&key(), 2, &secret("alt-pass-2")).await.unwrap();
+        set_and_test(&t, 1, "alt-pass-1").await;
+        set_and_test(&t, 2, "alt-pass-2").await;
         assert_eq!(t.login_for(2).as_deref(), Some(clone.as_str()));
 
         let c2 = f.login(&clone, "alt-pass-2").await.unwrap();
@@ -1251,8 +1253,7 @@ mod tests {
             // the verifier and the login must prepare them alike.
             (4, "nb\u{a0}sp \u{2168} ﬁ"),
         ] {
-            t.set(&key(), v, &secret(pw)).await.unwrap();
-            t.test(&key(), v, &secret(pw)).await.unwrap();
+            set_and_test(&t, v, pw).await;
             f.login(&f.role, pw).await.unwrap();
         }
     }
@@ -1378,8 +1379,7 @@ mod tests {
         for mode in ["verify-full", "require"] {
             let t = f.tls_target(mode, (mode == "verify-full").then(ca));
             t.check().await.unwrap();
-            t.set(&key(), 1, &secret("tls-pass-1")).await.unwrap();
-            t.test(&key(), 1, &secret("tls-pass-1")).await.unwrap();
+            set_and_test(&t, 1, "tls-pass-1").await;
         }
         let e = f.login(&f.role, "tls-pass-1").await.unwrap_err();
         assert!(
@@ -1566,8 +1566,7 @@ mod tests {
             .await
             .unwrap();
         t.set(&key(), 2, &secret("own-pass-2")).await.unwrap();
-        t.set(&key(), 2, &secret("own-pass-2")).await.unwrap();
-        t.test(&key(), 2, &secret("own-pass-2")).await.unwrap();
+        set_and_test(&t, 2, "own-pass-2").await;
         f.login(&clone, "own-pass-2").await.unwrap();
     }
 
@@ -1775,8 +1774,7 @@ mod tests {
 
         // New content: a new pool; the old one's connection is closed.
         f.dsn_with_app(&second);
-        t.set(&key(), 2, &secret("chg-pass-2")).await.unwrap();
-        t.test(&key(), 2, &secret("chg-pass-2")).await.unwrap();
+        set_and_test(&t, 2, "chg-pass-2").await;
         assert_eq!(f.sessions(&second).await, 1);
         assert!(
             f.sessions_become(&first, 0).await,
@@ -1811,8 +1809,7 @@ mod tests {
         t.set(&key(), 1, &secret("kill-pass-1")).await.unwrap();
         kill().await;
         // The pool notices the closed connection when it hands it out.
-        t.set(&key(), 2, &secret("kill-pass-2")).await.unwrap();
-        t.test(&key(), 2, &secret("kill-pass-2")).await.unwrap();
+        set_and_test(&t, 2, "kill-pass-2").await;
 
         // A dead connection the pool did not notice reaches the step: it is
         // retried once, on a new connection.
@@ -1861,8 +1858,7 @@ mod tests {
         // The reaper ends with the last connection: nothing keeps ticking.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!pool.manager().reaping.load(Ordering::Relaxed));
-        t.set(&key(), 2, &secret("idle-pass-2")).await.unwrap();
-        t.test(&key(), 2, &secret("idle-pass-2")).await.unwrap();
+        set_and_test(&t, 2, "idle-pass-2").await;
         assert_eq!(pool.manager().created.load(Ordering::Relaxed), 2);
         assert!(
             f.sessions_become(&app, 0).await,
@@ -1878,8 +1874,7 @@ mod tests {
     async fn the_login_test_closes_its_connection_at_once() {
         let f = Fixture::new("login").await;
         let t = f.target(PgStrategy::SingleUser);
-        t.set(&key(), 1, &secret("login-pass-1")).await.unwrap();
-        t.test(&key(), 1, &secret("login-pass-1")).await.unwrap();
+        set_and_test(&t, 1, "login-pass-1").await;
         // `test` returned after its connection ended: the server has (or is
         // about to have) no session of the role.
         let sessions = || async {
@@ -1917,8 +1912,7 @@ mod tests {
         let canary = "canary-logged-4f1a";
         let t = f.target(PgStrategy::AlternatingUsers);
         for v in 1..=2 {
-            t.set(&key(), v, &secret(canary)).await.unwrap();
-            t.test(&key(), v, &secret(canary)).await.unwrap();
+            set_and_test(&t, v, canary).await;
         }
         let e = t
             .test(&key(), 1, &secret("canary-wrong-4f1a"))
