@@ -822,100 +822,52 @@ async fn attacks_on_the_exchange_are_refused() {
     let mut f = request(&h);
     f.push(("resource".into(), "https://evil.test/x".into()));
     assert_eq!(code_of(&h, f).await, "invalid_target");
-    // The confused deputy: reporter's client presents intruder's actor token.
-    assert_eq!(
-        code_of(&h, with("actor_token", assertion(&h, "intruder"))).await,
-        "invalid_request"
-    );
-    // An actor token forged with another key for reporter.
-    assert_eq!(
-        code_of(
-            &h,
-            with(
-                "actor_token",
-                assertion_with(&h, "reporter", "intruder", json!({}), json!({}))
-            )
-        )
-        .await,
-        "invalid_request"
-    );
-    // A client assertion signed by another agent's key.
-    assert_eq!(
-        code_of(
-            &h,
-            with(
-                "client_assertion",
-                assertion_with(&h, "reporter", "intruder", json!({}), json!({}))
-            )
-        )
-        .await,
-        "invalid_client"
-    );
-    // A client assertion for another audience.
-    assert_eq!(
-        code_of(
-            &h,
-            with(
-                "client_assertion",
-                assertion_with(
-                    &h,
-                    "reporter",
-                    "reporter",
-                    json!({}),
-                    json!({"aud": "keyturn"})
-                )
-            )
-        )
-        .await,
-        "invalid_client"
-    );
-    // An expired client assertion.
-    assert_eq!(
-        code_of(
-            &h,
-            with(
-                "client_assertion",
-                assertion_with(
-                    &h,
-                    "reporter",
-                    "reporter",
-                    json!({}),
-                    json!({"exp": now() - 120})
-                )
-            )
-        )
-        .await,
-        "invalid_client"
-    );
-    // Lifetime inflation: an assertion valid for an hour.
-    assert_eq!(
-        code_of(
-            &h,
-            with(
-                "client_assertion",
-                assertion_with(
-                    &h,
-                    "reporter",
-                    "reporter",
-                    json!({}),
-                    json!({"exp": now() + 3600})
-                )
-            )
-        )
-        .await,
-        "invalid_client"
-    );
-    // A client assertion with alg HS256.
-    let hs = sign_raw(
-        &EncodingKey::from_secret(b"guess").unwrap(),
-        Algorithm::HS256,
-        &json!({"alg": "HS256"}),
-        &json!({"iss": "reporter", "sub": "reporter", "aud": ISSUER, "exp": now() + 60, "jti": "x"}),
-    );
-    assert_eq!(
-        code_of(&h, with("client_assertion", hs)).await,
-        "invalid_client"
-    );
+    // Actor tokens that are not reporter's own: the confused deputy
+    // (intruder's), and one forged for reporter with another key.
+    let actor_tokens = [
+        ("intruder's actor token", assertion(&h, "intruder")),
+        (
+            "an actor token for reporter signed with another key",
+            assertion_with(&h, "reporter", "intruder", json!({}), json!({})),
+        ),
+    ];
+    for (what, token) in actor_tokens {
+        assert_eq!(
+            code_of(&h, with("actor_token", token)).await,
+            "invalid_request",
+            "{what}"
+        );
+    }
+    // Client assertions that must not authenticate reporter.
+    let reporters = |claims: Value| assertion_with(&h, "reporter", "reporter", json!({}), claims);
+    let client_assertions = [
+        (
+            "signed by another agent's key",
+            assertion_with(&h, "reporter", "intruder", json!({}), json!({})),
+        ),
+        ("for another audience", reporters(json!({"aud": "keyturn"}))),
+        ("expired", reporters(json!({"exp": now() - 120}))),
+        (
+            "lifetime inflation: valid for an hour",
+            reporters(json!({"exp": now() + 3600})),
+        ),
+        (
+            "alg HS256",
+            sign_raw(
+                &EncodingKey::from_secret(b"guess").unwrap(),
+                Algorithm::HS256,
+                &json!({"alg": "HS256"}),
+                &json!({"iss": "reporter", "sub": "reporter", "aud": ISSUER, "exp": now() + 60, "jti": "x"}),
+            ),
+        ),
+    ];
+    for (what, a) in client_assertions {
+        assert_eq!(
+            code_of(&h, with("client_assertion", a)).await,
+            "invalid_client",
+            "{what}"
+        );
+    }
     // Replays: the same client assertion, then the same actor token, twice.
     let form = request(&h);
     issue(&h, &form).await;
@@ -952,20 +904,25 @@ async fn attacks_on_the_exchange_are_refused() {
     set(&mut f, "client_assertion", &assertion(&h, "intruder"));
     set(&mut f, "actor_token", &assertion(&h, "intruder"));
     assert_eq!(code_of(&h, f).await, "invalid_request");
-    // may_act naming another agent.
-    let s = subject_with(&h, json!({}), json!({"may_act": {"sub": "intruder"}}));
-    assert_eq!(
-        code_of(&h, with("subject_token", s)).await,
-        "invalid_request"
-    );
-    // A chain deeper than max_act_depth (3): two earlier actors + this one
-    // is fine, three earlier are not.
+    // Subjects this agent may not act for: may_act naming another agent,
+    // and a chain deeper than max_act_depth (3): two earlier actors + this
+    // one is fine, three earlier are not.
     let deep = json!({"sub": "a", "act": {"sub": "b", "act": {"sub": "c"}}});
-    let s = subject_with(&h, json!({}), json!({"act": deep}));
-    assert_eq!(
-        code_of(&h, with("subject_token", s)).await,
-        "invalid_request"
-    );
+    let subjects = [
+        (
+            "may_act naming another agent",
+            json!({"may_act": {"sub": "intruder"}}),
+        ),
+        ("a chain one actor too deep", json!({"act": deep})),
+    ];
+    for (what, claims) in subjects {
+        let s = subject_with(&h, json!({}), claims);
+        assert_eq!(
+            code_of(&h, with("subject_token", s)).await,
+            "invalid_request",
+            "{what}"
+        );
+    }
     // A nested chain is kept whole under the agent.
     let s = subject_with(&h, json!({}), json!({"act": {"sub": "upstream-agent"}}));
     let (token, _) = issue(&h, &with("subject_token", s)).await;
