@@ -291,8 +291,8 @@ pub struct Metrics {
     audit_append_failures: Counter,
     ack_holdouts: Counter,
     acks_awaiting: Gauge,
-    provider: Arc<RwLock<Option<CredentialTimesProvider>>>,
-    lifecycle: Arc<RwLock<Option<LifecycleProvider>>>,
+    provider: Slot<Vec<CredentialTimes>>,
+    lifecycle: Slot<Lifecycle>,
     state_counts: RwLock<Option<StateCountsProvider>>,
     /// Free bytes where the state directory is, read at scrape time.
     state_free: Gauge,
@@ -303,7 +303,7 @@ pub struct Metrics {
     task_starts: Family<IssuerResultLabels, Counter>,
     task_revocations: Family<IssuerResultLabels, Counter>,
     oauth_requests: Family<OauthLabels, Counter>,
-    tasks: Arc<RwLock<Option<TaskFiguresProvider>>>,
+    tasks: Slot<TaskFigures>,
 }
 
 /// Counts credentials by state at scrape time, so the gauge is never stale
@@ -440,18 +440,9 @@ impl Metrics {
             "oauth_requests",
             "Token service requests, by endpoint (token, introspect, revoke) and result (ok or the OAuth error code)",
         );
-        let tasks = Arc::new(RwLock::new(None));
-        registry.register_collector(Box::new(TasksCollector {
-            provider: Arc::clone(&tasks),
-        }));
-        let provider = Arc::new(RwLock::new(None));
-        registry.register_collector(Box::new(CredentialTimesCollector {
-            provider: Arc::clone(&provider),
-        }));
-        let lifecycle = Arc::new(RwLock::new(None));
-        registry.register_collector(Box::new(LifecycleCollector {
-            provider: Arc::clone(&lifecycle),
-        }));
+        let tasks = Scraped::register(&mut registry, "tasks", write_tasks);
+        let provider = Scraped::register(&mut registry, "credential_times", write_credential_times);
+        let lifecycle = Scraped::register(&mut registry, "lifecycle", write_lifecycle);
         Self {
             registry,
             rotations,
@@ -541,7 +532,7 @@ impl Metrics {
 
     /// Installs the source of `tasks_active` and `task_revocation_overdue`.
     pub fn set_task_figures_provider(&self, provider: TaskFiguresProvider) {
-        *self.tasks.write().unwrap_or_else(|p| p.into_inner()) = Some(provider);
+        install(&self.tasks, provider);
     }
 
     /// The number of alert conditions firing with `severity` (`warning`, `critical`).
@@ -587,12 +578,12 @@ impl Metrics {
 
     /// Installs the source of the decommission and surface figures.
     pub fn set_lifecycle_provider(&self, provider: LifecycleProvider) {
-        *self.lifecycle.write().unwrap_or_else(|p| p.into_inner()) = Some(provider);
+        install(&self.lifecycle, provider);
     }
 
     /// Installs the source of the `credentials{state}` counts, read at scrape time.
     pub fn set_state_counts_provider(&self, provider: StateCountsProvider) {
-        *self.state_counts.write().unwrap_or_else(|p| p.into_inner()) = Some(provider);
+        install(&self.state_counts, provider);
     }
 
     /// A rotation ended (successfully or not) after `duration`.
@@ -655,10 +646,7 @@ impl Metrics {
     /// Installs (or replaces) the source of per-credential times. Until one is
     /// set the per-credential gauges are exported without samples.
     pub fn set_credential_times_provider(&self, provider: CredentialTimesProvider) {
-        // A poisoned lock only means a provider panicked mid-scrape; the slot
-        // itself is still a plain Option, safe to overwrite.
-        let mut slot = self.provider.write().unwrap_or_else(|p| p.into_inner());
-        *slot = Some(provider);
+        install(&self.provider, provider);
     }
 
     /// For modules that own extra metrics: register them before the `Metrics`
@@ -699,169 +687,174 @@ impl Metrics {
     }
 }
 
-/// Writes `credential_age_seconds`, `credential_next_due_seconds` and
-/// `credential_max_age_seconds` from the provider at scrape time; holds
-/// nothing per credential.
-struct CredentialTimesCollector {
-    provider: Arc<RwLock<Option<CredentialTimesProvider>>>,
+/// A source of figures installed after start-up (`Metrics::set_*_provider`)
+/// and called at every scrape.
+type Slot<T> = Arc<RwLock<Option<Arc<dyn Fn() -> T + Send + Sync>>>>;
+
+/// Installs `provider` in `slot`, replacing any earlier one. A poisoned lock
+/// only means a provider panicked mid-scrape; the slot itself is still a
+/// plain Option, safe to overwrite.
+fn install<P>(slot: &RwLock<Option<P>>, provider: P) {
+    *slot.write().unwrap_or_else(|p| p.into_inner()) = Some(provider);
 }
 
-impl fmt::Debug for CredentialTimesCollector {
+/// A collector of figures read from its [`Slot`]'s provider at scrape time,
+/// written by `write` (`None` while no provider is installed); it holds
+/// nothing between scrapes.
+struct Scraped<T: 'static> {
+    name: &'static str,
+    slot: Slot<T>,
+    write: fn(Option<T>, DescriptorEncoder) -> Result<(), fmt::Error>,
+}
+
+impl<T: 'static> Scraped<T> {
+    /// Registers a collector named `name` (for `Debug`) and returns the
+    /// slot its provider goes in.
+    fn register(
+        registry: &mut Registry,
+        name: &'static str,
+        write: fn(Option<T>, DescriptorEncoder) -> Result<(), fmt::Error>,
+    ) -> Slot<T> {
+        let slot: Slot<T> = Arc::new(RwLock::new(None));
+        registry.register_collector(Box::new(Scraped {
+            name,
+            slot: Arc::clone(&slot),
+            write,
+        }));
+        slot
+    }
+}
+
+impl<T: 'static> fmt::Debug for Scraped<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CredentialTimesCollector")
+        f.debug_struct("Scraped")
+            .field("name", &self.name)
             .finish_non_exhaustive()
     }
 }
 
-impl Collector for CredentialTimesCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+impl<T: 'static> Collector for Scraped<T> {
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         // Clone the Arc out so the lock is not held while the provider runs.
-        let provider = self
-            .provider
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let times = provider.map(|p| p()).unwrap_or_default();
+        let provider = self.slot.read().unwrap_or_else(|p| p.into_inner()).clone();
+        (self.write)(provider.map(|p| p()), encoder)
+    }
+}
 
-        type Pick = fn(&CredentialTimes) -> Option<f64>;
-        let gauges: [(&str, &str, Pick); 3] = [
-            (
-                "credential_age_seconds",
-                "Seconds since the current version of the credential was promoted",
-                |t| t.age_seconds,
-            ),
-            (
-                "credential_next_due_seconds",
-                "Seconds until the credential's next rotation is due (negative when overdue)",
-                |t| t.next_due_seconds,
-            ),
-            (
-                "credential_max_age_seconds",
-                "The credential's configured max_age: its current version counts as expired when older (only credentials with one)",
-                |t| t.max_age_seconds,
-            ),
-        ];
-        for (name, help, pick) in gauges {
-            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for t in &times {
-                if let Some(v) = pick(t).filter(|v| v.is_finite()) {
-                    let labels = [
-                        ("agent", t.agent.as_str()),
-                        ("credential", t.credential.as_str()),
-                    ];
-                    metric.encode_family(&labels)?.encode_gauge(&v)?;
-                }
+/// `credential_age_seconds`, `credential_next_due_seconds` and
+/// `credential_max_age_seconds` (no samples until a provider is installed).
+fn write_credential_times(
+    times: Option<Vec<CredentialTimes>>,
+    mut encoder: DescriptorEncoder,
+) -> Result<(), fmt::Error> {
+    let times = times.unwrap_or_default();
+    type Pick = fn(&CredentialTimes) -> Option<f64>;
+    let gauges: [(&str, &str, Pick); 3] = [
+        (
+            "credential_age_seconds",
+            "Seconds since the current version of the credential was promoted",
+            |t| t.age_seconds,
+        ),
+        (
+            "credential_next_due_seconds",
+            "Seconds until the credential's next rotation is due (negative when overdue)",
+            |t| t.next_due_seconds,
+        ),
+        (
+            "credential_max_age_seconds",
+            "The credential's configured max_age: its current version counts as expired when older (only credentials with one)",
+            |t| t.max_age_seconds,
+        ),
+    ];
+    for (name, help, pick) in gauges {
+        let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for t in &times {
+            if let Some(v) = pick(t).filter(|v| v.is_finite()) {
+                let labels = [
+                    ("agent", t.agent.as_str()),
+                    ("credential", t.credential.as_str()),
+                ];
+                metric.encode_family(&labels)?.encode_gauge(&v)?;
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
-/// Writes the [`Lifecycle`] gauges from the provider at scrape time.
-struct LifecycleCollector {
-    provider: Arc<RwLock<Option<LifecycleProvider>>>,
-}
-
-impl fmt::Debug for LifecycleCollector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LifecycleCollector").finish_non_exhaustive()
+/// The [`Lifecycle`] gauges (nothing until a provider is installed).
+fn write_lifecycle(l: Option<Lifecycle>, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+    let Some(l) = l else {
+        return Ok(());
+    };
+    let mut m = encoder.encode_descriptor(
+        "decommission_sla_remaining_seconds",
+        "Seconds until the revocation SLA deadline of each decommission in progress (negative once breached)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for c in l
+        .sla_clocks
+        .iter()
+        .filter(|c| c.remaining_seconds.is_finite())
+    {
+        m.encode_family(&[("agent", c.agent.as_str())])?
+            .encode_gauge(&c.remaining_seconds)?;
     }
-}
-
-impl Collector for LifecycleCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let provider = self
-            .provider
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let Some(l) = provider.map(|p| p()) else {
-            return Ok(());
-        };
-        let mut m = encoder.encode_descriptor(
-            "decommission_sla_remaining_seconds",
-            "Seconds until the revocation SLA deadline of each decommission in progress (negative once breached)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for c in l
-            .sla_clocks
-            .iter()
-            .filter(|c| c.remaining_seconds.is_finite())
-        {
-            m.encode_family(&[("agent", c.agent.as_str())])?
-                .encode_gauge(&c.remaining_seconds)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "decommission_sla_seconds",
-            "The whole revocation SLA of each decommission in progress (its agent's tier's)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for c in l.sla_clocks.iter().filter(|c| c.sla_seconds.is_finite()) {
-            m.encode_family(&[("agent", c.agent.as_str())])?
-                .encode_gauge(&c.sla_seconds)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "agents",
-            "Agents by lifecycle state (active, decommissioning, decommissioned, orphaned)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (state, n) in &l.agents {
-            m.encode_family(&[("state", *state)])?.encode_gauge(n)?;
-        }
-        for (name, help, v) in &l.totals {
-            encoder
-                .encode_descriptor(name, help, None, MetricType::Gauge)?
-                .encode_gauge(v)?;
-        }
-        Ok(())
+    let mut m = encoder.encode_descriptor(
+        "decommission_sla_seconds",
+        "The whole revocation SLA of each decommission in progress (its agent's tier's)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for c in l.sla_clocks.iter().filter(|c| c.sla_seconds.is_finite()) {
+        m.encode_family(&[("agent", c.agent.as_str())])?
+            .encode_gauge(&c.sla_seconds)?;
     }
-}
-
-/// Writes `tasks_active{agent,issuer}` and `task_revocation_overdue` from
-/// the provider at scrape time (the task store is their one source).
-struct TasksCollector {
-    provider: Arc<RwLock<Option<TaskFiguresProvider>>>,
-}
-
-impl fmt::Debug for TasksCollector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TasksCollector").finish_non_exhaustive()
+    let mut m = encoder.encode_descriptor(
+        "agents",
+        "Agents by lifecycle state (active, decommissioning, decommissioned, orphaned)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (state, n) in &l.agents {
+        m.encode_family(&[("state", *state)])?.encode_gauge(n)?;
     }
-}
-
-impl Collector for TasksCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let provider = self
-            .provider
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let figures = provider.map(|p| p()).unwrap_or_default();
-        let mut m = encoder.encode_descriptor(
-            "tasks_active",
-            "Credentials of tasks not ended that may still work, by agent and issuer name",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (agent, issuer, n) in &figures.active {
-            m.encode_family(&[("agent", agent.as_str()), ("issuer", issuer.as_str())])?
-                .encode_gauge(n)?;
-        }
-        // Always exported (0 without tasks), so an alert on it is never
-        // blind to a missing series.
+    for (name, help, v) in &l.totals {
         encoder
-            .encode_descriptor(
-                "task_revocation_overdue",
-                "Tasks past their TTL whose credentials are not all revoked yet (revocation is retried)",
-                None,
-                MetricType::Gauge,
-            )?
-            .encode_gauge(&figures.revocation_overdue)?;
-        Ok(())
+            .encode_descriptor(name, help, None, MetricType::Gauge)?
+            .encode_gauge(v)?;
     }
+    Ok(())
+}
+
+/// `tasks_active{agent,issuer}` and `task_revocation_overdue` (the task
+/// store is their one source).
+fn write_tasks(
+    figures: Option<TaskFigures>,
+    mut encoder: DescriptorEncoder,
+) -> Result<(), fmt::Error> {
+    let figures = figures.unwrap_or_default();
+    let mut m = encoder.encode_descriptor(
+        "tasks_active",
+        "Credentials of tasks not ended that may still work, by agent and issuer name",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (agent, issuer, n) in &figures.active {
+        m.encode_family(&[("agent", agent.as_str()), ("issuer", issuer.as_str())])?
+            .encode_gauge(n)?;
+    }
+    // Always exported (0 without tasks), so an alert on it is never
+    // blind to a missing series.
+    encoder
+        .encode_descriptor(
+            "task_revocation_overdue",
+            "Tasks past their TTL whose credentials are not all revoked yet (revocation is retried)",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&figures.revocation_overdue)?;
+    Ok(())
 }
 
 #[cfg(test)]
