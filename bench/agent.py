@@ -1238,11 +1238,7 @@ def main() -> int:
                      "args": {k: v for k, v in vars(args).items()}, "phases": []}
     audit = watcher = receiver = bao = None
     try:
-        if not args.no_build:
-            log("cargo build --release")
-            subprocess.run(["cargo", "build", "--release"], cwd=REPO, check=True)
-        if not base.BIN.exists():
-            log(f"{base.BIN} is missing; build it first")
+        if not base.built(args.no_build):
             return 1
         results["bao_version"] = subprocess.run([str(bao_bin()), "version"], capture_output=True,
                                                 text=True).stdout.strip()
@@ -1295,16 +1291,7 @@ def main() -> int:
         for (name, kind), v in sorted(audit.kinds.items()):
             by_kind.setdefault(name, {})[kind] = v
         results["requests_by_client_and_kind"] = by_kind
-        results["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
-        results["goals"] = check_goals(results)
-        RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        print()
-        print(fmt_table(results))
-        print()
-        for g in results["goals"]:
-            tag = {True: "PASS", False: "FAIL", None: "n/a "}[g["pass"]]
-            print(f"{tag}  {g['goal']}: {g['measured']}")
-        print(f"\nresults: {RESULTS}")
+        base.finish(results, check_goals, fmt_table, RESULTS)
         return 0
     except KeyboardInterrupt:
         log("interrupted")

@@ -753,11 +753,7 @@ def main() -> int:
     started = False
     pg = None
     try:
-        if not args.no_build:
-            log("cargo build --release")
-            subprocess.run(["cargo", "build", "--release"], cwd=REPO, check=True)
-        if not base.BIN.exists():
-            log(f"{base.BIN} is missing; build it first")
+        if not base.built(args.no_build):
             return 1
         run_id = time.strftime("%H%M%S") + "-" + secrets.token_hex(2)
         if sizes:
@@ -778,16 +774,7 @@ def main() -> int:
                 results["alerts"] = {"skipped": f"failed: {e}"}
             if "skipped" in results["alerts"]:
                 log(f"alerts: skipped: {results['alerts']['skipped']}")
-        results["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
-        results["goals"] = check_goals(results)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        print()
-        print(fmt_table(results))
-        print()
-        for g in results["goals"]:
-            tag = {True: "PASS", False: "FAIL", None: "n/a "}[g["pass"]]
-            print(f"{tag}  {g['goal']}: {g['measured']}")
-        print(f"\nresults: {RESULTS}")
+        base.finish(results, check_goals, fmt_table, RESULTS)
         return 0
     except KeyboardInterrupt:
         log("interrupted")

@@ -1045,11 +1045,7 @@ def main() -> int:
     bao: PlainBao | None = None
     modes: dict = {}
     try:
-        if not args.no_build:
-            log("cargo build --release")
-            subprocess.run(["cargo", "build", "--release"], cwd=REPO, check=True)
-        if not base.BIN.exists():
-            log(f"{base.BIN} is missing; build it first")
+        if not base.built(args.no_build):
             return 1
         if not args.no_strace and not shutil.which("strace"):
             raise RuntimeError("no strace (apt-get install strace), or pass --no-strace")
@@ -1119,22 +1115,11 @@ def main() -> int:
             log("vault calls: a keyturn with OpenBao KV through the counting proxy")
             results["vault_calls"] = calls_pass(bao, pg, pgc, n)
 
-        results["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
-        results["goals"] = check_goals(results, levels)
-        text = json.dumps(results, indent=2) + "\n"
-        table = fmt_table(results, levels)
         # The admin password, the root token and the unseal key are this
         # run's own, but they are secrets all the same: never in the results.
-        if any(sec and (sec in text or sec in table) for sec in (pg.password, *bao.secrets)):
-            raise RuntimeError("the results would contain the PostgreSQL admin password or the OpenBao root "
-                               "token or unseal key")
-        RESULTS.write_text(text)
-        print()
-        print(table)
-        print()
-        for g in results["goals"]:
-            print(f"{'PASS' if g['pass'] else 'FAIL'}  {g['goal']}: {g['measured']}")
-        print(f"\nresults: {RESULTS}")
+        base.finish(results, lambda r: check_goals(r, levels), lambda r: fmt_table(r, levels), RESULTS,
+                    [("the PostgreSQL admin password", pg.password),
+                     *(("OpenBao's root token or unseal key", v) for v in bao.secrets)])
         return 0
     except KeyboardInterrupt:
         log("interrupted")

@@ -1052,11 +1052,7 @@ def main() -> int:
     proxies_note = "counting proxy: Python ThreadingHTTPServer, used for calibration and the budget run only"
     results["notes"] = [proxies_note]
     try:
-        if not args.no_build:
-            log("cargo build --release")
-            subprocess.run(["cargo", "build", "--release"], cwd=REPO, check=True)
-        if not base.BIN.exists():
-            log(f"{base.BIN} is missing; build it first")
+        if not base.built(args.no_build):
             return 1
         env, started = start_services()
         os.environ.update(env)  # the daemon and the AWS raw loop need AWS_* too
@@ -1071,15 +1067,7 @@ def main() -> int:
             b = results["budget"]
             log(f"aws budget run: max {b['max_writes_any_1s_window']} writes in any 1-s window; "
                 f"{b['rotations_per_s']} rot/s")
-        results["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
-        results["goals"] = check_goals(results)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        print()
-        print(fmt_table(results))
-        print()
-        for g in results["goals"]:
-            print(f"{'PASS' if g['pass'] else 'FAIL'}  {g['goal']}: {g['measured']}")
-        print(f"\nresults: {RESULTS}")
+        base.finish(results, check_goals, fmt_table, RESULTS)
         return 0
     except KeyboardInterrupt:
         log("interrupted")

@@ -750,6 +750,41 @@ def machine_info() -> dict:
     }
 
 
+def built(no_build: bool) -> bool:
+    """`cargo build --release` unless `no_build`; then whether the binary to
+    measure (BIN, which --bin may change) is there, saying so if not."""
+    if not no_build:
+        log("cargo build --release")
+        subprocess.run(["cargo", "build", "--release"], cwd=REPO, check=True)
+    if not BIN.exists():
+        log(f"{BIN} is missing; build it first")
+        return False
+    return True
+
+
+def finish(results: dict, check_goals, fmt_table, path: Path, secrets: list[tuple[str, str]] = ()) -> None:
+    """Ends a run: the load average at the end, the goals checked, the results
+    written to `path` as JSON, then the table, each goal (PASS, FAIL, or n/a
+    when it could not be measured) and where the results are. Results that
+    would contain one of `secrets` (this run's own passwords and tokens, as
+    (what it is, value)) are not written: RuntimeError names which."""
+    results["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+    results["goals"] = check_goals(results)
+    text = json.dumps(results, indent=2, default=str) + "\n"
+    table = fmt_table(results)
+    for what, secret in secrets:
+        if secret and (secret in text or secret in table):
+            raise RuntimeError(f"the results would contain {what}")
+    path.write_text(text)
+    print()
+    print(table)
+    print()
+    for g in results["goals"]:
+        tag = {True: "PASS", False: "FAIL", None: "n/a "}[g["pass"]]
+        print(f"{tag}  {g['goal']}: {g['measured']}")
+    print(f"\nresults: {path}")
+
+
 def fmt_table(results: dict) -> str:
     base = results["baseline"]
     raw_best = results["raw_write"]["best_writes_per_s"]
@@ -868,16 +903,7 @@ def main() -> int:
         for r in results["sizes"]:
             if "error" not in r:
                 r["ratio"] = r["rotate_all"]["rotations_per_s"] / best["writes_per_s"]
-        results["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
-        results["goals"] = check_goals(results)
-
-        (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        print()
-        print(fmt_table(results))
-        print()
-        for g in results["goals"]:
-            print(f"{'PASS' if g['pass'] else 'FAIL'}  {g['goal']}: {g['measured']}")
-        print(f"\nresults: {OUT / 'results.json'}")
+        finish(results, check_goals, fmt_table, OUT / "results.json")
         return 0
     except KeyboardInterrupt:
         log("interrupted")

@@ -595,13 +595,9 @@ def main() -> int:
     d = Path(tempfile.mkdtemp(prefix="run-", dir=OUT))
     pg = bao = moto = dm = None
     try:
-        if not args.no_build:
-            log("cargo build --release")
-            subprocess.run(["cargo", "build", "--release"], cwd=REPO, check=True)
-        results["binary"] = str(base.BIN)
-        if not base.BIN.exists():
-            log(f"{base.BIN} is missing; build it first")
+        if not base.built(args.no_build):
             return 1
+        results["binary"] = str(base.BIN)
         log("starting PostgreSQL, OpenBao and moto of our own")
         pg = pg_peer.OwnPostgres()
         pg.start()
@@ -650,15 +646,7 @@ def main() -> int:
             tp["check"] = verify_all_ended(cfg, tp.pop("task_ids"), pg)
             results["throughput"] = tp
             log(f"  {tp['starts_per_s']:.1f} starts/s, {tp['error_count']} errors")
-        results["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
-        results["goals"] = check_goals(results)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        print()
-        print(fmt_table(results))
-        print()
-        for g in results["goals"]:
-            print(f"{'PASS' if g['pass'] else 'FAIL'}  {g['goal']}: {g['measured']}")
-        print(f"\nresults: {RESULTS}")
+        base.finish(results, check_goals, fmt_table, RESULTS)
         return 0
     except KeyboardInterrupt:
         log("interrupted")

@@ -2,7 +2,7 @@
 //! speaking one JSON request and one JSON response per line, and an optional
 //! HTTP listener for `/metrics`, `/healthz` and `/readyz`.
 //!
-//! - [`protocol`] the request/response types, selector parsing, the status table
+//! - [`protocol`] the request/response types, selector parsing
 //! - [`socket`]   `bind` + `serve` (server, with the peer policy) and `call` (client)
 //! - [`http`]     the axum listener for metrics and health
 
@@ -12,6 +12,6 @@ pub mod socket;
 
 pub use protocol::{
     ApiError, ApiErrorKind, Request, Response, ResponseBody, RotateOutcome, RotateResult, Selector,
-    StatusRow, parse_selector, render_status_table,
+    StatusRow, parse_selector,
 };
 pub use socket::{ClientError, ControlHandler, ControlSocket, PeerCred, bind, call, serve};

@@ -12,19 +12,20 @@ use clap_complete::engine::ArgValueCompleter;
 
 use crate::api::protocol::{
     ApiErrorKind, Request, Response, ResponseBody, RotateOutcome, StatusRow, parse_selector,
-    render_agents_table, render_status_table,
 };
 use crate::api::socket::{ClientError, call};
 use crate::audit::{AuditKey, VerifyReport, verify_file_keyed};
 use crate::config::{self, ClientPaths, Config, ConfigErrors, DEFAULT_CONFIG_PATH};
 use crate::state::{SqliteStore, StateStore};
 use crate::telemetry::{self, LogFormat};
+use tables::{render_agents_table, render_status_table};
 
 mod agent;
 mod completions;
 mod manpages;
 mod online;
 pub mod screen;
+mod tables;
 
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 64;

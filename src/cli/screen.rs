@@ -3,7 +3,7 @@
 //! times relative to now, and colour only when it helps: stdout a terminal,
 //! `NO_COLOR` unset or empty (<https://no-color.org>), `TERM` not `dumb`;
 //! `--color always|never` overrides all of that. `--wide` prints the full
-//! table ([`crate::api::protocol::render_status_table`]), `--json` everything.
+//! table ([`tables::render_status_table`](super::tables::render_status_table)), `--json` everything.
 //!
 //! Widths are display columns (`unicode-width`), not bytes or chars. Text
 //! from elsewhere (error messages) has its control characters replaced
