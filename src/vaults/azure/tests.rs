@@ -149,15 +149,19 @@ fn stub() -> Stub {
     }
 }
 
-fn vault_with_token(token: &str) -> AzureVault {
-    let stub = stub();
+/// The vault `name` at `url`, trusting the stub's CA, logged in with `token`.
+fn vault_at(name: &str, url: &str, timeout: &str, token: &str) -> AzureVault {
     let s = AzureConfig {
-        ca_file: Some(stub.ca),
+        ca_file: Some(stub().ca),
         verify_challenge_resource: Some(false),
-        timeout: Some("10s".into()),
-        ..AzureConfig::new(stub.url, "workload_identity")
+        timeout: Some(timeout.into()),
+        ..AzureConfig::new(url, "workload_identity")
     };
-    AzureVault::with_credential("kv-test", &s, Arc::new(FixedToken(token.into()))).unwrap()
+    AzureVault::with_credential(name, &s, Arc::new(FixedToken(token.into()))).unwrap()
+}
+
+fn vault_with_token(token: &str) -> AzureVault {
+    vault_at("kv-test", &stub().url, "10s", token)
 }
 
 fn vault() -> AzureVault {
@@ -477,14 +481,8 @@ async fn an_unreachable_vault_is_transient() {
         .local_addr()
         .unwrap()
         .port();
-    let s = AzureConfig {
-        ca_file: Some(stub().ca),
-        verify_challenge_resource: Some(false),
-        timeout: Some("5s".into()),
-        ..AzureConfig::new(format!("https://127.0.0.1:{port}"), "workload_identity")
-    };
-    let v = AzureVault::with_credential("kv-down", &s, Arc::new(FixedToken(STUB_TOKEN.into())))
-        .unwrap();
+    let url = format!("https://127.0.0.1:{port}");
+    let v = vault_at("kv-down", &url, "5s", STUB_TOKEN);
     let e = v.check().await.unwrap_err();
     assert_error(&e, ErrorKind::Transient, &["kv-down"], &[]);
 }
