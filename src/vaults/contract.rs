@@ -16,7 +16,8 @@
 //! its alone: how it lays versions out on its server, what a plain reader of
 //! the vault sees, how many calls or writes a step costs, its error kinds
 //! beyond the ones checked here, binary values (KV v2 and Key Vault store
-//! text), authentication, paging and throttling.
+//! text), authentication, paging and throttling. The few helpers those tests
+//! share (an item, a stage, an error check) are at the end of this file.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -381,23 +382,19 @@ pub(crate) async fn retire_wipes_the_previous_and_is_idempotent(vault: &dyn Vaul
 pub(crate) async fn retire_refuses_current_and_pending(vault: &dyn Vault, path: &str) {
     let c = Cred::new(vault, path);
     let one = c.stage(ONE).await;
-    let e = c.retire_err(&one.version).await;
-    c.expect_refusal(
-        &e,
-        ErrorKind::Invalid,
-        "retire of the first, pending version",
-    );
+    c.expect_retire_refused(&one, "retire of the first, pending version")
+        .await;
     c.expect(
         Stages::NONE.pending(&one),
         "after a refused retire of the pending version",
     )
     .await;
     c.promote(&one.version).await;
-    let e = c.retire_err(&one.version).await;
-    c.expect_refusal(&e, ErrorKind::Invalid, "retire of the current version");
+    c.expect_retire_refused(&one, "retire of the current version")
+        .await;
     let two = c.stage(TWO).await;
-    let e = c.retire_err(&two.version).await;
-    c.expect_refusal(&e, ErrorKind::Invalid, "retire of a pending version");
+    c.expect_retire_refused(&two, "retire of a pending version")
+        .await;
     c.expect(
         Stages::NONE.pending(&two).current(&one),
         "after refused retires of the current and the pending version",
@@ -499,55 +496,25 @@ pub(crate) async fn destroy_removes_every_version(vault: &dyn Vault, path: &str)
 pub(crate) async fn current_mark_moves_with_the_current_version(vault: &dyn Vault, path: &str) {
     let c = Cred::new(vault, path);
     let other = Cred::new(vault, &format!("{path}-other"));
-    assert_eq!(
-        c.mark().await,
-        None,
-        "{}: mark of an absent credential",
-        c.name()
-    );
+    c.expect_mark(None, "mark of an absent credential").await;
     let one = c.stage(ONE).await;
-    assert_eq!(
-        c.mark().await,
-        None,
-        "{}: mark with only a pending version",
-        c.name()
-    );
+    c.expect_mark(None, "mark with only a pending version")
+        .await;
     c.promote(&one.version).await;
-    let m1 = c
-        .mark()
-        .await
-        .unwrap_or_else(|| panic!("{}: no mark after promote", c.name()));
-    assert_eq!(
-        c.mark().await,
-        Some(m1.clone()),
-        "{}: the mark moved with nothing changed",
-        c.name()
-    );
+    let m1 = c.some_mark("after promote").await;
+    c.expect_mark(Some(&m1), "the mark moved with nothing changed")
+        .await;
     let two = c.stage(TWO).await;
-    assert_eq!(
-        c.mark().await,
-        Some(m1.clone()),
-        "{}: a pending version moved the mark",
-        c.name()
-    );
+    c.expect_mark(Some(&m1), "a pending version moved the mark")
+        .await;
     other.stage_and_promote(OTHER).await;
-    assert_eq!(
-        c.mark().await,
-        Some(m1.clone()),
-        "{}: another credential's promote moved the mark",
-        c.name()
-    );
+    c.expect_mark(Some(&m1), "another credential's promote moved the mark")
+        .await;
     c.promote(&two.version).await;
-    let m2 = c
-        .mark()
-        .await
-        .unwrap_or_else(|| panic!("{}: no mark after the second promote", c.name()));
+    let m2 = c.some_mark("after the second promote").await;
     assert_ne!(m1, m2, "{}: the mark did not move with a promote", c.name());
     c.promote(&one.version).await;
-    let m3 = c
-        .mark()
-        .await
-        .unwrap_or_else(|| panic!("{}: no mark after a rollback", c.name()));
+    let m3 = c.some_mark("after a rollback").await;
     assert_ne!(
         m2,
         m3,
@@ -555,7 +522,7 @@ pub(crate) async fn current_mark_moves_with_the_current_version(vault: &dyn Vaul
         c.name()
     );
     c.destroy().await;
-    assert_eq!(c.mark().await, None, "{}: mark after destroy", c.name());
+    c.expect_mark(None, "mark after destroy").await;
     other.destroy().await;
 }
 
@@ -615,26 +582,18 @@ pub(crate) async fn a_fresh_stage_stores_its_value(vault: &dyn Vault, path: &str
 pub(crate) async fn promote_from_reports_what_was_current(vault: &dyn Vault, path: &str) {
     let c = Cred::new(vault, path);
     let one = c.stage(ONE).await;
-    assert_eq!(
-        c.promote_from(&one.version, None).await,
+    c.expect_promote_from(&one, None, None, "first promote")
+        .await;
+    c.expect_promote_from(
+        &one,
         None,
-        "{}: first promote",
-        c.name()
-    );
-    assert_eq!(
-        c.promote_from(&one.version, None).await,
-        Some(one.version.clone()),
-        "{}: a replayed promote reports the version itself",
-        c.name()
-    );
+        Some(&one),
+        "a replayed promote reports the version itself",
+    )
+    .await;
     let two = c.stage(TWO).await;
-    let before = c.promote_from(&two.version, Some(&one.version)).await;
-    assert_eq!(
-        before,
-        Some(one.version.clone()),
-        "{}: second promote",
-        c.name()
-    );
+    c.expect_promote_from(&two, Some(&one), Some(&one), "second promote")
+        .await;
     c.expect(
         Stages::NONE.current(&two).previous(&one),
         "after the second promote_from",
@@ -643,13 +602,8 @@ pub(crate) async fn promote_from_reports_what_was_current(vault: &dyn Vault, pat
     // The engine retires the previous before its next rotation begins.
     c.retire(&one.version).await;
     let three = c.stage(THREE).await;
-    let before = c.promote_from(&three.version, Some(&two.version)).await;
-    assert_eq!(
-        before,
-        Some(two.version.clone()),
-        "{}: third promote",
-        c.name()
-    );
+    c.expect_promote_from(&three, Some(&two), Some(&two), "third promote")
+        .await;
     c.expect(
         Stages::NONE.current(&three).previous(&two),
         "after the third promote_from",
@@ -660,13 +614,8 @@ pub(crate) async fn promote_from_reports_what_was_current(vault: &dyn Vault, pat
     // State expects a version that is not current: the old previous (two)
     // is retired by the promote all the same.
     let four = c.stage(FOUR).await;
-    let before = c.promote_from(&four.version, Some(&one.version)).await;
-    assert_eq!(
-        before,
-        Some(three.version.clone()),
-        "{}: fourth promote",
-        c.name()
-    );
+    c.expect_promote_from(&four, Some(&one), Some(&three), "fourth promote")
+        .await;
     c.expect(
         Stages::NONE.current(&four).previous(&three),
         "after a promote_from expecting a version that was not current",
@@ -832,15 +781,27 @@ impl<'a> Cred<'a> {
         }
     }
 
-    async fn promote_from(
+    /// Asserts that `promote_from` of `v`, state expecting `expected` to be
+    /// current, reports `was` as what was current before it.
+    async fn expect_promote_from(
         &self,
-        version: &VersionRef,
-        expected: Option<&VersionRef>,
-    ) -> Option<VersionRef> {
-        self.vault
-            .promote_from(self.item(), version, expected)
+        v: &Staged,
+        expected: Option<&Staged>,
+        was: Option<&Staged>,
+        what: &str,
+    ) {
+        let version = &v.version;
+        let got = self
+            .vault
+            .promote_from(self.item(), version, expected.map(|e| &e.version))
             .await
-            .unwrap_or_else(|e| panic!("{}: promote_from {version}: {e}", self.name()))
+            .unwrap_or_else(|e| panic!("{}: promote_from {version}: {e}", self.name()));
+        assert_eq!(
+            got.as_ref(),
+            was.map(|w| &w.version),
+            "{}: {what}",
+            self.name()
+        );
     }
 
     async fn promote(&self, version: &VersionRef) {
@@ -868,11 +829,14 @@ impl<'a> Cred<'a> {
         }
     }
 
-    async fn retire_err(&self, version: &VersionRef) -> PluginError {
-        match self.vault.retire(self.item(), version).await {
+    /// Asserts that retiring `v` is refused as `Invalid` (see [`Self::expect_refusal`]).
+    async fn expect_retire_refused(&self, v: &Staged, what: &str) {
+        let version = &v.version;
+        let e = match self.vault.retire(self.item(), version).await {
             Ok(()) => panic!("{}: retire {version} succeeded; it must fail", self.name()),
             Err(e) => e,
-        }
+        };
+        self.expect_refusal(&e, ErrorKind::Invalid, what);
     }
 
     async fn mark(&self) -> Option<CurrentMark> {
@@ -880,6 +844,18 @@ impl<'a> Cred<'a> {
             .current_mark(self.item())
             .await
             .unwrap_or_else(|e| panic!("{}: current_mark: {e}", self.name()))
+    }
+
+    /// The current mark, which must be there `when`.
+    async fn some_mark(&self, when: &str) -> CurrentMark {
+        self.mark()
+            .await
+            .unwrap_or_else(|| panic!("{}: no mark {when}", self.name()))
+    }
+
+    /// Asserts that the current mark is `want`.
+    async fn expect_mark(&self, want: Option<&CurrentMark>, what: &str) {
+        assert_eq!(self.mark().await.as_ref(), want, "{}: {what}", self.name());
     }
 
     async fn read(&self, select: Select<'_>) -> Option<Seen> {
@@ -981,5 +957,53 @@ impl<'a> Cred<'a> {
             "{}: {what}: the message quotes a value: {e}",
             self.name()
         );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What the vaults' own tests share
+// ---------------------------------------------------------------------------
+
+/// `path` as an item of the credential the vaults' own tests write (`bot`'s
+/// `db`; the vaults keep versions by path, the key only shows in logs).
+pub(crate) fn item(path: &str) -> VaultItem<'_> {
+    static KEY: std::sync::LazyLock<CredentialKey> =
+        std::sync::LazyLock::new(|| crate::test_support::key("bot", "db"));
+    VaultItem { key: &KEY, path }
+}
+
+/// Stages `value` at `path` for a new rotation.
+pub(crate) async fn stage_new(
+    vault: &dyn Vault,
+    path: &str,
+    value: &str,
+) -> Result<VersionRef, PluginError> {
+    let value = SecretValue::from_string(value.to_owned());
+    vault
+        .stage(item(path).pending(&RotationId::generate(), &value))
+        .await
+}
+
+/// Stages `value` at `path` for a new rotation and promotes it; panics if
+/// either fails.
+pub(crate) async fn stage_and_promote(vault: &dyn Vault, path: &str, value: &str) -> VersionRef {
+    let version = stage_new(vault, path, value)
+        .await
+        .unwrap_or_else(|e| panic!("stage at {path}: {e}"));
+    if let Err(e) = vault.promote(item(path), &version).await {
+        panic!("promote {version} at {path}: {e}");
+    }
+    version
+}
+
+/// Asserts that `e` is of `kind`, that its message names each of `names`
+/// and that it quotes none of `secrets`.
+pub(crate) fn assert_error(e: &PluginError, kind: ErrorKind, names: &[&str], secrets: &[&str]) {
+    assert_eq!(e.kind, kind, "{e}");
+    for name in names {
+        assert!(e.message.contains(name), "{name:?} missing from: {e}");
+    }
+    for secret in secrets {
+        assert!(!e.message.contains(secret), "{secret:?} quoted in: {e}");
     }
 }

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::model::{AgentId, CredentialId, CredentialKey};
+use crate::test_support::secret;
+use crate::vaults::contract::{assert_error, item, stage_and_promote, stage_new};
 
 const NO_SERVICES: &str =
     "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
@@ -32,24 +33,9 @@ async fn vault() -> AwsVault {
         .expect("connect")
 }
 
-fn key() -> CredentialKey {
-    CredentialKey::new(
-        AgentId::new("bot").unwrap(),
-        CredentialId::new("db").unwrap(),
-    )
-}
-
 /// A unique path per test run, so tests can share one moto server.
 fn unique_path(test: &str) -> String {
     format!("{test}/{}", RotationId::generate())
-}
-
-fn item<'a>(key: &'a CredentialKey, path: &'a str) -> VaultItem<'a> {
-    VaultItem { key, path }
-}
-
-fn value(s: &str) -> SecretValue {
-    SecretValue::from_string(s.to_owned())
 }
 
 async fn by_stage(v: &AwsVault, it: VaultItem<'_>, stage: Stage) -> Option<StoredVersion> {
@@ -152,7 +138,7 @@ fn labels_map_to_stages() {
 
 #[test]
 fn scrub_removes_the_value() {
-    let v = value("canary-7d1e");
+    let v = secret("canary-7d1e");
     let text = scrub(
         "Value 'canary-7d1e' at 'secretString' is bad".into(),
         Some(&v),
@@ -170,11 +156,7 @@ async fn connect_refuses_a_bad_budget() {
         ..AwsConfig::default()
     };
     let e = AwsVault::connect("bad", &s).await.unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Invalid);
-    assert!(
-        e.message.contains("bad") && e.message.contains("write_budget"),
-        "{e}"
-    );
+    assert_error(&e, ErrorKind::Invalid, &["bad", "write_budget"], &[]);
 }
 
 // -- real server (moto) ---------------------------------------------------
@@ -186,13 +168,12 @@ async fn connect_refuses_a_bad_budget() {
 #[tokio::test]
 async fn stages_are_staging_labels_real_server() {
     let v = vault().await;
-    let k = key();
     let path = unique_path("full-cycle");
-    let it = item(&k, &path);
+    let it = item(&path);
 
     // First rotation: creates the secret; the version is pending.
     let r1 = RotationId::generate();
-    let v1 = v.stage(it.pending(&r1, &value("one"))).await.unwrap();
+    let v1 = v.stage(it.pending(&r1, &secret("one"))).await.unwrap();
     assert_eq!(v1.0, r1.as_str(), "the VersionId is the rotation id");
     v.promote(it, &v1).await.unwrap();
     assert_eq!(
@@ -201,22 +182,14 @@ async fn stages_are_staging_labels_real_server() {
     );
 
     // Second rotation: the server moved AWSPREVIOUS itself (moto as AWS does).
-    let v2 = v
-        .stage(it.pending(&RotationId::generate(), &value("two")))
-        .await
-        .unwrap();
-    v.promote(it, &v2).await.unwrap();
+    let v2 = stage_and_promote(&v, &path, "two").await;
     let labels = raw_labels(&v, &path).await;
     assert_eq!(labels[&v1.0], vec![AWSPREVIOUS]);
     assert_eq!(labels[&v2.0], vec![AWSCURRENT]);
 
     // Third rotation: the old previous loses its label when the old
     // current becomes previous.
-    let v3 = v
-        .stage(it.pending(&RotationId::generate(), &value("three")))
-        .await
-        .unwrap();
-    v.promote(it, &v3).await.unwrap();
+    let v3 = stage_and_promote(&v, &path, "three").await;
     let labels = raw_labels(&v, &path).await;
     // Unlabeled: AWS leaves it out of DescribeSecret, moto lists it bare.
     assert!(labels.get(&v1.0).is_none_or(|l| l.is_empty()), "{labels:?}");
@@ -233,23 +206,22 @@ async fn stages_are_staging_labels_real_server() {
 #[tokio::test]
 async fn a_stage_replay_writes_nothing_real_server() {
     let v = vault().await;
-    let k = key();
     let path = unique_path("stage-replay");
-    let it = item(&k, &path);
+    let it = item(&path);
 
     let r1 = RotationId::generate();
-    let first = v.stage(it.pending(&r1, &value("first"))).await.unwrap();
+    let first = v.stage(it.pending(&r1, &secret("first"))).await.unwrap();
     assert_eq!(v.writes_issued(), 2, "CreateSecret + PutSecretValue");
-    v.stage(it.pending(&r1, &value("second"))).await.unwrap();
+    v.stage(it.pending(&r1, &secret("second"))).await.unwrap();
     assert_eq!(v.writes_issued(), 2, "a replay writes nothing");
     assert_eq!(raw_labels(&v, &path).await.len(), 1, "still one version");
 
     // Replay of a later rotation on an existing secret, too.
     v.promote(it, &first).await.unwrap();
     let r2 = RotationId::generate();
-    v.stage(it.pending(&r2, &value("a"))).await.unwrap();
+    v.stage(it.pending(&r2, &secret("a"))).await.unwrap();
     let writes = v.writes_issued();
-    v.stage(it.pending(&r2, &value("b"))).await.unwrap();
+    v.stage(it.pending(&r2, &secret("b"))).await.unwrap();
     assert_eq!(v.writes_issued(), writes);
     assert_eq!(raw_labels(&v, &path).await.len(), 2);
     v.destroy(it).await.unwrap();
@@ -267,14 +239,10 @@ async fn a_stage_replay_writes_nothing_real_server() {
 #[tokio::test]
 async fn staging_over_the_abandoned_first_version_survives_a_crash_between_its_calls_real_server() {
     let v = vault().await;
-    let k = key();
     let path = unique_path("first-abandoned");
-    let it = item(&k, &path);
-    let secret = v.secret_id(&path);
-    let one = v
-        .stage(it.pending(&RotationId::generate(), &value("one")))
-        .await
-        .unwrap();
+    let it = item(&path);
+    let secret_id = v.secret_id(&path);
+    let one = stage_new(&v, &path, "one").await.unwrap();
     let labels = raw_labels(&v, &path).await;
     assert_eq!(sorted(labels[&one.0].clone()), [AWSCURRENT, AWSPENDING]);
 
@@ -282,7 +250,7 @@ async fn staging_over_the_abandoned_first_version_survives_a_crash_between_its_c
     let r2 = RotationId::generate();
     v.client
         .put_secret_value()
-        .secret_id(&secret)
+        .secret_id(&secret_id)
         .client_request_token(r2.as_str())
         .version_stages(AWSPENDING)
         .version_stages(AWSCURRENT)
@@ -293,7 +261,7 @@ async fn staging_over_the_abandoned_first_version_survives_a_crash_between_its_c
     let labels = raw_labels(&v, &path).await;
     assert_eq!(labels[&one.0], [AWSPREVIOUS], "what AWS does on its own");
 
-    let two = v.stage(it.pending(&r2, &value("two"))).await.unwrap();
+    let two = v.stage(it.pending(&r2, &secret("two"))).await.unwrap();
     let labels = raw_labels(&v, &path).await;
     assert!(
         labels.get(&one.0).is_none_or(|l| l.is_empty()),
@@ -322,16 +290,11 @@ async fn staging_over_the_abandoned_first_version_survives_a_crash_between_its_c
 #[tokio::test]
 async fn promote_replay_and_resume_real_server() {
     let v = vault().await;
-    let k = key();
     let path = unique_path("promote-replay");
-    let it = item(&k, &path);
-    let secret = v.secret_id(&path);
+    let it = item(&path);
+    let secret_id = v.secret_id(&path);
 
-    let v1 = v
-        .stage(it.pending(&RotationId::generate(), &value("one")))
-        .await
-        .unwrap();
-    v.promote(it, &v1).await.unwrap();
+    let v1 = stage_and_promote(&v, &path, "one").await;
     let writes = v.writes_issued();
     v.promote(it, &v1).await.unwrap();
     assert_eq!(
@@ -342,11 +305,8 @@ async fn promote_replay_and_resume_real_server() {
 
     // A crash between promote's two writes: AWSCURRENT moved, AWSPENDING
     // still on the version. The replay finishes the job.
-    let v2 = v
-        .stage(it.pending(&RotationId::generate(), &value("two")))
-        .await
-        .unwrap();
-    v.move_label("test", &secret, AWSCURRENT, Some(&v2.0), Some(&v1.0))
+    let v2 = stage_new(&v, &path, "two").await.unwrap();
+    v.move_label("test", &secret_id, AWSCURRENT, Some(&v2.0), Some(&v1.0))
         .await
         .unwrap();
     assert_eq!(by_version(&v, it, &v2).await.unwrap().stage, Stage::Pending);
@@ -373,26 +333,15 @@ async fn promote_replay_and_resume_real_server() {
 #[tokio::test]
 async fn retire_names_the_secret_and_writes_once_real_server() {
     let v = vault().await;
-    let k = key();
     let path = unique_path("retire");
-    let it = item(&k, &path);
+    let it = item(&path);
 
-    let v1 = v
-        .stage(it.pending(&RotationId::generate(), &value("one")))
-        .await
-        .unwrap();
-    v.promote(it, &v1).await.unwrap();
-    let v2 = v
-        .stage(it.pending(&RotationId::generate(), &value("two")))
-        .await
-        .unwrap();
-    v.promote(it, &v2).await.unwrap();
+    let v1 = stage_and_promote(&v, &path, "one").await;
+    let v2 = stage_and_promote(&v, &path, "two").await;
+    // The current version cannot be retired.
     let e = v.retire(it, &v2).await.unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Invalid, "current cannot be retired: {e}");
-    assert!(
-        e.message.contains("aws-test") && e.message.contains(&v.secret_id(&path)),
-        "{e}"
-    );
+    let names = ["aws-test", &v.secret_id(&path)];
+    assert_error(&e, ErrorKind::Invalid, &names, &[]);
 
     v.retire(it, &v1).await.unwrap();
     let writes = v.writes_issued();
@@ -408,16 +357,9 @@ async fn retire_names_the_secret_and_writes_once_real_server() {
 #[tokio::test]
 async fn destroy_deletes_the_secret_real_server() {
     let v = vault().await;
-    let k = key();
     let path = unique_path("destroy");
-    let it = item(&k, &path);
-
-    let v1 = v
-        .stage(it.pending(&RotationId::generate(), &value("one")))
-        .await
-        .unwrap();
-    v.promote(it, &v1).await.unwrap();
-    v.destroy(it).await.unwrap();
+    stage_and_promote(&v, &path, "one").await;
+    v.destroy(item(&path)).await.unwrap();
     assert!(
         v.labels("test", &v.secret_id(&path))
             .await
@@ -433,9 +375,8 @@ async fn destroy_deletes_the_secret_real_server() {
 #[tokio::test]
 async fn binary_values_round_trip_real_server() {
     let v = vault().await;
-    let k = key();
     let path = unique_path("binary");
-    let it = item(&k, &path);
+    let it = item(&path);
     let bytes = SecretValue::new(vec![0, 159, 146, 150, 255]);
     let r = v
         .stage(it.pending(&RotationId::generate(), &bytes))
@@ -462,18 +403,14 @@ async fn write_budget_real_server() {
         .await
         .unwrap(),
     );
-    let k = Arc::new(key());
     let start = std::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     // 10 first stages = 10 × (CreateSecret + PutSecretValue) = 20 writes.
     for _ in 0..10 {
-        let (v, k) = (v.clone(), k.clone());
+        let v = v.clone();
         tasks.spawn(async move {
             let path = unique_path("budget");
-            let it = item(&k, &path);
-            v.stage(it.pending(&RotationId::generate(), &value("x")))
-                .await
-                .unwrap();
+            stage_new(&*v, &path, "x").await.unwrap();
             path
         });
     }
@@ -488,7 +425,7 @@ async fn write_budget_real_server() {
     // Reads are not budgeted.
     let before = std::time::Instant::now();
     for p in &paths {
-        assert!(by_stage(&v, item(&k, p), Stage::Pending).await.is_some());
+        assert!(by_stage(&v, item(p), Stage::Pending).await.is_some());
     }
     assert_eq!(v.writes_issued(), 20);
     assert!(
@@ -497,7 +434,7 @@ async fn write_budget_real_server() {
         before.elapsed()
     );
     for p in &paths {
-        v.destroy(item(&k, p)).await.unwrap();
+        v.destroy(item(p)).await.unwrap();
     }
 }
 
@@ -568,19 +505,10 @@ async fn service_errors_reach_the_engine_with_their_kind() {
         )
         .await
         .unwrap();
-        let k = key();
-        let e = v
-            .stage(
-                (item(&k, "agents/bot/db")).pending(&RotationId::generate(), &value("canary-0c4d")),
-            )
+        let e = stage_new(&v, "agents/bot/db", "canary-0c4d")
             .await
             .unwrap_err();
-        assert_eq!(e.kind, kind, "{e}");
-        assert!(
-            e.message.contains(code) && e.message.contains("aws-scripted"),
-            "{e}"
-        );
-        assert!(!e.message.contains("canary-0c4d"));
+        assert_error(&e, kind, &[code, "aws-scripted"], &["canary-0c4d"]);
         assert_eq!(
             v.writes_issued(),
             0,
@@ -607,21 +535,16 @@ async fn wrong_endpoint_is_transient_with_a_clear_message() {
     )
     .await
     .unwrap();
-    let k = key();
     let e = v
-        .read(item(&k, "agents/bot/db"), Select::Stage(Stage::Current))
+        .read(item("agents/bot/db"), Select::Stage(Stage::Current))
         .await
         .unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Transient, "{e}");
-    for part in ["aws-down", "read", "agents/bot/db", "127.0.0.1:1"] {
-        assert!(e.message.contains(part), "{part} missing in: {e}");
-    }
+    let names = ["aws-down", "read", "agents/bot/db", "127.0.0.1:1"];
+    assert_error(&e, ErrorKind::Transient, &names, &[]);
     let e = v.check().await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Transient, "{e}");
-    let e = v
-        .stage((item(&k, "agents/bot/db")).pending(&RotationId::generate(), &value("canary-51b0")))
+    let e = stage_new(&v, "agents/bot/db", "canary-51b0")
         .await
         .unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Transient, "{e}");
-    assert!(!e.message.contains("canary-51b0"));
+    assert_error(&e, ErrorKind::Transient, &[], &["canary-51b0"]);
 }

@@ -5,7 +5,8 @@
 //! started by `scripts/services.sh`, through the real SDK over TLS.
 
 use super::*;
-use crate::model::{AgentId, CredentialId, CredentialKey};
+use crate::test_support::secret;
+use crate::vaults::contract::{assert_error, item, stage_new};
 use azure_core::credentials::{AccessToken, TokenRequestOptions};
 
 const STUB_TOKEN: &str = "keyturn-test-token";
@@ -110,8 +111,7 @@ fn settings_without_https_are_refused() {
         ..AzureConfig::new("http://127.0.0.1:1", "workload_identity")
     };
     let e = AzureVault::with_credential("kv", &s, Arc::new(FixedToken("t".into()))).unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Invalid);
-    assert!(e.message.contains("https://"), "{}", e.message);
+    assert_error(&e, ErrorKind::Invalid, &["https://"], &[]);
 }
 
 // --- against the stub (real SDK, real TLS) ------------------------------
@@ -149,15 +149,19 @@ fn stub() -> Stub {
     }
 }
 
-fn vault_with_token(token: &str) -> AzureVault {
-    let stub = stub();
+/// The vault `name` at `url`, trusting the stub's CA, logged in with `token`.
+fn vault_at(name: &str, url: &str, timeout: &str, token: &str) -> AzureVault {
     let s = AzureConfig {
-        ca_file: Some(stub.ca),
+        ca_file: Some(stub().ca),
         verify_challenge_resource: Some(false),
-        timeout: Some("10s".into()),
-        ..AzureConfig::new(stub.url, "workload_identity")
+        timeout: Some(timeout.into()),
+        ..AzureConfig::new(url, "workload_identity")
     };
-    AzureVault::with_credential("kv-test", &s, Arc::new(FixedToken(token.into()))).unwrap()
+    AzureVault::with_credential(name, &s, Arc::new(FixedToken(token.into()))).unwrap()
+}
+
+fn vault_with_token(token: &str) -> AzureVault {
+    vault_at("kv-test", &stub().url, "10s", token)
 }
 
 fn vault() -> AzureVault {
@@ -195,17 +199,8 @@ async fn client_secret_logs_in_at_the_authority_host() {
     v.check().await.unwrap();
     // A full write and read, so the token is really accepted for writes.
     let path = unique_path("entra");
-    let k = key();
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
-    let id = RotationId::generate();
-    let r = v
-        .stage(item.pending(&id, &value("entra-value")))
-        .await
-        .unwrap();
-    v.promote(item, &r).await.unwrap();
+    let r = stage_new(&v, &path, "entra-value").await.unwrap();
+    v.promote(item(&path), &r).await.unwrap();
     assert_eq!(latest(&v, &path).await.as_deref(), Some("entra-value"));
 }
 
@@ -218,11 +213,9 @@ async fn a_wrong_client_secret_is_unauthorized_and_not_quoted() {
     let wrong = "wrong-secret-7f3a9c";
     let (v, _dir) = vault_with_client_secret(wrong).await;
     let e = v.check().await.unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Unauthorized, "{}", e.message);
-    assert!(e.message.contains("kv-entra"), "{}", e.message);
-    assert!(!e.message.contains(wrong), "{}", e.message);
     // Entra ID's own reason reaches the operator.
-    assert!(e.message.contains("Invalid client secret"), "{}", e.message);
+    let names = ["kv-entra", "Invalid client secret"];
+    assert_error(&e, ErrorKind::Unauthorized, &names, &[wrong]);
 }
 
 /// A path no other test (or earlier run) uses.
@@ -230,15 +223,11 @@ fn unique_path(test: &str) -> String {
     format!("tests/{test}/{}", RotationId::generate())
 }
 
-fn key() -> CredentialKey {
-    CredentialKey::new(
-        AgentId::new("agent").unwrap(),
-        CredentialId::new("db").unwrap(),
-    )
-}
-
-fn value(s: &str) -> SecretValue {
-    SecretValue::from_string(s.to_owned())
+/// The stub vault, a path no other test uses, and the names of its secrets.
+fn subject(test: &str) -> (AzureVault, String, Names) {
+    let path = unique_path(test);
+    let names = Names::of(&path).unwrap();
+    (vault(), path, names)
 }
 
 async fn contract_subject() -> (AzureVault, String, ()) {
@@ -275,6 +264,25 @@ async fn control(what: &str, body: serde_json::Value) {
     );
 }
 
+/// Has the stub make the next write to `secret` but drop its response.
+async fn drop_next_response(secret: &str) {
+    control(
+        "drop_response",
+        serde_json::json!({"count": 1, "secret": secret}),
+    )
+    .await;
+}
+
+/// Has the stub answer the next request for `secret` with `status`,
+/// asking to retry after `retry_after` seconds.
+async fn fail_next(secret: &str, status: u16, retry_after: u64) {
+    control(
+        "faults",
+        serde_json::json!({"status": status, "count": 1, "retry_after": retry_after, "secret": secret}),
+    )
+    .await;
+}
+
 /// What a plain reader of the vault gets: the latest version's value.
 async fn latest(v: &AzureVault, path: &str) -> Option<String> {
     match v.client.get_secret(&secret_name(path).unwrap(), None).await {
@@ -290,19 +298,10 @@ async fn latest(v: &AzureVault, path: &str) -> Option<String> {
 )]
 #[tokio::test]
 async fn plain_readers_get_only_promoted_values_and_retired_versions_are_disabled() {
-    let v = vault();
-    let path = unique_path("cycle");
-    let k = key();
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
-    let names = Names::of(&path).unwrap();
+    let (v, path, names) = subject("cycle");
+    let it = item(&path);
 
-    let v1 = v
-        .stage(item.pending(&RotationId::generate(), &value("value-one")))
-        .await
-        .unwrap();
+    let v1 = stage_new(&v, &path, "value-one").await.unwrap();
     assert_eq!(
         latest(&v, &path).await,
         None,
@@ -310,8 +309,8 @@ async fn plain_readers_get_only_promoted_values_and_retired_versions_are_disable
     );
 
     // Promote: readers get it; a replayed promote makes no second version.
-    v.promote(item, &v1).await.unwrap();
-    v.promote(item, &v1).await.unwrap();
+    v.promote(it, &v1).await.unwrap();
+    v.promote(it, &v1).await.unwrap();
     assert_eq!(latest(&v, &path).await.as_deref(), Some("value-one"));
     assert_eq!(
         v.list_versions("t", &names.main).await.unwrap().len(),
@@ -320,16 +319,13 @@ async fn plain_readers_get_only_promoted_values_and_retired_versions_are_disable
     );
 
     // Readers keep the current value while the next one is pending.
-    let v2 = v
-        .stage(item.pending(&RotationId::generate(), &value("value-two")))
-        .await
-        .unwrap();
+    let v2 = stage_new(&v, &path, "value-two").await.unwrap();
     assert_eq!(latest(&v, &path).await.as_deref(), Some("value-one"));
-    v.promote(item, &v2).await.unwrap();
+    v.promote(it, &v2).await.unwrap();
     assert_eq!(latest(&v, &path).await.as_deref(), Some("value-two"));
 
     // Retire the previous: disabled in the vault, unreadable even by id.
-    v.retire(item, &v1).await.unwrap();
+    v.retire(it, &v1).await.unwrap();
     let main = v.list_versions("t", &names.main).await.unwrap();
     let old = main
         .iter()
@@ -353,12 +349,12 @@ async fn plain_readers_get_only_promoted_values_and_retired_versions_are_disable
     );
     // A refused retire of the current version leaves readers alone.
     assert_eq!(
-        v.retire(item, &v2).await.unwrap_err().kind,
+        v.retire(it, &v2).await.unwrap_err().kind,
         ErrorKind::Invalid
     );
     assert_eq!(latest(&v, &path).await.as_deref(), Some("value-two"));
 
-    v.destroy(item).await.unwrap();
+    v.destroy(it).await.unwrap();
     assert_eq!(latest(&v, &path).await, None);
 }
 
@@ -368,36 +364,26 @@ async fn plain_readers_get_only_promoted_values_and_retired_versions_are_disable
 )]
 #[tokio::test]
 async fn stage_replay_after_a_lost_response_returns_the_same_version() {
-    let v = vault();
-    let path = unique_path("dropped");
-    let k = key();
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
-    let names = Names::of(&path).unwrap();
+    let (v, path, names) = subject("dropped");
+    let it = item(&path);
     let r = RotationId::generate();
 
-    control(
-        "drop_response",
-        serde_json::json!({"count": 1, "secret": names.staging}),
-    )
-    .await;
+    drop_next_response(&names.staging).await;
     let e = v
-        .stage(item.pending(&r, &value("first-try")))
+        .stage(it.pending(&r, &secret("first-try")))
         .await
         .unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Transient, "{}", e.message);
-    assert!(
-        e.message.contains(&names.staging) && e.message.contains("kv-test"),
-        "{}",
-        e.message
+    let staging = names.staging.as_str();
+    assert_error(
+        &e,
+        ErrorKind::Transient,
+        &[staging, "kv-test"],
+        &["first-try"],
     );
-    assert!(!e.message.contains("first-try"));
 
     // The write happened; the retry must find it, not write again.
     let version = v
-        .stage(item.pending(&r, &value("second-try")))
+        .stage(it.pending(&r, &secret("second-try")))
         .await
         .unwrap();
     let staged = v.list_versions("t", &names.staging).await.unwrap();
@@ -408,7 +394,7 @@ async fn stage_replay_after_a_lost_response_returns_the_same_version() {
     );
     assert_eq!(staged[0].id, version.0);
     let p = v
-        .read(item, Select::Stage(Stage::Pending))
+        .read(it, Select::Stage(Stage::Pending))
         .await
         .unwrap()
         .unwrap();
@@ -419,19 +405,15 @@ async fn stage_replay_after_a_lost_response_returns_the_same_version() {
     );
 
     // Same for promote: the copy to the main secret is not made twice.
-    control(
-        "drop_response",
-        serde_json::json!({"count": 1, "secret": names.main}),
-    )
-    .await;
+    drop_next_response(&names.main).await;
     assert_eq!(
-        v.promote(item, &version).await.unwrap_err().kind,
+        v.promote(it, &version).await.unwrap_err().kind,
         ErrorKind::Transient
     );
-    v.promote(item, &version).await.unwrap();
+    v.promote(it, &version).await.unwrap();
     assert_eq!(v.list_versions("t", &names.main).await.unwrap().len(), 1);
     assert_eq!(latest(&v, &path).await.as_deref(), Some("first-try"));
-    v.destroy(item).await.unwrap();
+    v.destroy(it).await.unwrap();
 }
 
 #[cfg_attr(
@@ -440,40 +422,24 @@ async fn stage_replay_after_a_lost_response_returns_the_same_version() {
 )]
 #[tokio::test]
 async fn throttling_is_throttled_with_retry_after_and_not_retried_by_the_sdk() {
-    let v = vault();
-    let path = unique_path("throttled");
-    let k = key();
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
-    let names = Names::of(&path).unwrap();
-    control(
-        "faults",
-        serde_json::json!({"status": 429, "count": 1, "retry_after": 7, "secret": names.staging}),
-    )
-    .await;
-    let e = v
-        .stage(item.pending(&RotationId::generate(), &value("v")))
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Throttled, "{}", e.message);
-    assert!(e.message.contains("retry after 7s"), "{}", e.message);
+    let (v, path, names) = subject("throttled");
+    fail_next(&names.staging, 429, 7).await;
+    let e = stage_new(&v, &path, "v").await.unwrap_err();
+    let staging = names.staging.as_str();
+    assert_error(
+        &e,
+        ErrorKind::Throttled,
+        &["retry after 7s", "stage", staging],
+        &[],
+    );
     assert_eq!(
         e.retry_after,
         Some(std::time::Duration::from_secs(7)),
         "the engine waits at least what the vault asked"
     );
-    assert!(
-        e.message.contains("stage") && e.message.contains(&names.staging),
-        "{}",
-        e.message
-    );
     // One fault, one failure: the SDK did not retry it away, and it is over.
-    v.stage(item.pending(&RotationId::generate(), &value("v")))
-        .await
-        .unwrap();
-    v.destroy(item).await.unwrap();
+    stage_new(&v, &path, "v").await.unwrap();
+    v.destroy(item(&path)).await.unwrap();
 }
 
 #[cfg_attr(
@@ -482,31 +448,12 @@ async fn throttling_is_throttled_with_retry_after_and_not_retried_by_the_sdk() {
 )]
 #[tokio::test]
 async fn service_unavailable_is_transient() {
-    let v = vault();
-    let path = unique_path("unavailable");
-    let k = key();
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
-    let names = Names::of(&path).unwrap();
-    control(
-        "faults",
-        serde_json::json!({"status": 503, "count": 1, "retry_after": 1, "secret": names.main}),
-    )
-    .await;
-    let e = v
-        .read(item, Select::Stage(Stage::Current))
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Transient, "{}", e.message);
-    assert!(e.message.contains("HTTP 503"), "{}", e.message);
-    assert!(
-        v.read(item, Select::Stage(Stage::Current))
-            .await
-            .unwrap()
-            .is_none()
-    );
+    let (v, path, names) = subject("unavailable");
+    fail_next(&names.main, 503, 1).await;
+    let current = Select::Stage(Stage::Current);
+    let e = v.read(item(&path), current).await.unwrap_err();
+    assert_error(&e, ErrorKind::Transient, &["HTTP 503"], &[]);
+    assert!(v.read(item(&path), current).await.unwrap().is_none());
 }
 
 #[cfg_attr(
@@ -517,17 +464,8 @@ async fn service_unavailable_is_transient() {
 async fn a_bad_token_is_unauthorized() {
     let v = vault_with_token("not-the-token");
     let path = unique_path("badtoken");
-    let k = key();
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
-    let e = v
-        .stage(item.pending(&RotationId::generate(), &value("v")))
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Unauthorized, "{}", e.message);
-    assert!(!e.message.contains("not-the-token"), "{}", e.message);
+    let e = stage_new(&v, &path, "v").await.unwrap_err();
+    assert_error(&e, ErrorKind::Unauthorized, &[], &["not-the-token"]);
     assert_eq!(v.check().await.unwrap_err().kind, ErrorKind::Unauthorized);
 }
 
@@ -543,17 +481,10 @@ async fn an_unreachable_vault_is_transient() {
         .local_addr()
         .unwrap()
         .port();
-    let s = AzureConfig {
-        ca_file: Some(stub().ca),
-        verify_challenge_resource: Some(false),
-        timeout: Some("5s".into()),
-        ..AzureConfig::new(format!("https://127.0.0.1:{port}"), "workload_identity")
-    };
-    let v = AzureVault::with_credential("kv-down", &s, Arc::new(FixedToken(STUB_TOKEN.into())))
-        .unwrap();
+    let url = format!("https://127.0.0.1:{port}");
+    let v = vault_at("kv-down", &url, "5s", STUB_TOKEN);
     let e = v.check().await.unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Transient, "{}", e.message);
-    assert!(e.message.contains("kv-down"), "{}", e.message);
+    assert_error(&e, ErrorKind::Transient, &["kv-down"], &[]);
 }
 
 #[cfg_attr(
@@ -562,25 +493,14 @@ async fn an_unreachable_vault_is_transient() {
 )]
 #[tokio::test]
 async fn promoting_an_abandoned_version_is_invalid() {
-    let v = vault();
-    let path = unique_path("abandon");
-    let k = key();
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
-    let old = v
-        .stage(item.pending(&RotationId::generate(), &value("old")))
-        .await
-        .unwrap();
-    v.stage(item.pending(&RotationId::generate(), &value("new")))
-        .await
-        .unwrap();
+    let (v, path) = (vault(), unique_path("abandon"));
+    let old = stage_new(&v, &path, "old").await.unwrap();
+    stage_new(&v, &path, "new").await.unwrap();
     assert_eq!(
-        v.promote(item, &old).await.unwrap_err().kind,
+        v.promote(item(&path), &old).await.unwrap_err().kind,
         ErrorKind::Invalid
     );
-    v.destroy(item).await.unwrap();
+    v.destroy(item(&path)).await.unwrap();
 }
 
 #[cfg_attr(
@@ -589,31 +509,25 @@ async fn promoting_an_abandoned_version_is_invalid() {
 )]
 #[tokio::test]
 async fn replay_finds_a_version_beyond_the_first_page() {
-    let v = vault();
-    let path = unique_path("paging");
-    let k = key();
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
+    let (v, path, names) = subject("paging");
+    let it = item(&path);
     let rotations: Vec<RotationId> = (0..30).map(|_| RotationId::generate()).collect();
     let mut versions = Vec::new();
     for r in &rotations {
-        versions.push(v.stage(item.pending(r, &value("x"))).await.unwrap());
+        versions.push(v.stage(it.pending(r, &secret("x"))).await.unwrap());
     }
     // The service pages at 25: rotation 28's version is on page two.
     assert_eq!(
-        v.stage(item.pending(&rotations[28], &value("y")))
+        v.stage(it.pending(&rotations[28], &secret("y")))
             .await
             .unwrap(),
         versions[28]
     );
-    let names = Names::of(&path).unwrap();
     assert_eq!(
         v.list_versions("t", &names.staging).await.unwrap().len(),
         30
     );
-    v.destroy(item).await.unwrap();
+    v.destroy(it).await.unwrap();
 }
 
 #[test]

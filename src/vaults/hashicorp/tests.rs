@@ -1,7 +1,8 @@
 //! Tests against a real OpenBao (KEYTURN_TEST_BAO_ADDR / KEYTURN_TEST_BAO_TOKEN); each uses its own paths (and AppRole mount), so they run in parallel.
 
 use super::*;
-use crate::model::{AgentId, CredentialId, CredentialKey};
+use crate::test_support::secret;
+use crate::vaults::contract::{assert_error, item, stage_and_promote, stage_new};
 use vaultrs::api::auth::approle::requests::SetAppRoleRequest;
 
 const NEED_SERVICES: &str =
@@ -15,13 +16,6 @@ fn bao() -> (String, String) {
 
 fn unique(what: &str) -> String {
     format!("keyturn-test/{what}-{}", RotationId::generate())
-}
-
-fn key() -> CredentialKey {
-    CredentialKey::new(
-        AgentId::new("bot").unwrap(),
-        CredentialId::new("db").unwrap(),
-    )
 }
 
 /// A vault's name, config and way to log in.
@@ -59,15 +53,19 @@ async fn connect(s: Setup) -> Result<HashicorpVault, PluginError> {
     HashicorpVault::with_auth(&s.name, &s.config, s.auth).await
 }
 
-async fn root_vault() -> HashicorpVault {
-    let (addr, token) = bao();
+/// Connects to `address` as the vault `bao`, logged in with `token`.
+async fn token_vault(address: &str, token: &str) -> Result<HashicorpVault, PluginError> {
     connect(settings(
         "bao",
-        &addr,
-        HashicorpAuth::Token(SecretValue::from_string(token)),
+        address,
+        HashicorpAuth::Token(secret(token)),
     ))
     .await
-    .unwrap()
+}
+
+async fn root_vault() -> HashicorpVault {
+    let (addr, token) = bao();
+    token_vault(&addr, &token).await.unwrap()
 }
 
 /// A plain vaultrs client with the root token: what an agent (or an
@@ -100,10 +98,6 @@ async fn raw_meta(path: &str) -> Option<ReadSecretMetadataResponse> {
     }
 }
 
-fn secret(s: &str) -> SecretValue {
-    SecretValue::from_string(s.into())
-}
-
 async fn contract_subject() -> (HashicorpVault, String, ()) {
     (root_vault().await, unique("contract"), ())
 }
@@ -126,10 +120,10 @@ crate::vaults::contract::vault_contract! {
 
 async fn value_at(
     v: &HashicorpVault,
-    item: VaultItem<'_>,
+    it: VaultItem<'_>,
     select: Select<'_>,
 ) -> Option<(String, Stage, VersionRef)> {
-    v.read(item, select)
+    v.read(it, select)
         .await
         .unwrap()
         .map(|s| (s.value.expose_str().unwrap().to_owned(), s.stage, s.version))
@@ -142,23 +136,15 @@ async fn value_at(
 #[tokio::test]
 async fn plain_readers_see_only_promoted_values_and_retired_data_is_destroyed() {
     let v = root_vault().await;
-    let (k, path) = (key(), unique("cycle"));
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
-    let (r1, r2, r3, r4) = (
-        RotationId::generate(),
-        RotationId::generate(),
-        RotationId::generate(),
-        RotationId::generate(),
-    );
+    let path = unique("cycle");
+    let it = item(&path);
+    let r1 = RotationId::generate();
 
-    let ref1 = v.stage(item.pending(&r1, &secret("one"))).await.unwrap();
+    let ref1 = v.stage(it.pending(&r1, &secret("one"))).await.unwrap();
     assert_eq!(ref1.0, r1.as_str(), "the version ref is the rotation id");
     // Staged, not promoted: a plain reader sees nothing at the path.
     assert!(raw_latest(&path).await.is_none());
-    v.promote(item, &ref1).await.unwrap();
+    v.promote(it, &ref1).await.unwrap();
     let latest = raw_latest(&path).await.unwrap();
     assert_eq!(latest["value"], "one");
     assert_eq!(latest[ROTATION_KEY], r1.as_str());
@@ -169,26 +155,25 @@ async fn plain_readers_see_only_promoted_values_and_retired_data_is_destroyed() 
             .is_none()
     );
 
-    let ref2 = v.stage(item.pending(&r2, &secret("two"))).await.unwrap();
+    let ref2 = stage_new(&v, &path, "two").await.unwrap();
     // Readers still get the promoted value while "two" is pending.
     assert_eq!(raw_latest(&path).await.unwrap()["value"], "one");
-    v.promote(item, &ref2).await.unwrap();
+    v.promote(it, &ref2).await.unwrap();
     assert_eq!(raw_latest(&path).await.unwrap()["value"], "two");
 
     // Retire: only the previous, and its data is destroyed.
-    let e = v.retire(item, &ref2).await.unwrap_err();
+    let e = v.retire(it, &ref2).await.unwrap_err();
     assert!(e.message.contains("is current"), "{e}");
-    v.retire(item, &ref1).await.unwrap();
+    v.retire(it, &ref1).await.unwrap();
     assert!(raw_meta(&path).await.unwrap().versions["1"].destroyed);
-    let ref3 = v.stage(item.pending(&r3, &secret("three"))).await.unwrap();
-    let e = v.retire(item, &ref3).await.unwrap_err();
+    let ref3 = stage_new(&v, &path, "three").await.unwrap();
+    let e = v.retire(it, &ref3).await.unwrap_err();
     assert!(e.message.contains("is pending"), "{e}");
 
     // Two promotes without a retire in between: the version before the
     // previous is retired by promote (its data destroyed).
-    v.promote(item, &ref3).await.unwrap();
-    let ref4 = v.stage(item.pending(&r4, &secret("four"))).await.unwrap();
-    v.promote(item, &ref4).await.unwrap();
+    v.promote(it, &ref3).await.unwrap();
+    stage_and_promote(&v, &path, "four").await;
     let meta = raw_meta(&path).await.unwrap();
     assert_eq!(meta.current_version, 4);
     assert!(
@@ -197,7 +182,7 @@ async fn plain_readers_see_only_promoted_values_and_retired_data_is_destroyed() 
     );
     assert!(!meta.versions["3"].destroyed, "previous stays readable");
 
-    v.destroy(item).await.unwrap();
+    v.destroy(it).await.unwrap();
 }
 
 #[cfg_attr(
@@ -207,35 +192,32 @@ async fn plain_readers_see_only_promoted_values_and_retired_data_is_destroyed() 
 #[tokio::test]
 async fn stage_and_promote_replays_write_nothing_new() {
     let v = root_vault().await;
-    let (k, path) = (key(), unique("replay"));
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
+    let path = unique("replay");
+    let it = item(&path);
     let slot = HashicorpVault::pending_path(&path);
     let r = RotationId::generate();
 
-    let first = v.stage(item.pending(&r, &secret("first"))).await.unwrap();
-    v.stage(item.pending(&r, &secret("second"))).await.unwrap();
+    let first = v.stage(it.pending(&r, &secret("first"))).await.unwrap();
+    v.stage(it.pending(&r, &secret("second"))).await.unwrap();
     assert_eq!(
         raw_meta(&slot).await.unwrap().current_version,
         1,
         "no second pending version"
     );
 
-    v.promote(item, &first).await.unwrap();
-    v.promote(item, &first).await.unwrap();
+    v.promote(it, &first).await.unwrap();
+    v.promote(it, &first).await.unwrap();
     assert_eq!(
         raw_meta(&path).await.unwrap().current_version,
         1,
         "promote replay wrote again"
     );
     // A stage replay after promote neither writes a pending copy again.
-    v.stage(item.pending(&r, &secret("third"))).await.unwrap();
+    v.stage(it.pending(&r, &secret("third"))).await.unwrap();
     assert!(raw_meta(&slot).await.is_none());
     assert_eq!(raw_latest(&path).await.unwrap()["value"], "first");
 
-    v.destroy(item).await.unwrap();
+    v.destroy(it).await.unwrap();
 }
 
 #[cfg_attr(
@@ -245,14 +227,11 @@ async fn stage_and_promote_replays_write_nothing_new() {
 #[tokio::test]
 async fn promote_finishes_clean_up_after_a_crash_between_write_and_clear() {
     let v = root_vault().await;
-    let (k, path) = (key(), unique("crash"));
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
+    let path = unique("crash");
+    let it = item(&path);
     let slot = HashicorpVault::pending_path(&path);
     let r = RotationId::generate();
-    let reference = v.stage(item.pending(&r, &secret("v"))).await.unwrap();
+    let reference = v.stage(it.pending(&r, &secret("v"))).await.unwrap();
     // The write half of promote ran; the clean-up did not (crash).
     let PromotePlan {
         action:
@@ -275,25 +254,25 @@ async fn promote_finishes_clean_up_after_a_crash_between_write_and_clear() {
     assert!(raw_meta(&slot).await.is_some());
     // The leftover slot is not reported as pending.
     assert!(
-        v.read(item, Select::Stage(Stage::Pending))
+        v.read(it, Select::Stage(Stage::Pending))
             .await
             .unwrap()
             .is_none()
     );
     assert_eq!(
-        value_at(&v, item, Select::Version(&reference))
+        value_at(&v, it, Select::Version(&reference))
             .await
             .unwrap()
             .1,
         Stage::Current
     );
-    v.promote(item, &reference).await.unwrap();
+    v.promote(it, &reference).await.unwrap();
     assert!(
         raw_meta(&slot).await.is_none(),
         "replayed promote clears the slot"
     );
     assert_eq!(raw_meta(&path).await.unwrap().current_version, 1);
-    v.destroy(item).await.unwrap();
+    v.destroy(it).await.unwrap();
 }
 
 #[cfg_attr(
@@ -303,26 +282,18 @@ async fn promote_finishes_clean_up_after_a_crash_between_write_and_clear() {
 #[tokio::test]
 async fn an_abandoned_pending_value_is_destroyed_and_not_found_to_promote() {
     let v = root_vault().await;
-    let (k, path) = (key(), unique("abandoned"));
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
+    let path = unique("abandoned");
+    let it = item(&path);
     let slot = HashicorpVault::pending_path(&path);
-    let old = v
-        .stage(item.pending(&RotationId::generate(), &secret("old")))
-        .await
-        .unwrap();
-    v.stage(item.pending(&RotationId::generate(), &secret("new")))
-        .await
-        .unwrap();
+    let old = stage_new(&v, &path, "old").await.unwrap();
+    stage_new(&v, &path, "new").await.unwrap();
     assert!(
         raw_meta(&slot).await.unwrap().versions["1"].destroyed,
         "old value wiped"
     );
-    let e = v.promote(item, &old).await.unwrap_err();
+    let e = v.promote(it, &old).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
-    v.destroy(item).await.unwrap();
+    v.destroy(it).await.unwrap();
 }
 
 #[cfg_attr(
@@ -332,13 +303,10 @@ async fn an_abandoned_pending_value_is_destroyed_and_not_found_to_promote() {
 #[tokio::test]
 async fn a_concurrent_writer_makes_promote_conflict() {
     let v = root_vault().await;
-    let (k, path) = (key(), unique("conflict"));
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
+    let path = unique("conflict");
+    let it = item(&path);
     let r = RotationId::generate();
-    let reference = v.stage(item.pending(&r, &secret("ours"))).await.unwrap();
+    let reference = v.stage(it.pending(&r, &secret("ours"))).await.unwrap();
     let plan = v
         .plan_promote(&path, &Ref::Rotation(r.clone()), None)
         .await
@@ -353,25 +321,20 @@ async fn a_concurrent_writer_makes_promote_conflict() {
     .await
     .unwrap();
     let e = v.commit_promote(&path, plan).await.unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
-    assert!(
-        e.message.contains(&path) && e.message.contains("promote"),
-        "{e}"
-    );
-    assert!(!e.message.contains("ours"), "{e}");
+    assert_error(&e, ErrorKind::Conflict, &[&path, "promote"], &["ours"]);
     assert_eq!(raw_latest(&path).await.unwrap()["value"], "theirs");
     // The engine retries: a fresh promote reads again and succeeds.
-    v.promote(item, &reference).await.unwrap();
+    v.promote(it, &reference).await.unwrap();
     assert_eq!(raw_latest(&path).await.unwrap()["value"], "ours");
     // The other writer's version is previous, under its KV number.
     let prev = v
-        .read(item, Select::Stage(Stage::Previous))
+        .read(it, Select::Stage(Stage::Previous))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(prev.version.0, "kv-1");
     assert_eq!(prev.rotation, None);
-    v.destroy(item).await.unwrap();
+    v.destroy(it).await.unwrap();
 }
 
 #[cfg_attr(
@@ -434,21 +397,14 @@ async fn approle_logs_in_once_and_renews_its_token_before_the_ttl() {
     .await
     .unwrap();
     assert_eq!(v.conn.counters(), (0, 0), "no network I/O at connect");
-    let (k, item_path) = (key(), path.clone());
-    let item = VaultItem {
-        key: &k,
-        path: &item_path,
-    };
+    let it = item(&path);
     v.check().await.unwrap();
-    let r = v
-        .stage(item.pending(&RotationId::generate(), &secret("x")))
-        .await
-        .unwrap();
+    let r = stage_new(&v, &path, "x").await.unwrap();
     assert_eq!(v.conn.counters(), (1, 0), "one login for several calls");
 
     // Past two thirds of the 4 s TTL: the next use renews.
     tokio::time::sleep(Duration::from_millis(3000)).await;
-    v.promote(item, &r).await.unwrap();
+    v.promote(it, &r).await.unwrap();
     assert_eq!(v.conn.counters(), (1, 1), "renewed, not logged in again");
     // Past the first lease's end: works only because it was renewed.
     tokio::time::sleep(Duration::from_millis(2000)).await;
@@ -456,7 +412,7 @@ async fn approle_logs_in_once_and_renews_its_token_before_the_ttl() {
     let looked_up = vaultrs::token::lookup(&root, &token).await.unwrap();
     assert!(looked_up.ttl > 0, "token still alive after its first TTL");
     assert!(
-        v.read(item, Select::Stage(Stage::Current))
+        v.read(it, Select::Stage(Stage::Current))
             .await
             .unwrap()
             .is_some()
@@ -466,14 +422,14 @@ async fn approle_logs_in_once_and_renews_its_token_before_the_ttl() {
     // A revoked token (403) leads to one fresh login and the call succeeds.
     vaultrs::token::revoke(&root, &token).await.unwrap();
     assert!(
-        v.read(item, Select::Stage(Stage::Current))
+        v.read(it, Select::Stage(Stage::Current))
             .await
             .unwrap()
             .is_some()
     );
     assert_eq!(v.conn.counters().0, 2);
 
-    v.destroy(item).await.unwrap();
+    v.destroy(it).await.unwrap();
     vaultrs::sys::auth::disable(&root, &mount).await.unwrap();
     vaultrs::sys::policy::delete(&root, &policy).await.unwrap();
 }
@@ -485,33 +441,13 @@ async fn approle_logs_in_once_and_renews_its_token_before_the_ttl() {
 #[tokio::test]
 async fn a_bad_token_is_unauthorized_and_never_printed() {
     let (addr, _) = bao();
-    let v = connect(settings(
-        "bao",
-        &addr,
-        HashicorpAuth::Token(secret("s.not-a-real-token-canary")),
-    ))
-    .await
-    .unwrap();
-    let (k, path) = (key(), unique("badtoken"));
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
-    let e = v
-        .stage(item.pending(&RotationId::generate(), &secret("value-canary")))
+    let v = token_vault(&addr, "s.not-a-real-token-canary")
         .await
-        .unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
-    for part in [
-        "vault bao",
-        addr.as_str(),
-        "stage",
-        path.as_str(),
-        "permission denied",
-    ] {
-        assert!(e.message.contains(part), "{part:?} missing from {e}");
-    }
-    assert!(!e.message.contains("canary"), "{e}");
+        .unwrap();
+    let path = unique("badtoken");
+    let e = stage_new(&v, &path, "value-canary").await.unwrap_err();
+    let names = ["vault bao", &addr, "stage", &path, "permission denied"];
+    assert_error(&e, ErrorKind::Unauthorized, &names, &["canary"]);
     let e = v.check().await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
 }
@@ -543,33 +479,16 @@ async fn a_token_file_is_read_again_after_a_403() {
         .await
         .err()
         .unwrap();
-    assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
-    assert!(e.message.contains("token file"), "{e}");
+    assert_error(&e, ErrorKind::NotFound, &["token file"], &[]);
 }
 
 #[tokio::test]
 async fn an_unreachable_address_is_transient_and_bad_settings_are_invalid() {
-    let v = connect(settings(
-        "bao",
-        "http://127.0.0.1:1",
-        HashicorpAuth::Token(secret("root")),
-    ))
-    .await
-    .unwrap();
-    let (k, path) = (key(), unique("down"));
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
-    let e = v
-        .read(item, Select::Stage(Stage::Current))
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Transient, "{e}");
-    assert!(
-        e.message.contains("127.0.0.1:1") && e.message.contains(&path),
-        "{e}"
-    );
+    let v = token_vault("http://127.0.0.1:1", "root").await.unwrap();
+    let path = unique("down");
+    let it = item(&path);
+    let e = v.read(it, Select::Stage(Stage::Current)).await.unwrap_err();
+    assert_error(&e, ErrorKind::Transient, &["127.0.0.1:1", &path], &[]);
     assert_eq!(v.check().await.unwrap_err().kind, ErrorKind::Transient);
 
     for (address, token) in [
@@ -579,14 +498,10 @@ async fn an_unreachable_address_is_transient_and_bad_settings_are_invalid() {
         ("http://127.0.0.1:99999", "root"),
         ("http://127.0.0.1:8200", "bad\ntoken"),
     ] {
-        let e = connect(settings(
-            "bao",
-            address,
-            HashicorpAuth::Token(secret(token)),
-        ))
-        .await
-        .err()
-        .unwrap_or_else(|| panic!("{address} accepted"));
+        let e = token_vault(address, token)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{address} accepted"));
         assert_eq!(e.kind, ErrorKind::Invalid, "{address}: {e}");
         assert!(!e.message.contains("bad\ntoken"), "{e}");
     }
@@ -599,20 +514,11 @@ async fn an_unreachable_address_is_transient_and_bad_settings_are_invalid() {
 #[tokio::test]
 async fn destroy_deletes_the_metadata_of_the_path_and_of_the_pending_slot() {
     let v = root_vault().await;
-    let (k, path) = (key(), unique("destroy"));
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
-    let r = v
-        .stage(item.pending(&RotationId::generate(), &secret("a")))
-        .await
-        .unwrap();
-    v.promote(item, &r).await.unwrap();
-    v.stage(item.pending(&RotationId::generate(), &secret("b")))
-        .await
-        .unwrap();
-    v.destroy(item).await.unwrap();
+    let path = unique("destroy");
+    let it = item(&path);
+    stage_and_promote(&v, &path, "a").await;
+    stage_new(&v, &path, "b").await.unwrap();
+    v.destroy(it).await.unwrap();
     assert!(raw_meta(&path).await.is_none());
     assert!(
         raw_meta(&HashicorpVault::pending_path(&path))
@@ -671,16 +577,9 @@ async fn a_namespace_scopes_every_call() {
     );
     s.namespace = Some(ns.clone());
     let v = connect(s).await.unwrap();
-    let (k, path) = (key(), unique("ns"));
-    let item = VaultItem {
-        key: &k,
-        path: &path,
-    };
-    let r = v
-        .stage(item.pending(&RotationId::generate(), &secret("in-ns")))
-        .await
-        .unwrap();
-    v.promote(item, &r).await.unwrap();
+    let path = unique("ns");
+    let it = item(&path);
+    stage_and_promote(&v, &path, "in-ns").await;
     assert!(
         raw_latest(&path).await.is_none(),
         "written outside the namespace"
@@ -689,7 +588,7 @@ async fn a_namespace_scopes_every_call() {
     in_ns.middle.namespace = Some(ns.clone());
     let data: Map<String, Value> = vaultrs::kv2::read(&in_ns, "secret", &path).await.unwrap();
     assert_eq!(data["value"], "in-ns");
-    v.destroy(item).await.unwrap();
+    v.destroy(it).await.unwrap();
     vaultrs::sys::mount::disable(&in_ns, "secret")
         .await
         .unwrap();
@@ -701,24 +600,23 @@ async fn a_ca_file_without_a_certificate_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("ca.pem");
     std::fs::write(&junk, "not a certificate\n").unwrap();
-    let mut s = settings(
-        "bao",
-        "https://127.0.0.1:8200",
-        HashicorpAuth::Token(secret("t")),
-    );
-    s.ca_file = Some(junk);
-    let e = connect(s).await.err().unwrap();
-    assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
-    assert!(e.message.contains("holds no PEM certificate"), "{e}");
-    let mut s = settings(
-        "bao",
-        "https://127.0.0.1:8200",
-        HashicorpAuth::Token(secret("t")),
-    );
-    s.ca_file = Some(dir.path().join("missing.pem"));
-    let e = connect(s).await.err().unwrap();
-    assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
-    assert!(e.message.contains("ca_file"), "{e}");
+    for (ca_file, kind, says) in [
+        (junk, ErrorKind::Invalid, "holds no PEM certificate"),
+        (
+            dir.path().join("missing.pem"),
+            ErrorKind::NotFound,
+            "ca_file",
+        ),
+    ] {
+        let mut s = settings(
+            "bao",
+            "https://127.0.0.1:8200",
+            HashicorpAuth::Token(secret("t")),
+        );
+        s.ca_file = Some(ca_file);
+        let e = connect(s).await.err().unwrap();
+        assert_error(&e, kind, &[says], &[]);
+    }
 }
 
 #[test]

@@ -24,6 +24,29 @@ pub struct LocalConfig {
     pub max_concurrent: Option<usize>,
 }
 
+impl LocalConfig {
+    /// `dir`, `key_file` and `key_credential`, which `check` always sets;
+    /// `Invalid`, naming the first one missing, for a config never checked.
+    pub(super) fn checked_paths(&self, name: &str) -> Result<(&Path, &Path, &str), PluginError> {
+        let missing = |what: &str| {
+            PluginError::new(
+                ErrorKind::Invalid,
+                format!("local vault {name}: no {what} (the config was not checked)"),
+            )
+        };
+        let dir = self.dir.as_deref().ok_or_else(|| missing("dir"))?;
+        let key_file = self
+            .key_file
+            .as_deref()
+            .ok_or_else(|| missing("key_file"))?;
+        let key_credential = self
+            .key_credential
+            .as_deref()
+            .ok_or_else(|| missing("key_credential"))?;
+        Ok((dir, key_file, key_credential))
+    }
+}
+
 #[async_trait]
 impl VaultPlugin for LocalConfig {
     fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>, scope: &VaultScope<'_>) {
@@ -61,21 +84,7 @@ impl VaultPlugin for LocalConfig {
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn Vault>, PluginError> {
-        let missing = |what: &str| {
-            PluginError::new(
-                ErrorKind::Invalid,
-                format!("local vault {name}: no {what} (the config was not checked)"),
-            )
-        };
-        let dir = self.dir.as_deref().ok_or_else(|| missing("dir"))?;
-        let key_file = self
-            .key_file
-            .as_deref()
-            .ok_or_else(|| missing("key_file"))?;
-        let key_credential = self
-            .key_credential
-            .as_deref()
-            .ok_or_else(|| missing("key_credential"))?;
+        let (dir, key_file, key_credential) = self.checked_paths(name)?;
         let key = load_key(key_file, key_credential, self.key_credential_required)?;
         Ok(Arc::new(LocalVault::open(name, dir, key)?))
     }

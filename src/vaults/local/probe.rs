@@ -13,21 +13,7 @@ impl LocalConfig {
     /// The probe itself (blocking file I/O). `Ok(Some(note))`: nothing
     /// wrong, but something was not there to check yet.
     pub(super) fn probe_files(&self, name: &str) -> Result<Option<String>, PluginError> {
-        let missing = |what: &str| {
-            PluginError::new(
-                ErrorKind::Invalid,
-                format!("local vault {name}: no {what} (the config was not checked)"),
-            )
-        };
-        let dir = self.dir.as_deref().ok_or_else(|| missing("dir"))?;
-        let key_file = self
-            .key_file
-            .as_deref()
-            .ok_or_else(|| missing("key_file"))?;
-        let key_credential = self
-            .key_credential
-            .as_deref()
-            .ok_or_else(|| missing("key_credential"))?;
+        let (dir, key_file, key_credential) = self.checked_paths(name)?;
         let db = dir.join(DB_FILE);
         let db_exists = std::fs::symlink_metadata(&db).is_ok();
 
