@@ -502,6 +502,26 @@ impl PgIssuer {
             _ => Ok(derived),
         }
     }
+
+    /// The task's role (see [`PgIssuer::role_for`]), the message context of
+    /// `doing` to it, and an admin connection leased for `step`: what
+    /// `revoke` and `verify_revoked` start with.
+    async fn role_and_lease(
+        &self,
+        task: &TaskAttribution,
+        handle: Option<&str>,
+        doing: &str,
+        step: &str,
+    ) -> Result<(String, String, Lease), PluginError> {
+        let role = self.role_for(task, handle)?;
+        let ctx = format!(
+            "{}: {doing} task {} (role {role:?})",
+            self.describe(),
+            task.task_id
+        );
+        let conn = self.admin.lease(&self.describe(), step).await?;
+        Ok((role, ctx, conn))
+    }
 }
 
 /// One attempt at the issuance, in one transaction: a call of the session
@@ -830,13 +850,9 @@ impl TaskIssuer for PgIssuer {
         task: &TaskAttribution,
         handle: Option<&str>,
     ) -> Result<Revoked, PluginError> {
-        let role = self.role_for(task, handle)?;
-        let ctx = format!(
-            "{}: revoke task {} (role {role:?})",
-            self.describe(),
-            task.task_id
-        );
-        let mut conn = self.admin.lease(&self.describe(), "revoke").await?;
+        let (role, ctx, mut conn) = self
+            .role_and_lease(task, handle, "revoke", "revoke")
+            .await?;
         loop {
             let outcome = self.revoke_on(&conn, &role, task, &ctx).await;
             if !conn.again(&outcome, &ctx).await? {
@@ -850,13 +866,9 @@ impl TaskIssuer for PgIssuer {
         task: &TaskAttribution,
         handle: Option<&str>,
     ) -> Result<bool, PluginError> {
-        let role = self.role_for(task, handle)?;
-        let ctx = format!(
-            "{}: verify revocation of task {} (role {role:?})",
-            self.describe(),
-            task.task_id
-        );
-        let mut conn = self.admin.lease(&self.describe(), "verify").await?;
+        let (role, ctx, mut conn) = self
+            .role_and_lease(task, handle, "verify revocation of", "verify")
+            .await?;
         loop {
             let outcome = self.verify_on(&conn, &role, task, &ctx).await;
             if !conn.again(&outcome, &ctx).await? {
