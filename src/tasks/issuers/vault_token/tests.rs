@@ -8,8 +8,8 @@ use crate::config::validate::{Context, Issue};
 use crate::model::RotationId;
 use crate::tasks::issuers::IssuerConfig;
 use crate::tasks::issuers::test_support::{
-    assert_not_revoked, assert_revoked_now, attribution, attribution_fields, eventually, located,
-    request,
+    assert_not_revoked, assert_revoked_now, attribution, attribution_fields, eventually, issue,
+    located, request,
 };
 use serde_json::json;
 use vaultrs::api::token::requests::{SetTokenRoleRequest, SetTokenRoleRequestBuilder};
@@ -48,6 +48,20 @@ fn suffix() -> String {
 /// A task with an id of its own.
 fn fresh_task() -> TaskAttribution {
     attribution(&format!("t{}", suffix()))
+}
+
+/// Issues `task` a token with `grant` for a minute: what was issued, and the
+/// token.
+async fn issue_token(
+    issuer: &dyn TaskIssuer,
+    task: &TaskAttribution,
+    grant: &Grant,
+) -> (Issued, String) {
+    let issued = issue(issuer, task, grant, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let token = issued.secret["token"].expose_str().unwrap().to_owned();
+    (issued, token)
 }
 
 /// What a task's token sees at a KV path: the value, or the HTTP status.
@@ -266,11 +280,7 @@ async fn num_uses_is_honoured() {
     let issuer = f.issuer(&bao().1, None);
     let task = fresh_task();
     let grant = Grant(json!({ "policies": [f.policy], "num_uses": 2, "token_type": "service" }));
-    let issued = issuer
-        .issue(&request(&task, &grant, Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let token = issued.secret["token"].expose_str().unwrap().to_owned();
+    let (issued, token) = issue_token(&*issuer, &task, &grant).await;
     assert_eq!(lookup(&issued.handle).await.unwrap().num_uses, 2);
     assert_eq!(read_as(&token, &f.a).await, Ok("alpha".to_owned()));
     assert_eq!(read_as(&token, &f.a).await, Ok("alpha".to_owned()));
@@ -415,11 +425,7 @@ async fn approle_login_then_issue_through_a_token_role() {
     issuer.check().await.unwrap();
     let task = fresh_task();
     let grant = f.grant();
-    let issued = issuer
-        .issue(&request(&task, &grant, Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let token = issued.secret["token"].expose_str().unwrap().to_owned();
+    let (issued, token) = issue_token(&*issuer, &task, &grant).await;
     assert_eq!(read_as(&token, &f.a).await, Ok("alpha".to_owned()));
     assert!(lookup(&issued.handle).await.unwrap().orphan);
     assert_revoked_now(&*issuer, &task, Some(&issued.handle)).await;
@@ -460,11 +466,7 @@ async fn no_secret_in_errors_debug_handle_or_public() {
     let issuer = f.issuer(&bao().1, None);
     let task = fresh_task();
     let grant = f.grant();
-    let issued = issuer
-        .issue(&request(&task, &grant, Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let token = issued.secret["token"].expose_str().unwrap().to_owned();
+    let (issued, token) = issue_token(&*issuer, &task, &grant).await;
     assert!(token.len() > 20, "a real token");
     let shown = format!("{issued:?}");
     assert!(!shown.contains(&token), "{shown}");
