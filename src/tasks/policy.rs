@@ -186,25 +186,14 @@ fn check_one(
         DEFAULT_MAX_TTL,
         Zero::Rejected,
     );
-    let default_ttl = match &p.default_ttl {
-        Some(_) => v.duration_or(
-            at.key("default_ttl"),
-            p.default_ttl.as_ref(),
-            DEFAULT_TTL,
-            Zero::Rejected,
-        ),
-        None => DEFAULT_TTL.min(max_ttl),
-    };
-    if default_ttl > max_ttl {
-        v.err(
-            at.key("default_ttl"),
-            format!(
-                "default_ttl ({}) is longer than max_ttl ({})",
-                humantime::format_duration(default_ttl),
-                humantime::format_duration(max_ttl)
-            ),
-        );
-    }
+    let default_ttl = bounded_ttl(
+        v,
+        at.key("default_ttl"),
+        p.default_ttl.as_ref(),
+        (DEFAULT_TTL.min(max_ttl), DEFAULT_TTL),
+        max_ttl,
+        |ttl, max| format!("default_ttl ({ttl}) is longer than max_ttl ({max})"),
+    );
     if p.levels.is_empty() {
         v.err_key(
             at,
@@ -221,25 +210,14 @@ fn check_one(
                 format!("invalid sensitivity level name `{level_name}`: {e}"),
             );
         }
-        let level_max = match &l.max_ttl {
-            Some(_) => v.duration_or(
-                lat.key("max_ttl"),
-                l.max_ttl.as_ref(),
-                max_ttl,
-                Zero::Rejected,
-            ),
-            None => max_ttl,
-        };
-        if level_max > max_ttl {
-            v.err(
-                lat.key("max_ttl"),
-                format!(
-                    "a level's max_ttl ({}) may not exceed its policy's ({})",
-                    humantime::format_duration(level_max),
-                    humantime::format_duration(max_ttl)
-                ),
-            );
-        }
+        let level_max = bounded_ttl(
+            v,
+            lat.key("max_ttl"),
+            l.max_ttl.as_ref(),
+            (max_ttl, max_ttl),
+            max_ttl,
+            |ttl, max| format!("a level's max_ttl ({ttl}) may not exceed its policy's ({max})"),
+        );
         if l.grants.is_empty() {
             v.err_key(
                 lat,
@@ -286,6 +264,32 @@ fn check_one(
         default_ttl,
         levels,
     })
+}
+
+/// The TTL `text` at `at`: `(unset, invalid)` when it is not set or does not
+/// read; reported with `longer(ttl, max)` when it is longer than `max_ttl`.
+fn bounded_ttl(
+    v: &mut Validator<'_>,
+    at: Loc<'_>,
+    text: Option<&String>,
+    (unset, invalid): (Duration, Duration),
+    max_ttl: Duration,
+    longer: impl FnOnce(humantime::FormattedDuration, humantime::FormattedDuration) -> String,
+) -> Duration {
+    let ttl = match text {
+        Some(_) => v.duration_or(at, text, invalid, Zero::Rejected),
+        None => unset,
+    };
+    if ttl > max_ttl {
+        v.err(
+            at,
+            longer(
+                humantime::format_duration(ttl),
+                humantime::format_duration(max_ttl),
+            ),
+        );
+    }
+    ttl
 }
 
 /// A list of tenant or use-case names: non-empty, each a printable label.

@@ -863,6 +863,16 @@ mod tests {
         }
     }
 
+    /// How many item rows task `id` has in `db`.
+    fn items_of(db: &Connection, id: &str) -> i64 {
+        db.query_row(
+            "SELECT count(*) FROM task_items WHERE task = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn a_task_survives_reopening_at_every_stage() {
         let dir = tempfile::tempdir().unwrap();
@@ -1003,14 +1013,7 @@ mod tests {
         let a = s.get("a").unwrap().unwrap();
         assert_eq!((a.expires_at_ms, a.items.len()), (3_000, 1));
         assert!(s.get("half").unwrap().is_none());
-        let items: i64 = db
-            .query_row(
-                "SELECT count(*) FROM task_items WHERE task = 'half'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(items, 0);
+        assert_eq!(items_of(&db, "half"), 0);
         assert_eq!(s.get("b").unwrap().unwrap().state, TaskState::Ending);
 
         // Alone in its batch (no savepoint), a half-applied insert leaves
@@ -1028,14 +1031,7 @@ mod tests {
             assert_eq!(answer.try_recv().unwrap().is_ok(), ok);
         }
         assert!(s.get("half2").unwrap().is_none());
-        let items: i64 = db
-            .query_row(
-                "SELECT count(*) FROM task_items WHERE task = 'half2'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(items, 0);
+        assert_eq!(items_of(&db, "half2"), 0);
         assert_eq!(s.get("c").unwrap().unwrap().items.len(), 1);
     }
 

@@ -47,6 +47,8 @@ use crate::plugin::registry;
 
 pub mod aws_sts;
 pub mod postgres;
+#[cfg(test)]
+mod test_support;
 pub mod vault_token;
 
 registry! {

@@ -215,6 +215,46 @@ fn harness() -> Harness {
     harness_with(MemIssuer::new("pg"), MemIssuer::new("sts"))
 }
 
+impl Harness {
+    /// Starts a task for `bot` as `request` asks: its id.
+    async fn start_as_bot(&self, request: StartRequest) -> String {
+        let started = self.mgr.start(&caller("bot"), request).await.unwrap();
+        started.task.task.task_id
+    }
+
+    /// Starts a task for `bot` at `sensitivity` (`ttl` in seconds): its id.
+    async fn start(&self, sensitivity: &str, ttl: Option<u64>) -> String {
+        self.start_as_bot(ask(sensitivity, ttl)).await
+    }
+
+    /// A new manager over the same store and setup, its clock `secs` past
+    /// now: what a restart finds (after kill -9, say).
+    fn restarted(&self, secs: i64) -> TaskManager {
+        let clock = Arc::new(TokioClock::starting_at(
+            Utc::now() + chrono::Duration::seconds(secs),
+        ));
+        TaskManager::new(
+            TaskStore::open_inline(&self.state).unwrap(),
+            setup(&self.pg, &self.sts, &self.root),
+            self.rec.clone(),
+            clock,
+        )
+    }
+
+    /// The stored state of task `id`.
+    fn state_of(&self, id: &str) -> TaskState {
+        self.mgr.store.get(id).unwrap().unwrap().state
+    }
+}
+
+/// Asserts that `t` has ended for `reason`.
+fn assert_ended(t: &TaskRow, reason: &str) {
+    assert_eq!(
+        (t.state, t.end_reason.as_deref()),
+        (TaskState::Ended, Some(reason))
+    );
+}
+
 fn caller(agent: &str) -> Caller {
     Caller {
         agent: agent.into(),
@@ -289,10 +329,7 @@ async fn a_task_is_issued_written_ended_revoked_and_audited() {
     assert_eq!(doc["user"], format!("kt_task_{id}"));
 
     let ended = h.mgr.end(&caller("bot"), &id).await.unwrap();
-    assert_eq!(
-        (ended.state, ended.end_reason.as_deref()),
-        (TaskState::Ended, Some("end"))
-    );
+    assert_ended(&ended, "end");
     assert!(ended.items.iter().all(|i| i.state == ItemState::Verified));
     assert!(!h.pg.is_live(&id) && !h.sts.is_live(&id));
     assert!(!dir.exists());
@@ -380,14 +417,7 @@ async fn refusals_are_audited_and_issue_nothing() {
 #[tokio::test(start_paused = true)]
 async fn an_agent_cannot_end_or_see_another_agents_task() {
     let h = harness();
-    let id = h
-        .mgr
-        .start(&caller("bot"), ask("low", None))
-        .await
-        .unwrap()
-        .task
-        .task
-        .task_id;
+    let id = h.start("low", None).await;
     let e = h.mgr.end(&caller("other"), &id).await.unwrap_err();
     // Said like an unknown task.
     assert_eq!(e.to_string(), format!("no task `{id}`"));
@@ -400,35 +430,17 @@ async fn an_agent_cannot_end_or_see_another_agents_task() {
 #[tokio::test(start_paused = true)]
 async fn the_ttl_ends_a_task_and_survives_a_restart() {
     let h = harness();
-    let id = h
-        .mgr
-        .start(&caller("bot"), ask("low", Some(60)))
-        .await
-        .unwrap()
-        .task
-        .task
-        .task_id;
+    let id = h.start("low", Some(60)).await;
     // Due in 60 s.
     let wait = h.mgr.tick().await.unwrap();
     assert_eq!(wait, Duration::from_secs(60));
 
     // "Restart": a new manager over the same store (what kill -9 leaves).
-    let clock = Arc::new(TokioClock::starting_at(
-        Utc::now() + chrono::Duration::seconds(61),
-    ));
-    let mgr = TaskManager::new(
-        TaskStore::open_inline(&h.state).unwrap(),
-        setup(&h.pg, &h.sts, &h.root),
-        h.rec.clone(),
-        clock,
-    );
+    let mgr = h.restarted(61);
     assert!(h.pg.is_live(&id));
     mgr.tick().await.unwrap();
     let t = mgr.list(Some("bot"), 10).unwrap().remove(0);
-    assert_eq!(
-        (t.state, t.end_reason.as_deref()),
-        (TaskState::Ended, Some("ttl"))
-    );
+    assert_ended(&t, "ttl");
     assert!(!h.pg.is_live(&id));
     assert!(!h.root.join("bot").join(&id).exists());
 }
@@ -469,10 +481,7 @@ async fn a_credential_minted_before_a_crash_is_found_and_revoked() {
     // task is live. Ending it revokes by task id.
     h.mgr.end(&caller("bot"), &row.task.task_id).await.unwrap();
     assert!(!h.pg.is_live(&row.task.task_id));
-    assert_eq!(
-        h.mgr.store.get(&row.task.task_id).unwrap().unwrap().state,
-        TaskState::Ended
-    );
+    assert_eq!(h.state_of(&row.task.task_id), TaskState::Ended);
 }
 
 #[tokio::test(start_paused = true)]
@@ -494,10 +503,7 @@ async fn a_failed_start_revokes_what_was_issued() {
         "pg's credential outlived the failed start"
     );
     let t = h.mgr.store.get(task).unwrap().unwrap();
-    assert_eq!(
-        (t.state, t.end_reason.as_deref()),
-        (TaskState::Ended, Some("start_failed"))
-    );
+    assert_ended(&t, "start_failed");
     assert!(h.rec.names().contains(&"task.issued:failed".to_owned()));
 }
 
@@ -506,14 +512,7 @@ async fn a_failed_revocation_is_retried_until_verified() {
     let pg = MemIssuer::new("pg");
     pg.fail_revoke.store(2, Ordering::SeqCst);
     let h = harness_with(pg, MemIssuer::new("sts"));
-    let id = h
-        .mgr
-        .start(&caller("bot"), ask("low", None))
-        .await
-        .unwrap()
-        .task
-        .task
-        .task_id;
+    let id = h.start("low", None).await;
     let t = h.mgr.end(&caller("bot"), &id).await.unwrap();
     assert_eq!(t.state, TaskState::Ending);
     assert_eq!(
@@ -523,15 +522,9 @@ async fn a_failed_revocation_is_retried_until_verified() {
     assert!(h.pg.is_live(&id));
     // The next pass is the retry interval away; it fails once more, then works.
     assert_eq!(h.mgr.tick().await.unwrap(), h.mgr.retry);
-    assert_eq!(
-        h.mgr.store.get(&id).unwrap().unwrap().state,
-        TaskState::Ending
-    );
+    assert_eq!(h.state_of(&id), TaskState::Ending);
     h.mgr.tick().await.unwrap();
-    assert_eq!(
-        h.mgr.store.get(&id).unwrap().unwrap().state,
-        TaskState::Ended
-    );
+    assert_eq!(h.state_of(&id), TaskState::Ended);
     assert!(!h.pg.is_live(&id));
     assert_eq!(
         h.rec
@@ -551,14 +544,7 @@ async fn a_credential_that_only_expires_ends_the_task_at_its_expiry() {
         ..Default::default()
     });
     let h = harness_with(MemIssuer::new("pg"), sts);
-    let id = h
-        .mgr
-        .start(&caller("bot"), ask("high", None))
-        .await
-        .unwrap()
-        .task
-        .task
-        .task_id;
+    let id = h.start("high", None).await;
     let t = h.mgr.end(&caller("bot"), &id).await.unwrap();
     assert_eq!(t.state, TaskState::Ending);
     let sts_item = t.items.iter().find(|i| i.issuer == "sts").unwrap();
@@ -567,22 +553,11 @@ async fn a_credential_that_only_expires_ends_the_task_at_its_expiry() {
     // the credential).
     h.mgr.tick().await.unwrap();
     h.mgr.end(&caller("bot"), &id).await.unwrap();
-    assert_eq!(
-        h.mgr.store.get(&id).unwrap().unwrap().state,
-        TaskState::Ending
-    );
+    assert_eq!(h.state_of(&id), TaskState::Ending);
     assert!(h.root.join("bot").join(&id).is_dir());
     // Ended once the clock passes the expiry the system enforces (600 s).
     tokio::time::advance(Duration::from_secs(601)).await;
-    let clock = Arc::new(TokioClock::starting_at(
-        Utc::now() + chrono::Duration::seconds(601),
-    ));
-    let mgr = TaskManager::new(
-        TaskStore::open_inline(&h.state).unwrap(),
-        setup(&h.pg, &h.sts, &h.root),
-        h.rec.clone(),
-        clock,
-    );
+    let mgr = h.restarted(601);
     mgr.tick().await.unwrap();
     assert_eq!(mgr.store.get(&id).unwrap().unwrap().state, TaskState::Ended);
 }
@@ -590,34 +565,17 @@ async fn a_credential_that_only_expires_ends_the_task_at_its_expiry() {
 #[tokio::test(start_paused = true)]
 async fn decommission_ends_every_task_of_the_agent() {
     let h = harness();
-    let a = h
-        .mgr
-        .start(&caller("bot"), ask("low", None))
-        .await
-        .unwrap()
-        .task
-        .task
-        .task_id;
+    let a = h.start("low", None).await;
     let mut other = ask("high", None);
     other.tenant = "globex".into();
-    let b = h
-        .mgr
-        .start(&caller("bot"), other)
-        .await
-        .unwrap()
-        .task
-        .task
-        .task_id;
+    let b = h.start_as_bot(other).await;
     // Two tenants, two directories: never a shared file.
     assert_ne!(a, b);
     assert!(h.root.join("bot").join(&a).is_dir() && h.root.join("bot").join(&b).is_dir());
     assert_eq!(h.mgr.end_all_of("bot", "decommission").await.unwrap(), 2);
     for id in [&a, &b] {
         let t = h.mgr.store.get(id).unwrap().unwrap();
-        assert_eq!(
-            (t.state, t.end_reason.as_deref()),
-            (TaskState::Ended, Some("decommission"))
-        );
+        assert_ended(&t, "decommission");
     }
     assert!(h.pg.live.lock().unwrap().is_empty() && h.sts.live.lock().unwrap().is_empty());
 }
@@ -625,14 +583,7 @@ async fn decommission_ends_every_task_of_the_agent() {
 #[tokio::test(start_paused = true)]
 async fn a_retired_agent_starts_nothing_and_its_tasks_end() {
     let h = harness();
-    let id = h
-        .mgr
-        .start(&caller("bot"), ask("low", None))
-        .await
-        .unwrap()
-        .task
-        .task
-        .task_id;
+    let id = h.start("low", None).await;
     // The config no longer lists it as active (decommissioned, or removed).
     let mut s = setup(&h.pg, &h.sts, &h.root);
     s.agents.clear();
@@ -645,10 +596,7 @@ async fn a_retired_agent_starts_nothing_and_its_tasks_end() {
     assert!(matches!(e, TaskError::AgentRetired(_)), "{e}");
     h.mgr.tick().await.unwrap();
     let t = h.mgr.store.get(&id).unwrap().unwrap();
-    assert_eq!(
-        (t.state, t.end_reason.as_deref()),
-        (TaskState::Ended, Some("agent_retired"))
-    );
+    assert_ended(&t, "agent_retired");
     assert!(!h.pg.is_live(&id));
 }
 

@@ -34,20 +34,11 @@ use std::time::{Duration, SystemTime};
 
 use super::*;
 use crate::config::validate::{Anchor, Issue};
+use crate::tasks::issuers::test_support::{
+    assert_not_revoked, assert_revoked_now, attribution as task, attribution_fields, issue, located,
+};
 
 // -- pure ------------------------------------------------------------------
-
-fn task(task_id: &str) -> TaskAttribution {
-    TaskAttribution {
-        task_id: task_id.to_owned(),
-        agent: "invoice-bot".into(),
-        tenant: "acme".into(),
-        use_case: "month-end-close".into(),
-        run_id: "run-42".into(),
-        initiator: "alice@example.com".into(),
-        sensitivity: "low".into(),
-    }
-}
 
 fn unique_task() -> String {
     let n: u64 = rand::random();
@@ -69,14 +60,6 @@ fn grant_issues(grant: serde_json::Value) -> Vec<Issue> {
 fn config_issues(mut config: StsIssuerConfig) -> Vec<Issue> {
     let issuers = Loc::top("issuers");
     Validator::issues_of(|v| config.check(v, issuers.key("sts")))
-}
-
-/// `(TOML path, message)` of each issue.
-fn located(issues: &[Issue]) -> Vec<(String, String)> {
-    issues
-        .iter()
-        .map(|i| (i.path.to_string(), i.message.clone()))
-        .collect()
 }
 
 #[test]
@@ -336,13 +319,7 @@ async fn a_short_ttl_is_refused_before_anything_is_minted() {
         "role_arn": "arn:aws:iam::123456789012:role/x",
         "session_policy": POLICY,
     }));
-    let e = issuer
-        .issue(&IssueRequest {
-            task: &t,
-            grant: &grant,
-            ttl: Duration::from_secs(300),
-            expires_at: SystemTime::now() + Duration::from_secs(300),
-        })
+    let e = issue(&issuer, &t, &grant, Duration::from_secs(300))
         .await
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Invalid);
@@ -516,9 +493,9 @@ impl MotoExt for PrivateMoto {
     }
 }
 
-/// A Secrets Manager client signing with the issued session.
-fn secrets_client(moto: &PrivateMoto, issued: &Issued) -> aws_sdk_secretsmanager::Client {
-    let creds = aws_sdk_secretsmanager::config::Credentials::new(
+/// The issued session's credentials, as the task's SDK clients sign with them.
+fn session_credentials(issued: &Issued) -> aws_sdk_sts::config::Credentials {
+    aws_sdk_sts::config::Credentials::new(
         issued.public["access_key_id"].clone(),
         issued.secret["secret_access_key"]
             .expose_str()
@@ -532,64 +509,48 @@ fn secrets_client(moto: &PrivateMoto, issued: &Issued) -> aws_sdk_secretsmanager
         ),
         None,
         "task",
-    );
+    )
+}
+
+/// A Secrets Manager client signing with the issued session.
+fn secrets_client(moto: &PrivateMoto, issued: &Issued) -> aws_sdk_secretsmanager::Client {
     let conf = aws_sdk_secretsmanager::Config::builder()
         .behavior_version(aws_sdk_secretsmanager::config::BehaviorVersion::latest())
         .region(aws_sdk_secretsmanager::config::Region::new("us-east-1"))
         .endpoint_url(&moto.url)
-        .credentials_provider(creds)
+        .credentials_provider(session_credentials(issued))
         .build();
     aws_sdk_secretsmanager::Client::from_conf(conf)
 }
 
 /// An STS client signing with the issued session.
 fn sts_client(moto: &PrivateMoto, issued: &Issued) -> aws_sdk_sts::Client {
-    let creds = aws_sdk_sts::config::Credentials::new(
-        issued.public["access_key_id"].clone(),
-        issued.secret["secret_access_key"]
-            .expose_str()
-            .unwrap()
-            .to_owned(),
-        Some(
-            issued.secret["session_token"]
-                .expose_str()
-                .unwrap()
-                .to_owned(),
-        ),
-        None,
-        "task",
-    );
     let conf = aws_sdk_sts::Config::builder()
         .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
         .region(aws_sdk_sts::config::Region::new("us-east-1"))
         .endpoint_url(&moto.url)
-        .credentials_provider(creds)
+        .credentials_provider(session_credentials(issued))
         .build();
     aws_sdk_sts::Client::from_conf(conf)
 }
 
-fn grant(role_arn: &str) -> Grant {
-    Grant(serde_json::json!({
-        "role_arn": role_arn,
-        "session_policy": POLICY,
-        "external_id": "keyturn-acme",
-    }))
+impl Setup {
+    /// A grant of the task role, with [`POLICY`] as the session policy.
+    fn grant(&self) -> Grant {
+        Grant(serde_json::json!({
+            "role_arn": self.role_arn,
+            "session_policy": POLICY,
+            "external_id": "keyturn-acme",
+        }))
+    }
 }
 
-async fn issue(
-    issuer: &StsIssuer,
-    t: &TaskAttribution,
-    g: &Grant,
-    ttl: Duration,
-) -> Result<Issued, PluginError> {
-    issuer
-        .issue(&IssueRequest {
-            task: t,
-            grant: g,
-            ttl,
-            expires_at: SystemTime::now() + ttl,
-        })
-        .await
+/// The body of moto's answer to a refused call, which must be an HTTP 403.
+fn forbidden<E>(refused: &aws_sdk_secretsmanager::error::SdkError<E>) -> String {
+    let raw = refused.raw_response().expect("an HTTP answer");
+    let body = String::from_utf8_lossy(raw.body().bytes().unwrap_or_default()).into_owned();
+    assert_eq!(raw.status().as_u16(), 403, "{body}");
+    body
 }
 
 #[cfg_attr(
@@ -610,7 +571,7 @@ async fn issued_session_works_for_the_allowed_call_and_is_refused_outside_real_s
     };
     let ttl = Duration::from_secs(1200);
     let before = SystemTime::now();
-    let issued = issue(&issuer, &t, &grant(&setup.role_arn), ttl)
+    let issued = issue(&issuer, &t, &setup.grant(), ttl)
         .await
         .expect("issue");
     let after = SystemTime::now();
@@ -663,9 +624,7 @@ async fn issued_session_works_for_the_allowed_call_and_is_refused_outside_real_s
         .expect_err("CreateSecret is outside the session policy");
     // moto answers a JSON-protocol service in XML here, which the SDK
     // cannot parse into a code: read moto's answer as it is.
-    let raw = refused.raw_response().expect("an HTTP answer");
-    let body = String::from_utf8_lossy(raw.body().bytes().unwrap_or_default()).into_owned();
-    assert_eq!(raw.status().as_u16(), 403, "{body}");
+    let body = forbidden(&refused);
     assert!(
         body.contains("<Code>AccessDenied</Code>")
             && body.contains(&format!(
@@ -697,18 +656,11 @@ async fn issued_session_works_for_the_allowed_call_and_is_refused_outside_real_s
         };
         tags.insert(key.clone(), r[&format!("Tags.member.{n}.Value")].clone());
     }
-    let expected: BTreeMap<String, String> = [
-        ("task_id", t.task_id.as_str()),
-        ("agent", "invoice-bot"),
-        ("tenant", "acme"),
-        ("use_case", "month-end-close_EU_"),
-        ("run_id", "run-42"),
-        ("initiator", "Alice.Example_alice@example.com_"),
-        ("sensitivity", "low"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    let expected = attribution_fields(&TaskAttribution {
+        use_case: "month-end-close_EU_".into(),
+        initiator: "Alice.Example_alice@example.com_".into(),
+        ..t.clone()
+    });
     assert_eq!(tags, expected);
     assert!(
         !r.keys().any(|k| k.starts_with("TransitiveTagKeys")),
@@ -720,12 +672,7 @@ async fn issued_session_works_for_the_allowed_call_and_is_refused_outside_real_s
         issuer.revoke(&t, Some(&issued.handle)).await.unwrap(),
         Revoked::ExpiresAt(issued.expires_at)
     );
-    assert!(
-        !issuer
-            .verify_revoked(&t, Some(&issued.handle))
-            .await
-            .unwrap()
-    );
+    assert_not_revoked(&issuer, &t, Some(&issued.handle)).await;
 }
 
 #[cfg_attr(
@@ -742,14 +689,9 @@ async fn refusals_map_to_kinds_and_name_the_task_real_server() {
         &setup.powerless_access_key_id,
         &setup.powerless_secret_access_key,
     );
-    let e = issue(
-        &powerless,
-        &t,
-        &grant(&setup.role_arn),
-        Duration::from_secs(900),
-    )
-    .await
-    .unwrap_err();
+    let e = issue(&powerless, &t, &setup.grant(), Duration::from_secs(900))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
     assert!(
         e.message.contains(&format!("task {}", t.task_id))
@@ -806,14 +748,9 @@ async fn no_secret_in_errors_debug_handle_or_public_real_server() {
     let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
     let issuer = moto.issuer(&setup.access_key_id, &setup.secret_access_key);
     let t = task(&unique_task());
-    let issued = issue(
-        &issuer,
-        &t,
-        &grant(&setup.role_arn),
-        Duration::from_secs(900),
-    )
-    .await
-    .expect("issue");
+    let issued = issue(&issuer, &t, &setup.grant(), Duration::from_secs(900))
+        .await
+        .expect("issue");
     let secrets: Vec<String> = issued
         .secret
         .values()
@@ -836,14 +773,9 @@ async fn no_secret_in_errors_debug_handle_or_public_real_server() {
             "task",
         ),
     );
-    let refused = issue(
-        &as_session,
-        &t,
-        &grant(&setup.role_arn),
-        Duration::from_secs(900),
-    )
-    .await
-    .unwrap_err();
+    let refused = issue(&as_session, &t, &setup.grant(), Duration::from_secs(900))
+        .await
+        .unwrap_err();
     assert_eq!(refused.kind, ErrorKind::Unauthorized, "{refused}");
     let bad_handle = issuer.revoke(&t, Some("{")).await.unwrap_err();
 
@@ -890,14 +822,9 @@ async fn revoke_with_deny_policy_ends_the_session_at_once_real_server() {
     // A TTL below STS's minimum: the session gets 900 s; keyturn ends it at
     // the TTL by revoking it.
     let before = SystemTime::now();
-    let issued = issue(
-        &issuer,
-        &t,
-        &grant(&setup.role_arn),
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("issue");
+    let issued = issue(&issuer, &t, &setup.grant(), Duration::from_secs(60))
+        .await
+        .expect("issue");
     assert_eq!(moto.assume_role_requests()[0]["DurationSeconds"], "900");
     assert!(
         issued.expires_at >= before + MIN_SESSION,
@@ -908,7 +835,7 @@ async fn revoke_with_deny_policy_ends_the_session_at_once_real_server() {
     let other = issue(
         &issuer,
         &other_task,
-        &grant(&setup.role_arn),
+        &setup.grant(),
         Duration::from_secs(900),
     )
     .await
@@ -916,23 +843,9 @@ async fn revoke_with_deny_policy_ends_the_session_at_once_real_server() {
 
     let sm = secrets_client(&moto, &issued);
     sm.list_secrets().send().await.expect("works before revoke");
-    assert!(
-        !issuer
-            .verify_revoked(&t, Some(&issued.handle))
-            .await
-            .unwrap()
-    );
+    assert_not_revoked(&issuer, &t, Some(&issued.handle)).await;
 
-    assert_eq!(
-        issuer.revoke(&t, Some(&issued.handle)).await.unwrap(),
-        Revoked::Now
-    );
-    assert!(
-        issuer
-            .verify_revoked(&t, Some(&issued.handle))
-            .await
-            .unwrap()
-    );
+    assert_revoked_now(&issuer, &t, Some(&issued.handle)).await;
     assert!(
         !issuer
             .verify_revoked(&other_task, Some(&other.handle))
@@ -947,9 +860,7 @@ async fn revoke_with_deny_policy_ends_the_session_at_once_real_server() {
         .send()
         .await
         .expect_err("refused after revoke");
-    let raw = refused.raw_response().expect("an HTTP answer");
-    let body = String::from_utf8_lossy(raw.body().bytes().unwrap_or_default()).into_owned();
-    assert_eq!(raw.status().as_u16(), 403, "{body}");
+    let body = forbidden(&refused);
     assert!(body.contains("<Code>AccessDenied</Code>"), "{body}");
 
     // The deny statement names exactly that session's aws:userid. (moto

@@ -7,8 +7,12 @@ use super::*;
 use crate::config::validate::{Context, Issue};
 use crate::model::RotationId;
 use crate::tasks::issuers::IssuerConfig;
+use crate::tasks::issuers::test_support::{
+    assert_not_revoked, assert_revoked_now, attribution, attribution_fields, eventually, issue,
+    located, request,
+};
 use serde_json::json;
-use vaultrs::api::token::requests::SetTokenRoleRequest;
+use vaultrs::api::token::requests::{SetTokenRoleRequest, SetTokenRoleRequestBuilder};
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 
 const NEED_SERVICES: &str =
@@ -41,25 +45,23 @@ fn suffix() -> String {
     RotationId::generate().as_str()[..12].to_owned()
 }
 
-fn attribution() -> TaskAttribution {
-    TaskAttribution {
-        task_id: format!("t{}", suffix()),
-        agent: "invoice-bot".into(),
-        tenant: "acme".into(),
-        use_case: "monthly-close".into(),
-        run_id: "run-42".into(),
-        initiator: "alice@example.com".into(),
-        sensitivity: "low".into(),
-    }
+/// A task with an id of its own.
+fn fresh_task() -> TaskAttribution {
+    attribution(&format!("t{}", suffix()))
 }
 
-fn request<'a>(task: &'a TaskAttribution, grant: &'a Grant, ttl: Duration) -> IssueRequest<'a> {
-    IssueRequest {
-        task,
-        grant,
-        ttl,
-        expires_at: SystemTime::now() + ttl,
-    }
+/// Issues `task` a token with `grant` for a minute: what was issued, and the
+/// token.
+async fn issue_token(
+    issuer: &dyn TaskIssuer,
+    task: &TaskAttribution,
+    grant: &Grant,
+) -> (Issued, String) {
+    let issued = issue(issuer, task, grant, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let token = issued.secret["token"].expose_str().unwrap().to_owned();
+    (issued, token)
 }
 
 /// What a task's token sees at a KV path: the value, or the HTTP status.
@@ -135,6 +137,52 @@ impl Fixture {
         Grant(json!({ "policies": [self.policy] }))
     }
 
+    /// The token role `kt-role-SUFFIX` (orphans with at most the fixture's
+    /// policy, then as `more` sets it) and keyturn's own policy
+    /// `kt-keyturn-SUFFIX` to mint through it (`plain`: through plain
+    /// `auth/token/create` too) and revoke and look up by accessor:
+    /// `(role, policy)`.
+    async fn token_role(
+        &self,
+        plain: bool,
+        more: impl FnOnce(&mut SetTokenRoleRequestBuilder),
+    ) -> (String, String) {
+        let root = root();
+        let role = format!("kt-role-{}", self.suffix);
+        let own_policy = format!("kt-keyturn-{}", self.suffix);
+        let mut paths = vec![format!("auth/token/create/{role}")];
+        if plain {
+            paths.push("auth/token/create".to_owned());
+        }
+        paths
+            .extend(["auth/token/revoke-accessor", "auth/token/lookup-accessor"].map(String::from));
+        let rules: Vec<String> = paths
+            .iter()
+            .map(|p| format!(r#"path "{p}" {{ capabilities = ["update"] }}"#))
+            .collect();
+        vaultrs::sys::policy::set(&root, &own_policy, &rules.join("\n"))
+            .await
+            .unwrap();
+        let mut builder = SetTokenRoleRequest::builder();
+        builder
+            .allowed_policies(vec![self.policy.clone()])
+            .orphan(true);
+        more(&mut builder);
+        vaultrs::token::role::set(&root, &role, Some(&mut builder))
+            .await
+            .unwrap();
+        (role, own_policy)
+    }
+
+    /// Deletes what [`Fixture::token_role`] made.
+    async fn drop_token_role(&self, role: &str, own_policy: &str) {
+        let root = root();
+        vaultrs::token::role::delete(&root, role).await.unwrap();
+        vaultrs::sys::policy::delete(&root, own_policy)
+            .await
+            .unwrap();
+    }
+
     async fn cleanup(self) {
         let root = root();
         for path in [&self.a, &self.b] {
@@ -160,7 +208,7 @@ impl Fixture {
 async fn the_token_has_exactly_the_grant_and_ttl_and_is_revoked_at_revoke() {
     let f = Fixture::new().await;
     let issuer = f.issuer(&bao().1, None);
-    let task = attribution();
+    let task = fresh_task();
     let grant = f.grant();
     let req = request(&task, &grant, Duration::from_secs(120));
     let issued = issuer.issue(&req).await.unwrap();
@@ -205,55 +253,20 @@ async fn the_token_has_exactly_the_grant_and_ttl_and_is_revoked_at_revoke() {
         info.display_name,
         format!("token-keyturn-invoice-bot-{}", task.task_id)
     );
-    let meta = info.meta.unwrap();
-    let expected: HashMap<String, String> = [
-        ("task_id", task.task_id.as_str()),
-        ("agent", "invoice-bot"),
-        ("tenant", "acme"),
-        ("use_case", "monthly-close"),
-        ("run_id", "run-42"),
-        ("initiator", "alice@example.com"),
-        ("sensitivity", "low"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    assert_eq!(meta, expected);
+    let meta: BTreeMap<String, String> = info.meta.unwrap().into_iter().collect();
+    assert_eq!(meta, attribution_fields(&task));
 
     // What the token can do.
     assert_eq!(read_as(&token, &f.a).await, Ok("alpha".to_owned()));
     assert_eq!(read_as(&token, &f.b).await, Err(Some(403)));
-    assert!(
-        !issuer
-            .verify_revoked(&task, Some(&issued.handle))
-            .await
-            .unwrap()
-    );
+    assert_not_revoked(&*issuer, &task, Some(&issued.handle)).await;
 
     // Revoked: the server forgets it and it no longer works.
-    assert_eq!(
-        issuer.revoke(&task, Some(&issued.handle)).await.unwrap(),
-        Revoked::Now
-    );
-    assert!(
-        issuer
-            .verify_revoked(&task, Some(&issued.handle))
-            .await
-            .unwrap()
-    );
+    assert_revoked_now(&*issuer, &task, Some(&issued.handle)).await;
     assert!(lookup(&issued.handle).await.is_none());
     assert_eq!(read_as(&token, &f.a).await, Err(Some(403)));
     // Twice is harmless.
-    assert_eq!(
-        issuer.revoke(&task, Some(&issued.handle)).await.unwrap(),
-        Revoked::Now
-    );
-    assert!(
-        issuer
-            .verify_revoked(&task, Some(&issued.handle))
-            .await
-            .unwrap()
-    );
+    assert_revoked_now(&*issuer, &task, Some(&issued.handle)).await;
     f.cleanup().await;
 }
 
@@ -265,31 +278,19 @@ async fn the_token_has_exactly_the_grant_and_ttl_and_is_revoked_at_revoke() {
 async fn num_uses_is_honoured() {
     let f = Fixture::new().await;
     let issuer = f.issuer(&bao().1, None);
-    let task = attribution();
+    let task = fresh_task();
     let grant = Grant(json!({ "policies": [f.policy], "num_uses": 2, "token_type": "service" }));
-    let issued = issuer
-        .issue(&request(&task, &grant, Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let token = issued.secret["token"].expose_str().unwrap().to_owned();
+    let (issued, token) = issue_token(&*issuer, &task, &grant).await;
     assert_eq!(lookup(&issued.handle).await.unwrap().num_uses, 2);
     assert_eq!(read_as(&token, &f.a).await, Ok("alpha".to_owned()));
     assert_eq!(read_as(&token, &f.a).await, Ok("alpha".to_owned()));
     assert_eq!(read_as(&token, &f.a).await, Err(Some(403)), "third use");
     // Used up is gone (the server revokes it in the background: look a few
     // times), and revoking it is still fine.
-    let mut gone = false;
-    for _ in 0..50 {
-        if issuer
-            .verify_revoked(&task, Some(&issued.handle))
-            .await
-            .unwrap()
-        {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (by, task_ref, handle) = (&issuer, &task, issued.handle.as_str());
+    let gone =
+        eventually(move || async move { by.verify_revoked(task_ref, Some(handle)).await.unwrap() })
+            .await;
     assert!(gone, "a used-up token is still found by its accessor");
     assert_eq!(
         issuer.revoke(&task, Some(&issued.handle)).await.unwrap(),
@@ -309,33 +310,11 @@ async fn num_uses_is_honoured() {
 async fn tokens_of_a_token_role_are_orphans_that_outlive_keyturns_own_token() {
     let f = Fixture::new().await;
     let root = root();
-    let role = format!("kt-role-{}", f.suffix);
-    let own_policy = format!("kt-keyturn-{}", f.suffix);
-    vaultrs::sys::policy::set(
-        &root,
-        &own_policy,
-        &format!(
-            r#"path "auth/token/create/{role}" {{ capabilities = ["update"] }}
-path "auth/token/create" {{ capabilities = ["update"] }}
-path "auth/token/revoke-accessor" {{ capabilities = ["update"] }}
-path "auth/token/lookup-accessor" {{ capabilities = ["update"] }}"#
-        ),
-    )
-    .await
-    .unwrap();
-    vaultrs::token::role::set(
-        &root,
-        &role,
-        Some(
-            SetTokenRoleRequest::builder()
-                .allowed_policies(vec![f.policy.clone()])
-                .orphan(true)
-                .renewable(false)
-                .token_explicit_max_ttl("1h"),
-        ),
-    )
-    .await
-    .unwrap();
+    let (role, own_policy) = f
+        .token_role(true, |b| {
+            b.renewable(false).token_explicit_max_ttl("1h");
+        })
+        .await;
     // keyturn's own token: not root, a child of the test's root token. It
     // holds the task policy too, which plain create requires.
     let own = vaultrs::token::new(
@@ -350,7 +329,7 @@ path "auth/token/lookup-accessor" {{ capabilities = ["update"] }}"#
     .unwrap();
     let via_role = f.issuer(&own.client_token, Some(&role));
     let plain = f.issuer(&own.client_token, None);
-    let task = attribution();
+    let task = fresh_task();
     let grant = f.grant();
     let req = request(&task, &grant, Duration::from_secs(300));
     let orphan = via_role.issue(&req).await.unwrap();
@@ -381,24 +360,15 @@ path "auth/token/lookup-accessor" {{ capabilities = ["update"] }}"#
     assert_eq!(read_as(orphan_token, &f.a).await, Ok("alpha".to_owned()));
     assert!(lookup(&orphan.handle).await.is_some());
     // Child revocation may finish in the background.
-    let mut child_alive = true;
-    for _ in 0..50 {
-        if lookup(&child.handle).await.is_none() {
-            child_alive = false;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(!child_alive, "the child died with keyturn's token");
+    let child_handle = child.handle.as_str();
+    let child_gone = eventually(move || async move { lookup(child_handle).await.is_none() }).await;
+    assert!(child_gone, "the child died with keyturn's token");
     assert_eq!(read_as(child_token, &f.a).await, Err(Some(403)));
 
     vaultrs::token::revoke_accessor(&root, &orphan.handle)
         .await
         .unwrap();
-    vaultrs::token::role::delete(&root, &role).await.unwrap();
-    vaultrs::sys::policy::delete(&root, &own_policy)
-        .await
-        .unwrap();
+    f.drop_token_role(&role, &own_policy).await;
     f.cleanup().await;
 }
 
@@ -413,33 +383,10 @@ async fn approle_login_then_issue_through_a_token_role() {
     let f = Fixture::new().await;
     let root = root();
     let mount = format!("approle-{}", f.suffix);
-    let role = format!("kt-role-{}", f.suffix);
-    let own_policy = format!("kt-keyturn-{}", f.suffix);
     vaultrs::sys::auth::enable(&root, &mount, "approle", None)
         .await
         .unwrap();
-    vaultrs::sys::policy::set(
-        &root,
-        &own_policy,
-        &format!(
-            r#"path "auth/token/create/{role}" {{ capabilities = ["update"] }}
-path "auth/token/revoke-accessor" {{ capabilities = ["update"] }}
-path "auth/token/lookup-accessor" {{ capabilities = ["update"] }}"#
-        ),
-    )
-    .await
-    .unwrap();
-    vaultrs::token::role::set(
-        &root,
-        &role,
-        Some(
-            SetTokenRoleRequest::builder()
-                .allowed_policies(vec![f.policy.clone()])
-                .orphan(true),
-        ),
-    )
-    .await
-    .unwrap();
+    let (role, own_policy) = f.token_role(false, |_| {}).await;
     vaultrs::auth::approle::role::set(
         &root,
         &mount,
@@ -476,32 +423,16 @@ path "auth/token/lookup-accessor" {{ capabilities = ["update"] }}"#
     .build()
     .unwrap();
     issuer.check().await.unwrap();
-    let task = attribution();
+    let task = fresh_task();
     let grant = f.grant();
-    let issued = issuer
-        .issue(&request(&task, &grant, Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let token = issued.secret["token"].expose_str().unwrap().to_owned();
+    let (issued, token) = issue_token(&*issuer, &task, &grant).await;
     assert_eq!(read_as(&token, &f.a).await, Ok("alpha".to_owned()));
     assert!(lookup(&issued.handle).await.unwrap().orphan);
-    assert_eq!(
-        issuer.revoke(&task, Some(&issued.handle)).await.unwrap(),
-        Revoked::Now
-    );
-    assert!(
-        issuer
-            .verify_revoked(&task, Some(&issued.handle))
-            .await
-            .unwrap()
-    );
+    assert_revoked_now(&*issuer, &task, Some(&issued.handle)).await;
     assert_eq!(read_as(&token, &f.a).await, Err(Some(403)));
 
     vaultrs::sys::auth::disable(&root, &mount).await.unwrap();
-    vaultrs::token::role::delete(&root, &role).await.unwrap();
-    vaultrs::sys::policy::delete(&root, &own_policy)
-        .await
-        .unwrap();
+    f.drop_token_role(&role, &own_policy).await;
     f.cleanup().await;
 }
 
@@ -533,13 +464,9 @@ async fn no_secret_in_errors_debug_handle_or_public() {
     // Everything logged, down to vaultrs's and the HTTP client's traces.
     let (guard, logs) = crate::test_support::capture_logs();
     let issuer = f.issuer(&bao().1, None);
-    let task = attribution();
+    let task = fresh_task();
     let grant = f.grant();
-    let issued = issuer
-        .issue(&request(&task, &grant, Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let token = issued.secret["token"].expose_str().unwrap().to_owned();
+    let (issued, token) = issue_token(&*issuer, &task, &grant).await;
     assert!(token.len() > 20, "a real token");
     let shown = format!("{issued:?}");
     assert!(!shown.contains(&token), "{shown}");
@@ -609,7 +536,7 @@ fn offline() -> Arc<dyn TaskIssuer> {
 #[tokio::test]
 async fn without_a_handle_revoke_says_when_the_token_ends_at_the_latest() {
     let issuer = offline();
-    let task = attribution();
+    let task = fresh_task();
     let before = SystemTime::now();
     let Revoked::ExpiresAt(at) = issuer.revoke(&task, None).await.unwrap() else {
         panic!("nothing to revoke without an accessor");
@@ -630,7 +557,7 @@ async fn without_a_handle_revoke_says_when_the_token_ends_at_the_latest() {
 #[tokio::test]
 async fn issue_refuses_bad_grants_and_ttls_before_calling_the_server() {
     let issuer = offline();
-    let task = attribution();
+    let task = fresh_task();
     let good = Grant(json!({ "policies": ["read-a"] }));
     let cases = [
         (
@@ -698,13 +625,6 @@ fn checked(toml_text: &str) -> (IssuerConfig, Vec<Issue>) {
     let issuers = Loc::top("issuers");
     config.plugin_mut().check(&mut v, issuers.key("bao"));
     (config, v.into_issues())
-}
-
-fn located(issues: &[Issue]) -> Vec<(String, String)> {
-    issues
-        .iter()
-        .map(|i| (i.path.to_string(), i.message.clone()))
-        .collect()
 }
 
 #[test]
