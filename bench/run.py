@@ -448,11 +448,13 @@ def cli(cfg: Path, *args: str, timeout: float = 3600) -> subprocess.CompletedPro
 
 
 def status_json(cfg: Path) -> list[dict]:
-    """The credential rows of `status --json` ({"credentials": [...], "tasks": [...]})."""
+    """The credential rows of `status --json` ({"credentials": [...], "tasks": [...]}; a bare
+    array from builds before task-scoped credentials, so that --bin can measure one)."""
     r = cli(cfg, "status", "--json", timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"status --json failed ({r.returncode}): {r.stderr.decode(errors='replace')[:500]}")
-    return json.loads(r.stdout)["credentials"]
+    rows = json.loads(r.stdout)
+    return rows if isinstance(rows, list) else rows["credentials"]
 
 
 # --------------------------------------------------------------------------
