@@ -868,6 +868,60 @@ generate = { kind = \"ed25519\" }\n[[agents.a.credentials.c.deliver]]\ntype = \"
         assert_eq!(paths, ["vaults.v", "agents.a.credentials.c.every"], "{e:?}");
     }
 
+    /// serde stops at a table's first error; every bad key of one table is
+    /// still reported, each where it is, and a key with a bad value is not
+    /// reported a second time as missing.
+    #[test]
+    fn every_bad_key_of_one_table_is_reported_at_once() {
+        let text = "[daemon]\nstate_dir = 5\nfoo = 1\nsocket = 7\n\
+retry = { initial_delay = 5, zz = 1 }\n\
+[vaults.v]\ntype = \"local\"\n\
+[agents.a]\nowner = \"o\"\ntier = \"low\"\nbogus = 1\ntenant = 3\n";
+        let e = errors(text);
+        let got: Vec<(&str, usize, usize)> = e
+            .iter()
+            .map(|e| (e.toml_path.as_str(), e.line, e.column))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("daemon.state_dir", 2, 13),
+                ("daemon.foo", 3, 1),
+                ("daemon.socket", 4, 10),
+                ("daemon.retry.initial_delay", 5, 27),
+                ("daemon.retry.zz", 5, 30),
+                ("agents.a.bogus", 11, 1),
+                ("agents.a.tenant", 12, 10),
+            ],
+            "{e:#?}"
+        );
+        assert!(e[1].message.starts_with("unknown key `foo`"), "{e:#?}");
+        assert!(!e.iter().any(|e| e.message.contains("missing")), "{e:#?}");
+    }
+
+    /// A missing key is reported beside a bad one in the same table.
+    #[test]
+    fn a_missing_key_is_reported_beside_a_bad_one() {
+        let text = "[vaults.v]\ntype = \"local\"\n[agents.a]\nowner = \"o\"\ntier = 5\n";
+        let e = errors(text);
+        let got: Vec<(&str, &str)> = e
+            .iter()
+            .map(|e| (e.toml_path.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(got.len(), 2, "{e:#?}");
+        assert_eq!(got[0].0, "agents.a", "{e:#?}");
+        assert!(got[0].1.contains("missing key `tenant`"), "{e:#?}");
+        assert_eq!(got[1].0, "agents.a.tier", "{e:#?}");
+
+        // A misspelled key is one error: the unknown key, whose message
+        // lists the right one, not also the right one as missing.
+        let text = "[vaults.v]\ntype = \"local\"\n[agents.a]\nowner = \"o\"\ntier = \"low\"\ntenat = \"t\"\n";
+        let e = errors(text);
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert_eq!(e[0].toml_path, "agents.a.tenat");
+        assert!(e[0].message.contains("`tenant`"), "{e:#?}");
+    }
+
     /// A config directory: `keyturn.toml` and `agents.d/*.toml`.
     fn config_dir(main: Option<&str>, agents: &[(&str, &str)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();

@@ -355,32 +355,99 @@ fn entries<'a>(item: &'a Item, p: &TomlPath, issues: &mut Vec<Issue>) -> Vec<(St
 
 /// Deserializes one section, keeping spans (a `Value` deserializer over the
 /// parsed item, not re-parsed text) and the path inside the section.
+///
+/// serde stops at a section's first error. So that every bad key of a
+/// section is reported at once, the key an error names is taken out and the
+/// section read again, up to [`MAX_ISSUES_PER_SECTION`] times. A key taken
+/// out is not reported again as missing, nor is a missing key of a table
+/// that had an unknown one, and an error that names no key after one was
+/// taken out is not reported: it may be the removal's doing.
 fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issue>) -> Parsed<T> {
-    let value = match item.clone().into_value() {
+    let mut value = match item.clone().into_value() {
         Ok(v) => v,
         Err(_) => {
             issues.push(Issue::at(p.clone(), "expected a value"));
             return Parsed::Invalid;
         }
     };
-    match serde_path_to_error::deserialize::<_, T>(value.into_deserializer()) {
-        Ok(t) => Parsed::Ok(t),
-        Err(e) => {
-            let mut path = p.clone();
-            for seg in e.path().iter() {
-                match seg {
-                    serde_path_to_error::Segment::Map { key } => path = path.key(key),
-                    serde_path_to_error::Segment::Seq { index } => path = path.index(*index),
-                    // Enum variants of tagged sections are not TOML keys.
-                    serde_path_to_error::Segment::Enum { .. }
-                    | serde_path_to_error::Segment::Unknown => {}
-                }
+    let mut removed: Vec<TomlPath> = Vec::new();
+    let mut unknown_in: Vec<TomlPath> = Vec::new();
+    for _ in 0..MAX_ISSUES_PER_SECTION {
+        let e = match serde_path_to_error::deserialize::<_, T>(value.clone().into_deserializer()) {
+            Ok(t) if removed.is_empty() => return Parsed::Ok(t),
+            Ok(_) => return Parsed::Invalid,
+            Err(e) => e,
+        };
+        let mut path = p.clone();
+        for seg in e.path().iter() {
+            match seg {
+                serde_path_to_error::Segment::Map { key } => path = path.key(key),
+                serde_path_to_error::Segment::Seq { index } => path = path.index(*index),
+                // Enum variants of tagged sections are not TOML keys.
+                serde_path_to_error::Segment::Enum { .. }
+                | serde_path_to_error::Segment::Unknown => {}
             }
-            let inner = e.into_inner();
-            issues.push(serde_issue(path, inner.message(), inner.span()));
-            Parsed::Invalid
+        }
+        let inner = e.into_inner();
+        let missing = inner
+            .message()
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(key, _)| path.key(key));
+        let unknown = inner.message().starts_with("unknown field `");
+        let table = path.clone();
+        let issue = serde_issue(path, inner.message(), inner.span());
+        let inside = &issue.path.segments()[p.segments().len().min(issue.path.segments().len())..];
+        if let Some(key) = &missing {
+            // Not when the key was taken out, nor when an unknown key was
+            // taken out of the same table: that is most likely the missing
+            // one misspelled, and its error lists the keys to choose from.
+            if !removed.contains(key) && !unknown_in.contains(&table) {
+                issues.push(issue);
+            }
+            return Parsed::Invalid;
+        }
+        if unknown {
+            // The issue's path ends in the unknown key (serde's may or may not).
+            let mut parent = issue.path.clone();
+            parent.0.pop();
+            unknown_in.push(parent);
+        }
+        if !removed.is_empty() && inside.is_empty() {
+            return Parsed::Invalid;
+        }
+        let taken_out = remove_key(&mut value, inside);
+        removed.push(issue.path.clone());
+        issues.push(issue);
+        if !taken_out {
+            return Parsed::Invalid;
         }
     }
+    Parsed::Invalid
+}
+
+/// How many errors one section reports at the most.
+const MAX_ISSUES_PER_SECTION: usize = 32;
+
+/// Takes the key at `path` (relative to `value`) out; false when the path
+/// does not end in a key or leads nowhere.
+fn remove_key(value: &mut Value, path: &[Seg]) -> bool {
+    let Some((Seg::Key(last), parents)) = path.split_last() else {
+        return false;
+    };
+    let mut at = value;
+    for seg in parents {
+        let next = match seg {
+            Seg::Key(k) => at.as_inline_table_mut().and_then(|t| t.get_mut(k)),
+            Seg::Index(i) => at.as_array_mut().and_then(|a| a.get_mut(*i)),
+        };
+        match next {
+            Some(v) => at = v,
+            None => return false,
+        }
+    }
+    at.as_inline_table_mut()
+        .is_some_and(|t| t.remove(last).is_some())
 }
 
 /// Rewrites serde's wording into the config's (keys, not fields) and points
