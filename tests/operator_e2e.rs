@@ -291,6 +291,36 @@ fn status_and_rotate_still_reach_the_daemon_while_the_config_is_invalid() {
     );
 }
 
+/// Defect: `rotate nope` answered `no agent AgentId("nope") in the config`,
+/// a Rust debug form in an operator's message. Each unknown name is given
+/// back as written, with where to look.
+#[test]
+fn rotating_what_the_config_lacks_names_it_as_written() {
+    let env = Env::new(&creds(1, "1h", "0s", "0s"));
+    let daemon = env.start();
+    wait_version(&env, "bot", "c0", 1);
+    for (selector, said) in [
+        (
+            "nope",
+            "no agent \"nope\" in the config (see `keyturn status`)",
+        ),
+        (
+            "bot/nope",
+            "no credential bot/nope in the config (see `keyturn status`)",
+        ),
+    ] {
+        let out = env.cli(&["rotate", selector]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(said), "{selector}: {stderr}");
+        assert!(
+            !stderr.contains("AgentId") && !stderr.contains("CredentialId"),
+            "{stderr}"
+        );
+    }
+    daemon.stop();
+}
+
 /// A config directory: `keyturn.toml` and `agents.d/*.toml`. A reload reads
 /// only the agent files that changed: an unchanged file (same inode, size
 /// and modification time) is not read again, so that even a broken copy of

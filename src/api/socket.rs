@@ -1076,7 +1076,7 @@ mod tests {
             _reason: String,
             _by: Option<String>,
         ) -> Result<DecommissionResult, ApiError> {
-            Err(ApiError::not_found(format!("no agent {agent:?}")))
+            Err(ApiError::not_found(format!("no agent \"{agent}\"")))
         }
         async fn agents(&self) -> Vec<AgentLifecycle> {
             Vec::new()

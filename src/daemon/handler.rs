@@ -47,7 +47,9 @@ impl Handler {
         };
         if let Some(a) = as_agent {
             let Some(cfg) = agents.get(a) else {
-                return Err(ApiError::not_found(format!("no agent {a:?} in the config")));
+                return Err(ApiError::not_found(format!(
+                    "no agent \"{a}\" in the config (see `keyturn status`)"
+                )));
             };
             if cfg.uid == Some(peer.uid) {
                 return Ok(caller(a, format!("uid={}", peer.uid)));
@@ -211,7 +213,7 @@ impl Handler {
             let what = match selector {
                 Selector::All => "no credentials are configured".to_string(),
                 Selector::Agent(a) => {
-                    format!("no agent {a:?} in the config (see `keyturn status`)")
+                    format!("no agent \"{a}\" in the config (see `keyturn status`)")
                 }
                 Selector::Credential(c) => {
                     format!("no credential {c} in the config (see `keyturn status`)")

@@ -191,7 +191,7 @@ impl Inner {
                 live.schedule(key, Job::Retire, at);
             }
             Err(why) => {
-                tracing::error!(agent = %key.agent, credential = %key.credential, version = ?rot.previous_version, rotation = %rot.id, "not in the config any more and its previous version cannot be retired ({why}); add the credential back to retire it, or retire version {:?} by hand", rot.previous_version);
+                tracing::error!(agent = %key.agent, credential = %key.credential, version = ?rot.previous_version, rotation = %rot.id, "not in the config any more and its previous version cannot be retired ({why}); add the credential back to retire it, or retire {} by hand", rot.previous_version.map_or("its previous version".to_string(), |v| format!("version {v}")));
             }
         }
     }
