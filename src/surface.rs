@@ -373,12 +373,12 @@ pub fn render(s: &Surface) -> String {
     let t = &s.totals;
     let _ = writeln!(
         out,
-        "identities {}  (active {}, decommissioning {}, decommissioned {}, orphaned {})",
+        "identities {}  (active {}, decommissioning {}, orphaned {})  decommissioned {}",
         t.identities,
         t.agents.get("active").copied().unwrap_or(0),
         t.agents.get("decommissioning").copied().unwrap_or(0),
-        t.agents.get("decommissioned").copied().unwrap_or(0),
         t.agents.get("orphaned").copied().unwrap_or(0),
+        t.agents.get("decommissioned").copied().unwrap_or(0),
     );
     let _ = writeln!(
         out,

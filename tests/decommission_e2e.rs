@@ -346,7 +346,12 @@ fn surface_matches_the_configured_and_observed_state() {
     );
     // The table says the same.
     let table = text(&env.cli_ok(&["surface"]));
-    assert!(table.contains("identities 3"), "{table}");
+    // The decommissioned agent is not one of the identities, and the
+    // table does not list it among their parts.
+    assert!(
+        table.contains("identities 3  (active 2, decommissioning 0, orphaned 1)  decommissioned 1"),
+        "{table}"
+    );
     assert!(table.contains("left  [orphaned]"), "{table}");
 
     // The same totals as metrics.
