@@ -321,6 +321,50 @@ fn rotating_what_the_config_lacks_names_it_as_written() {
     daemon.stop();
 }
 
+/// Defect: `keyturn status | head -3` panicked ("failed printing to stdout:
+/// Broken pipe") with a backtrace on stderr. A client command writing to a
+/// pipe whose reader is gone ends quietly by SIGPIPE, as Unix tools do; the
+/// daemon is not affected by the reader of a client going away.
+#[test]
+fn output_into_a_closed_pipe_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new(&creds(3, "1h", "0s", "0s"));
+    let daemon = env.start();
+    wait_version(&env, "bot", "c2", 1);
+    for args in [
+        &["status"][..],
+        &["check"],
+        &["surface"],
+        &["audit", "verify"],
+    ] {
+        // The reading end is closed before the command starts: its first
+        // write meets a pipe with no reader.
+        let (read, write) = nix::unistd::pipe().expect("pipe");
+        drop(read);
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(&env.config)
+            .env_remove("KEYTURN_CONFIG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(write))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("run keyturn");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.signal(),
+            Some(13),
+            "{args:?}: {:?} {stderr}",
+            out.status
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    // The daemon still answers.
+    env.cli_ok(&["status"]);
+    daemon.stop();
+}
+
 /// A config directory: `keyturn.toml` and `agents.d/*.toml`. A reload reads
 /// only the agent files that changed: an unchanged file (same inode, size
 /// and modification time) is not read again, so that even a broken copy of

@@ -316,6 +316,9 @@ pub fn main() -> ExitCode {
     // A TAB in a shell with `keyturn completions` loaded: answer and exit.
     completions::answer_if_asked();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Daemon | Command::Watch(_)) {
+        end_quietly_on_a_closed_pipe();
+    }
     if let Command::Completions { shell } = cli.command {
         let mut out = std::io::stdout().lock();
         return match completions::write_script(shell, &mut out) {
@@ -347,6 +350,18 @@ pub fn main() -> ExitCode {
     // Blocking tasks (SQLite, file writes) are bounded; do not wait forever on them.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     ExitCode::from(code)
+}
+
+/// A client command whose output goes to a pipe its reader has closed
+/// (`keyturn status | head -3`) ends quietly, killed by SIGPIPE as any Unix
+/// tool is. Rust ignores SIGPIPE, so a print would panic on the closed pipe
+/// instead. The daemon and `watch` keep ignoring it: they write to sockets
+/// and pipes whose readers may go away, and must see EPIPE as an error.
+fn end_quietly_on_a_closed_pipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: at start-up, before any thread exists; SIG_DFL installs no
+    // handler.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }
 
 async fn run(cli: Cli) -> u8 {
