@@ -401,7 +401,10 @@ impl Engine {
         self.inner.status()
     }
 
-    /// `(key, age, seconds until due)` for every credential, for the metrics scrape.
+    /// `(key, age, seconds until due)` for every credential, for the metrics
+    /// scrape. Not for a decommissioned (or decommissioning) agent's: they
+    /// are not rotated any more, and an age that grows past `max_age` or a
+    /// due time long past would set off the rotation alerts.
     pub fn credential_times(&self) -> Vec<(CredentialKey, Option<f64>, Option<f64>)> {
         let now = self.inner.now();
         let live = self.inner.live();
@@ -409,6 +412,7 @@ impl Engine {
         let mut out: Vec<_> = catalog
             .creds
             .keys()
+            .filter(|key| !self.inner.is_retired(&key.agent))
             .map(|key| {
                 let row = live.get(key).and_then(|l| l.row.as_ref());
                 let age = row
@@ -499,7 +503,8 @@ impl Inner {
                 // A followed credential has no due time: it moves when its
                 // rotator rotates it.
                 let follow = entry.cfg.follow.is_some();
-                let state = if let Some(label) = self.retired_label(&key.agent) {
+                let retired = self.retired_label(&key.agent);
+                let state = if let Some(label) = retired {
                     label
                 } else if follow && state == "idle" {
                     "follow"
@@ -524,7 +529,8 @@ impl Inner {
                     next_due: live
                         .deadline(key, Job::Rotate)
                         .or_else(|| row.and_then(|r| r.next_due))
-                        .filter(|_| !follow),
+                        // Nothing is due for a decommissioned agent.
+                        .filter(|_| !follow && retired.is_none()),
                     state: state.to_owned(),
                     // A parked rotation shows where it stopped.
                     step: running

@@ -72,6 +72,12 @@ impl Inner {
         // Lock order as in `status`: the live table, then the acks.
         let live = self.live();
         for entry in catalog.creds.values() {
+            // A decommissioned agent's credentials are not rotated any more:
+            // neither their failures nor their age are a rotation problem
+            // (the revocation SLA has alerts of its own).
+            if self.is_retired(&entry.key().agent) {
+                continue;
+            }
             let cfg = &entry.cfg;
             let follow = cfg.follow.is_some();
             if follow && cfg.max_age.is_none() {
@@ -99,6 +105,9 @@ impl Inner {
                 let Some(entry) = catalog.creds.get(key) else {
                     continue;
                 };
+                if self.is_retired(&key.agent) {
+                    continue;
+                }
                 let Some(delivered) = live
                     .get(key)
                     .and_then(|l| l.row.as_ref())

@@ -163,6 +163,37 @@ async fn a_version_is_expiring_one_period_before_max_age_then_expired() {
     rig.shutdown().await;
 }
 
+/// Defect: a decommissioned agent's credential kept ageing in the
+/// rotation health conditions and the metrics, so its `max_age` paged an
+/// operator (expiring, then expired) for an agent retired on purpose, and
+/// `status` showed it due ever since. Once the agent is stopped, none of
+/// that is reported; the other agents' are.
+#[tokio::test(start_paused = true)]
+async fn a_decommissioned_agent_raises_no_rotation_alerts_and_has_nothing_due() {
+    let rig = rig_in("every = \"6h\"\nmax_age = \"13h\"", "", &[]);
+    assert_eq!(rig.rotate_c0().await.version, Some(1));
+    let expired = rig.engine.health_conditions(at(14 * HOUR));
+    assert_eq!(
+        names(&expired),
+        vec![(CREDENTIAL_EXPIRED, Severity::Critical)]
+    );
+    assert_eq!(rig.engine.credential_times().len(), 1);
+    assert!(rig.status("c0").next_due.is_some());
+
+    let agent = key("c0").agent.clone();
+    rig.engine.stop_agent(&agent, "decommissioning").await;
+    for label in ["decommissioning", "decommissioned"] {
+        rig.engine.set_agent_label(&agent, label);
+        let c = rig.engine.health_conditions(at(14 * HOUR));
+        assert!(c.firing.is_empty(), "{label}: {c:?}");
+        assert_eq!(c.next_change, None, "{label}");
+        assert!(rig.engine.credential_times().is_empty(), "{label}");
+        let row = rig.status("c0");
+        assert_eq!((row.state.as_str(), row.next_due), (label, None));
+    }
+    rig.shutdown().await;
+}
+
 /// A fixed `expiry_critical_before` instead of the period.
 #[tokio::test(start_paused = true)]
 async fn a_fixed_expiry_lead_moves_the_expiring_threshold() {
