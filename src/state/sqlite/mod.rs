@@ -20,128 +20,41 @@
 //! stays the record of what happened. `FULL` would cost an fsync per step.
 //!
 //! # Schema
-//! Migrations are an ordered list of SQL scripts; `PRAGMA user_version` is the
-//! number applied so far. Each runs in its own transaction together with the
-//! `user_version` bump, so a crash mid-migration leaves the previous version.
+//! The tables and the migrations that build them are in `schema.rs`.
 //! Timestamps are stored as `INTEGER` unix milliseconds (the engine truncates
 //! its timestamps to milliseconds; anything finer is dropped on write).
 //! Secret values never reach this database: no table has a column for one.
+//!
+//! # Layout
+//! - `mod.rs`: [`SqliteStore`]: opening, connection settings, the writes
+//!   (one transaction per `apply`, savepoints per group in `apply_batch`) and
+//!   the reads of [`StateStore`];
+//! - `schema.rs`: the migrations and [`SCHEMA_VERSION`];
+//! - `rows.rs`: column lists, row decoding (bad rows are `Corrupt`) and the
+//!   encodings the writes use.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    AckRow, AuditHead, CredentialRow, DecommissionRow, Result, RevocationRow, RotationRow,
-    Snapshot, StateError, StateStore, Step, Trigger, VersionRow, Write,
+    AuditHead, CredentialRow, DecommissionRow, Result, RevocationRow, RotationRow, Snapshot,
+    StateError, StateStore, VersionRow, Write,
 };
-use crate::model::{AgentId, CredentialId, CredentialKey, RotationId, Stage, VersionNo};
+use crate::model::{AgentId, CredentialKey, RotationId, Stage, VersionNo};
 use crate::private_file;
 
-/// Migration `i` moves the schema from `user_version = i` to `i + 1`.
-/// Append new migrations; never edit a released one.
-const MIGRATIONS: &[&str] = &[
-    // 1: the initial schema.
-    r#"
-    CREATE TABLE credentials (
-        agent                TEXT    NOT NULL,
-        credential           TEXT    NOT NULL,
-        current_version      INTEGER,
-        last_rotated_at      INTEGER,
-        next_due             INTEGER,
-        consecutive_failures INTEGER NOT NULL DEFAULT 0,
-        last_error           TEXT,
-        PRIMARY KEY (agent, credential)
-    );
+mod rows;
+mod schema;
 
-    CREATE TABLE rotations (
-        id                     TEXT    NOT NULL PRIMARY KEY,
-        agent                  TEXT    NOT NULL,
-        credential             TEXT    NOT NULL,
-        step                   TEXT    NOT NULL,
-        "trigger"              TEXT    NOT NULL,
-        version                INTEGER NOT NULL,
-        vault_version          TEXT,
-        previous_version       INTEGER,
-        previous_vault_version TEXT,
-        started_at             INTEGER NOT NULL,
-        updated_at             INTEGER NOT NULL,
-        retire_at              INTEGER,
-        attempts               INTEGER NOT NULL DEFAULT 0,
-        last_error             TEXT
-    );
-    CREATE INDEX rotations_by_credential ON rotations (agent, credential, started_at);
-    -- Start-up only needs the unfinished few among (eventually) millions.
-    CREATE INDEX rotations_unfinished ON rotations (agent, credential) WHERE step != 'done';
-
-    CREATE TABLE versions (
-        agent         TEXT    NOT NULL,
-        credential    TEXT    NOT NULL,
-        version       INTEGER NOT NULL,
-        rotation      TEXT    NOT NULL,
-        stage         TEXT    NOT NULL,
-        vault_version TEXT    NOT NULL,
-        created_at    INTEGER NOT NULL,
-        public        TEXT,
-        PRIMARY KEY (agent, credential, version)
-    );
-
-    CREATE TABLE audit_head (
-        id   INTEGER NOT NULL PRIMARY KEY CHECK (id = 1),
-        seq  INTEGER NOT NULL,
-        hash TEXT    NOT NULL
-    );
-    "#,
-    // 2: where a rotation's versions are held (vaults, path, target), so its
-    // previous version can be retired after the credential left the config.
-    r#"
-    ALTER TABLE rotations ADD COLUMN footprint TEXT;
-    "#,
-    // 3: consumers that must acknowledge the last delivered version, so a
-    // restart neither forgets an awaited ack nor retires early.
-    r#"
-    CREATE TABLE acks (
-        agent      TEXT    NOT NULL,
-        credential TEXT    NOT NULL,
-        version    INTEGER NOT NULL,
-        consumer   TEXT    NOT NULL,
-        acked_at   INTEGER,
-        PRIMARY KEY (agent, credential, consumer)
-    );
-    "#,
-    // 4: when a credential's current run of failures began, the stable
-    // start of its "rotation failing" alert. Rows failing before this
-    // migration have no first-failure time: they get the migration's time.
-    r#"
-    ALTER TABLE credentials ADD COLUMN failing_since INTEGER;
-    UPDATE credentials SET failing_since = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)
-        WHERE consecutive_failures > 0;
-    "#,
-    // 5: decommissions, each item of their revocation, and what every
-    // credential holds where (to revoke it after it left the config). The
-    // records are keyturn's own JSON (`state::DecommissionRow`, ...).
-    r#"
-    CREATE TABLE decommissions (
-        agent  TEXT NOT NULL PRIMARY KEY,
-        record TEXT NOT NULL
-    );
-    CREATE TABLE revocations (
-        agent  TEXT NOT NULL,
-        item   TEXT NOT NULL,
-        record TEXT NOT NULL,
-        PRIMARY KEY (agent, item)
-    );
-    CREATE TABLE holdings (
-        agent      TEXT NOT NULL,
-        credential TEXT NOT NULL,
-        footprint  TEXT NOT NULL,
-        PRIMARY KEY (agent, credential)
-    );
-    "#,
-];
+use rows::{
+    ACK_COLS, CREDENTIAL_COLS, Decode, ROTATION_COLS, VERSION_COLS, decode_ack, decode_agent,
+    decode_credential, decode_decommission, decode_holding, decode_revocation, decode_rotation,
+    decode_version, to_json, to_millis,
+};
+pub use schema::SCHEMA_VERSION;
 
 /// The WAL is checkpointed into the database every this many pages (1 MiB
 /// at SQLite's 4 KiB pages) instead of SQLite's default 1000, and cut back to
@@ -151,19 +64,6 @@ const MIGRATIONS: &[&str] = &[
 /// Shared with the local vault.
 pub const WAL_CHECKPOINT_PAGES: i64 = 256;
 pub const WAL_SIZE_LIMIT: i64 = 1 << 20;
-
-/// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
-
-// Column lists shared by the SELECTs and their decoders: keep them in step.
-const CREDENTIAL_COLS: &str = "agent, credential, current_version, last_rotated_at, next_due, \
-     consecutive_failures, last_error, failing_since";
-const ROTATION_COLS: &str = "id, agent, credential, step, \"trigger\", version, vault_version, \
-     previous_version, previous_vault_version, started_at, updated_at, retire_at, attempts, \
-     last_error, footprint";
-const ACK_COLS: &str = "agent, credential, version, consumer, acked_at";
-const VERSION_COLS: &str =
-    "agent, credential, version, rotation, stage, vault_version, created_at, public";
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -304,50 +204,6 @@ impl SqliteStore {
                 .map_err(|e| self.err(e))?;
         }
         Ok(())
-    }
-
-    fn user_version(&self) -> Result<i64> {
-        self.lock()
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(|e| self.err(e))
-    }
-
-    fn migrate(&self) -> Result<()> {
-        let mut conn = self.lock();
-        loop {
-            // Read the version inside the write transaction, so two processes
-            // opening the same new database cannot both apply a migration.
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(|e| self.err(e))?;
-            let found: i64 = tx
-                .query_row("PRAGMA user_version", [], |r| r.get(0))
-                .map_err(|e| self.err(e))?;
-            if found > SCHEMA_VERSION {
-                return Err(self.too_new(found));
-            }
-            if found == SCHEMA_VERSION {
-                return Ok(());
-            }
-            let Ok(index) = usize::try_from(found) else {
-                return Err(StateError::Corrupt {
-                    path: self.path.clone(),
-                    message: format!("negative schema version {found}"),
-                });
-            };
-            tx.execute_batch(MIGRATIONS[index]).map_err(|e| {
-                let mut err = self.err(e);
-                if let StateError::Db { message, .. } = &mut err {
-                    *message = format!("migration {} failed: {message}", index + 1);
-                }
-                err
-            })?;
-            // PRAGMA does not take bound parameters; the value is our own integer.
-            tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1))
-                .map_err(|e| self.err(e))?;
-            tx.commit().map_err(|e| self.err(e))?;
-            tracing::info!(path = %self.path, schema_version = index + 1, "state database migrated");
-        }
     }
 
     fn write_one(&self, tx: &Connection, w: &Write) -> Result<()> {
@@ -856,168 +712,13 @@ fn db_err(path: &str, e: rusqlite::Error) -> StateError {
     }
 }
 
-fn to_json<T: serde::Serialize>(t: &T) -> String {
-    serde_json::to_string(t).expect("a state record serialises")
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(table: &str, text: &str) -> DecodeResult<T> {
-    serde_json::from_str(text)
-        .map_err(|e| Decode::Corrupt(format!("{table}: unreadable record: {e}")))
-}
-
-fn decode_decommission(row: &Row<'_>) -> DecodeResult<DecommissionRow> {
-    from_json("decommissions", &row.get::<_, String>(0)?)
-}
-
-fn decode_revocation(row: &Row<'_>) -> DecodeResult<RevocationRow> {
-    from_json("revocations", &row.get::<_, String>(0)?)
-}
-
-fn decode_holding(row: &Row<'_>) -> DecodeResult<(CredentialKey, String)> {
-    Ok((key_at(row, "holdings", 0)?, row.get(2)?))
-}
-
-fn decode_agent(row: &Row<'_>) -> DecodeResult<AgentId> {
-    let a: String = row.get(0)?;
-    AgentId::new(a.clone()).map_err(|e| Decode::Corrupt(format!("agent id {a:?}: {e}")))
-}
-
-fn to_millis(t: DateTime<Utc>) -> i64 {
-    t.timestamp_millis()
-}
-
-/// Why a row could not be decoded: SQLite failed, or the row holds junk.
-enum Decode {
-    Sql(rusqlite::Error),
-    Corrupt(String),
-}
-
-impl From<rusqlite::Error> for Decode {
-    fn from(e: rusqlite::Error) -> Self {
-        use rusqlite::Error as E;
-        match e {
-            // A column of the wrong type or range is bad data, not a DB failure.
-            E::InvalidColumnType(..)
-            | E::FromSqlConversionFailure(..)
-            | E::IntegralValueOutOfRange(..)
-            | E::Utf8Error(..) => Decode::Corrupt(e.to_string()),
-            other => Decode::Sql(other),
-        }
-    }
-}
-
-type DecodeResult<T> = std::result::Result<T, Decode>;
-
-fn corrupt(table: &str, column: &str, what: impl std::fmt::Display) -> Decode {
-    Decode::Corrupt(format!("{table}.{column}: {what}"))
-}
-
-fn key_at(row: &Row<'_>, table: &str, agent_idx: usize) -> DecodeResult<CredentialKey> {
-    let agent: String = row.get(agent_idx)?;
-    let credential: String = row.get(agent_idx + 1)?;
-    let agent =
-        AgentId::new(&agent).map_err(|e| corrupt(table, "agent", format!("{agent:?} {e}")))?;
-    let credential = CredentialId::new(&credential)
-        .map_err(|e| corrupt(table, "credential", format!("{credential:?} {e}")))?;
-    Ok(CredentialKey::new(agent, credential))
-}
-
-fn ts(table: &str, column: &str, millis: i64) -> DecodeResult<DateTime<Utc>> {
-    DateTime::from_timestamp_millis(millis)
-        .ok_or_else(|| corrupt(table, column, format!("timestamp {millis} out of range")))
-}
-
-fn opt_ts(table: &str, column: &str, millis: Option<i64>) -> DecodeResult<Option<DateTime<Utc>>> {
-    millis.map(|m| ts(table, column, m)).transpose()
-}
-
-fn ver(table: &str, column: &str, v: i64) -> DecodeResult<VersionNo> {
-    VersionNo::try_from(v).map_err(|_| corrupt(table, column, format!("negative version {v}")))
-}
-
-fn count(table: &str, column: &str, v: i64) -> DecodeResult<u32> {
-    u32::try_from(v).map_err(|_| corrupt(table, column, format!("count {v} out of range")))
-}
-
-fn rotation_id(table: &str, column: &str, s: &str) -> DecodeResult<RotationId> {
-    RotationId::parse(s).ok_or_else(|| corrupt(table, column, format!("bad rotation id {s:?}")))
-}
-
-fn decode_credential(row: &Row<'_>) -> DecodeResult<CredentialRow> {
-    const T: &str = "credentials";
-    Ok(CredentialRow {
-        key: key_at(row, T, 0)?,
-        current_version: row
-            .get::<_, Option<i64>>(2)?
-            .map(|v| ver(T, "current_version", v))
-            .transpose()?,
-        last_rotated_at: opt_ts(T, "last_rotated_at", row.get(3)?)?,
-        next_due: opt_ts(T, "next_due", row.get(4)?)?,
-        consecutive_failures: count(T, "consecutive_failures", row.get(5)?)?,
-        last_error: row.get(6)?,
-        failing_since: opt_ts(T, "failing_since", row.get(7)?)?,
-    })
-}
-
-fn decode_ack(row: &Row<'_>) -> DecodeResult<AckRow> {
-    const T: &str = "acks";
-    Ok(AckRow {
-        key: key_at(row, T, 0)?,
-        version: ver(T, "version", row.get(2)?)?,
-        consumer: row.get(3)?,
-        acked_at: opt_ts(T, "acked_at", row.get(4)?)?,
-    })
-}
-
-fn decode_rotation(row: &Row<'_>) -> DecodeResult<RotationRow> {
-    const T: &str = "rotations";
-    let id: String = row.get(0)?;
-    let step: String = row.get(3)?;
-    let trigger: String = row.get(4)?;
-    Ok(RotationRow {
-        id: rotation_id(T, "id", &id)?,
-        key: key_at(row, T, 1)?,
-        step: Step::parse(&step)
-            .ok_or_else(|| corrupt(T, "step", format!("unknown step {step:?}")))?,
-        trigger: Trigger::parse(&trigger)
-            .ok_or_else(|| corrupt(T, "trigger", format!("unknown trigger {trigger:?}")))?,
-        version: ver(T, "version", row.get(5)?)?,
-        vault_version: row.get(6)?,
-        previous_version: row
-            .get::<_, Option<i64>>(7)?
-            .map(|v| ver(T, "previous_version", v))
-            .transpose()?,
-        previous_vault_version: row.get(8)?,
-        started_at: ts(T, "started_at", row.get(9)?)?,
-        updated_at: ts(T, "updated_at", row.get(10)?)?,
-        retire_at: opt_ts(T, "retire_at", row.get(11)?)?,
-        attempts: count(T, "attempts", row.get(12)?)?,
-        last_error: row.get(13)?,
-        footprint: row.get(14)?,
-    })
-}
-
-fn decode_version(row: &Row<'_>) -> DecodeResult<VersionRow> {
-    const T: &str = "versions";
-    let rotation: String = row.get(3)?;
-    let stage: String = row.get(4)?;
-    Ok(VersionRow {
-        key: key_at(row, T, 0)?,
-        version: ver(T, "version", row.get(2)?)?,
-        rotation: rotation_id(T, "rotation", &rotation)?,
-        stage: Stage::parse(&stage)
-            .ok_or_else(|| corrupt(T, "stage", format!("unknown stage {stage:?}")))?,
-        vault_version: row.get(5)?,
-        created_at: ts(T, "created_at", row.get(6)?)?,
-        public: row.get(7)?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use super::schema::MIGRATIONS;
     use super::*;
-    use crate::state::Restage;
+    use crate::state::{Restage, Step, Trigger};
     use crate::test_support::{credential_row, key};
+    use chrono::{DateTime, Utc};
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
     use std::time::Instant;
