@@ -688,7 +688,7 @@ impl Inner {
                     }
                 };
                 let next_due = me.cred_row(entry.key()).next_due;
-                let notice = super::steps::notice_for(&entry, &rot, &value, rot.updated_at, next_due);
+                let notice = super::attempt::notice_for(&entry, &rot, &value, rot.updated_at, next_due);
                 for sink in sinks {
                     me.clone().spawn_delivery_retry(
                         rot.key.clone(),

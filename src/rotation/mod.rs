@@ -27,7 +27,10 @@
 //!   start-up and reload, catch-up included;
 //! - `jobs.rs`: a job's lifecycle: spawned, run, how it ended recorded, the
 //!   next timers armed;
-//! - `steps.rs`: the steps of one rotation and their one failure path;
+//! - `steps.rs`: the steps of one rotation in order, each recorded, and
+//!   their one failure path;
+//! - `attempt.rs`: one attempt of one step: what create, set, test,
+//!   promote, deliver and retire do at the vaults, the target and the sinks;
 //! - `acks.rs`: deliveries to sinks, the consumers that must acknowledge
 //!   them, and when the previous version may be retired;
 //! - `step.rs`: the state machine ([`Step`], [`Trigger`]);
@@ -47,6 +50,7 @@
 //! - `failpoint.rs`: crash points for the kill -9 tests.
 
 mod acks;
+mod attempt;
 mod catalog;
 mod clock;
 mod engine;

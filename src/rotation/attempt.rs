@@ -1,0 +1,489 @@
+//! One attempt of one step: what `create`, `set`, `test`, `promote`,
+//! `deliver` and `retire` do at the vaults, the target and the sinks, and
+//! the state writes that record it. Retrying, recording and the one failure
+//! path around every attempt are in `steps.rs`.
+
+use super::catalog::{CredEntry, VaultHandle};
+use super::engine::{Inner, chrono_dur};
+use super::failpoint::crash_point;
+use super::footprint::Footprint;
+use super::step::Step;
+use super::steps::{RunMemory, StepError};
+use crate::audit::Outcome;
+use crate::generators;
+use crate::model::{ErrorKind, PluginError, SecretValue, Stage};
+use crate::sinks::Notice;
+use crate::state::{CredentialRow, Restage, RotationRow, VersionRow, Write};
+use crate::targets::Target;
+use crate::vaults::{Select, Vault, VaultItem, VaultRefs, VersionRef};
+
+impl Inner {
+    /// One attempt of one step. Returns the state writes that record its effect.
+    pub(super) async fn attempt_step(
+        &self,
+        entry: &CredEntry,
+        rot: &mut RotationRow,
+        run: &mut RunMemory,
+    ) -> Result<Vec<Write>, StepError> {
+        let key = entry.key();
+        let item = VaultItem {
+            key,
+            path: &entry.cfg.vault_path(),
+        };
+        match rot.step {
+            Step::Create => {
+                let fresh = std::mem::take(&mut run.fresh);
+                let generated = generators::generate(&entry.cfg.generate).map_err(|e| {
+                    StepError::new(
+                        "generator",
+                        PluginError::new(ErrorKind::Invalid, e.to_string()),
+                    )
+                })?;
+                let primary = &entry.primary().vault;
+                let vref = primary
+                    .stage(item.pending(&rot.id, &generated.value).with_fresh(fresh))
+                    .await
+                    .map_err(|e| vault_error(primary.describe(), e))?;
+                crash_point("rotation.create.after_primary_stage");
+                // A fresh stage stored the value generated now. Otherwise read
+                // back what the vault holds: after a replay it is the value
+                // staged the first time, not the one generated now. The other
+                // vaults get that value, so a replay that finds some of them
+                // already staged cannot make them disagree.
+                let stored = if fresh {
+                    generated.value
+                } else {
+                    drop(generated);
+                    read_from(primary.as_ref(), item, &vref).await?
+                };
+                let mut refs = VaultRefs(vec![(primary.describe().to_owned(), vref)]);
+                for other in &entry.vaults[1..] {
+                    let v = &other.vault;
+                    let r = v
+                        .stage(item.pending(&rot.id, &stored).with_fresh(fresh))
+                        .await
+                        .map_err(|e| vault_error(v.describe(), e))?;
+                    refs.0.push((v.describe().to_owned(), r));
+                }
+                let public =
+                    generators::public_part(generators::kind_of(&entry.cfg.generate), &stored);
+                let encoded = refs.encode();
+                rot.vault_version = Some(encoded.clone());
+                run.staged = Some(stored);
+                Ok(vec![Write::Version(VersionRow {
+                    key: key.clone(),
+                    version: rot.version,
+                    rotation: rot.id.clone(),
+                    stage: Stage::Pending,
+                    vault_version: encoded,
+                    created_at: self.now(),
+                    public,
+                })])
+            }
+            Step::Set | Step::Test => {
+                // Without a target these steps are skipped (`next_step`);
+                // one reached anyway (a rotation resumed after the target
+                // was removed from the config) has nothing to do.
+                let Some(target) = &entry.target else {
+                    return Ok(vec![]);
+                };
+                let value = self.staged_value(entry, rot, run).await?;
+                let r = if rot.step == Step::Set {
+                    target.set(key, rot.version, value).await
+                } else {
+                    target.test(key, rot.version, value).await
+                };
+                r.map_err(|e| target_error(target.as_ref(), e))?;
+                Ok(vec![])
+            }
+            Step::Promote => {
+                // Every vault already holds the value (create staged it in
+                // all); promote each. Promote is idempotent, so after a
+                // failure in one vault the retry re-promotes the others as
+                // no-ops and the vaults converge on the same current version.
+                let previous = rot
+                    .previous_vault_version
+                    .as_deref()
+                    .map(|p| VaultRefs::decode(p, entry.primary().vault.describe()))
+                    .unwrap_or_default();
+                for (i, h) in entry.vaults.iter().enumerate() {
+                    if i == 1 {
+                        crash_point("rotation.promote.after_first_vault");
+                    }
+                    let vref = staged_in(entry, rot, h)?;
+                    // Every version older than the previous one was retired
+                    // before this rotation began (`rotate` runs the last
+                    // rotation's retire step first).
+                    let expected = previous.get(h.vault.describe());
+                    let promoted = match expected {
+                        Some(_) => h.vault.promote_from(item, &vref, expected).await,
+                        // Nothing to check against (a first rotation, or a
+                        // vault added since): a plain promote reads less.
+                        None => h.vault.promote(item, &vref).await.map(|()| None),
+                    };
+                    if let (Ok(before), Some(prev_ref)) = (&promoted, expected) {
+                        self.check_current_before_promote(
+                            entry,
+                            rot,
+                            h.vault.describe(),
+                            prev_ref,
+                            &vref,
+                            before.as_ref(),
+                        )
+                        .await?;
+                    }
+                    if let Err(e) = promoted {
+                        // Vaults are promoted in order, so when the first
+                        // one refuses nothing is promoted anywhere yet: if
+                        // the staged version is gone from it, the rotation
+                        // is abandoned like in `set` and `test`. (Gone
+                        // after a vault was promoted is another matter: the
+                        // value is current there.)
+                        let gone = i == 0
+                            && match h.vault.read(item, Select::Version(&vref)).await {
+                                Ok(found) => found.is_none(),
+                                Err(e) => e.kind == ErrorKind::NotFound,
+                            };
+                        if !gone {
+                            return Err(vault_error(h.vault.describe(), e));
+                        }
+                        return Err(StepError {
+                            staged_gone: true,
+                            ..vault_error(
+                                h.vault.describe(),
+                                PluginError::new(
+                                    ErrorKind::NotFound,
+                                    format!(
+                                        "version {vref} of {} is gone from the vault (deleted out of band?), so it cannot be promoted ({})",
+                                        item.path, e.message
+                                    ),
+                                ),
+                            )
+                        });
+                    }
+                }
+                let mut writes = vec![Write::VersionStage {
+                    key: key.clone(),
+                    version: rot.version,
+                    stage: Stage::Current,
+                }];
+                let mut keep = vec![rot.version];
+                if let Some(prev) = rot.previous_version {
+                    writes.push(Write::VersionStage {
+                        key: key.clone(),
+                        version: prev,
+                        stage: Stage::Previous,
+                    });
+                    keep.push(prev);
+                }
+                // Anything older still marked current or previous was
+                // retired in the vault by this promote.
+                writes.push(Write::RetireOthers(Restage {
+                    key: key.clone(),
+                    except: keep,
+                    from: vec![Stage::Current, Stage::Previous],
+                    to: Stage::Retired,
+                }));
+                Ok(writes)
+            }
+            Step::Deliver => {
+                let value = self.staged_value(entry, rot, run).await?;
+                let row = delivered_row(entry, rot);
+                let notice = notice_for(entry, rot, value, self.now(), row.next_due);
+                let mut writes = self.deliver_to_sinks(entry, &notice, value).await?;
+                self.settle_vaults(entry, rot).await?;
+                writes.push(Write::Credential(row));
+                writes.push(Write::Holding {
+                    key: key.clone(),
+                    footprint: Footprint::holding(entry).to_json(),
+                });
+                Ok(writes)
+            }
+            Step::Retire => self.retire_previous(entry, rot).await,
+            Step::Done => Ok(vec![]),
+        }
+    }
+
+    /// The retire step: the grace period of the previous version is over
+    /// (or a newer rotation is starting), so it goes from every vault that
+    /// holds it and stops working at the target.
+    pub(super) async fn retire_previous(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+    ) -> Result<Vec<Write>, StepError> {
+        let mut writes = vec![Write::PruneHistory(entry.key().clone())];
+        writes.extend(self.report_holdouts(entry, rot).await?);
+        let Some(prev) = &rot.previous_vault_version else {
+            return Ok(writes);
+        };
+        let item = VaultItem {
+            key: entry.key(),
+            path: &entry.cfg.vault_path(),
+        };
+        let refs = VaultRefs::decode(prev, entry.primary().vault.describe());
+        for h in entry.vaults.iter() {
+            // A vault added to the credential since the previous version
+            // was made does not hold it.
+            let Some(vref) = refs.get(h.vault.describe()) else {
+                continue;
+            };
+            h.vault
+                .retire(item, vref)
+                .await
+                .map_err(|e| vault_error(h.vault.describe(), e))?;
+        }
+        if let Some(previous) = rot.previous_version {
+            // The target stops accepting the previous value too (alternating
+            // users: its role's password is cleared).
+            if let Some(target) = &entry.target {
+                target
+                    .retire(entry.key(), previous)
+                    .await
+                    .map_err(|e| target_error(target.as_ref(), e))?;
+            }
+            writes.push(Write::VersionStage {
+                key: entry.key().clone(),
+                version: previous,
+                stage: Stage::Retired,
+            });
+        }
+        // What a sink kept of the previous version for readers mid-read (a
+        // bundle's previous private key) leaves the disk with it.
+        for sink in &entry.sinks {
+            sink.retire_previous(entry.key())
+                .await
+                .map_err(|e| StepError::new(format!("sink {}", sink.describe()), e))?;
+        }
+        // Failed attempts of this step were shown on the credential's row;
+        // that is over now.
+        let row = self.cred_row(entry.key());
+        if row.last_error.is_some() || row.consecutive_failures > 0 {
+            writes.push(Write::Credential(CredentialRow {
+                last_error: None,
+                consecutive_failures: 0,
+                failing_since: None,
+                ..row
+            }));
+        }
+        Ok(writes)
+    }
+
+    /// The value this rotation staged: what this run remembers, else read
+    /// from the primary vault (and remembered).
+    async fn staged_value<'r>(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+        run: &'r mut RunMemory,
+    ) -> Result<&'r SecretValue, StepError> {
+        let value = match run.staged.take() {
+            Some(v) => v,
+            None => self.read_staged(entry, rot).await?,
+        };
+        Ok(run.staged.insert(value))
+    }
+
+    /// The value this rotation staged, read from the primary vault.
+    pub(super) async fn read_staged(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+    ) -> Result<SecretValue, StepError> {
+        let item = VaultItem {
+            key: entry.key(),
+            path: &entry.cfg.vault_path(),
+        };
+        let primary = entry.primary();
+        let vref = staged_in(entry, rot, primary)?;
+        read_from(primary.vault.as_ref(), item, &vref).await
+    }
+
+    /// The end of the deliver step: waits until each vault has made durable
+    /// what it owes others about the promoted version (its change index
+    /// entry, written in the background since the promote). Local delivery
+    /// went first; the step is recorded done only after this, so a replay
+    /// after a crash settles again.
+    pub(super) async fn settle_vaults(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+    ) -> Result<(), StepError> {
+        let item = VaultItem {
+            key: entry.key(),
+            path: &entry.cfg.vault_path(),
+        };
+        for h in entry.vaults.iter() {
+            let vref = staged_in(entry, rot, h)?;
+            h.vault
+                .settle(item, &vref)
+                .await
+                .map_err(|e| vault_error(h.vault.describe(), e))?;
+        }
+        Ok(())
+    }
+
+    /// At promote: was the version keyturn knows as current (`prev_ref`)
+    /// still current in vault `vault` (`before`, what the vault found
+    /// current as it promoted)? If someone deleted or overwrote it out of
+    /// band, the promote went ahead (it makes the vault serve a working
+    /// value again, which is better than leaving it broken until an operator
+    /// acts), but that vault no longer holds the previous value agents may
+    /// still use during the grace period. Nothing else would notice, so it
+    /// is said loudly: a warning and an audit record. Costs no vault call:
+    /// [`Vault::promote_from`] reports `before`.
+    pub(super) async fn check_current_before_promote(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+        vault: &str,
+        prev_ref: &VersionRef,
+        new_ref: &VersionRef,
+        before: Option<&VersionRef>,
+    ) -> Result<(), StepError> {
+        let Some(prev_version) = rot.previous_version else {
+            return Ok(());
+        };
+        // The new ref: a replay after this vault was already promoted.
+        if before == Some(prev_ref) || before == Some(new_ref) {
+            return Ok(());
+        }
+        let now_there = match before {
+            Some(r) => format!("its current version is {r}, which keyturn did not write"),
+            None => "it has no current version".to_owned(),
+        };
+        let msg = format!(
+            "step promote: vault {vault:?}: version {prev_version} ({prev_ref}) of {}, the current version before this rotation, is gone: {now_there} (deleted or overwritten out of band). Promoting version {} makes it current again, but this vault no longer holds the previous value",
+            entry.cfg.vault_path(),
+            rot.version,
+        );
+        tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %vault, version = prev_version, rotation = %rot.id, "{msg}");
+        // The head is persisted with the step, like delivery records.
+        self.audit(
+            entry,
+            Some(rot),
+            "vault.current_gone",
+            Outcome::Failed,
+            Some(vault.to_owned()),
+            Some(msg),
+        )
+        .await
+        .map_err(|e| StepError::new("audit", e))?;
+        Ok(())
+    }
+}
+
+/// What the sinks are told of the version `rot` made (`value`).
+pub(super) fn notice_for(
+    entry: &CredEntry,
+    rot: &RotationRow,
+    value: &SecretValue,
+    rotated_at: chrono::DateTime<chrono::Utc>,
+    next_due: Option<chrono::DateTime<chrono::Utc>>,
+) -> Notice {
+    let kind = generators::kind_of(&entry.cfg.generate);
+    Notice {
+        key: entry.key().clone(),
+        tenant: entry.agent.tenant.clone(),
+        owner: entry.agent.owner.clone(),
+        version: rot.version,
+        rotation: rot.id.clone(),
+        rotated_at,
+        expires_hint: next_due.map(|d| d + chrono_dur(entry.cfg.grace)),
+        kind,
+        public: generators::public_part(kind, value),
+        login: entry.target.as_ref().and_then(|t| t.login_for(rot.version)),
+        previous_version: rot.previous_version,
+        // The latest the previous version works: acks may retire it sooner.
+        grace_until: rot
+            .previous_version
+            .map(|_| rotated_at + chrono_dur(entry.cfg.grace)),
+        file: entry
+            .sinks
+            .iter()
+            .find_map(|s| s.delivered_path())
+            .map(Into::into),
+    }
+}
+
+/// The credential row after `rot` is delivered.
+pub(super) fn delivered_row(entry: &CredEntry, rot: &RotationRow) -> CredentialRow {
+    let at = rot.updated_at;
+    CredentialRow {
+        key: entry.key().clone(),
+        current_version: Some(rot.version),
+        last_rotated_at: Some(at),
+        next_due: entry.cfg.schedule.next_due(at, entry.offset),
+        consecutive_failures: 0,
+        failing_since: None,
+        last_error: None,
+    }
+}
+
+/// The version `rot` staged in vault `h`.
+pub(super) fn staged_in(
+    entry: &CredEntry,
+    rot: &RotationRow,
+    h: &VaultHandle,
+) -> Result<VersionRef, StepError> {
+    let missing = |what: String| StepError::new("state", PluginError::new(ErrorKind::Fatal, what));
+    let text = rot.vault_version.as_deref().ok_or_else(|| {
+        missing(format!(
+            "rotation {} reached {} without a staged version",
+            rot.id, rot.step
+        ))
+    })?;
+    VaultRefs::decode(text, entry.primary().vault.describe())
+        .get(h.vault.describe())
+        .cloned()
+        .ok_or_else(|| {
+            missing(format!(
+                "rotation {} has no version in vault {:?} (the credential's vault list changed while it ran); trigger a new rotation",
+                rot.id,
+                h.vault.describe()
+            ))
+        })
+}
+
+/// Targets start their messages with their own description
+/// (`command:/path`, `postgres:role`); say it once, not twice.
+pub(super) fn target_error(target: &dyn Target, mut e: PluginError) -> StepError {
+    let described = target.describe();
+    if let Some(rest) = e.message.strip_prefix(&format!("{described}: ")) {
+        e.message = rest.to_owned();
+    }
+    StepError::new(format!("target {described}"), e)
+}
+
+pub(super) fn vault_error(name: &str, e: PluginError) -> StepError {
+    StepError::new(format!("vault {name:?}"), e)
+}
+
+/// Reads one version back; a version that is gone (none, or a not-found
+/// error) is an error marked `staged_gone`.
+pub(super) async fn read_from(
+    vault: &dyn Vault,
+    item: VaultItem<'_>,
+    vref: &VersionRef,
+) -> Result<SecretValue, StepError> {
+    match vault.read(item, Select::Version(vref)).await {
+        Ok(Some(v)) => Ok(v.value),
+        Ok(None) => Err(StepError {
+            staged_gone: true,
+            ..vault_error(
+                vault.describe(),
+                PluginError::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "version {vref} of {} is gone from the vault (deleted out of band?); the rotation cannot go on without the value it staged",
+                        item.path
+                    ),
+                ),
+            )
+        }),
+        Err(e) => Err(StepError {
+            staged_gone: e.kind == ErrorKind::NotFound,
+            ..vault_error(vault.describe(), e)
+        }),
+    }
+}
