@@ -260,7 +260,7 @@ pub async fn run(w: Watch) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    tracing::info!(pid = ?child.id(), "started the command");
+    tracing::info!(pid = %shown(child.id()), "started the command");
     let quiet = w.debounce;
     let max_wait = w.debounce * MAX_DEBOUNCE_FACTOR;
     // Some((first event, deadline)) while a burst is being gathered.
@@ -290,7 +290,7 @@ pub async fn run(w: Watch) -> u8 {
                         Ok(c) => c,
                         Err(code) => return code,
                     };
-                    tracing::info!(pid = ?child.id(), "restarted the command");
+                    tracing::info!(pid = %shown(child.id()), "restarted the command");
                     continue;
                 }
                 tracing::info!(code = exit_code(status), "the command exited");
@@ -333,11 +333,11 @@ pub async fn run(w: Watch) -> u8 {
                 seen = now_seen;
                 match w.action {
                     Action::Signal(sig) => {
-                        tracing::info!(pid = ?pid, signal = %sig, "a file changed: signalling the command");
+                        tracing::info!(pid = %shown(pid), signal = %sig, "a file changed: signalling the command");
                         signal_group(pid, sig);
                     }
                     Action::Restart { drain } => {
-                        tracing::info!(pid = ?pid, drain = ?drain, "a file changed: restarting the command");
+                        tracing::info!(pid = %shown(pid), drain = ?drain, "a file changed: restarting the command");
                         restarting = true;
                         kill_at = Some(Instant::now() + drain);
                         signal_group(pid, Signal::SIGTERM);
@@ -346,11 +346,16 @@ pub async fn run(w: Watch) -> u8 {
             }
             _ = sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => {
                 kill_at = None;
-                tracing::warn!(pid = ?pid, "the command did not exit within the drain time: killing it");
+                tracing::warn!(pid = %shown(pid), "the command did not exit within the drain time: killing it");
                 signal_group(pid, Signal::SIGKILL);
             }
         }
     }
+}
+
+/// A child's pid for the log: the number, or `exited` once it is reaped.
+fn shown(pid: Option<u32>) -> String {
+    pid.map_or_else(|| "exited".to_owned(), |p| p.to_string())
 }
 
 #[cfg(test)]
