@@ -365,6 +365,68 @@ fn output_into_a_closed_pipe_ends_the_command_quietly() {
     daemon.stop();
 }
 
+/// Defect: a delivered file that went missing while the daemon was down
+/// (a tmpfs `/run` emptied by a reboot, an agent that deleted its file) was
+/// not delivered again before the credential's next rotation, a whole
+/// period later, while `status` and `/readyz` said all was well. At start
+/// the current version is delivered again, without a rotation, audited;
+/// after `kill -9` as after a clean stop. A file that is there is left
+/// alone.
+#[test]
+fn delivered_files_missing_at_start_are_restored_without_a_rotation() {
+    let env = Env::new(&creds(3, "1h", "0s", "1h"));
+    let daemon = env.start();
+    for i in 0..3 {
+        wait_version(&env, "bot", &format!("c{i}"), 1);
+    }
+    env.cli_ok(&["rotate", "bot/c0", "--wait"]);
+    let file = |i: usize| env.root().join(format!("bot/c{i}"));
+    let before: Vec<Vec<u8>> = (0..3).map(|i| std::fs::read(file(i)).unwrap()).collect();
+    let kept_inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(file(2)).unwrap());
+    daemon.stop();
+
+    // As after a reboot: the agent's directory is gone but for one file.
+    std::fs::remove_file(file(0)).unwrap();
+    std::fs::remove_file(file(1)).unwrap();
+    let daemon = env.start();
+    for (i, was) in before.iter().enumerate() {
+        assert_eq!(std::fs::read(file(i)).ok().as_ref(), Some(was), "c{i}");
+    }
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(file(2)).unwrap()),
+        kept_inode,
+        "a file that is there is not written again"
+    );
+    assert_eq!(version_of(&env, "bot", "c0"), Some(2), "no rotation");
+    assert_eq!(version_of(&env, "bot", "c1"), Some(1), "no rotation");
+    let restored: Vec<serde_json::Value> = audit_records(&env)
+        .into_iter()
+        .filter(|r| {
+            r["event"] == "delivery" && r["detail"].as_str().is_some_and(|d| d.contains("restored"))
+        })
+        .collect();
+    let got: Vec<(&str, u64)> = restored
+        .iter()
+        .map(|r| {
+            (
+                r["credential"].as_str().unwrap(),
+                r["version"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, [("c0", 2), ("c1", 1)], "{restored:?}");
+
+    // After kill -9 too, the whole agent directory gone.
+    daemon.kill9();
+    std::fs::remove_dir_all(env.root().join("bot")).unwrap();
+    let daemon = env.start();
+    for (i, was) in before.iter().enumerate() {
+        assert_eq!(std::fs::read(file(i)).ok().as_ref(), Some(was), "c{i}");
+    }
+    env.cli_ok(&["audit", "verify"]);
+    daemon.stop();
+}
+
 /// A config directory: `keyturn.toml` and `agents.d/*.toml`. A reload reads
 /// only the agent files that changed: an unchanged file (same inode, size
 /// and modification time) is not read again, so that even a broken copy of

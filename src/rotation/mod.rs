@@ -42,6 +42,8 @@
 //!   index's one read per poll;
 //! - `footprint.rs`: where a rotation's versions are held, to retire them
 //!   after the credential left the config;
+//! - `restore.rs`: at start-up, delivered files that went missing (a
+//!   tmpfs `/run` after a reboot) get the current version again;
 //! - `retired.rs`: decommissioned agents: their rotations stop (in-flight
 //!   ones are abandoned at their next step) and what they hold is handed to
 //!   `crate::revocation`;
@@ -59,6 +61,7 @@ mod follow;
 mod footprint;
 mod health;
 mod jobs;
+mod restore;
 mod retired;
 mod scheduler;
 mod step;

@@ -1,0 +1,210 @@
+//! Files that went missing while the daemon was down come back at start.
+//!
+//! A delivered file can disappear without a rotation: `/run` is a tmpfs
+//! emptied by every reboot, and an agent (or an operator) may delete its
+//! file. Nothing would deliver the credential again before its next
+//! rotation, a whole period later, while `status` said all was well. So at
+//! start-up, before the scheduler, the follow loops or the control socket
+//! run (nothing else delivers yet, so nothing can race an older version
+//! over a newer one), every credential whose current version was delivered
+//! gets that version delivered again to each file sink whose file is gone.
+//! The value is read back from the vault, as a rotation's deliver step
+//! reads it; each restored file is audited as a `delivery` with the detail
+//! `restored`. A failure is logged and leaves the file to the next
+//! rotation: it does not stop the daemon from starting.
+//!
+//! Only file sinks: a webhook, signal or exec at start-up would tell an
+//! agent of a version it already had.
+
+use std::sync::Arc;
+
+use super::attempt::notice_for;
+use super::catalog::CredEntry;
+use super::engine::Inner;
+use super::step::Step;
+use crate::audit::{Actor, AuditEvent, Outcome};
+use crate::generators;
+use crate::model::{PluginError, RotationId, Stage, VersionNo};
+use crate::sinks::{Notice, Sink};
+use crate::state::Write;
+use crate::vaults::{Select, VaultItem};
+
+/// A credential, its current version, and the sinks whose files are gone.
+type Missing = (Arc<CredEntry>, VersionNo, Vec<Arc<dyn Sink>>);
+
+/// Whether the file a sink delivers to is gone (anything at the path,
+/// even something the sink would refuse, is not "gone": the next delivery
+/// reports it).
+fn file_gone(sink: &dyn Sink) -> bool {
+    sink.delivered_path().is_some_and(|p| {
+        matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+    })
+}
+
+impl Inner {
+    /// Delivers the current version again to every file sink whose file
+    /// is gone (see the module's doc). Returns how many files it restored.
+    pub(super) async fn restore_missing_files(self: &Arc<Self>) -> usize {
+        let catalog = self.catalog();
+        let wanted: Vec<Missing> = {
+            let live = self.live();
+            catalog
+                .creds
+                .values()
+                .filter(|e| !self.is_retired(&e.key().agent))
+                .filter_map(|e| {
+                    let l = live.get(e.key())?;
+                    // A rotation that resumes delivers by itself.
+                    if l.running.is_some() {
+                        return None;
+                    }
+                    let version = l.row.as_ref()?.current_version?;
+                    let gone: Vec<Arc<dyn Sink>> = e
+                        .sinks
+                        .iter()
+                        .filter(|s| file_gone(s.as_ref()))
+                        .cloned()
+                        .collect();
+                    (!gone.is_empty()).then(|| (e.clone(), version, gone))
+                })
+                .collect()
+        };
+        let mut restored = 0;
+        let mut head = None;
+        for (entry, version, sinks) in wanted {
+            match self.restore(&entry, version, &sinks).await {
+                Ok((n, h)) => {
+                    restored += n;
+                    head = h.or(head);
+                }
+                Err(e) => tracing::warn!(
+                    agent = %entry.key().agent,
+                    credential = %entry.key().credential,
+                    version,
+                    error = %e,
+                    "a delivered file is missing and could not be restored; the next rotation delivers it"
+                ),
+            }
+        }
+        if let Some(head) = head
+            && let Err(e) = self.persist(vec![Write::AuditHead(head)]).await
+        {
+            tracing::warn!(error = %e, "recording the audit head of restored files");
+        }
+        if restored > 0 {
+            tracing::info!(
+                files = restored,
+                "restored delivered files that were missing"
+            );
+        }
+        restored
+    }
+
+    /// Restores `version` of one credential to `sinks`: how many it
+    /// restored, and the audit head after the last record.
+    async fn restore(
+        &self,
+        entry: &CredEntry,
+        version: VersionNo,
+        sinks: &[Arc<dyn Sink>],
+    ) -> Result<(usize, Option<crate::state::AuditHead>), PluginError> {
+        let key = entry.key().clone();
+        let latest = self.load(move |s| s.latest_rotation(&key)).await?;
+        // One that has not finished delivers by itself when it resumes.
+        let rot = match latest {
+            Some(r) if r.version == version && matches!(r.step, Step::Done | Step::Retire) => {
+                Some(r)
+            }
+            Some(_) if entry.cfg.follow.is_none() => return Ok((0, None)),
+            // A follower records no rotations of its own.
+            _ => None,
+        };
+        let path = entry.cfg.vault_path();
+        let item = VaultItem {
+            key: entry.key(),
+            path: &path,
+        };
+        let primary = entry.primary();
+        let stored = primary
+            .vault
+            .read(item, Select::Stage(Stage::Current))
+            .await?
+            .ok_or_else(|| {
+                PluginError::new(
+                    crate::model::ErrorKind::NotFound,
+                    format!(
+                        "vault {} holds no current version at {path}",
+                        primary.vault.describe()
+                    ),
+                )
+            })?;
+        let (rotated_at, next_due) = self
+            .live()
+            .get(entry.key())
+            .and_then(|l| l.row.as_ref().map(|r| (r.last_rotated_at, r.next_due)))
+            .unwrap_or((None, None));
+        let rotated_at = rotated_at.unwrap_or_else(|| self.now());
+        let notice = match &rot {
+            Some(rot) => notice_for(entry, rot, &stored.value, rotated_at, next_due),
+            None => {
+                let kind = generators::kind_of(&entry.cfg.generate);
+                Notice {
+                    key: entry.key().clone(),
+                    tenant: entry.agent.tenant.clone(),
+                    owner: entry.agent.owner.clone(),
+                    version,
+                    rotation: stored.rotation.clone().unwrap_or_else(RotationId::generate),
+                    rotated_at,
+                    expires_hint: None,
+                    kind,
+                    public: generators::public_part(kind, &stored.value),
+                    login: None,
+                    previous_version: None,
+                    grace_until: None,
+                    file: entry
+                        .sinks
+                        .iter()
+                        .find_map(|s| s.delivered_path())
+                        .map(Into::into),
+                }
+            }
+        };
+        let (mut restored, mut head) = (0, None);
+        for sink in sinks {
+            let result = sink.deliver(&notice, &stored.value).await;
+            self.metrics.delivery(sink.kind(), result.is_ok());
+            let mut ev = AuditEvent::new(
+                "delivery",
+                Actor::Daemon,
+                if result.is_ok() {
+                    Outcome::Ok
+                } else {
+                    Outcome::Failed
+                },
+            );
+            ev.agent = Some(entry.key().agent.clone());
+            ev.credential = Some(entry.key().credential.clone());
+            ev.tenant = Some(entry.agent.tenant.clone());
+            ev.owner = Some(entry.agent.owner.clone());
+            ev.rotation = Some(notice.rotation.clone());
+            ev.version = Some(version);
+            ev.detail = Some(format!(
+                "{} (restored: the file was missing)",
+                sink.describe()
+            ));
+            ev.error = result.as_ref().err().map(ToString::to_string);
+            head = Some(self.append(ev).await?);
+            match result {
+                Ok(_) => restored += 1,
+                Err(e) => tracing::warn!(
+                    agent = %entry.key().agent,
+                    credential = %entry.key().credential,
+                    sink = %sink.describe(),
+                    error = %e,
+                    "restoring a missing file failed; the next rotation delivers it"
+                ),
+            }
+        }
+        Ok((restored, head))
+    }
+}
