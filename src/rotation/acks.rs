@@ -276,8 +276,8 @@ impl Inner {
                     }
                     None => AckHow::Explicit,
                 },
-                Err(_) if deferred => {
-                    retries.push(sink.clone());
+                Err(e) if deferred => {
+                    retries.push((sink.clone(), e.retry_after));
                     AckHow::Retrying
                 }
                 Err(e) => return Err(StepError::new(format!("sink {}", sink.describe()), e)),
@@ -296,13 +296,14 @@ impl Inner {
                 me.clone()
                     .spawn_ack_watch(key.clone(), notice.version, name, watch);
             }
-            for sink in retries {
+            for (sink, asked) in retries {
                 me.clone().spawn_delivery_retry(
                     key.clone(),
                     sink,
                     notice.clone(),
                     value.clone(),
                     deadline,
+                    asked,
                 );
             }
         }
@@ -696,6 +697,7 @@ impl Inner {
                         notice.clone(),
                         value.clone(),
                         deadline,
+                        None,
                     );
                 }
             });
@@ -742,9 +744,10 @@ impl Inner {
 
     /// Retries a failed delivery to a sink that does not hold up the
     /// rotation, with the step back-off (capped, jittered, without an
-    /// attempt limit), auditing each attempt, until it succeeds, the version
-    /// is no longer awaited from it (a newer one was delivered), or the
-    /// grace deadline passes (then the consumer is a holdout).
+    /// attempt limit), auditing each attempt, until it succeeds or the
+    /// version is no longer awaited from it (a newer one was delivered).
+    /// Past the grace deadline the consumer is a holdout and the retries go
+    /// on: its successful delivery still counts as its (late) ack.
     fn spawn_delivery_retry(
         self: Arc<Self>,
         key: CredentialKey,
@@ -752,6 +755,7 @@ impl Inner {
         notice: Notice,
         value: SecretValue,
         deadline: DateTime<Utc>,
+        mut asked: Option<Duration>,
     ) {
         let tracker = self.tracker.clone();
         tracker.spawn(async move {
@@ -765,15 +769,26 @@ impl Inner {
             let name = sink.describe();
             let version = notice.version;
             let mut attempt = 1u32;
+            let mut past_deadline = false;
             loop {
-                let delay = delays.next().unwrap_or(retry.max_delay);
+                // A receiver's `Retry-After` (capped by the sink) is waited
+                // out in full: the back-off is the least wait, not the most.
+                let delay = delays
+                    .next()
+                    .unwrap_or(retry.max_delay)
+                    .max(asked.take().unwrap_or_default());
                 let left = (deadline - self.now()).to_std().unwrap_or(Duration::ZERO);
-                if left.is_zero() {
-                    tracing::warn!(agent = %key.agent, credential = %key.credential, version, sink = %name, "grace deadline passed: delivery no longer retried");
-                    return;
+                // Past the grace deadline the consumer is a holdout; it is
+                // still owed the version (a webhook may carry the value), so
+                // the retries go on until it has it or a newer version is
+                // delivered, at the capped back-off.
+                if left.is_zero() && !past_deadline {
+                    past_deadline = true;
+                    tracing::warn!(agent = %key.agent, credential = %key.credential, version, sink = %name, "grace deadline passed: the consumer is a holdout; its delivery is still retried");
                 }
+                let wait = if left.is_zero() { delay } else { delay.min(left) };
                 tokio::select! {
-                    _ = tokio::time::sleep(delay.min(left)) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = self.cancel.cancelled() => return,
                 }
                 if !self.awaits_from(&key, version, &name) {
@@ -825,6 +840,7 @@ impl Inner {
                         return;
                     }
                     Err(e) => {
+                        asked = e.retry_after;
                         // Every kind is retried: a receiver that refuses now
                         // may be fixed before the grace deadline.
                         tracing::warn!(agent = %key.agent, credential = %key.credential, version, sink = %name, attempt, error = %e, "delivery failed; retrying in the background");

@@ -98,13 +98,19 @@ impl Sink for HeldSink {
 struct DownSink {
     fails: AtomicUsize,
     attempts: Mutex<Vec<(VersionNo, Instant)>>,
+    /// The `Retry-After` its refusals carry.
+    asks: Option<Duration>,
 }
 
 impl DownSink {
     fn new(fails: usize) -> Arc<DownSink> {
+        Self::asking(fails, None)
+    }
+    fn asking(fails: usize, asks: Option<Duration>) -> Arc<DownSink> {
         Arc::new(DownSink {
             fails: AtomicUsize::new(fails),
             attempts: Mutex::default(),
+            asks,
         })
     }
     fn attempts(&self) -> Vec<(VersionNo, Instant)> {
@@ -131,10 +137,10 @@ impl Sink for DownSink {
         let left = self.fails.load(Ordering::SeqCst);
         if left > 0 {
             self.fails.store(left - 1, Ordering::SeqCst);
-            return Err(PluginError::new(
-                ErrorKind::Transient,
-                "connection refused (injected)",
-            ));
+            return Err(
+                PluginError::new(ErrorKind::Transient, "connection refused (injected)")
+                    .with_retry_after(self.asks),
+            );
         }
         Ok(Delivered::Acknowledged)
     }
@@ -464,6 +470,31 @@ async fn a_receiver_that_is_down_is_retried_in_the_background_while_the_rotation
         .filter(|l| l.contains("down:receiver") && l.contains("\"failed\""))
         .count();
     assert_eq!(failed, 5, "every failed attempt is audited: {audit}");
+}
+
+/// Defect: a receiver's `Retry-After` was ignored by the background
+/// retries (a 429 asking for 30 s was retried after 1-8 s). Each refusal's
+/// `Retry-After` is waited out before the next attempt.
+#[tokio::test(start_paused = true)]
+async fn background_retries_wait_out_the_receivers_retry_after() {
+    let down = DownSink::asking(3, Some(Duration::from_secs(30)));
+    let sinks: Vec<Arc<dyn Sink>> = vec![down.clone()];
+    let rig = rig_with(&sinks);
+    rig.run().await;
+    rig.until(Duration::from_secs(1), "first version", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    tokio::time::sleep(5 * MINUTE).await;
+    let attempts = down.attempts();
+    assert_eq!(attempts.len(), 4, "three refusals, then delivered");
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    assert!(
+        gaps.iter().all(|g| *g >= Duration::from_secs(30)),
+        "{gaps:?}"
+    );
+    assert!(rig.status("c0").awaiting_ack.is_empty());
+    rig.shutdown().await;
 }
 
 #[tokio::test(start_paused = true)]

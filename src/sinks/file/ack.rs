@@ -116,6 +116,10 @@ impl OpenAck {
     }
 
     fn starting_now(&self, path: &Path, version: VersionNo) -> AckWatch {
+        // After a restart this sink delivered nothing yet (its `current` is
+        // 0): the version asked for is the file's, not one replaced since.
+        // A newer one delivered since still ends the watch.
+        self.current.fetch_max(version, Ordering::SeqCst);
         let name = path.file_name().map(OsString::from).unwrap_or_default();
         match watch_dir(path) {
             Ok(inotify) => self.stream(path, inotify, name, version),

@@ -1060,6 +1060,40 @@ async fn ack_explicit_is_sent_and_has_no_watch() {
     assert!(s.ack_watch(&key(AGENT, "db"), 1).is_none());
 }
 
+/// Defect: after a restart the sink had delivered nothing, so the watch
+/// the engine asks for (of the version the file holds) took every event
+/// for a newer delivery and ended at once ("replaced before it was
+/// opened"): the consumer's open never counted and it was reported as a
+/// holdout. A fresh sink's watch counts the first open; a newer delivery
+/// still ends it.
+#[tokio::test]
+async fn ack_open_after_a_restart_counts_the_first_open_of_the_file() {
+    let root = tempfile::tempdir().unwrap();
+    let (path, s) = ack_sink(root.path(), FileAck::Open, true);
+    assert_eq!(
+        deliver_password(&s, 4, "four").await.unwrap(),
+        Delivered::Sent
+    );
+    // The daemon restarts: a new sink, the file already in place.
+    let (_, s) = ack_sink(root.path(), FileAck::Open, true);
+    let mut w = s.ack_watch(&key(AGENT, "db"), 4).expect("a watch");
+    assert!(!acked_within(&mut w, Duration::from_millis(200)).await);
+    assert_eq!(std::fs::read(&path).unwrap(), b"four");
+    assert!(acked_within(&mut w, Duration::from_secs(5)).await);
+
+    let (_, s) = ack_sink(root.path(), FileAck::Open, true);
+    let mut w4 = s.ack_watch(&key(AGENT, "db"), 4).expect("a watch");
+    assert_eq!(
+        deliver_password(&s, 5, "five").await.unwrap(),
+        Delivered::Sent
+    );
+    std::fs::read(&path).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), w4.as_mut())
+        .await
+        .expect("ends");
+    assert!(r.unwrap_err().message.contains("replaced"));
+}
+
 #[tokio::test]
 async fn ack_open_counts_a_readers_open_after_delivery_but_not_keyturns_own() {
     for atomic in [true, false] {
