@@ -16,7 +16,9 @@
 //!   with what the child was last given. Only a new file counts (a new inode
 //!   renamed over it, or a write in place: size, mtime, ctime): a temp file,
 //!   an unrelated file or a chmod of another file in the directory does
-//!   nothing. watch never opens the files (see [`Fingerprint`]).
+//!   nothing. watch never opens the files (see [`Fingerprint`]). A
+//!   directory deleted or moved away (an agent's directory removed and made
+//!   again by the next delivery) is watched again as soon as it exists.
 //! - **Acting.** `--signal SIG` (one of the signals the `signal` sink may
 //!   send) goes to the child's process group. `--restart` sends SIGTERM to
 //!   the group, waits up to `--drain` for the child to exit, SIGKILLs the
@@ -46,7 +48,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use futures::StreamExt;
-use inotify::{Inotify, WatchMask};
+use inotify::{EventMask, Inotify, WatchMask};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -185,34 +187,48 @@ fn signal_group(pid: Option<u32>, sig: Signal) {
     }
 }
 
-/// Watches the parent directory of each file; the directories must exist.
-fn watch_dirs(files: &[PathBuf]) -> Result<Inotify, String> {
-    let inotify = Inotify::init().map_err(|e| format!("inotify: {e}"))?;
+/// What watch asks inotify for on each directory.
+fn dir_mask() -> WatchMask {
+    WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_TO
+        | WatchMask::MOVED_FROM
+        | WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::ATTRIB
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF
+}
+
+/// The parent directory of each file, once each.
+fn parent_dirs(files: &[PathBuf]) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     for f in files {
         let dir = match f.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        if dirs.contains(&dir) {
-            continue;
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
         }
+    }
+    dirs
+}
+
+/// Watches the parent directory of each file; the directories must exist.
+fn watch_dirs(dirs: &[PathBuf]) -> Result<Inotify, String> {
+    let inotify = Inotify::init().map_err(|e| format!("inotify: {e}"))?;
+    for dir in dirs {
         inotify
             .watches()
-            .add(
-                &dir,
-                WatchMask::CLOSE_WRITE
-                    | WatchMask::MOVED_TO
-                    | WatchMask::MOVED_FROM
-                    | WatchMask::CREATE
-                    | WatchMask::DELETE
-                    | WatchMask::ATTRIB,
-            )
+            .add(dir, dir_mask())
             .map_err(|e| format!("cannot watch the directory {}: {e}", dir.display()))?;
-        dirs.push(dir);
     }
     Ok(inotify)
 }
+
+/// How often watch tries to watch a directory again after it was deleted
+/// or moved away (until the file sink makes it again).
+const REWATCH_EVERY: Duration = Duration::from_millis(500);
 
 /// Runs `keyturn watch`; returns the exit code.
 pub async fn run(w: Watch) -> u8 {
@@ -220,7 +236,8 @@ pub async fn run(w: Watch) -> u8 {
         eprintln!("keyturn watch: no command given (after `--`)");
         return EXIT_USAGE;
     }
-    let inotify = match watch_dirs(&w.files) {
+    let dirs = parent_dirs(&w.files);
+    let inotify = match watch_dirs(&dirs) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("keyturn watch: {e}");
@@ -268,6 +285,9 @@ pub async fn run(w: Watch) -> u8 {
     let mut restarting = false;
     let mut stopping = false;
     let mut kill_at: Option<Instant> = None;
+    // A watched directory was deleted or moved away: its watch is gone, and
+    // the directory the file sink makes again must be watched anew.
+    let mut rewatch_at: Option<Instant> = None;
     loop {
         let pid = child.id();
         let debounce_at = burst.map(|(_, at)| at);
@@ -303,7 +323,10 @@ pub async fn run(w: Watch) -> u8 {
                 signal_group(pid, sig);
             }
             ev = events.next() => match ev {
-                Some(Ok(_)) => {
+                Some(Ok(ev)) => {
+                    if ev.mask.intersects(EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF) {
+                        rewatch_at.get_or_insert_with(Instant::now);
+                    }
                     let now = Instant::now();
                     let first = burst.map_or(now, |(first, _)| first);
                     burst = Some((first, (now + quiet).min(first + max_wait)));
@@ -320,6 +343,22 @@ pub async fn run(w: Watch) -> u8 {
                     return crate::cli::EXIT_FAILED;
                 }
             },
+            _ = sleep_until(rewatch_at.unwrap_or_else(Instant::now)), if rewatch_at.is_some() => {
+                let mut watches = events.watches();
+                let missing: Vec<&PathBuf> = dirs
+                    .iter()
+                    .filter(|d| watches.add(d, dir_mask()).is_err())
+                    .collect();
+                if missing.is_empty() {
+                    tracing::info!("watching the files' directories again");
+                    rewatch_at = None;
+                    // What changed while nothing was watched is looked at now.
+                    let now = Instant::now();
+                    burst.get_or_insert((now, now));
+                } else {
+                    rewatch_at = Some(Instant::now() + REWATCH_EVERY);
+                }
+            }
             _ = sleep_until(debounce_at.unwrap_or_else(Instant::now)), if debounce_at.is_some() && !restarting && !stopping => {
                 burst = None;
                 let now_seen = fingerprints(&w.files);

@@ -157,6 +157,37 @@ fn a_new_version_sends_sighup_and_other_files_send_nothing() {
     stop(watch);
 }
 
+/// Defect: once the file's directory was deleted (an agent's directory
+/// removed; the next delivery makes it again) watch watched nothing and said
+/// nothing: the child kept its old credential for good. The directory made
+/// again is watched again, and a version delivered into it (or while it was
+/// gone) signals the child; a directory moved away as well.
+#[test]
+fn a_directory_deleted_and_made_again_is_watched_again() {
+    let rig = Rig::new();
+    let watch = rig.watch(&[], &[]);
+    let start = rig.pids("start")[0];
+    let dir = rig.dir.path().join("agents");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::create_dir(&dir).unwrap();
+    rig.deliver("v2");
+    assert_eq!(rig.wait_lines("hup", 1), vec![start]);
+    // Later versions in the new directory are seen too.
+    std::thread::sleep(Duration::from_millis(700));
+    rig.deliver("v3");
+    assert_eq!(rig.wait_lines("hup", 2), vec![start, start]);
+    // Moved away, then made again by the next delivery.
+    std::fs::rename(&dir, rig.dir.path().join("agents.old")).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    rig.deliver("v4");
+    assert_eq!(rig.wait_lines("hup", 3), vec![start, start, start]);
+    std::thread::sleep(Duration::from_millis(700));
+    rig.deliver("v5");
+    assert_eq!(rig.wait_lines("hup", 4).len(), 4);
+    stop(watch);
+}
+
 #[test]
 fn signal_names_the_signal_sent() {
     let rig = Rig::new();

@@ -899,6 +899,28 @@ retry = { initial_delay = 5, zz = 1 }\n\
         assert!(!e.iter().any(|e| e.message.contains("missing")), "{e:#?}");
     }
 
+    /// An error inside an array's element (an unknown sink `type`) does not
+    /// hide the other keys' errors in the same table.
+    #[test]
+    fn an_error_in_a_sink_does_not_hide_the_credentials_other_errors() {
+        let text = "[vaults.v]\ntype = \"local\"\n\
+[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+[agents.a.credentials.c]\nvault = \"v\"\nevery = 5\n\
+deliver = [{ type = \"fyle\", path = \"x\" }]\ncolour = 1\n";
+        let e = errors(text);
+        let paths: Vec<&str> = e.iter().map(|e| e.toml_path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "agents.a.credentials.c.every",
+                "agents.a.credentials.c.deliver[0].type",
+                "agents.a.credentials.c.colour",
+            ],
+            "{e:#?}"
+        );
+        assert!(!e.iter().any(|e| e.message.contains("missing")), "{e:#?}");
+    }
+
     /// A missing key is reported beside a bad one in the same table.
     #[test]
     fn a_missing_key_is_reported_beside_a_bad_one() {

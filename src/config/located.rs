@@ -416,8 +416,17 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issu
         if !removed.is_empty() && inside.is_empty() {
             return Parsed::Invalid;
         }
-        let taken_out = remove_key(&mut value, inside);
-        removed.push(issue.path.clone());
+        // An error in an array's element (a sink of `deliver`) takes the
+        // whole array out: taking one element out would shift the others'
+        // positions under the errors still to come.
+        let keep = inside
+            .iter()
+            .position(|seg| matches!(seg, Seg::Index(_)))
+            .unwrap_or(inside.len());
+        let taken_out = remove_key(&mut value, &inside[..keep]);
+        let mut gone = issue.path.clone();
+        gone.0.truncate(p.segments().len() + keep);
+        removed.push(gone);
         issues.push(issue);
         if !taken_out {
             return Parsed::Invalid;
