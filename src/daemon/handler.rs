@@ -70,11 +70,11 @@ impl Handler {
         match mine.as_slice() {
             [one] => Ok(caller(one, format!("uid={}", peer.uid))),
             [] => Err(ApiError::forbidden(format!(
-                "uid {} is not the uid of any configured agent; an agent calls as itself (its `uid` in the config), an operator names one with `as`",
+                "uid {} is not the uid of any configured agent; an agent calls as itself (its `uid` in the config), an operator names one with `--as AGENT` (`as` in the request)",
                 peer.uid
             ))),
             many => Err(ApiError::bad_request(format!(
-                "uid {} is the uid of several agents ({}); name one with `as`",
+                "uid {} is the uid of several agents ({}); name one with `--as AGENT` (`as` in the request)",
                 peer.uid,
                 many.iter()
                     .map(|a| a.as_str())

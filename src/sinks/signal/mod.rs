@@ -80,6 +80,8 @@ pub struct SignalSink {
     coalesce: Duration,
     /// The only uid whose processes this sink signals.
     uid: u32,
+    /// Whether `uid` is the agent's (else the daemon's: the agent has none).
+    uid_is_agents: bool,
 }
 
 impl SignalSink {
@@ -96,6 +98,7 @@ impl SignalSink {
             signal,
             coalesce,
             uid: ctx.uid.unwrap_or_else(|| nix::unistd::geteuid().as_raw()),
+            uid_is_agents: ctx.uid.is_some(),
         }
     }
 
@@ -110,8 +113,14 @@ impl SignalSink {
             return Err(PluginError::new(
                 ErrorKind::Unauthorized,
                 format!(
-                    "{} names pid {pid}, a process of uid {other}, not of uid {} (the agent's); refusing to signal it",
-                    self.target, self.uid
+                    "{} names pid {pid}, a process of uid {other}, not of uid {} ({}); refusing to signal it",
+                    self.target,
+                    self.uid,
+                    if self.uid_is_agents {
+                        "the agent's"
+                    } else {
+                        "the daemon's: the agent has no `uid`"
+                    }
                 ),
             ));
         }
