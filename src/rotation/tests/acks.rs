@@ -411,16 +411,23 @@ async fn an_ack_during_a_delivery_that_fails_counts_once_the_retried_delivery_is
     rig.shutdown().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_receiver_that_is_down_is_retried_in_the_background_while_the_rotation_goes_on() {
-    let down = DownSink::new(3);
-    let sinks: Vec<Arc<dyn Sink>> = vec![down.clone()];
+/// A running rig with `down` beside its own sink, once the first version
+/// reached its own sink.
+async fn first_version_beside(down: Arc<DownSink>) -> Rig {
+    let sinks: Vec<Arc<dyn Sink>> = vec![down];
     let rig = rig_with(&sinks);
     rig.run().await;
     rig.until(Duration::from_secs(1), "first version", |r| {
         r.sink.count() == 1
     })
     .await;
+    rig
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_receiver_that_is_down_is_retried_in_the_background_while_the_rotation_goes_on() {
+    let down = DownSink::new(3);
+    let rig = first_version_beside(down.clone()).await;
     // The rotation finished and the other sink has the version, although
     // the receiver refused it.
     let s = rig.status("c0");
@@ -478,13 +485,7 @@ async fn a_receiver_that_is_down_is_retried_in_the_background_while_the_rotation
 #[tokio::test(start_paused = true)]
 async fn background_retries_wait_out_the_receivers_retry_after() {
     let down = DownSink::asking(3, Some(Duration::from_secs(30)));
-    let sinks: Vec<Arc<dyn Sink>> = vec![down.clone()];
-    let rig = rig_with(&sinks);
-    rig.run().await;
-    rig.until(Duration::from_secs(1), "first version", |r| {
-        r.sink.count() == 1
-    })
-    .await;
+    let rig = first_version_beside(down.clone()).await;
     tokio::time::sleep(5 * MINUTE).await;
     let attempts = down.attempts();
     assert_eq!(attempts.len(), 4, "three refusals, then delivered");

@@ -238,7 +238,8 @@ async fn refuses_a_process_of_another_uid() {
     assert_eq!(e.kind(), ErrorKind::Unauthorized);
     assert!(e.to_string().contains("refusing to signal it"), "{e}");
     assert!(
-        e.to_string().contains(&format!("not of uid {other} (the agent's)")),
+        e.to_string()
+            .contains(&format!("not of uid {other} (the agent's)")),
         "{e}"
     );
     // Still running: nothing was sent.
