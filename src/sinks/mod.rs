@@ -118,7 +118,9 @@ pub struct Notice {
     pub previous_version: Option<VersionNo>,
     pub rotation: RotationId,
     pub rotated_at: DateTime<Utc>,
-    /// When the agent should expect the next value (next due + grace); a hint only.
+    /// When this value stops working at the latest: the next rotation
+    /// (due time) plus grace, by which the next value has long arrived; a
+    /// hint only.
     pub expires_hint: Option<DateTime<Utc>>,
     pub kind: ValueKind,
     /// The public half of a keypair, when there is one (not secret).
