@@ -424,6 +424,17 @@ fn delivered_files_missing_at_start_are_restored_without_a_rotation() {
         assert_eq!(std::fs::read(file(i)).ok().as_ref(), Some(was), "c{i}");
     }
     env.cli_ok(&["audit", "verify"]);
+
+    // A decommissioned agent's files were retracted on purpose: a restart
+    // does not bring them back.
+    env.cli_ok(&["decommission", "bot", "--reason", "retired", "--wait"]);
+    assert!((0..3).all(|i| !file(i).exists()), "retracted");
+    daemon.kill9();
+    let daemon = env.start();
+    assert!(
+        (0..3).all(|i| !file(i).exists()),
+        "a decommissioned agent's files stay gone"
+    );
     daemon.stop();
 }
 

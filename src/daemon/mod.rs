@@ -211,6 +211,9 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let revocations = Revocations::start(engine.clone(), alerts.poke_handle())
         .await
         .map_err(|e| startup("cannot load the decommissions", &e))?;
+    // Files missing since the last run (a tmpfs after a reboot) come back
+    // now: decommissioned agents are known, nothing else delivers yet.
+    engine.restore_missing_files().await;
     tracker.spawn(alerts::run_loop(
         alerts.clone(),
         Arc::new(alerts::AllConditions(vec![

@@ -306,8 +306,6 @@ impl Engine {
             }
         }
         self.inner.schedule_all(&resume, true);
-        // Before anything else can deliver (`restore.rs`).
-        self.inner.restore_missing_files().await;
         Ok(())
     }
 

@@ -4,10 +4,16 @@
 //! emptied by every reboot, and an agent (or an operator) may delete its
 //! file. Nothing would deliver the credential again before its next
 //! rotation, a whole period later, while `status` said all was well. So at
-//! start-up, before the scheduler, the follow loops or the control socket
-//! run (nothing else delivers yet, so nothing can race an older version
-//! over a newer one), every credential whose current version was delivered
-//! gets that version delivered again to each file sink whose file is gone.
+//! start-up, before the scheduler, the follow loops or the sockets serve
+//! (nothing else delivers yet, so nothing can race an older version over a
+//! newer one), every credential whose current version was delivered gets
+//! that version delivered again to each file sink whose file is gone.
+//!
+//! Not for an agent being or already decommissioned: its files were
+//! retracted on purpose. The daemon calls this after the stored
+//! decommissions have stopped their agents, and an agent whose config
+//! declares a decommission (which may be decided while this runs) is left
+//! out as well.
 //! The value is read back from the vault, as a rotation's deliver step
 //! reads it; each restored file is audited as a `delivery` with the detail
 //! `restored`. A failure is logged and leaves the file to the next
@@ -41,17 +47,33 @@ fn file_gone(sink: &dyn Sink) -> bool {
     })
 }
 
+impl super::Engine {
+    /// Delivers the current version again to every file sink whose file is
+    /// gone (see `restore.rs`). Call once at start-up, after the stored
+    /// decommissions stopped their agents and before anything else
+    /// delivers. Returns how many files it restored.
+    pub async fn restore_missing_files(&self) -> usize {
+        self.inner.restore_missing_files().await
+    }
+}
+
 impl Inner {
+    /// Whether `entry`'s agent is decommissioned, being decommissioned, or
+    /// declared so in the config.
+    fn leaving(&self, entry: &CredEntry) -> bool {
+        entry.agent.decommissioned.is_some() || self.is_retired(&entry.key().agent)
+    }
+
     /// Delivers the current version again to every file sink whose file
     /// is gone (see the module's doc). Returns how many files it restored.
-    pub(super) async fn restore_missing_files(self: &Arc<Self>) -> usize {
+    async fn restore_missing_files(self: &Arc<Self>) -> usize {
         let catalog = self.catalog();
         let wanted: Vec<Missing> = {
             let live = self.live();
             catalog
                 .creds
                 .values()
-                .filter(|e| !self.is_retired(&e.key().agent))
+                .filter(|e| !self.leaving(e))
                 .filter_map(|e| {
                     let l = live.get(e.key())?;
                     // A rotation that resumes delivers by itself.
@@ -171,6 +193,9 @@ impl Inner {
         };
         let (mut restored, mut head) = (0, None);
         for sink in sinks {
+            if self.leaving(entry) {
+                break;
+            }
             let result = sink.deliver(&notice, &stored.value).await;
             self.metrics.delivery(sink.kind(), result.is_ok());
             let mut ev = AuditEvent::new(
