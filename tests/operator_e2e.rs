@@ -438,6 +438,49 @@ fn delivered_files_missing_at_start_are_restored_without_a_rotation() {
     daemon.stop();
 }
 
+/// A credential whose next rotation is parked (its target refuses the new
+/// value) still has the current version: a file of it that went missing
+/// comes back at start, as the version the agent may still use.
+#[test]
+fn a_missing_file_comes_back_while_the_next_rotation_is_parked() {
+    let env = Env::new("");
+    let d = env.path().display().to_string();
+    let hook = env.path().join("hook.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh
+case \"$KEYTURN_STEP\" in
+  set) [ -e \"{d}/refuse\" ] && exit 1; cat > \"{d}/value\" ;;
+  test) cmp -s - \"{d}/value\" || exit 1 ;;
+esac
+exit 0
+"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.write_credentials(&format!(
+        "{}[agents.bot.credentials.db]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"1h\"\ntarget = {{ type = \"command\", program = \"{}\" }}\ndeliver = [{{ type = \"file\", path = \"{{root}}/bot/db\" }}]\n",
+        agent_table("bot"),
+        hook.display()
+    ));
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    let file = env.root().join("bot/db");
+    let before = std::fs::read(&file).unwrap();
+    std::fs::write(env.path().join("refuse"), "").unwrap();
+    let out = env.cli(&["rotate", "bot/db", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "the target refuses: parked");
+    daemon.kill9();
+    std::fs::remove_file(&file).unwrap();
+    let daemon = env.start();
+    assert_eq!(std::fs::read(&file).ok(), Some(before));
+    assert_eq!(version_of(&env, "bot", "db"), Some(1));
+    daemon.stop();
+}
+
 /// A config directory: `keyturn.toml` and `agents.d/*.toml`. A reload reads
 /// only the agent files that changed: an unchanged file (same inode, size
 /// and modification time) is not read again, so that even a broken copy of

@@ -14,6 +14,7 @@
 //! decommissions have stopped their agents, and an agent whose config
 //! declares a decommission (which may be decided while this runs) is left
 //! out as well.
+//!
 //! The value is read back from the vault, as a rotation's deliver step
 //! reads it; each restored file is audited as a `delivery` with the detail
 //! `restored`. A failure is logged and leaves the file to the next
@@ -132,11 +133,15 @@ impl Inner {
     ) -> Result<(usize, Option<crate::state::AuditHead>), PluginError> {
         let key = entry.key().clone();
         let latest = self.load(move |s| s.latest_rotation(&key)).await?;
-        // One that has not finished delivers by itself when it resumes.
         let rot = match latest {
             Some(r) if r.version == version && matches!(r.step, Step::Done | Step::Retire) => {
                 Some(r)
             }
+            // The next version is still being made (or parked, failing, on
+            // its way): the current one is the one to have meanwhile.
+            Some(r) if matches!(r.step, Step::Create | Step::Set | Step::Test) => None,
+            // Promoted and not yet delivered (it resumes now and delivers
+            // the new version), or abandoned (a fresh rotation follows).
             Some(_) if entry.cfg.follow.is_none() => return Ok((0, None)),
             // A follower records no rotations of its own.
             _ => None,
