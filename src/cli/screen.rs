@@ -93,10 +93,20 @@ fn state_style(state: &str) -> Style {
     }
 }
 
-fn clean(s: &str) -> String {
+/// `s` with each control character replaced by a space.
+pub(super) fn clean(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
+}
+
+/// A row's STATE cell: its state, with the step of a rotation in progress
+/// (`rotating:promote`).
+pub(super) fn state_label(r: &StatusRow) -> String {
+    match &r.step {
+        Some(step) => format!("{}:{}", r.state, step),
+        None => r.state.clone(),
+    }
 }
 
 fn width(s: &str) -> usize {
@@ -268,10 +278,7 @@ pub fn render_status(rows: &[StatusRow], now: DateTime<Utc>, screen: &Screen) ->
     let cells: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {
-            let state = match &r.step {
-                Some(step) => format!("{}:{}", r.state, step),
-                None => r.state.clone(),
-            };
+            let state = state_label(r);
             [
                 format!("{}/{}", r.agent, r.credential),
                 clean(&r.vault),

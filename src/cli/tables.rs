@@ -8,19 +8,13 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
+use super::screen::{clean, state_label};
 use crate::api::protocol::{AgentLifecycle, StatusRow};
 
 /// RFC 3339 to the second in UTC, or `-`.
 fn time(t: Option<DateTime<Utc>>) -> String {
     t.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
         .unwrap_or_else(|| "-".into())
-}
-
-/// `s` with each control character replaced by a space.
-fn clean(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
 }
 
 /// Renders status rows as an aligned text table for humans.
@@ -45,10 +39,7 @@ pub fn render_status_table(rows: &[StatusRow]) -> String {
     let cells: Vec<[String; 9]> = rows
         .iter()
         .map(|r| {
-            let state = match &r.step {
-                Some(step) => format!("{}:{}", r.state, step),
-                None => r.state.clone(),
-            };
+            let state = state_label(r);
             [
                 r.agent.to_string(),
                 r.credential.to_string(),

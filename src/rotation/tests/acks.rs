@@ -498,6 +498,44 @@ async fn background_retries_wait_out_the_receivers_retry_after() {
     rig.shutdown().await;
 }
 
+/// Past the grace deadline a receiver still down is a holdout and is still
+/// retried (it stopped silently there while status said "retrying"): once
+/// it is back it gets the version, and the holdout clears.
+#[tokio::test(start_paused = true)]
+async fn a_receiver_down_past_the_grace_deadline_is_still_retried_until_it_has_the_version() {
+    let down = DownSink::new(usize::MAX);
+    let sinks: Vec<Arc<dyn Sink>> = vec![down.clone()];
+    let rig = Rig::in_dir_with(
+        tempfile::tempdir().unwrap(),
+        1,
+        "every = \"6h\"\ngrace = \"1m\"",
+        "",
+        Arc::new(MemoryStore::new()),
+        Arc::default(),
+        &sinks,
+    );
+    rig.run().await;
+    assert_eq!(rig.rotate_c0().await.version, Some(1));
+    assert_eq!(rig.rotate_c0().await.version, Some(2));
+    tokio::time::sleep(2 * MINUTE).await;
+    assert_eq!(
+        rig.status("c0").holdouts,
+        vec!["down:receiver (delivery retrying)"]
+    );
+    let past_grace = down.attempts().len();
+    tokio::time::sleep(MINUTE).await;
+    assert!(
+        down.attempts().len() > past_grace,
+        "still retried past the grace deadline"
+    );
+    down.fails.store(0, Ordering::SeqCst);
+    tokio::time::sleep(MINUTE).await;
+    let s = rig.status("c0");
+    assert!(s.awaiting_ack.is_empty() && s.holdouts.is_empty(), "{s:?}");
+    assert_eq!(down.attempts().last().map(|a| a.0), Some(2));
+    rig.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_restart_keeps_the_awaited_acks_and_never_retires_early() {
     let a: Arc<dyn Sink> = SentSink::new("a");
