@@ -438,20 +438,20 @@ fn delivered_files_missing_at_start_are_restored_without_a_rotation() {
     daemon.stop();
 }
 
-/// A credential whose next rotation is parked (its target refuses the new
-/// value) still has the current version: a file of it that went missing
-/// comes back at start, as the version the agent may still use.
-#[test]
-fn a_missing_file_comes_back_while_the_next_rotation_is_parked() {
-    let env = Env::new("");
+/// Agent `bot`'s credential `db` on a command target: a shell hook that
+/// keeps the value in `{d}/value` (`{d}`: the test's directory) and checks
+/// it, running `set_first` at the start of its `set` step; `deliver` is the
+/// sink list.
+fn command_target_db(env: &Env, set_first: &str, deliver: &str) -> String {
     let d = env.path().display().to_string();
+    let set_first = set_first.replace("{d}", &d);
     let hook = env.path().join("hook.sh");
     std::fs::write(
         &hook,
         format!(
             "#!/bin/sh
 case \"$KEYTURN_STEP\" in
-  set) [ -e \"{d}/refuse\" ] && exit 1; cat > \"{d}/value\" ;;
+  set) {set_first} cat > \"{d}/value\" ;;
   test) cmp -s - \"{d}/value\" || exit 1 ;;
 esac
 exit 0
@@ -461,10 +461,26 @@ exit 0
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
-    env.write_credentials(&format!(
-        "{}[agents.bot.credentials.db]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"1h\"\ntarget = {{ type = \"command\", program = \"{}\" }}\ndeliver = [{{ type = \"file\", path = \"{{root}}/bot/db\" }}]\n",
+    format!(
+        "{}[agents.bot.credentials.db]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"1h\"\ntarget = {{ type = \"command\", program = \"{}\" }}\ndeliver = [{deliver}]\n",
         agent_table("bot"),
         hook.display()
+    )
+}
+
+/// One file sink, for `bot/db`.
+const ONE_FILE: &str = "{ type = \"file\", path = \"{root}/bot/db\" }";
+
+/// A credential whose next rotation is parked (its target refuses the new
+/// value) still has the current version: a file of it that went missing
+/// comes back at start, as the version the agent may still use.
+#[test]
+fn a_missing_file_comes_back_while_the_next_rotation_is_parked() {
+    let env = Env::new("");
+    env.write_credentials(&command_target_db(
+        &env,
+        "[ -e \"{d}/refuse\" ] && exit 1;",
+        ONE_FILE,
     ));
     let daemon = env.start();
     wait_version(&env, "bot", "db", 1);
@@ -478,6 +494,128 @@ exit 0
     let daemon = env.start();
     assert_eq!(std::fs::read(&file).ok(), Some(before));
     assert_eq!(version_of(&env, "bot", "db"), Some(1));
+    daemon.stop();
+}
+
+/// The `delivery` records of restored files: (credential, version, sink).
+fn restored_records(env: &Env) -> Vec<(String, u64, String)> {
+    audit_records(env)
+        .into_iter()
+        .filter(|r| {
+            r["event"] == "delivery" && r["detail"].as_str().is_some_and(|d| d.contains("restored"))
+        })
+        .map(|r| {
+            (
+                r["credential"].as_str().unwrap().to_owned(),
+                r["version"].as_u64().unwrap(),
+                r["detail"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Defect: a file sink added to a credential by a reload got no file until
+/// the credential's next rotation, a whole period later. The reload now
+/// delivers the current version to it (no rotation, audited as restored);
+/// a file deleted before a reload comes back the same way; a file that is
+/// there is left alone.
+#[test]
+fn a_file_sink_added_by_reload_gets_the_current_version_at_once() {
+    let env = Env::new(&creds(2, "1h", "0s", "1h"));
+    let daemon = env.start();
+    wait_version(&env, "bot", "c0", 1);
+    wait_version(&env, "bot", "c1", 1);
+    env.cli_ok(&["rotate", "bot/c0", "--wait"]);
+    let c0 = env.root().join("bot/c0");
+    let c1 = env.root().join("bot/c1");
+    let kept_inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&c1).unwrap());
+    let value = std::fs::read(&c0).unwrap();
+
+    // A second file for c0, at a new path.
+    let added = "deliver = [{ type = \"file\", path = \"{root}/bot/c0\" }, { type = \"file\", path = \"{root}/copy/c0\" }]\n";
+    let config = creds(2, "1h", "0s", "1h").replacen(
+        "deliver = [{ type = \"file\", path = \"{root}/bot/c0\" }]\n",
+        added,
+        1,
+    );
+    assert_ne!(config, creds(2, "1h", "0s", "1h"));
+    env.write_credentials(&config);
+    daemon.reload();
+    let copy = env.root().join("copy/c0");
+    let got = wait_for(Duration::from_secs(10), || std::fs::read(&copy).ok());
+    assert_eq!(
+        got.as_ref(),
+        Some(&value),
+        "the added sink has the current value"
+    );
+    assert_eq!(version_of(&env, "bot", "c0"), Some(2), "no rotation");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&c1).unwrap()),
+        kept_inode,
+        "a file that is there is not written again"
+    );
+
+    // A file deleted while the daemon runs comes back at the next reload.
+    let c1_value = std::fs::read(&c1).unwrap();
+    std::fs::remove_file(&c1).unwrap();
+    daemon.reload();
+    let got = wait_for(Duration::from_secs(10), || std::fs::read(&c1).ok());
+    assert_eq!(got, Some(c1_value));
+    assert_eq!(version_of(&env, "bot", "c1"), Some(1), "no rotation");
+    let restored = wait_for(Duration::from_secs(10), || {
+        let r = restored_records(&env);
+        (r.len() >= 2).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("{:?}", restored_records(&env)));
+    let got: Vec<(&str, u64)> = restored.iter().map(|(c, v, _)| (c.as_str(), *v)).collect();
+    assert_eq!(got, [("c0", 2), ("c1", 1)], "{restored:?}");
+    assert!(restored[0].2.contains("copy/c0"), "{restored:?}");
+    env.cli_ok(&["audit", "verify"]);
+    daemon.stop();
+}
+
+/// A reload that adds a file sink while a rotation runs: the rotation
+/// delivers only to the sinks it started with, and the added file gets the
+/// version that rotation made as soon as it ends (not the one before, and
+/// not a whole period later).
+#[test]
+fn a_file_sink_added_during_a_rotation_gets_the_version_it_made() {
+    let env = Env::new("");
+    let slow_set = "if [ -e \"{d}/slow\" ]; then touch \"{d}/in-set\"; sleep 3; fi;";
+    env.write_credentials(&command_target_db(&env, slow_set, ONE_FILE));
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    std::fs::write(env.path().join("slow"), "").unwrap();
+    let rotate = {
+        let config = env.config.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(bin())
+                .args(["rotate", "bot/db", "--wait", "--config"])
+                .arg(config)
+                .env_remove("KEYTURN_CONFIG")
+                .output()
+                .unwrap()
+        })
+    };
+    // The rotation is in its slow `set` step when the reload comes.
+    let in_set = env.path().join("in-set");
+    assert!(
+        wait_for(Duration::from_secs(10), || in_set.exists().then_some(())).is_some(),
+        "the rotation reached its set step"
+    );
+    env.write_credentials(&command_target_db(
+        &env,
+        slow_set,
+        &format!("{ONE_FILE}, {{ type = \"file\", path = \"{{root}}/copy/db\" }}"),
+    ));
+    daemon.reload();
+    let out = rotate.join().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(version_of(&env, "bot", "db"), Some(2));
+    let current = std::fs::read(env.root().join("bot/db")).unwrap();
+    let copy = env.root().join("copy/db");
+    let got = wait_for(Duration::from_secs(10), || std::fs::read(&copy).ok());
+    assert_eq!(got, Some(current), "the added file has version 2");
     daemon.stop();
 }
 

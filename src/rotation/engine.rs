@@ -314,7 +314,9 @@ impl Engine {
     /// started with. A credential the engine holds no state for (new, or
     /// added back) is picked up from the state database, so one that comes
     /// back is not rotated as if it had never been; one that left keeps only
-    /// the retirement of its previous version, if that is pending.
+    /// the retirement of its previous version, if that is pending. A
+    /// delivered file that is missing (a file sink the reload added, say)
+    /// gets the current version again.
     pub async fn reload(&self, catalog: Catalog) {
         let catalog = Arc::new(catalog);
         let fresh: Vec<CredentialKey> = {
@@ -377,6 +379,8 @@ impl Engine {
         self.inner.schedule_all(&resume, false);
         self.inner.wake.notify_one();
         self.inner.follow_reload.notify_one();
+        // A file sink the reload added has no file yet (`restore.rs`).
+        self.inner.restore_after_reload(catalog);
     }
 
     /// Starts (or joins) a rotation of `key` now. Returns `None` if the
@@ -497,7 +501,7 @@ impl Inner {
                 let key = entry.key();
                 let l = live.get(key);
                 let row = l.and_then(|l| l.row.as_ref());
-                let running = l.and_then(|l| l.running.as_ref());
+                let running = l.and_then(CredLive::shown_job);
                 let state = l.map_or(CredentialState::Idle, CredLive::state).as_str();
                 let version = row.and_then(|r| r.current_version);
                 // A followed credential has no due time: it moves when its

@@ -496,14 +496,19 @@ impl Inner {
         Ok(())
     }
 
+    /// The lock a check of the followed credential `key` holds while it
+    /// reads and delivers (a restore of its files holds it too).
+    pub(super) fn follow_lock(&self, key: &CredentialKey) -> Arc<tokio::sync::Mutex<()>> {
+        lock_map(&self.follow.checking)
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
     /// Reads the credential's current version and delivers it unless it
     /// was delivered already.
     async fn follow_check(&self, entry: &CredEntry, memory: &Memory) -> Result<(), PluginError> {
-        let one = lock_map(&self.follow.checking)
-            .entry(entry.key().clone())
-            .or_default()
-            .clone();
-        let _checking = one.lock().await;
+        let _checking = self.follow_lock(entry.key()).lock_owned().await;
         let vault = &entry.primary().vault;
         let path = entry.cfg.vault_path();
         let item = VaultItem {

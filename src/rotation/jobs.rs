@@ -35,9 +35,9 @@ impl Inner {
             let l = live.entry(key);
             l.waiters.get_or_insert_default().push(tx);
             if let Some(running) = &l.running {
-                // Join the running rotation; a running retire starts one
-                // when it ends.
-                if running.job == Job::Retire {
+                // Join the running rotation; a running retire (or restore)
+                // starts one when it ends.
+                if running.job != Job::Rotate {
                     l.rotate_after_retire = true;
                 }
                 false
@@ -100,19 +100,24 @@ impl Inner {
             if let Some(running) = &l.running {
                 // A rotation that is already running reschedules itself when
                 // it ends and retires the previous version first; a retire
-                // in progress hands over to the rotation when it ends.
-                if job == Job::Rotate && running.job == Job::Retire {
-                    l.rotate_after_retire = true;
+                // (or restore) in progress hands over to the rotation when
+                // it ends. A restore asked for meanwhile runs after the job:
+                // a rotation started before a reload delivers only to the
+                // sinks it started with.
+                match job {
+                    Job::Rotate if running.job != Job::Rotate => l.rotate_after_retire = true,
+                    Job::Restore => l.restore_after = true,
+                    _ => {}
                 }
                 return;
             }
             l.running = Some(Box::new(Running {
                 job,
                 rotation: None,
-                step: if job == Job::Retire {
-                    Step::Retire
-                } else {
-                    Step::Create
+                step: match job {
+                    Job::Rotate => Step::Create,
+                    Job::Retire => Step::Retire,
+                    Job::Restore => Step::Deliver,
                 },
                 attempts: 0,
                 last_error: None,
@@ -133,6 +138,7 @@ impl Inner {
             match job {
                 Job::Rotate => self.clone().run_rotation(entry).await,
                 Job::Retire => self.clone().run_retire(entry).await,
+                Job::Restore => self.clone().run_restore(entry).await,
             }
             drop(busy);
             drop(permit);
@@ -237,13 +243,20 @@ impl Inner {
             // still happens, with this entry.
             self.departed_entries().insert(key.clone(), entry.clone());
         }
-        let mut live = self.live();
-        for (job, at) in reschedule {
-            if let Some(at) = at
-                && (configured || job == Job::Retire)
-            {
-                live.schedule(&key, job, at);
+        let restore = {
+            let mut live = self.live();
+            for (job, at) in reschedule {
+                if let Some(at) = at
+                    && (configured || job == Job::Retire)
+                {
+                    live.schedule(&key, job, at);
+                }
             }
+            live.get_mut(&key)
+                .is_some_and(|l| std::mem::take(&mut l.restore_after))
+        };
+        if restore && configured && !self.cancel.is_cancelled() {
+            self.spawn_job(key, Job::Restore, None);
         }
     }
 
@@ -267,7 +280,7 @@ impl Inner {
             Ok(_) => Ok(()),
             Err(e) => Err(Stop::Failed(e.to_string(), None)),
         };
-        let rotate_next = {
+        let next = {
             let mut live = self.live();
             let l = live.entry(&key);
             l.running = None;
@@ -295,13 +308,21 @@ impl Inner {
             }
             let rotate_next =
                 std::mem::take(&mut l.rotate_after_retire) && !self.cancel.is_cancelled();
+            let restore_next = std::mem::take(&mut l.restore_after) && !self.cancel.is_cancelled();
             if let Some(at) = retry_at {
                 live.schedule(&key, Job::Retire, at);
             }
-            rotate_next
+            // A rotation delivers to every sink the credential has now.
+            if rotate_next {
+                Some(Job::Rotate)
+            } else if restore_next && self.catalog().creds.contains_key(&key) {
+                Some(Job::Restore)
+            } else {
+                None
+            }
         };
-        if rotate_next {
-            self.spawn_job(key, Job::Rotate, None);
+        if let Some(job) = next {
+            self.spawn_job(key, job, None);
         }
     }
 }

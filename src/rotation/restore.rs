@@ -22,13 +22,27 @@
 //!
 //! Only file sinks: a webhook, signal or exec at start-up would tell an
 //! agent of a version it already had.
+//!
+//! # After a reload
+//! A reload can add a file sink (or move one to a new path) to a credential
+//! that already has a version: nothing would write that file before the
+//! next rotation either. So a reload runs the same check on every
+//! credential, each as a job of its own ([`Job::Restore`]): it holds the
+//! credential like a rotation or a retire does, so it never races one. A
+//! reload that finds another job running leaves the restore to run right
+//! after it (a rotation started before the reload delivers only to the
+//! sinks it started with); a rotation asked for meanwhile starts when the
+//! restore ends. A followed credential's restore holds the lock its
+//! follow checks hold.
 
 use std::sync::Arc;
 
 use super::attempt::notice_for;
+use super::catalog::Catalog;
 use super::catalog::CredEntry;
 use super::engine::Inner;
 use super::step::Step;
+use super::table::Job;
 use crate::audit::{Actor, AuditEvent, Outcome};
 use crate::generators;
 use crate::model::{PluginError, RotationId, Stage, VersionNo};
@@ -38,6 +52,16 @@ use crate::vaults::{Select, VaultItem};
 
 /// A credential, its current version, and the sinks whose files are gone.
 type Missing = (Arc<CredEntry>, VersionNo, Vec<Arc<dyn Sink>>);
+
+/// The sinks of `entry` whose files are gone.
+fn gone_sinks(entry: &CredEntry) -> Vec<Arc<dyn Sink>> {
+    entry
+        .sinks
+        .iter()
+        .filter(|s| file_gone(s.as_ref()))
+        .cloned()
+        .collect()
+}
 
 /// Whether the file a sink delivers to is gone (anything at the path,
 /// even something the sink would refuse, is not "gone": the next delivery
@@ -82,12 +106,7 @@ impl Inner {
                         return None;
                     }
                     let version = l.row.as_ref()?.current_version?;
-                    let gone: Vec<Arc<dyn Sink>> = e
-                        .sinks
-                        .iter()
-                        .filter(|s| file_gone(s.as_ref()))
-                        .cloned()
-                        .collect();
+                    let gone = gone_sinks(e);
                     (!gone.is_empty()).then(|| (e.clone(), version, gone))
                 })
                 .collect()
@@ -121,6 +140,96 @@ impl Inner {
             );
         }
         restored
+    }
+
+    /// After a reload: a [`Job::Restore`] for every credential with a
+    /// version whose file sink has no file (see the module's doc). The
+    /// files are looked at on the blocking pool, off the reload's path.
+    pub(super) fn restore_after_reload(self: &Arc<Self>, catalog: Arc<Catalog>) {
+        let inner = self.clone();
+        self.tracker.spawn(async move {
+            let scan = {
+                let inner = inner.clone();
+                tokio::task::spawn_blocking(move || {
+                    catalog
+                        .creds
+                        .values()
+                        .filter(|e| e.sinks.iter().any(|s| s.delivered_path().is_some()))
+                        .filter(|e| !inner.leaving(e) && !gone_sinks(e).is_empty())
+                        .map(|e| e.key().clone())
+                        .collect::<Vec<_>>()
+                })
+                .await
+            };
+            let Ok(keys) = scan else { return };
+            for key in keys {
+                let has_version = inner
+                    .live()
+                    .get(&key)
+                    .is_some_and(|l| l.row.as_ref().is_some_and(|r| r.current_version.is_some()));
+                if has_version && !inner.cancel.is_cancelled() {
+                    inner.clone().spawn_job(key, Job::Restore, None);
+                }
+            }
+        });
+    }
+
+    /// The [`Job::Restore`] of one credential: its current version to each
+    /// file sink whose file is gone, then what was asked for meanwhile.
+    pub(super) async fn run_restore(self: Arc<Self>, entry: Arc<CredEntry>) {
+        let key = entry.key().clone();
+        let follow_lock = match entry.cfg.follow {
+            Some(_) => Some(self.follow_lock(&key).lock_owned().await),
+            None => None,
+        };
+        let version = self
+            .live()
+            .get(&key)
+            .and_then(|l| l.row.as_ref()?.current_version);
+        let sinks = gone_sinks(&entry);
+        if let Some(version) = version
+            && !sinks.is_empty()
+            && !self.leaving(&entry)
+        {
+            match self.restore(&entry, version, &sinks).await {
+                Ok((restored, head)) => {
+                    if let Some(head) = head
+                        && let Err(e) = self.persist(vec![Write::AuditHead(head)]).await
+                    {
+                        tracing::warn!(error = %e, "recording the audit head of restored files");
+                    }
+                    if restored > 0 {
+                        tracing::info!(agent = %key.agent, credential = %key.credential, version, files = restored, "restored delivered files that were missing");
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    agent = %key.agent,
+                    credential = %key.credential,
+                    version,
+                    error = %e,
+                    "a delivered file is missing and could not be restored; the next rotation delivers it"
+                ),
+            }
+        }
+        drop(follow_lock);
+        let rotate = {
+            let mut live = self.live();
+            let l = live.entry(&key);
+            l.running = None;
+            l.restore_after = false;
+            let rotate = std::mem::take(&mut l.rotate_after_retire);
+            // A retire that fell due meanwhile found the credential busy.
+            let retire_at = l.retire_at;
+            if let Some(at) = retire_at
+                && live.deadline(&key, Job::Retire).is_none()
+            {
+                live.schedule(&key, Job::Retire, at.max(self.now()));
+            }
+            rotate && !self.cancel.is_cancelled()
+        };
+        if rotate {
+            self.spawn_job(key, Job::Rotate, None);
+        }
     }
 
     /// Restores `version` of one credential to `sinks`: how many it

@@ -114,6 +114,7 @@ impl Engine {
                 if let Some(l) = live.get_mut(key) {
                     l.retire_at = None;
                     l.rotate_after_retire = false;
+                    l.restore_after = false;
                 }
             }
         }

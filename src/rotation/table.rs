@@ -31,16 +31,19 @@ pub struct RotateFinished {
     pub error: Option<String>,
 }
 
-/// The kinds of timer a credential can have.
+/// The jobs a credential runs, one at a time. `Rotate` and `Retire` have
+/// timers; `Restore` (see `restore.rs`) is started by a reload and has none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(super) enum Job {
     Rotate,
     Retire,
+    Restore,
 }
 
 impl Job {
     fn slot(self, index: u32) -> u32 {
-        index * 2 + self as u32
+        debug_assert!(self != Job::Restore, "a restore has no timer");
+        index * 2 + u32::from(self == Job::Retire)
     }
 }
 
@@ -115,8 +118,12 @@ pub(super) struct CredLive {
     /// Why the next rotation starts.
     pub next_trigger: Option<Trigger>,
     /// A rotation was asked for while the previous version was being
-    /// retired; it starts as soon as that finishes.
+    /// retired (or a missing file restored); it starts as soon as that
+    /// finishes.
     pub rotate_after_retire: bool,
+    /// A reload found a delivered file missing while another job ran; the
+    /// file is restored when that job ends (see `restore.rs`).
+    pub restore_after: bool,
     /// `keyturn rotate --wait` callers of the coming or running rotation.
     /// Boxed: 8 bytes inline instead of a `Vec`'s 24, and almost every
     /// credential has no waiter.
@@ -125,8 +132,14 @@ pub(super) struct CredLive {
 }
 
 impl CredLive {
+    /// The rotation or retire running now (a restore of missing files is
+    /// not shown: it changes nothing but the files).
+    pub fn shown_job(&self) -> Option<&Running> {
+        self.running.as_deref().filter(|r| r.job != Job::Restore)
+    }
+
     pub fn state(&self) -> CredentialState {
-        if self.running.is_some() {
+        if self.shown_job().is_some() {
             CredentialState::Rotating
         } else if self.parked.is_some() {
             CredentialState::Failed
