@@ -652,56 +652,111 @@ impl Inner {
     }
 
     /// After a restart: the deliveries that were being retried in the
-    /// background (to sinks that do not hold up the rotation, for a version
-    /// still in its grace period) are retried again, with the value read
-    /// back from the vault.
+    /// background (to sinks that do not hold up the rotation) are retried
+    /// again, with the value read back from the vault. `retiring`: the
+    /// rotations at their retire step. A version whose grace period ended
+    /// with holdouts (its rotation done) is still owed to them while it is
+    /// current: its rotation is read from state.
     pub(super) fn resume_deliveries(self: &Arc<Self>, retiring: Vec<RotationRow>) {
-        let catalog = self.catalog();
-        let now = self.now();
         for rot in retiring {
-            let (Some(entry), Some(deadline)) = (catalog.creds.get(&rot.key), rot.retire_at) else {
-                continue;
-            };
-            if deadline <= now {
-                continue;
-            }
-            let sinks: Vec<Arc<dyn Sink>> = entry
-                .sinks
-                .iter()
-                .filter(|s| {
-                    !s.holds_up_rotation() && self.awaits_from(&rot.key, rot.version, &s.describe())
-                })
-                .cloned()
-                .collect();
-            if sinks.is_empty() {
-                continue;
-            }
-            for s in &sinks {
-                self.set_how(&rot.key, rot.version, &s.describe(), AckHow::Retrying);
-            }
-            let (me, entry) = (self.clone(), entry.clone());
-            self.tracker.spawn(async move {
-                let value = match me.read_staged(&entry, &rot).await {
-                    Ok(v) => v,
-                    Err(e) => {
-                        tracing::warn!(agent = %rot.key.agent, credential = %rot.key.credential, version = rot.version, error = %e.message(), "cannot resume the deliveries being retried: the version cannot be read back");
-                        return;
-                    }
-                };
-                let next_due = me.cred_row(entry.key()).next_due;
-                let notice = super::attempt::notice_for(&entry, &rot, &value, rot.updated_at, next_due);
-                for sink in sinks {
-                    me.clone().spawn_delivery_retry(
-                        rot.key.clone(),
-                        sink,
-                        notice.clone(),
-                        value.clone(),
-                        deadline,
-                        None,
-                    );
-                }
-            });
+            self.resume_deliveries_of(rot);
         }
+        let holdouts: Vec<(CredentialKey, VersionNo)> = self
+            .awaited()
+            .iter()
+            .filter(|(_, a)| a.retired_with_holdouts && a.outstanding().next().is_some())
+            .map(|(k, a)| (k.clone(), a.version))
+            .collect();
+        if holdouts.is_empty() {
+            return;
+        }
+        // Shown as retrying from the start (the rotation is read below).
+        let catalog = self.catalog();
+        for (key, version) in &holdouts {
+            for s in catalog.creds.get(key).iter().flat_map(|e| e.sinks.iter()) {
+                if !s.holds_up_rotation() && self.awaits_from(key, *version, &s.describe()) {
+                    self.set_how(key, *version, &s.describe(), AckHow::Retrying);
+                }
+            }
+        }
+        let me = self.clone();
+        self.tracker.spawn(async move {
+            let rows = me
+                .load(move |s| {
+                    let mut rows = Vec::new();
+                    for (key, version) in holdouts {
+                        // A newer rotation under way delivers by itself.
+                        if let Some(rot) = s.latest_rotation(&key)?
+                            && rot.version == version
+                            && rot.step == super::step::Step::Done
+                        {
+                            rows.push(rot);
+                        }
+                    }
+                    Ok(rows)
+                })
+                .await;
+            match rows {
+                Ok(rows) => {
+                    for rot in rows {
+                        me.resume_deliveries_of(rot);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot resume the deliveries owed to holdouts: reading their rotations failed");
+                }
+            }
+        });
+    }
+
+    /// Retries again, in the background, each delivery of `rot`'s version
+    /// still awaited from a sink that does not hold up the rotation.
+    fn resume_deliveries_of(self: &Arc<Self>, rot: RotationRow) {
+        let catalog = self.catalog();
+        let Some(entry) = catalog.creds.get(&rot.key) else {
+            return;
+        };
+        if self.is_retired(&rot.key.agent) {
+            return;
+        }
+        // Past it the consumer is a holdout, still owed the version.
+        let deadline = rot.retire_at.unwrap_or_else(|| self.now());
+        let sinks: Vec<Arc<dyn Sink>> = entry
+            .sinks
+            .iter()
+            .filter(|s| {
+                !s.holds_up_rotation() && self.awaits_from(&rot.key, rot.version, &s.describe())
+            })
+            .cloned()
+            .collect();
+        if sinks.is_empty() {
+            return;
+        }
+        for s in &sinks {
+            self.set_how(&rot.key, rot.version, &s.describe(), AckHow::Retrying);
+        }
+        let (me, entry) = (self.clone(), entry.clone());
+        self.tracker.spawn(async move {
+            let value = match me.read_staged(&entry, &rot).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(agent = %rot.key.agent, credential = %rot.key.credential, version = rot.version, error = %e.message(), "cannot resume the deliveries being retried: the version cannot be read back");
+                    return;
+                }
+            };
+            let next_due = me.cred_row(entry.key()).next_due;
+            let notice = super::attempt::notice_for(&entry, &rot, &value, rot.updated_at, next_due);
+            for sink in sinks {
+                me.clone().spawn_delivery_retry(
+                    rot.key.clone(),
+                    sink,
+                    notice.clone(),
+                    value.clone(),
+                    deadline,
+                    None,
+                );
+            }
+        });
     }
 
     /// Acknowledges for `name` when its sink's watch says so.

@@ -155,6 +155,34 @@ impl Sink for DownSink {
 const MINUTE: Duration = Duration::from_secs(60);
 const SCHEDULE: &str = "every = \"6h\"\ngrace = \"1h\"";
 
+/// A one-minute grace period.
+const SHORT_GRACE: &str = "every = \"6h\"\ngrace = \"1m\"";
+
+/// A fresh rig on `schedule` with `down` beside its own sink.
+fn rig_beside(schedule: &str, down: Arc<DownSink>) -> Rig {
+    let sinks: Vec<Arc<dyn Sink>> = vec![down];
+    Rig::in_dir_with(
+        tempfile::tempdir().unwrap(),
+        1,
+        schedule,
+        "",
+        Arc::new(MemoryStore::new()),
+        Arc::default(),
+        &sinks,
+    )
+}
+
+/// `rig` stopped and started again on its state and vault, with `down`
+/// (a new receiver) beside its own sink.
+async fn restarted_with(rig: Rig, schedule: &str, down: Arc<DownSink>) -> Rig {
+    let (store, vault) = (rig.store.clone(), rig.vault.clone());
+    let dir = rig.shutdown().await;
+    let sinks: Vec<Arc<dyn Sink>> = vec![down];
+    let rig = Rig::in_dir_with(dir, 1, schedule, "", store, vault, &sinks);
+    rig.run().await;
+    rig
+}
+
 fn rig_with(extra: &[Arc<dyn Sink>]) -> Rig {
     Rig::in_dir_with(
         tempfile::tempdir().unwrap(),
@@ -498,22 +526,10 @@ async fn background_retries_wait_out_the_receivers_retry_after() {
     rig.shutdown().await;
 }
 
-/// Past the grace deadline a receiver still down is a holdout and is still
-/// retried (it stopped silently there while status said "retrying"): once
-/// it is back it gets the version, and the holdout clears.
-#[tokio::test(start_paused = true)]
-async fn a_receiver_down_past_the_grace_deadline_is_still_retried_until_it_has_the_version() {
-    let down = DownSink::new(usize::MAX);
-    let sinks: Vec<Arc<dyn Sink>> = vec![down.clone()];
-    let rig = Rig::in_dir_with(
-        tempfile::tempdir().unwrap(),
-        1,
-        "every = \"6h\"\ngrace = \"1m\"",
-        "",
-        Arc::new(MemoryStore::new()),
-        Arc::default(),
-        &sinks,
-    );
+/// Versions 1 and 2 made with `down` (down for good) beside the rig's own
+/// sink, and version 2's grace period over: `down` is its holdout.
+async fn version_2_with_a_holdout(down: Arc<DownSink>) -> Rig {
+    let rig = rig_beside(SHORT_GRACE, down);
     rig.run().await;
     assert_eq!(rig.rotate_c0().await.version, Some(1));
     assert_eq!(rig.rotate_c0().await.version, Some(2));
@@ -522,6 +538,16 @@ async fn a_receiver_down_past_the_grace_deadline_is_still_retried_until_it_has_t
         rig.status("c0").holdouts,
         vec!["down:receiver (delivery retrying)"]
     );
+    rig
+}
+
+/// Past the grace deadline a receiver still down is a holdout and is still
+/// retried (it stopped silently there while status said "retrying"): once
+/// it is back it gets the version, and the holdout clears.
+#[tokio::test(start_paused = true)]
+async fn a_receiver_down_past_the_grace_deadline_is_still_retried_until_it_has_the_version() {
+    let down = DownSink::new(usize::MAX);
+    let rig = version_2_with_a_holdout(down.clone()).await;
     let past_grace = down.attempts().len();
     tokio::time::sleep(MINUTE).await;
     assert!(
@@ -586,13 +612,9 @@ async fn a_restart_resumes_the_deliveries_being_retried_in_the_background() {
         rig.status("c0").awaiting_ack,
         vec!["down:receiver (delivery retrying)"]
     );
-    let (store, vault) = (rig.store.clone(), rig.vault.clone());
-    let dir = rig.shutdown().await;
     // After the restart the receiver is back after two more failures.
     let down2 = DownSink::new(2);
-    let sinks: Vec<Arc<dyn Sink>> = vec![down2.clone()];
-    let rig = Rig::in_dir_with(dir, 1, SCHEDULE, "", store, vault, &sinks);
-    rig.run().await;
+    let rig = restarted_with(rig, SCHEDULE, down2.clone()).await;
     assert_eq!(
         rig.status("c0").awaiting_ack,
         vec!["down:receiver (delivery retrying)"]
@@ -613,5 +635,32 @@ async fn a_restart_resumes_the_deliveries_being_retried_in_the_background() {
         r.vault.times("retire", None).len() > retired_before
     })
     .await;
+    rig.shutdown().await;
+}
+
+/// Defect: a receiver still down when its grace period ended was retried
+/// in the background until a restart, and never again after it: status
+/// listed it as `ack=explicit` and it never got the version. A restart now
+/// resumes those retries too, while the version is current.
+#[tokio::test(start_paused = true)]
+async fn a_restart_past_the_grace_deadline_resumes_the_holdouts_deliveries() {
+    let down = DownSink::new(usize::MAX);
+    let rig = version_2_with_a_holdout(down.clone()).await;
+    // After the restart the receiver is back after one more failure.
+    let down2 = DownSink::new(1);
+    let rig = restarted_with(rig, SHORT_GRACE, down2.clone()).await;
+    assert_eq!(
+        rig.status("c0").holdouts,
+        vec!["down:receiver (delivery retrying)"]
+    );
+    rig.until(
+        Duration::from_secs(60),
+        "delivered after the restart",
+        |r| r.status("c0").holdouts.is_empty(),
+    )
+    .await;
+    let attempts = down2.attempts();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert!(attempts.iter().all(|(v, _)| *v == 2), "{attempts:?}");
     rig.shutdown().await;
 }
