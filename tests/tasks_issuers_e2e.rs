@@ -13,20 +13,9 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{Env, audit_records, block_on, http_get, read_tree, start_bot_task, status_doc};
-
-fn need(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| {
-        panic!("{var} is not set: start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)")
-    })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
+use common::{
+    Env, audit_records, block_on, free_port, http_get, need, read_tree, start_bot_task, status_doc,
+};
 
 fn suffix() -> String {
     let mut b = [0u8; 6];
@@ -79,6 +68,38 @@ struct Seen {
     surface: Vec<serde_json::Value>,
     /// Everything as printed, for the secret greps.
     printed: String,
+}
+
+impl Seen {
+    /// Asserts that `id` is the one task shown, by status, its table and
+    /// /metrics, with its one item from `issuer`.
+    fn assert_one_live(&self, id: &str, issuer: &str) {
+        assert_eq!(self.tasks.len(), 1, "{:?}", self.tasks);
+        assert_eq!(self.tasks[0]["task"], id);
+        assert_eq!(self.tasks[0]["items"][0]["issuer"], issuer);
+        assert!(
+            self.table
+                .lines()
+                .any(|l| l.starts_with("bot") && l.contains(id) && l.contains(issuer)),
+            "{}",
+            self.table
+        );
+        for line in [
+            format!("keyturn_tasks_active{{agent=\"bot\",issuer=\"{issuer}\"}} 1\n"),
+            format!("keyturn_task_starts_total{{issuer=\"{issuer}\",result=\"ok\"}} 1\n"),
+        ] {
+            self.assert_metric(&line);
+        }
+    }
+
+    /// Asserts that /metrics has `line`.
+    fn assert_metric(&self, line: &str) {
+        assert!(
+            self.metrics.contains(line),
+            "missing {line:?} in\n{}",
+            self.metrics
+        );
+    }
 }
 
 fn seen(env: &Env, port: u16) -> Seen {
@@ -298,28 +319,9 @@ levels.low.grants.bao = {{ policies = ["{policy}"] }}
 
     // status, /metrics and the surface show the task and its credential.
     let live = seen(&env, port);
-    assert_eq!(live.tasks.len(), 1, "{:?}", live.tasks);
-    assert_eq!(live.tasks[0]["task"], id.as_str());
+    live.assert_one_live(&id, "bao");
     assert_eq!(live.tasks[0]["state"], "live");
-    assert_eq!(live.tasks[0]["items"][0]["issuer"], "bao");
-    assert!(
-        live.table
-            .lines()
-            .any(|l| l.starts_with("bot") && l.contains(&id) && l.contains("bao")),
-        "{}",
-        live.table
-    );
-    for line in [
-        "keyturn_tasks_active{agent=\"bot\",issuer=\"bao\"} 1\n",
-        "keyturn_task_starts_total{issuer=\"bao\",result=\"ok\"} 1\n",
-        "keyturn_task_revocation_overdue 0\n",
-    ] {
-        assert!(
-            live.metrics.contains(line),
-            "missing {line:?} in\n{}",
-            live.metrics
-        );
-    }
+    live.assert_metric("keyturn_task_revocation_overdue 0\n");
     assert_eq!(live.surface.len(), 1, "{:?}", live.surface);
     assert_eq!(live.surface[0]["task"], id.as_str());
     assert_eq!(
@@ -525,26 +527,7 @@ levels.low.grants.sts = {{ role_arn = "{role}", session_policy = '{SESSION_POLIC
 
     // status, /metrics and the surface show the task and its session.
     let live = seen(&env, port);
-    assert_eq!(live.tasks.len(), 1, "{:?}", live.tasks);
-    assert_eq!(live.tasks[0]["task"], id.as_str());
-    assert_eq!(live.tasks[0]["items"][0]["issuer"], "sts");
-    assert!(
-        live.table
-            .lines()
-            .any(|l| l.starts_with("bot") && l.contains(&id) && l.contains("sts")),
-        "{}",
-        live.table
-    );
-    for line in [
-        "keyturn_tasks_active{agent=\"bot\",issuer=\"sts\"} 1\n",
-        "keyturn_task_starts_total{issuer=\"sts\",result=\"ok\"} 1\n",
-    ] {
-        assert!(
-            live.metrics.contains(line),
-            "missing {line:?} in\n{}",
-            live.metrics
-        );
-    }
+    live.assert_one_live(&id, "sts");
     let object = live.surface[0]["credentials"][0]["object"]
         .as_str()
         .unwrap_or_default()
