@@ -245,6 +245,22 @@ fn one_rotator_one_follower(table: &str, path: &str) {
     }
 }
 
+/// The test OpenBao's `secret` mount as a vault named `name`, with the root token.
+async fn bao_vault(name: &str) -> HashicorpVault {
+    HashicorpVault::with_auth(
+        name,
+        &HashicorpConfig {
+            mount: Some("secret".into()),
+            ..HashicorpConfig::new(need("KEYTURN_TEST_BAO_ADDR"))
+        },
+        HashicorpAuth::Token(keyturn::model::SecretValue::from_string(need(
+            "KEYTURN_TEST_BAO_TOKEN",
+        ))),
+    )
+    .await
+    .unwrap()
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -260,18 +276,7 @@ fn a_follower_on_openbao_with_a_change_index_delivers_every_version() {
     one_rotator_one_follower(&bao_table(&files, Some(&index)), &path);
     // The index the rotator keeps lists the credential (and no value).
     rt().block_on(async {
-        let v = HashicorpVault::with_auth(
-            "bao-reader",
-            &HashicorpConfig {
-                mount: Some("secret".into()),
-                ..HashicorpConfig::new(need("KEYTURN_TEST_BAO_ADDR"))
-            },
-            HashicorpAuth::Token(keyturn::model::SecretValue::from_string(need(
-                "KEYTURN_TEST_BAO_TOKEN",
-            ))),
-        )
-        .await
-        .unwrap();
+        let v = bao_vault("bao-reader").await;
         let listed = change_index::read(&v, &index)
             .await
             .unwrap()
@@ -406,15 +411,6 @@ deliver = [{{ type = "file", path = "{{root}}/{AGENT}/c{i}", format = "raw" }}]
     );
 }
 
-/// A free loopback port (bound, then released for the daemon).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// POSTs a webhook-shaped nudge signed with `key` to the follower; the status.
 fn nudge(port: u16, key: &[u8], body: &[u8]) -> u16 {
     rt().block_on(async {
@@ -506,18 +502,7 @@ fn a_nudged_follower_on_openbao_has_each_new_version_long_before_its_poll() {
     // into OpenBao): only a nudge finds it before the poll.
     let canary = format!("kt-canary-nudge-{:016x}", rand::random::<u64>());
     rt().block_on(async {
-        let v = HashicorpVault::with_auth(
-            "bao-writer",
-            &HashicorpConfig {
-                mount: Some("secret".into()),
-                ..HashicorpConfig::new(need("KEYTURN_TEST_BAO_ADDR"))
-            },
-            HashicorpAuth::Token(keyturn::model::SecretValue::from_string(need(
-                "KEYTURN_TEST_BAO_TOKEN",
-            ))),
-        )
-        .await
-        .unwrap();
+        let v = bao_vault("bao-writer").await;
         let cred = keyturn::model::CredentialKey::new(
             keyturn::model::AgentId::new(AGENT).unwrap(),
             keyturn::model::CredentialId::new("db").unwrap(),
