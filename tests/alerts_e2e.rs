@@ -8,10 +8,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -324,27 +323,8 @@ struct Stub {
 
 impl Stub {
     fn start() -> Stub {
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/stubs/pagerduty_events_stub.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .args(["--host", "127.0.0.1", "--port", "0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the PagerDuty stub");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("stub said {line:?}"));
-        Stub {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        }
+        let (child, base) = common::start_pagerduty_stub();
+        Stub { child, base }
     }
 
     async fn events(&self) -> Vec<Value> {
@@ -748,27 +728,10 @@ type = "alertmanager"
 url = "http://127.0.0.1:9"
 "#;
 
-fn metrics(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn the_daemon_keeps_a_private_spool_exports_alert_metrics_and_refuses_a_bad_sink() {
     use std::os::unix::fs::MetadataExt;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let env = common::Env::with_daemon(BOT, &format!("listen = \"127.0.0.1:{port}\""));
     let daemon = env.spawn(&[("KEYTURN_LOG", "info")]);
     daemon.wait_ready();
@@ -778,7 +741,7 @@ fn the_daemon_keeps_a_private_spool_exports_alert_metrics_and_refuses_a_bad_sink
         std::fs::metadata(spool.join("spool.db")).unwrap().mode() & 0o777,
         0o600
     );
-    let text = metrics(port);
+    let text = common::http_get(port, "/metrics");
     for needle in [
         "keyturn_alerts_firing{severity=\"critical\"} 0",
         "keyturn_alerts_firing{severity=\"warning\"} 0",

@@ -11,9 +11,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::proxy::{Flavor, Match, Proxy};
@@ -41,28 +40,8 @@ struct PagerDuty {
 
 impl PagerDuty {
     fn start() -> PagerDuty {
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/stubs/pagerduty_events_stub.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .args(["--host", "127.0.0.1", "--port", "0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the PagerDuty stub");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("stub said {line:?}"))
-            .to_owned();
-        PagerDuty {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        }
+        let (child, base) = start_pagerduty_stub();
+        PagerDuty { child, base }
     }
 
     /// `(event_action, dedup_key, summary)` of every event accepted, in order.

@@ -654,3 +654,27 @@ pub fn start_bot_task(env: &Env, sensitivity: &str, extra: &[&str]) -> serde_jso
     let out = env.cli_ok(&args);
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// Starts the PagerDuty Events v2 stub (tests/stubs/) on a free port: its
+/// process and base URL.
+pub fn start_pagerduty_stub() -> (Child, String) {
+    use std::io::{BufRead, BufReader};
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/stubs/pagerduty_events_stub.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .args(["--host", "127.0.0.1", "--port", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the PagerDuty stub");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("stub said {line:?}"));
+    let base = format!("http://127.0.0.1:{port}");
+    (child, base)
+}
