@@ -15,23 +15,12 @@ use std::time::Duration;
 use common::*;
 use keyturn::model::RotationId;
 use serde_json::{Map, Value};
-use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
+use vaultrs::client::VaultClient;
 
 fn required(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set; start the test services: `bash scripts/services.sh start`")
     })
-}
-
-fn bao_client() -> VaultClient {
-    VaultClient::new(
-        VaultClientSettingsBuilder::default()
-            .address(required("KEYTURN_TEST_BAO_ADDR"))
-            .token(required("KEYTURN_TEST_BAO_TOKEN"))
-            .build()
-            .unwrap(),
-    )
-    .unwrap()
 }
 
 /// The latest KV v2 version of `path`, `None` when absent or deleted.

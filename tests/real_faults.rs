@@ -37,7 +37,7 @@ use common::*;
 use keyturn::model::{RotationId, Stage};
 use keyturn::vaults::azure::secret_name;
 use serde_json::{Map, Value};
-use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
+use vaultrs::client::VaultClient;
 
 const START_HINT: &str =
     "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
@@ -187,17 +187,6 @@ fn wait_rotated(env: &Env, version: u64) {
 // ---------------------------------------------------------------------------
 // What the servers hold, read with plain clients
 // ---------------------------------------------------------------------------
-
-fn bao_client() -> VaultClient {
-    VaultClient::new(
-        VaultClientSettingsBuilder::default()
-            .address(required("KEYTURN_TEST_BAO_ADDR"))
-            .token(required("KEYTURN_TEST_BAO_TOKEN"))
-            .build()
-            .unwrap(),
-    )
-    .unwrap()
-}
 
 fn not_found(e: &vaultrs::error::ClientError) -> bool {
     matches!(e, vaultrs::error::ClientError::APIError { code: 404, .. })
@@ -650,6 +639,27 @@ fn rotate_started(env: &Env) {
     env.cli_ok(&["rotate", "bot/db"]);
 }
 
+/// A proxy in front of OpenBao and one in front of AWS, the unique path of
+/// `test`'s credential, and its Env (both vaults, grace "1h") reaching each
+/// vault through its proxy.
+fn proxied_bao_aws(test: &str) -> (Proxy, Proxy, String, Env) {
+    let direct = Addresses::direct();
+    let bao = Proxy::start(&direct.bao, Flavor::Bao);
+    let aws = Proxy::start(&direct.aws, Flavor::Aws);
+    let path = unique_path(test);
+    let env = remote_env(
+        Layout::BaoAws,
+        &Addresses {
+            bao: bao.url(),
+            aws: aws.url(),
+        },
+        &path,
+        "1h",
+        "",
+    );
+    (bao, aws, path, env)
+}
+
 /// Stops the daemon, whose log shows failed (then retried) steps, and
 /// verifies the audit chain.
 fn stop_after_lost_responses(env: &Env, daemon: Daemon, what: &str) {
@@ -669,20 +679,7 @@ fn stop_after_lost_responses(env: &Env, daemon: Daemon, what: &str) {
 /// and ends with exactly one new version in each vault.
 #[test]
 fn a_lost_response_of_every_write_still_makes_exactly_one_version() {
-    let direct = Addresses::direct();
-    let bao = Proxy::start(&direct.bao, Flavor::Bao);
-    let aws = Proxy::start(&direct.aws, Flavor::Aws);
-    let path = unique_path("lost");
-    let env = remote_env(
-        Layout::BaoAws,
-        &Addresses {
-            bao: bao.url(),
-            aws: aws.url(),
-        },
-        &path,
-        "1h",
-        "",
-    );
+    let (bao, aws, path, env) = proxied_bao_aws("lost");
 
     // CreateSecret is issued once per secret: in the first rotation.
     let create = aws.drop_response(Match::aws("CreateSecret"), 1);
@@ -1135,20 +1132,7 @@ fn aws_call(r: &common::proxy::Seen) -> String {
 /// fails here, and so does one that drops a call (update the doc with it).
 #[test]
 fn d_one_rotation_makes_the_listed_openbao_and_aws_calls() {
-    let direct = Addresses::direct();
-    let bao = Proxy::start(&direct.bao, Flavor::Bao);
-    let aws = Proxy::start(&direct.aws, Flavor::Aws);
-    let path = unique_path("calls");
-    let env = remote_env(
-        Layout::BaoAws,
-        &Addresses {
-            bao: bao.url(),
-            aws: aws.url(),
-        },
-        &path,
-        "1h",
-        "",
-    );
+    let (bao, aws, path, env) = proxied_bao_aws("calls");
     let daemon = env.start();
     wait_rotated(&env, 1);
     rotate_wait_succeeds(&env, &daemon, "version 2");

@@ -404,6 +404,18 @@ pub fn need(var: &str) -> String {
     })
 }
 
+/// A plain client of the test OpenBao (`KEYTURN_TEST_BAO_*`), with its root token.
+pub fn bao_client() -> vaultrs::client::VaultClient {
+    vaultrs::client::VaultClient::new(
+        vaultrs::client::VaultClientSettingsBuilder::default()
+            .address(need("KEYTURN_TEST_BAO_ADDR"))
+            .token(need("KEYTURN_TEST_BAO_TOKEN"))
+            .build()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
 /// A free loopback port (bound, then released for the daemon to listen on).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
