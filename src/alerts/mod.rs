@@ -34,7 +34,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::config::validate::{Loc, Validator, Zero};
+use crate::config::validate::{Loc, Validator};
 use crate::model::PluginError;
 use crate::plugin::registry;
 
@@ -287,19 +287,7 @@ impl Common<'_> {
             }
         }
         if let Some(text) = self.timeout {
-            let at = p.key("timeout");
-            if let Some(d) = v.duration(at, text, Zero::Rejected)
-                && !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&d)
-            {
-                v.err(
-                    at,
-                    format!(
-                        "timeout `{text}` is out of range: it must be between {} and {}",
-                        humantime::format_duration(MIN_TIMEOUT),
-                        humantime::format_duration(MAX_TIMEOUT)
-                    ),
-                );
-            }
+            v.timeout_within(p, text, MIN_TIMEOUT, MAX_TIMEOUT);
         }
     }
 

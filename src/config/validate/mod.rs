@@ -612,6 +612,23 @@ impl Validator<'_> {
         }
     }
 
+    /// `timeout` of an HTTP sink: a duration between `min` and `max`, an error saying so otherwise.
+    pub(crate) fn timeout_within(&mut self, p: Loc<'_>, text: &str, min: Duration, max: Duration) {
+        let at = p.key("timeout");
+        if let Some(d) = self.duration(at, text, Zero::Rejected)
+            && !(min..=max).contains(&d)
+        {
+            self.err(
+                at,
+                format!(
+                    "timeout `{text}` is out of range: it must be between {} and {}",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+            );
+        }
+    }
+
     pub(crate) fn duration_or(
         &mut self,
         path: Loc<'_>,

@@ -159,19 +159,7 @@ impl SinkPlugin for WebhookConfig {
             }
         }
         if let Some(text) = &self.timeout {
-            let at = p.key("timeout");
-            if let Some(d) = v.duration(at, text, Zero::Rejected)
-                && !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&d)
-            {
-                v.err(
-                    at,
-                    format!(
-                        "timeout `{text}` is out of range: it must be between {} and {}",
-                        humantime::format_duration(MIN_TIMEOUT),
-                        humantime::format_duration(MAX_TIMEOUT)
-                    ),
-                );
-            }
+            v.timeout_within(p, text, MIN_TIMEOUT, MAX_TIMEOUT);
         }
     }
 

@@ -51,7 +51,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
 use zeroize::Zeroizing;
 
 use super::{CurrentValue, Delivered, Notice, Sink, SinkContext, SinkPlugin};
-use crate::config::validate::{Loc, SinkScope, Validator, Zero, duration_value};
+use crate::config::validate::{Loc, SinkScope, Validator, duration_value};
 use crate::model::{
     AgentId, CredentialId, CredentialKey, ErrorKind, PluginError, SecretValue, validate_id,
 };
