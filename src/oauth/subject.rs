@@ -255,12 +255,7 @@ impl SubjectIssuer {
             .ok_or_else(|| SubjectError::AlgorithmNotAllowed {
                 alg: shown(&t.alg_name),
                 issuer: c.name.clone(),
-                pinned: c
-                    .algorithms
-                    .iter()
-                    .map(|a| alg_name(*a))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                pinned: alg_names(&c.algorithms),
             })?;
         if t.header.contains_key("crit") {
             return Err(SubjectError::CriticalHeader);
@@ -324,12 +319,7 @@ impl SubjectIssuer {
                 alg: alg_name(alg),
                 kid: kid_shown,
                 key_type: key.key_type.name(),
-                key_algs: key
-                    .algorithms
-                    .iter()
-                    .map(|a| alg_name(*a))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                key_algs: alg_names(&key.algorithms),
             });
         }
         debug_assert!(key.key_type.algorithms().contains(&alg));
@@ -369,12 +359,7 @@ impl SubjectIssuer {
                     alg: alg_name(alg),
                     kid: kid_shown.clone(),
                     key_type: key.key_type.name(),
-                    key_algs: key
-                        .algorithms
-                        .iter()
-                        .map(|a| alg_name(*a))
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    key_algs: alg_names(&key.algorithms),
                 },
                 // jsonwebtoken's own messages name no token content.
                 other => SubjectError::Malformed(format!("{other:?}").chars().take(120).collect()),
@@ -535,6 +520,14 @@ impl SubjectTokens {
 /// An algorithm's JOSE name (`EdDSA`, `ES256`, ...): its variant name.
 fn alg_name(a: Algorithm) -> String {
     format!("{a:?}")
+}
+
+/// The names of `algs`, comma-separated, for an error message.
+fn alg_names(algs: &[Algorithm]) -> String {
+    algs.iter()
+        .map(|a| alg_name(*a))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn audiences(a: &[String]) -> String {
