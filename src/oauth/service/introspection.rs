@@ -7,8 +7,9 @@
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value, json};
 
-use super::{Reply, SecretValue, TokenService, err, now_secs, token_form};
+use super::{Reply, SecretValue, TokenForm, TokenService, err, now_secs, token_form};
 use crate::audit::{Actor as AuditActor, AuditEvent, Outcome};
+use crate::auth::Verified;
 use crate::model::AgentId;
 use crate::oauth::exchange::ExchangeError;
 
@@ -124,15 +125,22 @@ impl TokenService {
         }))
     }
 
+    /// The agent whose client assertion `form` carries, the assertion spent
+    /// (it is single-use).
+    async fn authenticate_client(&self, form: &TokenForm) -> Result<Verified, ExchangeError> {
+        let client = self
+            .authenticate(&form.client_assertion, "invalid_client", "client assertion")
+            .await?;
+        self.spend(&[(&client, "invalid_client", "client assertion")])
+            .await?;
+        Ok(client)
+    }
+
     /// `POST /oauth/introspect`: any agent that authenticates may ask.
     pub async fn introspect(&self, body: &[u8]) -> Reply {
         let answer = async {
             let form = token_form(body)?;
-            let client = self
-                .authenticate(&form.client_assertion, "invalid_client", "client assertion")
-                .await?;
-            self.spend(&[(&client, "invalid_client", "client assertion")])
-                .await?;
+            self.authenticate_client(&form).await?;
             let now = now_secs();
             let Some(t) = self.check(&form.token, now).await? else {
                 return Ok::<_, ExchangeError>(json!({ "active": false }));
@@ -178,11 +186,7 @@ impl TokenService {
         let mut ev = AuditEvent::new("oauth.revoke", AuditActor::Daemon, Outcome::Ok);
         let result = async {
             let form = token_form(body)?;
-            let client = self
-                .authenticate(&form.client_assertion, "invalid_client", "client assertion")
-                .await?;
-            self.spend(&[(&client, "invalid_client", "client assertion")])
-                .await?;
+            let client = self.authenticate_client(&form).await?;
             ev.agent = AgentId::new(&client.agent).ok();
             let now = now_secs();
             let Some(t) = self.check(&form.token, now).await? else {
