@@ -36,7 +36,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{AgentId, CredentialKey, ErrorKind, PluginError, Stage};
+use crate::model::{AgentId, CredentialId, CredentialKey, ErrorKind, PluginError, Stage};
 use crate::rotation::{Catalog, Engine, Footprint};
 use crate::state::RevocationRow;
 use crate::targets::TargetConfig;
@@ -132,30 +132,29 @@ pub fn plan(
     let _ = now;
     specs
         .into_iter()
-        .map(|(item, spec)| RevocationRow {
-            agent: agent.clone(),
-            item,
-            credential: Some(key.credential.clone()),
-            kind: spec.kind().to_owned(),
-            spec: serde_json::to_value(&spec).expect("a spec serialises"),
-            revoked_at: None,
-            verified_at: None,
-            attempts: 0,
-            last_error: None,
-        })
+        .map(|(item, spec)| pending_row(agent, item, Some(key.credential.clone()), &spec))
         .collect()
 }
 
 /// The `tokens` item of an agent whose tokens become inactive up to
 /// `issued_up_to` (the decommission's token epoch).
 pub fn plan_tokens(agent: &AgentId, issued_up_to: DateTime<Utc>) -> RevocationRow {
-    let spec = Spec::Tokens { issued_up_to };
+    pending_row(agent, "tokens".into(), None, &Spec::Tokens { issued_up_to })
+}
+
+/// The row of item `item` (revoking `spec`) of `agent`, not yet revoked.
+fn pending_row(
+    agent: &AgentId,
+    item: String,
+    credential: Option<CredentialId>,
+    spec: &Spec,
+) -> RevocationRow {
     RevocationRow {
         agent: agent.clone(),
-        item: "tokens".into(),
-        credential: None,
+        item,
+        credential,
         kind: spec.kind().to_owned(),
-        spec: serde_json::to_value(&spec).expect("a spec serialises"),
+        spec: serde_json::to_value(spec).expect("a spec serialises"),
         revoked_at: None,
         verified_at: None,
         attempts: 0,
