@@ -28,9 +28,6 @@ use keyturn::vaults::change_index;
 use keyturn::vaults::hashicorp::{HashicorpAuth, HashicorpConfig, HashicorpVault};
 
 const AGENT: &str = "bot";
-const STUB_CLIENT_ID: &str = "keyturn-test-client";
-const STUB_CLIENT_SECRET: &str = "keyturn-test-secret";
-const TENANT: &str = "00000000-0000-0000-0000-000000000001";
 
 fn need(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
@@ -68,23 +65,10 @@ fn aws_table(index: Option<&str>) -> String {
 }
 
 fn azure_table(files: &tempfile::TempDir, index: Option<&str>) -> String {
-    let url = need("KEYTURN_TEST_AZURE_URL");
     let secret = secret_file(files, "azure-client-secret", STUB_CLIENT_SECRET);
     format!(
-        r#"[vaults.shared]
-type = "azure_key_vault"
-vault_url = "{url}"
-auth = "client_secret"
-tenant_id = "{TENANT}"
-client_id = "{STUB_CLIENT_ID}"
-client_secret_file = "{}"
-authority_host = "{url}"
-ca_file = "{}"
-verify_challenge_resource = false
-timeout = "10s"
-{}"#,
-        secret.display(),
-        need("KEYTURN_TEST_AZURE_CA"),
+        "{}{}",
+        azure_stub_table("shared", &secret),
         index_line(index)
     )
 }

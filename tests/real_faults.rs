@@ -46,11 +46,6 @@ fn required(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set; {START_HINT}"))
 }
 
-/// The Azure stub's Entra ID client (its defaults; see the stub's header).
-const STUB_CLIENT_ID: &str = "keyturn-test-client";
-const STUB_CLIENT_SECRET: &str = "keyturn-test-secret";
-const TENANT: &str = "00000000-0000-0000-0000-000000000001";
-
 /// Which vaults hold bot/db, in `vault = [...]` order (the first is the
 /// primary: the engine reads the staged value back from it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

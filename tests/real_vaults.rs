@@ -31,10 +31,6 @@ use keyturn::vaults::{Select, Vault, VaultItem};
 
 const START_SERVICES: &str =
     "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
-/// The Key Vault stub's default `--client-id` / `--client-secret`.
-const STUB_CLIENT_ID: &str = "keyturn-test-client";
-const STUB_CLIENT_SECRET: &str = "keyturn-test-secret";
-const TENANT: &str = "00000000-0000-0000-0000-000000000001";
 const AGENT: &str = "bot";
 
 fn need(var: &str) -> String {
@@ -111,27 +107,6 @@ region = "us-east-1"
 timeout = "5s"
 "#,
         need("KEYTURN_TEST_AWS_ENDPOINT")
-    )
-}
-
-fn azure_table(name: &str, client_secret_file: &Path) -> String {
-    let url = need("KEYTURN_TEST_AZURE_URL");
-    format!(
-        r#"
-[vaults.{name}]
-type = "azure_key_vault"
-vault_url = "{url}"
-auth = "client_secret"
-tenant_id = "{TENANT}"
-client_id = "{STUB_CLIENT_ID}"
-client_secret_file = "{}"
-authority_host = "{url}"
-ca_file = "{}"
-verify_challenge_resource = false
-timeout = "10s"
-"#,
-        client_secret_file.display(),
-        need("KEYTURN_TEST_AZURE_CA"),
     )
 }
 
@@ -665,7 +640,7 @@ fn azure_full_cycle_through_client_secret_login_is_latest_on_the_server() {
     let files = Files::new();
     let secret = files.write("azure-client-secret", STUB_CLIENT_SECRET, 0o600);
     let path = unique("e2e/azure/");
-    let (_env, daemon, v1, v2) = two_versions(&azure_table("kv", &secret), r#""kv""#, &path);
+    let (_env, daemon, v1, v2) = two_versions(&azure_stub_table("kv", &secret), r#""kv""#, &path);
     rt().block_on(async {
         let v = azure_vault(&secret).await;
         assert_stages(&v, &path, &v2.value, &v1.value).await;
@@ -686,7 +661,7 @@ fn three_vaults_agree_on_current_and_previous_after_two_rotations() {
         "{}{}{}",
         bao_vault_table(&files),
         aws_table("aws"),
-        azure_table("kv", &secret)
+        azure_stub_table("kv", &secret)
     );
     let (env, daemon, _v1, v2) = two_versions(&tables, r#"["bao", "aws", "kv"]"#, &path);
     rotate_ok(&env, "db", 3);
@@ -1044,7 +1019,7 @@ fn no_delivered_value_nor_server_credential_appears_in_any_output() {
         "{}{}{}\n{}{}{}",
         bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &token),
         aws_table("aws"),
-        azure_table("kv", &azure_secret),
+        azure_stub_table("kv", &azure_secret),
         agent_table(AGENT),
         credential(
             "db",
@@ -1327,7 +1302,7 @@ fn successful_rotations_log_no_error_or_warning_at_the_default_level() {
         "{}{}{}",
         bao_vault_table(&files),
         aws_table("aws"),
-        azure_table("az", &secret)
+        azure_stub_table("az", &secret)
     );
     let env = Env::new(&format!(
         "{tables}\n{}{}{}",
@@ -1385,7 +1360,7 @@ fn decommission_revokes_and_verifies_every_vault_the_target_and_the_files() {
         "{}{}{}{}{}{}{}{}",
         bao_vault_table(&files),
         aws_table("aws"),
-        azure_table("kv", &secret),
+        azure_stub_table("kv", &secret),
         agent_table(AGENT),
         credential(
             "db",
@@ -1607,7 +1582,7 @@ fn check_online_passes_when_every_vault_and_target_answers() {
         "{}{}{}{}{}{}",
         bao_vault_table(&files),
         aws_table("aws"),
-        azure_table("azure", &azure_secret),
+        azure_stub_table("azure", &azure_secret),
         agent_table(AGENT),
         credential(
             "db",
@@ -1710,7 +1685,7 @@ key_file = "{}"
         bao_table("bao", &need("KEYTURN_TEST_BAO_ADDR"), &bad_token),
         bao_table("silent", &silent_addr, &good_token),
         closed_port(),
-        azure_table("azure", &bad_azure),
+        azure_stub_table("azure", &bad_azure),
         lost.display(),
         files.path("gone/lost-vault.key").display(),
         agent_table(AGENT),

@@ -416,6 +416,35 @@ pub fn bao_client() -> vaultrs::client::VaultClient {
     .unwrap()
 }
 
+/// The Azure Key Vault stub's default `--client-id` / `--client-secret`
+/// (see the stub's header), and the tenant its tokens name.
+pub const STUB_CLIENT_ID: &str = "keyturn-test-client";
+pub const STUB_CLIENT_SECRET: &str = "keyturn-test-secret";
+pub const TENANT: &str = "00000000-0000-0000-0000-000000000001";
+
+/// The `[vaults.NAME]` table of the test Azure Key Vault stub
+/// (`KEYTURN_TEST_AZURE_*`), its client secret in `client_secret_file`.
+pub fn azure_stub_table(name: &str, client_secret_file: &Path) -> String {
+    let url = need("KEYTURN_TEST_AZURE_URL");
+    format!(
+        r#"
+[vaults.{name}]
+type = "azure_key_vault"
+vault_url = "{url}"
+auth = "client_secret"
+tenant_id = "{TENANT}"
+client_id = "{STUB_CLIENT_ID}"
+client_secret_file = "{}"
+authority_host = "{url}"
+ca_file = "{}"
+verify_challenge_resource = false
+timeout = "10s"
+"#,
+        client_secret_file.display(),
+        need("KEYTURN_TEST_AZURE_CA"),
+    )
+}
+
 /// A free loopback port (bound, then released for the daemon to listen on).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
