@@ -453,13 +453,17 @@ async fn post_raw(h: &Harness, path: &str, content_type: &str, body: String) -> 
     }
 }
 
-async fn get(h: &Harness, path: &str) -> Answer {
-    let r = h
-        .http
+/// A GET of `path` from the harness's service, its answer unread.
+async fn get_raw(h: &Harness, path: &str) -> reqwest::Response {
+    h.http
         .get(format!("http://{}{path}", h.addr))
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn get(h: &Harness, path: &str) -> Answer {
+    let r = get_raw(h, path).await;
     let status = r.status().as_u16();
     let headers = r.headers().clone();
     let json = serde_json::from_str(&r.text().await.unwrap()).unwrap();
@@ -1432,13 +1436,7 @@ async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
         "/tenants/..%2F..%2Fetc/jwks.json",
         "/.well-known/oauth-authorization-server/tenants/acme",
     ] {
-        let r = h
-            .http
-            .get(format!("http://{}{path}", h.addr))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(get_raw(&h, path).await.status(), 404, "{path}");
     }
 
     // Introspection: both active, each checked against its own key set.
@@ -1492,13 +1490,7 @@ async fn the_listener_serves_the_service_in_the_slot() {
     let h = harness().await;
     let old = h.slot.set(None).expect("the harness serves one");
     for path in ["/.well-known/jwks.json", "/tenants/partner/jwks.json"] {
-        let r = h
-            .http
-            .get(format!("http://{}{path}", h.addr))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(get_raw(&h, path).await.status(), 404, "{path}");
     }
     let r = h
         .http
