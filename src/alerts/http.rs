@@ -12,11 +12,11 @@
 use std::time::Duration;
 
 use reqwest::Url;
-use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
+use reqwest::header::{CONTENT_TYPE, HeaderValue, USER_AGENT};
 
 use crate::model::{ErrorKind, PluginError};
 use crate::sinks::webhook::guard::{self, Policy};
-use crate::sinks::webhook::{USER_AGENT_VALUE, chain, retry_after, shared_client};
+use crate::sinks::webhook::{USER_AGENT_VALUE, chain, send_unread, shared_client};
 
 /// Private addresses allowed, metadata and link-local refused.
 pub(super) const POLICY: Policy = Policy {
@@ -41,20 +41,12 @@ pub(super) fn url_problem(text: &str) -> Option<String> {
     let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
         return Some("it has no host".into());
     };
-    if let Some(ip) = ip_literal(host)
+    if let Some(ip) = guard::ip_literal(host)
         && let Err(r) = guard::check(ip, POLICY)
     {
         return Some(format!("its address {ip} is {}", r.why()));
     }
     None
-}
-
-fn ip_literal(host: &str) -> Option<std::net::IpAddr> {
-    host.strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host)
-        .parse()
-        .ok()
 }
 
 /// `<kind>:<scheme>://<host>[:port]<path>`: never the query or fragment,
@@ -105,19 +97,7 @@ impl Endpoint {
         body: Vec<u8>,
         headers: &[(&'static str, String)],
     ) -> Result<(), PluginError> {
-        // A literal address never reaches the resolver that checks names.
-        if let Some(ip) = self.url.host_str().and_then(ip_literal)
-            && let Err(r) = guard::check(ip, POLICY)
-        {
-            return Err(PluginError::new(
-                ErrorKind::Invalid,
-                format!(
-                    "{}: refusing to connect to {ip}: it is {}",
-                    self.shown,
-                    r.why()
-                ),
-            ));
-        }
+        guard::check_literal(&self.url, POLICY, &self.shown)?;
         let mut request = shared_client(POLICY)?
             .post(self.url.clone())
             .timeout(self.timeout)
@@ -126,15 +106,9 @@ impl Endpoint {
         for (name, value) in headers {
             request = request.header(*name, value);
         }
-        let response = request
-            .body(body)
-            .send()
+        let (status, after) = send_unread(request.body(body))
             .await
             .map_err(|e| self.send_error(e))?;
-        let status = response.status();
-        let after = retry_after(response.headers().get(RETRY_AFTER));
-        // Dropped unread: nothing of the receiver's answer is kept.
-        drop(response);
         if status.is_success() {
             return Ok(());
         }

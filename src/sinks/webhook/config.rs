@@ -71,7 +71,7 @@ pub(super) fn url_problem(url: &Url, include_value: bool, policy: Policy) -> Opt
     let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
         return Some("it has no host".into());
     };
-    let literal = ip_literal(host);
+    let literal = guard::ip_literal(host);
     if let Some(ip) = literal
         && let Err(r) = guard::check(ip, policy)
     {
@@ -173,14 +173,6 @@ impl SinkPlugin for WebhookConfig {
 }
 
 /// The address a URL's host names literally (`127.0.0.1`, `[::1]`).
-pub(super) fn ip_literal(host: &str) -> Option<IpAddr> {
-    host.strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host)
-        .parse()
-        .ok()
-}
-
 pub(super) fn policy_of(cfg: &WebhookConfig) -> Policy {
     Policy {
         allow_private: cfg.allow_private,

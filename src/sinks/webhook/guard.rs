@@ -105,6 +105,34 @@ fn embedded_v4(a: Ipv6Addr) -> Option<Ipv4Addr> {
     None
 }
 
+/// The address of `host` when it is an IP literal (`[v6]` or v4).
+pub fn ip_literal(host: &str) -> Option<IpAddr> {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+        .parse()
+        .ok()
+}
+
+/// Refuses `url` when its host is an address literal `policy` does not
+/// allow: a literal never reaches the resolver that checks names. `shown`
+/// names the receiver in the error.
+pub fn check_literal(
+    url: &reqwest::Url,
+    policy: Policy,
+    shown: &str,
+) -> Result<(), crate::model::PluginError> {
+    if let Some(ip) = url.host_str().and_then(ip_literal)
+        && let Err(r) = check(ip, policy)
+    {
+        return Err(crate::model::PluginError::new(
+            crate::model::ErrorKind::Invalid,
+            format!("{shown}: refusing to connect to {ip}: it is {}", r.why()),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `ip` may be reached under `policy`.
 pub fn check(ip: IpAddr, policy: Policy) -> Result<(), Refusal> {
     let ip = match ip {

@@ -37,7 +37,6 @@
 //! other 4xx and 3xx invalid. Response bodies are never read: an error says
 //! the status only, so nothing a receiver echoes lands in logs or state.
 
-use std::net::IpAddr;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
@@ -417,24 +416,12 @@ impl Sink for WebhookSink {
         notice: &Notice,
         value: &SecretValue,
     ) -> Result<Delivered, PluginError> {
-        // A literal address never reaches the resolver that checks names.
-        if let Some(ip) = self.url.host_str().and_then(config::ip_literal)
-            && let Err(r) = guard::check(ip, self.policy)
-        {
-            return Err(PluginError::new(
-                ErrorKind::Invalid,
-                format!(
-                    "{}: refusing to connect to {ip}: it is {}",
-                    self.shown,
-                    r.why()
-                ),
-            ));
-        }
+        guard::check_literal(&self.url, self.policy, &self.shown)?;
         let key = self.signing_key().await?;
         let body = self.body(notice, value)?;
         let signature = sign(key.expose(), Utc::now().timestamp(), &body);
         drop(key);
-        let response = self
+        let request = self
             .client()?
             .post(self.url.clone())
             .timeout(self.timeout)
@@ -442,14 +429,8 @@ impl Sink for WebhookSink {
             .header(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE))
             .header("Idempotency-Key", notice.rotation.as_str())
             .header(SIGNATURE_HEADER, signature)
-            .body(body.to_vec())
-            .send()
-            .await
-            .map_err(|e| self.send_error(e))?;
-        let status = response.status();
-        let retry_after = retry_after(response.headers().get(RETRY_AFTER));
-        // Dropped unread: nothing of the receiver's answer is kept.
-        drop(response);
+            .body(body.to_vec());
+        let (status, retry_after) = send_unread(request).await.map_err(|e| self.send_error(e))?;
         if status.is_success() {
             Ok(Delivered::Acknowledged)
         } else {
@@ -569,6 +550,18 @@ pub(crate) fn read_secret_file(
         return Err(invalid(format!("holds {} bytes; {too_short}", raw.len())));
     }
     Ok(SecretValue::new(std::mem::take(&mut *raw)))
+}
+
+/// Sends `request`: the answer's status and `Retry-After`. The body is
+/// dropped unread: nothing of the receiver's answer is kept.
+pub(crate) async fn send_unread(
+    request: reqwest::RequestBuilder,
+) -> Result<(reqwest::StatusCode, Option<Duration>), reqwest::Error> {
+    let response = request.send().await?;
+    let status = response.status();
+    let after = retry_after(response.headers().get(RETRY_AFTER));
+    drop(response);
+    Ok((status, after))
 }
 
 /// `Retry-After` in seconds or as an HTTP date, capped.
