@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use common::*;
 use keyturn::vaults::Vault;
-use keyturn::vaults::aws::{AwsConfig, AwsVault};
 use keyturn::vaults::change_index;
 use keyturn::vaults::hashicorp::{HashicorpAuth, HashicorpConfig, HashicorpVault};
 
@@ -277,16 +276,7 @@ fn a_follower_on_moto_with_a_change_index_delivers_every_version() {
     let index = unique("e2e/follow/index-");
     one_rotator_one_follower(&aws_table(Some(&index)), &path);
     rt().block_on(async {
-        let v = AwsVault::connect(
-            "aws-reader",
-            &AwsConfig {
-                endpoint_url: Some(need("KEYTURN_TEST_AWS_ENDPOINT")),
-                region: Some("us-east-1".into()),
-                ..AwsConfig::default()
-            },
-        )
-        .await
-        .unwrap();
+        let v = aws_vault().await;
         let listed = change_index::read(&v, &index)
             .await
             .unwrap()

@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use keyturn::model::{SecretValue, Stage};
-use keyturn::vaults::aws::{AwsConfig, AwsVault};
 use keyturn::vaults::azure::{AzureConfig, AzureVault, secret_name};
 use keyturn::vaults::hashicorp::{HashicorpAuth, HashicorpConfig, HashicorpVault};
 use keyturn::vaults::{Select, Vault, VaultItem};
@@ -232,19 +231,6 @@ async fn bao_vault() -> HashicorpVault {
             ..HashicorpConfig::new(need("KEYTURN_TEST_BAO_ADDR"))
         },
         HashicorpAuth::Token(SecretValue::from_string(need("KEYTURN_TEST_BAO_TOKEN"))),
-    )
-    .await
-    .unwrap()
-}
-
-async fn aws_vault() -> AwsVault {
-    AwsVault::connect(
-        "aws-reader",
-        &AwsConfig {
-            endpoint_url: Some(need("KEYTURN_TEST_AWS_ENDPOINT")),
-            region: Some("us-east-1".into()),
-            ..AwsConfig::default()
-        },
     )
     .await
     .unwrap()

@@ -445,6 +445,20 @@ timeout = "10s"
     )
 }
 
+/// keyturn's vault on the test AWS (moto, `KEYTURN_TEST_AWS_ENDPOINT`), named `aws-reader`.
+pub async fn aws_vault() -> keyturn::vaults::aws::AwsVault {
+    keyturn::vaults::aws::AwsVault::connect(
+        "aws-reader",
+        &keyturn::vaults::aws::AwsConfig {
+            endpoint_url: Some(need("KEYTURN_TEST_AWS_ENDPOINT")),
+            region: Some("us-east-1".into()),
+            ..keyturn::vaults::aws::AwsConfig::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 /// A free loopback port (bound, then released for the daemon to listen on).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
