@@ -125,3 +125,19 @@ pub(crate) fn pair() -> Pair {
         public: g.public.unwrap(),
     }
 }
+
+/// The role id and a fresh secret id of the AppRole `keyturn` at `mount`.
+pub(crate) async fn approle_ids(
+    root: &vaultrs::client::VaultClient,
+    mount: &str,
+) -> (String, String) {
+    let role_id = vaultrs::auth::approle::role::read_id(root, mount, "keyturn")
+        .await
+        .unwrap()
+        .role_id;
+    let secret_id = vaultrs::auth::approle::role::secret::generate(root, mount, "keyturn", None)
+        .await
+        .unwrap()
+        .secret_id;
+    (role_id, secret_id)
+}

@@ -372,14 +372,7 @@ async fn approle_logs_in_once_and_renews_its_token_before_the_ttl() {
     )
     .await
     .unwrap();
-    let role_id = vaultrs::auth::approle::role::read_id(&root, &mount, "keyturn")
-        .await
-        .unwrap()
-        .role_id;
-    let secret_id = vaultrs::auth::approle::role::secret::generate(&root, &mount, "keyturn", None)
-        .await
-        .unwrap()
-        .secret_id;
+    let (role_id, secret_id) = crate::test_support::approle_ids(&root, &mount).await;
     let dir = tempfile::tempdir().unwrap();
     let (role_file, secret_file) = (dir.path().join("role-id"), dir.path().join("secret-id"));
     std::fs::write(&role_file, format!("{role_id}\n")).unwrap();

@@ -399,14 +399,7 @@ async fn approle_login_then_issue_through_a_token_role() {
     )
     .await
     .unwrap();
-    let role_id = vaultrs::auth::approle::role::read_id(&root, &mount, "keyturn")
-        .await
-        .unwrap()
-        .role_id;
-    let secret_id = vaultrs::auth::approle::role::secret::generate(&root, &mount, "keyturn", None)
-        .await
-        .unwrap()
-        .secret_id;
+    let (role_id, secret_id) = crate::test_support::approle_ids(&root, &mount).await;
     let (role_file, secret_file) = (f.dir.path().join("role-id"), f.dir.path().join("secret-id"));
     std::fs::write(&role_file, &role_id).unwrap();
     std::fs::write(&secret_file, &secret_id).unwrap();
