@@ -87,6 +87,16 @@ impl MemVault {
             .unwrap_or_default()
     }
 
+    /// Deletes `path`'s pending version, as someone could out of band.
+    fn delete_pending(&self, path: &str) {
+        self.paths
+            .lock()
+            .unwrap()
+            .get_mut(path)
+            .unwrap()
+            .retain(|v| v.stage != Stage::Pending);
+    }
+
     async fn enter(&self, op: &'static str, path: &str) -> Result<(), PluginError> {
         self.calls
             .lock()

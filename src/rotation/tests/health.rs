@@ -301,13 +301,7 @@ async fn a_rotation_whose_staged_version_vanished_while_parked_is_abandoned_and_
     let stuck = rig.store.latest_rotation(&key("c0")).unwrap().unwrap();
     assert_eq!((stuck.step, stuck.version), (Step::Promote, 2));
     // Someone deletes the pending version in the vault.
-    rig.vault
-        .paths
-        .lock()
-        .unwrap()
-        .get_mut(&path("c0"))
-        .unwrap()
-        .retain(|v| v.stage != Stage::Pending);
+    rig.vault.delete_pending(&path("c0"));
 
     let abandoned = rig.rotate_c0().await;
     let err = abandoned.error.unwrap();
@@ -400,13 +394,7 @@ async fn after_a_restart_the_fresh_rotation_after_an_abandoned_one_starts_at_onc
     assert_eq!(rig.rotate_c0().await.version, Some(1));
     rig.vault.fail("promote", 1, ErrorKind::Unauthorized, None);
     assert!(rig.rotate_c0().await.error.is_some());
-    rig.vault
-        .paths
-        .lock()
-        .unwrap()
-        .get_mut(&path("c0"))
-        .unwrap()
-        .retain(|v| v.stage != Stage::Pending);
+    rig.vault.delete_pending(&path("c0"));
     let err = rig.rotate_c0().await.error.unwrap();
     assert!(err.contains("abandoned"), "{err}");
 
