@@ -1143,25 +1143,20 @@ def check_goals(results: dict) -> list[dict]:
                 p = r["latency"]["p99_s"]
                 add(g, p <= GOAL_ROTATING_P99_S, f"p99 {ms(p)} ({p / GOAL_ROTATING_P99_S:.2f} x the goal)")
         f, a = rows.get("follow"), rows.get("agent-1s")
-        g = f"N={n}: following keyturn p99 <= 0.5 x bao agent's at 1 s"
-        if f is None or a is None:
-            add(g, None, "not measured (follow mode not on this branch)" if f is None else "agent not measured")
-        else:
-            fp, ap = f["latency"]["p99_s"], a["latency"]["p99_s"]
-            if fp is None or ap is None:
-                add(g, None, f"follow p99 {ms(fp)}, agent p99 {ms(ap)}")
+        # (row, who, the feature the row needs, its name in a message)
+        for key, who, feature, label in (("follow", "following keyturn", "follow mode", "follow"),
+                                         ("follow-nudge", "following keyturn (nudged)", "follow nudges",
+                                          "nudged follow")):
+            r = rows.get(key)
+            g = f"N={n}: {who} p99 <= 0.5 x bao agent's at 1 s"
+            if r is None or a is None:
+                add(g, None, f"not measured ({feature} not on this branch)" if r is None else "agent not measured")
             else:
-                add(g, fp <= GOAL_FOLLOW_P99_RATIO * ap, f"{ms(fp)} / {ms(ap)} = {fp / ap:.2f}")
-        fn = rows.get("follow-nudge")
-        g = f"N={n}: following keyturn (nudged) p99 <= 0.5 x bao agent's at 1 s"
-        if fn is None or a is None:
-            add(g, None, "not measured (follow nudges not on this branch)" if fn is None else "agent not measured")
-        else:
-            fp, ap = fn["latency"]["p99_s"], a["latency"]["p99_s"]
-            if fp is None or ap is None:
-                add(g, None, f"nudged follow p99 {ms(fp)}, agent p99 {ms(ap)}")
-            else:
-                add(g, fp <= GOAL_FOLLOW_P99_RATIO * ap, f"{ms(fp)} / {ms(ap)} = {fp / ap:.2f}")
+                fp, ap = r["latency"]["p99_s"], a["latency"]["p99_s"]
+                if fp is None or ap is None:
+                    add(g, None, f"{label} p99 {ms(fp)}, agent p99 {ms(ap)}")
+                else:
+                    add(g, fp <= GOAL_FOLLOW_P99_RATIO * ap, f"{ms(fp)} / {ms(ap)} = {fp / ap:.2f}")
         if f is not None and a is not None and n >= 1000:
             def load(r):
                 xs = [r.get(k) for k in ("idle", "change") if r.get(k)]
