@@ -73,7 +73,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -551,14 +550,7 @@ def drive(mode, level: int, seconds: float | None = None, per_cred: int | None =
         finally:
             mode.close(sess)
 
-    t0 = time.monotonic()
-    stop_at[0] = t0 + (seconds or 0)
-    ths = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(level)]
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
-    wall = time.monotonic() - t0
+    wall = base.run_workers(worker, level, seconds or 0, stop_at)
     return {"counts": counts, "latencies": lat, "errors": errors, "wall_s": wall}
 
 

@@ -677,14 +677,7 @@ def raw_bao_measure(raw: BaoRaw, paths: list[str], threads: int, seconds: float,
         counts[t], calls[t] = i, raw.calls_done()
 
     cpu = CpuOf({"bench (client)": os.getpid(), **pids})
-    t0 = time.monotonic()
-    stop_at[0] = t0 + seconds
-    ths = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(threads)]
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
-    wall = time.monotonic() - t0
+    wall = base.run_workers(worker, threads, seconds, stop_at)
     if errors:
         raise RuntimeError(f"raw bao loop: {errors[0]}")
     return {"threads": threads, "wall_s": round(wall, 2), "rotations": sum(counts),

@@ -482,6 +482,19 @@ def atomic_write(dir_fd_path: str, name: str, seq: int) -> None:
         os.close(dfd)
 
 
+def run_workers(worker, threads: int, seconds: float, stop_at: list) -> float:
+    """Runs `worker(t)` on `threads` threads until `seconds` from now (put in
+    `stop_at[0]`, which the workers watch) and waits for them: the wall time."""
+    t0 = time.monotonic()
+    stop_at[0] = t0 + seconds
+    ths = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(threads)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    return time.monotonic() - t0
+
+
 def raw_write_rate(base: Path, threads: int, seconds: float, files: int, dirs: int, dev: str | None) -> dict:
     """Atomic writes/s over `files` files in `dirs` directories for ~`seconds`."""
     if base.exists():
@@ -511,14 +524,7 @@ def raw_write_rate(base: Path, threads: int, seconds: float, files: int, dirs: i
             counts[t] = seq
 
     s0, d0 = system_cpu(), diskstats(dev)
-    t0 = time.monotonic()
-    stop_at[0] = t0 + seconds
-    ths = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(threads)]
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
-    wall = time.monotonic() - t0
+    wall = run_workers(worker, threads, seconds, stop_at)
     if errors:
         raise errors[0]
     total = sum(counts)
