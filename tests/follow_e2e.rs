@@ -28,12 +28,6 @@ use keyturn::vaults::hashicorp::{HashicorpAuth, HashicorpConfig, HashicorpVault}
 
 const AGENT: &str = "bot";
 
-fn need(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| {
-        panic!("{var} is not set; start the test services: `bash scripts/services.sh start`")
-    })
-}
-
 fn unique(prefix: &str) -> String {
     format!("{prefix}{:016x}", rand::random::<u64>())
 }

@@ -17,12 +17,6 @@ use keyturn::model::RotationId;
 use serde_json::{Map, Value};
 use vaultrs::client::VaultClient;
 
-fn required(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set; start the test services: `bash scripts/services.sh start`")
-    })
-}
-
 /// The latest KV v2 version of `path`, `None` when absent or deleted.
 async fn bao_latest(c: &VaultClient, path: &str) -> Option<Map<String, Value>> {
     match vaultrs::kv2::read::<Map<String, Value>>(c, "secret", path).await {
@@ -69,12 +63,12 @@ grace = "1m"
 target = {{ type = "command", program = "/bin/sh", args = ["-c", "cat >/dev/null; test -e {{dir}}/target-up"] }}
 deliver = [{{ type = "file", path = "{{root}}/bot/db.json", format = "json" }}]
 "#,
-        bao = required("KEYTURN_TEST_BAO_ADDR"),
+        bao = need("KEYTURN_TEST_BAO_ADDR"),
         agent = agent_table("bot"),
     );
     let env = Env::new(&config);
     let token = env.path().join("bao-token");
-    std::fs::write(&token, required("KEYTURN_TEST_BAO_TOKEN")).unwrap();
+    std::fs::write(&token, need("KEYTURN_TEST_BAO_TOKEN")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     let up = env.path().join("target-up");

@@ -39,13 +39,6 @@ use keyturn::vaults::azure::secret_name;
 use serde_json::{Map, Value};
 use vaultrs::client::VaultClient;
 
-const START_HINT: &str =
-    "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
-
-fn required(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set; {START_HINT}"))
-}
-
 /// Which vaults hold bot/db, in `vault = [...]` order (the first is the
 /// primary: the engine reads the staged value back from it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,8 +63,8 @@ struct Addresses {
 impl Addresses {
     fn direct() -> Addresses {
         Addresses {
-            bao: required("KEYTURN_TEST_BAO_ADDR"),
-            aws: required("KEYTURN_TEST_AWS_ENDPOINT"),
+            bao: need("KEYTURN_TEST_BAO_ADDR"),
+            aws: need("KEYTURN_TEST_AWS_ENDPOINT"),
         }
     }
 }
@@ -91,8 +84,8 @@ fn remote_env(
         Layout::BaoAws => {
             // Every AWS_* variable of the services env reaches the daemon:
             // the harness spawns it with the test's environment.
-            required("AWS_ACCESS_KEY_ID");
-            let region = required("AWS_REGION");
+            need("AWS_ACCESS_KEY_ID");
+            let region = need("AWS_REGION");
             let table = format!(
                 r#"
 [vaults.aws]
@@ -106,7 +99,7 @@ timeout = "5s"
             (table, r#"["bao", "aws"]"#)
         }
         Layout::KvBao => {
-            let url = required("KEYTURN_TEST_AZURE_URL");
+            let url = need("KEYTURN_TEST_AZURE_URL");
             let table = format!(
                 r#"
 [vaults.kv]
@@ -121,7 +114,7 @@ ca_file = "{ca}"
 verify_challenge_resource = false
 timeout = "5s"
 "#,
-                ca = required("KEYTURN_TEST_AZURE_CA"),
+                ca = need("KEYTURN_TEST_AZURE_CA"),
             );
             (table, r#"["kv", "bao"]"#)
         }
@@ -159,7 +152,7 @@ deliver = [{{ type = "file", path = "{{root}}/bot/db.json", format = "json" }}]
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
     };
-    secret_file("bao-token", &required("KEYTURN_TEST_BAO_TOKEN"));
+    secret_file("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"));
     if layout == Layout::KvBao {
         secret_file("azure-client-secret", STUB_CLIENT_SECRET);
     }
@@ -211,8 +204,8 @@ async fn bao_version(c: &VaultClient, path: &str, n: u64) -> Option<(String, Str
 
 async fn aws_client() -> aws_sdk_secretsmanager::Client {
     let conf = aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(required("KEYTURN_TEST_AWS_ENDPOINT"))
-        .region(aws_config::Region::new(required("AWS_REGION")))
+        .endpoint_url(need("KEYTURN_TEST_AWS_ENDPOINT"))
+        .region(aws_config::Region::new(need("AWS_REGION")))
         .load()
         .await;
     aws_sdk_secretsmanager::Client::new(&conf)
@@ -417,8 +410,8 @@ impl KvVersion {
 
 impl KvPlain {
     async fn new() -> KvPlain {
-        let url = required("KEYTURN_TEST_AZURE_URL");
-        let pem = std::fs::read(required("KEYTURN_TEST_AZURE_CA")).unwrap();
+        let url = need("KEYTURN_TEST_AZURE_URL");
+        let pem = std::fs::read(need("KEYTURN_TEST_AZURE_CA")).unwrap();
         let http = reqwest::Client::builder()
             .tls_certs_merge(reqwest::Certificate::from_pem_bundle(&pem).unwrap())
             .timeout(Duration::from_secs(10))

@@ -28,13 +28,7 @@ use keyturn::vaults::azure::{AzureConfig, AzureVault, secret_name};
 use keyturn::vaults::hashicorp::{HashicorpAuth, HashicorpConfig, HashicorpVault};
 use keyturn::vaults::{Select, Vault, VaultItem};
 
-const START_SERVICES: &str =
-    "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
 const AGENT: &str = "bot";
-
-fn need(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set; {START_SERVICES}"))
-}
 
 /// Lowercase letters and digits: valid in a KV path, a Secrets Manager name,
 /// a Key Vault name (after encoding) and an unquoted PostgreSQL role name.

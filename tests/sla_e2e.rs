@@ -19,12 +19,6 @@ use common::proxy::{Flavor, Match, Proxy};
 use common::*;
 use serde_json::Value;
 
-fn need(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| {
-        panic!("{var} is not set: start the test services (`bash scripts/services.sh start`)")
-    })
-}
-
 fn get_json(url: &str) -> Value {
     block_on(async {
         let text = reqwest::get(url).await.unwrap().text().await.unwrap();

@@ -9,13 +9,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Env, audit_records, start_bot_task, wait_for};
-
-fn need(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| {
-        panic!("{var} is not set: start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)")
-    })
-}
+use common::{Env, audit_records, need, start_bot_task, wait_for};
 
 /// psql as the admin (DSN from the test services), or as `user`/`password`.
 fn psql(dsn: &str, sql: &str) -> Result<String, String> {

@@ -35,12 +35,6 @@ fn rotations() -> u64 {
         .unwrap_or(200)
 }
 
-fn need(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| {
-        panic!("{var} is not set; start the test services: `bash scripts/services.sh start`")
-    })
-}
-
 fn pg_admin(sql: &str) {
     let sql = sql.to_owned();
     block_on(async move {
