@@ -158,7 +158,10 @@ fn removed_during_grace(remove: impl FnOnce(&Env, Daemon) -> Daemon) {
     let retired = audit_records(&env)
         .into_iter()
         .filter(|r| {
-            r["event"] == "rotation.retire" && r["credential"] == "gone" && r["version"] == 2
+            r["event"] == "rotation.retire"
+                && r["credential"] == "gone"
+                && r["version"] == 2
+                && r["detail"] == "retires version 1"
         })
         .count();
     assert_eq!(
