@@ -367,3 +367,58 @@ fn surface_matches_the_configured_and_observed_state() {
     }
     daemon.stop();
 }
+
+/// Defect: a revocation that answered success without taking effect (an
+/// API that acknowledged and did not act, a login enabled again) was never
+/// done again: only its verification was retried, failing for ever while
+/// the credential still worked. A revocation that does not verify is done
+/// again before the next verification.
+#[test]
+fn a_revocation_that_does_not_hold_is_done_again_until_it_verifies() {
+    let env = Env::new("");
+    let p = env.path().join("hook.sh");
+    let d = env.path().display();
+    // The first `revoke` exits 0 and does nothing; the second works.
+    std::fs::write(
+        &p,
+        format!(
+            r#"#!/bin/sh
+case "$KEYTURN_STEP" in
+  set) cat > "{d}/hook-value" ;;
+  test) [ -e "{d}/revoked" ] && exit 1; cmp -s - "{d}/hook-value" || exit 1 ;;
+  revoke) echo >> "{d}/revokes"; [ "$(wc -l < "{d}/revokes")" -ge 2 ] && touch "{d}/revoked" ;;
+esac
+exit 0
+"#
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let target = format!(
+        r#"target = {{ type = "command", program = "{}" }}"#,
+        p.display()
+    );
+    env.write_credentials(&format!(
+        "{}{}",
+        agent_table("bot"),
+        cred_with_file("bot", "api", &target)
+    ));
+    let daemon = env.start();
+    wait_version(&env, "bot", "api", 1);
+    env.cli_ok(&["decommission", "bot", "--reason", "done"]);
+    wait_state(&env, "bot", "decommissioned");
+    daemon.stop();
+    let revokes = std::fs::read_to_string(env.path().join("revokes")).unwrap();
+    assert_eq!(revokes.lines().count(), 2, "revoked, then again once");
+    assert!(env.path().join("revoked").exists());
+    let again = audit_records(&env)
+        .into_iter()
+        .filter(|r| {
+            r["event"] == "revocation.revoked"
+                && r["detail"].as_str().is_some_and(|d| d.contains("again"))
+        })
+        .count();
+    assert_eq!(again, 1, "the second revocation is audited");
+    audit_verifies(&env, "after a revocation done twice");
+}

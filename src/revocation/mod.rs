@@ -563,6 +563,23 @@ impl Revocations {
                 item.last_error = None;
                 self.record(&item, "revocation.revoked", Outcome::Ok, note, None)
                     .await;
+            } else if let (false, Some(key)) = (matches!(spec, items::Spec::Tokens { .. }), &key) {
+                // Revoked in an earlier round, and it did not verify: the
+                // revocation did not hold (an API that answered but did not
+                // act, a login enabled again). Every revocation is
+                // idempotent: do it again before verifying again.
+                if let Err(e) = items::revoke(engine, key, &spec).await {
+                    self.failed(&mut item, e).await;
+                    return false;
+                }
+                self.record(
+                    &item,
+                    "revocation.revoked",
+                    Outcome::Ok,
+                    Some("again: not verified yet".into()),
+                    None,
+                )
+                .await;
             }
             let verified = match (&spec, &key) {
                 (items::Spec::Tokens { issued_up_to }, _) => {
