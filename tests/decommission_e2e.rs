@@ -422,3 +422,50 @@ exit 0
     assert_eq!(again, 1, "the second revocation is audited");
     audit_verifies(&env, "after a revocation done twice");
 }
+
+/// Defect: once any agent was decommissioned, `rotate all` reported its
+/// credentials as FAILED and exited 1 for ever, although everything it
+/// could rotate rotated. They are skipped (and said so); a selection with
+/// nothing left to rotate is refused, saying why.
+#[test]
+fn rotate_all_skips_decommissioned_agents() {
+    let env = Env::new(&format!(
+        "{}{}{}{}",
+        agent_table("old"),
+        cred_with_file("old", "db", ""),
+        agent_table("app"),
+        cred_with_file("app", "db", "")
+    ));
+    let daemon = env.start();
+    wait_version(&env, "old", "db", 1);
+    wait_version(&env, "app", "db", 1);
+    env.cli_ok(&["decommission", "old", "--reason", "retired", "--wait"]);
+    let out = env.cli_ok(&["rotate", "all", "--wait"]);
+    let said = text(&out);
+    assert!(
+        said.contains("old/db: skipped: the agent is decommissioned"),
+        "{said}"
+    );
+    assert!(said.contains("app/db: rotated to version 2"), "{said}");
+    let json = env.cli_ok(&["rotate", "all", "--json"]);
+    let results: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let outcomes: Vec<&str> = results
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["started", "skipped"], "{results}");
+
+    env.cli_ok(&["decommission", "app", "--reason", "retired", "--wait"]);
+    let out = env.cli(&["rotate", "all"]);
+    assert!(!out.status.success(), "nothing to rotate: {}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains(
+            "none of the 2 selected credentials is rotated here (the agent is decommissioned)"
+        ),
+        "{said}"
+    );
+    daemon.stop();
+}

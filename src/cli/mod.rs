@@ -902,6 +902,7 @@ async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {
                 RotateOutcome::Started => "started",
                 RotateOutcome::Completed => "rotated",
                 RotateOutcome::Failed => "FAILED",
+                RotateOutcome::Skipped => "skipped",
             };
             let version = r
                 .version
