@@ -953,6 +953,28 @@ deliver = [\n\
         assert!(e[3].message.contains("expected a boolean"), "{e:#?}");
     }
 
+    /// An unknown key (a typo) does not hide the table's other errors,
+    /// found once the rest of it is read: the first `check` lists them all.
+    #[test]
+    fn an_unknown_key_does_not_hide_the_tables_other_errors() {
+        let text = "[alert_rules]\nfailures_warning = 0\ntypo_key = 1\n\
+[vaults.v]\ntype = \"local\"\n\
+[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"nosuch\"\ntypo = 1\n";
+        let e = errors(text);
+        let paths: Vec<&str> = e.iter().map(|e| e.toml_path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "alert_rules.failures_warning",
+                "alert_rules.typo_key",
+                "agents.a.tier",
+                "agents.a.typo",
+            ],
+            "{e:#?}"
+        );
+        assert!(e[2].message.contains("unknown tier `nosuch`"), "{e:#?}");
+    }
+
     /// A missing key is reported beside a bad one in the same table.
     #[test]
     fn a_missing_key_is_reported_beside_a_bad_one() {

@@ -375,9 +375,13 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issu
     // Arrays elements were taken out of: the original positions of the
     // elements left, so that later errors name the elements as written.
     let mut left: Vec<(Vec<Seg>, Vec<usize>)> = Vec::new();
+    // Whether every key taken out was an unknown one (a typo): without it
+    // the section means what it says, so it is still validated and its
+    // other errors reported now rather than after the typo is fixed.
+    let mut only_unknown = true;
     for _ in 0..MAX_ISSUES_PER_SECTION {
         let e = match serde_path_to_error::deserialize::<_, T>(value.clone().into_deserializer()) {
-            Ok(t) if removed.is_empty() => return Parsed::Ok(t),
+            Ok(t) if removed.is_empty() || only_unknown => return Parsed::Ok(t),
             Ok(_) => return Parsed::Invalid,
             Err(e) => e,
         };
@@ -456,6 +460,7 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issu
         }
         // An error in an array's element (a sink of `deliver`) takes that
         // element out; the others keep their written positions (`left`).
+        only_unknown &= unknown && element.is_none();
         let (taken_out, keep) = match element {
             Some((at, array, now)) => (take_out_element(&mut value, &mut left, array, now), at + 1),
             None => (remove_key(&mut value, inside), inside.len()),
