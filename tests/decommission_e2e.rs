@@ -469,3 +469,78 @@ fn rotate_all_skips_decommissioned_agents() {
     );
     daemon.stop();
 }
+
+/// Defects: a `decommission --wait` whose daemon died after the decision
+/// said only that no daemon was listening, as if nothing had been asked;
+/// and `status` with the daemon down showed a decommissioned agent's
+/// credentials as rotating on schedule and no decommission at all. The
+/// client says the decision is recorded, and the stored status shows it.
+#[test]
+fn a_decommission_outlives_its_daemon_in_what_the_cli_says() {
+    let env = Env::new("");
+    let p = env.path().join("hook.sh");
+    std::fs::write(
+        &p,
+        "#!/bin/sh\ncat > /dev/null\n[ \"$KEYTURN_STEP\" = revoke ] && sleep 10\nexit 0\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let target = format!(
+        r#"target = {{ type = "command", program = "{}" }}"#,
+        p.display()
+    );
+    env.write_credentials(&format!(
+        "{}{}",
+        agent_table("bot"),
+        cred_with_file("bot", "db", &target)
+    ));
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    let waiting = {
+        let config = env.config.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(bin())
+                .args([
+                    "decommission",
+                    "bot",
+                    "--reason",
+                    "gone",
+                    "--wait",
+                    "--config",
+                ])
+                .arg(config)
+                .env_remove("KEYTURN_CONFIG")
+                .output()
+                .unwrap()
+        })
+    };
+    wait_for(Duration::from_secs(10), || {
+        audit_records(&env)
+            .iter()
+            .any(|r| r["event"] == "decommission.decided")
+            .then_some(())
+    })
+    .expect("decided");
+    daemon.kill9();
+    let out = waiting.join().unwrap();
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    assert!(
+        text(&out).contains("the decommission of bot was decided and recorded"),
+        "{}",
+        text(&out)
+    );
+
+    let out = env.cli(&["status"]);
+    let said = text(&out);
+    assert!(said.contains("showing the state stored in"), "{said}");
+    let cred = said
+        .lines()
+        .find(|l| l.starts_with("bot/db"))
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(cred.ends_with("decommissioning"), "{said}");
+    let agent = said
+        .lines()
+        .find(|l| l.starts_with("bot ") && l.contains("decommissioning"));
+    assert!(agent.is_some(), "the decommission is listed: {said}");
+}
