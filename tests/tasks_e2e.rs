@@ -536,3 +536,52 @@ fn an_agent_authenticates_with_an_assertion_signed_by_its_own_key() {
         started["task"].as_str().unwrap(),
     ]);
 }
+
+/// Defect: after `keyturn decommission bot --wait` completed, `bot` could
+/// still start tasks and was issued working PostgreSQL logins. A decision
+/// stops new tasks at once; the live ones are revoked.
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[test]
+fn a_decommissioned_agent_may_not_start_tasks() {
+    let db = Db::new();
+    let env = env(&db);
+    let _d = env.start();
+    let live = start_bot_task(&env, "low", &[]);
+    let dsn = db.as_task(&pg_credential(&live));
+    assert!(psql(&dsn, "SELECT 1").is_ok(), "the task's login works");
+    env.cli_ok(&["decommission", "bot", "--reason", "retired", "--wait"]);
+    let gone = wait_for(Duration::from_secs(15), || psql(&dsn, "SELECT 1").err());
+    assert!(gone.is_some(), "the live task's login is revoked");
+    let out = env.cli(&[
+        "task",
+        "start",
+        "--as",
+        "bot",
+        "--tenant",
+        "acme",
+        "--use-case",
+        "month-end",
+        "--run-id",
+        "run-78",
+        "--initiator",
+        "alice@example.com",
+        "--sensitivity",
+        "low",
+    ]);
+    assert_eq!(out.status.code(), Some(77), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is decommissioned"),
+        "{out:?}"
+    );
+    let list = env.cli_ok(&["task", "list", "--as", "bot"]);
+    let tasks: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert!(
+        tasks
+            .as_array()
+            .is_some_and(|t| t.iter().all(|t| t["state"] != "live")),
+        "no live task: {tasks}"
+    );
+}

@@ -532,7 +532,9 @@ impl ControlHandler for Handler {
             source: "command",
             decided_at: None,
         };
-        // Its tasks end first: their credentials are revoked at once.
+        // Its tasks end first: no new one starts from now on, and the
+        // credentials of the live ones are revoked at once.
+        self.tasks.retire_agent(agent.as_str());
         if let Err(e) = self.tasks.end_all_of(agent.as_str(), "decommission").await {
             tracing::error!(agent = %agent, "ending the agent's tasks: {e}");
         }

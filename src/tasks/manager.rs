@@ -298,6 +298,21 @@ impl TaskManager {
         self.setup.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// `agent` is decommissioned: it may not start tasks from now on (until
+    /// the setup is rebuilt from a config and the stored decommissions),
+    /// and its live tasks end at the next tick.
+    pub fn retire_agent(&self, agent: &str) {
+        {
+            let mut setup = self.setup.write().unwrap_or_else(|p| p.into_inner());
+            if setup.agents.contains_key(agent) {
+                let mut next = TaskSetup::clone(&setup);
+                next.agents.remove(agent);
+                *setup = Arc::new(next);
+            }
+        }
+        self.wake.notify_one();
+    }
+
     fn event(
         &self,
         name: &str,
