@@ -457,6 +457,11 @@ fn rotate_all_skips_decommissioned_agents() {
         .collect();
     assert_eq!(outcomes, ["started", "skipped"], "{results}");
 
+    // A reason that says nothing is a usage error, decided nothing.
+    let out = env.cli(&["decommission", "app", "--reason", " "]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("needs a reason"), "{}", text(&out));
+    env.cli_ok(&["rotate", "app/db", "--wait"]);
     env.cli_ok(&["decommission", "app", "--reason", "retired", "--wait"]);
     let out = env.cli(&["rotate", "all"]);
     assert!(!out.status.success(), "nothing to rotate: {}", text(&out));

@@ -774,6 +774,12 @@ async fn decommission(
             return EXIT_USAGE;
         }
     };
+    if reason.trim().is_empty() {
+        eprintln!(
+            "keyturn: a decommission needs a reason (--reason TEXT): it goes to the audit log"
+        );
+        return EXIT_USAGE;
+    }
     let client = match load_for_client(path) {
         Ok(c) => c,
         Err(code) => return code,
