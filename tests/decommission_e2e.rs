@@ -367,3 +367,185 @@ fn surface_matches_the_configured_and_observed_state() {
     }
     daemon.stop();
 }
+
+/// Defect: a revocation that answered success without taking effect (an
+/// API that acknowledged and did not act, a login enabled again) was never
+/// done again: only its verification was retried, failing for ever while
+/// the credential still worked. A revocation that does not verify is done
+/// again before the next verification.
+#[test]
+fn a_revocation_that_does_not_hold_is_done_again_until_it_verifies() {
+    let env = Env::new("");
+    let p = env.path().join("hook.sh");
+    let d = env.path().display();
+    // The first `revoke` exits 0 and does nothing; the second works.
+    std::fs::write(
+        &p,
+        format!(
+            r#"#!/bin/sh
+case "$KEYTURN_STEP" in
+  set) cat > "{d}/hook-value" ;;
+  test) [ -e "{d}/revoked" ] && exit 1; cmp -s - "{d}/hook-value" || exit 1 ;;
+  revoke) echo >> "{d}/revokes"; [ "$(wc -l < "{d}/revokes")" -ge 2 ] && touch "{d}/revoked" ;;
+esac
+exit 0
+"#
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let target = format!(
+        r#"target = {{ type = "command", program = "{}" }}"#,
+        p.display()
+    );
+    env.write_credentials(&format!(
+        "{}{}",
+        agent_table("bot"),
+        cred_with_file("bot", "api", &target)
+    ));
+    let daemon = env.start();
+    wait_version(&env, "bot", "api", 1);
+    env.cli_ok(&["decommission", "bot", "--reason", "done"]);
+    wait_state(&env, "bot", "decommissioned");
+    daemon.stop();
+    let revokes = std::fs::read_to_string(env.path().join("revokes")).unwrap();
+    assert_eq!(revokes.lines().count(), 2, "revoked, then again once");
+    assert!(env.path().join("revoked").exists());
+    let again = audit_records(&env)
+        .into_iter()
+        .filter(|r| {
+            r["event"] == "revocation.revoked"
+                && r["detail"].as_str().is_some_and(|d| d.contains("again"))
+        })
+        .count();
+    assert_eq!(again, 1, "the second revocation is audited");
+    audit_verifies(&env, "after a revocation done twice");
+}
+
+/// Defect: once any agent was decommissioned, `rotate all` reported its
+/// credentials as FAILED and exited 1 for ever, although everything it
+/// could rotate rotated. They are skipped (and said so); a selection with
+/// nothing left to rotate is refused, saying why.
+#[test]
+fn rotate_all_skips_decommissioned_agents() {
+    let env = Env::new(&format!(
+        "{}{}{}{}",
+        agent_table("old"),
+        cred_with_file("old", "db", ""),
+        agent_table("app"),
+        cred_with_file("app", "db", "")
+    ));
+    let daemon = env.start();
+    wait_version(&env, "old", "db", 1);
+    wait_version(&env, "app", "db", 1);
+    env.cli_ok(&["decommission", "old", "--reason", "retired", "--wait"]);
+    let out = env.cli_ok(&["rotate", "all", "--wait"]);
+    let said = text(&out);
+    assert!(
+        said.contains("old/db: skipped: the agent is decommissioned"),
+        "{said}"
+    );
+    assert!(said.contains("app/db: rotated to version 2"), "{said}");
+    let json = env.cli_ok(&["rotate", "all", "--json"]);
+    let results: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let outcomes: Vec<&str> = results
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["started", "skipped"], "{results}");
+
+    // A reason that says nothing is a usage error, decided nothing.
+    let out = env.cli(&["decommission", "app", "--reason", " "]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("needs a reason"), "{}", text(&out));
+    env.cli_ok(&["rotate", "app/db", "--wait"]);
+    env.cli_ok(&["decommission", "app", "--reason", "retired", "--wait"]);
+    let out = env.cli(&["rotate", "all"]);
+    assert!(!out.status.success(), "nothing to rotate: {}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains(
+            "none of the 2 selected credentials is rotated here (the agent is decommissioned)"
+        ),
+        "{said}"
+    );
+    daemon.stop();
+}
+
+/// Defects: a `decommission --wait` whose daemon died after the decision
+/// said only that no daemon was listening, as if nothing had been asked;
+/// and `status` with the daemon down showed a decommissioned agent's
+/// credentials as rotating on schedule and no decommission at all. The
+/// client says the decision is recorded, and the stored status shows it.
+#[test]
+fn a_decommission_outlives_its_daemon_in_what_the_cli_says() {
+    let env = Env::new("");
+    let p = env.path().join("hook.sh");
+    std::fs::write(
+        &p,
+        "#!/bin/sh\ncat > /dev/null\n[ \"$KEYTURN_STEP\" = revoke ] && sleep 10\nexit 0\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let target = format!(
+        r#"target = {{ type = "command", program = "{}" }}"#,
+        p.display()
+    );
+    env.write_credentials(&format!(
+        "{}{}",
+        agent_table("bot"),
+        cred_with_file("bot", "db", &target)
+    ));
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    let waiting = {
+        let config = env.config.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(bin())
+                .args([
+                    "decommission",
+                    "bot",
+                    "--reason",
+                    "gone",
+                    "--wait",
+                    "--config",
+                ])
+                .arg(config)
+                .env_remove("KEYTURN_CONFIG")
+                .output()
+                .unwrap()
+        })
+    };
+    wait_for(Duration::from_secs(10), || {
+        audit_records(&env)
+            .iter()
+            .any(|r| r["event"] == "decommission.decided")
+            .then_some(())
+    })
+    .expect("decided");
+    daemon.kill9();
+    let out = waiting.join().unwrap();
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    assert!(
+        text(&out).contains("the decommission of bot was decided and recorded"),
+        "{}",
+        text(&out)
+    );
+
+    let out = env.cli(&["status"]);
+    let said = text(&out);
+    assert!(said.contains("showing the state stored in"), "{said}");
+    let cred = said
+        .lines()
+        .find(|l| l.starts_with("bot/db"))
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(cred.ends_with("decommissioning"), "{said}");
+    let agent = said
+        .lines()
+        .find(|l| l.starts_with("bot ") && l.contains("decommissioning"));
+    assert!(agent.is_some(), "the decommission is listed: {said}");
+}

@@ -158,7 +158,10 @@ fn removed_during_grace(remove: impl FnOnce(&Env, Daemon) -> Daemon) {
     let retired = audit_records(&env)
         .into_iter()
         .filter(|r| {
-            r["event"] == "rotation.retire" && r["credential"] == "gone" && r["version"] == 2
+            r["event"] == "rotation.retire"
+                && r["credential"] == "gone"
+                && r["version"] == 2
+                && r["detail"] == "retires version 1"
         })
         .count();
     assert_eq!(
@@ -787,5 +790,56 @@ fn status_fits_80_columns_and_colours_only_on_a_terminal() {
     assert!(
         empty.contains("\x1b["),
         "an empty NO_COLOR is unset: {empty:?}"
+    );
+}
+
+/// Defect: `check --online` passed alert sinks whose key files were
+/// missing or readable by others, and the daemon then refused to start
+/// naming only the first of them. `check --online` reads every alert
+/// sink's key file, and the daemon names every sink that fails.
+#[test]
+fn alert_sinks_with_bad_key_files_fail_check_online_and_are_all_named() {
+    let env = Env::new("");
+    let key = env.path().join("wh.key");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    env.write_credentials(&format!(
+        "[alerts.pd]\ntype = \"pagerduty\"\nrouting_key_file = \"{}/missing.key\"\nurl = \"http://127.0.0.1:9/v2/enqueue\"\n\
+[alerts.wh]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/hook\"\nsecret_file = \"{}\"\n",
+        env.path().display(),
+        key.display()
+    ));
+    env.cli_ok(&["check"]);
+    let out = env.cli(&["check", "--online"]);
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    let failed: Vec<&str> = said
+        .lines()
+        .filter(|l| l.starts_with("alert ") && l.contains("FAILED"))
+        .collect();
+    assert_eq!(failed.len(), 2, "{said}");
+    assert!(failed[0].contains("missing.key"), "{said}");
+    assert!(failed[1].contains("mode 0644"), "{said}");
+
+    let mut daemon = std::process::Command::new(bin())
+        .args(["daemon", "--config"])
+        .arg(&env.config)
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for(Duration::from_secs(20), || daemon.try_wait().unwrap());
+    let Some(status) = status else {
+        daemon.kill().unwrap();
+        panic!("the daemon started with unreadable alert keys");
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(daemon.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("[alerts.pd]") && stderr.contains("[alerts.wh]"),
+        "{stderr}"
     );
 }

@@ -530,3 +530,119 @@ fn an_agent_authenticates_with_an_assertion_signed_by_its_own_key() {
         started["task"].as_str().unwrap(),
     ]);
 }
+
+/// Defect: after `keyturn decommission bot --wait` completed, `bot` could
+/// still start tasks and was issued working PostgreSQL logins. A decision
+/// stops new tasks at once; the live ones are revoked.
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[test]
+fn a_decommissioned_agent_may_not_start_tasks() {
+    let db = Db::new();
+    let env = env(&db);
+    let _d = env.start();
+    let live = start_bot_task(&env, "low", &[]);
+    let dsn = db.as_task(&pg_credential(&live));
+    assert!(psql(&dsn, "SELECT 1").is_ok(), "the task's login works");
+    env.cli_ok(&["decommission", "bot", "--reason", "retired", "--wait"]);
+    let gone = wait_for(Duration::from_secs(15), || psql(&dsn, "SELECT 1").err());
+    assert!(gone.is_some(), "the live task's login is revoked");
+    let out = env.cli(&[
+        "task",
+        "start",
+        "--as",
+        "bot",
+        "--tenant",
+        "acme",
+        "--use-case",
+        "month-end",
+        "--run-id",
+        "run-78",
+        "--initiator",
+        "alice@example.com",
+        "--sensitivity",
+        "low",
+    ]);
+    assert_eq!(out.status.code(), Some(77), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is decommissioned"),
+        "{out:?}"
+    );
+    let list = env.cli_ok(&["task", "list", "--as", "bot"]);
+    let tasks: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert!(
+        tasks
+            .as_array()
+            .is_some_and(|t| t.iter().all(|t| t["state"] != "live")),
+        "no live task: {tasks}"
+    );
+}
+
+/// Defect: a decommission was complete and verified ("SLA met") at once
+/// although a task credential of the agent was still live (its issuer was
+/// unreachable, so its revocation had failed). The agent's tasks are an
+/// item of the decommission: it completes only once every task credential
+/// is revoked and verified refused.
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[test]
+fn a_decommission_completes_only_once_its_tasks_are_revoked() {
+    let db = Db::new();
+    let env = env(&db);
+    let daemon = env.start();
+    let live = start_bot_task(&env, "low", &[]);
+    let dsn = db.as_task(&pg_credential(&live));
+    assert!(psql(&dsn, "SELECT 1").is_ok(), "the task's login works");
+    // The issuer becomes unreachable (a reload points it at a closed port).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    std::fs::write(
+        env.path().join("pg-admin.dsn"),
+        format!("postgres://nobody:nothing@127.0.0.1:{port}/postgres?connect_timeout=1"),
+    )
+    .unwrap();
+    daemon.reload();
+    env.cli_ok(&["decommission", "bot", "--reason", "retired"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let decommissions = || {
+        let out = env.cli_ok(&["status"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = decommissions();
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("bot ") && l.contains("decommissioning")),
+        "not complete while the task's login works: {said}"
+    );
+    assert!(said.contains("tasks"), "the tasks item is pending: {said}");
+    assert!(
+        psql(&dsn, "SELECT 1").is_ok(),
+        "still works: the issuer is down"
+    );
+    // The issuer is back: the task is revoked and the decommission ends.
+    std::fs::write(env.path().join("pg-admin.dsn"), &db.admin).unwrap();
+    daemon.reload();
+    wait_for(Duration::from_secs(30), || {
+        decommissions()
+            .lines()
+            .any(|l| l.starts_with("bot ") && l.contains("decommissioned"))
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("never completed: {}", decommissions()));
+    assert!(
+        psql(&dsn, "SELECT 1").is_err(),
+        "the task's login is revoked"
+    );
+    let verified = audit_records(&env).into_iter().any(|r| {
+        r["event"] == "revocation.verified"
+            && r["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("item=tasks"))
+    });
+    assert!(verified, "the tasks item is verified in the audit log");
+}

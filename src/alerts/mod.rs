@@ -184,18 +184,28 @@ impl AlertSinkConfig {
 }
 
 /// Builds every `[alerts.NAME]` of a config.
+/// Every sink that fails is named, not only the first.
 pub fn build_sinks(
     configs: &BTreeMap<String, AlertSinkConfig>,
 ) -> Result<Vec<NamedSink>, PluginError> {
-    configs
-        .iter()
-        .map(|(name, c)| {
-            c.clone().build(name).map_err(|e| {
-                PluginError::new(e.kind, format!("[alerts.{name}]: {}", e.message))
-                    .with_retry_after(e.retry_after)
-            })
-        })
-        .collect()
+    let mut sinks = Vec::with_capacity(configs.len());
+    let mut failed: Option<PluginError> = None;
+    for (name, c) in configs {
+        match c.clone().build(name) {
+            Ok(s) => sinks.push(s),
+            Err(e) => {
+                let message = format!("[alerts.{name}]: {}", e.message);
+                failed = Some(match failed {
+                    None => PluginError::new(e.kind, message),
+                    Some(f) => PluginError::new(f.kind, format!("{}; {message}", f.message)),
+                });
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(sinks),
+    }
 }
 
 /// What an alert sink's check needs to know about the rest of the config.

@@ -638,6 +638,9 @@ pub enum RotateOutcome {
     /// Ran to the end (`wait = true`).
     Completed,
     Failed,
+    /// Not rotated by this keyturn (followed, or its agent decommissioned),
+    /// in a selection of several credentials; `error` says why.
+    Skipped,
 }
 
 impl RotateOutcome {
@@ -646,6 +649,7 @@ impl RotateOutcome {
             RotateOutcome::Started => "started",
             RotateOutcome::Completed => "completed",
             RotateOutcome::Failed => "failed",
+            RotateOutcome::Skipped => "skipped",
         }
     }
 }

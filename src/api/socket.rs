@@ -884,6 +884,11 @@ pub enum ClientError {
     Io { path: PathBuf, source: io::Error },
     #[error("protocol error on {}: {message}", path.display())]
     Protocol { path: PathBuf, message: String },
+    #[error(
+        "the daemon on {} closed the connection before answering (did it stop? see `keyturn status` and the daemon's log)",
+        path.display()
+    )]
+    Closed { path: PathBuf },
 }
 
 /// What to do about a refusal, naming the socket's group. The daemon's own
@@ -962,9 +967,8 @@ pub async fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
             path: path.to_owned(),
             source: e,
         }),
-        (Ok(_), None) => Err(ClientError::Protocol {
+        (Ok(_), None) => Err(ClientError::Closed {
             path: path.to_owned(),
-            message: "the daemon closed the connection without answering".into(),
         }),
     }
 }

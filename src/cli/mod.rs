@@ -716,10 +716,19 @@ async fn status(path: &Path, view: StatusView) -> u8 {
             ),
         }
     }
-    // Decommissions and orphans, when the daemon answers.
-    if let Ok(ResponseBody::Agents(agents)) = request(&client, path, &Request::Agents).await
-        && !agents.is_empty()
-    {
+    // Decommissions and orphans, when the daemon answers; else the
+    // decommissions stored (orphans need the daemon's view).
+    let agents = if online {
+        match request(&client, path, &Request::Agents).await {
+            Ok(ResponseBody::Agents(agents)) => agents,
+            _ => Vec::new(),
+        }
+    } else if let ClientConfig::Valid(cfg) = &client {
+        crate::revocation::lifecycle_rows(&offline_decommissions(cfg), &[], now)
+    } else {
+        Vec::new()
+    };
+    if !agents.is_empty() {
         println!();
         match &view {
             StatusView::Fitted(s) => print!("{}", screen::render_agents(&agents, s)),
@@ -765,6 +774,12 @@ async fn decommission(
             return EXIT_USAGE;
         }
     };
+    if reason.trim().is_empty() {
+        eprintln!(
+            "keyturn: a decommission needs a reason (--reason TEXT): it goes to the audit log"
+        );
+        return EXIT_USAGE;
+    }
     let client = match load_for_client(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -784,13 +799,22 @@ async fn decommission(
     }
     while wait && result.agent.state != "decommissioned" {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        match ask(&client, path, &Request::Agents).await {
+        match request(&client, path, &Request::Agents).await {
             Ok(ResponseBody::Agents(rows)) => match rows.into_iter().find(|r| r.agent == agent) {
                 Some(row) => result.agent = row,
                 None => return unexpected(),
             },
             Ok(_) => return unexpected(),
-            Err(code) => return code,
+            Err(Failure::Reported(code)) => return code,
+            Err(Failure::Unreachable(e)) => {
+                // The decision is recorded: say so, not only that the
+                // daemon is gone.
+                eprintln!("keyturn: {e}");
+                eprintln!(
+                    "keyturn: the decommission of {agent} was decided and recorded; its revocation resumes when the daemon runs again (`keyturn status` shows it)"
+                );
+                return EXIT_UNAVAILABLE;
+            }
         }
     }
     if json {
@@ -827,6 +851,28 @@ fn offline_tasks(cfg: &Config) -> Option<Vec<crate::api::protocol::TaskView>> {
     }
 }
 
+/// The decommissions stored in the state database, with their items, when
+/// the daemon is not running (none when it cannot be read).
+fn offline_decommissions(cfg: &Config) -> Vec<crate::revocation::Decom> {
+    let db = crate::daemon::state_db_path(cfg);
+    let Some(store) = db
+        .exists()
+        .then(|| SqliteStore::open_read_only(&db).ok())
+        .flatten()
+    else {
+        return Vec::new();
+    };
+    store
+        .decommissions()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|row| {
+            let items = store.revocations(&row.agent).unwrap_or_default();
+            crate::revocation::Decom { row, items }
+        })
+        .collect()
+}
+
 /// Status from the state database when the daemon is not running.
 fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
     let db = crate::daemon::state_db_path(cfg);
@@ -835,11 +881,31 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
     }
     let store = SqliteStore::open_read_only(&db).ok()?;
     let snapshot = store.snapshot().ok()?;
+    // An agent decommissioned (or being so) is not rotated any more.
+    let leaving: std::collections::HashMap<crate::model::AgentId, &'static str> = store
+        .decommissions()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| {
+            let label = if d.verified_at.is_some() {
+                "decommissioned"
+            } else {
+                "decommissioning"
+            };
+            (d.agent, label)
+        })
+        .collect();
     let mut rows: Vec<StatusRow> = cfg
         .credentials()
         .map(|(_, c)| {
             let row = snapshot.credentials.iter().find(|r| r.key == c.key);
-            let unfinished = snapshot.unfinished.iter().find(|r| r.key == c.key);
+            // A decommissioned agent's rotations are over, whatever step
+            // they stopped at.
+            let unfinished = snapshot
+                .unfinished
+                .iter()
+                .find(|r| r.key == c.key)
+                .filter(|_| !leaving.contains_key(&c.key.agent));
             StatusRow {
                 agent: c.key.agent.clone(),
                 credential: c.key.credential.clone(),
@@ -849,8 +915,11 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                     .and_then(|r| r.current_version)
                     .map(|_| crate::model::Stage::Current),
                 last_rotated: row.and_then(|r| r.last_rotated_at),
-                next_due: row.and_then(|r| r.next_due),
+                next_due: row
+                    .and_then(|r| r.next_due)
+                    .filter(|_| !leaving.contains_key(&c.key.agent)),
                 state: match unfinished {
+                    _ if let Some(label) = leaving.get(&c.key.agent) => (*label).into(),
                     Some(r) if r.step == crate::rotation::Step::Retire => "retiring".into(),
                     Some(_) => "interrupted".into(),
                     None if row.is_some_and(|r| r.consecutive_failures > 0) => "failed".into(),
@@ -902,6 +971,7 @@ async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {
                 RotateOutcome::Started => "started",
                 RotateOutcome::Completed => "rotated",
                 RotateOutcome::Failed => "FAILED",
+                RotateOutcome::Skipped => "skipped",
             };
             let version = r
                 .version

@@ -1,6 +1,6 @@
 //! `keyturn check --online`: after the config validates, log in to every
 //! configured vault and every credential's target and use each once, as the
-//! daemon would, changing nothing. One line per item; any failure makes the
+//! daemon would, changing nothing; read every alert sink's key file. One line per item; any failure makes the
 //! command exit 69 (EX_UNAVAILABLE: a service it needs is unavailable).
 //!
 //! The checks are the plug-ins' own ([`crate::vaults::VaultPlugin::probe`],
@@ -23,7 +23,7 @@ const CONCURRENT_TARGETS: usize = 16;
 /// One thing checked.
 #[derive(Debug)]
 pub struct Probed {
-    /// `vault`, `issuer` or `target`.
+    /// `vault`, `issuer`, `alert` or `target`.
     pub what: &'static str,
     /// The vault's name, or the credential `agent/credential` of a target.
     pub name: String,
@@ -33,10 +33,11 @@ pub struct Probed {
     pub outcome: Result<Option<String>, PluginError>,
 }
 
-/// Checks every vault and every task issuer (all at once) and every
-/// credential's target ([`CONCURRENT_TARGETS`] at once), each bounded by
-/// `timeout`. In config order: vaults by name, issuers by name, then targets
-/// by credential.
+/// Checks every vault and every task issuer (all at once), every alert
+/// sink (its key file), and every credential's target
+/// ([`CONCURRENT_TARGETS`] at once), each bounded by `timeout`. In config
+/// order: vaults by name, issuers by name, alert sinks by name, then
+/// targets by credential.
 pub async fn probe_all(cfg: &Config, timeout: Duration) -> Vec<Probed> {
     let mut vaults: Vec<_> = cfg.vaults.iter().collect();
     vaults.sort_by(|a, b| a.0.cmp(b.0));
@@ -59,6 +60,21 @@ pub async fn probe_all(cfg: &Config, timeout: Duration) -> Vec<Probed> {
             },
         }
     });
+    // Building an alert sink reads its key file; the receiver is not
+    // contacted (a test alert would page someone).
+    let alert_checks: Vec<Probed> = cfg
+        .alerts
+        .iter()
+        .map(|(name, a)| Probed {
+            what: "alert",
+            name: name.clone(),
+            kind: a.type_name(),
+            outcome: a
+                .clone()
+                .build(name)
+                .map(|_| Some("key read; the receiver is not contacted".into())),
+        })
+        .collect();
     let mut creds: Vec<_> = cfg
         .credentials()
         .filter(|(_, c)| !c.target.is_none())
@@ -101,6 +117,7 @@ pub async fn probe_all(cfg: &Config, timeout: Duration) -> Vec<Probed> {
             .collect::<Vec<_>>()
     );
     out.extend(issuers);
+    out.extend(alert_checks);
     out.extend(targets);
     out
 }

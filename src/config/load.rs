@@ -921,6 +921,60 @@ deliver = [{ type = \"fyle\", path = \"x\" }]\ncolour = 1\n";
         assert!(!e.iter().any(|e| e.message.contains("missing")), "{e:#?}");
     }
 
+    /// Every bad element of one array is reported, each at the position it
+    /// has in the file (elements taken out do not shift the others).
+    #[test]
+    fn every_bad_element_of_one_array_is_reported_where_it_is() {
+        let text = "[vaults.v]\ntype = \"local\"\n\
+[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+[agents.a.credentials.c]\nvault = \"v\"\nevery = \"1h\"\n\
+deliver = [\n\
+  { type = \"file\", path = \"a\", colour = 1 },\n\
+  { type = \"file\", path = \"b\" },\n\
+  { type = \"fyle\", path = \"x\" },\n\
+  { type = \"file\" },\n\
+  { type = \"file\", path = \"e\", atomic = \"yes\" },\n\
+]\ncolour = 1\n";
+        let e = errors(text);
+        let got: Vec<(&str, usize)> = e.iter().map(|e| (e.toml_path.as_str(), e.line)).collect();
+        assert_eq!(
+            got,
+            [
+                ("agents.a.credentials.c.deliver[0].colour", 11),
+                ("agents.a.credentials.c.deliver[2].type", 13),
+                ("agents.a.credentials.c.deliver[3]", 14),
+                // A sink's tag buffers its table: serde names the element.
+                ("agents.a.credentials.c.deliver[4]", 15),
+                ("agents.a.credentials.c.colour", 17),
+            ],
+            "{e:#?}"
+        );
+        assert!(e[2].message.contains("missing key `path`"), "{e:#?}");
+        assert!(e[3].message.contains("expected a boolean"), "{e:#?}");
+    }
+
+    /// An unknown key (a typo) does not hide the table's other errors,
+    /// found once the rest of it is read: the first `check` lists them all.
+    #[test]
+    fn an_unknown_key_does_not_hide_the_tables_other_errors() {
+        let text = "[alert_rules]\nfailures_warning = 0\ntypo_key = 1\n\
+[vaults.v]\ntype = \"local\"\n\
+[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"nosuch\"\ntypo = 1\n";
+        let e = errors(text);
+        let paths: Vec<&str> = e.iter().map(|e| e.toml_path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "alert_rules.failures_warning",
+                "alert_rules.typo_key",
+                "agents.a.tier",
+                "agents.a.typo",
+            ],
+            "{e:#?}"
+        );
+        assert!(e[2].message.contains("unknown tier `nosuch`"), "{e:#?}");
+    }
+
     /// A missing key is reported beside a bad one in the same table.
     #[test]
     fn a_missing_key_is_reported_beside_a_bad_one() {

@@ -372,22 +372,50 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issu
     };
     let mut removed: Vec<TomlPath> = Vec::new();
     let mut unknown_in: Vec<TomlPath> = Vec::new();
+    // Arrays elements were taken out of: the original positions of the
+    // elements left, so that later errors name the elements as written.
+    let mut left: Vec<(Vec<Seg>, Vec<usize>)> = Vec::new();
+    // Whether every key taken out was an unknown one (a typo): without it
+    // the section means what it says, so it is still validated and its
+    // other errors reported now rather than after the typo is fixed.
+    let mut only_unknown = true;
     for _ in 0..MAX_ISSUES_PER_SECTION {
         let e = match serde_path_to_error::deserialize::<_, T>(value.clone().into_deserializer()) {
-            Ok(t) if removed.is_empty() => return Parsed::Ok(t),
+            Ok(t) if removed.is_empty() || only_unknown => return Parsed::Ok(t),
             Ok(_) => return Parsed::Invalid,
             Err(e) => e,
         };
-        let mut path = p.clone();
+        let mut inside: Vec<Seg> = Vec::new();
         for seg in e.path().iter() {
             match seg {
-                serde_path_to_error::Segment::Map { key } => path = path.key(key),
-                serde_path_to_error::Segment::Seq { index } => path = path.index(*index),
+                serde_path_to_error::Segment::Map { key } => {
+                    inside.push(Seg::Key(key.as_str().into()))
+                }
+                serde_path_to_error::Segment::Seq { index } => inside.push(Seg::Index(*index)),
                 // Enum variants of tagged sections are not TOML keys.
                 serde_path_to_error::Segment::Enum { .. }
                 | serde_path_to_error::Segment::Unknown => {}
             }
         }
+        // The first array on the way (a credential's `deliver`), where the
+        // element at `now` is `written` in the file.
+        let element = inside
+            .iter()
+            .position(|seg| matches!(seg, Seg::Index(_)))
+            .map(|at| {
+                let Seg::Index(now) = inside[at] else {
+                    unreachable!("an index")
+                };
+                let array = inside[..at].to_vec();
+                let written = left
+                    .iter()
+                    .find(|(a, _)| *a == array)
+                    .map_or(now, |(_, orig)| orig.get(now).copied().unwrap_or(now));
+                inside[at] = Seg::Index(written);
+                (at, array, now)
+            });
+        let mut path = p.clone();
+        path.0.extend(inside.iter().cloned());
         let inner = e.into_inner();
         let missing = inner
             .message()
@@ -405,7 +433,21 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issu
             if !removed.contains(key) && !unknown_in.contains(&table) {
                 issues.push(issue);
             }
-            return Parsed::Invalid;
+            // In an array's element, the other elements still get read.
+            let Some((at, array, now)) = element else {
+                return Parsed::Invalid;
+            };
+            if !take_out_element(&mut value, &mut left, array, now) {
+                return Parsed::Invalid;
+            }
+            let mut gone = p.clone();
+            gone.0.extend(
+                table.segments()[p.segments().len()..][..=at]
+                    .iter()
+                    .cloned(),
+            );
+            removed.push(gone);
+            continue;
         }
         if unknown {
             // The issue's path ends in the unknown key (serde's may or may not).
@@ -416,14 +458,13 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issu
         if !removed.is_empty() && inside.is_empty() {
             return Parsed::Invalid;
         }
-        // An error in an array's element (a sink of `deliver`) takes the
-        // whole array out: taking one element out would shift the others'
-        // positions under the errors still to come.
-        let keep = inside
-            .iter()
-            .position(|seg| matches!(seg, Seg::Index(_)))
-            .unwrap_or(inside.len());
-        let taken_out = remove_key(&mut value, &inside[..keep]);
+        // An error in an array's element (a sink of `deliver`) takes that
+        // element out; the others keep their written positions (`left`).
+        only_unknown &= unknown && element.is_none();
+        let (taken_out, keep) = match element {
+            Some((at, array, now)) => (take_out_element(&mut value, &mut left, array, now), at + 1),
+            None => (remove_key(&mut value, inside), inside.len()),
+        };
         let mut gone = issue.path.clone();
         gone.0.truncate(p.segments().len() + keep);
         removed.push(gone);
@@ -433,6 +474,42 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issu
         }
     }
     Parsed::Invalid
+}
+
+/// Takes the element at position `now` out of the array at `array`
+/// (relative to `value`), and out of that array's record of written
+/// positions in `left`; false when there is no such element.
+fn take_out_element(
+    value: &mut Value,
+    left: &mut Vec<(Vec<Seg>, Vec<usize>)>,
+    array: Vec<Seg>,
+    now: usize,
+) -> bool {
+    let mut at = &mut *value;
+    for seg in &array {
+        let next = match seg {
+            Seg::Key(k) => at.as_inline_table_mut().and_then(|t| t.get_mut(k)),
+            Seg::Index(i) => at.as_array_mut().and_then(|a| a.get_mut(*i)),
+        };
+        match next {
+            Some(v) => at = v,
+            None => return false,
+        }
+    }
+    let Some(elements) = at.as_array_mut().filter(|a| now < a.len()) else {
+        return false;
+    };
+    let len = elements.len();
+    elements.remove(now);
+    let i = match left.iter().position(|(a, _)| *a == array) {
+        Some(i) => i,
+        None => {
+            left.push((array, (0..len).collect()));
+            left.len() - 1
+        }
+    };
+    left[i].1.remove(now);
+    true
 }
 
 /// How many errors one section reports at the most.

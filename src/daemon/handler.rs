@@ -285,18 +285,28 @@ impl ControlHandler for Handler {
                     .map(|label| format!("the agent is {label}"))
             };
             if let Some(why) = refused {
+                // Not rotated here: in a selection of several, not a failure.
                 results.push(RotateResult {
                     agent: key.agent,
                     credential: key.credential,
                     rotation: None,
                     version: None,
-                    outcome: RotateOutcome::Failed,
+                    outcome: RotateOutcome::Skipped,
                     error: Some(why),
                 });
                 continue;
             }
             let rx = self.engine.trigger(&key);
             waiting.push((key, rx));
+        }
+        if waiting.is_empty() {
+            let why: std::collections::BTreeSet<&str> =
+                results.iter().filter_map(|r| r.error.as_deref()).collect();
+            return Err(ApiError::bad_request(format!(
+                "none of the {} selected credentials is rotated here ({}): see `keyturn status`",
+                results.len(),
+                why.into_iter().collect::<Vec<_>>().join("; ")
+            )));
         }
         for (key, rx) in waiting {
             let result = match rx {
@@ -341,6 +351,8 @@ impl ControlHandler for Handler {
             };
             results.push(result);
         }
+        // In the selection's order, the skipped among the others.
+        results.sort_by(|a, b| (&a.agent, &a.credential).cmp(&(&b.agent, &b.credential)));
         Ok(results)
     }
 
@@ -520,7 +532,9 @@ impl ControlHandler for Handler {
             source: "command",
             decided_at: None,
         };
-        // Its tasks end first: their credentials are revoked at once.
+        // Its tasks end first: no new one starts from now on, and the
+        // credentials of the live ones are revoked at once.
+        self.tasks.retire_agent(agent.as_str());
         if let Err(e) = self.tasks.end_all_of(agent.as_str(), "decommission").await {
             tracing::error!(agent = %agent, "ending the agent's tasks: {e}");
         }

@@ -237,6 +237,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         metrics.task_issuer_configured(issuer);
     }
     tracker.spawn(tasks.clone().run(cancel.clone()));
+    revocations.serve_tasks(tasks.clone());
     let handler = Arc::new(Handler {
         engine: engine.clone(),
         revocations: revocations.clone(),

@@ -29,6 +29,12 @@
 //! signed by the current key, must come out inactive. How many live tokens
 //! that ended is not known (issuing one writes nothing per token): the
 //! record says "every token issued up to" the epoch.
+//!
+//! Per agent, when the daemon issues task-scoped credentials (`[issuers]`):
+//! `tasks`, done through the task manager ([`TaskProbe`]): every task of
+//! the agent ended (again each round until verified: ending is idempotent)
+//! and verified by finding none of its tasks live or ending, that is each
+//! task credential revoked and verified refused by its system.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -67,6 +73,9 @@ pub enum Spec {
     Tokens {
         issued_up_to: DateTime<Utc>,
     },
+    /// The agent's task-scoped credentials: every task ended, each
+    /// credential revoked and verified refused by its system.
+    Tasks {},
 }
 
 impl Spec {
@@ -77,6 +86,7 @@ impl Spec {
             Spec::Target { .. } => "target",
             Spec::Vault { .. } => "vault",
             Spec::Tokens { .. } => "tokens",
+            Spec::Tasks {} => "tasks",
         }
     }
 
@@ -88,6 +98,7 @@ impl Spec {
             Spec::Target { .. } => 2,
             Spec::Vault { .. } => 3,
             Spec::Tokens { .. } => 4,
+            Spec::Tasks {} => 5,
         }
     }
 }
@@ -159,6 +170,63 @@ fn pending_row(
         verified_at: None,
         attempts: 0,
         last_error: None,
+    }
+}
+
+/// The `tasks` item of an agent, when the daemon issues task-scoped
+/// credentials (`[issuers]`).
+pub fn plan_tasks(agent: &AgentId) -> RevocationRow {
+    let spec = Spec::Tasks {};
+    RevocationRow {
+        agent: agent.clone(),
+        item: "tasks".into(),
+        credential: None,
+        kind: spec.kind().to_owned(),
+        spec: serde_json::to_value(&spec).expect("a spec serialises"),
+        revoked_at: None,
+        verified_at: None,
+        attempts: 0,
+        last_error: None,
+    }
+}
+
+/// What revokes and verifies the `tasks` item: the task manager.
+#[async_trait::async_trait]
+pub trait TaskProbe: Send + Sync {
+    /// Ends every task of `agent` not ended (idempotent).
+    async fn end_tasks_of(&self, agent: &str) -> Result<(), String>;
+    /// `Ok` with how many ended when no task of `agent` is live or ending;
+    /// `Err` says which are not ended yet and why.
+    fn tasks_ended(&self, agent: &str) -> Result<(), String>;
+}
+
+#[async_trait::async_trait]
+impl TaskProbe for crate::tasks::manager::TaskManager {
+    async fn end_tasks_of(&self, agent: &str) -> Result<(), String> {
+        self.retire_agent(agent);
+        self.end_all_of(agent, "decommission")
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn tasks_ended(&self, agent: &str) -> Result<(), String> {
+        let open = self.list(Some(agent), 0).map_err(|e| e.to_string())?;
+        match open.first() {
+            None => Ok(()),
+            Some(t) => {
+                let why = t
+                    .items
+                    .iter()
+                    .find_map(|i| i.last_error.as_deref())
+                    .unwrap_or("its credentials are being revoked");
+                Err(format!(
+                    "{} task(s) of {agent} not ended yet (task {}: {why}); keyturn retries until every one is revoked",
+                    open.len(),
+                    t.task.task_id
+                ))
+            }
+        }
     }
 }
 
@@ -270,15 +338,15 @@ pub async fn revoke(engine: &Engine, key: &CredentialKey, spec: &Spec) -> Result
             let path = default_path(key, path);
             h.vault.destroy(VaultItem { key, path: &path }).await
         }
-        Spec::Tokens { .. } => Err(not_a_credential_item()),
+        Spec::Tokens { .. } | Spec::Tasks {} => Err(not_a_credential_item()),
     }
 }
 
-/// `tokens` is the agent's, not a credential's ([`verify_tokens`]).
+/// `tokens` and `tasks` are the agent's, not a credential's.
 fn not_a_credential_item() -> PluginError {
     PluginError::new(
         ErrorKind::Fatal,
-        "the tokens item belongs to the agent, not to a credential",
+        "the tokens and tasks items belong to the agent, not to a credential",
     )
 }
 
@@ -380,6 +448,6 @@ pub async fn verify(
             }
             Ok(format!("vault {vault:?} serves nothing at {path}"))
         }
-        Spec::Tokens { .. } => Err(not_a_credential_item()),
+        Spec::Tokens { .. } | Spec::Tasks {} => Err(not_a_credential_item()),
     }
 }

@@ -44,11 +44,11 @@ use crate::state::{DecommissionRow, RevocationRow, StateError, Write};
 pub mod items;
 mod sla;
 
-pub use items::TokenProbe;
+pub use items::{TaskProbe, TokenProbe};
 pub use sla::lifecycle_rows;
 
-/// How long the `tokens` item waits for the token service to be served
-/// (at start the decommissions resume before the listener is up).
+/// How long the `tokens` and `tasks` items wait for the token service or
+/// the task manager (at start the decommissions resume before they run).
 const TOKENS_WAIT: Duration = Duration::from_secs(10);
 
 /// Credentials of one agent revoked at once.
@@ -120,6 +120,8 @@ struct Inner {
     poke: Arc<Notify>,
     /// The token service, once served: it verifies the `tokens` items.
     tokens: tokio::sync::watch::Sender<Option<Arc<dyn TokenProbe>>>,
+    /// The task manager, once running: it ends and verifies `tasks` items.
+    tasks: tokio::sync::watch::Sender<Option<Arc<dyn TaskProbe>>>,
 }
 
 impl Revocations {
@@ -148,6 +150,7 @@ impl Revocations {
                 declared: Notify::new(),
                 poke,
                 tokens: tokio::sync::watch::Sender::new(None),
+                tasks: tokio::sync::watch::Sender::new(None),
             }),
         };
         for d in stored {
@@ -187,12 +190,34 @@ impl Revocations {
 
     /// The token service, waiting up to [`TOKENS_WAIT`] for it to be served.
     async fn token_probe(&self) -> Option<Arc<dyn TokenProbe>> {
-        let mut rx = self.inner.tokens.subscribe();
-        let served = tokio::time::timeout(TOKENS_WAIT, rx.wait_for(Option::is_some)).await;
-        match served {
-            Ok(Ok(p)) => p.clone(),
-            _ => None,
-        }
+        served(&self.inner.tokens).await
+    }
+
+    /// The task manager running: it ends and verifies the `tasks` items
+    /// (those waiting for it go on at once).
+    pub fn serve_tasks(&self, probe: Arc<dyn TaskProbe>) {
+        self.inner.tasks.send_replace(Some(probe));
+    }
+
+    /// Ends the agent's tasks (again, if a round before did not see them
+    /// all ended: ending is idempotent) and checks that none is left.
+    async fn tasks_item(&self, agent: &AgentId) -> Result<String, PluginError> {
+        let Some(tasks) = served(&self.inner.tasks).await else {
+            return Err(PluginError::new(
+                ErrorKind::Transient,
+                "the task manager is not running yet; keyturn retries",
+            ));
+        };
+        tasks
+            .end_tasks_of(agent.as_str())
+            .await
+            .map_err(|e| PluginError::new(ErrorKind::Transient, e))?;
+        tasks
+            .tasks_ended(agent.as_str())
+            .map_err(|e| PluginError::new(ErrorKind::Transient, e))?;
+        Ok(format!(
+            "every task of {agent} ended, its credentials revoked"
+        ))
     }
 
     fn decoms(&self) -> std::sync::MutexGuard<'_, BTreeMap<AgentId, Decom>> {
@@ -428,6 +453,10 @@ impl Revocations {
         if catalog.config.token_service.is_some() && catalog.config.daemon.listen.is_some() {
             items.push(items::plan_tokens(&agent, row.token_epoch()));
         }
+        // Its task-scoped credentials, when the daemon issues them.
+        if !catalog.config.issuers.is_empty() {
+            items.push(items::plan_tasks(&agent));
+        }
         // No new rotation may start from here on.
         engine.stop_agent(&agent, "decommissioning").await;
         let mut ev = AuditEvent::new("decommission.decided", d.actor.clone(), Outcome::Ok);
@@ -552,6 +581,8 @@ impl Revocations {
                             issued_up_to.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                         )),
                     ),
+                    // Ending the tasks is checked with the verification.
+                    (items::Spec::Tasks {}, _) => (Ok(()), engine.now(), None),
                     (_, Some(key)) => (items::revoke(engine, key, &spec).await, engine.now(), None),
                     (_, None) => (Err(no_credential()), engine.now(), None),
                 };
@@ -563,12 +594,30 @@ impl Revocations {
                 item.last_error = None;
                 self.record(&item, "revocation.revoked", Outcome::Ok, note, None)
                     .await;
+            } else if let (false, Some(key)) = (matches!(spec, items::Spec::Tokens { .. }), &key) {
+                // Revoked in an earlier round, and it did not verify: the
+                // revocation did not hold (an API that answered but did not
+                // act, a login enabled again). Every revocation is
+                // idempotent: do it again before verifying again.
+                if let Err(e) = items::revoke(engine, key, &spec).await {
+                    self.failed(&mut item, e).await;
+                    return false;
+                }
+                self.record(
+                    &item,
+                    "revocation.revoked",
+                    Outcome::Ok,
+                    Some("again: not verified yet".into()),
+                    None,
+                )
+                .await;
             }
             let verified = match (&spec, &key) {
                 (items::Spec::Tokens { issued_up_to }, _) => {
                     let probe = self.token_probe().await;
                     items::verify_tokens(probe.as_deref(), &item.agent, *issued_up_to).await
                 }
+                (items::Spec::Tasks {}, _) => self.tasks_item(&item.agent).await,
                 (_, Some(key)) => items::verify(engine, key, &spec).await,
                 (_, None) => Err(no_credential()),
             };
@@ -700,5 +749,14 @@ impl Revocations {
         engine.set_agent_label(agent, "decommissioned");
         self.decoms().insert(agent.clone(), d);
         self.inner.poke.notify_one();
+    }
+}
+
+/// What `tx` holds once it is served, waiting up to [`TOKENS_WAIT`].
+async fn served<T: ?Sized>(tx: &tokio::sync::watch::Sender<Option<Arc<T>>>) -> Option<Arc<T>> {
+    let mut rx = tx.subscribe();
+    match tokio::time::timeout(TOKENS_WAIT, rx.wait_for(Option::is_some)).await {
+        Ok(Ok(p)) => p.clone(),
+        _ => None,
     }
 }

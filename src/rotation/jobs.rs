@@ -34,18 +34,20 @@ impl Inner {
             let mut live = self.live();
             let l = live.entry(key);
             l.waiters.get_or_insert_default().push(tx);
-            if let Some(running) = &l.running {
-                // Join the running rotation; a running retire (or restore)
-                // starts one when it ends.
-                if running.job != Job::Rotate {
+            let running = l.running.as_ref().map(|r| r.job);
+            // The rotation that runs for this trigger (now, or after the
+            // retire or restore running) is a manual one; a running
+            // rotation is joined as it is.
+            if running != Some(Job::Rotate) && l.next_trigger != Some(Trigger::Initial) {
+                l.next_trigger = Some(Trigger::Manual);
+            }
+            match running {
+                None => true,
+                Some(Job::Rotate) => false,
+                Some(_) => {
                     l.rotate_after_retire = true;
+                    false
                 }
-                false
-            } else {
-                if l.next_trigger != Some(Trigger::Initial) {
-                    l.next_trigger = Some(Trigger::Manual);
-                }
-                true
             }
         };
         if start {

@@ -38,8 +38,7 @@
 use std::sync::Arc;
 
 use super::attempt::notice_for;
-use super::catalog::Catalog;
-use super::catalog::CredEntry;
+use super::catalog::{Catalog, CredEntry};
 use super::engine::Inner;
 use super::step::Step;
 use super::table::Job;
@@ -114,19 +113,9 @@ impl Inner {
         let mut restored = 0;
         let mut head = None;
         for (entry, version, sinks) in wanted {
-            match self.restore(&entry, version, &sinks).await {
-                Ok((n, h)) => {
-                    restored += n;
-                    head = h.or(head);
-                }
-                Err(e) => tracing::warn!(
-                    agent = %entry.key().agent,
-                    credential = %entry.key().credential,
-                    version,
-                    error = %e,
-                    "a delivered file is missing and could not be restored; the next rotation delivers it"
-                ),
-            }
+            let (n, h) = self.restore_or_log(&entry, version, &sinks).await;
+            restored += n;
+            head = h.or(head);
         }
         if let Some(head) = head
             && let Err(e) = self.persist(vec![Write::AuditHead(head)]).await
@@ -191,32 +180,23 @@ impl Inner {
             && !sinks.is_empty()
             && !self.leaving(&entry)
         {
-            match self.restore(&entry, version, &sinks).await {
-                Ok((restored, head)) => {
-                    if let Some(head) = head
-                        && let Err(e) = self.persist(vec![Write::AuditHead(head)]).await
-                    {
-                        tracing::warn!(error = %e, "recording the audit head of restored files");
-                    }
-                    if restored > 0 {
-                        tracing::info!(agent = %key.agent, credential = %key.credential, version, files = restored, "restored delivered files that were missing");
-                    }
-                }
-                Err(e) => tracing::warn!(
-                    agent = %key.agent,
-                    credential = %key.credential,
-                    version,
-                    error = %e,
-                    "a delivered file is missing and could not be restored; the next rotation delivers it"
-                ),
+            let (restored, head) = self.restore_or_log(&entry, version, &sinks).await;
+            if let Some(head) = head
+                && let Err(e) = self.persist(vec![Write::AuditHead(head)]).await
+            {
+                tracing::warn!(error = %e, "recording the audit head of restored files");
+            }
+            if restored > 0 {
+                tracing::info!(agent = %key.agent, credential = %key.credential, version, files = restored, "restored delivered files that were missing");
             }
         }
         drop(follow_lock);
-        let rotate = {
+        let next = {
             let mut live = self.live();
             let l = live.entry(&key);
             l.running = None;
-            l.restore_after = false;
+            // Another reload came meanwhile: look again, with its entry.
+            let again = std::mem::take(&mut l.restore_after);
             let rotate = std::mem::take(&mut l.rotate_after_retire);
             // A retire that fell due meanwhile found the credential busy.
             let retire_at = l.retire_at;
@@ -225,11 +205,40 @@ impl Inner {
             {
                 live.schedule(&key, Job::Retire, at.max(self.now()));
             }
-            rotate && !self.cancel.is_cancelled()
+            if self.cancel.is_cancelled() {
+                None
+            } else if rotate {
+                // It delivers to every sink the credential has now.
+                Some(Job::Rotate)
+            } else {
+                again.then_some(Job::Restore)
+            }
         };
-        if rotate {
-            self.spawn_job(key, Job::Rotate, None);
+        if let Some(job) = next {
+            self.spawn_job(key, job, None);
         }
+    }
+
+    /// [`restore`](Self::restore), a failure logged (the next rotation
+    /// delivers the files): how many files it restored, and the audit head.
+    async fn restore_or_log(
+        &self,
+        entry: &CredEntry,
+        version: VersionNo,
+        sinks: &[Arc<dyn Sink>],
+    ) -> (usize, Option<crate::state::AuditHead>) {
+        self.restore(entry, version, sinks)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(
+                    agent = %entry.key().agent,
+                    credential = %entry.key().credential,
+                    version,
+                    error = %e,
+                    "a delivered file is missing and could not be restored; the next rotation delivers it"
+                );
+                (0, None)
+            })
     }
 
     /// Restores `version` of one credential to `sinks`: how many it

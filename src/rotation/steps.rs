@@ -299,7 +299,7 @@ impl Inner {
                             Some(&next),
                             &format!("rotation.{step}"),
                             Outcome::Ok,
-                            None,
+                            step_detail(step, rot),
                             None,
                         );
                         if later && let Some(carried) = carried.as_deref_mut() {
@@ -366,7 +366,7 @@ impl Inner {
                         Some(rot),
                         &format!("rotation.{step}"),
                         Outcome::Failed,
-                        None,
+                        step_detail(step, rot),
                         Some(msg.clone()),
                     )
                     .await?;
@@ -579,6 +579,16 @@ pub(super) fn after(step: Step) -> &'static str {
         Step::Promote => "rotation.after_promote",
         Step::Deliver => "rotation.after_deliver",
         Step::Retire | Step::Done => "rotation.after_retire",
+    }
+}
+
+/// What a step's audit record adds to the rotation's own fields: the
+/// retire step names the version it retires (the record's `version` is the
+/// rotation's, the new one).
+fn step_detail(step: Step, rot: &RotationRow) -> Option<String> {
+    match (step, rot.previous_version) {
+        (Step::Retire, Some(v)) => Some(format!("retires version {v}")),
+        _ => None,
     }
 }
 

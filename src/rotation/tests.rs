@@ -825,6 +825,38 @@ async fn concurrent_triggers_join_one_rotation() {
     rig.shutdown().await;
 }
 
+/// A manual trigger while the previous version is being retired starts a
+/// rotation right after the retire, audited as manual (it was labelled with
+/// the schedule's trigger, which made a manual rotation look like a second
+/// schedule).
+#[tokio::test(start_paused = true)]
+async fn a_trigger_during_a_retire_starts_a_manual_rotation_after_it() {
+    let rig = Rig::new(1, "every = \"6h\"\ngrace = \"1m\"").await;
+    rig.run().await;
+    assert_eq!(rig.rotate_c0().await.version, Some(1));
+    assert_eq!(rig.rotate_c0().await.version, Some(2));
+    rig.vault.slow("retire", Duration::from_secs(10));
+    rig.until(Duration::from_secs(120), "the retire running", |r| {
+        r.status("c0").state == "rotating"
+    })
+    .await;
+    let done = rig.rotate_c0().await;
+    assert_eq!((done.error, done.version), (None, Some(3)));
+    let dir = rig.shutdown().await;
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    let triggers: Vec<String> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["event"] == "rotation.start")
+        .map(|r| r["detail"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        triggers,
+        ["trigger=initial", "trigger=manual", "trigger=manual"],
+        "{audit}"
+    );
+}
+
 /// Rotations overdue after downtime are spread over `catch_up_spread` (most
 /// overdue first), not fired at once.
 #[tokio::test(start_paused = true)]

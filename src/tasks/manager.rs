@@ -298,6 +298,21 @@ impl TaskManager {
         self.setup.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// `agent` is decommissioned: it may not start tasks from now on (until
+    /// the setup is rebuilt from a config and the stored decommissions),
+    /// and its live tasks end at the next tick.
+    pub fn retire_agent(&self, agent: &str) {
+        {
+            let mut setup = self.setup.write().unwrap_or_else(|p| p.into_inner());
+            if setup.agents.contains_key(agent) {
+                let mut next = TaskSetup::clone(&setup);
+                next.agents.remove(agent);
+                *setup = Arc::new(next);
+            }
+        }
+        self.wake.notify_one();
+    }
+
     fn event(
         &self,
         name: &str,
@@ -541,9 +556,25 @@ impl TaskManager {
             return Err(TaskError::NotYours(id.to_owned()));
         }
         self.end_now(id, "end").await;
-        self.store
+        let row = self
+            .store
             .get(id)?
-            .ok_or_else(|| TaskError::NotFound(id.to_owned()))
+            .ok_or_else(|| TaskError::NotFound(id.to_owned()))?;
+        if row.state != TaskState::Ended {
+            self.retry_soon();
+        }
+        Ok(row)
+    }
+
+    /// A task ended outside the loop is not ended yet (a revocation
+    /// failed): the loop must try it again after the retry interval, not
+    /// at the time it was armed for (the task's TTL, maybe hours away).
+    fn retry_soon(&self) {
+        let retry_ms = i64::try_from(self.retry.as_millis()).unwrap_or(5_000);
+        let at = ms(self.clock.now()).saturating_add(retry_ms);
+        if at < self.armed_until_ms.load(Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
     }
 
     /// `caller`'s tasks (live and ending, then the `recent` last ended).
@@ -556,6 +587,9 @@ impl TaskManager {
         let tasks = self.store.list(Some(agent), 0)?;
         for t in &tasks {
             self.end_now(&t.task.task_id, reason).await;
+        }
+        if !self.store.list(Some(agent), 0)?.is_empty() {
+            self.retry_soon();
         }
         Ok(tasks.len())
     }

@@ -536,6 +536,34 @@ async fn a_failed_revocation_is_retried_until_verified() {
     );
 }
 
+/// Defect: a `task end` whose revocation failed was retried only at the
+/// task's TTL (the time the running loop was armed for), not every few
+/// seconds: the credential kept working. The loop is told to try again
+/// after the retry interval.
+#[tokio::test(start_paused = true)]
+async fn a_task_end_that_fails_is_retried_by_the_running_loop() {
+    let pg = MemIssuer::new("pg");
+    let h = harness_with(pg, MemIssuer::new("sts"));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(h.mgr.clone().run(cancel.clone()));
+    let id = h.start("low", Some(900)).await;
+    // The loop is armed for the task's TTL, 15 minutes away.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    h.pg.fail_revoke.store(1, Ordering::SeqCst);
+    let t = h.mgr.end(&caller("bot"), &id).await.unwrap();
+    assert_eq!(t.state, TaskState::Ending);
+    assert!(h.pg.is_live(&id));
+    tokio::time::sleep(h.mgr.retry + Duration::from_secs(1)).await;
+    assert_eq!(
+        h.state_of(&id),
+        TaskState::Ended,
+        "retried after the interval"
+    );
+    assert!(!h.pg.is_live(&id));
+    cancel.cancel();
+    run.await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_credential_that_only_expires_ends_the_task_at_its_expiry() {
     let sts = Arc::new(MemIssuer {
