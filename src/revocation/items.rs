@@ -176,18 +176,7 @@ fn pending_row(
 /// The `tasks` item of an agent, when the daemon issues task-scoped
 /// credentials (`[issuers]`).
 pub fn plan_tasks(agent: &AgentId) -> RevocationRow {
-    let spec = Spec::Tasks {};
-    RevocationRow {
-        agent: agent.clone(),
-        item: "tasks".into(),
-        credential: None,
-        kind: spec.kind().to_owned(),
-        spec: serde_json::to_value(&spec).expect("a spec serialises"),
-        revoked_at: None,
-        verified_at: None,
-        attempts: 0,
-        last_error: None,
-    }
+    pending_row(agent, "tasks".into(), None, &Spec::Tasks {})
 }
 
 /// What revokes and verifies the `tasks` item: the task manager.
