@@ -139,11 +139,10 @@ fn an_agent_that_left_the_config_is_orphaned_and_revoked_only_when_told() {
 /// A hook whose `revoke` fails (EX_TEMPFAIL) until `{dir}/revoke-ok`
 /// exists; `test` refuses any value once revoked.
 fn hook(env: &Env) -> std::path::PathBuf {
-    let p = env.path().join("hook.sh");
     let d = env.path().display();
-    std::fs::write(
-        &p,
-        format!(
+    write_hook(
+        env,
+        &format!(
             r#"#!/bin/sh
 case "$KEYTURN_STEP" in
   set) cat > "{d}/hook-value" ;;
@@ -154,10 +153,30 @@ exit 0
 "#
         ),
     )
-    .unwrap();
+}
+
+/// `{dir}/hook.sh` with `script` in it, executable.
+fn write_hook(env: &Env, script: &str) -> std::path::PathBuf {
+    let p = env.path().join("hook.sh");
+    std::fs::write(&p, script).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     p
+}
+
+/// Agent `bot` with credential `cred` (a file sink) on a `command` target
+/// running `script` as its hook.
+fn bot_on_hook(env: &Env, cred: &str, script: &str) {
+    let p = write_hook(env, script);
+    let target = format!(
+        r#"target = {{ type = "command", program = "{}" }}"#,
+        p.display()
+    );
+    env.write_credentials(&format!(
+        "{}{}",
+        agent_table("bot"),
+        cred_with_file("bot", cred, &target)
+    ));
 }
 
 #[test]
@@ -376,12 +395,12 @@ fn surface_matches_the_configured_and_observed_state() {
 #[test]
 fn a_revocation_that_does_not_hold_is_done_again_until_it_verifies() {
     let env = Env::new("");
-    let p = env.path().join("hook.sh");
     let d = env.path().display();
     // The first `revoke` exits 0 and does nothing; the second works.
-    std::fs::write(
-        &p,
-        format!(
+    bot_on_hook(
+        &env,
+        "api",
+        &format!(
             r#"#!/bin/sh
 case "$KEYTURN_STEP" in
   set) cat > "{d}/hook-value" ;;
@@ -391,19 +410,7 @@ esac
 exit 0
 "#
         ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let target = format!(
-        r#"target = {{ type = "command", program = "{}" }}"#,
-        p.display()
     );
-    env.write_credentials(&format!(
-        "{}{}",
-        agent_table("bot"),
-        cred_with_file("bot", "api", &target)
-    ));
     let daemon = env.start();
     wait_version(&env, "bot", "api", 1);
     env.cli_ok(&["decommission", "bot", "--reason", "done"]);
@@ -483,23 +490,11 @@ fn rotate_all_skips_decommissioned_agents() {
 #[test]
 fn a_decommission_outlives_its_daemon_in_what_the_cli_says() {
     let env = Env::new("");
-    let p = env.path().join("hook.sh");
-    std::fs::write(
-        &p,
+    bot_on_hook(
+        &env,
+        "db",
         "#!/bin/sh\ncat > /dev/null\n[ \"$KEYTURN_STEP\" = revoke ] && sleep 10\nexit 0\n",
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let target = format!(
-        r#"target = {{ type = "command", program = "{}" }}"#,
-        p.display()
     );
-    env.write_credentials(&format!(
-        "{}{}",
-        agent_table("bot"),
-        cred_with_file("bot", "db", &target)
-    ));
     let daemon = env.start();
     wait_version(&env, "bot", "db", 1);
     let waiting = {

@@ -9,7 +9,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Env, audit_records, need, start_bot_task, wait_for};
+use common::{Env, audit_records, bot_task_args, need, start_bot_task, wait_for};
 
 /// psql as the admin (DSN from the test services), or as `user`/`password`.
 fn psql(dsn: &str, sql: &str) -> Result<String, String> {
@@ -531,6 +531,17 @@ fn an_agent_authenticates_with_an_assertion_signed_by_its_own_key() {
     ]);
 }
 
+/// A running daemon whose agent `bot` has one live low task: its login
+/// (checked to work) is the DSN returned.
+fn bot_with_a_live_task(db: &Db) -> (Env, common::Daemon, String) {
+    let env = env(db);
+    let daemon = env.start();
+    let live = start_bot_task(&env, "low", &[]);
+    let dsn = db.as_task(&pg_credential(&live));
+    assert!(psql(&dsn, "SELECT 1").is_ok(), "the task's login works");
+    (env, daemon, dsn)
+}
+
 /// Defect: after `keyturn decommission bot --wait` completed, `bot` could
 /// still start tasks and was issued working PostgreSQL logins. A decision
 /// stops new tasks at once; the live ones are revoked.
@@ -541,30 +552,11 @@ fn an_agent_authenticates_with_an_assertion_signed_by_its_own_key() {
 #[test]
 fn a_decommissioned_agent_may_not_start_tasks() {
     let db = Db::new();
-    let env = env(&db);
-    let _d = env.start();
-    let live = start_bot_task(&env, "low", &[]);
-    let dsn = db.as_task(&pg_credential(&live));
-    assert!(psql(&dsn, "SELECT 1").is_ok(), "the task's login works");
+    let (env, _d, dsn) = bot_with_a_live_task(&db);
     env.cli_ok(&["decommission", "bot", "--reason", "retired", "--wait"]);
     let gone = wait_for(Duration::from_secs(15), || psql(&dsn, "SELECT 1").err());
     assert!(gone.is_some(), "the live task's login is revoked");
-    let out = env.cli(&[
-        "task",
-        "start",
-        "--as",
-        "bot",
-        "--tenant",
-        "acme",
-        "--use-case",
-        "month-end",
-        "--run-id",
-        "run-78",
-        "--initiator",
-        "alice@example.com",
-        "--sensitivity",
-        "low",
-    ]);
+    let out = env.cli(&bot_task_args("low"));
     assert_eq!(out.status.code(), Some(77), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("is decommissioned"),
@@ -592,11 +584,7 @@ fn a_decommissioned_agent_may_not_start_tasks() {
 #[test]
 fn a_decommission_completes_only_once_its_tasks_are_revoked() {
     let db = Db::new();
-    let env = env(&db);
-    let daemon = env.start();
-    let live = start_bot_task(&env, "low", &[]);
-    let dsn = db.as_task(&pg_credential(&live));
-    assert!(psql(&dsn, "SELECT 1").is_ok(), "the task's login works");
+    let (env, daemon, dsn) = bot_with_a_live_task(&db);
     // The issuer becomes unreachable (a reload points it at a closed port).
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();

@@ -485,18 +485,10 @@ fn take_out_element(
     array: Vec<Seg>,
     now: usize,
 ) -> bool {
-    let mut at = &mut *value;
-    for seg in &array {
-        let next = match seg {
-            Seg::Key(k) => at.as_inline_table_mut().and_then(|t| t.get_mut(k)),
-            Seg::Index(i) => at.as_array_mut().and_then(|a| a.get_mut(*i)),
-        };
-        match next {
-            Some(v) => at = v,
-            None => return false,
-        }
-    }
-    let Some(elements) = at.as_array_mut().filter(|a| now < a.len()) else {
+    let Some(elements) = walk(value, &array)
+        .and_then(Value::as_array_mut)
+        .filter(|a| now < a.len())
+    else {
         return false;
     };
     let len = elements.len();
@@ -521,19 +513,17 @@ fn remove_key(value: &mut Value, path: &[Seg]) -> bool {
     let Some((Seg::Key(last), parents)) = path.split_last() else {
         return false;
     };
-    let mut at = value;
-    for seg in parents {
-        let next = match seg {
-            Seg::Key(k) => at.as_inline_table_mut().and_then(|t| t.get_mut(k)),
-            Seg::Index(i) => at.as_array_mut().and_then(|a| a.get_mut(*i)),
-        };
-        match next {
-            Some(v) => at = v,
-            None => return false,
-        }
-    }
-    at.as_inline_table_mut()
+    walk(value, parents)
+        .and_then(Value::as_inline_table_mut)
         .is_some_and(|t| t.remove(last).is_some())
+}
+
+/// The value at `path` (relative to `value`), if there is one.
+fn walk<'v>(value: &'v mut Value, path: &[Seg]) -> Option<&'v mut Value> {
+    path.iter().try_fold(value, |at, seg| match seg {
+        Seg::Key(k) => at.as_inline_table_mut()?.get_mut(k),
+        Seg::Index(i) => at.as_array_mut()?.get_mut(*i),
+    })
 }
 
 /// Rewrites serde's wording into the config's (keys, not fields) and points

@@ -689,7 +689,15 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 /// run `run-77`, initiator alice) at `sensitivity`, with `extra`
 /// arguments: the JSON answer.
 pub fn start_bot_task(env: &Env, sensitivity: &str, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec![
+    let mut args = bot_task_args(sensitivity);
+    args.extend_from_slice(extra);
+    let out = env.cli_ok(&args);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The arguments of [`start_bot_task`], for a test that expects a refusal.
+pub fn bot_task_args(sensitivity: &str) -> Vec<&str> {
+    vec![
         "task",
         "start",
         "--as",
@@ -704,10 +712,7 @@ pub fn start_bot_task(env: &Env, sensitivity: &str, extra: &[&str]) -> serde_jso
         "alice@example.com",
         "--sensitivity",
         sensitivity,
-    ];
-    args.extend_from_slice(extra);
-    let out = env.cli_ok(&args);
-    serde_json::from_slice(&out.stdout).unwrap()
+    ]
 }
 
 /// Starts the PagerDuty Events v2 stub (tests/stubs/) on a free port: its
