@@ -998,6 +998,44 @@ deliver = [\n\
         assert!(e[0].message.contains("`tenant`"), "{e:#?}");
     }
 
+    /// Every missing key of a table is reported at once, not one per
+    /// `check`: a missing key is stood in for while the table is read on.
+    /// A table that lacks its enum tag does not hide the keys after it.
+    #[test]
+    fn every_missing_key_of_a_table_is_reported_at_once() {
+        let text = "[vaults.v]\ntype = \"local\"\n[vaults.w]\ntype = \"vault\"\n\
+[agents.a]\nuid = \"abc\"\n\
+[agents.a.credentials.c]\nevery = \"1h\"\n\
+[agents.a.credentials.d]\nvault = \"v\"\ngenerate = { length = 5 }\n\
+deliver = [{ type = \"file\" }]\n\
+[agents.b]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+decommissioned = { reason = \"gone\" }\n";
+        let e = errors(text);
+        let got: Vec<(&str, &str)> = e
+            .iter()
+            .map(|e| (e.toml_path.as_str(), e.message.as_str()))
+            .collect();
+        let expected = [
+            ("vaults.w", "missing key `address`"),
+            ("agents.a", "missing key `owner`"),
+            ("agents.a", "missing key `tenant`"),
+            ("agents.a", "missing key `tier`"),
+            ("agents.a.uid", "invalid type"),
+            ("agents.a.credentials.c", "missing key `vault`"),
+            ("agents.a.credentials.c", "missing key `generate`"),
+            ("agents.a.credentials.d.generate", "missing key `kind`"),
+            ("agents.a.credentials.d.deliver[0]", "missing key `path`"),
+            ("agents.b.decommissioned", "missing key `at`"),
+        ];
+        assert_eq!(got.len(), expected.len(), "{e:#?}");
+        for (want, (path, message)) in expected.iter().zip(&got) {
+            assert_eq!(want.0, *path, "{e:#?}");
+            assert!(message.starts_with(want.1), "{e:#?}");
+        }
+        // Nothing a stand-in got wrong is reported.
+        assert!(!e.iter().any(|e| e.message.contains("``")), "{e:#?}");
+    }
+
     /// A config directory: `keyturn.toml` and `agents.d/*.toml`.
     fn config_dir(main: Option<&str>, agents: &[(&str, &str)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();

@@ -361,7 +361,10 @@ fn entries<'a>(item: &'a Item, p: &TomlPath, issues: &mut Vec<Issue>) -> Vec<(St
 /// section read again, up to [`MAX_ISSUES_PER_SECTION`] times. A key taken
 /// out is not reported again as missing, nor is a missing key of a table
 /// that had an unknown one, and an error that names no key after one was
-/// taken out is not reported: it may be the removal's doing.
+/// taken out is not reported: it may be the removal's doing. A missing key
+/// gets a stand-in value (see [`stand_in`]) so that the section's other
+/// missing keys are found in the same pass; what the stand-in itself gets
+/// wrong is not reported.
 fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issue>) -> Parsed<T> {
     let mut value = match item.clone().into_value() {
         Ok(v) => v,
@@ -379,9 +382,17 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issu
     // the section means what it says, so it is still validated and its
     // other errors reported now rather than after the typo is fixed.
     let mut only_unknown = true;
-    for _ in 0..MAX_ISSUES_PER_SECTION {
+    // Keys put in for missing ones, with the stand-in they hold now.
+    let mut stand_ins: Vec<(Vec<Seg>, usize)> = Vec::new();
+    let reported_before = issues.len();
+    for _ in 0..MAX_READS_PER_SECTION {
+        if issues.len() - reported_before >= MAX_ISSUES_PER_SECTION {
+            break;
+        }
         let e = match serde_path_to_error::deserialize::<_, T>(value.clone().into_deserializer()) {
-            Ok(t) if removed.is_empty() || only_unknown => return Parsed::Ok(t),
+            Ok(t) if (removed.is_empty() || only_unknown) && stand_ins.is_empty() => {
+                return Parsed::Ok(t);
+            }
             Ok(_) => return Parsed::Invalid,
             Err(e) => e,
         };
@@ -397,6 +408,15 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issu
                 | serde_path_to_error::Segment::Unknown => {}
             }
         }
+        // As in the value being read (array positions as they are now).
+        let read_at = inside.clone();
+        // The deepest stand-in the error is at or under: its own doing.
+        let in_stand_in = stand_ins
+            .iter()
+            .enumerate()
+            .filter(|(_, (at, _))| read_at.starts_with(at))
+            .max_by_key(|(_, (at, _))| at.len())
+            .map(|(i, _)| i);
         // The first array on the way (a credential's `deliver`), where the
         // element at `now` is `written` in the file.
         let element = inside
@@ -430,12 +450,22 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issu
             // Not when the key was taken out, nor when an unknown key was
             // taken out of the same table: that is most likely the missing
             // one misspelled, and its error lists the keys to choose from.
-            if !removed.contains(key) && !unknown_in.contains(&table) {
+            if in_stand_in.is_none() && !removed.contains(key) && !unknown_in.contains(&table) {
                 issues.push(issue);
             }
-            // In an array's element, the other elements still get read.
-            let Some((at, array, now)) = element else {
-                return Parsed::Invalid;
+            // In an array's element, the other elements still get read;
+            // elsewhere the key gets a stand-in and the table is read on.
+            let Some((at, array, now)) = element.filter(|_| in_stand_in.is_none()) else {
+                let Some(Seg::Key(name)) = key.segments().last() else {
+                    return Parsed::Invalid;
+                };
+                let mut at = read_at;
+                at.push(Seg::Key(name.clone()));
+                if !stand_in(&mut value, &at, 0) {
+                    return Parsed::Invalid;
+                }
+                stand_ins.push((at, 0));
+                continue;
             };
             if !take_out_element(&mut value, &mut left, array, now) {
                 return Parsed::Invalid;
@@ -449,13 +479,42 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issu
             removed.push(gone);
             continue;
         }
+        if let Some(i) = in_stand_in {
+            // The stand-in is of the wrong type: the next one, in place of
+            // it and of any stand-in put inside it.
+            let (mut at, mut tried) = stand_ins[i].clone();
+            loop {
+                stand_ins.retain(|(other, _)| !other.starts_with(&at));
+                if stand_in(&mut value, &at, tried + 1) {
+                    stand_ins.push((at, tried + 1));
+                    break;
+                }
+                // No type fits (an enum's tag: its values are not known
+                // here). A stand-in it is in gets its next type; a table
+                // of the file it is missing from is taken out, as a bad
+                // key would be, so that the keys after it are read.
+                let table = at[..at.len() - 1].to_vec();
+                if let Some(outer) = stand_ins.iter().find(|(other, _)| *other == table) {
+                    (at, tried) = outer.clone();
+                    continue;
+                }
+                if table.is_empty() || !remove_key(&mut value, &table) {
+                    return Parsed::Invalid;
+                }
+                let mut gone = p.clone();
+                gone.0.extend(table);
+                removed.push(gone);
+                break;
+            }
+            continue;
+        }
         if unknown {
             // The issue's path ends in the unknown key (serde's may or may not).
             let mut parent = issue.path.clone();
             parent.0.pop();
             unknown_in.push(parent);
         }
-        if !removed.is_empty() && inside.is_empty() {
+        if (!removed.is_empty() || !stand_ins.is_empty()) && inside.is_empty() {
             return Parsed::Invalid;
         }
         // An error in an array's element (a sink of `deliver`) takes that
@@ -506,6 +565,32 @@ fn take_out_element(
 
 /// How many errors one section reports at the most.
 const MAX_ISSUES_PER_SECTION: usize = 32;
+
+/// How many times one section is read at the most: once per error, and
+/// once per stand-in tried.
+const MAX_READS_PER_SECTION: usize = 128;
+
+/// Puts the `nth` stand-in value at `path` (relative to `value`, whose
+/// parent table must exist): a value of each TOML type in turn, so that
+/// one of them reads as the missing key's type. False when every type was
+/// tried, or the parent is not a table.
+fn stand_in(value: &mut Value, path: &[Seg], nth: usize) -> bool {
+    let stand_in: Value = match nth {
+        0 => "".into(),
+        1 => 0i64.into(),
+        2 => false.into(),
+        3 => toml_edit::InlineTable::new().into(),
+        4 => toml_edit::Array::new().into(),
+        _ => return false,
+    };
+    let Some((Seg::Key(last), parents)) = path.split_last() else {
+        return false;
+    };
+    walk(value, parents)
+        .and_then(Value::as_inline_table_mut)
+        .map(|t| t.insert(&**last, stand_in))
+        .is_some()
+}
 
 /// Takes the key at `path` (relative to `value`) out; false when the path
 /// does not end in a key or leads nowhere.

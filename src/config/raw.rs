@@ -162,7 +162,10 @@ pub struct RawAgent {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDecommissioned {
-    pub at: RawTime,
+    /// Required; optional here so that its absence is reported as a
+    /// missing key rather than as a time that does not parse.
+    #[serde(default)]
+    pub at: Option<RawTime>,
     pub reason: String,
     /// The human who decided (default: the config).
     pub by: Option<String>,

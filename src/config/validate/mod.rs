@@ -1077,14 +1077,21 @@ impl Validator<'_> {
                     "reason must not be empty: say why the agent is retired (it goes to the audit log)",
                 );
             }
-            let at = match chrono::DateTime::parse_from_rfc3339(d.at.0.trim()) {
+            let Some(written) = &d.at else {
+                self.err(
+                    dp,
+                    "missing key `at`: when the agent was retired, an RFC 3339 time like \"2026-12-01T09:00:00Z\"",
+                );
+                return None;
+            };
+            let at = match chrono::DateTime::parse_from_rfc3339(written.0.trim()) {
                 Ok(t) => Some(t.with_timezone(&chrono::Utc)),
                 Err(e) => {
                     self.err(
                         dp.key("at"),
                         format!(
                             "invalid time `{}`: {e}; write an RFC 3339 time with its offset, e.g. \"2026-12-01T09:00:00Z\"",
-                            d.at.0
+                            written.0
                         ),
                     );
                     None
