@@ -464,6 +464,32 @@ fn rotate_all_skips_decommissioned_agents() {
         .collect();
     assert_eq!(outcomes, ["started", "skipped"], "{results}");
 
+    // A credential added to the decommissioned agent by a reload is never
+    // rotated: the log says so, and status labels it.
+    env.write_credentials(&format!(
+        "{}{}{}{}{}",
+        agent_table("old"),
+        cred_with_file("old", "db", ""),
+        cred_with_file("old", "extra", ""),
+        agent_table("app"),
+        cred_with_file("app", "db", "")
+    ));
+    daemon.reload();
+    let log = daemon.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("added to an agent that is decommissioned")
+                && l.contains("credential=extra")),
+        "{log}"
+    );
+    let status = text(&env.cli_ok(&["status"]));
+    let row = status
+        .lines()
+        .find(|l| l.starts_with("old/extra"))
+        .unwrap_or_default();
+    assert!(row.contains("decommissioned"), "{status}");
+    assert!(!env.root().join("old/extra").exists());
+
     // A reason that says nothing is a usage error, decided nothing.
     let out = env.cli(&["decommission", "app", "--reason", " "]);
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
@@ -475,7 +501,7 @@ fn rotate_all_skips_decommissioned_agents() {
     let said = text(&out);
     assert!(
         said.contains(
-            "none of the 2 selected credentials is rotated here (the agent is decommissioned)"
+            "none of the 3 selected credentials is rotated here (the agent is decommissioned)"
         ),
         "{said}"
     );
