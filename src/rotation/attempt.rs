@@ -413,7 +413,10 @@ pub(super) fn delivered_row(entry: &CredEntry, rot: &RotationRow) -> CredentialR
         key: entry.key().clone(),
         current_version: Some(rot.version),
         last_rotated_at: Some(at),
-        next_due: entry.cfg.schedule.next_due(at, entry.offset),
+        next_due: entry
+            .cfg
+            .schedule
+            .next_due(at, entry.offset, rot.previous_version.is_none()),
         consecutive_failures: 0,
         failing_since: None,
         last_error: None,

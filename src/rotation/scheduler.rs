@@ -121,7 +121,9 @@ impl Inner {
                     None
                 } else {
                     let last = last.expect("checked above");
-                    match entry.cfg.schedule.next_due(last, entry.offset) {
+                    // The first version is number 1 (`begin`).
+                    let first = l.row.as_ref().and_then(|r| r.current_version) == Some(1);
+                    match entry.cfg.schedule.next_due(last, entry.offset, first) {
                         Some(due) if due <= now && at_start => {
                             overdue.push((due, key.clone()));
                             None

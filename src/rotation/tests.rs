@@ -945,6 +945,46 @@ async fn jitter_is_a_stable_per_credential_offset_across_restarts() {
     second.shutdown().await;
 }
 
+/// Defect: an interval schedule took the jitter offset off every period,
+/// so `every = "6h"` with `jitter = "5h"` rotated as often as every hour.
+/// Only the first version's next due time is early; then rotations are
+/// `every` apart, and the offsets the first ones got keep them apart.
+#[tokio::test(start_paused = true)]
+async fn an_interval_schedule_is_not_shortened_by_its_jitter() {
+    let schedule = "every = \"6h\"\njitter = \"5h\"";
+    let rig = Rig::new(3, schedule).await;
+    rig.run().await;
+    rig.until(Duration::from_secs(1), "first versions", |r| {
+        r.sink.count() == 3
+    })
+    .await;
+    let first: Vec<_> = (0..3)
+        .map(|i| rig.status(&format!("c{i}")).next_due.unwrap())
+        .collect();
+    rig.until(Duration::from_secs(13 * 3600), "third versions", |r| {
+        (0..3).all(|i| r.status(&format!("c{i}")).version >= Some(3))
+    })
+    .await;
+    for (i, first_due) in first.iter().enumerate() {
+        let s = rig.status(&format!("c{i}"));
+        assert_eq!(s.version, Some(3), "c{i}: one rotation per 6 h");
+        let last = s.last_rotated.unwrap();
+        assert_eq!(
+            s.next_due.unwrap() - last,
+            chrono::Duration::hours(6),
+            "c{i}"
+        );
+        // Version 3 came one period after version 2, which came at the
+        // first (early) due time.
+        let late = last - (*first_due + chrono::Duration::hours(6));
+        assert!(
+            late >= chrono::Duration::zero() && late < chrono::Duration::seconds(5),
+            "c{i}: version 3 at {last}, due {first_due} + 6h"
+        );
+    }
+    rig.shutdown().await;
+}
+
 /// The race fixed in the scheduler: the room in the global limit is read,
 /// due jobs are popped, and a manual trigger has taken a slot in between.
 /// The jobs that find no slot go back in the queue, due now: none is lost,

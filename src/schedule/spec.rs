@@ -107,10 +107,17 @@ impl ScheduleSpec {
 
     /// When a credential last rotated at `last` is next due, with its jitter
     /// `offset` applied. Cron schedules fire `offset` after the cron time (like
-    /// systemd's RandomizedDelaySec); interval schedules fire `offset` *before*
-    /// the interval ends, so a credential is never rotated less often than
-    /// configured.
-    pub fn next_due(&self, last: DateTime<Utc>, offset: Duration) -> Option<DateTime<Utc>> {
+    /// systemd's RandomizedDelaySec). Interval schedules run `every` apart;
+    /// the offset is taken off the interval after a credential's `first`
+    /// version only, so credentials made together (a first start) do not
+    /// rotate in lockstep and none is rotated less often than configured.
+    /// Taking it off every interval would shorten each period by it.
+    pub fn next_due(
+        &self,
+        last: DateTime<Utc>,
+        offset: Duration,
+        first: bool,
+    ) -> Option<DateTime<Utc>> {
         let offset = chrono::Duration::from_std(offset).ok()?;
         match self {
             ScheduleSpec::Cron(_) => {
@@ -118,7 +125,8 @@ impl ScheduleSpec {
                 // time it belonged to is not picked again.
                 Some(self.next_after(last - offset)? + offset)
             }
-            ScheduleSpec::Every(_) => Some(self.next_after(last)? - offset),
+            ScheduleSpec::Every(_) if first => Some(self.next_after(last)? - offset),
+            ScheduleSpec::Every(_) => self.next_after(last),
         }
     }
 
@@ -305,14 +313,22 @@ mod tests {
         let off = Duration::from_secs(180);
         let cron = ScheduleSpec::parse_cron("0 */6 * * *").unwrap();
         // Rotated at 00:03 (00:00 + offset): next is 06:03, not 12:03.
-        assert_eq!(
-            cron.next_due(at(2026, 1, 1, 0, 3, 0), off),
-            Some(at(2026, 1, 1, 6, 3, 0))
-        );
+        for first in [true, false] {
+            assert_eq!(
+                cron.next_due(at(2026, 1, 1, 0, 3, 0), off, first),
+                Some(at(2026, 1, 1, 6, 3, 0))
+            );
+        }
         let every = ScheduleSpec::Every(Duration::from_secs(3600));
+        // The first version: the offset sets the phase.
         assert_eq!(
-            every.next_due(at(2026, 1, 1, 0, 0, 0), off),
+            every.next_due(at(2026, 1, 1, 0, 0, 0), off, true),
             Some(at(2026, 1, 1, 0, 57, 0))
+        );
+        // Then an hour apart: the offset is not taken off again.
+        assert_eq!(
+            every.next_due(at(2026, 1, 1, 0, 57, 0), off, false),
+            Some(at(2026, 1, 1, 1, 57, 0))
         );
     }
 
