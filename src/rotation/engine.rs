@@ -360,7 +360,7 @@ impl Engine {
                 .unwrap_or_else(|p| p.into_inner()),
             catalog.clone(),
         );
-        for key in catalog.creds.keys().filter(|k| !old.creds.contains_key(*k)) {
+        for key in catalog.creds.keys().filter(|k| !old.creds.contains_key(k)) {
             if let Some(label) = self.inner.retired_label(&key.agent) {
                 tracing::warn!(agent = %key.agent, credential = %key.credential, "added to an agent that is {label}: it is never rotated or delivered (a decommission is for good; give the credential to another agent)");
             }
