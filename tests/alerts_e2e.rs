@@ -14,17 +14,15 @@ use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use hmac::{KeyInit, Mac};
 use keyturn::alerts::alertmanager::{AlertmanagerConfig, AlertmanagerSink};
 use keyturn::alerts::pagerduty::{PagerdutyConfig, PagerdutySink};
 use keyturn::alerts::webhook::{AlertWebhookConfig, AlertWebhookSink};
 use keyturn::alerts::{
-    Alert, AlertRecorder, AlertSink, Alerts, ConditionSource, Conditions, ManagerOptions,
-    NamedSink, Route, Severity, run_loop,
+    Alert, AlertSink, Alerts, Conditions, FiresAt, ManagerOptions, MemoryRecorder, NamedSink,
+    Route, Severity, run_loop,
 };
-use keyturn::audit::AuditEvent;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -57,40 +55,16 @@ fn firing(alerts: &[&Alert]) -> Conditions {
     }
 }
 
-#[derive(Default)]
-struct Recorded(Mutex<Vec<AuditEvent>>);
-
-#[async_trait]
-impl AlertRecorder for Recorded {
-    async fn record(&self, event: AuditEvent) {
-        self.0.lock().unwrap().push(event);
-    }
-}
-
-impl Recorded {
-    fn events(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|e| e.event.clone())
-            .collect()
-    }
-    fn text(&self) -> String {
-        format!("{:?}", self.0.lock().unwrap())
-    }
-}
-
 struct Manager {
     alerts: Alerts,
-    recorder: Arc<Recorded>,
+    recorder: Arc<MemoryRecorder>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Manager {
     fn open(dir: &Path, name: &str, sink: Arc<dyn AlertSink>) -> Manager {
-        let recorder = Arc::new(Recorded::default());
+        let recorder = Arc::new(MemoryRecorder::default());
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let alerts = Alerts::open(
@@ -426,7 +400,7 @@ async fn pagerduty_gets_a_trigger_and_a_resolve_with_one_dedup_key_checked_field
     assert_eq!(stub.rejected().await, serde_json::json!([]));
     assert_eq!(m.recorder.events(), vec!["alert.fired", "alert.resolved"]);
     // The key is in the requests only: not in the audit records or the spool.
-    assert!(!m.recorder.text().contains(PD_KEY));
+    assert!(!format!("{:?}", m.recorder.records()).contains(PD_KEY));
     m.stop().await;
     assert!(
         !contains(&spool_bytes(&spool), PD_KEY),
@@ -657,25 +631,6 @@ async fn the_webhook_gets_signed_alertmanager_version_4_payloads() {
 
 // --- the deadline, end to end -----------------------------------------------
 
-/// Fires from `at` on, and says when in `next_change`.
-struct Deadline(DateTime<Utc>, Alert);
-
-impl ConditionSource for Deadline {
-    fn conditions(&self, now: DateTime<Utc>) -> Conditions {
-        if now >= self.0 {
-            Conditions {
-                firing: vec![self.1.clone()],
-                next_change: None,
-            }
-        } else {
-            Conditions {
-                firing: vec![],
-                next_change: Some(self.0),
-            }
-        }
-    }
-}
-
 /// The goal: a breach visible in Alertmanager's API within 1 s of
 /// its deadline (the loop wakes at `next_change`; nothing polls).
 #[tokio::test]
@@ -688,7 +643,7 @@ async fn a_deadline_is_visible_in_alertmanager_within_a_second() {
     let deadline = Utc::now() + chrono::Duration::seconds(2);
     m.tracker.spawn(run_loop(
         m.alerts.clone(),
-        Arc::new(Deadline(deadline, alert(&name, Severity::Critical))),
+        Arc::new(FiresAt(deadline, alert(&name, Severity::Critical))),
         m.cancel.clone(),
     ));
     until(

@@ -34,6 +34,38 @@ fn load_good(name: &str) -> Config {
     load_file(&fixture(name)).unwrap_or_else(|e| panic!("{name} must load:\n{e}"))
 }
 
+/// A config of the tests below: `[daemon]` (relative state and delivery
+/// roots, and `daemon_extra`), then `rest` after the agent `bot`'s table
+/// (owner, tenant, tier), which `rest` may go on with.
+fn bot_config(daemon_extra: &str, vaults: &str, rest: &str) -> String {
+    format!(
+        r#"
+[daemon]
+state_dir = "state"
+delivery_roots = ["agents"]
+{daemon_extra}
+
+{vaults}
+[agents.bot]
+owner = "alice@example.com"
+tenant = "acme"
+tier = "high"
+{rest}"#
+    )
+}
+
+/// The vault `bao` of [`bot_config`]s: a remote one (nothing is called).
+const BAO_VAULT: &str = r#"[vaults.bao]
+type = "vault"
+address = "https://vault.example.com:8200"
+token_file = "bao-token"
+"#;
+
+/// Loads `text` as the config file `file`, which must load.
+fn must_load(file: &Path, text: &str) -> Config {
+    keyturn::config::load_str(file, text).unwrap_or_else(|e| panic!("must load:\n{e}"))
+}
+
 /// (fixture, line, column, TOML path, message substring). Column 0 = not checked.
 const BAD: &[(&str, usize, usize, &str, &str)] = &[
     (
@@ -680,43 +712,29 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
 #[test]
 fn an_auth_key_and_the_assertion_audience_load() {
     let text = |daemon_extra: &str| {
-        format!(
-            r#"
-[daemon]
-state_dir = "state"
-delivery_roots = ["agents"]
-{daemon_extra}
-
-[vaults.local]
-type = "local"
-
-[agents.bot]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-auth_key = "signing"
+        bot_config(
+            daemon_extra,
+            "[vaults.local]\ntype = \"local\"\n",
+            r#"auth_key = "signing"
 
 [agents.bot.credentials.signing]
 vault = "local"
 every = "1h"
-generate = {{ kind = "ed25519" }}
-deliver = [{{ type = "file", path = "bot/signing" }}]
-"#
+generate = { kind = "ed25519" }
+deliver = [{ type = "file", path = "bot/signing" }]
+"#,
         )
     };
     let dir = tempfile::tempdir().unwrap();
-    let load = |t: String| {
-        keyturn::config::load_str(&dir.path().join("k.toml"), &t)
-            .unwrap_or_else(|e| panic!("must load:\n{e}"))
-    };
-    let cfg = load(text(""));
+    let file = dir.path().join("k.toml");
+    let cfg = must_load(&file, &text(""));
     let bot = keyturn::model::AgentId::new("bot").unwrap();
     assert_eq!(
         cfg.agents[&bot].auth_key.as_ref().map(|c| c.as_str()),
         Some("signing")
     );
     assert_eq!(cfg.daemon.assertion_audience, "keyturn");
-    let cfg = load(text("assertion_audience = \"keyturn.example.com\""));
+    let cfg = must_load(&file, &text("assertion_audience = \"keyturn.example.com\""));
     assert_eq!(cfg.daemon.assertion_audience, "keyturn.example.com");
 }
 
@@ -724,22 +742,10 @@ deliver = [{{ type = "file", path = "bot/signing" }}]
 /// `change_index` is read on a remote vault.
 #[test]
 fn a_followed_credential_loads_with_its_poll() {
-    let text = r#"
-[daemon]
-state_dir = "state"
-delivery_roots = ["agents"]
-
-[vaults.bao]
-type = "vault"
-address = "https://vault.example.com:8200"
-token_file = "bao-token"
-change_index = "keyturn/index"
-
-[agents.bot]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-
+    let text = bot_config(
+        "",
+        &format!("{BAO_VAULT}change_index = \"keyturn/index\"\n"),
+        r#"
 [agents.bot.credentials.db]
 vault = "bao"
 mode = "follow"
@@ -758,10 +764,10 @@ vault = "bao"
 every = "1h"
 generate = { kind = "api_key" }
 deliver = [{ type = "file", path = "bot/rotated" }]
-"#;
+"#,
+    );
     let dir = tempfile::tempdir().unwrap();
-    let cfg = keyturn::config::load_str(&dir.path().join("k.toml"), text)
-        .unwrap_or_else(|e| panic!("must load:\n{e}"));
+    let cfg = must_load(&dir.path().join("k.toml"), &text);
     let cred = |c: &str| {
         let key = keyturn::model::CredentialKey::new(
             keyturn::model::AgentId::new("bot").unwrap(),
@@ -783,22 +789,11 @@ deliver = [{ type = "file", path = "bot/rotated" }]
 #[test]
 fn max_age_on_a_followed_credential_needs_no_schedule() {
     let text = |max_age: &str| {
-        format!(
-            r#"
-[daemon]
-state_dir = "state"
-delivery_roots = ["agents"]
-
-[vaults.bao]
-type = "vault"
-address = "https://vault.example.com:8200"
-token_file = "bao-token"
-
-[agents.bot]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-
+        bot_config(
+            "",
+            BAO_VAULT,
+            &format!(
+                r#"
 [agents.bot.credentials.db]
 vault = "bao"
 mode = "follow"
@@ -806,12 +801,12 @@ max_age = "{max_age}"
 generate = {{ kind = "password", length = 32 }}
 deliver = [{{ type = "file", path = "bot/db" }}]
 "#
+            ),
         )
     };
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("k.toml");
-    let cfg =
-        keyturn::config::load_str(&file, &text("1m")).unwrap_or_else(|e| panic!("must load:\n{e}"));
+    let cfg = must_load(&file, &text("1m"));
     let (_, db) = cfg.credentials().next().expect("the followed credential");
     assert_eq!(db.max_age, Some(Duration::from_secs(60)));
     assert_eq!(db.rotation_period(), None, "a follower has no period");

@@ -9,7 +9,10 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Env, audit_records, bot_task_args, need, start_bot_task, wait_for};
+use common::{
+    Env, audit_records, bot_task_args, cli_as_uid, end_bot_task, need, start_bot_task, task_env,
+    wait_for,
+};
 
 /// psql as the admin (DSN from the test services), or as `user`/`password`.
 fn psql(dsn: &str, sql: &str) -> Result<String, String> {
@@ -45,7 +48,7 @@ struct Db {
 impl Db {
     fn new() -> Db {
         let admin = need("KEYTURN_TEST_PG_ADMIN_DSN");
-        let suffix = format!("{:08x}", rand_u32());
+        let suffix = format!("{:08x}", rand::random::<u32>());
         let s = &suffix;
         psql(
             &admin,
@@ -78,26 +81,15 @@ impl Drop for Db {
     }
 }
 
-fn rand_u32() -> u32 {
-    let mut b = [0u8; 4];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .unwrap();
-    u32::from_le_bytes(b)
-}
-
-fn env(db: &Db) -> Env {
+/// [`common::task_env`] with `agents` (more of `bot`'s table, and other
+/// agents) and the `postgres` issuer `pg` on the test server, whose policy
+/// grants `bot`'s tasks for `acme` and `globex` the role `r_low_*` at low
+/// sensitivity and `r_high_*` at high.
+fn pg_env(db: &Db, agents: &str) -> Env {
     let s = &db.suffix;
-    let env = Env::with_daemon(
+    let env = task_env(
         &format!(
-            r#"
-[agents.bot]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-uid = 4242
-gid = 4242
-
+            r#"{agents}
 [issuers.pg]
 type = "postgres"
 admin_dsn_file = "{{dir}}/pg-admin.dsn"
@@ -111,10 +103,14 @@ levels.low.grants.pg = {{ roles = ["r_low_{s}"] }}
 levels.high.grants.pg = {{ roles = ["r_high_{s}"] }}
 "#
         ),
-        "task_root = \"{dir}/agents/tasks\"",
+        "",
     );
     std::fs::write(env.path().join("pg-admin.dsn"), &db.admin).unwrap();
     env
+}
+
+fn env(db: &Db) -> Env {
+    pg_env(db, "")
 }
 
 fn pg_credential(started: &serde_json::Value) -> serde_json::Value {
@@ -191,9 +187,7 @@ fn a_task_gets_what_its_sensitivity_grants_and_loses_it_at_end() {
             .count(),
         2
     );
-    let ended: serde_json::Value =
-        serde_json::from_slice(&env.cli_ok(&["task", "end", "--as", "bot", &id]).stdout).unwrap();
-    assert_eq!(ended["state"], "ended", "{ended}");
+    end_bot_task(&env, &id);
     assert!(
         psql(&as_low, "SELECT 1").is_err(),
         "the ended task's role still logs in"
@@ -204,7 +198,7 @@ fn a_task_gets_what_its_sensitivity_grants_and_loses_it_at_end() {
         psql(&as_high, &format!("SELECT v FROM t_a_{s}")).unwrap(),
         "alpha"
     );
-    env.cli_ok(&["task", "end", "--as", "bot", high["task"].as_str().unwrap()]);
+    end_bot_task(&env, high["task"].as_str().unwrap());
 
     // Audited with the attribution, never the password.
     let records = audit_records(&env);
@@ -308,17 +302,7 @@ fn refusals_are_clear_and_audited() {
     std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let socket = env.path().join("agent.sock");
     for args in [vec!["task", "list"], vec!["task", "list", "--as", "bot"]] {
-        let out = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(common::bin())
-            .args(&args)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--config")
-            .arg("/nonexistent.toml")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let out = cli_as_uid(65534, &args, &socket);
         assert_eq!(out.status.code(), Some(77), "{args:?}: {out:?}");
     }
     let refused = audit_records(&env)
@@ -333,23 +317,15 @@ fn refusals_are_clear_and_audited() {
 /// uid (a container's uid means nothing); `other` is a second agent whose
 /// uid must not be able to use `bot`'s assertion.
 fn assertion_env(db: &Db) -> Env {
-    let s = &db.suffix;
-    let env = Env::with_daemon(
-        &format!(
-            r#"
-[agents.bot]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-uid = 4242
-gid = 4242
-auth_key = "signing"
+    pg_env(
+        db,
+        r#"auth_key = "signing"
 
 [agents.bot.credentials.signing]
 vault = "local"
 every = "1h"
-generate = {{ kind = "ed25519" }}
-deliver = [{{ type = "file", path = "{{root}}/bot/signing" }}]
+generate = { kind = "ed25519" }
+deliver = [{ type = "file", path = "{root}/bot/signing" }]
 
 [agents.other]
 owner = "alice@example.com"
@@ -361,25 +337,10 @@ gid = 4343
 [agents.other.credentials.db]
 vault = "local"
 every = "1h"
-generate = {{ kind = "password", length = 24 }}
-deliver = [{{ type = "file", path = "{{root}}/other/db" }}]
-
-[issuers.pg]
-type = "postgres"
-admin_dsn_file = "{{dir}}/pg-admin.dsn"
-
-[policies.invoicing]
-agents = ["bot"]
-tenants = ["acme"]
-max_ttl = "1h"
-default_ttl = "10m"
-levels.low.grants.pg = {{ roles = ["r_low_{s}"] }}
-"#
-        ),
-        "task_root = \"{dir}/agents/tasks\"",
-    );
-    std::fs::write(env.path().join("pg-admin.dsn"), &db.admin).unwrap();
-    env
+generate = { kind = "password", length = 24 }
+deliver = [{ type = "file", path = "{root}/other/db" }]
+"#,
+    )
 }
 
 /// One raw JSON request line on the agents' socket, and its answer.
@@ -483,17 +444,18 @@ fn an_agent_authenticates_with_an_assertion_signed_by_its_own_key() {
     let stolen = env.path().join("stolen.pem");
     std::fs::copy(&key, &stolen).unwrap();
     std::fs::set_permissions(&stolen, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=4343", "--regid=4343", "--clear-groups", "--"])
-        .arg(common::bin())
-        .args(["task", "list", "--key"])
-        .arg(&stolen)
-        .args(["--agent", "bot", "--socket"])
-        .arg(&socket)
-        .args(["--config", "/nonexistent.toml"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = cli_as_uid(
+        4343,
+        &[
+            "task",
+            "list",
+            "--key",
+            stolen.to_str().unwrap(),
+            "--agent",
+            "bot",
+        ],
+        &socket,
+    );
     assert_eq!(out.status.code(), Some(77), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("uid 4343 is agent other's"),
@@ -522,13 +484,7 @@ fn an_agent_authenticates_with_an_assertion_signed_by_its_own_key() {
     let log = std::fs::read_to_string(env.audit_log()).unwrap();
     let signature = token.rsplit('.').next().unwrap();
     assert!(!log.contains(signature), "the token reached the audit log");
-    env.cli_ok(&[
-        "task",
-        "end",
-        "--as",
-        "bot",
-        started["task"].as_str().unwrap(),
-    ]);
+    end_bot_task(&env, started["task"].as_str().unwrap());
 }
 
 /// A running daemon whose agent `bot` has one live low task: its login

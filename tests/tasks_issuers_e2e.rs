@@ -14,35 +14,46 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{
-    Env, audit_records, block_on, free_port, http_get, need, read_tree, start_bot_task, status_doc,
+    Env, audit_records, block_on, end_bot_task, free_port, http_get, need, read_tree,
+    start_bot_task, status_doc, task_env,
 };
 
 fn suffix() -> String {
-    let mut b = [0u8; 6];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .unwrap();
-    hex::encode(b)
+    hex::encode(rand::random::<[u8; 6]>())
 }
 
-/// The agent `bot` (uid 4242, tenant acme), the issuer and policy in
-/// `issuer_and_policy`, tasks delivered under `{dir}/agents/tasks` and
-/// `/metrics` on `port`.
-fn env(issuer_and_policy: &str, port: u16) -> Env {
-    Env::with_daemon(
+/// [`task_env`] with `issuer` (its `[issuers.NAME]` table) and the policy
+/// `invoicing`: `bot`'s tasks for `acme`, at most 1h, `default_ttl` when
+/// not asked, granted `low_grant` (`levels.low.grants.NAME = ...`) at low
+/// sensitivity; `/metrics` on `port`.
+fn env(issuer: &str, default_ttl: &str, low_grant: &str, port: u16) -> Env {
+    task_env(
         &format!(
             r#"
-[agents.bot]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-uid = 4242
-gid = 4242
-{issuer_and_policy}
+{issuer}
+[policies.invoicing]
+agents = ["bot"]
+tenants = ["acme"]
+max_ttl = "1h"
+default_ttl = "{default_ttl}"
+levels.low.grants.{low_grant}
 "#
         ),
-        &format!("task_root = \"{{dir}}/agents/tasks\"\nlisten = \"127.0.0.1:{port}\""),
+        &format!("listen = \"127.0.0.1:{port}\""),
     )
+}
+
+/// The task's attribution, as `start_bot_task` asks for it: what the
+/// issuers put in their credential's metadata or tags.
+fn attribution(id: &str) -> [(&'static str, &str); 6] {
+    [
+        ("task_id", id),
+        ("agent", "bot"),
+        ("tenant", "acme"),
+        ("use_case", "month-end"),
+        ("run_id", "run-77"),
+        ("initiator", "alice@example.com"),
+    ]
 }
 
 /// The credential file of `issuer` in a task start answer; the secrets are
@@ -90,6 +101,23 @@ impl Seen {
         ] {
             self.assert_metric(&line);
         }
+    }
+
+    /// Asserts that the task `id`, its one item from `issuer` revoked and
+    /// verified, is shown nowhere any more: not by status, its table, the
+    /// surface, nor as active in /metrics.
+    fn assert_ended(&self, id: &str, issuer: &str) {
+        assert!(self.tasks.is_empty(), "{:?}", self.tasks);
+        assert!(!self.table.contains(id), "{}", self.table);
+        assert!(
+            !self.metrics.contains("keyturn_tasks_active{"),
+            "{}",
+            self.metrics
+        );
+        self.assert_metric(&format!(
+            "keyturn_task_revocations_total{{issuer=\"{issuer}\",result=\"verified\"}} 1\n"
+        ));
+        assert!(self.surface.is_empty(), "{:?}", self.surface);
     }
 
     /// Asserts that /metrics has `line`.
@@ -266,17 +294,11 @@ type = "vault_token"
 address = "{addr}"
 token_file = "{{dir}}/bao-token"
 timeout = "5s"
-
-[policies.invoicing]
-agents = ["bot"]
-tenants = ["acme"]
-max_ttl = "1h"
-default_ttl = "5m"
-levels.low.grants.bao = {{ policies = ["{policy}"] }}
 "#,
             addr = bao.addr,
-            policy = bao.policy
         ),
+        "5m",
+        &format!("bao = {{ policies = [\"{}\"] }}", bao.policy),
         port,
     );
     std::fs::write(env.path().join("bao-token"), &bao.root).unwrap();
@@ -303,14 +325,7 @@ levels.low.grants.bao = {{ policies = ["{policy}"] }}
     assert_eq!(info.explicit_max_ttl, info.creation_ttl);
     assert_eq!(info.renewable, Some(false));
     let meta = info.meta.unwrap_or_default();
-    for (k, v) in [
-        ("task_id", id.as_str()),
-        ("agent", "bot"),
-        ("tenant", "acme"),
-        ("use_case", "month-end"),
-        ("run_id", "run-77"),
-        ("initiator", "alice@example.com"),
-    ] {
+    for (k, v) in attribution(&id) {
         assert_eq!(meta.get(k).map(String::as_str), Some(v), "{meta:?}");
     }
     // As the agent: the allowed path reads, the other is refused.
@@ -330,9 +345,7 @@ levels.low.grants.bao = {{ policies = ["{policy}"] }}
     );
 
     // `task end`: revoked at once, and the server says so.
-    let ended: serde_json::Value =
-        serde_json::from_slice(&env.cli_ok(&["task", "end", "--as", "bot", &id]).stdout).unwrap();
-    assert_eq!(ended["state"], "ended", "{ended}");
+    end_bot_task(&env, &id);
     let self_lookup = block_on(vaultrs::token::lookup_self(&bao.client(&token)))
         .expect_err("lookup-self with an ended task's token");
     assert_eq!(status_of(&self_lookup), Some(403), "{self_lookup}");
@@ -340,21 +353,7 @@ levels.low.grants.bao = {{ policies = ["{policy}"] }}
 
     // ... and the task is gone from status, /metrics and the surface.
     let after = seen(&env, port);
-    assert!(after.tasks.is_empty(), "{:?}", after.tasks);
-    assert!(!after.table.contains(&id), "{}", after.table);
-    assert!(
-        !after.metrics.contains("keyturn_tasks_active{"),
-        "{}",
-        after.metrics
-    );
-    assert!(
-        after
-            .metrics
-            .contains("keyturn_task_revocations_total{issuer=\"bao\",result=\"verified\"} 1\n"),
-        "{}",
-        after.metrics
-    );
-    assert!(after.surface.is_empty(), "{:?}", after.surface);
+    after.assert_ended(&id, "bao");
 
     let records = audit_records(&env);
     let issued = records
@@ -435,16 +434,13 @@ endpoint_url = "{url}"
 revoke_with_deny_policy = true
 iam_endpoint_url = "{url}"
 timeout = "10s"
-
-[policies.invoicing]
-agents = ["bot"]
-tenants = ["acme"]
-max_ttl = "1h"
-default_ttl = "30m"
-levels.low.grants.sts = {{ role_arn = "{role}", session_policy = '{SESSION_POLICY}' }}
 "#,
             url = moto.url,
-            role = setup.role_arn
+        ),
+        "30m",
+        &format!(
+            "sts = {{ role_arn = \"{}\", session_policy = '{SESSION_POLICY}' }}",
+            setup.role_arn
         ),
         port,
     );
@@ -504,15 +500,7 @@ levels.low.grants.sts = {{ role_arn = "{role}", session_policy = '{SESSION_POLIC
         };
         tags.insert(key.as_str(), r[&format!("Tags.member.{n}.Value")].as_str());
     }
-    for (k, v) in [
-        ("task_id", id.as_str()),
-        ("agent", "bot"),
-        ("tenant", "acme"),
-        ("use_case", "month-end"),
-        ("run_id", "run-77"),
-        ("initiator", "alice@example.com"),
-        ("sensitivity", "low"),
-    ] {
+    for (k, v) in attribution(&id).into_iter().chain([("sensitivity", "low")]) {
         assert_eq!(tags.get(k).copied(), Some(v), "{tags:?}");
     }
     // The expiry STS answered is the asked duration away.
@@ -539,28 +527,13 @@ levels.low.grants.sts = {{ role_arn = "{role}", session_policy = '{SESSION_POLIC
     );
 
     // `task end`: the deny policy ends the session at once.
-    let ended: serde_json::Value =
-        serde_json::from_slice(&env.cli_ok(&["task", "end", "--as", "bot", &id]).stdout).unwrap();
-    assert_eq!(ended["state"], "ended", "{ended}");
+    end_bot_task(&env, &id);
     let after_end = block_on(sm.list_secrets().send()).expect_err("refused after the end");
     let (status, body) = refusal(&after_end);
     assert_eq!(status, 403, "{body}");
 
     let after = seen(&env, port);
-    assert!(after.tasks.is_empty(), "{:?}", after.tasks);
-    assert!(
-        !after.metrics.contains("keyturn_tasks_active{"),
-        "{}",
-        after.metrics
-    );
-    assert!(
-        after
-            .metrics
-            .contains("keyturn_task_revocations_total{issuer=\"sts\",result=\"verified\"} 1\n"),
-        "{}",
-        after.metrics
-    );
-    assert!(after.surface.is_empty(), "{:?}", after.surface);
+    after.assert_ended(&id, "sts");
 
     let log = daemon.stop();
     assert_nowhere(

@@ -34,7 +34,7 @@ pub const RESEND_INTERVAL: Duration = Duration::from_secs(60);
 pub const API_PATH: &str = "/api/v2/alerts";
 
 /// `[alerts.NAME]` with `type = "alertmanager"`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertmanagerConfig {
     /// Alertmanager's base URL, or its `/api/v2/alerts` endpoint.
@@ -51,22 +51,12 @@ impl AlertmanagerConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
-            severities: None,
-            tiers: None,
-            tenants: None,
-            timeout: None,
-        }
-    }
-
-    fn common(&self) -> Common<'_> {
-        Common {
-            severities: &self.severities,
-            tiers: &self.tiers,
-            tenants: &self.tenants,
-            timeout: &self.timeout,
+            ..Default::default()
         }
     }
 }
+
+common_keys!(AlertmanagerConfig);
 
 impl AlertSinkPlugin for AlertmanagerConfig {
     fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>, scope: &AlertScope<'_>) {
@@ -105,11 +95,7 @@ impl AlertmanagerSink {
             url.set_path(&path);
         }
         Ok(Self {
-            endpoint: Endpoint {
-                shown: http::describe_url("alertmanager", &url),
-                url,
-                timeout: cfg.common().timeout(),
-            },
+            endpoint: Endpoint::new("alertmanager", url, cfg.common().timeout()),
             resend: RESEND_INTERVAL,
         })
     }

@@ -88,6 +88,15 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
+    /// `url`, shown as `<kind>:` [`describe_url`].
+    pub fn new(kind: &str, url: Url, timeout: Duration) -> Self {
+        Self {
+            shown: describe_url(kind, &url),
+            url,
+            timeout,
+        }
+    }
+
     /// POSTs `body` with the extra `headers`. `Ok` on any 2xx; otherwise an
     /// error whose kind the manager retries by: connection errors,
     /// timeouts, 408 and 5xx transient; 429 throttled (with `Retry-After`);

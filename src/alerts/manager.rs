@@ -80,6 +80,35 @@ pub trait AlertRecorder: Send + Sync {
     async fn record(&self, event: AuditEvent);
 }
 
+/// An [`AlertRecorder`] that keeps the records in memory, in order (for a
+/// manager whose records are read back, as the tests do).
+#[derive(Debug, Default)]
+pub struct MemoryRecorder(Mutex<Vec<AuditEvent>>);
+
+#[async_trait]
+impl AlertRecorder for MemoryRecorder {
+    async fn record(&self, event: AuditEvent) {
+        self.0.lock().unwrap().push(event);
+    }
+}
+
+impl MemoryRecorder {
+    /// The records so far.
+    pub fn records(&self) -> Vec<AuditEvent> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The records' event names (`alert.fired`, ...).
+    pub fn events(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.event.clone())
+            .collect()
+    }
+}
+
 /// Tunables; the defaults are the daemon's.
 #[derive(Debug, Clone, Copy)]
 pub struct ManagerOptions {
@@ -832,6 +861,27 @@ pub struct NoConditions;
 impl ConditionSource for NoConditions {
     fn conditions(&self, _now: DateTime<Utc>) -> Conditions {
         Conditions::default()
+    }
+}
+
+/// A source of one alert that fires from a deadline on, and before it says
+/// when in `next_change` (how a deadline reaches the loop without polling).
+#[derive(Debug, Clone)]
+pub struct FiresAt(pub DateTime<Utc>, pub Alert);
+
+impl ConditionSource for FiresAt {
+    fn conditions(&self, now: DateTime<Utc>) -> Conditions {
+        if now >= self.0 {
+            Conditions {
+                firing: vec![self.1.clone()],
+                next_change: None,
+            }
+        } else {
+            Conditions {
+                firing: vec![],
+                next_change: Some(self.0),
+            }
+        }
     }
 }
 

@@ -23,8 +23,9 @@
 //! # Adding an alert sink
 //! Write `alerts/NAME.rs` with its config struct (`deny_unknown_fields`,
 //! the routing keys `severities`, `tiers`, `tenants` and `timeout` among
-//! its own), `impl AlertSinkPlugin` (check through the [`Validator`],
-//! build) and the [`AlertSink`]; then add one line to [`AlertSinkConfig`].
+//! its own, and `common_keys!` for it), `impl AlertSinkPlugin` (check
+//! through the [`Validator`], build) and the [`AlertSink`]; then add one
+//! line to [`AlertSinkConfig`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,6 +39,24 @@ use crate::config::validate::{Loc, Validator};
 use crate::model::PluginError;
 use crate::plugin::registry;
 
+/// `common()`, the [`Common`] view of a sink config's routing keys and
+/// `timeout` (the fields `severities`, `tiers`, `tenants`, `timeout` every
+/// alert sink config has).
+macro_rules! common_keys {
+    ($config:ty) => {
+        impl $config {
+            fn common(&self) -> Common<'_> {
+                Common {
+                    severities: &self.severities,
+                    tiers: &self.tiers,
+                    tenants: &self.tenants,
+                    timeout: &self.timeout,
+                }
+            }
+        }
+    };
+}
+
 pub mod alertmanager;
 mod http;
 pub mod manager;
@@ -46,7 +65,10 @@ pub mod pagerduty;
 mod tests;
 pub mod webhook;
 
-pub use manager::{AlertRecorder, Alerts, ManagerOptions, NamedSink, NoConditions, run_loop};
+pub use manager::{
+    AlertRecorder, Alerts, FiresAt, ManagerOptions, MemoryRecorder, NamedSink, NoConditions,
+    run_loop,
+};
 
 /// How urgent an alert is (the `severity` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -42,7 +42,7 @@ pub const DEFAULT_URL: &str = "https://events.pagerduty.com/v2/enqueue";
 pub const MAX_SUMMARY: usize = 1024;
 
 /// `[alerts.NAME]` with `type = "pagerduty"`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PagerdutyConfig {
     /// The integration's routing key; after `check`, absolute.
@@ -61,23 +61,12 @@ impl PagerdutyConfig {
     pub fn new(routing_key_file: impl Into<PathBuf>) -> Self {
         Self {
             routing_key_file: routing_key_file.into(),
-            url: None,
-            severities: None,
-            tiers: None,
-            tenants: None,
-            timeout: None,
-        }
-    }
-
-    fn common(&self) -> Common<'_> {
-        Common {
-            severities: &self.severities,
-            tiers: &self.tiers,
-            tenants: &self.tenants,
-            timeout: &self.timeout,
+            ..Default::default()
         }
     }
 }
+
+common_keys!(PagerdutyConfig);
 
 impl AlertSinkPlugin for PagerdutyConfig {
     fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>, scope: &AlertScope<'_>) {
@@ -137,11 +126,7 @@ impl PagerdutySink {
             ));
         }
         Ok(Self {
-            endpoint: Endpoint {
-                shown: http::describe_url("pagerduty", &url),
-                url,
-                timeout: cfg.common().timeout(),
-            },
+            endpoint: Endpoint::new("pagerduty", url, cfg.common().timeout()),
             routing_key,
         })
     }

@@ -9,7 +9,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::*;
-use crate::audit::AuditEvent;
 use crate::model::ErrorKind;
 
 /// What a scripted sink was asked, in order.
@@ -94,27 +93,6 @@ impl AlertSink for Scripted {
     }
 }
 
-#[derive(Default)]
-struct Recorded(Mutex<Vec<AuditEvent>>);
-
-#[async_trait]
-impl AlertRecorder for Recorded {
-    async fn record(&self, event: AuditEvent) {
-        self.0.lock().unwrap().push(event);
-    }
-}
-
-impl Recorded {
-    fn events(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|e| e.event.clone())
-            .collect()
-    }
-}
-
 fn alert(name: &str, severity: Severity, tenant: &str) -> Alert {
     Alert {
         name: name.into(),
@@ -163,14 +141,14 @@ fn options(flap_hold: Duration) -> ManagerOptions {
 
 struct Harness {
     alerts: Alerts,
-    recorder: Arc<Recorded>,
+    recorder: Arc<MemoryRecorder>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Harness {
     fn open(dir: &Path, sinks: Vec<NamedSink>, opts: ManagerOptions) -> Harness {
-        let recorder = Arc::new(Recorded::default());
+        let recorder = Arc::new(MemoryRecorder::default());
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let alerts = Alerts::open(
@@ -533,7 +511,7 @@ async fn a_refused_delivery_is_given_up_and_audited() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(sink.attempts.load(Ordering::SeqCst), 1, "not retried");
     assert_eq!(h.alerts.pending(), 0);
-    let ev = h.recorder.0.lock().unwrap()[0].clone();
+    let ev = h.recorder.records()[0].clone();
     assert_eq!(ev.agent.as_ref().map(|a| a.as_str()), Some("invoice-bot"));
     assert_eq!(ev.error.as_deref(), Some("scripted failure"));
     assert!(
@@ -571,23 +549,6 @@ async fn a_sink_added_on_reload_is_sent_what_fires_and_a_removed_one_nothing() {
 
 #[tokio::test]
 async fn the_loop_delivers_a_deadline_within_a_fraction_of_a_second() {
-    /// Fires from `at` on, and says so in `next_change`.
-    struct Deadline(DateTime<Utc>, Alert);
-    impl ConditionSource for Deadline {
-        fn conditions(&self, now: DateTime<Utc>) -> Conditions {
-            if now >= self.0 {
-                Conditions {
-                    firing: vec![self.1.clone()],
-                    next_change: None,
-                }
-            } else {
-                Conditions {
-                    firing: vec![],
-                    next_change: Some(self.0),
-                }
-            }
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
     let am = Scripted::new(Some(Duration::from_secs(60)));
     let h = Harness::single(dir.path(), "am", &am);
@@ -595,7 +556,7 @@ async fn the_loop_delivers_a_deadline_within_a_fraction_of_a_second() {
     let at = Utc::now() + chrono::Duration::milliseconds(1500);
     h.tracker.spawn(run_loop(
         h.alerts.clone(),
-        Arc::new(Deadline(at, a.clone())),
+        Arc::new(FiresAt(at, a.clone())),
         h.cancel.clone(),
     ));
     until("the fire", || am.calls().len() == 1).await;

@@ -35,7 +35,7 @@ use crate::model::{ErrorKind, SecretValue};
 use crate::sinks::webhook::{MIN_KEY_LEN, SIGNATURE_HEADER, read_secret_file, sign};
 
 /// `[alerts.NAME]` with `type = "webhook"`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertWebhookConfig {
     pub url: String,
@@ -54,22 +54,12 @@ impl AlertWebhookConfig {
         Self {
             url: url.into(),
             secret_file: secret_file.into(),
-            severities: None,
-            tiers: None,
-            tenants: None,
-            timeout: None,
-        }
-    }
-
-    fn common(&self) -> Common<'_> {
-        Common {
-            severities: &self.severities,
-            tiers: &self.tiers,
-            tenants: &self.tenants,
-            timeout: &self.timeout,
+            ..Default::default()
         }
     }
 }
+
+common_keys!(AlertWebhookConfig);
 
 impl AlertSinkPlugin for AlertWebhookConfig {
     fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>, scope: &AlertScope<'_>) {
@@ -107,11 +97,7 @@ impl AlertWebhookSink {
     pub fn new(cfg: &AlertWebhookConfig, receiver: &str) -> Result<Self, PluginError> {
         let url = http::parse("webhook", &cfg.url)?;
         let sink = Self {
-            endpoint: Endpoint {
-                shown: http::describe_url("alert-webhook", &url),
-                url,
-                timeout: cfg.common().timeout(),
-            },
+            endpoint: Endpoint::new("alert-webhook", url, cfg.common().timeout()),
             secret_file: cfg.secret_file.clone(),
             receiver: receiver.to_owned(),
         };

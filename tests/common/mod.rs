@@ -685,6 +685,34 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// An env for task tests: the agent `bot` (uid and gid 4242, tenant
+/// `acme`), then `config` (issuers, policies; it may start with more keys
+/// of `bot`'s table), tasks delivered under `{dir}/agents/tasks`, and
+/// `daemon_extra` lines in `[daemon]`.
+pub fn task_env(config: &str, daemon_extra: &str) -> Env {
+    Env::with_daemon(
+        &format!("{}uid = 4242\ngid = 4242\n{config}", agent_table("bot")),
+        &format!("task_root = \"{{dir}}/agents/tasks\"\n{daemon_extra}"),
+    )
+}
+
+/// `keyturn` run as `uid` (and gid), with no supplementary groups, against
+/// `socket` and no config file: `args`, then `--socket` and `--config`.
+pub fn cli_as_uid(uid: u32, args: &[&str], socket: &Path) -> Output {
+    Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .args(["--clear-groups", "--"])
+        .arg(bin())
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .args(["--config", "/nonexistent.toml"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 /// `keyturn task start --as bot` for tenant `acme` (use case `month-end`,
 /// run `run-77`, initiator alice) at `sensitivity`, with `extra`
 /// arguments: the JSON answer.
@@ -693,6 +721,15 @@ pub fn start_bot_task(env: &Env, sensitivity: &str, extra: &[&str]) -> serde_jso
     args.extend_from_slice(extra);
     let out = env.cli_ok(&args);
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `keyturn task end --as bot id`, checked to answer that the task ended:
+/// the JSON answer.
+pub fn end_bot_task(env: &Env, id: &str) -> serde_json::Value {
+    let out = env.cli_ok(&["task", "end", "--as", "bot", id]);
+    let ended: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ended["state"], "ended", "{ended}");
+    ended
 }
 
 /// The arguments of [`start_bot_task`], for a test that expects a refusal.

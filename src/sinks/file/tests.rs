@@ -1042,6 +1042,27 @@ fn ack_sink(root: &Path, ack: FileAck, atomic: bool) -> (PathBuf, FileSink) {
 }
 
 /// Whether `watch` resolves (Ok) within `wait`.
+/// Delivers `value` as version `version` of the password, which must be sent.
+async fn deliver_sent(s: &FileSink, version: u64, value: &str) {
+    assert_eq!(
+        deliver_password(s, version, value).await.unwrap(),
+        Delivered::Sent
+    );
+}
+
+/// The sink's ack watch of `version` of the agent's `db`.
+fn watch(s: &FileSink, version: u64) -> crate::sinks::AckWatch {
+    s.ack_watch(&key(AGENT, "db"), version).expect("a watch")
+}
+
+/// The error a watch ends with (within 5 s).
+async fn ended(watch: &mut crate::sinks::AckWatch) -> PluginError {
+    tokio::time::timeout(Duration::from_secs(5), watch.as_mut())
+        .await
+        .expect("ends")
+        .unwrap_err()
+}
+
 async fn acked_within(watch: &mut crate::sinks::AckWatch, wait: Duration) -> bool {
     match tokio::time::timeout(wait, watch.as_mut()).await {
         Ok(r) => {
@@ -1056,7 +1077,7 @@ async fn acked_within(watch: &mut crate::sinks::AckWatch, wait: Duration) -> boo
 async fn ack_explicit_is_sent_and_has_no_watch() {
     let root = tempfile::tempdir().unwrap();
     let (_, s) = ack_sink(root.path(), FileAck::Explicit, true);
-    assert_eq!(deliver_password(&s, 1, "a").await.unwrap(), Delivered::Sent);
+    deliver_sent(&s, 1, "a").await;
     assert!(s.ack_watch(&key(AGENT, "db"), 1).is_none());
 }
 
@@ -1070,28 +1091,20 @@ async fn ack_explicit_is_sent_and_has_no_watch() {
 async fn ack_open_after_a_restart_counts_the_first_open_of_the_file() {
     let root = tempfile::tempdir().unwrap();
     let (path, s) = ack_sink(root.path(), FileAck::Open, true);
-    assert_eq!(
-        deliver_password(&s, 4, "four").await.unwrap(),
-        Delivered::Sent
-    );
+    deliver_sent(&s, 4, "four").await;
     // The daemon restarts: a new sink, the file already in place.
     let (_, s) = ack_sink(root.path(), FileAck::Open, true);
-    let mut w = s.ack_watch(&key(AGENT, "db"), 4).expect("a watch");
+    let mut w = watch(&s, 4);
     assert!(!acked_within(&mut w, Duration::from_millis(200)).await);
     assert_eq!(std::fs::read(&path).unwrap(), b"four");
     assert!(acked_within(&mut w, Duration::from_secs(5)).await);
 
     let (_, s) = ack_sink(root.path(), FileAck::Open, true);
-    let mut w4 = s.ack_watch(&key(AGENT, "db"), 4).expect("a watch");
-    assert_eq!(
-        deliver_password(&s, 5, "five").await.unwrap(),
-        Delivered::Sent
-    );
+    let mut w4 = watch(&s, 4);
+    deliver_sent(&s, 5, "five").await;
     std::fs::read(&path).unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(5), w4.as_mut())
-        .await
-        .expect("ends");
-    assert!(r.unwrap_err().message.contains("replaced"));
+    let e = ended(&mut w4).await;
+    assert!(e.message.contains("replaced"));
 }
 
 #[tokio::test]
@@ -1100,11 +1113,8 @@ async fn ack_open_counts_a_readers_open_after_delivery_but_not_keyturns_own() {
         let root = tempfile::tempdir().unwrap();
         let (path, s) = ack_sink(root.path(), FileAck::Open, atomic);
         // The first delivery creates the directory: the watch starts after it.
-        assert_eq!(
-            deliver_password(&s, 1, "one").await.unwrap(),
-            Delivered::Sent
-        );
-        let mut w1 = s.ack_watch(&key(AGENT, "db"), 1).expect("a watch");
+        deliver_sent(&s, 1, "one").await;
+        let mut w1 = watch(&s, 1);
         assert!(
             !acked_within(&mut w1, Duration::from_millis(200)).await,
             "atomic={atomic}: nobody opened it yet"
@@ -1117,21 +1127,15 @@ async fn ack_open_counts_a_readers_open_after_delivery_but_not_keyturns_own() {
 
         // Version 2 over an existing file: keyturn opens the file to compare
         // and (in place) to write; neither counts.
-        assert_eq!(
-            deliver_password(&s, 2, "two").await.unwrap(),
-            Delivered::Sent
-        );
-        let mut w2 = s.ack_watch(&key(AGENT, "db"), 2).expect("a watch");
+        deliver_sent(&s, 2, "two").await;
+        let mut w2 = watch(&s, 2);
         assert!(
             !acked_within(&mut w2, Duration::from_millis(200)).await,
             "atomic={atomic}: keyturn's own opens are not an ack"
         );
         // Delivered again (a retried step): the file already holds it.
-        assert_eq!(
-            deliver_password(&s, 2, "two").await.unwrap(),
-            Delivered::Sent
-        );
-        let mut w2b = s.ack_watch(&key(AGENT, "db"), 2).expect("a watch");
+        deliver_sent(&s, 2, "two").await;
+        let mut w2b = watch(&s, 2);
         assert!(!acked_within(&mut w2b, Duration::from_millis(200)).await);
         let mut f = std::fs::File::open(&path).unwrap();
         let mut got = String::new();
@@ -1147,25 +1151,14 @@ async fn ack_open_counts_a_readers_open_after_delivery_but_not_keyturns_own() {
         );
 
         // A watch of a version that was replaced ends with an error.
-        assert_eq!(
-            deliver_password(&s, 3, "three").await.unwrap(),
-            Delivered::Sent
-        );
-        let mut w3 = s.ack_watch(&key(AGENT, "db"), 3).expect("a watch");
-        assert_eq!(
-            deliver_password(&s, 4, "four").await.unwrap(),
-            Delivered::Sent
-        );
+        deliver_sent(&s, 3, "three").await;
+        let mut w3 = watch(&s, 3);
+        deliver_sent(&s, 4, "four").await;
         std::fs::read(&path).unwrap();
-        let r = tokio::time::timeout(Duration::from_secs(5), w3.as_mut())
-            .await
-            .expect("ends");
-        assert!(
-            r.unwrap_err().message.contains("replaced"),
-            "atomic={atomic}"
-        );
+        let e = ended(&mut w3).await;
+        assert!(e.message.contains("replaced"), "atomic={atomic}");
         // After a restart (no watch from a delivery), any open from now counts.
-        let mut w4 = s.ack_watch(&key(AGENT, "db"), 4).expect("a watch");
+        let mut w4 = watch(&s, 4);
         let _ = s.ack_watch(&key(AGENT, "db"), 4);
         std::fs::read(&path).unwrap();
         assert!(acked_within(&mut w4, Duration::from_secs(5)).await);
