@@ -780,6 +780,26 @@ fn the_cli_exchanges_over_the_agents_socket_authenticated_by_peer_uid() {
         "{out:?}"
     );
 
+    // An agent the config does not know is a refused client (77), as the
+    // README says of `invalid_client`; it exited 1.
+    let out = env.cli(&[
+        "token",
+        "exchange",
+        "--subject-token-file",
+        &subject_file,
+        "--audience",
+        API,
+        "--as",
+        "nosuch",
+    ]);
+    cli_outputs.extend_from_slice(&out.stdout);
+    cli_outputs.extend_from_slice(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid_client"),
+        "{out:?}"
+    );
+
     // A uid that is no agent's is refused (the agents' socket is open to
     // all), with `--as` too; the subject token comes on stdin.
     use std::os::unix::fs::PermissionsExt;
@@ -832,7 +852,7 @@ fn the_cli_exchanges_over_the_agents_socket_authenticated_by_peer_uid() {
         ("ok", 2),
         ("invalid_request", 1),
         ("invalid_scope", 1),
-        ("invalid_client", 2),
+        ("invalid_client", 3),
     ] {
         let line = format!(
             "keyturn_oauth_requests_total{{endpoint=\"token_socket\",result=\"{result}\"}} {n}"

@@ -279,6 +279,11 @@ impl Handler {
                     };
                     e.message = format!("{code}: {}", e.message);
                 }
+                // A client refused is refused (exit 77), whatever the
+                // reason: an agent the config does not know included.
+                if e.message.starts_with("invalid_client:") {
+                    e.kind = ApiErrorKind::Forbidden;
+                }
                 let mut ev = AuditEvent::new("oauth.token", peer.actor(), Outcome::Refused);
                 ev.agent = as_agent;
                 ev.error = Some(e.message.clone());
