@@ -189,6 +189,29 @@ fn bash_completes_agent_ids_of_the_config_the_command_uses() {
         &[],
     );
     assert_eq!(got, ["invoice-bot"]);
+
+    // A config directory: the agents of `agents.d/*.toml` too.
+    let agents_d = dir.path().join("agents.d");
+    std::fs::create_dir(&agents_d).unwrap();
+    std::fs::write(
+        agents_d.join("crawler.toml"),
+        "[agents.crawler]\n[agents.crawler.credentials.session]\n",
+    )
+    .unwrap();
+    let conf_dir = dir.path().to_str().unwrap();
+    let got = complete(dir.path(), &["keyturn", "-c", conf_dir, "rotate", ""], &[]);
+    assert_eq!(
+        values(got),
+        [
+            "all",
+            "crawler",
+            "crawler/session",
+            "invoice-bot",
+            "invoice-bot/db",
+            "report-bot",
+            "report-bot/api"
+        ]
+    );
 }
 
 #[test]

@@ -702,6 +702,26 @@ fn a_reload_reads_only_the_agent_files_that_changed() {
     );
     let rows = status_json(&env);
     assert_eq!(rows.len(), 3, "the running config stays: {rows:?}");
+
+    // Named by its directory, the broken config still lets the client
+    // commands ask the daemon (they exited 64 without asking).
+    for args in [
+        vec!["status"],
+        vec!["rotate", "b/y", "--wait"],
+        vec!["audit", "verify"],
+    ] {
+        let out = std::process::Command::new(bin())
+            .args(&args)
+            .arg("--config")
+            .arg(env.path())
+            .env_remove("KEYTURN_CONFIG")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert!(err.contains("does not validate"), "{args:?}: {err}");
+    }
+    assert_eq!(version_of(&env, "b", "y"), Some(2));
     daemon.stop();
 }
 

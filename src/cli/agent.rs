@@ -223,13 +223,10 @@ impl AssertionSigner {
             }
         };
         let audience = self.audience.unwrap_or_else(|| {
-            std::fs::read_to_string(config)
-                .ok()
-                .and_then(|text| crate::config::ClientPaths::lenient(config, &text))
-                .map_or_else(
-                    || crate::auth::DEFAULT_AUDIENCE.to_owned(),
-                    |p| p.assertion_audience,
-                )
+            crate::config::ClientPaths::lenient_at(config).map_or_else(
+                || crate::auth::DEFAULT_AUDIENCE.to_owned(),
+                |p| p.assertion_audience,
+            )
         });
         crate::auth::sign(&private, &self.agent, &audience, Self::LIFETIME_SECS)
             .map(crate::api::protocol::WireSecret)
@@ -241,13 +238,10 @@ impl AssertionSigner {
 }
 
 fn agent_socket_of(path: &Path) -> PathBuf {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| crate::config::ClientPaths::lenient(path, &text))
-        .map_or_else(
-            || PathBuf::from(crate::config::validate::DEFAULT_AGENT_SOCKET),
-            |p| p.agent_socket,
-        )
+    crate::config::ClientPaths::lenient_at(path).map_or_else(
+        || PathBuf::from(crate::config::validate::DEFAULT_AGENT_SOCKET),
+        |p| p.agent_socket,
+    )
 }
 
 /// `keyturn ack`: usually run by an agent, which may not be able to read

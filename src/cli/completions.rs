@@ -82,15 +82,19 @@ pub fn selectors(current: &OsStr) -> Vec<CompletionCandidate> {
 /// config with an error elsewhere still completes; anything unreadable
 /// gives no candidates rather than an error in the middle of a command line.
 fn names(credentials: bool) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string(config_path(std::env::args_os())) else {
-        return Vec::new();
+    let path = config_path(std::env::args_os());
+    // A config directory: its main file and every `agents.d/*.toml`.
+    let files = match crate::config::load::read_sources(&path) {
+        Ok((_, files)) => files.into_iter().map(|f| f.text).collect(),
+        Err(_) => std::fs::read_to_string(&path)
+            .into_iter()
+            .collect::<Vec<_>>(),
     };
-    let Ok(table) = text.parse::<toml::Table>() else {
-        return Vec::new();
-    };
-    let Some(agents) = table.get("agents").and_then(|a| a.as_table()) else {
-        return Vec::new();
-    };
+    let tables: Vec<toml::Table> = files.iter().filter_map(|t| t.parse().ok()).collect();
+    let agents = tables
+        .iter()
+        .filter_map(|t| t.get("agents").and_then(|a| a.as_table()))
+        .flatten();
     let mut out = Vec::new();
     for (agent, body) in agents {
         out.push(agent.clone());

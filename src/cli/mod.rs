@@ -505,9 +505,7 @@ fn load_for_client(path: &Path) -> Result<ClientConfig, u8> {
         Ok(cfg) => return Ok(ClientConfig::Valid(Box::new(cfg))),
         Err(errors) => errors,
     };
-    let paths = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| ClientPaths::lenient(path, &text));
+    let paths = ClientPaths::lenient_at(path);
     match paths {
         Some(paths) => {
             eprintln!(

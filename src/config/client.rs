@@ -38,6 +38,20 @@ impl ClientPaths {
         }
     }
 
+    /// The paths the config at `path` names, read leniently: `path` is
+    /// `keyturn.toml` or the config directory (whose `keyturn.toml` may be
+    /// absent: then every path is the default). `None` when the file
+    /// cannot be read or its `[daemon]` table cannot be (see [`Self::lenient`]).
+    pub fn lenient_at(path: &Path) -> Option<ClientPaths> {
+        let main = super::load::main_file(path);
+        let text = match std::fs::read_to_string(&main) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_dir() => String::new(),
+            Err(_) => return None,
+        };
+        ClientPaths::lenient(&main, &text)
+    }
+
     /// The paths `file` (whose text is `text`) names, read as leniently as
     /// described in the module doc. `None` when its `[daemon]` table cannot
     /// be read at all, or names a path that is not a non-empty string.

@@ -104,6 +104,16 @@ pub fn load_str(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     load_sources(file, &files)
 }
 
+/// The main file of the config `path` names: `path` itself, or the
+/// directory's `keyturn.toml`.
+pub fn main_file(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join(MAIN_FILE)
+    } else {
+        path.to_path_buf()
+    }
+}
+
 /// The files of the config `path` names, in the order they are merged: the
 /// main file first, then `agents.d/*.toml` by name.
 pub fn read_sources(path: &Path) -> Result<(PathBuf, Vec<SourceFile>), ConfigErrors> {
@@ -300,11 +310,7 @@ pub fn load_tracked(path: &Path) -> Result<(Config, FileSet), ConfigErrors> {
 /// with [`load_tracked`]; errors of the files read are located as ever.
 pub fn reload(path: &Path, previous: &FileSet) -> Result<Reloaded, ConfigErrors> {
     let full = || load_tracked(path).map(|(c, f)| Reloaded::Full(c, f));
-    let main_path = if path.is_dir() {
-        path.join(MAIN_FILE)
-    } else {
-        path.to_path_buf()
-    };
+    let main_path = main_file(path);
     let Some((prev_main, main_text, prev_sig)) = &previous.main else {
         return full();
     };
