@@ -274,8 +274,10 @@ impl Inner {
         }
         let _vault_permits = vault_permits(&entry).await;
         let k = key.clone();
+        let mut retiring = None;
         let result = match self.load(move |s| s.latest_rotation(&k)).await {
             Ok(Some(mut rot)) if rot.step == Step::Retire => {
+                retiring = Some(rot.id.clone());
                 let mut run = super::steps::RunMemory::default();
                 self.run_step(&entry, &mut rot, &mut run, None).await
             }
@@ -290,6 +292,7 @@ impl Inner {
             match result {
                 Ok(()) => {
                     l.retire_at = None;
+                    l.parked = None;
                     if let Some(row) = l.row.as_mut() {
                         row.last_error = None;
                         row.consecutive_failures = 0;
@@ -300,10 +303,20 @@ impl Inner {
                     }
                 }
                 Err(Stop::Failed(msg, retry_after)) => {
-                    // The row shows the error (the step's failure path set
-                    // it) until a retry succeeds.
-                    let delay = not_before(entry_retry(&self.catalog()).max_delay, retry_after);
-                    tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, "retiring the previous version failed; will retry");
+                    // Parked after its retries, like any failed step: the
+                    // row shows the error (the step's failure path set it)
+                    // and status the step until a retry succeeds; the
+                    // retries wait longer each time, up to an hour.
+                    l.parked = Some(Box::new(Parked {
+                        rotation: retiring,
+                        step: Some(Step::Retire),
+                    }));
+                    let failures = l.row.as_ref().map_or(1, |r| r.consecutive_failures.max(1));
+                    let delay = not_before(
+                        park_delay(&entry_retry(&self.catalog()), failures),
+                        retry_after,
+                    );
+                    tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, retry_in = %humantime::format_duration(delay), "retiring the previous version failed; parked");
                     retry_at = Some(self.now() + chrono_dur(delay));
                 }
                 Err(Stop::Drained) | Err(Stop::Abandoned) => {}

@@ -700,6 +700,57 @@ async fn exhausted_retries_park_the_rotation_with_a_doubling_delay_then_it_compl
     rig.shutdown().await;
 }
 
+/// Defect: a retire step that kept failing was retried every `max_delay`
+/// forever and never parked, while status said `retiring` long after the
+/// grace ended. It is parked like any failed step: status shows `failed`
+/// at step `retire` with the error, each retry waits twice as long as the
+/// one before, and a success clears it.
+#[tokio::test(start_paused = true)]
+async fn a_failing_retire_is_parked_with_a_doubling_delay_then_it_completes() {
+    let rig = Rig::new(1, "every = \"6h\"\ngrace = \"1m\"").await;
+    rig.run().await;
+    rig.until(Duration::from_secs(1), "first version", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    rig.vault.fail("retire", 3, ErrorKind::Unauthorized, None);
+    let done = rig.rotate_c0().await;
+    assert_eq!((done.error, done.version), (None, Some(2)));
+    rig.until(Duration::from_secs(120), "the retire parked", |r| {
+        r.status("c0").state == "failed"
+    })
+    .await;
+    let s = rig.status("c0");
+    assert_eq!(s.step.as_deref(), Some("retire"), "{s:?}");
+    assert!(s.rotation.is_some(), "{s:?}");
+    let err = s.last_error.unwrap_or_default();
+    assert!(
+        err.contains("step retire") && err.contains("unauthorized"),
+        "{err}"
+    );
+    rig.until(Duration::from_secs(600), "retired at last", |r| {
+        r.status("c0").state == "idle"
+    })
+    .await;
+    let t = rig.vault.times("retire", None);
+    assert_eq!(t.len(), 4, "three failures, then the retire");
+    // Parked 4 s (the retry ceiling), then 8 s, then 16 s.
+    for (i, secs) in [(1, 4), (2, 8), (3, 16)] {
+        let gap = t[i] - t[i - 1];
+        assert!(
+            gap >= Duration::from_secs(secs) && gap < Duration::from_secs(secs + 1),
+            "retry {i} after {gap:?}"
+        );
+    }
+    let s = rig.status("c0");
+    assert_eq!((s.version, s.last_error.as_deref()), (Some(2), None));
+    assert_eq!(
+        rig.vault.stages(&path("c0")),
+        vec![(1, Stage::Retired), (2, Stage::Current)]
+    );
+    rig.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_non_retryable_error_parks_at_once_and_a_manual_retry_resumes() {
     let rig = Rig::single().await;
