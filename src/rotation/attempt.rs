@@ -217,21 +217,39 @@ impl Inner {
         let Some(prev) = &rot.previous_vault_version else {
             return Ok(writes);
         };
-        let item = VaultItem {
-            key: entry.key(),
-            path: &entry.cfg.vault_path(),
+        // Where the previous version was made, and where this rotation
+        // made the current one: the config may have moved the credential
+        // (another `path` or `vault`) in between.
+        let made_here = self.place_of(entry, rot.footprint.as_deref());
+        let prev_place = match self.previous_footprint(entry, rot).await {
+            Some(f) => self.place_of(entry, Some(&f)),
+            None => made_here.clone(),
         };
-        let refs = VaultRefs::decode(prev, entry.primary().vault.describe());
-        for h in entry.vaults.iter() {
+        let primary = prev_place
+            .vaults
+            .first()
+            .map_or_else(|| entry.primary().vault.describe(), |h| h.vault.describe());
+        let refs = VaultRefs::decode(prev, primary);
+        for h in &prev_place.vaults {
             // A vault added to the credential since the previous version
             // was made does not hold it.
             let Some(vref) = refs.get(h.vault.describe()) else {
                 continue;
             };
-            h.vault
-                .retire(item, vref)
-                .await
-                .map_err(|e| vault_error(h.vault.describe(), e))?;
+            if made_here.holds(h.vault.describe(), &prev_place.path) {
+                let item = VaultItem {
+                    key: entry.key(),
+                    path: &prev_place.path,
+                };
+                h.vault
+                    .retire(item, vref)
+                    .await
+                    .map_err(|e| vault_error(h.vault.describe(), e))?;
+            } else {
+                // The previous version is the last one held there: it is
+                // that place's current one, so the place is emptied.
+                self.empty_old_place(entry, h, &prev_place.path).await?;
+            }
         }
         if let Some(previous) = rot.previous_version {
             // The target stops accepting the previous value too (alternating
@@ -267,6 +285,98 @@ impl Inner {
             }));
         }
         Ok(writes)
+    }
+
+    /// The footprint of the rotation that made the version before `rot`'s
+    /// (its JSON form), if state still has it.
+    pub(super) async fn previous_footprint(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+    ) -> Option<String> {
+        let previous = rot.previous_version?;
+        let key = entry.key().clone();
+        self.load(move |s| {
+            let Some(made_by) = s
+                .versions(&key)?
+                .into_iter()
+                .find(|v| v.version == previous)
+                .map(|v| v.rotation)
+            else {
+                return Ok(None);
+            };
+            Ok(s.rotation(&made_by)?.and_then(|r| r.footprint))
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// The place a footprint names (the config's place for the credential
+    /// when there is none, or it cannot be read). A vault the config no
+    /// longer has cannot be reached: it is left out, and said.
+    pub(super) fn place_of(&self, entry: &CredEntry, footprint: Option<&str>) -> Place {
+        let here = || Place {
+            path: entry.cfg.vault_path().into_owned(),
+            vaults: entry.vaults.iter().cloned().collect(),
+        };
+        let Some(footprint) = footprint.and_then(|f| Footprint::parse(f).ok()) else {
+            return here();
+        };
+        let path = footprint
+            .path
+            .clone()
+            .unwrap_or_else(|| format!("agents/{}/{}", entry.key().agent, entry.key().credential));
+        let names: Vec<&str> = entry
+            .vaults
+            .iter()
+            .map(|h| h.config.name.as_str())
+            .collect();
+        if path == entry.cfg.vault_path() && footprint.vaults == names {
+            return here();
+        }
+        let catalog = self.catalog();
+        let mut vaults = Vec::new();
+        for name in &footprint.vaults {
+            match catalog.vaults.get(name) {
+                Some(h) => vaults.push(h.clone()),
+                None => {
+                    tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %name, path = %path, "a version of this credential is held in vault {name:?}, which is no longer configured: it cannot be retired there")
+                }
+            }
+        }
+        Place { path, vaults }
+    }
+
+    /// After a move: the versions at the old path of vault `h` all go
+    /// (`destroy`), as a decommission takes them, unless a credential of
+    /// the config uses that path in that vault now (then they are that
+    /// credential's, and nothing there is this one's to take).
+    async fn empty_old_place(
+        &self,
+        entry: &CredEntry,
+        h: &VaultHandle,
+        path: &str,
+    ) -> Result<(), StepError> {
+        let name = h.config.name.as_str();
+        let taken =
+            self.catalog().creds.values().any(|e| {
+                e.cfg.vault_path() == path && e.vaults.iter().any(|v| v.config.name == name)
+            });
+        if taken {
+            tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %name, path = %path, "the credential moved from this path, which another credential uses now: its old versions there are left to that credential");
+            return Ok(());
+        }
+        let item = VaultItem {
+            key: entry.key(),
+            path,
+        };
+        h.vault
+            .destroy(item)
+            .await
+            .map_err(|e| vault_error(h.vault.describe(), e))?;
+        tracing::info!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %name, path = %path, "moved by the config: its versions at the old path are destroyed");
+        Ok(())
     }
 
     /// The value this rotation staged: what this run remembers, else read
@@ -347,6 +457,14 @@ impl Inner {
         // The new ref: a replay after this vault was already promoted.
         if before == Some(prev_ref) || before == Some(new_ref) {
             return Ok(());
+        }
+        // Moved by the config: the previous version is held elsewhere (and
+        // is retired there), not gone.
+        if let Some(f) = self.previous_footprint(entry, rot).await {
+            let made_here = self.place_of(entry, rot.footprint.as_deref());
+            if !self.place_of(entry, Some(&f)).holds(vault, &made_here.path) {
+                return Ok(());
+            }
         }
         let now_there = match before {
             Some(r) => format!("its current version is {r}, which keyturn did not write"),
@@ -488,5 +606,19 @@ pub(super) async fn read_from(
             staged_gone: e.kind == ErrorKind::NotFound,
             ..vault_error(vault.describe(), e)
         }),
+    }
+}
+
+/// Where a version is held: the path in its vaults, and the vaults.
+#[derive(Clone)]
+pub(super) struct Place {
+    pub path: String,
+    pub vaults: Vec<std::sync::Arc<VaultHandle>>,
+}
+
+impl Place {
+    /// Whether vault `vault` at `path` is (part of) this place.
+    fn holds(&self, vault: &str, path: &str) -> bool {
+        self.path == path && self.vaults.iter().any(|h| h.vault.describe() == vault)
     }
 }

@@ -751,6 +751,49 @@ async fn a_failing_retire_is_parked_with_a_doubling_delay_then_it_completes() {
     rig.shutdown().await;
 }
 
+/// Defect: a credential the config moved to another `path` had its
+/// previous version "retired" at the new path, where it never was: the old
+/// path kept it current for good while the audit log said it was retired.
+/// The retire goes where that version was made (there it is the last, so
+/// the old path is emptied), and the move is not taken for a version
+/// deleted out of band. A move during a grace period retires the version
+/// before at the old path too, where both were made.
+#[tokio::test(start_paused = true)]
+async fn a_moved_credentials_previous_version_is_retired_where_it_was_made() {
+    let rig = Rig::new(1, "every = \"6h\"\ngrace = \"1m\"").await;
+    rig.run().await;
+    rig.until(Duration::from_secs(1), "first version", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    assert_eq!(rig.rotate_c0().await.version, Some(2));
+    // Edited while the daemon was down, in version 2's grace period: the
+    // credential moves.
+    let moved = "every = \"6h\"\ngrace = \"1m\"\npath = \"moved/c0\"";
+    let rig = rig.restart(1, moved).await;
+    rig.run().await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(
+        rig.vault.stages(&path("c0")),
+        vec![(1, Stage::Retired), (2, Stage::Current)],
+        "version 1 retired where both were made"
+    );
+    let done = rig.rotate_c0().await;
+    assert_eq!((done.error, done.version), (None, Some(3)));
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(
+        rig.vault.stages(&path("c0")),
+        vec![],
+        "the old path, where version 2 was the last, is emptied"
+    );
+    assert_eq!(rig.vault.stages("moved/c0"), vec![(1, Stage::Current)]);
+    let s = rig.status("c0");
+    assert_eq!((s.version, s.state.as_str()), (Some(3), "idle"));
+    let dir = rig.shutdown().await;
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    assert!(!audit.contains("vault.current_gone"), "{audit}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_non_retryable_error_parks_at_once_and_a_manual_retry_resumes() {
     let rig = Rig::single().await;
