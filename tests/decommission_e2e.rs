@@ -508,6 +508,78 @@ fn rotate_all_skips_decommissioned_agents() {
     daemon.stop();
 }
 
+/// Defects: a decommission after the config moved a credential (another
+/// vault `path`, another file) left versions live at the old path and the
+/// file the old sink delivered in place, and still said "verified". `db`
+/// moved and was not rotated since (its only version is at the old path);
+/// `api` moved and was rotated (its previous version, in its grace period,
+/// is at the old path). Every place is revoked and verified.
+#[test]
+fn a_decommission_after_a_move_revokes_the_old_paths_and_the_old_file() {
+    let cred = |name: &str, path: &str, file: &str| {
+        format!(
+            "[agents.mv.credentials.{name}]\nvault = \"local\"\n{path}generate = {{ kind = \"password\", length = 24 }}\nevery = \"1h\"\ngrace = \"1h\"\ndeliver = [{{ type = \"file\", path = \"{{root}}/mv/{file}\" }}]\n"
+        )
+    };
+    let env = Env::new(&format!(
+        "{}{}{}",
+        agent_table("mv"),
+        cred("db", "", "db"),
+        cred("api", "", "api")
+    ));
+    let daemon = env.start();
+    wait_version(&env, "mv", "db", 1);
+    wait_version(&env, "mv", "api", 1);
+    env.write_credentials(&format!(
+        "{}{}{}",
+        agent_table("mv"),
+        cred("db", "path = \"moved/db\"\n", "db2"),
+        cred("api", "path = \"moved/api\"\n", "api")
+    ));
+    daemon.reload();
+    env.cli_ok(&["rotate", "mv/api", "--wait"]);
+    let at = |cred: &str, path: &str| {
+        let k = keyturn::model::CredentialKey::new(
+            keyturn::model::AgentId::new("mv").unwrap(),
+            keyturn::model::CredentialId::new(cred).unwrap(),
+        );
+        block_on(local_vault_value_at(
+            &env,
+            "local",
+            &k,
+            path,
+            Select::Stage(Stage::Current),
+        ))
+    };
+    assert!(at("db", "agents/mv/db").is_some(), "db's only version");
+    assert!(at("api", "agents/mv/api").is_some(), "api's version 1");
+    assert!(at("api", "moved/api").is_some(), "api's version 2");
+    let old_file = env.root().join("mv/db");
+    let new_file = env.root().join("mv/db2");
+    assert!(wait_for(Duration::from_secs(10), || new_file.exists().then_some(())).is_some());
+    assert!(old_file.exists());
+    let out = env.cli(&[
+        "decommission",
+        "mv",
+        "--reason",
+        "moved, then retired",
+        "--wait",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    for (cred, path) in [
+        ("db", "agents/mv/db"),
+        ("db", "moved/db"),
+        ("api", "agents/mv/api"),
+        ("api", "moved/api"),
+    ] {
+        assert!(at(cred, path).is_none(), "{path} is revoked");
+    }
+    assert!(!old_file.exists(), "the old sink's file is revoked");
+    assert!(!new_file.exists());
+    daemon.stop();
+    audit_verifies(&env, "after a moved credential's decommission");
+}
+
 /// Defects: a `decommission --wait` whose daemon died after the decision
 /// said only that no daemon was listening, as if nothing had been asked;
 /// and `status` with the daemon down showed a decommissioned agent's

@@ -139,6 +139,16 @@ pub fn plan(
                 },
             ));
         }
+        // Where a move left a version that is not retired yet.
+        for m in &fp.moved_from {
+            specs.push((
+                format!("{}/vault:{}:{}", key.credential, m.vault, m.path),
+                Spec::Vault {
+                    vault: m.vault.clone(),
+                    path: Some(m.path.clone()),
+                },
+            ));
+        }
     }
     let _ = now;
     specs

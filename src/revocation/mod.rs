@@ -38,7 +38,7 @@ use tokio::sync::Notify;
 
 use crate::audit::{Actor, AuditEvent, Outcome};
 use crate::model::{AgentId, CredentialId, CredentialKey, ErrorKind, PluginError};
-use crate::rotation::{Engine, Footprint};
+use crate::rotation::{Engine, Footprint, HeldAt};
 use crate::state::{DecommissionRow, RevocationRow, StateError, Write};
 
 pub mod items;
@@ -378,10 +378,36 @@ impl Revocations {
             .await
             .map_err(|e| DecommissionError::Unavailable(format!("cannot read state: {e}")))?;
         for (key, text) in remembered {
-            if held.contains_key(&key) {
-                continue;
-            }
             match Footprint::parse(&text) {
+                // Configured: what the config says, and what the last
+                // delivery left elsewhere (the file of a sink a reload
+                // removed or moved, versions at a path the credential
+                // moved from).
+                Ok(stored) if let Some(now) = held.get_mut(&key) => {
+                    for file in stored.files {
+                        if !now.files.contains(&file) {
+                            now.files.push(file);
+                        }
+                    }
+                    // Stored where the config no longer puts it: moved
+                    // since, with no version made at the new place yet.
+                    let default_path = || format!("agents/{}/{}", key.agent, key.credential);
+                    let was_at = stored.path.clone().unwrap_or_else(default_path);
+                    let is_at = now.path.clone().unwrap_or_else(default_path);
+                    let left = stored
+                        .vaults
+                        .iter()
+                        .filter(|v| was_at != is_at || !now.vaults.contains(v))
+                        .map(|v| HeldAt {
+                            vault: v.clone(),
+                            path: was_at.clone(),
+                        });
+                    for place in stored.moved_from.into_iter().chain(left) {
+                        if !now.moved_from.contains(&place) {
+                            now.moved_from.push(place);
+                        }
+                    }
+                }
                 Ok(fp) => {
                     held.insert(key, fp);
                 }

@@ -6,7 +6,7 @@
 use super::catalog::{CredEntry, VaultHandle};
 use super::engine::{Inner, chrono_dur};
 use super::failpoint::crash_point;
-use super::footprint::Footprint;
+use super::footprint::{Footprint, HeldAt};
 use super::step::Step;
 use super::steps::{RunMemory, StepError};
 use crate::audit::Outcome;
@@ -195,7 +195,11 @@ impl Inner {
                 writes.push(Write::Credential(row));
                 writes.push(Write::Holding {
                     key: key.clone(),
-                    footprint: Footprint::holding(entry).to_json(),
+                    footprint: Footprint {
+                        moved_from: self.moved_from(entry, rot).await,
+                        ..Footprint::holding(entry)
+                    }
+                    .to_json(),
                 });
                 Ok(writes)
             }
@@ -310,6 +314,26 @@ impl Inner {
         .await
         .ok()
         .flatten()
+    }
+
+    /// The vaults and path the previous version of `rot` is held at that
+    /// `rot` did not make its version in: the places a move left it, kept
+    /// in the holding so that a decommission before its retire takes it.
+    async fn moved_from(&self, entry: &CredEntry, rot: &RotationRow) -> Vec<HeldAt> {
+        let Some(previous) = self.previous_footprint(entry, rot).await else {
+            return Vec::new();
+        };
+        let prev_place = self.place_of(entry, Some(&previous));
+        let made_here = self.place_of(entry, rot.footprint.as_deref());
+        prev_place
+            .vaults
+            .iter()
+            .filter(|h| !made_here.holds(h.vault.describe(), &prev_place.path))
+            .map(|h| HeldAt {
+                vault: h.config.name.clone(),
+                path: prev_place.path.clone(),
+            })
+            .collect()
     }
 
     /// The place a footprint names (the config's place for the credential

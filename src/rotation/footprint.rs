@@ -41,6 +41,19 @@ pub struct Footprint {
     /// The agent's tier, for the SLA of a decommission from state alone.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tier: String,
+    /// Where the credential held versions before the config moved it
+    /// (another `path` or `vault`), while one is still held there: its
+    /// previous version is retired there when its grace ends. Only in a
+    /// holding.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved_from: Vec<HeldAt>,
+}
+
+/// A path in a vault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldAt {
+    pub vault: String,
+    pub path: String,
 }
 
 /// A stored target in today's form or in the one written before targets
@@ -63,6 +76,7 @@ impl Footprint {
             files: Vec::new(),
             follow: false,
             tier: String::new(),
+            moved_from: Vec::new(),
         }
     }
 
@@ -128,6 +142,10 @@ mod tests {
                 files: vec!["/run/keyturn/a/db".into()],
                 follow: true,
                 tier: "high".into(),
+                moved_from: vec![HeldAt {
+                    vault: "bao".into(),
+                    path: "team/old/db".into(),
+                }],
             };
             let back = Footprint::parse(&fp.to_json()).unwrap();
             assert_eq!(back, fp);

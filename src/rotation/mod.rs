@@ -73,7 +73,7 @@ pub use catalog::{BuildError, Catalog, CredEntry, CredMap, VaultHandle};
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use engine::{Engine, EngineError, EngineParts};
 pub use failpoint::{FAILPOINTS, crash_point};
-pub use footprint::Footprint;
+pub use footprint::{Footprint, HeldAt};
 pub use health::{
     ACK_HOLDOUTS, CREDENTIAL_EXPIRED, CREDENTIAL_EXPIRING, ROTATION_FAILING, RotationHealth,
 };

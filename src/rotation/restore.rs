@@ -264,12 +264,15 @@ impl Inner {
             // A follower records no rotations of its own.
             _ => None,
         };
-        let path = entry.cfg.vault_path();
+        // Where the current version was made (the config may have moved
+        // the credential since: its next rotation makes one at the new place).
+        let place = self.place_of(entry, rot.as_ref().and_then(|r| r.footprint.as_deref()));
+        let path = place.path;
         let item = VaultItem {
             key: entry.key(),
             path: &path,
         };
-        let primary = entry.primary();
+        let primary = place.vaults.first().map_or(entry.primary(), |h| h.as_ref());
         let stored = primary
             .vault
             .read(item, Select::Stage(Stage::Current))

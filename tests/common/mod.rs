@@ -643,6 +643,18 @@ pub async fn local_vault_value(
     key: &keyturn::model::CredentialKey,
     select: keyturn::vaults::Select<'_>,
 ) -> Option<(String, Vec<u8>)> {
+    let path = format!("agents/{}/{}", key.agent, key.credential);
+    local_vault_value_at(env, name, key, &path, select).await
+}
+
+/// [`local_vault_value`] at `path` in the vault.
+pub async fn local_vault_value_at(
+    env: &Env,
+    name: &str,
+    key: &keyturn::model::CredentialKey,
+    path: &str,
+    select: keyturn::vaults::Select<'_>,
+) -> Option<(String, Vec<u8>)> {
     use keyturn::vaults::Vault;
     let state = env.state_dir();
     let key_file = state.join(format!("{name}-vault.key"));
@@ -652,8 +664,7 @@ pub async fn local_vault_value(
     let vault =
         keyturn::vaults::local::LocalVault::open(name, &state.join("vaults").join(name), vault_key)
             .expect("open vault");
-    let path = format!("agents/{}/{}", key.agent, key.credential);
-    let item = keyturn::vaults::VaultItem { key, path: &path };
+    let item = keyturn::vaults::VaultItem { key, path };
     vault
         .read(item, select)
         .await
