@@ -134,10 +134,15 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, routes: Routes) -> 
         }
         use crate::oauth::service as s;
         let limit = DefaultBodyLimit::max(crate::oauth::request::MAX_BODY_BYTES);
+        // Another method gets the OAuth error too, not axum's bare 405.
+        let wrong = oauth_wrong_method;
         r = r
-            .route(s::TOKEN_PATH, post(token_handler).layer(limit))
-            .route(s::INTROSPECT_PATH, post(introspect_handler).layer(limit))
-            .route(s::REVOKE_PATH, post(revoke_handler).layer(limit))
+            .route(s::TOKEN_PATH, post(token_handler).fallback(wrong).layer(limit))
+            .route(
+                s::INTROSPECT_PATH,
+                post(introspect_handler).fallback(wrong).layer(limit),
+            )
+            .route(s::REVOKE_PATH, post(revoke_handler).fallback(wrong).layer(limit))
             .route(s::JWKS_PATH, get(jwks_handler))
             .route(s::METADATA_PATH, get(metadata_handler))
             .route(
@@ -196,6 +201,18 @@ fn oauth_response(reply: crate::oauth::service::Reply) -> Response {
     }
 }
 
+/// An `invalid_request` answer with `status`, as the token service words
+/// its own (JSON, `no-store`).
+fn invalid_request(status: u16, description: &str) -> Response {
+    oauth_response(crate::oauth::service::Reply {
+        status,
+        body: Some(serde_json::json!({
+            "error": "invalid_request",
+            "error_description": description,
+        })),
+    })
+}
+
 /// RFC 6749 3.2 and RFC 7662/7009: the body is a form.
 fn form_content_type(headers: &HeaderMap) -> Option<Response> {
     let ct = headers
@@ -206,13 +223,22 @@ fn form_content_type(headers: &HeaderMap) -> Option<Response> {
     if mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
         return None;
     }
-    Some(oauth_response(crate::oauth::service::Reply {
-        status: 400,
-        body: Some(serde_json::json!({
-            "error": "invalid_request",
-            "error_description": "send the parameters as application/x-www-form-urlencoded",
-        })),
-    }))
+    Some(invalid_request(
+        400,
+        "send the parameters as application/x-www-form-urlencoded",
+    ))
+}
+
+/// A method other than POST on a token-service endpoint: 405 with `Allow`,
+/// worded as the service's other errors (404 while it is not configured).
+async fn oauth_wrong_method(State(state): State<AppState>) -> Response {
+    if state.oauth().is_none() {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let mut r = invalid_request(405, "use POST with a form body");
+    r.headers_mut()
+        .insert(header::ALLOW, "POST".parse().expect("static"));
+    r
 }
 
 /// The token service's POST endpoints.
@@ -223,10 +249,13 @@ enum OauthPost {
     Revoke,
 }
 
-type OauthArgs = (State<AppState>, axum::Extension<Peer>, HeaderMap, Bytes);
+/// The body, or why it could not be read (over the body limit).
+type OauthBody = Result<Bytes, axum::extract::rejection::BytesRejection>;
+type OauthArgs = (State<AppState>, axum::Extension<Peer>, HeaderMap, OauthBody);
 
 /// A form POST to the token service: 404 when it is not configured, 400
-/// for another content type, else the service's answer; each counted.
+/// for another content type, 413 for a body over the limit (both
+/// `invalid_request`), else the service's answer; each counted.
 async fn oauth_post(which: OauthPost, args: OauthArgs) -> Response {
     let (State(state), axum::Extension(Peer(peer)), headers, body) = args;
     let Some(oauth) = state.oauth() else {
@@ -241,6 +270,22 @@ async fn oauth_post(which: OauthPost, args: OauthArgs) -> Response {
         state.metrics.oauth_request(name, "invalid_request");
         return r;
     }
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            state.metrics.oauth_request(name, "invalid_request");
+            let status = rejection.status().as_u16();
+            let description = if status == 413 {
+                format!(
+                    "the body is over {} bytes",
+                    crate::oauth::request::MAX_BODY_BYTES
+                )
+            } else {
+                "cannot read the body".to_owned()
+            };
+            return invalid_request(status, &description);
+        }
+    };
     let peer = peer.to_string();
     let reply = match which {
         OauthPost::Token => oauth.token(&body, &peer).await,
@@ -254,7 +299,7 @@ async fn token_handler(
     s: State<AppState>,
     p: axum::Extension<Peer>,
     h: HeaderMap,
-    b: Bytes,
+    b: OauthBody,
 ) -> Response {
     oauth_post(OauthPost::Token, (s, p, h, b)).await
 }
@@ -263,7 +308,7 @@ async fn introspect_handler(
     s: State<AppState>,
     p: axum::Extension<Peer>,
     h: HeaderMap,
-    b: Bytes,
+    b: OauthBody,
 ) -> Response {
     oauth_post(OauthPost::Introspect, (s, p, h, b)).await
 }
@@ -272,7 +317,7 @@ async fn revoke_handler(
     s: State<AppState>,
     p: axum::Extension<Peer>,
     h: HeaderMap,
-    b: Bytes,
+    b: OauthBody,
 ) -> Response {
     oauth_post(OauthPost::Revoke, (s, p, h, b)).await
 }
