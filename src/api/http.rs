@@ -27,14 +27,18 @@
 //! some). [`Limits`] bounds it: at most `max_connections` open at once (a
 //! semaphore); a client has `header_read_timeout` to send each request's
 //! head, which also closes a connection idle between requests (hyper's own
-//! timer); and when every slot is taken, the oldest connection is asked to
-//! finish its request and close, so a flood of idle connections delays a
-//! scrape by one eviction instead of shutting it out. An accept error
-//! (EMFILE) pauses the loop instead of spinning on it.
+//! timer); and when every slot is taken, the oldest connection not serving
+//! a request (idle, or still sending a request's head) is closed at once,
+//! so a flood of idle or slow-header connections delays a scrape by one
+//! eviction instead of shutting it out. A connection is protected only while
+//! a request is being served ([`InService`]: from the head's end to the
+//! response's last byte); when all are, the oldest is asked to finish its
+//! request and close. An accept error (EMFILE) pauses the loop instead of
+//! spinning on it.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -137,12 +141,18 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, routes: Routes) -> 
         // Another method gets the OAuth error too, not axum's bare 405.
         let wrong = oauth_wrong_method;
         r = r
-            .route(s::TOKEN_PATH, post(token_handler).fallback(wrong).layer(limit))
+            .route(
+                s::TOKEN_PATH,
+                post(token_handler).fallback(wrong).layer(limit),
+            )
             .route(
                 s::INTROSPECT_PATH,
                 post(introspect_handler).fallback(wrong).layer(limit),
             )
-            .route(s::REVOKE_PATH, post(revoke_handler).fallback(wrong).layer(limit))
+            .route(
+                s::REVOKE_PATH,
+                post(revoke_handler).fallback(wrong).layer(limit),
+            )
             .route(s::JWKS_PATH, get(jwks_handler))
             .route(s::METADATA_PATH, get(metadata_handler))
             .route(
@@ -471,23 +481,96 @@ impl Limits {
     }
 }
 
-/// The open connections by age, each with the token that asks it to close.
+/// How many requests a connection is serving: from the service's call to
+/// the drop of the response's body (hyper drops it once written).
+type Serving = Arc<AtomicUsize>;
+
+/// Counts one request as served until dropped.
+struct InService(Serving);
+
+impl InService {
+    fn new(serving: &Serving) -> InService {
+        serving.fetch_add(1, Ordering::AcqRel);
+        InService(Arc::clone(serving))
+    }
+}
+
+impl Drop for InService {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted as served until hyper
+/// has written (and dropped) it.
+struct ServedBody {
+    inner: axum::body::Body,
+    _serving: InService,
+}
+
+impl axum::body::HttpBody for ServedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Marks the connection's requests as served while they are.
+async fn count_serving(
+    serving: Serving,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let guard = InService::new(&serving);
+    let response = next.run(request).await;
+    response.map(|inner| {
+        axum::body::Body::new(ServedBody {
+            inner,
+            _serving: guard,
+        })
+    })
+}
+
+/// The open connections by age, each with the token that asks it to close
+/// and the count of requests it is serving.
 #[derive(Default)]
 struct Open {
     next_id: u64,
-    by_age: BTreeMap<u64, CancellationToken>,
+    by_age: BTreeMap<u64, (CancellationToken, Serving)>,
 }
 
 impl Open {
-    fn add(&mut self, token: CancellationToken) -> u64 {
+    fn add(&mut self, token: CancellationToken, serving: Serving) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        self.by_age.insert(id, token);
+        self.by_age.insert(id, (token, serving));
         id
     }
-    /// Asks the oldest connection to finish and close.
+    /// Closes the oldest connection not serving a request (idle, or still
+    /// sending a head); when every one is, asks the oldest to finish and
+    /// close.
     fn evict_oldest(&mut self) {
-        if let Some((_, token)) = self.by_age.pop_first() {
+        let idle = self
+            .by_age
+            .iter()
+            .find(|(_, (_, serving))| serving.load(Ordering::Acquire) == 0)
+            .map(|(id, _)| *id);
+        let evicted = match idle {
+            Some(id) => self.by_age.remove(&id),
+            None => self.by_age.pop_first().map(|(_, c)| c),
+        };
+        if let Some((token, _)) = evicted {
             token.cancel();
         }
     }
@@ -553,11 +636,18 @@ pub async fn serve_http(
             }
         };
         let token = cancel.child_token();
+        let serving = Serving::default();
         let id = open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .add(token.clone());
-        let service = TowerToHyperService::new(app.clone().layer(axum::Extension(Peer(peer))));
+            .add(token.clone(), Arc::clone(&serving));
+        let counted = Arc::clone(&serving);
+        let service =
+            TowerToHyperService::new(app.clone().layer(axum::Extension(Peer(peer))).layer(
+                axum::middleware::from_fn(move |req, next| {
+                    count_serving(Arc::clone(&counted), req, next)
+                }),
+            ));
         let open = Arc::clone(&open);
         connections.spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -569,10 +659,17 @@ pub async fn serve_http(
             let served = tokio::select! {
                 r = conn.as_mut() => r,
                 _ = token.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::time::timeout(FINISH_TIMEOUT, conn.as_mut())
-                        .await
-                        .unwrap_or(Ok(()))
+                    if serving.load(Ordering::Acquire) == 0 {
+                        // Not serving a request (idle, or a head not
+                        // finished): closed now, so a slow header cannot
+                        // hold its slot.
+                        Ok(())
+                    } else {
+                        conn.as_mut().graceful_shutdown();
+                        tokio::time::timeout(FINISH_TIMEOUT, conn.as_mut())
+                            .await
+                            .unwrap_or(Ok(()))
+                    }
                 }
             };
             if let Err(e) = served {
@@ -761,6 +858,36 @@ mod tests {
         assert_eq!((status, body.as_str()), (200, "ok"));
         // The oldest idle connections were closed to make room.
         closed_within(&mut idle[0], Duration::from_secs(5)).await;
+        stop(cancel, server).await;
+    }
+
+    /// Slowloris against the cap: connections that sent part of a head (one
+    /// of them still trickling header lines) are evicted like idle ones, so
+    /// a scrape gets in at once, not after the header timeout.
+    #[tokio::test]
+    async fn unfinished_heads_do_not_shut_out_a_scrape() {
+        let (addr, cancel, server) = start(Limits {
+            max_connections: 4,
+            header_read_timeout: Duration::from_secs(60),
+        });
+        let mut partial = Vec::new();
+        for _ in 0..10 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+            partial.push(s);
+        }
+        let trickler = partial.last_mut().unwrap();
+        trickler.write_all(b"X-1: y\r\n").await.unwrap();
+        for _ in 0..3 {
+            let (status, _, body) =
+                tokio::time::timeout(Duration::from_secs(5), get(addr, "/healthz"))
+                    .await
+                    .expect("/healthz must answer while unfinished heads fill every slot");
+            assert_eq!((status, body.as_str()), (200, "ok"));
+        }
+        closed_within(&mut partial[0], Duration::from_secs(5)).await;
         stop(cancel, server).await;
     }
 
