@@ -166,6 +166,65 @@ fn keyturn_ack_retires_the_previous_version_and_refuses_other_uids() {
     audit_verifies(&env, "after acks");
 }
 
+/// Any local user can connect to the 0666 agents' socket. Idle connections
+/// used to be accepted without bound until the daemon ran out of
+/// descriptors, and then neither socket accepted (`keyturn status` got no
+/// answer). Now the agents' socket holds at most an eighth of the open
+/// files limit (a quarter of that per uid), closing a uid's oldest idle
+/// connection for its new one: the control socket and other agents' acks
+/// keep working while one uid floods it.
+#[test]
+fn a_flood_of_agent_socket_connections_leaves_both_sockets_serving() {
+    let env = env("explicit");
+    let daemon = env.spawn_command(&[], |cmd| {
+        // SAFETY: setrlimit is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 256,
+                    rlim_max: 256,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    daemon.wait_ready();
+    wait_version(&env, "bot", "db", 1);
+    let socket = env.path().join("run/agent.sock");
+    // More idle connections than the daemon has descriptors; each connect
+    // is bounded so that a daemon that stopped accepting fails the test
+    // below instead of hanging it here.
+    let idle = block_on(async {
+        let mut idle = Vec::new();
+        for _ in 0..600 {
+            let connect = tokio::net::UnixStream::connect(&socket);
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(50), connect).await {
+                idle.push(s);
+            }
+        }
+        idle
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .count();
+    assert!(fds < 200, "the daemon holds {fds} descriptors");
+    let started = std::time::Instant::now();
+    env.cli_ok(&["status"]);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Another uid's ack over the flooded agents' socket is served.
+    let out = ack_as(&env, Some(AGENT_UID), 1);
+    assert!(out.status.success(), "{}", text(&out));
+    // So is this uid's: its own oldest idle connection makes room.
+    let out = ack_as(&env, None, 1);
+    assert!(out.status.success(), "{}", text(&out));
+    drop(idle);
+    daemon.stop();
+}
+
 #[test]
 fn with_ack_open_a_reader_opening_the_file_acknowledges_it() {
     let env = env("open");
