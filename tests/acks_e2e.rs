@@ -166,6 +166,29 @@ fn keyturn_ack_retires_the_previous_version_and_refuses_other_uids() {
     audit_verifies(&env, "after acks");
 }
 
+/// Every refused ack used to be an fsynced audit record, so any local user
+/// could fill the state volume by asking to be refused. Now a uid's
+/// refusals are audited at most 10 a minute per event (the rest are
+/// counted and summarized once the minute ends), and still refused.
+#[test]
+fn a_flood_of_refused_acks_is_audited_only_a_few_times() {
+    let env = env("explicit");
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    for _ in 0..25 {
+        let out = ack_as(&env, Some(OTHER_UID), 1);
+        assert_eq!(out.status.code(), Some(77), "{}", text(&out));
+    }
+    let refused: Vec<_> = audit_records(&env)
+        .into_iter()
+        .filter(|r| r["event"] == "ack.refused")
+        .collect();
+    assert_eq!(refused.len(), 10, "{refused:?}");
+    assert!(refused.iter().all(|r| r["actor"]["uid"] == OTHER_UID));
+    daemon.stop();
+    audit_verifies(&env, "after refused acks");
+}
+
 /// Any local user can connect to the 0666 agents' socket. Idle connections
 /// used to be accepted without bound until the daemon ran out of
 /// descriptors, and then neither socket accepted (`keyturn status` got no
