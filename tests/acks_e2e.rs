@@ -200,19 +200,7 @@ fn a_flood_of_refused_acks_is_audited_only_a_few_times() {
 fn a_flood_of_agent_socket_connections_leaves_both_sockets_serving() {
     let env = env("explicit");
     let daemon = env.spawn_command(&[], |cmd| {
-        // SAFETY: setrlimit is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                let limit = libc::rlimit {
-                    rlim_cur: 256,
-                    rlim_max: 256,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        limit_open_files(cmd, 256, 256);
     });
     daemon.wait_ready();
     wait_version(&env, "bot", "db", 1);

@@ -813,21 +813,7 @@ mod tests {
         assert!(result.is_ok(), "{result:?}");
     }
 
-    /// Reads until the server closes the connection; panics if it does not
-    /// within `within`.
-    async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) {
-        let mut buf = [0u8; 1024];
-        tokio::time::timeout(within, async {
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await
-        .expect("the server must close the connection");
-    }
+    use crate::test_support::closed_within;
 
     #[test]
     fn limits_keep_most_descriptors_in_reserve() {

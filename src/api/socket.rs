@@ -1371,22 +1371,6 @@ mod tests {
         assert_eq!((l.max, l.per_uid), (1, 1));
     }
 
-    /// Reads until the server closes the connection; panics if it does not
-    /// within 5 s.
-    async fn closed_soon(s: &mut UnixStream) {
-        let mut buf = [0u8; 256];
-        tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await
-        .expect("the server must close the connection");
-    }
-
     /// One uid opening idle connections to the agents' socket only ever
     /// holds its share: its oldest are closed for its new ones, and a
     /// request on a new connection is answered.
@@ -1419,7 +1403,7 @@ mod tests {
         }
         // All but the newest were closed for the newer ones.
         for s in &mut idle[..5] {
-            closed_soon(s).await;
+            crate::test_support::closed_within(s, Duration::from_secs(5)).await;
         }
         cancel.cancel();
         server.await.unwrap();
