@@ -141,3 +141,23 @@ pub(crate) async fn approle_ids(
         .secret_id;
     (role_id, secret_id)
 }
+
+/// Reads until the peer closes the connection; panics if it does not
+/// within `within`.
+pub(crate) async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    within: std::time::Duration,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the server must close the connection");
+}

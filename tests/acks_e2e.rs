@@ -166,6 +166,76 @@ fn keyturn_ack_retires_the_previous_version_and_refuses_other_uids() {
     audit_verifies(&env, "after acks");
 }
 
+/// Every refused ack used to be an fsynced audit record, so any local user
+/// could fill the state volume by asking to be refused. Now a uid's
+/// refusals are audited at most 10 a minute per event (the rest are
+/// counted and summarized once the minute ends), and still refused.
+#[test]
+fn a_flood_of_refused_acks_is_audited_only_a_few_times() {
+    let env = env("explicit");
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    for _ in 0..25 {
+        let out = ack_as(&env, Some(OTHER_UID), 1);
+        assert_eq!(out.status.code(), Some(77), "{}", text(&out));
+    }
+    let refused: Vec<_> = audit_records(&env)
+        .into_iter()
+        .filter(|r| r["event"] == "ack.refused")
+        .collect();
+    assert_eq!(refused.len(), 10, "{refused:?}");
+    assert!(refused.iter().all(|r| r["actor"]["uid"] == OTHER_UID));
+    daemon.stop();
+    audit_verifies(&env, "after refused acks");
+}
+
+/// Any local user can connect to the 0666 agents' socket. Idle connections
+/// used to be accepted without bound until the daemon ran out of
+/// descriptors, and then neither socket accepted (`keyturn status` got no
+/// answer). Now the agents' socket holds at most an eighth of the open
+/// files limit (a quarter of that per uid), closing a uid's oldest idle
+/// connection for its new one: the control socket and other agents' acks
+/// keep working while one uid floods it.
+#[test]
+fn a_flood_of_agent_socket_connections_leaves_both_sockets_serving() {
+    let env = env("explicit");
+    let daemon = env.spawn_command(&[], |cmd| {
+        limit_open_files(cmd, 256, 256);
+    });
+    daemon.wait_ready();
+    wait_version(&env, "bot", "db", 1);
+    let socket = env.path().join("run/agent.sock");
+    // More idle connections than the daemon has descriptors; each connect
+    // is bounded so that a daemon that stopped accepting fails the test
+    // below instead of hanging it here.
+    let idle = block_on(async {
+        let mut idle = Vec::new();
+        for _ in 0..600 {
+            let connect = tokio::net::UnixStream::connect(&socket);
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(50), connect).await {
+                idle.push(s);
+            }
+        }
+        idle
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .count();
+    assert!(fds < 200, "the daemon holds {fds} descriptors");
+    let started = std::time::Instant::now();
+    env.cli_ok(&["status"]);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Another uid's ack over the flooded agents' socket is served.
+    let out = ack_as(&env, Some(AGENT_UID), 1);
+    assert!(out.status.success(), "{}", text(&out));
+    // So is this uid's: its own oldest idle connection makes room.
+    let out = ack_as(&env, None, 1);
+    assert!(out.status.success(), "{}", text(&out));
+    drop(idle);
+    daemon.stop();
+}
+
 #[test]
 fn with_ack_open_a_reader_opening_the_file_acknowledges_it() {
     let env = env("open");

@@ -1174,22 +1174,9 @@ fn http_listener_serves_metrics_health_and_readiness() {
 #[test]
 fn idle_http_connections_cannot_exhaust_the_daemons_descriptors() {
     use std::io::{Read, Write};
-    use std::os::unix::process::CommandExt;
     let (port, env) = with_http_listener();
     let daemon = env.spawn_command(&[("KEYTURN_LOG", "info")], |cmd| {
-        // SAFETY: setrlimit is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                let limit = libc::rlimit {
-                    rlim_cur: 256,
-                    rlim_max: 1024,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        limit_open_files(cmd, 256, 1024);
     });
     daemon.wait_ready();
     wait_version(&env, "bot", "db", 1);

@@ -27,14 +27,18 @@
 //! some). [`Limits`] bounds it: at most `max_connections` open at once (a
 //! semaphore); a client has `header_read_timeout` to send each request's
 //! head, which also closes a connection idle between requests (hyper's own
-//! timer); and when every slot is taken, the oldest connection is asked to
-//! finish its request and close, so a flood of idle connections delays a
-//! scrape by one eviction instead of shutting it out. An accept error
-//! (EMFILE) pauses the loop instead of spinning on it.
+//! timer); and when every slot is taken, the oldest connection not serving
+//! a request (idle, or still sending a request's head) is closed at once,
+//! so a flood of idle or slow-header connections delays a scrape by one
+//! eviction instead of shutting it out. A connection is protected only while
+//! a request is being served ([`InService`]: from the head's end to the
+//! response's last byte); when all are, the oldest is asked to finish its
+//! request and close. An accept error (EMFILE) pauses the loop instead of
+//! spinning on it.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -134,10 +138,21 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, routes: Routes) -> 
         }
         use crate::oauth::service as s;
         let limit = DefaultBodyLimit::max(crate::oauth::request::MAX_BODY_BYTES);
+        // Another method gets the OAuth error too, not axum's bare 405.
+        let wrong = oauth_wrong_method;
         r = r
-            .route(s::TOKEN_PATH, post(token_handler).layer(limit))
-            .route(s::INTROSPECT_PATH, post(introspect_handler).layer(limit))
-            .route(s::REVOKE_PATH, post(revoke_handler).layer(limit))
+            .route(
+                s::TOKEN_PATH,
+                post(token_handler).fallback(wrong).layer(limit),
+            )
+            .route(
+                s::INTROSPECT_PATH,
+                post(introspect_handler).fallback(wrong).layer(limit),
+            )
+            .route(
+                s::REVOKE_PATH,
+                post(revoke_handler).fallback(wrong).layer(limit),
+            )
             .route(s::JWKS_PATH, get(jwks_handler))
             .route(s::METADATA_PATH, get(metadata_handler))
             .route(
@@ -196,6 +211,18 @@ fn oauth_response(reply: crate::oauth::service::Reply) -> Response {
     }
 }
 
+/// An `invalid_request` answer with `status`, as the token service words
+/// its own (JSON, `no-store`).
+fn invalid_request(status: u16, description: &str) -> Response {
+    oauth_response(crate::oauth::service::Reply {
+        status,
+        body: Some(serde_json::json!({
+            "error": "invalid_request",
+            "error_description": description,
+        })),
+    })
+}
+
 /// RFC 6749 3.2 and RFC 7662/7009: the body is a form.
 fn form_content_type(headers: &HeaderMap) -> Option<Response> {
     let ct = headers
@@ -206,13 +233,22 @@ fn form_content_type(headers: &HeaderMap) -> Option<Response> {
     if mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
         return None;
     }
-    Some(oauth_response(crate::oauth::service::Reply {
-        status: 400,
-        body: Some(serde_json::json!({
-            "error": "invalid_request",
-            "error_description": "send the parameters as application/x-www-form-urlencoded",
-        })),
-    }))
+    Some(invalid_request(
+        400,
+        "send the parameters as application/x-www-form-urlencoded",
+    ))
+}
+
+/// A method other than POST on a token-service endpoint: 405 with `Allow`,
+/// worded as the service's other errors (404 while it is not configured).
+async fn oauth_wrong_method(State(state): State<AppState>) -> Response {
+    if state.oauth().is_none() {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let mut r = invalid_request(405, "use POST with a form body");
+    r.headers_mut()
+        .insert(header::ALLOW, "POST".parse().expect("static"));
+    r
 }
 
 /// The token service's POST endpoints.
@@ -223,10 +259,13 @@ enum OauthPost {
     Revoke,
 }
 
-type OauthArgs = (State<AppState>, axum::Extension<Peer>, HeaderMap, Bytes);
+/// The body, or why it could not be read (over the body limit).
+type OauthBody = Result<Bytes, axum::extract::rejection::BytesRejection>;
+type OauthArgs = (State<AppState>, axum::Extension<Peer>, HeaderMap, OauthBody);
 
 /// A form POST to the token service: 404 when it is not configured, 400
-/// for another content type, else the service's answer; each counted.
+/// for another content type, 413 for a body over the limit (both
+/// `invalid_request`), else the service's answer; each counted.
 async fn oauth_post(which: OauthPost, args: OauthArgs) -> Response {
     let (State(state), axum::Extension(Peer(peer)), headers, body) = args;
     let Some(oauth) = state.oauth() else {
@@ -241,6 +280,22 @@ async fn oauth_post(which: OauthPost, args: OauthArgs) -> Response {
         state.metrics.oauth_request(name, "invalid_request");
         return r;
     }
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            state.metrics.oauth_request(name, "invalid_request");
+            let status = rejection.status().as_u16();
+            let description = if status == 413 {
+                format!(
+                    "the body is over {} bytes",
+                    crate::oauth::request::MAX_BODY_BYTES
+                )
+            } else {
+                "cannot read the body".to_owned()
+            };
+            return invalid_request(status, &description);
+        }
+    };
     let peer = peer.to_string();
     let reply = match which {
         OauthPost::Token => oauth.token(&body, &peer).await,
@@ -254,7 +309,7 @@ async fn token_handler(
     s: State<AppState>,
     p: axum::Extension<Peer>,
     h: HeaderMap,
-    b: Bytes,
+    b: OauthBody,
 ) -> Response {
     oauth_post(OauthPost::Token, (s, p, h, b)).await
 }
@@ -263,7 +318,7 @@ async fn introspect_handler(
     s: State<AppState>,
     p: axum::Extension<Peer>,
     h: HeaderMap,
-    b: Bytes,
+    b: OauthBody,
 ) -> Response {
     oauth_post(OauthPost::Introspect, (s, p, h, b)).await
 }
@@ -272,7 +327,7 @@ async fn revoke_handler(
     s: State<AppState>,
     p: axum::Extension<Peer>,
     h: HeaderMap,
-    b: Bytes,
+    b: OauthBody,
 ) -> Response {
     oauth_post(OauthPost::Revoke, (s, p, h, b)).await
 }
@@ -426,23 +481,96 @@ impl Limits {
     }
 }
 
-/// The open connections by age, each with the token that asks it to close.
+/// How many requests a connection is serving: from the service's call to
+/// the drop of the response's body (hyper drops it once written).
+type Serving = Arc<AtomicUsize>;
+
+/// Counts one request as served until dropped.
+struct InService(Serving);
+
+impl InService {
+    fn new(serving: &Serving) -> InService {
+        serving.fetch_add(1, Ordering::AcqRel);
+        InService(Arc::clone(serving))
+    }
+}
+
+impl Drop for InService {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted as served until hyper
+/// has written (and dropped) it.
+struct ServedBody {
+    inner: axum::body::Body,
+    _serving: InService,
+}
+
+impl axum::body::HttpBody for ServedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Marks the connection's requests as served while they are.
+async fn count_serving(
+    serving: Serving,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let guard = InService::new(&serving);
+    let response = next.run(request).await;
+    response.map(|inner| {
+        axum::body::Body::new(ServedBody {
+            inner,
+            _serving: guard,
+        })
+    })
+}
+
+/// The open connections by age, each with the token that asks it to close
+/// and the count of requests it is serving.
 #[derive(Default)]
 struct Open {
     next_id: u64,
-    by_age: BTreeMap<u64, CancellationToken>,
+    by_age: BTreeMap<u64, (CancellationToken, Serving)>,
 }
 
 impl Open {
-    fn add(&mut self, token: CancellationToken) -> u64 {
+    fn add(&mut self, token: CancellationToken, serving: Serving) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        self.by_age.insert(id, token);
+        self.by_age.insert(id, (token, serving));
         id
     }
-    /// Asks the oldest connection to finish and close.
+    /// Closes the oldest connection not serving a request (idle, or still
+    /// sending a head); when every one is, asks the oldest to finish and
+    /// close.
     fn evict_oldest(&mut self) {
-        if let Some((_, token)) = self.by_age.pop_first() {
+        let idle = self
+            .by_age
+            .iter()
+            .find(|(_, (_, serving))| serving.load(Ordering::Acquire) == 0)
+            .map(|(id, _)| *id);
+        let evicted = match idle {
+            Some(id) => self.by_age.remove(&id),
+            None => self.by_age.pop_first().map(|(_, c)| c),
+        };
+        if let Some((token, _)) = evicted {
             token.cancel();
         }
     }
@@ -508,11 +636,18 @@ pub async fn serve_http(
             }
         };
         let token = cancel.child_token();
+        let serving = Serving::default();
         let id = open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .add(token.clone());
-        let service = TowerToHyperService::new(app.clone().layer(axum::Extension(Peer(peer))));
+            .add(token.clone(), Arc::clone(&serving));
+        let counted = Arc::clone(&serving);
+        let service =
+            TowerToHyperService::new(app.clone().layer(axum::Extension(Peer(peer))).layer(
+                axum::middleware::from_fn(move |req, next| {
+                    count_serving(Arc::clone(&counted), req, next)
+                }),
+            ));
         let open = Arc::clone(&open);
         connections.spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -524,10 +659,17 @@ pub async fn serve_http(
             let served = tokio::select! {
                 r = conn.as_mut() => r,
                 _ = token.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::time::timeout(FINISH_TIMEOUT, conn.as_mut())
-                        .await
-                        .unwrap_or(Ok(()))
+                    if serving.load(Ordering::Acquire) == 0 {
+                        // Not serving a request (idle, or a head not
+                        // finished): closed now, so a slow header cannot
+                        // hold its slot.
+                        Ok(())
+                    } else {
+                        conn.as_mut().graceful_shutdown();
+                        tokio::time::timeout(FINISH_TIMEOUT, conn.as_mut())
+                            .await
+                            .unwrap_or(Ok(()))
+                    }
                 }
             };
             if let Err(e) = served {
@@ -671,21 +813,7 @@ mod tests {
         assert!(result.is_ok(), "{result:?}");
     }
 
-    /// Reads until the server closes the connection; panics if it does not
-    /// within `within`.
-    async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) {
-        let mut buf = [0u8; 1024];
-        tokio::time::timeout(within, async {
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await
-        .expect("the server must close the connection");
-    }
+    use crate::test_support::closed_within;
 
     #[test]
     fn limits_keep_most_descriptors_in_reserve() {
@@ -716,6 +844,36 @@ mod tests {
         assert_eq!((status, body.as_str()), (200, "ok"));
         // The oldest idle connections were closed to make room.
         closed_within(&mut idle[0], Duration::from_secs(5)).await;
+        stop(cancel, server).await;
+    }
+
+    /// Slowloris against the cap: connections that sent part of a head (one
+    /// of them still trickling header lines) are evicted like idle ones, so
+    /// a scrape gets in at once, not after the header timeout.
+    #[tokio::test]
+    async fn unfinished_heads_do_not_shut_out_a_scrape() {
+        let (addr, cancel, server) = start(Limits {
+            max_connections: 4,
+            header_read_timeout: Duration::from_secs(60),
+        });
+        let mut partial = Vec::new();
+        for _ in 0..10 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+            partial.push(s);
+        }
+        let trickler = partial.last_mut().unwrap();
+        trickler.write_all(b"X-1: y\r\n").await.unwrap();
+        for _ in 0..3 {
+            let (status, _, body) =
+                tokio::time::timeout(Duration::from_secs(5), get(addr, "/healthz"))
+                    .await
+                    .expect("/healthz must answer while unfinished heads fill every slot");
+            assert_eq!((status, body.as_str()), (200, "ok"));
+        }
+        closed_within(&mut partial[0], Duration::from_secs(5)).await;
         stop(cancel, server).await;
     }
 

@@ -22,12 +22,24 @@
 //! by the handler, on either socket; task commands and `token_exchange` are
 //! for the peer's agent (its uid), or any agent named with `as` by a
 //! privileged peer.
+//!
+//! Because anyone may connect to the agents' socket, it is bounded
+//! ([`ConnectionLimits`]) so that no local user can use up the daemon's file
+//! descriptors (and with them the control socket): at most `max`
+//! connections, at most `per_uid` of them from one uid. A new connection
+//! over either bound closes the oldest connection not being served a
+//! request (idle, or still sending its line) of that uid, or of anyone when
+//! the socket is full; when every one is being served, the new one gets an
+//! `unavailable` answer and is closed. The control socket is not bounded:
+//! only root, the daemon's user and the socket's group reach it.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -194,6 +206,133 @@ pub struct ControlSocket {
     file_id: (u64, u64),
     /// The agents' socket: anyone connects, only agent commands are served.
     agent: bool,
+    /// The bound on connections (the agents' socket's).
+    connections: Option<ConnectionLimits>,
+}
+
+/// The most connections the agents' socket holds at once, whatever the
+/// descriptor limit (an ack or a task request is one short connection).
+pub const MAX_AGENT_CONNECTIONS: usize = 256;
+
+/// The agents' socket's bound on open connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections open at once.
+    pub max: usize,
+    /// Connections open at once from one uid.
+    pub per_uid: usize,
+}
+
+impl ConnectionLimits {
+    /// For a process allowed `nofile` descriptors: at most an eighth of them
+    /// (as the HTTP listener), a quarter of that per uid.
+    pub fn for_nofile(nofile: u64) -> ConnectionLimits {
+        let share = usize::try_from(nofile / 8).unwrap_or(usize::MAX);
+        let max = share.clamp(1, MAX_AGENT_CONNECTIONS);
+        ConnectionLimits {
+            max,
+            per_uid: (max / 4).max(1),
+        }
+    }
+
+    /// For the open-files limit in force.
+    fn for_this_process() -> ConnectionLimits {
+        use nix::sys::resource::{Resource, getrlimit};
+        let nofile = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+        ConnectionLimits::for_nofile(nofile)
+    }
+}
+
+/// A connection of a bounded socket, as the registry sees it.
+struct Registered {
+    uid: u32,
+    /// Closes the connection between requests.
+    close: CancellationToken,
+    /// Set while a request line is being answered.
+    serving: Arc<AtomicBool>,
+}
+
+/// The open connections of a bounded socket, by age.
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    by_age: BTreeMap<u64, Registered>,
+    per_uid: HashMap<u32, usize>,
+}
+
+impl Registry {
+    /// Makes room for a connection from `uid` (closing the oldest one not
+    /// being served, of that uid if it holds its share, else of anyone when
+    /// full) and registers it; `None` when there is no room to make.
+    fn admit(
+        &mut self,
+        uid: u32,
+        limits: ConnectionLimits,
+        parent: &CancellationToken,
+    ) -> Option<(u64, CancellationToken, Arc<AtomicBool>)> {
+        let mine = self.per_uid.get(&uid).copied().unwrap_or(0);
+        if mine >= limits.per_uid {
+            self.evict(Some(uid))?;
+        } else if self.by_age.len() >= limits.max {
+            self.evict(None)?;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let close = parent.child_token();
+        let serving = Arc::new(AtomicBool::new(false));
+        self.by_age.insert(
+            id,
+            Registered {
+                uid,
+                close: close.clone(),
+                serving: Arc::clone(&serving),
+            },
+        );
+        *self.per_uid.entry(uid).or_default() += 1;
+        Some((id, close, serving))
+    }
+
+    /// Closes the oldest connection (of `uid`, if given) not being served.
+    fn evict(&mut self, uid: Option<u32>) -> Option<()> {
+        let id = self
+            .by_age
+            .iter()
+            .find(|(_, c)| uid.is_none_or(|u| c.uid == u) && !c.serving.load(Ordering::Acquire))
+            .map(|(id, _)| *id)?;
+        let evicted = self.remove(id)?;
+        debug!(
+            uid = evicted.uid,
+            "agents' socket at its bound; closing an idle connection"
+        );
+        evicted.close.cancel();
+        Some(())
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Registered> {
+        let gone = self.by_age.remove(&id)?;
+        if let Some(n) = self.per_uid.get_mut(&gone.uid) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_uid.remove(&gone.uid);
+            }
+        }
+        Some(gone)
+    }
+}
+
+/// Leaves the registry when its connection ends (however it ends).
+struct Unregister {
+    registry: Arc<Mutex<Registry>>,
+    id: u64,
+}
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.id);
+    }
 }
 
 impl ControlSocket {
@@ -319,6 +458,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> io::Result<ControlSocket> {
             group_name,
             file_id: (meta.dev(), meta.ino()),
             agent: false,
+            connections: None,
         })
     };
     finish().inspect_err(|_| {
@@ -377,6 +517,7 @@ pub fn bind_agent(path: &Path) -> io::Result<ControlSocket> {
             group_name: group_name(meta.gid()),
             file_id: (meta.dev(), meta.ino()),
             agent: true,
+            connections: Some(ConnectionLimits::for_this_process()),
         })
     };
     finish().inspect_err(|_| {
@@ -455,6 +596,7 @@ async fn serve_with(
         group_name,
         file_id,
         agent,
+        connections,
     } = sock;
     let _remove = RemoveSocketOnDrop {
         path: path.clone(),
@@ -469,7 +611,8 @@ async fn serve_with(
         path,
         limits,
     });
-    info!(socket = %server.path.display(), gid = server.sock_gid, "control socket listening");
+    info!(socket = %server.path.display(), gid = server.sock_gid, ?connections, "control socket listening");
+    let registry = Arc::new(Mutex::new(Registry::default()));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -478,11 +621,36 @@ async fn serve_with(
         };
         match accepted {
             Ok((stream, _)) => {
-                tracker.spawn(handle_connection(
-                    stream,
-                    Arc::clone(&server),
-                    cancel.clone(),
-                ));
+                let Some(peer) = peer_of(&stream) else {
+                    continue;
+                };
+                let Some(limits) = connections else {
+                    tracker.spawn(handle_connection(
+                        stream,
+                        peer,
+                        Arc::clone(&server),
+                        cancel.clone(),
+                        Arc::default(),
+                    ));
+                    continue;
+                };
+                let admitted = registry
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .admit(peer.uid, limits, &cancel);
+                let Some((id, close, serving)) = admitted else {
+                    turn_away(&stream, &server.path);
+                    continue;
+                };
+                let unregister = Unregister {
+                    registry: Arc::clone(&registry),
+                    id,
+                };
+                let server = Arc::clone(&server);
+                tracker.spawn(async move {
+                    handle_connection(stream, peer, server, close, serving).await;
+                    drop(unregister);
+                });
             }
             Err(e) => {
                 // EMFILE and friends: pause instead of spinning on the error.
@@ -758,18 +926,45 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
     }
 }
 
-async fn handle_connection(stream: UnixStream, server: Arc<Server>, cancel: CancellationToken) {
-    let peer = match stream.peer_cred() {
-        Ok(c) => PeerCred {
+/// The peer's credentials, or `None` (logged) when they cannot be read.
+fn peer_of(stream: &UnixStream) -> Option<PeerCred> {
+    match stream.peer_cred() {
+        Ok(c) => Some(PeerCred {
             uid: c.uid(),
             gid: c.gid(),
             pid: c.pid().unwrap_or(0),
-        },
+        }),
         Err(e) => {
             warn!(error = %e, "cannot read the credentials of a control connection; closing it");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Tells a connection the bounded socket has no room (every connection is
+/// being served) and closes it, without waiting on the client.
+fn turn_away(stream: &UnixStream, path: &Path) {
+    debug!(socket = %path.display(), "every connection is being served; turning a new one away");
+    let error = ApiError::unavailable(format!(
+        "the agent socket {} is at its connection limit; try again in a moment",
+        path.display()
+    ));
+    if let Ok(mut line) = serde_json::to_vec(&Response::Error(error)) {
+        line.push(b'\n');
+        // A fresh connection's send buffer is empty: this does not block.
+        let _ = stream.try_write(&line);
+    }
+}
+
+/// Serves one connection until EOF, an error, or `cancel` between requests;
+/// `serving` is set while a request line is being answered.
+async fn handle_connection(
+    stream: UnixStream,
+    peer: PeerCred,
+    server: Arc<Server>,
+    cancel: CancellationToken,
+    serving: Arc<AtomicBool>,
+) {
     let limits = server.limits;
     let (read_half, mut write_half) = stream.into_split();
 
@@ -837,8 +1032,10 @@ async fn handle_connection(stream: UnixStream, server: Arc<Server>, cancel: Canc
             }
             continue;
         }
+        serving.store(true, Ordering::Release);
         let response = server.dispatch(&peer, &buf).await;
         let written = write_response(&mut write_half, &response, limits.write_timeout).await;
+        serving.store(false, Ordering::Release);
         drop(response);
         match written {
             // A status of every credential is tens of MB of heap, freed now.
@@ -1162,6 +1359,56 @@ mod tests {
             Response::Error(e) => (e.kind, e.message),
             other => panic!("expected an error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn agent_connection_limits_keep_most_descriptors_in_reserve() {
+        let l = ConnectionLimits::for_nofile(65536);
+        assert_eq!((l.max, l.per_uid), (MAX_AGENT_CONNECTIONS, 64));
+        let l = ConnectionLimits::for_nofile(256);
+        assert_eq!((l.max, l.per_uid), (32, 8));
+        let l = ConnectionLimits::for_nofile(4);
+        assert_eq!((l.max, l.per_uid), (1, 1));
+    }
+
+    /// One uid opening idle connections to the agents' socket only ever
+    /// holds its share: its oldest are closed for its new ones, and a
+    /// request on a new connection is answered.
+    #[tokio::test]
+    async fn the_agent_socket_bounds_connections_per_uid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/agent.sock");
+        let mut sock = bind_agent(&path).unwrap();
+        sock.connections = Some(ConnectionLimits { max: 4, per_uid: 2 });
+        let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let server = tokio::spawn(serve_with(
+            sock,
+            Arc::new(FakeHandler::default()),
+            cancel.clone(),
+            tracker.clone(),
+            Limits::default(),
+        ));
+        let mut idle = Vec::new();
+        for _ in 0..6 {
+            let mut s = UnixStream::connect(&path).await.unwrap();
+            // A partial line is not a request being served.
+            s.write_all(b"{\"cmd\":").await.unwrap();
+            idle.push(s);
+        }
+        for _ in 0..3 {
+            assert!(matches!(
+                call(&path, &Request::Ping).await.unwrap(),
+                Response::Ok(ResponseBody::Pong { .. })
+            ));
+        }
+        // All but the newest were closed for the newer ones.
+        for s in &mut idle[..5] {
+            crate::test_support::closed_within(s, Duration::from_secs(5)).await;
+        }
+        cancel.cancel();
+        server.await.unwrap();
+        tracker.close();
+        tracker.wait().await;
     }
 
     #[tokio::test]

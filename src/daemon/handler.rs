@@ -26,9 +26,53 @@ pub(super) struct Handler {
     pub(super) oauth: Arc<crate::oauth::service::Slot>,
     /// Socket exchanges are counted with the listener's token requests.
     pub(super) metrics: Arc<crate::telemetry::Metrics>,
+    /// How many refusals each uid has had audited lately.
+    pub(super) refusals: Arc<super::refusals::Refusals>,
 }
 
 impl Handler {
+    /// Audits a refusal `ev` of `peer`, at most
+    /// [`super::refusals::AUDITED_PER_WINDOW`] per uid and event in each
+    /// window; the rest are counted and summarized in one record when the
+    /// window ends. True when this one was audited (log it then).
+    pub(super) async fn record_refusal(
+        &self,
+        peer: PeerCred,
+        event: &'static str,
+        ev: AuditEvent,
+    ) -> bool {
+        use super::refusals::Verdict;
+        let now = std::time::Instant::now();
+        match self.refusals.check(peer.uid, event, now) {
+            Verdict::Record => {
+                if let Err(e) = self.engine.record(ev).await {
+                    tracing::error!(error = %e, event, "cannot audit a refusal");
+                }
+                true
+            }
+            Verdict::Count { summary_at: None } => false,
+            Verdict::Count {
+                summary_at: Some(at),
+            } => {
+                let (engine, refusals) = (self.engine.clone(), Arc::clone(&self.refusals));
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at.into()).await;
+                    let more = refusals.take(peer.uid, event);
+                    let mut summary = AuditEvent::new(event, peer.actor(), Outcome::Refused);
+                    summary.detail = Some(format!(
+                        "and {more} more refusals from uid {} in the last {}, not recorded one by one",
+                        peer.uid,
+                        humantime::format_duration(super::refusals::WINDOW)
+                    ));
+                    if let Err(e) = engine.record(summary).await {
+                        tracing::error!(error = %e, event, "cannot audit a summary of refusals");
+                    }
+                });
+                false
+            }
+        }
+    }
+
     /// The agent a task request is for: `as_agent` when the peer is
     /// privileged (audited as acting for it) or is that agent's own uid;
     /// else the one agent configured with the peer's uid.
@@ -385,9 +429,7 @@ impl ControlHandler for Handler {
                 if by_assertion {
                     ev.detail = Some("authenticated by assertion".into());
                 }
-                if let Err(err) = self.engine.record(ev).await {
-                    tracing::error!(error = %err, "cannot audit a refused task request");
-                }
+                self.record_refusal(peer, "task.refused", ev).await;
                 return Err(e);
             }
         };
@@ -477,14 +519,13 @@ impl ControlHandler for Handler {
                 "uid {} may not acknowledge {key}: only root, the daemon's user and the agent's configured uid may",
                 peer.uid
             );
-            tracing::warn!(uid = peer.uid, pid = peer.pid, credential = %key, version, "refused ack");
             let mut ev = AuditEvent::new("ack.refused", peer.actor(), Outcome::Refused);
             ev.agent = Some(key.agent.clone());
             ev.credential = Some(key.credential.clone());
             ev.version = Some(version);
             ev.error = Some(reason.clone());
-            if let Err(e) = self.engine.record(ev).await {
-                tracing::error!(error = %e, "cannot audit a refused ack");
+            if self.record_refusal(peer, "ack.refused", ev).await {
+                tracing::warn!(uid = peer.uid, pid = peer.pid, credential = %key, version, "refused ack");
             }
             return Err(ApiError::forbidden(reason));
         }

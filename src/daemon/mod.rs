@@ -10,6 +10,7 @@
 
 mod handler;
 mod oauth;
+mod refusals;
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -244,6 +245,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         tasks: tasks.clone(),
         oauth: Default::default(),
         metrics: metrics.clone(),
+        refusals: Default::default(),
     });
     tracker.spawn(socket::serve(
         sock,

@@ -291,9 +291,7 @@ impl Handler {
                     "by peer uid={} (pid {}) on a socket",
                     peer.uid, peer.pid
                 ));
-                if let Err(err) = self.engine.record(ev).await {
-                    tracing::error!(error = %err, "cannot audit a refused token exchange");
-                }
+                self.record_refusal(peer, "oauth.token", ev).await;
                 let code = e.message.split(':').next().unwrap_or_default();
                 self.metrics.oauth_request(SOCKET_TOKEN, code);
                 return Err(e);

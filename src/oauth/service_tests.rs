@@ -694,6 +694,44 @@ async fn every_error_code_on_the_wire() {
     assert_eq!(r.status().as_u16(), 405);
 }
 
+/// An oversized body or another method gets the service's own error shape
+/// (`invalid_request`, JSON, `no-store`), not the framework's plain text.
+#[tokio::test]
+async fn oversized_bodies_and_wrong_methods_get_oauth_errors() {
+    let h = harness().await;
+    let big = format!(
+        "grant_type=x&pad={}",
+        "a".repeat(super::request::MAX_BODY_BYTES + 1)
+    );
+    for path in ["/oauth/token", "/oauth/introspect", "/oauth/revoke"] {
+        let a = post_raw(&h, path, "application/x-www-form-urlencoded", big.clone()).await;
+        assert_eq!(a.status, 413, "{path}: {}", a.json);
+        assert_eq!(a.headers["cache-control"], "no-store", "{path}");
+        assert_eq!(a.headers["content-type"], "application/json", "{path}");
+        assert_eq!(a.json["error"], "invalid_request", "{path}");
+        assert!(a.json["error_description"].is_string(), "{path}");
+
+        for method in [reqwest::Method::GET, reqwest::Method::PUT] {
+            let r = h
+                .http
+                .request(method.clone(), format!("http://{}{path}", h.addr))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 405, "{method} {path}");
+            let headers = r.headers().clone();
+            assert_eq!(headers["cache-control"], "no-store", "{method} {path}");
+            assert_eq!(headers["content-type"], "application/json");
+            assert_eq!(headers["allow"], "POST");
+            let json: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+            assert_eq!(json["error"], "invalid_request", "{method} {path}");
+        }
+    }
+    let text = h.metrics.encode();
+    let line = r#"keyturn_oauth_requests_total{endpoint="token",result="invalid_request"} 1"#;
+    assert!(text.contains(line), "{line} not in\n{text}");
+}
+
 #[tokio::test]
 async fn attacks_on_the_subject_token_are_refused() {
     let h = harness().await;

@@ -786,3 +786,21 @@ pub fn start_pagerduty_stub() -> (Child, String) {
     let base = format!("http://127.0.0.1:{port}");
     (child, base)
 }
+
+/// Makes `cmd` run with an open-files limit of `soft` (`hard` at most).
+pub fn limit_open_files(cmd: &mut Command, soft: u64, hard: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
