@@ -197,6 +197,9 @@ pub async fn run(
             let _ = killpg(g, Signal::SIGKILL);
         }
     };
+    // Declared after `child`, so dropped before it: the group is killed
+    // while its leader is still unreaped.
+    let mut group_guard = GroupGuard(pgid);
     let mut exited = tokio::task::spawn_blocking(move || {
         if let Some(pid) = pgid {
             exited_unreaped(pid);
@@ -239,6 +242,7 @@ pub async fn run(
         }
     }
     // Only now is the leader reaped (and its pid free for reuse).
+    group_guard.0 = None;
     let status = child.wait().await;
     let status = (!timed_out).then_some(status);
     let stderr = {
@@ -246,6 +250,21 @@ pub async fn run(
         render_stderr(&tail, secret)
     };
     Ok(Ran { status, stderr })
+}
+
+/// Kills the program's process group when the caller's future is dropped
+/// mid-run (a shutdown past `drain_timeout`): `kill_on_drop` kills the
+/// leader only, and what it started would go on to finish its step after
+/// the daemon is gone (a late `set` of a version since replaced).
+struct GroupGuard(Option<Pid>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(g) = self.0 {
+            // ESRCH: the group is already gone.
+            let _ = killpg(g, Signal::SIGKILL);
+        }
+    }
 }
 
 /// The last bytes of a stream, bounded.

@@ -316,6 +316,33 @@ cat > "$d/stdin""#,
         }
     }
 
+    /// Defect: a step dropped at shutdown (past `drain_timeout`) killed
+    /// the hook but not what it started, which went on to apply a value
+    /// after the daemon was gone. The whole group goes.
+    #[tokio::test]
+    async fn a_dropped_step_kills_the_whole_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("bg.pid");
+        let hook = script(
+            dir.path(),
+            &format!(
+                "cat >/dev/null\nsleep 30 & echo $! > {}\nwait",
+                pidfile.display()
+            ),
+        );
+        let t = target(hook, vec![], Duration::from_secs(60));
+        let (k, value) = (key(), SecretValue::from_string("x".into()));
+        let set = t.set(&k, 1, &value);
+        let dropped = tokio::time::timeout(Duration::from_millis(500), set).await;
+        assert!(dropped.is_err(), "the step was still running");
+        let bg: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(died(bg).await, "background child {bg} survived the drop");
+    }
+
     #[tokio::test]
     async fn timeout_kills_the_whole_process_group() {
         let dir = tempfile::tempdir().unwrap();
