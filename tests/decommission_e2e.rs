@@ -155,15 +155,6 @@ exit 0
     )
 }
 
-/// `{dir}/hook.sh` with `script` in it, executable.
-fn write_hook(env: &Env, script: &str) -> std::path::PathBuf {
-    let p = env.path().join("hook.sh");
-    std::fs::write(&p, script).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
-}
-
 /// Agent `bot` with credential `cred` (a file sink) on a `command` target
 /// running `script` as its hook.
 fn bot_on_hook(env: &Env, cred: &str, script: &str) {

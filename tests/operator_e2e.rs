@@ -622,6 +622,37 @@ fn a_file_sink_added_during_a_rotation_gets_the_version_it_made() {
     daemon.stop();
 }
 
+/// Defect: SIGTERM while a hook's `set` ran stopped the rotation right
+/// after it, with most of `drain_timeout` unused: the target had the new
+/// value and the vault and the agent's file the old one for as long as the
+/// daemon stayed down. A rotation whose value is applied is carried
+/// through to delivery within the drain; one not yet applied stops.
+#[test]
+fn a_stop_during_set_delivers_what_the_target_has() {
+    let env = Env::new("");
+    let hook = write_hook(
+        &env,
+        "#!/bin/sh\ncase \"$KEYTURN_STEP\" in set) cat >/dev/null; sleep 1 ;; test) cat >/dev/null ;; esac\nexit 0\n",
+    );
+    env.write_credentials(&format!(
+        "{}[agents.bot.credentials.db]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"1h\"\ntarget = {{ type = \"command\", program = \"{}\" }}\ndeliver = [{{ type = \"file\", path = \"{{root}}/bot/db\", format = \"json\" }}]\n",
+        agent_table("bot"),
+        hook.display()
+    ));
+    let mut daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    env.cli_ok(&["rotate", "bot/db"]);
+    // In the middle of the second `set`.
+    std::thread::sleep(Duration::from_millis(400));
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(20)).expect("exits");
+    assert!(status.success(), "{status:?}");
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.root().join("bot/db")).unwrap()).unwrap();
+    assert_eq!(file["version"], 2, "the agent has what the target has");
+    assert_eq!(version_of(&env, "bot", "db"), Some(2));
+}
+
 /// A config directory: `keyturn.toml` and `agents.d/*.toml`. A reload reads
 /// only the agent files that changed: an unchanged file (same inode, size
 /// and modification time) is not read again, so that even a broken copy of

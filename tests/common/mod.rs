@@ -18,6 +18,15 @@ pub fn bin() -> &'static str {
 /// A value that must never show up in any output: tests grep for it.
 pub const CANARY_PREFIX: &str = "kt_canary_";
 
+/// `{dir}/hook.sh` with `script` in it, executable.
+pub fn write_hook(env: &Env, script: &str) -> std::path::PathBuf {
+    let p = env.path().join("hook.sh");
+    std::fs::write(&p, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
 /// The `[agents.NAME]` table (owner, tenant, tier) of a test agent, for a
 /// config that adds its credentials after it.
 pub fn agent_table(name: &str) -> String {
