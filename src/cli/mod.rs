@@ -903,7 +903,12 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                 .unfinished
                 .iter()
                 .find(|r| r.key == c.key)
-                .filter(|_| !leaving.contains_key(&c.key.agent));
+                .filter(|_| !leaving.contains_key(&c.key.agent))
+                // Waiting to retire after a first version: nothing to
+                // retire, nothing to show.
+                .filter(|r| {
+                    r.step != crate::rotation::Step::Retire || r.previous_version.is_some()
+                });
             StatusRow {
                 agent: c.key.agent.clone(),
                 credential: c.key.credential.clone(),

@@ -166,7 +166,7 @@ impl Inner {
             let (finished, reschedule) = match result {
                 Ok(rot) => {
                     l.parked = None;
-                    l.retire_at = rot.retire_at;
+                    l.set_retire(rot.retire_at, rot.previous_version);
                     let row = l.row.clone();
                     let next = row.as_ref().and_then(|r| r.next_due);
                     l.next_trigger = Some(Trigger::Schedule);

@@ -588,6 +588,8 @@ pub(super) fn after(step: Step) -> &'static str {
 fn step_detail(step: Step, rot: &RotationRow) -> Option<String> {
     match (step, rot.previous_version) {
         (Step::Retire, Some(v)) => Some(format!("retires version {v}")),
+        // The step still ran (holdout reports, pruning) but retired nothing.
+        (Step::Retire, None) => Some("no previous version".to_owned()),
         _ => None,
     }
 }
