@@ -473,7 +473,14 @@ impl Inner {
         match recorded {
             Ok(()) => {
                 *rot = done;
-                self.set_running(key, rot);
+                // Status shows the step it was abandoned at, not `done`.
+                self.set_running(
+                    key,
+                    &RotationRow {
+                        step,
+                        ..rot.clone()
+                    },
+                );
             }
             Err(e) => {
                 tracing::error!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, error = %e, "could not record the abandoned rotation; the next attempt finds its version gone again");
