@@ -121,6 +121,7 @@ impl Inner {
                     Job::Retire => Step::Retire,
                     Job::Restore => Step::Deliver,
                 },
+                version: None,
                 attempts: 0,
                 last_error: None,
             }));
@@ -192,6 +193,7 @@ impl Inner {
                     l.parked = Some(Box::new(Parked {
                         rotation: last_run.as_ref().and_then(|r| r.rotation.clone()),
                         step: last_run.as_ref().map(|r| r.step),
+                        version: last_run.as_ref().and_then(|r| r.version),
                     }));
                     let failures = l.row.as_ref().map_or(1, |r| r.consecutive_failures.max(1));
                     let delay = not_before(
@@ -310,6 +312,7 @@ impl Inner {
                     l.parked = Some(Box::new(Parked {
                         rotation: retiring,
                         step: Some(Step::Retire),
+                        version: None,
                     }));
                     let failures = l.row.as_ref().map_or(1, |r| r.consecutive_failures.max(1));
                     let delay = not_before(

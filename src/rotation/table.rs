@@ -53,6 +53,8 @@ pub(super) struct Running {
     pub job: Job,
     pub rotation: Option<RotationId>,
     pub step: Step,
+    /// The version the rotation makes, once its row is known.
+    pub version: Option<VersionNo>,
     pub attempts: u32,
     pub last_error: Option<String>,
 }
@@ -62,6 +64,25 @@ pub(super) struct Running {
 pub(super) struct Parked {
     pub rotation: Option<RotationId>,
     pub step: Option<Step>,
+    /// The version the rotation makes.
+    pub version: Option<VersionNo>,
+}
+
+impl CredLive {
+    /// The version a rotation failing (or running) at its deliver step
+    /// promoted: already current in the vault, though the credential's row
+    /// names it only once delivered.
+    pub fn promoted(&self) -> Option<VersionNo> {
+        let running = self
+            .shown_job()
+            .filter(|r| r.job == Job::Rotate)
+            .map(|r| (Some(r.step), r.version));
+        let parked = self.parked.as_deref().map(|p| (p.step, p.version));
+        match running.or(parked) {
+            Some((Some(Step::Deliver), v)) => v,
+            _ => None,
+        }
+    }
 }
 
 /// A credential's summary row as the engine keeps it: [`CredentialRow`]
