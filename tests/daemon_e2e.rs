@@ -1151,7 +1151,9 @@ fn http_listener_serves_metrics_health_and_readiness() {
     let metrics = http_get(port, "/metrics");
     for needle in [
         "keyturn_rotations_total{result=\"ok\"} 1",
-        "keyturn_credentials{state=\"retiring\"} 1",
+        // Version 1 has no previous version to retire: idle in its grace.
+        "keyturn_credentials{state=\"idle\"} 1",
+        "keyturn_credentials{state=\"retiring\"} 0",
         "keyturn_credential_age_seconds{agent=\"bot\",credential=\"db\"}",
         "keyturn_credential_next_due_seconds{agent=\"bot\",credential=\"db\"}",
         "keyturn_rotation_duration_seconds_count 1",

@@ -894,3 +894,56 @@ fn alert_sinks_with_bad_key_files_fail_check_online_and_are_all_named() {
         "{stderr}"
     );
 }
+
+/// Defect: with the daemon down, status showed the next-due time stored
+/// before a reload lengthened the period (soon, then overdue) though a
+/// restart would not rotate; it computes it from the config as the daemon
+/// does. And a parked failure showed as `interrupted` where the daemon
+/// said `failed`.
+#[test]
+fn offline_status_follows_the_config_schedule_and_shows_a_parked_failure() {
+    let env = Env::new("");
+    let text = command_target_db(&env, "[ -e \"{d}/refuse\" ] && exit 1;", ONE_FILE);
+    env.write_credentials(&text.replace("every = \"1h\"", "every = \"10s\""));
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    env.write_credentials(&text.replace("every = \"1h\"", "every = \"24h\""));
+    daemon.reload();
+    daemon.stop();
+    let due = |env: &Env| {
+        let rows = status_json(env);
+        let due = row(&rows, "bot", "db")["next_due"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        DateTime::parse_from_rfc3339(&due)
+            .unwrap()
+            .with_timezone(&Utc)
+    };
+    let offline = due(&env);
+    assert!(
+        offline > Utc::now() + chrono::Duration::hours(12),
+        "offline next due {offline}: every = 24h now"
+    );
+    let daemon = env.start();
+    let online = due(&env);
+    assert!(
+        (online - offline).num_seconds().abs() <= 1,
+        "online {online}, offline {offline}"
+    );
+
+    std::fs::write(env.path().join("refuse"), "").unwrap();
+    let out = env.cli(&["rotate", "bot/db", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "the target refuses: parked");
+    let rows = status_json(&env);
+    let parked = row(&rows, "bot", "db").clone();
+    assert_eq!(parked["state"], "failed", "{parked}");
+    daemon.stop();
+    let rows = status_json(&env);
+    let offline = row(&rows, "bot", "db");
+    assert_eq!(
+        (&offline["state"], &offline["step"]),
+        (&parked["state"], &parked["step"]),
+        "{offline}"
+    );
+}

@@ -903,7 +903,12 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                 .unfinished
                 .iter()
                 .find(|r| r.key == c.key)
-                .filter(|_| !leaving.contains_key(&c.key.agent));
+                .filter(|_| !leaving.contains_key(&c.key.agent))
+                // Waiting to retire after a first version: nothing to
+                // retire, nothing to show.
+                .filter(|r| {
+                    r.step != crate::rotation::Step::Retire || r.previous_version.is_some()
+                });
             StatusRow {
                 agent: c.key.agent.clone(),
                 credential: c.key.credential.clone(),
@@ -913,11 +918,12 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                     .and_then(|r| r.current_version)
                     .map(|_| crate::model::Stage::Current),
                 last_rotated: row.and_then(|r| r.last_rotated_at),
-                next_due: row
-                    .and_then(|r| r.next_due)
+                next_due: offline_next_due(c, row, unfinished)
                     .filter(|_| !leaving.contains_key(&c.key.agent)),
                 state: match unfinished {
                     _ if let Some(label) = leaving.get(&c.key.agent) => (*label).into(),
+                    // Parked after a failed attempt, as the daemon shows it.
+                    Some(r) if r.last_error.is_some() => "failed".into(),
                     Some(r) if r.step == crate::rotation::Step::Retire => "retiring".into(),
                     Some(_) => "interrupted".into(),
                     None if row.is_some_and(|r| r.consecutive_failures > 0) => "failed".into(),
@@ -941,6 +947,31 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
         .collect();
     rows.sort_by(|a, b| (&a.agent, &a.credential).cmp(&(&b.agent, &b.credential)));
     Some(rows)
+}
+
+/// When `c` is next due, offline: from the config as the daemon computes
+/// it at start (a reload may have changed the schedule since the stored
+/// time was written). A failed or unfinished rotation keeps the stored
+/// time (its retry); a followed credential has none.
+fn offline_next_due(
+    c: &crate::config::CredentialConfig,
+    row: Option<&crate::state::CredentialRow>,
+    unfinished: Option<&crate::state::RotationRow>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    if c.follow.is_some() {
+        return None;
+    }
+    let row = row?;
+    let settled = unfinished.is_none_or(|r| r.step == crate::rotation::Step::Retire)
+        && row.consecutive_failures == 0;
+    match (row.last_rotated_at, row.current_version) {
+        (Some(last), Some(version)) if settled => {
+            // The first version is number 1 (as the scheduler has it).
+            let offset = crate::schedule::jitter_offset(&c.key, c.jitter);
+            c.schedule.next_due(last, offset, version == 1)
+        }
+        _ => row.next_due,
+    }
 }
 
 async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {

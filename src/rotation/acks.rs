@@ -589,9 +589,10 @@ impl Inner {
         if complete {
             // The retire timer, if the rotation is waiting for it, fires now.
             let mut live = self.live();
-            if live.get(key).is_some_and(|l| l.retire_at.is_some()) {
+            if let Some(l) = live.get(key).filter(|l| l.retire_at.is_some()) {
+                // After a first version the step retires nothing.
+                retiring = l.retires_previous;
                 live.schedule(key, Job::Retire, now);
-                retiring = true;
             }
             drop(live);
             self.wake.notify_one();

@@ -508,7 +508,11 @@ impl Inner {
                 let row = l.and_then(|l| l.row.as_ref());
                 let running = l.and_then(CredLive::shown_job);
                 let state = l.map_or(CredentialState::Idle, CredLive::state).as_str();
-                let version = row.and_then(|r| r.current_version);
+                // Once promoted, the new version is current in the vault,
+                // also while its delivery fails.
+                let version = l
+                    .and_then(CredLive::promoted)
+                    .or_else(|| row.and_then(|r| r.current_version));
                 // A followed credential has no due time: it moves when its
                 // rotator rotates it.
                 let follow = entry.cfg.follow.is_some();
@@ -569,6 +573,7 @@ impl Inner {
         if let Some(r) = self.live().get_mut(key).and_then(|l| l.running.as_mut()) {
             r.rotation = Some(rot.id.clone());
             r.step = rot.step;
+            r.version = Some(rot.version);
             r.attempts = rot.attempts;
             r.last_error = rot.last_error.clone();
         }

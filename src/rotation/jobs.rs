@@ -121,6 +121,7 @@ impl Inner {
                     Job::Retire => Step::Retire,
                     Job::Restore => Step::Deliver,
                 },
+                version: None,
                 attempts: 0,
                 last_error: None,
             }));
@@ -166,7 +167,7 @@ impl Inner {
             let (finished, reschedule) = match result {
                 Ok(rot) => {
                     l.parked = None;
-                    l.retire_at = rot.retire_at;
+                    l.set_retire(rot.retire_at, rot.previous_version);
                     let row = l.row.clone();
                     let next = row.as_ref().and_then(|r| r.next_due);
                     l.next_trigger = Some(Trigger::Schedule);
@@ -192,6 +193,7 @@ impl Inner {
                     l.parked = Some(Box::new(Parked {
                         rotation: last_run.as_ref().and_then(|r| r.rotation.clone()),
                         step: last_run.as_ref().map(|r| r.step),
+                        version: last_run.as_ref().and_then(|r| r.version),
                     }));
                     let failures = l.row.as_ref().map_or(1, |r| r.consecutive_failures.max(1));
                     let delay = not_before(
@@ -310,6 +312,7 @@ impl Inner {
                     l.parked = Some(Box::new(Parked {
                         rotation: retiring,
                         step: Some(Step::Retire),
+                        version: None,
                     }));
                     let failures = l.row.as_ref().map_or(1, |r| r.consecutive_failures.max(1));
                     let delay = not_before(

@@ -202,9 +202,10 @@ impl Engine {
             {
                 outstanding += secs(n + grace - now);
             }
-            // A retirement pending after version 1 has no previous version.
+            // A retirement pending after a first version has no previous
+            // version.
             if let Some(until) = l.retire_at.filter(|u| *u > now)
-                && row.current_version > Some(1)
+                && l.retires_previous
             {
                 versions += 1;
                 outstanding += secs(until - now);

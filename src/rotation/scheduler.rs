@@ -167,7 +167,10 @@ impl Inner {
     ) {
         let l = live.entry(&rot.key);
         if rot.step == Step::Retire {
-            l.retire_at = Some(rot.retire_at.unwrap_or_else(|| self.now()));
+            l.set_retire(
+                Some(rot.retire_at.unwrap_or_else(|| self.now())),
+                rot.previous_version,
+            );
         } else {
             l.next_trigger = Some(rot.trigger);
             resume.insert(rot.key);
@@ -189,7 +192,7 @@ impl Inner {
                 let at = rot.retire_at.unwrap_or_else(|| self.now());
                 tracing::info!(agent = %key.agent, credential = %key.credential, version = ?rot.previous_version, retire_at = %at, "not in the config any more: its previous version is still retired when its grace period ends");
                 self.departed_entries().insert(key.clone(), Arc::new(entry));
-                live.entry(key).retire_at = Some(at);
+                live.entry(key).set_retire(Some(at), rot.previous_version);
                 live.schedule(key, Job::Retire, at);
             }
             Err(why) => {

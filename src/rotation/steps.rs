@@ -478,7 +478,14 @@ impl Inner {
         match recorded {
             Ok(()) => {
                 *rot = done;
-                self.set_running(key, rot);
+                // Status shows the step it was abandoned at, not `done`.
+                self.set_running(
+                    key,
+                    &RotationRow {
+                        step,
+                        ..rot.clone()
+                    },
+                );
             }
             Err(e) => {
                 tracing::error!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, error = %e, "could not record the abandoned rotation; the next attempt finds its version gone again");
@@ -593,6 +600,8 @@ pub(super) fn after(step: Step) -> &'static str {
 fn step_detail(step: Step, rot: &RotationRow) -> Option<String> {
     match (step, rot.previous_version) {
         (Step::Retire, Some(v)) => Some(format!("retires version {v}")),
+        // The step still ran (holdout reports, pruning) but retired nothing.
+        (Step::Retire, None) => Some("no previous version".to_owned()),
         _ => None,
     }
 }

@@ -53,6 +53,8 @@ pub(super) struct Running {
     pub job: Job,
     pub rotation: Option<RotationId>,
     pub step: Step,
+    /// The version the rotation makes, once its row is known.
+    pub version: Option<VersionNo>,
     pub attempts: u32,
     pub last_error: Option<String>,
 }
@@ -62,6 +64,25 @@ pub(super) struct Running {
 pub(super) struct Parked {
     pub rotation: Option<RotationId>,
     pub step: Option<Step>,
+    /// The version the rotation makes.
+    pub version: Option<VersionNo>,
+}
+
+impl CredLive {
+    /// The version a rotation failing (or running) at its deliver step
+    /// promoted: already current in the vault, though the credential's row
+    /// names it only once delivered.
+    pub fn promoted(&self) -> Option<VersionNo> {
+        let running = self
+            .shown_job()
+            .filter(|r| r.job == Job::Rotate)
+            .map(|r| (Some(r.step), r.version));
+        let parked = self.parked.as_deref().map(|p| (p.step, p.version));
+        match running.or(parked) {
+            Some((Some(Step::Deliver), v)) => v,
+            _ => None,
+        }
+    }
 }
 
 /// A credential's summary row as the engine keeps it: [`CredentialRow`]
@@ -114,7 +135,12 @@ pub(super) struct CredLive {
     /// time. Keeps the step it failed at, so `status` can name it.
     pub parked: Option<Box<Parked>>,
     /// The previous version is retired at this time (delivery + grace).
+    /// After a first version there is none: the retire step still runs
+    /// then (holdout reports, pruning) but retires nothing.
     pub retire_at: Option<DateTime<Utc>>,
+    /// The pending retire step has a previous version to retire: only then
+    /// is the credential shown `retiring`.
+    pub retires_previous: bool,
     /// Why the next rotation starts.
     pub next_trigger: Option<Trigger>,
     /// A rotation was asked for while the previous version was being
@@ -138,12 +164,19 @@ impl CredLive {
         self.running.as_deref().filter(|r| r.job != Job::Restore)
     }
 
+    /// Arms (or clears) the pending retire step of the rotation that
+    /// replaced `previous` (`None` after a first version).
+    pub fn set_retire(&mut self, at: Option<DateTime<Utc>>, previous: Option<VersionNo>) {
+        self.retire_at = at;
+        self.retires_previous = previous.is_some();
+    }
+
     pub fn state(&self) -> CredentialState {
         if self.shown_job().is_some() {
             CredentialState::Rotating
         } else if self.parked.is_some() {
             CredentialState::Failed
-        } else if self.retire_at.is_some() {
+        } else if self.retire_at.is_some() && self.retires_previous {
             CredentialState::Retiring
         } else {
             CredentialState::Idle
@@ -260,6 +293,7 @@ impl Table {
                 Keep::Retire => {
                     *l = CredLive {
                         retire_at: l.retire_at,
+                        retires_previous: l.retires_previous,
                         ..CredLive::default()
                     };
                     self.timers.cancel(Job::Rotate.slot(i as u32));

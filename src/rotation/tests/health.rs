@@ -290,7 +290,8 @@ async fn holdouts_past_grace_raise_a_warning_until_they_ack() {
 /// A rotation parked before promote whose staged version is deleted out
 /// of band is abandoned (audited, its row done, its version retired in
 /// state) instead of failing forever; the next attempt is a fresh rotation
-/// with a new id and value, and it succeeds.
+/// with a new id and value, and it succeeds. Status shows the abandoned
+/// rotation `failed` at the step it was abandoned at.
 #[tokio::test(start_paused = true)]
 async fn a_rotation_whose_staged_version_vanished_while_parked_is_abandoned_and_redone() {
     let rig = Rig::single().await;
@@ -328,7 +329,16 @@ async fn a_rotation_whose_staged_version_vanished_while_parked_is_abandoned_and_
             .map(|r| r.stage)
     };
     assert_eq!(stage_of(2), Some(Stage::Retired));
-    assert_eq!(rig.status("c0").version, Some(1), "the current one stays");
+    let s = rig.status("c0");
+    assert_eq!(s.version, Some(1), "the current one stays");
+    // Status names the step it was abandoned at, like any step failure
+    // (it said `failed` at step `done`).
+    assert_eq!(
+        (s.state.as_str(), s.step.as_deref(), s.rotation.as_deref()),
+        ("failed", Some("promote"), Some(stuck.id.as_str())),
+        "{s:?}"
+    );
+    assert!(s.last_error.unwrap_or_default().contains("abandoned"));
 
     let fresh = rig.rotate_c0().await;
     assert_eq!((fresh.error, fresh.version), (None, Some(3)));
