@@ -69,13 +69,15 @@ pub(super) struct Parked {
 }
 
 impl CredLive {
-    /// The version a rotation failing (or running) at its deliver step
-    /// promoted: already current in the vault, though the credential's row
-    /// names it only once delivered.
+    /// The version a rotation failing at its deliver step promoted: already
+    /// current in the vault, though the credential's row names it only once
+    /// delivered. Not while a delivery is merely under way: until it is
+    /// done, status goes on naming the version the agents have, so that a
+    /// version shown is one that was delivered or failed to be.
     pub fn promoted(&self) -> Option<VersionNo> {
         let running = self
             .shown_job()
-            .filter(|r| r.job == Job::Rotate)
+            .filter(|r| r.job == Job::Rotate && r.last_error.is_some())
             .map(|r| (Some(r.step), r.version));
         let parked = self.parked.as_deref().map(|p| (p.step, p.version));
         match running.or(parked) {
