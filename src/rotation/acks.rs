@@ -35,12 +35,23 @@ use chrono::{DateTime, Utc};
 
 use super::catalog::CredEntry;
 use super::engine::{Inner, chrono_dur};
+use super::jobs::park_delay;
 use super::steps::{StepError, entry_retry};
 use super::table::Job;
 use crate::audit::{Actor, AuditEvent, Outcome};
-use crate::model::{CredentialKey, SecretValue, VersionNo};
+use crate::model::{CredentialKey, PluginError, SecretValue, VersionNo};
 use crate::sinks::{Delivered, Notice, Sink};
 use crate::state::{AckRow, RotationRow, Write};
+
+/// A background delivery's failure, as status shows it.
+fn retry_note(e: &PluginError, attempt: u32) -> String {
+    let why = if e.kind.is_retryable() {
+        "retried in the background"
+    } else {
+        "the receiver refuses it: retried in the background, less and less often (up to hourly), until it is fixed"
+    };
+    format!("delivery attempt {attempt}: {e}; {why}")
+}
 
 /// How a consumer acknowledges, shown after its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +81,9 @@ pub(super) struct Consumer {
     pub name: String,
     pub how: AckHow,
     pub acked: bool,
+    /// Why its delivery, retried in the background, last failed (status
+    /// shows it: the audit log alone would hide a receiver that refuses).
+    pub failing: Option<String>,
 }
 
 impl Consumer {
@@ -245,6 +259,7 @@ impl Inner {
         let mut watches = Vec::new();
         let mut retries = Vec::new();
         let mut head = None;
+        let mut failing = None;
         for (i, sink) in entry.sinks.iter().enumerate() {
             let last = i + 1 == entry.sinks.len();
             let result = sink.deliver(notice, value).await;
@@ -277,7 +292,8 @@ impl Inner {
                     None => AckHow::Explicit,
                 },
                 Err(e) if deferred => {
-                    retries.push((sink.clone(), e.retry_after));
+                    failing = Some(retry_note(&e, 1));
+                    retries.push((sink.clone(), Some(e)));
                     AckHow::Retrying
                 }
                 Err(e) => return Err(StepError::new(format!("sink {}", sink.describe()), e)),
@@ -286,6 +302,7 @@ impl Inner {
                 name: sink.describe(),
                 how,
                 acked: false,
+                failing: failing.take(),
             });
         }
         let names: Vec<String> = consumers.iter().map(|c| c.name.clone()).collect();
@@ -296,14 +313,14 @@ impl Inner {
                 me.clone()
                     .spawn_ack_watch(key.clone(), notice.version, name, watch);
             }
-            for (sink, asked) in retries {
+            for (sink, first) in retries {
                 me.clone().spawn_delivery_retry(
                     key.clone(),
                     sink,
                     notice.clone(),
                     value.clone(),
                     deadline,
-                    asked,
+                    first,
                 );
             }
         }
@@ -643,6 +660,7 @@ impl Inner {
                 name: row.consumer,
                 how,
                 acked,
+                failing: None,
             });
         }
         drop(map);
@@ -803,7 +821,11 @@ impl Inner {
     /// attempt limit), auditing each attempt, until it succeeds or the
     /// version is no longer awaited from it (a newer one was delivered).
     /// Past the grace deadline the consumer is a holdout and the retries go
-    /// on: its successful delivery still counts as its (late) ack.
+    /// on: its successful delivery still counts as its (late) ack. A
+    /// receiver that refuses the notice (an error retrying cannot cure, such
+    /// as a 400 or a 401) is retried like a parked step instead: from the
+    /// retry ceiling, doubling up to an hour. `first`: the error of the
+    /// attempt before (none when resumed after a restart).
     fn spawn_delivery_retry(
         self: Arc<Self>,
         key: CredentialKey,
@@ -811,7 +833,7 @@ impl Inner {
         notice: Notice,
         value: SecretValue,
         deadline: DateTime<Utc>,
-        mut asked: Option<Duration>,
+        first: Option<PluginError>,
     ) {
         let tracker = self.tracker.clone();
         tracker.spawn(async move {
@@ -826,13 +848,19 @@ impl Inner {
             let version = notice.version;
             let mut attempt = 1u32;
             let mut past_deadline = false;
+            let mut asked = first.as_ref().and_then(|e| e.retry_after);
+            // Consecutive refusals.
+            let mut refused = u32::from(first.is_some_and(|e| !e.kind.is_retryable()));
             loop {
                 // A receiver's `Retry-After` (capped by the sink) is waited
                 // out in full: the back-off is the least wait, not the most.
-                let delay = delays
-                    .next()
-                    .unwrap_or(retry.max_delay)
-                    .max(asked.take().unwrap_or_default());
+                let backoff = delays.next().unwrap_or(retry.max_delay);
+                let delay = if refused > 0 {
+                    park_delay(&retry, refused)
+                } else {
+                    backoff
+                }
+                .max(asked.take().unwrap_or_default());
                 let left = (deadline - self.now()).to_std().unwrap_or(Duration::ZERO);
                 // Past the grace deadline the consumer is a holdout; it is
                 // still owed the version (a webhook may carry the value), so
@@ -879,6 +907,7 @@ impl Inner {
                         return;
                     }
                     Ok(Delivered::Sent) => {
+                        self.set_failing(&key, version, &name, None);
                         let watch = sink.ack_watch(&key, version);
                         self.set_how(
                             &key,
@@ -898,7 +927,13 @@ impl Inner {
                     Err(e) => {
                         asked = e.retry_after;
                         // Every kind is retried: a receiver that refuses now
-                        // may be fixed before the grace deadline.
+                        // may be fixed later.
+                        refused = if e.kind.is_retryable() {
+                            0
+                        } else {
+                            refused.saturating_add(1)
+                        };
+                        self.set_failing(&key, version, &name, Some(retry_note(&e, attempt)));
                         tracing::warn!(agent = %key.agent, credential = %key.credential, version, sink = %name, attempt, error = %e, "delivery failed; retrying in the background");
                     }
                 }
@@ -910,6 +945,30 @@ impl Inner {
         self.awaited().get(key).is_some_and(|a| {
             a.version == version && a.consumers.iter().any(|c| c.name == name && !c.acked)
         })
+    }
+
+    fn set_failing(
+        &self,
+        key: &CredentialKey,
+        version: VersionNo,
+        name: &str,
+        failing: Option<String>,
+    ) {
+        if let Some(a) = self.awaited().get_mut(key).filter(|a| a.version == version)
+            && let Some(c) = a.consumers.iter_mut().find(|c| c.name == name)
+        {
+            c.failing = failing;
+        }
+    }
+
+    /// Why a delivery of `key`'s awaited version, retried in the
+    /// background, last failed (the first such consumer's), for status.
+    pub(super) fn delivery_failure(&self, key: &CredentialKey) -> Option<String> {
+        let awaited = self.awaited();
+        awaited
+            .get(key)?
+            .outstanding()
+            .find_map(|c| c.failing.clone())
     }
 
     fn set_how(&self, key: &CredentialKey, version: VersionNo, name: &str, how: AckHow) {

@@ -556,7 +556,9 @@ impl Inner {
                         .map(RotationId::to_string),
                     last_error: running
                         .and_then(|r| r.last_error.clone())
-                        .or_else(|| row.and_then(|r| r.last_error.as_deref().map(String::from))),
+                        .or_else(|| row.and_then(|r| r.last_error.as_deref().map(String::from)))
+                        // A delivery retried in the background fails no step.
+                        .or_else(|| self.delivery_failure(key)),
                 }
             })
             .collect()

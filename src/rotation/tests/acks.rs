@@ -100,6 +100,8 @@ struct DownSink {
     attempts: Mutex<Vec<(VersionNo, Instant)>>,
     /// The `Retry-After` its refusals carry.
     asks: Option<Duration>,
+    /// What its refusals are.
+    kind: ErrorKind,
 }
 
 impl DownSink {
@@ -111,6 +113,16 @@ impl DownSink {
             fails: AtomicUsize::new(fails),
             attempts: Mutex::default(),
             asks,
+            kind: ErrorKind::Transient,
+        })
+    }
+    /// A receiver that refuses the notice (a 400) for good.
+    fn refusing() -> Arc<DownSink> {
+        Arc::new(DownSink {
+            fails: AtomicUsize::new(usize::MAX),
+            attempts: Mutex::default(),
+            asks: None,
+            kind: ErrorKind::Invalid,
         })
     }
     fn attempts(&self) -> Vec<(VersionNo, Instant)> {
@@ -137,10 +149,11 @@ impl Sink for DownSink {
         let left = self.fails.load(Ordering::SeqCst);
         if left > 0 {
             self.fails.store(left - 1, Ordering::SeqCst);
-            return Err(
-                PluginError::new(ErrorKind::Transient, "connection refused (injected)")
-                    .with_retry_after(self.asks),
-            );
+            let why = match self.kind {
+                ErrorKind::Transient => "connection refused (injected)",
+                _ => "the receiver answered 400 Bad Request (injected)",
+            };
+            return Err(PluginError::new(self.kind, why).with_retry_after(self.asks));
         }
         Ok(Delivered::Acknowledged)
     }
@@ -458,10 +471,14 @@ async fn a_receiver_that_is_down_is_retried_in_the_background_while_the_rotation
     let rig = first_version_beside(down.clone()).await;
     // The rotation finished and the other sink has the version, although
     // the receiver refused it.
+    // Status says why the delivery fails (it showed no error at all).
     let s = rig.status("c0");
     assert_eq!(
         (s.version, s.last_error.as_deref()),
-        (Some(1), None),
+        (
+            Some(1),
+            Some("delivery attempt 1: connection refused (injected); retried in the background")
+        ),
         "{s:?}"
     );
     assert_eq!(s.awaiting_ack, vec!["down:receiver (delivery retrying)"]);
@@ -477,7 +494,8 @@ async fn a_receiver_that_is_down_is_retried_in_the_background_while_the_rotation
         gaps.iter().all(|g| *g <= Duration::from_secs(8)),
         "{gaps:?}"
     );
-    assert!(rig.status("c0").awaiting_ack.is_empty());
+    let s = rig.status("c0");
+    assert!(s.awaiting_ack.is_empty() && s.last_error.is_none(), "{s:?}");
     // Version 2: the receiver is down twice more. Its delivery, once it
     // succeeds, counts as its ack: the previous version retires right then,
     // long before the grace deadline.
@@ -523,6 +541,45 @@ async fn background_retries_wait_out_the_receivers_retry_after() {
         "{gaps:?}"
     );
     assert!(rig.status("c0").awaiting_ack.is_empty());
+    rig.shutdown().await;
+}
+
+/// Defect: a receiver refusing the notice (a 400, which retrying cannot
+/// cure) was retried at the capped back-off for ever, and status showed no
+/// error at all. Status now says why and that the receiver refuses; the
+/// retries go on like a parked step's, from the retry ceiling (4 s here)
+/// doubling, and the version is delivered once the receiver is fixed.
+#[tokio::test(start_paused = true)]
+async fn a_receiver_that_refuses_the_notice_is_shown_and_retried_less_and_less_often() {
+    let down = DownSink::refusing();
+    let rig = first_version_beside(down.clone()).await;
+    tokio::time::sleep(2 * MINUTE).await;
+    let s = rig.status("c0");
+    let error = s.last_error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with("delivery attempt ")
+            && error.contains("the receiver answered 400 Bad Request (injected)")
+            && error.contains("the receiver refuses it"),
+        "{s:?}"
+    );
+    assert_eq!(s.awaiting_ack, vec!["down:receiver (delivery retrying)"]);
+    let attempts = down.attempts();
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    // 4, 8, 16, 32, 64 s: not 30 attempts at the 4 s ceiling.
+    assert!((4..=6).contains(&attempts.len()), "{gaps:?}");
+    assert!(gaps[0] >= Duration::from_secs(4), "{gaps:?}");
+    assert!(
+        gaps.windows(2)
+            .all(|g| g[1] >= g[0] * 2 - Duration::from_millis(10)),
+        "{gaps:?}"
+    );
+    // Fixed: the next attempt (within the hour) delivers, and the error
+    // clears with the ack.
+    down.fails.store(0, Ordering::SeqCst);
+    tokio::time::sleep(60 * MINUTE).await;
+    let s = rig.status("c0");
+    assert!(s.awaiting_ack.is_empty() && s.last_error.is_none(), "{s:?}");
+    assert_eq!(down.attempts().last().map(|a| a.0), Some(1));
     rig.shutdown().await;
 }
 
