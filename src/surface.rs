@@ -77,6 +77,11 @@ pub struct Flags {
     pub without_owner: Vec<String>,
     pub decommissions_in_progress: Vec<String>,
     pub orphaned: Vec<String>,
+    /// `agent/credential` no longer in the config (removed, or its agent
+    /// orphaned) whose current version still works: nothing rotates it
+    /// until the agent is decommissioned.
+    #[serde(default)]
+    pub unconfigured: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,7 +133,9 @@ pub struct SurfaceTaskCredential {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SurfaceCredential {
     pub credential: String,
-    /// `rotate` or `follow`.
+    /// `rotate`, `follow`, or `unconfigured` (no longer in the config:
+    /// never rotated again, its current version live until the agent is
+    /// decommissioned, with no end to count outstanding seconds to).
     pub mode: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
@@ -176,18 +183,11 @@ fn credential(
         (Some(l), Some(n)) if !follow => Some(secs(n - l + grace)),
         _ => None,
     };
-    let mut live = 0;
-    let mut outstanding = 0;
-    if !revoked && f.current_version.is_some() {
-        live += 1;
-        if let Some(n) = f.next_due.filter(|_| !follow) {
-            outstanding += secs(n + grace - now);
-        }
-        if let Some(until) = f.previous_until.filter(|u| *u > now) {
-            live += 1;
-            outstanding += secs(until - now);
-        }
-    }
+    let (live, outstanding) = if revoked {
+        (0, 0)
+    } else {
+        f.live(entry.cfg.grace, follow, now)
+    };
     let max_age = max_age_of(entry);
     let age = f.last_rotated.map(|l| secs(now - l));
     let (last_ack, acking) = acks.get(entry.key()).copied().unwrap_or((None, 0));
@@ -305,6 +305,57 @@ pub fn build(
         flags,
         agents: agents.into_values().collect(),
     }
+}
+
+/// Adds the credentials the config no longer names whose current version
+/// still works (`Engine::unconfigured_live`): an orphaned agent's, and one
+/// removed from an agent still configured. Their current version stays
+/// where it is until the agent is decommissioned, so it counts as live; it
+/// has no due time, so it adds no outstanding seconds, and it is flagged.
+pub fn add_unconfigured(
+    s: &mut Surface,
+    rows: Vec<(CredentialKey, crate::rotation::Unconfigured)>,
+    acks: &Acks,
+) {
+    let now = s.generated_at;
+    for (key, u) in rows {
+        let Ok(i) = s
+            .agents
+            .binary_search_by(|a| a.agent.as_str().cmp(key.agent.as_str()))
+        else {
+            continue;
+        };
+        let a = &mut s.agents[i];
+        if a.state == "decommissioned" {
+            continue;
+        }
+        let (last_ack, acking) = acks.get(&key).copied().unwrap_or((None, 0));
+        a.usage_observed |= acking > 0;
+        a.last_used = a.last_used.max(last_ack);
+        a.credentials.push(SurfaceCredential {
+            credential: key.credential.to_string(),
+            mode: "unconfigured".into(),
+            version: Some(u.version),
+            age_seconds: u.made.map(|l| secs(now - l)),
+            lifetime_seconds: None,
+            last_rotated: u.made,
+            next_due: None,
+            last_ack,
+            acking_consumers: acking,
+            vaults: Vec::new(),
+            target: None,
+            live_versions: 1,
+            outstanding_seconds: 0,
+            max_age_seconds: None,
+            past_max_age: false,
+        });
+        a.credentials
+            .sort_by(|x, y| x.credential.cmp(&y.credential));
+        s.totals.credentials += 1;
+        s.totals.live_versions += 1;
+        s.flags.unconfigured.push(key.to_string());
+    }
+    s.flags.unconfigured.sort();
 }
 
 /// Who an agent is, for one that has tasks but no standing credential.
@@ -427,7 +478,13 @@ pub fn render(s: &Surface) -> String {
                     .as_deref()
                     .map(|t| format!(" -> {t}"))
                     .unwrap_or_default(),
-                if c.past_max_age { "  PAST MAX_AGE" } else { "" },
+                if c.past_max_age {
+                    "  PAST MAX_AGE"
+                } else if c.mode == "unconfigured" {
+                    "  NOT IN THE CONFIG: never rotated, live until decommissioned"
+                } else {
+                    ""
+                },
             );
         }
         for task in &a.tasks {
@@ -467,6 +524,10 @@ pub fn render(s: &Surface) -> String {
     flag(
         "orphaned (left the config, not decommissioned)",
         &f.orphaned,
+    );
+    flag(
+        "credentials left the config, still live (decommission their agent to revoke them)",
+        &f.unconfigured,
     );
     out
 }

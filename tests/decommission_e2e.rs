@@ -308,10 +308,16 @@ fn surface_matches_the_configured_and_observed_state() {
     assert_eq!(t["agents"]["active"], 2, "{t}");
     assert_eq!(t["agents"]["decommissioned"], 1, "{t}");
     assert_eq!(t["agents"]["orphaned"], 1, "{t}");
-    assert_eq!(t["credentials"], 4, "app 2, quiet 1, retired 1: {t}");
-    assert_eq!(t["live_versions"], 3, "retired's version is revoked: {t}");
+    // The orphan's credential is listed: its version stays live until
+    // `left` is decommissioned (it was left out).
+    assert_eq!(
+        t["credentials"], 5,
+        "app 2, quiet 1, retired 1, left 1: {t}"
+    );
+    assert_eq!(t["live_versions"], 4, "retired's version is revoked: {t}");
     // Each live current version stays valid its hour + grace from now
-    // (app/db's grace is 10m, the others have the default 15m).
+    // (app/db's grace is 10m, the others have the default 15m); the
+    // orphan's has no end to count to.
     let out = t["credential_seconds_outstanding"].as_u64().unwrap();
     let expect = 3 * 3600 + 600 + 2 * 900;
     assert!(out <= expect && out + 60 >= expect, "{out} vs {expect}");
@@ -325,6 +331,21 @@ fn surface_matches_the_configured_and_observed_state() {
     assert_eq!(agent("retired")["state"], "decommissioned");
     assert_eq!(agent("retired")["credentials"][0]["live_versions"], 0);
     assert_eq!(agent("left")["state"], "orphaned");
+    let orphans = &agent("left")["credentials"][0];
+    assert_eq!(
+        (
+            &orphans["credential"],
+            &orphans["mode"],
+            &orphans["version"]
+        ),
+        (
+            &serde_json::json!("api"),
+            &serde_json::json!("unconfigured"),
+            &serde_json::json!(1)
+        ),
+        "{orphans}"
+    );
+    assert_eq!(orphans["live_versions"], 1, "{orphans}");
     let db = agent("app")["credentials"]
         .as_array()
         .unwrap()
@@ -338,6 +359,7 @@ fn surface_matches_the_configured_and_observed_state() {
     assert_eq!(db["acking_consumers"], 1, "{db}");
     let f = &s["flags"];
     assert_eq!(f["orphaned"], serde_json::json!(["left"]), "{f}");
+    assert_eq!(f["unconfigured"], serde_json::json!(["left/api"]), "{f}");
     assert_eq!(f["decommissions_in_progress"], serde_json::json!([]), "{f}");
     assert_eq!(
         f["unused"],
@@ -363,12 +385,16 @@ fn surface_matches_the_configured_and_observed_state() {
         "{table}"
     );
     assert!(table.contains("left  [orphaned]"), "{table}");
+    assert!(
+        table.contains("NOT IN THE CONFIG: never rotated, live until decommissioned"),
+        "{table}"
+    );
 
     // The same totals as metrics.
     let m = http_get(port, "/metrics");
     for line in [
         "keyturn_identities 3",
-        "keyturn_live_credential_versions 3",
+        "keyturn_live_credential_versions 4",
         "keyturn_agents{state=\"orphaned\"} 1",
         "keyturn_agents{state=\"decommissioned\"} 1",
         "keyturn_agents{state=\"active\"} 2",

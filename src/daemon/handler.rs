@@ -638,11 +638,12 @@ impl ControlHandler for Handler {
         let lifecycle = self.revocations.lifecycle();
         let mut surface =
             crate::surface::build(&facts, &lifecycle, &acks, unused_after, self.engine.now());
+        crate::surface::add_unconfigured(&mut surface, self.engine.unconfigured_live(), &acks);
+        let catalog = self.engine.catalog();
         let tasks = self
             .tasks
             .surface_tasks()
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        let catalog = self.engine.catalog();
         crate::surface::add_tasks(&mut surface, tasks, &|agent| {
             AgentId::new(agent)
                 .ok()

@@ -65,6 +65,10 @@ pub(super) struct Inner {
     /// Credentials that left the config while their previous version awaited
     /// retirement: the entry to retire it with, until that is done.
     pub(super) departed: Mutex<HashMap<CredentialKey, Arc<CredEntry>>>,
+    /// Credentials state remembers that the config no longer names, with
+    /// the version that stays current until their agent is decommissioned
+    /// and when it was made (for `keyturn surface` and the metrics).
+    pub(super) unconfigured: Mutex<std::collections::BTreeMap<CredentialKey, super::Unconfigured>>,
     /// Jobs running now, and jobs finished since the engine was last idle.
     pub(super) in_flight: AtomicUsize,
     pub(super) finished_since_trim: AtomicUsize,
@@ -181,6 +185,7 @@ impl Engine {
                 global,
                 table: Mutex::new(Table::default()),
                 departed: Mutex::new(HashMap::new()),
+                unconfigured: Mutex::default(),
                 in_flight: AtomicUsize::new(0),
                 finished_since_trim: AtomicUsize::new(0),
                 wake: Notify::new(),
@@ -268,14 +273,24 @@ impl Engine {
                 live.entry(key);
             }
             let mut failing = Vec::new();
+            let mut unconfigured = self.inner.unconfigured();
             for row in snapshot.credentials {
                 if let Some(l) = live.get_mut(&row.key) {
                     if row.consecutive_failures > 0 {
                         failing.push(row.key.clone());
                     }
                     l.row = Some(row.into());
+                } else if let Some(version) = row.current_version {
+                    unconfigured.insert(
+                        row.key,
+                        super::Unconfigured {
+                            version,
+                            made: row.last_rotated_at,
+                        },
+                    );
                 }
             }
+            drop(unconfigured);
             // A failing credential with no rotation to resume had its last
             // one abandoned (its staged version vanished; `steps.rs`): the
             // fresh rotation that follows is tried now, as a parked one is,
@@ -379,6 +394,17 @@ impl Engine {
                     self.inner.adopt_unfinished(&mut live, rot, &mut resume);
                 }
             }
+            let mut unconfigured = self.inner.unconfigured();
+            unconfigured.retain(|k, _| !catalog.creds.contains_key(k));
+            for key in old.creds.keys().filter(|k| !catalog.creds.contains_key(k)) {
+                if let Some(row) = live.get(key).and_then(|l| l.row.as_ref())
+                    && let Some(version) = row.current_version
+                {
+                    let made = row.last_rotated_at;
+                    unconfigured.insert(key.clone(), super::Unconfigured { version, made });
+                }
+            }
+            drop(unconfigured);
             self.inner.forget_departed(&mut live, &old, &catalog);
         }
         self.inner.schedule_all(&resume, false);
@@ -487,6 +513,13 @@ impl Inner {
 
     pub(super) fn live(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn unconfigured(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<CredentialKey, super::Unconfigured>>
+    {
+        self.unconfigured.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(super) fn departed_entries(

@@ -77,7 +77,7 @@ pub use footprint::{Footprint, HeldAt};
 pub use health::{
     ACK_HOLDOUTS, CREDENTIAL_EXPIRED, CREDENTIAL_EXPIRING, ROTATION_FAILING, RotationHealth,
 };
-pub use retired::SurfaceFacts;
+pub use retired::{SurfaceFacts, Unconfigured};
 pub use step::{Step, Trigger};
 pub use table::RotateFinished;
 

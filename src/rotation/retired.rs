@@ -94,6 +94,44 @@ pub struct SurfaceFacts {
     pub consecutive_failures: u32,
 }
 
+/// A credential the config no longer names (removed, or its agent
+/// orphaned), with the version that stays current until its agent is
+/// decommissioned.
+#[derive(Debug, Clone)]
+pub struct Unconfigured {
+    pub version: crate::model::VersionNo,
+    /// When that version was made.
+    pub made: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl SurfaceFacts {
+    /// Its live versions and their credential-seconds outstanding at `now`
+    /// (the definitions of `crate::surface`): the current version until the
+    /// next rotation plus `grace` (a followed one has no due time), and the
+    /// previous one until its grace period ends.
+    pub fn live(
+        &self,
+        grace: std::time::Duration,
+        follow: bool,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> (usize, u64) {
+        if self.current_version.is_none() {
+            return (0, 0);
+        }
+        let secs = |d: chrono::Duration| u64::try_from(d.num_seconds()).unwrap_or(0);
+        let grace = chrono::Duration::from_std(grace).unwrap_or_default();
+        let (mut versions, mut outstanding) = (1, 0);
+        if let Some(n) = self.next_due.filter(|_| !follow) {
+            outstanding += secs(n + grace - now);
+        }
+        if let Some(until) = self.previous_until.filter(|u| *u > now) {
+            versions += 1;
+            outstanding += secs(until - now);
+        }
+        (versions, outstanding)
+    }
+}
+
 impl Engine {
     /// Stops every rotation of `agent` for good (the decommission decision)
     /// and returns once none of its jobs runs any more. `status` shows its
@@ -156,61 +194,62 @@ impl Engine {
     pub fn surface_facts(&self) -> Vec<(Arc<CredEntry>, SurfaceFacts)> {
         let catalog = self.catalog();
         let live = self.inner.live();
+        let now = self.now();
         catalog
             .creds
             .values()
-            .map(|e| {
-                let l = live.get(e.key());
-                let row = l.and_then(|l| l.row.as_ref());
-                let facts = SurfaceFacts {
-                    current_version: row.and_then(|r| r.current_version),
-                    last_rotated: row.and_then(|r| r.last_rotated_at),
-                    next_due: live
-                        .deadline(e.key(), Job::Rotate)
-                        .or_else(|| row.and_then(|r| r.next_due)),
-                    // A retirement pending after version 1 has no previous version.
-                    previous_until: l
-                        .and_then(|l| l.retire_at)
-                        .filter(|_| row.and_then(|r| r.current_version) > Some(1)),
-                    consecutive_failures: row.map_or(0, |r| r.consecutive_failures),
-                };
-                (e.clone(), facts)
+            .map(|e| (e.clone(), facts_of(e, &live, now)))
+            .collect()
+    }
+
+    /// The credentials the config no longer names whose current version
+    /// still works (their agent is not decommissioned), in key order.
+    pub fn unconfigured_live(&self) -> Vec<(CredentialKey, Unconfigured)> {
+        let live = self.inner.live();
+        self.inner
+            .unconfigured()
+            .iter()
+            .filter(|(k, _)| self.inner.retired_label(&k.agent) != Some("decommissioned"))
+            .map(|(k, u)| {
+                let mut u = u.clone();
+                // A rotation running when the credential left the config
+                // finishes with the version it made.
+                if let Some(row) = live.get(k).and_then(|l| l.row.as_ref())
+                    && let Some(version) = row.current_version
+                {
+                    u = Unconfigured {
+                        version,
+                        made: row.last_rotated_at,
+                    };
+                }
+                (k.clone(), u)
             })
             .collect()
     }
 
     /// `(live versions, credential-seconds outstanding)` over every
-    /// configured credential (see `crate::surface`), without allocating:
-    /// read at every metrics scrape.
+    /// credential (see `crate::surface`), without allocating: read at every
+    /// metrics scrape. One the config no longer names counts as a live
+    /// version with no end to count seconds to.
     pub fn live_totals(&self, now: chrono::DateTime<chrono::Utc>) -> (u64, u64) {
         let catalog = self.catalog();
         let live = self.inner.live();
-        let secs = |d: chrono::Duration| u64::try_from(d.num_seconds()).unwrap_or(0);
         let (mut versions, mut outstanding) = (0, 0);
         for e in catalog.creds.values() {
             if self.inner.retired_label(&e.key().agent) == Some("decommissioned") {
                 continue;
             }
-            let Some(l) = live.get(e.key()) else { continue };
-            let Some(row) = l.row.as_ref().filter(|r| r.current_version.is_some()) else {
-                continue;
-            };
-            versions += 1;
-            let grace = chrono::Duration::from_std(e.cfg.grace).unwrap_or_default();
-            if e.cfg.follow.is_none()
-                && let Some(n) = live.deadline(e.key(), Job::Rotate).or(row.next_due)
-            {
-                outstanding += secs(n + grace - now);
-            }
-            // A retirement pending after a first version has no previous
-            // version.
-            if let Some(until) = l.retire_at.filter(|u| *u > now)
-                && l.retires_previous
-            {
-                versions += 1;
-                outstanding += secs(until - now);
-            }
+            let (v, o) = facts_of(e, &live, now).live(e.cfg.grace, e.cfg.follow.is_some(), now);
+            versions += v as u64;
+            outstanding += o;
         }
+        drop(live);
+        versions += self
+            .inner
+            .unconfigured()
+            .keys()
+            .filter(|k| self.inner.retired_label(&k.agent) != Some("decommissioned"))
+            .count() as u64;
         (versions, outstanding)
     }
 
@@ -304,5 +343,35 @@ impl Engine {
     /// Where the engine's background tasks are tracked (drained at stop).
     pub fn tracker(&self) -> &tokio_util::task::TaskTracker {
         &self.inner.tracker
+    }
+}
+
+/// One credential's live times. A version promoted whose delivery fails is
+/// current (the vault serves it), and the version before it is still live:
+/// its retirement comes a grace period after the delivery at the soonest.
+fn facts_of(
+    e: &CredEntry,
+    live: &super::table::Table,
+    now: chrono::DateTime<chrono::Utc>,
+) -> SurfaceFacts {
+    let l = live.get(e.key());
+    let row = l.and_then(|l| l.row.as_ref());
+    let promoted = l.and_then(super::table::CredLive::promoted);
+    let delivered = row.and_then(|r| r.current_version);
+    let grace = chrono::Duration::from_std(e.cfg.grace).unwrap_or_default();
+    SurfaceFacts {
+        current_version: promoted.or(delivered),
+        last_rotated: row.and_then(|r| r.last_rotated_at),
+        next_due: live
+            .deadline(e.key(), Job::Rotate)
+            .or_else(|| row.and_then(|r| r.next_due)),
+        previous_until: if promoted.is_some() {
+            delivered.map(|_| now + grace)
+        } else {
+            // A retirement pending after a first version has no previous
+            // version.
+            l.filter(|l| l.retires_previous).and_then(|l| l.retire_at)
+        },
+        consecutive_failures: row.map_or(0, |r| r.consecutive_failures),
     }
 }

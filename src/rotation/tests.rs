@@ -1819,5 +1819,9 @@ async fn a_failing_deliver_shows_the_promoted_version() {
         "{s:?}"
     );
     assert_eq!(rig.vault.stages(&path("c0")), vec![(1, Stage::Current)]);
+    // `surface` and the metrics count it live too (they counted none).
+    let facts = rig.engine.surface_facts();
+    assert_eq!(facts[0].1.current_version, Some(1));
+    assert_eq!(rig.engine.live_totals(rig.engine.now()).0, 1);
     rig.shutdown().await;
 }

@@ -104,3 +104,58 @@ async fn a_step_in_flight_finishes_and_the_rotation_stops_right_after_it() {
     );
     rig.shutdown().await;
 }
+
+/// `n` credentials due hourly, built on `rig`'s directory, vault and sink:
+/// the catalog a reload swaps in.
+fn catalog_of(rig: &Rig, n: usize) -> Catalog {
+    let text = config_text(rig.dir.path(), n, "every = \"1h\"", "");
+    catalog_with(rig.dir.path(), &text, &rig.vault, &rig.sink, &[])
+}
+
+/// Defect: a credential that left the config (by a reload, or while the
+/// daemon was down) keeps its current version where it is until its agent
+/// is decommissioned, yet `keyturn surface` and the metrics counted it
+/// nowhere. It is listed, and counted as a live version, until it comes
+/// back into the config or its agent is decommissioned.
+#[tokio::test(start_paused = true)]
+async fn a_credential_that_left_the_config_still_counts_as_live_until_its_agent_is_decommissioned()
+{
+    let rig = Rig::new(2, "every = \"1h\"").await;
+    rig.run().await;
+    rig.until(Duration::from_secs(30), "first versions", |r| {
+        r.sink.count() == 2
+    })
+    .await;
+    assert_eq!(rig.engine.live_totals(rig.engine.now()).0, 2);
+    let left = |rig: &Rig| -> Vec<(CredentialKey, VersionNo)> {
+        rig.engine
+            .unconfigured_live()
+            .into_iter()
+            .map(|(k, u)| (k, u.version))
+            .collect()
+    };
+    assert!(left(&rig).is_empty());
+    // c1 leaves the config by a reload.
+    rig.engine.reload(catalog_of(&rig, 1)).await;
+    assert_eq!(left(&rig), vec![(key("c1"), 1)]);
+    assert_eq!(rig.engine.live_totals(rig.engine.now()).0, 2);
+    // A restart finds it in state.
+    let rig = rig.restart(1, "every = \"1h\"").await;
+    rig.run().await;
+    assert_eq!(left(&rig), vec![(key("c1"), 1)]);
+    assert_eq!(rig.engine.live_totals(rig.engine.now()).0, 2);
+    // Back in the config, it is counted as configured again, once.
+    rig.engine.reload(catalog_of(&rig, 2)).await;
+    assert!(left(&rig).is_empty());
+    assert_eq!(rig.engine.live_totals(rig.engine.now()).0, 2);
+    // Gone again, then its agent decommissioned: nothing of it is live.
+    rig.engine.reload(catalog_of(&rig, 1)).await;
+    assert_eq!(left(&rig), vec![(key("c1"), 1)]);
+    let agent = key("c0").agent.clone();
+    rig.engine.stop_agent(&agent, "decommissioning").await;
+    assert_eq!(left(&rig), vec![(key("c1"), 1)], "live until revoked");
+    rig.engine.set_agent_label(&agent, "decommissioned");
+    assert!(left(&rig).is_empty());
+    assert_eq!(rig.engine.live_totals(rig.engine.now()).0, 0);
+    rig.shutdown().await;
+}
