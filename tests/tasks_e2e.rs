@@ -310,6 +310,19 @@ fn refusals_are_clear_and_audited() {
         .filter(|r| r["event"] == "task.refused")
         .count();
     assert!(refused >= 5, "{refused} refusals audited");
+
+    // An agent may ask to be refused as often as it likes: its policy
+    // refusals are audited at most 10 a minute (each one was, fsynced),
+    // like the sockets' refusals.
+    for _ in 0..25 {
+        let out = run(&["--tenant", "initech", "--sensitivity", "low"]);
+        assert_eq!(out.status.code(), Some(77), "{out:?}");
+    }
+    let mine = audit_records(&env)
+        .into_iter()
+        .filter(|r| r["event"] == "task.refused" && r["actor"]["uid"] == 0)
+        .count();
+    assert_eq!(mine, 10, "refusals audited one by one in the minute");
 }
 
 /// An agent with an `auth_key`: its ed25519 key is delivered to it, and

@@ -41,36 +41,7 @@ impl Handler {
         event: &'static str,
         ev: AuditEvent,
     ) -> bool {
-        use super::refusals::Verdict;
-        let now = std::time::Instant::now();
-        match self.refusals.check(peer.uid, event, now) {
-            Verdict::Record => {
-                if let Err(e) = self.engine.record(ev).await {
-                    tracing::error!(error = %e, event, "cannot audit a refusal");
-                }
-                true
-            }
-            Verdict::Count { summary_at: None } => false,
-            Verdict::Count {
-                summary_at: Some(at),
-            } => {
-                let (engine, refusals) = (self.engine.clone(), Arc::clone(&self.refusals));
-                tokio::spawn(async move {
-                    tokio::time::sleep_until(at.into()).await;
-                    let more = refusals.take(peer.uid, event);
-                    let mut summary = AuditEvent::new(event, peer.actor(), Outcome::Refused);
-                    summary.detail = Some(format!(
-                        "and {more} more refusals from uid {} in the last {}, not recorded one by one",
-                        peer.uid,
-                        humantime::format_duration(super::refusals::WINDOW)
-                    ));
-                    if let Err(e) = engine.record(summary).await {
-                        tracing::error!(error = %e, event, "cannot audit a summary of refusals");
-                    }
-                });
-                false
-            }
-        }
+        super::refusals::audit(&self.refusals, &self.engine, peer.uid, event, ev).await
     }
 
     /// The agent a task request is for: `as_agent` when the peer is

@@ -223,13 +223,18 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         ])),
         cancel.clone(),
     ));
+    // Refusals on the sockets and the task manager's share their limits.
+    let refusals: Arc<refusals::Refusals> = Arc::default();
     let tasks = Arc::new(
         crate::tasks::manager::TaskManager::new(
             crate::tasks::store::TaskStore::open(&config.daemon.state_dir.join("tasks"))
                 .map_err(|e| startup("cannot open the task store", &e))?,
             task_setup(&engine.catalog().config, &revocations)
                 .map_err(|e| startup("cannot build the task issuers", &e))?,
-            Arc::new(EngineRecorder(engine.clone())),
+            Arc::new(refusals::TaskAudit {
+                engine: engine.clone(),
+                refusals: refusals.clone(),
+            }),
             Arc::new(crate::rotation::SystemClock),
         )
         .with_metrics(metrics.clone()),
@@ -245,7 +250,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         tasks: tasks.clone(),
         oauth: Default::default(),
         metrics: metrics.clone(),
-        refusals: Default::default(),
+        refusals,
     });
     tracker.spawn(socket::serve(
         sock,
@@ -730,8 +735,8 @@ async fn audit_daemon(
     }
 }
 
-/// Alert deliveries and task records go to the audit log through the engine, which
-/// persists the audit head with each record.
+/// Alert deliveries go to the audit log through the engine, which persists
+/// the audit head with each record (the task manager's: `refusals.rs`).
 struct EngineRecorder(Engine);
 
 #[async_trait]
@@ -741,14 +746,6 @@ impl alerts::AlertRecorder for EngineRecorder {
         if let Err(e) = self.0.record(event).await {
             tracing::error!(event = %name, error = %e, "cannot write to the audit log");
         }
-    }
-}
-
-/// The task manager's records take the same way.
-#[async_trait]
-impl crate::tasks::manager::TaskRecorder for EngineRecorder {
-    async fn record(&self, event: AuditEvent) {
-        alerts::AlertRecorder::record(self, event).await;
     }
 }
 

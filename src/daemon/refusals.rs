@@ -7,8 +7,11 @@
 //! more there were when the window ends.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::audit::{Actor, AuditEvent, Outcome};
+use crate::rotation::Engine;
 
 /// Refusals audited one by one, per uid and event, in each window.
 pub(super) const AUDITED_PER_WINDOW: u32 = 10;
@@ -83,6 +86,71 @@ impl Refusals {
                 std::mem::take(&mut w.counted)
             }
             None => 0,
+        }
+    }
+}
+
+/// Audits the refusal `ev` of a peer of `uid` through `engine`, at most
+/// [`AUDITED_PER_WINDOW`] per uid and event in each window; the rest are
+/// counted and summarized in one record when the window ends. True when
+/// this one was audited (log it then).
+pub(super) async fn audit(
+    refusals: &Arc<Refusals>,
+    engine: &Engine,
+    uid: u32,
+    event: &'static str,
+    ev: AuditEvent,
+) -> bool {
+    match refusals.check(uid, event, Instant::now()) {
+        Verdict::Record => {
+            if let Err(e) = engine.record(ev).await {
+                tracing::error!(error = %e, event, "cannot audit a refusal");
+            }
+            true
+        }
+        Verdict::Count { summary_at: None } => false,
+        Verdict::Count {
+            summary_at: Some(at),
+        } => {
+            let (engine, refusals, actor) = (engine.clone(), Arc::clone(refusals), ev.actor);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at.into()).await;
+                let more = refusals.take(uid, event);
+                let mut summary = AuditEvent::new(event, actor, Outcome::Refused);
+                summary.detail = Some(format!(
+                    "and {more} more refusals from uid {uid} in the last {}, not recorded one by one",
+                    humantime::format_duration(WINDOW)
+                ));
+                if let Err(e) = engine.record(summary).await {
+                    tracing::error!(error = %e, event, "cannot audit a summary of refusals");
+                }
+            });
+            false
+        }
+    }
+}
+
+/// The task manager's records: its policy refusals (`task.refused`, asked
+/// for by an agent as often as it likes) are audited like the sockets'
+/// refusals, the rest as they come.
+pub(super) struct TaskAudit {
+    pub engine: Engine,
+    pub refusals: Arc<Refusals>,
+}
+
+#[async_trait::async_trait]
+impl crate::tasks::manager::TaskRecorder for TaskAudit {
+    async fn record(&self, ev: AuditEvent) {
+        if let (Actor::Peer { uid, .. }, Outcome::Refused) = (&ev.actor, ev.outcome)
+            && ev.event == "task.refused"
+        {
+            let uid = *uid;
+            audit(&self.refusals, &self.engine, uid, "task.refused", ev).await;
+            return;
+        }
+        let name = ev.event.clone();
+        if let Err(e) = self.engine.record(ev).await {
+            tracing::error!(event = %name, error = %e, "cannot write to the audit log");
         }
     }
 }
