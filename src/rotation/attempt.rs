@@ -217,10 +217,12 @@ impl Inner {
         rot: &RotationRow,
     ) -> Result<Vec<Write>, StepError> {
         let mut writes = vec![Write::PruneHistory(entry.key().clone())];
-        writes.extend(self.report_holdouts(entry, rot).await?);
+        // A first version retires nothing: its consumers not acked yet are
+        // still awaited, not holdouts (no value they use stopped working).
         let Some(prev) = &rot.previous_vault_version else {
             return Ok(writes);
         };
+        writes.extend(self.report_holdouts(entry, rot).await?);
         // Where the previous version was made, and where this rotation
         // made the current one: the config may have moved the credential
         // (another `path` or `vault`) in between.

@@ -104,8 +104,11 @@ impl Inner {
                     // A new version is coming: the one before the current
                     // must go now rather than at the end of its grace, but
                     // not before the current one's consumers have it (or
-                    // its grace deadline passed).
-                    self.wait_for_acks(prev).await?;
+                    // its grace deadline passed). A first version has no
+                    // version before it: nothing to wait for.
+                    if prev.previous_vault_version.is_some() {
+                        self.wait_for_acks(prev).await?;
+                    }
                     self.run_step(entry, prev, &mut RunMemory::default(), Some(&mut carried))
                         .await?;
                     if let Some(l) = self.live().get_mut(&key) {

@@ -361,6 +361,38 @@ async fn a_new_rotation_waits_for_the_current_versions_acks_before_retiring_it()
     rig.shutdown().await;
 }
 
+/// Defect: with a consumer that acks explicitly, a credential's first
+/// version also held up the next rotation until its grace deadline (a
+/// `rotate --wait` blocked for the whole grace), and was recorded as having
+/// a holdout, though there was no version before it to retire. The next
+/// rotation now starts at once, and the consumer is still only awaited.
+#[tokio::test(start_paused = true)]
+async fn a_first_version_not_acked_does_not_hold_up_the_next_rotation() {
+    let a: Arc<dyn Sink> = SentSink::new("a");
+    let rig = rig_with(&[a]);
+    rig.run().await;
+    rig.until(Duration::from_secs(1), "first version", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    tokio::time::sleep(MINUTE).await;
+    let asked = Instant::now();
+    let done = rig.rotate_c0().await;
+    assert_eq!((done.error, done.version), (None, Some(2)));
+    assert!(
+        Instant::now() - asked < Duration::from_secs(5),
+        "version 2 waited {:?}",
+        Instant::now() - asked
+    );
+    assert_eq!(retires(&rig), Vec::<Duration>::new(), "nothing to retire");
+    let s = rig.status("c0");
+    assert_eq!(s.awaiting_ack, vec!["sent:a (ack=explicit)"], "{s:?}");
+    assert!(s.holdouts.is_empty(), "{s:?}");
+    let dir = rig.shutdown().await;
+    let audit = audit_text(dir.path());
+    assert!(!audit.contains("delivery.holdout"), "{audit}");
+}
+
 /// Version 1 delivered to `held` and acknowledged, then version 2's
 /// rotation triggered 10 minutes later and its delivery to `held` in place
 /// (not over): the rig, and the rotation.
