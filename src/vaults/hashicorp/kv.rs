@@ -246,6 +246,45 @@ impl HashicorpVault {
         self.read_kv(step, path, Some(latest - 1)).await
     }
 
+    /// The number of the version `target` names among those before
+    /// `latest - 1` whose data is not destroyed, newest first: where the
+    /// previous version is when the path was written by someone else after
+    /// the current one. Reads at most [`MAX_OLDER_READS`] versions.
+    pub(super) async fn find_older(
+        &self,
+        step: &str,
+        path: &str,
+        latest: u64,
+        target: &Ref,
+    ) -> Result<Option<u64>, PluginError> {
+        if latest < 3 {
+            return Ok(None);
+        }
+        let Some(meta) = self.read_meta(step, path).await? else {
+            return Ok(None);
+        };
+        let mut live: Vec<u64> = meta
+            .versions
+            .iter()
+            .filter(|(_, m)| !m.destroyed)
+            .filter_map(|(n, _)| n.parse().ok())
+            .filter(|n| *n + 1 < latest)
+            .collect();
+        if let Ref::Kv(n) = target {
+            // Named by number: only that one can be it.
+            live.retain(|v| v == n);
+        }
+        live.sort_unstable_by(|a, b| b.cmp(a));
+        for n in live.into_iter().take(MAX_OLDER_READS) {
+            if let Some(v) = self.read_kv(step, path, Some(n)).await?
+                && v.is(target)
+            {
+                return Ok(Some(n));
+            }
+        }
+        Ok(None)
+    }
+
     // -----------------------------------------------------------------------
     // Promote, in two halves so tests can put a writer between them
     // -----------------------------------------------------------------------

@@ -109,6 +109,9 @@ pub const ROTATION_KEY: &str = "keyturn_rotation";
 pub const PENDING_PREFIX: &str = "keyturn-pending";
 /// Prefix of the [`VersionRef`] of a version keyturn did not write.
 const KV_REF_PREFIX: &str = "kv-";
+/// Older versions read, at most, to find the one to retire when someone
+/// else wrote the path after the current one.
+const MAX_OLDER_READS: usize = 16;
 /// A token, role id or secret id file larger than this is not one.
 const MAX_SECRET_FILE: usize = 16 * 1024;
 /// Renew when less than this fraction (1/RENEW_FRACTION) of the TTL is left.
@@ -480,6 +483,12 @@ impl Vault for HashicorpVault {
             && prev.is(&target)
         {
             return self.destroy_versions(STEP, path, vec![prev.number]).await;
+        }
+        // Someone else wrote the path since (a version after the current
+        // one): the previous is further back. Found by its rotation id, or
+        // its number, among the versions not destroyed yet.
+        if let Some(number) = self.find_older(STEP, path, latest, &target).await? {
+            return self.destroy_versions(STEP, path, vec![number]).await;
         }
         if let Ref::Rotation(_) = target
             && self

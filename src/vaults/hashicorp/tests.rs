@@ -296,6 +296,46 @@ async fn an_abandoned_pending_value_is_destroyed_and_not_found_to_promote() {
     v.destroy(it).await.unwrap();
 }
 
+/// Defect (found black-box): someone else writing the path during the
+/// grace period made the retire of the previous version a silent no-op. It
+/// looked for the previous version only just before the latest, found the
+/// current one there (not the one to retire), and took it as already gone:
+/// the retired value stayed readable while the audit log said retired.
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn a_write_by_someone_else_after_the_current_version_does_not_stop_the_retire() {
+    let v = root_vault().await;
+    let path = unique("foreign");
+    let it = item(&path);
+    let ref1 = stage_and_promote(&v, &path, "one").await;
+    stage_and_promote(&v, &path, "two").await;
+    for theirs in ["three", "four"] {
+        vaultrs::kv2::set(
+            &raw(),
+            "secret",
+            &path,
+            &serde_json::json!({"value": theirs}),
+        )
+        .await
+        .unwrap();
+    }
+    v.retire(it, &ref1).await.unwrap();
+    let meta = raw_meta(&path).await.unwrap();
+    assert!(
+        meta.versions["1"].destroyed,
+        "the retired value is destroyed"
+    );
+    for kept in ["2", "3", "4"] {
+        assert!(!meta.versions[kept].destroyed, "version {kept} is kept");
+    }
+    // Again (a replay after a crash): nothing more to do.
+    v.retire(it, &ref1).await.unwrap();
+    v.destroy(it).await.unwrap();
+}
+
 #[cfg_attr(
     not(feature = "real-servers"),
     ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
