@@ -277,6 +277,18 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// The kind of a failure to connect, from its error chain: a TLS
+    /// certificate the client does not trust will not start working by
+    /// retrying (`Invalid`: fix `ca_file` or the server's certificate);
+    /// anything else (refused, reset, timeout, DNS) may (`Transient`).
+    pub fn of_connection(chain: &str) -> ErrorKind {
+        if chain.contains("certificate") || chain.contains("UnknownIssuer") {
+            ErrorKind::Invalid
+        } else {
+            ErrorKind::Transient
+        }
+    }
+
     pub fn is_retryable(self) -> bool {
         matches!(
             self,

@@ -87,10 +87,11 @@ fn build_filter(env: Option<&str>, fallback: &str) -> (EnvFilter, Option<String>
 
 /// Libraries that log at ERROR what is an expected answer to keyturn (the
 /// OpenBao client reports every 404 three times, though an absent pending
-/// slot is the normal case) and whose every real failure keyturn reports
-/// itself, with the step, vault and credential. Off unless the filter names
-/// them (`KEYTURN_LOG=info,vaultrs=debug` to see them again).
-const QUIET_TARGETS: [&str; 2] = ["rustify", "vaultrs"];
+/// slot is the normal case; the TLS verifier every certificate it refuses)
+/// and whose every real failure keyturn reports itself, with the step,
+/// vault and credential. Off unless the filter names them
+/// (`KEYTURN_LOG=info,vaultrs=debug` to see them again).
+const QUIET_TARGETS: [&str; 3] = ["rustify", "vaultrs", "rustls_platform_verifier"];
 
 fn quiet_dependencies(mut filter: EnvFilter, spec: &str) -> EnvFilter {
     for target in QUIET_TARGETS {
@@ -1083,11 +1084,21 @@ mod tests {
         };
         assert_eq!(
             directives("trace"),
-            vec!["rustify=off", "trace", "vaultrs=off"]
+            vec![
+                "rustify=off",
+                "rustls_platform_verifier=off",
+                "trace",
+                "vaultrs=off"
+            ]
         );
         assert_eq!(
             directives("info,vaultrs=debug"),
-            vec!["info", "rustify=off", "vaultrs=debug"]
+            vec![
+                "info",
+                "rustify=off",
+                "rustls_platform_verifier=off",
+                "vaultrs=debug"
+            ]
         );
     }
 }

@@ -177,7 +177,18 @@ pub(super) fn classify(e: &azure_core::Error) -> (ErrorKind, String) {
             }
             (kind, detail)
         }
-        AzErrorKind::Connection | AzErrorKind::Io => (ErrorKind::Transient, chain(e)),
+        AzErrorKind::Connection | AzErrorKind::Io => {
+            let text = chain(e);
+            match ErrorKind::of_connection(&text) {
+                ErrorKind::Invalid => (
+                    ErrorKind::Invalid,
+                    format!(
+                        "the vault's TLS certificate is not trusted (check `ca_file` and the server's certificate): {text}"
+                    ),
+                ),
+                kind => (kind, text),
+            }
+        }
         AzErrorKind::Credential => (
             ErrorKind::Unauthorized,
             format!("getting a token: {}", chain(e)),

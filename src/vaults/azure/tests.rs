@@ -218,6 +218,35 @@ async fn a_wrong_client_secret_is_unauthorized_and_not_quoted() {
     assert_error(&e, ErrorKind::Unauthorized, &names, &[wrong]);
 }
 
+/// Defect (found black-box): a server certificate that does not chain to
+/// `ca_file` was `transient` (retried for ever, "check that the service is
+/// up"). It is `invalid`, and says what to check.
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn a_certificate_not_from_the_ca_file_is_invalid_not_transient() {
+    // A CA, but not the stub's: the test PostgreSQL's.
+    let other_ca =
+        std::env::var("KEYTURN_TEST_PG_CA").unwrap_or_else(|_| panic!("{START_SERVICES}"));
+    let s = AzureConfig {
+        ca_file: Some(PathBuf::from(other_ca)),
+        verify_challenge_resource: Some(false),
+        timeout: Some("10s".into()),
+        ..AzureConfig::new(stub().url, "workload_identity")
+    };
+    let v =
+        AzureVault::with_credential("kv-ca", &s, Arc::new(FixedToken(STUB_TOKEN.into()))).unwrap();
+    let e = v.check().await.unwrap_err();
+    assert_error(
+        &e,
+        ErrorKind::Invalid,
+        &["kv-ca", "ca_file", "certificate"],
+        &[],
+    );
+}
+
 /// A path no other test (or earlier run) uses.
 fn unique_path(test: &str) -> String {
     format!("tests/{test}/{}", RotationId::generate())

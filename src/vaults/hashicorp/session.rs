@@ -474,15 +474,13 @@ impl Connection {
                 }
                 Rest::RequestError { source, .. } => {
                     let chain = format!("{source:#}");
-                    // A certificate the client does not trust will not start
-                    // working by retrying; everything else (refused, reset,
-                    // timeout, DNS) may.
-                    let kind = if chain.contains("certificate") || chain.contains("UnknownIssuer") {
-                        ErrorKind::Invalid
+                    let kind = ErrorKind::of_connection(&chain);
+                    let what = if kind == ErrorKind::Invalid {
+                        "the vault's TLS certificate is not trusted (check `ca_file` and the server's certificate)"
                     } else {
-                        ErrorKind::Transient
+                        "cannot reach the vault"
                     };
-                    (kind, format!("cannot reach the vault: {chain}"))
+                    (kind, format!("{what}: {chain}"))
                 }
                 Rest::ResponseError { source } => (
                     ErrorKind::Transient,
