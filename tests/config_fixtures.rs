@@ -398,6 +398,20 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "jitter (2h) must be shorter than the schedule's shortest period (1h)",
     ),
     (
+        "bad-grace-longer-than-period.toml",
+        17,
+        9,
+        "agents.bot.credentials.db.grace",
+        "grace (30s) is longer than the rotation period (10s): the previous version is retired when the next rotation starts, at the latest, so it would stay valid only 10s, not 30s; set grace to at most 10s, or rotate less often",
+    ),
+    (
+        "bad-grace-cron.toml",
+        17,
+        9,
+        "agents.bot.credentials.db.grace",
+        "grace (30m) is longer than the rotation period (15m, the shortest gap between two firings of the schedule)",
+    ),
+    (
         "bad-password-length.toml",
         17,
         42,
@@ -782,6 +796,74 @@ deliver = [{ type = "file", path = "bot/rotated" }]
         cfg.vaults["bao"].spec.plugin().change_index(),
         Some("keyturn/index")
     );
+}
+
+/// `grace` may be as long as the rotation period (the shortest gap of a
+/// cron schedule), not longer (`bad-grace-*.toml`); left out, it is 15 min,
+/// or the period if that is shorter, so a default is never cut short
+/// either. A followed credential has no schedule here: its grace is not
+/// checked against one.
+#[test]
+fn grace_is_at_most_the_rotation_period_and_defaults_to_no_more() {
+    let text = |schedule: &str, grace: &str| {
+        bot_config(
+            "",
+            "[vaults.local]\ntype = \"local\"\n",
+            &format!(
+                r#"
+[agents.bot.credentials.db]
+vault = "local"
+{schedule}
+{grace}
+generate = {{ kind = "password", length = 32 }}
+deliver = [{{ type = "file", path = "bot/db" }}]
+"#
+            ),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("k.toml");
+    let grace = |schedule: &str, grace: &str| {
+        let cfg = must_load(&file, &text(schedule, grace));
+        cfg.credentials().next().unwrap().1.grace
+    };
+    let secs = Duration::from_secs;
+    assert_eq!(grace("every = \"10s\"", "grace = \"10s\""), secs(10));
+    assert_eq!(grace("every = \"10s\"", ""), secs(10));
+    assert_eq!(grace("every = \"10m\"", ""), secs(600));
+    assert_eq!(grace("every = \"1h\"", ""), secs(900));
+    assert_eq!(grace("every = \"1h\"", "grace = \"1h\""), secs(3600));
+    assert_eq!(
+        grace("schedule = \"0,45 * * * *\"", "grace = \"15m\""),
+        secs(900)
+    );
+    assert_eq!(grace("schedule = \"0,50 * * * *\"", ""), secs(600));
+    let errors = keyturn::config::load_str(&file, &text("every = \"1h\"", "grace = \"61m\""))
+        .unwrap_err()
+        .0;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].toml_path, "agents.bot.credentials.db.grace");
+    assert!(
+        errors[0]
+            .message
+            .contains("grace (1h 1m) is longer than the rotation period (1h)"),
+        "{}",
+        errors[0]
+    );
+    let followed = bot_config(
+        "",
+        BAO_VAULT,
+        r#"
+[agents.bot.credentials.db]
+vault = "bao"
+mode = "follow"
+grace = "2h"
+generate = { kind = "password", length = 32 }
+deliver = [{ type = "file", path = "bot/db" }]
+"#,
+    );
+    let cfg = must_load(&file, &followed);
+    assert_eq!(cfg.credentials().next().unwrap().1.grace, secs(7200));
 }
 
 /// `max_age` on a followed credential: no schedule here, so only the

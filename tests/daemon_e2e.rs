@@ -1396,3 +1396,81 @@ fn a_peer_outside_the_socket_policy_is_refused_and_audited() {
         "the refused request did not run"
     );
 }
+
+/// Defect: a lost state database (vaults, vault key and audit log intact)
+/// was taken as a new one: versions numbered from 1 again while the vault
+/// went on, and the audit log got a second promote of version 1. The
+/// daemon refuses to start on a state database with no audit head beside
+/// an audit log that has records, names both files and what to do, and
+/// changes nothing. Starting over as the message says works.
+#[test]
+fn a_lost_state_database_beside_an_audit_log_with_records_is_refused() {
+    let (env, daemon) = one_raw_at_version_1();
+    for _ in 0..2 {
+        env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    }
+    daemon.stop();
+    let state = env.state_dir();
+    let db = state.join("state.db");
+    let remove_state = || {
+        for f in ["state.db", "state.db-wal", "state.db-shm"] {
+            let _ = std::fs::remove_file(state.join(f));
+        }
+    };
+    remove_state();
+    let tree = |dir: &std::path::Path| {
+        let mut t = read_tree(dir);
+        t.sort();
+        t
+    };
+    let (state_before, delivered_before) = (tree(&state), tree(&env.root()));
+    let log_before = std::fs::read(env.audit_log()).unwrap();
+    let refused = |what: &str| {
+        let mut daemon = env.spawn(&[]);
+        let status = daemon.wait_exit(Duration::from_secs(10)).expect(what);
+        let log = daemon.log_text();
+        assert_eq!(status.code(), Some(1), "{what}: {log}");
+        let audit = env.audit_log().display().to_string();
+        for needle in [
+            format!("the state database {} is missing or new", db.display()),
+            format!("the audit log {audit} already holds records (up to seq "),
+            format!("Restore {} from a backup", db.display()),
+            format!("`mv {audit} {audit}.old`"),
+        ] {
+            assert!(
+                log.contains(&needle),
+                "{what}: should say {needle:?}: {log}"
+            );
+        }
+        assert_eq!(
+            std::fs::read(env.audit_log()).unwrap(),
+            log_before,
+            "{what}"
+        );
+        assert_eq!(tree(&env.root()), delivered_before, "{what}");
+    };
+    refused("no state database");
+    assert_eq!(tree(&state), state_before, "nothing written or created");
+    assert!(!db.exists());
+
+    // An empty state database in its place (restored from the wrong file,
+    // say) has no head either.
+    std::fs::write(&db, b"").unwrap();
+    refused("an empty state database");
+    let vault_files = |t: Vec<(std::path::PathBuf, Vec<u8>)>| {
+        t.into_iter()
+            .filter(|(p, _)| p.starts_with(state.join("vaults")) || p.ends_with("local-vault.key"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(vault_files(tree(&state)), vault_files(state_before.clone()));
+
+    // Starting over, as the message says: the old log moved away.
+    remove_state();
+    let old = env.audit_log().with_extension("log.old");
+    std::fs::rename(env.audit_log(), &old).unwrap();
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    daemon.stop();
+    assert_eq!(std::fs::read(&old).unwrap(), log_before);
+    audit_verifies(&env, "the new log");
+}

@@ -671,6 +671,69 @@ fn recover_tail(
     Ok(head)
 }
 
+/// Refuses a state database with no audit head (`state_db`, about to be
+/// created or just opened empty) beside an audit log at `path` that holds
+/// records: the inverse of a log behind the state's head. The state was
+/// lost or replaced, and a start would treat every credential as new.
+/// Reads the log only (from its end), so a refused start changes nothing.
+///
+/// One log is accepted: a lone `daemon.start` (seq 1). A first start
+/// killed after appending it and before storing its head leaves exactly
+/// that, and nothing was rotated yet. A partial last line is no record.
+pub fn refuse_records_without_state(path: &Path, state_db: &Path) -> Result<(), AuditError> {
+    let display = path.display().to_string();
+    let io = |what: &str, e: std::io::Error| AuditError::Io {
+        path: display.clone(),
+        message: format!("{what}: {e}"),
+    };
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("cannot open", e)),
+    };
+    let len = file.metadata().map_err(|e| io("cannot stat", e))?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, len - 1)
+        .map_err(|e| io("cannot read", e))?;
+    let mut lines = if last[0] == b'\n' {
+        RevLines::new(&file, len - 1)
+    } else {
+        // Skip the partial line a crash mid-append leaves.
+        let mut lines = RevLines::new(&file, len);
+        match lines.prev().map_err(|e| io("cannot read", e))? {
+            Some((0, _)) | None => return Ok(()),
+            Some(_) => lines,
+        }
+    };
+    let Some((_, line)) = lines.prev().map_err(|e| io("cannot read", e))? else {
+        return Ok(());
+    };
+    #[derive(serde::Deserialize)]
+    struct Last {
+        seq: u64,
+        event: String,
+    }
+    // A last line that is not a record still means the log is not new.
+    let last: Option<Last> = serde_json::from_slice(&line).ok();
+    if last
+        .as_ref()
+        .is_some_and(|l| l.seq == 1 && l.event == "daemon.start")
+    {
+        return Ok(());
+    }
+    Err(AuditError::StateLost {
+        path: display,
+        state_db: state_db.display().to_string(),
+        last: last.map_or_else(
+            || "its last line is not a valid record".to_owned(),
+            |l| format!("up to seq {}", l.seq),
+        ),
+    })
+}
+
 /// Cuts the file back to `kept` bytes if it is longer: the bytes after the
 /// last newline are an append the process died in the middle of, never
 /// acknowledged. Done only after the checks against the state's head pass,
@@ -1036,6 +1099,68 @@ pub(crate) mod tests {
         // Everything deleted.
         std::fs::write(&path, b"").unwrap();
         assert!(refused(&h5).contains("empty"));
+    }
+
+    /// The inverse of a log behind the state's head: no head in state (the
+    /// database is new) and records in the log. Refused, naming both files
+    /// and what to do; the log is only read. A missing or empty log, one
+    /// holding only a partial line, and the lone `daemon.start` of a first
+    /// start killed before it stored its head are no history to lose.
+    #[test]
+    fn records_without_a_state_head_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let db = dir.path().join("state.db");
+        let check = || refuse_records_without_state(&path, &db);
+        check().expect("no log");
+        std::fs::write(&path, b"").unwrap();
+        check().expect("an empty log");
+        std::fs::write(&path, b"{\"seq\":1,").unwrap();
+        check().expect("only a partial line");
+        std::fs::remove_file(&path).unwrap();
+
+        let log = AuditLog::open(&path, None).unwrap();
+        log.append_blocking(AuditEvent::new("daemon.start", Actor::Daemon, Outcome::Ok))
+            .unwrap();
+        check().expect("the lone daemon.start of a first start");
+        log.append_blocking(event(2)).unwrap();
+        drop(log);
+        let bytes = std::fs::read(&path).unwrap();
+        let err = check().unwrap_err();
+        assert!(matches!(err, AuditError::StateLost { .. }), "{err:?}");
+        let msg = err.to_string();
+        for needle in [
+            format!("the state database {} is missing or new", db.display()),
+            format!(
+                "the audit log {} already holds records (up to seq 2)",
+                path.display()
+            ),
+            format!("Restore {} from a backup", db.display()),
+            format!("`mv {0} {0}.old`", path.display()),
+        ] {
+            assert!(msg.contains(&needle), "{needle:?} in {msg}");
+        }
+        // A partial line after the records changes nothing.
+        let mut partial = bytes.clone();
+        partial.extend_from_slice(b"{\"seq\":3,");
+        std::fs::write(&path, &partial).unwrap();
+        assert!(check().unwrap_err().to_string().contains("up to seq 2"));
+        assert_eq!(std::fs::read(&path).unwrap(), partial, "only read");
+        // A single record that is not a daemon start.
+        let single = dir.path().join("single.log");
+        write_log(&single, 1);
+        assert!(matches!(
+            refuse_records_without_state(&single, &db),
+            Err(AuditError::StateLost { .. })
+        ));
+        // A last line that is no record at all.
+        std::fs::write(&path, b"not a record\n").unwrap();
+        assert!(
+            check()
+                .unwrap_err()
+                .to_string()
+                .contains("its last line is not a valid record")
+        );
     }
 
     #[test]

@@ -54,7 +54,7 @@ mod log;
 mod verify;
 
 pub use key::{AUDIT_KEY_CREDENTIAL, AuditKey, MIN_KEY_LEN};
-pub use log::AuditLog;
+pub use log::{AuditLog, refuse_records_without_state};
 pub use verify::{Problem, VerifyError, VerifyReport, verify_file, verify_file_keyed};
 
 /// The hash a first record points back to.
@@ -70,6 +70,19 @@ pub enum AuditError {
     /// last line is not a record): refuse to chain onto a tampered history.
     #[error("audit log {path}: {message}; run `keyturn audit verify` to find the first bad record")]
     Tampered { path: String, message: String },
+    /// The inverse of [`Tampered`](Self::Tampered): the state database has
+    /// no audit head (it was deleted, lost, or replaced by an empty one)
+    /// while the log has records. Starting would number every credential's
+    /// versions from 1 again while the vaults and the log go on.
+    #[error(
+        "the state database {state_db} is missing or new (it records no audit head) but the audit log {path} already holds records ({last}): the state database was lost or replaced, and starting on it would number versions from 1 again while the vaults and the audit log go on. Restore {state_db} from a backup and start again; or, to really start over with new version numbers, move the old audit log away first (`mv {path} {path}.old`), then start"
+    )]
+    StateLost {
+        path: String,
+        state_db: String,
+        /// `up to seq N`, or what the last line is instead.
+        last: String,
+    },
     /// The log is keyed and no key is configured: appending plain records
     /// after keyed ones would be a downgrade `audit verify` refuses.
     #[error(

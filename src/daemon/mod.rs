@@ -121,13 +121,27 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         crate::state::space::check_room_to_start(&dirs).map_err(DaemonError::Startup)?;
     }
 
+    // A state database with no audit head beside an audit log with records
+    // was lost or replaced (the inverse of a log behind the state's head,
+    // refused when the log is opened): checked before a missing database is
+    // created, and again on one that exists but records no head.
+    let state_db = state_db_path(&config);
+    let refuse_lost_state = || {
+        crate::audit::refuse_records_without_state(&config.daemon.audit_log, &state_db)
+            .map_err(|e| startup("cannot open the state database", &e))
+    };
+    if !state_db.exists() {
+        refuse_lost_state()?;
+    }
     let state: Arc<dyn StateStore> = Arc::new(
-        SqliteStore::open(&state_db_path(&config))
-            .map_err(|e| startup("cannot open the state database", &e))?,
+        SqliteStore::open(&state_db).map_err(|e| startup("cannot open the state database", &e))?,
     );
     let head = state
         .audit_head()
         .map_err(|e| startup("cannot read the audit head", &e))?;
+    if head.is_none() {
+        refuse_lost_state()?;
+    }
     let audit_key = AuditKey::load(config.daemon.audit_key_file.as_deref())
         .map_err(|e| DaemonError::Startup(format!("cannot load the audit key: {e}")))?;
     tracing::info!(

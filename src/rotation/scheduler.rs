@@ -102,7 +102,10 @@ impl Inner {
                 live.cancel(key, Job::Retire);
                 continue;
             }
+            // A catch-up slot this credential still waits for (see below).
+            let catch_up_slot = live.deadline(key, Job::Rotate);
             let l = live.entry(key);
+            let catch_up_slot = catch_up_slot.filter(|_| l.next_trigger == Some(Trigger::CatchUp));
             let retire_at = l.retire_at;
             // The rotate timer: `Some(Some(at))` sets it, `Some(None)`
             // cancels it, `None` leaves it as it is.
@@ -128,6 +131,11 @@ impl Inner {
                             overdue.push((due, key.clone()));
                             None
                         }
+                        // A reload during the catch-up window: a credential
+                        // still overdue keeps the slot it was given (its
+                        // schedule may have changed), so the rest of the
+                        // window is not rotated all at once.
+                        Some(due) if due <= now && catch_up_slot.is_some() => None,
                         Some(due) => {
                             l.next_trigger = Some(Trigger::Schedule);
                             Some(Some(due.max(now)))

@@ -1003,6 +1003,72 @@ async fn overdue_rotations_after_downtime_are_spread_over_the_catch_up_window() 
     rig.shutdown().await;
 }
 
+/// Defect: a reload (SIGHUP) during the catch-up window re-armed every
+/// credential still waiting for its slot as due now, so they all rotated at
+/// once and stayed in lockstep. A reload keeps the slots: with the config
+/// unchanged, and with a changed schedule under which they are still
+/// overdue.
+#[tokio::test(start_paused = true)]
+async fn a_reload_during_the_catch_up_window_keeps_the_pending_slots() {
+    const N: usize = 6;
+    let store = Arc::new(MemoryStore::new());
+    let rows: Vec<Write> = (0..N)
+        .map(|i| {
+            Write::Credential(CredentialRow {
+                key: key(&format!("c{i}")),
+                current_version: Some(1),
+                last_rotated_at: Some(t0() - chrono::Duration::hours(3 + i as i64)),
+                next_due: None,
+                consecutive_failures: 0,
+                failing_since: None,
+                last_error: None,
+            })
+        })
+        .collect();
+    store.apply(&rows).unwrap();
+    let rig = Rig::with(N, "every = \"1h\"", "", store, Arc::default()).await;
+    rig.run().await;
+    // Slots every 100 s over the 10 min window: c5 now, then c4 .. c0.
+    let reload = |schedule: &str| {
+        let text = config_text(rig.dir.path(), N, schedule, "");
+        catalog_with(rig.dir.path(), &text, &rig.vault, &rig.sink, &[])
+    };
+    tokio::time::sleep(Duration::from_secs(150)).await;
+    assert_eq!(rig.sink.count(), 2, "c5 and c4 rotated before the reload");
+    rig.engine.reload(reload("every = \"1h\"")).await;
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    // A changed schedule under which every credential is still overdue.
+    rig.engine.reload(reload("every = \"2h\"")).await;
+    rig.until(Duration::from_secs(700), "all caught up", |r| {
+        r.sink.count() == N
+    })
+    .await;
+    let mut starts: Vec<(Duration, String)> = (0..N)
+        .map(|i| {
+            let c = format!("c{i}");
+            (rig.at(rig.vault.times("stage", Some(&path(&c)))[0]), c)
+        })
+        .collect();
+    starts.sort();
+    let secs: Vec<u64> = starts.iter().map(|(d, _)| d.as_secs()).collect();
+    assert_eq!(
+        secs,
+        vec![0, 100, 200, 300, 400, 500],
+        "the slots of the catch-up window survive both reloads: {starts:?}"
+    );
+    let order: Vec<&str> = starts.iter().map(|(_, c)| c.as_str()).collect();
+    assert_eq!(order, vec!["c5", "c4", "c3", "c2", "c1", "c0"]);
+    for i in 0..N {
+        let rot = rig
+            .store
+            .latest_rotation(&key(&format!("c{i}")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(rot.trigger, super::Trigger::CatchUp, "c{i}");
+    }
+    rig.shutdown().await;
+}
+
 /// Jitter is a stable offset per credential: the same after a restart, and
 /// a credential is never due later than its interval (it fires `offset`
 /// early).

@@ -1271,12 +1271,42 @@ impl Validator<'_> {
                 ),
             );
         }
-        let grace = self.duration_or(
-            p.key("grace"),
-            c.grace.as_ref(),
-            DEFAULT_GRACE,
-            Zero::Allowed,
-        );
+        // The previous version is retired when the next rotation starts at
+        // the latest, so a grace longer than the shortest gap between two
+        // rotations would be cut short (and `expires_hint` would promise
+        // more than that): refused when written, and the default is no
+        // longer than that gap. A followed credential has no schedule here.
+        let shortest = schedule
+            .as_ref()
+            .filter(|_| follow.is_none())
+            .and_then(ScheduleSpec::min_period);
+        let grace = match (&c.grace, shortest) {
+            (Some(text), _) => {
+                let grace = self.duration(p.key("grace"), text, Zero::Allowed);
+                if let (Some(grace), Some(period)) = (grace, shortest)
+                    && grace > period
+                {
+                    let (grace, period) = (
+                        humantime::format_duration(grace),
+                        humantime::format_duration(period),
+                    );
+                    let gap = if matches!(schedule, Some(ScheduleSpec::Cron(_))) {
+                        ", the shortest gap between two firings of the schedule"
+                    } else {
+                        ""
+                    };
+                    self.err(
+                        p.key("grace"),
+                        format!(
+                            "grace ({grace}) is longer than the rotation period ({period}{gap}): the previous version is retired when the next rotation starts, at the latest, so it would stay valid only {period}, not {grace}; set grace to at most {period}, or rotate less often"
+                        ),
+                    );
+                }
+                grace.unwrap_or(DEFAULT_GRACE)
+            }
+            (None, Some(period)) => DEFAULT_GRACE.min(period),
+            (None, None) => DEFAULT_GRACE,
+        };
 
         let max_age = c.max_age.as_ref().and_then(|text| {
             // What a version lives on schedule: the widest gap between two
