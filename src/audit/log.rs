@@ -253,6 +253,36 @@ impl AuditLog {
         rx.blocking_recv().map_err(|_| self.closed())?
     }
 
+    /// Whether a record after seq `after` is one `wanted` picks. Reads the
+    /// log back from its end to `after` (a short walk when `after` is
+    /// recent), skipping a line that does not parse (one being written).
+    /// Blocking: for `spawn_blocking`.
+    pub fn find_after(
+        &self,
+        after: u64,
+        wanted: impl Fn(&AuditRecord) -> bool,
+    ) -> Result<bool, AuditError> {
+        let io = |what: &str, e: std::io::Error| AuditError::Io {
+            path: self.inner.path.clone(),
+            message: format!("{what}: {e}"),
+        };
+        let file = File::open(&self.inner.path).map_err(|e| io("cannot open", e))?;
+        let len = file.metadata().map_err(|e| io("cannot stat", e))?.len();
+        let mut lines = RevLines::new(&file, len);
+        while let Some((_, line)) = lines.prev().map_err(|e| io("cannot read", e))? {
+            let Ok(record) = serde_json::from_slice::<AuditRecord>(&line) else {
+                continue;
+            };
+            if record.seq <= after {
+                break;
+            }
+            if wanted(&record) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// The head after the last acknowledged append; seq 0 and [`GENESIS`]
     /// for an empty log.
     pub fn head(&self) -> AuditHead {

@@ -7,6 +7,10 @@
 
 /// Every crash point, in the order a rotation passes them.
 pub const FAILPOINTS: &[&str] = &[
+    // Inside start, once the rotation's row is committed and before its
+    // `rotation.start` record is appended (the restart must resume that
+    // rotation and record its start, once).
+    "rotation.start.after_row",
     "rotation.after_start",
     "rotation.before_create",
     // Inside create, once the primary vault holds the value and before the

@@ -95,8 +95,12 @@ impl Inner {
         // The state writes of steps recorded later (see `records_later`).
         let mut carried = Vec::new();
         let mut rot = match latest {
-            Some(r) if r.step < Step::Retire => {
+            Some(mut r) if r.step < Step::Retire => {
                 tracing::info!(agent = %key.agent, credential = %key.credential, rotation = %r.id, step = %r.step, "resuming rotation");
+                if let Some(after) = r.start_record_after.take() {
+                    self.record_start_if_missing(entry, &r, after, &mut carried)
+                        .await?;
+                }
                 r
             }
             mut latest => {
@@ -117,8 +121,7 @@ impl Inner {
                     self.live().cancel(&key, Job::Retire);
                 }
                 run = RunMemory::begun();
-                self.begin(entry, latest.as_ref(), std::mem::take(&mut carried))
-                    .await?
+                self.begin(entry, latest.as_ref(), &mut carried).await?
             }
         };
         self.set_running(&key, &rot);
@@ -182,16 +185,25 @@ impl Inner {
         }
     }
 
-    /// Records the start of a new rotation.
+    /// Records the start of a new rotation: its row first, then its
+    /// `rotation.start` audit record, so that the log never names a rotation
+    /// the state database does not have (a restart would begin another one
+    /// for the same version, and the first would never end). A crash between
+    /// the two leaves the row with `start_record_after` set: the rotation is
+    /// resumed under its id and its record appended then
+    /// ([`Inner::record_start_if_missing`]).
     /// `latest` is the credential's newest (finished) rotation, if any: it
     /// created the current version, so it knows its number and vault id.
     /// `carried`: the writes of a step recorded with this one (the retire
-    /// of the version before the current).
+    /// of the version before the current), committed with the row once
+    /// their records are durable. It is left holding the head after the
+    /// start record, written unsynced: the next recorded step makes it
+    /// durable and stores it (see [`records_later`]).
     pub(super) async fn begin(
         &self,
         entry: &CredEntry,
         latest: Option<&RotationRow>,
-        mut carried: Vec<Write>,
+        carried: &mut Vec<Write>,
     ) -> Result<RotationRow, Stop> {
         let key = entry.key();
         let cred = self.cred_row(key);
@@ -219,7 +231,7 @@ impl Inner {
             },
         };
         let t = self.now();
-        let rot = RotationRow {
+        let mut rot = RotationRow {
             id: RotationId::generate(),
             key: key.clone(),
             step: Step::Create,
@@ -234,25 +246,90 @@ impl Inner {
             attempts: 0,
             last_error: None,
             footprint: Some(Footprint::of(entry).to_json()),
+            // Any record appended from now on comes after this seq.
+            start_record_after: Some(self.audit.head().seq),
         };
+        let failed = |e: PluginError| Stop::Failed(format!("{key}: {}", e.message), None);
+        let mut writes = std::mem::take(carried);
+        if !writes.is_empty() {
+            // The carried steps' records (written unsynced) are durable
+            // before their writes are.
+            let head = self
+                .audit
+                .sync()
+                .await
+                .map_err(|e| failed(PluginError::new(ErrorKind::Transient, e.to_string())))?;
+            writes.push(Write::AuditHead(head));
+        }
+        writes.push(Write::Rotation(rot.clone()));
+        self.persist(writes).await.map_err(failed)?;
+        crash_point("rotation.start.after_row");
         let head = self
-            .audit(
-                entry,
-                Some(&rot),
-                "rotation.start",
-                Outcome::Ok,
-                Some(format!("trigger={}", trigger.as_str())),
-                None,
-            )
+            .append_unsynced(self.start_event(entry, &rot))
             .await
             .map_err(|e| Stop::Failed(format!("{key}: audit: {}", e.message), None))?;
-        carried.push(Write::Rotation(rot.clone()));
-        carried.push(head);
-        self.persist(carried)
-            .await
-            .map_err(|e| Stop::Failed(format!("{key}: {}", e.message), None))?;
+        rot.start_record_after = None;
+        carried.push(Write::AuditHead(head));
         crash_point("rotation.after_start");
         Ok(rot)
+    }
+
+    /// The `rotation.start` record of `rot`.
+    pub(super) fn start_event(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+    ) -> crate::audit::AuditEvent {
+        self.audit_event(
+            entry,
+            Some(rot),
+            "rotation.start",
+            Outcome::Ok,
+            Some(format!("trigger={}", rot.trigger.as_str())),
+            None,
+        )
+    }
+
+    /// `rot` is resumed, and its `rotation.start` record was not known to be
+    /// in the audit log (the daemon was killed between writing the row and
+    /// appending the record, or the append failed): appends it unless it is
+    /// there (after seq `after`), so that the log has it exactly once. The
+    /// head after it is left in `carried`, for the next recorded step.
+    async fn record_start_if_missing(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+        after: u64,
+        carried: &mut Vec<Write>,
+    ) -> Result<(), Stop> {
+        let key = entry.key();
+        let log = self.audit.clone();
+        let id = rot.id.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            log.find_after(after, |r| {
+                r.event.event == "rotation.start" && r.event.rotation.as_ref() == Some(&id)
+            })
+        })
+        .await;
+        match found {
+            Ok(Ok(true)) => return Ok(()),
+            Ok(Ok(false)) => {
+                tracing::info!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, "the start of this rotation was not recorded before the daemon stopped: recording it now");
+            }
+            // Better twice than never.
+            Ok(Err(e)) => {
+                tracing::warn!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, error = %e, "cannot read the audit log to tell whether the start of this rotation was recorded: recording it");
+            }
+            Err(e) => {
+                tracing::warn!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, error = %e, "cannot tell whether the start of this rotation was recorded: recording it");
+            }
+        }
+        let head = self
+            .append_unsynced(self.start_event(entry, rot))
+            .await
+            .map_err(|e| Stop::Failed(format!("{key}: audit: {}", e.message), None))?;
+        carried.push(Write::AuditHead(head));
+        Ok(())
     }
 
     /// Runs `rot.step` with retries; on success the step's effects, the
@@ -524,7 +601,9 @@ const CARRY_LIMIT: Duration = Duration::from_millis(200);
 /// write that the replayed step would then follow in the wrong order:
 /// `create` waits only for `set`/`test` (not for `promote`, after which a
 /// replayed `create` would stage again), `set` for `test`, `promote` for
-/// `deliver`, and a `retire` for the `start` of the next rotation.
+/// `deliver`, and a `retire` for the `start` of the next rotation. The
+/// `start` record itself waits for the next recorded step too (it is
+/// appended after the rotation's row is committed; see [`Inner::begin`]).
 /// Invariant 2 does not rest on these records: the vault makes the staged
 /// value durable itself before `create` returns.
 pub(super) fn records_later(step: Step, entry: &CredEntry) -> bool {

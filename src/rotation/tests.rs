@@ -879,6 +879,98 @@ async fn a_rotation_records_its_six_records_with_three_audit_fsyncs() {
     rig.shutdown().await;
 }
 
+/// The `rotation.start` records of rotation `id` in the rig's audit log, and
+/// the rotation ids that started version `version` of `c0`.
+fn starts_in_log(dir: &std::path::Path, id: &RotationId, version: u64) -> (usize, Vec<String>) {
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r["event"] == "rotation.start")
+        .collect();
+    let of_id = records
+        .iter()
+        .filter(|r| r["rotation"] == id.as_str())
+        .count();
+    let of_version = records
+        .iter()
+        .filter(|r| r["credential"] == "c0" && r["version"] == version)
+        .map(|r| r["rotation"].as_str().unwrap().to_owned())
+        .collect();
+    (of_id, of_version)
+}
+
+/// Begins a rotation of `c0` whose `rotation.start` record cannot be
+/// appended (the audit log is closed), then restarts: the rotation's row was
+/// written first, so it is the one that resumes, under its id.
+async fn start_left_unrecorded() -> (Rig, RotationId) {
+    const SCHEDULE: &str = "every = \"6h\"\ngrace = \"1m\"";
+    let rig = Rig::new(1, SCHEDULE).await;
+    rig.run().await;
+    assert_eq!(rig.rotate_c0().await.version, Some(1));
+    // Past the grace: the retire step is done, nothing is carried.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    rig.engine.audit().close().await;
+    let failed = rig.rotate_c0().await;
+    assert!(failed.error.is_some(), "{failed:?}");
+    let stuck = rig
+        .store
+        .latest_rotation(&key("c0"))
+        .unwrap()
+        .expect("the rotation's row is written before its start record");
+    assert_eq!((stuck.step, stuck.version), (Step::Create, 2));
+    assert!(stuck.start_record_after.is_some(), "{stuck:?}");
+    (rig.restart(1, SCHEDULE).await, stuck.id)
+}
+
+/// Defect: the `rotation.start` record was appended (and fsynced) before the
+/// rotation's row was committed, so `kill -9` in between left the log
+/// naming a rotation the state never had; it never ended, and after the
+/// restart another rotation made its version. Now the row comes first; a
+/// rotation resumed without its start record appends it, once, and makes
+/// the version under its own id.
+#[tokio::test(start_paused = true)]
+async fn a_rotation_resumed_before_its_start_was_recorded_records_it_once() {
+    let (rig, stuck) = start_left_unrecorded().await;
+    rig.run().await;
+    rig.until(Duration::from_secs(10), "version 2", |r| {
+        r.sink.versions("c0").contains(&2)
+    })
+    .await;
+    let done = rig.store.latest_rotation(&key("c0")).unwrap().unwrap();
+    assert_eq!((done.id.clone(), done.version), (stuck.clone(), 2));
+    assert_eq!(done.start_record_after, None, "cleared once recorded");
+    let dir = rig.shutdown().await;
+    let (of_id, of_version) = starts_in_log(dir.path(), &stuck, 2);
+    assert_eq!(of_id, 1, "its start recorded once");
+    assert_eq!(
+        of_version,
+        [stuck.to_string()],
+        "no other rotation of version 2"
+    );
+}
+
+/// The same, with the start record in the log already (killed after the
+/// record, before the next write of the row): not recorded twice.
+#[tokio::test(start_paused = true)]
+async fn a_resumed_rotation_whose_start_was_recorded_is_not_recorded_again() {
+    let (rig, stuck) = start_left_unrecorded().await;
+    let row = rig.store.latest_rotation(&key("c0")).unwrap().unwrap();
+    let catalog = rig.engine.catalog();
+    let entry = catalog.creds.get(&key("c0")).unwrap();
+    let ev = rig.engine.inner.start_event(entry, &row);
+    rig.engine.record(ev).await.unwrap();
+    rig.run().await;
+    rig.until(Duration::from_secs(10), "version 2", |r| {
+        r.sink.versions("c0").contains(&2)
+    })
+    .await;
+    let dir = rig.shutdown().await;
+    let (of_id, of_version) = starts_in_log(dir.path(), &stuck, 2);
+    assert_eq!(of_id, 1, "its start recorded once");
+    assert_eq!(of_version, [stuck.to_string()]);
+}
+
 /// An audit record that cannot be appended fails its step (no rotation goes
 /// unrecorded) and is counted, so an alert can say why rotations stopped.
 #[tokio::test(start_paused = true)]

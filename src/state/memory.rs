@@ -60,6 +60,9 @@ impl Tables {
             }
             Write::Rotation(r) => {
                 fits(r.version, "version number")?;
+                if let Some(seq) = r.start_record_after {
+                    fits(seq, "audit seq")?;
+                }
                 self.rotations.insert(r.id.as_str().to_owned(), r.clone());
             }
             Write::Version(v) => {
@@ -327,6 +330,7 @@ mod differential_tests {
                     attempts: 0,
                     last_error: None,
                     footprint: Some("{}".into()),
+                    start_record_after: (step % 2 == 0).then_some(u64::from(id)),
                 })
             }),
             (k.clone(), 1u64..12, 0u8..4).prop_map(|(k, v, s)| Write::Version(VersionRow {

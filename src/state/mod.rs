@@ -90,6 +90,15 @@ pub struct RotationRow {
     /// Where the versions are held (JSON the engine writes and reads; see
     /// `rotation::footprint`). `None` in rows written before it existed.
     pub footprint: Option<String>,
+    /// While this rotation's `rotation.start` audit record may be missing:
+    /// the seq of the last audit record before the row was first written
+    /// (the start record, if it was appended, comes after it). The row is
+    /// durable before its start record is appended, and the next write of
+    /// the row clears this; a rotation resumed with it set looks for its
+    /// start record after that seq and appends it if it is not there. `None`
+    /// once the record is known to be in the log (and in rows written
+    /// before it existed).
+    pub start_record_after: Option<u64>,
 }
 
 /// Metadata of one version. Never the value.

@@ -348,6 +348,7 @@ mod tests {
             attempts: 0,
             last_error: None,
             footprint: None,
+            start_record_after: None,
         };
         // A version too large for SQLite's INTEGER fails on write, after
         // the group's first write went in: that write must be undone.

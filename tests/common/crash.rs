@@ -16,7 +16,9 @@ use std::time::Duration;
 use keyturn::model::{CredentialKey, Stage};
 use keyturn::rotation::FAILPOINTS;
 
-use super::{Env, audit_verifies, bot_key, delivered_json, stages, temp_files, wait_settled};
+use super::{
+    Env, audit_records, audit_verifies, bot_key, delivered_json, stages, temp_files, wait_settled,
+};
 
 /// The one credential a crash case rotates: `bot/db`, delivered as JSON to
 /// `{root}/bot/db.json`.
@@ -98,6 +100,62 @@ pub fn kill_9_and_resume<B>(
     let temps = temp_files(env);
     assert!(temps.is_empty(), "{failpoint}: temp files left: {temps:?}");
     audit_verifies(env, failpoint);
+    every_rotation_started_once_and_ended(env, failpoint);
+}
+
+/// Every rotation the audit log names has its `rotation.start` record
+/// exactly once and ended (`rotation.deliver`, or `rotation.abandoned`),
+/// and no version was started by two rotations. A start recorded for a
+/// rotation the state database never had is a rotation that never ends,
+/// whose version another rotation then makes.
+pub fn every_rotation_started_once_and_ended(env: &Env, what: &str) {
+    use std::collections::BTreeMap;
+    let records = audit_records(env);
+    let mut events: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut starters: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+    for r in &records {
+        let Some(id) = r["rotation"].as_str() else {
+            continue;
+        };
+        let event = r["event"].as_str().unwrap_or_default().to_owned();
+        if event == "rotation.start" {
+            let made = (
+                format!(
+                    "{}/{}",
+                    r["agent"].as_str().unwrap_or_default(),
+                    r["credential"].as_str().unwrap_or_default()
+                ),
+                r["version"].as_u64().unwrap_or_default(),
+            );
+            starters.entry(made).or_default().push(id.to_owned());
+        }
+        let ok = r["outcome"] == "ok";
+        events.entry(id.to_owned()).or_default().push(if ok {
+            event
+        } else {
+            format!("{event} (failed)")
+        });
+    }
+    for (id, evs) in &events {
+        let starts = evs.iter().filter(|e| *e == "rotation.start").count();
+        assert_eq!(
+            starts, 1,
+            "{what}: rotation {id} has {starts} start records: {evs:?}"
+        );
+        assert!(
+            evs.iter()
+                .any(|e| e == "rotation.deliver" || e.starts_with("rotation.abandoned")),
+            "{what}: rotation {id} never ended: {evs:?}"
+        );
+    }
+    for ((cred, version), ids) in &starters {
+        assert_eq!(
+            ids.len(),
+            1,
+            "{what}: version {version} of {cred} was started by {} rotations: {ids:?}",
+            ids.len()
+        );
+    }
 }
 
 /// Runs `case` at every failpoint, four at a time (each case makes its own

@@ -242,8 +242,10 @@ impl SqliteStore {
                     .prepare_cached(
                         "INSERT INTO rotations (id, agent, credential, step, \"trigger\", \
                          version, vault_version, previous_version, previous_vault_version, \
-                         started_at, updated_at, retire_at, attempts, last_error, footprint) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+                         started_at, updated_at, retire_at, attempts, last_error, footprint, \
+                         start_record_after) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, \
+                         ?16) \
                          ON CONFLICT (id) DO UPDATE SET \
                          agent = excluded.agent, credential = excluded.credential, \
                          step = excluded.step, \"trigger\" = excluded.\"trigger\", \
@@ -252,7 +254,8 @@ impl SqliteStore {
                          previous_vault_version = excluded.previous_vault_version, \
                          started_at = excluded.started_at, updated_at = excluded.updated_at, \
                          retire_at = excluded.retire_at, attempts = excluded.attempts, \
-                         last_error = excluded.last_error, footprint = excluded.footprint",
+                         last_error = excluded.last_error, footprint = excluded.footprint, \
+                         start_record_after = excluded.start_record_after",
                     )
                     .map_err(e)?;
                 st.execute(params![
@@ -271,6 +274,9 @@ impl SqliteStore {
                     i64::from(r.attempts),
                     r.last_error,
                     r.footprint,
+                    r.start_record_after
+                        .map(|s| self.seq_to_sql(s))
+                        .transpose()?,
                 ])
                 .map_err(e)?;
             }
@@ -483,6 +489,13 @@ impl SqliteStore {
             }
         }
         Ok(())
+    }
+
+    fn seq_to_sql(&self, seq: u64) -> Result<i64> {
+        i64::try_from(seq).map_err(|_| StateError::Db {
+            path: self.path.clone(),
+            message: format!("audit seq {seq} does not fit in the database"),
+        })
     }
 
     fn ver_to_sql(&self, v: VersionNo) -> Result<i64> {
@@ -744,6 +757,7 @@ mod tests {
             attempts: 5,
             last_error: Some("target postgres: timeout".into()),
             footprint: Some(r#"{"vaults":["bao"],"owner":"o","tenant":"t"}"#.into()),
+            start_record_after: Some(41),
         }
     }
 
@@ -901,6 +915,7 @@ mod tests {
             last_error: None,
             attempts: 0,
             trigger: Trigger::Initial,
+            start_record_after: None,
             ..rot(&k2, Step::Create)
         };
         s.apply(&[

@@ -16,7 +16,7 @@ pub(super) const CREDENTIAL_COLS: &str = "agent, credential, current_version, la
      consecutive_failures, last_error, failing_since";
 pub(super) const ROTATION_COLS: &str = "id, agent, credential, step, \"trigger\", version, vault_version, \
      previous_version, previous_vault_version, started_at, updated_at, retire_at, attempts, \
-     last_error, footprint";
+     last_error, footprint, start_record_after";
 pub(super) const ACK_COLS: &str = "agent, credential, version, consumer, acked_at";
 pub(super) const VERSION_COLS: &str =
     "agent, credential, version, rotation, stage, vault_version, created_at, public";
@@ -159,6 +159,13 @@ pub(super) fn decode_rotation(row: &Row<'_>) -> DecodeResult<RotationRow> {
         attempts: count(T, "attempts", row.get(12)?)?,
         last_error: row.get(13)?,
         footprint: row.get(14)?,
+        start_record_after: row
+            .get::<_, Option<i64>>(15)?
+            .map(|s| {
+                u64::try_from(s)
+                    .map_err(|_| corrupt(T, "start_record_after", format!("negative seq {s}")))
+            })
+            .transpose()?,
     })
 }
 

@@ -110,6 +110,12 @@ pub(super) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (agent, credential)
     );
     "#,
+    // 6: a rotation's row is written before its `rotation.start` audit
+    // record; until the row is written again, the audit seq that record
+    // comes after, so a restart can tell whether it was appended.
+    r#"
+    ALTER TABLE rotations ADD COLUMN start_record_after INTEGER;
+    "#,
 ];
 
 /// The schema version this build writes and understands.
