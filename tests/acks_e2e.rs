@@ -166,6 +166,74 @@ fn keyturn_ack_retires_the_previous_version_and_refuses_other_uids() {
     audit_verifies(&env, "after acks");
 }
 
+/// Defect: a `keyturn rotate` accepted while the rotation waited for
+/// version 2's ack ("started", audited, status `rotating:create`) was
+/// dropped by a clean restart: no version 3 ever came. And with the daemon
+/// down, `status` listed the awaited consumer as a holdout "retired at the
+/// grace deadline without their ack" while that deadline was still ahead.
+/// Now the request is stored while it waits and resumed by the restart
+/// (waiting again for the ack), and offline status says "awaiting ack".
+#[test]
+fn a_rotate_waiting_for_an_ack_survives_a_restart_and_offline_status_says_awaiting() {
+    let env = env("explicit");
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    let out = ack_as(&env, None, 1);
+    assert!(out.status.success(), "{}", text(&out));
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    wait_version(&env, "bot", "db", 2);
+    let consumer = format!("file:{}", env.root().join("bot/db").display());
+    assert_eq!(awaiting(&env), vec![format!("{consumer} (ack=explicit)")]);
+
+    // Version 3 is asked for: it waits for version 2's ack (grace 1h).
+    let out = env.cli_ok(&["rotate", "bot/db"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("started"),
+        "{}",
+        text(&out)
+    );
+    let waiting = |env: &Env| {
+        let rows = status_json(env);
+        let r = row(&rows, "bot", "db");
+        (r["state"] == "rotating" && r["step"] == "create").then_some(())
+    };
+    wait_for(Duration::from_secs(10), || waiting(&env)).expect("the rotation waits for the ack");
+    daemon.stop();
+
+    // Offline: version 2's consumer is still awaited, not a holdout.
+    let rows = status_json(&env);
+    let r = row(&rows, "bot", "db");
+    assert_eq!(r["awaiting_ack"], serde_json::json!([consumer]), "{r}");
+    assert!(
+        r.get("holdouts")
+            .is_none_or(|h| h == &serde_json::json!([])),
+        "{r}"
+    );
+    let table = String::from_utf8_lossy(&env.cli(&["status"]).stdout).into_owned();
+    assert!(!table.contains("holdouts"), "{table}");
+    assert!(table.contains("awaiting ack"), "{table}");
+
+    // Restarted: the request waits again, then rotates right after the ack.
+    let daemon = env.start();
+    wait_for(Duration::from_secs(10), || waiting(&env))
+        .expect("after the restart the requested rotation waits again");
+    assert_eq!(
+        stage_of(&env, 1),
+        Some(Stage::Previous),
+        "still awaits the ack"
+    );
+    let out = ack_as(&env, Some(AGENT_UID), 2);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_version(&env, "bot", "db", 3);
+    let start = audit_records(&env)
+        .into_iter()
+        .find(|r| r["event"] == "rotation.start" && r["version"] == 3)
+        .expect("version 3 started");
+    assert_eq!(start["detail"], "trigger=manual", "{start}");
+    daemon.stop();
+    audit_verifies(&env, "after the resumed request");
+}
+
 /// Every refused ack used to be an fsynced audit record, so any local user
 /// could fill the state volume by asking to be refused. Now a uid's
 /// refusals are audited at most 10 a minute per event (the rest are

@@ -893,6 +893,7 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
             (d.agent, label)
         })
         .collect();
+    let now = chrono::Utc::now();
     let mut rows: Vec<StatusRow> = cfg
         .credentials()
         .map(|(_, c)| {
@@ -909,6 +910,7 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                 .filter(|r| {
                     r.step != crate::rotation::Step::Retire || r.previous_version.is_some()
                 });
+            let (awaiting_ack, holdouts) = offline_acks(&snapshot, &c.key, now);
             StatusRow {
                 agent: c.key.agent.clone(),
                 credential: c.key.credential.clone(),
@@ -934,19 +936,45 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                 last_error: unfinished
                     .and_then(|r| r.last_error.clone())
                     .or_else(|| row.and_then(|r| r.last_error.clone())),
-                awaiting_ack: Vec::new(),
-                // Offline, consumers still awaited are listed as holdouts.
-                holdouts: snapshot
-                    .acks
-                    .iter()
-                    .filter(|a| a.key == c.key && a.acked_at.is_none())
-                    .map(|a| a.consumer.clone())
-                    .collect(),
+                awaiting_ack,
+                holdouts,
             }
         })
         .collect();
     rows.sort_by(|a, b| (&a.agent, &a.credential).cmp(&(&b.agent, &b.credential)));
     Some(rows)
+}
+
+/// The consumers of `key`'s current version not heard from, offline, as
+/// the daemon shows them: awaited while the previous version still waits to
+/// be retired and its grace deadline is ahead; holdouts once that deadline
+/// has passed or the previous version was retired without their ack.
+/// (Only their names: how each acknowledges is the sink's, not in state.)
+fn offline_acks(
+    snapshot: &crate::state::Snapshot,
+    key: &crate::model::CredentialKey,
+    now: chrono::DateTime<chrono::Utc>,
+) -> (Vec<String>, Vec<String>) {
+    let pending: Vec<&crate::state::AckRow> = snapshot
+        .acks
+        .iter()
+        .filter(|a| a.key == *key && a.acked_at.is_none())
+        .collect();
+    let waiting = |a: &crate::state::AckRow| {
+        snapshot.unfinished.iter().any(|r| {
+            r.key == *key
+                && r.step == crate::rotation::Step::Retire
+                && r.version == a.version
+                && r.retire_at.is_some_and(|deadline| deadline > now)
+        })
+    };
+    // A first version retires nothing: its consumers are never holdouts.
+    let (awaited, holdouts): (Vec<_>, Vec<_>) = pending
+        .into_iter()
+        .partition(|a| a.version == 1 || waiting(a));
+    let names =
+        |rows: Vec<&crate::state::AckRow>| rows.into_iter().map(|a| a.consumer.clone()).collect();
+    (names(awaited), names(holdouts))
 }
 
 /// When `c` is next due, offline: from the config as the daemon computes

@@ -36,6 +36,7 @@ use chrono::{DateTime, Utc};
 use super::catalog::CredEntry;
 use super::engine::{Inner, chrono_dur};
 use super::jobs::park_delay;
+use super::step::Trigger;
 use super::steps::{StepError, entry_retry};
 use super::table::Job;
 use crate::audit::{Actor, AuditEvent, Outcome};
@@ -511,6 +512,41 @@ impl Inner {
         }
     }
 
+    /// A rotation is about to wait for the consumers of the current version
+    /// (`rot` delivered it) before it begins. If it was asked for (`keyturn
+    /// rotate`), the request is stored first, so that a restart while it
+    /// waits resumes it (waiting again, up to the same grace deadline)
+    /// instead of dropping it; it is cleared when the rotation begins. A
+    /// scheduled rotation needs nothing stored: its due time is.
+    pub(super) async fn store_request_while_waiting(&self, rot: &RotationRow) {
+        let key = &rot.key;
+        let waits = rot.retire_at.is_some_and(|deadline| deadline > self.now())
+            && self.awaits_acks(key, rot.version);
+        let requested = self
+            .live()
+            .get(key)
+            .is_some_and(|l| l.next_trigger == Some(Trigger::Manual) && !l.request_stored);
+        if !waits || !requested {
+            return;
+        }
+        let stored = self
+            .persist(vec![Write::RotationRequested {
+                key: key.clone(),
+                at: self.now(),
+            }])
+            .await;
+        match stored {
+            Ok(()) => {
+                if let Some(l) = self.live().get_mut(key) {
+                    l.request_stored = true;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(agent = %key.agent, credential = %key.credential, error = %e, "cannot store the rotation asked for while it waits for acknowledgements: a restart before it begins would drop it");
+            }
+        }
+    }
+
     /// `consumer` (every awaited one when `None`) acknowledges `version` of
     /// `key`; `actor` did it. Persisted and audited; the last ack of a
     /// version moves the retirement of the previous one to now.
@@ -654,7 +690,9 @@ impl Inner {
             let a = map.entry(row.key.clone()).or_insert_with(|| Awaited {
                 version: row.version,
                 consumers: Vec::new(),
-                retired_with_holdouts: retiring.get(&row.key) != Some(&row.version),
+                // A first version retires nothing: never holdouts.
+                retired_with_holdouts: retiring.get(&row.key) != Some(&row.version)
+                    && row.version > 1,
             });
             a.consumers.push(Consumer {
                 name: row.consumer,

@@ -319,6 +319,24 @@ impl Engine {
                 }
                 self.inner.adopt_unfinished(&mut live, rot, &mut resume);
             }
+            // A `keyturn rotate` that was waiting for the current version's
+            // acks when the daemon stopped goes on now: it waits again, up
+            // to the same grace deadline, then begins.
+            for req in snapshot.requests {
+                let rotated_here = catalog
+                    .creds
+                    .get(&req.key)
+                    .is_some_and(|e| e.cfg.follow.is_none());
+                let Some(l) = live.get_mut(&req.key).filter(|_| rotated_here) else {
+                    continue;
+                };
+                l.request_stored = true;
+                if !resume.contains(&req.key) {
+                    tracing::info!(agent = %req.key.agent, credential = %req.key.credential, requested_at = %req.requested_at, "resuming the rotation asked for before the restart (it waits for the current version's acknowledgements)");
+                    l.next_trigger = Some(Trigger::Manual);
+                    resume.insert(req.key);
+                }
+            }
         }
         self.inner.schedule_all(&resume, true);
         Ok(())

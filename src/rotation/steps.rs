@@ -111,6 +111,7 @@ impl Inner {
                     // its grace deadline passed). A first version has no
                     // version before it: nothing to wait for.
                     if prev.previous_vault_version.is_some() {
+                        self.store_request_while_waiting(prev).await;
                         self.wait_for_acks(prev).await?;
                     }
                     self.run_step(entry, prev, &mut RunMemory::default(), Some(&mut carried))
@@ -262,7 +263,15 @@ impl Inner {
             writes.push(Write::AuditHead(head));
         }
         writes.push(Write::Rotation(rot.clone()));
+        // A stored `keyturn rotate` request is met by this rotation.
+        let requested = self.live().get(key).is_some_and(|l| l.request_stored);
+        if requested {
+            writes.push(Write::RotationRequestDone(key.clone()));
+        }
         self.persist(writes).await.map_err(failed)?;
+        if requested && let Some(l) = self.live().get_mut(key) {
+            l.request_stored = false;
+        }
         crash_point("rotation.start.after_row");
         let head = self
             .append_unsynced(self.start_event(entry, &rot))

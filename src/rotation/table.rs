@@ -149,6 +149,10 @@ pub(super) struct CredLive {
     /// retired (or a missing file restored); it starts as soon as that
     /// finishes.
     pub rotate_after_retire: bool,
+    /// A `keyturn rotate` waiting for the current version's acks is stored
+    /// in the state database (`Write::RotationRequested`), to be cleared
+    /// when its rotation begins.
+    pub request_stored: bool,
     /// A reload found a delivered file missing while another job ran; the
     /// file is restored when that job ends (see `restore.rs`).
     pub restore_after: bool,

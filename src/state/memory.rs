@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::{
-    AckRow, AuditHead, CredentialRow, DecommissionRow, HISTORY_KEPT, Result, RevocationRow,
-    RotationRow, Snapshot, StateError, StateStore, VersionRow, Write,
+    AckRow, AuditHead, CredentialRow, DecommissionRow, HISTORY_KEPT, RequestRow, Result,
+    RevocationRow, RotationRow, Snapshot, StateError, StateStore, VersionRow, Write,
 };
 use crate::model::{AgentId, CredentialKey, RotationId, Stage, VersionNo};
 use crate::rotation::Step;
@@ -29,6 +29,7 @@ struct Tables {
     decommissions: BTreeMap<AgentId, DecommissionRow>,
     revocations: BTreeMap<(AgentId, String), RevocationRow>,
     holdings: BTreeMap<CredentialKey, String>,
+    requests: BTreeMap<CredentialKey, RequestRow>,
 }
 
 impl MemoryStore {
@@ -134,7 +135,19 @@ impl Tables {
             Write::Holding { key, footprint } => {
                 self.holdings.insert(key.clone(), footprint.clone());
             }
+            Write::RotationRequested { key, at } => {
+                self.requests
+                    .entry(key.clone())
+                    .or_insert_with(|| RequestRow {
+                        key: key.clone(),
+                        requested_at: *at,
+                    });
+            }
+            Write::RotationRequestDone(key) => {
+                self.requests.remove(key);
+            }
             Write::ForgetCredential(key) => {
+                self.requests.remove(key);
                 self.holdings.remove(key);
                 self.acks.retain(|(k, _), _| k != key);
                 self.credentials.remove(key);
@@ -193,6 +206,7 @@ impl StateStore for MemoryStore {
                 .cloned()
                 .collect(),
             acks: t.acks.values().cloned().collect(),
+            requests: t.requests.values().cloned().collect(),
         })
     }
 
@@ -369,6 +383,11 @@ mod differential_tests {
                 consumer: format!("file:/c{c}"),
                 at: chrono::DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap(),
             }),
+            (k.clone(), 0i64..5).prop_map(|(k, s)| Write::RotationRequested {
+                key: key(k),
+                at: chrono::DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap(),
+            }),
+            k.clone().prop_map(|k| Write::RotationRequestDone(key(k))),
             k.prop_map(|k| Write::ForgetCredential(key(k))),
         ]
     }

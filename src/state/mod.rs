@@ -218,6 +218,16 @@ pub struct RevocationRow {
     pub last_error: Option<String>,
 }
 
+/// A `keyturn rotate` accepted while the rotation it starts waits for the
+/// current version's acknowledgements (up to that version's grace
+/// deadline): kept until the rotation begins, so a restart meanwhile
+/// resumes it instead of dropping it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRow {
+    pub key: CredentialKey,
+    pub requested_at: DateTime<Utc>,
+}
+
 /// The last audit record's sequence number and hash, to detect a truncated log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditHead {
@@ -270,6 +280,15 @@ pub enum Write {
         key: CredentialKey,
         footprint: String,
     },
+    /// A rotation of `key` was asked for (`keyturn rotate`) and waits for
+    /// the current version's acks before it begins (see [`RequestRow`]).
+    /// A request already stored is kept as it is.
+    RotationRequested {
+        key: CredentialKey,
+        at: DateTime<Utc>,
+    },
+    /// The requested rotation of `key` has begun (written with its start).
+    RotationRequestDone(CredentialKey),
     /// Drops `key`'s finished rotations and retired versions beyond the
     /// newest [`HISTORY_KEPT`] of each, so the state database stays bounded
     /// per credential however long it rotates (the audit log is the history).
@@ -287,6 +306,8 @@ pub struct Snapshot {
     pub unfinished: Vec<RotationRow>,
     /// Every ack row (awaited or acknowledged) of the last deliveries.
     pub acks: Vec<AckRow>,
+    /// Rotations asked for that have not begun yet, in key order.
+    pub requests: Vec<RequestRow>,
 }
 
 pub trait StateStore: Send + Sync {

@@ -51,8 +51,8 @@ mod schema;
 
 use rows::{
     ACK_COLS, CREDENTIAL_COLS, Decode, ROTATION_COLS, VERSION_COLS, decode_ack, decode_agent,
-    decode_credential, decode_decommission, decode_holding, decode_revocation, decode_rotation,
-    decode_version, to_json, to_millis,
+    decode_credential, decode_decommission, decode_holding, decode_request, decode_revocation,
+    decode_rotation, decode_version, to_json, to_millis,
 };
 pub use schema::SCHEMA_VERSION;
 
@@ -473,8 +473,30 @@ impl SqliteStore {
                 ])
                 .map_err(e)?;
             }
+            Write::RotationRequested { key, at } => {
+                tx.prepare_cached(
+                    "INSERT INTO rotate_requests (agent, credential, requested_at) \
+                     VALUES (?1, ?2, ?3) ON CONFLICT (agent, credential) DO NOTHING",
+                )
+                .map_err(e)?
+                .execute(params![
+                    key.agent.as_str(),
+                    key.credential.as_str(),
+                    to_millis(*at)
+                ])
+                .map_err(e)?;
+            }
+            Write::RotationRequestDone(key) => {
+                tx.prepare_cached(
+                    "DELETE FROM rotate_requests WHERE agent = ?1 AND credential = ?2",
+                )
+                .map_err(e)?
+                .execute(params![key.agent.as_str(), key.credential.as_str()])
+                .map_err(e)?;
+            }
             Write::ForgetCredential(key) => {
                 for sql in [
+                    "DELETE FROM rotate_requests WHERE agent = ?1 AND credential = ?2",
                     "DELETE FROM holdings WHERE agent = ?1 AND credential = ?2",
                     "DELETE FROM acks WHERE agent = ?1 AND credential = ?2",
                     "DELETE FROM versions WHERE agent = ?1 AND credential = ?2",
@@ -613,10 +635,17 @@ impl StateStore for SqliteStore {
             [],
             decode_ack,
         )?;
+        let requests = self.query_rows(
+            "SELECT agent, credential, requested_at FROM rotate_requests \
+             ORDER BY agent, credential",
+            [],
+            decode_request,
+        )?;
         Ok(Snapshot {
             credentials,
             unfinished,
             acks,
+            requests,
         })
     }
 
@@ -1084,6 +1113,49 @@ mod tests {
         let snap = s.snapshot().unwrap();
         assert_eq!(snap.credentials.len(), 1);
         assert_eq!(snap.unfinished.len(), 1);
+    }
+
+    /// A stored `keyturn rotate` request keeps the time it was first made,
+    /// is in the snapshot until its rotation begins, and goes with its
+    /// credential; in both stores.
+    #[test]
+    fn rotate_requests_are_kept_until_done_in_both_stores() {
+        let (_dir, sqlite) = open_tmp();
+        let memory = crate::state::MemoryStore::new();
+        let (a, b) = (key("a", "c"), key("b", "c"));
+        for s in [&sqlite as &dyn StateStore, &memory] {
+            s.apply(&[
+                Write::RotationRequested {
+                    key: a.clone(),
+                    at: at(1_000),
+                },
+                Write::RotationRequested {
+                    key: b.clone(),
+                    at: at(2_000),
+                },
+                Write::RotationRequested {
+                    key: a.clone(),
+                    at: at(3_000),
+                },
+            ])
+            .unwrap();
+            let requested = |s: &dyn StateStore| {
+                s.snapshot()
+                    .unwrap()
+                    .requests
+                    .into_iter()
+                    .map(|r| (r.key, r.requested_at))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                requested(s),
+                vec![(a.clone(), at(1_000)), (b.clone(), at(2_000))]
+            );
+            s.apply(&[Write::RotationRequestDone(a.clone())]).unwrap();
+            assert_eq!(requested(s), vec![(b.clone(), at(2_000))]);
+            s.apply(&[Write::ForgetCredential(b.clone())]).unwrap();
+            assert_eq!(requested(s), vec![]);
+        }
     }
 
     #[test]

@@ -8,7 +8,8 @@ use rusqlite::Row;
 
 use crate::model::{AgentId, CredentialId, CredentialKey, RotationId, Stage, VersionNo};
 use crate::state::{
-    AckRow, CredentialRow, DecommissionRow, RevocationRow, RotationRow, Step, Trigger, VersionRow,
+    AckRow, CredentialRow, DecommissionRow, RequestRow, RevocationRow, RotationRow, Step, Trigger,
+    VersionRow,
 };
 
 // Column lists shared by the SELECTs and their decoders: keep them in step.
@@ -131,6 +132,14 @@ pub(super) fn decode_ack(row: &Row<'_>) -> DecodeResult<AckRow> {
         version: ver(T, "version", row.get(2)?)?,
         consumer: row.get(3)?,
         acked_at: opt_ts(T, "acked_at", row.get(4)?)?,
+    })
+}
+
+pub(super) fn decode_request(row: &Row<'_>) -> DecodeResult<RequestRow> {
+    const T: &str = "rotate_requests";
+    Ok(RequestRow {
+        key: key_at(row, T, 0)?,
+        requested_at: ts(T, "requested_at", row.get(2)?)?,
     })
 }
 

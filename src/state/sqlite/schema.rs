@@ -116,6 +116,16 @@ pub(super) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE rotations ADD COLUMN start_record_after INTEGER;
     "#,
+    // 7: `keyturn rotate` requests waiting for the current version's acks,
+    // so a restart does not drop them.
+    r#"
+    CREATE TABLE rotate_requests (
+        agent        TEXT    NOT NULL,
+        credential   TEXT    NOT NULL,
+        requested_at INTEGER NOT NULL,
+        PRIMARY KEY (agent, credential)
+    );
+    "#,
 ];
 
 /// The schema version this build writes and understands.
