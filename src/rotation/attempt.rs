@@ -15,7 +15,7 @@ use crate::model::{ErrorKind, PluginError, SecretValue, Stage};
 use crate::sinks::Notice;
 use crate::state::{CredentialRow, Restage, RotationRow, VersionRow, Write};
 use crate::targets::Target;
-use crate::vaults::{Select, Vault, VaultItem, VaultRefs, VersionRef};
+use crate::vaults::{Promote, Select, Vault, VaultItem, VaultRefs, VersionRef};
 
 impl Inner {
     /// One attempt of one step. Returns the state writes that record its effect.
@@ -116,7 +116,13 @@ impl Inner {
                     // rotation's retire step first).
                     let expected = previous.get(h.vault.describe());
                     let promoted = match expected {
-                        Some(_) => h.vault.promote_from(item, &vref, expected).await,
+                        Some(_) => {
+                            let p = Promote {
+                                version: &vref,
+                                expected,
+                            };
+                            h.vault.promote_from(item, p).await
+                        }
                         // Nothing to check against (a first rotation, or a
                         // vault added since): a plain promote reads less.
                         None => h.vault.promote(item, &vref).await.map(|()| None),

@@ -1043,19 +1043,16 @@ async fn a_trigger_during_a_retire_starts_a_manual_rotation_after_it() {
     );
 }
 
-/// Rotations overdue after downtime are spread over `catch_up_spread` (most
-/// overdue first), not fired at once.
-#[tokio::test(start_paused = true)]
-async fn overdue_rotations_after_downtime_are_spread_over_the_catch_up_window() {
-    const N: usize = 6;
+/// A store whose `n` credentials `c0..` were last rotated `hours + i` hours
+/// ago (`c{n-1}` the most overdue), each at version 1.
+fn overdue_store(n: usize, hours: i64) -> Arc<MemoryStore> {
     let store = Arc::new(MemoryStore::new());
-    // Every credential was last rotated 2-7 h ago on a 1 h schedule.
-    let rows: Vec<Write> = (0..N)
+    let rows: Vec<Write> = (0..n)
         .map(|i| {
             Write::Credential(CredentialRow {
                 key: key(&format!("c{i}")),
                 current_version: Some(1),
-                last_rotated_at: Some(t0() - chrono::Duration::hours(2 + i as i64)),
+                last_rotated_at: Some(t0() - chrono::Duration::hours(hours + i as i64)),
                 next_due: None,
                 consecutive_failures: 0,
                 failing_since: None,
@@ -1064,6 +1061,16 @@ async fn overdue_rotations_after_downtime_are_spread_over_the_catch_up_window() 
         })
         .collect();
     store.apply(&rows).unwrap();
+    store
+}
+
+/// Rotations overdue after downtime are spread over `catch_up_spread` (most
+/// overdue first), not fired at once.
+#[tokio::test(start_paused = true)]
+async fn overdue_rotations_after_downtime_are_spread_over_the_catch_up_window() {
+    const N: usize = 6;
+    // Every credential was last rotated 2-7 h ago on a 1 h schedule.
+    let store = overdue_store(N, 2);
     let rig = Rig::with(N, "every = \"1h\"", "", store, Arc::default()).await;
     rig.run().await;
     rig.until(Duration::from_secs(700), "all caught up", |r| {
@@ -1103,21 +1110,7 @@ async fn overdue_rotations_after_downtime_are_spread_over_the_catch_up_window() 
 #[tokio::test(start_paused = true)]
 async fn a_reload_during_the_catch_up_window_keeps_the_pending_slots() {
     const N: usize = 6;
-    let store = Arc::new(MemoryStore::new());
-    let rows: Vec<Write> = (0..N)
-        .map(|i| {
-            Write::Credential(CredentialRow {
-                key: key(&format!("c{i}")),
-                current_version: Some(1),
-                last_rotated_at: Some(t0() - chrono::Duration::hours(3 + i as i64)),
-                next_due: None,
-                consecutive_failures: 0,
-                failing_since: None,
-                last_error: None,
-            })
-        })
-        .collect();
-    store.apply(&rows).unwrap();
+    let store = overdue_store(N, 3);
     let rig = Rig::with(N, "every = \"1h\"", "", store, Arc::default()).await;
     rig.run().await;
     // Slots every 100 s over the 10 min window: c5 now, then c4 .. c0.

@@ -58,7 +58,9 @@ use std::sync::{Arc, LazyLock, Mutex};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{CurrentMark, Pending, Select, StoredVersion, Vault, VaultItem, VersionRef};
+use super::{
+    CurrentMark, Pending, Promote, Promoted, Select, StoredVersion, Vault, VaultItem, VersionRef,
+};
 use crate::model::{
     AgentId, CredentialId, CredentialKey, ErrorKind, PluginError, RotationId, SecretValue, Stage,
 };
@@ -310,18 +312,9 @@ impl Vault for IndexedVault {
     }
 
     /// Like `promote`: the inner vault's, then the record queued.
-    async fn promote_from(
-        &self,
-        item: VaultItem<'_>,
-        version: &VersionRef,
-        expected: Option<&VersionRef>,
-    ) -> Result<Option<VersionRef>, PluginError> {
-        let before = self
-            .core
-            .inner
-            .promote_from(item, version, expected)
-            .await?;
-        self.queue(item, version);
+    async fn promote_from(&self, item: VaultItem<'_>, p: Promote<'_>) -> Promoted {
+        let before = self.core.inner.promote_from(item, p).await?;
+        self.queue(item, p.version);
         Ok(before)
     }
 

@@ -27,7 +27,7 @@ use futures::FutureExt;
 use crate::model::{AgentId, CredentialId, CredentialKey, PluginError, RotationId, SecretValue};
 use crate::model::{ErrorKind, Stage};
 
-use super::{CurrentMark, Select, Vault, VaultItem, VersionRef};
+use super::{CurrentMark, Promote, Select, Vault, VaultItem, VersionRef};
 
 /// Every value a clause writes starts with this, so one `contains` finds any
 /// of them in an error message.
@@ -793,7 +793,13 @@ impl<'a> Cred<'a> {
         let version = &v.version;
         let got = self
             .vault
-            .promote_from(self.item(), version, expected.map(|e| &e.version))
+            .promote_from(
+                self.item(),
+                Promote {
+                    version,
+                    expected: expected.map(|e| &e.version),
+                },
+            )
             .await
             .unwrap_or_else(|e| panic!("{}: promote_from {version}: {e}", self.name()));
         assert_eq!(

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::OnceCell;
 
-use super::{CurrentMark, Pending, Select, StoredVersion, Vault, VaultItem, VersionRef};
+use super::{
+    CurrentMark, Pending, Promote, Promoted, Select, StoredVersion, Vault, VaultItem, VersionRef,
+};
 use crate::model::PluginError;
 
 type ConnectFuture = Pin<Box<dyn Future<Output = Result<Arc<dyn Vault>, PluginError>> + Send>>;
@@ -81,16 +83,8 @@ impl Vault for LazyVault {
         self.client().await?.promote(item, version).await
     }
 
-    async fn promote_from(
-        &self,
-        item: VaultItem<'_>,
-        version: &VersionRef,
-        expected: Option<&VersionRef>,
-    ) -> Result<Option<VersionRef>, PluginError> {
-        self.client()
-            .await?
-            .promote_from(item, version, expected)
-            .await
+    async fn promote_from(&self, item: VaultItem<'_>, p: Promote<'_>) -> Promoted {
+        self.client().await?.promote_from(item, p).await
     }
 
     async fn settle(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {

@@ -182,6 +182,18 @@ impl Pending<'_> {
     }
 }
 
+/// What the engine's promote step asks of [`Vault::promote_from`]: make
+/// `version` current, the engine's state holding `expected` as current
+/// (`None`: none).
+#[derive(Debug, Clone, Copy)]
+pub struct Promote<'a> {
+    pub version: &'a VersionRef,
+    pub expected: Option<&'a VersionRef>,
+}
+
+/// What [`Vault::promote_from`] answers: the version current just before.
+pub type Promoted = Result<Option<VersionRef>, PluginError>;
+
 /// A vault-native version identifier (a number for the local vault and KV v2,
 /// a version id for AWS and Azure). Stored in state; never a secret.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -231,7 +243,7 @@ pub trait Vault: Send + Sync {
     /// previous becomes retired. A no-op when `version` is already current.
     async fn promote(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError>;
 
-    /// [`Vault::promote`], as the engine's promote step calls it: `expected`
+    /// [`Vault::promote`], as the engine's promote step calls it: `p.expected`
     /// is the version the engine's state holds as current in this vault
     /// (`None`: none), every version older than it already retired by the
     /// engine. Returns the version that was current just before the promote
@@ -244,18 +256,12 @@ pub trait Vault: Send + Sync {
     /// vault whose promote reads the current version anyway overrides it to
     /// read once, and may skip retiring versions older than `expected` when
     /// the version it finds current is `expected`. Decorators forward it.
-    async fn promote_from(
-        &self,
-        item: VaultItem<'_>,
-        version: &VersionRef,
-        expected: Option<&VersionRef>,
-    ) -> Result<Option<VersionRef>, PluginError> {
-        let _ = expected;
+    async fn promote_from(&self, item: VaultItem<'_>, p: Promote<'_>) -> Promoted {
         let before = self
             .read(item, Select::Stage(Stage::Current))
             .await?
             .map(|v| v.version);
-        self.promote(item, version).await?;
+        self.promote(item, p.version).await?;
         Ok(before)
     }
 

@@ -83,7 +83,8 @@ use aws_sdk_secretsmanager::primitives::Blob;
 use super::budget::WriteBudget;
 use super::lazy::LazyVault;
 use super::{
-    CurrentMark, Pending, Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef,
+    CurrentMark, Pending, Promote, Promoted, Select, StoredVersion, Vault, VaultItem, VaultPlugin,
+    VersionRef,
 };
 use crate::config::validate::{Loc, Validator, VaultScope, duration_value};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
@@ -795,12 +796,8 @@ impl Vault for AwsVault {
 
     /// Promote's `DescribeSecret` names the current version too (like
     /// [`Vault::current_mark`]): no `GetSecretValue` for the engine's check.
-    async fn promote_from(
-        &self,
-        item: VaultItem<'_>,
-        version: &VersionRef,
-        _expected: Option<&VersionRef>,
-    ) -> Result<Option<VersionRef>, PluginError> {
+    async fn promote_from(&self, item: VaultItem<'_>, p: Promote<'_>) -> Promoted {
+        let version = p.version;
         let secret = self.secret_id(item.path);
         let versions = self.labels("promote", &secret).await?;
         let before = versions.as_ref().and_then(|vs| {

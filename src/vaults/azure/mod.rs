@@ -99,7 +99,8 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::lazy::LazyVault;
 use super::{
-    CurrentMark, Pending, Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef,
+    CurrentMark, Pending, Promote, Promoted, Select, StoredVersion, Vault, VaultItem, VaultPlugin,
+    VersionRef,
 };
 use crate::config::validate::{Loc, Validator, VaultScope, duration_value};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
@@ -605,18 +606,18 @@ impl Vault for AzureVault {
     }
 
     async fn promote(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError> {
-        self.promote_from(item, version, None).await.map(|_| ())
+        let p = Promote {
+            version,
+            expected: None,
+        };
+        self.promote_from(item, p).await.map(|_| ())
     }
 
     /// Promote lists `NAME`'s versions, which names the current one too (as
     /// `read` of the current stage would): no extra list and get for the
     /// engine's check.
-    async fn promote_from(
-        &self,
-        item: VaultItem<'_>,
-        version: &VersionRef,
-        _expected: Option<&VersionRef>,
-    ) -> Result<Option<VersionRef>, PluginError> {
+    async fn promote_from(&self, item: VaultItem<'_>, p: Promote<'_>) -> Promoted {
+        let version = p.version;
         let names = Names::of(item.path)?;
         let op = format!("promote version {version}");
         let v = version.0.as_str();

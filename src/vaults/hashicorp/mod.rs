@@ -88,7 +88,8 @@ use zeroize::Zeroizing;
 
 use super::lazy::LazyVault;
 use super::{
-    CurrentMark, Pending, Select, StoredVersion, Vault, VaultItem, VaultPlugin, VersionRef,
+    CurrentMark, Pending, Promote, Promoted, Select, StoredVersion, Vault, VaultItem, VaultPlugin,
+    VersionRef,
 };
 use crate::config::validate::{Loc, Validator, VaultScope, duration_value, is_env_name};
 use crate::model::{ErrorKind, PluginError, RotationId, SecretValue, Stage};
@@ -450,14 +451,9 @@ impl Vault for HashicorpVault {
     /// so the engine's check costs no call. When that is `expected`, the
     /// version before it was retired by the engine already and is not
     /// destroyed again.
-    async fn promote_from(
-        &self,
-        item: VaultItem<'_>,
-        version: &VersionRef,
-        expected: Option<&VersionRef>,
-    ) -> Result<Option<VersionRef>, PluginError> {
-        let target = self.parse_ref("promote", item.path, version)?;
-        let plan = self.plan_promote(item.path, &target, expected).await?;
+    async fn promote_from(&self, item: VaultItem<'_>, p: Promote<'_>) -> Promoted {
+        let target = self.parse_ref("promote", item.path, p.version)?;
+        let plan = self.plan_promote(item.path, &target, p.expected).await?;
         self.commit_promote(item.path, plan).await
     }
 
