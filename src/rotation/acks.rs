@@ -467,14 +467,14 @@ impl Inner {
         self.metrics.ack_holdouts(labels.len() as u64);
         tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, version = rot.version, holdouts = %labels.join(", "), "grace period over: the previous version is retired although some consumers have not acknowledged the current one");
         let head = self
-            .audit(
+            .audit(self.audit_event(
                 entry,
                 Some(rot),
                 "delivery.holdout",
                 Outcome::Failed,
                 Some(format!("holdouts: {}", labels.join(", "))),
                 Some("not acknowledged by the grace deadline".to_owned()),
-            )
+            ))
             .await
             .map_err(|e| StepError::new("audit", e))?;
         Ok(Some(head))

@@ -509,14 +509,14 @@ impl Inner {
         );
         tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %vault, version = prev_version, rotation = %rot.id, "{msg}");
         // The head is persisted with the step, like delivery records.
-        self.audit(
+        self.audit(self.audit_event(
             entry,
             Some(rot),
             "vault.current_gone",
             Outcome::Failed,
             Some(vault.to_owned()),
             Some(msg),
-        )
+        ))
         .await
         .map_err(|e| StepError::new("audit", e))?;
         Ok(())

@@ -673,18 +673,9 @@ impl Inner {
             .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))
     }
 
-    /// Appends an audit record for `entry` (and `rot` if given); returns the
-    /// write that records the new head in state.
-    pub(super) async fn audit(
-        &self,
-        entry: &CredEntry,
-        rot: Option<&RotationRow>,
-        event: &str,
-        outcome: Outcome,
-        detail: Option<String>,
-        error: Option<String>,
-    ) -> Result<Write, PluginError> {
-        let ev = self.audit_event(entry, rot, event, outcome, detail, error);
+    /// Appends `ev` (see [`Self::audit_event`]); returns the write that
+    /// records the new head in state.
+    pub(super) async fn audit(&self, ev: AuditEvent) -> Result<Write, PluginError> {
         Ok(Write::AuditHead(self.append(ev).await?))
     }
 

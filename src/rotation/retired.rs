@@ -60,14 +60,14 @@ impl Inner {
         rot.updated_at = self.now();
         let recorded = async {
             let head = self
-                .audit(
+                .audit(self.audit_event(
                     entry,
                     Some(rot),
                     "rotation.abandoned",
                     Outcome::Failed,
                     None,
                     Some(why.to_owned()),
-                )
+                ))
                 .await?;
             self.persist(vec![Write::Rotation(rot.clone()), head]).await
         }

@@ -455,14 +455,14 @@ impl Inner {
             self.set_running(entry.key(), rot);
             let recorded = async {
                 let head = self
-                    .audit(
+                    .audit(self.audit_event(
                         entry,
                         Some(rot),
                         &format!("rotation.{step}"),
                         Outcome::Failed,
                         step_detail(step, rot),
                         Some(msg.clone()),
-                    )
+                    ))
                     .await?;
                 // The steps carried so far are recorded with the failure.
                 let mut writes = carried
@@ -542,14 +542,14 @@ impl Inner {
         cred.count_failure(now);
         let recorded = async {
             let head = self
-                .audit(
+                .audit(self.audit_event(
                     entry,
                     Some(&done),
                     "rotation.abandoned",
                     Outcome::Failed,
                     Some(format!("step={step}")),
                     Some(why.to_owned()),
-                )
+                ))
                 .await?;
             carried.extend([
                 Write::Rotation(done.clone()),

@@ -24,7 +24,7 @@ impl Inner {
         if self.cfg.atomic {
             self.write_file_at(&dir, self.file_name(), &contents, &dir_shown)
         } else {
-            self.write_file_in_place(&dir, self.file_name(), &contents, &dir_shown)
+            self.write_file_in_place(&dir, &contents, &dir_shown)
         }
     }
 
@@ -192,7 +192,7 @@ impl Inner {
         }
     }
 
-    /// `atomic = false`: writes `contents` into the existing file `name`
+    /// `atomic = false`: writes `contents` into the existing file
     /// itself (truncate, write, fsync), so its inode, and a bind mount of
     /// it, stays the same. A missing file is created the atomic way (no one
     /// can have mounted it yet, so nothing is lost, and its first content
@@ -201,10 +201,10 @@ impl Inner {
     pub(super) fn write_file_in_place(
         &self,
         dir: &OwnedFd,
-        name: &OsStr,
         contents: &[u8],
         dir_shown: &Path,
     ) -> Result<(), PluginError> {
+        let name = self.file_name();
         let shown = dir_shown.join(name);
         match self.existing(dir, name, contents, &shown)? {
             Existing::Holds => return Ok(()),
