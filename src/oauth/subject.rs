@@ -18,9 +18,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, Validation};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use super::config::{SubjectIssuerConfig, normalize_typ};
-use super::jwks::{Jwks, JwksError, Lookup, shown};
+use super::jwks::{Jwks, JwksError, Lookup, UsableKey, shown};
 use super::strict_json;
 
 /// The largest subject token accepted, checked before anything is decoded.
@@ -246,6 +247,14 @@ impl SubjectIssuer {
 
     /// Verifies a parsed token against this issuer's rules and keys.
     pub async fn verify(&self, t: &Unverified<'_>) -> Result<Subject, SubjectError> {
+        self.verify_keyed(t).await.map(|(subject, _)| subject)
+    }
+
+    /// [`Self::verify`], also answering the key that verified the token.
+    async fn verify_keyed(
+        &self,
+        t: &Unverified<'_>,
+    ) -> Result<(Subject, Arc<UsableKey>), SubjectError> {
         let c = &self.config;
         let alg = c
             .algorithms
@@ -365,7 +374,28 @@ impl SubjectIssuer {
                 other => SubjectError::Malformed(format!("{other:?}").chars().take(120).collect()),
             }
         })?;
-        self.subject(&t.claims, skew)
+        Ok((self.subject(&t.claims, skew)?, key))
+    }
+
+    /// What to remember of `t`, which [`Self::verify_keyed`] accepted as
+    /// `subject`, verified with `key`.
+    fn verified(
+        t: &Unverified<'_>,
+        issuer: usize,
+        key: Arc<UsableKey>,
+        subject: &Subject,
+    ) -> Verified {
+        Verified {
+            issuer,
+            kid: t
+                .header
+                .get("kid")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            key,
+            nbf: t.claims.get("nbf").and_then(Value::as_u64),
+            subject: subject.clone(),
+        }
     }
 
     /// The claims of a verified token as a [`Subject`].
@@ -468,25 +498,111 @@ impl SubjectIssuer {
     }
 }
 
+/// How many verified subject tokens [`SubjectTokens`] remembers.
+pub const VERIFIED_CACHE_ENTRIES: usize = 4096;
+
+/// A subject token that verified: what it said, and the key that verified
+/// it, which must still be its issuer's for the result to stand.
+#[derive(Debug, Clone)]
+struct Verified {
+    issuer: usize,
+    kid: Option<String>,
+    key: Arc<UsableKey>,
+    nbf: Option<u64>,
+    subject: Subject,
+}
+
 /// Every configured subject issuer, found by a token's exact `iss`.
-#[derive(Debug, Default)]
+///
+/// An agent acting for a human presents the same subject token in every
+/// exchange until it expires, so the tokens that verified are remembered,
+/// by the SHA-256 of their exact bytes (never the token itself): the same
+/// bytes again skip the parse and the signature check. Nothing else is
+/// skipped. The result stands only while the key that verified it is still
+/// the one its issuer's key set holds under that `kid` (a key set reloaded
+/// without it, or with another key under the name, verifies again), and
+/// `exp`, `nbf` and `iat` are checked against the clock again each time,
+/// with the same skew. Refusals are not remembered.
+#[derive(Debug)]
 pub struct SubjectTokens {
     issuers: Vec<SubjectIssuer>,
+    verified: quick_cache::sync::Cache<[u8; 32], Arc<Verified>>,
+}
+
+impl Default for SubjectTokens {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
 }
 
 impl SubjectTokens {
     pub fn new(issuers: Vec<SubjectIssuer>) -> Self {
-        SubjectTokens { issuers }
+        SubjectTokens {
+            issuers,
+            verified: quick_cache::sync::Cache::new(VERIFIED_CACHE_ENTRIES),
+        }
     }
 
     pub fn issuers(&self) -> &[SubjectIssuer] {
         &self.issuers
     }
 
+    /// How many verified tokens are remembered now.
+    pub fn remembered(&self) -> usize {
+        self.verified.len()
+    }
+
     /// Validates a subject token with the issuer its `iss` names; a token
     /// from an issuer that is not configured is refused before any key is
     /// looked at.
     pub async fn validate(&self, token: &str) -> Result<Subject, SubjectError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(v) = self.verified.get(&digest) {
+            match self.still_valid(&v) {
+                Some(Ok(())) => return Ok(v.subject.clone()),
+                Some(Err(e)) => return Err(e),
+                // Its key changed: verified from scratch below.
+                None => {
+                    self.verified.remove(&digest);
+                }
+            }
+        }
+        let (issuer, t) = self.issuer_of(token)?;
+        let (subject, key) = self.issuers[issuer].verify_keyed(&t).await?;
+        let v = SubjectIssuer::verified(&t, issuer, key, &subject);
+        self.verified.insert(digest, Arc::new(v));
+        Ok(subject)
+    }
+
+    /// A remembered token checked again: `None` when its issuer's key set
+    /// no longer holds the key that verified it under its `kid`, else the
+    /// time checks' result.
+    fn still_valid(&self, v: &Verified) -> Option<Result<(), SubjectError>> {
+        let issuer = self.issuers.get(v.issuer)?;
+        let key = issuer.jwks.keys().find(v.kid.as_deref()).ok()?;
+        if !Arc::ptr_eq(&key, &v.key) {
+            return None;
+        }
+        let skew = issuer.config.skew.as_secs();
+        let now = jsonwebtoken::get_current_timestamp();
+        // As jsonwebtoken checks them, and `iat` as `subject` does.
+        Some(if v.subject.exp < now.saturating_sub(skew) {
+            Err(SubjectError::Expired { skew_secs: skew })
+        } else if v.nbf.is_some_and(|nbf| nbf > now.saturating_add(skew)) {
+            Err(SubjectError::NotYetValid { skew_secs: skew })
+        } else if v
+            .subject
+            .iat
+            .is_some_and(|iat| iat > now.saturating_add(skew))
+        {
+            Err(SubjectError::IssuedInFuture { skew_secs: skew })
+        } else {
+            Ok(())
+        })
+    }
+
+    /// The token parsed, with the index of the issuer its `iss` names.
+    fn issuer_of<'t>(&self, token: &'t str) -> Result<(usize, Unverified<'t>), SubjectError> {
         let t = Unverified::parse(token)?;
         let iss = match t.claims.get("iss") {
             Some(Value::String(s)) => s.as_str(),
@@ -498,10 +614,10 @@ impl SubjectTokens {
             }
             None => return Err(SubjectError::MissingClaim("iss".to_owned())),
         };
-        let Some(issuer) = self.issuers.iter().find(|i| i.config.issuer == iss) else {
+        let Some(issuer) = self.issuers.iter().position(|i| i.config.issuer == iss) else {
             return Err(SubjectError::UnknownIssuer { iss: shown(iss) });
         };
-        issuer.verify(&t).await
+        Ok((issuer, t))
     }
 
     /// Loads every issuer's key set once and keeps refreshing them every

@@ -1137,6 +1137,70 @@ async fn start_loads_every_issuer_and_refreshes_a_jwks_file_on_schedule() {
     assert_eq!(jwks.stats.loads.load(Ordering::Relaxed), loads);
 }
 
+/// A subject token that verified is remembered by the SHA-256 of its bytes,
+/// so the same token again skips the signature check. The result stands
+/// only while the key that verified it is still its issuer's under its
+/// `kid`, and its `exp` is checked against the clock each time; refusals
+/// are not remembered.
+#[tokio::test]
+async fn a_remembered_subject_token_is_checked_again_against_the_key_set_and_the_clock() {
+    let a = ed_a();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, jwks_of(&[&a])).unwrap();
+    let cfg = SubjectIssuerConfig {
+        refresh: Duration::from_millis(100),
+        skew: Duration::ZERO,
+        ..config(JwksSource::File(path.clone()), vec![Algorithm::EdDSA])
+    };
+    let tokens = SubjectTokens::new(vec![SubjectIssuer::from_config(cfg).unwrap()]);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokens.start(&cancel).await;
+    let jwks = tokens.issuers()[0].jwks().clone();
+
+    let t = token(&a);
+    let first = tokens.validate(&t).await.unwrap();
+    assert_eq!(tokens.remembered(), 1);
+    assert_eq!(tokens.validate(&t).await.unwrap(), first);
+    assert_eq!(tokens.remembered(), 1, "the same token is one entry");
+    let forged = token(&ed_attacker());
+    refused(tokens.validate(&forged).await, &forged);
+    assert_eq!(tokens.remembered(), 1, "a refusal is not remembered");
+
+    // Past its `exp`, a remembered token is refused like any other.
+    let short = token_with(&a, json!({}), &with_claim("exp", json!(now() + 1)));
+    tokens.validate(&short).await.unwrap();
+    assert_eq!(tokens.remembered(), 2);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let e = refused(tokens.validate(&short).await, &short);
+    assert_eq!(e, SubjectError::Expired { skew_secs: 0 });
+
+    // Another key published under the token's `kid`: verified again, and
+    // refused, as the new key did not sign it.
+    let reloaded = |jwks: &Arc<Jwks>| jwks.stats.loads.load(Ordering::Relaxed);
+    let wait_reload = async |jwks: &Arc<Jwks>| {
+        let before = reloaded(jwks);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while reloaded(jwks) < before + 2 {
+            assert!(tokio::time::Instant::now() < deadline, "never reloaded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    std::fs::write(&path, jwks_of(&[&ed_attacker()])).unwrap();
+    wait_reload(&jwks).await;
+    let e = refused(tokens.validate(&t).await, &t);
+    assert!(matches!(e, SubjectError::BadSignature { .. }), "{e}");
+    // The key back: valid again. Then the key set without it: refused.
+    std::fs::write(&path, jwks_of(&[&a])).unwrap();
+    wait_reload(&jwks).await;
+    assert_eq!(tokens.validate(&t).await.unwrap(), first);
+    std::fs::write(&path, jwks_of(&[&ed_b()])).unwrap();
+    wait_reload(&jwks).await;
+    let e = refused(tokens.validate(&t).await, &t);
+    assert!(matches!(e, SubjectError::UnknownKey { .. }), "{e}");
+    cancel.cancel();
+}
+
 const TOKEN_AGENTS: &str = r#"
 [vaults.v]
 type = "local"
