@@ -4,6 +4,9 @@
 //! the next timer when every task waits), so a test of a 6-hour schedule runs
 //! in milliseconds and the same way every time.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use chrono::{DateTime, Utc};
 
 pub trait Clock: Send + Sync {
@@ -20,11 +23,15 @@ impl Clock for SystemClock {
     }
 }
 
-/// Wall time that advances with tokio's clock, from `start`.
-#[derive(Debug, Clone, Copy)]
+/// Wall time that advances with tokio's clock, from `start`, plus the
+/// steps a test made it take ([`TokioClock::step_forward`]: a VM resumed
+/// from suspend, NTP stepping a clock that was behind). Clones share the
+/// steps.
+#[derive(Debug, Clone)]
 pub struct TokioClock {
     start: DateTime<Utc>,
     at: tokio::time::Instant,
+    stepped_ms: Arc<AtomicI64>,
 }
 
 impl TokioClock {
@@ -33,14 +40,23 @@ impl TokioClock {
         TokioClock {
             start,
             at: tokio::time::Instant::now(),
+            stepped_ms: Arc::default(),
         }
+    }
+
+    /// Moves the wall time `by` ahead at once, while tokio's clock (the
+    /// monotonic one timers run on) does not move.
+    pub fn step_forward(&self, by: std::time::Duration) {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.stepped_ms.fetch_add(ms, Ordering::Relaxed);
     }
 }
 
 impl Clock for TokioClock {
     fn now(&self) -> DateTime<Utc> {
         let elapsed = tokio::time::Instant::now().duration_since(self.at);
-        self.start + chrono::Duration::from_std(elapsed).unwrap_or(chrono::Duration::MAX)
+        let stepped = chrono::Duration::milliseconds(self.stepped_ms.load(Ordering::Relaxed));
+        self.start + chrono::Duration::from_std(elapsed).unwrap_or(chrono::Duration::MAX) + stepped
     }
 }
 

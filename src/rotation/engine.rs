@@ -135,7 +135,7 @@ impl Engine {
         Self::assemble(parts, writer, clock)
     }
 
-    /// [`Engine::with_clock_inline`] on a [`TokioClock`] starting at `start`,
+    /// [`Engine::with_clock_inline`] on `clock` (a [`TokioClock`]),
     /// with fresh metrics, cancel token and task tracker (returned for the
     /// test to stop the engine and to spawn its scheduler).
     #[cfg(test)]
@@ -143,7 +143,7 @@ impl Engine {
         catalog: Catalog,
         state: Arc<dyn StateStore>,
         audit: AuditLog,
-        start: DateTime<Utc>,
+        clock: super::TokioClock,
     ) -> (Engine, CancellationToken, TaskTracker) {
         let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
         let parts = EngineParts {
@@ -154,8 +154,11 @@ impl Engine {
             cancel: cancel.clone(),
             tracker: tracker.clone(),
         };
-        let clock = Arc::new(super::TokioClock::starting_at(start));
-        (Self::with_clock_inline(parts, clock), cancel, tracker)
+        (
+            Self::with_clock_inline(parts, Arc::new(clock)),
+            cancel,
+            tracker,
+        )
     }
 
     fn assemble(parts: EngineParts, writer: StateWriter, clock: Arc<dyn Clock>) -> Engine {

@@ -46,10 +46,16 @@ impl Engine {
                 // Saturated: wait for a rotation to finish (it wakes us).
                 sleep = sleep.max(Duration::from_millis(1));
             }
+            let (wall, mono) = (inner.now(), tokio::time::Instant::now());
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
                 _ = inner.wake.notified() => {}
                 _ = inner.cancel.cancelled() => break,
+            }
+            let jumped = (inner.now() - wall).to_std().unwrap_or_default();
+            let jumped = jumped.saturating_sub(mono.elapsed());
+            if jumped >= CLOCK_JUMP {
+                inner.spread_after_jump(jumped);
             }
             if let Some(every) = watchdog_every
                 && last_ping.elapsed() >= every
@@ -61,7 +67,56 @@ impl Engine {
     }
 }
 
+/// A forward step of the wall clock, beyond the time the scheduler waited,
+/// that [`Inner::spread_after_jump`] takes for a resume from suspend or a
+/// clock set right, not for drift.
+const CLOCK_JUMP: Duration = Duration::from_secs(60);
+
 impl Inner {
+    /// The wall clock stepped `jumped` ahead while the scheduler waited (a
+    /// VM resumed from suspend, NTP stepping a clock that was behind): the
+    /// scheduled rotations that came due meanwhile would all start at once.
+    /// Like rotations overdue after downtime, they are spread over
+    /// `catch_up_spread`, most overdue first, when there are two or more.
+    /// Retirements, manual and first rotations and parked retries keep
+    /// their time.
+    pub(super) fn spread_after_jump(&self, jumped: Duration) {
+        let now = self.now();
+        let spread = self.catalog().config.daemon.catch_up_spread;
+        let mut live = self.live();
+        // Earliest first: the most overdue first.
+        let due = live.pop_due_limit(now, usize::MAX);
+        let (scheduled, keep): (Vec<_>, Vec<_>) = due.into_iter().partition(|(key, job)| {
+            *job == Job::Rotate
+                && live.get(key).is_some_and(|l| {
+                    l.running.is_none()
+                        && l.parked.is_none()
+                        && matches!(l.next_trigger, Some(Trigger::Schedule | Trigger::CatchUp))
+                })
+        });
+        for (key, job) in keep {
+            live.schedule(&key, job, now);
+        }
+        if scheduled.len() < 2 {
+            for (key, job) in scheduled {
+                live.schedule(&key, job, now);
+            }
+            return;
+        }
+        tracing::warn!(
+            jumped = %humantime::format_duration(Duration::from_secs(jumped.as_secs())),
+            due = scheduled.len(),
+            "the wall clock stepped forward (a resume from suspend, or the clock set right): the scheduled rotations that came due meanwhile are spread over catch_up_spread",
+        );
+        let times = catch_up_times(now, scheduled.len(), spread);
+        for ((key, job), at) in scheduled.into_iter().zip(times) {
+            if let Some(l) = live.get_mut(&key) {
+                l.next_trigger = Some(Trigger::CatchUp);
+            }
+            live.schedule(&key, job, at);
+        }
+    }
+
     /// Starts the jobs due at `now`, at most `free` of them: the room the
     /// global limit had when it was read, a moment before. A manual trigger
     /// may have taken a slot since; then the job that finds no slot and

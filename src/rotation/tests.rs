@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Catalog, CredEntry, Engine, RotateFinished, Step, VaultHandle};
+use super::{Catalog, CredEntry, Engine, RotateFinished, Step, TokioClock, VaultHandle};
 use crate::api::StatusRow;
 use crate::audit::{AuditLog, verify_file};
 use crate::model::{
@@ -359,6 +359,8 @@ struct Rig {
     cancel: CancellationToken,
     tracker: TaskTracker,
     start: Instant,
+    /// The engine's wall clock (to step it).
+    clock: TokioClock,
 }
 
 /// Builds the catalog from `text`, with every credential kept in `vault` and
@@ -470,11 +472,13 @@ impl Rig {
         let catalog = catalog_with(dir.path(), &text, &vault, &sink, extra);
         let head = store.audit_head().unwrap();
         let audit = AuditLog::open_inline(&dir.path().join("audit.log"), head.as_ref()).unwrap();
+        let clock = TokioClock::starting_at(t0());
         let (engine, cancel, tracker) =
-            Engine::paused_for_test(catalog, store.clone(), audit, t0());
+            Engine::paused_for_test(catalog, store.clone(), audit, clock.clone());
         Rig {
             dir,
             engine,
+            clock,
             vault,
             sink,
             store,
@@ -1102,6 +1106,72 @@ async fn overdue_rotations_after_downtime_are_spread_over_the_catch_up_window() 
     rig.shutdown().await;
 }
 
+/// Defect: a forward step of the wall clock (a VM resumed from suspend,
+/// NTP setting right a clock that was behind) made every scheduled rotation
+/// that came due during the step start at once. They are spread over
+/// `catch_up_spread`, most overdue first, as after downtime; a step with
+/// one rotation due, or none, changes nothing.
+#[tokio::test(start_paused = true)]
+async fn a_forward_step_of_the_wall_clock_spreads_the_rotations_that_came_due() {
+    const N: usize = 6;
+    // Last rotated 50-55 min ago on a 1 h schedule: c5 due first.
+    let store = Arc::new(MemoryStore::new());
+    let rows: Vec<Write> = (0..N)
+        .map(|i| {
+            Write::Credential(CredentialRow {
+                key: key(&format!("c{i}")),
+                current_version: Some(1),
+                last_rotated_at: Some(t0() - chrono::Duration::minutes(50 + i as i64)),
+                next_due: None,
+                consecutive_failures: 0,
+                failing_since: None,
+                last_error: None,
+            })
+        })
+        .collect();
+    store.apply(&rows).unwrap();
+    let rig = Rig::with(N, "every = \"1h\"", "", store, Arc::default()).await;
+    rig.run().await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(rig.sink.count(), 0, "nothing due yet");
+    rig.clock.step_forward(Duration::from_secs(3 * 3600));
+    let stepped = Instant::now();
+    rig.until(Duration::from_secs(900), "all rotated", |r| {
+        r.sink.count() == N
+    })
+    .await;
+    let mut starts: Vec<(Duration, String)> = (0..N)
+        .map(|i| {
+            let c = format!("c{i}");
+            let at = rig.vault.times("stage", Some(&path(&c)))[0];
+            (at.duration_since(stepped), c)
+        })
+        .collect();
+    starts.sort();
+    let order: Vec<&str> = starts.iter().map(|(_, c)| c.as_str()).collect();
+    assert_eq!(
+        order,
+        ["c5", "c4", "c3", "c2", "c1", "c0"],
+        "most overdue first"
+    );
+    assert!(
+        starts.windows(2).all(|w| w[1].0 > w[0].0),
+        "one at a time: {starts:?}"
+    );
+    let last = starts.last().unwrap().0;
+    assert!(
+        last >= Duration::from_secs(5 * 60) && last <= Duration::from_secs(11 * 60),
+        "spread over the 10 min window: {starts:?}"
+    );
+    let dir = rig.shutdown().await;
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    let catch_up = audit
+        .lines()
+        .filter(|l| l.contains("\"rotation.start\"") && l.contains("trigger=catch_up"))
+        .count();
+    assert_eq!(catch_up, N, "{audit}");
+}
+
 /// Defect: a reload (SIGHUP) during the catch-up window re-armed every
 /// credential still waiting for its slot as due now, so they all rotated at
 /// once and stayed in lockstep. A reload keeps the slots: with the config
@@ -1397,11 +1467,13 @@ impl Rig {
             }));
         }
         let audit = AuditLog::open_inline(&dir.path().join("audit.log"), None).unwrap();
+        let clock = TokioClock::starting_at(t0());
         let (engine, cancel, tracker) =
-            Engine::paused_for_test(catalog, store.clone(), audit, t0());
+            Engine::paused_for_test(catalog, store.clone(), audit, clock.clone());
         Rig {
             dir,
             engine,
+            clock,
             vault,
             sink,
             store,

@@ -255,8 +255,9 @@ grace = "10m"
         let store = Arc::new(MemoryStore::new());
         let audit = AuditLog::open_inline(&dir.path().join("audit.log"), None).unwrap();
         let start = chrono::DateTime::from_timestamp(1_798_761_600, 0).unwrap();
+        let clock = crate::rotation::TokioClock::starting_at(start);
         let (engine, cancel, tracker) =
-            Engine::paused_for_test(catalog, store.clone(), audit, start);
+            Engine::paused_for_test(catalog, store.clone(), audit, clock);
         engine.start().await.unwrap();
         let e = engine.clone();
         tracker.spawn(async move { e.run_scheduler(None, || {}).await });
