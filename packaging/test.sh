@@ -7,8 +7,9 @@
 #     rendering with `man -l`, bash completion, the docs;
 #   - reinstalls over it after `disable`: an operator's disable survives;
 #   - `dpkg -r`: the binary is gone, the config and the state are kept;
-#   - `dpkg -P`: /etc/keyturn is gone, the state (a canary file in
-#     /var/lib/keyturn) and the audit log directory are kept;
+#   - `dpkg -P`: the config is gone, the state (a canary file in
+#     /var/lib/keyturn), the audit log directory and a key the operator put
+#     in /etc/keyturn are kept;
 #   - installs again with systemd-sysusers and systemd-tmpfiles hidden (a
 #     private mount namespace): the adduser / install -d fallback makes the
 #     same user, group, owners and modes; so does the .rpm's %post, run
@@ -198,10 +199,18 @@ grep -q "an operator's edit" /etc/keyturn/keyturn.toml || fail "dpkg -r lost the
 ok "dpkg -r keeps /etc/keyturn/keyturn.toml (edited), agents.d and /var/lib/keyturn"
 
 echo "== dpkg -P keyturn"
-dpkg -P keyturn >/dev/null || fail "dpkg -P keyturn"
+# A key the docs tell operators to put in /etc/keyturn: the kept vault
+# needs it.
+echo "not a real key" >/etc/keyturn/local-vault-key.cred
+out=$(dpkg -P keyturn 2>&1) || fail "dpkg -P keyturn: $out"
+[[ $out == *"kept /etc/keyturn"* ]] || fail "dpkg -P did not say why /etc/keyturn stays: $out"
 ! dpkg-query -W keyturn >/dev/null 2>&1 || fail "dpkg still knows keyturn after purge"
-[[ ! -e /etc/keyturn ]] || fail "/etc/keyturn left after dpkg -P"
-ok "dpkg -P removes /etc/keyturn"
+[[ ! -e /etc/keyturn/keyturn.toml && ! -e /etc/keyturn/agents.d ]] ||
+	fail "dpkg -P left the config (keyturn.toml or agents.d) in /etc/keyturn"
+[[ -f /etc/keyturn/local-vault-key.cred ]] || fail "dpkg -P removed the local vault's key"
+ok "dpkg -P removes the config and keeps a key the operator put in /etc/keyturn"
+rm /etc/keyturn/local-vault-key.cred
+rmdir /etc/keyturn
 [[ -f $canary ]] || fail "dpkg -P removed the state ($canary): the local vault would be lost"
 [[ -d /var/log/keyturn ]] || fail "dpkg -P removed /var/log/keyturn (the audit log)"
 ok "dpkg -P keeps /var/lib/keyturn (the canary) and /var/log/keyturn"
