@@ -911,6 +911,13 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                     r.step != crate::rotation::Step::Retire || r.previous_version.is_some()
                 });
             let (awaiting_ack, holdouts) = offline_acks(&snapshot, &c.key, now);
+            // A `keyturn rotate` waiting for the current version's acks:
+            // the daemon shows it as a rotation at its first step (and
+            // resumes it so after a start), not as the retirement it waits
+            // on.
+            let requested = c.follow.is_none()
+                && !leaving.contains_key(&c.key.agent)
+                && snapshot.requests.iter().any(|q| q.key == c.key);
             StatusRow {
                 agent: c.key.agent.clone(),
                 credential: c.key.credential.clone(),
@@ -924,6 +931,7 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                     .filter(|_| !leaving.contains_key(&c.key.agent)),
                 state: match unfinished {
                     _ if let Some(label) = leaving.get(&c.key.agent) => (*label).into(),
+                    _ if requested => "rotating".into(),
                     // Parked after a failed attempt, as the daemon shows it.
                     Some(r) if r.last_error.is_some() => "failed".into(),
                     Some(r) if r.step == crate::rotation::Step::Retire => "retiring".into(),
@@ -931,8 +939,13 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                     None if row.is_some_and(|r| r.consecutive_failures > 0) => "failed".into(),
                     None => "stopped".into(),
                 },
-                step: unfinished.map(|r| r.step.to_string()),
-                rotation: unfinished.map(|r| r.id.to_string()),
+                step: if requested {
+                    Some(crate::rotation::Step::Create.to_string())
+                } else {
+                    unfinished.map(|r| r.step.to_string())
+                },
+                // The requested rotation has no id until it begins.
+                rotation: unfinished.filter(|_| !requested).map(|r| r.id.to_string()),
                 last_error: unfinished
                     .and_then(|r| r.last_error.clone())
                     .or_else(|| row.and_then(|r| r.last_error.clone())),
