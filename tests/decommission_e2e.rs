@@ -659,3 +659,53 @@ fn a_decommission_outlives_its_daemon_in_what_the_cli_says() {
         .find(|l| l.starts_with("bot ") && l.contains("decommissioning"));
     assert!(agent.is_some(), "the decommission is listed: {said}");
 }
+
+/// The STAGE cell of `agent/cred` in the `status` table.
+fn stage_cell(env: &Env, agent: &str, cred: &str) -> String {
+    let out = text(&env.cli(&["status"]));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("{agent}/{cred} ")))
+        .unwrap_or_else(|| panic!("no {agent}/{cred} line: {out}"));
+    ["current", "destroyed", "revoked"]
+        .into_iter()
+        .find(|s| line.split_whitespace().any(|w| w == *s))
+        .unwrap_or_else(|| panic!("no stage in {line:?}: {out}"))
+        .to_owned()
+}
+
+/// Defect: after a decommission had destroyed every version of an agent's
+/// credentials, `status` (online and offline, table and `--json`) still
+/// showed their stage as `current`. It shows `destroyed` once the
+/// credential's items are verified; another agent's stay `current`.
+#[test]
+fn status_shows_a_decommissioned_agents_versions_destroyed_online_and_offline() {
+    let env = Env::new(&format!(
+        "{}{}{}{}",
+        agent_table("old"),
+        cred_with_file("old", "db", ""),
+        agent_table("app"),
+        cred_with_file("app", "db", "")
+    ));
+    let daemon = env.start();
+    wait_version(&env, "old", "db", 1);
+    wait_version(&env, "app", "db", 1);
+    let stages = |env: &Env| {
+        let rows = status_json(env);
+        (
+            row(&rows, "old", "db")["stage"].clone(),
+            row(&rows, "app", "db")["stage"].clone(),
+        )
+    };
+    assert_eq!(stages(&env), ("current".into(), "current".into()));
+    env.cli_ok(&["decommission", "old", "--reason", "retired", "--wait"]);
+    assert_eq!(stages(&env), ("destroyed".into(), "current".into()));
+    assert_eq!(stage_cell(&env, "old", "db"), "destroyed");
+    assert_eq!(stage_cell(&env, "app", "db"), "current");
+    daemon.stop();
+
+    // From the state database, as the daemon said it.
+    assert_eq!(stages(&env), ("destroyed".into(), "current".into()));
+    assert_eq!(stage_cell(&env, "old", "db"), "destroyed");
+    assert_eq!(stage_cell(&env, "app", "db"), "current");
+}

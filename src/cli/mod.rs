@@ -860,6 +860,11 @@ fn offline_decommissions(cfg: &Config) -> Vec<crate::revocation::Decom> {
     else {
         return Vec::new();
     };
+    stored_decommissions(&store)
+}
+
+/// Every decommission `store` holds, with its items.
+fn stored_decommissions(store: &SqliteStore) -> Vec<crate::revocation::Decom> {
     store
         .decommissions()
         .unwrap_or_default()
@@ -879,18 +884,17 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
     }
     let store = SqliteStore::open_read_only(&db).ok()?;
     let snapshot = store.snapshot().ok()?;
+    let decoms = stored_decommissions(&store);
     // An agent decommissioned (or being so) is not rotated any more.
-    let leaving: std::collections::HashMap<crate::model::AgentId, &'static str> = store
-        .decommissions()
-        .unwrap_or_default()
-        .into_iter()
+    let leaving: std::collections::HashMap<&crate::model::AgentId, &'static str> = decoms
+        .iter()
         .map(|d| {
-            let label = if d.verified_at.is_some() {
+            let label = if d.complete() {
                 "decommissioned"
             } else {
                 "decommissioning"
             };
-            (d.agent, label)
+            (&d.row.agent, label)
         })
         .collect();
     let now = chrono::Utc::now();
@@ -925,7 +929,7 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                 version: row.and_then(|r| r.current_version),
                 stage: row
                     .and_then(|r| r.current_version)
-                    .map(|_| crate::model::Stage::Current),
+                    .map(|_| crate::api::protocol::ShownStage::Current),
                 last_rotated: row.and_then(|r| r.last_rotated_at),
                 next_due: offline_next_due(c, row, unfinished)
                     .filter(|_| !leaving.contains_key(&c.key.agent)),
@@ -955,6 +959,9 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
         })
         .collect();
     rows.sort_by(|a, b| (&a.agent, &a.credential).cmp(&(&b.agent, &b.credential)));
+    crate::revocation::show_revoked(&mut rows, |agent| {
+        decoms.iter().find(|d| d.row.agent == *agent)
+    });
     Some(rows)
 }
 

@@ -16,8 +16,9 @@ use super::clock::{Clock, SystemClock};
 use super::step::{Step, Trigger};
 use super::table::{CredLive, Job, LiveRow, RotateFinished, Table};
 use crate::api::StatusRow;
+use crate::api::protocol::ShownStage;
 use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
-use crate::model::{CredentialKey, ErrorKind, PluginError, RotationId, Stage, VersionNo};
+use crate::model::{CredentialKey, ErrorKind, PluginError, RotationId, VersionNo};
 use crate::state::{
     AuditHead, CredentialRow, RotationRow, StateError, StateStore, StateWriter, Write,
 };
@@ -602,7 +603,7 @@ impl Inner {
                     credential: key.credential.clone(),
                     vault: entry.vault_label(),
                     version,
-                    stage: version.map(|_| Stage::Current),
+                    stage: version.map(|_| ShownStage::Current),
                     last_rotated: row.and_then(|r| r.last_rotated_at),
                     next_due: live
                         .deadline(key, Job::Rotate)
