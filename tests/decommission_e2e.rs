@@ -451,8 +451,9 @@ exit 0
 /// credentials as FAILED and exited 1 for ever, although everything it
 /// could rotate rotated. They are skipped (and said so); a selection with
 /// nothing left to rotate is refused, saying why.
-#[test]
-fn rotate_all_skips_decommissioned_agents() {
+/// Agents `old` and `app`, each with credential `db` (a file), running,
+/// each at version 1.
+fn old_and_app() -> (Env, Daemon) {
     let env = Env::new(&format!(
         "{}{}{}{}",
         agent_table("old"),
@@ -463,6 +464,12 @@ fn rotate_all_skips_decommissioned_agents() {
     let daemon = env.start();
     wait_version(&env, "old", "db", 1);
     wait_version(&env, "app", "db", 1);
+    (env, daemon)
+}
+
+#[test]
+fn rotate_all_skips_decommissioned_agents() {
+    let (env, daemon) = old_and_app();
     env.cli_ok(&["decommission", "old", "--reason", "retired", "--wait"]);
     let out = env.cli_ok(&["rotate", "all", "--wait"]);
     let said = text(&out);
@@ -680,16 +687,7 @@ fn stage_cell(env: &Env, agent: &str, cred: &str) -> String {
 /// credential's items are verified; another agent's stay `current`.
 #[test]
 fn status_shows_a_decommissioned_agents_versions_destroyed_online_and_offline() {
-    let env = Env::new(&format!(
-        "{}{}{}{}",
-        agent_table("old"),
-        cred_with_file("old", "db", ""),
-        agent_table("app"),
-        cred_with_file("app", "db", "")
-    ));
-    let daemon = env.start();
-    wait_version(&env, "old", "db", 1);
-    wait_version(&env, "app", "db", 1);
+    let (env, daemon) = old_and_app();
     let stages = |env: &Env| {
         let rows = status_json(env);
         (

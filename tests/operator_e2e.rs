@@ -969,13 +969,7 @@ fn a_changed_generator_kind_is_delivered_in_its_layout_at_the_same_path() {
 
     env.write_credentials(&cred(r#"{ kind = "ed25519" }"#));
     daemon.reload();
-    let out = env.cli(&["rotate", "bot/key", "--wait"]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.cli_ok(&["rotate", "bot/key", "--wait"]);
     let private = std::fs::read_to_string(path.join("private.pem")).unwrap();
     assert!(
         private.starts_with("-----BEGIN PRIVATE KEY-----"),
@@ -989,13 +983,7 @@ fn a_changed_generator_kind_is_delivered_in_its_layout_at_the_same_path() {
         r#"{ kind = "api_key", prefix = "kt_", length = 24 }"#,
     ));
     daemon.reload();
-    let out = env.cli(&["rotate", "bot/key", "--wait"]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.cli_ok(&["rotate", "bot/key", "--wait"]);
     let value = std::fs::read_to_string(&path).unwrap();
     assert!(value.starts_with("kt_"), "an api key in a single file");
     let rows = status_json(&env);

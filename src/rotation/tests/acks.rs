@@ -781,9 +781,9 @@ async fn a_restart_past_the_grace_deadline_resumes_the_holdouts_deliveries() {
 }
 
 /// Version 2 awaits its ack (delivered at `10 min`, grace deadline at
-/// `70 min`), a `keyturn rotate` waits for it, and the daemon restarts
-/// meanwhile: the restarted rig, with the rotation it resumed (if any).
-async fn restarted_while_a_rotate_waits() -> Rig {
+/// `70 min`) and a `keyturn rotate` waits for it (stored): the rig, and
+/// the client waiting for that rotation.
+async fn a_rotate_waiting_for_an_ack() -> (Rig, tokio::task::JoinHandle<RotateFinished>) {
     let a: Arc<dyn Sink> = SentSink::new("a");
     let rig = rig_with(&[a]);
     second_version_delivered(&rig).await;
@@ -794,6 +794,13 @@ async fn restarted_while_a_rotate_waits() -> Rig {
     assert_eq!(rig.status("c0").state, "rotating", "it waits for the ack");
     let requests = rig.store.snapshot().unwrap().requests;
     assert_eq!(requests.len(), 1, "stored while it waits: {requests:?}");
+    (rig, waiting)
+}
+
+/// [`a_rotate_waiting_for_an_ack`], and the daemon restarts meanwhile: the
+/// restarted rig, with the rotation it resumed (if any).
+async fn restarted_while_a_rotate_waits() -> Rig {
+    let (rig, waiting) = a_rotate_waiting_for_an_ack().await;
     let (store, vault) = (rig.store.clone(), rig.vault.clone());
     let dir = rig.shutdown().await;
     let stopped = waiting.await.unwrap();
@@ -883,21 +890,6 @@ async fn a_rotate_waiting_for_acks_survives_a_restart_and_rotates_at_the_grace_d
         start_trigger(dir.path(), 3).as_deref(),
         Some("trigger=manual")
     );
-}
-
-/// Version 2 awaits its ack and a `keyturn rotate` waits for it (stored):
-/// the rig, and the client waiting for that rotation.
-async fn a_rotate_waiting_for_an_ack() -> (Rig, tokio::task::JoinHandle<RotateFinished>) {
-    let a: Arc<dyn Sink> = SentSink::new("a");
-    let rig = rig_with(&[a]);
-    second_version_delivered(&rig).await;
-    let engine = rig.engine.clone();
-    let waiting = tokio::spawn(async move { engine.trigger(&key("c0")).unwrap().await.unwrap() });
-    tokio::time::sleep(MINUTE).await;
-    assert_eq!(rig.status("c0").state, "rotating", "it waits for the ack");
-    let requests = rig.store.snapshot().unwrap().requests;
-    assert_eq!(requests.len(), 1, "stored while it waits: {requests:?}");
-    (rig, waiting)
 }
 
 /// Defect: the stored request of a `keyturn rotate` waiting for acks
