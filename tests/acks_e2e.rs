@@ -198,11 +198,20 @@ fn a_rotate_waiting_for_an_ack_survives_a_restart_and_offline_status_says_awaiti
         (r["state"] == "rotating" && r["step"] == "create").then_some(())
     };
     wait_for(Duration::from_secs(10), || waiting(&env)).expect("the rotation waits for the ack");
+    let online = row(&status_json(&env), "bot", "db").clone();
     daemon.stop();
 
     // Offline: version 2's consumer is still awaited, not a holdout.
     let rows = status_json(&env);
     let r = row(&rows, "bot", "db");
+    // And the credential is shown as the daemon showed it: the requested
+    // rotation waiting at its first step, not the retirement it waits on.
+    for field in ["state", "step", "rotation", "version", "stage"] {
+        assert_eq!(
+            r[field], online[field],
+            "{field}: offline {r} online {online}"
+        );
+    }
     assert_eq!(r["awaiting_ack"], serde_json::json!([consumer]), "{r}");
     assert!(
         r.get("holdouts")
@@ -212,6 +221,12 @@ fn a_rotate_waiting_for_an_ack_survives_a_restart_and_offline_status_says_awaiti
     let table = String::from_utf8_lossy(&env.cli(&["status"]).stdout).into_owned();
     assert!(!table.contains("holdouts"), "{table}");
     assert!(table.contains("awaiting ack"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("bot") && l.contains("rotating:create")),
+        "{table}"
+    );
 
     // Restarted: the request waits again, then rotates right after the ack.
     let daemon = env.start();

@@ -451,8 +451,9 @@ exit 0
 /// credentials as FAILED and exited 1 for ever, although everything it
 /// could rotate rotated. They are skipped (and said so); a selection with
 /// nothing left to rotate is refused, saying why.
-#[test]
-fn rotate_all_skips_decommissioned_agents() {
+/// Agents `old` and `app`, each with credential `db` (a file), running,
+/// each at version 1.
+fn old_and_app() -> (Env, Daemon) {
     let env = Env::new(&format!(
         "{}{}{}{}",
         agent_table("old"),
@@ -463,6 +464,12 @@ fn rotate_all_skips_decommissioned_agents() {
     let daemon = env.start();
     wait_version(&env, "old", "db", 1);
     wait_version(&env, "app", "db", 1);
+    (env, daemon)
+}
+
+#[test]
+fn rotate_all_skips_decommissioned_agents() {
+    let (env, daemon) = old_and_app();
     env.cli_ok(&["decommission", "old", "--reason", "retired", "--wait"]);
     let out = env.cli_ok(&["rotate", "all", "--wait"]);
     let said = text(&out);
@@ -658,4 +665,45 @@ fn a_decommission_outlives_its_daemon_in_what_the_cli_says() {
         .lines()
         .find(|l| l.starts_with("bot ") && l.contains("decommissioning"));
     assert!(agent.is_some(), "the decommission is listed: {said}");
+}
+
+/// The STAGE cell of `agent/cred` in the `status` table.
+fn stage_cell(env: &Env, agent: &str, cred: &str) -> String {
+    let out = text(&env.cli(&["status"]));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("{agent}/{cred} ")))
+        .unwrap_or_else(|| panic!("no {agent}/{cred} line: {out}"));
+    ["current", "destroyed", "revoked"]
+        .into_iter()
+        .find(|s| line.split_whitespace().any(|w| w == *s))
+        .unwrap_or_else(|| panic!("no stage in {line:?}: {out}"))
+        .to_owned()
+}
+
+/// Defect: after a decommission had destroyed every version of an agent's
+/// credentials, `status` (online and offline, table and `--json`) still
+/// showed their stage as `current`. It shows `destroyed` once the
+/// credential's items are verified; another agent's stay `current`.
+#[test]
+fn status_shows_a_decommissioned_agents_versions_destroyed_online_and_offline() {
+    let (env, daemon) = old_and_app();
+    let stages = |env: &Env| {
+        let rows = status_json(env);
+        (
+            row(&rows, "old", "db")["stage"].clone(),
+            row(&rows, "app", "db")["stage"].clone(),
+        )
+    };
+    assert_eq!(stages(&env), ("current".into(), "current".into()));
+    env.cli_ok(&["decommission", "old", "--reason", "retired", "--wait"]);
+    assert_eq!(stages(&env), ("destroyed".into(), "current".into()));
+    assert_eq!(stage_cell(&env, "old", "db"), "destroyed");
+    assert_eq!(stage_cell(&env, "app", "db"), "current");
+    daemon.stop();
+
+    // From the state database, as the daemon said it.
+    assert_eq!(stages(&env), ("destroyed".into(), "current".into()));
+    assert_eq!(stage_cell(&env, "old", "db"), "destroyed");
+    assert_eq!(stage_cell(&env, "app", "db"), "current");
 }

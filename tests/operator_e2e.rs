@@ -947,3 +947,49 @@ fn offline_status_follows_the_config_schedule_and_shows_a_parked_failure() {
         "{offline}"
     );
 }
+
+/// Defect: changing a credential's `generate.kind` between a single value
+/// and a keypair while its file sink kept the path made every delivery
+/// after the reload fail, for good (the path held the other layout). The
+/// next rotation delivers the new value in the new layout: password →
+/// ed25519 bundle → api_key file, each by a reload and `rotate --wait`.
+#[test]
+fn a_changed_generator_kind_is_delivered_in_its_layout_at_the_same_path() {
+    let cred = |generate: &str| {
+        format!(
+            "{}[agents.bot.credentials.key]\nvault = \"local\"\ngenerate = {generate}\nevery = \"1h\"\ndeliver = [{{ type = \"file\", path = \"{{root}}/bot/key\" }}]\n",
+            agent_table("bot")
+        )
+    };
+    let env = Env::new(&cred(r#"{ kind = "password", length = 20 }"#));
+    let daemon = env.start();
+    wait_version(&env, "bot", "key", 1);
+    let path = env.root().join("bot/key");
+    assert!(path.is_file());
+
+    env.write_credentials(&cred(r#"{ kind = "ed25519" }"#));
+    daemon.reload();
+    env.cli_ok(&["rotate", "bot/key", "--wait"]);
+    let private = std::fs::read_to_string(path.join("private.pem")).unwrap();
+    assert!(
+        private.starts_with("-----BEGIN PRIVATE KEY-----"),
+        "a keypair"
+    );
+    assert!(path.join("public.pem").exists());
+    let meta = std::fs::read_to_string(path.join("meta.json")).unwrap();
+    assert!(meta.contains("\"version\":2"), "{meta}");
+
+    env.write_credentials(&cred(
+        r#"{ kind = "api_key", prefix = "kt_", length = 24 }"#,
+    ));
+    daemon.reload();
+    env.cli_ok(&["rotate", "bot/key", "--wait"]);
+    let value = std::fs::read_to_string(&path).unwrap();
+    assert!(value.starts_with("kt_"), "an api key in a single file");
+    let rows = status_json(&env);
+    let r = row(&rows, "bot", "key");
+    assert_eq!(r["version"], 3, "{r}");
+    assert!(r["last_error"].is_null(), "{r}");
+    daemon.stop();
+    audit_verifies(&env, "after the kind changes");
+}

@@ -34,7 +34,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{AgentId, CredentialId, CredentialKey, Stage};
+use crate::model::{AgentId, CredentialId, CredentialKey};
 
 /// The commands a client may send, in the order they are listed in errors.
 pub const COMMANDS: &[&str] = &[
@@ -494,7 +494,7 @@ pub struct StatusRow {
     pub vault: String,
     /// The current version number, if the credential has ever been rotated.
     pub version: Option<u64>,
-    pub stage: Option<Stage>,
+    pub stage: Option<ShownStage>,
     pub last_rotated: Option<DateTime<Utc>>,
     pub next_due: Option<DateTime<Utc>>,
     /// `idle`, `rotating`, `retiring`, `failed`, or `follow` (a credential
@@ -513,6 +513,36 @@ pub struct StatusRow {
     /// previous one was retired at its grace deadline.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holdouts: Vec<String>,
+}
+
+/// The stage `keyturn status` shows of a credential's version: `current`,
+/// or what the decommission of its agent did to it once that is verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShownStage {
+    Current,
+    /// Every copy the agent was given is revoked, but the versions are not
+    /// this keyturn's to destroy (a followed credential: its rotator's).
+    Revoked,
+    /// Every version destroyed at every vault (and revoked at the target)
+    /// by the decommission of its agent.
+    Destroyed,
+}
+
+impl ShownStage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShownStage::Current => "current",
+            ShownStage::Revoked => "revoked",
+            ShownStage::Destroyed => "destroyed",
+        }
+    }
+}
+
+impl std::fmt::Display for ShownStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One agent that is not simply active: decommissioning, decommissioned,
@@ -1004,7 +1034,7 @@ pub(crate) mod tests {
             credential: CredentialId::new("db").unwrap(),
             vault: "local".into(),
             version: Some(3),
-            stage: Some(Stage::Current),
+            stage: Some(ShownStage::Current),
             last_rotated: Some(Utc.with_ymd_and_hms(2025, 1, 2, 3, 4, 5).unwrap()),
             next_due: None,
             state: "rotating".into(),

@@ -860,6 +860,11 @@ fn offline_decommissions(cfg: &Config) -> Vec<crate::revocation::Decom> {
     else {
         return Vec::new();
     };
+    stored_decommissions(&store)
+}
+
+/// Every decommission `store` holds, with its items.
+fn stored_decommissions(store: &SqliteStore) -> Vec<crate::revocation::Decom> {
     store
         .decommissions()
         .unwrap_or_default()
@@ -879,18 +884,17 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
     }
     let store = SqliteStore::open_read_only(&db).ok()?;
     let snapshot = store.snapshot().ok()?;
+    let decoms = stored_decommissions(&store);
     // An agent decommissioned (or being so) is not rotated any more.
-    let leaving: std::collections::HashMap<crate::model::AgentId, &'static str> = store
-        .decommissions()
-        .unwrap_or_default()
-        .into_iter()
+    let leaving: std::collections::HashMap<&crate::model::AgentId, &'static str> = decoms
+        .iter()
         .map(|d| {
-            let label = if d.verified_at.is_some() {
+            let label = if d.complete() {
                 "decommissioned"
             } else {
                 "decommissioning"
             };
-            (d.agent, label)
+            (&d.row.agent, label)
         })
         .collect();
     let now = chrono::Utc::now();
@@ -911,6 +915,13 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                     r.step != crate::rotation::Step::Retire || r.previous_version.is_some()
                 });
             let (awaiting_ack, holdouts) = offline_acks(&snapshot, &c.key, now);
+            // A `keyturn rotate` waiting for the current version's acks:
+            // the daemon shows it as a rotation at its first step (and
+            // resumes it so after a start), not as the retirement it waits
+            // on.
+            let requested = c.follow.is_none()
+                && !leaving.contains_key(&c.key.agent)
+                && snapshot.requests.iter().any(|q| q.key == c.key);
             StatusRow {
                 agent: c.key.agent.clone(),
                 credential: c.key.credential.clone(),
@@ -918,12 +929,13 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                 version: row.and_then(|r| r.current_version),
                 stage: row
                     .and_then(|r| r.current_version)
-                    .map(|_| crate::model::Stage::Current),
+                    .map(|_| crate::api::protocol::ShownStage::Current),
                 last_rotated: row.and_then(|r| r.last_rotated_at),
                 next_due: offline_next_due(c, row, unfinished)
                     .filter(|_| !leaving.contains_key(&c.key.agent)),
                 state: match unfinished {
                     _ if let Some(label) = leaving.get(&c.key.agent) => (*label).into(),
+                    _ if requested => "rotating".into(),
                     // Parked after a failed attempt, as the daemon shows it.
                     Some(r) if r.last_error.is_some() => "failed".into(),
                     Some(r) if r.step == crate::rotation::Step::Retire => "retiring".into(),
@@ -931,8 +943,13 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                     None if row.is_some_and(|r| r.consecutive_failures > 0) => "failed".into(),
                     None => "stopped".into(),
                 },
-                step: unfinished.map(|r| r.step.to_string()),
-                rotation: unfinished.map(|r| r.id.to_string()),
+                step: if requested {
+                    Some(crate::rotation::Step::Create.to_string())
+                } else {
+                    unfinished.map(|r| r.step.to_string())
+                },
+                // The requested rotation has no id until it begins.
+                rotation: unfinished.filter(|_| !requested).map(|r| r.id.to_string()),
                 last_error: unfinished
                     .and_then(|r| r.last_error.clone())
                     .or_else(|| row.and_then(|r| r.last_error.clone())),
@@ -942,6 +959,9 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
         })
         .collect();
     rows.sort_by(|a, b| (&a.agent, &a.credential).cmp(&(&b.agent, &b.credential)));
+    crate::revocation::show_revoked(&mut rows, |agent| {
+        decoms.iter().find(|d| d.row.agent == *agent)
+    });
     Some(rows)
 }
 

@@ -534,7 +534,8 @@ mod tests {
 
     use super::*;
     use crate::api::protocol::PendingItem;
-    use crate::model::{AgentId, CredentialId, Stage};
+    use crate::api::protocol::ShownStage;
+    use crate::model::{AgentId, CredentialId};
 
     fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap()
@@ -546,7 +547,7 @@ mod tests {
             credential: CredentialId::new(cred).unwrap(),
             vault: "bao".into(),
             version: Some(12),
-            stage: Some(Stage::Current),
+            stage: Some(ShownStage::Current),
             last_rotated: Some(now() - chrono::TimeDelta::hours(3)),
             next_due: Some(now() + chrono::TimeDelta::minutes(90)),
             state: "idle".into(),

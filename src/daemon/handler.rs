@@ -246,7 +246,9 @@ impl Handler {
 #[async_trait]
 impl ControlHandler for Handler {
     async fn status(&self) -> Vec<StatusRow> {
-        self.engine.status()
+        let mut rows = self.engine.status();
+        self.revocations.show_revoked(&mut rows);
+        rows
     }
 
     async fn rotate(

@@ -45,7 +45,7 @@ pub mod items;
 mod sla;
 
 pub use items::{TaskProbe, TokenProbe};
-pub use sla::lifecycle_rows;
+pub use sla::{lifecycle_rows, show_revoked};
 
 /// How long the `tokens` and `tasks` items wait for the token service or
 /// the task manager (at start the decommissions resume before they run).

@@ -5,7 +5,8 @@ use chrono::{DateTime, Utc};
 
 use super::{Decom, Orphan, Revocations};
 use crate::alerts::{Alert, ConditionSource, Conditions, Severity};
-use crate::api::protocol::{AgentLifecycle, PendingItem, TokensRevocation};
+use crate::api::protocol::{AgentLifecycle, PendingItem, ShownStage, StatusRow, TokensRevocation};
+use crate::model::AgentId;
 use crate::telemetry::SlaClock;
 
 /// The share of the SLA at which the warning fires.
@@ -105,7 +106,46 @@ pub fn lifecycle_rows(
     rows
 }
 
+/// Shows in `rows` (`keyturn status`) what the decommission of each
+/// credential's agent did to its versions, once all of the credential's
+/// items are verified: `destroyed` when that includes its vaults (none
+/// serves a version any more), `revoked` when it had none to destroy (a
+/// followed credential). Until then the version is still current.
+pub fn show_revoked<'a>(rows: &mut [StatusRow], decom_of: impl Fn(&AgentId) -> Option<&'a Decom>) {
+    for row in rows.iter_mut().filter(|r| r.version.is_some()) {
+        let Some(d) = decom_of(&row.agent) else {
+            continue;
+        };
+        let mut items = d
+            .items
+            .iter()
+            .filter(|i| i.credential.as_ref() == Some(&row.credential))
+            .peekable();
+        if items.peek().is_none() {
+            continue;
+        }
+        let (mut done, mut vaults) = (true, false);
+        for i in items {
+            done &= i.verified_at.is_some();
+            vaults |= i.kind == "vault";
+        }
+        if done {
+            row.stage = Some(if vaults {
+                ShownStage::Destroyed
+            } else {
+                ShownStage::Revoked
+            });
+        }
+    }
+}
+
 impl Revocations {
+    /// [`show_revoked`] with this daemon's decommissions.
+    pub fn show_revoked(&self, rows: &mut [StatusRow]) {
+        let decoms = self.decoms();
+        show_revoked(rows, |agent| decoms.get(agent));
+    }
+
     /// `status` rows of every decommission and orphan.
     pub fn lifecycle(&self) -> Vec<AgentLifecycle> {
         let (decoms, orphans) = self.snapshot();
@@ -310,6 +350,43 @@ mod tests {
                 .firing
                 .is_empty()
         );
+    }
+
+    /// A status row of `bot/CRED` at version 2, current.
+    fn status_row(cred: &str) -> StatusRow {
+        let mut row = crate::api::protocol::tests::row();
+        row.agent = AgentId::new("bot").unwrap();
+        row.credential = crate::model::CredentialId::new(cred).unwrap();
+        row.version = Some(2);
+        row
+    }
+
+    #[test]
+    fn status_shows_a_credentials_versions_destroyed_once_its_items_are_verified() {
+        let mut rows = [status_row("db"), status_row("other")];
+        let pending = [decom(100, false)];
+        show_revoked(&mut rows, |_| pending.first());
+        assert_eq!(rows[0].stage, Some(ShownStage::Current), "not verified yet");
+        let done = [decom(100, true)];
+        show_revoked(&mut rows, |_| done.first());
+        assert_eq!(rows[0].stage, Some(ShownStage::Destroyed));
+        assert_eq!(
+            rows[1].stage,
+            Some(ShownStage::Current),
+            "no item of its own"
+        );
+        // A followed credential's versions are its rotator's: only the
+        // agent's copies (its files) are revoked.
+        let mut followed = decom(100, true);
+        followed.items[0].kind = "sink".into();
+        followed.items[0].item = "db/sink:0".into();
+        let mut rows = [status_row("db")];
+        show_revoked(&mut rows, |_| Some(&followed));
+        assert_eq!(rows[0].stage, Some(ShownStage::Revoked));
+        // Another agent's decommission changes nothing.
+        let mut rows = [status_row("db")];
+        show_revoked(&mut rows, |a| done.iter().find(|d| d.row.agent != *a));
+        assert_eq!(rows[0].stage, Some(ShownStage::Current));
     }
 
     #[test]

@@ -16,8 +16,9 @@ use super::clock::{Clock, SystemClock};
 use super::step::{Step, Trigger};
 use super::table::{CredLive, Job, LiveRow, RotateFinished, Table};
 use crate::api::StatusRow;
+use crate::api::protocol::ShownStage;
 use crate::audit::{Actor, AuditEvent, AuditLog, Outcome};
-use crate::model::{CredentialKey, ErrorKind, PluginError, RotationId, Stage, VersionNo};
+use crate::model::{CredentialKey, ErrorKind, PluginError, RotationId, VersionNo};
 use crate::state::{
     AuditHead, CredentialRow, RotationRow, StateError, StateStore, StateWriter, Write,
 };
@@ -266,6 +267,8 @@ impl Engine {
         }
         // Rotations to resume before their retire step (usually none).
         let mut resume = HashSet::new();
+        // Stored rotate requests that will never begin.
+        let mut forgotten = Vec::new();
         {
             let mut live = self.inner.live();
             live.reserve_total(catalog.creds.len());
@@ -324,13 +327,17 @@ impl Engine {
             }
             // A `keyturn rotate` that was waiting for the current version's
             // acks when the daemon stopped goes on now: it waits again, up
-            // to the same grace deadline, then begins.
+            // to the same grace deadline, then begins. One whose credential
+            // left the config (or is followed now) is forgotten: it would
+            // rotate the credential the day it came back.
             for req in snapshot.requests {
                 let rotated_here = catalog
                     .creds
                     .get(&req.key)
                     .is_some_and(|e| e.cfg.follow.is_none());
                 let Some(l) = live.get_mut(&req.key).filter(|_| rotated_here) else {
+                    tracing::info!(agent = %req.key.agent, credential = %req.key.credential, requested_at = %req.requested_at, "forgetting the rotation asked for before the restart: the credential is not rotated here any more");
+                    forgotten.push(Write::RotationRequestDone(req.key));
                     continue;
                 };
                 l.request_stored = true;
@@ -340,6 +347,14 @@ impl Engine {
                     resume.insert(req.key);
                 }
             }
+        }
+        // Nothing else writes yet (see the snapshot above). Harmless until
+        // the credential comes back: a failure only warns, and the next
+        // start tries again.
+        if !forgotten.is_empty()
+            && let Err(e) = self.inner.state.apply(&forgotten)
+        {
+            tracing::warn!(error = %e, "cannot forget the rotations asked for of credentials no longer rotated here; retried at the next start");
         }
         self.inner.schedule_all(&resume, true);
         Ok(())
@@ -591,7 +606,7 @@ impl Inner {
                     credential: key.credential.clone(),
                     vault: entry.vault_label(),
                     version,
-                    stage: version.map(|_| Stage::Current),
+                    stage: version.map(|_| ShownStage::Current),
                     last_rotated: row.and_then(|r| r.last_rotated_at),
                     next_due: live
                         .deadline(key, Job::Rotate)

@@ -170,10 +170,38 @@ impl Engine {
                 keys.iter()
                     .any(|k| live.get(k).is_some_and(|l| l.running.is_some()))
             };
-            if !running || inner.cancel.is_cancelled() {
+            if inner.cancel.is_cancelled() {
                 return;
             }
+            if !running {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.drop_requests(&keys).await;
+    }
+
+    /// Forgets the stored `keyturn rotate` requests of `keys` (one waited
+    /// for acks when its agent was decommissioned): they will never begin,
+    /// and a request left in state would rotate the credential if it ever
+    /// came back. Called once none of them runs, so none stores one again.
+    async fn drop_requests(&self, keys: &[CredentialKey]) {
+        let dropped: Vec<Write> = {
+            let mut live = self.inner.live();
+            keys.iter()
+                .filter(|k| {
+                    live.get_mut(k)
+                        .is_some_and(|l| std::mem::take(&mut l.request_stored))
+                })
+                .map(|k| Write::RotationRequestDone(k.clone()))
+                .collect()
+        };
+        if dropped.is_empty() {
+            return;
+        }
+        if let Err(e) = self.inner.persist(dropped).await {
+            // Dropped again by the next start (the agent is stopped then too).
+            tracing::warn!(error = %e.message, "cannot forget the rotations asked for of a decommissioned agent; retried at the next start");
         }
     }
 

@@ -781,9 +781,9 @@ async fn a_restart_past_the_grace_deadline_resumes_the_holdouts_deliveries() {
 }
 
 /// Version 2 awaits its ack (delivered at `10 min`, grace deadline at
-/// `70 min`), a `keyturn rotate` waits for it, and the daemon restarts
-/// meanwhile: the restarted rig, with the rotation it resumed (if any).
-async fn restarted_while_a_rotate_waits() -> Rig {
+/// `70 min`) and a `keyturn rotate` waits for it (stored): the rig, and
+/// the client waiting for that rotation.
+async fn a_rotate_waiting_for_an_ack() -> (Rig, tokio::task::JoinHandle<RotateFinished>) {
     let a: Arc<dyn Sink> = SentSink::new("a");
     let rig = rig_with(&[a]);
     second_version_delivered(&rig).await;
@@ -794,6 +794,13 @@ async fn restarted_while_a_rotate_waits() -> Rig {
     assert_eq!(rig.status("c0").state, "rotating", "it waits for the ack");
     let requests = rig.store.snapshot().unwrap().requests;
     assert_eq!(requests.len(), 1, "stored while it waits: {requests:?}");
+    (rig, waiting)
+}
+
+/// [`a_rotate_waiting_for_an_ack`], and the daemon restarts meanwhile: the
+/// restarted rig, with the rotation it resumed (if any).
+async fn restarted_while_a_rotate_waits() -> Rig {
+    let (rig, waiting) = a_rotate_waiting_for_an_ack().await;
     let (store, vault) = (rig.store.clone(), rig.vault.clone());
     let dir = rig.shutdown().await;
     let stopped = waiting.await.unwrap();
@@ -883,4 +890,56 @@ async fn a_rotate_waiting_for_acks_survives_a_restart_and_rotates_at_the_grace_d
         start_trigger(dir.path(), 3).as_deref(),
         Some("trigger=manual")
     );
+}
+
+/// Defect: the stored request of a `keyturn rotate` waiting for acks
+/// stayed in state when its agent was decommissioned (the rotation it was
+/// for is abandoned and never begins). It is forgotten with the decision.
+#[tokio::test(start_paused = true)]
+async fn a_decommission_forgets_the_rotate_waiting_for_acks() {
+    let (rig, waiting) = a_rotate_waiting_for_an_ack().await;
+    rig.engine
+        .stop_agent(&key("c0").agent, "decommissioning")
+        .await;
+    let stopped = waiting.await.unwrap();
+    assert!(
+        stopped.error.unwrap().contains("decommissioned"),
+        "the waiting client is told"
+    );
+    assert!(rig.store.snapshot().unwrap().requests.is_empty());
+    rig.shutdown().await;
+}
+
+/// Defect: the stored request of a `keyturn rotate` waiting for acks
+/// stayed in state when the credential left the config while the daemon
+/// was down, and rotated the credential the day it was added back. It is
+/// forgotten at the start that finds the credential gone: added back, the
+/// credential retires version 1 at version 2's grace deadline and makes no
+/// version 3 before its schedule says so.
+#[tokio::test(start_paused = true)]
+async fn a_rotate_waiting_for_acks_is_forgotten_when_its_credential_leaves_the_config() {
+    let (rig, waiting) = a_rotate_waiting_for_an_ack().await;
+    let (store, vault) = (rig.store.clone(), rig.vault.clone());
+    let dir = rig.shutdown().await;
+    waiting.await.unwrap();
+    // Started without the credential.
+    let rig = Rig::in_dir_with(dir, 0, SCHEDULE, "", store, vault, &[]);
+    rig.run().await;
+    assert!(
+        rig.store.snapshot().unwrap().requests.is_empty(),
+        "forgotten at the start"
+    );
+    let (store, vault) = (rig.store.clone(), rig.vault.clone());
+    let dir = rig.shutdown().await;
+    // Added back: nothing was asked of it any more.
+    let a2: Arc<dyn Sink> = SentSink::new("a");
+    let rig = Rig::in_dir_with(dir, 1, SCHEDULE, "", store, vault, &[a2]);
+    rig.run().await;
+    tokio::time::sleep(MINUTE).await;
+    assert_ne!(rig.status("c0").state, "rotating", "{:?}", rig.status("c0"));
+    // Past version 2's grace deadline (1 h after its delivery).
+    tokio::time::sleep(70 * MINUTE).await;
+    assert_eq!(retires(&rig).len(), 1, "version 1 at the grace deadline");
+    assert_eq!(rig.vault.times("stage", None).len(), 2, "no version 3");
+    rig.shutdown().await;
 }

@@ -16,6 +16,9 @@ impl Inner {
             )
         })?;
         let depth = self.rel_len();
+        if let Some(dir) = self.walk(depth - 1, None)? {
+            self.clear_other_layout(&dir, true)?;
+        }
         let agent_depth = self.agent_dir_depth(notice.key.agent.as_str(), depth);
         let bundle = self.walk(depth, Some(agent_depth))?.ok_or_else(|| {
             self.err(ErrorKind::Transient, "directory vanished while creating it")

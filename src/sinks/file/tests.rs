@@ -331,6 +331,65 @@ async fn a_directory_at_a_single_file_target_is_refused() {
     assert!(err.message.contains("is a directory"), "{err}");
 }
 
+/// Defect: a credential whose `generate.kind` changed between a single
+/// value and a keypair while its file sink kept the path failed every
+/// delivery from then on (`... is not a directory`, `... is a directory`).
+/// What keyturn delivered there before is replaced by the new layout, both
+/// ways, with nothing of the old one left.
+#[tokio::test]
+async fn a_kind_change_replaces_the_file_by_a_bundle_and_back() {
+    let root = tempfile::tempdir().unwrap();
+    let (path, s) = agent_sink(root.path(), "db", FileFormat::Raw);
+    deliver_password(&s, 1, "old-password").await.unwrap();
+    assert!(path.is_file());
+
+    deliver_keypair(&s, 2).await;
+    assert!(path.is_dir());
+    assert_eq!(
+        std::fs::read_to_string(path.join("private.pem")).unwrap(),
+        pem("PRIVATE KEY", 2)
+    );
+    assert_eq!(timestamped_dirs(&path).len(), 1, "{:?}", entries(&path));
+    assert_eq!(entries(&root.path().join(AGENT)), vec!["db"]);
+
+    deliver_password(&s, 3, "new-password").await.unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"new-password");
+    assert_eq!(entries(&root.path().join(AGENT)), vec!["db"]);
+}
+
+/// A directory at the path that is not a keyturn bundle is still refused,
+/// and so is a bundle holding a file keyturn did not put there, saying
+/// what to do: both are left as they were.
+#[tokio::test]
+async fn a_kind_change_leaves_what_keyturn_did_not_deliver() {
+    let root = tempfile::tempdir().unwrap();
+    let (path, s) = agent_sink(root.path(), "db", FileFormat::Raw);
+    std::fs::create_dir_all(&path).unwrap();
+    std::fs::write(path.join("notes"), "mine").unwrap();
+    let err = deliver_password(&s, 1, "v").await.unwrap_err();
+    assert!(err.message.contains("is a directory"), "{err}");
+    assert_eq!(entries(&path), vec!["notes"]);
+
+    let other = root.path().join(AGENT).join("signing");
+    let s = sink(root.path(), &other, FileFormat::Raw);
+    deliver_keypair(&s, 1).await;
+    std::fs::write(other.join("notes"), "mine").unwrap();
+    let before = entries(&other);
+    let err = deliver_password(&s, 2, "v").await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid);
+    assert!(
+        err.message
+            .contains("holds \"notes\", which keyturn did not put there")
+            && err.message.contains("move that file away"),
+        "{err}"
+    );
+    assert_eq!(entries(&other), before);
+    assert_eq!(
+        std::fs::read_to_string(other.join("private.pem")).unwrap(),
+        pem("PRIVATE KEY", 1)
+    );
+}
+
 #[test]
 fn construction_rejects_paths_outside_the_root() {
     let roots = vec![PathBuf::from("/run/keyturn/agents")];

@@ -20,12 +20,71 @@ impl Inner {
         if let Err(e) = self.sweep_own_stale(&dir) {
             tracing::warn!(path = %self.path().display(), error = %e, "file sink: could not remove stale temp files");
         }
+        self.clear_other_layout(&dir, false)?;
         let dir_shown = self.shown(depth);
         if self.cfg.atomic {
             self.write_file_at(&dir, self.file_name(), &contents, &dir_shown)
         } else {
             self.write_file_in_place(&dir, &contents, &dir_shown)
         }
+    }
+
+    /// Makes way for a delivery whose layout is not the one at the path: a
+    /// credential whose `generate.kind` changed between a keypair and a
+    /// single value (a reload, or an edit while the daemon was down) keeps
+    /// its path, and what keyturn delivered there before is the other
+    /// layout. That is removed as a decommission removes it (a bundle only
+    /// when `..data` and its links are keyturn's), so the new one can take
+    /// its place; without this the delivery failed at every retry. Not
+    /// atomic: for a moment neither is there (the agent must change how it
+    /// reads the path anyway). A bundle holding anything keyturn did not
+    /// put there is refused whole, and anything else at the path is left
+    /// for the delivery to refuse. `bundle`: this delivery writes a bundle.
+    pub(super) fn clear_other_layout(
+        &self,
+        dir: &OwnedFd,
+        bundle: bool,
+    ) -> Result<(), PluginError> {
+        let name = self.file_name();
+        let shown = self.path();
+        let other = match stat_nofollow(dir, name) {
+            Ok(Some(st)) if bundle => is_type(&st, SFlag::S_IFREG),
+            Ok(Some(st)) if is_type(&st, SFlag::S_IFDIR) => {
+                let held = open_dir(Some(dir.as_raw_fd()), name)
+                    .map_err(|e| self.refuse_component(dir, self.rel_len(), e))?;
+                if self.current_data_dir(&held)?.is_none() {
+                    return Ok(());
+                }
+                let names = list_dir(&held)
+                    .map_err(|e| self.sys(format_args!("list {}", shown.display()), e))?;
+                let ours = |n: &OsString| {
+                    n.as_bytes().starts_with(b"..")
+                        || BUNDLE_FILES.iter().any(|f| f.as_bytes() == n.as_bytes())
+                };
+                if let Some(foreign) = names.iter().find(|n| !ours(n)) {
+                    return Err(self.err(
+                        ErrorKind::Invalid,
+                        format_args!(
+                            "{} is a keypair bundle keyturn delivered, and holds {foreign:?}, which keyturn did not put there; the credential now makes a single value (its generate.kind changed): move that file away, or give the file sink another path",
+                            shown.display()
+                        ),
+                    ));
+                }
+                true
+            }
+            Ok(_) => false,
+            Err(e) => return Err(self.sys(format_args!("inspect {}", shown.display()), e)),
+        };
+        if !other {
+            return Ok(());
+        }
+        let (was, now) = if bundle {
+            ("a single file", "a keypair bundle")
+        } else {
+            ("a keypair bundle", "a single file")
+        };
+        tracing::info!(path = %shown.display(), "file sink: the path holds {was} (the credential's generate.kind changed); replacing it with {now}");
+        self.retract()
     }
 
     /// The bytes of a single-file delivery. They contain the secret, hence the
