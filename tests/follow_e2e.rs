@@ -491,6 +491,19 @@ fn a_nudged_follower_on_openbao_has_each_new_version_long_before_its_poll() {
     .unwrap();
     let wrong = b"kt-test-another-key-0123456789abcdef0123456789";
     assert_eq!(nudge(port, wrong, &body), 401, "a wrongly signed nudge");
+    // Anyone who reaches the listener can send refused nudges: a few a
+    // minute are logged one by one, not each (5,000 WARN lines in half a
+    // second drowned the follower's real warnings).
+    for _ in 0..100 {
+        assert_eq!(nudge(port, wrong, &body), 401, "a wrongly signed nudge");
+    }
+    let logged = || {
+        f.log_text()
+            .lines()
+            .filter(|l| l.contains("follow nudge refused"))
+            .count()
+    };
+    assert_eq!(logged(), 10, "refused nudges logged:\n{}", f.log_text());
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         delivered(&follower).map(|(_, v)| v),

@@ -117,6 +117,43 @@ pub struct FollowNudge {
     /// replaced key takes effect at once.
     pub key_file: PathBuf,
     pub target: Arc<dyn NudgeTarget>,
+    /// Refused nudges logged (anyone who reaches the listener can send
+    /// them): a few a minute, then how many more.
+    refused: super::refusals::Refusals,
+}
+
+impl FollowNudge {
+    pub fn new(key_file: PathBuf, target: Arc<dyn NudgeTarget>) -> Self {
+        FollowNudge {
+            key_file,
+            target,
+            refused: Default::default(),
+        }
+    }
+
+    /// Logs a refused nudge, at most [`super::refusals::AUDITED_PER_WINDOW`]
+    /// a window; when the window ends, one line says how many more.
+    fn log_refused(self: &Arc<Self>, why: &str) {
+        use super::refusals::{Verdict, WINDOW};
+        const EVENT: &str = "follow.nudge";
+        match self.refused.check(0, EVENT, std::time::Instant::now()) {
+            Verdict::Record => warn!(reason = why, "follow nudge refused"),
+            Verdict::Count { summary_at: None } => {}
+            Verdict::Count {
+                summary_at: Some(at),
+            } => {
+                let nudge = Arc::clone(self);
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at.into()).await;
+                    let more = nudge.refused.take(0, EVENT);
+                    warn!(
+                        "follow nudge refused {more} more times in the last {}, not logged one by one",
+                        humantime::format_duration(WINDOW)
+                    );
+                });
+            }
+        }
+    }
 }
 
 /// The routes, without a listener (for embedding or tests).
@@ -397,12 +434,12 @@ async fn nudge_handler(State(state): State<AppState>, headers: HeaderMap, body: 
         }
     };
     let Some(signature) = headers.get(SIGNATURE_HEADER).and_then(|h| h.to_str().ok()) else {
-        warn!("follow nudge refused: no {SIGNATURE_HEADER} header");
+        nudge.log_refused(&format!("no {SIGNATURE_HEADER} header"));
         return StatusCode::UNAUTHORIZED.into_response();
     };
     let now = chrono::Utc::now().timestamp();
     if let Err(why) = verify(key.expose(), signature, &body, now, NUDGE_TOLERANCE) {
-        warn!(reason = %why, "follow nudge refused: bad signature");
+        nudge.log_refused(&format!("bad signature: {why}"));
         return StatusCode::UNAUTHORIZED.into_response();
     }
     drop(key);
@@ -415,7 +452,7 @@ async fn nudge_handler(State(state): State<AppState>, headers: HeaderMap, body: 
             ))
         });
     let Some(cred) = named else {
-        warn!("follow nudge refused: the body names no AGENT/CREDENTIAL");
+        nudge.log_refused("the body names no AGENT/CREDENTIAL");
         return (
             StatusCode::BAD_REQUEST,
             "expected a keyturn webhook notice naming agent and credential\n",
@@ -963,10 +1000,7 @@ mod tests {
             cancel.clone(),
             Limits::for_nofile(1024),
             Routes {
-                nudge: Some(Arc::new(FollowNudge {
-                    key_file,
-                    target: recorder.clone(),
-                })),
+                nudge: Some(Arc::new(FollowNudge::new(key_file, recorder.clone()))),
                 ..Routes::default()
             },
         ));

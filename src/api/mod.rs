@@ -5,9 +5,11 @@
 //! - [`protocol`] the request/response types, selector parsing
 //! - [`socket`]   `bind` + `serve` (server, with the peer policy) and `call` (client)
 //! - [`http`]     the axum listener for metrics and health
+//! - [`refusals`] how often a refusal is audited or logged
 
 pub mod http;
 pub mod protocol;
+pub(crate) mod refusals;
 pub mod socket;
 
 pub use protocol::{

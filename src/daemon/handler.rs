@@ -32,7 +32,7 @@ pub(super) struct Handler {
 
 impl Handler {
     /// Audits a refusal `ev` of `peer`, at most
-    /// [`super::refusals::AUDITED_PER_WINDOW`] per uid and event in each
+    /// [`crate::api::refusals::AUDITED_PER_WINDOW`] per uid and event in each
     /// window; the rest are counted and summarized in one record when the
     /// window ends. True when this one was audited (log it then).
     pub(super) async fn record_refusal(

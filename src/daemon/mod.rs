@@ -378,10 +378,10 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 crate::sinks::webhook::read_key_file(path).map_err(|e| {
                     DaemonError::Startup(format!("daemon.follow_nudge_key_file: {e}"))
                 })?;
-                Some(Arc::new(crate::api::http::FollowNudge {
-                    key_file: path.clone(),
-                    target: Arc::new(engine.clone()),
-                }))
+                Some(Arc::new(crate::api::http::FollowNudge::new(
+                    path.clone(),
+                    Arc::new(engine.clone()),
+                )))
             }
         };
         let listener = tokio::net::TcpListener::bind(addr)
