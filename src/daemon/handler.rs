@@ -411,7 +411,9 @@ impl ControlHandler for Handler {
             TaskError::AgentRetired(_) => ApiError::forbidden(e.to_string()),
             TaskError::Invalid { .. } => ApiError::bad_request(e.to_string()),
             TaskError::NotFound(_) | TaskError::NotYours(_) => ApiError::not_found(e.to_string()),
-            TaskError::Issue { .. } | TaskError::Deliver { .. } => ApiError::failed(e.to_string()),
+            TaskError::Issue { .. } | TaskError::Unissuable { .. } | TaskError::Deliver { .. } => {
+                ApiError::failed(e.to_string())
+            }
             TaskError::Store(_) => ApiError::internal(e.to_string()),
         };
         match command {

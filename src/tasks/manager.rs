@@ -122,6 +122,10 @@ pub enum TaskError {
         issuer: String,
         error: PluginError,
     },
+    /// An issuer refused the request without calling its system (a TTL it
+    /// cannot mint, a grant it cannot use): nothing was issued anywhere.
+    #[error("issuer `{issuer}` refuses this task, and nothing was issued: {error}")]
+    Unissuable { issuer: String, error: PluginError },
     #[error("task {task}: its credentials could not be written: {message}; the task was ended")]
     Deliver { task: String, message: String },
     #[error(transparent)]
@@ -353,13 +357,6 @@ impl TaskManager {
             policy::label(value).map_err(|message| TaskError::Invalid { field, message })?;
         }
         let setup = self.setup();
-        if !setup.agents.contains_key(&caller.agent) {
-            return Err(TaskError::AgentRetired(caller.agent.clone()));
-        }
-        // Counted as running, so that the store's and the audit log's
-        // group commits wait briefly for the writes of concurrent tasks.
-        let _busy = crate::group_commit::Busy::enter();
-        let now = self.clock.now();
         let task = TaskAttribution {
             task_id: new_task_id(),
             agent: caller.agent.clone(),
@@ -369,6 +366,19 @@ impl TaskManager {
             initiator: req.initiator.clone(),
             sensitivity: req.sensitivity.clone(),
         };
+        if !setup.agents.contains_key(&caller.agent) {
+            // A retired agent still asking is what a security team wants
+            // to see in the audit log (a forgotten or compromised process).
+            let e = TaskError::AgentRetired(caller.agent.clone());
+            let mut ev = self.event("task.refused", Outcome::Refused, Some(caller), &task);
+            ev.error = Some(e.to_string());
+            self.recorder.record(ev).await;
+            return Err(e);
+        }
+        // Counted as running, so that the store's and the audit log's
+        // group commits wait briefly for the writes of concurrent tasks.
+        let _busy = crate::group_commit::Busy::enter();
+        let now = self.clock.now();
         let ask = TaskAsk {
             agent: &caller.agent,
             tenant: &req.tenant,
@@ -387,6 +397,44 @@ impl TaskManager {
         };
         let ttl = decision.ttl;
         let expires_at_ms = ms(now) + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        // Every issuer's own refusals first, before anything is minted
+        // anywhere: a refusal then leaves no other issuer's credential
+        // behind (one that cannot be ended early would outlive the task).
+        // Then those whose credential can be ended early are issued first.
+        let mut grants: Vec<_> = decision
+            .level
+            .grants
+            .iter()
+            .map(|(name, grant)| (name, grant, setup.issuers.get(name)))
+            .collect();
+        grants.sort_by_key(|(name, _, issuer)| (!issuer.is_some_and(|i| i.ends_early()), *name));
+        for (issuer_name, grant, issuer) in &grants {
+            let checked = match issuer {
+                Some(issuer) => {
+                    issuer
+                        .precheck(&IssueRequest {
+                            task: &task,
+                            grant,
+                            ttl,
+                            expires_at: system_time(expires_at_ms),
+                        })
+                        .await
+                }
+                None => Err(PluginError::new(
+                    crate::model::ErrorKind::Invalid,
+                    format!("issuer `{issuer_name}` is not configured"),
+                )),
+            };
+            if let Err(error) = checked {
+                let mut ev = self.event("task.refused", Outcome::Refused, Some(caller), &task);
+                ev.error = Some(format!("issuer_refused: issuer `{issuer_name}`: {error}"));
+                self.recorder.record(ev).await;
+                return Err(TaskError::Unissuable {
+                    issuer: (*issuer_name).clone(),
+                    error,
+                });
+            }
+        }
         let row = TaskRow {
             task: task.clone(),
             policy: decision.policy.name.clone(),
@@ -425,8 +473,9 @@ impl TaskManager {
         }
 
         let mut issued: BTreeMap<String, Issued> = BTreeMap::new();
-        for (issuer_name, grant) in &decision.level.grants {
-            let outcome = match setup.issuers.get(issuer_name) {
+        for (i, (issuer_name, grant, issuer)) in grants.iter().enumerate() {
+            let (issuer_name, grant) = (*issuer_name, *grant);
+            let outcome = match issuer {
                 Some(issuer) => {
                     issuer
                         .issue(&IssueRequest {
@@ -478,6 +527,20 @@ impl TaskManager {
                     self.recorder.record(ev).await;
                     self.count_issued(issuer_name, false);
                     drop(issued);
+                    // The issuers after this one were never called: nothing
+                    // of theirs exists to wait for or revoke.
+                    for (later, _, _) in &grants[i + 1..] {
+                        self.store
+                            .set_item(
+                                &task.task_id,
+                                later,
+                                ItemState::Verified,
+                                None,
+                                None,
+                                Some("never issued: the start failed before it"),
+                            )
+                            .await?;
+                    }
                     self.end_now(&task.task_id, "start_failed").await;
                     return Err(TaskError::Issue {
                         task: task.task_id.clone(),

@@ -146,6 +146,23 @@ pub trait TaskIssuer: Send + Sync {
         }
     }
 
+    /// Refuses what [`Self::issue`] would refuse without calling the
+    /// system (a TTL it cannot mint, a grant it cannot use). The manager
+    /// asks every issuer of a task before any of them mints, so such a
+    /// refusal leaves no other issuer's credential behind. The default
+    /// accepts.
+    async fn precheck(&self, req: &IssueRequest<'_>) -> Result<(), PluginError> {
+        let _ = req;
+        Ok(())
+    }
+
+    /// Whether [`Self::revoke`] ends the credential at once (`false`: it
+    /// expires by itself). Those that can be ended are minted first, so a
+    /// failing later issuer leaves nothing that outlives the task's end.
+    fn ends_early(&self) -> bool {
+        true
+    }
+
     /// Mints the task's credential per the grant, expiring at the system
     /// by `expires_at` where it can.
     async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError>;

@@ -25,6 +25,9 @@ struct MemIssuer {
     /// Revoke answers "expires by itself" (like STS without a deny policy).
     expires_only: bool,
     revokes: AtomicU32,
+    /// What `precheck` refuses with (an issuer's own refusal).
+    refuse: Option<String>,
+    issues: AtomicU32,
 }
 
 impl MemIssuer {
@@ -46,7 +49,19 @@ impl TaskIssuer for MemIssuer {
         format!("mem:{}", self.name)
     }
 
+    async fn precheck(&self, _req: &IssueRequest<'_>) -> Result<(), PluginError> {
+        match &self.refuse {
+            Some(why) => Err(PluginError::new(ErrorKind::Invalid, why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn ends_early(&self) -> bool {
+        !self.expires_only
+    }
+
     async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError> {
+        self.issues.fetch_add(1, Ordering::SeqCst);
         if self.fail_issue.load(Ordering::SeqCst) > 0 {
             self.fail_issue.fetch_sub(1, Ordering::SeqCst);
             return Err(PluginError::new(ErrorKind::Transient, "connection refused"));
@@ -507,6 +522,70 @@ async fn a_failed_start_revokes_what_was_issued() {
     assert!(h.rec.names().contains(&"task.issued:failed".to_owned()));
 }
 
+/// Defect: an issuer's own refusal (a TTL it cannot mint, a session
+/// policy file missing) came after the issuers before it in name order had
+/// minted; one that cannot be ended early (STS without a deny policy) then
+/// outlived the failed start, and the task stayed `ending`, overdue and
+/// holding decommissions, until it expired. Every issuer's own refusals
+/// come first: nothing is minted or recorded, and the refusal is audited.
+#[tokio::test(start_paused = true)]
+async fn an_issuers_own_refusal_comes_before_anything_is_minted() {
+    let pg = Arc::new(MemIssuer {
+        name: "pg".into(),
+        expires_only: true,
+        ..Default::default()
+    });
+    let sts = Arc::new(MemIssuer {
+        name: "sts".into(),
+        refuse: Some("the task's TTL of 10s is below STS's shortest session".into()),
+        ..Default::default()
+    });
+    let h = harness_with(pg, sts);
+    let e = h
+        .mgr
+        .start(&caller("bot"), ask("high", None))
+        .await
+        .unwrap_err();
+    let TaskError::Unissuable { issuer, .. } = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(issuer, "sts");
+    assert_eq!(h.pg.issues.load(Ordering::SeqCst), 0, "pg minted");
+    assert!(h.mgr.list(None, 10).unwrap().is_empty(), "a task recorded");
+    assert_eq!(h.rec.names(), ["task.refused:refused"]);
+    assert!(h.rec.all_text().contains("below STS's shortest session"));
+}
+
+/// Defect: issuers were called in name order, so a credential that cannot
+/// be ended early could be minted before one that then failed; it outlived
+/// the failed start. Those that can be ended are minted first, and the
+/// issuers a failure left uncalled hold nothing: the task ends at once.
+#[tokio::test(start_paused = true)]
+async fn credentials_that_cannot_be_ended_early_are_minted_last() {
+    let pg = Arc::new(MemIssuer {
+        name: "pg".into(),
+        expires_only: true,
+        ..Default::default()
+    });
+    let sts = MemIssuer::new("sts");
+    sts.fail_issue.store(1, Ordering::SeqCst);
+    let h = harness_with(pg, sts);
+    let e = h
+        .mgr
+        .start(&caller("bot"), ask("high", None))
+        .await
+        .unwrap_err();
+    let TaskError::Issue { task, issuer, .. } = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(issuer, "sts");
+    assert_eq!(h.pg.issues.load(Ordering::SeqCst), 0, "pg minted first");
+    let t = h.mgr.store.get(task).unwrap().unwrap();
+    assert_ended(&t, "start_failed");
+    let pg_item = t.items.iter().find(|i| i.issuer == "pg").unwrap();
+    assert_eq!(pg_item.state, ItemState::Verified);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failed_revocation_is_retried_until_verified() {
     let pg = MemIssuer::new("pg");
@@ -622,6 +701,13 @@ async fn a_retired_agent_starts_nothing_and_its_tasks_end() {
         .await
         .unwrap_err();
     assert!(matches!(e, TaskError::AgentRetired(_)), "{e}");
+    // Refused, and audited as the other refusals are.
+    assert_eq!(h.rec.names().last().unwrap(), "task.refused:refused");
+    assert!(
+        h.rec.all_text().contains("agent `bot` is decommissioned"),
+        "{}",
+        h.rec.all_text()
+    );
     h.mgr.tick().await.unwrap();
     let t = h.mgr.store.get(&id).unwrap().unwrap();
     assert_ended(&t, "agent_retired");

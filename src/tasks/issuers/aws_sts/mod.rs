@@ -602,7 +602,45 @@ impl std::fmt::Debug for StsIssuer {
     }
 }
 
+/// A request as [`StsIssuer::issue`] sends it, once every local check passed.
+struct Prepared {
+    grant: StsGrant,
+    /// The task and role, for messages.
+    what: String,
+    seconds: i32,
+    policy: String,
+}
+
 impl StsIssuer {
+    /// The grant, the session's length and its policy, or what the issuer
+    /// refuses without calling STS.
+    async fn prepared(&self, req: &IssueRequest<'_>) -> Result<Prepared, PluginError> {
+        let task = req.task;
+        let grant: StsGrant = req.grant.parse().map_err(|e| {
+            self.err(
+                ErrorKind::Invalid,
+                "issue",
+                &format!("for task {}", task.task_id),
+                format!("invalid grant: {e}"),
+            )
+        })?;
+        let what = task_role(task, &grant.role_arn);
+        let invalid = |detail: String| self.err(ErrorKind::Invalid, "issue", &what, detail);
+        let seconds =
+            session_seconds(req.ttl, self.config.revoke_with_deny_policy).map_err(invalid)?;
+        check_role_arn(&grant.role_arn).map_err(invalid)?;
+        if let Some(id) = &grant.external_id {
+            check_external_id(id).map_err(invalid)?;
+        }
+        let policy = self.session_policy(&grant, &what).await?;
+        Ok(Prepared {
+            grant,
+            what,
+            seconds,
+            policy,
+        })
+    }
+
     /// No I/O: the client is built at the first call.
     pub fn new(config: StsIssuerConfig) -> Self {
         Self {
@@ -771,25 +809,24 @@ impl TaskIssuer for StsIssuer {
         }
     }
 
+    async fn precheck(&self, req: &IssueRequest<'_>) -> Result<(), PluginError> {
+        self.prepared(req).await.map(|_| ())
+    }
+
+    /// Without `revoke_with_deny_policy` a session cannot be ended early.
+    fn ends_early(&self) -> bool {
+        self.config.revoke_with_deny_policy
+    }
+
     async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError> {
         let task = req.task;
-        let grant: StsGrant = req.grant.parse().map_err(|e| {
-            self.err(
-                ErrorKind::Invalid,
-                "issue",
-                &format!("for task {}", task.task_id),
-                format!("invalid grant: {e}"),
-            )
-        })?;
-        let what = task_role(task, &grant.role_arn);
+        let Prepared {
+            grant,
+            what,
+            seconds,
+            policy,
+        } = self.prepared(req).await?;
         let invalid = |detail: String| self.err(ErrorKind::Invalid, "issue", &what, detail);
-        let seconds =
-            session_seconds(req.ttl, self.config.revoke_with_deny_policy).map_err(invalid)?;
-        check_role_arn(&grant.role_arn).map_err(invalid)?;
-        if let Some(id) = &grant.external_id {
-            check_external_id(id).map_err(invalid)?;
-        }
-        let policy = self.session_policy(&grant, &what).await?;
         let c = self.connected().await?;
 
         let mut call = c

@@ -297,6 +297,30 @@ impl PgIssuer {
         Ok(format!("{}{task_id}", self.c.role_prefix()))
     }
 
+    /// The task's role, its grant and the context for messages, or what
+    /// the issuer refuses without calling PostgreSQL.
+    fn checked(&self, req: &IssueRequest<'_>) -> Result<(String, PgGrant, String), PluginError> {
+        let task = req.task;
+        let role = self.role_of(&task.task_id)?;
+        let ctx = format!(
+            "{}: issue for task {} (role {role:?})",
+            self.describe(),
+            task.task_id
+        );
+        let invalid = |m: String| PluginError::new(ErrorKind::Invalid, format!("{ctx}: {m}"));
+        let grant: PgGrant = req
+            .grant
+            .parse()
+            .map_err(|e| invalid(format!("invalid grant: {e}")))?;
+        if let Some((_, problem)) = grant_problems(&grant, self.c.role_prefix())
+            .into_iter()
+            .next()
+        {
+            return Err(invalid(format!("invalid grant: {problem}")));
+        }
+        Ok((role, grant, ctx))
+    }
+
     /// Issues on `conn`: first as a new role (the task's role, named after
     /// a fresh task id, almost never exists: one round trip); when it does
     /// exist (issuing again, or someone else's), checks keyturn's mark and
@@ -701,25 +725,14 @@ impl TaskIssuer for PgIssuer {
         }
     }
 
+    async fn precheck(&self, req: &IssueRequest<'_>) -> Result<(), PluginError> {
+        self.checked(req).map(|_| ())
+    }
+
     async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError> {
         let task = req.task;
-        let role = self.role_of(&task.task_id)?;
-        let ctx = format!(
-            "{}: issue for task {} (role {role:?})",
-            self.describe(),
-            task.task_id
-        );
+        let (role, grant, ctx) = self.checked(req)?;
         let invalid = |m: String| PluginError::new(ErrorKind::Invalid, format!("{ctx}: {m}"));
-        let grant: PgGrant = req
-            .grant
-            .parse()
-            .map_err(|e| invalid(format!("invalid grant: {e}")))?;
-        if let Some((_, problem)) = grant_problems(&grant, self.c.role_prefix())
-            .into_iter()
-            .next()
-        {
-            return Err(invalid(format!("invalid grant: {problem}")));
-        }
         // VALID UNTIL in whole seconds, never after `expires_at`.
         let secs = req
             .expires_at

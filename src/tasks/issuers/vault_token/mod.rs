@@ -319,6 +319,49 @@ pub struct VaultTokenIssuer {
 }
 
 impl VaultTokenIssuer {
+    /// The grant and the token's TTL in whole seconds, or what the issuer
+    /// refuses without calling OpenBao.
+    fn settle(&self, req: &IssueRequest<'_>) -> Result<(TokenGrant, u64), PluginError> {
+        let step = format!("issue (task {})", req.task.task_id);
+        let grant: TokenGrant = req.grant.parse().map_err(|e| {
+            self.fail(
+                ErrorKind::Invalid,
+                &step,
+                format!("not a vault_token grant: {e}"),
+            )
+        })?;
+        if let Some((key, message)) = grant.problems().into_iter().next() {
+            return Err(self.fail(ErrorKind::Invalid, &step, format!("grant {key}: {message}")));
+        }
+        // The token ends at the task's expiry at the latest: its TTL is the
+        // whole seconds left until then, not the TTL counted from now.
+        let now = SystemTime::now();
+        let left = req
+            .expires_at
+            .duration_since(now)
+            .unwrap_or_default()
+            .min(req.ttl);
+        let ttl_s = left.as_secs();
+        if ttl_s == 0 {
+            return Err(self.fail(
+                ErrorKind::Invalid,
+                &step,
+                "the task's expiry has passed (or is under a second away)",
+            ));
+        }
+        if left > self.max_ttl {
+            return Err(self.fail(
+                ErrorKind::Invalid,
+                &step,
+                format!(
+                    "the task's TTL ({ttl_s}s) is longer than this issuer's max_ttl ({}s); raise max_ttl or lower the policy's TTL",
+                    self.max_ttl.as_secs()
+                ),
+            ));
+        }
+        Ok((grant, ttl_s))
+    }
+
     async fn connection(&self) -> Result<&Connection, PluginError> {
         self.conn
             .get_or_try_init(|| async {
@@ -434,45 +477,17 @@ impl TaskIssuer for VaultTokenIssuer {
         }
     }
 
+    async fn precheck(&self, req: &IssueRequest<'_>) -> Result<(), PluginError> {
+        self.settle(req).map(|_| ())
+    }
+
     async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError> {
         let task = req.task;
         let step = format!("issue (task {})", task.task_id);
-        let grant: TokenGrant = req.grant.parse().map_err(|e| {
-            self.fail(
-                ErrorKind::Invalid,
-                &step,
-                format!("not a vault_token grant: {e}"),
-            )
-        })?;
-        if let Some((key, message)) = grant.problems().into_iter().next() {
-            return Err(self.fail(ErrorKind::Invalid, &step, format!("grant {key}: {message}")));
-        }
-        // The token ends at the task's expiry at the latest: its TTL is the
-        // whole seconds left until then, not the TTL counted from now.
+        // Before the TTL is counted: the expiry computed below is never
+        // later than the one OpenBao sets.
         let now = SystemTime::now();
-        let left = req
-            .expires_at
-            .duration_since(now)
-            .unwrap_or_default()
-            .min(req.ttl);
-        let ttl_s = left.as_secs();
-        if ttl_s == 0 {
-            return Err(self.fail(
-                ErrorKind::Invalid,
-                &step,
-                "the task's expiry has passed (or is under a second away)",
-            ));
-        }
-        if left > self.max_ttl {
-            return Err(self.fail(
-                ErrorKind::Invalid,
-                &step,
-                format!(
-                    "the task's TTL ({ttl_s}s) is longer than this issuer's max_ttl ({}s); raise max_ttl or lower the policy's TTL",
-                    self.max_ttl.as_secs()
-                ),
-            ));
-        }
+        let (grant, ttl_s) = self.settle(req)?;
         let conn = self.connection().await?;
         let location = self.create_location();
         let ttl = format!("{ttl_s}s");
