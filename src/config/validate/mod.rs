@@ -259,6 +259,7 @@ impl Validator<'_> {
             },
         };
 
+        self.task_root_beside_agents(&daemon_path, &daemon, &scope);
         let mut agents = BTreeMap::new();
         // Cross-credential uniqueness: first place each was seen.
         let mut cross = CrossChecks {
@@ -659,6 +660,35 @@ impl Validator<'_> {
         self.ctx.resolve(text)
     }
 
+    /// `task_root` is not in an agent's directory (a directory right below
+    /// a delivery root named after an agent): every agent's task
+    /// directories would be made in it, where that agent may rename them.
+    fn task_root_beside_agents(&mut self, p: &Loc<'_>, daemon: &DaemonConfig, scope: &Scope<'_>) {
+        let Some(task_root) = &daemon.task_root else {
+            return;
+        };
+        for r in &daemon.delivery_roots {
+            if let Some(Component::Normal(first)) = task_root
+                .strip_prefix(r)
+                .ok()
+                .and_then(|rest| rest.components().next())
+                && let Some(agent) = first.to_str()
+                && scope.agent_names.contains_key(agent)
+            {
+                self.err(
+                    p.key("task_root"),
+                    format!(
+                        "task_root {} is in the delivery directory of agent `{agent}` ({}): every agent's task directories would be made in it; put it beside the agents' directories, e.g. \"{}\"",
+                        task_root.display(),
+                        r.join(agent).display(),
+                        r.join("tasks").display()
+                    ),
+                );
+                return;
+            }
+        }
+    }
+
     fn daemon(&mut self, p: &Loc<'_>, d: &RawDaemon) -> DaemonConfig {
         let state_dir = match &d.state_dir {
             Some(s) => self.path_setting(p.key("state_dir"), s),
@@ -749,7 +779,16 @@ impl Validator<'_> {
         let retry = self.retry(&p.key("retry"), d);
         let task_root = d.task_root.as_ref().map(|s| {
             let root = self.path_setting(p.key("task_root"), s);
-            if !delivery_roots.iter().any(|r| root.starts_with(r)) {
+            if let Some(r) = delivery_roots.iter().find(|r| root == **r) {
+                self.err(
+                    p.key("task_root"),
+                    format!(
+                        "task_root {} is a delivery root itself, so <task_root>/<agent> would be each agent's own delivery directory; give tasks a directory of their own in it, e.g. \"{}\"",
+                        root.display(),
+                        r.join("tasks").display()
+                    ),
+                );
+            } else if !delivery_roots.iter().any(|r| root.starts_with(r)) {
                 self.err(
                     p.key("task_root"),
                     format!(

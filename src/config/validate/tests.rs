@@ -231,6 +231,41 @@ deliver = [{{ type = \"file\", path = \"a\" }}, {{ type = \"file\", path = \"b/a
     );
 }
 
+/// Defect: `task_root` at a delivery root made `<task_root>/<agent>` each
+/// agent's own delivery directory (every task then failed, with advice to
+/// remove that directory), and `task_root` in an agent's directory put every
+/// agent's task directories where that agent may rename them. Both are
+/// refused; beside the agents' directories is accepted.
+#[test]
+fn task_root_is_a_directory_of_its_own_beside_the_agents() {
+    let with_root = |root: &str| {
+        HEAD.replacen(
+            "[daemon]\n",
+            &format!("[daemon]\ntask_root = \"{root}\"\n"),
+            1,
+        )
+    };
+    assert_only_error(
+        &with_root("/run/kt"),
+        "daemon.task_root",
+        "task_root /run/kt is a delivery root itself, so <task_root>/<agent> would be each agent's own delivery directory; give tasks a directory of their own in it, e.g. \"/run/kt/tasks\"",
+    );
+    assert_only_error(
+        &with_root("/run/kt/a/tasks"),
+        "daemon.task_root",
+        "task_root /run/kt/a/tasks is in the delivery directory of agent `a` (/run/kt/a): every agent's task directories would be made in it; put it beside the agents' directories, e.g. \"/run/kt/tasks\"",
+    );
+    let cfg = super::super::load_str(
+        Path::new("/etc/keyturn/t.toml"),
+        &with_root("/run/kt/tasks"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        cfg.daemon.task_root.as_deref(),
+        Some(Path::new("/run/kt/tasks"))
+    );
+}
+
 #[test]
 fn a_follow_nudge_key_needs_the_http_listener_and_is_resolved_like_other_paths() {
     let head = HEAD.replacen(
