@@ -1143,6 +1143,12 @@ async fn a_token_for_a_task_carries_its_attribution_and_ends_with_it() {
     let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &token)).await;
     assert_eq!(a.json["txn"], "run-42");
     assert_eq!(a.json["task_id"], "t1");
+    // The task ended early (`keyturn task end`): its token is inactive at
+    // once, not at its `exp`.
+    let live = h.mem.tasks.lock().unwrap().remove("t1").unwrap();
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &token)).await;
+    assert_eq!(a.json, json!({ "active": false }));
+    h.mem.tasks.lock().unwrap().insert("t1".into(), live);
 
     // Another agent's task, an unknown one, and one of another tenant.
     h.mem

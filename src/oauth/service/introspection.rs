@@ -103,8 +103,9 @@ impl TokenService {
         }
     }
 
-    /// Whether a checked token is still active: not revoked, and issued
-    /// after the decommission of every agent it names.
+    /// Whether a checked token is still active: not revoked, issued after
+    /// the decommission of every agent it names, and, bound to a task, the
+    /// task still live (ended early, its tokens end with it).
     fn active(&self, t: &Checked) -> Result<bool, ExchangeError> {
         let jti = t.str("jti").unwrap_or_default();
         let revoked = self.backend.token_ledger().is_revoked(jti).map_err(|e| {
@@ -118,11 +119,22 @@ impl TokenService {
             return Ok(false);
         }
         let iat = t.int("iat").unwrap_or(i64::MIN);
-        Ok(!t.agents().iter().any(|a| {
+        if t.agents().iter().any(|a| {
             self.backend
                 .decommissioned_at(a)
                 .is_some_and(|at| iat <= at)
-        }))
+        }) {
+            return Ok(false);
+        }
+        let Some(task) = t.str("task_id") else {
+            return Ok(true);
+        };
+        let agent = t.str("client_id").unwrap_or_default();
+        let live = self.backend.live_task(agent, task).map_err(|e| {
+            tracing::error!("token service: cannot read tasks: {e}");
+            err("temporarily_unavailable", "tasks cannot be read now; retry")
+        })?;
+        Ok(live.is_some())
     }
 
     /// The agent whose client assertion `form` carries, the assertion spent
