@@ -62,14 +62,23 @@
 //!
 //! **revoke** sets the role `NOLOGIN PASSWORD NULL`, ends its sessions, then
 //! drops it. A role that still owns objects or holds privileges in the admin
-//! DSN's database is cleaned up first: `REASSIGN OWNED BY` the admin role
-//! (what the task made is kept, owned by the admin) and `DROP OWNED BY`
-//! (its own privileges). When the role cannot be dropped (objects in another
-//! database, or an admin without the membership `REASSIGN OWNED` needs), it
-//! stays, unable to log in, and a warning names it. A role that does not
-//! exist is already revoked. A role with the task's name whose comment lacks
-//! keyturn's mark for that task is someone else's: `issue`, `revoke` and
-//! `verify_revoked` refuse it (`invalid`) and leave it alone.
+//! DSN's database is cleaned up first with `DROP OWNED BY` (RESTRICT), in
+//! the transaction that drops it: what the task made there is dropped, not
+//! kept. Kept, it would need an owner: the admin (often a superuser) would
+//! run a `SECURITY DEFINER` function, view or rule the task planted with its
+//! own privileges for anyone who calls it, and any one role kept for the
+//! purpose would own every task's objects at once. A task that means its
+//! data to outlast it hands it to one of its granted roles (`ALTER TABLE ...
+//! OWNER TO`), or writes into tables it did not make. An admin without the
+//! privileges of the task role (`CREATEROLE`, no superuser) grants itself
+//! the role in that transaction, as `DROP OWNED` needs them; dropping the
+//! role ends the membership. When the role cannot be dropped (objects in
+//! another database, or another role's object depending on the task's), it
+//! stays, unable to log in, member of no role any more (what it still owns
+//! acts with no privilege of the grant), and a warning names it. A role that
+//! does not exist is already revoked. A role with the task's name whose
+//! comment lacks keyturn's mark for that task is someone else's: `issue`,
+//! `revoke` and `verify_revoked` refuse it (`invalid`) and leave it alone.
 
 mod config;
 
@@ -388,30 +397,22 @@ impl PgIssuer {
         if let Err(e) = &dropped
             && e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST)
         {
-            dropped = conn
-                .client
-                .batch_execute(&format!(
-                    "BEGIN; REASSIGN OWNED BY {q} TO CURRENT_USER; DROP OWNED BY {q}; \
-                     DROP ROLE {q}; COMMIT"
-                ))
-                .await;
-            if dropped.as_ref().is_err_and(|e| e.as_db_error().is_some()) {
-                // Leave the failed transaction: the session goes back to
-                // the pool idle.
-                let _ = conn.client.batch_execute("ROLLBACK").await;
-            }
+            dropped = drop_owned_and_role(conn, role).await;
         }
         match dropped {
             Ok(()) => {
                 tracing::info!(task = %task.task_id, role, terminated, "postgres task role dropped");
             }
-            // The server refused (objects in another database, privileges
-            // the admin lacks): the role can no longer be used, and stays.
+            // The server refused (objects in another database, or another
+            // role's objects depend on the task's): the role can no longer
+            // be used, and stays, with no membership left, so that what it
+            // still owns acts with nothing but that.
             Err(e) if e.as_db_error().is_some() => {
                 let e = conn.error(ctx, &e, &[]);
+                leave_no_membership(conn, role, ctx).await?;
                 tracing::warn!(
                     task = %task.task_id, role, terminated, error = %e,
-                    "postgres task role disabled (NOLOGIN, no password, no session) but not dropped"
+                    "postgres task role disabled (NOLOGIN, no password, no session, no membership) but not dropped"
                 );
             }
             Err(e) => return Err(conn.error(ctx, &e, &[])),
@@ -546,6 +547,67 @@ impl PgIssuer {
         let conn = self.admin.lease(&self.describe(), step).await?;
         Ok((role, ctx, conn))
     }
+}
+
+/// Drops, in one transaction, what the disabled task role `role` owns in
+/// the admin DSN's database and the privileges granted to it there (`DROP
+/// OWNED`), then the role. Nothing the task made is kept: handed to the
+/// admin, a `SECURITY DEFINER` function or a view the task planted would
+/// act with the admin's privileges for anyone; handed to any one role
+/// kept for the purpose, with those of every other task's objects. An
+/// admin without the privileges of the role (`CREATEROLE` but no
+/// superuser) makes itself a member for the transaction: `DROP OWNED`
+/// needs that, and `DROP ROLE` takes the membership away again.
+async fn drop_owned_and_role(conn: &AdminConn, role: &str) -> Result<(), tokio_postgres::Error> {
+    let client = &conn.client;
+    let q = quote_ident(role);
+    let has_privileges: bool = client
+        .query_one("SELECT pg_has_role($1, 'USAGE')", &[&role])
+        .await?
+        .get(0);
+    let member = if has_privileges {
+        String::new()
+    } else {
+        format!("GRANT {q} TO CURRENT_USER; ")
+    };
+    let dropped = client
+        .batch_execute(&format!(
+            "BEGIN; {member}DROP OWNED BY {q}; DROP ROLE {q}; COMMIT"
+        ))
+        .await;
+    if dropped.as_ref().is_err_and(|e| e.as_db_error().is_some()) {
+        // Leave the failed transaction: the session goes back to the pool
+        // idle.
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    dropped
+}
+
+/// Revokes every role `role` is a member of: a task role that has to stay
+/// keeps no privilege of its grant.
+async fn leave_no_membership(conn: &AdminConn, role: &str, ctx: &str) -> Result<(), PluginError> {
+    let revoke = async {
+        let rows = conn
+            .client
+            .query(
+                "SELECT b.rolname::text FROM pg_auth_members m \
+                 JOIN pg_roles b ON b.oid = m.roleid JOIN pg_roles t ON t.oid = m.member \
+                 WHERE t.rolname = $1",
+                &[&role],
+            )
+            .await?;
+        let q = quote_ident(role);
+        let mut sql = String::new();
+        for row in &rows {
+            let granted: String = row.get(0);
+            let _ = write!(sql, "REVOKE {} FROM {q}; ", quote_ident(&granted));
+        }
+        if sql.is_empty() {
+            return Ok(());
+        }
+        conn.client.batch_execute(&sql).await
+    };
+    revoke.await.map_err(|e| conn.error(ctx, &e, &[]))
 }
 
 /// One attempt at the issuance, in one transaction: a call of the session
@@ -1411,6 +1473,45 @@ mod tests {
                 .get(0)
         }
 
+        /// Lets `r_low` (and so its tasks) create in schema `public`, as an
+        /// "ETL writer" grant may; taken back when the fixture goes.
+        async fn may_create_in_public(&self) {
+            self.sql(&format!("GRANT CREATE ON SCHEMA public TO {}", self.low()))
+                .await;
+        }
+
+        /// Issues `task` a grant of `r_low`, which may create in `public`,
+        /// and logs in as the task.
+        async fn creating_task(
+            &self,
+            issuer: &PgIssuer,
+            task: &TaskAttribution,
+        ) -> (Issued, Client) {
+            let got = self.issue(issuer, task, &[self.low()], TTL).await.unwrap();
+            self.may_create_in_public().await;
+            let c = self.login(&got).await.unwrap();
+            (got, c)
+        }
+
+        /// Makes `kt_plain_SUFFIX`, a login with no privilege, and logs in
+        /// as it.
+        async fn plain(&self) -> (String, Client) {
+            let plain = format!("kt_plain_{}", self.sfx);
+            self.sql(&format!("CREATE ROLE {plain} LOGIN PASSWORD 'plain-pw-1'"))
+                .await;
+            let c = self.login_as(&plain, "plain-pw-1").await.unwrap();
+            (plain, c)
+        }
+
+        async fn table_exists(&self, table: &str) -> bool {
+            self.admin()
+                .await
+                .query_opt("SELECT 1 FROM pg_tables WHERE tablename = $1", &[&table])
+                .await
+                .unwrap()
+                .is_some()
+        }
+
         async fn role_exists(&self, role: &str) -> bool {
             self.admin()
                 .await
@@ -1465,7 +1566,8 @@ mod tests {
                     }
                     let _ = c
                         .batch_execute(&format!(
-                            "DROP TABLE IF EXISTS {a}, {b}; DROP ROLE IF EXISTS {low}; DROP ROLE IF EXISTS {high}"
+                            "DROP TABLE IF EXISTS {a}, {b}; REVOKE ALL ON SCHEMA public FROM {low}; \
+                             DROP ROLE IF EXISTS {low}; DROP ROLE IF EXISTS {high}"
                         ))
                         .await;
                 });
@@ -1656,37 +1758,116 @@ mod tests {
         ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
     )]
     #[tokio::test]
-    async fn revoke_without_a_handle_finds_the_role_by_task_id_and_keeps_what_it_made() {
+    async fn revoke_without_a_handle_finds_the_role_by_task_id_and_drops_what_it_made() {
         let fx = Fx::new().await;
         let issuer = fx.issuer();
         let task = fx.task("crash");
-        let got = fx.issue(&issuer, &task, &[fx.low()], TTL).await.unwrap();
-        // The task made a table: its role owns something.
-        let owned = fx.table("made");
-        fx.sql(&format!("GRANT CREATE ON SCHEMA public TO {}", fx.low()))
-            .await;
-        let c = fx.login(&got).await.unwrap();
-        c.batch_execute(&format!("CREATE TABLE {owned} (x int)"))
-            .await
-            .unwrap();
+        let (got, c) = fx.creating_task(&issuer, &task).await;
+        // The task made two tables: its role owns something. It hands one
+        // to its granted role, which may create in the schema.
+        let (made, handed) = (fx.table("made"), fx.table("handed"));
+        c.batch_execute(&format!(
+            "CREATE TABLE {made} (x int); CREATE TABLE {handed} (x int); \
+             ALTER TABLE {handed} OWNER TO {}",
+            fx.low()
+        ))
+        .await
+        .unwrap();
         // keyturn "crashed" before it recorded the handle.
         fx.assert_revoked(&issuer, &task, &got, &c).await;
-        // What the task made is kept, owned by the admin.
-        let admin = fx.admin().await;
-        let owner: String = admin
+        assert!(!fx.table_exists(&made).await, "the task's table was kept");
+        assert!(
+            fx.table_exists(&handed).await,
+            "the handed table was dropped"
+        );
+        fx.sql(&format!("DROP TABLE {handed}")).await;
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn a_security_definer_function_a_task_made_acts_for_nobody_after_its_end() {
+        let fx = Fx::new().await;
+        let issuer = fx.issuer();
+        let task = fx.task("definer");
+        let (got, c) = fx.creating_task(&issuer, &task).await;
+        let (plain, p) = fx.plain().await;
+        // The task plants a function that, run as a superuser, makes
+        // `plain` one; EXECUTE is PUBLIC's by default.
+        let f = fx.table("promote");
+        c.batch_execute(&format!(
+            "CREATE FUNCTION {f}() RETURNS text LANGUAGE plpgsql SECURITY DEFINER AS $f$ \
+             BEGIN EXECUTE 'ALTER ROLE {plain} SUPERUSER'; RETURN current_user; END $f$"
+        ))
+        .await
+        .unwrap();
+        fx.assert_revoked(&issuer, &task, &got, &c).await;
+
+        let called = p.simple_query(&format!("SELECT {f}()")).await;
+        let super_now: bool = fx
+            .admin()
+            .await
             .query_one(
-                "SELECT tableowner::text FROM pg_tables WHERE tablename = $1",
-                &[&owned],
+                "SELECT rolsuper FROM pg_roles WHERE rolname = $1",
+                &[&plain],
             )
             .await
             .unwrap()
             .get(0);
-        assert_eq!(owner, "postgres");
+        // Clean up before asserting: the function may be the admin's now.
         fx.sql(&format!(
-            "DROP TABLE {owned}; REVOKE CREATE ON SCHEMA public FROM {}",
-            fx.low()
+            "DROP FUNCTION IF EXISTS {f}(); ALTER ROLE {plain} NOSUPERUSER"
         ))
         .await;
+        assert!(!super_now, "the task's function made {plain} a superuser");
+        let e = called.expect_err("the task's function outlived the task");
+        assert_eq!(e.code(), Some(&SqlState::UNDEFINED_FUNCTION), "{e}");
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn a_task_role_that_must_stay_keeps_no_privilege_of_its_grant() {
+        let fx = Fx::new().await;
+        let issuer = fx.issuer();
+        let task = fx.task("stays");
+        let (got, c) = fx.creating_task(&issuer, &task).await;
+        let (_, p) = fx.plain().await;
+        // The task makes a table and a function that reads A with the
+        // task's grant for whoever calls it.
+        let (made, f) = (fx.table("made"), fx.table("peek"));
+        c.batch_execute(&format!(
+            "CREATE TABLE {made} (x int); \
+             CREATE FUNCTION {f}() RETURNS int LANGUAGE sql SECURITY DEFINER \
+             AS 'SELECT x FROM {a}'",
+            a = fx.table("a")
+        ))
+        .await
+        .unwrap();
+        p.simple_query(&format!("SELECT {f}()")).await.unwrap();
+        // Someone else's view on the task's table: DROP OWNED refuses.
+        let view = fx.table("dep");
+        fx.sql(&format!("CREATE VIEW {view} AS SELECT x FROM {made}"))
+            .await;
+
+        assert_revoked_now(&issuer, &task, Some(&got.handle)).await;
+        assert!(fx.role_exists(&got.handle).await, "the role was dropped");
+        assert!(fx.table_exists(&made).await, "the table was dropped");
+        assert_eq!(fx.member_of(&got.handle).await, Vec::<String>::new());
+        let e = p
+            .simple_query(&format!("SELECT {f}()"))
+            .await
+            .expect_err("the task's function still reads A");
+        assert_eq!(e.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{e}");
+        // Once the view is gone, the next revoke drops role and objects.
+        fx.sql(&format!("DROP VIEW {view}")).await;
+        assert_revoked_now(&issuer, &task, Some(&got.handle)).await;
+        assert!(!fx.role_exists(&got.handle).await, "the role stayed");
+        assert!(!fx.table_exists(&made).await, "the table was kept");
     }
 
     #[cfg_attr(
@@ -1867,7 +2048,14 @@ mod tests {
         // Through the session functions, made by the admin in its session.
         assert_eq!(fx.session_functions_of(&admin).await, 4);
         let c = fx.reads_a_not_b(&got).await;
+        // What the task made does not keep its role.
+        let made = fx.table("made");
+        fx.may_create_in_public().await;
+        c.batch_execute(&format!("CREATE TABLE {made} (x int)"))
+            .await
+            .unwrap();
         fx.assert_revoked(&issuer, &task, &got, &c).await;
+        assert!(!fx.table_exists(&made).await, "the task's table was kept");
     }
 
     #[cfg_attr(
