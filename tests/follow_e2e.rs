@@ -558,3 +558,58 @@ fn a_follower_with_a_nudge_key_it_cannot_use_does_not_start() {
         assert!(!log.contains(content), "the key in the log: {log}");
     }
 }
+
+/// A follower whose OpenBao token is refused (HTTP 403: revoked, expired)
+/// shows it: `status` gives the credential as `failed` with the vault's
+/// error, and `/metrics` counts it in `keyturn_credentials{state="failed"}`
+/// (the gauge the shipped `KeyturnRotationFailing` rule watches), where it
+/// used to show `follow`, no error and `idle`. `/readyz` stays ready: the
+/// daemon runs, and the vault problem is the credential's.
+#[test]
+fn a_follower_whose_openbao_token_is_refused_shows_failed_in_status_and_metrics() {
+    let files = tempfile::tempdir().unwrap();
+    let path = unique("e2e/follow/refused/");
+    let index = unique("e2e/follow/index-");
+    let rotator = Env::new(&format!(
+        "{}\n{}{}",
+        bao_table(&files, Some(&index)),
+        agent_table(AGENT),
+        credential(&path, "every = \"1h\"")
+    ));
+    let _r = rotator.start();
+    wait_version(&rotator, AGENT, "db", 1);
+
+    let bogus = files.path().join("refused-token");
+    std::fs::write(&bogus, "kt-test-refused-token").unwrap();
+    std::fs::set_permissions(&bogus, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let table = format!(
+        "[vaults.shared]\ntype = \"vault\"\naddress = \"{}\"\nmount = \"secret\"\ntoken_file = \"{}\"\ntimeout = \"5s\"\n{}",
+        need("KEYTURN_TEST_BAO_ADDR"),
+        bogus.display(),
+        index_line(Some(&index))
+    );
+    let port = free_port();
+    let follower = Env::with_daemon(
+        &format!(
+            "{table}\n{}{}",
+            agent_table(AGENT),
+            credential(&path, "mode = \"follow\"\npoll = \"1s\"")
+        ),
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    let f = follower.start();
+    let error = wait_last_error(&follower, AGENT, "db", "403");
+    assert!(error.starts_with("follow: vault shared"), "{error}");
+    assert!(!error.contains("kt-test-refused-token"), "{error}");
+    let rows = status_json(&follower);
+    assert_eq!(row(&rows, AGENT, "db")["state"], "failed", "{rows:?}");
+    let table = text(&follower.cli_ok(&["status"]));
+    assert!(table.contains("failed") && table.contains("403"), "{table}");
+    let metrics = http_get(port, "/metrics");
+    assert!(
+        metrics.contains("keyturn_credentials{state=\"failed\"} 1"),
+        "{metrics}"
+    );
+    assert!(http_get(port, "/readyz").contains("200 OK"), "not ready");
+    assert!(delivered(&follower).is_none(), "{}", f.log_text());
+}

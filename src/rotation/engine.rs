@@ -522,13 +522,29 @@ impl Engine {
         // rather than building (and sorting) a status row per credential.
         let catalog = self.inner.catalog();
         let live = self.inner.live();
-        for key in catalog.creds.keys() {
-            let state = live.get(key).map_or(CredentialState::Idle, CredLive::state);
+        for entry in catalog.creds.values() {
+            let state = shown_state(entry, live.get(entry.key()));
             if let Some(c) = counts.iter_mut().find(|(n, _)| *n == state) {
                 c.1 += 1;
             }
         }
         counts
+    }
+}
+
+/// A credential's state as `status` and the `credentials{state}` gauge show
+/// it. A followed credential runs no rotation, so it is `failed` while its
+/// row counts failures: its vault's polls fail, or its delivery does (see
+/// `follow.rs`); the first success clears them.
+fn shown_state(entry: &CredEntry, l: Option<&CredLive>) -> CredentialState {
+    let state = l.map_or(CredentialState::Idle, CredLive::state);
+    let failing = l
+        .and_then(|l| l.row.as_ref())
+        .is_some_and(|r| r.consecutive_failures > 0);
+    if state == CredentialState::Idle && failing && entry.cfg.follow.is_some() {
+        CredentialState::Failed
+    } else {
+        state
     }
 }
 
@@ -576,7 +592,7 @@ impl Inner {
                 let l = live.get(key);
                 let row = l.and_then(|l| l.row.as_ref());
                 let running = l.and_then(CredLive::shown_job);
-                let state = l.map_or(CredentialState::Idle, CredLive::state).as_str();
+                let state = shown_state(entry, l).as_str();
                 // Once promoted, the new version is current in the vault,
                 // also while its delivery fails.
                 let version = l

@@ -14,6 +14,13 @@
 //! new catalog on reload and end on drain; what they know (the version each
 //! credential was given) outlives a reload, and a restart finds it in state.
 //!
+//! A failed read of the vault is recorded on each credential it left
+//! unchecked (the whole group when the change index cannot be read), as a
+//! failed delivery is: its row counts the failure (`last_error` names the
+//! vault, `failing_since` when it began), so `status` and the
+//! `credentials{state}` gauge show it `failed`. It clears at the next read
+//! that succeeds (see [`VaultFailed`]).
+//!
 //! # What one poll costs the vault
 //! - With a change index on the vault (`change_index`, see
 //!   [`crate::vaults::change_index`]): one metadata read of the index entry
@@ -108,6 +115,23 @@ struct Seen {
     /// The credential's current mark when it was last checked (fallback
     /// polling without an index).
     mark: Option<CurrentMark>,
+    /// Its row records a failure to read its vault (see [`VaultFailed`]).
+    vault_failed: Option<VaultFailed>,
+}
+
+/// What clears the vault failure a followed credential's row records: the
+/// failure is shown (status, the `failed` state) until a read of the vault
+/// that would have failed the same way succeeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VaultFailed {
+    /// The poll of its vault as a whole failed (the change index), or the
+    /// row came from state with a failure recorded before a restart: the
+    /// next poll of its group that reads the index (or, without one, gets
+    /// to the credentials) clears it, as does a read of its own.
+    Poll,
+    /// A read of its own mark or value failed: only the next successful
+    /// read of its own clears it.
+    Own,
 }
 
 type Memory = Arc<Mutex<HashMap<CredentialKey, Seen>>>;
@@ -334,28 +358,20 @@ impl Inner {
     /// version may have changed and checks (and delivers) each.
     async fn follow_once(&self, p: &mut Poller, memory: &Memory) -> Result<(), PluginError> {
         self.load_delivered(&p.entries, memory).await?;
+        let mut new_index_mark = None;
+        let index_read = match self.poll_index(p, &mut new_index_mark).await {
+            Ok(read) => read,
+            Err(e) => {
+                // Every credential of the group missed this poll.
+                self.vault_failed_all(&p.entries, &e, memory).await;
+                return Err(e);
+            }
+        };
         let vault = p.handle.vault.clone();
         let polls = p.polls;
         p.polls += 1;
         let mut check: Vec<(usize, Option<CurrentMark>)> = Vec::new();
         let mut first_error = None;
-        let mut new_index_mark = None;
-        let index_read = match &p.index {
-            Some(path) => {
-                let mark = vault.current_mark(change_index::item(path)).await?;
-                if mark.is_some() && mark == p.index_mark {
-                    Some(None)
-                } else if mark.is_some() {
-                    let map = change_index::read(vault.as_ref(), path).await?;
-                    new_index_mark = mark;
-                    Some(map)
-                } else {
-                    // No index (yet): poll each credential.
-                    None
-                }
-            }
-            None => None,
-        };
         // Credentials to check by their own mark (metadata, no value).
         let mut by_mark: Vec<usize> = Vec::new();
         match index_read {
@@ -390,7 +406,9 @@ impl Inner {
                 key: e.key(),
                 path: &e.cfg.vault_path(),
             };
-            match vault.current_mark(item).await {
+            let marked = vault.current_mark(item).await;
+            self.note_own_read(e, marked.as_ref().err(), memory).await;
+            match marked {
                 Ok(mark) => {
                     let mut seen = lock(memory);
                     let s = seen.entry(e.key().clone()).or_default();
@@ -416,7 +434,10 @@ impl Inner {
                         key: entry.key(),
                         path: &entry.cfg.vault_path(),
                     };
-                    match vault.current_mark(item).await {
+                    let marked = vault.current_mark(item).await;
+                    self.note_own_read(&entry, marked.as_ref().err(), memory)
+                        .await;
+                    match marked {
                         Ok(m) => m,
                         Err(e) => {
                             first_error.get_or_insert(e);
@@ -435,6 +456,9 @@ impl Inner {
                 first_error.get_or_insert(e);
             }
         }
+        // The vault answered the poll: what only a failed poll recorded is
+        // over (a credential that failed on its own reads since is not).
+        self.vault_recovered_all(&p.entries, memory).await;
         match first_error {
             // The index is taken as read only when everything it listed
             // was delivered; otherwise the next poll reads it again.
@@ -446,6 +470,31 @@ impl Inner {
             }
             Some(e) => Err(e),
         }
+    }
+
+    /// The part of a poll that reads for the whole group: the change
+    /// index's mark, and the index itself when the mark moved
+    /// (`new_index_mark`). `None`: no index (yet), poll each credential;
+    /// `Some(None)`: the index is unchanged.
+    async fn poll_index(
+        &self,
+        p: &Poller,
+        new_index_mark: &mut Option<CurrentMark>,
+    ) -> Result<Option<Option<BTreeMap<String, VersionRef>>>, PluginError> {
+        let Some(path) = &p.index else {
+            return Ok(None);
+        };
+        let vault = p.handle.vault.as_ref();
+        let mark = vault.current_mark(change_index::item(path)).await?;
+        Ok(if mark.is_some() && mark == p.index_mark {
+            Some(None)
+        } else if mark.is_some() {
+            let map = change_index::read(vault, path).await?;
+            *new_index_mark = mark;
+            Some(map)
+        } else {
+            None
+        })
     }
 
     /// The version each credential was last given, from state, once.
@@ -469,7 +518,9 @@ impl Inner {
             .load(move |s| {
                 let mut out = Vec::with_capacity(todo.len());
                 for (key, primary) in todo {
-                    let current = s.credential(&key)?.and_then(|r| r.current_version);
+                    let row = s.credential(&key)?;
+                    let failing = row.as_ref().is_some_and(|r| r.consecutive_failures > 0);
+                    let current = row.and_then(|r| r.current_version);
                     let vref = match current {
                         None => None,
                         Some(cv) => s
@@ -482,16 +533,21 @@ impl Inner {
                                     .cloned()
                             }),
                     };
-                    out.push((key, vref));
+                    out.push((key, vref, failing));
                 }
                 Ok(out)
             })
             .await?;
         let mut seen = lock(memory);
-        for (key, vref) in found {
+        for (key, vref, failing) in found {
             let s = seen.entry(key).or_default();
             s.loaded = true;
             s.delivered = vref;
+            // A failure recorded before a restart: the first poll that
+            // reaches the vault clears it (or records it again).
+            if failing {
+                s.vault_failed.get_or_insert(VaultFailed::Poll);
+            }
         }
         Ok(())
     }
@@ -515,16 +571,154 @@ impl Inner {
             key: entry.key(),
             path: &path,
         };
-        let Some(stored) = vault.read(item, Select::Stage(Stage::Current)).await? else {
-            return Ok(());
+        let read = vault.read(item, Select::Stage(Stage::Current)).await;
+        let stored = match read {
+            Ok(stored) => stored,
+            Err(e) => {
+                let w = self.vault_failed(entry, &e, VaultFailed::Own, memory);
+                self.persist_follow(vec![w]).await;
+                return Err(e);
+            }
         };
         let delivered = lock(memory)
             .get(entry.key())
             .and_then(|s| s.delivered.clone());
-        if delivered.as_ref() != Some(&stored.version) {
-            self.follow_deliver(entry, stored, memory).await?;
+        match stored {
+            // The delivery records the outcome in the row either way.
+            Some(stored) if delivered.as_ref() != Some(&stored.version) => {
+                self.follow_deliver(entry, stored, memory).await
+            }
+            _ => {
+                let w = self.vault_recovered(entry.key(), None, memory);
+                self.persist_follow(w.into_iter().collect()).await;
+                Ok(())
+            }
         }
-        Ok(())
+    }
+
+    /// Records in the row of the followed credential `entry` that a read of
+    /// its vault failed with `e` (the caller holds its follow lock): shown
+    /// as its last error, and counted as a failure, until a read succeeds.
+    /// Returns the row's write.
+    fn vault_failed(
+        &self,
+        entry: &CredEntry,
+        e: &PluginError,
+        why: VaultFailed,
+        memory: &Memory,
+    ) -> Write {
+        let key = entry.key();
+        let name = &entry.primary().config.name;
+        // Vault plug-ins' errors mostly name their vault already.
+        let error = if e.message.starts_with(&format!("vault {name}")) {
+            format!("follow: {}", e.message)
+        } else {
+            format!("follow: vault {name}: {}", e.message)
+        };
+        let mut row = CredentialRow {
+            last_error: Some(error),
+            ..self.cred_row(key)
+        };
+        row.count_failure(self.now());
+        if let Some(l) = self.live().get_mut(key) {
+            l.row = Some(row.clone().into());
+        }
+        lock(memory).entry(key.clone()).or_default().vault_failed = Some(why);
+        Write::Credential(row)
+    }
+
+    /// Clears the vault failure `key`'s row records, if any (and, with
+    /// `only`, if it is of that kind); the caller holds its follow lock.
+    fn vault_recovered(
+        &self,
+        key: &CredentialKey,
+        only: Option<VaultFailed>,
+        memory: &Memory,
+    ) -> Option<Write> {
+        {
+            let mut seen = lock(memory);
+            let s = seen.get_mut(key)?;
+            if s.vault_failed.is_none() || only.is_some_and(|o| s.vault_failed != Some(o)) {
+                return None;
+            }
+            s.vault_failed = None;
+        }
+        let row = CredentialRow {
+            consecutive_failures: 0,
+            failing_since: None,
+            last_error: None,
+            ..self.cred_row(key)
+        };
+        if let Some(l) = self.live().get_mut(key) {
+            l.row = Some(row.clone().into());
+        }
+        tracing::info!(agent = %key.agent, credential = %key.credential, "follow: the vault answers again");
+        Some(Write::Credential(row))
+    }
+
+    /// Records a failed (`Some`) or successful read of `entry`'s own mark.
+    async fn note_own_read(
+        &self,
+        entry: &CredEntry,
+        failed: Option<&PluginError>,
+        memory: &Memory,
+    ) {
+        let key = entry.key();
+        let flagged = lock(memory)
+            .get(key)
+            .is_some_and(|s| s.vault_failed.is_some());
+        if failed.is_none() && !flagged {
+            return;
+        }
+        let _checking = self.follow_lock(key).lock_owned().await;
+        let w = match failed {
+            Some(e) => Some(self.vault_failed(entry, e, VaultFailed::Own, memory)),
+            None => self.vault_recovered(key, None, memory),
+        };
+        self.persist_follow(w.into_iter().collect()).await;
+    }
+
+    /// A poll of the group `entries` failed with `e` before reaching any
+    /// credential of its own: each records it.
+    async fn vault_failed_all(&self, entries: &[Arc<CredEntry>], e: &PluginError, memory: &Memory) {
+        let mut writes = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let _checking = self.follow_lock(entry.key()).lock_owned().await;
+            writes.push(self.vault_failed(entry, e, VaultFailed::Poll, memory));
+        }
+        self.persist_follow(writes).await;
+    }
+
+    /// A poll of the group `entries` reached the vault: clears what only
+    /// failed polls recorded.
+    async fn vault_recovered_all(&self, entries: &[Arc<CredEntry>], memory: &Memory) {
+        let flagged: Vec<&Arc<CredEntry>> = {
+            let seen = lock(memory);
+            entries
+                .iter()
+                .filter(|e| {
+                    seen.get(e.key())
+                        .is_some_and(|s| s.vault_failed == Some(VaultFailed::Poll))
+                })
+                .collect()
+        };
+        let mut writes = Vec::new();
+        for entry in flagged {
+            let _checking = self.follow_lock(entry.key()).lock_owned().await;
+            writes.extend(self.vault_recovered(entry.key(), Some(VaultFailed::Poll), memory));
+        }
+        self.persist_follow(writes).await;
+    }
+
+    /// Stores follow failures and recoveries (already in the live view);
+    /// a failure to store them is logged, and the next poll writes again.
+    async fn persist_follow(&self, writes: Vec<Write>) {
+        if writes.is_empty() {
+            return;
+        }
+        if let Err(e) = self.persist(writes).await {
+            tracing::warn!(error = %e, "follow: could not record a vault failure or recovery in state");
+        }
     }
 
     /// Delivers `stored` through every sink of `entry`, audited like the
@@ -619,6 +813,10 @@ impl Inner {
         self.persist(writes).await?;
         if let Some(l) = self.live().get_mut(key) {
             l.row = Some(row.into());
+        }
+        // The row now records this delivery, not a vault failure.
+        if let Some(s) = lock(memory).get_mut(key) {
+            s.vault_failed = None;
         }
         match failed {
             None => {

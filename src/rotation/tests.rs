@@ -1770,6 +1770,160 @@ async fn a_failing_vault_is_polled_with_growing_back_off_then_at_the_interval_ag
     rig.shutdown().await;
 }
 
+impl Rig {
+    /// `cred`'s state and last error as status shows them, and how many
+    /// credentials the `credentials{state="failed"}` gauge counts.
+    fn follow_health(&self, cred: &str) -> (String, Option<String>, usize) {
+        let s = self.status(cred);
+        let failed = self
+            .engine
+            .state_counts()
+            .iter()
+            .find(|(st, _)| *st == crate::telemetry::CredentialState::Failed)
+            .map_or(0, |c| c.1);
+        (s.state, s.last_error, failed)
+    }
+
+    /// Rotates c0 elsewhere (through `via`), runs the follow loops, and
+    /// waits for the follower's first delivery.
+    async fn follow_first_version(&self, via: &dyn Vault, value: &str) {
+        rotate_elsewhere(via, "c0", value).await;
+        self.run_following().await;
+        self.until(Duration::from_secs(5), "the first delivery", |r| {
+            r.sink.count() == 1
+        })
+        .await;
+    }
+}
+
+/// Defect: a follower whose vault refused its reads (a revoked token, a
+/// vault down) showed `follow`, no last error, and counted as `idle` in
+/// the metrics; only the log said anything. Now the failed poll shows in
+/// status as `failed` with the vault's error (and in the gauge the
+/// `KeyturnRotationFailing` rule watches), counts like a failed rotation
+/// (persisted, with when it began), and clears at the first poll that
+/// reads the vault again. Without a change index (each credential's own
+/// mark) and with one (the group's index).
+#[tokio::test(start_paused = true)]
+async fn a_follower_whose_vault_fails_shows_failed_until_a_poll_succeeds() {
+    for indexed in [false, true] {
+        let rig = if indexed {
+            Rig::following_with_index(1)
+        } else {
+            Rig::new(1, FOLLOW).await
+        };
+        let rotator = rig.rotator();
+        let via: &dyn Vault = if indexed {
+            &rotator
+        } else {
+            rig.vault.as_ref()
+        };
+        rig.follow_first_version(via, "kt-canary-f1-one").await;
+        assert_eq!(rig.follow_health("c0"), ("follow".into(), None, 0));
+
+        // The next polls' first read (the index's mark, or c0's) is refused.
+        let failing_from = super::clock::Clock::now(&rig.clock);
+        rig.vault.fail("mark", 3, ErrorKind::Unauthorized, None);
+        rig.until(Duration::from_secs(5), "the failed poll in status", |r| {
+            r.status("c0").last_error.is_some()
+        })
+        .await;
+        let (state, error, failed) = rig.follow_health("c0");
+        assert_eq!((state.as_str(), failed), ("failed", 1), "indexed {indexed}");
+        let error = error.unwrap();
+        // The vault and its error; never a value.
+        assert!(
+            error.starts_with("follow: vault local: ")
+                && error.contains("mark refused")
+                && !error.contains("kt-canary"),
+            "{error}"
+        );
+        let row = rig.store.credential(&key("c0")).unwrap().unwrap();
+        assert!(row.consecutive_failures >= 1, "{row:?}");
+        assert!(
+            row.failing_since.is_some_and(|t| t >= failing_from),
+            "{row:?}"
+        );
+        assert_eq!(row.last_error.as_deref(), Some(error.as_str()));
+        assert_eq!(row.current_version, Some(1), "the version it has");
+
+        // The vault answers again: the next poll clears it, and a new
+        // version is delivered as before.
+        rig.until(Duration::from_secs(30), "the recovery", |r| {
+            r.follow_health("c0") == ("follow".into(), None, 0)
+        })
+        .await;
+        let row = rig.store.credential(&key("c0")).unwrap().unwrap();
+        assert_eq!(
+            (row.consecutive_failures, row.failing_since, row.last_error),
+            (0, None, None)
+        );
+        rotate_elsewhere(via, "c0", "kt-canary-f1-two").await;
+        rig.until(Duration::from_secs(5), "the next delivery", |r| {
+            r.sink.count() == 2
+        })
+        .await;
+        assert_eq!(rig.follow_health("c0"), ("follow".into(), None, 0));
+        rig.shutdown().await;
+    }
+}
+
+/// A vault failure recorded before a restart is shown after it (from
+/// state) and cleared by the restarted follower's first poll that reads the
+/// vault.
+#[tokio::test(start_paused = true)]
+async fn a_vault_failure_recorded_before_a_restart_clears_at_the_first_good_poll() {
+    let rig = Rig::new(1, FOLLOW).await;
+    rig.follow_first_version(rig.vault.as_ref(), "kt-canary-f1-restart")
+        .await;
+    rig.vault.fail("mark", 1, ErrorKind::Transient, None);
+    rig.until(Duration::from_secs(5), "the failed poll", |r| {
+        r.status("c0").last_error.is_some()
+    })
+    .await;
+    let rig = rig.restart(1, FOLLOW).await;
+    rig.engine.start().await.unwrap();
+    assert_eq!(rig.follow_health("c0").0, "failed", "not loaded from state");
+    let e = rig.engine.clone();
+    rig.tracker.spawn(async move { e.run_followers().await });
+    rig.until(Duration::from_secs(5), "the recovery", |r| {
+        r.follow_health("c0") == ("follow".into(), None, 0)
+    })
+    .await;
+    let row = rig.store.credential(&key("c0")).unwrap().unwrap();
+    assert_eq!((row.consecutive_failures, row.last_error), (0, None));
+    assert_eq!(rig.sink.count(), 0, "delivered again after the restart");
+    rig.shutdown().await;
+}
+
+/// A nudged check that cannot read the vault shows in status the same way
+/// (it was only logged); the next poll that reads the credential clears it.
+#[tokio::test(start_paused = true)]
+async fn a_nudged_check_that_cannot_read_the_vault_shows_in_status() {
+    let rig = Rig::new(1, "mode = \"follow\"\npoll = \"60s\"").await;
+    rig.follow_first_version(rig.vault.as_ref(), "kt-canary-f1-nudge")
+        .await;
+    rig.vault.fail("read", 1, ErrorKind::Transient, None);
+    rig.engine.nudge(&key("c0"));
+    rig.until(Duration::from_secs(2), "the nudged check's failure", |r| {
+        r.status("c0").last_error.is_some()
+    })
+    .await;
+    let (state, error, failed) = rig.follow_health("c0");
+    assert_eq!((state.as_str(), failed), ("failed", 1));
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("follow: vault local: read refused")),
+        "{error:?}"
+    );
+    rig.until(Duration::from_secs(70), "the poll's recovery", |r| {
+        r.follow_health("c0") == ("follow".into(), None, 0)
+    })
+    .await;
+    rig.shutdown().await;
+}
+
 /// The safety-net sweep reads at most one credential's mark per poll,
 /// reaches every credential within `max(n, SWEEP_POLLS)` polls, and with
 /// few credentials spreads them out rather than checking each every poll.
