@@ -1047,16 +1047,16 @@ async fn a_trigger_during_a_retire_starts_a_manual_rotation_after_it() {
     );
 }
 
-/// A store whose `n` credentials `c0..` were last rotated `hours + i` hours
-/// ago (`c{n-1}` the most overdue), each at version 1.
-fn overdue_store(n: usize, hours: i64) -> Arc<MemoryStore> {
+/// A store whose `n` credentials `c0..` were last rotated `ago + i * step`
+/// before `t0` (`c{n-1}` the longest ago), each at version 1.
+fn overdue_store(n: usize, ago: chrono::Duration, step: chrono::Duration) -> Arc<MemoryStore> {
     let store = Arc::new(MemoryStore::new());
     let rows: Vec<Write> = (0..n)
         .map(|i| {
             Write::Credential(CredentialRow {
                 key: key(&format!("c{i}")),
                 current_version: Some(1),
-                last_rotated_at: Some(t0() - chrono::Duration::hours(hours + i as i64)),
+                last_rotated_at: Some(t0() - ago - step * i as i32),
                 next_due: None,
                 consecutive_failures: 0,
                 failing_since: None,
@@ -1068,32 +1068,21 @@ fn overdue_store(n: usize, hours: i64) -> Arc<MemoryStore> {
     store
 }
 
-/// Rotations overdue after downtime are spread over `catch_up_spread` (most
-/// overdue first), not fired at once.
-#[tokio::test(start_paused = true)]
-async fn overdue_rotations_after_downtime_are_spread_over_the_catch_up_window() {
-    const N: usize = 6;
-    // Every credential was last rotated 2-7 h ago on a 1 h schedule.
-    let store = overdue_store(N, 2);
-    let rig = Rig::with(N, "every = \"1h\"", "", store, Arc::default()).await;
-    rig.run().await;
-    rig.until(Duration::from_secs(700), "all caught up", |r| {
-        r.sink.count() == N
-    })
-    .await;
-    let mut starts: Vec<(Duration, String)> = (0..N)
+/// The first rotations of the `n` credentials after `since` came one at a
+/// time, most overdue (`c{n-1}`) first, the last 5 to 10 minutes after
+/// `since` (the catch-up window).
+fn assert_spread(rig: &Rig, n: usize, since: Instant) {
+    let mut starts: Vec<(Duration, String)> = (0..n)
         .map(|i| {
             let c = format!("c{i}");
-            (rig.at(rig.vault.times("stage", Some(&path(&c)))[0]), c)
+            let at = rig.vault.times("stage", Some(&path(&c)))[0];
+            (at.duration_since(since), c)
         })
         .collect();
     starts.sort();
     let order: Vec<&str> = starts.iter().map(|(_, c)| c.as_str()).collect();
-    assert_eq!(
-        order,
-        vec!["c5", "c4", "c3", "c2", "c1", "c0"],
-        "most overdue first"
-    );
+    let want: Vec<String> = (0..n).rev().map(|i| format!("c{i}")).collect();
+    assert_eq!(order, want, "most overdue first");
     assert!(
         starts.windows(2).all(|w| w[1].0 > w[0].0),
         "one at a time: {starts:?}"
@@ -1103,6 +1092,22 @@ async fn overdue_rotations_after_downtime_are_spread_over_the_catch_up_window() 
         last >= Duration::from_secs(5 * 60) && last <= Duration::from_secs(10 * 60),
         "spread over the 10 min window: {starts:?}"
     );
+}
+
+/// Rotations overdue after downtime are spread over `catch_up_spread` (most
+/// overdue first), not fired at once.
+#[tokio::test(start_paused = true)]
+async fn overdue_rotations_after_downtime_are_spread_over_the_catch_up_window() {
+    const N: usize = 6;
+    // Every credential was last rotated 2-7 h ago on a 1 h schedule.
+    let store = overdue_store(N, chrono::Duration::hours(2), chrono::Duration::hours(1));
+    let rig = Rig::with(N, "every = \"1h\"", "", store, Arc::default()).await;
+    rig.run().await;
+    rig.until(Duration::from_secs(700), "all caught up", |r| {
+        r.sink.count() == N
+    })
+    .await;
+    assert_spread(&rig, N, rig.start);
     rig.shutdown().await;
 }
 
@@ -1115,21 +1120,11 @@ async fn overdue_rotations_after_downtime_are_spread_over_the_catch_up_window() 
 async fn a_forward_step_of_the_wall_clock_spreads_the_rotations_that_came_due() {
     const N: usize = 6;
     // Last rotated 50-55 min ago on a 1 h schedule: c5 due first.
-    let store = Arc::new(MemoryStore::new());
-    let rows: Vec<Write> = (0..N)
-        .map(|i| {
-            Write::Credential(CredentialRow {
-                key: key(&format!("c{i}")),
-                current_version: Some(1),
-                last_rotated_at: Some(t0() - chrono::Duration::minutes(50 + i as i64)),
-                next_due: None,
-                consecutive_failures: 0,
-                failing_since: None,
-                last_error: None,
-            })
-        })
-        .collect();
-    store.apply(&rows).unwrap();
+    let store = overdue_store(
+        N,
+        chrono::Duration::minutes(50),
+        chrono::Duration::minutes(1),
+    );
     let rig = Rig::with(N, "every = \"1h\"", "", store, Arc::default()).await;
     rig.run().await;
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -1140,29 +1135,7 @@ async fn a_forward_step_of_the_wall_clock_spreads_the_rotations_that_came_due() 
         r.sink.count() == N
     })
     .await;
-    let mut starts: Vec<(Duration, String)> = (0..N)
-        .map(|i| {
-            let c = format!("c{i}");
-            let at = rig.vault.times("stage", Some(&path(&c)))[0];
-            (at.duration_since(stepped), c)
-        })
-        .collect();
-    starts.sort();
-    let order: Vec<&str> = starts.iter().map(|(_, c)| c.as_str()).collect();
-    assert_eq!(
-        order,
-        ["c5", "c4", "c3", "c2", "c1", "c0"],
-        "most overdue first"
-    );
-    assert!(
-        starts.windows(2).all(|w| w[1].0 > w[0].0),
-        "one at a time: {starts:?}"
-    );
-    let last = starts.last().unwrap().0;
-    assert!(
-        last >= Duration::from_secs(5 * 60) && last <= Duration::from_secs(11 * 60),
-        "spread over the 10 min window: {starts:?}"
-    );
+    assert_spread(&rig, N, stepped);
     let dir = rig.shutdown().await;
     let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
     let catch_up = audit
@@ -1180,7 +1153,7 @@ async fn a_forward_step_of_the_wall_clock_spreads_the_rotations_that_came_due() 
 #[tokio::test(start_paused = true)]
 async fn a_reload_during_the_catch_up_window_keeps_the_pending_slots() {
     const N: usize = 6;
-    let store = overdue_store(N, 3);
+    let store = overdue_store(N, chrono::Duration::hours(3), chrono::Duration::hours(1));
     let rig = Rig::with(N, "every = \"1h\"", "", store, Arc::default()).await;
     rig.run().await;
     // Slots every 100 s over the 10 min window: c5 now, then c4 .. c0.

@@ -401,39 +401,42 @@ impl TaskManager {
         // anywhere: a refusal then leaves no other issuer's credential
         // behind (one that cannot be ended early would outlive the task).
         // Then those whose credential can be ended early are issued first.
-        let mut grants: Vec<_> = decision
-            .level
-            .grants
-            .iter()
-            .map(|(name, grant)| (name, grant, setup.issuers.get(name)))
-            .collect();
-        grants.sort_by_key(|(name, _, issuer)| (!issuer.is_some_and(|i| i.ends_early()), *name));
-        for (issuer_name, grant, issuer) in &grants {
-            let checked = match issuer {
-                Some(issuer) => {
-                    issuer
-                        .precheck(&IssueRequest {
-                            task: &task,
-                            grant,
-                            ttl,
-                            expires_at: system_time(expires_at_ms),
-                        })
-                        .await
-                }
-                None => Err(PluginError::new(
+        let mut grants = Vec::new();
+        let mut refusal = None;
+        for (name, grant) in &decision.level.grants {
+            let Some(issuer) = setup.issuers.get(name) else {
+                let error = PluginError::new(
                     crate::model::ErrorKind::Invalid,
-                    format!("issuer `{issuer_name}` is not configured"),
-                )),
+                    format!("issuer `{name}` is not configured"),
+                );
+                refusal = Some((name, error));
+                break;
             };
-            if let Err(error) = checked {
-                let mut ev = self.event("task.refused", Outcome::Refused, Some(caller), &task);
-                ev.error = Some(format!("issuer_refused: issuer `{issuer_name}`: {error}"));
-                self.recorder.record(ev).await;
-                return Err(TaskError::Unissuable {
-                    issuer: (*issuer_name).clone(),
-                    error,
-                });
+            let req = IssueRequest {
+                task: &task,
+                grant,
+                ttl,
+                expires_at: system_time(expires_at_ms),
+            };
+            grants.push((name, issuer, req));
+        }
+        grants.sort_by_key(|(name, issuer, _)| (!issuer.ends_early(), *name));
+        for (name, issuer, req) in &grants {
+            if refusal.is_some() {
+                break;
             }
+            if let Err(error) = issuer.precheck(req).await {
+                refusal = Some((name, error));
+            }
+        }
+        if let Some((issuer_name, error)) = refusal {
+            let mut ev = self.event("task.refused", Outcome::Refused, Some(caller), &task);
+            ev.error = Some(format!("issuer_refused: issuer `{issuer_name}`: {error}"));
+            self.recorder.record(ev).await;
+            return Err(TaskError::Unissuable {
+                issuer: issuer_name.clone(),
+                error,
+            });
         }
         let row = TaskRow {
             task: task.clone(),
@@ -473,25 +476,9 @@ impl TaskManager {
         }
 
         let mut issued: BTreeMap<String, Issued> = BTreeMap::new();
-        for (i, (issuer_name, grant, issuer)) in grants.iter().enumerate() {
-            let (issuer_name, grant) = (*issuer_name, *grant);
-            let outcome = match issuer {
-                Some(issuer) => {
-                    issuer
-                        .issue(&IssueRequest {
-                            task: &task,
-                            grant,
-                            ttl,
-                            expires_at: system_time(expires_at_ms),
-                        })
-                        .await
-                }
-                None => Err(PluginError::new(
-                    crate::model::ErrorKind::Invalid,
-                    format!("issuer `{issuer_name}` is not configured"),
-                )),
-            };
-            match outcome {
+        for (i, (issuer_name, issuer, req)) in grants.iter().enumerate() {
+            let issuer_name = *issuer_name;
+            match issuer.issue(req).await {
                 Ok(cred) => {
                     let until = cred
                         .expires_at

@@ -38,6 +38,16 @@ impl MemIssuer {
         })
     }
 
+    /// One whose credential cannot be ended early (STS without a deny
+    /// policy).
+    fn expiring(name: &str) -> Arc<MemIssuer> {
+        Arc::new(MemIssuer {
+            name: name.into(),
+            expires_only: true,
+            ..Default::default()
+        })
+    }
+
     fn is_live(&self, task: &str) -> bool {
         self.live.lock().unwrap().contains(task)
     }
@@ -235,6 +245,14 @@ impl Harness {
     async fn start_as_bot(&self, request: StartRequest) -> String {
         let started = self.mgr.start(&caller("bot"), request).await.unwrap();
         started.task.task.task_id
+    }
+
+    /// A start for `bot` at `sensitivity` that fails: why.
+    async fn start_err(&self, sensitivity: &str) -> TaskError {
+        self.mgr
+            .start(&caller("bot"), ask(sensitivity, None))
+            .await
+            .unwrap_err()
     }
 
     /// Starts a task for `bot` at `sensitivity` (`ttl` in seconds): its id.
@@ -504,11 +522,7 @@ async fn a_failed_start_revokes_what_was_issued() {
     let sts = MemIssuer::new("sts");
     sts.fail_issue.store(1, Ordering::SeqCst);
     let h = harness_with(MemIssuer::new("pg"), sts);
-    let e = h
-        .mgr
-        .start(&caller("bot"), ask("high", None))
-        .await
-        .unwrap_err();
+    let e = h.start_err("high").await;
     let TaskError::Issue { task, issuer, .. } = &e else {
         panic!("{e}")
     };
@@ -530,22 +544,14 @@ async fn a_failed_start_revokes_what_was_issued() {
 /// come first: nothing is minted or recorded, and the refusal is audited.
 #[tokio::test(start_paused = true)]
 async fn an_issuers_own_refusal_comes_before_anything_is_minted() {
-    let pg = Arc::new(MemIssuer {
-        name: "pg".into(),
-        expires_only: true,
-        ..Default::default()
-    });
+    let pg = MemIssuer::expiring("pg");
     let sts = Arc::new(MemIssuer {
         name: "sts".into(),
         refuse: Some("the task's TTL of 10s is below STS's shortest session".into()),
         ..Default::default()
     });
     let h = harness_with(pg, sts);
-    let e = h
-        .mgr
-        .start(&caller("bot"), ask("high", None))
-        .await
-        .unwrap_err();
+    let e = h.start_err("high").await;
     let TaskError::Unissuable { issuer, .. } = &e else {
         panic!("{e}")
     };
@@ -562,19 +568,11 @@ async fn an_issuers_own_refusal_comes_before_anything_is_minted() {
 /// issuers a failure left uncalled hold nothing: the task ends at once.
 #[tokio::test(start_paused = true)]
 async fn credentials_that_cannot_be_ended_early_are_minted_last() {
-    let pg = Arc::new(MemIssuer {
-        name: "pg".into(),
-        expires_only: true,
-        ..Default::default()
-    });
+    let pg = MemIssuer::expiring("pg");
     let sts = MemIssuer::new("sts");
     sts.fail_issue.store(1, Ordering::SeqCst);
     let h = harness_with(pg, sts);
-    let e = h
-        .mgr
-        .start(&caller("bot"), ask("high", None))
-        .await
-        .unwrap_err();
+    let e = h.start_err("high").await;
     let TaskError::Issue { task, issuer, .. } = &e else {
         panic!("{e}")
     };
@@ -645,11 +643,7 @@ async fn a_task_end_that_fails_is_retried_by_the_running_loop() {
 
 #[tokio::test(start_paused = true)]
 async fn a_credential_that_only_expires_ends_the_task_at_its_expiry() {
-    let sts = Arc::new(MemIssuer {
-        name: "sts".into(),
-        expires_only: true,
-        ..Default::default()
-    });
+    let sts = MemIssuer::expiring("sts");
     let h = harness_with(MemIssuer::new("pg"), sts);
     let id = h.start("high", None).await;
     let t = h.mgr.end(&caller("bot"), &id).await.unwrap();
