@@ -62,20 +62,20 @@ pub const AGENT_COMMANDS: &[&str] = &[
     "token_exchange",
 ];
 
-/// One request line. Read through [`WireRequest`], which refuses unknown
-/// fields in every shape.
+/// One request line. serde ignores fields beside the tag of a unit variant
+/// even with `deny_unknown_fields`, so every command is a struct variant
+/// (`{"cmd":"ping","verbose":true}` is refused).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
     tag = "cmd",
     rename_all = "snake_case",
-    deny_unknown_fields,
-    from = "WireRequest"
+    deny_unknown_fields
 )]
 pub enum Request {
     /// Liveness of the daemon; answers with its version.
-    Ping,
+    Ping {},
     /// One row per configured credential.
-    Status,
+    Status {},
     /// Start (or, with `wait`, run to completion) a rotation of the selected
     /// credentials.
     Rotate {
@@ -101,7 +101,7 @@ pub enum Request {
         by: Option<String>,
     },
     /// Agents being decommissioned, decommissioned, or orphaned.
-    Agents,
+    Agents {},
     /// The whole identity surface (`crate::surface`).
     Surface {
         /// Flag agents with no use observed for this long (default 30 days).
@@ -143,7 +143,7 @@ pub enum Request {
     },
     /// Every agent's tasks not ended (live, and ending: revocation not
     /// verified yet), for `keyturn status`. Control socket only.
-    Tasks,
+    Tasks {},
     /// RFC 8693 token exchange (`crate::oauth`) for the agent the caller
     /// is: its uid's agent, or `as_agent` as for tasks. The answer is the
     /// RFC 8693 body; a refusal is an error whose message starts with the
@@ -210,192 +210,22 @@ impl Request {
     /// The command name as it appears on the wire (for logs and audit).
     pub fn cmd(&self) -> &'static str {
         match self {
-            Request::Ping => "ping",
-            Request::Status => "status",
+            Request::Ping {} => "ping",
+            Request::Status {} => "status",
             Request::Rotate { .. } => "rotate",
             Request::Ack { .. } => "ack",
             Request::Decommission { .. } => "decommission",
-            Request::Agents => "agents",
+            Request::Agents {} => "agents",
             Request::Surface { .. } => "surface",
             Request::TaskStart { .. } => "task_start",
             Request::TaskEnd { .. } => "task_end",
             Request::TaskList { .. } => "task_list",
-            Request::Tasks => "tasks",
+            Request::Tasks {} => "tasks",
             Request::TokenExchange { .. } => "token_exchange",
         }
     }
 }
 
-/// The shape of a request as read. serde ignores fields beside the tag of a
-/// unit variant even with `deny_unknown_fields`, so every command is a
-/// struct variant here (`{"cmd":"ping","verbose":true}` is refused).
-#[derive(Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-enum WireRequest {
-    Ping {},
-    Status {},
-    Rotate {
-        selector: Selector,
-        #[serde(default)]
-        wait: bool,
-    },
-    Ack {
-        agent: AgentId,
-        credential: CredentialId,
-        version: u64,
-    },
-    Decommission {
-        agent: AgentId,
-        reason: String,
-        #[serde(default)]
-        by: Option<String>,
-    },
-    Agents {},
-    Surface {
-        #[serde(default)]
-        unused_after_seconds: Option<u64>,
-    },
-    TaskStart {
-        #[serde(default, rename = "as")]
-        as_agent: Option<AgentId>,
-        /// An RFC 7523 JWT assertion signed with the agent's own key
-        /// (`crate::auth`): the caller is its agent, whatever the uid.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        assertion: Option<WireSecret>,
-        tenant: String,
-        use_case: String,
-        run_id: String,
-        initiator: String,
-        sensitivity: String,
-        #[serde(default)]
-        ttl_seconds: Option<u64>,
-    },
-    TaskEnd {
-        #[serde(default, rename = "as")]
-        as_agent: Option<AgentId>,
-        /// An RFC 7523 JWT assertion signed with the agent's own key
-        /// (`crate::auth`): the caller is its agent, whatever the uid.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        assertion: Option<WireSecret>,
-        task: String,
-    },
-    TaskList {
-        #[serde(default, rename = "as")]
-        as_agent: Option<AgentId>,
-        /// An RFC 7523 JWT assertion signed with the agent's own key
-        /// (`crate::auth`): the caller is its agent, whatever the uid.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        assertion: Option<WireSecret>,
-    },
-    Tasks {},
-    TokenExchange {
-        #[serde(default, rename = "as")]
-        as_agent: Option<AgentId>,
-        subject_token: WireSecret,
-        subject_token_type: String,
-        #[serde(default)]
-        requested_token_type: Option<String>,
-        #[serde(default)]
-        scope: Option<String>,
-        #[serde(default)]
-        audience: Vec<String>,
-        #[serde(default)]
-        resource: Vec<String>,
-        #[serde(default)]
-        task_id: Option<String>,
-        #[serde(default)]
-        actor_token: Option<WireSecret>,
-    },
-}
-
-impl From<WireRequest> for Request {
-    fn from(w: WireRequest) -> Self {
-        match w {
-            WireRequest::Ping {} => Request::Ping,
-            WireRequest::Status {} => Request::Status,
-            WireRequest::Rotate { selector, wait } => Request::Rotate { selector, wait },
-            WireRequest::Ack {
-                agent,
-                credential,
-                version,
-            } => Request::Ack {
-                agent,
-                credential,
-                version,
-            },
-            WireRequest::Decommission { agent, reason, by } => {
-                Request::Decommission { agent, reason, by }
-            }
-            WireRequest::Agents {} => Request::Agents,
-            WireRequest::Surface {
-                unused_after_seconds,
-            } => Request::Surface {
-                unused_after_seconds,
-            },
-            WireRequest::TaskStart {
-                as_agent,
-                assertion,
-                tenant,
-                use_case,
-                run_id,
-                initiator,
-                sensitivity,
-                ttl_seconds,
-            } => Request::TaskStart {
-                as_agent,
-                assertion,
-                task: TaskStartArgs {
-                    tenant,
-                    use_case,
-                    run_id,
-                    initiator,
-                    sensitivity,
-                    ttl_seconds,
-                },
-            },
-            WireRequest::TaskEnd {
-                as_agent,
-                assertion,
-                task,
-            } => Request::TaskEnd {
-                as_agent,
-                assertion,
-                task,
-            },
-            WireRequest::TaskList {
-                as_agent,
-                assertion,
-            } => Request::TaskList {
-                as_agent,
-                assertion,
-            },
-            WireRequest::Tasks {} => Request::Tasks,
-            WireRequest::TokenExchange {
-                as_agent,
-                subject_token,
-                subject_token_type,
-                requested_token_type,
-                scope,
-                audience,
-                resource,
-                task_id,
-                actor_token,
-            } => Request::TokenExchange {
-                as_agent,
-                exchange: TokenExchangeArgs {
-                    subject_token,
-                    subject_token_type,
-                    requested_token_type,
-                    scope,
-                    audience,
-                    resource,
-                    task_id,
-                    actor_token,
-                },
-            },
-        }
-    }
-}
 
 /// Which credentials a command applies to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1049,9 +879,9 @@ pub(crate) mod tests {
     #[test]
     fn requests_have_the_documented_json_and_round_trip() {
         let cases = [
-            (Request::Ping, r#"{"cmd":"ping"}"#),
-            (Request::Status, r#"{"cmd":"status"}"#),
-            (Request::Tasks, r#"{"cmd":"tasks"}"#),
+            (Request::Ping {}, r#"{"cmd":"ping"}"#),
+            (Request::Status {}, r#"{"cmd":"status"}"#),
+            (Request::Tasks {}, r#"{"cmd":"tasks"}"#),
             (
                 Request::Rotate {
                     selector: Selector::All,

@@ -770,10 +770,10 @@ impl Server {
             )));
         }
         match request {
-            Request::Ping => Response::Ok(ResponseBody::Pong {
+            Request::Ping {} => Response::Ok(ResponseBody::Pong {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
             }),
-            Request::Status => Response::Ok(ResponseBody::Status(self.handler.status().await)),
+            Request::Status {} => Response::Ok(ResponseBody::Status(self.handler.status().await)),
             Request::Rotate { selector, wait } => {
                 info!(uid = peer.uid, pid = peer.pid, selector = %selector, wait, "rotation requested");
                 self.handler
@@ -790,7 +790,7 @@ impl Server {
                     .map(|d| ResponseBody::Decommission(Box::new(d)))
                     .into()
             }
-            Request::Agents => Response::Ok(ResponseBody::Agents(self.handler.agents().await)),
+            Request::Agents {} => Response::Ok(ResponseBody::Agents(self.handler.agents().await)),
             Request::Surface {
                 unused_after_seconds,
             } => self
@@ -835,7 +835,7 @@ impl Server {
                 };
                 self.task(peer, command).await
             }
-            Request::Tasks => self.handler.tasks().await.map(ResponseBody::Tasks).into(),
+            Request::Tasks {} => self.handler.tasks().await.map(ResponseBody::Tasks).into(),
             Request::TokenExchange { as_agent, exchange } => {
                 let privileged = self.privileged(peer).await;
                 // The parameters only: the tokens never reach the log.
@@ -1397,7 +1397,7 @@ mod tests {
         }
         for _ in 0..3 {
             assert!(matches!(
-                call(&path, &Request::Ping).await.unwrap(),
+                call(&path, &Request::Ping {}).await.unwrap(),
                 Response::Ok(ResponseBody::Pong { .. })
             ));
         }
@@ -1435,7 +1435,7 @@ mod tests {
             Limits::default(),
         ));
         assert!(matches!(
-            call(&path, &Request::Ping).await.unwrap(),
+            call(&path, &Request::Ping {}).await.unwrap(),
             Response::Ok(ResponseBody::Pong { .. })
         ));
         let ack = |version| Request::Ack {
@@ -1475,12 +1475,12 @@ mod tests {
         );
         // `tasks` lists every agent's tasks: operators only.
         for req in [
-            Request::Status,
+            Request::Status {},
             Request::Rotate {
                 selector: Selector::All,
                 wait: false,
             },
-            Request::Tasks,
+            Request::Tasks {},
         ] {
             let (kind, msg) = error_kind(call(&path, &req).await.unwrap());
             assert_eq!(kind, ApiErrorKind::Forbidden, "{msg}");
@@ -1511,7 +1511,7 @@ mod tests {
             "parent must not be world/group-writable"
         );
 
-        let pong = call(&srv.path, &Request::Ping).await.unwrap();
+        let pong = call(&srv.path, &Request::Ping {}).await.unwrap();
         assert_eq!(
             pong,
             Response::Ok(ResponseBody::Pong {
@@ -1519,7 +1519,7 @@ mod tests {
             })
         );
 
-        match call(&srv.path, &Request::Status).await.unwrap() {
+        match call(&srv.path, &Request::Status {}).await.unwrap() {
             Response::Ok(ResponseBody::Status(rows)) => {
                 assert_eq!(rows.len(), 1);
                 assert_eq!(rows[0].credential.as_str(), "db");
@@ -1565,7 +1565,7 @@ mod tests {
             !path.exists(),
             "socket file must be removed when serve ends"
         );
-        let err = call(&path, &Request::Ping).await.unwrap_err();
+        let err = call(&path, &Request::Ping {}).await.unwrap_err();
         assert!(matches!(err, ClientError::NotListening { .. }), "{err:?}");
         assert!(
             err.to_string()
@@ -1638,7 +1638,7 @@ mod tests {
         let r = raw_exchange(&mut conn, b"{\"cmd\":\"status\"}\n").await;
         assert!(matches!(r, Response::Ok(ResponseBody::Status(_))), "{r:?}");
         assert!(matches!(
-            call(&srv.path, &Request::Ping).await.unwrap(),
+            call(&srv.path, &Request::Ping {}).await.unwrap(),
             Response::Ok(_)
         ));
         srv.stop().await;
@@ -1696,7 +1696,7 @@ mod tests {
         let mut line = String::new();
         assert_eq!(idle.read_line(&mut line).await.unwrap_or(0), 0);
         assert!(matches!(
-            call(&path, &Request::Ping).await,
+            call(&path, &Request::Ping {}).await,
             Err(ClientError::NotListening { .. })
         ));
     }

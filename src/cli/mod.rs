@@ -630,7 +630,7 @@ async fn status(path: &Path, view: StatusView) -> u8 {
         Err(code) => return code,
     };
     let mut online = true;
-    let rows = match request(&client, path, &Request::Status).await {
+    let rows = match request(&client, path, &Request::Status {}).await {
         Ok(ResponseBody::Status(rows)) => rows,
         Ok(_) => return unexpected(),
         Err(Failure::Reported(code)) => return code,
@@ -659,7 +659,7 @@ async fn status(path: &Path, view: StatusView) -> u8 {
     // older version does not know the command, and its credentials are
     // still worth showing.
     let tasks = if online {
-        match call(&client.paths().socket, &Request::Tasks).await {
+        match call(&client.paths().socket, &Request::Tasks {}).await {
             Ok(Response::Ok(ResponseBody::Tasks(tasks))) => Some(tasks),
             _ => None,
         }
@@ -717,7 +717,7 @@ async fn status(path: &Path, view: StatusView) -> u8 {
     // Decommissions and orphans, when the daemon answers; else the
     // decommissions stored (orphans need the daemon's view).
     let agents = if online {
-        match request(&client, path, &Request::Agents).await {
+        match request(&client, path, &Request::Agents {}).await {
             Ok(ResponseBody::Agents(agents)) => agents,
             _ => Vec::new(),
         }
@@ -797,7 +797,7 @@ async fn decommission(
     }
     while wait && result.agent.state != "decommissioned" {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        match request(&client, path, &Request::Agents).await {
+        match request(&client, path, &Request::Agents {}).await {
             Ok(ResponseBody::Agents(rows)) => match rows.into_iter().find(|r| r.agent == agent) {
                 Some(row) => result.agent = row,
                 None => return unexpected(),
