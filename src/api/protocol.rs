@@ -66,11 +66,7 @@ pub const AGENT_COMMANDS: &[&str] = &[
 /// even with `deny_unknown_fields`, so every command is a struct variant
 /// (`{"cmd":"ping","verbose":true}` is refused).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(
-    tag = "cmd",
-    rename_all = "snake_case",
-    deny_unknown_fields
-)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Liveness of the daemon; answers with its version.
     Ping {},
@@ -225,7 +221,6 @@ impl Request {
         }
     }
 }
-
 
 /// Which credentials a command applies to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

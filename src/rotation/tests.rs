@@ -510,6 +510,15 @@ impl Rig {
             .unwrap()
     }
 
+    /// Waits (in virtual time, at most a second) until the sink has the
+    /// first version.
+    async fn first_version(&self) {
+        self.until(Duration::from_secs(1), "first version", |r| {
+            r.sink.count() == 1
+        })
+        .await;
+    }
+
     /// Waits (in virtual time) until `f` holds; panics after `limit`.
     async fn until(&self, limit: Duration, what: &str, f: impl Fn(&Rig) -> bool) {
         let deadline = Instant::now() + limit;
@@ -549,10 +558,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 async fn a_credential_rotates_on_schedule_and_its_previous_version_retires_after_grace() {
     let rig = Rig::new(1, "every = \"6h\"\ngrace = \"1h\"").await;
     rig.run().await;
-    rig.until(Duration::from_secs(1), "first version", |r| {
-        r.sink.count() == 1
-    })
-    .await;
+    rig.first_version().await;
     let delivered_at = rig.sink.delivered.lock().unwrap()[0].3;
     assert_eq!(
         rig.at(delivered_at),
@@ -713,10 +719,7 @@ async fn exhausted_retries_park_the_rotation_with_a_doubling_delay_then_it_compl
 async fn a_failing_retire_is_parked_with_a_doubling_delay_then_it_completes() {
     let rig = Rig::new(1, "every = \"6h\"\ngrace = \"1m\"").await;
     rig.run().await;
-    rig.until(Duration::from_secs(1), "first version", |r| {
-        r.sink.count() == 1
-    })
-    .await;
+    rig.first_version().await;
     rig.vault.fail("retire", 3, ErrorKind::Unauthorized, None);
     let done = rig.rotate_c0().await;
     assert_eq!((done.error, done.version), (None, Some(2)));
@@ -766,10 +769,7 @@ async fn a_failing_retire_is_parked_with_a_doubling_delay_then_it_completes() {
 async fn a_moved_credentials_previous_version_is_retired_where_it_was_made() {
     let rig = Rig::new(1, "every = \"6h\"\ngrace = \"1m\"").await;
     rig.run().await;
-    rig.until(Duration::from_secs(1), "first version", |r| {
-        r.sink.count() == 1
-    })
-    .await;
+    rig.first_version().await;
     assert_eq!(rig.rotate_c0().await.version, Some(2));
     // Edited while the daemon was down, in version 2's grace period: the
     // credential moves.
@@ -2082,10 +2082,7 @@ async fn a_first_version_has_nothing_to_retire_and_shows_idle() {
     let schedule = "every = \"6h\"\ngrace = \"1m\"";
     let rig = Rig::new(1, schedule).await;
     rig.run().await;
-    rig.until(Duration::from_secs(1), "first version", |r| {
-        r.sink.count() == 1
-    })
-    .await;
+    rig.first_version().await;
     let retiring = |rig: &Rig| {
         let counts = rig.engine.state_counts();
         counts

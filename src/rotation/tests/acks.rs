@@ -228,10 +228,7 @@ async fn ack(rig: &Rig, version: VersionNo, consumer: Option<&str>) -> Result<()
 /// delivered at `10 min`: the rig's state for the tests below.
 async fn second_version_delivered(rig: &Rig) {
     rig.run().await;
-    rig.until(Duration::from_secs(1), "first version", |r| {
-        r.sink.count() == 1
-    })
-    .await;
+    rig.first_version().await;
     ack(rig, 1, None).await.unwrap();
     tokio::time::sleep(10 * MINUTE).await;
     let done = rig.rotate_c0().await;
@@ -371,10 +368,7 @@ async fn a_first_version_not_acked_does_not_hold_up_the_next_rotation() {
     let a: Arc<dyn Sink> = SentSink::new("a");
     let rig = rig_with(&[a]);
     rig.run().await;
-    rig.until(Duration::from_secs(1), "first version", |r| {
-        r.sink.count() == 1
-    })
-    .await;
+    rig.first_version().await;
     tokio::time::sleep(MINUTE).await;
     let asked = Instant::now();
     let done = rig.rotate_c0().await;
@@ -401,10 +395,7 @@ async fn a_first_versions_consumer_is_never_a_holdout_also_after_a_restart() {
     let a: Arc<dyn Sink> = SentSink::new("a");
     let rig = rig_with(std::slice::from_ref(&a));
     rig.run().await;
-    rig.until(Duration::from_secs(1), "first version", |r| {
-        r.sink.count() == 1
-    })
-    .await;
+    rig.first_version().await;
     tokio::time::sleep(2 * 60 * MINUTE).await;
     let s = rig.status("c0");
     assert_eq!(s.awaiting_ack, vec!["sent:a (ack=explicit)"], "{s:?}");
@@ -428,10 +419,7 @@ async fn second_version_in_place(
     let sink: Arc<dyn Sink> = held.clone();
     let rig = rig_with(&[sink]);
     rig.run().await;
-    rig.until(Duration::from_secs(1), "first version", |r| {
-        r.sink.count() == 1
-    })
-    .await;
+    rig.first_version().await;
     ack(&rig, 1, None).await.unwrap();
     tokio::time::sleep(10 * MINUTE).await;
     let engine = rig.engine.clone();
@@ -516,10 +504,7 @@ async fn first_version_beside(down: Arc<DownSink>) -> Rig {
     let sinks: Vec<Arc<dyn Sink>> = vec![down];
     let rig = rig_with(&sinks);
     rig.run().await;
-    rig.until(Duration::from_secs(1), "first version", |r| {
-        r.sink.count() == 1
-    })
-    .await;
+    rig.first_version().await;
     rig
 }
 
@@ -712,10 +697,7 @@ async fn a_restart_resumes_the_deliveries_being_retried_in_the_background() {
     let sinks: Vec<Arc<dyn Sink>> = vec![down.clone()];
     let rig = rig_with(&sinks);
     rig.run().await;
-    rig.until(Duration::from_secs(1), "first version", |r| {
-        r.sink.count() == 1
-    })
-    .await;
+    rig.first_version().await;
     assert!(rig.status("c0").awaiting_ack.is_empty());
     tokio::time::sleep(10 * MINUTE).await;
     // Version 2, while the receiver is down for good (in this process).

@@ -250,10 +250,7 @@ async fn holdouts_past_grace_raise_a_warning_until_they_ack() {
             &[Arc::new(Silent)],
         );
         rig.run().await;
-        rig.until(Duration::from_secs(1), "first version", |r| {
-            r.sink.count() == 1
-        })
-        .await;
+        rig.first_version().await;
         let c0 = key("c0");
         let ack = |v| rig.engine.inner.ack(&c0, v, None, Actor::Daemon);
         ack(1).await.unwrap();

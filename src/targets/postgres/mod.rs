@@ -905,9 +905,11 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
-    use super::*;
-    use crate::test_support::secret;
+    use macro_rules_attribute::apply;
     use tokio_postgres::{Client, NoTls};
+
+    use super::*;
+    use crate::test_support::{secret, server_test};
 
     const NEED: &str =
         "start the test services: `bash scripts/services.sh start` (or run `bash scripts/test.sh`)";
@@ -1161,11 +1163,7 @@ mod tests {
 
     // ---- real PostgreSQL below ----
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn single_user_set_and_test_log_in_and_old_password_stops_working() {
         let f = Fixture::new("single").await;
         let t = f.target(PgStrategy::SingleUser);
@@ -1187,11 +1185,7 @@ mod tests {
         f.login(&f.role, "second-pass-2").await.unwrap();
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn alternating_previous_works_until_retired() {
         let f = Fixture::new("alt").await;
         let t = f.target(PgStrategy::AlternatingUsers);
@@ -1237,11 +1231,7 @@ mod tests {
             .unwrap();
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn passwords_with_quotes_and_backslashes_round_trip() {
         let f = Fixture::new("quote").await;
         let t = f.target(PgStrategy::SingleUser);
@@ -1258,11 +1248,7 @@ mod tests {
         }
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn wrong_admin_dsn_gives_a_clear_error_without_the_password() {
         let f = Fixture::new("baddsn").await;
         let canary = "canary-admin-7d1e";
@@ -1367,11 +1353,7 @@ mod tests {
         }
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn verify_full_checks_the_ca_and_the_host_name() {
         let f = Fixture::new("tls").await;
         // The role may log in over TLS only: `test` passing proves TLS.
@@ -1436,11 +1418,7 @@ mod tests {
         );
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn clear_text_and_md5_password_requests_are_refused_unless_allowed() {
         let f = Fixture::new("weak").await;
         // The server asks this role for its password in clear text.
@@ -1512,11 +1490,7 @@ mod tests {
         dropping_roles(&admin, &[md5_admin], outcome).await;
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn a_foreign_clone_is_refused_and_keyturns_own_is_adopted() {
         let f = Fixture::new("clone").await;
         let t = f.target(PgStrategy::AlternatingUsers);
@@ -1570,11 +1544,7 @@ mod tests {
         f.login(&clone, "own-pass-2").await.unwrap();
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn revoke_disables_login_and_kills_live_sessions() {
         let f = Fixture::new("revoke").await;
         let t = f.target(PgStrategy::AlternatingUsers);
@@ -1743,11 +1713,7 @@ mod tests {
         dropping_roles(&admin, &roles, outcome).await;
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn a_changed_dsn_file_is_used_by_the_next_step_without_a_reload() {
         let f = Fixture::new("dsnchg").await;
         let (first, second) = (app("dsn_a"), app("dsn_b"));
@@ -1782,11 +1748,7 @@ mod tests {
         );
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn a_killed_pooled_connection_does_not_fail_the_next_step() {
         let f = Fixture::new("kill").await;
         let app = app("kill");
@@ -1836,11 +1798,7 @@ mod tests {
         assert_eq!(f.sessions(&app).await, 1);
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn idle_admin_connections_are_closed_and_made_again_when_needed() {
         let f = Fixture::new("idle").await;
         let app = app("idle");
@@ -1866,11 +1824,7 @@ mod tests {
         );
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn the_login_test_closes_its_connection_at_once() {
         let f = Fixture::new("login").await;
         let t = f.target(PgStrategy::SingleUser);
@@ -1899,11 +1853,7 @@ mod tests {
         assert_eq!(n, 0, "the login test's session is still open");
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn neither_the_value_nor_its_verifier_reaches_the_log() {
         let f = Fixture::new("logs").await;
         // tokio-postgres logs with `log`; the daemon bridges it (telemetry).

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::test_support::secret;
+use macro_rules_attribute::apply;
+
+use crate::test_support::{secret, server_test};
 use crate::vaults::contract::{assert_error, item, stage_and_promote, stage_new};
 
 const NO_SERVICES: &str =
@@ -161,11 +163,7 @@ async fn connect_refuses_a_bad_budget() {
 
 // -- real server (moto) ---------------------------------------------------
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn stages_are_staging_labels_real_server() {
     let v = vault().await;
     let path = unique_path("full-cycle");
@@ -199,11 +197,7 @@ async fn stages_are_staging_labels_real_server() {
     v.destroy(it).await.unwrap();
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn a_stage_replay_writes_nothing_real_server() {
     let v = vault().await;
     let path = unique_path("stage-replay");
@@ -232,11 +226,7 @@ async fn a_stage_replay_writes_nothing_real_server() {
 /// version AWSPREVIOUS), and the removal of that AWSPREVIOUS. A crash
 /// between them is mended by the replay, and nothing reads as current or
 /// previous until a promote.
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn staging_over_the_abandoned_first_version_survives_a_crash_between_its_calls_real_server() {
     let v = vault().await;
     let path = unique_path("first-abandoned");
@@ -283,11 +273,7 @@ async fn staging_over_the_abandoned_first_version_survives_a_crash_between_its_c
     v.destroy(it).await.unwrap();
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn promote_replay_and_resume_real_server() {
     let v = vault().await;
     let path = unique_path("promote-replay");
@@ -326,11 +312,7 @@ async fn promote_replay_and_resume_real_server() {
     v.destroy(it).await.unwrap();
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn retire_names_the_secret_and_writes_once_real_server() {
     let v = vault().await;
     let path = unique_path("retire");
@@ -350,11 +332,7 @@ async fn retire_names_the_secret_and_writes_once_real_server() {
     v.destroy(it).await.unwrap();
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn destroy_deletes_the_secret_real_server() {
     let v = vault().await;
     let path = unique_path("destroy");
@@ -368,11 +346,7 @@ async fn destroy_deletes_the_secret_real_server() {
     );
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn binary_values_round_trip_real_server() {
     let v = vault().await;
     let path = unique_path("binary");
@@ -386,11 +360,7 @@ async fn binary_values_round_trip_real_server() {
     v.destroy(it).await.unwrap();
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn write_budget_real_server() {
     let v = Arc::new(
         AwsVault::connect(
@@ -466,11 +436,7 @@ async fn scripted_server(status: u16, code: &'static str, message: &'static str)
     url
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn service_errors_reach_the_engine_with_their_kind() {
     let cases = [
         (
@@ -517,11 +483,7 @@ async fn service_errors_reach_the_engine_with_their_kind() {
     }
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn wrong_endpoint_is_transient_with_a_clear_message() {
     // The test credentials (so the request gets as far as connecting),
     // and an endpoint where nothing listens.

@@ -5,7 +5,9 @@
 //! started by `scripts/services.sh`, through the real SDK over TLS.
 
 use super::*;
-use crate::test_support::secret;
+use macro_rules_attribute::apply;
+
+use crate::test_support::{secret, server_test};
 use crate::vaults::contract::{assert_error, item, stage_new};
 use azure_core::credentials::{AccessToken, TokenRequestOptions};
 
@@ -189,11 +191,7 @@ async fn vault_with_client_secret(secret: &str) -> (AzureVault, tempfile::TempDi
     (AzureVault::connect("kv-entra", &s).await.unwrap(), dir)
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn client_secret_logs_in_at_the_authority_host() {
     let (v, _dir) = vault_with_client_secret(STUB_CLIENT_SECRET).await;
     v.check().await.unwrap();
@@ -204,11 +202,7 @@ async fn client_secret_logs_in_at_the_authority_host() {
     assert_eq!(latest(&v, &path).await.as_deref(), Some("entra-value"));
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn a_wrong_client_secret_is_unauthorized_and_not_quoted() {
     let wrong = "wrong-secret-7f3a9c";
     let (v, _dir) = vault_with_client_secret(wrong).await;
@@ -221,11 +215,7 @@ async fn a_wrong_client_secret_is_unauthorized_and_not_quoted() {
 /// Defect (found black-box): a server certificate that does not chain to
 /// `ca_file` was `transient` (retried for ever, "check that the service is
 /// up"). It is `invalid`, and says what to check.
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn a_certificate_not_from_the_ca_file_is_invalid_not_transient() {
     // A CA, but not the stub's: the test PostgreSQL's.
     let other_ca =
@@ -321,11 +311,7 @@ async fn latest(v: &AzureVault, path: &str) -> Option<String> {
     }
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn plain_readers_get_only_promoted_values_and_retired_versions_are_disabled() {
     let (v, path, names) = subject("cycle");
     let it = item(&path);
@@ -387,11 +373,7 @@ async fn plain_readers_get_only_promoted_values_and_retired_versions_are_disable
     assert_eq!(latest(&v, &path).await, None);
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn stage_replay_after_a_lost_response_returns_the_same_version() {
     let (v, path, names) = subject("dropped");
     let it = item(&path);
@@ -445,11 +427,7 @@ async fn stage_replay_after_a_lost_response_returns_the_same_version() {
     v.destroy(it).await.unwrap();
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn throttling_is_throttled_with_retry_after_and_not_retried_by_the_sdk() {
     let (v, path, names) = subject("throttled");
     fail_next(&names.staging, 429, 7).await;
@@ -471,11 +449,7 @@ async fn throttling_is_throttled_with_retry_after_and_not_retried_by_the_sdk() {
     v.destroy(item(&path)).await.unwrap();
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn service_unavailable_is_transient() {
     let (v, path, names) = subject("unavailable");
     fail_next(&names.main, 503, 1).await;
@@ -485,11 +459,7 @@ async fn service_unavailable_is_transient() {
     assert!(v.read(item(&path), current).await.unwrap().is_none());
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn a_bad_token_is_unauthorized() {
     let v = vault_with_token("not-the-token");
     let path = unique_path("badtoken");
@@ -498,11 +468,7 @@ async fn a_bad_token_is_unauthorized() {
     assert_eq!(v.check().await.unwrap_err().kind, ErrorKind::Unauthorized);
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn an_unreachable_vault_is_transient() {
     // A port nobody listens on (bind, read the port, close).
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -516,11 +482,7 @@ async fn an_unreachable_vault_is_transient() {
     assert_error(&e, ErrorKind::Transient, &["kv-down"], &[]);
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn promoting_an_abandoned_version_is_invalid() {
     let (v, path) = (vault(), unique_path("abandon"));
     let old = stage_new(&v, &path, "old").await.unwrap();
@@ -532,11 +494,7 @@ async fn promoting_an_abandoned_version_is_invalid() {
     v.destroy(item(&path)).await.unwrap();
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn replay_finds_a_version_beyond_the_first_page() {
     let (v, path, names) = subject("paging");
     let it = item(&path);

@@ -1,7 +1,9 @@
 //! Tests against a real OpenBao (KEYTURN_TEST_BAO_ADDR / KEYTURN_TEST_BAO_TOKEN); each uses its own paths (and AppRole mount), so they run in parallel.
 
 use super::*;
-use crate::test_support::secret;
+use macro_rules_attribute::apply;
+
+use crate::test_support::{secret, server_test};
 use crate::vaults::contract::{assert_error, item, stage_and_promote, stage_new};
 use vaultrs::api::auth::approle::requests::SetAppRoleRequest;
 
@@ -129,11 +131,7 @@ async fn value_at(
         .map(|s| (s.value.expose_str().unwrap().to_owned(), s.stage, s.version))
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn plain_readers_see_only_promoted_values_and_retired_data_is_destroyed() {
     let v = root_vault().await;
     let path = unique("cycle");
@@ -185,11 +183,7 @@ async fn plain_readers_see_only_promoted_values_and_retired_data_is_destroyed() 
     v.destroy(it).await.unwrap();
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn stage_and_promote_replays_write_nothing_new() {
     let v = root_vault().await;
     let path = unique("replay");
@@ -220,11 +214,7 @@ async fn stage_and_promote_replays_write_nothing_new() {
     v.destroy(it).await.unwrap();
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn promote_finishes_clean_up_after_a_crash_between_write_and_clear() {
     let v = root_vault().await;
     let path = unique("crash");
@@ -275,11 +265,7 @@ async fn promote_finishes_clean_up_after_a_crash_between_write_and_clear() {
     v.destroy(it).await.unwrap();
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn an_abandoned_pending_value_is_destroyed_and_not_found_to_promote() {
     let v = root_vault().await;
     let path = unique("abandoned");
@@ -301,11 +287,7 @@ async fn an_abandoned_pending_value_is_destroyed_and_not_found_to_promote() {
 /// looked for the previous version only just before the latest, found the
 /// current one there (not the one to retire), and took it as already gone:
 /// the retired value stayed readable while the audit log said retired.
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn a_write_by_someone_else_after_the_current_version_does_not_stop_the_retire() {
     let v = root_vault().await;
     let path = unique("foreign");
@@ -336,11 +318,7 @@ async fn a_write_by_someone_else_after_the_current_version_does_not_stop_the_ret
     v.destroy(it).await.unwrap();
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn a_concurrent_writer_makes_promote_conflict() {
     let v = root_vault().await;
     let path = unique("conflict");
@@ -377,11 +355,7 @@ async fn a_concurrent_writer_makes_promote_conflict() {
     v.destroy(it).await.unwrap();
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn approle_logs_in_once_and_renews_its_token_before_the_ttl() {
     let (addr, _) = bao();
     let root = raw();
@@ -467,11 +441,7 @@ async fn approle_logs_in_once_and_renews_its_token_before_the_ttl() {
     vaultrs::sys::policy::delete(&root, &policy).await.unwrap();
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn a_bad_token_is_unauthorized_and_never_printed() {
     let (addr, _) = bao();
     let v = token_vault(&addr, "s.not-a-real-token-canary")
@@ -485,11 +455,7 @@ async fn a_bad_token_is_unauthorized_and_never_printed() {
     assert_eq!(e.kind, ErrorKind::Unauthorized, "{e}");
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn a_token_file_is_read_again_after_a_403() {
     let (addr, token) = bao();
     let dir = tempfile::tempdir().unwrap();
@@ -540,11 +506,7 @@ async fn an_unreachable_address_is_transient_and_bad_settings_are_invalid() {
     }
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn destroy_deletes_the_metadata_of_the_path_and_of_the_pending_slot() {
     let v = root_vault().await;
     let path = unique("destroy");
@@ -582,11 +544,7 @@ fn raw_http(method: &str, path: &str, namespace: Option<&str>, body: &str) -> u1
         .unwrap()
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn a_namespace_scopes_every_call() {
     let (addr, token) = bao();
     let ns = format!("kt-{}", &RotationId::generate().as_str()[..12]);
