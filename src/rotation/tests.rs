@@ -470,6 +470,18 @@ impl Rig {
         let sink = Arc::new(MemSink::default());
         let text = config_text(dir.path(), n, schedule, extra_daemon);
         let catalog = catalog_with(dir.path(), &text, &vault, &sink, extra);
+        Self::assemble(dir, catalog, store, vault, sink)
+    }
+
+    /// The engine of `catalog` on `store`, its audit log in `dir` (going on
+    /// from the head `store` holds), under a paused clock.
+    fn assemble(
+        dir: tempfile::TempDir,
+        catalog: Catalog,
+        store: Arc<MemoryStore>,
+        vault: Arc<MemVault>,
+        sink: Arc<MemSink>,
+    ) -> Rig {
         let head = store.audit_head().unwrap();
         let audit = AuditLog::open_inline(&dir.path().join("audit.log"), head.as_ref()).unwrap();
         let clock = TokioClock::starting_at(t0());
@@ -1439,21 +1451,7 @@ impl Rig {
                 offset: old.offset,
             }));
         }
-        let audit = AuditLog::open_inline(&dir.path().join("audit.log"), None).unwrap();
-        let clock = TokioClock::starting_at(t0());
-        let (engine, cancel, tracker) =
-            Engine::paused_for_test(catalog, store.clone(), audit, clock.clone());
-        Rig {
-            dir,
-            engine,
-            clock,
-            vault,
-            sink,
-            store,
-            cancel,
-            tracker,
-            start: Instant::now(),
-        }
+        Self::assemble(dir, catalog, store, vault, sink)
     }
 }
 
@@ -1599,57 +1597,6 @@ async fn a_follower_of_many_credentials_sweeps_about_one_mark_per_poll() {
     rig.shutdown().await;
 }
 
-/// A vault whose change index `stage`s fail while `down` is above zero
-/// (counting down); everything else goes to the inner vault.
-struct IndexDown {
-    inner: Arc<dyn Vault>,
-    down: std::sync::atomic::AtomicUsize,
-}
-
-#[async_trait]
-impl Vault for IndexDown {
-    fn describe(&self) -> &str {
-        self.inner.describe()
-    }
-    async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
-        use std::sync::atomic::Ordering::SeqCst;
-        if new.item.path == INDEX
-            && self
-                .down
-                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-        {
-            return Err(PluginError::new(
-                ErrorKind::Transient,
-                "index down (injected)",
-            ));
-        }
-        self.inner.stage(new).await
-    }
-    async fn read(
-        &self,
-        item: VaultItem<'_>,
-        select: Select<'_>,
-    ) -> Result<Option<StoredVersion>, PluginError> {
-        self.inner.read(item, select).await
-    }
-    async fn promote(&self, item: VaultItem<'_>, v: &VersionRef) -> Result<(), PluginError> {
-        self.inner.promote(item, v).await
-    }
-    async fn retire(&self, item: VaultItem<'_>, v: &VersionRef) -> Result<(), PluginError> {
-        self.inner.retire(item, v).await
-    }
-    async fn destroy(&self, item: VaultItem<'_>) -> Result<(), PluginError> {
-        self.inner.destroy(item).await
-    }
-    async fn check(&self) -> Result<(), PluginError> {
-        Ok(())
-    }
-    async fn current_mark(&self, item: VaultItem<'_>) -> Result<Option<CurrentMark>, PluginError> {
-        self.inner.current_mark(item).await
-    }
-}
-
 /// With a change index, the rotating keyturn delivers to its own sinks
 /// without waiting for the index write, and the deliver step is recorded
 /// done only once the index holds the version: while the index cannot be
@@ -1659,11 +1606,8 @@ impl Vault for IndexDown {
 async fn the_deliver_step_delivers_first_and_ends_only_once_the_change_index_holds_the_version() {
     let rig = Rig::with_index(1, "every = \"6h\"", |inner| {
         Arc::new(crate::vaults::change_index::IndexedVault::new(
-            Arc::new(IndexDown {
-                inner,
-                // The background write and the deliver step's own.
-                down: 2.into(),
-            }),
+            // The background write and the deliver step's own fail.
+            Arc::new(crate::vaults::change_index::IndexGate::new(inner, INDEX, 2)),
             INDEX,
         ))
     });

@@ -355,9 +355,90 @@ impl Vault for IndexedVault {
     }
 }
 
+/// For tests: a vault whose change index (at `index`) has its writes
+/// slowed down by `slow` (so promotes pile up behind one), a count of index `stage`s
+/// to fail, an optional gate that index `stage`s wait at, and a count of
+/// index reads.
+#[cfg(test)]
+pub(crate) struct IndexGate {
+    pub(crate) inner: Arc<dyn Vault>,
+    pub(crate) index: &'static str,
+    pub(crate) slow: std::time::Duration,
+    pub(crate) fail: std::sync::atomic::AtomicUsize,
+    pub(crate) hold: Mutex<Option<Arc<tokio::sync::Notify>>>,
+    pub(crate) index_reads: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(test)]
+impl IndexGate {
+    /// `inner` with its index at `index`, failing the next `fail` index
+    /// `stage`s, not slowed down.
+    pub(crate) fn new(inner: Arc<dyn Vault>, index: &'static str, fail: usize) -> IndexGate {
+        IndexGate {
+            inner,
+            index,
+            slow: std::time::Duration::ZERO,
+            fail: fail.into(),
+            hold: Mutex::new(None),
+            index_reads: 0.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[async_trait]
+impl Vault for IndexGate {
+    fn describe(&self) -> &str {
+        self.inner.describe()
+    }
+    async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
+        if new.item.path == self.index {
+            let hold = self.hold.lock().unwrap().clone();
+            if let Some(gate) = hold {
+                gate.notified().await;
+            }
+            tokio::time::sleep(self.slow).await;
+            let failing = self
+                .fail
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if failing.is_ok() {
+                return Err(PluginError::new(
+                    ErrorKind::Transient,
+                    "index down (injected)",
+                ));
+            }
+        }
+        self.inner.stage(new).await
+    }
+    async fn read(
+        &self,
+        item: VaultItem<'_>,
+        select: Select<'_>,
+    ) -> Result<Option<StoredVersion>, PluginError> {
+        if item.path == self.index {
+            self.index_reads.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.read(item, select).await
+    }
+    async fn promote(&self, item: VaultItem<'_>, v: &VersionRef) -> Result<(), PluginError> {
+        self.inner.promote(item, v).await
+    }
+    async fn retire(&self, item: VaultItem<'_>, v: &VersionRef) -> Result<(), PluginError> {
+        self.inner.retire(item, v).await
+    }
+    async fn destroy(&self, item: VaultItem<'_>) -> Result<(), PluginError> {
+        self.inner.destroy(item).await
+    }
+    async fn check(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
+    async fn current_mark(&self, item: VaultItem<'_>) -> Result<Option<CurrentMark>, PluginError> {
+        self.inner.current_mark(item).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 
     use tokio::sync::Notify;
@@ -366,72 +447,12 @@ mod tests {
     use crate::vaults::VaultPlugin;
     use crate::vaults::toy::ToyConfig;
 
-    /// The toy vault, with index writes slowed down (so promotes pile up
-    /// behind one), a count of index `stage`s to fail, an optional gate
-    /// that index `stage`s wait at, and a count of index reads.
-    struct Gate {
-        inner: Arc<dyn Vault>,
-        fail: AtomicUsize,
-        hold: Mutex<Option<Arc<Notify>>>,
-        index_reads: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl Vault for Gate {
-        fn describe(&self) -> &str {
-            self.inner.describe()
-        }
-        async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
-            if new.item.path == INDEX {
-                let hold = self.hold.lock().unwrap().clone();
-                if let Some(gate) = hold {
-                    gate.notified().await;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let failing = self
-                    .fail
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-                if failing.is_ok() {
-                    return Err(PluginError::new(
-                        ErrorKind::Transient,
-                        "index down (injected)",
-                    ));
-                }
-            }
-            self.inner.stage(new).await
-        }
-        async fn read(
-            &self,
-            item: VaultItem<'_>,
-            select: Select<'_>,
-        ) -> Result<Option<StoredVersion>, PluginError> {
-            if item.path == INDEX {
-                self.index_reads.fetch_add(1, Ordering::SeqCst);
-            }
-            self.inner.read(item, select).await
-        }
-        async fn promote(&self, item: VaultItem<'_>, v: &VersionRef) -> Result<(), PluginError> {
-            self.inner.promote(item, v).await
-        }
-        async fn retire(&self, item: VaultItem<'_>, v: &VersionRef) -> Result<(), PluginError> {
-            self.inner.retire(item, v).await
-        }
-        async fn destroy(&self, item: VaultItem<'_>) -> Result<(), PluginError> {
-            self.inner.destroy(item).await
-        }
-        async fn check(&self) -> Result<(), PluginError> {
-            Ok(())
-        }
-    }
-
     const INDEX: &str = "keyturn/index";
 
-    fn indexed() -> (Arc<IndexedVault>, Arc<Gate>) {
-        let gate = Arc::new(Gate {
-            inner: ToyConfig::default().open("toy").unwrap(),
-            fail: AtomicUsize::new(0),
-            hold: Mutex::new(None),
-            index_reads: AtomicUsize::new(0),
+    fn indexed() -> (Arc<IndexedVault>, Arc<IndexGate>) {
+        let gate = Arc::new(IndexGate {
+            slow: Duration::from_millis(20),
+            ..IndexGate::new(ToyConfig::default().open("toy").unwrap(), INDEX, 0)
         });
         (Arc::new(IndexedVault::new(gate.clone(), INDEX)), gate)
     }
