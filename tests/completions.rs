@@ -9,35 +9,20 @@ use std::process::Command;
 const BIN: &str = env!("CARGO_BIN_EXE_keyturn");
 
 /// A config with two agents (one credential each), as an operator writes it.
-const CONFIG: &str = r#"
-[daemon]
-state_dir = "/nonexistent/state"
-
-[vaults.local]
-type = "local"
-
-[agents.invoice-bot]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-
-[agents.invoice-bot.credentials.db]
-vault = "local"
-path = "acme/invoice-bot/db"
-generate = { kind = "password", length = 32 }
-schedule = "@every 1h"
-
-[agents.report-bot]
-owner = "bob@example.com"
-tenant = "acme"
-tier = "low"
-
-[agents.report-bot.credentials.api]
-vault = "local"
-path = "acme/report-bot/api"
-generate = { kind = "password", length = 32 }
-schedule = "@every 1h"
-"#;
+fn config_text() -> String {
+    let agent = |name: &str, owner: &str, tier: &str, cred: &str| {
+        format!(
+            "[agents.{name}]\nowner = \"{owner}@example.com\"\ntenant = \"acme\"\ntier = \"{tier}\"\n\n\
+             [agents.{name}.credentials.{cred}]\nvault = \"local\"\npath = \"acme/{name}/{cred}\"\n\
+             generate = {{ kind = \"password\", length = 32 }}\nschedule = \"@every 1h\"\n\n"
+        )
+    };
+    format!(
+        "[daemon]\nstate_dir = \"/nonexistent/state\"\n\n[vaults.local]\ntype = \"local\"\n\n{}{}",
+        agent("invoice-bot", "alice", "high", "db"),
+        agent("report-bot", "bob", "low", "api")
+    )
+}
 
 /// The candidates that are not options (an empty word also lists the
 /// command's options).
@@ -116,7 +101,7 @@ printf '%s\n' "${{COMPREPLY[@]}}"
 fn with_config() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("keyturn.toml");
-    std::fs::write(&config, CONFIG).unwrap();
+    std::fs::write(&config, config_text()).unwrap();
     let config = config.to_str().unwrap().to_owned();
     (dir, config)
 }

@@ -31,11 +31,17 @@ struct TestKey {
     jwk: Value,
 }
 
-fn key(pem: &[u8], alg: Algorithm, kid: &str) -> TestKey {
+/// The key in `testdata/{file}.pem`, for `alg`, published as `kid`.
+fn key(file: &str, alg: Algorithm, kid: &str) -> TestKey {
+    let pem = std::fs::read(format!(
+        "{}/src/oauth/testdata/{file}.pem",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
     let enc = match alg {
-        Algorithm::EdDSA => EncodingKey::from_ed_pem(pem),
-        Algorithm::ES256 => EncodingKey::from_ec_pem(pem),
-        _ => EncodingKey::from_rsa_pem(pem),
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+        Algorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+        _ => EncodingKey::from_rsa_pem(&pem),
     }
     .unwrap();
     let mut jwk = serde_json::to_value(Jwk::from_encoding_key(&enc, alg).unwrap()).unwrap();
@@ -49,32 +55,20 @@ fn key(pem: &[u8], alg: Algorithm, kid: &str) -> TestKey {
 }
 
 fn ed_a() -> TestKey {
-    key(
-        include_bytes!("testdata/ed25519_a.pem"),
-        Algorithm::EdDSA,
-        "a",
-    )
+    key("ed25519_a", Algorithm::EdDSA, "a")
 }
 fn ed_b() -> TestKey {
-    key(
-        include_bytes!("testdata/ed25519_b.pem"),
-        Algorithm::EdDSA,
-        "b",
-    )
+    key("ed25519_b", Algorithm::EdDSA, "b")
 }
 /// A key no configured issuer publishes.
 fn ed_attacker() -> TestKey {
-    key(
-        include_bytes!("testdata/ed25519_attacker.pem"),
-        Algorithm::EdDSA,
-        "a",
-    )
+    key("ed25519_attacker", Algorithm::EdDSA, "a")
 }
 fn p256() -> TestKey {
-    key(include_bytes!("testdata/p256.pem"), Algorithm::ES256, "ec")
+    key("p256", Algorithm::ES256, "ec")
 }
 fn rsa(alg: Algorithm) -> TestKey {
-    key(include_bytes!("testdata/rsa.pem"), alg, "rsa")
+    key("rsa", alg, "rsa")
 }
 
 fn jwks_of(keys: &[&TestKey]) -> String {
