@@ -636,38 +636,25 @@ fn build_full(
 fn keep_restart_only_settings(old: &Config, new: &mut Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
     let (o, n) = (&old.daemon, &mut new.daemon);
-    if o.state_dir != n.state_dir {
-        changed.push("daemon.state_dir");
-        n.state_dir = o.state_dir.clone();
+    // `keep!(name: fields)`: when any of `fields` changed, say `name` and
+    // keep the running values of all of them.
+    macro_rules! keep {
+        ($($name:literal: $($field:ident),+;)+) => {$(
+            if $(o.$field != n.$field)||+ {
+                changed.push($name);
+                $(n.$field.clone_from(&o.$field);)+
+            }
+        )+};
     }
-    if o.audit_log != n.audit_log {
-        changed.push("daemon.audit_log");
-        n.audit_log = o.audit_log.clone();
-    }
-    if o.audit_key_file != n.audit_key_file {
-        changed.push("daemon.audit_key_file");
-        n.audit_key_file = o.audit_key_file.clone();
-    }
-    if o.socket != n.socket || o.socket_group != n.socket_group {
-        changed.push("daemon.socket");
-        n.socket = o.socket.clone();
-        n.socket_group = o.socket_group.clone();
-    }
-    if o.agent_socket != n.agent_socket {
-        changed.push("daemon.agent_socket");
-        n.agent_socket = o.agent_socket.clone();
-    }
-    if o.listen != n.listen {
-        changed.push("daemon.listen");
-        n.listen = o.listen;
-    }
-    if o.follow_nudge_key_file != n.follow_nudge_key_file {
-        changed.push("daemon.follow_nudge_key_file");
-        n.follow_nudge_key_file = o.follow_nudge_key_file.clone();
-    }
-    if o.max_concurrent_rotations != n.max_concurrent_rotations {
-        changed.push("daemon.max_concurrent_rotations");
-        n.max_concurrent_rotations = o.max_concurrent_rotations;
+    keep! {
+        "daemon.state_dir": state_dir;
+        "daemon.audit_log": audit_log;
+        "daemon.audit_key_file": audit_key_file;
+        "daemon.socket": socket, socket_group;
+        "daemon.agent_socket": agent_socket;
+        "daemon.listen": listen;
+        "daemon.follow_nudge_key_file": follow_nudge_key_file;
+        "daemon.max_concurrent_rotations": max_concurrent_rotations;
     }
     changed
 }
@@ -799,4 +786,47 @@ fn task_setup(
             .collect(),
         task_root: config.daemon.task_root.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(daemon: &str) -> Config {
+        let text = format!(
+            "[daemon]\n{daemon}\n[vaults.local]\ntype = \"local\"\n\n{}",
+            crate::test_support::agent_table("bot")
+        );
+        config::load_str(Path::new("/etc/keyturn/keyturn.toml"), &text).unwrap()
+    }
+
+    /// A reload names each setting bound at start-up that changed and keeps
+    /// its running value (both halves of `daemon.socket`); the others take
+    /// the new value.
+    #[test]
+    fn a_reload_keeps_and_names_the_settings_bound_at_start_up() {
+        let old = config(
+            "state_dir = \"/var/lib/a\"\nsocket_group = \"ops\"\nlisten = \"127.0.0.1:9000\"\nmax_concurrent_rotations = 4\ndrain_timeout = \"10s\"",
+        );
+        let mut new = config(
+            "state_dir = \"/var/lib/b\"\nsocket_group = \"dev\"\nlisten = \"127.0.0.1:9001\"\nmax_concurrent_rotations = 4\ndrain_timeout = \"20s\"",
+        );
+        let changed = keep_restart_only_settings(&old, &mut new);
+        // The audit log's default lives in the state directory.
+        assert_eq!(
+            changed,
+            [
+                "daemon.state_dir",
+                "daemon.audit_log",
+                "daemon.socket",
+                "daemon.listen"
+            ]
+        );
+        let (o, n) = (&old.daemon, &new.daemon);
+        assert_eq!(n.state_dir, o.state_dir);
+        assert_eq!(n.socket_group.as_deref(), Some("ops"));
+        assert_eq!(n.listen, o.listen);
+        assert_ne!(n.drain_timeout, o.drain_timeout, "not bound at start-up");
+        assert!(keep_restart_only_settings(&old, &mut new).is_empty());
+    }
 }
