@@ -46,12 +46,7 @@ fn a_staged_value_deleted_in_openbao_while_parked_is_abandoned_and_a_fresh_rotat
     let pending = format!("keyturn-pending/{path}");
     let config = format!(
         r#"
-[vaults.bao]
-type = "vault"
-address = "{bao}"
-token_file = "{{dir}}/bao-token"
-timeout = "5s"
-
+{bao}
 {agent}
 [agents.bot.credentials.db]
 vault = "bao"
@@ -63,14 +58,11 @@ grace = "1m"
 target = {{ type = "command", program = "/bin/sh", args = ["-c", "cat >/dev/null; test -e {{dir}}/target-up"] }}
 deliver = [{{ type = "file", path = "{{root}}/bot/db.json", format = "json" }}]
 "#,
-        bao = need("KEYTURN_TEST_BAO_ADDR"),
+        bao = bao_table(&need("KEYTURN_TEST_BAO_ADDR")),
         agent = agent_table("bot"),
     );
     let env = Env::new(&config);
-    let token = env.path().join("bao-token");
-    std::fs::write(&token, need("KEYTURN_TEST_BAO_TOKEN")).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_bao_token(&env);
     let up = env.path().join("target-up");
     std::fs::write(&up, b"").unwrap();
     let bao = bao_client();

@@ -121,12 +121,7 @@ timeout = "5s"
     };
     let config = format!(
         r#"
-[vaults.bao]
-type = "vault"
-address = "{bao}"
-token_file = "{{dir}}/bao-token"
-timeout = "5s"
-{second}
+{bao}{second}
 [agents.bot]
 owner = "alice@example.com"
 tenant = "acme"
@@ -143,7 +138,7 @@ grace = "{grace}"
 target = {{ type = "command", program = "/bin/sh", args = ["-c", "cat >/dev/null"] }}
 deliver = [{{ type = "file", path = "{{root}}/bot/db.json", format = "json" }}]
 "#,
-        bao = addr.bao,
+        bao = bao_table(&addr.bao),
     );
     let env = Env::with_daemon(&config, daemon_extra);
     let secret_file = |name: &str, content: &str| {
@@ -152,7 +147,7 @@ deliver = [{{ type = "file", path = "{{root}}/bot/db.json", format = "json" }}]
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
     };
-    secret_file("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"));
+    write_bao_token(&env);
     if layout == Layout::KvBao {
         secret_file("azure-client-secret", STUB_CLIENT_SECRET);
     }

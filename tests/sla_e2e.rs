@@ -92,6 +92,15 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Insta
 const AT_RISK: &str = "KeyturnRevocationSlaAtRisk";
 const BREACHED: &str = "KeyturnRevocationSlaBreached";
 
+/// The `[alerts.am]` table (the test Alertmanager at `am`) and, last, the
+/// `[alerts.pd]` table (PagerDuty at `pd`, its routing key in `key`).
+fn alert_sinks(am: &str, key: &std::path::Path, pd: &str) -> String {
+    format!(
+        "[alerts.am]\ntype = \"alertmanager\"\nurl = \"{am}\"\n\n[alerts.pd]\ntype = \"pagerduty\"\nrouting_key_file = \"{}\"\nurl = \"{pd}/v2/enqueue\"\n",
+        key.display()
+    )
+}
+
 #[test]
 fn an_sla_breach_with_openbao_down_pages_once_survives_kill_9_and_resolves_when_it_returns() {
     let am = need("KEYTURN_TEST_ALERTMANAGER_URL");
@@ -115,15 +124,7 @@ fast = {{ revocation_sla = "6s" }}
 [alert_rules]
 resolve_hold = "0s"
 
-[alerts.am]
-type = "alertmanager"
-url = "{am}"
-
-[alerts.pd]
-type = "pagerduty"
-routing_key_file = "{key}"
-url = "{pd}/v2/enqueue"
-
+{alerts}
 [vaults.bao]
 type = "vault"
 address = "{bao}"
@@ -149,8 +150,7 @@ generate = {{ kind = "password", length = 24 }}
 every = "1h"
 deliver = [{{ type = "file", path = "{{root}}/{agent}/in-bao" }}]
 "#,
-        key = key.display(),
-        pd = pd.base,
+        alerts = alert_sinks(&am, &key, &pd.base),
         bao = proxy.url(),
         token = token.display(),
     ));
@@ -299,15 +299,7 @@ failures_warning = 2
 failures_critical = 4
 resolve_hold = "0s"
 
-[alerts.am]
-type = "alertmanager"
-url = "{am}"
-
-[alerts.pd]
-type = "pagerduty"
-routing_key_file = "{key}"
-url = "{pd}/v2/enqueue"
-severities = ["critical"]
+{alerts}severities = ["critical"]
 
 [agents.{agent}]
 owner = "alice@example.com"
@@ -323,8 +315,7 @@ max_age = "12s"
 target = {{ type = "command", program = "{hook}" }}
 deliver = [{{ type = "file", path = "{{root}}/{agent}/api" }}]
 "#,
-        key = key.display(),
-        pd = pd.base,
+        alerts = alert_sinks(&am, &key, &pd.base),
         hook = hook.display(),
     ));
     let daemon = env.start();

@@ -413,6 +413,23 @@ pub fn need(var: &str) -> String {
     })
 }
 
+/// The `[vaults.bao]` table of the test OpenBao at `address` (the server's
+/// own, or a proxy's), its token read from `{dir}/bao-token` (see
+/// [`write_bao_token`]).
+pub fn bao_table(address: &str) -> String {
+    format!(
+        "[vaults.bao]\ntype = \"vault\"\naddress = \"{address}\"\ntoken_file = \"{{dir}}/bao-token\"\ntimeout = \"5s\"\n"
+    )
+}
+
+/// Writes the test OpenBao's root token to `{dir}/bao-token` (mode 0600).
+pub fn write_bao_token(env: &Env) {
+    use std::os::unix::fs::PermissionsExt;
+    let token = env.path().join("bao-token");
+    std::fs::write(&token, need("KEYTURN_TEST_BAO_TOKEN")).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// A plain client of the test OpenBao (`KEYTURN_TEST_BAO_*`), with its root token.
 pub fn bao_client() -> vaultrs::client::VaultClient {
     vaultrs::client::VaultClient::new(

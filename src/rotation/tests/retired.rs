@@ -36,16 +36,8 @@ async fn stopping_an_agent_abandons_its_rotation_in_flight_and_nothing_of_it_run
         "{done:?}"
     );
     // Recorded as abandoned: finished, with the reason, audited.
-    let latest = rig.store.latest_rotation(&key("c0")).unwrap().unwrap();
-    assert_eq!(latest.step, Step::Done);
-    assert!(
-        latest
-            .last_error
-            .as_deref()
-            .unwrap_or_default()
-            .contains("abandoned at step create"),
-        "{latest:?}"
-    );
+    let why = abandoned(&rig);
+    assert!(why.contains("abandoned at step create"), "{why}");
     let audit = std::fs::read_to_string(rig.dir.path().join("audit.log")).unwrap();
     assert!(audit.contains("\"event\":\"rotation.abandoned\""));
     // Nothing of the agent runs again: no timer, no manual trigger.
@@ -87,22 +79,19 @@ async fn a_step_in_flight_finishes_and_the_rotation_stops_right_after_it() {
     // The step it was in finished; nothing after it ran.
     assert_eq!(rig.vault.times("promote", None).len(), 1, "only v1's");
     assert_eq!(rig.sink.count(), 1);
-    let latest = rig.store.latest_rotation(&key("c0")).unwrap().unwrap();
-    assert_eq!(latest.step, Step::Done);
+    let why = abandoned(&rig);
     assert!(
-        latest
-            .last_error
-            .as_deref()
-            .unwrap_or_default()
-            .contains("abandoned at step set")
-            || latest
-                .last_error
-                .as_deref()
-                .unwrap_or_default()
-                .contains("abandoned at step promote"),
-        "{latest:?}"
+        why.contains("abandoned at step set") || why.contains("abandoned at step promote"),
+        "{why}"
     );
     rig.shutdown().await;
+}
+
+/// The error c0's latest rotation finished with: asserts it finished.
+fn abandoned(rig: &Rig) -> String {
+    let latest = rig.store.latest_rotation(&key("c0")).unwrap().unwrap();
+    assert_eq!(latest.step, Step::Done, "{latest:?}");
+    latest.last_error.unwrap_or_default()
 }
 
 /// `n` credentials due hourly, built on `rig`'s directory, vault and sink:
