@@ -522,6 +522,14 @@ impl Rig {
             .unwrap()
     }
 
+    /// [`Rig::new`], running, once the first version is delivered.
+    async fn started(n: usize, schedule: &str) -> Rig {
+        let rig = Self::new(n, schedule).await;
+        rig.run().await;
+        rig.first_version().await;
+        rig
+    }
+
     /// Waits (in virtual time, at most a second) until the sink has the
     /// first version.
     async fn first_version(&self) {
@@ -568,9 +576,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 /// ends — six hours of schedule in milliseconds.
 #[tokio::test(start_paused = true)]
 async fn a_credential_rotates_on_schedule_and_its_previous_version_retires_after_grace() {
-    let rig = Rig::new(1, "every = \"6h\"\ngrace = \"1h\"").await;
-    rig.run().await;
-    rig.first_version().await;
+    let rig = Rig::started(1, "every = \"6h\"\ngrace = \"1h\"").await;
     let delivered_at = rig.sink.delivered.lock().unwrap()[0].3;
     assert_eq!(
         rig.at(delivered_at),
@@ -729,9 +735,7 @@ async fn exhausted_retries_park_the_rotation_with_a_doubling_delay_then_it_compl
 /// one before, and a success clears it.
 #[tokio::test(start_paused = true)]
 async fn a_failing_retire_is_parked_with_a_doubling_delay_then_it_completes() {
-    let rig = Rig::new(1, "every = \"6h\"\ngrace = \"1m\"").await;
-    rig.run().await;
-    rig.first_version().await;
+    let rig = Rig::started(1, "every = \"6h\"\ngrace = \"1m\"").await;
     rig.vault.fail("retire", 3, ErrorKind::Unauthorized, None);
     let done = rig.rotate_c0().await;
     assert_eq!((done.error, done.version), (None, Some(2)));
@@ -779,9 +783,7 @@ async fn a_failing_retire_is_parked_with_a_doubling_delay_then_it_completes() {
 /// before at the old path too, where both were made.
 #[tokio::test(start_paused = true)]
 async fn a_moved_credentials_previous_version_is_retired_where_it_was_made() {
-    let rig = Rig::new(1, "every = \"6h\"\ngrace = \"1m\"").await;
-    rig.run().await;
-    rig.first_version().await;
+    let rig = Rig::started(1, "every = \"6h\"\ngrace = \"1m\"").await;
     assert_eq!(rig.rotate_c0().await.version, Some(2));
     // Edited while the daemon was down, in version 2's grace period: the
     // credential moves.
@@ -2024,9 +2026,7 @@ fn retire_details(rig: &Rig) -> Vec<Option<String>> {
 #[tokio::test(start_paused = true)]
 async fn a_first_version_has_nothing_to_retire_and_shows_idle() {
     let schedule = "every = \"6h\"\ngrace = \"1m\"";
-    let rig = Rig::new(1, schedule).await;
-    rig.run().await;
-    rig.first_version().await;
+    let rig = Rig::started(1, schedule).await;
     let retiring = |rig: &Rig| {
         let counts = rig.engine.state_counts();
         counts
