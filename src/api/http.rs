@@ -31,8 +31,9 @@
 //! a request (idle, or still sending a request's head) is closed at once,
 //! so a flood of idle or slow-header connections delays a scrape by one
 //! eviction instead of shutting it out. A connection is protected only while
-//! a request is being served ([`InService`]: from the head's end to the
-//! response's last byte); when all are, the oldest is asked to finish its
+//! a request is being served ([`InService`]: from the end of its body, or of
+//! its head when it has none, to the response's last byte), so stalled
+//! bodies are evicted like stalled heads; when all are, the oldest is asked to finish its
 //! request and close. An accept error (EMFILE) pauses the loop instead of
 //! spinning on it.
 
@@ -542,7 +543,7 @@ impl Drop for InService {
 /// has written (and dropped) it.
 struct ServedBody {
     inner: axum::body::Body,
-    _serving: InService,
+    _serving: Option<InService>,
 }
 
 impl axum::body::HttpBody for ServedBody {
@@ -563,14 +564,75 @@ impl axum::body::HttpBody for ServedBody {
     }
 }
 
-/// Marks the connection's requests as served while they are.
+/// Where a request's [`InService`] is kept until its response takes it.
+type Started = Arc<Mutex<Option<InService>>>;
+
+/// Counts `started`'s request as served, once.
+fn start_serving(started: &Started, serving: &Serving) {
+    let mut started = started.lock().unwrap_or_else(|p| p.into_inner());
+    if started.is_none() {
+        *started = Some(InService::new(serving));
+    }
+}
+
+/// A request body that counts its request as served from its end on: a
+/// client that stalls while sending a body is as evictable as one still
+/// sending its head, so stalled bodies cannot hold every slot.
+struct BodyThenServed {
+    inner: axum::body::Body,
+    serving: Serving,
+    started: Started,
+}
+
+impl axum::body::HttpBody for BodyThenServed {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || this.inner.is_end_stream() {
+            start_serving(&this.started, &this.serving);
+        }
+        polled
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Marks the connection's requests as served while they are: from the end
+/// of the request's body (its head, when it has none) to the response's
+/// last byte.
 async fn count_serving(
     serving: Serving,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let guard = InService::new(&serving);
+    use axum::body::HttpBody;
+    let started = Started::default();
+    let request = if request.body().is_end_stream() {
+        start_serving(&started, &serving);
+        request
+    } else {
+        request.map(|inner| {
+            axum::body::Body::new(BodyThenServed {
+                inner,
+                serving: Arc::clone(&serving),
+                started: Arc::clone(&started),
+            })
+        })
+    };
     let response = next.run(request).await;
+    // A handler that answered without reading the body.
+    start_serving(&started, &serving);
+    let guard = started.lock().unwrap_or_else(|p| p.into_inner()).take();
     response.map(|inner| {
         axum::body::Body::new(ServedBody {
             inner,
@@ -914,6 +976,56 @@ mod tests {
         stop(cancel, server).await;
     }
 
+    /// Defect: a request whose body stalled counted as served, so 64 of
+    /// them (head sent, `Content-Length: 60000`, 2 bytes of body) held
+    /// every slot, and a scrape waited for the oldest one's finish timeout
+    /// (10 s). A stalled body is evicted like a stalled head; a request
+    /// whose body is in is still served to the end.
+    #[tokio::test]
+    async fn stalled_request_bodies_do_not_shut_out_a_scrape() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, recorder, cancel, server) = start_nudged_with(
+            &dir,
+            Limits {
+                max_connections: 4,
+                header_read_timeout: Duration::from_secs(60),
+            },
+        );
+        let mut stalled = Vec::new();
+        for _ in 0..10 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(
+                format!(
+                    "POST {NUDGE_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 60000\r\n\r\n{{}}"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+            stalled.push(s);
+        }
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            let (status, _, body) =
+                tokio::time::timeout(Duration::from_secs(5), get(addr, "/healthz"))
+                    .await
+                    .expect("/healthz must answer while stalled bodies fill every slot");
+            assert_eq!((status, body.as_str()), (200, "ok"));
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "waited {:?} for a slot",
+                started.elapsed()
+            );
+        }
+        closed_within(&mut stalled[0], Duration::from_secs(5)).await;
+        // A whole (signed) nudge is still served.
+        let body = notice("bot", "db");
+        let sig = crate::sinks::webhook::sign(NUDGE_KEY, now(), &body);
+        assert_eq!(post_nudge(addr, &body, Some(sig)).await, 202);
+        assert_eq!(recorder.0.lock().unwrap().len(), 1);
+        stop(cancel, server).await;
+    }
+
     #[tokio::test]
     async fn slow_and_idle_clients_are_cut_off_after_the_header_timeout() {
         let timeout = Duration::from_millis(300);
@@ -984,6 +1096,18 @@ mod tests {
         CancellationToken,
         tokio::task::JoinHandle<io::Result<()>>,
     ) {
+        start_nudged_with(dir, Limits::for_nofile(1024))
+    }
+
+    fn start_nudged_with(
+        dir: &tempfile::TempDir,
+        limits: Limits,
+    ) -> (
+        std::net::SocketAddr,
+        Arc<Recorder>,
+        CancellationToken,
+        tokio::task::JoinHandle<io::Result<()>>,
+    ) {
         use std::os::unix::fs::PermissionsExt;
         let key_file = dir.path().join("nudge.key");
         std::fs::write(&key_file, NUDGE_KEY).unwrap();
@@ -998,7 +1122,7 @@ mod tests {
             Arc::new(Metrics::new()),
             Arc::new(AtomicBool::new(true)),
             cancel.clone(),
-            Limits::for_nofile(1024),
+            limits,
             Routes {
                 nudge: Some(Arc::new(FollowNudge::new(key_file, recorder.clone()))),
                 ..Routes::default()
