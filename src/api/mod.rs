@@ -7,13 +7,15 @@
 //! - [`http`]     the axum listener for metrics and health
 //! - [`refusals`] how often a refusal is audited or logged
 
+pub mod client;
 pub mod http;
 pub mod protocol;
 pub(crate) mod refusals;
 pub mod socket;
 
+pub use client::{ClientError, call};
 pub use protocol::{
     ApiError, ApiErrorKind, Request, Response, ResponseBody, RotateOutcome, RotateResult, Selector,
     StatusRow, parse_selector,
 };
-pub use socket::{ClientError, ControlHandler, ControlSocket, PeerCred, bind, call, serve};
+pub use socket::{ControlHandler, ControlSocket, PeerCred, bind, serve};

@@ -1052,46 +1052,10 @@ async fn handle_connection(
     let _ = write_half.shutdown().await;
 }
 
-// ---------------------------------------------------------------------------
-// Client
-// ---------------------------------------------------------------------------
-
-/// Why `call` could not get an answer; the text tells the operator what to do.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error(
-        "no keyturn daemon is listening on {} (is it running? is --config pointing at its config?)",
-        path.display()
-    )]
-    NotListening { path: PathBuf },
-    #[error("permission denied on {}: {}", path.display(), access_advice(group.as_deref()))]
-    PermissionDenied {
-        path: PathBuf,
-        /// The name (or gid) of the socket file's group, when its metadata
-        /// can be read.
-        group: Option<String>,
-    },
-    #[error(
-        "timed out after {}s connecting to {}: the daemon is not accepting connections",
-        CONNECT_TIMEOUT.as_secs(),
-        path.display()
-    )]
-    ConnectTimeout { path: PathBuf },
-    #[error("control socket {}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
-    #[error("protocol error on {}: {message}", path.display())]
-    Protocol { path: PathBuf, message: String },
-    #[error(
-        "the daemon on {} closed the connection before answering (did it stop? see `keyturn status` and the daemon's log)",
-        path.display()
-    )]
-    Closed { path: PathBuf },
-}
-
 /// What to do about a refusal, naming the socket's group. The daemon's own
 /// group is often `root` when no `daemon.socket_group` is set; joining it
 /// is not advice to give, so that case says to configure a group instead.
-fn access_advice(group: Option<&str>) -> String {
+pub(super) fn access_advice(group: Option<&str>) -> String {
     match group {
         Some("root" | "0") => "the socket's group is `root`, so only root may use it: \
              run as root, or set `daemon.socket_group` to a group for operators \
@@ -1108,66 +1072,11 @@ fn access_advice(group: Option<&str>) -> String {
 }
 
 /// The name of a group, or its number when it has none.
-fn group_name(gid: u32) -> String {
+pub(super) fn group_name(gid: u32) -> String {
     nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
         .ok()
         .flatten()
         .map_or_else(|| gid.to_string(), |g| g.name)
-}
-
-fn connect_error(path: &Path, e: io::Error) -> ClientError {
-    let path = path.to_owned();
-    match e.kind() {
-        // A missing file, or a stale socket file nobody accepts on.
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-            ClientError::NotListening { path }
-        }
-        io::ErrorKind::PermissionDenied => {
-            let group = std::fs::metadata(&path).ok().map(|m| group_name(m.gid()));
-            ClientError::PermissionDenied { path, group }
-        }
-        _ => ClientError::Io { path, source: e },
-    }
-}
-
-/// Sends one request and returns the daemon's response (which may itself be
-/// an error, e.g. `forbidden` or `not_found`). Connecting times out after
-/// [`CONNECT_TIMEOUT`]; waiting for the answer does not, because
-/// `rotate --wait` may legitimately take long.
-pub async fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path))
-        .await
-        .map_err(|_| ClientError::ConnectTimeout {
-            path: path.to_owned(),
-        })?
-        .map_err(|e| connect_error(path, e))?;
-    let (read_half, mut write_half) = stream.into_split();
-
-    let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol {
-        path: path.to_owned(),
-        message: format!("encoding the request: {e}"),
-    })?;
-    line.push(b'\n');
-    // If the daemon refused us it answers and closes without reading, so a
-    // failed write is not the end: the answer may already be waiting.
-    let write_err = write_half.write_all(&line).await.err();
-
-    let mut reader = BufReader::new(read_half);
-    let mut answer = Vec::new();
-    let read = reader.read_until(b'\n', &mut answer).await;
-    match (read, write_err) {
-        (Ok(n), _) if n > 0 => serde_json::from_slice(&answer).map_err(|e| ClientError::Protocol {
-            path: path.to_owned(),
-            message: format!("invalid response from the daemon: {e}"),
-        }),
-        (_, Some(e)) | (Err(e), None) => Err(ClientError::Io {
-            path: path.to_owned(),
-            source: e,
-        }),
-        (Ok(_), None) => Err(ClientError::Closed {
-            path: path.to_owned(),
-        }),
-    }
 }
 
 #[cfg(test)]
@@ -1176,6 +1085,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::api::client::{ClientError, call, connect_error};
     use crate::api::protocol::{ApiErrorKind, RotateOutcome};
     use crate::model::{AgentId, CredentialId};
 

@@ -10,10 +10,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use clap_complete::engine::ArgValueCompleter;
 
+use crate::api::client::{ClientError, call};
 use crate::api::protocol::{
     ApiErrorKind, Request, Response, ResponseBody, RotateOutcome, StatusRow, parse_selector,
 };
-use crate::api::socket::{ClientError, call};
 use crate::audit::{AuditKey, VerifyReport, verify_file_keyed};
 use crate::config::{self, ClientPaths, Config, ConfigErrors, DEFAULT_CONFIG_PATH};
 use crate::state::{SqliteStore, StateStore};
