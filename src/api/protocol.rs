@@ -818,7 +818,9 @@ impl fmt::Display for ApiErrorKind {
 /// can act on: serde's own message for malformed JSON or fields, and the list
 /// of valid commands for a missing or unknown `cmd`.
 pub fn parse_request(line: &str) -> Result<Request, ApiError> {
-    let value: serde_json::Value = serde_json::from_str(line)
+    // A duplicate member is refused: which of two `version`s (or `as`es) a
+    // request means must not depend on the parser.
+    let value = crate::oauth::strict_json::parse(line.as_bytes())
         .map_err(|e| ApiError::bad_request(format!("malformed JSON request: {e}")))?;
     let valid = COMMANDS.join(", ");
     match value.get("cmd") {
@@ -1011,6 +1013,25 @@ pub(crate) mod tests {
         assert!(e.message.contains("force"), "{e}");
         assert!(parse_request(r#"{"cmd":"rotate"}"#).is_err());
         assert!(parse_request("[]").is_err());
+    }
+
+    /// Black-box finding: `{"cmd":"ack",...,"version":7,"version":8}` was
+    /// taken as version 8. Two members with one name are refused, at any
+    /// depth, naming the member.
+    #[test]
+    fn a_duplicate_member_is_refused() {
+        for line in [
+            r#"{"cmd":"ack","agent":"bot","credential":"db","version":7,"version":8}"#,
+            r#"{"cmd":"ping","cmd":"status"}"#,
+            r#"{"cmd":"rotate","selector":{"credential":{"agent":"a","agent":"b","credential":"c"}}}"#,
+        ] {
+            let e = parse_request(line).unwrap_err();
+            assert_eq!(e.kind, ApiErrorKind::BadRequest, "{line}");
+            assert!(e.message.contains("duplicate member"), "{line}: {e}");
+        }
+        assert!(
+            parse_request(r#"{"cmd":"ack","agent":"bot","credential":"db","version":7}"#).is_ok()
+        );
     }
 
     /// Every request shape refuses a field it does not know, naming it, as
