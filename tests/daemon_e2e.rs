@@ -655,6 +655,63 @@ fn audit_log_is_verified_and_tampering_is_detected() {
     );
 }
 
+/// Black-box finding: without an audit key, a record appended after the
+/// last one (its `prev` the SHA-256 of the line before) passed `audit
+/// verify`, and the daemon chained its own records onto it, after which
+/// nothing told it apart. The head the state database stored shows it:
+/// verify names the records after that head, and the daemon records
+/// `audit.unconfirmed` for them before anything else. A clean stop and
+/// start leaves nothing unconfirmed.
+#[test]
+fn a_record_appended_after_the_stored_head_is_named_and_marked_unconfirmed() {
+    use sha2::Digest as _;
+    let (env, daemon) = one_raw_at_version_1();
+    daemon.stop();
+    env.start().stop();
+    let clean = std::fs::read_to_string(env.audit_log()).unwrap();
+    assert!(!clean.contains("audit.unconfirmed"), "{clean}");
+    let out = env.cli_ok(&["audit", "verify"]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!said.contains("come after the head"), "{said}");
+
+    let last = clean.lines().last().unwrap();
+    let mut forged: serde_json::Value = serde_json::from_str(last).unwrap();
+    let seq = forged["seq"].as_u64().unwrap() + 1;
+    forged["seq"] = seq.into();
+    forged["prev"] = hex::encode(sha2::Sha256::digest(last.as_bytes())).into();
+    forged["event"] = "decommission.decided".into();
+    forged["detail"] = "FORGED".into();
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(env.audit_log())
+        .unwrap();
+    use std::io::Write as _;
+    writeln!(log, "{forged}").unwrap();
+    drop(log);
+
+    let out = env.cli_ok(&["audit", "verify"]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.contains("the last 1 record(s) come after the head it stored"),
+        "{said}"
+    );
+    env.start().stop();
+    let records = audit_records(&env);
+    let marked = records
+        .iter()
+        .position(|r| r["event"] == "audit.unconfirmed")
+        .expect("the daemon marks the appended record");
+    assert_eq!(
+        records[marked]["seq"].as_u64(),
+        Some(seq + 1),
+        "first thing"
+    );
+    let why = records[marked]["error"].as_str().unwrap();
+    assert!(why.contains(&format!("seq {seq}..={seq}")), "{why}");
+    assert_eq!(records[marked + 1]["event"], "daemon.start");
+    audit_verifies(&env, "after the restart");
+}
+
 /// The audit key of the keyed-chain tests: 40 bytes spelling a canary that
 /// must never show up in a log, an output, the audit log or the state.
 const AUDIT_KEY: &[u8] = b"AUDITKEYCANARY-0123456789-abcdefghijklmn";

@@ -96,6 +96,9 @@ struct Inner {
     fsyncs: Arc<AtomicU64>,
     /// The seq of the last record known durable (fsynced).
     synced: Arc<AtomicU64>,
+    /// The records found at open after the head the state database stored
+    /// (first and last seq): see [`AuditLog::unconfirmed_at_open`].
+    unconfirmed: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -173,6 +176,9 @@ impl AuditLog {
         }
 
         let head = recover_tail(&file, &display, head_in_state, key.as_ref())?;
+        let unconfirmed = head_in_state
+            .filter(|stored| stored.seq > 0 && head.seq > stored.seq)
+            .map(|stored| (stored.seq + 1, head.seq));
         let head = Arc::new(Mutex::new(head));
         let fsyncs = Arc::new(AtomicU64::new(0));
         // What is in the file at open is durable: recovery fsyncs what it cuts,
@@ -208,8 +214,20 @@ impl AuditLog {
                 head,
                 fsyncs,
                 synced,
+                unconfirmed,
             }),
         })
+    }
+
+    /// The records (first and last seq) the log held at open after the
+    /// head the state database had stored. The state lags the log by the
+    /// records of a batch whose head was not stored yet when the daemon
+    /// stopped (kill -9, power loss), so they are no proof of tampering; but
+    /// nothing vouches for them either (without an audit key, anyone who can
+    /// write the log can append a record that chains), so the daemon says so
+    /// in the log before chaining onto them.
+    pub fn unconfirmed_at_open(&self) -> Option<(u64, u64)> {
+        self.inner.unconfirmed
     }
 
     /// Appends one record; returns once it is written and fsynced, with the

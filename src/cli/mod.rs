@@ -1112,10 +1112,20 @@ fn audit_verify(path: &Path) -> u8 {
             EXIT_FAILED
         }
         Ok(report) => {
-            let tail = if head.is_some() {
-                ", tail checked against the state database"
-            } else {
-                ""
+            let stored = head.as_ref().map_or(0, |h| h.seq);
+            let after = report
+                .head
+                .as_ref()
+                .map_or(0, |h| h.seq.saturating_sub(stored));
+            let tail = match (&head, after) {
+                (None, _) => String::new(),
+                (Some(_), 0) => ", tail checked against the state database".to_owned(),
+                (Some(_), n) => format!(
+                    ", tail checked against the state database; the last {n} record(s) come after \
+                     the head it stored (seq {stored}): written while or just before the daemon \
+                     stopped, or appended by someone else (the daemon records `audit.unconfirmed` \
+                     for them at its next start)"
+                ),
             };
             println!(
                 "{}: ok, {} records, chain intact{tail}{}",

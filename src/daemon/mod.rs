@@ -175,6 +175,22 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     })
     .map_err(|e| startup("cannot start the engine", &e))?;
 
+    if let Some((first, last)) = audit.unconfirmed_at_open() {
+        let why = format!(
+            "records seq {first}..={last} come after the last head the state database stored: \
+             written just before the daemon stopped (kill -9, power loss), or appended by \
+             someone who can write the audit log; check them"
+        );
+        tracing::warn!(first, last, "audit log: {why}");
+        audit_daemon(
+            &engine,
+            "audit.unconfirmed",
+            Outcome::Failed,
+            None,
+            Some(why),
+        )
+        .await;
+    }
     audit_daemon(
         &engine,
         "daemon.start",
