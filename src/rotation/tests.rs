@@ -1428,18 +1428,17 @@ impl Rig {
         let dir = tempfile::tempdir().unwrap();
         let (vault, sink) = (Arc::<MemVault>::default(), Arc::new(MemSink::default()));
         let store = Arc::new(MemoryStore::new());
-        let text = config_text(dir.path(), n, schedule, "");
+        let text = config_text(dir.path(), n, schedule, "").replace(
+            "[vaults.local]\ntype = \"local\"\n",
+            &format!("[vaults.local]\ntype = \"toy\"\nchange_index = \"{INDEX}\"\n"),
+        );
         let mut catalog = catalog_with(dir.path(), &text, &vault, &sink, &[]);
         let shared = catalog.vaults["local"].clone();
-        let mut config = shared.config.clone();
-        config.spec = crate::vaults::VaultSpec::Toy(Box::new(crate::vaults::toy::ToyConfig {
-            change_index: Some(INDEX.into()),
-            ..Default::default()
-        }));
+        assert_eq!(shared.config.spec.plugin().change_index(), Some(INDEX));
         let handle = Arc::new(VaultHandle {
             vault: wrap(shared.vault.clone()),
             limit: shared.limit.clone(),
-            config,
+            config: shared.config.clone(),
         });
         catalog.vaults.insert("local".into(), handle.clone());
         let entries: Vec<Arc<CredEntry>> = catalog.creds.values().cloned().collect();
