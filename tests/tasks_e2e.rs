@@ -603,3 +603,119 @@ fn a_decommission_completes_only_once_its_tasks_are_revoked() {
     });
     assert!(verified, "the tasks item is verified in the audit log");
 }
+
+/// The `items` entry of `issuer` in a task's JSON (`task end`'s answer).
+fn item<'a>(task: &'a serde_json::Value, issuer: &str) -> &'a serde_json::Value {
+    task["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|i| i["issuer"] == issuer))
+        .unwrap_or_else(|| panic!("no item of {issuer}: {task}"))
+}
+
+/// Defects: changes an operator makes to an issuer or the task root under
+/// live tasks. (1) The admin DSN pointed at another server: the task's role
+/// is not there, which was taken for "revoked" and audited as verified while
+/// the role still logged in at the server that made it. It stays `ending`,
+/// saying why and what to do, until the DSN points back; `check` and the
+/// reload warn. (2) A changed `role_prefix` blocked the revocation of
+/// earlier tasks forever: they are revoked by their recorded role. (3)
+/// `task_root` removed by a reload left a live task's files behind at its
+/// end: they are removed from where they were written.
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[test]
+fn issuer_and_task_root_changes_under_live_tasks_never_fake_or_block_a_revocation() {
+    let db = Db::new();
+    let env = env(&db);
+    let daemon = env.start();
+    let dsn_file = env.path().join("pg-admin.dsn");
+
+    // (1) Another server (nothing answers there: it is never asked).
+    let moved = start_bot_task(&env, "low", &[]);
+    let moved_id = moved["task"].as_str().unwrap().to_owned();
+    let as_moved = db.as_task(&pg_credential(&moved));
+    std::fs::write(&dsn_file, "host=db-b.invalid port=5432 user=postgres").unwrap();
+    let out = env.cli_ok(&["task", "end", "--as", "bot", &moved_id]);
+    let ending: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ending["state"], "ending", "{ending}");
+    let error = item(&ending, "pg")["last_error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        error.contains("issued at postgres 127.0.0.1:")
+            && error.contains("now reaches postgres db-b.invalid:5432")
+            && error.contains("Point [issuers.pg] back"),
+        "{error}"
+    );
+    assert!(
+        psql(&as_moved, "SELECT 1").is_ok(),
+        "still works at its server"
+    );
+    let check = env.cli_ok(&["check"]);
+    let warned = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        warned.contains("warning: task ") && warned.contains(&moved_id),
+        "{warned}"
+    );
+    daemon.reload();
+    assert!(
+        daemon
+            .log_text()
+            .contains("reload leaves a task credential unrevocable"),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(
+        !audit_records(&env)
+            .iter()
+            .any(|r| r["event"] == "task.revoked"
+                && r["detail"].as_str().is_some_and(|d| d.contains(&moved_id))),
+        "a revocation was audited that did not happen"
+    );
+    // Back at its server: revoked there by the retry loop.
+    std::fs::write(&dsn_file, &db.admin).unwrap();
+    let gone = wait_for(Duration::from_secs(30), || {
+        psql(&as_moved, "SELECT 1").err()
+    });
+    assert!(gone.is_some(), "revoked once the issuer points back");
+
+    // (2) and (3): a task started, then the prefix changes and the task
+    // root goes, by a reload.
+    let live = start_bot_task(&env, "low", &[]);
+    let live_id = live["task"].as_str().unwrap().to_owned();
+    let as_live = db.as_task(&pg_credential(&live));
+    let dir = std::path::PathBuf::from(live["dir"].as_str().unwrap());
+    assert!(dir.join("pg.json").exists());
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let changed = config
+        .replace(
+            "type = \"postgres\"\n",
+            "type = \"postgres\"\nrole_prefix = \"kt2_\"\n",
+        )
+        .lines()
+        .filter(|l| !l.starts_with("task_root"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(changed.contains("kt2_") && !changed.contains("task_root"));
+    std::fs::write(&env.config, changed).unwrap();
+    daemon.reload();
+    // Without a task root the next task's credential comes in the answer,
+    // its role under the new prefix.
+    let next = start_bot_task(&env, "low", &[]);
+    assert!(
+        next["credentials"]["pg"]["public"]["user"]
+            .as_str()
+            .unwrap()
+            .starts_with("kt2_"),
+        "{next}"
+    );
+    let ended = end_bot_task(&env, &live_id);
+    assert_eq!(item(&ended, "pg")["state"], "verified", "{ended}");
+    assert!(psql(&as_live, "SELECT 1").is_err(), "the role is revoked");
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    end_bot_task(&env, next["task"].as_str().unwrap());
+    end_bot_task(&env, &moved_id);
+}

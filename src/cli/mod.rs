@@ -529,6 +529,7 @@ async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
         Err(code) => return code,
     };
     println!("{}", config::summary(&cfg));
+    warn_stranded_tasks(&cfg).await;
     if !online {
         return 0;
     }
@@ -546,6 +547,40 @@ async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
             items.len()
         );
         EXIT_UNAVAILABLE
+    }
+}
+
+/// Warns of each credential of a task not ended that this config could not
+/// revoke (its issuer removed, or pointed at another system than the one
+/// that minted it), from the task store when it can be read: a reload with
+/// this config leaves those tasks unrevoked until the issuer is back.
+async fn warn_stranded_tasks(cfg: &Config) {
+    let dir = cfg.daemon.state_dir.join("tasks");
+    let Ok(Some(store)) = crate::tasks::store::TaskStore::open_read_only(&dir) else {
+        return;
+    };
+    let Ok(mut tasks) = store.list(None, 0) else {
+        return;
+    };
+    if tasks.is_empty() {
+        return;
+    }
+    let mut issuers = std::collections::BTreeMap::new();
+    for (name, issuer) in &cfg.issuers {
+        match issuer.plugin().build() {
+            Ok(built) => {
+                issuers.insert(name.clone(), built);
+            }
+            // Not buildable here (an environment variable of the daemon's,
+            // say): nothing to say about its tasks.
+            Err(_) => tasks
+                .iter_mut()
+                .for_each(|t| t.items.retain(|i| &i.issuer != name)),
+        }
+    }
+    let now = chrono::Utc::now().timestamp_millis();
+    for line in crate::tasks::manager::stranded(&tasks, &issuers, now).await {
+        eprintln!("keyturn: warning: {line}");
     }
 }
 

@@ -476,6 +476,17 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                         for issuer in setup.issuers.keys() {
                             metrics.task_issuer_configured(issuer);
                         }
+                        // Applied all the same (new tasks need the new
+                        // issuers); the tasks named stay unrevoked, and
+                        // say why, until their issuer points back.
+                        match tasks.stranded_by(&setup).await {
+                            Ok(lines) => {
+                                for line in lines {
+                                    tracing::warn!("reload leaves a task credential unrevocable: {line}");
+                                }
+                            }
+                            Err(e) => tracing::warn!("tasks: {e}"),
+                        }
                         tasks.set_setup(setup)
                     }
                     Err(e) => tracing::error!("task issuers: {e}; tasks keep the issuers they had"),

@@ -421,12 +421,21 @@ impl TaskManager {
             grants.push((name, issuer, req));
         }
         grants.sort_by_key(|(name, issuer, _)| (!issuer.ends_early(), *name));
+        // Where each issuer mints now, recorded with the task: its
+        // credential is revoked and verified there only.
+        let mut origins: BTreeMap<&str, Option<String>> = BTreeMap::new();
         for (name, issuer, req) in &grants {
             if refusal.is_some() {
                 break;
             }
-            if let Err(error) = issuer.precheck(req).await {
-                refusal = Some((name, error));
+            match issuer.precheck(req).await {
+                Ok(()) => match issuer.origin().await {
+                    Ok(origin) => {
+                        origins.insert(name.as_str(), origin);
+                    }
+                    Err(error) => refusal = Some((name, error)),
+                },
+                Err(error) => refusal = Some((name, error)),
             }
         }
         if let Some((issuer_name, error)) = refusal {
@@ -447,6 +456,10 @@ impl TaskManager {
             state: TaskState::Live,
             ended_at_ms: None,
             end_reason: None,
+            dir: setup
+                .task_root
+                .as_ref()
+                .map(|root| root.join(&task.agent).join(&task.task_id)),
             items: decision
                 .level
                 .grants
@@ -457,6 +470,7 @@ impl TaskManager {
                     state: ItemState::Issuing,
                     expires_at_ms: None,
                     last_error: None,
+                    origin: origins.get(issuer.as_str()).cloned().flatten(),
                 })
                 .collect(),
         };
@@ -701,6 +715,12 @@ impl TaskManager {
                 all_done = false;
                 continue;
             }
+            // Only the system that minted it can say it is revoked.
+            if let Err(e) = moved(issuer.as_ref(), &item.issuer, item).await {
+                all_done = false;
+                self.revoke_failed(&row.task, &item.issuer, &e).await?;
+                continue;
+            }
             if matches!(state, ItemState::Issuing | ItemState::Issued) {
                 match issuer.revoke(&row.task, item.handle.as_deref()).await {
                     Ok(Revoked::Now) => {
@@ -736,17 +756,8 @@ impl TaskManager {
                     }
                     Err(e) => {
                         all_done = false;
-                        self.store
-                            .item_error(id, &item.issuer, &e.to_string())
+                        self.revoke_failed(&row.task, &item.issuer, &e.to_string())
                             .await?;
-                        let mut ev =
-                            self.event("task.revoke_failed", Outcome::Failed, None, &row.task);
-                        ev.detail = Some(
-                            serde_json::json!({"task": id, "issuer": item.issuer}).to_string(),
-                        );
-                        ev.error = Some(e.to_string());
-                        self.recorder.record(ev).await;
-                        self.count_revocation(&item.issuer, TaskRevocation::Failed);
                         continue;
                     }
                 }
@@ -757,6 +768,14 @@ impl TaskManager {
                     .await
                 {
                     Ok(true) => {
+                        // Asked again: the issuer may have moved while it
+                        // looked (a postgres admin DSN file is read at
+                        // every step).
+                        if let Err(e) = moved(issuer.as_ref(), &item.issuer, item).await {
+                            all_done = false;
+                            self.revoke_failed(&row.task, &item.issuer, &e).await?;
+                            continue;
+                        }
                         self.store
                             .set_item(id, &item.issuer, ItemState::Verified, None, None, None)
                             .await?;
@@ -795,8 +814,16 @@ impl TaskManager {
         if !all_done {
             return Ok(());
         }
-        if let Some(root) = &setup.task_root
-            && let Err(e) = remove_task_dir(root, &row.task)
+        // Where its files were written, whatever `task_root` says now (a
+        // task recorded before keyturn kept that: the current root).
+        let dir = row.dir.clone().or_else(|| {
+            setup
+                .task_root
+                .as_ref()
+                .map(|root| root.join(&row.task.agent).join(&row.task.task_id))
+        });
+        if let Some(dir) = &dir
+            && let Err(e) = remove_task_dir(dir, &row.task)
         {
             tracing::warn!(task = id, "removing the task's directory: {e}");
             return Ok(());
@@ -816,6 +843,37 @@ impl TaskManager {
         });
         self.recorder.record(ev).await;
         Ok(())
+    }
+
+    /// A revocation attempt of `issuer`'s credential of `task` failed with
+    /// `error`: recorded on the item, audited, counted; retried later.
+    async fn revoke_failed(
+        &self,
+        task: &TaskAttribution,
+        issuer: &str,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let id = &task.task_id;
+        self.store.item_error(id, issuer, error).await?;
+        let mut ev = self.event("task.revoke_failed", Outcome::Failed, None, task);
+        ev.detail = Some(serde_json::json!({"task": id, "issuer": issuer}).to_string());
+        ev.error = Some(error.to_owned());
+        self.recorder.record(ev).await;
+        self.count_revocation(issuer, TaskRevocation::Failed);
+        Ok(())
+    }
+
+    /// What would keep the credentials of tasks not ended from being
+    /// revoked under `setup` (a new config): one line per credential whose
+    /// issuer is gone or now reaches another system than the one that
+    /// minted it. For the reload's warning and `keyturn check`.
+    pub async fn stranded_by(&self, setup: &TaskSetup) -> Result<Vec<String>, TaskError> {
+        Ok(stranded(
+            &self.store.list(None, 0)?,
+            &setup.issuers,
+            ms(self.clock.now()),
+        )
+        .await)
     }
 
     /// One pass: ends every live task past its TTL, pushes every ending one
@@ -904,6 +962,66 @@ impl TaskManager {
             }
         }
     }
+}
+
+/// `Err` with what to do when `issuer` (configured as `name`) no longer
+/// reaches the system recorded as `item`'s origin: a credential another
+/// system does not know of is not revoked there, so keyturn neither revokes
+/// nor verifies it until the issuer points back. Items recorded without an
+/// origin are not checked.
+async fn moved(issuer: &dyn TaskIssuer, name: &str, item: &ItemRow) -> Result<(), String> {
+    let Some(minted_at) = &item.origin else {
+        return Ok(());
+    };
+    let now = match issuer.origin().await {
+        Ok(Some(now)) if &now == minted_at => return Ok(()),
+        Ok(Some(now)) => format!("now reaches {now}"),
+        Ok(None) => "now names no system it reaches (another issuer type?)".to_owned(),
+        Err(e) => format!("cannot say which system it reaches now ({e})"),
+    };
+    Err(format!(
+        "issued at {minted_at}, but issuer `{name}` {now}: keyturn revokes and verifies a \
+         credential only at the system that minted it (one unknown elsewhere is not revoked). \
+         Point [issuers.{name}] back at {minted_at} until the tasks it issued there have ended, \
+         then move it; or end the tasks before moving an issuer"
+    ))
+}
+
+/// One line per credential of `tasks` (those not ended) that `issuers`
+/// cannot revoke: its issuer is gone, or now reaches another system than
+/// the one that minted it ([`moved`]).
+pub async fn stranded(
+    tasks: &[TaskRow],
+    issuers: &BTreeMap<String, Arc<dyn TaskIssuer>>,
+    now_ms: i64,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in tasks.iter().filter(|t| t.state != TaskState::Ended) {
+        for item in &t.items {
+            if item.state.is_done(item.expires_at_ms, now_ms) {
+                continue;
+            }
+            let problem = match issuers.get(&item.issuer) {
+                None => Some(format!(
+                    "issuer `{}` is no longer configured; add it back to revoke",
+                    item.issuer
+                )),
+                Some(issuer) => moved(issuer.as_ref(), &item.issuer, item).await.err(),
+            };
+            if let Some(problem) = problem {
+                out.push(format!(
+                    "task {} of agent {} ({}): {problem}",
+                    t.task.task_id,
+                    t.task.agent,
+                    serde_json::to_value(t.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// 24 lowercase hex digits: unique, and safe in a role name, an STS session
@@ -999,16 +1117,47 @@ fn write_task_files(
     Ok((dir, files))
 }
 
-/// Removes a task's directory and the files keyturn wrote in it.
-fn remove_task_dir(root: &Path, task: &TaskAttribution) -> Result<(), String> {
-    let dir = root.join(&task.agent).join(&task.task_id);
-    match std::fs::symlink_metadata(&dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+/// Removes a task's directory `dir` (as recorded with the task) and the
+/// files keyturn wrote in it. The path comes from keyturn's state: it must
+/// be `<some root>/<agent>/<task id>` with the agent's directory keyturn's
+/// own (as [`write_task_files`] made it), so that an altered store cannot
+/// make keyturn remove anything else.
+fn remove_task_dir(dir: &Path, task: &TaskAttribution) -> Result<(), String> {
+    let agent_dir = dir
+        .parent()
+        .filter(|_| dir.is_absolute() && dir.file_name() == Some(task.task_id.as_ref()))
+        .filter(|a| a.file_name() == Some(task.agent.as_ref()))
+        .ok_or_else(|| {
+            format!(
+                "{} is not <task_root>/{}/{}: not removed",
+                dir.display(),
+                task.agent,
+                task.task_id
+            )
+        })?;
+    let not_found = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    match std::fs::symlink_metadata(agent_dir) {
+        Err(e) if not_found(&e) => return Ok(()),
+        Err(e) => return Err(format!("{}: {e}", agent_dir.display())),
+        Ok(m)
+            if !m.is_dir()
+                || std::os::unix::fs::MetadataExt::uid(&m) != nix::unistd::geteuid().as_raw() =>
+        {
+            return Err(format!(
+                "{} is not a directory owned by keyturn's user: {} not removed",
+                agent_dir.display(),
+                dir.display()
+            ));
+        }
+        Ok(_) => {}
+    }
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if not_found(&e) => return Ok(()),
         Err(e) => return Err(format!("{}: {e}", dir.display())),
         Ok(m) if !m.is_dir() => return Err(format!("{} is not a directory", dir.display())),
         Ok(_) => {}
     }
-    std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))
+    std::fs::remove_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 #[cfg(test)]

@@ -136,6 +136,11 @@ pub struct TaskRow {
     pub ended_at_ms: Option<i64>,
     /// `end`, `ttl`, `start_failed`, `decommission`.
     pub end_reason: Option<String>,
+    /// Where its credentials are written (`<task_root>/<agent>/<task id>`),
+    /// recorded before anything is issued: the directory is removed from
+    /// there at the end, whatever `task_root` says by then. `None`: no task
+    /// root when it started (or a task recorded before keyturn kept it).
+    pub dir: Option<PathBuf>,
     pub items: Vec<ItemRow>,
 }
 
@@ -148,6 +153,13 @@ pub struct ItemRow {
     /// When the system ends it by itself, once known.
     pub expires_at_ms: Option<i64>,
     pub last_error: Option<String>,
+    /// The system its issuer reached when the task started
+    /// ([`TaskIssuer::origin`]), recorded before anything is issued: it is
+    /// revoked and verified there only. `None`: the issuer names none (or
+    /// a task recorded before keyturn kept it).
+    ///
+    /// [`TaskIssuer::origin`]: super::issuers::TaskIssuer::origin
+    pub origin: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -266,7 +278,7 @@ const MAX_BATCH: usize = 256;
 
 /// One write, as the manager asks for it.
 enum Write {
-    Insert(TaskRow),
+    Insert(Box<TaskRow>),
     Item {
         task: String,
         issuer: String,
@@ -315,7 +327,8 @@ const SCHEMA: &str = "
         expires_at    INTEGER NOT NULL,
         state         TEXT    NOT NULL,
         ended_at      INTEGER,
-        end_reason    TEXT
+        end_reason    TEXT,
+        dir           TEXT
     );
     CREATE INDEX IF NOT EXISTS tasks_open ON tasks (expires_at) WHERE state != 'ended';
     CREATE INDEX IF NOT EXISTS tasks_by_agent ON tasks (agent, started_at);
@@ -326,6 +339,7 @@ const SCHEMA: &str = "
         state       TEXT    NOT NULL,
         expires_at  INTEGER,
         last_error  TEXT,
+        origin      TEXT,
         PRIMARY KEY (task, issuer)
     );
     CREATE TABLE IF NOT EXISTS assertions (
@@ -358,6 +372,26 @@ const MIGRATE_TOKEN_KEYS: &str = "
         SELECT '', version, signed_until FROM token_keys;
     DROP TABLE token_keys;
 ";
+
+/// Columns added since the first schema: `(table, column, type)`, added to
+/// a store made before them (their rows read `NULL`: not recorded).
+const ADDED_COLUMNS: [(&str, &str, &str); 2] =
+    [("tasks", "dir", "TEXT"), ("task_items", "origin", "TEXT")];
+
+/// Adds the [`ADDED_COLUMNS`] a store made before them lacks.
+fn add_columns(db: &Connection) -> rusqlite::Result<()> {
+    for (table, column, kind) in ADDED_COLUMNS {
+        let has: bool = db.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+            params![table, column],
+            |r| r.get(0),
+        )?;
+        if !has {
+            db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+        }
+    }
+    Ok(())
+}
 
 impl TaskStore {
     /// Opens (creating it 0600 if missing) `<dir>/tasks.db`, with its
@@ -409,6 +443,7 @@ impl TaskStore {
         };
         let wdb = open()
             .and_then(|db| db.execute_batch(SCHEMA).map(|()| db))
+            .and_then(|db| add_columns(&db).map(|()| db))
             .and_then(|db| {
                 let legacy: bool = db.query_row(
                     "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'token_keys'",
@@ -490,7 +525,8 @@ impl TaskStore {
     /// Records a new live task and one `issuing` item per issuer,
     /// atomically, before anything is issued.
     pub async fn insert(&self, t: &TaskRow) -> Result<()> {
-        self.write("insert task", Write::Insert(t.clone())).await
+        self.write("insert task", Write::Insert(Box::new(t.clone())))
+            .await
     }
 
     /// Records an item's new state (and its handle and expiry once known).
@@ -710,18 +746,28 @@ fn apply(db: &Connection, write: &Write) -> rusqlite::Result<()> {
             let a = &t.task;
             db.prepare_cached(
                 "INSERT INTO tasks (id, agent, tenant, use_case, run_id, initiator, sensitivity, policy,
-                                    started_by, started_at, expires_at, state)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'live')",
+                                    started_by, started_at, expires_at, state, dir)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'live', ?12)",
             )?
             .execute(params![
-                a.task_id, a.agent, a.tenant, a.use_case, a.run_id, a.initiator, a.sensitivity,
-                t.policy, t.started_by, t.started_at_ms, t.expires_at_ms
+                a.task_id,
+                a.agent,
+                a.tenant,
+                a.use_case,
+                a.run_id,
+                a.initiator,
+                a.sensitivity,
+                t.policy,
+                t.started_by,
+                t.started_at_ms,
+                t.expires_at_ms,
+                t.dir.as_deref().map(path_text).transpose()?
             ])?;
             let mut item = db.prepare_cached(
-                "INSERT INTO task_items (task, issuer, state) VALUES (?1, ?2, 'issuing')",
+                "INSERT INTO task_items (task, issuer, state, origin) VALUES (?1, ?2, 'issuing', ?3)",
             )?;
             for i in &t.items {
-                item.execute(params![a.task_id, i.issuer])?;
+                item.execute(params![a.task_id, i.issuer, i.origin])?;
             }
         }
         Write::Item {
@@ -787,8 +833,16 @@ fn apply(db: &Connection, write: &Write) -> rusqlite::Result<()> {
 
 const SELECT_TASK: &str =
     "SELECT id, agent, tenant, use_case, run_id, initiator, sensitivity, policy,
-                                  started_by, started_at, expires_at, state, ended_at, end_reason
+                                  started_by, started_at, expires_at, state, ended_at, end_reason, dir
                            FROM tasks";
+
+/// A path as stored: text (a task root is checked to be UTF-8 when the
+/// config is read; one that is not cannot be recorded, and the start fails).
+fn path_text(p: &Path) -> rusqlite::Result<&str> {
+    p.to_str().ok_or_else(|| {
+        rusqlite::Error::ToSqlConversionFailure(format!("path {} is not UTF-8", p.display()).into())
+    })
+}
 
 fn task_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
     Ok(TaskRow {
@@ -808,13 +862,14 @@ fn task_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
         state: TaskState::parse(&r.get::<_, String>(11)?)?,
         ended_at_ms: r.get(12)?,
         end_reason: r.get(13)?,
+        dir: r.get::<_, Option<String>>(14)?.map(PathBuf::from),
         items: Vec::new(),
     })
 }
 
 fn items(db: &Connection, task: &str) -> rusqlite::Result<Vec<ItemRow>> {
     let mut stmt = db.prepare_cached(
-        "SELECT issuer, handle, state, expires_at, last_error FROM task_items WHERE task = ?1 ORDER BY issuer",
+        "SELECT issuer, handle, state, expires_at, last_error, origin FROM task_items WHERE task = ?1 ORDER BY issuer",
     )?;
     stmt.query_map(params![task], |r| {
         Ok(ItemRow {
@@ -823,6 +878,7 @@ fn items(db: &Connection, task: &str) -> rusqlite::Result<Vec<ItemRow>> {
             state: ItemState::parse(&r.get::<_, String>(2)?)?,
             expires_at_ms: r.get(3)?,
             last_error: r.get(4)?,
+            origin: r.get(5)?,
         })
     })?
     .collect()
@@ -850,6 +906,7 @@ mod tests {
             state: TaskState::Live,
             ended_at_ms: None,
             end_reason: None,
+            dir: Some(PathBuf::from(format!("/run/keyturn/tasks/{agent}/{id}"))),
             items: issuers
                 .iter()
                 .map(|i| ItemRow {
@@ -858,6 +915,7 @@ mod tests {
                     state: ItemState::Issuing,
                     expires_at_ms: None,
                     last_error: None,
+                    origin: Some(format!("https://{i}.example.com:8200")),
                 })
                 .collect(),
         }
@@ -987,12 +1045,12 @@ mod tests {
         let mut answers = Vec::new();
         let mut batch = Vec::new();
         for write in [
-            Write::Insert(row("a", "bot", &["pg"], 3_000)),
+            Write::Insert(Box::new(row("a", "bot", &["pg"], 3_000))),
             // Same id: refused.
-            Write::Insert(row("a", "bot", &["pg", "sts"], 4_000)),
+            Write::Insert(Box::new(row("a", "bot", &["pg", "sts"], 4_000))),
             // Its task row goes in, its second item fails: neither stays.
-            Write::Insert(row("half", "bot", &["pg", "pg"], 4_000)),
-            Write::Insert(row("b", "bot", &["pg"], 5_000)),
+            Write::Insert(Box::new(row("half", "bot", &["pg", "pg"], 4_000))),
+            Write::Insert(Box::new(row("b", "bot", &["pg"], 5_000))),
             Write::State {
                 task: "b".into(),
                 state: TaskState::Ending,
@@ -1020,10 +1078,13 @@ mod tests {
         // nothing either, and the next batch commits.
         for (write, ok) in [
             (
-                Write::Insert(row("half2", "bot", &["pg", "pg"], 4_000)),
+                Write::Insert(Box::new(row("half2", "bot", &["pg", "pg"], 4_000))),
                 false,
             ),
-            (Write::Insert(row("c", "bot", &["pg"], 6_000)), true),
+            (
+                Write::Insert(Box::new(row("c", "bot", &["pg"], 6_000))),
+                true,
+            ),
         ] {
             let (reply, mut answer) = oneshot::channel();
             let mut batch = vec![WriteJob { write, reply }];
@@ -1033,6 +1094,52 @@ mod tests {
         assert!(s.get("half2").unwrap().is_none());
         assert_eq!(items_of(&db, "half2"), 0);
         assert_eq!(s.get("c").unwrap().unwrap().items.len(), 1);
+    }
+
+    /// A store made before tasks recorded their directory and items their
+    /// origin gets the columns; what it held reads as not recorded, and new
+    /// tasks keep both.
+    #[tokio::test]
+    async fn a_store_from_before_dirs_and_origins_gets_their_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Connection::open(dir.path().join("tasks.db")).unwrap();
+            db.execute_batch(
+                "CREATE TABLE tasks (id TEXT NOT NULL PRIMARY KEY, agent TEXT NOT NULL,
+                     tenant TEXT NOT NULL, use_case TEXT NOT NULL, run_id TEXT NOT NULL,
+                     initiator TEXT NOT NULL, sensitivity TEXT NOT NULL, policy TEXT NOT NULL,
+                     started_by TEXT NOT NULL, started_at INTEGER NOT NULL,
+                     expires_at INTEGER NOT NULL, state TEXT NOT NULL, ended_at INTEGER,
+                     end_reason TEXT);
+                 CREATE TABLE task_items (task TEXT NOT NULL, issuer TEXT NOT NULL, handle TEXT,
+                     state TEXT NOT NULL, expires_at INTEGER, last_error TEXT,
+                     PRIMARY KEY (task, issuer));
+                 INSERT INTO tasks VALUES ('old', 'bot', 'acme', 'm', 'r', 'i', 'low', 'p',
+                     'uid=1', 1000, 9000, 'live', NULL, NULL);
+                 INSERT INTO task_items VALUES ('old', 'pg', 'kt_task_old', 'issued', 9000, NULL);",
+            )
+            .unwrap();
+        }
+        let s = TaskStore::open(dir.path()).unwrap();
+        let old = s.get("old").unwrap().unwrap();
+        assert_eq!(old.dir, None);
+        assert_eq!(old.items[0].origin, None);
+        assert_eq!(old.items[0].handle.as_deref(), Some("kt_task_old"));
+        let new = row("new", "bot", &["pg", "sts"], 9_000);
+        s.insert(&new).await.unwrap();
+        drop(s);
+        // Reopening adds nothing twice.
+        let s = TaskStore::open(dir.path()).unwrap();
+        let got = s.get("new").unwrap().unwrap();
+        assert_eq!(got, new);
+        assert_eq!(
+            got.dir.as_deref(),
+            Some(Path::new("/run/keyturn/tasks/bot/new"))
+        );
+        assert_eq!(
+            got.items[1].origin.as_deref(),
+            Some("https://sts.example.com:8200")
+        );
     }
 
     #[tokio::test]

@@ -26,6 +26,11 @@
 //!   and `verify_revoked` are harmless twice and after the credential is gone.
 //! - **Secrets.** Values only in [`SecretValue`]; never in errors, logs,
 //!   the handle or `public` fields.
+//! - **Origin.** "Not found" means "revoked" only at the system that minted
+//!   the credential. An issuer whose settings name the system (an address,
+//!   an admin DSN) says which one it reaches in [`TaskIssuer::origin`]; the
+//!   manager records that with each credential before minting and revokes
+//!   or verifies it only while the issuer still reaches the same system.
 //!
 //! # Adding an issuer
 //! Write `tasks/issuers/NAME.rs` (a folder when large) with its config struct
@@ -144,6 +149,18 @@ pub trait TaskIssuer: Send + Sync {
             Some(h) => h.to_owned(),
             None => format!("not recorded (task {})", task.task_id),
         }
+    }
+
+    /// The system this issuer reaches now, as a stable, non-secret identity
+    /// taken from its settings (`vault_token`: the address and namespace;
+    /// `postgres`: the admin DSN's hosts and ports), or `None` when the
+    /// handle itself names the system or revocation looks nothing up (the
+    /// default). Recorded with each credential before it is minted; the
+    /// manager revokes and verifies a credential only while this is still
+    /// what was recorded, as a credential another system does not know of
+    /// is not revoked.
+    async fn origin(&self) -> Result<Option<String>, PluginError> {
+        Ok(None)
     }
 
     /// Refuses what [`Self::issue`] would refuse without calling the

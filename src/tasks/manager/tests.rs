@@ -14,12 +14,17 @@ use crate::tasks::policy::Level;
 
 const CANARY: &str = "canary-task-secret-7f3a9c";
 
-/// Credentials "live at the system", by task id: what a real system would
-/// accept. Failure injection per operation.
+/// Credentials "live at the system", by system and task id: what a real
+/// system would accept. Failure injection per operation.
 #[derive(Default)]
 struct MemIssuer {
     name: String,
-    live: Mutex<BTreeSet<String>>,
+    /// The system the issuer reaches now (its origin): set, the issuer
+    /// names it, as an OpenBao address or an admin DSN does; moved with
+    /// [`MemIssuer::point_at`].
+    at: Mutex<Option<String>>,
+    /// (system, task id) of each credential that works.
+    live: Mutex<BTreeSet<(String, String)>>,
     fail_issue: AtomicU32,
     fail_revoke: AtomicU32,
     /// Revoke answers "expires by itself" (like STS without a deny policy).
@@ -49,7 +54,17 @@ impl MemIssuer {
     }
 
     fn is_live(&self, task: &str) -> bool {
-        self.live.lock().unwrap().contains(task)
+        self.live.lock().unwrap().iter().any(|(_, t)| t == task)
+    }
+
+    /// The issuer now reaches `system` (an address or admin DSN changed).
+    fn point_at(&self, system: &str) {
+        *self.at.lock().unwrap() = Some(system.to_owned());
+    }
+
+    /// The system it reaches now ("" when it names none).
+    fn system(&self) -> String {
+        self.at.lock().unwrap().clone().unwrap_or_default()
     }
 }
 
@@ -76,7 +91,10 @@ impl TaskIssuer for MemIssuer {
             self.fail_issue.fetch_sub(1, Ordering::SeqCst);
             return Err(PluginError::new(ErrorKind::Transient, "connection refused"));
         }
-        self.live.lock().unwrap().insert(req.task.task_id.clone());
+        self.live
+            .lock()
+            .unwrap()
+            .insert((self.system(), req.task.task_id.clone()));
         Ok(Issued {
             handle: format!("{}-{}", self.name, req.task.task_id),
             public: [("user".to_owned(), format!("kt_task_{}", req.task.task_id))].into(),
@@ -107,7 +125,11 @@ impl TaskIssuer for MemIssuer {
                 SystemTime::now() + Duration::from_secs(600),
             ));
         }
-        self.live.lock().unwrap().remove(&task.task_id);
+        // Like a real system: what it does not know of is "already gone".
+        self.live
+            .lock()
+            .unwrap()
+            .remove(&(self.system(), task.task_id.clone()));
         Ok(Revoked::Now)
     }
 
@@ -116,7 +138,15 @@ impl TaskIssuer for MemIssuer {
         task: &TaskAttribution,
         _handle: Option<&str>,
     ) -> Result<bool, PluginError> {
-        Ok(!self.is_live(&task.task_id))
+        Ok(!self
+            .live
+            .lock()
+            .unwrap()
+            .contains(&(self.system(), task.task_id.clone())))
+    }
+
+    async fn origin(&self) -> Result<Option<String>, PluginError> {
+        Ok(self.at.lock().unwrap().clone())
     }
 
     async fn check(&self) -> Result<(), PluginError> {
@@ -500,16 +530,21 @@ async fn a_credential_minted_before_a_crash_is_found_and_revoked() {
         state: TaskState::Live,
         ended_at_ms: None,
         end_reason: None,
+        dir: None,
         items: vec![ItemRow {
             issuer: "pg".into(),
             handle: None,
             state: ItemState::Issuing,
             expires_at_ms: None,
             last_error: None,
+            origin: None,
         }],
     };
     h.mgr.store.insert(&row).await.unwrap();
-    h.pg.live.lock().unwrap().insert(row.task.task_id.clone());
+    h.pg.live
+        .lock()
+        .unwrap()
+        .insert((String::new(), row.task.task_id.clone()));
     // An `issuing` item of a live task keeps working until its TTL: the
     // task is live. Ending it revokes by task id.
     h.mgr.end(&caller("bot"), &row.task.task_id).await.unwrap();
@@ -782,4 +817,183 @@ async fn metrics_show_active_credentials_results_and_overdue_revocations() {
     let f = mgr.figures().unwrap();
     assert_eq!(f.revocation_overdue, 0);
     assert_eq!(f.active, vec![("bot".to_owned(), "pg".to_owned(), 1)]);
+}
+
+/// An issuer pointed at another system under a live task (an OpenBao
+/// `address`, a postgres admin DSN): the new system does not know the
+/// credential, which must not count as revoked. The task stays ending,
+/// overdue once past its TTL, the item saying what to do, until the
+/// issuer points back; then it is revoked where it was minted.
+#[tokio::test(start_paused = true)]
+async fn a_credential_is_revoked_only_at_the_system_that_minted_it() {
+    let pg = MemIssuer::new("pg");
+    pg.point_at("https://bao-a:8200");
+    let h = harness_with(pg, MemIssuer::new("sts"));
+    let id = h.start("low", Some(60)).await;
+    let stored = h.mgr.store.get(&id).unwrap().unwrap();
+    assert_eq!(
+        stored.items[0].origin.as_deref(),
+        Some("https://bao-a:8200")
+    );
+
+    h.pg.point_at("https://bao-b:8200");
+    // The reload's warning (and `keyturn check`'s) names the task.
+    let warned = h
+        .mgr
+        .stranded_by(&setup(&h.pg, &h.sts, &h.root))
+        .await
+        .unwrap();
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(
+        warned[0].contains(&id) && warned[0].contains("now reaches https://bao-b:8200"),
+        "{warned:?}"
+    );
+
+    let t = h.mgr.end(&caller("bot"), &id).await.unwrap();
+    assert!(
+        h.pg.is_live(&id),
+        "still works at the system that minted it"
+    );
+    assert_eq!(t.state, TaskState::Ending);
+    assert_eq!(t.items[0].state, ItemState::Issued);
+    let error = t.items[0].last_error.clone().unwrap();
+    assert!(
+        error.contains("issued at https://bao-a:8200")
+            && error.contains("now reaches https://bao-b:8200")
+            && error.contains("Point [issuers.pg] back at https://bao-a:8200"),
+        "{error}"
+    );
+    assert_eq!(
+        h.pg.revokes.load(Ordering::SeqCst),
+        0,
+        "nothing asked of the other system"
+    );
+    assert!(!h.rec.names().contains(&"task.revoked:ok".to_owned()));
+    assert_eq!(h.rec.names().last().unwrap(), "task.revoke_failed:failed");
+    // Past its TTL it is overdue, which alerts.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    h.mgr.tick().await.unwrap();
+    assert_eq!(h.mgr.figures().unwrap().revocation_overdue, 1);
+    assert_eq!(h.state_of(&id), TaskState::Ending);
+
+    // Pointed back: revoked where it was minted, verified, ended.
+    h.pg.point_at("https://bao-a:8200");
+    h.mgr.tick().await.unwrap();
+    assert!(!h.pg.is_live(&id));
+    let t = h.mgr.store.get(&id).unwrap().unwrap();
+    assert_ended(&t, "end");
+    assert_eq!(t.items[0].state, ItemState::Verified);
+    assert!(
+        h.mgr
+            .stranded_by(&setup(&h.pg, &h.sts, &h.root))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// The issuer moves between the revocation and its verification: the
+/// verification at the other system is not taken as proof.
+#[tokio::test(start_paused = true)]
+async fn a_revocation_is_not_verified_at_another_system() {
+    let pg = MemIssuer::new("pg");
+    pg.point_at("postgres db-a:5432");
+    // The revocation fails once, so the task waits, revoked nowhere yet.
+    pg.fail_revoke.store(1, Ordering::SeqCst);
+    let h = harness_with(pg, MemIssuer::new("sts"));
+    let id = h.start("low", None).await;
+    h.mgr.end(&caller("bot"), &id).await.unwrap();
+    assert_eq!(h.state_of(&id), TaskState::Ending);
+    // Revoked at a, then moved to b before it is verified.
+    let row = h.mgr.store.get(&id).unwrap().unwrap();
+    h.pg.revoke(&row.task, None).await.unwrap();
+    h.mgr
+        .store
+        .set_item(&id, "pg", ItemState::Revoked, None, None, None)
+        .await
+        .unwrap();
+    h.pg.point_at("postgres db-b:5432");
+    h.mgr.tick().await.unwrap();
+    let t = h.mgr.store.get(&id).unwrap().unwrap();
+    assert_eq!(t.state, TaskState::Ending);
+    assert_eq!(t.items[0].state, ItemState::Revoked, "not verified");
+    assert!(
+        t.items[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("now reaches postgres db-b:5432")
+    );
+    h.pg.point_at("postgres db-a:5432");
+    h.mgr.tick().await.unwrap();
+    assert_ended(&h.mgr.store.get(&id).unwrap().unwrap(), "end");
+}
+
+/// `task_root` removed (or moved) by a reload under a live task: its files
+/// are removed at its end from where they were written.
+#[tokio::test(start_paused = true)]
+async fn a_tasks_files_are_removed_where_they_were_written_after_task_root_changed() {
+    let h = harness();
+    let started = h.mgr.start(&caller("bot"), ask("low", None)).await.unwrap();
+    let id = started.task.task.task_id.clone();
+    let dir = started.dir.clone().unwrap();
+    assert_eq!(started.task.dir.as_deref(), Some(dir.as_path()));
+    assert!(dir.join("pg.json").exists());
+    let mut s = setup(&h.pg, &h.sts, &h.root);
+    s.task_root = None;
+    h.mgr.set_setup(s);
+    let t = h.mgr.end(&caller("bot"), &id).await.unwrap();
+    assert_ended(&t, "end");
+    assert!(!dir.exists(), "{} left behind", dir.display());
+
+    // Another root now: the next task's files go there, and the first
+    // root's are still removed at their task's end.
+    let other = h.root.with_file_name("other-root");
+    let mut s = setup(&h.pg, &h.sts, &h.root);
+    s.task_root = Some(other.clone());
+    h.mgr.set_setup(s);
+    let second = h.mgr.start(&caller("bot"), ask("low", None)).await.unwrap();
+    let second_dir = second.dir.unwrap();
+    assert!(second_dir.starts_with(&other));
+    h.mgr.set_setup(setup(&h.pg, &h.sts, &h.root));
+    h.mgr
+        .end(&caller("bot"), &second.task.task.task_id)
+        .await
+        .unwrap();
+    assert!(!second_dir.exists());
+}
+
+/// A recorded directory that is not `<root>/<agent>/<task id>` (an altered
+/// task store) is not removed: the task waits, and says why in the log.
+#[test]
+fn only_a_tasks_own_directory_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = TaskAttribution {
+        task_id: "abc123".into(),
+        agent: "bot".into(),
+        tenant: "acme".into(),
+        use_case: "m".into(),
+        run_id: "r".into(),
+        initiator: "i".into(),
+        sensitivity: "low".into(),
+    };
+    let victim = dir.path().join("precious");
+    std::fs::create_dir_all(victim.join("data")).unwrap();
+    for recorded in [
+        victim.clone(),
+        dir.path().join("bot").join("other"),
+        dir.path().join("nobot").join("abc123"),
+        PathBuf::from("bot/abc123"),
+    ] {
+        let e = remove_task_dir(&recorded, &task).unwrap_err();
+        assert!(e.contains("is not <task_root>/bot/abc123"), "{e}");
+    }
+    assert!(victim.join("data").exists());
+    // The real one goes; a missing one is no error.
+    let own = dir.path().join("bot").join("abc123");
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::write(own.join("pg.json"), "{}").unwrap();
+    remove_task_dir(&own, &task).unwrap();
+    assert!(!own.exists());
+    remove_task_dir(&own, &task).unwrap();
 }

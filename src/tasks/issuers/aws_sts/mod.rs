@@ -65,6 +65,15 @@
 //!   write) — `verify_revoked` reads the policy back, so the task manager
 //!   sees it and revokes again.
 //!
+//! IAM acts in the account of the issuer's own credentials, so the deny
+//! policy is only ever written to (and read back from) a role of that
+//! account: a grant's role in another account is refused at issue with
+//! `revoke_with_deny_policy` (`GetCallerIdentity` against the role ARN's
+//! account), and a recorded session whose role is not in that account (the
+//! issuer's credentials changed since) is neither revoked nor verified
+//! there, since the same-named role of another account is not the one the
+//! session belongs to.
+//!
 //! Without a handle (a crash between the mint and its record) neither the
 //! role nor the expiration is known: `revoke` answers the bound STS
 //! guarantees, 12 hours from now, and `verify_revoked` answers `false`.
@@ -462,6 +471,15 @@ fn role_name(arn: &str) -> &str {
     arn.rsplit('/').next().unwrap_or(arn)
 }
 
+/// The partition and account of an ARN (`arn:PARTITION:SERVICE:REGION:ACCOUNT:...`);
+/// empty where it has none.
+fn arn_account(arn: &str) -> (&str, &str) {
+    let mut parts = arn.splitn(6, ':');
+    let partition = parts.nth(1).unwrap_or_default();
+    let account = parts.nth(2).unwrap_or_default();
+    (partition, account)
+}
+
 /// The policy document as IAM answers it: URL-encoded (RFC 3986) on AWS,
 /// plain on moto.
 fn decode_policy_document(text: &str) -> String {
@@ -759,6 +777,44 @@ impl StsIssuer {
         }
     }
 
+    /// `Ok` when the issuer's credentials are of the account (and
+    /// partition) of `role_arn`. IAM acts in the caller's own account: the
+    /// deny policy of a role of another account would be written to, and
+    /// read back from, the role of the same name in the caller's, which
+    /// ends nothing; read back, it would even look like a revocation.
+    async fn role_in_own_account(
+        &self,
+        c: &Connected,
+        op: &str,
+        what: &str,
+        role_arn: &str,
+    ) -> Result<(), PluginError> {
+        let me = c.client.get_caller_identity().send().await.map_err(|e| {
+            let (kind, detail) = sdk_error_detail(&e, &c.endpoint, self.config.timeout());
+            self.err(kind, &format!("{op} (GetCallerIdentity)"), what, detail)
+        })?;
+        let (partition, account) = arn_account(role_arn);
+        let mine = (
+            me.arn().map(|a| arn_account(a).0).unwrap_or_default(),
+            me.account().unwrap_or_default(),
+        );
+        if mine == (partition, account) {
+            return Ok(());
+        }
+        Err(self.err(
+            ErrorKind::Invalid,
+            op,
+            what,
+            format!(
+                "the role is in account {account} ({partition}) but the issuer's credentials are of \
+                 account {} ({}): IAM would put the deny policy on that account's role of the \
+                 same name, which ends nothing. revoke_with_deny_policy needs credentials of the \
+                 role's account; without it the session ends at its expiration",
+                mine.1, mine.0
+            ),
+        ))
+    }
+
     /// The grant's session policy, packed.
     async fn session_policy(&self, grant: &StsGrant, what: &str) -> Result<String, PluginError> {
         let invalid = |detail: String| self.err(ErrorKind::Invalid, "issue", what, detail);
@@ -828,6 +884,11 @@ impl TaskIssuer for StsIssuer {
         } = self.prepared(req).await?;
         let invalid = |detail: String| self.err(ErrorKind::Invalid, "issue", &what, detail);
         let c = self.connected().await?;
+        // A session it could not end early is not minted.
+        if self.config.revoke_with_deny_policy {
+            self.role_in_own_account(c, "issue", &what, &grant.role_arn)
+                .await?;
+        }
 
         let mut call = c
             .client
@@ -925,6 +986,8 @@ impl TaskIssuer for StsIssuer {
         }
         let what = task_role(task, &h.role_arn);
         let c = self.connected().await?;
+        self.role_in_own_account(c, "revoke", &what, &h.role_arn)
+            .await?;
         let _one_writer = self.deny_writes.lock().await;
         let existing = self.deny_policy(c, "revoke", &what, &h.role_arn).await?;
         let updated = deny_policy_with(existing.as_deref(), &h.assumed_role_id, h.expires, now)
@@ -970,6 +1033,8 @@ impl TaskIssuer for StsIssuer {
         }
         let what = task_role(task, &h.role_arn);
         let c = self.connected().await?;
+        self.role_in_own_account(c, "verify_revoked", &what, &h.role_arn)
+            .await?;
         match self
             .deny_policy(c, "verify_revoked", &what, &h.role_arn)
             .await?

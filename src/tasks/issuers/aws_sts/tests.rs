@@ -35,7 +35,8 @@ use std::time::{Duration, SystemTime};
 use super::*;
 use crate::config::validate::{Anchor, Issue};
 use crate::tasks::issuers::test_support::{
-    assert_not_revoked, assert_revoked_now, attribution as task, attribution_fields, issue, located,
+    assert_error, assert_not_revoked, assert_revoked_now, attribution as task, attribution_fields,
+    issue, located,
 };
 
 // -- pure ------------------------------------------------------------------
@@ -909,4 +910,71 @@ async fn revoke_with_deny_policy_ends_the_session_at_once_real_server() {
         .filter(|r| r["PolicyName"] == DENY_POLICY_NAME)
         .count();
     assert_eq!(deny_writes, 1);
+}
+
+/// IAM acts in the account of keyturn's own credentials: a role of another
+/// account (in a grant, or in a recorded session after the credentials
+/// changed) is not revoked through the same-named role of this one, nor
+/// verified by reading that role back.
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn a_role_of_another_account_is_never_revoked_in_this_one_real_server() {
+    let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
+    let issuer = StsIssuer::with_credentials(
+        StsIssuerConfig {
+            revoke_with_deny_policy: true,
+            iam_endpoint_url: Some(moto.url.clone()),
+            ..moto.config()
+        },
+        aws_sdk_sts::config::Credentials::new(
+            &setup.access_key_id,
+            &setup.secret_access_key,
+            None,
+            None,
+            "test",
+        ),
+    );
+    // The task role's name, in another account.
+    let (_, account) = arn_account(&setup.role_arn);
+    let elsewhere = setup.role_arn.replace(account, "210987654321");
+    assert_ne!(elsewhere, setup.role_arn);
+    let t = task(&unique_task());
+    let grant = Grant(serde_json::json!({
+        "role_arn": elsewhere,
+        "session_policy": POLICY,
+    }));
+    let e = issue(&issuer, &t, &grant, Duration::from_secs(900))
+        .await
+        .unwrap_err();
+    assert_error(
+        &e,
+        ErrorKind::Invalid,
+        "the role is in account 210987654321",
+    );
+    assert!(moto.assume_role_requests().is_empty(), "nothing minted");
+
+    let handle = StsHandle {
+        role_arn: elsewhere.clone(),
+        assumed_role_id: format!("AROAEXAMPLE:keyturn-{}", t.task_id),
+        access_key_id: "ASIAEXAMPLE".into(),
+        expires: unix_now() + 600,
+    }
+    .encode();
+    let e = issuer.revoke(&t, Some(&handle)).await.unwrap_err();
+    assert_error(
+        &e,
+        ErrorKind::Invalid,
+        "the role is in account 210987654321",
+    );
+    let e = issuer.verify_revoked(&t, Some(&handle)).await.unwrap_err();
+    assert_error(&e, ErrorKind::Invalid, account);
+    assert!(
+        moto.requests("PutRolePolicy")
+            .iter()
+            .all(|r| r["PolicyName"] != DENY_POLICY_NAME),
+        "no deny policy written to this account's role"
+    );
 }

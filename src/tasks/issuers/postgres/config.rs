@@ -67,6 +67,26 @@ impl PgIssuerConfig {
     }
 }
 
+/// What is wrong with `p` as a `role_prefix`, if anything.
+pub(super) fn prefix_problem(p: &str) -> Option<String> {
+    let shape = !p.is_empty()
+        && p.len() <= MAX_PREFIX_LEN
+        && p.starts_with(|c: char| c.is_ascii_lowercase())
+        && p.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !shape {
+        Some(format!(
+            "invalid role_prefix `{p}`: 1 to {MAX_PREFIX_LEN} bytes of lowercase letters, digits and `_`, starting with a letter (the task id, up to {MAX_TASK_ID_LEN} characters, follows it within PostgreSQL's {MAX_IDENT_LEN}-byte names)"
+        ))
+    } else if p.starts_with("pg_") {
+        Some(format!(
+            "invalid role_prefix `{p}`: PostgreSQL reserves role names starting with `pg_`"
+        ))
+    } else {
+        None
+    }
+}
+
 /// What a policy level grants at a postgres issuer.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -135,25 +155,10 @@ impl IssuerPlugin for PgIssuerConfig {
         admin.check_admin(v, at);
         self.admin_dsn_file = admin.admin_dsn_file;
         self.ssl_root_cert = admin.ssl_root_cert;
-        if let Some(p) = &self.role_prefix {
-            let shape = !p.is_empty()
-                && p.len() <= MAX_PREFIX_LEN
-                && p.starts_with(|c: char| c.is_ascii_lowercase())
-                && p.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-            if !shape {
-                v.err(
-                    at.key("role_prefix"),
-                    format!(
-                        "invalid role_prefix `{p}`: 1 to {MAX_PREFIX_LEN} bytes of lowercase letters, digits and `_`, starting with a letter (the task id, up to {MAX_TASK_ID_LEN} characters, follows it within PostgreSQL's {MAX_IDENT_LEN}-byte names)"
-                    ),
-                );
-            } else if p.starts_with("pg_") {
-                v.err(
-                    at.key("role_prefix"),
-                    format!("invalid role_prefix `{p}`: PostgreSQL reserves role names starting with `pg_`"),
-                );
-            }
+        if let Some(p) = &self.role_prefix
+            && let Some(problem) = prefix_problem(p)
+        {
+            v.err(at.key("role_prefix"), problem);
         }
         if let Some(db) = &self.database
             && (db.is_empty() || db.len() > MAX_IDENT_LEN || db.contains('\0'))

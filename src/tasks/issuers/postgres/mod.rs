@@ -76,7 +76,12 @@
 //! another database, or another role's object depending on the task's), it
 //! stays, unable to log in, member of no role any more (what it still owns
 //! acts with no privilege of the grant), and a warning names it. A role that
-//! does not exist is already revoked. A role with the task's name whose
+//! does not exist is already revoked, at the server that made it: the
+//! admin DSN's hosts and ports are the issuer's [`TaskIssuer::origin`],
+//! recorded with each task, and after the DSN points elsewhere the task
+//! manager leaves such tasks unrevoked (and says so) until it points back.
+//! A task is revoked by the role name recorded when it was issued: a
+//! `role_prefix` changed since names new tasks' roles only. A role with the task's name whose
 //! comment lacks keyturn's mark for that task is someone else's: `issue`,
 //! `revoke` and `verify_revoked` refuse it (`invalid`) and leave it alone.
 
@@ -102,8 +107,8 @@ use crate::targets::postgres::admin::{Admin, terminate_sessions};
 use crate::targets::postgres::pool::{AdminConn, Lease};
 use crate::targets::postgres::{Hidden, PgTls, PostgresConfig, quote_ident, role_comment, scram};
 
-use config::grant_problems;
 pub use config::{PgGrant, PgIssuerConfig};
+use config::{grant_problems, prefix_problem};
 
 /// The role name's start unless `role_prefix` says otherwise.
 pub const DEFAULT_ROLE_PREFIX: &str = "kt_task_";
@@ -508,7 +513,14 @@ impl PgIssuer {
         Ok(!can_log_in && sessions == 0)
     }
 
-    /// The role named by `handle`, else by the task id.
+    /// The role named by `handle`, else by the task id. The handle is the
+    /// name the role was made with, under the `role_prefix` of that time:
+    /// a prefix changed since names new tasks' roles only. As the handle
+    /// comes from keyturn's state, it must still look like a task role of
+    /// this task (a prefix keyturn accepts, then the task id); and every
+    /// step checks the role's comment for keyturn's mark for this task
+    /// before it touches it, so a tampered handle cannot make keyturn drop
+    /// a role keyturn did not make for this task.
     fn role_for(
         &self,
         task: &TaskAttribution,
@@ -516,15 +528,72 @@ impl PgIssuer {
     ) -> Result<String, PluginError> {
         let derived = self.role_of(&task.task_id)?;
         match handle {
-            Some(h) if h != derived => Err(PluginError::new(
+            Some(h) if h != derived => match h.strip_suffix(task.task_id.as_str()) {
+                Some(prefix) if prefix_problem(prefix).is_none() => Ok(h.to_owned()),
+                _ => Err(PluginError::new(
+                    ErrorKind::Invalid,
+                    format!(
+                        "{}: task {}: the recorded role {h:?} is not a task role of this task \
+                         (a role_prefix, then the task id); keyturn's task store may have been \
+                         altered, and keyturn leaves that role alone",
+                        self.describe(),
+                        task.task_id
+                    ),
+                )),
+            },
+            _ => Ok(derived),
+        }
+    }
+
+    /// The role to revoke or verify: `role`, the recorded handle's. Without
+    /// a handle (keyturn died between the mint and its record) `role` is
+    /// named after the task under today's `role_prefix`, which may have
+    /// changed since: the role of the task is then the one among the
+    /// server's roles named `<a role_prefix><task id>` that carries
+    /// keyturn's mark for this task (`role` when there is none: it is
+    /// absent, so revoked).
+    async fn role_on(
+        &self,
+        conn: &AdminConn,
+        task: &TaskAttribution,
+        handle: Option<&str>,
+        role: &str,
+        ctx: &str,
+    ) -> Result<String, PluginError> {
+        // The task id is lowercase letters and digits (`role_of`): no
+        // pattern character of LIKE.
+        const SQL: &str = "SELECT rolname, shobj_description(oid, 'pg_authid') \
+                           FROM pg_roles WHERE rolname LIKE '%' || $1";
+        if handle.is_some() {
+            return Ok(role.to_owned());
+        }
+        let rows = async {
+            let sql = conn.prepared(SQL).await?;
+            conn.client.query(&sql, &[&task.task_id]).await
+        }
+        .await
+        .map_err(|e| conn.error(ctx, &e, &[]))?;
+        let mut ours: Vec<String> = rows
+            .into_iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, Option<String>>(1)))
+            .filter(|(name, comment)| {
+                name.strip_suffix(task.task_id.as_str())
+                    .is_some_and(|prefix| prefix_problem(prefix).is_none())
+                    && foreign(comment.clone(), &task.task_id, name, ctx).is_ok()
+            })
+            .map(|(name, _)| name)
+            .collect();
+        match ours.len() {
+            0 => Ok(role.to_owned()),
+            1 => Ok(ours.remove(0)),
+            _ => Err(PluginError::new(
                 ErrorKind::Invalid,
                 format!(
-                    "{}: task {}: handle {h:?} is not its role {derived:?}",
-                    self.describe(),
-                    task.task_id
+                    "{ctx}: several roles carry keyturn's mark for task {} ({}); revoke them by hand",
+                    task.task_id,
+                    ours.join(", ")
                 ),
             )),
-            _ => Ok(derived),
         }
     }
 
@@ -770,10 +839,43 @@ fn host_port(dsn: &Config) -> (String, u16) {
     (host, dsn.get_ports().first().copied().unwrap_or(5432))
 }
 
+/// The server the admin DSN names: its hosts (or host addresses) and
+/// ports, sorted, e.g. `postgres 10.0.0.5:5432`. Roles are the cluster's,
+/// so the database and the admin user are left out: another database or
+/// admin of the same server sees the same roles.
+fn server_of(dsn: &Config) -> String {
+    let hosts = dsn.get_hosts();
+    let addrs = dsn.get_hostaddrs();
+    let ports = dsn.get_ports();
+    let n = hosts.len().max(addrs.len()).max(1);
+    let mut servers: Vec<String> = (0..n)
+        .map(|i| {
+            let host = match (hosts.get(i), addrs.get(i)) {
+                (Some(Host::Tcp(name)), _) => name.to_ascii_lowercase(),
+                (Some(Host::Unix(dir)), _) => dir.display().to_string(),
+                (None, Some(ip)) => ip.to_string(),
+                (None, None) => "localhost".to_owned(),
+            };
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            format!("{host}:{port}")
+        })
+        .collect();
+    servers.sort();
+    servers.dedup();
+    format!("postgres {}", servers.join(","))
+}
+
 #[async_trait]
 impl TaskIssuer for PgIssuer {
     fn describe(&self) -> String {
         format!("postgres issuer ({})", self.admin.dsn_file().display())
+    }
+
+    /// The server the admin DSN names now ([`server_of`]): the file is read
+    /// at every step, so a changed file moves the issuer too.
+    async fn origin(&self) -> Result<Option<String>, PluginError> {
+        let (dsn, _) = self.admin.config(&self.describe(), "origin").await?;
+        Ok(Some(server_of(&dsn)))
     }
 
     fn object(&self, task: &TaskAttribution, handle: Option<&str>) -> String {
@@ -929,7 +1031,10 @@ impl TaskIssuer for PgIssuer {
             .role_and_lease(task, handle, "revoke", "revoke")
             .await?;
         loop {
-            let outcome = self.revoke_on(&conn, &role, task, &ctx).await;
+            let outcome = match self.role_on(&conn, task, handle, &role, &ctx).await {
+                Ok(role) => self.revoke_on(&conn, &role, task, &ctx).await,
+                Err(e) => Err(e),
+            };
             if !conn.again(&outcome, &ctx).await? {
                 return outcome;
             }
@@ -945,7 +1050,10 @@ impl TaskIssuer for PgIssuer {
             .role_and_lease(task, handle, "verify revocation of", "verify")
             .await?;
         loop {
-            let outcome = self.verify_on(&conn, &role, task, &ctx).await;
+            let outcome = match self.role_on(&conn, task, handle, &role, &ctx).await {
+                Ok(role) => self.verify_on(&conn, &role, task, &ctx).await,
+                Err(e) => Err(e),
+            };
             if !conn.again(&outcome, &ctx).await? {
                 return outcome;
             }
@@ -1900,6 +2008,114 @@ mod tests {
         assert!(!issuer.verify_revoked(&task, None).await.unwrap());
         drop(live);
         assert_revoked_now(&issuer, &task, None).await;
+    }
+
+    /// The server an issuer reaches is its admin DSN's hosts and ports,
+    /// whatever the database, user or password; another host (name or
+    /// port) is another server.
+    #[test]
+    fn the_origin_is_the_admin_dsns_hosts_and_ports() {
+        let of = |dsn: &str| server_of(&dsn.parse::<Config>().unwrap());
+        let a = of("host=db.example.com port=5432 user=admin password=s3cret dbname=sales");
+        assert_eq!(a, "postgres db.example.com:5432");
+        assert!(!a.contains("s3cret"));
+        assert_eq!(
+            of("postgresql://other:pw@DB.example.com/postgres"),
+            a,
+            "same server, another admin and database"
+        );
+        assert_ne!(of("host=db.example.com port=5433"), a);
+        assert_ne!(of("host=db2.example.com"), a);
+        assert_eq!(
+            of("host=b,a port=5432,5433"),
+            of("host=a,b port=5433,5432"),
+            "a host list in any order"
+        );
+        assert_eq!(of("hostaddr=10.0.0.5 port=6432"), "postgres 10.0.0.5:6432");
+    }
+
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn the_origin_follows_the_admin_dsn_file() {
+        let fx = Fx::new().await;
+        let issuer = fx.issuer();
+        let at = format!("postgres {}:{}", fx.host.to_ascii_lowercase(), fx.port);
+        assert_eq!(issuer.origin().await.unwrap().as_deref(), Some(at.as_str()));
+        // The file is read at every step: a new content is a new server.
+        std::fs::write(
+            fx.dsn_file(),
+            format!("host=elsewhere.invalid port={} user=x", fx.port),
+        )
+        .unwrap();
+        assert_eq!(
+            issuer.origin().await.unwrap().unwrap(),
+            format!("postgres elsewhere.invalid:{}", fx.port)
+        );
+    }
+
+    /// A `role_prefix` changed under a live task: the task is revoked by
+    /// the role name recorded as its handle; a handle that is not a task
+    /// role of this task, or names a role without keyturn's mark for it,
+    /// is refused and that role left alone.
+    #[cfg_attr(
+        not(feature = "real-servers"),
+        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+    )]
+    #[tokio::test]
+    async fn a_changed_role_prefix_revokes_earlier_tasks_by_their_recorded_role() {
+        let fx = Fx::new().await;
+        let task = fx.task("prefix");
+        let got = fx
+            .issue(&fx.issuer(), &task, &[fx.low()], TTL)
+            .await
+            .unwrap();
+        assert_eq!(got.handle, format!("kt_task_{}", task.task_id));
+        let live = fx.login(&got).await.unwrap();
+        let renamed = PgIssuer::new(PgIssuerConfig {
+            role_prefix: Some("kt2_".into()),
+            ..fx.config()
+        })
+        .unwrap();
+        assert_not_revoked(&renamed, &task, Some(&got.handle)).await;
+        assert_revoked_now(&renamed, &task, Some(&got.handle)).await;
+        assert!(live.simple_query("SELECT 1").await.is_err());
+        assert!(!fx.role_exists(&got.handle).await);
+
+        // What an altered task store could hand back.
+        let victim = format!("kt_victim_{}", fx.sfx);
+        fx.sql(&format!("CREATE ROLE {victim} LOGIN PASSWORD 'victim-0'"))
+            .await;
+        // Minted before a prefix change, its role never recorded (a crash
+        // between the mint and the record): found by the task's mark.
+        let crashed = fx.task("prefixcrash");
+        let got = fx
+            .issue(&fx.issuer(), &crashed, &[fx.low()], TTL)
+            .await
+            .unwrap();
+        assert_not_revoked(&renamed, &crashed, None).await;
+        assert_revoked_now(&renamed, &crashed, None).await;
+        assert!(!fx.role_exists(&got.handle).await);
+
+        let e = renamed.revoke(&task, Some(&victim)).await.unwrap_err();
+        assert_error(&e, ErrorKind::Invalid, "is not a task role of this task");
+        let e = renamed
+            .verify_revoked(&task, Some(&victim))
+            .await
+            .unwrap_err();
+        assert_error(&e, ErrorKind::Invalid, "is not a task role of this task");
+        // Shaped like one, but not keyturn's for this task (no mark).
+        let shaped = format!("other_{}", task.task_id);
+        fx.sql(&format!("CREATE ROLE {shaped} LOGIN PASSWORD 'shaped-0'"))
+            .await;
+        let e = renamed.revoke(&task, Some(&shaped)).await.unwrap_err();
+        assert_error(&e, ErrorKind::Invalid, "not keyturn's role");
+        fx.login_as(&victim, "victim-0").await.unwrap();
+        fx.login_as(&shaped, "shaped-0").await.unwrap();
+        fx.sql(&format!("DROP ROLE {victim}; DROP ROLE {shaped}"))
+            .await;
     }
 
     #[cfg_attr(

@@ -57,7 +57,10 @@
 //!
 //! # Revocation
 //! `auth/token/revoke-accessor`; an accessor the server no longer knows
-//! counts as revoked. `verify_revoked` asks `auth/token/lookup-accessor`.
+//! counts as revoked: only at the server and namespace that minted it (the
+//! issuer's [`TaskIssuer::origin`], recorded with the task). After
+//! `address` or `namespace` changed, the task manager leaves the tasks
+//! minted before unrevoked (and says so) until the issuer points back. `verify_revoked` asks `auth/token/lookup-accessor`.
 //! Without a handle (keyturn died between the mint and recording it) the
 //! token cannot be found: OpenBao has no lookup by metadata, and listing
 //! every accessor needs `sudo` and one call per token. `revoke` then answers
@@ -475,6 +478,25 @@ impl TaskIssuer for VaultTokenIssuer {
             Some(accessor) => format!("token accessor {accessor}"),
             None => format!("token of task {} (accessor not recorded)", task.task_id),
         }
+    }
+
+    /// The address (lowercase, without a trailing `/`) and the namespace:
+    /// an accessor means a token only at the server and namespace that
+    /// made it; elsewhere it is unknown, which is not revoked.
+    async fn origin(&self) -> Result<Option<String>, PluginError> {
+        let address = self.address.to_ascii_lowercase();
+        Ok(Some(
+            match self
+                .config
+                .namespace
+                .as_deref()
+                .map(|ns| ns.trim_matches('/'))
+                .filter(|ns| !ns.is_empty())
+            {
+                Some(ns) => format!("{address} namespace {ns}"),
+                None => address,
+            },
+        ))
     }
 
     async fn precheck(&self, req: &IssueRequest<'_>) -> Result<(), PluginError> {

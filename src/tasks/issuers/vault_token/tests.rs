@@ -547,6 +547,35 @@ async fn without_a_handle_revoke_says_when_the_token_ends_at_the_latest() {
     assert_eq!(issuer.describe(), "vault_token:http://127.0.0.1:9");
 }
 
+/// The server and namespace an accessor belongs to: another address or
+/// namespace is another system, where the accessor is unknown.
+#[tokio::test]
+async fn the_origin_is_the_address_and_namespace() {
+    let origin = |address: &str, namespace: Option<&str>| {
+        let issuer = TokenIssuerConfig {
+            address: address.into(),
+            namespace: namespace.map(str::to_owned),
+            token_file: Some("/nonexistent/keyturn/token".into()),
+            ..TokenIssuerConfig::default()
+        }
+        .build()
+        .unwrap();
+        async move { issuer.origin().await.unwrap().unwrap() }
+    };
+    let a = origin("https://Bao.example.com:8200/", None).await;
+    assert_eq!(a, "https://bao.example.com:8200");
+    assert_eq!(origin("https://bao.example.com:8200", Some("")).await, a);
+    assert_ne!(origin("https://bao2.example.com:8200", None).await, a);
+    assert_eq!(
+        origin("https://bao.example.com:8200", Some("/team-a/")).await,
+        "https://bao.example.com:8200 namespace team-a"
+    );
+    assert_ne!(
+        origin("https://bao.example.com:8200", Some("team-b")).await,
+        origin("https://bao.example.com:8200", Some("team-a")).await
+    );
+}
+
 #[tokio::test]
 async fn issue_refuses_bad_grants_and_ttls_before_calling_the_server() {
     let issuer = offline();
