@@ -2,13 +2,16 @@
 //! SQLite database of its own, `<state_dir>/tasks/tasks.db` (0600, WAL,
 //! `synchronous = FULL`), like the alert spool.
 //!
-//! A task is written *before* anything is issued for it, with one item per
-//! issuer in state `issuing`; the handle an issuer returns is written as soon
-//! as it is known. So after a crash at any point the store lists every
-//! credential that may exist: an item still `issuing` is revoked by task id
-//! (the issuer's contract), an `issued` one by its handle, and a live task's
-//! TTL is enforced from `expires_at` whatever happened in between. `FULL`
-//! because a forgotten task would be a credential nobody revokes.
+//! A task is written *before* anything is issued for it, `starting`, with
+//! one item per issuer in state `issuing`; the handle an issuer returns is
+//! written as soon as it is known, and the task is `live` once every
+//! credential is issued and delivered. So after a crash at any point the
+//! store lists every credential that may exist: a task still `starting`
+//! never reached its caller and is ended as a failed start, an item still
+//! `issuing` is revoked by task id (the issuer's contract), an `issued` one
+//! by its handle, and a live task's TTL is enforced from `expires_at`
+//! whatever happened in between. `FULL` because a forgotten task would be a
+//! credential nobody revokes.
 //!
 //! Writes go through one thread ([`crate::group_commit`]): the writes of
 //! every caller queued together commit in one transaction, each in its own
@@ -37,7 +40,12 @@ use super::issuers::TaskAttribution;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
-    /// Issued (or being issued); its credentials work until `expires_at`.
+    /// Being issued: recorded before the first issuer is called, live once
+    /// every credential is issued and delivered. One found so after a
+    /// restart (or abandoned by its start) never reached its caller: it is
+    /// ended as a failed start.
+    Starting,
+    /// Issued and delivered; its credentials work until `expires_at`.
     Live,
     /// Ended (by request, TTL, a failed start or a decommission); its
     /// credentials are being revoked.
@@ -65,6 +73,7 @@ pub enum ItemState {
 impl TaskState {
     fn as_str(self) -> &'static str {
         match self {
+            TaskState::Starting => "starting",
             TaskState::Live => "live",
             TaskState::Ending => "ending",
             TaskState::Ended => "ended",
@@ -73,6 +82,7 @@ impl TaskState {
 
     fn parse(s: &str) -> rusqlite::Result<Self> {
         Ok(match s {
+            "starting" => TaskState::Starting,
             "live" => TaskState::Live,
             "ending" => TaskState::Ending,
             "ended" => TaskState::Ended,
@@ -134,8 +144,12 @@ pub struct TaskRow {
     pub expires_at_ms: i64,
     pub state: TaskState,
     pub ended_at_ms: Option<i64>,
-    /// `end`, `ttl`, `start_failed`, `decommission`.
+    /// `end`, `ttl`, `start_failed`, `decommission`, `agent_retired`.
     pub end_reason: Option<String>,
+    /// Who ended it: the authenticated caller of `task end` (e.g.
+    /// `uid=1001`, `uid=0 as invoice-bot`), or `keyturn` when the daemon
+    /// did (TTL, failed start, decommission).
+    pub ended_by: Option<String>,
     pub items: Vec<ItemRow>,
 }
 
@@ -259,6 +273,8 @@ pub struct TaskStore {
     db: Mutex<Connection>,
     /// The writer thread (or, for tests under paused time, inline).
     writer: GroupCommit<WriteJob>,
+    /// `SELECT ... FROM tasks` ([`select_task`]).
+    select: String,
 }
 
 /// Most callers' writes committed in one transaction.
@@ -266,7 +282,7 @@ const MAX_BATCH: usize = 256;
 
 /// One write, as the manager asks for it.
 enum Write {
-    Insert(TaskRow),
+    Insert(Box<TaskRow>),
     Item {
         task: String,
         issuer: String,
@@ -284,6 +300,7 @@ enum Write {
         task: String,
         state: TaskState,
         reason: Option<String>,
+        by: Option<String>,
         at_ms: i64,
     },
     /// Assertion `jti`s (agent, jti, keep until) to spend; whether each was
@@ -315,7 +332,8 @@ const SCHEMA: &str = "
         expires_at    INTEGER NOT NULL,
         state         TEXT    NOT NULL,
         ended_at      INTEGER,
-        end_reason    TEXT
+        end_reason    TEXT,
+        ended_by      TEXT
     );
     CREATE INDEX IF NOT EXISTS tasks_open ON tasks (expires_at) WHERE state != 'ended';
     CREATE INDEX IF NOT EXISTS tasks_by_agent ON tasks (agent, started_at);
@@ -418,6 +436,9 @@ impl TaskStore {
                 if legacy {
                     db.execute_batch(&format!("BEGIN; {MIGRATE_TOKEN_KEYS} COMMIT;"))?;
                 }
+                if !has_ended_by(&db)? {
+                    db.execute_batch("ALTER TABLE tasks ADD COLUMN ended_by TEXT")?;
+                }
                 Ok(db)
             })
             .map_err(|e| err("cannot set up", &e))?;
@@ -427,6 +448,7 @@ impl TaskStore {
             path,
             db: Mutex::new(db),
             writer,
+            select: select_task(true),
         })
     }
 
@@ -469,10 +491,17 @@ impl TaskStore {
             }
             Flow::Continue
         });
+        // A store the daemon has not opened since `ended_by` came: read
+        // as it is, nothing migrated.
+        let select = select_task(has_ended_by(&db).map_err(|e| StoreError {
+            path: path.display().to_string(),
+            message: format!("cannot read: {e}"),
+        })?);
         Ok(Some(TaskStore {
             path,
             db: Mutex::new(db),
             writer,
+            select,
         }))
     }
 
@@ -490,7 +519,8 @@ impl TaskStore {
     /// Records a new live task and one `issuing` item per issuer,
     /// atomically, before anything is issued.
     pub async fn insert(&self, t: &TaskRow) -> Result<()> {
-        self.write("insert task", Write::Insert(t.clone())).await
+        self.write("insert task", Write::Insert(Box::new(t.clone())))
+            .await
     }
 
     /// Records an item's new state (and its handle and expiry once known).
@@ -524,19 +554,22 @@ impl TaskStore {
         self.write("update task item", write).await
     }
 
-    /// Moves a task to `state`: `Ending` only from `Live`; the first end
-    /// reason given stays; `Ended` records when.
+    /// Moves a task to `state`: `Live` only from `Starting`, `Ending` only
+    /// from either; the first end reason and ender given stay; `Ended`
+    /// records when.
     pub async fn set_state(
         &self,
         task: &str,
         state: TaskState,
         reason: Option<&str>,
+        by: Option<&str>,
         at_ms: i64,
     ) -> Result<()> {
         let write = Write::State {
             task: task.to_owned(),
             state,
             reason: reason.map(str::to_owned),
+            by: by.map(str::to_owned),
             at_ms,
         };
         self.write("update task", write).await
@@ -588,7 +621,7 @@ impl TaskStore {
     pub fn get(&self, id: &str) -> Result<Option<TaskRow>> {
         let db = self.db();
         let task = db
-            .prepare_cached(&format!("{SELECT_TASK} WHERE id = ?1"))
+            .prepare_cached(&format!("{} WHERE id = ?1", self.select))
             .and_then(|mut stmt| stmt.query_row(params![id], task_row).optional())
             .map_err(|e| self.err("read task", e))?;
         match task {
@@ -609,12 +642,13 @@ impl TaskStore {
             let (sql, p): (String, Vec<&dyn rusqlite::ToSql>) = match &agent {
                 Some(a) => (
                     format!(
-                        "{SELECT_TASK} WHERE state != 'ended' AND agent = ?1 ORDER BY expires_at"
+                        "{} WHERE state != 'ended' AND agent = ?1 ORDER BY expires_at",
+                        self.select
                     ),
                     vec![a as &dyn rusqlite::ToSql],
                 ),
                 None => (
-                    format!("{SELECT_TASK} WHERE state != 'ended' ORDER BY expires_at"),
+                    format!("{} WHERE state != 'ended' ORDER BY expires_at", self.select),
                     vec![],
                 ),
             };
@@ -627,8 +661,9 @@ impl TaskStore {
             let limit = i64::try_from(recent_ended).unwrap_or(i64::MAX);
             let mut stmt = db
                 .prepare(&format!(
-                    "{SELECT_TASK} WHERE state = 'ended' AND (?1 IS NULL OR agent = ?1)
-                     ORDER BY ended_at DESC LIMIT ?2"
+                    "{} WHERE state = 'ended' AND (?1 IS NULL OR agent = ?1)
+                     ORDER BY ended_at DESC LIMIT ?2",
+                    self.select
                 ))
                 .map_err(|e| self.err("list tasks", e))?;
             let ended = stmt
@@ -711,7 +746,7 @@ fn apply(db: &Connection, write: &Write) -> rusqlite::Result<()> {
             db.prepare_cached(
                 "INSERT INTO tasks (id, agent, tenant, use_case, run_id, initiator, sensitivity, policy,
                                     started_by, started_at, expires_at, state)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'live')",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'starting')",
             )?
             .execute(params![
                 a.task_id, a.agent, a.tenant, a.use_case, a.run_id, a.initiator, a.sensitivity,
@@ -760,14 +795,17 @@ fn apply(db: &Connection, write: &Write) -> rusqlite::Result<()> {
             task,
             state,
             reason,
+            by,
             at_ms,
         } => {
             db.prepare_cached(
                 "UPDATE tasks SET state = ?2, end_reason = COALESCE(end_reason, ?3),
+                        ended_by = COALESCE(ended_by, ?5),
                         ended_at = CASE WHEN ?2 = 'ended' THEN ?4 ELSE ended_at END
-                 WHERE id = ?1 AND (?2 != 'ending' OR state = 'live')",
+                 WHERE id = ?1 AND (?2 != 'ending' OR state IN ('starting', 'live'))
+                       AND (?2 != 'live' OR state = 'starting')",
             )?
-            .execute(params![task, state.as_str(), reason, at_ms])?;
+            .execute(params![task, state.as_str(), reason, at_ms, by])?;
         }
         Write::Spend { jtis, now, spent } => {
             db.prepare_cached("DELETE FROM assertions WHERE expires_at < ?1")?
@@ -785,10 +823,25 @@ fn apply(db: &Connection, write: &Write) -> rusqlite::Result<()> {
     Ok(())
 }
 
-const SELECT_TASK: &str =
-    "SELECT id, agent, tenant, use_case, run_id, initiator, sensitivity, policy,
-                                  started_by, started_at, expires_at, state, ended_at, end_reason
-                           FROM tasks";
+/// What [`task_row`] reads; `ended_by` is `NULL` in a store written before
+/// it existed, opened read-only.
+fn select_task(has_ended_by: bool) -> String {
+    format!(
+        "SELECT id, agent, tenant, use_case, run_id, initiator, sensitivity, policy,
+                started_by, started_at, expires_at, state, ended_at, end_reason, {}
+         FROM tasks",
+        if has_ended_by { "ended_by" } else { "NULL" }
+    )
+}
+
+/// Whether the `tasks` table has the `ended_by` column.
+fn has_ended_by(db: &Connection) -> rusqlite::Result<bool> {
+    db.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('tasks') WHERE name = 'ended_by'",
+        [],
+        |r| r.get(0),
+    )
+}
 
 fn task_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
     Ok(TaskRow {
@@ -808,6 +861,7 @@ fn task_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
         state: TaskState::parse(&r.get::<_, String>(11)?)?,
         ended_at_ms: r.get(12)?,
         end_reason: r.get(13)?,
+        ended_by: r.get(14)?,
         items: Vec::new(),
     })
 }
@@ -847,9 +901,10 @@ mod tests {
             started_by: "uid=1001".into(),
             started_at_ms: 1_000,
             expires_at_ms,
-            state: TaskState::Live,
+            state: TaskState::Starting,
             ended_at_ms: None,
             end_reason: None,
+            ended_by: None,
             items: issuers
                 .iter()
                 .map(|i| ItemRow {
@@ -898,13 +953,23 @@ mod tests {
         assert_eq!(got.items[0].handle.as_deref(), Some("kt_task_t1"));
         assert_eq!(got.items[0].state, ItemState::Issued);
         assert_eq!(got.items[1].state, ItemState::Issuing);
-        s.set_state("t1", TaskState::Ending, Some("ttl"), 9_000)
+        s.set_state("t1", TaskState::Live, None, None, 8_000)
+            .await
+            .unwrap();
+        assert_eq!(s.get("t1").unwrap().unwrap().state, TaskState::Live);
+        s.set_state("t1", TaskState::Ending, Some("ttl"), Some("keyturn"), 9_000)
             .await
             .unwrap();
         // The first reason stays.
-        s.set_state("t1", TaskState::Ending, Some("end"), 9_001)
-            .await
-            .unwrap();
+        s.set_state(
+            "t1",
+            TaskState::Ending,
+            Some("end"),
+            Some("uid=1001"),
+            9_001,
+        )
+        .await
+        .unwrap();
         s.set_item(
             "t1",
             "sts",
@@ -920,8 +985,12 @@ mod tests {
             .unwrap();
         let got = s.get("t1").unwrap().unwrap();
         assert_eq!(
-            (got.state, got.end_reason.as_deref()),
-            (TaskState::Ending, Some("ttl"))
+            (
+                got.state,
+                got.end_reason.as_deref(),
+                got.ended_by.as_deref()
+            ),
+            (TaskState::Ending, Some("ttl"), Some("keyturn"))
         );
         // The handle is kept when a later update does not repeat it.
         assert_eq!(got.items[0].handle.as_deref(), Some("kt_task_t1"));
@@ -935,7 +1004,7 @@ mod tests {
                 .state
                 .is_done(got.items[1].expires_at_ms, 8_999)
         );
-        s.set_state("t1", TaskState::Ended, None, 9_100)
+        s.set_state("t1", TaskState::Ended, None, None, 9_100)
             .await
             .unwrap();
         drop(s);
@@ -964,7 +1033,7 @@ mod tests {
         s.insert(&row("a", "bot", &["pg"], 3_000)).await.unwrap();
         s.insert(&row("b", "other", &["pg"], 2_000)).await.unwrap();
         s.insert(&row("c", "bot", &["pg"], 1_000)).await.unwrap();
-        s.set_state("c", TaskState::Ended, Some("end"), 1_500)
+        s.set_state("c", TaskState::Ended, Some("end"), None, 1_500)
             .await
             .unwrap();
         let ids = |v: Vec<TaskRow>| v.into_iter().map(|t| t.task.task_id).collect::<Vec<_>>();
@@ -987,16 +1056,17 @@ mod tests {
         let mut answers = Vec::new();
         let mut batch = Vec::new();
         for write in [
-            Write::Insert(row("a", "bot", &["pg"], 3_000)),
+            Write::Insert(Box::new(row("a", "bot", &["pg"], 3_000))),
             // Same id: refused.
-            Write::Insert(row("a", "bot", &["pg", "sts"], 4_000)),
+            Write::Insert(Box::new(row("a", "bot", &["pg", "sts"], 4_000))),
             // Its task row goes in, its second item fails: neither stays.
-            Write::Insert(row("half", "bot", &["pg", "pg"], 4_000)),
-            Write::Insert(row("b", "bot", &["pg"], 5_000)),
+            Write::Insert(Box::new(row("half", "bot", &["pg", "pg"], 4_000))),
+            Write::Insert(Box::new(row("b", "bot", &["pg"], 5_000))),
             Write::State {
                 task: "b".into(),
                 state: TaskState::Ending,
                 reason: Some("end".into()),
+                by: None,
                 at_ms: 4_500,
             },
         ] {
@@ -1020,10 +1090,13 @@ mod tests {
         // nothing either, and the next batch commits.
         for (write, ok) in [
             (
-                Write::Insert(row("half2", "bot", &["pg", "pg"], 4_000)),
+                Write::Insert(Box::new(row("half2", "bot", &["pg", "pg"], 4_000))),
                 false,
             ),
-            (Write::Insert(row("c", "bot", &["pg"], 6_000)), true),
+            (
+                Write::Insert(Box::new(row("c", "bot", &["pg"], 6_000))),
+                true,
+            ),
         ] {
             let (reply, mut answer) = oneshot::channel();
             let mut batch = vec![WriteJob { write, reply }];
@@ -1046,6 +1119,37 @@ mod tests {
         let r = TaskStore::open_read_only(dir.path()).unwrap().unwrap();
         assert_eq!(r.list(None, 0).unwrap()[0].task.task_id, "a");
         assert!(r.insert(&row("b", "bot", &["pg"], 3_000)).await.is_err());
+    }
+
+    /// A store written before `ended_by` existed is read as it is (the
+    /// column `NULL`) and gains the column when the daemon opens it.
+    #[tokio::test]
+    async fn a_store_without_ended_by_is_read_then_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = SCHEMA.replace(",\n        ended_by      TEXT", "");
+            assert_ne!(old, SCHEMA);
+            let db = Connection::open(dir.path().join("tasks.db")).unwrap();
+            db.execute_batch(&old).unwrap();
+            db.execute_batch(
+                "INSERT INTO tasks (id, agent, tenant, use_case, run_id, initiator, sensitivity, policy,
+                                    started_by, started_at, expires_at, state, ended_at, end_reason)
+                 VALUES ('t', 'bot', 'acme', 'u', 'r', 'i', 'low', 'p', 'uid=1', 1, 2, 'ended', 2, 'ttl')",
+            )
+            .unwrap();
+        }
+        let r = TaskStore::open_read_only(dir.path()).unwrap().unwrap();
+        let t = r.get("t").unwrap().unwrap();
+        assert_eq!((t.end_reason.as_deref(), t.ended_by), (Some("ttl"), None));
+        drop(r);
+        let s = TaskStore::open(dir.path()).unwrap();
+        s.insert(&row("n", "bot", &["pg"], 9_000)).await.unwrap();
+        s.set_state("n", TaskState::Ending, Some("end"), Some("uid=1001"), 5_000)
+            .await
+            .unwrap();
+        let n = s.get("n").unwrap().unwrap();
+        assert_eq!(n.ended_by.as_deref(), Some("uid=1001"));
+        assert_eq!(s.get("t").unwrap().unwrap().ended_by, None);
     }
 
     /// Signing key uses are per credential; the rows written before they
