@@ -567,12 +567,16 @@ pub struct TaskView {
     pub started_by: String,
     pub started_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
-    /// `live`, `ending` or `ended`.
+    /// `starting`, `live`, `ending` or `ended`.
     pub state: String,
     #[serde(default)]
     pub ended_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub end_reason: Option<String>,
+    /// Who ended it: the caller of `task end` as authenticated, or
+    /// `keyturn` (TTL, failed start, decommission).
+    #[serde(default)]
+    pub ended_by: Option<String>,
     pub items: Vec<TaskItemView>,
 }
 
@@ -666,6 +670,7 @@ impl TaskView {
             state: name(&t.state),
             ended_at: t.ended_at_ms.map(time),
             end_reason: t.end_reason.clone(),
+            ended_by: t.ended_by.clone(),
             items: t
                 .items
                 .iter()

@@ -55,7 +55,7 @@ pub async fn probe_all(cfg: &Config, timeout: Duration) -> Vec<Probed> {
             name: name.clone(),
             kind: i.type_name(),
             outcome: match i.plugin().build() {
-                Ok(issuer) => bounded(timeout, async { issuer.check().await.map(|()| None) }).await,
+                Ok(issuer) => bounded(timeout, check_issuer(cfg, name, &*issuer)).await,
                 Err(e) => Err(e),
             },
         }
@@ -120,6 +120,41 @@ pub async fn probe_all(cfg: &Config, timeout: Duration) -> Vec<Probed> {
     out.extend(alert_checks);
     out.extend(targets);
     out
+}
+
+/// The issuer reaches its system, and accepts there every policy level's
+/// grant of it (the checks a start runs at the system): every grant's
+/// problem, each named by where the grant is.
+async fn check_issuer(
+    cfg: &Config,
+    name: &str,
+    issuer: &dyn crate::tasks::issuers::TaskIssuer,
+) -> Result<Option<String>, PluginError> {
+    issuer.check().await?;
+    let mut problems = Vec::new();
+    let mut notes = Vec::new();
+    let mut kind = ErrorKind::Invalid;
+    for p in cfg.policies.values() {
+        for (level, l) in &p.levels {
+            let Some(grant) = l.grants.get(name) else {
+                continue;
+            };
+            let at = format!("policies.{}.levels.{level}.grants.{name}", p.name);
+            match issuer.check_grant(grant, l.max_ttl).await {
+                Ok(None) => {}
+                Ok(Some(note)) => notes.push(note),
+                Err(e) => {
+                    kind = e.kind;
+                    problems.push(format!("{at}: {}", e.message));
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(PluginError::new(kind, problems.join("; ")));
+    }
+    notes.dedup();
+    Ok((!notes.is_empty()).then(|| notes.join("; ")))
 }
 
 /// `check` cut off after `timeout`, as an error that says so.

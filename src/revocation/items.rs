@@ -32,9 +32,11 @@
 //!
 //! Per agent, when the daemon issues task-scoped credentials (`[issuers]`):
 //! `tasks`, done through the task manager ([`TaskProbe`]): every task of
-//! the agent ended (again each round until verified: ending is idempotent)
-//! and verified by finding none of its tasks live or ending, that is each
-//! task credential revoked and verified refused by its system.
+//! the agent ended (again each round until all are: ending is idempotent).
+//! Revoked only once none of its tasks is starting, live or ending, that is
+//! each task credential revoked and verified refused by its system; the
+//! revocation time is when the last of them ended. A task ending wakes the
+//! decommission at once, not at its next back-off round.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -194,9 +196,12 @@ pub fn plan_tasks(agent: &AgentId) -> RevocationRow {
 pub trait TaskProbe: Send + Sync {
     /// Ends every task of `agent` not ended (idempotent).
     async fn end_tasks_of(&self, agent: &str) -> Result<(), String>;
-    /// `Ok` with how many ended when no task of `agent` is live or ending;
-    /// `Err` says which are not ended yet and why.
-    fn tasks_ended(&self, agent: &str) -> Result<(), String>;
+    /// `Ok` when no task of `agent` is starting, live or ending, with when
+    /// the last of its tasks ended (`None`: it never had one); `Err` says
+    /// which are not ended yet and why.
+    fn tasks_ended(&self, agent: &str) -> Result<Option<DateTime<Utc>>, String>;
+    /// Changes each time a task has ended.
+    fn ended_changes(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
 #[async_trait::async_trait]
@@ -209,10 +214,19 @@ impl TaskProbe for crate::tasks::manager::TaskManager {
             .map_err(|e| e.to_string())
     }
 
-    fn tasks_ended(&self, agent: &str) -> Result<(), String> {
-        let open = self.list(Some(agent), 0).map_err(|e| e.to_string())?;
+    fn tasks_ended(&self, agent: &str) -> Result<Option<DateTime<Utc>>, String> {
+        // The open ones, then the one that ended last.
+        let tasks = self.list(Some(agent), 1).map_err(|e| e.to_string())?;
+        let open: Vec<_> = tasks
+            .iter()
+            .filter(|t| t.state != crate::tasks::store::TaskState::Ended)
+            .collect();
         match open.first() {
-            None => Ok(()),
+            None => Ok(tasks
+                .iter()
+                .filter_map(|t| t.ended_at_ms)
+                .max()
+                .and_then(DateTime::<Utc>::from_timestamp_millis)),
             Some(t) => {
                 let why = t
                     .items
@@ -226,6 +240,10 @@ impl TaskProbe for crate::tasks::manager::TaskManager {
                 ))
             }
         }
+    }
+
+    fn ended_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        crate::tasks::manager::TaskManager::ended_changes(self)
     }
 }
 

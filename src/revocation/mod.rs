@@ -200,24 +200,46 @@ impl Revocations {
     }
 
     /// Ends the agent's tasks (again, if a round before did not see them
-    /// all ended: ending is idempotent) and checks that none is left.
-    async fn tasks_item(&self, agent: &AgentId) -> Result<String, PluginError> {
+    /// all ended: ending is idempotent); with `end: false` only looks.
+    /// `Ok` once none is left, with when the last one ended (not before the
+    /// decision, not after now).
+    async fn tasks_item(&self, agent: &AgentId, end: bool) -> Result<DateTime<Utc>, PluginError> {
         let Some(tasks) = served(&self.inner.tasks).await else {
             return Err(PluginError::new(
                 ErrorKind::Transient,
                 "the task manager is not running yet; keyturn retries",
             ));
         };
-        tasks
-            .end_tasks_of(agent.as_str())
-            .await
-            .map_err(|e| PluginError::new(ErrorKind::Transient, e))?;
-        tasks
+        if end {
+            tasks
+                .end_tasks_of(agent.as_str())
+                .await
+                .map_err(|e| PluginError::new(ErrorKind::Transient, e))?;
+        }
+        let last = tasks
             .tasks_ended(agent.as_str())
             .map_err(|e| PluginError::new(ErrorKind::Transient, e))?;
-        Ok(format!(
-            "every task of {agent} ended, its credentials revoked"
-        ))
+        let now = self.inner.engine.now();
+        let decided = self.get(agent).map_or(now, |d| d.row.decided_at);
+        Ok(last.map_or(now, |t| t.max(decided).min(now)))
+    }
+
+    /// The task manager's changes when `agent`'s decommission waits for its
+    /// tasks (its `tasks` item not verified) and the manager runs.
+    fn tasks_waited(
+        &self,
+        agent: &AgentId,
+    ) -> Option<(Arc<dyn TaskProbe>, tokio::sync::watch::Receiver<u64>)> {
+        let waits = self.get(agent).is_some_and(|d| {
+            d.items
+                .iter()
+                .any(|i| i.kind == "tasks" && i.verified_at.is_none())
+        });
+        let probe = self.inner.tasks.borrow().clone()?;
+        waits.then(|| {
+            let rx = probe.ended_changes();
+            (probe, rx)
+        })
     }
 
     fn decoms(&self) -> std::sync::MutexGuard<'_, BTreeMap<AgentId, Decom>> {
@@ -536,6 +558,8 @@ impl Revocations {
         let retry = engine.catalog().config.daemon.retry;
         let mut rounds: u32 = 0;
         loop {
+            // Subscribed before the round: a task that ends during it is seen.
+            let mut tasks = self.tasks_waited(&agent);
             let Some(decom) = self.get(&agent) else {
                 return;
             };
@@ -562,9 +586,33 @@ impl Revocations {
             rounds += 1;
             let factor = 1u32 << rounds.saturating_sub(1).min(10);
             let delay = (retry.initial_delay * factor).min(retry.max_delay);
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = engine.cancelled().cancelled() => return,
+            let backoff = tokio::time::sleep(delay);
+            tokio::pin!(backoff);
+            loop {
+                let ended = async {
+                    match tasks.as_mut() {
+                        Some((_, rx)) => rx.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
+                // `Some(false)`: the task manager is gone.
+                let woken = tokio::select! {
+                    _ = &mut backoff => None,
+                    _ = engine.cancelled().cancelled() => return,
+                    served = ended => Some(served),
+                };
+                let Some(served) = woken else { break };
+                if !served {
+                    tasks = None;
+                } else if tasks
+                    .as_ref()
+                    .is_some_and(|(probe, _)| probe.tasks_ended(agent.as_str()).is_ok())
+                {
+                    // The agent's last task ended: go on at once, not at
+                    // the next round, so that its end is verified when it
+                    // happened.
+                    break;
+                }
             }
         }
     }
@@ -607,8 +655,19 @@ impl Revocations {
                             issued_up_to.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                         )),
                     ),
-                    // Ending the tasks is checked with the verification.
-                    (items::Spec::Tasks {}, _) => (Ok(()), engine.now(), None),
+                    // Revoked once every task of the agent ended: each of
+                    // its credentials revoked and verified at its system.
+                    (items::Spec::Tasks {}, _) => match self.tasks_item(&item.agent, true).await {
+                        Ok(at) => (
+                            Ok(()),
+                            at,
+                            Some(format!(
+                                "every task of {} ended, its credentials revoked and verified refused",
+                                item.agent
+                            )),
+                        ),
+                        Err(e) => (Err(e), engine.now(), None),
+                    },
                     (_, Some(key)) => (items::revoke(engine, key, &spec).await, engine.now(), None),
                     (_, None) => (Err(no_credential()), engine.now(), None),
                 };
@@ -643,7 +702,10 @@ impl Revocations {
                     let probe = self.token_probe().await;
                     items::verify_tokens(probe.as_deref(), &item.agent, *issued_up_to).await
                 }
-                (items::Spec::Tasks {}, _) => self.tasks_item(&item.agent).await,
+                (items::Spec::Tasks {}, _) => self
+                    .tasks_item(&item.agent, false)
+                    .await
+                    .map(|_| format!("no task of {} is live or ending", item.agent)),
                 (_, Some(key)) => items::verify(engine, key, &spec).await,
                 (_, None) => Err(no_credential()),
             };

@@ -34,6 +34,10 @@ pub const FAILPOINTS: &[&str] = &[
     "rotation.after_retire",
 ];
 
+// Crash points outside rotations, each with its own kill -9 test:
+// `task.start.after_mint` (an issuer minted a task's credential, its handle
+// not recorded yet; `tests/tasks_e2e.rs`).
+
 /// Kills the process here if the named failpoint is configured.
 #[inline]
 pub fn crash_point(name: &str) {

@@ -6,15 +6,21 @@
 //!
 //! Every decision is audited with the whole attribution chain: `task.refused`
 //! (with the reason's code), `task.started`, `task.issued` (per issuer, with
-//! the handle), `task.revoked` / `task.revoke_failed` (per issuer),
-//! `task.ended` (with the reason). Never a credential.
+//! the handle), `task.end` (a caller's request, the caller as actor),
+//! `task.revoked` / `task.expiring` (cannot be ended early) /
+//! `task.revoke_failed` (per issuer), `task.ended`; the end records with
+//! the reason and who ended it. Never a credential.
+//!
+//! A task is `starting` until its start completes; one found so that no
+//! start of this process runs (a crash, an abandoned request) is ended as
+//! a failed start.
 //!
 //! Ending is retried until every item is verified revoked (or past the
 //! expiry its system enforces by itself): [`TaskManager::tick`] ends what is
 //! due and pushes what is ending forward, and returns when it wants to run
 //! again; [`TaskManager::run`] loops on it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -140,6 +146,13 @@ pub struct TaskManager {
     /// One lock per task being ended, so that an `end` racing the TTL (or
     /// two ends) revoke once.
     ending: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The tasks whose start runs in this process now. A task `starting`
+    /// in the store and not here never reached its caller (a crash, or a
+    /// start abandoned half-way): it is ended as a failed start.
+    starting: Mutex<HashSet<String>>,
+    /// Bumped each time a task is ended (every credential revoked and
+    /// verified): a decommission waiting for an agent's tasks looks again.
+    ended: tokio::sync::watch::Sender<u64>,
     wake: tokio::sync::Notify,
     /// When the run loop's next tick is due (ms since the epoch), or
     /// `i64::MAX` while a tick runs: a new task wakes the loop only if it
@@ -174,11 +187,19 @@ impl TaskManager {
             recorder,
             clock,
             ending: Mutex::new(HashMap::new()),
+            starting: Mutex::new(HashSet::new()),
+            ended: tokio::sync::watch::Sender::new(0),
             wake: tokio::sync::Notify::new(),
             armed_until_ms: AtomicI64::new(i64::MAX),
             retry: Duration::from_secs(5),
             metrics: None,
         }
+    }
+
+    /// Changes each time a task has ended (all its credentials revoked and
+    /// verified at their systems).
+    pub fn ended_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.ended.subscribe()
     }
 
     /// The task store, also the ledger of spent assertion ids
@@ -230,10 +251,7 @@ impl TaskManager {
                         None => i.handle.clone().unwrap_or_else(|| "not recorded".into()),
                     },
                     expires_at: time(i.expires_at_ms.unwrap_or(t.expires_at_ms)),
-                    state: serde_json::to_value(i.state)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default(),
+                    state: name_of(&i.state),
                 })
                 .collect();
             out.push((
@@ -243,10 +261,7 @@ impl TaskManager {
                     tenant: t.task.tenant.clone(),
                     use_case: t.task.use_case.clone(),
                     sensitivity: t.task.sensitivity.clone(),
-                    state: serde_json::to_value(t.state)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default(),
+                    state: name_of(&t.state),
                     expires_at: time(t.expires_at_ms),
                     credentials,
                 },
@@ -317,12 +332,16 @@ impl TaskManager {
         self.wake.notify_one();
     }
 
+    /// A task's audit record: the caller as actor (else the daemon), and
+    /// in `detail` the task's whole attribution, `by` (the caller as
+    /// authenticated), then `extra`'s fields.
     fn event(
         &self,
         name: &str,
         outcome: Outcome,
         caller: Option<&Caller>,
         task: &TaskAttribution,
+        extra: serde_json::Value,
     ) -> AuditEvent {
         let mut ev = AuditEvent::new(
             name,
@@ -331,17 +350,18 @@ impl TaskManager {
         );
         ev.agent = AgentId::new(&task.agent).ok();
         ev.tenant = Some(task.tenant.clone());
-        ev.detail = Some(
-            serde_json::json!({
-                "task": task.task_id,
-                "use_case": task.use_case,
-                "run_id": task.run_id,
-                "initiator": task.initiator,
-                "sensitivity": task.sensitivity,
-                "by": caller.map(|c| c.described.as_str()),
-            })
-            .to_string(),
-        );
+        let mut detail = serde_json::json!({
+            "task": task.task_id,
+            "use_case": task.use_case,
+            "run_id": task.run_id,
+            "initiator": task.initiator,
+            "sensitivity": task.sensitivity,
+            "by": caller.map(|c| c.described.as_str()),
+        });
+        if let (Some(d), serde_json::Value::Object(extra)) = (detail.as_object_mut(), extra) {
+            d.extend(extra);
+        }
+        ev.detail = Some(detail.to_string());
         ev
     }
 
@@ -370,7 +390,13 @@ impl TaskManager {
             // A retired agent still asking is what a security team wants
             // to see in the audit log (a forgotten or compromised process).
             let e = TaskError::AgentRetired(caller.agent.clone());
-            let mut ev = self.event("task.refused", Outcome::Refused, Some(caller), &task);
+            let mut ev = self.event(
+                "task.refused",
+                Outcome::Refused,
+                Some(caller),
+                &task,
+                serde_json::Value::Null,
+            );
             ev.error = Some(e.to_string());
             self.recorder.record(ev).await;
             return Err(e);
@@ -389,7 +415,13 @@ impl TaskManager {
         let decision = match policy::decide(&setup.policies, &ask) {
             Ok(d) => d,
             Err(refusal) => {
-                let mut ev = self.event("task.refused", Outcome::Refused, Some(caller), &task);
+                let mut ev = self.event(
+                    "task.refused",
+                    Outcome::Refused,
+                    Some(caller),
+                    &task,
+                    serde_json::Value::Null,
+                );
                 ev.error = Some(format!("{}: {refusal}", refusal.code()));
                 self.recorder.record(ev).await;
                 return Err(TaskError::Refused(refusal));
@@ -439,7 +471,13 @@ impl TaskManager {
             }
         }
         if let Some((issuer_name, error)) = refusal {
-            let mut ev = self.event("task.refused", Outcome::Refused, Some(caller), &task);
+            let mut ev = self.event(
+                "task.refused",
+                Outcome::Refused,
+                Some(caller),
+                &task,
+                serde_json::Value::Null,
+            );
             ev.error = Some(format!("issuer_refused: issuer `{issuer_name}`: {error}"));
             self.recorder.record(ev).await;
             return Err(TaskError::Unissuable {
@@ -453,13 +491,14 @@ impl TaskManager {
             started_by: caller.described.clone(),
             started_at_ms: ms(now),
             expires_at_ms,
-            state: TaskState::Live,
+            state: TaskState::Starting,
             ended_at_ms: None,
             end_reason: None,
             dir: setup
                 .task_root
                 .as_ref()
                 .map(|root| root.join(&task.agent).join(&task.task_id)),
+            ended_by: None,
             items: decision
                 .level
                 .grants
@@ -474,16 +513,20 @@ impl TaskManager {
                 })
                 .collect(),
         };
-        // Persisted before anything is issued: a crash from here on leaves
-        // a record that is revoked at restart.
+        // Marked as starting here before it is in the store: the loop never
+        // takes a start in progress for an abandoned one.
+        let mut in_flight = InFlight::enter(self, &task.task_id);
+        // Persisted (as `starting`) before anything is issued: a crash from
+        // here on leaves a record that is ended as a failed start, and its
+        // credentials revoked, at restart.
         self.store.insert(&row).await?;
-        let mut ev = self.event("task.started", Outcome::Ok, Some(caller), &task);
-        ev.detail = ev.detail.map(|d| {
-            let mut v: serde_json::Value = serde_json::from_str(&d).unwrap_or_default();
-            v["policy"] = row.policy.clone().into();
-            v["ttl_s"] = ttl.as_secs().into();
-            v.to_string()
-        });
+        let ev = self.event(
+            "task.started",
+            Outcome::Ok,
+            Some(caller),
+            &task,
+            serde_json::json!({"policy": row.policy, "ttl_s": ttl.as_secs()}),
+        );
         self.recorder.record(ev).await;
         if expires_at_ms < self.armed_until_ms.load(Ordering::SeqCst) {
             self.wake.notify_one();
@@ -499,6 +542,8 @@ impl TaskManager {
                         .duration_since(UNIX_EPOCH)
                         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
                         .unwrap_or(expires_at_ms);
+                    // Minted, not recorded yet: revoked by task id at restart.
+                    crate::rotation::crash_point("task.start.after_mint");
                     self.store
                         .set_item(
                             &task.task_id,
@@ -509,20 +554,24 @@ impl TaskManager {
                             None,
                         )
                         .await?;
-                    let mut ev = self.event("task.issued", Outcome::Ok, Some(caller), &task);
-                    ev.detail = Some(
-                        serde_json::json!({"task": task.task_id, "issuer": issuer_name, "handle": cred.handle})
-                            .to_string(),
+                    let ev = self.event(
+                        "task.issued",
+                        Outcome::Ok,
+                        Some(caller),
+                        &task,
+                        serde_json::json!({"issuer": issuer_name, "handle": cred.handle}),
                     );
                     self.recorder.record(ev).await;
                     self.count_issued(issuer_name, true);
                     issued.insert(issuer_name.clone(), cred);
                 }
                 Err(error) => {
-                    let mut ev = self.event("task.issued", Outcome::Failed, Some(caller), &task);
-                    ev.detail = Some(
-                        serde_json::json!({"task": task.task_id, "issuer": issuer_name})
-                            .to_string(),
+                    let mut ev = self.event(
+                        "task.issued",
+                        Outcome::Failed,
+                        Some(caller),
+                        &task,
+                        serde_json::json!({"issuer": issuer_name}),
                     );
                     ev.error = Some(error.to_string());
                     self.recorder.record(ev).await;
@@ -542,7 +591,8 @@ impl TaskManager {
                             )
                             .await?;
                     }
-                    self.end_now(&task.task_id, "start_failed").await;
+                    in_flight.leave();
+                    self.end_now(&task.task_id, "start_failed", None).await;
                     return Err(TaskError::Issue {
                         task: task.task_id.clone(),
                         issuer: issuer_name.clone(),
@@ -570,13 +620,26 @@ impl TaskManager {
                 }
                 Err(message) => {
                     drop(issued);
-                    self.end_now(&task.task_id, "start_failed").await;
+                    in_flight.leave();
+                    self.end_now(&task.task_id, "start_failed", None).await;
                     return Err(TaskError::Deliver {
                         task: task.task_id.clone(),
                         message,
                     });
                 }
             }
+        }
+        // Every credential issued and delivered: the task is live.
+        self.store
+            .set_state(&task.task_id, TaskState::Live, None, None, ms(now))
+            .await?;
+        in_flight.leave();
+        if !self.setup().agents.contains_key(&caller.agent) {
+            // Decommissioned while it started: a decommission does not end
+            // a start in progress, so it is ended here.
+            drop(issued);
+            self.end_now(&task.task_id, "agent_retired", None).await;
+            return Err(TaskError::AgentRetired(caller.agent.clone()));
         }
         let credentials = issued
             .into_iter()
@@ -612,14 +675,29 @@ impl TaskManager {
             .get(id)?
             .ok_or_else(|| TaskError::NotFound(id.to_owned()))?;
         if row.task.agent != caller.agent {
-            let mut ev = self.event("task.end", Outcome::Refused, Some(caller), &row.task);
+            let mut ev = self.event(
+                "task.end",
+                Outcome::Refused,
+                Some(caller),
+                &row.task,
+                serde_json::Value::Null,
+            );
             ev.error = Some(format!("task {id} belongs to another agent"));
             ev.agent = AgentId::new(&caller.agent).ok();
             ev.tenant = None;
             self.recorder.record(ev).await;
             return Err(TaskError::NotYours(id.to_owned()));
         }
-        self.end_now(id, "end").await;
+        // Who asked, with the peer's credentials, whatever happens next.
+        let ev = self.event(
+            "task.end",
+            Outcome::Ok,
+            Some(caller),
+            &row.task,
+            serde_json::json!({"state": name_of(&row.state)}),
+        );
+        self.recorder.record(ev).await;
+        self.end_now(id, "end", Some(caller)).await;
         let row = self
             .store
             .get(id)?
@@ -650,7 +728,7 @@ impl TaskManager {
     pub async fn end_all_of(&self, agent: &str, reason: &str) -> Result<usize, TaskError> {
         let tasks = self.store.list(Some(agent), 0)?;
         for t in &tasks {
-            self.end_now(&t.task.task_id, reason).await;
+            self.end_now(&t.task.task_id, reason, None).await;
         }
         if !self.store.list(Some(agent), 0)?.is_empty() {
             self.retry_soon();
@@ -659,16 +737,18 @@ impl TaskManager {
     }
 
     /// Moves task `id` towards ended: marks it ending (the first reason
-    /// stays), revokes and verifies each item not done, and marks it ended
-    /// when all are. Errors are recorded on the item and retried by `tick`.
-    async fn end_now(&self, id: &str, reason: &str) {
+    /// and ender stay: `ender`, the caller who asked, else `keyturn`),
+    /// revokes and verifies each item not done, and marks it ended when all
+    /// are. Errors are recorded on the item and retried by `tick`. A task
+    /// whose start runs now is left to that start.
+    async fn end_now(&self, id: &str, reason: &str, ender: Option<&Caller>) {
         let _busy = crate::group_commit::Busy::enter();
         let lock = {
             let mut m = self.ending.lock().unwrap_or_else(|p| p.into_inner());
             m.entry(id.to_owned()).or_default().clone()
         };
         let _guard = lock.lock().await;
-        let result = self.end_locked(id, reason).await;
+        let result = self.end_locked(id, reason, ender).await;
         drop(_guard);
         let mut m = self.ending.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::strong_count(&lock) <= 2 {
@@ -679,19 +759,50 @@ impl TaskManager {
         }
     }
 
-    async fn end_locked(&self, id: &str, reason: &str) -> Result<(), StoreError> {
+    async fn end_locked(
+        &self,
+        id: &str,
+        reason: &str,
+        ender: Option<&Caller>,
+    ) -> Result<(), StoreError> {
         let Some(row) = self.store.get(id)? else {
             return Ok(());
         };
-        if row.state == TaskState::Ended {
+        if row.state == TaskState::Ended || self.is_starting(id) {
             return Ok(());
         }
         let now = self.clock.now();
-        if row.state == TaskState::Live {
+        // A start that did not complete ends as such, whoever ends it.
+        let reason = match row.state {
+            TaskState::Starting => "start_failed",
+            _ => row.end_reason.as_deref().unwrap_or(reason),
+        };
+        let by = row
+            .ended_by
+            .clone()
+            .unwrap_or_else(|| ender.map_or_else(|| "keyturn".to_owned(), |c| c.described.clone()));
+        if matches!(row.state, TaskState::Starting | TaskState::Live) {
             self.store
-                .set_state(id, TaskState::Ending, Some(reason), ms(now))
+                .set_state(id, TaskState::Ending, Some(reason), Some(&by), ms(now))
                 .await?;
         }
+        // Every record of the end says why and who asked.
+        let end = |name: &str, outcome: Outcome, extra: serde_json::Value| {
+            let mut extra = match extra {
+                serde_json::Value::Object(m) => m,
+                _ => serde_json::Map::new(),
+            };
+            extra.insert("reason".into(), reason.into());
+            extra.insert("ended_by".into(), by.as_str().into());
+            self.event(name, outcome, ender, &row.task, extra.into())
+        };
+        let failed = |issuer: &str| {
+            end(
+                "task.revoke_failed",
+                Outcome::Failed,
+                serde_json::json!({"issuer": issuer}),
+            )
+        };
         let setup = self.setup();
         let mut all_done = true;
         for item in &row.items {
@@ -718,7 +829,8 @@ impl TaskManager {
             // Only the system that minted it can say it is revoked.
             if let Err(e) = moved(issuer.as_ref(), &item.issuer, item).await {
                 all_done = false;
-                self.revoke_failed(&row.task, &item.issuer, &e).await?;
+                self.revoke_failed(&row.task, &item.issuer, &e, failed(&item.issuer))
+                    .await?;
                 continue;
             }
             if matches!(state, ItemState::Issuing | ItemState::Issued) {
@@ -742,10 +854,11 @@ impl TaskManager {
                                 Some("the system cannot end it early; it expires by itself"),
                             )
                             .await?;
-                        let mut ev = self.event("task.revoked", Outcome::Ok, None, &row.task);
-                        ev.detail = Some(
-                            serde_json::json!({"task": id, "issuer": item.issuer, "expires_at": t.to_rfc3339()})
-                                .to_string(),
+                        // Not revoked: it keeps working until then.
+                        let ev = end(
+                            "task.expiring",
+                            Outcome::Ok,
+                            serde_json::json!({"issuer": item.issuer, "expires_at": t.to_rfc3339()}),
                         );
                         self.recorder.record(ev).await;
                         self.count_revocation(&item.issuer, TaskRevocation::Expires);
@@ -756,8 +869,13 @@ impl TaskManager {
                     }
                     Err(e) => {
                         all_done = false;
-                        self.revoke_failed(&row.task, &item.issuer, &e.to_string())
-                            .await?;
+                        self.revoke_failed(
+                            &row.task,
+                            &item.issuer,
+                            &e.to_string(),
+                            failed(&item.issuer),
+                        )
+                        .await?;
                         continue;
                     }
                 }
@@ -773,15 +891,17 @@ impl TaskManager {
                         // every step).
                         if let Err(e) = moved(issuer.as_ref(), &item.issuer, item).await {
                             all_done = false;
-                            self.revoke_failed(&row.task, &item.issuer, &e).await?;
+                            self.revoke_failed(&row.task, &item.issuer, &e, failed(&item.issuer))
+                                .await?;
                             continue;
                         }
                         self.store
                             .set_item(id, &item.issuer, ItemState::Verified, None, None, None)
                             .await?;
-                        let mut ev = self.event("task.revoked", Outcome::Ok, None, &row.task);
-                        ev.detail = Some(
-                            serde_json::json!({"task": id, "issuer": item.issuer, "verified": true}).to_string(),
+                        let ev = end(
+                            "task.revoked",
+                            Outcome::Ok,
+                            serde_json::json!({"issuer": item.issuer, "verified": true}),
                         );
                         self.recorder.record(ev).await;
                         self.count_revocation(&item.issuer, TaskRevocation::Verified);
@@ -829,19 +949,17 @@ impl TaskManager {
             return Ok(());
         }
         self.store
-            .set_state(id, TaskState::Ended, Some(reason), ms(self.clock.now()))
+            .set_state(
+                id,
+                TaskState::Ended,
+                Some(reason),
+                Some(&by),
+                ms(self.clock.now()),
+            )
             .await?;
-        let mut ev = self.event("task.ended", Outcome::Ok, None, &row.task);
-        ev.detail = ev.detail.map(|d| {
-            let mut v: serde_json::Value = serde_json::from_str(&d).unwrap_or_default();
-            v["reason"] = row
-                .end_reason
-                .clone()
-                .unwrap_or_else(|| reason.to_owned())
-                .into();
-            v.to_string()
-        });
+        let ev = end("task.ended", Outcome::Ok, serde_json::Value::Null);
         self.recorder.record(ev).await;
+        self.ended.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
     }
 
@@ -852,11 +970,9 @@ impl TaskManager {
         task: &TaskAttribution,
         issuer: &str,
         error: &str,
+        mut ev: AuditEvent,
     ) -> Result<(), StoreError> {
-        let id = &task.task_id;
-        self.store.item_error(id, issuer, error).await?;
-        let mut ev = self.event("task.revoke_failed", Outcome::Failed, None, task);
-        ev.detail = Some(serde_json::json!({"task": id, "issuer": issuer}).to_string());
+        self.store.item_error(&task.task_id, issuer, error).await?;
         ev.error = Some(error.to_owned());
         self.recorder.record(ev).await;
         self.count_revocation(issuer, TaskRevocation::Failed);
@@ -900,18 +1016,27 @@ impl TaskManager {
                 }
             }
             match t.state {
+                // Its start runs now: that start makes it live or ends it.
+                TaskState::Starting if self.is_starting(&t.task.task_id) => continue,
+                // A start that never completed (a crash, or abandoned): its
+                // caller holds nothing, and what was issued is revoked.
+                TaskState::Starting => self.end_now(&t.task.task_id, "start_failed", None).await,
+                // Left live half-issued by a keyturn without `starting`.
+                TaskState::Live if t.items.iter().any(|i| i.state == ItemState::Issuing) => {
+                    self.end_now(&t.task.task_id, "start_failed", None).await
+                }
                 // Decommissioned, or gone from the config: its tasks end.
                 TaskState::Live if !setup.agents.contains_key(&t.task.agent) => {
-                    self.end_now(&t.task.task_id, "agent_retired").await
+                    self.end_now(&t.task.task_id, "agent_retired", None).await
                 }
                 TaskState::Live if t.expires_at_ms <= now => {
-                    self.end_now(&t.task.task_id, "ttl").await
+                    self.end_now(&t.task.task_id, "ttl", None).await
                 }
                 TaskState::Live => {
                     next = Some(next.map_or(t.expires_at_ms, |n| n.min(t.expires_at_ms)));
                     continue;
                 }
-                _ => self.end_now(&t.task.task_id, "end").await,
+                _ => self.end_now(&t.task.task_id, "end", None).await,
             }
             // Still not ended: again after the retry interval (or when an
             // item's own expiry passes, if sooner).
@@ -1022,6 +1147,69 @@ pub async fn stranded(
         }
     }
     out
+}
+
+impl TaskManager {
+    /// Whether task `id`'s start runs in this process now.
+    fn is_starting(&self, id: &str) -> bool {
+        self.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+}
+
+/// A task's start in progress, in [`TaskManager::starting`] until it
+/// leaves (the start completed, or failed and ends the task itself) or is
+/// dropped (the start was abandoned half-way: the loop then ends the task
+/// as a failed start).
+struct InFlight<'a> {
+    manager: &'a TaskManager,
+    id: String,
+    left: bool,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(manager: &'a TaskManager, id: &str) -> Self {
+        manager
+            .starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned());
+        InFlight {
+            manager,
+            id: id.to_owned(),
+            left: false,
+        }
+    }
+
+    fn leave(&mut self) {
+        if !self.left {
+            self.left = true;
+            self.manager
+                .starting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&self.id);
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.left {
+            self.leave();
+            self.manager.wake.notify_one();
+        }
+    }
+}
+
+/// The snake_case name serde gives a state (`live`, `issuing`, ...).
+fn name_of(state: &impl serde::Serialize) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// 24 lowercase hex digits: unique, and safe in a role name, an STS session

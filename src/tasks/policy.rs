@@ -230,7 +230,20 @@ fn check_one(
             let at = gat.key(issuer_name);
             let grant = Grant(g.clone());
             match (issuers.lookup)(issuer_name) {
-                Some(plugin) => plugin.check_grant(&grant, v, at),
+                Some(plugin) => {
+                    plugin.check_grant(&grant, v, at);
+                    if let Some(why) = plugin.refuses_ttl(level_max) {
+                        v.err_key(
+                            at,
+                            format!(
+                                "level `{level_name}` allows tasks of up to {} (its max_ttl, or the policy's), \
+                                 but issuer `{issuer_name}` refuses them: {why}; lower the level's max_ttl \
+                                 or raise the issuer's",
+                                humantime::format_duration(level_max)
+                            ),
+                        );
+                    }
+                }
                 // Its own errors are reported; the grant cannot be checked.
                 None if (issuers.invalid)(issuer_name) => {}
                 None => v.err_key(

@@ -2,13 +2,16 @@
 //! SQLite database of its own, `<state_dir>/tasks/tasks.db` (0600, WAL,
 //! `synchronous = FULL`), like the alert spool.
 //!
-//! A task is written *before* anything is issued for it, with one item per
-//! issuer in state `issuing`; the handle an issuer returns is written as soon
-//! as it is known. So after a crash at any point the store lists every
-//! credential that may exist: an item still `issuing` is revoked by task id
-//! (the issuer's contract), an `issued` one by its handle, and a live task's
-//! TTL is enforced from `expires_at` whatever happened in between. `FULL`
-//! because a forgotten task would be a credential nobody revokes.
+//! A task is written *before* anything is issued for it, `starting`, with
+//! one item per issuer in state `issuing`; the handle an issuer returns is
+//! written as soon as it is known, and the task is `live` once every
+//! credential is issued and delivered. So after a crash at any point the
+//! store lists every credential that may exist: a task still `starting`
+//! never reached its caller and is ended as a failed start, an item still
+//! `issuing` is revoked by task id (the issuer's contract), an `issued` one
+//! by its handle, and a live task's TTL is enforced from `expires_at`
+//! whatever happened in between. `FULL` because a forgotten task would be a
+//! credential nobody revokes.
 //!
 //! Writes go through one thread ([`crate::group_commit`]): the writes of
 //! every caller queued together commit in one transaction, each in its own
@@ -37,7 +40,12 @@ use super::issuers::TaskAttribution;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
-    /// Issued (or being issued); its credentials work until `expires_at`.
+    /// Being issued: recorded before the first issuer is called, live once
+    /// every credential is issued and delivered. One found so after a
+    /// restart (or abandoned by its start) never reached its caller: it is
+    /// ended as a failed start.
+    Starting,
+    /// Issued and delivered; its credentials work until `expires_at`.
     Live,
     /// Ended (by request, TTL, a failed start or a decommission); its
     /// credentials are being revoked.
@@ -65,6 +73,7 @@ pub enum ItemState {
 impl TaskState {
     fn as_str(self) -> &'static str {
         match self {
+            TaskState::Starting => "starting",
             TaskState::Live => "live",
             TaskState::Ending => "ending",
             TaskState::Ended => "ended",
@@ -73,6 +82,7 @@ impl TaskState {
 
     fn parse(s: &str) -> rusqlite::Result<Self> {
         Ok(match s {
+            "starting" => TaskState::Starting,
             "live" => TaskState::Live,
             "ending" => TaskState::Ending,
             "ended" => TaskState::Ended,
@@ -134,13 +144,17 @@ pub struct TaskRow {
     pub expires_at_ms: i64,
     pub state: TaskState,
     pub ended_at_ms: Option<i64>,
-    /// `end`, `ttl`, `start_failed`, `decommission`.
+    /// `end`, `ttl`, `start_failed`, `decommission`, `agent_retired`.
     pub end_reason: Option<String>,
     /// Where its credentials are written (`<task_root>/<agent>/<task id>`),
     /// recorded before anything is issued: the directory is removed from
     /// there at the end, whatever `task_root` says by then. `None`: no task
     /// root when it started (or a task recorded before keyturn kept it).
     pub dir: Option<PathBuf>,
+    /// Who ended it: the authenticated caller of `task end` (e.g.
+    /// `uid=1001`, `uid=0 as invoice-bot`), or `keyturn` when the daemon
+    /// did (TTL, failed start, decommission).
+    pub ended_by: Option<String>,
     pub items: Vec<ItemRow>,
 }
 
@@ -271,6 +285,8 @@ pub struct TaskStore {
     db: Mutex<Connection>,
     /// The writer thread (or, for tests under paused time, inline).
     writer: GroupCommit<WriteJob>,
+    /// `SELECT ... FROM tasks` ([`select_task`]).
+    select: String,
 }
 
 /// Most callers' writes committed in one transaction.
@@ -296,6 +312,7 @@ enum Write {
         task: String,
         state: TaskState,
         reason: Option<String>,
+        by: Option<String>,
         at_ms: i64,
     },
     /// Assertion `jti`s (agent, jti, keep until) to spend; whether each was
@@ -328,7 +345,8 @@ const SCHEMA: &str = "
         state         TEXT    NOT NULL,
         ended_at      INTEGER,
         end_reason    TEXT,
-        dir           TEXT
+        dir           TEXT,
+        ended_by      TEXT
     );
     CREATE INDEX IF NOT EXISTS tasks_open ON tasks (expires_at) WHERE state != 'ended';
     CREATE INDEX IF NOT EXISTS tasks_by_agent ON tasks (agent, started_at);
@@ -375,18 +393,16 @@ const MIGRATE_TOKEN_KEYS: &str = "
 
 /// Columns added since the first schema: `(table, column, type)`, added to
 /// a store made before them (their rows read `NULL`: not recorded).
-const ADDED_COLUMNS: [(&str, &str, &str); 2] =
-    [("tasks", "dir", "TEXT"), ("task_items", "origin", "TEXT")];
+const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
+    ("tasks", "dir", "TEXT"),
+    ("task_items", "origin", "TEXT"),
+    ("tasks", "ended_by", "TEXT"),
+];
 
 /// Adds the [`ADDED_COLUMNS`] a store made before them lacks.
 fn add_columns(db: &Connection) -> rusqlite::Result<()> {
     for (table, column, kind) in ADDED_COLUMNS {
-        let has: bool = db.query_row(
-            "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
-            params![table, column],
-            |r| r.get(0),
-        )?;
-        if !has {
+        if !has_column(db, table, column)? {
             db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
         }
     }
@@ -457,11 +473,13 @@ impl TaskStore {
             })
             .map_err(|e| err("cannot set up", &e))?;
         let db = open().map_err(|e| err("cannot open", &e))?;
+        let select = select_task(&db).map_err(|e| err("cannot read", &e))?;
         let writer = writer(wdb).map_err(|e| err("cannot start its writer thread", &e))?;
         Ok(TaskStore {
             path,
             db: Mutex::new(db),
             writer,
+            select,
         })
     }
 
@@ -504,10 +522,17 @@ impl TaskStore {
             }
             Flow::Continue
         });
+        // A store the daemon has not opened since a column came: read as
+        // it is, nothing migrated.
+        let select = select_task(&db).map_err(|e| StoreError {
+            path: path.display().to_string(),
+            message: format!("cannot read: {e}"),
+        })?;
         Ok(Some(TaskStore {
             path,
             db: Mutex::new(db),
             writer,
+            select,
         }))
     }
 
@@ -560,19 +585,22 @@ impl TaskStore {
         self.write("update task item", write).await
     }
 
-    /// Moves a task to `state`: `Ending` only from `Live`; the first end
-    /// reason given stays; `Ended` records when.
+    /// Moves a task to `state`: `Live` only from `Starting`, `Ending` only
+    /// from either; the first end reason and ender given stay; `Ended`
+    /// records when.
     pub async fn set_state(
         &self,
         task: &str,
         state: TaskState,
         reason: Option<&str>,
+        by: Option<&str>,
         at_ms: i64,
     ) -> Result<()> {
         let write = Write::State {
             task: task.to_owned(),
             state,
             reason: reason.map(str::to_owned),
+            by: by.map(str::to_owned),
             at_ms,
         };
         self.write("update task", write).await
@@ -624,7 +652,7 @@ impl TaskStore {
     pub fn get(&self, id: &str) -> Result<Option<TaskRow>> {
         let db = self.db();
         let task = db
-            .prepare_cached(&format!("{SELECT_TASK} WHERE id = ?1"))
+            .prepare_cached(&format!("{} WHERE id = ?1", self.select))
             .and_then(|mut stmt| stmt.query_row(params![id], task_row).optional())
             .map_err(|e| self.err("read task", e))?;
         match task {
@@ -645,12 +673,13 @@ impl TaskStore {
             let (sql, p): (String, Vec<&dyn rusqlite::ToSql>) = match &agent {
                 Some(a) => (
                     format!(
-                        "{SELECT_TASK} WHERE state != 'ended' AND agent = ?1 ORDER BY expires_at"
+                        "{} WHERE state != 'ended' AND agent = ?1 ORDER BY expires_at",
+                        self.select
                     ),
                     vec![a as &dyn rusqlite::ToSql],
                 ),
                 None => (
-                    format!("{SELECT_TASK} WHERE state != 'ended' ORDER BY expires_at"),
+                    format!("{} WHERE state != 'ended' ORDER BY expires_at", self.select),
                     vec![],
                 ),
             };
@@ -663,8 +692,9 @@ impl TaskStore {
             let limit = i64::try_from(recent_ended).unwrap_or(i64::MAX);
             let mut stmt = db
                 .prepare(&format!(
-                    "{SELECT_TASK} WHERE state = 'ended' AND (?1 IS NULL OR agent = ?1)
-                     ORDER BY ended_at DESC LIMIT ?2"
+                    "{} WHERE state = 'ended' AND (?1 IS NULL OR agent = ?1)
+                     ORDER BY ended_at DESC LIMIT ?2",
+                    self.select
                 ))
                 .map_err(|e| self.err("list tasks", e))?;
             let ended = stmt
@@ -747,7 +777,7 @@ fn apply(db: &Connection, write: &Write) -> rusqlite::Result<()> {
             db.prepare_cached(
                 "INSERT INTO tasks (id, agent, tenant, use_case, run_id, initiator, sensitivity, policy,
                                     started_by, started_at, expires_at, state, dir)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'live', ?12)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'starting', ?12)",
             )?
             .execute(params![
                 a.task_id,
@@ -806,14 +836,17 @@ fn apply(db: &Connection, write: &Write) -> rusqlite::Result<()> {
             task,
             state,
             reason,
+            by,
             at_ms,
         } => {
             db.prepare_cached(
                 "UPDATE tasks SET state = ?2, end_reason = COALESCE(end_reason, ?3),
+                        ended_by = COALESCE(ended_by, ?5),
                         ended_at = CASE WHEN ?2 = 'ended' THEN ?4 ELSE ended_at END
-                 WHERE id = ?1 AND (?2 != 'ending' OR state = 'live')",
+                 WHERE id = ?1 AND (?2 != 'ending' OR state IN ('starting', 'live'))
+                       AND (?2 != 'live' OR state = 'starting')",
             )?
-            .execute(params![task, state.as_str(), reason, at_ms])?;
+            .execute(params![task, state.as_str(), reason, at_ms, by])?;
         }
         Write::Spend { jtis, now, spent } => {
             db.prepare_cached("DELETE FROM assertions WHERE expires_at < ?1")?
@@ -831,10 +864,33 @@ fn apply(db: &Connection, write: &Write) -> rusqlite::Result<()> {
     Ok(())
 }
 
-const SELECT_TASK: &str =
-    "SELECT id, agent, tenant, use_case, run_id, initiator, sensitivity, policy,
-                                  started_by, started_at, expires_at, state, ended_at, end_reason, dir
-                           FROM tasks";
+/// What [`task_row`] reads; a column added since the first schema reads
+/// `NULL` in a store written before it, opened read-only.
+fn select_task(db: &Connection) -> rusqlite::Result<String> {
+    let or_null = |column: &'static str| -> rusqlite::Result<&'static str> {
+        Ok(if has_column(db, "tasks", column)? {
+            column
+        } else {
+            "NULL"
+        })
+    };
+    Ok(format!(
+        "SELECT id, agent, tenant, use_case, run_id, initiator, sensitivity, policy,
+                started_by, started_at, expires_at, state, ended_at, end_reason, {}, {}
+         FROM tasks",
+        or_null("dir")?,
+        or_null("ended_by")?
+    ))
+}
+
+/// Whether `table` has `column`.
+fn has_column(db: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    db.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+        params![table, column],
+        |r| r.get(0),
+    )
+}
 
 /// A path as stored: text (a task root is checked to be UTF-8 when the
 /// config is read; one that is not cannot be recorded, and the start fails).
@@ -863,6 +919,7 @@ fn task_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
         ended_at_ms: r.get(12)?,
         end_reason: r.get(13)?,
         dir: r.get::<_, Option<String>>(14)?.map(PathBuf::from),
+        ended_by: r.get(15)?,
         items: Vec::new(),
     })
 }
@@ -903,10 +960,11 @@ mod tests {
             started_by: "uid=1001".into(),
             started_at_ms: 1_000,
             expires_at_ms,
-            state: TaskState::Live,
+            state: TaskState::Starting,
             ended_at_ms: None,
             end_reason: None,
             dir: Some(PathBuf::from(format!("/run/keyturn/tasks/{agent}/{id}"))),
+            ended_by: None,
             items: issuers
                 .iter()
                 .map(|i| ItemRow {
@@ -956,13 +1014,23 @@ mod tests {
         assert_eq!(got.items[0].handle.as_deref(), Some("kt_task_t1"));
         assert_eq!(got.items[0].state, ItemState::Issued);
         assert_eq!(got.items[1].state, ItemState::Issuing);
-        s.set_state("t1", TaskState::Ending, Some("ttl"), 9_000)
+        s.set_state("t1", TaskState::Live, None, None, 8_000)
+            .await
+            .unwrap();
+        assert_eq!(s.get("t1").unwrap().unwrap().state, TaskState::Live);
+        s.set_state("t1", TaskState::Ending, Some("ttl"), Some("keyturn"), 9_000)
             .await
             .unwrap();
         // The first reason stays.
-        s.set_state("t1", TaskState::Ending, Some("end"), 9_001)
-            .await
-            .unwrap();
+        s.set_state(
+            "t1",
+            TaskState::Ending,
+            Some("end"),
+            Some("uid=1001"),
+            9_001,
+        )
+        .await
+        .unwrap();
         s.set_item(
             "t1",
             "sts",
@@ -978,8 +1046,12 @@ mod tests {
             .unwrap();
         let got = s.get("t1").unwrap().unwrap();
         assert_eq!(
-            (got.state, got.end_reason.as_deref()),
-            (TaskState::Ending, Some("ttl"))
+            (
+                got.state,
+                got.end_reason.as_deref(),
+                got.ended_by.as_deref()
+            ),
+            (TaskState::Ending, Some("ttl"), Some("keyturn"))
         );
         // The handle is kept when a later update does not repeat it.
         assert_eq!(got.items[0].handle.as_deref(), Some("kt_task_t1"));
@@ -993,7 +1065,7 @@ mod tests {
                 .state
                 .is_done(got.items[1].expires_at_ms, 8_999)
         );
-        s.set_state("t1", TaskState::Ended, None, 9_100)
+        s.set_state("t1", TaskState::Ended, None, None, 9_100)
             .await
             .unwrap();
         drop(s);
@@ -1022,7 +1094,7 @@ mod tests {
         s.insert(&row("a", "bot", &["pg"], 3_000)).await.unwrap();
         s.insert(&row("b", "other", &["pg"], 2_000)).await.unwrap();
         s.insert(&row("c", "bot", &["pg"], 1_000)).await.unwrap();
-        s.set_state("c", TaskState::Ended, Some("end"), 1_500)
+        s.set_state("c", TaskState::Ended, Some("end"), None, 1_500)
             .await
             .unwrap();
         let ids = |v: Vec<TaskRow>| v.into_iter().map(|t| t.task.task_id).collect::<Vec<_>>();
@@ -1055,6 +1127,7 @@ mod tests {
                 task: "b".into(),
                 state: TaskState::Ending,
                 reason: Some("end".into()),
+                by: None,
                 at_ms: 4_500,
             },
         ] {
@@ -1153,6 +1226,37 @@ mod tests {
         let r = TaskStore::open_read_only(dir.path()).unwrap().unwrap();
         assert_eq!(r.list(None, 0).unwrap()[0].task.task_id, "a");
         assert!(r.insert(&row("b", "bot", &["pg"], 3_000)).await.is_err());
+    }
+
+    /// A store written before `ended_by` existed is read as it is (the
+    /// column `NULL`) and gains the column when the daemon opens it.
+    #[tokio::test]
+    async fn a_store_without_ended_by_is_read_then_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = SCHEMA.replace(",\n        ended_by      TEXT", "");
+            assert_ne!(old, SCHEMA);
+            let db = Connection::open(dir.path().join("tasks.db")).unwrap();
+            db.execute_batch(&old).unwrap();
+            db.execute_batch(
+                "INSERT INTO tasks (id, agent, tenant, use_case, run_id, initiator, sensitivity, policy,
+                                    started_by, started_at, expires_at, state, ended_at, end_reason)
+                 VALUES ('t', 'bot', 'acme', 'u', 'r', 'i', 'low', 'p', 'uid=1', 1, 2, 'ended', 2, 'ttl')",
+            )
+            .unwrap();
+        }
+        let r = TaskStore::open_read_only(dir.path()).unwrap().unwrap();
+        let t = r.get("t").unwrap().unwrap();
+        assert_eq!((t.end_reason.as_deref(), t.ended_by), (Some("ttl"), None));
+        drop(r);
+        let s = TaskStore::open(dir.path()).unwrap();
+        s.insert(&row("n", "bot", &["pg"], 9_000)).await.unwrap();
+        s.set_state("n", TaskState::Ending, Some("end"), Some("uid=1001"), 5_000)
+            .await
+            .unwrap();
+        let n = s.get("n").unwrap().unwrap();
+        assert_eq!(n.ended_by.as_deref(), Some("uid=1001"));
+        assert_eq!(s.get("t").unwrap().unwrap().ended_by, None);
     }
 
     /// Signing key uses are per credential; the rows written before they

@@ -54,8 +54,7 @@ pub fn kill_9_and_resume<B>(
     first.stop();
     let before = at_version_1();
 
-    let mut doomed = env.start_with(&[("FAILPOINTS", &format!("{failpoint}=return"))]);
-    let out = env.cli(&["rotate", "bot/db", "--wait"]);
+    let out = killed_at(env, failpoint, || env.cli(&["rotate", "bot/db", "--wait"]));
     if !failpoint.contains("retire") {
         // Retiring the previous version happens after delivery (after grace),
         // so only at the retire failpoints may `rotate --wait` have succeeded.
@@ -65,19 +64,6 @@ pub fn kill_9_and_resume<B>(
             "{failpoint}: the rotation cannot have succeeded"
         );
     }
-    let status = doomed.wait_exit(Duration::from_secs(30));
-    let killed_log = doomed.log_text();
-    let status = status
-        .unwrap_or_else(|| panic!("{failpoint}: the daemon was not killed; log:\n{killed_log}"));
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "{failpoint}: the daemon died of SIGKILL ({status}); log:\n{killed_log}"
-    );
-    assert!(
-        killed_log.contains(failpoint),
-        "{failpoint}: not reached; log:\n{killed_log}"
-    );
 
     let again = env.start();
     // grace = 0: idle at version 2 means the previous version is retired too.
@@ -101,6 +87,28 @@ pub fn kill_9_and_resume<B>(
     assert!(temps.is_empty(), "{failpoint}: temp files left: {temps:?}");
     audit_verifies(env, failpoint);
     every_rotation_started_once_and_ended(env, failpoint);
+}
+
+/// Starts `env`'s daemon with `failpoint` armed, runs `trigger` (which must
+/// make the daemon reach it) and asserts that the daemon died there, of
+/// SIGKILL, like `kill -9`. Returns what `trigger` returned.
+pub fn killed_at<T>(env: &Env, failpoint: &str, trigger: impl FnOnce() -> T) -> T {
+    let mut doomed = env.start_with(&[("FAILPOINTS", &format!("{failpoint}=return"))]);
+    let out = trigger();
+    let status = doomed.wait_exit(Duration::from_secs(30));
+    let killed_log = doomed.log_text();
+    let status = status
+        .unwrap_or_else(|| panic!("{failpoint}: the daemon was not killed; log:\n{killed_log}"));
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "{failpoint}: the daemon died of SIGKILL ({status}); log:\n{killed_log}"
+    );
+    assert!(
+        killed_log.contains(failpoint),
+        "{failpoint}: not reached; log:\n{killed_log}"
+    );
+    out
 }
 
 /// Every rotation the audit log names has its `rotation.start` record

@@ -204,6 +204,20 @@ pub trait TaskIssuer: Send + Sync {
     /// The issuer can reach and authenticate to its system
     /// (`keyturn check --online`).
     async fn check(&self) -> Result<(), PluginError>;
+
+    /// Refuses, at the system, a policy level's `grant` whose tasks (of up
+    /// to `max_ttl`) every start would fail or cut short there (`keyturn
+    /// check --online`), with the code a start runs where there is one.
+    /// Changes nothing. `Ok(Some(note))`: what could not be checked. The
+    /// default: nothing to check there.
+    async fn check_grant(
+        &self,
+        grant: &Grant,
+        max_ttl: Duration,
+    ) -> Result<Option<String>, PluginError> {
+        let _ = (grant, max_ttl);
+        Ok(None)
+    }
 }
 
 /// What the registry needs of an issuer's config.
@@ -214,6 +228,14 @@ pub trait IssuerPlugin: std::fmt::Debug + Send + Sync {
 
     /// Reports every problem of a policy level's grant for this issuer.
     fn check_grant(&self, grant: &Grant, v: &mut Validator<'_>, at: Loc<'_>);
+
+    /// Why this issuer refuses every task of a level whose tasks may live
+    /// `max_ttl` (a TTL above its own limit), if it does. The default:
+    /// no limit.
+    fn refuses_ttl(&self, max_ttl: Duration) -> Option<String> {
+        let _ = max_ttl;
+        None
+    }
 
     /// The issuer. No I/O: connect when a task needs it.
     fn build(&self) -> Result<Arc<dyn TaskIssuer>, PluginError>;

@@ -33,6 +33,8 @@ struct MemIssuer {
     /// What `precheck` refuses with (an issuer's own refusal).
     refuse: Option<String>,
     issues: AtomicU32,
+    /// Seconds `issue` takes before it mints (a slow system).
+    issue_delay_s: AtomicU32,
 }
 
 impl MemIssuer {
@@ -87,6 +89,8 @@ impl TaskIssuer for MemIssuer {
 
     async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError> {
         self.issues.fetch_add(1, Ordering::SeqCst);
+        let delay = self.issue_delay_s.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(delay.into())).await;
         if self.fail_issue.load(Ordering::SeqCst) > 0 {
             self.fail_issue.fetch_sub(1, Ordering::SeqCst);
             return Err(PluginError::new(ErrorKind::Transient, "connection refused"));
@@ -393,6 +397,7 @@ async fn a_task_is_issued_written_ended_revoked_and_audited() {
 
     let ended = h.mgr.end(&caller("bot"), &id).await.unwrap();
     assert_ended(&ended, "end");
+    assert_eq!(ended.ended_by.as_deref(), Some("uid=1001"));
     assert!(ended.items.iter().all(|i| i.state == ItemState::Verified));
     assert!(!h.pg.is_live(&id) && !h.sts.is_live(&id));
     assert!(!dir.exists());
@@ -406,9 +411,12 @@ async fn a_task_is_issued_written_ended_revoked_and_audited() {
             "task.started:ok",
             "task.issued:ok",
             "task.issued:ok",
+            "task.end:ok",
             "task.revoked:ok",
             "task.revoked:ok",
-            "task.ended:ok"
+            "task.ended:ok",
+            // The second request is audited too.
+            "task.end:ok",
         ]
     );
     let text = h.rec.all_text();
@@ -508,12 +516,10 @@ async fn the_ttl_ends_a_task_and_survives_a_restart() {
     assert!(!h.root.join("bot").join(&id).exists());
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_credential_minted_before_a_crash_is_found_and_revoked() {
-    let h = harness();
-    // The crash: the task was recorded and the system minted the
-    // credential, but keyturn died before it recorded the handle.
-    let row = TaskRow {
+/// A task as a crash in the middle of its start leaves it: recorded, the
+/// system's credential minted, its handle never recorded.
+fn cut_off_start() -> TaskRow {
+    TaskRow {
         task: TaskAttribution {
             task_id: "0123456789abcdef01234567".into(),
             agent: "bot".into(),
@@ -527,10 +533,11 @@ async fn a_credential_minted_before_a_crash_is_found_and_revoked() {
         started_by: "uid=1001".into(),
         started_at_ms: 0,
         expires_at_ms: i64::MAX / 4,
-        state: TaskState::Live,
+        state: TaskState::Starting,
         ended_at_ms: None,
         end_reason: None,
         dir: None,
+        ended_by: None,
         items: vec![ItemRow {
             issuer: "pg".into(),
             handle: None,
@@ -539,17 +546,187 @@ async fn a_credential_minted_before_a_crash_is_found_and_revoked() {
             last_error: None,
             origin: None,
         }],
-    };
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_credential_minted_before_a_crash_is_found_and_revoked() {
+    let h = harness();
+    let row = cut_off_start();
     h.mgr.store.insert(&row).await.unwrap();
     h.pg.live
         .lock()
         .unwrap()
         .insert((String::new(), row.task.task_id.clone()));
-    // An `issuing` item of a live task keeps working until its TTL: the
-    // task is live. Ending it revokes by task id.
+    // Ending it revokes by task id.
     h.mgr.end(&caller("bot"), &row.task.task_id).await.unwrap();
     assert!(!h.pg.is_live(&row.task.task_id));
-    assert_eq!(h.state_of(&row.task.task_id), TaskState::Ended);
+    let t = h.mgr.store.get(&row.task.task_id).unwrap().unwrap();
+    // Whoever ends it, it ends as the failed start it was.
+    assert_ended(&t, "start_failed");
+}
+
+/// Defect: after a kill -9 during a task start, the restarted daemon showed
+/// the half-started task `live` and its credentials kept working until the
+/// TTL, although its caller got an error and holds nothing. A start that
+/// did not complete is ended at the restart's first pass, as a failed
+/// start, and what it issued is revoked (by handle, or by task id).
+#[tokio::test(start_paused = true)]
+async fn a_start_cut_off_by_a_crash_is_ended_at_restart_as_a_failed_start() {
+    let h = harness();
+    let mut row = cut_off_start();
+    row.items.push(ItemRow {
+        issuer: "sts".into(),
+        handle: None,
+        state: ItemState::Issuing,
+        expires_at_ms: None,
+        last_error: None,
+        origin: None,
+    });
+    let id = row.task.task_id.clone();
+    h.mgr.store.insert(&row).await.unwrap();
+    // `sts` minted and recorded its handle, `pg` minted and the crash came.
+    h.mgr
+        .store
+        .set_item(&id, "sts", ItemState::Issued, Some("sts-h"), None, None)
+        .await
+        .unwrap();
+    h.pg.live.lock().unwrap().insert((h.pg.system(), id.clone()));
+    h.sts.live.lock().unwrap().insert((h.sts.system(), id.clone()));
+    let restarted = h.restarted(0);
+    // Not live, even before the first pass.
+    assert_eq!(
+        restarted.list(Some("bot"), 0).unwrap()[0].state,
+        TaskState::Starting
+    );
+    restarted.tick().await.unwrap();
+    let t = restarted.store.get(&id).unwrap().unwrap();
+    assert_ended(&t, "start_failed");
+    assert_eq!(t.ended_by.as_deref(), Some("keyturn"));
+    assert!(!h.pg.is_live(&id) && !h.sts.is_live(&id));
+    let ended = h.rec.0.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(ended.event, "task.ended");
+    let detail: serde_json::Value = serde_json::from_str(ended.detail.as_deref().unwrap()).unwrap();
+    assert_eq!(detail["reason"], "start_failed");
+}
+
+/// A start abandoned half-way (its request dropped) is left alone while it
+/// runs, then ended as a failed start at the next pass.
+#[tokio::test(start_paused = true)]
+async fn a_start_abandoned_half_way_is_ended_as_a_failed_start() {
+    let h = harness();
+    h.sts.issue_delay_s.store(30, Ordering::SeqCst);
+    let bot = caller("bot");
+    let mut start = Box::pin(h.mgr.start(&bot, ask("high", None)));
+    tokio::select! {
+        r = &mut start => panic!("the start completed: {r:?}"),
+        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+    }
+    let open = h.mgr.list(Some("bot"), 0).unwrap();
+    let id = open[0].task.task_id.clone();
+    assert_eq!(open[0].state, TaskState::Starting);
+    assert!(h.pg.is_live(&id));
+    // In progress: the loop leaves it to its start.
+    h.mgr.tick().await.unwrap();
+    assert_eq!(h.state_of(&id), TaskState::Starting);
+    assert!(h.pg.is_live(&id));
+    drop(start);
+    h.mgr.tick().await.unwrap();
+    let t = h.mgr.store.get(&id).unwrap().unwrap();
+    assert_ended(&t, "start_failed");
+    assert!(!h.pg.is_live(&id) && !h.sts.is_live(&id));
+}
+
+/// Defect: the audit log never said who ended a task, and `task.issued` /
+/// `task.revoked` records carried only the issuer and the task id. Every
+/// record of a task carries its whole attribution; the end is audited with
+/// its caller (`task.end`, the peer as actor) and `task.ended` says why and
+/// who: the caller as authenticated, or `keyturn` (TTL, failed start).
+#[tokio::test(start_paused = true)]
+async fn who_ended_a_task_is_audited_with_the_whole_attribution() {
+    let h = harness();
+    let operator = Caller {
+        agent: "bot".into(),
+        actor: Actor::Peer {
+            uid: 0,
+            gid: 0,
+            pid: 7,
+        },
+        described: "uid=0 as bot".into(),
+    };
+    let by_operator = h.start("low", None).await;
+    h.mgr.end(&operator, &by_operator).await.unwrap();
+    let by_ttl = h.start("low", Some(60)).await;
+    tokio::time::advance(Duration::from_secs(61)).await;
+    h.mgr.tick().await.unwrap();
+
+    let records = h.rec.0.lock().unwrap().clone();
+    let of = |task: &str, event: &str| -> Vec<(AuditEvent, serde_json::Value)> {
+        records
+            .iter()
+            .filter(|r| r.event == event)
+            .map(|r| {
+                let d: serde_json::Value =
+                    serde_json::from_str(r.detail.as_deref().unwrap()).unwrap();
+                (r.clone(), d)
+            })
+            .filter(|(_, d)| d["task"] == task)
+            .collect()
+    };
+    let (end, _) = &of(&by_operator, "task.end")[0];
+    assert_eq!(end.actor, operator.actor);
+    let (ended, d) = &of(&by_operator, "task.ended")[0];
+    assert_eq!(ended.actor, operator.actor);
+    assert_eq!(
+        (&d["reason"], &d["ended_by"]),
+        (&"end".into(), &"uid=0 as bot".into())
+    );
+    let (ended, d) = &of(&by_ttl, "task.ended")[0];
+    assert_eq!(ended.actor, Actor::Daemon);
+    assert_eq!(
+        (&d["reason"], &d["ended_by"]),
+        (&"ttl".into(), &"keyturn".into())
+    );
+    for task in [&by_operator, &by_ttl] {
+        for event in ["task.issued", "task.revoked", "task.ended"] {
+            let (r, d) = &of(task, event)[0];
+            assert_eq!(r.agent.as_ref().map(|a| a.as_str()), Some("bot"), "{event}");
+            assert_eq!(r.tenant.as_deref(), Some("acme"), "{event}");
+            for (k, v) in [
+                ("run_id", "run-77"),
+                ("use_case", "month-end"),
+                ("initiator", "alice@example.com"),
+                ("sensitivity", "low"),
+            ] {
+                assert_eq!(d[k], v, "{event} {k}: {d}");
+            }
+            if event != "task.ended" {
+                assert_eq!(d["issuer"], "pg", "{event}");
+            }
+        }
+    }
+    assert_eq!(
+        h.mgr
+            .store
+            .get(&by_ttl)
+            .unwrap()
+            .unwrap()
+            .ended_by
+            .as_deref(),
+        Some("keyturn")
+    );
+}
+
+/// A credential that cannot be ended early is audited as expiring, not as
+/// revoked: it keeps working until its own expiry.
+#[tokio::test(start_paused = true)]
+async fn a_credential_that_only_expires_is_not_audited_as_revoked() {
+    let h = harness_with(MemIssuer::expiring("pg"), MemIssuer::new("sts"));
+    let id = h.start("low", None).await;
+    h.mgr.end(&caller("bot"), &id).await.unwrap();
+    let names = h.rec.names();
+    assert!(names.contains(&"task.expiring:ok".to_owned()), "{names:?}");
+    assert!(!names.contains(&"task.revoked:ok".to_owned()), "{names:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -546,3 +546,53 @@ levels.high.grants.bao = { policies = ["invoices-read"] }
         "{got:#?}"
     );
 }
+
+/// Defect: `check` accepted an issuer `max_ttl` below a level's TTL, and
+/// every task of that level was then refused at start. It is an error at
+/// the level's grant of that issuer, saying both TTLs and what to change.
+#[test]
+fn a_level_whose_tasks_outlive_an_issuers_max_ttl_is_refused() {
+    let file = Path::new("/etc/keyturn/keyturn.toml");
+    let text = |issuer_max: &str| {
+        format!(
+            r#"
+[agents.bot]
+owner = "o@example.com"
+tenant = "acme"
+tier = "low"
+uid = 1001
+
+[issuers.bao]
+type = "vault_token"
+address = "https://bao.internal:8200"
+token_file = "/etc/keyturn/bao-token"
+max_ttl = "{issuer_max}"
+
+[policies.p]
+agents = ["bot"]
+tenants = ["acme"]
+default_ttl = "15m"
+max_ttl = "30m"
+levels.low.max_ttl = "10m"
+levels.low.grants.bao = {{ policies = ["invoices-read"] }}
+levels.high.grants.bao = {{ policies = ["invoices-read"] }}
+"#
+        )
+    };
+    crate::config::load::load_str(file, &text("30m")).unwrap_or_else(|e| panic!("{e}"));
+    let errs = crate::config::load::load_str(file, &text("10m")).unwrap_err();
+    let got: Vec<String> = errs
+        .0
+        .iter()
+        .map(|e| format!("{}: {}", e.toml_path, e.message))
+        .collect();
+    // `high` inherits the policy's 30m; `low` (10m) fits.
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert!(
+        got[0].starts_with(
+            "policies.p.levels.high.grants.bao: level `high` allows tasks of up to 30m"
+        ) && got[0].contains("its max_ttl is 10m")
+            && got[0].contains("lower the level's max_ttl or raise the issuer's"),
+        "{got:#?}"
+    );
+}

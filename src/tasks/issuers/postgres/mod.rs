@@ -141,14 +141,22 @@ const SERVER_ROLES: [&str; 3] = [
 /// `pg_temp.keyturn_task_issue()` ([`SESSION`]: compiled and planned once
 /// per pooled connection) or, where the admin may not make temporary
 /// objects, as a `DO` block ([`ISSUE_DO`], compiled at each call).
-macro_rules! issue_body {
+/// What a grant's roles must pass at the server, as PL/pgSQL statements
+/// over `wanted` (the grant's roles, `text[]`), with `too_strong text` and
+/// `missing text` declared: every role exists, and none reaches (through
+/// memberships) a role a member can SET ROLE to that is a superuser,
+/// CREATEROLE, REPLICATION or BYPASSRLS, or has the server's files or
+/// programs. Run at every issuance ([`issue_body`]) and by `keyturn check
+/// --online` ([`GRANT_CHECK_DO`]): one text, so the check refuses exactly
+/// what a start would.
+macro_rules! grant_checks {
     () => {
-        "DECLARE \
-    r text := current_setting('keyturn.role'); \
-    wanted text[] := ARRAY(SELECT json_array_elements_text(current_setting('keyturn.roles')::json)); \
-    g text; \
-    too_strong text; \
-BEGIN \
+        "missing := (SELECT string_agg(quote_ident(w), ', ') FROM unnest(wanted) w \
+        WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = w)); \
+    IF missing IS NOT NULL THEN \
+        RAISE EXCEPTION 'role % of the grant does not exist: create it, or fix the policy''s grant', missing \
+            USING ERRCODE = 'undefined_object'; \
+    END IF; \
     too_strong := ( \
         WITH RECURSIVE up(oid) AS ( \
             SELECT oid FROM pg_roles WHERE rolname = ANY (wanted) \
@@ -159,8 +167,30 @@ BEGIN \
     IF too_strong IS NOT NULL THEN \
         RAISE EXCEPTION 'the grant reaches %, which a member can SET ROLE to: a superuser, CREATEROLE, REPLICATION or BYPASSRLS role, or one with the server''s files or programs', too_strong \
             USING ERRCODE = 'invalid_parameter_value'; \
-    END IF; \
-    IF current_setting('keyturn.create') = 'on' THEN \
+    END IF; "
+    };
+}
+
+/// The declarations [`grant_checks`] needs, `wanted` from the session
+/// setting `keyturn.roles` (a JSON array).
+macro_rules! grant_vars {
+    () => {
+        "wanted text[] := ARRAY(SELECT json_array_elements_text(current_setting('keyturn.roles')::json)); \
+    too_strong text; \
+    missing text; "
+    };
+}
+
+macro_rules! issue_body {
+    () => {
+        concat!(
+            "DECLARE \
+    r text := current_setting('keyturn.role'); \
+    g text; ",
+            grant_vars!(),
+            "BEGIN ",
+            grant_checks!(),
+            "IF current_setting('keyturn.create') = 'on' THEN \
         EXECUTE format('CREATE ROLE %I WITH LOGIN INHERIT CONNECTION LIMIT %s PASSWORD %L VALID UNTIL %L%s', \
             r, current_setting('keyturn.limit')::int, current_setting('keyturn.verifier'), \
             current_setting('keyturn.until'), \
@@ -185,8 +215,19 @@ BEGIN \
     EXECUTE format('COMMENT ON ROLE %I IS %L', r, current_setting('keyturn.comment')); \
     EXECUTE format('ALTER ROLE %I SET application_name = %L', r, current_setting('keyturn.app')); \
 END"
+        )
     };
 }
+
+/// [`grant_checks`] alone, as an anonymous block: `keyturn check --online`
+/// runs it in a transaction it rolls back.
+const GRANT_CHECK_DO: &str = concat!(
+    "DO $keyturn$ DECLARE ",
+    grant_vars!(),
+    "BEGIN ",
+    grant_checks!(),
+    "END $keyturn$"
+);
 
 /// [`issue_body`] as an anonymous block: where the admin may not make the
 /// session functions.
@@ -1093,6 +1134,49 @@ impl TaskIssuer for PgIssuer {
             format!("{ctx}: the admin DSN's role {missing} (or be superuser)"),
         ))
     }
+
+    /// The grant's roles pass [`grant_checks`] at the server, as at every
+    /// issuance: they exist and reach no role too strong for a task.
+    async fn check_grant(
+        &self,
+        grant: &Grant,
+        _max_ttl: Duration,
+    ) -> Result<Option<String>, PluginError> {
+        let ctx = format!("{}: check grant", self.describe());
+        let grant: PgGrant = grant.parse().map_err(|e| {
+            PluginError::new(ErrorKind::Invalid, format!("{ctx}: invalid grant: {e}"))
+        })?;
+        let roles = serde_json::to_string(&grant.roles).expect("strings serialize");
+        let mut conn = self.admin.lease(&self.describe(), "check").await?;
+        loop {
+            let outcome = check_grant_on(&conn, &roles)
+                .await
+                .map_err(|e| conn.error(&ctx, &e, &[]));
+            if !conn.again(&outcome, &ctx).await? {
+                return outcome.map(|()| None);
+            }
+        }
+    }
+}
+
+/// [`GRANT_CHECK_DO`] for `roles` (a JSON array) in a transaction rolled
+/// back, pipelined like [`run_issue`].
+async fn check_grant_on(conn: &AdminConn, roles: &str) -> Result<(), tokio_postgres::Error> {
+    let client = &conn.client;
+    let set = conn
+        .prepared("SELECT set_config('keyturn.roles', $1, true)")
+        .await?;
+    let params: [&(dyn ToSql + Sync); 1] = [&roles];
+    let (begin, set, run, rollback) = tokio::join!(
+        client.batch_execute("BEGIN"),
+        client.execute(&set, &params),
+        client.batch_execute(GRANT_CHECK_DO),
+        client.batch_execute("ROLLBACK"),
+    );
+    begin?;
+    set?;
+    run?;
+    rollback
 }
 
 #[cfg(test)]
@@ -2182,6 +2266,34 @@ mod tests {
             .unwrap_err();
         assert_error(&e, ErrorKind::Invalid, "does not exist");
         assert!(!fx.role_exists(&format!("kt_task_{}", task.task_id)).await);
+        // A superuser granted directly.
+        let root = format!("r_root_{}", fx.sfx);
+        fx.sql(&format!("CREATE ROLE {root} SUPERUSER")).await;
+        let e = fx
+            .issue(&issuer, &fx.task("root"), std::slice::from_ref(&root), TTL)
+            .await
+            .unwrap_err();
+        assert_error(&e, ErrorKind::Invalid, &root);
+
+        // Defect: `keyturn check --online` accepted these grants, which
+        // every start refuses. It runs the same checks, with the same words,
+        // and accepts what a start accepts.
+        let grant = |roles: &[String]| Grant(serde_json::json!({ "roles": roles }));
+        for (roles, says) in [
+            (vec![fx.low()], strong.clone()),
+            (
+                vec![fx.high(), format!("r_none_{}", fx.sfx)],
+                "does not exist".to_owned(),
+            ),
+            (vec![root.clone()], root.clone()),
+        ] {
+            let e = issuer.check_grant(&grant(&roles), TTL).await.unwrap_err();
+            assert_error(&e, ErrorKind::Invalid, &says);
+        }
+        assert_eq!(
+            issuer.check_grant(&grant(&[fx.high()]), TTL).await.unwrap(),
+            None
+        );
     }
 
     #[cfg_attr(

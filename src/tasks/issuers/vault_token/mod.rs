@@ -289,6 +289,15 @@ impl IssuerPlugin for TokenIssuerConfig {
         }
     }
 
+    fn refuses_ttl(&self, max_ttl: Duration) -> Option<String> {
+        (max_ttl > self.max_ttl()).then(|| {
+            format!(
+                "its max_ttl is {}",
+                humantime::format_duration(self.max_ttl())
+            )
+        })
+    }
+
     fn build(&self) -> Result<Arc<dyn TaskIssuer>, PluginError> {
         let config = self.connection();
         // The environment is read now: a missing variable is a start-up error.
@@ -379,6 +388,31 @@ impl VaultTokenIssuer {
             kind,
             format!("issuer {NAME} ({}): {step}: {detail}", self.address),
         )
+    }
+
+    /// What to change: the token role's `advice`, or, without a token
+    /// role, the server's own limits.
+    fn role_advice(&self, advice: &str) -> String {
+        match &self.token_role {
+            Some(role) => format!("the token role `{role}` changes it: {advice}"),
+            None => "the server's token limits (the token mount's max TTL) change it".to_owned(),
+        }
+    }
+
+    /// How many uses the token of `accessor` has (0: unlimited), as the
+    /// server says.
+    async fn uses_of(
+        &self,
+        conn: &Connection,
+        step: &str,
+        accessor: &str,
+    ) -> Result<u64, PluginError> {
+        conn.call(step, "auth/token/lookup-accessor", |c| async move {
+            vaultrs::token::lookup_accessor(&*c, accessor)
+                .await
+                .map(|t| t.num_uses)
+        })
+        .await
     }
 
     fn create_location(&self) -> String {
@@ -567,8 +601,34 @@ impl TaskIssuer for VaultTokenIssuer {
             Some("the token does not expire".to_owned())
         } else if auth.renewable {
             Some("the token is renewable; the token role must not make it so".to_owned())
+        } else if auth.lease_duration + 1 < ttl_s {
+            // A role's token_explicit_max_ttl or token_max_ttl (or the
+            // mount's max TTL) below the task's: the token would die while
+            // keyturn reports the task live.
+            Some(format!(
+                "the token lives {}s, less than the task's {ttl_s}s; {}",
+                auth.lease_duration,
+                self.role_advice("raise its token_explicit_max_ttl and token_max_ttl (and the token mount's max TTL) to at least the policies' max_ttl")
+            ))
         } else {
-            None
+            match self.uses_of(conn, &step, &accessor).await {
+                Ok(uses) if uses != grant.num_uses.unwrap_or(0) => Some(format!(
+                    "the token has {} uses, not the grant's {}; {}",
+                    if uses == 0 {
+                        "unlimited".to_owned()
+                    } else {
+                        uses.to_string()
+                    },
+                    grant
+                        .num_uses
+                        .map_or("unlimited".to_owned(), |n| n.to_string()),
+                    self.role_advice(
+                        "set its token_num_uses to 0 and give num_uses in the policy level's grant"
+                    )
+                )),
+                Ok(_) => None,
+                Err(e) => Some(format!("the token could not be looked up ({e})")),
+            }
         };
         if let Some(problem) = problem {
             let outcome = match self.revoke_accessor(conn, &step, &accessor).await {
@@ -655,5 +715,106 @@ impl TaskIssuer for VaultTokenIssuer {
             vaultrs::token::lookup_self(&*c).await.map(|_| ())
         })
         .await
+    }
+
+    /// The token role's limits against the level's: a role that caps the
+    /// token's TTL below `max_ttl`, or its uses below the grant's, makes
+    /// every such task's token die mid-task (a start refuses it).
+    async fn check_grant(
+        &self,
+        grant: &Grant,
+        max_ttl: Duration,
+    ) -> Result<Option<String>, PluginError> {
+        let Some(role) = &self.token_role else {
+            return Ok(None);
+        };
+        let step = "check grant";
+        let grant: TokenGrant = grant.parse().map_err(|e| {
+            self.fail(
+                ErrorKind::Invalid,
+                step,
+                format!("not a vault_token grant: {e}"),
+            )
+        })?;
+        let conn = self.connection().await?;
+        let location = format!("auth/token/roles/{role}");
+        let limits = match conn
+            .call(step, &location, |c| async move {
+                vaultrs::api::exec_with_result(&*c, ReadRole { name: role.clone() }).await
+            })
+            .await
+        {
+            Ok(limits) => limits,
+            // Reading roles is not something keyturn needs to run.
+            Err(e) if e.kind == ErrorKind::Unauthorized => {
+                return Ok(Some(format!(
+                    "the limits of token role `{role}` were not checked: grant keyturn's token \
+                     `read` on auth/token/roles/{role} to check them"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        let ttl_s = max_ttl.as_secs();
+        let mut problems = Vec::new();
+        for (key, limit) in [
+            ("token_explicit_max_ttl", limits.token_explicit_max_ttl),
+            ("token_max_ttl", limits.token_max_ttl),
+        ] {
+            if limit > 0 && limit < ttl_s {
+                problems.push(format!(
+                    "its {key} ({limit}s) is shorter than the level's max_ttl ({ttl_s}s): raise it"
+                ));
+            }
+        }
+        let uses = limits.token_num_uses;
+        if uses > 0 && grant.num_uses.is_none_or(|n| n > uses) {
+            problems.push(format!(
+                "its token_num_uses ({uses}) caps the grant's {}: set it to 0 and give num_uses in the grant",
+                grant.num_uses.map_or("unlimited uses".to_owned(), |n| format!("{n} uses"))
+            ));
+        }
+        if problems.is_empty() {
+            return Ok(None);
+        }
+        Err(conn.err(
+            ErrorKind::Invalid,
+            step,
+            &location,
+            format!(
+                "the token role `{role}` cuts every task's token short (a start refuses such a token): {}",
+                problems.join("; ")
+            ),
+        ))
+    }
+}
+
+/// `GET auth/token/roles/<name>`: the limits a token role puts on the
+/// tokens it makes (vaultrs' own response lacks `token_num_uses` and
+/// `token_max_ttl`).
+struct ReadRole {
+    name: String,
+}
+
+#[derive(serde::Deserialize)]
+struct RoleLimits {
+    #[serde(default)]
+    token_explicit_max_ttl: u64,
+    #[serde(default)]
+    token_max_ttl: u64,
+    #[serde(default)]
+    token_num_uses: u64,
+}
+
+impl rustify::Endpoint for ReadRole {
+    type Response = RoleLimits;
+    const REQUEST_BODY_TYPE: rustify::enums::RequestType = rustify::enums::RequestType::JSON;
+    const RESPONSE_BODY_TYPE: rustify::enums::ResponseType = rustify::enums::ResponseType::JSON;
+
+    fn path(&self) -> String {
+        format!("/auth/token/roles/{}", self.name)
+    }
+
+    fn method(&self) -> rustify::enums::RequestMethod {
+        rustify::enums::RequestMethod::GET
     }
 }

@@ -372,6 +372,82 @@ async fn tokens_of_a_token_role_are_orphans_that_outlive_keyturns_own_token() {
     f.cleanup().await;
 }
 
+/// Defect: a token role that shortens the token (an explicit max TTL
+/// below the task's, `token_num_uses`) was accepted silently, and the task
+/// outlived its token. A start refuses such a token (revoked at once,
+/// naming the role's setting), and `check --online` reads the role and
+/// says so before any start.
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[tokio::test]
+async fn a_token_role_that_cuts_the_token_short_is_refused_at_start_and_by_check() {
+    type Setting = fn(&mut SetTokenRoleRequestBuilder);
+    let f = Fixture::new().await;
+    let grant = f.grant();
+    let ten_minutes = Duration::from_secs(600);
+    let cases: [(&str, Setting); 2] = [
+        ("token_explicit_max_ttl", |b| {
+            b.token_explicit_max_ttl("5m");
+        }),
+        ("token_num_uses", |b| {
+            b.token_num_uses(5u64);
+        }),
+    ];
+    for (setting, more) in cases {
+        let (role, own_policy) = f.token_role(false, more).await;
+        let issuer = f.issuer(&bao().1, Some(&role));
+        let task = fresh_task();
+        let e = issuer
+            .issue(&request(&task, &grant, ten_minutes))
+            .await
+            .expect_err("a token cut short is refused");
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        for says in [
+            format!("token role `{role}`"),
+            setting.to_owned(),
+            "it was revoked".to_owned(),
+        ] {
+            assert!(e.message.contains(&says), "{setting}: {says} missing: {e}");
+        }
+        let e = issuer
+            .check_grant(&grant, ten_minutes)
+            .await
+            .expect_err("check --online refuses the role");
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains(setting), "{e}");
+        f.drop_token_role(&role, &own_policy).await;
+    }
+    // A role whose limits the level fits: both accept; a longer level not.
+    let (role, own_policy) = f
+        .token_role(false, |b| {
+            b.token_explicit_max_ttl("1h");
+        })
+        .await;
+    let issuer = f.issuer(&bao().1, Some(&role));
+    assert_eq!(
+        issuer
+            .check_grant(&grant, Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        None
+    );
+    let e = issuer
+        .check_grant(&grant, Duration::from_secs(7200))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("token_explicit_max_ttl (3600s)"), "{e}");
+    let task = fresh_task();
+    let issued = issuer
+        .issue(&request(&task, &grant, ten_minutes))
+        .await
+        .unwrap();
+    assert_revoked_now(&*issuer, &task, Some(&issued.handle)).await;
+    f.drop_token_role(&role, &own_policy).await;
+    f.cleanup().await;
+}
+
 /// The issuer logs in like the `vault` vault does (the same session code):
 /// AppRole on first use, the role's policies on keyturn's own token.
 #[cfg_attr(
