@@ -707,3 +707,100 @@ fn status_shows_a_decommissioned_agents_versions_destroyed_online_and_offline() 
     assert_eq!(stage_cell(&env, "old", "db"), "destroyed");
     assert_eq!(stage_cell(&env, "app", "db"), "current");
 }
+
+/// Defect (black-box, security): the items of a credential were revoked in
+/// order, files first, so an agent being decommissioned could stop its own
+/// revocation by making its delivered file unremovable (here: the directory
+/// holding it replaced by a symlink, which keyturn never follows): the
+/// target's `revoke` and the vault's destroy were never attempted and the
+/// credential kept working. The file is an item on its own now: the target
+/// and the vault are revoked and verified while it stays pending (and
+/// alerting), and what the symlink points to is never touched.
+#[test]
+fn an_agent_cannot_hold_up_its_own_revocation_by_tampering_with_its_files() {
+    let env = Env::new("");
+    let d = env.path().display();
+    let p = write_hook(
+        &env,
+        &format!(
+            r#"#!/bin/sh
+case "$KEYTURN_STEP" in
+  set) cat > "{d}/hook-value" ;;
+  test) [ -e "{d}/revoked" ] && exit 1; cmp -s - "{d}/hook-value" || exit 1 ;;
+  revoke) touch "{d}/revoked" ;;
+esac
+exit 0
+"#
+        ),
+    );
+    env.write_credentials(&format!(
+        r#"{}
+[agents.bot.credentials.api]
+vault = "local"
+generate = {{ kind = "password", length = 24 }}
+every = "1h"
+target = {{ type = "command", program = "{}" }}
+deliver = [{{ type = "file", path = "{{root}}/bot/sub/api", format = "raw" }}]
+"#,
+        agent_table("bot"),
+        p.display()
+    ));
+    let daemon = env.start();
+    wait_version(&env, "bot", "api", 1);
+    // The agent swaps its directory for a symlink to somewhere else.
+    let sub = env.root().join("bot/sub");
+    let elsewhere = env.path().join("elsewhere");
+    std::fs::rename(&sub, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &sub).unwrap();
+    env.cli_ok(&["decommission", "bot", "--reason", "compromised"]);
+    let verified = |item: &str| {
+        audit_records(&env).iter().any(|r| {
+            r["event"] == "revocation.verified"
+                && r["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with(&format!("item={item} ")))
+        })
+    };
+    wait_for(Duration::from_secs(30), || {
+        (verified("api/target") && verified("api/vault:local")).then_some(())
+    })
+    .unwrap_or_else(|| panic!("target and vault not revoked: {:?}", audit_records(&env)));
+    assert!(env.path().join("revoked").exists(), "the hook's revoke ran");
+    let k = keyturn::model::CredentialKey::new(
+        keyturn::model::AgentId::new("bot").unwrap(),
+        keyturn::model::CredentialId::new("api").unwrap(),
+    );
+    assert!(
+        block_on(local_vault_value_at(
+            &env,
+            "local",
+            &k,
+            "agents/bot/api",
+            Select::Stage(Stage::Current)
+        ))
+        .is_none(),
+        "the vault's versions are destroyed"
+    );
+    // The file item alone stays open, saying why; nothing is followed.
+    assert!(!verified("api/sink:0"));
+    let failed = audit_records(&env)
+        .into_iter()
+        .rfind(|r| {
+            r["event"] == "revocation.failed"
+                && r["detail"].as_str().is_some_and(|d| d == "item=api/sink:0")
+        })
+        .expect("the file item failed");
+    assert!(
+        failed["error"].as_str().unwrap().contains("symlink"),
+        "{failed}"
+    );
+    assert!(elsewhere.join("api").exists(), "never followed");
+    assert_eq!(
+        status_json(&env)
+            .iter()
+            .find(|r| r["agent"] == "bot")
+            .map(|r| r["state"].clone()),
+        Some(serde_json::json!("decommissioning"))
+    );
+    daemon.stop();
+}

@@ -1517,6 +1517,70 @@ fn decommission_revokes_and_verifies_every_vault_the_target_and_the_files() {
 
 // --- `keyturn check --online` ------------------------------------------------------
 
+/// Defect (black-box): after a reload changed a postgres target's `role`
+/// (no rotation since), a decommission revoked and "verified" only the new
+/// role, and said `verified, SLA met` while the old role still logged in
+/// with the agent's value. Every target a version was set on is revoked and
+/// verified (here both roles of the old `alternating_users` pair).
+#[test]
+fn decommission_after_a_role_change_revokes_the_roles_the_values_were_set_on() {
+    let files = Files::new();
+    let old = pg_new_role("kt_was_");
+    let old_clone = format!("{old}_clone");
+    let new = pg_new_role("kt_now_");
+    let path = unique("e2e/dec/moved/");
+    let config = |target: String| {
+        format!(
+            "{}{}",
+            agent_table(AGENT),
+            credential("db", r#""local""#, &path, "1h", &target)
+        )
+    };
+    let env = Env::new(&config(pg_target(
+        &files,
+        &old,
+        "alternating_users",
+        &pg_admin_dsn(),
+    )));
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    let v1 = delivered(&env, "db");
+    rotate_ok(&env, "db", 2);
+    let v2 = delivered(&env, "db");
+    assert_eq!(v2.username.as_deref(), Some(old_clone.as_str()));
+    env.write_credentials(&config(pg_target(
+        &files,
+        &new,
+        "single_user",
+        &pg_admin_dsn(),
+    )));
+    daemon.reload();
+    let out = env.cli(&["decommission", AGENT, "--reason", "moved", "--wait"]);
+    assert!(out.status.success(), "decommission: {}", text(&out));
+    let rt = rt();
+    rt.block_on(async {
+        assert_login_refused(&old, &v1.value).await;
+        assert_login_refused(&old_clone, &v2.value).await;
+    });
+    let verified: Vec<String> = audit_records(&env)
+        .into_iter()
+        .filter(|r| r["event"] == "revocation.verified")
+        .filter_map(|r| r["detail"].as_str().map(str::to_owned))
+        .collect();
+    for item in ["db/target ", &format!("db/target:postgres:{old} ")] {
+        assert!(
+            verified
+                .iter()
+                .any(|d| d.starts_with(&format!("item={item}"))),
+            "{item} verified: {verified:?}"
+        );
+    }
+    daemon.stop();
+    rt.block_on(pg_admin(&format!(
+        "DROP ROLE IF EXISTS {old}; DROP ROLE IF EXISTS {old_clone}; DROP ROLE {new}"
+    )));
+}
+
 /// `keyturn check --online` on `env`'s config, with the AWS secret key
 /// replaced by `aws_secret` (moto accepts any key; it stands for a canary).
 fn check_online(env: &Env, args: &[&str], aws_secret: &str) -> (Option<i32>, String, String) {

@@ -2,11 +2,16 @@
 //! then verified on its own.
 //!
 //! Per credential, in this order (each one waits for the one before it to
-//! be verified):
+//! be verified), except the `sink:N` items, each done on its own:
 //! 1. `acks`: the consumers still awaited are forgotten;
 //! 2. `sink:N`: every file (or bundle) delivered is removed; verified by
-//!    finding nothing at the path;
-//! 3. `target`: the target stops accepting every value (postgres: NOLOGIN
+//!    finding nothing keyturn put at the path. The agent owns its delivery
+//!    directory, so it can make this fail (a directory where the file was,
+//!    an unremovable entry): that item stays pending and alerting, and
+//!    never keeps the target and the vaults from being revoked;
+//! 3. `target` (and `target:WHERE` for each target a version was set on
+//!    before the config changed it, e.g. another postgres `role`): the
+//!    target stops accepting every value (postgres: NOLOGIN
 //!    on every role, sessions terminated; `command`: the hook's `revoke`);
 //!    verified by logging in with each value the vault still holds, which
 //!    must be refused — so this comes before the vaults are emptied;
@@ -131,6 +136,28 @@ pub fn plan(
                     path: fp.path.clone(),
                 },
             ));
+        }
+        // Where a value was set before the config changed the target.
+        if let Some(primary) = fp.vaults.first() {
+            for earlier in &fp.targets_from {
+                let shown = earlier
+                    .build()
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| "earlier".to_owned(), |t| t.describe());
+                let mut item = format!("{}/target:{shown}", key.credential);
+                while specs.iter().any(|(i, _)| *i == item) {
+                    item.push('+');
+                }
+                specs.push((
+                    item,
+                    Spec::Target {
+                        target: serde_json::to_value(earlier).expect("a target config serialises"),
+                        vault: primary.clone(),
+                        path: fp.path.clone(),
+                    },
+                ));
+            }
         }
         for v in &fp.vaults {
             specs.push((
@@ -298,6 +325,14 @@ pub async fn verify_tokens(
     ))
 }
 
+/// Whether `row` is done on its own, not in its credential's order: a
+/// delivered file. Its removal is in the hands of the agent being retired
+/// (it owns the directory), so it must never hold up the revocation at the
+/// target or in the vaults.
+pub fn independent(row: &RevocationRow) -> bool {
+    row.kind == "sink"
+}
+
 /// Items of one credential in the order they are done.
 pub fn ordered(mut items: Vec<RevocationRow>) -> Vec<RevocationRow> {
     items.sort_by_key(|r| {
@@ -383,19 +418,10 @@ pub async fn verify(
 ) -> Result<String, PluginError> {
     match spec {
         Spec::Acks {} => Ok("no consumer awaited".into()),
-        Spec::Sink { path } => match std::fs::symlink_metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(format!("{} is gone", path.display()))
-            }
-            Err(e) => Err(PluginError::new(
-                ErrorKind::Transient,
-                format!("cannot check {}: {e}", path.display()),
-            )),
-            Ok(_) => Err(PluginError::new(
-                ErrorKind::Transient,
-                format!("{} is still there", path.display()),
-            )),
-        },
+        Spec::Sink { path } => {
+            let roots = engine.catalog().config.daemon.delivery_roots.clone();
+            crate::sinks::retracted_at(path, &roots).await
+        }
         Spec::Target {
             target,
             vault,

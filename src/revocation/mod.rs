@@ -16,7 +16,10 @@
 //!   then verified through the system's own API, each persisted and audited
 //!   (`revocation.revoked`, `revocation.verified`, `revocation.failed`),
 //!   retried with back-off until done, across restarts. Credentials are
-//!   worked on concurrently (`CONCURRENCY`), the items of one in order.
+//!   worked on concurrently (`CONCURRENCY`), the items of one in order,
+//!   but each delivered file on its own: a file that cannot be removed
+//!   (the agent's to tamper with) never holds up the revocation at the
+//!   target or in the vaults.
 //! - **Complete** when every item is verified (`decommission.verified`,
 //!   with decision → revoked → verified durations against the SLA).
 //! - **SLA** (`sla.rs`): `revocation_sla` of the agent's tier, or the
@@ -387,18 +390,29 @@ impl Revocations {
                 // Credentials last delivered before holdings were recorded:
                 // their last rotation's footprint (no files).
                 let known: Vec<CredentialKey> = out.iter().map(|(k, _)| k.clone()).collect();
+                // The targets its versions were set on (a reload may have
+                // changed the target, a postgres `role`, since).
+                let mut set_on: Vec<(CredentialKey, String)> = Vec::new();
                 for row in s.snapshot()?.credentials {
-                    if row.key.agent == a
-                        && !known.contains(&row.key)
+                    if row.key.agent != a {
+                        continue;
+                    }
+                    for v in s.versions(&row.key)? {
+                        if let Some(fp) = s.rotation(&v.rotation)?.and_then(|r| r.footprint) {
+                            set_on.push((row.key.clone(), fp));
+                        }
+                    }
+                    if !known.contains(&row.key)
                         && let Some(fp) = s.latest_rotation(&row.key)?.and_then(|r| r.footprint)
                     {
                         out.push((row.key, fp));
                     }
                 }
-                Ok(out)
+                Ok((out, set_on))
             })
             .await
             .map_err(|e| DecommissionError::Unavailable(format!("cannot read state: {e}")))?;
+        let (remembered, set_on) = remembered;
         for (key, text) in remembered {
             match Footprint::parse(&text) {
                 // Configured: what the config says, and what the last
@@ -437,6 +451,36 @@ impl Revocations {
                     tracing::warn!(agent = %key.agent, credential = %key.credential, error = %e, "what this credential held cannot be read; revoke it by hand")
                 }
             }
+        }
+        // Every target a value of a credential was set on is revoked, not
+        // only the one the config names now; but never one another
+        // credential uses now (it would be cut off).
+        let in_use: Vec<(CredentialKey, crate::targets::TargetConfig)> = catalog
+            .config
+            .agents
+            .iter()
+            .flat_map(|(a, cfg)| {
+                cfg.credentials.iter().map(move |(c, cc)| {
+                    (CredentialKey::new(a.clone(), c.clone()), cc.target.clone())
+                })
+            })
+            .collect();
+        for (key, text) in set_on {
+            let (Some(fp), Ok(made)) = (held.get_mut(&key), Footprint::parse(&text)) else {
+                continue;
+            };
+            let Some(target) = made.target.filter(|t| !t.is_none()) else {
+                continue;
+            };
+            if fp.follow || fp.target.as_ref() == Some(&target) || fp.targets_from.contains(&target)
+            {
+                continue;
+            }
+            if in_use.iter().any(|(k, t)| k != &key && t == &target) {
+                tracing::warn!(agent = %key.agent, credential = %key.credential, "a version of this credential was set on a target another credential uses now: it is not revoked there (that would cut the other one off); check it by hand");
+                continue;
+            }
+            fp.targets_from.push(target);
         }
         if configured.is_none() && held.is_empty() {
             return Err(DecommissionError::NotFound(format!(
@@ -563,12 +607,16 @@ impl Revocations {
             let Some(decom) = self.get(&agent) else {
                 return;
             };
-            // Grouped by credential; the agent's own items (`None`) apart.
-            let mut by_credential: BTreeMap<Option<CredentialId>, Vec<RevocationRow>> =
-                BTreeMap::new();
+            // Grouped by credential; the agent's own items (`None`) apart;
+            // each delivered file on its own (see `items::independent`).
+            let mut by_credential: BTreeMap<
+                (Option<CredentialId>, Option<String>),
+                Vec<RevocationRow>,
+            > = BTreeMap::new();
             for item in decom.items.into_iter().filter(|i| i.verified_at.is_none()) {
+                let alone = items::independent(&item).then(|| item.item.clone());
                 by_credential
-                    .entry(item.credential.clone())
+                    .entry((item.credential.clone(), alone))
                     .or_default()
                     .push(item);
             }

@@ -47,6 +47,12 @@ pub struct Footprint {
     /// holding.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub moved_from: Vec<HeldAt>,
+    /// The targets versions of the credential were set on other than
+    /// `target` (the config changed it since, e.g. a postgres `role`): a
+    /// decommission revokes at each too. Only at a decision, from the
+    /// footprints of the rotations that made the versions state holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets_from: Vec<TargetConfig>,
 }
 
 /// A path in a vault.
@@ -77,6 +83,7 @@ impl Footprint {
             follow: false,
             tier: String::new(),
             moved_from: Vec::new(),
+            targets_from: Vec::new(),
         }
     }
 
@@ -146,6 +153,7 @@ mod tests {
                     vault: "bao".into(),
                     path: "team/old/db".into(),
                 }],
+                targets_from: Vec::new(),
             };
             let back = Footprint::parse(&fp.to_json()).unwrap();
             assert_eq!(back, fp);

@@ -90,6 +90,17 @@ impl SinkConfig {
 /// or a bundle directory) below one of `delivery_roots`: a decommission
 /// retracts with it once the credential's own sink is gone from the config.
 pub fn delivered_at(path: &Path, delivery_roots: &[PathBuf]) -> Result<Arc<dyn Sink>, PluginError> {
+    Ok(Arc::new(file_at(path, delivery_roots)?))
+}
+
+/// Whether what was delivered at `path` (below one of `delivery_roots`) is
+/// gone, never following a link: `Ok` says how (naming what the agent kept
+/// in a bundle directory), `Err` what of keyturn's is still there.
+pub async fn retracted_at(path: &Path, delivery_roots: &[PathBuf]) -> Result<String, PluginError> {
+    file_at(path, delivery_roots)?.retracted().await
+}
+
+fn file_at(path: &Path, delivery_roots: &[PathBuf]) -> Result<file::FileSink, PluginError> {
     let cfg = file::FileConfig {
         path: path.to_path_buf(),
         format: None,
@@ -104,7 +115,7 @@ pub fn delivered_at(path: &Path, delivery_roots: &[PathBuf]) -> Result<Arc<dyn S
         gid: None,
         reader: None,
     };
-    Ok(Arc::new(file::FileSink::new(cfg, &ctx)?))
+    file::FileSink::new(cfg, &ctx)
 }
 
 /// What a sink is told about the version it delivers (everything but the value).

@@ -213,14 +213,16 @@ impl Inner {
                 n.as_os_str(),
                 UnlinkatFlags::NoRemoveDir,
             ) {
-                Ok(()) | Err(Errno::ENOENT) => {}
+                // A directory: keyturn never makes one there; it is left.
+                Ok(()) | Err(Errno::ENOENT) | Err(Errno::EISDIR) => {}
                 Err(e) => {
                     return Err(self.sys(format_args!("remove {}", shown.join(&n).display()), e));
                 }
             }
         }
         match nix::unistd::unlinkat(Some(bundle.as_raw_fd()), name, UnlinkatFlags::RemoveDir) {
-            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            // Not empty: what is left is not keyturn's.
+            Ok(()) | Err(Errno::ENOENT) | Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) => Ok(()),
             Err(e) => Err(self.sys(format_args!("remove {}", shown.display()), e)),
         }
     }
@@ -256,27 +258,69 @@ impl Inner {
         fsync_dir(&bundle).map_err(|e| self.sys("fsync bundle directory", e))
     }
 
+    /// Removes what keyturn puts in a bundle: every non-directory at one
+    /// of its names (the links, `..data`, `..data_tmp`, whatever replaced
+    /// them: a name is removed, never followed) and every `..` directory
+    /// (its files). What else is there is not keyturn's and is left.
     pub(super) fn retract_bundle(&self, bundle: &OwnedFd) -> Result<(), PluginError> {
-        let bfd = bundle.as_raw_fd();
-        // Check first, so a foreign file is refused before anything is removed.
-        self.current_data_dir(bundle)?;
-        for link in BUNDLE_FILES {
-            self.check_link(bundle, link)?;
-        }
-        for link in BUNDLE_FILES.into_iter().chain([DATA_LINK]) {
-            nix::unistd::unlinkat(Some(bfd), link, UnlinkatFlags::NoRemoveDir)
-                .or_else(ignore_enoent)
-                .map_err(|e| self.sys(format_args!("remove {link}"), e))?;
-        }
-        self.remove_data_link_tmp(bundle)?;
-        fsync_dir(bundle).map_err(|e| self.sys("fsync bundle directory", e))?;
         let names = list_dir(bundle).map_err(|e| self.sys("list bundle directory", e))?;
-        for n in names {
-            if n.as_bytes().starts_with(b"..") {
-                self.remove_data_dir(bundle, &n)?;
+        for n in names.iter().filter(|n| keyturns_name(n)) {
+            let shown = self.path().join(n);
+            match stat_nofollow(bundle, n) {
+                Ok(None) => {}
+                Ok(Some(st)) if is_type(&st, SFlag::S_IFDIR) => {
+                    if n.as_bytes().starts_with(b"..") {
+                        self.remove_data_dir(bundle, n)?;
+                    }
+                }
+                Ok(Some(_)) => nix::unistd::unlinkat(
+                    Some(bundle.as_raw_fd()),
+                    n.as_os_str(),
+                    UnlinkatFlags::NoRemoveDir,
+                )
+                .or_else(ignore_enoent)
+                .map_err(|e| self.sys(format_args!("remove {}", shown.display()), e))?,
+                Err(e) => return Err(self.sys(format_args!("inspect {}", shown.display()), e)),
             }
         }
         fsync_dir(bundle).map_err(|e| self.sys("fsync bundle directory", e))
+    }
+
+    /// What of keyturn's is left at `name` in a bundle (the name, or a file
+    /// in it), if anything: a non-directory at one of keyturn's names, or
+    /// one in a `..` directory.
+    pub(super) fn keyturns_left(
+        &self,
+        bundle: &OwnedFd,
+        name: &OsStr,
+    ) -> Result<Option<PathBuf>, PluginError> {
+        if !keyturns_name(name) {
+            return Ok(None);
+        }
+        let shown = self.path().join(name);
+        match stat_nofollow(bundle, name) {
+            Ok(None) => return Ok(None),
+            Ok(Some(st)) if !is_type(&st, SFlag::S_IFDIR) => return Ok(Some(name.into())),
+            Ok(Some(_)) if !name.as_bytes().starts_with(b"..") => return Ok(None),
+            Ok(Some(_)) => {}
+            Err(e) => return Err(self.sys(format_args!("inspect {}", shown.display()), e)),
+        }
+        let dir = open_dir(Some(bundle.as_raw_fd()), name)
+            .map_err(|e| self.sys(format_args!("open {}", shown.display()), e))?;
+        let names =
+            list_dir(&dir).map_err(|e| self.sys(format_args!("list {}", shown.display()), e))?;
+        for n in names {
+            match stat_nofollow(&dir, &n) {
+                Ok(Some(st)) if !is_type(&st, SFlag::S_IFDIR) => {
+                    return Ok(Some(Path::new(name).join(n)));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(self.sys(format_args!("inspect {}", shown.join(&n).display()), e));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// A crash mid-delivery leaves a bundle's `..data_tmp` and its new
@@ -302,4 +346,11 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// A name keyturn puts in a bundle: one of its files' links, or a `..`
+/// name (`..data`, `..data_tmp`, the timestamped directories).
+fn keyturns_name(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(b"..")
+        || BUNDLE_FILES.iter().any(|f| f.as_bytes() == name.as_bytes())
 }

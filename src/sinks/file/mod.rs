@@ -305,6 +305,12 @@ impl FileSink {
         &self.inner.cfg.path
     }
 
+    /// Whether what this sink delivered is gone (see [`Inner::retracted`]):
+    /// `Ok` says how, `Err` what is still there.
+    pub async fn retracted(&self) -> Result<String, PluginError> {
+        self.blocking(|inner| inner.retracted()).await
+    }
+
     /// Runs blocking file-system work off the async runtime.
     async fn blocking<T: Send + 'static>(
         &self,

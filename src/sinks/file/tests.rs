@@ -289,15 +289,63 @@ async fn symlink_at_the_target_file_is_refused() {
             .file_type()
             .is_symlink()
     );
-    // Retract refuses it too (it is not something keyturn delivered).
+    // Retract (a decommission) removes the link itself, never what it
+    // points to: a symlink the agent planted there cannot hold it up.
+    std::fs::write(outside.path().join("stolen"), "not keyturn's").unwrap();
     let s = sink(root.path(), &path, FileFormat::Raw);
-    assert_eq!(
-        s.retract(&notice(1, ValueKind::Password, None).key)
-            .await
-            .unwrap_err()
-            .kind,
-        ErrorKind::Invalid
+    s.retract(&notice(1, ValueKind::Password, None).key)
+        .await
+        .unwrap();
+    assert!(
+        std::fs::symlink_metadata(&path).is_err(),
+        "the link is gone"
     );
+    assert_eq!(
+        std::fs::read_to_string(outside.path().join("stolen")).unwrap(),
+        "not keyturn's"
+    );
+    assert!(s.retracted().await.unwrap().contains("is gone"));
+}
+
+/// Defect (black-box): a bundle holding a file the agent put there (or a
+/// link of keyturn's replaced by one pointing elsewhere) could never be
+/// retracted, so the decommission never ended. What keyturn put there goes
+/// (names removed, never followed), the agent's own files stay, and the
+/// proof names them.
+#[tokio::test]
+async fn retract_takes_what_keyturn_put_in_a_bundle_and_names_the_rest() {
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("x"), "outside").unwrap();
+    let key = notice(1, ValueKind::Password, None).key;
+    let (bundle, s) = agent_sink(root.path(), "signing", FileFormat::Raw);
+    deliver_keypair(&s, 1).await;
+    deliver_keypair(&s, 2).await;
+    std::fs::write(bundle.join("cache.txt"), "mine").unwrap();
+    std::fs::create_dir(bundle.join("notes")).unwrap();
+    std::fs::remove_file(bundle.join("public.pem")).unwrap();
+    symlink(outside.path().join("x"), bundle.join("public.pem")).unwrap();
+    let data = timestamped_dirs(&bundle);
+    std::fs::create_dir(bundle.join(&data[0]).join("agent-dir")).unwrap();
+    let err = s.retracted().await.unwrap_err();
+    assert!(err.message.contains("still there"), "{err}");
+
+    s.retract(&key).await.unwrap();
+    let mut left = entries(&bundle);
+    left.sort();
+    assert_eq!(
+        left,
+        vec![data[0].clone(), "cache.txt".into(), "notes".into()]
+    );
+    assert!(entries(&bundle.join(&data[0])) == vec!["agent-dir"]);
+    assert_eq!(
+        std::fs::read_to_string(outside.path().join("x")).unwrap(),
+        "outside"
+    );
+    let how = s.retracted().await.unwrap();
+    assert!(how.contains("cache.txt") && how.contains("notes"), "{how}");
+    assert!(how.contains("did not put there"), "{how}");
+    s.retract(&key).await.unwrap();
 }
 
 #[tokio::test]

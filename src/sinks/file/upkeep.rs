@@ -3,9 +3,14 @@
 use super::*;
 
 impl Inner {
-    /// Removes what was delivered: the file, or the bundle's links, `..data`
-    /// and every `..` directory (then the bundle directory if it is empty).
-    /// Missing is fine: retracting twice is a no-op.
+    /// Removes what was delivered: the file, or what keyturn put in the
+    /// bundle (its links, `..data` and every `..` directory), then the
+    /// bundle directory if nothing else is left in it. The agent owns its
+    /// directory, so what is at the path may be its own: a symlink or any
+    /// other non-directory in place of the file is removed as a name (never
+    /// followed: what it points to is left alone), and what the agent put
+    /// in a bundle stays, reported by [`Inner::retracted`]. Missing is
+    /// fine: retracting twice is a no-op.
     pub(super) fn retract(&self) -> Result<(), PluginError> {
         let depth = self.rel_len() - 1;
         let Some(dir) = self.walk(depth, None)? else {
@@ -19,31 +24,73 @@ impl Inner {
             Err(e) => return Err(self.sys(format_args!("inspect {}", shown.display()), e)),
         };
         let dfd = dir.as_raw_fd();
-        if is_type(&st, SFlag::S_IFREG) {
-            nix::unistd::unlinkat(Some(dfd), name, UnlinkatFlags::NoRemoveDir)
-                .or_else(ignore_enoent)
-                .map_err(|e| self.sys(format_args!("remove {}", shown.display()), e))?;
-        } else if is_type(&st, SFlag::S_IFDIR) {
+        if is_type(&st, SFlag::S_IFDIR) {
             let bundle = open_dir(Some(dfd), name)
                 .map_err(|e| self.refuse_component(&dir, self.rel_len(), e))?;
             self.retract_bundle(&bundle)?;
             match nix::unistd::unlinkat(Some(dfd), name, UnlinkatFlags::RemoveDir) {
-                // Something we did not put there is left; keep it (and the directory).
+                // Something keyturn did not put there is left; keep it (and the directory).
                 Ok(()) | Err(Errno::ENOENT) | Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) => {}
                 Err(e) => return Err(self.sys(format_args!("remove {}", shown.display()), e)),
             }
         } else {
-            return Err(self.err(
-                ErrorKind::Invalid,
-                format_args!(
-                    "{} is not a file or bundle keyturn delivered; refusing to remove it",
-                    shown.display()
-                ),
-            ));
+            if !is_type(&st, SFlag::S_IFREG) {
+                tracing::warn!(path = %shown.display(), "file sink: what is at the path is not the file keyturn delivered (a symlink or special file, put there by someone else); removing the name itself, never what it points to");
+            }
+            // `unlinkat` removes the name in this directory: it never follows a link.
+            nix::unistd::unlinkat(Some(dfd), name, UnlinkatFlags::NoRemoveDir)
+                .or_else(ignore_enoent)
+                .map_err(|e| self.sys(format_args!("remove {}", shown.display()), e))?;
         }
         // Our own temp files would otherwise outlive the credential.
         self.sweep_temps(&dir, name, true)?;
         fsync_dir(&dir).map_err(|e| self.sys("fsync directory", e))
+    }
+
+    /// Checks that nothing keyturn delivered is left at the path (a
+    /// retraction's proof), never following a link. `Ok` says how, naming
+    /// what was kept in a bundle directory because keyturn did not put it
+    /// there; `Err` says what is still there.
+    pub(super) fn retracted(&self) -> Result<String, PluginError> {
+        let shown = self.path();
+        let gone = || Ok(format!("{} is gone", shown.display()));
+        let still = |what: &Path| {
+            Err(self.err(
+                ErrorKind::Transient,
+                format_args!("{} is still there", what.display()),
+            ))
+        };
+        let Some(dir) = self.walk(self.rel_len() - 1, None)? else {
+            return gone();
+        };
+        let name = self.file_name();
+        match stat_nofollow(&dir, name) {
+            Ok(None) => return gone(),
+            Ok(Some(st)) if is_type(&st, SFlag::S_IFDIR) => {}
+            Ok(Some(_)) => return still(shown),
+            Err(e) => return Err(self.sys(format_args!("inspect {}", shown.display()), e)),
+        }
+        let bundle = open_dir(Some(dir.as_raw_fd()), name)
+            .map_err(|e| self.refuse_component(&dir, self.rel_len(), e))?;
+        let names = list_dir(&bundle).map_err(|e| self.sys("list bundle directory", e))?;
+        let mut kept = Vec::new();
+        for n in names {
+            if let Some(left) = self.keyturns_left(&bundle, &n)? {
+                return still(&shown.join(left));
+            }
+            kept.push(n.to_string_lossy().into_owned());
+        }
+        Ok(if kept.is_empty() {
+            format!("{} is empty", shown.display())
+        } else {
+            format!(
+                "what keyturn delivered to {} is gone; kept {} entr{} keyturn did not put there ({}): the agent's own, remove by hand if unwanted",
+                shown.display(),
+                kept.len(),
+                if kept.len() == 1 { "y" } else { "ies" },
+                kept.join(", ")
+            )
+        })
     }
 
     /// Checks delivery can work and removes stale temp files along the path.

@@ -108,6 +108,15 @@ impl SignalSink {
             Target::PidFile(path) => read_pid_file(path)?,
             Target::Unit(unit) => main_pid(unit).await?,
         };
+        if let Some(which) = never_signalled(pid) {
+            return Err(PluginError::new(
+                ErrorKind::Invalid,
+                format!(
+                    "{} names pid {pid}, {which}; refusing to signal it (a stale pid file whose pid was reused, or one pointing at the wrong process: have the consumer write its own pid there)",
+                    self.target
+                ),
+            ));
+        }
         let uids = process_uids(pid).map_err(|e| self.stale(pid, e))?;
         if let Some(other) = uids.iter().find(|&&u| u != self.uid) {
             return Err(PluginError::new(
@@ -299,6 +308,21 @@ async fn main_pid(unit: &str) -> Result<i32, PluginError> {
     match parse_pid(&out.stdout) {
         Some(pid) => Ok(pid),
         None => Err(failed("it has no main process (not running?)".to_owned())),
+    }
+}
+
+/// Why `pid` is never signalled, whatever its uid: keyturn itself (for an
+/// agent without `uid` it would pass the uid check, and `SIGTERM` would
+/// stop rotation for the whole host), init, or not one process.
+fn never_signalled(pid: i32) -> Option<&'static str> {
+    if pid <= 0 {
+        Some("which is not one process")
+    } else if pid == 1 {
+        Some("the init process (pid 1)")
+    } else if u32::try_from(pid).ok() == Some(std::process::id()) {
+        Some("the keyturn daemon itself")
+    } else {
+        None
     }
 }
 

@@ -246,6 +246,31 @@ async fn refuses_a_process_of_another_uid() {
     assert!(process_uids(child.pid() as i32).is_ok());
 }
 
+/// Defect (black-box): a pid file naming the daemon itself (a stale one
+/// whose pid the daemon got after a reboot) made keyturn signal itself: for
+/// an agent without `uid` its own uid passed the check, and `SIGTERM`
+/// stopped it with exit 0. The daemon and init are never signalled.
+#[tokio::test]
+async fn never_signals_the_daemon_itself_or_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("app.pid");
+    for (pid, why) in [
+        (std::process::id(), "the keyturn daemon itself"),
+        (1, "the init process"),
+    ] {
+        std::fs::write(&pid_file, format!("{pid}\n")).unwrap();
+        // SIGWINCH: ignored by default, harmless if it were sent.
+        let e = sink_for(&pid_file, None, "SIGWINCH")
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+        assert!(e.to_string().contains(why), "{e}");
+        assert!(e.to_string().contains("refusing to signal it"), "{e}");
+    }
+    assert!(never_signalled(0).is_some() && never_signalled(-1).is_some());
+}
+
 #[tokio::test]
 async fn refuses_symlinked_malformed_and_stale_pid_files() {
     let dir = tempfile::tempdir().unwrap();
