@@ -33,7 +33,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 
-use super::catalog::CredEntry;
+use super::catalog::{Catalog, CredEntry};
 use super::engine::{Inner, chrono_dur};
 use super::jobs::park_delay;
 use super::step::Trigger;
@@ -88,6 +88,18 @@ pub(super) struct Consumer {
 }
 
 impl Consumer {
+    /// Whether an ack for `consumer` (`None`: `keyturn ack`, from the
+    /// agent) acknowledges this one. `keyturn ack` is for the consumers
+    /// that ack by themselves (`ack = "explicit"` or `"open"` file sinks):
+    /// a delivery being retried is acknowledged by its own success only,
+    /// never by someone else's ack.
+    fn acked_by(&self, consumer: Option<&str>) -> bool {
+        match consumer {
+            Some(name) => name == self.name,
+            None => self.how != AckHow::Retrying,
+        }
+    }
+
     /// `file:/run/keyturn/a/db (ack=open)`, as status shows it.
     pub fn label(&self) -> String {
         format!("{} ({})", self.name, self.how.as_str())
@@ -572,10 +584,15 @@ impl Inner {
         limit: Option<Duration>,
     ) -> Result<AckOutcome, AckError> {
         self.delivered(key, version, limit).await?;
+        // An ack counts in memory only once it is audited and persisted: one
+        // that cannot be recorded (a full state volume) is not applied, so
+        // the ack again the agent is told to give is recorded, not "already
+        // acknowledged".
+        let _recording = self.recording_ack.lock().await;
         let now = self.now();
-        let (acknowledged, awaiting, complete) = {
-            let mut map = self.awaited();
-            let Some(a) = map.get_mut(key) else {
+        let acknowledged: Vec<String> = {
+            let map = self.awaited();
+            let Some(a) = map.get(key) else {
                 return Err(AckError::NothingAwaited { key: key.clone() });
             };
             if a.version != version {
@@ -585,24 +602,24 @@ impl Inner {
                     awaited: a.version,
                 });
             }
-            let mut acknowledged = Vec::new();
-            for c in a.consumers.iter_mut() {
-                if !c.acked && consumer.is_none_or(|n| n == c.name) {
-                    c.acked = true;
-                    acknowledged.push(c.name.clone());
-                }
-            }
-            let awaiting: Vec<String> = a.outstanding().map(|c| c.name.clone()).collect();
-            (acknowledged, awaiting, a.complete())
+            a.outstanding()
+                .filter(|c| c.acked_by(consumer))
+                .map(|c| c.name.clone())
+                .collect()
         };
         if acknowledged.is_empty() {
+            let map = self.awaited();
+            let a = map.get(key).filter(|a| a.version == version);
             return Ok(AckOutcome {
                 acknowledged,
-                awaiting,
-                retiring: complete,
+                awaiting: a
+                    .iter()
+                    .flat_map(|a| a.outstanding())
+                    .map(|c| c.name.clone())
+                    .collect(),
+                retiring: a.is_some_and(|a| a.complete()),
             });
         }
-        self.metrics.acks_awaiting(-(acknowledged.len() as i64));
         let entry = self
             .catalog()
             .creds
@@ -618,8 +635,8 @@ impl Inner {
                 at: now,
             })
             .collect();
-        for c in &acknowledged {
-            let mut ev = AuditEvent::new("delivery.ack", actor.clone(), Outcome::Ok);
+        let ack_event = |c: &str, outcome: Outcome| {
+            let mut ev = AuditEvent::new("delivery.ack", actor.clone(), outcome);
             ev.agent = Some(key.agent.clone());
             ev.credential = Some(key.credential.clone());
             if let Some(e) = &entry {
@@ -628,33 +645,207 @@ impl Inner {
             }
             ev.version = Some(version);
             ev.detail = Some(format!("consumer={c}"));
-            match self.append(ev).await {
-                Ok(head) => writes.push(Write::AuditHead(head)),
-                Err(e) => return Err(AckError::Internal(format!("audit: {}", e.message))),
+            ev
+        };
+        let mut audited = Vec::new();
+        let mut failure = None;
+        for c in &acknowledged {
+            match self.append(ack_event(c, Outcome::Ok)).await {
+                Ok(head) => {
+                    writes.push(Write::AuditHead(head));
+                    audited.push(c);
+                }
+                Err(e) => {
+                    failure = Some(format!("audit: {}", e.message));
+                    break;
+                }
             }
         }
-        if let Err(e) = self.persist(writes).await {
-            return Err(AckError::Internal(format!("state: {}", e.message)));
+        if failure.is_none()
+            && let Err(e) = self.persist(writes).await
+        {
+            failure = Some(format!("state: {}", e.message));
         }
+        if let Some(why) = failure {
+            // What the log already says was acknowledged is taken back: the
+            // ack does not count, and the consumer is still awaited.
+            for c in audited {
+                let mut ev = ack_event(c, Outcome::Failed);
+                ev.error = Some(format!(
+                    "not recorded ({why}): it does not count; ack again"
+                ));
+                if let Err(e) = self.append(ev).await {
+                    tracing::error!(error = %e.message, "auditing an acknowledgement that could not be recorded failed");
+                }
+            }
+            return Err(AckError::Internal(why));
+        }
+        let (awaiting, complete) = {
+            let mut map = self.awaited();
+            let Some(a) = map.get_mut(key).filter(|a| a.version == version) else {
+                // A newer version was delivered meanwhile.
+                return Err(AckError::Stale {
+                    key: key.clone(),
+                    version,
+                    awaited: map.get(key).map_or(version, |a| a.version),
+                });
+            };
+            let mut now_acked = 0i64;
+            for c in a.consumers.iter_mut() {
+                if !c.acked && acknowledged.contains(&c.name) {
+                    c.acked = true;
+                    now_acked += 1;
+                }
+            }
+            self.metrics.acks_awaiting(-now_acked);
+            let awaiting: Vec<String> = a.outstanding().map(|c| c.name.clone()).collect();
+            (awaiting, a.complete())
+        };
         tracing::info!(agent = %key.agent, credential = %key.credential, version, consumers = %acknowledged.join(", "), actor = %actor, "acknowledged");
         self.ack_changed.notify_waiters();
-        let mut retiring = false;
-        if complete {
-            // The retire timer, if the rotation is waiting for it, fires now.
-            let mut live = self.live();
-            if let Some(l) = live.get(key).filter(|l| l.retire_at.is_some()) {
-                // After a first version the step retires nothing.
-                retiring = l.retires_previous;
-                live.schedule(key, Job::Retire, now);
-            }
-            drop(live);
-            self.wake.notify_one();
-        }
+        let retiring = complete && self.retire_now(key);
         Ok(AckOutcome {
             acknowledged,
             awaiting,
             retiring,
         })
+    }
+
+    /// Every consumer of the current version of `key` has acknowledged it:
+    /// the retire timer, if the rotation is waiting for it, fires now.
+    /// Returns whether the previous version is being retired.
+    fn retire_now(&self, key: &CredentialKey) -> bool {
+        let mut live = self.live();
+        let mut retiring = false;
+        if let Some(l) = live.get(key).filter(|l| l.retire_at.is_some()) {
+            // After a first version the step retires nothing.
+            retiring = l.retires_previous;
+            live.schedule(key, Job::Retire, self.now());
+        }
+        drop(live);
+        self.wake.notify_one();
+        retiring
+    }
+
+    /// After a reload from `old` to `new`: a consumer awaited from a sink
+    /// the reload removed is awaited no more (its delivery retries stop).
+    /// One whose sink does not hold up the rotation (a webhook) and changed
+    /// its `url` (the same position among the credential's such sinks, as
+    /// many before as after) is now the sink at the new `url`, where its
+    /// delivery is retried at once.
+    pub(super) async fn rebind_awaited(self: &Arc<Self>, old: &Catalog, new: &Catalog) {
+        let now = self.now();
+        let mut writes = Vec::new();
+        let mut moved = Vec::new();
+        let mut done = Vec::new();
+        {
+            let mut map = self.awaited();
+            for (key, a) in map.iter_mut() {
+                let Some(entry) = new.creds.get(key) else {
+                    continue;
+                };
+                let names: Vec<String> = entry.sinks.iter().map(|s| s.describe()).collect();
+                if a.outstanding().all(|c| names.contains(&c.name)) {
+                    continue;
+                }
+                let background = |e: &CredEntry| -> Vec<String> {
+                    e.sinks
+                        .iter()
+                        .filter(|s| !s.holds_up_rotation())
+                        .map(|s| s.describe())
+                        .collect()
+                };
+                let before = old
+                    .creds
+                    .get(key)
+                    .map(|e| background(e))
+                    .unwrap_or_default();
+                let after = background(entry);
+                let known: Vec<String> = a.consumers.iter().map(|c| c.name.clone()).collect();
+                let (mut dropped, mut renamed) = (0i64, Vec::new());
+                a.consumers.retain_mut(|c| {
+                    if c.acked || names.contains(&c.name) {
+                        return true;
+                    }
+                    let successor = before
+                        .iter()
+                        .position(|n| *n == c.name)
+                        .filter(|_| before.len() == after.len() && c.how == AckHow::Retrying)
+                        .map(|i| &after[i])
+                        .filter(|n| !before.contains(n) && !known.contains(n));
+                    if let Some(n) = successor {
+                        renamed.push(n.clone());
+                        tracing::info!(agent = %key.agent, credential = %key.credential, version = a.version, from = %c.name, to = %n, "reload: the delivery retried in the background goes to the sink's new url");
+                        c.name = n.clone();
+                        c.failing = None;
+                        true
+                    } else {
+                        tracing::warn!(agent = %key.agent, credential = %key.credential, version = a.version, consumer = %c.name, "reload: the consumer's sink left the config: it is not awaited any more");
+                        dropped += 1;
+                        false
+                    }
+                });
+                self.metrics.acks_awaiting(-dropped);
+                writes.push(Write::AwaitAcks {
+                    key: key.clone(),
+                    version: a.version,
+                    consumers: a.consumers.iter().map(|c| c.name.clone()).collect(),
+                });
+                writes.extend(
+                    a.consumers
+                        .iter()
+                        .filter(|c| c.acked)
+                        .map(|c| Write::Acked {
+                            key: key.clone(),
+                            version: a.version,
+                            consumer: c.name.clone(),
+                            at: now,
+                        }),
+                );
+                if !renamed.is_empty() {
+                    moved.push((key.clone(), a.version, renamed));
+                }
+                if a.complete() {
+                    done.push(key.clone());
+                }
+            }
+        }
+        if writes.is_empty() {
+            return;
+        }
+        if let Err(e) = self.persist(writes).await {
+            tracing::warn!(error = %e.message, "reload: cannot record the consumers awaited now; a restart works them out again from the config");
+        }
+        self.ack_changed.notify_waiters();
+        for key in &done {
+            self.retire_now(key);
+        }
+        if moved.is_empty() {
+            return;
+        }
+        let rows = self
+            .load(move |s| {
+                let mut rows = Vec::new();
+                for (key, version, renamed) in moved {
+                    if let Some(rot) = s.latest_rotation(&key)?
+                        && rot.version == version
+                    {
+                        rows.push((rot, renamed));
+                    }
+                }
+                Ok(rows)
+            })
+            .await;
+        match rows {
+            Ok(rows) => {
+                for (rot, renamed) in rows {
+                    self.resume_deliveries_of(rot, Some(&renamed));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message, "reload: cannot retry deliveries at a changed url: reading their rotations failed; the next rotation delivers there");
+            }
+        }
     }
 
     /// Rebuilds the awaited consumers from state at start-up. `retiring`:
@@ -678,13 +869,22 @@ impl Inner {
                     .cloned()
             });
             let acked = row.acked_at.is_some();
+            if !acked && sink.is_none() && catalog.creds.contains_key(&row.key) {
+                // Its sink left the config (or changed its `url`) while the
+                // daemon was down: nothing delivers to it or awaits it any more.
+                tracing::warn!(agent = %row.key.agent, credential = %row.key.credential, version = row.version, consumer = %row.consumer, "a consumer awaited before the restart is no longer in the config: it is not awaited any more");
+                continue;
+            }
             let mut how = AckHow::Explicit;
-            if !acked
-                && let Some(sink) = &sink
-                && let Some(w) = sink.ack_watch(&row.key, row.version)
-            {
-                how = AckHow::Watched;
-                watches.push((row.key.clone(), row.version, row.consumer.clone(), w));
+            if !acked && let Some(sink) = &sink {
+                if !sink.holds_up_rotation() {
+                    // Its delivery failed: retried (`resume_deliveries`),
+                    // acknowledged by its own success only.
+                    how = AckHow::Retrying;
+                } else if let Some(w) = sink.ack_watch(&row.key, row.version) {
+                    how = AckHow::Watched;
+                    watches.push((row.key.clone(), row.version, row.consumer.clone(), w));
+                }
             }
             outstanding += i64::from(!acked);
             let a = map.entry(row.key.clone()).or_insert_with(|| Awaited {
@@ -716,7 +916,7 @@ impl Inner {
     /// current: its rotation is read from state.
     pub(super) fn resume_deliveries(self: &Arc<Self>, retiring: Vec<RotationRow>) {
         for rot in retiring {
-            self.resume_deliveries_of(rot);
+            self.resume_deliveries_of(rot, None);
         }
         let holdouts: Vec<(CredentialKey, VersionNo)> = self
             .awaited()
@@ -756,7 +956,7 @@ impl Inner {
             match rows {
                 Ok(rows) => {
                     for rot in rows {
-                        me.resume_deliveries_of(rot);
+                        me.resume_deliveries_of(rot, None);
                     }
                 }
                 Err(e) => {
@@ -767,8 +967,9 @@ impl Inner {
     }
 
     /// Retries again, in the background, each delivery of `rot`'s version
-    /// still awaited from a sink that does not hold up the rotation.
-    fn resume_deliveries_of(self: &Arc<Self>, rot: RotationRow) {
+    /// still awaited from a sink that does not hold up the rotation (of
+    /// those named in `only`, if given).
+    fn resume_deliveries_of(self: &Arc<Self>, rot: RotationRow, only: Option<&[String]>) {
         let catalog = self.catalog();
         let Some(entry) = catalog.creds.get(&rot.key) else {
             return;
@@ -782,7 +983,9 @@ impl Inner {
             .sinks
             .iter()
             .filter(|s| {
-                !s.holds_up_rotation() && self.awaits_from(&rot.key, rot.version, &s.describe())
+                !s.holds_up_rotation()
+                    && only.is_none_or(|o| o.contains(&s.describe()))
+                    && self.awaits_from(&rot.key, rot.version, &s.describe())
             })
             .cloned()
             .collect();
@@ -917,6 +1120,12 @@ impl Inner {
                     return;
                 }
                 let Some(entry) = self.catalog().creds.get(&key).cloned() else {
+                    return;
+                };
+                // The sink as configured now (a reload may have changed its
+                // settings); one that left the config is retried no more.
+                let Some(sink) = entry.sinks.iter().find(|s| s.describe() == name).cloned()
+                else {
                     return;
                 };
                 attempt += 1;

@@ -52,6 +52,10 @@ pub(super) struct Inner {
     /// Notified on every acknowledgement, and when a delivery's awaited
     /// consumers are persisted.
     pub(super) ack_changed: Notify,
+    /// Held while an acknowledgement is audited and persisted: it counts
+    /// in memory only once it is, and a concurrent ack of the same
+    /// consumer waits for that instead of being told it already counts.
+    pub(super) recording_ack: tokio::sync::Mutex<()>,
     pub(super) clock: Arc<dyn Clock>,
     pub(super) catalog: RwLock<Arc<Catalog>>,
     pub(super) state: Arc<dyn StateStore>,
@@ -180,6 +184,7 @@ impl Engine {
                 acks: Mutex::new(HashMap::new()),
                 delivering: Mutex::new(HashMap::new()),
                 ack_changed: Notify::new(),
+                recording_ack: tokio::sync::Mutex::new(()),
                 clock,
                 catalog: RwLock::new(Arc::new(catalog)),
                 state,
@@ -446,6 +451,8 @@ impl Engine {
         self.inner.schedule_all(&resume, false);
         self.inner.wake.notify_one();
         self.inner.follow_reload.notify_one();
+        // Consumers of sinks the reload removed or re-pointed (`acks.rs`).
+        self.inner.rebind_awaited(&old, &catalog).await;
         // A file sink the reload added has no file yet (`restore.rs`).
         self.inner.restore_after_reload(catalog);
     }

@@ -17,6 +17,8 @@ use crate::rotation::Step;
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     tables: Mutex<Tables>,
+    /// Every write fails, as on a full volume (`set_full`).
+    full: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -35,6 +37,12 @@ struct Tables {
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// From now on every write fails (`true`) as the SQLite store's do on
+    /// a full volume, or succeeds again (`false`).
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
@@ -186,6 +194,12 @@ impl StateStore for MemoryStore {
     /// All or nothing: the writes go to a copy that replaces the tables only
     /// if every one of them succeeded.
     fn apply(&self, writes: &[Write]) -> Result<()> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StateError::Db {
+                path: "(memory)".into(),
+                message: "database or disk is full (injected)".into(),
+            });
+        }
         let mut tables = self.tables();
         let mut next = tables.clone();
         for w in writes {

@@ -925,3 +925,173 @@ async fn a_rotate_waiting_for_acks_is_forgotten_when_its_credential_leaves_the_c
     assert_eq!(rig.vault.times("stage", None).len(), 2, "no version 3");
     rig.shutdown().await;
 }
+
+/// Defect: on a full state volume an ack failed (69) but counted in
+/// memory: the ack again the agent is told to give said "already
+/// acknowledged" and was never persisted, so a restart awaited it again
+/// although the audit said it was done. An ack counts only once recorded.
+#[tokio::test(start_paused = true)]
+async fn an_ack_that_cannot_be_recorded_does_not_count_and_the_ack_again_is_recorded() {
+    let a: Arc<dyn Sink> = SentSink::new("a");
+    let rig = rig_with(&[a]);
+    second_version_delivered(&rig).await;
+    rig.store.set_full(true);
+    for _ in 0..2 {
+        assert!(
+            matches!(ack(&rig, 2, None).await, Err(AckError::Internal(_))),
+            "not recorded: refused, also when acked again"
+        );
+        assert_eq!(rig.status("c0").awaiting_ack, vec!["sent:a (ack=explicit)"]);
+    }
+    tokio::time::sleep(MINUTE).await;
+    assert!(
+        retires(&rig).is_empty(),
+        "nothing retired on an unrecorded ack"
+    );
+    rig.store.set_full(false);
+    let done = rig
+        .engine
+        .ack(&key("c0"), 2, Actor::Daemon)
+        .await
+        .expect("recorded once there is room");
+    assert_eq!(done.acknowledged, vec!["sent:a"]);
+    assert_acked_in_state(&rig, 2);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(retires(&rig).len(), 1);
+    let dir = rig.shutdown().await;
+    let audit = audit_text(dir.path());
+    let failed = audit
+        .lines()
+        .filter(|l| l.contains("\"delivery.ack\"") && l.contains("not recorded"))
+        .count();
+    assert_eq!(failed, 2, "each unrecorded ack is audited as such: {audit}");
+}
+
+/// Defect: the agent's `keyturn ack` also acknowledged a webhook whose
+/// delivery was failing: its retries stopped and the receiver never got
+/// the version. Such a consumer is acknowledged by its own delivery only.
+#[tokio::test(start_paused = true)]
+async fn an_agents_ack_does_not_acknowledge_a_webhook_whose_delivery_is_failing() {
+    let a = SentSink::new("a");
+    let down = DownSink::new(usize::MAX);
+    let rig = rig_with(&[a.clone(), down.clone()]);
+    rig.run().await;
+    rig.first_version().await;
+    let done = rig.engine.ack(&key("c0"), 1, Actor::Daemon).await.unwrap();
+    assert_eq!(done.acknowledged, vec!["sent:a"]);
+    assert_eq!(done.awaiting, vec!["down:receiver"]);
+    assert_eq!(
+        rig.status("c0").awaiting_ack,
+        vec!["down:receiver (delivery retrying)"]
+    );
+    // Still retried, and its delivery, once it succeeds, is its ack.
+    let before = down.attempts().len();
+    down.fails.store(0, Ordering::SeqCst);
+    tokio::time::sleep(MINUTE).await;
+    assert_eq!(down.attempts().len(), before + 1);
+    assert!(rig.status("c0").awaiting_ack.is_empty());
+    rig.shutdown().await;
+}
+
+/// [`DownSink`] under another name (a webhook at another url).
+struct Named(Arc<DownSink>, &'static str);
+
+#[async_trait]
+impl Sink for Named {
+    fn kind(&self) -> &'static str {
+        "down"
+    }
+    fn describe(&self) -> String {
+        self.1.into()
+    }
+    fn holds_up_rotation(&self) -> bool {
+        false
+    }
+    async fn deliver(
+        &self,
+        notice: &Notice,
+        value: &SecretValue,
+    ) -> Result<Delivered, PluginError> {
+        self.0.deliver(notice, value).await
+    }
+    async fn retract(&self, _: &CredentialKey) -> Result<(), PluginError> {
+        Ok(())
+    }
+    async fn preflight(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
+/// The catalog of `rig` with `extra` beside its own sink, to reload.
+fn reloaded(rig: &Rig, extra: &[Arc<dyn Sink>]) -> crate::rotation::Catalog {
+    let text = config_text(rig.dir.path(), 1, SCHEDULE, "");
+    catalog_with(rig.dir.path(), &text, &rig.vault, &rig.sink, extra)
+}
+
+/// A rig whose receiver `hook:old` refuses version 1 for good.
+async fn failing_old_hook() -> (Rig, Arc<DownSink>) {
+    let old = DownSink::new(usize::MAX);
+    let rig = rig_with(&[Arc::new(Named(old.clone(), "hook:old"))]);
+    rig.run().await;
+    rig.first_version().await;
+    tokio::time::sleep(MINUTE).await;
+    assert_eq!(
+        rig.status("c0").awaiting_ack,
+        vec!["hook:old (delivery retrying)"]
+    );
+    (rig, old)
+}
+
+/// Defect: a delivery retried in the background went on at the old url
+/// after a reload fixed it: the receiver the operator configured never got
+/// the version. The retry goes to the sink as configured now.
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_changes_a_retried_webhooks_url_retries_at_the_new_one() {
+    let (rig, old) = failing_old_hook().await;
+    let new = DownSink::new(0);
+    rig.engine
+        .reload(reloaded(&rig, &[Arc::new(Named(new.clone(), "hook:new"))]))
+        .await;
+    let at_reload = old.attempts().len();
+    tokio::time::sleep(MINUTE).await;
+    assert_eq!(old.attempts().len(), at_reload, "the old url gets no more");
+    assert_eq!(
+        new.attempts().iter().map(|a| a.0).collect::<Vec<_>>(),
+        vec![1]
+    );
+    assert!(rig.status("c0").awaiting_ack.is_empty());
+    let acks = rig.store.snapshot().unwrap().acks;
+    assert_eq!(acks.len(), 1, "{acks:?}");
+    assert_eq!(
+        (acks[0].consumer.as_str(), acks[0].acked_at.is_some()),
+        ("hook:new", true)
+    );
+    rig.shutdown().await;
+}
+
+/// Defect: a sink the reload removed was still retried, and after a
+/// restart it was a ghost `(ack=explicit)` consumer nothing retried. It is
+/// awaited no more, also after a restart.
+#[tokio::test(start_paused = true)]
+async fn a_retried_webhook_that_leaves_the_config_is_retried_and_awaited_no_more() {
+    let (rig, old) = failing_old_hook().await;
+    rig.engine.reload(reloaded(&rig, &[])).await;
+    let at_reload = old.attempts().len();
+    tokio::time::sleep(MINUTE).await;
+    assert_eq!(old.attempts().len(), at_reload, "removed: not retried");
+    assert!(rig.status("c0").awaiting_ack.is_empty());
+    rig.shutdown().await;
+
+    // Removed while the daemon is down.
+    let (rig, old) = failing_old_hook().await;
+    let (store, vault) = (rig.store.clone(), rig.vault.clone());
+    let dir = rig.shutdown().await;
+    let at_stop = old.attempts().len();
+    let rig = Rig::in_dir_with(dir, 1, SCHEDULE, "", store, vault, &[]);
+    rig.run().await;
+    tokio::time::sleep(MINUTE).await;
+    assert_eq!(old.attempts().len(), at_stop);
+    let s = rig.status("c0");
+    assert!(s.awaiting_ack.is_empty() && s.holdouts.is_empty(), "{s:?}");
+    rig.shutdown().await;
+}
