@@ -1204,6 +1204,32 @@ async fn unauthenticated_refusals_are_audited_apart_from_authenticated_actions()
     assert_eq!(unauthenticated(&h).len(), 7);
 }
 
+/// Decommissioning the agent that holds the signing credential destroys
+/// its keys: the running service stops signing with it at once (a
+/// `server_error` naming the reason), publishes it no more and its tokens
+/// are inactive; the decommission's tokens item still verifies.
+#[tokio::test]
+async fn a_decommissioned_signer_signs_nothing_more() {
+    let h = harness().await;
+    let (token, _) = issue(&h, &request(&h)).await;
+    h.mem
+        .decommissioned
+        .lock()
+        .unwrap()
+        .insert("keyturn".into(), now());
+    let a = post(&h, "/oauth/token", &request(&h)).await;
+    assert_eq!(a.status, 500, "{}", a.json);
+    assert_eq!(a.json["error"], "server_error");
+    let jwks = get(&h, "/.well-known/jwks.json").await;
+    assert_eq!(jwks.json, json!({"keys": []}));
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &token)).await;
+    assert_eq!(a.json, json!({"active": false}));
+    h.service
+        .refuses_tokens_of("keyturn", now())
+        .await
+        .expect("the tokens item verifies");
+}
+
 #[tokio::test]
 async fn tokens_stay_verifiable_across_a_signing_key_rotation() {
     let h = harness().await;

@@ -281,6 +281,10 @@ impl TokenService {
         // Not an agent id (`:`), so nothing but `agent` is decommissioned.
         let other = "keyturn:probe";
         for set in &self.keys {
+            if self.signer_retired(set) {
+                // It publishes no key: none of its tokens passes `check`.
+                continue;
+            }
             let iss = &set.policy.issuer;
             let key = self
                 .signing_key(set)

@@ -522,6 +522,9 @@ impl TokenService {
     /// previous and any other (not pending) version that signed a token not
     /// yet expired.
     async fn published(&self, set: &KeySet, now: i64) -> Result<Vec<AgentKey>, String> {
+        if self.signer_retired(set) {
+            return Ok(Vec::new());
+        }
         let versions = self.signing_versions(set).await?;
         let mut keys = AgentKey::accepted(&versions);
         let signed = self
@@ -567,6 +570,15 @@ impl TokenService {
         }
     }
 
+    /// Whether the agent holding a key set's signing credential is
+    /// decommissioned: its keys are destroyed, so the set signs nothing
+    /// more, publishes nothing and none of its tokens is active.
+    fn signer_retired(&self, set: &KeySet) -> bool {
+        self.backend
+            .decommissioned_at(set.credential.agent.as_str())
+            .is_some()
+    }
+
     /// A key set's current signing key, read from the vault when the
     /// current version changed since the last read.
     async fn signing_key(&self, set: &KeySet) -> Result<Arc<SigningKey>, ExchangeError> {
@@ -577,6 +589,12 @@ impl TokenService {
                 "the token service cannot sign now: the operator must check the signing credential (keyturn status)",
             )
         };
+        if self.signer_retired(set) {
+            return Err(unavailable(format!(
+                "agent {} is decommissioned and its keys destroyed: name another signing_credential and reload",
+                set.credential.agent
+            )));
+        }
         let versions = self.signing_versions(set).await.map_err(unavailable)?;
         let Some(current) = versions
             .iter()
