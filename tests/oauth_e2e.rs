@@ -418,7 +418,8 @@ fn config(port: u16) -> String {
         "acme",
         &format!("uid = {uid}\ngid = {gid}\n"),
     );
-    // Another agent, which introspects bot's tokens once bot is decommissioned.
+    // Another client of acme, which introspects bot's tokens once bot is
+    // decommissioned.
     let auditor = agent_with_key("auditor", "alice@example.com", "acme", "");
     let pbot = agent_with_key("pbot", "bob@partner.test", "partner", "");
     let keyturn = agent_table("keyturn");
@@ -443,6 +444,11 @@ audiences = ["{API}"]
 scopes = ["invoices:read", "invoices:write", "reports:read"]
 audiences = ["{API}"]
 ttl = "2m"
+
+# A client of tenant acme: it may introspect acme's tokens (RFC 7662 4).
+[token_service.clients.auditor]
+scopes = ["reports:read"]
+audiences = ["{API}"]
 "#
     )
 }

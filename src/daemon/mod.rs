@@ -409,6 +409,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 engine: engine.clone(),
                 revocations: revocations.clone(),
                 tasks: tasks.clone(),
+                refusals: handler.refusals.clone(),
             }),
             // The sockets' `token_exchange` is the same service.
             slot: handler.oauth.clone(),

@@ -102,6 +102,9 @@ pub(super) struct OauthBackend {
     pub(super) engine: Engine,
     pub(super) revocations: Revocations,
     pub(super) tasks: Arc<crate::tasks::manager::TaskManager>,
+    /// The limits of refusals of unauthenticated requests (shared with the
+    /// sockets' refusals, under their own key).
+    pub(super) refusals: Arc<super::refusals::Refusals>,
 }
 
 #[async_trait::async_trait]
@@ -230,6 +233,22 @@ impl crate::oauth::service::Backend for OauthBackend {
         if let Err(e) = self.engine.record(event).await {
             tracing::error!(error = %e, "cannot audit a token service request");
         }
+    }
+
+    async fn audit_unauthenticated(&self, event: AuditEvent) {
+        let name = match event.event.as_str() {
+            "oauth.token" => "oauth.token",
+            "oauth.revoke" => "oauth.revoke",
+            _ => "oauth",
+        };
+        super::refusals::audit(
+            &self.refusals,
+            &self.engine,
+            super::refusals::HTTP_LISTENER,
+            name,
+            event,
+        )
+        .await;
     }
 }
 

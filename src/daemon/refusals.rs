@@ -13,6 +13,20 @@ pub(super) use crate::api::refusals::{Refusals, Verdict, WINDOW};
 use crate::audit::{Actor, AuditEvent, Outcome};
 use crate::rotation::Engine;
 
+/// The key of refusals of unauthenticated requests on the HTTP listener
+/// (the token service's), which has no peer uid: all of them share one
+/// allowance. Not a uid (`(uid_t)-1`).
+pub(super) const HTTP_LISTENER: u32 = u32::MAX;
+
+/// Who a summary counts the refusals of.
+fn whose(uid: u32) -> String {
+    if uid == HTTP_LISTENER {
+        "unauthenticated clients of the HTTP listener".to_owned()
+    } else {
+        format!("uid {uid}")
+    }
+}
+
 /// Audits the refusal `ev` of a peer of `uid` through `engine`, at most
 /// [`crate::api::refusals::AUDITED_PER_WINDOW`] per uid and event in each
 /// window; the rest are counted and summarized in one record when the
@@ -41,7 +55,8 @@ pub(super) async fn audit(
                 let more = refusals.take(uid, event);
                 let mut summary = AuditEvent::new(event, actor, Outcome::Refused);
                 summary.detail = Some(format!(
-                    "and {more} more refusals from uid {uid} in the last {}, not recorded one by one",
+                    "and {more} more refusals from {} in the last {}, not recorded one by one",
+                    whose(uid),
                     humantime::format_duration(WINDOW)
                 ));
                 if let Err(e) = engine.record(summary).await {

@@ -581,23 +581,29 @@ fn signing_credential_ref(
     agents: &std::collections::BTreeMap<crate::model::AgentId, crate::config::AgentConfig>,
 ) -> Option<crate::model::CredentialKey> {
     let found = text.split_once('/').and_then(|(a, c)| {
-        let agent = agents.iter().find(|(id, _)| id.as_str() == a)?.1;
+        let (id, agent) = agents.iter().find(|(id, _)| id.as_str() == a)?;
         agent
             .credentials
             .iter()
             .find(|(id, _)| id.as_str() == c)
-            .map(|(_, cred)| cred)
+            .map(|(_, cred)| (id, agent, cred))
     });
     match found {
+        // Its private key is delivered to the agent, which could then sign
+        // any token for any human, scope, audience and client.
+        Some((id, agent, cred)) if agent.auth_key.as_ref() == Some(&cred.key.credential) => {
+            v.err(at, format!("signing_credential `{text}` is agent `{id}`'s auth_key, whose private key keyturn delivers to that agent: it could sign any token itself; use a credential of its own that no agent authenticates with"));
+            None
+        }
         None => {
             v.err(at, format!("signing_credential `{text}` is not a configured credential: write \"AGENT/CRED\" naming one with `generate = {{ kind = \"ed25519\" }}`"));
             None
         }
-        Some(cred) if !matches!(cred.generate, crate::config::GeneratorConfig::Ed25519) => {
+        Some((_, _, cred)) if !matches!(cred.generate, crate::config::GeneratorConfig::Ed25519) => {
             v.err(at, format!("signing_credential `{text}` must be an ed25519 credential: issued tokens are signed with EdDSA"));
             None
         }
-        Some(cred) => Some(cred.key.clone()),
+        Some((_, _, cred)) => Some(cred.key.clone()),
     }
 }
 

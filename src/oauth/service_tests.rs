@@ -54,7 +54,11 @@ struct Mem {
     signing: Mutex<Vec<(VersionRow, SecretValue)>>,
     /// Tenant `partner`'s own signing credential's versions.
     partner_signing: Mutex<Vec<(VersionRow, SecretValue)>>,
+    /// Every record, however it was audited.
     audit: Mutex<Vec<AuditEvent>>,
+    /// The records of refusals audited as unauthenticated (the daemon
+    /// rate-limits them).
+    unauthenticated: Mutex<Vec<AuditEvent>>,
 }
 
 #[async_trait::async_trait]
@@ -123,6 +127,10 @@ impl Backend for Mem {
         self.decommissioned.lock().unwrap().get(agent).copied()
     }
     async fn audit(&self, event: AuditEvent) {
+        self.audit.lock().unwrap().push(event);
+    }
+    async fn audit_unauthenticated(&self, event: AuditEvent) {
+        self.unauthenticated.lock().unwrap().push(event.clone());
         self.audit.lock().unwrap().push(event);
     }
 }
@@ -200,7 +208,7 @@ async fn harness() -> Harness {
     let store = TaskStore::open(&dir.path().join("tasks")).unwrap();
     let mut keys = HashMap::new();
     let mut agents = HashMap::new();
-    for agent in ["reporter", "intruder", "nopolicy", "partnerbot"] {
+    for agent in ["reporter", "intruder", "nopolicy", "partnerbot", "auditor"] {
         let p = pair();
         agents.insert(
             agent.to_owned(),
@@ -227,6 +235,7 @@ async fn harness() -> Harness {
             partner.private,
         )]),
         audit: Mutex::default(),
+        unauthenticated: Mutex::default(),
     });
 
     // The identity provider: an EdDSA key, published in a JWKS file.
@@ -278,6 +287,11 @@ async fn harness() -> Harness {
             (
                 "partnerbot".to_owned(),
                 client("partnerbot", &["read:reports"], &["partner"]),
+            ),
+            // Serves both tenants: it may introspect their tokens.
+            (
+                "auditor".to_owned(),
+                client("auditor", &["read:reports"], &["acme", "partner"]),
             ),
         ]
         .into(),
@@ -1001,7 +1015,7 @@ fn auth_form(h: &Harness, agent: &str, token: &str) -> Vec<(String, String)> {
 async fn introspection_revocation_and_decommission() {
     let h = harness().await;
     let (token, _) = issue(&h, &request(&h)).await;
-    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &token)).await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &token)).await;
     assert_eq!(a.status, 200);
     assert_eq!(a.headers["cache-control"], "no-store");
     assert_eq!(a.json["active"], true);
@@ -1019,7 +1033,7 @@ async fn introspection_revocation_and_decommission() {
     );
     // Garbage and a forged token are inactive, and say nothing more.
     for t in ["garbage", "a.b.c"] {
-        let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", t)).await;
+        let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", t)).await;
         assert_eq!(a.json, json!({"active": false}));
     }
     let forged = {
@@ -1033,7 +1047,7 @@ async fn introspection_revocation_and_decommission() {
             &claims,
         )
     };
-    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &forged)).await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &forged)).await;
     assert_eq!(a.json, json!({"active": false}));
 
     // Only its client may revoke it; then it is inactive.
@@ -1045,7 +1059,7 @@ async fn introspection_revocation_and_decommission() {
     let a = post(&h, "/oauth/revoke", &auth_form(&h, "reporter", &token)).await;
     assert_eq!(a.status, 200);
     assert_eq!(a.json, Value::Null);
-    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &token)).await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &token)).await;
     assert_eq!(a.json, json!({"active": false}));
     // Revoking an unknown token is 200 too (RFC 7009 2.2).
     let a = post(&h, "/oauth/revoke", &auth_form(&h, "reporter", "unknown")).await;
@@ -1054,16 +1068,166 @@ async fn introspection_revocation_and_decommission() {
     // Decommissioning the agent makes every token it acted in inactive at
     // once, and it can no longer authenticate.
     let (t2, _) = issue(&h, &request(&h)).await;
-    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &t2)).await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &t2)).await;
     assert_eq!(a.json["active"], true);
     h.mem
         .decommissioned
         .lock()
         .unwrap()
         .insert("reporter".into(), now());
-    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &t2)).await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &t2)).await;
     assert_eq!(a.json, json!({"active": false}));
     assert_eq!(code_of(&h, request(&h)).await, "invalid_client");
+}
+
+/// RFC 7662 2.2 and 4: a token is introspected only by its own client or
+/// by a client that serves its tenant; for anyone else it is `{"active":
+/// false}`, exactly as an unknown token, so tenants stay apart and an agent
+/// without a client policy learns nothing.
+#[tokio::test]
+async fn only_the_client_or_a_client_of_its_tenant_may_introspect_a_token() {
+    let h = harness().await;
+    let (acme, _) = issue(&h, &request(&h)).await;
+    let mut form = request(&h);
+    set(
+        &mut form,
+        "subject_token",
+        &subject_with(&h, json!({}), json!({ "iss": PARTNER_IDP })),
+    );
+    set(&mut form, "client_assertion", &assertion(&h, "partnerbot"));
+    set(&mut form, "actor_token", &assertion(&h, "partnerbot"));
+    set(&mut form, "scope", "read:reports");
+    let (partner, _) = issue(&h, &form).await;
+    let ask = |agent: &'static str, token: &str| {
+        let f = auth_form(&h, agent, token);
+        let h = &h;
+        async move { post(h, "/oauth/introspect", &f).await }
+    };
+    for (agent, token, seen) in [
+        // Its own client, and a client serving its tenant.
+        ("reporter", &acme, true),
+        ("auditor", &acme, true),
+        ("partnerbot", &partner, true),
+        ("auditor", &partner, true),
+        // Another tenant's client, both ways.
+        ("partnerbot", &acme, false),
+        ("reporter", &partner, false),
+        // A client serving neither, and an agent that is no client.
+        ("intruder", &acme, false),
+        ("nopolicy", &acme, false),
+        ("nopolicy", &partner, false),
+    ] {
+        let a = ask(agent, token).await;
+        assert_eq!(a.status, 200, "{agent}: {}", a.json);
+        if seen {
+            assert_eq!(a.json["active"], true, "{agent}: {}", a.json);
+        } else {
+            assert_eq!(a.json, json!({"active": false}), "{agent}");
+        }
+    }
+}
+
+/// Refusals of requests no client authenticated for (anyone on the
+/// listener can send them as fast as it answers) are audited as such, for
+/// the daemon to rate-limit; what an authenticated client does or is
+/// refused is audited in full.
+#[tokio::test]
+async fn unauthenticated_refusals_are_audited_apart_from_authenticated_actions() {
+    let h = harness().await;
+    let (token, _) = issue(&h, &request(&h)).await;
+    let unauthenticated = |h: &Harness| {
+        h.mem
+            .unauthenticated
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| (e.event.clone(), e.outcome, e.agent.is_some()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(unauthenticated(&h), []);
+    // Anonymous: a bad grant, no assertion, a forged assertion (at the
+    // token endpoint and at revocation), a bad actor token beside a good
+    // client assertion (not spent, so it can be replayed), a replay.
+    let mut bad_grant = request(&h);
+    set(&mut bad_grant, "grant_type", "x");
+    let no_assertion = without(request(&h), "client_assertion");
+    let mut forged = request(&h);
+    let attacker =
+        EncodingKey::from_ed_pem(include_bytes!("testdata/ed25519_attacker.pem")).unwrap();
+    let forged_assertion = sign_raw(
+        &attacker,
+        Algorithm::EdDSA,
+        &json!({"alg": "EdDSA", "kid": "1"}),
+        &json!({"iss": "reporter", "sub": "reporter", "aud": ISSUER,
+                "exp": now() + 60, "jti": "forged-1"}),
+    );
+    set(&mut forged, "client_assertion", &forged_assertion);
+    let mut bad_actor = request(&h);
+    set(&mut bad_actor, "actor_token", "a.b.c");
+    let replayed = request(&h);
+    issue(&h, &replayed).await;
+    for form in [&bad_grant, &no_assertion, &forged, &bad_actor, &replayed] {
+        assert_ne!(post(&h, "/oauth/token", form).await.status, 200);
+    }
+    let mut revoke = auth_form(&h, "reporter", &token);
+    set(&mut revoke, "client_assertion", &forged_assertion);
+    assert_eq!(post(&h, "/oauth/revoke", &revoke).await.status, 401);
+    let revoke = without(auth_form(&h, "reporter", &token), "client_assertion");
+    assert_eq!(post(&h, "/oauth/revoke", &revoke).await.status, 401);
+    let refusal = |event: &str| (event.to_owned(), Outcome::Refused);
+    assert_eq!(
+        unauthenticated(&h)
+            .into_iter()
+            .map(|(e, o, _)| (e, o))
+            .collect::<Vec<_>>(),
+        [
+            vec![refusal("oauth.token"); 5],
+            vec![refusal("oauth.revoke"); 2]
+        ]
+        .concat()
+    );
+    // Authenticated: an issuance, a refusal by policy, a revocation of
+    // someone else's token, a revocation: all audited in full.
+    let before = h.mem.audit.lock().unwrap().len();
+    issue(&h, &request(&h)).await;
+    let mut scope = request(&h);
+    set(&mut scope, "scope", "admin");
+    assert_eq!(code_of(&h, scope).await, "invalid_scope");
+    let f = auth_form(&h, "intruder", &token);
+    assert_eq!(
+        refused(&post(&h, "/oauth/revoke", &f).await, &f),
+        "unauthorized_client"
+    );
+    let f = auth_form(&h, "reporter", &token);
+    assert_eq!(post(&h, "/oauth/revoke", &f).await.status, 200);
+    assert_eq!(h.mem.audit.lock().unwrap().len(), before + 4);
+    assert_eq!(unauthenticated(&h).len(), 7);
+}
+
+/// Decommissioning the agent that holds the signing credential destroys
+/// its keys: the running service stops signing with it at once (a
+/// `server_error` naming the reason), publishes it no more and its tokens
+/// are inactive; the decommission's tokens item still verifies.
+#[tokio::test]
+async fn a_decommissioned_signer_signs_nothing_more() {
+    let h = harness().await;
+    let (token, _) = issue(&h, &request(&h)).await;
+    h.mem
+        .decommissioned
+        .lock()
+        .unwrap()
+        .insert("keyturn".into(), now());
+    let a = post(&h, "/oauth/token", &request(&h)).await;
+    assert_eq!(a.status, 500, "{}", a.json);
+    assert_eq!(a.json["error"], "server_error");
+    let jwks = get(&h, "/.well-known/jwks.json").await;
+    assert_eq!(jwks.json, json!({"keys": []}));
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &token)).await;
+    assert_eq!(a.json, json!({"active": false}));
+    h.service
+        .refuses_tokens_of("keyturn", now())
+        .await
+        .expect("the tokens item verifies");
 }
 
 #[tokio::test]
@@ -1099,7 +1263,7 @@ async fn tokens_stay_verifiable_across_a_signing_key_rotation() {
         .collect();
     assert_eq!(kids, ["3", "2", "1"]);
     verify_with_jwks(&h, &old).await;
-    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &old)).await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &old)).await;
     assert_eq!(a.json["active"], true);
     // A retired key that never signed anything live is not published.
     let v4 = pair();
@@ -1140,13 +1304,13 @@ async fn a_token_for_a_task_carries_its_attribution_and_ends_with_it() {
     assert_eq!(claims["txn"], "run-42");
     assert_eq!(claims["use_case"], "invoicing");
     assert_eq!(claims["task_id"], "t1");
-    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &token)).await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &token)).await;
     assert_eq!(a.json["txn"], "run-42");
     assert_eq!(a.json["task_id"], "t1");
     // The task ended early (`keyturn task end`): its token is inactive at
     // once, not at its `exp`.
     let live = h.mem.tasks.lock().unwrap().remove("t1").unwrap();
-    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &token)).await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &token)).await;
     assert_eq!(a.json, json!({ "active": false }));
     h.mem.tasks.lock().unwrap().insert("t1".into(), live);
 
@@ -1251,7 +1415,7 @@ async fn an_agent_authenticated_by_peer_uid_gets_the_same_token() {
     assert_eq!(claims["act"], json!({ "sub": "reporter" }));
     assert_eq!(claims["client_id"], "reporter");
     assert_eq!(claims["scope"], "read:reports");
-    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &token)).await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &token)).await;
     assert_eq!(a.json["active"], true, "{}", a.json);
     assert_eq!(a.json["client_id"], "reporter");
 
@@ -1485,10 +1649,10 @@ async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
 
     // Introspection: both active, each checked against its own key set.
     for t in [&token, &acme] {
-        let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", t)).await;
+        let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", t)).await;
         assert_eq!(a.json["active"], true, "{}", a.json);
     }
-    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &token)).await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &token)).await;
     assert_eq!(a.json["iss"], tenant_iss.as_str());
 
     // Forgeries across key sets are inactive: the partner key under the
@@ -1512,18 +1676,13 @@ async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
         ("iss", resign("partner.1", &c)),
         ("kid", resign("1", &claims)),
     ] {
-        let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &t)).await;
+        let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &t)).await;
         assert_eq!(a.json, json!({"active": false}), "forged {what}");
     }
     // The genuine claims re-signed correctly stay valid: the refusals above
     // are about the key set, not the claims.
     let genuine = resign("partner.1", &claims);
-    let a = post(
-        &h,
-        "/oauth/introspect",
-        &auth_form(&h, "intruder", &genuine),
-    )
-    .await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &genuine)).await;
     assert_eq!(a.json["active"], true);
 }
 
@@ -1659,7 +1818,7 @@ async fn the_tokens_probe_passes_only_when_the_service_refuses_the_agents_tokens
         "{note}"
     );
     // So is the live token it held.
-    let a = post(&h, "/oauth/introspect", &auth_form(&h, "intruder", &live)).await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &live)).await;
     assert_eq!(a.json, json!({"active": false}));
     // The probes went nowhere: no audit record, no ledger write.
     assert_eq!(

@@ -1325,6 +1325,50 @@ extra = 1
     }
 }
 
+/// An agent's `auth_key` is delivered to that agent: as the service's or a
+/// tenant's signing key, it would let the agent mint any token. A located
+/// error, at `check`, start and reload alike (they all load the config so).
+#[test]
+fn an_agents_auth_key_is_refused_as_a_signing_key() {
+    let agents = TOKEN_AGENTS.replace(
+        "[agents.reporter]\nowner = \"o\"\n",
+        "[agents.reporter]\nauth_key = \"c\"\nowner = \"o\"\n",
+    );
+    let errors = load(&format!(
+        r#"{agents}
+[token_service]
+issuer = "https://keyturn.example.com"
+signing_credential = "reporter/c"
+
+[token_service.tenants.partner]
+signing_credential = "reporter/c"
+"#
+    ))
+    .unwrap_err()
+    .0;
+    for path in [
+        "token_service.signing_credential",
+        "token_service.tenants.partner.signing_credential",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.toml_path == path
+                && e.line > 0
+                && e.message.contains("agent `reporter`'s auth_key")),
+            "missing {path} in {errors:#?}"
+        );
+    }
+    // The same credential is a signing key once no agent authenticates with it.
+    let cfg = load(&format!(
+        r#"{TOKEN_AGENTS}
+[token_service]
+issuer = "https://keyturn.example.com"
+signing_credential = "reporter/c"
+"#
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(cfg.token_service.is_some());
+}
+
 #[test]
 fn tenants_with_their_own_signing_keys_load_and_every_problem_is_reported() {
     let base = format!(

@@ -148,16 +148,33 @@ impl TokenService {
         Ok(client)
     }
 
-    /// `POST /oauth/introspect`: any agent that authenticates may ask.
+    /// Whether agent `caller` may introspect `t` (RFC 7662 2.2 and 4: only
+    /// callers specifically authorized for this token): its own client, or
+    /// a client of the service (`[token_service.clients.CALLER]`) that
+    /// serves the token's tenant. Anyone else learns nothing, not even that
+    /// the token exists: tenants stay apart.
+    fn may_introspect(&self, caller: &str, t: &Checked) -> bool {
+        if t.str("client_id") == Some(caller) {
+            return true;
+        }
+        let tenant = t.str("tenant");
+        self.clients
+            .get(caller)
+            .is_some_and(|c| c.tenants.iter().any(|s| Some(s.as_str()) == tenant))
+    }
+
+    /// `POST /oauth/introspect`: an authenticated agent may ask about the
+    /// tokens [`Self::may_introspect`] lets it see; any other token is
+    /// `{"active": false}`.
     pub async fn introspect(&self, body: &[u8]) -> Reply {
         let answer = async {
             let form = token_form(body)?;
-            self.authenticate_client(&form).await?;
+            let caller = self.authenticate_client(&form).await?;
             let now = now_secs();
             let Some(t) = self.check(&form.token, now).await? else {
                 return Ok::<_, ExchangeError>(json!({ "active": false }));
             };
-            if !self.active(&t)? {
+            if !self.may_introspect(&caller.agent, &t) || !self.active(&t)? {
                 return Ok(json!({ "active": false }));
             }
             let mut out = Map::new();
@@ -196,9 +213,11 @@ impl TokenService {
     /// it; an unknown or invalid token is answered 200 (RFC 7009 2.2).
     pub async fn revoke(&self, body: &[u8], peer: &str) -> Reply {
         let mut ev = AuditEvent::new("oauth.revoke", AuditActor::Daemon, Outcome::Ok);
+        let mut authenticated = false;
         let result = async {
             let form = token_form(body)?;
             let client = self.authenticate_client(&form).await?;
+            authenticated = true;
             ev.agent = AgentId::new(&client.agent).ok();
             let now = now_secs();
             let Some(t) = self.check(&form.token, now).await? else {
@@ -245,7 +264,7 @@ impl TokenService {
                 Reply::error(&e)
             }
         };
-        self.backend.audit(ev).await;
+        self.audit_as(ev, authenticated).await;
         reply
     }
 
@@ -262,6 +281,10 @@ impl TokenService {
         // Not an agent id (`:`), so nothing but `agent` is decommissioned.
         let other = "keyturn:probe";
         for set in &self.keys {
+            if self.signer_retired(set) {
+                // It publishes no key: none of its tokens passes `check`.
+                continue;
+            }
             let iss = &set.policy.issuer;
             let key = self
                 .signing_key(set)

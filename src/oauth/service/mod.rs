@@ -187,7 +187,13 @@ pub trait Backend: Send + Sync {
     /// When `agent` was decommissioned (unix seconds), if it was: its
     /// token epoch ([`crate::state::DecommissionRow::token_epoch`]).
     fn decommissioned_at(&self, agent: &str) -> Option<i64>;
+    /// Audits what an authenticated client did or was refused.
     async fn audit(&self, event: AuditEvent);
+    /// Audits the refusal of a request no client authenticated for (no or
+    /// a bad assertion, a malformed request): anyone who reaches the
+    /// listener can ask for these as fast as it answers, so the daemon
+    /// records only a few per window and counts the rest.
+    async fn audit_unauthenticated(&self, event: AuditEvent);
 }
 
 /// Where the daemon keeps the token service as currently configured: a
@@ -516,6 +522,9 @@ impl TokenService {
     /// previous and any other (not pending) version that signed a token not
     /// yet expired.
     async fn published(&self, set: &KeySet, now: i64) -> Result<Vec<AgentKey>, String> {
+        if self.signer_retired(set) {
+            return Ok(Vec::new());
+        }
         let versions = self.signing_versions(set).await?;
         let mut keys = AgentKey::accepted(&versions);
         let signed = self
@@ -561,6 +570,15 @@ impl TokenService {
         }
     }
 
+    /// Whether the agent holding a key set's signing credential is
+    /// decommissioned: its keys are destroyed, so the set signs nothing
+    /// more, publishes nothing and none of its tokens is active.
+    fn signer_retired(&self, set: &KeySet) -> bool {
+        self.backend
+            .decommissioned_at(set.credential.agent.as_str())
+            .is_some()
+    }
+
     /// A key set's current signing key, read from the vault when the
     /// current version changed since the last read.
     async fn signing_key(&self, set: &KeySet) -> Result<Arc<SigningKey>, ExchangeError> {
@@ -571,6 +589,12 @@ impl TokenService {
                 "the token service cannot sign now: the operator must check the signing credential (keyturn status)",
             )
         };
+        if self.signer_retired(set) {
+            return Err(unavailable(format!(
+                "agent {} is decommissioned and its keys destroyed: name another signing_credential and reload",
+                set.credential.agent
+            )));
+        }
         let versions = self.signing_versions(set).await.map_err(unavailable)?;
         let Some(current) = versions
             .iter()
@@ -677,8 +701,11 @@ impl TokenService {
     /// `POST /oauth/token`.
     pub async fn token(&self, body: &[u8], peer: &str) -> Reply {
         let mut ev = AuditEvent::new("oauth.token", AuditActor::Daemon, Outcome::Ok);
-        let result = self.issue(body, &mut ev).await;
-        let result = self.audited(ev, result, format!("from {peer}")).await;
+        let mut authenticated = false;
+        let result = self.issue(body, &mut ev, &mut authenticated).await;
+        let result = self
+            .audited(ev, result, format!("from {peer}"), authenticated)
+            .await;
         match result {
             Ok(issued) => Reply::ok(answer(&issued)),
             Err(e) => Reply::error(&e),
@@ -736,16 +763,20 @@ impl TokenService {
                 .await
         }
         .await;
-        self.audited(ev, result, by.how).await
+        // The caller authenticated the agent (its refusals are its own).
+        self.audited(ev, result, by.how, true).await
     }
 
     /// Audits the outcome of an exchange (`note` says where it came from
-    /// and how the client was authenticated) and hands it back.
+    /// and how the client was authenticated) and hands it back; a refusal
+    /// before the client `authenticated` is audited as such
+    /// ([`Backend::audit_unauthenticated`]).
     async fn audited(
         &self,
         mut ev: AuditEvent,
         result: Result<Issued, ExchangeError>,
         note: String,
+        authenticated: bool,
     ) -> Result<Issued, ExchangeError> {
         ev.detail = Some(match &ev.detail {
             Some(d) => format!("{d}; {note}"),
@@ -759,13 +790,29 @@ impl TokenService {
             };
             ev.error = Some(e.to_string());
         }
-        self.backend.audit(ev).await;
+        self.audit_as(ev, authenticated).await;
         result
     }
 
+    /// Audits `ev` fully when the client `authenticated`, else as a
+    /// refusal of an unauthenticated request (rate-limited by the daemon).
+    async fn audit_as(&self, ev: AuditEvent, authenticated: bool) {
+        if authenticated || ev.outcome == Outcome::Ok {
+            self.backend.audit(ev).await;
+        } else {
+            self.backend.audit_unauthenticated(ev).await;
+        }
+    }
+
     /// `POST /oauth/token` once parsed: client and actor authentication
-    /// (private_key_jwt), then [`Self::grant`].
-    async fn issue(&self, body: &[u8], ev: &mut AuditEvent) -> Result<Issued, ExchangeError> {
+    /// (private_key_jwt), then [`Self::grant`]. `authenticated` is set once
+    /// the client's (and actor's) assertions are checked and spent.
+    async fn issue(
+        &self,
+        body: &[u8],
+        ev: &mut AuditEvent,
+        authenticated: &mut bool,
+    ) -> Result<Issued, ExchangeError> {
         let req = request::parse(body)?;
         let client = self
             .authenticate(&req.client_assertion, "invalid_client", "client assertion")
@@ -779,6 +826,7 @@ impl TokenService {
             (&actor, "invalid_request", "actor_token"),
         ])
         .await?;
+        *authenticated = true;
         if actor.agent != client.agent {
             return Err(err(
                 "invalid_request",
