@@ -301,6 +301,7 @@ pub struct Metrics {
     alerts_firing: Family<SeverityLabels, Gauge>,
     alert_deliveries: Family<AlertDeliveryLabels, Counter>,
     alert_spool_depth: Gauge,
+    alerts_refused: Gauge,
     task_starts: Family<IssuerResultLabels, Counter>,
     task_revocations: Family<IssuerResultLabels, Counter>,
     oauth_requests: Family<OauthLabels, Counter>,
@@ -423,6 +424,11 @@ impl Metrics {
             "alert_spool_depth",
             "Alert deliveries (fire or resolve, per sink) spooled and not yet delivered",
         );
+        let alerts_refused: Gauge = register(
+            &mut registry,
+            "alerts_refused",
+            "Alert deliveries (fire or resolve, per sink) a sink refused and keyturn still owes: tried again every few minutes and at each reload",
+        );
         // Labels are the issuer's name and the agent: both from the config,
         // so bounded; never a task id or a tenant (free text an agent
         // chooses per task).
@@ -463,6 +469,7 @@ impl Metrics {
             alerts_firing,
             alert_deliveries,
             alert_spool_depth,
+            alerts_refused,
             task_starts,
             task_revocations,
             oauth_requests,
@@ -570,6 +577,11 @@ impl Metrics {
     /// Alert deliveries spooled and not yet delivered.
     pub fn set_alert_spool_depth(&self, n: i64) {
         self.alert_spool_depth.set(n);
+    }
+
+    /// Alert deliveries a sink refused (given up) that are still owed.
+    pub fn set_alerts_refused(&self, n: i64) {
+        self.alerts_refused.set(n);
     }
 
     /// The state directory whose free space `state_free_bytes` reports.

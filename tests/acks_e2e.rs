@@ -81,6 +81,19 @@ fn awaiting(env: &Env) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Checks that version 1 still awaits the ack (it stays `previous`), then
+/// acks version 2 as the agent's own uid, which must succeed.
+fn agent_acks_version_2(env: &Env) -> Output {
+    assert_eq!(
+        stage_of(env, 1),
+        Some(Stage::Previous),
+        "still awaits the ack"
+    );
+    let out = ack_as(env, Some(AGENT_UID), 2);
+    assert!(out.status.success(), "{}", text(&out));
+    out
+}
+
 fn wait_retired(env: &Env, version: u64) {
     wait_for(Duration::from_secs(10), || {
         (stage_of(env, version) == Some(Stage::Retired)).then_some(())
@@ -140,15 +153,8 @@ fn keyturn_ack_retires_the_previous_version_and_refuses_other_uids() {
         text(&out)
     );
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        stage_of(&env, 1),
-        Some(Stage::Previous),
-        "still awaits the ack"
-    );
-
     // The agent's own uid acks: the previous version goes right after.
-    let out = ack_as(&env, Some(AGENT_UID), 2);
-    assert!(out.status.success(), "{}", text(&out));
+    let out = agent_acks_version_2(&env);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("acknowledged"),
         "{}",
@@ -232,13 +238,7 @@ fn a_rotate_waiting_for_an_ack_survives_a_restart_and_offline_status_says_awaiti
     let daemon = env.start();
     wait_for(Duration::from_secs(10), || waiting(&env))
         .expect("after the restart the requested rotation waits again");
-    assert_eq!(
-        stage_of(&env, 1),
-        Some(Stage::Previous),
-        "still awaits the ack"
-    );
-    let out = ack_as(&env, Some(AGENT_UID), 2);
-    assert!(out.status.success(), "{}", text(&out));
+    agent_acks_version_2(&env);
     wait_version(&env, "bot", "db", 3);
     let start = audit_records(&env)
         .into_iter()

@@ -21,7 +21,7 @@ use keyturn::alerts::pagerduty::{PagerdutyConfig, PagerdutySink};
 use keyturn::alerts::webhook::{AlertWebhookConfig, AlertWebhookSink};
 use keyturn::alerts::{
     Alert, AlertSink, Alerts, Conditions, FiresAt, ManagerOptions, MemoryRecorder, NamedSink,
-    Route, Severity, run_loop,
+    Notice, Route, Severity, run_loop,
 };
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +64,11 @@ struct Manager {
 
 impl Manager {
     fn open(dir: &Path, name: &str, sink: Arc<dyn AlertSink>) -> Manager {
+        Manager::holding(dir, name, sink, Duration::ZERO)
+    }
+
+    /// A manager whose flap hold is `flap_hold`.
+    fn holding(dir: &Path, name: &str, sink: Arc<dyn AlertSink>, flap_hold: Duration) -> Manager {
         let recorder = Arc::new(MemoryRecorder::default());
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -77,7 +82,7 @@ impl Manager {
             recorder.clone(),
             None,
             ManagerOptions {
-                flap_hold: Duration::ZERO,
+                flap_hold,
                 initial_backoff: Duration::from_millis(100),
                 max_backoff: Duration::from_millis(500),
             },
@@ -234,6 +239,70 @@ async fn alertmanager_shows_the_alert_with_its_labels_and_then_its_resolution() 
     m.stop().await;
 }
 
+/// Defect F4, on Alertmanager: the escalation left the warning to expire
+/// and a flap fired it again. Now the request that fires the critical
+/// ends the warning (`severity` is a label), and a flap sends nothing: one
+/// alert per condition, at its current severity.
+#[tokio::test]
+async fn alertmanager_holds_one_alert_per_condition_at_its_current_severity() {
+    let base = std::env::var("KEYTURN_TEST_ALERTMANAGER_URL").expect(NEED_SERVICES);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Arc::new(AlertmanagerSink::new(&AlertmanagerConfig::new(&base)).unwrap());
+    let hold = Duration::from_millis(500);
+    let m = Manager::holding(dir.path(), "am", sink, hold);
+    let name = format!("KeyturnTestFailing{}", suffix());
+    let (warn, crit) = (
+        alert(&name, Severity::Warning),
+        alert(&name, Severity::Critical),
+    );
+    let severities = async || {
+        let mut s: Vec<String> = am_alerts(&base, &name)
+            .await
+            .iter()
+            .map(|a| {
+                a["labels"]["severity"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        s.sort();
+        s
+    };
+    m.alerts.reconcile(Utc::now(), firing(&[&warn]));
+    until("the warning", Duration::from_secs(10), async || {
+        (severities().await == ["warning"]).then_some(())
+    })
+    .await;
+    m.alerts.reconcile(Utc::now(), firing(&[&crit]));
+    until("the critical alone", Duration::from_secs(10), async || {
+        (severities().await == ["critical"]).then_some(())
+    })
+    .await;
+    until("two fires delivered", Duration::from_secs(5), async || {
+        (m.recorder.events() == ["alert.fired", "alert.fired"]).then_some(())
+    })
+    .await;
+    // A flap within the hold, back at warning first: nothing is sent.
+    for now in [&[][..], &[&warn], &[&crit]] {
+        m.alerts.reconcile(Utc::now(), firing(now));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(hold).await;
+    m.alerts.reconcile(Utc::now(), firing(&[&crit]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(severities().await, ["critical"]);
+    assert_eq!(m.recorder.events(), ["alert.fired", "alert.fired"]);
+    m.alerts.reconcile(Utc::now(), firing(&[]));
+    tokio::time::sleep(hold).await;
+    m.alerts.reconcile(Utc::now(), firing(&[]));
+    until("the resolution", Duration::from_secs(10), async || {
+        severities().await.is_empty().then_some(())
+    })
+    .await;
+    m.stop().await;
+}
+
 #[tokio::test]
 async fn an_alertmanager_down_gets_the_spooled_alert_when_it_returns() {
     let base = std::env::var("KEYTURN_TEST_ALERTMANAGER_URL").expect(NEED_SERVICES);
@@ -323,6 +392,12 @@ impl Stub {
         .await;
     }
 
+    /// A manager in `dir/spool` with one sink, `pd`, to this stub, holding
+    /// for `flap_hold`.
+    fn manager(&self, dir: &Path, flap_hold: Duration) -> Manager {
+        Manager::holding(&dir.join("spool"), "pd", self.sink(dir, PD_KEY), flap_hold)
+    }
+
     fn sink(&self, dir: &Path, key: &str) -> Arc<PagerdutySink> {
         let cfg = PagerdutyConfig {
             url: Some(format!("{}/v2/enqueue", self.base)),
@@ -359,10 +434,11 @@ async fn pagerduty_gets_a_trigger_and_a_resolve_with_one_dedup_key_checked_field
     let t = &events[0];
     assert_eq!(t["routing_key"], PD_KEY);
     assert_eq!(t["event_action"], "trigger");
-    assert_eq!(t["dedup_key"], a.dedup_key().as_str());
+    // One incident per condition, agent and credential: no severity in it.
+    assert_eq!(t["dedup_key"], a.incident_key().as_str());
     assert_eq!(
         t["dedup_key"],
-        "keyturn/KeyturnRevocationSlaBreached/invoice-bot/db/critical"
+        "keyturn/KeyturnRevocationSlaBreached/invoice-bot/db"
     );
     let p = &t["payload"];
     assert_eq!(p["summary"], a.summary.as_str());
@@ -395,7 +471,7 @@ async fn pagerduty_gets_a_trigger_and_a_resolve_with_one_dedup_key_checked_field
     );
     let r = &events[1];
     assert_eq!(r["event_action"], "resolve");
-    assert_eq!(r["dedup_key"], a.dedup_key().as_str());
+    assert_eq!(r["dedup_key"], a.incident_key().as_str());
     assert_eq!(r["routing_key"], PD_KEY);
     assert_eq!(stub.rejected().await, serde_json::json!([]));
     assert_eq!(m.recorder.events(), vec!["alert.fired", "alert.resolved"]);
@@ -412,11 +488,7 @@ async fn pagerduty_gets_a_trigger_and_a_resolve_with_one_dedup_key_checked_field
 async fn pagerduty_429_waits_for_retry_after_and_5xx_is_retried_without_duplicates() {
     let stub = Stub::start();
     let dir = tempfile::tempdir().unwrap();
-    let m = Manager::open(
-        &dir.path().join("spool"),
-        "pd",
-        stub.sink(dir.path(), PD_KEY),
-    );
+    let m = stub.manager(dir.path(), Duration::ZERO);
     stub.fail(429, 1, Some(2)).await;
     let a = alert("KeyturnRevocationSlaBreached", Severity::Critical);
     let started = Instant::now();
@@ -445,7 +517,7 @@ async fn pagerduty_429_waits_for_retry_after_and_5xx_is_retried_without_duplicat
         },
     )
     .await;
-    assert_eq!(events[1]["dedup_key"], b.dedup_key().as_str());
+    assert_eq!(events[1]["dedup_key"], b.incident_key().as_str());
     assert_eq!(events[1]["payload"]["severity"], "warning");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -487,10 +559,112 @@ async fn a_restart_sends_the_owed_resolve_to_pagerduty_and_no_second_trigger() {
     })
     .await;
     assert_eq!(events[1]["event_action"], "resolve");
-    assert_eq!(events[1]["dedup_key"], a.dedup_key().as_str());
+    assert_eq!(events[1]["dedup_key"], a.incident_key().as_str());
     m.alerts.reconcile(Utc::now(), firing(&[]));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(stub.events().await.len(), 2);
+    m.stop().await;
+}
+
+/// `(event_action, dedup_key, payload.severity)` of every event accepted.
+async fn pd_actions(stub: &Stub) -> Vec<(String, String, String)> {
+    let field = |e: &Value, f: &str| e[f].as_str().unwrap_or_default().to_owned();
+    stub.events()
+        .await
+        .iter()
+        .map(|e| {
+            let severity = e["payload"]["severity"].as_str().unwrap_or_default();
+            (
+                field(e, "event_action"),
+                field(e, "dedup_key"),
+                severity.to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Defect F4: a rotation-failing condition that escalated and then
+/// flapped sent PagerDuty a second trigger for its warning (a new
+/// incident, since the warning's key had been resolved) while the
+/// critical stayed open. Now the condition is one incident: the
+/// escalation updates it, the flap sends nothing, the end resolves it.
+#[tokio::test]
+async fn pagerduty_keeps_one_incident_through_an_escalation_and_a_flap() {
+    let stub = Stub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let hold = Duration::from_millis(600);
+    let m = stub.manager(dir.path(), hold);
+    let warn = alert("KeyturnRotationFailing", Severity::Warning);
+    let crit = alert("KeyturnRotationFailing", Severity::Critical);
+    let key = "keyturn/KeyturnRotationFailing/invoice-bot/db";
+    let settle = async |n: usize| {
+        until("the events", Duration::from_secs(10), async || {
+            (stub.events().await.len() >= n).then_some(())
+        })
+        .await;
+    };
+    m.alerts.reconcile(Utc::now(), firing(&[&warn]));
+    settle(1).await;
+    m.alerts.reconcile(Utc::now(), firing(&[&crit]));
+    settle(2).await;
+    // The warning's hold ends; then a success and failures again, within
+    // the hold: warning, then critical once more.
+    tokio::time::sleep(hold + Duration::from_millis(100)).await;
+    for now in [&[&crit][..], &[], &[&warn], &[&crit]] {
+        m.alerts.reconcile(Utc::now(), firing(now));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(hold).await;
+    m.alerts.reconcile(Utc::now(), firing(&[&crit]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = |action: &str, severity: &str| (action.into(), key.into(), severity.into());
+    assert_eq!(
+        pd_actions(&stub).await,
+        vec![t("trigger", "warning"), t("trigger", "critical")],
+        "one incident, updated by the escalation; nothing for the flap"
+    );
+    // The condition ends for good.
+    m.alerts.reconcile(Utc::now(), firing(&[]));
+    tokio::time::sleep(hold).await;
+    m.alerts.reconcile(Utc::now(), firing(&[]));
+    settle(3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        pd_actions(&stub).await,
+        vec![
+            t("trigger", "warning"),
+            t("trigger", "critical"),
+            t("resolve", "")
+        ]
+    );
+    m.stop().await;
+}
+
+/// Defect F9: a trigger PagerDuty refused (400) was sent after all, with
+/// its resolve 7 ms behind, when the condition ended: a new incident, and
+/// a page, for an alert already over. Now nothing is sent for it.
+#[tokio::test]
+async fn a_trigger_pagerduty_refused_is_not_sent_when_the_condition_ends() {
+    let stub = Stub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let m = stub.manager(dir.path(), Duration::ZERO);
+    stub.fail(400, 1, None).await;
+    let a = alert("KeyturnRotationFailing", Severity::Warning);
+    m.alerts.reconcile(Utc::now(), firing(&[&a]));
+    until("the refusal", Duration::from_secs(10), async || {
+        (m.recorder.events() == ["alert.failed"]).then_some(())
+    })
+    .await;
+    // PagerDuty accepts again; the condition ends before a retry.
+    m.alerts.reconcile(Utc::now(), firing(&[]));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        pd_actions(&stub).await,
+        vec![],
+        "nothing for an alert already over"
+    );
+    assert_eq!(m.alerts.pending(), 0);
+    assert_eq!(m.recorder.events(), ["alert.failed"]);
     m.stop().await;
 }
 
@@ -774,6 +948,8 @@ async fn answers_map_to_error_kinds_redirects_are_not_followed_and_bodies_not_re
     use keyturn::model::ErrorKind;
     let (base, followed) = answering().await;
     let a = alert("KeyturnRevocationSlaBreached", Severity::Critical);
+    let key = a.incident_key();
+    let a = Notice::new(&key, &a);
     let sink = |status: u16| {
         AlertmanagerSink::new(&AlertmanagerConfig::new(format!("{base}/{status}"))).unwrap()
     };
@@ -831,6 +1007,8 @@ async fn garbage_and_silence_from_a_receiver_are_transient_errors() {
         }
     });
     let a = alert("KeyturnRevocationSlaBreached", Severity::Critical);
+    let key = a.incident_key();
+    let a = Notice::new(&key, &a);
     let e = AlertmanagerSink::new(&AlertmanagerConfig::new(&garbage_url))
         .unwrap()
         .fire(&a)

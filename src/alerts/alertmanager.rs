@@ -22,7 +22,10 @@
 //! after keyturn stopped (so an alert never stays open forever behind a
 //! dead sender). A resolve sends the same labels with `endsAt` = the time
 //! the condition ended; Alertmanager matches by labels, so it closes the
-//! alert it has.
+//! alert it has. `severity` is a label, so when a condition changes
+//! severity (a warning that escalates to critical) the request that fires
+//! the new severity also ends the old one (`endsAt` = now): Alertmanager
+//! holds one alert per condition, at its current severity.
 
 use super::http::{self, Endpoint};
 use super::*;
@@ -111,14 +114,19 @@ impl AlertmanagerSink {
         &self.endpoint.url
     }
 
-    async fn send(&self, alert: &Alert, ends_at: DateTime<Utc>) -> Result<(), PluginError> {
-        let body = serde_json::to_vec(&[Postable {
-            labels: labels(alert),
-            annotations: annotations(alert),
-            starts_at: alert.since,
-            ends_at,
-        }])
-        .map_err(|e| PluginError::new(ErrorKind::Fatal, format!("encoding the alert: {e}")))?;
+    /// Posts each alert with its `endsAt`, in one request.
+    async fn send(&self, alerts: &[(&Alert, DateTime<Utc>)]) -> Result<(), PluginError> {
+        let postable: Vec<Postable> = alerts
+            .iter()
+            .map(|(alert, ends_at)| Postable {
+                labels: labels(alert),
+                annotations: annotations(alert),
+                starts_at: alert.since,
+                ends_at: *ends_at,
+            })
+            .collect();
+        let body = serde_json::to_vec(&postable)
+            .map_err(|e| PluginError::new(ErrorKind::Fatal, format!("encoding the alert: {e}")))?;
         self.endpoint.post(body, &[]).await
     }
 }
@@ -177,14 +185,26 @@ impl AlertSink for AlertmanagerSink {
         Some(self.resend)
     }
 
-    async fn fire(&self, alert: &Alert) -> Result<(), PluginError> {
-        let ends_at = Utc::now()
-            + chrono::Duration::from_std(self.resend * 4).unwrap_or(chrono::Duration::MAX);
-        self.send(alert, ends_at).await
+    /// The alert, and for a severity change the alert it replaces, ended
+    /// now: Alertmanager tells the two apart by their `severity` label.
+    async fn fire(&self, notice: &Notice<'_>) -> Result<(), PluginError> {
+        let now = Utc::now();
+        let ends_at =
+            now + chrono::Duration::from_std(self.resend * 4).unwrap_or(chrono::Duration::MAX);
+        let alerts: Vec<(&Alert, DateTime<Utc>)> = notice
+            .firing(now)
+            .into_iter()
+            .map(|(alert, ended)| (alert, ended.unwrap_or(ends_at)))
+            .collect();
+        self.send(&alerts).await
     }
 
-    async fn resolve(&self, alert: &Alert, ended_at: DateTime<Utc>) -> Result<(), PluginError> {
-        self.send(alert, ended_at).await
+    async fn resolve(
+        &self,
+        notice: &Notice<'_>,
+        ended_at: DateTime<Utc>,
+    ) -> Result<(), PluginError> {
+        self.send(&[(notice.alert, ended_at)]).await
     }
 }
 

@@ -1,46 +1,67 @@
 //! The alert manager: [`Alerts`] takes the set of conditions firing now and
 //! makes every alert sink agree with it, durably.
 //!
-//! **Level-triggered.** [`Alerts::reconcile`] compares the desired set with
-//! the one it keeps: a new dedup key fires to every sink whose routing
-//! filters match, a key still firing is re-sent at the interval its sink
-//! needs (Alertmanager every minute; PagerDuty and webhooks never, one
-//! trigger stays open until resolved), a key gone is resolved. It never
-//! waits for the network: it writes the spool and wakes the sinks' workers.
+//! **Level-triggered.** [`Alerts::reconcile`] compares the desired set
+//! (one alert per condition and severity, by [`Alert::dedup_key`]) with
+//! the one it keeps, then makes every sink's incidents agree with it
+//! (`State::sync`). A sink holds one incident per condition, agent and
+//! credential ([`Alert::incident_key`]), at the highest severity firing
+//! that its routing filters pass: a new incident is fired, one still
+//! firing is re-sent at the interval its sink needs (Alertmanager every
+//! minute; PagerDuty and webhooks never, one trigger stays open until
+//! resolved), one whose severity changed is fired again as an update of
+//! the same incident (the [`Notice`] names the alert it replaces), one
+//! gone is resolved. It never waits for the network: it writes the spool
+//! and wakes the sinks' workers.
 //!
-//! **Flapping.** A key that disappears is not resolved at once: it is held
-//! for [`ManagerOptions::flap_hold`] (default 2 minutes, two Alertmanager
-//! resend intervals). Back within the hold, nothing is sent at all: the
+//! **Flapping.** An alert that disappears is not dropped at once: it is
+//! held for [`ManagerOptions::flap_hold`] (default 2 minutes, two
+//! Alertmanager resend intervals), and counts as firing meanwhile. Back
+//! within the hold, at whatever severity, nothing is sent at all: the
 //! receivers never saw it end, so nothing can open a second incident. Only
-//! a key still gone after the hold is resolved, with `endsAt` = when it
-//! really went. A stable dedup key alone would not do: PagerDuty opens a
-//! *new* incident for a trigger after a resolve, even with the same key.
-//! The price is that a resolve reaches the on-call up to `flap_hold` late.
+//! an incident whose every alert is still gone after the hold is
+//! resolved, with `endsAt` = when it really went; a severity that stays
+//! gone as long gives the incident back to the lower one. A stable key
+//! alone would not do: PagerDuty opens a *new* incident for a trigger
+//! after a resolve, even with the same key. The price is that a resolve
+//! reaches the on-call up to `flap_hold` late.
 //!
 //! **The spool** is a small SQLite database, `<dir>/spool.db` (0600 in a
 //! 0700 directory; each change committed with `synchronous = FULL`): the
-//! firing set and one row per sink and key, the delivery owed (fire or
-//! resolve, pending or done, when last sent). So a `kill -9` loses
-//! nothing: at the next start the manager knows what is firing (a key
-//! still firing is not new, so it is not triggered again) and sends what
-//! is still owed (a pending resolve goes out). Delivery is at least once: a
-//! kill between a sink's answer and the commit sends that one request
-//! again, which every receiver takes as the same alert (Alertmanager by
-//! labels, PagerDuty by dedup key, a webhook by fingerprint).
+//! firing set and one row per sink and incident, the delivery owed (fire
+//! or resolve, pending or done, when last sent, what the receiver
+//! accepted, refused or not). So a `kill -9` loses nothing: at the next
+//! start the manager knows what is firing (a key still firing is not new,
+//! so it is not triggered again) and sends what is still owed (a pending
+//! resolve goes out). Delivery is at least once: a kill between a sink's
+//! answer and the commit sends that one request again, which every
+//! receiver takes as the same alert (Alertmanager by labels, PagerDuty by
+//! dedup key, a webhook by fingerprint). Rows spooled before incidents
+//! were keyed per condition keep the severity-suffixed key their receiver
+//! knows them by, until they resolve.
 //!
 //! **Delivery.** One task per sink, so a sink that is down delays only its
 //! own alerts. A failure that may pass (connection, timeout, 5xx, 429)
 //! backs the whole sink off, exponentially with jitter from
 //! `initial_backoff` to `max_backoff`, at least as long as a `Retry-After`
 //! asks; the delivery stays pending for as long as it takes. A refusal
-//! (other 4xx) gives that delivery up: audited as `alert.failed`. The
-//! first delivered fire of a key to a sink is audited as `alert.fired`, a
-//! delivered resolve as `alert.resolved` (re-sends are not audited).
+//! (other 4xx) gives that delivery up: audited as `alert.failed` (once
+//! per delivery), counted in `keyturn_alerts_refused` while owed, tried
+//! again every `max_backoff` (or resend interval) and at once at a reload
+//! ([`Alerts::set_sinks`]; not at a start, which evaluates first). A fire
+//! the sink never accepted is dropped when its condition ends: sending it
+//! then would page for an alert already over, and there is no incident to
+//! resolve. The first delivered fire of an alert (a severity) to a sink
+//! is audited as `alert.fired`, a delivered resolve as `alert.resolved`
+//! (re-sends are not audited).
 //!
-//! **Routing** is decided when a key fires (and for what is firing when a
-//! sink is added); a resolve goes to the sinks the fire was meant for. A
-//! sink that was down for the whole life of a condition still gets both:
-//! the fire first, then the resolve, so the on-call learns it happened.
+//! **Routing** follows the severity: a sink is sent an incident while its
+//! filters pass one of the condition's alerts, and its resolve once none
+//! does (after the hold), so a sink that takes only `critical` gets the
+//! page when the condition escalates and the resolve when it is back at
+//! `warning`. A sink that was down (not refusing) for the whole life of a
+//! condition still gets both: the fire first, then the resolve, so the
+//! on-call learns it happened.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -56,7 +77,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Alert, AlertSink, ConditionSource, Conditions, Route, Severity};
+use super::{Alert, AlertSink, ConditionSource, Conditions, Notice, Route, Severity};
 use crate::audit::{Actor, AuditEvent, Outcome};
 use crate::model::{AgentId, CredentialId, ErrorKind, PluginError};
 use crate::telemetry::Metrics;
@@ -145,27 +166,73 @@ enum Action {
     Resolve { ended_at: DateTime<Utc> },
 }
 
-/// What one sink is owed for one key.
+/// What one sink is owed for one incident: a condition, agent and
+/// credential ([`Alert::incident_key`], the row's key; a row spooled before
+/// incidents were keyed so keeps the [`Alert::dedup_key`] its receiver knows
+/// it by).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Delivery {
     action: Action,
+    /// The alert the sink should hold: of the condition's severities
+    /// firing (held ones included), the highest its route passes.
     alert: Alert,
     /// Not delivered yet.
     pending: bool,
     /// When the last attempt ended that was not retried (delivered or given
     /// up): a re-send is due a resend interval after it.
     last_sent: Option<DateTime<Utc>>,
-    /// Whether a fire of this key reached the sink.
+    /// The alert the receiver last accepted a fire of: what a change of
+    /// severity replaces and a resolve ends. `None`: no fire reached it.
+    #[serde(default)]
+    sent: Option<Alert>,
+    /// Spools written before `sent`: whether a fire reached the sink (read
+    /// once, at load).
+    #[serde(default, skip_serializing)]
     fired: bool,
     /// A resolve whose fire never reached the sink (it was down the whole
     /// time): the fire goes first, so the on-call still learns that the
     /// condition happened.
     #[serde(default)]
     owes_fire: bool,
+    /// The sink refused the last attempt (a 4xx: given up). Tried again
+    /// every [`ManagerOptions::max_backoff`] (or resend interval) and at a
+    /// reload; a fire the sink never accepted is dropped, not sent, once
+    /// its condition has ended.
+    #[serde(default)]
+    given_up: bool,
     /// Changes whenever `action` or `pending` does, so a worker finishing a
     /// request knows whether the row moved on meanwhile.
     #[serde(skip)]
     generation: u64,
+}
+
+impl Delivery {
+    /// A fire owed now.
+    fn fire(alert: Alert, generation: u64) -> Delivery {
+        Delivery {
+            action: Action::Fire,
+            alert,
+            pending: true,
+            last_sent: None,
+            sent: None,
+            fired: false,
+            owes_fire: false,
+            given_up: false,
+            generation,
+        }
+    }
+
+    /// The alert the receiver holds when it differs (in labels) from the
+    /// one it should: what a fire replaces.
+    fn replaced(&self) -> Option<&Alert> {
+        self.sent.as_ref().filter(|s| !s.same_labels(&self.alert))
+    }
+
+    /// Whether the receiver lacks `alert` (it holds none, or another
+    /// severity): a fire is owed.
+    fn lacks(&self, alert: &Alert) -> bool {
+        self.sent.as_ref().is_none_or(|s| !s.same_labels(alert))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -178,7 +245,7 @@ struct Firing {
 enum Op {
     PutFiring(String, Firing),
     DelFiring(String),
-    PutDelivery(String, String, Delivery),
+    PutDelivery(String, String, Box<Delivery>),
     DelDelivery(String, String),
 }
 
@@ -194,6 +261,165 @@ impl State {
     fn next_generation(&mut self) -> u64 {
         self.generation += 1;
         self.generation
+    }
+
+    /// Makes the deliveries agree with the firing set: each sink holds one
+    /// incident per condition, agent and credential, at the highest
+    /// severity firing that its route passes (a held alert counts: no
+    /// receiver saw it end). A new incident is fired; a change of severity
+    /// is fired again, as an update of the same incident; an incident gone
+    /// (its last alert `ended`, or no longer routed to the sink) is
+    /// resolved. Returns whether a delivery became due.
+    fn sync(
+        &mut self,
+        sinks: &[(String, Route)],
+        now: DateTime<Utc>,
+        ended: &[(Alert, DateTime<Utc>)],
+        ops: &mut Vec<Op>,
+    ) -> bool {
+        // (sink, incident) → the alert it should hold, and whether one of
+        // the incident's alerts is firing now (not only held).
+        let mut view: BTreeMap<(String, String), (Alert, bool)> = BTreeMap::new();
+        for f in self.firing.values() {
+            for (sink, route) in sinks {
+                if !route.matches(&f.alert) {
+                    continue;
+                }
+                let live = f.gone_at.is_none();
+                let entry = view
+                    .entry((sink.clone(), f.alert.incident_key()))
+                    .or_insert_with(|| (f.alert.clone(), live));
+                if entry.0.severity < f.alert.severity {
+                    entry.0 = f.alert.clone();
+                }
+                entry.1 |= live;
+            }
+        }
+        let mut rows: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        for ((sink, key), d) in &self.deliveries {
+            rows.entry((sink.clone(), d.alert.incident_key()))
+                .or_default()
+                .push(key.clone());
+        }
+        let mut woken = false;
+        for ((sink, incident), (alert, live)) in view {
+            let keys = rows
+                .remove(&(sink.clone(), incident.clone()))
+                .unwrap_or_default();
+            // The row that holds the incident: the one firing these labels,
+            // else any firing, else a resolve not yet delivered (the
+            // receiver may not have seen the end: the same incident).
+            let row = |pick: &dyn Fn(&Delivery) -> bool| {
+                keys.iter()
+                    .position(|k| pick(&self.deliveries[&(sink.clone(), k.clone())]))
+            };
+            let primary = row(&|d| d.action == Action::Fire && d.alert.same_labels(&alert))
+                .or_else(|| row(&|d| d.action == Action::Fire))
+                .or(if keys.is_empty() { None } else { Some(0) });
+            for (i, key) in keys.into_iter().enumerate() {
+                let id = (sink.clone(), key);
+                woken |= if Some(i) == primary {
+                    self.hold(id, &alert, live, ops)
+                } else {
+                    // Two rows of one incident: spooled before incidents
+                    // were keyed per condition.
+                    self.end(id, now, ops)
+                };
+            }
+            if primary.is_none() {
+                let d = Delivery::fire(alert, self.next_generation());
+                ops.push(Op::PutDelivery(
+                    sink.clone(),
+                    incident.clone(),
+                    Box::new(d.clone()),
+                ));
+                self.deliveries.insert((sink, incident), d);
+                woken = true;
+            }
+        }
+        for ((sink, incident), keys) in rows {
+            let route = sinks.iter().find(|(s, _)| *s == sink).map(|(_, r)| r);
+            let ended_at = ended
+                .iter()
+                .filter(|(a, _)| a.incident_key() == incident && route.is_none_or(|r| r.matches(a)))
+                .map(|(_, at)| *at)
+                .max()
+                .unwrap_or(now);
+            for key in keys {
+                woken |= self.end((sink.clone(), key), ended_at, ops);
+            }
+        }
+        woken
+    }
+
+    /// Row `id` should hold `alert`; `live`: a condition's alert is firing
+    /// now, not only held. Returns whether a fire became due.
+    fn hold(&mut self, id: (String, String), alert: &Alert, live: bool, ops: &mut Vec<Op>) -> bool {
+        let generation = self.next_generation();
+        let d = self.deliveries.get_mut(&id).expect("a listed row");
+        match d.action {
+            Action::Fire if d.alert == *alert => return false,
+            // New text only: re-sends carry it; nothing is sent now.
+            Action::Fire if d.alert.same_labels(alert) => d.alert = alert.clone(),
+            // Every alert of the condition is held: its severity changes
+            // when it is back (or it resolves), not while it is gone.
+            Action::Fire if !live => return false,
+            // Another severity: the receiver is told, unless it already
+            // holds this one (an update still owed was taken back).
+            Action::Fire => {
+                d.alert = alert.clone();
+                d.pending = d.lacks(alert);
+                d.generation = generation;
+            }
+            // Back before its resolve was delivered: the same incident.
+            Action::Resolve { .. } => {
+                d.action = Action::Fire;
+                d.alert = alert.clone();
+                d.owes_fire = false;
+                d.given_up = false;
+                d.pending = d.lacks(alert);
+                d.generation = generation;
+            }
+        }
+        ops.push(Op::PutDelivery(
+            id.0.clone(),
+            id.1.clone(),
+            Box::new(d.clone()),
+        ));
+        d.pending
+    }
+
+    /// Row `id`'s incident ended at `ended_at`. Returns whether a resolve
+    /// became due.
+    fn end(&mut self, id: (String, String), ended_at: DateTime<Utc>, ops: &mut Vec<Op>) -> bool {
+        let generation = self.next_generation();
+        let d = self.deliveries.get_mut(&id).expect("a listed row");
+        if matches!(d.action, Action::Resolve { .. }) {
+            return false;
+        }
+        if d.sent.is_none() && d.given_up {
+            // The sink refused every fire of it: no incident is open there
+            // to resolve, and a trigger now would page for an alert that
+            // is already over.
+            tracing::warn!(
+                sink = %id.0, key = %id.1, severity = d.alert.severity.as_str(),
+                "alert ended; its sink never accepted it (given up), so neither it nor a resolve is sent"
+            );
+            self.deliveries.remove(&id);
+            ops.push(Op::DelDelivery(id.0, id.1));
+            return false;
+        }
+        d.action = Action::Resolve { ended_at };
+        d.owes_fire = d.sent.is_none();
+        d.given_up = false;
+        d.pending = true;
+        d.generation = generation;
+        ops.push(Op::PutDelivery(
+            id.0.clone(),
+            id.1.clone(),
+            Box::new(d.clone()),
+        ));
+        true
     }
 
     /// Commits `ops` in one transaction. A failure (a full disk) is logged:
@@ -320,7 +546,7 @@ impl Alerts {
                 tracker,
             }),
         };
-        alerts.set_sinks(sinks);
+        alerts.replace_sinks(sinks, false);
         Ok(alerts)
     }
 
@@ -329,17 +555,27 @@ impl Alerts {
     }
 
     /// Replaces the sinks (start, reload). The spool is kept: what a sink
-    /// still configured is owed stays owed; a sink no longer configured is
-    /// owed nothing; a new sink is sent what is firing now (if its route
-    /// matches).
+    /// still configured is owed stays owed, and what it refused is tried
+    /// again now (the reload may have fixed it); a sink no longer
+    /// configured is owed nothing; a new sink (or one whose route changed)
+    /// is sent what is firing now that its route passes.
     pub fn set_sinks(&self, sinks: Vec<NamedSink>) {
+        self.replace_sinks(sinks, true);
+    }
+
+    /// [`Alerts::set_sinks`]; `retry_refused`: what the sinks refused is
+    /// due now (a reload), not at its next try (a start: the conditions
+    /// are not evaluated yet, and one may have ended while keyturn was
+    /// down).
+    fn replace_sinks(&self, sinks: Vec<NamedSink>, retry_refused: bool) {
         let mut slots = self.inner.sinks.lock().unwrap_or_else(|p| p.into_inner());
         for old in slots.values() {
             old.stop.cancel();
         }
         slots.clear();
         {
-            let mut state = self.state();
+            let mut guard = self.state();
+            let state: &mut State = &mut guard;
             let mut ops = Vec::new();
             let names: Vec<&str> = sinks.iter().map(|s| s.name.as_str()).collect();
             let dropped: Vec<(String, String)> = state
@@ -353,32 +589,30 @@ impl Alerts {
                 state.deliveries.remove(&(sink.clone(), key.clone()));
                 ops.push(Op::DelDelivery(sink, key));
             }
-            let firing: Vec<(String, Alert)> = state
-                .firing
+            let refused: Vec<(String, String)> = state
+                .deliveries
                 .iter()
-                .map(|(k, f)| (k.clone(), f.alert.clone()))
+                .filter(|(_, d)| retry_refused && d.given_up && !d.pending)
+                .map(|(id, _)| id.clone())
                 .collect();
-            for s in &sinks {
-                for (key, alert) in &firing {
-                    let id = (s.name.clone(), key.clone());
-                    if s.route.matches(alert) && !state.deliveries.contains_key(&id) {
-                        let generation = state.next_generation();
-                        let d = Delivery {
-                            action: Action::Fire,
-                            alert: alert.clone(),
-                            pending: true,
-                            last_sent: None,
-                            fired: false,
-                            owes_fire: false,
-                            generation,
-                        };
-                        ops.push(Op::PutDelivery(id.0.clone(), id.1.clone(), d.clone()));
-                        state.deliveries.insert(id, d);
-                    }
-                }
+            for id in refused {
+                let generation = state.next_generation();
+                let d = state.deliveries.get_mut(&id).expect("listed above");
+                d.pending = true;
+                d.generation = generation;
+                ops.push(Op::PutDelivery(
+                    id.0.clone(),
+                    id.1.clone(),
+                    Box::new(d.clone()),
+                ));
             }
+            let routes: Vec<(String, Route)> = sinks
+                .iter()
+                .map(|s| (s.name.clone(), s.route.clone()))
+                .collect();
+            state.sync(&routes, Utc::now(), &[], &mut ops);
             state.commit(ops);
-            self.gauges(&state);
+            self.gauges(state);
         }
         for named in sinks {
             if let Some(m) = &self.inner.metrics {
@@ -418,7 +652,6 @@ impl Alerts {
         let mut guard = self.state();
         let state: &mut State = &mut guard;
         let mut ops = Vec::new();
-        let mut woken = false;
         for (key, alert) in &desired {
             match state.firing.get_mut(key) {
                 None => {
@@ -428,52 +661,21 @@ impl Alerts {
                     };
                     ops.push(Op::PutFiring(key.clone(), f.clone()));
                     state.firing.insert(key.clone(), f);
-                    for slot in &slots {
-                        if !slot.named.route.matches(alert) {
-                            continue;
-                        }
-                        let id = (slot.named.name.clone(), key.clone());
-                        let generation = state.next_generation();
-                        // A resolve not yet sent is replaced: the receiver
-                        // never saw the end, so this is the same incident.
-                        let fired = state.deliveries.get(&id).is_some_and(|d| d.fired);
-                        let d = Delivery {
-                            action: Action::Fire,
-                            alert: alert.clone(),
-                            pending: true,
-                            last_sent: None,
-                            fired,
-                            owes_fire: false,
-                            generation,
-                        };
-                        ops.push(Op::PutDelivery(id.0.clone(), id.1.clone(), d.clone()));
-                        state.deliveries.insert(id, d);
-                        woken = true;
-                    }
                 }
                 Some(f) => {
                     let mut changed = f.gone_at.take().is_some();
-                    // The first `since` stays: it is when the condition began.
+                    // The first `since` stays: it is when the condition
+                    // began. New text reaches the deliveries in `sync`.
                     let updated = Alert {
                         since: f.alert.since,
                         ..alert.clone()
                     };
                     if updated != f.alert {
-                        f.alert = updated.clone();
+                        f.alert = updated;
                         changed = true;
-                        // Re-sends carry the new text; nothing is sent now.
-                        for ((sink, k), d) in state
-                            .deliveries
-                            .iter_mut()
-                            .filter(|((_, k), d)| k == key && d.action == Action::Fire)
-                        {
-                            d.alert = updated.clone();
-                            ops.push(Op::PutDelivery(sink.clone(), k.clone(), d.clone()));
-                        }
                     }
                     if changed {
-                        let f = state.firing[key].clone();
-                        ops.push(Op::PutFiring(key.clone(), f));
+                        ops.push(Op::PutFiring(key.clone(), f.clone()));
                     }
                 }
             }
@@ -484,6 +686,7 @@ impl Alerts {
             .filter(|k| !desired.contains_key(*k))
             .cloned()
             .collect();
+        let mut ended = Vec::new();
         for key in gone {
             let (gone_at, newly) = {
                 let f = state.firing.get_mut(&key).expect("listed above");
@@ -496,25 +699,15 @@ impl Alerts {
                 }
                 continue;
             }
-            state.firing.remove(&key);
-            ops.push(Op::DelFiring(key.clone()));
-            let owed: Vec<(String, String)> = state
-                .deliveries
-                .keys()
-                .filter(|(_, k)| *k == key)
-                .cloned()
-                .collect();
-            for id in owed {
-                let generation = state.next_generation();
-                let d = state.deliveries.get_mut(&id).expect("listed above");
-                d.action = Action::Resolve { ended_at: gone_at };
-                d.owes_fire = !d.fired;
-                d.pending = true;
-                d.generation = generation;
-                ops.push(Op::PutDelivery(id.0.clone(), id.1.clone(), d.clone()));
-                woken = true;
-            }
+            let f = state.firing.remove(&key).expect("listed above");
+            ops.push(Op::DelFiring(key));
+            ended.push((f.alert, gone_at));
         }
+        let routes: Vec<(String, Route)> = slots
+            .iter()
+            .map(|s| (s.named.name.clone(), s.named.route.clone()))
+            .collect();
+        let woken = state.sync(&routes, now, &ended, &mut ops);
         state.commit(ops);
         self.gauges(state);
         drop(guard);
@@ -579,16 +772,29 @@ impl Alerts {
         }
         let depth = state.deliveries.values().filter(|d| d.pending).count();
         m.set_alert_spool_depth(depth as i64);
+        let refused = state.deliveries.values().filter(|d| d.given_up).count();
+        m.set_alerts_refused(refused as i64);
     }
 
-    /// What `sink` should send now, and when it next has something due.
+    /// What `sink` should send now, and when it next has something due: a
+    /// firing alert's re-send (at `resend`), a refused delivery's next try
+    /// (at `resend`, else `max_backoff`).
     fn due(
         &self,
         sink: &str,
         now: DateTime<Utc>,
         resend: Option<Duration>,
     ) -> (Vec<(String, Delivery)>, Option<DateTime<Utc>>) {
-        let resend = resend.and_then(|r| chrono::Duration::from_std(r).ok());
+        let every = |d: &Delivery| {
+            let every = if d.given_up {
+                Some(resend.unwrap_or(self.inner.opts.max_backoff))
+            } else if d.action == Action::Fire {
+                resend
+            } else {
+                None
+            };
+            every.and_then(|r| chrono::Duration::from_std(r).ok())
+        };
         let state = self.state();
         let mut due = Vec::new();
         let mut next: Option<DateTime<Utc>> = None;
@@ -601,7 +807,7 @@ impl Alerts {
                 due.push((key.clone(), d.clone()));
                 continue;
             }
-            if let (Action::Fire, Some(every), Some(last)) = (d.action, resend, d.last_sent) {
+            if let (Some(every), Some(last)) = (every(d), d.last_sent) {
                 let at = last + every;
                 if at <= now {
                     due.push((key.clone(), d.clone()));
@@ -643,8 +849,23 @@ impl Alerts {
                 };
                 let attempt = async {
                     match what {
-                        Action::Fire => sink.fire(&d.alert).await,
-                        Action::Resolve { ended_at } => sink.resolve(&d.alert, ended_at).await,
+                        Action::Fire => {
+                            let notice = Notice {
+                                key: &key,
+                                alert: &d.alert,
+                                replaces: d.replaced(),
+                            };
+                            sink.fire(&notice).await
+                        }
+                        // The alert the receiver holds is the one it ends.
+                        Action::Resolve { ended_at } => {
+                            let notice = Notice {
+                                key: &key,
+                                alert: d.sent.as_ref().unwrap_or(&d.alert),
+                                replaces: None,
+                            };
+                            sink.resolve(&notice, ended_at).await
+                        }
                     }
                 };
                 let result = tokio::select! {
@@ -686,74 +907,115 @@ impl Alerts {
     /// `what` of `sent` reached sink `name`.
     async fn delivered(&self, name: &str, key: &str, sent: &Delivery, what: Action) {
         let now = Utc::now();
-        let mut first_fire = false;
+        let mut new_fire = false;
         {
-            let mut state = self.state();
+            let mut guard = self.state();
+            let state: &mut State = &mut guard;
             let id = (name.to_owned(), key.to_owned());
             let mut ops = Vec::new();
+            let generation = state.next_generation();
             if let Some(d) = state.deliveries.get_mut(&id) {
                 let unchanged = d.generation == sent.generation;
                 match what {
                     Action::Fire => {
-                        first_fire = !d.fired;
-                        d.fired = true;
+                        new_fire = d.lacks(&sent.alert);
+                        d.sent = Some(sent.alert.clone());
                         d.owes_fire = false;
+                        d.given_up = false;
                         // A resolve that owed its fire stays pending.
-                        if unchanged && d.action == Action::Fire {
-                            d.pending = false;
-                            d.last_sent = Some(now);
+                        if d.action == Action::Fire {
+                            if unchanged {
+                                d.pending = false;
+                                d.last_sent = Some(now);
+                            } else if d.lacks(&d.alert.clone()) {
+                                // The severity changed meanwhile (or back).
+                                d.pending = true;
+                                d.generation = generation;
+                            }
                         }
-                        ops.push(Op::PutDelivery(id.0.clone(), id.1.clone(), d.clone()));
+                        ops.push(Op::PutDelivery(
+                            id.0.clone(),
+                            id.1.clone(),
+                            Box::new(d.clone()),
+                        ));
                     }
                     Action::Resolve { .. } if unchanged => {
                         state.deliveries.remove(&id);
                         ops.push(Op::DelDelivery(id.0, id.1));
                     }
                     // Fired again while the resolve was on its way: the
-                    // new fire stays owed.
-                    Action::Resolve { .. } => {}
+                    // receiver saw the end, so the fire is owed.
+                    Action::Resolve { .. } => {
+                        if d.action == Action::Fire {
+                            d.sent = None;
+                            d.pending = true;
+                            d.generation = generation;
+                            ops.push(Op::PutDelivery(
+                                id.0.clone(),
+                                id.1.clone(),
+                                Box::new(d.clone()),
+                            ));
+                        }
+                    }
                 }
             }
             state.commit(ops);
-            self.gauges(&state);
+            self.gauges(state);
         }
         if let Some(m) = &self.inner.metrics {
             m.alert_delivery(name, "ok");
         }
         let event = match what {
-            Action::Fire if first_fire => "alert.fired",
+            Action::Fire if new_fire => "alert.fired",
             Action::Fire => return,
             Action::Resolve { .. } => "alert.resolved",
         };
-        tracing::info!(sink = %name, key = %key, severity = sent.alert.severity.as_str(), "{event}");
+        let alert = match what {
+            Action::Fire => &sent.alert,
+            Action::Resolve { .. } => sent.sent.as_ref().unwrap_or(&sent.alert),
+        };
+        tracing::info!(sink = %name, key = %key, severity = alert.severity.as_str(), "{event}");
         self.inner
             .recorder
-            .record(audit_event(event, Outcome::Ok, name, &sent.alert, None))
+            .record(audit_event(event, Outcome::Ok, name, alert, None))
             .await;
     }
 
-    /// `what` of `sent` was refused by sink `name` in a way retrying will
-    /// not change.
+    /// `what` of `sent` was refused by sink `name` in a way retrying soon
+    /// will not change: given up, and tried again only every
+    /// `max_backoff` (or resend interval) and at a reload. Audited when
+    /// the row is first refused.
     async fn gave_up(&self, name: &str, key: &str, sent: &Delivery, what: Action, e: &PluginError) {
         let now = Utc::now();
+        let mut first = false;
+        let mut dropped = false;
         {
             let mut state = self.state();
             let id = (name.to_owned(), key.to_owned());
             let mut ops = Vec::new();
-            if let Some(d) = state.deliveries.get_mut(&id)
-                && d.generation == sent.generation
-            {
-                match d.action {
-                    // Tried again at the next re-send, if the sink re-sends.
-                    Action::Fire => {
+            if let Some(d) = state.deliveries.get_mut(&id) {
+                let same_action = matches!(
+                    (what, d.action),
+                    (Action::Fire, Action::Fire) | (Action::Resolve { .. }, Action::Resolve { .. })
+                );
+                if what == Action::Fire && !same_action && d.sent.is_none() {
+                    // The fire a resolve owed: the sink never accepted the
+                    // alert and it is over, so nothing is owed any more.
+                    dropped = true;
+                    state.deliveries.remove(&id);
+                    ops.push(Op::DelDelivery(id.0, id.1));
+                } else if same_action {
+                    first = !d.given_up;
+                    d.given_up = true;
+                    if d.generation == sent.generation {
                         d.pending = false;
                         d.last_sent = Some(now);
-                        ops.push(Op::PutDelivery(id.0.clone(), id.1.clone(), d.clone()));
                     }
-                    Action::Resolve { .. } => {
-                        state.deliveries.remove(&id);
-                        ops.push(Op::DelDelivery(id.0, id.1));
-                    }
+                    ops.push(Op::PutDelivery(
+                        id.0.clone(),
+                        id.1.clone(),
+                        Box::new(d.clone()),
+                    ));
                 }
             }
             state.commit(ops);
@@ -762,16 +1024,23 @@ impl Alerts {
         if let Some(m) = &self.inner.metrics {
             m.alert_delivery(name, "gave_up");
         }
-        tracing::error!(sink = %name, key = %key, error = %e.message, "alert delivery refused; given up");
+        let action = match what {
+            Action::Fire => "fire",
+            Action::Resolve { .. } => "resolve",
+        };
+        if dropped {
+            tracing::error!(sink = %name, key = %key, action, error = %e.message, "alert delivery refused; given up: the alert has ended, so nothing more is sent");
+        } else {
+            tracing::error!(sink = %name, key = %key, action, error = %e.message, "alert delivery refused; given up: tried again every few minutes and at a reload");
+        }
+        if !first && !dropped {
+            return;
+        }
         let mut event = audit_event("alert.failed", Outcome::Failed, name, &sent.alert, None);
         event.error = Some(e.message.clone());
         event.detail = Some(format!(
-            "{} action={}",
+            "{} action={action}",
             event.detail.unwrap_or_default(),
-            match what {
-                Action::Fire => "fire",
-                Action::Resolve { .. } => "resolve",
-            }
         ));
         self.inner.recorder.record(event).await;
     }
@@ -812,6 +1081,15 @@ fn load(state: &mut State) -> rusqlite::Result<()> {
                     tracing::error!(key = %key, error = %e, "alert spool: unreadable row skipped")
                 }
             }
+        }
+    }
+    for d in deliveries.values_mut() {
+        // Rows of spools written before `sent` and `given_up`.
+        if d.fired && d.sent.is_none() {
+            d.sent = Some(d.alert.clone());
+        }
+        if d.sent.is_none() && !d.pending && d.last_sent.is_some() && d.action == Action::Fire {
+            d.given_up = true;
         }
     }
     state.firing = firing;

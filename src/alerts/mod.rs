@@ -5,12 +5,14 @@
 //! `webhook`).
 //!
 //! The engine does not send alerts itself: it says which conditions are
-//! true now ([`Alert`], one per condition, each with a stable
+//! true now ([`Alert`], one per condition and severity, each with a stable
 //! [`Alert::dedup_key`]); the alert manager compares that set with the one
 //! it last saw, fires the new ones, keeps re-sending those still firing and
-//! resolves the ones gone. Level-triggered, so a restart, a flapping
-//! condition or a sink that was down never opens a second incident for one
-//! condition.
+//! resolves the ones gone. Each sink holds one incident per condition, agent
+//! and credential ([`Alert::incident_key`]), at the highest severity its
+//! route passes: an escalation updates it, only the end resolves it.
+//! Level-triggered, so a restart, a flapping condition or a sink that was
+//! down never opens a second incident for one condition.
 //!
 //! # Layout
 //! - [`manager`]: [`Alerts`], the spooled, retried, audited delivery of
@@ -118,21 +120,78 @@ pub struct Alert {
 }
 
 impl Alert {
-    /// Stable per condition, agent, credential and severity: PagerDuty's
-    /// `dedup_key`, the spool's key. Two evaluations of one condition give
-    /// the same key. The severity is part of it, as it is of Alertmanager's
-    /// labels: a condition that escalates (a warning at two failed
-    /// rotations, a page at five) is a second alert, routed on its own (a
-    /// sink that takes only `critical` gets the page when it comes), and the
-    /// warning resolves when the condition has moved on.
+    /// Stable per condition, agent, credential and severity: the key of
+    /// the spool's firing set, of the webhook's `fingerprint`, and what
+    /// Alertmanager tells alerts apart by (its labels include `severity`).
+    /// Two evaluations of one condition give the same key.
     pub fn dedup_key(&self) -> String {
+        format!("{}/{}", self.incident_key(), self.severity.as_str())
+    }
+
+    /// Stable per condition, agent and credential, whatever the severity:
+    /// one incident at the receiver (PagerDuty's `dedup_key`,
+    /// `keyturn/<alertname>/<agent>/<credential>`). A condition that
+    /// escalates from `warning` to `critical` (or back) updates that
+    /// incident; only its end resolves it.
+    pub fn incident_key(&self) -> String {
         format!(
-            "keyturn/{}/{}/{}/{}",
+            "keyturn/{}/{}/{}",
             self.name,
             self.agent.as_deref().unwrap_or("-"),
             self.credential.as_deref().unwrap_or("-"),
-            self.severity.as_str()
         )
+    }
+
+    /// Whether `other` carries the same labels (everything but the text
+    /// and `since`): a receiver that keys alerts by labels (Alertmanager)
+    /// sees the two as one alert.
+    pub fn same_labels(&self, other: &Alert) -> bool {
+        self.name == other.name
+            && self.severity == other.severity
+            && self.agent == other.agent
+            && self.credential == other.credential
+            && self.tenant == other.tenant
+            && self.tier == other.tier
+    }
+}
+
+/// What the alert manager asks a sink to send about one incident.
+#[derive(Debug, Clone, Copy)]
+pub struct Notice<'a> {
+    /// The key the receiver knows the incident by (PagerDuty's
+    /// `dedup_key`): [`Alert::incident_key`], or for an incident opened
+    /// before keyturn keyed incidents so, the [`Alert::dedup_key`] it was
+    /// opened with.
+    pub key: &'a str,
+    /// The alert to fire (or, for a resolve, the one the receiver holds).
+    pub alert: &'a Alert,
+    /// For a fire: the alert the receiver last accepted for this incident,
+    /// when its labels differ from `alert`'s (the severity changed). A
+    /// sink whose receiver keys alerts by labels ends it in the same
+    /// request; PagerDuty's trigger simply updates the incident.
+    pub replaces: Option<&'a Alert>,
+}
+
+impl<'a> Notice<'a> {
+    /// A notice of `alert` under `key`, replacing nothing.
+    pub fn new(key: &'a str, alert: &'a Alert) -> Self {
+        Self {
+            key,
+            alert,
+            replaces: None,
+        }
+    }
+
+    /// What a fire tells a receiver that keys alerts by labels: the
+    /// replaced alert ended at `now` (if any), then the alert, firing
+    /// (`None`).
+    pub fn firing(&self, now: DateTime<Utc>) -> Vec<(&'a Alert, Option<DateTime<Utc>>)> {
+        let mut out = Vec::with_capacity(2);
+        if let Some(old) = self.replaces {
+            out.push((old, Some(now)));
+        }
+        out.push((self.alert, None));
+        out
     }
 }
 
@@ -362,9 +421,13 @@ pub trait AlertSink: Send + Sync {
         None
     }
 
-    /// The condition is firing.
-    async fn fire(&self, alert: &Alert) -> Result<(), PluginError>;
+    /// The condition is firing (new, still, or at another severity).
+    async fn fire(&self, notice: &Notice<'_>) -> Result<(), PluginError>;
 
     /// The condition ended at `ended_at`.
-    async fn resolve(&self, alert: &Alert, ended_at: DateTime<Utc>) -> Result<(), PluginError>;
+    async fn resolve(
+        &self,
+        notice: &Notice<'_>,
+        ended_at: DateTime<Utc>,
+    ) -> Result<(), PluginError>;
 }

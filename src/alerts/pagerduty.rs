@@ -14,14 +14,21 @@
 //! (critical or warning), timestamp, component = agent, group = tenant,
 //! class = alertname, custom_details {agent, credential, tenant, tier,
 //! description}}`; a resolve is `event_action = "resolve"` with the same
-//! `dedup_key` ([`Alert::dedup_key`]), which is how PagerDuty ties the two
+//! `dedup_key` ([`Alert::incident_key`]: one per condition, agent and
+//! credential, whatever the severity), which is how PagerDuty ties the two
 //! to one incident. PagerDuty treats a second trigger with the key of an
 //! open incident as the same incident, so a fire is sent once (no
-//! re-sending): a retried or repeated trigger never opens a second one.
+//! re-sending): a retried or repeated trigger never opens a second one. A
+//! condition that escalates (a warning at two failed rotations, critical
+//! at five) is sent a second trigger with the new severity, which updates
+//! the incident; the warning's end does not resolve it, only the
+//! condition's.
 //!
 //! **Answers.** 202 is success; 429 is retried after `Retry-After` (or the
 //! backoff), 5xx and connection errors are retried, 400 (an event PagerDuty
-//! refuses) is given up and audited.
+//! refuses) is given up and audited: tried again only every few minutes and
+//! at a reload, and a trigger PagerDuty never accepted is neither sent nor
+//! resolved once its condition has ended (see the manager).
 //!
 //! **The key** is read from `routing_key_file` when the sink is built (at
 //! start and reload): a regular file, no access for group and others, one
@@ -150,7 +157,7 @@ impl PagerdutySink {
 struct Event<'a> {
     routing_key: &'a str,
     event_action: &'static str,
-    dedup_key: String,
+    dedup_key: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     payload: Option<Payload<'a>>,
     client: &'static str,
@@ -197,11 +204,14 @@ impl AlertSink for PagerdutySink {
         "pagerduty"
     }
 
-    async fn fire(&self, alert: &Alert) -> Result<(), PluginError> {
+    /// A trigger; for a severity change (`replaces`) the same trigger,
+    /// whose `dedup_key` updates the open incident's severity.
+    async fn fire(&self, notice: &Notice<'_>) -> Result<(), PluginError> {
+        let alert = notice.alert;
         self.send(Event {
             routing_key: self.key(),
             event_action: "trigger",
-            dedup_key: alert.dedup_key(),
+            dedup_key: notice.key,
             payload: Some(Payload {
                 summary: summary(&alert.summary),
                 source: "keyturn",
@@ -223,11 +233,15 @@ impl AlertSink for PagerdutySink {
         .await
     }
 
-    async fn resolve(&self, alert: &Alert, _ended_at: DateTime<Utc>) -> Result<(), PluginError> {
+    async fn resolve(
+        &self,
+        notice: &Notice<'_>,
+        _ended_at: DateTime<Utc>,
+    ) -> Result<(), PluginError> {
         self.send(Event {
             routing_key: self.key(),
             event_action: "resolve",
-            dedup_key: alert.dedup_key(),
+            dedup_key: notice.key,
             payload: None,
             client: "keyturn",
         })

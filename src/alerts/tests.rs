@@ -31,8 +31,12 @@ struct Scripted {
     answer: Mutex<Answer>,
     /// Successful calls only: what reached the receiver.
     received: Mutex<Vec<(Instant, Call)>>,
-    /// The alerts of the successful fires.
+    /// The alerts of the successful fires...
     fired: Mutex<Vec<Alert>>,
+    /// ... and the severity each replaced, if any.
+    replaced: Mutex<Vec<Option<Severity>>>,
+    /// The alerts of the successful resolves.
+    resolved: Mutex<Vec<Alert>>,
     attempts: AtomicU32,
 }
 
@@ -44,6 +48,8 @@ impl Scripted {
             answer: Mutex::new(Answer::Ok),
             received: Mutex::new(Vec::new()),
             fired: Mutex::new(Vec::new()),
+            replaced: Mutex::new(Vec::new()),
+            resolved: Mutex::new(Vec::new()),
             attempts: AtomicU32::new(0),
         })
     }
@@ -83,13 +89,23 @@ impl AlertSink for Scripted {
     fn resend_interval(&self) -> Option<Duration> {
         self.resend
     }
-    async fn fire(&self, alert: &Alert) -> Result<(), PluginError> {
-        self.reply(Call::Fire(alert.dedup_key()))?;
-        self.fired.lock().unwrap().push(alert.clone());
+    async fn fire(&self, notice: &Notice<'_>) -> Result<(), PluginError> {
+        self.reply(Call::Fire(notice.key.to_owned()))?;
+        self.fired.lock().unwrap().push(notice.alert.clone());
+        self.replaced
+            .lock()
+            .unwrap()
+            .push(notice.replaces.map(|r| r.severity));
         Ok(())
     }
-    async fn resolve(&self, alert: &Alert, ended_at: DateTime<Utc>) -> Result<(), PluginError> {
-        self.reply(Call::Resolve(alert.dedup_key(), ended_at))
+    async fn resolve(
+        &self,
+        notice: &Notice<'_>,
+        ended_at: DateTime<Utc>,
+    ) -> Result<(), PluginError> {
+        self.reply(Call::Resolve(notice.key.to_owned(), ended_at))?;
+        self.resolved.lock().unwrap().push(notice.alert.clone());
+        Ok(())
     }
 }
 
@@ -179,6 +195,28 @@ impl Harness {
         )
     }
 
+    /// A manager in `dir` with `sink` ("pd") on the default route and
+    /// `paging` taking critical alerts only, holding for `hold`.
+    fn with_paging(
+        dir: &Path,
+        sink: &Arc<Scripted>,
+        paging: &Arc<Scripted>,
+        hold: Duration,
+    ) -> Harness {
+        let critical = Route {
+            severities: Some(vec![Severity::Critical]),
+            ..Route::default()
+        };
+        Harness::open(
+            dir,
+            vec![
+                named("pd", sink, Route::default()),
+                named("paging", paging, critical),
+            ],
+            options(hold),
+        )
+    }
+
     /// Stops the delivery tasks and drops the manager, as a `kill -9`
     /// would leave the spool (every change is committed when made).
     async fn kill(self) {
@@ -246,7 +284,7 @@ async fn alerts_go_to_the_sinks_their_routes_match_and_fire_once() {
     assert_eq!(all.calls().len(), 2, "{:?}", all.calls());
     assert_eq!(
         critical_only.calls(),
-        vec![Call::Fire(crit.dedup_key())],
+        vec![Call::Fire(crit.incident_key())],
         "routed by severity"
     );
     assert!(other_tenant.calls().is_empty(), "routed by tenant");
@@ -317,7 +355,11 @@ async fn a_flap_within_the_hold_sends_nothing_and_a_real_end_resolves_once() {
         h.alerts.reconcile(Utc::now(), firing(&[&a]));
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(pd.calls(), vec![Call::Fire(a.dedup_key())], "no duplicate");
+    assert_eq!(
+        pd.calls(),
+        vec![Call::Fire(a.incident_key())],
+        "no duplicate"
+    );
     // Gone for good: held, then resolved with the time it went.
     let gone = Utc::now();
     h.alerts.reconcile(gone, firing(&[]));
@@ -330,7 +372,7 @@ async fn a_flap_within_the_hold_sends_nothing_and_a_real_end_resolves_once() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     h.alerts.reconcile(Utc::now(), firing(&[]));
     until("the resolve", || pd.calls().len() == 2).await;
-    assert_eq!(pd.calls()[1], Call::Resolve(a.dedup_key(), gone));
+    assert_eq!(pd.calls()[1], Call::Resolve(a.incident_key(), gone));
     assert!(h.alerts.firing().is_empty());
     until("both audit records", || {
         h.recorder.events() == ["alert.fired", "alert.resolved"]
@@ -379,7 +421,7 @@ async fn a_sink_down_is_spooled_retried_and_never_blocks_the_others() {
     // The fire never reached it: it goes first, so the on-call learns
     // the condition happened, then the resolve; each exactly once.
     assert!(
-        matches!(down.calls().as_slice(), [Call::Fire(f), Call::Resolve(r, _)] if *f == a.dedup_key() && *r == a.dedup_key()),
+        matches!(down.calls().as_slice(), [Call::Fire(f), Call::Resolve(r, _)] if *f == a.incident_key() && *r == a.incident_key()),
         "{:?}",
         down.calls()
     );
@@ -454,13 +496,13 @@ async fn a_restart_neither_triggers_again_nor_forgets_an_owed_resolve() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let calls = pd.calls();
     assert!(
-        matches!(&calls[2], Call::Resolve(k, _) if *k == b.dedup_key()),
+        matches!(&calls[2], Call::Resolve(k, _) if *k == b.incident_key()),
         "{calls:?}"
     );
     assert_eq!(
         calls
             .iter()
-            .filter(|c| matches!(c, Call::Fire(k) if *k == a.dedup_key()))
+            .filter(|c| matches!(c, Call::Fire(k) if *k == a.incident_key()))
             .count(),
         1,
         "no second trigger after the restart: {calls:?}"
@@ -497,7 +539,7 @@ async fn retry_after_is_honoured() {
 }
 
 #[tokio::test]
-async fn a_refused_delivery_is_given_up_and_audited() {
+async fn a_refused_delivery_is_given_up_audited_once_and_tried_again_slowly() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Scripted::new(None);
     sink.answer(Answer::Fail(ErrorKind::Invalid, None));
@@ -508,9 +550,17 @@ async fn a_refused_delivery_is_given_up_and_audited() {
         h.recorder.events() == vec!["alert.failed".to_owned()]
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(sink.attempts.load(Ordering::SeqCst), 1, "not retried");
-    assert_eq!(h.alerts.pending(), 0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        sink.attempts.load(Ordering::SeqCst),
+        1,
+        "not retried at once"
+    );
+    assert_eq!(h.alerts.pending(), 0, "not owed as a backlog");
+    // Tried again only at the longest backoff (200 ms here, 5 min in the
+    // daemon) while the condition holds, and audited once.
+    until("slow retries", || sink.attempts.load(Ordering::SeqCst) >= 3).await;
+    assert_eq!(h.recorder.events(), vec!["alert.failed".to_owned()]);
     let ev = h.recorder.records()[0].clone();
     assert_eq!(ev.agent.as_ref().map(|a| a.as_str()), Some("invoice-bot"));
     assert_eq!(ev.error.as_deref(), Some("scripted failure"));
@@ -656,5 +706,334 @@ async fn new_text_for_a_firing_alert_is_re_sent_and_survives_a_restart() {
     let resent = am.fired.lock().unwrap().last().unwrap().clone();
     assert_eq!(resent.summary, worse.summary);
     assert_eq!(resent.since, a.since);
+    h.kill().await;
+}
+
+/// The rotation-failing alert of `invoice-bot/db` at `severity`.
+fn failing(severity: Severity) -> Alert {
+    alert("KeyturnRotationFailing", severity, "billing")
+}
+
+/// The severities of a sink's successful fires, in order.
+fn fired_severities(sink: &Scripted) -> Vec<Severity> {
+    sink.fired
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| a.severity)
+        .collect()
+}
+
+/// Defect F4: a flapping rotation-failing condition opened a new incident
+/// for its warning while the critical stayed open. Each sink holds one
+/// incident per condition, agent and credential: the escalation updates
+/// it (replacing the warning), and a flap within the hold, whatever
+/// severity the condition comes back at, sends nothing.
+#[tokio::test]
+async fn an_escalating_flapping_condition_is_one_incident_per_sink() {
+    let dir = tempfile::tempdir().unwrap();
+    let pd = Scripted::new(None);
+    let paging = Scripted::new(None);
+    let hold = Duration::from_millis(400);
+    let h = Harness::with_paging(dir.path(), &pd, &paging, hold);
+    let (warn, crit) = (failing(Severity::Warning), failing(Severity::Critical));
+    let key = warn.incident_key();
+    h.alerts.reconcile(Utc::now(), firing(&[&warn]));
+    until("the warning", || pd.calls().len() == 1).await;
+    // Escalated: the source says critical only; the warning is held.
+    h.alerts.reconcile(Utc::now(), firing(&[&crit]));
+    until("the escalation", || {
+        pd.calls().len() == 2 && paging.calls().len() == 1
+    })
+    .await;
+    // The warning's hold ends: the incident is still open, at critical.
+    tokio::time::sleep(hold + Duration::from_millis(50)).await;
+    h.alerts.reconcile(Utc::now(), firing(&[&crit]));
+    // A success, then failures again within the hold: the condition comes
+    // back as a warning, then critical.
+    h.alerts.reconcile(Utc::now(), firing(&[]));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.alerts.reconcile(Utc::now(), firing(&[&warn]));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.alerts.reconcile(Utc::now(), firing(&[&crit]));
+    tokio::time::sleep(hold + Duration::from_millis(50)).await;
+    h.alerts.reconcile(Utc::now(), firing(&[&crit]));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        pd.calls(),
+        vec![Call::Fire(key.clone()), Call::Fire(key.clone())],
+        "nothing for the flap"
+    );
+    assert_eq!(
+        fired_severities(&pd),
+        [Severity::Warning, Severity::Critical]
+    );
+    assert_eq!(
+        *pd.replaced.lock().unwrap(),
+        [None, Some(Severity::Warning)],
+        "the escalation replaces the warning"
+    );
+    assert_eq!(paging.calls(), vec![Call::Fire(key.clone())]);
+    // Gone for good: one resolve of the one incident, at each sink.
+    let gone = Utc::now();
+    h.alerts.reconcile(gone, firing(&[]));
+    tokio::time::sleep(hold).await;
+    h.alerts.reconcile(Utc::now(), firing(&[]));
+    until("the resolves", || {
+        pd.calls().len() == 3 && paging.calls().len() == 2
+    })
+    .await;
+    assert_eq!(pd.calls()[2], Call::Resolve(key.clone(), gone));
+    assert_eq!(paging.calls()[1], Call::Resolve(key.clone(), gone));
+    assert_eq!(pd.resolved.lock().unwrap()[0].severity, Severity::Critical);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(pd.calls().len(), 3);
+    assert_eq!(paging.calls().len(), 2);
+    h.kill().await;
+}
+
+/// A condition that stays below critical for longer than the hold goes
+/// back to warning: the incident is updated, not resolved; a sink that
+/// takes only critical alerts gets its resolve.
+#[tokio::test]
+async fn a_condition_back_at_warning_after_the_hold_updates_the_incident() {
+    let dir = tempfile::tempdir().unwrap();
+    let am = Scripted::new(Some(Duration::from_secs(60)));
+    let paging = Scripted::new(None);
+    let hold = Duration::from_millis(200);
+    let h = Harness::with_paging(dir.path(), &am, &paging, hold);
+    let (warn, crit) = (failing(Severity::Warning), failing(Severity::Critical));
+    let key = warn.incident_key();
+    h.alerts.reconcile(Utc::now(), firing(&[&crit]));
+    until("the fires", || {
+        am.calls().len() == 1 && paging.calls().len() == 1
+    })
+    .await;
+    let gone = Utc::now();
+    h.alerts.reconcile(gone, firing(&[&warn]));
+    tokio::time::sleep(hold + Duration::from_millis(20)).await;
+    h.alerts.reconcile(Utc::now(), firing(&[&warn]));
+    until("the update and the resolve", || {
+        am.calls().len() == 2 && paging.calls().len() == 2
+    })
+    .await;
+    assert_eq!(am.calls()[1], Call::Fire(key.clone()));
+    assert_eq!(
+        fired_severities(&am),
+        [Severity::Critical, Severity::Warning]
+    );
+    assert_eq!(
+        *am.replaced.lock().unwrap(),
+        [None, Some(Severity::Critical)]
+    );
+    assert_eq!(paging.calls()[1], Call::Resolve(key, gone));
+    h.kill().await;
+}
+
+/// Defect F9: a fire the sink refused was sent after all when its
+/// condition ended, with its resolve right behind: a page for an alert
+/// already over. Now nothing is sent for it once it has ended.
+#[tokio::test]
+async fn a_refused_fire_is_neither_sent_nor_resolved_once_the_condition_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let pd = Scripted::new(None);
+    pd.answer(Answer::Fail(ErrorKind::Invalid, None));
+    // A backoff longer than the test: no slow retry gets in the way.
+    let h = Harness::open(
+        dir.path(),
+        vec![named("pd", &pd, Route::default())],
+        ManagerOptions {
+            max_backoff: Duration::from_secs(60),
+            ..options(Duration::ZERO)
+        },
+    );
+    let a = failing(Severity::Warning);
+    h.alerts.reconcile(Utc::now(), firing(&[&a]));
+    until("alert.failed", || h.recorder.events() == ["alert.failed"]).await;
+    // The receiver is fixed while the condition still holds, then the
+    // condition ends.
+    pd.answer(Answer::Ok);
+    h.alerts.reconcile(Utc::now(), firing(&[]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pd.calls(), vec![], "no trigger for an alert already over");
+    assert_eq!(pd.attempts.load(Ordering::SeqCst), 1);
+    assert_eq!(h.alerts.pending(), 0);
+    assert_eq!(h.recorder.events(), ["alert.failed"]);
+    h.kill().await;
+}
+
+/// A refused fire is tried again while the condition holds (here at the
+/// 200 ms longest backoff): once accepted, it is resolved as any other.
+#[tokio::test]
+async fn a_refused_fire_accepted_later_while_firing_is_then_resolved() {
+    let dir = tempfile::tempdir().unwrap();
+    let pd = Scripted::new(None);
+    pd.answer(Answer::Fail(ErrorKind::Invalid, None));
+    let h = Harness::single(dir.path(), "pd", &pd);
+    let a = failing(Severity::Warning);
+    h.alerts.reconcile(Utc::now(), firing(&[&a]));
+    until("alert.failed", || h.recorder.events() == ["alert.failed"]).await;
+    pd.answer(Answer::Ok);
+    until("the retried fire", || pd.calls().len() == 1).await;
+    h.alerts.reconcile(Utc::now(), firing(&[]));
+    until("the resolve", || pd.calls().len() == 2).await;
+    assert!(matches!(pd.calls()[1], Call::Resolve(..)));
+    assert_eq!(
+        h.recorder.events(),
+        ["alert.failed", "alert.fired", "alert.resolved"]
+    );
+    h.kill().await;
+}
+
+/// A reload (the operator fixed the routing key) sends a refused fire at
+/// once; a restart does not (the condition may have ended meanwhile: the
+/// first evaluation decides), and a spool row keeps the refusal, so a
+/// condition that ended while keyturn was down is not sent either.
+#[tokio::test]
+async fn a_reload_retries_a_refused_fire_and_a_restart_keeps_the_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let pd = Scripted::new(None);
+    let slow = ManagerOptions {
+        max_backoff: Duration::from_secs(60),
+        ..options(Duration::ZERO)
+    };
+    let a = failing(Severity::Warning);
+    let b = breach();
+    {
+        pd.answer(Answer::Fail(ErrorKind::Invalid, None));
+        let h = Harness::open(dir.path(), vec![named("pd", &pd, Route::default())], slow);
+        h.alerts.reconcile(Utc::now(), firing(&[&a, &b]));
+        until("two refusals", || h.recorder.events().len() == 2).await;
+        pd.answer(Answer::Ok);
+        h.alerts.set_sinks(vec![named("pd", &pd, Route::default())]);
+        until("both fires after the reload", || pd.calls().len() == 2).await;
+        // `b` is refused again; the process dies.
+        pd.answer(Answer::Fail(ErrorKind::Invalid, None));
+        h.alerts.reconcile(Utc::now(), firing(&[&a]));
+        until("the refused resolve", || h.recorder.events().len() == 5).await;
+        h.kill().await;
+    }
+    pd.answer(Answer::Ok);
+    let before = pd.attempts.load(Ordering::SeqCst);
+    let h = Harness::open(dir.path(), vec![named("pd", &pd, Route::default())], slow);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        pd.attempts.load(Ordering::SeqCst),
+        before,
+        "a start sends nothing refused before"
+    );
+    // Reloaded: the refused resolve of `b` goes out now.
+    h.alerts.set_sinks(vec![named("pd", &pd, Route::default())]);
+    until("the resolve", || pd.calls().len() == 3).await;
+    assert!(
+        matches!(&pd.calls()[2], Call::Resolve(k, _) if *k == b.incident_key()),
+        "{:?}",
+        pd.calls()
+    );
+    h.kill().await;
+}
+
+/// The webhook's notification of an escalation: the critical firing and
+/// the warning it replaces resolved, as Alertmanager would notify them.
+#[test]
+fn a_webhook_escalation_resolves_the_replaced_severity_in_the_same_payload() {
+    let (warn, crit) = (failing(Severity::Warning), failing(Severity::Critical));
+    let key = crit.incident_key();
+    let now = Utc::now();
+    let notice = Notice {
+        replaces: Some(&warn),
+        ..Notice::new(&key, &crit)
+    };
+    let p = webhook::payload("hook", &notice.firing(now));
+    assert_eq!(p["status"], "firing");
+    let alerts = p["alerts"].as_array().unwrap();
+    assert_eq!(alerts.len(), 2);
+    assert_eq!(alerts[0]["status"], "resolved");
+    assert_eq!(alerts[0]["labels"]["severity"], "warning");
+    assert_eq!(alerts[0]["endsAt"], now.to_rfc3339());
+    assert_eq!(alerts[1]["status"], "firing");
+    assert_eq!(alerts[1]["labels"]["severity"], "critical");
+    assert_ne!(alerts[0]["fingerprint"], alerts[1]["fingerprint"]);
+    assert!(p["commonLabels"].get("severity").is_none(), "{p}");
+    assert_eq!(p["commonLabels"]["alertname"], "KeyturnRotationFailing");
+    // A plain fire: one alert, every label common.
+    let p = webhook::payload("hook", &Notice::new(&key, &crit).firing(now));
+    assert_eq!(p["alerts"].as_array().unwrap().len(), 1);
+    assert_eq!(p["commonLabels"]["severity"], "critical");
+}
+
+/// A spool written before incidents were keyed per condition: its rows
+/// carry the severity in their key, which is the `dedup_key` PagerDuty
+/// opened the incident with. The incident is neither triggered again nor
+/// left open: its resolve goes out with that key.
+#[tokio::test]
+async fn an_incident_spooled_before_the_upgrade_is_resolved_with_its_old_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = failing(Severity::Warning);
+    {
+        let pd = Scripted::new(None);
+        let h = Harness::single(dir.path(), "pd", &pd);
+        h.alerts.reconcile(Utc::now(), firing(&[&a]));
+        until("the fire", || pd.calls().len() == 1).await;
+        h.kill().await;
+    }
+    // Rewrite the row as the previous version wrote it.
+    let db = rusqlite::Connection::open(dir.path().join("spool.db")).unwrap();
+    let body: String = db
+        .query_row("SELECT body FROM delivery", [], |r| r.get(0))
+        .unwrap();
+    let mut row: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let row = row.as_object_mut().unwrap();
+    row.remove("sent");
+    row.remove("given_up");
+    row.insert("fired".into(), true.into());
+    db.execute(
+        "UPDATE delivery SET key = ?1, body = ?2",
+        rusqlite::params![a.dedup_key(), serde_json::to_string(&row).unwrap()],
+    )
+    .unwrap();
+    drop(db);
+    let pd = Scripted::new(None);
+    let h = Harness::single(dir.path(), "pd", &pd);
+    h.alerts.reconcile(Utc::now(), firing(&[&a]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(pd.calls(), vec![], "not triggered again");
+    h.alerts.reconcile(Utc::now(), firing(&[]));
+    until("the resolve", || pd.calls().len() == 1).await;
+    assert!(
+        matches!(&pd.calls()[0], Call::Resolve(k, _) if *k == a.dedup_key()),
+        "{:?}",
+        pd.calls()
+    );
+    h.kill().await;
+}
+
+/// A condition whose every severity is gone is not changed while held: a
+/// warning that came and went within the critical's hold is not sent as
+/// an update when the critical's hold ends; the incident just resolves.
+#[tokio::test]
+async fn a_held_condition_changes_no_severity_before_it_resolves() {
+    let dir = tempfile::tempdir().unwrap();
+    let pd = Scripted::new(None);
+    let paging = Scripted::new(None);
+    let hold = Duration::from_millis(300);
+    let h = Harness::with_paging(dir.path(), &pd, &paging, hold);
+    let (warn, crit) = (failing(Severity::Warning), failing(Severity::Critical));
+    h.alerts.reconcile(Utc::now(), firing(&[&crit]));
+    until("the fires", || pd.calls().len() == 1).await;
+    for now in [&[][..], &[&warn], &[]] {
+        h.alerts.reconcile(Utc::now(), firing(now));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The critical's hold has ended, the warning's not yet.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.alerts.reconcile(Utc::now(), firing(&[]));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(pd.calls().len(), 1, "{:?}", pd.calls());
+    tokio::time::sleep(hold).await;
+    h.alerts.reconcile(Utc::now(), firing(&[]));
+    until("the resolve", || pd.calls().len() == 2).await;
+    assert!(matches!(pd.calls()[1], Call::Resolve(..)));
+    assert_eq!(fired_severities(&pd), [Severity::Critical]);
     h.kill().await;
 }

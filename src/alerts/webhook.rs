@@ -9,14 +9,19 @@
 //! secret_file = "/etc/keyturn/alert-hook.key"   # >= 32 bytes, mode 0600
 //! ```
 //!
-//! **What is sent.** `POST url` with one alert per request:
+//! **What is sent.** `POST url` with one alert per request (two when the
+//! severity changes, below):
 //! `{version: "4", groupKey, truncatedAlerts: 0, status, receiver (the
 //! NAME of [alerts.NAME]), groupLabels {alertname}, commonLabels,
 //! commonAnnotations, externalURL: "", alerts: [{status, labels,
 //! annotations, startsAt, endsAt, generatorURL: "", fingerprint}]}`:
 //! status `firing` (endsAt Alertmanager's zero time) or `resolved` (endsAt
 //! the end), the labels and annotations of the `alertmanager` sink, and a
-//! fingerprint that is the same for every notification of one condition.
+//! fingerprint that is the same for every notification of one condition
+//! at one severity. When the condition changes severity, the notification
+//! that fires the new severity also carries the old one, `resolved` (the
+//! payload's `status` is `firing`; `commonLabels` then lack `severity`),
+//! as Alertmanager would notify it.
 //! The signature header is the webhook sink's:
 //! `Keyturn-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(key, "<t>.<body>")>`
 //! ([`crate::sinks::webhook::sign`]); the key is read from `secret_file`
@@ -105,12 +110,8 @@ impl AlertWebhookSink {
         Ok(sink)
     }
 
-    async fn send(
-        &self,
-        alert: &Alert,
-        ended_at: Option<DateTime<Utc>>,
-    ) -> Result<(), PluginError> {
-        let body = serde_json::to_vec(&payload(&self.receiver, alert, ended_at))
+    async fn send(&self, alerts: &[(&Alert, Option<DateTime<Utc>>)]) -> Result<(), PluginError> {
+        let body = serde_json::to_vec(&payload(&self.receiver, alerts))
             .map_err(|e| PluginError::new(ErrorKind::Fatal, format!("encoding the alert: {e}")))?;
         let path = self.secret_file.clone();
         let key = tokio::task::spawn_blocking(move || read_key(&path))
@@ -139,44 +140,56 @@ fn read_key(path: &std::path::Path) -> Result<SecretValue, PluginError> {
 /// Alertmanager's zero time, its `endsAt` of a firing alert in webhooks.
 const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
-/// The version-4 webhook payload of one alert.
-pub fn payload(
-    receiver: &str,
-    alert: &Alert,
-    ended_at: Option<DateTime<Utc>>,
-) -> serde_json::Value {
-    let status = if ended_at.is_some() {
-        "resolved"
-    } else {
-        "firing"
+/// The version-4 webhook payload of `alerts` (of one condition), each
+/// firing (`None`) or resolved at the time given.
+pub fn payload(receiver: &str, alerts: &[(&Alert, Option<DateTime<Utc>>)]) -> serde_json::Value {
+    let firing = alerts.iter().any(|(_, ended)| ended.is_none());
+    let status = |firing: bool| if firing { "firing" } else { "resolved" };
+    // Alertmanager's commonLabels and commonAnnotations: those every
+    // alert of the notification has, with the same value.
+    let common = |each: &dyn Fn(&Alert) -> BTreeMap<&'static str, String>| {
+        let mut all = alerts.iter().map(|(a, _)| each(a));
+        let mut common = all.next().unwrap_or_default();
+        for other in all {
+            common.retain(|k, v| other.get(k) == Some(v));
+        }
+        common
     };
-    let labels = labels(alert);
-    let annotations = annotations(alert);
-    let ends_at = ended_at.map_or_else(|| ZERO_TIME.to_owned(), |t| t.to_rfc3339());
+    let name = alerts
+        .first()
+        .map(|(a, _)| a.name.as_str())
+        .unwrap_or_default();
+    let items: Vec<serde_json::Value> = alerts
+        .iter()
+        .map(|(alert, ended)| {
+            serde_json::json!({
+                "status": status(ended.is_none()),
+                "labels": labels(alert),
+                "annotations": annotations(alert),
+                "startsAt": alert.since.to_rfc3339(),
+                "endsAt": ended.map_or_else(|| ZERO_TIME.to_owned(), |t| t.to_rfc3339()),
+                "generatorURL": "",
+                "fingerprint": fingerprint(alert),
+            })
+        })
+        .collect();
     serde_json::json!({
         "version": "4",
-        "groupKey": format!("{{}}:{{alertname={:?}}}", alert.name),
+        "groupKey": format!("{{}}:{{alertname={name:?}}}"),
         "truncatedAlerts": 0,
-        "status": status,
+        "status": status(firing),
         "receiver": receiver,
-        "groupLabels": { "alertname": alert.name },
-        "commonLabels": labels,
-        "commonAnnotations": annotations,
+        "groupLabels": { "alertname": name },
+        "commonLabels": common(&labels),
+        "commonAnnotations": common(&annotations),
         "externalURL": "",
-        "alerts": [{
-            "status": status,
-            "labels": labels,
-            "annotations": annotations,
-            "startsAt": alert.since.to_rfc3339(),
-            "endsAt": ends_at,
-            "generatorURL": "",
-            "fingerprint": fingerprint(alert),
-        }],
+        "alerts": items,
     })
 }
 
-/// 16 hex digits naming the condition (Alertmanager's fingerprint is a
-/// 64-bit hash of the label set; this one is of the dedup key).
+/// 16 hex digits naming the condition at its severity (Alertmanager's
+/// fingerprint is a 64-bit hash of the label set, `severity` included;
+/// this one is of the dedup key).
 pub fn fingerprint(alert: &Alert) -> String {
     let digest = sha2::Sha256::digest(alert.dedup_key().as_bytes());
     hex::encode(&digest[..8])
@@ -192,11 +205,17 @@ impl AlertSink for AlertWebhookSink {
         "webhook"
     }
 
-    async fn fire(&self, alert: &Alert) -> Result<(), PluginError> {
-        self.send(alert, None).await
+    /// The alert firing, and for a severity change the alert it replaces
+    /// resolved now, in one notification.
+    async fn fire(&self, notice: &Notice<'_>) -> Result<(), PluginError> {
+        self.send(&notice.firing(Utc::now())).await
     }
 
-    async fn resolve(&self, alert: &Alert, ended_at: DateTime<Utc>) -> Result<(), PluginError> {
-        self.send(alert, Some(ended_at)).await
+    async fn resolve(
+        &self,
+        notice: &Notice<'_>,
+        ended_at: DateTime<Utc>,
+    ) -> Result<(), PluginError> {
+        self.send(&[(notice.alert, Some(ended_at))]).await
     }
 }
