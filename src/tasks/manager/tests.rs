@@ -591,8 +591,15 @@ async fn a_start_cut_off_by_a_crash_is_ended_at_restart_as_a_failed_start() {
         .set_item(&id, "sts", ItemState::Issued, Some("sts-h"), None, None)
         .await
         .unwrap();
-    h.pg.live.lock().unwrap().insert((h.pg.system(), id.clone()));
-    h.sts.live.lock().unwrap().insert((h.sts.system(), id.clone()));
+    h.pg.live
+        .lock()
+        .unwrap()
+        .insert((h.pg.system(), id.clone()));
+    h.sts
+        .live
+        .lock()
+        .unwrap()
+        .insert((h.sts.system(), id.clone()));
     let restarted = h.restarted(0);
     // Not live, even before the first pass.
     assert_eq!(

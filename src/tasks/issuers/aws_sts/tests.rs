@@ -32,12 +32,15 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
+use macro_rules_attribute::apply;
+
 use super::*;
 use crate::config::validate::{Anchor, Issue};
 use crate::tasks::issuers::test_support::{
     assert_error, assert_not_revoked, assert_revoked_now, attribution as task, attribution_fields,
     issue, located,
 };
+use crate::test_support::server_test;
 
 // -- pure ------------------------------------------------------------------
 
@@ -554,11 +557,7 @@ fn forbidden<E>(refused: &aws_sdk_secretsmanager::error::SdkError<E>) -> String 
     body
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn issued_session_works_for_the_allowed_call_and_is_refused_outside_real_server() {
     let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
     let issuer = moto.issuer(&setup.access_key_id, &setup.secret_access_key);
@@ -676,11 +675,7 @@ async fn issued_session_works_for_the_allowed_call_and_is_refused_outside_real_s
     assert_not_revoked(&issuer, &t, Some(&issued.handle)).await;
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn refusals_map_to_kinds_and_name_the_task_real_server() {
     let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
     let t = task(&unique_task());
@@ -740,11 +735,7 @@ async fn refusals_map_to_kinds_and_name_the_task_real_server() {
 /// The canary: the issued secret access key and session token, and
 /// keyturn's own secret key, appear in no error, `Debug`, handle, public
 /// field or description.
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn no_secret_in_errors_debug_handle_or_public_real_server() {
     let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
     let issuer = moto.issuer(&setup.access_key_id, &setup.secret_access_key);
@@ -799,11 +790,7 @@ async fn no_secret_in_errors_debug_handle_or_public_real_server() {
     assert!(texts[0].contains("[redacted]"), "{}", texts[0]);
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn revoke_with_deny_policy_ends_the_session_at_once_real_server() {
     let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
     let config = StsIssuerConfig {
@@ -916,11 +903,7 @@ async fn revoke_with_deny_policy_ends_the_session_at_once_real_server() {
 /// account (in a grant, or in a recorded session after the credentials
 /// changed) is not revoked through the same-named role of this one, nor
 /// verified by reading that role back.
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn a_role_of_another_account_is_never_revoked_in_this_one_real_server() {
     let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
     let issuer = StsIssuer::with_credentials(

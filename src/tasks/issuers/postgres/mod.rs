@@ -1189,6 +1189,7 @@ mod tests {
     use std::path::Path;
     use std::time::SystemTime;
 
+    use macro_rules_attribute::apply;
     use tokio_postgres::{Client, NoTls};
 
     use super::*;
@@ -1197,6 +1198,7 @@ mod tests {
     use crate::tasks::issuers::test_support::{
         assert_error, assert_not_revoked, assert_revoked_now, attribution, issue,
     };
+    use crate::test_support::server_test;
 
     // ---- config ----
 
@@ -1770,11 +1772,7 @@ mod tests {
 
     const TTL: Duration = Duration::from_secs(600);
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn a_low_task_reads_a_not_b_a_high_task_reads_both_and_the_server_names_the_task() {
         let fx = Fx::new().await;
         let issuer = fx.issuer();
@@ -1845,11 +1843,7 @@ mod tests {
         assert_eq!(fx.member_of(&got_high.handle).await, both);
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn issuing_again_sets_a_fresh_password_and_exactly_the_new_grant() {
         let fx = Fx::new().await;
         let issuer = fx.issuer();
@@ -1882,11 +1876,7 @@ mod tests {
         assert_eq!(e.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{e}");
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn over_verified_tls_the_delivered_dsn_asks_for_it_too() {
         let fx = Fx::new().await;
         let ca = std::env::var("KEYTURN_TEST_PG_CA").unwrap_or_else(|_| panic!("{NEED}"));
@@ -1914,11 +1904,7 @@ mod tests {
         issuer.revoke(&task, Some(&got.handle)).await.unwrap();
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn revoke_ends_the_session_and_the_login_and_is_harmless_twice() {
         let fx = Fx::new().await;
         let issuer = fx.issuer();
@@ -1945,11 +1931,7 @@ mod tests {
         assert_revoked_now(&issuer, &task, None).await;
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn revoke_without_a_handle_finds_the_role_by_task_id_and_drops_what_it_made() {
         let fx = Fx::new().await;
         let issuer = fx.issuer();
@@ -1975,11 +1957,7 @@ mod tests {
         fx.sql(&format!("DROP TABLE {handed}")).await;
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn a_security_definer_function_a_task_made_acts_for_nobody_after_its_end() {
         let fx = Fx::new().await;
         let issuer = fx.issuer();
@@ -2018,11 +1996,7 @@ mod tests {
         assert_eq!(e.code(), Some(&SqlState::UNDEFINED_FUNCTION), "{e}");
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn a_task_role_that_must_stay_keeps_no_privilege_of_its_grant() {
         let fx = Fx::new().await;
         let issuer = fx.issuer();
@@ -2062,11 +2036,7 @@ mod tests {
         assert!(!fx.table_exists(&made).await, "the table was kept");
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn valid_until_refuses_login_after_the_expiry_without_keyturn() {
         let fx = Fx::new().await;
         let issuer = fx.issuer();
@@ -2118,11 +2088,7 @@ mod tests {
         assert_eq!(of("hostaddr=10.0.0.5 port=6432"), "postgres 10.0.0.5:6432");
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn the_origin_follows_the_admin_dsn_file() {
         let fx = Fx::new().await;
         let issuer = fx.issuer();
@@ -2144,11 +2110,7 @@ mod tests {
     /// the role name recorded as its handle; a handle that is not a task
     /// role of this task, or names a role without keyturn's mark for it,
     /// is refused and that role left alone.
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn a_changed_role_prefix_revokes_earlier_tasks_by_their_recorded_role() {
         let fx = Fx::new().await;
         let task = fx.task("prefix");
@@ -2202,11 +2164,7 @@ mod tests {
             .await;
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn someone_elses_role_with_the_tasks_name_is_left_alone() {
         let fx = Fx::new().await;
         let issuer = fx.issuer();
@@ -2231,11 +2189,7 @@ mod tests {
         assert_eq!(fx.member_of(&role).await, Vec::<String>::new());
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn a_grant_reaching_a_powerful_or_missing_role_issues_nothing() {
         let fx = Fx::new().await;
         let issuer = fx.issuer();
@@ -2296,11 +2250,7 @@ mod tests {
         );
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn the_password_and_its_verifier_reach_no_log_error_handle_or_public_field() {
         let fx = Fx::new().await;
         // tokio-postgres logs with `log`; the daemon bridges it (telemetry).
@@ -2337,11 +2287,7 @@ mod tests {
         assert!(got.secret["dsn"].expose_str().unwrap().contains(&password));
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn an_issuer_and_a_target_on_one_dsn_share_one_pool() {
         let fx = Fx::new().await;
         let issuer = fx.issuer();
@@ -2360,11 +2306,7 @@ mod tests {
         );
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn an_admin_with_createrole_and_pg_signal_backend_is_enough() {
         let fx = Fx::new().await;
         let admin = fx.make_admin().await;
@@ -2386,11 +2328,7 @@ mod tests {
         assert!(!fx.table_exists(&made).await, "the task's table was kept");
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn an_admin_that_may_not_make_temporary_objects_issues_and_revokes_the_same() {
         let fx = Fx::new().await;
         let admin = fx.make_admin().await;
@@ -2414,11 +2352,7 @@ mod tests {
         fx.sql(&format!("DROP DATABASE {db} WITH (FORCE)")).await;
     }
 
-    #[cfg_attr(
-        not(feature = "real-servers"),
-        ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-    )]
-    #[tokio::test]
+    #[apply(server_test!)]
     async fn check_reports_a_wrong_admin_password_or_an_admin_without_createrole() {
         let fx = Fx::new().await;
         let canary = "canary-admin-3b9f";

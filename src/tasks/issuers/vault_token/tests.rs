@@ -3,6 +3,8 @@
 //! token). Every server test makes its own policies, paths and token role
 //! with a random suffix, so they run in parallel with everyone's.
 
+use macro_rules_attribute::apply;
+
 use super::*;
 use crate::config::validate::{Context, Issue};
 use crate::model::RotationId;
@@ -11,6 +13,7 @@ use crate::tasks::issuers::test_support::{
     assert_not_revoked, assert_revoked_now, attribution, attribution_fields, eventually, issue,
     located, request,
 };
+use crate::test_support::server_test;
 use serde_json::json;
 use vaultrs::api::token::requests::{SetTokenRoleRequest, SetTokenRoleRequestBuilder};
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
@@ -200,11 +203,7 @@ impl Fixture {
 // Against the real OpenBao
 // ---------------------------------------------------------------------------
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn the_token_has_exactly_the_grant_and_ttl_and_is_revoked_at_revoke() {
     let f = Fixture::new().await;
     let issuer = f.issuer(&bao().1, None);
@@ -270,11 +269,7 @@ async fn the_token_has_exactly_the_grant_and_ttl_and_is_revoked_at_revoke() {
     f.cleanup().await;
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn num_uses_is_honoured() {
     let f = Fixture::new().await;
     let issuer = f.issuer(&bao().1, None);
@@ -302,11 +297,7 @@ async fn num_uses_is_honoured() {
 /// Why `token_role` is recommended: a token minted through an `orphan`
 /// role outlives keyturn's own token; one minted with plain
 /// `auth/token/create` is its child and dies with it.
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn tokens_of_a_token_role_are_orphans_that_outlive_keyturns_own_token() {
     let f = Fixture::new().await;
     let root = root();
@@ -377,11 +368,7 @@ async fn tokens_of_a_token_role_are_orphans_that_outlive_keyturns_own_token() {
 /// outlived its token. A start refuses such a token (revoked at once,
 /// naming the role's setting), and `check --online` reads the role and
 /// says so before any start.
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn a_token_role_that_cuts_the_token_short_is_refused_at_start_and_by_check() {
     type Setting = fn(&mut SetTokenRoleRequestBuilder);
     let f = Fixture::new().await;
@@ -450,11 +437,7 @@ async fn a_token_role_that_cuts_the_token_short_is_refused_at_start_and_by_check
 
 /// The issuer logs in like the `vault` vault does (the same session code):
 /// AppRole on first use, the role's policies on keyturn's own token.
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn approle_login_then_issue_through_a_token_role() {
     let f = Fixture::new().await;
     let root = root();
@@ -505,11 +488,7 @@ async fn approle_login_then_issue_through_a_token_role() {
     f.cleanup().await;
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn check_looks_up_keyturns_own_token() {
     let f = Fixture::new().await;
     f.issuer(&bao().1, None).check().await.unwrap();
@@ -523,11 +502,7 @@ async fn check_looks_up_keyturns_own_token() {
 
 /// No secret in errors, logs, `Debug`, the handle or `public`: the real
 /// token, keyturn's own (root) token, and a canary standing in for it.
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[tokio::test]
+#[apply(server_test!)]
 async fn no_secret_in_errors_debug_handle_or_public() {
     let f = Fixture::new().await;
     // Everything logged, down to vaultrs's and the HTTP client's traces.
