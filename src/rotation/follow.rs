@@ -1046,10 +1046,10 @@ impl Inner {
             let key = entry.key();
             let _checking = self.follow_lock(key).lock_owned().await;
             // A delivery or a revocation meanwhile decided anew.
-            if !lock(memory)
+            if lock(memory)
                 .get(key)
                 .and_then(|s| s.retire_at)
-                .is_some_and(|at| at <= now)
+                .is_none_or(|at| at > now)
             {
                 continue;
             }
