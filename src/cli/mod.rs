@@ -957,14 +957,27 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
             let requested = c.follow.is_none()
                 && !leaving.contains_key(&c.key.agent)
                 && snapshot.requests.iter().any(|q| q.key == c.key);
+            // A followed credential whose rotator destroyed it: the version
+            // it delivered last is recorded retired (see `rotation::follow`).
+            let revoked = c.follow.is_some()
+                && row.and_then(|r| r.current_version).is_some_and(|cv| {
+                    store.versions(&c.key).is_ok_and(|vs| {
+                        vs.iter()
+                            .any(|v| v.version == cv && v.stage == crate::model::Stage::Retired)
+                    })
+                });
             StatusRow {
                 agent: c.key.agent.clone(),
                 credential: c.key.credential.clone(),
                 vault: c.vault_label(),
                 version: row.and_then(|r| r.current_version),
-                stage: row
-                    .and_then(|r| r.current_version)
-                    .map(|_| crate::api::protocol::ShownStage::Current),
+                stage: row.and_then(|r| r.current_version).map(|_| {
+                    if revoked {
+                        crate::api::protocol::ShownStage::Revoked
+                    } else {
+                        crate::api::protocol::ShownStage::Current
+                    }
+                }),
                 last_rotated: row.and_then(|r| r.last_rotated_at),
                 next_due: offline_next_due(c, row, unfinished)
                     .filter(|_| !leaving.contains_key(&c.key.agent)),
@@ -976,6 +989,7 @@ fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                     Some(r) if r.step == crate::rotation::Step::Retire => "retiring".into(),
                     Some(_) => "interrupted".into(),
                     None if row.is_some_and(|r| r.consecutive_failures > 0) => "failed".into(),
+                    None if revoked => "revoked".into(),
                     None => "stopped".into(),
                 },
                 step: if requested {

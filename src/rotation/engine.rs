@@ -362,6 +362,22 @@ impl Engine {
             tracing::warn!(error = %e, "cannot forget the rotations asked for of credentials no longer rotated here; retried at the next start");
         }
         self.inner.schedule_all(&resume, true);
+        // A credential followed before this start (a follower records no
+        // due time) may have a retirement to take over (`follow.rs`).
+        let followed_before: Vec<CredentialKey> = {
+            let live = self.inner.live();
+            catalog
+                .creds
+                .keys()
+                .filter(|k| {
+                    live.get(k)
+                        .and_then(|l| l.row.as_ref())
+                        .is_some_and(|r| r.current_version.is_some() && r.next_due.is_none())
+                })
+                .cloned()
+                .collect()
+        };
+        self.inner.arm_takeovers(followed_before);
         Ok(())
     }
 
@@ -449,6 +465,20 @@ impl Engine {
             self.inner.forget_departed(&mut live, &old, &catalog);
         }
         self.inner.schedule_all(&resume, false);
+        // Followed until this reload: a retirement to take over (`follow.rs`).
+        self.inner.arm_takeovers(
+            catalog
+                .creds
+                .values()
+                .filter(|e| {
+                    e.cfg.follow.is_none()
+                        && old
+                            .creds
+                            .get(e.key())
+                            .is_some_and(|o| o.cfg.follow.is_some())
+                })
+                .map(|e| e.key().clone()),
+        );
         self.inner.wake.notify_one();
         self.inner.follow_reload.notify_one();
         // Consumers of sinks the reload removed or re-pointed (`acks.rs`).
@@ -490,7 +520,11 @@ impl Engine {
         let mut out: Vec<_> = catalog
             .creds
             .keys()
-            .filter(|key| !self.inner.is_retired(&key.agent))
+            // Nor a followed credential its rotator destroyed.
+            .filter(|key| {
+                !self.inner.is_retired(&key.agent)
+                    && !live.get(key).is_some_and(|l| l.follow_revoked)
+            })
             .map(|key| {
                 let row = live.get(key).and_then(|l| l.row.as_ref());
                 let age = row
@@ -608,9 +642,13 @@ impl Inner {
                 // A followed credential has no due time: it moves when its
                 // rotator rotates it.
                 let follow = entry.cfg.follow.is_some();
+                // Its rotator destroyed it (see `follow.rs`).
+                let revoked = follow && l.is_some_and(|l| l.follow_revoked);
                 let retired = self.retired_label(&key.agent);
                 let state = if let Some(label) = retired {
                     label
+                } else if revoked && state == "idle" {
+                    "revoked"
                 } else if follow && state == "idle" {
                     "follow"
                 } else {
@@ -629,7 +667,13 @@ impl Inner {
                     credential: key.credential.clone(),
                     vault: entry.vault_label(),
                     version,
-                    stage: version.map(|_| ShownStage::Current),
+                    stage: version.map(|_| {
+                        if revoked {
+                            ShownStage::Revoked
+                        } else {
+                            ShownStage::Current
+                        }
+                    }),
                     last_rotated: row.and_then(|r| r.last_rotated_at),
                     next_due: live
                         .deadline(key, Job::Rotate)

@@ -59,6 +59,17 @@
 //! twice by a poll and a nudge racing. The poll goes on as before: a lost
 //! nudge costs at most one poll interval.
 //!
+//! # Taking over
+//! A followed credential switched to rotating here (its rotator's host is
+//! gone; `mode` changed by a reload or a restart) may have a previous
+//! version in the vault whose grace period the dead rotator never ended:
+//! nothing here would retire it, since a promote retires only versions
+//! older than the one the engine expects current. The promoted keyturn
+//! adopts that pending retirement ([`Inner::adopt_takeover`]) at once (a
+//! retire job armed for every such credential) and before its first
+//! rotation, and retires that version when its grace ends, as the rotator
+//! would have (at once if it ended already).
+//!
 //! # State
 //! Each delivery records the version row (its vault ref) and the
 //! credential row (`current_version`, `last_rotated_at`): after a restart a
@@ -70,16 +81,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::catalog::{CredEntry, VaultHandle};
 use super::engine::{Engine, Inner};
+use super::footprint::Footprint;
+use super::step::{Step, Trigger};
+use crate::audit::Outcome;
 use crate::generators;
 use crate::model::{CredentialKey, PluginError, RotationId, Stage};
 use crate::sinks::Notice;
-use crate::state::{CredentialRow, Restage, VersionRow, Write};
+use crate::state::{CredentialRow, Restage, RotationRow, VersionRow, Write};
 use crate::vaults::{
     CurrentMark, Select, StoredVersion, VaultItem, VaultRefs, VersionRef, change_index,
 };
@@ -117,6 +132,17 @@ struct Seen {
     mark: Option<CurrentMark>,
     /// Its row records a failure to read its vault (see [`VaultFailed`]).
     vault_failed: Option<VaultFailed>,
+    /// Listed in the change index when the index was last read: a
+    /// credential that leaves the index (its rotator destroyed it) is
+    /// checked at once.
+    listed: bool,
+    /// Its rotator destroyed it (see [`Inner::follow_revoke`]); mirrors
+    /// the live table's `follow_revoked`, which `status` reads.
+    revoked: bool,
+    /// When the grace period of the version delivered before the current
+    /// one ends: what a sink kept of it for readers mid-read (a bundle's
+    /// previous private key) goes then, as on the rotator.
+    retire_at: Option<DateTime<Utc>>,
 }
 
 /// What clears the vault failure a followed credential's row records: the
@@ -149,6 +175,16 @@ pub(super) struct Shared {
     nudged: Mutex<HashMap<CredentialKey, bool>>,
     /// Wakes every follow loop for an early poll.
     early: tokio::sync::Notify,
+}
+
+/// What a restore of a followed credential's missing files does (see
+/// [`Inner::follow_restore`]).
+pub(super) enum FollowRestore {
+    /// Restore this value, the one delivered, under its version number.
+    Same(StoredVersion),
+    /// Done (a newer version delivered to every sink: this many files), or
+    /// nothing to restore.
+    Handled(usize),
 }
 
 /// What a nudge did.
@@ -329,6 +365,7 @@ impl Inner {
             // wait for it, within the drain timeout): a delivery is not cut
             // between its sinks and its record in state.
             let started = tokio::time::Instant::now();
+            self.follow_retire_due(&poller.entries, &memory).await;
             let polled = self.follow_once(&mut poller, &memory).await;
             match polled {
                 Ok(()) => failures = 0,
@@ -337,7 +374,13 @@ impl Inner {
                     tracing::warn!(vault = %poller.handle.config.name, failures, error = %e, "follow: poll failed; backing off");
                 }
             }
-            let delay = next_delay(poll, failures);
+            // Woken early for a grace period that ends before the next poll.
+            let delay = match next_retire(&poller.entries, &memory) {
+                Some(at) => {
+                    next_delay(poll, failures).min((at - self.now()).to_std().unwrap_or_default())
+                }
+                None => next_delay(poll, failures),
+            };
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 // A nudge for a credential no loop knows by name: poll now,
@@ -374,21 +417,34 @@ impl Inner {
         let mut first_error = None;
         // Credentials to check by their own mark (metadata, no value).
         let mut by_mark: Vec<usize> = Vec::new();
+        // Credentials whose own mark says nothing is current any more.
+        let mut gone: Vec<usize> = Vec::new();
         match index_read {
             Some(changed) => {
                 let first = p.index_mark.is_none();
                 let sweep = sweep_pick(polls, p.entries.len());
-                let seen = lock(memory);
+                let mut seen = lock(memory);
                 for (i, e) in p.entries.iter().enumerate() {
-                    let delivered = seen.get(e.key()).and_then(|s| s.delivered.as_ref());
                     let listed = changed
                         .as_ref()
                         .map(|m| m.get(&*e.cfg.vault_path()).cloned());
+                    let s = seen.entry(e.key().clone()).or_default();
                     let due = match listed {
-                        Some(Some(r)) => Some(&r) != delivered,
+                        // (After a revocation a vault may hand out the
+                        // refs of the destroyed versions again: KV v2
+                        // numbers from 1 after its metadata is deleted.)
+                        Some(Some(r)) => {
+                            s.listed = true;
+                            s.revoked || Some(&r) != s.delivered.as_ref()
+                        }
                         // Not in the index: rotated before it existed, or
-                        // by a keyturn that does not write it.
-                        Some(None) => first,
+                        // by a keyturn that does not write it; or it left
+                        // the index, which its rotator's decommission does
+                        // once it destroyed every version.
+                        Some(None) => {
+                            let left = std::mem::take(&mut s.listed);
+                            first || (left && s.delivered.is_some() && !s.revoked)
+                        }
                         None => false,
                     };
                     if due {
@@ -414,6 +470,11 @@ impl Inner {
                     let s = seen.entry(e.key().clone()).or_default();
                     if mark.is_none() {
                         s.mark = None;
+                        // Nothing is current where a version was delivered:
+                        // its rotator may have destroyed the credential.
+                        if s.delivered.is_some() && !s.revoked {
+                            gone.push(i);
+                        }
                     } else if mark != s.mark {
                         check.push((i, mark));
                     }
@@ -453,6 +514,13 @@ impl Inner {
             }
             if let Err(e) = checked {
                 tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, error = %e, "follow: delivery failed; retried at the next poll");
+                first_error.get_or_insert(e);
+            }
+        }
+        for i in gone {
+            let entry = &p.entries[i];
+            if let Err(e) = self.follow_check(entry, memory).await {
+                tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, error = %e, "follow: checking a credential with no current version failed; retried at the next poll");
                 first_error.get_or_insert(e);
             }
         }
@@ -503,12 +571,18 @@ impl Inner {
         entries: &[Arc<CredEntry>],
         memory: &Memory,
     ) -> Result<(), PluginError> {
-        let todo: Vec<(CredentialKey, String)> = {
+        let todo: Vec<(CredentialKey, String, Duration)> = {
             let seen = lock(memory);
             entries
                 .iter()
                 .filter(|e| !seen.get(e.key()).is_some_and(|s| s.loaded))
-                .map(|e| (e.key().clone(), e.primary().config.name.clone()))
+                .map(|e| {
+                    (
+                        e.key().clone(),
+                        e.primary().config.name.clone(),
+                        e.cfg.grace,
+                    )
+                })
                 .collect()
         };
         if todo.is_empty() {
@@ -517,32 +591,51 @@ impl Inner {
         let found = self
             .load(move |s| {
                 let mut out = Vec::with_capacity(todo.len());
-                for (key, primary) in todo {
+                for (key, primary, grace) in todo {
                     let row = s.credential(&key)?;
                     let failing = row.as_ref().is_some_and(|r| r.consecutive_failures > 0);
+                    let delivered_at = row.as_ref().and_then(|r| r.last_rotated_at);
                     let current = row.and_then(|r| r.current_version);
-                    let vref = match current {
-                        None => None,
-                        Some(cv) => s
-                            .versions(&key)?
-                            .into_iter()
-                            .find(|v| v.version == cv)
-                            .and_then(|v| {
-                                VaultRefs::decode(&v.vault_version, &primary)
-                                    .get(&primary)
-                                    .cloned()
-                            }),
+                    let versions = match current {
+                        None => Vec::new(),
+                        Some(_) => s.versions(&key)?,
                     };
-                    out.push((key, vref, failing));
+                    let cur = versions.iter().find(|v| Some(v.version) == current);
+                    let vref = cur.and_then(|v| {
+                        VaultRefs::decode(&v.vault_version, &primary)
+                            .get(&primary)
+                            .cloned()
+                    });
+                    // The version delivered last, retired: revoked by its
+                    // rotator (see `follow_revoke`).
+                    let revoked = cur.is_some_and(|v| v.stage == Stage::Retired);
+                    // A previous version still in its grace period.
+                    let retire_at = versions
+                        .iter()
+                        .any(|v| v.stage == Stage::Previous)
+                        .then_some(delivered_at)
+                        .flatten()
+                        .map(|at| at + chrono::Duration::from_std(grace).unwrap_or_default());
+                    out.push((key, vref, failing, revoked, retire_at));
                 }
                 Ok(out)
             })
             .await?;
+        {
+            let mut live = self.live();
+            for (key, _, _, revoked, _) in &found {
+                if let Some(l) = live.get_mut(key) {
+                    l.follow_revoked = *revoked;
+                }
+            }
+        }
         let mut seen = lock(memory);
-        for (key, vref, failing) in found {
+        for (key, vref, failing, revoked, retire_at) in found {
             let s = seen.entry(key).or_default();
             s.loaded = true;
             s.delivered = vref;
+            s.revoked = revoked;
+            s.retire_at = retire_at.filter(|_| !revoked);
             // A failure recorded before a restart: the first poll that
             // reaches the vault clears it (or records it again).
             if failing {
@@ -583,10 +676,16 @@ impl Inner {
         let delivered = lock(memory)
             .get(entry.key())
             .and_then(|s| s.delivered.clone());
+        let revoked = lock(memory).get(entry.key()).is_some_and(|s| s.revoked);
         match stored {
             // The delivery records the outcome in the row either way.
-            Some(stored) if delivered.as_ref() != Some(&stored.version) => {
+            // Anything current after a revocation is the credential made
+            // anew (its refs may be the destroyed versions' again).
+            Some(stored) if revoked || delivered.as_ref() != Some(&stored.version) => {
                 self.follow_deliver(entry, stored, memory).await
+            }
+            None if let Some(delivered) = delivered.filter(|_| !revoked) => {
+                self.follow_gone(entry, &delivered, memory).await
             }
             _ => {
                 let w = self.vault_recovered(entry.key(), None, memory);
@@ -721,6 +820,404 @@ impl Inner {
         }
     }
 
+    /// What a restore of `entry`'s missing files (see `restore.rs`) does
+    /// for a followed credential whose current version here is `version`:
+    /// version and value stay paired. When the vault's current version is
+    /// still the one delivered as `version`, that value is restored under
+    /// that number ([`FollowRestore::Same`]). When the vault moved on while
+    /// nothing watched (the follower was down), its current version is
+    /// delivered once, as a new version, to every sink, as a poll would.
+    /// When it holds no current version (its rotator destroyed the
+    /// credential, or is making its first one), nothing is restored: the
+    /// follow loop's check decides. The caller holds the follow lock, or
+    /// runs before the follow loops do.
+    pub(super) async fn follow_restore(
+        &self,
+        entry: &CredEntry,
+        version: crate::model::VersionNo,
+    ) -> Result<FollowRestore, PluginError> {
+        let key = entry.key().clone();
+        let row = self
+            .load(move |s| Ok(s.versions(&key)?.into_iter().find(|v| v.version == version)))
+            .await?;
+        let primary = &entry.primary().config.name;
+        let delivered = row.as_ref().and_then(|v| {
+            VaultRefs::decode(&v.vault_version, primary)
+                .get(primary)
+                .cloned()
+        });
+        let key = entry.key();
+        if row.as_ref().is_some_and(|v| v.stage == Stage::Retired) {
+            tracing::info!(agent = %key.agent, credential = %key.credential, version, "a delivered file is missing; not restored: its version was revoked (its rotator destroyed the credential)");
+            return Ok(FollowRestore::Handled(0));
+        }
+        let path = entry.cfg.vault_path();
+        let item = VaultItem { key, path: &path };
+        let current = entry
+            .primary()
+            .vault
+            .read(item, Select::Stage(Stage::Current))
+            .await?;
+        match current {
+            Some(mut stored) if Some(&stored.version) == delivered.as_ref() => {
+                if let Some(row) = row {
+                    stored.rotation = Some(row.rotation);
+                }
+                Ok(FollowRestore::Same(stored))
+            }
+            Some(stored) => {
+                tracing::info!(agent = %key.agent, credential = %key.credential, version, vault_version = %stored.version, "a delivered file is missing and the vault holds a newer version: delivering that one");
+                let memory = self.follow.memory.clone();
+                self.follow_deliver(entry, stored, &memory).await?;
+                Ok(FollowRestore::Handled(
+                    entry
+                        .sinks
+                        .iter()
+                        .filter(|s| s.delivered_path().is_some())
+                        .count(),
+                ))
+            }
+            None => {
+                tracing::info!(agent = %key.agent, credential = %key.credential, version, "a delivered file is missing and the vault holds no current version; the follow loop checks whether its rotator destroyed the credential");
+                Ok(FollowRestore::Handled(0))
+            }
+        }
+    }
+
+    /// `entry`'s vault holds no current version though `delivered` was
+    /// delivered (the caller holds its follow lock). When that version is
+    /// gone too, every version is: its rotator destroyed the credential,
+    /// which only a decommission there does, and what was delivered here
+    /// is taken back ([`Self::follow_revoke`]). A version still there
+    /// (nothing current for a moment) is left to the next check.
+    async fn follow_gone(
+        &self,
+        entry: &CredEntry,
+        delivered: &VersionRef,
+        memory: &Memory,
+    ) -> Result<(), PluginError> {
+        let path = entry.cfg.vault_path();
+        let item = VaultItem {
+            key: entry.key(),
+            path: &path,
+        };
+        let read = entry
+            .primary()
+            .vault
+            .read(item, Select::Version(delivered))
+            .await;
+        match read {
+            Err(e) => {
+                let w = self.vault_failed(entry, &e, VaultFailed::Own, memory);
+                self.persist_follow(vec![w]).await;
+                Err(e)
+            }
+            Ok(Some(_)) => {
+                let w = self.vault_recovered(entry.key(), None, memory);
+                self.persist_follow(w.into_iter().collect()).await;
+                Ok(())
+            }
+            Ok(None) => self.follow_revoke(entry, memory).await,
+        }
+    }
+
+    /// The rotator destroyed every version of `entry` (a decommission
+    /// there; the caller holds its follow lock): the value the agents here
+    /// hold is revoked. Every file (or bundle) delivered is removed, the
+    /// acks awaited are forgotten, the versions recorded are retired, and
+    /// `status` shows the credential `revoked`, audited as `follow.revoked`.
+    /// A file that cannot be removed fails the check (shown on the row,
+    /// retried by the next one). A version the vault holds later (the
+    /// credential made anew there) is delivered as usual and ends this.
+    async fn follow_revoke(&self, entry: &CredEntry, memory: &Memory) -> Result<(), PluginError> {
+        let key = entry.key();
+        let name = &entry.primary().config.name;
+        let path = entry.cfg.vault_path();
+        let mut removed = Vec::new();
+        let mut failed = None;
+        for sink in entry.sinks.iter().filter(|s| s.delivered_path().is_some()) {
+            match sink.retract(key).await {
+                Ok(()) => removed.push(sink.describe()),
+                Err(e) => {
+                    failed.get_or_insert_with(|| {
+                        PluginError::new(e.kind, format!("sink {}: {}", sink.describe(), e.message))
+                    });
+                }
+            }
+        }
+        let before = self.cred_row(key);
+        let why = format!(
+            "vault {name} holds no version of {path} any more: its rotator destroyed the credential (decommissioned there)"
+        );
+        let detail = if removed.is_empty() {
+            format!("{why}; no delivered file to remove")
+        } else {
+            format!("{why}; removed {}", removed.join(", "))
+        };
+        let mut ev = self.audit_event(
+            entry,
+            None,
+            "follow.revoked",
+            if failed.is_none() {
+                Outcome::Ok
+            } else {
+                Outcome::Failed
+            },
+            Some(detail),
+            failed.as_ref().map(|e| e.message.clone()),
+        );
+        ev.version = before.current_version;
+        let head = self.audit(ev).await?;
+        if let Some(e) = failed {
+            let mut row = CredentialRow {
+                last_error: Some(format!("follow: revoking: {}", e.message)),
+                ..before
+            };
+            row.count_failure(self.now());
+            if let Some(l) = self.live().get_mut(key) {
+                l.row = Some(row.clone().into());
+            }
+            lock(memory).entry(key.clone()).or_default().vault_failed = Some(VaultFailed::Own);
+            self.persist(vec![head, Write::Credential(row)]).await?;
+            return Err(e);
+        }
+        self.awaited().remove(key);
+        self.forget_delivery(key);
+        let row = CredentialRow {
+            consecutive_failures: 0,
+            failing_since: None,
+            last_error: None,
+            ..before
+        };
+        self.persist(vec![
+            head,
+            Write::AwaitAcks {
+                key: key.clone(),
+                version: 0,
+                consumers: Vec::new(),
+            },
+            // The version delivered last stays the row's current one, its
+            // stage retired: how state remembers the revocation.
+            Write::RetireOthers(Restage {
+                key: key.clone(),
+                except: Vec::new(),
+                from: vec![Stage::Current, Stage::Previous],
+                to: Stage::Retired,
+            }),
+            Write::Credential(row.clone()),
+        ])
+        .await?;
+        self.ack_changed.notify_waiters();
+        if let Some(l) = self.live().get_mut(key) {
+            l.row = Some(row.into());
+            l.follow_revoked = true;
+        }
+        {
+            let mut seen = lock(memory);
+            let s = seen.entry(key.clone()).or_default();
+            s.revoked = true;
+            s.vault_failed = None;
+            s.retire_at = None;
+        }
+        tracing::warn!(agent = %key.agent, credential = %key.credential, vault = %name, path = %path, files = removed.len(), "follow: the rotator destroyed the credential (decommissioned there): the delivered files are removed, and status shows it revoked");
+        Ok(())
+    }
+
+    /// Ends the grace period of the version delivered before the current
+    /// one, for each of `entries` whose grace is over: what a sink kept of
+    /// it (a bundle's previous directory and private key) is removed, and
+    /// its version is recorded retired, as the rotator's retire step does
+    /// at the same time (a follower retires nothing in the vault). A
+    /// failure is logged and tried again at the next poll.
+    async fn follow_retire_due(&self, entries: &[Arc<CredEntry>], memory: &Memory) {
+        let now = self.now();
+        let due: Vec<&Arc<CredEntry>> = {
+            let seen = lock(memory);
+            entries
+                .iter()
+                .filter(|e| {
+                    seen.get(e.key())
+                        .and_then(|s| s.retire_at)
+                        .is_some_and(|at| at <= now)
+                })
+                .collect()
+        };
+        for entry in due {
+            let key = entry.key();
+            let _checking = self.follow_lock(key).lock_owned().await;
+            // A delivery or a revocation meanwhile decided anew.
+            if lock(memory)
+                .get(key)
+                .and_then(|s| s.retire_at)
+                .is_none_or(|at| at > now)
+            {
+                continue;
+            }
+            let mut failed = None;
+            for sink in entry.sinks.iter() {
+                if let Err(e) = sink.retire_previous(key).await {
+                    failed.get_or_insert((sink.describe(), e));
+                }
+            }
+            if let Some((sink, e)) = failed {
+                tracing::warn!(agent = %key.agent, credential = %key.credential, sink = %sink, error = %e, "follow: removing what a sink kept of the previous version failed; retried at the next poll");
+                continue;
+            }
+            let Some(current) = self.cred_row(key).current_version else {
+                continue;
+            };
+            let retired = self
+                .persist(vec![Write::RetireOthers(Restage {
+                    key: key.clone(),
+                    except: vec![current],
+                    from: vec![Stage::Previous],
+                    to: Stage::Retired,
+                })])
+                .await;
+            match retired {
+                Ok(()) => {
+                    if let Some(s) = lock(memory).get_mut(key) {
+                        s.retire_at = None;
+                    }
+                    tracing::debug!(agent = %key.agent, credential = %key.credential, "follow: the previous version's grace period ended");
+                }
+                Err(e) => {
+                    tracing::warn!(agent = %key.agent, credential = %key.credential, error = %e, "follow: recording the end of the previous version's grace failed; retried at the next poll")
+                }
+            }
+        }
+    }
+
+    /// Arms a retire job now for each of `keys` that is rotated here, has
+    /// a version and nothing pending: it may have been followed until now
+    /// (see "Taking over"), which the job finds out from state (one read;
+    /// a vault read only when the current version was not made here).
+    pub(super) fn arm_takeovers(&self, keys: impl IntoIterator<Item = CredentialKey>) {
+        let now = self.now();
+        let catalog = self.catalog();
+        let mut live = self.live();
+        for key in keys {
+            let rotated_here = catalog
+                .creds
+                .get(&key)
+                .is_some_and(|e| e.cfg.follow.is_none());
+            if !rotated_here || self.is_retired(&key.agent) {
+                continue;
+            }
+            let Some(l) = live.get(&key) else {
+                continue;
+            };
+            let has_version = l.row.as_ref().is_some_and(|r| r.current_version.is_some());
+            if has_version && l.retire_at.is_none() && l.running.is_none() {
+                live.schedule(&key, super::table::Job::Retire, now);
+            }
+        }
+    }
+
+    /// Takes over what a rotator that died mid-grace owed (see "Taking
+    /// over" in the module docs): `entry` is rotated here now, and its
+    /// current version was delivered here by following, not made by a
+    /// rotation here (`latest`, this keyturn's last rotation of it, is older
+    /// or absent). When the vault still holds a previous version, this
+    /// records the retire step its rotator would have run as one of this
+    /// keyturn's rotations (the rotator's rotation id, the current version,
+    /// the vault's previous version), due when that version's grace ends,
+    /// counted from this keyturn's delivery of the current one; audited as
+    /// `rotation.takeover`. The retire job, or the next rotation (which
+    /// retires first), runs it. `None`: nothing to take over.
+    pub(super) async fn adopt_takeover(
+        &self,
+        entry: &CredEntry,
+        latest: Option<&RotationRow>,
+    ) -> Result<Option<RotationRow>, PluginError> {
+        let key = entry.key();
+        if entry.cfg.follow.is_some() {
+            return Ok(None);
+        }
+        let row = self.cred_row(key);
+        let Some(current) = row.current_version else {
+            return Ok(None);
+        };
+        if latest.is_some_and(|r| r.version >= current) {
+            return Ok(None);
+        }
+        let k = key.clone();
+        let versions = self.load(move |s| s.versions(&k)).await?;
+        // A version revoked by its rotator has nothing left to retire.
+        let Some(cur) = versions
+            .iter()
+            .find(|v| v.version == current && v.stage != Stage::Retired)
+        else {
+            return Ok(None);
+        };
+        let primary = entry.primary();
+        let name = &primary.config.name;
+        let ref_of = |v: &VersionRow| VaultRefs::decode(&v.vault_version, name).get(name).cloned();
+        let Some(cur_ref) = ref_of(cur) else {
+            return Ok(None);
+        };
+        let path = entry.cfg.vault_path();
+        let item = VaultItem { key, path: &path };
+        let Some(prev) = primary
+            .vault
+            .read(item, Select::Stage(Stage::Previous))
+            .await?
+            .filter(|p| p.version != cur_ref)
+        else {
+            return Ok(None);
+        };
+        let previous_version = versions
+            .iter()
+            .find(|v| v.version < current && ref_of(v).as_ref() == Some(&prev.version))
+            .map(|v| v.version);
+        let now = self.now();
+        let delivered = row.last_rotated_at.unwrap_or(now);
+        let retire_at = delivered + chrono::Duration::from_std(entry.cfg.grace).unwrap_or_default();
+        let rot = RotationRow {
+            id: cur.rotation.clone(),
+            key: key.clone(),
+            step: Step::Retire,
+            trigger: Trigger::Schedule,
+            version: current,
+            // Keyed as a rotation records them (by the vault's own name).
+            vault_version: Some(
+                VaultRefs(vec![(primary.vault.describe().to_owned(), cur_ref)]).encode(),
+            ),
+            previous_version,
+            previous_vault_version: Some(
+                VaultRefs(vec![(
+                    primary.vault.describe().to_owned(),
+                    prev.version.clone(),
+                )])
+                .encode(),
+            ),
+            started_at: delivered,
+            updated_at: now,
+            retire_at: Some(retire_at),
+            attempts: 0,
+            last_error: None,
+            footprint: Some(Footprint::of(entry).to_json()),
+            start_record_after: None,
+        };
+        let head = self
+            .audit(self.audit_event(
+                entry,
+                Some(&rot),
+                "rotation.takeover",
+                Outcome::Ok,
+                Some(format!(
+                    "followed until now: the previous version {} in vault {name}, left by its rotator, is retired at {retire_at} when its grace ends",
+                    prev.version
+                )),
+                None,
+            ))
+            .await?;
+        self.persist(vec![Write::Rotation(rot.clone()), head])
+            .await?;
+        tracing::info!(agent = %key.agent, credential = %key.credential, vault_version = %prev.version, retire_at = %retire_at, "took over from its rotator: the previous version it left in the vault is retired when its grace ends");
+        Ok(Some(rot))
+    }
+
     /// Delivers `stored` through every sink of `entry`, audited like the
     /// deliver step, and records it in state.
     async fn follow_deliver(
@@ -732,6 +1229,7 @@ impl Inner {
         let key = entry.key();
         let before = self.cred_row(key);
         let version = before.current_version.unwrap_or(0) + 1;
+        let revoked = lock(memory).get(key).is_some_and(|s| s.revoked);
         let rotation = stored.rotation.clone().unwrap_or_else(RotationId::generate);
         let kind = generators::kind_of(&entry.cfg.generate);
         let value = stored.value;
@@ -747,9 +1245,11 @@ impl Inner {
             kind,
             public: generators::public_part(kind, &value),
             login: None,
-            previous_version: before.current_version,
+            // A revoked version is not a previous one: nothing of it works.
+            previous_version: before.current_version.filter(|_| !revoked),
             grace_until: before
                 .current_version
+                .filter(|_| !revoked)
                 .map(|_| now + chrono::Duration::from_std(entry.cfg.grace).unwrap_or_default()),
             file: entry
                 .sinks
@@ -779,12 +1279,22 @@ impl Inner {
                     created_at: now,
                     public: notice.public.clone(),
                 }));
+                // The version delivered before is in its grace period (a
+                // revoked one is not: nothing of it works any more).
+                let previous = before.current_version.filter(|_| !revoked);
                 writes.push(Write::RetireOthers(Restage {
                     key: key.clone(),
-                    except: vec![version],
+                    except: [version].into_iter().chain(previous).collect(),
                     from: vec![Stage::Current, Stage::Previous],
                     to: Stage::Retired,
                 }));
+                if let Some(previous) = previous {
+                    writes.push(Write::VersionStage {
+                        key: key.clone(),
+                        version: previous,
+                        stage: Stage::Previous,
+                    });
+                }
                 writes.push(Write::PruneHistory(key.clone()));
                 writes.push(Write::Holding {
                     key: key.clone(),
@@ -813,6 +1323,7 @@ impl Inner {
         self.persist(writes).await?;
         if let Some(l) = self.live().get_mut(key) {
             l.row = Some(row.into());
+            l.follow_revoked &= failed.is_some();
         }
         // The row now records this delivery, not a vault failure.
         if let Some(s) = lock(memory).get_mut(key) {
@@ -824,11 +1335,22 @@ impl Inner {
                 let mut seen = lock(memory);
                 let s = seen.entry(key.clone()).or_default();
                 s.delivered = Some(stored.version);
+                s.revoked = false;
+                s.retire_at = notice.grace_until.filter(|_| !revoked);
                 Ok(())
             }
             Some(e) => Err(e),
         }
     }
+}
+
+/// The earliest end of a previous version's grace among `entries`.
+fn next_retire(entries: &[Arc<CredEntry>], memory: &Memory) -> Option<DateTime<Utc>> {
+    let seen = lock(memory);
+    entries
+        .iter()
+        .filter_map(|e| seen.get(e.key())?.retire_at)
+        .min()
 }
 
 /// One follow loop's view of its vault.

@@ -83,7 +83,14 @@ impl Inner {
             if follow && cfg.max_age.is_none() {
                 continue;
             }
-            let Some(row) = live.get(entry.key()).and_then(|l| l.row.as_ref()) else {
+            let Some(l) = live.get(entry.key()) else {
+                continue;
+            };
+            // Destroyed by its rotator: nothing of it is live to age.
+            if l.follow_revoked && l.row.as_ref().is_none_or(|r| r.consecutive_failures == 0) {
+                continue;
+            }
+            let Some(row) = l.row.as_ref() else {
                 continue;
             };
             if !follow && row.consecutive_failures >= rules.failures_warning.max(1) {

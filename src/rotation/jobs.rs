@@ -277,14 +277,29 @@ impl Inner {
         let _vault_permits = vault_permits(&entry).await;
         let k = key.clone();
         let mut retiring = None;
-        let result = match self.load(move |s| s.latest_rotation(&k)).await {
-            Ok(Some(mut rot)) if rot.step == Step::Retire => {
+        // A retirement taken over from a rotator (see `follow.rs`), due
+        // later: armed rather than run.
+        let mut armed = None;
+        let latest = match self.load(move |s| s.latest_rotation(&k)).await {
+            Ok(Some(rot)) if rot.step == Step::Retire => Ok(Some(rot)),
+            Ok(latest) => self
+                .adopt_takeover(&entry, latest.as_ref())
+                .await
+                .map_err(|e| Stop::Failed(e.to_string(), e.retry_after)),
+            Err(e) => Err(Stop::Failed(e.to_string(), None)),
+        };
+        let result = match latest {
+            Ok(Some(rot)) if rot.retire_at.is_some_and(|at| at > self.now()) => {
+                armed = rot.retire_at.map(|at| (at, rot.previous_version));
+                Ok(())
+            }
+            Ok(Some(mut rot)) => {
                 retiring = Some(rot.id.clone());
                 let mut run = super::steps::RunMemory::default();
                 self.run_step(&entry, &mut rot, &mut run, None).await
             }
-            Ok(_) => Ok(()),
-            Err(e) => Err(Stop::Failed(e.to_string(), None)),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
         };
         let next = {
             let mut live = self.live();
@@ -292,6 +307,10 @@ impl Inner {
             l.running = None;
             let mut retry_at = None;
             match result {
+                Ok(()) if let Some((at, previous)) = armed => {
+                    l.set_retire(Some(at), previous);
+                    retry_at = Some(at);
+                }
                 Ok(()) => {
                     l.retire_at = None;
                     l.parked = None;

@@ -40,6 +40,7 @@ use std::sync::Arc;
 use super::attempt::notice_for;
 use super::catalog::{Catalog, CredEntry};
 use super::engine::Inner;
+use super::follow::FollowRestore;
 use super::step::Step;
 use super::table::Job;
 use crate::audit::{Actor, AuditEvent, Outcome};
@@ -249,43 +250,52 @@ impl Inner {
         version: VersionNo,
         sinks: &[Arc<dyn Sink>],
     ) -> Result<(usize, Option<crate::state::AuditHead>), PluginError> {
-        let key = entry.key().clone();
-        let latest = self.load(move |s| s.latest_rotation(&key)).await?;
-        let rot = match latest {
-            Some(r) if r.version == version && matches!(r.step, Step::Done | Step::Retire) => {
-                Some(r)
+        // A follower restores only the version it delivered; what else
+        // its vault holds is decided in `follow.rs`.
+        let (rot, stored) = if entry.cfg.follow.is_some() {
+            match self.follow_restore(entry, version).await? {
+                FollowRestore::Same(stored) => (None, stored),
+                FollowRestore::Handled(n) => return Ok((n, None)),
             }
-            // The next version is still being made (or parked, failing, on
-            // its way): the current one is the one to have meanwhile.
-            Some(r) if matches!(r.step, Step::Create | Step::Set | Step::Test) => None,
-            // Promoted and not yet delivered (it resumes now and delivers
-            // the new version), or abandoned (a fresh rotation follows).
-            Some(_) if entry.cfg.follow.is_none() => return Ok((0, None)),
-            // A follower records no rotations of its own.
-            _ => None,
+        } else {
+            let key = entry.key().clone();
+            let latest = self.load(move |s| s.latest_rotation(&key)).await?;
+            let rot = match latest {
+                Some(r) if r.version == version && matches!(r.step, Step::Done | Step::Retire) => {
+                    Some(r)
+                }
+                // The next version is still being made (or parked, failing, on
+                // its way): the current one is the one to have meanwhile.
+                Some(r) if matches!(r.step, Step::Create | Step::Set | Step::Test) => None,
+                // Promoted and not yet delivered (it resumes now and delivers
+                // the new version), or abandoned (a fresh rotation follows).
+                Some(_) => return Ok((0, None)),
+                None => None,
+            };
+            // Where the current version was made (the config may have moved
+            // the credential since: its next rotation makes one at the new place).
+            let place = self.place_of(entry, rot.as_ref().and_then(|r| r.footprint.as_deref()));
+            let path = place.path;
+            let item = VaultItem {
+                key: entry.key(),
+                path: &path,
+            };
+            let primary = place.vaults.first().map_or(entry.primary(), |h| h.as_ref());
+            let stored = primary
+                .vault
+                .read(item, Select::Stage(Stage::Current))
+                .await?
+                .ok_or_else(|| {
+                    PluginError::new(
+                        crate::model::ErrorKind::NotFound,
+                        format!(
+                            "vault {} holds no current version at {path}",
+                            primary.vault.describe()
+                        ),
+                    )
+                })?;
+            (rot, stored)
         };
-        // Where the current version was made (the config may have moved
-        // the credential since: its next rotation makes one at the new place).
-        let place = self.place_of(entry, rot.as_ref().and_then(|r| r.footprint.as_deref()));
-        let path = place.path;
-        let item = VaultItem {
-            key: entry.key(),
-            path: &path,
-        };
-        let primary = place.vaults.first().map_or(entry.primary(), |h| h.as_ref());
-        let stored = primary
-            .vault
-            .read(item, Select::Stage(Stage::Current))
-            .await?
-            .ok_or_else(|| {
-                PluginError::new(
-                    crate::model::ErrorKind::NotFound,
-                    format!(
-                        "vault {} holds no current version at {path}",
-                        primary.vault.describe()
-                    ),
-                )
-            })?;
         let (rotated_at, next_due) = self
             .live()
             .get(entry.key())

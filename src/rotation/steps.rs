@@ -104,6 +104,16 @@ impl Inner {
                 r
             }
             mut latest => {
+                // Promoted from following: the retirement its rotator owed
+                // comes first, like a pending retire step of its own.
+                if latest.as_ref().is_none_or(|r| r.step != Step::Retire)
+                    && let Some(adopted) = self
+                        .adopt_takeover(entry, latest.as_ref())
+                        .await
+                        .map_err(|e| Stop::Failed(format!("{key}: {}", e.message), e.retry_after))?
+                {
+                    latest = Some(adopted);
+                }
                 if let Some(prev) = latest.as_mut().filter(|r| r.step == Step::Retire) {
                     // A new version is coming: the one before the current
                     // must go now rather than at the end of its grace, but

@@ -156,6 +156,11 @@ pub(super) struct CredLive {
     /// A reload found a delivered file missing while another job ran; the
     /// file is restored when that job ends (see `restore.rs`).
     pub restore_after: bool,
+    /// A followed credential whose rotator destroyed every version in the
+    /// vault (a decommission there): its delivered files were removed and
+    /// `status` shows it `revoked` (see `follow.rs`), until the vault holds
+    /// a version again.
+    pub follow_revoked: bool,
     /// `keyturn rotate --wait` callers of the coming or running rotation.
     /// Boxed: 8 bytes inline instead of a `Vec`'s 24, and almost every
     /// credential has no waiter.

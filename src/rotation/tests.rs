@@ -467,9 +467,20 @@ impl Rig {
         vault: Arc<MemVault>,
         extra: &[Arc<dyn Sink>],
     ) -> Rig {
-        let sink = Arc::new(MemSink::default());
         let text = config_text(dir.path(), n, schedule, extra_daemon);
-        let catalog = catalog_with(dir.path(), &text, &vault, &sink, extra);
+        Self::from_text(dir, &text, store, vault, extra)
+    }
+
+    /// [`Rig::in_dir_with`] with the config `text`.
+    fn from_text(
+        dir: tempfile::TempDir,
+        text: &str,
+        store: Arc<MemoryStore>,
+        vault: Arc<MemVault>,
+        extra: &[Arc<dyn Sink>],
+    ) -> Rig {
+        let sink = Arc::new(MemSink::default());
+        let catalog = catalog_with(dir.path(), text, &vault, &sink, extra);
         Self::assemble(dir, catalog, store, vault, sink)
     }
 
@@ -1425,14 +1436,25 @@ impl Rig {
         schedule: &str,
         wrap: impl Fn(Arc<dyn Vault>) -> Arc<dyn Vault>,
     ) -> Rig {
-        let dir = tempfile::tempdir().unwrap();
+        Self::with_index_in(tempfile::tempdir().unwrap(), n, schedule, wrap, &[])
+    }
+
+    /// [`Rig::with_index`] in `dir`, every credential also delivered to
+    /// `extra`.
+    fn with_index_in(
+        dir: tempfile::TempDir,
+        n: usize,
+        schedule: &str,
+        wrap: impl Fn(Arc<dyn Vault>) -> Arc<dyn Vault>,
+        extra: &[Arc<dyn Sink>],
+    ) -> Rig {
         let (vault, sink) = (Arc::<MemVault>::default(), Arc::new(MemSink::default()));
         let store = Arc::new(MemoryStore::new());
         let text = config_text(dir.path(), n, schedule, "").replace(
             "[vaults.local]\ntype = \"local\"\n",
             &format!("[vaults.local]\ntype = \"toy\"\nchange_index = \"{INDEX}\"\n"),
         );
-        let mut catalog = catalog_with(dir.path(), &text, &vault, &sink, &[]);
+        let mut catalog = catalog_with(dir.path(), &text, &vault, &sink, extra);
         let shared = catalog.vaults["local"].clone();
         assert_eq!(shared.config.spec.plugin().change_index(), Some(INDEX));
         let handle = Arc::new(VaultHandle {
@@ -2002,6 +2024,7 @@ async fn a_nudge_checks_the_followed_credential_now_and_nudges_coalesce() {
 
 /// Acknowledgements, cut-over and independent deliveries.
 mod acks;
+mod follow;
 mod health;
 mod retired;
 

@@ -128,7 +128,8 @@ fn parse(vault: &dyn Vault, path: &str, stored: &StoredVersion) -> Result<IndexD
 #[derive(Default)]
 struct Book {
     /// Records waiting for the next write.
-    queued: BTreeMap<String, VersionRef>,
+    /// `None`: the credential's entry goes (its versions were destroyed).
+    queued: BTreeMap<String, Option<VersionRef>>,
     /// The entry as the vault holds it, from the first read and then from
     /// this keyturn's own writes; `None` before the first read and after a
     /// failed write (the entry is read again then).
@@ -171,7 +172,7 @@ impl Core {
                 // it was in flight: nothing left to write for those.
                 let Book { queued, doc, .. } = &mut *b;
                 if let Some(doc) = doc {
-                    queued.retain(|p, v| doc.credentials.get(p) != Some(v));
+                    queued.retain(|p, v| doc.credentials.get(p) != v.as_ref());
                 }
                 return Ok(());
             }
@@ -201,7 +202,10 @@ impl Core {
 
     /// One merge-and-write of the entry (reading it first only when this
     /// keyturn has no copy of it). Called under `writing`.
-    async fn write(&self, records: &BTreeMap<String, VersionRef>) -> Result<(), PluginError> {
+    async fn write(
+        &self,
+        records: &BTreeMap<String, Option<VersionRef>>,
+    ) -> Result<(), PluginError> {
         let at = item(&self.path);
         let known = self.book().doc.clone();
         let mut doc = match known {
@@ -214,11 +218,15 @@ impl Core {
         let changed = doc.keyturn_change_index != FORMAT
             || records
                 .iter()
-                .any(|(p, v)| doc.credentials.get(p) != Some(v));
+                .any(|(p, v)| doc.credentials.get(p) != v.as_ref());
         if changed {
             doc.keyturn_change_index = FORMAT;
-            doc.credentials
-                .extend(records.iter().map(|(p, v)| (p.clone(), v.clone())));
+            for (p, v) in records {
+                match v {
+                    Some(v) => doc.credentials.insert(p.clone(), v.clone()),
+                    None => doc.credentials.remove(p),
+                };
+            }
             let text = serde_json::to_string(&doc)
                 .map_err(|e| PluginError::new(ErrorKind::Fatal, format!("change index: {e}")))?;
             let value = SecretValue::from_string(text);
@@ -269,7 +277,7 @@ impl IndexedVault {
     fn queue(&self, item: VaultItem<'_>, version: &VersionRef) {
         let kick = {
             let mut b = self.core.book();
-            b.queued.insert(item.path.to_owned(), version.clone());
+            b.queued.insert(item.path.to_owned(), Some(version.clone()));
             !std::mem::replace(&mut b.kicked, true)
         };
         if kick {
@@ -330,7 +338,7 @@ impl Vault for IndexedVault {
             if b.holds(item.path, version) {
                 return Ok(());
             }
-            b.queued.insert(item.path.to_owned(), version.clone());
+            b.queued.insert(item.path.to_owned(), Some(version.clone()));
         }
         self.core
             .flush(Some((item.path, version)))
@@ -342,8 +350,28 @@ impl Vault for IndexedVault {
         self.core.inner.retire(item, version).await
     }
 
+    /// Destroys, then takes the credential out of the index, so that its
+    /// followers learn at their next poll that it is gone (they remove
+    /// what they delivered). A failed index write does not fail the
+    /// destroy, which is done: it is logged, and the record goes with the
+    /// next write (followers' safety-net sweep finds the credential gone
+    /// meanwhile).
     async fn destroy(&self, item: VaultItem<'_>) -> Result<(), PluginError> {
-        self.core.inner.destroy(item).await
+        self.core.inner.destroy(item).await?;
+        {
+            let mut b = self.core.book();
+            if b.doc
+                .as_ref()
+                .is_some_and(|d| !d.credentials.contains_key(item.path))
+            {
+                return Ok(());
+            }
+            b.queued.insert(item.path.to_owned(), None);
+        }
+        if let Err(e) = self.core.flush(None).await {
+            tracing::warn!(vault = %self.core.inner.describe(), index = %self.core.path, credential = %item.key, error = %e.message, "change index: removing a destroyed credential failed; retried with the next write");
+        }
+        Ok(())
     }
 
     async fn check(&self) -> Result<(), PluginError> {
