@@ -280,25 +280,28 @@ impl Inner {
         // A retirement taken over from a rotator (see `follow.rs`), due
         // later: armed rather than run.
         let mut armed = None;
+        // `adopted`: taken over just now (a retire step of this host's own
+        // runs when asked: at its grace's end, or early once all acked).
         let latest = match self.load(move |s| s.latest_rotation(&k)).await {
-            Ok(Some(rot)) if rot.step == Step::Retire => Ok(Some(rot)),
+            Ok(Some(rot)) if rot.step == Step::Retire => Ok((Some(rot), false)),
             Ok(latest) => self
                 .adopt_takeover(&entry, latest.as_ref())
                 .await
+                .map(|adopted| (adopted, true))
                 .map_err(|e| Stop::Failed(e.to_string(), e.retry_after)),
             Err(e) => Err(Stop::Failed(e.to_string(), None)),
         };
         let result = match latest {
-            Ok(Some(rot)) if rot.retire_at.is_some_and(|at| at > self.now()) => {
+            Ok((Some(rot), true)) if rot.retire_at.is_some_and(|at| at > self.now()) => {
                 armed = rot.retire_at.map(|at| (at, rot.previous_version));
                 Ok(())
             }
-            Ok(Some(mut rot)) => {
+            Ok((Some(mut rot), _)) => {
                 retiring = Some(rot.id.clone());
                 let mut run = super::steps::RunMemory::default();
                 self.run_step(&entry, &mut rot, &mut run, None).await
             }
-            Ok(None) => Ok(()),
+            Ok((None, _)) => Ok(()),
             Err(e) => Err(e),
         };
         let next = {
