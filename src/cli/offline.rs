@@ -1,0 +1,216 @@
+//! What `status`, `tasks` and `decommission` show from the state and the
+//! task store when the daemon is not running.
+
+use crate::api::protocol::StatusRow;
+use crate::config::Config;
+use crate::state::{SqliteStore, StateStore};
+
+/// The tasks not ended, from the task store, when the daemon is not running.
+pub(super) fn offline_tasks(cfg: &Config) -> Option<Vec<crate::api::protocol::TaskView>> {
+    let dir = cfg.daemon.state_dir.join("tasks");
+    match crate::tasks::store::TaskStore::open_read_only(&dir) {
+        Ok(Some(store)) => match store.list(None, 0) {
+            Ok(rows) => Some(
+                rows.iter()
+                    .map(crate::api::protocol::TaskView::of)
+                    .collect(),
+            ),
+            Err(e) => {
+                eprintln!("keyturn: {e}");
+                None
+            }
+        },
+        Ok(None) => Some(Vec::new()),
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            None
+        }
+    }
+}
+
+/// The decommissions stored in the state database, with their items, when
+/// the daemon is not running (none when it cannot be read).
+pub(super) fn offline_decommissions(cfg: &Config) -> Vec<crate::revocation::Decom> {
+    let db = crate::daemon::state_db_path(cfg);
+    let Some(store) = db
+        .exists()
+        .then(|| SqliteStore::open_read_only(&db).ok())
+        .flatten()
+    else {
+        return Vec::new();
+    };
+    stored_decommissions(&store)
+}
+
+/// Every decommission `store` holds, with its items.
+fn stored_decommissions(store: &SqliteStore) -> Vec<crate::revocation::Decom> {
+    store
+        .decommissions()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|row| {
+            let items = store.revocations(&row.agent).unwrap_or_default();
+            crate::revocation::Decom { row, items }
+        })
+        .collect()
+}
+
+/// Status from the state database when the daemon is not running.
+pub(super) fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
+    let db = crate::daemon::state_db_path(cfg);
+    if !db.exists() {
+        return None;
+    }
+    let store = SqliteStore::open_read_only(&db).ok()?;
+    let snapshot = store.snapshot().ok()?;
+    let decoms = stored_decommissions(&store);
+    // An agent decommissioned (or being so) is not rotated any more.
+    let leaving: std::collections::HashMap<&crate::model::AgentId, &'static str> = decoms
+        .iter()
+        .map(|d| {
+            let label = if d.complete() {
+                "decommissioned"
+            } else {
+                "decommissioning"
+            };
+            (&d.row.agent, label)
+        })
+        .collect();
+    let now = chrono::Utc::now();
+    let mut rows: Vec<StatusRow> = cfg
+        .credentials()
+        .map(|(_, c)| {
+            let row = snapshot.credentials.iter().find(|r| r.key == c.key);
+            // A decommissioned agent's rotations are over, whatever step
+            // they stopped at.
+            let unfinished = snapshot
+                .unfinished
+                .iter()
+                .find(|r| r.key == c.key)
+                .filter(|_| !leaving.contains_key(&c.key.agent))
+                // Waiting to retire after a first version: nothing to
+                // retire, nothing to show.
+                .filter(|r| {
+                    r.step != crate::rotation::Step::Retire || r.previous_version.is_some()
+                });
+            let (awaiting_ack, holdouts) = offline_acks(&snapshot, &c.key, now);
+            // A `keyturn rotate` waiting for the current version's acks:
+            // the daemon shows it as a rotation at its first step (and
+            // resumes it so after a start), not as the retirement it waits
+            // on.
+            let requested = c.follow.is_none()
+                && !leaving.contains_key(&c.key.agent)
+                && snapshot.requests.iter().any(|q| q.key == c.key);
+            // A followed credential whose rotator destroyed it: the version
+            // it delivered last is recorded retired (see `rotation::follow`).
+            let revoked = c.follow.is_some()
+                && row.and_then(|r| r.current_version).is_some_and(|cv| {
+                    store.versions(&c.key).is_ok_and(|vs| {
+                        vs.iter()
+                            .any(|v| v.version == cv && v.stage == crate::model::Stage::Retired)
+                    })
+                });
+            StatusRow {
+                agent: c.key.agent.clone(),
+                credential: c.key.credential.clone(),
+                vault: c.vault_label(),
+                version: row.and_then(|r| r.current_version),
+                stage: row.and_then(|r| r.current_version).map(|_| {
+                    if revoked {
+                        crate::api::protocol::ShownStage::Revoked
+                    } else {
+                        crate::api::protocol::ShownStage::Current
+                    }
+                }),
+                last_rotated: row.and_then(|r| r.last_rotated_at),
+                next_due: offline_next_due(c, row, unfinished)
+                    .filter(|_| !leaving.contains_key(&c.key.agent)),
+                state: match unfinished {
+                    _ if let Some(label) = leaving.get(&c.key.agent) => (*label).into(),
+                    _ if requested => "rotating".into(),
+                    // Parked after a failed attempt, as the daemon shows it.
+                    Some(r) if r.last_error.is_some() => "failed".into(),
+                    Some(r) if r.step == crate::rotation::Step::Retire => "retiring".into(),
+                    Some(_) => "interrupted".into(),
+                    None if row.is_some_and(|r| r.consecutive_failures > 0) => "failed".into(),
+                    None if revoked => "revoked".into(),
+                    None => "stopped".into(),
+                },
+                step: if requested {
+                    Some(crate::rotation::Step::Create.to_string())
+                } else {
+                    unfinished.map(|r| r.step.to_string())
+                },
+                // The requested rotation has no id until it begins.
+                rotation: unfinished.filter(|_| !requested).map(|r| r.id.to_string()),
+                last_error: unfinished
+                    .and_then(|r| r.last_error.clone())
+                    .or_else(|| row.and_then(|r| r.last_error.clone())),
+                awaiting_ack,
+                holdouts,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.agent, &a.credential).cmp(&(&b.agent, &b.credential)));
+    crate::revocation::show_revoked(&mut rows, |agent| {
+        decoms.iter().find(|d| d.row.agent == *agent)
+    });
+    Some(rows)
+}
+
+/// The consumers of `key`'s current version not heard from, offline, as
+/// the daemon shows them: awaited while the previous version still waits to
+/// be retired and its grace deadline is ahead; holdouts once that deadline
+/// has passed or the previous version was retired without their ack.
+/// (Only their names: how each acknowledges is the sink's, not in state.)
+pub(super) fn offline_acks(
+    snapshot: &crate::state::Snapshot,
+    key: &crate::model::CredentialKey,
+    now: chrono::DateTime<chrono::Utc>,
+) -> (Vec<String>, Vec<String>) {
+    let pending: Vec<&crate::state::AckRow> = snapshot
+        .acks
+        .iter()
+        .filter(|a| a.key == *key && a.acked_at.is_none())
+        .collect();
+    let waiting = |a: &crate::state::AckRow| {
+        snapshot.unfinished.iter().any(|r| {
+            r.key == *key
+                && r.step == crate::rotation::Step::Retire
+                && r.version == a.version
+                && r.retire_at.is_some_and(|deadline| deadline > now)
+        })
+    };
+    // A first version retires nothing: its consumers are never holdouts.
+    let (awaited, holdouts): (Vec<_>, Vec<_>) = pending
+        .into_iter()
+        .partition(|a| a.version == 1 || waiting(a));
+    let names =
+        |rows: Vec<&crate::state::AckRow>| rows.into_iter().map(|a| a.consumer.clone()).collect();
+    (names(awaited), names(holdouts))
+}
+
+/// When `c` is next due, offline: from the config as the daemon computes
+/// it at start (a reload may have changed the schedule since the stored
+/// time was written). A failed or unfinished rotation keeps the stored
+/// time (its retry); a followed credential has none.
+pub(super) fn offline_next_due(
+    c: &crate::config::CredentialConfig,
+    row: Option<&crate::state::CredentialRow>,
+    unfinished: Option<&crate::state::RotationRow>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    if c.follow.is_some() {
+        return None;
+    }
+    let row = row?;
+    let settled = unfinished.is_none_or(|r| r.step == crate::rotation::Step::Retire)
+        && row.consecutive_failures == 0;
+    match (row.last_rotated_at, row.current_version) {
+        (Some(last), Some(version)) if settled => {
+            // The first version is number 1 (as the scheduler has it).
+            let offset = crate::schedule::jitter_offset(&c.key, c.jitter);
+            c.schedule.next_due(last, offset, version == 1)
+        }
+        _ => row.next_due,
+    }
+}
