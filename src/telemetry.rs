@@ -264,6 +264,13 @@ pub const OAUTH_RESULTS: &[&str] = &[
     "other",
 ];
 
+/// Whether the audit log's filesystem is the state directory's (then the
+/// state's free-space alerts already cover it).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuditVolumeLabels {
+    shared_with_state: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SeverityLabels {
     severity: &'static str,
@@ -297,7 +304,10 @@ pub struct Metrics {
     state_counts: RwLock<Option<StateCountsProvider>>,
     /// Free bytes where the state directory is, read at scrape time.
     state_free: Gauge,
-    state_dir: RwLock<Option<std::path::PathBuf>>,
+    /// Free bytes where the audit log is (often its own volume), read at scrape time.
+    audit_free: Family<AuditVolumeLabels, Gauge>,
+    /// The state directory and the audit log's directory, once known.
+    disk_paths: RwLock<Option<(std::path::PathBuf, std::path::PathBuf)>>,
     alerts_firing: Family<SeverityLabels, Gauge>,
     alert_deliveries: Family<AlertDeliveryLabels, Counter>,
     alert_spool_depth: Gauge,
@@ -404,6 +414,11 @@ impl Metrics {
             "state_free_bytes",
             "Free bytes on the filesystem of the state directory (keyturn refuses to start below 4 MiB)",
         );
+        let audit_free: Family<AuditVolumeLabels, Gauge> = register(
+            &mut registry,
+            "audit_free_bytes",
+            "Free bytes on the filesystem of the audit log (keyturn refuses to start below 4 MiB); shared_with_state=\"true\" when it is the state directory's filesystem",
+        );
         let alerts_firing: Family<SeverityLabels, Gauge> = register(
             &mut registry,
             "alerts_firing",
@@ -465,7 +480,8 @@ impl Metrics {
             lifecycle,
             state_counts: RwLock::new(None),
             state_free,
-            state_dir: RwLock::new(None),
+            audit_free,
+            disk_paths: RwLock::new(None),
             alerts_firing,
             alert_deliveries,
             alert_spool_depth,
@@ -584,9 +600,15 @@ impl Metrics {
         self.alerts_refused.set(n);
     }
 
-    /// The state directory whose free space `state_free_bytes` reports.
-    pub fn set_state_dir(&self, dir: std::path::PathBuf) {
-        *self.state_dir.write().unwrap_or_else(|p| p.into_inner()) = Some(dir);
+    /// The state directory and the audit log whose filesystems'
+    /// free space `state_free_bytes` and `audit_free_bytes` report.
+    pub fn set_disk_paths(&self, state_dir: &std::path::Path, audit_log: &std::path::Path) {
+        let audit_dir = match audit_log.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        *self.disk_paths.write().unwrap_or_else(|p| p.into_inner()) =
+            Some((state_dir.to_path_buf(), audit_dir));
     }
 
     /// Installs the source of the decommission and surface figures.
@@ -680,13 +702,27 @@ impl Metrics {
                 self.set_credentials(state, n);
             }
         }
-        let state_dir = self
-            .state_dir
+        let disk_paths = self
+            .disk_paths
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if let Some(free) = state_dir.and_then(|d| crate::state::space::free_bytes(&d).ok()) {
-            self.state_free.set(i64::try_from(free).unwrap_or(i64::MAX));
+        if let Some((state_dir, audit_dir)) = disk_paths {
+            let bytes = |free: u64| i64::try_from(free).unwrap_or(i64::MAX);
+            if let Ok(free) = crate::state::space::free_bytes(&state_dir) {
+                self.state_free.set(bytes(free));
+            }
+            if let Ok(free) = crate::state::space::free_bytes(&audit_dir) {
+                use std::os::unix::fs::MetadataExt;
+                let device = |d: &std::path::Path| std::fs::metadata(d).map(|m| m.dev()).ok();
+                let shared = device(&state_dir).is_some_and(|d| Some(d) == device(&audit_dir));
+                self.audit_free.clear();
+                self.audit_free
+                    .get_or_create(&AuditVolumeLabels {
+                        shared_with_state: if shared { "true" } else { "false" },
+                    })
+                    .set(bytes(free));
+            }
         }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
@@ -873,6 +909,60 @@ fn write_tasks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The audit log is often on a volume of its own (the package puts it in
+    /// /var/log/keyturn): its free space is reported from its own filesystem.
+    #[test]
+    fn free_space_is_reported_for_the_state_and_the_audit_log_volumes() {
+        let m = Metrics::new();
+        let value = |text: &str, name: &str| -> Option<u64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .map(|v| v.trim().parse().unwrap())
+        };
+        let state = tempfile::tempdir().unwrap();
+        // /dev/shm is a tmpfs: a filesystem other than the temp dir's here.
+        let audit_dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let state_fs = crate::state::space::free_bytes(state.path()).unwrap();
+        let audit_fs = crate::state::space::free_bytes(audit_dir.path()).unwrap();
+        assert_ne!(state_fs, audit_fs, "the test needs two filesystems");
+        m.set_disk_paths(state.path(), &audit_dir.path().join("audit.log"));
+        let text = m.encode();
+        let state_free = value(&text, "keyturn_state_free_bytes").unwrap();
+        let audit_free = value(
+            &text,
+            "keyturn_audit_free_bytes{shared_with_state=\"false\"}",
+        )
+        .unwrap();
+        let near = |a: u64, b: u64| a.abs_diff(b) < 64 * 1024 * 1024;
+        assert!(near(state_free, state_fs), "{state_free} vs {state_fs}");
+        assert!(near(audit_free, audit_fs), "{audit_free} vs {audit_fs}");
+        // In the state directory (the default): one volume, said so, and
+        // only one series.
+        m.set_disk_paths(state.path(), &state.path().join("audit.log"));
+        let text = m.encode();
+        assert_eq!(
+            text.matches("keyturn_audit_free_bytes{").count(),
+            1,
+            "{text}"
+        );
+        let audit_free = value(
+            &text,
+            "keyturn_audit_free_bytes{shared_with_state=\"true\"}",
+        )
+        .unwrap();
+        assert!(near(audit_free, state_fs), "{audit_free} vs {state_fs}");
+        // A bare file name: the audit log is in the working directory.
+        m.set_disk_paths(state.path(), std::path::Path::new("audit.log"));
+        let cwd_fs = crate::state::space::free_bytes(std::path::Path::new(".")).unwrap();
+        let text = m.encode();
+        let audit_free = text
+            .lines()
+            .find(|l| l.starts_with("keyturn_audit_free_bytes{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap();
+        assert!(near(audit_free, cwd_fs), "{audit_free} vs {cwd_fs}");
+    }
 
     #[test]
     fn counters_and_gauges_appear_with_prefix_and_labels() {

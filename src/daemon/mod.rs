@@ -162,7 +162,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     tracing::debug!(elapsed = ?started.elapsed(), "state, audit log and plug-ins ready");
 
     let metrics = Arc::new(Metrics::new());
-    metrics.set_state_dir(state_dir.clone());
+    metrics.set_disk_paths(&state_dir, &config.daemon.audit_log);
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let engine = Engine::new(EngineParts {
