@@ -296,6 +296,7 @@ pub struct Metrics {
     credentials: Family<StateLabels, Gauge>,
     deliveries: Family<DeliveryLabels, Counter>,
     audit_records: Counter,
+    vault_overwrites: Counter,
     audit_append_failures: Counter,
     ack_holdouts: Counter,
     acks_awaiting: Gauge,
@@ -399,6 +400,11 @@ impl Metrics {
             "audit_append_failures",
             "Audit records that could not be appended (the step that wrote them fails and is retried)",
         );
+        let vault_overwrites: Counter = register(
+            &mut registry,
+            "vault_overwrites",
+            "Promotes that found a credential's current version in a vault gone or not the one keyturn wrote (another rotator on the same path, or a manual write or delete); each has a vault.current_gone audit record",
+        );
         let ack_holdouts: Counter = register(
             &mut registry,
             "ack_holdouts",
@@ -473,6 +479,7 @@ impl Metrics {
             credentials,
             deliveries,
             audit_records,
+            vault_overwrites,
             audit_append_failures,
             ack_holdouts,
             acks_awaiting,
@@ -671,6 +678,11 @@ impl Metrics {
     /// `n` records were appended to the audit log.
     pub fn audit_records(&self, n: u64) {
         self.audit_records.inc_by(n);
+    }
+
+    /// A promote found the current version gone or written by someone else.
+    pub fn vault_overwritten(&self) {
+        self.vault_overwrites.inc();
     }
 
     /// Appending an audit record failed (full disk, I/O error, closed log).
@@ -975,6 +987,7 @@ mod tests {
             "keyturn_credentials{state=\"retiring\"} 0",
             "keyturn_audit_records_total 0",
             "keyturn_audit_append_failures_total 0",
+            "keyturn_vault_overwrites_total 0",
         ] {
             assert!(fresh.contains(line), "missing {line:?} in\n{fresh}");
         }

@@ -508,6 +508,7 @@ impl Inner {
             rot.version,
         );
         tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %vault, version = prev_version, rotation = %rot.id, "{msg}");
+        self.metrics.vault_overwritten();
         // The head is persisted with the step, like delivery records.
         self.audit(self.audit_event(
             entry,

@@ -87,6 +87,11 @@ impl MemVault {
             .unwrap_or_default()
     }
 
+    /// Deletes every version at `path`, as someone could out of band.
+    fn delete_all(&self, path: &str) {
+        self.paths.lock().unwrap().remove(path);
+    }
+
     /// Deletes `path`'s pending version, as someone could out of band.
     fn delete_pending(&self, path: &str) {
         self.paths
@@ -821,6 +826,37 @@ async fn a_moved_credentials_previous_version_is_retired_where_it_was_made() {
     let dir = rig.shutdown().await;
     let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
     assert!(!audit.contains("vault.current_gone"), "{audit}");
+}
+
+/// Defect (black-box): a second rotator on the same path (a failover whose
+/// old rotator came back), or a manual delete, showed only as a WARN line.
+/// The promote still goes ahead, and now also counts it on /metrics
+/// (`keyturn_vault_overwrites_total`, which the shipped rules alert on),
+/// beside its `vault.current_gone` audit record.
+#[tokio::test(start_paused = true)]
+async fn a_current_version_gone_out_of_band_is_counted_on_the_metrics() {
+    let rig = Rig::started(1, "every = \"6h\"\ngrace = \"1m\"").await;
+    assert_eq!(rig.rotate_c0().await.version, Some(2));
+    let count = |rig: &Rig| {
+        rig.engine
+            .inner
+            .metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix("keyturn_vault_overwrites_total "))
+            .map(|v| v.trim().parse::<u64>().unwrap())
+    };
+    assert_eq!(count(&rig), Some(0));
+    rig.vault.delete_all(&path("c0"));
+    let done = rig.rotate_c0().await;
+    assert_eq!((done.error, done.version), (None, Some(3)));
+    assert_eq!(count(&rig), Some(1));
+    // An ordinary rotation after it counts nothing.
+    assert_eq!(rig.rotate_c0().await.version, Some(4));
+    assert_eq!(count(&rig), Some(1));
+    let dir = rig.shutdown().await;
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    assert_eq!(audit.matches("vault.current_gone").count(), 1, "{audit}");
 }
 
 #[tokio::test(start_paused = true)]
