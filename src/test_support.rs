@@ -5,6 +5,10 @@ use chrono::{DateTime, Utc};
 use crate::model::{AgentId, CredentialId, CredentialKey, SecretValue};
 use crate::state::CredentialRow;
 
+// Shared with the tests under `tests/` (`tests/common/mod.rs`).
+mod server_test;
+pub(crate) use server_test::server_test;
+
 /// The key of `agent`'s credential `credential` (both valid ids).
 pub(crate) fn key(agent: &str, credential: &str) -> CredentialKey {
     CredentialKey::new(
@@ -161,28 +165,3 @@ pub(crate) async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
     .await
     .expect("the server must close the connection");
 }
-
-/// `#[apply(server_test!)]` on a test that needs the real test servers: a
-/// `#[tokio::test]` (or a `#[test]` for a plain `fn`), ignored with the
-/// reason unless built with `--features real-servers`.
-macro_rules! server_test {
-    ($(#[$m:meta])* $v:vis async fn $($rest:tt)*) => {
-        $(#[$m])*
-        #[cfg_attr(
-            not(feature = "real-servers"),
-            ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-        )]
-        #[tokio::test]
-        $v async fn $($rest)*
-    };
-    ($(#[$m:meta])* $v:vis fn $($rest:tt)*) => {
-        $(#[$m])*
-        #[cfg_attr(
-            not(feature = "real-servers"),
-            ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-        )]
-        #[test]
-        $v fn $($rest)*
-    };
-}
-pub(crate) use server_test;

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use common::*;
+use macro_rules_attribute::apply;
 
 const IDP: &str = "https://idp.corp.test";
 const API: &str = "https://api.example.test";
@@ -453,11 +454,7 @@ audiences = ["{API}"]
     )
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test services' Python venv: scripts/services.sh start, then --features real-servers"
-)]
-#[test]
+#[apply(server_test!)]
 fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
     let Setup {
         mut client,
@@ -657,11 +654,7 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
 /// with no assertion at all; the independent client validates the token
 /// against the JWKS and introspects it active. A uid that is no agent's is
 /// refused and audited; no token appears anywhere but the CLI's stdout.
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test services' Python venv: scripts/services.sh start, then --features real-servers"
-)]
-#[test]
+#[apply(server_test!)]
 fn the_cli_exchanges_over_the_agents_socket_authenticated_by_peer_uid() {
     use std::io::Write as _;
     let Setup {

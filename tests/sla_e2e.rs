@@ -93,8 +93,12 @@ const AT_RISK: &str = "KeyturnRevocationSlaAtRisk";
 const BREACHED: &str = "KeyturnRevocationSlaBreached";
 
 /// The `[alerts.am]` table (the test Alertmanager at `am`) and, last, the
-/// `[alerts.pd]` table (PagerDuty at `pd`, its routing key in `key`).
-fn alert_sinks(am: &str, key: &std::path::Path, pd: &str) -> String {
+/// `[alerts.pd]` table (PagerDuty at `pd`, its routing key written to
+/// `pd.key` in `env`'s directory).
+fn alert_sinks(env: &Env, am: &str, pd: &str) -> String {
+    let key = env.path().join("pd.key");
+    std::fs::write(&key, "canaryPDkey0123456789abcdefABCDE").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     format!(
         "[alerts.am]\ntype = \"alertmanager\"\nurl = \"{am}\"\n\n[alerts.pd]\ntype = \"pagerduty\"\nrouting_key_file = \"{}\"\nurl = \"{pd}/v2/enqueue\"\n",
         key.display()
@@ -108,13 +112,7 @@ fn an_sla_breach_with_openbao_down_pages_once_survives_kill_9_and_resolves_when_
     let pd = PagerDuty::start();
     let agent = format!("sla-bot-{:06x}", rand::random::<u32>() & 0xff_ffff);
     let env = Env::new("");
-    let token = env.path().join("bao-token");
-    std::fs::write(&token, need("KEYTURN_TEST_BAO_TOKEN")).unwrap();
-    let key = env.path().join("pd.key");
-    std::fs::write(&key, "canaryPDkey0123456789abcdefABCDE").unwrap();
-    for f in [&token, &key] {
-        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    write_bao_token(&env);
     let path = format!("e2e/sla/{agent}");
     env.write_credentials(&format!(
         r#"
@@ -125,18 +123,8 @@ fast = {{ revocation_sla = "6s" }}
 resolve_hold = "0s"
 
 {alerts}
-[vaults.bao]
-type = "vault"
-address = "{bao}"
-mount = "secret"
-token_file = "{token}"
-timeout = "2s"
-
-[agents.{agent}]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "fast"
-
+{bao}
+{table}
 [agents.{agent}.credentials.local]
 vault = "local"
 generate = {{ kind = "password", length = 24 }}
@@ -150,9 +138,9 @@ generate = {{ kind = "password", length = 24 }}
 every = "1h"
 deliver = [{{ type = "file", path = "{{root}}/{agent}/in-bao" }}]
 "#,
-        alerts = alert_sinks(&am, &key, &pd.base),
-        bao = proxy.url(),
-        token = token.display(),
+        alerts = alert_sinks(&env, &am, &pd.base),
+        table = agent_table_in(&agent, "fast"),
+        bao = bao_table(&proxy.url()),
     ));
     let daemon = env.start();
     wait_version(&env, &agent, "local", 1);
@@ -278,9 +266,6 @@ fn a_rotation_that_keeps_failing_pages_before_max_age_and_a_success_resolves_it(
     let pd = PagerDuty::start();
     let agent = format!("sick-bot-{:06x}", rand::random::<u32>() & 0xff_ffff);
     let env = Env::new("");
-    let key = env.path().join("pd.key");
-    std::fs::write(&key, "canaryPDkey0123456789abcdefABCDE").unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     // A target whose `set` refuses while {dir}/broken exists.
     let hook = env.path().join("hook.sh");
     let d = env.path().display();
@@ -301,11 +286,7 @@ resolve_hold = "0s"
 
 {alerts}severities = ["critical"]
 
-[agents.{agent}]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-
+{table}
 [agents.{agent}.credentials.api]
 vault = "local"
 generate = {{ kind = "password", length = 24 }}
@@ -315,7 +296,8 @@ max_age = "12s"
 target = {{ type = "command", program = "{hook}" }}
 deliver = [{{ type = "file", path = "{{root}}/{agent}/api" }}]
 "#,
-        alerts = alert_sinks(&am, &key, &pd.base),
+        alerts = alert_sinks(&env, &am, &pd.base),
+        table = agent_table(&agent),
         hook = hook.display(),
     ));
     let daemon = env.start();

@@ -10,9 +10,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    Env, audit_records, bot_task_args, cli_as_uid, end_bot_task, need, start_bot_task, task_env,
-    wait_for,
+    Env, audit_records, bot_task_args, cli_as_uid, end_bot_task, need, server_test, start_bot_task,
+    task_env, wait_for,
 };
+use macro_rules_attribute::apply;
 
 /// psql as the admin (DSN from the test services), or as `user`/`password`.
 fn psql(dsn: &str, sql: &str) -> Result<String, String> {
@@ -118,11 +119,7 @@ fn pg_credential(started: &serde_json::Value) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[test]
+#[apply(server_test!)]
 fn a_task_gets_what_its_sensitivity_grants_and_loses_it_at_end() {
     let db = Db::new();
     let env = env(&db);
@@ -213,11 +210,7 @@ fn a_task_gets_what_its_sensitivity_grants_and_loses_it_at_end() {
     assert!(!text.contains(cred["password"].as_str().unwrap()));
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[test]
+#[apply(server_test!)]
 fn the_ttl_is_enforced_across_kill_9() {
     let db = Db::new();
     let env = env(&db);
@@ -265,11 +258,7 @@ fn the_ttl_is_enforced_across_kill_9() {
 /// while the daemon is down, and the restart ends it as a failed start and
 /// drops its role (found by the task's id).
 #[cfg(feature = "failpoints")]
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[test]
+#[apply(server_test!)]
 fn a_start_cut_off_by_kill_9_is_ended_at_restart() {
     let db = Db::new();
     let env = env(&db);
@@ -318,11 +307,7 @@ fn a_start_cut_off_by_kill_9_is_ended_at_restart() {
     assert!(ended, "the failed start is audited");
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[test]
+#[apply(server_test!)]
 fn refusals_are_clear_and_audited() {
     let db = Db::new();
     let env = env(&db);
@@ -430,11 +415,7 @@ fn raw_request(socket: &std::path::Path, request: &serde_json::Value) -> serde_j
     serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{answer:?}: {e}"))
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[test]
+#[apply(server_test!)]
 fn an_agent_authenticates_with_an_assertion_signed_by_its_own_key() {
     let db = Db::new();
     let env = assertion_env(&db);
@@ -574,11 +555,7 @@ fn bot_with_a_live_task(db: &Db) -> (Env, common::Daemon, String) {
 /// Defect: after `keyturn decommission bot --wait` completed, `bot` could
 /// still start tasks and was issued working PostgreSQL logins. A decision
 /// stops new tasks at once; the live ones are revoked.
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[test]
+#[apply(server_test!)]
 fn a_decommissioned_agent_may_not_start_tasks() {
     let db = Db::new();
     let (env, _d, dsn) = bot_with_a_live_task(&db);
@@ -611,11 +588,7 @@ fn a_decommissioned_agent_may_not_start_tasks() {
 /// while the task's role still logged in, and verified only at the next
 /// back-off round after the task really ended (up to a minute later). It
 /// is revoked when the last task ended, and verified at once.
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[test]
+#[apply(server_test!)]
 fn a_decommission_completes_only_once_its_tasks_are_revoked() {
     let db = Db::new();
     let (env, daemon, dsn) = bot_with_a_live_task(&db);
@@ -710,11 +683,7 @@ fn item<'a>(task: &'a serde_json::Value, issuer: &str) -> &'a serde_json::Value 
 /// earlier tasks forever: they are revoked by their recorded role. (3)
 /// `task_root` removed by a reload left a live task's files behind at its
 /// end: they are removed from where they were written.
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[test]
+#[apply(server_test!)]
 fn issuer_and_task_root_changes_under_live_tasks_never_fake_or_block_a_revocation() {
     let db = Db::new();
     let env = env(&db);

@@ -14,9 +14,10 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{
-    Env, audit_records, block_on, end_bot_task, free_port, http_get, need, read_tree,
+    Env, audit_records, block_on, end_bot_task, free_port, http_get, need, read_tree, server_test,
     start_bot_task, status_doc, task_env,
 };
+use macro_rules_attribute::apply;
 
 fn suffix() -> String {
     hex::encode(rand::random::<[u8; 6]>())
@@ -278,11 +279,7 @@ impl Drop for Bao {
     }
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[test]
+#[apply(server_test!)]
 fn a_vault_token_task_has_exactly_its_grant_and_is_revoked_at_end() {
     let bao = Bao::new();
     let port = free_port();
@@ -416,11 +413,7 @@ fn refusal<E>(e: &aws_sdk_secretsmanager::error::SdkError<E>) -> (u16, String) {
     )
 }
 
-#[cfg_attr(
-    not(feature = "real-servers"),
-    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
-)]
-#[test]
+#[apply(server_test!)]
 fn an_aws_sts_task_works_within_its_session_policy_and_is_revoked_at_end() {
     let (moto, setup): (PrivateMoto, MotoSetup) = PrivateMoto::start();
     let port = free_port();

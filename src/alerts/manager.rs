@@ -249,6 +249,13 @@ enum Op {
     DelDelivery(String, String),
 }
 
+impl Op {
+    /// Row `id` (sink, key) is now `d`.
+    fn put_delivery(id: &(String, String), d: &Delivery) -> Op {
+        Op::PutDelivery(id.0.clone(), id.1.clone(), Box::new(d.clone()))
+    }
+}
+
 struct State {
     firing: BTreeMap<String, Firing>,
     /// (sink, key) → what the sink is owed.
@@ -381,11 +388,7 @@ impl State {
                 d.generation = generation;
             }
         }
-        ops.push(Op::PutDelivery(
-            id.0.clone(),
-            id.1.clone(),
-            Box::new(d.clone()),
-        ));
+        ops.push(Op::put_delivery(&id, d));
         d.pending
     }
 
@@ -414,11 +417,7 @@ impl State {
         d.given_up = false;
         d.pending = true;
         d.generation = generation;
-        ops.push(Op::PutDelivery(
-            id.0.clone(),
-            id.1.clone(),
-            Box::new(d.clone()),
-        ));
+        ops.push(Op::put_delivery(&id, d));
         true
     }
 
@@ -600,11 +599,7 @@ impl Alerts {
                 let d = state.deliveries.get_mut(&id).expect("listed above");
                 d.pending = true;
                 d.generation = generation;
-                ops.push(Op::PutDelivery(
-                    id.0.clone(),
-                    id.1.clone(),
-                    Box::new(d.clone()),
-                ));
+                ops.push(Op::put_delivery(&id, d));
             }
             let routes: Vec<(String, Route)> = sinks
                 .iter()
@@ -933,11 +928,7 @@ impl Alerts {
                                 d.generation = generation;
                             }
                         }
-                        ops.push(Op::PutDelivery(
-                            id.0.clone(),
-                            id.1.clone(),
-                            Box::new(d.clone()),
-                        ));
+                        ops.push(Op::put_delivery(&id, d));
                     }
                     Action::Resolve { .. } if unchanged => {
                         state.deliveries.remove(&id);
@@ -950,11 +941,7 @@ impl Alerts {
                             d.sent = None;
                             d.pending = true;
                             d.generation = generation;
-                            ops.push(Op::PutDelivery(
-                                id.0.clone(),
-                                id.1.clone(),
-                                Box::new(d.clone()),
-                            ));
+                            ops.push(Op::put_delivery(&id, d));
                         }
                     }
                 }
@@ -1011,11 +998,7 @@ impl Alerts {
                         d.pending = false;
                         d.last_sent = Some(now);
                     }
-                    ops.push(Op::PutDelivery(
-                        id.0.clone(),
-                        id.1.clone(),
-                        Box::new(d.clone()),
-                    ));
+                    ops.push(Op::put_delivery(&id, d));
                 }
             }
             state.commit(ops);

@@ -178,19 +178,17 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, routes: Routes) -> 
         let limit = DefaultBodyLimit::max(crate::oauth::request::MAX_BODY_BYTES);
         // Another method gets the OAuth error too, not axum's bare 405.
         let wrong = oauth_wrong_method;
+        // The three POST endpoints differ only in the call they make.
+        for (path, which) in [
+            (s::TOKEN_PATH, OauthPost::Token),
+            (s::INTROSPECT_PATH, OauthPost::Introspect),
+            (s::REVOKE_PATH, OauthPost::Revoke),
+        ] {
+            let handler =
+                move |state, peer, headers, body| oauth_post(which, state, peer, headers, body);
+            r = r.route(path, post(handler).fallback(wrong).layer(limit));
+        }
         r = r
-            .route(
-                s::TOKEN_PATH,
-                post(token_handler).fallback(wrong).layer(limit),
-            )
-            .route(
-                s::INTROSPECT_PATH,
-                post(introspect_handler).fallback(wrong).layer(limit),
-            )
-            .route(
-                s::REVOKE_PATH,
-                post(revoke_handler).fallback(wrong).layer(limit),
-            )
             .route(s::JWKS_PATH, get(jwks_handler))
             .route(s::METADATA_PATH, get(metadata_handler))
             .route(
@@ -299,13 +297,17 @@ enum OauthPost {
 
 /// The body, or why it could not be read (over the body limit).
 type OauthBody = Result<Bytes, axum::extract::rejection::BytesRejection>;
-type OauthArgs = (State<AppState>, axum::Extension<Peer>, HeaderMap, OauthBody);
 
 /// A form POST to the token service: 404 when it is not configured, 400
 /// for another content type, 413 for a body over the limit (both
 /// `invalid_request`), else the service's answer; each counted.
-async fn oauth_post(which: OauthPost, args: OauthArgs) -> Response {
-    let (State(state), axum::Extension(Peer(peer)), headers, body) = args;
+async fn oauth_post(
+    which: OauthPost,
+    State(state): State<AppState>,
+    axum::Extension(Peer(peer)): axum::Extension<Peer>,
+    headers: HeaderMap,
+    body: OauthBody,
+) -> Response {
     let Some(oauth) = state.oauth() else {
         return StatusCode::NOT_FOUND.into_response();
     };
@@ -341,33 +343,6 @@ async fn oauth_post(which: OauthPost, args: OauthArgs) -> Response {
         OauthPost::Revoke => oauth.revoke(&body, &peer).await,
     };
     counted(&state.metrics, name, reply)
-}
-
-async fn token_handler(
-    s: State<AppState>,
-    p: axum::Extension<Peer>,
-    h: HeaderMap,
-    b: OauthBody,
-) -> Response {
-    oauth_post(OauthPost::Token, (s, p, h, b)).await
-}
-
-async fn introspect_handler(
-    s: State<AppState>,
-    p: axum::Extension<Peer>,
-    h: HeaderMap,
-    b: OauthBody,
-) -> Response {
-    oauth_post(OauthPost::Introspect, (s, p, h, b)).await
-}
-
-async fn revoke_handler(
-    s: State<AppState>,
-    p: axum::Extension<Peer>,
-    h: HeaderMap,
-    b: OauthBody,
-) -> Response {
-    oauth_post(OauthPost::Revoke, (s, p, h, b)).await
 }
 
 async fn jwks_handler(State(state): State<AppState>) -> Response {
@@ -539,31 +514,6 @@ impl Drop for InService {
     }
 }
 
-/// A response body that keeps its request counted as served until hyper
-/// has written (and dropped) it.
-struct ServedBody {
-    inner: axum::body::Body,
-    _serving: Option<InService>,
-}
-
-impl axum::body::HttpBody for ServedBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// Where a request's [`InService`] is kept until its response takes it.
 type Started = Arc<Mutex<Option<InService>>>;
 
@@ -575,16 +525,37 @@ fn start_serving(started: &Started, serving: &Serving) {
     }
 }
 
-/// A request body that counts its request as served from its end on: a
+/// What a [`Watched`] body does besides forwarding the body it wraps: it
+/// lives as long as the body, and is told when the body has ended.
+trait BodyWatch: Send + Unpin + 'static {
+    fn ended(&mut self) {}
+}
+
+/// On a response body: keeps its request counted as served until hyper has
+/// written (and dropped) it.
+impl BodyWatch for Option<InService> {}
+
+/// On a request body: counts its request as served from its end on. A
 /// client that stalls while sending a body is as evictable as one still
 /// sending its head, so stalled bodies cannot hold every slot.
-struct BodyThenServed {
-    inner: axum::body::Body,
+struct ServedFromEnd {
     serving: Serving,
     started: Started,
 }
 
-impl axum::body::HttpBody for BodyThenServed {
+impl BodyWatch for ServedFromEnd {
+    fn ended(&mut self) {
+        start_serving(&self.started, &self.serving);
+    }
+}
+
+/// A body forwarded as it is, with a [`BodyWatch`] attached.
+struct Watched<W> {
+    inner: axum::body::Body,
+    watch: W,
+}
+
+impl<W: BodyWatch> axum::body::HttpBody for Watched<W> {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -595,7 +566,7 @@ impl axum::body::HttpBody for BodyThenServed {
         let this = self.get_mut();
         let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
         if matches!(polled, std::task::Poll::Ready(None)) || this.inner.is_end_stream() {
-            start_serving(&this.started, &this.serving);
+            this.watch.ended();
         }
         polled
     }
@@ -622,10 +593,12 @@ async fn count_serving(
         request
     } else {
         request.map(|inner| {
-            axum::body::Body::new(BodyThenServed {
+            axum::body::Body::new(Watched {
                 inner,
-                serving: Arc::clone(&serving),
-                started: Arc::clone(&started),
+                watch: ServedFromEnd {
+                    serving: Arc::clone(&serving),
+                    started: Arc::clone(&started),
+                },
             })
         })
     };
@@ -634,9 +607,9 @@ async fn count_serving(
     start_serving(&started, &serving);
     let guard = started.lock().unwrap_or_else(|p| p.into_inner()).take();
     response.map(|inner| {
-        axum::body::Body::new(ServedBody {
+        axum::body::Body::new(Watched {
             inner,
-            _serving: guard,
+            watch: guard,
         })
     })
 }

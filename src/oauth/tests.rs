@@ -425,6 +425,10 @@ async fn kid_injection_is_a_map_miss_with_one_rate_limited_refresh() {
     let a = ed_a();
     let server = JwksServer::start(jwks_of(&[&a])).await;
     let issuer = url_issuer(&server, Duration::from_millis(300)).await;
+    let unknown_kid_loads = || {
+        let stats = &issuer.jwks().stats;
+        stats.unknown_kid_loads.load(Ordering::Relaxed)
+    };
     issuer.jwks().load().await.unwrap();
     assert_eq!(server.requests(), 1);
     tokio::time::sleep(Duration::from_millis(350)).await;
@@ -452,14 +456,7 @@ async fn kid_injection_is_a_map_miss_with_one_rate_limited_refresh() {
         2,
         "a load per request would let forged tokens hammer the IdP"
     );
-    assert_eq!(
-        issuer
-            .jwks()
-            .stats
-            .unknown_kid_loads
-            .load(Ordering::Relaxed),
-        1
-    );
+    assert_eq!(unknown_kid_loads(), 1);
 
     // Concurrent requests with unknown kids after the floor: still one load.
     tokio::time::sleep(Duration::from_millis(350)).await;
@@ -470,14 +467,7 @@ async fn kid_injection_is_a_map_miss_with_one_rate_limited_refresh() {
             .all(|r| matches!(r, Err(SubjectError::UnknownKey { .. })))
     );
     assert_eq!(server.requests(), 3);
-    assert_eq!(
-        issuer
-            .jwks()
-            .stats
-            .unknown_kid_loads
-            .load(Ordering::Relaxed),
-        2
-    );
+    assert_eq!(unknown_kid_loads(), 2);
 
     // The real key still works, and the message quotes the kid escaped.
     issuer.validate(&token(&a)).await.unwrap();
@@ -1195,41 +1185,50 @@ async fn a_remembered_subject_token_is_checked_again_against_the_key_set_and_the
     cancel.cancel();
 }
 
-const TOKEN_AGENTS: &str = r#"
+/// Agents `signer` (an ed25519 `sig`) and `reporter` (an ed25519 `c`, a
+/// password `pw`), in a local vault `v`: what a token service can name.
+fn token_agents() -> String {
+    use crate::test_support::agent_table;
+    format!(
+        r#"
 [vaults.v]
 type = "local"
 
-[agents.signer]
-owner = "o"
-tenant = "acme"
-tier = "low"
-[agents.signer.credentials.sig]
+{signer}[agents.signer.credentials.sig]
 vault = "v"
 every = "1d"
-generate = { kind = "ed25519" }
+generate = {{ kind = "ed25519" }}
 
-[agents.reporter]
-owner = "o"
-tenant = "acme"
-tier = "low"
-[agents.reporter.credentials.c]
+{reporter}[agents.reporter.credentials.c]
 vault = "v"
 every = "1h"
-generate = { kind = "ed25519" }
+generate = {{ kind = "ed25519" }}
 [agents.reporter.credentials.pw]
 vault = "v"
 every = "1h"
-generate = { kind = "password", length = 20 }
-"#;
+generate = {{ kind = "password", length = 20 }}
+"#,
+        signer = agent_table("signer"),
+        reporter = agent_table("reporter"),
+    )
+}
+
+/// `agents` with a `[token_service]` at `https://keyturn.example.com`
+/// that signs with `signing_credential`, its other settings in `rest`.
+fn with_token_service(agents: &str, signing_credential: &str, rest: &str) -> String {
+    format!(
+        "{agents}\n[token_service]\nissuer = \"https://keyturn.example.com\"\n\
+         signing_credential = \"{signing_credential}\"\n{rest}"
+    )
+}
 
 #[test]
 fn the_token_service_loads_with_its_defaults_and_clients() {
-    let cfg = load(&format!(
-        r#"{TOKEN_AGENTS}
-[token_service]
-issuer = "https://keyturn.example.com"
-signing_credential = "signer/sig"
-
+    let agents = token_agents();
+    let cfg = load(&with_token_service(
+        &agents,
+        "signer/sig",
+        r#"
 [token_service.clients.reporter]
 scopes = ["read:reports"]
 audiences = ["https://api.example.com"]
@@ -1239,7 +1238,7 @@ scopes = ["a", "b"]
 audiences = ["x"]
 tenants = ["acme", "partner"]
 ttl = "1m"
-"#
+"#,
     ))
     .unwrap_or_else(|e| panic!("{e}"));
     let t = cfg.token_service.expect("configured");
@@ -1254,13 +1253,14 @@ ttl = "1m"
     let s = &t.clients["signer"];
     assert_eq!((s.ttl, s.tenants.len()), (Duration::from_secs(60), 2));
     // Without the section the token service is off.
-    assert!(load(TOKEN_AGENTS).unwrap().token_service.is_none());
+    assert!(load(&agents).unwrap().token_service.is_none());
 }
 
 #[test]
 fn every_token_service_problem_is_reported_located_at_once() {
+    let agents = token_agents();
     let text = format!(
-        r#"{TOKEN_AGENTS}
+        r#"{agents}
 [token_service]
 issuer = "http://keyturn.example.com"
 signing_credential = "reporter/pw"
@@ -1330,19 +1330,16 @@ extra = 1
 /// error, at `check`, start and reload alike (they all load the config so).
 #[test]
 fn an_agents_auth_key_is_refused_as_a_signing_key() {
-    let agents = TOKEN_AGENTS.replace(
-        "[agents.reporter]\nowner = \"o\"\n",
-        "[agents.reporter]\nauth_key = \"c\"\nowner = \"o\"\n",
+    let agents = token_agents();
+    let authenticating = agents.replace(
+        "[agents.reporter]\n",
+        "[agents.reporter]\nauth_key = \"c\"\n",
     );
-    let errors = load(&format!(
-        r#"{agents}
-[token_service]
-issuer = "https://keyturn.example.com"
-signing_credential = "reporter/c"
-
-[token_service.tenants.partner]
-signing_credential = "reporter/c"
-"#
+    assert_ne!(authenticating, agents);
+    let errors = load(&with_token_service(
+        &authenticating,
+        "reporter/c",
+        "[token_service.tenants.partner]\nsigning_credential = \"reporter/c\"\n",
     ))
     .unwrap_err()
     .0;
@@ -1358,31 +1355,23 @@ signing_credential = "reporter/c"
         );
     }
     // The same credential is a signing key once no agent authenticates with it.
-    let cfg = load(&format!(
-        r#"{TOKEN_AGENTS}
-[token_service]
-issuer = "https://keyturn.example.com"
-signing_credential = "reporter/c"
-"#
-    ))
-    .unwrap_or_else(|e| panic!("{e}"));
+    let cfg =
+        load(&with_token_service(&agents, "reporter/c", "")).unwrap_or_else(|e| panic!("{e}"));
     assert!(cfg.token_service.is_some());
 }
 
 #[test]
 fn tenants_with_their_own_signing_keys_load_and_every_problem_is_reported() {
-    let base = format!(
-        r#"{TOKEN_AGENTS}
+    let agents = token_agents();
+    let with_partner_sig = format!(
+        r#"{agents}
 [agents.signer.credentials.partner_sig]
 vault = "v"
 every = "1d"
 generate = {{ kind = "ed25519" }}
-
-[token_service]
-issuer = "https://keyturn.example.com"
-signing_credential = "signer/sig"
 "#
     );
+    let base = with_token_service(&with_partner_sig, "signer/sig", "");
     let cfg = load(&format!(
         "{base}\n[token_service.tenants.partner]\nsigning_credential = \"signer/partner_sig\"\n"
     ))

@@ -364,19 +364,10 @@ impl Engine {
         self.inner.schedule_all(&resume, true);
         // A credential followed before this start (a follower records no
         // due time) may have a retirement to take over (`follow.rs`).
-        let followed_before: Vec<CredentialKey> = {
-            let live = self.inner.live();
-            catalog
-                .creds
-                .keys()
-                .filter(|k| {
-                    live.get(k)
-                        .and_then(|l| l.row.as_ref())
-                        .is_some_and(|r| r.current_version.is_some() && r.next_due.is_none())
-                })
-                .cloned()
-                .collect()
-        };
+        let followed_before = self.inner.keys_where(&catalog, |l| {
+            l.and_then(|l| l.row.as_ref())
+                .is_some_and(|r| r.current_version.is_some() && r.next_due.is_none())
+        });
         self.inner.arm_takeovers(followed_before);
         Ok(())
     }
@@ -391,18 +382,9 @@ impl Engine {
     /// gets the current version again.
     pub async fn reload(&self, catalog: Catalog) {
         let catalog = Arc::new(catalog);
-        let fresh: Vec<CredentialKey> = {
-            let live = self.inner.live();
-            catalog
-                .creds
-                .keys()
-                .filter(|k| {
-                    live.get(k)
-                        .is_none_or(|l| l.row.is_none() && l.running.is_none())
-                })
-                .cloned()
-                .collect()
-        };
+        let fresh = self.inner.keys_where(&catalog, |l| {
+            l.is_none_or(|l| l.row.is_none() && l.running.is_none())
+        });
         let stored = if fresh.is_empty() {
             Ok(Vec::new())
         } else {
@@ -606,6 +588,22 @@ impl Inner {
 
     pub(super) fn live(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The keys of `catalog`'s credentials whose live state (`None`: the
+    /// engine holds none) passes `keep`, in key order.
+    fn keys_where(
+        &self,
+        catalog: &Catalog,
+        keep: impl Fn(Option<&CredLive>) -> bool,
+    ) -> Vec<CredentialKey> {
+        let live = self.live();
+        catalog
+            .creds
+            .keys()
+            .filter(|k| keep(live.get(k)))
+            .cloned()
+            .collect()
     }
 
     pub(super) fn unconfigured(

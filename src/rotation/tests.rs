@@ -415,6 +415,16 @@ impl Rig {
         self.engine.trigger(&key("c0")).unwrap().await.unwrap()
     }
 
+    /// The stage recorded of `c0`'s version `v`.
+    fn stage_of(&self, v: VersionNo) -> Option<Stage> {
+        self.store
+            .versions(&key("c0"))
+            .unwrap()
+            .into_iter()
+            .find(|r| r.version == v)
+            .map(|r| r.stage)
+    }
+
     async fn new(n: usize, schedule: &str) -> Rig {
         Self::with(
             n,

@@ -365,6 +365,19 @@ impl TaskManager {
         ev
     }
 
+    /// Audits `caller`'s `task` as refused, for `error`.
+    async fn refused(&self, caller: &Caller, task: &TaskAttribution, error: String) {
+        let mut ev = self.event(
+            "task.refused",
+            Outcome::Refused,
+            Some(caller),
+            task,
+            serde_json::Value::Null,
+        );
+        ev.error = Some(error);
+        self.recorder.record(ev).await;
+    }
+
     /// Starts a task for `caller`'s agent.
     pub async fn start(&self, caller: &Caller, req: StartRequest) -> Result<Started, TaskError> {
         for (field, value) in [
@@ -390,15 +403,7 @@ impl TaskManager {
             // A retired agent still asking is what a security team wants
             // to see in the audit log (a forgotten or compromised process).
             let e = TaskError::AgentRetired(caller.agent.clone());
-            let mut ev = self.event(
-                "task.refused",
-                Outcome::Refused,
-                Some(caller),
-                &task,
-                serde_json::Value::Null,
-            );
-            ev.error = Some(e.to_string());
-            self.recorder.record(ev).await;
+            self.refused(caller, &task, e.to_string()).await;
             return Err(e);
         }
         // Counted as running, so that the store's and the audit log's
@@ -415,15 +420,8 @@ impl TaskManager {
         let decision = match policy::decide(&setup.policies, &ask) {
             Ok(d) => d,
             Err(refusal) => {
-                let mut ev = self.event(
-                    "task.refused",
-                    Outcome::Refused,
-                    Some(caller),
-                    &task,
-                    serde_json::Value::Null,
-                );
-                ev.error = Some(format!("{}: {refusal}", refusal.code()));
-                self.recorder.record(ev).await;
+                let why = format!("{}: {refusal}", refusal.code());
+                self.refused(caller, &task, why).await;
                 return Err(TaskError::Refused(refusal));
             }
         };
@@ -471,15 +469,8 @@ impl TaskManager {
             }
         }
         if let Some((issuer_name, error)) = refusal {
-            let mut ev = self.event(
-                "task.refused",
-                Outcome::Refused,
-                Some(caller),
-                &task,
-                serde_json::Value::Null,
-            );
-            ev.error = Some(format!("issuer_refused: issuer `{issuer_name}`: {error}"));
-            self.recorder.record(ev).await;
+            let why = format!("issuer_refused: issuer `{issuer_name}`: {error}");
+            self.refused(caller, &task, why).await;
             return Err(TaskError::Unissuable {
                 issuer: issuer_name.clone(),
                 error,

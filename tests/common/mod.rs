@@ -4,6 +4,13 @@
 
 pub mod crash;
 pub mod proxy;
+// `#[apply(server_test!)]`, as in the unit tests: one definition for both
+// (not every test binary uses it, as with the rest of this module).
+#[allow(unused_macros)]
+#[path = "../../src/test_support/server_test.rs"]
+mod server_test;
+#[allow(unused_imports)]
+pub(crate) use server_test::server_test;
 
 use std::io::Read;
 use std::os::unix::net::UnixDatagram;
@@ -30,7 +37,14 @@ pub fn write_hook(env: &Env, script: &str) -> std::path::PathBuf {
 /// The `[agents.NAME]` table (owner, tenant, tier) of a test agent, for a
 /// config that adds its credentials after it.
 pub fn agent_table(name: &str) -> String {
-    format!("[agents.{name}]\nowner = \"alice@example.com\"\ntenant = \"acme\"\ntier = \"high\"\n")
+    agent_table_in(name, "high")
+}
+
+/// [`agent_table`] with another tier.
+pub fn agent_table_in(name: &str, tier: &str) -> String {
+    format!(
+        "[agents.{name}]\nowner = \"alice@example.com\"\ntenant = \"acme\"\ntier = \"{tier}\"\n"
+    )
 }
 
 /// A temp directory with a config whose paths all point inside it.

@@ -63,16 +63,6 @@ fn records(rig: &Rig, event: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The stage state records of `c0`'s version `v`.
-fn stage_of(rig: &Rig, v: VersionNo) -> Option<Stage> {
-    rig.store
-        .versions(&key("c0"))
-        .unwrap()
-        .into_iter()
-        .find(|r| r.version == v)
-        .map(|r| r.stage)
-}
-
 /// What the rotator's decommission does to the vault: every version of
 /// `c0` destroyed (and, through the index decorator, its index entry).
 async fn destroy_elsewhere(via: &dyn Vault) {
@@ -135,7 +125,7 @@ async fn a_follower_removes_what_it_delivered_when_its_rotator_destroys_the_cred
             !file.exists(),
             "indexed {indexed}: the revoked value stays on disk"
         );
-        assert_eq!(stage_of(&rig, 1), Some(Stage::Retired));
+        assert_eq!(rig.stage_of(1), Some(Stage::Retired));
         let revoked = records(&rig, "follow.revoked");
         assert_eq!(revoked.len(), 1, "{revoked:?}");
         assert_eq!(revoked[0]["outcome"], "ok");
@@ -181,7 +171,7 @@ async fn a_follower_removes_what_it_delivered_when_its_rotator_destroys_the_cred
                 ("follow", Some(ShownStage::Current))
             );
             assert_eq!(
-                stage_of(&rig2, 1),
+                rig2.stage_of(1),
                 Some(Stage::Retired),
                 "no grace for a revoked value"
             );
@@ -341,7 +331,7 @@ async fn a_follower_removes_the_previous_private_key_when_its_grace_ends() {
             "the previous pair, for readers mid-read"
         );
         assert_eq!(
-            (stage_of(&rig, 1), stage_of(&rig, 2)),
+            (rig.stage_of(1), rig.stage_of(2)),
             (Some(Stage::Previous), Some(Stage::Current))
         );
         let rig = if restart {
@@ -368,7 +358,7 @@ async fn a_follower_removes_the_previous_private_key_when_its_grace_ends() {
             1,
             "restart {restart}: the retired private key is still on disk"
         );
-        assert_eq!(stage_of(&rig, 1), Some(Stage::Retired), "restart {restart}");
+        assert_eq!(rig.stage_of(1), Some(Stage::Retired), "restart {restart}");
         assert_eq!(rig.status("c0").state, "follow");
         rig.shutdown().await;
     }

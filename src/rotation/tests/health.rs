@@ -317,15 +317,7 @@ async fn a_rotation_whose_staged_version_vanished_while_parked_is_abandoned_and_
             .contains("abandoned"),
         "{row:?}"
     );
-    let stage_of = |v: VersionNo| {
-        rig.store
-            .versions(&key("c0"))
-            .unwrap()
-            .into_iter()
-            .find(|r| r.version == v)
-            .map(|r| r.stage)
-    };
-    assert_eq!(stage_of(2), Some(Stage::Retired));
+    assert_eq!(rig.stage_of(2), Some(Stage::Retired));
     let s = rig.status("c0");
     assert_eq!(s.version, Some(1), "the current one stays");
     // Status names the step it was abandoned at, like any step failure
@@ -343,7 +335,7 @@ async fn a_rotation_whose_staged_version_vanished_while_parked_is_abandoned_and_
     assert_eq!(rig.sink.versions("c0"), vec![1, 3]);
     let values = rig.sink.values("c0");
     assert_ne!(values[0].1, values[1].1, "a new value");
-    assert_eq!(stage_of(3), Some(Stage::Current));
+    assert_eq!(rig.stage_of(3), Some(Stage::Current));
     assert!(rig.engine.health_conditions(at(HOUR)).firing.is_empty());
     let dir = rig.shutdown().await;
     let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
