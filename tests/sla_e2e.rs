@@ -93,8 +93,12 @@ const AT_RISK: &str = "KeyturnRevocationSlaAtRisk";
 const BREACHED: &str = "KeyturnRevocationSlaBreached";
 
 /// The `[alerts.am]` table (the test Alertmanager at `am`) and, last, the
-/// `[alerts.pd]` table (PagerDuty at `pd`, its routing key in `key`).
-fn alert_sinks(am: &str, key: &std::path::Path, pd: &str) -> String {
+/// `[alerts.pd]` table (PagerDuty at `pd`, its routing key written to
+/// `env`'s `pd.key`).
+fn alert_sinks(am: &str, env: &Env, pd: &str) -> String {
+    let key = env.path().join("pd.key");
+    std::fs::write(&key, "canaryPDkey0123456789abcdefABCDE").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     format!(
         "[alerts.am]\ntype = \"alertmanager\"\nurl = \"{am}\"\n\n[alerts.pd]\ntype = \"pagerduty\"\nrouting_key_file = \"{}\"\nurl = \"{pd}/v2/enqueue\"\n",
         key.display()
@@ -108,13 +112,8 @@ fn an_sla_breach_with_openbao_down_pages_once_survives_kill_9_and_resolves_when_
     let pd = PagerDuty::start();
     let agent = format!("sla-bot-{:06x}", rand::random::<u32>() & 0xff_ffff);
     let env = Env::new("");
+    write_bao_token(&env);
     let token = env.path().join("bao-token");
-    std::fs::write(&token, need("KEYTURN_TEST_BAO_TOKEN")).unwrap();
-    let key = env.path().join("pd.key");
-    std::fs::write(&key, "canaryPDkey0123456789abcdefABCDE").unwrap();
-    for f in [&token, &key] {
-        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
     let path = format!("e2e/sla/{agent}");
     env.write_credentials(&format!(
         r#"
@@ -150,7 +149,7 @@ generate = {{ kind = "password", length = 24 }}
 every = "1h"
 deliver = [{{ type = "file", path = "{{root}}/{agent}/in-bao" }}]
 "#,
-        alerts = alert_sinks(&am, &key, &pd.base),
+        alerts = alert_sinks(&am, &env, &pd.base),
         bao = proxy.url(),
         token = token.display(),
     ));
@@ -278,9 +277,6 @@ fn a_rotation_that_keeps_failing_pages_before_max_age_and_a_success_resolves_it(
     let pd = PagerDuty::start();
     let agent = format!("sick-bot-{:06x}", rand::random::<u32>() & 0xff_ffff);
     let env = Env::new("");
-    let key = env.path().join("pd.key");
-    std::fs::write(&key, "canaryPDkey0123456789abcdefABCDE").unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     // A target whose `set` refuses while {dir}/broken exists.
     let hook = env.path().join("hook.sh");
     let d = env.path().display();
@@ -315,7 +311,7 @@ max_age = "12s"
 target = {{ type = "command", program = "{hook}" }}
 deliver = [{{ type = "file", path = "{{root}}/{agent}/api" }}]
 "#,
-        alerts = alert_sinks(&am, &key, &pd.base),
+        alerts = alert_sinks(&am, &env, &pd.base),
         hook = hook.display(),
     ));
     let daemon = env.start();
@@ -388,19 +384,15 @@ fn a_follower_that_cannot_read_its_vault_raises_the_failing_alert_until_it_reads
     let path = format!("e2e/follow-alert/{agent}");
     let credential = |how: &str| {
         format!(
-            r#"
-[agents.{agent}]
-owner = "alice@example.com"
-tenant = "acme"
-tier = "high"
-
+            r#"{}
 [agents.{agent}.credentials.db]
 vault = "bao"
 path = "{path}"
 generate = {{ kind = "password", length = 24 }}
 {how}
 deliver = [{{ type = "file", path = "{{root}}/{agent}/db" }}]
-"#
+"#,
+            agent_table(&agent)
         )
     };
     let rotator = Env::new(&format!(
@@ -411,12 +403,9 @@ deliver = [{{ type = "file", path = "{{root}}/{agent}/db" }}]
     write_bao_token(&rotator);
     let follower = Env::new("");
     write_bao_token(&follower);
-    let key = follower.path().join("pd.key");
-    std::fs::write(&key, "canaryPDkey0123456789abcdefABCDE").unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     follower.write_credentials(&format!(
         "[alert_rules]\nfailures_warning = 2\nresolve_hold = \"0s\"\n\n{}\n{}{}",
-        alert_sinks(&am, &key, &pd.base),
+        alert_sinks(&am, &follower, &pd.base),
         bao_table(&proxy.url()),
         credential("mode = \"follow\"\npoll = \"1s\"")
     ));
