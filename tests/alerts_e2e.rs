@@ -42,6 +42,7 @@ fn alert(name: &str, severity: Severity) -> Alert {
         credential: Some("db".into()),
         tenant: Some("billing".into()),
         tier: Some("high".into()),
+        mode: None,
         summary: "revocation of invoice-bot is past its SLA".into(),
         description: "OpenBao does not answer; see keyturn status".into(),
         since: Utc::now() - chrono::Duration::minutes(5),

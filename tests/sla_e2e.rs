@@ -353,3 +353,105 @@ deliver = [{{ type = "file", path = "{{root}}/{agent}/api" }}]
     );
     daemon.stop();
 }
+
+/// Defect: keyturn's own `KeyturnRotationFailing` never fired for a
+/// follower whose follow failed (only the shipped Prometheus rule did). A
+/// follower whose OpenBao answers 503 (a fault proxy in front of it)
+/// raises it in a real Alertmanager and at PagerDuty, labelled
+/// `mode="follow"` and saying that following is failing; when OpenBao
+/// answers again the next poll succeeds and it resolves in both.
+#[test]
+fn a_follower_that_cannot_read_its_vault_raises_the_failing_alert_until_it_reads_again() {
+    let am = need("KEYTURN_TEST_ALERTMANAGER_URL");
+    let bao = need("KEYTURN_TEST_BAO_ADDR");
+    let proxy = Proxy::start(&bao, Flavor::Bao);
+    let pd = PagerDuty::start();
+    let agent = format!("follow-bot-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let path = format!("e2e/follow-alert/{agent}");
+    let credential = |how: &str| {
+        format!(
+            r#"{}
+[agents.{agent}.credentials.db]
+vault = "bao"
+path = "{path}"
+generate = {{ kind = "password", length = 24 }}
+{how}
+deliver = [{{ type = "file", path = "{{root}}/{agent}/db" }}]
+"#,
+            agent_table(&agent)
+        )
+    };
+    let rotator = Env::new(&format!(
+        "{}{}",
+        bao_table(&bao),
+        credential("every = \"1h\"")
+    ));
+    write_bao_token(&rotator);
+    let follower = Env::new("");
+    write_bao_token(&follower);
+    follower.write_credentials(&format!(
+        "[alert_rules]\nfailures_warning = 2\nresolve_hold = \"0s\"\n\n{}\n{}{}",
+        alert_sinks(&follower, &am, &pd.base),
+        bao_table(&proxy.url()),
+        credential("mode = \"follow\"\npoll = \"1s\"")
+    ));
+    let r = rotator.start();
+    wait_version(&rotator, &agent, "db", 1);
+    let f = follower.start();
+    wait_version(&follower, &agent, "db", 1);
+
+    // OpenBao goes away for the follower only.
+    proxy.fail(Match::any(), 503, usize::MAX, None);
+    const FAILING: &str = "KeyturnRotationFailing";
+    wait_until(
+        "the follower's failing alert",
+        Duration::from_secs(30),
+        || !am_active(&am, FAILING, &agent).is_empty(),
+    );
+    let active = am_active(&am, FAILING, &agent);
+    assert_eq!(active.len(), 1, "{active:?}");
+    let a = &active[0];
+    assert_eq!(a["labels"]["mode"], "follow", "{a}");
+    assert_eq!(a["labels"]["credential"], "db", "{a}");
+    assert_eq!(a["labels"]["severity"], "warning", "{a}");
+    assert_eq!(a["labels"]["source"], "keyturn", "{a}");
+    let summary = a["annotations"]["summary"].as_str().unwrap_or_default();
+    assert!(summary.contains("following is failing"), "{a}");
+    assert!(
+        a["annotations"]["description"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("503"),
+        "names the vault's error: {a}"
+    );
+    wait_until("the trigger at PagerDuty", Duration::from_secs(15), || {
+        pd.count("trigger", FAILING) == 1
+    });
+    let trigger = get_json(&format!("{}/control/events", pd.base))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].clone())
+        .find(|e| e["event_action"] == "trigger")
+        .unwrap();
+    assert_eq!(
+        trigger["payload"]["custom_details"]["mode"], "follow",
+        "{trigger}"
+    );
+
+    // OpenBao answers again: the next poll reads it and the alert resolves.
+    proxy.clear();
+    wait_until("resolved in Alertmanager", Duration::from_secs(30), || {
+        am_active(&am, FAILING, &agent).is_empty()
+    });
+    wait_until("resolved at PagerDuty", Duration::from_secs(15), || {
+        pd.count("resolve", FAILING) == 1
+    });
+    assert_eq!(pd.count("trigger", FAILING), 1, "one incident");
+    assert_eq!(
+        row(&status_json(&follower), &agent, "db")["state"],
+        "follow"
+    );
+    f.stop();
+    r.stop();
+}

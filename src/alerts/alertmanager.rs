@@ -14,7 +14,8 @@
 //!
 //! **What is sent.** A JSON array of one `postableAlert`: labels
 //! `alertname`, `severity`, `source = "keyturn"` and, when the alert has
-//! them, `agent`, `credential`, `tenant`, `tier`; annotations `summary`
+//! them, `agent`, `credential`, `tenant`, `tier`, `mode` (`follow` on a
+//! followed credential's alerts); annotations `summary`
 //! and `description`; `startsAt` = when the condition began. While firing,
 //! `endsAt` = now + 4 × the resend interval and the alert is sent again
 //! every [`RESEND_INTERVAL`], as Prometheus does: Alertmanager keeps it
@@ -155,6 +156,7 @@ pub fn labels(alert: &Alert) -> BTreeMap<&'static str, String> {
         ("credential", &alert.credential),
         ("tenant", &alert.tenant),
         ("tier", &alert.tier),
+        ("mode", &alert.mode),
     ] {
         if let Some(v) = v {
             l.insert(k, v.clone());

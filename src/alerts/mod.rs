@@ -110,6 +110,11 @@ pub struct Alert {
     pub credential: Option<String>,
     pub tenant: Option<String>,
     pub tier: Option<String>,
+    /// The `mode` label: `follow` on the alerts of a followed credential
+    /// (`mode = "follow"`, rotated by another keyturn), so the on-call
+    /// tells a failing follower from a failing rotation; unset otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
     /// One line for a pager (`annotations.summary`).
     pub summary: String,
     /// What is wrong and what to do (`annotations.description`).
@@ -152,6 +157,7 @@ impl Alert {
             && self.credential == other.credential
             && self.tenant == other.tenant
             && self.tier == other.tier
+            && self.mode == other.mode
     }
 }
 

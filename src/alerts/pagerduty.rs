@@ -13,7 +13,7 @@
 //! `{summary (at most 1024 characters), source = "keyturn", severity
 //! (critical or warning), timestamp, component = agent, group = tenant,
 //! class = alertname, custom_details {agent, credential, tenant, tier,
-//! description}}`; a resolve is `event_action = "resolve"` with the same
+//! mode (a followed credential's alert: `follow`), description}}`; a resolve is `event_action = "resolve"` with the same
 //! `dedup_key` ([`Alert::incident_key`]: one per condition, agent and
 //! credential, whatever the severity), which is how PagerDuty ties the two
 //! to one incident. PagerDuty treats a second trigger with the key of an
@@ -183,6 +183,8 @@ struct Details<'a> {
     credential: Option<&'a str>,
     tenant: Option<&'a str>,
     tier: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<&'a str>,
     description: &'a str,
 }
 
@@ -225,6 +227,7 @@ impl AlertSink for PagerdutySink {
                     credential: alert.credential.as_deref(),
                     tenant: alert.tenant.as_deref(),
                     tier: alert.tier.as_deref(),
+                    mode: alert.mode.as_deref(),
                     description: &alert.description,
                 },
             }),

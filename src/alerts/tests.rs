@@ -117,6 +117,7 @@ fn alert(name: &str, severity: Severity, tenant: &str) -> Alert {
         credential: Some("db".into()),
         tenant: Some(tenant.into()),
         tier: Some("high".into()),
+        mode: None,
         summary: format!("{name} on invoice-bot/db"),
         description: "what to do".into(),
         since: "2026-12-01T10:00:00Z".parse().unwrap(),
@@ -960,6 +961,27 @@ fn a_webhook_escalation_resolves_the_replaced_severity_in_the_same_payload() {
     let p = webhook::payload("hook", &Notice::new(&key, &crit).firing(now));
     assert_eq!(p["alerts"].as_array().unwrap().len(), 1);
     assert_eq!(p["commonLabels"]["severity"], "critical");
+}
+
+/// A followed credential's alert carries `mode="follow"` in the labels
+/// every label-keyed receiver gets (Alertmanager's and the webhook's); an
+/// alert without a mode has no such label, and the two are not the same
+/// alert to a receiver that keys alerts by labels.
+#[test]
+fn a_followers_alert_carries_the_mode_label() {
+    let rotating = failing(Severity::Warning);
+    let following = Alert {
+        mode: Some("follow".into()),
+        ..rotating.clone()
+    };
+    let key = following.incident_key();
+    let p = webhook::payload("hook", &Notice::new(&key, &following).firing(Utc::now()));
+    assert_eq!(p["alerts"][0]["labels"]["mode"], "follow", "{p}");
+    assert_eq!(p["commonLabels"]["mode"], "follow", "{p}");
+    let p = webhook::payload("hook", &Notice::new(&key, &rotating).firing(Utc::now()));
+    assert!(p["alerts"][0]["labels"].get("mode").is_none(), "{p}");
+    assert!(!following.same_labels(&rotating));
+    assert_eq!(following.incident_key(), rotating.incident_key());
 }
 
 /// A spool written before incidents were keyed per condition: its rows

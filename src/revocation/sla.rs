@@ -205,6 +205,7 @@ pub fn conditions_of(decoms: &[Decom], orphans: &[Orphan], now: DateTime<Utc>) -
                 credential: None,
                 tenant: Some(d.row.tenant.clone()),
                 tier: Some(d.row.tier.clone()),
+                mode: None,
                 summary,
                 description: format!(
                     "Agent {} was decommissioned at {} ({}); {pending} of {} revocation item(s) are not verified yet. First problem: {first_error}. keyturn keeps retrying; `keyturn status` shows each item.",
@@ -251,6 +252,7 @@ pub fn conditions_of(decoms: &[Decom], orphans: &[Orphan], now: DateTime<Utc>) -
                 credential: None,
                 tenant: known(&o.tenant),
                 tier: known(&o.tier),
+                mode: None,
                 summary: format!("agent {agent} left the config without a decommission"),
                 description: format!(
                     "State remembers credentials of agent {agent}, which the config no longer names. They are not revoked: run `keyturn decommission {agent} --reason ...` to revoke them, or put the agent back in the config."

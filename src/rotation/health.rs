@@ -4,7 +4,10 @@
 //! - `KeyturnRotationFailing`: `failures_warning` rotations in a row failed
 //!   (warning), `failures_critical` (critical). It began at the first
 //!   failure of the run (`failing_since`, persisted with the count), and it
-//!   is gone once a rotation succeeds.
+//!   is gone once a rotation succeeds. On a followed credential the same
+//!   counts apply to its failed checks (a poll or nudged check that could
+//!   not read the vault, a delivery that failed), and the alert carries
+//!   `mode="follow"`; it is gone once a check succeeds.
 //! - `KeyturnCredentialExpiring` (critical): less than
 //!   `expiry_critical_before` is left before the current version reaches
 //!   the credential's `max_age`. Began at `max_age - lead` after the
@@ -20,12 +23,14 @@
 //! current version, the first failure of a run), so it is the same from
 //! one evaluation to the next and after a restart.
 //!
-//! Followed credentials (`mode = "follow"`) do not rotate here: they raise
-//! no failure and no holdout alert (their consumers are reported, never
-//! waited for). `max_age` works on them, counted from when this keyturn
-//! delivered the version, so a follower notices a rotator that stopped; a
-//! follower has no period, so `expiry_critical_before = "period"` gives it
-//! only the expired alert.
+//! Followed credentials (`mode = "follow"`) do not rotate here, but a
+//! follower that cannot follow leaves its agents on a version the rotator
+//! will retire: it raises the failing alert like a rotation, labelled
+//! `mode="follow"` (every alert of a followed credential is), and no
+//! holdout alert (its consumers are reported, never waited for). `max_age`
+//! works on them, counted from when this keyturn delivered the version, so
+//! a follower notices a rotator that stopped; a follower has no period, so
+//! `expiry_critical_before = "period"` gives it only the expired alert.
 //!
 //! Cheap by design, because the alert loop asks every few seconds: one pass
 //! over the catalog with one lookup in the live table per credential, and
@@ -79,10 +84,6 @@ impl Inner {
                 continue;
             }
             let cfg = &entry.cfg;
-            let follow = cfg.follow.is_some();
-            if follow && cfg.max_age.is_none() {
-                continue;
-            }
             let Some(l) = live.get(entry.key()) else {
                 continue;
             };
@@ -93,7 +94,7 @@ impl Inner {
             let Some(row) = l.row.as_ref() else {
                 continue;
             };
-            if !follow && row.consecutive_failures >= rules.failures_warning.max(1) {
+            if row.consecutive_failures >= rules.failures_warning.max(1) {
                 out.firing.push(failing(entry, row, &rules, now));
             }
             if let (Some(max_age), Some(last)) = (cfg.max_age, row.last_rotated_at) {
@@ -163,16 +164,29 @@ fn failing(entry: &CredEntry, row: &LiveRow, rules: &AlertRules, now: DateTime<U
     // migration gave those a time, so this is a fallback of last resort.
     let since = row.failing_since.or(row.last_rotated_at).unwrap_or(now);
     let last_error = row.last_error.as_deref().unwrap_or("(not recorded)");
+    let key = entry.key();
+    let (summary, description) = if entry.cfg.follow.is_some() {
+        (
+            format!("{key}: following is failing, {n} checks in a row failed"),
+            format!(
+                "Following {key} (another keyturn rotates it) has failed {n} times in a row since {since}: this host cannot read the credential's vault or deliver what it read, so its agents keep the version they have, which stops working once the rotator retires it. keyturn keeps polling. Last error: {last_error}. See `keyturn status` on this host; a check that succeeds resolves this alert."
+            ),
+        )
+    } else {
+        (
+            format!("{key}: {n} rotations in a row failed"),
+            format!(
+                "Rotating {key} has failed {n} times in a row since {since}; keyturn keeps retrying. Last error: {last_error}. See `keyturn status` and the audit log; a success resolves this alert."
+            ),
+        )
+    };
     alert(
         entry,
         ROTATION_FAILING,
         severity,
         since,
-        format!("{}: {n} rotations in a row failed", entry.key()),
-        format!(
-            "Rotating {} has failed {n} times in a row since {since}; keyturn keeps retrying. Last error: {last_error}. See `keyturn status` and the audit log; a success resolves this alert.",
-            entry.key()
-        ),
+        summary,
+        description,
     )
 }
 
@@ -268,6 +282,7 @@ fn alert(
         credential: Some(entry.key().credential.to_string()),
         tenant: Some(entry.agent.tenant.clone()),
         tier: Some(entry.agent.tier.clone()),
+        mode: entry.cfg.follow.is_some().then(|| "follow".to_owned()),
         summary,
         description,
         since,

@@ -350,37 +350,86 @@ async fn a_rotation_whose_staged_version_vanished_while_parked_is_abandoned_and_
     assert_eq!(audit.matches("\"rotation.abandoned\"").count(), 1);
 }
 
-/// A followed credential raises no failure alert (it does not rotate
-/// here); its `max_age` counts from when this keyturn delivered it.
+/// Defect: a followed credential whose checks kept failing raised no
+/// failure alert (the shipped Prometheus rule fired for it; keyturn's own
+/// alerts did not). It raises `KeyturnRotationFailing` at the same counts
+/// as a rotation (`failures_warning`, `failures_critical`), labelled
+/// `mode="follow"` and saying it is following that fails; the first check
+/// that reads the vault again ends it. Its `max_age` counts from when this
+/// keyturn delivered the version.
 #[tokio::test(start_paused = true)]
-async fn a_followed_credential_raises_no_failure_alert() {
-    let rig = rig_in("mode = \"follow\"\nmax_age = \"1h\"", "", &[]);
-    rig.engine.start().await.unwrap();
-    // As if its follow loop had failed three times and delivered nothing.
-    {
-        let mut live = rig.engine.inner.live();
-        let l = live.entry(&key("c0"));
-        l.row = Some(super::super::table::LiveRow {
-            consecutive_failures: 3,
-            failing_since: Some(t0()),
-            ..Default::default()
-        });
-    }
-    assert!(rig.engine.health_conditions(at(HOUR)).firing.is_empty());
-    {
-        let mut live = rig.engine.inner.live();
-        let row = live.entry(&key("c0")).row.as_mut().unwrap();
-        row.current_version = Some(4);
-        row.last_rotated_at = Some(t0());
-    }
-    let c = rig.engine.health_conditions(at(2 * HOUR));
-    assert_eq!(names(&c), vec![(CREDENTIAL_EXPIRED, Severity::Critical)]);
-    assert!(
-        only(&c, CREDENTIAL_EXPIRED)
-            .description
-            .contains("followed"),
-        "{c:?}"
+async fn a_followed_credential_that_keeps_failing_raises_the_failure_alert_until_a_check_succeeds()
+{
+    let rig = rig_in(
+        &format!("{FOLLOW}\nmax_age = \"1h\""),
+        "failures_warning = 2\nfailures_critical = 3",
+        &[],
     );
+    rig.follow_first_version(rig.vault.as_ref(), "kt-canary-health-follow")
+        .await;
+    let now = |r: &Rig| super::super::clock::Clock::now(&r.clock);
+    let delivered = now(&rig);
+    assert!(rig.engine.health_conditions(delivered).firing.is_empty());
+
+    // The next three polls cannot read c0's mark (no change index: each
+    // poll reads it); the fourth can.
+    rig.vault.fail("mark", 3, ErrorKind::Unauthorized, None);
+    let failing = |r: &Rig| {
+        r.engine
+            .health_conditions(now(r))
+            .firing
+            .into_iter()
+            .find(|a| a.name == ROTATION_FAILING)
+    };
+    rig.until(Duration::from_secs(10), "the warning", |r| {
+        failing(r).is_some_and(|a| a.severity == Severity::Warning)
+    })
+    .await;
+    let warn = failing(&rig).unwrap();
+    assert_eq!(warn.mode.as_deref(), Some("follow"), "{warn:?}");
+    assert_eq!(
+        (warn.agent.as_deref(), warn.credential.as_deref()),
+        (Some("bot"), Some("c0"))
+    );
+    assert!(
+        warn.summary.contains("following") && warn.summary.contains("failing"),
+        "{}",
+        warn.summary
+    );
+    assert!(
+        warn.since > delivered,
+        "began at the first failure: {warn:?}"
+    );
+    assert!(
+        warn.description.contains("mark refused") && !warn.description.contains("kt-canary"),
+        "{}",
+        warn.description
+    );
+    rig.until(Duration::from_secs(20), "the page", |r| {
+        failing(r).is_some_and(|a| a.severity == Severity::Critical)
+    })
+    .await;
+    let page = failing(&rig).unwrap();
+    assert_eq!(
+        (page.since, page.mode.as_deref()),
+        (warn.since, Some("follow")),
+        "one run, one start"
+    );
+
+    // The vault answers again: the next check succeeds and the alert is gone.
+    rig.until(Duration::from_secs(30), "the recovery", |r| {
+        r.engine.health_conditions(now(r)).firing.is_empty()
+    })
+    .await;
+    assert_eq!(rig.follow_health("c0"), ("follow".into(), None, 0));
+
+    let c = rig
+        .engine
+        .health_conditions(delivered + chrono::Duration::hours(2));
+    assert_eq!(names(&c), vec![(CREDENTIAL_EXPIRED, Severity::Critical)]);
+    let expired = only(&c, CREDENTIAL_EXPIRED);
+    assert!(expired.description.contains("followed"), "{c:?}");
+    assert_eq!(expired.mode.as_deref(), Some("follow"));
     rig.shutdown().await;
 }
 
