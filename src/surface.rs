@@ -165,6 +165,25 @@ pub struct SurfaceCredential {
 /// acknowledge it (from the state's ack rows).
 pub type Acks = HashMap<CredentialKey, (Option<DateTime<Utc>>, usize)>;
 
+/// [`Acks`] from the consumers of each credential's last delivery
+/// (`Snapshot::acks`: they count the acknowledging consumers) and each
+/// consumer's last acknowledgement of any version (`StateStore::last_acks`:
+/// a rotation does not make an agent that acked the version before it
+/// look unused).
+pub fn acks(awaited: Vec<crate::state::AckRow>, last: Vec<crate::state::AckRow>) -> Acks {
+    let mut acks = Acks::new();
+    for r in awaited {
+        let a = acks.entry(r.key).or_default();
+        a.0 = a.0.max(r.acked_at);
+        a.1 += 1;
+    }
+    for r in last {
+        let a = acks.entry(r.key).or_default();
+        a.0 = a.0.max(r.acked_at);
+    }
+    acks
+}
+
 fn secs(d: chrono::Duration) -> u64 {
     u64::try_from(d.num_seconds()).unwrap_or(0)
 }

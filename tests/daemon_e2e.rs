@@ -956,6 +956,32 @@ fn cutting_the_last_record_is_detected(env: &Env, event: &str) {
     );
 }
 
+/// Defect (black-box): `daemon.reload` records said `actor: daemon` only,
+/// so a reload could not be attributed. The SIGHUP's sender (pid and uid,
+/// from its siginfo) is the reload's actor.
+#[test]
+fn a_reload_is_attributed_to_the_process_that_sent_sighup() {
+    let env = Env::new("");
+    let daemon = env.start();
+    daemon.reload();
+    let reload = audit_records(&env)
+        .into_iter()
+        .find(|r| r["event"] == "daemon.reload")
+        .expect("the reload is audited");
+    assert_eq!(
+        reload["actor"],
+        serde_json::json!({
+            "type": "signal",
+            "signal": "SIGHUP",
+            "uid": unsafe { libc::getuid() },
+            "pid": std::process::id(),
+        }),
+        "{reload}"
+    );
+    daemon.stop();
+    audit_verifies(&env, "after an attributed reload");
+}
+
 #[test]
 fn cutting_any_kind_of_record_off_the_end_is_detected() {
     assert_eq!(

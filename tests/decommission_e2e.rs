@@ -244,6 +244,21 @@ fn a_decommission_declared_in_the_config_survives_kill_9_and_completes_when_the_
     audit_verifies(&env, "after a declared decommission and a kill -9");
 }
 
+/// app/db's agent opens its file (`ack = "open"`) until the delivery counts
+/// as acknowledged.
+fn open_to_ack(env: &Env) {
+    let ack_file = env.root().join("app/db");
+    wait_for(Duration::from_secs(10), || {
+        let _ = std::fs::read(&ack_file);
+        status_json(env)
+            .iter()
+            .find(|r| r["agent"] == "app" && r["credential"] == "db")
+            .filter(|r| r.get("awaiting_ack").is_none())
+            .map(|_| ())
+    })
+    .expect("the open acknowledges the delivery");
+}
+
 fn surface(env: &Env, unused_after: &str) -> serde_json::Value {
     let out = env.cli_ok(&["surface", "--json", "--unused-after", unused_after]);
     serde_json::from_slice(&out.stdout).expect("surface --json is JSON")
@@ -286,16 +301,7 @@ fn surface_matches_the_configured_and_observed_state() {
         wait_version(&env, a, c, 1);
     }
     // The app opens its file: that acknowledgement is its observed use.
-    let ack_file = env.root().join("app/db");
-    wait_for(Duration::from_secs(10), || {
-        let _ = std::fs::read(&ack_file);
-        status_json(&env)
-            .iter()
-            .find(|r| r["agent"] == "app" && r["credential"] == "db")
-            .filter(|r| r.get("awaiting_ack").is_none())
-            .map(|_| ())
-    })
-    .expect("the open acknowledges the delivery");
+    open_to_ack(&env);
     env.cli_ok(&["decommission", "retired", "--reason", "done", "--wait"]);
     env.write_credentials(&with_d(false));
     daemon.reload();
@@ -401,6 +407,100 @@ fn surface_matches_the_configured_and_observed_state() {
     ] {
         assert!(m.contains(line), "missing {line:?} in\n{m}");
     }
+    daemon.stop();
+}
+
+/// Defect (black-box): a repeated `decommission` of an agent already
+/// decommissioned answered "nothing new decided" and left no audit record
+/// of the request: who asked, and why, is audited like any request.
+#[test]
+fn a_repeated_decommission_is_audited_with_its_caller() {
+    let env = Env::new(&format!(
+        "{}{}",
+        agent_table("app"),
+        cred_with_file("app", "db", "")
+    ));
+    let daemon = env.start();
+    wait_version(&env, "app", "db", 1);
+    env.cli_ok(&["decommission", "app", "--reason", "done", "--wait"]);
+    let out = env.cli_ok(&[
+        "decommission",
+        "app",
+        "--reason",
+        "second",
+        "--by",
+        "mallory",
+    ]);
+    assert!(
+        text(&out).contains("already decommissioned"),
+        "{}",
+        text(&out)
+    );
+    let records = audit_records(&env);
+    let repeated: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"] == "decommission.repeated")
+        .collect();
+    assert_eq!(repeated.len(), 1, "{records:?}");
+    let r = repeated[0];
+    assert_eq!(r["agent"], "app");
+    assert_eq!(r["actor"]["type"], "peer", "{r}");
+    assert_eq!(
+        r["actor"]["uid"].as_u64(),
+        Some(u64::from(nix::unistd::geteuid().as_raw())),
+        "{r}"
+    );
+    let detail = r["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(r#"reason="second""#) && detail.contains("by=mallory"),
+        "{detail}"
+    );
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["event"] == "decommission.decided")
+            .count(),
+        1,
+        "nothing new decided"
+    );
+    daemon.stop();
+    audit_verifies(&env, "after a repeated decommission");
+}
+
+/// Defect (black-box): `surface` called an agent that had just acked its
+/// credential "unused" (and `last used never`) right after the next
+/// rotation: the delivery replaced the ack records and lost the time of the
+/// last ack. The last ack of any version is the agent's last use.
+#[test]
+fn surface_keeps_the_last_use_across_a_rotation() {
+    let env = Env::new(&format!(
+        "{}{}",
+        agent_table("app"),
+        cred_with_file("app", "db", r#"grace = "10m""#)
+            .replace(r#"format = "raw" }]"#, r#"format = "raw", ack = "open" }]"#),
+    ));
+    let daemon = env.start();
+    wait_version(&env, "app", "db", 1);
+    open_to_ack(&env);
+    let used = surface(&env, "30d")["agents"][0]["last_used"].clone();
+    assert!(used.is_string(), "the ack is its use: {used}");
+    // Version 2 is delivered and not opened (not acked) yet.
+    env.cli_ok(&["rotate", "app/db", "--wait"]);
+    wait_version(&env, "app", "db", 2);
+    let s = surface(&env, "30d");
+    let app = &s["agents"][0];
+    assert_eq!(app["last_used"], used, "{app}");
+    assert_eq!(app["usage_observed"], true, "{app}");
+    assert_eq!(
+        s["flags"]["unused"],
+        serde_json::json!([]),
+        "{}",
+        s["flags"]
+    );
+    // And after a restart.
+    daemon.stop();
+    let daemon = env.start();
+    assert_eq!(surface(&env, "30d")["agents"][0]["last_used"], used);
     daemon.stop();
 }
 
@@ -794,6 +894,29 @@ deliver = [{{ type = "file", path = "{{root}}/bot/sub/api", format = "raw" }}]
         failed["error"].as_str().unwrap().contains("symlink"),
         "{failed}"
     );
+    // Retried again and again (status counts the attempts), audited once
+    // (black-box: one `revocation.failed` per attempt flooded the log).
+    let attempts = || {
+        let out = text(&env.cli_ok(&["status"]));
+        out.split("api/sink:0: ")
+            .nth(1)
+            .and_then(|rest| rest.split(" attempt").next())
+            .and_then(|n| n.trim().parse::<u32>().ok())
+    };
+    wait_for(Duration::from_secs(30), || {
+        attempts().filter(|n| *n >= 4).map(|_| ())
+    })
+    .unwrap_or_else(|| panic!("the file item is retried: {:?}", attempts()));
+    let failures = audit_records(&env)
+        .into_iter()
+        .filter(|r| {
+            r["event"] == "revocation.failed"
+                && r["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("item=api/sink:0"))
+        })
+        .count();
+    assert_eq!(failures, 1, "one record while the error stays the same");
     assert!(elsewhere.join("api").exists(), "never followed");
     assert_eq!(
         status_json(&env)

@@ -1581,6 +1581,63 @@ fn decommission_after_a_role_change_revokes_the_roles_the_values_were_set_on() {
     )));
 }
 
+/// Defect (black-box): after a reload changed a postgres target's `role`,
+/// the next rotation set its value on the new role, and the old role kept
+/// the agent's previous password (and its LOGIN) after that version was
+/// retired, until a decommission. When the version set on the old role
+/// retires, the old role is revoked (as a decommission revokes it).
+#[test]
+fn retiring_a_version_set_on_a_role_the_config_changed_since_revokes_that_role() {
+    let files = Files::new();
+    let old = pg_new_role("kt_was_");
+    let new = pg_new_role("kt_now_");
+    let path = unique("e2e/retire/moved/");
+    let config = |role: &str| {
+        format!(
+            "{}{}",
+            agent_table(AGENT),
+            credential(
+                "db",
+                r#""local""#,
+                &path,
+                "1s",
+                &pg_target(&files, role, "single_user", &pg_admin_dsn())
+            )
+        )
+    };
+    let env = Env::new(&config(&old));
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    let v1 = delivered(&env, "db");
+    let rt = rt();
+    rt.block_on(pg_login(&old, &v1.value))
+        .expect("version 1 logs in as the old role");
+    env.write_credentials(&config(&new));
+    daemon.reload();
+    rotate_ok(&env, "db", 2);
+    let v2 = delivered(&env, "db");
+    // Version 1 retires at the end of its 1s grace.
+    wait_for(Duration::from_secs(20), || {
+        rt.block_on(pg_login(&old, &v1.value))
+            .is_err()
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the old role {old} still logs in with the retired version"));
+    rt.block_on(async {
+        let e = pg_login(&old, &v1.value).await.unwrap_err();
+        // NOLOGIN and no password, as a decommission leaves it.
+        assert!(
+            e.contains("not permitted to log in") || e.contains("password authentication failed"),
+            "{old}: refused for another reason: {e}"
+        );
+        pg_login(&new, &v2.value)
+            .await
+            .expect("version 2 logs in as the new role");
+    });
+    daemon.stop();
+    rt.block_on(pg_admin(&format!("DROP ROLE {old}; DROP ROLE {new}")));
+}
+
 /// `keyturn check --online` on `env`'s config, with the AWS secret key
 /// replaced by `aws_secret` (moto accepts any key; it stands for a canary).
 fn check_online(env: &Env, args: &[&str], aws_secret: &str) -> (Option<i32>, String, String) {

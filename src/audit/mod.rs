@@ -112,6 +112,9 @@ pub enum Actor {
     Daemon,
     /// A control-socket client, identified by SO_PEERCRED.
     Peer { uid: u32, gid: u32, pid: i32 },
+    /// The process that sent the daemon `signal` (`SIGHUP`: reload), as
+    /// the kernel reports it (`siginfo`).
+    Signal { signal: String, uid: u32, pid: i32 },
 }
 
 impl std::fmt::Display for Actor {
@@ -119,6 +122,7 @@ impl std::fmt::Display for Actor {
         match self {
             Actor::Daemon => f.write_str("daemon"),
             Actor::Peer { uid, gid, pid } => write!(f, "uid={uid} gid={gid} pid={pid}"),
+            Actor::Signal { signal, uid, pid } => write!(f, "{signal} from uid={uid} pid={pid}"),
         }
     }
 }

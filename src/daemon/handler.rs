@@ -598,17 +598,12 @@ impl ControlHandler for Handler {
     }
 
     async fn surface(&self, unused_after: Duration) -> Result<crate::surface::Surface, ApiError> {
-        let rows = self
+        let (awaited, last) = self
             .engine
-            .load(|s| Ok(s.snapshot()?.acks))
+            .load(|s| Ok((s.snapshot()?.acks, s.last_acks()?)))
             .await
             .map_err(|e| ApiError::unavailable(format!("cannot read state: {e}")))?;
-        let mut acks: crate::surface::Acks = std::collections::HashMap::new();
-        for r in rows {
-            let a = acks.entry(r.key).or_default();
-            a.0 = a.0.max(r.acked_at);
-            a.1 += 1;
-        }
+        let acks = crate::surface::acks(awaited, last);
         let facts = self.engine.surface_facts();
         let lifecycle = self.revocations.lifecycle();
         let mut surface =

@@ -9,6 +9,7 @@
 //!   rebuilt on reload, its backend, and exchanges over the sockets.
 
 mod handler;
+mod hangup;
 mod oauth;
 mod refusals;
 
@@ -463,15 +464,15 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     tracing::info!(config = %config_path.display(), credentials = engine.catalog().creds.len(), "keyturn ready");
 
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| startup("cannot handle SIGHUP", &e))?;
+    let mut hup = hangup::Hangups::new().map_err(|e| startup("cannot handle SIGHUP", &e))?;
     let mut term =
         signal(SignalKind::terminate()).map_err(|e| startup("cannot handle SIGTERM", &e))?;
     let mut int =
         signal(SignalKind::interrupt()).map_err(|e| startup("cannot handle SIGINT", &e))?;
     loop {
         tokio::select! {
-            _ = hup.recv() => {
-                reload(config_path, &engine, &alerts, &mut config_files).await;
+            Some(sender) = hup.recv() => {
+                reload(config_path, &engine, &alerts, &mut config_files, sender).await;
                 match task_setup(&engine.catalog().config, &revocations) {
                     Ok(setup) => {
                         for issuer in setup.issuers.keys() {
@@ -536,7 +537,14 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
 /// SIGHUP: validate the new config and swap it in, or keep the old one.
 /// Only the files that changed since the last load are read again (see
 /// [`config::reload`]).
-async fn reload(config_path: &Path, engine: &Engine, alerts: &Alerts, files: &mut config::FileSet) {
+/// `sender`: who sent the SIGHUP, named by its `daemon.reload` record.
+async fn reload(
+    config_path: &Path,
+    engine: &Engine,
+    alerts: &Alerts,
+    files: &mut config::FileSet,
+    sender: Actor,
+) {
     if let Ok(now) = NotifyState::monotonic_usec_now() {
         notify(&[NotifyState::Reloading, now]);
     }
@@ -615,7 +623,7 @@ async fn reload(config_path: &Path, engine: &Engine, alerts: &Alerts, files: &mu
                 credentials = engine.catalog().creds.len(),
                 "config reloaded"
             );
-            audit_daemon(engine, "daemon.reload", Outcome::Ok, None, None).await;
+            audit_as(engine, sender, "daemon.reload", Outcome::Ok, None, None).await;
             let status = format!(
                 "serving {} credentials (reloaded)",
                 engine.catalog().creds.len()
@@ -624,8 +632,9 @@ async fn reload(config_path: &Path, engine: &Engine, alerts: &Alerts, files: &mu
         }
         Err(why) => {
             tracing::error!(error = %why, "reload failed; keeping the previous config");
-            audit_daemon(
+            audit_as(
                 engine,
+                sender,
                 "daemon.reload",
                 Outcome::Failed,
                 None,
@@ -756,7 +765,19 @@ async fn audit_daemon(
     detail: Option<String>,
     error: Option<String>,
 ) {
-    let mut ev = AuditEvent::new(event, Actor::Daemon, outcome);
+    audit_as(engine, Actor::Daemon, event, outcome, detail, error).await;
+}
+
+/// A record of the daemon's own event that `actor` asked for.
+async fn audit_as(
+    engine: &Engine,
+    actor: Actor,
+    event: &str,
+    outcome: Outcome,
+    detail: Option<String>,
+    error: Option<String>,
+) {
+    let mut ev = AuditEvent::new(event, actor, outcome);
     ev.detail = detail;
     ev.error = error;
     if let Err(e) = engine.record(ev).await {

@@ -380,10 +380,7 @@ pub async fn revoke(engine: &Engine, key: &CredentialKey, spec: &Spec) -> Result
             let roots = engine.catalog().config.daemon.delivery_roots.clone();
             crate::sinks::delivered_at(path, &roots)?.retract(key).await
         }
-        Spec::Target { target, .. } => match build_target(target)? {
-            Some(t) => t.revoke(key).await,
-            None => Ok(()),
-        },
+        Spec::Target { target, .. } => stored_target(target)?.revoke(key).await,
         Spec::Vault { vault, path } => {
             let catalog = engine.catalog();
             let h = vault_of(&catalog, vault)?;
@@ -402,12 +399,14 @@ fn not_a_credential_item() -> PluginError {
     )
 }
 
+fn stored_target(target: &serde_json::Value) -> Result<TargetConfig, PluginError> {
+    TargetConfig::from_stored(target.clone()).map_err(|e| PluginError::new(ErrorKind::Fatal, e))
+}
+
 fn build_target(
     target: &serde_json::Value,
 ) -> Result<Option<Arc<dyn crate::targets::Target>>, PluginError> {
-    let cfg = TargetConfig::from_stored(target.clone())
-        .map_err(|e| PluginError::new(ErrorKind::Fatal, e))?;
-    cfg.build()
+    stored_target(target)?.build()
 }
 
 /// Proves one revoked item where it can be proved. `Ok` with a note on how.

@@ -45,6 +45,7 @@ use crate::rotation::{Engine, Footprint, HeldAt};
 use crate::state::{DecommissionRow, RevocationRow, StateError, Write};
 
 pub mod items;
+mod quiet;
 mod sla;
 
 pub use items::{TaskProbe, TokenProbe};
@@ -125,6 +126,8 @@ struct Inner {
     tokens: tokio::sync::watch::Sender<Option<Arc<dyn TokenProbe>>>,
     /// The task manager, once running: it ends and verifies `tasks` items.
     tasks: tokio::sync::watch::Sender<Option<Arc<dyn TaskProbe>>>,
+    /// Which failed attempts of stuck items are audited.
+    quiet: quiet::Quiet,
 }
 
 impl Revocations {
@@ -154,6 +157,7 @@ impl Revocations {
                 poke,
                 tokens: tokio::sync::watch::Sender::new(None),
                 tasks: tokio::sync::watch::Sender::new(None),
+                quiet: quiet::Quiet::default(),
             }),
         };
         for d in stored {
@@ -369,6 +373,7 @@ impl Revocations {
     pub async fn decide(&self, d: Decision) -> Result<(bool, Decom), DecommissionError> {
         let _one = self.inner.deciding.lock().await;
         if let Some(existing) = self.get(&d.agent) {
+            self.audit_repeated(&d, &existing).await?;
             return Ok((true, existing));
         }
         let engine = &self.inner.engine;
@@ -455,16 +460,6 @@ impl Revocations {
         // Every target a value of a credential was set on is revoked, not
         // only the one the config names now; but never one another
         // credential uses now (it would be cut off).
-        let in_use: Vec<(CredentialKey, crate::targets::TargetConfig)> = catalog
-            .config
-            .agents
-            .iter()
-            .flat_map(|(a, cfg)| {
-                cfg.credentials.iter().map(move |(c, cc)| {
-                    (CredentialKey::new(a.clone(), c.clone()), cc.target.clone())
-                })
-            })
-            .collect();
         for (key, text) in set_on {
             let (Some(fp), Ok(made)) = (held.get_mut(&key), Footprint::parse(&text)) else {
                 continue;
@@ -476,7 +471,7 @@ impl Revocations {
             {
                 continue;
             }
-            if in_use.iter().any(|(k, t)| k != &key && t == &target) {
+            if catalog.target_used_by_other(&key, &target) {
                 tracing::warn!(agent = %key.agent, credential = %key.credential, "a version of this credential was set on a target another credential uses now: it is not revoked there (that would cut the other one off); check it by hand");
                 continue;
             }
@@ -585,6 +580,36 @@ impl Revocations {
         self.spawn_worker(agent);
         self.inner.poke.notify_one();
         Ok((false, decom))
+    }
+
+    /// A decision asked for again: nothing new is decided, but who asked,
+    /// and why, is audited (`decommission.repeated`) like any other request.
+    async fn audit_repeated(
+        &self,
+        d: &Decision,
+        existing: &Decom,
+    ) -> Result<(), DecommissionError> {
+        let mut ev = AuditEvent::new("decommission.repeated", d.actor.clone(), Outcome::Ok);
+        ev.agent = Some(d.agent.clone());
+        ev.owner = Some(existing.row.owner.clone());
+        ev.tenant = Some(existing.row.tenant.clone());
+        ev.detail = Some(format!(
+            "reason={:?} by={} source={} nothing new decided: decided_at={} by {}",
+            d.reason,
+            d.by.as_deref().unwrap_or("-"),
+            d.source,
+            existing
+                .row
+                .decided_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            existing.row.by.as_deref().unwrap_or(&existing.row.actor),
+        ));
+        self.inner
+            .engine
+            .record(ev)
+            .await
+            .map(|_| ())
+            .map_err(|e| DecommissionError::Unavailable(format!("cannot record the request: {e}")))
     }
 
     fn spawn_worker(&self, agent: AgentId) {
@@ -725,6 +750,7 @@ impl Revocations {
                 }
                 item.revoked_at = Some(at);
                 item.last_error = None;
+                self.inner.quiet.done(&item.agent, &item.item);
                 self.record(&item, "revocation.revoked", Outcome::Ok, note, None)
                     .await;
             } else if let (false, Some(key)) = (matches!(spec, items::Spec::Tokens { .. }), &key) {
@@ -736,14 +762,17 @@ impl Revocations {
                     self.failed(&mut item, e).await;
                     return false;
                 }
-                self.record(
-                    &item,
-                    "revocation.revoked",
-                    Outcome::Ok,
-                    Some("again: not verified yet".into()),
-                    None,
-                )
-                .await;
+                // Audited once after each audited failure (see `quiet`).
+                if self.inner.quiet.again(&item.agent, &item.item) {
+                    self.record(
+                        &item,
+                        "revocation.revoked",
+                        Outcome::Ok,
+                        Some("again: not verified yet".into()),
+                        None,
+                    )
+                    .await;
+                }
             }
             let verified = match (&spec, &key) {
                 (items::Spec::Tokens { issued_up_to }, _) => {
@@ -761,6 +790,7 @@ impl Revocations {
                 Ok(how) => {
                     item.verified_at = Some(engine.now());
                     item.last_error = None;
+                    self.inner.quiet.done(&item.agent, &item.item);
                     self.record(&item, "revocation.verified", Outcome::Ok, Some(how), None)
                         .await;
                 }
@@ -778,8 +808,18 @@ impl Revocations {
         let msg = format!("{} ({})", e.message, e.kind);
         item.last_error = Some(msg.clone());
         tracing::warn!(agent = %item.agent, item = %item.item, attempt = item.attempts, error = %msg, "revocation item not done yet; will retry");
-        self.record(item, "revocation.failed", Outcome::Failed, None, Some(msg))
-            .await;
+        let now = self.inner.engine.now();
+        let note = match self.inner.quiet.failed(&item.agent, &item.item, &msg, now) {
+            quiet::Verdict::Audit(None) => Some(None),
+            quiet::Verdict::Audit(Some(n)) => Some(Some(format!(
+                "attempt {}; {n} failed attempt(s) since the last record, not recorded one by one",
+                item.attempts
+            ))),
+            // Persisted (status shows the attempts), not audited.
+            quiet::Verdict::Quiet => None,
+        };
+        let audit = note.map(|note| ("revocation.failed", Outcome::Failed, note, Some(msg)));
+        self.write(item, audit).await;
     }
 
     /// Persists `item` with its audit record and updates the view.
@@ -791,20 +831,31 @@ impl Revocations {
         note: Option<String>,
         error: Option<String>,
     ) {
+        self.write(item, Some((event, outcome, note, error))).await;
+    }
+
+    /// Persists `item`, with its audit record (`event`, outcome, note,
+    /// error) if any, and updates the view.
+    async fn write(
+        &self,
+        item: &RevocationRow,
+        audit: Option<(&str, Outcome, Option<String>, Option<String>)>,
+    ) {
         let engine = &self.inner.engine;
-        let mut ev = AuditEvent::new(event, Actor::Daemon, outcome);
-        ev.agent = Some(item.agent.clone());
-        ev.credential = item.credential.clone();
-        ev.detail = Some(match note {
-            Some(n) => format!("item={} {n}", item.item),
-            None => format!("item={}", item.item),
-        });
-        ev.error = error;
         let persisted = async {
-            let head = engine.audit_write(ev).await?;
-            engine
-                .persist(vec![Write::Revocation(item.clone()), head])
-                .await
+            let mut writes = vec![Write::Revocation(item.clone())];
+            if let Some((event, outcome, note, error)) = audit {
+                let mut ev = AuditEvent::new(event, Actor::Daemon, outcome);
+                ev.agent = Some(item.agent.clone());
+                ev.credential = item.credential.clone();
+                ev.detail = Some(match note {
+                    Some(n) => format!("item={} {n}", item.item),
+                    None => format!("item={}", item.item),
+                });
+                ev.error = error;
+                writes.push(engine.audit_write(ev).await?);
+            }
+            engine.persist(writes).await
         }
         .await;
         if let Err(e) = persisted {

@@ -233,8 +233,9 @@ impl Inner {
         // made the current one: the config may have moved the credential
         // (another `path` or `vault`) in between.
         let made_here = self.place_of(entry, rot.footprint.as_deref());
-        let prev_place = match self.previous_footprint(entry, rot).await {
-            Some(f) => self.place_of(entry, Some(&f)),
+        let prev_footprint = self.previous_footprint(entry, rot).await;
+        let prev_place = match &prev_footprint {
+            Some(f) => self.place_of(entry, Some(f)),
             None => made_here.clone(),
         };
         let primary = prev_place
@@ -272,6 +273,8 @@ impl Inner {
                     .await
                     .map_err(|e| target_error(target.as_ref(), e))?;
             }
+            self.revoke_at_earlier_target(entry, prev_footprint.as_deref())
+                .await?;
             writes.push(Write::VersionStage {
                 key: entry.key().clone(),
                 version: previous,
@@ -297,6 +300,44 @@ impl Inner {
             }));
         }
         Ok(writes)
+    }
+
+    /// The previous version was set on a target the config has changed
+    /// since (another postgres `role`): no value is set there any more, so
+    /// every value of the credential is revoked there as a decommission
+    /// revokes it, unless another credential uses that target now (it
+    /// would be cut off). Without this the old role kept accepting the
+    /// retired value until the agent was decommissioned.
+    async fn revoke_at_earlier_target(
+        &self,
+        entry: &CredEntry,
+        prev_footprint: Option<&str>,
+    ) -> Result<(), StepError> {
+        let Some(earlier) = prev_footprint
+            .and_then(|f| Footprint::parse(f).ok())
+            .and_then(|f| f.target)
+            .filter(|t| !t.is_none() && *t != entry.cfg.target)
+        else {
+            return Ok(());
+        };
+        let key = entry.key();
+        let shown = earlier
+            .build()
+            .ok()
+            .flatten()
+            .map_or_else(|| "the earlier target".to_owned(), |t| t.describe());
+        if self.catalog().target_used_by_other(key, &earlier) {
+            tracing::warn!(agent = %key.agent, credential = %key.credential, target = %shown, "the previous version was set on a target another credential uses now: it is not revoked there (that would cut the other one off); check it by hand");
+            return Ok(());
+        }
+        earlier.revoke(key).await.map_err(|e| {
+            StepError::new(
+                format!("target {shown} (the previous version's, before the config changed it)"),
+                e,
+            )
+        })?;
+        tracing::info!(agent = %key.agent, credential = %key.credential, target = %shown, "the config changed the target: the values set on the earlier one are revoked there");
+        Ok(())
     }
 
     /// The footprint of the rotation that made the version before `rot`'s

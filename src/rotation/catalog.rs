@@ -13,7 +13,7 @@ use crate::config::{AgentConfig, Config, CredentialConfig, GeneratorConfig, Vaul
 use crate::model::{CredentialKey, ErrorKind, PluginError, SecretValue, Stage};
 use crate::schedule::{ScheduleSpec, jitter_offset};
 use crate::sinks::{CurrentValue, Sink, SinkContext};
-use crate::targets::Target;
+use crate::targets::{Target, TargetConfig};
 use crate::vaults::change_index::IndexedVault;
 use crate::vaults::{Select, Vault, VaultItem};
 
@@ -275,6 +275,15 @@ pub enum BuildError {
 }
 
 impl Catalog {
+    /// Whether a credential of the config other than `key` uses `target`
+    /// now: a value of `key` set on it earlier is not revoked there (that
+    /// would cut the other one off).
+    pub fn target_used_by_other(&self, key: &CredentialKey, target: &TargetConfig) -> bool {
+        self.creds
+            .values()
+            .any(|e| e.key() != key && e.cfg.target == *target)
+    }
+
     /// Builds plug-ins for `config`. Vaults whose config did not change are
     /// taken over from `previous` (open connections, loaded keys).
     pub fn build(mut config: Config, previous: Option<&Catalog>) -> Result<Catalog, BuildError> {

@@ -28,6 +28,7 @@ struct Tables {
     versions: BTreeMap<(CredentialKey, VersionNo), VersionRow>,
     audit_head: Option<AuditHead>,
     acks: BTreeMap<(CredentialKey, String), AckRow>,
+    last_acks: BTreeMap<(CredentialKey, String), AckRow>,
     decommissions: BTreeMap<AgentId, DecommissionRow>,
     revocations: BTreeMap<(AgentId, String), RevocationRow>,
     holdings: BTreeMap<CredentialKey, String>,
@@ -131,6 +132,13 @@ impl Tables {
                     && row.version == *version
                 {
                     row.acked_at = Some(*at);
+                    let last = self
+                        .last_acks
+                        .entry((key.clone(), consumer.clone()))
+                        .or_insert_with(|| row.clone());
+                    if last.acked_at <= Some(*at) {
+                        *last = row.clone();
+                    }
                 }
             }
             Write::Decommission(d) => {
@@ -158,6 +166,7 @@ impl Tables {
                 self.requests.remove(key);
                 self.holdings.remove(key);
                 self.acks.retain(|(k, _), _| k != key);
+                self.last_acks.retain(|(k, _), _| k != key);
                 self.credentials.remove(key);
                 self.rotations.retain(|_, r| r.key != *key);
                 self.versions.retain(|(k, _), _| k != key);
@@ -222,6 +231,10 @@ impl StateStore for MemoryStore {
             acks: t.acks.values().cloned().collect(),
             requests: t.requests.values().cloned().collect(),
         })
+    }
+
+    fn last_acks(&self) -> Result<Vec<AckRow>> {
+        Ok(self.tables().last_acks.values().cloned().collect())
     }
 
     fn credential(&self, key: &CredentialKey) -> Result<Option<CredentialRow>> {
@@ -411,7 +424,11 @@ mod differential_tests {
         snap.credentials.sort_by(|a, b| a.key.cmp(&b.key));
         snap.unfinished
             .sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
-        let mut out = format!("{snap:?}\n{:?}\n", s.audit_head().unwrap());
+        let mut out = format!(
+            "{snap:?}\n{:?}\n{:?}\n",
+            s.audit_head().unwrap(),
+            s.last_acks().unwrap()
+        );
         for k in 0..3 {
             let k = key(k);
             out += &format!(

@@ -262,7 +262,8 @@ pub enum Write {
         version: VersionNo,
         consumers: Vec<String>,
     },
-    /// `consumer` acknowledged `version` (no-op without such a row).
+    /// `consumer` acknowledged `version` (no-op without such a row); also
+    /// its last acknowledgement (see [`StateStore::last_acks`]).
     Acked {
         key: CredentialKey,
         version: VersionNo,
@@ -321,6 +322,11 @@ pub trait StateStore: Send + Sync {
         groups.iter().map(|w| self.apply(w)).collect()
     }
     fn snapshot(&self) -> Result<Snapshot>;
+    /// Each consumer's last acknowledgement of any version of its
+    /// credential, in key and consumer order: unlike the [`AckRow`]s of
+    /// the snapshot, kept when the next delivery replaces those (a
+    /// credential's last use outlives its rotation).
+    fn last_acks(&self) -> Result<Vec<AckRow>>;
     fn credential(&self, key: &CredentialKey) -> Result<Option<CredentialRow>>;
     fn rotation(&self, id: &RotationId) -> Result<Option<RotationRow>>;
     /// The newest rotation of a credential, finished or not.

@@ -257,6 +257,9 @@ mod tests {
         fn snapshot(&self) -> Result<Snapshot> {
             self.inner.snapshot()
         }
+        fn last_acks(&self) -> Result<Vec<crate::state::AckRow>> {
+            self.inner.last_acks()
+        }
         fn credential(&self, key: &CredentialKey) -> Result<Option<CredentialRow>> {
             self.inner.credential(key)
         }

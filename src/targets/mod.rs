@@ -122,6 +122,17 @@ impl TargetConfig {
     pub fn build(&self) -> Result<Option<Arc<dyn Target>>, PluginError> {
         self.plugin().build()
     }
+
+    /// Revokes every value of `key` at this target ([`Target::revoke`]);
+    /// nothing for `none`. For a target the config may no longer name: a
+    /// decommission's, or the one a retired version was set on before the
+    /// config changed it.
+    pub async fn revoke(&self, key: &CredentialKey) -> Result<(), PluginError> {
+        match self.build()? {
+            Some(t) => t.revoke(key).await,
+            None => Ok(()),
+        }
+    }
 }
 
 #[async_trait]

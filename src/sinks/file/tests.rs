@@ -821,6 +821,65 @@ async fn retract_removes_everything_and_twice_is_fine() {
     never.retract(&key).await.unwrap();
 }
 
+/// Defect (black-box): a symlink put in place of a directory ABOVE the
+/// delivered file kept its decommission item pending for ever ("is a
+/// symlink; refusing to follow it"). A link that names a place in its own
+/// directory by plain names is walked by those names (never followed): the
+/// delivered file is removed there. Any other link is still never
+/// followed, and the error says where it points and what to do; once the
+/// operator removes the link, the item completes.
+#[tokio::test]
+async fn retract_reaches_the_file_below_a_directory_replaced_by_a_plain_symlink() {
+    let root = tempfile::tempdir().unwrap();
+    let key = notice(1, ValueKind::Password, None).key;
+    let (path, s) = agent_sink(root.path(), "sub/db.json", FileFormat::Json);
+    deliver_password(&s, 1, "v").await.unwrap();
+    let agent = root.path().join(AGENT);
+    std::fs::rename(agent.join("sub"), agent.join("sub.moved")).unwrap();
+    std::os::unix::fs::symlink("sub.moved", agent.join("sub")).unwrap();
+    assert!(path.exists(), "reachable through the link");
+    s.retract(&key).await.unwrap();
+    assert!(
+        entries(&agent.join("sub.moved")).is_empty(),
+        "the delivered file is gone where the link's maker moved it"
+    );
+    assert!(s.retracted().await.unwrap().contains("is gone"));
+
+    // A link that leaves its directory is never followed: what it points
+    // to is left alone, and the error says why and what to do.
+    let outside = tempfile::tempdir().unwrap();
+    let (path, s) = agent_sink(root.path(), "far/db.json", FileFormat::Json);
+    deliver_password(&s, 1, "v").await.unwrap();
+    std::fs::rename(agent.join("far"), outside.path().join("far")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("far"), agent.join("far")).unwrap();
+    for err in [
+        s.retract(&key).await.unwrap_err(),
+        s.retracted().await.unwrap_err(),
+    ] {
+        assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+        let msg = err.to_string();
+        for part in [
+            format!(
+                "{} is a symlink to {}",
+                agent.join("far").display(),
+                outside.path().join("far").display()
+            ),
+            format!(
+                "Check {} by hand",
+                outside.path().join("far/db.json").display()
+            ),
+            format!("then remove the symlink {}", agent.join("far").display()),
+        ] {
+            assert!(msg.contains(&part), "{part:?} in {msg}");
+        }
+    }
+    assert!(path.exists(), "what the link points to is left alone");
+    // The operator removes the link: nothing is at the path any more.
+    std::fs::remove_file(agent.join("far")).unwrap();
+    assert!(s.retracted().await.unwrap().contains("is gone"));
+    s.retract(&key).await.unwrap();
+}
+
 #[tokio::test]
 async fn error_messages_never_carry_the_value() {
     let root = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@ impl Inner {
     /// fine: retracting twice is a no-op.
     pub(super) fn retract(&self) -> Result<(), PluginError> {
         let depth = self.rel_len() - 1;
-        let Some(dir) = self.walk(depth, None)? else {
+        let Some(dir) = self.walk_to_remove(depth)? else {
             return Ok(());
         };
         let name = self.file_name();
@@ -60,7 +60,7 @@ impl Inner {
                 format_args!("{} is still there", what.display()),
             ))
         };
-        let Some(dir) = self.walk(self.rel_len() - 1, None)? else {
+        let Some(dir) = self.walk_to_remove(self.rel_len() - 1)? else {
             return gone();
         };
         let name = self.file_name();
@@ -91,6 +91,97 @@ impl Inner {
                 kept.join(", ")
             )
         })
+    }
+
+    /// The walk of a retraction (and its proof): [`Inner::walk`] without
+    /// creating anything, except for a directory on the way that someone
+    /// replaced by a symlink (keyturn never links a directory; the agent
+    /// owns its directory and may). Such a link is never followed by the
+    /// kernel. When it names a place in the directory that holds it by
+    /// plain names only (`sub.moved`, `a/b`: no leading `/`, no `..`),
+    /// those names are walked instead, each opened without following a
+    /// link: the file keyturn delivered is reached where the link's maker
+    /// moved it, and the walk never leaves a directory it already reached
+    /// safely. Any other link is refused, saying where it points and what
+    /// the operator does about it. `Ok(None)`: nothing is at the path.
+    fn walk_to_remove(&self, depth: usize) -> Result<Option<OwnedFd>, PluginError> {
+        let mut cur = self.open_root()?;
+        for i in 0..depth {
+            cur = match open_dir(Some(cur.as_raw_fd()), self.rel_at(i)) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) => return Ok(None),
+                Err(e) => match self.linked_dir(&cur, i + 1, e)? {
+                    Some(fd) => fd,
+                    None => return Ok(None),
+                },
+            };
+        }
+        Ok(Some(cur))
+    }
+
+    /// Component `depth` of the path (in `parent`), which did not open as
+    /// a directory: the place a plain symlink there names, walked without
+    /// following anything (`Ok(None)` when it is not there), or why not.
+    fn linked_dir(
+        &self,
+        parent: &OwnedFd,
+        depth: usize,
+        e: Errno,
+    ) -> Result<Option<OwnedFd>, PluginError> {
+        let name = self.rel_at(depth - 1);
+        let shown = self.shown(depth);
+        let is_link =
+            matches!(stat_nofollow(parent, name), Ok(Some(st)) if is_type(&st, SFlag::S_IFLNK));
+        if !is_link {
+            return Err(self.refuse_component(parent, depth, e));
+        }
+        let to = nix::fcntl::readlinkat(Some(parent.as_raw_fd()), name)
+            .map(PathBuf::from)
+            .map_err(|e| self.sys(format_args!("read the symlink {}", shown.display()), e))?;
+        let plain = !to.as_os_str().is_empty()
+            && to.components().all(|c| matches!(c, Component::Normal(_)));
+        let mut reached: Option<OwnedFd> = None;
+        let mut blocked = !plain;
+        if plain {
+            for c in to.components() {
+                let at = reached.as_ref().unwrap_or(parent).as_raw_fd();
+                match open_dir(Some(at), c.as_os_str()) {
+                    Ok(fd) => reached = Some(fd),
+                    // A dangling link: nothing is reachable at the path.
+                    Err(Errno::ENOENT) => return Ok(None),
+                    Err(_) => {
+                        blocked = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if blocked {
+            let rest: PathBuf = self.rel().skip(depth).collect();
+            return Err(self.err(
+                ErrorKind::Invalid,
+                format_args!(
+                    "{} is a symlink to {}, put in place of a directory by someone else (keyturn never links a directory); keyturn does not follow it{}, so it cannot reach what it delivered below it safely. Check {} by hand and remove it if it is the delivered file, then remove the symlink {}: this item completes once nothing is at the path",
+                    shown.display(),
+                    to.display(),
+                    if plain {
+                        " (another symlink or a non-directory is on its way)"
+                    } else {
+                        " (it leaves the directory that holds it)"
+                    },
+                    // (`to` replaces the directory when it is absolute.)
+                    shown
+                        .parent()
+                        .unwrap_or(&shown)
+                        .join(&to)
+                        .join(&rest)
+                        .display(),
+                    shown.display(),
+                ),
+            ));
+        }
+        tracing::warn!(path = %self.path().display(), link = %shown.display(), to = %to.display(), "file sink: a directory on the path was replaced by a symlink within its own directory; reached the delivered file through its plain names, never following a link");
+        Ok(reached)
     }
 
     /// Checks delivery can work and removes stale temp files along the path.

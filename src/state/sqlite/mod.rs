@@ -40,8 +40,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    AuditHead, CredentialRow, DecommissionRow, Result, RevocationRow, RotationRow, Snapshot,
-    StateError, StateStore, VersionRow, Write,
+    AckRow, AuditHead, CredentialRow, DecommissionRow, Result, RevocationRow, RotationRow,
+    Snapshot, StateError, StateStore, VersionRow, Write,
 };
 use crate::model::{AgentId, CredentialKey, RotationId, Stage, VersionNo};
 use crate::private_file;
@@ -440,6 +440,23 @@ impl SqliteStore {
                     to_millis(*at)
                 ])
                 .map_err(e)?;
+                // Kept past the next delivery (which replaces the acks rows).
+                tx.prepare_cached(
+                    "INSERT INTO last_acks (agent, credential, consumer, version, acked_at) \
+                     SELECT agent, credential, consumer, version, acked_at FROM acks \
+                     WHERE agent = ?1 AND credential = ?2 AND consumer = ?3 AND version = ?4 \
+                     ON CONFLICT (agent, credential, consumer) DO UPDATE \
+                     SET version = excluded.version, acked_at = excluded.acked_at \
+                     WHERE excluded.acked_at >= last_acks.acked_at",
+                )
+                .map_err(e)?
+                .execute(params![
+                    key.agent.as_str(),
+                    key.credential.as_str(),
+                    consumer,
+                    self.ver_to_sql(*version)?
+                ])
+                .map_err(e)?;
             }
             Write::Decommission(d) => {
                 tx.prepare_cached(
@@ -499,6 +516,7 @@ impl SqliteStore {
                     "DELETE FROM rotate_requests WHERE agent = ?1 AND credential = ?2",
                     "DELETE FROM holdings WHERE agent = ?1 AND credential = ?2",
                     "DELETE FROM acks WHERE agent = ?1 AND credential = ?2",
+                    "DELETE FROM last_acks WHERE agent = ?1 AND credential = ?2",
                     "DELETE FROM versions WHERE agent = ?1 AND credential = ?2",
                     "DELETE FROM rotations WHERE agent = ?1 AND credential = ?2",
                     "DELETE FROM credentials WHERE agent = ?1 AND credential = ?2",
@@ -647,6 +665,14 @@ impl StateStore for SqliteStore {
             acks,
             requests,
         })
+    }
+
+    fn last_acks(&self) -> Result<Vec<AckRow>> {
+        self.query_rows(
+            &format!("SELECT {ACK_COLS} FROM last_acks ORDER BY agent, credential, consumer"),
+            [],
+            decode_ack,
+        )
     }
 
     fn credential(&self, key: &CredentialKey) -> Result<Option<CredentialRow>> {
@@ -1310,6 +1336,63 @@ mod tests {
         with.footprint = Some("{}".into());
         s.apply(&[Write::Rotation(with.clone())]).unwrap();
         assert_eq!(s.latest_rotation(&k).unwrap(), Some(with));
+    }
+
+    #[test]
+    fn a_version_7_database_keeps_its_acks_as_last_acks_past_the_next_delivery() {
+        let (_dir, path) = tmp_path("keyturn.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for m in &MIGRATIONS[..7] {
+                conn.execute_batch(m).unwrap();
+            }
+            conn.execute_batch(
+                "INSERT INTO acks (agent, credential, version, consumer, acked_at) VALUES \
+                 ('a', 'db', 3, 'file:/x', 1700000000000), ('a', 'db', 3, 'file:/y', NULL); \
+                 PRAGMA user_version = 7;",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let k = key("a", "db");
+        let acked = |v: u64, c: &str, ms: i64| AckRow {
+            key: k.clone(),
+            version: v,
+            consumer: c.into(),
+            acked_at: DateTime::from_timestamp_millis(ms),
+        };
+        assert_eq!(
+            s.last_acks().unwrap(),
+            vec![acked(3, "file:/x", 1_700_000_000_000)]
+        );
+        // Version 4 is delivered: the acks rows are replaced, the last
+        // acks are kept; an ack of version 4 moves them on.
+        s.apply(&[Write::AwaitAcks {
+            key: k.clone(),
+            version: 4,
+            consumers: vec!["file:/x".into(), "file:/y".into()],
+        }])
+        .unwrap();
+        assert_eq!(
+            s.last_acks().unwrap(),
+            vec![acked(3, "file:/x", 1_700_000_000_000)]
+        );
+        s.apply(&[Write::Acked {
+            key: k.clone(),
+            version: 4,
+            consumer: "file:/y".into(),
+            at: DateTime::from_timestamp_millis(1_700_000_900_000).unwrap(),
+        }])
+        .unwrap();
+        assert_eq!(
+            s.last_acks().unwrap(),
+            vec![
+                acked(3, "file:/x", 1_700_000_000_000),
+                acked(4, "file:/y", 1_700_000_900_000)
+            ]
+        );
+        s.apply(&[Write::ForgetCredential(k.clone())]).unwrap();
+        assert_eq!(s.last_acks().unwrap(), vec![]);
     }
 
     #[test]

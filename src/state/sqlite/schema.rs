@@ -126,6 +126,24 @@ pub(super) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (agent, credential)
     );
     "#,
+    // 8: each consumer's last acknowledgement of any version. The `acks`
+    // rows are replaced by every delivery, which forgot that a consumer had
+    // acked the version before (`keyturn surface` then called an agent
+    // that acks every version unused until it acked the new one). Seeded
+    // from the acks recorded so far.
+    r#"
+    CREATE TABLE last_acks (
+        agent      TEXT    NOT NULL,
+        credential TEXT    NOT NULL,
+        consumer   TEXT    NOT NULL,
+        version    INTEGER NOT NULL,
+        acked_at   INTEGER NOT NULL,
+        PRIMARY KEY (agent, credential, consumer)
+    );
+    INSERT INTO last_acks (agent, credential, consumer, version, acked_at)
+        SELECT agent, credential, consumer, version, acked_at FROM acks
+        WHERE acked_at IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build writes and understands.

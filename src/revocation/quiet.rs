@@ -1,0 +1,148 @@
+//! Which failed attempts of a revocation item are audited. An item that
+//! cannot be done (a symlink the agent planted, a target that stays down)
+//! is retried for as long as it takes, at most every `retry.max_delay`;
+//! one `revocation.failed` record per attempt buried the audit log (610 in
+//! ten minutes at a 2 s cap). So a failure is audited when it is the
+//! item's first, or its error changed, and otherwise once per
+//! [`SUMMARY_EVERY`] with how many attempts failed since the last record.
+//! Every attempt is still persisted (status shows the count and the last
+//! error) and logged. Kept in memory: after a restart the first failure is
+//! audited again.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+
+use crate::model::AgentId;
+
+/// At most one record per item in this long while its error stays the same.
+pub(super) const SUMMARY_EVERY: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+
+/// What to do with one failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Audit it; `Some(n)`: `n` earlier failed attempts were not (their
+    /// count goes in the record).
+    Audit(Option<u32>),
+    /// Persist and log it only.
+    Quiet,
+}
+
+#[derive(Debug)]
+struct Last {
+    error: String,
+    audited_at: DateTime<Utc>,
+    /// Failed attempts since the last audited one.
+    unaudited: u32,
+    /// A "revoked again" record was written since the last audited failure.
+    again_audited: bool,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Quiet(Mutex<HashMap<(AgentId, String), Last>>);
+
+impl Quiet {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(AgentId, String), Last>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A failed attempt of `item` of `agent` with `error`, at `now`.
+    pub(super) fn failed(
+        &self,
+        agent: &AgentId,
+        item: &str,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Verdict {
+        let mut map = self.map();
+        let key = (agent.clone(), item.to_owned());
+        let fresh = |unaudited| Last {
+            error: error.to_owned(),
+            audited_at: now,
+            unaudited,
+            again_audited: false,
+        };
+        match map.get_mut(&key) {
+            Some(last) if last.error == error && now - last.audited_at < SUMMARY_EVERY => {
+                last.unaudited += 1;
+                Verdict::Quiet
+            }
+            Some(last) => {
+                let skipped = last.unaudited;
+                *last = fresh(0);
+                Verdict::Audit((skipped > 0).then_some(skipped))
+            }
+            None => {
+                map.insert(key, fresh(0));
+                Verdict::Audit(None)
+            }
+        }
+    }
+
+    /// Whether the repeated revocation of `item` (it did not verify last
+    /// time) is audited: once after each audited failure.
+    pub(super) fn again(&self, agent: &AgentId, item: &str) -> bool {
+        match self.map().get_mut(&(agent.clone(), item.to_owned())) {
+            Some(last) if last.again_audited => false,
+            Some(last) => {
+                last.again_audited = true;
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// `item` is done (revoked or verified): a later failure is a first one.
+    pub(super) fn done(&self, agent: &AgentId, item: &str) {
+        self.map().remove(&(agent.clone(), item.to_owned()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_failure_a_changed_error_and_an_hourly_summary_are_audited() {
+        let q = Quiet::default();
+        let a = AgentId::new("bot").unwrap();
+        let t0 = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let at = |s: i64| t0 + chrono::TimeDelta::seconds(s);
+        assert_eq!(
+            q.failed(&a, "db/sink:0", "symlink", at(0)),
+            Verdict::Audit(None)
+        );
+        assert!(q.again(&a, "db/sink:0"));
+        for s in 1..=600 {
+            assert_eq!(q.failed(&a, "db/sink:0", "symlink", at(s)), Verdict::Quiet);
+            assert!(!q.again(&a, "db/sink:0"));
+        }
+        // Another item is on its own.
+        assert_eq!(
+            q.failed(&a, "db/target", "down", at(601)),
+            Verdict::Audit(None)
+        );
+        // The error changed: audited, with the count of those not.
+        assert_eq!(
+            q.failed(&a, "db/sink:0", "not a directory", at(602)),
+            Verdict::Audit(Some(600))
+        );
+        assert!(q.again(&a, "db/sink:0"));
+        assert_eq!(
+            q.failed(&a, "db/sink:0", "not a directory", at(603)),
+            Verdict::Quiet
+        );
+        // An hour after the last record: a summary.
+        assert_eq!(
+            q.failed(&a, "db/sink:0", "not a directory", at(602 + 3600)),
+            Verdict::Audit(Some(1))
+        );
+        // Done, then failing again: a first failure.
+        q.done(&a, "db/sink:0");
+        assert_eq!(
+            q.failed(&a, "db/sink:0", "not a directory", at(4300)),
+            Verdict::Audit(None)
+        );
+    }
+}
