@@ -54,6 +54,10 @@ struct Mem {
     signing: Mutex<Vec<(VersionRow, SecretValue)>>,
     /// Tenant `partner`'s own signing credential's versions.
     partner_signing: Mutex<Vec<(VersionRow, SecretValue)>>,
+    /// `keyturn/signer2`'s versions: a signing credential switched to.
+    other_signing: Mutex<Vec<(VersionRow, SecretValue)>>,
+    /// Moved by a test that changes versions, as the engine does.
+    generation: std::sync::atomic::AtomicU64,
     /// Every record, however it was audited.
     audit: Mutex<Vec<AuditEvent>>,
     /// The records of refusals audited as unauthenticated (the daemon
@@ -123,6 +127,9 @@ impl Backend for Mem {
             .filter(|(a, _)| a == agent)
             .map(|(_, t)| t.clone()))
     }
+    fn versions_generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
     fn decommissioned_at(&self, agent: &str) -> Option<i64> {
         self.decommissioned.lock().unwrap().get(agent).copied()
     }
@@ -139,10 +146,25 @@ impl Mem {
     fn rows(&self, credential: &CredentialKey) -> &Mutex<Vec<(VersionRow, SecretValue)>> {
         if *credential == partner_signer() {
             &self.partner_signing
+        } else if *credential == signer_key("signer2") {
+            &self.other_signing
         } else {
             &self.signing
         }
     }
+}
+
+/// The `kid` of the version of `rows` numbered `version`: its RFC 7638
+/// thumbprint.
+fn kid_in(rows: &Mutex<Vec<(VersionRow, SecretValue)>>, version: u64) -> String {
+    let rows = rows.lock().unwrap();
+    let (row, _) = rows.iter().find(|(r, _)| r.version == version).unwrap();
+    super::exchange::ed25519_kid_of_pem(row.public.as_deref().unwrap()).unwrap()
+}
+
+/// The `kid` of the default signing credential's `version`.
+fn kid(h: &Harness, version: u64) -> String {
+    kid_in(&h.mem.signing, version)
 }
 
 fn signer_key(name: &str) -> CredentialKey {
@@ -174,6 +196,10 @@ fn signing_row_of(key: CredentialKey, version: u64, stage: Stage, public: &str) 
 
 struct Harness {
     addr: std::net::SocketAddr,
+    /// What the service was built from.
+    config: TokenServiceConfig,
+    /// The identity provider's JWKS file.
+    jwks_path: std::path::PathBuf,
     service: Arc<TokenService>,
     /// What the listener serves (the daemon swaps it on reload).
     slot: Arc<super::service::Slot>,
@@ -203,7 +229,51 @@ fn client(agent: &str, scopes: &[&str], tenants: &[&str]) -> ClientPolicy {
     }
 }
 
+/// The subject issuers: `corp` (tenant acme) and `partner`, both the one
+/// identity provider whose JWKS is at `jwks_path`.
+fn subjects_from(jwks_path: &std::path::Path) -> SubjectTokens {
+    let issuer = |name: &str, iss: &str, tenant: &str| {
+        SubjectIssuer::from_config(SubjectIssuerConfig {
+            name: name.into(),
+            issuer: iss.into(),
+            audience: vec!["keyturn".into()],
+            algorithms: vec![Algorithm::EdDSA],
+            jwks: JwksSource::File(jwks_path.to_owned()),
+            refresh: Duration::from_secs(300),
+            skew: Duration::from_secs(30),
+            typ: vec!["at+jwt".into()],
+            tenant: tenant.into(),
+        })
+        .unwrap()
+    };
+    SubjectTokens::new(vec![
+        issuer("corp", IDP, "acme"),
+        issuer("partner", PARTNER_IDP, "partner"),
+    ])
+}
+
+impl Harness {
+    /// Serves a service built from `config` instead (a reload), on the
+    /// same backend: what is served from now on.
+    async fn reload(&mut self, config: TokenServiceConfig) {
+        let subjects = subjects_from(&self.jwks_path);
+        subjects.start(&self.cancel).await;
+        let service = Arc::new(
+            TokenService::new(&config, subjects, self.mem.clone()).with_cache_for(Duration::ZERO),
+        );
+        self.slot.set(Some(service.clone()));
+        self.service = service;
+        self.config = config;
+    }
+}
+
 async fn harness() -> Harness {
+    // The tests change state (rotations) under the service: no cache.
+    harness_cached(Duration::ZERO).await
+}
+
+/// The harness with the service's state reads kept `cache_for`.
+async fn harness_cached(cache_for: Duration) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = TaskStore::open(&dir.path().join("tasks")).unwrap();
     let mut keys = HashMap::new();
@@ -234,6 +304,8 @@ async fn harness() -> Harness {
             signing_row_of(partner_signer(), 1, Stage::Current, &partner.public),
             partner.private,
         )]),
+        other_signing: Mutex::default(),
+        generation: Default::default(),
         audit: Mutex::default(),
         unauthenticated: Mutex::default(),
     });
@@ -246,24 +318,7 @@ async fn harness() -> Harness {
     jwk["kid"] = json!("idp-1");
     let jwks_path = dir.path().join("idp-jwks.json");
     std::fs::write(&jwks_path, json!({ "keys": [jwk] }).to_string()).unwrap();
-    let issuer = |name: &str, iss: &str, tenant: &str| {
-        SubjectIssuer::from_config(SubjectIssuerConfig {
-            name: name.into(),
-            issuer: iss.into(),
-            audience: vec!["keyturn".into()],
-            algorithms: vec![Algorithm::EdDSA],
-            jwks: JwksSource::File(jwks_path.clone()),
-            refresh: Duration::from_secs(300),
-            skew: Duration::from_secs(30),
-            typ: vec!["at+jwt".into()],
-            tenant: tenant.into(),
-        })
-        .unwrap()
-    };
-    let subjects = SubjectTokens::new(vec![
-        issuer("corp", IDP, "acme"),
-        issuer("partner", PARTNER_IDP, "partner"),
-    ]);
+    let subjects = subjects_from(&jwks_path);
     let cancel = CancellationToken::new();
     subjects.start(&cancel).await;
 
@@ -297,9 +352,9 @@ async fn harness() -> Harness {
         .into(),
         tenant_keys: [("partner".to_owned(), partner_signer())].into(),
     };
-    // The tests change state (rotations) under the service: no cache.
-    let service =
-        Arc::new(TokenService::new(&config, subjects, mem.clone()).with_cache_for(Duration::ZERO));
+    let service = Arc::new(
+        TokenService::new(&config, subjects, mem.clone()).with_cache_for(cache_for),
+    );
 
     let slot = Arc::new(super::service::Slot::with(service.clone()));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -319,6 +374,8 @@ async fn harness() -> Harness {
     ));
     Harness {
         addr,
+        config,
+        jwks_path,
         service,
         slot,
         metrics,
@@ -586,7 +643,7 @@ async fn a_token_exchange_answers_exactly_as_rfc_8693_says() {
     let (header, claims) = verify_with_jwks(&h, token).await;
     assert_eq!(header.typ.as_deref(), Some("at+jwt"));
     assert_eq!(header.alg, Algorithm::EdDSA);
-    assert_eq!(header.kid.as_deref(), Some("1"));
+    assert_eq!(header.kid, Some(kid(&h, 1)));
     assert_eq!(claims["sub"], "alice@example.com");
     assert_eq!(claims["act"], json!({ "sub": "reporter" }));
     assert_eq!(claims["client_id"], "reporter");
@@ -640,7 +697,7 @@ async fn metadata_and_jwks_are_published() {
     assert_eq!(j.status, 200);
     let keys = j.json["keys"].as_array().unwrap();
     assert_eq!(keys.len(), 1);
-    assert_eq!(keys[0]["kid"], "1");
+    assert_eq!(keys[0]["kid"], kid(&h, 1));
     assert_eq!(keys[0]["kty"], "OKP");
     assert_eq!(keys[0]["crv"], "Ed25519");
     assert!(keys[0].get("d").is_none(), "never the private part");
@@ -1011,6 +1068,46 @@ fn auth_form(h: &Harness, agent: &str, token: &str) -> Vec<(String, String)> {
     ]
 }
 
+/// bb7 #5: with the agents' keys cached (as the daemon does), a key that a
+/// rotation retired is refused as soon as the retirement is committed (the
+/// versions generation moved), not once the cache ages out.
+#[tokio::test]
+async fn a_retired_agent_key_is_refused_at_once_despite_the_cache() {
+    let mut h = harness_cached(Duration::from_secs(3600)).await;
+    let old = |h: &Harness| {
+        let mut form = request(h);
+        set(&mut form, "client_assertion", &assertion(h, "reporter"));
+        set(&mut form, "actor_token", &assertion(h, "reporter"));
+        form
+    };
+    // The old key authenticates, and its keys are now cached.
+    issue(&h, &old(&h)).await;
+    // Rotated twice: the old key is retired, v2 previous, v3 current.
+    let (v2, v3) = (pair(), pair());
+    *h.mem.agents.lock().unwrap().get_mut("reporter").unwrap() = vec![
+        AgentKey {
+            version: 3,
+            public_pem: v3.public.clone(),
+        },
+        AgentKey {
+            version: 2,
+            public_pem: v2.public.clone(),
+        },
+    ];
+    h.keys.insert("reporter-v3", v3);
+    h.mem
+        .generation
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let form = old(&h);
+    assert_eq!(code_of(&h, form).await, "invalid_client");
+    // The current key works (read again, not refused from a stale cache).
+    let mut form = request(&h);
+    let new = |h: &Harness| assertion_with(h, "reporter", "reporter-v3", json!({}), json!({}));
+    set(&mut form, "client_assertion", &new(&h));
+    set(&mut form, "actor_token", &new(&h));
+    issue(&h, &form).await;
+}
+
 #[tokio::test]
 async fn introspection_revocation_and_decommission() {
     let h = harness().await;
@@ -1043,7 +1140,7 @@ async fn introspection_revocation_and_decommission() {
         sign_raw(
             &attacker,
             Algorithm::EdDSA,
-            &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "1"}),
+            &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": kid(&h, 1)}),
             &claims,
         )
     };
@@ -1243,9 +1340,9 @@ async fn tokens_stay_verifiable_across_a_signing_key_rotation() {
     }
     let (new, _) = issue(&h, &request(&h)).await;
     let (hn, _) = verify_with_jwks(&h, &new).await;
-    assert_eq!(hn.kid.as_deref(), Some("2"));
+    assert_eq!(hn.kid, Some(kid(&h, 2)));
     let (ho, _) = verify_with_jwks(&h, &old).await;
-    assert_eq!(ho.kid.as_deref(), Some("1"));
+    assert_eq!(ho.kid, Some(kid(&h, 1)));
     // Rotate again: v1 is retired, but a token it signed is still live, so
     // it stays published until that token expires.
     let v3 = pair();
@@ -1261,7 +1358,7 @@ async fn tokens_stay_verifiable_across_a_signing_key_rotation() {
         .iter()
         .map(|k| k["kid"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(kids, ["3", "2", "1"]);
+    assert_eq!(kids, [kid(&h, 3), kid(&h, 2), kid(&h, 1)]);
     verify_with_jwks(&h, &old).await;
     let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &old)).await;
     assert_eq!(a.json["active"], true);
@@ -1276,6 +1373,98 @@ async fn tokens_stay_verifiable_across_a_signing_key_rotation() {
         .unwrap()
         .len();
     assert_eq!(n, 3);
+}
+
+/// The `kid`s the JWKS at `path` publishes, in order.
+async fn jwks_kids(h: &Harness, path: &str) -> Vec<String> {
+    get(h, path).await.json["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// bb7 #8: a reload that names another `signing_credential` (same version
+/// number, another key) gives the new key a `kid` of its own, and keeps
+/// the old credential's key published while a token it signed is live.
+#[tokio::test]
+async fn switching_the_signing_credential_keeps_old_tokens_verifiable() {
+    let mut h = harness().await;
+    let (old, _) = issue(&h, &request(&h)).await;
+    let other = pair();
+    h.mem.other_signing.lock().unwrap().push((
+        signing_row_of(signer_key("signer2"), 1, Stage::Current, &other.public),
+        other.private,
+    ));
+    let mut config = h.config.clone();
+    config.signing_credential = signer_key("signer2");
+    h.reload(config).await;
+    let (new, _) = issue(&h, &request(&h)).await;
+    let (hn, _) = verify_with_jwks(&h, &new).await;
+    let (ho, _) = verify_with_jwks(&h, &old).await;
+    let (new_kid, old_kid) = (kid_in(&h.mem.other_signing, 1), kid(&h, 1));
+    assert_ne!(new_kid, old_kid);
+    assert_eq!(hn.kid.as_ref(), Some(&new_kid));
+    assert_eq!(ho.kid.as_ref(), Some(&old_kid));
+    assert_eq!(
+        jwks_kids(&h, "/.well-known/jwks.json").await,
+        [new_kid, old_kid.clone()]
+    );
+    for t in [&old, &new] {
+        let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", t)).await;
+        assert_eq!(a.json["active"], true, "{}", a.json);
+    }
+    // The old credential's key is the default set's only: the tenant with
+    // a key of its own does not publish it.
+    assert!(
+        !jwks_kids(&h, "/tenants/partner/jwks.json")
+            .await
+            .contains(&old_kid)
+    );
+}
+
+/// Tokens signed before kids were thumbprints carry the version as `kid`
+/// and their key's uses were recorded under the bare credential name:
+/// while such a token may be live, its key is published under that kid
+/// too, and it verifies and introspects active.
+#[tokio::test]
+async fn a_token_with_a_version_kid_of_before_verifies_while_one_may_be_live() {
+    let h = harness().await;
+    let (token, _) = issue(&h, &request(&h)).await;
+    let (_, claims) = verify_with_jwks(&h, &token).await;
+    let legacy = {
+        let rows = h.mem.signing.lock().unwrap();
+        let key = EncodingKey::from_ed_pem(rows[0].1.expose()).unwrap();
+        sign_raw(
+            &key,
+            Algorithm::EdDSA,
+            &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "1"}),
+            &claims,
+        )
+    };
+    let introspect = |t: String| {
+        let h = &h;
+        async move {
+            post(h, "/oauth/introspect", &auth_form(h, "auditor", &t))
+                .await
+                .json
+        }
+    };
+    // Nothing recorded under the old name: kid "1" names no key.
+    assert_eq!(introspect(legacy.clone()).await, json!({"active": false}));
+    assert_eq!(jwks_kids(&h, "/.well-known/jwks.json").await, [kid(&h, 1)]);
+    // As a keyturn of before recorded its use.
+    h.mem
+        .store
+        .signed("keyturn/signer", 1, now() + 600)
+        .unwrap();
+    assert_eq!(introspect(legacy.clone()).await["active"], true);
+    assert_eq!(
+        jwks_kids(&h, "/.well-known/jwks.json").await,
+        [kid(&h, 1), "1".to_owned()]
+    );
+    verify_with_jwks(&h, &legacy).await;
 }
 
 #[tokio::test]
@@ -1586,7 +1775,8 @@ async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
     set(&mut form, "scope", "read:reports");
     let (token, _) = issue(&h, &form).await;
     let header = jsonwebtoken::decode_header(&token).unwrap();
-    assert_eq!(header.kid.as_deref(), Some("partner.1"));
+    let partner_kid = kid_in(&h.mem.partner_signing, 1);
+    assert_eq!(header.kid.as_ref(), Some(&partner_kid));
 
     // Its own JWKS verifies it, with its own `iss`; the default JWKS does
     // not have its key, and its JWKS does not have the default key.
@@ -1600,14 +1790,14 @@ async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
             .iter()
             .map(|k| k.common.key_id.clone().unwrap())
             .collect::<Vec<_>>(),
-        ["partner.1"]
+        [partner_kid.clone()]
     );
     let mut v = Validation::new(Algorithm::EdDSA);
     v.set_issuer(&[&tenant_iss]);
     v.set_audience(&[API]);
     let claims = jsonwebtoken::decode::<Value>(
         &token,
-        &DecodingKey::from_jwk(set_p.find("partner.1").unwrap()).unwrap(),
+        &DecodingKey::from_jwk(set_p.find(&partner_kid).unwrap()).unwrap(),
         &v,
     )
     .unwrap()
@@ -1616,14 +1806,14 @@ async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
     assert_eq!(claims["iss"], tenant_iss.as_str());
     let default: jsonwebtoken::jwk::JwkSet =
         serde_json::from_value(get(&h, "/.well-known/jwks.json").await.json).unwrap();
-    assert!(default.find("partner.1").is_none());
+    assert!(default.find(&partner_kid).is_none());
     assert_eq!(default.keys.len(), 1);
 
     // A tenant without a key of its own (acme) signs with the default key.
     let (acme, _) = issue(&h, &request(&h)).await;
     let hd = jsonwebtoken::decode_header(&acme).unwrap();
-    assert_eq!(hd.kid.as_deref(), Some("1"));
-    assert!(set_p.find("1").is_none());
+    assert_eq!(hd.kid, Some(kid(&h, 1)));
+    assert!(set_p.find(&kid(&h, 1)).is_none());
 
     // RFC 8414 3.1 metadata of the tenant's issuer.
     let m = get(
@@ -1673,15 +1863,15 @@ async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
     c["iss"] = json!(ISSUER);
     c["tenant"] = json!("acme");
     for (what, t) in [
-        ("iss", resign("partner.1", &c)),
-        ("kid", resign("1", &claims)),
+        ("iss", resign(&partner_kid, &c)),
+        ("kid", resign(&kid(&h, 1), &claims)),
     ] {
         let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &t)).await;
         assert_eq!(a.json, json!({"active": false}), "forged {what}");
     }
     // The genuine claims re-signed correctly stay valid: the refusals above
     // are about the key set, not the claims.
-    let genuine = resign("partner.1", &claims);
+    let genuine = resign(&partner_kid, &claims);
     let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &genuine)).await;
     assert_eq!(a.json["active"], true);
 }
@@ -1774,7 +1964,12 @@ async fn the_tokens_probe_passes_only_when_the_service_refuses_the_agents_tokens
     let agent = AgentId::new("reporter").unwrap();
     let (live, _) = issue(&h, &request(&h)).await;
     let audited = h.mem.audit.lock().unwrap().len();
-    let signed = |c: &CredentialKey| h.mem.store.signed_until(&c.to_string()).unwrap();
+    // Every use of `c`'s keys, under any name.
+    let signed = |c: &CredentialKey| {
+        let mut uses = h.mem.store.signed_under("").unwrap();
+        uses.retain(|(name, _, _)| name.ends_with(&c.to_string()));
+        uses
+    };
     let default_signer = CredentialKey::new(
         AgentId::new("keyturn").unwrap(),
         CredentialId::new("signer").unwrap(),

@@ -70,21 +70,26 @@ impl TokenService {
         {
             return Ok(None);
         }
-        let Some((set, version)) = header
-            .kid
-            .as_deref()
-            .and_then(|kid| self.keys.iter().find_map(|s| Some((s, s.version_of(kid)?))))
-        else {
+        let Some(kid) = header.kid.as_deref() else {
             return Ok(None);
         };
-        let keys = self.published(set, now).await.map_err(|e| {
-            tracing::error!("token service: cannot list the signing keys: {e}");
-            err(
-                "temporarily_unavailable",
-                "the signing keys cannot be read now; retry",
-            )
-        })?;
-        let Some(key) = keys.iter().find(|k| k.version == version) else {
+        // The set whose published keys hold the kid (thumbprints never
+        // collide; a legacy kid is published by its own set only).
+        let mut found = None;
+        for set in &self.keys {
+            let keys = self.published(set, now).await.map_err(|e| {
+                tracing::error!("token service: cannot list the signing keys: {e}");
+                err(
+                    "temporarily_unavailable",
+                    "the signing keys cannot be read now; retry",
+                )
+            })?;
+            if let Some(key) = keys.into_iter().find(|k| k.kid == kid) {
+                found = Some((set, key));
+                break;
+            }
+        }
+        let Some((set, key)) = found else {
             return Ok(None);
         };
         let Ok(decoding) = DecodingKey::from_ed_pem(key.public_pem.as_bytes()) else {
@@ -286,7 +291,7 @@ impl TokenService {
                 continue;
             }
             let iss = &set.policy.issuer;
-            let key = self
+            let (_, key) = self
                 .signing_key(set)
                 .await
                 .map_err(|e| format!("key set of {iss}: {}", e.description))?;
