@@ -1006,9 +1006,9 @@ fn http_post_form(port: u16, path: &str, form: &[(&str, &str)]) -> String {
 }
 
 /// A fresh RFC 7523 client assertion of `agent` for `issuer`, signed with
-/// the key in `pem_file`.
-fn client_assertion(agent: &str, issuer: &str, pem_file: &Path) -> String {
-    let key = jsonwebtoken::EncodingKey::from_ed_pem(&std::fs::read(pem_file).unwrap()).unwrap();
+/// `pem` (PKCS#8).
+fn client_assertion(agent: &str, issuer: &str, pem: &[u8]) -> String {
+    let key = jsonwebtoken::EncodingKey::from_ed_pem(pem).unwrap();
     let now = jsonwebtoken::get_current_timestamp();
     let jti = format!("{:x}", rand::random::<u128>());
     jsonwebtoken::encode(
@@ -1045,6 +1045,8 @@ fn a_decommission_dated_later_takes_the_token_service_when_it_comes() {
         key.exists().then_some(())
     })
     .expect("bot's key is delivered");
+    // Read now: the decommission retracts the file.
+    let key = std::fs::read(&key).unwrap();
     let introspect = || {
         let assertion = client_assertion("bot", &issuer, &key);
         http_post_form(

@@ -367,7 +367,9 @@ fn a_signing_key_kid_is_its_rfc_7638_thumbprint() {
         "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
     );
     let private = std::str::from_utf8(PEM).unwrap();
-    let signing = SigningKey::from_ed25519_pem(&crate::model::SecretValue::from_string(private.to_owned())).unwrap();
+    let signing =
+        SigningKey::from_ed25519_pem(&crate::model::SecretValue::from_string(private.to_owned()))
+            .unwrap();
     let public = ed25519_dalek::SigningKey::from_pkcs8_pem(private)
         .unwrap()
         .verifying_key()
@@ -378,7 +380,9 @@ fn a_signing_key_kid_is_its_rfc_7638_thumbprint() {
         Some(signing.kid.as_str())
     );
     let other = std::str::from_utf8(include_bytes!("testdata/ed25519_b.pem")).unwrap();
-    let other = SigningKey::from_ed25519_pem(&crate::model::SecretValue::from_string(other.to_owned())).unwrap();
+    let other =
+        SigningKey::from_ed25519_pem(&crate::model::SecretValue::from_string(other.to_owned()))
+            .unwrap();
     assert_ne!(other.kid, signing.kid);
 }
 

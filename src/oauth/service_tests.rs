@@ -352,9 +352,8 @@ async fn harness_cached(cache_for: Duration) -> Harness {
         .into(),
         tenant_keys: [("partner".to_owned(), partner_signer())].into(),
     };
-    let service = Arc::new(
-        TokenService::new(&config, subjects, mem.clone()).with_cache_for(cache_for),
-    );
+    let service =
+        Arc::new(TokenService::new(&config, subjects, mem.clone()).with_cache_for(cache_for));
 
     let slot = Arc::new(super::service::Slot::with(service.clone()));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -501,14 +500,25 @@ async fn post(h: &Harness, path: &str, form: &[(String, String)]) -> Answer {
 }
 
 async fn post_raw(h: &Harness, path: &str, content_type: &str, body: String) -> Answer {
-    let r = h
+    post_authorized(h, path, content_type, body, None).await
+}
+
+/// A POST with an `Authorization` header, if given.
+async fn post_authorized(
+    h: &Harness,
+    path: &str,
+    content_type: &str,
+    body: String,
+    authorization: Option<&str>,
+) -> Answer {
+    let mut r = h
         .http
         .post(format!("http://{}{path}", h.addr))
-        .header("content-type", content_type)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+        .header("content-type", content_type);
+    if let Some(a) = authorization {
+        r = r.header("authorization", a);
+    }
+    let r = r.body(body).send().await.unwrap();
     let status = r.status().as_u16();
     let headers = r.headers().clone();
     let text = r.text().await.unwrap();
@@ -1465,6 +1475,167 @@ async fn a_token_with_a_version_kid_of_before_verifies_while_one_may_be_live() {
         [kid(&h, 1), "1".to_owned()]
     );
     verify_with_jwks(&h, &legacy).await;
+}
+
+/// bb7 #9: a client authenticates one way (RFC 6749 2.3: two methods are
+/// `invalid_request`), a `client_id` beside the assertion must name the
+/// client it authenticates (RFC 7521 4.2: else `invalid_client`), and a
+/// 401 challenges with the scheme the client tried (RFC 6749 5.2).
+#[tokio::test]
+async fn client_authentication_is_one_method_naming_one_client() {
+    let h = harness().await;
+    const FORM: &str = "application/x-www-form-urlencoded";
+    const BASIC: &str = "Basic cmVwb3J0ZXI6c2VjcmV0";
+    // a) Another client's id with reporter's assertion, at each endpoint.
+    let mut form = request(&h);
+    set(&mut form, "client_id", "intruder");
+    let a = post(&h, "/oauth/token", &form).await;
+    assert_eq!(refused(&a, &form), "invalid_client");
+    assert!(
+        a.json["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("client_id"),
+        "{}",
+        a.json
+    );
+    let (token, _) = issue(&h, &request(&h)).await;
+    for path in ["/oauth/introspect", "/oauth/revoke"] {
+        let mut form = auth_form(&h, "reporter", &token);
+        form.push(("client_id".into(), "intruder".into()));
+        let a = post(&h, path, &form).await;
+        assert_eq!(refused(&a, &form), "invalid_client", "{path}");
+    }
+    // Its own id is fine.
+    let mut form = request(&h);
+    set(&mut form, "client_id", "reporter");
+    issue(&h, &form).await;
+    let mut form = auth_form(&h, "reporter", &token);
+    form.push(("client_id".into(), "reporter".into()));
+    assert_eq!(
+        post(&h, "/oauth/introspect", &form).await.json["active"],
+        true
+    );
+
+    // b) Two methods in one request.
+    let form = request(&h);
+    let a = post_authorized(&h, "/oauth/token", FORM, encode(&form), Some(BASIC)).await;
+    assert_eq!(a.status, 400);
+    assert_eq!(refused(&a, &form), "invalid_request");
+    let mut form = request(&h);
+    set(&mut form, "client_secret", "secret");
+    assert_eq!(code_of(&h, form).await, "invalid_request");
+    let form = auth_form(&h, "reporter", &token);
+    let a = post_authorized(&h, "/oauth/introspect", FORM, encode(&form), Some(BASIC)).await;
+    assert_eq!(refused(&a, &form), "invalid_request");
+
+    // c) Basic alone: 401 challenging Basic; the body's methods: not Basic.
+    let basic_only = without(
+        without(request(&h), "client_assertion"),
+        "client_assertion_type",
+    );
+    let a = post_authorized(&h, "/oauth/token", FORM, encode(&basic_only), Some(BASIC)).await;
+    assert_eq!(refused(&a, &basic_only), "invalid_client");
+    assert_eq!(
+        a.headers["www-authenticate"],
+        format!("Basic realm=\"{ISSUER}\"").as_str()
+    );
+    let form = without(request(&h), "client_assertion");
+    let a = post(&h, "/oauth/token", &form).await;
+    assert_eq!(refused(&a, &form), "invalid_client");
+    let challenge = a.headers["www-authenticate"].to_str().unwrap();
+    assert!(!challenge.starts_with("Basic"), "{challenge}");
+}
+
+/// The claims of a JWT, unverified (the test checks them, not the key).
+fn claims_of(token: &str) -> Value {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// bb7 #10: refusals say what is wrong, every answer is `no-store`, `typ`
+/// is compared as sent, the issuer is kept exactly as configured and the
+/// metadata of an issuer with a path is where RFC 8414 3.1 puts it.
+#[tokio::test]
+async fn diagnostics_headers_and_the_issuer_are_exact() {
+    let mut h = harness().await;
+    // a) An `exp` that is there but is no time is invalid, not missing.
+    for exp in [json!("9999999999"), json!(1e20)] {
+        let mut form = request(&h);
+        let t = subject_with(&h, json!({}), json!({ "exp": exp }));
+        set(&mut form, "subject_token", &t);
+        let a = post(&h, "/oauth/token", &form).await;
+        refused(&a, &form);
+        let d = a.json["error_description"].as_str().unwrap();
+        assert!(d.contains("exp") && !d.contains("has no"), "{d}");
+    }
+    // b) So for an assertion's.
+    let mut form = request(&h);
+    let bad = assertion_with(&h, "reporter", "reporter", json!({}), json!({ "exp": -1 }));
+    set(&mut form, "client_assertion", &bad);
+    let a = post(&h, "/oauth/token", &form).await;
+    assert_eq!(refused(&a, &form), "invalid_client");
+    let d = a.json["error_description"].as_str().unwrap();
+    assert!(d.contains("exp is not a non-negative integer"), "{d}");
+    // c) A method the JWKS and metadata do not take: 405 as the service
+    // words its errors, never cached.
+    for path in [
+        "/.well-known/jwks.json",
+        "/.well-known/oauth-authorization-server",
+        "/tenants/partner/jwks.json",
+        "/.well-known/oauth-authorization-server/tenants/partner",
+    ] {
+        let a = post_raw(&h, path, "application/x-www-form-urlencoded", String::new()).await;
+        assert_eq!(a.status, 405, "{path}");
+        assert_eq!(a.headers["cache-control"], "no-store", "{path}");
+        assert_eq!(a.headers["allow"], "GET", "{path}");
+        assert_eq!(a.json["error"], "invalid_request", "{path}");
+    }
+    // d) `typ` with trailing whitespace is not `at+jwt`.
+    let mut form = request(&h);
+    let t = subject_with(&h, json!({ "typ": "at+jwt " }), json!({}));
+    set(&mut form, "subject_token", &t);
+    refused(&post(&h, "/oauth/token", &form).await, &form);
+
+    // e) and f): an issuer with a path and a final `/`, kept exactly.
+    let iss = format!("{ISSUER}/kt/");
+    let mut config = h.config.clone();
+    config.issuer = iss.clone();
+    h.reload(config).await;
+    let m = get(&h, "/.well-known/oauth-authorization-server/kt").await;
+    assert_eq!(m.status, 200, "{}", m.json);
+    assert_eq!(m.json["issuer"], iss.as_str());
+    assert_eq!(m.json["token_endpoint"], format!("{ISSUER}/kt/oauth/token"));
+    let t = get(
+        &h,
+        "/.well-known/oauth-authorization-server/kt/tenants/partner",
+    )
+    .await;
+    assert_eq!(t.json["issuer"], format!("{ISSUER}/kt/tenants/partner"));
+    assert_eq!(
+        get_raw(&h, "/.well-known/oauth-authorization-server/other")
+            .await
+            .status(),
+        404
+    );
+    let mut form = request(&h);
+    let named =
+        |h: &Harness| assertion_with(h, "reporter", "reporter", json!({}), json!({ "aud": iss }));
+    set(&mut form, "client_assertion", &named(&h));
+    set(&mut form, "actor_token", &named(&h));
+    let (token, _) = issue(&h, &form).await;
+    assert_eq!(claims_of(&token)["iss"], iss.as_str());
+    let mut form = auth_form(&h, "auditor", &token);
+    let by_auditor = assertion_with(&h, "auditor", "auditor", json!({}), json!({ "aud": iss }));
+    set(&mut form, "client_assertion", &by_auditor);
+    let a = post(&h, "/oauth/introspect", &form).await;
+    assert_eq!(a.json["active"], true, "{}", a.json);
 }
 
 #[tokio::test]

@@ -45,7 +45,7 @@ use super::exchange::{
     self, Actor, ClientPolicy, ExchangeError, GRANT_TYPE, Issued, PublishedKey, ServicePolicy,
     SigningKey, TOKEN_TYPE_ACCESS_TOKEN, TaskClaims,
 };
-use super::request::{self, CLIENT_ASSERTION_TYPE};
+use super::request;
 use super::subject::SubjectTokens;
 use crate::audit::{Actor as AuditActor, AuditEvent, Outcome};
 use crate::auth::{AgentKey, Verified, Verifier};
@@ -230,6 +230,8 @@ impl Slot {
 
 /// The token service.
 pub struct TokenService {
+    /// The issuer without a final `/`: the endpoints' URLs start with it.
+    base: String,
     /// The default key set (tenants without a key of their own), then one
     /// per tenant that has its own.
     keys: Vec<KeySet>,
@@ -351,13 +353,14 @@ fn err(code: &'static str, description: impl Into<String>) -> ExchangeError {
 /// The form parameters of introspection and revocation.
 struct TokenForm {
     token: SecretValue,
-    client_assertion: SecretValue,
+    client: request::ClientAuth,
 }
 
 /// `token` and client authentication, each at most once (RFC 6749 3.2);
 /// `token_type_hint` and unknown parameters are ignored (RFC 7662 2.1,
-/// RFC 7009 2.1: the hint is only an optimisation).
-fn token_form(body: &[u8]) -> Result<TokenForm, ExchangeError> {
+/// RFC 7009 2.1: the hint is only an optimisation). `authorization` is the
+/// scheme of the request's `Authorization` header, if any.
+fn token_form(body: &[u8], authorization: Option<&str>) -> Result<TokenForm, ExchangeError> {
     if body.len() > request::MAX_BODY_BYTES {
         return Err(err(
             "invalid_request",
@@ -365,40 +368,42 @@ fn token_form(body: &[u8]) -> Result<TokenForm, ExchangeError> {
         ));
     }
     let mut token = None;
-    let mut assertion = None;
-    let mut assertion_type = None;
+    let mut client = request::ClientParams::default();
     for (k, v) in form_urlencoded::parse(body) {
-        let slot = match k.as_ref() {
-            "token" => &mut token,
-            "client_assertion" => &mut assertion,
-            "client_assertion_type" => &mut assertion_type,
-            _ => continue,
-        };
-        if slot.replace(v.into_owned()).is_some() {
+        if client.take(k.as_ref(), v.to_string())? || k != "token" {
+            continue;
+        }
+        if token.replace(v.into_owned()).is_some() {
             return Err(err(
                 "invalid_request",
                 format!("parameter `{k}` is sent more than once"),
             ));
         }
     }
-    let client_assertion = match (assertion_type.as_deref(), assertion) {
-        (Some(CLIENT_ASSERTION_TYPE), Some(a)) if !a.is_empty() => SecretValue::from_string(a),
-        _ => {
-            return Err(err(
-                "invalid_client",
-                format!(
-                    "authenticate with private_key_jwt: client_assertion_type={CLIENT_ASSERTION_TYPE} and client_assertion"
-                ),
-            ));
-        }
-    };
+    let client = client.check(authorization)?;
     let Some(token) = token.filter(|t| !t.is_empty()) else {
         return Err(err("invalid_request", "token is missing"));
     };
     Ok(TokenForm {
         token: SecretValue::from_string(token),
-        client_assertion,
+        client,
     })
+}
+
+/// RFC 7521 4.2: a `client_id` sent with an assertion names the client
+/// the assertion authenticates, else the client is not authenticated.
+fn same_client(client_id: Option<&str>, client: &Verified) -> Result<(), ExchangeError> {
+    match client_id {
+        Some(id) if id != client.agent => Err(err(
+            "invalid_client",
+            format!(
+                "client_id {:?} is not the client the assertion authenticates (agent `{}`)",
+                id.chars().take(64).collect::<String>(),
+                client.agent
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 impl TokenService {
@@ -407,13 +412,17 @@ impl TokenService {
         subjects: SubjectTokens,
         backend: Arc<dyn Backend>,
     ) -> TokenService {
-        let issuer = config.issuer.trim_end_matches('/').to_owned();
+        // The `iss` exactly as configured (compared exactly by resource
+        // servers, RFC 8414 2 and 3.3); the endpoints and the tenants'
+        // issuers under it without a final `/`.
+        let issuer = config.issuer.clone();
+        let base = issuer.trim_end_matches('/').to_owned();
         let key_set = |tenant: Option<&String>, credential: &CredentialKey| KeySet {
             tenant: tenant.cloned(),
             policy: ServicePolicy {
                 issuer: match tenant {
                     None => issuer.clone(),
-                    Some(t) => format!("{issuer}{TENANTS_PATH}/{t}"),
+                    Some(t) => format!("{base}{TENANTS_PATH}/{t}"),
                 },
                 max_ttl: config.max_ttl,
                 max_act_depth: config.max_act_depth,
@@ -428,7 +437,7 @@ impl TokenService {
         // A client assertion names the service by its (or its tenant's)
         // issuer, or by the token endpoint.
         let mut audiences: Vec<String> = keys.iter().map(|k| k.policy.issuer.clone()).collect();
-        audiences.push(format!("{issuer}{TOKEN_PATH}"));
+        audiences.push(format!("{base}{TOKEN_PATH}"));
         if let Err(e) = backend
             .token_ledger()
             .adopt_unnamed_key_uses(&config.signing_credential.to_string())
@@ -436,6 +445,7 @@ impl TokenService {
             tracing::error!("token service: cannot name the signing key uses recorded before: {e}");
         }
         TokenService {
+            base,
             keys,
             clients: config.clients.clone(),
             subjects,
@@ -478,7 +488,7 @@ impl TokenService {
         let Some(set) = self.tenant_keys(tenant) else {
             return not_found_tenant();
         };
-        let base = self.issuer();
+        let base = &self.base;
         Reply::ok(json!({
             "issuer": set.policy.issuer,
             "token_endpoint": format!("{base}{TOKEN_PATH}"),
@@ -495,6 +505,33 @@ impl TokenService {
             "revocation_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
             "scopes_supported": self.all_scopes(),
         }))
+    }
+
+    /// RFC 8414 3.1 metadata at `METADATA_PATH/{path}`: `path` the issuer's
+    /// path (the service's own metadata) or a tenant's issuer's path
+    /// (`…/tenants/NAME`); a tenant's is also found without the issuer's
+    /// path (behind a proxy that strips it). 404 for any other.
+    pub fn metadata_at(&self, path: &str) -> Reply {
+        let own = reqwest::Url::parse(&self.base)
+            .map(|u| u.path().trim_matches('/').to_owned())
+            .unwrap_or_default();
+        let path = path.trim_start_matches('/');
+        if !own.is_empty() && path == own {
+            return self.metadata(None);
+        }
+        let rest = match path.strip_prefix(own.as_str()) {
+            Some(r) if !own.is_empty() && r.starts_with('/') => &r[1..],
+            _ => path,
+        };
+        match rest
+            .strip_prefix(TENANTS_PATH.trim_start_matches('/'))
+            .and_then(|t| t.strip_prefix('/'))
+        {
+            Some(tenant) if !tenant.is_empty() && !tenant.contains('/') => {
+                self.metadata(Some(tenant))
+            }
+            _ => not_found_tenant(),
+        }
     }
 
     fn all_scopes(&self) -> Vec<String> {
@@ -639,7 +676,9 @@ impl TokenService {
                 continue;
             }
             let mut rows = self.backend.signing_versions(&credential).await?;
-            rows.retain(|v| !matches!(v.stage, crate::model::Stage::Pending) && live(name, v.version));
+            rows.retain(|v| {
+                !matches!(v.stage, crate::model::Stage::Pending) && live(name, v.version)
+            });
             rows.sort_by_key(|v| std::cmp::Reverse(v.version));
             for v in &rows {
                 if let Some(pem) = v.public.as_deref() {
@@ -714,11 +753,11 @@ impl TokenService {
             .await
             .map_err(unavailable)?;
         let key = SigningKey::from_ed25519_pem(&pem).ok_or_else(|| {
-                unavailable(format!(
-                    "version {} of the signing credential is not an Ed25519 private key",
-                    current.version
-                ))
-            })?;
+            unavailable(format!(
+                "version {} of the signing credential is not an Ed25519 private key",
+                current.version
+            ))
+        })?;
         let key = Arc::new(key);
         *lock(&set.signing) = Some((current.version, key.clone()));
         Ok((current.version, key))
@@ -796,11 +835,14 @@ impl TokenService {
         Ok(())
     }
 
-    /// `POST /oauth/token`.
-    pub async fn token(&self, body: &[u8], peer: &str) -> Reply {
+    /// `POST /oauth/token`; `authorization` is the scheme of the request's
+    /// `Authorization` header, if any (one authentication method only).
+    pub async fn token(&self, body: &[u8], peer: &str, authorization: Option<&str>) -> Reply {
         let mut ev = AuditEvent::new("oauth.token", AuditActor::Daemon, Outcome::Ok);
         let mut authenticated = false;
-        let result = self.issue(body, &mut ev, &mut authenticated).await;
+        let result = self
+            .issue(body, authorization, &mut ev, &mut authenticated)
+            .await;
         let result = self
             .audited(ev, result, format!("from {peer}"), authenticated)
             .await;
@@ -908,14 +950,16 @@ impl TokenService {
     async fn issue(
         &self,
         body: &[u8],
+        authorization: Option<&str>,
         ev: &mut AuditEvent,
         authenticated: &mut bool,
     ) -> Result<Issued, ExchangeError> {
-        let req = request::parse(body)?;
+        let req = request::parse(body, authorization)?;
         let client = self
-            .authenticate(&req.client_assertion, "invalid_client", "client assertion")
+            .authenticate(&req.client.assertion, "invalid_client", "client assertion")
             .await?;
         ev.agent = AgentId::new(&client.agent).ok();
+        same_client(req.client.client_id.as_deref(), &client)?;
         let actor = self
             .authenticate(&req.actor_token, "invalid_request", "actor_token")
             .await?;
