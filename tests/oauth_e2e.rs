@@ -1065,7 +1065,9 @@ fn a_decommission_dated_later_takes_the_token_service_when_it_comes() {
     let before = introspect();
     assert!(before.starts_with("HTTP/1.1 200"), "{before}");
 
-    let at = chrono::Utc::now() + chrono::Duration::seconds(15);
+    // Whole seconds, as written in the config.
+    let at =
+        chrono::SubsecRound::trunc_subsecs(chrono::Utc::now() + chrono::Duration::seconds(15), 0);
     env.write_credentials(&config(&format!(
         "decommissioned = {{ at = \"{}\", reason = \"planned retirement\" }}\n",
         at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
