@@ -1961,7 +1961,7 @@ async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
             .iter()
             .map(|k| k.common.key_id.clone().unwrap())
             .collect::<Vec<_>>(),
-        [partner_kid.clone()]
+        std::slice::from_ref(&partner_kid)
     );
     let mut v = Validation::new(Algorithm::EdDSA);
     v.set_issuer(&[&tenant_iss]);
