@@ -492,11 +492,14 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
         "client/token-1.jwt",
         r#"{"sub":"bot"}"#,
     );
-    assert_eq!(first["kid"], v1.as_str(), "{first}");
+    // The kid is the key's RFC 7638 thumbprint, not its version number.
+    let kid1 = first["kid"].as_str().expect("a kid").to_owned();
+    assert_eq!(kid1.len(), 43, "{first}");
+    assert_ne!(kid1, v1);
     assert_eq!(first["claims"]["iss"], issuer.as_str());
     assert_eq!(first["claims"]["aud"], API, "{first}");
     assert_eq!(first["claims"]["client_id"], "bot", "{first}");
-    assert_eq!(first["jwks_kids"], serde_json::json!([v1]), "{first}");
+    assert_eq!(first["jwks_kids"], serde_json::json!([kid1]), "{first}");
     // The validator can fail: a token for the API is no token for another.
     let wrong = client.validate_fails(&metadata, "client/token-1.jwt", "https://elsewhere.test");
     assert!(wrong.contains("InvalidAudienceError"), "{wrong}");
@@ -506,8 +509,9 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
     let v2 = version_of(&env, "keyturn", "signer").unwrap().to_string();
     assert_ne!(v1, v2);
     // The old token still validates: its key is still published.
-    let old = client.validate(&metadata, "client/token-1.jwt", API, Some(&v1));
-    assert_eq!(old["jwks_kids"], serde_json::json!([v2, v1]), "{old}");
+    let old = client.validate(&metadata, "client/token-1.jwt", API, Some(&kid1));
+    let kid2 = old["jwks_kids"][0].as_str().expect("two kids").to_owned();
+    assert_eq!(old["jwks_kids"], serde_json::json!([kid2, kid1]), "{old}");
     assert_eq!(old["claims"]["jti"], first["claims"]["jti"], "{old}");
     // A new exchange is signed by the new key, and an `act` already in the
     // subject token is nested under the agent, never dropped.
@@ -519,7 +523,7 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
         "client/token-2.jwt",
         r#"{"sub":"bot","act":{"sub":"planner"}}"#,
     );
-    assert_eq!(second["kid"], v2.as_str(), "{second}");
+    assert_eq!(second["kid"], kid2.as_str(), "{second}");
     assert_ne!(second["claims"]["jti"], first["claims"]["jti"]);
 
     // Introspection says what the token says; revocation ends it.
@@ -538,7 +542,6 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
     let partner_metadata = format!("{metadata}/tenants/partner");
     let pbot = agent(&env, "pbot", &partner_metadata);
     wait_version(&env, "keyturn", "partner_signer", 1);
-    let pv = version_of(&env, "keyturn", "partner_signer").unwrap();
     let bob_holds = "reports:read email";
     client.subject(PARTNER_IDP, "bob", bob_holds, None, "client/subject-p.jwt");
     let partner = client.exchange(
@@ -554,8 +557,8 @@ fn a_python_client_exchanges_and_validates_across_a_signing_key_rotation() {
             token_out: "client/token-p.jwt",
         },
     );
-    let pkid = format!("partner.{pv}");
-    assert_eq!(partner["kid"], pkid.as_str(), "{partner}");
+    let pkid = partner["kid"].as_str().expect("a kid").to_owned();
+    assert!(pkid != kid1 && pkid != kid2, "{partner}");
     assert_eq!(partner["jwks_kids"], serde_json::json!([pkid]), "{partner}");
     assert_eq!(
         partner["claims"]["iss"],
@@ -951,7 +954,11 @@ generate = {{ kind = "ed25519" }}
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     assert!(r.contains(&format!("\"issuer\":\"{first}\"")), "{r}");
     let jwks = http_get(port, "/.well-known/jwks.json");
-    assert!(jwks.contains("\"kid\":\"1\""), "{jwks}");
+    // One key, its kid its thumbprint (43 base64url characters).
+    assert!(
+        jwks.matches("\"kid\":\"").count() == 1 && !jwks.contains("\"kid\":\"1\""),
+        "{jwks}"
+    );
 
     let second = format!("http://localhost:{port}");
     env.write_credentials(&service(&second));
@@ -970,4 +977,122 @@ generate = {{ kind = "ed25519" }}
         3,
         "added, changed, removed: {log}"
     );
+}
+
+/// `POST path` of a form on the daemon's HTTP listener at `port`: the
+/// whole response, head and body.
+fn http_post_form(port: u16, path: &str, form: &[(&str, &str)]) -> String {
+    use std::io::{Read, Write};
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// A fresh RFC 7523 client assertion of `agent` for `issuer`, signed with
+/// `pem` (PKCS#8).
+fn client_assertion(agent: &str, issuer: &str, pem: &[u8]) -> String {
+    let key = jsonwebtoken::EncodingKey::from_ed_pem(pem).unwrap();
+    let now = jsonwebtoken::get_current_timestamp();
+    let jti = format!("{:x}", rand::random::<u128>());
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+        &serde_json::json!({
+            "iss": agent, "sub": agent, "aud": issuer,
+            "iat": now, "exp": now + 60, "jti": jti,
+        }),
+        &key,
+    )
+    .unwrap()
+}
+
+/// bb7 #6: a decommission the config dates in the future is not one yet:
+/// until its `at` the agent authenticates to the token service as before
+/// (as the rest of keyturn has not acted on it either); once `at` has come
+/// it is refused, with everything else the decommission does.
+#[test]
+fn a_decommission_dated_later_takes_the_token_service_when_it_comes() {
+    let port = free_port();
+    let issuer = format!("http://127.0.0.1:{port}");
+    let config = |extra: &str| {
+        format!(
+            "{}{}{}\n[token_service]\nissuer = \"{issuer}\"\nsigning_credential = \"keyturn/signer\"\n\n[token_service.clients.bot]\nscopes = [\"a\"]\naudiences = [\"{API}\"]\n",
+            agent_with_key("bot", "alice@example.com", "acme", extra),
+            agent_table("keyturn"),
+            signing_key("signer"),
+        )
+    };
+    let env = Env::with_daemon(&config(""), &format!("listen = \"127.0.0.1:{port}\""));
+    let daemon = env.start();
+    let key = env.root().join("bot/auth/private.pem");
+    wait_for(std::time::Duration::from_secs(30), || {
+        key.exists().then_some(())
+    })
+    .expect("bot's key is delivered");
+    // Read now: the decommission retracts the file.
+    let key = std::fs::read(&key).unwrap();
+    let introspect = || {
+        let assertion = client_assertion("bot", &issuer, &key);
+        http_post_form(
+            port,
+            "/oauth/introspect",
+            &[
+                ("token", "not-a-token"),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ),
+                ("client_assertion", &assertion),
+            ],
+        )
+    };
+    let before = introspect();
+    assert!(before.starts_with("HTTP/1.1 200"), "{before}");
+
+    // Whole seconds, as written in the config.
+    let at =
+        chrono::SubsecRound::trunc_subsecs(chrono::Utc::now() + chrono::Duration::seconds(15), 0);
+    env.write_credentials(&config(&format!(
+        "decommissioned = {{ at = \"{}\", reason = \"planned retirement\" }}\n",
+        at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    )));
+    daemon.reload();
+    // Accepted as before for a while (the new config is in effect: a
+    // wrongly early refusal would come within this time).
+    for _ in 0..10 {
+        let r = introspect();
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.contains("\"active\":false"),
+            "refused before its decommission's `at`: {r}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    assert!(
+        chrono::Utc::now() < at,
+        "the reload took longer than the decommission's delay: nothing shown"
+    );
+    assert!(
+        !audit_records(&env)
+            .iter()
+            .any(|r| r["event"] == "decommission.decided"),
+        "nothing decided before `at`"
+    );
+    // Once `at` has come: decided, and refused by the token service.
+    let refused = wait_for(std::time::Duration::from_secs(60), || {
+        let r = introspect();
+        r.starts_with("HTTP/1.1 401").then_some(r)
+    })
+    .expect("refused once `at` has come");
+    assert!(chrono::Utc::now() >= at);
+    assert!(refused.contains("decommissioned"), "{refused}");
+    daemon.stop();
 }

@@ -48,7 +48,7 @@ use std::path::PathBuf;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -188,16 +188,17 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, routes: Routes) -> 
                 move |state, peer, headers, body| oauth_post(which, state, peer, headers, body);
             r = r.route(path, post(handler).fallback(wrong).layer(limit));
         }
+        let only_get = oauth_get_only;
         r = r
-            .route(s::JWKS_PATH, get(jwks_handler))
-            .route(s::METADATA_PATH, get(metadata_handler))
+            .route(s::JWKS_PATH, get(jwks_handler).fallback(only_get))
+            .route(s::METADATA_PATH, get(metadata_handler).fallback(only_get))
             .route(
                 &format!("{}/:tenant/jwks.json", s::TENANTS_PATH),
-                get(tenant_jwks_handler),
+                get(tenant_jwks_handler).fallback(only_get),
             )
             .route(
-                &format!("{}{}/:tenant", s::METADATA_PATH, s::TENANTS_PATH),
-                get(tenant_metadata_handler),
+                &format!("{}/*path", s::METADATA_PATH),
+                get(metadata_at_handler).fallback(only_get),
             );
     }
     r.with_state(AppState {
@@ -213,27 +214,58 @@ fn counted(
     metrics: &Metrics,
     endpoint: &'static str,
     reply: crate::oauth::service::Reply,
+    challenge: HeaderValue,
 ) -> Response {
     let result = match &reply.body {
         Some(b) if reply.status >= 400 => b["error"].as_str().unwrap_or("other"),
         _ => "ok",
     };
     metrics.oauth_request(endpoint, result);
-    oauth_response(reply)
+    oauth_response_with(reply, challenge)
+}
+
+/// The scheme of a request's `Authorization` header, if it has one (`?`
+/// for a value that names none).
+fn authorization_scheme(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?;
+    let scheme = v
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_whitespace().next())
+        .filter(|s| {
+            s.len() <= 32
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        });
+    Some(scheme.unwrap_or("?").to_owned())
+}
+
+/// The `WWW-Authenticate` of a 401 (RFC 6749 5.2): the scheme the client
+/// tried in its `Authorization` header, or, when it authenticated in the
+/// body (private_key_jwt has no HTTP scheme), `private_key_jwt`; the realm
+/// the issuer.
+fn challenge(scheme: Option<&str>, issuer: &str) -> HeaderValue {
+    let scheme = scheme.filter(|s| *s != "?").unwrap_or("private_key_jwt");
+    let realm = issuer.replace(['"', '\\'], "");
+    HeaderValue::from_str(&format!("{scheme} realm=\"{realm}\""))
+        .or_else(|_| HeaderValue::from_str(scheme))
+        .unwrap_or_else(|_| HeaderValue::from_static("private_key_jwt"))
 }
 
 /// A token-service answer as HTTP: JSON, never cached (RFC 6749 5.1,
 /// RFC 8693 2.2), `WWW-Authenticate` with a 401.
 fn oauth_response(reply: crate::oauth::service::Reply) -> Response {
+    oauth_response_with(reply, HeaderValue::from_static("private_key_jwt"))
+}
+
+/// [`oauth_response`] with `challenge` as the 401's `WWW-Authenticate`.
+fn oauth_response_with(reply: crate::oauth::service::Reply, challenge: HeaderValue) -> Response {
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut headers = HeaderMap::new();
     headers.insert(header::CACHE_CONTROL, "no-store".parse().expect("static"));
     headers.insert(header::PRAGMA, "no-cache".parse().expect("static"));
     if status == StatusCode::UNAUTHORIZED {
-        headers.insert(
-            header::WWW_AUTHENTICATE,
-            "private_key_jwt".parse().expect("static"),
-        );
+        headers.insert(header::WWW_AUTHENTICATE, challenge);
     }
     match reply.body {
         Some(body) => {
@@ -278,12 +310,22 @@ fn form_content_type(headers: &HeaderMap) -> Option<Response> {
 /// A method other than POST on a token-service endpoint: 405 with `Allow`,
 /// worded as the service's other errors (404 while it is not configured).
 async fn oauth_wrong_method(State(state): State<AppState>) -> Response {
+    method_not_allowed(&state, "POST", "use POST with a form body")
+}
+
+/// A method other than GET on the JWKS or metadata: as
+/// [`oauth_wrong_method`], `Allow: GET`.
+async fn oauth_get_only(State(state): State<AppState>) -> Response {
+    method_not_allowed(&state, "GET", "use GET")
+}
+
+fn method_not_allowed(state: &AppState, allow: &'static str, description: &str) -> Response {
     if state.oauth().is_none() {
         return StatusCode::NOT_FOUND.into_response();
     }
-    let mut r = invalid_request(405, "use POST with a form body");
+    let mut r = invalid_request(405, description);
     r.headers_mut()
-        .insert(header::ALLOW, "POST".parse().expect("static"));
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     r
 }
 
@@ -337,12 +379,19 @@ async fn oauth_post(
         }
     };
     let peer = peer.to_string();
+    let scheme = authorization_scheme(&headers);
+    let scheme = scheme.as_deref();
     let reply = match which {
-        OauthPost::Token => oauth.token(&body, &peer).await,
-        OauthPost::Introspect => oauth.introspect(&body).await,
-        OauthPost::Revoke => oauth.revoke(&body, &peer).await,
+        OauthPost::Token => oauth.token(&body, &peer, scheme).await,
+        OauthPost::Introspect => oauth.introspect(&body, scheme).await,
+        OauthPost::Revoke => oauth.revoke(&body, &peer, scheme).await,
     };
-    counted(&state.metrics, name, reply)
+    counted(
+        &state.metrics,
+        name,
+        reply,
+        challenge(scheme, oauth.issuer()),
+    )
 }
 
 async fn jwks_handler(State(state): State<AppState>) -> Response {
@@ -370,14 +419,14 @@ async fn tenant_jwks_handler(
     }
 }
 
-/// A tenant's own metadata (RFC 8414 3.1: the issuer's path after the
-/// well-known suffix).
-async fn tenant_metadata_handler(
+/// The metadata of an issuer with a path (RFC 8414 3.1: the issuer's path
+/// after the well-known suffix): the service's own, or a tenant's.
+async fn metadata_at_handler(
     State(state): State<AppState>,
-    axum::extract::Path(tenant): axum::extract::Path<String>,
+    axum::extract::Path(path): axum::extract::Path<String>,
 ) -> Response {
     match state.oauth() {
-        Some(oauth) => oauth_response(oauth.metadata(Some(&tenant))),
+        Some(oauth) => oauth_response(oauth.metadata_at(&path)),
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }

@@ -187,6 +187,15 @@ fn now_secs() -> i64 {
 }
 
 /// One base64url JSON segment as an object.
+/// Whether the (unverified) payload of `token` has claim `name`.
+fn claim_present(token: &str, name: &str) -> bool {
+    token
+        .split('.')
+        .nth(1)
+        .and_then(|p| segment(p, "payload").ok())
+        .is_some_and(|claims| claims.contains_key(name))
+}
+
 fn segment(
     part: &str,
     what: &str,
@@ -327,7 +336,16 @@ impl Verifier {
                     break;
                 }
                 Err(e) => {
-                    last = self.map_error(agent, e.into_kind());
+                    last = match self.map_error(agent, e.into_kind()) {
+                        // jsonwebtoken says "missing" of a time it cannot
+                        // read too (`exp: -1`): say which it is.
+                        AssertionError::MissingClaim(c) if claim_present(token, &c) => {
+                            AssertionError::Invalid(format!(
+                                "{c} is not a non-negative integer (seconds since the epoch)"
+                            ))
+                        }
+                        other => other,
+                    };
                     // Another key may match; any other failure is about
                     // the claims, the same whichever key signed.
                     if !matches!(last, AssertionError::BadSignature(_)) {

@@ -231,6 +231,16 @@ pub struct Decommissioned {
     pub by: Option<String>,
 }
 
+impl Decommissioned {
+    /// Whether the decision is in effect at `now`: `at` has come. Before,
+    /// the agent is active everywhere (its credentials, tasks and tokens);
+    /// from `at` on, keyturn acts on it (`crate::revocation`) and refuses
+    /// it everywhere, one notion for every part.
+    pub fn in_effect(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        self.at <= now
+    }
+}
+
 impl Config {
     /// The revocation SLA of `agent`: its own, else its tier's.
     pub fn revocation_sla(&self, agent: &AgentConfig) -> Duration {

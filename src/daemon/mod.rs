@@ -260,7 +260,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         crate::tasks::manager::TaskManager::new(
             crate::tasks::store::TaskStore::open(&config.daemon.state_dir.join("tasks"))
                 .map_err(|e| startup("cannot open the task store", &e))?,
-            task_setup(&engine.catalog().config, &revocations)
+            task_setup(&engine.catalog().config, &revocations, engine.now())
                 .map_err(|e| startup("cannot build the task issuers", &e))?,
             Arc::new(refusals::TaskAudit {
                 engine: engine.clone(),
@@ -473,7 +473,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         tokio::select! {
             Some(sender) = hup.recv() => {
                 reload(config_path, &engine, &alerts, &mut config_files, sender).await;
-                match task_setup(&engine.catalog().config, &revocations) {
+                match task_setup(&engine.catalog().config, &revocations, engine.now()) {
                     Ok(setup) => {
                         for issuer in setup.issuers.keys() {
                             metrics.task_issuer_configured(issuer);
@@ -801,10 +801,12 @@ impl alerts::AlertRecorder for EngineRecorder {
 
 /// What the task manager works with, from the config: the policies, the
 /// issuers (built, no I/O), the agents that may hold tasks (not the
-/// decommissioned: the manager ends their tasks) and the task root.
+/// decommissioned: the manager ends their tasks; a decommission the config
+/// dates in the future takes them when it comes) and the task root.
 fn task_setup(
     config: &Config,
     revocations: &Revocations,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> Result<crate::tasks::manager::TaskSetup, crate::model::PluginError> {
     let retired: std::collections::HashSet<AgentId> = revocations
         .lifecycle()
@@ -822,7 +824,10 @@ fn task_setup(
         agents: config
             .agents
             .iter()
-            .filter(|(id, a)| a.decommissioned.is_none() && !retired.contains(*id))
+            .filter(|(id, a)| {
+                !a.decommissioned.as_ref().is_some_and(|d| d.in_effect(now))
+                    && !retired.contains(*id)
+            })
             .map(|(id, a)| {
                 (
                     id.to_string(),

@@ -120,7 +120,12 @@ impl crate::oauth::service::Backend for OauthBackend {
                 agent.chars().take(64).collect::<String>()
             ));
         };
-        if cfg.decommissioned.is_some() || self.revocations.get(id).is_some() {
+        // A decommission the config dates in the future is not one yet.
+        let declared = cfg
+            .decommissioned
+            .as_ref()
+            .is_some_and(|d| d.in_effect(self.engine.now()));
+        if declared || self.revocations.get(id).is_some() {
             return Err(format!("agent {id} is decommissioned"));
         }
         super::handler::auth_keys(&self.engine, id, cfg)
@@ -222,6 +227,10 @@ impl crate::oauth::service::Backend for OauthBackend {
         }))
     }
 
+    fn versions_generation(&self) -> u64 {
+        self.engine.versions_generation()
+    }
+
     fn decommissioned_at(&self, agent: &str) -> Option<i64> {
         let id = AgentId::new(agent).ok()?;
         self.revocations
@@ -278,7 +287,8 @@ impl Handler {
                 let retired = AgentId::new(&c.agent)
                     .ok()
                     .and_then(|id| catalog.config.agents.get(&id))
-                    .is_some_and(|a| a.decommissioned.is_some());
+                    .and_then(|a| a.decommissioned.as_ref())
+                    .is_some_and(|d| d.in_effect(self.engine.now()));
                 if retired {
                     return Err(ApiError::forbidden(format!(
                         "invalid_client: agent {} is decommissioned",

@@ -99,19 +99,59 @@ pub struct Actor {
 
 /// The current version of the signing credential.
 pub struct SigningKey {
-    /// The credential version, published as `kid`.
+    /// Its public key's [`ed25519_kid`].
     pub kid: String,
     pub key: EncodingKey,
 }
 
 impl SigningKey {
-    /// From the Ed25519 PKCS#8 PEM the ed25519 generator delivers.
-    pub fn from_ed25519_pem(kid: impl Into<String>, pem: &SecretValue) -> Option<SigningKey> {
+    /// From the Ed25519 PKCS#8 PEM the ed25519 generator delivers; its
+    /// `kid` is derived from the key itself, so it always names this key.
+    pub fn from_ed25519_pem(pem: &SecretValue) -> Option<SigningKey> {
+        use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+        let private = ed25519_dalek::SigningKey::from_pkcs8_pem(pem.expose_str()?).ok()?;
         Some(SigningKey {
-            kid: kid.into(),
+            kid: ed25519_kid(&private.verifying_key()),
             key: EncodingKey::from_ed_pem(pem.expose()).ok()?,
         })
     }
+}
+
+/// The `kid` of a signing key: the RFC 7638 JWK thumbprint (SHA-256) of
+/// its public key. It names the key, not the credential or the version:
+/// two keys never share one, whichever credential, tenant or re-created
+/// credential they come from, so a resource server that caches keys by
+/// `kid` never verifies with the wrong one.
+pub fn ed25519_kid(public: &ed25519_dalek::VerifyingKey) -> String {
+    use base64::Engine as _;
+    use jsonwebtoken::jwk::{
+        AlgorithmParameters, EllipticCurve, Jwk, OctetKeyPairParameters, OctetKeyPairType,
+        ThumbprintHash,
+    };
+    let jwk = Jwk {
+        common: Default::default(),
+        algorithm: AlgorithmParameters::OctetKeyPair(OctetKeyPairParameters {
+            key_type: OctetKeyPairType::OctetKeyPair,
+            curve: EllipticCurve::Ed25519,
+            x: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(public.as_bytes()),
+        }),
+    };
+    jwk.thumbprint(ThumbprintHash::SHA256)
+        .expect("an Ed25519 OKP key always has a thumbprint")
+}
+
+/// [`ed25519_kid`] of an Ed25519 SPKI PEM; `None` for anything else.
+pub fn ed25519_kid_of_pem(public_pem: &str) -> Option<String> {
+    use ed25519_dalek::pkcs8::DecodePublicKey as _;
+    let vk = ed25519_dalek::VerifyingKey::from_public_key_pem(public_pem).ok()?;
+    Some(ed25519_kid(&vk))
+}
+
+/// A public key as published in a JWKS: its `kid` and its SPKI PEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedKey {
+    pub kid: String,
+    pub public_pem: String,
 }
 
 /// An issued token. `Debug` never shows the token.
@@ -406,11 +446,10 @@ pub fn exchange(
     })
 }
 
-/// The JWK Set (RFC 7517) of the signing credential's published versions
-/// (as [`crate::auth::AgentKey::accepted`] picks them: current, then
-/// previous): OKP/Ed25519 keys with `kid` as the key set names the version, `alg` EdDSA, `use`
-/// sig. A version whose public key is not an Ed25519 SPKI PEM is left out.
-pub fn jwks_document(keys: &[crate::auth::AgentKey], kid: impl Fn(u64) -> String) -> Value {
+/// The JWK Set (RFC 7517) of the published keys, in their order:
+/// OKP/Ed25519 keys with their `kid`, `alg` EdDSA, `use` sig. A key that
+/// is not an Ed25519 SPKI PEM is left out.
+pub fn jwks_document(keys: &[PublishedKey]) -> Value {
     use base64::Engine as _;
     use ed25519_dalek::pkcs8::DecodePublicKey as _;
     let keys: Vec<Value> = keys
@@ -421,7 +460,7 @@ pub fn jwks_document(keys: &[crate::auth::AgentKey], kid: impl Fn(u64) -> String
                 "kty": "OKP",
                 "crv": "Ed25519",
                 "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(vk.as_bytes()),
-                "kid": kid(k.version),
+                "kid": k.kid,
                 "alg": "EdDSA",
                 "use": "sig",
             }))

@@ -348,6 +348,44 @@ fn requested_token_type_is_checked() {
     assert_eq!(err(&subject(), &p).code, "invalid_request");
 }
 
+/// bb7 #8: the `kid` of a signing key is its RFC 7638 thumbprint, the
+/// same from the private key as from the public one, and differs per key.
+#[test]
+fn a_signing_key_kid_is_its_rfc_7638_thumbprint() {
+    use ed25519_dalek::pkcs8::{DecodePrivateKey as _, EncodePublicKey as _};
+    // RFC 8037 A.3: the thumbprint of its Ed25519 example key.
+    let x = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo";
+    use base64::Engine as _;
+    let bytes: [u8; 32] = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(x)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let vk = ed25519_dalek::VerifyingKey::from_bytes(&bytes).unwrap();
+    assert_eq!(
+        super::exchange::ed25519_kid(&vk),
+        "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+    );
+    let private = std::str::from_utf8(PEM).unwrap();
+    let signing =
+        SigningKey::from_ed25519_pem(&crate::model::SecretValue::from_string(private.to_owned()))
+            .unwrap();
+    let public = ed25519_dalek::SigningKey::from_pkcs8_pem(private)
+        .unwrap()
+        .verifying_key()
+        .to_public_key_pem(Default::default())
+        .unwrap();
+    assert_eq!(
+        super::exchange::ed25519_kid_of_pem(&public).as_deref(),
+        Some(signing.kid.as_str())
+    );
+    let other = std::str::from_utf8(include_bytes!("testdata/ed25519_b.pem")).unwrap();
+    let other =
+        SigningKey::from_ed25519_pem(&crate::model::SecretValue::from_string(other.to_owned()))
+            .unwrap();
+    assert_ne!(other.kid, signing.kid);
+}
+
 #[test]
 fn issued_tokens_verify_with_the_published_jwks_by_kid() {
     use ed25519_dalek::pkcs8::{DecodePrivateKey as _, EncodePublicKey as _};
@@ -358,21 +396,16 @@ fn issued_tokens_verify_with_the_published_jwks_by_kid() {
             .to_public_key_pem(Default::default())
             .unwrap()
     };
+    let key = |kid: &str, public_pem: String| super::exchange::PublishedKey {
+        kid: kid.into(),
+        public_pem,
+    };
     let keys = [
-        crate::auth::AgentKey {
-            version: 7,
-            public_pem: public(PEM),
-        },
-        crate::auth::AgentKey {
-            version: 6,
-            public_pem: public(include_bytes!("testdata/ed25519_b.pem")),
-        },
-        crate::auth::AgentKey {
-            version: 5,
-            public_pem: "not a key".into(),
-        },
+        key("7", public(PEM)),
+        key("6", public(include_bytes!("testdata/ed25519_b.pem"))),
+        key("5", "not a key".into()),
     ];
-    let doc = super::exchange::jwks_document(&keys, |v| v.to_string());
+    let doc = super::exchange::jwks_document(&keys);
     let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(doc.clone()).unwrap();
     assert_eq!(set.keys.len(), 2, "{doc}");
     assert_eq!(doc["keys"][0]["kty"], "OKP");

@@ -7,7 +7,9 @@
 //!   an access token or JWT, a missing `actor_token` (delegation only) or an
 //!   `actor_token_type` other than JWT: `invalid_request`;
 //! - `client_assertion_type` other than jwt-bearer, or no client assertion:
-//!   `invalid_client` (the endpoint answers it with 401);
+//!   `invalid_client` (the endpoint answers it with 401); more than one
+//!   client authentication method (an `Authorization` header, a
+//!   `client_secret`, an assertion): `invalid_request` (RFC 6749 2.3);
 //! - unknown parameters are ignored (RFC 6749 3.2); `audience` and
 //!   `resource` may repeat. Tokens are kept only as [`SecretValue`]s.
 
@@ -25,7 +27,82 @@ pub struct TokenRequest {
     pub subject_token: SecretValue,
     pub subject_token_type: String,
     pub actor_token: SecretValue,
-    pub client_assertion: SecretValue,
+    pub client: ClientAuth,
+}
+
+/// How a request authenticates its client: `private_key_jwt` (RFC 7523
+/// 2.2), and the `client_id` it names, if any, which must be the client
+/// the assertion authenticates (RFC 7521 4.2).
+pub struct ClientAuth {
+    pub assertion: SecretValue,
+    pub client_id: Option<String>,
+}
+
+/// The client authentication parameters of a form, as sent.
+#[derive(Default)]
+pub struct ClientParams {
+    pub assertion_type: Option<String>,
+    pub assertion: Option<String>,
+    pub client_secret: Option<String>,
+    pub client_id: Option<String>,
+}
+
+impl ClientParams {
+    /// Takes `k` if it is one of them: whether it was, `Err` for one sent
+    /// twice (RFC 6749 3.2).
+    pub fn take(&mut self, k: &str, v: String) -> Result<bool, ExchangeError> {
+        let slot = match k {
+            "client_assertion_type" => &mut self.assertion_type,
+            "client_assertion" => &mut self.assertion,
+            "client_secret" => &mut self.client_secret,
+            "client_id" => &mut self.client_id,
+            _ => return Ok(false),
+        };
+        if slot.replace(v).is_some() {
+            return Err(invalid(
+                "invalid_request",
+                format!("parameter `{k}` is sent more than once"),
+            ));
+        }
+        Ok(true)
+    }
+
+    /// The client's authentication: `private_key_jwt` and one method only
+    /// (RFC 6749 2.3: `invalid_request` for two, an `Authorization` header
+    /// — `authorization` is its scheme — or a `client_secret` besides the
+    /// assertion); no assertion is `invalid_client`.
+    pub fn check(self, authorization: Option<&str>) -> Result<ClientAuth, ExchangeError> {
+        let assertion_sent = self.assertion_type.is_some() || self.assertion.is_some();
+        let methods = [
+            authorization.is_some(),
+            self.client_secret.is_some(),
+            assertion_sent,
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return Err(invalid(
+                "invalid_request",
+                "the request authenticates the client more than one way (RFC 6749 2.3): send only the private_key_jwt assertion, no Authorization header or client_secret",
+            ));
+        }
+        let assertion = self.assertion.filter(|a| !a.is_empty());
+        match (self.assertion_type.as_deref(), assertion) {
+            (Some(CLIENT_ASSERTION_TYPE), Some(a)) => Ok(ClientAuth {
+                assertion: SecretValue::from_string(a),
+                client_id: self.client_id,
+            }),
+            _ => Err(invalid(
+                "invalid_client",
+                format!(
+                    "authenticate with private_key_jwt: client_assertion_type={CLIENT_ASSERTION_TYPE} and client_assertion{}",
+                    match (authorization, self.client_secret.is_some()) {
+                        (Some(_), _) => " (the Authorization header is not accepted)",
+                        (None, true) => " (client_secret is not accepted)",
+                        _ => "",
+                    }
+                ),
+            )),
+        }
+    }
 }
 
 fn invalid(code: &'static str, d: impl Into<String>) -> ExchangeError {
@@ -48,8 +125,9 @@ pub fn subject_token_type(sent: Option<String>) -> Result<String, ExchangeError>
     }
 }
 
-/// Parses `body`.
-pub fn parse(body: &[u8]) -> Result<TokenRequest, ExchangeError> {
+/// Parses `body`; `authorization` is the scheme of the request's
+/// `Authorization` header, if it has one.
+pub fn parse(body: &[u8], authorization: Option<&str>) -> Result<TokenRequest, ExchangeError> {
     if body.len() > MAX_BODY_BYTES {
         return Err(invalid(
             "invalid_request",
@@ -64,17 +142,16 @@ pub fn parse(body: &[u8]) -> Result<TokenRequest, ExchangeError> {
         "subject_token_type",
         "actor_token",
         "actor_token_type",
-        "client_assertion",
-        "client_assertion_type",
-        "client_id",
         "task_id",
     ];
     let mut single: std::collections::HashMap<&'static str, String> = Default::default();
     let mut params = Params::default();
+    let mut client = ClientParams::default();
     for (k, v) in form_urlencoded::parse(body) {
         match k.as_ref() {
             "audience" => params.audience.push(v.into_owned()),
             "resource" => params.resource.push(v.into_owned()),
+            other if client.take(other, v.to_string())? => {}
             other => {
                 if let Some(name) = SINGLE.iter().find(|n| **n == other)
                     && single.insert(name, v.into_owned()).is_some()
@@ -98,19 +175,7 @@ pub fn parse(body: &[u8]) -> Result<TokenRequest, ExchangeError> {
             ));
         }
     }
-    let client_assertion_type = take("client_assertion_type");
-    let client_assertion = take("client_assertion");
-    let client_assertion = match (client_assertion_type.as_deref(), client_assertion) {
-        (Some(CLIENT_ASSERTION_TYPE), Some(a)) => SecretValue::from_string(a),
-        _ => {
-            return Err(invalid(
-                "invalid_client",
-                format!(
-                    "authenticate with private_key_jwt: client_assertion_type={CLIENT_ASSERTION_TYPE} and client_assertion"
-                ),
-            ));
-        }
-    };
+    let client = client.check(authorization)?;
     let Some(subject_token) = take("subject_token") else {
         return Err(invalid("invalid_request", "subject_token is missing"));
     };
@@ -135,7 +200,7 @@ pub fn parse(body: &[u8]) -> Result<TokenRequest, ExchangeError> {
         subject_token: SecretValue::from_string(subject_token),
         subject_token_type,
         actor_token: SecretValue::from_string(actor_token),
-        client_assertion,
+        client,
     })
 }
 
@@ -151,7 +216,11 @@ mod tests {
 &scope=read+write&unknown=1";
 
     fn code(body: &str) -> &'static str {
-        match parse(body.as_bytes()) {
+        code_with(body, None)
+    }
+
+    fn code_with(body: &str, authorization: Option<&str>) -> &'static str {
+        match parse(body.as_bytes(), authorization) {
             Ok(_) => "ok",
             Err(e) => {
                 assert!(!e.description.contains("CANARY"), "{e}");
@@ -162,13 +231,16 @@ mod tests {
 
     #[test]
     fn a_complete_request_parses() {
-        let r = parse(OK.as_bytes()).unwrap();
+        let r = parse(OK.as_bytes(), None).unwrap();
         assert_eq!(r.params.audience, vec!["https://a", "https://c"]);
         assert_eq!(r.params.resource, vec!["https://b"]);
         assert_eq!(r.params.scope.as_deref(), Some("read write"));
         assert_eq!(r.subject_token.expose_str(), Some("SUBJECT-CANARY"));
         assert_eq!(r.actor_token.expose_str(), Some("ACTOR-CANARY"));
-        assert_eq!(r.client_assertion.expose_str(), Some("CLIENT-CANARY"));
+        assert_eq!(r.client.assertion.expose_str(), Some("CLIENT-CANARY"));
+        assert_eq!(r.client.client_id, None);
+        let named = parse(format!("{OK}&client_id=bot").as_bytes(), None).unwrap();
+        assert_eq!(named.client.client_id.as_deref(), Some("bot"));
         assert_eq!(r.subject_token_type, TOKEN_TYPE_ACCESS_TOKEN);
     }
 
@@ -197,12 +269,32 @@ mod tests {
         // Unauthenticated client.
         assert_eq!(code(&without("client_assertion")), "invalid_client");
         assert_eq!(code(&without("client_assertion_type")), "invalid_client");
+        // RFC 6749 2.3: one client authentication method per request.
+        assert_eq!(code_with(OK, Some("Basic")), "invalid_request");
+        assert_eq!(code(&format!("{OK}&client_secret=x")), "invalid_request");
+        assert_eq!(
+            code_with(&without("client_assertion_type"), Some("Basic")),
+            "invalid_request"
+        );
+        // Basic (or a secret) alone: not a method keyturn accepts.
+        let no_jwt = without("client_assertion");
+        let no_jwt = no_jwt
+            .split('&')
+            .filter(|kv| !kv.starts_with("client_assertion_type="))
+            .collect::<Vec<_>>()
+            .join("&");
+        assert_eq!(code_with(&no_jwt, Some("Basic")), "invalid_client");
+        assert_eq!(code(&format!("{no_jwt}&client_secret=x")), "invalid_client");
         // A parameter twice.
         assert_eq!(
             code(&format!("{OK}&subject_token=OTHER-CANARY")),
             "invalid_request"
         );
         assert_eq!(code(&format!("{OK}&scope=admin")), "invalid_request");
+        assert_eq!(
+            code(&format!("{OK}&client_id=a&client_id=b")),
+            "invalid_request"
+        );
         // Too large.
         let big = format!("{OK}&pad={}", "x".repeat(MAX_BODY_BYTES));
         assert_eq!(code(&big), "invalid_request");

@@ -54,6 +54,10 @@ struct Mem {
     signing: Mutex<Vec<(VersionRow, SecretValue)>>,
     /// Tenant `partner`'s own signing credential's versions.
     partner_signing: Mutex<Vec<(VersionRow, SecretValue)>>,
+    /// `keyturn/signer2`'s versions: a signing credential switched to.
+    other_signing: Mutex<Vec<(VersionRow, SecretValue)>>,
+    /// Moved by a test that changes versions, as the engine does.
+    generation: std::sync::atomic::AtomicU64,
     /// Every record, however it was audited.
     audit: Mutex<Vec<AuditEvent>>,
     /// The records of refusals audited as unauthenticated (the daemon
@@ -123,6 +127,9 @@ impl Backend for Mem {
             .filter(|(a, _)| a == agent)
             .map(|(_, t)| t.clone()))
     }
+    fn versions_generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
     fn decommissioned_at(&self, agent: &str) -> Option<i64> {
         self.decommissioned.lock().unwrap().get(agent).copied()
     }
@@ -139,10 +146,25 @@ impl Mem {
     fn rows(&self, credential: &CredentialKey) -> &Mutex<Vec<(VersionRow, SecretValue)>> {
         if *credential == partner_signer() {
             &self.partner_signing
+        } else if *credential == signer_key("signer2") {
+            &self.other_signing
         } else {
             &self.signing
         }
     }
+}
+
+/// The `kid` of the version of `rows` numbered `version`: its RFC 7638
+/// thumbprint.
+fn kid_in(rows: &Mutex<Vec<(VersionRow, SecretValue)>>, version: u64) -> String {
+    let rows = rows.lock().unwrap();
+    let (row, _) = rows.iter().find(|(r, _)| r.version == version).unwrap();
+    super::exchange::ed25519_kid_of_pem(row.public.as_deref().unwrap()).unwrap()
+}
+
+/// The `kid` of the default signing credential's `version`.
+fn kid(h: &Harness, version: u64) -> String {
+    kid_in(&h.mem.signing, version)
 }
 
 fn signer_key(name: &str) -> CredentialKey {
@@ -174,6 +196,10 @@ fn signing_row_of(key: CredentialKey, version: u64, stage: Stage, public: &str) 
 
 struct Harness {
     addr: std::net::SocketAddr,
+    /// What the service was built from.
+    config: TokenServiceConfig,
+    /// The identity provider's JWKS file.
+    jwks_path: std::path::PathBuf,
     service: Arc<TokenService>,
     /// What the listener serves (the daemon swaps it on reload).
     slot: Arc<super::service::Slot>,
@@ -203,7 +229,51 @@ fn client(agent: &str, scopes: &[&str], tenants: &[&str]) -> ClientPolicy {
     }
 }
 
+/// The subject issuers: `corp` (tenant acme) and `partner`, both the one
+/// identity provider whose JWKS is at `jwks_path`.
+fn subjects_from(jwks_path: &std::path::Path) -> SubjectTokens {
+    let issuer = |name: &str, iss: &str, tenant: &str| {
+        SubjectIssuer::from_config(SubjectIssuerConfig {
+            name: name.into(),
+            issuer: iss.into(),
+            audience: vec!["keyturn".into()],
+            algorithms: vec![Algorithm::EdDSA],
+            jwks: JwksSource::File(jwks_path.to_owned()),
+            refresh: Duration::from_secs(300),
+            skew: Duration::from_secs(30),
+            typ: vec!["at+jwt".into()],
+            tenant: tenant.into(),
+        })
+        .unwrap()
+    };
+    SubjectTokens::new(vec![
+        issuer("corp", IDP, "acme"),
+        issuer("partner", PARTNER_IDP, "partner"),
+    ])
+}
+
+impl Harness {
+    /// Serves a service built from `config` instead (a reload), on the
+    /// same backend: what is served from now on.
+    async fn reload(&mut self, config: TokenServiceConfig) {
+        let subjects = subjects_from(&self.jwks_path);
+        subjects.start(&self.cancel).await;
+        let service = Arc::new(
+            TokenService::new(&config, subjects, self.mem.clone()).with_cache_for(Duration::ZERO),
+        );
+        self.slot.set(Some(service.clone()));
+        self.service = service;
+        self.config = config;
+    }
+}
+
 async fn harness() -> Harness {
+    // The tests change state (rotations) under the service: no cache.
+    harness_cached(Duration::ZERO).await
+}
+
+/// The harness with the service's state reads kept `cache_for`.
+async fn harness_cached(cache_for: Duration) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = TaskStore::open(&dir.path().join("tasks")).unwrap();
     let mut keys = HashMap::new();
@@ -234,6 +304,8 @@ async fn harness() -> Harness {
             signing_row_of(partner_signer(), 1, Stage::Current, &partner.public),
             partner.private,
         )]),
+        other_signing: Mutex::default(),
+        generation: Default::default(),
         audit: Mutex::default(),
         unauthenticated: Mutex::default(),
     });
@@ -246,24 +318,7 @@ async fn harness() -> Harness {
     jwk["kid"] = json!("idp-1");
     let jwks_path = dir.path().join("idp-jwks.json");
     std::fs::write(&jwks_path, json!({ "keys": [jwk] }).to_string()).unwrap();
-    let issuer = |name: &str, iss: &str, tenant: &str| {
-        SubjectIssuer::from_config(SubjectIssuerConfig {
-            name: name.into(),
-            issuer: iss.into(),
-            audience: vec!["keyturn".into()],
-            algorithms: vec![Algorithm::EdDSA],
-            jwks: JwksSource::File(jwks_path.clone()),
-            refresh: Duration::from_secs(300),
-            skew: Duration::from_secs(30),
-            typ: vec!["at+jwt".into()],
-            tenant: tenant.into(),
-        })
-        .unwrap()
-    };
-    let subjects = SubjectTokens::new(vec![
-        issuer("corp", IDP, "acme"),
-        issuer("partner", PARTNER_IDP, "partner"),
-    ]);
+    let subjects = subjects_from(&jwks_path);
     let cancel = CancellationToken::new();
     subjects.start(&cancel).await;
 
@@ -297,9 +352,8 @@ async fn harness() -> Harness {
         .into(),
         tenant_keys: [("partner".to_owned(), partner_signer())].into(),
     };
-    // The tests change state (rotations) under the service: no cache.
     let service =
-        Arc::new(TokenService::new(&config, subjects, mem.clone()).with_cache_for(Duration::ZERO));
+        Arc::new(TokenService::new(&config, subjects, mem.clone()).with_cache_for(cache_for));
 
     let slot = Arc::new(super::service::Slot::with(service.clone()));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -319,6 +373,8 @@ async fn harness() -> Harness {
     ));
     Harness {
         addr,
+        config,
+        jwks_path,
         service,
         slot,
         metrics,
@@ -444,14 +500,25 @@ async fn post(h: &Harness, path: &str, form: &[(String, String)]) -> Answer {
 }
 
 async fn post_raw(h: &Harness, path: &str, content_type: &str, body: String) -> Answer {
-    let r = h
+    post_authorized(h, path, content_type, body, None).await
+}
+
+/// A POST with an `Authorization` header, if given.
+async fn post_authorized(
+    h: &Harness,
+    path: &str,
+    content_type: &str,
+    body: String,
+    authorization: Option<&str>,
+) -> Answer {
+    let mut r = h
         .http
         .post(format!("http://{}{path}", h.addr))
-        .header("content-type", content_type)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+        .header("content-type", content_type);
+    if let Some(a) = authorization {
+        r = r.header("authorization", a);
+    }
+    let r = r.body(body).send().await.unwrap();
     let status = r.status().as_u16();
     let headers = r.headers().clone();
     let text = r.text().await.unwrap();
@@ -586,7 +653,7 @@ async fn a_token_exchange_answers_exactly_as_rfc_8693_says() {
     let (header, claims) = verify_with_jwks(&h, token).await;
     assert_eq!(header.typ.as_deref(), Some("at+jwt"));
     assert_eq!(header.alg, Algorithm::EdDSA);
-    assert_eq!(header.kid.as_deref(), Some("1"));
+    assert_eq!(header.kid, Some(kid(&h, 1)));
     assert_eq!(claims["sub"], "alice@example.com");
     assert_eq!(claims["act"], json!({ "sub": "reporter" }));
     assert_eq!(claims["client_id"], "reporter");
@@ -640,7 +707,7 @@ async fn metadata_and_jwks_are_published() {
     assert_eq!(j.status, 200);
     let keys = j.json["keys"].as_array().unwrap();
     assert_eq!(keys.len(), 1);
-    assert_eq!(keys[0]["kid"], "1");
+    assert_eq!(keys[0]["kid"], kid(&h, 1));
     assert_eq!(keys[0]["kty"], "OKP");
     assert_eq!(keys[0]["crv"], "Ed25519");
     assert!(keys[0].get("d").is_none(), "never the private part");
@@ -1011,6 +1078,46 @@ fn auth_form(h: &Harness, agent: &str, token: &str) -> Vec<(String, String)> {
     ]
 }
 
+/// bb7 #5: with the agents' keys cached (as the daemon does), a key that a
+/// rotation retired is refused as soon as the retirement is committed (the
+/// versions generation moved), not once the cache ages out.
+#[tokio::test]
+async fn a_retired_agent_key_is_refused_at_once_despite_the_cache() {
+    let mut h = harness_cached(Duration::from_secs(3600)).await;
+    let old = |h: &Harness| {
+        let mut form = request(h);
+        set(&mut form, "client_assertion", &assertion(h, "reporter"));
+        set(&mut form, "actor_token", &assertion(h, "reporter"));
+        form
+    };
+    // The old key authenticates, and its keys are now cached.
+    issue(&h, &old(&h)).await;
+    // Rotated twice: the old key is retired, v2 previous, v3 current.
+    let (v2, v3) = (pair(), pair());
+    *h.mem.agents.lock().unwrap().get_mut("reporter").unwrap() = vec![
+        AgentKey {
+            version: 3,
+            public_pem: v3.public.clone(),
+        },
+        AgentKey {
+            version: 2,
+            public_pem: v2.public.clone(),
+        },
+    ];
+    h.keys.insert("reporter-v3", v3);
+    h.mem
+        .generation
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let form = old(&h);
+    assert_eq!(code_of(&h, form).await, "invalid_client");
+    // The current key works (read again, not refused from a stale cache).
+    let mut form = request(&h);
+    let new = |h: &Harness| assertion_with(h, "reporter", "reporter-v3", json!({}), json!({}));
+    set(&mut form, "client_assertion", &new(&h));
+    set(&mut form, "actor_token", &new(&h));
+    issue(&h, &form).await;
+}
+
 #[tokio::test]
 async fn introspection_revocation_and_decommission() {
     let h = harness().await;
@@ -1043,7 +1150,7 @@ async fn introspection_revocation_and_decommission() {
         sign_raw(
             &attacker,
             Algorithm::EdDSA,
-            &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "1"}),
+            &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": kid(&h, 1)}),
             &claims,
         )
     };
@@ -1243,9 +1350,9 @@ async fn tokens_stay_verifiable_across_a_signing_key_rotation() {
     }
     let (new, _) = issue(&h, &request(&h)).await;
     let (hn, _) = verify_with_jwks(&h, &new).await;
-    assert_eq!(hn.kid.as_deref(), Some("2"));
+    assert_eq!(hn.kid, Some(kid(&h, 2)));
     let (ho, _) = verify_with_jwks(&h, &old).await;
-    assert_eq!(ho.kid.as_deref(), Some("1"));
+    assert_eq!(ho.kid, Some(kid(&h, 1)));
     // Rotate again: v1 is retired, but a token it signed is still live, so
     // it stays published until that token expires.
     let v3 = pair();
@@ -1261,7 +1368,7 @@ async fn tokens_stay_verifiable_across_a_signing_key_rotation() {
         .iter()
         .map(|k| k["kid"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(kids, ["3", "2", "1"]);
+    assert_eq!(kids, [kid(&h, 3), kid(&h, 2), kid(&h, 1)]);
     verify_with_jwks(&h, &old).await;
     let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &old)).await;
     assert_eq!(a.json["active"], true);
@@ -1276,6 +1383,259 @@ async fn tokens_stay_verifiable_across_a_signing_key_rotation() {
         .unwrap()
         .len();
     assert_eq!(n, 3);
+}
+
+/// The `kid`s the JWKS at `path` publishes, in order.
+async fn jwks_kids(h: &Harness, path: &str) -> Vec<String> {
+    get(h, path).await.json["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// bb7 #8: a reload that names another `signing_credential` (same version
+/// number, another key) gives the new key a `kid` of its own, and keeps
+/// the old credential's key published while a token it signed is live.
+#[tokio::test]
+async fn switching_the_signing_credential_keeps_old_tokens_verifiable() {
+    let mut h = harness().await;
+    let (old, _) = issue(&h, &request(&h)).await;
+    let other = pair();
+    h.mem.other_signing.lock().unwrap().push((
+        signing_row_of(signer_key("signer2"), 1, Stage::Current, &other.public),
+        other.private,
+    ));
+    let mut config = h.config.clone();
+    config.signing_credential = signer_key("signer2");
+    h.reload(config).await;
+    let (new, _) = issue(&h, &request(&h)).await;
+    let (hn, _) = verify_with_jwks(&h, &new).await;
+    let (ho, _) = verify_with_jwks(&h, &old).await;
+    let (new_kid, old_kid) = (kid_in(&h.mem.other_signing, 1), kid(&h, 1));
+    assert_ne!(new_kid, old_kid);
+    assert_eq!(hn.kid.as_ref(), Some(&new_kid));
+    assert_eq!(ho.kid.as_ref(), Some(&old_kid));
+    assert_eq!(
+        jwks_kids(&h, "/.well-known/jwks.json").await,
+        [new_kid, old_kid.clone()]
+    );
+    for t in [&old, &new] {
+        let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", t)).await;
+        assert_eq!(a.json["active"], true, "{}", a.json);
+    }
+    // The old credential's key is the default set's only: the tenant with
+    // a key of its own does not publish it.
+    assert!(
+        !jwks_kids(&h, "/tenants/partner/jwks.json")
+            .await
+            .contains(&old_kid)
+    );
+}
+
+/// Tokens signed before kids were thumbprints carry the version as `kid`
+/// and their key's uses were recorded under the bare credential name:
+/// while such a token may be live, its key is published under that kid
+/// too, and it verifies and introspects active.
+#[tokio::test]
+async fn a_token_with_a_version_kid_of_before_verifies_while_one_may_be_live() {
+    let h = harness().await;
+    let (token, _) = issue(&h, &request(&h)).await;
+    let (_, claims) = verify_with_jwks(&h, &token).await;
+    let legacy = {
+        let rows = h.mem.signing.lock().unwrap();
+        let key = EncodingKey::from_ed_pem(rows[0].1.expose()).unwrap();
+        sign_raw(
+            &key,
+            Algorithm::EdDSA,
+            &json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "1"}),
+            &claims,
+        )
+    };
+    let introspect = |t: String| {
+        let h = &h;
+        async move {
+            post(h, "/oauth/introspect", &auth_form(h, "auditor", &t))
+                .await
+                .json
+        }
+    };
+    // Nothing recorded under the old name: kid "1" names no key.
+    assert_eq!(introspect(legacy.clone()).await, json!({"active": false}));
+    assert_eq!(jwks_kids(&h, "/.well-known/jwks.json").await, [kid(&h, 1)]);
+    // As a keyturn of before recorded its use.
+    h.mem
+        .store
+        .signed("keyturn/signer", 1, now() + 600)
+        .unwrap();
+    assert_eq!(introspect(legacy.clone()).await["active"], true);
+    assert_eq!(
+        jwks_kids(&h, "/.well-known/jwks.json").await,
+        [kid(&h, 1), "1".to_owned()]
+    );
+    verify_with_jwks(&h, &legacy).await;
+}
+
+/// bb7 #9: a client authenticates one way (RFC 6749 2.3: two methods are
+/// `invalid_request`), a `client_id` beside the assertion must name the
+/// client it authenticates (RFC 7521 4.2: else `invalid_client`), and a
+/// 401 challenges with the scheme the client tried (RFC 6749 5.2).
+#[tokio::test]
+async fn client_authentication_is_one_method_naming_one_client() {
+    let h = harness().await;
+    const FORM: &str = "application/x-www-form-urlencoded";
+    const BASIC: &str = "Basic cmVwb3J0ZXI6c2VjcmV0";
+    // a) Another client's id with reporter's assertion, at each endpoint.
+    let mut form = request(&h);
+    set(&mut form, "client_id", "intruder");
+    let a = post(&h, "/oauth/token", &form).await;
+    assert_eq!(refused(&a, &form), "invalid_client");
+    assert!(
+        a.json["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("client_id"),
+        "{}",
+        a.json
+    );
+    let (token, _) = issue(&h, &request(&h)).await;
+    for path in ["/oauth/introspect", "/oauth/revoke"] {
+        let mut form = auth_form(&h, "reporter", &token);
+        form.push(("client_id".into(), "intruder".into()));
+        let a = post(&h, path, &form).await;
+        assert_eq!(refused(&a, &form), "invalid_client", "{path}");
+    }
+    // Its own id is fine.
+    let mut form = request(&h);
+    set(&mut form, "client_id", "reporter");
+    issue(&h, &form).await;
+    let mut form = auth_form(&h, "reporter", &token);
+    form.push(("client_id".into(), "reporter".into()));
+    assert_eq!(
+        post(&h, "/oauth/introspect", &form).await.json["active"],
+        true
+    );
+
+    // b) Two methods in one request.
+    let form = request(&h);
+    let a = post_authorized(&h, "/oauth/token", FORM, encode(&form), Some(BASIC)).await;
+    assert_eq!(a.status, 400);
+    assert_eq!(refused(&a, &form), "invalid_request");
+    let mut form = request(&h);
+    set(&mut form, "client_secret", "secret");
+    assert_eq!(code_of(&h, form).await, "invalid_request");
+    let form = auth_form(&h, "reporter", &token);
+    let a = post_authorized(&h, "/oauth/introspect", FORM, encode(&form), Some(BASIC)).await;
+    assert_eq!(refused(&a, &form), "invalid_request");
+
+    // c) Basic alone: 401 challenging Basic; the body's methods: not Basic.
+    let basic_only = without(
+        without(request(&h), "client_assertion"),
+        "client_assertion_type",
+    );
+    let a = post_authorized(&h, "/oauth/token", FORM, encode(&basic_only), Some(BASIC)).await;
+    assert_eq!(refused(&a, &basic_only), "invalid_client");
+    assert_eq!(
+        a.headers["www-authenticate"],
+        format!("Basic realm=\"{ISSUER}\"").as_str()
+    );
+    let form = without(request(&h), "client_assertion");
+    let a = post(&h, "/oauth/token", &form).await;
+    assert_eq!(refused(&a, &form), "invalid_client");
+    let challenge = a.headers["www-authenticate"].to_str().unwrap();
+    assert!(!challenge.starts_with("Basic"), "{challenge}");
+}
+
+/// The claims of a JWT, unverified (the test checks them, not the key).
+fn claims_of(token: &str) -> Value {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// bb7 #10: refusals say what is wrong, every answer is `no-store`, `typ`
+/// is compared as sent, the issuer is kept exactly as configured and the
+/// metadata of an issuer with a path is where RFC 8414 3.1 puts it.
+#[tokio::test]
+async fn diagnostics_headers_and_the_issuer_are_exact() {
+    let mut h = harness().await;
+    // a) An `exp` that is there but is no time is invalid, not missing.
+    for exp in [json!("9999999999"), json!(1e20)] {
+        let mut form = request(&h);
+        let t = subject_with(&h, json!({}), json!({ "exp": exp }));
+        set(&mut form, "subject_token", &t);
+        let a = post(&h, "/oauth/token", &form).await;
+        refused(&a, &form);
+        let d = a.json["error_description"].as_str().unwrap();
+        assert!(d.contains("exp") && !d.contains("has no"), "{d}");
+    }
+    // b) So for an assertion's.
+    let mut form = request(&h);
+    let bad = assertion_with(&h, "reporter", "reporter", json!({}), json!({ "exp": -1 }));
+    set(&mut form, "client_assertion", &bad);
+    let a = post(&h, "/oauth/token", &form).await;
+    assert_eq!(refused(&a, &form), "invalid_client");
+    let d = a.json["error_description"].as_str().unwrap();
+    assert!(d.contains("exp is not a non-negative integer"), "{d}");
+    // c) A method the JWKS and metadata do not take: 405 as the service
+    // words its errors, never cached.
+    for path in [
+        "/.well-known/jwks.json",
+        "/.well-known/oauth-authorization-server",
+        "/tenants/partner/jwks.json",
+        "/.well-known/oauth-authorization-server/tenants/partner",
+    ] {
+        let a = post_raw(&h, path, "application/x-www-form-urlencoded", String::new()).await;
+        assert_eq!(a.status, 405, "{path}");
+        assert_eq!(a.headers["cache-control"], "no-store", "{path}");
+        assert_eq!(a.headers["allow"], "GET", "{path}");
+        assert_eq!(a.json["error"], "invalid_request", "{path}");
+    }
+    // d) `typ` with trailing whitespace is not `at+jwt`.
+    let mut form = request(&h);
+    let t = subject_with(&h, json!({ "typ": "at+jwt " }), json!({}));
+    set(&mut form, "subject_token", &t);
+    refused(&post(&h, "/oauth/token", &form).await, &form);
+
+    // e) and f): an issuer with a path and a final `/`, kept exactly.
+    let iss = format!("{ISSUER}/kt/");
+    let mut config = h.config.clone();
+    config.issuer = iss.clone();
+    h.reload(config).await;
+    let m = get(&h, "/.well-known/oauth-authorization-server/kt").await;
+    assert_eq!(m.status, 200, "{}", m.json);
+    assert_eq!(m.json["issuer"], iss.as_str());
+    assert_eq!(m.json["token_endpoint"], format!("{ISSUER}/kt/oauth/token"));
+    let t = get(
+        &h,
+        "/.well-known/oauth-authorization-server/kt/tenants/partner",
+    )
+    .await;
+    assert_eq!(t.json["issuer"], format!("{ISSUER}/kt/tenants/partner"));
+    assert_eq!(
+        get_raw(&h, "/.well-known/oauth-authorization-server/other")
+            .await
+            .status(),
+        404
+    );
+    let mut form = request(&h);
+    let named =
+        |h: &Harness| assertion_with(h, "reporter", "reporter", json!({}), json!({ "aud": iss }));
+    set(&mut form, "client_assertion", &named(&h));
+    set(&mut form, "actor_token", &named(&h));
+    let (token, _) = issue(&h, &form).await;
+    assert_eq!(claims_of(&token)["iss"], iss.as_str());
+    let mut form = auth_form(&h, "auditor", &token);
+    let by_auditor = assertion_with(&h, "auditor", "auditor", json!({}), json!({ "aud": iss }));
+    set(&mut form, "client_assertion", &by_auditor);
+    let a = post(&h, "/oauth/introspect", &form).await;
+    assert_eq!(a.json["active"], true, "{}", a.json);
 }
 
 #[tokio::test]
@@ -1586,7 +1946,8 @@ async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
     set(&mut form, "scope", "read:reports");
     let (token, _) = issue(&h, &form).await;
     let header = jsonwebtoken::decode_header(&token).unwrap();
-    assert_eq!(header.kid.as_deref(), Some("partner.1"));
+    let partner_kid = kid_in(&h.mem.partner_signing, 1);
+    assert_eq!(header.kid.as_ref(), Some(&partner_kid));
 
     // Its own JWKS verifies it, with its own `iss`; the default JWKS does
     // not have its key, and its JWKS does not have the default key.
@@ -1600,14 +1961,14 @@ async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
             .iter()
             .map(|k| k.common.key_id.clone().unwrap())
             .collect::<Vec<_>>(),
-        ["partner.1"]
+        std::slice::from_ref(&partner_kid)
     );
     let mut v = Validation::new(Algorithm::EdDSA);
     v.set_issuer(&[&tenant_iss]);
     v.set_audience(&[API]);
     let claims = jsonwebtoken::decode::<Value>(
         &token,
-        &DecodingKey::from_jwk(set_p.find("partner.1").unwrap()).unwrap(),
+        &DecodingKey::from_jwk(set_p.find(&partner_kid).unwrap()).unwrap(),
         &v,
     )
     .unwrap()
@@ -1616,14 +1977,14 @@ async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
     assert_eq!(claims["iss"], tenant_iss.as_str());
     let default: jsonwebtoken::jwk::JwkSet =
         serde_json::from_value(get(&h, "/.well-known/jwks.json").await.json).unwrap();
-    assert!(default.find("partner.1").is_none());
+    assert!(default.find(&partner_kid).is_none());
     assert_eq!(default.keys.len(), 1);
 
     // A tenant without a key of its own (acme) signs with the default key.
     let (acme, _) = issue(&h, &request(&h)).await;
     let hd = jsonwebtoken::decode_header(&acme).unwrap();
-    assert_eq!(hd.kid.as_deref(), Some("1"));
-    assert!(set_p.find("1").is_none());
+    assert_eq!(hd.kid, Some(kid(&h, 1)));
+    assert!(set_p.find(&kid(&h, 1)).is_none());
 
     // RFC 8414 3.1 metadata of the tenant's issuer.
     let m = get(
@@ -1673,15 +2034,15 @@ async fn a_tenant_with_its_own_key_has_its_own_issuer_kids_jwks_and_metadata() {
     c["iss"] = json!(ISSUER);
     c["tenant"] = json!("acme");
     for (what, t) in [
-        ("iss", resign("partner.1", &c)),
-        ("kid", resign("1", &claims)),
+        ("iss", resign(&partner_kid, &c)),
+        ("kid", resign(&kid(&h, 1), &claims)),
     ] {
         let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &t)).await;
         assert_eq!(a.json, json!({"active": false}), "forged {what}");
     }
     // The genuine claims re-signed correctly stay valid: the refusals above
     // are about the key set, not the claims.
-    let genuine = resign("partner.1", &claims);
+    let genuine = resign(&partner_kid, &claims);
     let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &genuine)).await;
     assert_eq!(a.json["active"], true);
 }
@@ -1774,7 +2135,12 @@ async fn the_tokens_probe_passes_only_when_the_service_refuses_the_agents_tokens
     let agent = AgentId::new("reporter").unwrap();
     let (live, _) = issue(&h, &request(&h)).await;
     let audited = h.mem.audit.lock().unwrap().len();
-    let signed = |c: &CredentialKey| h.mem.store.signed_until(&c.to_string()).unwrap();
+    // Every use of `c`'s keys, under any name.
+    let signed = |c: &CredentialKey| {
+        let mut uses = h.mem.store.signed_under("").unwrap();
+        uses.retain(|(name, _, _)| name.ends_with(&c.to_string()));
+        uses
+    };
     let default_signer = CredentialKey::new(
         AgentId::new("keyturn").unwrap(),
         CredentialId::new("signer").unwrap(),

@@ -274,7 +274,9 @@ impl SubjectIssuer {
             Some(_) => return Err(SubjectError::Malformed("`typ` is not a string".to_owned())),
             None => None,
         };
-        if !typ.is_some_and(|s| c.typ.contains(&normalize_typ(s))) {
+        // Compared as sent: `at+jwt ` is not `at+jwt` (only case and an
+        // `application/` prefix are insignificant, RFC 7515 4.1.9).
+        if !typ.is_some_and(|s| s.trim() == s && c.typ.contains(&normalize_typ(s))) {
             return Err(SubjectError::WrongType {
                 found: typ.map_or("missing".to_owned(), |s| format!("\"{}\"", shown(s))),
                 issuer: c.name.clone(),
@@ -359,6 +361,20 @@ impl SubjectIssuer {
                 K::InvalidAudience => SubjectError::WrongAudience {
                     expected: audiences(&c.audience),
                 },
+                // jsonwebtoken says "missing" of a claim it cannot read too
+                // (`exp` a string, or beyond u64): say which it is.
+                K::MissingRequiredClaim(claim) if t.claims.contains_key(claim.as_str()) => {
+                    SubjectError::InvalidClaim {
+                        claim: claim.clone(),
+                        why: match claim.as_str() {
+                            "exp" | "nbf" | "iat" => {
+                                "not a non-negative integer (seconds since the epoch)"
+                            }
+                            _ => "wrong type",
+                        }
+                        .to_owned(),
+                    }
+                }
                 K::MissingRequiredClaim(claim) => SubjectError::MissingClaim(claim.clone()),
                 K::InvalidClaimFormat(claim) => SubjectError::InvalidClaim {
                     claim: claim.clone(),

@@ -335,7 +335,7 @@ impl Revocations {
                 let Some(d) = &agent.decommissioned else {
                     continue;
                 };
-                if d.at > now {
+                if !d.in_effect(now) {
                     next = Some(next.map_or(d.at, |n| n.min(d.at)));
                     continue;
                 }

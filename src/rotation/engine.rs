@@ -2,7 +2,7 @@
 //! and keeps the in-memory view that `status` and the scheduler read.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -77,6 +77,10 @@ pub(super) struct Inner {
     /// Jobs running now, and jobs finished since the engine was last idle.
     pub(super) in_flight: AtomicUsize,
     pub(super) finished_since_trim: AtomicUsize,
+    /// Moves on every write that may change which versions of a credential
+    /// are accepted (a version staged, promoted, retired, forgotten) and on
+    /// every reload: see [`Engine::versions_generation`].
+    pub(super) versions_generation: AtomicU64,
     pub(super) wake: Notify,
     /// Agents being (or already) decommissioned, with the label `status`
     /// shows for their credentials: none of their credentials is rotated,
@@ -197,6 +201,7 @@ impl Engine {
                 unconfigured: Mutex::default(),
                 in_flight: AtomicUsize::new(0),
                 finished_since_trim: AtomicUsize::new(0),
+                versions_generation: AtomicU64::new(0),
                 wake: Notify::new(),
                 follow_reload: Notify::new(),
                 follow: Default::default(),
@@ -414,6 +419,8 @@ impl Engine {
                 .unwrap_or_else(|p| p.into_inner()),
             catalog.clone(),
         );
+        // An agent's `auth_key` may name another credential now.
+        self.inner.versions_changed();
         for key in catalog.creds.keys().filter(|k| !old.creds.contains_key(k)) {
             if let Some(label) = self.inner.retired_label(&key.agent) {
                 tracing::warn!(agent = %key.agent, credential = %key.credential, "added to an agent that is {label}: it is never rotated or delivered (a decommission is for good; give the credential to another agent)");
@@ -531,6 +538,19 @@ impl Engine {
         live.get(key)
             .and_then(|l| l.row.as_ref())
             .and_then(|r| r.current_version)
+    }
+
+    /// A number that moves whenever the versions state accepts of any
+    /// credential may have changed (a rotation promoted or retired one, a
+    /// decommission or a follower changed them, a reload named other
+    /// credentials), once the change is committed. Whoever caches what it
+    /// read of versions (the token service, agents' keys) reads this first
+    /// and reads the versions again when it moved: a key retired stops
+    /// working as soon as the retirement is done, not a cache age later.
+    pub fn versions_generation(&self) -> u64 {
+        self.inner
+            .versions_generation
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Counts of credentials by state, for the `credentials{state}` gauge.
@@ -736,14 +756,31 @@ impl Inner {
                 _ => None,
             })
             .collect();
-        self.writer
-            .apply(writes)
-            .await
-            .map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))?;
+        let restages = writes.iter().any(|w| {
+            matches!(
+                w,
+                Write::Version(_)
+                    | Write::VersionStage { .. }
+                    | Write::RetireOthers(_)
+                    | Write::ForgetCredential(_)
+            )
+        });
+        let applied = self.writer.apply(writes).await;
+        // After the commit (and on an error too, which may follow one):
+        // whoever reads the generation and then the versions sees them new.
+        if restages {
+            self.versions_changed();
+        }
+        applied.map_err(|e| PluginError::new(ErrorKind::Transient, e.to_string()))?;
         for (key, version) in awaiting {
             self.delivery_recorded(&key, version);
         }
         Ok(())
+    }
+
+    pub(super) fn versions_changed(&self) {
+        self.versions_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     pub(super) async fn load<T: Send + 'static>(

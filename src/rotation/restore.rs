@@ -84,9 +84,15 @@ impl super::Engine {
 
 impl Inner {
     /// Whether `entry`'s agent is decommissioned, being decommissioned, or
-    /// declared so in the config.
+    /// declared so in the config (from its `at` on).
     fn leaving(&self, entry: &CredEntry) -> bool {
-        entry.agent.decommissioned.is_some() || self.is_retired(&entry.key().agent)
+        let now = self.clock.now();
+        entry
+            .agent
+            .decommissioned
+            .as_ref()
+            .is_some_and(|d| d.in_effect(now))
+            || self.is_retired(&entry.key().agent)
     }
 
     /// Delivers the current version again to every file sink whose file

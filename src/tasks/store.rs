@@ -268,6 +268,30 @@ impl crate::oauth::service::TokenLedger for TaskStore {
             .collect())
     }
 
+    fn signed_under(&self, prefix: &str) -> std::result::Result<Vec<(String, u64, i64)>, String> {
+        let db = self.db();
+        let mut stmt = db
+            .prepare_cached(
+                "SELECT credential, version, signed_until FROM token_key_uses
+                 WHERE substr(credential, 1, length(?1)) = ?1",
+            )
+            .map_err(|e| self.err("read signing key uses", e).to_string())?;
+        let rows = stmt
+            .query_map(params![prefix], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(|e| self.err("read signing key uses", e).to_string())?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(c, v, u)| Some((c, u64::try_from(v).ok()?, u)))
+            .collect())
+    }
+
     fn adopt_unnamed_key_uses(&self, credential: &str) -> std::result::Result<(), String> {
         self.db()
             .execute(

@@ -7,7 +7,7 @@
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value, json};
 
-use super::{Reply, SecretValue, TokenForm, TokenService, err, now_secs, token_form};
+use super::{Reply, SecretValue, TokenForm, TokenService, err, now_secs, same_client, token_form};
 use crate::audit::{Actor as AuditActor, AuditEvent, Outcome};
 use crate::auth::Verified;
 use crate::model::AgentId;
@@ -70,21 +70,26 @@ impl TokenService {
         {
             return Ok(None);
         }
-        let Some((set, version)) = header
-            .kid
-            .as_deref()
-            .and_then(|kid| self.keys.iter().find_map(|s| Some((s, s.version_of(kid)?))))
-        else {
+        let Some(kid) = header.kid.as_deref() else {
             return Ok(None);
         };
-        let keys = self.published(set, now).await.map_err(|e| {
-            tracing::error!("token service: cannot list the signing keys: {e}");
-            err(
-                "temporarily_unavailable",
-                "the signing keys cannot be read now; retry",
-            )
-        })?;
-        let Some(key) = keys.iter().find(|k| k.version == version) else {
+        // The set whose published keys hold the kid (thumbprints never
+        // collide; a legacy kid is published by its own set only).
+        let mut found = None;
+        for set in &self.keys {
+            let keys = self.published(set, now).await.map_err(|e| {
+                tracing::error!("token service: cannot list the signing keys: {e}");
+                err(
+                    "temporarily_unavailable",
+                    "the signing keys cannot be read now; retry",
+                )
+            })?;
+            if let Some(key) = keys.into_iter().find(|k| k.kid == kid) {
+                found = Some((set, key));
+                break;
+            }
+        }
+        let Some((set, key)) = found else {
             return Ok(None);
         };
         let Ok(decoding) = DecodingKey::from_ed_pem(key.public_pem.as_bytes()) else {
@@ -141,8 +146,9 @@ impl TokenService {
     /// (it is single-use).
     async fn authenticate_client(&self, form: &TokenForm) -> Result<Verified, ExchangeError> {
         let client = self
-            .authenticate(&form.client_assertion, "invalid_client", "client assertion")
+            .authenticate(&form.client.assertion, "invalid_client", "client assertion")
             .await?;
+        same_client(form.client.client_id.as_deref(), &client)?;
         self.spend(&[(&client, "invalid_client", "client assertion")])
             .await?;
         Ok(client)
@@ -166,9 +172,9 @@ impl TokenService {
     /// `POST /oauth/introspect`: an authenticated agent may ask about the
     /// tokens [`Self::may_introspect`] lets it see; any other token is
     /// `{"active": false}`.
-    pub async fn introspect(&self, body: &[u8]) -> Reply {
+    pub async fn introspect(&self, body: &[u8], authorization: Option<&str>) -> Reply {
         let answer = async {
-            let form = token_form(body)?;
+            let form = token_form(body, authorization)?;
             let caller = self.authenticate_client(&form).await?;
             let now = now_secs();
             let Some(t) = self.check(&form.token, now).await? else {
@@ -211,11 +217,11 @@ impl TokenService {
 
     /// `POST /oauth/revoke`: the client that a token was issued to revokes
     /// it; an unknown or invalid token is answered 200 (RFC 7009 2.2).
-    pub async fn revoke(&self, body: &[u8], peer: &str) -> Reply {
+    pub async fn revoke(&self, body: &[u8], peer: &str, authorization: Option<&str>) -> Reply {
         let mut ev = AuditEvent::new("oauth.revoke", AuditActor::Daemon, Outcome::Ok);
         let mut authenticated = false;
         let result = async {
-            let form = token_form(body)?;
+            let form = token_form(body, authorization)?;
             let client = self.authenticate_client(&form).await?;
             authenticated = true;
             ev.agent = AgentId::new(&client.agent).ok();
@@ -286,7 +292,7 @@ impl TokenService {
                 continue;
             }
             let iss = &set.policy.issuer;
-            let key = self
+            let (_, key) = self
                 .signing_key(set)
                 .await
                 .map_err(|e| format!("key set of {iss}: {}", e.description))?;

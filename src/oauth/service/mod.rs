@@ -42,10 +42,10 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Value, json};
 
 use super::exchange::{
-    self, Actor, ClientPolicy, ExchangeError, GRANT_TYPE, Issued, ServicePolicy, SigningKey,
-    TOKEN_TYPE_ACCESS_TOKEN, TaskClaims,
+    self, Actor, ClientPolicy, ExchangeError, GRANT_TYPE, Issued, PublishedKey, ServicePolicy,
+    SigningKey, TOKEN_TYPE_ACCESS_TOKEN, TaskClaims,
 };
-use super::request::{self, CLIENT_ASSERTION_TYPE};
+use super::request;
 use super::subject::SubjectTokens;
 use crate::audit::{Actor as AuditActor, AuditEvent, Outcome};
 use crate::auth::{AgentKey, Verified, Verifier};
@@ -155,6 +155,9 @@ pub trait TokenLedger: Send + Sync {
     fn signed(&self, credential: &str, version: u64, until: i64) -> Result<(), String>;
     /// Each version of `credential` with the latest `exp` it signed.
     fn signed_until(&self, credential: &str) -> Result<Vec<(u64, i64)>, String>;
+    /// Every use recorded under a credential name that starts with
+    /// `prefix`: (name, version, until).
+    fn signed_under(&self, prefix: &str) -> Result<Vec<(String, u64, i64)>, String>;
     /// Uses recorded before the ledger named credentials (one signing
     /// credential then) become `credential`'s.
     fn adopt_unnamed_key_uses(&self, credential: &str) -> Result<(), String>;
@@ -184,6 +187,11 @@ pub trait Backend: Send + Sync {
     /// `agent`'s task `id` if it is live (not ended, not expired); `None`
     /// for a task that is another agent's, ended or unknown.
     fn live_task(&self, agent: &str, id: &str) -> Result<Option<TaskClaims>, String>;
+    /// A number that moves once a change of any credential's versions
+    /// (an agent's key rotated or retired, a signing key promoted) is
+    /// committed: what the service cached of versions read before it moved
+    /// is read again, so a retired key stops working at once.
+    fn versions_generation(&self) -> u64;
     /// When `agent` was decommissioned (unix seconds), if it was: its
     /// token epoch ([`crate::state::DecommissionRow::token_epoch`]).
     fn decommissioned_at(&self, agent: &str) -> Option<i64>;
@@ -222,6 +230,8 @@ impl Slot {
 
 /// The token service.
 pub struct TokenService {
+    /// The issuer without a final `/`: the endpoints' URLs start with it.
+    base: String,
     /// The default key set (tenants without a key of their own), then one
     /// per tenant that has its own.
     keys: Vec<KeySet>,
@@ -229,19 +239,28 @@ pub struct TokenService {
     subjects: SubjectTokens,
     backend: Arc<dyn Backend>,
     verifier: Verifier,
-    /// State reads, kept [`CACHE_FOR`]: each signing credential's versions
-    /// (read again at once when its current version changes) and each
-    /// agent's accepted keys (read again at once when an assertion does not
-    /// verify with the cached keys: a key just rotated).
+    /// State reads, kept [`CACHE_FOR`] and read again at once when the
+    /// versions generation moved (a rotation or retirement committed): each
+    /// signing credential's versions and each agent's accepted keys (also
+    /// read again when an assertion does not verify with the cached keys).
     cache_for: std::time::Duration,
     keys_cache: Mutex<std::collections::HashMap<String, Cached<Vec<AgentKey>>>>,
 }
 
 /// One signing credential and the tokens it signs: the default one, or a
 /// tenant's own (`[token_service.tenants.NAME]`), whose tokens have their
-/// own `iss` (`ISSUER/tenants/NAME`), `kid`s (`NAME.VERSION`), JWKS and
-/// metadata, so that a resource server of one tenant never trusts another
-/// tenant's tokens.
+/// own `iss` (`ISSUER/tenants/NAME`), JWKS and metadata, so that a
+/// resource server of one tenant never trusts another tenant's tokens.
+///
+/// A `kid` is the key's RFC 7638 thumbprint ([`exchange::ed25519_kid`]).
+/// Each use of a key is recorded in the ledger under the set and the
+/// credential ([`Self::ledger_name`]), so when the set's
+/// `signing_credential` changes the previous credential's keys stay
+/// published until the last token they signed expires, as after a
+/// rotation. Tokens signed before kids were thumbprints carry the version
+/// (`VERSION`, a tenant's `NAME.VERSION`): their uses were recorded under
+/// the bare credential name, and while one may be live the key is also
+/// published under that legacy kid.
 struct KeySet {
     /// `None`: the default.
     tenant: Option<String>,
@@ -258,24 +277,25 @@ struct KeySet {
 }
 
 impl KeySet {
-    fn kid(&self, version: u64) -> String {
+    /// The `kid` tokens carried before kids were thumbprints.
+    fn legacy_kid(&self, version: u64) -> String {
         match &self.tenant {
             None => version.to_string(),
             Some(t) => format!("{t}.{version}"),
         }
     }
 
-    /// The version a `kid` of this key set names.
-    fn version_of(&self, kid: &str) -> Option<u64> {
-        let v = match &self.tenant {
-            None => kid,
-            Some(t) => kid.strip_prefix(t.as_str())?.strip_prefix('.')?,
-        };
-        // Digits only: `u64::from_str` would take a leading `+`.
-        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
+    /// What the ledger's names of this set's key uses start with.
+    fn ledger_prefix(&self) -> String {
+        match &self.tenant {
+            None => "set:default ".to_owned(),
+            Some(t) => format!("set:tenants/{t} "),
         }
-        v.parse().ok()
+    }
+
+    /// The ledger's name of this set's uses of `credential`'s keys.
+    fn ledger_name(&self, credential: &CredentialKey) -> String {
+        format!("{}{credential}", self.ledger_prefix())
     }
 
     fn jwks_path(&self) -> String {
@@ -290,8 +310,9 @@ impl KeySet {
 /// would otherwise queue behind the state writer).
 const CACHE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// A state read and when it was made.
-type Cached<T> = (std::time::Instant, Arc<T>);
+/// A state read, when it was made and the [`Backend::versions_generation`]
+/// read before it.
+type Cached<T> = (std::time::Instant, u64, Arc<T>);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -313,6 +334,15 @@ fn not_found_tenant() -> Reply {
     }
 }
 
+/// `AGENT/CRED` as the ledger names a credential.
+fn parse_credential(text: &str) -> Option<CredentialKey> {
+    let (agent, credential) = text.split_once('/')?;
+    Some(CredentialKey::new(
+        AgentId::new(agent).ok()?,
+        crate::model::CredentialId::new(credential).ok()?,
+    ))
+}
+
 fn err(code: &'static str, description: impl Into<String>) -> ExchangeError {
     ExchangeError {
         code,
@@ -323,13 +353,14 @@ fn err(code: &'static str, description: impl Into<String>) -> ExchangeError {
 /// The form parameters of introspection and revocation.
 struct TokenForm {
     token: SecretValue,
-    client_assertion: SecretValue,
+    client: request::ClientAuth,
 }
 
 /// `token` and client authentication, each at most once (RFC 6749 3.2);
 /// `token_type_hint` and unknown parameters are ignored (RFC 7662 2.1,
-/// RFC 7009 2.1: the hint is only an optimisation).
-fn token_form(body: &[u8]) -> Result<TokenForm, ExchangeError> {
+/// RFC 7009 2.1: the hint is only an optimisation). `authorization` is the
+/// scheme of the request's `Authorization` header, if any.
+fn token_form(body: &[u8], authorization: Option<&str>) -> Result<TokenForm, ExchangeError> {
     if body.len() > request::MAX_BODY_BYTES {
         return Err(err(
             "invalid_request",
@@ -337,40 +368,42 @@ fn token_form(body: &[u8]) -> Result<TokenForm, ExchangeError> {
         ));
     }
     let mut token = None;
-    let mut assertion = None;
-    let mut assertion_type = None;
+    let mut client = request::ClientParams::default();
     for (k, v) in form_urlencoded::parse(body) {
-        let slot = match k.as_ref() {
-            "token" => &mut token,
-            "client_assertion" => &mut assertion,
-            "client_assertion_type" => &mut assertion_type,
-            _ => continue,
-        };
-        if slot.replace(v.into_owned()).is_some() {
+        if client.take(k.as_ref(), v.to_string())? || k != "token" {
+            continue;
+        }
+        if token.replace(v.into_owned()).is_some() {
             return Err(err(
                 "invalid_request",
                 format!("parameter `{k}` is sent more than once"),
             ));
         }
     }
-    let client_assertion = match (assertion_type.as_deref(), assertion) {
-        (Some(CLIENT_ASSERTION_TYPE), Some(a)) if !a.is_empty() => SecretValue::from_string(a),
-        _ => {
-            return Err(err(
-                "invalid_client",
-                format!(
-                    "authenticate with private_key_jwt: client_assertion_type={CLIENT_ASSERTION_TYPE} and client_assertion"
-                ),
-            ));
-        }
-    };
+    let client = client.check(authorization)?;
     let Some(token) = token.filter(|t| !t.is_empty()) else {
         return Err(err("invalid_request", "token is missing"));
     };
     Ok(TokenForm {
         token: SecretValue::from_string(token),
-        client_assertion,
+        client,
     })
+}
+
+/// RFC 7521 4.2: a `client_id` sent with an assertion names the client
+/// the assertion authenticates, else the client is not authenticated.
+fn same_client(client_id: Option<&str>, client: &Verified) -> Result<(), ExchangeError> {
+    match client_id {
+        Some(id) if id != client.agent => Err(err(
+            "invalid_client",
+            format!(
+                "client_id {:?} is not the client the assertion authenticates (agent `{}`)",
+                id.chars().take(64).collect::<String>(),
+                client.agent
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 impl TokenService {
@@ -379,13 +412,17 @@ impl TokenService {
         subjects: SubjectTokens,
         backend: Arc<dyn Backend>,
     ) -> TokenService {
-        let issuer = config.issuer.trim_end_matches('/').to_owned();
+        // The `iss` exactly as configured (compared exactly by resource
+        // servers, RFC 8414 2 and 3.3); the endpoints and the tenants'
+        // issuers under it without a final `/`.
+        let issuer = config.issuer.clone();
+        let base = issuer.trim_end_matches('/').to_owned();
         let key_set = |tenant: Option<&String>, credential: &CredentialKey| KeySet {
             tenant: tenant.cloned(),
             policy: ServicePolicy {
                 issuer: match tenant {
                     None => issuer.clone(),
-                    Some(t) => format!("{issuer}{TENANTS_PATH}/{t}"),
+                    Some(t) => format!("{base}{TENANTS_PATH}/{t}"),
                 },
                 max_ttl: config.max_ttl,
                 max_act_depth: config.max_act_depth,
@@ -400,7 +437,7 @@ impl TokenService {
         // A client assertion names the service by its (or its tenant's)
         // issuer, or by the token endpoint.
         let mut audiences: Vec<String> = keys.iter().map(|k| k.policy.issuer.clone()).collect();
-        audiences.push(format!("{issuer}{TOKEN_PATH}"));
+        audiences.push(format!("{base}{TOKEN_PATH}"));
         if let Err(e) = backend
             .token_ledger()
             .adopt_unnamed_key_uses(&config.signing_credential.to_string())
@@ -408,6 +445,7 @@ impl TokenService {
             tracing::error!("token service: cannot name the signing key uses recorded before: {e}");
         }
         TokenService {
+            base,
             keys,
             clients: config.clients.clone(),
             subjects,
@@ -450,7 +488,7 @@ impl TokenService {
         let Some(set) = self.tenant_keys(tenant) else {
             return not_found_tenant();
         };
-        let base = self.issuer();
+        let base = &self.base;
         Reply::ok(json!({
             "issuer": set.policy.issuer,
             "token_endpoint": format!("{base}{TOKEN_PATH}"),
@@ -469,6 +507,33 @@ impl TokenService {
         }))
     }
 
+    /// RFC 8414 3.1 metadata at `METADATA_PATH/{path}`: `path` the issuer's
+    /// path (the service's own metadata) or a tenant's issuer's path
+    /// (`…/tenants/NAME`); a tenant's is also found without the issuer's
+    /// path (behind a proxy that strips it). 404 for any other.
+    pub fn metadata_at(&self, path: &str) -> Reply {
+        let own = reqwest::Url::parse(&self.base)
+            .map(|u| u.path().trim_matches('/').to_owned())
+            .unwrap_or_default();
+        let path = path.trim_start_matches('/');
+        if !own.is_empty() && path == own {
+            return self.metadata(None);
+        }
+        let rest = match path.strip_prefix(own.as_str()) {
+            Some(r) if !own.is_empty() && r.starts_with('/') => &r[1..],
+            _ => path,
+        };
+        match rest
+            .strip_prefix(TENANTS_PATH.trim_start_matches('/'))
+            .and_then(|t| t.strip_prefix('/'))
+        {
+            Some(tenant) if !tenant.is_empty() && !tenant.contains('/') => {
+                self.metadata(Some(tenant))
+            }
+            _ => not_found_tenant(),
+        }
+    }
+
     fn all_scopes(&self) -> Vec<String> {
         let mut s: Vec<String> = self
             .clients
@@ -482,9 +547,11 @@ impl TokenService {
 
     /// A key set's versions, from the cache when fresh.
     async fn signing_versions(&self, set: &KeySet) -> Result<Arc<Vec<VersionRow>>, String> {
+        let generation = self.backend.versions_generation();
         let current = self.backend.signing_current(&set.credential);
-        if let Some((at, v)) = &*lock(&set.versions_cache)
+        if let Some((at, seen, v)) = &*lock(&set.versions_cache)
             && at.elapsed() < self.cache_for
+            && *seen == generation
             && current.is_some()
             && v.iter()
                 .any(|r| r.stage == crate::model::Stage::Current && Some(r.version) == current)
@@ -492,7 +559,7 @@ impl TokenService {
             return Ok(v.clone());
         }
         let v = Arc::new(self.backend.signing_versions(&set.credential).await?);
-        *lock(&set.versions_cache) = Some((std::time::Instant::now(), v.clone()));
+        *lock(&set.versions_cache) = Some((std::time::Instant::now(), generation, v.clone()));
         Ok(v)
     }
 
@@ -502,9 +569,13 @@ impl TokenService {
         agent: &str,
         fresh: bool,
     ) -> Result<(Arc<Vec<AgentKey>>, bool), String> {
+        // Read before the keys: a retirement committed after this read
+        // moves it, so the keys read now are never kept past the next one.
+        let generation = self.backend.versions_generation();
         if !fresh
-            && let Some((at, k)) = lock(&self.keys_cache).get(agent)
+            && let Some((at, seen, k)) = lock(&self.keys_cache).get(agent)
             && at.elapsed() < self.cache_for
+            && *seen == generation
         {
             return Ok((k.clone(), true));
         }
@@ -512,42 +583,109 @@ impl TokenService {
         let mut cache = lock(&self.keys_cache);
         if cache.len() > 10_000 {
             let ttl = self.cache_for;
-            cache.retain(|_, (at, _)| at.elapsed() < ttl);
+            cache.retain(|_, (at, seen, _)| at.elapsed() < ttl && *seen == generation);
         }
-        cache.insert(agent.to_owned(), (std::time::Instant::now(), keys.clone()));
+        cache.insert(
+            agent.to_owned(),
+            (std::time::Instant::now(), generation, keys.clone()),
+        );
         Ok((keys, false))
     }
 
-    /// The versions of a key set whose public keys are published: current,
-    /// previous and any other (not pending) version that signed a token not
-    /// yet expired.
-    async fn published(&self, set: &KeySet, now: i64) -> Result<Vec<AgentKey>, String> {
+    /// The keys of a key set that are published: its credential's current
+    /// and previous versions and any other (not pending) version that
+    /// signed a token not yet expired, each under its thumbprint; under its
+    /// legacy kid too while a token that carries it may be live; then the
+    /// keys of credentials the set signed with before that signed a token
+    /// not yet expired. None while the set's signer is decommissioned.
+    async fn published(&self, set: &KeySet, now: i64) -> Result<Vec<PublishedKey>, String> {
         if self.signer_retired(set) {
             return Ok(Vec::new());
         }
         let versions = self.signing_versions(set).await?;
-        let mut keys = AgentKey::accepted(&versions);
-        let signed = self
-            .backend
-            .token_ledger()
-            .signed_until(&set.credential.to_string())?;
+        let ledger = self.backend.token_ledger();
+        let uses = ledger.signed_under(&set.ledger_prefix())?;
+        let legacy = ledger.signed_until(&set.credential.to_string())?;
+        let own = set.ledger_name(&set.credential);
+        let live = |name: &str, version: u64| {
+            uses.iter()
+                .any(|(n, v, until)| n == name && *v == version && *until > now)
+        };
+        let legacy_live = |version: u64| {
+            legacy
+                .iter()
+                .any(|(v, until)| *v == version && *until > now)
+        };
+        let mut keys: Vec<PublishedKey> = Vec::new();
+        let mut publish = |kid: Option<String>, pem: &str| {
+            if let Some(kid) = kid
+                && !keys.iter().any(|k| k.kid == kid)
+            {
+                keys.push(PublishedKey {
+                    kid,
+                    public_pem: pem.to_owned(),
+                });
+            }
+        };
+        let accepted = AgentKey::accepted(&versions);
         let mut older: Vec<&VersionRow> = versions
             .iter()
             .filter(|v| !matches!(v.stage, crate::model::Stage::Pending))
-            .filter(|v| !keys.iter().any(|k| k.version == v.version))
-            .filter(|v| {
-                signed
-                    .iter()
-                    .any(|(ver, until)| *ver == v.version && *until > now)
-            })
+            .filter(|v| !accepted.iter().any(|k| k.version == v.version))
+            .filter(|v| live(&own, v.version) || legacy_live(v.version))
             .collect();
         older.sort_by_key(|v| std::cmp::Reverse(v.version));
-        keys.extend(older.into_iter().filter_map(|v| {
-            Some(AgentKey {
-                version: v.version,
-                public_pem: v.public.clone()?,
-            })
-        }));
+        let shown: Vec<(u64, &str)> = accepted
+            .iter()
+            .map(|k| (k.version, k.public_pem.as_str()))
+            .chain(
+                older
+                    .iter()
+                    .filter_map(|v| Some((v.version, v.public.as_deref()?))),
+            )
+            .collect();
+        for (_, pem) in &shown {
+            publish(exchange::ed25519_kid_of_pem(pem), pem);
+        }
+        for (version, pem) in &shown {
+            if legacy_live(*version) {
+                publish(Some(set.legacy_kid(*version)), pem);
+            }
+        }
+        // The credentials the set signed with before (`signing_credential`
+        // changed): their keys while a token they signed may be live.
+        let mut before: Vec<&str> = uses
+            .iter()
+            .filter(|(n, _, until)| *n != own && *until > now)
+            .map(|(n, _, _)| n.as_str())
+            .collect();
+        before.sort_unstable();
+        before.dedup();
+        for name in before {
+            let Some(credential) = name
+                .strip_prefix(set.ledger_prefix().as_str())
+                .and_then(parse_credential)
+            else {
+                continue;
+            };
+            if self
+                .backend
+                .decommissioned_at(credential.agent.as_str())
+                .is_some()
+            {
+                continue;
+            }
+            let mut rows = self.backend.signing_versions(&credential).await?;
+            rows.retain(|v| {
+                !matches!(v.stage, crate::model::Stage::Pending) && live(name, v.version)
+            });
+            rows.sort_by_key(|v| std::cmp::Reverse(v.version));
+            for v in &rows {
+                if let Some(pem) = v.public.as_deref() {
+                    publish(exchange::ed25519_kid_of_pem(pem), pem);
+                }
+            }
+        }
         Ok(keys)
     }
 
@@ -559,7 +697,7 @@ impl TokenService {
             return not_found_tenant();
         };
         match self.published(set, now_secs()).await {
-            Ok(keys) => Reply::ok(exchange::jwks_document(&keys, |v| set.kid(v))),
+            Ok(keys) => Reply::ok(exchange::jwks_document(&keys)),
             Err(e) => {
                 tracing::error!("token service: cannot list the signing keys: {e}");
                 Reply::error(&err(
@@ -579,9 +717,9 @@ impl TokenService {
             .is_some()
     }
 
-    /// A key set's current signing key, read from the vault when the
-    /// current version changed since the last read.
-    async fn signing_key(&self, set: &KeySet) -> Result<Arc<SigningKey>, ExchangeError> {
+    /// A key set's current signing key and its version, read from the
+    /// vault when the current version changed since the last read.
+    async fn signing_key(&self, set: &KeySet) -> Result<(u64, Arc<SigningKey>), ExchangeError> {
         let unavailable = |why: String| {
             tracing::error!("token service: no signing key ({}): {why}", set.credential);
             err(
@@ -607,23 +745,22 @@ impl TokenService {
         if let Some((v, key)) = &*lock(&set.signing)
             && *v == current.version
         {
-            return Ok(key.clone());
+            return Ok((*v, key.clone()));
         }
         let pem = self
             .backend
             .signing_value(current)
             .await
             .map_err(unavailable)?;
-        let key =
-            SigningKey::from_ed25519_pem(set.kid(current.version), &pem).ok_or_else(|| {
-                unavailable(format!(
-                    "version {} of the signing credential is not an Ed25519 private key",
-                    current.version
-                ))
-            })?;
+        let key = SigningKey::from_ed25519_pem(&pem).ok_or_else(|| {
+            unavailable(format!(
+                "version {} of the signing credential is not an Ed25519 private key",
+                current.version
+            ))
+        })?;
         let key = Arc::new(key);
         *lock(&set.signing) = Some((current.version, key.clone()));
-        Ok(key)
+        Ok((current.version, key))
     }
 
     /// Checks a private_key_jwt assertion (client or actor); its jti is
@@ -698,11 +835,14 @@ impl TokenService {
         Ok(())
     }
 
-    /// `POST /oauth/token`.
-    pub async fn token(&self, body: &[u8], peer: &str) -> Reply {
+    /// `POST /oauth/token`; `authorization` is the scheme of the request's
+    /// `Authorization` header, if any (one authentication method only).
+    pub async fn token(&self, body: &[u8], peer: &str, authorization: Option<&str>) -> Reply {
         let mut ev = AuditEvent::new("oauth.token", AuditActor::Daemon, Outcome::Ok);
         let mut authenticated = false;
-        let result = self.issue(body, &mut ev, &mut authenticated).await;
+        let result = self
+            .issue(body, authorization, &mut ev, &mut authenticated)
+            .await;
         let result = self
             .audited(ev, result, format!("from {peer}"), authenticated)
             .await;
@@ -810,14 +950,16 @@ impl TokenService {
     async fn issue(
         &self,
         body: &[u8],
+        authorization: Option<&str>,
         ev: &mut AuditEvent,
         authenticated: &mut bool,
     ) -> Result<Issued, ExchangeError> {
-        let req = request::parse(body)?;
+        let req = request::parse(body, authorization)?;
         let client = self
-            .authenticate(&req.client_assertion, "invalid_client", "client assertion")
+            .authenticate(&req.client.assertion, "invalid_client", "client assertion")
             .await?;
         ev.agent = AgentId::new(&client.agent).ok();
+        same_client(req.client.client_id.as_deref(), &client)?;
         let actor = self
             .authenticate(&req.actor_token, "invalid_request", "actor_token")
             .await?;
@@ -888,7 +1030,7 @@ impl TokenService {
             params.task = Some(task);
         }
         let set = self.signer_for(&subject.tenant);
-        let key = self.signing_key(set).await?;
+        let (version, key) = self.signing_key(set).await?;
         let now = now_secs();
         let issued = exchange::exchange(
             &set.policy,
@@ -903,7 +1045,7 @@ impl TokenService {
             &key,
         )?;
         let exp = now.saturating_add(i64::try_from(issued.expires_in).unwrap_or(i64::MAX));
-        if let Err(e) = self.note_signed(set, &key.kid, exp) {
+        if let Err(e) = self.note_signed(set, version, exp) {
             // Without the record the key could leave the JWKS before the
             // token expires: refuse rather than issue an unverifiable token.
             tracing::error!("token service: cannot record the signing key's use: {e}");
@@ -930,11 +1072,9 @@ impl TokenService {
         Ok(issued)
     }
 
-    /// Makes sure the ledger keeps key `kid` of `set` published until `exp`.
-    fn note_signed(&self, set: &KeySet, kid: &str, exp: i64) -> Result<(), String> {
-        let version = set
-            .version_of(kid)
-            .ok_or_else(|| format!("kid {kid:?} is not a version"))?;
+    /// Makes sure the ledger keeps `version` of `set`'s credential
+    /// published until `exp`.
+    fn note_signed(&self, set: &KeySet, version: u64, exp: i64) -> Result<(), String> {
         let mut signed = lock(&set.signed);
         if signed.get(&version).is_some_and(|until| *until >= exp) {
             return Ok(());
@@ -943,7 +1083,7 @@ impl TokenService {
         let until = exp.saturating_add(ttl);
         self.backend
             .token_ledger()
-            .signed(&set.credential.to_string(), version, until)?;
+            .signed(&set.ledger_name(&set.credential), version, until)?;
         signed.insert(version, until);
         Ok(())
     }
