@@ -251,6 +251,91 @@ fn the_ttl_is_enforced_across_kill_9() {
     assert_eq!(row["end_reason"], "ttl");
 }
 
+/// Defect: a task whose TTL passed stayed live, its role logging in,
+/// until another task request woke the daemon; and the start that woke it
+/// was answered `live`, then ended as a failed start a moment later, its
+/// role dropped under the agent. The TTL revokes with no other request,
+/// and a task started as another one expires stays live.
+#[cfg_attr(
+    not(feature = "real-servers"),
+    ignore = "needs the test servers: scripts/services.sh start, then --features real-servers"
+)]
+#[test]
+fn the_ttl_revokes_on_a_quiet_daemon_and_a_start_meanwhile_stays_live() {
+    let db = Db::new();
+    let env = env(&db);
+    let _d = env.start();
+    let role_exists = |task: &str| {
+        psql(
+            &db.admin,
+            &format!("SELECT count(*) FROM pg_roles WHERE rolname = 'kt_task_{task}'"),
+        )
+        .unwrap()
+            == "1"
+    };
+    let ended_reason = |task: &str| {
+        let l: serde_json::Value =
+            serde_json::from_slice(&env.cli_ok(&["task", "list", "--as", "bot"]).stdout).unwrap();
+        l.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["task"] == task)
+            .and_then(|r| (r["state"] == "ended").then(|| r["end_reason"].clone()))
+    };
+
+    // Nothing but PostgreSQL is asked while the TTL passes.
+    // Before the request: the TTL runs from a moment after this.
+    let asked = std::time::Instant::now();
+    let quiet = start_bot_task(&env, "low", &["--ttl", "3s"]);
+    let quiet_id = quiet["task"].as_str().unwrap().to_owned();
+    let as_quiet = db.as_task(&pg_credential(&quiet));
+    assert!(psql(&as_quiet, "SELECT 1").is_ok());
+    let gone = wait_for(Duration::from_secs(9), || {
+        (!role_exists(&quiet_id)).then(std::time::Instant::now)
+    })
+    .expect("the task's role is still there 6 s after its TTL");
+    let after = gone - asked;
+    // Within a moment of the TTL (3 s more for a loaded machine).
+    assert!(
+        after >= Duration::from_secs(3) && after < Duration::from_secs(6),
+        "revoked {after:?} after a start with a 3 s TTL"
+    );
+    assert!(psql(&as_quiet, "SELECT 1").is_err());
+    // Ended once the drop is verified.
+    let reason = wait_for(Duration::from_secs(5), || ended_reason(&quiet_id));
+    assert_eq!(reason, Some("ttl".into()));
+
+    // A task started just as another one's TTL passes.
+    let expiring = start_bot_task(&env, "low", &["--ttl", "2s"]);
+    let expiring_id = expiring["task"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_millis(2000));
+    let fresh = start_bot_task(&env, "high", &["--ttl", "10m"]);
+    assert_eq!(fresh["state"], "live", "{fresh}");
+    let fresh_id = fresh["task"].as_str().unwrap().to_owned();
+    let file = fresh["credentials"]["pg"]["file"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let as_fresh = db.as_task(&pg_credential(&fresh));
+    let expired = wait_for(Duration::from_secs(5), || ended_reason(&expiring_id));
+    assert_eq!(expired, Some("ttl".into()));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(ended_reason(&fresh_id), None, "the new task was ended");
+    assert!(role_exists(&fresh_id));
+    assert_eq!(
+        psql(&as_fresh, &format!("SELECT v FROM t_b_{}", db.suffix)).unwrap(),
+        "beta"
+    );
+    assert!(std::path::Path::new(&file).exists());
+    let failed = audit_records(&env).into_iter().any(|r| {
+        r["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains(&fresh_id) && d.contains("start_failed"))
+    });
+    assert!(!failed, "the new task is audited as a failed start");
+    end_bot_task(&env, &fresh_id);
+}
+
 /// Defect: after a kill -9 in the middle of a task start (the role made at
 /// PostgreSQL, its name not yet recorded), the restarted daemon showed the
 /// task `live` and the role kept logging in until the TTL, although the

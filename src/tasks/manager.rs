@@ -155,9 +155,9 @@ pub struct TaskManager {
     ended: tokio::sync::watch::Sender<u64>,
     wake: tokio::sync::Notify,
     /// When the run loop's next tick is due (ms since the epoch), or
-    /// `i64::MAX` while a tick runs: a new task wakes the loop only if it
-    /// expires before that, so that a start does not cost a pass over every
-    /// open task.
+    /// `i64::MAX` while a tick runs: a task that goes live wakes the loop
+    /// only if it expires before that, so that a start does not cost a
+    /// pass over every open task.
     armed_until_ms: AtomicI64,
     /// How long a failed revocation waits before the next attempt.
     pub retry: Duration,
@@ -519,9 +519,6 @@ impl TaskManager {
             serde_json::json!({"policy": row.policy, "ttl_s": ttl.as_secs()}),
         );
         self.recorder.record(ev).await;
-        if expires_at_ms < self.armed_until_ms.load(Ordering::SeqCst) {
-            self.wake.notify_one();
-        }
 
         let mut issued: BTreeMap<String, Issued> = BTreeMap::new();
         for (i, (issuer_name, issuer, req)) in grants.iter().enumerate() {
@@ -583,7 +580,7 @@ impl TaskManager {
                             .await?;
                     }
                     in_flight.leave();
-                    self.end_now(&task.task_id, "start_failed", None).await;
+                    self.end_unstarted(&task.task_id, "start_failed").await;
                     return Err(TaskError::Issue {
                         task: task.task_id.clone(),
                         issuer: issuer_name.clone(),
@@ -612,7 +609,7 @@ impl TaskManager {
                 Err(message) => {
                     drop(issued);
                     in_flight.leave();
-                    self.end_now(&task.task_id, "start_failed", None).await;
+                    self.end_unstarted(&task.task_id, "start_failed").await;
                     return Err(TaskError::Deliver {
                         task: task.task_id.clone(),
                         message,
@@ -625,11 +622,14 @@ impl TaskManager {
             .set_state(&task.task_id, TaskState::Live, None, None, ms(now))
             .await?;
         in_flight.leave();
+        // Its TTL is the loop's business from now on (a pass that ran while
+        // it started left it to its start, and is armed for later).
+        self.wake_by(expires_at_ms);
         if !self.setup().agents.contains_key(&caller.agent) {
             // Decommissioned while it started: a decommission does not end
             // a start in progress, so it is ended here.
             drop(issued);
-            self.end_now(&task.task_id, "agent_retired", None).await;
+            self.end_unstarted(&task.task_id, "agent_retired").await;
             return Err(TaskError::AgentRetired(caller.agent.clone()));
         }
         let credentials = issued
@@ -699,13 +699,28 @@ impl TaskManager {
         Ok(row)
     }
 
+    /// Ends task `id`, whose start did not complete, for `reason`; what
+    /// is not revoked yet is retried after the retry interval.
+    async fn end_unstarted(&self, id: &str, reason: &str) {
+        self.end_now(id, reason, None).await;
+        let ended = matches!(self.store.get(id), Ok(Some(t)) if t.state == TaskState::Ended);
+        if !ended {
+            self.retry_soon();
+        }
+    }
+
     /// A task ended outside the loop is not ended yet (a revocation
     /// failed): the loop must try it again after the retry interval, not
     /// at the time it was armed for (the task's TTL, maybe hours away).
     fn retry_soon(&self) {
         let retry_ms = i64::try_from(self.retry.as_millis()).unwrap_or(5_000);
-        let at = ms(self.clock.now()).saturating_add(retry_ms);
-        if at < self.armed_until_ms.load(Ordering::SeqCst) {
+        self.wake_by(ms(self.clock.now()).saturating_add(retry_ms));
+    }
+
+    /// The loop must pass at `at_ms` (ms since the epoch): woken now if it
+    /// is armed for later, so that its next pass arms it for `at_ms`.
+    fn wake_by(&self, at_ms: i64) {
+        if at_ms < self.armed_until_ms.load(Ordering::SeqCst) {
             self.wake.notify_one();
         }
     }
@@ -991,7 +1006,22 @@ impl TaskManager {
         let setup = self.setup();
         let mut next: Option<i64> = None;
         let retry_ms = i64::try_from(self.retry.as_millis()).unwrap_or(5_000);
-        for t in open {
+        for listed in open {
+            let id = &listed.task.task_id;
+            // Its start runs now: that start makes it live (and wakes the
+            // loop for its TTL) or ends it.
+            if self.is_starting(id) {
+                continue;
+            }
+            // Read again, after the check above: the list is as it was
+            // when the pass began, and a start may have completed since
+            // (a task listed `starting` is live now, not a failed start).
+            let Some(t) = self.store.get(id)? else {
+                continue;
+            };
+            if t.state == TaskState::Ended {
+                continue;
+            }
             if t.state != TaskState::Live || t.expires_at_ms <= now {
                 let ending_now = self
                     .ending
@@ -1007,8 +1037,6 @@ impl TaskManager {
                 }
             }
             match t.state {
-                // Its start runs now: that start makes it live or ends it.
-                TaskState::Starting if self.is_starting(&t.task.task_id) => continue,
                 // A start that never completed (a crash, or abandoned): its
                 // caller holds nothing, and what was issued is revoked.
                 TaskState::Starting => self.end_now(&t.task.task_id, "start_failed", None).await,

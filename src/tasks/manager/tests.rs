@@ -35,6 +35,8 @@ struct MemIssuer {
     issues: AtomicU32,
     /// Seconds `issue` takes before it mints (a slow system).
     issue_delay_s: AtomicU32,
+    /// Seconds `revoke` takes.
+    revoke_delay_s: AtomicU32,
 }
 
 impl MemIssuer {
@@ -117,6 +119,8 @@ impl TaskIssuer for MemIssuer {
         _handle: Option<&str>,
     ) -> Result<Revoked, PluginError> {
         self.revokes.fetch_add(1, Ordering::SeqCst);
+        let delay = self.revoke_delay_s.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(delay.into())).await;
         if self.fail_revoke.load(Ordering::SeqCst) > 0 {
             self.fail_revoke.fetch_sub(1, Ordering::SeqCst);
             return Err(PluginError::new(
@@ -855,6 +859,91 @@ async fn a_task_end_that_fails_is_retried_by_the_running_loop() {
         TaskState::Ended,
         "retried after the interval"
     );
+    assert!(!h.pg.is_live(&id));
+    cancel.cancel();
+    run.await.unwrap();
+}
+
+/// Defect: a task whose TTL passed stayed live (its credential working)
+/// until some other request woke the loop: the pass that ran while it
+/// started left it to its start and armed the loop an hour away. The loop
+/// is woken when a task goes live, and revokes it at its TTL with nothing
+/// else happening.
+#[tokio::test(start_paused = true)]
+async fn the_ttl_ends_a_task_with_no_other_request() {
+    let h = harness();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(h.mgr.clone().run(cancel.clone()));
+    // The loop has passed once (nothing open) and sleeps.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // A slow start: the loop passes while the task is starting.
+    h.pg.issue_delay_s.store(1, Ordering::SeqCst);
+    let id = h.start("low", Some(60)).await;
+    assert_eq!(h.state_of(&id), TaskState::Live);
+    tokio::time::sleep(Duration::from_secs(59)).await;
+    assert_eq!(h.state_of(&id), TaskState::Live, "ended before its TTL");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = h.mgr.store.get(&id).unwrap().unwrap();
+    assert_ended(&t, "ttl");
+    assert!(!h.pg.is_live(&id));
+    assert!(!h.root.join("bot").join(&id).exists());
+    assert_eq!(h.mgr.figures().unwrap().revocation_overdue, 0);
+    cancel.cancel();
+    run.await.unwrap();
+}
+
+/// Defect: a start answered `live` was ended as a failed start a moment
+/// later, its credential revoked under the caller: the pass that ended an
+/// expired task went on with the list it read before, where the new task
+/// was still `starting`, and took it for an abandoned start once its start
+/// had completed. A pass reads each task again before it acts on it.
+#[tokio::test(start_paused = true)]
+async fn a_start_that_completes_during_a_pass_is_not_taken_for_a_failed_one() {
+    let h = harness();
+    let expired = h.start("low", Some(60)).await;
+    tokio::time::advance(Duration::from_secs(61)).await;
+    // The new task is starting (its `sts` credential takes 1 s) when the
+    // pass lists the open tasks; revoking the expired one takes 2 s.
+    h.sts.issue_delay_s.store(1, Ordering::SeqCst);
+    h.pg.revoke_delay_s.store(2, Ordering::SeqCst);
+    let bot = caller("bot");
+    let mut start = Box::pin(h.mgr.start(&bot, ask("high", Some(600))));
+    tokio::select! {
+        r = &mut start => panic!("the start completed: {r:?}"),
+        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+    }
+    let (pass, started) = tokio::join!(h.mgr.tick(), start);
+    pass.unwrap();
+    let id = started.unwrap().task.task.task_id;
+    assert_ended(&h.mgr.store.get(&expired).unwrap().unwrap(), "ttl");
+    assert_eq!(h.state_of(&id), TaskState::Live);
+    assert!(h.pg.is_live(&id) && h.sts.is_live(&id));
+    assert!(h.root.join("bot").join(&id).is_dir());
+    assert!(
+        !h.rec.all_text().contains("start_failed"),
+        "{:?}",
+        h.rec.names()
+    );
+}
+
+/// A start that failed, and whose revocation failed too, is retried after
+/// the retry interval: not only when the loop wakes for something else (an
+/// hour later, say), while what it issued keeps working.
+#[tokio::test(start_paused = true)]
+async fn a_failed_start_whose_revocation_fails_is_retried_by_the_running_loop() {
+    let h = harness();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(h.mgr.clone().run(cancel.clone()));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    h.sts.fail_issue.store(1, Ordering::SeqCst);
+    h.pg.fail_revoke.store(1, Ordering::SeqCst);
+    let TaskError::Issue { task: id, .. } = h.start_err("high").await else {
+        panic!("not an issue error");
+    };
+    assert_eq!(h.state_of(&id), TaskState::Ending);
+    assert!(h.pg.is_live(&id));
+    tokio::time::sleep(h.mgr.retry + Duration::from_secs(1)).await;
+    assert_ended(&h.mgr.store.get(&id).unwrap().unwrap(), "start_failed");
     assert!(!h.pg.is_live(&id));
     cancel.cancel();
     run.await.unwrap();
