@@ -48,16 +48,22 @@ impl Inner {
 
     /// Records `rot` as abandoned: finished (never resumed), with the reason
     /// as its error, audited. Its staged version, if any, goes with the
-    /// rest of the credential when the revocation destroys it.
+    /// rest of the credential when the revocation destroys it. The step
+    /// error it left on the credential is no longer shown: the credential
+    /// is being revoked, and an old step error under it reads like a
+    /// revocation problem.
     pub(super) async fn abandon_for_good(
         &self,
         entry: &CredEntry,
         rot: &mut RotationRow,
         why: &str,
     ) {
+        let key = entry.key();
         rot.last_error = Some(format!("abandoned at step {}: {why}", rot.step));
         rot.step = super::Step::Done;
         rot.updated_at = self.now();
+        let mut cred = self.cred_row(key);
+        cred.last_error = None;
         let recorded = async {
             let head = self
                 .audit(self.audit_event(
@@ -69,11 +75,20 @@ impl Inner {
                     Some(why.to_owned()),
                 ))
                 .await?;
-            self.persist(vec![Write::Rotation(rot.clone()), head]).await
+            self.persist(vec![
+                Write::Rotation(rot.clone()),
+                Write::Credential(cred.clone()),
+                head,
+            ])
+            .await
         }
         .await;
         match recorded {
             Ok(()) => {
+                if let Some(l) = self.live().get_mut(key) {
+                    l.parked = None;
+                    l.row = Some(cred.into());
+                }
                 tracing::info!(agent = %entry.key().agent, credential = %entry.key().credential, rotation = %rot.id, "rotation abandoned: {why}")
             }
             Err(e) => {
@@ -178,7 +193,38 @@ impl Engine {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.abandon_unfinished(&keys).await;
         self.drop_requests(&keys).await;
+    }
+
+    /// Records as abandoned the rotations of `keys` left unfinished and not
+    /// running (parked after their retries, or cut off by a stop): they
+    /// never resume now. Called once none of them runs. One stopped
+    /// mid-step was recorded by its run already (its row is done).
+    async fn abandon_unfinished(&self, keys: &[CredentialKey]) {
+        for key in keys {
+            let entry = self
+                .catalog()
+                .creds
+                .get(key)
+                .cloned()
+                .or_else(|| self.inner.departed_entries().get(key).cloned());
+            let Some(entry) = entry else {
+                continue;
+            };
+            let k = key.clone();
+            match self.inner.load(move |s| s.latest_rotation(&k)).await {
+                Ok(Some(mut rot)) if rot.step < super::Step::Retire => {
+                    self.inner
+                        .abandon_for_good(&entry, &mut rot, "the agent is decommissioned")
+                        .await;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(agent = %key.agent, credential = %key.credential, error = %e.message, "cannot read the rotation of a decommissioned agent's credential; it is abandoned at the next start");
+                }
+            }
+        }
     }
 
     /// Forgets the stored `keyturn rotate` requests of `keys` (one waited

@@ -87,6 +87,48 @@ async fn a_step_in_flight_finishes_and_the_rotation_stops_right_after_it() {
     rig.shutdown().await;
 }
 
+/// Defect: a rotation parked after its retries when its agent was
+/// decommissioned got no `rotation.abandoned` record (its trail in the
+/// audit log never closed), and status kept showing its old step error
+/// under the credential being revoked. It is recorded as abandoned, and
+/// the step error is no longer shown.
+#[tokio::test(start_paused = true)]
+async fn a_parked_rotation_is_recorded_as_abandoned_and_its_error_no_longer_shown() {
+    let rig = Rig::single().await;
+    rig.vault.fail("stage", 1000, ErrorKind::Transient, None);
+    rig.run().await;
+    rig.until(Duration::from_secs(30), "parked", |r| {
+        r.status("c0").state == "failed"
+    })
+    .await;
+    let parked = rig.status("c0");
+    let rotation = parked.rotation.clone().expect("a parked rotation");
+    assert!(parked.last_error.is_some());
+    rig.engine
+        .stop_agent(&key("c0").agent, "decommissioning")
+        .await;
+    let why = abandoned(&rig);
+    assert!(why.contains("abandoned at step create"), "{why}");
+    let audit = std::fs::read_to_string(rig.dir.path().join("audit.log")).unwrap();
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r["event"] == "rotation.abandoned")
+        .collect();
+    assert_eq!(records.len(), 1, "{audit}");
+    assert_eq!(records[0]["rotation"], rotation.as_str());
+    let s = rig.status("c0");
+    assert_eq!(s.state, "decommissioning");
+    assert_eq!((s.step, s.last_error), (None, None));
+    // Not again at the next start (the revocation stops the agent again).
+    rig.engine
+        .stop_agent(&key("c0").agent, "decommissioning")
+        .await;
+    let audit = std::fs::read_to_string(rig.dir.path().join("audit.log")).unwrap();
+    assert_eq!(audit.matches("\"rotation.abandoned\"").count(), 1);
+    rig.shutdown().await;
+}
+
 /// The error c0's latest rotation finished with: asserts it finished.
 fn abandoned(rig: &Rig) -> String {
     let latest = rig.store.latest_rotation(&key("c0")).unwrap().unwrap();
