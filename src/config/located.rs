@@ -94,6 +94,18 @@ pub(super) fn load_located(
     Err(ConfigErrors(errors.into_iter().map(|(_, e)| e).collect()))
 }
 
+/// Locates `issues` in one file's text (issues found outside validation,
+/// e.g. by [`host`](super::host)); an unparsable text locates them at its
+/// start.
+pub(super) fn locate_issues(file: &Path, text: &str, issues: Vec<Issue>) -> Vec<ConfigError> {
+    let lines = LineIndex::new(text);
+    let doc = Document::parse(text).unwrap_or_else(|_| Document::parse("").expect("empty TOML"));
+    issues
+        .into_iter()
+        .map(|issue| to_error(file, &lines, &doc, issue))
+        .collect()
+}
+
 fn syntax_error(file: &Path, text: &str, e: &toml_edit::TomlError) -> ConfigError {
     let offset = match e.span() {
         Some(span) => span.start,
