@@ -777,7 +777,8 @@ fn a_keyed_audit_chain_cannot_be_rebuilt_without_the_key() {
         let mut daemon = env.spawn(&[]);
         let status = daemon.wait_exit(Duration::from_secs(10)).expect(what);
         let log = daemon.log_text();
-        assert_eq!(status.code(), Some(1), "{what}: {log}");
+        assert_eq!(status.code(), Some(64), "{what}: a config error: {log}");
+        assert!(log.contains(": daemon.audit_key_file: "), "{what}: {log}");
         for n in needles {
             assert!(log.contains(n), "{what}: should say {n:?}: {log}");
         }
@@ -1062,6 +1063,127 @@ deliver = [{{ type = "file", path = "{{root}}/bot/api", format = "raw" }}]
             && err.contains("no state database"),
         "{err}"
     );
+}
+
+/// Where `key` is set in `config`: `FILE:LINE:COL: daemon.KEY: `, the
+/// column that of its value.
+fn located_at(config: &std::path::Path, key: &str) -> String {
+    let text = std::fs::read_to_string(config).unwrap();
+    let (n, line) = text
+        .lines()
+        .enumerate()
+        .find(|(_, l)| l.starts_with(&format!("{key} = ")))
+        .unwrap_or_else(|| panic!("{key} in {text}"));
+    let col = line.find('"').unwrap() + 1;
+    format!("{}:{}:{col}: daemon.{key}: ", config.display(), n + 1)
+}
+
+/// The daemon's start refuses a key file it cannot load and a socket group
+/// that does not exist: `keyturn check` and `check --online` (the unit's
+/// `ExecStartPre`, the operator's gate before a restart) refuse the same
+/// config, by the same check, located like any config error, and the
+/// daemon exits 64 with the same line.
+#[test]
+fn check_refuses_what_the_daemon_start_refuses_on_this_host() {
+    let port = free_port();
+    let cases: [(&str, String, &str, &[&str]); 4] = [
+        (
+            "16-byte audit key",
+            r#"audit_key_file = "{dir}/short.key""#.into(),
+            "audit_key_file",
+            &["holds 16 bytes", "at least 32", "head -c 32 /dev/urandom"],
+        ),
+        (
+            "0644 audit key",
+            r#"audit_key_file = "{dir}/open.key""#.into(),
+            "audit_key_file",
+            &["mode 0644", "chmod 600"],
+        ),
+        (
+            "0644 nudge key",
+            format!("listen = \"127.0.0.1:{port}\"\nfollow_nudge_key_file = \"{{dir}}/open.key\""),
+            "follow_nudge_key_file",
+            &["mode 0644", "chmod 600"],
+        ),
+        (
+            "missing socket group",
+            r#"socket_group = "kt-no-such-group-4711""#.into(),
+            "socket_group",
+            &["group `kt-no-such-group-4711` does not exist"],
+        ),
+    ];
+    for (what, extra, key, needles) in cases {
+        let env = Env::with_daemon(ONE_RAW, &extra);
+        let write = |name: &str, bytes: &[u8], mode: u32| {
+            let f = env.path().join(name);
+            std::fs::write(&f, bytes).unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write("short.key", &AUDIT_KEY[..16], 0o600);
+        write("open.key", AUDIT_KEY, 0o644);
+        let located = located_at(&env.config, key);
+        for args in [&["check"][..], &["check", "--online"]] {
+            let out = env.cli(args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{what}: {args:?}: {err}");
+            assert!(
+                err.contains(&located),
+                "{what}: {args:?}: {located:?} in {err}"
+            );
+            for n in needles {
+                assert!(err.contains(n), "{what}: {args:?}: should say {n:?}: {err}");
+            }
+        }
+        let mut daemon = env.spawn(&[]);
+        let status = daemon.wait_exit(Duration::from_secs(10)).expect(what);
+        let log = daemon.log_text();
+        assert_eq!(status.code(), Some(64), "{what}: {log}");
+        assert!(log.contains(&located), "{what}: {located:?} in {log}");
+        assert!(!log.contains("AUDITKEYCANARY"), "{what}: {log}");
+    }
+}
+
+/// A reload carrying a restart-only setting the next start would refuse is
+/// refused now (the old config kept, the located error in the status), not
+/// accepted with "takes effect after a restart"; once the key is fixed, the
+/// same reload goes through with that warning.
+#[test]
+fn a_reload_that_would_stop_the_next_start_is_refused() {
+    let (env, daemon) = one_raw_at_version_1();
+    let key = env.path().join("audit.key");
+    std::fs::write(&key, &AUDIT_KEY[..16]).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let good = std::fs::read_to_string(&env.config).unwrap();
+    let with_key = good.replacen(
+        "\n[vaults.local]",
+        &format!("audit_key_file = \"{}\"\n\n[vaults.local]", key.display()),
+        1,
+    );
+    assert_ne!(with_key, good);
+    std::fs::write(&env.config, &with_key).unwrap();
+    daemon.reload();
+    let located = located_at(&env.config, "audit_key_file");
+    let refused = daemon
+        .notifications()
+        .into_iter()
+        .find(|m| m.contains("STATUS=reload failed"))
+        .unwrap_or_else(|| panic!("reload refused: {}", daemon.log_text()));
+    assert!(refused.contains(&located), "{located:?} in {refused}");
+    assert!(refused.contains("holds 16 bytes"), "{refused}");
+    assert!(
+        !daemon.log_text().contains("config reloaded"),
+        "{}",
+        daemon.log_text()
+    );
+
+    std::fs::write(&key, AUDIT_KEY).unwrap();
+    daemon.reload();
+    let log = daemon.log_text();
+    assert!(
+        log.contains("config reloaded") && log.contains("daemon.audit_key_file"),
+        "accepted, with the restart warning: {log}"
+    );
+    daemon.stop();
 }
 
 #[test]

@@ -292,6 +292,34 @@ fn status_and_rotate_still_reach_the_daemon_while_the_config_is_invalid() {
         stderr.contains("colour") && stderr.contains("credentials.c8: missing key"),
         "every error is listed: {stderr}"
     );
+    // ...and what the state database holds is shown all the same (a bad
+    // config is why the daemon is down), saying the config is invalid.
+    assert!(stderr.contains("is INVALID"), "{stderr}");
+    assert!(stderr.contains("showing the state stored in"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for c in ["c0", "c1"] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(&format!("bot/{c} "))
+                || l.starts_with(&format!("bot  {c}"))
+                || (l.contains("bot") && l.contains(c))),
+            "bot/{c} stored: {stdout}"
+        );
+    }
+    let out = env.cli(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(64));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = doc["credentials"].as_array().unwrap();
+    let versions: Vec<(&str, u64, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["credential"].as_str().unwrap(),
+                r["version"].as_u64().unwrap(),
+                r["vault"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(versions, [("c0", 3, "?"), ("c1", 1, "?")], "{doc}");
 }
 
 /// Defect: `rotate nope` answered `no agent AgentId("nope") in the config`,

@@ -11,15 +11,15 @@ use clap::Parser;
 
 use crate::api::client::{ClientError, call};
 use crate::api::protocol::{
-    ApiErrorKind, Request, Response, ResponseBody, RotateOutcome, StatusRow, parse_selector,
+    ApiErrorKind, Request, Response, ResponseBody, RotateOutcome, parse_selector,
 };
 use crate::config::{self, ClientPaths, Config, ConfigErrors};
 use crate::telemetry;
-use tables::{render_agents_table, render_status_table};
+use tables::{render_agents_table, render_status_json, render_status_table};
 
 pub use args::{AuditCommand, Cli, Command, ExchangeArgs, TaskCommand, TokenCommand, WatchArgs};
 use audit::audit_verify;
-use offline::{offline_decommissions, offline_status, offline_tasks};
+use offline::{offline_decommissions, offline_tasks};
 
 mod agent;
 mod args;
@@ -183,8 +183,9 @@ async fn run(cli: Cli) -> u8 {
     }
 }
 
-fn load(path: &Path) -> Result<Config, u8> {
-    config::load_file(path).map_err(|errors| {
+/// The config, or its errors printed and [`EXIT_USAGE`].
+fn located_or_usage(path: &Path, loaded: Result<Config, ConfigErrors>) -> Result<Config, u8> {
+    loaded.map_err(|errors| {
         eprint!("{errors}");
         eprintln!("keyturn: {} error(s) in {}", errors.0.len(), path.display());
         EXIT_USAGE
@@ -251,7 +252,8 @@ fn load_for_client(path: &Path) -> Result<ClientConfig, u8> {
 }
 
 async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
-    let cfg = match load(path) {
+    // What the daemon's start checks on this host too (key files, group).
+    let cfg = match located_or_usage(path, config::host::load_checked(path)) {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
@@ -326,6 +328,18 @@ async fn request(
     path: &Path,
     req: &Request,
 ) -> Result<ResponseBody, Failure> {
+    match request_daemon(client, req).await {
+        Err(Failure::Unreachable(e)) => match client.unreachable_and_invalid(path, &e) {
+            Some(code) => Err(Failure::Reported(code)),
+            None => Err(Failure::Unreachable(e)),
+        },
+        other => other,
+    }
+}
+
+/// [`request`], but an unreachable daemon is left to the caller even when
+/// the config is invalid (`status` then shows the state stored).
+async fn request_daemon(client: &ClientConfig, req: &Request) -> Result<ResponseBody, Failure> {
     match call(&client.paths().socket, req).await {
         Ok(Response::Ok(body)) => Ok(body),
         Ok(Response::Error(e)) => {
@@ -344,10 +358,7 @@ async fn request(
             eprintln!("keyturn: {e}");
             Err(Failure::Reported(EXIT_NOPERM))
         }
-        Err(e) => match client.unreachable_and_invalid(path, &e) {
-            Some(code) => Err(Failure::Reported(code)),
-            None => Err(Failure::Unreachable(e)),
-        },
+        Err(e) => Err(Failure::Unreachable(e)),
     }
 }
 
@@ -392,29 +403,23 @@ async fn status(path: &Path, view: StatusView) -> u8 {
         Err(code) => return code,
     };
     let mut online = true;
-    let rows = match request(&client, path, &Request::Status {}).await {
+    // The exit code when all is shown: 64 when the daemon is down and the
+    // config does not validate (the state is shown, but scripts must see
+    // that the config needs fixing before the daemon can start).
+    let mut code = 0;
+    let state_dir = client.paths().state_dir;
+    let rows = match request_daemon(&client, &Request::Status {}).await {
         Ok(ResponseBody::Status(rows)) => rows,
         Ok(_) => return unexpected(),
         Err(Failure::Reported(code)) => return code,
-        Err(Failure::Unreachable(e)) => {
-            let ClientConfig::Valid(cfg) = &client else {
-                unreachable!("with an invalid config, an unreachable daemon is Reported");
-            };
-            match offline_status(cfg) {
-                Some(rows) => {
-                    eprintln!(
-                        "keyturn: {e}; showing the state stored in {}",
-                        cfg.daemon.state_dir.display()
-                    );
-                    online = false;
-                    rows
-                }
-                None => {
-                    eprintln!("keyturn: {e}");
-                    return EXIT_UNAVAILABLE;
-                }
+        Err(Failure::Unreachable(e)) => match offline::status_offline(&client, path, &e) {
+            Ok((rows, offline_code)) => {
+                online = false;
+                code = offline_code;
+                rows
             }
-        }
+            Err(code) => return code,
+        },
     };
     // Every agent's tasks not ended, when the daemon answers (the task
     // store is the daemon's while it runs). Asked quietly: a daemon of an
@@ -425,35 +430,32 @@ async fn status(path: &Path, view: StatusView) -> u8 {
             Ok(Response::Ok(ResponseBody::Tasks(tasks))) => Some(tasks),
             _ => None,
         }
-    } else if let ClientConfig::Valid(cfg) = &client {
+    } else {
         // The daemon is down: its live tasks' credentials may still work,
         // and it ends them when it is back.
-        offline_tasks(cfg)
+        offline_tasks(&state_dir)
+    };
+    let now = chrono::Utc::now();
+    // Decommissions and orphans, when the daemon answers; else the
+    // decommissions stored (orphans need the daemon's view).
+    let agents = if online {
+        match request(&client, path, &Request::Agents {}).await {
+            Ok(ResponseBody::Agents(agents)) => agents,
+            _ => Vec::new(),
+        }
     } else {
-        None
+        crate::revocation::lifecycle_rows(&offline_decommissions(&state_dir), &[], now)
     };
     if let StatusView::Json = view {
-        /// `status --json`: every credential, and every task not ended
-        /// (`null` when they could not be read).
-        #[derive(serde::Serialize)]
-        struct StatusJson<'a> {
-            credentials: &'a [StatusRow],
-            tasks: Option<&'a [crate::api::protocol::TaskView]>,
-        }
-        let doc = StatusJson {
-            credentials: &rows,
-            tasks: tasks.as_deref(),
-        };
-        match serde_json::to_string_pretty(&doc) {
+        match render_status_json(&rows, tasks.as_deref(), &agents) {
             Ok(s) => println!("{s}"),
             Err(e) => {
                 eprintln!("keyturn: {e}");
                 return EXIT_FAILED;
             }
         }
-        return 0;
+        return code;
     }
-    let now = chrono::Utc::now();
     match &view {
         StatusView::Fitted(s) => print!("{}", screen::render_status(&rows, now, s)),
         _ => print!("{}", render_status_table(&rows)),
@@ -476,18 +478,6 @@ async fn status(path: &Path, view: StatusView) -> u8 {
             ),
         }
     }
-    // Decommissions and orphans, when the daemon answers; else the
-    // decommissions stored (orphans need the daemon's view).
-    let agents = if online {
-        match request(&client, path, &Request::Agents {}).await {
-            Ok(ResponseBody::Agents(agents)) => agents,
-            _ => Vec::new(),
-        }
-    } else if let ClientConfig::Valid(cfg) = &client {
-        crate::revocation::lifecycle_rows(&offline_decommissions(cfg), &[], now)
-    } else {
-        Vec::new()
-    };
     if !agents.is_empty() {
         println!();
         match &view {
@@ -495,7 +485,7 @@ async fn status(path: &Path, view: StatusView) -> u8 {
             _ => print!("{}", render_agents_table(&agents)),
         }
     }
-    0
+    code
 }
 
 async fn surface(path: &Path, unused_after: std::time::Duration, json: bool) -> u8 {

@@ -1,13 +1,18 @@
 //! What `status`, `tasks` and `decommission` show from the state and the
-//! task store when the daemon is not running.
+//! task store when the daemon is not running. They need only the state
+//! directory, so that `status` still shows what is stored when the config
+//! does not validate (a bad config is a common reason the daemon is down);
+//! the config, when valid, adds each credential's vault and schedule.
+
+use std::path::Path;
 
 use crate::api::protocol::StatusRow;
-use crate::config::Config;
+use crate::config::{Config, CredentialConfig};
 use crate::state::{SqliteStore, StateStore};
 
 /// The tasks not ended, from the task store, when the daemon is not running.
-pub(super) fn offline_tasks(cfg: &Config) -> Option<Vec<crate::api::protocol::TaskView>> {
-    let dir = cfg.daemon.state_dir.join("tasks");
+pub(super) fn offline_tasks(state_dir: &Path) -> Option<Vec<crate::api::protocol::TaskView>> {
+    let dir = state_dir.join("tasks");
     match crate::tasks::store::TaskStore::open_read_only(&dir) {
         Ok(Some(store)) => match store.list(None, 0) {
             Ok(rows) => Some(
@@ -30,8 +35,8 @@ pub(super) fn offline_tasks(cfg: &Config) -> Option<Vec<crate::api::protocol::Ta
 
 /// The decommissions stored in the state database, with their items, when
 /// the daemon is not running (none when it cannot be read).
-pub(super) fn offline_decommissions(cfg: &Config) -> Vec<crate::revocation::Decom> {
-    let db = crate::daemon::state_db_path(cfg);
+pub(super) fn offline_decommissions(state_dir: &Path) -> Vec<crate::revocation::Decom> {
+    let db = crate::daemon::state_db_in(state_dir);
     let Some(store) = db
         .exists()
         .then(|| SqliteStore::open_read_only(&db).ok())
@@ -55,9 +60,59 @@ fn stored_decommissions(store: &SqliteStore) -> Vec<crate::revocation::Decom> {
         .collect()
 }
 
-/// Status from the state database when the daemon is not running.
-pub(super) fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
-    let db = crate::daemon::state_db_path(cfg);
+/// `status` with no daemon answering (`e` says why): the rows stored, and
+/// the exit code once they are shown, or the exit code at once when there
+/// is nothing stored to show. A config that does not validate is a likely
+/// reason the daemon is down: its errors are printed first, as a warning,
+/// and the state is shown anyway (from the state directory its `[daemon]`
+/// table names, else the default), with exit 64.
+pub(super) fn status_offline(
+    client: &super::ClientConfig,
+    path: &Path,
+    e: &crate::api::client::ClientError,
+) -> Result<(Vec<StatusRow>, u8), u8> {
+    let state_dir = client.paths().state_dir;
+    let (cfg, code) = match client {
+        super::ClientConfig::Valid(cfg) => (Some(&**cfg), 0),
+        super::ClientConfig::Invalid { errors, .. } => {
+            eprint!("{errors}");
+            eprintln!(
+                "keyturn: warning: {} is INVALID ({} error(s) above): the daemon will not start with it",
+                path.display(),
+                errors.0.len()
+            );
+            (None, super::EXIT_USAGE)
+        }
+    };
+    match offline_status(&state_dir, cfg) {
+        Some(rows) => {
+            eprintln!(
+                "keyturn: {e}; showing the state stored in {}{}",
+                state_dir.display(),
+                if cfg.is_none() {
+                    " (as stored: the config's vaults and schedules are not known)"
+                } else {
+                    ""
+                }
+            );
+            Ok((rows, code))
+        }
+        None if cfg.is_some() => {
+            eprintln!("keyturn: {e}");
+            Err(super::EXIT_UNAVAILABLE)
+        }
+        None => {
+            eprintln!("keyturn: {e}; no state database in {}", state_dir.display());
+            Err(super::EXIT_USAGE)
+        }
+    }
+}
+
+/// Status from the state database when the daemon is not running: the
+/// credentials of `cfg`, or without a valid config every credential the
+/// state holds (their vault shown as `?`, their next time as stored).
+pub(super) fn offline_status(state_dir: &Path, cfg: Option<&Config>) -> Option<Vec<StatusRow>> {
+    let db = crate::daemon::state_db_in(state_dir);
     if !db.exists() {
         return None;
     }
@@ -77,43 +132,56 @@ pub(super) fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
         })
         .collect();
     let now = chrono::Utc::now();
-    let mut rows: Vec<StatusRow> = cfg
-        .credentials()
-        .map(|(_, c)| {
-            let row = snapshot.credentials.iter().find(|r| r.key == c.key);
+    let credentials: Vec<(&crate::model::CredentialKey, Option<&CredentialConfig>)> = match cfg {
+        Some(cfg) => cfg.credentials().map(|(_, c)| (&c.key, Some(c))).collect(),
+        None => snapshot
+            .credentials
+            .iter()
+            .map(|r| &r.key)
+            .chain(snapshot.unfinished.iter().map(|r| &r.key))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|key| (key, None))
+            .collect(),
+    };
+    let followed = |c: Option<&CredentialConfig>| c.is_some_and(|c| c.follow.is_some());
+    let mut rows: Vec<StatusRow> = credentials
+        .into_iter()
+        .map(|(key, c)| {
+            let row = snapshot.credentials.iter().find(|r| r.key == *key);
             // A decommissioned agent's rotations are over, whatever step
             // they stopped at.
             let unfinished = snapshot
                 .unfinished
                 .iter()
-                .find(|r| r.key == c.key)
-                .filter(|_| !leaving.contains_key(&c.key.agent))
+                .find(|r| r.key == *key)
+                .filter(|_| !leaving.contains_key(&key.agent))
                 // Waiting to retire after a first version: nothing to
                 // retire, nothing to show.
                 .filter(|r| {
                     r.step != crate::rotation::Step::Retire || r.previous_version.is_some()
                 });
-            let (awaiting_ack, holdouts) = offline_acks(&snapshot, &c.key, now);
+            let (awaiting_ack, holdouts) = offline_acks(&snapshot, key, now);
             // A `keyturn rotate` waiting for the current version's acks:
             // the daemon shows it as a rotation at its first step (and
             // resumes it so after a start), not as the retirement it waits
             // on.
-            let requested = c.follow.is_none()
-                && !leaving.contains_key(&c.key.agent)
-                && snapshot.requests.iter().any(|q| q.key == c.key);
+            let requested = !followed(c)
+                && !leaving.contains_key(&key.agent)
+                && snapshot.requests.iter().any(|q| q.key == *key);
             // A followed credential whose rotator destroyed it: the version
             // it delivered last is recorded retired (see `rotation::follow`).
-            let revoked = c.follow.is_some()
+            let revoked = followed(c)
                 && row.and_then(|r| r.current_version).is_some_and(|cv| {
-                    store.versions(&c.key).is_ok_and(|vs| {
+                    store.versions(key).is_ok_and(|vs| {
                         vs.iter()
                             .any(|v| v.version == cv && v.stage == crate::model::Stage::Retired)
                     })
                 });
             StatusRow {
-                agent: c.key.agent.clone(),
-                credential: c.key.credential.clone(),
-                vault: c.vault_label(),
+                agent: key.agent.clone(),
+                credential: key.credential.clone(),
+                vault: c.map_or_else(|| "?".to_owned(), CredentialConfig::vault_label),
                 version: row.and_then(|r| r.current_version),
                 stage: row.and_then(|r| r.current_version).map(|_| {
                     if revoked {
@@ -124,9 +192,9 @@ pub(super) fn offline_status(cfg: &Config) -> Option<Vec<StatusRow>> {
                 }),
                 last_rotated: row.and_then(|r| r.last_rotated_at),
                 next_due: offline_next_due(c, row, unfinished)
-                    .filter(|_| !leaving.contains_key(&c.key.agent)),
+                    .filter(|_| !leaving.contains_key(&key.agent)),
                 state: match unfinished {
-                    _ if let Some(label) = leaving.get(&c.key.agent) => (*label).into(),
+                    _ if let Some(label) = leaving.get(&key.agent) => (*label).into(),
                     _ if requested => "rotating".into(),
                     // Parked after a failed attempt, as the daemon shows it.
                     Some(r) if r.last_error.is_some() => "failed".into(),
@@ -193,16 +261,20 @@ pub(super) fn offline_acks(
 /// When `c` is next due, offline: from the config as the daemon computes
 /// it at start (a reload may have changed the schedule since the stored
 /// time was written). A failed or unfinished rotation keeps the stored
-/// time (its retry); a followed credential has none.
+/// time (its retry); a followed credential has none. Without the config
+/// (it does not validate), the stored time.
 pub(super) fn offline_next_due(
-    c: &crate::config::CredentialConfig,
+    c: Option<&CredentialConfig>,
     row: Option<&crate::state::CredentialRow>,
     unfinished: Option<&crate::state::RotationRow>,
 ) -> Option<chrono::DateTime<chrono::Utc>> {
+    let row = row?;
+    let Some(c) = c else {
+        return row.next_due;
+    };
     if c.follow.is_some() {
         return None;
     }
-    let row = row?;
     let settled = unfinished.is_none_or(|r| r.step == crate::rotation::Step::Retire)
         && row.consecutive_failures == 0;
     match (row.last_rotated_at, row.current_version) {

@@ -1,6 +1,7 @@
 //! The plain tables of `keyturn status --wide` and of the agents that are
 //! not simply active (`keyturn status`, `keyturn decommission`): aligned
 //! columns, times in RFC 3339 to the second (UTC), `-` for what is absent.
+//! And `status --json`, the same data as one document.
 //! Text from elsewhere (error messages, reasons) has its control characters
 //! replaced by spaces, so that it cannot break the table's lines.
 
@@ -9,7 +10,7 @@ use std::fmt::Write as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use super::screen::{clean, state_label};
-use crate::api::protocol::{AgentLifecycle, StatusRow};
+use crate::api::protocol::{AgentLifecycle, StatusRow, TaskView};
 
 /// RFC 3339 to the second in UTC, or `-`.
 fn time(t: Option<DateTime<Utc>>) -> String {
@@ -200,6 +201,29 @@ pub fn render_agents_table(rows: &[AgentLifecycle]) -> String {
     out
 }
 
+/// `status --json`: what the text view shows, as one document. Every
+/// credential; every task not ended (`null` when they could not be read);
+/// every agent that is not simply active (decommissioning or decommissioned,
+/// with its SLA, deadline, time left and each pending item with its
+/// attempts and last error; or orphaned).
+pub fn render_status_json(
+    credentials: &[StatusRow],
+    tasks: Option<&[TaskView]>,
+    agents: &[AgentLifecycle],
+) -> serde_json::Result<String> {
+    #[derive(serde::Serialize)]
+    struct StatusJson<'a> {
+        credentials: &'a [StatusRow],
+        tasks: Option<&'a [TaskView]>,
+        agents: &'a [AgentLifecycle],
+    }
+    serde_json::to_string_pretty(&StatusJson {
+        credentials,
+        tasks,
+        agents,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
@@ -264,5 +288,81 @@ mod tests {
         // JSON: the lists are left out when empty.
         row.holdouts.clear();
         assert!(!serde_json::to_string(&row).unwrap().contains("holdouts"));
+    }
+
+    /// `status --json` whole, against `status.golden.json` beside this
+    /// file: a decommission with its SLA, time left and a pending item,
+    /// and an orphan, after the credentials and tasks.
+    #[test]
+    fn status_json_is_the_golden_document() {
+        use crate::api::protocol::PendingItem;
+        let at = |h: u32| Utc.with_ymd_and_hms(2025, 3, 1, h, 0, 0).unwrap();
+        let decommissioning = AgentLifecycle {
+            agent: AgentId::new("old-bot").unwrap(),
+            state: "decommissioning".into(),
+            owner: "alice@example.com".into(),
+            tenant: "acme".into(),
+            tier: "high".into(),
+            orphaned_since: None,
+            decided_at: Some(at(10)),
+            actor: Some("uid 0".into()),
+            by: Some("alice".into()),
+            reason: Some("retired".into()),
+            source: Some("command".into()),
+            sla_seconds: Some(3600),
+            deadline: Some(at(11)),
+            remaining_ms: Some(1_800_000),
+            revoked_at: None,
+            verified_at: None,
+            to_revoked_ms: None,
+            to_verified_ms: None,
+            items: 2,
+            revoked: 1,
+            verified: 1,
+            pending: vec![PendingItem {
+                item: "old-bot/db@bao".into(),
+                attempts: 3,
+                last_error: Some("vault bao: HTTP 503".into()),
+            }],
+            tokens: None,
+        };
+        let orphan = AgentLifecycle {
+            agent: AgentId::new("gone-bot").unwrap(),
+            state: "orphaned".into(),
+            owner: "bob@example.com".into(),
+            tenant: "acme".into(),
+            tier: "low".into(),
+            orphaned_since: Some(at(9)),
+            decided_at: None,
+            actor: None,
+            by: None,
+            reason: None,
+            source: None,
+            sla_seconds: None,
+            deadline: None,
+            remaining_ms: None,
+            revoked_at: None,
+            verified_at: None,
+            to_revoked_ms: None,
+            to_verified_ms: None,
+            items: 0,
+            revoked: 0,
+            verified: 0,
+            pending: Vec::new(),
+            tokens: None,
+        };
+        let doc = render_status_json(&[row()], Some(&[]), &[decommissioning, orphan]).unwrap();
+        assert_eq!(
+            format!("{doc}\n"),
+            include_str!("status.golden.json"),
+            "status --json changed; if on purpose, update src/cli/status.golden.json to:\n{doc}"
+        );
+        // With no agents to show, the key is still there (an empty list).
+        let empty = render_status_json(&[], None, &[]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&empty).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"credentials": [], "tasks": null, "agents": []})
+        );
     }
 }

@@ -1166,6 +1166,56 @@ decommissioned = { reason = \"gone\" }\n";
         assert!(e[0].message.starts_with("TOML syntax error"), "{}", e[0]);
     }
 
+    /// The files of `agents.d` are independent: one that does not parse is
+    /// reported beside every other file's errors, not instead of them. A
+    /// main file that does not parse leaves nothing the agents could be
+    /// checked against: its syntax error and the others' only.
+    #[test]
+    fn a_syntax_error_in_an_agent_file_does_not_hide_the_other_files_errors() {
+        let main = format!("[daemon]\ndrain_timeout = \"abc\"\n{MAIN}");
+        let dir = config_dir(
+            Some(&main),
+            &[
+                (
+                    "a.toml",
+                    &agent("a", "").replace("every = \"1h\"", "every = \"soon\""),
+                ),
+                ("b.toml", "[agents.b\nowner = \"x\"\n"),
+                ("c.toml", &agent("c", "")),
+            ],
+        );
+        let e = load_file(dir.path()).unwrap_err().0;
+        let got: Vec<(String, String)> = e
+            .iter()
+            .map(|e| {
+                let name = e.file.file_name().unwrap().to_string_lossy().into_owned();
+                (name, e.toml_path.clone())
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (MAIN_FILE.to_string(), "daemon.drain_timeout".to_string()),
+                (
+                    "a.toml".to_string(),
+                    "agents.a.credentials.c.every".to_string()
+                ),
+                ("b.toml".to_string(), String::new()),
+            ],
+            "{e:?}"
+        );
+        assert!(e[2].message.starts_with("TOML syntax error"), "{}", e[2]);
+        assert!(e.iter().all(|e| e.line > 0), "{e:?}");
+
+        std::fs::write(dir.path().join(MAIN_FILE), "[daemon\n").unwrap();
+        let e = load_file(dir.path()).unwrap_err().0;
+        let files: Vec<String> = e
+            .iter()
+            .map(|e| e.file.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(files, [MAIN_FILE, "b.toml"], "{e:?}");
+    }
+
     #[test]
     fn a_reload_reads_only_changed_agent_files_and_falls_back_to_all() {
         // A file changed within the racy window is read again even with its

@@ -23,28 +23,38 @@ pub(super) fn load_located(
     ctx: &Context,
 ) -> Result<(Config, Vec<Vec<String>>), ConfigErrors> {
     let mut docs = Vec::with_capacity(files.len());
-    let mut errors = Vec::new();
-    for f in files {
+    // Syntax errors, by file index. A file of `agents.d` that does not
+    // parse is left out and the others are still checked (each holds its
+    // own agents); the main file's vaults and tiers are what every agent
+    // refers to, so when it does not parse, syntax errors are all there is
+    // to say.
+    let mut syntax: Vec<(usize, ConfigError)> = Vec::new();
+    for (i, f) in files.iter().enumerate() {
         match Document::parse(f.text.as_str()) {
             Ok(doc) => docs.push(Some(doc)),
             Err(e) => {
-                errors.push(syntax_error(&f.path, &f.text, &e));
+                syntax.push((i, syntax_error(&f.path, &f.text, &e)));
                 docs.push(None);
             }
         }
     }
-    if !errors.is_empty() {
-        return Err(ConfigErrors(errors));
-    }
-    let docs: Vec<Document<&str>> = docs.into_iter().flatten().collect();
+    let main = match files.iter().position(|f| f.main) {
+        Some(main) if docs[main].is_none() => {
+            return Err(ConfigErrors(syntax.into_iter().map(|(_, e)| e).collect()));
+        }
+        Some(main) => main,
+        // No main file (a directory of agents only): issues outside every
+        // agent go to the first file that parsed.
+        None => docs.iter().position(Option::is_some).unwrap_or(0),
+    };
 
     let mut raw = RawConfig::default();
     let mut issues: Vec<(usize, Issue)> = Vec::new();
     // Which file defines each agent, to locate the issues under it.
     let mut agent_file: std::collections::HashMap<String, usize> = Default::default();
     let mut names: Vec<Vec<String>> = vec![Vec::new(); files.len()];
-    let main = files.iter().position(|f| f.main).unwrap_or(0);
     for (i, (f, doc)) in files.iter().zip(&docs).enumerate() {
+        let Some(doc) = doc else { continue };
         let (mut more, found) = deserialize_sections(doc.as_table(), f.main);
         issues.extend(found.into_iter().map(|issue| (i, issue)));
         more.agents.retain(|(name, _)| match agent_file.get(name) {
@@ -70,7 +80,7 @@ pub(super) fn load_located(
         merge_raw(&mut raw, more);
     }
     match validate::validate(&raw, ctx) {
-        Ok(config) if issues.is_empty() => return Ok((config, names)),
+        Ok(config) if issues.is_empty() && syntax.is_empty() => return Ok((config, names)),
         Ok(_) => {}
         Err(more) => {
             for issue in more {
@@ -87,11 +97,27 @@ pub(super) fn load_located(
     let lines: Vec<LineIndex> = files.iter().map(|f| LineIndex::new(&f.text)).collect();
     let mut errors: Vec<(usize, ConfigError)> = issues
         .into_iter()
-        .map(|(i, issue)| (i, to_error(&files[i].path, &lines[i], &docs[i], issue)))
+        .filter_map(|(i, issue)| {
+            let doc = docs[i].as_ref()?;
+            Some((i, to_error(&files[i].path, &lines[i], doc, issue)))
+        })
+        .chain(syntax)
         .collect();
     errors.sort_by_key(|(i, e)| (*i, e.line, e.column));
     errors.dedup();
     Err(ConfigErrors(errors.into_iter().map(|(_, e)| e).collect()))
+}
+
+/// Locates `issues` in one file's text (issues found outside validation,
+/// e.g. by [`host`](super::host)); an unparsable text locates them at its
+/// start.
+pub(super) fn locate_issues(file: &Path, text: &str, issues: Vec<Issue>) -> Vec<ConfigError> {
+    let lines = LineIndex::new(text);
+    let doc = Document::parse(text).unwrap_or_else(|_| Document::parse("").expect("empty TOML"));
+    issues
+        .into_iter()
+        .map(|issue| to_error(file, &lines, &doc, issue))
+        .collect()
 }
 
 fn syntax_error(file: &Path, text: &str, e: &toml_edit::TomlError) -> ConfigError {

@@ -20,6 +20,7 @@ use crate::targets::TargetConfig;
 use crate::vaults::VaultSpec;
 
 pub mod client;
+pub mod host;
 mod lines;
 pub mod load;
 mod located;
@@ -27,6 +28,7 @@ pub mod raw;
 pub mod validate;
 
 pub use client::ClientPaths;
+pub use host::check_host;
 pub use load::{
     ConfigError, ConfigErrors, FileSet, Reloaded, load_file, load_str, load_tracked, reload,
     summary,

@@ -91,6 +91,8 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let nofile = raise_nofile_limit();
     let (config, mut config_files) =
         config::load_tracked(config_path).map_err(DaemonError::Config)?;
+    // The settings `keyturn check` checks on this host too: a config error.
+    config::check_host(&config).map_err(DaemonError::Config)?;
     tracing::debug!(elapsed = ?started.elapsed(), "config loaded");
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
@@ -564,9 +566,14 @@ async fn reload(
             kept,
             read,
         }) => {
-            let restart_only = keep_restart_only_settings(&old.config, &mut config);
-            match Catalog::build_partial(config, &old, &kept) {
-                Ok(Some(catalog)) => {
+            match checked_restart_only(&old.config, &mut config, &located).and_then(
+                |restart_only| {
+                    Catalog::build_partial(config, &old, &kept)
+                        .map(|built| built.map(|c| (c, restart_only)))
+                        .map_err(|e| e.to_string())
+                },
+            ) {
+                Ok(Some((catalog, restart_only))) => {
                     tracing::debug!(
                         read,
                         kept = kept.len(),
@@ -577,10 +584,12 @@ async fn reload(
                 // A clash with an unchanged file: read everything, so that
                 // validation locates it.
                 Ok(None) => full_reload(config_path, &old, located),
-                Err(e) => Err(e.to_string()),
+                Err(why) => Err(why),
             }
         }
-        Ok(config::Reloaded::Full(config, new_files)) => build_full(config, new_files, &old),
+        Ok(config::Reloaded::Full(config, new_files)) => {
+            build_full(config, new_files, &old, located)
+        }
     };
     // The alert sinks are built (their key files read) before anything is
     // swapped, so a bad one keeps the whole old config.
@@ -653,19 +662,35 @@ fn full_reload(
     old: &Catalog,
     located: impl Fn(config::ConfigErrors) -> String,
 ) -> Result<(Catalog, config::FileSet, Vec<&'static str>), String> {
-    let (config, files) = config::load_tracked(config_path).map_err(located)?;
-    build_full(config, files, old)
+    let (config, files) = config::load_tracked(config_path).map_err(&located)?;
+    build_full(config, files, old, located)
 }
 
 fn build_full(
     mut config: Config,
     files: config::FileSet,
     old: &Catalog,
+    located: impl Fn(config::ConfigErrors) -> String,
 ) -> Result<(Catalog, config::FileSet, Vec<&'static str>), String> {
-    let restart_only = keep_restart_only_settings(&old.config, &mut config);
+    let restart_only = checked_restart_only(&old.config, &mut config, located)?;
     Catalog::build(config, Some(old))
         .map(|c| (c, files, restart_only))
         .map_err(|e| e.to_string())
+}
+
+/// [`config::check_host`] on the settings as written, then
+/// [`keep_restart_only_settings`]. A restart-only setting does not take
+/// effect on reload, but the next start will read it: one that would stop
+/// that start (a key file it cannot load, a group that does not exist)
+/// refuses the reload now, as `keyturn check` does, rather than leave a
+/// daemon that runs until its next restart and then does not come back.
+fn checked_restart_only(
+    old: &Config,
+    new: &mut Config,
+    located: impl Fn(config::ConfigErrors) -> String,
+) -> Result<Vec<&'static str>, String> {
+    config::check_host(new).map_err(located)?;
+    Ok(keep_restart_only_settings(old, new))
 }
 
 /// Settings bound at start-up (open files, sockets) cannot change on reload:

@@ -16,7 +16,7 @@ pub(super) fn io_context(e: io::Error, what: impl fmt::Display) -> io::Error {
 }
 
 /// Resolves a group name, or a numeric gid given as a string.
-pub(super) fn resolve_group(group: &str) -> io::Result<u32> {
+pub fn resolve_group(group: &str) -> io::Result<u32> {
     if let Ok(gid) = group.parse::<u32>() {
         return Ok(gid);
     }

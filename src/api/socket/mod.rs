@@ -58,7 +58,7 @@ mod peer;
 mod registry;
 
 use bind::RemoveSocketOnDrop;
-pub use bind::{bind, bind_agent};
+pub use bind::{bind, bind_agent, resolve_group};
 pub use peer::{PeerCred, peer_allowed};
 use peer::{peer_of, supplementary_groups};
 pub use registry::{ConnectionLimits, MAX_AGENT_CONNECTIONS};
