@@ -566,7 +566,7 @@ async fn reload(
             kept,
             read,
         }) => {
-            match checked_restart_only(&old.config, &mut config, &located).and_then(
+            match checked_restart_only(&old.config, &mut config, located).and_then(
                 |restart_only| {
                     Catalog::build_partial(config, &old, &kept)
                         .map(|built| built.map(|c| (c, restart_only)))
