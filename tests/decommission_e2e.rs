@@ -875,3 +875,62 @@ exit 0
     assert!(after_revoke.is_empty(), "no set after the revoke: {steps}");
     audit_verifies(&env, "after a decommission during retries and a kill -9");
 }
+
+/// bb9 #2: a `set` hook running when the daemon is killed with -9 does not
+/// outlive it: the hook dies with the daemon, what it started is killed at
+/// the next start before any step, and nothing arms the target after the
+/// decommission's `revoke`.
+#[test]
+fn a_hook_does_not_outlive_a_daemon_killed_with_9() {
+    let env = Env::new("");
+    let d = env.path().display().to_string();
+    bot_on_hook(
+        &env,
+        "db",
+        &format!(
+            r#"#!/bin/sh
+cat > /dev/null
+case "$KEYTURN_STEP" in
+  set) if [ -e "{d}/slow" ]; then echo $$ > "{d}/pgid"; sleep 6; touch "{d}/armed"; fi ;;
+  test) [ -e "{d}/revoked" ] && exit 1 ;;
+  revoke) touch "{d}/revoked" ;;
+esac
+exit 0
+"#
+        ),
+    );
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    std::fs::write(env.path().join("slow"), b"").unwrap();
+    env.cli_ok(&["rotate", "bot/db"]);
+    let pgid: i32 = wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(env.path().join("pgid"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+    })
+    .expect("the slow set runs");
+    daemon.kill9();
+    // The restarted daemon's replay of that `set` is quick and arms nothing.
+    std::fs::remove_file(env.path().join("slow")).unwrap();
+    let group_alive = || {
+        // SAFETY: signal 0 only probes whether the group exists.
+        unsafe { libc::kill(-pgid, 0) == 0 }
+    };
+    let daemon = env.start();
+    // Gone before anything else happens (zombies waiting for init aside).
+    assert!(
+        wait_for(Duration::from_secs(5), || (!group_alive()).then_some(())).is_some()
+            || std::fs::read_to_string(format!("/proc/{pgid}/stat")).is_err(),
+        "the hook's process group outlived the daemon"
+    );
+    env.cli_ok(&["decommission", "bot", "--reason", "pulled"]);
+    wait_state(&env, "bot", "decommissioned");
+    // Longer than the hook's sleep: nothing of it is left to arm the target.
+    std::thread::sleep(Duration::from_secs(7));
+    daemon.stop();
+    assert!(env.path().join("revoked").exists());
+    assert!(
+        !env.path().join("armed").exists(),
+        "a set of the killed daemon armed the target after the revoke"
+    );
+}
