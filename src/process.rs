@@ -65,7 +65,103 @@ pub fn command(
         .process_group(0)
         // If the caller's future is dropped (shutdown), do not leave it running.
         .kill_on_drop(true);
+    // Nor if the daemon dies (`kill -9`): the program is killed with it, and
+    // what it started is killed at the next start (see [`end_leftover_groups`]).
+    let parent = std::process::id();
+    // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The daemon died before the line above: no signal will come.
+            if std::os::unix::process::parent_id() != parent {
+                return Err(std::io::Error::other("keyturn exited"));
+            }
+            Ok(())
+        });
+    }
     cmd
+}
+
+/// Where the process group of each program running now is recorded (a file
+/// named by the group's id, holding the daemon's session id): set by
+/// [`end_leftover_groups`] at the daemon's start.
+static GROUPS_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// At the daemon's start, before any step runs: kills every process group a
+/// program of the previous run left (that daemon was killed with -9; its
+/// program died with it, what the program started did not, and would go
+/// on to finish a `set` after a `revoke`, or beside a replayed `set`), and
+/// waits (up to 5 s) until each is gone. From now on `dir` records the
+/// groups of the programs this daemon runs. Returns how many were found.
+pub fn end_leftover_groups(dir: &Path) -> std::io::Result<usize> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mut found = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let pgid = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok());
+        let session = std::fs::read_to_string(entry.path())
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok());
+        if let (Some(pgid), Some(session)) = (pgid.filter(|p| *p > 1), session) {
+            let g = Pid::from_raw(pgid);
+            // A live leader in another session: the id was given to another
+            // group since (ours was killed with the daemon), not ours.
+            let reused = nix::unistd::getsid(Some(g)).is_ok_and(|s| s.as_raw() != session);
+            if reused {
+                tracing::info!(
+                    pgid,
+                    "a program's process group recorded by the previous run is gone (its id is in use by another)"
+                );
+            } else if killpg(g, Signal::SIGKILL).is_ok() {
+                found += 1;
+                tracing::warn!(
+                    pgid,
+                    "processes a program of the previous run started were still running: killed"
+                );
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while killpg(g, None).is_ok() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        std::fs::remove_file(entry.path())?;
+    }
+    let _ = GROUPS_DIR.set(dir.to_owned());
+    Ok(found)
+}
+
+/// The record of a running program's process group (see [`GROUPS_DIR`]),
+/// removed when dropped, once the group is killed or its leader reaped.
+struct GroupRecord(Option<std::path::PathBuf>);
+
+impl GroupRecord {
+    fn new(pgid: Option<Pid>) -> GroupRecord {
+        let (Some(dir), Some(g)) = (GROUPS_DIR.get(), pgid) else {
+            return GroupRecord(None);
+        };
+        let path = dir.join(g.as_raw().to_string());
+        let session = nix::unistd::getsid(None).map(|s| s.as_raw()).unwrap_or(0);
+        if let Err(e) = std::fs::write(&path, session.to_string()) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record a program's process group: it would outlive a daemon killed with -9");
+            return GroupRecord(None);
+        }
+        GroupRecord(Some(path))
+    }
+}
+
+impl Drop for GroupRecord {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// Reports bad names in a program's configured `env` at `at`: each must be
@@ -200,6 +296,7 @@ pub async fn run(
     // Declared after `child`, so dropped before it: the group is killed
     // while its leader is still unreaped.
     let mut group_guard = GroupGuard(pgid);
+    let record = GroupRecord::new(pgid);
     let mut exited = tokio::task::spawn_blocking(move || {
         if let Some(pid) = pgid {
             exited_unreaped(pid);
@@ -244,6 +341,9 @@ pub async fn run(
     // Only now is the leader reaped (and its pid free for reuse).
     group_guard.0 = None;
     let status = child.wait().await;
+    // What it started and left running is no longer waited for, see
+    // `end_leftover_groups`: killed with the group above, or let be.
+    drop(record);
     let status = (!timed_out).then_some(status);
     let stderr = {
         let tail = stderr_tail.lock().unwrap_or_else(|p| p.into_inner());

@@ -927,3 +927,133 @@ deliver = [{{ type = "file", path = "{{root}}/bot/sub/api", format = "raw" }}]
     );
     daemon.stop();
 }
+
+/// bb9 #1: a decommission of an agent whose rotation fails and retries is
+/// decided (recorded, audited, answered) at once, not after the rotation
+/// has used up its attempts; a `kill -9` right after the answer keeps it;
+/// the revocation runs once the step in flight has ended, and no `set`
+/// runs after the `revoke`.
+#[test]
+fn a_decommission_is_recorded_at_once_while_a_failing_rotation_retries() {
+    let env = Env::new("");
+    let d = env.path().display().to_string();
+    bot_on_hook(
+        &env,
+        "db",
+        &format!(
+            r#"#!/bin/sh
+cat > /dev/null
+echo "$KEYTURN_STEP" >> "{d}/steps"
+case "$KEYTURN_STEP" in
+  set) [ -e "{d}/fail" ] && {{ sleep 4; exit 75; }} ;;
+  test) [ -e "{d}/revoked" ] && exit 1 ;;
+  revoke) touch "{d}/revoked" ;;
+esac
+exit 0
+"#
+        ),
+    );
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    std::fs::write(env.path().join("fail"), b"").unwrap();
+    env.cli_ok(&["rotate", "bot/db"]);
+    // The `set` of version 2 is failing (4 s an attempt, 3 attempts).
+    wait_for(Duration::from_secs(20), || {
+        audit_records(&env)
+            .iter()
+            .any(|r| r["event"] == "rotation.set" && r["outcome"] != "ok")
+            .then_some(())
+    })
+    .expect("the set fails and is retried");
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = std::time::Instant::now();
+    let out = env.cli(&["decommission", "bot", "--reason", "pulled"]);
+    let took = asked.elapsed();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        took < Duration::from_secs(3),
+        "the decision waited for the rotation's retries: {took:?}"
+    );
+    daemon.kill9();
+    let decided = |env: &Env| {
+        audit_records(env)
+            .iter()
+            .filter(|r| r["event"] == "decommission.decided")
+            .count()
+    };
+    assert_eq!(decided(&env), 1, "the decision survives kill -9");
+
+    // The hook of the killed daemon's step is let finish (4 s) before the
+    // restarted daemon works on the target (see the hook items).
+    let daemon = env.start();
+    wait_state(&env, "bot", "decommissioned");
+    daemon.stop();
+    assert_eq!(decided(&env), 1, "decided once");
+    let steps = std::fs::read_to_string(env.path().join("steps")).unwrap();
+    let after_revoke: Vec<&str> = steps
+        .lines()
+        .skip_while(|s| *s != "revoke")
+        .filter(|s| *s == "set")
+        .collect();
+    assert!(after_revoke.is_empty(), "no set after the revoke: {steps}");
+    audit_verifies(&env, "after a decommission during retries and a kill -9");
+}
+
+/// bb9 #2: a `set` hook running when the daemon is killed with -9 does not
+/// outlive it: the hook dies with the daemon, what it started is killed at
+/// the next start before any step, and nothing arms the target after the
+/// decommission's `revoke`.
+#[test]
+fn a_hook_does_not_outlive_a_daemon_killed_with_9() {
+    let env = Env::new("");
+    let d = env.path().display().to_string();
+    bot_on_hook(
+        &env,
+        "db",
+        &format!(
+            r#"#!/bin/sh
+cat > /dev/null
+case "$KEYTURN_STEP" in
+  set) if [ -e "{d}/slow" ]; then echo $$ > "{d}/pgid"; sleep 6; touch "{d}/armed"; fi ;;
+  test) [ -e "{d}/revoked" ] && exit 1 ;;
+  revoke) touch "{d}/revoked" ;;
+esac
+exit 0
+"#
+        ),
+    );
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    std::fs::write(env.path().join("slow"), b"").unwrap();
+    env.cli_ok(&["rotate", "bot/db"]);
+    let pgid: i32 = wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(env.path().join("pgid"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+    })
+    .expect("the slow set runs");
+    daemon.kill9();
+    // The restarted daemon's replay of that `set` is quick and arms nothing.
+    std::fs::remove_file(env.path().join("slow")).unwrap();
+    let group_alive = || {
+        // SAFETY: signal 0 only probes whether the group exists.
+        unsafe { libc::kill(-pgid, 0) == 0 }
+    };
+    let daemon = env.start();
+    // Gone before anything else happens (zombies waiting for init aside).
+    assert!(
+        wait_for(Duration::from_secs(5), || (!group_alive()).then_some(())).is_some()
+            || std::fs::read_to_string(format!("/proc/{pgid}/stat")).is_err(),
+        "the hook's process group outlived the daemon"
+    );
+    env.cli_ok(&["decommission", "bot", "--reason", "pulled"]);
+    wait_state(&env, "bot", "decommissioned");
+    // Longer than the hook's sleep: nothing of it is left to arm the target.
+    std::thread::sleep(Duration::from_secs(7));
+    daemon.stop();
+    assert!(env.path().join("revoked").exists());
+    assert!(
+        !env.path().join("armed").exists(),
+        "a set of the killed daemon armed the target after the revoke"
+    );
+}

@@ -186,6 +186,7 @@ impl AuditLog {
         let synced = Arc::new(AtomicU64::new(lock(&head).seq));
         let mut writer = Writer {
             path: display.clone(),
+            file_path: path.to_owned(),
             file,
             head: Arc::clone(&head),
             fsyncs: Arc::clone(&fsyncs),
@@ -193,6 +194,7 @@ impl AuditLog {
             unsynced: false,
             failed: None,
             key,
+            displaced_logged: false,
         };
         let serve = move |batch: &mut Vec<Msg>| writer.serve(batch);
         let server = if inline {
@@ -374,6 +376,8 @@ struct Batch {
 /// The thread that owns the file.
 struct Writer {
     path: String,
+    /// `path` as opened (`path` is its display form).
+    file_path: std::path::PathBuf,
     file: File,
     head: Arc<Mutex<AuditHead>>,
     fsyncs: Arc<AtomicU64>,
@@ -385,6 +389,8 @@ struct Writer {
     failed: Option<String>,
     /// Keys the chain; never leaves this thread.
     key: Option<AuditKey>,
+    /// The file at `path` was found not to be the open one (logged once).
+    displaced_logged: bool,
 }
 
 impl Writer {
@@ -482,7 +488,18 @@ impl Writer {
             return;
         }
 
-        let len_before = self.file.metadata().map(|m| m.len());
+        // One fstat (needed for the length anyway) and one stat a batch.
+        let opened = self.file.metadata();
+        if let Some(message) = opened.as_ref().ok().and_then(|m| self.displaced(m)) {
+            for (reply, _) in replies {
+                let _ = reply.send(Err(self.io_err(&message)));
+            }
+            for reply in syncs {
+                let _ = reply.send(Err(self.io_err(&message)));
+            }
+            return;
+        }
+        let len_before = opened.map(|m| m.len());
         let written = if buf.is_empty() {
             Ok(())
         } else {
@@ -538,6 +555,39 @@ impl Writer {
         for reply in syncs {
             let _ = reply.send(Ok(head.clone()));
         }
+    }
+
+    /// Why the file at `path` is no longer the one this writer has open
+    /// (moved, deleted or replaced while the daemon runs), if it is not:
+    /// records appended to the open file would then go unseen (to a renamed
+    /// file, or lost with a deleted one). Logged once, at the first batch
+    /// that finds it; appends fail until the file is back, as on a full disk.
+    fn displaced(&mut self, open: &std::fs::Metadata) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let why = match std::fs::metadata(&self.file_path) {
+            Ok(m) if m.dev() == open.dev() && m.ino() == open.ino() => None,
+            Ok(_) => {
+                Some("is not the file keyturn opened (it was moved or replaced while keyturn runs)")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Some("is gone (moved or deleted while keyturn runs)")
+            }
+            // Cannot tell (permissions): the open file is still written.
+            Err(_) => None,
+        };
+        let Some(why) = why else {
+            if std::mem::take(&mut self.displaced_logged) {
+                tracing::info!(path = %self.path, "the audit log keyturn opened is back at its path: appends go on");
+            }
+            return None;
+        };
+        if !std::mem::replace(&mut self.displaced_logged, true) {
+            tracing::error!(path = %self.path, pid = std::process::id(), "the audit log {why}: appends fail (steps are retried) until the file keyturn opened is back at {}; move it back; a deleted one: copy it from /proc/PID/fd while keyturn runs, then restart (see the runbook KeyturnAuditAppendFailing); never start over with a new, empty log", self.path);
+        }
+        Some(format!(
+            "{} {why}; put the file keyturn opened back there",
+            self.path
+        ))
     }
 
     fn io_err(&self, message: &str) -> AuditError {
@@ -903,6 +953,43 @@ pub(crate) mod tests {
         assert_eq!(report.head, Some(log.head()));
         assert!(log.fsync_count() <= 500);
         eprintln!("500 concurrent appends: {} fsyncs", log.fsync_count());
+    }
+
+    /// bb9 #6: the log moved or deleted under the running daemon: appends
+    /// fail (loudly, as on a full disk) instead of going to the old inode,
+    /// and go on once the file is back; nothing is written to a new file.
+    #[tokio::test]
+    async fn appends_fail_while_the_file_is_not_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let moved = dir.path().join("audit.log.1");
+        let log = AuditLog::open(&path, None).unwrap();
+        log.append(event(1)).await.unwrap();
+
+        std::fs::rename(&path, &moved).unwrap();
+        for durable in [true, false] {
+            let e = if durable {
+                log.append(event(2)).await
+            } else {
+                log.append_unsynced(event(2)).await
+            }
+            .expect_err("appended to a file no longer at its path");
+            assert!(e.to_string().contains("is gone"), "{e}");
+        }
+        assert!(!path.exists(), "no new log is started");
+
+        // Another file at the path is not the one keyturn opened either.
+        std::fs::write(&path, b"").unwrap();
+        let e = log.append(event(2)).await.expect_err("replaced");
+        assert!(
+            e.to_string().contains("is not the file keyturn opened"),
+            "{e}"
+        );
+
+        std::fs::rename(&moved, &path).unwrap();
+        let head = log.append(event(2)).await.expect("the file is back");
+        assert_eq!(head.seq, 2);
+        assert_eq!(verify_file(&path, Some(&head)).unwrap().records, 2);
     }
 
     #[tokio::test]

@@ -111,6 +111,17 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             )
         })?;
     let _lock = lock_state_dir(&state_dir)?;
+    // Before any step: what a hook of a daemon killed with -9 left running.
+    let hooks = state_dir.join("hooks");
+    crate::process::end_leftover_groups(&hooks).map_err(|e| {
+        startup(
+            &format!(
+                "cannot end what the programs of a previous run left ({})",
+                hooks.display()
+            ),
+            &e,
+        )
+    })?;
     {
         let mut dirs: Vec<&Path> = vec![&state_dir];
         dirs.extend(config.daemon.audit_log.parent().filter(|d| d.is_dir()));

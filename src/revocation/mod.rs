@@ -6,8 +6,9 @@
 //!   the config (acted on at start and reload once `at` has come). The
 //!   decision time, actor and reason are audited (`decommission.decided`)
 //!   and persisted with the list of items to revoke, in one transaction;
-//!   the agent's rotations stop for good first (`Engine::stop_agent`; one in
-//!   flight is abandoned at its next step). Deciding twice is harmless: the
+//!   the agent's rotations stop for good first (`Engine::retire_agent`; one
+//!   in flight is abandoned after its current step, which the revocation
+//!   waits for, not the decision). Deciding twice is harmless: the
 //!   second answer is the first decision's progress.
 //! - **Items** (`items.rs`): per credential, the awaited acks, every file
 //!   delivered, the target, every vault; per agent, its access tokens
@@ -544,8 +545,12 @@ impl Revocations {
         if !catalog.config.issuers.is_empty() {
             items.push(items::plan_tasks(&agent));
         }
-        // No new rotation may start from here on.
-        engine.stop_agent(&agent, "decommissioning").await;
+        // No new rotation may start from here on, and one in flight stops
+        // after its current step (a back-off is cut short). The decision is
+        // recorded now, not once that step ends: the SLA clock runs from it
+        // and a crash must not lose it. The revocation waits for the step
+        // (`work`).
+        engine.retire_agent(&agent, "decommissioning");
         let mut ev = AuditEvent::new("decommission.decided", d.actor.clone(), Outcome::Ok);
         ev.agent = Some(agent.clone());
         ev.owner = Some(owner);
@@ -624,6 +629,9 @@ impl Revocations {
     /// with back-off until all are done or the daemon stops.
     async fn work(self, agent: AgentId) {
         let engine = self.inner.engine.clone();
+        // A step of its rotation still in flight ends first: a `set` that
+        // finished after a `revoke` would arm the target again.
+        engine.agent_idle(&agent).await;
         let retry = engine.catalog().config.daemon.retry;
         let mut rounds: u32 = 0;
         loop {

@@ -152,6 +152,14 @@ impl Engine {
     /// and returns once none of its jobs runs any more. `status` shows its
     /// credentials as `label`.
     pub async fn stop_agent(&self, agent: &AgentId, label: &'static str) {
+        self.retire_agent(agent, label);
+        self.agent_idle(agent).await;
+    }
+
+    /// The first half of [`Engine::stop_agent`], which waits for nothing:
+    /// no rotation of `agent` starts from now on, one waiting out a back-off
+    /// is woken and abandons, one running a step abandons after it.
+    pub fn retire_agent(&self, agent: &AgentId, label: &'static str) {
         let inner = &self.inner;
         inner
             .retired
@@ -177,6 +185,13 @@ impl Engine {
         inner.agent_stopped.notify_waiters();
         inner.ack_changed.notify_waiters();
         inner.follow_reload.notify_one();
+    }
+
+    /// The second half of [`Engine::stop_agent`]: returns once no job of
+    /// `agent` (retired by [`Engine::retire_agent`]) runs any more.
+    pub async fn agent_idle(&self, agent: &AgentId) {
+        let inner = &self.inner;
+        let keys = self.keys_of(agent);
         // A step in flight finishes (a plug-in call is not cut in half);
         // the rotation stops right after it.
         loop {

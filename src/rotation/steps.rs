@@ -502,6 +502,11 @@ impl Inner {
             let until = tokio::time::Instant::now() + delay;
             loop {
                 let stopped = self.agent_stopped.notified();
+                // Retired while the step ran (before this waiter existed):
+                // no back-off, no further attempt.
+                if self.is_retired(&entry.key().agent) {
+                    return Err(Stop::Abandoned);
+                }
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => break,
                     _ = self.cancel.cancelled() => return Err(Stop::Drained),

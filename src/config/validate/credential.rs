@@ -149,6 +149,26 @@ impl Validator<'_> {
                 .duration(p.key("every"), every, Zero::Rejected)
                 .map(ScheduleSpec::Every),
         };
+        if let Some(period) = schedule
+            .as_ref()
+            .filter(|_| follow.is_none())
+            .and_then(ScheduleSpec::min_period)
+            && period < MIN_PERIOD
+        {
+            let key = if c.every.is_some() {
+                "every"
+            } else {
+                "schedule"
+            };
+            self.err(
+                p.key(key),
+                format!(
+                    "the rotation period ({}) must be at least {} (`ms` is milliseconds, `m` minutes)",
+                    humantime::format_duration(period),
+                    humantime::format_duration(MIN_PERIOD)
+                ),
+            );
+        }
         let jitter = self.duration_or(
             p.key("jitter"),
             c.jitter.as_ref(),

@@ -86,6 +86,10 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(15 * 60);
 /// `poll` of a followed credential: its default and its floor.
 const DEFAULT_POLL: Duration = Duration::from_secs(5);
 const MIN_POLL: Duration = Duration::from_secs(1);
+/// The shortest rotation period (`every`, or the shortest gap between two
+/// firings of `schedule`): below it a typo (`"1ms"` for `"1m"`) would
+/// rotate hundreds of times a second and fill the audit log.
+const MIN_PERIOD: Duration = Duration::from_secs(1);
 const MIN_PASSWORD_LEN: usize = 8;
 const MAX_GENERATED_LEN: usize = 4096;
 const MIN_RANDOM_LEN: usize = 16;

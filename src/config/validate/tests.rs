@@ -286,3 +286,26 @@ fn a_follow_nudge_key_needs_the_http_listener_and_is_resolved_like_other_paths()
         Some(Path::new("/etc/keyturn/keys/nudge.key"))
     );
 }
+
+/// bb9 #5: `every = "1ms"` (a typo for `"1m"`) would rotate hundreds of
+/// times a second; a cron schedule every second is the floor itself.
+#[test]
+fn a_rotation_period_below_one_second_is_refused() {
+    let cred = |schedule: &str| {
+        format!(
+            "{HEAD}[agents.a.credentials.x]\nvault = \"v\"\n{schedule}\ngrace = \"1ms\"\ngenerate = {{ kind = \"ed25519\" }}\n"
+        )
+    };
+    assert_only_error(
+        &cred("every = \"1ms\""),
+        "agents.a.credentials.x.every",
+        "the rotation period (1ms) must be at least 1s (`ms` is milliseconds, `m` minutes)",
+    );
+    assert_only_error(
+        &cred("every = \"999ms\""),
+        "agents.a.credentials.x.every",
+        "the rotation period (999ms) must be at least 1s (`ms` is milliseconds, `m` minutes)",
+    );
+    super::super::load_str(Path::new("/etc/keyturn/t.toml"), &cred("every = \"1s\""))
+        .expect("one second is allowed");
+}
