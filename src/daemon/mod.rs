@@ -577,13 +577,11 @@ async fn reload(
             kept,
             read,
         }) => {
-            match checked_restart_only(&old.config, &mut config, located).and_then(
-                |restart_only| {
-                    Catalog::build_partial(config, &old, &kept)
-                        .map(|built| built.map(|c| (c, restart_only)))
-                        .map_err(|e| e.to_string())
-                },
-            ) {
+            match checked_restart_only(&old.config, &mut config, located).and_then(|restart_only| {
+                Catalog::build_partial(config, &old, &kept)
+                    .map(|built| built.map(|c| (c, restart_only)))
+                    .map_err(|e| e.to_string())
+            }) {
                 Ok(Some((catalog, restart_only))) => {
                     tracing::debug!(
                         read,
