@@ -349,11 +349,27 @@ impl PluginError {
         self.retry_after = after;
         self
     }
+    /// `context: e`, with [`io_hint`]'s advice.
     pub fn io(context: impl fmt::Display, e: &std::io::Error) -> Self {
-        Self::new(ErrorKind::from_io(e), format!("{context}: {e}"))
+        Self::new(
+            ErrorKind::from_io(e),
+            format!("{context}: {e}{}", io_hint(e)),
+        )
     }
     pub fn kind(&self) -> ErrorKind {
         self.kind
+    }
+}
+
+/// What an operator needs beyond an I/O error's text. A file system that
+/// is read-only for keyturn and writable from a shell is the service's
+/// sandbox: the shipped unit has `ProtectSystem=strict`.
+pub fn io_hint(e: &std::io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::EROFS) {
+        " (under keyturn's systemd unit, ProtectSystem=strict leaves only its ReadWritePaths= writable: \
+         add this directory with a drop-in, see \"Write outside keyturn's directories\" in docs/operating.md)"
+    } else {
+        ""
     }
 }
 
@@ -371,6 +387,27 @@ mod tests {
             assert_eq!(AgentId::new(bad), Err(IdError::BadChars), "{bad}");
         }
         assert_eq!(AgentId::new("a".repeat(65)), Err(IdError::TooLong));
+    }
+
+    /// A read-only file system gets the sandbox advice; other errors none.
+    #[test]
+    fn a_read_only_file_system_points_at_the_units_write_paths() {
+        let rofs = std::io::Error::from_raw_os_error(libc::EROFS);
+        let e = PluginError::io("file sink /srv/a/x: create delivery root /srv/a", &rofs);
+        assert!(
+            e.message.starts_with(
+                "file sink /srv/a/x: create delivery root /srv/a: Read-only file system"
+            ) && e.message.contains("ReadWritePaths=")
+                && e.message.contains("docs/operating.md"),
+            "{}",
+            e.message
+        );
+        let denied = std::io::Error::from_raw_os_error(libc::EACCES);
+        assert!(
+            !PluginError::io("x", &denied)
+                .message
+                .contains("ReadWritePaths")
+        );
     }
 
     #[test]

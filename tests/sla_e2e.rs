@@ -200,6 +200,18 @@ deliver = [{{ type = "file", path = "{{root}}/{agent}/in-bao" }}]
         "the pending item is named: {table}"
     );
 
+    // And in the log, at their severities: a host that watches its
+    // journal for ERROR lines hears of the breach without any alert sink.
+    let log = daemon.log_text();
+    let logged = |level: &str, name: &str| {
+        log.lines()
+            .any(|l| l.contains(level) && l.contains("alert firing") && l.contains(name))
+    };
+    assert!(
+        logged("ERROR", BREACHED) && logged("WARN", AT_RISK),
+        "{log}"
+    );
+
     // kill -9 mid-way and a restart: nothing forgotten, no second incident.
     daemon.kill9();
     let daemon = env.start();

@@ -87,6 +87,11 @@ use crate::telemetry::Metrics;
 /// poked for is seen within this).
 pub const IDLE_EVALUATION: Duration = Duration::from_secs(5);
 
+/// Pokes are answered at most this often: every job's end pokes, and a
+/// burst of 100k rotations must not become 100k evaluations, each of
+/// which walks every credential when anything changed.
+pub const POKE_GAP: Duration = Duration::from_millis(500);
+
 /// One configured alert sink: its `[alerts.NAME]`, the sink, its route.
 pub struct NamedSink {
     pub name: String,
@@ -650,6 +655,7 @@ impl Alerts {
         for (key, alert) in &desired {
             match state.firing.get_mut(key) {
                 None => {
+                    log_fired(alert);
                     let f = Firing {
                         alert: alert.clone(),
                         gone_at: None,
@@ -695,6 +701,11 @@ impl Alerts {
                 continue;
             }
             let f = state.firing.remove(&key).expect("listed above");
+            tracing::info!(
+                alert = %f.alert.name, agent = f.alert.agent.as_deref().unwrap_or("-"),
+                credential = f.alert.credential.as_deref().unwrap_or("-"),
+                "alert resolved: {}", f.alert.summary
+            );
             ops.push(Op::DelFiring(key));
             ended.push((f.alert, gone_at));
         }
@@ -1146,10 +1157,29 @@ impl ConditionSource for FiresAt {
     }
 }
 
+/// Logs an alert that starts firing at its severity: a critical one at
+/// ERROR, which the docs promise means "keyturn needs attention", so a host
+/// with no alert sink and no scraper (one watching its journal) hears of it.
+fn log_fired(a: &Alert) {
+    let (agent, credential) = (
+        a.agent.as_deref().unwrap_or("-"),
+        a.credential.as_deref().unwrap_or("-"),
+    );
+    match a.severity {
+        Severity::Critical => {
+            tracing::error!(alert = %a.name, agent, credential, "alert firing: {}", a.summary)
+        }
+        Severity::Warning => {
+            tracing::warn!(alert = %a.name, agent, credential, "alert firing: {}", a.summary)
+        }
+    }
+}
+
 /// The daemon's alert loop: asks `source` for the conditions and
 /// reconciles, again when the source said they may next change, when a
-/// held key's hold ends, when poked ([`Alerts::poke`]), and at least every
-/// [`IDLE_EVALUATION`]. Returns when `cancel` is cancelled.
+/// held key's hold ends, when poked ([`Alerts::poke`]; at most every
+/// [`POKE_GAP`]), and at least every [`IDLE_EVALUATION`]. Returns when
+/// `cancel` is cancelled.
 pub async fn run_loop(alerts: Alerts, source: Arc<dyn ConditionSource>, cancel: CancellationToken) {
     let poke = alerts.poke_handle();
     loop {
@@ -1165,9 +1195,15 @@ pub async fn run_loop(alerts: Alerts, source: Arc<dyn ConditionSource>, cancel: 
             let until = (at - after).to_std().unwrap_or(Duration::from_millis(100));
             wait = wait.min(until);
         }
+        let evaluated = tokio::time::Instant::now();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = poke.notified() => {}
+            _ = poke.notified() => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(evaluated + POKE_GAP) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
             _ = cancel.cancelled() => return,
         }
     }

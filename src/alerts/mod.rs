@@ -69,7 +69,7 @@ pub mod webhook;
 
 pub use manager::{
     AlertRecorder, Alerts, FiresAt, ManagerOptions, MemoryRecorder, NamedSink, NoConditions,
-    run_loop,
+    POKE_GAP, run_loop,
 };
 
 /// How urgent an alert is (the `severity` label).

@@ -624,6 +624,46 @@ async fn the_loop_delivers_a_deadline_within_a_fraction_of_a_second() {
     h.kill().await;
 }
 
+/// A source that counts how often it is asked.
+#[derive(Default)]
+struct Counted(std::sync::atomic::AtomicUsize);
+
+impl ConditionSource for Counted {
+    fn conditions(&self, _now: DateTime<Utc>) -> Conditions {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Conditions::default()
+    }
+}
+
+/// Every job's end pokes the loop: a burst of pokes is answered once per
+/// [`POKE_GAP`], not once per poke (each evaluation may walk every
+/// credential), and the last poke of a burst is answered.
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_pokes_is_answered_once_per_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let am = Scripted::new(None);
+    let h = Harness::single(dir.path(), "am", &am);
+    let source = Arc::new(Counted::default());
+    h.tracker
+        .spawn(run_loop(h.alerts.clone(), source.clone(), h.cancel.clone()));
+    let asked = || source.0.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(asked(), 1, "the first evaluation");
+    // 2,000 pokes over two seconds (one per millisecond).
+    for _ in 0..2000 {
+        h.alerts.poke();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let during = asked() - 1;
+    assert!(
+        (3..=5).contains(&during),
+        "two seconds of pokes, one answer per {POKE_GAP:?}: {during}"
+    );
+    tokio::time::sleep(POKE_GAP).await;
+    assert_eq!(asked() - 1, during + 1, "the last poke is answered");
+    h.kill().await;
+}
+
 #[test]
 fn backoff_doubles_is_capped_and_jittered() {
     let opts = options(Duration::ZERO);

@@ -45,7 +45,12 @@ pub struct ConfigError {
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        // Line 0: about the whole file (it cannot be read), not a place in it.
+        if self.line == 0 {
+            write!(f, "{}: ", self.file.display())?;
+        } else {
+            write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        }
         if !self.toml_path.is_empty() {
             write!(f, "{}: ", self.toml_path)?;
         }
@@ -126,6 +131,20 @@ pub fn read_sources(path: &Path) -> Result<(PathBuf, Vec<SourceFile>), ConfigErr
             message: format!("{what}: {e}"),
         }])
     };
+    // The packaged unit's `ExecStartPre=keyturn check` runs as user
+    // `keyturn`: a root-only file dropped by config management stops it.
+    let unreadable = |file: &Path, e: &std::io::Error| {
+        let mut errors = cannot(file, "cannot read config file", e);
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            errors.0[0].message.push_str(&format!(
+                " (keyturn runs as uid {}: make the file readable by it, e.g. \
+                 `chgrp keyturn {f} && chmod 0640 {f}`, as the package makes /etc/keyturn)",
+                nix::unistd::geteuid(),
+                f = file.display()
+            ));
+        }
+        errors
+    };
     let (dir, main, main_required) = if path.is_dir() {
         (path.to_path_buf(), path.join(MAIN_FILE), false)
     } else {
@@ -145,7 +164,7 @@ pub fn read_sources(path: &Path) -> Result<(PathBuf, Vec<SourceFile>), ConfigErr
         }),
         Ok(Err(not_utf8)) => return Err(ConfigErrors(vec![not_utf8])),
         Err(e) if main_required || e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(cannot(&main, "cannot read config file", &e));
+            return Err(unreadable(&main, &e));
         }
         Err(_) => {}
     }
@@ -163,7 +182,7 @@ pub fn read_sources(path: &Path) -> Result<(PathBuf, Vec<SourceFile>), ConfigErr
             paths.sort();
             for p in paths {
                 let text = read_text(&p)
-                    .map_err(|e| cannot(&p, "cannot read config file", &e))?
+                    .map_err(|e| unreadable(&p, &e))?
                     .map_err(|not_utf8| ConfigErrors(vec![not_utf8]))?;
                 files.push(SourceFile {
                     path: p,
@@ -1109,6 +1128,24 @@ decommissioned = { reason = \"gone\" }\n";
         let e = load_file(only.path()).unwrap_err().0;
         assert!(e[0].message.contains("unknown vault"), "{e:?}");
         assert!(e[0].file.ends_with("agents.d/a.toml"), "{e:?}");
+    }
+
+    /// A file that cannot be read is named, with the reason and no
+    /// made-up place in it (no `:0:0`).
+    #[test]
+    fn an_unreadable_agents_d_file_is_named_without_a_line() {
+        let dir = config_dir(Some(MAIN), &[("10-b.toml", &agent("b", ""))]);
+        std::fs::create_dir(dir.path().join("agents.d/20-dir.toml")).unwrap();
+        let e = load_file(dir.path()).unwrap_err();
+        let shown = e.to_string();
+        let file = dir.path().join("agents.d/20-dir.toml");
+        assert_eq!(
+            shown.trim_end(),
+            format!(
+                "{}: cannot read config file: Is a directory (os error 21)",
+                file.display()
+            )
+        );
     }
 
     #[test]

@@ -727,6 +727,11 @@ fn keep_restart_only_settings(old: &Config, new: &mut Config) -> Vec<&'static st
         "daemon.follow_nudge_key_file": follow_nudge_key_file;
         "daemon.max_concurrent_rotations": max_concurrent_rotations;
     }
+    // The alert manager's hold is set when it opens.
+    if old.alert_rules.resolve_hold != new.alert_rules.resolve_hold {
+        changed.push("alert_rules.resolve_hold");
+        new.alert_rules.resolve_hold = old.alert_rules.resolve_hold;
+    }
     changed
 }
 
@@ -916,5 +921,24 @@ mod tests {
         assert_eq!(n.listen, o.listen);
         assert_ne!(n.drain_timeout, o.drain_timeout, "not bound at start-up");
         assert!(keep_restart_only_settings(&old, &mut new).is_empty());
+    }
+
+    /// `[alert_rules] resolve_hold` is read when the alert manager opens:
+    /// a reload says so and keeps it, and takes the other alert rules.
+    #[test]
+    fn a_reload_keeps_and_names_the_resolve_hold() {
+        let with = |rules: &str| {
+            let text = format!(
+                "[alert_rules]\n{rules}\n[vaults.local]\ntype = \"local\"\n\n{}",
+                crate::test_support::agent_table("bot")
+            );
+            config::load_str(Path::new("/etc/keyturn/keyturn.toml"), &text).unwrap()
+        };
+        let old = with("resolve_hold = \"2m\"\nfailures_warning = 2");
+        let mut new = with("resolve_hold = \"30s\"\nfailures_warning = 3");
+        let changed = keep_restart_only_settings(&old, &mut new);
+        assert_eq!(changed, ["alert_rules.resolve_hold"]);
+        assert_eq!(new.alert_rules.resolve_hold, Duration::from_secs(120));
+        assert_eq!(new.alert_rules.failures_warning, 3, "reloadable");
     }
 }

@@ -169,8 +169,11 @@ pub enum AckError {
 const ACK_WAITS_FOR_DELIVERY: Duration = Duration::from_secs(30);
 
 impl Inner {
-    pub(super) fn awaited(&self) -> std::sync::MutexGuard<'_, HashMap<CredentialKey, Awaited>> {
-        self.acks.lock().unwrap_or_else(|p| p.into_inner())
+    pub(super) fn awaited(&self) -> super::engine::Changing<'_, HashMap<CredentialKey, Awaited>> {
+        super::engine::Changing {
+            guard: self.acks.lock().unwrap_or_else(|p| p.into_inner()),
+            changes: &self.changes,
+        }
     }
 
     /// Delivers `value` to every sink of `entry` (the deliver step, and

@@ -81,6 +81,12 @@ pub(super) struct Inner {
     /// are accepted (a version staged, promoted, retired, forgotten) and on
     /// every reload: see [`Engine::versions_generation`].
     pub(super) versions_generation: AtomicU64,
+    /// Moves whenever a lock of the live table or of the awaited acks is
+    /// released ([`Changing`]) and when an agent is retired: while it
+    /// stays put, the alert loop's health pass reuses its last answer
+    /// (`health.rs`), so an idle daemon does not walk every credential.
+    pub(super) changes: AtomicU64,
+    pub(super) health_cache: Mutex<Option<super::health::HealthCache>>,
     pub(super) wake: Notify,
     /// Agents being (or already) decommissioned, with the label `status`
     /// shows for their credentials: none of their credentials is rotated,
@@ -202,6 +208,8 @@ impl Engine {
                 in_flight: AtomicUsize::new(0),
                 finished_since_trim: AtomicUsize::new(0),
                 versions_generation: AtomicU64::new(0),
+                changes: AtomicU64::new(0),
+                health_cache: Mutex::new(None),
                 wake: Notify::new(),
                 follow_reload: Notify::new(),
                 follow: Default::default(),
@@ -606,8 +614,11 @@ impl Inner {
             .clone()
     }
 
-    pub(super) fn live(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    pub(super) fn live(&self) -> Changing<'_, Table> {
+        Changing {
+            guard: self.table.lock().unwrap_or_else(|p| p.into_inner()),
+            changes: &self.changes,
+        }
     }
 
     /// The keys of `catalog`'s credentials whose live state (`None`: the
@@ -843,5 +854,34 @@ impl Inner {
         })?;
         self.metrics.audit_records(1);
         Ok(head)
+    }
+}
+
+/// A lock of live state that counts, when it is released, as a possible
+/// change ([`Inner::changes`]). The count moves while the lock is still
+/// held, after whatever the holder changed: a reader that saw the count
+/// before taking the lock sees those changes or a count that moved.
+pub(super) struct Changing<'a, T> {
+    pub(super) guard: std::sync::MutexGuard<'a, T>,
+    pub(super) changes: &'a AtomicU64,
+}
+
+impl<T> std::ops::Deref for Changing<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> std::ops::DerefMut for Changing<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
+}
+
+impl<T> Drop for Changing<'_, T> {
+    fn drop(&mut self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 }

@@ -32,13 +32,19 @@
 //! a follower notices a rotator that stopped; a follower has no period, so
 //! `expiry_critical_before = "period"` gives it only the expired alert.
 //!
-//! Cheap by design, because the alert loop asks every few seconds: one pass
-//! over the catalog with one lookup in the live table per credential, and
-//! nothing allocated for a healthy credential.
+//! Cheap by design, because the alert loop asks every few seconds and
+//! after rotations: one pass over the catalog with one lookup in the live
+//! table per credential, nothing allocated for a healthy credential, and
+//! no pass at all while nothing changed ([`HealthCache`]): the answer
+//! depends on the live table, the awaited acks, the retired agents and the
+//! catalog, and on the clock only through `next_change`.
 
 use chrono::{DateTime, Utc};
 
-use super::catalog::CredEntry;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use super::catalog::{Catalog, CredEntry};
 use super::engine::{Engine, Inner, chrono_dur};
 use super::table::LiveRow;
 use crate::alerts::{Alert, ConditionSource, Conditions, Severity};
@@ -69,13 +75,45 @@ impl ConditionSource for RotationHealth {
     }
 }
 
+/// The last answer of the health pass, and what it was computed from.
+pub(super) struct HealthCache {
+    /// [`Inner::changes`] read before the pass.
+    changes: u64,
+    /// Weak: compared, never used, and not keeping a replaced catalog's
+    /// entries alive (its address is not reused while this is held).
+    catalog: Weak<Catalog>,
+    conditions: Conditions,
+}
+
 impl Inner {
     pub(super) fn health_conditions(&self, now: DateTime<Utc>) -> Conditions {
         let catalog = self.catalog();
+        // Read before the locks: a change made after this moves the count
+        // again, so the next call passes anew.
+        let changes = self.changes.load(Ordering::Acquire);
+        let mut cache = self.health_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.as_ref()
+            && c.changes == changes
+            && std::ptr::eq(c.catalog.as_ptr(), Arc::as_ptr(&catalog))
+            && c.conditions.next_change.is_none_or(|t| now < t)
+        {
+            return c.conditions.clone();
+        }
+        let conditions = self.health_pass(&catalog, now);
+        *cache = Some(HealthCache {
+            changes,
+            catalog: Arc::downgrade(&catalog),
+            conditions: conditions.clone(),
+        });
+        conditions
+    }
+
+    fn health_pass(&self, catalog: &Catalog, now: DateTime<Utc>) -> Conditions {
         let rules = catalog.config.alert_rules;
         let mut out = Conditions::default();
-        // Lock order as in `status`: the live table, then the acks.
-        let live = self.live();
+        // Lock order as in `status`: the live table, then the acks. Read
+        // only: these locks do not count as changes.
+        let live = self.table.lock().unwrap_or_else(|p| p.into_inner());
         for entry in catalog.creds.values() {
             // A decommissioned agent's credentials are not rotated any more:
             // neither their failures nor their age are a rotation problem
@@ -102,7 +140,8 @@ impl Inner {
             }
         }
         if rules.holdouts {
-            for (key, awaited) in self.awaited().iter() {
+            let acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, awaited) in acks.iter() {
                 if !awaited.retired_with_holdouts {
                     continue;
                 }

@@ -166,6 +166,9 @@ impl Engine {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(agent.clone(), label);
+        inner
+            .changes
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         let keys = self.keys_of(agent);
         {
             let mut live = inner.live();

@@ -93,6 +93,50 @@ async fn failures_warn_at_two_page_at_three_and_a_success_clears_them() {
     rig.shutdown().await;
 }
 
+/// The answer is reused while nothing it reads changed, and follows each
+/// of its inputs: the alert rules of a reload (a new catalog), a retired
+/// agent, a rotation's outcome.
+#[tokio::test(start_paused = true)]
+async fn the_reused_answer_follows_a_reload_a_retirement_and_a_rotation() {
+    let rig = rig_in("every = \"6h\"", "failures_warning = 2", &[]);
+    rig.vault.fail("stage", 2, ErrorKind::Unauthorized, None);
+    assert!(rig.rotate_c0().await.error.is_some());
+    assert!(rig.rotate_c0().await.error.is_some());
+    let failing = rig.engine.health_conditions(at(MINUTE));
+    assert_eq!(names(&failing), vec![(ROTATION_FAILING, Severity::Warning)]);
+    let again = rig.engine.health_conditions(at(2 * MINUTE));
+    assert_eq!(again.firing, failing.firing, "nothing changed");
+
+    // A reload that raises the threshold: the same live rows, new rules.
+    let reload = |rules: &str| {
+        let text = config_text(
+            rig.dir.path(),
+            1,
+            "every = \"6h\"",
+            &format!("[alert_rules]\n{rules}\n"),
+        );
+        catalog_with(rig.dir.path(), &text, &rig.vault, &rig.sink, &[])
+    };
+    rig.engine.reload(reload("failures_warning = 3")).await;
+    let raised = rig.engine.health_conditions(at(3 * MINUTE));
+    assert!(
+        raised.firing.is_empty(),
+        "two failures, warning at three: {raised:?}"
+    );
+    rig.engine.reload(reload("failures_warning = 2")).await;
+    let back = rig.engine.health_conditions(at(4 * MINUTE));
+    assert_eq!(names(&back), vec![(ROTATION_FAILING, Severity::Warning)]);
+
+    // A retired agent's failures are not a rotation problem.
+    rig.engine.retire_agent(
+        &crate::model::AgentId::new("bot").unwrap(),
+        "decommissioning",
+    );
+    let retired = rig.engine.health_conditions(at(5 * MINUTE));
+    assert!(retired.firing.is_empty(), "{retired:?}");
+    rig.shutdown().await;
+}
+
 /// `since` comes from state: a restarted engine on the same store reports
 /// the same start for the same failing run.
 #[tokio::test(start_paused = true)]

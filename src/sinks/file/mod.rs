@@ -469,7 +469,11 @@ impl Inner {
         let io = std::io::Error::from(e);
         PluginError::new(
             ErrorKind::from_io(&io),
-            format!("file sink {}: {what}: {io}", self.path().display()),
+            format!(
+                "file sink {}: {what}: {io}{}",
+                self.path().display(),
+                crate::model::io_hint(&io)
+            ),
         )
     }
 
