@@ -84,8 +84,19 @@
 //! `role_prefix` changed since names new tasks' roles only. A role with the task's name whose
 //! comment lacks keyturn's mark for that task is someone else's: `issue`,
 //! `revoke` and `verify_revoked` refuse it (`invalid`) and leave it alone.
+//!
+//! # Layout
+//! - `postgres/mod.rs`: the issuer: the task's role name, the grant, what
+//!   the agent receives (password, DSN), and [`TaskIssuer`];
+//! - `postgres/config.rs`: `[issuers.NAME]` and the grant, and their checks;
+//! - `postgres/sql.rs`: the constant SQL the server runs ([`SESSION`], the
+//!   `DO` blocks);
+//! - `postgres/server.rs`: each step on a leased admin connection: issue,
+//!   revoke (disable, end the sessions, drop), verify, check a grant.
 
 mod config;
+mod server;
+mod sql;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -109,6 +120,8 @@ use crate::targets::postgres::{Hidden, PgTls, PostgresConfig, quote_ident, role_
 
 pub use config::{PgGrant, PgIssuerConfig};
 use config::{grant_problems, prefix_problem};
+use server::check_grant_on;
+use sql::{GRANT_CHECK_DO, ISSUE_DO, SESSION};
 
 /// The role name's start unless `role_prefix` says otherwise.
 pub const DEFAULT_ROLE_PREFIX: &str = "kt_task_";
@@ -128,196 +141,6 @@ const SERVER_ROLES: [&str; 3] = [
     "pg_read_server_files",
     "pg_write_server_files",
 ];
-
-/// The body of what makes, for the role named by the session settings
-/// `keyturn.*` (set from bind parameters in the same transaction),
-/// everything a task role is: created when `keyturn.create` is `on` (in one
-/// `CREATE ROLE ... IN ROLE`; a role that appeared meanwhile fails the
-/// transaction with `duplicate_object`), else altered: LOGIN with the
-/// verifier and expiry, member of exactly the roles in the JSON array
-/// `keyturn.roles`; then the comment and `application_name`. Constant
-/// text: nothing secret is in any statement tokio-postgres or the server
-/// may log. The same body runs as the session function
-/// `pg_temp.keyturn_task_issue()` ([`SESSION`]: compiled and planned once
-/// per pooled connection) or, where the admin may not make temporary
-/// objects, as a `DO` block ([`ISSUE_DO`], compiled at each call).
-/// What a grant's roles must pass at the server, as PL/pgSQL statements
-/// over `wanted` (the grant's roles, `text[]`), with `too_strong text` and
-/// `missing text` declared: every role exists, and none reaches (through
-/// memberships) a role a member can SET ROLE to that is a superuser,
-/// CREATEROLE, REPLICATION or BYPASSRLS, or has the server's files or
-/// programs. Run at every issuance ([`issue_body`]) and by `keyturn check
-/// --online` ([`GRANT_CHECK_DO`]): one text, so the check refuses exactly
-/// what a start would.
-macro_rules! grant_checks {
-    () => {
-        "missing := (SELECT string_agg(quote_ident(w), ', ') FROM unnest(wanted) w \
-        WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = w)); \
-    IF missing IS NOT NULL THEN \
-        RAISE EXCEPTION 'role % of the grant does not exist: create it, or fix the policy''s grant', missing \
-            USING ERRCODE = 'undefined_object'; \
-    END IF; \
-    too_strong := ( \
-        WITH RECURSIVE up(oid) AS ( \
-            SELECT oid FROM pg_roles WHERE rolname = ANY (wanted) \
-            UNION SELECT m.roleid FROM pg_auth_members m JOIN up ON m.member = up.oid) \
-        SELECT string_agg(DISTINCT quote_ident(p.rolname), ', ') FROM pg_roles p JOIN up USING (oid) \
-        WHERE p.rolsuper OR p.rolcreaterole OR p.rolreplication OR p.rolbypassrls \
-           OR p.rolname IN ('pg_execute_server_program', 'pg_read_server_files', 'pg_write_server_files')); \
-    IF too_strong IS NOT NULL THEN \
-        RAISE EXCEPTION 'the grant reaches %, which a member can SET ROLE to: a superuser, CREATEROLE, REPLICATION or BYPASSRLS role, or one with the server''s files or programs', too_strong \
-            USING ERRCODE = 'invalid_parameter_value'; \
-    END IF; "
-    };
-}
-
-/// The declarations [`grant_checks`] needs, `wanted` from the session
-/// setting `keyturn.roles` (a JSON array).
-macro_rules! grant_vars {
-    () => {
-        "wanted text[] := ARRAY(SELECT json_array_elements_text(current_setting('keyturn.roles')::json)); \
-    too_strong text; \
-    missing text; "
-    };
-}
-
-macro_rules! issue_body {
-    () => {
-        concat!(
-            "DECLARE \
-    r text := current_setting('keyturn.role'); \
-    g text; ",
-            grant_vars!(),
-            "BEGIN ",
-            grant_checks!(),
-            "IF current_setting('keyturn.create') = 'on' THEN \
-        EXECUTE format('CREATE ROLE %I WITH LOGIN INHERIT CONNECTION LIMIT %s PASSWORD %L VALID UNTIL %L%s', \
-            r, current_setting('keyturn.limit')::int, current_setting('keyturn.verifier'), \
-            current_setting('keyturn.until'), \
-            (SELECT coalesce(' IN ROLE ' || string_agg(quote_ident(w), ', '), '') FROM unnest(wanted) w)); \
-    ELSE \
-        EXECUTE format('ALTER ROLE %I WITH LOGIN INHERIT CONNECTION LIMIT %s PASSWORD %L VALID UNTIL %L', \
-            r, current_setting('keyturn.limit')::int, current_setting('keyturn.verifier'), \
-            current_setting('keyturn.until')); \
-        FOR g IN SELECT b.rolname FROM pg_auth_members m \
-                 JOIN pg_roles b ON b.oid = m.roleid JOIN pg_roles t ON t.oid = m.member \
-                 WHERE t.rolname = r AND b.rolname <> ALL (wanted) LOOP \
-            EXECUTE format('REVOKE %I FROM %I', g, r); \
-        END LOOP; \
-        FOREACH g IN ARRAY wanted LOOP \
-            IF NOT EXISTS (SELECT 1 FROM pg_auth_members m \
-                           JOIN pg_roles b ON b.oid = m.roleid JOIN pg_roles t ON t.oid = m.member \
-                           WHERE t.rolname = r AND b.rolname = g) THEN \
-                EXECUTE format('GRANT %I TO %I', g, r); \
-            END IF; \
-        END LOOP; \
-    END IF; \
-    EXECUTE format('COMMENT ON ROLE %I IS %L', r, current_setting('keyturn.comment')); \
-    EXECUTE format('ALTER ROLE %I SET application_name = %L', r, current_setting('keyturn.app')); \
-END"
-        )
-    };
-}
-
-/// [`grant_checks`] alone, as an anonymous block: `keyturn check --online`
-/// runs it in a transaction it rolls back.
-const GRANT_CHECK_DO: &str = concat!(
-    "DO $keyturn$ DECLARE ",
-    grant_vars!(),
-    "BEGIN ",
-    grant_checks!(),
-    "END $keyturn$"
-);
-
-/// [`issue_body`] as an anonymous block: where the admin may not make the
-/// session functions.
-const ISSUE_DO: &str = concat!("DO $keyturn$ ", issue_body!(), " $keyturn$");
-
-/// Made once per pooled admin connection ([`AdminConn::session`]), in its
-/// own `pg_temp` schema (gone with the session; no other role can make or
-/// change objects there), so that PostgreSQL compiles them and plans their
-/// queries once per session, not at each task:
-/// - `keyturn_task_issue(role, create, verifier, until, limit, roles,
-///   comment, app)`: sets the `keyturn.*` settings (transaction-local) from
-///   its arguments, then runs [`issue_body`]: one statement, its own
-///   transaction;
-/// - `keyturn_task_mark(comment, task)`: whether a role's comment carries
-///   keyturn's mark for `task`: it starts as keyturn writes it (the fast
-///   path), or it is JSON with the mark, as [`foreign`] decides;
-/// - `keyturn_task_disable(role, task)`: `NOLOGIN PASSWORD NULL` on the
-///   task's role; `absent`, `foreign` (left alone) or `disabled`;
-/// - `keyturn_task_drop(role, task, wait_ms)`: for a task role that cannot
-///   log in, ends its sessions (waiting up to `wait_ms` for each to exit,
-///   PostgreSQL 14 and later) and, when none is left, drops it: `(state,
-///   terminated, alive)`, state `absent`, `foreign`, `enabled` (still
-///   LOGIN: not touched), `alive` (sessions outlived the wait: not dropped)
-///   or `dropped`. A role that still owns objects fails it with
-///   `dependent_objects_still_exist`.
-///
-/// `disable` and `drop` are two statements, so that `NOLOGIN` is committed
-/// before the sessions are ended and none can come back.
-const SESSION: &str = concat!(
-    "CREATE OR REPLACE FUNCTION pg_temp.keyturn_task_issue(p_role text, p_create text, \
-        p_verifier text, p_until text, p_limit text, p_roles text, p_comment text, p_app text) \
-    RETURNS void LANGUAGE plpgsql AS $keyturn$ \
-BEGIN \
-    PERFORM set_config('keyturn.role', p_role, true), set_config('keyturn.create', p_create, true), \
-        set_config('keyturn.verifier', p_verifier, true), set_config('keyturn.until', p_until, true), \
-        set_config('keyturn.limit', p_limit, true), set_config('keyturn.roles', p_roles, true), \
-        set_config('keyturn.comment', p_comment, true), set_config('keyturn.app', p_app, true); \
-    ",
-    issue_body!(),
-    "; \
-END $keyturn$; \
-CREATE OR REPLACE FUNCTION pg_temp.keyturn_task_mark(c text, task text) RETURNS boolean \
-LANGUAGE plpgsql AS $keyturn$ \
-DECLARE v json; \
-BEGIN \
-    IF c IS NULL THEN RETURN false; END IF; \
-    IF starts_with(c, '{\"keyturn\":\"task\",\"task_id\":' || to_json(task)::text || ',') THEN \
-        RETURN true; \
-    END IF; \
-    BEGIN v := c::json; EXCEPTION WHEN others THEN RETURN false; END; \
-    RETURN coalesce(json_typeof(v) = 'object' \
-        AND json_typeof(v->'keyturn') = 'string' AND v->>'keyturn' = 'task' \
-        AND json_typeof(v->'task_id') = 'string' AND v->>'task_id' = task, false); \
-END $keyturn$; \
-CREATE OR REPLACE FUNCTION pg_temp.keyturn_task_disable(r text, task text) RETURNS text \
-LANGUAGE plpgsql AS $keyturn$ \
-DECLARE c text; \
-BEGIN \
-    SELECT shobj_description(oid, 'pg_authid') INTO c FROM pg_roles WHERE rolname = r; \
-    IF NOT FOUND THEN RETURN 'absent'; END IF; \
-    IF NOT pg_temp.keyturn_task_mark(c, task) THEN RETURN 'foreign'; END IF; \
-    EXECUTE format('ALTER ROLE %I WITH NOLOGIN PASSWORD NULL', r); \
-    RETURN 'disabled'; \
-END $keyturn$; \
-CREATE OR REPLACE FUNCTION pg_temp.keyturn_task_drop(r text, task text, wait_ms bigint, \
-    OUT state text, OUT terminated int, OUT alive int) \
-LANGUAGE plpgsql AS $keyturn$ \
-DECLARE o oid; c text; login boolean; p int; \
-    waits boolean := current_setting('server_version_num')::int >= 140000; \
-BEGIN \
-    terminated := 0; alive := 0; \
-    SELECT oid, shobj_description(oid, 'pg_authid'), rolcanlogin INTO o, c, login \
-        FROM pg_roles WHERE rolname = r; \
-    IF NOT FOUND THEN state := 'absent'; RETURN; END IF; \
-    IF NOT pg_temp.keyturn_task_mark(c, task) THEN state := 'foreign'; RETURN; END IF; \
-    IF login THEN state := 'enabled'; RETURN; END IF; \
-    FOR p IN SELECT a.pid FROM pg_stat_activity a \
-             WHERE a.usesysid = o AND a.pid <> pg_backend_pid() LOOP \
-        terminated := terminated + 1; \
-        IF waits THEN \
-            IF NOT pg_terminate_backend(p, wait_ms) THEN alive := alive + 1; END IF; \
-        ELSE \
-            PERFORM pg_terminate_backend(p); \
-        END IF; \
-    END LOOP; \
-    IF alive > 0 THEN state := 'alive'; RETURN; END IF; \
-    EXECUTE format('DROP ROLE %I', r); \
-    state := 'dropped'; \
-END $keyturn$"
-);
 
 /// The task's role at one server.
 #[derive(Debug)]
@@ -376,184 +199,6 @@ impl PgIssuer {
         Ok((role, grant, ctx))
     }
 
-    /// Issues on `conn`: first as a new role (the task's role, named after
-    /// a fresh task id, almost never exists: one round trip); when it does
-    /// exist (issuing again, or someone else's), checks keyturn's mark and
-    /// alters it.
-    async fn issue_on(
-        &self,
-        conn: &AdminConn,
-        role: &str,
-        settings: &IssueSettings<'_>,
-        ctx: &str,
-    ) -> Result<(), PluginError> {
-        let fail = |e: tokio_postgres::Error| {
-            conn.error(ctx, &e, &[settings.password, settings.verifier.as_bytes()])
-        };
-        match run_issue(conn, role, settings, true).await {
-            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
-            other => return other.map_err(fail),
-        }
-        let create = match role_comment(conn, role, ctx).await? {
-            // Dropped meanwhile.
-            None => true,
-            Some(row) => {
-                foreign(row.get(0), settings.task_id, role, ctx)?;
-                false
-            }
-        };
-        run_issue(conn, role, settings, create).await.map_err(fail)
-    }
-
-    async fn revoke_on(
-        &self,
-        conn: &AdminConn,
-        role: &str,
-        task: &TaskAttribution,
-        ctx: &str,
-    ) -> Result<Revoked, PluginError> {
-        let functions = conn
-            .session(SESSION)
-            .await
-            .map_err(|e| conn.error(ctx, &e, &[]))?;
-        let q = quote_ident(role);
-        let (terminated, mut dropped) = if functions {
-            let Some(done) = self.disable_and_drop(conn, role, task, ctx).await? else {
-                return Ok(Revoked::Now);
-            };
-            done
-        } else {
-            let Some(row) = role_comment(conn, role, ctx).await? else {
-                return Ok(Revoked::Now);
-            };
-            foreign(row.get(0), &task.task_id, role, ctx)?;
-            // NOLOGIN first, so the sessions ended next cannot come back.
-            conn.client
-                .batch_execute(&format!("ALTER ROLE {q} WITH NOLOGIN PASSWORD NULL"))
-                .await
-                .map_err(|e| conn.error(ctx, &e, &[]))?;
-            let terminated =
-                terminate_sessions(conn, &[role.to_owned()], self.admin.connect_timeout, ctx)
-                    .await?;
-            // Most task roles own nothing: try the plain drop first, as it
-            // needs no more than CREATEROLE.
-            let dropped = conn.client.batch_execute(&format!("DROP ROLE {q}")).await;
-            (Some(terminated), dropped)
-        };
-        if let Err(e) = &dropped
-            && e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST)
-        {
-            dropped = drop_owned_and_role(conn, role).await;
-        }
-        match dropped {
-            Ok(()) => {
-                tracing::info!(task = %task.task_id, role, terminated, "postgres task role dropped");
-            }
-            // The server refused (objects in another database, or another
-            // role's objects depend on the task's): the role can no longer
-            // be used, and stays, with no membership left, so that what it
-            // still owns acts with nothing but that.
-            Err(e) if e.as_db_error().is_some() => {
-                let e = conn.error(ctx, &e, &[]);
-                leave_no_membership(conn, role, ctx).await?;
-                tracing::warn!(
-                    task = %task.task_id, role, terminated, error = %e,
-                    "postgres task role disabled (NOLOGIN, no password, no session, no membership) but not dropped"
-                );
-            }
-            Err(e) => return Err(conn.error(ctx, &e, &[])),
-        }
-        Ok(Revoked::Now)
-    }
-
-    /// `keyturn_task_disable` then `keyturn_task_drop` ([`SESSION`]),
-    /// pipelined: one round trip. `None`: the role does not exist (revoked);
-    /// else the sessions ended (when known) and the drop's outcome, for
-    /// [`Self::revoke_on`] to finish.
-    async fn disable_and_drop(
-        &self,
-        conn: &AdminConn,
-        role: &str,
-        task: &TaskAttribution,
-        ctx: &str,
-    ) -> Result<Option<(Option<usize>, Result<(), tokio_postgres::Error>)>, PluginError> {
-        let (disable, drop) = async {
-            let disable = conn
-                .prepared("SELECT pg_temp.keyturn_task_disable($1, $2)")
-                .await?;
-            let drop = conn
-                .prepared(
-                    "SELECT state, terminated, alive FROM pg_temp.keyturn_task_drop($1, $2, $3)",
-                )
-                .await?;
-            Ok((disable, drop))
-        }
-        .await
-        .map_err(|e: tokio_postgres::Error| conn.error(ctx, &e, &[]))?;
-        let wait_ms = i64::try_from(self.admin.connect_timeout.as_millis()).unwrap_or(i64::MAX);
-        let disable_params: [&(dyn ToSql + Sync); 2] = [&role, &task.task_id];
-        let drop_params: [&(dyn ToSql + Sync); 3] = [&role, &task.task_id, &wait_ms];
-        let (disabled, ended) = tokio::join!(
-            conn.client.query_one(&disable, &disable_params),
-            conn.client.query_one(&drop, &drop_params),
-        );
-        let disabled: String = disabled.map_err(|e| conn.error(ctx, &e, &[]))?.get(0);
-        match disabled.as_str() {
-            "absent" => return Ok(None),
-            "foreign" => return Err(foreign_role(&task.task_id, role, ctx)),
-            _ => {}
-        }
-        let row = match ended {
-            Ok(row) => row,
-            // The sessions were ended (that is not undone), the drop failed.
-            Err(e) if e.as_db_error().is_some() => return Ok(Some((None, Err(e)))),
-            Err(e) => return Err(conn.error(ctx, &e, &[])),
-        };
-        let (state, terminated, alive): (String, i32, i32) = (row.get(0), row.get(1), row.get(2));
-        match state.as_str() {
-            "dropped" => Ok(Some((usize::try_from(terminated).ok(), Ok(())))),
-            "absent" => Ok(None),
-            "alive" => Err(PluginError::new(
-                ErrorKind::Transient,
-                format!(
-                    "{ctx}: {alive} session(s) of {role:?} still alive after pg_terminate_backend"
-                ),
-            )),
-            // Changed between the two statements (its mark, or LOGIN
-            // given back): the next attempt looks again.
-            other => Err(PluginError::new(
-                ErrorKind::Transient,
-                format!(
-                    "{ctx}: role {role:?} changed while it was being revoked ({other}); trying again"
-                ),
-            )),
-        }
-    }
-
-    async fn verify_on(
-        &self,
-        conn: &AdminConn,
-        role: &str,
-        task: &TaskAttribution,
-        ctx: &str,
-    ) -> Result<bool, PluginError> {
-        const SQL: &str = "SELECT r.rolcanlogin AND (r.rolvaliduntil IS NULL OR r.rolvaliduntil > now()), \
-                    shobj_description(r.oid, 'pg_authid'), \
-                    (SELECT count(*) FROM pg_stat_activity a WHERE a.usesysid = r.oid) \
-             FROM pg_roles r WHERE r.rolname = $1";
-        let row = async {
-            let sql = conn.prepared(SQL).await?;
-            conn.client.query_opt(&sql, &[&role]).await
-        }
-        .await
-        .map_err(|e| conn.error(ctx, &e, &[]))?;
-        let Some(row) = row else { return Ok(true) };
-        foreign(row.get(1), &task.task_id, role, ctx)?;
-        let can_log_in: bool = row.get(0);
-        let sessions: i64 = row.get(2);
-        Ok(!can_log_in && sessions == 0)
-    }
-
     /// The role named by `handle`, else by the task id. The handle is the
     /// name the role was made with, under the `role_prefix` of that time:
     /// a prefix changed since names new tasks' roles only. As the handle
@@ -585,194 +230,6 @@ impl PgIssuer {
             _ => Ok(derived),
         }
     }
-
-    /// The role to revoke or verify: `role`, the recorded handle's. Without
-    /// a handle (keyturn died between the mint and its record) `role` is
-    /// named after the task under today's `role_prefix`, which may have
-    /// changed since: the role of the task is then the one among the
-    /// server's roles named `<a role_prefix><task id>` that carries
-    /// keyturn's mark for this task (`role` when there is none: it is
-    /// absent, so revoked).
-    async fn role_on(
-        &self,
-        conn: &AdminConn,
-        task: &TaskAttribution,
-        handle: Option<&str>,
-        role: &str,
-        ctx: &str,
-    ) -> Result<String, PluginError> {
-        // The task id is lowercase letters and digits (`role_of`): no
-        // pattern character of LIKE.
-        const SQL: &str = "SELECT rolname, shobj_description(oid, 'pg_authid') \
-                           FROM pg_roles WHERE rolname LIKE '%' || $1";
-        if handle.is_some() {
-            return Ok(role.to_owned());
-        }
-        let rows = async {
-            let sql = conn.prepared(SQL).await?;
-            conn.client.query(&sql, &[&task.task_id]).await
-        }
-        .await
-        .map_err(|e| conn.error(ctx, &e, &[]))?;
-        let mut ours: Vec<String> = rows
-            .into_iter()
-            .map(|r| (r.get::<_, String>(0), r.get::<_, Option<String>>(1)))
-            .filter(|(name, comment)| {
-                name.strip_suffix(task.task_id.as_str())
-                    .is_some_and(|prefix| prefix_problem(prefix).is_none())
-                    && foreign(comment.clone(), &task.task_id, name, ctx).is_ok()
-            })
-            .map(|(name, _)| name)
-            .collect();
-        match ours.len() {
-            0 => Ok(role.to_owned()),
-            1 => Ok(ours.remove(0)),
-            _ => Err(PluginError::new(
-                ErrorKind::Invalid,
-                format!(
-                    "{ctx}: several roles carry keyturn's mark for task {} ({}); revoke them by hand",
-                    task.task_id,
-                    ours.join(", ")
-                ),
-            )),
-        }
-    }
-
-    /// The task's role (see [`PgIssuer::role_for`]), the message context of
-    /// `doing` to it, and an admin connection leased for `step`: what
-    /// `revoke` and `verify_revoked` start with.
-    async fn role_and_lease(
-        &self,
-        task: &TaskAttribution,
-        handle: Option<&str>,
-        doing: &str,
-        step: &str,
-    ) -> Result<(String, String, Lease), PluginError> {
-        let role = self.role_for(task, handle)?;
-        let ctx = format!(
-            "{}: {doing} task {} (role {role:?})",
-            self.describe(),
-            task.task_id
-        );
-        let conn = self.admin.lease(&self.describe(), step).await?;
-        Ok((role, ctx, conn))
-    }
-}
-
-/// Drops, in one transaction, what the disabled task role `role` owns in
-/// the admin DSN's database and the privileges granted to it there (`DROP
-/// OWNED`), then the role. Nothing the task made is kept: handed to the
-/// admin, a `SECURITY DEFINER` function or a view the task planted would
-/// act with the admin's privileges for anyone; handed to any one role
-/// kept for the purpose, with those of every other task's objects. An
-/// admin without the privileges of the role (`CREATEROLE` but no
-/// superuser) makes itself a member for the transaction: `DROP OWNED`
-/// needs that, and `DROP ROLE` takes the membership away again.
-async fn drop_owned_and_role(conn: &AdminConn, role: &str) -> Result<(), tokio_postgres::Error> {
-    let client = &conn.client;
-    let q = quote_ident(role);
-    let has_privileges: bool = client
-        .query_one("SELECT pg_has_role($1, 'USAGE')", &[&role])
-        .await?
-        .get(0);
-    let member = if has_privileges {
-        String::new()
-    } else {
-        format!("GRANT {q} TO CURRENT_USER; ")
-    };
-    let dropped = client
-        .batch_execute(&format!(
-            "BEGIN; {member}DROP OWNED BY {q}; DROP ROLE {q}; COMMIT"
-        ))
-        .await;
-    if dropped.as_ref().is_err_and(|e| e.as_db_error().is_some()) {
-        // Leave the failed transaction: the session goes back to the pool
-        // idle.
-        let _ = client.batch_execute("ROLLBACK").await;
-    }
-    dropped
-}
-
-/// Revokes every role `role` is a member of: a task role that has to stay
-/// keeps no privilege of its grant.
-async fn leave_no_membership(conn: &AdminConn, role: &str, ctx: &str) -> Result<(), PluginError> {
-    let revoke = async {
-        let rows = conn
-            .client
-            .query(
-                "SELECT b.rolname::text FROM pg_auth_members m \
-                 JOIN pg_roles b ON b.oid = m.roleid JOIN pg_roles t ON t.oid = m.member \
-                 WHERE t.rolname = $1",
-                &[&role],
-            )
-            .await?;
-        let q = quote_ident(role);
-        let mut sql = String::new();
-        for row in &rows {
-            let granted: String = row.get(0);
-            let _ = write!(sql, "REVOKE {} FROM {q}; ", quote_ident(&granted));
-        }
-        if sql.is_empty() {
-            return Ok(());
-        }
-        conn.client.batch_execute(&sql).await
-    };
-    revoke.await.map_err(|e| conn.error(ctx, &e, &[]))
-}
-
-/// One attempt at the issuance, in one transaction: a call of the session
-/// function (one statement), or, without it, the settings and the `DO`
-/// block between BEGIN and COMMIT, pipelined (one round trip; on an error
-/// the rest is rejected and COMMIT rolls back, so the pooled session is
-/// idle again, and the settings, transaction-local, are gone). `create`:
-/// as a new role.
-async fn run_issue(
-    conn: &AdminConn,
-    role: &str,
-    settings: &IssueSettings<'_>,
-    create: bool,
-) -> Result<(), tokio_postgres::Error> {
-    let client = &conn.client;
-    let create = if create { "on" } else { "off" };
-    let hidden = Hidden(settings.verifier);
-    let params: [&(dyn ToSql + Sync); 8] = [
-        &role,
-        &create,
-        &hidden,
-        &settings.until,
-        &settings.limit,
-        &settings.roles,
-        &settings.comment,
-        &settings.app,
-    ];
-    if conn.session(SESSION).await? {
-        let call = conn
-            .prepared("SELECT pg_temp.keyturn_task_issue($1, $2, $3, $4, $5, $6, $7, $8)")
-            .await?;
-        return client.execute(&call, &params).await.map(drop);
-    }
-    let set = conn
-        .prepared(
-            "SELECT set_config('keyturn.role', $1, true), \
-                    set_config('keyturn.create', $2, true), \
-                    set_config('keyturn.verifier', $3, true), \
-                    set_config('keyturn.until', $4, true), \
-                    set_config('keyturn.limit', $5, true), \
-                    set_config('keyturn.roles', $6, true), \
-                    set_config('keyturn.comment', $7, true), \
-                    set_config('keyturn.app', $8, true)",
-        )
-        .await?;
-    let (begin, set, run, commit) = tokio::join!(
-        client.batch_execute("BEGIN"),
-        client.execute(&set, &params),
-        client.batch_execute(ISSUE_DO),
-        client.batch_execute("COMMIT"),
-    );
-    begin?;
-    set?;
-    run?;
-    commit
 }
 
 /// What one issuance sets, besides the role's name.
@@ -1135,8 +592,8 @@ impl TaskIssuer for PgIssuer {
         ))
     }
 
-    /// The grant's roles pass [`grant_checks`] at the server, as at every
-    /// issuance: they exist and reach no role too strong for a task.
+    /// The grant's roles pass `grant_checks` (`sql.rs`) at the server, as
+    /// at every issuance: they exist and reach no role too strong for a task.
     async fn check_grant(
         &self,
         grant: &Grant,
@@ -1157,26 +614,6 @@ impl TaskIssuer for PgIssuer {
             }
         }
     }
-}
-
-/// [`GRANT_CHECK_DO`] for `roles` (a JSON array) in a transaction rolled
-/// back, pipelined like [`run_issue`].
-async fn check_grant_on(conn: &AdminConn, roles: &str) -> Result<(), tokio_postgres::Error> {
-    let client = &conn.client;
-    let set = conn
-        .prepared("SELECT set_config('keyturn.roles', $1, true)")
-        .await?;
-    let params: [&(dyn ToSql + Sync); 1] = [&roles];
-    let (begin, set, run, rollback) = tokio::join!(
-        client.batch_execute("BEGIN"),
-        client.execute(&set, &params),
-        client.batch_execute(GRANT_CHECK_DO),
-        client.batch_execute("ROLLBACK"),
-    );
-    begin?;
-    set?;
-    run?;
-    rollback
 }
 
 #[cfg(test)]
