@@ -196,8 +196,8 @@ fn credential(
     revoked: bool,
     now: DateTime<Utc>,
 ) -> SurfaceCredential {
-    let grace = chrono::Duration::from_std(entry.cfg.grace).unwrap_or_default();
-    let follow = entry.cfg.follow.is_some();
+    let grace = chrono::Duration::from_std(entry.policy.grace).unwrap_or_default();
+    let follow = entry.policy.follow.is_some();
     let lifetime = match (f.last_rotated, f.next_due) {
         (Some(l), Some(n)) if !follow => Some(secs(n - l + grace)),
         _ => None,
@@ -205,7 +205,7 @@ fn credential(
     let (live, outstanding) = if revoked {
         (0, 0)
     } else {
-        f.live(entry.cfg.grace, follow, now)
+        f.live(entry.policy.grace, follow, now)
     };
     let max_age = max_age_of(entry);
     let age = f.last_rotated.map(|l| secs(now - l));
@@ -231,7 +231,7 @@ fn credential(
 
 /// The credential's `max_age`, where the config has one.
 fn max_age_of(entry: &CredEntry) -> Option<std::time::Duration> {
-    entry.cfg.max_age
+    entry.policy.max_age
 }
 
 /// Builds the surface.

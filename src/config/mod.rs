@@ -284,13 +284,7 @@ pub struct CredentialConfig {
 impl CredentialConfig {
     /// Where in the vault the credential lives.
     pub fn vault_path(&self) -> std::borrow::Cow<'_, str> {
-        match &self.path {
-            Some(p) => std::borrow::Cow::Borrowed(p),
-            None => std::borrow::Cow::Owned(format!(
-                "agents/{}/{}",
-                self.key.agent, self.key.credential
-            )),
-        }
+        vault_path(&self.key, self.path.as_deref())
     }
 
     /// The vault names for status and messages: `bao` or `bao+aws`.
@@ -348,6 +342,15 @@ impl CharClasses {
 pub enum ByteEncoding {
     Hex,
     Base64Url,
+}
+
+/// Where in the vault credential `key` lives: `path` as written, or the
+/// default `agents/AGENT/CREDENTIAL`.
+pub fn vault_path<'a>(key: &CredentialKey, path: Option<&'a str>) -> std::borrow::Cow<'a, str> {
+    match path {
+        Some(p) => std::borrow::Cow::Borrowed(p),
+        None => std::borrow::Cow::Owned(format!("agents/{}/{}", key.agent, key.credential)),
+    }
 }
 
 /// The longest time between two rotations on `schedule`: an interval (its

@@ -279,8 +279,12 @@ impl ControlHandler for Handler {
                 keys[0].agent
             )));
         }
-        let followed =
-            |k: &CredentialKey| catalog.creds.get(k).is_some_and(|e| e.cfg.follow.is_some());
+        let followed = |k: &CredentialKey| {
+            catalog
+                .creds
+                .get(k)
+                .is_some_and(|e| e.policy.follow.is_some())
+        };
         if let [only] = keys.as_slice()
             && followed(only)
         {

@@ -322,7 +322,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                     max_age_seconds: catalog
                         .creds
                         .get(&key)
-                        .and_then(|c| c.cfg.max_age)
+                        .and_then(|c| c.policy.max_age)
                         .map(|d| d.as_secs_f64()),
                     agent: key.agent.to_string(),
                     credential: key.credential.to_string(),

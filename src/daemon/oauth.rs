@@ -177,7 +177,7 @@ impl crate::oauth::service::Backend for OauthBackend {
                 signing
             ));
         };
-        let path = entry.cfg.vault_path();
+        let path = entry.vault_path();
         let vault = &entry.vaults[0];
         let item = VaultItem {
             key: signing,

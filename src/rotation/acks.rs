@@ -332,7 +332,7 @@ impl Inner {
         }
         let names: Vec<String> = consumers.iter().map(|c| c.name.clone()).collect();
         let had_rows = self.register_awaited(key, notice.version, consumers);
-        let deadline = self.now() + chrono_dur(entry.cfg.grace);
+        let deadline = self.now() + chrono_dur(entry.policy.grace);
         if let Some(me) = self.me.upgrade() {
             for (name, watch) in watches {
                 me.clone()

@@ -28,12 +28,12 @@ impl Inner {
         let key = entry.key();
         let item = VaultItem {
             key,
-            path: &entry.cfg.vault_path(),
+            path: &entry.vault_path(),
         };
         match rot.step {
             Step::Create => {
                 let fresh = std::mem::take(&mut run.fresh);
-                let generated = generators::generate(&entry.cfg.generate).map_err(|e| {
+                let generated = generators::generate(&entry.policy.generate).map_err(|e| {
                     StepError::new(
                         "generator",
                         PluginError::new(ErrorKind::Invalid, e.to_string()),
@@ -66,7 +66,7 @@ impl Inner {
                     refs.0.push((v.describe().to_owned(), r));
                 }
                 let public =
-                    generators::public_part(generators::kind_of(&entry.cfg.generate), &stored);
+                    generators::public_part(generators::kind_of(&entry.policy.generate), &stored);
                 let encoded = refs.encode();
                 rot.vault_version = Some(encoded.clone());
                 run.staged = Some(stored);
@@ -316,7 +316,7 @@ impl Inner {
         let Some(earlier) = prev_footprint
             .and_then(|f| Footprint::parse(f).ok())
             .and_then(|f| f.target)
-            .filter(|t| !t.is_none() && *t != entry.cfg.target)
+            .filter(|t| !t.is_none() && *t != entry.policy.target)
         else {
             return Ok(());
         };
@@ -390,7 +390,7 @@ impl Inner {
     /// longer has cannot be reached: it is left out, and said.
     pub(super) fn place_of(&self, entry: &CredEntry, footprint: Option<&str>) -> Place {
         let here = || Place {
-            path: entry.cfg.vault_path().into_owned(),
+            path: entry.vault_path().into_owned(),
             vaults: entry.vaults.iter().cloned().collect(),
         };
         let Some(footprint) = footprint.and_then(|f| Footprint::parse(f).ok()) else {
@@ -405,7 +405,7 @@ impl Inner {
             .iter()
             .map(|h| h.config.name.as_str())
             .collect();
-        if path == entry.cfg.vault_path() && footprint.vaults == names {
+        if path == entry.vault_path() && footprint.vaults == names {
             return here();
         }
         let catalog = self.catalog();
@@ -432,10 +432,11 @@ impl Inner {
         path: &str,
     ) -> Result<(), StepError> {
         let name = h.config.name.as_str();
-        let taken =
-            self.catalog().creds.values().any(|e| {
-                e.cfg.vault_path() == path && e.vaults.iter().any(|v| v.config.name == name)
-            });
+        let taken = self
+            .catalog()
+            .creds
+            .values()
+            .any(|e| e.vault_path() == path && e.vaults.iter().any(|v| v.config.name == name));
         if taken {
             tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %name, path = %path, "the credential moved from this path, which another credential uses now: its old versions there are left to that credential");
             return Ok(());
@@ -475,7 +476,7 @@ impl Inner {
     ) -> Result<SecretValue, StepError> {
         let item = VaultItem {
             key: entry.key(),
-            path: &entry.cfg.vault_path(),
+            path: &entry.vault_path(),
         };
         let primary = entry.primary();
         let vref = staged_in(entry, rot, primary)?;
@@ -494,7 +495,7 @@ impl Inner {
     ) -> Result<(), StepError> {
         let item = VaultItem {
             key: entry.key(),
-            path: &entry.cfg.vault_path(),
+            path: &entry.vault_path(),
         };
         for h in entry.vaults.iter() {
             let vref = staged_in(entry, rot, h)?;
@@ -545,7 +546,7 @@ impl Inner {
         };
         let msg = format!(
             "step promote: vault {vault:?}: version {prev_version} ({prev_ref}) of {}, the current version before this rotation, is gone: {now_there} (deleted or overwritten out of band). Promoting version {} makes it current again, but this vault no longer holds the previous value",
-            entry.cfg.vault_path(),
+            entry.vault_path(),
             rot.version,
         );
         tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %vault, version = prev_version, rotation = %rot.id, "{msg}");
@@ -573,7 +574,7 @@ pub(super) fn notice_for(
     rotated_at: chrono::DateTime<chrono::Utc>,
     next_due: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Notice {
-    let kind = generators::kind_of(&entry.cfg.generate);
+    let kind = generators::kind_of(&entry.policy.generate);
     Notice {
         key: entry.key().clone(),
         tenant: entry.agent.tenant.clone(),
@@ -581,7 +582,7 @@ pub(super) fn notice_for(
         version: rot.version,
         rotation: rot.id.clone(),
         rotated_at,
-        expires_hint: next_due.map(|d| d + chrono_dur(entry.cfg.grace)),
+        expires_hint: next_due.map(|d| d + chrono_dur(entry.policy.grace)),
         kind,
         public: generators::public_part(kind, value),
         login: entry.target.as_ref().and_then(|t| t.login_for(rot.version)),
@@ -589,7 +590,7 @@ pub(super) fn notice_for(
         // The latest the previous version works: acks may retire it sooner.
         grace_until: rot
             .previous_version
-            .map(|_| rotated_at + chrono_dur(entry.cfg.grace)),
+            .map(|_| rotated_at + chrono_dur(entry.policy.grace)),
         file: entry
             .sinks
             .iter()
@@ -605,10 +606,11 @@ pub(super) fn delivered_row(entry: &CredEntry, rot: &RotationRow) -> CredentialR
         key: entry.key().clone(),
         current_version: Some(rot.version),
         last_rotated_at: Some(at),
-        next_due: entry
-            .cfg
-            .schedule
-            .next_due(at, entry.offset, rot.previous_version.is_none()),
+        next_due: entry.policy.schedule.next_due(
+            at,
+            entry.offset(),
+            rot.previous_version.is_none(),
+        ),
         consecutive_failures: 0,
         failing_since: None,
         last_error: None,

@@ -27,21 +27,85 @@ pub struct VaultHandle {
 }
 
 /// One credential, ready to rotate.
+///
+/// Kept small: there may be 100k. What it shares with others (the agent,
+/// its [`CredPolicy`], vaults, sinks' roots) is behind an `Arc`; its vault
+/// names are the handles' names, its sink configs were moved into `sinks`.
 pub struct CredEntry {
     /// The agent it belongs to (its `credentials` map is empty: they live
     /// in the catalog's entries). Shared by all of the agent's entries.
     pub agent: Arc<AgentConfig>,
-    /// Its `deliver` list and `vaults` names are empty: the sink configs were
-    /// moved into `sinks`, and `vaults` (the handles) name the vaults.
-    pub cfg: CredentialConfig,
-    /// In the order of `cfg.vaults`: the first is the primary.
+    pub key: CredentialKey,
+    /// Where in the vault, as written; `None` for the default (see
+    /// [`CredEntry::vault_path`]).
+    pub path: Option<Box<str>>,
+    /// How it is generated, applied and scheduled: one `Arc` for every
+    /// entry of a catalog whose settings are equal.
+    pub policy: Arc<CredPolicy>,
+    /// In the order of the config's `vaults`: the first is the primary.
     pub vaults: OneOrMore<Arc<VaultHandle>>,
     /// `None` for a pure shared secret (`target = { type = "none" }`, the
     /// default): nothing to apply, so `set` and `test` are skipped.
     pub target: Option<Arc<dyn Target>>,
     pub sinks: OneOrMore<Arc<dyn Sink>>,
-    /// Deterministic jitter offset.
-    pub offset: Duration,
+}
+
+/// The settings of a credential that are not about which one it is: most
+/// credentials share them with many others (one per tier or template), so
+/// the catalog keeps each distinct one once ([`Policies`]). A copy per
+/// credential cost 128 bytes each, 13 MB at 100k credentials.
+#[derive(Debug, PartialEq)]
+pub struct CredPolicy {
+    pub generate: GeneratorConfig,
+    pub target: TargetConfig,
+    pub schedule: ScheduleSpec,
+    pub jitter: Duration,
+    /// How long the previous version stays valid after delivery.
+    pub grace: Duration,
+    /// `mode = "follow"`: the poll interval (see [`CredentialConfig::follow`]).
+    pub follow: Option<Duration>,
+    /// The oldest the current version may be before it counts as expired.
+    pub max_age: Option<Duration>,
+}
+
+impl CredPolicy {
+    /// See [`CredentialConfig::rotation_period`].
+    pub fn rotation_period(&self) -> Option<Duration> {
+        if self.follow.is_some() {
+            return None;
+        }
+        crate::config::rotation_period(&self.schedule, self.jitter)
+    }
+}
+
+/// Hands out one `Arc` per distinct [`CredPolicy`] while a catalog is
+/// built. Policies are bucketed by their scalar settings and compared in
+/// full within a bucket; a bucket holds at most [`Policies::BUCKET`]
+/// policies, so credentials that differ only in their target (a PostgreSQL
+/// role each) cost a bounded comparison and simply keep their own.
+/// A policy's scalar settings: `jitter`, `grace`, `follow`, `max_age`.
+type PolicyBucket = (Duration, Duration, Option<Duration>, Option<Duration>);
+
+#[derive(Default)]
+struct Policies(HashMap<PolicyBucket, Vec<Arc<CredPolicy>>>);
+
+impl Policies {
+    const BUCKET: usize = 8;
+
+    fn intern(&mut self, policy: CredPolicy) -> Arc<CredPolicy> {
+        let bucket = self
+            .0
+            .entry((policy.jitter, policy.grace, policy.follow, policy.max_age))
+            .or_default();
+        if let Some(same) = bucket.iter().find(|p| ***p == policy) {
+            return same.clone();
+        }
+        let policy = Arc::new(policy);
+        if bucket.len() < Self::BUCKET {
+            bucket.push(policy.clone());
+        }
+        policy
+    }
 }
 
 pub struct Catalog {
@@ -54,9 +118,20 @@ pub struct Catalog {
 }
 
 impl CredEntry {
-    /// `agent/credential` (kept once, in the config).
+    /// `agent/credential`.
     pub fn key(&self) -> &CredentialKey {
-        &self.cfg.key
+        &self.key
+    }
+
+    /// Where in the vault the credential lives.
+    pub fn vault_path(&self) -> std::borrow::Cow<'_, str> {
+        crate::config::vault_path(&self.key, self.path.as_deref())
+    }
+
+    /// Its deterministic jitter offset (computed when scheduled: a stored
+    /// copy is 16 bytes per credential).
+    pub fn offset(&self) -> Duration {
+        jitter_offset(&self.key, self.policy.jitter)
     }
 
     /// The vault names for status and messages: `bao` or `bao+aws`.
@@ -114,24 +189,21 @@ impl CredEntry {
                 credentials: Default::default(),
                 auth_key: None,
             }),
-            cfg: CredentialConfig {
-                key: key.clone(),
-                vaults: Box::default(),
-                path: fp.path.as_deref().map(Box::from),
+            key: key.clone(),
+            path: fp.path.as_deref().map(Box::from),
+            policy: Arc::new(CredPolicy {
                 // Never used: a departed entry is never rotated.
                 generate: GeneratorConfig::Ed25519,
                 target: target_cfg,
                 schedule: ScheduleSpec::Every(Duration::MAX),
                 jitter: Duration::ZERO,
                 grace: Duration::ZERO,
-                deliver: Vec::new(),
                 follow: None,
                 max_age: None,
-            },
+            }),
             vaults: vaults.into(),
             target,
             sinks: Vec::new().into(),
-            offset: Duration::ZERO,
         })
     }
 }
@@ -281,7 +353,7 @@ impl Catalog {
     pub fn target_used_by_other(&self, key: &CredentialKey, target: &TargetConfig) -> bool {
         self.creds
             .values()
-            .any(|e| e.key() != key && e.cfg.target == *target)
+            .any(|e| e.key() != key && e.policy.target == *target)
     }
 
     /// Builds plug-ins for `config`. Vaults whose config did not change are
@@ -305,10 +377,11 @@ impl Catalog {
         let roots = config.daemon.delivery_roots.clone();
         let readers = current_value_readers(&config, &vaults, previous);
         let mut creds = Vec::with_capacity(config.credential_count());
+        let mut policies = Policies::default();
         for agent in config.agents.values_mut() {
             let credentials = std::mem::take(&mut agent.credentials);
             let agent = Arc::new(agent.clone());
-            for mut cred in credentials.into_values() {
+            for cred in credentials.into_values() {
                 let cred_vaults: OneOrMore<Arc<VaultHandle>> = cred
                     .vaults
                     .iter()
@@ -319,12 +392,21 @@ impl Catalog {
                             .clone()
                     })
                     .collect();
-                // The handles name the vaults (see `CredEntry::vault_label`);
-                // the names' boxed slice is one more heap chunk per credential.
-                cred.vaults = Box::default();
-                // Moved into the sinks, not copied: `cfg.deliver` of an
-                // entry is empty (one path per sink, 100k sinks).
-                let deliver = std::mem::take(&mut cred.deliver);
+                // The handles name the vaults (see `CredEntry::vault_label`),
+                // and the sink configs are moved into the sinks, not copied.
+                let CredentialConfig {
+                    key,
+                    vaults: _,
+                    path,
+                    generate,
+                    target,
+                    schedule,
+                    jitter,
+                    grace,
+                    deliver,
+                    follow,
+                    max_age,
+                } = cred;
                 let mut sinks = Vec::with_capacity(deliver.len());
                 for (index, s) in deliver.into_iter().enumerate() {
                     let ctx = SinkContext {
@@ -334,7 +416,7 @@ impl Catalog {
                         reader: s.plugin().reads_credential().and_then(|k| readers.get(&k)),
                     };
                     let sink = s.build(&ctx).map_err(|source| BuildError::Sink {
-                        key: cred.key.clone(),
+                        key: key.clone(),
                         index,
                         source,
                     })?;
@@ -343,15 +425,25 @@ impl Catalog {
                 // Sinks run one after another in this order (the deliver
                 // step): the ones that write first, whatever the config's order.
                 sinks.sort_by_key(|s| s.only_notifies());
+                let built = target.build().map_err(|source| BuildError::Target {
+                    key: key.clone(),
+                    source,
+                })?;
                 let entry = CredEntry {
                     agent: agent.clone(),
-                    offset: jitter_offset(&cred.key, cred.jitter),
-                    target: cred.target.build().map_err(|source| BuildError::Target {
-                        key: cred.key.clone(),
-                        source,
-                    })?,
-                    cfg: cred,
+                    key,
+                    path,
+                    policy: policies.intern(CredPolicy {
+                        generate,
+                        target,
+                        schedule,
+                        jitter,
+                        grace,
+                        follow,
+                        max_age,
+                    }),
                     vaults: cred_vaults,
+                    target: built,
                     sinks: sinks.into(),
                 };
                 creds.push(Arc::new(entry));
@@ -445,7 +537,7 @@ fn current_value_readers(
             })
             .or_else(|| {
                 let e = previous?.creds.get(&key)?;
-                Some((e.vaults[0].clone(), e.cfg.vault_path().into_owned()))
+                Some((e.vaults[0].clone(), e.vault_path().into_owned()))
             });
         if let Some((vault, path)) = found {
             let reader = VaultCurrentValue {
@@ -486,7 +578,7 @@ impl Catalog {
         let mut catalog = Catalog::build(config, Some(previous))?;
         // The same place twice: a vault path in one vault, or a delivery.
         let places = |e: &CredEntry| -> Vec<String> {
-            let path = e.cfg.vault_path();
+            let path = e.vault_path();
             e.vaults
                 .iter()
                 .map(|h| format!("vault {} {path}", h.config.name))
@@ -507,5 +599,95 @@ impl Catalog {
         all.extend(taken);
         catalog.creds = CredMap::new(all);
         Ok(Some(catalog))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` credentials of agent `bot`: `c0..` with equal settings, then one
+    /// each with another grace and another generator, and `hooks`
+    /// credentials that differ only in their target's arguments.
+    fn catalog(dir: &std::path::Path, n: usize, hooks: usize) -> Catalog {
+        let d = dir.display();
+        let mut text = format!(
+            "[daemon]\nstate_dir = \"{d}/state\"\nsocket = \"{d}/control.sock\"\ndelivery_roots = [\"{d}/agents\"]\n[vaults.local]\ntype = \"local\"\n{}",
+            crate::test_support::agent_table("bot")
+        );
+        let password = "generate = { kind = \"password\", length = 20 }\n";
+        let cred = |name: &str, extra: &str| {
+            let generate = if extra.contains("generate") { "" } else { password };
+            format!(
+                "[agents.bot.credentials.{name}]\nvault = \"local\"\nevery = \"1h\"\n{generate}{extra}\ndeliver = [{{ type = \"file\", path = \"{d}/agents/bot/{name}\" }}]\n"
+            )
+        };
+        for i in 0..n {
+            text.push_str(&cred(&format!("c{i}"), "grace = \"5m\""));
+        }
+        text.push_str(&cred("longer", "grace = \"10m\""));
+        text.push_str(&cred(
+            "api",
+            "grace = \"5m\"\ngenerate = { kind = \"api_key\", prefix = \"kt_\" }",
+        ));
+        for i in 0..hooks {
+            text.push_str(&cred(
+                &format!("h{i}"),
+                &format!("grace = \"5m\"\ntarget = {{ type = \"command\", program = \"/bin/true\", args = [\"{i}\"] }}"),
+            ));
+        }
+        let config = crate::config::load_str(&dir.join("k.toml"), &text).expect("valid config");
+        Catalog::build(config, None).expect("catalog")
+    }
+
+    fn policy(c: &Catalog, cred: &str) -> Arc<CredPolicy> {
+        let key = crate::test_support::key("bot", cred);
+        c.creds.get(&key).expect("built").policy.clone()
+    }
+
+    #[test]
+    fn credentials_with_equal_settings_share_one_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = catalog(dir.path(), 50, 0);
+        let first = policy(&c, "c0");
+        for i in 1..50 {
+            assert!(Arc::ptr_eq(&first, &policy(&c, &format!("c{i}"))), "c{i}");
+        }
+        assert_eq!(first.grace, Duration::from_secs(300));
+        // Anything that differs is not shared, and keeps its own value.
+        let longer = policy(&c, "longer");
+        assert!(!Arc::ptr_eq(&first, &longer));
+        assert_eq!(longer.grace, Duration::from_secs(600));
+        let api = policy(&c, "api");
+        assert!(!Arc::ptr_eq(&first, &api));
+        assert!(matches!(api.generate, GeneratorConfig::ApiKey { .. }));
+        // The identity of each credential stays its own.
+        let e = c.creds.get(&crate::test_support::key("bot", "c7")).unwrap();
+        assert_eq!(e.vault_path(), "agents/bot/c7");
+        assert_eq!(e.offset(), jitter_offset(e.key(), e.policy.jitter));
+    }
+
+    #[test]
+    fn credentials_that_differ_only_in_their_target_keep_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let hooks = 3 * Policies::BUCKET;
+        let c = catalog(dir.path(), 2, hooks);
+        // A full bucket stops interning: each hook keeps its own target,
+        // and the credentials interned before still share theirs.
+        for i in 0..hooks {
+            let p = policy(&c, &format!("h{i}"));
+            let TargetConfig::Command(cmd) = &p.target else {
+                panic!("h{i}: {:?}", p.target);
+            };
+            assert_eq!(cmd.args, [i.to_string()], "h{i}");
+            assert!(
+                c.creds
+                    .get(&crate::test_support::key("bot", &format!("h{i}")))
+                    .unwrap()
+                    .target
+                    .is_some()
+            );
+        }
+        assert!(Arc::ptr_eq(&policy(&c, "c0"), &policy(&c, "c1")));
     }
 }

@@ -325,7 +325,7 @@ impl Engine {
                 let rotated_here = catalog
                     .creds
                     .get(&key)
-                    .is_some_and(|e| e.cfg.follow.is_none());
+                    .is_some_and(|e| e.policy.follow.is_none());
                 if rotated_here && !unfinished.contains(&key) {
                     live.entry(&key).next_trigger = Some(Trigger::Schedule);
                     resume.insert(key);
@@ -352,7 +352,7 @@ impl Engine {
                 let rotated_here = catalog
                     .creds
                     .get(&req.key)
-                    .is_some_and(|e| e.cfg.follow.is_none());
+                    .is_some_and(|e| e.policy.follow.is_none());
                 let Some(l) = live.get_mut(&req.key).filter(|_| rotated_here) else {
                     tracing::info!(agent = %req.key.agent, credential = %req.key.credential, requested_at = %req.requested_at, "forgetting the rotation asked for before the restart: the credential is not rotated here any more");
                     forgotten.push(Write::RotationRequestDone(req.key));
@@ -468,11 +468,11 @@ impl Engine {
                 .creds
                 .values()
                 .filter(|e| {
-                    e.cfg.follow.is_none()
+                    e.policy.follow.is_none()
                         && old
                             .creds
                             .get(e.key())
-                            .is_some_and(|o| o.cfg.follow.is_some())
+                            .is_some_and(|o| o.policy.follow.is_some())
                 })
                 .map(|e| e.key().clone()),
         );
@@ -592,7 +592,7 @@ fn shown_state(entry: &CredEntry, l: Option<&CredLive>) -> CredentialState {
     let failing = l
         .and_then(|l| l.row.as_ref())
         .is_some_and(|r| r.consecutive_failures > 0);
-    if state == CredentialState::Idle && failing && entry.cfg.follow.is_some() {
+    if state == CredentialState::Idle && failing && entry.policy.follow.is_some() {
         CredentialState::Failed
     } else {
         state
@@ -670,7 +670,7 @@ impl Inner {
                     .or_else(|| row.and_then(|r| r.current_version));
                 // A followed credential has no due time: it moves when its
                 // rotator rotates it.
-                let follow = entry.cfg.follow.is_some();
+                let follow = entry.policy.follow.is_some();
                 // Its rotator destroyed it (see `follow.rs`).
                 let revoked = follow && l.is_some_and(|l| l.follow_revoked);
                 let retired = self.retired_label(&key.agent);

@@ -264,7 +264,7 @@ impl Inner {
             .catalog()
             .creds
             .get(key)
-            .filter(|e| e.cfg.follow.is_some() && !self.is_retired(&key.agent))
+            .filter(|e| e.policy.follow.is_some() && !self.is_retired(&key.agent))
             .cloned();
         let Some(entry) = entry else {
             self.follow.early.notify_waiters();
@@ -313,7 +313,7 @@ impl Inner {
             let catalog = self.catalog();
             let mut groups: BTreeMap<(String, Duration), Group> = BTreeMap::new();
             for e in catalog.creds.values() {
-                if let Some(poll) = e.cfg.follow
+                if let Some(poll) = e.policy.follow
                     && !self.is_retired(&e.key().agent)
                 {
                     let h = e.vaults[0].clone();

@@ -75,8 +75,8 @@ impl Footprint {
     pub fn of(entry: &CredEntry) -> Footprint {
         Footprint {
             vaults: entry.vaults.iter().map(|h| h.config.name.clone()).collect(),
-            path: entry.cfg.path.as_deref().map(str::to_owned),
-            target: (!entry.cfg.target.is_none()).then(|| entry.cfg.target.clone()),
+            path: entry.path.as_deref().map(str::to_owned),
+            target: (!entry.policy.target.is_none()).then(|| entry.policy.target.clone()),
             owner: entry.agent.owner.clone(),
             tenant: entry.agent.tenant.clone(),
             files: Vec::new(),
@@ -99,7 +99,7 @@ impl Footprint {
                 .filter_map(|s| s.delivered_path())
                 .map(Into::into)
                 .collect(),
-            follow: entry.cfg.follow.is_some(),
+            follow: entry.policy.follow.is_some(),
             tier: entry.agent.tier.clone(),
             ..Footprint::of(entry)
         }

@@ -121,7 +121,7 @@ impl Inner {
             if self.is_retired(&entry.key().agent) {
                 continue;
             }
-            let cfg = &entry.cfg;
+            let cfg = &entry.policy;
             let Some(l) = live.get(entry.key()) else {
                 continue;
             };
@@ -162,12 +162,12 @@ impl Inner {
                 else {
                     continue;
                 };
-                if entry.cfg.follow.is_some() {
+                if entry.policy.follow.is_some() {
                     continue;
                 }
                 let names: Vec<String> = outstanding.map(|c| c.label()).collect();
                 let since = delivered
-                    .checked_add_signed(chrono_dur(entry.cfg.grace))
+                    .checked_add_signed(chrono_dur(entry.policy.grace))
                     .unwrap_or(delivered);
                 out.firing.push(alert(
                     entry,
@@ -204,7 +204,7 @@ fn failing(entry: &CredEntry, row: &LiveRow, rules: &AlertRules, now: DateTime<U
     let since = row.failing_since.or(row.last_rotated_at).unwrap_or(now);
     let last_error = row.last_error.as_deref().unwrap_or("(not recorded)");
     let key = entry.key();
-    let (summary, description) = if entry.cfg.follow.is_some() {
+    let (summary, description) = if entry.policy.follow.is_some() {
         (
             format!("{key}: following is failing, {n} checks in a row failed"),
             format!(
@@ -249,7 +249,7 @@ fn age_conditions(
         |v| format!("version {v}"),
     );
     let max_age_text = humantime::format_duration(max_age);
-    let follow_note = if entry.cfg.follow.is_some() {
+    let follow_note = if entry.policy.follow.is_some() {
         " This credential is followed: another keyturn rotates it, and this host has not seen a newer version."
     } else {
         ""
@@ -270,7 +270,7 @@ fn age_conditions(
     }
     let lead = rules
         .expiry_critical_before
-        .for_period(entry.cfg.rotation_period());
+        .for_period(entry.policy.rotation_period());
     let expiring_at = lead.map(|l| {
         expires
             .checked_sub_signed(chrono_dur(l))
@@ -321,7 +321,7 @@ fn alert(
         credential: Some(entry.key().credential.to_string()),
         tenant: Some(entry.agent.tenant.clone()),
         tier: Some(entry.agent.tier.clone()),
-        mode: entry.cfg.follow.is_some().then(|| "follow".to_owned()),
+        mode: entry.policy.follow.is_some().then(|| "follow".to_owned()),
         summary,
         description,
         since,

@@ -25,7 +25,7 @@ impl Inner {
         key: &CredentialKey,
     ) -> Option<oneshot::Receiver<RotateFinished>> {
         let catalog = self.catalog();
-        if catalog.creds.get(key)?.cfg.follow.is_some() || self.is_retired(&key.agent) {
+        if catalog.creds.get(key)?.policy.follow.is_some() || self.is_retired(&key.agent) {
             // Rotated by another keyturn; the control API says so first.
             return None;
         }

@@ -174,7 +174,7 @@ impl Inner {
     /// file sink whose file is gone, then what was asked for meanwhile.
     pub(super) async fn run_restore(self: Arc<Self>, entry: Arc<CredEntry>) {
         let key = entry.key().clone();
-        let follow_lock = match entry.cfg.follow {
+        let follow_lock = match entry.policy.follow {
             Some(_) => Some(self.follow_lock(&key).lock_owned().await),
             None => None,
         };
@@ -258,7 +258,7 @@ impl Inner {
     ) -> Result<(usize, Option<crate::state::AuditHead>), PluginError> {
         // A follower restores only the version it delivered; what else
         // its vault holds is decided in `follow.rs`.
-        let (rot, stored) = if entry.cfg.follow.is_some() {
+        let (rot, stored) = if entry.policy.follow.is_some() {
             match self.follow_restore(entry, version).await? {
                 FollowRestore::Same(stored) => (None, stored),
                 FollowRestore::Handled(n) => return Ok((n, None)),
@@ -311,7 +311,7 @@ impl Inner {
         let notice = match &rot {
             Some(rot) => notice_for(entry, rot, &stored.value, rotated_at, next_due),
             None => {
-                let kind = generators::kind_of(&entry.cfg.generate);
+                let kind = generators::kind_of(&entry.policy.generate);
                 Notice {
                     key: entry.key().clone(),
                     tenant: entry.agent.tenant.clone(),

@@ -331,7 +331,8 @@ impl Engine {
             if self.inner.retired_label(&e.key().agent) == Some("decommissioned") {
                 continue;
             }
-            let (v, o) = facts_of(e, &live, now).live(e.cfg.grace, e.cfg.follow.is_some(), now);
+            let (v, o) =
+                facts_of(e, &live, now).live(e.policy.grace, e.policy.follow.is_some(), now);
             versions += v as u64;
             outstanding += o;
         }
@@ -450,7 +451,7 @@ fn facts_of(
     let row = l.and_then(|l| l.row.as_ref());
     let promoted = l.and_then(super::table::CredLive::promoted);
     let delivered = row.and_then(|r| r.current_version);
-    let grace = chrono::Duration::from_std(e.cfg.grace).unwrap_or_default();
+    let grace = chrono::Duration::from_std(e.policy.grace).unwrap_or_default();
     SurfaceFacts {
         current_version: promoted.or(delivered),
         last_rotated: row.and_then(|r| r.last_rotated_at),

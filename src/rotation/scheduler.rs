@@ -149,7 +149,7 @@ impl Inner {
         // In key order (the catalog's).
         for entry in catalog.creds.values() {
             let key = entry.key();
-            if entry.cfg.follow.is_some() || self.is_retired(&key.agent) {
+            if entry.policy.follow.is_some() || self.is_retired(&key.agent) {
                 // Rotated by another keyturn (see `follow.rs`), or
                 // decommissioned (`retired.rs`): no timers.
                 live.entry(key);
@@ -181,7 +181,7 @@ impl Inner {
                     let last = last.expect("checked above");
                     // The first version is number 1 (`begin`).
                     let first = l.row.as_ref().and_then(|r| r.current_version) == Some(1);
-                    match entry.cfg.schedule.next_due(last, entry.offset, first) {
+                    match entry.policy.schedule.next_due(last, entry.offset(), first) {
                         Some(due) if due <= now && at_start => {
                             overdue.push((due, key.clone()));
                             None

@@ -395,7 +395,7 @@ impl Inner {
                     next.last_error = None;
                     next.updated_at = self.now();
                     if step == Step::Deliver {
-                        next.retire_at = Some(next.updated_at + chrono_dur(entry.cfg.grace));
+                        next.retire_at = Some(next.updated_at + chrono_dur(entry.policy.grace));
                     }
                     let persisted = async {
                         let ev = self.audit_event(

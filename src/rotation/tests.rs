@@ -394,11 +394,12 @@ fn catalog_with(
         sinks.extend(extra.iter().cloned());
         catalog.creds.insert(Arc::new(CredEntry {
             agent: old.agent.clone(),
-            cfg: old.cfg.clone(),
+            key: old.key.clone(),
+            path: old.path.clone(),
+            policy: old.policy.clone(),
             vaults: vec![handle.clone()].into(),
             target: old.target.clone(),
             sinks: sinks.into(),
-            offset: old.offset,
         }));
     }
     catalog
@@ -1513,11 +1514,12 @@ impl Rig {
         for old in entries {
             catalog.creds.insert(Arc::new(CredEntry {
                 agent: old.agent.clone(),
-                cfg: old.cfg.clone(),
+                key: old.key.clone(),
+                path: old.path.clone(),
+                policy: old.policy.clone(),
                 vaults: vec![handle.clone()].into(),
                 target: old.target.clone(),
                 sinks: old.sinks.clone(),
-                offset: old.offset,
             }));
         }
         Self::assemble(dir, catalog, store, vault, sink)

@@ -35,7 +35,7 @@ impl Inner {
             tracing::info!(agent = %key.agent, credential = %key.credential, version, "a delivered file is missing; not restored: its version was revoked (its rotator destroyed the credential)");
             return Ok(FollowRestore::Handled(0));
         }
-        let path = entry.cfg.vault_path();
+        let path = entry.vault_path();
         let item = VaultItem { key, path: &path };
         let current = entry
             .primary()
@@ -81,7 +81,7 @@ impl Inner {
         let version = before.current_version.unwrap_or(0) + 1;
         let revoked = lock(memory).get(key).is_some_and(|s| s.revoked);
         let rotation = stored.rotation.clone().unwrap_or_else(RotationId::generate);
-        let kind = generators::kind_of(&entry.cfg.generate);
+        let kind = generators::kind_of(&entry.policy.generate);
         let value = stored.value;
         let now = self.now();
         let notice = Notice {
@@ -100,7 +100,7 @@ impl Inner {
             grace_until: before
                 .current_version
                 .filter(|_| !revoked)
-                .map(|_| now + chrono::Duration::from_std(entry.cfg.grace).unwrap_or_default()),
+                .map(|_| now + chrono::Duration::from_std(entry.policy.grace).unwrap_or_default()),
             file: entry
                 .sinks
                 .iter()

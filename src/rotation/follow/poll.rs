@@ -37,9 +37,7 @@ impl Inner {
                 let sweep = sweep_pick(polls, p.entries.len());
                 let mut seen = lock(memory);
                 for (i, e) in p.entries.iter().enumerate() {
-                    let listed = changed
-                        .as_ref()
-                        .map(|m| m.get(&*e.cfg.vault_path()).cloned());
+                    let listed = changed.as_ref().map(|m| m.get(&*e.vault_path()).cloned());
                     let s = seen.entry(e.key().clone()).or_default();
                     let due = match listed {
                         // (After a revocation a vault may hand out the
@@ -72,7 +70,7 @@ impl Inner {
             let e = &p.entries[i];
             let item = VaultItem {
                 key: e.key(),
-                path: &e.cfg.vault_path(),
+                path: &e.vault_path(),
             };
             let marked = vault.current_mark(item).await;
             self.note_own_read(e, marked.as_ref().err(), memory).await;
@@ -105,7 +103,7 @@ impl Inner {
                 None => {
                     let item = VaultItem {
                         key: entry.key(),
-                        path: &entry.cfg.vault_path(),
+                        path: &entry.vault_path(),
                     };
                     let marked = vault.current_mark(item).await;
                     self.note_own_read(&entry, marked.as_ref().err(), memory)
@@ -192,7 +190,7 @@ impl Inner {
                     (
                         e.key().clone(),
                         e.primary().config.name.clone(),
-                        e.cfg.grace,
+                        e.policy.grace,
                     )
                 })
                 .collect()
@@ -266,7 +264,7 @@ impl Inner {
     ) -> Result<(), PluginError> {
         let _checking = self.follow_lock(entry.key()).lock_owned().await;
         let vault = &entry.primary().vault;
-        let path = entry.cfg.vault_path();
+        let path = entry.vault_path();
         let item = VaultItem {
             key: entry.key(),
             path: &path,

@@ -17,7 +17,7 @@ impl Inner {
         delivered: &VersionRef,
         memory: &Memory,
     ) -> Result<(), PluginError> {
-        let path = entry.cfg.vault_path();
+        let path = entry.vault_path();
         let item = VaultItem {
             key: entry.key(),
             path: &path,
@@ -53,7 +53,7 @@ impl Inner {
     async fn follow_revoke(&self, entry: &CredEntry, memory: &Memory) -> Result<(), PluginError> {
         let key = entry.key();
         let name = &entry.primary().config.name;
-        let path = entry.cfg.vault_path();
+        let path = entry.vault_path();
         let mut removed = Vec::new();
         let mut failed = None;
         for sink in entry.sinks.iter().filter(|s| s.delivered_path().is_some()) {

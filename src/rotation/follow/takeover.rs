@@ -16,7 +16,7 @@ impl Inner {
             let rotated_here = catalog
                 .creds
                 .get(&key)
-                .is_some_and(|e| e.cfg.follow.is_none());
+                .is_some_and(|e| e.policy.follow.is_none());
             if !rotated_here || self.is_retired(&key.agent) {
                 continue;
             }
@@ -47,7 +47,7 @@ impl Inner {
         latest: Option<&RotationRow>,
     ) -> Result<Option<RotationRow>, PluginError> {
         let key = entry.key();
-        if entry.cfg.follow.is_some() {
+        if entry.policy.follow.is_some() {
             return Ok(None);
         }
         let row = self.cred_row(key);
@@ -72,7 +72,7 @@ impl Inner {
         let Some(cur_ref) = ref_of(cur) else {
             return Ok(None);
         };
-        let path = entry.cfg.vault_path();
+        let path = entry.vault_path();
         let item = VaultItem { key, path: &path };
         let Some(prev) = primary
             .vault
@@ -88,7 +88,8 @@ impl Inner {
             .map(|v| v.version);
         let now = self.now();
         let delivered = row.last_rotated_at.unwrap_or(now);
-        let retire_at = delivered + chrono::Duration::from_std(entry.cfg.grace).unwrap_or_default();
+        let retire_at =
+            delivered + chrono::Duration::from_std(entry.policy.grace).unwrap_or_default();
         let rot = RotationRow {
             id: cur.rotation.clone(),
             key: key.clone(),
