@@ -1,16 +1,14 @@
 //! Giving freed heap back to the operating system, decided in one place.
 //!
-//! The daemon allocates with jemalloc (`src/main.rs`); C code (SQLite)
-//! keeps glibc's malloc. Both keep freed memory for reuse: jemalloc returns
-//! dirty pages by decay, but only while it is allocating, so an idle daemon
-//! would keep what its last burst of work freed; glibc returns memory only
-//! from the top of each arena. After work that allocated and freed a lot,
-//! those pages stay resident although nothing uses them: a config load
-//! (the parse structures of 100k credentials are hundreds of MB), a burst
-//! of rotations, or a big control response (the status of 100k credentials
-//! is ~70 MB of rows and JSON while it is built and written). A purge of
-//! every jemalloc arena and `malloc_trim` release every whole free page;
-//! they take milliseconds, so they run after such work, never on a timer:
+//! glibc keeps freed memory for reuse and returns it only from the top of
+//! each arena. After work that allocated and freed a lot, the pages in
+//! between stay resident although nothing uses them: a config load (the
+//! parse structures of 100k credentials are hundreds of MB, on the parsing
+//! threads' arenas), a burst of rotations, or a big control response (the
+//! status of 100k credentials is ~70 MB of rows and JSON while it is built
+//! and written). `malloc_trim` releases every whole free page in every
+//! arena; it takes milliseconds, so it runs after such work, never on a
+//! timer:
 //! - at once after a config load (start-up, reload);
 //! - one quiet second (no other report) after a burst of at least
 //!   [`TRIM_AFTER_JOBS`] jobs or control responses of at least
@@ -22,15 +20,19 @@
 //! overlapping work: a trim while a big response is still being built would
 //! leave that response's pages resident once it is freed.
 //!
-//! Why jemalloc: under glibc's malloc the 100k-credential daemon kept ~26
-//! MB of free heap resident that no trim could return (free chunks smaller
-//! than a page between long-lived objects: what start-up and rotation
-//! bursts freed around them). jemalloc keeps objects of one size class
-//! together in slabs, and its idle RSS there is ~13 MB lower.
-//!
-//! glibc's thresholds are still fixed for the C side ([`configure`]): by
-//! default it raises its mmap threshold to the largest block freed (up to
-//! 32 MiB) and its trim threshold to twice that.
+//! Two limits of glibc shape the rest ([`configure`], and where big
+//! transient work runs):
+//! - `malloc_trim` shrinks the free *top* of the main arena only. A thread
+//!   arena's top (where a thread's freed small chunks end up once the trim
+//!   consolidates them) goes back only from `free` of a large chunk, and
+//!   only above the trim threshold. Big transient work that can run on the
+//!   daemon's main thread (the state snapshot at start-up) runs there.
+//! - By default glibc raises its mmap threshold to the largest block freed
+//!   (up to 32 MiB) and its trim threshold to twice that: after one status
+//!   of 100k credentials, buffers of up to 32 MiB come from an arena and a
+//!   thread arena keeps up to 64 MiB free at its top, out of the trim's
+//!   reach (~20 MB more idle RSS at 100k). [`configure`] fixes both at
+//!   [`MALLOC_THRESHOLD`].
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -142,11 +144,10 @@ pub fn freed(what: Freed) {
     });
 }
 
-/// glibc's mmap and trim thresholds, fixed (C code's allocations, and all
-/// of a library user's that keeps glibc): an arena keeps at most this much
-/// free at its top. The initial 128 KiB maps every block above it on its
-/// own (a 100k-credential config load was ~25 % slower under glibc); 1 MiB
-/// costs nothing measurable and keeps the idle RSS as low.
+/// The mmap and trim thresholds, fixed: a thread arena keeps at most this
+/// much free at its top. glibc's initial 128 KiB made the config load of
+/// 100k credentials ~25 % slower (a mapping for every block above it); 1 MiB
+/// costs nothing measurable there and keeps the idle RSS as low.
 const MALLOC_THRESHOLD: i32 = 1024 * 1024;
 
 /// Fixes glibc's mmap and trim thresholds (see the module's notes): blocks
@@ -163,32 +164,12 @@ pub fn configure() {
     }
 }
 
-/// Releases the free pages of every jemalloc arena (the Rust heap of the
-/// binary; a no-op for a library user that allocates elsewhere) and of
-/// every glibc malloc arena (C code's).
+/// Releases free heap pages of every malloc arena.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // `arena.<MALLCTL_ARENAS_ALL>.purge`: a command, no value in or out.
-        const PURGE_ALL: &[u8] = b"arena.4096.purge\0";
-        // SAFETY: a NUL-terminated name and no buffers: jemalloc only
-        // releases dirty pages of its arenas; no pointer of ours is touched.
-        let err = unsafe {
-            tikv_jemalloc_sys::mallctl(
-                PURGE_ALL.as_ptr().cast(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                0,
-            )
-        };
-        if err != 0 {
-            tracing::debug!(err, "jemalloc purge failed");
-        }
-        // SAFETY: malloc_trim only releases free heap pages; no pointer is touched.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+    // SAFETY: malloc_trim only releases free heap pages; no pointer is touched.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -254,10 +254,9 @@ impl Engine {
     pub async fn start(&self) -> Result<(), EngineError> {
         // Read on the caller (the daemon's main thread, at start-up), not on
         // the state thread: at 100k credentials the snapshot is tens of MB
-        // of small rows, freed below. Under glibc's malloc only the main
-        // arena gave a freed top back to `malloc_trim`, and on the state
-        // thread's arena ~25 MB stayed resident; the binary's jemalloc
-        // purges every arena (see `crate::memory`). Nothing else uses the
+        // of small rows, freed below, and only the main arena gives a freed
+        // top back to `malloc_trim` (see `crate::memory`); on the state
+        // thread's arena ~25 MB stayed resident. Nothing else uses the
         // state yet.
         let mut snapshot = self.inner.state.snapshot()?;
         let catalog = self.catalog();
