@@ -617,7 +617,11 @@ mod tests {
         );
         let password = "generate = { kind = \"password\", length = 20 }\n";
         let cred = |name: &str, extra: &str| {
-            let generate = if extra.contains("generate") { "" } else { password };
+            let generate = if extra.contains("generate") {
+                ""
+            } else {
+                password
+            };
             format!(
                 "[agents.bot.credentials.{name}]\nvault = \"local\"\nevery = \"1h\"\n{generate}{extra}\ndeliver = [{{ type = \"file\", path = \"{d}/agents/bot/{name}\" }}]\n"
             )
