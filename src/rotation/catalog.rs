@@ -78,14 +78,14 @@ impl CredPolicy {
     }
 }
 
+/// A policy's scalar settings: `jitter`, `grace`, `follow`, `max_age`.
+type PolicyBucket = (Duration, Duration, Option<Duration>, Option<Duration>);
+
 /// Hands out one `Arc` per distinct [`CredPolicy`] while a catalog is
 /// built. Policies are bucketed by their scalar settings and compared in
 /// full within a bucket; a bucket holds at most [`Policies::BUCKET`]
 /// policies, so credentials that differ only in their target (a PostgreSQL
 /// role each) cost a bounded comparison and simply keep their own.
-/// A policy's scalar settings: `jitter`, `grace`, `follow`, `max_age`.
-type PolicyBucket = (Duration, Duration, Option<Duration>, Option<Duration>);
-
 #[derive(Default)]
 struct Policies(HashMap<PolicyBucket, Vec<Arc<CredPolicy>>>);
 
