@@ -67,6 +67,10 @@ macro_rules! id_type {
             pub fn as_str(&self) -> &str {
                 &self.0
             }
+            /// A copy in an allocation of its own, not shared with `self`.
+            pub fn unshared(&self) -> Self {
+                Self(std::sync::Arc::from(&*self.0))
+            }
         }
 
         impl fmt::Display for $name {

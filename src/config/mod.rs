@@ -224,6 +224,25 @@ pub struct AgentConfig {
     pub auth_key: Option<CredentialId>,
 }
 
+impl AgentConfig {
+    /// A copy without its credentials, in allocations of its own: its ids
+    /// are not shared with `self` either (see `crate::memory::apart`).
+    pub fn copy_without_credentials(&self) -> AgentConfig {
+        AgentConfig {
+            id: self.id.unshared(),
+            owner: self.owner.clone(),
+            tenant: self.tenant.clone(),
+            tier: self.tier.clone(),
+            uid: self.uid,
+            gid: self.gid,
+            revocation_sla: self.revocation_sla,
+            decommissioned: self.decommissioned.clone(),
+            credentials: BTreeMap::new(),
+            auth_key: self.auth_key.as_ref().map(CredentialId::unshared),
+        }
+    }
+}
+
 /// `decommissioned = { at, reason, by }` on an agent: the decision, as the
 /// config records it. Acted on at start and reload once `at` has come.
 #[derive(Debug, Clone, PartialEq, Eq)]

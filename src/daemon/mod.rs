@@ -89,8 +89,11 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let started = std::time::Instant::now();
     memory::configure();
     let nofile = raise_nofile_limit();
-    let (config, mut config_files) =
-        config::load_tracked(config_path).map_err(DaemonError::Config)?;
+    let (config, config_files) =
+        memory::apart(|| config::load_tracked(config_path)).map_err(DaemonError::Config)?;
+    // A copy on this thread: the one read is freed with the config (see
+    // `memory::apart`).
+    let mut config_files = config_files.clone();
     // The settings `keyturn check` checks on this host too: a config error.
     config::check_host(&config).map_err(DaemonError::Config)?;
     tracing::debug!(elapsed = ?started.elapsed(), "config loaded");
@@ -569,7 +572,8 @@ async fn reload(
             errors.0.first().map(|e| e.to_string()).unwrap_or_default()
         )
     };
-    let rebuilt = match config::reload(config_path, files) {
+    let previous: &config::FileSet = files;
+    let rebuilt = match memory::apart(|| config::reload(config_path, previous)) {
         Err(errors) => Err(located(errors)),
         Ok(config::Reloaded::Partial {
             mut config,
@@ -610,7 +614,9 @@ async fn reload(
     let outcome = match rebuilt {
         Ok((catalog, new_files, restart_only, alert_sinks)) => {
             alerts.set_sinks(alert_sinks);
-            *files = new_files;
+            // A copy on this thread: the one read is freed with the config
+            // (see `memory::apart`).
+            *files = new_files.clone();
             engine.reload(catalog).await;
             memory::freed(memory::Freed::ConfigLoad);
             // As at start-up, checked in the background, not on the reload
@@ -671,7 +677,7 @@ fn full_reload(
     old: &Catalog,
     located: impl Fn(config::ConfigErrors) -> String,
 ) -> Result<(Catalog, config::FileSet, Vec<&'static str>), String> {
-    let (config, files) = config::load_tracked(config_path).map_err(&located)?;
+    let (config, files) = memory::apart(|| config::load_tracked(config_path)).map_err(&located)?;
     build_full(config, files, old, located)
 }
 

@@ -30,7 +30,7 @@ pub struct VaultHandle {
 ///
 /// Kept small: there may be 100k. What it shares with others (the agent,
 /// its [`CredPolicy`], vaults, sinks' roots) is behind an `Arc`; its vault
-/// names are the handles' names, its sink configs were moved into `sinks`.
+/// names are the handles' names, its sink configs were built into `sinks`.
 pub struct CredEntry {
     /// The agent it belongs to (its `credentials` map is empty: they live
     /// in the catalog's entries). Shared by all of the agent's entries.
@@ -109,9 +109,9 @@ impl Policies {
 }
 
 pub struct Catalog {
-    /// The config this catalog was built from. Its credentials were *moved*
-    /// into `creds` (at 100k credentials a second copy costs ~80 MB), so
-    /// `config.agents[..].credentials` is empty: use `creds`.
+    /// The config this catalog was built from, without its credentials
+    /// (they are in `creds`; at 100k credentials a second copy costs
+    /// ~80 MB): `config.agents[..].credentials` is empty.
     pub config: Arc<Config>,
     pub creds: CredMap,
     pub vaults: HashMap<String, Arc<VaultHandle>>,
@@ -378,85 +378,90 @@ impl Catalog {
         let readers = current_value_readers(&config, &vaults, previous);
         let mut creds = Vec::with_capacity(config.credential_count());
         let mut policies = Policies::default();
-        for agent in config.agents.values_mut() {
-            let credentials = std::mem::take(&mut agent.credentials);
-            let agent = Arc::new(agent.clone());
-            for cred in credentials.into_values() {
-                let cred_vaults: OneOrMore<Arc<VaultHandle>> = cred
-                    .vaults
-                    .iter()
-                    .map(|name| {
-                        vaults
-                            .get(&**name)
-                            .expect("validation guarantees every credential's vault exists")
-                            .clone()
-                    })
-                    .collect();
-                // The handles name the vaults (see `CredEntry::vault_label`),
-                // and the sink configs are moved into the sinks, not copied.
-                let CredentialConfig {
-                    key,
-                    vaults: _,
-                    path,
-                    generate,
-                    target,
-                    schedule,
-                    jitter,
-                    grace,
-                    deliver,
-                    follow,
-                    max_age,
-                } = cred;
-                let mut sinks = Vec::with_capacity(deliver.len());
-                for (index, s) in deliver.into_iter().enumerate() {
-                    let ctx = SinkContext {
-                        delivery_roots: &roots,
-                        uid: agent.uid,
-                        gid: agent.gid,
-                        reader: s.plugin().reads_credential().and_then(|k| readers.get(&k)),
-                    };
-                    let sink = s.build(&ctx).map_err(|source| BuildError::Sink {
-                        key: key.clone(),
-                        index,
-                        source,
-                    })?;
-                    sinks.push(sink);
-                }
-                // Sinks run one after another in this order (the deliver
-                // step): the ones that write first, whatever the config's order.
-                sinks.sort_by_key(|s| s.only_notifies());
-                let built = target.build().map_err(|source| BuildError::Target {
-                    key: key.clone(),
-                    source,
-                })?;
-                let entry = CredEntry {
-                    agent: agent.clone(),
-                    key,
-                    path,
-                    policy: policies.intern(CredPolicy {
-                        generate,
-                        target,
-                        schedule,
-                        jitter,
-                        grace,
-                        follow,
-                        max_age,
-                    }),
-                    vaults: cred_vaults,
-                    target: built,
-                    sinks: sinks.into(),
-                };
+        // Everything the catalog keeps is a copy, and the parsed config is
+        // freed whole at the end, not piece by piece while the entries are
+        // made: see `crate::memory::apart`.
+        let parsed = std::mem::take(&mut config.agents);
+        let mut kept = config.clone();
+        for agent in parsed.values() {
+            let copy = agent.copy_without_credentials();
+            let shared = Arc::new(copy.clone());
+            kept.agents.insert(copy.id.clone(), copy);
+            for cred in agent.credentials.values() {
+                let entry = entry(cred, &shared, &vaults, &mut policies, &roots, &readers)?;
                 creds.push(Arc::new(entry));
             }
         }
         let creds = CredMap::new(creds);
-        let config = Arc::new(config);
+        let config = Arc::new(kept);
         Ok(Catalog {
             config,
             creds,
             vaults,
         })
     }
+}
+
+/// The catalog entry of `cred`, of `agent`, made of copies (see
+/// [`Catalog::build`]).
+fn entry(
+    cred: &CredentialConfig,
+    agent: &Arc<AgentConfig>,
+    vaults: &HashMap<String, Arc<VaultHandle>>,
+    policies: &mut Policies,
+    roots: &[std::path::PathBuf],
+    readers: &HashMap<CredentialKey, Arc<dyn CurrentValue>>,
+) -> Result<CredEntry, BuildError> {
+    let key = CredentialKey::new(agent.id.clone(), cred.key.credential.unshared());
+    let mut sinks = Vec::with_capacity(cred.deliver.len());
+    for (index, s) in cred.deliver.iter().enumerate() {
+        let ctx = SinkContext {
+            delivery_roots: roots,
+            uid: agent.uid,
+            gid: agent.gid,
+            reader: s.plugin().reads_credential().and_then(|k| readers.get(&k)),
+        };
+        let sink = s.clone().build(&ctx).map_err(|source| BuildError::Sink {
+            key: key.clone(),
+            index,
+            source,
+        })?;
+        sinks.push(sink);
+    }
+    // Sinks run one after another in this order (the deliver step): the
+    // ones that write first, whatever the config's order.
+    sinks.sort_by_key(|s| s.only_notifies());
+    let target = cred.target.build().map_err(|source| BuildError::Target {
+        key: key.clone(),
+        source,
+    })?;
+    Ok(CredEntry {
+        agent: agent.clone(),
+        key,
+        path: cred.path.clone(),
+        policy: policies.intern(CredPolicy {
+            generate: cred.generate.clone(),
+            target: cred.target.clone(),
+            schedule: cred.schedule.clone(),
+            jitter: cred.jitter,
+            grace: cred.grace,
+            follow: cred.follow,
+            max_age: cred.max_age,
+        }),
+        // The handles name the vaults (see `CredEntry::vault_label`).
+        vaults: cred
+            .vaults
+            .iter()
+            .map(|name| {
+                vaults
+                    .get(&**name)
+                    .expect("validation guarantees every credential's vault exists")
+                    .clone()
+            })
+            .collect(),
+        target,
+        sinks: sinks.into(),
+    })
 }
 
 /// Reads a credential's current value from its primary vault (a webhook
@@ -641,7 +646,23 @@ mod tests {
             ));
         }
         let config = crate::config::load_str(&dir.join("k.toml"), &text).expect("valid config");
-        Catalog::build(config, None).expect("catalog")
+        let catalog = Catalog::build(config.clone(), None).expect("catalog");
+        // The catalog keeps copies, not shares, of the parsed config's ids
+        // (`memory::apart` relies on it: a shared one would pin the parse's
+        // heap). `config.clone()` shares them with `config`.
+        let same = |a: &str, b: &str| std::ptr::eq(a.as_ptr(), b.as_ptr());
+        for (id, agent) in &config.agents {
+            let kept = &catalog.config.agents[id];
+            assert!(!same(kept.id.as_str(), id.as_str()), "agent {id}");
+            for cred in agent.credentials.values() {
+                let e = catalog.creds.get(&cred.key).expect("built");
+                assert!(!same(e.key.agent.as_str(), id.as_str()), "{}", cred.key);
+                assert!(!same(e.agent.id.as_str(), id.as_str()), "{}", cred.key);
+                let credential = cred.key.credential.as_str();
+                assert!(!same(e.key.credential.as_str(), credential), "{}", cred.key);
+            }
+        }
+        catalog
     }
 
     fn policy(c: &Catalog, cred: &str) -> Arc<CredPolicy> {
