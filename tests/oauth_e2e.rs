@@ -946,6 +946,14 @@ generate = {{ kind = "ed25519" }}
     };
     assert_eq!(status(metadata), "404");
     assert_eq!(status("/.well-known/jwks.json"), "404");
+    // Never cached, not even while off: a cached 404 would outlive the
+    // reload below that turns the service on.
+    let no_store = |path: &str| {
+        let r = http_get(port, path).to_ascii_lowercase();
+        assert!(r.contains("cache-control: no-store"), "{path}: {r}");
+    };
+    no_store(metadata);
+    no_store("/.well-known/jwks.json");
 
     let first = format!("http://127.0.0.1:{port}");
     env.write_credentials(&service(&first));
@@ -971,6 +979,7 @@ generate = {{ kind = "ed25519" }}
     env.write_credentials(agents);
     daemon.reload();
     assert_eq!(status(metadata), "404");
+    no_store(metadata);
     let log = daemon.stop();
     assert_eq!(
         log.matches("token service: reloaded").count(),

@@ -279,6 +279,16 @@ fn oauth_response_with(reply: crate::oauth::service::Reply, challenge: HeaderVal
     }
 }
 
+/// 404 on a token-service path while the token service is not configured,
+/// never cached either: a cached 404 would outlive the reload that turns
+/// the service on.
+fn oauth_off() -> Response {
+    let mut r = StatusCode::NOT_FOUND.into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
 /// An `invalid_request` answer with `status`, as the token service words
 /// its own (JSON, `no-store`).
 fn invalid_request(status: u16, description: &str) -> Response {
@@ -321,7 +331,7 @@ async fn oauth_get_only(State(state): State<AppState>) -> Response {
 
 fn method_not_allowed(state: &AppState, allow: &'static str, description: &str) -> Response {
     if state.oauth().is_none() {
-        return StatusCode::NOT_FOUND.into_response();
+        return oauth_off();
     }
     let mut r = invalid_request(405, description);
     r.headers_mut()
@@ -351,7 +361,7 @@ async fn oauth_post(
     body: OauthBody,
 ) -> Response {
     let Some(oauth) = state.oauth() else {
-        return StatusCode::NOT_FOUND.into_response();
+        return oauth_off();
     };
     let name = match which {
         OauthPost::Token => "token",
@@ -397,14 +407,14 @@ async fn oauth_post(
 async fn jwks_handler(State(state): State<AppState>) -> Response {
     match state.oauth() {
         Some(oauth) => oauth_response(oauth.jwks(None).await),
-        None => StatusCode::NOT_FOUND.into_response(),
+        None => oauth_off(),
     }
 }
 
 async fn metadata_handler(State(state): State<AppState>) -> Response {
     match state.oauth() {
         Some(oauth) => oauth_response(oauth.metadata(None)),
-        None => StatusCode::NOT_FOUND.into_response(),
+        None => oauth_off(),
     }
 }
 
@@ -415,7 +425,7 @@ async fn tenant_jwks_handler(
 ) -> Response {
     match state.oauth() {
         Some(oauth) => oauth_response(oauth.jwks(Some(&tenant)).await),
-        None => StatusCode::NOT_FOUND.into_response(),
+        None => oauth_off(),
     }
 }
 
@@ -427,7 +437,7 @@ async fn metadata_at_handler(
 ) -> Response {
     match state.oauth() {
         Some(oauth) => oauth_response(oauth.metadata_at(&path)),
-        None => StatusCode::NOT_FOUND.into_response(),
+        None => oauth_off(),
     }
 }
 

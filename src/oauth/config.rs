@@ -406,6 +406,12 @@ pub(crate) fn check_token_service(
                     ),
                 );
             }
+            if v.issue_count() == issues && u.contains(['?', '#']) {
+                v.err(
+                    top.key("issuer"),
+                    format!("issuer `{u}` has a query or a fragment: an issuer identifier has neither (RFC 8414 section 2); write a URL such as \"https://keyturn.example.com\" or with a path"),
+                );
+            }
             u.clone()
         }
     };

@@ -1306,6 +1306,20 @@ extra = 1
     }
     assert!(errors.iter().all(|e| e.line > 0), "{got:#?}");
 
+    // RFC 8414 2: an issuer identifier has no query and no fragment.
+    for issuer in [
+        "https://keyturn.example.com?tenant=a",
+        "https://keyturn.example.com/#x",
+    ] {
+        let bad = text.replace("http://keyturn.example.com", issuer);
+        let errors = load(&bad).unwrap_err().0;
+        assert!(
+            errors.iter().any(|e| e.toml_path == "token_service.issuer"
+                && e.message.contains("has a query or a fragment")),
+            "{issuer}: {errors:#?}"
+        );
+    }
+
     // Once the typo is fixed, the client's own problems are all reported.
     let errors = load(&text.replace("extra = 1\n", "")).unwrap_err().0;
     let got: Vec<(String, String)> = errors
