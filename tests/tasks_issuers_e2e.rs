@@ -14,8 +14,8 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{
-    Env, audit_records, block_on, end_bot_task, free_port, http_get, need, read_tree, server_test,
-    start_bot_task, status_doc, task_env,
+    Env, audit_records, block_on, bot_task_args, end_bot_task, free_port, http_get, need,
+    read_tree, server_test, start_bot_task, status_doc, task_env,
 };
 use macro_rules_attribute::apply;
 
@@ -360,6 +360,94 @@ timeout = "5s"
     assert!(issued["detail"].as_str().unwrap().contains(&accessor));
     let log = daemon.stop();
     assert_nowhere(&env, &[&live.printed, &after.printed], &log, &[&token]);
+}
+
+/// Defect: a start whose token the server refused (a grant wider than
+/// keyturn's own token) left the task `ending`, its token waited for until
+/// an hour later, overdue from the task's TTL on. The server refusing the
+/// create request means there is no token: the failed start ends at once.
+#[apply(server_test!)]
+fn a_vault_token_start_the_server_refuses_ends_at_once() {
+    let bao = Bao::new();
+    let s = suffix();
+    let create = format!("kt-e2e-create-{s}");
+    let root = bao.client(&bao.root);
+    // keyturn's own token may create tokens with its own policies only.
+    let own = block_on(async {
+        vaultrs::sys::policy::set(
+            &root,
+            &create,
+            r#"path "auth/token/create" { capabilities = ["update"] }"#,
+        )
+        .await
+        .unwrap();
+        vaultrs::token::new(
+            &root,
+            Some(
+                vaultrs::api::token::requests::CreateTokenRequest::builder()
+                    .policies(vec![create.clone(), bao.policy.clone()])
+                    .ttl("10m"),
+            ),
+        )
+        .await
+        .unwrap()
+    });
+    let port = free_port();
+    let env = env(
+        &format!(
+            r#"
+[issuers.bao]
+type = "vault_token"
+address = "{addr}"
+token_file = "{{dir}}/bao-token"
+timeout = "5s"
+"#,
+            addr = bao.addr,
+        ),
+        "5m",
+        &format!(
+            "bao = {{ policies = [\"{}\", \"kt-e2e-not-held-{s}\"] }}",
+            bao.policy
+        ),
+        port,
+    );
+    std::fs::write(env.path().join("bao-token"), &own.client_token).unwrap();
+    let daemon = env.start();
+
+    let out = env.cli(&bot_task_args("low"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the start succeeded");
+    assert!(
+        stderr.contains("issuer `bao`") || stderr.contains("issuer bao"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("400"), "the server's refusal: {stderr}");
+
+    // Ended at once: nothing shown, active or overdue.
+    let after = seen(&env, port);
+    assert!(after.tasks.is_empty(), "{:?}", after.tasks);
+    assert!(after.surface.is_empty(), "{:?}", after.surface);
+    assert!(
+        !after.metrics.contains("keyturn_tasks_active{"),
+        "{}",
+        after.metrics
+    );
+    after.assert_metric("keyturn_task_revocation_overdue 0\n");
+    after.assert_metric("keyturn_task_starts_total{issuer=\"bao\",result=\"failed\"} 1\n");
+    let records = audit_records(&env);
+    let ended = records
+        .iter()
+        .find(|r| r["event"] == "task.ended")
+        .unwrap_or_else(|| panic!("no task.ended record in {records:?}"));
+    assert!(
+        ended["detail"].to_string().contains("start_failed"),
+        "{ended}"
+    );
+    daemon.stop();
+    block_on(async {
+        let _ = vaultrs::token::revoke(&root, &own.client_token).await;
+        let _ = vaultrs::sys::policy::delete(&root, &create).await;
+    });
 }
 
 // ---------------------------------------------------------------------------

@@ -40,7 +40,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::issuers::{IssueRequest, Issued, Revoked, TaskAttribution, TaskIssuer};
+use super::issuers::{IssueError, IssueRequest, Issued, Revoked, TaskAttribution, TaskIssuer};
 use super::policy::{self, Policy, Refusal, TaskAsk};
 use super::store::{ItemRow, ItemState, StoreError, TaskRow, TaskState, TaskStore};
 use crate::audit::{Actor, AuditEvent, Outcome};

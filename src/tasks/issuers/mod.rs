@@ -19,7 +19,13 @@
 //!   dies after the mint and before it recorded [`Issued::handle`], `revoke`
 //!   is called with `handle: None` and must find the credential from the
 //!   task id alone where the system allows (a role named after the task), or
-//!   say in [`Revoked::ExpiresAt`] when it ends by itself.
+//!   say in [`Revoked::ExpiresAt`] when it ends by itself (by the task's
+//!   expiry, which `revoke` is given, when the system enforced it).
+//! - **Failed issues.** An `issue` error may leave a credential behind (the
+//!   answer to the mint was lost): the manager then revokes as after a
+//!   crash. An issuer that knows nothing is left (the system refused the
+//!   mint, or what it minted was revoked at once) says so with
+//!   [`IssueError::nothing_left`], and the task ends at once.
 //! - **Idempotence.** `issue` for a task id that was already issued either
 //!   returns the same credential's handle with fresh values (a role's
 //!   password set again) or mints a new one and revokes nothing; `revoke`
@@ -135,6 +141,43 @@ pub enum Revoked {
     ExpiresAt(SystemTime),
 }
 
+/// Why [`TaskIssuer::issue`] failed, and whether a credential may be left
+/// at the system.
+#[derive(Debug)]
+pub struct IssueError {
+    pub error: PluginError,
+    /// `false`: the mint may have happened (a lost answer, a token that
+    /// could not be revoked); the manager revokes by task id as after a
+    /// crash. `true`: nothing of this task is left at the system.
+    pub nothing_left: bool,
+}
+
+impl IssueError {
+    /// The system refused the mint, or what it minted is already revoked.
+    pub fn nothing_left(error: PluginError) -> Self {
+        Self {
+            error,
+            nothing_left: true,
+        }
+    }
+}
+
+/// An error whose mint may have happened.
+impl From<PluginError> for IssueError {
+    fn from(error: PluginError) -> Self {
+        Self {
+            error,
+            nothing_left: false,
+        }
+    }
+}
+
+impl std::fmt::Display for IssueError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
 /// A task issuer at one system.
 #[async_trait]
 pub trait TaskIssuer: Send + Sync {
@@ -182,15 +225,18 @@ pub trait TaskIssuer: Send + Sync {
 
     /// Mints the task's credential per the grant, expiring at the system
     /// by `expires_at` where it can.
-    async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError>;
+    async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, IssueError>;
 
     /// Ends the task's credential: `handle` is [`Issued::handle`], or `None`
-    /// when keyturn did not record it (a crash between mint and record).
-    /// Harmless when it is already gone.
+    /// when keyturn did not record it (a crash between mint and record, an
+    /// `issue` that failed). `expires_at` is the task's expiry, the
+    /// [`IssueRequest::expires_at`] it was issued with: a credential the
+    /// system ends by itself ends by then. Harmless when it is already gone.
     async fn revoke(
         &self,
         task: &TaskAttribution,
         handle: Option<&str>,
+        expires_at: SystemTime,
     ) -> Result<Revoked, PluginError>;
 
     /// Whether the credential is refused by the system now (checked through

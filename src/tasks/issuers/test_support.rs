@@ -48,7 +48,15 @@ pub(crate) async fn issue(
     grant: &Grant,
     ttl: Duration,
 ) -> Result<Issued, PluginError> {
-    issuer.issue(&request(task, grant, ttl)).await
+    issuer
+        .issue(&request(task, grant, ttl))
+        .await
+        .map_err(|e| e.error)
+}
+
+/// A task's expiry an hour from now, for `revoke`.
+pub(crate) fn in_an_hour() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(3600)
 }
 
 /// Asserts that `verify_revoked` still finds the credential in force.
@@ -71,7 +79,10 @@ pub(crate) async fn assert_revoked_now(
     task: &TaskAttribution,
     handle: Option<&str>,
 ) {
-    assert_eq!(issuer.revoke(task, handle).await.unwrap(), Revoked::Now);
+    assert_eq!(
+        issuer.revoke(task, handle, in_an_hour()).await.unwrap(),
+        Revoked::Now
+    );
     assert!(
         issuer.verify_revoked(task, handle).await.unwrap(),
         "{} is not revoked",

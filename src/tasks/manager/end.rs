@@ -167,7 +167,14 @@ impl TaskManager {
                 continue;
             }
             if matches!(state, ItemState::Issuing | ItemState::Issued) {
-                match issuer.revoke(&row.task, item.handle.as_deref()).await {
+                match issuer
+                    .revoke(
+                        &row.task,
+                        item.handle.as_deref(),
+                        system_time(row.expires_at_ms),
+                    )
+                    .await
+                {
                     Ok(Revoked::Now) => {
                         state = ItemState::Revoked;
                         self.store

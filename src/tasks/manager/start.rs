@@ -181,7 +181,10 @@ impl TaskManager {
                     self.count_issued(issuer_name, true);
                     issued.insert(issuer_name.clone(), cred);
                 }
-                Err(error) => {
+                Err(IssueError {
+                    error,
+                    nothing_left,
+                }) => {
                     let mut ev = self.event(
                         "task.issued",
                         Outcome::Failed,
@@ -193,6 +196,21 @@ impl TaskManager {
                     self.recorder.record(ev).await;
                     self.count_issued(issuer_name, false);
                     drop(issued);
+                    // The issuer says its refused mint left nothing (the
+                    // system refused it, or what it made is revoked): no
+                    // credential to wait for, and the task ends at once.
+                    if nothing_left {
+                        self.store
+                            .set_item(
+                                &task.task_id,
+                                issuer_name,
+                                ItemState::Verified,
+                                None,
+                                None,
+                                Some("never issued: the issue failed and left nothing"),
+                            )
+                            .await?;
+                    }
                     // The issuers after this one were never called: nothing
                     // of theirs exists to wait for or revoke.
                     for (later, _, _) in &grants[i + 1..] {

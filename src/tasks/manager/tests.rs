@@ -26,6 +26,8 @@ struct MemIssuer {
     /// (system, task id) of each credential that works.
     live: Mutex<BTreeSet<(String, String)>>,
     fail_issue: AtomicU32,
+    /// A failed issue says it left nothing (the system refused the mint).
+    fail_leaves_nothing: bool,
     fail_revoke: AtomicU32,
     /// Revoke answers "expires by itself" (like STS without a deny policy).
     expires_only: bool,
@@ -89,13 +91,19 @@ impl TaskIssuer for MemIssuer {
         !self.expires_only
     }
 
-    async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError> {
+    async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, IssueError> {
         self.issues.fetch_add(1, Ordering::SeqCst);
         let delay = self.issue_delay_s.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(delay.into())).await;
         if self.fail_issue.load(Ordering::SeqCst) > 0 {
             self.fail_issue.fetch_sub(1, Ordering::SeqCst);
-            return Err(PluginError::new(ErrorKind::Transient, "connection refused"));
+            if self.fail_leaves_nothing {
+                return Err(IssueError::nothing_left(PluginError::new(
+                    ErrorKind::Invalid,
+                    "400 Bad Request: policies not allowed",
+                )));
+            }
+            return Err(PluginError::new(ErrorKind::Transient, "connection refused").into());
         }
         self.live
             .lock()
@@ -117,6 +125,7 @@ impl TaskIssuer for MemIssuer {
         &self,
         task: &TaskAttribution,
         _handle: Option<&str>,
+        _expires_at: SystemTime,
     ) -> Result<Revoked, PluginError> {
         self.revokes.fetch_add(1, Ordering::SeqCst);
         let delay = self.revoke_delay_s.load(Ordering::SeqCst);
@@ -807,6 +816,47 @@ async fn credentials_that_cannot_be_ended_early_are_minted_last() {
     assert_eq!(pg_item.state, ItemState::Verified);
 }
 
+/// Defect: an issue that failed left its item `issuing` without a handle,
+/// so the task was ended as after a crash: an issuer that cannot find the
+/// credential by task id (a token without its accessor) answered "expires
+/// at now + max_ttl", and the failed start stayed `ending`, overdue and
+/// holding decommissions, for up to an hour. An issuer that knows nothing
+/// was made (the system refused the mint) says so, and the task ends at
+/// once; one that cannot know is still waited for.
+#[tokio::test(start_paused = true)]
+async fn a_refused_mint_ends_the_failed_start_at_once() {
+    for refused in [true, false] {
+        let pg = MemIssuer::new("pg");
+        let sts = Arc::new(MemIssuer {
+            name: "sts".into(),
+            expires_only: true,
+            fail_leaves_nothing: refused,
+            ..Default::default()
+        });
+        sts.fail_issue.store(1, Ordering::SeqCst);
+        let h = harness_with(pg, sts);
+        let e = h.start_err("high").await;
+        let TaskError::Issue { task, issuer, .. } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(issuer, "sts");
+        let t = h.mgr.store.get(task).unwrap().unwrap();
+        let item = |name: &str| t.items.iter().find(|i| i.issuer == name).unwrap();
+        assert_eq!(item("pg").state, ItemState::Verified, "pg revoked");
+        if refused {
+            assert_ended(&t, "start_failed");
+            assert_eq!(item("sts").state, ItemState::Verified);
+            assert_eq!(h.sts.revokes.load(Ordering::SeqCst), 0, "nothing to revoke");
+        } else {
+            // A lost answer: the session may exist, and ends by itself.
+            assert_eq!(t.state, TaskState::Ending);
+            assert_eq!(item("sts").state, ItemState::Expiring);
+            assert_eq!(h.sts.revokes.load(Ordering::SeqCst), 1);
+        }
+        assert_eq!(h.mgr.figures().unwrap().revocation_overdue, 0);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failed_revocation_is_retried_until_verified() {
     let pg = MemIssuer::new("pg");
@@ -1179,7 +1229,13 @@ async fn a_revocation_is_not_verified_at_another_system() {
     assert_eq!(h.state_of(&id), TaskState::Ending);
     // Revoked at a, then moved to b before it is verified.
     let row = h.mgr.store.get(&id).unwrap().unwrap();
-    h.pg.revoke(&row.task, None).await.unwrap();
+    h.pg.revoke(
+        &row.task,
+        None,
+        SystemTime::now() + Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
     h.mgr
         .store
         .set_item(&id, "pg", ItemState::Revoked, None, None, None)

@@ -105,7 +105,9 @@ use aws_sdk_sts::Client;
 use aws_sdk_sts::types::Tag;
 use tokio::sync::OnceCell;
 
-use super::{Grant, IssueRequest, Issued, IssuerPlugin, Revoked, TaskAttribution, TaskIssuer};
+use super::{
+    Grant, IssueError, IssueRequest, Issued, IssuerPlugin, Revoked, TaskAttribution, TaskIssuer,
+};
 use crate::config::validate::{Loc, Validator, duration_value};
 use crate::model::{ErrorKind, PluginError, SecretValue};
 use crate::vaults::aws::{error_code, sdk_config, sdk_error_detail};
@@ -375,20 +377,22 @@ impl TaskIssuer for StsIssuer {
         self.config.revoke_with_deny_policy
     }
 
-    async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError> {
+    async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, IssueError> {
         let task = req.task;
+        // Nothing is minted before AssumeRole is sent.
         let Prepared {
             grant,
             what,
             seconds,
             policy,
-        } = self.prepared(req).await?;
+        } = self.prepared(req).await.map_err(IssueError::nothing_left)?;
         let invalid = |detail: String| self.err(ErrorKind::Invalid, "issue", &what, detail);
-        let c = self.connected().await?;
+        let c = self.connected().await.map_err(IssueError::nothing_left)?;
         // A session it could not end early is not minted.
         if self.config.revoke_with_deny_policy {
             self.role_in_own_account(c, "issue", &what, &grant.role_arn)
-                .await?;
+                .await
+                .map_err(IssueError::nothing_left)?;
         }
 
         let mut call = c
@@ -401,21 +405,33 @@ impl TaskIssuer for StsIssuer {
             .source_identity(source_identity(&task.initiator))
             .set_external_id(grant.external_id.clone());
         for (key, value) in session_tags(task) {
-            let tag = Tag::builder()
-                .key(key)
-                .value(value)
-                .build()
-                .map_err(|e| invalid(format!("session tag {key}: {e}")))?;
+            let tag = Tag::builder().key(key).value(value).build().map_err(|e| {
+                IssueError::nothing_left(invalid(format!("session tag {key}: {e}")))
+            })?;
             call = call.tags(tag);
         }
         let out = call.send().await.map_err(|e| {
             let (kind, detail) = sdk_error_detail(&e, &c.endpoint, self.config.timeout());
-            self.err(kind, "issue (AssumeRole)", &what, detail)
+            let error = self.err(kind, "issue (AssumeRole)", &what, detail);
+            // STS refused the request (4xx), or it was never sent: no
+            // session exists. A lost answer may follow one that does.
+            let refused = match &e {
+                aws_sdk_sts::error::SdkError::ServiceError(se) => {
+                    se.raw().status().is_client_error()
+                }
+                aws_sdk_sts::error::SdkError::ConstructionFailure(_) => true,
+                _ => false,
+            };
+            if refused {
+                IssueError::nothing_left(error)
+            } else {
+                IssueError::from(error)
+            }
         })?;
 
         let fatal = |detail: &str| self.err(ErrorKind::Fatal, "issue (AssumeRole)", &what, detail);
         let (Some(creds), Some(user)) = (out.credentials, out.assumed_role_user) else {
-            return Err(fatal("the response carries no credentials"));
+            return Err(fatal("the response carries no credentials").into());
         };
         let since_epoch = SystemTime::try_from(creds.expiration)
             .ok()
@@ -464,10 +480,13 @@ impl TaskIssuer for StsIssuer {
         &self,
         task: &TaskAttribution,
         handle: Option<&str>,
+        _expires_at: SystemTime,
     ) -> Result<Revoked, PluginError> {
         let Some(handle) = handle else {
             // The session's expiration was never recorded; no session lasts
             // longer than STS's maximum from its start, which was before now.
+            // (Its length is the task's TTL, at least STS's shortest, counted
+            // from when STS answered: the task's expiry is no bound.)
             return Ok(Revoked::ExpiresAt(SystemTime::now() + MAX_SESSION));
         };
         let h = StsHandle::decode(handle).map_err(|e| {

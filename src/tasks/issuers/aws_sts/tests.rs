@@ -38,7 +38,7 @@ use super::*;
 use crate::config::validate::{Anchor, Issue};
 use crate::tasks::issuers::test_support::{
     assert_error, assert_not_revoked, assert_revoked_now, attribution as task, attribution_fields,
-    issue, located,
+    in_an_hour, issue, located,
 };
 use crate::test_support::server_test;
 
@@ -355,25 +355,34 @@ async fn revoke_and_verify_follow_the_session_expiry() {
     let live = handle(now + 600);
     assert_eq!(StsHandle::decode(&live).unwrap().expires, now + 600);
     assert_eq!(
-        issuer.revoke(&t, Some(&live)).await.unwrap(),
+        issuer.revoke(&t, Some(&live), in_an_hour()).await.unwrap(),
         Revoked::ExpiresAt(UNIX_EPOCH + Duration::from_secs(now + 600))
     );
     assert!(!issuer.verify_revoked(&t, Some(&live)).await.unwrap());
     let ended = handle(now - 1);
-    assert_eq!(issuer.revoke(&t, Some(&ended)).await.unwrap(), Revoked::Now);
+    assert_eq!(
+        issuer.revoke(&t, Some(&ended), in_an_hour()).await.unwrap(),
+        Revoked::Now
+    );
     assert!(issuer.verify_revoked(&t, Some(&ended)).await.unwrap());
     // Twice is harmless.
-    assert_eq!(issuer.revoke(&t, Some(&ended)).await.unwrap(), Revoked::Now);
+    assert_eq!(
+        issuer.revoke(&t, Some(&ended), in_an_hour()).await.unwrap(),
+        Revoked::Now
+    );
 
     // No handle: the bound STS guarantees, and no claim that it is over.
     let before = SystemTime::now();
-    match issuer.revoke(&t, None).await.unwrap() {
+    match issuer.revoke(&t, None, in_an_hour()).await.unwrap() {
         Revoked::ExpiresAt(at) => assert!(at >= before + MAX_SESSION, "{at:?}"),
         other => panic!("without a handle the session may live: {other:?}"),
     }
     assert!(!issuer.verify_revoked(&t, None).await.unwrap());
 
-    let e = issuer.revoke(&t, Some("ASIAEXAMPLE")).await.unwrap_err();
+    let e = issuer
+        .revoke(&t, Some("ASIAEXAMPLE"), in_an_hour())
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Fatal);
     assert!(
         e.message.contains("task t1") && e.message.contains("handle"),
@@ -669,7 +678,10 @@ async fn issued_session_works_for_the_allowed_call_and_is_refused_outside_real_s
 
     // Revoke cannot end an STS session early: it says when it ends.
     assert_eq!(
-        issuer.revoke(&t, Some(&issued.handle)).await.unwrap(),
+        issuer
+            .revoke(&t, Some(&issued.handle), in_an_hour())
+            .await
+            .unwrap(),
         Revoked::ExpiresAt(issued.expires_at)
     );
     assert_not_revoked(&issuer, &t, Some(&issued.handle)).await;
@@ -769,7 +781,10 @@ async fn no_secret_in_errors_debug_handle_or_public_real_server() {
         .await
         .unwrap_err();
     assert_eq!(refused.kind, ErrorKind::Unauthorized, "{refused}");
-    let bad_handle = issuer.revoke(&t, Some("{")).await.unwrap_err();
+    let bad_handle = issuer
+        .revoke(&t, Some("{"), in_an_hour())
+        .await
+        .unwrap_err();
 
     let texts = [
         format!("{issued:?}"),
@@ -888,7 +903,10 @@ async fn revoke_with_deny_policy_ends_the_session_at_once_real_server() {
 
     // Twice is harmless and writes nothing more.
     assert_eq!(
-        issuer.revoke(&t, Some(&issued.handle)).await.unwrap(),
+        issuer
+            .revoke(&t, Some(&issued.handle), in_an_hour())
+            .await
+            .unwrap(),
         Revoked::Now
     );
     let deny_writes = moto
@@ -946,7 +964,10 @@ async fn a_role_of_another_account_is_never_revoked_in_this_one_real_server() {
         expires: unix_now() + 600,
     }
     .encode();
-    let e = issuer.revoke(&t, Some(&handle)).await.unwrap_err();
+    let e = issuer
+        .revoke(&t, Some(&handle), in_an_hour())
+        .await
+        .unwrap_err();
     assert_error(
         &e,
         ErrorKind::Invalid,

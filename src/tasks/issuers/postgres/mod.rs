@@ -110,7 +110,9 @@ use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
-use super::{Grant, IssueRequest, Issued, IssuerPlugin, Revoked, TaskAttribution, TaskIssuer};
+use super::{
+    Grant, IssueError, IssueRequest, Issued, IssuerPlugin, Revoked, TaskAttribution, TaskIssuer,
+};
 use crate::config::validate::{Loc, Validator};
 use crate::config::{CharClasses, GeneratorConfig};
 use crate::model::{ErrorKind, PluginError, SecretValue};
@@ -391,139 +393,148 @@ impl TaskIssuer for PgIssuer {
         self.checked(req).map(|_| ())
     }
 
-    async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError> {
-        let task = req.task;
-        let (role, grant, ctx) = self.checked(req)?;
-        let invalid = |m: String| PluginError::new(ErrorKind::Invalid, format!("{ctx}: {m}"));
-        // VALID UNTIL in whole seconds, never after `expires_at`.
-        let secs = req
-            .expires_at
-            .duration_since(UNIX_EPOCH)
-            .map_err(|_| invalid("expires_at is before 1970".into()))?
-            .as_secs();
-        let expires_at = UNIX_EPOCH + Duration::from_secs(secs);
-        let until = humantime::format_rfc3339_seconds(expires_at).to_string();
+    async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, IssueError> {
+        // Any failure may follow a created role: `revoke` finds it by the
+        // task's name.
+        let minted: Result<Issued, PluginError> = async {
+            let task = req.task;
+            let (role, grant, ctx) = self.checked(req)?;
+            let invalid = |m: String| PluginError::new(ErrorKind::Invalid, format!("{ctx}: {m}"));
+            // VALID UNTIL in whole seconds, never after `expires_at`.
+            let secs = req
+                .expires_at
+                .duration_since(UNIX_EPOCH)
+                .map_err(|_| invalid("expires_at is before 1970".into()))?
+                .as_secs();
+            let expires_at = UNIX_EPOCH + Duration::from_secs(secs);
+            let until = humantime::format_rfc3339_seconds(expires_at).to_string();
 
-        let password = crate::generators::generate(&GeneratorConfig::Password {
-            length: PASSWORD_LEN,
-            classes: CharClasses {
-                lowercase: true,
-                uppercase: true,
-                digits: true,
-                symbols: false,
-            },
-        })
-        .map_err(|e| PluginError::new(e.kind(), format!("{ctx}: {e}")))?
-        .value;
-        // A 4096-round PBKDF2: kept off the async workers.
-        let verifier = {
-            let password = password.clone();
-            tokio::task::spawn_blocking(move || scram::verifier(password.expose()))
-                .await
-                .map_err(|e| PluginError::new(ErrorKind::Fatal, format!("{ctx}: hashing: {e}")))?
-        };
-        let settings = IssueSettings {
-            task_id: &task.task_id,
-            password: password.expose(),
-            verifier: &verifier,
-            until: until.clone(),
-            limit: grant.connection_limit.map_or(-1, i64::from).to_string(),
-            roles: serde_json::to_string(&grant.roles).expect("strings serialize"),
-            comment: serde_json::to_string(&Comment {
-                keyturn: TASK_MARK,
-                task,
-                expires_at: &until,
+            let password = crate::generators::generate(&GeneratorConfig::Password {
+                length: PASSWORD_LEN,
+                classes: CharClasses {
+                    lowercase: true,
+                    uppercase: true,
+                    digits: true,
+                    symbols: false,
+                },
             })
-            .expect("strings serialize"),
-            app: application_name(task),
-        };
+            .map_err(|e| PluginError::new(e.kind(), format!("{ctx}: {e}")))?
+            .value;
+            // A 4096-round PBKDF2: kept off the async workers.
+            let verifier = {
+                let password = password.clone();
+                tokio::task::spawn_blocking(move || scram::verifier(password.expose()))
+                    .await
+                    .map_err(|e| {
+                        PluginError::new(ErrorKind::Fatal, format!("{ctx}: hashing: {e}"))
+                    })?
+            };
+            let settings = IssueSettings {
+                task_id: &task.task_id,
+                password: password.expose(),
+                verifier: &verifier,
+                until: until.clone(),
+                limit: grant.connection_limit.map_or(-1, i64::from).to_string(),
+                roles: serde_json::to_string(&grant.roles).expect("strings serialize"),
+                comment: serde_json::to_string(&Comment {
+                    keyturn: TASK_MARK,
+                    task,
+                    expires_at: &until,
+                })
+                .expect("strings serialize"),
+                app: application_name(task),
+            };
 
-        let (dsn, pool) = self.admin.pool(&self.describe(), "issue").await?;
-        let mut conn = Lease::get(&pool, &ctx).await?;
-        loop {
-            let outcome = self.issue_on(&conn, &role, &settings, &ctx).await;
-            if !conn.again(&outcome, &ctx).await? {
-                outcome?;
-                break;
+            let (dsn, pool) = self.admin.pool(&self.describe(), "issue").await?;
+            let mut conn = Lease::get(&pool, &ctx).await?;
+            loop {
+                let outcome = self.issue_on(&conn, &role, &settings, &ctx).await;
+                if !conn.again(&outcome, &ctx).await? {
+                    outcome?;
+                    break;
+                }
             }
-        }
-        drop(conn);
+            drop(conn);
 
-        let mode = self.admin.tls_mode(&dsn, &ctx)?;
-        let (host, port) = host_port(&dsn);
-        let dbname = self
-            .c
-            .database
-            .as_deref()
-            .or(dsn.get_dbname())
-            .or(dsn.get_user())
-            .unwrap_or("postgres")
-            .to_owned();
-        let mut public = BTreeMap::from([
-            ("user".to_owned(), role.clone()),
-            ("host".to_owned(), host.clone()),
-            ("port".to_owned(), port.to_string()),
-            ("dbname".to_owned(), dbname.clone()),
-            ("sslmode".to_owned(), mode.as_str().to_owned()),
-            ("expires_at".to_owned(), until),
-            ("application_name".to_owned(), application_name(task)),
-        ]);
-        let root_cert = match mode {
-            PgTls::VerifyFull => self
+            let mode = self.admin.tls_mode(&dsn, &ctx)?;
+            let (host, port) = host_port(&dsn);
+            let dbname = self
                 .c
-                .ssl_root_cert
-                .as_ref()
-                .map(|p| p.display().to_string()),
-            _ => None,
-        };
-        if let Some(ca) = &root_cert {
-            public.insert("sslrootcert".to_owned(), ca.clone());
+                .database
+                .as_deref()
+                .or(dsn.get_dbname())
+                .or(dsn.get_user())
+                .unwrap_or("postgres")
+                .to_owned();
+            let mut public = BTreeMap::from([
+                ("user".to_owned(), role.clone()),
+                ("host".to_owned(), host.clone()),
+                ("port".to_owned(), port.to_string()),
+                ("dbname".to_owned(), dbname.clone()),
+                ("sslmode".to_owned(), mode.as_str().to_owned()),
+                ("expires_at".to_owned(), until),
+                ("application_name".to_owned(), application_name(task)),
+            ]);
+            let root_cert = match mode {
+                PgTls::VerifyFull => self
+                    .c
+                    .ssl_root_cert
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+                _ => None,
+            };
+            if let Some(ca) = &root_cert {
+                public.insert("sslrootcert".to_owned(), ca.clone());
+            }
+            // Sized once, so no reallocation leaves a copy of the password behind.
+            let pw = password.expose_str().expect("generated passwords are text");
+            let mut dsn_text = String::with_capacity(
+                128 + host.len()
+                    + dbname.len()
+                    + role.len()
+                    + pw.len()
+                    + root_cert.as_ref().map_or(0, |c| c.len()) * 2,
+            );
+            // application_name too: a client's own (psql's fallback included)
+            // would override the role's default, and the server should name
+            // the task whatever connects with this DSN.
+            let app = application_name(task);
+            for (key, value) in [
+                ("host", host.as_str()),
+                ("dbname", dbname.as_str()),
+                ("user", role.as_str()),
+                ("password", pw),
+                ("application_name", app.as_str()),
+            ] {
+                let _ = write!(dsn_text, "{key}=");
+                dsn_value(&mut dsn_text, value);
+                dsn_text.push(' ');
+            }
+            let _ = write!(dsn_text, "port={port} sslmode={}", mode.as_str());
+            if let Some(ca) = &root_cert {
+                dsn_text.push_str(" sslrootcert=");
+                dsn_value(&mut dsn_text, ca);
+            }
+            let secret = BTreeMap::from([
+                ("password".to_owned(), password),
+                ("dsn".to_owned(), SecretValue::from_string(dsn_text)),
+            ]);
+            Ok(Issued {
+                handle: role,
+                public,
+                secret,
+                expires_at,
+            })
         }
-        // Sized once, so no reallocation leaves a copy of the password behind.
-        let pw = password.expose_str().expect("generated passwords are text");
-        let mut dsn_text = String::with_capacity(
-            128 + host.len()
-                + dbname.len()
-                + role.len()
-                + pw.len()
-                + root_cert.as_ref().map_or(0, |c| c.len()) * 2,
-        );
-        // application_name too: a client's own (psql's fallback included)
-        // would override the role's default, and the server should name
-        // the task whatever connects with this DSN.
-        let app = application_name(task);
-        for (key, value) in [
-            ("host", host.as_str()),
-            ("dbname", dbname.as_str()),
-            ("user", role.as_str()),
-            ("password", pw),
-            ("application_name", app.as_str()),
-        ] {
-            let _ = write!(dsn_text, "{key}=");
-            dsn_value(&mut dsn_text, value);
-            dsn_text.push(' ');
-        }
-        let _ = write!(dsn_text, "port={port} sslmode={}", mode.as_str());
-        if let Some(ca) = &root_cert {
-            dsn_text.push_str(" sslrootcert=");
-            dsn_value(&mut dsn_text, ca);
-        }
-        let secret = BTreeMap::from([
-            ("password".to_owned(), password),
-            ("dsn".to_owned(), SecretValue::from_string(dsn_text)),
-        ]);
-        Ok(Issued {
-            handle: role,
-            public,
-            secret,
-            expires_at,
-        })
+        .await;
+        Ok(minted?)
     }
 
     async fn revoke(
         &self,
         task: &TaskAttribution,
         handle: Option<&str>,
+        _expires_at: std::time::SystemTime,
     ) -> Result<Revoked, PluginError> {
         let (role, ctx, mut conn) = self
             .role_and_lease(task, handle, "revoke", "revoke")
@@ -633,7 +644,7 @@ mod tests {
     use crate::config::validate::issues_of;
     use crate::tasks::issuers::IssuerConfig;
     use crate::tasks::issuers::test_support::{
-        assert_error, assert_not_revoked, assert_revoked_now, attribution, issue,
+        assert_error, assert_not_revoked, assert_revoked_now, attribution, in_an_hour, issue,
     };
     use crate::test_support::server_test;
 
@@ -1338,7 +1349,10 @@ mod tests {
             "host='{}' dbname='postgres' user='{}'",
             fx.host, got.handle
         )));
-        issuer.revoke(&task, Some(&got.handle)).await.unwrap();
+        issuer
+            .revoke(&task, Some(&got.handle), in_an_hour())
+            .await
+            .unwrap();
     }
 
     #[apply(server_test!)]
@@ -1362,7 +1376,10 @@ mod tests {
             "the role was not dropped"
         );
         assert_eq!(
-            issuer.revoke(&task, Some(&got.handle)).await.unwrap(),
+            issuer
+                .revoke(&task, Some(&got.handle), in_an_hour())
+                .await
+                .unwrap(),
             Revoked::Now
         );
         assert_revoked_now(&issuer, &task, None).await;
@@ -1582,7 +1599,10 @@ mod tests {
         assert_revoked_now(&renamed, &crashed, None).await;
         assert!(!fx.role_exists(&got.handle).await);
 
-        let e = renamed.revoke(&task, Some(&victim)).await.unwrap_err();
+        let e = renamed
+            .revoke(&task, Some(&victim), in_an_hour())
+            .await
+            .unwrap_err();
         assert_error(&e, ErrorKind::Invalid, "is not a task role of this task");
         let e = renamed
             .verify_revoked(&task, Some(&victim))
@@ -1593,7 +1613,10 @@ mod tests {
         let shaped = format!("other_{}", task.task_id);
         fx.sql(&format!("CREATE ROLE {shaped} LOGIN PASSWORD 'shaped-0'"))
             .await;
-        let e = renamed.revoke(&task, Some(&shaped)).await.unwrap_err();
+        let e = renamed
+            .revoke(&task, Some(&shaped), in_an_hour())
+            .await
+            .unwrap_err();
         assert_error(&e, ErrorKind::Invalid, "not keyturn's role");
         fx.login_as(&victim, "victim-0").await.unwrap();
         fx.login_as(&shaped, "shaped-0").await.unwrap();
@@ -1617,7 +1640,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_error(&e, ErrorKind::Invalid, "not keyturn's role");
-        let e = issuer.revoke(&task, None).await.unwrap_err();
+        let e = issuer.revoke(&task, None, in_an_hour()).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
         let e = issuer.verify_revoked(&task, None).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
@@ -1702,7 +1725,7 @@ mod tests {
             .issue(&issuer, &task, &[format!("r_none_{}", fx.sfx)], TTL)
             .await
             .unwrap_err();
-        issuer.revoke(&task, None).await.unwrap();
+        issuer.revoke(&task, None, in_an_hour()).await.unwrap();
         let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
         // The capture works: the admin connection's statements are in it.
         assert!(logs.contains("executing statement"), "{logs}");

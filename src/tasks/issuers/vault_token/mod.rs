@@ -64,8 +64,11 @@
 //! Without a handle (keyturn died between the mint and recording it) the
 //! token cannot be found: OpenBao has no lookup by metadata, and listing
 //! every accessor needs `sudo` and one call per token. `revoke` then answers
-//! [`Revoked::ExpiresAt`] with now + `max_ttl`, the longest TTL this issuer
-//! ever mints: an upper bound, as the token's own TTL is the task's.
+//! [`Revoked::ExpiresAt`] with the task's expiry (the token's explicit max
+//! TTL is the time left until it), and never later than now + `max_ttl`,
+//! the longest TTL this issuer ever mints. An `issue` that failed because
+//! the server refused the create request (4xx), or whose token was not the
+//! grant and was revoked at once, left no token: the task ends at once.
 //!
 //! Batch tokens cannot be revoked one by one (they end only at their TTL),
 //! so a grant asking for `token_type = "batch"` is refused.
@@ -79,7 +82,9 @@ use async_trait::async_trait;
 use vaultrs::api::token::requests::{CreateRoleTokenRequest, CreateTokenRequest};
 use vaultrs::error::ClientError;
 
-use super::{Grant, IssueRequest, Issued, IssuerPlugin, Revoked, TaskAttribution, TaskIssuer};
+use super::{
+    Grant, IssueError, IssueRequest, Issued, IssuerPlugin, Revoked, TaskAttribution, TaskIssuer,
+};
 use crate::config::validate::{Loc, Validator, Zero, duration_value};
 use crate::model::{ErrorKind, PluginError, SecretValue};
 use crate::vaults::hashicorp::{
@@ -537,25 +542,38 @@ impl TaskIssuer for VaultTokenIssuer {
         self.settle(req).map(|_| ())
     }
 
-    async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, PluginError> {
+    async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, IssueError> {
         let task = req.task;
         let step = format!("issue (task {})", task.task_id);
         // Before the TTL is counted: the expiry computed below is never
         // later than the one OpenBao sets.
         let now = SystemTime::now();
-        let (grant, ttl_s) = self.settle(req)?;
-        let conn = self.connection().await?;
+        // Nothing is made before the create request.
+        let (grant, ttl_s) = self.settle(req).map_err(IssueError::nothing_left)?;
+        let conn = self.connection().await.map_err(IssueError::nothing_left)?;
         let location = self.create_location();
         let ttl = format!("{ttl_s}s");
         let display = format!("keyturn-{}-{}", task.agent, task.task_id);
         let meta = attribution_meta(task);
+        // Whether the last attempt's answer was the server refusing the
+        // request (4xx): then no token exists. A lost answer (a reset, a
+        // timeout, a 5xx) may follow a token that was made.
+        let refused = std::sync::atomic::AtomicBool::new(false);
+        let refusal = |r: Result<vaultrs::api::AuthInfo, ClientError>| {
+            let status = r.as_ref().err().and_then(http_status);
+            refused.store(
+                status.is_some_and(|s| (400..500).contains(&s)),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            r
+        };
         let res = match &self.token_role {
             Some(role) => {
                 conn.call(&step, &location, |c| {
                     let mut b = CreateRoleTokenRequest::builder();
                     b.role_name(role.as_str());
                     let endpoint = token_request!(b, grant, ttl, display, meta);
-                    async move { vaultrs::api::auth(&*c, endpoint?).await }
+                    async move { refusal(vaultrs::api::auth(&*c, endpoint?).await) }
                 })
                 .await
             }
@@ -563,21 +581,29 @@ impl TaskIssuer for VaultTokenIssuer {
                 conn.call(&step, &location, |c| {
                     let mut b = CreateTokenRequest::builder();
                     let endpoint = token_request!(b, grant, ttl, display, meta);
-                    async move { vaultrs::api::auth(&*c, endpoint?).await }
+                    async move { refusal(vaultrs::api::auth(&*c, endpoint?).await) }
                 })
                 .await
             }
         };
-        let mut auth = res?;
+        let mut auth = match res {
+            Ok(auth) => auth,
+            Err(e) if refused.load(std::sync::atomic::Ordering::Relaxed) => {
+                return Err(IssueError::nothing_left(e));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let token = SecretValue::from_string(std::mem::take(&mut auth.client_token));
         let accessor = std::mem::take(&mut auth.accessor);
         if !accessor_ok(&accessor) {
-            return Err(conn.err(
-                ErrorKind::Fatal,
-                &step,
-                &location,
-                "the server returned a token without a usable accessor; it ends at its TTL",
-            ));
+            return Err(conn
+                .err(
+                    ErrorKind::Fatal,
+                    &step,
+                    &location,
+                    "the server returned a token without a usable accessor; it ends at its TTL",
+                )
+                .into());
         }
 
         // The server may have changed what was asked (a token role's
@@ -631,16 +657,24 @@ impl TaskIssuer for VaultTokenIssuer {
             }
         };
         if let Some(problem) = problem {
-            let outcome = match self.revoke_accessor(conn, &step, &accessor).await {
-                Ok(_) => "it was revoked".to_owned(),
-                Err(e) => format!("revoking it failed too ({e}); it ends at its TTL"),
+            let (revoked, outcome) = match self.revoke_accessor(conn, &step, &accessor).await {
+                Ok(_) => (true, "it was revoked".to_owned()),
+                Err(e) => (
+                    false,
+                    format!("revoking it failed too ({e}); it ends at its TTL"),
+                ),
             };
-            return Err(conn.err(
+            let error = conn.err(
                 ErrorKind::Invalid,
                 &step,
                 &location,
                 format!("{problem}: {outcome}"),
-            ));
+            );
+            return Err(if revoked {
+                IssueError::nothing_left(error)
+            } else {
+                error.into()
+            });
         }
 
         let expires_at = req
@@ -666,11 +700,16 @@ impl TaskIssuer for VaultTokenIssuer {
         &self,
         task: &TaskAttribution,
         handle: Option<&str>,
+        expires_at: SystemTime,
     ) -> Result<Revoked, PluginError> {
         let step = format!("revoke (task {})", task.task_id);
         let Some(handle) = handle else {
-            // No lookup by metadata exists; see the module doc.
-            return Ok(Revoked::ExpiresAt(SystemTime::now() + self.max_ttl));
+            // No lookup by metadata exists; see the module doc. A token of
+            // this task was minted with the time left until the task's
+            // expiry as its explicit max TTL.
+            return Ok(Revoked::ExpiresAt(
+                expires_at.min(SystemTime::now() + self.max_ttl),
+            ));
         };
         let accessor = self.handle(&step, handle)?;
         let conn = self.connection().await?;

@@ -10,8 +10,8 @@ use crate::config::validate::{Context, Issue};
 use crate::model::RotationId;
 use crate::tasks::issuers::IssuerConfig;
 use crate::tasks::issuers::test_support::{
-    assert_not_revoked, assert_revoked_now, attribution, attribution_fields, eventually, issue,
-    located, request,
+    assert_not_revoked, assert_revoked_now, attribution, attribution_fields, eventually,
+    in_an_hour, issue, located, request,
 };
 use crate::test_support::server_test;
 use serde_json::json;
@@ -288,7 +288,10 @@ async fn num_uses_is_honoured() {
             .await;
     assert!(gone, "a used-up token is still found by its accessor");
     assert_eq!(
-        issuer.revoke(&task, Some(&issued.handle)).await.unwrap(),
+        issuer
+            .revoke(&task, Some(&issued.handle), in_an_hour())
+            .await
+            .unwrap(),
         Revoked::Now
     );
     f.cleanup().await;
@@ -337,6 +340,10 @@ async fn tokens_of_a_token_role_are_orphans_that_outlive_keyturns_own_token() {
         .issue(&request(&task, &other, Duration::from_secs(60)))
         .await
         .expect_err("a policy outside the role's allowed_policies is refused");
+    // The server refused the create request (400): no token exists, and
+    // the task manager ends the task at once rather than wait for one.
+    assert!(e.nothing_left, "{e}");
+    let e = e.error;
     assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
     assert!(e.message.starts_with("issuer vault_token ("), "{e}");
     assert!(e.message.contains(&task.task_id), "{e}");
@@ -390,6 +397,9 @@ async fn a_token_role_that_cuts_the_token_short_is_refused_at_start_and_by_check
             .issue(&request(&task, &grant, ten_minutes))
             .await
             .expect_err("a token cut short is refused");
+        // Made, then revoked at once: nothing is left of it.
+        assert!(e.nothing_left, "{e}");
+        let e = e.error;
         assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
         for says in [
             format!("token role `{role}`"),
@@ -519,7 +529,10 @@ async fn no_secret_in_errors_debug_handle_or_public() {
     for v in issued.public.values() {
         assert!(!v.contains(&token));
     }
-    issuer.revoke(&task, Some(&issued.handle)).await.unwrap();
+    issuer
+        .revoke(&task, Some(&issued.handle), in_an_hour())
+        .await
+        .unwrap();
 
     // keyturn's own token refused: every call's error, without it.
     let canary = format!("kt-canary-{}", suffix());
@@ -528,8 +541,12 @@ async fn no_secret_in_errors_debug_handle_or_public() {
         wrong
             .issue(&request(&task, &grant, Duration::from_secs(60)))
             .await
+            .unwrap_err()
+            .error,
+        wrong
+            .revoke(&task, Some(&issued.handle), in_an_hour())
+            .await
             .unwrap_err(),
-        wrong.revoke(&task, Some(&issued.handle)).await.unwrap_err(),
         wrong
             .verify_revoked(&task, Some(&issued.handle))
             .await
@@ -582,16 +599,27 @@ async fn without_a_handle_revoke_says_when_the_token_ends_at_the_latest() {
     let issuer = offline();
     let task = fresh_task();
     let before = SystemTime::now();
-    let Revoked::ExpiresAt(at) = issuer.revoke(&task, None).await.unwrap() else {
+    let Revoked::ExpiresAt(at) = issuer.revoke(&task, None, in_an_hour()).await.unwrap() else {
         panic!("nothing to revoke without an accessor");
     };
     assert!(at >= before + Duration::from_secs(600), "now + max_ttl");
     assert!(at <= SystemTime::now() + Duration::from_secs(600));
+    // Defect: it was now + max_ttl even for a task ending sooner, so a
+    // failed start stayed `expiring`, and overdue, long after the task's
+    // expiry. The token's TTL was the time left until the task's expiry.
+    let task_ends = SystemTime::now() + Duration::from_secs(30);
+    assert_eq!(
+        issuer.revoke(&task, None, task_ends).await.unwrap(),
+        Revoked::ExpiresAt(task_ends)
+    );
     let e = issuer.verify_revoked(&task, None).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Invalid);
     assert!(e.message.contains("no accessor was recorded"), "{e}");
     for bad in ["", "a/../b", "x y", "abc\n"] {
-        let e = issuer.revoke(&task, Some(bad)).await.unwrap_err();
+        let e = issuer
+            .revoke(&task, Some(bad), in_an_hour())
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid, "{bad:?}: {e}");
         assert!(e.message.contains("not a token accessor"), "{e}");
     }
@@ -659,6 +687,8 @@ async fn issue_refuses_bad_grants_and_ttls_before_calling_the_server() {
             .issue(&request(&task, &grant, ttl))
             .await
             .unwrap_err();
+        assert!(e.nothing_left, "{e}");
+        let e = e.error;
         assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
         assert!(e.message.contains(why), "{why}: {e}");
         assert!(e.message.contains(&task.task_id), "{e}");
@@ -670,12 +700,15 @@ async fn issue_refuses_bad_grants_and_ttls_before_calling_the_server() {
         expires_at: SystemTime::now() - Duration::from_secs(1),
     };
     let e = issuer.issue(&past).await.unwrap_err();
-    assert!(e.message.contains("expiry has passed"), "{e}");
+    assert!(e.nothing_left, "{e}");
+    assert!(e.error.message.contains("expiry has passed"), "{e}");
     // The good grant does reach for the server (and its missing token file).
     let e = issuer
         .issue(&request(&task, &good, Duration::from_secs(60)))
         .await
         .unwrap_err();
+    assert!(e.nothing_left, "no request was sent: {e}");
+    let e = e.error;
     assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
     assert!(e.message.contains("/nonexistent/keyturn/token"), "{e}");
 }
