@@ -38,7 +38,7 @@ use super::*;
 use crate::config::validate::{Anchor, Issue};
 use crate::tasks::issuers::test_support::{
     assert_error, assert_not_revoked, assert_revoked_now, attribution as task, attribution_fields,
-    in_an_hour, issue, located,
+    in_an_hour, issue, located, request,
 };
 use crate::test_support::server_test;
 
@@ -777,9 +777,14 @@ async fn no_secret_in_errors_debug_handle_or_public_real_server() {
             "task",
         ),
     );
-    let refused = issue(&as_session, &t, &setup.grant(), Duration::from_secs(900))
+    let grant = setup.grant();
+    let refused = as_session
+        .issue(&request(&t, &grant, Duration::from_secs(900)))
         .await
         .unwrap_err();
+    // STS refused AssumeRole (403): no session, nothing to wait for.
+    assert!(refused.nothing_left, "{refused}");
+    let refused = refused.error;
     assert_eq!(refused.kind, ErrorKind::Unauthorized, "{refused}");
     let bad_handle = issuer
         .revoke(&t, Some("{"), in_an_hour())
