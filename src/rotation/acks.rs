@@ -90,13 +90,19 @@ pub(super) struct Consumer {
     /// The sink's description: the consumer's name, in state and audit.
     pub name: String,
     pub how: AckHow,
-    pub acked: bool,
+    /// When it acknowledged the version (`None`: not yet). Kept as it was
+    /// recorded: what `surface` shows as the consumer's last use.
+    pub acked_at: Option<DateTime<Utc>>,
     /// Why its delivery, retried in the background, last failed (status
     /// shows it: the audit log alone would hide a receiver that refuses).
     pub failing: Option<String>,
 }
 
 impl Consumer {
+    pub fn acked(&self) -> bool {
+        self.acked_at.is_some()
+    }
+
     /// Whether an ack for `consumer` (`None`: `keyturn ack`, from the
     /// agent) acknowledges this one. `keyturn ack` is for the consumers
     /// that ack by themselves (`ack = "explicit"` or `"open"` file sinks):
@@ -127,12 +133,12 @@ pub(super) struct Awaited {
 
 impl Awaited {
     pub(super) fn outstanding(&self) -> impl Iterator<Item = &Consumer> {
-        self.consumers.iter().filter(|c| !c.acked)
+        self.consumers.iter().filter(|c| !c.acked())
     }
 
     /// Whether some consumer had to ack and every one has.
     fn complete(&self) -> bool {
-        !self.consumers.is_empty() && self.consumers.iter().all(|c| c.acked)
+        !self.consumers.is_empty() && self.consumers.iter().all(Consumer::acked)
     }
 }
 
@@ -326,12 +332,12 @@ impl Inner {
             consumers.push(Consumer {
                 name: sink.describe(),
                 how,
-                acked: false,
+                acked_at: None,
                 failing: failing.take(),
             });
         }
         let names: Vec<String> = consumers.iter().map(|c| c.name.clone()).collect();
-        let had_rows = self.register_awaited(key, notice.version, consumers);
+        let (had_rows, kept) = self.register_awaited(key, notice.version, consumers);
         let deadline = self.now() + chrono_dur(entry.policy.grace);
         if let Some(me) = self.me.upgrade() {
             for (name, watch) in watches {
@@ -357,6 +363,14 @@ impl Inner {
                 version: notice.version,
                 consumers: names,
             });
+            // The acks a retried delivery of this version kept, at the
+            // times they were given.
+            writes.extend(kept.into_iter().map(|(consumer, at)| Write::Acked {
+                key: key.clone(),
+                version: notice.version,
+                consumer,
+                at,
+            }));
         }
         Ok(writes)
     }
@@ -395,23 +409,32 @@ impl Inner {
 
     /// Records the consumers awaited for `version`, keeping the acks of a
     /// delivery of the same version that was retried. Returns whether any
-    /// were recorded for the credential before.
+    /// were recorded for the credential before, and the acks kept (the
+    /// consumer and when it acked).
     fn register_awaited(
         &self,
         key: &CredentialKey,
         version: VersionNo,
         mut consumers: Vec<Consumer>,
-    ) -> bool {
+    ) -> (bool, Vec<(String, DateTime<Utc>)>) {
         let mut map = self.awaited();
         let old = map.remove(key);
         let had = old.is_some();
         let old_outstanding = old.as_ref().map_or(0, |a| a.outstanding().count());
+        let mut kept = Vec::new();
         if let Some(old) = old.filter(|o| o.version == version) {
             for c in &mut consumers {
-                c.acked = old.consumers.iter().any(|o| o.name == c.name && o.acked);
+                c.acked_at = old
+                    .consumers
+                    .iter()
+                    .find(|o| o.name == c.name)
+                    .and_then(|o| o.acked_at);
+                if let Some(at) = c.acked_at {
+                    kept.push((c.name.clone(), at));
+                }
             }
         }
-        let outstanding = consumers.iter().filter(|c| !c.acked).count();
+        let outstanding = consumers.iter().filter(|c| !c.acked()).count();
         self.metrics
             .acks_awaiting(outstanding as i64 - old_outstanding as i64);
         if !consumers.is_empty() {
@@ -424,7 +447,7 @@ impl Inner {
                 },
             );
         }
-        had
+        (had, kept)
     }
 
     /// Whether `version` of `key` still has consumers to hear from.
@@ -506,7 +529,7 @@ impl Inner {
 
     fn awaits_from(&self, key: &CredentialKey, version: VersionNo, name: &str) -> bool {
         self.awaited().get(key).is_some_and(|a| {
-            a.version == version && a.consumers.iter().any(|c| c.name == name && !c.acked)
+            a.version == version && a.consumers.iter().any(|c| c.name == name && !c.acked())
         })
     }
 

@@ -208,8 +208,8 @@ impl Inner {
             };
             let mut now_acked = 0i64;
             for c in a.consumers.iter_mut() {
-                if !c.acked && acknowledged.contains(&c.name) {
-                    c.acked = true;
+                if !c.acked() && acknowledged.contains(&c.name) {
+                    c.acked_at = Some(now);
                     now_acked += 1;
                 }
             }

@@ -16,7 +16,6 @@ impl Inner {
         old: &Catalog,
         new: &Catalog,
     ) {
-        let now = self.now();
         let mut writes = Vec::new();
         let mut moved = Vec::new();
         let mut done = Vec::new();
@@ -46,7 +45,7 @@ impl Inner {
                 let known: Vec<String> = a.consumers.iter().map(|c| c.name.clone()).collect();
                 let (mut dropped, mut renamed) = (0i64, Vec::new());
                 a.consumers.retain_mut(|c| {
-                    if c.acked || names.contains(&c.name) {
+                    if c.acked() || names.contains(&c.name) {
                         return true;
                     }
                     let successor = before
@@ -73,17 +72,16 @@ impl Inner {
                     version: a.version,
                     consumers: a.consumers.iter().map(|c| c.name.clone()).collect(),
                 });
-                writes.extend(
-                    a.consumers
-                        .iter()
-                        .filter(|c| c.acked)
-                        .map(|c| Write::Acked {
-                            key: key.clone(),
-                            version: a.version,
-                            consumer: c.name.clone(),
-                            at: now,
-                        }),
-                );
+                // The acks given, at the times they were given: `surface`
+                // shows them as each consumer's last use.
+                writes.extend(a.consumers.iter().filter_map(|c| {
+                    c.acked_at.map(|at| Write::Acked {
+                        key: key.clone(),
+                        version: a.version,
+                        consumer: c.name.clone(),
+                        at,
+                    })
+                }));
                 if !renamed.is_empty() {
                     moved.push((key.clone(), a.version, renamed));
                 }
@@ -179,7 +177,7 @@ impl Inner {
             a.consumers.push(Consumer {
                 name: row.consumer,
                 how,
-                acked,
+                acked_at: row.acked_at,
                 failing: None,
             });
         }

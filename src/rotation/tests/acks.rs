@@ -1069,6 +1069,43 @@ async fn a_reload_that_changes_a_retried_webhooks_url_retries_at_the_new_one() {
     rig.shutdown().await;
 }
 
+/// Defect: a reload that removed an awaited consumer's sink recorded the
+/// acks the other consumers had given anew, at the reload's time: `surface`
+/// showed the reload as their last use. They keep the times they acked at.
+#[tokio::test(start_paused = true)]
+async fn a_reload_keeps_the_times_the_acks_were_given_at() {
+    let a = SentSink::new("a");
+    let old = DownSink::new(usize::MAX);
+    let rig = rig_with(&[a.clone(), Arc::new(Named(old.clone(), "hook:old"))]);
+    rig.run().await;
+    rig.first_version().await;
+    tokio::time::sleep(MINUTE).await;
+    ack(&rig, 1, Some("sent:a")).await.unwrap();
+    let acked = |rig: &Rig| {
+        let acks = rig.store.snapshot().unwrap().acks;
+        let last = rig.store.last_acks().unwrap();
+        let at = |rows: &[crate::state::AckRow]| {
+            rows.iter()
+                .filter(|r| r.consumer != "hook:old")
+                .map(|r| (r.consumer.clone(), r.acked_at))
+                .collect::<Vec<_>>()
+        };
+        (at(&acks), at(&last))
+    };
+    let before = acked(&rig);
+    assert!(
+        !before.0.is_empty() && before.0.iter().all(|(_, at)| at.is_some()),
+        "sent:a acked: {before:?}"
+    );
+    assert_eq!(before.0, before.1, "{before:?}");
+    tokio::time::sleep(10 * MINUTE).await;
+    // hook:old, still awaited, leaves the config.
+    rig.engine.reload(reloaded(&rig, &[a.clone()])).await;
+    assert!(rig.status("c0").awaiting_ack.is_empty());
+    assert_eq!(acked(&rig), before, "the reload's time, not the ack's");
+    rig.shutdown().await;
+}
+
 /// Defect: a sink the reload removed was still retried, and after a
 /// restart it was a ghost `(ack=explicit)` consumer nothing retried. It is
 /// awaited no more, also after a restart.
