@@ -1100,7 +1100,8 @@ async fn a_reload_keeps_the_times_the_acks_were_given_at() {
     assert_eq!(before.0, before.1, "{before:?}");
     tokio::time::sleep(10 * MINUTE).await;
     // hook:old, still awaited, leaves the config.
-    rig.engine.reload(reloaded(&rig, &[a.clone()])).await;
+    let kept: Arc<dyn Sink> = a;
+    rig.engine.reload(reloaded(&rig, &[kept])).await;
     assert!(rig.status("c0").awaiting_ack.is_empty());
     assert_eq!(acked(&rig), before, "the reload's time, not the ack's");
     rig.shutdown().await;
