@@ -222,6 +222,40 @@ fn lock(m: &Memory) -> std::sync::MutexGuard<'_, HashMap<CredentialKey, Seen>> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Counts a failed check of a followed credential in its `row` at `now`,
+/// paced like the failures of a rotation: the first at once, and each next
+/// one only once the run of failures has lasted as long as a failing
+/// rotation would have waited for its next attempt by then (the parked
+/// delays: `retry.max_delay`, doubled per failure, at most an hour). A
+/// follower checks every `poll` (backing off to [`MAX_BACKOFF`]), far more
+/// often than a parked rotation is retried: counted per check, a 15-second
+/// vault outage reached `failures_warning = 2`. Paced, `failures_warning`
+/// and `failures_critical` mean the same outage on a follower as on its
+/// rotator, whatever `poll` is. The checks in between keep the count (and
+/// record their error).
+pub(super) fn count_check_failure(
+    row: &mut CredentialRow,
+    now: DateTime<Utc>,
+    retry: &crate::config::RetryConfig,
+) {
+    let n = row.consecutive_failures;
+    let Some(since) = row.failing_since.filter(|_| n > 0) else {
+        row.count_failure(now);
+        return;
+    };
+    // Past a few dozen failures every wait is the cap: bounded work.
+    let waited: Duration = (1..=n.min(64))
+        .map(|k| super::jobs::park_delay(retry, k))
+        .sum::<Duration>()
+        + super::jobs::park_delay(retry, 64) * n.saturating_sub(64);
+    let due = chrono::Duration::from_std(waited)
+        .ok()
+        .and_then(|w| since.checked_add_signed(w));
+    if due.is_some_and(|due| now >= due) {
+        row.count_failure(now);
+    }
+}
+
 /// The wait before the next poll: `poll` ±10 %, doubled per consecutive
 /// failed poll up to [`MAX_BACKOFF`] (or `poll`, if that is longer).
 pub(super) fn next_delay(poll: Duration, failures: u32) -> Duration {

@@ -6,8 +6,9 @@
 //!   failure of the run (`failing_since`, persisted with the count), and it
 //!   is gone once a rotation succeeds. On a followed credential the same
 //!   counts apply to its failed checks (a poll or nudged check that could
-//!   not read the vault, a delivery that failed), and the alert carries
-//!   `mode="follow"`; it is gone once a check succeeds.
+//!   not read the vault, a delivery that failed), counted at the pace of a
+//!   rotation's failures (`follow::count_check_failure`), and the alert
+//!   carries `mode="follow"`; it is gone once a check succeeds.
 //! - `KeyturnCredentialExpiring` (critical): less than
 //!   `expiry_critical_before` is left before the current version reaches
 //!   the credential's `max_age`. Began at `max_age - lead` after the

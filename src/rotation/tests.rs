@@ -1968,6 +1968,61 @@ fn the_back_off_is_capped_and_never_shorter_than_the_poll() {
     }
 }
 
+/// A follower's failed checks count at the pace of a rotation's failures:
+/// the first at once, the (n+1)th once the run has lasted the first n
+/// parked waits (`max_delay` doubled per failure, capped at an hour),
+/// whatever the number of checks in between; and a run of any length
+/// neither panics nor counts early.
+#[test]
+fn a_followers_failed_checks_count_at_a_rotations_pace() {
+    use super::follow::count_check_failure;
+    let retry = crate::config::RetryConfig {
+        initial_delay: Duration::from_millis(500),
+        max_delay: Duration::from_secs(60),
+        max_attempts: 5,
+    };
+    let t0 = Utc::now();
+    let at = |s: i64| t0 + chrono::Duration::seconds(s);
+    let mut row = CredentialRow {
+        key: key("c0"),
+        current_version: Some(1),
+        last_rotated_at: None,
+        next_due: None,
+        consecutive_failures: 0,
+        failing_since: None,
+        last_error: None,
+    };
+    // (seconds since the first failure, the count after a failed check)
+    for (s, n) in [
+        (0, 1),
+        (1, 1),
+        (15, 1),
+        (59, 1),
+        (60, 2),
+        (61, 2),
+        (179, 2),
+        (180, 3),
+        (419, 3),
+        (420, 4),
+    ] {
+        count_check_failure(&mut row, at(s), &retry);
+        assert_eq!(row.consecutive_failures, n, "at {s} s");
+        assert_eq!(row.failing_since, Some(t0), "one run");
+    }
+    // Deep in a long outage: an hour per count, and no overflow.
+    row.consecutive_failures = u32::MAX - 1;
+    count_check_failure(&mut row, at(3600), &retry);
+    assert_eq!(row.consecutive_failures, u32::MAX - 1);
+    // A success ends the run; the next failure starts one at once.
+    row.consecutive_failures = 0;
+    row.failing_since = None;
+    count_check_failure(&mut row, at(5000), &retry);
+    assert_eq!(
+        (row.consecutive_failures, row.failing_since),
+        (1, Some(at(5000)))
+    );
+}
+
 /// Without an index the follower polls each credential's mark, delivers
 /// each new version once, records it, and after a restart does not
 /// deliver it again; the scheduler never rotates it.

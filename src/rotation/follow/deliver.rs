@@ -165,7 +165,7 @@ impl Inner {
                     last_error: Some(format!("follow: {}", e.message)),
                     ..before
                 };
-                row.count_failure(now);
+                count_check_failure(&mut row, now, &self.catalog().config.daemon.retry);
                 row
             }
         };

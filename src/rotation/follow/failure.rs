@@ -28,7 +28,7 @@ impl Inner {
             last_error: Some(error),
             ..self.cred_row(key)
         };
-        row.count_failure(self.now());
+        count_check_failure(&mut row, self.now(), &self.catalog().config.daemon.retry);
         if let Some(l) = self.live().get_mut(key) {
             l.row = Some(row.clone().into());
         }

@@ -94,7 +94,7 @@ impl Inner {
                 last_error: Some(format!("follow: revoking: {}", e.message)),
                 ..before
             };
-            row.count_failure(self.now());
+            count_check_failure(&mut row, self.now(), &self.catalog().config.daemon.retry);
             if let Some(l) = self.live().get_mut(key) {
                 l.row = Some(row.clone().into());
             }

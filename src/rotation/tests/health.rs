@@ -397,7 +397,8 @@ async fn a_rotation_whose_staged_version_vanished_while_parked_is_abandoned_and_
 /// Defect: a followed credential whose checks kept failing raised no
 /// failure alert (the shipped Prometheus rule fired for it; keyturn's own
 /// alerts did not). It raises `KeyturnRotationFailing` at the same counts
-/// as a rotation (`failures_warning`, `failures_critical`), labelled
+/// as a rotation (`failures_warning`, `failures_critical`), its failed
+/// checks counted at the pace of a rotation's failures, labelled
 /// `mode="follow"` and saying it is following that fails; the first check
 /// that reads the vault again ends it. Its `max_age` counts from when this
 /// keyturn delivered the version.
@@ -415,9 +416,12 @@ async fn a_followed_credential_that_keeps_failing_raises_the_failure_alert_until
     let delivered = now(&rig);
     assert!(rig.engine.health_conditions(delivered).firing.is_empty());
 
-    // The next three polls cannot read c0's mark (no change index: each
-    // poll reads it); the fourth can.
-    rig.vault.fail("mark", 3, ErrorKind::Unauthorized, None);
+    // The next four polls cannot read c0's mark (no change index: each
+    // poll reads it); the fifth can. Failing, the polls back off: about 0,
+    // 2, 6 and 14 s, then 30 s.
+    let reads = |r: &Rig| r.vault.times("mark", None).len();
+    let before = reads(&rig);
+    rig.vault.fail("mark", 4, ErrorKind::Unauthorized, None);
     let failing = |r: &Rig| {
         r.engine
             .health_conditions(now(r))
@@ -425,6 +429,23 @@ async fn a_followed_credential_that_keeps_failing_raises_the_failure_alert_until
             .into_iter()
             .find(|a| a.name == ROTATION_FAILING)
     };
+    // Defect: each failed poll counted, so two polls within 2 s warned.
+    // Failures count as a rotation's do: the second once the run lasted
+    // the first parked wait (the rig's `max_delay`, 4 s), the third after
+    // 4 + 8 s.
+    rig.until(Duration::from_secs(5), "two failed polls", |r| {
+        reads(r) >= before + 2
+    })
+    .await;
+    let count = |r: &Rig| {
+        r.engine
+            .inner
+            .live()
+            .get(&key("c0"))
+            .and_then(|l| l.row.as_ref().map(|row| row.consecutive_failures))
+    };
+    assert_eq!(count(&rig), Some(1), "counted once so far");
+    assert!(failing(&rig).is_none(), "a 2-second outage warned");
     rig.until(Duration::from_secs(10), "the warning", |r| {
         failing(r).is_some_and(|a| a.severity == Severity::Warning)
     })
