@@ -394,17 +394,19 @@ impl TaskIssuer for PgIssuer {
     }
 
     async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, IssueError> {
-        // Any failure may follow a created role: `revoke` finds it by the
-        // task's name.
-        let minted: Result<Issued, PluginError> = async {
+        // Nothing is created before the admin connection is in hand; any
+        // failure after may follow a created role (`revoke` finds it by the
+        // task's name).
+        let nothing = IssueError::nothing_left;
+        let minted: Result<Issued, IssueError> = async {
             let task = req.task;
-            let (role, grant, ctx) = self.checked(req)?;
+            let (role, grant, ctx) = self.checked(req).map_err(nothing)?;
             let invalid = |m: String| PluginError::new(ErrorKind::Invalid, format!("{ctx}: {m}"));
             // VALID UNTIL in whole seconds, never after `expires_at`.
             let secs = req
                 .expires_at
                 .duration_since(UNIX_EPOCH)
-                .map_err(|_| invalid("expires_at is before 1970".into()))?
+                .map_err(|_| nothing(invalid("expires_at is before 1970".into())))?
                 .as_secs();
             let expires_at = UNIX_EPOCH + Duration::from_secs(secs);
             let until = humantime::format_rfc3339_seconds(expires_at).to_string();
@@ -418,7 +420,7 @@ impl TaskIssuer for PgIssuer {
                     symbols: false,
                 },
             })
-            .map_err(|e| PluginError::new(e.kind(), format!("{ctx}: {e}")))?
+            .map_err(|e| nothing(PluginError::new(e.kind(), format!("{ctx}: {e}"))))?
             .value;
             // A 4096-round PBKDF2: kept off the async workers.
             let verifier = {
@@ -426,7 +428,10 @@ impl TaskIssuer for PgIssuer {
                 tokio::task::spawn_blocking(move || scram::verifier(password.expose()))
                     .await
                     .map_err(|e| {
-                        PluginError::new(ErrorKind::Fatal, format!("{ctx}: hashing: {e}"))
+                        nothing(PluginError::new(
+                            ErrorKind::Fatal,
+                            format!("{ctx}: hashing: {e}"),
+                        ))
                     })?
             };
             let settings = IssueSettings {
@@ -445,8 +450,12 @@ impl TaskIssuer for PgIssuer {
                 app: application_name(task),
             };
 
-            let (dsn, pool) = self.admin.pool(&self.describe(), "issue").await?;
-            let mut conn = Lease::get(&pool, &ctx).await?;
+            let (dsn, pool) = self
+                .admin
+                .pool(&self.describe(), "issue")
+                .await
+                .map_err(nothing)?;
+            let mut conn = Lease::get(&pool, &ctx).await.map_err(nothing)?;
             loop {
                 let outcome = self.issue_on(&conn, &role, &settings, &ctx).await;
                 if !conn.again(&outcome, &ctx).await? {
@@ -527,7 +536,7 @@ impl TaskIssuer for PgIssuer {
             })
         }
         .await;
-        Ok(minted?)
+        minted
     }
 
     async fn revoke(
@@ -645,6 +654,7 @@ mod tests {
     use crate::tasks::issuers::IssuerConfig;
     use crate::tasks::issuers::test_support::{
         assert_error, assert_not_revoked, assert_revoked_now, attribution, in_an_hour, issue,
+        request,
     };
     use crate::test_support::server_test;
 
@@ -1540,6 +1550,35 @@ mod tests {
             "a host list in any order"
         );
         assert_eq!(of("hostaddr=10.0.0.5 port=6432"), "postgres 10.0.0.5:6432");
+    }
+
+    /// Nothing is created before the admin connection is in hand: an issue
+    /// whose admin login is refused, or whose server is down, says it left
+    /// nothing, and the task manager ends such a start at once rather than
+    /// retry revocations against a server it cannot reach.
+    #[apply(server_test!)]
+    async fn an_issue_that_never_reached_the_server_left_nothing() {
+        let fx = Fx::new().await;
+        let task = fx.task("unreached");
+        let grant = Grant(serde_json::json!({ "roles": [fx.low()] }));
+        let issuer = fx.issuer();
+        fx.use_admin(
+            &format!("kt_nobody_{}", fx.sfx),
+            "not-a-password",
+            "postgres",
+        );
+        let e = issuer
+            .issue(&request(&task, &grant, TTL))
+            .await
+            .expect_err("the admin login is refused");
+        assert!(e.nothing_left, "{e}");
+        std::fs::write(fx.dsn_file(), "host=127.0.0.1 port=1 user=x dbname=x\n").unwrap();
+        let e = issuer
+            .issue(&request(&task, &grant, TTL))
+            .await
+            .expect_err("nothing listens there");
+        assert!(e.nothing_left, "{e}");
+        assert!(!fx.role_exists(&format!("kt_task_{}", task.task_id)).await);
     }
 
     #[apply(server_test!)]
