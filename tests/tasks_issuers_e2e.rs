@@ -279,11 +279,11 @@ impl Drop for Bao {
     }
 }
 
-#[apply(server_test!)]
-fn a_vault_token_task_has_exactly_its_grant_and_is_revoked_at_end() {
-    let bao = Bao::new();
-    let port = free_port();
-    let env = env(
+/// [`env`] with the `vault_token` issuer `bao` on `bao`'s server, its
+/// token in `{dir}/bao-token`, granting `policies` (a TOML list's items)
+/// at low sensitivity, tasks of 5 minutes by default.
+fn bao_env(bao: &Bao, policies: &str, port: u16) -> Env {
+    env(
         &format!(
             r#"
 [issuers.bao]
@@ -295,9 +295,16 @@ timeout = "5s"
             addr = bao.addr,
         ),
         "5m",
-        &format!("bao = {{ policies = [\"{}\"] }}", bao.policy),
+        &format!("bao = {{ policies = [{policies}] }}"),
         port,
-    );
+    )
+}
+
+#[apply(server_test!)]
+fn a_vault_token_task_has_exactly_its_grant_and_is_revoked_at_end() {
+    let bao = Bao::new();
+    let port = free_port();
+    let env = bao_env(&bao, &format!("\"{}\"", bao.policy), port);
     std::fs::write(env.path().join("bao-token"), &bao.root).unwrap();
     let daemon = env.start();
 
@@ -393,22 +400,9 @@ fn a_vault_token_start_the_server_refuses_ends_at_once() {
         .unwrap()
     });
     let port = free_port();
-    let env = env(
-        &format!(
-            r#"
-[issuers.bao]
-type = "vault_token"
-address = "{addr}"
-token_file = "{{dir}}/bao-token"
-timeout = "5s"
-"#,
-            addr = bao.addr,
-        ),
-        "5m",
-        &format!(
-            "bao = {{ policies = [\"{}\", \"kt-e2e-not-held-{s}\"] }}",
-            bao.policy
-        ),
+    let env = bao_env(
+        &bao,
+        &format!("\"{}\", \"kt-e2e-not-held-{s}\"", bao.policy),
         port,
     );
     std::fs::write(env.path().join("bao-token"), &own.client_token).unwrap();

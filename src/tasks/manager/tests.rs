@@ -302,6 +302,16 @@ impl Harness {
             .unwrap_err()
     }
 
+    /// Starts a `high` task whose issue fails at `sts`: its record.
+    async fn failed_start_at_sts(&self) -> TaskRow {
+        let e = self.start_err("high").await;
+        let TaskError::Issue { task, issuer, .. } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(issuer, "sts");
+        self.mgr.store.get(task).unwrap().unwrap()
+    }
+
     /// Starts a task for `bot` at `sensitivity` (`ttl` in seconds): its id.
     async fn start(&self, sensitivity: &str, ttl: Option<u64>) -> String {
         self.start_as_bot(ask(sensitivity, ttl)).await
@@ -804,13 +814,8 @@ async fn credentials_that_cannot_be_ended_early_are_minted_last() {
     let sts = MemIssuer::new("sts");
     sts.fail_issue.store(1, Ordering::SeqCst);
     let h = harness_with(pg, sts);
-    let e = h.start_err("high").await;
-    let TaskError::Issue { task, issuer, .. } = &e else {
-        panic!("{e}")
-    };
-    assert_eq!(issuer, "sts");
+    let t = h.failed_start_at_sts().await;
     assert_eq!(h.pg.issues.load(Ordering::SeqCst), 0, "pg minted first");
-    let t = h.mgr.store.get(task).unwrap().unwrap();
     assert_ended(&t, "start_failed");
     let pg_item = t.items.iter().find(|i| i.issuer == "pg").unwrap();
     assert_eq!(pg_item.state, ItemState::Verified);
@@ -835,12 +840,7 @@ async fn a_refused_mint_ends_the_failed_start_at_once() {
         });
         sts.fail_issue.store(1, Ordering::SeqCst);
         let h = harness_with(pg, sts);
-        let e = h.start_err("high").await;
-        let TaskError::Issue { task, issuer, .. } = &e else {
-            panic!("{e}")
-        };
-        assert_eq!(issuer, "sts");
-        let t = h.mgr.store.get(task).unwrap().unwrap();
+        let t = h.failed_start_at_sts().await;
         let item = |name: &str| t.items.iter().find(|i| i.issuer == name).unwrap();
         assert_eq!(item("pg").state, ItemState::Verified, "pg revoked");
         if refused {
