@@ -74,9 +74,12 @@
 //! there, since the same-named role of another account is not the one the
 //! session belongs to.
 //!
-//! Without a handle (a crash between the mint and its record) neither the
-//! role nor the expiration is known: `revoke` answers the bound STS
-//! guarantees, 12 hours from now, and `verify_revoked` answers `false`.
+//! Without a handle (a crash between the mint and its record, an answer
+//! lost) neither the role nor the expiration is known. Every session is
+//! asked for the time left until the task's expiry when `AssumeRole` is
+//! sent (never under STS's 15 minutes), so `revoke` answers that expiry
+//! plus the call's `timeout` (or 15 minutes from now, whichever is later;
+//! at most STS's 12 hours), and `verify_revoked` answers `false`.
 //! `verify_revoked` with a handle: the expiration has passed, or (with the
 //! deny policy) a deny statement of the role's policy names the session.
 //!
@@ -143,8 +146,8 @@ pub use config::{StsGrant, StsIssuerConfig};
 use config::{check_external_id, check_role_arn, pack_policy};
 pub use deny::DENY_POLICY_NAME;
 use deny::*;
-use session::session_seconds;
 pub use session::{StsHandle, session_name, session_tags, source_identity, tag_value};
+use session::{session_seconds, unrecorded_session_end, until_expiry};
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -395,6 +398,9 @@ impl TaskIssuer for StsIssuer {
                 .map_err(IssueError::nothing_left)?;
         }
 
+        // Counted from now, when it is asked for: the session ends with the
+        // task (`revoke` without a handle relies on it).
+        let seconds = until_expiry(seconds, req.expires_at, SystemTime::now());
         let mut call = c
             .client
             .assume_role()
@@ -480,14 +486,16 @@ impl TaskIssuer for StsIssuer {
         &self,
         task: &TaskAttribution,
         handle: Option<&str>,
-        _expires_at: SystemTime,
+        expires_at: SystemTime,
     ) -> Result<Revoked, PluginError> {
         let Some(handle) = handle else {
-            // The session's expiration was never recorded; no session lasts
-            // longer than STS's maximum from its start, which was before now.
-            // (Its length is the task's TTL, at least STS's shortest, counted
-            // from when STS answered: the task's expiry is no bound.)
-            return Ok(Revoked::ExpiresAt(SystemTime::now() + MAX_SESSION));
+            // The session's expiration was never recorded: it ends with the
+            // task, give or take the call that asked for it.
+            return Ok(Revoked::ExpiresAt(unrecorded_session_end(
+                expires_at,
+                self.config.timeout(),
+                SystemTime::now(),
+            )));
         };
         let h = StsHandle::decode(handle).map_err(|e| {
             self.err(

@@ -90,6 +90,34 @@ pub(super) fn session_seconds(ttl: Duration, early_revocation: bool) -> Result<i
     Ok(ttl.as_secs() as i32)
 }
 
+/// `seconds` (from [`session_seconds`]) cut so that a session asked for at
+/// `now` ends with the task, at `expires_at`: the whole seconds left until
+/// then, rounded up, never under STS's shortest session. A session asked
+/// for the whole TTL once the start had taken a while would end that much
+/// after the task.
+pub(super) fn until_expiry(seconds: i32, expires_at: SystemTime, now: SystemTime) -> i32 {
+    let left = expires_at.duration_since(now).unwrap_or_default();
+    let left = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+    let floor = MIN_SESSION.as_secs();
+    seconds.min(i32::try_from(left.max(floor)).unwrap_or(i32::MAX))
+}
+
+/// When a session of a task whose expiration was never recorded ends at
+/// the latest (`revoke` without a handle): it was asked for at most the
+/// time left until the task's `expires_at` (or STS's shortest session),
+/// by a request that took at most `timeout`, before `now`; and no session
+/// outlives STS's longest from its start.
+pub(super) fn unrecorded_session_end(
+    expires_at: SystemTime,
+    timeout: Duration,
+    now: SystemTime,
+) -> SystemTime {
+    let with_the_call = expires_at
+        .checked_add(timeout + Duration::from_secs(1))
+        .unwrap_or(expires_at);
+    with_the_call.max(now + MIN_SESSION).min(now + MAX_SESSION)
+}
+
 /// What `revoke` and `verify_revoked` need of a session, persisted as the
 /// task's handle. Not secret: an access key id identifies a credential
 /// without granting anything.

@@ -310,6 +310,34 @@ fn ttls_outside_sts_session_bounds_are_refused() {
     assert!(long.contains("43200s"), "{long}");
 }
 
+/// A session asked for once the start took a while ends with the task,
+/// not a TTL later than its start; never under STS's shortest.
+#[test]
+fn the_session_is_cut_to_end_with_the_task() {
+    let now = SystemTime::now();
+    let at = |s: u64| now + Duration::from_secs(s);
+    assert_eq!(until_expiry(3600, at(3600), now), 3600);
+    assert_eq!(
+        until_expiry(3600, at(3590) + Duration::from_millis(1), now),
+        3591,
+        "rounded up"
+    );
+    assert_eq!(until_expiry(3600, at(7200), now), 3600, "never longer");
+    assert_eq!(until_expiry(900, at(899), now), 900, "STS's shortest");
+    assert_eq!(until_expiry(900, now - Duration::from_secs(5), now), 900);
+    let call = Duration::from_secs(30);
+    assert_eq!(
+        unrecorded_session_end(at(3600), call, now),
+        at(3631),
+        "the task's expiry, and the call"
+    );
+    assert_eq!(unrecorded_session_end(at(60), call, now), now + MIN_SESSION);
+    assert_eq!(
+        unrecorded_session_end(at(100_000), call, now),
+        now + MAX_SESSION
+    );
+}
+
 #[tokio::test]
 async fn a_short_ttl_is_refused_before_anything_is_minted() {
     // Nothing listens there: the refusal comes before any call.
@@ -371,12 +399,29 @@ async fn revoke_and_verify_follow_the_session_expiry() {
         Revoked::Now
     );
 
-    // No handle: the bound STS guarantees, and no claim that it is over.
+    // No handle: no claim that it is over. Defect: the bound was STS's
+    // longest session (12 h) whatever the task, so a start that failed
+    // with a lost answer stayed `ending`, and overdue, for 12 hours. The
+    // session was asked for the time left until the task's expiry (at
+    // least STS's shortest), by a call of at most `timeout`.
+    let ends = in_an_hour();
+    let call = StsIssuerConfig::default().timeout() + Duration::from_secs(1);
+    assert_eq!(
+        issuer.revoke(&t, None, ends).await.unwrap(),
+        Revoked::ExpiresAt(ends + call)
+    );
     let before = SystemTime::now();
-    match issuer.revoke(&t, None, in_an_hour()).await.unwrap() {
-        Revoked::ExpiresAt(at) => assert!(at >= before + MAX_SESSION, "{at:?}"),
-        other => panic!("without a handle the session may live: {other:?}"),
-    }
+    let Revoked::ExpiresAt(at) = issuer
+        .revoke(&t, None, before + Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("without a handle the session may live");
+    };
+    assert!(
+        at >= before + MIN_SESSION && at <= SystemTime::now() + MIN_SESSION,
+        "STS's shortest session: {at:?}"
+    );
     assert!(!issuer.verify_revoked(&t, None).await.unwrap());
 
     let e = issuer
