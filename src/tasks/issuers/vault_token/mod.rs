@@ -68,7 +68,8 @@
 //! TTL is the time left until it), and never later than now + `max_ttl`,
 //! the longest TTL this issuer ever mints. An `issue` that failed because
 //! the server refused the create request (4xx), or whose token was not the
-//! grant and was revoked at once, left no token: the task ends at once.
+//! grant and was revoked at once, or that could not connect, left no token:
+//! the task ends at once.
 //!
 //! Batch tokens cannot be revoked one by one (they end only at their TTL),
 //! so a grant asking for `token_type = "batch"` is refused.
@@ -466,6 +467,20 @@ fn unknown_accessor(e: &ClientError) -> bool {
             if errors.iter().any(|m| m.contains("invalid accessor")))
 }
 
+/// Whether a failed request certainly made nothing at the server: it
+/// answered 4xx (refused), or the connection to it was never made (the
+/// request was not sent).
+fn made_nothing(e: &ClientError) -> bool {
+    if http_status(e).is_some_and(|s| (400..500).contains(&s)) {
+        return true;
+    }
+    matches!(e, ClientError::RestClientError {
+        source: rustify::errors::ClientError::RequestError { source, .. },
+    } if source
+        .chain()
+        .any(|c| c.downcast_ref::<reqwest::Error>().is_some_and(reqwest::Error::is_connect)))
+}
+
 /// The attribution as token metadata: the server's audit log records it
 /// with every request the token makes.
 fn attribution_meta(t: &TaskAttribution) -> HashMap<String, String> {
@@ -555,14 +570,13 @@ impl TaskIssuer for VaultTokenIssuer {
         let ttl = format!("{ttl_s}s");
         let display = format!("keyturn-{}-{}", task.agent, task.task_id);
         let meta = attribution_meta(task);
-        // Whether the last attempt's answer was the server refusing the
-        // request (4xx): then no token exists. A lost answer (a reset, a
-        // timeout, a 5xx) may follow a token that was made.
+        // Whether the last attempt made no token: the server refused the
+        // request (4xx), or no connection to it was made. A lost answer (a
+        // reset, a timeout, a 5xx) may follow a token that was made.
         let refused = std::sync::atomic::AtomicBool::new(false);
         let refusal = |r: Result<vaultrs::api::AuthInfo, ClientError>| {
-            let status = r.as_ref().err().and_then(http_status);
             refused.store(
-                status.is_some_and(|s| (400..500).contains(&s)),
+                r.as_ref().err().is_some_and(made_nothing),
                 std::sync::atomic::Ordering::Relaxed,
             );
             r

@@ -594,6 +594,31 @@ fn offline() -> Arc<dyn TaskIssuer> {
     .expect("build does no I/O")
 }
 
+/// Nothing listens at the address: the create request was never sent, so
+/// no token exists and the failed start ends at once.
+#[tokio::test]
+async fn an_issue_that_cannot_connect_left_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "kt-not-a-real-token").unwrap();
+    let issuer = TokenIssuerConfig {
+        address: "http://127.0.0.1:9".into(),
+        token_file: Some(token),
+        max_ttl: Some("10m".into()),
+        ..TokenIssuerConfig::default()
+    }
+    .build()
+    .unwrap();
+    let task = fresh_task();
+    let grant = Grant(json!({ "policies": ["read-a"] }));
+    let e = issuer
+        .issue(&request(&task, &grant, Duration::from_secs(60)))
+        .await
+        .expect_err("nothing listens on port 9");
+    assert!(e.nothing_left, "{e}");
+    assert!(e.error.message.contains("cannot reach"), "{e}");
+}
+
 #[tokio::test]
 async fn without_a_handle_revoke_says_when_the_token_ends_at_the_latest() {
     let issuer = offline();
