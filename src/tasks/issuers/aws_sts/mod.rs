@@ -350,6 +350,21 @@ fn task_role(task: &TaskAttribution, role_arn: &str) -> String {
     format!("for task {} (role {role_arn})", task.task_id)
 }
 
+/// Whether the HTTP client never connected to STS (refused, no route,
+/// DNS): the request was not sent.
+fn never_connected(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(hyper_util::client::legacy::Error::is_connect)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 #[async_trait]
 impl TaskIssuer for StsIssuer {
     fn describe(&self) -> String {
@@ -419,13 +434,15 @@ impl TaskIssuer for StsIssuer {
         let out = call.send().await.map_err(|e| {
             let (kind, detail) = sdk_error_detail(&e, &c.endpoint, self.config.timeout());
             let error = self.err(kind, "issue (AssumeRole)", &what, detail);
-            // STS refused the request (4xx), or it was never sent: no
-            // session exists. A lost answer may follow one that does.
+            // STS refused the request (4xx), or it was never sent (not
+            // built, no connection made): no session exists. A lost answer
+            // may follow one that does.
             let refused = match &e {
                 aws_sdk_sts::error::SdkError::ServiceError(se) => {
                     se.raw().status().is_client_error()
                 }
                 aws_sdk_sts::error::SdkError::ConstructionFailure(_) => true,
+                aws_sdk_sts::error::SdkError::DispatchFailure(_) => never_connected(&e),
                 _ => false,
             };
             if refused {

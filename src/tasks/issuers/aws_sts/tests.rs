@@ -310,6 +310,32 @@ fn ttls_outside_sts_session_bounds_are_refused() {
     assert!(long.contains("43200s"), "{long}");
 }
 
+/// Nothing listens at STS's endpoint: `AssumeRole` was never sent, so no
+/// session exists and the failed start ends at once.
+#[tokio::test]
+async fn an_issue_that_cannot_connect_left_nothing() {
+    let issuer = StsIssuer::with_credentials(
+        StsIssuerConfig {
+            region: Some("us-east-1".into()),
+            endpoint_url: Some("http://127.0.0.1:9".into()),
+            timeout: Some("5s".into()),
+            ..StsIssuerConfig::default()
+        },
+        aws_sdk_sts::config::Credentials::new("AKIDEXAMPLE", "not-a-secret", None, None, "test"),
+    );
+    let t = task("unreached");
+    let grant = Grant(serde_json::json!({
+        "role_arn": "arn:aws:iam::123456789012:role/x",
+        "session_policy": POLICY,
+    }));
+    let e = issuer
+        .issue(&request(&t, &grant, Duration::from_secs(900)))
+        .await
+        .expect_err("nothing listens on port 9");
+    assert!(e.nothing_left, "{e}");
+    assert_eq!(e.error.kind, ErrorKind::Transient, "{e}");
+}
+
 /// A session asked for once the start took a while ends with the task,
 /// not a TTL later than its start; never under STS's shortest.
 #[test]
