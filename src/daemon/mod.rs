@@ -89,11 +89,12 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let started = std::time::Instant::now();
     memory::configure();
     let nofile = raise_nofile_limit();
-    let (config, config_files) =
+    let (config, read_files) =
         memory::apart(|| config::load_tracked(config_path)).map_err(DaemonError::Config)?;
-    // A copy on this thread: the one read is freed with the config (see
-    // `memory::apart`).
-    let mut config_files = config_files.clone();
+    // A copy on this thread, and the one read freed now (a shadowed binding
+    // would live as long as the daemon; see `memory::apart`).
+    let mut config_files = read_files.clone();
+    drop(read_files);
     // The settings `keyturn check` checks on this host too: a config error.
     config::check_host(&config).map_err(DaemonError::Config)?;
     tracing::debug!(elapsed = ?started.elapsed(), "config loaded");

@@ -637,6 +637,32 @@ fn forbidden<E>(refused: &aws_sdk_secretsmanager::error::SdkError<E>) -> String 
     body
 }
 
+/// A start that got to STS late (the task's expiry 1,000 s away, its TTL
+/// 1,200 s): the session ends with the task, not a TTL after the call,
+/// which `revoke` without a handle relies on.
+#[apply(server_test!)]
+async fn a_session_asked_for_late_ends_with_the_task_real_server() {
+    let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
+    let issuer = moto.issuer(&setup.access_key_id, &setup.secret_access_key);
+    let grant = setup.grant();
+    let ends = SystemTime::now() + Duration::from_secs(1000);
+    let late = issuer
+        .issue(&IssueRequest {
+            task: &task(&unique_task()),
+            grant: &grant,
+            ttl: Duration::from_secs(1200),
+            expires_at: ends,
+        })
+        .await
+        .expect("issue");
+    let slack = Duration::from_secs(2);
+    assert!(
+        late.expires_at <= ends + slack && late.expires_at + slack >= ends,
+        "expires {:?}, the task at {ends:?}",
+        late.expires_at
+    );
+}
+
 #[apply(server_test!)]
 async fn issued_session_works_for_the_allowed_call_and_is_refused_outside_real_server() {
     let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
