@@ -818,10 +818,10 @@ fn apply(db: &Connection, write: &Write) -> rusqlite::Result<()> {
                 t.dir.as_deref().map(path_text).transpose()?
             ])?;
             let mut item = db.prepare_cached(
-                "INSERT INTO task_items (task, issuer, state, origin) VALUES (?1, ?2, 'issuing', ?3)",
+                "INSERT INTO task_items (task, issuer, state, origin, handle) VALUES (?1, ?2, 'issuing', ?3, ?4)",
             )?;
             for i in &t.items {
-                item.execute(params![a.task_id, i.issuer, i.origin])?;
+                item.execute(params![a.task_id, i.issuer, i.origin, i.handle])?;
             }
         }
         Write::Item {

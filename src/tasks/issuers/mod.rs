@@ -20,7 +20,11 @@
 //!   is called with `handle: None` and must find the credential from the
 //!   task id alone where the system allows (a role named after the task), or
 //!   say in [`Revoked::ExpiresAt`] when it ends by itself (by the task's
-//!   expiry, which `revoke` is given, when the system enforced it).
+//!   expiry, which `revoke` is given, when the system enforced it). An
+//!   issuer that can name the credential before minting it (an STS
+//!   session: its role, and a name that follows from the task) says so in
+//!   [`TaskIssuer::handle_before_issue`]; that handle is recorded with the
+//!   task and given to `revoke` and `verify_revoked` instead of `None`.
 //! - **Failed issues.** An `issue` error may leave a credential behind (the
 //!   answer to the mint was lost): the manager then revokes as after a
 //!   crash. An issuer that knows nothing is left (the system refused the
@@ -192,6 +196,19 @@ pub trait TaskIssuer: Send + Sync {
             Some(h) => h.to_owned(),
             None => format!("not recorded (task {})", task.task_id),
         }
+    }
+
+    /// What names the credential [`Self::issue`] is about to mint for
+    /// `req`, when the issuer knows it before the mint, or `None` (the
+    /// default). The manager records it with the item as the task is
+    /// persisted, before anything is issued: after a crash between the mint
+    /// and its record, or an `issue` whose answer was lost, `revoke` and
+    /// `verify_revoked` are given this handle instead of `None`, so an
+    /// issuer that can end a credential early ends this one too. A handle
+    /// from `issue` replaces it. Not secret, and no I/O.
+    fn handle_before_issue(&self, req: &IssueRequest<'_>) -> Option<String> {
+        let _ = req;
+        None
     }
 
     /// The system this issuer reaches now, as a stable, non-secret identity

@@ -96,6 +96,14 @@ impl TaskManager {
                 Err(error) => refusal = Some((name, error)),
             }
         }
+        // What each issuer can name before it mints, recorded with the
+        // task: a lost answer or a crash after the mint leaves revoke that.
+        let before: BTreeMap<&str, String> = grants
+            .iter()
+            .filter_map(|(name, issuer, req)| {
+                Some((name.as_str(), issuer.handle_before_issue(req)?))
+            })
+            .collect();
         if let Some((issuer_name, error)) = refusal {
             let why = format!("issuer_refused: issuer `{issuer_name}`: {error}");
             self.refused(caller, &task, why).await;
@@ -124,7 +132,7 @@ impl TaskManager {
                 .keys()
                 .map(|issuer| ItemRow {
                     issuer: issuer.clone(),
-                    handle: None,
+                    handle: before.get(issuer.as_str()).cloned(),
                     state: ItemState::Issuing,
                     expires_at_ms: None,
                     last_error: None,

@@ -39,6 +39,11 @@ struct MemIssuer {
     issue_delay_s: AtomicU32,
     /// Seconds `revoke` takes.
     revoke_delay_s: AtomicU32,
+    /// Names its credential before minting it (`handle_before_issue`), as
+    /// STS does with the role a session is asked of.
+    names_before: bool,
+    /// The handle each `revoke` was given.
+    revoked_handles: Mutex<Vec<Option<String>>>,
 }
 
 impl MemIssuer {
@@ -91,6 +96,11 @@ impl TaskIssuer for MemIssuer {
         !self.expires_only
     }
 
+    fn handle_before_issue(&self, req: &IssueRequest<'_>) -> Option<String> {
+        self.names_before
+            .then(|| format!("{}-asked-{}", self.name, req.task.task_id))
+    }
+
     async fn issue(&self, req: &IssueRequest<'_>) -> Result<Issued, IssueError> {
         self.issues.fetch_add(1, Ordering::SeqCst);
         let delay = self.issue_delay_s.load(Ordering::SeqCst);
@@ -124,10 +134,14 @@ impl TaskIssuer for MemIssuer {
     async fn revoke(
         &self,
         task: &TaskAttribution,
-        _handle: Option<&str>,
+        handle: Option<&str>,
         _expires_at: SystemTime,
     ) -> Result<Revoked, PluginError> {
         self.revokes.fetch_add(1, Ordering::SeqCst);
+        self.revoked_handles
+            .lock()
+            .unwrap()
+            .push(handle.map(str::to_owned));
         let delay = self.revoke_delay_s.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(delay.into())).await;
         if self.fail_revoke.load(Ordering::SeqCst) > 0 {
@@ -300,6 +314,18 @@ impl Harness {
             .start(&caller("bot"), ask(sensitivity, None))
             .await
             .unwrap_err()
+    }
+
+    /// Runs `start` for a second, into `sts`'s slow issue (its
+    /// `issue_delay_s` set): the start must not complete.
+    async fn until_issuing_at_sts<F: Future<Output = Result<Started, TaskError>>>(
+        &self,
+        start: &mut std::pin::Pin<Box<F>>,
+    ) {
+        tokio::select! {
+            r = start => panic!("the start completed: {r:?}"),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 
     /// Starts a `high` task whose issue fails at `sts`: its record.
@@ -648,10 +674,7 @@ async fn a_start_abandoned_half_way_is_ended_as_a_failed_start() {
     h.sts.issue_delay_s.store(30, Ordering::SeqCst);
     let bot = caller("bot");
     let mut start = Box::pin(h.mgr.start(&bot, ask("high", None)));
-    tokio::select! {
-        r = &mut start => panic!("the start completed: {r:?}"),
-        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-    }
+    h.until_issuing_at_sts(&mut start).await;
     let open = h.mgr.list(Some("bot"), 0).unwrap();
     let id = open[0].task.task_id.clone();
     assert_eq!(open[0].state, TaskState::Starting);
@@ -855,6 +878,60 @@ async fn a_refused_mint_ends_the_failed_start_at_once() {
         }
         assert_eq!(h.mgr.figures().unwrap().revocation_overdue, 0);
     }
+}
+
+/// An issuer that names its credential before the mint (an STS session:
+/// the role it is asked of) gets that name in `revoke` after an issue whose
+/// answer was lost, and after a crash between the mint and its record;
+/// a handle from `issue` replaces it.
+#[tokio::test(start_paused = true)]
+async fn revoke_gets_the_handle_named_before_the_mint() {
+    let sts = Arc::new(MemIssuer {
+        name: "sts".into(),
+        names_before: true,
+        ..Default::default()
+    });
+    sts.fail_issue.store(1, Ordering::SeqCst);
+    let h = harness_with(MemIssuer::new("pg"), sts);
+    // A lost answer.
+    let t = h.failed_start_at_sts().await;
+    let asked = format!("sts-asked-{}", t.task.task_id);
+    assert_eq!(
+        *h.sts.revoked_handles.lock().unwrap(),
+        [Some(asked.clone())]
+    );
+    assert_ended(&t, "start_failed");
+    let item = t.items.iter().find(|i| i.issuer == "sts").unwrap();
+    assert_eq!(item.handle.as_deref(), Some(asked.as_str()));
+    assert_eq!(h.pg.revokes.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        *h.pg.revoked_handles.lock().unwrap(),
+        [Some(format!("pg-{}", t.task.task_id))]
+    );
+
+    // Issued: the handle `issue` returned is the one revoked.
+    h.sts.revoked_handles.lock().unwrap().clear();
+    let id = h.start("high", None).await;
+    h.mgr.end(&caller("bot"), &id).await.unwrap();
+    assert_eq!(
+        *h.sts.revoked_handles.lock().unwrap(),
+        [Some(format!("sts-{id}"))]
+    );
+
+    // A start that died during the call (its request dropped, as the
+    // process would be): the name recorded before it is what is revoked.
+    h.sts.revoked_handles.lock().unwrap().clear();
+    h.sts.issue_delay_s.store(30, Ordering::SeqCst);
+    let bot = caller("bot");
+    let mut start = Box::pin(h.mgr.start(&bot, ask("high", None)));
+    h.until_issuing_at_sts(&mut start).await;
+    drop(start);
+    let id = h.mgr.list(Some("bot"), 0).unwrap()[0].task.task_id.clone();
+    h.mgr.tick().await.unwrap();
+    assert_eq!(
+        *h.sts.revoked_handles.lock().unwrap(),
+        [Some(format!("sts-asked-{id}"))]
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -19,7 +19,8 @@ pub struct StsIssuerConfig {
     /// End a session at once on revoke, with a deny statement in the
     /// inline policy `keyturn-revoked-sessions` of its role (see the module
     /// docs). Off by default: it needs `iam:GetRolePolicy` and
-    /// `iam:PutRolePolicy` on the task roles.
+    /// `iam:PutRolePolicy` on the task roles, and `iam:GetRole` to end a
+    /// session whose answer was never recorded.
     #[serde(default)]
     pub revoke_with_deny_policy: bool,
     /// IAM's endpoint for `revoke_with_deny_policy` (moto in tests);

@@ -152,6 +152,102 @@ impl StsIssuer {
         }
     }
 
+    /// Writes a statement denying the session `user_id` (expiring at
+    /// `expires`, unix seconds) into `role_arn`'s deny policy, pruning the
+    /// statements whose sessions have all expired; nothing when it is
+    /// listed already.
+    pub(super) async fn deny_session(
+        &self,
+        c: &Connected,
+        what: &str,
+        role_arn: &str,
+        user_id: &str,
+        expires: u64,
+    ) -> Result<(), PluginError> {
+        let _one_writer = self.deny_writes.lock().await;
+        let existing = self.deny_policy(c, "revoke", what, role_arn).await?;
+        let updated = deny_policy_with(existing.as_deref(), user_id, expires, unix_now())
+            .map_err(|e| self.err(ErrorKind::Invalid, "revoke", what, e))?;
+        if let Some(doc) = updated {
+            c.iam
+                .put_role_policy()
+                .role_name(role_name(role_arn))
+                .policy_name(DENY_POLICY_NAME)
+                .policy_document(doc)
+                .send()
+                .await
+                .map_err(|e| {
+                    let (kind, detail) =
+                        sdk_error_detail(&e, &c.iam_endpoint, self.config.timeout());
+                    self.err(kind, "revoke (PutRolePolicy)", what, detail)
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Denies the task's session of the role it was asked of, whose
+    /// answer was never recorded, until `end` (the latest it can end):
+    /// `false` when its id cannot be known (see
+    /// [`Self::asked_session_id`]).
+    pub(super) async fn deny_asked(
+        &self,
+        task: &TaskAttribution,
+        asked: &AskedHandle,
+        end: SystemTime,
+    ) -> Result<bool, PluginError> {
+        let what = task_role(task, &asked.asked_of);
+        let c = self.connected().await?;
+        self.role_in_own_account(c, "revoke", &what, &asked.asked_of)
+            .await?;
+        let Some(id) = self
+            .asked_session_id(c, "revoke", &what, &asked.asked_of, task)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let end = end
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() + 1)
+            .unwrap_or(0);
+        self.deny_session(c, &what, &asked.asked_of, &id, end)
+            .await?;
+        Ok(true)
+    }
+
+    /// The `aws:userid` of the task's session of `role_arn`,
+    /// `ROLEID:keyturn-<task_id>`, from `GetRole`; `None` when IAM refuses
+    /// to say (no such role: its sessions are gone with it; or no
+    /// `iam:GetRole` permission: the session then ends by itself).
+    pub(super) async fn asked_session_id(
+        &self,
+        c: &Connected,
+        op: &str,
+        what: &str,
+        role_arn: &str,
+        task: &TaskAttribution,
+    ) -> Result<Option<String>, PluginError> {
+        match c.iam.get_role().role_name(role_name(role_arn)).send().await {
+            Ok(out) => Ok(out
+                .role()
+                .map(|r| format!("{}:{}", r.role_id(), session_name(&task.task_id)))),
+            Err(e) => {
+                let (kind, detail) = sdk_error_detail(&e, &c.iam_endpoint, self.config.timeout());
+                let refused = e
+                    .raw_response()
+                    .is_some_and(|r| r.status().is_client_error());
+                if refused {
+                    tracing::warn!(
+                        task = %task.task_id,
+                        "{op}: GetRole of {role_arn} refused ({detail}): the session whose \
+                         answer was not recorded is not denied, it ends by itself"
+                    );
+                    return Ok(None);
+                }
+                Err(self.err(kind, &format!("{op} (GetRole)"), what, detail))
+            }
+        }
+    }
+
     /// `Ok` when the issuer's credentials are of the account (and
     /// partition) of `role_arn`. IAM acts in the caller's own account: the
     /// deny policy of a role of another account would be written to, and

@@ -64,6 +64,13 @@
 //!   role at the same moment can lose one entry (IAM has no conditional
 //!   write) — `verify_revoked` reads the policy back, so the task manager
 //!   sees it and revokes again.
+//! - a session whose AssumeRole answer was never recorded (keyturn killed
+//!   after the call, or the answer lost) has only the handle recorded
+//!   before the call ([`AskedHandle`]: the role it was asked of). Its
+//!   `aws:userid` is the role's id (`GetRole`) and the session's name; it
+//!   is denied until it would end at the latest (the task's expiry plus
+//!   the call's timeout, or STS's shortest session). Without
+//!   `iam:GetRole` (or the role gone) it ends by itself, by then.
 //!
 //! IAM acts in the account of the issuer's own credentials, so the deny
 //! policy is only ever written to (and read back from) a role of that
@@ -146,7 +153,9 @@ pub use config::{StsGrant, StsIssuerConfig};
 use config::{check_external_id, check_role_arn, pack_policy};
 pub use deny::DENY_POLICY_NAME;
 use deny::*;
-pub use session::{StsHandle, session_name, session_tags, source_identity, tag_value};
+pub use session::{
+    AskedHandle, SessionHandle, StsHandle, session_name, session_tags, source_identity, tag_value,
+};
 use session::{session_seconds, unrecorded_session_end, until_expiry};
 
 fn unix_now() -> u64 {
@@ -377,13 +386,27 @@ impl TaskIssuer for StsIssuer {
 
     fn object(&self, task: &TaskAttribution, handle: Option<&str>) -> String {
         let session = session_name(&task.task_id);
-        match handle.map(StsHandle::decode) {
-            Some(Ok(h)) => format!(
+        match handle.map(SessionHandle::decode) {
+            Some(Ok(SessionHandle::Session(h))) => format!(
                 "STS session {session} of {} (access key {})",
                 h.role_arn, h.access_key_id
             ),
+            Some(Ok(SessionHandle::Asked(a))) => {
+                format!("STS session {session} of {} (not recorded)", a.asked_of)
+            }
             _ => format!("STS session {session}"),
         }
+    }
+
+    /// The role the session is asked of: its `aws:userid` follows.
+    fn handle_before_issue(&self, req: &IssueRequest<'_>) -> Option<String> {
+        let grant: StsGrant = req.grant.parse().ok()?;
+        Some(
+            AskedHandle {
+                asked_of: grant.role_arn,
+            }
+            .encode(),
+        )
     }
 
     async fn precheck(&self, req: &IssueRequest<'_>) -> Result<(), PluginError> {
@@ -505,25 +528,48 @@ impl TaskIssuer for StsIssuer {
         handle: Option<&str>,
         expires_at: SystemTime,
     ) -> Result<Revoked, PluginError> {
-        let Some(handle) = handle else {
-            // The session's expiration was never recorded: it ends with the
-            // task, give or take the call that asked for it.
-            return Ok(Revoked::ExpiresAt(unrecorded_session_end(
-                expires_at,
-                self.config.timeout(),
-                SystemTime::now(),
-            )));
+        // The session's expiration was never recorded: it ends with the
+        // task, give or take the call that asked for it.
+        let unrecorded_end =
+            || unrecorded_session_end(expires_at, self.config.timeout(), SystemTime::now());
+        let h = match handle.map(SessionHandle::decode).transpose() {
+            Ok(Some(SessionHandle::Session(h))) => h,
+            Ok(None) => return Ok(Revoked::ExpiresAt(unrecorded_end())),
+            Ok(Some(SessionHandle::Asked(asked))) => {
+                let end = unrecorded_end();
+                if !self.config.revoke_with_deny_policy {
+                    return Ok(Revoked::ExpiresAt(end));
+                }
+                return match self.deny_asked(task, &asked, end).await {
+                    Ok(true) => Ok(Revoked::Now),
+                    Ok(false) => Ok(Revoked::ExpiresAt(end)),
+                    // The handle has no expiration to give up at: retried
+                    // while it may help, up to STS's shortest session
+                    // past the task's expiry.
+                    Err(e)
+                        if e.kind.is_retryable()
+                            && expires_at
+                                .checked_add(MIN_SESSION)
+                                .is_some_and(|last| SystemTime::now() < last) =>
+                    {
+                        Err(e)
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            task = %task.task_id,
+                            "revoke: the session whose answer was not recorded could not be \
+                             denied ({e}): it ends by itself"
+                        );
+                        Ok(Revoked::ExpiresAt(end))
+                    }
+                };
+            }
+            Err(e) => {
+                let what = format!("for task {}", task.task_id);
+                return Err(self.err(ErrorKind::Fatal, "revoke", &what, e));
+            }
         };
-        let h = StsHandle::decode(handle).map_err(|e| {
-            self.err(
-                ErrorKind::Fatal,
-                "revoke",
-                &format!("for task {}", task.task_id),
-                e,
-            )
-        })?;
-        let now = unix_now();
-        if now >= h.expires {
+        if unix_now() >= h.expires {
             return Ok(Revoked::Now);
         }
         if !self.config.revoke_with_deny_policy {
@@ -533,24 +579,8 @@ impl TaskIssuer for StsIssuer {
         let c = self.connected().await?;
         self.role_in_own_account(c, "revoke", &what, &h.role_arn)
             .await?;
-        let _one_writer = self.deny_writes.lock().await;
-        let existing = self.deny_policy(c, "revoke", &what, &h.role_arn).await?;
-        let updated = deny_policy_with(existing.as_deref(), &h.assumed_role_id, h.expires, now)
-            .map_err(|e| self.err(ErrorKind::Invalid, "revoke", &what, e))?;
-        if let Some(doc) = updated {
-            c.iam
-                .put_role_policy()
-                .role_name(role_name(&h.role_arn))
-                .policy_name(DENY_POLICY_NAME)
-                .policy_document(doc)
-                .send()
-                .await
-                .map_err(|e| {
-                    let (kind, detail) =
-                        sdk_error_detail(&e, &c.iam_endpoint, self.config.timeout());
-                    self.err(kind, "revoke (PutRolePolicy)", &what, detail)
-                })?;
-        }
+        self.deny_session(c, &what, &h.role_arn, &h.assumed_role_id, h.expires)
+            .await?;
         Ok(Revoked::Now)
     }
 
@@ -559,33 +589,43 @@ impl TaskIssuer for StsIssuer {
         task: &TaskAttribution,
         handle: Option<&str>,
     ) -> Result<bool, PluginError> {
-        let Some(handle) = handle else {
-            return Ok(false);
+        let (role_arn, user_id) = match handle.map(SessionHandle::decode).transpose() {
+            Ok(None) => return Ok(false),
+            Ok(Some(SessionHandle::Session(h))) => {
+                if unix_now() >= h.expires {
+                    return Ok(true);
+                }
+                (h.role_arn, Some(h.assumed_role_id))
+            }
+            Ok(Some(SessionHandle::Asked(asked))) => (asked.asked_of, None),
+            Err(e) => {
+                let what = format!("for task {}", task.task_id);
+                return Err(self.err(ErrorKind::Fatal, "verify_revoked", &what, e));
+            }
         };
-        let h = StsHandle::decode(handle).map_err(|e| {
-            self.err(
-                ErrorKind::Fatal,
-                "verify_revoked",
-                &format!("for task {}", task.task_id),
-                e,
-            )
-        })?;
-        if unix_now() >= h.expires {
-            return Ok(true);
-        }
         if !self.config.revoke_with_deny_policy {
             return Ok(false);
         }
-        let what = task_role(task, &h.role_arn);
+        let what = task_role(task, &role_arn);
         let c = self.connected().await?;
-        self.role_in_own_account(c, "verify_revoked", &what, &h.role_arn)
+        self.role_in_own_account(c, "verify_revoked", &what, &role_arn)
             .await?;
+        let user_id = match user_id {
+            Some(id) => id,
+            None => match self
+                .asked_session_id(c, "verify_revoked", &what, &role_arn, task)
+                .await?
+            {
+                Some(id) => id,
+                None => return Ok(false),
+            },
+        };
         match self
-            .deny_policy(c, "verify_revoked", &what, &h.role_arn)
+            .deny_policy(c, "verify_revoked", &what, &role_arn)
             .await?
         {
             None => Ok(false),
-            Some(doc) => deny_policy_lists(&doc, &h.assumed_role_id)
+            Some(doc) => deny_policy_lists(&doc, &user_id)
                 .map_err(|e| self.err(ErrorKind::Invalid, "verify_revoked", &what, e)),
         }
     }

@@ -144,3 +144,38 @@ impl StsHandle {
         UNIX_EPOCH + Duration::from_secs(self.expires)
     }
 }
+
+/// The handle recorded before AssumeRole is sent
+/// ([`TaskIssuer::handle_before_issue`]): the role the session is asked of.
+/// With it, a session whose answer was never recorded (a crash after the
+/// call, a lost answer) is still denied at the task's end with
+/// `revoke_with_deny_policy`: its `aws:userid` follows from the role's id
+/// and the task, `ROLEID:keyturn-<task_id>`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AskedHandle {
+    pub asked_of: String,
+}
+
+/// A task's handle as recorded: the session AssumeRole answered with, or
+/// only the role it was asked of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionHandle {
+    Session(StsHandle),
+    Asked(AskedHandle),
+}
+
+impl AskedHandle {
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("a handle serializes")
+    }
+}
+
+impl SessionHandle {
+    pub fn decode(text: &str) -> Result<Self, String> {
+        match serde_json::from_str::<AskedHandle>(text) {
+            Ok(asked) => Ok(Self::Asked(asked)),
+            Err(_) => StsHandle::decode(text).map(Self::Session),
+        }
+    }
+}

@@ -461,6 +461,57 @@ async fn revoke_and_verify_follow_the_session_expiry() {
     );
 }
 
+/// The handle recorded before AssumeRole names the role the session is
+/// asked of. Without a deny policy it is waited for as a session without a
+/// handle; it never reads as a recorded session, nor a recorded one as it.
+#[tokio::test]
+async fn a_handle_recorded_before_the_call_names_the_role_asked_of() {
+    let issuer = StsIssuer::new(StsIssuerConfig::default());
+    let t = task("t1");
+    let role = "arn:aws:iam::123456789012:role/x";
+    let grant = Grant(serde_json::json!({"role_arn": role}));
+    let asked = issuer
+        .handle_before_issue(&request(&t, &grant, Duration::from_secs(900)))
+        .expect("the role is known before the call");
+    assert_eq!(
+        SessionHandle::decode(&asked).unwrap(),
+        SessionHandle::Asked(AskedHandle {
+            asked_of: role.into()
+        })
+    );
+    let recorded = StsHandle {
+        role_arn: role.into(),
+        assumed_role_id: "AROAEXAMPLE:keyturn-t1".into(),
+        access_key_id: "ASIAEXAMPLE".into(),
+        expires: 1,
+    };
+    assert_eq!(
+        SessionHandle::decode(&recorded.encode()).unwrap(),
+        SessionHandle::Session(recorded)
+    );
+    assert!(SessionHandle::decode(r#"{"asked_of":"x","more":1}"#).is_err());
+    let shown = issuer.object(&t, Some(&asked));
+    assert!(
+        shown.contains(role) && shown.contains("keyturn-t1") && shown.contains("not recorded"),
+        "{shown}"
+    );
+
+    let ends = in_an_hour();
+    let call = StsIssuerConfig::default().timeout() + Duration::from_secs(1);
+    assert_eq!(
+        issuer.revoke(&t, Some(&asked), ends).await.unwrap(),
+        Revoked::ExpiresAt(ends + call)
+    );
+    assert!(!issuer.verify_revoked(&t, Some(&asked)).await.unwrap());
+
+    // A grant it cannot read names nothing (the issue refuses it anyway).
+    let bad = Grant(serde_json::json!({"role": role}));
+    assert_eq!(
+        issuer.handle_before_issue(&request(&t, &bad, Duration::from_secs(900))),
+        None
+    );
+}
+
 #[test]
 fn the_deny_policy_lists_revoked_sessions_until_they_expire() {
     let a = "AROAEXAMPLE:keyturn-a";
@@ -533,6 +584,9 @@ struct Setup {
     /// write its inline policies.
     access_key_id: String,
     secret_access_key: String,
+    /// keyturn's user as set up before `iam:GetRole` was asked for.
+    without_get_role_access_key_id: String,
+    without_get_role_secret_access_key: String,
     /// A user without any permission.
     powerless_access_key_id: String,
     powerless_secret_access_key: String,
@@ -546,6 +600,8 @@ struct Setup {
 trait MotoExt {
     fn config(&self) -> StsIssuerConfig;
     fn issuer(&self, access_key_id: &str, secret_access_key: &str) -> StsIssuer;
+    /// An issuer with `revoke_with_deny_policy`, IAM at this moto.
+    fn denying_issuer(&self, access_key_id: &str, secret_access_key: &str) -> StsIssuer;
     fn assume_role_requests(&self) -> Vec<BTreeMap<String, String>>;
 }
 
@@ -559,22 +615,38 @@ impl MotoExt for PrivateMoto {
     }
 
     fn issuer(&self, access_key_id: &str, secret_access_key: &str) -> StsIssuer {
-        StsIssuer::with_credentials(
-            self.config(),
-            aws_sdk_sts::config::Credentials::new(
-                access_key_id,
-                secret_access_key,
-                None,
-                None,
-                "test",
-            ),
-        )
+        StsIssuer::with_credentials(self.config(), credentials(access_key_id, secret_access_key))
+    }
+
+    fn denying_issuer(&self, access_key_id: &str, secret_access_key: &str) -> StsIssuer {
+        let config = StsIssuerConfig {
+            revoke_with_deny_policy: true,
+            iam_endpoint_url: Some(self.url.clone()),
+            ..self.config()
+        };
+        StsIssuer::with_credentials(config, credentials(access_key_id, secret_access_key))
     }
 
     /// The form parameters of every `Action=AssumeRole` request received.
     fn assume_role_requests(&self) -> Vec<BTreeMap<String, String>> {
         self.requests("AssumeRole")
     }
+}
+
+/// Static credentials of an IAM user.
+fn credentials(access_key_id: &str, secret_access_key: &str) -> aws_sdk_sts::config::Credentials {
+    aws_sdk_sts::config::Credentials::new(access_key_id, secret_access_key, None, None, "test")
+}
+
+/// Asserts that moto refuses a call of the session's client now.
+async fn assert_refused_now(sm: &aws_sdk_secretsmanager::Client) {
+    let refused = sm
+        .list_secrets()
+        .send()
+        .await
+        .expect_err("refused after revoke");
+    let body = forbidden(&refused);
+    assert!(body.contains("<Code>AccessDenied</Code>"), "{body}");
 }
 
 /// The issued session's credentials, as the task's SDK clients sign with them.
@@ -910,19 +982,8 @@ async fn no_secret_in_errors_debug_handle_or_public_real_server() {
 #[apply(server_test!)]
 async fn revoke_with_deny_policy_ends_the_session_at_once_real_server() {
     let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
-    let config = StsIssuerConfig {
-        revoke_with_deny_policy: true,
-        iam_endpoint_url: Some(moto.url.clone()),
-        ..moto.config()
-    };
-    let keyturn_creds = aws_sdk_sts::config::Credentials::new(
-        &setup.access_key_id,
-        &setup.secret_access_key,
-        None,
-        None,
-        "test",
-    );
-    let issuer = StsIssuer::with_credentials(config, keyturn_creds.clone());
+    let keyturn_creds = credentials(&setup.access_key_id, &setup.secret_access_key);
+    let issuer = moto.denying_issuer(&setup.access_key_id, &setup.secret_access_key);
     let t = task(&unique_task());
     // A TTL below STS's minimum: the session gets 900 s; keyturn ends it at
     // the TTL by revoking it.
@@ -960,13 +1021,7 @@ async fn revoke_with_deny_policy_ends_the_session_at_once_real_server() {
     );
 
     // The session is refused at once.
-    let refused = sm
-        .list_secrets()
-        .send()
-        .await
-        .expect_err("refused after revoke");
-    let body = forbidden(&refused);
-    assert!(body.contains("<Code>AccessDenied</Code>"), "{body}");
+    assert_refused_now(&sm).await;
 
     // The deny statement names exactly that session's aws:userid. (moto
     // does not evaluate aws:userid: it would refuse the other task's
@@ -1019,6 +1074,58 @@ async fn revoke_with_deny_policy_ends_the_session_at_once_real_server() {
     assert_eq!(deny_writes, 1);
 }
 
+/// Defect: a session whose AssumeRole answer was never recorded (keyturn
+/// killed after the call, or the answer lost) was left working until the
+/// task's expiry even with `revoke_with_deny_policy`, as `revoke` had no
+/// handle. The role it was asked of is recorded before the call, and the
+/// session is denied by the `aws:userid` that follows from it.
+#[apply(server_test!)]
+async fn a_session_whose_answer_was_not_recorded_is_denied_at_once_real_server() {
+    let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
+    let issuer = moto.denying_issuer(&setup.access_key_id, &setup.secret_access_key);
+    let t = task(&unique_task());
+    let grant = setup.grant();
+    let req = request(&t, &grant, Duration::from_secs(900));
+    let asked = issuer.handle_before_issue(&req).expect("a handle before");
+    // The session was made; its answer is what keyturn never recorded.
+    let session = issuer.issue(&req).await.expect("issue");
+    let sm = secrets_client(&moto, &session);
+    sm.list_secrets().send().await.expect("works before revoke");
+    assert_not_revoked(&issuer, &t, Some(&asked)).await;
+
+    assert_revoked_now(&issuer, &t, Some(&asked)).await;
+    assert_refused_now(&sm).await;
+    // The statement names the session's own aws:userid, as a recorded
+    // handle would have, and outlasts it.
+    let recorded = StsHandle::decode(&session.handle).unwrap();
+    assert!(
+        issuer
+            .verify_revoked(&t, Some(&session.handle))
+            .await
+            .unwrap(),
+        "{recorded:?} is not the id denied"
+    );
+    // Twice is harmless.
+    assert_revoked_now(&issuer, &t, Some(&asked)).await;
+
+    // Without iam:GetRole (a policy written for the releases before) the
+    // id is not known: the session is waited for, as without a handle.
+    let without = moto.denying_issuer(
+        &setup.without_get_role_access_key_id,
+        &setup.without_get_role_secret_access_key,
+    );
+    let other = task(&unique_task());
+    let asked = without
+        .handle_before_issue(&request(&other, &grant, Duration::from_secs(900)))
+        .unwrap();
+    let ends = in_an_hour();
+    let Revoked::ExpiresAt(at) = without.revoke(&other, Some(&asked), ends).await.unwrap() else {
+        panic!("denied without knowing the session's id");
+    };
+    assert!(at > ends, "{at:?}");
+    assert!(!without.verify_revoked(&other, Some(&asked)).await.unwrap());
+}
+
 /// IAM acts in the account of keyturn's own credentials: a role of another
 /// account (in a grant, or in a recorded session after the credentials
 /// changed) is not revoked through the same-named role of this one, nor
@@ -1026,20 +1133,7 @@ async fn revoke_with_deny_policy_ends_the_session_at_once_real_server() {
 #[apply(server_test!)]
 async fn a_role_of_another_account_is_never_revoked_in_this_one_real_server() {
     let (moto, setup): (PrivateMoto, Setup) = PrivateMoto::start();
-    let issuer = StsIssuer::with_credentials(
-        StsIssuerConfig {
-            revoke_with_deny_policy: true,
-            iam_endpoint_url: Some(moto.url.clone()),
-            ..moto.config()
-        },
-        aws_sdk_sts::config::Credentials::new(
-            &setup.access_key_id,
-            &setup.secret_access_key,
-            None,
-            None,
-            "test",
-        ),
-    );
+    let issuer = moto.denying_issuer(&setup.access_key_id, &setup.secret_access_key);
     // The task role's name, in another account.
     let (_, account) = arn_account(&setup.role_arn);
     let elsewhere = setup.role_arn.replace(account, "210987654321");
@@ -1076,6 +1170,19 @@ async fn a_role_of_another_account_is_never_revoked_in_this_one_real_server() {
         "the role is in account 210987654321",
     );
     let e = issuer.verify_revoked(&t, Some(&handle)).await.unwrap_err();
+    assert_error(&e, ErrorKind::Invalid, account);
+    // Only the role it was asked of recorded (a crash during the start):
+    // not denied there, and not retried for ever either, as such a handle
+    // has no expiration to stop at: it ends by itself.
+    let asked = issuer
+        .handle_before_issue(&request(&t, &grant, Duration::from_secs(900)))
+        .unwrap();
+    let ends = in_an_hour();
+    assert!(matches!(
+        issuer.revoke(&t, Some(&asked), ends).await.unwrap(),
+        Revoked::ExpiresAt(at) if at > ends
+    ));
+    let e = issuer.verify_revoked(&t, Some(&asked)).await.unwrap_err();
     assert_error(&e, ErrorKind::Invalid, account);
     assert!(
         moto.requests("PutRolePolicy")
