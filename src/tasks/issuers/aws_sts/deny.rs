@@ -232,9 +232,10 @@ impl StsIssuer {
                 .map(|r| format!("{}:{}", r.role_id(), session_name(&task.task_id)))),
             Err(e) => {
                 let (kind, detail) = sdk_error_detail(&e, &c.iam_endpoint, self.config.timeout());
-                let refused = e
-                    .raw_response()
-                    .is_some_and(|r| r.status().is_client_error());
+                // Refused, not throttled (AWS throttles with a 400).
+                let refused = !kind.is_retryable()
+                    && e.raw_response()
+                        .is_some_and(|r| r.status().is_client_error());
                 if refused {
                     tracing::warn!(
                         task = %task.task_id,
