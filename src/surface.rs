@@ -235,8 +235,9 @@ fn max_age_of(entry: &CredEntry) -> Option<std::time::Duration> {
 }
 
 /// Builds the surface.
-pub fn build(
+pub fn build<'a>(
     facts: &[(std::sync::Arc<CredEntry>, SurfaceFacts)],
+    configured: impl IntoIterator<Item = &'a crate::config::AgentConfig>,
     lifecycle: &[AgentLifecycle],
     acks: &Acks,
     unused_after: std::time::Duration,
@@ -266,6 +267,30 @@ pub fn build(
         a.usage_observed |= c.acking_consumers > 0;
         a.last_used = a.last_used.max(c.last_ack);
         a.credentials.push(c);
+    }
+    // Configured agents with no credential (one that only runs tasks, say):
+    // identities too, as `/metrics` counts them.
+    for a in configured {
+        let name = a.id.to_string();
+        if agents.contains_key(&name) {
+            continue;
+        }
+        let decom = by_agent.get(name.as_str()).copied();
+        agents.insert(
+            name.clone(),
+            SurfaceAgent {
+                agent: name,
+                owner: a.owner.clone(),
+                tenant: a.tenant.clone(),
+                tier: a.tier.clone(),
+                state: decom.map_or("active", |d| d.state.as_str()).into(),
+                last_used: None,
+                usage_observed: false,
+                credentials: Vec::new(),
+                decommission: decom.cloned(),
+                tasks: Vec::new(),
+            },
+        );
     }
     // Decommissions of agents gone from the config, and orphans.
     for l in lifecycle {
@@ -577,6 +602,7 @@ mod tests {
         let now = crate::test_support::at_secs(0);
         let mut s = build(
             &[],
+            [],
             &[],
             &Acks::new(),
             std::time::Duration::from_secs(60),

@@ -273,13 +273,16 @@ fn surface_matches_the_configured_and_observed_state() {
         .port();
     let with_d = |d: bool| {
         let mut c = format!(
-            "{}{}{}{}{}{}{}",
+            "{}{}{}{}{}{}{}{}",
             agent_table("app"),
             cred_with_file("app", "db", r#"grace = "10m""#)
                 .replace(r#"format = "raw" }]"#, r#"format = "raw", ack = "open" }]"#),
             cred_with_file("app", "api", ""),
             agent_table("quiet"),
             cred_with_file("quiet", "api", ""),
+            // An agent with no credential of its own (one that only runs
+            // tasks, say) is an identity too.
+            agent_table("tasker"),
             agent_table("retired"),
             cred_with_file("retired", "api", ""),
         );
@@ -309,9 +312,10 @@ fn surface_matches_the_configured_and_observed_state() {
 
     let s = surface(&env, "30d");
     let t = &s["totals"];
-    // app, quiet and the orphan `left`; `retired` is fully decommissioned.
-    assert_eq!(t["identities"], 3, "{t}");
-    assert_eq!(t["agents"]["active"], 2, "{t}");
+    // app, quiet, tasker and the orphan `left`; `retired` is fully
+    // decommissioned.
+    assert_eq!(t["identities"], 4, "{t}");
+    assert_eq!(t["agents"]["active"], 3, "{t}");
     assert_eq!(t["agents"]["decommissioned"], 1, "{t}");
     assert_eq!(t["agents"]["orphaned"], 1, "{t}");
     // The orphan's credential is listed: its version stays live until
@@ -334,6 +338,8 @@ fn surface_matches_the_configured_and_observed_state() {
     assert_eq!(agent("app")["usage_observed"], true);
     assert!(agent("app")["last_used"].is_string(), "{}", agent("app"));
     assert_eq!(agent("quiet")["usage_observed"], false);
+    assert_eq!(agent("tasker")["state"], "active");
+    assert_eq!(agent("tasker")["credentials"], serde_json::json!([]));
     assert_eq!(agent("retired")["state"], "decommissioned");
     assert_eq!(agent("retired")["credentials"][0]["live_versions"], 0);
     assert_eq!(agent("left")["state"], "orphaned");
@@ -387,7 +393,7 @@ fn surface_matches_the_configured_and_observed_state() {
     // The decommissioned agent is not one of the identities, and the
     // table does not list it among their parts.
     assert!(
-        table.contains("identities 3  (active 2, decommissioning 0, orphaned 1)  decommissioned 1"),
+        table.contains("identities 4  (active 3, decommissioning 0, orphaned 1)  decommissioned 1"),
         "{table}"
     );
     assert!(table.contains("left  [orphaned]"), "{table}");
@@ -399,11 +405,11 @@ fn surface_matches_the_configured_and_observed_state() {
     // The same totals as metrics.
     let m = http_get(port, "/metrics");
     for line in [
-        "keyturn_identities 3",
+        "keyturn_identities 4",
         "keyturn_live_credential_versions 4",
         "keyturn_agents{state=\"orphaned\"} 1",
         "keyturn_agents{state=\"decommissioned\"} 1",
-        "keyturn_agents{state=\"active\"} 2",
+        "keyturn_agents{state=\"active\"} 3",
     ] {
         assert!(m.contains(line), "missing {line:?} in\n{m}");
     }

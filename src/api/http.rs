@@ -718,14 +718,17 @@ pub async fn serve_http(
     routes: Routes,
 ) -> io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
+        // The slot is there whether or not `[token_service]` is configured
+        // (a reload may fill or empty it); the routes answer 404 while empty.
+        let token_service = routes.oauth.as_ref().is_some_and(|s| s.get().is_some());
         info!(
             listen = %addr,
             max_connections = limits.max_connections,
             follow_nudge = routes.nudge.is_some(),
-            token_service = routes.oauth.as_ref().is_some_and(|s| s.get().is_some()),
+            token_service,
             "HTTP listener serving /metrics /healthz /readyz{}{}",
             if routes.nudge.is_some() { ", POST /v1/follow/nudge" } else { "" },
-            if routes.oauth.is_some() { ", the token service's routes (/oauth/*, /.well-known/*)" } else { "" },
+            if token_service { ", the token service's routes (/oauth/*, /.well-known/*)" } else { "" },
         );
     }
     let app = router(metrics, ready, routes);

@@ -358,7 +358,31 @@ async fn request_daemon(client: &ClientConfig, req: &Request) -> Result<Response
             eprintln!("keyturn: {e}");
             Err(Failure::Reported(EXIT_NOPERM))
         }
-        Err(e) => Err(Failure::Unreachable(e)),
+        Err(e) => {
+            if matches!(e, ClientError::NotListening { .. }) {
+                hint_held_state_dir(&client.paths());
+            }
+            Err(Failure::Unreachable(e))
+        }
+    }
+}
+
+/// No daemon listens on the socket the config names, yet one may be
+/// running: it holds the config's state directory. Says so, since "is it
+/// running?" would mislead.
+fn hint_held_state_dir(paths: &ClientPaths) {
+    if let Some(holder) = crate::state::lock::held(&paths.state_dir) {
+        let pid = holder
+            .pid
+            .map(|p| format!(" (pid {p})"))
+            .unwrap_or_default();
+        eprintln!(
+            "keyturn: a keyturn daemon{pid} is running on {} but does not listen on {}: \
+             it is still starting, or it serves the socket it started with \
+             (a changed daemon.socket takes effect when it restarts: `systemctl restart keyturn`)",
+            paths.state_dir.display(),
+            paths.socket.display()
+        );
     }
 }
 

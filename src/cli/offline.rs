@@ -102,7 +102,11 @@ pub(super) fn status_offline(
             Err(super::EXIT_UNAVAILABLE)
         }
         None => {
-            eprintln!("keyturn: {e}; no state database in {}", state_dir.display());
+            if crate::daemon::state_db_in(&state_dir).exists() {
+                eprintln!("keyturn: {e}");
+            } else {
+                eprintln!("keyturn: {e}; no state database in {}", state_dir.display());
+            }
             Err(super::EXIT_USAGE)
         }
     }
@@ -116,8 +120,19 @@ pub(super) fn offline_status(state_dir: &Path, cfg: Option<&Config>) -> Option<V
     if !db.exists() {
         return None;
     }
-    let store = SqliteStore::open_read_only(&db).ok()?;
-    let snapshot = store.snapshot().ok()?;
+    // Exists but cannot be read: say why, or the operator sees only that
+    // no daemon answered.
+    let unreadable = |e: &dyn std::fmt::Display| {
+        eprintln!(
+            "keyturn: cannot read the stored state: {e}. Permission denied: run this as root or the daemon's user; \
+             a damaged database (\"malformed\"): restore {} from a backup",
+            db.display()
+        )
+    };
+    let store = SqliteStore::open_read_only(&db)
+        .map_err(|e| unreadable(&e))
+        .ok()?;
+    let snapshot = store.snapshot().map_err(|e| unreadable(&e)).ok()?;
     let decoms = stored_decommissions(&store);
     // An agent decommissioned (or being so) is not rotated any more.
     let leaving: std::collections::HashMap<&crate::model::AgentId, &'static str> = decoms

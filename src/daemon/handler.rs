@@ -610,10 +610,16 @@ impl ControlHandler for Handler {
         let acks = crate::surface::acks(awaited, last);
         let facts = self.engine.surface_facts();
         let lifecycle = self.revocations.lifecycle();
-        let mut surface =
-            crate::surface::build(&facts, &lifecycle, &acks, unused_after, self.engine.now());
-        crate::surface::add_unconfigured(&mut surface, self.engine.unconfigured_live(), &acks);
         let catalog = self.engine.catalog();
+        let mut surface = crate::surface::build(
+            &facts,
+            catalog.config.agents.values(),
+            &lifecycle,
+            &acks,
+            unused_after,
+            self.engine.now(),
+        );
+        crate::surface::add_unconfigured(&mut surface, self.engine.unconfigured_live(), &acks);
         let tasks = self
             .tasks
             .surface_tasks()

@@ -13,8 +13,7 @@ mod hangup;
 mod oauth;
 mod refusals;
 
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,6 +86,11 @@ fn raise_nofile_limit() -> u64 {
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let started = std::time::Instant::now();
+    // First: a SIGHUP's default action ends the process, and a start can
+    // take a while (the state, the vaults); one that arrives meanwhile is
+    // kept and reloads once the daemon serves.
+    let mut hup = hangup::Hangups::new()
+        .map_err(|e| DaemonError::Startup(format!("cannot handle SIGHUP: {e}")))?;
     memory::configure();
     let nofile = raise_nofile_limit();
     let (config, read_files) =
@@ -114,7 +118,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 &e,
             )
         })?;
-    let _lock = lock_state_dir(&state_dir)?;
+    let _lock = crate::state::lock::acquire(&state_dir).map_err(DaemonError::Startup)?;
     // Before any step: what a hook of a daemon killed with -9 left running.
     let hooks = state_dir.join("hooks");
     crate::process::end_leftover_groups(&hooks).map_err(|e| {
@@ -481,7 +485,6 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     tracing::info!(config = %config_path.display(), credentials = engine.catalog().creds.len(), "keyturn ready");
 
-    let mut hup = hangup::Hangups::new().map_err(|e| startup("cannot handle SIGHUP", &e))?;
     let mut term =
         signal(SignalKind::terminate()).map_err(|e| startup("cannot handle SIGTERM", &e))?;
     let mut int =
@@ -756,29 +759,6 @@ async fn preflight_entries<'a>(entries: impl Iterator<Item = &'a Arc<crate::rota
             }
         }
     }
-}
-
-/// Holds an exclusive lock on `<state_dir>/keyturn.lock` for the daemon's life,
-/// so two daemons never share one state directory.
-fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
-    let path = state_dir.join("keyturn.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| DaemonError::Startup(format!("cannot open {}: {e}", path.display())))?;
-    // SAFETY: flock on a valid, owned file descriptor.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(DaemonError::Startup(format!(
-            "another keyturn daemon is using {} (lock {} is held)",
-            state_dir.display(),
-            path.display()
-        )));
-    }
-    Ok(file)
 }
 
 /// Half of `WATCHDOG_USEC`, when systemd asks for watchdog pings.

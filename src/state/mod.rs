@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{AgentId, CredentialId, CredentialKey, RotationId, Stage, VersionNo};
 use crate::rotation::{Step, Trigger};
 
+pub mod lock;
 pub mod memory;
 pub mod space;
 pub mod sqlite;

@@ -698,9 +698,13 @@ pub async fn local_vault_value_at(
     use keyturn::vaults::Vault;
     let state = env.state_dir();
     let key_file = state.join(format!("{name}-vault.key"));
-    let vault_key =
-        keyturn::vaults::local::load_key(&key_file, &format!("keyturn-{name}-vault-key"), false)
-            .expect("vault key");
+    let vault_key = keyturn::vaults::local::load_key(
+        &key_file,
+        &format!("keyturn-{name}-vault-key"),
+        false,
+        None,
+    )
+    .expect("vault key");
     let vault =
         keyturn::vaults::local::LocalVault::open(name, &state.join("vaults").join(name), vault_key)
             .expect("open vault");

@@ -131,6 +131,61 @@ deliver = [{{ type = \"file\", path = \"/run/kt/a/x\" }}, {{ type = \"file\", pa
 }
 
 #[test]
+fn a_delivery_path_inside_another_sinks_place_is_refused_either_way_round() {
+    let cred = |name: &str, kind: &str, path: &str| {
+        format!(
+            "[agents.a.credentials.{name}]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"{kind}\" }}\n\
+deliver = [{{ type = \"file\", path = \"{path}\" }}]\n"
+        )
+    };
+    // A file inside a keypair's bundle directory, written after it...
+    let text = format!(
+        "{HEAD}{}{}",
+        cred("key", "ed25519", "a/bundle"),
+        cred("pw", "password", "a/bundle/private.pem")
+    );
+    assert_only_error(
+        &text,
+        "agents.a.credentials.pw.deliver[0].path",
+        "delivery path `/run/kt/a/bundle/private.pem` is inside another sink's place `/run/kt/a/bundle` (each delivery would \
+replace the other's files; give each sink a path outside the other's): written by `agents.a.credentials.key.deliver[0].path` (line 17)",
+    );
+    // ... or before it.
+    let text = format!(
+        "{HEAD}{}{}",
+        cred("pw", "password", "a/bundle/private.pem"),
+        cred("key", "ed25519", "a/bundle")
+    );
+    assert_only_error(
+        &text,
+        "agents.a.credentials.key.deliver[0].path",
+        "delivery path `/run/kt/a/bundle` is a directory above another sink's place `/run/kt/a/bundle/private.pem` (each delivery would \
+replace the other's files; give each sink a path outside the other's): written by `agents.a.credentials.pw.deliver[0].path` (line 17)",
+    );
+    // A file two levels under another sink's file.
+    let text = format!(
+        "{HEAD}{}{}",
+        cred("x", "password", "a/same"),
+        cred("y", "password", "a/same/sub/deeper")
+    );
+    assert_only_error(
+        &text,
+        "agents.a.credentials.y.deliver[0].path",
+        "delivery path `/run/kt/a/same/sub/deeper` is inside another sink's place `/run/kt/a/same` (each delivery would \
+replace the other's files; give each sink a path outside the other's): written by `agents.a.credentials.x.deliver[0].path` (line 17)",
+    );
+    // Siblings, a shared directory and a name that only starts alike are fine.
+    let text = format!(
+        "{HEAD}{}{}{}{}",
+        cred("x", "password", "a/db"),
+        cred("y", "password", "a/db2"),
+        cred("z", "ed25519", "a/dbkeys"),
+        cred("w", "password", "a/sub/db")
+    );
+    super::super::load_str(Path::new("/etc/keyturn/t.toml"), &text).expect("no clash");
+}
+
+#[test]
 fn cached_durations_are_checked_like_fresh_ones() {
     let ctx = Context {
         source: PathBuf::from("/etc/keyturn/t.toml"),

@@ -1,6 +1,8 @@
 //! What must be unique across the config (vault paths, delivery places)
 //! and the scopes plug-ins check their sections in.
 
+use std::os::unix::ffi::OsStrExt;
+
 use super::*;
 
 /// What a vault's `check` knows besides its own section.
@@ -95,7 +97,7 @@ impl SinkScope<'_, '_> {
             |earlier, new| text[earlier.2.clone()] == text[new.2.clone()],
         );
         let Some((first_at, first_key, _)) = first else {
-            return true;
+            return self.claim_unnested(v, at, place, range);
         };
         let first = first_at.path(first_key);
         claims.text.truncate(range.start);
@@ -110,6 +112,86 @@ impl SinkScope<'_, '_> {
         v.issues.push(issue);
         false
     }
+
+    /// The place just claimed (`range` in the claims' text) must not be
+    /// inside another sink's place, nor hold one: a file sink's file (or a
+    /// keypair's bundle directory) at `/a/b` and another's at `/a/b/c`
+    /// would replace each other's files at every delivery. Records the
+    /// place's directories for the claims after it.
+    fn claim_unnested(
+        &mut self,
+        v: &mut Validator<'_>,
+        at: Loc<'_>,
+        place: &Path,
+        range: Range<usize>,
+    ) -> bool {
+        let claims = &mut *self.claims;
+        let index = claims.seen.entries.len() - 1;
+        let text = &claims.text;
+        let bytes = &text[range.clone()];
+        // Above it: its directories (byte prefixes of a normal path),
+        // one of which another sink writes.
+        let above = place.ancestors().skip(1).find_map(|dir| {
+            let dir = &bytes[..dir.as_os_str().len()];
+            claims
+                .seen
+                .find(fnv1a(FNV_OFFSET, dir), |(_, _, r)| text[r.clone()] == *dir)
+                .map(|(sink, key, _)| (sink.path(key), dir))
+        });
+        // Below it: the first place claimed inside it.
+        let below = claims
+            .dirs
+            .find(fnv1a(FNV_OFFSET, bytes), |&(i, n)| {
+                let r = &claims.seen.entries[i].0.2;
+                text[r.start..r.start + n] == *bytes
+            })
+            .map(|&(i, _)| {
+                let (sink, key, r) = &claims.seen.entries[i].0;
+                (sink.path(key), &text[r.clone()])
+            });
+        let clash = match (above, below) {
+            (Some((other, dir)), _) => Some((other, "is inside", dir)),
+            (None, Some((other, inside))) => Some((other, "is a directory above", inside)),
+            (None, None) => None,
+        };
+        if let Some((other, relation, theirs)) = clash {
+            let mut issue = Issue::at(
+                at.path(),
+                format!(
+                    "delivery path `{}` {relation} another sink's place `{}` (each delivery would \
+                     replace the other's files; give each sink a path outside the other's): written by `{other}`",
+                    place.display(),
+                    Path::new(std::ffi::OsStr::from_bytes(theirs)).display(),
+                ),
+            );
+            issue.related = Some(other);
+            v.issues.push(issue);
+            return false;
+        }
+        // Its directories, each with the first place below it (a directory
+        // already recorded has its own recorded above it).
+        for dir in place.ancestors().skip(1) {
+            let n = dir.as_os_str().len();
+            if n == 0 {
+                break;
+            }
+            let dir = &claims.text[range.start..range.start + n];
+            let seen = &claims.seen;
+            let text = &claims.text;
+            let recorded = claims.dirs.first_or_insert(
+                fnv1a(FNV_OFFSET, dir),
+                (index, n),
+                |&(i, n1), &(j, n2)| {
+                    let (a, b) = (&seen.entries[i].0.2, &seen.entries[j].0.2);
+                    n1 == n2 && text[a.start..a.start + n1] == text[b.start..b.start + n2]
+                },
+            );
+            if recorded.is_some() {
+                break;
+            }
+        }
+        true
+    }
 }
 
 /// Uniqueness maps shared by every credential. They borrow names from the
@@ -123,6 +205,10 @@ pub(super) struct CrossChecks<'r> {
 #[derive(Default)]
 pub(super) struct Deliveries<'r> {
     pub(super) seen: FirstSeen<(SinkRef<'r>, &'static str, Range<usize>)>,
+    /// Every directory above a claimed place, with the first place claimed
+    /// below it: its index in `seen.entries` and the directory's length (a
+    /// prefix of that place's text).
+    pub(super) dirs: FirstSeen<(usize, usize)>,
     /// Every claimed place, back to back.
     pub(super) text: Vec<u8>,
     pub(super) missing_roots_reported: bool,
@@ -237,6 +323,19 @@ impl<T> Default for FirstSeen<T> {
 }
 
 impl<T> FirstSeen<T> {
+    /// A record with `hash` for which `is` holds (the latest, if several).
+    pub(super) fn find(&self, hash: u64, is: impl Fn(&T) -> bool) -> Option<&T> {
+        let mut at = self.heads.get(&hash).copied();
+        while let Some(i) = at {
+            let (record, prev) = &self.entries[i];
+            if is(record) {
+                return Some(record);
+            }
+            at = *prev;
+        }
+        None
+    }
+
     /// The earlier record equal to `new` (by `same(earlier, new)`), or
     /// `None` after recording `new`.
     pub(super) fn first_or_insert(

@@ -85,7 +85,16 @@ impl VaultPlugin for LocalConfig {
 
     fn open(&self, name: &str) -> Result<Arc<dyn Vault>, PluginError> {
         let (dir, key_file, key_credential) = self.checked_paths(name)?;
-        let key = load_key(key_file, key_credential, self.key_credential_required)?;
+        let db = dir.join(super::DB_FILE);
+        let sealed = std::fs::symlink_metadata(&db)
+            .is_ok()
+            .then_some(db.as_path());
+        let key = load_key(
+            key_file,
+            key_credential,
+            self.key_credential_required,
+            sealed,
+        )?;
         Ok(Arc::new(LocalVault::open(name, dir, key)?))
     }
 

@@ -32,11 +32,14 @@ impl fmt::Debug for LocalKey {
 /// Loads the vault key, from `$CREDENTIALS_DIRECTORY/<key_credential>` when
 /// systemd passed it, else from `key_file` (created on first start). With
 /// `required` (the config names the credential) only the credential will
-/// do: missing, it is an error.
+/// do: missing, it is an error. `sealed_db`: the vault's database, when it
+/// exists; a key file missing beside it is an error, not a new key (which
+/// could not open it, and would stand where the lost one should be restored).
 pub fn load_key(
     key_file: &Path,
     key_credential: &str,
     required: bool,
+    sealed_db: Option<&Path>,
 ) -> Result<LocalKey, PluginError> {
     let credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
     load_key_from(
@@ -44,6 +47,7 @@ pub fn load_key(
         key_credential,
         required,
         credentials_dir.as_deref(),
+        sealed_db,
     )
 }
 
@@ -54,6 +58,7 @@ pub fn load_key_from(
     key_credential: &str,
     required: bool,
     credentials_dir: Option<&Path>,
+    sealed_db: Option<&Path>,
 ) -> Result<LocalKey, PluginError> {
     let credentials_dir = credentials_dir.filter(|d| !d.as_os_str().is_empty());
     if let Some(dir) = credentials_dir
@@ -83,6 +88,9 @@ pub fn load_key_from(
         if let Some(key) = read_key_file(key_file)? {
             return Ok(key);
         }
+        if let Some(db) = sealed_db {
+            return Err(missing_key_of_sealed_db(key_file, db));
+        }
         if let Some(key) = create_key_file(key_file)? {
             return Ok(key);
         }
@@ -94,6 +102,20 @@ pub fn load_key_from(
             key_file.display()
         ),
     ))
+}
+
+/// The key file is gone but the database it sealed is there.
+pub(super) fn missing_key_of_sealed_db(key_file: &Path, db: &Path) -> PluginError {
+    PluginError::new(
+        ErrorKind::Fatal,
+        format!(
+            "the key file {} is missing but the database {} exists, sealed with that key; \
+             restore the key file from your backup (a new key cannot open it; \
+             to start over without the values it holds, move the database away)",
+            key_file.display(),
+            db.display()
+        ),
+    )
 }
 
 /// The key in the systemd credential, or `None` when it is not there.

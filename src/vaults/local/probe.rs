@@ -29,7 +29,7 @@ impl LocalConfig {
                 )));
             }
             // Never creates anything: a required credential is the key or an error.
-            Some(load_key(key_file, key_credential, true)?)
+            Some(load_key(key_file, key_credential, true, None)?)
         } else {
             let from_credential = match &credentials_dir {
                 Some(d) => read_credential(Path::new(d), key_credential)?,
@@ -42,15 +42,10 @@ impl LocalConfig {
         };
         let Some(key) = key else {
             if db_exists {
+                let e = super::key::missing_key_of_sealed_db(key_file, &db);
                 return Err(PluginError::new(
-                    ErrorKind::Fatal,
-                    format!(
-                        "local vault {name}: the key file {} is missing but the database {} exists, \
-                         sealed with that key; restore the key file from your backup \
-                         (the daemon would make a new key, which cannot open it)",
-                        key_file.display(),
-                        db.display()
-                    ),
+                    e.kind,
+                    format!("local vault {name}: {}", e.message),
                 ));
             }
             for wanted in [key_file.parent().unwrap_or(Path::new(".")), dir] {
@@ -161,6 +156,40 @@ mod tests {
             .collect();
         found.sort();
         found
+    }
+
+    #[test]
+    fn the_daemon_makes_no_new_key_beside_a_sealed_database() {
+        use crate::vaults::VaultPlugin;
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path());
+        // The first start makes the key and the database.
+        drop(cfg.open("v").unwrap());
+        let key_file = tmp.path().join("keys/v.key");
+        let key = std::fs::read(&key_file).unwrap();
+        std::fs::remove_file(&key_file).unwrap();
+
+        let e = cfg
+            .open("v")
+            .err()
+            .expect("a missing key beside its database is refused");
+        assert_eq!(e.kind, ErrorKind::Fatal, "{e}");
+        assert!(
+            e.message.contains("restore the key file from your backup"),
+            "{e}"
+        );
+        assert!(
+            !key_file.exists(),
+            "a new key was made where the lost one belongs"
+        );
+        // So the probe still says what to do.
+        let e = cfg.probe_files("v").unwrap_err();
+        assert!(e.message.contains("restore the key file"), "{e}");
+
+        // Restored, it opens.
+        std::fs::write(&key_file, &key).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        cfg.open("v").unwrap();
     }
 
     #[test]

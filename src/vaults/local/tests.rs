@@ -355,13 +355,13 @@ async fn a_failing_write_does_not_spoil_its_batch() {
 fn key_file_is_created_0600_and_reused() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("sub/vault.key");
-    let k1 = load_key_from(&key_file, "vault-key", false, None).unwrap();
+    let k1 = load_key_from(&key_file, "vault-key", false, None, None).unwrap();
     let meta = std::fs::metadata(&key_file).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     let text = std::fs::read_to_string(&key_file).unwrap();
     assert_eq!(text.len(), 65);
     assert!(text[..64].bytes().all(|b| b.is_ascii_hexdigit()) && text.ends_with('\n'));
-    let k2 = load_key_from(&key_file, "vault-key", false, None).unwrap();
+    let k2 = load_key_from(&key_file, "vault-key", false, None, None).unwrap();
     assert_eq!(*k1.0, *k2.0);
     assert_ne!(*k1.0, [0u8; KEY_LEN]);
     // And a vault opened with it opens again with the reloaded key.
@@ -370,7 +370,7 @@ fn key_file_is_created_0600_and_reused() {
     LocalVault::open(
         "t",
         &vdir,
-        load_key_from(&key_file, "vault-key", false, None).unwrap(),
+        load_key_from(&key_file, "vault-key", false, None, None).unwrap(),
     )
     .unwrap();
 }
@@ -379,21 +379,26 @@ fn key_file_is_created_0600_and_reused() {
 fn unsafe_key_files_are_refused_with_the_file_named() {
     let dir = tempfile::tempdir().unwrap();
     let good = key_file(dir.path(), "good.key", hex::encode(KEY), 0o600);
-    assert_eq!(*load_key_from(&good, "k", false, None).unwrap().0, KEY);
+    assert_eq!(
+        *load_key_from(&good, "k", false, None, None).unwrap().0,
+        KEY
+    );
 
     let readable = key_file(dir.path(), "readable.key", hex::encode(KEY), 0o644);
-    let e = load_key_from(&readable, "k", false, None).unwrap_err();
+    let e = load_key_from(&readable, "k", false, None, None).unwrap_err();
     assert_error(&e, ErrorKind::Invalid, &["readable.key", "0644"], &[]);
 
     let group = key_file(dir.path(), "group.key", KEY, 0o640);
     assert_eq!(
-        load_key_from(&group, "k", false, None).unwrap_err().kind,
+        load_key_from(&group, "k", false, None, None)
+            .unwrap_err()
+            .kind,
         ErrorKind::Invalid
     );
 
     let link = dir.path().join("link.key");
     std::os::unix::fs::symlink(&good, &link).unwrap();
-    let e = load_key_from(&link, "k", false, None).unwrap_err();
+    let e = load_key_from(&link, "k", false, None, None).unwrap_err();
     assert_error(&e, ErrorKind::Invalid, &["link.key", "symlink"], &[]);
 
     for (name, content) in [
@@ -403,7 +408,7 @@ fn unsafe_key_files_are_refused_with_the_file_named() {
         ("empty.key", Vec::new()),
     ] {
         let p = key_file(dir.path(), name, content, 0o600);
-        let e = load_key_from(&p, "k", false, None).unwrap_err();
+        let e = load_key_from(&p, "k", false, None, None).unwrap_err();
         // Nothing of the file's content is echoed.
         assert_error(&e, ErrorKind::Invalid, &[name], &["zzzz", "aaaa"]);
     }
@@ -431,7 +436,7 @@ fn credentials_directory_wins_over_the_key_file() {
 
     // Raw 32 bytes.
     std::fs::write(creds.join("vault-key"), KEY).unwrap();
-    let k = load_key_from(&key_file, "vault-key", false, Some(&creds)).unwrap();
+    let k = load_key_from(&key_file, "vault-key", false, Some(&creds), None).unwrap();
     assert_eq!(*k.0, KEY);
     assert!(
         !key_file.exists(),
@@ -442,22 +447,22 @@ fn credentials_directory_wins_over_the_key_file() {
     let other = [3u8; KEY_LEN];
     std::fs::write(creds.join("hex-key"), format!("{}\n", hex::encode(other))).unwrap();
     assert_eq!(
-        *load_key_from(&key_file, "hex-key", false, Some(&creds))
+        *load_key_from(&key_file, "hex-key", false, Some(&creds), None)
             .unwrap()
             .0,
         other
     );
 
     // Credential absent: falls back to (and creates) the key file.
-    let k = load_key_from(&key_file, "missing", false, Some(&creds)).unwrap();
+    let k = load_key_from(&key_file, "missing", false, Some(&creds), None).unwrap();
     assert!(key_file.exists());
     assert_ne!(*k.0, KEY);
 
     // A bad credential is an error, not a silent fallback.
     std::fs::write(creds.join("bad"), b"nope").unwrap();
-    let e = load_key_from(&key_file, "bad", false, Some(&creds)).unwrap_err();
+    let e = load_key_from(&key_file, "bad", false, Some(&creds), None).unwrap_err();
     assert_error(&e, ErrorKind::Invalid, &["bad"], &[]);
-    let e = load_key_from(&key_file, "../vault.key", false, Some(&creds)).unwrap_err();
+    let e = load_key_from(&key_file, "../vault.key", false, Some(&creds), None).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Invalid);
 }
 
@@ -469,7 +474,7 @@ fn a_named_key_credential_that_is_missing_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let (creds, key_file) = creds_and_key_file(dir.path());
     for credentials_dir in [Some(creds.as_path()), None] {
-        let e = load_key_from(&key_file, "vault-key", true, credentials_dir).unwrap_err();
+        let e = load_key_from(&key_file, "vault-key", true, credentials_dir, None).unwrap_err();
         // It names the credential and what to do.
         let names = ["`vault-key`", "LoadCredential"];
         assert_error(&e, ErrorKind::Invalid, &names, &[]);
@@ -477,7 +482,7 @@ fn a_named_key_credential_that_is_missing_is_an_error() {
     }
     std::fs::write(creds.join("vault-key"), KEY).unwrap();
     assert_eq!(
-        *load_key_from(&key_file, "vault-key", true, Some(&creds))
+        *load_key_from(&key_file, "vault-key", true, Some(&creds), None)
             .unwrap()
             .0,
         KEY
@@ -492,12 +497,12 @@ fn a_crash_while_creating_the_key_file_leaves_no_empty_key() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("vault.key");
     fail::cfg(KEY_CRASH_POINT, "return").unwrap();
-    let crashed = load_key_from(&key_file, "vault-key", false, None);
+    let crashed = load_key_from(&key_file, "vault-key", false, None, None);
     fail::remove(KEY_CRASH_POINT);
     assert!(crashed.is_err(), "the failpoint stopped the creation");
-    let k1 = load_key_from(&key_file, "vault-key", false, None)
+    let k1 = load_key_from(&key_file, "vault-key", false, None, None)
         .expect("the next start makes a key instead of refusing a leftover");
-    let k2 = load_key_from(&key_file, "vault-key", false, None).unwrap();
+    let k2 = load_key_from(&key_file, "vault-key", false, None, None).unwrap();
     assert_eq!(*k1.0, *k2.0);
     assert_eq!(std::fs::read(&key_file).unwrap().len(), 65);
 }

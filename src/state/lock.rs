@@ -1,0 +1,151 @@
+//! The state directory's lock: one daemon per state directory.
+//!
+//! The daemon locks the directory itself (flock(2) on its descriptor) and
+//! `<state_dir>/keyturn.lock`, whose content is its pid. The directory's
+//! lock is what counts: a lock on a file alone is lost when the file is
+//! deleted (a cleanup, an operator), and a second daemon would create a new
+//! one and share the state and the audit chain. The file is locked too (an
+//! older keyturn locks only it, and must not run beside this one), and its
+//! pid names the holder in a refusal and in the CLI's hints.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+const LOCK_FILE: &str = "keyturn.lock";
+
+/// Held for the daemon's life; dropping it (or the process ending, even by
+/// kill -9) releases the directory.
+#[derive(Debug)]
+pub struct StateLock {
+    _dir: File,
+    _file: File,
+}
+
+/// Locks `state_dir` for this process, or says who holds it and what to do.
+pub fn acquire(state_dir: &Path) -> Result<StateLock, String> {
+    let refused = || {
+        let pid = holder_pid(state_dir)
+            .map(|pid| format!(" (pid {pid})"))
+            .unwrap_or_default();
+        format!(
+            "another keyturn daemon{pid} is using {}: two daemons must never share a state directory. \
+             Stop it first (`systemctl stop keyturn`), or give this one another daemon.state_dir",
+            state_dir.display()
+        )
+    };
+    let dir =
+        File::open(state_dir).map_err(|e| format!("cannot open {}: {e}", state_dir.display()))?;
+    if !try_lock(&dir, libc::LOCK_EX) {
+        return Err(refused());
+    }
+    let path = state_dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    if !try_lock(&file, libc::LOCK_EX) {
+        return Err(refused());
+    }
+    // A failure to write the pid costs only the hints that name it.
+    let pid = format!("{}\n", std::process::id());
+    if let Err(e) = file
+        .set_len(0)
+        .and_then(|()| file.write_all(pid.as_bytes()))
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the daemon's pid in the lock file");
+    }
+    Ok(StateLock {
+        _dir: dir,
+        _file: file,
+    })
+}
+
+/// A daemon holds `state_dir`: `Some` with its pid when the lock file names
+/// it. `None` when nothing holds it, or when this process may not look (the
+/// directory is the daemon user's, mode 0700).
+pub fn held(state_dir: &Path) -> Option<Holder> {
+    let dir = File::open(state_dir).ok()?;
+    let dir_held = !try_lock(&dir, libc::LOCK_SH);
+    let file_held = File::open(state_dir.join(LOCK_FILE))
+        .map(|f| !try_lock(&f, libc::LOCK_SH))
+        .unwrap_or(false);
+    // The probe's shared locks go with the descriptors, here.
+    (dir_held || file_held).then(|| Holder {
+        pid: holder_pid(state_dir),
+    })
+}
+
+/// Who holds a state directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: Option<u32>,
+}
+
+fn holder_pid(state_dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(state_dir.join(LOCK_FILE)).ok()?;
+    text.trim().parse().ok().filter(|&pid| pid > 0)
+}
+
+/// A non-blocking flock(2); false when another descriptor holds a
+/// conflicting lock (or the call fails).
+fn try_lock(file: &File, how: libc::c_int) -> bool {
+    // SAFETY: flock on a valid, owned file descriptor.
+    unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_is_refused_and_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(held(dir.path()), None);
+        let lock = acquire(dir.path()).unwrap();
+        let e = acquire(dir.path()).unwrap_err();
+        assert!(
+            e.contains(&format!(
+                "another keyturn daemon (pid {})",
+                std::process::id()
+            )),
+            "{e}"
+        );
+        assert!(e.contains("Stop it first"), "{e}");
+        assert_eq!(
+            held(dir.path()),
+            Some(Holder {
+                pid: Some(std::process::id())
+            })
+        );
+        drop(lock);
+        assert_eq!(held(dir.path()), None);
+        acquire(dir.path()).expect("free again once the holder is gone");
+    }
+
+    #[test]
+    fn deleting_the_lock_file_does_not_free_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let _lock = acquire(dir.path()).unwrap();
+        std::fs::remove_file(dir.path().join(LOCK_FILE)).unwrap();
+        let e = acquire(dir.path()).unwrap_err();
+        assert!(e.contains("another keyturn daemon"), "{e}");
+        assert!(held(dir.path()).is_some());
+    }
+
+    #[test]
+    fn a_lock_file_held_alone_still_refuses() {
+        // An older keyturn locks only the file.
+        let dir = tempfile::tempdir().unwrap();
+        let old = File::create(dir.path().join(LOCK_FILE)).unwrap();
+        assert!(try_lock(&old, libc::LOCK_EX));
+        let e = acquire(dir.path()).unwrap_err();
+        assert!(e.contains("another keyturn daemon"), "{e}");
+        assert_eq!(held(dir.path()), Some(Holder { pid: None }));
+    }
+}
