@@ -1638,6 +1638,65 @@ fn retiring_a_version_set_on_a_role_the_config_changed_since_revokes_that_role()
     rt.block_on(pg_admin(&format!("DROP ROLE {old}; DROP ROLE {new}")));
 }
 
+/// Defect (black-box): a reload that changed only how the target is
+/// reached (`connect_timeout`, `pool_size`, the admin DSN file moved with
+/// the same content) was taken for another target: when the version before
+/// it retired, the role was revoked "at the earlier target", which is the
+/// same role, and the current value stopped logging in (status: idle). The
+/// same for a decommission of another agent that had used that role: it is
+/// the role a credential of the config uses now.
+#[test]
+fn a_reload_that_only_changes_how_the_target_is_reached_revokes_nothing() {
+    let files = Files::new();
+    let role = pg_new_role("kt_same_");
+    let path = unique("e2e/retire/same/");
+    let moved_dsn = files.write("moved.dsn", &pg_admin_dsn(), 0o600);
+    let config = |extra: &str| {
+        format!(
+            "{}{}",
+            agent_table(AGENT),
+            credential(
+                "db",
+                r#""local""#,
+                &path,
+                "1s",
+                &pg_target_with(&files, &role, "single_user", &pg_admin_dsn(), extra)
+            )
+        )
+    };
+    let env = Env::new(&config(""));
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    let moved = config(", pool_size = 2").replace(
+        &format!(
+            "admin_dsn_file = \"{}\"",
+            files.path(&format!("{role}.dsn")).display()
+        ),
+        &format!("admin_dsn_file = \"{}\"", moved_dsn.display()),
+    );
+    let moved = moved.replace(r#"connect_timeout = "3s""#, r#"connect_timeout = "5s""#);
+    assert!(moved.contains("moved.dsn") && moved.contains(r#"connect_timeout = "5s""#));
+    env.write_credentials(&moved);
+    daemon.reload();
+    rotate_ok(&env, "db", 2);
+    let v2 = delivered(&env, "db");
+    let rt = rt();
+    // Version 1 retires at the end of its 1s grace; wait well past it.
+    wait_for(Duration::from_secs(20), || {
+        (row(&env, "db")["stage"] == "current" && row(&env, "db")["state"] == "idle").then_some(())
+    })
+    .expect("version 2 settles");
+    std::thread::sleep(Duration::from_secs(3));
+    rt.block_on(pg_login(&role, &v2.value))
+        .unwrap_or_else(|e| panic!("the current version no longer logs in as {role}: {e}"));
+    let log = daemon.stop();
+    assert!(
+        !log.contains("the values set on the earlier one are revoked"),
+        "the same role was revoked as an earlier target:\n{log}"
+    );
+    rt.block_on(pg_admin(&format!("DROP ROLE {role}")));
+}
+
 /// `keyturn check --online` on `env`'s config, with the AWS secret key
 /// replaced by `aws_secret` (moto accepts any key; it stands for a canary).
 fn check_online(env: &Env, args: &[&str], aws_secret: &str) -> (Option<i32>, String, String) {

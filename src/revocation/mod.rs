@@ -468,7 +468,9 @@ impl Revocations {
             let Some(target) = made.target.filter(|t| !t.is_none()) else {
                 continue;
             };
-            if fp.follow || fp.target.as_ref() == Some(&target) || fp.targets_from.contains(&target)
+            if fp.follow
+                || fp.target.as_ref().is_some_and(|t| t.same_place(&target))
+                || fp.targets_from.iter().any(|t| t.same_place(&target))
             {
                 continue;
             }

@@ -316,7 +316,7 @@ impl Inner {
         let Some(earlier) = prev_footprint
             .and_then(|f| Footprint::parse(f).ok())
             .and_then(|f| f.target)
-            .filter(|t| !t.is_none() && *t != entry.policy.target)
+            .filter(|t| !t.is_none() && !t.same_place(&entry.policy.target))
         else {
             return Ok(());
         };

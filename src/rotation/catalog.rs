@@ -353,7 +353,7 @@ impl Catalog {
     pub fn target_used_by_other(&self, key: &CredentialKey, target: &TargetConfig) -> bool {
         self.creds
             .values()
-            .any(|e| e.key() != key && e.policy.target == *target)
+            .any(|e| e.key() != key && e.policy.target.same_place(target))
     }
 
     /// Builds plug-ins for `config`. Vaults whose config did not change are

@@ -72,6 +72,12 @@ impl CommandConfig {
     pub fn timeout(&self) -> Duration {
         duration_value(self.timeout.as_deref(), DEFAULT_TIMEOUT)
     }
+
+    /// The same program, arguments and environment: the same system (the
+    /// timeout does not move the value).
+    pub fn same_place(&self, other: &CommandConfig) -> bool {
+        self.program == other.program && self.args == other.args && self.env == other.env
+    }
 }
 
 impl TargetPlugin for CommandConfig {

@@ -18,8 +18,10 @@
 //!   [`Target`] (no I/O: connect when a step runs);
 //! - the `Target` itself, and its tests.
 //!
-//! Then add one line to [`TargetConfig`] below. Nothing else changes: the
-//! config loader, validation and the rotation engine only see the registry.
+//! Then add one line to [`TargetConfig`] below, and one to
+//! [`TargetConfig::same_place`] (which configs of it reach the same place).
+//! Nothing else changes: the config loader, validation and the rotation
+//! engine only see the registry.
 
 use std::sync::Arc;
 
@@ -40,6 +42,23 @@ registry! {
         None(NoTarget),
         Postgres(postgres::PostgresConfig),
         Command(command::CommandConfig),
+    }
+}
+
+impl TargetConfig {
+    /// Whether a value set through `self` lands where one set through
+    /// `other` does (the same role of the same server, the same hook):
+    /// then a config change from one to the other is no change of target,
+    /// and nothing set through the earlier one may be revoked (it holds the
+    /// current value). Settings that do not move the value (timeouts, pool
+    /// sizes, TLS, where the admin DSN file lives) do not count.
+    pub fn same_place(&self, other: &TargetConfig) -> bool {
+        match (self, other) {
+            (TargetConfig::None(_), TargetConfig::None(_)) => true,
+            (TargetConfig::Postgres(a), TargetConfig::Postgres(b)) => a.same_place(b),
+            (TargetConfig::Command(a), TargetConfig::Command(b)) => a.same_place(b),
+            _ => false,
+        }
     }
 }
 

@@ -3,6 +3,45 @@
 use super::*;
 
 impl Validator<'_> {
+    /// Two credentials must not set passwords on one PostgreSQL role: each
+    /// rotation would overwrite the other's value, and retiring or
+    /// decommissioning either would disable the role for both. (The same
+    /// admin DSN file names the same server; two files that name one server
+    /// cannot be told apart here.)
+    fn target_roles_unique<'r>(
+        &mut self,
+        p: &Loc<'_>,
+        this: CredRef<'r>,
+        target: &TargetConfig,
+        cross: &mut CrossChecks<'r>,
+    ) {
+        let TargetConfig::Postgres(pg) = target else {
+            return;
+        };
+        for role in pg.roles() {
+            let first = *cross
+                .target_roles
+                .entry((pg.admin_dsn_file.clone(), role.clone()))
+                .or_insert(this);
+            if first.agent == this.agent && first.cred == this.cred {
+                continue;
+            }
+            let first = first.path();
+            let mut issue = Issue::at(
+                p.key("target").key("role").path(),
+                format!(
+                    "postgres role `{role}` (admin DSN file {}) is also the target of `{first}`: \
+                     each rotation would overwrite the other's password, and retiring or decommissioning \
+                     either would disable it for both; give each credential its own role",
+                    pg.admin_dsn_file.display()
+                ),
+            );
+            issue.related = Some(first);
+            self.issues.push(issue);
+            return;
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn credential<'r>(
         &mut self,
@@ -112,6 +151,7 @@ impl Validator<'_> {
             Some(t) => {
                 let mut t = t.clone();
                 t.plugin_mut().check(self, p.key("target"));
+                self.target_roles_unique(p, this, &t, cross);
                 t
             }
         };

@@ -272,6 +272,7 @@ impl Validator<'_> {
         let mut cross = CrossChecks {
             vault_paths: FirstSeen::default(),
             deliveries: Deliveries::default(),
+            target_roles: HashMap::new(),
         };
 
         let agents_loc = Loc::top("agents");

@@ -186,6 +186,50 @@ replace the other's files; give each sink a path outside the other's): written b
 }
 
 #[test]
+fn two_credentials_on_one_postgres_role_are_refused() {
+    let cred = |agent: &str, name: &str, role: &str, strategy: &str| {
+        format!(
+            "[agents.{agent}.credentials.{name}]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"password\" }}\n\
+target = {{ type = \"postgres\", admin_dsn_file = \"/etc/kt/pg.dsn\", role = \"{role}\", strategy = \"{strategy}\" }}\n"
+        )
+    };
+    let text = format!(
+        "{HEAD}{}{}",
+        cred("a", "db", "app", "single_user"),
+        cred("b", "db", "app", "single_user")
+    );
+    assert_only_error(
+        &text,
+        "agents.b.credentials.db.target.role",
+        "postgres role `app` (admin DSN file /etc/kt/pg.dsn) is also the target of `agents.a.credentials.db`: \
+each rotation would overwrite the other's password, and retiring or decommissioning either would disable it \
+for both; give each credential its own role (line 13)",
+    );
+    // An alternating pair's second role counts too.
+    let text = format!(
+        "{HEAD}{}{}",
+        cred("a", "db", "app", "alternating_users"),
+        cred("a", "db2", "app_clone", "single_user")
+    );
+    let e = super::super::load_str(Path::new("/etc/keyturn/t.toml"), &text)
+        .expect_err("app_clone is a's")
+        .0;
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].message.starts_with("postgres role `app_clone`"),
+        "{e:?}"
+    );
+    // Another role, or the same name through another admin DSN file: fine.
+    let text = format!(
+        "{HEAD}{}{}{}",
+        cred("a", "db", "app", "alternating_users"),
+        cred("a", "db2", "app2", "single_user"),
+        cred("b", "db", "app", "single_user").replace("/etc/kt/pg.dsn", "/etc/kt/other.dsn"),
+    );
+    super::super::load_str(Path::new("/etc/keyturn/t.toml"), &text).expect("no clash");
+}
+
+#[test]
 fn cached_durations_are_checked_like_fresh_ones() {
     let ctx = Context {
         source: PathBuf::from("/etc/keyturn/t.toml"),

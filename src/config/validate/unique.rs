@@ -199,6 +199,9 @@ impl SinkScope<'_, '_> {
 pub(super) struct CrossChecks<'r> {
     pub(super) vault_paths: FirstSeen<VaultPathSeen<'r>>,
     pub(super) deliveries: Deliveries<'r>,
+    /// Each postgres role a target sets passwords on (its admin DSN file
+    /// and its name), with the first credential whose target it is.
+    pub(super) target_roles: HashMap<(PathBuf, String), CredRef<'r>>,
 }
 
 /// The places sinks write, each with the first sink that claimed it.

@@ -138,6 +138,22 @@ pub struct PostgresConfig {
     pub pool_size: Option<u32>,
 }
 
+/// The server an admin DSN file names: its hosts, host addresses and
+/// ports (5432 when it names none); `None` when it cannot be read or parsed.
+fn server_of(dsn_file: &std::path::Path) -> Option<(Vec<Host>, Vec<std::net::IpAddr>, Vec<u16>)> {
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(dsn_file).ok()?);
+    let cfg: Config = text.trim().parse().ok()?;
+    let ports = match cfg.get_ports() {
+        [] => vec![5432],
+        ports => ports.to_vec(),
+    };
+    Some((
+        cfg.get_hosts().to_vec(),
+        cfg.get_hostaddrs().to_vec(),
+        ports,
+    ))
+}
+
 /// How versions map to roles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PgStrategy {
@@ -193,6 +209,37 @@ impl PostgresConfig {
 
     pub fn connect_timeout(&self) -> Duration {
         duration_value(self.connect_timeout.as_deref(), DEFAULT_CONNECT_TIMEOUT)
+    }
+
+    /// The roles whose passwords it sets: `role`, and `<role>_clone` under
+    /// `alternating_users`.
+    pub fn roles(&self) -> Vec<String> {
+        match self.strategy() {
+            Some(PgStrategy::AlternatingUsers) => {
+                vec![self.role.clone(), format!("{}{CLONE_SUFFIX}", self.role)]
+            }
+            _ => vec![self.role.clone()],
+        }
+    }
+
+    /// The same role(s) (`role` and `strategy`) on the same server: the
+    /// same admin DSN file, or DSN files naming the same hosts and ports.
+    /// When either file cannot be read or parsed it cannot be told, and it
+    /// counts as the same: revoking there could cut the current value off.
+    pub fn same_place(&self, other: &PostgresConfig) -> bool {
+        if self.role != other.role || self.strategy() != other.strategy() {
+            return false;
+        }
+        if self.admin_dsn_file == other.admin_dsn_file {
+            return true;
+        }
+        match (
+            server_of(&self.admin_dsn_file),
+            server_of(&other.admin_dsn_file),
+        ) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
     }
 
     pub fn pool_size(&self) -> u32 {
@@ -1878,5 +1925,54 @@ mod tests {
         assert!(logs.contains("SELECT 1"), "{logs}");
         assert!(!logs.contains("canary"), "{logs}");
         assert!(!logs.contains("SCRAM-SHA-256$"), "{logs}");
+    }
+}
+
+#[cfg(test)]
+mod place_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_role_the_strategy_and_the_server_make_another_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, dsn: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, dsn).unwrap();
+            p
+        };
+        let a = write(
+            "a.dsn",
+            "host=db1 port=5432 user=postgres password=canary-a",
+        );
+        let moved = write(
+            "moved.dsn",
+            "host=db1 user=admin password=canary-b dbname=x",
+        );
+        let other = write("other.dsn", "host=db2 user=postgres password=canary-a");
+        let base = PostgresConfig::new(&a, "bot");
+        let same = |c: &PostgresConfig| base.same_place(c) && c.same_place(&base);
+
+        let mut tuned = base.clone();
+        tuned.connect_timeout = Some("5s".into());
+        tuned.pool_size = Some(2);
+        tuned.sslmode = Some("require".into());
+        tuned.test_dbname = Some("x".into());
+        assert!(same(&tuned), "settings that do not move the value");
+        assert!(
+            same(&PostgresConfig::new(&moved, "bot")),
+            "the DSN file moved, same server"
+        );
+        assert!(
+            same(&PostgresConfig::new(dir.path().join("gone.dsn"), "bot")),
+            "a file that cannot be read cannot tell: never revoke where the value may be"
+        );
+
+        assert!(!same(&PostgresConfig::new(&a, "bot2")), "another role");
+        assert!(!same(
+            &base.clone().with_strategy(PgStrategy::AlternatingUsers)
+        ));
+        assert!(!same(&PostgresConfig::new(&other, "bot")), "another server");
+        let port = write("port.dsn", "host=db1 port=5433 user=postgres");
+        assert!(!same(&PostgresConfig::new(&port, "bot")), "another port");
     }
 }
