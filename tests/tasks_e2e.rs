@@ -624,6 +624,26 @@ fn an_agent_authenticates_with_an_assertion_signed_by_its_own_key() {
     let signature = token.rsplit('.').next().unwrap();
     assert!(!log.contains(signature), "the token reached the audit log");
     end_bot_task(&env, started["task"].as_str().unwrap());
+
+    // Defect (black-box): a copy of a decommissioned agent's key still
+    // listed and ended tasks (state kept its last version as current).
+    let kept = env.path().join("kept.pem");
+    std::fs::copy(&key, &kept).unwrap();
+    env.cli_ok(&["decommission", "bot", "--reason", "retired", "--wait"]);
+    let out = env.cli(&[
+        "task",
+        "list",
+        "--key",
+        kept.to_str().unwrap(),
+        "--agent",
+        "bot",
+    ]);
+    assert_eq!(out.status.code(), Some(77), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("agent bot is decommissioned: its keys are revoked"),
+        "{out:?}"
+    );
 }
 
 /// A running daemon whose agent `bot` has one live low task: its login

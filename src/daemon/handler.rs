@@ -160,10 +160,11 @@ impl Handler {
                 peer.uid
             )));
         }
-        let keys = auth_keys(&self.engine, &agent, cfg)
+        let keys = auth_keys(&self.engine, &self.revocations, &agent, cfg)
             .await
             .map_err(|e| match e {
                 AuthKeysError::NoAuthKey(m) => deny(format!("{m} by assertion")),
+                AuthKeysError::Decommissioned(m) => deny(m),
                 AuthKeysError::Unreadable(m) => (ApiError::unavailable(m), Some(agent.clone())),
             })?;
         let verified = verifier
@@ -188,15 +189,40 @@ pub(super) enum AuthKeysError {
     NoAuthKey(String),
     /// State cannot be read now.
     Unreadable(String),
+    /// It is decommissioned (or being so, or the config declares it so):
+    /// its keys are revoked, whatever state still holds of them.
+    Decommissioned(String),
+}
+
+impl AuthKeysError {
+    pub(super) fn message(self) -> String {
+        match self {
+            AuthKeysError::NoAuthKey(m)
+            | AuthKeysError::Unreadable(m)
+            | AuthKeysError::Decommissioned(m) => m,
+        }
+    }
 }
 
 /// The public keys `agent`'s assertions are checked against: the accepted
-/// versions (current and previous) of its `auth_key` credential, from state.
+/// versions (current and previous) of its `auth_key` credential, from state;
+/// none once a decommission of the agent is decided.
 pub(super) async fn auth_keys(
     engine: &Engine,
+    revocations: &crate::revocation::Revocations,
     agent: &AgentId,
     cfg: &crate::config::AgentConfig,
 ) -> Result<Vec<crate::auth::AgentKey>, AuthKeysError> {
+    // A decommission the config dates in the future is not one yet.
+    let declared = cfg
+        .decommissioned
+        .as_ref()
+        .is_some_and(|d| d.in_effect(engine.now()));
+    if declared || revocations.get(agent).is_some() {
+        return Err(AuthKeysError::Decommissioned(format!(
+            "agent {agent} is decommissioned: its keys are revoked"
+        )));
+    }
     let Some(auth_key) = cfg.auth_key.clone() else {
         return Err(AuthKeysError::NoAuthKey(format!(
             "agent {agent} has no `auth_key` in the config: set auth_key to one of its ed25519 credentials to let it authenticate"

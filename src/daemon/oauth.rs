@@ -120,20 +120,9 @@ impl crate::oauth::service::Backend for OauthBackend {
                 agent.chars().take(64).collect::<String>()
             ));
         };
-        // A decommission the config dates in the future is not one yet.
-        let declared = cfg
-            .decommissioned
-            .as_ref()
-            .is_some_and(|d| d.in_effect(self.engine.now()));
-        if declared || self.revocations.get(id).is_some() {
-            return Err(format!("agent {id} is decommissioned"));
-        }
-        super::handler::auth_keys(&self.engine, id, cfg)
+        super::handler::auth_keys(&self.engine, &self.revocations, id, cfg)
             .await
-            .map_err(|e| match e {
-                super::handler::AuthKeysError::NoAuthKey(m)
-                | super::handler::AuthKeysError::Unreadable(m) => m,
-            })
+            .map_err(super::handler::AuthKeysError::message)
     }
 
     async fn spend_jtis(&self, jtis: Vec<(String, String, i64)>) -> Result<Vec<bool>, String> {
