@@ -206,6 +206,9 @@ fn valid_scope_token(s: &str) -> bool {
 
 /// How many `act` levels `act` holds (0 for none); `None` when a level is
 /// not an object with a string `sub`.
+/// The deepest `act` chain read (beyond it a chain is refused as malformed).
+pub const MAX_ACT_LEVELS: usize = 64;
+
 fn act_depth(act: Option<&Map<String, Value>>) -> Option<usize> {
     let mut depth = 0;
     let mut cur = act;
@@ -219,7 +222,7 @@ fn act_depth(act: Option<&Map<String, Value>>) -> Option<usize> {
             Some(Value::Object(m)) => Some(m),
             Some(_) => return None,
         };
-        if depth > 64 {
+        if depth > MAX_ACT_LEVELS {
             return None;
         }
     }

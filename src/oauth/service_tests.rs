@@ -1187,6 +1187,58 @@ async fn introspection_revocation_and_decommission() {
     assert_eq!(code_of(&h, request(&h)).await, "invalid_client");
 }
 
+/// Defect (black-box): a decommissioned agent named in the subject
+/// token's `act` chain was carried into a new, active token; and a token
+/// issued after a decommission that named the agent was active. Both are
+/// refused: every token naming a decommissioned agent is inactive.
+#[tokio::test]
+async fn a_decommissioned_agent_is_never_carried_in_a_delegation_chain() {
+    let h = harness().await;
+    let with_chain = |chain: Value| {
+        let mut form = request(&h);
+        set(
+            &mut form,
+            "subject_token",
+            &subject_with(&h, json!({}), json!({ "act": chain })),
+        );
+        form
+    };
+    // Before: the chain is carried, nested.
+    let (token, _) = issue(&h, &with_chain(json!({"sub": "auditor"}))).await;
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "reporter", &token)).await;
+    assert_eq!(
+        a.json["act"],
+        json!({"sub": "reporter", "act": {"sub": "auditor"}})
+    );
+    // `auditor` decommissioned a minute before that token's iat (a clock
+    // between the decision and the record, or a config `at`).
+    h.mem
+        .decommissioned
+        .lock()
+        .unwrap()
+        .insert("auditor".into(), now() - 60);
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "reporter", &token)).await;
+    assert_eq!(a.json, json!({"active": false}));
+    // And no new token carries it, at any depth.
+    for chain in [
+        json!({"sub": "auditor"}),
+        json!({"sub": "someone", "act": {"sub": "auditor"}}),
+    ] {
+        let form = with_chain(chain);
+        let a = post(&h, "/oauth/token", &form).await;
+        assert_eq!(refused(&a, &form), "invalid_grant");
+        assert!(
+            a.json["error_description"].as_str().unwrap().contains(
+                "names agent `auditor` in its delegation chain, and that agent is decommissioned"
+            ),
+            "{}",
+            a.json
+        );
+    }
+    // A chain of agents still in service goes on working.
+    issue(&h, &with_chain(json!({"sub": "someone"}))).await;
+}
+
 /// RFC 7662 2.2 and 4: a token is introspected only by its own client or
 /// by a client that serves its tenant; for anyone else it is `{"active":
 /// false}`, exactly as an unknown token, so tenants stay apart and an agent
@@ -2157,18 +2209,16 @@ async fn the_tokens_probe_passes_only_when_the_service_refuses_the_agents_tokens
     assert!(e.message.contains("still active"), "{}", e.message);
     // Not served yet: nothing proved either.
     assert!(verify_tokens(None, &agent, epoch).await.is_err());
-    // An epoch before the probe's `iat` leaves tokens issued in between
-    // active: the probe sees that too.
+    // Decommissioned before the epoch: a token issued in between names the
+    // agent as well, and is refused as well.
     h.mem
         .decommissioned
         .lock()
         .unwrap()
         .insert("reporter".into(), epoch.timestamp() - 10);
-    assert!(
-        verify_tokens(Some(&*h.service), &agent, epoch)
-            .await
-            .is_err()
-    );
+    verify_tokens(Some(&*h.service), &agent, epoch)
+        .await
+        .unwrap();
 
     // Decommissioned at the epoch: refused as client and in act chains.
     h.mem

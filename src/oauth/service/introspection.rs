@@ -108,9 +108,11 @@ impl TokenService {
         }
     }
 
-    /// Whether a checked token is still active: not revoked, issued after
-    /// the decommission of every agent it names, and, bound to a task, the
-    /// task still live (ended early, its tokens end with it).
+    /// Whether a checked token is still active: not revoked, naming no
+    /// decommissioned agent (as client or in `act`; a token minted after a
+    /// decommission that still names the agent is no better than one minted
+    /// before), and, bound to a task, the task still live (ended early, its
+    /// tokens end with it).
     fn active(&self, t: &Checked) -> Result<bool, ExchangeError> {
         let jti = t.str("jti").unwrap_or_default();
         let revoked = self.backend.token_ledger().is_revoked(jti).map_err(|e| {
@@ -123,12 +125,10 @@ impl TokenService {
         if revoked {
             return Ok(false);
         }
-        let iat = t.int("iat").unwrap_or(i64::MIN);
-        if t.agents().iter().any(|a| {
-            self.backend
-                .decommissioned_at(a)
-                .is_some_and(|at| iat <= at)
-        }) {
+        if t.agents()
+            .iter()
+            .any(|a| self.backend.decommissioned_at(a).is_some())
+        {
             return Ok(false);
         }
         let Some(task) = t.str("task_id") else {

@@ -281,6 +281,28 @@ impl TokenService {
                 )
             })?;
         ev.tenant = Some(subject.tenant.clone());
+        // Every agent of the subject's delegation chain (and its client)
+        // must still be one: a decommissioned agent's tokens are inactive,
+        // and a new token must not carry it on.
+        let mut chain = subject.act.as_ref();
+        let mut named: Vec<&str> = subject.client_id.as_deref().into_iter().collect();
+        for _ in 0..=exchange::MAX_ACT_LEVELS {
+            let Some(level) = chain else { break };
+            named.extend(level.get("sub").and_then(serde_json::Value::as_str));
+            chain = level.get("act").and_then(serde_json::Value::as_object);
+        }
+        if let Some(gone) = named
+            .into_iter()
+            .find(|a| self.backend.decommissioned_at(a).is_some())
+        {
+            return Err(err(
+                "invalid_grant",
+                format!(
+                    "the subject_token names agent `{}` in its delegation chain, and that agent is decommissioned",
+                    gone.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
         if let Some(id) = &params.task_id {
             // Named in the record, as task records do, refused or not.
             let id_shown = id.chars().take(64).collect::<String>();
