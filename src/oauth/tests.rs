@@ -1256,6 +1256,59 @@ ttl = "1m"
     assert!(load(&agents).unwrap().token_service.is_none());
 }
 
+/// Defects (black-box): `keyturn check` passed two configs the service
+/// could not honour. A subject issuer with the service's own `iss` (or a
+/// tenant's) turned a revoked token back into a fresh active one; a
+/// listener off loopback passed check and the daemon refused to start.
+#[test]
+fn check_refuses_the_services_own_issuer_as_a_subject_issuer_and_a_listener_off_loopback() {
+    let agents = token_agents();
+    let subject = |iss: &str| {
+        format!(
+            "[token_service.subject_issuers.self]\nissuer = \"{iss}\"\naudience = \"x\"\n\
+             algorithms = [\"EdDSA\"]\njwks_file = \"jwks.json\"\ntenant = \"acme\"\n"
+        )
+    };
+    for iss in [
+        "https://keyturn.example.com",
+        "https://keyturn.example.com/",
+        "https://keyturn.example.com/tenants/partner",
+    ] {
+        let e = load(&with_token_service(&agents, "signer/sig", &subject(iss)))
+            .unwrap_err()
+            .0;
+        assert_eq!(e.len(), 1, "{iss}: {e:?}");
+        assert_eq!(e[0].toml_path, "token_service.subject_issuers.self.issuer");
+        assert!(
+            e[0].message.contains("is this token service's own"),
+            "{e:?}"
+        );
+    }
+    // Another issuer under the same host is someone else's.
+    load(&with_token_service(
+        &agents,
+        "signer/sig",
+        &subject("https://keyturn.example.com/realms/corp"),
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let off = with_token_service(&agents, "signer/sig", "").replacen(
+        "[agents.",
+        "[daemon]\nlisten = \"0.0.0.0:9464\"\n\n[agents.",
+        1,
+    );
+    let e = load(&off).unwrap_err().0;
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].toml_path, "daemon.listen");
+    assert!(
+        e[0].message
+            .contains("needs [daemon] listen on a loopback address"),
+        "{e:?}"
+    );
+    let on = off.replace("0.0.0.0:9464", "127.0.0.1:9464");
+    load(&on).unwrap_or_else(|e| panic!("{e}"));
+}
+
 #[test]
 fn every_token_service_problem_is_reported_located_at_once() {
     let agents = token_agents();

@@ -346,6 +346,9 @@ impl Validator<'_> {
             &raw.token_tenants,
             &agents,
         );
+        if let Some(ts) = &token_service {
+            self.token_service_beside(&daemon, ts, raw);
+        }
         Config {
             source: self.ctx.source.clone(),
             daemon,

@@ -6,6 +6,55 @@ impl Validator<'_> {
     /// `[token_service.subject_issuers.NAME]`: each checked by the oauth
     /// module; two may not claim the same `iss` (a token would have two sets
     /// of keys and rules).
+    /// What the token service needs of the rest of the config, checked
+    /// here so that `keyturn check` refuses what the daemon would:
+    /// - the HTTP listener on a loopback address (it has no TLS: tokens
+    ///   must not cross the network in the clear);
+    /// - no subject issuer with the service's own `iss` (or a tenant's): its
+    ///   tokens would be checked as an outside provider's, by signature
+    ///   alone, so a revoked token, or one of a decommissioned agent or an
+    ///   ended task, would be exchanged for a fresh one.
+    pub(super) fn token_service_beside(
+        &mut self,
+        daemon: &DaemonConfig,
+        ts: &crate::oauth::config::TokenServiceConfig,
+        raw: &RawConfig,
+    ) {
+        if let Some(addr) = daemon.listen
+            && !addr.ip().is_loopback()
+        {
+            self.err(
+                Loc::top("daemon").key("listen"),
+                format!(
+                    "[token_service] needs [daemon] listen on a loopback address (it is {addr}): the listener has no TLS, and access tokens must not cross the network in the clear; listen on 127.0.0.1 and put a TLS proxy in front"
+                ),
+            );
+        }
+        let own = ts.issuer.trim_end_matches('/');
+        let top = Loc::top("token_service");
+        let all = top.key("subject_issuers");
+        for (name, issuer) in &raw.subject_issuers {
+            let Parsed::Ok(issuer) = issuer else { continue };
+            let iss = issuer.issuer.trim_end_matches('/');
+            let tenant = iss
+                .strip_prefix(own)
+                .and_then(|rest| rest.strip_prefix("/tenants/"))
+                .is_some_and(|t| !t.is_empty() && !t.contains('/'));
+            if iss == own || tenant {
+                self.err(
+                    all.key(name).key("issuer"),
+                    format!(
+                        "issuer `{}` is this token service's own: its tokens cannot be subject tokens \
+                         (they would be checked by signature alone, so a revoked token, or one of a \
+                         decommissioned agent or an ended task, would be exchanged for a fresh one); \
+                         an agent acting further on a delegation exchanges the human's token again",
+                        issuer.issuer
+                    ),
+                );
+            }
+        }
+    }
+
     pub(super) fn subject_issuers(
         &mut self,
         raw: &RawConfig,
