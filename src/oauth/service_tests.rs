@@ -1486,6 +1486,57 @@ async fn switching_the_signing_credential_keeps_old_tokens_verifiable() {
     );
 }
 
+/// Defect (black-box): a reload that swapped the default set's and a
+/// tenant's signing credentials published each set's current key in the
+/// other's JWKS (as a key the set signed with before), so the tenants
+/// trusted each other's tokens. A key version signs for one set only
+/// while its tokens may be live, and is published by that set alone.
+#[tokio::test]
+async fn a_key_moved_to_another_set_is_never_trusted_by_both() {
+    let mut h = harness().await;
+    let (default_token, _) = issue(&h, &request(&h)).await;
+    let mut form = request(&h);
+    set(
+        &mut form,
+        "subject_token",
+        &subject_with(&h, json!({}), json!({ "iss": PARTNER_IDP })),
+    );
+    set(&mut form, "client_assertion", &assertion(&h, "partnerbot"));
+    set(&mut form, "actor_token", &assertion(&h, "partnerbot"));
+    set(&mut form, "scope", "read:reports");
+    let (partner_token, _) = issue(&h, &form).await;
+    let default_kid = jsonwebtoken::decode_header(&default_token)
+        .unwrap()
+        .kid
+        .unwrap();
+    let partner_kid = jsonwebtoken::decode_header(&partner_token)
+        .unwrap()
+        .kid
+        .unwrap();
+
+    let mut config = h.config.clone();
+    config.signing_credential = partner_signer();
+    config.tenant_keys = [("partner".to_owned(), signer_key("signer"))].into();
+    h.reload(config).await;
+    let default_set = jwks_kids(&h, "/.well-known/jwks.json").await;
+    let partner_set = jwks_kids(&h, "/tenants/partner/jwks.json").await;
+    assert!(
+        default_set.iter().all(|k| !partner_set.contains(k)),
+        "a key in both sets: {default_set:?} {partner_set:?}"
+    );
+    // Each set still publishes the key its live tokens were signed with.
+    assert!(default_set.contains(&default_kid), "{default_set:?}");
+    assert!(partner_set.contains(&partner_kid), "{partner_set:?}");
+    // And neither signs with the other's key while those tokens may be live.
+    let a = post(&h, "/oauth/token", &request(&h)).await;
+    assert_eq!(
+        (a.status, &a.json["error"]),
+        (500, &json!("server_error")),
+        "{}",
+        a.json
+    );
+}
+
 /// Tokens signed before kids were thumbprints carry the version as `kid`
 /// and their key's uses were recorded under the bare credential name:
 /// while such a token may be live, its key is published under that kid

@@ -6,6 +6,26 @@
 use super::*;
 
 impl TokenService {
+    /// The versions of credentials that signed, for key sets other than
+    /// `set`, tokens that may be live at `now`: `(credential, version, until)`.
+    /// A set never signs with nor publishes one of them, so that a key moved
+    /// from one set to another by a reload is never trusted by both (the
+    /// tenants would trust each other's tokens).
+    fn foreign_uses(&self, set: &KeySet, now: i64) -> Result<Vec<(String, u64, i64)>, String> {
+        let own = set.ledger_prefix();
+        Ok(self
+            .backend
+            .token_ledger()
+            .signed_under("set:")?
+            .into_iter()
+            .filter(|(name, _, until)| !name.starts_with(&own) && *until > now)
+            .filter_map(|(name, version, until)| {
+                let (_, credential) = name.split_once(' ')?;
+                Some((credential.to_owned(), version, until))
+            })
+            .collect())
+    }
+
     /// A key set's versions, from the cache when fresh.
     pub(super) async fn signing_versions(
         &self,
@@ -55,6 +75,11 @@ impl TokenService {
                 .iter()
                 .any(|(v, until)| *v == version && *until > now)
         };
+        let foreign = self.foreign_uses(set, now)?;
+        let theirs = |credential: &CredentialKey, version: u64| {
+            let name = credential.to_string();
+            foreign.iter().any(|(c, v, _)| *c == name && *v == version)
+        };
         let mut keys: Vec<PublishedKey> = Vec::new();
         let mut publish = |kid: Option<String>, pem: &str| {
             if let Some(kid) = kid
@@ -82,6 +107,7 @@ impl TokenService {
                     .iter()
                     .filter_map(|v| Some((v.version, v.public.as_deref()?))),
             )
+            .filter(|(version, _)| !theirs(&set.credential, *version))
             .collect();
         for (_, pem) in &shown {
             publish(exchange::ed25519_kid_of_pem(pem), pem);
@@ -116,7 +142,9 @@ impl TokenService {
             }
             let mut rows = self.backend.signing_versions(&credential).await?;
             rows.retain(|v| {
-                !matches!(v.stage, crate::model::Stage::Pending) && live(name, v.version)
+                !matches!(v.stage, crate::model::Stage::Pending)
+                    && live(name, v.version)
+                    && !theirs(&credential, v.version)
             });
             rows.sort_by_key(|v| std::cmp::Reverse(v.version));
             for v in &rows {
@@ -188,6 +216,27 @@ impl TokenService {
             && *v == current.version
         {
             return Ok((*v, key.clone()));
+        }
+        // Not cached: a version new to this set. One that signed for
+        // another set (a reload moved the credential) must not sign here
+        // while those tokens may be live.
+        let foreign = self
+            .foreign_uses(set, now_secs())
+            .map_err(|e| unavailable(format!("cannot read the signing key uses: {e}")))?;
+        let name = set.credential.to_string();
+        if let Some((_, _, until)) = foreign
+            .iter()
+            .find(|(c, v, _)| *c == name && *v == current.version)
+        {
+            return Err(unavailable(format!(
+                "version {} of {} signed tokens for another key set that may be live for {}s more, \
+                 and a key never signs for two sets (they would trust each other's tokens): \
+                 rotate it (`keyturn rotate {}`) so this set signs with a version of its own",
+                current.version,
+                set.credential,
+                until - now_secs(),
+                set.credential
+            )));
         }
         let pem = self
             .backend
