@@ -130,6 +130,32 @@ impl Admin {
         })
     }
 
+    /// How to reach the server for `dsn`: the TLS mode, and the CA file
+    /// with its content when the mode checks the certificate.
+    async fn tls_of<'a>(
+        &'a self,
+        dsn: &Config,
+        what: &str,
+    ) -> Result<(PgTls, Option<(&'a PathBuf, Vec<u8>)>), PluginError> {
+        let mode = self.tls_mode(dsn, what)?;
+        let ca = match (mode, &self.ssl_root_cert) {
+            (PgTls::VerifyFull, Some(path)) => Some((path, connect::read_ca(path, what).await?)),
+            _ => None,
+        };
+        Ok((mode, ca))
+    }
+
+    /// Session settings travel in the startup packet: no extra round trip
+    /// per step, nor per connection.
+    fn session_settings(&self, cfg: &mut Config) {
+        let ms = self.connect_timeout.as_millis().max(1);
+        let options = match cfg.get_options() {
+            Some(o) => format!("{o} -c statement_timeout={ms}"),
+            None => format!("-c statement_timeout={ms}"),
+        };
+        cfg.options(options);
+    }
+
     /// The admin DSN and the pool of connections it names (see [`pool`]).
     pub(crate) async fn pool(
         &self,
@@ -138,11 +164,7 @@ impl Admin {
     ) -> Result<(Config, AdminPool), PluginError> {
         let (mut cfg, dsn_digest) = self.config(what, step).await?;
         let what = format!("{what}: {step}");
-        let mode = self.tls_mode(&cfg, &what)?;
-        let ca = match (mode, &self.ssl_root_cert) {
-            (PgTls::VerifyFull, Some(path)) => Some((path, connect::read_ca(path, &what).await?)),
-            _ => None,
-        };
+        let (mode, ca) = self.tls_of(&cfg, &what).await?;
         let key = PoolKey {
             dsn_file: self.dsn_file.clone(),
             dsn_digest,
@@ -165,18 +187,41 @@ impl Admin {
                 self.connect_timeout,
                 &what,
             )?;
-            // Session settings travel in the startup packet: no extra round
-            // trip per step, nor per connection.
-            let ms = self.connect_timeout.as_millis().max(1);
-            let options = match cfg.get_options() {
-                Some(o) => format!("{o} -c statement_timeout={ms}"),
-                None => format!("-c statement_timeout={ms}"),
-            };
-            cfg.options(options);
+            self.session_settings(&mut cfg);
             let what = format!("admin connection to {}", endpoint(&cfg));
             Ok(AdminManager::new(cfg, transport, what, self.idle_timeout))
         })?;
         Ok((dsn, pool))
+    }
+
+    /// A connection of its own (not pooled) to database `dbname` of the
+    /// server, as the admin DSN's user, reached as the pool's connections
+    /// are. For the rare step that must act in another database (a task
+    /// role's objects there); the caller drops it when done.
+    pub(crate) async fn connect_to_database(
+        &self,
+        what: &str,
+        step: &str,
+        dbname: &str,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), PluginError> {
+        let (mut cfg, _) = self.config(what, step).await?;
+        let what = format!("{what}: {step}");
+        let (mode, ca) = self.tls_of(&cfg, &what).await?;
+        let transport = connect::Transport::new(
+            mode,
+            ca.as_ref()
+                .map(|(path, pem)| (path.as_path(), pem.as_slice())),
+            self.weak,
+            self.connect_timeout,
+            &what,
+        )?;
+        self.session_settings(&mut cfg);
+        cfg.dbname(dbname);
+        let shown = format!(
+            "admin connection to {} (database {dbname:?})",
+            endpoint(&cfg)
+        );
+        transport.connect_off_worker(cfg, shown).await
     }
 
     /// An admin connection for `step`, from the shared pool.

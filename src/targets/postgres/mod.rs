@@ -862,7 +862,7 @@ fn cause(e: &tokio_postgres::Error) -> String {
 /// Maps a tokio-postgres error to a plug-in error. A server error keeps only
 /// its message and SQLSTATE (no DETAIL/HINT, no query text); `secrets` are
 /// scrubbed from the result anyway, as a last line of defence.
-fn pg_error(ctx: &str, e: &tokio_postgres::Error, secrets: &[&[u8]]) -> PluginError {
+pub(crate) fn pg_error(ctx: &str, e: &tokio_postgres::Error, secrets: &[&[u8]]) -> PluginError {
     let (kind, msg) = match e.as_db_error() {
         Some(db) => {
             let code = db.code();

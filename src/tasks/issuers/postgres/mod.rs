@@ -1421,6 +1421,66 @@ mod tests {
         fx.sql(&format!("DROP TABLE {handed}")).await;
     }
 
+    /// Defect (black-box): with `database` set (the README's own example),
+    /// what a task made in that database survived its end, owned by its
+    /// role, which stayed (`DROP OWNED` acts in the admin DSN's database
+    /// only). What it made in any database is dropped, then the role.
+    #[apply(server_test!)]
+    async fn what_a_task_made_in_another_database_goes_with_it() {
+        let fx = Fx::new().await;
+        let db = fx.table("db");
+        fx.sql(&format!("CREATE DATABASE {db}")).await;
+        let mut cfg: Config = fx.admin_dsn.parse().unwrap();
+        cfg.dbname(&db);
+        let (c, conn) = cfg.connect(NoTls).await.unwrap();
+        tokio::spawn(conn);
+        c.batch_execute(&format!("GRANT CREATE ON SCHEMA public TO {}", fx.low()))
+            .await
+            .unwrap();
+        let issuer = PgIssuer::new(PgIssuerConfig {
+            database: Some(db.clone()),
+            ..fx.config()
+        })
+        .unwrap();
+        let task = fx.task("otherdb");
+        let got = fx
+            .issue(&issuer, &task, &[fx.low()], Duration::from_secs(600))
+            .await
+            .unwrap();
+        assert_eq!(got.public["dbname"], db.as_str(), "{:?}", got.public);
+        let mut login = Config::new();
+        login
+            .host(&fx.host)
+            .port(fx.port)
+            .user(&got.handle)
+            .password(got.secret["password"].expose_str().unwrap())
+            .dbname(&db);
+        let (t, conn) = login.connect(NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let (made, f) = (fx.table("made"), fx.table("planted"));
+        t.batch_execute(&format!(
+            "CREATE TABLE {made} (x int); CREATE FUNCTION {f}() RETURNS int \
+             LANGUAGE sql SECURITY DEFINER AS 'SELECT 1'"
+        ))
+        .await
+        .unwrap();
+
+        assert_revoked_now(&issuer, &task, Some(&got.handle)).await;
+        assert!(!fx.role_exists(&got.handle).await, "the role stayed");
+        let left = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_class WHERE relname = $1) \
+                 + (SELECT count(*) FROM pg_proc WHERE proname = $2)",
+                &[&made, &f],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        drop(c);
+        fx.sql(&format!("DROP DATABASE {db} WITH (FORCE)")).await;
+        assert_eq!(left, 0, "the task's table or function outlived it in {db}");
+    }
+
     #[apply(server_test!)]
     async fn a_security_definer_function_a_task_made_acts_for_nobody_after_its_end() {
         let fx = Fx::new().await;

@@ -75,6 +75,14 @@ impl PgIssuer {
         {
             dropped = drop_owned_and_role(conn, role).await;
         }
+        // Still owning something: in other databases (the issuer's
+        // `database`, or any the role could log into and create in).
+        if let Err(e) = &dropped
+            && e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST)
+        {
+            self.drop_owned_elsewhere(conn, role, ctx).await?;
+            dropped = drop_owned_and_role(conn, role).await;
+        }
         match dropped {
             Ok(()) => {
                 tracing::info!(task = %task.task_id, role, terminated, "postgres task role dropped");
@@ -94,6 +102,64 @@ impl PgIssuer {
             Err(e) => return Err(conn.error(ctx, &e, &[])),
         }
         Ok(Revoked::Now)
+    }
+
+    /// `DROP OWNED BY role` in every other database where the role owns
+    /// objects or holds privileges (`pg_shdepend`, the cluster's catalog of
+    /// them), each over a connection of its own: `DROP OWNED` acts in the
+    /// database it runs in only. The admin becomes a member of the role
+    /// first when it is not one (the `DROP ROLE` that follows ends that).
+    async fn drop_owned_elsewhere(
+        &self,
+        conn: &AdminConn,
+        role: &str,
+        ctx: &str,
+    ) -> Result<(), PluginError> {
+        let q = quote_ident(role);
+        let databases: Vec<String> = async {
+            let rows = conn
+                .client
+                .query(
+                    "SELECT DISTINCT d.datname::text FROM pg_shdepend s \
+                     JOIN pg_database d ON d.oid = s.dbid \
+                     WHERE s.refclassid = 'pg_authid'::regclass \
+                     AND s.refobjid = (SELECT oid FROM pg_roles WHERE rolname = $1) \
+                     AND d.datname <> current_database() AND d.datallowconn",
+                    &[&role],
+                )
+                .await?;
+            let member: bool = conn
+                .client
+                .query_one("SELECT pg_has_role($1, 'USAGE')", &[&role])
+                .await?
+                .get(0);
+            if !member && !rows.is_empty() {
+                conn.client
+                    .batch_execute(&format!("GRANT {q} TO CURRENT_USER"))
+                    .await?;
+            }
+            Ok::<_, tokio_postgres::Error>(rows.iter().map(|r| r.get(0)).collect())
+        }
+        .await
+        .map_err(|e| conn.error(ctx, &e, &[]))?;
+        for db in databases {
+            let (client, connection) = self
+                .admin
+                .connect_to_database(&self.describe(), "revoke", &db)
+                .await?;
+            let done = client.batch_execute(&format!("DROP OWNED BY {q}")).await;
+            drop(client);
+            let _ = connection.await;
+            done.map_err(|e| {
+                crate::targets::postgres::pg_error(
+                    &format!("{ctx}: DROP OWNED in database {db:?}"),
+                    &e,
+                    &[],
+                )
+            })?;
+            tracing::info!(task_role = role, database = %db, "dropped what the task role owned in another database");
+        }
+        Ok(())
     }
 
     /// `keyturn_task_disable` then `keyturn_task_drop` ([`SESSION`]),
