@@ -41,7 +41,18 @@ pub enum ClientError {
         path.display()
     )]
     Closed { path: PathBuf },
+    #[error(
+        "no answer from the daemon on {} within {}s: it is overloaded or stuck (see `keyturn status` and the daemon's log); try again",
+        path.display(),
+        ANSWER_TIMEOUT.as_secs()
+    )]
+    AnswerTimeout { path: PathBuf },
 }
+
+/// How long a request waits for its answer, but `rotate --wait`, which
+/// lasts as long as the rotation: an agent's `ack` or `task` call must not
+/// hang for ever on a wedged daemon (a stopped process, a full disk).
+pub const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 pub(super) fn connect_error(path: &Path, e: io::Error) -> ClientError {
     let path = path.to_owned();
@@ -60,9 +71,20 @@ pub(super) fn connect_error(path: &Path, e: io::Error) -> ClientError {
 
 /// Sends one request and returns the daemon's response (which may itself be
 /// an error, e.g. `forbidden` or `not_found`). Connecting times out after
-/// [`CONNECT_TIMEOUT`]; waiting for the answer does not, because
-/// `rotate --wait` may legitimately take long.
+/// [`CONNECT_TIMEOUT`]; waiting for the answer after [`ANSWER_TIMEOUT`],
+/// but for `rotate --wait`, which may legitimately take long.
 pub async fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
+    if matches!(req, Request::Rotate { wait: true, .. }) {
+        return exchange(path, req).await;
+    }
+    tokio::time::timeout(ANSWER_TIMEOUT, exchange(path, req))
+        .await
+        .map_err(|_| ClientError::AnswerTimeout {
+            path: path.to_owned(),
+        })?
+}
+
+async fn exchange(path: &Path, req: &Request) -> Result<Response, ClientError> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path))
         .await
         .map_err(|_| ClientError::ConnectTimeout {
@@ -95,5 +117,41 @@ pub async fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
         (Ok(_), None) => Err(ClientError::Closed {
             path: path.to_owned(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Defect (black-box): an agent's `keyturn ack` hung for ever on a
+    /// daemon that accepted but never answered (stopped with SIGSTOP).
+    #[tokio::test(start_paused = true)]
+    async fn a_daemon_that_never_answers_is_given_up_on_but_rotate_wait_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wedged.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                open.push(s);
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let err = call(&path, &Request::Ping {}).await.unwrap_err();
+        assert!(matches!(err, ClientError::AnswerTimeout { .. }), "{err:?}");
+        assert_eq!(started.elapsed(), ANSWER_TIMEOUT);
+        assert!(
+            err.to_string().contains("no answer from the daemon"),
+            "{err}"
+        );
+
+        let wait = Request::Rotate {
+            selector: crate::api::protocol::Selector::All,
+            wait: true,
+        };
+        let waiting = tokio::time::timeout(10 * ANSWER_TIMEOUT, call(&path, &wait)).await;
+        assert!(waiting.is_err(), "rotate --wait waits as long as it takes");
+        held.abort();
     }
 }

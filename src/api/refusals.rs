@@ -43,6 +43,10 @@ struct Window {
 #[derive(Default)]
 pub(crate) struct Refusals {
     windows: Mutex<HashMap<(u32, &'static str), Window>>,
+    /// The summaries waiting for their window's end, and what tells them
+    /// the daemon stops (they are told then, not lost).
+    pub(crate) summaries: tokio_util::task::TaskTracker,
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Refusals {

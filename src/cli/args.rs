@@ -83,8 +83,9 @@ pub enum Command {
         /// The human who decided (goes to the audit log).
         #[arg(long)]
         by: Option<String>,
-        /// Wait until every item is revoked and verified; exit 1 if the
-        /// daemon stops first.
+        /// Wait until every item is revoked and verified; exit 69 if the
+        /// daemon stops first (the decision is recorded: the revocation
+        /// resumes when it runs again).
         #[arg(long)]
         wait: bool,
         /// Print the result as JSON.

@@ -569,7 +569,14 @@ async fn decommission(
         Err(code) => return code,
     };
     if result.already && !json {
-        println!("{agent}: already decommissioned; nothing new decided");
+        if result.agent.state == "decommissioned" {
+            println!("{agent}: already decommissioned; nothing new decided");
+        } else {
+            println!(
+                "{agent}: a decommission was already decided (it is {}); nothing new decided",
+                result.agent.state
+            );
+        }
     }
     while wait && result.agent.state != "decommissioned" {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;

@@ -548,6 +548,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
         tracing::warn!(timeout = %humantime::format_duration(drain), "in-flight steps did not finish in time; they resume at the next start");
     }
+    refusals::flush(&handler.refusals).await;
     audit_daemon(&engine, "daemon.stop", Outcome::Ok, None, None).await;
     audit.close().await;
     tracing::info!("stopped");

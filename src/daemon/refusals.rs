@@ -50,14 +50,21 @@ pub(super) async fn audit(
             summary_at: Some(at),
         } => {
             let (engine, refusals, actor) = (engine.clone(), Arc::clone(refusals), ev.actor);
-            tokio::spawn(async move {
-                tokio::time::sleep_until(at.into()).await;
+            let summaries = refusals.summaries.clone();
+            summaries.spawn(async move {
+                // At the window's end, or at once when the daemon stops.
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                    _ = refusals.stopping.cancelled() => {}
+                }
+                let over = WINDOW.saturating_sub(at.saturating_duration_since(Instant::now()));
+                let over = std::time::Duration::from_secs(over.as_secs().max(1));
                 let more = refusals.take(uid, event);
                 let mut summary = AuditEvent::new(event, actor, Outcome::Refused);
                 summary.detail = Some(format!(
                     "and {more} more refusals from {} in the last {}, not recorded one by one",
                     whose(uid),
-                    humantime::format_duration(WINDOW)
+                    humantime::format_duration(over)
                 ));
                 if let Err(e) = engine.record(summary).await {
                     tracing::error!(error = %e, event, "cannot audit a summary of refusals");
@@ -65,6 +72,20 @@ pub(super) async fn audit(
             });
             false
         }
+    }
+}
+
+/// Tells the summaries still waiting for their window's end now: the
+/// daemon stops, and the audit log closes after this (bounded: a stuck
+/// writer costs the summaries, not the stop).
+pub(super) async fn flush(refusals: &Refusals) {
+    refusals.stopping.cancel();
+    refusals.summaries.close();
+    if tokio::time::timeout(std::time::Duration::from_secs(5), refusals.summaries.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("summaries of refusals not audited before the stop");
     }
 }
 

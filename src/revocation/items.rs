@@ -361,7 +361,7 @@ fn vault_of<'a>(
         PluginError::new(
             ErrorKind::Invalid,
             format!(
-                "vault {name:?} is not configured any more: add it back so keyturn can empty it, or destroy the agent's versions there by hand"
+                "vault {name:?} is not configured any more: add it back (as it was) so keyturn can empty it and verify it; the item completes only then, even if the versions there were destroyed by hand"
             ),
         )
     })

@@ -58,7 +58,7 @@ fn retry_note(e: &PluginError, attempt: u32) -> String {
     let why = if e.kind.is_retryable() {
         "retried in the background"
     } else {
-        "the receiver refuses it: retried in the background, less and less often (up to hourly), until it is fixed"
+        "it will fail the same way until that is fixed: retried in the background, less and less often (up to hourly)"
     };
     format!("delivery attempt {attempt}: {e}; {why}")
 }
