@@ -482,6 +482,19 @@ impl std::fmt::Debug for VaultCurrentValue {
 
 #[async_trait::async_trait]
 impl CurrentValue for VaultCurrentValue {
+    async fn previous(&self) -> Result<Option<SecretValue>, PluginError> {
+        let item = VaultItem {
+            key: &self.key,
+            path: &self.path,
+        };
+        Ok(self
+            .vault
+            .vault
+            .read(item, Select::Stage(Stage::Previous))
+            .await?
+            .map(|v| v.value))
+    }
+
     async fn current(&self) -> Result<SecretValue, PluginError> {
         let item = VaultItem {
             key: &self.key,

@@ -65,6 +65,12 @@ pub trait SinkPlugin: std::fmt::Debug + Send + Sync {
 #[async_trait]
 pub trait CurrentValue: std::fmt::Debug + Send + Sync {
     async fn current(&self) -> Result<SecretValue, PluginError>;
+
+    /// Its previous value while that is in its grace period (`None` once
+    /// retired, or when there is none).
+    async fn previous(&self) -> Result<Option<SecretValue>, PluginError> {
+        Ok(None)
+    }
 }
 
 /// What a sink is built with besides its own config.

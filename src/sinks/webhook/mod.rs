@@ -78,6 +78,18 @@ pub fn sign(key: &[u8], t: i64, body: &[u8]) -> String {
     format!("t={t},v1={}", hex::encode(mac(key, t, body)))
 }
 
+/// [`sign`], then one more `v1=` with each of `also` (a key credential's
+/// previous value in its grace: a receiver that has not got the new key
+/// yet verifies with the one it has).
+fn sign_with(key: &[u8], also: Option<&[u8]>, t: i64, body: &[u8]) -> String {
+    let mut header = sign(key, t, body);
+    if let Some(other) = also {
+        header.push_str(",v1=");
+        header.push_str(&hex::encode(mac(other, t, body)));
+    }
+    header
+}
+
 fn mac(key: &[u8], t: i64, body: &[u8]) -> [u8; 32] {
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
     mac.update(t.to_string().as_bytes());
@@ -281,6 +293,24 @@ impl WebhookSink {
         }
     }
 
+    /// A key credential's previous value while it is in its grace: the key
+    /// credential and this sink's credential may rotate together (`keyturn
+    /// rotate AGENT`, one schedule), and the notice may then go out before
+    /// the key's own file reached the receiver. Best effort: without it the
+    /// notice is signed with the current key alone, as with a key file.
+    async fn previous_signing_key(&self) -> Option<SecretValue> {
+        let KeySource::Credential(cred, reader) = &self.key else {
+            return None;
+        };
+        match reader.previous().await {
+            Ok(key) => key.filter(|k| k.len() >= MIN_KEY_LEN),
+            Err(e) => {
+                tracing::debug!(sink = %self.shown, credential = %cred, error = %e, "the signing key's previous version cannot be read; signing with the current one alone");
+                None
+            }
+        }
+    }
+
     /// The body, in a buffer wiped on drop (it may hold the value).
     fn body(
         &self,
@@ -418,9 +448,15 @@ impl Sink for WebhookSink {
     ) -> Result<Delivered, PluginError> {
         guard::check_literal(&self.url, self.policy, &self.shown)?;
         let key = self.signing_key().await?;
+        let previous = self.previous_signing_key().await;
         let body = self.body(notice, value)?;
-        let signature = sign(key.expose(), Utc::now().timestamp(), &body);
-        drop(key);
+        let signature = sign_with(
+            key.expose(),
+            previous.as_ref().map(SecretValue::expose),
+            Utc::now().timestamp(),
+            &body,
+        );
+        drop((key, previous));
         let request = self
             .client()?
             .post(self.url.clone())

@@ -796,6 +796,64 @@ impl CurrentValue for Fixed {
     }
 }
 
+/// A key credential just rotated: its current value, and the previous one
+/// in its grace.
+#[derive(Debug)]
+struct Rotated(&'static str, &'static str);
+
+#[async_trait]
+impl CurrentValue for Rotated {
+    async fn current(&self) -> Result<SecretValue, PluginError> {
+        Ok(secret(self.0))
+    }
+
+    async fn previous(&self) -> Result<Option<SecretValue>, PluginError> {
+        Ok(Some(secret(self.1)))
+    }
+}
+
+/// Defect (black-box): when the key credential and the announced one
+/// rotated together, the notice was signed with the key's new value before
+/// the key's own file reached the receiver, which refused it (400) and
+/// the notice waited for the retry ceiling. While the key's previous value
+/// is in its grace, the notice carries a second `v1` made with it: a
+/// receiver with either key verifies it.
+#[tokio::test]
+async fn a_notice_verifies_with_the_key_credentials_new_and_previous_value() {
+    let r = Receiver::start(StatusCode::OK, vec![]).await;
+    let (new, old) = (
+        "the-new-value-of-hook-key-32+bytes-long",
+        "the-old-value-of-hook-key-32+bytes-long",
+    );
+    let reader: Arc<dyn CurrentValue> = Arc::new(Rotated(new, old));
+    let ctx = SinkContext {
+        reader: Some(&reader),
+        ..ctx()
+    };
+    let cfg = WebhookConfig {
+        url: r.url("/"),
+        secret_file: None,
+        secret_credential: Some("hook-bot/hook-key".into()),
+        include_value: false,
+        allow_private: false,
+        timeout: None,
+    };
+    let s = WebhookSink::new(cfg, &ctx, None).unwrap();
+    s.deliver(&notice(), &secret(CANARY)).await.unwrap();
+    let got = &r.got()[0];
+    let sig = got.headers["keyturn-signature"].to_str().unwrap();
+    assert_eq!(sig.matches("v1=").count(), 2, "{sig}");
+    let now = Utc::now().timestamp();
+    for key in [new, old] {
+        verify(key.as_bytes(), sig, &got.body, now, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+    }
+    assert_eq!(
+        verify(KEY.as_bytes(), sig, &got.body, now, Duration::from_secs(60)),
+        Err(BadSignature::Mismatch)
+    );
+}
+
 #[tokio::test]
 async fn secret_credential_signs_with_that_credentials_current_value() {
     let r = Receiver::start(StatusCode::OK, vec![]).await;
