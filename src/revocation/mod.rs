@@ -46,7 +46,7 @@ use crate::rotation::{Engine, Footprint, HeldAt};
 use crate::state::{DecommissionRow, RevocationRow, StateError, Write};
 
 pub mod items;
-mod quiet;
+pub(crate) mod quiet;
 mod sla;
 
 pub use items::{TaskProbe, TokenProbe};

@@ -21,7 +21,7 @@ pub(super) const SUMMARY_EVERY: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 
 /// What to do with one failed attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Verdict {
+pub(crate) enum Verdict {
     /// Audit it; `Some(n)`: `n` earlier failed attempts were not (their
     /// count goes in the record).
     Audit(Option<u32>),
@@ -40,7 +40,7 @@ struct Last {
 }
 
 #[derive(Debug, Default)]
-pub(super) struct Quiet(Mutex<HashMap<(AgentId, String), Last>>);
+pub(crate) struct Quiet(Mutex<HashMap<(AgentId, String), Last>>);
 
 impl Quiet {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(AgentId, String), Last>> {
@@ -48,7 +48,7 @@ impl Quiet {
     }
 
     /// A failed attempt of `item` of `agent` with `error`, at `now`.
-    pub(super) fn failed(
+    pub(crate) fn failed(
         &self,
         agent: &AgentId,
         item: &str,
@@ -94,7 +94,7 @@ impl Quiet {
     }
 
     /// `item` is done (revoked or verified): a later failure is a first one.
-    pub(super) fn done(&self, agent: &AgentId, item: &str) {
+    pub(crate) fn done(&self, agent: &AgentId, item: &str) {
         self.map().remove(&(agent.clone(), item.to_owned()));
     }
 }

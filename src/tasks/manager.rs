@@ -182,6 +182,9 @@ pub struct TaskManager {
     pub retry: Duration,
     /// Where issuances and revocations are counted (the daemon's).
     metrics: Option<Arc<crate::telemetry::Metrics>>,
+    /// Which failed revocation attempts are audited (the first, a changed
+    /// error, then one an hour with the count), as a decommission's are.
+    quiet: crate::revocation::quiet::Quiet,
 }
 
 /// Milliseconds since the epoch.
@@ -212,6 +215,7 @@ impl TaskManager {
             armed_until_ms: AtomicI64::new(i64::MAX),
             retry: Duration::from_secs(5),
             metrics: None,
+            quiet: Default::default(),
         }
     }
 

@@ -142,23 +142,24 @@ impl TaskManager {
             if item.state.is_done(item.expires_at_ms, ms(now)) {
                 continue;
             }
-            let Some(issuer) = setup.issuers.get(&item.issuer) else {
-                all_done = false;
-                self.store
-                    .item_error(
-                        id,
-                        &item.issuer,
-                        "the issuer is no longer configured; add it back to revoke",
-                    )
-                    .await?;
-                continue;
-            };
             let mut state = item.state;
             if state == ItemState::Expiring {
-                // Not past the expiry its system enforces yet.
+                // Not past the expiry its system enforces yet (no issuer
+                // is needed for that: nothing can end it earlier).
                 all_done = false;
                 continue;
             }
+            let Some(issuer) = setup.issuers.get(&item.issuer) else {
+                all_done = false;
+                self.revoke_failed(
+                    &row.task,
+                    &item.issuer,
+                    "the issuer is no longer configured; add it back to revoke",
+                    failed(&item.issuer),
+                )
+                .await?;
+                continue;
+            };
             // Only the system that minted it can say it is revoked.
             if let Err(e) = moved(issuer.as_ref(), &item.issuer, item).await {
                 all_done = false;
@@ -297,6 +298,12 @@ impl TaskManager {
                 ms(self.clock.now()),
             )
             .await?;
+        if let Ok(agent) = crate::model::AgentId::new(&row.task.agent) {
+            for item in &row.items {
+                self.quiet
+                    .done(&agent, &format!("task {id}/{}", item.issuer));
+            }
+        }
         let ev = end("task.ended", Outcome::Ok, serde_json::Value::Null);
         self.recorder.record(ev).await;
         self.ended.send_modify(|n| *n = n.wrapping_add(1));
@@ -304,7 +311,11 @@ impl TaskManager {
     }
 
     /// A revocation attempt of `issuer`'s credential of `task` failed with
-    /// `error`: recorded on the item, audited, counted; retried later.
+    /// `error`: recorded on the item, counted; retried later. Audited and
+    /// logged when it is the item's first failure or its error changed,
+    /// else once an hour with the count of the attempts in between (one
+    /// record per attempt, every few seconds while a server is down,
+    /// buried the audit log).
     async fn revoke_failed(
         &self,
         task: &TaskAttribution,
@@ -312,10 +323,26 @@ impl TaskManager {
         error: &str,
         mut ev: AuditEvent,
     ) -> Result<(), StoreError> {
+        use crate::revocation::quiet::Verdict;
         self.store.item_error(&task.task_id, issuer, error).await?;
-        ev.error = Some(error.to_owned());
-        self.recorder.record(ev).await;
         self.count_revocation(issuer, TaskRevocation::Failed);
+        let item = format!("task {}/{issuer}", task.task_id);
+        let verdict = match crate::model::AgentId::new(&task.agent) {
+            Ok(agent) => self.quiet.failed(&agent, &item, error, self.clock.now()),
+            Err(_) => Verdict::Audit(None),
+        };
+        let Verdict::Audit(skipped) = verdict else {
+            tracing::debug!(task = %task.task_id, agent = %task.agent, issuer, error, "task credential not revoked yet; retrying");
+            return Ok(());
+        };
+        tracing::warn!(task = %task.task_id, agent = %task.agent, issuer, error, "task credential not revoked yet; retrying until its system answers");
+        ev.error = Some(match skipped {
+            None => error.to_owned(),
+            Some(n) => format!(
+                "{error} ({n} failed attempt(s) since the last record, not recorded one by one)"
+            ),
+        });
+        self.recorder.record(ev).await;
         Ok(())
     }
 
@@ -367,7 +394,8 @@ pub async fn stranded(
     let mut out = Vec::new();
     for t in tasks.iter().filter(|t| t.state != TaskState::Ended) {
         for item in &t.items {
-            if item.state.is_done(item.expires_at_ms, now_ms) {
+            // Expiring: nothing revokes it earlier, with or without its issuer.
+            if item.state.is_done(item.expires_at_ms, now_ms) || item.state == ItemState::Expiring {
                 continue;
             }
             let problem = match issuers.get(&item.issuer) {
