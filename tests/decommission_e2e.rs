@@ -413,6 +413,14 @@ fn surface_matches_the_configured_and_observed_state() {
     ] {
         assert!(m.contains(line), "missing {line:?} in\n{m}");
     }
+    // app's two and quiet's one: `retired`'s is no longer rotated (it was
+    // counted as idle), and the orphan's is not in the config.
+    let counted: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("keyturn_credentials{state="))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(counted, 3.0, "{m}");
     daemon.stop();
 }
 

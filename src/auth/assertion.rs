@@ -108,6 +108,10 @@ pub enum AssertionError {
     TooLarge(usize),
     #[error("the assertion is not a JWT ({0}); send header.payload.signature in base64url")]
     Malformed(String),
+    #[error(
+        "the assertion's claims do not decode as expected ({0}): every claim once, iat, exp and nbf numbers, the others strings"
+    )]
+    Undecodable(String),
     #[error("the assertion's alg {0:?} is refused: only EdDSA (Ed25519) is accepted")]
     Algorithm(String),
     #[error(
@@ -116,7 +120,9 @@ pub enum AssertionError {
     MissingClaim(String),
     #[error("the assertion's iss {iss:?} and sub {sub:?} differ: both must name the agent")]
     IssNotSub { iss: String, sub: String },
-    #[error("the assertion's aud does not name {expected:?}")]
+    #[error(
+        "the assertion's aud does not name {expected:?} (the token service also takes its issuer or token endpoint)"
+    )]
     Audience { expected: String },
     #[error("the assertion has expired (exp is past, beyond {SKEW_SECS} s of clock skew)")]
     Expired,
@@ -125,7 +131,7 @@ pub enum AssertionError {
     #[error("the assertion's iat is in the future (beyond {SKEW_SECS} s of clock skew)")]
     IssuedInFuture,
     #[error(
-        "the assertion's lifetime too long: exp must be at most {MAX_LIFETIME_SECS} s after iat and now"
+        "the assertion's lifetime is too long: exp must be at most {MAX_LIFETIME_SECS} s after iat and now"
     )]
     LifetimeTooLong,
     #[error("the assertion's jti is empty or longer than {MAX_JTI_CHARS} characters")]
@@ -405,17 +411,22 @@ impl Verifier {
             JwtErrorKind::MissingRequiredClaim(c) => AssertionError::MissingClaim(c),
             JwtErrorKind::ExpiredSignature => AssertionError::Expired,
             JwtErrorKind::ImmatureSignature => AssertionError::NotYetValid,
+            // The first is the configured `assertion_audience`; the others
+            // (the token service's issuers, which name its tenants) are not
+            // told to a caller not yet authenticated.
             JwtErrorKind::InvalidAudience => AssertionError::Audience {
-                expected: self.audiences.join(" or "),
+                expected: self.audiences.first().cloned().unwrap_or_default(),
             },
             JwtErrorKind::InvalidIssuer => AssertionError::Invalid("iss".into()),
             JwtErrorKind::InvalidSubject => AssertionError::Invalid("sub".into()),
             JwtErrorKind::InvalidClaimFormat(c) => {
                 AssertionError::Invalid(format!("{c} has the wrong type"))
             }
-            JwtErrorKind::Base64(_) | JwtErrorKind::Json(_) | JwtErrorKind::Utf8(_) => {
-                AssertionError::Malformed("it does not decode".into())
+            JwtErrorKind::Base64(_) => AssertionError::Malformed("it is not base64url".into()),
+            JwtErrorKind::Json(e) => {
+                AssertionError::Undecodable(e.to_string().chars().take(120).collect())
             }
+            JwtErrorKind::Utf8(_) => AssertionError::Malformed("it is not UTF-8".into()),
             JwtErrorKind::InvalidToken => AssertionError::Malformed("invalid token".into()),
             _ => AssertionError::Invalid("it cannot be checked".into()),
         }

@@ -176,7 +176,7 @@ fn time_claims_are_enforced() {
     assert!(
         AssertionError::LifetimeTooLong
             .to_string()
-            .contains("lifetime too long")
+            .contains("lifetime is too long")
     );
     // Backdating iat to stretch the window does not help either.
     let backdated = with(

@@ -209,6 +209,9 @@ fn valid_scope_token(s: &str) -> bool {
 /// The deepest `act` chain read (beyond it a chain is refused as malformed).
 pub const MAX_ACT_LEVELS: usize = 64;
 
+/// The number of actors in an `act` chain: `None` when a level is not an
+/// object with a string `sub`; past [`MAX_ACT_LEVELS`] it is not read on,
+/// and `MAX_ACT_LEVELS + 1` stands for "deeper".
 fn act_depth(act: Option<&Map<String, Value>>) -> Option<usize> {
     let mut depth = 0;
     let mut cur = act;
@@ -217,14 +220,14 @@ fn act_depth(act: Option<&Map<String, Value>>) -> Option<usize> {
             return None;
         }
         depth += 1;
+        if depth > MAX_ACT_LEVELS {
+            return Some(depth);
+        }
         cur = match level.get("act") {
             None => None,
             Some(Value::Object(m)) => Some(m),
             Some(_) => return None,
         };
-        if depth > MAX_ACT_LEVELS {
-            return None;
-        }
     }
     Some(depth)
 }
@@ -311,11 +314,15 @@ pub fn exchange(
         ));
     };
     if prior + 1 > service.max_act_depth {
+        let deep = if prior > MAX_ACT_LEVELS {
+            format!("more than {}", MAX_ACT_LEVELS + 1)
+        } else {
+            (prior + 1).to_string()
+        };
         return Err(ExchangeError::new(
             "invalid_request",
             format!(
-                "the delegation chain would be {} actors deep; at most {} are allowed (max_act_depth)",
-                prior + 1,
+                "the delegation chain would be {deep} actors deep; at most {} are allowed (max_act_depth)",
                 service.max_act_depth
             ),
         ));

@@ -574,6 +574,12 @@ impl Engine {
         let catalog = self.inner.catalog();
         let live = self.inner.live();
         for entry in catalog.creds.values() {
+            // A decommissioned (or decommissioning) agent's credentials are
+            // not rotated any more: not idle, nor anything else here
+            // (`keyturn_agents{state}` counts their agents).
+            if self.inner.retired_label(&entry.key().agent).is_some() {
+                continue;
+            }
             let state = shown_state(entry, live.get(entry.key()));
             if let Some(c) = counts.iter_mut().find(|(n, _)| *n == state) {
                 c.1 += 1;
