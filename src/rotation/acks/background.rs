@@ -82,12 +82,13 @@ impl Inner {
                 // A receiver's `Retry-After` (capped by the sink) is waited
                 // out in full: the back-off is the least wait, not the most.
                 let backoff = delays.next().unwrap_or(retry.max_delay);
+                let asked_for = asked.take().unwrap_or_default();
                 let delay = if refused > 0 {
                     park_delay(&retry, refused)
                 } else {
                     backoff
                 }
-                .max(asked.take().unwrap_or_default());
+                .max(asked_for);
                 let left = (deadline - self.now()).to_std().unwrap_or(Duration::ZERO);
                 // Past the grace deadline the consumer is a holdout; it is
                 // still owed the version (a webhook may carry the value), so
@@ -97,7 +98,13 @@ impl Inner {
                     past_deadline = true;
                     tracing::warn!(agent = %key.agent, credential = %key.credential, version, sink = %name, "grace deadline passed: the consumer is a holdout; its delivery is still retried");
                 }
-                let wait = if left.is_zero() { delay } else { delay.min(left) };
+                // One more attempt at the deadline, but never before the
+                // receiver's `Retry-After`.
+                let wait = if left.is_zero() {
+                    delay
+                } else {
+                    delay.min(left).max(asked_for)
+                };
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = self.cancel.cancelled() => return,

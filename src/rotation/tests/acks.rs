@@ -587,6 +587,35 @@ async fn background_retries_wait_out_the_receivers_retry_after() {
     rig.shutdown().await;
 }
 
+/// Defect (black-box): the grace deadline cut a receiver's `Retry-After`
+/// short (asked for 15 s, retried 4 s later, at the deadline). The
+/// deadline gets its attempt, but never before the receiver asked.
+#[tokio::test(start_paused = true)]
+async fn the_grace_deadline_does_not_cut_a_retry_after_short() {
+    let down = DownSink::asking(3, Some(Duration::from_secs(15)));
+    let sinks: Vec<Arc<dyn Sink>> = vec![down.clone()];
+    let rig = Rig::in_dir_with(
+        tempfile::tempdir().unwrap(),
+        1,
+        "every = \"6h\"\ngrace = \"20s\"",
+        "",
+        Arc::new(MemoryStore::new()),
+        Arc::default(),
+        &sinks,
+    );
+    rig.run().await;
+    rig.first_version().await;
+    tokio::time::sleep(5 * MINUTE).await;
+    let attempts = down.attempts();
+    assert_eq!(attempts.len(), 4, "three refusals, then delivered");
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    assert!(
+        gaps.iter().all(|g| *g >= Duration::from_secs(15)),
+        "{gaps:?}"
+    );
+    rig.shutdown().await;
+}
+
 /// Defect: a receiver refusing the notice (a 400, which retrying cannot
 /// cure) was retried at the capped back-off for ever, and status showed no
 /// error at all. Status now says why and that the receiver refuses; the
