@@ -155,9 +155,22 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     if !state_db.exists() {
         refuse_lost_state()?;
     }
-    let state: Arc<dyn StateStore> = Arc::new(
-        SqliteStore::open(&state_db).map_err(|e| startup("cannot open the state database", &e))?,
-    );
+    let state: Arc<dyn StateStore> = Arc::new(SqliteStore::open(&state_db).map_err(|e| {
+        let text = e.to_string();
+        let advice = if text.contains("malformed") || text.contains("not a database") {
+            "; the database is damaged: restore state.db from a backup (it holds no secret value: \
+             those are in the vaults)"
+        } else if text.contains("ermission denied")
+            || text.contains("readonly")
+            || text.contains("unable to open")
+        {
+            "; the daemon's user must own the state directory and everything in it \
+             (`chown -R keyturn: /var/lib/keyturn` for the packaged unit)"
+        } else {
+            ""
+        };
+        startup("cannot open the state database", &format!("{text}{advice}"))
+    })?);
     let head = state
         .audit_head()
         .map_err(|e| startup("cannot read the audit head", &e))?;
@@ -572,7 +585,7 @@ async fn reload(
     let old = engine.catalog();
     let located = |errors: config::ConfigErrors| {
         format!(
-            "{} error(s), first: {}",
+            "{} error(s), first: {} (`keyturn check` lists them all; the config loaded before stays in force)",
             errors.0.len(),
             errors.0.first().map(|e| e.to_string()).unwrap_or_default()
         )
