@@ -239,7 +239,22 @@ impl AssertionSigner {
 
 fn agent_socket_of(path: &Path) -> PathBuf {
     crate::config::ClientPaths::lenient_at(path).map_or_else(
-        || PathBuf::from(crate::config::validate::DEFAULT_AGENT_SOCKET),
+        || {
+            let default = PathBuf::from(crate::config::validate::DEFAULT_AGENT_SOCKET);
+            // There but unreadable (an agent's uid, a 0600 config): say so,
+            // or a socket the config moved looks like a daemon that is down.
+            if let Err(e) = std::fs::File::open(path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                eprintln!(
+                    "keyturn: cannot read {} ({e}); trying the default agents' socket {}: \
+                     pass --socket (or set KEYTURN_AGENT_SOCKET) when the config names another",
+                    path.display(),
+                    default.display()
+                );
+            }
+            default
+        },
         |p| p.agent_socket,
     )
 }

@@ -772,7 +772,8 @@ impl TaskIssuer for VaultTokenIssuer {
 
     /// The token role's limits against the level's: a role that caps the
     /// token's TTL below `max_ttl`, or its uses below the grant's, makes
-    /// every such task's token die mid-task (a start refuses it).
+    /// every such task's token die mid-task (a start refuses it); one that
+    /// does not allow (or disallows) a granted policy makes every start fail.
     async fn check_grant(
         &self,
         grant: &Grant,
@@ -819,6 +820,40 @@ impl TaskIssuer for VaultTokenIssuer {
                 ));
             }
         }
+        // The server refuses a token whose policies the role does not
+        // allow (every start would fail). Globs are not judged here.
+        let not_allowed: Vec<&String> = grant
+            .policies
+            .iter()
+            .filter(|p| {
+                *p != "default"
+                    && !limits.allowed_policies.is_empty()
+                    && limits.allowed_policies_glob.is_empty()
+                    && !limits.allowed_policies.contains(p)
+            })
+            .collect();
+        if !not_allowed.is_empty() {
+            problems.push(format!(
+                "its allowed_policies ({}) do not include {}: add them to the role, or grant others",
+                limits.allowed_policies.join(", "),
+                not_allowed.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let refused: Vec<&String> = grant
+            .policies
+            .iter()
+            .filter(|p| limits.disallowed_policies.contains(p))
+            .collect();
+        if !refused.is_empty() {
+            problems.push(format!(
+                "its disallowed_policies include {}",
+                refused
+                    .iter()
+                    .map(|p| format!("`{p}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         let uses = limits.token_num_uses;
         if uses > 0 && grant.num_uses.is_none_or(|n| n > uses) {
             problems.push(format!(
@@ -834,7 +869,7 @@ impl TaskIssuer for VaultTokenIssuer {
             step,
             &location,
             format!(
-                "the token role `{role}` cuts every task's token short (a start refuses such a token): {}",
+                "the token role `{role}` refuses or cuts short every task's token of this grant (a start fails): {}",
                 problems.join("; ")
             ),
         ))
@@ -856,6 +891,12 @@ struct RoleLimits {
     token_max_ttl: u64,
     #[serde(default)]
     token_num_uses: u64,
+    #[serde(default)]
+    allowed_policies: Vec<String>,
+    #[serde(default)]
+    allowed_policies_glob: Vec<String>,
+    #[serde(default)]
+    disallowed_policies: Vec<String>,
 }
 
 impl rustify::Endpoint for ReadRole {

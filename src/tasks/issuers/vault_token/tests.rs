@@ -441,6 +441,18 @@ async fn a_token_role_that_cuts_the_token_short_is_refused_at_start_and_by_check
         .await
         .unwrap();
     assert_revoked_now(&*issuer, &task, Some(&issued.handle)).await;
+    // Defect (black-box): a grant of a policy the role does not allow
+    // passed `check --online`, and every start then failed.
+    let other = Grant(json!({ "policies": [format!("kt-not-in-role-{}", f.suffix)] }));
+    let e = issuer
+        .check_grant(&other, Duration::from_secs(600))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+    assert!(
+        e.message.contains("its allowed_policies") && e.message.contains("kt-not-in-role-"),
+        "{e}"
+    );
     f.drop_token_role(&role, &own_policy).await;
     f.cleanup().await;
 }
