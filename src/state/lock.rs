@@ -38,7 +38,7 @@ pub fn acquire(state_dir: &Path) -> Result<StateLock, String> {
     };
     let dir =
         File::open(state_dir).map_err(|e| format!("cannot open {}: {e}", state_dir.display()))?;
-    if !try_lock(&dir, libc::LOCK_EX) {
+    if !lock_held_briefly(&dir) {
         return Err(refused());
     }
     let path = state_dir.join(LOCK_FILE);
@@ -49,7 +49,7 @@ pub fn acquire(state_dir: &Path) -> Result<StateLock, String> {
         .mode(0o600)
         .open(&path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    if !try_lock(&file, libc::LOCK_EX) {
+    if !lock_held_briefly(&file) {
         return Err(refused());
     }
     // A failure to write the pid costs only the hints that name it.
@@ -90,6 +90,19 @@ pub struct Holder {
 fn holder_pid(state_dir: &Path) -> Option<u32> {
     let text = std::fs::read_to_string(state_dir.join(LOCK_FILE)).ok()?;
     text.trim().parse().ok().filter(|&pid| pid > 0)
+}
+
+/// An exclusive lock, tried for up to half a second: [`held`]'s probe (a
+/// `keyturn status` while the daemon restarts) holds a shared lock for an
+/// instant, and must not make a start fail. A daemon holds it for its life.
+fn lock_held_briefly(file: &File) -> bool {
+    for _ in 0..25 {
+        if try_lock(file, libc::LOCK_EX) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
 }
 
 /// A non-blocking flock(2); false when another descriptor holds a

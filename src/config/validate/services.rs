@@ -3,9 +3,6 @@
 use super::*;
 
 impl Validator<'_> {
-    /// `[token_service.subject_issuers.NAME]`: each checked by the oauth
-    /// module; two may not claim the same `iss` (a token would have two sets
-    /// of keys and rules).
     /// What the token service needs of the rest of the config, checked
     /// here so that `keyturn check` refuses what the daemon would:
     /// - the HTTP listener on a loopback address (it has no TLS: tokens
@@ -55,6 +52,9 @@ impl Validator<'_> {
         }
     }
 
+    /// `[token_service.subject_issuers.NAME]`: each checked by the oauth
+    /// module; two may not claim the same `iss` (a token would have two sets
+    /// of keys and rules).
     pub(super) fn subject_issuers(
         &mut self,
         raw: &RawConfig,

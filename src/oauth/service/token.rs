@@ -281,11 +281,12 @@ impl TokenService {
                 )
             })?;
         ev.tenant = Some(subject.tenant.clone());
-        // Every agent of the subject's delegation chain (and its client)
-        // must still be one: a decommissioned agent's tokens are inactive,
-        // and a new token must not carry it on.
+        // Every agent of the subject's delegation chain must still be one: a
+        // decommissioned agent's tokens are inactive, and a new token must
+        // not carry it on. (The subject's `client_id` is its identity
+        // provider's client, not an agent.)
         let mut chain = subject.act.as_ref();
-        let mut named: Vec<&str> = subject.client_id.as_deref().into_iter().collect();
+        let mut named: Vec<&str> = Vec::new();
         for _ in 0..=exchange::MAX_ACT_LEVELS {
             let Some(level) = chain else { break };
             named.extend(level.get("sub").and_then(serde_json::Value::as_str));

@@ -78,7 +78,7 @@ pub fn sign(key: &[u8], t: i64, body: &[u8]) -> String {
     format!("t={t},v1={}", hex::encode(mac(key, t, body)))
 }
 
-/// [`sign`], then one more `v1=` with each of `also` (a key credential's
+/// [`sign`], then one more `v1=` made with `also` (a key credential's
 /// previous value in its grace: a receiver that has not got the new key
 /// yet verifies with the one it has).
 fn sign_with(key: &[u8], also: Option<&[u8]>, t: i64, body: &[u8]) -> String {
