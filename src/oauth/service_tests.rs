@@ -585,6 +585,20 @@ fn refused(a: &Answer, sent: &[(String, String)]) -> String {
     code
 }
 
+/// A request of `partnerbot` (tenant partner) for a partner subject.
+fn partner_request(h: &Harness) -> Vec<(String, String)> {
+    let mut form = request(h);
+    set(
+        &mut form,
+        "subject_token",
+        &subject_with(h, json!({}), json!({ "iss": PARTNER_IDP })),
+    );
+    set(&mut form, "client_assertion", &assertion(h, "partnerbot"));
+    set(&mut form, "actor_token", &assertion(h, "partnerbot"));
+    set(&mut form, "scope", "read:reports");
+    form
+}
+
 async fn code_of(h: &Harness, form: Vec<(String, String)>) -> String {
     let a = post(h, "/oauth/token", &form).await;
     refused(&a, &form)
@@ -1247,15 +1261,7 @@ async fn a_decommissioned_agent_is_never_carried_in_a_delegation_chain() {
 async fn only_the_client_or_a_client_of_its_tenant_may_introspect_a_token() {
     let h = harness().await;
     let (acme, _) = issue(&h, &request(&h)).await;
-    let mut form = request(&h);
-    set(
-        &mut form,
-        "subject_token",
-        &subject_with(&h, json!({}), json!({ "iss": PARTNER_IDP })),
-    );
-    set(&mut form, "client_assertion", &assertion(&h, "partnerbot"));
-    set(&mut form, "actor_token", &assertion(&h, "partnerbot"));
-    set(&mut form, "scope", "read:reports");
+    let form = partner_request(&h);
     let (partner, _) = issue(&h, &form).await;
     let ask = |agent: &'static str, token: &str| {
         let f = auth_form(&h, agent, token);
@@ -1495,15 +1501,7 @@ async fn switching_the_signing_credential_keeps_old_tokens_verifiable() {
 async fn a_key_moved_to_another_set_is_never_trusted_by_both() {
     let mut h = harness().await;
     let (default_token, _) = issue(&h, &request(&h)).await;
-    let mut form = request(&h);
-    set(
-        &mut form,
-        "subject_token",
-        &subject_with(&h, json!({}), json!({ "iss": PARTNER_IDP })),
-    );
-    set(&mut form, "client_assertion", &assertion(&h, "partnerbot"));
-    set(&mut form, "actor_token", &assertion(&h, "partnerbot"));
-    set(&mut form, "scope", "read:reports");
+    let form = partner_request(&h);
     let (partner_token, _) = issue(&h, &form).await;
     let default_kid = jsonwebtoken::decode_header(&default_token)
         .unwrap()

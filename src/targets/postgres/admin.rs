@@ -145,6 +145,22 @@ impl Admin {
         Ok((mode, ca))
     }
 
+    /// How a connection reaches the server, from [`Self::tls_of`]'s answer.
+    fn transport(
+        &self,
+        mode: PgTls,
+        ca: Option<&(&PathBuf, Vec<u8>)>,
+        what: &str,
+    ) -> Result<connect::Transport, PluginError> {
+        connect::Transport::new(
+            mode,
+            ca.map(|(path, pem)| (path.as_path(), pem.as_slice())),
+            self.weak,
+            self.connect_timeout,
+            what,
+        )
+    }
+
     /// Session settings travel in the startup packet: no extra round trip
     /// per step, nor per connection.
     fn session_settings(&self, cfg: &mut Config) {
@@ -179,14 +195,7 @@ impl Admin {
         };
         let dsn = cfg.clone();
         let pool = self.pool.pool(key, || {
-            let transport = connect::Transport::new(
-                mode,
-                ca.as_ref()
-                    .map(|(path, pem)| (path.as_path(), pem.as_slice())),
-                self.weak,
-                self.connect_timeout,
-                &what,
-            )?;
+            let transport = self.transport(mode, ca.as_ref(), &what)?;
             self.session_settings(&mut cfg);
             let what = format!("admin connection to {}", endpoint(&cfg));
             Ok(AdminManager::new(cfg, transport, what, self.idle_timeout))
@@ -207,14 +216,7 @@ impl Admin {
         let (mut cfg, _) = self.config(what, step).await?;
         let what = format!("{what}: {step}");
         let (mode, ca) = self.tls_of(&cfg, &what).await?;
-        let transport = connect::Transport::new(
-            mode,
-            ca.as_ref()
-                .map(|(path, pem)| (path.as_path(), pem.as_slice())),
-            self.weak,
-            self.connect_timeout,
-            &what,
-        )?;
+        let transport = self.transport(mode, ca.as_ref(), &what)?;
         self.session_settings(&mut cfg);
         cfg.dbname(dbname);
         let shown = format!(
