@@ -1,15 +1,15 @@
 //! The state directory's lock: one daemon per state directory.
 //!
 //! The daemon locks the directory itself (flock(2) on its descriptor) and
-//! `<state_dir>/keyturn.lock`, whose content is its pid. The directory's
-//! lock is what counts: a lock on a file alone is lost when the file is
-//! deleted (a cleanup, an operator), and a second daemon would create a new
-//! one and share the state and the audit chain. The file is locked too (an
-//! older keyturn locks only it, and must not run beside this one), and its
-//! pid names the holder in a refusal and in the CLI's hints.
+//! `<state_dir>/keyturn.lock`. The directory's lock is what counts: a lock
+//! on a file alone is lost when the file is deleted (a cleanup, an
+//! operator), and a second daemon would create a new one and share the
+//! state and the audit chain. The file is locked too (an older keyturn
+//! locks only it, and must not run beside this one). Nothing is written:
+//! the holder's pid, for a refusal and the CLI's hints, is the kernel's
+//! (`/proc/locks`).
 
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
@@ -42,7 +42,7 @@ pub fn acquire(state_dir: &Path) -> Result<StateLock, String> {
         return Err(refused());
     }
     let path = state_dir.join(LOCK_FILE);
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
@@ -51,14 +51,6 @@ pub fn acquire(state_dir: &Path) -> Result<StateLock, String> {
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     if !lock_held_briefly(&file) {
         return Err(refused());
-    }
-    // A failure to write the pid costs only the hints that name it.
-    let pid = format!("{}\n", std::process::id());
-    if let Err(e) = file
-        .set_len(0)
-        .and_then(|()| file.write_all(pid.as_bytes()))
-    {
-        tracing::warn!(path = %path.display(), error = %e, "cannot write the daemon's pid in the lock file");
     }
     Ok(StateLock {
         _dir: dir,
@@ -87,9 +79,35 @@ pub struct Holder {
     pub pid: Option<u32>,
 }
 
+/// The pid the kernel lists as holding an flock on `state_dir` or its lock
+/// file (`/proc/locks`: `N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE ...`,
+/// the device in hex), if any.
 fn holder_pid(state_dir: &Path) -> Option<u32> {
-    let text = std::fs::read_to_string(state_dir.join(LOCK_FILE)).ok()?;
-    text.trim().parse().ok().filter(|&pid| pid > 0)
+    use std::os::unix::fs::MetadataExt;
+    let ids: Vec<String> = [state_dir.to_path_buf(), state_dir.join(LOCK_FILE)]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| {
+            let dev = m.dev();
+            format!(
+                "{:02x}:{:02x}:{}",
+                libc::major(dev),
+                libc::minor(dev),
+                m.ino()
+            )
+        })
+        .collect();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let at = f.iter().position(|w| *w == "FLOCK")?;
+        let (pid, id) = (f.get(at + 3)?, f.get(at + 4)?);
+        ids.iter()
+            .any(|i| i == id)
+            .then(|| pid.parse().ok())
+            .flatten()
+            .filter(|&pid: &u32| pid > 0)
+    })
 }
 
 /// An exclusive lock, tried for up to half a second: [`held`]'s probe (a
@@ -142,6 +160,16 @@ mod tests {
     }
 
     #[test]
+    fn the_lock_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = acquire(dir.path()).unwrap();
+        assert_eq!(std::fs::read(dir.path().join(LOCK_FILE)).unwrap(), b"");
+        drop(lock);
+        acquire(dir.path()).unwrap();
+        assert_eq!(std::fs::read(dir.path().join(LOCK_FILE)).unwrap(), b"");
+    }
+
+    #[test]
     fn deleting_the_lock_file_does_not_free_the_directory() {
         let dir = tempfile::tempdir().unwrap();
         let _lock = acquire(dir.path()).unwrap();
@@ -159,6 +187,11 @@ mod tests {
         assert!(try_lock(&old, libc::LOCK_EX));
         let e = acquire(dir.path()).unwrap_err();
         assert!(e.contains("another keyturn daemon"), "{e}");
-        assert_eq!(held(dir.path()), Some(Holder { pid: None }));
+        assert_eq!(
+            held(dir.path()),
+            Some(Holder {
+                pid: Some(std::process::id())
+            })
+        );
     }
 }
