@@ -403,12 +403,12 @@ async fn pg_admin(sql: &str) {
     let _ = conn.await;
 }
 
-/// The SCRAM verifier stored for `role` (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`).
-async fn pg_verifier(role: &str) -> String {
+/// The password stored for `role` (`None`: no password, nothing logs in).
+async fn pg_password_of(role: &str) -> Option<String> {
     let cfg: tokio_postgres::Config = pg_admin_dsn().parse().unwrap();
     let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
     let conn = tokio::spawn(conn);
-    let v: String = client
+    let v: Option<String> = client
         .query_one(
             "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
             &[&role],
@@ -418,6 +418,14 @@ async fn pg_verifier(role: &str) -> String {
         .get(0);
     drop(client);
     let _ = conn.await;
+    v
+}
+
+/// The SCRAM verifier stored for `role` (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`).
+async fn pg_verifier(role: &str) -> String {
+    let v = pg_password_of(role)
+        .await
+        .unwrap_or_else(|| panic!("{role}: no password"));
     assert!(
         v.starts_with("SCRAM-SHA-256$"),
         "{role}: not a SCRAM verifier"
@@ -744,6 +752,100 @@ fn postgres_alternating_users_previous_logs_in_until_grace_ends() {
     }
     daemon.stop();
     rt.block_on(pg_admin(&format!("DROP ROLE {clone}; DROP ROLE {role}")));
+}
+
+/// Defect: a rotation abandoned after its value was set at the target (its
+/// pending copy deleted out of band while promote kept failing) left that
+/// value logging in, held by no vault and no agent; and the fresh rotation
+/// took the next version number, whose `alternating_users` role held the
+/// current value: the agents' password stopped working at once, with no
+/// grace. The abandoned value is retired when the rotation is abandoned,
+/// and the fresh version takes the role the current one is not on.
+#[test]
+fn an_abandoned_rotation_ends_its_own_value_and_never_the_current_one() {
+    let files = Files::new();
+    let role = pg_new_role("kt_abandon_");
+    let clone = format!("{role}_clone");
+    let proxy =
+        common::proxy::Proxy::start(&need("KEYTURN_TEST_BAO_ADDR"), common::proxy::Flavor::Bao);
+    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
+    let path = unique("e2e/abandon/");
+    let env = Env::new(&format!(
+        "{}{}{}",
+        bao_table("bao", &proxy.url(), &token),
+        agent_table(AGENT),
+        credential(
+            "db",
+            r#""bao""#,
+            &path,
+            "1h",
+            &pg_target(&files, &role, "alternating_users", &pg_admin_dsn()),
+        )
+    ));
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    rotate_ok(&env, "db", 2);
+    let current = delivered(&env, "db");
+    assert_eq!(current.username.as_deref(), Some(clone.as_str()));
+
+    // Version 3 is set on `role` and tested; promote cannot store it.
+    let promote = common::proxy::Match::bao("POST", &format!("/v1/secret/data/{path}"));
+    let refused = proxy.fail(promote, 500, usize::MAX, None);
+    let out = env.cli(&["rotate", &format!("{AGENT}/db")]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for(Duration::from_secs(30), || {
+        let r = row(&env, "db");
+        (r["state"] == "failed" && r["step"] == "promote").then_some(())
+    })
+    .unwrap_or_else(|| panic!("never parked at promote: {:?}", row(&env, "db")));
+    assert!(proxy.hits(refused) >= 1);
+    // Someone deletes the pending copy, the only one of version 3's value.
+    rt().block_on(bao_delete_all(&format!("keyturn-pending/{path}")));
+    assert!(
+        rt().block_on(pg_password_of(&role)).is_some(),
+        "version 3 was set on the role"
+    );
+
+    // The fresh rotation cannot even stage its value for now: what the
+    // abandon did is seen on its own.
+    proxy.clear();
+    let pending =
+        common::proxy::Match::bao("POST", &format!("/v1/secret/data/keyturn-pending/{path}"));
+    let staged = proxy.fail(pending, 500, usize::MAX, None);
+    wait_for(Duration::from_secs(60), || {
+        (proxy.hits(staged) >= 1).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no fresh rotation: {:?}", row(&env, "db")));
+    let audit = std::fs::read_to_string(env.audit_log()).unwrap();
+    assert!(audit.contains("\"rotation.abandoned\""), "{audit}");
+    rt().block_on(async {
+        // The current value works, within its own grace as ever.
+        pg_login(&clone, &current.value)
+            .await
+            .unwrap_or_else(|e| panic!("the current value stopped working: {e}"));
+        // `role` had version 3's value, which no vault and no agent holds:
+        // its password is cleared.
+        assert_eq!(pg_password_of(&role).await, None, "version 3 still logs in");
+    });
+
+    proxy.clear();
+    wait_version(&env, "db", 4);
+    let fresh = delivered(&env, "db");
+    assert_eq!(
+        (fresh.version, fresh.username.as_deref()),
+        (5, Some(role.as_str())),
+        "the fresh version takes the role the current one is not on"
+    );
+    rt().block_on(async {
+        pg_login(&role, &fresh.value)
+            .await
+            .expect("the fresh value logs in");
+        pg_login(&clone, &current.value)
+            .await
+            .unwrap_or_else(|e| panic!("version 2 ended without its grace: {e}"));
+    });
+    daemon.stop();
+    rt().block_on(pg_admin(&format!("DROP ROLE {clone}; DROP ROLE {role}")));
 }
 
 #[test]

@@ -637,6 +637,7 @@ fn into_raw(f: File) -> RawConfig {
         token_clients: all_ok(token_service.clients),
         token_tenants: all_ok(token_service.tenants),
         subject_issuers: all_ok(token_service.subject_issuers),
+        partly_read: Vec::new(),
     }
 }
 
@@ -998,6 +999,47 @@ deliver = [\n\
             "{e:#?}"
         );
         assert!(e[2].message.contains("unknown tier `nosuch`"), "{e:#?}");
+    }
+
+    /// A key of the wrong type does not hide what else is wrong in its
+    /// table: the rest is validated as written. What the key taken out
+    /// would have decided (the table's own findings) is not reported.
+    #[test]
+    fn a_type_error_does_not_hide_the_tables_other_errors() {
+        let text = "[daemon]\nmax_concurrent_rotations = \"ten\"\ndrain_timeout = \"5 parsecs\"\n\
+[vaults.v]\ntype = \"local\"\n\
+[agents.a]\nowner = \"o\"\ntenant = 7\ntier = \"nosuch\"\n\
+[agents.a.credentials.c]\nvault = \"v\"\ngenerate = { kind = \"password\" }\n\
+every = 5\njitter = \"soon\"\n";
+        let e = errors(text);
+        let paths: Vec<&str> = e.iter().map(|e| e.toml_path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "daemon.max_concurrent_rotations",
+                "daemon.drain_timeout",
+                "agents.a.tenant",
+                "agents.a.tier",
+                "agents.a.credentials.c.every",
+                "agents.a.credentials.c.jitter",
+            ],
+            "{e:#?}"
+        );
+        assert!(e[1].message.contains("invalid duration"), "{e:#?}");
+        assert!(e[3].message.contains("unknown tier `nosuch`"), "{e:#?}");
+        assert!(e[5].message.contains("soon"), "{e:#?}");
+
+        // What other sections are checked against does not come from a
+        // table read without its bad key: no delivery roots is not "outside
+        // every delivery root".
+        let text = "[daemon]\ndelivery_roots = \"/run/x\"\n\
+[vaults.v]\ntype = \"local\"\n\
+[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+[agents.a.credentials.c]\nvault = \"v\"\ngenerate = { kind = \"password\" }\n\
+every = \"1h\"\ndeliver = [{ type = \"file\", path = \"/run/x/a\" }]\n";
+        let e = errors(text);
+        let paths: Vec<&str> = e.iter().map(|e| e.toml_path.as_str()).collect();
+        assert_eq!(paths, ["daemon.delivery_roots"], "{e:#?}");
     }
 
     /// A missing key is reported beside a bad one in the same table.

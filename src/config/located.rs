@@ -50,13 +50,16 @@ pub(super) fn load_located(
 
     let mut raw = RawConfig::default();
     let mut issues: Vec<(usize, Issue)> = Vec::new();
+    // Where validation's findings may be the doing of a bad key taken out.
+    let mut quiet: Vec<Quiet> = Vec::new();
     // Which file defines each agent, to locate the issues under it.
     let mut agent_file: std::collections::HashMap<String, usize> = Default::default();
     let mut names: Vec<Vec<String>> = vec![Vec::new(); files.len()];
     for (i, (f, doc)) in files.iter().zip(&docs).enumerate() {
         let Some(doc) = doc else { continue };
         let (mut more, found) = deserialize_sections(doc.as_table(), f.main);
-        issues.extend(found.into_iter().map(|issue| (i, issue)));
+        issues.extend(found.issues.into_iter().map(|issue| (i, issue)));
+        quiet.extend(found.quiet);
         more.agents.retain(|(name, _)| match agent_file.get(name) {
             Some(first) => {
                 issues.push((
@@ -79,11 +82,15 @@ pub(super) fn load_located(
         });
         merge_raw(&mut raw, more);
     }
+    raw.partly_read = quiet.iter().map(|q| q.section.to_string()).collect();
     match validate::validate(&raw, ctx) {
         Ok(config) if issues.is_empty() && syntax.is_empty() => return Ok((config, names)),
         Ok(_) => {}
         Err(more) => {
             for issue in more {
+                if quiet.iter().any(|q| q.covers(&issue.path)) {
+                    continue;
+                }
                 let file = match issue.path.segments() {
                     [Seg::Key(top), Seg::Key(agent), ..] if &**top == "agents" => {
                         agent_file.get(&**agent).copied().unwrap_or(main)
@@ -192,9 +199,9 @@ fn unspanned_error_offset(text: &str, message: &str) -> usize {
 /// Step 2: every section deserialized on its own; failures become issues and
 /// [`Parsed::Invalid`] entries. A file of `agents.d` (`main` false) holds
 /// agents only.
-fn deserialize_sections(root: &Table, main: bool) -> (RawConfig, Vec<Issue>) {
+fn deserialize_sections(root: &Table, main: bool) -> (RawConfig, Found) {
     let mut raw = RawConfig::default();
-    let mut issues = Vec::new();
+    let mut issues = Found::default();
     let top = TomlPath::root();
 
     for (name, item) in root.iter() {
@@ -312,10 +319,45 @@ fn without_credentials(item: &Item) -> Item {
     Item::Table(out)
 }
 
+/// What deserializing the sections found: the issues, and where
+/// validation is to stay quiet.
+#[derive(Default)]
+struct Found {
+    issues: Vec<Issue>,
+    quiet: Vec<Quiet>,
+}
+
+impl Found {
+    fn push(&mut self, issue: Issue) {
+        self.issues.push(issue);
+    }
+    fn len(&self) -> usize {
+        self.issues.len()
+    }
+}
+
+/// A section read with bad keys taken out (or missing ones stood in for):
+/// validation's findings about the section itself, or at or under one of
+/// those keys, may be the removal's doing.
+struct Quiet {
+    section: TomlPath,
+    under: Vec<TomlPath>,
+}
+
+impl Quiet {
+    fn covers(&self, path: &TomlPath) -> bool {
+        *path == self.section
+            || self
+                .under
+                .iter()
+                .any(|u| path.segments().starts_with(u.segments()))
+    }
+}
+
 /// The `name → item` entries of a table of named sections.
 /// `[token_service]`: each `subject_issuers.NAME` and `clients.AGENT`
 /// deserialized on its own, the scalar keys together.
-fn token_service(item: &Item, p: &TomlPath, issues: &mut Vec<Issue>, raw: &mut RawConfig) {
+fn token_service(item: &Item, p: &TomlPath, issues: &mut Found, raw: &mut RawConfig) {
     let mut out = BTreeMap::new();
     let mut settings = toml_edit::Table::new();
     for (key, sub) in entries(item, p, issues) {
@@ -363,7 +405,7 @@ fn token_service(item: &Item, p: &TomlPath, issues: &mut Vec<Issue>, raw: &mut R
     }
 }
 
-fn entries<'a>(item: &'a Item, p: &TomlPath, issues: &mut Vec<Issue>) -> Vec<(String, &'a Item)> {
+fn entries<'a>(item: &'a Item, p: &TomlPath, issues: &mut Found) -> Vec<(String, &'a Item)> {
     match item.as_table_like() {
         Some(t) => t.iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         None => {
@@ -390,8 +432,9 @@ fn entries<'a>(item: &'a Item, p: &TomlPath, issues: &mut Vec<Issue>) -> Vec<(St
 /// taken out is not reported: it may be the removal's doing. A missing key
 /// gets a stand-in value (see [`stand_in`]) so that the section's other
 /// missing keys are found in the same pass; what the stand-in itself gets
-/// wrong is not reported.
-fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issue>) -> Parsed<T> {
+/// wrong is not reported. The section as read is still validated (see
+/// [`Quiet`]), so that a type error does not hide its other errors.
+fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Found) -> Parsed<T> {
     let mut value = match item.clone().into_value() {
         Ok(v) => v,
         Err(_) => {
@@ -417,6 +460,28 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Vec<Issu
         }
         let e = match serde_path_to_error::deserialize::<_, T>(value.clone().into_deserializer()) {
             Ok(t) if (removed.is_empty() || only_unknown) && stand_ins.is_empty() => {
+                return Parsed::Ok(t);
+            }
+            // Keys of the wrong type were taken out, or stand in for
+            // missing ones: the rest of the section is still validated, so
+            // that its other errors are reported now too. What validation
+            // finds at a key taken out or stood in for, or about the
+            // section as a whole, may be the removal's doing: not reported.
+            // Elements taken out of an array shift the others, whose
+            // findings would name the wrong element: no validation then.
+            Ok(t) if left.is_empty() => {
+                issues.quiet.push(Quiet {
+                    section: p.clone(),
+                    under: removed
+                        .iter()
+                        .cloned()
+                        .chain(stand_ins.iter().map(|(at, _)| {
+                            let mut q = p.clone();
+                            q.0.extend(at.iter().cloned());
+                            q
+                        }))
+                        .collect(),
+                });
                 return Parsed::Ok(t);
             }
             Ok(_) => return Parsed::Invalid,

@@ -72,6 +72,18 @@ pub struct RawConfig {
     pub token_clients: BTreeMap<String, Parsed<crate::oauth::config::RawClient>>,
     /// `[token_service.tenants.NAME]`.
     pub token_tenants: BTreeMap<String, Parsed<crate::oauth::config::RawTenantKeys>>,
+    /// The sections read with a key of the wrong type taken out (their
+    /// error already reported), as dotted paths: each is validated as read,
+    /// but what other sections are checked against must not come from them
+    /// (a `[daemon]` without its bad `delivery_roots` has none).
+    pub partly_read: Vec<String>,
+}
+
+impl RawConfig {
+    /// Whether the section at the dotted `path` lost a bad key in reading.
+    pub fn partly_read(&self, path: &str) -> bool {
+        self.partly_read.iter().any(|p| p == path)
+    }
 }
 
 /// `[alert_rules]`: when rotation health raises an alert. Every key is optional.

@@ -241,13 +241,23 @@ impl Inner {
                 }
             },
         };
+        // A new version has the other parity than the current one: the
+        // roles of `alternating_users` go by it, and after an abandoned
+        // version the next number would land on the current value's role
+        // and end it at once, without its grace.
+        let mut version = newest.max(cred.current_version.unwrap_or(0)) + 1;
+        if let Some(current) = cred.current_version
+            && (version - current).is_multiple_of(2)
+        {
+            version += 1;
+        }
         let t = self.now();
         let mut rot = RotationRow {
             id: RotationId::generate(),
             key: key.clone(),
             step: Step::Create,
             trigger,
-            version: newest.max(cred.current_version.unwrap_or(0)) + 1,
+            version,
             vault_version: None,
             previous_version: cred.current_version,
             previous_vault_version,
@@ -527,7 +537,7 @@ impl Inner {
     /// with the reason, its pending version retired in state, a
     /// `rotation.abandoned` audit record says why, and the failure counts
     /// like any other. The credential's next attempt then begins a fresh
-    /// rotation (new id, new value, the next version number). All of it is
+    /// rotation (new id, new value, a later version number). All of it is
     /// one commit: a crash before it replays the failing step, which finds
     /// the version gone again and abandons again.
     pub(super) async fn abandon(
@@ -547,6 +557,16 @@ impl Inner {
             rot.id
         );
         tracing::warn!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, step = %step, version = rot.version, "{reason}");
+        // What the version may have set at the target stops working there
+        // (alternating users: its role's password is cleared, unless the
+        // role holds another version by now): its value is in no vault and
+        // no agent has it. Best effort: the fresh rotation sets a new value
+        // on that role anyway (see `begin`).
+        if let Some(target) = &entry.target
+            && let Err(e) = target.retire(key, rot.version).await
+        {
+            tracing::warn!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, version = rot.version, error = %e.message, "could not retire the abandoned version at the target; the next rotation replaces it");
+        }
         let mut done = rot.clone();
         done.step = Step::Done;
         done.attempts += 1;

@@ -525,7 +525,76 @@ impl Vault for HashicorpVault {
             .call("check", "auth/token/lookup-self", |c| async move {
                 vaultrs::token::lookup_self(&*c).await
             })
-            .await
-            .map(|_| ())
+            .await?;
+        // The mount is KV version 2 (a version 1 mount takes the first
+        // write as a plain secret at `data/...` and answers nothing keyturn
+        // can read), and the token may use something in it. The endpoint
+        // the `bao kv` commands ask the same of.
+        let mount = self.mount.as_str();
+        let location = format!("sys/internal/ui/mounts/{mount}");
+        let info = self
+            .conn
+            .call("check", &location, |c| async move {
+                vaultrs::api::exec_with_result(
+                    &*c,
+                    MountInfo {
+                        path: mount.to_owned(),
+                    },
+                )
+                .await
+            })
+            .await;
+        let wrong = |detail: String| self.conn.err(ErrorKind::Invalid, "check", mount, detail);
+        match info {
+            Ok(m) if m.kind == "kv" && m.version() == Some("2") => Ok(()),
+            Ok(m) if m.kind == "kv" => Err(wrong(format!(
+                "mount `{mount}` is KV version {}; keyturn keeps versions in a KV version 2 mount \
+                 (`bao secrets enable -version=2 -path={mount} kv`, or `bao kv enable-versioning {mount}`)",
+                m.version().unwrap_or("1")
+            ))),
+            Ok(m) => Err(wrong(format!(
+                "mount `{mount}` is a `{}` engine, not KV version 2",
+                m.kind
+            ))),
+            Err(e) if e.kind == ErrorKind::Unauthorized => Err(wrong(format!(
+                "there is no mount `{mount}`, or the token may use nothing in it \
+                 (check `mount` and the token's policies)"
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// `GET sys/internal/ui/mounts/PATH`: the engine mounted at `PATH`, for any
+/// token allowed something in it (no `sys/mounts` rights needed).
+struct MountInfo {
+    path: String,
+}
+
+#[derive(serde::Deserialize)]
+struct MountDescription {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    options: Option<std::collections::BTreeMap<String, String>>,
+}
+
+impl MountDescription {
+    fn version(&self) -> Option<&str> {
+        self.options.as_ref()?.get("version").map(String::as_str)
+    }
+}
+
+impl rustify::Endpoint for MountInfo {
+    type Response = MountDescription;
+    const REQUEST_BODY_TYPE: rustify::enums::RequestType = rustify::enums::RequestType::JSON;
+    const RESPONSE_BODY_TYPE: rustify::enums::ResponseType = rustify::enums::ResponseType::JSON;
+
+    fn path(&self) -> String {
+        format!("/sys/internal/ui/mounts/{}", self.path)
+    }
+
+    fn method(&self) -> rustify::enums::RequestMethod {
+        rustify::enums::RequestMethod::GET
     }
 }

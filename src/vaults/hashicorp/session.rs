@@ -462,7 +462,13 @@ impl Connection {
         use rustify::errors::ClientError as Rest;
         let (kind, detail) = match &e {
             ClientError::APIError { code, errors } => {
-                let text = errors.join("; ");
+                // OpenBao's "1 error occurred:\n\t* permission denied\n\n"
+                // on one line.
+                let text = errors
+                    .join("; ")
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
                 (
                     status_kind(*code, &text),
                     format!("{}: {text}", http_status_text(*code)),
@@ -485,6 +491,13 @@ impl Connection {
                 Rest::ResponseError { source } => (
                     ErrorKind::Transient,
                     format!("reading the response failed: {source:#}"),
+                ),
+                // Not the vault's JSON: a proxy's or load balancer's page
+                // in between, most likely, and gone on a retry.
+                Rest::ResponseParseError { .. } | Rest::ResponseConversionError { .. } => (
+                    ErrorKind::Transient,
+                    "the answer is not the vault's JSON (a proxy or load balancer in between?)"
+                        .to_owned(),
                 ),
                 other => (
                     ErrorKind::Fatal,

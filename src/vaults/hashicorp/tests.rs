@@ -568,6 +568,7 @@ async fn a_namespace_scopes_every_call() {
     );
     s.namespace = Some(ns.clone());
     let v = connect(s).await.unwrap();
+    v.check().await.unwrap();
     let path = unique("ns");
     let it = item(&path);
     stage_and_promote(&v, &path, "in-ns").await;
@@ -584,6 +585,69 @@ async fn a_namespace_scopes_every_call() {
         .await
         .unwrap();
     raw_http("DELETE", &format!("sys/namespaces/{ns}"), None, "");
+}
+
+/// `check` (behind `keyturn check --online`) refuses a KV version 1 mount,
+/// where the first rotation wrote its pending value as a plain secret at
+/// `data/keyturn-pending/...` and then failed on an answer it could not
+/// read, and a mount that does not exist; a KV version 2 mount passes.
+#[apply(server_test!)]
+async fn check_refuses_a_mount_that_is_not_kv_version_2() {
+    let (addr, token) = bao();
+    let kv1 = format!("kt-kv1-{}", &RotationId::generate().as_str()[..12]);
+    assert_eq!(
+        raw_http(
+            "POST",
+            &format!("sys/mounts/{kv1}"),
+            None,
+            r#"{"type":"kv","options":{"version":"1"}}"#
+        ),
+        204
+    );
+    let with_mount = |mount: &str| {
+        let mut s = settings(
+            "bao",
+            &addr,
+            HashicorpAuth::Token(SecretValue::from_string(token.clone())),
+        );
+        s.config.mount = Some(mount.to_owned());
+        s
+    };
+    let v = connect(with_mount(&kv1)).await.unwrap();
+    let e = v.check().await.unwrap_err();
+    assert_error(
+        &e,
+        ErrorKind::Invalid,
+        &[&kv1, "KV version 1", "KV version 2", "enable-versioning"],
+        &[],
+    );
+    let missing = format!("kt-nomount-{}", &RotationId::generate().as_str()[..12]);
+    let e = connect(with_mount(&missing))
+        .await
+        .unwrap()
+        .check()
+        .await
+        .unwrap_err();
+    assert_error(
+        &e,
+        ErrorKind::Invalid,
+        &[&missing, "there is no mount"],
+        &[],
+    );
+    let e = connect(with_mount("sys"))
+        .await
+        .unwrap()
+        .check()
+        .await
+        .unwrap_err();
+    assert_error(&e, ErrorKind::Invalid, &["`system` engine"], &[]);
+    connect(with_mount("secret"))
+        .await
+        .unwrap()
+        .check()
+        .await
+        .unwrap();
+    raw_http("DELETE", &format!("sys/mounts/{kv1}"), None, "");
 }
 
 #[tokio::test]
