@@ -887,7 +887,7 @@ fn the_daemon_keeps_a_private_spool_exports_alert_metrics_and_refuses_a_bad_sink
     daemon.reload();
     let log = daemon.log_text();
     assert!(
-        log.contains("reload failed") && log.contains("[alerts.pd]"),
+        log.contains("reload failed") && log.contains("alerts.pd: "),
         "{log}"
     );
     daemon.stop();
@@ -897,10 +897,10 @@ fn the_daemon_keeps_a_private_spool_exports_alert_metrics_and_refuses_a_bad_sink
     let status = daemon
         .wait_exit(Duration::from_secs(30))
         .expect("the daemon exits");
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(64), "a config error");
     let log = daemon.log_text();
     assert!(
-        log.contains("[alerts.pd]") && log.contains("no-such.key"),
+        log.contains("alerts.pd: ") && log.contains("no-such.key"),
         "{log}"
     );
 }

@@ -144,6 +144,19 @@ fn a_full_state_volume_loses_nothing_and_the_daemon_starts_once_there_is_room() 
         "the daemon died on a full volume; log:\n{}",
         daemon.log_text()
     );
+    // Status says why each failing credential fails (one whose rotation
+    // could not even be recorded as begun said nothing).
+    let failing = wait_for(Duration::from_secs(30), || {
+        let failed: Vec<serde_json::Value> = status_json(&env)
+            .into_iter()
+            .filter(|r| r["state"] == "failed")
+            .collect();
+        (!failed.is_empty()).then_some(failed)
+    })
+    .unwrap_or_else(|| panic!("nothing failed: {:?}", status_json(&env)));
+    for row in &failing {
+        assert!(row["last_error"].is_string(), "no error shown: {row}");
+    }
     // The worst moment to die: mid-write on a full volume.
     daemon.kill9();
 

@@ -504,26 +504,34 @@ const ONE_FILE: &str = "{ type = \"file\", path = \"{root}/bot/db\" }";
 
 /// A credential whose next rotation is parked (its target refuses the new
 /// value) still has the current version: a file of it that went missing
-/// comes back at start, as the version the agent may still use.
+/// comes back at start, as the version the agent may still use. Defect:
+/// the restored json named the parked rotation's id, not the one that made
+/// the version, and had no `expires_hint`.
 #[test]
 fn a_missing_file_comes_back_while_the_next_rotation_is_parked() {
     let env = Env::new("");
     env.write_credentials(&command_target_db(
         &env,
         "[ -e \"{d}/refuse\" ] && exit 1;",
-        ONE_FILE,
+        "{ type = \"file\", path = \"{root}/bot/db\", format = \"json\" }",
     ));
     let daemon = env.start();
     wait_version(&env, "bot", "db", 1);
     let file = env.root().join("bot/db");
-    let before = std::fs::read(&file).unwrap();
+    let read =
+        || -> serde_json::Value { serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap() };
+    let before = read();
     std::fs::write(env.path().join("refuse"), "").unwrap();
     let out = env.cli(&["rotate", "bot/db", "--wait"]);
     assert_eq!(out.status.code(), Some(1), "the target refuses: parked");
     daemon.kill9();
     std::fs::remove_file(&file).unwrap();
     let daemon = env.start();
-    assert_eq!(std::fs::read(&file).ok(), Some(before));
+    let after = read();
+    for field in ["value", "version", "rotation"] {
+        assert_eq!(after[field], before[field], "{field}: {after} / {before}");
+    }
+    assert!(after["expires_hint"].is_string(), "{after}");
     assert_eq!(version_of(&env, "bot", "db"), Some(1));
     daemon.stop();
 }
@@ -872,12 +880,13 @@ fn status_fits_80_columns_and_colours_only_on_a_terminal() {
     );
 }
 
-/// Defect: `check --online` passed alert sinks whose key files were
-/// missing or readable by others, and the daemon then refused to start
-/// naming only the first of them. `check --online` reads every alert
-/// sink's key file, and the daemon names every sink that fails.
+/// Defect: `check` passed alert sinks whose key files were missing or
+/// readable by others, and the daemon then refused to start (exit 1)
+/// naming only the first of them. `check`, online or not, reads every
+/// alert sink's key file and names each that fails, located (exit 64), as
+/// does the daemon's start.
 #[test]
-fn alert_sinks_with_bad_key_files_fail_check_online_and_are_all_named() {
+fn alert_sinks_with_bad_key_files_fail_check_and_are_all_named() {
     let env = Env::new("");
     let key = env.path().join("wh.key");
     std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
@@ -889,17 +898,20 @@ fn alert_sinks_with_bad_key_files_fail_check_online_and_are_all_named() {
         env.path().display(),
         key.display()
     ));
-    env.cli_ok(&["check"]);
-    let out = env.cli(&["check", "--online"]);
-    assert_eq!(out.status.code(), Some(69), "{out:?}");
-    let said = String::from_utf8_lossy(&out.stdout);
-    let failed: Vec<&str> = said
-        .lines()
-        .filter(|l| l.starts_with("alert ") && l.contains("FAILED"))
-        .collect();
-    assert_eq!(failed.len(), 2, "{said}");
-    assert!(failed[0].contains("missing.key"), "{said}");
-    assert!(failed[1].contains("mode 0644"), "{said}");
+    for online in [false, true] {
+        let out = if online {
+            env.cli(&["check", "--online"])
+        } else {
+            env.cli(&["check"])
+        };
+        assert_eq!(out.status.code(), Some(64), "{out:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        let pd = said.lines().find(|l| l.contains(": alerts.pd: "));
+        let wh = said.lines().find(|l| l.contains(": alerts.wh: "));
+        assert!(pd.is_some_and(|l| l.contains("missing.key")), "{said}");
+        assert!(wh.is_some_and(|l| l.contains("mode 0644")), "{said}");
+        assert!(said.contains("keyturn.toml:13:1: alerts.pd"), "{said}");
+    }
 
     let mut daemon = std::process::Command::new(bin())
         .args(["daemon", "--config"])
@@ -914,11 +926,11 @@ fn alert_sinks_with_bad_key_files_fail_check_online_and_are_all_named() {
         daemon.kill().unwrap();
         panic!("the daemon started with unreadable alert keys");
     };
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(64), "a config error");
     let mut stderr = String::new();
     std::io::Read::read_to_string(daemon.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(
-        stderr.contains("[alerts.pd]") && stderr.contains("[alerts.wh]"),
+        stderr.contains("alerts.pd: ") && stderr.contains("alerts.wh: "),
         "{stderr}"
     );
 }

@@ -40,7 +40,7 @@ pub enum Command {
         #[arg(long)]
         online: bool,
         /// How long each online check may take.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s", requires = "online")]
+        #[arg(long, value_parser = more_than_zero, default_value = "5s", requires = "online")]
         timeout: std::time::Duration,
     },
     /// Run the daemon (systemd: Type=notify).
@@ -285,4 +285,14 @@ pub struct ExchangeArgs {
 pub enum AuditCommand {
     /// Check the hash chain; name the first bad record.
     Verify,
+}
+
+/// A duration that is more than zero (`check --online --timeout 0s` would
+/// only fail every item).
+fn more_than_zero(s: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be more than zero, e.g. 5s".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }

@@ -1,7 +1,7 @@
-//! The daemon settings that are valid only on a host that has what they
-//! name: the audit key file and the follow nudge key file must load (a
-//! regular file, mode 0600 or tighter, long enough), and `socket_group`
-//! must exist.
+//! The settings that are valid only on a host that has what they name:
+//! the audit key file, the follow nudge key file and every alert sink's
+//! key file must load (a regular file, mode 0600 or tighter, long enough),
+//! and `socket_group` must exist.
 //!
 //! These need I/O, so they are not part of the pure validation. But a
 //! config that passes `keyturn check` must not stop the next start, so this
@@ -57,7 +57,17 @@ fn with_user_hint(path: &Path, message: String) -> String {
 /// [`host_issues`] of `cfg`, located in its main file (where `[daemon]`
 /// is); `Ok` when there are none.
 pub fn check_host(cfg: &Config) -> Result<(), ConfigErrors> {
-    let issues = host_issues(&cfg.daemon);
+    let mut issues = host_issues(&cfg.daemon);
+    // Each alert sink's key file loads (missing, or readable by others,
+    // stops the start as surely as the daemon's own key files).
+    for (name, sink) in &cfg.alerts {
+        if let Err(e) = sink.clone().build(name) {
+            issues.push(Issue::at(
+                TomlPath::root().key("alerts").key(name),
+                e.message,
+            ));
+        }
+    }
     if issues.is_empty() {
         return Ok(());
     }

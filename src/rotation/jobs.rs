@@ -159,6 +159,13 @@ impl Inner {
         let _vault_permits = vault_permits(&entry).await;
         let result = self.rotate(&entry).await;
         let now = self.now();
+        // A reload during the rotation may have changed the schedule.
+        let reloaded = self
+            .catalog()
+            .creds
+            .get(&key)
+            .filter(|e| !Arc::ptr_eq(e, &entry))
+            .cloned();
         let reschedule = {
             let mut live = self.live();
             let l = live.entry(&key);
@@ -168,6 +175,19 @@ impl Inner {
                 Ok(rot) => {
                     l.parked = None;
                     l.set_retire(rot.retire_at, rot.previous_version);
+                    // The next one is due by the schedule configured now:
+                    // a period shortened by a reload during the rotation
+                    // counts from this rotation, not one old period later.
+                    if let Some(now_entry) = &reloaded
+                        && let Some(row) = l.row.as_mut()
+                        && let Some(at) = row.last_rotated_at
+                    {
+                        row.next_due = now_entry.policy.schedule.next_due(
+                            at,
+                            now_entry.offset(),
+                            rot.previous_version.is_none(),
+                        );
+                    }
                     let row = l.row.clone();
                     let next = row.as_ref().and_then(|r| r.next_due);
                     l.next_trigger = Some(Trigger::Schedule);
@@ -195,6 +215,15 @@ impl Inner {
                         step: last_run.as_ref().map(|r| r.step),
                         version: last_run.as_ref().and_then(|r| r.version),
                     }));
+                    // A failure outside every step (the rotation could not
+                    // even be recorded as begun: a full disk, a moved audit
+                    // log) set no error on the row: status shows this one.
+                    if let Some(row) = l.row.as_mut()
+                        && row.last_error.is_none()
+                    {
+                        let prefix = format!("{key}: ");
+                        row.last_error = Some(msg.strip_prefix(&prefix).unwrap_or(&msg).into());
+                    }
                     let failures = l.row.as_ref().map_or(1, |r| r.consecutive_failures.max(1));
                     let delay = not_before(
                         park_delay(&entry_retry(&self.catalog()), failures),

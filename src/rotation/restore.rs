@@ -39,7 +39,7 @@ use std::sync::Arc;
 
 use super::attempt::notice_for;
 use super::catalog::{Catalog, CredEntry};
-use super::engine::Inner;
+use super::engine::{Inner, chrono_dur};
 use super::follow::FollowRestore;
 use super::step::Step;
 use super::table::Job;
@@ -300,6 +300,33 @@ impl Inner {
                         ),
                     )
                 })?;
+            // The rotation that made `version`, as the state has it.
+            let made_by = match &rot {
+                Some(r) => Some(r.id.clone()),
+                None => {
+                    let key = entry.key().clone();
+                    self.load(move |s| s.versions(&key))
+                        .await?
+                        .into_iter()
+                        .find(|v| v.version == version)
+                        .map(|v| v.rotation)
+                }
+            };
+            if let (Some(made), Some(holds)) = (&made_by, &stored.rotation)
+                && made != holds
+            {
+                // The vault's current value is not `version` (the vault is
+                // ahead of the state, restored from backups taken at
+                // different moments, and holds the rotation in flight): a
+                // file of it labelled `version` would be wrong. The
+                // rotation resumes and delivers what it made.
+                tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, version, "not restoring the missing file: the vault's current value is not the current version in state; the next rotation delivers");
+                return Ok((0, None));
+            }
+            let mut stored = stored;
+            if made_by.is_some() {
+                stored.rotation = made_by;
+            }
             (rot, stored)
         };
         let (rotated_at, next_due) = self
@@ -319,10 +346,11 @@ impl Inner {
                     version,
                     rotation: stored.rotation.clone().unwrap_or_else(RotationId::generate),
                     rotated_at,
-                    expires_hint: None,
+                    // As when it was delivered: due, then its grace.
+                    expires_hint: next_due.map(|d| d + chrono_dur(entry.policy.grace)),
                     kind,
                     public: generators::public_part(kind, &stored.value),
-                    login: None,
+                    login: entry.target.as_ref().and_then(|t| t.login_for(version)),
                     previous_version: None,
                     grace_until: None,
                     file: entry

@@ -1272,6 +1272,48 @@ async fn a_reload_during_the_catch_up_window_keeps_the_pending_slots() {
     rig.shutdown().await;
 }
 
+/// Defect: a reload that changed `every` while the credential was rotating
+/// scheduled its next rotation by the old period (a period shortened after
+/// a compromise was ignored for one more old-length period). The next due
+/// time follows the schedule configured when the rotation ends.
+#[tokio::test(start_paused = true)]
+async fn a_schedule_changed_during_a_rotation_sets_its_next_due_time() {
+    let rig = Rig::single().await;
+    rig.run().await;
+    rig.until(Duration::from_secs(1), "the first version", |r| {
+        r.sink.count() == 1
+    })
+    .await;
+    // The next rotation backs off at promote (1 s): it is in flight.
+    rig.vault.fail("promote", 1, ErrorKind::Transient, None);
+    let done = rig.engine.trigger(&key("c0")).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(rig.status("c0").rotation.is_some(), "rotating");
+    let text = config_text(rig.dir.path(), 1, "every = \"1h\"", "");
+    rig.engine
+        .reload(catalog_with(
+            rig.dir.path(),
+            &text,
+            &rig.vault,
+            &rig.sink,
+            &[],
+        ))
+        .await;
+    let finished = done.await.unwrap();
+    assert_eq!((finished.error, finished.version), (None, Some(2)));
+    let s = rig.status("c0");
+    let last = s.last_rotated.unwrap();
+    assert_eq!(
+        s.next_due,
+        Some(last + chrono::Duration::hours(1)),
+        "the period configured now, not the 6 h one: {s:?}"
+    );
+    // And the timer agrees: it rotates an hour later.
+    tokio::time::sleep(Duration::from_secs(3600 + 60)).await;
+    assert_eq!(rig.sink.versions("c0"), vec![1, 2, 3]);
+    rig.shutdown().await;
+}
+
 /// Jitter is a stable offset per credential: the same after a restart, and
 /// a credential is never due later than its interval (it fires `offset`
 /// early).
