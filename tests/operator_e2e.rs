@@ -536,6 +536,78 @@ fn a_missing_file_comes_back_while_the_next_rotation_is_parked() {
     daemon.stop();
 }
 
+/// Defect: a rotation killed after its value was set at the target, whose
+/// credential was removed from the config before the restart, was neither
+/// finished nor undone: a target that holds one value kept one no agent
+/// had, locking the agents out for good. At the next start the target gets
+/// the current value back, and the rotation is recorded as abandoned.
+#[test]
+fn a_rotation_whose_credential_left_the_config_while_down_is_undone_at_the_target() {
+    let env = Env::new("");
+    let d = env.path().display().to_string();
+    let hook = env.path().join("hook.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh
+case \"$KEYTURN_STEP\" in
+  set) cat > \"{d}/value\" ;;
+  test) [ -e \"{d}/slow\" ] && sleep 20; cmp -s - \"{d}/value\" || exit 1 ;;
+esac
+exit 0
+"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.write_credentials(&format!(
+        "{}[agents.bot.credentials.db]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"1h\"\ntarget = {{ type = \"command\", program = \"{}\", timeout = \"60s\" }}\ndeliver = [{ONE_FILE}]\n",
+        agent_table("bot"),
+        hook.display()
+    ));
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    let file = env.root().join("bot/db");
+    let at_target = || std::fs::read(env.path().join("value")).unwrap();
+    let held = std::fs::read(&file).unwrap();
+    assert_eq!(at_target(), held, "the target takes what the agent holds");
+    std::fs::write(env.path().join("slow"), "").unwrap();
+    env.cli_ok(&["rotate", "bot/db"]);
+    // Version 2 is set at the target, and its test hangs.
+    wait_for(Duration::from_secs(20), || {
+        (at_target() != held).then_some(())
+    })
+    .expect("version 2 set at the target");
+    // Asked again meanwhile: met by the rotation in flight, and said so.
+    let again = env.cli_ok(&["rotate", "bot/db"]);
+    let again = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.contains("already rotating") && again.contains("version 2"),
+        "{again}"
+    );
+    daemon.kill9();
+    std::fs::remove_file(env.path().join("slow")).unwrap();
+    // The credential leaves the config while the daemon is down.
+    env.write_credentials(&agent_table("bot"));
+    let daemon = env.start();
+    let abandoned = wait_for(Duration::from_secs(20), || {
+        audit_records(&env)
+            .into_iter()
+            .find(|r| r["event"] == "rotation.abandoned")
+    })
+    .expect("the rotation is recorded as abandoned");
+    assert_eq!(abandoned["version"], 2, "{abandoned}");
+    assert_eq!(
+        at_target(),
+        held,
+        "the target takes the agent's value again"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), held, "the file is untouched");
+    daemon.stop();
+    env.cli_ok(&["audit", "verify"]);
+}
+
 /// The `delivery` records of restored files: (credential, version, sink).
 fn restored_records(env: &Env) -> Vec<(String, u64, String)> {
     audit_records(env)

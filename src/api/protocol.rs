@@ -490,6 +490,9 @@ pub struct AckResult {
 pub enum RotateOutcome {
     /// Accepted; running in the background (`wait = false`).
     Started,
+    /// A rotation was running already (`wait = false`): the request is
+    /// met by it (its id and version, once begun).
+    Joined,
     /// Ran to the end (`wait = true`).
     Completed,
     Failed,
@@ -502,6 +505,7 @@ impl RotateOutcome {
     pub fn as_str(self) -> &'static str {
         match self {
             RotateOutcome::Started => "started",
+            RotateOutcome::Joined => "joined",
             RotateOutcome::Completed => "completed",
             RotateOutcome::Failed => "failed",
             RotateOutcome::Skipped => "skipped",

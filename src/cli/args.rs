@@ -169,9 +169,10 @@ pub enum Command {
         command: AuditCommand,
     },
     /// Print the shell completion script for SHELL. It completes commands,
-    /// options and the agent ids of the config (it asks `keyturn` at each
-    /// TAB). Bash: `keyturn completions bash > /etc/bash_completion.d/keyturn`,
-    /// or `source <(keyturn completions bash)` in ~/.bashrc.
+    /// options, and the agent ids and AGENT/CREDENTIALs of the config (it
+    /// asks `keyturn` at each TAB). Bash: `keyturn completions bash >
+    /// /usr/share/bash-completion/completions/keyturn` (where the package
+    /// puts it), or `source <(keyturn completions bash)` in ~/.bashrc.
     Completions {
         #[arg(value_enum)]
         shell: completions::Shell,

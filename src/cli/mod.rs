@@ -633,14 +633,16 @@ async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {
         for r in &results {
             let outcome = match r.outcome {
                 RotateOutcome::Started => "started",
+                RotateOutcome::Joined => "already rotating; joined the rotation in flight",
                 RotateOutcome::Completed => "rotated",
                 RotateOutcome::Failed => "FAILED",
                 RotateOutcome::Skipped => "skipped",
             };
-            let version = r
-                .version
-                .map(|v| format!(" to version {v}"))
-                .unwrap_or_default();
+            let version = match (r.outcome, r.version) {
+                (RotateOutcome::Joined, Some(v)) => format!(" (it makes version {v})"),
+                (_, Some(v)) => format!(" to version {v}"),
+                (_, None) => String::new(),
+            };
             let error = r
                 .error
                 .as_deref()

@@ -637,7 +637,7 @@ fn into_raw(f: File) -> RawConfig {
         token_clients: all_ok(token_service.clients),
         token_tenants: all_ok(token_service.tenants),
         subject_issuers: all_ok(token_service.subject_issuers),
-        partly_read: Vec::new(),
+        taken_out: Vec::new(),
     }
 }
 
@@ -1040,6 +1040,46 @@ every = \"1h\"\ndeliver = [{ type = \"file\", path = \"/run/x/a\" }]\n";
         let e = errors(text);
         let paths: Vec<&str> = e.iter().map(|e| e.toml_path.as_str()).collect();
         assert_eq!(paths, ["daemon.delivery_roots"], "{e:#?}");
+
+        // A bad element of `deliver` does not hide the credential's other
+        // errors either (what the array's other elements get wrong waits:
+        // their positions moved when the bad one was taken out).
+        let text = "[daemon]\ndelivery_roots = [\"/run/x\"]\n\
+[vaults.v]\ntype = \"local\"\n\
+[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+[agents.a.credentials.c]\nvault = \"nosuch\"\ngenerate = { kind = \"password\" }\n\
+every = \"1h\"\ngrace = \"2h\"\n\
+deliver = [{ type = \"file\", path = \"/run/x/a\", mode = 400 }, { type = \"file\", path = \"/etc/b\" }]\n";
+        let e = errors(text);
+        let paths: Vec<&str> = e.iter().map(|e| e.toml_path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "agents.a.credentials.c.vault",
+                "agents.a.credentials.c.grace",
+                "agents.a.credentials.c.deliver[0]",
+            ],
+            "{e:#?}"
+        );
+
+        // Nor a bad key inside `generate`, a tagged table.
+        let text = "[daemon]\ndelivery_roots = [\"/run/x\"]\n\
+[vaults.v]\ntype = \"local\"\n\
+[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+[agents.a.credentials.c]\nvault = \"nosuch\"\n\
+generate = { kind = \"password\", length = \"32\" }\nevery = \"1h\"\n\
+deliver = [{ type = \"file\", path = \"/etc/b\" }]\n";
+        let e = errors(text);
+        let paths: Vec<&str> = e.iter().map(|e| e.toml_path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "agents.a.credentials.c.vault",
+                "agents.a.credentials.c.generate",
+                "agents.a.credentials.c.deliver[0].path",
+            ],
+            "{e:#?}"
+        );
     }
 
     /// A missing key is reported beside a bad one in the same table.

@@ -82,7 +82,10 @@ pub(super) fn load_located(
         });
         merge_raw(&mut raw, more);
     }
-    raw.partly_read = quiet.iter().map(|q| q.section.to_string()).collect();
+    raw.taken_out = quiet
+        .iter()
+        .flat_map(|q| q.under.iter().map(ToString::to_string))
+        .collect();
     match validate::validate(&raw, ctx) {
         Ok(config) if issues.is_empty() && syntax.is_empty() => return Ok((config, names)),
         Ok(_) => {}
@@ -442,6 +445,7 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Found) -
             return Parsed::Invalid;
         }
     };
+    let original = value.clone();
     let mut removed: Vec<TomlPath> = Vec::new();
     let mut unknown_in: Vec<TomlPath> = Vec::new();
     // Arrays elements were taken out of: the original positions of the
@@ -468,23 +472,25 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Found) -
             // finds at a key taken out or stood in for, or about the
             // section as a whole, may be the removal's doing: not reported.
             // Elements taken out of an array shift the others, whose
-            // findings would name the wrong element: no validation then.
-            Ok(t) if left.is_empty() => {
+            // findings would name the wrong element: nothing validation
+            // finds in such an array is reported.
+            Ok(t) => {
+                let inside = |at: &[Seg]| {
+                    let mut q = p.clone();
+                    q.0.extend(at.iter().cloned());
+                    q
+                };
                 issues.quiet.push(Quiet {
                     section: p.clone(),
                     under: removed
                         .iter()
                         .cloned()
-                        .chain(stand_ins.iter().map(|(at, _)| {
-                            let mut q = p.clone();
-                            q.0.extend(at.iter().cloned());
-                            q
-                        }))
+                        .chain(stand_ins.iter().map(|(at, _)| inside(at)))
+                        .chain(left.iter().map(|(array, _)| inside(array)))
                         .collect(),
                 });
                 return Parsed::Ok(t);
             }
-            Ok(_) => return Parsed::Invalid,
             Err(e) => e,
         };
         let mut inside: Vec<Seg> = Vec::new();
@@ -541,34 +547,54 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Found) -
             // Not when the key was taken out, nor when an unknown key was
             // taken out of the same table: that is most likely the missing
             // one misspelled, and its error lists the keys to choose from.
-            if in_stand_in.is_none() && !removed.contains(key) && !unknown_in.contains(&table) {
-                issues.push(issue);
-            }
+            let report =
+                in_stand_in.is_none() && !removed.contains(key) && !unknown_in.contains(&table);
             // In an array's element, the other elements still get read;
             // elsewhere the key gets a stand-in and the table is read on.
-            let Some((at, array, now)) = element.filter(|_| in_stand_in.is_none()) else {
-                let Some(Seg::Key(name)) = key.segments().last() else {
-                    return Parsed::Invalid;
-                };
-                let mut at = read_at;
-                at.push(Seg::Key(name.clone()));
-                if !stand_in(&mut value, &at, 0) {
-                    return Parsed::Invalid;
+            match element.clone().filter(|_| in_stand_in.is_none()) {
+                Some((at, array, now)) => {
+                    if report {
+                        issues.push(issue);
+                    }
+                    if !take_out_element(&mut value, &mut left, array, now) {
+                        return Parsed::Invalid;
+                    }
+                    let mut gone = p.clone();
+                    gone.0.extend(
+                        table.segments()[p.segments().len()..][..=at]
+                            .iter()
+                            .cloned(),
+                    );
+                    removed.push(gone);
+                    continue;
                 }
-                stand_ins.push((at, 0));
-                continue;
-            };
-            if !take_out_element(&mut value, &mut left, array, now) {
-                return Parsed::Invalid;
+                None => {
+                    let Some(Seg::Key(name)) = key.segments().last() else {
+                        if report {
+                            issues.push(issue);
+                        }
+                        return Parsed::Invalid;
+                    };
+                    let mut at = read_at.clone();
+                    at.push(Seg::Key(name.clone()));
+                    if stand_in(&mut value, &original, &at, 0) {
+                        if report {
+                            issues.push(issue);
+                        }
+                        stand_ins.push((at, 0));
+                        continue;
+                    }
+                    if in_stand_in.is_none() {
+                        if report {
+                            issues.push(issue);
+                        }
+                        return Parsed::Invalid;
+                    }
+                    // The stand-in the key is missing from takes no keys
+                    // (an array for a tagged table): it is of the wrong
+                    // type, and gets the next one below.
+                }
             }
-            let mut gone = p.clone();
-            gone.0.extend(
-                table.segments()[p.segments().len()..][..=at]
-                    .iter()
-                    .cloned(),
-            );
-            removed.push(gone);
-            continue;
         }
         if let Some(i) = in_stand_in {
             // The stand-in is of the wrong type: the next one, in place of
@@ -576,7 +602,7 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Found) -
             let (mut at, mut tried) = stand_ins[i].clone();
             loop {
                 stand_ins.retain(|(other, _)| !other.starts_with(&at));
-                if stand_in(&mut value, &at, tried + 1) {
+                if stand_in(&mut value, &original, &at, tried + 1) {
                     stand_ins.push((at, tried + 1));
                     break;
                 }
@@ -665,13 +691,34 @@ const MAX_READS_PER_SECTION: usize = 128;
 /// parent table must exist): a value of each TOML type in turn, so that
 /// one of them reads as the missing key's type. False when every type was
 /// tried, or the parent is not a table.
-fn stand_in(value: &mut Value, path: &[Seg], nth: usize) -> bool {
+fn stand_in(value: &mut Value, original: &Value, path: &[Seg], nth: usize) -> bool {
     let stand_in: Value = match nth {
         0 => "".into(),
         1 => 0i64.into(),
         2 => false.into(),
         3 => toml_edit::InlineTable::new().into(),
         4 => toml_edit::Array::new().into(),
+        // The table as written with only its tag (`generate`'s `kind`, a
+        // target's `type`): a tagged table whose other keys are wrong
+        // (serde names only the table) then reads, and the section's
+        // other keys are still checked.
+        5 => {
+            let mut original = original.clone();
+            let Some(written) = walk(&mut original, path).and_then(Value::as_inline_table_mut)
+            else {
+                return false;
+            };
+            let mut tag = toml_edit::InlineTable::new();
+            for key in ["kind", "type"] {
+                if let Some(v) = written.get(key) {
+                    tag.insert(key, v.clone());
+                }
+            }
+            if tag.is_empty() {
+                return false;
+            }
+            tag.into()
+        }
         _ => return false,
     };
     let Some((Seg::Key(last), parents)) = path.split_last() else {

@@ -72,17 +72,22 @@ pub struct RawConfig {
     pub token_clients: BTreeMap<String, Parsed<crate::oauth::config::RawClient>>,
     /// `[token_service.tenants.NAME]`.
     pub token_tenants: BTreeMap<String, Parsed<crate::oauth::config::RawTenantKeys>>,
-    /// The sections read with a key of the wrong type taken out (their
-    /// error already reported), as dotted paths: each is validated as read,
-    /// but what other sections are checked against must not come from them
-    /// (a `[daemon]` without its bad `delivery_roots` has none).
-    pub partly_read: Vec<String>,
+    /// The keys taken out of their sections for a wrong type, or stood in
+    /// for (their errors already reported), as dotted paths: each section
+    /// is validated as read, but what other sections are checked against
+    /// must not come from such a key (a `[daemon]` without its bad
+    /// `delivery_roots` has none).
+    pub taken_out: Vec<String>,
 }
 
 impl RawConfig {
-    /// Whether the section at the dotted `path` lost a bad key in reading.
-    pub fn partly_read(&self, path: &str) -> bool {
-        self.partly_read.iter().any(|p| p == path)
+    /// Whether the key at the dotted `path`, or a key inside it, was taken
+    /// out in reading.
+    pub fn taken_out(&self, path: &str) -> bool {
+        self.taken_out.iter().any(|p| {
+            p.strip_prefix(path)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        })
     }
 }
 

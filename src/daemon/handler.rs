@@ -343,8 +343,9 @@ impl ControlHandler for Handler {
                 });
                 continue;
             }
+            let running = self.engine.rotating(&key);
             let rx = self.engine.trigger(&key);
-            waiting.push((key, rx));
+            waiting.push((key, rx, running));
         }
         if waiting.is_empty() {
             let why: std::collections::BTreeSet<&str> =
@@ -355,7 +356,7 @@ impl ControlHandler for Handler {
                 why.into_iter().collect::<Vec<_>>().join("; ")
             )));
         }
-        for (key, rx) in waiting {
+        for (key, rx, running) in waiting {
             let result = match rx {
                 None => RotateResult {
                     agent: key.agent,
@@ -365,13 +366,24 @@ impl ControlHandler for Handler {
                     outcome: RotateOutcome::Failed,
                     error: Some("removed from the config".into()),
                 },
-                Some(_) if !wait => RotateResult {
-                    agent: key.agent,
-                    credential: key.credential,
-                    rotation: None,
-                    version: None,
-                    outcome: RotateOutcome::Started,
-                    error: None,
+                Some(_) if !wait => match running {
+                    // Met by the rotation in flight: say so, not "started".
+                    Some((rotation, version)) => RotateResult {
+                        agent: key.agent,
+                        credential: key.credential,
+                        rotation: rotation.map(|r| r.to_string()),
+                        version,
+                        outcome: RotateOutcome::Joined,
+                        error: None,
+                    },
+                    None => RotateResult {
+                        agent: key.agent,
+                        credential: key.credential,
+                        rotation: None,
+                        version: None,
+                        outcome: RotateOutcome::Started,
+                        error: None,
+                    },
                 },
                 Some(rx) => match rx.await {
                     Ok(done) => RotateResult {

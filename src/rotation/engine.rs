@@ -285,6 +285,8 @@ impl Engine {
         }
         // Rotations to resume before their retire step (usually none).
         let mut resume = HashSet::new();
+        // Unpromoted rotations of credentials no longer configured.
+        let mut departed = Vec::new();
         // Stored rotate requests that will never begin.
         let mut forgotten = Vec::new();
         {
@@ -334,10 +336,15 @@ impl Engine {
             drop(unfinished);
             for rot in snapshot.unfinished {
                 if !catalog.creds.contains_key(&rot.key) {
-                    // Left the config while the daemon was down: only a
-                    // retirement that was due is still owed.
-                    if rot.step == Step::Retire {
-                        self.inner.adopt_departed(&mut live, &catalog, &rot);
+                    // Left the config while the daemon was down: a
+                    // retirement that was due is still owed; a rotation
+                    // not promoted yet is undone (`settle_departed`).
+                    match rot.step {
+                        Step::Retire => self.inner.adopt_departed(&mut live, &catalog, &rot),
+                        Step::Create | Step::Set | Step::Test => departed.push(rot),
+                        _ => {
+                            tracing::error!(agent = %rot.key.agent, credential = %rot.key.credential, rotation = %rot.id, step = %rot.step, version = rot.version, "left the config in the middle of a rotation already promoted in the vault: it is delivered to no agent; add the credential back to finish it")
+                        }
                     }
                     continue;
                 }
@@ -375,6 +382,7 @@ impl Engine {
             tracing::warn!(error = %e, "cannot forget the rotations asked for of credentials no longer rotated here; retried at the next start");
         }
         self.inner.schedule_all(&resume, true);
+        self.inner.settle_all_departed(departed, &catalog);
         // A credential followed before this start (a follower records no
         // due time) may have a retirement to take over (`follow.rs`).
         let followed_before = self.inner.keys_where(&catalog, |l| {
@@ -488,6 +496,14 @@ impl Engine {
     /// credential is not in the config.
     pub fn trigger(&self, key: &CredentialKey) -> Option<oneshot::Receiver<RotateFinished>> {
         self.inner.clone().trigger(key)
+    }
+
+    /// The rotation running for `key` now, if one is: its id and the
+    /// version it makes, once it has begun. A trigger joins it.
+    pub fn rotating(&self, key: &CredentialKey) -> Option<(Option<RotationId>, Option<u64>)> {
+        let live = self.inner.live();
+        let running = live.get(key)?.running.as_ref()?;
+        (running.job == Job::Rotate).then(|| (running.rotation.clone(), running.version))
     }
 
     /// `keyturn ack`: every consumer awaiting an acknowledgement of

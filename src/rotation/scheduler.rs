@@ -264,6 +264,43 @@ impl Inner {
         }
     }
 
+    /// Undoes, in the background, the rotations of credentials that left
+    /// the config before they were promoted (see [`Inner::settle_departed`]),
+    /// each with an entry rebuilt from its footprint.
+    pub(super) fn settle_all_departed(
+        self: &Arc<Self>,
+        rotations: Vec<RotationRow>,
+        catalog: &Catalog,
+    ) {
+        let mut work = Vec::with_capacity(rotations.len());
+        for rot in rotations {
+            let entry = rot
+                .footprint
+                .as_deref()
+                .ok_or_else(|| "its rotation predates footprints".to_owned())
+                .and_then(Footprint::parse)
+                .and_then(|fp| CredEntry::departed(&rot.key, &fp, catalog));
+            match entry {
+                Ok(entry) => {
+                    let current = self.unconfigured().get(&rot.key).map(|u| u.version);
+                    work.push((entry, rot, current));
+                }
+                Err(why) => {
+                    tracing::error!(agent = %rot.key.agent, credential = %rot.key.credential, rotation = %rot.id, step = %rot.step, version = rot.version, "left the config in the middle of a rotation whose value may be set at the target, and it cannot be undone ({why}); add the credential back: the rotation resumes")
+                }
+            }
+        }
+        if work.is_empty() {
+            return;
+        }
+        let inner = self.clone();
+        self.tracker.spawn(async move {
+            for (entry, rot, current) in work {
+                inner.settle_departed(&entry, rot, current).await;
+            }
+        });
+    }
+
     /// After a reload: credentials that left the config keep only a pending
     /// retirement (retired with the entry they had), the rest of their live
     /// state goes; those that came back are retired with their new entry.

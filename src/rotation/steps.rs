@@ -621,6 +621,98 @@ impl Inner {
         Stop::Failed(format!("{key}: {reason}"), None)
     }
 
+    /// A rotation of a credential that left the config while the daemon
+    /// was down, stopped before its value was promoted: its sinks went
+    /// with the credential, so no agent will ever get that value, and a
+    /// target that took it (`single_user`: the only password) would lock
+    /// the agents out for good. What it may have set at the target is
+    /// undone: a role of its own (`alternating_users`) is cleared; a target
+    /// that holds one value gets the current version's value back, which
+    /// the agents hold. Then it is recorded as abandoned (its row done, its
+    /// version retired in state, a `rotation.abandoned` record). If any of
+    /// it fails, the rotation stays as it is and the next start tries again.
+    pub(super) async fn settle_departed(
+        &self,
+        entry: &CredEntry,
+        rot: RotationRow,
+        current: Option<crate::model::VersionNo>,
+    ) {
+        let key = entry.key();
+        let step = rot.step;
+        let undone: Result<(), PluginError> = async {
+            // Even at `create`: a step's record may be carried into the
+            // next one's (`records_later`), so `set` may have run.
+            let Some(target) = &entry.target else {
+                return Ok(());
+            };
+            if target.login_for(rot.version).is_some() {
+                return target.retire(key, rot.version).await;
+            }
+            let Some(current) = current else {
+                return Ok(());
+            };
+            let path = entry.vault_path();
+            let item = crate::vaults::VaultItem { key, path: &path };
+            let stored = entry
+                .primary()
+                .vault
+                .read(item, crate::vaults::Select::Stage(Stage::Current))
+                .await?
+                .ok_or_else(|| {
+                    PluginError::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "vault {} holds no current version at {path}",
+                            entry.primary().vault.describe()
+                        ),
+                    )
+                })?;
+            target.set(key, current, &stored.value).await?;
+            target.test(key, current, &stored.value).await
+        }
+        .await;
+        if let Err(e) = undone {
+            tracing::error!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, step = %step, version = rot.version, error = %e.message, "left the config in the middle of a rotation whose value may be set at the target, and it cannot be undone there; tried again at the next start (or add the credential back: the rotation resumes)");
+            return;
+        }
+        let why = "the credential left the config before the rotation was promoted; what it set at the target was undone";
+        let mut done = rot.clone();
+        done.step = Step::Done;
+        done.last_error = Some(format!("abandoned at step {step}: {why}"));
+        done.updated_at = self.now();
+        let recorded = async {
+            let head = self
+                .audit(self.audit_event(
+                    entry,
+                    Some(&done),
+                    "rotation.abandoned",
+                    Outcome::Failed,
+                    Some(format!("step={step}")),
+                    Some(why.to_owned()),
+                ))
+                .await?;
+            self.persist(vec![
+                Write::Rotation(done.clone()),
+                Write::VersionStage {
+                    key: key.clone(),
+                    version: done.version,
+                    stage: Stage::Retired,
+                },
+                head,
+            ])
+            .await
+        }
+        .await;
+        match recorded {
+            Ok(()) => {
+                tracing::warn!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, step = %step, version = rot.version, "rotation abandoned: {why}")
+            }
+            Err(e) => {
+                tracing::error!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, error = %e, "could not record the abandoned rotation of a credential that left the config; the next start abandons it again")
+            }
+        }
+    }
+
     /// Keeps the in-memory credential row in step with what was persisted.
     pub(super) fn apply_effects_in_memory(&self, entry: &CredEntry, rot: &RotationRow) {
         if rot.step == Step::Retire

@@ -235,7 +235,7 @@ impl Validator<'_> {
         let daemon_path = Loc::top("daemon");
         let (raw_daemon, daemon_ok) = match &raw.daemon {
             None => (RawDaemon::default(), true),
-            Some(Parsed::Ok(d)) => (d.clone(), !raw.partly_read("daemon")),
+            Some(Parsed::Ok(d)) => (d.clone(), !raw.taken_out("daemon.delivery_roots")),
             Some(Parsed::Invalid) => (RawDaemon::default(), false),
         };
         let daemon = self.daemon(&daemon_path, &raw_daemon);
@@ -262,7 +262,7 @@ impl Validator<'_> {
                 .collect(),
             alert_rules: match &raw.alert_rules {
                 Some(Parsed::Invalid) => None,
-                _ if raw.partly_read("alert_rules") => None,
+                _ if raw.taken_out("alert_rules") => None,
                 _ => Some(alert_rules),
             },
         };
