@@ -435,6 +435,14 @@ fn refusals_are_clear_and_audited() {
         let out = cli_as_uid(65534, &args, &socket);
         assert_eq!(out.status.code(), Some(77), "{args:?}: {out:?}");
     }
+    // Nor learn which agents exist: an agent that does not is refused the
+    // same way as one that does.
+    let said = |agent: &str| {
+        let out = cli_as_uid(65534, &["task", "list", "--as", agent], &socket);
+        assert_eq!(out.status.code(), Some(77), "{agent}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).replace(agent, "AGENT")
+    };
+    assert_eq!(said("bot"), said("no-such-agent"));
     let refused = audit_records(&env)
         .iter()
         .filter(|r| r["event"] == "task.refused")

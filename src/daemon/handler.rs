@@ -61,17 +61,20 @@ impl Handler {
             described,
         };
         if let Some(a) = as_agent {
-            let Some(cfg) = agents.get(a) else {
-                return Err(ApiError::not_found(format!(
-                    "no agent \"{a}\" in the config (see `keyturn status`)"
-                )));
-            };
-            if cfg.uid == Some(peer.uid) {
+            let cfg = agents.get(a);
+            if cfg.is_some_and(|cfg| cfg.uid == Some(peer.uid)) {
                 return Ok(caller(a, format!("uid={}", peer.uid)));
             }
             if privileged {
+                if cfg.is_none() {
+                    return Err(ApiError::not_found(format!(
+                        "no agent \"{a}\" in the config (see `keyturn status`)"
+                    )));
+                }
                 return Ok(caller(a, format!("uid={} as {a}", peer.uid)));
             }
+            // The same answer whether the agent exists or not: a local
+            // user does not learn the agents' names by asking.
             return Err(ApiError::forbidden(format!(
                 "uid {} may not act for agent {a}: only the agent's own uid, root or the control socket's group may",
                 peer.uid

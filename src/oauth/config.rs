@@ -377,6 +377,7 @@ pub(crate) fn check_token_service(
     clients: &std::collections::BTreeMap<String, crate::config::raw::Parsed<RawClient>>,
     tenants: &std::collections::BTreeMap<String, crate::config::raw::Parsed<RawTenantKeys>>,
     agents: &std::collections::BTreeMap<crate::model::AgentId, crate::config::AgentConfig>,
+    subject_tenants: Option<&std::collections::BTreeSet<&str>>,
 ) -> Option<TokenServiceConfig> {
     let empty = RawTokenSettings::default();
     let s = settings.unwrap_or(&empty);
@@ -538,6 +539,25 @@ pub(crate) fn check_token_service(
                         p.key("tenants"),
                         "tenants must name at least one tenant (or leave it out: the agent's own)",
                     );
+                }
+                // A tenant no subject issuer is of: no subject is ever of
+                // it (a typo, most likely).
+                for (i, tenant) in t.iter().enumerate() {
+                    if let Some(known) = subject_tenants
+                        && !known.contains(tenant.as_str())
+                    {
+                        v.err(
+                            p.key("tenants").index(i),
+                            format!(
+                                "no subject issuer is of tenant `{tenant}`, so no subject ever is; the subject issuers' tenants: {}",
+                                if known.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    known.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", ")
+                                }
+                            ),
+                        );
+                    }
                 }
                 t.clone()
             }

@@ -205,7 +205,17 @@ fn usable(jwk: &Jwk, pinned: &[Algorithm]) -> Option<UsableKey> {
         return None;
     }
     let key_type = match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => KeyType::Rsa,
+        AlgorithmParameters::RSA(rsa) => {
+            // The verifier refuses a modulus under 2048 bits as a bad
+            // signature: say what is wrong with the key instead, once, as
+            // the set is loaded.
+            let bits = rsa_bits(&rsa.n);
+            if bits < MIN_RSA_BITS {
+                tracing::warn!(kid = %shown(jwk.common.key_id.as_deref().unwrap_or("")), bits, "an RSA key of the subject issuer's key set is not used: it has {bits} bits, and at least {MIN_RSA_BITS} are needed");
+                return None;
+            }
+            KeyType::Rsa
+        }
         AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => KeyType::P256,
         AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
             KeyType::Ed25519
@@ -235,6 +245,23 @@ fn usable(jwk: &Jwk, pinned: &[Algorithm]) -> Option<UsableKey> {
         algorithms,
         key,
     })
+}
+
+/// The smallest RSA modulus used (as the signature verifier requires).
+const MIN_RSA_BITS: usize = 2048;
+
+/// The bits of an RSA modulus given as base64url (0 when it does not decode).
+fn rsa_bits(n: &str) -> usize {
+    use base64::Engine as _;
+    let Ok(bytes) =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(n.trim_end_matches('='))
+    else {
+        return 0;
+    };
+    match bytes.iter().position(|b| *b != 0) {
+        Some(first) => (bytes.len() - first) * 8 - bytes[first].leading_zeros() as usize,
+        None => 0,
+    }
 }
 
 /// An untrusted string shown in a message: at most 64 characters, escaped.

@@ -386,6 +386,9 @@ impl SubjectIssuer {
                     key_type: key.key_type.name(),
                     key_algs: alg_names(&key.algorithms),
                 },
+                K::Base64(_) => SubjectError::Malformed(
+                    "the signature is not base64url without padding".to_owned(),
+                ),
                 // jsonwebtoken's own messages name no token content.
                 other => SubjectError::Malformed(format!("{other:?}").chars().take(120).collect()),
             }
@@ -458,13 +461,15 @@ impl SubjectIssuer {
         };
         let exp = number("exp")?.ok_or_else(|| SubjectError::MissingClaim("exp".to_owned()))?;
         number("nbf")?;
-        let iat = number("iat")?;
-        if let Some(iat) = iat {
-            let now = jsonwebtoken::get_current_timestamp();
-            if iat > now.saturating_add(skew) {
-                return Err(SubjectError::IssuedInFuture { skew_secs: skew });
-            }
+        // Required, as RFC 9068 requires it of a JWT access token: a token
+        // that does not say when it was made cannot be told from one made
+        // before a key or a policy changed.
+        let iat = number("iat")?.ok_or_else(|| SubjectError::MissingClaim("iat".to_owned()))?;
+        let now = jsonwebtoken::get_current_timestamp();
+        if iat > now.saturating_add(skew) {
+            return Err(SubjectError::IssuedInFuture { skew_secs: skew });
         }
+        let iat = Some(iat);
         let scope = match (claims.get("scope"), claims.get("scp")) {
             (Some(_), Some(_)) => {
                 return Err(invalid(

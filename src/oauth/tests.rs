@@ -420,6 +420,26 @@ async fn a_jwk_whose_alg_disagrees_with_its_type_is_unusable() {
     assert!(e.to_string().contains("none of its 1 keys"), "{e}");
 }
 
+/// An RSA key under 2048 bits is not used (the verifier would call every
+/// signature by it bad, which reads as a forged token).
+#[tokio::test]
+async fn an_rsa_key_under_2048_bits_is_unusable() {
+    let mut small = rsa(Algorithm::RS256);
+    let n = URL_SAFE_NO_PAD
+        .decode(small.jwk["n"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(n.len(), 256, "a 2048-bit test key");
+    small.jwk["n"] = json!(URL_SAFE_NO_PAD.encode(&n[..128]));
+    let (issuer, _dir) =
+        file_issuer(&[&small, &p256()], vec![Algorithm::RS256, Algorithm::ES256]).await;
+    assert_eq!(issuer.jwks().keys().skipped, 1);
+    let t = token(&rsa(Algorithm::RS256));
+    let e = refused(issuer.validate(&t).await, &t);
+    assert!(matches!(e, SubjectError::UnknownKey { .. }), "{e}");
+    let (issuer, _dir) = file_issuer(&[&rsa(Algorithm::RS256)], vec![Algorithm::RS256]).await;
+    issuer.validate(&t).await.unwrap();
+}
+
 #[tokio::test]
 async fn kid_injection_is_a_map_miss_with_one_rate_limited_refresh() {
     let a = ed_a();
@@ -552,6 +572,8 @@ async fn time_claims_are_checked_with_the_skew() {
             SubjectError::IssuedInFuture { skew_secs: 30 },
         ),
         ("exp", Value::Null, SubjectError::MissingClaim("exp".into())),
+        // RFC 9068 requires `iat` of a JWT access token.
+        ("iat", Value::Null, SubjectError::MissingClaim("iat".into())),
     ];
     for (claim, v, want) in cases {
         let t = token_with(&ed_a(), json!({}), &with_claim(claim, v.clone()));
@@ -688,7 +710,10 @@ async fn duplicate_json_members_are_refused() {
     );
 
     let header_dup = r#"{"alg":"EdDSA","typ":"at+jwt","kid":"a","kid":"b"}"#;
-    let ok_claims = format!(r#"{{"iss":"{ISS}","sub":"alice","aud":"{AUD}","exp":{exp}}}"#);
+    let ok_claims = format!(
+        r#"{{"iss":"{ISS}","sub":"alice","aud":"{AUD}","exp":{exp},"iat":{}}}"#,
+        now()
+    );
     let t = sign_raw(&a.enc, a.alg, header_dup, &ok_claims);
     let e = refused(issuer.validate(&t).await, &t);
     assert!(
@@ -742,6 +767,12 @@ async fn crit_headers_and_malformed_tokens_are_refused() {
         let r = issuer.validate(&t).await;
         assert!(r.is_err(), "accepted {t:?}");
     }
+    // A signature in standard base64 (with padding) is named as such.
+    let standard =
+        base64::engine::general_purpose::STANDARD.encode(URL_SAFE_NO_PAD.decode(parts[2]).unwrap());
+    let t = format!("{}.{}.{standard}", parts[0], parts[1]);
+    let e = refused(issuer.validate(&t).await, &t);
+    assert!(e.to_string().contains("not base64url"), "{e}");
     // A tampered claim breaks the signature.
     let tampered = format!(
         "{}.{}.{}",
@@ -1390,6 +1421,37 @@ extra = 1
             "missing {path}: {msg} in {got:#?}"
         );
     }
+
+    // A client's tenant that no subject issuer is of (a typo) is refused,
+    // once subject issuers are configured.
+    let text = with_token_service(
+        &agents,
+        "signer/sig",
+        r#"
+[token_service.subject_issuers.corp]
+issuer = "https://idp.example.com"
+audience = "keyturn"
+algorithms = ["EdDSA"]
+jwks_file = "idp/jwks.json"
+tenant = "acme"
+
+[token_service.clients.reporter]
+scopes = ["a"]
+audiences = ["x"]
+tenants = ["acme", "acmee"]
+"#,
+    );
+    let errors = load(&text).unwrap_err().0;
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(
+        errors[0].toml_path,
+        "token_service.clients.reporter.tenants[1]"
+    );
+    assert!(
+        errors[0].message.contains("`acmee`") && errors[0].message.contains("`acme`"),
+        "{errors:#?}"
+    );
+    load(&text.replace(", \"acmee\"", "")).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// An agent's `auth_key` is delivered to that agent: as the service's or a

@@ -144,7 +144,8 @@ pub struct TaskRow {
     pub expires_at_ms: i64,
     pub state: TaskState,
     pub ended_at_ms: Option<i64>,
-    /// `end`, `ttl`, `start_failed`, `decommission`, `agent_retired`.
+    /// `end`, `ttl`, `start_failed`, `decommission`, `agent_retired`,
+    /// `policy_changed`.
     pub end_reason: Option<String>,
     /// Where its credentials are written (`<task_root>/<agent>/<task id>`),
     /// recorded before anything is issued: the directory is removed from

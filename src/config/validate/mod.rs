@@ -340,12 +340,24 @@ impl Validator<'_> {
             Some(Parsed::Ok(s)) => Some(s),
             _ => None,
         };
+        // The tenants subjects can be of: those of the subject issuers
+        // (unknown while one of them does not read, or none is configured
+        // yet).
+        let subject_tenants: Option<std::collections::BTreeSet<&str>> =
+            (!subject_issuers.is_empty() && subject_issuers.len() == raw.subject_issuers.len())
+                .then(|| {
+                    subject_issuers
+                        .values()
+                        .map(|i| i.tenant.as_str())
+                        .collect()
+                });
         let token_service = crate::oauth::config::check_token_service(
             self,
             settings,
             &raw.token_clients,
             &raw.token_tenants,
             &agents,
+            subject_tenants.as_ref(),
         );
         if let Some(ts) = &token_service {
             self.token_service_beside(&daemon, ts, raw);

@@ -75,10 +75,20 @@ impl TaskManager {
                 TaskState::Live if t.expires_at_ms <= now => {
                     self.end_now(&t.task.task_id, "ttl", None).await
                 }
-                TaskState::Live => {
-                    next = Some(next.map_or(t.expires_at_ms, |n| n.min(t.expires_at_ms)));
-                    continue;
-                }
+                // A reload narrowed its policy: a task the policy would
+                // refuse now ends now, one that outlives its level's
+                // `max_ttl` now ends when that has passed since its start.
+                TaskState::Live => match policy_end(&setup.policies, &t) {
+                    Some(at) if at <= now => {
+                        tracing::warn!(task = %t.task.task_id, agent = %t.task.agent, "the policy no longer allows this task (changed by a reload): it ends now");
+                        self.end_now(&t.task.task_id, "policy_changed", None).await
+                    }
+                    end => {
+                        let at = end.map_or(t.expires_at_ms, |e| e.min(t.expires_at_ms));
+                        next = Some(next.map_or(at, |n| n.min(at)));
+                        continue;
+                    }
+                },
                 _ => self.end_now(&t.task.task_id, "end", None).await,
             }
             // Still not ended: again after the retry interval (or when an
@@ -130,4 +140,34 @@ impl TaskManager {
             }
         }
     }
+}
+
+/// When the policies as configured now end live task `t`: at once
+/// (`i64::MIN`) when they would not start it (its agent, tenant, use case
+/// or sensitivity is not allowed any more, or its level no longer grants
+/// an issuer it holds a credential of), when its level's `max_ttl` has
+/// passed since its start if that is before its own end, else `None`.
+fn policy_end(
+    policies: &std::collections::BTreeMap<String, policy::Policy>,
+    t: &TaskRow,
+) -> Option<i64> {
+    let ask = policy::TaskAsk {
+        agent: &t.task.agent,
+        tenant: &t.task.tenant,
+        use_case: &t.task.use_case,
+        sensitivity: &t.task.sensitivity,
+        ttl: None,
+    };
+    let Ok(decision) = policy::decide(policies, &ask) else {
+        return Some(i64::MIN);
+    };
+    if t.items
+        .iter()
+        .any(|i| !decision.level.grants.contains_key(&i.issuer))
+    {
+        return Some(i64::MIN);
+    }
+    let max = i64::try_from(decision.level.max_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+    let end = t.started_at_ms.saturating_add(max);
+    (end < t.expires_at_ms).then_some(end)
 }

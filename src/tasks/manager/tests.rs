@@ -1145,6 +1145,44 @@ async fn a_retired_agent_starts_nothing_and_its_tasks_end() {
     assert!(!h.pg.is_live(&id));
 }
 
+/// Defect: a reload that narrowed a policy left the tasks it would now
+/// refuse live, with their credentials, for their whole TTL. A task whose
+/// level no longer grants an issuer it holds a credential of ends at once;
+/// one longer than its level's new `max_ttl` ends when that has passed
+/// since its start; the others are left alone.
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_narrows_a_policy_ends_the_tasks_it_no_longer_allows() {
+    let h = harness();
+    let high = h.start("high", Some(3000)).await;
+    let low = h.start("low", Some(600)).await;
+    let short = h.start("low", Some(120)).await;
+    let mut s = setup(&h.pg, &h.sts, &h.root);
+    let p = s.policies.get_mut("invoicing").unwrap();
+    p.levels.get_mut("high").unwrap().grants.remove("sts");
+    p.levels.get_mut("low").unwrap().max_ttl = Duration::from_secs(300);
+    h.mgr.set_setup(s);
+    h.mgr.tick().await.unwrap();
+    assert_ended(&h.mgr.store.get(&high).unwrap().unwrap(), "policy_changed");
+    assert!(!h.pg.is_live(&high) && !h.sts.is_live(&high));
+    for id in [&low, &short] {
+        assert_eq!(h.mgr.store.get(id).unwrap().unwrap().state, TaskState::Live);
+    }
+    // The 10-minute task ends 5 minutes after its start, the 2-minute one
+    // at its own end.
+    tokio::time::sleep(Duration::from_secs(121)).await;
+    h.mgr.tick().await.unwrap();
+    assert_ended(&h.mgr.store.get(&short).unwrap().unwrap(), "ttl");
+    assert_eq!(
+        h.mgr.store.get(&low).unwrap().unwrap().state,
+        TaskState::Live
+    );
+    tokio::time::sleep(Duration::from_secs(180)).await;
+    h.mgr.tick().await.unwrap();
+    assert_ended(&h.mgr.store.get(&low).unwrap().unwrap(), "policy_changed");
+    assert!(!h.pg.is_live(&low));
+    assert!(h.rec.all_text().contains("policy_changed"), "audited");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_planted_agent_directory_is_refused() {
     let h = harness();
