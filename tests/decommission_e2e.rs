@@ -259,6 +259,52 @@ fn open_to_ack(env: &Env) {
     .expect("the open acknowledges the delivery");
 }
 
+/// Defect: while a decommission was stuck (its target's revoke failing),
+/// `surface` counted one live version of a credential whose current and
+/// previous versions both still worked, and gave it a next due time. Until
+/// the revocation is verified both count, with no due time; then none.
+#[test]
+fn a_stuck_decommission_keeps_what_it_has_not_revoked_on_the_surface() {
+    let env = Env::new("");
+    let hook = hook(&env);
+    let extra = format!(
+        "target = {{ type = \"command\", program = \"{}\" }}\ngrace = \"1h\"",
+        hook.display()
+    );
+    env.write_credentials(&format!(
+        "{}{}",
+        agent_table("bot"),
+        cred_with_file("bot", "api", &extra)
+    ));
+    let daemon = env.start();
+    wait_version(&env, "bot", "api", 1);
+    env.cli_ok(&["rotate", "bot/api", "--wait"]);
+    let api = |env: &Env| -> serde_json::Value {
+        let s = surface(env, "30d");
+        let agents = s["agents"].as_array().unwrap().clone();
+        let bot = agents.into_iter().find(|a| a["agent"] == "bot").unwrap();
+        bot["credentials"][0].clone()
+    };
+    let before = api(&env);
+    assert_eq!(
+        before["live_versions"], 2,
+        "version 1 in its grace: {before}"
+    );
+    env.cli_ok(&["decommission", "bot", "--reason", "stuck"]);
+    wait_state(&env, "bot", "decommissioning");
+    let during = api(&env);
+    assert_eq!(
+        during["live_versions"], 2,
+        "nothing is revoked yet: {during}"
+    );
+    assert!(during["next_due"].is_null(), "no rotation comes: {during}");
+    std::fs::write(env.path().join("revoke-ok"), "").unwrap();
+    wait_state(&env, "bot", "decommissioned");
+    let after = api(&env);
+    assert_eq!(after["live_versions"], 0, "{after}");
+    daemon.stop();
+}
+
 fn surface(env: &Env, unused_after: &str) -> serde_json::Value {
     let out = env.cli_ok(&["surface", "--json", "--unused-after", unused_after]);
     serde_json::from_slice(&out.stdout).expect("surface --json is JSON")

@@ -344,7 +344,7 @@ impl Inner {
                     retry_at = Some(at);
                 }
                 Ok(()) => {
-                    l.retire_at = None;
+                    l.set_retire(None, None);
                     l.parked = None;
                     if let Some(row) = l.row.as_mut() {
                         row.last_error = None;

@@ -107,6 +107,12 @@ pub struct SurfaceFacts {
     /// The previous version is live until then (its grace period).
     pub previous_until: Option<chrono::DateTime<chrono::Utc>>,
     pub consecutive_failures: u32,
+    /// Its agent is being decommissioned: nothing rotates or retires any
+    /// more, and what it holds is live until its revocation is verified.
+    pub stopped: bool,
+    /// Stopped with a previous version not retired yet (its retirement was
+    /// cancelled by the decision: the revocation ends it).
+    pub previous_unretired: bool,
 }
 
 /// A credential the config no longer names (removed, or its agent
@@ -132,6 +138,11 @@ impl SurfaceFacts {
     ) -> (usize, u64) {
         if self.current_version.is_none() {
             return (0, 0);
+        }
+        if self.stopped {
+            // Live until the revocation is verified, when no one can say:
+            // counted, with no end to count seconds to.
+            return (1 + usize::from(self.previous_unretired), 0);
         }
         let secs = |d: chrono::Duration| u64::try_from(d.num_seconds()).unwrap_or(0);
         let grace = chrono::Duration::from_std(grace).unwrap_or_default();
@@ -176,6 +187,9 @@ impl Engine {
                 live.cancel(key, Job::Rotate);
                 live.cancel(key, Job::Retire);
                 if let Some(l) = live.get_mut(key) {
+                    // A previous version whose retirement is cancelled
+                    // stays live until the revocation (`surface`).
+                    l.retires_previous &= l.retire_at.is_some();
                     l.retire_at = None;
                     l.rotate_after_retire = false;
                     l.restore_after = false;
@@ -290,7 +304,10 @@ impl Engine {
         catalog
             .creds
             .values()
-            .map(|e| (e.clone(), facts_of(e, &live, now)))
+            .map(|e| {
+                let stopped = self.inner.retired_label(&e.key().agent).is_some();
+                (e.clone(), facts_of(e, &live, now, stopped))
+            })
             .collect()
     }
 
@@ -328,11 +345,15 @@ impl Engine {
         let live = self.inner.live();
         let (mut versions, mut outstanding) = (0, 0);
         for e in catalog.creds.values() {
-            if self.inner.retired_label(&e.key().agent) == Some("decommissioned") {
+            let label = self.inner.retired_label(&e.key().agent);
+            if label == Some("decommissioned") {
                 continue;
             }
-            let (v, o) =
-                facts_of(e, &live, now).live(e.policy.grace, e.policy.follow.is_some(), now);
+            let (v, o) = facts_of(e, &live, now, label.is_some()).live(
+                e.policy.grace,
+                e.policy.follow.is_some(),
+                now,
+            );
             versions += v as u64;
             outstanding += o;
         }
@@ -446,6 +467,7 @@ fn facts_of(
     e: &CredEntry,
     live: &super::table::Table,
     now: chrono::DateTime<chrono::Utc>,
+    stopped: bool,
 ) -> SurfaceFacts {
     let l = live.get(e.key());
     let row = l.and_then(|l| l.row.as_ref());
@@ -455,9 +477,11 @@ fn facts_of(
     SurfaceFacts {
         current_version: promoted.or(delivered),
         last_rotated: row.and_then(|r| r.last_rotated_at),
+        // No rotation comes for a stopped agent.
         next_due: live
             .deadline(e.key(), Job::Rotate)
-            .or_else(|| row.and_then(|r| r.next_due)),
+            .or_else(|| row.and_then(|r| r.next_due))
+            .filter(|_| !stopped),
         previous_until: if promoted.is_some() {
             delivered.map(|_| now + grace)
         } else {
@@ -466,5 +490,7 @@ fn facts_of(
             l.filter(|l| l.retires_previous).and_then(|l| l.retire_at)
         },
         consecutive_failures: row.map_or(0, |r| r.consecutive_failures),
+        stopped,
+        previous_unretired: stopped && l.is_some_and(|l| l.retires_previous),
     }
 }

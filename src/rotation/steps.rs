@@ -127,7 +127,7 @@ impl Inner {
                     self.run_step(entry, prev, &mut RunMemory::default(), Some(&mut carried))
                         .await?;
                     if let Some(l) = self.live().get_mut(&key) {
-                        l.retire_at = None;
+                        l.set_retire(None, None);
                     }
                     self.live().cancel(&key, Job::Retire);
                 }
