@@ -170,6 +170,41 @@ fn bot_on_hook(env: &Env, cred: &str, script: &str) {
     ));
 }
 
+/// Defect: an agent added to the config already decommissioned (its `at`
+/// past) had its first rotation begun before the decision was acted on.
+/// Nothing is made for it.
+#[test]
+fn an_agent_added_already_decommissioned_is_never_rotated() {
+    let env = Env::new("");
+    let stays = format!(
+        "{}{}",
+        agent_table("stays"),
+        cred_with_file("stays", "api", "")
+    );
+    env.write_credentials(&stays);
+    let daemon = env.start();
+    wait_version(&env, "stays", "api", 1);
+    env.write_credentials(&format!(
+        "{stays}{}decommissioned = {{ at = \"2026-01-02T03:04:05Z\", reason = \"never ran\" }}\n{}",
+        agent_table("nu"),
+        cred_with_file("nu", "api", "")
+    ));
+    daemon.reload();
+    wait_state(&env, "nu", "decommissioned");
+    let started: Vec<serde_json::Value> = audit_records(&env)
+        .into_iter()
+        .filter(|r| {
+            r["agent"] == "nu"
+                && r["event"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with("rotation."))
+        })
+        .collect();
+    assert!(started.is_empty(), "{started:#?}");
+    assert!(!env.root().join("nu/api").exists());
+    daemon.stop();
+}
+
 #[test]
 fn a_decommission_declared_in_the_config_survives_kill_9_and_completes_when_the_target_returns() {
     let env = Env::new("");

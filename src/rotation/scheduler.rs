@@ -149,7 +149,14 @@ impl Inner {
         // In key order (the catalog's).
         for entry in catalog.creds.values() {
             let key = entry.key();
-            if entry.policy.follow.is_some() || self.is_retired(&key.agent) {
+            // A decommission the config declares in effect is acted on
+            // right after (`crate::revocation`): nothing is made for it.
+            let declared = entry
+                .agent
+                .decommissioned
+                .as_ref()
+                .is_some_and(|d| d.in_effect(now));
+            if entry.policy.follow.is_some() || self.is_retired(&key.agent) || declared {
                 // Rotated by another keyturn (see `follow.rs`), or
                 // decommissioned (`retired.rs`): no timers.
                 live.entry(key);
