@@ -367,7 +367,7 @@ impl Engine {
                 };
                 l.request_stored = true;
                 if !resume.contains(&req.key) {
-                    tracing::info!(agent = %req.key.agent, credential = %req.key.credential, requested_at = %req.requested_at, "resuming the rotation asked for before the restart (it waits for the current version's acknowledgements)");
+                    tracing::info!(agent = %req.key.agent, credential = %req.key.credential, requested_at = %req.requested_at, "resuming the rotation asked for before the restart (after the current version's acknowledgements, if it awaits any)");
                     l.next_trigger = Some(Trigger::Manual);
                     resume.insert(req.key);
                 }

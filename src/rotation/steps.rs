@@ -120,8 +120,8 @@ impl Inner {
                     // not before the current one's consumers have it (or
                     // its grace deadline passed). A first version has no
                     // version before it: nothing to wait for.
+                    self.store_request_while_waiting(prev).await;
                     if prev.previous_vault_version.is_some() {
-                        self.store_request_while_waiting(prev).await;
                         self.wait_for_acks(prev).await?;
                     }
                     self.run_step(entry, prev, &mut RunMemory::default(), Some(&mut carried))

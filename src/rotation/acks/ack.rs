@@ -40,21 +40,22 @@ impl Inner {
         }
     }
 
-    /// A rotation is about to wait for the consumers of the current version
-    /// (`rot` delivered it) before it begins. If it was asked for (`keyturn
-    /// rotate`), the request is stored first, so that a restart while it
-    /// waits resumes it (waiting again, up to the same grace deadline)
-    /// instead of dropping it; it is cleared when the rotation begins. A
-    /// scheduled rotation needs nothing stored: its due time is.
+    /// A rotation is about to retire the version before the current one
+    /// (`rot` delivered the current one) before it begins: it may wait for
+    /// the current version's consumers first, and the retirement reaches
+    /// the vaults and the target, which may hang. If it was asked for
+    /// (`keyturn rotate`), the request is stored first, so that a restart
+    /// meanwhile (`kill -9` included) resumes it (waiting again, up to the
+    /// same grace deadline) instead of dropping it; it is cleared when the
+    /// rotation begins. A scheduled rotation needs nothing stored: its due
+    /// time is.
     pub(in crate::rotation) async fn store_request_while_waiting(&self, rot: &RotationRow) {
         let key = &rot.key;
-        let waits = rot.retire_at.is_some_and(|deadline| deadline > self.now())
-            && self.awaits_acks(key, rot.version);
         let requested = self
             .live()
             .get(key)
             .is_some_and(|l| l.next_trigger == Some(Trigger::Manual) && !l.request_stored);
-        if !waits || !requested {
+        if !requested {
             return;
         }
         let stored = self
@@ -70,7 +71,7 @@ impl Inner {
                 }
             }
             Err(e) => {
-                tracing::warn!(agent = %key.agent, credential = %key.credential, error = %e, "cannot store the rotation asked for while it waits for acknowledgements: a restart before it begins would drop it");
+                tracing::warn!(agent = %key.agent, credential = %key.credential, error = %e, "cannot store the rotation asked for before it begins: a restart before then would drop it");
             }
         }
     }
