@@ -111,7 +111,9 @@ deliver = [{{ type = "file", path = "{{root}}/bot/db.json", format = "json" }}]
     })
     .unwrap_or_else(|| panic!("no fresh rotation: {}", row_of(&env)));
 
-    // The target comes back: the fresh rotation completes as version 3.
+    // The target comes back: the fresh rotation completes, as version 4
+    // (version 3 would have the current one's parity: under
+    // `alternating_users` it would take the current value's role).
     std::fs::write(&up, b"").unwrap();
     let out = env.cli(&["rotate", "bot/db", "--wait"]);
     assert!(
@@ -120,9 +122,9 @@ deliver = [{{ type = "file", path = "{{root}}/bot/db.json", format = "json" }}]
         String::from_utf8_lossy(&out.stderr),
         daemon.log_text()
     );
-    wait_settled(&env, 3, &["idle", "retiring"]);
+    wait_settled(&env, 4, &["idle", "retiring"]);
     let delivered = delivered_json(&env, "bot/db.json");
-    assert_eq!(delivered["version"], 3);
+    assert_eq!(delivered["version"], 4);
     assert_ne!(delivered["value"], first["value"], "a new value");
     let current = block_on(bao_latest(&bao, &path)).expect("a current version in bao");
     assert_eq!(

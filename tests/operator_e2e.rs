@@ -536,26 +536,17 @@ fn a_missing_file_comes_back_while_the_next_rotation_is_parked() {
     daemon.stop();
 }
 
-/// Defect: a rotation killed after its value was set at the target, whose
-/// credential was removed from the config before the restart, was neither
-/// finished nor undone: a target that holds one value kept one no agent
-/// had, locking the agents out for good. At the next start the target gets
-/// the current value back, and the rotation is recorded as abandoned.
-#[test]
-fn a_rotation_whose_credential_left_the_config_while_down_is_undone_at_the_target() {
-    let env = Env::new("");
+/// Agent `bot`'s credential `db` (a file sink) on a `command` target: a
+/// shell hook running `steps`, the arms of a `case` on `$KEYTURN_STEP`
+/// (`{d}` in them: the test's directory).
+fn hook_db(env: &Env, steps: &str) {
     let d = env.path().display().to_string();
     let hook = env.path().join("hook.sh");
     std::fs::write(
         &hook,
         format!(
-            "#!/bin/sh
-case \"$KEYTURN_STEP\" in
-  set) cat > \"{d}/value\" ;;
-  test) [ -e \"{d}/slow\" ] && sleep 20; cmp -s - \"{d}/value\" || exit 1 ;;
-esac
-exit 0
-"
+            "#!/bin/sh\ncase \"$KEYTURN_STEP\" in\n{}\nesac\nexit 0\n",
+            steps.replace("{d}", &d)
         ),
     )
     .unwrap();
@@ -566,6 +557,21 @@ exit 0
         agent_table("bot"),
         hook.display()
     ));
+}
+
+/// Defect: a rotation killed after its value was set at the target, whose
+/// credential was removed from the config before the restart, was neither
+/// finished nor undone: a target that holds one value kept one no agent
+/// had, locking the agents out for good. At the next start the target gets
+/// the current value back, and the rotation is recorded as abandoned.
+#[test]
+fn a_rotation_whose_credential_left_the_config_while_down_is_undone_at_the_target() {
+    let env = Env::new("");
+    hook_db(
+        &env,
+        "  set) cat > \"{d}/value\" ;;
+  test) [ -e \"{d}/slow\" ] && sleep 20; cmp -s - \"{d}/value\" || exit 1 ;;",
+    );
     let daemon = env.start();
     wait_version(&env, "bot", "db", 1);
     let file = env.root().join("bot/db");
@@ -616,29 +622,12 @@ exit 0
 #[test]
 fn a_rotate_asked_for_survives_kill_9_during_the_retirement_before_it() {
     let env = Env::new("");
-    let d = env.path().display().to_string();
-    let hook = env.path().join("hook.sh");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh
-case \"$KEYTURN_STEP\" in
-  set) cat > \"{d}/value\" ;;
+    hook_db(
+        &env,
+        "  set) cat > \"{d}/value\" ;;
   test) cmp -s - \"{d}/value\" || exit 1 ;;
-  retire) [ -e \"{d}/slow\" ] && touch \"{d}/retiring\" && sleep 20 ;;
-esac
-exit 0
-"
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
-    env.write_credentials(&format!(
-        "{}[agents.bot.credentials.db]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"1h\"\ntarget = {{ type = \"command\", program = \"{}\", timeout = \"60s\" }}\ndeliver = [{ONE_FILE}]\n",
-        agent_table("bot"),
-        hook.display()
-    ));
+  retire) [ -e \"{d}/slow\" ] && touch \"{d}/retiring\" && sleep 20 ;;",
+    );
     let daemon = env.start();
     wait_version(&env, "bot", "db", 1);
     env.cli_ok(&["rotate", "bot/db", "--wait"]);

@@ -575,30 +575,10 @@ impl Inner {
         let mut cred = self.cred_row(key);
         cred.last_error = Some(reason.clone());
         cred.count_failure(now);
-        let recorded = async {
-            let head = self
-                .audit(self.audit_event(
-                    entry,
-                    Some(&done),
-                    "rotation.abandoned",
-                    Outcome::Failed,
-                    Some(format!("step={step}")),
-                    Some(why.to_owned()),
-                ))
-                .await?;
-            carried.extend([
-                Write::Rotation(done.clone()),
-                Write::VersionStage {
-                    key: key.clone(),
-                    version: done.version,
-                    stage: Stage::Retired,
-                },
-                Write::Credential(cred.clone()),
-                head,
-            ]);
-            self.persist(std::mem::take(&mut carried)).await
-        }
-        .await;
+        carried.push(Write::Credential(cred.clone()));
+        let recorded = self
+            .record_abandoned(entry, &done, step, why, carried)
+            .await;
         match recorded {
             Ok(()) => {
                 *rot = done;
@@ -619,6 +599,39 @@ impl Inner {
             l.row = Some(cred.into());
         }
         Stop::Failed(format!("{key}: {reason}"), None)
+    }
+
+    /// Records `done`, a rotation abandoned at `step` for `why`: its
+    /// `rotation.abandoned` record, then in one commit with `writes` its
+    /// row and its version retired in state.
+    async fn record_abandoned(
+        &self,
+        entry: &CredEntry,
+        done: &RotationRow,
+        step: Step,
+        why: &str,
+        mut writes: Vec<Write>,
+    ) -> Result<(), PluginError> {
+        let head = self
+            .audit(self.audit_event(
+                entry,
+                Some(done),
+                "rotation.abandoned",
+                Outcome::Failed,
+                Some(format!("step={step}")),
+                Some(why.to_owned()),
+            ))
+            .await?;
+        writes.extend([
+            Write::Rotation(done.clone()),
+            Write::VersionStage {
+                key: entry.key().clone(),
+                version: done.version,
+                stage: Stage::Retired,
+            },
+            head,
+        ]);
+        self.persist(writes).await
     }
 
     /// A rotation of a credential that left the config while the daemon
@@ -680,29 +693,9 @@ impl Inner {
         done.step = Step::Done;
         done.last_error = Some(format!("abandoned at step {step}: {why}"));
         done.updated_at = self.now();
-        let recorded = async {
-            let head = self
-                .audit(self.audit_event(
-                    entry,
-                    Some(&done),
-                    "rotation.abandoned",
-                    Outcome::Failed,
-                    Some(format!("step={step}")),
-                    Some(why.to_owned()),
-                ))
-                .await?;
-            self.persist(vec![
-                Write::Rotation(done.clone()),
-                Write::VersionStage {
-                    key: key.clone(),
-                    version: done.version,
-                    stage: Stage::Retired,
-                },
-                head,
-            ])
-            .await
-        }
-        .await;
+        let recorded = self
+            .record_abandoned(entry, &done, step, why, Vec::new())
+            .await;
         match recorded {
             Ok(()) => {
                 tracing::warn!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, step = %step, version = rot.version, "rotation abandoned: {why}")
