@@ -644,6 +644,7 @@ impl Inner {
     /// the agents hold. Then it is recorded as abandoned (its row done, its
     /// version retired in state, a `rotation.abandoned` record). If any of
     /// it fails, the rotation stays as it is and the next start tries again.
+    /// Not for an agent being decommissioned: its revocation ends it all.
     pub(super) async fn settle_departed(
         &self,
         entry: &CredEntry,
@@ -652,6 +653,27 @@ impl Inner {
     ) {
         let key = entry.key();
         let step = rot.step;
+        // An agent decommissioned (or declared so) is its revocation's to
+        // handle: putting a value back at its target would undo it.
+        let agent = key.agent.clone();
+        let decided = self
+            .load(move |s| Ok(s.decommissions()?.iter().any(|d| d.agent == agent)))
+            .await;
+        let declared = self
+            .catalog()
+            .config
+            .agents
+            .get(&key.agent)
+            .and_then(|a| a.decommissioned.as_ref())
+            .is_some_and(|d| d.in_effect(self.now()));
+        match decided {
+            Ok(false) if !declared && !self.is_retired(&key.agent) => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, error = %e.message, "cannot read the decommissions to settle a rotation of a credential that left the config; tried again at the next start");
+                return;
+            }
+        }
         let undone: Result<(), PluginError> = async {
             // Even at `create`: a step's record may be carried into the
             // next one's (`records_later`), so `set` may have run.
