@@ -493,10 +493,12 @@ impl Connection {
                     format!("reading the response failed: {source:#}"),
                 ),
                 // Not the vault's JSON: a proxy's or load balancer's page
-                // in between, most likely, and gone on a retry.
+                // in between, most likely, and gone on a retry; or a mount
+                // that is not KV version 2, which `check --online` names.
                 Rest::ResponseParseError { .. } | Rest::ResponseConversionError { .. } => (
                     ErrorKind::Transient,
-                    "the answer is not the vault's JSON (a proxy or load balancer in between?)"
+                    "the answer is not the vault's JSON (a proxy or load balancer in between, \
+                     or a mount that is not KV version 2: `keyturn check --online` tells)"
                         .to_owned(),
                 ),
                 other => (
