@@ -563,10 +563,32 @@ async fn decommission(
         reason,
         by,
     };
-    let mut result = match ask(&client, path, &req).await {
+    let mut result = match request(&client, path, &req).await {
         Ok(ResponseBody::Decommission(r)) => *r,
         Ok(_) => return unexpected(),
-        Err(code) => return code,
+        Err(Failure::Reported(code)) => return code,
+        Err(Failure::Unreachable(e)) => {
+            eprintln!("keyturn: {e}");
+            // The daemon had the request and stopped (or hung) before
+            // answering: whether the decision was recorded is in the
+            // state it left, not in the missing answer.
+            if matches!(
+                e,
+                ClientError::Closed { .. } | ClientError::AnswerTimeout { .. }
+            ) {
+                let stored = offline_decommissions(&client.paths().state_dir)
+                    .into_iter()
+                    .any(|d| d.row.agent == agent);
+                if stored {
+                    eprintln!("{}", recorded_while_down(&agent));
+                } else {
+                    eprintln!(
+                        "keyturn: no decommission of {agent} is stored: the daemon stopped before recording it; ask again once it runs"
+                    );
+                }
+            }
+            return EXIT_UNAVAILABLE;
+        }
     };
     if result.already && !json {
         if result.agent.state == "decommissioned" {
@@ -591,9 +613,7 @@ async fn decommission(
                 // The decision is recorded: say so, not only that the
                 // daemon is gone.
                 eprintln!("keyturn: {e}");
-                eprintln!(
-                    "keyturn: the decommission of {agent} was decided and recorded; its revocation resumes when the daemon runs again (`keyturn status` shows it)"
-                );
+                eprintln!("{}", recorded_while_down(&agent));
                 return EXIT_UNAVAILABLE;
             }
         }
@@ -607,6 +627,14 @@ async fn decommission(
         );
     }
     0
+}
+
+/// What `decommission` says when the daemon stopped after recording the
+/// decision for `agent`.
+fn recorded_while_down(agent: &crate::model::AgentId) -> String {
+    format!(
+        "keyturn: the decommission of {agent} was decided and recorded; its revocation resumes when the daemon runs again (`keyturn status` shows it)"
+    )
 }
 
 async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {
