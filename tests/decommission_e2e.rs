@@ -333,6 +333,33 @@ fn a_stuck_decommission_keeps_what_it_has_not_revoked_on_the_surface() {
         "nothing is revoked yet: {during}"
     );
     assert!(during["next_due"].is_null(), "no rotation comes: {during}");
+    // `--wait --timeout` gives up waiting on a stuck decommission (exit 75),
+    // naming what is left; the revocation goes on.
+    let started = std::time::Instant::now();
+    let out = env.cli(&[
+        "decommission",
+        "bot",
+        "--reason",
+        "stuck",
+        "--wait",
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let said = text(&out);
+    assert!(
+        said.contains("bot is still decommissioning after 1s (")
+            && said.contains(" item(s) verified); its revocation goes on"),
+        "{said}"
+    );
+    let out = env.cli(&["decommission", "bot", "--reason", "x", "--timeout", "1s"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--timeout needs --wait: {}",
+        text(&out)
+    );
     std::fs::write(env.path().join("revoke-ok"), "").unwrap();
     wait_state(&env, "bot", "decommissioned");
     let after = api(&env);

@@ -88,6 +88,10 @@ pub enum Command {
         /// resumes when it runs again).
         #[arg(long)]
         wait: bool,
+        /// With --wait: stop waiting after this long (e.g. `5m`) and exit 75,
+        /// naming what is still pending (the revocation goes on).
+        #[arg(long, requires = "wait", value_parser = parse_wait_timeout)]
+        timeout: Option<std::time::Duration>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -293,6 +297,18 @@ pub enum AuditCommand {
 fn more_than_zero(s: &str) -> Result<std::time::Duration, String> {
     match humantime::parse_duration(s) {
         Ok(d) if d.is_zero() => Err("must be more than zero, e.g. 5s".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A `decommission --wait --timeout`: a duration above zero (a zero wait
+/// would stop before the first look).
+fn parse_wait_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => {
+            Err("must be above zero (leave --timeout out to wait until done)".into())
+        }
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
     }

@@ -35,6 +35,8 @@ pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 64;
 pub const EXIT_UNAVAILABLE: u8 = 69;
 pub const EXIT_NOPERM: u8 = 77;
+/// `decommission --wait --timeout` ran out before the revocation was done.
+pub const EXIT_TEMPFAIL: u8 = 75;
 /// `decommission` of an agent neither the config nor state knows (EX_NOUSER).
 pub const EXIT_NO_AGENT: u8 = 67;
 
@@ -132,8 +134,9 @@ async fn run(cli: Cli) -> u8 {
             reason,
             by,
             wait,
+            timeout,
             json,
-        } => decommission(&cli.config, &agent, reason, by, wait, json).await,
+        } => decommission(&cli.config, &agent, reason, by, wait, timeout, json).await,
         Command::Surface { unused_after, json } => surface(&cli.config, unused_after, json).await,
         Command::Watch(args) => {
             crate::watch::run(crate::watch::Watch {
@@ -539,6 +542,7 @@ async fn decommission(
     reason: String,
     by: Option<String>,
     wait: bool,
+    timeout: Option<std::time::Duration>,
     json: bool,
 ) -> u8 {
     let agent = match crate::model::AgentId::new(agent) {
@@ -600,7 +604,13 @@ async fn decommission(
             );
         }
     }
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut timed_out = false;
     while wait && result.agent.state != "decommissioned" {
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            timed_out = true;
+            break;
+        }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         match request(&client, path, &Request::Agents {}).await {
             Ok(ResponseBody::Agents(rows)) => match rows.into_iter().find(|r| r.agent == agent) {
@@ -625,6 +635,16 @@ async fn decommission(
             "{}",
             render_agents_table(std::slice::from_ref(&result.agent))
         );
+    }
+    if timed_out {
+        eprintln!(
+            "keyturn: {agent} is still {} after {} ({} of {} item(s) verified); its revocation goes on (`keyturn status` shows it)",
+            result.agent.state,
+            humantime::format_duration(timeout.unwrap_or_default()),
+            result.agent.verified,
+            result.agent.items
+        );
+        return EXIT_TEMPFAIL;
     }
     0
 }

@@ -773,12 +773,12 @@ impl Revocations {
                     return false;
                 }
                 // Audited once after each audited failure (see `quiet`).
-                if self.inner.quiet.again(&item.agent, &item.item) {
+                if let Some(note) = self.inner.quiet.again(&item.agent, &item.item) {
                     self.record(
                         &item,
                         "revocation.revoked",
                         Outcome::Ok,
-                        Some("again: not verified yet".into()),
+                        Some(note.into()),
                         None,
                     )
                     .await;

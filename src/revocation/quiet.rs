@@ -81,15 +81,21 @@ impl Quiet {
     }
 
     /// Whether the repeated revocation of `item` (it did not verify last
-    /// time) is audited: once after each audited failure.
-    pub(super) fn again(&self, agent: &AgentId, item: &str) -> bool {
+    /// time) is audited, and its note: once after each audited failure,
+    /// and on the first round after a restart (no failure seen in this
+    /// process: the daemon may have stopped between an audited
+    /// verification and its write to the state, so "not verified yet"
+    /// would contradict the audit log).
+    pub(super) fn again(&self, agent: &AgentId, item: &str) -> Option<&'static str> {
         match self.map().get_mut(&(agent.clone(), item.to_owned())) {
-            Some(last) if last.again_audited => false,
+            Some(last) if last.again_audited => None,
             Some(last) => {
                 last.again_audited = true;
-                true
+                Some("again: not verified yet")
             }
-            None => true,
+            None => {
+                Some("again after a restart: revoked before it, its verification not in the state")
+            }
         }
     }
 
@@ -113,10 +119,15 @@ mod tests {
             q.failed(&a, "db/sink:0", "symlink", at(0)),
             Verdict::Audit(None)
         );
-        assert!(q.again(&a, "db/sink:0"));
+        assert_eq!(q.again(&a, "db/sink:0"), Some("again: not verified yet"));
+        // No failure seen in this process: the first round after a restart.
+        assert!(
+            q.again(&a, "db/other")
+                .is_some_and(|n| n.starts_with("again after a restart"))
+        );
         for s in 1..=600 {
             assert_eq!(q.failed(&a, "db/sink:0", "symlink", at(s)), Verdict::Quiet);
-            assert!(!q.again(&a, "db/sink:0"));
+            assert_eq!(q.again(&a, "db/sink:0"), None);
         }
         // Another item is on its own.
         assert_eq!(
@@ -128,7 +139,7 @@ mod tests {
             q.failed(&a, "db/sink:0", "not a directory", at(602)),
             Verdict::Audit(Some(600))
         );
-        assert!(q.again(&a, "db/sink:0"));
+        assert!(q.again(&a, "db/sink:0").is_some());
         assert_eq!(
             q.failed(&a, "db/sink:0", "not a directory", at(603)),
             Verdict::Quiet

@@ -446,13 +446,22 @@ impl fmt::Display for Refusal {
                 sensitivity,
                 asked,
                 max,
-            } => write!(
-                f,
-                "a TTL of {} is longer than policy `{policy}` allows at sensitivity `{sensitivity}` ({}); ask for {} or less",
-                d(asked),
-                d(max),
-                d(max)
-            ),
+            } => {
+                // Whole seconds (as a TTL is granted); an absurd one is not
+                // spelled out in years, weeks, days, ... to the nanosecond.
+                const ABSURD: Duration = Duration::from_secs(100 * 365 * 86_400);
+                let asked = if *asked > ABSURD {
+                    "over 100 years".to_owned()
+                } else {
+                    d(&Duration::from_secs(asked.as_secs()))
+                };
+                write!(
+                    f,
+                    "a TTL of {asked} is longer than policy `{policy}` allows at sensitivity `{sensitivity}` ({}); ask for {} or less",
+                    d(max),
+                    d(max)
+                )
+            }
             Refusal::ZeroTtl => write!(f, "a TTL must be at least one second"),
         }
     }

@@ -272,6 +272,17 @@ fn refusals_say_what_was_wrong_and_what_to_do() {
         ),
         (
             TaskAsk {
+                sensitivity: "low",
+                ttl: Some(Duration::from_secs(u64::MAX)),
+                ..ask.clone()
+            },
+            "ttl_too_long",
+            Some(
+                "a TTL of over 100 years is longer than policy `invoicing` allows at sensitivity `low` (5m); ask for 5m or less",
+            ),
+        ),
+        (
+            TaskAsk {
                 ttl: Some(Duration::from_millis(500)),
                 ..ask.clone()
             },
