@@ -551,7 +551,7 @@ fn a_repeated_decommission_is_audited_with_its_caller() {
         "--reason",
         "second",
         "--by",
-        "mallory",
+        "mallory\" source=config",
     ]);
     assert!(
         text(&out).contains("already decommissioned"),
@@ -574,7 +574,8 @@ fn a_repeated_decommission_is_audited_with_its_caller() {
     );
     let detail = r["detail"].as_str().unwrap();
     assert!(
-        detail.contains(r#"reason="second""#) && detail.contains("by=mallory"),
+        // `--by` is quoted like the reason: it cannot add a field.
+        detail.contains(r#"reason="second" by="mallory\" source=config" source=command"#),
         "{detail}"
     );
     assert_eq!(
@@ -709,6 +710,22 @@ fn rotate_all_skips_decommissioned_agents() {
         .map(|r| r["outcome"].as_str().unwrap())
         .collect();
     assert_eq!(outcomes, ["started", "skipped"], "{results}");
+    // Defect (black-box): a rotation refused for a decommissioned agent was
+    // audited as an `admin.rotate` that went well.
+    let out = env.cli(&["rotate", "old"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let refused = audit_records(&env)
+        .into_iter()
+        .rfind(|r| r["event"] == "admin.rotate")
+        .unwrap();
+    assert_eq!(refused["outcome"], "refused", "{refused}");
+    assert_eq!(refused["agent"], "old", "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("agent old is decommissioned")),
+        "{refused}"
+    );
 
     // A credential added to the decommissioned agent by a reload is never
     // rotated: the log says so, and status labels it.

@@ -44,7 +44,7 @@ impl ClientPaths {
     /// cannot be read or its `[daemon]` table cannot be (see [`Self::lenient`]).
     pub fn lenient_at(path: &Path) -> Option<ClientPaths> {
         let main = super::load::main_file(path);
-        let text = match std::fs::read_to_string(&main) {
+        let text = match super::load::read_config_string(&main) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_dir() => String::new(),
             Err(_) => return None,

@@ -71,7 +71,7 @@ pub fn check_host(cfg: &Config) -> Result<(), ConfigErrors> {
     if issues.is_empty() {
         return Ok(());
     }
-    let located = match std::fs::read_to_string(&cfg.source) {
+    let located = match super::load::read_config_string(&cfg.source) {
         Ok(text) => locate_issues(&cfg.source, &text, issues),
         // Read a moment ago, gone now: the issues, not located.
         Err(_) => issues

@@ -208,10 +208,53 @@ pub fn read_sources(path: &Path) -> Result<(PathBuf, Vec<SourceFile>), ConfigErr
     Ok((main, files))
 }
 
+/// The largest config file read (the main file or one in `agents.d`): a
+/// config of 20,000 credentials is a few MiB.
+pub const MAX_CONFIG_FILE: u64 = 64 << 20;
+
+/// A config file's bytes. Only a regular file is read, and at most
+/// [`MAX_CONFIG_FILE`] of it: a FIFO would block `check`, the start and a
+/// reload until something wrote to it, and `/dev/zero` would fill memory.
+/// Opened without blocking (a FIFO's open waits for a writer), then
+/// checked, so a file swapped in between is caught too.
+pub(crate) fn read_config_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a directory, FIFO, socket or device): a config file must be a regular file",
+        ));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0).min(1 << 20));
+    file.take(MAX_CONFIG_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "over {} MiB: too large for a config file",
+                MAX_CONFIG_FILE >> 20
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// [`read_config_file`] as UTF-8 text (`InvalidData` when it is not).
+pub(crate) fn read_config_string(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_config_file(path)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
 /// A config file's text; bytes that are not UTF-8 are an error located at
 /// the first of them.
 fn read_text(path: &Path) -> std::io::Result<Result<String, ConfigError>> {
-    let bytes = std::fs::read(path)?;
+    let bytes = read_config_file(path)?;
     Ok(String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let valid = std::str::from_utf8(&e.as_bytes()[..at]).unwrap_or_default();
@@ -371,7 +414,7 @@ pub fn reload(path: &Path, previous: &FileSet) -> Result<Reloaded, ConfigErrors>
                 set.agents.insert(p, (sig, names.clone()));
             }
             _ => {
-                let Ok(text) = std::fs::read_to_string(&p) else {
+                let Ok(text) = read_config_string(&p) else {
                     return full();
                 };
                 files.push(SourceFile {
@@ -760,6 +803,37 @@ mod tests {
         assert_eq!((e[0].line, e[0].column), (2, 24), "{}", e[0]);
         assert!(e[0].message.contains("not valid UTF-8"), "{}", e[0]);
         assert!(e[0].message.contains("byte 32"), "{}", e[0]);
+    }
+
+    /// Defect (black-box): an `agents.d` file that was a FIFO hung `check`,
+    /// the start and a reload (and the control socket with it) until
+    /// something wrote to it; a link to `/dev/zero` filled memory.
+    #[test]
+    fn only_a_regular_file_of_bounded_size_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("keyturn.toml");
+        std::fs::write(&main, "[daemon]\n").unwrap();
+        let agents = dir.path().join(AGENTS_DIR);
+        std::fs::create_dir(&agents).unwrap();
+        let fifo = agents.join("a.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let started = std::time::Instant::now();
+        let e = load_file(&main).unwrap_err().0;
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(
+            e[0].to_string().contains("a.toml") && e[0].message.contains("not a regular file"),
+            "{}",
+            e[0]
+        );
+        std::fs::remove_file(&fifo).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", agents.join("z.toml")).unwrap();
+        let e = load_file(&main).unwrap_err().0;
+        assert!(e[0].message.contains("not a regular file"), "{}", e[0]);
+        std::fs::remove_file(agents.join("z.toml")).unwrap();
+        let big = std::fs::File::create(agents.join("big.toml")).unwrap();
+        big.set_len(MAX_CONFIG_FILE + 1).unwrap();
+        let e = load_file(&main).unwrap_err().0;
+        assert!(e[0].message.contains("too large"), "{}", e[0]);
     }
 
     #[test]

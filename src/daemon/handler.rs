@@ -287,11 +287,72 @@ impl ControlHandler for Handler {
         wait: bool,
     ) -> Result<Vec<RotateResult>, ApiError> {
         let keys = self.select(&selector)?;
-        let mut ev = AuditEvent::new("admin.rotate", actor, Outcome::Ok);
-        ev.detail = Some(format!("{} credential(s), wait={wait}", keys.len()));
+        let catalog = self.engine.catalog();
+        let followed = |k: &CredentialKey| {
+            catalog
+                .creds
+                .get(k)
+                .is_some_and(|e| e.policy.follow.is_some())
+        };
+        // Why each credential is not rotated here, if it is not.
+        let not_here: Vec<Option<String>> = keys
+            .iter()
+            .map(|key| {
+                if followed(key) {
+                    Some("followed, rotated by another keyturn".to_owned())
+                } else {
+                    self.engine
+                        .agent_label(&key.agent)
+                        .map(|label| format!("the agent is {label}"))
+                }
+            })
+            .collect();
+        // Refused as a whole: one agent's credentials, and it is being
+        // decommissioned; one credential, followed; none rotated here.
+        let refusal = if let Some(label) =
+            keys.first().and_then(|k| self.engine.agent_label(&k.agent))
+            && keys.iter().all(|k| k.agent == keys[0].agent)
+        {
+            Some(ApiError::bad_request(format!(
+                "agent {} is {label}: its credentials are not rotated any more (see `keyturn status`)",
+                keys[0].agent
+            )))
+        } else if let [only] = keys.as_slice()
+            && followed(only)
+        {
+            Some(ApiError::bad_request(format!(
+                "{only} is followed (mode = \"follow\"), rotated by another keyturn: rotate it there"
+            )))
+        } else if not_here.iter().all(Option::is_some) {
+            let why: std::collections::BTreeSet<&str> =
+                not_here.iter().flatten().map(String::as_str).collect();
+            Some(ApiError::bad_request(format!(
+                "none of the {} selected credentials is rotated here ({}): see `keyturn status`",
+                keys.len(),
+                why.into_iter().collect::<Vec<_>>().join("; ")
+            )))
+        } else {
+            None
+        };
+        // The request is audited before anything is done; a refusal as
+        // refused.
+        let outcome = if refusal.is_some() {
+            Outcome::Refused
+        } else {
+            Outcome::Ok
+        };
+        let mut ev = AuditEvent::new("admin.rotate", actor, outcome);
+        let skipped = not_here.iter().flatten().count();
+        ev.detail = Some(format!(
+            "{} credential(s) selected, {skipped} not rotated here, wait={wait}",
+            keys.len()
+        ));
+        ev.error = refusal.as_ref().map(|e| e.message.clone());
         if let [only] = keys.as_slice() {
             ev.agent = Some(only.agent.clone());
             ev.credential = Some(only.credential.clone());
+        } else if keys.iter().all(|k| k.agent == keys[0].agent) {
+            ev.agent = Some(keys[0].agent.clone());
         }
         if let Err(e) = self.engine.record(ev).await {
             return Err(ApiError {
@@ -299,42 +360,13 @@ impl ControlHandler for Handler {
                 message: format!("cannot write the audit record: {e}"),
             });
         }
-        let catalog = self.engine.catalog();
-        if let Some(label) = keys.first().and_then(|k| self.engine.agent_label(&k.agent))
-            && keys.iter().all(|k| k.agent == keys[0].agent)
-        {
-            return Err(ApiError::bad_request(format!(
-                "agent {} is {label}: its credentials are not rotated any more (see `keyturn status`)",
-                keys[0].agent
-            )));
-        }
-        let followed = |k: &CredentialKey| {
-            catalog
-                .creds
-                .get(k)
-                .is_some_and(|e| e.policy.follow.is_some())
-        };
-        if let [only] = keys.as_slice()
-            && followed(only)
-        {
-            return Err(ApiError {
-                kind: ApiErrorKind::BadRequest,
-                message: format!(
-                    "{only} is followed (mode = \"follow\"), rotated by another keyturn: rotate it there"
-                ),
-            });
+        if let Some(refused) = refusal {
+            return Err(refused);
         }
         let mut waiting = Vec::with_capacity(keys.len());
         let mut results = Vec::with_capacity(keys.len());
-        for key in keys {
-            let refused = if followed(&key) {
-                Some("followed, rotated by another keyturn".to_owned())
-            } else {
-                self.engine
-                    .agent_label(&key.agent)
-                    .map(|label| format!("the agent is {label}"))
-            };
-            if let Some(why) = refused {
+        for (key, why) in keys.into_iter().zip(not_here) {
+            if let Some(why) = why {
                 // Not rotated here: in a selection of several, not a failure.
                 results.push(RotateResult {
                     agent: key.agent,
@@ -349,15 +381,6 @@ impl ControlHandler for Handler {
             let running = self.engine.rotating(&key);
             let rx = self.engine.trigger(&key);
             waiting.push((key, rx, running));
-        }
-        if waiting.is_empty() {
-            let why: std::collections::BTreeSet<&str> =
-                results.iter().filter_map(|r| r.error.as_deref()).collect();
-            return Err(ApiError::bad_request(format!(
-                "none of the {} selected credentials is rotated here ({}): see `keyturn status`",
-                results.len(),
-                why.into_iter().collect::<Vec<_>>().join("; ")
-            )));
         }
         for (key, rx, running) in waiting {
             let result = match rx {

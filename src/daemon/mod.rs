@@ -694,7 +694,7 @@ fn full_reload(
     config_path: &Path,
     old: &Catalog,
     located: impl Fn(config::ConfigErrors) -> String,
-) -> Result<(Catalog, config::FileSet, Vec<&'static str>), String> {
+) -> Result<(Catalog, config::FileSet, Vec<String>), String> {
     let (config, files) = memory::apart(|| config::load_tracked(config_path)).map_err(&located)?;
     build_full(config, files, old, located)
 }
@@ -704,7 +704,7 @@ fn build_full(
     files: config::FileSet,
     old: &Catalog,
     located: impl Fn(config::ConfigErrors) -> String,
-) -> Result<(Catalog, config::FileSet, Vec<&'static str>), String> {
+) -> Result<(Catalog, config::FileSet, Vec<String>), String> {
     let restart_only = checked_restart_only(&old.config, &mut config, located)?;
     Catalog::build(config, Some(old))
         .map(|c| (c, files, restart_only))
@@ -721,14 +721,14 @@ fn checked_restart_only(
     old: &Config,
     new: &mut Config,
     located: impl Fn(config::ConfigErrors) -> String,
-) -> Result<Vec<&'static str>, String> {
+) -> Result<Vec<String>, String> {
     config::check_host(new).map_err(located)?;
     Ok(keep_restart_only_settings(old, new))
 }
 
 /// Settings bound at start-up (open files, sockets) cannot change on reload:
 /// keep the running values and say which ones changed.
-fn keep_restart_only_settings(old: &Config, new: &mut Config) -> Vec<&'static str> {
+fn keep_restart_only_settings(old: &Config, new: &mut Config) -> Vec<String> {
     let mut changed = Vec::new();
     let (o, n) = (&old.daemon, &mut new.daemon);
     // `keep!(name: fields)`: when any of `fields` changed, say `name` and
@@ -736,11 +736,13 @@ fn keep_restart_only_settings(old: &Config, new: &mut Config) -> Vec<&'static st
     macro_rules! keep {
         ($($name:literal: $($field:ident),+;)+) => {$(
             if $(o.$field != n.$field)||+ {
-                changed.push($name);
+                changed.push($name.to_owned());
                 $(n.$field.clone_from(&o.$field);)+
             }
         )+};
     }
+    // What the new config's defaults were derived from, before it is kept.
+    let new_state_dir = n.state_dir.clone();
     keep! {
         "daemon.state_dir": state_dir;
         "daemon.audit_log": audit_log;
@@ -751,12 +753,54 @@ fn keep_restart_only_settings(old: &Config, new: &mut Config) -> Vec<&'static st
         "daemon.follow_nudge_key_file": follow_nudge_key_file;
         "daemon.max_concurrent_rotations": max_concurrent_rotations;
     }
+    keep_local_vault_files(old, new, &new_state_dir, &mut changed);
     // The alert manager's hold is set when it opens.
     if old.alert_rules.resolve_hold != new.alert_rules.resolve_hold {
-        changed.push("alert_rules.resolve_hold");
+        changed.push("alert_rules.resolve_hold".to_owned());
         new.alert_rules.resolve_hold = old.alert_rules.resolve_hold;
     }
     changed
+}
+
+/// A local vault's database and key file are opened at start-up: a reload
+/// that moves them (its `dir` or `key_file`, or the `state_dir` their
+/// defaults are in) would put every credential on an empty vault at once.
+/// The running places are kept, and each change named; a local vault the
+/// reload adds has its default places in the running state directory.
+fn keep_local_vault_files(
+    old: &Config,
+    new: &mut Config,
+    new_state_dir: &Path,
+    changed: &mut Vec<String>,
+) {
+    use crate::vaults::VaultSpec;
+    let state_dir = new.daemon.state_dir.clone();
+    for (name, vault) in &mut new.vaults {
+        let VaultSpec::Local(l) = &mut vault.spec else {
+            continue;
+        };
+        match old.vaults.get(name).map(|v| &v.spec) {
+            Some(VaultSpec::Local(was)) => {
+                for (field, now, then) in [
+                    ("dir", &mut l.dir, &was.dir),
+                    ("key_file", &mut l.key_file, &was.key_file),
+                ] {
+                    if now != then {
+                        changed.push(format!("vaults.{name}.{field}"));
+                        now.clone_from(then);
+                    }
+                }
+            }
+            _ if new_state_dir != state_dir => {
+                for path in [&mut l.dir, &mut l.key_file].into_iter().flatten() {
+                    if let Ok(rest) = path.strip_prefix(new_state_dir) {
+                        *path = state_dir.join(rest);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Checks every sink can deliver (and cleans stale temp files). A failure is
@@ -906,15 +950,30 @@ mod tests {
             "state_dir = \"/var/lib/b\"\nsocket_group = \"dev\"\nlisten = \"127.0.0.1:9001\"\nmax_concurrent_rotations = 4\ndrain_timeout = \"20s\"",
         );
         let changed = keep_restart_only_settings(&old, &mut new);
-        // The audit log's default lives in the state directory.
+        // The audit log's and the local vault's defaults live in the state
+        // directory: a reload that moved it moved them too.
         assert_eq!(
             changed,
             [
                 "daemon.state_dir",
                 "daemon.audit_log",
                 "daemon.socket",
-                "daemon.listen"
+                "daemon.listen",
+                "vaults.local.dir",
+                "vaults.local.key_file"
             ]
+        );
+        let local = |c: &Config| match &c.vaults["local"].spec {
+            crate::vaults::VaultSpec::Local(l) => (l.dir.clone(), l.key_file.clone()),
+            _ => unreachable!(),
+        };
+        assert_eq!(
+            local(&new),
+            (
+                Some("/var/lib/a/vaults/local".into()),
+                Some("/var/lib/a/local-vault.key".into())
+            ),
+            "the local vault stays where it is open"
         );
         let (o, n) = (&old.daemon, &new.daemon);
         assert_eq!(n.state_dir, o.state_dir);
@@ -922,6 +981,30 @@ mod tests {
         assert_eq!(n.listen, o.listen);
         assert_ne!(n.drain_timeout, o.drain_timeout, "not bound at start-up");
         assert!(keep_restart_only_settings(&old, &mut new).is_empty());
+    }
+
+    /// A local vault added by a reload that also moved `state_dir` has its
+    /// default places in the running state directory, not the new one.
+    #[test]
+    fn a_local_vault_added_with_a_moved_state_dir_lives_in_the_running_one() {
+        let old = config("state_dir = \"/var/lib/a\"");
+        let text = format!(
+            "[daemon]\nstate_dir = \"/var/lib/b\"\n[vaults.local]\ntype = \"local\"\n[vaults.spare]\ntype = \"local\"\n\n{}",
+            crate::test_support::agent_table("bot")
+        );
+        let mut new = config::load_str(Path::new("/etc/keyturn/keyturn.toml"), &text).unwrap();
+        keep_restart_only_settings(&old, &mut new);
+        let crate::vaults::VaultSpec::Local(spare) = &new.vaults["spare"].spec else {
+            unreachable!()
+        };
+        assert_eq!(
+            spare.dir.as_deref(),
+            Some(Path::new("/var/lib/a/vaults/spare"))
+        );
+        assert_eq!(
+            spare.key_file.as_deref(),
+            Some(Path::new("/var/lib/a/spare-vault.key"))
+        );
     }
 
     /// `[alert_rules] resolve_hold` is read when the alert manager opens:

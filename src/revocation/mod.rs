@@ -558,7 +558,7 @@ impl Revocations {
         ev.owner = Some(owner);
         ev.tenant = Some(tenant);
         ev.detail = Some(format!(
-            "reason={:?} by={} source={} decided_at={} sla={} items={}",
+            "reason={:?} by={:?} source={} decided_at={} sla={} items={}",
             d.reason,
             d.by.as_deref().unwrap_or("-"),
             d.source,
@@ -601,7 +601,7 @@ impl Revocations {
         ev.owner = Some(existing.row.owner.clone());
         ev.tenant = Some(existing.row.tenant.clone());
         ev.detail = Some(format!(
-            "reason={:?} by={} source={} nothing new decided: decided_at={} by {}",
+            "reason={:?} by={:?} source={} nothing new decided: decided_at={} by {:?}",
             d.reason,
             d.by.as_deref().unwrap_or("-"),
             d.source,
