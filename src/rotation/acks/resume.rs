@@ -195,13 +195,22 @@ impl Inner {
     /// with holdouts (its rotation done) is still owed to them while it is
     /// current: its rotation is read from state.
     pub(in crate::rotation) fn resume_deliveries(self: &Arc<Self>, retiring: Vec<RotationRow>) {
+        let resumed: std::collections::HashSet<(CredentialKey, VersionNo)> = retiring
+            .iter()
+            .map(|r| (r.key.clone(), r.version))
+            .collect();
         for rot in retiring {
             self.resume_deliveries_of(rot, None);
         }
+        // Every other version still owed somewhere: one whose grace ended
+        // with holdouts, and a first version (it retires nothing, so its
+        // rotation is done however its deliveries went).
         let holdouts: Vec<(CredentialKey, VersionNo)> = self
             .awaited()
             .iter()
-            .filter(|(_, a)| a.retired_with_holdouts && a.outstanding().next().is_some())
+            .filter(|(k, a)| {
+                a.outstanding().next().is_some() && !resumed.contains(&((*k).clone(), a.version))
+            })
             .map(|(k, a)| (k.clone(), a.version))
             .collect();
         if holdouts.is_empty() {

@@ -410,6 +410,36 @@ async fn a_first_versions_consumer_is_never_a_holdout_also_after_a_restart() {
     rig.shutdown().await;
 }
 
+/// Defect (black-box): a first version's delivery to a webhook that was
+/// down, retried in the background, stopped at a restart past its grace
+/// deadline (a first version retires nothing, so its rotation was done and
+/// it was no holdout either), while status still said "delivery retrying".
+#[tokio::test(start_paused = true)]
+async fn a_restart_resumes_a_first_versions_delivery_retried_past_its_grace() {
+    let down = DownSink::new(usize::MAX);
+    let rig = rig_beside(SHORT_GRACE, down.clone());
+    rig.run().await;
+    rig.first_version().await;
+    tokio::time::sleep(5 * MINUTE).await;
+    assert_eq!(
+        rig.status("c0").awaiting_ack,
+        vec!["down:receiver (delivery retrying)"]
+    );
+    // After the restart the receiver is back after one more failure.
+    let down2 = DownSink::new(1);
+    let rig = restarted_with(rig, SHORT_GRACE, down2.clone()).await;
+    rig.until(
+        Duration::from_secs(60),
+        "delivered after the restart",
+        |r| r.status("c0").awaiting_ack.is_empty(),
+    )
+    .await;
+    let attempts = down2.attempts();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert!(attempts.iter().all(|(v, _)| *v == 1), "{attempts:?}");
+    rig.shutdown().await;
+}
+
 /// Version 1 delivered to `held` and acknowledged, then version 2's
 /// rotation triggered 10 minutes later and its delivery to `held` in place
 /// (not over): the rig, and the rotation.
