@@ -800,9 +800,16 @@ impl Vault for AwsVault {
         let version = p.version;
         let secret = self.secret_id(item.path);
         let versions = self.labels("promote", &secret).await?;
+        // `AWSCURRENT` with `AWSPENDING` still on it is current for no
+        // reader, but when it is the version being promoted, this is a
+        // replay of a promote cut short between the two label moves: that
+        // version is what the vault has current (not "none", which would
+        // read as an out-of-band delete).
         let before = versions.as_ref().and_then(|vs| {
             vs.iter()
-                .find(|(_, l)| has_label(l, AWSCURRENT) && !has_label(l, AWSPENDING))
+                .find(|(id, l)| {
+                    has_label(l, AWSCURRENT) && (!has_label(l, AWSPENDING) || **id == version.0)
+                })
                 .map(|(id, _)| VersionRef(id.clone()))
         });
         self.promote_labeled(&secret, versions, version).await?;

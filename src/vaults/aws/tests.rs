@@ -296,7 +296,20 @@ async fn promote_replay_and_resume_real_server() {
         .await
         .unwrap();
     assert_eq!(by_version(&v, it, &v2).await.unwrap().stage, Stage::Pending);
-    v.promote(it, &v2).await.unwrap();
+    // Defect (black-box): the replay reported no current version before
+    // it, which the engine audits as the previous value deleted out of
+    // band (`vault.current_gone`). It is its own version, half promoted.
+    let before = v
+        .promote_from(
+            it,
+            Promote {
+                version: &v2,
+                expected: Some(&v1),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(before, Some(v2.clone()));
     let labels = raw_labels(&v, &path).await;
     assert_eq!(labels[&v2.0], vec![AWSCURRENT]);
     assert_eq!(labels[&v1.0], vec![AWSPREVIOUS]);
