@@ -1298,7 +1298,7 @@ decommissioned = { reason = \"gone\" }\n";
         assert_eq!(
             shown.trim_end(),
             format!(
-                "{}: cannot read config file: Is a directory (os error 21)",
+                "{}: cannot read config file: not a regular file (a directory, FIFO, socket or device): a config file must be a regular file",
                 file.display()
             )
         );

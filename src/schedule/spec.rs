@@ -64,6 +64,16 @@ impl ScheduleSpec {
                 ));
             }
         };
+        // crontab(5) fires when either restricted day field matches; the
+        // cron crate only when both do. Rather than fire on other days than
+        // an operator used to crontab expects, such a schedule is refused.
+        let unrestricted = |f: &str| f == "*" || f == "?";
+        if !unrestricted(&full[3]) && !unrestricted(&full[5]) {
+            return Err(format!(
+                "cron expression {text:?} restricts both the day of the month ({}) and the day of the week ({}): crontab fires on either, keyturn would fire only when both match; restrict one of them (use * in the other)",
+                full[3], full[5]
+            ));
+        }
         full[5] = translate_dow(&full[5])?;
         let normalized = full.join(" ");
         // A parsed cron::Schedule holds a set per field (kilobytes); 100k
@@ -306,6 +316,21 @@ mod tests {
             distinct.len()
         );
         assert_eq!(jitter_offset(&k("db"), Duration::ZERO), Duration::ZERO);
+    }
+
+    /// Defect (black-box): `0 0 13 * 5` fired only on a Friday the 13th
+    /// (crontab: every Friday and every 13th), and `0 0 30 2 1` was refused
+    /// as never firing (crontab: every Monday). Both day fields restricted
+    /// is refused with the reason.
+    #[test]
+    fn restricting_both_day_fields_is_refused() {
+        for text in ["0 0 13 * 5", "0 0 30 2 1", "0 0 1-7 * MON"] {
+            let e = ScheduleSpec::parse_cron(text).unwrap_err();
+            assert!(e.contains("restricts both the day of the month"), "{e}");
+        }
+        for text in ["0 0 13 * *", "0 0 * * 5", "0 0 ? * MON", "0 0 1 * ?"] {
+            assert!(ScheduleSpec::parse_cron(text).is_ok(), "{text}");
+        }
     }
 
     #[test]

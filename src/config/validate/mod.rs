@@ -92,6 +92,8 @@ const MIN_POLL: Duration = Duration::from_secs(1);
 const MIN_PERIOD: Duration = Duration::from_secs(1);
 const MIN_PASSWORD_LEN: usize = 8;
 const MAX_GENERATED_LEN: usize = 4096;
+/// The longest duration a config may give.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
 const MIN_RANDOM_LEN: usize = 16;
 /// What a vault path is made of (said in every message about one).
 pub const VAULT_PATH_CHARS: &str = "letters, digits, `.`, `_`, `-` and `/` (ASCII only)";
@@ -280,10 +282,19 @@ impl Validator<'_> {
         for (agent_name, entry) in &raw.agents {
             let agent_path = agents_loc.key(agent_name);
             let creds_loc = agent_path.key("credentials");
-            let agent_id = self
+            let mut agent_id = self
                 .id(&agent_path, "agent", agent_name)
                 .then(|| AgentId::new(agent_name.as_str()).ok())
                 .flatten();
+            // `keyturn rotate all` means every credential: an agent of
+            // that name could never be selected on its own.
+            if agent_name == "all" {
+                self.err_key(
+                    agent_path,
+                    "`all` cannot name an agent: `keyturn rotate all` selects every credential; choose another name",
+                );
+                agent_id = None;
+            }
             let raw_agent = entry.agent.ok();
             if let Some(a) = raw_agent {
                 self.agent_fields(&agent_path, a, &scope);
@@ -412,6 +423,15 @@ impl Validator<'_> {
                 self.err(
                     path,
                     format!("duration `{text}` is zero: it must be greater than zero"),
+                );
+                None
+            }
+            // Past this no date can be computed from it (and nothing would
+            // ever happen): a typo, not a schedule.
+            Ok(d) if d > MAX_DURATION => {
+                self.err(
+                    path,
+                    format!("duration `{text}` is over 100 years: write a shorter one"),
                 );
                 None
             }
@@ -584,6 +604,16 @@ impl Validator<'_> {
         if a.tenant.trim().is_empty() {
             self.err(p.key("tenant"), "tenant must not be empty");
         }
+        // Printed by `status`, `surface` and alerts: a control character
+        // (a newline, NUL, a bidi override) would forge or hide output.
+        for (key, text) in [("owner", &a.owner), ("tenant", &a.tenant)] {
+            if text.chars().any(is_unprintable) {
+                self.err(
+                    p.key(key),
+                    format!("{key} must not contain control characters (newlines, tabs, NUL, bidi overrides)"),
+                );
+            }
+        }
         if !scope.tier_names.contains(&a.tier) {
             self.err(
                 p.key("tier"),
@@ -747,4 +777,10 @@ pub(crate) fn normalize_onto(mut out: PathBuf, p: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// A character that must not reach a terminal from a config label: a
+/// control character, or a bidirectional override or isolate.
+pub(crate) fn is_unprintable(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }

@@ -408,3 +408,52 @@ fn a_rotation_period_below_one_second_is_refused() {
     super::super::load_str(Path::new("/etc/keyturn/t.toml"), &cred("every = \"1s\""))
         .expect("one second is allowed");
 }
+
+/// Defects (black-box): a delivery path with NUL was accepted (every
+/// rotation then parked at deliver, its value current in the vault and
+/// delivered nowhere) and one with a newline made such a file; a control
+/// character in `owner` reached the terminal through `surface`; an agent
+/// named `all` could never be rotated on its own; a huge `every` never
+/// rotated (no next due time could be computed).
+#[test]
+fn names_that_would_break_output_or_selection_are_refused() {
+    let cred = |deliver: &str, every: &str| {
+        format!(
+            "{HEAD}[agents.a.credentials.x]\nvault = \"v\"\nevery = \"{every}\"\ngenerate = {{ kind = \"ed25519\" }}\n{deliver}"
+        )
+    };
+    assert_only_error(
+        &cred(
+            "deliver = [{ type = \"file\", path = \"a/d\\u0000b\" }]\n",
+            "1h",
+        ),
+        "agents.a.credentials.x.deliver[0].path",
+        "delivery path `a/d\\0b` contains the control character '\\0'; file names here are printable",
+    );
+    assert_only_error(
+        &cred(
+            "deliver = [{ type = \"file\", path = \"a/d\\nb\" }]\n",
+            "1h",
+        ),
+        "agents.a.credentials.x.deliver[0].path",
+        "delivery path `a/d\\nb` contains the control character '\\n'; file names here are printable",
+    );
+    assert_only_error(
+        &cred("", "999999999999d"),
+        "agents.a.credentials.x.every",
+        "duration `999999999999d` is over 100 years: write a shorter one",
+    );
+    assert_only_error(
+        &HEAD.replace(
+            "owner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n[agents.b]",
+            "owner = \"o\\nforged line\"\ntenant = \"t\"\ntier = \"low\"\n[agents.b]",
+        ),
+        "agents.a.owner",
+        "owner must not contain control characters (newlines, tabs, NUL, bidi overrides)",
+    );
+    assert_only_error(
+        &HEAD.replace("[agents.b]", "[agents.all]"),
+        "agents.all",
+        "`all` cannot name an agent: `keyturn rotate all` selects every credential; choose another name",
+    );
+}

@@ -125,6 +125,22 @@ impl FileConfig {
             v.err(p, "delivery path must not be empty");
             return;
         }
+        // NUL cannot be in a file name (every delivery would fail); a
+        // newline or another control character makes a name that tools,
+        // logs and the agent's own config misread.
+        if let Some(c) = written
+            .to_str()
+            .and_then(|t| t.chars().find(|c| c.is_control()))
+        {
+            v.err(
+                p,
+                format!(
+                    "delivery path `{}` contains the control character {c:?}; file names here are printable",
+                    text.to_string().escape_debug()
+                ),
+            );
+            return;
+        }
         // `..` is refused outright rather than normalised away: with
         // symlinks in play, `a/../b` need not be where it looks.
         if written.components().any(|c| c == Component::ParentDir) {

@@ -801,14 +801,18 @@ impl Vault for AwsVault {
         let secret = self.secret_id(item.path);
         let versions = self.labels("promote", &secret).await?;
         // `AWSCURRENT` with `AWSPENDING` still on it is current for no
-        // reader, but when it is the version being promoted, this is a
-        // replay of a promote cut short between the two label moves: that
-        // version is what the vault has current (not "none", which would
-        // read as an out-of-band delete).
+        // reader. On the version being promoted, with the one it replaced
+        // moved to `AWSPREVIOUS`, it is a replay of a promote cut short
+        // between its two label moves: that version is what the vault has
+        // current (not "none", which would read as an out-of-band delete).
+        // A first version has both labels from its creation, and nothing
+        // was current before it.
         let before = versions.as_ref().and_then(|vs| {
+            let replaced = vs.values().any(|l| has_label(l, AWSPREVIOUS));
             vs.iter()
                 .find(|(id, l)| {
-                    has_label(l, AWSCURRENT) && (!has_label(l, AWSPENDING) || **id == version.0)
+                    has_label(l, AWSCURRENT)
+                        && (!has_label(l, AWSPENDING) || (replaced && **id == version.0))
                 })
                 .map(|(id, _)| VersionRef(id.clone()))
         });
