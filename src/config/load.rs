@@ -157,6 +157,19 @@ pub fn read_sources(path: &Path) -> Result<(PathBuf, Vec<SourceFile>), ConfigErr
     };
     let mut files = Vec::new();
     match read_text(&main) {
+        // Nothing at all, not even a comment: a file cut off while written
+        // (config management, a full disk), which would otherwise be
+        // taken as "every default, no agents" and, on a reload, drop every
+        // credential at once.
+        Ok(Ok(text)) if text.trim().is_empty() => {
+            return Err(ConfigErrors(vec![ConfigError {
+                file: main.clone(),
+                line: 1,
+                column: 1,
+                toml_path: String::new(),
+                message: "the file is empty (cut off while it was written?): a config with every default needs at least a comment; or remove the file".to_owned(),
+            }]));
+        }
         Ok(Ok(text)) => files.push(SourceFile {
             path: main.clone(),
             text,
@@ -834,6 +847,21 @@ mod tests {
         big.set_len(MAX_CONFIG_FILE + 1).unwrap();
         let e = load_file(&main).unwrap_err().0;
         assert!(e[0].message.contains("too large"), "{}", e[0]);
+    }
+
+    /// Defect (black-box): an empty config file (cut off by a full disk or
+    /// config management) was valid, and a reload onto it dropped every
+    /// credential. A file of comments only is still every default.
+    #[test]
+    fn an_empty_config_file_is_refused_and_a_commented_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("keyturn.toml");
+        std::fs::write(&main, " \n\n").unwrap();
+        let e = load_file(&main).unwrap_err().0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].message.starts_with("the file is empty"), "{}", e[0]);
+        std::fs::write(&main, "# every default\n").unwrap();
+        load_file(&main).expect("a commented file is a config");
     }
 
     #[test]
