@@ -1,7 +1,8 @@
 //! The settings that are valid only on a host that has what they name:
 //! the audit key file, the follow nudge key file and every alert sink's
 //! key file must load (a regular file, mode 0600 or tighter, long enough),
-//! and `socket_group` must exist.
+//! `socket_group` must exist, and what is already at the state directory,
+//! the audit log and a local vault's directory must be of the right kind.
 //!
 //! These need I/O, so they are not part of the pure validation. But a
 //! config that passes `keyturn check` must not stop the next start, so this
@@ -40,7 +41,34 @@ pub fn host_issues(d: &DaemonConfig) -> Vec<Issue> {
     {
         issues.push(Issue::at(p.key("socket_group"), e.to_string()));
     }
+    // Made at the first start when missing; something else there stops it.
+    if let Some(why) = not_a("directory", &d.state_dir) {
+        issues.push(Issue::at(p.key("state_dir"), why));
+    }
+    if let Ok(m) = std::fs::metadata(&d.audit_log)
+        && m.is_dir()
+    {
+        issues.push(Issue::at(
+            p.key("audit_log"),
+            format!(
+                "{} is a directory: audit_log names the log file itself",
+                d.audit_log.display()
+            ),
+        ));
+    }
     issues
+}
+
+/// Why `path`, which exists, is not a `kind` (a directory) keyturn can use
+/// there; `None` when it is one or is missing (then it is made).
+fn not_a(kind: &str, path: &Path) -> Option<String> {
+    let m = std::fs::metadata(path).ok()?;
+    (!m.is_dir()).then(|| {
+        format!(
+            "{} exists and is not a {kind}: move it away or name another place",
+            path.display()
+        )
+    })
 }
 
 /// A key file this user may not open may still be fine for the daemon's
@@ -58,6 +86,17 @@ fn with_user_hint(path: &Path, message: String) -> String {
 /// is); `Ok` when there are none.
 pub fn check_host(cfg: &Config) -> Result<(), ConfigErrors> {
     let mut issues = host_issues(&cfg.daemon);
+    // A local vault's directory, made at the first start when missing.
+    for (name, vault) in &cfg.vaults {
+        if let crate::vaults::VaultSpec::Local(l) = &vault.spec
+            && let Some(why) = l.dir.as_deref().and_then(|d| not_a("directory", d))
+        {
+            issues.push(Issue::at(
+                TomlPath::root().key("vaults").key(name).key("dir"),
+                why,
+            ));
+        }
+    }
     // Each alert sink's key file loads (missing, or readable by others,
     // stops the start as surely as the daemon's own key files).
     for (name, sink) in &cfg.alerts {
@@ -94,4 +133,40 @@ pub fn load_checked(path: &Path) -> Result<Config, ConfigErrors> {
     let cfg = super::load_file(path)?;
     check_host(&cfg)?;
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Defect (black-box): `check` passed a `state_dir` that is a file, an
+    /// `audit_log` that is a directory and a local vault `dir` that is a
+    /// file; the daemon then did not start. All three are named, located.
+    #[test]
+    fn what_is_in_the_way_of_the_state_the_log_and_a_vault_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("a-file");
+        std::fs::write(&file, "").unwrap();
+        let main = tmp.path().join("keyturn.toml");
+        let text = format!(
+            "[daemon]\nstate_dir = \"{f}\"\naudit_log = \"{d}\"\n[vaults.local]\ntype = \"local\"\ndir = \"{f}\"\n",
+            f = file.display(),
+            d = tmp.path().display()
+        );
+        std::fs::write(&main, &text).unwrap();
+        let cfg = crate::config::load_str(&main, &text).unwrap();
+        let e = check_host(&cfg).unwrap_err().0;
+        let at: Vec<(&str, usize)> = e.iter().map(|e| (e.toml_path.as_str(), e.line)).collect();
+        assert_eq!(
+            at,
+            [
+                ("daemon.state_dir", 2),
+                ("daemon.audit_log", 3),
+                ("vaults.local.dir", 6)
+            ],
+            "{e:?}"
+        );
+        assert!(e[0].message.contains("is not a directory"), "{}", e[0]);
+        assert!(e[1].message.contains("is a directory"), "{}", e[1]);
+    }
 }

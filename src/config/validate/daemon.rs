@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// The longest path a Unix socket can be bound at (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 impl Validator<'_> {
     pub(super) fn path_setting(&mut self, path: Loc<'_>, text: &str) -> PathBuf {
         if text.trim().is_empty() {
@@ -57,6 +60,24 @@ impl Validator<'_> {
             Some(s) => self.path_setting(p.key("agent_socket"), s),
             None => socket.with_file_name("agent.sock"),
         };
+        // A Unix socket's path is at most 107 bytes (sun_path, with its
+        // NUL): a longer one fails only when the daemon binds it.
+        for (key, path, given) in [
+            ("socket", &socket, d.socket.is_some()),
+            ("agent_socket", &agent_socket, d.agent_socket.is_some()),
+        ] {
+            let len = path.as_os_str().len();
+            if len > MAX_SOCKET_PATH {
+                let at = if given { p.key(key) } else { p.key("socket") };
+                self.err(
+                    at,
+                    format!(
+                        "{key} path {} is {len} bytes: a Unix socket's path is at most {MAX_SOCKET_PATH} bytes; choose a shorter one",
+                        path.display()
+                    ),
+                );
+            }
+        }
         if agent_socket == socket {
             self.err(
                 p.key("agent_socket"),

@@ -457,3 +457,22 @@ fn names_that_would_break_output_or_selection_are_refused() {
         "`all` cannot name an agent: `keyturn rotate all` selects every credential; choose another name",
     );
 }
+
+/// Defect (black-box): a `socket` path over a Unix socket's 107 bytes
+/// passed `check` (and a reload); the daemon then failed to start.
+#[test]
+fn a_socket_path_too_long_to_bind_is_refused() {
+    let long = format!("/run/{}/control.sock", "k".repeat(100));
+    let text = HEAD.replace(
+        "[daemon]\n",
+        &format!("[daemon]\nsocket = \"{long}\"\nagent_socket = \"/run/kt-agent.sock\"\n"),
+    );
+    assert_only_error(
+        &text,
+        "daemon.socket",
+        &format!(
+            "socket path {long} is {} bytes: a Unix socket's path is at most 107 bytes; choose a shorter one",
+            long.len()
+        ),
+    );
+}
