@@ -179,6 +179,8 @@ impl AuditLog {
         let unconfirmed = head_in_state
             .filter(|stored| stored.seq > 0 && head.seq > stored.seq)
             .map(|stored| (stored.seq + 1, head.seq));
+        // After recovery (which may cut a torn tail): what keyturn wrote.
+        let len = file.metadata().map_err(|e| io("cannot stat", e))?.len();
         let head = Arc::new(Mutex::new(head));
         let fsyncs = Arc::new(AtomicU64::new(0));
         // What is in the file at open is durable: recovery fsyncs what it cuts,
@@ -195,6 +197,7 @@ impl AuditLog {
             failed: None,
             key,
             displaced_logged: false,
+            len,
         };
         let serve = move |batch: &mut Vec<Msg>| writer.serve(batch);
         let server = if inline {
@@ -391,6 +394,9 @@ struct Writer {
     key: Option<AuditKey>,
     /// The file at `path` was found not to be the open one (logged once).
     displaced_logged: bool,
+    /// The file's length as keyturn left it: another length at the next
+    /// batch means something else wrote to it (or cut it).
+    len: u64,
 }
 
 impl Writer {
@@ -452,9 +458,28 @@ impl Writer {
             }
             return;
         }
+        let mut batch = batch;
+        // One fstat (needed for the length anyway) and one stat a batch.
+        let opened = self.file.metadata();
+        if let Some(message) = opened.as_ref().ok().and_then(|m| self.displaced(m)) {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(self.io_err(&message)));
+            }
+            for reply in syncs {
+                let _ = reply.send(Err(self.io_err(&message)));
+            }
+            return;
+        }
+        let len_before = opened.map(|m| m.len());
+        let mut buf = Vec::with_capacity(batch.len() * 256);
+        if let Ok(len) = len_before
+            && len != self.len
+            && !batch.is_empty()
+        {
+            self.foreign_write(len, &mut batch, &mut buf);
+        }
         let before = lock(&self.head).clone();
         let ts = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
-        let mut buf = Vec::with_capacity(batch.len() * 256);
         let mut head = before.clone();
         let mut replies = Vec::with_capacity(batch.len());
         for (ev, reply) in batch {
@@ -487,19 +512,6 @@ impl Writer {
             }
             return;
         }
-
-        // One fstat (needed for the length anyway) and one stat a batch.
-        let opened = self.file.metadata();
-        if let Some(message) = opened.as_ref().ok().and_then(|m| self.displaced(m)) {
-            for (reply, _) in replies {
-                let _ = reply.send(Err(self.io_err(&message)));
-            }
-            for reply in syncs {
-                let _ = reply.send(Err(self.io_err(&message)));
-            }
-            return;
-        }
-        let len_before = opened.map(|m| m.len());
         let written = if buf.is_empty() {
             Ok(())
         } else {
@@ -522,6 +534,9 @@ impl Writer {
                 let _ = reply.send(Err(self.io_err(&message)));
             }
             return;
+        }
+        if let Ok(len) = len_before {
+            self.len = len + buf.len() as u64;
         }
         if !durable {
             self.unsynced = true;
@@ -588,6 +603,47 @@ impl Writer {
             "{} {why}; put the file keyturn opened back there",
             self.path
         ))
+    }
+
+    /// The file is `len` bytes where keyturn left it at `self.len`:
+    /// something else appended to it (or cut it) while keyturn runs. Its
+    /// bytes are not keyturn's records, and `audit verify` stops at them;
+    /// nothing else would notice. So it is said loudly: an error logged
+    /// and an `audit.foreign_write` record first in this batch (started on
+    /// a line of its own when the foreign bytes end mid-line), which names
+    /// the byte range. The chain goes on from keyturn's last record.
+    fn foreign_write(
+        &mut self,
+        len: u64,
+        batch: &mut Vec<(Box<AuditEvent>, Reply)>,
+        buf: &mut Vec<u8>,
+    ) {
+        use super::{Actor, Outcome};
+        let what = if len > self.len {
+            format!(
+                "{} byte(s) at offset {}..{} were written to the audit log by something other than keyturn while it runs: they are no records of keyturn's (`keyturn audit verify` stops at them); find who can write {}",
+                len - self.len,
+                self.len,
+                len,
+                self.path
+            )
+        } else {
+            format!(
+                "the audit log was cut from {} to {len} bytes by something other than keyturn while it runs: records keyturn wrote are gone (`keyturn audit verify` fails); restore them from a backup",
+                self.len
+            )
+        };
+        tracing::error!(path = %self.path, "{what}");
+        let mut last = [0u8; 1];
+        if len > 0 && self.file.read_at(&mut last, len - 1).is_ok() && last[0] != b'\n' {
+            buf.push(b'\n');
+        }
+        let mut ev = AuditEvent::new("audit.foreign_write", Actor::Daemon, Outcome::Failed);
+        ev.error = Some(what);
+        // No caller waits for this record.
+        let (reply, _) = oneshot::channel();
+        batch.insert(0, (Box::new(ev), reply));
+        self.len = len;
     }
 
     fn io_err(&self, message: &str) -> AuditError {
@@ -1164,6 +1220,41 @@ pub(crate) mod tests {
         let h4 = log.append_blocking(event(4)).unwrap();
         assert_eq!(h4.seq, 4);
         assert_eq!(verify_file(&path, Some(&h4)).unwrap().records, 4);
+    }
+
+    /// Defect (black-box): a line appended to the audit log by someone
+    /// else while the daemon ran went unnoticed (nothing logged, the next
+    /// record written after it with a duplicate seq). The next batch
+    /// records `audit.foreign_write` naming the bytes, on a line of its
+    /// own; the chain of keyturn's own records goes on.
+    #[test]
+    fn bytes_written_by_someone_else_are_recorded_at_the_next_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, None).unwrap();
+        log.append_blocking(event(1)).unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"seq":2,"forged":true}"#).unwrap();
+        drop(f);
+        let h = log.append_blocking(event(2)).unwrap();
+        assert_eq!(h.seq, 3, "the foreign_write record, then the event");
+        let all = lines(&path);
+        assert_eq!(all.len(), 4, "{all:?}");
+        assert_eq!(all[1], r#"{"seq":2,"forged":true}"#, "{all:?}");
+        let noted: serde_json::Value = serde_json::from_str(&all[2]).unwrap();
+        assert_eq!(noted["event"], "audit.foreign_write");
+        assert_eq!(noted["seq"], 2);
+        let error = noted["error"].as_str().unwrap();
+        assert!(
+            error.contains(&format!("23 byte(s) at offset {len}..{}", len + 23)),
+            "{error}"
+        );
+        // Once: the next append finds the length it left.
+        log.append_blocking(event(3)).unwrap();
+        assert_eq!(lines(&path).len(), 5);
+        let e = verify_file(&path, None).unwrap_err();
+        assert!(e.to_string().contains("line 2"), "verify stops there: {e}");
     }
 
     #[test]
