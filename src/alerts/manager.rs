@@ -514,11 +514,22 @@ impl Alerts {
                 continue;
             }
             let f = state.firing.remove(&key).expect("listed above");
-            tracing::info!(
-                alert = %f.alert.name, agent = f.alert.agent.as_deref().unwrap_or("-"),
-                credential = f.alert.credential.as_deref().unwrap_or("-"),
-                "alert resolved: {}", f.alert.summary
-            );
+            let incident = f.alert.incident_key();
+            if desired.values().any(|a| a.incident_key() == incident) {
+                // The condition goes on at another severity: not resolved.
+                tracing::info!(
+                    alert = %f.alert.name, agent = f.alert.agent.as_deref().unwrap_or("-"),
+                    credential = f.alert.credential.as_deref().unwrap_or("-"),
+                    severity = f.alert.severity.as_str(),
+                    "alert no longer at this severity; it fires at another: {}", f.alert.summary
+                );
+            } else {
+                tracing::info!(
+                    alert = %f.alert.name, agent = f.alert.agent.as_deref().unwrap_or("-"),
+                    credential = f.alert.credential.as_deref().unwrap_or("-"),
+                    "alert resolved: {}", f.alert.summary
+                );
+            }
             ops.push(Op::DelFiring(key));
             ended.push((f.alert, gone_at));
         }

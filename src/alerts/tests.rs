@@ -903,6 +903,46 @@ async fn a_refused_fire_is_neither_sent_nor_resolved_once_the_condition_ended() 
     h.kill().await;
 }
 
+/// Defect (black-box): a sink that refused a warning and then the same
+/// condition's critical had only the warning's give-up audited; the
+/// critical it still owed was in no record. Each severity refused is
+/// audited, and the new one is tried at once, not at the slow retry.
+#[tokio::test]
+async fn an_escalation_refused_too_is_audited_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let pd = Scripted::new(None);
+    pd.answer(Answer::Fail(ErrorKind::Invalid, None));
+    let h = Harness::open(
+        dir.path(),
+        vec![named("pd", &pd, Route::default())],
+        ManagerOptions {
+            max_backoff: Duration::from_secs(60),
+            ..options(Duration::ZERO)
+        },
+    );
+    h.alerts
+        .reconcile(Utc::now(), firing(&[&failing(Severity::Warning)]));
+    until("alert.failed", || h.recorder.events() == ["alert.failed"]).await;
+    h.alerts
+        .reconcile(Utc::now(), firing(&[&failing(Severity::Critical)]));
+    until("the critical's alert.failed", || {
+        h.recorder.events() == ["alert.failed", "alert.failed"]
+    })
+    .await;
+    let severities: Vec<String> = h
+        .recorder
+        .records()
+        .iter()
+        .map(|r| r.detail.clone().unwrap_or_default())
+        .collect();
+    assert!(severities[0].contains("severity=warning"), "{severities:?}");
+    assert!(
+        severities[1].contains("severity=critical"),
+        "{severities:?}"
+    );
+    h.kill().await;
+}
+
 /// A refused fire is tried again while the condition holds (here at the
 /// 200 ms longest backoff): once accepted, it is resolved as any other.
 #[tokio::test]

@@ -123,6 +123,11 @@ impl State {
                 d.alert = alert.clone();
                 d.pending = d.lacks(alert);
                 d.generation = generation;
+                // A refusal of the last severity is not one of this one:
+                // it is tried at once, and a refusal is audited again.
+                if d.pending {
+                    d.given_up = false;
+                }
             }
             // Back before its resolve was delivered: the same incident.
             Action::Resolve { .. } => {
