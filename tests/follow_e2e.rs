@@ -613,3 +613,54 @@ fn a_follower_whose_openbao_token_is_refused_shows_failed_in_status_and_metrics(
     assert!(http_get(port, "/readyz").contains("200 OK"), "not ready");
     assert!(delivered(&follower).is_none(), "{}", f.log_text());
 }
+
+/// Defect (black-box): a follower's file missing at its start while its
+/// vault could not be read was never restored once the vault answered
+/// again ("the next rotation delivers it": another host's, up to a period
+/// away). The poll that finds the vault back restores it.
+#[test]
+fn a_followers_file_missing_while_its_vault_was_down_is_restored_when_it_is_back() {
+    let (rotator_files, follower_files) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let path = unique("e2e/follow/restore/");
+    let rotator = Env::new(&format!(
+        "{}\n{}{}",
+        bao_table(&rotator_files, None),
+        agent_table(AGENT),
+        credential(&path, "every = \"1h\"")
+    ));
+    let follower = Env::new(&format!(
+        "{}\n{}{}",
+        bao_table(&follower_files, None),
+        agent_table(AGENT),
+        credential(&path, "mode = \"follow\"\npoll = \"1s\"")
+    ));
+    let _r = rotator.start();
+    wait_version(&rotator, AGENT, "db", 1);
+    let f = follower.start();
+    let first = wait_for(Duration::from_secs(20), || delivered(&follower))
+        .expect("the follower delivers version 1");
+    f.stop();
+    // Down: its file gone (a reboot emptied /run) and its token refused.
+    std::fs::remove_file(follower.root().join(AGENT).join("db.json")).unwrap();
+    secret_file(&follower_files, "bao-token", "kt-test-refused-token");
+    let f = follower.start();
+    let _ = wait_last_error(&follower, AGENT, "db", "403");
+    assert!(delivered(&follower).is_none(), "the vault cannot be read");
+    // Back: the token file is read again after a 403.
+    secret_file(
+        &follower_files,
+        "bao-token",
+        &need("KEYTURN_TEST_BAO_TOKEN"),
+    );
+    let back = wait_for(Duration::from_secs(20), || delivered(&follower))
+        .unwrap_or_else(|| panic!("restored once the vault is back: {}", f.log_text()));
+    assert_eq!(back, first, "the same version and value");
+    let restored = audit_records(&follower)
+        .into_iter()
+        .filter(|r| {
+            r["event"] == "delivery" && r["detail"].as_str().is_some_and(|d| d.contains("restored"))
+        })
+        .count();
+    assert_eq!(restored, 1, "audited as restored");
+}

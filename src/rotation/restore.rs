@@ -54,7 +54,7 @@ use crate::vaults::{Select, VaultItem};
 type Missing = (Arc<CredEntry>, VersionNo, Vec<Arc<dyn Sink>>);
 
 /// The sinks of `entry` whose files are gone.
-fn gone_sinks(entry: &CredEntry) -> Vec<Arc<dyn Sink>> {
+pub(super) fn gone_sinks(entry: &CredEntry) -> Vec<Arc<dyn Sink>> {
     entry
         .sinks
         .iter()
@@ -85,7 +85,7 @@ impl super::Engine {
 impl Inner {
     /// Whether `entry`'s agent is decommissioned, being decommissioned, or
     /// declared so in the config (from its `at` on).
-    fn leaving(&self, entry: &CredEntry) -> bool {
+    pub(super) fn leaving(&self, entry: &CredEntry) -> bool {
         let now = self.clock.now();
         entry
             .agent

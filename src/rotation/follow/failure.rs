@@ -120,6 +120,9 @@ impl Inner {
         for entry in flagged {
             let _checking = self.follow_lock(entry.key()).lock_owned().await;
             writes.extend(self.vault_recovered(entry.key(), Some(VaultFailed::Poll), memory));
+            // A file that went missing while the vault could not be read
+            // (at the start, say) is restored now.
+            self.restore_if_missing(entry);
         }
         self.persist_follow(writes).await;
     }

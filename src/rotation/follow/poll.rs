@@ -295,8 +295,29 @@ impl Inner {
             _ => {
                 let w = self.vault_recovered(entry.key(), None, memory);
                 self.persist_follow(w.into_iter().collect()).await;
+                self.restore_if_missing(entry);
                 Ok(())
             }
+        }
+    }
+
+    /// A file of `entry` missing while its vault still holds the version
+    /// delivered (deleted since, or not restorable at the start because
+    /// the vault was down): restored now, as a job of its own (it takes
+    /// the follow lock once this check lets go of it). On a follower the
+    /// "next rotation" is another host's, up to a period away.
+    pub(super) fn restore_if_missing(&self, entry: &CredEntry) {
+        if entry.sinks.iter().any(|s| s.delivered_path().is_some())
+            && !self.leaving(entry)
+            && !super::super::restore::gone_sinks(entry).is_empty()
+            && !self.cancel.is_cancelled()
+            && let Some(me) = self.me.upgrade()
+        {
+            me.spawn_job(
+                entry.key().clone(),
+                crate::rotation::table::Job::Restore,
+                None,
+            );
         }
     }
 }
