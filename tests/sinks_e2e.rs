@@ -439,13 +439,20 @@ deliver = [
         v["version"].as_u64().unwrap()
     };
 
-    // The rotation finishes although its webhook cannot be delivered.
+    // The rotation finishes although its webhook cannot be delivered,
+    // and says so (defect, black-box: it said only "rotated").
     let started = std::time::Instant::now();
-    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    let out = env.cli_ok(&["rotate", "bot/db", "--wait"]);
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "the rotation waited for the receiver: {:?}",
         started.elapsed()
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("rotated to version 2; delivery to webhook:http://127.0.0.1:")
+            && said.contains("failed and is retried in the background"),
+        "{said}"
     );
     wait_version(&env, "bot", "db", 2);
     assert_eq!(version_in_file(), 2, "the file sink went on");

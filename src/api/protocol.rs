@@ -469,6 +469,10 @@ pub struct RotateResult {
     pub version: Option<u64>,
     pub outcome: RotateOutcome,
     pub error: Option<String>,
+    /// A completed rotation whose delivery to a sink that does not hold
+    /// the rotation up (a webhook) failed and is retried in the background.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// What an `ack` did.
@@ -1097,6 +1101,7 @@ pub(crate) mod tests {
             version: Some(4),
             outcome: RotateOutcome::Completed,
             error: None,
+            note: None,
         }]));
         let json = serde_json::to_string(&rotate).unwrap();
         assert!(json.contains(r#""outcome":"completed""#), "{json}");

@@ -696,7 +696,15 @@ async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {
                 .as_deref()
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default();
-            println!("{}/{}: {outcome}{version}{error}", r.agent, r.credential);
+            let note = r
+                .note
+                .as_deref()
+                .map(|n| format!("; {n}"))
+                .unwrap_or_default();
+            println!(
+                "{}/{}: {outcome}{version}{error}{note}",
+                r.agent, r.credential
+            );
         }
     }
     if results.iter().any(|r| r.outcome == RotateOutcome::Failed) {

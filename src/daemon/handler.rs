@@ -375,6 +375,7 @@ impl ControlHandler for Handler {
                     version: None,
                     outcome: RotateOutcome::Skipped,
                     error: Some(why),
+                    note: None,
                 });
                 continue;
             }
@@ -391,6 +392,7 @@ impl ControlHandler for Handler {
                     version: None,
                     outcome: RotateOutcome::Failed,
                     error: Some("removed from the config".into()),
+                    note: None,
                 },
                 Some(_) if !wait => match running {
                     // Met by the rotation in flight: say so, not "started".
@@ -401,6 +403,7 @@ impl ControlHandler for Handler {
                         version,
                         outcome: RotateOutcome::Joined,
                         error: None,
+                        note: None,
                     },
                     None => RotateResult {
                         agent: key.agent,
@@ -409,6 +412,7 @@ impl ControlHandler for Handler {
                         version: None,
                         outcome: RotateOutcome::Started,
                         error: None,
+                        note: None,
                     },
                 },
                 Some(rx) => match rx.await {
@@ -423,6 +427,7 @@ impl ControlHandler for Handler {
                             RotateOutcome::Failed
                         },
                         error: done.error,
+                        note: None,
                     },
                     Err(_) => RotateResult {
                         agent: key.agent,
@@ -431,10 +436,42 @@ impl ControlHandler for Handler {
                         version: None,
                         outcome: RotateOutcome::Failed,
                         error: Some("the daemon stopped before the rotation finished".into()),
+                        note: None,
                     },
                 },
             };
             results.push(result);
+        }
+        // A rotation completed while a delivery that does not hold it up
+        // (a webhook) failed: it is retried in the background, and the
+        // operator waiting is told, not left to find it in `status`.
+        if results
+            .iter()
+            .any(|r| r.outcome == RotateOutcome::Completed)
+        {
+            let rows = self.engine.status();
+            for r in results
+                .iter_mut()
+                .filter(|r| r.outcome == RotateOutcome::Completed)
+            {
+                let Some(row) = rows
+                    .iter()
+                    .find(|row| row.agent == r.agent && row.credential == r.credential)
+                else {
+                    continue;
+                };
+                let retrying: Vec<&str> = row
+                    .awaiting_ack
+                    .iter()
+                    .filter_map(|c| c.strip_suffix(" (delivery retrying)"))
+                    .collect();
+                if !retrying.is_empty() {
+                    r.note = Some(format!(
+                        "delivery to {} failed and is retried in the background (see `keyturn status`)",
+                        retrying.join(", ")
+                    ));
+                }
+            }
         }
         // In the selection's order, the skipped among the others.
         results.sort_by(|a, b| (&a.agent, &a.credential).cmp(&(&b.agent, &b.credential)));

@@ -760,6 +760,7 @@ mod tests {
                         RotateOutcome::Started
                     },
                     error: None,
+                    note: None,
                 }]),
             }
         }
