@@ -809,15 +809,27 @@ fn recover_tail(
                 chain = c;
             }
             _ => {
+                let keyed = if chain.is_some() {
+                    " (or the audit key is not the one that wrote it)"
+                } else {
+                    ""
+                };
                 return Err(tampered(format!(
-                    "the records before seq {seq} do not chain: the audit log was altered"
+                    "the records before seq {seq} do not chain: the audit log was altered{keyed}"
                 )));
             }
         }
     }
     if seq != want.seq || hash != want.hash {
+        // The same seq with another link: with an audit key, a key other
+        // than the one that wrote it gives exactly this.
+        let keyed = if seq == want.seq && chain.is_some() {
+            " (or the audit key is not the one that wrote it)"
+        } else {
+            ""
+        };
         return Err(tampered(format!(
-            "record seq {} is not the one the state database recorded: the audit log was truncated or altered",
+            "record seq {} is not the one the state database recorded: the audit log was truncated or altered{keyed}",
             want.seq
         )));
     }
@@ -1468,10 +1480,16 @@ pub(crate) mod tests {
             AuditLog::open(&path, None),
             Err(AuditError::NoKey { .. })
         ));
-        assert!(matches!(
-            AuditLog::open_keyed(&path, Some(&h3), Some(test_key(b'b'))),
-            Err(AuditError::Tampered { .. })
-        ));
+        for head in [&h3, &h4] {
+            let err = AuditLog::open_keyed(&path, Some(head), Some(test_key(b'b'))).unwrap_err();
+            assert!(matches!(err, AuditError::Tampered { .. }), "{err}");
+            // Defect (black-box): it said only "truncated or altered".
+            assert!(
+                err.to_string()
+                    .contains("or the audit key is not the one that wrote it"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
