@@ -871,23 +871,29 @@ async fn a_condition_back_at_warning_after_the_hold_updates_the_incident() {
     h.kill().await;
 }
 
-/// Defect F9: a fire the sink refused was sent after all when its
-/// condition ended, with its resolve right behind: a page for an alert
-/// already over. Now nothing is sent for it once it has ended.
-#[tokio::test]
-async fn a_refused_fire_is_neither_sent_nor_resolved_once_the_condition_ended() {
-    let dir = tempfile::tempdir().unwrap();
+/// A sink `pd` that refuses every delivery, alone in a harness whose
+/// longest backoff outlasts the test (no slow retry gets in the way).
+fn refusing_pd(dir: &std::path::Path) -> (Arc<Scripted>, Harness) {
     let pd = Scripted::new(None);
     pd.answer(Answer::Fail(ErrorKind::Invalid, None));
-    // A backoff longer than the test: no slow retry gets in the way.
     let h = Harness::open(
-        dir.path(),
+        dir,
         vec![named("pd", &pd, Route::default())],
         ManagerOptions {
             max_backoff: Duration::from_secs(60),
             ..options(Duration::ZERO)
         },
     );
+    (pd, h)
+}
+
+/// Defect F9: a fire the sink refused was sent after all when its
+/// condition ended, with its resolve right behind: a page for an alert
+/// already over. Now nothing is sent for it once it has ended.
+#[tokio::test]
+async fn a_refused_fire_is_neither_sent_nor_resolved_once_the_condition_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pd, h) = refusing_pd(dir.path());
     let a = failing(Severity::Warning);
     h.alerts.reconcile(Utc::now(), firing(&[&a]));
     until("alert.failed", || h.recorder.events() == ["alert.failed"]).await;
@@ -910,16 +916,7 @@ async fn a_refused_fire_is_neither_sent_nor_resolved_once_the_condition_ended() 
 #[tokio::test]
 async fn an_escalation_refused_too_is_audited_again() {
     let dir = tempfile::tempdir().unwrap();
-    let pd = Scripted::new(None);
-    pd.answer(Answer::Fail(ErrorKind::Invalid, None));
-    let h = Harness::open(
-        dir.path(),
-        vec![named("pd", &pd, Route::default())],
-        ManagerOptions {
-            max_backoff: Duration::from_secs(60),
-            ..options(Duration::ZERO)
-        },
-    );
+    let (_pd, h) = refusing_pd(dir.path());
     h.alerts
         .reconcile(Utc::now(), firing(&[&failing(Severity::Warning)]));
     until("alert.failed", || h.recorder.events() == ["alert.failed"]).await;
