@@ -307,8 +307,13 @@ impl Inner {
     /// the follow lock once this check lets go of it). On a follower the
     /// "next rotation" is another host's, up to a period away.
     pub(super) fn restore_if_missing(&self, entry: &CredEntry) {
+        // (Not one its rotator destroyed: its files were removed on purpose.)
         if entry.sinks.iter().any(|s| s.delivered_path().is_some())
             && !self.leaving(entry)
+            && !self
+                .live()
+                .get(entry.key())
+                .is_some_and(|l| l.follow_revoked)
             && !super::super::restore::gone_sinks(entry).is_empty()
             && !self.cancel.is_cancelled()
             && let Some(me) = self.me.upgrade()
