@@ -245,7 +245,9 @@ impl Client {
     ) -> serde_json::Value {
         let mut args = self.validate_args(metadata, token_file, audience);
         if let Some(kid) = expect_kid {
-            args.extend(["--expect-kid".into(), kid.into()]);
+            // One argument: a kid may begin with `-` (base64url), which
+            // argparse would take for an option.
+            args.push(format!("--expect-kid={kid}"));
         }
         self.ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
