@@ -298,6 +298,10 @@ pub struct Metrics {
     audit_records: Counter,
     vault_overwrites: Counter,
     audit_append_failures: Counter,
+    /// 1 while the last audit append succeeded, 0 after a failure until one succeeds.
+    audit_writable: Gauge,
+    /// 1 unless the start-up check of the whole chain found a bad record.
+    audit_chain_intact: Gauge,
     ack_holdouts: Counter,
     acks_awaiting: Gauge,
     provider: Slot<Vec<CredentialTimes>>,
@@ -400,6 +404,18 @@ impl Metrics {
             "audit_append_failures",
             "Audit records that could not be appended (the step that wrote them fails and is retried)",
         );
+        let audit_writable: Gauge = register(
+            &mut registry,
+            "audit_writable",
+            "1 while the last append to the audit log succeeded; 0 from a failed append (full disk, I/O error, the file moved or deleted) until the next record is written",
+        );
+        audit_writable.set(1);
+        let audit_chain_intact: Gauge = register(
+            &mut registry,
+            "audit_chain_intact",
+            "0 when the check of the whole audit log's chain made after start-up found a bad record (an audit.chain_broken record names it; `keyturn audit verify` lists every one), else 1",
+        );
+        audit_chain_intact.set(1);
         let vault_overwrites: Counter = register(
             &mut registry,
             "vault_overwrites",
@@ -481,6 +497,8 @@ impl Metrics {
             audit_records,
             vault_overwrites,
             audit_append_failures,
+            audit_writable,
+            audit_chain_intact,
             ack_holdouts,
             acks_awaiting,
             provider,
@@ -678,6 +696,12 @@ impl Metrics {
     /// `n` records were appended to the audit log.
     pub fn audit_records(&self, n: u64) {
         self.audit_records.inc_by(n);
+        self.audit_writable.set(1);
+    }
+
+    /// The start-up check of the whole audit chain found it intact or not.
+    pub fn audit_chain_intact(&self, intact: bool) {
+        self.audit_chain_intact.set(intact as i64);
     }
 
     /// A promote found the current version gone or written by someone else.
@@ -688,6 +712,7 @@ impl Metrics {
     /// Appending an audit record failed (full disk, I/O error, closed log).
     pub fn audit_append_failed(&self) {
         self.audit_append_failures.inc();
+        self.audit_writable.set(0);
     }
 
     /// Installs (or replaces) the source of per-credential times. Until one is
@@ -987,6 +1012,8 @@ mod tests {
             "keyturn_credentials{state=\"retiring\"} 0",
             "keyturn_audit_records_total 0",
             "keyturn_audit_append_failures_total 0",
+            "keyturn_audit_writable 1",
+            "keyturn_audit_chain_intact 1",
             "keyturn_vault_overwrites_total 0",
         ] {
             assert!(fresh.contains(line), "missing {line:?} in\n{fresh}");
@@ -1017,6 +1044,7 @@ mod tests {
             "keyturn_deliveries_total{sink=\"file\",result=\"failed\"} 1",
             "keyturn_audit_records_total 5",
             "keyturn_audit_append_failures_total 2",
+            "keyturn_audit_writable 0",
             "keyturn_alert_deliveries_total{sink=\"oncall\",outcome=\"ok\"} 0",
             "keyturn_alert_deliveries_total{sink=\"oncall\",outcome=\"retry\"} 0",
             "keyturn_alert_deliveries_total{sink=\"oncall\",outcome=\"gave_up\"} 1",
@@ -1025,6 +1053,12 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
         assert!(text.ends_with("# EOF\n"));
+        // The next record written clears the failure; a broken chain stays.
+        m.audit_records(1);
+        m.audit_chain_intact(false);
+        let text = m.encode();
+        assert!(text.contains("keyturn_audit_writable 1"), "{text}");
+        assert!(text.contains("keyturn_audit_chain_intact 0"), "{text}");
         // The histogram's largest finite bucket covers a minute.
         assert!(text.contains("le=\"65.536\""), "{text}");
     }

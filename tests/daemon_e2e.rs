@@ -655,6 +655,72 @@ fn audit_log_is_verified_and_tampering_is_detected() {
     );
 }
 
+/// Black-box finding: a record edited in the middle of the log while the
+/// daemon was down went unnoticed until someone ran `audit verify` (the
+/// start checks only the tail), and `audit verify` named only the first bad
+/// record. Now every bad record is listed, and the daemon checks the whole
+/// chain after it starts: an `audit.chain_broken` record, an error in its
+/// log and `keyturn_audit_chain_intact 0` for the alert.
+#[test]
+fn history_edited_while_down_is_found_after_the_start_and_every_edit_listed() {
+    let (port, env) = with_http_listener();
+    let daemon = env.spawn(&[("KEYTURN_LOG", "info")]);
+    daemon.wait_ready();
+    wait_version(&env, "bot", "db", 1);
+    for _ in 0..2 {
+        env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    }
+    let intact = wait_for(Duration::from_secs(10), || {
+        http_get(port, "/metrics")
+            .contains("keyturn_audit_chain_intact 1")
+            .then_some(())
+    });
+    assert!(intact.is_some(), "{}", http_get(port, "/metrics"));
+    daemon.stop();
+    let original = std::fs::read_to_string(env.audit_log()).unwrap();
+    let mut lines: Vec<String> = original.lines().map(str::to_owned).collect();
+    assert!(lines.len() > 12, "{}", lines.len());
+    lines[2] = lines[2].replacen("\"ok\"", "\"failed\"", 1);
+    lines.remove(8);
+    std::fs::write(env.audit_log(), lines.join("\n") + "\n").unwrap();
+
+    let out = env.cli(&["audit", "verify"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(" line 4 (seq 4): prev hash does not match line 3"),
+        "{err}"
+    );
+    assert!(err.contains(" line 9 (seq 10): expected seq 9"), "{err}");
+    assert!(
+        err.contains("2 problem(s) found; the whole log was checked"),
+        "{err}"
+    );
+
+    let daemon = env.spawn(&[("KEYTURN_LOG", "info")]);
+    daemon.wait_ready();
+    let broken = wait_for(Duration::from_secs(10), || {
+        http_get(port, "/metrics")
+            .contains("keyturn_audit_chain_intact 0")
+            .then_some(())
+    });
+    assert!(broken.is_some(), "{}", http_get(port, "/metrics"));
+    let record = wait_for(Duration::from_secs(10), || {
+        audit_records(&env)
+            .into_iter()
+            .find(|r| r["event"] == "audit.chain_broken")
+    })
+    .expect("the broken chain is recorded");
+    assert_eq!(record["outcome"], "failed");
+    let why = record["error"].as_str().unwrap();
+    assert!(
+        why.contains("line 4 (seq 4)") && why.contains("2 problem(s)"),
+        "{why}"
+    );
+    let log = daemon.stop();
+    assert!(log.contains("the chain is broken"), "{log}");
+}
+
 /// Black-box finding: without an audit key, a record appended after the
 /// last one (its `prev` the SHA-256 of the line before) passed `audit
 /// verify`, and the daemon chained its own records onto it, after which

@@ -31,6 +31,7 @@ fn how_to_make(path: &Path) -> String {
 }
 
 /// The audit key. Zeroized on drop; prints as `AuditKey([redacted])`.
+#[derive(Clone)]
 pub struct AuditKey(Zeroizing<Vec<u8>>);
 
 impl fmt::Debug for AuditKey {

@@ -55,7 +55,9 @@ mod verify;
 
 pub use key::{AUDIT_KEY_CREDENTIAL, AuditKey, MIN_KEY_LEN};
 pub use log::{AuditLog, refuse_records_without_state};
-pub use verify::{Problem, VerifyError, VerifyReport, verify_file, verify_file_keyed};
+pub use verify::{
+    Problem, Verification, VerifyError, VerifyReport, verify_all, verify_file, verify_file_keyed,
+};
 
 /// The hash a first record points back to.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

@@ -118,12 +118,47 @@ pub fn verify_file(path: &Path, head: Option<&AuditHead>) -> Result<VerifyReport
 }
 
 /// [`verify_file`] with the audit key, when one is configured: keyed
-/// links are checked with it, and the log must end keyed.
+/// links are checked with it, and the log must end keyed. The error is
+/// the first bad record ([`verify_all`] goes on past it).
 pub fn verify_file_keyed(
     path: &Path,
     head: Option<&AuditHead>,
     key: Option<&AuditKey>,
 ) -> Result<VerifyReport, VerifyError> {
+    let mut all = verify_all(path, head, key, 1);
+    match all.problems.is_empty() {
+        true => Ok(all.report),
+        false => Err(all.problems.swap_remove(0)),
+    }
+}
+
+/// Every bad record of a log, not only the first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    /// What was read, the bad records included.
+    pub report: VerifyReport,
+    /// The first `limit` problems, in the order of the file.
+    pub problems: Vec<VerifyError>,
+    /// Problems found beyond `limit`.
+    pub more: u64,
+    /// Where checking stopped before the end of the file (a read error, or
+    /// keyed records without the key): the rest was not checked.
+    pub stopped_at: Option<u64>,
+}
+
+/// Checks the whole log as [`verify_file_keyed`] does, but goes on past a
+/// bad record: each record after one is checked against the record before
+/// it as found, so an edit, a deletion or a reordering is named once, where
+/// it is, and the records around it are still checked. A line that is not
+/// a record is skipped (counted as one record for `seq`). Stops only where
+/// nothing after can be checked: a read error, or keyed records without the
+/// key. Keeps the first `limit` problems and counts the rest.
+pub fn verify_all(
+    path: &Path,
+    head: Option<&AuditHead>,
+    key: Option<&AuditKey>,
+    limit: usize,
+) -> Verification {
     let display = path.display().to_string();
     let fail = |line: Option<u64>, seq: Option<u64>, problem: Problem| VerifyError {
         path: display.clone(),
@@ -131,74 +166,152 @@ pub fn verify_file_keyed(
         seq,
         problem,
     };
-    let file = File::open(path).map_err(|e| fail(None, None, Problem::Io(e.to_string())))?;
+    let mut out = Verification {
+        report: VerifyReport {
+            records: 0,
+            head: None,
+            partial_tail: false,
+            keyed_from: None,
+        },
+        problems: Vec::new(),
+        more: 0,
+        stopped_at: None,
+    };
+    let mut found = |e: VerifyError| {
+        if out.problems.len() < limit {
+            out.problems.push(e);
+        } else {
+            out.more += 1;
+        }
+    };
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            found(fail(None, None, Problem::Io(e.to_string())));
+            out.stopped_at = Some(0);
+            return out;
+        }
+    };
     let mut reader = BufReader::with_capacity(64 * 1024, file);
     let head = head.filter(|h| h.seq > 0);
 
     let mut buf = Vec::with_capacity(1024);
     let mut line_no = 0u64;
     let mut last: Option<AuditHead> = None;
-    // The previous line's bytes, to link to; kept alongside `buf`.
+    // The previous record's line, to link to; empty after a line that is
+    // not a record (the next record is then not linked to it).
     let mut prev_line: Vec<u8> = Vec::with_capacity(1024);
+    let mut prev_bad = false;
+    // The seq expected next, once a record has been read.
+    let mut expected = 1u64;
     let mut keyed_from = None;
     let mut partial_tail = false;
     let mut head_seen = false;
+    let mut stopped_at = None;
     loop {
         buf.clear();
-        let n = (&mut reader)
-            .take(MAX_LINE + 1)
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| fail(Some(line_no + 1), None, Problem::Io(e.to_string())))?;
+        let n = match (&mut reader).take(MAX_LINE + 1).read_until(b'\n', &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                found(fail(Some(line_no + 1), None, Problem::Io(e.to_string())));
+                stopped_at = Some(line_no + 1);
+                break;
+            }
+        };
         if n == 0 {
             break;
         }
         line_no += 1;
         if buf.last() != Some(&b'\n') {
-            if n as u64 > MAX_LINE {
-                return Err(fail(
-                    Some(line_no),
-                    None,
-                    Problem::Unparsable(format!("longer than {MAX_LINE} bytes")),
-                ));
+            if n as u64 <= MAX_LINE {
+                // Only the end of the file can stop a line short of its newline.
+                partial_tail = true;
+                break;
             }
-            // Only the end of the file can stop a line short of its newline.
-            partial_tail = true;
-            break;
+            found(fail(
+                Some(line_no),
+                None,
+                Problem::Unparsable(format!("longer than {MAX_LINE} bytes")),
+            ));
+            // The rest of the long line.
+            loop {
+                buf.clear();
+                match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut buf) {
+                    Ok(0) => break,
+                    Ok(_) if buf.last() == Some(&b'\n') => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        found(fail(Some(line_no), None, Problem::Io(e.to_string())));
+                        stopped_at = Some(line_no);
+                        break;
+                    }
+                }
+            }
+            if stopped_at.is_some() {
+                break;
+            }
+            prev_bad = true;
+            expected += 1;
+            continue;
         }
         let line = &buf[..buf.len() - 1];
-        let record: AuditRecord = serde_json::from_slice(line)
-            .map_err(|e| fail(Some(line_no), None, Problem::Unparsable(e.to_string())))?;
+        let record: AuditRecord = match serde_json::from_slice(line) {
+            Ok(r) => r,
+            Err(e) => {
+                found(fail(
+                    Some(line_no),
+                    None,
+                    Problem::Unparsable(e.to_string()),
+                ));
+                prev_bad = true;
+                expected += 1;
+                continue;
+            }
+        };
         let at = |problem| fail(Some(line_no), Some(record.seq), problem);
 
-        let expected = last.as_ref().map_or(1, |h| h.seq + 1);
-        if record.seq > expected {
-            return Err(at(Problem::SeqGap {
+        // One problem per record: the first of these that holds.
+        let mut problem = None;
+        if prev_bad {
+            // Its seq may be off by the lines skipped; its link cannot be checked.
+        } else if record.seq > expected {
+            problem = Some(Problem::SeqGap {
                 expected,
                 found: record.seq,
-            }));
-        }
-        if record.seq < expected {
-            return Err(at(Problem::SeqRepeat {
+            });
+        } else if record.seq < expected {
+            problem = Some(Problem::SeqRepeat {
                 expected,
                 found: record.seq,
-            }));
+            });
         }
         match (record.chain, keyed_from) {
             (Some(_), None) => keyed_from = Some(record.seq),
-            (None, Some(_)) => return Err(at(Problem::Downgrade)),
+            (None, Some(_)) => {
+                problem.get_or_insert(Problem::Downgrade);
+            }
             _ => {}
         }
-        let own = link_as(record.chain, key, line).ok_or_else(|| at(Problem::NoKey))?;
-        if last.is_none() {
-            if record.prev != GENESIS {
-                return Err(at(Problem::NotGenesis));
+        let Some(own) = link_as(record.chain, key, line) else {
+            if let Some(p) = problem {
+                found(at(p));
             }
-        } else if link_as(record.chain, key, &prev_line).as_ref() != Some(&record.prev) {
-            let prev_line = line_no - 1;
-            return Err(at(match record.chain {
-                None => Problem::PrevMismatch { prev_line },
-                Some(_) => Problem::HmacMismatch { prev_line },
-            }));
+            found(at(Problem::NoKey));
+            stopped_at = Some(line_no);
+            break;
+        };
+        if problem.is_none() && !prev_bad {
+            if line_no == 1 {
+                if record.prev != GENESIS {
+                    problem = Some(Problem::NotGenesis);
+                }
+            } else if link_as(record.chain, key, &prev_line).as_ref() != Some(&record.prev) {
+                let prev_line = line_no - 1;
+                problem = Some(match record.chain {
+                    None => Problem::PrevMismatch { prev_line },
+                    Some(_) => Problem::HmacMismatch { prev_line },
+                });
+            }
         }
         // The head a writer stored after this record: its own kind of link.
         let this = AuditHead {
@@ -209,44 +322,52 @@ pub fn verify_file_keyed(
             && h.seq == this.seq
         {
             if h.hash != this.hash {
-                return Err(at(Problem::HeadMismatch));
+                problem.get_or_insert(Problem::HeadMismatch);
             }
             head_seen = true;
         }
+        if let Some(p) = problem {
+            found(at(p));
+        }
+        expected = this.seq + 1;
         last = Some(this);
+        prev_bad = false;
         prev_line.clear();
         prev_line.extend_from_slice(line);
     }
-    if key.is_some()
-        && let Some(l) = &last
-        && keyed_from.is_none()
-    {
-        return Err(fail(
-            Some(line_no - partial_tail as u64),
-            Some(l.seq),
-            Problem::UnkeyedEnd,
-        ));
+    if stopped_at.is_none() {
+        if key.is_some()
+            && let Some(l) = &last
+            && keyed_from.is_none()
+        {
+            found(fail(
+                Some(line_no - partial_tail as u64),
+                Some(l.seq),
+                Problem::UnkeyedEnd,
+            ));
+        }
+        if let Some(h) = head
+            && !head_seen
+        {
+            let last_seq = last.as_ref().map_or(0, |l| l.seq);
+            found(fail(
+                None,
+                None,
+                Problem::Truncated {
+                    last_seq,
+                    head_seq: h.seq,
+                },
+            ));
+        }
     }
-
-    if let Some(h) = head
-        && !head_seen
-    {
-        let last_seq = last.as_ref().map_or(0, |l| l.seq);
-        return Err(fail(
-            None,
-            None,
-            Problem::Truncated {
-                last_seq,
-                head_seq: h.seq,
-            },
-        ));
-    }
-    Ok(VerifyReport {
+    out.report = VerifyReport {
         records: last.as_ref().map_or(0, |l| l.seq),
         head: last,
         partial_tail,
         keyed_from,
-    })
+    };
+    out.stopped_at = stopped_at;
+    out
 }
 
 #[cfg(test)]
@@ -432,6 +553,88 @@ mod tests {
                 found: 2
             }
         );
+    }
+
+    #[test]
+    fn every_bad_record_is_named_not_only_the_first() {
+        let f = fixture_with(|path| write_log(path, 20));
+        let mut lines = f.lines.clone();
+        // An edit of record 3, a garbled record 8, record 13 deleted.
+        lines[2] = lines[2].replace("event-3", "event-x");
+        lines[7] = "garbage".into();
+        lines.remove(12);
+        f.rewrite(&lines);
+        let all = verify_all(&f.path, Some(&f.head), None, 100);
+        let found: Vec<_> = all
+            .problems
+            .iter()
+            .map(|e| (e.line, e.seq, e.problem.clone()))
+            .collect();
+        assert!(matches!(found[1].2, Problem::Unparsable(_)), "{found:?}");
+        assert_eq!(
+            found,
+            vec![
+                (Some(4), Some(4), Problem::PrevMismatch { prev_line: 3 }),
+                (Some(8), None, found[1].2.clone()),
+                (
+                    Some(13),
+                    Some(14),
+                    Problem::SeqGap {
+                        expected: 13,
+                        found: 14
+                    }
+                ),
+            ],
+            "each named once, where it is; the records after each still checked"
+        );
+        assert_eq!((all.more, all.stopped_at), (0, None));
+        assert_eq!(all.report.records, 20);
+        // The first is what verify_file_keyed reports.
+        assert_eq!(
+            f.verify(Some(&f.head)).unwrap_err(),
+            all.problems[0].clone()
+        );
+
+        // Beyond the limit, counted; a cut tail is still found at the end.
+        f.rewrite(&lines[..15]);
+        let all = verify_all(&f.path, Some(&f.head), None, 2);
+        assert_eq!(all.problems.len(), 2);
+        assert_eq!(all.more, 2, "{all:?}");
+
+        // Keyed records without the key: checking stops there and says so.
+        let k = fixture_with(|path| {
+            let h = write_log(path, 3);
+            crate::audit::log::tests::append_keyed(
+                path,
+                Some(&h),
+                4,
+                6,
+                Some(crate::audit::log::tests::test_key(b'a')),
+            )
+        });
+        let mut lines = k.lines.clone();
+        lines[0] = lines[0].replace("event-1", "event-x");
+        k.rewrite(&lines);
+        let all = verify_all(&k.path, Some(&k.head), None, 100);
+        let found: Vec<_> = all.problems.iter().map(|e| e.problem.clone()).collect();
+        assert_eq!(
+            found,
+            vec![Problem::PrevMismatch { prev_line: 1 }, Problem::NoKey]
+        );
+        assert_eq!(all.stopped_at, Some(4));
+    }
+
+    #[test]
+    fn a_line_too_long_is_skipped_and_the_rest_checked() {
+        let f = fixture();
+        let mut lines = f.lines.clone();
+        lines[3] = "x".repeat(MAX_LINE as usize + 10);
+        f.rewrite(&lines);
+        let all = verify_all(&f.path, Some(&f.head), None, 100);
+        assert_eq!(all.problems.len(), 1, "{:?}", all.problems);
+        assert_eq!(all.problems[0].line, Some(4));
+        assert!(all.problems[0].to_string().contains("longer than"));
+        assert_eq!(all.report.records, 10);
     }
 
     #[test]

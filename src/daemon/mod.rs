@@ -188,6 +188,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             "plain sha-256 (no audit key configured)"
         }
     );
+    let chain_check = (head.clone(), audit_key.clone());
     let audit = AuditLog::open_keyed(&config.daemon.audit_log, head.as_ref(), audit_key)
         .map_err(|e| startup("cannot open the audit log", &e))?;
 
@@ -234,6 +235,12 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         None,
     )
     .await;
+    check_audit_chain(
+        engine.clone(),
+        metrics.clone(),
+        config.daemon.audit_log.clone(),
+        chain_check,
+    );
     engine
         .start()
         .await
@@ -842,6 +849,52 @@ fn notify(states: &[NotifyState<'_>]) {
 
 /// Records a lifecycle event of the daemon (its head stored in state, like
 /// every record's).
+/// The start checks only the log's tail; this checks the whole chain, in
+/// the background (a large log is not read before rotations go on), and
+/// records what it finds: a record edited, deleted or reordered while the
+/// daemon was down is logged, written as `audit.chain_broken` (naming the
+/// first, counting the rest) and kept in `keyturn_audit_chain_intact`.
+fn check_audit_chain(
+    engine: Engine,
+    metrics: Arc<Metrics>,
+    path: PathBuf,
+    (head, key): (Option<crate::state::AuditHead>, Option<AuditKey>),
+) {
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let checked = tokio::task::spawn_blocking(move || {
+            crate::audit::verify_all(&path, head.as_ref(), key.as_ref(), 1)
+        })
+        .await;
+        let Ok(all) = checked else {
+            return;
+        };
+        let Some(first) = all.problems.first() else {
+            tracing::info!(
+                records = all.report.records,
+                elapsed = ?started.elapsed(),
+                "audit log: the whole chain is intact"
+            );
+            metrics.audit_chain_intact(true);
+            return;
+        };
+        metrics.audit_chain_intact(false);
+        let count = all.problems.len() as u64 + all.more;
+        let why = format!(
+            "{first}; {count} problem(s) in all: run `keyturn audit verify` to list every one"
+        );
+        tracing::error!("audit log: the chain is broken: {why}");
+        audit_daemon(
+            &engine,
+            "audit.chain_broken",
+            Outcome::Failed,
+            Some(format!("{} record(s) read", all.report.records)),
+            Some(why),
+        )
+        .await;
+    });
+}
+
 async fn audit_daemon(
     engine: &Engine,
     event: &str,
