@@ -1025,9 +1025,9 @@ fn cutting_the_last_record_is_detected(env: &Env, event: &str) {
 
 /// Defect (black-box): `daemon.reload` records said `actor: daemon` only,
 /// so a reload could not be attributed. The SIGHUP's sender (pid and uid,
-/// from its siginfo) is the reload's actor.
+/// from its siginfo) is the reload's actor; so is SIGTERM's for the stop.
 #[test]
-fn a_reload_is_attributed_to_the_process_that_sent_sighup() {
+fn a_reload_and_a_stop_are_attributed_to_the_process_that_sent_the_signal() {
     let env = Env::new("");
     let daemon = env.start();
     daemon.reload();
@@ -1046,7 +1046,21 @@ fn a_reload_is_attributed_to_the_process_that_sent_sighup() {
         "{reload}"
     );
     daemon.stop();
-    audit_verifies(&env, "after an attributed reload");
+    let stop = audit_records(&env)
+        .into_iter()
+        .find(|r| r["event"] == "daemon.stop")
+        .expect("the stop is audited");
+    assert_eq!(
+        stop["actor"],
+        serde_json::json!({
+            "type": "signal",
+            "signal": "SIGTERM",
+            "uid": unsafe { libc::getuid() },
+            "pid": std::process::id(),
+        }),
+        "{stop}"
+    );
+    audit_verifies(&env, "after an attributed reload and stop");
 }
 
 #[test]

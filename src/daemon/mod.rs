@@ -9,9 +9,9 @@
 //!   rebuilt on reload, its backend, and exchanges over the sockets.
 
 mod handler;
-mod hangup;
 mod oauth;
 mod refusals;
+mod signals;
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sd_notify::NotifyState;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -89,7 +88,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     // First: a SIGHUP's default action ends the process, and a start can
     // take a while (the state, the vaults); one that arrives meanwhile is
     // kept and reloads once the daemon serves.
-    let mut hup = hangup::Hangups::new()
+    let mut hup = signals::Incoming::new(&[libc::SIGHUP], "keyturn-sighup")
         .map_err(|e| DaemonError::Startup(format!("cannot handle SIGHUP: {e}")))?;
     memory::configure();
     let nofile = raise_nofile_limit();
@@ -505,11 +504,9 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     tracing::info!(config = %config_path.display(), credentials = engine.catalog().creds.len(), "keyturn ready");
 
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| startup("cannot handle SIGTERM", &e))?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|e| startup("cannot handle SIGINT", &e))?;
-    loop {
+    let mut stops = signals::Incoming::new(&[libc::SIGTERM, libc::SIGINT], "keyturn-sigterm")
+        .map_err(|e| startup("cannot handle SIGTERM and SIGINT", &e))?;
+    let stopped_by = loop {
         tokio::select! {
             Some(sender) = hup.recv() => {
                 reload(config_path, &engine, &alerts, &mut config_files, sender).await;
@@ -551,10 +548,9 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                     }
                 }
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            Some(sender) = stops.recv() => break sender,
         }
-    }
+    };
 
     notify(&[
         NotifyState::Stopping,
@@ -569,7 +565,19 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         tracing::warn!(timeout = %humantime::format_duration(drain), "in-flight steps did not finish in time; they resume at the next start");
     }
     refusals::flush(&handler.refusals).await;
-    audit_daemon(&engine, "daemon.stop", Outcome::Ok, None, None).await;
+    let detail = match &stopped_by {
+        Actor::Signal { .. } => None,
+        _ => Some("SIGTERM or SIGINT from the kernel (a terminal's Ctrl-C)".to_owned()),
+    };
+    audit_as(
+        &engine,
+        stopped_by,
+        "daemon.stop",
+        Outcome::Ok,
+        detail,
+        None,
+    )
+    .await;
     audit.close().await;
     tracing::info!("stopped");
     Ok(())
