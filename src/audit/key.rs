@@ -42,10 +42,31 @@ impl fmt::Debug for AuditKey {
 
 impl AuditKey {
     /// A key of at least [`MIN_KEY_LEN`] bytes.
+    /// A key of text (printable ASCII, as `openssl rand -hex 32` writes)
+    /// counts its characters without the final newline; a key of one byte
+    /// value repeated (a zeroed file, a placeholder) is no key.
     pub fn from_bytes(bytes: Zeroizing<Vec<u8>>) -> Result<AuditKey, String> {
-        if bytes.len() < MIN_KEY_LEN {
+        let text = bytes
+            .strip_suffix(b"\n")
+            .filter(|t| t.iter().all(|b| b.is_ascii_graphic() || *b == b' '));
+        match text {
+            Some(t) if t.len() < MIN_KEY_LEN => {
+                return Err(format!(
+                    "holds {} characters of text (not counting the final newline); an audit key needs at least {MIN_KEY_LEN}",
+                    t.len()
+                ));
+            }
+            _ if bytes.len() < MIN_KEY_LEN => {
+                return Err(format!(
+                    "holds {} bytes; an audit key needs at least {MIN_KEY_LEN}",
+                    bytes.len()
+                ));
+            }
+            _ => {}
+        }
+        if bytes.iter().all(|b| *b == bytes[0]) {
             return Err(format!(
-                "holds {} bytes; an audit key needs at least {MIN_KEY_LEN}",
+                "holds {} times the same byte: not a random key",
                 bytes.len()
             ));
         }
@@ -96,13 +117,16 @@ fn read_key_file(path: &Path) -> Result<AuditKey, String> {
     let what = |msg: String| format!("audit key file {}: {msg}", path.display());
     let file = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => what(format!(
                 "does not exist (keyturn never creates it); {}",
                 how_to_make(path)
             )),
+            _ if e.raw_os_error() == Some(libc::ELOOP) => {
+                what("is a symlink; point audit_key_file at the real file".into())
+            }
             _ => what(format!("cannot open: {e}")),
         })?;
     let meta = file
@@ -212,6 +236,37 @@ mod tests {
         assert!(err(&file).contains("longer than"));
 
         assert!(err(dir.path()).contains("not a regular file"));
+
+        // A symlink to a good key: refused, as every key file is.
+        let real = dir.path().join("real.key");
+        write(&real, KEY, 0o600);
+        let link = dir.path().join("link.key");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(err(&link).contains("is a symlink"), "{}", err(&link));
+        // A FIFO does not hang the load.
+        let fifo = dir.path().join("fifo.key");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(err(&fifo).contains("not a regular file"), "{}", err(&fifo));
+        // A zeroed file, and 31 characters of text with a newline.
+        write(&file, &[0u8; 32], 0o600);
+        assert!(
+            err(&file).contains("32 times the same byte"),
+            "{}",
+            err(&file)
+        );
+        write(&file, b"0123456789abcdef0123456789abcde\n", 0o600);
+        assert!(
+            err(&file).contains("holds 31 characters of text"),
+            "{}",
+            err(&file)
+        );
+        // 32 of them with a newline, and 32 random-looking bytes ending in one, are keys.
+        write(&file, b"0123456789abcdef0123456789abcdef\n", 0o600);
+        assert!(AuditKey::load_from(Some(&file), None).is_ok());
+        let mut binary = vec![0xffu8; 31];
+        binary.push(b'\n');
+        write(&file, &binary, 0o600);
+        assert!(AuditKey::load_from(Some(&file), None).is_ok());
 
         write(&file, KEY, 0o600);
         let creds = dir.path().join("creds");
