@@ -152,6 +152,24 @@ fn keyturn_ack_retires_the_previous_version_and_refuses_other_uids() {
         "{}",
         text(&out)
     );
+    // ... and audited, with the agent's uid and why (black-box finding: a
+    // failed ack left no trace but the agent's own logs).
+    let stale = audit_records(&env)
+        .into_iter()
+        .find(|r| r["event"] == "ack.refused" && r["actor"]["uid"] == AGENT_UID)
+        .expect("the stale ack is audited");
+    assert_eq!(
+        (stale["version"].as_u64(), &stale["outcome"]),
+        (Some(1), &serde_json::json!("refused")),
+        "{stale}"
+    );
+    assert!(
+        stale["error"]
+            .as_str()
+            .unwrap()
+            .contains("version 1 is not the one awaiting"),
+        "{stale}"
+    );
     std::thread::sleep(Duration::from_millis(300));
     // The agent's own uid acks: the previous version goes right after.
     let out = agent_acks_version_2(&env);

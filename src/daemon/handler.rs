@@ -35,6 +35,30 @@ impl Handler {
     /// [`crate::api::refusals::AUDITED_PER_WINDOW`] per uid and event in each
     /// window; the rest are counted and summarized in one record when the
     /// window ends. True when this one was audited (log it then).
+    /// An acknowledgement from an allowed peer that was not taken (a stale
+    /// or unknown version, a credential not configured, a delivery still
+    /// going on): audited as `ack.refused`, rate-limited like every refusal
+    /// (an agent retrying in a loop does not bury the log), so that an
+    /// agent stuck on an old version shows in the audit log and not only in
+    /// its own logs.
+    async fn ack_not_taken(
+        &self,
+        peer: PeerCred,
+        key: &CredentialKey,
+        version: u64,
+        err: ApiError,
+    ) -> ApiError {
+        let mut ev = AuditEvent::new("ack.refused", peer.actor(), Outcome::Refused);
+        ev.agent = Some(key.agent.clone());
+        ev.credential = Some(key.credential.clone());
+        ev.version = Some(version);
+        ev.error = Some(err.message.clone());
+        if self.record_refusal(peer, "ack.refused", ev).await {
+            tracing::info!(uid = peer.uid, pid = peer.pid, credential = %key, version, error = %err.message, "ack not taken");
+        }
+        err
+    }
+
     pub(super) async fn record_refusal(
         &self,
         peer: PeerCred,
@@ -610,27 +634,31 @@ impl ControlHandler for Handler {
             return Err(ApiError::forbidden(reason));
         }
         if !catalog.creds.contains_key(&key) {
-            return Err(ApiError::not_found(format!(
+            let err = ApiError::not_found(format!(
                 "no credential {key} in the config (see `keyturn status`)"
-            )));
+            ));
+            return Err(self.ack_not_taken(peer, &key, version, err).await);
         }
-        match self.engine.ack(&key, version, peer.actor()).await {
-            Ok(done) => Ok(AckResult {
-                agent: key.agent,
-                credential: key.credential,
-                version,
-                acknowledged: done.acknowledged,
-                awaiting: done.awaiting,
-                retiring: done.retiring,
-            }),
-            Err(e @ (AckError::Stale { .. } | AckError::NothingAwaited { .. })) => {
-                Err(ApiError::stale(e.to_string()))
+        let err = match self.engine.ack(&key, version, peer.actor()).await {
+            Ok(done) => {
+                return Ok(AckResult {
+                    agent: key.agent,
+                    credential: key.credential,
+                    version,
+                    acknowledged: done.acknowledged,
+                    awaiting: done.awaiting,
+                    retiring: done.retiring,
+                });
             }
-            Err(e @ AckError::Delivering { .. }) => Err(ApiError::unavailable(e.to_string())),
-            Err(AckError::Internal(m)) => Err(ApiError::unavailable(format!(
-                "cannot record the acknowledgement: {m}"
-            ))),
-        }
+            Err(e @ (AckError::Stale { .. } | AckError::NothingAwaited { .. })) => {
+                ApiError::stale(e.to_string())
+            }
+            Err(e @ AckError::Delivering { .. }) => ApiError::unavailable(e.to_string()),
+            Err(AckError::Internal(m)) => {
+                ApiError::unavailable(format!("cannot record the acknowledgement: {m}"))
+            }
+        };
+        Err(self.ack_not_taken(peer, &key, version, err).await)
     }
 
     async fn decommission(
