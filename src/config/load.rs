@@ -182,6 +182,12 @@ pub fn read_sources(path: &Path) -> Result<(PathBuf, Vec<SourceFile>), ConfigErr
         Err(_) => {}
     }
     let agents_dir = dir.join(AGENTS_DIR);
+    if let Ok(meta) = std::fs::metadata(&agents_dir)
+        && meta.is_dir()
+    {
+        refuse_world_writable(&agents_dir, &meta)
+            .map_err(|e| cannot(&agents_dir, "cannot use the directory", &e))?;
+    }
     match std::fs::read_dir(&agents_dir) {
         Ok(entries) => {
             let mut paths: Vec<PathBuf> = entries
@@ -244,6 +250,7 @@ pub(crate) fn read_config_file(path: &Path) -> std::io::Result<Vec<u8>> {
             "not a regular file (a directory, FIFO, socket or device): a config file must be a regular file",
         ));
     }
+    refuse_world_writable(path, &meta)?;
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0).min(1 << 20));
     file.take(MAX_CONFIG_FILE + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > MAX_CONFIG_FILE {
@@ -256,6 +263,25 @@ pub(crate) fn read_config_file(path: &Path) -> std::io::Result<Vec<u8>> {
         ));
     }
     Ok(bytes)
+}
+
+/// A config file or `agents.d` that every local user can write: the config
+/// says what keyturn runs (hooks, exec sinks) and where secrets go, as the
+/// daemon's user (often root), so anyone could take that user over; refused
+/// as sshd's StrictModes and sudo refuse such files.
+fn refuse_world_writable(path: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o002 == 0 {
+        return Ok(());
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!(
+            "writable by every user (mode {mode:04o}): anyone could change what keyturn runs and where it puts secrets; `chmod o-w {}`",
+            path.display()
+        ),
+    ))
 }
 
 /// [`read_config_file`] as UTF-8 text (`InvalidData` when it is not).
@@ -397,6 +423,11 @@ pub fn reload(path: &Path, previous: &FileSet) -> Result<Reloaded, ConfigErrors>
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .join(AGENTS_DIR);
+    // A directory made writable by all since: the full load says so.
+    if std::fs::metadata(&agents_dir).is_ok_and(|m| refuse_world_writable(&agents_dir, &m).is_err())
+    {
+        return full();
+    }
     let mut now: Vec<PathBuf> = match std::fs::read_dir(&agents_dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -862,6 +893,60 @@ mod tests {
         assert!(e[0].message.starts_with("the file is empty"), "{}", e[0]);
         std::fs::write(&main, "# every default\n").unwrap();
         load_file(&main).expect("a commented file is a config");
+    }
+
+    /// Black-box finding: a config file, or `agents.d`, that every user can
+    /// write was accepted, also by a daemon running as root: anyone could
+    /// add a hook it runs.
+    #[test]
+    fn a_config_every_user_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("keyturn.toml");
+        std::fs::write(&main, "# defaults\n").unwrap();
+        let agents = dir.path().join(AGENTS_DIR);
+        std::fs::create_dir(&agents).unwrap();
+        let a = agents.join("a.toml");
+        std::fs::write(&a, "# none\n").unwrap();
+        let (_, files) = load_tracked(&main).expect("0644 files in a 0755 directory");
+
+        mode(&main, 0o666);
+        let e = load_file(&main).unwrap_err().0;
+        assert!(
+            e[0].file == main && e[0].message.contains("writable by every user (mode 0666)"),
+            "{}",
+            e[0]
+        );
+        assert!(e[0].message.contains("chmod o-w"), "{}", e[0]);
+        mode(&main, 0o644);
+        mode(&a, 0o646);
+        let e = load_file(&main).unwrap_err().0;
+        assert!(
+            e[0].file == a && e[0].message.contains("mode 0646"),
+            "{}",
+            e[0]
+        );
+        mode(&a, 0o644);
+        mode(&agents, 0o1777);
+        let e = load_file(&main).unwrap_err().0;
+        assert!(
+            e[0].file == agents && e[0].message.contains("mode 1777"),
+            "{}",
+            e[0]
+        );
+        let Err(e) = reload(&main, &files) else {
+            panic!("a reload onto it is refused too")
+        };
+        assert!(
+            e.0[0].message.contains("writable by every user"),
+            "{}",
+            e.0[0]
+        );
+        mode(&agents, 0o755);
+        load_file(&main).expect("fixed");
     }
 
     #[test]
