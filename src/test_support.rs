@@ -8,6 +8,8 @@ use crate::state::CredentialRow;
 // Shared with the tests under `tests/` (`tests/common/mod.rs`).
 mod server_test;
 pub(crate) use server_test::server_test;
+mod stall_proxy;
+pub(crate) use stall_proxy::StallProxy;
 
 /// The key of `agent`'s credential `credential` (both valid ids).
 pub(crate) fn key(agent: &str, credential: &str) -> CredentialKey {

@@ -187,6 +187,34 @@ impl Transport {
         cfg: &Config,
         what: &str,
     ) -> Result<(Client, JoinHandle<()>), PluginError> {
+        // tokio-postgres' own timeout covers opening the socket only: a
+        // server (or a proxy) that accepts and then never answers would hold
+        // the login, and the step, for ever.
+        tokio::time::timeout(self.connect_timeout, self.connect_unbounded(cfg, what))
+            .await
+            .unwrap_or_else(|_| {
+                Err(PluginError::new(
+                    ErrorKind::Transient,
+                    format!(
+                        "{what}: no answer within connect_timeout ({}): the server accepted the connection but did not complete the login",
+                        humantime::format_duration(self.connect_timeout)
+                    ),
+                ))
+            })
+    }
+
+    /// The bound on one step's statements on a connection: the server ends
+    /// each statement at `statement_timeout` (the connect timeout), so a
+    /// step with no answer for twice that has lost its server.
+    pub(super) fn answer_within(&self) -> Duration {
+        self.connect_timeout * 2
+    }
+
+    async fn connect_unbounded(
+        &self,
+        cfg: &Config,
+        what: &str,
+    ) -> Result<(Client, JoinHandle<()>), PluginError> {
         let mut cfg = cfg.clone();
         cfg.connect_timeout(self.connect_timeout);
         let client = match &self.tls {

@@ -540,8 +540,11 @@ impl Target for PostgresTarget {
         };
         let mut conn = self.admin("set").await?;
         loop {
-            let outcome = self
-                .set_on(&conn, role, &verifier, &mark, value, &ctx)
+            let outcome = conn
+                .bounded(
+                    &ctx,
+                    self.set_on(&conn, role, &verifier, &mark, value, &ctx),
+                )
                 .await;
             if !conn.again(&outcome, &ctx).await? {
                 return outcome;
@@ -598,11 +601,21 @@ impl Target for PostgresTarget {
             .connect_off_worker(cfg, ctx.clone())
             .await
             .map_err(|e| redact_err(e, value.expose()))?;
-        let outcome = client
-            .simple_query("SELECT 1")
-            .await
-            .map(drop)
-            .map_err(|e| pg_error(&ctx, &e, &[value.expose()]));
+        let outcome =
+            match tokio::time::timeout(self.admin.connect_timeout, client.simple_query("SELECT 1"))
+                .await
+            {
+                Ok(answer) => answer
+                    .map(drop)
+                    .map_err(|e| pg_error(&ctx, &e, &[value.expose()])),
+                Err(_) => Err(PluginError::new(
+                    ErrorKind::Transient,
+                    format!(
+                        "{ctx}: logged in, but no answer to SELECT 1 within connect_timeout ({})",
+                        humantime::format_duration(self.admin.connect_timeout)
+                    ),
+                )),
+            };
         // Dropping the client makes the connection task say goodbye
         // (Terminate) and end; wait for that, briefly.
         drop(client);
@@ -622,7 +635,9 @@ impl Target for PostgresTarget {
         );
         let mut conn = self.admin("retire").await?;
         loop {
-            let outcome = self.retire_on(&conn, key, previous, role, &ctx).await;
+            let outcome = conn
+                .bounded(&ctx, self.retire_on(&conn, key, previous, role, &ctx))
+                .await;
             if !conn.again(&outcome, &ctx).await? {
                 return outcome;
             }
@@ -633,7 +648,7 @@ impl Target for PostgresTarget {
         let ctx = format!("{}: revoke {key}", self.describe());
         let mut conn = self.admin("revoke").await?;
         loop {
-            let outcome = self.revoke_on(&conn, key, &ctx).await;
+            let outcome = conn.bounded(&ctx, self.revoke_on(&conn, key, &ctx)).await;
             if !conn.again(&outcome, &ctx).await? {
                 return outcome;
             }
@@ -644,7 +659,9 @@ impl Target for PostgresTarget {
         let ctx = format!("{}: check", self.describe());
         let mut conn = self.admin("check").await?;
         let exists = loop {
-            let outcome = role_exists(&conn, &self.s.role, &ctx).await;
+            let outcome = conn
+                .bounded(&ctx, role_exists(&conn, &self.s.role, &ctx))
+                .await;
             if !conn.again(&outcome, &ctx).await? {
                 break outcome?;
             }
@@ -1293,6 +1310,70 @@ mod tests {
             set_and_test(&t, v, pw).await;
             f.login(&f.role, pw).await.unwrap();
         }
+    }
+
+    /// Black-box finding: a server (or a proxy in front of it) that accepts
+    /// and then never answers held a step for ever: `connect_timeout`
+    /// covered the socket only, and the statements had no client-side
+    /// bound. Rotation stalled at `set` with no error, and a revocation
+    /// behind it never ended. Now the login is bounded by `connect_timeout`
+    /// and a step's statements by twice that; the connection is dropped.
+    #[apply(server_test!)]
+    async fn a_server_that_stops_answering_fails_the_step_in_bounded_time() {
+        let f = Fixture::new("stall").await;
+        let proxy =
+            crate::test_support::StallProxy::start(format!("{}:{}", f.pg.host, f.pg.port)).await;
+        let dsn: String =
+            f.pg.admin_dsn
+                .split_whitespace()
+                .map(|kv| match kv.split_once('=') {
+                    Some(("host", _)) => "host=127.0.0.1".to_owned(),
+                    Some(("port", _)) => format!("port={}", proxy.port),
+                    _ => kv.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+        std::fs::write(f.dir.path().join("admin.dsn"), format!("{dsn}\n")).unwrap();
+        let t = PostgresTarget::new(PostgresConfig {
+            connect_timeout: Some("1s".into()),
+            ..f.settings(PgStrategy::SingleUser)
+        })
+        .unwrap();
+        set_and_test(&t, 1, "stall-pw-1").await;
+
+        // A pooled connection whose server stops answering mid-step, and
+        // the new connection the step then tries: both given up.
+        proxy.stall();
+        let bounded =
+            |step: &'static str, started: std::time::Instant, outcome: Result<(), PluginError>| {
+                let took = started.elapsed();
+                let e = outcome.expect_err(step);
+                assert_eq!(e.kind, ErrorKind::Transient, "{step}: {e}");
+                assert!(e.message.contains("no answer"), "{step}: {e}");
+                // At most: 2s of statements on the pooled connection, then 1s
+                // to log in on a new one.
+                assert!(took < Duration::from_secs(6), "{step} took {took:?}: {e}");
+            };
+        // Without the bounds these never return: fail instead of hanging.
+        async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+            tokio::time::timeout(Duration::from_secs(30), f)
+                .await
+                .expect("the step did not give up")
+        }
+        let (k, pw1, pw2) = (key(), secret("stall-pw-1"), secret("stall-pw-2"));
+        let started = std::time::Instant::now();
+        bounded("set", started, within(t.set(&k, 2, &pw2)).await);
+        let started = std::time::Instant::now();
+        bounded("revoke", started, within(t.revoke(&k)).await);
+        let started = std::time::Instant::now();
+        bounded("check", started, within(t.check()).await);
+        let started = std::time::Instant::now();
+        bounded("test", started, within(t.test(&k, 1, &pw1)).await);
+
+        // Answering again: the next step works on a new connection.
+        proxy.resume();
+        set_and_test(&t, 3, "stall-pw-3").await;
+        f.login(&f.role, "stall-pw-3").await.unwrap();
     }
 
     #[apply(server_test!)]

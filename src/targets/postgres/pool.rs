@@ -172,12 +172,14 @@ impl managed::Manager for AdminManager {
         // Keep the verifier out of the server log where we may. Failing for
         // lack of privilege is fine (see the target's doc); anything else is
         // not. Session-wide, so once per connection.
-        if let Err(e) = client
-            .batch_execute("SET log_statement = 'none'; SET log_min_error_statement = 'panic'")
-            .await
-            && e.code() != Some(&SqlState::INSUFFICIENT_PRIVILEGE)
-        {
-            return Err(super::pg_error(&self.what, &e, &[]));
+        let set = client
+            .batch_execute("SET log_statement = 'none'; SET log_min_error_statement = 'panic'");
+        match tokio::time::timeout(self.transport.answer_within(), set).await {
+            Err(_) => return Err(no_answer(&self.what, self.transport.answer_within())),
+            Ok(Err(e)) if e.code() != Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                return Err(super::pg_error(&self.what, &e, &[]));
+            }
+            Ok(_) => {}
         }
         #[cfg(test)]
         self.created.fetch_add(1, Ordering::Relaxed);
@@ -292,6 +294,21 @@ fn connection_lost(e: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// A step that got no answer in `within`.
+fn no_answer(ctx: &str, within: Duration) -> PluginError {
+    PluginError::new(
+        ErrorKind::Transient,
+        format!(
+            "{ctx}: no answer from the server within {}: the connection is closed and the step tried again later",
+            humantime::format_duration(within)
+        ),
+    )
+}
+
+/// The bound on a step's statements when the pool is gone (it never is
+/// while a lease holds a connection of it).
+const DEFAULT_ANSWER_WITHIN: Duration = Duration::from_secs(20);
+
 /// An admin connection lent to one step. Dropped, it goes back to the pool,
 /// unless it was lost: then it is closed.
 pub(crate) struct Lease {
@@ -350,6 +367,31 @@ impl Lease {
             conn: Some(conn),
             retried: false,
         })
+    }
+
+    /// `attempt` (a step's statements on this connection), given up when
+    /// the server does not answer within [`Transport::answer_within`]
+    /// (a server that hangs, or a network that drops packets silently): the
+    /// connection is then lost, never handed out again.
+    pub(crate) async fn bounded<T>(
+        &self,
+        ctx: &str,
+        attempt: impl std::future::Future<Output = Result<T, PluginError>>,
+    ) -> Result<T, PluginError> {
+        let conn = self
+            .conn
+            .as_ref()
+            .expect("a lease without a retry left is not used again");
+        let within = Object::pool(conn).map_or(DEFAULT_ANSWER_WITHIN, |p| {
+            p.manager().transport.answer_within()
+        });
+        match tokio::time::timeout(within, attempt).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                conn.lost.store(true, Ordering::Relaxed);
+                Err(no_answer(ctx, within))
+            }
+        }
     }
 
     /// After a step's attempt: whether to run it again. A connection that

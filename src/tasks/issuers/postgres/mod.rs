@@ -457,7 +457,9 @@ impl TaskIssuer for PgIssuer {
                 .map_err(nothing)?;
             let mut conn = Lease::get(&pool, &ctx).await.map_err(nothing)?;
             loop {
-                let outcome = self.issue_on(&conn, &role, &settings, &ctx).await;
+                let outcome = conn
+                    .bounded(&ctx, self.issue_on(&conn, &role, &settings, &ctx))
+                    .await;
                 if !conn.again(&outcome, &ctx).await? {
                     outcome?;
                     break;
@@ -549,10 +551,11 @@ impl TaskIssuer for PgIssuer {
             .role_and_lease(task, handle, "revoke", "revoke")
             .await?;
         loop {
-            let outcome = match self.role_on(&conn, task, handle, &role, &ctx).await {
-                Ok(role) => self.revoke_on(&conn, &role, task, &ctx).await,
-                Err(e) => Err(e),
+            let attempt = async {
+                let role = self.role_on(&conn, task, handle, &role, &ctx).await?;
+                self.revoke_on(&conn, &role, task, &ctx).await
             };
+            let outcome = conn.bounded(&ctx, attempt).await;
             if !conn.again(&outcome, &ctx).await? {
                 return outcome;
             }
@@ -568,10 +571,11 @@ impl TaskIssuer for PgIssuer {
             .role_and_lease(task, handle, "verify revocation of", "verify")
             .await?;
         loop {
-            let outcome = match self.role_on(&conn, task, handle, &role, &ctx).await {
-                Ok(role) => self.verify_on(&conn, &role, task, &ctx).await,
-                Err(e) => Err(e),
+            let attempt = async {
+                let role = self.role_on(&conn, task, handle, &role, &ctx).await?;
+                self.verify_on(&conn, &role, task, &ctx).await
             };
+            let outcome = conn.bounded(&ctx, attempt).await;
             if !conn.again(&outcome, &ctx).await? {
                 return outcome;
             }
@@ -582,7 +586,7 @@ impl TaskIssuer for PgIssuer {
         let ctx = format!("{}: check", self.describe());
         let mut conn = self.admin.lease(&self.describe(), "check").await?;
         let (create, signal) = loop {
-            let outcome = async {
+            let attempt = async {
                 let sql = conn
                     .prepared(
                         "SELECT rolsuper OR rolcreaterole, \
@@ -591,10 +595,14 @@ impl TaskIssuer for PgIssuer {
                     )
                     .await?;
                 conn.client.query_one(&sql, &[]).await
-            }
-            .await
-            .map(|row| (row.get::<_, bool>(0), row.get::<_, bool>(1)))
-            .map_err(|e| conn.error(&ctx, &e, &[]));
+            };
+            let attempt = async {
+                attempt
+                    .await
+                    .map(|row| (row.get::<_, bool>(0), row.get::<_, bool>(1)))
+                    .map_err(|e| conn.error(&ctx, &e, &[]))
+            };
+            let outcome = conn.bounded(&ctx, attempt).await;
             if !conn.again(&outcome, &ctx).await? {
                 break outcome?;
             }
@@ -626,9 +634,12 @@ impl TaskIssuer for PgIssuer {
         let roles = serde_json::to_string(&grant.roles).expect("strings serialize");
         let mut conn = self.admin.lease(&self.describe(), "check").await?;
         loop {
-            let outcome = check_grant_on(&conn, &roles)
-                .await
-                .map_err(|e| conn.error(&ctx, &e, &[]));
+            let attempt = async {
+                check_grant_on(&conn, &roles)
+                    .await
+                    .map_err(|e| conn.error(&ctx, &e, &[]))
+            };
+            let outcome = conn.bounded(&ctx, attempt).await;
             if !conn.again(&outcome, &ctx).await? {
                 return outcome.map(|()| None);
             }
