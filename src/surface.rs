@@ -309,7 +309,12 @@ pub fn build<'a>(
                 tasks: Vec::new(),
             });
     }
-    let unused_cut = now - chrono::Duration::from_std(unused_after).unwrap_or_default();
+    // Any length a client asks for: one reaching before chrono's earliest
+    // instant flags nothing (black-box finding: it panicked the handler).
+    let unused_cut = chrono::Duration::from_std(unused_after)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
     let mut totals = Totals::default();
     let mut flags = Flags::default();
     for a in agents.values() {
@@ -594,6 +599,31 @@ mod tests {
                 expires_at: now + chrono::Duration::minutes(minutes),
                 state: "issued".into(),
             }],
+        }
+    }
+
+    /// Black-box finding: `surface --unused-after 99999999999d` panicked
+    /// the daemon's handler (`DateTime - TimeDelta overflowed`).
+    #[test]
+    fn any_unused_after_a_client_sends_is_taken() {
+        let now = crate::test_support::at_secs(0);
+        for secs in [
+            0,
+            9_223_372_036,
+            8_639_999_999_999,
+            1_000_000_000_000_000,
+            u64::MAX,
+        ] {
+            let s = build(
+                &[],
+                [],
+                &[],
+                &Acks::new(),
+                std::time::Duration::from_secs(secs),
+                now,
+            );
+            assert!(s.flags.unused.is_empty(), "{secs}");
+            assert!(render(&s).starts_with("identities 0"), "{secs}");
         }
     }
 
