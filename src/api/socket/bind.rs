@@ -125,7 +125,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> io::Result<ControlSocket> {
             group_name,
             file_id: (meta.dev(), meta.ino()),
             agent: false,
-            connections: None,
+            connections: Some(ConnectionLimits::control_for_this_process()),
         })
     };
     finish().inspect_err(|_| {

@@ -30,8 +30,11 @@
 //! over either bound closes the oldest connection not being served a
 //! request (idle, or still sending its line) of that uid, or of anyone when
 //! the socket is full; when every one is being served, the new one gets an
-//! `unavailable` answer and is closed. The control socket is not bounded:
-//! only root, the daemon's user and the socket's group reach it.
+//! `unavailable` answer and is closed. The control socket is bounded the
+//! same way, with a larger share
+//! ([`ConnectionLimits::control_for_nofile`]): only root, the daemon's
+//! user and the socket's group reach it, but one member of the group must
+//! not be able to take the descriptors rotations need.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -61,7 +64,7 @@ use bind::RemoveSocketOnDrop;
 pub use bind::{bind, bind_agent, resolve_group};
 pub use peer::{PeerCred, peer_allowed};
 use peer::{peer_of, supplementary_groups};
-pub use registry::{ConnectionLimits, MAX_AGENT_CONNECTIONS};
+pub use registry::{ConnectionLimits, MAX_AGENT_CONNECTIONS, MAX_CONTROL_CONNECTIONS};
 use registry::{Registry, Unregister};
 
 /// Longest request line accepted (without its newline).
@@ -549,7 +552,7 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
 fn turn_away(stream: &UnixStream, path: &Path) {
     debug!(socket = %path.display(), "every connection is being served; turning a new one away");
     let error = ApiError::unavailable(format!(
-        "the agent socket {} is at its connection limit; try again in a moment",
+        "the socket {} is at its connection limit (every connection is being served); try again in a moment",
         path.display()
     ));
     if let Ok(mut line) = serde_json::to_vec(&Response::Error(error)) {
@@ -884,6 +887,59 @@ mod tests {
         assert_eq!((l.max, l.per_uid), (32, 8));
         let l = ConnectionLimits::for_nofile(4);
         assert_eq!((l.max, l.per_uid), (1, 1));
+    }
+
+    #[test]
+    fn control_connection_limits_leave_room_for_rotations_and_root() {
+        let l = ConnectionLimits::control_for_nofile(65536);
+        assert_eq!((l.max, l.per_uid), (MAX_CONTROL_CONNECTIONS, 128));
+        let l = ConnectionLimits::control_for_nofile(1024);
+        assert_eq!((l.max, l.per_uid), (256, 64));
+        let l = ConnectionLimits::control_for_nofile(4);
+        assert_eq!((l.max, l.per_uid), (4, 1));
+    }
+
+    /// Black-box finding: the control socket had no bound, so a member of
+    /// its group holding thousands of idle connections took every
+    /// descriptor: `status` went unanswered and rotations failed at
+    /// delivery ("Too many open files"). It is bounded like the agents'
+    /// socket now: the flood only ever holds its share.
+    #[tokio::test]
+    async fn the_control_socket_bounds_idle_connections_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/ctl.sock");
+        let mut sock = bind(&path, None).unwrap();
+        assert_eq!(
+            sock.connections,
+            Some(ConnectionLimits::control_for_this_process()),
+            "bound by default"
+        );
+        sock.connections = Some(ConnectionLimits { max: 4, per_uid: 2 });
+        let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let server = tokio::spawn(serve_with(
+            sock,
+            Arc::new(FakeHandler::default()),
+            cancel.clone(),
+            tracker.clone(),
+            Limits::default(),
+        ));
+        let mut idle = Vec::new();
+        for _ in 0..20 {
+            let mut s = UnixStream::connect(&path).await.unwrap();
+            s.write_all(b"{\"cmd\":\"pi").await.unwrap();
+            idle.push(s);
+        }
+        assert!(matches!(
+            call(&path, &Request::Status {}).await.unwrap(),
+            Response::Ok(ResponseBody::Status(_))
+        ));
+        for s in &mut idle[..19] {
+            crate::test_support::closed_within(s, Duration::from_secs(5)).await;
+        }
+        cancel.cancel();
+        server.await.unwrap();
+        tracker.close();
+        tracker.wait().await;
     }
 
     /// One uid opening idle connections to the agents' socket only ever

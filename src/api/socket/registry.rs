@@ -1,4 +1,4 @@
-//! The agents' socket's bound on open connections: a registry of them by
+//! The sockets' bound on open connections: a registry of them by
 //! age and by uid, so a new connection over a bound closes the oldest idle one.
 
 use std::collections::{BTreeMap, HashMap};
@@ -12,7 +12,10 @@ use tracing::debug;
 /// descriptor limit (an ack or a task request is one short connection).
 pub const MAX_AGENT_CONNECTIONS: usize = 256;
 
-/// The agents' socket's bound on open connections.
+/// The most connections the control socket holds at once.
+pub const MAX_CONTROL_CONNECTIONS: usize = 512;
+
+/// A socket's bound on open connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
     /// Connections open at once.
@@ -33,11 +36,34 @@ impl ConnectionLimits {
         }
     }
 
+    /// The control socket's: reached only by root, the daemon's user and
+    /// the socket's group, whose commands may be long (`rotate --wait`), so
+    /// a larger share, [`MAX_CONTROL_CONNECTIONS`] at most, a quarter of it
+    /// per uid: one member of the group holding idle connections can take
+    /// neither the descriptors the daemon needs nor root's way in.
+    pub fn control_for_nofile(nofile: u64) -> ConnectionLimits {
+        let share = usize::try_from(nofile / 4).unwrap_or(usize::MAX);
+        let max = share.clamp(4, MAX_CONTROL_CONNECTIONS);
+        ConnectionLimits {
+            max,
+            per_uid: (max / 4).max(1),
+        }
+    }
+
+    /// The open-files limit in force.
+    fn nofile() -> u64 {
+        use nix::sys::resource::{Resource, getrlimit};
+        getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
+    }
+
     /// For the open-files limit in force.
     pub(super) fn for_this_process() -> ConnectionLimits {
-        use nix::sys::resource::{Resource, getrlimit};
-        let nofile = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
-        ConnectionLimits::for_nofile(nofile)
+        ConnectionLimits::for_nofile(Self::nofile())
+    }
+
+    /// The control socket's, for the open-files limit in force.
+    pub(super) fn control_for_this_process() -> ConnectionLimits {
+        ConnectionLimits::control_for_nofile(Self::nofile())
     }
 }
 
