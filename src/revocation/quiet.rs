@@ -3,8 +3,12 @@
 //! is retried for as long as it takes, at most every `retry.max_delay`;
 //! one `revocation.failed` record per attempt buried the audit log (610 in
 //! ten minutes at a 2 s cap). So a failure is audited when it is the
-//! item's first, or its error changed, and otherwise once per
-//! [`SUMMARY_EVERY`] with how many attempts failed since the last record.
+//! item's first, or its error is one not audited for the item in the last
+//! [`SUMMARY_EVERY`], and otherwise once per [`SUMMARY_EVERY`] with how many
+//! attempts failed since the last record. "Not audited lately" rather than
+//! "changed": a server that is down answers "connection closed" and
+//! "connection reset" by turns, and each turn was a change (a record per
+//! attempt again).
 //! Every attempt is still persisted (status shows the count and the last
 //! error) and logged. Kept in memory: after a restart the first failure is
 //! audited again.
@@ -29,9 +33,14 @@ pub(crate) enum Verdict {
     Quiet,
 }
 
+/// The most distinct errors of one item remembered as audited lately.
+const RECENT_ERRORS: usize = 8;
+
 #[derive(Debug)]
 struct Last {
-    error: String,
+    /// The errors audited for the item since the last summary, newest last
+    /// (at most [`RECENT_ERRORS`]).
+    recent: Vec<String>,
     audited_at: DateTime<Utc>,
     /// Failed attempts since the last audited one.
     unaudited: u32,
@@ -58,19 +67,29 @@ impl Quiet {
         let mut map = self.map();
         let key = (agent.clone(), item.to_owned());
         let fresh = |unaudited| Last {
-            error: error.to_owned(),
+            recent: vec![error.to_owned()],
             audited_at: now,
             unaudited,
             again_audited: false,
         };
         match map.get_mut(&key) {
-            Some(last) if last.error == error && now - last.audited_at < SUMMARY_EVERY => {
+            Some(last) if now - last.audited_at >= SUMMARY_EVERY => {
+                let skipped = last.unaudited;
+                *last = fresh(0);
+                Verdict::Audit((skipped > 0).then_some(skipped))
+            }
+            Some(last) if last.recent.iter().any(|e| e == error) => {
                 last.unaudited += 1;
                 Verdict::Quiet
             }
             Some(last) => {
                 let skipped = last.unaudited;
-                *last = fresh(0);
+                if last.recent.len() == RECENT_ERRORS {
+                    last.recent.remove(0);
+                }
+                last.recent.push(error.to_owned());
+                last.unaudited = 0;
+                last.again_audited = false;
                 Verdict::Audit((skipped > 0).then_some(skipped))
             }
             None => {
@@ -144,9 +163,28 @@ mod tests {
             q.failed(&a, "db/sink:0", "not a directory", at(603)),
             Verdict::Quiet
         );
+        // Black-box finding: a server that is down answers two errors by
+        // turns; each turn is not a change worth a record.
+        for s in 604..=700 {
+            let e = if s % 2 == 0 {
+                "symlink"
+            } else {
+                "not a directory"
+            };
+            assert_eq!(q.failed(&a, "db/sink:0", e, at(s)), Verdict::Quiet, "{s}");
+        }
+        // A third error is new, then quiet too.
+        assert_eq!(
+            q.failed(&a, "db/sink:0", "no space", at(701)),
+            Verdict::Audit(Some(98))
+        );
+        assert_eq!(
+            q.failed(&a, "db/sink:0", "symlink", at(702)),
+            Verdict::Quiet
+        );
         // An hour after the last record: a summary.
         assert_eq!(
-            q.failed(&a, "db/sink:0", "not a directory", at(602 + 3600)),
+            q.failed(&a, "db/sink:0", "not a directory", at(701 + 3600)),
             Verdict::Audit(Some(1))
         );
         // Done, then failing again: a first failure.
