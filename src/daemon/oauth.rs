@@ -13,20 +13,39 @@ use crate::api::socket::PeerCred;
 use crate::audit::{AuditEvent, Outcome};
 use crate::config::Config;
 use crate::model::{AgentId, CredentialKey};
+use crate::oauth::jwks::Jwks;
 use crate::revocation::Revocations;
 use crate::rotation::Engine;
 
 /// The subject issuers of `[token_service.subject_issuers]`, each with its
-/// key set (loaded by [`crate::oauth::SubjectTokens::start`]).
-fn token_subjects(config: &Config) -> Result<crate::oauth::SubjectTokens, DaemonError> {
+/// key set (loaded by [`crate::oauth::SubjectTokens::start`]), and those
+/// key sets. An issuer whose keys come from where they came from before
+/// (same file or URL, same algorithms) keeps the set of the service
+/// running, keys included: a set that cannot be loaded at a reload then
+/// keeps the keys it had, as a failed refresh does (black-box finding: a
+/// reload while the IdP's JWKS was unreadable left the issuer with none).
+fn token_subjects(
+    config: &Config,
+    running: &[Arc<Jwks>],
+) -> Result<(crate::oauth::SubjectTokens, Vec<Arc<Jwks>>), DaemonError> {
     let mut issuers = Vec::new();
+    let mut sets = Vec::new();
     for (name, cfg) in &config.subject_issuers {
-        let issuer = crate::oauth::SubjectIssuer::from_config(cfg.clone()).map_err(|e| {
-            DaemonError::Startup(format!("token_service.subject_issuers.{name}: {e}"))
-        })?;
-        issuers.push(issuer);
+        let kept = running
+            .iter()
+            .find(|j| j.reads(&cfg.jwks, &cfg.algorithms))
+            .cloned();
+        let jwks =
+            match kept {
+                Some(j) => j,
+                None => Arc::new(Jwks::new(cfg.jwks.clone(), cfg.algorithms.clone()).map_err(
+                    |e| DaemonError::Startup(format!("token_service.subject_issuers.{name}: {e}")),
+                )?),
+            };
+        sets.push(jwks.clone());
+        issuers.push(crate::oauth::SubjectIssuer::new(cfg.clone(), jwks));
     }
-    Ok(crate::oauth::SubjectTokens::new(issuers))
+    Ok((crate::oauth::SubjectTokens::new(issuers), sets))
 }
 
 /// `endpoint` of `keyturn_oauth_requests_total` for exchanges over the
@@ -42,10 +61,14 @@ pub(super) struct OauthService {
     pub(super) backend: Arc<OauthBackend>,
     pub(super) slot: Arc<crate::oauth::service::Slot>,
     pub(super) cancel: CancellationToken,
-    /// What the service in the slot was built from, and what stops its
-    /// background work.
-    pub(super) running: tokio::sync::Mutex<Option<(TokenServiceInputs, CancellationToken)>>,
+    /// What the service in the slot was built from, what stops its
+    /// background work, and its subject issuers' key sets.
+    pub(super) running: tokio::sync::Mutex<Option<Running>>,
 }
+
+/// The token service in the slot: what it was built from, what stops its
+/// background work, and its subject issuers' key sets.
+pub(super) type Running = (TokenServiceInputs, CancellationToken, Vec<Arc<Jwks>>);
 
 /// The parts of the config a token service is built from.
 type TokenServiceInputs = (
@@ -60,9 +83,10 @@ impl OauthService {
         let inputs: TokenServiceInputs =
             (config.token_service.clone(), config.subject_issuers.clone());
         let mut running = self.running.lock().await;
-        if running.as_ref().map(|(i, _)| i) == Some(&inputs) {
+        if running.as_ref().map(|(i, _, _)| i) == Some(&inputs) {
             return Ok(false);
         }
+        let mut key_sets = Vec::new();
         let service = match &config.token_service {
             None => None,
             // The listener has no TLS of its own: tokens cross it in the
@@ -74,7 +98,9 @@ impl OauthService {
                 ));
             }
             Some(ts) => {
-                let subjects = token_subjects(config).map_err(|e| e.to_string())?;
+                let kept = running.as_ref().map_or(&[][..], |(_, _, sets)| sets);
+                let (subjects, sets) = token_subjects(config, kept).map_err(|e| e.to_string())?;
+                key_sets = sets;
                 let stop = self.cancel.child_token();
                 subjects.start(&stop).await;
                 let backend: Arc<dyn crate::oauth::service::Backend> = self.backend.clone();
@@ -88,7 +114,7 @@ impl OauthService {
         };
         let stop = service.as_ref().map(|(_, stop)| stop.clone());
         self.slot.set(service.map(|(s, _)| s));
-        if let Some((_, old)) = running.replace((inputs, stop.unwrap_or_default())) {
+        if let Some((_, old, _)) = running.replace((inputs, stop.unwrap_or_default(), key_sets)) {
             old.cancel();
         }
         Ok(true)
@@ -359,5 +385,81 @@ impl Handler {
                 e.to_string(),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path, algorithms: &str) -> Config {
+        let d = dir.display();
+        let text = format!(
+            r#"[daemon]
+state_dir = "{d}/state"
+socket = "{d}/control.sock"
+listen = "127.0.0.1:9"
+[vaults.local]
+type = "local"
+{keyturn}[agents.keyturn.credentials.signer]
+vault = "local"
+every = "24h"
+generate = {{ kind = "ed25519" }}
+[token_service]
+issuer = "http://127.0.0.1:9"
+signing_credential = "keyturn/signer"
+[token_service.subject_issuers.corp]
+issuer = "https://idp.example.com"
+audience = "keyturn"
+algorithms = [{algorithms}]
+jwks_file = "{d}/idp.jwks"
+tenant = "acme"
+"#,
+            keyturn = crate::test_support::agent_table("keyturn"),
+        );
+        crate::config::load_str(&dir.join("k.toml"), &text).expect("config")
+    }
+
+    /// Black-box finding: a reload while an issuer's JWKS could not be read
+    /// (a garbled file, an IdP answering 500) built the issuer a new, empty
+    /// key set, and every exchange of its subjects failed until a refresh
+    /// succeeded; the log said the previous keys stayed in use.
+    #[tokio::test]
+    async fn a_rebuilt_issuer_of_the_same_keys_keeps_them_when_they_cannot_be_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/oauth/testdata/ed25519_a.pem"
+        ))
+        .unwrap();
+        let enc = jsonwebtoken::EncodingKey::from_ed_pem(&pem).unwrap();
+        let mut jwk = serde_json::to_value(
+            jsonwebtoken::jwk::Jwk::from_encoding_key(&enc, jsonwebtoken::Algorithm::EdDSA)
+                .unwrap(),
+        )
+        .unwrap();
+        jwk["kid"] = "a".into();
+        let jwks = dir.path().join("idp.jwks");
+        std::fs::write(&jwks, serde_json::json!({ "keys": [jwk] }).to_string()).unwrap();
+        let cancel = CancellationToken::new();
+
+        let (subjects, sets) = token_subjects(&config(dir.path(), r#""EdDSA""#), &[]).unwrap();
+        subjects.start(&cancel).await;
+        assert_eq!(sets[0].keys().len(), 1);
+
+        std::fs::write(&jwks, "garbage").unwrap();
+        let (subjects, again) = token_subjects(&config(dir.path(), r#""EdDSA""#), &sets).unwrap();
+        subjects.start(&cancel).await;
+        assert!(Arc::ptr_eq(&sets[0], &again[0]), "the same key set");
+        assert_eq!(again[0].keys().len(), 1, "the keys it had are kept");
+        assert!(again[0].last_error().is_some());
+
+        // Other algorithms: another set, read anew (and empty here).
+        let (subjects, other) =
+            token_subjects(&config(dir.path(), r#""EdDSA", "ES256""#), &again).unwrap();
+        subjects.start(&cancel).await;
+        assert!(!Arc::ptr_eq(&again[0], &other[0]));
+        assert_eq!(other[0].keys().len(), 0);
+        cancel.cancel();
     }
 }

@@ -355,6 +355,12 @@ impl Jwks {
         })
     }
 
+    /// Whether this cache reads `source` with `pinned`: the cache a new
+    /// issuer of the same keys may take over.
+    pub fn reads(&self, source: &JwksSource, pinned: &[Algorithm]) -> bool {
+        self.source == *source && self.pinned == pinned
+    }
+
     /// The current set.
     pub fn keys(&self) -> Arc<KeySet> {
         self.current
