@@ -629,7 +629,33 @@ fn signing_credential_ref(
             v.err(at, format!("signing_credential `{text}` must be an ed25519 credential: issued tokens are signed with EdDSA"));
             None
         }
+        // The same for a sink that hands the value out: whoever reads it
+        // (an agent's file, a webhook receiver) could sign any token.
+        Some((_, _, cred))
+            if let Some((i, sink)) = cred
+                .deliver
+                .iter()
+                .enumerate()
+                .find(|(_, s)| hands_out_value(s)) =>
+        {
+            v.err(at, format!("signing_credential `{text}` is delivered by its `deliver[{i}]` (type {}), which hands its private key out of keyturn: whoever reads it could sign any token; remove that sink (a signing key needs none: its public keys are published in the JWKS)", sink.type_name()));
+            None
+        }
         Some((_, _, cred)) => Some(cred.key.clone()),
+    }
+}
+
+/// Whether a delivery of `sink` carries the credential's value: a file,
+/// a program given it on stdin, a webhook with `include_value` (a signal,
+/// a program told only what was delivered, and a notice-only webhook
+/// carry none).
+fn hands_out_value(sink: &crate::sinks::SinkConfig) -> bool {
+    use crate::sinks::SinkConfig;
+    match sink {
+        SinkConfig::File(_) => true,
+        SinkConfig::Exec(e) => e.stdin_value,
+        SinkConfig::Webhook(w) => w.include_value,
+        SinkConfig::Signal(_) => false,
     }
 }
 

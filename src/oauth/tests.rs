@@ -1489,6 +1489,58 @@ fn an_agents_auth_key_is_refused_as_a_signing_key() {
     assert!(cfg.token_service.is_some());
 }
 
+/// Black-box finding: a signing credential delivered to a file (an
+/// agent's directory, say) passed `check`; whoever reads the file could
+/// sign any token. Every sink that hands the value out is refused; a
+/// signal, or a webhook that only notifies, is not.
+#[test]
+fn a_signing_key_delivered_out_of_keyturn_is_refused() {
+    let agents = format!(
+        "[daemon]\ndelivery_roots = [\"/run/keyturn\"]\n{}",
+        token_agents()
+    );
+    let with = |deliver: &str| {
+        with_token_service(
+            &agents.replace(
+                "[agents.signer.credentials.sig]\n",
+                &format!("[agents.signer.credentials.sig]\ndeliver = [{deliver}]\n"),
+            ),
+            "signer/sig",
+            "",
+        )
+    };
+    for (deliver, kind) in [
+        (
+            r#"{ type = "file", path = "/run/keyturn/leak/signer" }"#,
+            "file",
+        ),
+        (
+            r#"{ type = "exec", program = "/usr/bin/true", stdin_value = true }"#,
+            "exec",
+        ),
+        (
+            r#"{ type = "webhook", url = "https://hooks.example/k", include_value = true, secret_file = "/etc/keyturn/hook.key" }"#,
+            "webhook",
+        ),
+    ] {
+        let errors = load(&with(deliver)).unwrap_err().0;
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.toml_path == "token_service.signing_credential"
+                    && e.message.contains(&format!("`deliver[0]` (type {kind})"))
+                    && e.message.contains("hands its private key out")),
+            "{kind}: {errors:#?}"
+        );
+    }
+    for notice in [
+        r#"{ type = "webhook", url = "https://hooks.example/k", secret_file = "/etc/keyturn/hook.key" }"#,
+        r#"{ type = "exec", program = "/usr/bin/true" }"#,
+    ] {
+        load(&with(notice)).unwrap_or_else(|e| panic!("a notice carries no value: {e}"));
+    }
+}
+
 #[test]
 fn tenants_with_their_own_signing_keys_load_and_every_problem_is_reported() {
     let agents = token_agents();
