@@ -721,6 +721,53 @@ fn history_edited_while_down_is_found_after_the_start_and_every_edit_listed() {
     assert!(log.contains("the chain is broken"), "{log}");
 }
 
+/// Black-box finding: a daemon refused because something was in the way of
+/// its socket (a file, or another daemon serving it from another state
+/// directory) had already created a state database and recorded
+/// `daemon.start` (ok) in the audit log, as if it had served. The sockets
+/// and the listener are bound before anything is opened or written now.
+#[test]
+fn a_start_refused_for_its_socket_writes_no_state_and_no_start_record() {
+    let env = Env::new(ONE_RAW);
+    let socket = env.path().join("control.sock");
+    std::fs::write(&socket, "in the way").unwrap();
+    let mut daemon = env.spawn(&[]);
+    let status = daemon
+        .wait_exit(Duration::from_secs(30))
+        .expect("refused at once");
+    assert!(!status.success());
+    let log = daemon.log_text();
+    assert!(log.contains("control socket"), "{log}");
+    assert!(!env.state_dir().join("state.db").exists(), "no state made");
+    assert!(!env.audit_log().exists(), "nothing recorded");
+    assert_eq!(std::fs::read_to_string(&socket).unwrap(), "in the way");
+
+    // Another daemon serving that socket from another state directory.
+    std::fs::remove_file(&socket).unwrap();
+    let first = env.start();
+    let other = Env::new(ONE_RAW);
+    let text = std::fs::read_to_string(&other.config).unwrap().replace(
+        &format!("socket = \"{}/control.sock\"", other.path().display()),
+        &format!("socket = \"{}\"", socket.display()),
+    );
+    std::fs::write(&other.config, text).unwrap();
+    let mut second = other.spawn(&[]);
+    let status = second
+        .wait_exit(Duration::from_secs(30))
+        .expect("refused at once");
+    assert!(!status.success(), "{}", second.log_text());
+    assert!(!other.state_dir().join("state.db").exists());
+    assert!(!other.audit_log().exists());
+    // The first daemon's socket is still there and serving.
+    env.cli_ok(&["status"]);
+    first.stop();
+    let starts = audit_records(&env)
+        .iter()
+        .filter(|r| r["event"] == "daemon.start")
+        .count();
+    assert_eq!(starts, 1);
+}
+
 /// Black-box finding: without an audit key, a record appended after the
 /// last one (its `prev` the SHA-256 of the line before) passed `audit
 /// verify`, and the daemon chained its own records onto it, after which

@@ -381,7 +381,8 @@ fn hint_held_state_dir(paths: &ClientPaths) {
             .unwrap_or_default();
         eprintln!(
             "keyturn: a keyturn daemon{pid} is running on {} but does not listen on {}: \
-             it is still starting, or it serves the socket it started with \
+             it is stopping (finishing the steps in flight) or just starting, \
+             or it serves the socket it started with \
              (a changed daemon.socket takes effect when it restarts: `systemctl restart keyturn`)",
             paths.state_dir.display(),
             paths.socket.display()

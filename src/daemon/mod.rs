@@ -142,6 +142,34 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         crate::state::space::check_room_to_start(&dirs).map_err(DaemonError::Startup)?;
     }
 
+    // The sockets and the listener before anything is opened or written:
+    // a second daemon on the same socket or port (or a file in the way) is
+    // refused before it creates a state database or records a start. A
+    // start that fails later removes the socket files it bound; clients
+    // that connect meanwhile wait for their answer until it serves.
+    let sock = socket::bind(&config.daemon.socket, config.daemon.socket_group.as_deref()).map_err(
+        |e| {
+            startup(
+                &format!("control socket {}", config.daemon.socket.display()),
+                &e,
+            )
+        },
+    )?;
+    let agent_sock = socket::bind_agent(&config.daemon.agent_socket).map_err(|e| {
+        startup(
+            &format!("agent socket {}", config.daemon.agent_socket.display()),
+            &e,
+        )
+    })?;
+    let listener = match config.daemon.listen {
+        None => None,
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| startup(&format!("cannot listen on {addr}"), &e))?,
+        ),
+    };
+
     // A state database with no audit head beside an audit log with records
     // was lost or replaced (the inverse of a log behind the state's head,
     // refused when the log is opened): checked before a missing database is
@@ -263,20 +291,6 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     )
     .map_err(|e| startup("cannot open the alert spool", &e))?;
 
-    let sock = socket::bind(&config.daemon.socket, config.daemon.socket_group.as_deref()).map_err(
-        |e| {
-            startup(
-                &format!("control socket {}", config.daemon.socket.display()),
-                &e,
-            )
-        },
-    )?;
-    let agent_sock = socket::bind_agent(&config.daemon.agent_socket).map_err(|e| {
-        startup(
-            &format!("agent socket {}", config.daemon.agent_socket.display()),
-            &e,
-        )
-    })?;
     // Decommissions and rotations poke the alert loop when an alert may
     // have changed.
     engine.set_alert_poke(alerts.poke_handle());
@@ -426,7 +440,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         );
     }
     let mut oauth_service: Option<OauthService> = None;
-    if let Some(addr) = config.daemon.listen {
+    if let (Some(addr), Some(listener)) = (config.daemon.listen, listener) {
         // The nudge key is read at every nudge; a key that cannot work is
         // a start-up error, not a stream of 500s.
         let nudge = match &config.daemon.follow_nudge_key_file {
@@ -441,9 +455,6 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 )))
             }
         };
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| startup(&format!("cannot listen on {addr}"), &e))?;
         let service = OauthService {
             addr,
             backend: Arc::new(OauthBackend {

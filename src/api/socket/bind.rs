@@ -123,7 +123,10 @@ pub fn bind(path: &Path, group: Option<&str>) -> io::Result<ControlSocket> {
             path: path.to_owned(),
             gid,
             group_name,
-            file_id: (meta.dev(), meta.ino()),
+            remove: RemoveSocketOnDrop {
+                path: path.to_owned(),
+                file_id: (meta.dev(), meta.ino()),
+            },
             agent: false,
             connections: Some(ConnectionLimits::control_for_this_process()),
         })
@@ -182,7 +185,10 @@ pub fn bind_agent(path: &Path) -> io::Result<ControlSocket> {
             path: path.to_owned(),
             gid: meta.gid(),
             group_name: group_name(meta.gid()),
-            file_id: (meta.dev(), meta.ino()),
+            remove: RemoveSocketOnDrop {
+                path: path.to_owned(),
+                file_id: (meta.dev(), meta.ino()),
+            },
             agent: true,
             connections: Some(ConnectionLimits::for_this_process()),
         })
@@ -194,6 +200,7 @@ pub fn bind_agent(path: &Path) -> io::Result<ControlSocket> {
 
 /// Removes the socket file when `serve` ends, however it ends (including its
 /// future being dropped), but only if the file is still the one we bound.
+#[derive(Debug)]
 pub(super) struct RemoveSocketOnDrop {
     pub(super) path: PathBuf,
     pub(super) file_id: (u64, u64),

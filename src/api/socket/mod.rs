@@ -187,9 +187,11 @@ pub struct ControlSocket {
     gid: u32,
     /// The group's name for messages (`add the user to group X`).
     group_name: String,
-    /// Device and inode of the socket file, so `serve` removes only the file
-    /// it created and never one a later daemon put at the same path.
-    file_id: (u64, u64),
+    /// Removes the socket file when the socket is dropped, served or not
+    /// (a start that fails after binding leaves no file behind): only the
+    /// file it created (device and inode), never one a later daemon put at
+    /// the same path.
+    remove: RemoveSocketOnDrop,
     /// The agents' socket: anyone connects, only agent commands are served.
     agent: bool,
     /// The bound on connections (the agents' socket's).
@@ -257,14 +259,11 @@ async fn serve_with(
         path,
         gid,
         group_name,
-        file_id,
+        remove,
         agent,
         connections,
     } = sock;
-    let _remove = RemoveSocketOnDrop {
-        path: path.clone(),
-        file_id,
-    };
+    let _remove = remove;
     let server = Arc::new(Server {
         handler,
         agent,
