@@ -42,6 +42,7 @@ pub const EXIT_NO_AGENT: u8 = 67;
 
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
+    ignore_early_hangups();
     // A TAB in a shell with `keyturn completions` loaded: answer and exit.
     completions::answer_if_asked();
     let cli = Cli::parse();
@@ -79,6 +80,21 @@ pub fn main() -> ExitCode {
     // Blocking tasks (SQLite, file writes) are bounded; do not wait forever on them.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     ExitCode::from(code)
+}
+
+/// A SIGHUP's default action ends the process, and the daemon takes it
+/// over only once it runs (parsing the command line and building the
+/// runtime come first): one sent in those first milliseconds (a reload
+/// sent as the daemon is started) killed it. Ignored from the first
+/// instruction of the daemon on; the daemon's own handler replaces this
+/// (and programs it starts get the default action back at exec).
+fn ignore_early_hangups() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    if std::env::args_os().any(|a| a == "daemon") {
+        // SAFETY: at start-up, before any thread exists; SIG_IGN installs
+        // no handler.
+        let _ = unsafe { signal(Signal::SIGHUP, SigHandler::SigIgn) };
+    }
 }
 
 /// A client command whose output goes to a pipe its reader has closed
