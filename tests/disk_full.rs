@@ -175,6 +175,15 @@ fn a_full_state_volume_loses_nothing_and_the_daemon_starts_once_there_is_room() 
         log.contains("KiB free") && log.contains("Free some space"),
         "{log}"
     );
+    // `check` says so too (black-box finding: it passed, so the unit's
+    // ExecStartPre let a start through that then failed, again and again).
+    let out = env.cli(&["check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the daemon would not start") && err.contains("KiB free"),
+        "{err}"
+    );
 
     // Room again: it starts and every credential rotates again.
     std::fs::remove_file(&filler).unwrap();

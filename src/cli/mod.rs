@@ -278,6 +278,12 @@ async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
     };
     println!("{}", config::summary(&cfg));
     warn_stranded_tasks(&cfg).await;
+    // Not a config error, but the start would stop on it: so would the
+    // unit's `ExecStartPre=keyturn check`, rather than a restart loop.
+    if let Err(e) = crate::state::space::room_to_start(&cfg) {
+        eprintln!("keyturn: the daemon would not start: {e}");
+        return EXIT_FAILED;
+    }
     if !online {
         return 0;
     }

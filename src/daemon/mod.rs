@@ -129,18 +129,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             &e,
         )
     })?;
-    {
-        let mut dirs: Vec<&Path> = vec![&state_dir];
-        dirs.extend(config.daemon.audit_log.parent().filter(|d| d.is_dir()));
-        for v in config.vaults.values() {
-            if let Some(dir) = v.spec.plugin().data_dir()
-                && dir.is_dir()
-            {
-                dirs.push(dir);
-            }
-        }
-        crate::state::space::check_room_to_start(&dirs).map_err(DaemonError::Startup)?;
-    }
+    crate::state::space::room_to_start(&config).map_err(DaemonError::Startup)?;
 
     // The sockets and the listener before anything is opened or written:
     // a second daemon on the same socket or port (or a file in the way) is

@@ -42,6 +42,24 @@ pub fn check_room_to_start(paths: &[&Path]) -> Result<(), String> {
     Ok(())
 }
 
+/// [`check_room_to_start`] for what `config` starts on: the state
+/// directory, the audit log's directory and each local vault's directory,
+/// or, for one not made yet, the nearest directory above it that exists
+/// (where it will be made). The daemon's start and `keyturn check` (so the
+/// unit's `ExecStartPre` fails as the start would) both ask.
+pub fn room_to_start(config: &crate::config::Config) -> Result<(), String> {
+    let mut dirs: Vec<&Path> = vec![&config.daemon.state_dir];
+    dirs.extend(config.daemon.audit_log.parent());
+    for v in config.vaults.values() {
+        dirs.extend(v.spec.plugin().data_dir());
+    }
+    let existing: Vec<&Path> = dirs
+        .into_iter()
+        .filter_map(|d| d.ancestors().find(|a| a.is_dir()))
+        .collect();
+    check_room_to_start(&existing)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
