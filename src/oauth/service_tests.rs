@@ -1712,6 +1712,10 @@ async fn diagnostics_headers_and_the_issuer_are_exact() {
     let m = get(&h, "/.well-known/oauth-authorization-server/kt").await;
     assert_eq!(m.status, 200, "{}", m.json);
     assert_eq!(m.json["issuer"], iss.as_str());
+    // Black-box finding: authlib keeps the final `/` in the well-known URL
+    // (RFC 8414 3.1 drops it): served too.
+    let slash = get(&h, "/.well-known/oauth-authorization-server/kt/").await;
+    assert_eq!((slash.status, &slash.json), (200, &m.json));
     assert_eq!(m.json["token_endpoint"], format!("{ISSUER}/kt/oauth/token"));
     let t = get(
         &h,

@@ -522,7 +522,14 @@ impl TokenService {
         let own = reqwest::Url::parse(&self.base)
             .map(|u| u.path().trim_matches('/').to_owned())
             .unwrap_or_default();
+        // An issuer written with a final `/` keeps it in `iss`; RFC 8414
+        // 3.1 drops it from the well-known URL, and some clients (authlib)
+        // keep it: both are served.
         let path = path.trim_start_matches('/');
+        let path = match path.strip_suffix('/') {
+            Some(p) if !p.is_empty() => p,
+            _ => path,
+        };
         if !own.is_empty() && path == own {
             return self.metadata(None);
         }
