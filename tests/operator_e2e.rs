@@ -1090,8 +1090,29 @@ fn offline_status_follows_the_config_schedule_and_shows_a_parked_failure() {
     let rows = status_json(&env);
     let offline = row(&rows, "bot", "db");
     assert_eq!(
-        (&offline["state"], &offline["step"]),
-        (&parked["state"], &parked["step"]),
+        (&offline["state"], &offline["step"], &offline["version"]),
+        (&parked["state"], &parked["step"], &parked["version"]),
+        "{offline}"
+    );
+
+    // Parked at delivery (a file where the directory goes), after the
+    // promote: the new version is current in the vault, online and offline
+    // alike (black-box finding: offline showed the version before).
+    let daemon = env.start();
+    std::fs::remove_file(env.path().join("refuse")).unwrap();
+    std::fs::remove_dir_all(env.root().join("bot")).unwrap();
+    std::fs::write(env.root().join("bot"), "in the way").unwrap();
+    let out = env.cli(&["rotate", "bot/db", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "the delivery fails: parked");
+    let rows = status_json(&env);
+    let parked = row(&rows, "bot", "db").clone();
+    assert_eq!(parked["step"], "deliver", "{parked}");
+    daemon.stop();
+    let rows = status_json(&env);
+    let offline = row(&rows, "bot", "db");
+    assert_eq!(
+        (&offline["state"], &offline["step"], &offline["version"]),
+        (&parked["state"], &parked["step"], &parked["version"]),
         "{offline}"
     );
 }

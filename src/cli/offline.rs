@@ -193,12 +193,19 @@ pub(super) fn offline_status(state_dir: &Path, cfg: Option<&Config>) -> Option<V
                             .any(|v| v.version == cv && v.stage == crate::model::Stage::Retired)
                     })
                 });
+            // Once promoted (the rotation is at its delivery), the new
+            // version is current in the vault, as the daemon shows it
+            // (black-box finding: offline status showed the one before).
+            let version = unfinished
+                .filter(|r| r.step == crate::rotation::Step::Deliver)
+                .map(|r| r.version)
+                .or_else(|| row.and_then(|r| r.current_version));
             StatusRow {
                 agent: key.agent.clone(),
                 credential: key.credential.clone(),
                 vault: c.map_or_else(|| "?".to_owned(), CredentialConfig::vault_label),
-                version: row.and_then(|r| r.current_version),
-                stage: row.and_then(|r| r.current_version).map(|_| {
+                version,
+                stage: version.map(|_| {
                     if revoked {
                         crate::api::protocol::ShownStage::Revoked
                     } else {
