@@ -1162,3 +1162,65 @@ fn a_changed_generator_kind_is_delivered_in_its_layout_at_the_same_path() {
     daemon.stop();
     audit_verifies(&env, "after the kind changes");
 }
+
+/// Black-box finding: `rotate --wait` of a credential already rotating
+/// said "rotated" (outcome `completed`) like a rotation it had started,
+/// where the README promises the request is met by the one in flight. Now:
+/// without `--wait`, `joined` with the version it makes; with `--wait`, the
+/// outcome of that rotation and a note that it was joined, one rotation.
+#[test]
+fn a_rotate_met_by_the_rotation_in_flight_says_it_joined_it() {
+    let env = Env::new("");
+    let go = env.path().join("go");
+    let text = command_target_db(
+        &env,
+        "while [ ! -e \"{d}/go\" ]; do sleep 0.05; done;",
+        ONE_FILE,
+    );
+    std::fs::write(&go, "").unwrap();
+    env.write_credentials(&text);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    std::fs::remove_file(&go).unwrap();
+
+    let first = env.cli_ok(&["rotate", "bot/db", "--json"]);
+    let first: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(first[0]["outcome"], "started", "{first}");
+    let joined = wait_for(Duration::from_secs(10), || {
+        let out = env.cli_ok(&["rotate", "bot/db", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v[0]["outcome"] == "joined").then_some(v)
+    })
+    .expect("a second request joins the rotation in flight");
+    assert_eq!(joined[0]["version"], 2, "{joined}");
+    let waiting = {
+        let config = env.config.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(bin())
+                .args(["rotate", "bot/db", "--wait", "--json", "--config"])
+                .arg(&config)
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&go, "").unwrap();
+    let out = waiting.join().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&done[0]["outcome"], &done[0]["version"], &done[0]["note"]),
+        (
+            &serde_json::json!("completed"),
+            &serde_json::json!(2),
+            &serde_json::json!("joined the rotation already in flight")
+        ),
+        "{done}"
+    );
+    daemon.stop();
+    let creates = audit_records(&env)
+        .iter()
+        .filter(|r| r["event"] == "rotation.create")
+        .count();
+    assert_eq!(creates, 2, "version 1 and the one rotation all three met");
+}

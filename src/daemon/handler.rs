@@ -451,7 +451,11 @@ impl ControlHandler for Handler {
                             RotateOutcome::Failed
                         },
                         error: done.error,
-                        note: None,
+                        // Met by the rotation in flight, waited for: its
+                        // outcome, and that it was not a new one.
+                        note: running
+                            .is_some()
+                            .then(|| "joined the rotation already in flight".to_owned()),
                     },
                     Err(_) => RotateResult {
                         agent: key.agent,
@@ -490,10 +494,14 @@ impl ControlHandler for Handler {
                     .filter_map(|c| c.strip_suffix(" (delivery retrying)"))
                     .collect();
                 if !retrying.is_empty() {
-                    r.note = Some(format!(
+                    let retried = format!(
                         "delivery to {} failed and is retried in the background (see `keyturn status`)",
                         retrying.join(", ")
-                    ));
+                    );
+                    r.note = Some(match r.note.take() {
+                        Some(joined) => format!("{joined}; {retried}"),
+                        None => retried,
+                    });
                 }
             }
         }
