@@ -1102,11 +1102,26 @@ fn offline_status_follows_the_config_schedule_and_shows_a_parked_failure() {
     std::fs::remove_file(env.path().join("refuse")).unwrap();
     std::fs::remove_dir_all(env.root().join("bot")).unwrap();
     std::fs::write(env.root().join("bot"), "in the way").unwrap();
-    let out = env.cli(&["rotate", "bot/db", "--wait"]);
+    let out = env.cli(&["rotate", "bot/db", "--wait", "--json"]);
     assert_eq!(out.status.code(), Some(1), "the delivery fails: parked");
+    let failed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = status_json(&env);
     let parked = row(&rows, "bot", "db").clone();
     assert_eq!(parked["step"], "deliver", "{parked}");
+    // The result names the parked rotation and its version, as status does.
+    assert_eq!(
+        (
+            &failed[0]["outcome"],
+            &failed[0]["rotation"],
+            &failed[0]["version"]
+        ),
+        (
+            &serde_json::json!("failed"),
+            &parked["rotation"],
+            &parked["version"]
+        ),
+        "{failed}"
+    );
     daemon.stop();
     let rows = status_json(&env);
     let offline = row(&rows, "bot", "db");

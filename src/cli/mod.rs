@@ -711,6 +711,7 @@ async fn rotate(path: &Path, selector: &str, wait: bool, json: bool) -> u8 {
             };
             let version = match (r.outcome, r.version) {
                 (RotateOutcome::Joined, Some(v)) => format!(" (it makes version {v})"),
+                (RotateOutcome::Failed, Some(v)) => format!(" (version {v})"),
                 (_, Some(v)) => format!(" to version {v}"),
                 (_, None) => String::new(),
             };

@@ -231,11 +231,15 @@ impl Inner {
                     );
                     self.metrics.rotation_finished(false, started.elapsed());
                     tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, retry_in = %humantime::format_duration(delay), "rotation failed; parked");
+                    // The parked rotation's id and version, as status
+                    // shows them (black-box finding: `rotate --wait --json`
+                    // named neither).
+                    let parked = l.parked.as_deref();
                     (
                         RotateFinished {
                             key: key.clone(),
-                            rotation: None,
-                            version: None,
+                            rotation: parked.and_then(|p| p.rotation.clone()),
+                            version: parked.and_then(|p| p.version),
                             error: Some(msg),
                         },
                         vec![(Job::Rotate, Some(now + chrono_dur(delay)))],
