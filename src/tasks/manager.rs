@@ -130,7 +130,7 @@ pub enum TaskError {
         message: String,
     },
     #[error(
-        "agent `{0}` is decommissioned (or no longer configured): it may not start tasks, and its tasks were ended"
+        "agent `{0}` is decommissioned (or no longer configured): it may not start tasks, and its tasks are ended (`keyturn status` shows how far their revocation is)"
     )]
     AgentRetired(String),
     #[error("no task `{0}`")]
