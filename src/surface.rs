@@ -375,7 +375,9 @@ pub fn add_unconfigured(
             continue;
         };
         let a = &mut s.agents[i];
-        if a.state == "decommissioned" {
+        // Being revoked (or revoked): its decommission's items say what is
+        // left, and "decommission their agent" would be wrong advice.
+        if a.state == "decommissioned" || a.state == "decommissioning" {
             continue;
         }
         let (last_ack, acking) = acks.get(&key).copied().unwrap_or((None, 0));
@@ -600,6 +602,44 @@ mod tests {
                 state: "issued".into(),
             }],
         }
+    }
+
+    /// Black-box finding: a credential removed from the config of an agent
+    /// being decommissioned was shown "NOT IN THE CONFIG: never rotated,
+    /// live until decommissioned" and flagged "decommission their agent".
+    /// An orphan's still is.
+    #[test]
+    fn a_decommissioning_agents_unconfigured_credentials_are_left_to_its_decommission() {
+        let now = crate::test_support::at_secs(0);
+        let lifecycle = |agent: &str, state: &str| -> AgentLifecycle {
+            serde_json::from_value(serde_json::json!({ "agent": agent, "state": state })).unwrap()
+        };
+        let mut s = build(
+            &[],
+            [],
+            &[
+                lifecycle("leaving", "decommissioning"),
+                lifecycle("lost", "orphaned"),
+            ],
+            &Acks::new(),
+            std::time::Duration::from_secs(60),
+            now,
+        );
+        let u = || crate::rotation::Unconfigured {
+            version: 3,
+            made: Some(now),
+        };
+        add_unconfigured(
+            &mut s,
+            vec![
+                (crate::test_support::key("leaving", "db"), u()),
+                (crate::test_support::key("lost", "db"), u()),
+            ],
+            &Acks::new(),
+        );
+        assert_eq!(s.flags.unconfigured, vec!["lost/db".to_owned()]);
+        let text = render(&s);
+        assert_eq!(text.matches("NOT IN THE CONFIG").count(), 1, "{text}");
     }
 
     /// Black-box finding: `surface --unused-after 99999999999d` panicked
