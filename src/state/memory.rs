@@ -173,14 +173,15 @@ impl Tables {
             }
             Write::PruneHistory(key) => {
                 let kept = HISTORY_KEPT as usize;
-                let mut done: Vec<(chrono::DateTime<chrono::Utc>, String)> = self
+                // Newest first by version (the wall clock may step back).
+                let mut done: Vec<(VersionNo, chrono::DateTime<chrono::Utc>, String)> = self
                     .rotations
                     .values()
                     .filter(|r| r.key == *key && r.step == Step::Done)
-                    .map(|r| (r.started_at, r.id.as_str().to_owned()))
+                    .map(|r| (r.version, r.started_at, r.id.as_str().to_owned()))
                     .collect();
                 done.sort();
-                for (_, id) in done.iter().rev().skip(kept) {
+                for (_, _, id) in done.iter().rev().skip(kept) {
                     self.rotations.remove(id);
                 }
                 let mut retired: Vec<VersionNo> = self
@@ -251,7 +252,7 @@ impl StateStore for MemoryStore {
             .rotations
             .values()
             .filter(|r| r.key == *key)
-            .max_by_key(|r| (r.started_at, r.version))
+            .max_by_key(|r| (r.version, r.started_at, r.id.as_str().to_owned()))
             .cloned())
     }
 

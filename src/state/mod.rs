@@ -330,7 +330,9 @@ pub trait StateStore: Send + Sync {
     fn last_acks(&self) -> Result<Vec<AckRow>>;
     fn credential(&self, key: &CredentialKey) -> Result<Option<CredentialRow>>;
     fn rotation(&self, id: &RotationId) -> Result<Option<RotationRow>>;
-    /// The newest rotation of a credential, finished or not.
+    /// The newest rotation of a credential, finished or not: of the highest
+    /// version, the last begun (by version first: the wall clock may step
+    /// back between rotations).
     fn latest_rotation(&self, key: &CredentialKey) -> Result<Option<RotationRow>>;
     fn versions(&self, key: &CredentialKey) -> Result<Vec<VersionRow>>;
     fn audit_head(&self) -> Result<Option<AuditHead>>;

@@ -380,7 +380,7 @@ impl SqliteStore {
                     "DELETE FROM rotations WHERE agent = ?1 AND credential = ?2 \
                      AND step = 'done' AND id NOT IN (SELECT id FROM rotations \
                      WHERE agent = ?1 AND credential = ?2 AND step = 'done' \
-                     ORDER BY started_at DESC LIMIT ?3)",
+                     ORDER BY version DESC, started_at DESC, id DESC LIMIT ?3)",
                     "DELETE FROM versions WHERE agent = ?1 AND credential = ?2 \
                      AND stage = 'retired' AND version NOT IN (SELECT version FROM versions \
                      WHERE agent = ?1 AND credential = ?2 AND stage = 'retired' \
@@ -698,12 +698,14 @@ impl StateStore for SqliteStore {
     }
 
     fn latest_rotation(&self, key: &CredentialKey) -> Result<Option<RotationRow>> {
-        // Ties on started_at (same millisecond) go to the higher version.
+        // By version first: the wall clock may have stepped back since the
+        // rotation before (black-box finding: the older rotation was taken
+        // for the latest, and a retire "took over" a version made here).
         Ok(self
             .query_rows(
                 &format!(
                     "SELECT {ROTATION_COLS} FROM rotations WHERE agent = ?1 AND credential = ?2 \
-                     ORDER BY started_at DESC, version DESC LIMIT 1"
+                     ORDER BY version DESC, started_at DESC, id DESC LIMIT 1"
                 ),
                 params![key.agent.as_str(), key.credential.as_str()],
                 decode_rotation,
@@ -1050,8 +1052,16 @@ mod tests {
                 .iter()
                 .all(|r| r.id != done.id)
         );
-        assert_eq!(s.latest_rotation(&k).unwrap(), Some(done));
+        assert_eq!(s.latest_rotation(&k).unwrap(), Some(done.clone()));
         assert_eq!(s.latest_rotation(&key("z", "z")).unwrap(), None);
+
+        // The next version, begun after the wall clock stepped back a day:
+        // still the latest.
+        let mut next = rot(&k, Step::Done);
+        next.version = done.version + 1;
+        next.started_at = at(2_000) - chrono::Duration::days(1);
+        s.apply(&[Write::Rotation(next.clone())]).unwrap();
+        assert_eq!(s.latest_rotation(&k).unwrap(), Some(next));
     }
 
     #[test]
