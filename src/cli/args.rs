@@ -24,7 +24,7 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
     /// Log filter (tracing syntax, e.g. `info` or `keyturn=debug`); `KEYTURN_LOG` overrides.
-    #[arg(long, global = true, default_value = "info")]
+    #[arg(long, global = true, default_value = "info", value_parser = parse_log_filter)]
     pub log_level: String,
     #[command(subcommand)]
     pub command: Command,
@@ -311,5 +311,38 @@ fn parse_wait_timeout(s: &str) -> Result<std::time::Duration, String> {
         }
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A `--log-level` that is a valid tracing filter (a typo used to be
+/// warned about and replaced by `info`, easy to miss in a unit's journal).
+fn parse_log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("{e}: a tracing filter, e.g. `info`, `debug` or `keyturn=debug,info`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Black-box finding: a `--log-level` typo was only warned about (and
+    /// the daemon ran at `info`); it is a usage error now, naming the value.
+    #[test]
+    fn a_log_level_that_is_no_filter_is_a_usage_error() {
+        let e =
+            Cli::try_parse_from(["keyturn", "--log-level", "keyturn=bogus", "status"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(e.to_string().contains("keyturn=bogus"), "{e}");
+        for ok in [
+            "info",
+            "debug",
+            "keyturn=debug,info",
+            "warn,keyturn::oauth=trace",
+        ] {
+            let cli = Cli::try_parse_from(["keyturn", "--log-level", ok, "status"]).unwrap();
+            assert_eq!(cli.log_level, ok);
+        }
     }
 }
