@@ -288,6 +288,15 @@ impl fmt::Display for Selector {
 pub fn parse_selector(s: &str) -> Result<Selector, String> {
     const USAGE: &str = "expected `all`, AGENT or AGENT/CREDENTIAL";
     let s = s.trim();
+    // Quoted in errors at most this long (black-box finding: a selector of
+    // 100,000 characters came back whole).
+    let shown = |s: &str| {
+        const MAX: usize = 80;
+        match s.char_indices().nth(MAX) {
+            None => s.to_owned(),
+            Some((at, _)) => format!("{}… ({} characters)", &s[..at], s.chars().count()),
+        }
+    };
     if s.is_empty() {
         return Err(format!("empty selector: {USAGE}"));
     }
@@ -298,14 +307,18 @@ pub fn parse_selector(s: &str) -> Result<Selector, String> {
     let agent = parts.next().unwrap_or_default();
     let credential = parts.next();
     if parts.next().is_some() {
-        return Err(format!("selector `{s}` has more than one '/': {USAGE}"));
+        return Err(format!(
+            "selector `{}` has more than one '/': {USAGE}",
+            shown(s)
+        ));
     }
-    let agent = AgentId::new(agent).map_err(|e| format!("selector `{s}`: agent id {e}"))?;
+    let agent =
+        AgentId::new(agent).map_err(|e| format!("selector `{}`: agent id {e}", shown(s)))?;
     match credential {
         None => Ok(Selector::Agent(agent)),
         Some(c) => {
-            let credential =
-                CredentialId::new(c).map_err(|e| format!("selector `{s}`: credential id {e}"))?;
+            let credential = CredentialId::new(c)
+                .map_err(|e| format!("selector `{}`: credential id {e}", shown(s)))?;
             Ok(Selector::Credential(CredentialKey::new(agent, credential)))
         }
     }
@@ -1144,6 +1157,11 @@ pub(crate) mod tests {
             let e = parse_selector(bad).unwrap_err();
             assert!(e.contains(needle), "{bad:?}: {e}");
         }
+        // A huge one is quoted cut short, with its length.
+        let huge = format!("{}/x", "a".repeat(100_000));
+        let e = parse_selector(&huge).unwrap_err();
+        assert!(e.len() < 300, "{e}");
+        assert!(e.contains("… (100002 characters)"), "{e}");
         // Display is the inverse of parsing.
         for s in ["all", "bot", "bot/db"] {
             assert_eq!(parse_selector(s).unwrap().to_string(), s);
