@@ -68,13 +68,21 @@ impl ScheduleSpec {
         // cron crate only when both do. Rather than fire on other days than
         // an operator used to crontab expects, such a schedule is refused.
         let unrestricted = |f: &str| f == "*" || f == "?";
+        // A weekday that is none first (`0 0 1 1 * 1970` meant a year: six
+        // fields start with seconds, and there is no year field).
+        let weekday = translate_dow(&full[5]).map_err(|e| match fields.len() {
+            6 => format!(
+                "{e} (six fields are sec min hour day month weekday; there is no year field)"
+            ),
+            _ => e,
+        })?;
         if !unrestricted(&full[3]) && !unrestricted(&full[5]) {
             return Err(format!(
                 "cron expression {text:?} restricts both the day of the month ({}) and the day of the week ({}): crontab fires on either, keyturn would fire only when both match; restrict one of them (use * in the other)",
                 full[3], full[5]
             ));
         }
-        full[5] = translate_dow(&full[5])?;
+        full[5] = weekday;
         let normalized = full.join(" ");
         // A parsed cron::Schedule holds a set per field (kilobytes); 100k
         // credentials usually share a handful of expressions, so share them.
@@ -89,7 +97,14 @@ impl ScheduleSpec {
             return Ok(ScheduleSpec::Cron(spec));
         }
         let schedule = cron::Schedule::from_str(&normalized)
-            .map_err(|e| format!("invalid cron expression {text:?}: {e}"))?;
+            // The crate's bounds are inclusive, its words are not
+            // ("Minutes must be less than 59. ('60' specified.)").
+            .map_err(|e| {
+                let e = e
+                    .to_string()
+                    .replace(" must be less than ", " must be at most ");
+                format!("invalid cron expression {text:?}: {e}")
+            })?;
         if schedule.upcoming(Utc).next().is_none() {
             return Err(format!("cron expression {text:?} never fires"));
         }
@@ -316,6 +331,27 @@ mod tests {
             distinct.len()
         );
         assert_eq!(jitter_offset(&k("db"), Duration::ZERO), Duration::ZERO);
+    }
+
+    /// Black-box finding: the cron crate's bounds read one too low
+    /// ("Minutes must be less than 59" for 60), and a year in a sixth field
+    /// was blamed on both day fields being restricted.
+    #[test]
+    fn out_of_range_fields_are_named_with_their_real_bounds() {
+        for (text, needle) in [
+            ("60 * * * *", "Minutes must be at most 59"),
+            ("0 24 * * *", "Hours must be at most 23"),
+            ("0 0 32 * *", "Days of Month must be at most 31"),
+        ] {
+            let e = ScheduleSpec::parse_cron(text).unwrap_err();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+        let e = ScheduleSpec::parse_cron("0 0 1 1 * 1970").unwrap_err();
+        assert!(
+            e.contains("weekday 1970 out of range") && e.contains("there is no year field"),
+            "{e}"
+        );
+        assert!(ScheduleSpec::parse_cron("59 23 31 12 *").is_ok());
     }
 
     /// Defect (black-box): `0 0 13 * 5` fired only on a Friday the 13th
