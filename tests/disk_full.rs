@@ -51,6 +51,13 @@ impl Volume {
                 kind: "ext4",
             };
         }
+        Volume::tmpfs(at, mib)
+    }
+
+    /// A tmpfs of `mib` at `at`: there, a full volume still takes new
+    /// directories (no block needed), only their files fail.
+    fn tmpfs(at: &Path, mib: u64) -> Volume {
+        std::fs::create_dir_all(at).unwrap();
         let tmpfs = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700")])
             .arg("tmpfs")
@@ -267,4 +274,50 @@ fn rusqlite_integrity(db: &Path) -> String {
             .expect("open the state database");
     conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .expect("integrity_check")
+}
+
+/// Black-box finding: a key pair delivered to a full delivery volume left
+/// an empty `..TIMESTAMP.VERSION.HEX` directory in the bundle per retry
+/// (removed only by the next delivery that worked). A delivery that fails
+/// removes its own directory; the agent's pair is untouched.
+#[test]
+fn a_bundle_delivery_that_fails_on_a_full_volume_leaves_nothing_behind() {
+    let env = Env::new(&format!(
+        "{}[agents.bot.credentials.key]\nvault = \"local\"\ngenerate = {{ kind = \"ed25519\" }}\nevery = \"1h\"\ngrace = \"0s\"\ndeliver = [{{ type = \"file\", path = \"{{root}}/bot/key\" }}]\n",
+        agent_table("bot")
+    ));
+    let volume = Volume::tmpfs(&env.root(), 2);
+    let daemon = env.start();
+    wait_version(&env, "bot", "key", 1);
+    let bundle = env.root().join("bot/key");
+    let data_dirs = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&bundle)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("..") && n != "..data")
+            .collect();
+        names.sort();
+        names
+    };
+    let before = data_dirs();
+    assert_eq!(before.len(), 1, "{before:?}");
+    let public = std::fs::read(bundle.join("public.pem")).unwrap();
+
+    let filler = volume.fill();
+    for _ in 0..3 {
+        let out = env.cli(&["rotate", "bot/key", "--wait"]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+    }
+    assert_eq!(
+        data_dirs(),
+        before,
+        "no directory left by the failed deliveries"
+    );
+    assert_eq!(std::fs::read(bundle.join("public.pem")).unwrap(), public);
+
+    std::fs::remove_file(&filler).unwrap();
+    env.cli_ok(&["rotate", "bot/key", "--wait"]);
+    assert_ne!(std::fs::read(bundle.join("public.pem")).unwrap(), public);
+    daemon.stop();
+    drop(volume);
 }

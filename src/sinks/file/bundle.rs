@@ -42,33 +42,45 @@ impl Inner {
             Mode::from_bits_truncate(0o700),
         )
         .map_err(|e| self.sys(format_args!("create {}", new_shown.display()), e))?;
-        let data = open_dir(Some(bfd), OsStr::new(&new_name))
-            .map_err(|e| self.sys(format_args!("open {}", new_shown.display()), e))?;
-        nix::sys::stat::fchmod(data.as_raw_fd(), Mode::from_bits_truncate(AGENT_DIR_MODE))
-            .map_err(|e| self.sys(format_args!("set mode of {}", new_shown.display()), e))?;
-        chown_fd(&data, self.owner())
-            .map_err(|e| self.sys(format_args!("set owner of {}", new_shown.display()), e))?;
+        // Filled and swapped in, or removed again: a full disk must not
+        // leave an empty directory behind per retry.
+        let filled = (|| {
+            let data = open_dir(Some(bfd), OsStr::new(&new_name))
+                .map_err(|e| self.sys(format_args!("open {}", new_shown.display()), e))?;
+            nix::sys::stat::fchmod(data.as_raw_fd(), Mode::from_bits_truncate(AGENT_DIR_MODE))
+                .map_err(|e| self.sys(format_args!("set mode of {}", new_shown.display()), e))?;
+            chown_fd(&data, self.owner())
+                .map_err(|e| self.sys(format_args!("set owner of {}", new_shown.display()), e))?;
 
-        let meta = serde_json::to_vec(&BundleMeta {
-            version: notice.version,
-            rotation: notice.rotation.as_str(),
-            rotated_at: rfc3339(notice.rotated_at),
-        })
-        .map_err(|e| self.err(ErrorKind::Fatal, format_args!("encode meta.json: {e}")))?;
-        self.write_file_at(&data, OsStr::new("private.pem"), value.expose(), &new_shown)?;
-        self.write_file_at(
-            &data,
-            OsStr::new("public.pem"),
-            public.as_bytes(),
-            &new_shown,
-        )?;
-        self.write_file_at(&data, OsStr::new("meta.json"), &meta, &new_shown)?;
+            let meta = serde_json::to_vec(&BundleMeta {
+                version: notice.version,
+                rotation: notice.rotation.as_str(),
+                rotated_at: rfc3339(notice.rotated_at),
+            })
+            .map_err(|e| self.err(ErrorKind::Fatal, format_args!("encode meta.json: {e}")))?;
+            self.write_file_at(&data, OsStr::new("private.pem"), value.expose(), &new_shown)?;
+            self.write_file_at(
+                &data,
+                OsStr::new("public.pem"),
+                public.as_bytes(),
+                &new_shown,
+            )?;
+            self.write_file_at(&data, OsStr::new("meta.json"), &meta, &new_shown)?;
 
-        // The swap: one rename moves every reader to the new pair at once.
-        nix::unistd::symlinkat(new_name.as_str(), Some(bfd), DATA_LINK_TMP)
-            .map_err(|e| self.sys(format_args!("create {DATA_LINK_TMP}"), e))?;
-        nix::fcntl::renameat(Some(bfd), DATA_LINK_TMP, Some(bfd), DATA_LINK)
-            .map_err(|e| self.sys(format_args!("swap {DATA_LINK}"), e))?;
+            // The swap: one rename moves every reader to the new pair at once.
+            nix::unistd::symlinkat(new_name.as_str(), Some(bfd), DATA_LINK_TMP)
+                .map_err(|e| self.sys(format_args!("create {DATA_LINK_TMP}"), e))?;
+            nix::fcntl::renameat(Some(bfd), DATA_LINK_TMP, Some(bfd), DATA_LINK)
+                .map_err(|e| self.sys(format_args!("swap {DATA_LINK}"), e))?;
+            Ok::<(), PluginError>(())
+        })();
+        if let Err(e) = filled {
+            let _ = self.remove_data_link_tmp(&bundle);
+            if let Err(left) = self.remove_data_dir(&bundle, OsStr::new(&new_name)) {
+                tracing::warn!(path = %new_shown.display(), error = %left, "file sink: could not remove the directory of a failed delivery");
+            }
+            return Err(e);
+        }
         fsync_dir(&bundle).map_err(|e| self.sys("fsync bundle directory", e))?;
 
         for link in BUNDLE_FILES {
