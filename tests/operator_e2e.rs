@@ -1048,6 +1048,18 @@ fn alert_sinks_with_bad_key_files_fail_check_and_are_all_named() {
 /// restart would not rotate; it computes it from the config as the daemon
 /// does. And a parked failure showed as `interrupted` where the daemon
 /// said `failed`.
+/// Offline status (the daemon stopped) shows `bot/db` as the daemon
+/// showed it in `online`: its state, step and version.
+fn offline_shows(env: &Env, online: &serde_json::Value) {
+    let rows = status_json(env);
+    let offline = row(&rows, "bot", "db");
+    assert_eq!(
+        (&offline["state"], &offline["step"], &offline["version"]),
+        (&online["state"], &online["step"], &online["version"]),
+        "{offline}"
+    );
+}
+
 #[test]
 fn offline_status_follows_the_config_schedule_and_shows_a_parked_failure() {
     let env = Env::new("");
@@ -1087,13 +1099,7 @@ fn offline_status_follows_the_config_schedule_and_shows_a_parked_failure() {
     let parked = row(&rows, "bot", "db").clone();
     assert_eq!(parked["state"], "failed", "{parked}");
     daemon.stop();
-    let rows = status_json(&env);
-    let offline = row(&rows, "bot", "db");
-    assert_eq!(
-        (&offline["state"], &offline["step"], &offline["version"]),
-        (&parked["state"], &parked["step"], &parked["version"]),
-        "{offline}"
-    );
+    offline_shows(&env, &parked);
 
     // Parked at delivery (a file where the directory goes), after the
     // promote: the new version is current in the vault, online and offline
@@ -1123,13 +1129,7 @@ fn offline_status_follows_the_config_schedule_and_shows_a_parked_failure() {
         "{failed}"
     );
     daemon.stop();
-    let rows = status_json(&env);
-    let offline = row(&rows, "bot", "db");
-    assert_eq!(
-        (&offline["state"], &offline["step"], &offline["version"]),
-        (&parked["state"], &parked["step"], &parked["version"]),
-        "{offline}"
-    );
+    offline_shows(&env, &parked);
 }
 
 /// Defect: changing a credential's `generate.kind` between a single value

@@ -888,6 +888,23 @@ mod tests {
         assert_eq!((l.max, l.per_uid), (1, 1));
     }
 
+    /// Serves `sock` bounded to 4 connections, 2 per uid, with a fake
+    /// handler: what stops it, what waits for its connections, its task.
+    fn serve_bounded(
+        mut sock: ControlSocket,
+    ) -> (CancellationToken, TaskTracker, tokio::task::JoinHandle<()>) {
+        sock.connections = Some(ConnectionLimits { max: 4, per_uid: 2 });
+        let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let server = tokio::spawn(serve_with(
+            sock,
+            Arc::new(FakeHandler::default()),
+            cancel.clone(),
+            tracker.clone(),
+            Limits::default(),
+        ));
+        (cancel, tracker, server)
+    }
+
     #[test]
     fn control_connection_limits_leave_room_for_rotations_and_root() {
         let l = ConnectionLimits::control_for_nofile(65536);
@@ -907,21 +924,13 @@ mod tests {
     async fn the_control_socket_bounds_idle_connections_too() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/ctl.sock");
-        let mut sock = bind(&path, None).unwrap();
+        let sock = bind(&path, None).unwrap();
         assert_eq!(
             sock.connections,
             Some(ConnectionLimits::control_for_this_process()),
             "bound by default"
         );
-        sock.connections = Some(ConnectionLimits { max: 4, per_uid: 2 });
-        let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
-        let server = tokio::spawn(serve_with(
-            sock,
-            Arc::new(FakeHandler::default()),
-            cancel.clone(),
-            tracker.clone(),
-            Limits::default(),
-        ));
+        let (cancel, tracker, server) = serve_bounded(sock);
         let mut idle = Vec::new();
         for _ in 0..20 {
             let mut s = UnixStream::connect(&path).await.unwrap();
@@ -948,16 +957,8 @@ mod tests {
     async fn the_agent_socket_bounds_connections_per_uid() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/agent.sock");
-        let mut sock = bind_agent(&path).unwrap();
-        sock.connections = Some(ConnectionLimits { max: 4, per_uid: 2 });
-        let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
-        let server = tokio::spawn(serve_with(
-            sock,
-            Arc::new(FakeHandler::default()),
-            cancel.clone(),
-            tracker.clone(),
-            Limits::default(),
-        ));
+        let sock = bind_agent(&path).unwrap();
+        let (cancel, tracker, server) = serve_bounded(sock);
         let mut idle = Vec::new();
         for _ in 0..6 {
             let mut s = UnixStream::connect(&path).await.unwrap();
