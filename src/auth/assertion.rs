@@ -90,6 +90,8 @@ pub struct Verified {
     pub exp: i64,
     /// The version of the key that signed it.
     pub key_version: u64,
+    /// Its `aud`: one of the verifier's audiences, maybe others too.
+    pub aud: Vec<String>,
 }
 
 impl Verified {
@@ -394,8 +396,17 @@ impl Verifier {
         if jti.is_empty() || jti.chars().count() > MAX_JTI_CHARS {
             return Err(AssertionError::BadJti);
         }
+        let aud = match claims.aud {
+            Some(serde_json::Value::String(a)) => vec![a],
+            Some(serde_json::Value::Array(list)) => list
+                .into_iter()
+                .filter_map(|a| a.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        };
         Ok(Verified {
             agent: agent.clone(),
+            aud,
             jti,
             exp,
             key_version,

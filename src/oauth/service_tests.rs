@@ -2514,3 +2514,32 @@ signing_credential = "keyturn/signer"
     );
     cancel.cancel();
 }
+
+/// Black-box finding: a client assertion naming another tenant's issuer as
+/// `aud` was taken. It names the service's issuer, its token endpoint, or
+/// the issuer of a tenant the agent is a client of.
+#[tokio::test]
+async fn a_client_assertion_for_another_tenants_issuer_is_refused() {
+    let h = harness().await;
+    let partner = format!("{ISSUER}/tenants/partner");
+    let named = |h: &Harness, aud: &str| {
+        assertion_with(h, "reporter", "reporter", json!({}), json!({ "aud": aud }))
+    };
+    let mut form = request(&h);
+    set(&mut form, "client_assertion", &named(&h, &partner));
+    let a = post(&h, "/oauth/token", &form).await;
+    assert_eq!(
+        (a.status, &a.json["error"]),
+        (401, &json!("invalid_client"))
+    );
+    let why = a.json["error_description"].as_str().unwrap();
+    assert!(why.contains("names no issuer of a tenant"), "{why}");
+    refused(&a, &form);
+    // The token endpoint, and the service's issuer, are names of it.
+    for aud in [format!("{ISSUER}/oauth/token"), ISSUER.to_owned()] {
+        let mut form = request(&h);
+        set(&mut form, "client_assertion", &named(&h, &aud));
+        set(&mut form, "actor_token", &named(&h, &aud));
+        issue(&h, &form).await;
+    }
+}

@@ -58,7 +58,7 @@ impl TokenService {
             .client_keys(&claimed.agent, false)
             .await
             .map_err(refuse)?;
-        match self.verifier.check(token, &claimed, &keys) {
+        let verified = match self.verifier.check(token, &claimed, &keys) {
             Err(
                 crate::auth::AssertionError::BadSignature(_)
                 | crate::auth::AssertionError::UnknownKid { .. }
@@ -72,7 +72,32 @@ impl TokenService {
             }
             r => r,
         }
-        .map_err(|e| refuse(e.to_string()))
+        .map_err(|e| refuse(e.to_string()))?;
+        if !self.names_the_service_for(&verified) {
+            return Err(refuse(format!(
+                "its aud names no issuer of a tenant agent {} is a client of: name the service's issuer, its token endpoint, or the issuer of a tenant in the client's `tenants`",
+                verified.agent
+            )));
+        }
+        Ok(verified)
+    }
+
+    /// Whether an assertion's `aud` names this service for its agent: the
+    /// service's issuer or token endpoint, or the issuer of a tenant with a
+    /// key of its own that the agent is a client of (black-box finding: an
+    /// assertion naming another tenant's issuer was taken).
+    fn names_the_service_for(&self, v: &crate::auth::Verified) -> bool {
+        let tenants = self
+            .clients
+            .get(&v.agent)
+            .map_or(&[][..], |c| c.tenants.as_slice());
+        let token_endpoint = format!("{}{TOKEN_PATH}", self.base);
+        v.aud.iter().any(|aud| {
+            *aud == token_endpoint
+                || self.keys.iter().any(|k| {
+                    k.policy.issuer == *aud && k.tenant.as_ref().is_none_or(|t| tenants.contains(t))
+                })
+        })
     }
 
     /// Spends the jtis of checked assertions, each with the error code and
