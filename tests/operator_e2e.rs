@@ -1239,3 +1239,63 @@ fn a_rotate_met_by_the_rotation_in_flight_says_it_joined_it() {
         .count();
     assert_eq!(creates, 2, "version 1 and the one rotation all three met");
 }
+
+/// Black-box finding: after a reload changed a credential's target, the next
+/// rotation, retiring the version before the current one at its start,
+/// revoked the old target while the current value, set there too, was in
+/// use (and lost its grace), and sent `retire` of the old versions to the
+/// new target, which never had them. The old target is retired there as
+/// usual, and revoked only when the last value set on it retires.
+#[test]
+fn a_changed_target_is_revoked_when_the_last_value_set_on_it_retires() {
+    let env = Env::new("");
+    let d = env.path().display().to_string();
+    let hook = |n: u32| {
+        let path = env.path().join(format!("hook{n}.sh"));
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\necho \"$KEYTURN_STEP ${{KEYTURN_VERSION:-all}}\" >> {d}/hook{n}.log\nexit 0\n"
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    };
+    let config = |program: &std::path::Path| {
+        format!(
+            "{}[agents.bot.credentials.db]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"1h\"\ngrace = \"3s\"\ntarget = {{ type = \"command\", program = \"{}\" }}\ndeliver = [{ONE_FILE}]\n",
+            agent_table("bot"),
+            program.display()
+        )
+    };
+    let (one, two) = (hook(1), hook(2));
+    let log = |n: u32| {
+        std::fs::read_to_string(env.path().join(format!("hook{n}.log"))).unwrap_or_default()
+    };
+    env.write_credentials(&config(&one));
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    env.write_credentials(&config(&two));
+    daemon.reload();
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    // Version 3 went to the new target; version 1 was retired at the old
+    // one, which still holds version 2 (in its grace): not revoked yet.
+    let (first, second) = (log(1), log(2));
+    assert!(first.contains("retire 1"), "{first}");
+    assert!(
+        !first.contains("revoke"),
+        "revoked with version 2 still in use:\n{first}"
+    );
+    assert_eq!(second.lines().next(), Some("set 3"), "{second}");
+    assert!(!second.contains("retire"), "{second}");
+    // Version 2's grace ends: the old target holds no value any more.
+    let revoked = wait_for(Duration::from_secs(20), || {
+        log(1).contains("revoke all").then_some(())
+    });
+    assert!(revoked.is_some(), "{}", log(1));
+    assert!(!log(2).contains("revoke"), "{}", log(2));
+    daemon.stop();
+}

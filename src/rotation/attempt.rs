@@ -265,16 +265,46 @@ impl Inner {
             }
         }
         if let Some(previous) = rot.previous_version {
-            // The target stops accepting the previous value too (alternating
-            // users: its role's password is cleared).
-            if let Some(target) = &entry.target {
-                target
-                    .retire(entry.key(), previous)
-                    .await
-                    .map_err(|e| target_error(target.as_ref(), e))?;
+            // Where the previous value was set, and where this rotation set
+            // the current one (the config may have changed the target in
+            // between, or since: black-box finding, a reload that changed
+            // it had the next rotation revoke the old target while the
+            // current value, set there too, was still in use).
+            let target_of = |f: &str| {
+                Footprint::parse(f)
+                    .ok()
+                    .map(|f| f.target.unwrap_or_else(crate::targets::TargetConfig::none))
+            };
+            let prev_target = prev_footprint.as_deref().and_then(target_of);
+            let cur_target = rot
+                .footprint
+                .as_deref()
+                .and_then(target_of)
+                .unwrap_or_else(|| entry.policy.target.clone());
+            match prev_target {
+                // The previous value was the last one set there: no value
+                // is set there any more.
+                Some(earlier) if !earlier.is_none() && !earlier.same_place(&cur_target) => {
+                    self.revoke_at_earlier_target(entry, &earlier).await?;
+                }
+                // The target stops accepting the previous value too
+                // (alternating users: its role's password is cleared),
+                // where it was set.
+                prev_target => {
+                    let target = match prev_target {
+                        Some(t) if !t.same_place(&entry.policy.target) => t
+                            .build()
+                            .map_err(|e| StepError::new("the previous version's target", e))?,
+                        _ => entry.target.clone(),
+                    };
+                    if let Some(target) = target {
+                        target
+                            .retire(entry.key(), previous)
+                            .await
+                            .map_err(|e| target_error(target.as_ref(), e))?;
+                    }
+                }
             }
-            self.revoke_at_earlier_target(entry, prev_footprint.as_deref())
-                .await?;
             writes.push(Write::VersionStage {
                 key: entry.key().clone(),
                 version: previous,
@@ -311,22 +341,15 @@ impl Inner {
     async fn revoke_at_earlier_target(
         &self,
         entry: &CredEntry,
-        prev_footprint: Option<&str>,
+        earlier: &crate::targets::TargetConfig,
     ) -> Result<(), StepError> {
-        let Some(earlier) = prev_footprint
-            .and_then(|f| Footprint::parse(f).ok())
-            .and_then(|f| f.target)
-            .filter(|t| !t.is_none() && !t.same_place(&entry.policy.target))
-        else {
-            return Ok(());
-        };
         let key = entry.key();
         let shown = earlier
             .build()
             .ok()
             .flatten()
             .map_or_else(|| "the earlier target".to_owned(), |t| t.describe());
-        if self.catalog().target_used_by_other(key, &earlier) {
+        if self.catalog().target_used_by_other(key, earlier) {
             tracing::warn!(agent = %key.agent, credential = %key.credential, target = %shown, "the previous version was set on a target another credential uses now: it is not revoked there (that would cut the other one off); check it by hand");
             return Ok(());
         }
