@@ -1868,3 +1868,56 @@ fn a_lost_state_database_beside_an_audit_log_with_records_is_refused() {
     assert_eq!(std::fs::read(&old).unwrap(), log_before);
     audit_verifies(&env, "the new log");
 }
+
+/// Black-box finding: `check --online` against a PostgreSQL behind a proxy
+/// that stalled reported the failure and exit 69, then, 8 times in 10, a
+/// tokio panic and its backtrace: the login given up at `--timeout` was
+/// still running on the blocking pool when the runtime shut down. (This
+/// test's silent and trickling servers did not make it panic before the
+/// fix either; it holds the clean end: the report, exit 69, no panic.)
+#[test]
+fn check_online_against_a_server_that_never_answers_ends_cleanly() {
+    // A server that answers one byte every 200 ms, for ever.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let trickle = silent.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for conn in trickle.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                use std::io::Write as _;
+                while conn.write_all(b"R").is_ok() {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            });
+        }
+    });
+    let env = Env::new("");
+    let dsn = env.path().join("admin.dsn");
+    std::fs::write(
+        &dsn,
+        format!("host=127.0.0.1 port={port} user=admin password=x dbname=postgres\n"),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dsn, std::fs::Permissions::from_mode(0o600)).unwrap();
+    env.write_credentials(&format!(
+        "{}[agents.bot.credentials.db]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"1h\"\ntarget = {{ type = \"postgres\", admin_dsn_file = \"{}\", role = \"bot\", connect_timeout = \"2s\" }}\n",
+        agent_table("bot"),
+        dsn.display()
+    ));
+    for _ in 0..3 {
+        let out = env.cli(&["check", "--online", "--timeout", "1s"]);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(69), "{stdout}{stderr}");
+        assert!(stdout.contains("FAILED"), "{stdout}");
+        assert!(
+            !stderr.contains("panicked") && !stdout.contains("panicked"),
+            "{stdout}{stderr}"
+        );
+    }
+    drop(silent);
+}

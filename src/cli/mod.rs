@@ -76,7 +76,18 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
+    let online_check = matches!(cli.command, Command::Check { online: true, .. });
     let code = runtime.block_on(run(cli));
+    if online_check {
+        // A probe given up at `--timeout` may still be logging in on the
+        // blocking pool; shutting the runtime down under it made tokio
+        // panic there (a backtrace after the report). Nothing is left to
+        // do: the report is out.
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        std::process::exit(i32::from(code));
+    }
     // Blocking tasks (SQLite, file writes) are bounded; do not wait forever on them.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     ExitCode::from(code)

@@ -643,16 +643,32 @@ impl SubjectTokens {
 
     /// Loads every issuer's key set once and keeps refreshing them every
     /// `refresh` until `cancel`. A set that fails to load is retried on the
-    /// schedule (and on an unknown `kid`); its error is logged.
+    /// schedule (and on an unknown `kid`); its error is logged. The first
+    /// loads run side by side, and this waits for them at most
+    /// [`START_WAIT`]: a JWKS file is read in milliseconds, but an identity
+    /// provider that does not answer must not hold up the daemon's start
+    /// (black-box finding: 10 s per issuer, one after another, before the
+    /// listener or any rotation ran). A load still running goes on; an
+    /// exchange meanwhile waits for it (see [`Jwks::load_for_unknown_kid`]).
     pub async fn start(&self, cancel: &tokio_util::sync::CancellationToken) {
+        let mut loads = Vec::with_capacity(self.issuers.len());
         for i in &self.issuers {
-            let _ = i.jwks.load().await;
-            i.jwks
-                .clone()
-                .spawn_refresh(i.config.refresh, cancel.clone());
+            let (jwks, every, cancel) = (i.jwks.clone(), i.config.refresh, cancel.clone());
+            let (loaded, done) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                let _ = jwks.load().await;
+                let _ = loaded.send(());
+                jwks.spawn_refresh(every, cancel);
+            });
+            loads.push(done);
         }
+        let _ = tokio::time::timeout(START_WAIT, futures::future::join_all(loads)).await;
     }
 }
+
+/// How long [`SubjectTokens::start`] waits for the first loads of the key
+/// sets.
+pub const START_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// An algorithm's JOSE name (`EdDSA`, `ES256`, ...): its variant name.
 fn alg_name(a: Algorithm) -> String {

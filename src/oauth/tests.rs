@@ -1152,6 +1152,54 @@ async fn start_loads_every_issuer_and_refreshes_a_jwks_file_on_schedule() {
     assert_eq!(jwks.stats.loads.load(Ordering::Relaxed), loads);
 }
 
+/// Black-box finding: each issuer whose JWKS URL accepted and never
+/// answered held the daemon's start for the fetch timeout (10 s), one after
+/// another, before the listener and any rotation. The first loads run side
+/// by side and the start waits for them at most `START_WAIT`; a file set
+/// beside them is loaded by then, and a hung one is still tried.
+#[tokio::test]
+async fn issuers_that_do_not_answer_do_not_hold_up_the_start() {
+    let a = ed_a();
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/jwks", hung.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, jwks_of(&[&a])).unwrap();
+    let mut issuers: Vec<SubjectIssuer> = (0..4)
+        .map(|i| {
+            let cfg = SubjectIssuerConfig {
+                issuer: format!("https://hung-{i}.example"),
+                ..config(JwksSource::Url(url.clone()), vec![Algorithm::EdDSA])
+            };
+            SubjectIssuer::from_config(cfg).unwrap()
+        })
+        .collect();
+    issuers.push(
+        SubjectIssuer::from_config(config(JwksSource::File(path), vec![Algorithm::EdDSA])).unwrap(),
+    );
+    let tokens = SubjectTokens::new(issuers);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let started = std::time::Instant::now();
+    tokens.start(&cancel).await;
+    let took = started.elapsed();
+    assert!(
+        took < crate::oauth::subject::START_WAIT + Duration::from_secs(1),
+        "{took:?}"
+    );
+    assert!(tokens.issuers()[4].jwks().keys().has_kid("a"));
+    tokens.validate(&token(&a)).await.unwrap();
+    for i in &tokens.issuers()[..4] {
+        assert!(i.jwks().keys().is_empty());
+        assert_eq!(
+            i.jwks().stats.loads.load(Ordering::Relaxed),
+            1,
+            "being tried"
+        );
+    }
+    cancel.cancel();
+    drop(hung);
+}
+
 /// A subject token that verified is remembered by the SHA-256 of its bytes,
 /// so the same token again skips the signature check. The result stands
 /// only while the key that verified it is still its issuer's under its
