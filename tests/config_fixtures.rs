@@ -961,7 +961,7 @@ fn several_problems_are_all_reported_in_file_order() {
         ],
         "{errors:#?}"
     );
-    assert!(errors[2].message.contains("Minutes must be less than"));
+    assert!(errors[2].message.contains("Minutes must be at most 59"));
     assert!(!errors[2].message.contains('\n'), "one line per error");
 }
 
