@@ -112,7 +112,10 @@ impl Alerts {
                             .max(e.retry_after.unwrap_or_default());
                         tracing::warn!(
                             sink = %name, key = %key, error = %e.message,
-                            retry_in = %humantime::format_duration(wait),
+                            // Jittered: shown to the millisecond.
+                            retry_in = %humantime::format_duration(std::time::Duration::from_millis(
+                                u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
+                            )),
                             "alert delivery failed; retrying"
                         );
                         if let Some(m) = &self.inner.metrics {
