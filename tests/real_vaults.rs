@@ -1195,7 +1195,10 @@ fn assert_rotation_fails(env: &Env, cred: &str, needles: &[&str]) -> (String, St
     let last_error = r["last_error"].as_str().unwrap_or_default().to_owned();
     let who = format!("{AGENT}/{cred}");
     assert!(
-        out_text.contains(&format!("{who}: FAILED: {who}: step ")),
+        // `FAILED (version N): ` when the rotation had begun a version.
+        out_text.contains(&format!("{who}: FAILED: {who}: step "))
+            || (out_text.contains(&format!("{who}: FAILED (version "))
+                && out_text.contains(&format!("): {who}: step "))),
         "{out_text}"
     );
     for n in needles {
