@@ -1297,5 +1297,18 @@ fn a_changed_target_is_revoked_when_the_last_value_set_on_it_retires() {
     });
     assert!(revoked.is_some(), "{}", log(1));
     assert!(!log(2).contains("revoke"), "{}", log(2));
+    // The revocation is in the audit log, naming the earlier target, not
+    // only in the daemon's log.
+    let audited = wait_for(Duration::from_secs(10), || {
+        audit_records(&env)
+            .into_iter()
+            .find(|r| r["event"] == "target.revoked")
+    })
+    .expect("no target.revoked record");
+    assert_eq!(audited["outcome"], "ok", "{audited}");
+    assert_eq!(audited["credential"], "db", "{audited}");
+    let detail = audited["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("hook1.sh"), "{audited}");
     daemon.stop();
+    audit_verifies(&env, "after the earlier target's revocation");
 }

@@ -285,7 +285,7 @@ impl Inner {
                 // The previous value was the last one set there: no value
                 // is set there any more.
                 Some(earlier) if !earlier.is_none() && !earlier.same_place(&cur_target) => {
-                    self.revoke_at_earlier_target(entry, &earlier).await?;
+                    writes.push(self.revoke_at_earlier_target(entry, rot, &earlier).await?);
                 }
                 // The target stops accepting the previous value too
                 // (alternating users: its role's password is cleared),
@@ -338,29 +338,49 @@ impl Inner {
     /// revokes it, unless another credential uses that target now (it
     /// would be cut off). Without this the old role kept accepting the
     /// retired value until the agent was decommissioned.
+    ///
+    /// Either way it is an audit record (`target.revoked`, or
+    /// `target.left_in_place` failed): a revocation, or a value left
+    /// working, that only a log line told of was found by a black-box test.
     async fn revoke_at_earlier_target(
         &self,
         entry: &CredEntry,
+        rot: &RotationRow,
         earlier: &crate::targets::TargetConfig,
-    ) -> Result<(), StepError> {
+    ) -> Result<Write, StepError> {
         let key = entry.key();
         let shown = earlier
             .build()
             .ok()
             .flatten()
             .map_or_else(|| "the earlier target".to_owned(), |t| t.describe());
-        if self.catalog().target_used_by_other(key, earlier) {
-            tracing::warn!(agent = %key.agent, credential = %key.credential, target = %shown, "the previous version was set on a target another credential uses now: it is not revoked there (that would cut the other one off); check it by hand");
-            return Ok(());
-        }
-        earlier.revoke(key).await.map_err(|e| {
-            StepError::new(
-                format!("target {shown} (the previous version's, before the config changed it)"),
-                e,
+        let (event, outcome, detail) = if self.catalog().target_used_by_other(key, earlier) {
+            let msg = format!(
+                "the previous version was set on target {shown}, which another credential uses now: it is not revoked there (that would cut the other one off); check it by hand"
+            );
+            tracing::warn!(agent = %key.agent, credential = %key.credential, target = %shown, "{msg}");
+            ("target.left_in_place", Outcome::Failed, msg)
+        } else {
+            earlier.revoke(key).await.map_err(|e| {
+                StepError::new(
+                    format!(
+                        "target {shown} (the previous version's, before the config changed it)"
+                    ),
+                    e,
+                )
+            })?;
+            tracing::info!(agent = %key.agent, credential = %key.credential, target = %shown, "the config changed the target: the values set on the earlier one are revoked there");
+            (
+                "target.revoked",
+                Outcome::Ok,
+                format!(
+                    "the config changed the target: the values set on {shown} are revoked there"
+                ),
             )
-        })?;
-        tracing::info!(agent = %key.agent, credential = %key.credential, target = %shown, "the config changed the target: the values set on the earlier one are revoked there");
-        Ok(())
+        };
+        self.audit(self.audit_event(entry, Some(rot), event, outcome, Some(detail), None))
+            .await
+            .map_err(|e| StepError::new("audit", e))
     }
 
     /// The footprint of the rotation that made the version before `rot`'s
