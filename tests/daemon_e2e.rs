@@ -1791,6 +1791,52 @@ fn a_peer_outside_the_socket_policy_is_refused_and_audited() {
     );
 }
 
+/// Black-box finding: every refused control connection was an fsynced
+/// audit record, so a user who could reach the socket filled the log by
+/// connecting in a loop. Refusals on the control socket are rate-limited
+/// per uid like the agents' socket's, and summarized by the stop.
+#[test]
+fn a_flood_of_refused_control_connections_is_audited_only_a_few_times() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test runs a client as another uid, which needs root (as CI runs the suite)"
+    );
+    let env = Env::new(ONE_RAW);
+    let daemon = env.start();
+    std::fs::set_permissions(
+        env.path().join("control.sock"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    for _ in 0..25 {
+        let out = cli_as_nobody(&env, &["status"]);
+        assert_eq!(
+            out.status.code(),
+            Some(77),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    daemon.stop();
+    let records = audit_records(&env);
+    let refused: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"] == "admin.refused")
+        .collect();
+    assert_eq!(refused.len(), 11, "10 refusals and a summary: {refused:?}");
+    assert!(refused.iter().all(|r| r["actor"]["uid"] == 65534));
+    let summary = refused
+        .iter()
+        .find_map(|r| r["detail"].as_str().filter(|d| d.contains("more refusals")))
+        .unwrap_or_else(|| panic!("no summary: {refused:?}"));
+    assert!(
+        summary.starts_with("and 15 more refusals from uid 65534 in the last "),
+        "{summary}"
+    );
+    audit_verifies(&env, "after refused control connections");
+}
+
 /// Defect: a lost state database (vaults, vault key and audit log intact)
 /// was taken as a new one: versions numbered from 1 again while the vault
 /// went on, and the audit log got a second promote of version 1. The

@@ -88,8 +88,9 @@ pub trait ControlHandler: Send + Sync + 'static {
         selector: Selector,
         wait: bool,
     ) -> Result<Vec<RotateResult>, ApiError>;
-    /// Record a refused connection in the audit log.
-    async fn refused(&self, peer: PeerCred, reason: String);
+    /// Record a refused connection in the audit log (rate-limited per
+    /// uid); true when this one was recorded (log it then).
+    async fn refused(&self, peer: PeerCred, reason: String) -> bool;
     /// Decommission `agent` (see `crate::revocation`).
     async fn decommission(
         &self,
@@ -575,8 +576,9 @@ async fn handle_connection(
 
     if !server.authorize(&peer).await {
         let reason = server.refusal_message(&peer);
-        warn!(uid = peer.uid, gid = peer.gid, pid = peer.pid, socket = %server.path.display(), "refused control connection");
-        server.handler.refused(peer, reason.clone()).await;
+        if server.handler.refused(peer, reason.clone()).await {
+            warn!(uid = peer.uid, gid = peer.gid, pid = peer.pid, socket = %server.path.display(), "refused control connection");
+        }
         write_last_error(
             &mut write_half,
             ApiError::forbidden(reason),
@@ -766,8 +768,9 @@ mod tests {
                 }]),
             }
         }
-        async fn refused(&self, peer: PeerCred, reason: String) {
+        async fn refused(&self, peer: PeerCred, reason: String) -> bool {
             self.refused.lock().unwrap().push((peer, reason));
+            true
         }
         async fn ack(
             &self,
