@@ -10,6 +10,7 @@ impl Validator<'_> {
         if text.trim().is_empty() {
             self.err(path, "path must not be empty");
         }
+        self.unexpanded(path, text);
         self.ctx.resolve(text)
     }
 

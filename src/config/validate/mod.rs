@@ -60,6 +60,19 @@ impl Context {
     }
 }
 
+/// Why `text` looks like a path a shell would expand: a leading `~`, or
+/// `$NAME` / `${NAME}`.
+fn unexpanded_reason(text: &str) -> Option<&'static str> {
+    if text.starts_with('~') {
+        return Some("starts with `~`");
+    }
+    let bytes = text.as_bytes();
+    let variable = bytes
+        .windows(2)
+        .any(|w| w[0] == b'$' && (w[1] == b'{' || w[1] == b'_' || w[1].is_ascii_uppercase()));
+    variable.then_some("names an environment variable (`$NAME`)")
+}
+
 /// A duration setting's value once validated: `default` when unset (a
 /// plug-in reads its settings through this, after `check` accepted them).
 pub fn duration_value(text: Option<&str>, default: Duration) -> Duration {
@@ -483,7 +496,23 @@ impl Validator<'_> {
         if p.as_os_str().is_empty() {
             self.err(path, "path must not be empty");
         }
+        self.unexpanded(path, &p.to_string_lossy());
         *p = self.ctx.resolve_path(p);
+    }
+
+    /// A path written as a shell would expand it (`~/keys`, `$HOME/keys`,
+    /// `${STATE}/db`): keyturn takes paths as written, so it would use a
+    /// directory named `~` or `$HOME` beside the config (black-box
+    /// finding). Refused, saying what to write instead; true when it was.
+    pub(crate) fn unexpanded(&mut self, path: Loc<'_>, text: &str) -> bool {
+        let Some(why) = unexpanded_reason(text) else {
+            return false;
+        };
+        self.err(
+            path,
+            format!("path `{text}` {why}: keyturn does not expand it (no shell reads the config); write the absolute path"),
+        );
+        true
     }
 
     fn tiers(&mut self, raw: &RawConfig) -> BTreeMap<String, TierConfig> {

@@ -476,3 +476,54 @@ fn a_socket_path_too_long_to_bind_is_refused() {
         ),
     );
 }
+
+/// Black-box finding: `~/keys` and `$HOME/keys` were taken as written, a
+/// directory named `~` or `$HOME` beside the config. Refused, in every
+/// kind of path setting, each named.
+#[test]
+fn paths_a_shell_would_expand_are_refused() {
+    let text = format!(
+        "[daemon]\nstate_dir = \"~/keyturn\"\naudit_log = \"${{STATE}}/audit.log\"\n\
+delivery_roots = [\"/run/kt\"]\n[vaults.v]\ntype = \"local\"\nkey_file = \"$HOME/vault.key\"\n\
+[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+[agents.a.credentials.x]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+deliver = [{{ type = \"file\", path = \"/run/kt/a/$KEY\" }}]\n"
+    );
+    let e = super::super::load_str(Path::new("/etc/keyturn/t.toml"), &text)
+        .expect_err("should fail")
+        .0;
+    let got: Vec<(&str, &str)> = e
+        .iter()
+        .map(|e| (e.toml_path.as_str(), e.message.as_str()))
+        .collect();
+    let tail = "keyturn does not expand it (no shell reads the config); write the absolute path";
+    let env = "names an environment variable (`$NAME`)";
+    assert_eq!(
+        got,
+        [
+            (
+                "daemon.state_dir",
+                format!("path `~/keyturn` starts with `~`: {tail}").as_str()
+            ),
+            (
+                "daemon.audit_log",
+                format!("path `${{STATE}}/audit.log` {env}: {tail}").as_str()
+            ),
+            (
+                "vaults.v.key_file",
+                format!("path `$HOME/vault.key` {env}: {tail}").as_str()
+            ),
+            (
+                "agents.a.credentials.x.deliver[0].path",
+                format!("path `/run/kt/a/$KEY` {env}: {tail}").as_str()
+            ),
+        ],
+        "{e:?}"
+    );
+    // A `$` that names no variable is a file name like any other.
+    let fine = format!(
+        "{HEAD}[agents.a.credentials.x]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+deliver = [{{ type = \"file\", path = \"/run/kt/a/price$5.key\" }}]\n"
+    );
+    super::super::load_str(Path::new("/etc/keyturn/t.toml"), &fine).expect("a `$5` is no variable");
+}

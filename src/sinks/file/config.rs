@@ -141,6 +141,9 @@ impl FileConfig {
             );
             return;
         }
+        if v.unexpanded(p, &written.to_string_lossy()) {
+            return;
+        }
         // `..` is refused outright rather than normalised away: with
         // symlinks in play, `a/../b` need not be where it looks.
         if written.components().any(|c| c == Component::ParentDir) {
