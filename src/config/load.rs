@@ -1054,6 +1054,27 @@ deliver = [{ type = \"file\", path = \"/run/kt/a/c\", colour = \"red\" }]\n";
         );
         assert!(e.message.contains("expected a non-negative integer"), "{e}");
 
+        // Black-box finding: a reload with 2^63 passed the check and
+        // panicked the daemon (a semaphore's bound).
+        let e = one_error("[daemon]\nmax_concurrent_rotations = 9223372036854775807\n");
+        assert_eq!(
+            (e.line, e.toml_path.as_str(), e.message.as_str()),
+            (
+                8,
+                "daemon.max_concurrent_rotations",
+                "max_concurrent_rotations is at most 1000000"
+            )
+        );
+        let e = one_error("[vaults.w]\ntype = \"local\"\nmax_concurrent = 9223372036854775807\n");
+        assert_eq!(
+            (e.line, e.toml_path.as_str(), e.message.as_str()),
+            (
+                9,
+                "vaults.w.max_concurrent",
+                "max_concurrent is at most 1000000"
+            )
+        );
+
         let e = one_error("[vaults.w]\nmax_concurrent = 1\n");
         assert_eq!((e.line, e.toml_path.as_str()), (7, "vaults.w"));
         assert_eq!(e.message, "missing key `type`");

@@ -808,7 +808,7 @@ fn plain_types(message: &str) -> String {
         ("struct RawAgent", "a table"),
         ("struct RawCredential", "a table"),
         ("expected usize", "expected a non-negative integer"),
-        ("expected u32", "expected a non-negative integer"),
+        ("expected u32", "expected an integer from 0 to 4294967295"),
     ];
     let mut out = message.to_owned();
     for (rust, toml) in WORDS {

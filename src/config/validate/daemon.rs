@@ -146,6 +146,11 @@ impl Validator<'_> {
                 p.key("max_concurrent_rotations"),
                 "max_concurrent_rotations must be at least 1",
             );
+        } else if max_concurrent_rotations > MAX_CONCURRENCY {
+            self.err(
+                p.key("max_concurrent_rotations"),
+                format!("max_concurrent_rotations is at most {MAX_CONCURRENCY}"),
+            );
         }
         let catch_up_spread = self.duration_or(
             p.key("catch_up_spread"),

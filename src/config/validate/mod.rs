@@ -60,6 +60,11 @@ impl Context {
     }
 }
 
+/// The most a `max_concurrent` setting takes: far above any useful
+/// value, far below what a semaphore holds (a reload with 2^63 passed the
+/// check and then panicked the daemon: black-box finding).
+pub(crate) const MAX_CONCURRENCY: usize = 1_000_000;
+
 /// Why `text` looks like a path a shell would expand: a leading `~`, or
 /// `$NAME` / `${NAME}`.
 fn unexpanded_reason(text: &str) -> Option<&'static str> {
@@ -570,6 +575,11 @@ impl Validator<'_> {
                 .unwrap_or(DEFAULT_VAULT_MAX_CONCURRENT);
             if max_concurrent == 0 {
                 self.err(p.key("max_concurrent"), "max_concurrent must be at least 1");
+            } else if max_concurrent > MAX_CONCURRENCY {
+                self.err(
+                    p.key("max_concurrent"),
+                    format!("max_concurrent is at most {MAX_CONCURRENCY}"),
+                );
             }
             if let Some(index) = spec.plugin().change_index() {
                 self.vault_path(p.key("change_index"), index);
