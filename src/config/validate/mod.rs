@@ -610,11 +610,17 @@ impl Validator<'_> {
 
     /// An absolute URL with one of `schemes` and a host; `example` shows a good one.
     pub(crate) fn url(&mut self, p: Loc<'_>, text: &str, schemes: &[&str], example: &str) {
+        let mut shown = text.to_owned();
         let problem = match text.split_once("://") {
             None => Some("it has no scheme".to_owned()),
             Some((scheme, rest)) => {
                 let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-                if !schemes.contains(&scheme) {
+                if let Some((_, after)) = host.rsplit_once('@') {
+                    // Not echoed: the message reaches the daemon's log on
+                    // a refused reload.
+                    shown = format!("{scheme}://***@{after}...");
+                    Some("it holds a user name or password, which would end up in logs, `status` and the audit log with every error naming the URL; give credentials with the auth settings".to_owned())
+                } else if !schemes.contains(&scheme) {
                     Some(format!("the scheme must be {}", list(schemes.iter())))
                 } else if host.is_empty() {
                     Some("it has no host".to_owned())
@@ -628,7 +634,7 @@ impl Validator<'_> {
         if let Some(why) = problem {
             self.err(
                 p,
-                format!("invalid URL `{text}`: {why} (write e.g. \"{example}\")"),
+                format!("invalid URL `{shown}`: {why} (write e.g. \"{example}\")"),
             );
         }
     }

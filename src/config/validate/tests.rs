@@ -527,3 +527,41 @@ deliver = [{{ type = \"file\", path = \"/run/kt/a/price$5.key\" }}]\n"
     );
     super::super::load_str(Path::new("/etc/keyturn/t.toml"), &fine).expect("a `$5` is no variable");
 }
+
+/// Black-box finding: a password in a vault's URL was accepted and then
+/// printed by every error naming the vault, into the daemon's log,
+/// `status` and the audit log. Refused, without echoing it.
+#[test]
+fn a_vault_url_holding_a_password_is_refused_without_echoing_it() {
+    for (table, key, url) in [
+        (
+            "type = \"vault\"\nmount = \"kv\"\ntoken_env = \"T\"",
+            "address",
+            "http://kt:CANARY-77@127.0.0.1:8200",
+        ),
+        (
+            "type = \"aws_secrets_manager\"\nregion = \"us-east-1\"",
+            "endpoint_url",
+            "http://kt:CANARY-77@127.0.0.1:5000/x",
+        ),
+        (
+            "type = \"azure_key_vault\"",
+            "vault_url",
+            "https://kt:CANARY-77@v.vault.azure.net",
+        ),
+    ] {
+        let text = format!("[vaults.r]\n{table}\n{key} = \"{url}\"\n");
+        let e = super::super::load_str(Path::new("/etc/keyturn/t.toml"), &text)
+            .expect_err("should fail")
+            .0;
+        let hit = e
+            .iter()
+            .find(|e| e.toml_path == format!("vaults.r.{key}"))
+            .unwrap_or_else(|| panic!("{key} not refused: {e:?}"));
+        assert!(
+            hit.message.contains("holds a user name or password"),
+            "{hit:?}"
+        );
+        assert!(!format!("{e:?}").contains("CANARY-77"), "echoed: {e:?}");
+    }
+}
