@@ -114,7 +114,11 @@ impl Validator<'_> {
             .collect();
         self.roots_apart_from_state(p, &delivery_roots, &state_dir);
         let audit_log = match &d.audit_log {
-            Some(s) => self.path_setting(p.key("audit_log"), s),
+            Some(s) => {
+                let log = self.path_setting(p.key("audit_log"), s);
+                self.log_apart(p, &log, &state_dir, &delivery_roots);
+                log
+            }
             None => state_dir.join("audit.log"),
         };
         let audit_key_file = d.audit_key_file.as_ref().map(|s| {
@@ -239,6 +243,40 @@ impl Validator<'_> {
                     root.display(),
                     state_dir.display()
                 ),
+            );
+        }
+    }
+
+    /// The audit log is a file of its own: not one of keyturn's files in
+    /// the state directory (`state.db` took the audit records at byte 0),
+    /// not below a delivery root (a sink renamed a secret over it, and
+    /// sinks write anything there as root). Black-box finding: both passed
+    /// the check and destroyed the log.
+    fn log_apart(&mut self, p: &Loc<'_>, log: &Path, state_dir: &Path, roots: &[PathBuf]) {
+        let why = if let Ok(rest) = log.strip_prefix(state_dir) {
+            let name = rest.to_string_lossy();
+            let ours = rest.components().count() != 1
+                || name.starts_with("state.db")
+                || name.ends_with("-vault.key")
+                || ["keyturn.lock", "hooks", "alerts", "tasks", "vaults"].contains(&&*name);
+            ours.then(|| {
+                format!(
+                    "is one of keyturn's own places in the state directory `{}`; write a file name directly in it other than keyturn's (e.g. the default, audit.log), or a path elsewhere",
+                    state_dir.display()
+                )
+            })
+        } else {
+            roots.iter().find(|r| log.starts_with(r)).map(|r| {
+                format!(
+                    "is below the delivery root `{}`, where sinks write secrets (and replace files) as root; keep it elsewhere (e.g. the default, in the state directory)",
+                    r.display()
+                )
+            })
+        };
+        if let Some(why) = why {
+            self.err(
+                p.key("audit_log"),
+                format!("audit_log `{}` {why}", log.display()),
             );
         }
     }

@@ -261,7 +261,7 @@ impl Validator<'_> {
         let daemon = self.daemon(&daemon_path, &raw_daemon);
 
         let tiers = self.tiers(raw);
-        let vaults = self.vaults(raw, &daemon.state_dir);
+        let vaults = self.vaults(raw, &daemon);
         let alert_rules = self.alert_rules(raw);
 
         let scope = Scope {
@@ -558,8 +558,12 @@ impl Validator<'_> {
         out
     }
 
-    fn vaults(&mut self, raw: &RawConfig, state_dir: &Path) -> BTreeMap<String, VaultConfig> {
+    fn vaults(&mut self, raw: &RawConfig, daemon: &DaemonConfig) -> BTreeMap<String, VaultConfig> {
+        let state_dir = &daemon.state_dir;
         let mut out = BTreeMap::new();
+        // The directories of the vaults that have one (local vaults), each
+        // with the vault it is of.
+        let mut dirs: Vec<(PathBuf, &str)> = Vec::new();
         for (name, vault) in &raw.vaults {
             let vaults_loc = Loc::top("vaults");
             let p = vaults_loc.key(name);
@@ -584,6 +588,10 @@ impl Validator<'_> {
             if let Some(index) = spec.plugin().change_index() {
                 self.vault_path(p.key("change_index"), index);
             }
+            if let Some(dir) = spec.plugin().data_dir() {
+                self.vault_dir_apart(p, name, dir, &dirs, daemon);
+                dirs.push((dir.to_path_buf(), name));
+            }
             if id_ok && self.issues.len() == before {
                 out.insert(
                     name.clone(),
@@ -606,6 +614,45 @@ impl Validator<'_> {
         default: Duration,
     ) -> Duration {
         self.duration_or(p.key("timeout"), text.as_ref(), default, Zero::Rejected)
+    }
+
+    /// A vault's own directory (a local vault's database) is no other
+    /// vault's (two vaults on one `dir` overwrote each other's versions:
+    /// black-box finding), holds no audit log and no delivery root, and is
+    /// not below one.
+    fn vault_dir_apart(
+        &mut self,
+        p: Loc<'_>,
+        name: &str,
+        dir: &Path,
+        others: &[(PathBuf, &str)],
+        daemon: &DaemonConfig,
+    ) {
+        let overlap = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
+        let why = if let Some((_, other)) = others.iter().find(|(d, _)| overlap(dir, d)) {
+            Some(format!(
+                "it overlaps the directory of vault `{other}`; each local vault needs a directory of its own"
+            ))
+        } else if daemon.audit_log.starts_with(dir) {
+            Some(format!(
+                "it holds the audit log `{}`; keep the log out of it",
+                daemon.audit_log.display()
+            ))
+        } else {
+            daemon
+                .delivery_roots
+                .iter()
+                .find(|r| overlap(dir, r))
+                .map(|r| format!("it overlaps the delivery root `{}`, where sinks write as root; keep the vault's directory apart from it", r.display()))
+        };
+        if let Some(why) = why {
+            // (A default `dir`, not in the file, is located at the vault's
+            // table.)
+            self.err(
+                p.key("dir"),
+                format!("vault `{name}`'s directory `{}`: {why}", dir.display()),
+            );
+        }
     }
 
     /// An absolute URL with one of `schemes` and a host; `example` shows a good one.

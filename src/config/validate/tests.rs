@@ -565,3 +565,75 @@ fn a_vault_url_holding_a_password_is_refused_without_echoing_it() {
         assert!(!format!("{e:?}").contains("CANARY-77"), "echoed: {e:?}");
     }
 }
+
+/// Black-box findings: an `audit_log` on a delivered file's path or on
+/// `state.db`, and two local vaults on one `dir`, passed the check; the
+/// first lost the audit log, the second overwrote the other's versions.
+#[test]
+fn the_audit_log_and_local_vault_directories_are_places_of_their_own() {
+    let errors = |text: &str| -> Vec<(String, String)> {
+        super::super::load_str(Path::new("/etc/keyturn/t.toml"), text)
+            .expect_err("should fail")
+            .0
+            .into_iter()
+            .map(|e| (e.toml_path, e.message))
+            .collect()
+    };
+    let e = errors(
+        "[daemon]\nstate_dir = \"/var/lib/kt\"\ndelivery_roots = [\"/run/kt\"]\naudit_log = \"/run/kt/app/db\"\n",
+    );
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].0, "daemon.audit_log");
+    assert!(
+        e[0].1
+            .starts_with("audit_log `/run/kt/app/db` is below the delivery root `/run/kt`"),
+        "{e:?}"
+    );
+    for ours in ["state.db", "state.db-wal", "vaults/x/audit.log", "tasks"] {
+        let e = errors(&format!(
+            "[daemon]\nstate_dir = \"/var/lib/kt\"\naudit_log = \"/var/lib/kt/{ours}\"\n"
+        ));
+        assert_eq!(e.len(), 1, "{ours}: {e:?}");
+        assert!(
+            e[0].1
+                .contains("is one of keyturn's own places in the state directory"),
+            "{ours}: {e:?}"
+        );
+    }
+    let e = errors(
+        "[daemon]\nstate_dir = \"/var/lib/kt\"\n[vaults.local]\ntype = \"local\"\n\
+[vaults.local2]\ntype = \"local\"\ndir = \"/var/lib/kt/vaults/local\"\n",
+    );
+    assert_eq!(
+        e,
+        [(
+            "vaults.local2.dir".to_owned(),
+            "vault `local2`'s directory `/var/lib/kt/vaults/local`: it overlaps the directory of vault `local`; each local vault needs a directory of its own".to_owned()
+        )]
+    );
+    let e = errors(
+        "[daemon]\nstate_dir = \"/var/lib/kt\"\ndelivery_roots = [\"/run/kt\"]\n\
+[vaults.v]\ntype = \"local\"\ndir = \"/run/kt/v\"\n",
+    );
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].1.contains("overlaps the delivery root `/run/kt`"),
+        "{e:?}"
+    );
+    // The defaults, a log of its own name in the state directory, and one
+    // elsewhere are fine.
+    for log in [
+        "/var/lib/kt/audit.log",
+        "/var/lib/kt/audit-2026.log",
+        "/var/log/kt/audit.log",
+    ] {
+        super::super::load_str(
+            Path::new("/etc/keyturn/t.toml"),
+            &format!(
+                "[daemon]\nstate_dir = \"/var/lib/kt\"\ndelivery_roots = [\"/run/kt\"]\naudit_log = \"{log}\"\n\
+[vaults.a]\ntype = \"local\"\n[vaults.b]\ntype = \"local\"\n"
+            ),
+        )
+        .unwrap_or_else(|e| panic!("{log}: {e:?}"));
+    }
+}
