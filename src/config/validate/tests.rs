@@ -482,14 +482,12 @@ fn a_socket_path_too_long_to_bind_is_refused() {
 /// kind of path setting, each named.
 #[test]
 fn paths_a_shell_would_expand_are_refused() {
-    let text = format!(
-        "[daemon]\nstate_dir = \"~/keyturn\"\naudit_log = \"${{STATE}}/audit.log\"\n\
+    let text = "[daemon]\nstate_dir = \"~/keyturn\"\naudit_log = \"${STATE}/audit.log\"\n\
 delivery_roots = [\"/run/kt\"]\n[vaults.v]\ntype = \"local\"\nkey_file = \"$HOME/vault.key\"\n\
 [agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
-[agents.a.credentials.x]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
-deliver = [{{ type = \"file\", path = \"/run/kt/a/$KEY\" }}]\n"
-    );
-    let e = super::super::load_str(Path::new("/etc/keyturn/t.toml"), &text)
+[agents.a.credentials.x]\nvault = \"v\"\nevery = \"1h\"\ngenerate = { kind = \"ed25519\" }\n\
+deliver = [{ type = \"file\", path = \"/run/kt/a/$KEY\" }]\n";
+    let e = super::super::load_str(Path::new("/etc/keyturn/t.toml"), text)
         .expect_err("should fail")
         .0;
     let got: Vec<(&str, &str)> = e
