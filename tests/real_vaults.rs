@@ -1796,10 +1796,136 @@ fn a_reload_that_only_changes_how_the_target_is_reached_revokes_nothing() {
         .unwrap_or_else(|e| panic!("the current version no longer logs in as {role}: {e}"));
     let log = daemon.stop();
     assert!(
-        !log.contains("the values set on the earlier one are revoked"),
+        !log.contains("the config moved the credential off"),
         "the same role was revoked as an earlier target:\n{log}"
     );
     rt.block_on(pg_admin(&format!("DROP ROLE {role}")));
+}
+
+/// Black-box findings: a reload that changed a postgres target's
+/// `strategy` on the same role, or named the same server another way
+/// (`127.0.0.1`, then `localhost`), was a change of target, and when the
+/// version set before it retired, the earlier target's roles were all
+/// revoked: the role holding the current value among them (NOLOGIN, its
+/// password gone), with status `idle`. Only the roles the config uses no
+/// longer are revoked now; the others are left, and the audit record
+/// says which.
+#[test]
+fn a_changed_strategy_or_server_name_never_revokes_the_role_holding_the_current_value() {
+    let files = Files::new();
+    let role = pg_new_role("kt_strat_");
+    let clone = format!("{role}_clone");
+    let path = unique("e2e/retire/strategy/");
+    let localhost = files.write(
+        "localhost.dsn",
+        &pg_admin_dsn().replace("host=127.0.0.1", "host=localhost"),
+        0o600,
+    );
+    assert!(
+        std::fs::read_to_string(&localhost)
+            .unwrap()
+            .contains("host=localhost")
+    );
+    let config = |strategy: &str| {
+        format!(
+            "{}{}",
+            agent_table(AGENT),
+            credential(
+                "db",
+                r#""local""#,
+                &path,
+                "1s",
+                &pg_target(&files, &role, strategy, &pg_admin_dsn())
+            )
+        )
+    };
+    let rt = rt();
+    let env = Env::new(&config("single_user"));
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    // The version before the current one retires (1s grace) and the
+    // credential settles.
+    let settle = |env: &Env, n: u64| {
+        let out = rotate_ok(env, "db", n);
+        wait_for(Duration::from_secs(20), || {
+            let r = row(env, "db");
+            (r["state"] == "idle").then_some(())
+        })
+        .expect("settles");
+        std::thread::sleep(Duration::from_secs(2));
+        out
+    };
+    let login = |user: &str, value: &str| rt.block_on(pg_login(user, value));
+    // single_user -> alternating_users on the same role. Version 2 is set
+    // on the clone; the role stays as it is (a name the config uses).
+    env.write_credentials(&config("alternating_users"));
+    daemon.reload();
+    settle(&env, 2);
+    let v2 = delivered(&env, "db");
+    assert_eq!(v2.username.as_deref(), Some(clone.as_str()));
+    login(&clone, &v2.value).expect("version 2 logs in as the clone");
+    // Version 3 on the role itself, the usual alternation.
+    settle(&env, 3);
+    let v3 = delivered(&env, "db");
+    login(&role, &v3.value).expect("version 3 logs in as the role");
+    // alternating_users -> single_user: version 4 on the role; when
+    // version 3 retires, only the clone (no longer used) is revoked.
+    env.write_credentials(&config("single_user"));
+    daemon.reload();
+    settle(&env, 4);
+    let v4 = delivered(&env, "db");
+    login(&role, &v4.value)
+        .unwrap_or_else(|e| panic!("the current version no longer logs in as {role}: {e}"));
+    let e = login(&clone, &v2.value).expect_err("the clone is revoked");
+    assert!(
+        e.contains("not permitted to log in") || e.contains("password authentication failed"),
+        "{e}"
+    );
+    // The same server named another way: nothing is revoked.
+    let renamed = config("single_user").replace(
+        &format!(
+            "admin_dsn_file = \"{}\"",
+            files.path(&format!("{role}.dsn")).display()
+        ),
+        &format!("admin_dsn_file = \"{}\"", localhost.display()),
+    );
+    assert!(renamed.contains("localhost.dsn"));
+    env.write_credentials(&renamed);
+    daemon.reload();
+    settle(&env, 5);
+    let v5 = delivered(&env, "db");
+    login(&role, &v5.value).unwrap_or_else(|e| {
+        panic!("the current version no longer logs in as {role} after the DSN named the server another way: {e}")
+    });
+    daemon.stop();
+    let records: Vec<serde_json::Value> = audit_records(&env)
+        .into_iter()
+        .filter(|r| r["event"] == "target.revoked")
+        .collect();
+    let details: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["detail"].as_str())
+        .collect();
+    assert_eq!(details.len(), 3, "{details:#?}");
+    assert!(
+        details[0].contains(&format!(
+            "left as they are, since the config uses logins of these names now: {role}"
+        )),
+        "{details:#?}"
+    );
+    assert!(
+        details[1].contains(&format!("(logins revoked: {clone})")),
+        "{details:#?}"
+    );
+    assert!(
+        details[2].contains(&format!(
+            "left as they are, since the config uses logins of these names now: {role}"
+        )),
+        "{details:#?}"
+    );
+    rt.block_on(pg_admin(&format!(
+        "DROP ROLE {role}; DROP ROLE IF EXISTS {clone}"
+    )));
 }
 
 /// `keyturn check --online` on `env`'s config, with the AWS secret key
@@ -2031,4 +2157,69 @@ key_file = "{}"
         )],
     );
     rt().block_on(pg_admin(&format!("DROP ROLE {role}")));
+}
+
+/// Black-box finding: a `single_user` rotation cut off by `kill -9` after
+/// its value was set on the role (its `test` failing), whose credential was
+/// then removed from the config, was recorded as abandoned and "undone at
+/// the target", but nothing was sent to the server: the role kept the
+/// value no agent had, and the agents stayed locked out. The current
+/// value is set on the role again.
+#[test]
+fn a_single_user_rotation_left_in_the_config_s_wake_gets_the_current_value_back() {
+    let files = Files::new();
+    let role = pg_new_role("kt_undo_");
+    let db = format!("{role}_db");
+    let rt = rt();
+    rt.block_on(pg_admin(&format!("CREATE DATABASE {db}")));
+    let path = unique("e2e/undo/");
+    let cred = credential(
+        "db",
+        r#""local""#,
+        &path,
+        "1h",
+        &pg_target_with(
+            &files,
+            &role,
+            "single_user",
+            &pg_admin_dsn(),
+            &format!(", test_dbname = \"{db}\""),
+        ),
+    );
+    let env = Env::new(&format!("{}{cred}", agent_table(AGENT)));
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    let v1 = delivered(&env, "db");
+    rt.block_on(pg_login(&role, &v1.value))
+        .expect("version 1 logs in");
+    // Version 2 is set on the role; its test cannot reach the database.
+    rt.block_on(pg_admin(&format!("ALTER DATABASE {db} RENAME TO {db}_x")));
+    let out = env.cli(&["rotate", &format!("{AGENT}/db")]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for(Duration::from_secs(30), || {
+        let r = row(&env, "db");
+        (r["step"] == "test" && r["last_error"].is_string()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("never failed at test: {:?}", row(&env, "db")));
+    assert!(
+        rt.block_on(pg_login(&role, &v1.value)).is_err(),
+        "version 2 replaced version 1 on the role"
+    );
+    daemon.kill9();
+    rt.block_on(pg_admin(&format!("ALTER DATABASE {db}_x RENAME TO {db}")));
+    // The credential leaves the config while the daemon is down.
+    env.write_credentials(&agent_table(AGENT));
+    let daemon = env.start();
+    wait_for(Duration::from_secs(30), || {
+        audit_records(&env)
+            .into_iter()
+            .find(|r| r["event"] == "rotation.abandoned")
+    })
+    .expect("the rotation is recorded as abandoned");
+    rt.block_on(pg_login(&role, &v1.value))
+        .unwrap_or_else(|e| panic!("the agents' version 1 no longer logs in as {role}: {e}"));
+    daemon.stop();
+    // (DROP DATABASE cannot run in a batch's implicit transaction.)
+    rt.block_on(pg_admin(&format!("DROP DATABASE {db}")));
+    rt.block_on(pg_admin(&format!("DROP ROLE {role}")));
 }

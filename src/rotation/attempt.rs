@@ -285,7 +285,10 @@ impl Inner {
                 // The previous value was the last one set there: no value
                 // is set there any more.
                 Some(earlier) if !earlier.is_none() && !earlier.same_place(&cur_target) => {
-                    writes.push(self.revoke_at_earlier_target(entry, rot, &earlier).await?);
+                    writes.extend(
+                        self.revoke_at_earlier_target(entry, rot, previous, &earlier, &cur_target)
+                            .await?,
+                    );
                 }
                 // The target stops accepting the previous value too
                 // (alternating users: its role's password is cleared),
@@ -333,54 +336,67 @@ impl Inner {
     }
 
     /// The previous version was set on a target the config has changed
-    /// since (another postgres `role`): no value is set there any more, so
-    /// every value of the credential is revoked there as a decommission
-    /// revokes it, unless another credential uses that target now (it
-    /// would be cut off). Without this the old role kept accepting the
-    /// retired value until the agent was decommissioned.
-    ///
-    /// Either way it is an audit record (`target.revoked`, or
-    /// `target.left_in_place` failed): a revocation, or a value left
-    /// working, that only a log line told of was found by a black-box test.
+    /// since (another postgres `role`, another hook): no later value is
+    /// set there, so `previous` is ended there ([`Target::leave`]): a
+    /// hook's `retire` of that version; a postgres role the config uses
+    /// no longer is revoked as a decommission revokes it. A login of a
+    /// name the config uses now (this credential's current target's, or
+    /// another credential's) is left as it is: the current value may be
+    /// on it (another `strategy` on the same role; the same server named
+    /// another way). Without this the old role kept accepting the
+    /// retired value until the agent was decommissioned. Audited as
+    /// `target.revoked`, naming what was ended and what was left.
     async fn revoke_at_earlier_target(
         &self,
         entry: &CredEntry,
         rot: &RotationRow,
+        previous: crate::model::VersionNo,
         earlier: &crate::targets::TargetConfig,
-    ) -> Result<Write, StepError> {
+        current: &crate::targets::TargetConfig,
+    ) -> Result<Option<Write>, StepError> {
         let key = entry.key();
-        let shown = earlier
+        let Some(target) = earlier
             .build()
-            .ok()
-            .flatten()
-            .map_or_else(|| "the earlier target".to_owned(), |t| t.describe());
-        let (event, outcome, detail) = if self.catalog().target_used_by_other(key, earlier) {
-            let msg = format!(
-                "the previous version was set on target {shown}, which another credential uses now: it is not revoked there (that would cut the other one off); check it by hand"
-            );
-            tracing::warn!(agent = %key.agent, credential = %key.credential, target = %shown, "{msg}");
-            ("target.left_in_place", Outcome::Failed, msg)
-        } else {
-            earlier.revoke(key).await.map_err(|e| {
-                StepError::new(
-                    format!(
-                        "target {shown} (the previous version's, before the config changed it)"
-                    ),
-                    e,
-                )
-            })?;
-            tracing::info!(agent = %key.agent, credential = %key.credential, target = %shown, "the config changed the target: the values set on the earlier one are revoked there");
-            (
-                "target.revoked",
-                Outcome::Ok,
-                format!(
-                    "the config changed the target: the values set on {shown} are revoked there"
-                ),
-            )
+            .map_err(|e| StepError::new("the previous version's target", e))?
+        else {
+            return Ok(None);
         };
-        self.audit(self.audit_event(entry, Some(rot), event, outcome, Some(detail), None))
-            .await
-            .map_err(|e| StepError::new("audit", e))
+        let shown = target.describe();
+        let mut keep = current.logins();
+        for e in self.catalog().creds.values() {
+            keep.extend(e.policy.target.logins());
+        }
+        let left = target.leave(key, previous, &keep).await.map_err(|e| {
+            StepError::new(
+                format!("target {shown} (the previous version's, before the config changed it)"),
+                e,
+            )
+        })?;
+        let mut detail = format!(
+            "the config moved the credential off {shown}: version {previous}, the last value set there, is ended there"
+        );
+        if !left.ended.is_empty() {
+            detail.push_str(&format!(" (logins revoked: {})", left.ended.join(", ")));
+        }
+        if !left.kept.is_empty() {
+            let msg = format!(
+                "; left as they are, since the config uses logins of these names now: {} (if the earlier target is another server, revoke them there by hand)",
+                left.kept.join(", ")
+            );
+            detail.push_str(&msg);
+        }
+        tracing::info!(agent = %key.agent, credential = %key.credential, target = %shown, "{detail}");
+        self.audit(self.audit_event(
+            entry,
+            Some(rot),
+            "target.revoked",
+            Outcome::Ok,
+            Some(detail),
+            None,
+        ))
+        .await
+        .map(Some)
+        .map_err(|e| StepError::new("audit", e))
     }
 
     /// The footprint of the rotation that made the version before `rot`'s

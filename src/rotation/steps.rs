@@ -680,12 +680,18 @@ impl Inner {
             let Some(target) = &entry.target else {
                 return Ok(());
             };
-            if target.login_for(rot.version).is_some() {
+            // A login of its own (the other role of `alternating_users`):
+            // cleared. The login the current value uses (`single_user`'s
+            // one role, a hook): the current value goes back. (Asking only
+            // whether the target names logins sent `single_user` to a
+            // `retire` that does nothing there, and the agents stayed
+            // locked out: black-box finding.)
+            let Some(current) = current else {
+                return target.retire(key, rot.version).await;
+            };
+            if target.login_for(rot.version) != target.login_for(current) {
                 return target.retire(key, rot.version).await;
             }
-            let Some(current) = current else {
-                return Ok(());
-            };
             let path = entry.vault_path();
             let item = crate::vaults::VaultItem { key, path: &path };
             let stored = entry

@@ -142,6 +142,15 @@ impl TargetConfig {
         self.plugin().build()
     }
 
+    /// The logins a value set through it uses (a postgres target's
+    /// roles); none for a hook or no target.
+    pub fn logins(&self) -> Vec<String> {
+        match self {
+            TargetConfig::Postgres(p) => p.roles(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Revokes every value of `key` at this target ([`Target::revoke`]);
     /// nothing for `none`. For a target the config may no longer name: a
     /// decommission's, or the one a retired version was set on before the
@@ -152,6 +161,14 @@ impl TargetConfig {
             None => Ok(()),
         }
     }
+}
+
+/// What [`Target::leave`] did: the logins it ended, and those it left
+/// because the config uses a login of that name now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Left {
+    pub ended: Vec<String>,
+    pub kept: Vec<String>,
 }
 
 #[async_trait]
@@ -192,6 +209,26 @@ pub trait Target: Send + Sync {
 
     /// Revokes every value at the target (decommission).
     async fn revoke(&self, key: &CredentialKey) -> Result<(), PluginError>;
+
+    /// The config moved the credential off this target, and `previous`,
+    /// the last value set here, retires: it stops working here, and no
+    /// login in `keep` (those the config uses now: this credential's
+    /// current target's and every other credential's) is touched, since
+    /// the current value may be set on one of that name (another
+    /// `strategy` on the same role, the same server named another way).
+    /// The default ends that one version (`retire`): a hook's `revoke`
+    /// ends every value of the credential by name, the current one too
+    /// when only the hook's `args` changed (black-box finding).
+    async fn leave(
+        &self,
+        key: &CredentialKey,
+        previous: VersionNo,
+        keep: &[String],
+    ) -> Result<Left, PluginError> {
+        let _ = keep;
+        self.retire(key, previous).await?;
+        Ok(Left::default())
+    }
 
     /// Health: can we reach the target and use it as the steps do, changing
     /// nothing? (`keyturn check --online`.)

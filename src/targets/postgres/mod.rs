@@ -75,7 +75,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Target, TargetPlugin};
+use super::{Left, Target, TargetPlugin};
 use crate::config::validate::{Loc, Validator, Zero, duration_value};
 use crate::model::{CredentialKey, ErrorKind, PluginError, SecretValue, VersionNo};
 
@@ -655,6 +655,35 @@ impl Target for PostgresTarget {
         }
     }
 
+    async fn leave(
+        &self,
+        key: &CredentialKey,
+        previous: VersionNo,
+        keep: &[String],
+    ) -> Result<Left, PluginError> {
+        let ctx = format!(
+            "{}: end version {previous} of {key} (the config moved it off this target)",
+            self.describe()
+        );
+        let (kept, roles): (Vec<&str>, Vec<&str>) = self
+            .roles()
+            .into_iter()
+            .partition(|r| keep.iter().any(|k| k == r));
+        let mut conn = self.admin("leave").await?;
+        let ended = loop {
+            let outcome = conn
+                .bounded(&ctx, self.revoke_roles_on(&conn, key, &roles, &ctx))
+                .await;
+            if !conn.again(&outcome, &ctx).await? {
+                break outcome?;
+            }
+        };
+        Ok(Left {
+            ended,
+            kept: kept.into_iter().map(str::to_owned).collect(),
+        })
+    }
+
     async fn check(&self) -> Result<(), PluginError> {
         let ctx = format!("{}: check", self.describe());
         let mut conn = self.admin("check").await?;
@@ -757,8 +786,22 @@ impl PostgresTarget {
         key: &CredentialKey,
         ctx: &str,
     ) -> Result<(), PluginError> {
+        self.revoke_roles_on(conn, key, &self.roles(), ctx)
+            .await
+            .map(drop)
+    }
+
+    /// Revokes `roles` (of [`Self::roles`]): no login, no password, their
+    /// sessions ended. Returns those that existed.
+    async fn revoke_roles_on(
+        &self,
+        conn: &AdminConn,
+        key: &CredentialKey,
+        roles: &[&str],
+        ctx: &str,
+    ) -> Result<Vec<String>, PluginError> {
         let mut present = Vec::new();
-        for role in self.roles() {
+        for &role in roles {
             if Some(role) == self.clone.as_deref() && !self.marked(conn, role, ctx).await? {
                 // Someone else's role under the clone's name: `set` refused
                 // it, so no value keyturn made logs in with it. Not ours to
@@ -779,13 +822,13 @@ impl PostgresTarget {
             }
         }
         if present.is_empty() {
-            return Ok(());
+            return Ok(present);
         }
         // The admin session itself is never one of the role's.
         let terminated =
             admin::terminate_sessions(conn, &present, self.admin.connect_timeout, ctx).await?;
         tracing::info!(credential = %key, roles = ?present, terminated, "postgres logins revoked");
-        Ok(())
+        Ok(present)
     }
 }
 
