@@ -2223,3 +2223,56 @@ fn a_single_user_rotation_left_in_the_config_s_wake_gets_the_current_value_back(
     rt.block_on(pg_admin(&format!("DROP DATABASE {db}")));
     rt.block_on(pg_admin(&format!("DROP ROLE {role}")));
 }
+
+/// Black-box finding: a credential renamed between restarts (the same
+/// `alternating_users` target) had its successor set version 2 on the
+/// clone while the removed one's version 2, on that clone too, was in its
+/// grace; when that grace ended, the removed credential's retirement
+/// cleared the clone: the successor's current value stopped logging in
+/// (status: idle). A role's mark names the credential as well as the
+/// version, and a retirement leaves another credential's value alone.
+#[test]
+fn a_renamed_credential_s_value_survives_the_retirement_of_its_predecessor() {
+    let files = Files::new();
+    let role = pg_new_role("kt_rename_");
+    let clone = format!("{role}_clone");
+    let target = pg_target(&files, &role, "alternating_users", &pg_admin_dsn());
+    let config = |cred: &str| {
+        format!(
+            "{}{}",
+            agent_table(AGENT),
+            credential(cred, r#""local""#, &unique("e2e/rename/"), "15s", &target)
+        )
+    };
+    let env = Env::new(&config("db"));
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    rotate_ok(&env, "db", 2);
+    rotate_ok(&env, "db", 3);
+    // Version 2 (on the clone) is in its 15s grace.
+    let graced = std::time::Instant::now();
+    daemon.stop();
+    env.write_credentials(&config("db2"));
+    let daemon = env.start();
+    wait_version(&env, "db2", 1);
+    rotate_ok(&env, "db2", 2);
+    let v2 = delivered(&env, "db2");
+    assert_eq!(v2.username.as_deref(), Some(clone.as_str()));
+    // The removed credential's version 2 retires at the end of its grace.
+    std::thread::sleep(Duration::from_secs(17).saturating_sub(graced.elapsed()));
+    wait_for(Duration::from_secs(20), || {
+        audit_records(&env).into_iter().find(|r| {
+            r["event"] == "rotation.retire"
+                && r["credential"] == "db"
+                && r["outcome"] == "ok"
+                && r["version"] == 3
+        })
+    })
+    .expect("the removed credential's version 2 retired");
+    rt().block_on(pg_login(&clone, &v2.value))
+        .unwrap_or_else(|e| {
+            panic!("the renamed credential's current value no longer logs in as {clone}: {e}")
+        });
+    daemon.stop();
+    rt().block_on(pg_admin(&format!("DROP ROLE {role}; DROP ROLE {clone}")));
+}

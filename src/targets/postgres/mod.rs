@@ -535,7 +535,7 @@ impl Target for PostgresTarget {
         // Under alternating_users the password and its version mark change
         // together, in one transaction.
         let mark = match self.clone {
-            Some(_) => format!("{VERSION_MARK}{version}"),
+            Some(_) => format!("{VERSION_MARK}{version} of {key}"),
             None => String::new(),
         };
         let mut conn = self.admin("set").await?;
@@ -764,11 +764,12 @@ impl PostgresTarget {
         };
         let mark: Option<String> = row.get(0);
         if let Some(mark) = mark.as_deref().and_then(|m| m.strip_prefix(VERSION_MARK))
-            && mark != previous.to_string()
+            && !holds(mark, key, previous)
         {
-            // A later version was set on this role after `previous`: clearing
-            // the password now would lock out that newer version.
-            tracing::warn!(credential = %key, role, previous, holds = mark, "retire skipped: the role holds a newer version");
+            // A later version was set on this role after `previous`, or
+            // another credential's (this one renamed): clearing the
+            // password now would lock that value's agents out.
+            tracing::warn!(credential = %key, role, previous, holds = mark, "retire skipped: the role holds another value");
             return Ok(());
         }
         conn.client
@@ -829,6 +830,18 @@ impl PostgresTarget {
             admin::terminate_sessions(conn, &present, self.admin.connect_timeout, ctx).await?;
         tracing::info!(credential = %key, roles = ?present, terminated, "postgres logins revoked");
         Ok(present)
+    }
+}
+
+/// Whether a role whose version mark reads `mark` (after
+/// [`VERSION_MARK`]) holds `version` of `key`: `N of AGENT/CREDENTIAL`, or
+/// `N` alone as marks were before they named the credential. Black-box
+/// finding: a removed credential's retirement cleared a role its renamed
+/// successor had set the same version number on.
+fn holds(mark: &str, key: &CredentialKey, version: VersionNo) -> bool {
+    match mark.split_once(" of ") {
+        Some((v, of)) => v == version.to_string() && of == key.to_string(),
+        None => mark == version.to_string(),
     }
 }
 
@@ -1163,6 +1176,21 @@ mod tests {
             })
             .join();
         }
+    }
+
+    #[test]
+    fn a_version_mark_names_the_version_and_the_credential() {
+        let k = key();
+        let other = crate::test_support::key("bot", "renamed");
+        assert!(holds(&format!("3 of {k}"), &k, 3));
+        assert!(
+            !holds(&format!("3 of {other}"), &k, 3),
+            "another credential's"
+        );
+        assert!(!holds(&format!("4 of {k}"), &k, 3), "a newer version");
+        // Marks written before they named the credential.
+        assert!(holds("3", &k, 3));
+        assert!(!holds("4", &k, 3));
     }
 
     #[test]
