@@ -94,9 +94,19 @@ const KEYTURN_MARK: &str = "keyturn: ";
 /// the role named by the session settings `keyturn.*`, which the same
 /// transaction set from bind parameters. Constant text: nothing secret is in
 /// any statement tokio-postgres or the server may log.
+///
+/// The `ALTER ROLE` that `format` builds holds the verifier as a literal,
+/// and the server puts a failed statement's text in the error's context,
+/// which it logs (black-box finding: the verifier in the server log after
+/// the role was renamed away). Its error is raised again from outside it,
+/// with the same code and message and no statement text.
 const SET_PASSWORD: &str = "DO $keyturn$ BEGIN \
+    BEGIN \
     EXECUTE format('ALTER ROLE %I WITH LOGIN PASSWORD %L', \
         current_setting('keyturn.role'), current_setting('keyturn.verifier')); \
+    EXCEPTION WHEN OTHERS THEN \
+        RAISE EXCEPTION USING ERRCODE = SQLSTATE, MESSAGE = SQLERRM; \
+    END; \
     IF current_setting('keyturn.mark') <> '' THEN \
         EXECUTE format('COMMENT ON ROLE %I IS %L', \
             current_setting('keyturn.role'), current_setting('keyturn.mark')); \
@@ -1318,6 +1328,50 @@ mod tests {
         assert!(!e.message.contains("first-pass-1"), "{e}");
         t.retire(&key(), 1).await.unwrap(); // no-op
         f.login(&f.role, "second-pass-2").await.unwrap();
+    }
+
+    /// Black-box finding: the verifier reached the server's log when the
+    /// password statement failed (the role renamed away): the server logs
+    /// a failed statement's text as the error's context, which it also
+    /// sends to the client (`where`). Run here as `set` runs it.
+    #[apply(server_test!)]
+    async fn a_failing_password_statement_tells_the_server_log_no_verifier() {
+        let f = Fixture::new("nolog").await;
+        let admin = f.admin().await;
+        let verifier = scram::verifier(b"canary-for-the-server-log");
+        let missing = format!("{}_gone", f.role);
+        let run = async {
+            admin.batch_execute("BEGIN").await?;
+            admin
+                .execute(
+                    "SELECT set_config('keyturn.role', $1, true), \
+                            set_config('keyturn.verifier', $2, true), \
+                            set_config('keyturn.mark', '', true)",
+                    &[&missing, &verifier.as_str()],
+                )
+                .await?;
+            admin.batch_execute(SET_PASSWORD).await
+        };
+        let e = run.await.unwrap_err();
+        let _ = admin.batch_execute("ROLLBACK").await;
+        let db = e.as_db_error().expect("a server error");
+        assert_eq!(db.code(), &SqlState::UNDEFINED_OBJECT, "{db:?}");
+        assert!(db.message().contains("does not exist"), "{db:?}");
+        let salt = verifier.split('$').nth(1).unwrap().to_owned();
+        for text in [
+            db.message(),
+            db.where_().unwrap_or_default(),
+            &format!("{db:?}"),
+        ] {
+            assert!(
+                !text.contains(&salt),
+                "the verifier is in the error: {text}"
+            );
+            assert!(
+                !text.contains("SCRAM-SHA-256"),
+                "the verifier is in the error: {text}"
+            );
+        }
     }
 
     #[apply(server_test!)]

@@ -51,7 +51,9 @@ macro_rules! grant_vars {
 /// verifier and expiry, member of exactly the roles in the JSON array
 /// `keyturn.roles`; then the comment and `application_name`. Constant
 /// text: nothing secret is in any statement tokio-postgres or the server
-/// may log. The same body runs as the session function
+/// may log; the statements `format` builds with the verifier re-raise
+/// their errors without their text (the server logs a failed statement's
+/// text as the error's context). The same body runs as the session function
 /// `pg_temp.keyturn_task_issue()` ([`SESSION`]: compiled and planned once
 /// per pooled connection) or, where the admin may not make temporary
 /// objects, as a `DO` block ([`ISSUE_DO`], compiled at each call).
@@ -65,14 +67,22 @@ macro_rules! issue_body {
             "BEGIN ",
             grant_checks!(),
             "IF current_setting('keyturn.create') = 'on' THEN \
+        BEGIN \
         EXECUTE format('CREATE ROLE %I WITH LOGIN INHERIT CONNECTION LIMIT %s PASSWORD %L VALID UNTIL %L%s', \
             r, current_setting('keyturn.limit')::int, current_setting('keyturn.verifier'), \
             current_setting('keyturn.until'), \
             (SELECT coalesce(' IN ROLE ' || string_agg(quote_ident(w), ', '), '') FROM unnest(wanted) w)); \
+        EXCEPTION WHEN OTHERS THEN \
+            RAISE EXCEPTION USING ERRCODE = SQLSTATE, MESSAGE = SQLERRM; \
+        END; \
     ELSE \
+        BEGIN \
         EXECUTE format('ALTER ROLE %I WITH LOGIN INHERIT CONNECTION LIMIT %s PASSWORD %L VALID UNTIL %L', \
             r, current_setting('keyturn.limit')::int, current_setting('keyturn.verifier'), \
             current_setting('keyturn.until')); \
+        EXCEPTION WHEN OTHERS THEN \
+            RAISE EXCEPTION USING ERRCODE = SQLSTATE, MESSAGE = SQLERRM; \
+        END; \
         FOR g IN SELECT b.rolname FROM pg_auth_members m \
                  JOIN pg_roles b ON b.oid = m.roleid JOIN pg_roles t ON t.oid = m.member \
                  WHERE t.rolname = r AND b.rolname <> ALL (wanted) LOOP \
