@@ -44,6 +44,10 @@ pub fn host_issues(d: &DaemonConfig) -> Vec<Issue> {
     // Made at the first start when missing; something else there stops it.
     if let Some(why) = not_a("directory", &d.state_dir) {
         issues.push(Issue::at(p.key("state_dir"), why));
+    } else if let Some(why) =
+        every_user_writes(&d.state_dir).or_else(|| every_user_writes(&d.state_dir.join("hooks")))
+    {
+        issues.push(Issue::at(p.key("state_dir"), why));
     }
     if let Ok(m) = std::fs::metadata(&d.audit_log)
         && m.is_dir()
@@ -67,6 +71,24 @@ fn not_a(kind: &str, path: &Path) -> Option<String> {
         format!(
             "{} exists and is not a {kind}: move it away or name another place",
             path.display()
+        )
+    })
+}
+
+/// Why `dir`, when it exists, is no place for keyturn's state: every user
+/// may write it (`o+w`). The state directory holds the vault key, the
+/// databases and the records of the process groups the daemon ends at its
+/// start (`hooks/`): black-box finding, a local user replaced `hooks/` in a
+/// 0777 state directory and the daemon, as root, killed a process group of
+/// their choosing. Refused as a config or `agents.d` every user may write.
+fn every_user_writes(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let m = std::fs::symlink_metadata(dir).ok()?;
+    (m.is_dir() && m.permissions().mode() & 0o002 != 0).then(|| {
+        format!(
+            "{} is writable by every user (mode {:o}): it holds keyturn's keys and databases; make it writable by keyturn's user only (chmod o-w, e.g. chmod 0700)",
+            dir.display(),
+            m.permissions().mode() & 0o7777
         )
     })
 }
@@ -168,5 +190,45 @@ mod tests {
         );
         assert!(e[0].message.contains("is not a directory"), "{}", e[0]);
         assert!(e[1].message.contains("is a directory"), "{}", e[1]);
+    }
+
+    /// Black-box finding: a 0777 state directory was taken, and a local
+    /// user who replaced its `hooks/` had the daemon kill a process group
+    /// of their choosing at its start. A state directory, or its `hooks/`,
+    /// writable by every user is refused.
+    #[test]
+    fn a_state_directory_every_user_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let main = tmp.path().join("keyturn.toml");
+        let text = format!("[daemon]\nstate_dir = \"{}\"\n", state.display());
+        std::fs::write(&main, &text).unwrap();
+        let cfg = crate::config::load_str(&main, &text).unwrap();
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        mode(&state, 0o700);
+        check_host(&cfg).unwrap();
+        for (dir, m) in [(state.clone(), 0o777), (state.join("hooks"), 0o1777)] {
+            if dir != state {
+                mode(&state, 0o700);
+                std::fs::create_dir(&dir).unwrap();
+            }
+            mode(&dir, m);
+            let e = check_host(&cfg).unwrap_err().0;
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert_eq!(
+                (e[0].toml_path.as_str(), e[0].line),
+                ("daemon.state_dir", 2)
+            );
+            assert!(
+                e[0].message
+                    .starts_with(&format!("{} is writable by every user", dir.display())),
+                "{}",
+                e[0]
+            );
+        }
     }
 }
