@@ -136,9 +136,16 @@ impl Awaited {
         self.consumers.iter().filter(|c| !c.acked())
     }
 
-    /// Whether some consumer had to ack and every one has.
+    /// Whether some consumer had to ack and every one has: the previous
+    /// version may retire before its grace ends. A consumer awaited only
+    /// because its delivery was retried (a webhook, a follower's nudge)
+    /// counts only beside one that acks by itself: its delivery's success
+    /// says nothing of the agents' moving to the new value (black-box
+    /// finding: one failed nudge, retried, retired the previous version
+    /// at once, where a nudge that worked the first time kept the grace).
     fn complete(&self) -> bool {
-        !self.consumers.is_empty() && self.consumers.iter().all(Consumer::acked)
+        self.consumers.iter().any(|c| c.how != AckHow::Retrying)
+            && self.consumers.iter().all(Consumer::acked)
     }
 }
 

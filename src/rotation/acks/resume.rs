@@ -155,7 +155,13 @@ impl Inner {
                 tracing::warn!(agent = %row.key.agent, credential = %row.key.credential, version = row.version, consumer = %row.consumer, "a consumer awaited before the restart is no longer in the config: it is not awaited any more");
                 continue;
             }
-            let mut how = AckHow::Explicit;
+            // A delivery retried (acked or not): acknowledged by its own
+            // success only, and no reason to retire early (`complete`).
+            let mut how = if sink.as_ref().is_some_and(|s| !s.holds_up_rotation()) {
+                AckHow::Retrying
+            } else {
+                AckHow::Explicit
+            };
             if !acked && let Some(sink) = &sink {
                 if !sink.holds_up_rotation() {
                     // Its delivery failed: retried (`resume_deliveries`),
