@@ -298,9 +298,41 @@ impl Inner {
         let mut retries = Vec::new();
         let mut head = None;
         let mut failing = None;
-        for (i, sink) in entry.sinks.iter().enumerate() {
-            let last = i + 1 == entry.sinks.len();
-            let result = sink.deliver(notice, value).await;
+        // In the config's order, but consecutive sinks that do not hold up
+        // the rotation (webhooks: one per follower) side by side: each
+        // one's first attempt may take its whole `timeout` (a receiver that
+        // never answers), and one after another they held the rotation up
+        // for the sum (black-box finding).
+        let sinks = &entry.sinks;
+        let mut delivered = Vec::with_capacity(sinks.len());
+        let mut next = 0;
+        while next < sinks.len() {
+            let mut end = next + 1;
+            if !sinks[next].holds_up_rotation() {
+                while end < sinks.len() && !sinks[end].holds_up_rotation() {
+                    end += 1;
+                }
+            }
+            let run = &sinks[next..end];
+            if run.len() == 1 {
+                delivered.push((next, run[0].deliver(notice, value).await));
+            } else {
+                let results =
+                    futures::future::join_all(run.iter().map(|s| s.deliver(notice, value))).await;
+                delivered.extend((next..end).zip(results));
+            }
+            next = end;
+            // A failure that fails the step ends the delivery here.
+            if delivered
+                .last()
+                .is_some_and(|(i, r)| r.is_err() && sinks[*i].holds_up_rotation())
+            {
+                break;
+            }
+        }
+        for (i, result) in delivered {
+            let sink = &sinks[i];
+            let last = i + 1 == sinks.len();
             self.metrics.delivery(sink.kind(), result.is_ok());
             let deferred = result.is_err() && !sink.holds_up_rotation();
             let (outcome, error) = match &result {

@@ -1205,3 +1205,69 @@ async fn a_retried_webhook_that_leaves_the_config_is_retried_and_awaited_no_more
     assert!(s.awaiting_ack.is_empty() && s.holdouts.is_empty(), "{s:?}");
     rig.shutdown().await;
 }
+
+/// A receiver that never answers: each delivery fails after `hang` (its
+/// sink's timeout).
+struct HangingSink {
+    name: String,
+    hang: Duration,
+}
+
+#[async_trait]
+impl Sink for HangingSink {
+    fn kind(&self) -> &'static str {
+        "hanging"
+    }
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+    fn holds_up_rotation(&self) -> bool {
+        false
+    }
+    async fn deliver(&self, _: &Notice, _: &SecretValue) -> Result<Delivered, PluginError> {
+        tokio::time::sleep(self.hang).await;
+        Err(PluginError::new(
+            ErrorKind::Transient,
+            "timed out (injected)",
+        ))
+    }
+    async fn retract(&self, _: &CredentialKey) -> Result<(), PluginError> {
+        Ok(())
+    }
+    async fn preflight(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
+/// Black-box finding: three followers' nudge webhooks that never answer
+/// held each rotation up for three of their timeouts, one after another.
+/// Consecutive sinks that do not hold up the rotation are delivered side
+/// by side: one timeout.
+#[tokio::test(start_paused = true)]
+async fn receivers_that_never_answer_hold_the_rotation_up_once_not_once_each() {
+    let hang = Duration::from_secs(5);
+    let sinks: Vec<Arc<dyn Sink>> = (1..=3)
+        .map(|n| {
+            Arc::new(HangingSink {
+                name: format!("hanging:follower{n}"),
+                hang,
+            }) as Arc<dyn Sink>
+        })
+        .collect();
+    let rig = rig_with(&sinks);
+    rig.run().await;
+    rig.first_version().await;
+    // (Version 1's rotation ends once its own webhooks were tried.)
+    tokio::time::sleep(MINUTE).await;
+    let started = tokio::time::Instant::now();
+    let done = rig.rotate_c0().await;
+    assert_eq!((done.error, done.version), (None, Some(2)));
+    let took = started.elapsed();
+    assert!(
+        took >= hang && took < 2 * hang,
+        "the rotation took {took:?} with three receivers of a {hang:?} timeout"
+    );
+    let s = rig.status("c0");
+    assert_eq!(s.awaiting_ack.len(), 3, "{s:?}");
+    rig.shutdown().await;
+}
