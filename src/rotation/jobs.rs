@@ -113,6 +113,24 @@ impl Inner {
                 }
                 return;
             }
+            // A rotation due by its schedule while the retirement before it
+            // is parked waits for that retirement's next attempt (it would
+            // begin by running the same failing step: two attempts, two
+            // failures counted); the retirement hands over to it when it
+            // ends. One asked for by `keyturn rotate` runs now.
+            let retire_parked = l
+                .parked
+                .as_ref()
+                .is_some_and(|p| p.step == Some(Step::Retire));
+            if job == Job::Rotate
+                && retire_parked
+                && !matches!(l.next_trigger, Some(Trigger::Manual | Trigger::Initial))
+                && live.deadline(&key, Job::Retire).is_some()
+            {
+                live.entry(&key).rotate_after_retire = true;
+                return;
+            }
+            let l = live.entry(&key);
             l.running = Some(Box::new(Running {
                 job,
                 rotation: None,
@@ -337,6 +355,7 @@ impl Inner {
             Ok((None, _)) => Ok(()),
             Err(e) => Err(e),
         };
+        let retire_failed = matches!(result, Err(Stop::Failed(..)));
         let next = {
             let mut live = self.live();
             let l = live.entry(&key);
@@ -379,8 +398,18 @@ impl Inner {
                 }
                 Err(Stop::Drained) | Err(Stop::Abandoned) => {}
             }
-            let rotate_next =
+            let mut rotate_next =
                 std::mem::take(&mut l.rotate_after_retire) && !self.cancel.is_cancelled();
+            // A rotation that fell due by its schedule while the retirement
+            // failed waits for the retirement's next attempt (it would
+            // begin by running the same failing step again at once: two
+            // attempts, two failures counted, after a restart: black-box
+            // finding); one asked for by `keyturn rotate` runs now, and
+            // says how it went.
+            if rotate_next && retire_failed && l.next_trigger != Some(Trigger::Manual) {
+                l.rotate_after_retire = true;
+                rotate_next = false;
+            }
             let restore_next = std::mem::take(&mut l.restore_after) && !self.cancel.is_cancelled();
             if let Some(at) = retry_at {
                 live.schedule(&key, Job::Retire, at);

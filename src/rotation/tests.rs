@@ -804,6 +804,37 @@ async fn a_failing_retire_is_parked_with_a_doubling_delay_then_it_completes() {
     rig.shutdown().await;
 }
 
+/// Black-box finding: a rotation that fell due by its schedule while the
+/// retirement before it was parked began by running that failing step
+/// again at once (after a restart, right after the retirement's own
+/// attempt): two attempts, two failures counted, the back-off jumping.
+/// It waits for the retirement's next attempt, which hands over to it.
+#[tokio::test(start_paused = true)]
+async fn a_rotation_due_while_its_retirement_is_parked_waits_for_the_retirement() {
+    let rig = Rig::started(1, "every = \"1m\"\ngrace = \"10s\"").await;
+    rig.vault.fail("retire", 5, ErrorKind::Unauthorized, None);
+    let done = rig.rotate_c0().await;
+    assert_eq!((done.error, done.version), (None, Some(2)));
+    rig.until(Duration::from_secs(400), "version 3", |r| {
+        r.status("c0").version == Some(3)
+    })
+    .await;
+    let t = rig.vault.times("retire", None);
+    // Five failures, parked 4 s (the retry ceiling), 8, 16, 32, 64 s, then
+    // the retirement; no other attempt between (the rotation due at one
+    // minute waited).
+    let gaps: Vec<u64> = t.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+    assert_eq!(&gaps[..5], [4, 8, 16, 32, 64], "{gaps:?}");
+    let creates = rig.vault.times("stage", None);
+    assert!(
+        creates.last().unwrap() >= &t[5],
+        "version 3 was made before the retirement succeeded: retire {:?} stage {:?}",
+        t.iter().map(|x| rig.at(*x)).collect::<Vec<_>>(),
+        creates.iter().map(|x| rig.at(*x)).collect::<Vec<_>>()
+    );
+    rig.shutdown().await;
+}
+
 /// Defect: a credential the config moved to another `path` had its
 /// previous version "retired" at the new path, where it never was: the old
 /// path kept it current for good while the audit log said it was retired.
