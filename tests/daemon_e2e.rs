@@ -988,6 +988,53 @@ fn a_keyed_audit_chain_cannot_be_rebuilt_without_the_key() {
     }
 }
 
+/// Black-box finding: another audit key (a key file rewritten, or another
+/// file named) passed `check` and a reload, and the next start refused the
+/// log as "truncated or altered". `check` and the reload refuse it, naming
+/// the setting; the daemon goes on with the key it has.
+#[test]
+fn another_audit_key_is_refused_by_check_and_reload_before_a_start_would_fail() {
+    let env = Env::with_daemon(ONE_RAW, r#"audit_key_file = "{dir}/keys/audit.key""#);
+    let keys = env.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let key_file = keys.join("audit.key");
+    let write_key = |bytes: &[u8]| {
+        std::fs::write(&key_file, bytes).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    write_key(AUDIT_KEY);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    let mut other = AUDIT_KEY.to_vec();
+    other[0] = b'X';
+    write_key(&other);
+    let out = env.cli(&["check"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("daemon.audit_key_file") && err.contains("was keyed with another key"),
+        "{err}"
+    );
+    daemon.reload();
+    let reload = wait_for(Duration::from_secs(10), || {
+        audit_records(&env)
+            .into_iter()
+            .find(|r| r["event"] == "daemon.reload")
+    })
+    .expect("the reload is audited");
+    assert_eq!(reload["outcome"], "failed", "{reload}");
+    // Still rotating with the key it has; the key put back, all is well.
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    write_key(AUDIT_KEY);
+    env.cli_ok(&["check"]);
+    let log = daemon.stop();
+    assert!(!log.contains("AUDITKEYCANARY") && !err.contains("AUDITKEYCANARY"));
+    let daemon = env.start();
+    daemon.stop();
+    env.cli_ok(&["audit", "verify"]);
+}
+
 /// A plain log goes keyed once the daemon runs with the key as a systemd
 /// credential (`LoadCredentialEncrypted=keyturn-audit-key:...`).
 #[test]

@@ -818,3 +818,85 @@ mod tests {
         }
     }
 }
+
+/// Whether `key` is the key that keyed the end of the log at `path`: the
+/// last record's link to the one before it must be that record's HMAC
+/// under `key`. `Ok` when it cannot be told (no log, fewer than two
+/// records, a plain end: the start says more about those). Reads the
+/// file's last 1 MiB at most. `keyturn check`, the start and every reload
+/// ask: a reload that named another key (or a key file rewritten with
+/// another key) passed, and the next start refused the log as "truncated
+/// or altered" (black-box finding).
+pub fn key_matches_tail(path: &Path, key: &AuditKey) -> Result<(), String> {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 1 << 20;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Ok(());
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = len.saturating_sub(TAIL);
+    if file.seek(SeekFrom::Start(from)).is_err() {
+        return Ok(());
+    }
+    let mut tail = Vec::new();
+    if file.take(TAIL).read_to_end(&mut tail).is_err() {
+        return Ok(());
+    }
+    // Whole lines only: a partial last line is a crash's, cut at the start.
+    let end = match tail.iter().rposition(|b| *b == b'\n') {
+        Some(i) => i,
+        None => return Ok(()),
+    };
+    let mut lines = tail[..end].rsplit(|b| *b == b'\n');
+    let (Some(last), Some(before)) = (lines.next(), lines.next()) else {
+        return Ok(());
+    };
+    // The first line read may be cut by the window: it is `before` only
+    // when the window is the whole file or another line precedes it.
+    if from > 0 && lines.next().is_none() {
+        return Ok(());
+    }
+    let Ok(record) = serde_json::from_slice::<super::AuditRecord>(last) else {
+        return Ok(());
+    };
+    if record.chain != Some(super::Chain::HmacSha256) {
+        return Ok(());
+    }
+    if key.link(before) == record.prev {
+        Ok(())
+    } else {
+        Err(format!(
+            "the audit log {} was keyed with another key: its last record (seq {}) does not verify with this one, and the daemon would refuse to start on it; keep the key that wrote the log",
+            path.display(),
+            record.seq
+        ))
+    }
+}
+
+#[cfg(test)]
+mod key_tail_tests {
+    use super::*;
+    use crate::audit::log::tests::{append_keyed, test_key, write_log};
+
+    /// Black-box finding: a reload (and `check`) took another audit key,
+    /// and the next start refused the log. The key is checked against the
+    /// log's last record.
+    #[test]
+    fn the_key_that_keyed_the_log_matches_its_tail_and_another_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        // No log yet, then a plain log: nothing to tell.
+        key_matches_tail(&path, &test_key(1)).unwrap();
+        let head = write_log(&path, 2);
+        key_matches_tail(&path, &test_key(1)).unwrap();
+        // Keyed from record 3 on.
+        append_keyed(&path, Some(&head), 3, 4, Some(test_key(1)));
+        key_matches_tail(&path, &test_key(1)).unwrap();
+        let e = key_matches_tail(&path, &test_key(2)).unwrap_err();
+        assert!(
+            e.contains("was keyed with another key") && e.contains("seq 4"),
+            "{e}"
+        );
+        assert!(!e.contains("KEYCANARY"), "{e}");
+    }
+}

@@ -23,10 +23,16 @@ use super::{Config, DaemonConfig};
 pub fn host_issues(d: &DaemonConfig) -> Vec<Issue> {
     let p = TomlPath::root().key("daemon");
     let mut issues = Vec::new();
-    if let Some(path) = &d.audit_key_file
-        && let Err(e) = crate::audit::AuditKey::load_from(Some(path), None)
-    {
-        issues.push(Issue::at(p.key("audit_key_file"), with_user_hint(path, e)));
+    if let Some(path) = &d.audit_key_file {
+        match crate::audit::AuditKey::load_from(Some(path), None) {
+            Err(e) => issues.push(Issue::at(p.key("audit_key_file"), with_user_hint(path, e))),
+            Ok(Some(key)) => {
+                if let Err(e) = crate::audit::key_matches_tail(&d.audit_log, &key) {
+                    issues.push(Issue::at(p.key("audit_key_file"), e));
+                }
+            }
+            Ok(None) => {}
+        }
     }
     if let Some(path) = &d.follow_nudge_key_file
         && let Err(e) = crate::sinks::webhook::read_key_file(path)
