@@ -99,6 +99,8 @@ struct Inner {
     /// The records found at open after the head the state database stored
     /// (first and last seq): see [`AuditLog::unconfirmed_at_open`].
     unconfirmed: Option<(u64, u64)>,
+    /// See [`AuditLog::foreign_at_open`].
+    foreign: Option<String>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -175,7 +177,7 @@ impl AuditLog {
             }
         }
 
-        let head = recover_tail(&file, &display, head_in_state, key.as_ref())?;
+        let (head, foreign) = recover_tail(&file, &display, head_in_state, key.as_ref())?;
         let unconfirmed = head_in_state
             .filter(|stored| stored.seq > 0 && head.seq > stored.seq)
             .map(|stored| (stored.seq + 1, head.seq));
@@ -220,6 +222,7 @@ impl AuditLog {
                 fsyncs,
                 synced,
                 unconfirmed,
+                foreign,
             }),
         })
     }
@@ -233,6 +236,13 @@ impl AuditLog {
     /// in the log before chaining onto them.
     pub fn unconfirmed_at_open(&self) -> Option<(u64, u64)> {
         self.inner.unconfirmed
+    }
+
+    /// Bytes after the last record at open that no crash can have left
+    /// (see `end_partial_line`): what they are and where. The daemon
+    /// records it as `audit.foreign_write` before anything else.
+    pub fn foreign_at_open(&self) -> Option<&str> {
+        self.inner.foreign.as_deref()
     }
 
     /// Appends one record; returns once it is written and fsynced, with the
@@ -720,7 +730,7 @@ fn recover_tail(
     path: &str,
     head_in_state: Option<&AuditHead>,
     key: Option<&AuditKey>,
-) -> Result<AuditHead, AuditError> {
+) -> Result<(AuditHead, Option<String>), AuditError> {
     let io = |what: &str, e: std::io::Error| AuditError::Io {
         path: path.to_owned(),
         message: format!("{what}: {e}"),
@@ -756,7 +766,7 @@ fn recover_tail(
     };
     let Some(last_line) = last_line else {
         return match state_head {
-            None => cut_partial_line(file, path, len, kept).map(|()| genesis_head()),
+            None => end_partial_line(file, path, len, kept, 1).map(|f| (genesis_head(), f)),
             Some(h) => Err(tampered(format!(
                 "the log is empty but the state database records seq {}: the audit log was truncated or altered",
                 h.seq
@@ -782,7 +792,7 @@ fn recover_tail(
         hash: writer_link(key, &last_line),
     };
     let Some(want) = state_head else {
-        return cut_partial_line(file, path, len, kept).map(|()| head);
+        return end_partial_line(file, path, len, kept, head.seq + 1).map(|f| (head, f));
     };
     if want.seq > head.seq {
         return Err(tampered(format!(
@@ -833,8 +843,8 @@ fn recover_tail(
             want.seq
         )));
     }
-    cut_partial_line(file, path, len, kept)?;
-    Ok(head)
+    let foreign = end_partial_line(file, path, len, kept, head.seq + 1)?;
+    Ok((head, foreign))
 }
 
 /// Refuses a state database with no audit head (`state_db`, about to be
@@ -900,26 +910,63 @@ pub fn refuse_records_without_state(path: &Path, state_db: &Path) -> Result<(), 
     })
 }
 
-/// Cuts the file back to `kept` bytes if it is longer: the bytes after the
-/// last newline are an append the process died in the middle of, never
-/// acknowledged. Done only after the checks against the state's head pass,
-/// so a refused log is left exactly as it was found, for `audit verify`.
-fn cut_partial_line(file: &File, path: &str, len: u64, kept: u64) -> Result<(), AuditError> {
+/// Whether `partial`, the bytes after a log's last newline, can be what
+/// a process killed while appending record `next_seq` left: a beginning
+/// of that record's line (the writer writes `{"seq":N,"ts":"...` first).
+pub(crate) fn crash_prefix(partial: &[u8], next_seq: u64) -> bool {
+    let start = format!("{{\"seq\":{next_seq},\"ts\":\"");
+    let start = start.as_bytes();
+    partial.len() <= 1 << 20 && (partial.starts_with(start) || start.starts_with(partial))
+}
+
+/// Ends the file at its last newline (`kept` of `len` bytes). Bytes after
+/// it that a crash appending record `next_seq` can have left are cut: an
+/// append never acknowledged. Any others were written by something else
+/// (black-box finding: 9.5 KB appended to a stopped daemon's log passed
+/// `audit verify` and the start cut them with a warning, erasing the
+/// evidence): they are kept, ended with a newline, and described in the
+/// return value, which the daemon records as `audit.foreign_write`. Done
+/// only after the checks against the state's head pass, so a refused log
+/// is left exactly as it was found, for `audit verify`.
+fn end_partial_line(
+    file: &File,
+    path: &str,
+    len: u64,
+    kept: u64,
+    next_seq: u64,
+) -> Result<Option<String>, AuditError> {
     if kept == len {
-        return Ok(());
+        return Ok(None);
     }
-    tracing::warn!(
-        path,
-        offset = kept,
-        bytes = len - kept,
-        "audit log ends with a partial line (a crash mid-append, never acknowledged); cutting it off"
+    let io = |what: &str, e: std::io::Error| AuditError::Io {
+        path: path.to_owned(),
+        message: format!("{what}: {e}"),
+    };
+    let mut partial = vec![0u8; (len - kept).min((1 << 20) + 1) as usize];
+    file.read_exact_at(&mut partial, kept)
+        .map_err(|e| io("cannot read its last line", e))?;
+    if crash_prefix(&partial, next_seq) {
+        tracing::warn!(
+            path,
+            offset = kept,
+            bytes = len - kept,
+            "audit log ends with a partial line (a crash mid-append, never acknowledged); cutting it off"
+        );
+        file.set_len(kept)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| io("cannot cut the partial last line", e))?;
+        return Ok(None);
+    }
+    let what = format!(
+        "{} byte(s) at offset {kept}..{len}, after the last record, were written to the audit log by something other than keyturn while it was stopped: they are no record's beginning (a crash mid-append leaves one), so they are kept, on a line of their own (`keyturn audit verify` stops at them); find who can write {path}",
+        len - kept
     );
-    file.set_len(kept)
+    tracing::error!(path, "{what}");
+    let mut f = file;
+    f.write_all(b"\n")
         .and_then(|()| file.sync_data())
-        .map_err(|e| AuditError::Io {
-            path: path.to_owned(),
-            message: format!("cannot cut the partial last line: {e}"),
-        })
+        .map_err(|e| io("cannot end the foreign bytes with a newline", e))?;
+    Ok(Some(what))
 }
 
 /// Just the chain fields of a record line.
@@ -1267,6 +1314,42 @@ pub(crate) mod tests {
         assert_eq!(lines(&path).len(), 5);
         let e = verify_file(&path, None).unwrap_err();
         assert!(e.to_string().contains("line 2"), "verify stops there: {e}");
+    }
+
+    /// Black-box finding: bytes appended to a stopped daemon's log (no
+    /// newline) were cut at the next start with a warning: the evidence
+    /// gone, no audit record. Bytes no crash can have left are kept, on a
+    /// line of their own, and reported for an `audit.foreign_write`
+    /// record; a crash's beginning of the next record is still cut.
+    #[test]
+    fn bytes_no_crash_leaves_after_the_last_record_are_kept_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let h2 = write_log(&path, 2);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"ATTACKER WAS HERE").unwrap();
+        drop(f);
+        let log = AuditLog::open(&path, Some(&h2)).unwrap();
+        let what = log.foreign_at_open().expect("reported");
+        assert!(
+            what.contains(&format!("17 byte(s) at offset {len}..{}", len + 17)),
+            "{what}"
+        );
+        assert_eq!(log.head(), h2, "the chain goes on from record 2");
+        let h3 = log.append_blocking(event(3)).unwrap();
+        assert_eq!(h3.seq, 3);
+        let all = lines(&path);
+        assert_eq!(all[2], "ATTACKER WAS HERE", "{all:?}");
+        assert_eq!(all.len(), 4, "{all:?}");
+        drop(log);
+        // A crash's partial record after that: cut, nothing reported.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"seq":4,"ts":"2026-12"#).unwrap();
+        drop(f);
+        let log = AuditLog::open(&path, Some(&h3)).unwrap();
+        assert_eq!(log.foreign_at_open(), None);
+        assert_eq!(lines(&path).len(), 4);
     }
 
     #[test]

@@ -224,8 +224,19 @@ pub fn verify_all(
         line_no += 1;
         if buf.last() != Some(&b'\n') {
             if n as u64 <= MAX_LINE {
-                // Only the end of the file can stop a line short of its newline.
+                // Only the end of the file can stop a line short of its
+                // newline. A crash appending the next record leaves its
+                // beginning; anything else was written by someone else.
                 partial_tail = true;
+                if !crate::audit::log::crash_prefix(&buf, expected) {
+                    found(fail(
+                        Some(line_no),
+                        None,
+                        Problem::Unparsable(format!(
+                            "{n} byte(s) after the last record are not the beginning of record seq {expected}, as a crash mid-append leaves: something else wrote them"
+                        )),
+                    ));
+                }
                 break;
             }
             found(fail(
@@ -646,6 +657,29 @@ mod tests {
         let report = f.verify(Some(&f.head)).unwrap();
         assert_eq!(report.records, 10);
         assert!(report.partial_tail);
+    }
+
+    /// Black-box finding: 9.5 KB appended without a newline passed as
+    /// a crash's partial line. Only a beginning of the next record is.
+    #[test]
+    fn bytes_after_the_last_record_that_no_crash_leaves_fail() {
+        let f = fixture();
+        let mut text = std::fs::read(&f.path).unwrap();
+        text.extend_from_slice(b"ATTACKER WAS HERE; ");
+        std::fs::write(&f.path, text).unwrap();
+        let e = f.verify(Some(&f.head)).unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "19 byte(s) after the last record are not the beginning of record seq 11"
+            ),
+            "{e}"
+        );
+        // The beginning of another seq is no crash of this log's either.
+        let f = fixture();
+        let mut text = std::fs::read(&f.path).unwrap();
+        text.extend_from_slice(br#"{"seq":12,"ts":"2026"#);
+        std::fs::write(&f.path, text).unwrap();
+        assert!(f.verify(Some(&f.head)).is_err());
     }
 
     #[test]

@@ -227,6 +227,16 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     })
     .map_err(|e| startup("cannot start the engine", &e))?;
 
+    if let Some(what) = audit.foreign_at_open() {
+        audit_daemon(
+            &engine,
+            "audit.foreign_write",
+            Outcome::Failed,
+            None,
+            Some(what.to_owned()),
+        )
+        .await;
+    }
     if let Some((first, last)) = audit.unconfirmed_at_open() {
         let why = format!(
             "records seq {first}..={last} come after the last head the state database stored: \
