@@ -635,3 +635,30 @@ fn the_audit_log_and_local_vault_directories_are_places_of_their_own() {
         .unwrap_or_else(|e| panic!("{log}: {e:?}"));
     }
 }
+
+/// Black-box finding: `<root>/a/.` and `<root>/a/dir/` were taken (a
+/// file written at `<root>/a` and `<root>/a/dir`), and a 300-byte name
+/// failed every delivery for ever.
+#[test]
+fn delivery_paths_that_name_no_file_or_too_long_a_name_are_refused() {
+    let long = "n".repeat(300);
+    for (path, says) in [
+        ("/run/kt/a/.", "ends with `/` or `/.`"),
+        ("/run/kt/a/dir/", "ends with `/` or `/.`"),
+        (
+            &format!("/run/kt/a/{long}") as &str,
+            "is 300 bytes long; a file name is at most 255 bytes",
+        ),
+    ] {
+        let text = format!(
+            "{HEAD}[agents.a.credentials.x]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+deliver = [{{ type = \"file\", path = \"{path}\" }}]\n"
+        );
+        let e = super::super::load_str(Path::new("/etc/keyturn/t.toml"), &text)
+            .expect_err(path)
+            .0;
+        assert_eq!(e.len(), 1, "{path}: {e:?}");
+        assert_eq!(e[0].toml_path, "agents.a.credentials.x.deliver[0].path");
+        assert!(e[0].message.contains(says), "{path}: {e:?}");
+    }
+}

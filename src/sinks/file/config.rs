@@ -144,6 +144,30 @@ impl FileConfig {
         if v.unexpanded(p, &written.to_string_lossy()) {
             return;
         }
+        // Black-box finding: `<root>/app/.` and `<root>/app/dir/` were
+        // taken and a file written at `<root>/app` and `<root>/app/dir`;
+        // a name over 255 bytes failed every delivery, for ever.
+        let raw = written.as_os_str().as_encoded_bytes();
+        if raw.ends_with(b"/") || raw.ends_with(b"/.") || raw == b"." {
+            v.err(
+                p,
+                format!(
+                    "delivery path `{text}` ends with `/` or `/.`: it names the file keyturn writes, so end it with the file's name"
+                ),
+            );
+            return;
+        }
+        if let Some(long) = written.components().find(|c| c.as_os_str().len() > 255) {
+            v.err(
+                p,
+                format!(
+                    "delivery path `{text}`: the name `{}...` is {} bytes long; a file name is at most 255 bytes",
+                    long.as_os_str().to_string_lossy().chars().take(16).collect::<String>(),
+                    long.as_os_str().len()
+                ),
+            );
+            return;
+        }
         // `..` is refused outright rather than normalised away: with
         // symlinks in play, `a/../b` need not be where it looks.
         if written.components().any(|c| c == Component::ParentDir) {
