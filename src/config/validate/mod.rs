@@ -706,6 +706,16 @@ impl Validator<'_> {
                 );
             }
         }
+        // `(uid_t)-1` is "leave unchanged" to chown: the delivered files
+        // stayed the daemon's, without an error (black-box finding).
+        for (key, id) in [("uid", a.uid), ("gid", a.gid)] {
+            if id == Some(u32::MAX) {
+                self.err(
+                    p.key(key),
+                    format!("{key} 4294967295 is (uid_t)-1, which chown takes as \"leave unchanged\": the agent would not own its files; name the agent's {key}"),
+                );
+            }
+        }
         if !scope.tier_names.contains(&a.tier) {
             self.err(
                 p.key("tier"),

@@ -662,3 +662,18 @@ deliver = [{{ type = \"file\", path = \"{path}\" }}]\n"
         assert!(e[0].message.contains(says), "{path}: {e:?}");
     }
 }
+
+/// Black-box finding: `uid = 4294967295` passed, and chown took it as
+/// "leave unchanged": the agent's files stayed the daemon's.
+#[test]
+fn a_uid_or_gid_of_minus_one_is_refused() {
+    for key in ["uid", "gid"] {
+        let text = HEAD.replace("[agents.b]\n", &format!("[agents.b]\n{key} = 4294967295\n"));
+        let e = super::super::load_str(Path::new("/etc/keyturn/t.toml"), &text)
+            .expect_err(key)
+            .0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].toml_path, format!("agents.b.{key}"));
+        assert!(e[0].message.contains("(uid_t)-1"), "{e:?}");
+    }
+}
