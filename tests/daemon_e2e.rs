@@ -2014,3 +2014,31 @@ fn check_online_against_a_server_that_never_answers_ends_cleanly() {
     }
     drop(silent);
 }
+
+/// Black-box finding: SIGUSR1 (what many logrotate scripts send to reopen
+/// logs) ended the daemon, with no log line and no `daemon.stop` record.
+/// It is logged and ignored.
+#[test]
+fn sigusr1_is_logged_and_ignored() {
+    let env = Env::new(ONE_RAW);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    daemon.signal(libc::SIGUSR1);
+    wait_for(Duration::from_secs(10), || {
+        daemon
+            .log_text()
+            .contains("SIGUSR1/SIGUSR2 ignored")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("not logged: {}", daemon.log_text()));
+    let log = daemon.log_text();
+    assert!(log.contains("\"SIGUSR1\""), "names the signal: {log}");
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    daemon.stop();
+    assert!(
+        audit_records(&env)
+            .iter()
+            .any(|r| r["event"] == "daemon.stop"),
+        "stopped by SIGTERM, not by the SIGUSR1"
+    );
+}

@@ -516,8 +516,16 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
 
     let mut stops = signals::Incoming::new(&[libc::SIGTERM, libc::SIGINT], "keyturn-sigterm")
         .map_err(|e| startup("cannot handle SIGTERM and SIGINT", &e))?;
+    // SIGUSR1 is the "reopen your logs" of many logrotate scripts; by
+    // default it ended the daemon with no log line and no `daemon.stop`
+    // (black-box finding). keyturn reopens nothing: said, and ignored.
+    let mut usr = signals::Incoming::new(&[libc::SIGUSR1, libc::SIGUSR2], "keyturn-sigusr")
+        .map_err(|e| startup("cannot handle SIGUSR1 and SIGUSR2", &e))?;
     let stopped_by = loop {
         tokio::select! {
+            Some(sender) = usr.recv() => {
+                tracing::warn!(sender = ?sender, "SIGUSR1/SIGUSR2 ignored: keyturn logs to stderr (the journal) and keeps its audit log open; it has no log file to reopen. SIGHUP reloads the config, SIGTERM stops");
+            }
             Some(sender) = hup.recv() => {
                 reload(config_path, &engine, &alerts, &mut config_files, sender).await;
                 match task_setup(&engine.catalog().config, &revocations, engine.now()) {

@@ -69,6 +69,8 @@ fn name(signal: libc::c_int) -> &'static str {
         libc::SIGHUP => "SIGHUP",
         libc::SIGTERM => "SIGTERM",
         libc::SIGINT => "SIGINT",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
         _ => "a signal",
     }
 }
