@@ -196,7 +196,13 @@ fn advice(e: &PluginError) -> &'static str {
 pub fn render(items: &[Probed]) -> String {
     fn clean(s: &str) -> String {
         s.chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
+            .map(|c| {
+                if crate::config::validate::is_unprintable(c) {
+                    ' '
+                } else {
+                    c
+                }
+            })
             .collect()
     }
     let name_w = items

@@ -93,10 +93,18 @@ fn state_style(state: &str) -> Style {
     }
 }
 
-/// `s` with each control character replaced by a space.
+/// `s` with each control character and bidi override or isolate (which
+/// reorders what the terminal shows: a `--reason` carried one) replaced by
+/// a space.
 pub(super) fn clean(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| {
+            if crate::config::validate::is_unprintable(c) {
+                ' '
+            } else {
+                c
+            }
+        })
         .collect()
 }
 
@@ -539,6 +547,17 @@ mod tests {
 
     fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap()
+    }
+
+    /// Black-box finding: a `--reason` holding a bidi override reached the
+    /// terminal through `status` and `decommission` (ESC and newlines did
+    /// not).
+    #[test]
+    fn control_characters_and_bidi_overrides_are_cleaned() {
+        assert_eq!(
+            clean("retired\u{202e}evil\x1b[31m\nnext\u{2066}"),
+            "retired evil [31m next "
+        );
     }
 
     fn row(agent: &str, cred: &str) -> StatusRow {
