@@ -199,6 +199,34 @@ fn dir_mask() -> WatchMask {
         | WatchMask::MOVE_SELF
 }
 
+/// `files`, with a key pair bundle's directory (a file sink's `path` for
+/// a key pair: it holds `..data`) replaced by the files in it: a rotation
+/// swaps `..data` inside the directory, which watching its parent never
+/// saw (black-box finding: `--file` naming the sink's `path` never fired).
+fn bundle_files(files: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        let members = std::fs::symlink_metadata(f.join("..data"))
+            .ok()
+            .and_then(|_| std::fs::read_dir(f).ok())
+            .map(|entries| {
+                let mut names: Vec<PathBuf> = entries
+                    .flatten()
+                    .filter(|e| !e.file_name().as_encoded_bytes().starts_with(b"."))
+                    .map(|e| e.path())
+                    .collect();
+                names.sort();
+                names
+            })
+            .filter(|names| !names.is_empty());
+        match members {
+            Some(names) => out.extend(names),
+            None => out.push(f.clone()),
+        }
+    }
+    out
+}
+
 /// The parent directory of each file, once each.
 fn parent_dirs(files: &[PathBuf]) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
@@ -231,11 +259,12 @@ fn watch_dirs(dirs: &[PathBuf]) -> Result<Inotify, String> {
 const REWATCH_EVERY: Duration = Duration::from_millis(500);
 
 /// Runs `keyturn watch`; returns the exit code.
-pub async fn run(w: Watch) -> u8 {
+pub async fn run(mut w: Watch) -> u8 {
     if w.command.is_empty() {
         eprintln!("keyturn watch: no command given (after `--`)");
         return EXIT_USAGE;
     }
+    w.files = bundle_files(&w.files);
     let dirs = parent_dirs(&w.files);
     let inotify = match watch_dirs(&dirs) {
         Ok(i) => i,

@@ -338,3 +338,41 @@ fn bad_usage_is_refused_with_a_reason() {
     assert_eq!(code, Some(127), "{err}");
     assert!(err.contains("cannot run /nonexistent-kt-program"), "{err}");
 }
+
+/// Black-box finding: `--file` naming a key pair sink's `path` (the
+/// bundle's directory) never fired on a rotation, which swaps `..data`
+/// inside that directory. Its files are watched.
+#[test]
+fn a_bundle_directory_fires_when_its_data_is_swapped() {
+    use std::os::unix::fs::symlink;
+    let rig = Rig::new();
+    let bundle = rig.dir.path().join("agents").join("sign");
+    std::fs::create_dir(&bundle).unwrap();
+    let version = |n: u32| {
+        let data = bundle.join(format!("..v{n}"));
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("private.pem"), format!("key {n}")).unwrap();
+        let tmp = bundle.join("..data_tmp");
+        symlink(format!("..v{n}"), &tmp).unwrap();
+        std::fs::rename(&tmp, bundle.join("..data")).unwrap();
+    };
+    version(1);
+    symlink("..data/private.pem", bundle.join("private.pem")).unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.arg("watch")
+        .arg("--file")
+        .arg(&bundle)
+        .arg("--")
+        .arg(rig.dir.path().join("child.sh"))
+        .env("LOG", rig.log())
+        .env_remove("KEYTURN_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(rig.dir.path().join("watch.log")).unwrap());
+    let watch = cmd.spawn().expect("spawn keyturn watch");
+    rig.wait_lines("start", 1);
+    std::thread::sleep(Duration::from_millis(300));
+    version(2);
+    assert_eq!(rig.wait_lines("hup", 1).len(), 1);
+    stop(watch);
+}
