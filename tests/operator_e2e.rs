@@ -1319,3 +1319,36 @@ fn a_changed_target_is_revoked_when_the_last_value_set_on_it_retires() {
     daemon.stop();
     audit_verifies(&env, "after the earlier target's revocation");
 }
+
+/// Black-box finding: a key pair bundle whose `private.pem` was deleted
+/// (its link, or the file in `..data`) was never restored, at a start or a
+/// reload: only a whole bundle gone was. Either is restored now, without
+/// a rotation.
+#[test]
+fn a_bundle_missing_one_of_its_files_is_restored_at_start_and_reload() {
+    let env = Env::new(&format!(
+        "{}[agents.bot.credentials.sign]\nvault = \"local\"\ngenerate = {{ kind = \"ed25519\" }}\nevery = \"1h\"\ndeliver = [{{ type = \"file\", path = \"{{root}}/bot/sign\" }}]\n",
+        agent_table("bot")
+    ));
+    let daemon = env.start();
+    wait_version(&env, "bot", "sign", 1);
+    let private = env.root().join("bot/sign/private.pem");
+    let key = std::fs::read(&private).unwrap();
+    daemon.stop();
+    std::fs::remove_file(&private).unwrap();
+    let daemon = env.start();
+    assert_eq!(
+        std::fs::read(&private).ok(),
+        Some(key.clone()),
+        "restored at start"
+    );
+    // The file inside `..data` deleted: the link leads nowhere; a reload
+    // restores it.
+    std::fs::remove_file(env.root().join("bot/sign/..data/private.pem")).unwrap();
+    assert!(std::fs::read(&private).is_err());
+    daemon.reload();
+    let restored = wait_for(Duration::from_secs(10), || std::fs::read(&private).ok());
+    assert_eq!(restored, Some(key), "restored at reload");
+    assert_eq!(version_of(&env, "bot", "sign"), Some(1), "no rotation");
+    daemon.stop();
+}

@@ -69,7 +69,41 @@ pub(super) fn gone_sinks(entry: &CredEntry) -> Vec<Arc<dyn Sink>> {
 fn file_gone(sink: &dyn Sink) -> bool {
     sink.delivered_path().is_some_and(|p| {
         matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+            || bundle_broken(p)
     })
+}
+
+/// Whether `dir`, a key pair bundle's directory (it holds `..data`), lost
+/// part of the pair: `..data` gone, or a file of the current data without
+/// its link beside `..data`, or a link that leads nowhere. Black-box
+/// finding: a bundle whose `private.pem` was deleted stayed without it
+/// across restarts and reloads, only a whole bundle gone was restored.
+fn bundle_broken(dir: &std::path::Path) -> bool {
+    let not_found = |r: std::io::Result<std::fs::Metadata>| matches!(r, Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return false;
+    };
+    if !meta.is_dir() {
+        return false;
+    }
+    let data = dir.join("..data");
+    if std::fs::symlink_metadata(&data).is_err() {
+        // Not a bundle (a plain directory is refused by the delivery).
+        return false;
+    }
+    let Ok(current) = std::fs::read_dir(&data) else {
+        return true;
+    };
+    let missing = current
+        .flatten()
+        .any(|e| not_found(std::fs::metadata(dir.join(e.file_name()))));
+    let dangling = std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .filter(|e| !e.file_name().as_encoded_bytes().starts_with(b"."))
+            .any(|e| not_found(std::fs::metadata(e.path())))
+    });
+    missing || dangling
 }
 
 impl super::Engine {
