@@ -158,10 +158,19 @@ impl Inner {
                 .is_some_and(|d| d.in_effect(now));
             if entry.policy.follow.is_some() || self.is_retired(&key.agent) || declared {
                 // Rotated by another keyturn (see `follow.rs`), or
-                // decommissioned (`retired.rs`): no timers.
-                live.entry(key);
+                // decommissioned (`retired.rs`): no timers. But a
+                // credential rotated here until this config followed it
+                // still owes the retirement of the version before its
+                // last one here (black-box finding: it stayed `retiring`
+                // for good, that version never destroyed).
+                let owed =
+                    entry.policy.follow.is_some() && !self.is_retired(&key.agent) && !declared;
+                let retire_at = live.entry(key).retire_at.filter(|_| owed);
                 live.cancel(key, Job::Rotate);
-                live.cancel(key, Job::Retire);
+                match retire_at {
+                    Some(at) => live.schedule(key, Job::Retire, at),
+                    None => live.cancel(key, Job::Retire),
+                }
                 continue;
             }
             // A catch-up slot this credential still waits for (see below).

@@ -489,3 +489,43 @@ async fn a_promoted_follower_rotating_at_once_retires_the_left_version_first() {
     );
     rig.shutdown().await;
 }
+
+/// Black-box finding: a credential rotated here, then followed (its
+/// `mode` changed to `follow`, by a restart or a reload) while its
+/// previous version was in its grace period, stayed `retiring` for good,
+/// and that version was never retired in the vault. The retirement it
+/// owes still runs when the grace ends.
+#[tokio::test(start_paused = true)]
+async fn a_rotator_turned_follower_still_retires_what_it_owed() {
+    for how in ["restart", "reload"] {
+        let rig = Rig::started(1, "every = \"6h\"\ngrace = \"1m\"").await;
+        assert_eq!(rig.rotate_c0().await.version, Some(2));
+        let p = path("c0");
+        let followed = format!("{FOLLOW}\ngrace = \"1m\"");
+        let rig = match how {
+            "restart" => {
+                let made = rig.start;
+                let rig = rig.restart(1, &followed).await;
+                same_wall_clock(&rig, made);
+                rig.run_following().await;
+                rig
+            }
+            _ => {
+                let text = config_text(rig.dir.path(), 1, &followed, "");
+                let catalog = catalog_with(rig.dir.path(), &text, &rig.vault, &rig.sink, &[]);
+                rig.engine.reload(catalog).await;
+                rig
+            }
+        };
+        assert_eq!(rig.vault.stages(&p)[0], (1, Stage::Previous), "{how}");
+        rig.until(Duration::from_secs(120), "the owed retirement", |r| {
+            r.vault.stages(&p)[0].1 == Stage::Retired
+        })
+        .await;
+        rig.until(Duration::from_secs(10), "no longer retiring", |r| {
+            r.status("c0").state != "retiring"
+        })
+        .await;
+        rig.shutdown().await;
+    }
+}
