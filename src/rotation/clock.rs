@@ -50,6 +50,13 @@ impl TokioClock {
         let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
         self.stepped_ms.fetch_add(ms, Ordering::Relaxed);
     }
+
+    /// Moves the wall time `by` back at once (a clock that ran ahead set
+    /// right), while tokio's clock does not move.
+    pub fn step_back(&self, by: std::time::Duration) {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.stepped_ms.fetch_sub(ms, Ordering::Relaxed);
+    }
 }
 
 impl Clock for TokioClock {

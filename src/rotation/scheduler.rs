@@ -52,10 +52,20 @@ impl Engine {
                 _ = inner.wake.notified() => {}
                 _ = inner.cancel.cancelled() => break,
             }
-            let jumped = (inner.now() - wall).to_std().unwrap_or_default();
+            let moved = inner.now() - wall;
+            let jumped = moved.to_std().unwrap_or_default();
             let jumped = jumped.saturating_sub(mono.elapsed());
             if jumped >= CLOCK_JUMP {
                 inner.spread_after_jump(jumped);
+            }
+            // Stepped back: `mono.elapsed()` passed while the wall clock
+            // moved less (or back).
+            let back =
+                chrono::Duration::from_std(mono.elapsed()).unwrap_or(chrono::Duration::MAX) - moved;
+            if let Ok(back) = back.to_std()
+                && back >= CLOCK_JUMP
+            {
+                inner.shift_after_step_back(back);
             }
             if let Some(every) = watchdog_every
                 && last_ping.elapsed() >= every
@@ -115,6 +125,40 @@ impl Inner {
             }
             live.schedule(&key, job, at);
         }
+    }
+
+    /// The wall clock stepped `back` while the scheduler waited (a clock
+    /// that ran ahead set right): every timer, set in wall time, would come
+    /// `back` late, so rotations and retirements stopped until the clock
+    /// caught up (black-box finding: an hour of nothing, the previous
+    /// version live past its grace). Each timer moves `back` earlier: it
+    /// comes when it would have.
+    pub(super) fn shift_after_step_back(&self, back: Duration) {
+        let Ok(by) = chrono::Duration::from_std(back) else {
+            return;
+        };
+        let catalog = self.catalog();
+        let departed: Vec<CredentialKey> = self.departed_entries().keys().cloned().collect();
+        let mut live = self.live();
+        let mut moved = 0usize;
+        for key in catalog.creds.keys().chain(departed.iter()) {
+            for job in [Job::Rotate, Job::Retire] {
+                if let Some(at) = live.deadline(key, job) {
+                    live.schedule(key, job, at - by);
+                    moved += 1;
+                }
+            }
+            if let Some(l) = live.get_mut(key)
+                && let Some(at) = l.retire_at
+            {
+                l.retire_at = Some(at - by);
+            }
+        }
+        tracing::warn!(
+            back = %humantime::format_duration(Duration::from_secs(back.as_secs())),
+            timers = moved,
+            "the wall clock stepped back (a clock that ran ahead set right): every rotation and retirement timer moves back with it",
+        );
     }
 
     /// Starts the jobs due at `now`, at most `free` of them: the room the
@@ -177,7 +221,12 @@ impl Inner {
             let catch_up_slot = live.deadline(key, Job::Rotate);
             let l = live.entry(key);
             let catch_up_slot = catch_up_slot.filter(|_| l.next_trigger == Some(Trigger::CatchUp));
-            let retire_at = l.retire_at;
+            // A retirement is never more than `grace` away: one further
+            // was stored by a clock that ran ahead (black-box finding).
+            let latest = now
+                + chrono::Duration::from_std(entry.policy.grace).unwrap_or(chrono::Duration::MAX);
+            let retire_at = l.retire_at.map(|at| at.min(latest));
+            l.retire_at = retire_at;
             // The rotate timer: `Some(Some(at))` sets it, `Some(None)`
             // cancels it, `None` leaves it as it is.
             let rotate = if l.running.is_some() {
@@ -194,7 +243,10 @@ impl Inner {
                     // Keep the retry time it already has.
                     None
                 } else {
-                    let last = last.expect("checked above");
+                    // A last rotation in the future was stamped by a
+                    // clock that ran ahead: counted from now, not from
+                    // then (nothing rotated until the clock caught up).
+                    let last = last.expect("checked above").min(now);
                     // The first version is number 1 (`begin`).
                     let first = l.row.as_ref().and_then(|r| r.current_version) == Some(1);
                     match entry.policy.schedule.next_due(last, entry.offset(), first) {

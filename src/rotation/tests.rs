@@ -1251,6 +1251,53 @@ async fn a_forward_step_of_the_wall_clock_spreads_the_rotations_that_came_due() 
     assert_eq!(catch_up, N, "{audit}");
 }
 
+/// Black-box finding: after the wall clock stepped back an hour (a clock
+/// that ran ahead set right), nothing rotated and the previous version was
+/// not retired until the clock caught up. The timers move back with it;
+/// and at a start, a last rotation stamped in the future counts from now.
+#[tokio::test(start_paused = true)]
+async fn a_backward_step_of_the_wall_clock_leaves_the_timers_where_they_were_due() {
+    let rig = Rig::started(1, "every = \"2m\"\ngrace = \"30s\"").await;
+    assert_eq!(rig.rotate_c0().await.version, Some(2));
+    let rotated = Instant::now();
+    rig.clock.step_back(Duration::from_secs(3600));
+    rig.until(Duration::from_secs(60), "version 1 retired", |r| {
+        r.vault.stages(&path("c0"))[0].1 == Stage::Retired
+    })
+    .await;
+    assert!(
+        rotated.elapsed() < Duration::from_secs(40),
+        "{:?}",
+        rotated.elapsed()
+    );
+    rig.until(Duration::from_secs(150), "version 3 by the schedule", |r| {
+        r.status("c0").version == Some(3)
+    })
+    .await;
+    assert!(
+        rotated.elapsed() < Duration::from_secs(135),
+        "{:?}",
+        rotated.elapsed()
+    );
+    // Restarted with a clock behind the time version 3 was stamped with
+    // (the restarted rig's clock begins at the first one's start again):
+    // the next rotation counts from now, not from that future time.
+    let rig = rig.restart(1, "every = \"2m\"\ngrace = \"30s\"").await;
+    rig.clock.step_back(Duration::from_secs(3600));
+    rig.run().await;
+    let started = Instant::now();
+    rig.until(Duration::from_secs(200), "version 4 by the schedule", |r| {
+        r.status("c0").version == Some(4)
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(130),
+        "{:?}",
+        started.elapsed()
+    );
+    rig.shutdown().await;
+}
+
 /// Defect: a reload (SIGHUP) during the catch-up window re-armed every
 /// credential still waiting for its slot as due now, so they all rotated at
 /// once and stayed in lockstep. A reload keeps the slots: with the config
