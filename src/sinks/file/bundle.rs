@@ -209,10 +209,21 @@ impl Inner {
         bundle: &OwnedFd,
         name: &OsStr,
     ) -> Result<(), PluginError> {
+        self.removed_data_dir(bundle, name).map(drop)
+    }
+
+    /// [`Self::remove_data_dir`], saying whether the directory is gone now
+    /// because of it (not: it was not there, was not a directory, such as a
+    /// symlink planted under its name, or held what is not keyturn's).
+    pub(super) fn removed_data_dir(
+        &self,
+        bundle: &OwnedFd,
+        name: &OsStr,
+    ) -> Result<bool, PluginError> {
         let shown = self.path().join(name);
         match stat_nofollow(bundle, name) {
             Ok(Some(st)) if is_type(&st, SFlag::S_IFDIR) => {}
-            Ok(_) => return Ok(()), // gone, or not a directory: not ours to remove
+            Ok(_) => return Ok(false), // gone, or not a directory: not ours to remove
             Err(e) => return Err(self.sys(format_args!("inspect {}", shown.display()), e)),
         }
         let dir = open_dir(Some(bundle.as_raw_fd()), name)
@@ -233,8 +244,9 @@ impl Inner {
             }
         }
         match nix::unistd::unlinkat(Some(bundle.as_raw_fd()), name, UnlinkatFlags::RemoveDir) {
+            Ok(()) => Ok(true),
             // Not empty: what is left is not keyturn's.
-            Ok(()) | Err(Errno::ENOENT) | Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) => Ok(()),
+            Err(Errno::ENOENT) | Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) => Ok(false),
             Err(e) => Err(self.sys(format_args!("remove {}", shown.display()), e)),
         }
     }
@@ -351,8 +363,10 @@ impl Inner {
                 && n != DATA_LINK_TMP
                 && current.as_deref().is_none_or(|c| c.as_bytes() != b)
                 && b.rsplit(|c| *c == b'.').next().and_then(temp_owner) == Some(false);
-            if dead {
-                self.remove_data_dir(bundle, &n)?;
+            // Said only when done: a symlink planted under such a name is
+            // left, and the log said "removed" at every reload (black-box
+            // finding).
+            if dead && self.removed_data_dir(bundle, &n)? {
                 tracing::info!(path = %self.path().display(), dir = ?n, "file sink: removed a bundle directory left by an earlier process");
             }
         }

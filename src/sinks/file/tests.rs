@@ -777,6 +777,28 @@ async fn preflight_removes_a_bundle_directory_left_by_a_crash() {
     );
 }
 
+/// Black-box finding: a symlink planted under a dead bundle directory's
+/// name was rightly left alone, but the log said "removed" at every
+/// reload. It says so only of what it removed.
+#[tokio::test]
+async fn a_symlink_under_a_dead_directory_s_name_is_left_and_not_said_removed() {
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let (path, s) = agent_sink(root.path(), "signing", FileFormat::Raw);
+    deliver_keypair(&s, 1).await;
+    let planted = path.join(format!(
+        "..20200101T000000.1.{:08x}00000000",
+        process_token() ^ 7
+    ));
+    symlink(outside.path(), &planted).unwrap();
+    let (_guard, logs) = crate::test_support::capture_logs();
+    s.preflight().await.unwrap();
+    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(std::fs::symlink_metadata(&planted).is_ok(), "left");
+    assert!(outside.path().exists());
+    assert!(!logs.contains("removed a bundle directory"), "{logs}");
+}
+
 #[tokio::test]
 async fn preflight_passes_on_a_fresh_root() {
     let root = tempfile::tempdir().unwrap();
