@@ -791,12 +791,26 @@ async fn a_symlink_under_a_dead_directory_s_name_is_left_and_not_said_removed() 
         process_token() ^ 7
     ));
     symlink(outside.path(), &planted).unwrap();
-    let (_guard, logs) = crate::test_support::capture_logs();
-    s.preflight().await.unwrap();
-    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    // And a real one left by a crash, which is removed and said so.
+    let left = path.join(format!(
+        "..20200101T000000.2.{:08x}00000000",
+        process_token() ^ 7
+    ));
+    std::fs::create_dir(&left).unwrap();
+    // What the sweep asks before it says "removed".
+    let bundle = super::fs::open_dir(None, path.as_os_str()).unwrap();
+    let removed = |name: &Path| {
+        s.inner
+            .removed_data_dir(&bundle, name.file_name().unwrap())
+            .unwrap()
+    };
+    assert!(!removed(&planted), "a symlink is not removed");
+    assert!(removed(&left), "a dead directory is");
     assert!(std::fs::symlink_metadata(&planted).is_ok(), "left");
     assert!(outside.path().exists());
-    assert!(!logs.contains("removed a bundle directory"), "{logs}");
+    assert!(!left.exists(), "removed");
+    s.preflight().await.unwrap();
+    assert!(std::fs::symlink_metadata(&planted).is_ok(), "left");
 }
 
 #[tokio::test]
