@@ -1493,6 +1493,26 @@ decommissioned = { reason = \"gone\" }\n";
         assert!(e[0].message.starts_with("TOML syntax error"), "{}", e[0]);
     }
 
+    /// Black-box finding: a clash with a credential in another file said
+    /// `(line 1)`, the nearest table of this file. A line is given only
+    /// when the other setting is in the same file.
+    #[test]
+    fn a_clash_with_a_setting_in_another_file_gives_no_line_of_this_one() {
+        let dir = config_dir(
+            Some(&format!("{MAIN}{}", agent("a", "path = \"shared/x\"\n"))),
+            &[("b.toml", &agent("b", "path = \"shared/x\"\n"))],
+        );
+        let e = load_file(dir.path()).unwrap_err().0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].message
+                .contains("is also used by `agents.a.credentials.c.path`"),
+            "{}",
+            e[0]
+        );
+        assert!(!e[0].message.contains("(line"), "{}", e[0]);
+    }
+
     /// The files of `agents.d` are independent: one that does not parse is
     /// reported beside every other file's errors, not instead of them. A
     /// main file that does not parse leaves nothing the agents could be

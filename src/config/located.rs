@@ -839,7 +839,7 @@ fn to_error(file: &Path, lines: &LineIndex, doc: &Document<&str>, issue: Issue) 
     let (line, column) = lines.line_col(span.map_or(0, |s| s.start));
     let mut message = issue.message;
     if let Some(related) = &issue.related
-        && let Some(s) = locate(doc, related, Anchor::Value)
+        && let Some(s) = locate_whole(doc, related, Anchor::Value)
     {
         message.push_str(&format!(" (line {})", lines.line_col(s.start).0));
     }
@@ -890,6 +890,26 @@ impl<'a> Node<'a> {
 /// its key as the anchor asks. Implicit tables (`agents` in
 /// `[agents.x]`) have no span of their own, so their key is used.
 fn locate(doc: &Document<&str>, path: &TomlPath, anchor: Anchor) -> Option<Range<usize>> {
+    locate_in(doc, path, anchor).0
+}
+
+/// Where `path` is in `doc`, only if all of it is there: a setting of
+/// another file of the config (an `agents.d` file) is not, and the
+/// nearest table above it here is no place to point at (black-box
+/// finding: "also used by ... (line 1)" for a credential in another file).
+fn locate_whole(doc: &Document<&str>, path: &TomlPath, anchor: Anchor) -> Option<Range<usize>> {
+    match locate_in(doc, path, anchor) {
+        (span, true) => span,
+        (_, false) => None,
+    }
+}
+
+/// [`locate`], and whether every segment of `path` was found.
+fn locate_in(
+    doc: &Document<&str>,
+    path: &TomlPath,
+    anchor: Anchor,
+) -> (Option<Range<usize>>, bool) {
     let mut node = Node::Table(doc.as_table());
     let mut best: Option<Range<usize>> = None;
     let segs = path.segments();
@@ -898,7 +918,7 @@ fn locate(doc: &Document<&str>, path: &TomlPath, anchor: Anchor) -> Option<Range
         match seg {
             Seg::Key(k) => {
                 let Some((key, child)) = node.table_like().and_then(|t| t.get_key_value(k)) else {
-                    break;
+                    return (best, false);
                 };
                 let key_span = key_span(key);
                 let value_span = child.span();
@@ -911,13 +931,15 @@ fn locate(doc: &Document<&str>, path: &TomlPath, anchor: Anchor) -> Option<Range
                 node = Node::Item(child);
             }
             Seg::Index(n) => {
-                let Some(child) = node.index(*n) else { break };
+                let Some(child) = node.index(*n) else {
+                    return (best, false);
+                };
                 best = child.span().or(best);
                 node = child;
             }
         }
     }
-    best
+    (best, true)
 }
 
 fn key_span(key: &Key) -> Option<Range<usize>> {
