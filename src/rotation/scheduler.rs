@@ -221,11 +221,23 @@ impl Inner {
             let catch_up_slot = live.deadline(key, Job::Rotate);
             let l = live.entry(key);
             let catch_up_slot = catch_up_slot.filter(|_| l.next_trigger == Some(Trigger::CatchUp));
-            // A retirement is never more than `grace` away: one further
-            // was stored by a clock that ran ahead (black-box finding).
-            let latest = now
-                + chrono::Duration::from_std(entry.policy.grace).unwrap_or(chrono::Duration::MAX);
-            let retire_at = l.retire_at.map(|at| at.min(latest));
+            // A clock that ran ahead stamped the last rotation in the
+            // future, and its retirement more than `grace` from now
+            // (black-box finding): that retirement comes `grace` from now
+            // at the latest. (Only then: a `grace` shortened by a reload
+            // does not retire early what its notice promised.)
+            let ahead = l
+                .row
+                .as_ref()
+                .and_then(|r| r.last_rotated_at)
+                .is_some_and(|t| t > now);
+            let latest = chrono::Duration::from_std(entry.policy.grace)
+                .ok()
+                .and_then(|g| now.checked_add_signed(g));
+            let retire_at = match (l.retire_at, latest) {
+                (Some(at), Some(latest)) if ahead => Some(at.min(latest)),
+                (at, _) => at,
+            };
             l.retire_at = retire_at;
             // The rotate timer: `Some(Some(at))` sets it, `Some(None)`
             // cancels it, `None` leaves it as it is.

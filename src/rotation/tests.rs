@@ -1286,6 +1286,17 @@ async fn a_backward_step_of_the_wall_clock_leaves_the_timers_where_they_were_due
     rig.clock.step_back(Duration::from_secs(3600));
     rig.run().await;
     let started = Instant::now();
+    // Version 2, in its grace when the first rig stopped, retires within
+    // the grace from now, not from the future its retirement was set for.
+    rig.until(Duration::from_secs(60), "version 2 retired", |r| {
+        r.vault.stages(&path("c0"))[1].1 == Stage::Retired
+    })
+    .await;
+    assert!(
+        started.elapsed() <= Duration::from_secs(31),
+        "{:?}",
+        started.elapsed()
+    );
     rig.until(Duration::from_secs(200), "version 4 by the schedule", |r| {
         r.status("c0").version == Some(4)
     })
