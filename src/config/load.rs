@@ -1351,6 +1351,57 @@ decommissioned = { reason = \"gone\" }\n";
         assert!(!e.iter().any(|e| e.message.contains("``")), "{e:#?}");
     }
 
+    /// Black-box finding: a credential whose `generate.kind` (or target
+    /// `type`) was unknown was dropped whole, so its other errors (a bad
+    /// `every`, a sink without a delivery root) and a second credential's
+    /// came only after the kind was fixed.
+    #[test]
+    fn an_unknown_tag_does_not_hide_the_rest_of_its_credential() {
+        let text = "[vaults.v]\ntype = \"local\"\n\
+[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\nauth_key = \"c\"\n\
+[agents.a.credentials.c]\nvault = \"nosuch\"\nevery = \"soon\"\n\
+generate = { kind = \"ed2551\", length = 4 }\n\
+target = { type = \"postgress\", dsn = \"x\" }\n\
+deliver = [{ type = \"file\", path = \"/o/c\", mode = \"0999\" }]\n\
+[agents.a.credentials.d]\nvault = \"v\"\nevery = \"1h\"\ngenerate = { kind = \"rsa\" }\n\
+grace = \"2h\"\n";
+        let e = errors(text);
+        let got: Vec<(&str, &str)> = e
+            .iter()
+            .map(|e| (e.toml_path.as_str(), e.message.as_str()))
+            .collect();
+        let expected = [
+            ("agents.a.credentials.c.vault", "unknown vault `nosuch`"),
+            ("agents.a.credentials.c.every", "invalid duration `soon`"),
+            (
+                "agents.a.credentials.c.generate.kind",
+                "unknown value `ed2551`; expected one of `password`",
+            ),
+            (
+                "agents.a.credentials.c.target.type",
+                "unknown value `postgress`; expected one of `none`",
+            ),
+            (
+                "agents.a.credentials.c.deliver[0].path",
+                "file sinks need `daemon.delivery_roots`",
+            ),
+            (
+                "agents.a.credentials.c.deliver[0].mode",
+                "invalid file mode `0999`",
+            ),
+            (
+                "agents.a.credentials.d.generate.kind",
+                "unknown value `rsa`",
+            ),
+            ("agents.a.credentials.d.grace", "grace"),
+        ];
+        assert_eq!(got.len(), expected.len(), "{got:#?}");
+        for (want, (path, message)) in expected.iter().zip(&got) {
+            assert_eq!(want.0, *path, "{got:#?}");
+            assert!(message.starts_with(want.1), "{got:#?}");
+        }
+    }
+
     /// A config directory: `keyturn.toml` and `agents.d/*.toml`.
     fn config_dir(main: Option<&str>, agents: &[(&str, &str)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();

@@ -540,8 +540,27 @@ fn section<T: DeserializeOwned>(item: &Item, p: &TomlPath, issues: &mut Found) -
             .and_then(|rest| rest.split_once('`'))
             .map(|(key, _)| path.key(key));
         let unknown = inner.message().starts_with("unknown field `");
+        let variant = first_expected_variant(inner.message()).map(str::to_owned);
         let table = path.clone();
         let issue = serde_issue(path, inner.message(), inner.span());
+        // An unknown tag (`generate`'s `kind`, a target's `type`): the
+        // table gets a known one in its place, alone, so that the rest of
+        // the section is still read and validated; what validation finds
+        // under the table is then the stand-in's doing, and stays quiet.
+        if in_stand_in.is_none()
+            && let Some(variant) = variant
+            && let Some((Seg::Key(tag), tagged)) = read_at.split_last()
+            && !tagged.is_empty()
+            && !tagged.iter().any(|seg| matches!(seg, Seg::Index(_)))
+            && let Some(at) = walk(&mut value, tagged)
+        {
+            let mut alone = toml_edit::InlineTable::new();
+            alone.insert(&**tag, variant.as_str().into());
+            *at = alone.into();
+            issues.push(issue);
+            stand_ins.push((tagged.to_vec(), LAST_STAND_IN));
+            continue;
+        }
         let inside = &issue.path.segments()[p.segments().len().min(issue.path.segments().len())..];
         if let Some(key) = &missing {
             // Not when the key was taken out, nor when an unknown key was
@@ -687,6 +706,18 @@ const MAX_ISSUES_PER_SECTION: usize = 32;
 /// once per stand-in tried.
 const MAX_READS_PER_SECTION: usize = 128;
 
+/// The last of [`stand_in`]'s values: after it, none fits.
+const LAST_STAND_IN: usize = 5;
+
+/// The first value serde's "unknown variant `x`, expected one of `a`,
+/// `b`" (or "expected `a`") names.
+fn first_expected_variant(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown variant `")?;
+    let (_, expected) = rest.split_once("expected ")?;
+    let expected = expected.strip_prefix("one of ").unwrap_or(expected);
+    expected.strip_prefix('`')?.split_once('`').map(|(v, _)| v)
+}
+
 /// Puts the `nth` stand-in value at `path` (relative to `value`, whose
 /// parent table must exist): a value of each TOML type in turn, so that
 /// one of them reads as the missing key's type. False when every type was
@@ -702,7 +733,7 @@ fn stand_in(value: &mut Value, original: &Value, path: &[Seg], nth: usize) -> bo
         // target's `type`): a tagged table whose other keys are wrong
         // (serde names only the table) then reads, and the section's
         // other keys are still checked.
-        5 => {
+        LAST_STAND_IN => {
             let mut original = original.clone();
             let Some(written) = walk(&mut original, path).and_then(Value::as_inline_table_mut)
             else {

@@ -764,6 +764,20 @@ impl Validator<'_> {
             Parsed::Ok(c) if matches!(c.generate, RawGenerator::Ed25519 {}) => {
                 CredentialId::new(name).ok()
             }
+            // Its `generate` had an error (reported) and a stand-in.
+            Parsed::Ok(_)
+                if raw.taken_out(
+                    &TomlPath::root()
+                        .key("agents")
+                        .key(agent)
+                        .key("credentials")
+                        .key(name)
+                        .key("generate")
+                        .to_string(),
+                ) =>
+            {
+                None
+            }
             Parsed::Ok(_) => {
                 self.err(
                     at,
