@@ -363,6 +363,20 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "file mode 0644 is wider than 0640",
     ),
     (
+        "bad-mode-unreadable.toml",
+        18,
+        53,
+        "agents.bot.credentials.db.deliver[0].mode",
+        "file mode 0000 lets no one read the secret",
+    ),
+    (
+        "bad-format-keypair.toml",
+        18,
+        56,
+        "agents.bot.credentials.ssh.deliver[0].format",
+        "`format` does not apply to credential `ssh`: an ed25519 keypair is delivered as a directory",
+    ),
+    (
         "bad-mode-not-octal.toml",
         18,
         53,

@@ -273,8 +273,33 @@ impl SinkPlugin for FileConfig {
                         "file mode {mode:04o} is wider than 0640: secrets may be readable by owner and group only, never by others or executable"
                     ),
                 ),
+                Some(mode) if mode & 0o440 == 0 => v.err(
+                    at,
+                    format!(
+                        "file mode {mode:04o} lets no one read the secret: the agent reads it as the file's owner (\"0400\") or group (\"0440\")"
+                    ),
+                ),
                 Some(_) => {}
             }
+        }
+        // A bundle is always `private.pem`, `public.pem` and `meta.json`:
+        // a format would be ignored without a word.
+        if scope.keypair
+            && (self.format.is_some_and(|f| f != FileFormat::Raw) || self.env_name.is_some())
+        {
+            let key = if self.env_name.is_some() && self.format.is_none() {
+                "env_name"
+            } else {
+                "format"
+            };
+            v.err(
+                p.key(key),
+                format!(
+                    "`{key}` does not apply to credential `{}`: an ed25519 keypair is delivered as a directory of `private.pem`, `public.pem` and `meta.json` (JSON), whatever the format; remove `{key}`",
+                    scope.credential
+                ),
+            );
+            return;
         }
         match &self.env_name {
             Some(n) if !is_env_name(n) => {
