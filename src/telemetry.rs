@@ -51,7 +51,12 @@ pub fn init(format: LogFormat, filter: &str) {
     }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr a closed pipe, a log
+        // file on a full disk) is dropped. With this on, the subscriber
+        // reported each failure with `eprintln!`, which panicked on the
+        // same stderr and took the daemon down (exit 101, mid-rotation).
+        .log_internal_errors(false);
     // `try_init` fails only when a subscriber is already installed: that is
     // the idempotence we want, so the error is deliberately ignored.
     let _ = match format {

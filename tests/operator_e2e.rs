@@ -396,6 +396,53 @@ fn output_into_a_closed_pipe_ends_the_command_quietly() {
     daemon.stop();
 }
 
+/// Black-box finding: the daemon exited 101 mid-rotation when its log
+/// stream broke (stderr a pipe whose reader died, a log file on a full
+/// disk): the log library reported the failed write with `eprintln!`, which
+/// panicked on the same stderr. And a client command whose output could
+/// not be written (`status > /dev/full`) panicked with a backtrace. Now the
+/// daemon drops the log lines and keeps working, and the command says what
+/// failed and exits 1.
+#[test]
+fn a_broken_log_stream_does_not_stop_the_daemon_and_unwritable_output_fails_cleanly() {
+    let env = Env::new(&creds(2, "1h", "0s", "0s"));
+    let (read, write) = nix::unistd::pipe().expect("pipe");
+    drop(read);
+    let daemon = env.spawn_command(&[], |cmd| {
+        cmd.stderr(std::process::Stdio::from(write));
+    });
+    daemon.wait_ready();
+    wait_version(&env, "bot", "c1", 1);
+    env.cli_ok(&["rotate", "bot/c0", "--wait"]);
+    assert_eq!(version_of(&env, "bot", "c0"), Some(2));
+    for args in [&["status"][..], &["audit", "verify"]] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(&env.config)
+            .env_remove("KEYTURN_CONFIG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(full))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("run keyturn");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("keyturn: cannot write its output: No space left on device"),
+            "{args:?}: {stderr}"
+        );
+    }
+    daemon.stop();
+    let audit = std::fs::read_to_string(env.audit_log()).unwrap();
+    assert!(audit.contains("\"daemon.stop\""), "{audit}");
+}
+
 /// Defect: a delivered file that went missing while the daemon was down
 /// (a tmpfs `/run` emptied by a reboot, an agent that deleted its file) was
 /// not delivered again before the credential's next rotation, a whole

@@ -48,6 +48,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Daemon | Command::Watch(_)) {
         end_quietly_on_a_closed_pipe();
+        fail_cleanly_when_output_cannot_be_written();
     }
     if let Command::Completions { shell } = cli.command {
         let mut out = std::io::stdout().lock();
@@ -118,6 +119,42 @@ fn end_quietly_on_a_closed_pipe() {
     // SAFETY: at start-up, before any thread exists; SIG_DFL installs no
     // handler.
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
+/// A client command whose output cannot be written (`keyturn status >
+/// /dev/full`, a report to a full disk) ends with one line saying so and
+/// exit 1, as any failed operation does. `print!` panics on a failed write;
+/// without this the user got a panic and a backtrace (exit 101).
+fn fail_cleanly_when_output_cannot_be_written() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if let Some(why) = message
+            .strip_prefix("failed printing to stdout: ")
+            .map(|why| ("its output", why))
+            .or_else(|| {
+                message
+                    .strip_prefix("failed printing to stderr: ")
+                    .map(|why| ("its messages", why))
+            })
+        {
+            use std::io::Write as _;
+            // Stderr may be what failed: best effort, and no second panic.
+            let _ = writeln!(
+                std::io::stderr(),
+                "keyturn: cannot write {}: {}",
+                why.0,
+                why.1
+            );
+            std::process::exit(i32::from(EXIT_FAILED));
+        }
+        default(info);
+    }));
 }
 
 async fn run(cli: Cli) -> u8 {
