@@ -780,7 +780,8 @@ fn keep_restart_only_settings(old: &Config, new: &mut Config) -> Vec<String> {
         "daemon.state_dir": state_dir;
         "daemon.audit_log": audit_log;
         "daemon.audit_key_file": audit_key_file;
-        "daemon.socket": socket, socket_group;
+        "daemon.socket": socket;
+        "daemon.socket_group": socket_group;
         "daemon.agent_socket": agent_socket;
         "daemon.listen": listen;
         "daemon.follow_nudge_key_file": follow_nudge_key_file;
@@ -1036,7 +1037,7 @@ mod tests {
             [
                 "daemon.state_dir",
                 "daemon.audit_log",
-                "daemon.socket",
+                "daemon.socket_group",
                 "daemon.listen",
                 "vaults.local.dir",
                 "vaults.local.key_file"

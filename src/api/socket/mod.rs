@@ -274,7 +274,17 @@ async fn serve_with(
         path,
         limits,
     });
-    info!(socket = %server.path.display(), gid = server.sock_gid, ?connections, "control socket listening");
+    let which = if server.agent {
+        "agents' socket listening"
+    } else {
+        "control socket listening"
+    };
+    match connections {
+        Some(c) => {
+            info!(socket = %server.path.display(), gid = server.sock_gid, max_connections = c.max, max_connections_per_uid = c.per_uid, "{which}")
+        }
+        None => info!(socket = %server.path.display(), gid = server.sock_gid, "{which}"),
+    }
     let registry = Arc::new(Mutex::new(Registry::default()));
     loop {
         let accepted = tokio::select! {
