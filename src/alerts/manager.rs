@@ -24,7 +24,8 @@
 //! gone as long gives the incident back to the lower one. A stable key
 //! alone would not do: PagerDuty opens a *new* incident for a trigger
 //! after a resolve, even with the same key. The price is that a resolve
-//! reaches the on-call up to `flap_hold` late.
+//! reaches the on-call up to `flap_hold` late. A condition replaced by
+//! another ([`Alert::replaces`]: expiring by expired) is resolved at once.
 //!
 //! **The spool** is a small SQLite database, `<dir>/spool.db` (0600 in a
 //! 0700 directory; each change committed with `synchronous = FULL`): the
@@ -507,7 +508,18 @@ impl Alerts {
                 let newly = f.gone_at.is_none();
                 (*f.gone_at.get_or_insert(now), newly)
             };
-            if now < gone_at + hold {
+            // Replaced by another condition now firing (expiring by
+            // expired): nothing to hold, it cannot come back without the
+            // replacement ending first.
+            let replaced = {
+                let gone = &state.firing[&key].alert;
+                desired.values().any(|a| {
+                    a.replaces() == Some(gone.name.as_str())
+                        && a.agent == gone.agent
+                        && a.credential == gone.credential
+                })
+            };
+            if now < gone_at + hold && !replaced {
                 if newly {
                     ops.push(Op::PutFiring(key.clone(), state.firing[&key].clone()));
                 }
@@ -592,12 +604,18 @@ impl Alerts {
 
     fn gauges(&self, state: &State) {
         let Some(m) = &self.inner.metrics else { return };
+        // A condition counts once, at the highest severity it holds (as
+        // its receivers see it): a severity held after an escalation is
+        // not counted beside the one that replaced it.
+        let mut incidents: BTreeMap<String, Severity> = BTreeMap::new();
+        for f in state.firing.values() {
+            let at = incidents
+                .entry(f.alert.incident_key())
+                .or_insert(f.alert.severity);
+            *at = (*at).max(f.alert.severity);
+        }
         for severity in [Severity::Warning, Severity::Critical] {
-            let n = state
-                .firing
-                .values()
-                .filter(|f| f.alert.severity == severity)
-                .count();
+            let n = incidents.values().filter(|s| **s == severity).count();
             m.set_alerts_firing(severity.as_str(), n as i64);
         }
         let depth = state.deliveries.values().filter(|d| d.pending).count();

@@ -147,6 +147,15 @@ impl Alert {
         )
     }
 
+    /// The condition this one replaces when it begins, on the same agent
+    /// and credential (`KeyturnCredentialExpired` replaces
+    /// `KeyturnCredentialExpiring`): the replaced one is resolved at once,
+    /// not held for the flap hold beside the one that replaced it.
+    pub fn replaces(&self) -> Option<&'static str> {
+        use crate::rotation::health::{CREDENTIAL_EXPIRED, CREDENTIAL_EXPIRING};
+        (self.name == CREDENTIAL_EXPIRED).then_some(CREDENTIAL_EXPIRING)
+    }
+
     /// Whether `other` carries the same labels (everything but the text
     /// and `since`): a receiver that keys alerts by labels (Alertmanager)
     /// sees the two as one alert.

@@ -1136,3 +1136,104 @@ async fn a_held_condition_changes_no_severity_before_it_resolves() {
     assert_eq!(fired_severities(&pd), [Severity::Critical]);
     h.kill().await;
 }
+
+/// Black-box finding: `KeyturnCredentialExpiring` stayed firing beside
+/// `KeyturnCredentialExpired` for the whole flap hold, though the README
+/// says the expired alert replaces it. The replaced condition is resolved
+/// as the replacement fires; a condition merely gone is still held.
+#[tokio::test]
+async fn the_expired_alert_resolves_the_expiring_one_at_once() {
+    use crate::rotation::health::{CREDENTIAL_EXPIRED, CREDENTIAL_EXPIRING};
+    let dir = tempfile::tempdir().unwrap();
+    let pd = Scripted::new(None);
+    let h = Harness::open(
+        dir.path(),
+        vec![named("pd", &pd, Route::default())],
+        options(Duration::from_secs(60)),
+    );
+    let expiring = alert(CREDENTIAL_EXPIRING, Severity::Critical, "billing");
+    let expired = alert(CREDENTIAL_EXPIRED, Severity::Critical, "billing");
+    // Another credential's expiring alert, merely gone: held.
+    let other = Alert {
+        credential: Some("cache".into()),
+        ..expiring.clone()
+    };
+    h.alerts.reconcile(Utc::now(), firing(&[&expiring, &other]));
+    until("both fires", || pd.calls().len() == 2).await;
+    let at = Utc::now();
+    h.alerts.reconcile(at, firing(&[&expired]));
+    until("the expired fire and the expiring resolve", || {
+        pd.calls().len() == 4
+    })
+    .await;
+    let calls = pd.calls();
+    assert!(
+        calls.contains(&Call::Resolve(expiring.incident_key(), at)),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&Call::Fire(expired.incident_key())),
+        "{calls:?}"
+    );
+    let names: Vec<(String, Option<String>, bool)> = h
+        .alerts
+        .firing()
+        .into_iter()
+        .map(|f| (f.alert.name, f.alert.credential, f.gone_since.is_some()))
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.contains(&(CREDENTIAL_EXPIRED.into(), Some("db".into()), false)));
+    assert!(names.contains(&(CREDENTIAL_EXPIRING.into(), Some("cache".into()), true)));
+    h.kill().await;
+}
+
+/// Black-box finding: `keyturn_alerts_firing` counted an escalated
+/// condition twice during the flap hold (its held warning beside its
+/// critical). A condition counts once, at the highest severity it holds.
+#[tokio::test]
+async fn an_escalated_condition_counts_once_in_alerts_firing() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(crate::telemetry::Metrics::new());
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let alerts = Alerts::open(
+        dir.path(),
+        Vec::new(),
+        Arc::new(MemoryRecorder::default()),
+        Some(metrics.clone()),
+        options(Duration::from_secs(60)),
+        cancel.clone(),
+        tracker.clone(),
+    )
+    .unwrap();
+    let gauge = |severity: &str| -> String {
+        let text = metrics.encode();
+        let line = format!("keyturn_alerts_firing{{severity=\"{severity}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .unwrap_or_else(|| panic!("no {line} in\n{text}"))
+            .to_owned()
+    };
+    let (warn, crit) = (failing(Severity::Warning), failing(Severity::Critical));
+    alerts.reconcile(Utc::now(), firing(&[&warn, &breach()]));
+    assert_eq!(
+        (gauge("warning"), gauge("critical")),
+        ("1".into(), "1".into())
+    );
+    // Escalated: the warning is held, the condition is critical.
+    alerts.reconcile(Utc::now(), firing(&[&crit, &breach()]));
+    assert_eq!(alerts.firing().len(), 3, "the warning is held");
+    assert_eq!(
+        (gauge("warning"), gauge("critical")),
+        ("0".into(), "2".into())
+    );
+    // Gone, both held: still one condition, as the receivers hold it.
+    alerts.reconcile(Utc::now(), firing(&[&breach()]));
+    assert_eq!(
+        (gauge("warning"), gauge("critical")),
+        ("0".into(), "2".into())
+    );
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+}

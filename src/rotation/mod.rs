@@ -64,7 +64,7 @@ mod engine;
 mod failpoint;
 mod follow;
 mod footprint;
-mod health;
+pub(crate) mod health;
 mod jobs;
 mod restore;
 mod retired;
