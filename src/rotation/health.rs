@@ -205,18 +205,28 @@ fn failing(entry: &CredEntry, row: &LiveRow, rules: &AlertRules, now: DateTime<U
     let since = row.failing_since.or(row.last_rotated_at).unwrap_or(now);
     let last_error = row.last_error.as_deref().unwrap_or("(not recorded)");
     let key = entry.key();
+    // One failure (a `failures_warning` of 1) reads as one, not "1 times".
+    let (checks, rotations, times) = if n == 1 {
+        ("a check".to_owned(), "a rotation".to_owned(), "once".to_owned())
+    } else {
+        (
+            format!("{n} checks in a row"),
+            format!("{n} rotations in a row"),
+            format!("{n} times in a row"),
+        )
+    };
     let (summary, description) = if entry.policy.follow.is_some() {
         (
-            format!("{key}: following is failing, {n} checks in a row failed"),
+            format!("{key}: following is failing, {checks} failed"),
             format!(
-                "Following {key} (another keyturn rotates it) has failed {n} times in a row since {since}: this host cannot read the credential's vault or deliver what it read, so its agents keep the version they have, which stops working once the rotator retires it. keyturn keeps polling. Last error: {last_error}. See `keyturn status` on this host; a check that succeeds resolves this alert."
+                "Following {key} (another keyturn rotates it) has failed {times} since {since}: this host cannot read the credential's vault or deliver what it read, so its agents keep the version they have, which stops working once the rotator retires it. keyturn keeps polling. Last error: {last_error}. See `keyturn status` on this host; a check that succeeds resolves this alert."
             ),
         )
     } else {
         (
-            format!("{key}: {n} rotations in a row failed"),
+            format!("{key}: {rotations} failed"),
             format!(
-                "Rotating {key} has failed {n} times in a row since {since}; keyturn keeps retrying. Last error: {last_error}. See `keyturn status` and the audit log; a success resolves this alert."
+                "Rotating {key} has failed {times} since {since}; keyturn keeps retrying. Last error: {last_error}. See `keyturn status` and the audit log; a success resolves this alert."
             ),
         )
     };
