@@ -207,7 +207,11 @@ fn failing(entry: &CredEntry, row: &LiveRow, rules: &AlertRules, now: DateTime<U
     let key = entry.key();
     // One failure (a `failures_warning` of 1) reads as one, not "1 times".
     let (checks, rotations, times) = if n == 1 {
-        ("a check".to_owned(), "a rotation".to_owned(), "once".to_owned())
+        (
+            "a check".to_owned(),
+            "a rotation".to_owned(),
+            "once".to_owned(),
+        )
     } else {
         (
             format!("{n} checks in a row"),

@@ -327,10 +327,20 @@ fn never_signalled(pid: i32) -> Option<&'static str> {
 }
 
 /// The real, effective and saved uids of `pid` (`Uid:` in
-/// `/proc/PID/status`); `ESRCH` when there is no such process.
+/// `/proc/PID/status`); `ESRCH` when there is no such process, or it has
+/// ended and waits for its parent to reap it (a zombie: `kill` succeeds on
+/// it, but nothing is there to be told; black-box finding: a dead agent
+/// counted as signalled until its parent reaped it).
 fn process_uids(pid: i32) -> Result<[u32; 3], Errno> {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|_| Errno::ESRCH)?;
+    let ended = status
+        .lines()
+        .find_map(|l| l.strip_prefix("State:"))
+        .is_some_and(|state| matches!(state.trim_start().chars().next(), Some('Z' | 'X')));
+    if ended {
+        return Err(Errno::ESRCH);
+    }
     status
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))

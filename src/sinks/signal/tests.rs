@@ -299,6 +299,26 @@ async fn refuses_symlinked_malformed_and_stale_pid_files() {
     assert!(e.to_string().contains("not running"), "{e}");
     assert!(e.kind().is_retryable());
 
+    // A process that ended and is not reaped yet (a zombie): not running.
+    let mut zombie = std::process::Command::new("true").spawn().unwrap();
+    let state = || {
+        std::fs::read_to_string(format!("/proc/{}/status", zombie.id()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("State:").map(|s| s.trim().to_owned()))
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !state().starts_with('Z') {
+        assert!(std::time::Instant::now() < deadline, "{}", state());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let dead = dir.path().join("zombie.pid");
+    std::fs::write(&dead, zombie.id().to_string()).unwrap();
+    let e = sink_for(&dead, None, "SIGTERM").send().await.unwrap_err();
+    assert!(e.to_string().contains("not running"), "{e}");
+    zombie.wait().unwrap();
+
     let e = sink_for(&dir.path().join("missing.pid"), None, "SIGTERM")
         .send()
         .await
