@@ -138,10 +138,13 @@ impl Inner {
         self.set_running(&key, &rot);
         while rot.step < Step::Retire {
             // Stopping: a rotation stops between steps, unless its value is
-            // applied at the target already (`set` done). Then it is carried
-            // through to delivery within the drain, so that the target and
-            // the agents do not disagree for as long as the daemon is down.
-            let applied = entry.target.is_some() && rot.step > Step::Set;
+            // applied at the target already (`set` done) or is the vaults'
+            // current one (promoted). Then it is carried through to
+            // delivery within the drain, so that the target or the vaults'
+            // readers and the agents do not disagree for as long as the
+            // daemon is down.
+            let applied =
+                (entry.target.is_some() && rot.step > Step::Set) || rot.step > Step::Promote;
             if self.cancel.is_cancelled() && !applied {
                 // The steps done are recorded before the daemon stops.
                 self.record_carried(entry, Some(&rot), &mut carried).await;

@@ -1561,6 +1561,27 @@ async fn shutdown_drains_the_step_in_flight_and_the_rotation_resumes() {
     again.shutdown().await;
 }
 
+/// Black-box finding: a stop that came while a rotation without a target
+/// was promoting left the vault's current version undelivered until the
+/// next start (`interrupted:deliver`): the vault's readers had the new
+/// value, the agents the old one. A promoted version is carried through
+/// to delivery within the drain, as one already set at its target is.
+#[tokio::test(start_paused = true)]
+async fn a_stop_during_promote_still_delivers_the_promoted_version() {
+    let rig = Rig::single().await;
+    let (store, vault) = (rig.store.clone(), rig.vault.clone());
+    vault.slow("promote", Duration::from_secs(5));
+    let waiter = rig.engine.trigger(&key("c0")).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rig.cancel.cancel();
+    let told = waiter.await.unwrap();
+    assert_eq!(told.error, None, "{told:?}");
+    assert_eq!(rig.sink.versions("c0"), vec![1]);
+    let done = store.latest_rotation(&key("c0")).unwrap().unwrap();
+    assert!(done.step > Step::Deliver, "{:?}", done.step);
+    rig.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------
 // Follow mode
 // ---------------------------------------------------------------------------
