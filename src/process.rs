@@ -91,15 +91,20 @@ static GROUPS_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock
 /// program of the previous run left (that daemon was killed with -9; its
 /// program died with it, what the program started did not, and would go
 /// on to finish a `set` after a `revoke`, or beside a replayed `set`), and
-/// waits (up to 5 s) until each is gone. From now on `dir` records the
-/// groups of the programs this daemon runs. Returns how many were found.
+/// waits (up to 5 s for them all) until no process of any of them runs. A
+/// process that ended and waits to be reaped (a zombie, under a parent that
+/// does not reap) runs nothing: black-box finding, each group holding one
+/// kept the start waiting, one group after another. From now on `dir`
+/// records the groups of the programs this daemon runs. Returns how many
+/// were found.
 pub fn end_leftover_groups(dir: &Path) -> std::io::Result<usize> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    let mut found = 0;
+    let mut killed = std::collections::HashSet::new();
+    let mut records = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let pgid = entry
@@ -119,22 +124,70 @@ pub fn end_leftover_groups(dir: &Path) -> std::io::Result<usize> {
                     pgid,
                     "a program's process group recorded by the previous run is gone (its id is in use by another)"
                 );
-            } else if killpg(g, Signal::SIGKILL).is_ok() {
-                found += 1;
+            } else if !running_in(&std::iter::once(pgid).collect()).is_empty()
+                && killpg(g, Signal::SIGKILL).is_ok()
+            {
+                killed.insert(pgid);
                 tracing::warn!(
                     pgid,
                     "processes a program of the previous run started were still running: killed"
                 );
-                let deadline = std::time::Instant::now() + Duration::from_secs(5);
-                while killpg(g, None).is_ok() && std::time::Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
             }
         }
-        std::fs::remove_file(entry.path())?;
+        records.push(entry.path());
+    }
+    let found = killed.len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !killed.is_empty() && std::time::Instant::now() < deadline {
+        killed = running_in(&killed);
+        if !killed.is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Removed once they are gone (or the wait is over): a start cut short
+    // before then kills them again at the next.
+    for record in records {
+        std::fs::remove_file(record)?;
     }
     let _ = GROUPS_DIR.set(dir.to_owned());
     Ok(found)
+}
+/// The groups of `groups` with a process that runs (alive and not a
+/// zombie), from `/proc/PID/stat` (its state, then its group, after the
+/// command name in parentheses).
+fn running_in(groups: &std::collections::HashSet<i32>) -> std::collections::HashSet<i32> {
+    let mut running = std::collections::HashSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        // No /proc: as far as can be told, they all run.
+        return groups.clone();
+    };
+    for p in procs.flatten() {
+        let name = p.file_name();
+        if !name
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else {
+            continue; // gone meanwhile
+        };
+        let Some((_, after)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = after.split_whitespace();
+        let (Some(state), Some(_ppid), Some(pgrp)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if let Ok(pgrp) = pgrp.parse::<i32>()
+            && groups.contains(&pgrp)
+            && !matches!(state, "Z" | "X" | "x")
+        {
+            running.insert(pgrp);
+        }
+    }
+    running
 }
 
 /// The record of a running program's process group (see [`GROUPS_DIR`]),
@@ -761,6 +814,44 @@ mod tests {
             }
         }
         found
+    }
+
+    /// Black-box finding: after a `kill -9`, the start waited for each
+    /// recorded group that held a zombie (a killed process whose parent
+    /// does not reap it, as keyturn's programs' leftovers are under an
+    /// init that does not), one group after another. Zombies run nothing:
+    /// the groups are killed and waited for together, zombies not counted.
+    #[test]
+    fn leftover_groups_are_killed_together_and_their_zombies_not_waited_for() {
+        use std::os::unix::process::CommandExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let session = nix::unistd::getsid(None).unwrap().as_raw();
+        // Leaders of groups of their own, children of this test, which
+        // reaps them only at the end: killed, they stay zombies.
+        let mut children: Vec<std::process::Child> = (0..3)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("60")
+                    .process_group(0)
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in &children {
+            std::fs::write(dir.path().join(c.id().to_string()), session.to_string()).unwrap();
+        }
+        let started = std::time::Instant::now();
+        assert_eq!(end_leftover_groups(dir.path()).unwrap(), 3);
+        let took = started.elapsed();
+        let groups: std::collections::HashSet<i32> =
+            children.iter().map(|c| c.id() as i32).collect();
+        assert!(running_in(&groups).is_empty());
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        for c in &mut children {
+            use std::os::unix::process::ExitStatusExt as _;
+            assert_eq!(c.wait().unwrap().signal(), Some(libc::SIGKILL));
+        }
     }
 
     #[test]
