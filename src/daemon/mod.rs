@@ -118,6 +118,11 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             )
         })?;
     let _lock = crate::state::lock::acquire(&state_dir).map_err(DaemonError::Startup)?;
+    if std::process::id() == 1 {
+        tracing::warn!(
+            "keyturn runs as PID 1: what a hook leaves behind is reparented to it and never reaped; run it under an init (docker run --init, tini)"
+        );
+    }
     // Before any step: what a hook of a daemon killed with -9 left running.
     let hooks = state_dir.join("hooks");
     crate::process::end_leftover_groups(&hooks).map_err(|e| {
