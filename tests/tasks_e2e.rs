@@ -689,6 +689,25 @@ fn a_decommissioned_agent_may_not_start_tasks() {
             .is_some_and(|t| t.iter().all(|t| t["state"] != "live")),
         "no live task: {tasks}"
     );
+    // Black-box finding: the tasks were ended before the decision was
+    // stored, so a kill -9 between the two left an active agent whose
+    // tasks had ended "for decommission". The decision comes first.
+    let records = audit_records(&env);
+    let seq = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        records
+            .iter()
+            .find(|r| pred(r))
+            .and_then(|r| r["seq"].as_u64())
+            .unwrap_or_else(|| panic!("no such record: {records:#?}"))
+    };
+    let decided = seq(&|r| r["event"] == "decommission.decided");
+    let first_task_end = seq(&|r| {
+        ["task.expiring", "task.revoked", "task.ended"].contains(&r["event"].as_str().unwrap_or(""))
+    });
+    assert!(
+        decided < first_task_end,
+        "decided at {decided}, tasks ended from {first_task_end}"
+    );
 }
 
 /// Defect: a decommission was complete and verified ("SLA met") at once

@@ -689,14 +689,16 @@ impl ControlHandler for Handler {
             source: "command",
             decided_at: None,
         };
-        // Its tasks end first: no new one starts from now on, and the
-        // credentials of the live ones are revoked at once.
-        self.tasks.retire_agent(agent.as_str());
-        if let Err(e) = self.tasks.end_all_of(agent.as_str(), "decommission").await {
-            tracing::error!(agent = %agent, "ending the agent's tasks: {e}");
-        }
+        // Once the decision is stored, no new task starts and the live ones
+        // are ended, at once rather than when the decommission's `tasks`
+        // item comes to them (black-box finding: ended before it, a kill -9
+        // in between left the agent active with its tasks ended).
         match self.revocations.decide(decision).await {
             Ok((already, _)) => {
+                self.tasks.retire_agent(agent.as_str());
+                if let Err(e) = self.tasks.end_all_of(agent.as_str(), "decommission").await {
+                    tracing::error!(agent = %agent, "ending the agent's tasks: {e}");
+                }
                 let row = self
                     .revocations
                     .lifecycle()
