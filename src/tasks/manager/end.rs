@@ -27,7 +27,10 @@ impl TaskManager {
             self.recorder.record(ev).await;
             return Err(TaskError::NotYours(id.to_owned()));
         }
-        // Who asked, with the peer's credentials, whatever happens next.
+        // Who asked, with the peer's credentials, whatever happens next:
+        // recorded once the end is stored (black-box finding: recorded
+        // first, a kill -9 before the store left a live task whose end the
+        // audit log said was accepted).
         let ev = self.event(
             "task.end",
             Outcome::Ok,
@@ -35,8 +38,8 @@ impl TaskManager {
             &row.task,
             serde_json::json!({"state": name_of(&row.state)}),
         );
-        self.recorder.record(ev).await;
-        self.end_now(id, "end", Some(caller)).await;
+        self.end_now_announced(id, "end", Some(caller), Some(ev))
+            .await;
         let row = self
             .store
             .get(id)?
@@ -75,14 +78,30 @@ impl TaskManager {
     /// are. Errors are recorded on the item and retried by `tick`. A task
     /// whose start runs now is left to that start.
     pub(super) async fn end_now(&self, id: &str, reason: &str, ender: Option<&Caller>) {
+        self.end_now_announced(id, reason, ender, None).await
+    }
+
+    /// [`end_now`](Self::end_now), recording `announce` once the task is
+    /// stored as ending (or found ended, or left to its start).
+    async fn end_now_announced(
+        &self,
+        id: &str,
+        reason: &str,
+        ender: Option<&Caller>,
+        mut announce: Option<AuditEvent>,
+    ) {
         let _busy = crate::group_commit::Busy::enter();
         let lock = {
             let mut m = self.ending.lock().unwrap_or_else(|p| p.into_inner());
             m.entry(id.to_owned()).or_default().clone()
         };
         let _guard = lock.lock().await;
-        let result = self.end_locked(id, reason, ender).await;
+        let result = self.end_locked(id, reason, ender, &mut announce).await;
         drop(_guard);
+        // Not recorded above (the store failed): the request still was.
+        if let Some(ev) = announce {
+            self.recorder.record(ev).await;
+        }
         let mut m = self.ending.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::strong_count(&lock) <= 2 {
             m.remove(id);
@@ -97,6 +116,7 @@ impl TaskManager {
         id: &str,
         reason: &str,
         ender: Option<&Caller>,
+        announce: &mut Option<AuditEvent>,
     ) -> Result<(), StoreError> {
         let Some(row) = self.store.get(id)? else {
             return Ok(());
@@ -118,6 +138,9 @@ impl TaskManager {
             self.store
                 .set_state(id, TaskState::Ending, Some(reason), Some(&by), ms(now))
                 .await?;
+        }
+        if let Some(ev) = announce.take() {
+            self.recorder.record(ev).await;
         }
         // Every record of the end says why and who asked.
         let end = |name: &str, outcome: Outcome, extra: serde_json::Value| {
@@ -185,6 +208,14 @@ impl TaskManager {
                     Ok(Revoked::ExpiresAt(t)) => {
                         let t = DateTime::<Utc>::from(t);
                         state = ItemState::Expiring;
+                        // Not revoked: it keeps working until then.
+                        // Recorded before it is stored (as `task.revoked`).
+                        let ev = end(
+                            "task.expiring",
+                            Outcome::Ok,
+                            serde_json::json!({"issuer": item.issuer, "expires_at": t.to_rfc3339()}),
+                        );
+                        self.recorder.record(ev).await;
                         self.store
                             .set_item(
                                 id,
@@ -195,13 +226,6 @@ impl TaskManager {
                                 Some("the system cannot end it early; it expires by itself"),
                             )
                             .await?;
-                        // Not revoked: it keeps working until then.
-                        let ev = end(
-                            "task.expiring",
-                            Outcome::Ok,
-                            serde_json::json!({"issuer": item.issuer, "expires_at": t.to_rfc3339()}),
-                        );
-                        self.recorder.record(ev).await;
                         self.count_revocation(&item.issuer, TaskRevocation::Expires);
                         if ms(t) > ms(now) {
                             all_done = false;
@@ -236,15 +260,19 @@ impl TaskManager {
                                 .await?;
                             continue;
                         }
-                        self.store
-                            .set_item(id, &item.issuer, ItemState::Verified, None, None, None)
-                            .await?;
+                        // Recorded before it is stored as verified: a kill
+                        // -9 between the two verifies and records it again
+                        // at the next start, rather than never (black-box
+                        // finding: a gap in the audit log).
                         let ev = end(
                             "task.revoked",
                             Outcome::Ok,
                             serde_json::json!({"issuer": item.issuer, "verified": true}),
                         );
                         self.recorder.record(ev).await;
+                        self.store
+                            .set_item(id, &item.issuer, ItemState::Verified, None, None, None)
+                            .await?;
                         self.count_revocation(&item.issuer, TaskRevocation::Verified);
                     }
                     Ok(false) => {

@@ -1494,3 +1494,82 @@ fn only_a_tasks_own_directory_is_removed() {
     assert!(!own.exists());
     remove_task_dir(&own, &task).unwrap();
 }
+
+/// A record's event, and what the task store said of its task when it was
+/// written: the task's state, and each item's.
+type Seen = (String, Option<TaskState>, Vec<ItemState>);
+
+/// What the task store said of the task when each of its records was
+/// written.
+#[derive(Default)]
+struct StoreAtRecord {
+    mgr: std::sync::OnceLock<std::sync::Weak<TaskManager>>,
+    seen: Mutex<Vec<Seen>>,
+}
+
+#[async_trait]
+impl TaskRecorder for StoreAtRecord {
+    async fn record(&self, event: AuditEvent) {
+        let task: Option<String> = event
+            .detail
+            .as_deref()
+            .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .and_then(|d| d["task"].as_str().map(str::to_owned));
+        let row = self
+            .mgr
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .zip(task)
+            .and_then(|(m, t)| m.store.get(&t).ok().flatten());
+        self.seen.lock().unwrap().push((
+            event.event.clone(),
+            row.as_ref().map(|r| r.state),
+            row.map(|r| r.items.iter().map(|i| i.state).collect())
+                .unwrap_or_default(),
+        ));
+    }
+}
+
+/// Black-box findings (kill -9 at the wrong moment): `task.end` was
+/// audited as accepted before the end was stored, so a kill between left
+/// a live task whose end the audit log had recorded; and an item was
+/// stored as verified before its `task.revoked` record, so a kill between
+/// left no record of that revocation, ever. The end is stored before its
+/// record; a revocation is recorded before it is stored as verified (a
+/// kill between verifies and records it again at the next start).
+#[tokio::test]
+async fn a_task_end_is_stored_before_it_is_audited_and_a_revocation_audited_before_it_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pg, sts) = (MemIssuer::new("pg"), MemIssuer::new("sts"));
+    let rec = Arc::new(StoreAtRecord::default());
+    let mgr = Arc::new(TaskManager::new(
+        TaskStore::open_inline(&dir.path().join("state")).unwrap(),
+        setup(&pg, &sts, &dir.path().join("tasks")),
+        rec.clone(),
+        Arc::new(TokioClock::starting_at(Utc::now())),
+    ));
+    let _ = rec.mgr.set(Arc::downgrade(&mgr));
+    let id = mgr
+        .start(&caller("bot"), ask("low", None))
+        .await
+        .unwrap()
+        .task
+        .task
+        .task_id;
+    let ended = mgr.end(&caller("bot"), &id).await.unwrap();
+    assert_eq!(ended.state, TaskState::Ended);
+    let seen = rec.seen.lock().unwrap().clone();
+    let at = |event: &str| {
+        seen.iter()
+            .find(|(e, ..)| e == event)
+            .unwrap_or_else(|| panic!("no {event}: {seen:?}"))
+            .clone()
+    };
+    let (_, state, _) = at("task.end");
+    assert_eq!(state, Some(TaskState::Ending), "{seen:?}");
+    let (_, _, items) = at("task.revoked");
+    assert!(
+        !items.contains(&ItemState::Verified),
+        "stored as verified before its record: {seen:?}"
+    );
+}
