@@ -1365,7 +1365,28 @@ async fn unauthenticated_refusals_are_audited_apart_from_authenticated_actions()
     );
     let f = auth_form(&h, "reporter", &token);
     assert_eq!(post(&h, "/oauth/revoke", &f).await.status, 200);
-    assert_eq!(h.mem.audit.lock().unwrap().len(), before + 4);
+    // Black-box finding: a replayed actor token beside a fresh client
+    // assertion was counted with the listener's anonymous refusals; the
+    // client authenticated, so the refusal is its own, in full.
+    let used = request(&h);
+    issue(&h, &used).await;
+    let actor = used
+        .iter()
+        .find(|(k, _)| k == "actor_token")
+        .unwrap()
+        .1
+        .clone();
+    let mut replayed_actor = request(&h);
+    set(&mut replayed_actor, "actor_token", &actor);
+    let a = post(&h, "/oauth/token", &replayed_actor).await;
+    assert_eq!(a.status, 400, "{}", a.json);
+    assert_eq!(h.mem.audit.lock().unwrap().len(), before + 6);
+    let last = h.mem.audit.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last.outcome, Outcome::Refused);
+    assert!(
+        last.error.as_deref().unwrap_or("").contains("actor_token"),
+        "{last:?}"
+    );
     assert_eq!(unauthenticated(&h).len(), 7);
 }
 

@@ -106,6 +106,16 @@ impl TokenService {
         &self,
         assertions: &[(&Verified, &'static str, &str)],
     ) -> Result<(), ExchangeError> {
+        self.spend_each(assertions, &mut Vec::new()).await
+    }
+
+    /// [`spend`](Self::spend), telling in `fresh` which were not spent
+    /// before (each fresh one is spent now, whatever the others were).
+    pub(super) async fn spend_each(
+        &self,
+        assertions: &[(&Verified, &'static str, &str)],
+        fresh_out: &mut Vec<bool>,
+    ) -> Result<(), ExchangeError> {
         let jtis = assertions
             .iter()
             .map(|(v, _, _)| (v.agent.clone(), v.jti.clone(), v.keep_until()))
@@ -117,6 +127,7 @@ impl TokenService {
                 "the single-use check cannot be recorded now; retry",
             )
         })?;
+        fresh_out.clone_from(&fresh);
         for ((_, code, what), fresh) in assertions.iter().zip(fresh) {
             if !fresh {
                 return Err(err(
@@ -259,11 +270,22 @@ impl TokenService {
         let actor = self
             .authenticate(&req.actor_token, "invalid_request", "actor_token")
             .await?;
-        self.spend(&[
-            (&client, "invalid_client", "client assertion"),
-            (&actor, "invalid_request", "actor_token"),
-        ])
-        .await?;
+        let mut fresh = Vec::new();
+        let spent = self
+            .spend_each(
+                &[
+                    (&client, "invalid_client", "client assertion"),
+                    (&actor, "invalid_request", "actor_token"),
+                ],
+                &mut fresh,
+            )
+            .await;
+        // The client proved itself with a fresh assertion (spent now): what
+        // is refused from here on is its own, audited as such, a replayed
+        // actor token included (black-box finding: those were counted with
+        // the unauthenticated refusals of the listener).
+        *authenticated = fresh.first() == Some(&true);
+        spent?;
         *authenticated = true;
         if actor.agent != client.agent {
             return Err(err(
