@@ -192,6 +192,12 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, routes: Routes) -> 
         r = r
             .route(s::JWKS_PATH, get(jwks_handler).fallback(only_get))
             .route(s::METADATA_PATH, get(metadata_handler).fallback(only_get))
+            // An issuer of a final `/` and no path: authlib keeps the `/`
+            // (see `metadata_at`), which the wildcard below does not match.
+            .route(
+                &format!("{}/", s::METADATA_PATH),
+                get(metadata_handler).fallback(only_get),
+            )
             .route(
                 &format!("{}/:tenant/jwks.json", s::TENANTS_PATH),
                 get(tenant_jwks_handler).fallback(only_get),

@@ -1725,6 +1725,17 @@ async fn diagnostics_headers_and_the_issuer_are_exact() {
     set(&mut form, "subject_token", &t);
     refused(&post(&h, "/oauth/token", &form).await, &form);
 
+    // Black-box finding: an issuer of no path and a final `/` had its
+    // metadata at the well-known URL, but 404 with the `/` kept.
+    let mut config = h.config.clone();
+    config.issuer = format!("{ISSUER}/");
+    h.reload(config).await;
+    let m = get(&h, "/.well-known/oauth-authorization-server").await;
+    assert_eq!(m.status, 200, "{}", m.json);
+    assert_eq!(m.json["issuer"], format!("{ISSUER}/"));
+    let slash = get(&h, "/.well-known/oauth-authorization-server/").await;
+    assert_eq!((slash.status, &slash.json), (200, &m.json));
+
     // e) and f): an issuer with a path and a final `/`, kept exactly.
     let iss = format!("{ISSUER}/kt/");
     let mut config = h.config.clone();
