@@ -148,6 +148,12 @@ pub fn parse(body: &[u8], authorization: Option<&str>) -> Result<TokenRequest, E
     let mut params = Params::default();
     let mut client = ClientParams::default();
     for (k, v) in form_urlencoded::parse(body) {
+        // RFC 6749 3.2: "Parameters sent without a value MUST be treated
+        // as if they were omitted from the request" (a client library that
+        // always sends `scope=` was refused).
+        if v.is_empty() {
+            continue;
+        }
         match k.as_ref() {
             "audience" => params.audience.push(v.into_owned()),
             "resource" => params.resource.push(v.into_owned()),

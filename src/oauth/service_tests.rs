@@ -2575,3 +2575,31 @@ async fn a_client_assertion_for_another_tenants_issuer_is_refused() {
         issue(&h, &form).await;
     }
 }
+
+/// Black-box finding: `scope=` or `client_id=` sent empty (as some client
+/// libraries always do) was refused as a bad value; RFC 6749 3.2 has a
+/// parameter without a value treated as omitted.
+#[tokio::test]
+async fn parameters_sent_without_a_value_are_omitted() {
+    let h = harness().await;
+    let mut form = request(&h);
+    for k in [
+        "scope",
+        "client_id",
+        "task_id",
+        "audience",
+        "resource",
+        "requested_token_type",
+    ] {
+        form.push((k.to_owned(), String::new()));
+    }
+    let a = post(&h, "/oauth/token", &form).await;
+    assert_eq!(a.status, 200, "{}", a.json);
+    let (token, _) = issue(&h, &request(&h)).await;
+    let mut f = auth_form(&h, "reporter", &token);
+    f.push(("client_id".to_owned(), String::new()));
+    f.push(("token_type_hint".to_owned(), String::new()));
+    let a = post(&h, "/oauth/introspect", &f).await;
+    assert_eq!(a.status, 200, "{}", a.json);
+    assert_eq!(a.json["active"], true, "{}", a.json);
+}

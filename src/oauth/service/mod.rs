@@ -377,7 +377,8 @@ fn token_form(body: &[u8], authorization: Option<&str>) -> Result<TokenForm, Exc
     let mut token = None;
     let mut client = request::ClientParams::default();
     for (k, v) in form_urlencoded::parse(body) {
-        if client.take(k.as_ref(), v.to_string())? || k != "token" {
+        // Without a value: omitted (RFC 6749 3.2).
+        if v.is_empty() || client.take(k.as_ref(), v.to_string())? || k != "token" {
             continue;
         }
         if token.replace(v.into_owned()).is_some() {
