@@ -503,7 +503,18 @@ impl Engine {
     pub fn rotating(&self, key: &CredentialKey) -> Option<(Option<RotationId>, Option<u64>)> {
         let live = self.inner.live();
         let running = live.get(key)?.running.as_ref()?;
-        (running.job == Job::Rotate).then(|| (running.rotation.clone(), running.version))
+        // Before it begins, a rotation retires the version before the
+        // current one: what it runs then is the previous rotation's row,
+        // whose id and version are not this rotation's (black-box finding:
+        // "it makes version 5" of a rotation that made 6).
+        let begun = running.step < Step::Retire;
+        (running.job == Job::Rotate).then(|| {
+            if begun {
+                (running.rotation.clone(), running.version)
+            } else {
+                (None, None)
+            }
+        })
     }
 
     /// `keyturn ack`: every consumer awaiting an acknowledgement of

@@ -1561,6 +1561,50 @@ async fn shutdown_drains_the_step_in_flight_and_the_rotation_resumes() {
     again.shutdown().await;
 }
 
+/// Black-box finding: `rotate` joining a rotation that was still retiring
+/// the version before the current one said "it makes version 5" of a
+/// rotation that made 6: what ran then was the previous rotation's row.
+/// What a joiner is told is the new rotation's version, or none yet.
+#[tokio::test(start_paused = true)]
+async fn a_rotation_retiring_the_version_before_is_not_reported_as_that_version() {
+    let rig = Rig::single().await;
+    rig.run().await;
+    assert_eq!(rig.rotate_c0().await.version, Some(1));
+    let second = rig.rotate_c0().await;
+    assert_eq!(second.version, Some(2));
+    // The job has retired version 1 for the next rotation, which has not
+    // begun yet: the row it ran is the second rotation's.
+    let previous = rig.store.latest_rotation(&key("c0")).unwrap().unwrap();
+    let as_running = |step: Step, version: u64| {
+        rig.engine.inner.live().entry(&key("c0")).running = Some(Box::new(super::table::Running {
+            job: super::table::Job::Rotate,
+            rotation: Some(previous.id.clone()),
+            step,
+            version: Some(version),
+            attempts: 0,
+            last_error: None,
+        }));
+    };
+    as_running(Step::Done, 2);
+    assert_eq!(rig.engine.rotating(&key("c0")), Some((None, None)));
+    as_running(Step::Retire, 2);
+    assert_eq!(rig.engine.rotating(&key("c0")), Some((None, None)));
+    // Begun: its own row.
+    as_running(Step::Create, 3);
+    assert_eq!(
+        rig.engine.rotating(&key("c0")),
+        Some((Some(previous.id.clone()), Some(3)))
+    );
+    rig.engine.inner.live().entry(&key("c0")).running = None;
+    // And through a real rotation, slowed at its create step.
+    rig.vault.slow("stage", Duration::from_secs(2));
+    let third = rig.engine.trigger(&key("c0")).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(rig.engine.rotating(&key("c0")).and_then(|r| r.1), Some(3));
+    assert_eq!(third.await.unwrap().version, Some(3));
+    rig.shutdown().await;
+}
+
 /// Black-box finding: a stop that came while a rotation without a target
 /// was promoting left the vault's current version undelivered until the
 /// next start (`interrupted:deliver`): the vault's readers had the new
