@@ -125,16 +125,29 @@ impl Inner {
                 .collect()
         };
         if acknowledged.is_empty() {
-            let map = self.awaited();
-            let a = map.get(key).filter(|a| a.version == version);
+            let (awaiting, complete) = {
+                let map = self.awaited();
+                let a = map.get(key).filter(|a| a.version == version);
+                (
+                    a.iter()
+                        .flat_map(|a| a.outstanding())
+                        .map(|c| c.name.clone())
+                        .collect(),
+                    a.is_some_and(|a| a.complete()),
+                )
+            };
+            // Only while a version before it is still to retire (black-box
+            // finding: said of a first version, and of one whose previous
+            // version was retired at its grace deadline).
+            let retiring = complete
+                && self
+                    .live()
+                    .get(key)
+                    .is_some_and(|l| l.retire_at.is_some() && l.retires_previous);
             return Ok(AckOutcome {
                 acknowledged,
-                awaiting: a
-                    .iter()
-                    .flat_map(|a| a.outstanding())
-                    .map(|c| c.name.clone())
-                    .collect(),
-                retiring: a.is_some_and(|a| a.complete()),
+                awaiting,
+                retiring,
             });
         }
         let entry = self

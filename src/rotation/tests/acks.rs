@@ -230,6 +230,12 @@ async fn second_version_delivered(rig: &Rig) {
     rig.run().await;
     rig.first_version().await;
     ack(rig, 1, None).await.unwrap();
+    // Acked again: a first version has no version before it to retire.
+    let again = rig.engine.ack(&key("c0"), 1, Actor::Daemon).await.unwrap();
+    assert!(
+        again.acknowledged.is_empty() && !again.retiring,
+        "{again:?}"
+    );
     tokio::time::sleep(10 * MINUTE).await;
     let done = rig.rotate_c0().await;
     assert_eq!((done.error, done.version), (None, Some(2)));
@@ -326,6 +332,11 @@ async fn with_a_missing_ack_it_retires_at_the_grace_deadline_and_names_the_holdo
     // A late ack still counts: the holdout is gone.
     ack(&rig, 2, None).await.unwrap();
     assert!(rig.status("c0").holdouts.is_empty());
+    // Black-box finding: acking again said "the previous version is being
+    // retired", retired an hour ago at the grace deadline.
+    let again = rig.engine.ack(&key("c0"), 2, Actor::Daemon).await.unwrap();
+    assert!(again.acknowledged.is_empty(), "{again:?}");
+    assert!(!again.retiring, "{again:?}");
     let dir = rig.shutdown().await;
     let audit = audit_text(dir.path());
     let holdout = audit
