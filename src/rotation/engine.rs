@@ -722,6 +722,12 @@ impl Inner {
                 } else {
                     (awaited, Vec::new())
                 };
+                // A rotation not begun, waiting for the current version's
+                // acks before it retires the version before (black-box
+                // finding: it showed `rotating:create` for up to `grace`).
+                let waits_for_acks = running
+                    .is_some_and(|r| r.job == Job::Rotate && r.rotation.is_none())
+                    && !awaiting_ack.is_empty();
                 StatusRow {
                     awaiting_ack,
                     holdouts,
@@ -744,10 +750,14 @@ impl Inner {
                         .filter(|_| !follow && retired.is_none()),
                     state: state.to_owned(),
                     // A parked rotation shows where it stopped.
-                    step: running
-                        .map(|r| r.step)
-                        .or_else(|| l.and_then(|l| l.parked.as_ref()?.step))
-                        .map(|s| s.to_string()),
+                    step: if waits_for_acks {
+                        Some("awaiting_ack".to_owned())
+                    } else {
+                        running
+                            .map(|r| r.step)
+                            .or_else(|| l.and_then(|l| l.parked.as_ref()?.step))
+                            .map(|s| s.to_string())
+                    },
                     rotation: running
                         .and_then(|r| r.rotation.as_ref())
                         .or_else(|| l.and_then(|l| l.parked.as_ref()?.rotation.as_ref()))

@@ -360,6 +360,12 @@ async fn a_new_rotation_waits_for_the_current_versions_acks_before_retiring_it()
     tokio::time::sleep(10 * MINUTE).await;
     assert_eq!(retires(&rig), Vec::<Duration>::new());
     assert_eq!(rig.vault.times("stage", None).len(), 2, "version 3 waits");
+    let s = rig.status("c0");
+    assert_eq!(
+        (s.state.as_str(), s.step.as_deref()),
+        ("rotating", Some("awaiting_ack")),
+        "{s:?}"
+    );
     let acked_at = rig.at(Instant::now());
     ack(&rig, 2, None).await.unwrap();
     let done = third.await.unwrap();
@@ -880,7 +886,7 @@ async fn restarted_while_a_rotate_waits() -> Rig {
     let s = rig.status("c0");
     assert_eq!(
         (s.state.as_str(), s.step.as_deref()),
-        ("rotating", Some("create")),
+        ("rotating", Some("awaiting_ack")),
         "after the restart the requested rotation waits again: {s:?}"
     );
     assert_eq!(rig.vault.times("stage", None).len(), 2, "version 3 waits");
