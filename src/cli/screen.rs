@@ -292,8 +292,18 @@ pub fn render_status(rows: &[StatusRow], now: DateTime<Utc>, screen: &Screen) ->
                 clean(&r.vault),
                 r.version.map_or_else(|| "-".into(), |v| v.to_string()),
                 r.stage.map_or_else(|| "-".into(), |s| s.to_string()),
-                r.last_rotated
-                    .map_or_else(|| "-".into(), |t| format!("{} ago", short(now - t))),
+                r.last_rotated.map_or_else(
+                    || "-".into(),
+                    // Stamped ahead of this clock (a clock that ran ahead
+                    // was set back): said so, not "ago".
+                    |t| {
+                        if t > now + chrono::TimeDelta::seconds(1) {
+                            format!("in {} (clock?)", short(t - now))
+                        } else {
+                            format!("{} ago", short(now - t))
+                        }
+                    },
+                ),
                 match r.next_due {
                     _ if r.state == "follow" => "follow".into(),
                     Some(t) if t <= now => "now".into(),
@@ -620,6 +630,21 @@ mod tests {
             last_error: Some("timeout ".repeat(30)),
         }];
         vec![a]
+    }
+
+    /// Black-box finding: a last rotation stamped two hours ahead (a clock
+    /// that ran ahead, set back) showed as "2h ago".
+    #[test]
+    fn a_last_rotation_ahead_of_the_clock_is_not_shown_as_past() {
+        let screen = Screen {
+            width: WIDTH,
+            color: false,
+        };
+        let mut ahead = row("bot", "db");
+        ahead.last_rotated = Some(now() + chrono::TimeDelta::hours(2));
+        let text = render_status(&[ahead], now(), &screen);
+        assert!(text.contains("in 2h (clock?)"), "{text}");
+        assert!(!text.contains("ago"), "{text}");
     }
 
     fn assert_fits(text: &str) {

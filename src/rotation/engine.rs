@@ -553,7 +553,9 @@ impl Engine {
                 let row = live.get(key).and_then(|l| l.row.as_ref());
                 let age = row
                     .and_then(|r| r.last_rotated_at)
-                    .map(|t| (now - t).num_milliseconds() as f64 / 1000.0);
+                    // Never below zero: a rotation stamped by a clock that
+                    // ran ahead and was set back is new, not from the future.
+                    .map(|t| ((now - t).num_milliseconds().max(0)) as f64 / 1000.0);
                 let due = live
                     .deadline(key, Job::Rotate)
                     .or_else(|| row.and_then(|r| r.next_due))

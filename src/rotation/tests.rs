@@ -1286,6 +1286,13 @@ async fn a_backward_step_of_the_wall_clock_leaves_the_timers_where_they_were_due
     rig.clock.step_back(Duration::from_secs(3600));
     rig.run().await;
     let started = Instant::now();
+    // Black-box finding: the age metric of a rotation stamped ahead of
+    // the clock read about -3600 s. It is never below zero.
+    let ages = rig.engine.credential_times();
+    assert!(
+        ages.iter().all(|(_, age, _)| age.is_some_and(|a| a >= 0.0)),
+        "{ages:?}"
+    );
     // Version 2, in its grace when the first rig stopped, retires within
     // the grace from now, not from the future its retirement was set for.
     rig.until(Duration::from_secs(60), "version 2 retired", |r| {
