@@ -161,8 +161,14 @@ impl Revocations {
                 quiet: quiet::Quiet::default(),
             }),
         };
+        let now = engine.now();
         for d in stored {
             let agent = d.row.agent.clone();
+            for item in d.items.iter().filter(|i| i.verified_at.is_none()) {
+                if let Some(e) = item.last_error.as_deref().filter(|_| item.attempts > 0) {
+                    this.inner.quiet.seed(&agent, &item.item, e, now);
+                }
+            }
             let complete = d.complete();
             engine
                 .stop_agent(
