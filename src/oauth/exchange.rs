@@ -242,6 +242,52 @@ pub fn exchange(
     now: u64,
     key: &SigningKey,
 ) -> Result<Issued, ExchangeError> {
+    plan(service, client, subject, actor, params, now)?.sign(key)
+}
+
+/// A token the policy allows, not signed yet: [`plan`] decides, then
+/// [`Planned::sign`] signs, so that a request the policy refuses is told
+/// so even while no signing key can be had (black-box finding: it was
+/// answered `server_error` then, as if the request were right).
+pub struct Planned {
+    claims: Value,
+    expires_in: u64,
+    scope: String,
+    aud: Vec<String>,
+    jti: String,
+}
+
+impl Planned {
+    /// Signs the token with `key`.
+    pub fn sign(self, key: &SigningKey) -> Result<Issued, ExchangeError> {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.typ = Some("at+jwt".into());
+        header.kid = Some(key.kid.clone());
+        let token = jsonwebtoken::encode(&header, &self.claims, &key.key).map_err(|_| {
+            ExchangeError::new(
+                "server_error",
+                "the signing key cannot sign; the operator must check the signing credential",
+            )
+        })?;
+        Ok(Issued {
+            access_token: SecretValue::from_string(token),
+            expires_in: self.expires_in,
+            scope: self.scope,
+            aud: self.aud,
+            jti: self.jti,
+        })
+    }
+}
+
+/// Everything [`exchange`] decides before it signs.
+pub fn plan(
+    service: &ServicePolicy,
+    client: Option<&ClientPolicy>,
+    subject: &Subject,
+    actor: &Actor,
+    params: &Params,
+    now: u64,
+) -> Result<Planned, ExchangeError> {
     let Some(client) = client.filter(|c| c.agent == actor.agent) else {
         return Err(ExchangeError::new(
             "unauthorized_client",
@@ -438,17 +484,8 @@ pub fn exchange(
         claims["use_case"] = json!(task.use_case);
         claims["task_id"] = json!(task.task_id);
     }
-    let mut header = Header::new(Algorithm::EdDSA);
-    header.typ = Some("at+jwt".into());
-    header.kid = Some(key.kid.clone());
-    let token = jsonwebtoken::encode(&header, &claims, &key.key).map_err(|_| {
-        ExchangeError::new(
-            "server_error",
-            "the signing key cannot sign; the operator must check the signing credential",
-        )
-    })?;
-    Ok(Issued {
-        access_token: SecretValue::from_string(token),
+    Ok(Planned {
+        claims,
         expires_in: exp - now,
         scope,
         aud,

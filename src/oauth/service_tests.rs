@@ -1406,6 +1406,11 @@ async fn a_decommissioned_signer_signs_nothing_more() {
     let a = post(&h, "/oauth/token", &request(&h)).await;
     assert_eq!(a.status, 500, "{}", a.json);
     assert_eq!(a.json["error"], "server_error");
+    // Black-box finding: a request the policy refuses was answered
+    // `server_error` too, sending the caller to the operator.
+    let mut scope = request(&h);
+    set(&mut scope, "scope", "admin");
+    assert_eq!(code_of(&h, scope).await, "invalid_scope");
     let jwks = get(&h, "/.well-known/jwks.json").await;
     assert_eq!(jwks.json, json!({"keys": []}));
     let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &token)).await;

@@ -371,9 +371,10 @@ impl TokenService {
             params.task = Some(task);
         }
         let set = self.signer_for(&subject.tenant);
-        let (version, key) = self.signing_key(set).await?;
         let now = now_secs();
-        let issued = exchange::exchange(
+        // The policy first: a request it refuses is told so, signing key
+        // or not.
+        let planned = exchange::plan(
             &set.policy,
             self.clients.get(agent),
             &subject,
@@ -383,8 +384,9 @@ impl TokenService {
             },
             &params,
             u64::try_from(now).unwrap_or(0),
-            &key,
         )?;
+        let (version, key) = self.signing_key(set).await?;
+        let issued = planned.sign(&key)?;
         let exp = now.saturating_add(i64::try_from(issued.expires_in).unwrap_or(i64::MAX));
         if let Err(e) = self.note_signed(set, version, exp) {
             // Without the record the key could leave the JWKS before the
