@@ -1107,3 +1107,34 @@ fn a_decommission_dated_later_takes_the_token_service_when_it_comes() {
     assert!(refused.contains("decommissioned"), "{refused}");
     daemon.stop();
 }
+
+/// Black-box finding: `check` said ok of a config whose token service
+/// signs with a credential of a decommissioned agent (its keys destroyed),
+/// while every exchange failed with `server_error`. It warns.
+#[test]
+fn check_warns_of_a_signing_credential_of_a_decommissioned_agent() {
+    let port = free_port();
+    let issuer = format!("http://127.0.0.1:{port}");
+    let config = format!(
+        "{}{}\n[token_service]\nissuer = \"{issuer}\"\nsigning_credential = \"keyturn/signer\"\n\n[token_service.clients.bot]\nscopes = [\"a\"]\naudiences = [\"{API}\"]\n",
+        agent_with_key("bot", "alice@example.com", "acme", ""),
+        agent_table("keyturn") + &signing_key("signer"),
+    );
+    let env = Env::with_daemon(&config, &format!("listen = \"127.0.0.1:{port}\""));
+    let daemon = env.start();
+    let quiet = env.cli_ok(&["check"]);
+    assert!(
+        !String::from_utf8_lossy(&quiet.stderr).contains("warning"),
+        "{quiet:?}"
+    );
+    env.cli_ok(&["decommission", "keyturn", "--reason", "retired", "--wait"]);
+    let out = env.cli_ok(&["check"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "warning: token_service.signing_credential = \"keyturn/signer\": agent keyturn is decommissioned"
+        ),
+        "{stderr}"
+    );
+    daemon.stop();
+}

@@ -326,6 +326,7 @@ async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
     };
     println!("{}", config::summary(&cfg));
     warn_stranded_tasks(&cfg).await;
+    warn_decommissioned_signers(&cfg);
     // Not a config error, but the start would stop on it: so would the
     // unit's `ExecStartPre=keyturn check`, rather than a restart loop.
     if let Err(e) = crate::state::space::room_to_start(&cfg) {
@@ -383,6 +384,38 @@ async fn warn_stranded_tasks(cfg: &Config) {
     let now = chrono::Utc::now().timestamp_millis();
     for line in crate::tasks::manager::stranded(&tasks, &issuers, now).await {
         eprintln!("keyturn: warning: {line}");
+    }
+}
+
+/// Warns of each token service signing credential whose agent state says
+/// is decommissioned (its keys destroyed): a daemon with this config signs
+/// nothing with it (black-box finding: `check` said ok while every
+/// exchange failed with `server_error`).
+fn warn_decommissioned_signers(cfg: &Config) {
+    let Some(ts) = &cfg.token_service else {
+        return;
+    };
+    let decommissioned: std::collections::BTreeSet<String> =
+        offline::offline_decommissions(&cfg.daemon.state_dir)
+            .into_iter()
+            .map(|d| d.row.agent.to_string())
+            .collect();
+    let signers = std::iter::once((
+        "token_service.signing_credential".to_owned(),
+        &ts.signing_credential,
+    ))
+    .chain(
+        ts.tenant_keys
+            .iter()
+            .map(|(t, k)| (format!("token_service.tenants.{t}.signing_credential"), k)),
+    );
+    for (at, key) in signers {
+        if decommissioned.contains(key.agent.as_str()) {
+            eprintln!(
+                "keyturn: warning: {at} = \"{key}\": agent {} is decommissioned and its keys destroyed, so nothing is signed with it; name a credential of an active agent",
+                key.agent
+            );
+        }
     }
 }
 
