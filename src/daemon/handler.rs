@@ -519,7 +519,7 @@ impl ControlHandler for Handler {
         use crate::api::protocol::{
             ResponseBody, TaskCredential, TaskStarted, TaskView, WireSecret,
         };
-        use crate::tasks::manager::{StartRequest, TaskError};
+        use crate::tasks::manager::StartRequest;
         let (as_agent, assertion) = command.auth();
         let (as_agent, assertion) = (as_agent.cloned(), assertion.cloned());
         let by_assertion = assertion.is_some();
@@ -543,16 +543,7 @@ impl ControlHandler for Handler {
                 return Err(e);
             }
         };
-        let api_error = |e: TaskError| match e {
-            TaskError::Refused(r) => ApiError::forbidden(r.to_string()),
-            TaskError::AgentRetired(_) => ApiError::forbidden(e.to_string()),
-            TaskError::Invalid { .. } => ApiError::bad_request(e.to_string()),
-            TaskError::NotFound(_) | TaskError::NotYours(_) => ApiError::not_found(e.to_string()),
-            TaskError::Issue { .. } | TaskError::Unissuable { .. } | TaskError::Deliver { .. } => {
-                ApiError::failed(e.to_string())
-            }
-            TaskError::Store(_) => ApiError::internal(e.to_string()),
-        };
+        let api_error = task_api_error;
         match command {
             socket::TaskCommand::Start { task, .. } => {
                 let started = self
@@ -784,5 +775,23 @@ impl ControlHandler for Handler {
         // one the admin loosened its mode for) connecting in a loop does
         // not bury the log nor fill its volume (black-box finding).
         self.record_refusal(peer, "admin.refused", ev).await
+    }
+}
+
+/// What a task command's error answers: a refusal (of the policy, or of an
+/// issuer that cannot mint what was asked, such as a TTL under the STS
+/// minimum, before calling its system) is `forbidden` (exit 77), as the
+/// README says of every refusal of a task start.
+pub(super) fn task_api_error(e: crate::tasks::manager::TaskError) -> ApiError {
+    use crate::tasks::manager::TaskError;
+    match e {
+        TaskError::Refused(r) => ApiError::forbidden(r.to_string()),
+        TaskError::AgentRetired(_) | TaskError::Unissuable { .. } => {
+            ApiError::forbidden(e.to_string())
+        }
+        TaskError::Invalid { .. } => ApiError::bad_request(e.to_string()),
+        TaskError::NotFound(_) | TaskError::NotYours(_) => ApiError::not_found(e.to_string()),
+        TaskError::Issue { .. } | TaskError::Deliver { .. } => ApiError::failed(e.to_string()),
+        TaskError::Store(_) => ApiError::internal(e.to_string()),
     }
 }

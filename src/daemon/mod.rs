@@ -1015,6 +1015,26 @@ fn task_setup(
 mod tests {
     use super::*;
 
+    /// Black-box finding: an issuer's refusal of a task it cannot mint (a
+    /// TTL under the STS minimum) exited 1, every other refusal 77.
+    #[test]
+    fn an_issuers_refusal_of_a_task_is_forbidden() {
+        use crate::api::protocol::ApiErrorKind;
+        let e = handler::task_api_error(crate::tasks::manager::TaskError::Unissuable {
+            issuer: "sts".into(),
+            error: crate::model::PluginError::new(
+                crate::model::ErrorKind::Invalid,
+                "ask for a TTL of at least 15m",
+            ),
+        });
+        assert_eq!(e.kind, ApiErrorKind::Forbidden);
+        assert!(
+            e.message.contains("issuer `sts` refuses this task"),
+            "{}",
+            e.message
+        );
+    }
+
     fn config(daemon: &str) -> Config {
         let text = format!(
             "[daemon]\n{daemon}\n[vaults.local]\ntype = \"local\"\n\n{}",
