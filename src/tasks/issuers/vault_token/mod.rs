@@ -42,7 +42,7 @@
 //! # What `issue` asks for
 //! `policies` exactly the grant's, `no_default_policy = true`, `ttl` =
 //! `explicit_max_ttl` = the time left until the task's `expires_at` (whole
-//! seconds rounded up, at most the task's TTL), `renewable = false`, `type = "service"`,
+//! seconds, at most the task's TTL), `renewable = false`, `type = "service"`,
 //! `num_uses` when the grant sets it, `display_name =
 //! keyturn-<agent>-<task id>` (the server prefixes `token-`) and `meta` with
 //! the whole attribution (task_id, agent, tenant, use_case, run_id,
@@ -359,11 +359,7 @@ impl VaultTokenIssuer {
             .duration_since(now)
             .unwrap_or_default()
             .min(req.ttl);
-        // Whole seconds, rounded up: a task asked with `--ttl 1s` has a
-        // little under a second left once it gets here (black-box finding:
-        // refused as expired). The task's own end revokes the token at its
-        // expiry, whatever the fraction.
-        let ttl_s = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        let ttl_s = left.as_secs();
         if ttl_s == 0 {
             return Err(self.fail(
                 ErrorKind::Invalid,

@@ -739,16 +739,6 @@ async fn issue_refuses_bad_grants_and_ttls_before_calling_the_server() {
     let e = issuer.issue(&past).await.unwrap_err();
     assert!(e.nothing_left, "{e}");
     assert!(e.error.message.contains("expiry has passed"), "{e}");
-    // Black-box finding: `--ttl 1s` had a little under a second left here,
-    // and was refused as expired. Rounded up, it reaches for the server.
-    let almost = IssueRequest {
-        task: &task,
-        grant: &good,
-        ttl: Duration::from_secs(1),
-        expires_at: SystemTime::now() + Duration::from_millis(900),
-    };
-    let e = issuer.issue(&almost).await.unwrap_err();
-    assert_eq!(e.error.kind, ErrorKind::NotFound, "{e}");
     // The good grant does reach for the server (and its missing token file).
     let e = issuer
         .issue(&request(&task, &good, Duration::from_secs(60)))
