@@ -219,7 +219,7 @@ fn a_rotate_waiting_for_an_ack_survives_a_restart_and_offline_status_says_awaiti
     let waiting = |env: &Env| {
         let rows = status_json(env);
         let r = row(&rows, "bot", "db");
-        (r["state"] == "rotating" && r["step"] == "create").then_some(())
+        (r["state"] == "rotating" && r["step"] == "awaiting_ack").then_some(())
     };
     wait_for(Duration::from_secs(10), || waiting(&env)).expect("the rotation waits for the ack");
     let online = row(&status_json(&env), "bot", "db").clone();
@@ -248,7 +248,7 @@ fn a_rotate_waiting_for_an_ack_survives_a_restart_and_offline_status_says_awaiti
     assert!(
         table
             .lines()
-            .any(|l| l.starts_with("bot") && l.contains("rotating:create")),
+            .any(|l| l.starts_with("bot") && l.contains("rotating:awaiting_ack")),
         "{table}"
     );
 

@@ -146,7 +146,6 @@ pub(super) fn offline_status(state_dir: &Path, cfg: Option<&Config>) -> Option<V
             (&d.row.agent, label)
         })
         .collect();
-    let now = chrono::Utc::now();
     let credentials: Vec<(&crate::model::CredentialKey, Option<&CredentialConfig>)> = match cfg {
         Some(cfg) => cfg.credentials().map(|(_, c)| (&c.key, Some(c))).collect(),
         None => snapshot
@@ -176,7 +175,7 @@ pub(super) fn offline_status(state_dir: &Path, cfg: Option<&Config>) -> Option<V
                 .filter(|r| {
                     r.step != crate::rotation::Step::Retire || r.previous_version.is_some()
                 });
-            let (awaiting_ack, holdouts) = offline_acks(&snapshot, key, now);
+            let (awaiting_ack, holdouts) = offline_acks(&snapshot, key);
             // A `keyturn rotate` waiting for the current version's acks:
             // the daemon shows it as a rotation at its first step (and
             // resumes it so after a start), not as the retirement it waits
@@ -226,7 +225,9 @@ pub(super) fn offline_status(state_dir: &Path, cfg: Option<&Config>) -> Option<V
                     None if revoked => "revoked".into(),
                     None => "stopped".into(),
                 },
-                step: if requested {
+                step: if requested && !awaiting_ack.is_empty() {
+                    Some("awaiting_ack".to_owned())
+                } else if requested {
                     Some(crate::rotation::Step::Create.to_string())
                 } else {
                     unfinished.map(|r| r.step.to_string())
@@ -248,15 +249,15 @@ pub(super) fn offline_status(state_dir: &Path, cfg: Option<&Config>) -> Option<V
     Some(rows)
 }
 
-/// The consumers of `key`'s current version not heard from, offline, as
-/// the daemon shows them: awaited while the previous version still waits to
-/// be retired and its grace deadline is ahead; holdouts once that deadline
-/// has passed or the previous version was retired without their ack.
+/// The consumers of `key`'s current version not heard from, offline:
+/// awaited while the previous version still waits to be retired, also past
+/// its grace deadline (the daemon is down: nothing retires it before it
+/// starts; black-box finding, they were shown as holdouts "retired at the
+/// grace deadline"); holdouts once it was retired without their ack.
 /// (Only their names: how each acknowledges is the sink's, not in state.)
 pub(super) fn offline_acks(
     snapshot: &crate::state::Snapshot,
     key: &crate::model::CredentialKey,
-    now: chrono::DateTime<chrono::Utc>,
 ) -> (Vec<String>, Vec<String>) {
     let pending: Vec<&crate::state::AckRow> = snapshot
         .acks
@@ -265,10 +266,7 @@ pub(super) fn offline_acks(
         .collect();
     let waiting = |a: &crate::state::AckRow| {
         snapshot.unfinished.iter().any(|r| {
-            r.key == *key
-                && r.step == crate::rotation::Step::Retire
-                && r.version == a.version
-                && r.retire_at.is_some_and(|deadline| deadline > now)
+            r.key == *key && r.step == crate::rotation::Step::Retire && r.version == a.version
         })
     };
     // A first version retires nothing: its consumers are never holdouts.
@@ -306,5 +304,64 @@ pub(super) fn offline_next_due(
             c.schedule.next_due(last, offset, version == 1)
         }
         _ => row.next_due,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AgentId, CredentialId, CredentialKey, RotationId};
+    use crate::state::{AckRow, RotationRow, Snapshot};
+
+    /// Black-box finding: with the daemon down past the grace deadline,
+    /// `status` listed the consumers as holdouts "retired at the grace
+    /// deadline", though nothing had retired the previous version (the
+    /// daemon does at its next start). Awaited until it is retired.
+    #[test]
+    fn consumers_are_awaited_until_the_previous_version_is_retired() {
+        let key = CredentialKey {
+            agent: AgentId::new("bot").unwrap(),
+            credential: CredentialId::new("db").unwrap(),
+        };
+        let long_ago = chrono::Utc::now() - chrono::TimeDelta::hours(3);
+        let retiring = RotationRow {
+            id: RotationId::generate(),
+            key: key.clone(),
+            step: crate::rotation::Step::Retire,
+            trigger: crate::rotation::Trigger::Manual,
+            version: 2,
+            vault_version: None,
+            previous_version: Some(1),
+            previous_vault_version: None,
+            started_at: long_ago,
+            updated_at: long_ago,
+            // Past: the daemon was down at its grace deadline.
+            retire_at: Some(long_ago + chrono::TimeDelta::hours(1)),
+            attempts: 0,
+            last_error: None,
+            footprint: None,
+            start_record_after: None,
+        };
+        let ack = AckRow {
+            key: key.clone(),
+            version: 2,
+            consumer: "file:/run/a/db".into(),
+            acked_at: None,
+        };
+        let mut snapshot = Snapshot {
+            unfinished: vec![retiring],
+            acks: vec![ack],
+            ..Snapshot::default()
+        };
+        assert_eq!(
+            offline_acks(&snapshot, &key),
+            (vec!["file:/run/a/db".to_owned()], Vec::new())
+        );
+        // Retired (the rotation is done) without their ack: holdouts.
+        snapshot.unfinished.clear();
+        assert_eq!(
+            offline_acks(&snapshot, &key),
+            (Vec::new(), vec!["file:/run/a/db".to_owned()])
+        );
     }
 }
