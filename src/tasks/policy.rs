@@ -360,6 +360,11 @@ pub struct Decision<'p> {
     pub ttl: Duration,
 }
 
+/// The shortest TTL a task may ask for (black-box finding: `--ttl 1s`
+/// passed the policy, then ran out before the `vault_token` issuer could
+/// mint a token of whole seconds that ends with the task).
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+
 /// Why a task is refused; its `Display` says what was wrong and what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -462,7 +467,11 @@ impl fmt::Display for Refusal {
                     d(max)
                 )
             }
-            Refusal::ZeroTtl => write!(f, "a TTL must be at least one second"),
+            Refusal::ZeroTtl => write!(
+                f,
+                "a TTL must be at least {} seconds: a shorter one runs out while its credentials are issued",
+                MIN_TTL.as_secs()
+            ),
         }
     }
 }
@@ -520,7 +529,7 @@ pub fn decide<'p>(
         });
     };
     let ttl = match ask.ttl {
-        Some(t) if t < Duration::from_secs(1) => return Err(Refusal::ZeroTtl),
+        Some(t) if t < MIN_TTL => return Err(Refusal::ZeroTtl),
         Some(t) if t > level.max_ttl => {
             return Err(Refusal::Ttl {
                 policy: policy.name.clone(),

@@ -289,6 +289,16 @@ fn refusals_say_what_was_wrong_and_what_to_do() {
             "ttl_zero",
             None,
         ),
+        (
+            TaskAsk {
+                ttl: Some(Duration::from_millis(1999)),
+                ..ask.clone()
+            },
+            "ttl_zero",
+            Some(
+                "a TTL must be at least 2 seconds: a shorter one runs out while its credentials are issued",
+            ),
+        ),
     ];
     for (a, code, says) in cases {
         let r = decide(&policies, &a).unwrap_err();
@@ -442,7 +452,7 @@ fn model(
     };
     match ask.ttl {
         None => Ok((p.name.clone(), p.default_ttl.min(level.max_ttl))),
-        Some(t) if t.as_secs() == 0 => Err("ttl_zero"),
+        Some(t) if t.as_secs() < 2 => Err("ttl_zero"),
         Some(t) if t > level.max_ttl => Err("ttl_too_long"),
         Some(t) => Ok((p.name.clone(), Duration::from_secs(t.as_secs()))),
     }
