@@ -352,6 +352,20 @@ fn rotating_what_the_config_lacks_names_it_as_written() {
     daemon.stop();
 }
 
+/// `keyturn ARGS --config ...` with its stdout on `stdout`, its stderr read.
+fn cli_with_stdout(env: &Env, args: &[&str], stdout: std::process::Stdio) -> std::process::Output {
+    std::process::Command::new(bin())
+        .args(args)
+        .arg("--config")
+        .arg(&env.config)
+        .env_remove("KEYTURN_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(stdout)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run keyturn")
+}
+
 /// Defect: `keyturn status | head -3` panicked ("failed printing to stdout:
 /// Broken pipe") with a backtrace on stderr. A client command writing to a
 /// pipe whose reader is gone ends quietly by SIGPIPE, as Unix tools do; the
@@ -372,16 +386,7 @@ fn output_into_a_closed_pipe_ends_the_command_quietly() {
         // write meets a pipe with no reader.
         let (read, write) = nix::unistd::pipe().expect("pipe");
         drop(read);
-        let out = std::process::Command::new(bin())
-            .args(args)
-            .arg("--config")
-            .arg(&env.config)
-            .env_remove("KEYTURN_CONFIG")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::from(write))
-            .stderr(std::process::Stdio::piped())
-            .output()
-            .expect("run keyturn");
+        let out = cli_with_stdout(&env, args, write.into());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             out.status.signal(),
@@ -420,16 +425,7 @@ fn a_broken_log_stream_does_not_stop_the_daemon_and_unwritable_output_fails_clea
             .write(true)
             .open("/dev/full")
             .expect("/dev/full");
-        let out = std::process::Command::new(bin())
-            .args(args)
-            .arg("--config")
-            .arg(&env.config)
-            .env_remove("KEYTURN_CONFIG")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::from(full))
-            .stderr(std::process::Stdio::piped())
-            .output()
-            .expect("run keyturn");
+        let out = cli_with_stdout(&env, args, full.into());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
