@@ -152,6 +152,7 @@ pub fn end_leftover_groups(dir: &Path) -> std::io::Result<usize> {
     let _ = GROUPS_DIR.set(dir.to_owned());
     Ok(found)
 }
+
 /// The groups of `groups` with a process that runs (alive and not a
 /// zombie), from `/proc/PID/stat` (its state, then its group, after the
 /// command name in parentheses).

@@ -194,17 +194,7 @@ fn advice(e: &PluginError) -> &'static str {
 /// One line per item: `vault  bao  vault  ok`, or `FAILED (kind): message;
 /// advice`. Names and kinds are padded to line up.
 pub fn render(items: &[Probed]) -> String {
-    fn clean(s: &str) -> String {
-        s.chars()
-            .map(|c| {
-                if crate::config::validate::is_unprintable(c) {
-                    ' '
-                } else {
-                    c
-                }
-            })
-            .collect()
-    }
+    use super::screen::clean;
     let name_w = items
         .iter()
         .map(|i| i.name.chars().count())

@@ -106,40 +106,27 @@ impl TokenService {
         &self,
         assertions: &[(&Verified, &'static str, &str)],
     ) -> Result<(), ExchangeError> {
-        self.spend_each(assertions, &mut Vec::new()).await
+        let fresh = self.spend_each(assertions).await?;
+        refuse_replayed(assertions, &fresh)
     }
 
-    /// [`spend`](Self::spend), telling in `fresh` which were not spent
-    /// before (each fresh one is spent now, whatever the others were).
-    pub(super) async fn spend_each(
+    /// Spends the jtis of checked assertions: for each, whether it was not
+    /// spent before (each fresh one is spent now, whatever the others were).
+    async fn spend_each(
         &self,
         assertions: &[(&Verified, &'static str, &str)],
-        fresh_out: &mut Vec<bool>,
-    ) -> Result<(), ExchangeError> {
+    ) -> Result<Vec<bool>, ExchangeError> {
         let jtis = assertions
             .iter()
             .map(|(v, _, _)| (v.agent.clone(), v.jti.clone(), v.keep_until()))
             .collect();
-        let fresh = self.backend.spend_jtis(jtis).await.map_err(|e| {
+        self.backend.spend_jtis(jtis).await.map_err(|e| {
             tracing::error!("token service: cannot record assertion jtis: {e}");
             err(
                 "temporarily_unavailable",
                 "the single-use check cannot be recorded now; retry",
             )
-        })?;
-        fresh_out.clone_from(&fresh);
-        for ((_, code, what), fresh) in assertions.iter().zip(fresh) {
-            if !fresh {
-                return Err(err(
-                    code,
-                    format!(
-                        "the {what} is refused: {}",
-                        crate::auth::AssertionError::Replayed
-                    ),
-                ));
-            }
-        }
-        Ok(())
+        })
     }
 
     /// `POST /oauth/token`; `authorization` is the scheme of the request's
@@ -270,23 +257,17 @@ impl TokenService {
         let actor = self
             .authenticate(&req.actor_token, "invalid_request", "actor_token")
             .await?;
-        let mut fresh = Vec::new();
-        let spent = self
-            .spend_each(
-                &[
-                    (&client, "invalid_client", "client assertion"),
-                    (&actor, "invalid_request", "actor_token"),
-                ],
-                &mut fresh,
-            )
-            .await;
+        let assertions = [
+            (&client, "invalid_client", "client assertion"),
+            (&actor, "invalid_request", "actor_token"),
+        ];
+        let fresh = self.spend_each(&assertions).await?;
         // The client proved itself with a fresh assertion (spent now): what
         // is refused from here on is its own, audited as such, a replayed
         // actor token included (black-box finding: those were counted with
         // the unauthenticated refusals of the listener).
         *authenticated = fresh.first() == Some(&true);
-        spent?;
-        *authenticated = true;
+        refuse_replayed(&assertions, &fresh)?;
         if actor.agent != client.agent {
             return Err(err(
                 "invalid_request",
@@ -413,5 +394,23 @@ impl TokenService {
             issued.expires_in
         ));
         Ok(issued)
+    }
+}
+
+/// The refusal of the first of `assertions` that was not `fresh` (spent
+/// before: a replay), with its error code and name.
+fn refuse_replayed(
+    assertions: &[(&Verified, &'static str, &str)],
+    fresh: &[bool],
+) -> Result<(), ExchangeError> {
+    match assertions.iter().zip(fresh).find(|(_, fresh)| !**fresh) {
+        Some(((_, code, what), _)) => Err(err(
+            code,
+            format!(
+                "the {what} is refused: {}",
+                crate::auth::AssertionError::Replayed
+            ),
+        )),
+        None => Ok(()),
     }
 }
