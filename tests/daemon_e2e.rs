@@ -768,6 +768,36 @@ fn a_start_refused_for_its_socket_writes_no_state_and_no_start_record() {
     assert_eq!(starts, 1);
 }
 
+/// A second daemon on the state directory of a running one is refused, and
+/// says so once: its message went to stderr both as a log line and as a
+/// `keyturn:` line, twice in the journal.
+#[test]
+fn a_second_daemon_on_one_state_directory_is_refused_and_says_so_once() {
+    let env = Env::new(ONE_RAW);
+    let first = env.start();
+    let other = Env::new(ONE_RAW);
+    let text = std::fs::read_to_string(&other.config).unwrap().replace(
+        &format!("state_dir = \"{}/state\"", other.path().display()),
+        &format!("state_dir = \"{}\"", env.state_dir().display()),
+    );
+    std::fs::write(&other.config, text).unwrap();
+    let mut second = other.spawn(&[]);
+    let status = second
+        .wait_exit(Duration::from_secs(30))
+        .expect("refused at once");
+    assert!(!status.success());
+    let log = second.log_text();
+    assert_eq!(
+        log.matches("two daemons must never share a state directory")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains(&format!("pid {}", first.pid())), "{log}");
+    env.cli_ok(&["status"]);
+    first.stop();
+}
+
 /// Black-box finding: without an audit key, a record appended after the
 /// last one (its `prev` the SHA-256 of the line before) passed `audit
 /// verify`, and the daemon chained its own records onto it, after which

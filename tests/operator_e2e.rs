@@ -439,6 +439,35 @@ fn a_broken_log_stream_does_not_stop_the_daemon_and_unwritable_output_fails_clea
     assert!(audit.contains("\"daemon.stop\""), "{audit}");
 }
 
+/// Black-box finding: `KEYTURN_CONFIG=` (empty, as `Environment=KEYTURN_CONFIG=`
+/// in a unit sets it) failed every command with "a value is required for
+/// '--config'", an option no one had typed. Empty counts as unset, as it
+/// did for completions: the default path is used, `--config` still wins.
+#[test]
+fn an_empty_keyturn_config_counts_as_unset() {
+    let env = Env::new(&creds(1, "1h", "0s", "0s"));
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .env("KEYTURN_CONFIG", "")
+            .output()
+            .expect("run keyturn");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = run(&["check"]);
+    assert!(!text.contains("a value is required"), "{text}");
+    assert!(text.contains("/etc/keyturn/keyturn.toml"), "{code:?}: {text}");
+    let config = env.config.to_str().unwrap();
+    let (code, text) = run(&["check", "--config", config]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(config), "{text}");
+}
+
 /// Defect: a delivered file that went missing while the daemon was down
 /// (a tmpfs `/run` emptied by a reboot, an agent that deleted its file) was
 /// not delivered again before the credential's next rotation, a whole

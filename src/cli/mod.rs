@@ -40,11 +40,24 @@ pub const EXIT_TEMPFAIL: u8 = 75;
 /// `decommission` of an agent neither the config nor state knows (EX_NOUSER).
 pub const EXIT_NO_AGENT: u8 = 67;
 
+/// An empty `KEYTURN_CONFIG` (`Environment=KEYTURN_CONFIG=` in a unit,
+/// `KEYTURN_CONFIG= keyturn status`) counts as unset, as it does for
+/// completions: clap took it for an empty `--config` the user never typed
+/// ("a value is required for '--config'").
+fn unset_empty_config_variable() {
+    if std::env::var_os("KEYTURN_CONFIG").is_some_and(|v| v.is_empty()) {
+        // SAFETY: called first thing in main, before any other thread
+        // (the async runtime, the writer threads) exists.
+        unsafe { std::env::remove_var("KEYTURN_CONFIG") };
+    }
+}
+
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     ignore_early_hangups();
     // A TAB in a shell with `keyturn completions` loaded: answer and exit.
     completions::answer_if_asked();
+    unset_empty_config_variable();
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Daemon | Command::Watch(_)) {
         end_quietly_on_a_closed_pipe();
@@ -172,8 +185,13 @@ async fn run(cli: Cli) -> u8 {
                 EXIT_USAGE
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot start");
-                eprintln!("keyturn: {e}");
+                // Logs go to stderr: said once, as a log line (its level
+                // reaches the journal), unless errors are not logged.
+                if tracing::enabled!(tracing::Level::ERROR) {
+                    tracing::error!(error = %e, "cannot start");
+                } else {
+                    eprintln!("keyturn: {e}");
+                }
                 EXIT_FAILED
             }
         },
