@@ -93,6 +93,16 @@ pub const EXIT_USAGE: u8 = 64;
 pub const EXIT_CANNOT_EXECUTE: u8 = 126;
 pub const EXIT_NOT_FOUND: u8 = 127;
 
+/// A line on stderr that cannot fail: `eprintln!` panics when stderr is
+/// gone (a closed pipe, a full disk), and `watch` must keep supervising
+/// its agent whatever happened to its own output.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// `SIGHUP`, `HUP` or `hup` → SIGHUP, if it is one a consumer may be sent.
 pub fn parse_signal(name: &str) -> Result<Signal, String> {
     let upper = name.to_ascii_uppercase();
@@ -165,7 +175,7 @@ fn spawn(command: &[OsString]) -> Result<Child, u8> {
         .process_group(0)
         .kill_on_drop(true);
     cmd.spawn().map_err(|e| {
-        eprintln!(
+        say!(
             "keyturn watch: cannot run {}: {e}",
             Path::new(&command[0]).display()
         );
@@ -261,7 +271,7 @@ const REWATCH_EVERY: Duration = Duration::from_millis(500);
 /// Runs `keyturn watch`; returns the exit code.
 pub async fn run(mut w: Watch) -> u8 {
     if w.command.is_empty() {
-        eprintln!("keyturn watch: no command given (after `--`)");
+        say!("keyturn watch: no command given (after `--`)");
         return EXIT_USAGE;
     }
     w.files = bundle_files(&w.files);
@@ -269,14 +279,14 @@ pub async fn run(mut w: Watch) -> u8 {
     let inotify = match watch_dirs(&dirs) {
         Ok(i) => i,
         Err(e) => {
-            eprintln!("keyturn watch: {e}");
+            say!("keyturn watch: {e}");
             return EXIT_USAGE;
         }
     };
     let mut events = match inotify.into_event_stream(vec![0u8; 16 * 1024]) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("keyturn watch: inotify: {e}");
+            say!("keyturn watch: inotify: {e}");
             return crate::cli::EXIT_FAILED;
         }
     };
@@ -286,7 +296,7 @@ pub async fn run(mut w: Watch) -> u8 {
         let mut stream = match tokio::signal::unix::signal((sig as i32).into()) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("keyturn watch: cannot handle {sig}: {e}");
+                say!("keyturn watch: cannot handle {sig}: {e}");
                 return crate::cli::EXIT_FAILED;
             }
         };
@@ -325,7 +335,7 @@ pub async fn run(mut w: Watch) -> u8 {
                 let status = match status {
                     Ok(s) => s,
                     Err(e) => {
-                        eprintln!("keyturn watch: cannot wait for the child: {e}");
+                        say!("keyturn watch: cannot wait for the child: {e}");
                         return crate::cli::EXIT_FAILED;
                     }
                 };
@@ -368,7 +378,7 @@ pub async fn run(mut w: Watch) -> u8 {
                     burst.get_or_insert((now, now));
                 }
                 None => {
-                    eprintln!("keyturn watch: the inotify stream ended");
+                    say!("keyturn watch: the inotify stream ended");
                     return crate::cli::EXIT_FAILED;
                 }
             },

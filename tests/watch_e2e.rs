@@ -339,6 +339,24 @@ fn bad_usage_is_refused_with_a_reason() {
     assert!(err.contains("cannot run /nonexistent-kt-program"), "{err}");
 }
 
+/// Black-box finding: `watch` told of its own troubles with `eprintln!`,
+/// which panics (exit 101, a backtrace) when stderr is a pipe nobody reads.
+/// Its exit status is the agent's or the documented one, whatever became
+/// of stderr.
+#[test]
+fn a_closed_stderr_does_not_change_what_watch_does() {
+    let rig = Rig::new();
+    let file = rig.file().display().to_string();
+    let (read, write) = nix::unistd::pipe().expect("pipe");
+    drop(read);
+    let out = Command::new(bin())
+        .args(["watch", "--file", &file, "--", "/nonexistent-kt-program"])
+        .stderr(Stdio::from(write))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(127), "{out:?}");
+}
+
 /// Black-box finding: `--file` naming a key pair sink's `path` (the
 /// bundle's directory) never fired on a rotation, which swaps `..data`
 /// inside that directory. Its files are watched.
