@@ -664,3 +664,127 @@ fn a_followers_file_missing_while_its_vault_was_down_is_restored_when_it_is_back
         .count();
     assert_eq!(restored, 1, "audited as restored");
 }
+
+/// Black-box findings, with the read-only policy the README gives
+/// followers (`read` on the credentials' `data/` and `metadata/` and the
+/// index, nothing under `keyturn-pending/`): a follower never took back
+/// what it delivered after its rotator's decommission (its check read the
+/// pending slot: 403), and with that read allowed, a KV `delete` of the
+/// current version (undone by `undelete`) made it remove the agent's file
+/// and audit `follow.revoked` of a decommission that never happened. Now a
+/// deleted current version is a failure (the file stays), `undelete`
+/// brings it back, and the decommission is followed, all with that policy.
+#[test]
+fn a_read_only_follower_tells_a_deleted_current_version_from_a_decommission() {
+    let files = tempfile::tempdir().unwrap();
+    let path = unique("e2e/follow/ro/");
+    let index = unique("e2e/follow/ro-index-");
+    let rotator = Env::new(&format!(
+        "{}\n{}{}",
+        bao_table(&files, Some(&index)),
+        agent_table(AGENT),
+        credential(&path, "every = \"1h\"\ngrace = \"1h\"")
+    ));
+    let r = rotator.start();
+    wait_version(&rotator, AGENT, "db", 1);
+
+    // The follower's token: the README's read-only policy, nothing more.
+    let policy_name = unique("kt-e2e-follower-");
+    let policy = format!(
+        "path \"secret/data/{path}\" {{ capabilities = [\"read\"] }}\n\
+         path \"secret/metadata/{path}\" {{ capabilities = [\"read\"] }}\n\
+         path \"secret/data/{index}\" {{ capabilities = [\"read\"] }}\n\
+         path \"secret/metadata/{index}\" {{ capabilities = [\"read\"] }}\n"
+    );
+    let admin = bao_client();
+    let token = rt().block_on(async {
+        vaultrs::sys::policy::set(&admin, &policy_name, &policy)
+            .await
+            .unwrap();
+        vaultrs::token::new(
+            &admin,
+            Some(
+                vaultrs::api::token::requests::CreateTokenRequest::builder()
+                    .policies(vec![policy_name.clone()])
+                    .no_default_policy(true)
+                    .ttl("10m"),
+            ),
+        )
+        .await
+        .unwrap()
+        .client_token
+    });
+    let token_file = secret_file(&files, "follower-token", &token);
+    let follower = Env::new(&format!(
+        "[vaults.shared]\ntype = \"vault\"\naddress = \"{}\"\nmount = \"secret\"\ntoken_file = \"{}\"\ntimeout = \"5s\"\n{}\n{}{}",
+        need("KEYTURN_TEST_BAO_ADDR"),
+        token_file.display(),
+        index_line(None),
+        agent_table(AGENT),
+        credential(&path, "mode = \"follow\"\npoll = \"1s\"")
+    ));
+    let f = follower.start();
+    let (value, _) = wait_for(Duration::from_secs(20), || delivered(&follower))
+        .unwrap_or_else(|| panic!("never delivered: {}", f.log_text()));
+
+    // A soft delete of the current version: a failure, the file kept. (Its
+    // metadata's current version stays: the restarted follower's first
+    // poll is what reads the path again.)
+    rt().block_on(vaultrs::kv2::delete_latest(&admin, "secret", &path))
+        .unwrap();
+    f.stop();
+    let f = follower.start();
+    let error = wait_for(Duration::from_secs(30), || {
+        let rows = status_json(&follower);
+        row(&rows, AGENT, "db")["last_error"]
+            .as_str()
+            .filter(|e| e.contains("not a decommission"))
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no failure shown: {:?}\n{}",
+            status_json(&follower),
+            f.log_text()
+        )
+    });
+    assert!(error.contains("undelete"), "{error}");
+    assert_eq!(delivered(&follower).map(|(v, _)| v), Some(value.clone()));
+    let revoked = |env: &Env| {
+        audit_records(env)
+            .iter()
+            .filter(|r| r["event"] == "follow.revoked")
+            .count()
+    };
+    assert_eq!(revoked(&follower), 0, "{}", f.log_text());
+
+    // `undelete` brings it back as it was.
+    let meta = rt()
+        .block_on(vaultrs::kv2::read_metadata(&admin, "secret", &path))
+        .unwrap();
+    rt().block_on(vaultrs::kv2::undelete_versions(
+        &admin,
+        "secret",
+        &path,
+        vec![meta.current_version],
+    ))
+    .unwrap();
+    wait_for(Duration::from_secs(20), || {
+        let rows = status_json(&follower);
+        (row(&rows, AGENT, "db")["state"] == "follow").then_some(())
+    })
+    .unwrap_or_else(|| panic!("not following again: {:?}", status_json(&follower)));
+    assert_eq!(delivered(&follower).map(|(v, _)| v), Some(value));
+
+    // The rotator's decommission is followed: the file is taken back.
+    let out = rotator.cli(&["decommission", AGENT, "--reason", "e2e", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for(Duration::from_secs(30), || {
+        (revoked(&follower) == 1 && delivered(&follower).is_none()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("not revoked on the follower: {}", f.log_text()));
+    f.stop();
+    r.stop();
+    rt().block_on(vaultrs::sys::policy::delete(&admin, &policy_name))
+        .unwrap();
+}

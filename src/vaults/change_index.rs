@@ -378,6 +378,10 @@ impl Vault for IndexedVault {
         self.core.inner.check().await
     }
 
+    async fn gone(&self, item: VaultItem<'_>, delivered: &VersionRef) -> Result<bool, PluginError> {
+        self.core.inner.gone(item, delivered).await
+    }
+
     async fn current_mark(&self, item: VaultItem<'_>) -> Result<Option<CurrentMark>, PluginError> {
         self.core.inner.current_mark(item).await
     }
@@ -460,6 +464,10 @@ impl Vault for IndexGate {
     async fn check(&self) -> Result<(), PluginError> {
         Ok(())
     }
+    async fn gone(&self, item: VaultItem<'_>, delivered: &VersionRef) -> Result<bool, PluginError> {
+        self.inner.gone(item, delivered).await
+    }
+
     async fn current_mark(&self, item: VaultItem<'_>) -> Result<Option<CurrentMark>, PluginError> {
         self.inner.current_mark(item).await
     }

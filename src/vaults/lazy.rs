@@ -103,6 +103,10 @@ impl Vault for LazyVault {
         self.client().await?.check().await
     }
 
+    async fn gone(&self, item: VaultItem<'_>, delivered: &VersionRef) -> Result<bool, PluginError> {
+        self.client().await?.gone(item, delivered).await
+    }
+
     async fn current_mark(&self, item: VaultItem<'_>) -> Result<Option<CurrentMark>, PluginError> {
         self.client().await?.current_mark(item).await
     }

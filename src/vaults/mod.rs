@@ -286,6 +286,21 @@ pub trait Vault: Send + Sync {
         Ok(())
     }
 
+    /// Whether every version of `item` is gone from the vault, which only
+    /// its rotator's `destroy` (a decommission there) does: what a follower
+    /// asks before it takes back what it delivered, when the vault shows
+    /// no current version. `delivered`: the version it delivered last.
+    /// The default reads that version: gone when it cannot be found. A
+    /// vault that can tell a deleted current version from a destroyed
+    /// credential overrides it, and answers an error for the former (the
+    /// agents keep what they have).
+    async fn gone(&self, item: VaultItem<'_>, delivered: &VersionRef) -> Result<bool, PluginError> {
+        Ok(self
+            .read(item, Select::Version(delivered))
+            .await?
+            .is_none())
+    }
+
     /// A mark that changes whenever another version of `item` becomes
     /// current, read as cheaply as the vault allows (no value): what a
     /// follower polls. `None` while there is no current version. The

@@ -22,23 +22,19 @@ impl Inner {
             key: entry.key(),
             path: &path,
         };
-        let read = entry
-            .primary()
-            .vault
-            .read(item, Select::Version(delivered))
-            .await;
-        match read {
+        let gone = entry.primary().vault.gone(item, delivered).await;
+        match gone {
             Err(e) => {
                 let w = self.vault_failed(entry, &e, VaultFailed::Own, memory);
                 self.persist_follow(vec![w]).await;
                 Err(e)
             }
-            Ok(Some(_)) => {
+            Ok(false) => {
                 let w = self.vault_recovered(entry.key(), None, memory);
                 self.persist_follow(w.into_iter().collect()).await;
                 Ok(())
             }
-            Ok(None) => self.follow_revoke(entry, memory).await,
+            Ok(true) => self.follow_revoke(entry, memory).await,
         }
     }
 

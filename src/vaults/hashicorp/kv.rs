@@ -149,7 +149,9 @@ impl HashicorpVault {
         path: &str,
         versions: Vec<u64>,
     ) -> Result<(), PluginError> {
-        let location = self.location(path);
+        // The endpoint's own path: a refusal names what the policy lacks
+        // (`update` on `<mount>/destroy/...`), not the data path.
+        let location = format!("{}/destroy/{path}", self.mount);
         self.conn.call(step, &location, |c| {
             let versions = versions.clone();
             async move { vaultrs::kv2::destroy_versions(&*c, &self.mount, path, versions).await }
@@ -158,7 +160,7 @@ impl HashicorpVault {
     }
 
     pub(super) async fn delete_all(&self, step: &str, path: &str) -> Result<(), PluginError> {
-        let location = self.location(path);
+        let location = format!("{}/metadata/{path}", self.mount);
         match self
             .conn
             .call(step, &location, |c| async move {

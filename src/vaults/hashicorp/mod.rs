@@ -509,6 +509,32 @@ impl Vault for HashicorpVault {
             .await
     }
 
+    /// A decommission deletes the metadata, every version with it; a KV
+    /// `delete` of the current version (undone by `undelete`) or a `destroy`
+    /// of it by hand leaves the metadata: not a decommission, and not a
+    /// reason for a follower to take the agents' files back. One metadata
+    /// read, which a follower's read-only policy allows (the pending slot
+    /// is not read: followers get no access to it).
+    async fn gone(&self, item: VaultItem<'_>, delivered: &VersionRef) -> Result<bool, PluginError> {
+        const STEP: &str = "follow";
+        let _ = delivered;
+        match self.read_meta(STEP, item.path).await? {
+            None => Ok(true),
+            Some(m) => Err(self.conn.err(
+                ErrorKind::Invalid,
+                STEP,
+                &self.location(item.path),
+                format!(
+                    "its current version (KV version {}) is deleted or destroyed, but the \
+                     credential is still there (its metadata): not a decommission, which \
+                     deletes every version. The agents keep what they have; `undelete` the \
+                     version, or rotate the credential on its rotator",
+                    m.current_version
+                ),
+            )),
+        }
+    }
+
     /// The KV metadata's `current_version` (`kv-N`): one metadata read, no
     /// value. Every promote writes a new KV version of `<path>` (a rollback
     /// too), so the number moves exactly when another version is current.
