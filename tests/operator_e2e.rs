@@ -461,7 +461,10 @@ fn an_empty_keyturn_config_counts_as_unset() {
     };
     let (code, text) = run(&["check"]);
     assert!(!text.contains("a value is required"), "{text}");
-    assert!(text.contains("/etc/keyturn/keyturn.toml"), "{code:?}: {text}");
+    assert!(
+        text.contains("/etc/keyturn/keyturn.toml"),
+        "{code:?}: {text}"
+    );
     let config = env.config.to_str().unwrap();
     let (code, text) = run(&["check", "--config", config]);
     assert_eq!(code, Some(0), "{text}");
@@ -789,6 +792,70 @@ fn a_file_sink_added_by_reload_gets_the_current_version_at_once() {
     let got: Vec<(&str, u64)> = restored.iter().map(|(c, v, _)| (c.as_str(), *v)).collect();
     assert_eq!(got, [("c0", 2), ("c1", 1)], "{restored:?}");
     assert!(restored[0].2.contains("copy/c0"), "{restored:?}");
+    env.cli_ok(&["audit", "verify"]);
+    daemon.stop();
+}
+
+/// Black-box finding: a file sink removed by a reload (its file kept, as
+/// documented) and put back after a rotation kept the stale file, whose
+/// version was then retired while the agent still read it; so did a
+/// credential renamed and renamed back (the file held the other
+/// credential's value). A sink a reload adds gets the current version
+/// whether or not a file is at its path.
+#[test]
+fn a_file_sink_put_back_by_reload_gets_the_current_version_over_a_stale_file() {
+    let base = creds(1, "1h", "0s", "1h");
+    let two = base.replacen(
+        "deliver = [{ type = \"file\", path = \"{root}/bot/c0\" }]\n",
+        "deliver = [{ type = \"file\", path = \"{root}/bot/c0\" }, { type = \"file\", path = \"{root}/bot/copy\" }]\n",
+        1,
+    );
+    assert_ne!(two, base);
+    let env = Env::new(&two);
+    let daemon = env.start();
+    wait_version(&env, "bot", "c0", 1);
+    let copy = env.root().join("bot/copy");
+    let c0 = env.root().join("bot/c0");
+    assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&c0).unwrap());
+
+    // Removed: the file stays, and goes stale with the next rotation.
+    env.write_credentials(&base);
+    daemon.reload();
+    std::thread::sleep(Duration::from_millis(500));
+    env.cli_ok(&["rotate", "bot/c0", "--wait"]);
+    let current = std::fs::read(&c0).unwrap();
+    assert_ne!(
+        std::fs::read(&copy).unwrap(),
+        current,
+        "stale, as documented"
+    );
+
+    // Put back: the current version, over the stale file, without a rotation.
+    env.write_credentials(&two);
+    daemon.reload();
+    let got = wait_for(Duration::from_secs(10), || {
+        std::fs::read(&copy).ok().filter(|v| *v == current)
+    });
+    assert_eq!(
+        got.as_ref(),
+        Some(&current),
+        "the put-back sink holds the current version"
+    );
+    assert_eq!(version_of(&env, "bot", "c0"), Some(2), "no rotation");
+    let restored = restored_records(&env);
+    assert!(
+        restored
+            .iter()
+            .any(|(c, v, d)| c == "c0" && *v == 2 && d.contains("a reload added its sink")),
+        "{restored:?}"
+    );
+    // A sink that stayed is not written again by later reloads.
+    let inode =
+        |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let (before_c0, before_copy) = (inode(&c0), inode(&copy));
+    daemon.reload();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!((inode(&c0), inode(&copy)), (before_c0, before_copy));
     env.cli_ok(&["audit", "verify"]);
     daemon.stop();
 }

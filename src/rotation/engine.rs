@@ -74,6 +74,12 @@ pub(super) struct Inner {
     /// the version that stays current until their agent is decommissioned
     /// and when it was made (for `keyturn surface` and the metrics).
     pub(super) unconfigured: Mutex<std::collections::BTreeMap<CredentialKey, super::Unconfigured>>,
+    /// File sinks a reload added (their paths, per credential), to be
+    /// given the current version by the next restore job even when a file
+    /// is at the path already: one left from before (a sink removed and put
+    /// back, a credential renamed back) holds an older version or another
+    /// credential's value (see `restore.rs`).
+    pub(super) added_files: Mutex<HashMap<CredentialKey, Vec<std::path::PathBuf>>>,
     /// Jobs running now, and jobs finished since the engine was last idle.
     pub(super) in_flight: AtomicUsize,
     pub(super) finished_since_trim: AtomicUsize,
@@ -205,6 +211,7 @@ impl Engine {
                 table: Mutex::new(Table::default()),
                 departed: Mutex::new(HashMap::new()),
                 unconfigured: Mutex::default(),
+                added_files: Mutex::default(),
                 in_flight: AtomicUsize::new(0),
                 finished_since_trim: AtomicUsize::new(0),
                 versions_generation: AtomicU64::new(0),
@@ -488,7 +495,9 @@ impl Engine {
         self.inner.follow_reload.notify_one();
         // Consumers of sinks the reload removed or re-pointed (`acks.rs`).
         self.inner.rebind_awaited(&old, &catalog).await;
-        // A file sink the reload added has no file yet (`restore.rs`).
+        // A file sink the reload added has no file yet, or an old one
+        // (`restore.rs`).
+        self.inner.note_added_files(&old, &catalog);
         self.inner.restore_after_reload(catalog);
     }
 

@@ -26,7 +26,10 @@
 //! # After a reload
 //! A reload can add a file sink (or move one to a new path) to a credential
 //! that already has a version: nothing would write that file before the
-//! next rotation either. So a reload runs the same check on every
+//! next rotation either, and a file already at its path is one a removed
+//! sink (or a credential renamed away) left: an older version, or another
+//! credential's. So a sink a reload added is restored whatever is at its
+//! path, and a reload runs the same check on every
 //! credential, each as a job of its own ([`Job::Restore`]): it holds the
 //! credential like a rotation or a retire does, so it never races one. A
 //! reload that finds another job running leaves the restore to run right
@@ -172,11 +175,65 @@ impl Inner {
         restored
     }
 
+    /// Records the file sinks of `new` that `old` did not have (by path;
+    /// every one of a credential `old` lacked), for the restore jobs the
+    /// reload starts next.
+    pub(super) fn note_added_files(&self, old: &Catalog, new: &Catalog) {
+        let mut added = self.added_files.lock().unwrap_or_else(|p| p.into_inner());
+        for entry in new.creds.values() {
+            let before: Vec<&std::path::Path> = old
+                .creds
+                .get(entry.key())
+                .map(|o| o.sinks.iter().filter_map(|s| s.delivered_path()).collect())
+                .unwrap_or_default();
+            let paths: Vec<std::path::PathBuf> = entry
+                .sinks
+                .iter()
+                .filter_map(|s| s.delivered_path())
+                .filter(|p| !before.contains(p))
+                .map(std::path::Path::to_path_buf)
+                .collect();
+            if !paths.is_empty() {
+                added.entry(entry.key().clone()).or_default().extend(paths);
+            }
+        }
+        added.retain(|k, _| new.creds.contains_key(k));
+    }
+
+    /// The sinks of `entry` to restore: those whose file is gone, and
+    /// those a reload added (taken: each is restored once).
+    fn sinks_to_restore(&self, entry: &CredEntry) -> Vec<Arc<dyn Sink>> {
+        let added = self
+            .added_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(entry.key())
+            .unwrap_or_default();
+        entry
+            .sinks
+            .iter()
+            .filter(|s| {
+                file_gone(s.as_ref())
+                    || s.delivered_path()
+                        .is_some_and(|p| added.iter().any(|a| a == p))
+            })
+            .cloned()
+            .collect()
+    }
+
     /// After a reload: a [`Job::Restore`] for every credential with a
-    /// version whose file sink has no file (see the module's doc). The
-    /// files are looked at on the blocking pool, off the reload's path.
+    /// version whose file sink has no file, or that the reload added (see
+    /// the module's doc). The files are looked at on the blocking pool,
+    /// off the reload's path.
     pub(super) fn restore_after_reload(self: &Arc<Self>, catalog: Arc<Catalog>) {
         let inner = self.clone();
+        let added: std::collections::HashSet<_> = self
+            .added_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         self.tracker.spawn(async move {
             let scan = {
                 let inner = inner.clone();
@@ -185,7 +242,10 @@ impl Inner {
                         .creds
                         .values()
                         .filter(|e| e.sinks.iter().any(|s| s.delivered_path().is_some()))
-                        .filter(|e| !inner.leaving(e) && !gone_sinks(e).is_empty())
+                        .filter(|e| {
+                            !inner.leaving(e)
+                                && (added.contains(e.key()) || !gone_sinks(e).is_empty())
+                        })
                         .map(|e| e.key().clone())
                         .collect::<Vec<_>>()
                 })
@@ -199,6 +259,13 @@ impl Inner {
                     .is_some_and(|l| l.row.as_ref().is_some_and(|r| r.current_version.is_some()));
                 if has_version && !inner.cancel.is_cancelled() {
                     inner.clone().spawn_job(key, Job::Restore, None);
+                } else {
+                    // No version yet: its first rotation delivers to every sink.
+                    inner
+                        .added_files
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&key);
                 }
             }
         });
@@ -216,7 +283,7 @@ impl Inner {
             .live()
             .get(&key)
             .and_then(|l| l.row.as_ref()?.current_version);
-        let sinks = gone_sinks(&entry);
+        let sinks = self.sinks_to_restore(&entry);
         if let Some(version) = version
             && !sinks.is_empty()
             && !self.leaving(&entry)
@@ -400,6 +467,11 @@ impl Inner {
             if self.leaving(entry) {
                 break;
             }
+            let why = if file_gone(sink.as_ref()) {
+                "the file was missing"
+            } else {
+                "a reload added its sink"
+            };
             let result = sink.deliver(&notice, &stored.value).await;
             self.metrics.delivery(sink.kind(), result.is_ok());
             let mut ev = AuditEvent::new(
@@ -417,10 +489,7 @@ impl Inner {
             ev.owner = Some(entry.agent.owner.clone());
             ev.rotation = Some(notice.rotation.clone());
             ev.version = Some(version);
-            ev.detail = Some(format!(
-                "{} (restored: the file was missing)",
-                sink.describe()
-            ));
+            ev.detail = Some(format!("{} (restored: {why})", sink.describe()));
             ev.error = result.as_ref().err().map(ToString::to_string);
             head = Some(self.append(ev).await?);
             match result {

@@ -295,10 +295,7 @@ pub trait Vault: Send + Sync {
     /// credential overrides it, and answers an error for the former (the
     /// agents keep what they have).
     async fn gone(&self, item: VaultItem<'_>, delivered: &VersionRef) -> Result<bool, PluginError> {
-        Ok(self
-            .read(item, Select::Version(delivered))
-            .await?
-            .is_none())
+        Ok(self.read(item, Select::Version(delivered)).await?.is_none())
     }
 
     /// A mark that changes whenever another version of `item` becomes
