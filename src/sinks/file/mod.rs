@@ -571,6 +571,40 @@ impl Inner {
             .map_err(|e| self.sys(format_args!("inspect {}", self.shown(depth).display()), e))?;
         let daemon = nix::unistd::geteuid().as_raw();
         let agent = self.cfg.uid.filter(|_| agents);
+        // Black-box finding: a directory anyone (or its group) can write
+        // lets them remove the delivered file and plant their own, which
+        // the agent then reads as its credential. The sticky bit (`/tmp`'s
+        // 1777) keeps them from touching entries they do not own.
+        let mode = st.st_mode & 0o7777;
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            return Err(self.err(
+                ErrorKind::Invalid,
+                format_args!(
+                    "existing directory {} is writable by {} (mode {mode:04o}): they could replace the delivered file with their own; refusing to deliver into it (`chmod go-w` it)",
+                    self.shown(depth).display(),
+                    if mode & 0o002 != 0 { "everyone" } else { "its group" }
+                ),
+            ));
+        }
+        if let Some(a) = agent
+            && st.st_uid != a
+            && (st.st_uid == 0 || st.st_uid == daemon)
+        {
+            // Made before the agent had a `uid` (or by root): the agent's
+            // directory is the agent's, as documented, or it cannot reach
+            // the files it is given (a 0750 directory of root's).
+            match chown_fd(dir, self.owner()) {
+                Ok(()) => tracing::info!(
+                    directory = %self.shown(depth).display(), uid = a,
+                    "the agent's directory was root's or the daemon's: now the agent's (its uid in the config)"
+                ),
+                Err(e) => tracing::warn!(
+                    directory = %self.shown(depth).display(), uid = a, error = %e,
+                    "cannot give the agent's directory to the agent: it may not reach its files"
+                ),
+            }
+            return Ok(());
+        }
         if st.st_uid == 0 || st.st_uid == daemon || agent == Some(st.st_uid) {
             return Ok(());
         }

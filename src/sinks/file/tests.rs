@@ -1029,6 +1029,81 @@ async fn existing_directories_owned_by_another_user_are_refused() {
     assert!(!shared.join(AGENT).exists(), "nothing created below it");
 }
 
+/// Black-box finding: an agent given a `uid` after keyturn had made its
+/// directory (root's, 0750) was delivered files it could not reach, the
+/// deliveries audited ok. The agent's directory, and those keyturn makes
+/// below it, become the agent's when they are root's or the daemon's.
+#[tokio::test]
+async fn an_agent_directory_of_roots_is_given_to_the_agent() {
+    assert_root("chown");
+    let root = tempfile::tempdir().unwrap();
+    let roots = [root.path().to_path_buf()];
+    let path = root.path().join(AGENT).join("sub").join("db");
+    let before = new_sink(cfg(&path, FileFormat::Raw), &roots).unwrap();
+    deliver_password(&before, 1, "v").await.unwrap();
+    let owner = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.uid(), m.gid())
+    };
+    assert_eq!(owner(&root.path().join(AGENT)), (0, 0));
+    let ctx = SinkContext {
+        delivery_roots: &roots,
+        uid: Some(1234),
+        gid: Some(2345),
+        reader: None,
+    };
+    let s = FileSink::new(cfg(&path, FileFormat::Raw), &ctx).unwrap();
+    deliver_password(&s, 2, "v2").await.unwrap();
+    for p in [
+        root.path().join(AGENT),
+        root.path().join(AGENT).join("sub"),
+        path.clone(),
+    ] {
+        assert_eq!(owner(&p), (1234, 2345), "{}", p.display());
+    }
+    assert_eq!(mode_of(&root.path().join(AGENT)), 0o750);
+    // The root stays root's.
+    assert_eq!(owner(root.path()).0, 0);
+}
+
+/// Black-box finding: a world-writable agent directory was used without a
+/// word, and a file another user planted there (after removing the
+/// delivered one) was what the agent read. A directory on the way that
+/// its group or everyone can write is refused, unless sticky.
+#[tokio::test]
+async fn a_directory_others_can_write_is_refused_unless_sticky() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let agent = agent_dir(root.path());
+    let (path, s) = agent_sink(root.path(), "db", FileFormat::Raw);
+    let chmod = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    for (mode, who) in [(0o777, "everyone"), (0o770, "its group"), (0o757, "everyone")] {
+        chmod(&agent, mode);
+        let err = deliver_password(&s, 1, "v").await.unwrap_err();
+        assert!(
+            err.message.contains(&format!("writable by {who}"))
+                && err.message.contains("chmod go-w"),
+            "{mode:o}: {err}"
+        );
+        assert!(!path.exists(), "nothing written at {mode:o}");
+    }
+    chmod(&agent, 0o1777);
+    deliver_password(&s, 1, "v").await.unwrap();
+    chmod(&agent, 0o750);
+    deliver_password(&s, 2, "v2").await.unwrap();
+
+    // A directory above the agent's, too.
+    let shared = root.path().join("tenant");
+    std::fs::create_dir(&shared).unwrap();
+    chmod(&shared, 0o777);
+    let s = sink(root.path(), &shared.join(AGENT).join("db"), FileFormat::Raw);
+    let err = deliver_password(&s, 1, "v").await.unwrap_err();
+    assert!(err.message.contains("tenant"), "{err}");
+    assert!(!shared.join(AGENT).exists(), "nothing created below it");
+}
+
 /// When the previous version is retired, its private key leaves the disk
 /// at once, not at the next delivery.
 #[tokio::test]
