@@ -800,8 +800,9 @@ fn a_file_sink_added_by_reload_gets_the_current_version_at_once() {
 /// documented) and put back after a rotation kept the stale file, whose
 /// version was then retired while the agent still read it; so did a
 /// credential renamed and renamed back (the file held the other
-/// credential's value). A sink a reload adds gets the current version
-/// whether or not a file is at its path.
+/// credential's value). A sink a reload adds, or writes otherwise (format,
+/// mode, owner), gets the current version whether or not a file is at its
+/// path.
 #[test]
 fn a_file_sink_put_back_by_reload_gets_the_current_version_over_a_stale_file() {
     let base = creds(1, "1h", "0s", "1h");
@@ -844,9 +845,9 @@ fn a_file_sink_put_back_by_reload_gets_the_current_version_over_a_stale_file() {
     assert_eq!(version_of(&env, "bot", "c0"), Some(2), "no rotation");
     let restored = restored_records(&env);
     assert!(
-        restored
-            .iter()
-            .any(|(c, v, d)| c == "c0" && *v == 2 && d.contains("a reload added its sink")),
+        restored.iter().any(|(c, v, d)| c == "c0"
+            && *v == 2
+            && d.contains("a reload added or changed its sink")),
         "{restored:?}"
     );
     // A sink that stayed is not written again by later reloads.
@@ -856,6 +857,24 @@ fn a_file_sink_put_back_by_reload_gets_the_current_version_over_a_stale_file() {
     daemon.reload();
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!((inode(&c0), inode(&copy)), (before_c0, before_copy));
+
+    // A sink written otherwise (here its format) gets the current version
+    // in its new form at once, not at the next rotation.
+    let json = two.replacen(
+        "path = \"{root}/bot/copy\" }",
+        "path = \"{root}/bot/copy\", format = \"json\" }",
+        1,
+    );
+    assert_ne!(json, two);
+    env.write_credentials(&json);
+    daemon.reload();
+    let doc = wait_for(Duration::from_secs(10), || {
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(&copy).ok()?).ok()
+    })
+    .expect("the copy rewritten as JSON");
+    assert_eq!(doc["version"], 2, "{doc}");
+    assert_eq!(doc["value"].as_str().map(str::as_bytes), Some(&current[..]));
+    assert_eq!(inode(&c0), before_c0, "the sink that did not change");
     env.cli_ok(&["audit", "verify"]);
     daemon.stop();
 }

@@ -175,22 +175,23 @@ impl Inner {
         restored
     }
 
-    /// Records the file sinks of `new` that `old` did not have (by path;
-    /// every one of a credential `old` lacked), for the restore jobs the
-    /// reload starts next.
+    /// Records the file sinks of `new` that `old` did not have, or wrote
+    /// otherwise (another format, mode or owner: the agent's new `uid`
+    /// could not read the file of the old one), every one of a credential
+    /// `old` lacked, for the restore jobs the reload starts next.
     pub(super) fn note_added_files(&self, old: &Catalog, new: &Catalog) {
         let mut added = self.added_files.lock().unwrap_or_else(|p| p.into_inner());
         for entry in new.creds.values() {
-            let before: Vec<&std::path::Path> = old
+            let before: Vec<String> = old
                 .creds
                 .get(entry.key())
-                .map(|o| o.sinks.iter().filter_map(|s| s.delivered_path()).collect())
+                .map(|o| o.sinks.iter().filter_map(|s| s.written_as()).collect())
                 .unwrap_or_default();
             let paths: Vec<std::path::PathBuf> = entry
                 .sinks
                 .iter()
+                .filter(|s| s.written_as().is_some_and(|w| !before.contains(&w)))
                 .filter_map(|s| s.delivered_path())
-                .filter(|p| !before.contains(p))
                 .map(std::path::Path::to_path_buf)
                 .collect();
             if !paths.is_empty() {
@@ -470,7 +471,7 @@ impl Inner {
             let why = if file_gone(sink.as_ref()) {
                 "the file was missing"
             } else {
-                "a reload added its sink"
+                "a reload added or changed its sink"
             };
             let result = sink.deliver(&notice, &stored.value).await;
             self.metrics.delivery(sink.kind(), result.is_ok());

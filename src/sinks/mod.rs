@@ -200,6 +200,14 @@ pub trait Sink: Send + Sync {
         false
     }
 
+    /// How this sink writes its file, if it writes one: equal for two
+    /// sinks (of two configs) whose files are written alike (path, format,
+    /// mode, owner...). A reload gives the current version at once to a
+    /// sink whose file is not written as before (`rotation/restore.rs`).
+    fn written_as(&self) -> Option<String> {
+        None
+    }
+
     /// The file (or bundle directory) this sink delivers to, if it writes
     /// one: the notice of the credential's other sinks names it.
     fn delivered_path(&self) -> Option<&Path> {

@@ -352,6 +352,20 @@ impl Sink for FileSink {
         Some(&self.inner.cfg.path)
     }
 
+    fn written_as(&self) -> Option<String> {
+        let c = &self.inner.cfg;
+        Some(format!(
+            "{}\0{:?}\0{:o}\0{:?}\0{:?}\0{}\0{}",
+            c.path.display(),
+            c.format,
+            c.mode,
+            c.uid,
+            c.gid,
+            c.env_name,
+            c.atomic
+        ))
+    }
+
     async fn deliver(
         &self,
         notice: &Notice,

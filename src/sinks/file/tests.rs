@@ -1076,10 +1076,13 @@ async fn a_directory_others_can_write_is_refused_unless_sticky() {
     let root = tempfile::tempdir().unwrap();
     let agent = agent_dir(root.path());
     let (path, s) = agent_sink(root.path(), "db", FileFormat::Raw);
-    let chmod = |p: &Path, m: u32| {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
-    };
-    for (mode, who) in [(0o777, "everyone"), (0o770, "its group"), (0o757, "everyone")] {
+    let chmod =
+        |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    for (mode, who) in [
+        (0o777, "everyone"),
+        (0o770, "its group"),
+        (0o757, "everyone"),
+    ] {
         chmod(&agent, mode);
         let err = deliver_password(&s, 1, "v").await.unwrap_err();
         assert!(
