@@ -199,15 +199,31 @@ pub fn read_sources(path: &Path) -> Result<(PathBuf, Vec<SourceFile>), ConfigErr
                 })
                 .collect();
             paths.sort();
+            let mut empty = Vec::new();
             for p in paths {
                 let text = read_text(&p)
                     .map_err(|e| unreadable(&p, &e))?
                     .map_err(|not_utf8| ConfigErrors(vec![not_utf8]))?;
+                // As the main file: a file cut off while it was written
+                // would drop its agents (orphaned on a reload).
+                if text.trim().is_empty() {
+                    empty.push(ConfigError {
+                        file: p,
+                        line: 1,
+                        column: 1,
+                        toml_path: String::new(),
+                        message: "the file is empty (cut off while it was written?): its agents would be dropped; a file without agents needs at least a comment; or remove the file".to_owned(),
+                    });
+                    continue;
+                }
                 files.push(SourceFile {
                     path: p,
                     text,
                     main: false,
                 });
+            }
+            if !empty.is_empty() {
+                return Err(ConfigErrors(empty));
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -893,6 +909,26 @@ mod tests {
         assert!(e[0].message.starts_with("the file is empty"), "{}", e[0]);
         std::fs::write(&main, "# every default\n").unwrap();
         load_file(&main).expect("a commented file is a config");
+
+        // Black-box finding: an `agents.d` file cut off to nothing was
+        // accepted, and the reload orphaned its agents. Each empty one is
+        // named.
+        let agents = dir.path().join(AGENTS_DIR);
+        std::fs::create_dir(&agents).unwrap();
+        for name in ["a.toml", "b.toml", "c.toml"] {
+            std::fs::write(agents.join(name), "").unwrap();
+        }
+        std::fs::write(agents.join("b.toml"), "# no agents here\n").unwrap();
+        let e = load_file(&main).unwrap_err().0;
+        let named: Vec<_> = e
+            .iter()
+            .map(|e| e.file.file_name().unwrap().to_owned())
+            .collect();
+        assert_eq!(named, ["a.toml", "c.toml"], "{e:?}");
+        assert!(e[0].message.starts_with("the file is empty"), "{}", e[0]);
+        std::fs::write(agents.join("a.toml"), "# none\n").unwrap();
+        std::fs::write(agents.join("c.toml"), "\n# none\n").unwrap();
+        load_file(&main).expect("commented agents.d files");
     }
 
     /// Black-box finding: a config file, or `agents.d`, that every user can
