@@ -148,3 +148,87 @@ fn sigterm_drains_the_in_flight_step_and_the_rotation_resumes() {
     );
     audit_verifies(&env, "after the drained rotation resumed");
 }
+
+/// Black-box finding: a state database that lost its last writes (a
+/// damaged WAL) or was restored from a backup, with a rotation unfinished
+/// in it, resumed that rotation: it made its old version current again
+/// over the newer one the vault held and the agents had. The audit log
+/// names the later version: the rotation is abandoned, not resumed, and
+/// the next version is numbered after the log's.
+#[test]
+fn a_restored_state_does_not_resume_a_rotation_a_later_version_superseded() {
+    let env = Env::new(&config());
+    let first = env.start();
+    wait_settled(&env, 1, &["idle"]);
+    first.stop();
+    common::crash::killed_at(&env, "rotation.after_start", || {
+        env.cli(&["rotate", "bot/db", "--wait"])
+    });
+    let backup = env.path().join("backup");
+    std::fs::create_dir(&backup).unwrap();
+    let state_files = || {
+        std::fs::read_dir(env.state_dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("state.db"))
+            })
+            .collect::<Vec<_>>()
+    };
+    for f in state_files() {
+        std::fs::copy(&f, backup.join(f.file_name().unwrap())).unwrap();
+    }
+    let again = env.start();
+    wait_settled(&env, 2, &["idle"]);
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    again.stop();
+    let newest = delivered_json(&env, "bot/db.json");
+    assert_eq!(newest["version"], 3);
+    for f in state_files() {
+        std::fs::remove_file(f).unwrap();
+    }
+    for f in std::fs::read_dir(&backup).unwrap().flatten() {
+        std::fs::copy(f.path(), env.state_dir().join(f.file_name())).unwrap();
+    }
+
+    let restored = env.start();
+    std::thread::sleep(Duration::from_secs(2));
+    let rows = status_json(&env);
+    let shown = row(&rows, "bot", "db").clone();
+    let log = restored.stop();
+    let (_, current) = block_on(local_vault_value(
+        &env,
+        "local",
+        &bot_db(),
+        Select::Stage(Stage::Current),
+    ))
+    .expect("a current version");
+    assert_eq!(
+        current.as_slice(),
+        newest["value"].as_str().unwrap().as_bytes(),
+        "the vault's current value is still version 3's"
+    );
+    assert_eq!(
+        delivered_json(&env, "bot/db.json"),
+        newest,
+        "the agent's file"
+    );
+    let abandoned = audit_records(&env)
+        .iter()
+        .filter(|r| r["event"] == "rotation.abandoned" && r["version"] == 2)
+        .count();
+    assert_eq!(abandoned, 1);
+    assert!(shown["last_error"].is_null(), "{shown}");
+    assert!(
+        log.contains("not resuming a rotation of the restored state"),
+        "{log}"
+    );
+
+    let last = env.start();
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    last.stop();
+    assert_eq!(delivered_json(&env, "bot/db.json")["version"], 4);
+}

@@ -29,7 +29,7 @@ use crate::api::socket;
 use crate::audit::{Actor, AuditEvent, AuditKey, AuditLog, Outcome};
 use crate::config::{self, Config, ConfigErrors};
 use crate::memory;
-use crate::model::AgentId;
+use crate::model::{AgentId, CredentialKey, VersionNo};
 
 use crate::revocation::Revocations;
 use crate::rotation::{Catalog, Engine, EngineParts};
@@ -243,6 +243,47 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         .await;
     }
     if let Some((first, last)) = audit.unconfirmed_at_open() {
+        let behind = versions_beyond_state(&audit, state.as_ref(), first - 1)
+            .map_err(|e| startup("cannot read the audit log", &e))?;
+        if !behind.is_empty() {
+            let floors: Vec<crate::state::Write> = behind
+                .iter()
+                .map(|b| crate::state::Write::VersionFloor {
+                    key: b.key.clone(),
+                    version: b.named,
+                })
+                .collect();
+            state
+                .apply(&floors)
+                .map_err(|e| startup("cannot record the versions the state lacks", &e))?;
+            let named: Vec<String> = behind
+                .iter()
+                .take(10)
+                .map(|b| {
+                    format!(
+                        "{} version {} (seq {}; the state knows version {})",
+                        b.key, b.named, b.seq, b.known
+                    )
+                })
+                .collect();
+            let more = behind.len().saturating_sub(named.len());
+            let why = format!(
+                "the state database is behind the audit log: it does not know versions the log \
+                 records as made: {}{}. It was restored from an older backup, or lost its last \
+                 writes (a damaged or deleted state.db-wal). New versions are numbered after \
+                 those, never again; the vaults may hold versions it does not know (a warning \
+                 at each one's next rotation). If a newer copy of the whole state directory \
+                 exists, stop keyturn and restore that instead",
+                named.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            );
+            tracing::warn!(credentials = behind.len(), "{why}");
+            audit_daemon(&engine, "state.behind", Outcome::Failed, None, Some(why)).await;
+        }
         let why = format!(
             "records seq {first}..={last} come after the last head the state database stored: \
              written just before the daemon stopped (kill -9, power loss), or appended by \
@@ -1009,6 +1050,74 @@ fn task_setup(
             .collect(),
         task_root: config.daemon.task_root.clone(),
     })
+}
+
+/// A version the audit log records as made that the state database does
+/// not know (see [`versions_beyond_state`]).
+struct Beyond {
+    key: CredentialKey,
+    /// The highest version of `key` the log's records after the head name.
+    named: VersionNo,
+    /// The seq of the record that names it.
+    seq: u64,
+    /// The highest version the state knows of `key`.
+    known: VersionNo,
+}
+
+/// Black-box finding: a state database restored from a backup (as the docs
+/// say to, when it is lost), or one whose WAL was damaged, numbered
+/// versions again from where it stood: a second "version 4" with another
+/// value, delivered under the number agents had acked. Its stored audit
+/// head is then behind the log, and the records after it (usually the few
+/// of a batch cut by a kill -9) name rotations of versions the state does
+/// not know: a rotation's row is stored before its first record, so after
+/// a crash the state always knows every version the log names.
+fn versions_beyond_state(
+    audit: &AuditLog,
+    state: &dyn StateStore,
+    after: u64,
+) -> Result<Vec<Beyond>, String> {
+    let named = std::cell::RefCell::new(
+        std::collections::HashMap::<CredentialKey, (VersionNo, u64)>::new(),
+    );
+    audit
+        .find_after(after, |r| {
+            let e = &r.event;
+            if e.event.starts_with("rotation.")
+                && let (Some(agent), Some(credential), Some(version)) =
+                    (&e.agent, &e.credential, e.version)
+            {
+                let key = CredentialKey::new(agent.clone(), credential.clone());
+                let mut named = named.borrow_mut();
+                let entry = named.entry(key).or_insert((version, r.seq));
+                if version > entry.0 {
+                    *entry = (version, r.seq);
+                }
+            }
+            false
+        })
+        .map_err(|e| e.to_string())?;
+    let mut behind = Vec::new();
+    for (key, (version, seq)) in named.into_inner() {
+        let latest = state.latest_rotation(&key).map_err(|e| e.to_string())?;
+        let current = state.credential(&key).map_err(|e| e.to_string())?;
+        let known = latest
+            .map(|r| r.version)
+            .into_iter()
+            .chain(current.and_then(|c| c.current_version))
+            .max()
+            .unwrap_or(0);
+        if version > known {
+            behind.push(Beyond {
+                key,
+                named: version,
+                seq,
+                known,
+            });
+        }
+    }
+    behind.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(behind)
 }
 
 #[cfg(test)]

@@ -80,6 +80,10 @@ pub(super) struct Inner {
     /// back, a credential renamed back) holds an older version or another
     /// credential's value (see `restore.rs`).
     pub(super) added_files: Mutex<HashMap<CredentialKey, Vec<std::path::PathBuf>>>,
+    /// The versions of credentials a state database restored from a backup
+    /// did not know (`Write::VersionFloor`): new ones are numbered above.
+    /// Usually empty.
+    pub(super) version_floors: Mutex<HashMap<CredentialKey, VersionNo>>,
     /// Jobs running now, and jobs finished since the engine was last idle.
     pub(super) in_flight: AtomicUsize,
     pub(super) finished_since_trim: AtomicUsize,
@@ -212,6 +216,7 @@ impl Engine {
                 departed: Mutex::new(HashMap::new()),
                 unconfigured: Mutex::default(),
                 added_files: Mutex::default(),
+                version_floors: Mutex::default(),
                 in_flight: AtomicUsize::new(0),
                 finished_since_trim: AtomicUsize::new(0),
                 versions_generation: AtomicU64::new(0),
@@ -266,6 +271,8 @@ impl Engine {
         // thread's arena ~25 MB stayed resident. Nothing else uses the
         // state yet.
         let mut snapshot = self.inner.state.snapshot()?;
+        let floors: HashMap<CredentialKey, VersionNo> =
+            self.inner.state.version_floors()?.into_iter().collect();
         let catalog = self.catalog();
         // Acks first: a rotation waiting to retire whose consumers have all
         // acknowledged retires now.
@@ -296,6 +303,8 @@ impl Engine {
         let mut departed = Vec::new();
         // Stored rotate requests that will never begin.
         let mut forgotten = Vec::new();
+        // Rotations of a restored state that a later version superseded.
+        let mut superseded = Vec::new();
         {
             let mut live = self.inner.live();
             live.reserve_total(catalog.creds.len());
@@ -355,6 +364,14 @@ impl Engine {
                     }
                     continue;
                 }
+                // The audit log names a later version than this rotation's
+                // (the state was restored, or lost its last writes): it was
+                // finished long ago, and resuming it would make an older
+                // value current again over the vault's newer one.
+                if floors.get(&rot.key).is_some_and(|f| rot.version < *f) {
+                    superseded.push(rot);
+                    continue;
+                }
                 self.inner.adopt_unfinished(&mut live, rot, &mut resume);
             }
             // A `keyturn rotate` that was waiting for the current version's
@@ -388,6 +405,22 @@ impl Engine {
         {
             tracing::warn!(error = %e, "cannot forget the rotations asked for of credentials no longer rotated here; retried at the next start");
         }
+        for mut rot in superseded {
+            let floor = floors.get(&rot.key).copied().unwrap_or_default();
+            if let Some(entry) = catalog.creds.get(&rot.key) {
+                let why = format!(
+                    "the audit log records version {floor}, made after it: the state database was \
+                     restored from an older backup or lost its last writes"
+                );
+                tracing::warn!(agent = %rot.key.agent, credential = %rot.key.credential, rotation = %rot.id, version = rot.version, "not resuming a rotation of the restored state: {why}");
+                self.inner.abandon_for_good(entry, &mut rot, &why).await;
+            }
+        }
+        *self
+            .inner
+            .version_floors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = floors;
         self.inner.schedule_all(&resume, true);
         self.inner.settle_all_departed(departed, &catalog);
         // A credential followed before this start (a follower records no

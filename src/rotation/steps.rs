@@ -248,7 +248,16 @@ impl Inner {
         // roles of `alternating_users` go by it, and after an abandoned
         // version the next number would land on the current value's role
         // and end it at once, without its grace.
-        let mut version = newest.max(cred.current_version.unwrap_or(0)) + 1;
+        // Above any version the audit log named that a restored state did
+        // not know: a number is never given to two values.
+        let floor = self
+            .version_floors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or(0);
+        let mut version = newest.max(cred.current_version.unwrap_or(0)).max(floor) + 1;
         if let Some(current) = cred.current_version
             && (version - current).is_multiple_of(2)
         {

@@ -33,6 +33,7 @@ struct Tables {
     revocations: BTreeMap<(AgentId, String), RevocationRow>,
     holdings: BTreeMap<CredentialKey, String>,
     requests: BTreeMap<CredentialKey, RequestRow>,
+    floors: BTreeMap<CredentialKey, VersionNo>,
 }
 
 impl MemoryStore {
@@ -162,6 +163,10 @@ impl Tables {
             Write::RotationRequestDone(key) => {
                 self.requests.remove(key);
             }
+            Write::VersionFloor { key, version } => {
+                let floor = self.floors.entry(key.clone()).or_default();
+                *floor = (*floor).max(*version);
+            }
             Write::ForgetCredential(key) => {
                 self.requests.remove(key);
                 self.holdings.remove(key);
@@ -236,6 +241,15 @@ impl StateStore for MemoryStore {
 
     fn last_acks(&self) -> Result<Vec<AckRow>> {
         Ok(self.tables().last_acks.values().cloned().collect())
+    }
+
+    fn version_floors(&self) -> Result<Vec<(CredentialKey, VersionNo)>> {
+        Ok(self
+            .tables()
+            .floors
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect())
     }
 
     fn credential(&self, key: &CredentialKey) -> Result<Option<CredentialRow>> {

@@ -291,6 +291,14 @@ pub enum Write {
     },
     /// The requested rotation of `key` has begun (written with its start).
     RotationRequestDone(CredentialKey),
+    /// `key` had a version `version` that this state database does not
+    /// know (it was restored from a backup, or lost its last writes): new
+    /// versions are numbered above it. A lower floor than the stored one
+    /// changes nothing.
+    VersionFloor {
+        key: CredentialKey,
+        version: VersionNo,
+    },
     /// Drops `key`'s finished rotations and retired versions beyond the
     /// newest [`HISTORY_KEPT`] of each, so the state database stays bounded
     /// per credential however long it rotates (the audit log is the history).
@@ -328,6 +336,8 @@ pub trait StateStore: Send + Sync {
     /// the snapshot, kept when the next delivery replaces those (a
     /// credential's last use outlives its rotation).
     fn last_acks(&self) -> Result<Vec<AckRow>>;
+    /// Every [`Write::VersionFloor`] stored, in key order.
+    fn version_floors(&self) -> Result<Vec<(CredentialKey, VersionNo)>>;
     fn credential(&self, key: &CredentialKey) -> Result<Option<CredentialRow>>;
     fn rotation(&self, id: &RotationId) -> Result<Option<RotationRow>>;
     /// The newest rotation of a credential, finished or not: of the highest

@@ -257,6 +257,9 @@ mod tests {
         fn snapshot(&self) -> Result<Snapshot> {
             self.inner.snapshot()
         }
+        fn version_floors(&self) -> Result<Vec<(CredentialKey, crate::model::VersionNo)>> {
+            self.inner.version_floors()
+        }
         fn last_acks(&self) -> Result<Vec<crate::state::AckRow>> {
             self.inner.last_acks()
         }

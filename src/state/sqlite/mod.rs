@@ -51,8 +51,8 @@ mod schema;
 
 use rows::{
     ACK_COLS, CREDENTIAL_COLS, Decode, ROTATION_COLS, VERSION_COLS, decode_ack, decode_agent,
-    decode_credential, decode_decommission, decode_holding, decode_request, decode_revocation,
-    decode_rotation, decode_version, to_json, to_millis,
+    decode_credential, decode_decommission, decode_floor, decode_holding, decode_request,
+    decode_revocation, decode_rotation, decode_version, to_json, to_millis,
 };
 pub use schema::SCHEMA_VERSION;
 
@@ -511,6 +511,19 @@ impl SqliteStore {
                 .execute(params![key.agent.as_str(), key.credential.as_str()])
                 .map_err(e)?;
             }
+            Write::VersionFloor { key, version } => {
+                tx.prepare_cached(
+                    "INSERT INTO version_floors (agent, credential, version) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (agent, credential) DO UPDATE SET version = max(version, excluded.version)",
+                )
+                .map_err(e)?
+                .execute(params![
+                    key.agent.as_str(),
+                    key.credential.as_str(),
+                    i64::try_from(*version).unwrap_or(i64::MAX)
+                ])
+                .map_err(e)?;
+            }
             Write::ForgetCredential(key) => {
                 for sql in [
                     "DELETE FROM rotate_requests WHERE agent = ?1 AND credential = ?2",
@@ -672,6 +685,14 @@ impl StateStore for SqliteStore {
             &format!("SELECT {ACK_COLS} FROM last_acks ORDER BY agent, credential, consumer"),
             [],
             decode_ack,
+        )
+    }
+
+    fn version_floors(&self) -> Result<Vec<(CredentialKey, VersionNo)>> {
+        self.query_rows(
+            "SELECT agent, credential, version FROM version_floors ORDER BY agent, credential",
+            [],
+            decode_floor,
         )
     }
 

@@ -109,6 +109,12 @@ fn rotation_id(table: &str, column: &str, s: &str) -> DecodeResult<RotationId> {
     RotationId::parse(s).ok_or_else(|| corrupt(table, column, format!("bad rotation id {s:?}")))
 }
 
+/// A row of `version_floors` (agent, credential, version).
+pub(super) fn decode_floor(row: &Row<'_>) -> DecodeResult<(CredentialKey, VersionNo)> {
+    const T: &str = "version_floors";
+    Ok((key_at(row, T, 0)?, ver(T, "version", row.get(2)?)?))
+}
+
 pub(super) fn decode_credential(row: &Row<'_>) -> DecodeResult<CredentialRow> {
     const T: &str = "credentials";
     Ok(CredentialRow {

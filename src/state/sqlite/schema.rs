@@ -144,6 +144,17 @@ pub(super) const MIGRATIONS: &[&str] = &[
         SELECT agent, credential, consumer, version, acked_at FROM acks
         WHERE acked_at IS NOT NULL;
     "#,
+    // 9: the highest version of each credential the audit log names beyond
+    // what a state database restored from a backup (or cut short) knew:
+    // new versions are numbered after it, never again.
+    r#"
+    CREATE TABLE version_floors (
+        agent      TEXT    NOT NULL,
+        credential TEXT    NOT NULL,
+        version    INTEGER NOT NULL,
+        PRIMARY KEY (agent, credential)
+    );
+    "#,
 ];
 
 /// The schema version this build writes and understands.
