@@ -165,34 +165,14 @@ fn a_restored_state_does_not_resume_a_rotation_a_later_version_superseded() {
         env.cli(&["rotate", "bot/db", "--wait"])
     });
     let backup = env.path().join("backup");
-    std::fs::create_dir(&backup).unwrap();
-    let state_files = || {
-        std::fs::read_dir(env.state_dir())
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("state.db"))
-            })
-            .collect::<Vec<_>>()
-    };
-    for f in state_files() {
-        std::fs::copy(&f, backup.join(f.file_name().unwrap())).unwrap();
-    }
+    copy_db_files(&env.state_dir(), "state.db", &backup);
     let again = env.start();
     wait_settled(&env, 2, &["idle"]);
     env.cli_ok(&["rotate", "bot/db", "--wait"]);
     again.stop();
     let newest = delivered_json(&env, "bot/db.json");
     assert_eq!(newest["version"], 3);
-    for f in state_files() {
-        std::fs::remove_file(f).unwrap();
-    }
-    for f in std::fs::read_dir(&backup).unwrap().flatten() {
-        std::fs::copy(f.path(), env.state_dir().join(f.file_name())).unwrap();
-    }
+    restore_db_files(&env.state_dir(), "state.db", &backup);
 
     let restored = env.start();
     std::thread::sleep(Duration::from_secs(2));

@@ -811,34 +811,14 @@ fn a_state_database_restored_from_a_backup_never_numbers_a_version_twice() {
     wait_version(&env, "bot", "db", 1);
     daemon.stop();
     let backup = env.path().join("backup");
-    std::fs::create_dir(&backup).unwrap();
-    let state_files = || {
-        std::fs::read_dir(env.state_dir())
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("state.db"))
-            })
-            .collect::<Vec<_>>()
-    };
-    for f in state_files() {
-        std::fs::copy(&f, backup.join(f.file_name().unwrap())).unwrap();
-    }
+    copy_db_files(&env.state_dir(), "state.db", &backup);
     let daemon = env.start();
     for _ in 0..2 {
         env.cli_ok(&["rotate", "bot/db", "--wait"]);
     }
     assert_eq!(version_of(&env, "bot", "db"), Some(3));
     daemon.stop();
-    for f in state_files() {
-        std::fs::remove_file(f).unwrap();
-    }
-    for f in std::fs::read_dir(&backup).unwrap().flatten() {
-        std::fs::copy(f.path(), env.state_dir().join(f.file_name())).unwrap();
-    }
+    restore_db_files(&env.state_dir(), "state.db", &backup);
 
     // Started on the restored state, and again (the head has moved past
     // the records that told): the next version is 4 both times.
@@ -866,6 +846,59 @@ fn a_state_database_restored_from_a_backup_never_numbers_a_version_twice() {
         .filter(|r| r["event"] == "state.behind")
         .collect();
     assert_eq!(behind.len(), 1, "{behind:?}");
+}
+
+/// Black-box finding: a local vault restored older than the state database
+/// (its online backup taken first) still served the version the state
+/// meant to retire as its current one; the retire was refused at every
+/// attempt ("only the previous version can be retired") and the credential
+/// never rotated again. The retire leaves what the vault serves, says so
+/// (`vault.behind`), and the rotation goes on.
+#[test]
+fn a_local_vault_restored_older_than_the_state_does_not_stop_rotations() {
+    let env = Env::new(&ONE_RAW.replace("grace = \"0s\"", "grace = \"1h\""));
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    daemon.stop();
+    let vault_dir = env.state_dir().join("vaults").join("local");
+    let backup = env.path().join("vault-backup");
+    copy_db_files(&vault_dir, "vault.db", &backup);
+    let daemon = env.start();
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    daemon.stop();
+    restore_db_files(&vault_dir, "vault.db", &backup);
+
+    let daemon = env.start();
+    let out = env.cli(&["rotate", "bot/db", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(version_of(&env, "bot", "db"), Some(3));
+    let rows = status_json(&env);
+    assert!(row(&rows, "bot", "db")["last_error"].is_null(), "{rows:?}");
+    let delivered = std::fs::read_to_string(env.root().join("bot/db")).unwrap();
+    let value = block_on(local_vault_value(
+        &env,
+        "local",
+        &keyturn::model::CredentialKey::new("bot".parse().unwrap(), "db".parse().unwrap()),
+        keyturn::vaults::Select::Stage(keyturn::model::Stage::Current),
+    ))
+    .expect("a current version")
+    .1;
+    assert_eq!(
+        delivered.as_bytes(),
+        value.as_slice(),
+        "the vault's current is delivered"
+    );
+    daemon.stop();
+    let behind = audit_records(&env)
+        .iter()
+        .filter(|r| r["event"] == "vault.behind")
+        .count();
+    assert_eq!(behind, 1);
 }
 
 /// Black-box finding: without an audit key, a record appended after the

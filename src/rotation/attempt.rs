@@ -254,10 +254,44 @@ impl Inner {
                     key: entry.key(),
                     path: &prev_place.path,
                 };
-                h.vault
-                    .retire(item, vref)
-                    .await
-                    .map_err(|e| vault_error(h.vault.describe(), e))?;
+                match h.vault.retire(item, vref).await {
+                    Ok(()) => {}
+                    // Black-box finding: a vault restored older than the
+                    // state (a local vault's backup taken before the state
+                    // database's) still serves the version to retire as its
+                    // current one, having lost the newer: refused at every
+                    // attempt, the credential never rotated again. What the
+                    // vault serves is left alone, said once, and the
+                    // rotation goes on (its promote makes a newer current).
+                    Err(e)
+                        if e.kind == ErrorKind::Invalid
+                            && h.vault
+                                .read(item, Select::Stage(Stage::Current))
+                                .await
+                                .ok()
+                                .flatten()
+                                .is_some_and(|v| &v.version == vref) =>
+                    {
+                        let why = format!(
+                            "vault {} serves the version to retire ({vref}) as its current one: it lost the version after it (restored from an older backup?); not retiring what it serves",
+                            h.vault.describe()
+                        );
+                        tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, version = ?rot.previous_version, "{why}");
+                        let head = self
+                            .audit(self.audit_event(
+                                entry,
+                                Some(rot),
+                                "vault.behind",
+                                Outcome::Failed,
+                                None,
+                                Some(why),
+                            ))
+                            .await
+                            .map_err(|e| StepError::new("audit", e))?;
+                        writes.push(head);
+                    }
+                    Err(e) => return Err(vault_error(h.vault.describe(), e)),
+                }
             } else {
                 // The previous version is the last one held there: it is
                 // that place's current one, so the place is emptied.

@@ -848,3 +848,24 @@ pub fn limit_open_files(cmd: &mut Command, soft: u64, hard: u64) {
         });
     }
 }
+
+/// Copies the files of `dir` whose names start with `prefix` into `to`
+/// (created): a database and its `-wal`/`-shm`, with the daemon stopped.
+pub fn copy_db_files(dir: &std::path::Path, prefix: &str, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in std::fs::read_dir(dir).unwrap().flatten() {
+        if f.file_name().to_string_lossy().starts_with(prefix) {
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+    }
+}
+
+/// Replaces the files of `dir` starting with `prefix` by those of `from`.
+pub fn restore_db_files(dir: &std::path::Path, prefix: &str, from: &std::path::Path) {
+    for f in std::fs::read_dir(dir).unwrap().flatten() {
+        if f.file_name().to_string_lossy().starts_with(prefix) {
+            std::fs::remove_file(f.path()).unwrap();
+        }
+    }
+    copy_db_files(from, prefix, dir);
+}
