@@ -719,6 +719,38 @@ fn a_rotate_asked_for_survives_kill_9_during_the_retirement_before_it() {
     daemon.stop();
 }
 
+/// Black-box finding: a directory planted where a file was delivered (the
+/// daemon down, or a reload) was taken for the file: the agent had none
+/// until the next rotation, nothing was audited. The restore tries, is
+/// refused, and audits the failed delivery naming what is in the way; once
+/// it is cleared, a reload delivers the file.
+#[test]
+fn a_directory_planted_at_a_delivered_path_is_reported_and_then_restored() {
+    let env = Env::new(&creds(1, "1h", "0s", "0s"));
+    let daemon = env.start();
+    wait_version(&env, "bot", "c0", 1);
+    let file = env.root().join("bot/c0");
+    let value = std::fs::read(&file).unwrap();
+    daemon.stop();
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let daemon = env.start();
+    let failed = wait_for(Duration::from_secs(10), || {
+        audit_records(&env)
+            .into_iter()
+            .find(|r| r["event"] == "delivery" && r["outcome"] == "failed")
+    })
+    .unwrap_or_else(|| panic!("no failed delivery audited: {}", daemon.log_text()));
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(error.contains("bot/c0"), "{failed}");
+    std::fs::remove_dir(&file).unwrap();
+    daemon.reload();
+    let got = wait_for(Duration::from_secs(10), || std::fs::read(&file).ok());
+    assert_eq!(got, Some(value));
+    assert_eq!(version_of(&env, "bot", "c0"), Some(1), "no rotation");
+    daemon.stop();
+}
+
 /// The `delivery` records of restored files: (credential, version, sink).
 fn restored_records(env: &Env) -> Vec<(String, u64, String)> {
     audit_records(env)

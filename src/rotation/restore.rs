@@ -66,13 +66,22 @@ pub(super) fn gone_sinks(entry: &CredEntry) -> Vec<Arc<dyn Sink>> {
         .collect()
 }
 
-/// Whether the file a sink delivers to is gone (anything at the path,
-/// even something the sink would refuse, is not "gone": the next delivery
-/// reports it).
+/// Whether the file a sink delivers to is gone: nothing at the path, a
+/// bundle missing part of its pair, or something in its place that no
+/// delivery writes (a symlink, a directory that is no bundle, a FIFO).
+/// Black-box finding: a directory planted where a file was delivered was
+/// taken for the file, so the agent had none until the next rotation,
+/// with nothing audited and `status` saying all was well; "gone", the
+/// restore's delivery is refused and audited as a failed delivery, naming
+/// what is in the way.
 fn file_gone(sink: &dyn Sink) -> bool {
-    sink.delivered_path().is_some_and(|p| {
-        matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
-            || bundle_broken(p)
+    sink.delivered_path().is_some_and(|p| match std::fs::symlink_metadata(p) {
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        Ok(m) if m.is_file() => false,
+        Ok(m) if m.is_dir() => {
+            std::fs::symlink_metadata(p.join("..data")).is_err() || bundle_broken(p)
+        }
+        Ok(_) => true,
     })
 }
 
