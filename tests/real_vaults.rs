@@ -605,6 +605,42 @@ fn openbao_full_cycle_is_current_and_previous_on_the_server() {
     daemon.stop();
 }
 
+/// Black-box finding: a credential's first rotation over a path that
+/// already held someone else's secret overwrote it without a word. It is
+/// said now (a warning, `vault.current_gone`), and the other secret is
+/// the version before in the KV history; a second rotation says nothing.
+#[test]
+fn a_first_rotation_over_a_secret_keyturn_did_not_write_says_so() {
+    let files = Files::new();
+    let path = unique("e2e/bao-foreign/");
+    rt().block_on(async {
+        let mut data = std::collections::HashMap::new();
+        data.insert("value", "CANARY-FOREIGN-1");
+        vaultrs::kv2::set(&bao_client(), "secret", &path, &data)
+            .await
+            .unwrap();
+    });
+    let (env, daemon, _, _) = two_versions(&bao_vault_table(&files), r#""bao""#, &path);
+    let log = daemon.stop();
+    let said: Vec<_> = audit_records(&env)
+        .into_iter()
+        .filter(|r| r["event"] == "vault.current_gone")
+        .collect();
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert_eq!(said[0]["version"], 1, "{said:?}");
+    assert!(
+        said[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not write") && e.contains("kv-1")),
+        "{said:?}"
+    );
+    assert!(
+        log.contains("held a current version keyturn did not write"),
+        "{log}"
+    );
+    assert!(!log.contains("CANARY-FOREIGN-1"));
+}
+
 #[test]
 fn aws_full_cycle_is_awscurrent_and_awsprevious_on_the_server() {
     let path = unique("e2e/aws/");

@@ -115,28 +115,36 @@ impl Inner {
                     // before this rotation began (`rotate` runs the last
                     // rotation's retire step first).
                     let expected = previous.get(h.vault.describe());
-                    let promoted = match expected {
-                        Some(_) => {
-                            let p = Promote {
-                                version: &vref,
-                                expected,
-                            };
-                            h.vault.promote_from(item, p).await
-                        }
-                        // Nothing to check against (a first rotation, or a
-                        // vault added since): a plain promote reads less.
-                        None => h.vault.promote(item, &vref).await.map(|()| None),
+                    let p = Promote {
+                        version: &vref,
+                        expected,
                     };
-                    if let (Ok(before), Some(prev_ref)) = (&promoted, expected) {
-                        self.check_current_before_promote(
-                            entry,
-                            rot,
-                            h.vault.describe(),
-                            prev_ref,
-                            &vref,
-                            before.as_ref(),
-                        )
-                        .await?;
+                    let promoted = if expected.is_some() || h.vault.promote_reads_current() {
+                        h.vault.promote_from(item, p).await
+                    } else {
+                        // A first version in a vault whose promote reads
+                        // nothing (the local vault: keyturn's own).
+                        h.vault.promote(item, &vref).await.map(|()| None)
+                    };
+                    match (&promoted, expected) {
+                        (Ok(before), Some(prev_ref)) => {
+                            self.check_current_before_promote(
+                                entry,
+                                rot,
+                                h.vault.describe(),
+                                prev_ref,
+                                &vref,
+                                before.as_ref(),
+                            )
+                            .await?;
+                        }
+                        // A first version here (or a vault added since) over
+                        // a current version keyturn did not write.
+                        (Ok(Some(before)), None) if *before != vref => {
+                            self.note_foreign_current(entry, rot, h.vault.describe(), before)
+                                .await?;
+                        }
+                        _ => {}
                     }
                     if let Err(e) = promoted {
                         // Vaults are promoted in order, so when the first
@@ -597,6 +605,39 @@ impl Inner {
                 .await
                 .map_err(|e| vault_error(h.vault.describe(), e))?;
         }
+        Ok(())
+    }
+
+    /// Black-box finding: the first rotation of a credential whose vault
+    /// path already held a secret (someone else's, or a keyturn's on another
+    /// host) overwrote it without a word. It becomes the version before
+    /// in the vault's history, destroyed in time like any other. Said
+    /// loudly: a warning and an audit record, at no remote vault call (the
+    /// promote reports it).
+    async fn note_foreign_current(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+        vault: &str,
+        before: &VersionRef,
+    ) -> Result<(), StepError> {
+        let msg = format!(
+            "step promote: vault {vault:?}: {} held a current version keyturn did not write ({before}): version {} is current now, and that one is the version before it in the vault's history, which the next rotations and a decommission destroy like any other. If that secret belongs to someone else, give this credential another `path`",
+            entry.vault_path(),
+            rot.version,
+        );
+        tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %vault, rotation = %rot.id, "{msg}");
+        self.metrics.vault_overwritten();
+        self.audit(self.audit_event(
+            entry,
+            Some(rot),
+            "vault.current_gone",
+            Outcome::Failed,
+            Some(vault.to_owned()),
+            Some(msg),
+        ))
+        .await
+        .map_err(|e| StepError::new("audit", e))?;
         Ok(())
     }
 

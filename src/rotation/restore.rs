@@ -75,14 +75,15 @@ pub(super) fn gone_sinks(entry: &CredEntry) -> Vec<Arc<dyn Sink>> {
 /// restore's delivery is refused and audited as a failed delivery, naming
 /// what is in the way.
 fn file_gone(sink: &dyn Sink) -> bool {
-    sink.delivered_path().is_some_and(|p| match std::fs::symlink_metadata(p) {
-        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-        Ok(m) if m.is_file() => false,
-        Ok(m) if m.is_dir() => {
-            std::fs::symlink_metadata(p.join("..data")).is_err() || bundle_broken(p)
-        }
-        Ok(_) => true,
-    })
+    sink.delivered_path()
+        .is_some_and(|p| match std::fs::symlink_metadata(p) {
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+            Ok(m) if m.is_file() => false,
+            Ok(m) if m.is_dir() => {
+                std::fs::symlink_metadata(p.join("..data")).is_err() || bundle_broken(p)
+            }
+            Ok(_) => true,
+        })
 }
 
 /// Whether `dir`, a key pair bundle's directory (it holds `..data`), lost

@@ -320,6 +320,10 @@ impl Vault for IndexedVault {
     }
 
     /// Like `promote`: the inner vault's, then the record queued.
+    fn promote_reads_current(&self) -> bool {
+        self.core.inner.promote_reads_current()
+    }
+
     async fn promote_from(&self, item: VaultItem<'_>, p: Promote<'_>) -> Promoted {
         let before = self.core.inner.promote_from(item, p).await?;
         self.queue(item, p.version);

@@ -83,6 +83,12 @@ impl Vault for LazyVault {
         self.client().await?.promote(item, version).await
     }
 
+    /// Every remote vault (the only ones made lazy) reads the current
+    /// version in its promote.
+    fn promote_reads_current(&self) -> bool {
+        true
+    }
+
     async fn promote_from(&self, item: VaultItem<'_>, p: Promote<'_>) -> Promoted {
         self.client().await?.promote_from(item, p).await
     }

@@ -265,6 +265,16 @@ pub trait Vault: Send + Sync {
         Ok(before)
     }
 
+    /// Whether [`promote_from`](Vault::promote_from) learns what was
+    /// current at no extra call (its promote reads it anyway): then the
+    /// engine uses it for a first version too, to notice a path that held
+    /// a secret keyturn did not write. The default's promote_from reads
+    /// first: `false`, and a first version is promoted plainly. Decorators
+    /// forward it.
+    fn promote_reads_current(&self) -> bool {
+        false
+    }
+
     /// Retires `version` (drops or disables its value) if it is previous. A no-op
     /// when it is already retired or gone; an error if it is current or pending.
     async fn retire(&self, item: VaultItem<'_>, version: &VersionRef) -> Result<(), PluginError>;

@@ -796,6 +796,10 @@ impl Vault for AwsVault {
 
     /// Promote's `DescribeSecret` names the current version too (like
     /// [`Vault::current_mark`]): no `GetSecretValue` for the engine's check.
+    fn promote_reads_current(&self) -> bool {
+        true
+    }
+
     async fn promote_from(&self, item: VaultItem<'_>, p: Promote<'_>) -> Promoted {
         let version = p.version;
         let secret = self.secret_id(item.path);

@@ -616,6 +616,10 @@ impl Vault for AzureVault {
     /// Promote lists `NAME`'s versions, which names the current one too (as
     /// `read` of the current stage would): no extra list and get for the
     /// engine's check.
+    fn promote_reads_current(&self) -> bool {
+        true
+    }
+
     async fn promote_from(&self, item: VaultItem<'_>, p: Promote<'_>) -> Promoted {
         let version = p.version;
         let names = Names::of(item.path)?;

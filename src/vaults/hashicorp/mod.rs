@@ -451,6 +451,10 @@ impl Vault for HashicorpVault {
     /// so the engine's check costs no call. When that is `expected`, the
     /// version before it was retired by the engine already and is not
     /// destroyed again.
+    fn promote_reads_current(&self) -> bool {
+        true
+    }
+
     async fn promote_from(&self, item: VaultItem<'_>, p: Promote<'_>) -> Promoted {
         let target = self.parse_ref("promote", item.path, p.version)?;
         let plan = self.plan_promote(item.path, &target, p.expected).await?;
