@@ -735,6 +735,57 @@ async fn wait_refused(user: &str, password: &str, deadline: Duration) -> Duratio
     }
 }
 
+/// Black-box finding: a rotation begun under `alternating_users` (parked:
+/// a foreign `<role>_clone` in the way), the config then changed to
+/// `single_user` on the same role and the rotation finished there; at the
+/// end of the grace period the retire of version 1 cleared the role's
+/// password, which was version 2's by then: the delivered value stopped
+/// working while `status` said all was well.
+#[test]
+fn a_strategy_changed_mid_rotation_never_retires_the_role_holding_the_current_value() {
+    let files = Files::new();
+    let role = pg_new_role("kt_strat_");
+    let clone = format!("{role}_clone");
+    let rt = rt();
+    rt.block_on(pg_admin(&format!("CREATE ROLE {clone} LOGIN")));
+    let env = pg_local_env(&files, &role, "alternating_users", "3s");
+    let daemon = env.start();
+    wait_version(&env, "db", 1);
+    let out = rotate(&env, "db");
+    assert!(
+        !out.status.success(),
+        "the foreign clone refuses: {}",
+        text(&out)
+    );
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let single = config.replace(
+        "strategy = \"alternating_users\"",
+        "strategy = \"single_user\"",
+    );
+    assert_ne!(single, config);
+    std::fs::write(&env.config, single).unwrap();
+    daemon.reload();
+    // The parked rotation goes on under the new config: version 2 is set on
+    // the role itself.
+    wait_version(&env, "db", 2);
+    let current = delivered(&env, "db");
+    assert_eq!(current.username.as_deref(), Some(role.as_str()));
+    // Past the grace period, with version 1 retired: version 2 still logs in.
+    let retired = wait_for(Duration::from_secs(20), || {
+        audit_records(&env)
+            .into_iter()
+            .find(|r| r["event"] == "rotation.retire" && r["version"] == 2 && r["outcome"] == "ok")
+    });
+    assert!(retired.is_some(), "{}", daemon.log_text());
+    rt.block_on(async {
+        pg_login(&role, &current.value)
+            .await
+            .unwrap_or_else(|e| panic!("version 2 no longer logs in: {e}"));
+    });
+    daemon.stop();
+    rt.block_on(pg_admin(&format!("DROP ROLE IF EXISTS {clone}")));
+}
+
 #[test]
 fn postgres_alternating_users_previous_logs_in_until_grace_ends() {
     const GRACE: Duration = Duration::from_secs(5);

@@ -342,11 +342,25 @@ impl Inner {
                             .map_err(|e| StepError::new("the previous version's target", e))?,
                         _ => entry.target.clone(),
                     };
+                    // Black-box finding: a rotation begun under
+                    // `alternating_users`, parked, then set by the config
+                    // now in force (`single_user` on the same role): its
+                    // retire of the previous version on the role that
+                    // previous version had cleared the password the
+                    // current value lives on. A role that holds the
+                    // current version is left alone.
+                    let current_login =
+                        entry.target.as_ref().and_then(|t| t.login_for(rot.version));
                     if let Some(target) = target {
-                        target
-                            .retire(entry.key(), previous)
-                            .await
-                            .map_err(|e| target_error(target.as_ref(), e))?;
+                        let login = target.login_for(previous);
+                        if login.is_some() && login == current_login {
+                            tracing::info!(agent = %entry.key().agent, credential = %entry.key().credential, version = previous, login = ?login, "not retiring the previous version at the target: its login holds the current version now (the target's strategy changed)");
+                        } else {
+                            target
+                                .retire(entry.key(), previous)
+                                .await
+                                .map_err(|e| target_error(target.as_ref(), e))?;
+                        }
                     }
                 }
             }
