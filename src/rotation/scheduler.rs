@@ -219,6 +219,8 @@ impl Inner {
             }
             // A catch-up slot this credential still waits for (see below).
             let catch_up_slot = live.deadline(key, Job::Rotate);
+            // A parked retirement's next attempt (see below).
+            let retire_armed = live.deadline(key, Job::Retire);
             let l = live.entry(key);
             let catch_up_slot = catch_up_slot.filter(|_| l.next_trigger == Some(Trigger::CatchUp));
             // A clock that ran ahead stamped the last rotation in the
@@ -239,6 +241,14 @@ impl Inner {
                 (at, _) => at,
             };
             l.retire_at = retire_at;
+            // Black-box finding: a reload re-armed a parked retirement at
+            // its grace deadline, long past, so every reload ran the
+            // failing step again at once and doubled its back-off (an hour
+            // within minutes). It keeps its next attempt.
+            let retire_at = match (retire_at, retire_armed) {
+                (Some(at), Some(armed)) if !ahead && l.parked.is_some() => Some(at.max(armed)),
+                (at, _) => at,
+            };
             // The rotate timer: `Some(Some(at))` sets it, `Some(None)`
             // cancels it, `None` leaves it as it is.
             let rotate = if l.running.is_some() {

@@ -804,6 +804,36 @@ async fn a_failing_retire_is_parked_with_a_doubling_delay_then_it_completes() {
     rig.shutdown().await;
 }
 
+/// Black-box finding: every reload (SIGHUP) ran a parked retirement's
+/// failing step again at once and doubled its back-off, which reached its
+/// hour cap within minutes of reloads. A reload keeps the next attempt.
+#[tokio::test(start_paused = true)]
+async fn a_reload_keeps_a_parked_retirements_next_attempt() {
+    let rig = Rig::started(1, "every = \"6h\"\ngrace = \"1m\"").await;
+    rig.vault.fail("retire", 100, ErrorKind::Unauthorized, None);
+    let done = rig.rotate_c0().await;
+    assert_eq!((done.error, done.version), (None, Some(2)));
+    rig.until(Duration::from_secs(120), "the retire parked", |r| {
+        r.status("c0").state == "failed"
+    })
+    .await;
+    let before = rig.vault.times("retire", None).len();
+    let reload = || {
+        let text = config_text(rig.dir.path(), 1, "every = \"6h\"\ngrace = \"1m\"", "");
+        catalog_with(rig.dir.path(), &text, &rig.vault, &rig.sink, &[])
+    };
+    for _ in 0..3 {
+        rig.engine.reload(reload()).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        rig.vault.times("retire", None).len(),
+        before,
+        "no attempt made by the reloads"
+    );
+    rig.shutdown().await;
+}
+
 /// Black-box finding: a rotation that fell due by its schedule while the
 /// retirement before it was parked began by running that failing step
 /// again at once (after a restart, right after the retirement's own
