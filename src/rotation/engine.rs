@@ -84,6 +84,12 @@ pub(super) struct Inner {
     /// did not know (`Write::VersionFloor`): new ones are numbered above.
     /// Usually empty.
     pub(super) version_floors: Mutex<HashMap<CredentialKey, VersionNo>>,
+    /// At start, the rotations that were parked when the daemon stopped,
+    /// and when their next attempt was due: resumed then, not at once
+    /// (black-box finding: every restart ran the failing step again at
+    /// once, counting one more failure and doubling the back-off). Taken
+    /// by the first scheduling.
+    pub(super) resume_not_before: Mutex<HashMap<CredentialKey, DateTime<Utc>>>,
     /// Jobs running now, and jobs finished since the engine was last idle.
     pub(super) in_flight: AtomicUsize,
     pub(super) finished_since_trim: AtomicUsize,
@@ -217,6 +223,7 @@ impl Engine {
                 unconfigured: Mutex::default(),
                 added_files: Mutex::default(),
                 version_floors: Mutex::default(),
+                resume_not_before: Mutex::default(),
                 in_flight: AtomicUsize::new(0),
                 finished_since_trim: AtomicUsize::new(0),
                 versions_generation: AtomicU64::new(0),
@@ -371,6 +378,30 @@ impl Engine {
                 if floors.get(&rot.key).is_some_and(|f| rot.version < *f) {
                     superseded.push(rot);
                     continue;
+                }
+                // Parked (its last attempt failed, the failure counted):
+                // its next attempt keeps the back-off it was given.
+                let failures = live
+                    .get(&rot.key)
+                    .and_then(|l| l.row.as_ref())
+                    .map_or(0, |r| r.consecutive_failures);
+                if rot.last_error.is_some() && failures > 0 && rot.step != Step::Retire {
+                    let delay =
+                        super::jobs::park_delay(&super::steps::entry_retry(&catalog), failures);
+                    let at = rot.updated_at + chrono_dur(delay);
+                    if at > self.inner.now() {
+                        // Shown as parked (`failed`, its step) meanwhile.
+                        live.entry(&rot.key).parked = Some(Box::new(super::table::Parked {
+                            rotation: Some(rot.id.clone()),
+                            step: Some(rot.step),
+                            version: Some(rot.version),
+                        }));
+                        self.inner
+                            .resume_not_before
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(rot.key.clone(), at);
+                    }
                 }
                 self.inner.adopt_unfinished(&mut live, rot, &mut resume);
             }

@@ -190,6 +190,12 @@ impl Inner {
         let mut live = self.live();
         live.reserve_total(catalog.creds.len());
         let mut overdue: Vec<(DateTime<Utc>, CredentialKey)> = Vec::new();
+        let not_before = std::mem::take(
+            &mut *self
+                .resume_not_before
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         // In key order (the catalog's).
         for entry in catalog.creds.values() {
             let key = entry.key();
@@ -257,7 +263,7 @@ impl Inner {
                 let last = l.row.as_ref().and_then(|r| r.last_rotated_at);
                 let has_version = l.row.as_ref().and_then(|r| r.current_version).is_some();
                 if resume.contains(key) {
-                    Some(Some(now))
+                    Some(Some(not_before.get(key).map_or(now, |at| (*at).max(now))))
                 } else if !has_version || last.is_none() {
                     l.next_trigger = Some(Trigger::Initial);
                     Some(Some(now))

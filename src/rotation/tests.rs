@@ -804,6 +804,41 @@ async fn a_failing_retire_is_parked_with_a_doubling_delay_then_it_completes() {
     rig.shutdown().await;
 }
 
+/// Black-box finding: a restart resumed a parked rotation at once, before
+/// its retry time: one more failure counted, the back-off doubled, and an
+/// escalation sooner, at every restart. It resumes when its next attempt
+/// was due, shown `failed` at its step meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_restart_keeps_a_parked_rotations_next_attempt() {
+    let rig = Rig::single().await;
+    rig.vault.fail("stage", 100, ErrorKind::Unauthorized, None);
+    rig.run().await;
+    rig.until(Duration::from_secs(30), "parked", |r| {
+        r.status("c0").state == "failed"
+    })
+    .await;
+    let attempts = rig.vault.times("stage", None).len();
+    let rig = rig.restart(1, "every = \"6h\"").await;
+    rig.run().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        rig.vault.times("stage", None).len(),
+        attempts,
+        "no attempt at the restart"
+    );
+    let s = rig.status("c0");
+    assert_eq!(
+        (s.state.as_str(), s.step.as_deref()),
+        ("failed", Some("create")),
+        "{s:?}"
+    );
+    rig.until(Duration::from_secs(60), "tried again", |r| {
+        r.vault.times("stage", None).len() > attempts
+    })
+    .await;
+    rig.shutdown().await;
+}
+
 /// Black-box finding: every reload (SIGHUP) ran a parked retirement's
 /// failing step again at once and doubled its back-off, which reached its
 /// hour cap within minutes of reloads. A reload keeps the next attempt.
