@@ -489,6 +489,17 @@ impl Inner {
         (had, kept)
     }
 
+    /// Stops awaiting `key`'s consumers (the credential was revoked: a
+    /// decommission, or its rotator's on a follower), taking them off
+    /// `keyturn_acks_awaiting` too. Black-box finding: a plain removal
+    /// left the gauge counting them until the next restart.
+    pub(super) fn drop_awaited(&self, key: &CredentialKey) {
+        if let Some(a) = self.awaited().remove(key) {
+            self.metrics
+                .acks_awaiting(-(a.outstanding().count() as i64));
+        }
+    }
+
     /// Whether `version` of `key` still has consumers to hear from.
     pub(super) fn awaits_acks(&self, key: &CredentialKey, version: VersionNo) -> bool {
         self.awaited()

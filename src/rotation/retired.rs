@@ -412,7 +412,7 @@ impl Engine {
 
     /// Forgets the consumers awaited for `key` (in memory and in state).
     pub async fn clear_acks(&self, key: &CredentialKey) -> Result<(), PluginError> {
-        self.inner.awaited().remove(key);
+        self.inner.drop_awaited(key);
         self.inner.forget_delivery(key);
         self.inner
             .persist(vec![Write::AwaitAcks {

@@ -98,7 +98,7 @@ impl Inner {
             self.persist(vec![head, Write::Credential(row)]).await?;
             return Err(e);
         }
-        self.awaited().remove(key);
+        self.drop_awaited(key);
         self.forget_delivery(key);
         let row = CredentialRow {
             consecutive_failures: 0,

@@ -301,6 +301,28 @@ async fn the_previous_version_retires_right_after_the_last_ack_and_not_before() 
     assert!(!audit.contains("delivery.holdout"), "{audit}");
 }
 
+/// Black-box finding: a decommission (its `acks` item) or a follower's
+/// revocation stopped awaiting a credential's consumers, but
+/// `keyturn_acks_awaiting` kept counting them until the next restart.
+#[tokio::test(start_paused = true)]
+async fn clearing_a_credentials_acks_takes_them_off_the_awaiting_gauge() {
+    let (a, b) = (SentSink::new("a"), SentSink::new("b"));
+    let rig = rig_with(&[a.clone(), b.clone()]);
+    second_version_delivered(&rig).await;
+    let awaiting = |rig: &Rig| {
+        let metrics = rig.engine.inner.metrics.encode();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("keyturn_acks_awaiting "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{metrics}"))
+    };
+    assert!(awaiting(&rig) >= 2.0, "a and b awaited");
+    rig.engine.clear_acks(&key("c0")).await.unwrap();
+    assert_eq!(awaiting(&rig), 0.0);
+    rig.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn with_a_missing_ack_it_retires_at_the_grace_deadline_and_names_the_holdout() {
     let (a, b) = (SentSink::new("a"), SentSink::new("b"));
