@@ -641,6 +641,36 @@ fn a_first_rotation_over_a_secret_keyturn_did_not_write_says_so() {
     assert!(!log.contains("CANARY-FOREIGN-1"));
 }
 
+/// Black-box finding: a previous version someone had deleted (KV `delete`,
+/// undone by `undelete`) was reported retired while its value stayed
+/// recoverable. The retire destroys it.
+#[test]
+fn a_deleted_previous_version_is_destroyed_when_it_is_retired() {
+    let files = Files::new();
+    let path = unique("e2e/bao-deleted-prev/");
+    let (env, daemon, _, _) = two_versions(&bao_vault_table(&files), r#""bao""#, &path);
+    let client = bao_client();
+    rt().block_on(async {
+        let meta = vaultrs::kv2::read_metadata(&client, "secret", &path)
+            .await
+            .unwrap();
+        let previous = meta.current_version - 1;
+        vaultrs::kv2::delete_versions(&client, "secret", &path, vec![previous])
+            .await
+            .unwrap();
+    });
+    rotate_ok(&env, "db", 3);
+    daemon.stop();
+    rt().block_on(async {
+        let meta = vaultrs::kv2::read_metadata(&client, "secret", &path)
+            .await
+            .unwrap();
+        let previous = (meta.current_version - 2).to_string();
+        let v = &meta.versions[&previous];
+        assert!(v.destroyed, "version {previous}: {meta:?}");
+    });
+}
+
 #[test]
 fn aws_full_cycle_is_awscurrent_and_awsprevious_on_the_server() {
     let path = unique("e2e/aws/");

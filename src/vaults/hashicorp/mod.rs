@@ -479,10 +479,26 @@ impl Vault for HashicorpVault {
                 format!("version {version} is current; only the previous version can be retired"),
             ));
         }
-        if let Some(prev) = self.read_previous(STEP, path, latest).await?
-            && prev.is(&target)
-        {
-            return self.destroy_versions(STEP, path, vec![prev.number]).await;
+        match self.read_previous(STEP, path, latest).await? {
+            Some(prev) if prev.is(&target) => {
+                return self.destroy_versions(STEP, path, vec![prev.number]).await;
+            }
+            // Black-box finding: a previous version someone deleted (KV
+            // `delete`, which `undelete` reverses) was taken for retired:
+            // the retire said ok and the value stayed recoverable. The
+            // version before the current one is the previous by this
+            // layout; deleted, it is destroyed now.
+            None if latest >= 2 => {
+                let deleted = self.read_meta(STEP, path).await?.is_some_and(|m| {
+                    m.versions
+                        .get(&(latest - 1).to_string())
+                        .is_some_and(|v| !v.destroyed && !v.deletion_time.is_empty())
+                });
+                if deleted {
+                    return self.destroy_versions(STEP, path, vec![latest - 1]).await;
+                }
+            }
+            _ => {}
         }
         // Someone else wrote the path since (a version after the current
         // one): the previous is further back. Found by its rotation id, or
