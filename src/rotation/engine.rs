@@ -385,7 +385,7 @@ impl Engine {
                     .get(&rot.key)
                     .and_then(|l| l.row.as_ref())
                     .map_or(0, |r| r.consecutive_failures);
-                if rot.last_error.is_some() && failures > 0 && rot.step != Step::Retire {
+                if rot.last_error.is_some() && failures > 0 {
                     let delay =
                         super::jobs::park_delay(&super::steps::entry_retry(&catalog), failures);
                     let at = rot.updated_at + chrono_dur(delay);

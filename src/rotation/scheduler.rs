@@ -251,6 +251,8 @@ impl Inner {
             // its grace deadline, long past, so every reload ran the
             // failing step again at once and doubled its back-off (an hour
             // within minutes). It keeps its next attempt.
+            // So does a restart (`Inner::resume_not_before`).
+            let retire_armed = retire_armed.or_else(|| not_before.get(key).copied());
             let retire_at = match (retire_at, retire_armed) {
                 (Some(at), Some(armed)) if !ahead && l.parked.is_some() => Some(at.max(armed)),
                 (at, _) => at,

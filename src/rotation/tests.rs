@@ -839,9 +839,9 @@ async fn a_restart_keeps_a_parked_rotations_next_attempt() {
     rig.shutdown().await;
 }
 
-/// Black-box finding: every reload (SIGHUP) ran a parked retirement's
-/// failing step again at once and doubled its back-off, which reached its
-/// hour cap within minutes of reloads. A reload keeps the next attempt.
+/// Black-box finding: every reload (SIGHUP) and every restart ran a parked
+/// retirement's failing step again at once and doubled its back-off, which
+/// reached its hour cap within minutes. Both keep the next attempt.
 #[tokio::test(start_paused = true)]
 async fn a_reload_keeps_a_parked_retirements_next_attempt() {
     let rig = Rig::started(1, "every = \"6h\"\ngrace = \"1m\"").await;
@@ -865,6 +865,21 @@ async fn a_reload_keeps_a_parked_retirements_next_attempt() {
         rig.vault.times("retire", None).len(),
         before,
         "no attempt made by the reloads"
+    );
+    // Nor by a restart: shown failed at its step until the next attempt.
+    let rig = rig.restart(1, "every = \"6h\"\ngrace = \"1m\"").await;
+    rig.run().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        rig.vault.times("retire", None).len(),
+        before,
+        "no attempt made by the restart"
+    );
+    let s = rig.status("c0");
+    assert_eq!(
+        (s.state.as_str(), s.step.as_deref()),
+        ("failed", Some("retire")),
+        "{s:?}"
     );
     rig.shutdown().await;
 }
