@@ -640,7 +640,21 @@ impl Inner {
             entry.vault_path(),
             rot.version,
         );
-        tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %vault, rotation = %rot.id, "{msg}");
+        self.say_current_gone(entry, rot, vault, msg).await
+    }
+
+    /// A current version in `vault` that keyturn did not expect, said
+    /// loudly: a warning, the overwritten metric (`KeyturnVaultOverwritten`)
+    /// and a `vault.current_gone` record, whose head is persisted with the
+    /// step, like delivery records.
+    async fn say_current_gone(
+        &self,
+        entry: &CredEntry,
+        rot: &RotationRow,
+        vault: &str,
+        msg: String,
+    ) -> Result<(), StepError> {
+        tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %vault, version = rot.version, rotation = %rot.id, "{msg}");
         self.metrics.vault_overwritten();
         self.audit(self.audit_event(
             entry,
@@ -697,20 +711,7 @@ impl Inner {
             entry.vault_path(),
             rot.version,
         );
-        tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, vault = %vault, version = prev_version, rotation = %rot.id, "{msg}");
-        self.metrics.vault_overwritten();
-        // The head is persisted with the step, like delivery records.
-        self.audit(self.audit_event(
-            entry,
-            Some(rot),
-            "vault.current_gone",
-            Outcome::Failed,
-            Some(vault.to_owned()),
-            Some(msg),
-        ))
-        .await
-        .map_err(|e| StepError::new("audit", e))?;
-        Ok(())
+        self.say_current_gone(entry, rot, vault, msg).await
     }
 }
 
