@@ -44,6 +44,22 @@ pub(super) fn open_dir(dir: Option<RawFd>, name: &OsStr) -> Result<OwnedFd, Errn
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Opens a delivery root, following symlinks on the way and in its last
+/// component: the root is the operator's choice (`/var/run` → `/run`, or a
+/// root that is itself a link to a mounted volume). Black-box finding: a
+/// root that was a symlink passed `keyturn check`, then every delivery
+/// failed "Not a directory", retried as transient.
+pub(super) fn open_root_dir(root: &Path) -> Result<OwnedFd, Errno> {
+    let fd = nix::fcntl::openat(
+        None,
+        root,
+        OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_RDONLY,
+        Mode::empty(),
+    )?;
+    // SAFETY: `openat` just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// `fstatat(AT_SYMLINK_NOFOLLOW)`; `Ok(None)` when the name does not exist.
 pub(super) fn stat_nofollow(dir: &OwnedFd, name: &OsStr) -> Result<Option<FileStat>, Errno> {
     match nix::sys::stat::fstatat(Some(dir.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW) {

@@ -500,9 +500,10 @@ impl Inner {
 
     /// Opens the delivery root, creating it (0755) when it is missing. The root
     /// itself is the operator's choice and may be reached through symlinks
-    /// (`/var/run` → `/run`); only what is below it is held to the no-symlink rule.
+    /// (`/var/run` → `/run`), or be one; only what is below it is held to the
+    /// no-symlink rule.
     fn open_root(&self) -> Result<OwnedFd, PluginError> {
-        match open_dir(None, self.root().as_os_str()) {
+        match open_root_dir(self.root()) {
             Ok(fd) => Ok(fd),
             Err(Errno::ENOENT) => {
                 crate::private_file::create_shared_dir(self.root(), SHARED_DIR_MODE, None)
@@ -516,7 +517,7 @@ impl Inner {
                             &e,
                         )
                     })?;
-                open_dir(None, self.root().as_os_str()).map_err(|e| {
+                open_root_dir(self.root()).map_err(|e| {
                     self.sys(
                         format_args!("open delivery root {}", self.root().display()),
                         e,

@@ -368,6 +368,24 @@ async fn symlink_at_an_intermediate_dir_is_refused() {
     assert_symlink_refused(root.path(), &path, &tenant, outside.path()).await;
 }
 
+/// The root is the operator's: a root that is itself a symlink (to a
+/// mounted volume, say) is followed, unlike anything below it.
+#[tokio::test]
+async fn a_delivery_root_that_is_a_symlink_is_followed() {
+    let base = tempfile::tempdir().unwrap();
+    let real = base.path().join("volume");
+    std::fs::create_dir(&real).unwrap();
+    let root = base.path().join("agents");
+    symlink(&real, &root).unwrap();
+    let path = root.join(AGENT).join("db");
+    let s = sink(&root, &path, FileFormat::Raw);
+    deliver_password(&s, 1, "v1").await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(real.join(AGENT).join("db")).unwrap(),
+        "v1"
+    );
+}
+
 #[tokio::test]
 async fn a_directory_at_a_single_file_target_is_refused() {
     let root = tempfile::tempdir().unwrap();
