@@ -384,6 +384,20 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "invalid file mode `0498`",
     ),
     (
+        "bad-mode-too-long.toml",
+        18,
+        53,
+        "agents.bot.credentials.db.deliver[0].mode",
+        "invalid file mode `04440`: it has 5 digits; a mode has at most four, e.g. \"0440\"",
+    ),
+    (
+        "bad-env-name-on-raw.toml",
+        18,
+        57,
+        "agents.bot.credentials.db.deliver[0].env_name",
+        "`env_name` applies only to `format = \"env\"`, and this sink writes raw",
+    ),
+    (
         "bad-zero-duration.toml",
         16,
         9,

@@ -261,12 +261,18 @@ impl SinkPlugin for FileConfig {
             let at = p.key("mode");
             let text = self.mode.as_deref().unwrap_or_default();
             match self.mode() {
-                None => v.err(
-                    at,
-                    format!(
-                        "invalid file mode `{text}`: write octal digits as a string, e.g. \"0440\""
-                    ),
-                ),
+                None => {
+                    let octal = !text.is_empty() && text.bytes().all(|b| (b'0'..=b'7').contains(&b));
+                    let why = if octal {
+                        format!("it has {} digits; a mode has at most four", text.len())
+                    } else {
+                        "write octal digits as a string".to_owned()
+                    };
+                    v.err(
+                        at,
+                        format!("invalid file mode `{text}`: {why}, e.g. \"0440\""),
+                    )
+                }
                 Some(mode) if mode & !MAX_MODE != 0 => v.err(
                     at,
                     format!(
@@ -302,6 +308,18 @@ impl SinkPlugin for FileConfig {
             return;
         }
         match &self.env_name {
+            // Black-box finding: an `env_name` on a raw or json sink was
+            // ignored without a word (the agent then looked for a variable
+            // that no file holds).
+            Some(_) if self.format() != FileFormat::Env => {
+                v.err(
+                    p.key("env_name"),
+                    format!(
+                        "`env_name` applies only to `format = \"env\"`, and this sink writes {}; set `format = \"env\"` or remove `env_name`",
+                        self.format().as_str()
+                    ),
+                );
+            }
             Some(n) if !is_env_name(n) => {
                 v.err(
                     p.key("env_name"),
