@@ -368,6 +368,16 @@ impl Metrics {
             "rotation_step_failures",
             "Failed attempts of a rotation step (each retry counts)",
         );
+        // Every step from the first scrape: the first failure is then an
+        // increase Prometheus sees (a series born at 1 shows none), and an
+        // empty family is not exported at all.
+        for step in crate::rotation::Step::ALL {
+            if step != crate::rotation::Step::Done {
+                let _ = step_failures.get_or_create(&StepLabels {
+                    step: step.as_str().into(),
+                });
+            }
+        }
         // 1 ms doubling 17 times: the last finite bucket is ~65 s; slower
         // rotations land in +Inf.
         let rotation_duration = Histogram::new(exponential_buckets(0.001, 2.0, 17));
@@ -734,6 +744,11 @@ impl Metrics {
 
     /// The OpenMetrics text exposition of everything, ending in `# EOF`.
     pub fn encode(&self) -> String {
+        self.encode_as(Exposition::OpenMetrics)
+    }
+
+    /// Everything, in the exposition format `as_`.
+    pub fn encode_as(&self, as_: Exposition) -> String {
         let counts = self
             .state_counts
             .read()
@@ -767,14 +782,71 @@ impl Metrics {
             }
         }
         let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+        let encoded = match as_ {
+            Exposition::OpenMetrics => {
+                prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            }
+            Exposition::PrometheusText => {
+                prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+            }
+        };
+        if let Err(e) = encoded {
             // Only a collector can fail (fmt::Error); say so in the output
             // rather than serving a silently truncated page.
             tracing::error!(error = %e, "encoding metrics failed");
             out.clear();
-            out.push_str("# encoding metrics failed\n# EOF\n");
+            out.push_str("# encoding metrics failed\n");
+            if as_ == Exposition::OpenMetrics {
+                out.push_str("# EOF\n");
+            }
         }
         out
+    }
+}
+
+/// The two text formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposition {
+    /// OpenMetrics 1.0 (`application/openmetrics-text`), which Prometheus
+    /// asks for first.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (`text/plain`), for every client
+    /// that does not ask for OpenMetrics: `curl`, `promtool check metrics`,
+    /// older scrapers. Black-box finding: served OpenMetrics to all of
+    /// them, `promtool check metrics` failed on every counter.
+    PrometheusText,
+}
+
+impl Exposition {
+    /// The format an `Accept` header asks for: OpenMetrics when it names
+    /// it (with a non-zero weight), as client_golang decides.
+    pub fn from_accept(accept: Option<&str>) -> Self {
+        let asks = accept.is_some_and(|a| {
+            a.split(',').any(|range| {
+                let mut parts = range.split(';').map(str::trim);
+                let media = parts.next().unwrap_or_default();
+                let refused = parts.any(|p| {
+                    p.strip_prefix("q=")
+                        .and_then(|q| q.parse::<f32>().ok())
+                        .is_some_and(|q| q <= 0.0)
+                });
+                media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+            })
+        });
+        if asks {
+            Exposition::OpenMetrics
+        } else {
+            Exposition::PrometheusText
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Exposition::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Exposition::PrometheusText => {
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE
+            }
+        }
     }
 }
 
@@ -951,6 +1023,30 @@ fn write_tasks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn openmetrics_only_for_a_client_that_asks_for_it() {
+        use Exposition::*;
+        for (accept, want) in [
+            (None, PrometheusText),
+            (Some("*/*"), PrometheusText),
+            (Some("text/plain"), PrometheusText),
+            // What Prometheus sends.
+            (
+                Some(
+                    "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+                ),
+                OpenMetrics,
+            ),
+            (Some("Application/OpenMetrics-Text"), OpenMetrics),
+            (
+                Some("application/openmetrics-text;q=0, text/plain"),
+                PrometheusText,
+            ),
+        ] {
+            assert_eq!(Exposition::from_accept(accept), want, "{accept:?}");
+        }
+    }
 
     /// The audit log is often on a volume of its own (the package puts it in
     /// /var/log/keyturn): its free space is reported from its own filesystem.

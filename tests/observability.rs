@@ -9,6 +9,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
@@ -44,6 +45,9 @@ fn exported_names(page: &str) -> BTreeSet<String> {
                 panic!("a TYPE line without a name and a type: {line:?}");
             };
             let suffixes: &[&str] = match kind {
+                // OpenMetrics names the family, the Prometheus text format
+                // the sample (`_total` already on it).
+                "counter" if name.ends_with("_total") => &[""],
                 "counter" => &["_total"],
                 "histogram" => &["_bucket", "_sum", "_count"],
                 "summary" => &["", "_sum", "_count"],
@@ -226,7 +230,53 @@ url = "http://127.0.0.1:9"
             "{file}'s value in /metrics"
         );
     }
+    // What a client that does not ask for OpenMetrics gets (curl,
+    // `promtool check metrics`, older scrapers) is the Prometheus text
+    // format, and promtool finds nothing wrong in it. Black-box finding:
+    // OpenMetrics for everyone, and promtool failed on every counter.
+    assert!(
+        page.contains("content-type: text/plain; version=0.0.4"),
+        "{page}"
+    );
+    let body = page.split_once("\r\n\r\n").expect("a head and a body").1;
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (packaging/prometheus/check.sh installs it: apt-get install prometheus)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{body}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    // Prometheus asks for OpenMetrics first and gets it, with the same
+    // series.
+    let open = http_get_with(
+        port,
+        "/metrics",
+        "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n",
+    );
+    assert!(
+        open.contains("content-type: application/openmetrics-text; version=1.0.0")
+            && open.trim_end().ends_with("# EOF"),
+        "{open}"
+    );
     let exported = exported_names(&page);
+    assert_eq!(
+        exported,
+        exported_names(&open),
+        "the two formats export the same series"
+    );
     let from_dashboard = missing(&from_dashboard, &exported);
     let from_rules = missing(&from_rules, &exported);
     assert!(

@@ -61,11 +61,7 @@ use tracing::{debug, error, info, warn};
 use crate::model::{AgentId, CredentialId, CredentialKey};
 use crate::oauth::service::{Slot, TokenService};
 use crate::sinks::webhook::{SIGNATURE_HEADER, read_key_file, verify};
-use crate::telemetry::Metrics;
-
-/// The content type of the OpenMetrics text format that prometheus-client writes.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+use crate::telemetry::{Exposition, Metrics};
 
 #[derive(Clone)]
 struct AppState {
@@ -504,12 +500,13 @@ async fn nudge_handler(State(state): State<AppState>, headers: HeaderMap, body: 
     StatusCode::ACCEPTED.into_response()
 }
 
-async fn metrics_handler(State(state): State<AppState>) -> Response {
+async fn metrics_handler(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let as_ = Exposition::from_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     // With 100k credentials the per-credential collector writes 200k lines;
     // do that off the async workers so a scrape never stalls the socket API.
     let metrics = Arc::clone(&state.metrics);
-    match tokio::task::spawn_blocking(move || metrics.encode()).await {
-        Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response(),
+    match tokio::task::spawn_blocking(move || metrics.encode_as(as_)).await {
+        Ok(body) => ([(header::CONTENT_TYPE, as_.content_type())], body).into_response(),
         Err(e) => {
             error!(error = %e, "encoding metrics panicked");
             (
@@ -838,8 +835,17 @@ mod tests {
 
     /// A minimal HTTP/1.1 GET; returns (status, headers, body).
     async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
+        get_with(addr, path, "").await
+    }
+
+    async fn get_with(
+        addr: std::net::SocketAddr,
+        path: &str,
+        headers: &str,
+    ) -> (u16, String, String) {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n");
         s.write_all(req.as_bytes()).await.unwrap();
         let mut raw = String::new();
         s.read_to_string(&mut raw).await.unwrap();
@@ -889,11 +895,27 @@ mod tests {
         let (status, head, body) = get(addr, "/metrics").await;
         assert_eq!(status, 200);
         assert!(
+            head.contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+            "{head}"
+        );
+        assert!(
+            body.contains("# TYPE keyturn_rotations_total counter") && !body.contains("# EOF"),
+            "{body}"
+        );
+        let (status, head, open) = get_with(
+            addr,
+            "/metrics",
+            "Accept: application/openmetrics-text; version=1.0.0\r\n",
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert!(
             head.contains(
                 "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"
             ),
             "{head}"
         );
+        assert!(open.ends_with("# EOF\n"), "{open}");
         assert!(
             body.contains("keyturn_rotations_total{result=\"ok\"} 0"),
             "{body}"
@@ -910,7 +932,6 @@ mod tests {
             ),
             "{body}"
         );
-        assert!(body.ends_with("# EOF\n"));
 
         let (status, _, _) = get(addr, "/nope").await;
         assert_eq!(status, 404);

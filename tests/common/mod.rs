@@ -719,11 +719,16 @@ pub async fn local_vault_value_at(
 /// `GET path` on the daemon's HTTP listener at `port`: the whole response,
 /// head and body.
 pub fn http_get(port: u16, path: &str) -> String {
+    http_get_with(port, path, "")
+}
+
+/// [`http_get`] with `headers` (each line ending in CRLF) in the request.
+pub fn http_get_with(port: u16, path: &str, headers: &str) -> String {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();
