@@ -251,7 +251,20 @@ pub async fn check_executable(ctx: &str, program: &Path) -> Result<(), PluginErr
             format!("{ctx}: {} is not an executable file", program.display()),
         ));
     }
-    Ok(())
+    refuse_untrusted(ctx, program)
+}
+
+/// Refuses to run `program` when another user could have changed it (see
+/// [`crate::config::trust`]): it would run as keyturn's user, often with a
+/// secret on its stdin.
+pub fn refuse_untrusted(ctx: &str, program: &Path) -> Result<(), PluginError> {
+    match crate::config::trust::untrusted(program) {
+        Some(why) => Err(PluginError::new(
+            ErrorKind::Invalid,
+            format!("{ctx}: not run: {why}"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// How a program ended: `status` is None when it timed out and was killed;

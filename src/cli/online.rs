@@ -23,7 +23,7 @@ const CONCURRENT_TARGETS: usize = 16;
 /// One thing checked.
 #[derive(Debug)]
 pub struct Probed {
-    /// `vault`, `issuer`, `alert` or `target`.
+    /// `vault`, `issuer`, `alert`, `target` or `sink` (an exec sink's program).
     pub what: &'static str,
     /// The vault's name, or the credential `agent/credential` of a target.
     pub name: String,
@@ -119,6 +119,25 @@ pub async fn probe_all(cfg: &Config, timeout: Duration) -> Vec<Probed> {
     out.extend(issuers);
     out.extend(alert_checks);
     out.extend(targets);
+    // An exec sink's program is there and may be run (black-box finding:
+    // a missing one passed, and every delivery then failed). Not run.
+    let mut creds: Vec<_> = cfg.credentials().collect();
+    creds.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+    for (_, c) in creds {
+        for sink in &c.deliver {
+            if let crate::sinks::SinkConfig::Exec(e) = sink {
+                let ctx = format!("exec:{}", e.program.display());
+                out.push(Probed {
+                    what: "sink",
+                    name: c.key.to_string(),
+                    kind: ctx.clone(),
+                    outcome: crate::process::check_executable(&ctx, &e.program)
+                        .await
+                        .map(|()| Some("the program is executable; not run".into())),
+                });
+            }
+        }
+    }
     out
 }
 

@@ -135,6 +135,36 @@ pub fn check_host(cfg: &Config) -> Result<(), ConfigErrors> {
             ));
         }
     }
+    // Each hook and exec program that exists: nobody but root and
+    // keyturn's user can change it (see `trust`). A missing one is
+    // `check --online`'s to report (it may be installed after the config).
+    for (agent, c) in cfg.credentials() {
+        let at = TomlPath::root()
+            .key("agents")
+            .key(agent.id.as_str())
+            .key("credentials")
+            .key(c.key.credential.as_str());
+        let mut programs = Vec::new();
+        if let crate::targets::TargetConfig::Command(h) = &c.target {
+            programs.push((at.clone().key("target").key("program"), &h.program));
+        }
+        for (i, sink) in c.deliver.iter().enumerate() {
+            if let crate::sinks::SinkConfig::Exec(e) = sink {
+                programs.push((
+                    at.clone().key("deliver").index(i).key("program"),
+                    &e.program,
+                ));
+            }
+        }
+        for (path, program) in programs {
+            if let Some(why) = super::trust::untrusted(program) {
+                issues.push(Issue::at(
+                    path,
+                    format!("program {}: {why}", program.display()),
+                ));
+            }
+        }
+    }
     if issues.is_empty() {
         return Ok(());
     }
@@ -166,6 +196,36 @@ pub fn load_checked(path: &Path) -> Result<Config, ConfigErrors> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Black-box finding: a hook program every user could write passed
+    /// `check` (and the daemon ran it as root with the secret). Named,
+    /// located at the credential's `target.program`.
+    #[test]
+    fn a_hook_program_every_user_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let hook = tmp.path().join("hook.sh");
+        std::fs::write(&hook, "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let main = tmp.path().join("keyturn.toml");
+        let text = format!(
+            "[daemon]\nstate_dir = \"{d}/state\"\n[vaults.local]\ntype = \"local\"\n\
+             [agents.bot]\nowner = \"a@b.c\"\ntenant = \"acme\"\ntier = \"high\"\n\
+             [agents.bot.credentials.db]\nvault = \"local\"\nevery = \"1h\"\n\
+             generate = {{ kind = \"password\", length = 24 }}\n\
+             target = {{ type = \"command\", program = \"{h}\" }}\n",
+            d = tmp.path().display(),
+            h = hook.display()
+        );
+        std::fs::write(&main, &text).unwrap();
+        let cfg = crate::config::load_str(&main, &text).unwrap();
+        let e = check_host(&cfg).unwrap_err().0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].toml_path, "agents.bot.credentials.db.target.program");
+        assert!(e[0].message.contains("mode 0777"), "{}", e[0]);
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+        check_host(&cfg).unwrap();
+    }
 
     /// Defect (black-box): `check` passed a `state_dir` that is a file, an
     /// `audit_log` that is a directory and a local vault `dir` that is a

@@ -156,7 +156,15 @@ pub fn read_sources(path: &Path) -> Result<(PathBuf, Vec<SourceFile>), ConfigErr
         (dir, path.to_path_buf(), true)
     };
     let mut files = Vec::new();
-    match read_text(&main) {
+    let untrusted = |file: &Path| match super::trust::untrusted(file) {
+        Some(why) => Err(cannot(file, "cannot use config file", &with_user_note(why))),
+        None => Ok(()),
+    };
+    let read = read_text(&main);
+    if read.is_ok() {
+        untrusted(&main)?;
+    }
+    match read {
         // Nothing at all, not even a comment: a file cut off while written
         // (config management, a full disk), which would otherwise be
         // taken as "every default, no agents" and, on a reload, drop every
@@ -187,6 +195,13 @@ pub fn read_sources(path: &Path) -> Result<(PathBuf, Vec<SourceFile>), ConfigErr
     {
         refuse_world_writable(&agents_dir, &meta)
             .map_err(|e| cannot(&agents_dir, "cannot use the directory", &e))?;
+        if let Some(why) = super::trust::untrusted(&agents_dir) {
+            return Err(cannot(
+                &agents_dir,
+                "cannot use the directory",
+                &with_user_note(why),
+            ));
+        }
     }
     match std::fs::read_dir(&agents_dir) {
         Ok(entries) => {
@@ -204,6 +219,7 @@ pub fn read_sources(path: &Path) -> Result<(PathBuf, Vec<SourceFile>), ConfigErr
                 let text = read_text(&p)
                     .map_err(|e| unreadable(&p, &e))?
                     .map_err(|not_utf8| ConfigErrors(vec![not_utf8]))?;
+                untrusted(&p)?;
                 // As the main file: a file cut off while it was written
                 // would drop its agents (orphaned on a reload).
                 if text.trim().is_empty() {
@@ -298,6 +314,17 @@ fn refuse_world_writable(path: &Path, meta: &std::fs::Metadata) -> std::io::Resu
             path.display()
         ),
     ))
+}
+
+/// `why` (from [`super::trust::untrusted`]), with a note when this is not
+/// root: ownership is judged against the user running the check.
+fn with_user_note(why: String) -> String {
+    let me = nix::unistd::geteuid();
+    if me.is_root() {
+        why
+    } else {
+        format!("{why} (judged as uid {me}: run `keyturn check` as the daemon's user)")
+    }
 }
 
 /// [`read_config_file`] as UTF-8 text (`InvalidData` when it is not).
@@ -431,7 +458,10 @@ pub fn reload(path: &Path, previous: &FileSet) -> Result<Reloaded, ConfigErrors>
     let Some((prev_main, main_text, prev_sig)) = &previous.main else {
         return full();
     };
-    if *prev_main != main_path || FileSig::of(&main_path) != Some(*prev_sig) {
+    if *prev_main != main_path
+        || FileSig::of(&main_path) != Some(*prev_sig)
+        || super::trust::untrusted(&main_path).is_some()
+    {
         return full();
     }
     let agents_dir = main_path
@@ -441,6 +471,7 @@ pub fn reload(path: &Path, previous: &FileSet) -> Result<Reloaded, ConfigErrors>
         .join(AGENTS_DIR);
     // A directory made writable by all since: the full load says so.
     if std::fs::metadata(&agents_dir).is_ok_and(|m| refuse_world_writable(&agents_dir, &m).is_err())
+        || super::trust::untrusted(&agents_dir).is_some()
     {
         return full();
     }
@@ -474,6 +505,9 @@ pub fn reload(path: &Path, previous: &FileSet) -> Result<Reloaded, ConfigErrors>
                 set.agents.insert(p, (sig, names.clone()));
             }
             _ => {
+                if super::trust::untrusted(&p).is_some() {
+                    return full();
+                }
                 let Ok(text) = read_config_string(&p) else {
                     return full();
                 };
@@ -934,6 +968,40 @@ mod tests {
     /// Black-box finding: a config file, or `agents.d`, that every user can
     /// write was accepted, also by a daemon running as root: anyone could
     /// add a hook it runs.
+    /// Black-box finding: an `agents.d` file `nobody` wrote (in a directory
+    /// every user could write) was loaded, its hook run as root.
+    #[test]
+    fn an_agents_file_another_user_owns_is_refused() {
+        crate::test_support::assert_root("chown to another user");
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("keyturn.toml");
+        std::fs::write(&main, "# defaults\n").unwrap();
+        let agents = dir.path().join(AGENTS_DIR);
+        std::fs::create_dir(&agents).unwrap();
+        let a = agents.join("a.toml");
+        std::fs::write(&a, "# none\n").unwrap();
+        let (_, files) = load_tracked(&main).expect("root's files");
+        std::os::unix::fs::chown(&a, Some(65534), None).unwrap();
+        let e = load_file(&main).unwrap_err().0;
+        assert!(
+            e[0].file == a && e[0].message.contains("belongs to uid 65534"),
+            "{}",
+            e[0]
+        );
+        let Err(e) = reload(&main, &files) else {
+            panic!("a reload onto it is refused too")
+        };
+        assert!(e.0[0].message.contains("uid 65534"), "{}", e.0[0]);
+        std::os::unix::fs::chown(&a, Some(0), None).unwrap();
+        std::os::unix::fs::chown(&agents, Some(65534), None).unwrap();
+        let e = load_file(&main).unwrap_err().0;
+        assert!(
+            e[0].file == agents && e[0].message.contains("belongs to uid 65534"),
+            "{}",
+            e[0]
+        );
+    }
+
     #[test]
     fn a_config_every_user_can_write_is_refused() {
         use std::os::unix::fs::PermissionsExt;

@@ -25,6 +25,7 @@ mod lines;
 pub mod load;
 mod located;
 pub mod raw;
+pub mod trust;
 pub mod validate;
 
 pub use client::ClientPaths;

@@ -115,6 +115,7 @@ impl Sink for ExecSink {
             self.describe(),
             notice.version
         );
+        process::refuse_untrusted(&ctx, &self.s.program)?;
         let mut cmd = process::command(&self.s.program, &self.s.args, &self.s.env);
         cmd.env("KEYTURN_AGENT", key.agent.as_str())
             .env("KEYTURN_CREDENTIAL", key.credential.as_str())

@@ -166,6 +166,7 @@ impl CommandTarget {
             ),
             None => format!("{}: {} {key}", self.describe(), step.as_str()),
         };
+        process::refuse_untrusted(&ctx, &self.s.program)?;
         let ran = self.exec(step, key, version, secret).await;
         process::outcome(ran, self.timeout, &ctx, "hook", |stderr| {
             tracing::warn!(
@@ -249,6 +250,31 @@ mod tests {
             env: [("HOOK_MODE".to_owned(), "strict".to_owned())].into(),
             ..CommandConfig::new(program)
         })
+    }
+
+    /// Black-box finding: a hook of mode 0777 (or in a directory every
+    /// user can write) was run as root with the secret on its stdin.
+    #[tokio::test]
+    async fn a_hook_another_user_could_change_is_not_run() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ran = dir.path().join("ran");
+        let hook = script(dir.path(), &format!("touch {}", ran.display()));
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let t = target(hook.clone(), vec![], Duration::from_secs(10));
+        let v = SecretValue::from_string("canary-untrusted".into());
+        let err = t.set(&key(), 1, &v).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Invalid);
+        assert!(
+            err.message.contains("not run") && err.message.contains("mode 0777"),
+            "{err}"
+        );
+        let err = t.check().await.unwrap_err();
+        assert!(err.message.contains("mode 0777"), "{err}");
+        assert!(!ran.exists(), "the hook ran");
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+        t.set(&key(), 1, &v).await.unwrap();
+        assert!(ran.exists());
     }
 
     #[tokio::test]
