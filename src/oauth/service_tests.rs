@@ -1171,8 +1171,16 @@ async fn introspection_revocation_and_decommission() {
     let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &forged)).await;
     assert_eq!(a.json, json!({"active": false}));
 
-    // Only its client may revoke it; then it is inactive.
-    let f = auth_form(&h, "intruder", &token);
+    // Only its client may revoke it; then it is inactive. An agent of
+    // another tenant learns nothing (black-box finding: its refusal told
+    // it the token was genuine): answered as for an unknown token, and
+    // nothing is revoked.
+    let a = post(&h, "/oauth/revoke", &auth_form(&h, "intruder", &token)).await;
+    assert_eq!((a.status, &a.json), (200, &Value::Null));
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &token)).await;
+    assert_eq!(a.json["active"], true);
+    // One that may see it, not its client, is refused.
+    let f = auth_form(&h, "auditor", &token);
     assert_eq!(
         refused(&post(&h, "/oauth/revoke", &f).await, &f),
         "unauthorized_client"
@@ -1358,7 +1366,7 @@ async fn unauthenticated_refusals_are_audited_apart_from_authenticated_actions()
     let mut scope = request(&h);
     set(&mut scope, "scope", "admin");
     assert_eq!(code_of(&h, scope).await, "invalid_scope");
-    let f = auth_form(&h, "intruder", &token);
+    let f = auth_form(&h, "auditor", &token);
     assert_eq!(
         refused(&post(&h, "/oauth/revoke", &f).await, &f),
         "unauthorized_client"
@@ -1467,6 +1475,33 @@ async fn tokens_stay_verifiable_across_a_signing_key_rotation() {
         .unwrap()
         .len();
     assert_eq!(n, 3);
+}
+
+/// Black-box finding: state keeps only the newest retired versions of a
+/// credential, and a signing credential rotated often (eleven times
+/// within a token's life) lost the row of the version that signed a live
+/// token: its key left the JWKS, the token went inactive. The ledger keeps
+/// the public key with the use.
+#[tokio::test]
+async fn a_live_tokens_key_stays_published_after_state_pruned_its_version() {
+    let h = harness().await;
+    let (old, _) = issue(&h, &request(&h)).await;
+    let k1 = kid(&h, 1);
+    let v2 = pair();
+    {
+        let mut s = h.mem.signing.lock().unwrap();
+        // v1 retired, then pruned from state by later rotations.
+        s.remove(0);
+        s.push((signing_row(2, Stage::Current, &v2.public), v2.private));
+    }
+    let (hd, _) = verify_with_jwks(&h, &old).await;
+    assert_eq!(hd.kid, Some(k1.clone()));
+    let a = post(&h, "/oauth/introspect", &auth_form(&h, "auditor", &old)).await;
+    assert_eq!(a.json["active"], true, "{}", a.json);
+    assert_eq!(
+        jwks_kids(&h, "/.well-known/jwks.json").await,
+        [kid(&h, 2), k1]
+    );
 }
 
 /// The `kid`s the JWKS at `path` publishes, in order.
@@ -1594,7 +1629,7 @@ async fn a_token_with_a_version_kid_of_before_verifies_while_one_may_be_live() {
     // As a keyturn of before recorded its use.
     h.mem
         .store
-        .signed("keyturn/signer", 1, now() + 600)
+        .signed("keyturn/signer", 1, now() + 600, None)
         .unwrap();
     assert_eq!(introspect(legacy.clone()).await["active"], true);
     assert_eq!(

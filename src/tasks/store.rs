@@ -238,13 +238,15 @@ impl crate::oauth::service::TokenLedger for TaskStore {
         credential: &str,
         version: u64,
         until: i64,
+        public_pem: Option<&str>,
     ) -> std::result::Result<(), String> {
         let version = i64::try_from(version).map_err(|_| "key version out of range".to_string())?;
         self.db()
             .execute(
-                "INSERT INTO token_key_uses (credential, version, signed_until) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(credential, version) DO UPDATE SET signed_until = max(signed_until, excluded.signed_until)",
-                params![credential, version, until],
+                "INSERT INTO token_key_uses (credential, version, signed_until, public_pem) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(credential, version) DO UPDATE SET signed_until = max(signed_until, excluded.signed_until),
+                     public_pem = coalesce(excluded.public_pem, public_pem)",
+                params![credential, version, until, public_pem],
             )
             .map(|_| ())
             .map_err(|e| self.err("record a signing key use", e).to_string())
@@ -290,6 +292,33 @@ impl crate::oauth::service::TokenLedger for TaskStore {
         Ok(rows
             .into_iter()
             .filter_map(|(c, v, u)| Some((c, u64::try_from(v).ok()?, u)))
+            .collect())
+    }
+
+    fn public_keys_under(
+        &self,
+        prefix: &str,
+    ) -> std::result::Result<Vec<(String, u64, String)>, String> {
+        let db = self.db();
+        let mut stmt = db
+            .prepare_cached(
+                "SELECT credential, version, public_pem FROM token_key_uses
+                 WHERE substr(credential, 1, length(?1)) = ?1 AND public_pem IS NOT NULL",
+            )
+            .map_err(|e| self.err("read signing key uses", e).to_string())?;
+        let rows = stmt
+            .query_map(params![prefix], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(|e| self.err("read signing key uses", e).to_string())?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(c, v, pem)| Some((c, u64::try_from(v).ok()?, pem)))
             .collect())
     }
 
@@ -418,10 +447,11 @@ const MIGRATE_TOKEN_KEYS: &str = "
 
 /// Columns added since the first schema: `(table, column, type)`, added to
 /// a store made before them (their rows read `NULL`: not recorded).
-const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
     ("tasks", "dir", "TEXT"),
     ("task_items", "origin", "TEXT"),
     ("tasks", "ended_by", "TEXT"),
+    ("token_key_uses", "public_pem", "TEXT"),
 ];
 
 /// Adds the [`ADDED_COLUMNS`] a store made before them lacks.
@@ -1300,7 +1330,7 @@ mod tests {
             .unwrap();
         }
         let s = TaskStore::open(dir.path()).unwrap();
-        s.signed("k/partner", 3, 100).unwrap();
+        s.signed("k/partner", 3, 100, None).unwrap();
         assert_eq!(s.signed_until("k/partner").unwrap(), [(3, 100)]);
         assert!(s.signed_until("k/default").unwrap().is_empty());
         s.adopt_unnamed_key_uses("k/default").unwrap();
@@ -1309,8 +1339,8 @@ mod tests {
         assert_eq!(d, [(3, 500), (4, 900)]);
         assert_eq!(s.signed_until("k/partner").unwrap(), [(3, 100)]);
         // A later use only extends.
-        s.signed("k/default", 4, 800).unwrap();
-        s.signed("k/default", 3, 700).unwrap();
+        s.signed("k/default", 4, 800, None).unwrap();
+        s.signed("k/default", 3, 700, None).unwrap();
         d = s.signed_until("k/default").unwrap();
         d.sort();
         assert_eq!(d, [(3, 700), (4, 900)]);

@@ -230,6 +230,13 @@ impl TokenService {
                 ev.detail = Some("not an active token of this service: nothing to revoke".into());
                 return Ok(());
             };
+            // A token the client may not even introspect (another tenant's)
+            // is answered as an unknown one: black-box finding, the refusal
+            // told one tenant that a token of another was genuine.
+            if !self.may_introspect(&client.agent, &t) {
+                ev.detail = Some("not a token this client may see: nothing revoked".into());
+                return Ok(());
+            }
             if t.str("client_id") != Some(client.agent.as_str()) {
                 return Err(err(
                     "unauthorized_client",

@@ -117,6 +117,20 @@ impl TokenService {
                 publish(Some(set.legacy_kid(*version)), pem);
             }
         }
+        // Versions that signed a token still live whose rows state has
+        // pruned (it keeps the newest retired versions only): their public
+        // keys as the ledger kept them.
+        let kept = ledger.public_keys_under(&set.ledger_prefix())?;
+        let pruned = |name: &str, credential: &CredentialKey, version: u64, rows: &[VersionRow]| {
+            live(name, version)
+                && !rows.iter().any(|r| r.version == version)
+                && !theirs(credential, version)
+        };
+        for (name, version, pem) in &kept {
+            if *name == own && pruned(name, &set.credential, *version, &versions) {
+                publish(exchange::ed25519_kid_of_pem(pem), pem);
+            }
+        }
         // The credentials the set signed with before (`signing_credential`
         // changed): their keys while a token they signed may be live.
         let mut before: Vec<&str> = uses
@@ -140,7 +154,13 @@ impl TokenService {
             {
                 continue;
             }
-            let mut rows = self.backend.signing_versions(&credential).await?;
+            let all = self.backend.signing_versions(&credential).await?;
+            for (n, version, pem) in &kept {
+                if n == name && pruned(name, &credential, *version, &all) {
+                    publish(exchange::ed25519_kid_of_pem(pem), pem);
+                }
+            }
+            let mut rows = all;
             rows.retain(|v| {
                 !matches!(v.stage, crate::model::Stage::Pending)
                     && live(name, v.version)
@@ -263,9 +283,20 @@ impl TokenService {
         }
         let ttl = i64::try_from(set.policy.max_ttl.as_secs()).unwrap_or(i64::MAX);
         let until = exp.saturating_add(ttl);
-        self.backend
-            .token_ledger()
-            .signed(&set.ledger_name(&set.credential), version, until)?;
+        // Its public key, kept with the record: the JWKS publishes it from
+        // there once state has pruned the version (black-box finding: a
+        // credential rotated eleven times took a live token's key away).
+        let public = lock(&set.versions_cache).as_ref().and_then(|(_, _, rows)| {
+            rows.iter()
+                .find(|r| r.version == version)
+                .and_then(|r| r.public.clone())
+        });
+        self.backend.token_ledger().signed(
+            &set.ledger_name(&set.credential),
+            version,
+            until,
+            public.as_deref(),
+        )?;
         signed.insert(version, until);
         Ok(())
     }

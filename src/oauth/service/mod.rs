@@ -159,7 +159,19 @@ pub trait TokenLedger: Send + Sync {
     fn is_revoked(&self, jti: &str) -> Result<bool, String>;
     /// Version `version` of signing `credential` signed a token that
     /// expires at `until`.
-    fn signed(&self, credential: &str, version: u64, until: i64) -> Result<(), String>;
+    /// `public_pem`, its public key, is kept with the record: the state
+    /// keeps only the newest retired versions of a credential, and one
+    /// rotated often retires a version that signed a token still live.
+    fn signed(
+        &self,
+        credential: &str,
+        version: u64,
+        until: i64,
+        public_pem: Option<&str>,
+    ) -> Result<(), String>;
+    /// The public keys kept with the uses recorded under a credential
+    /// name that starts with `prefix`: (name, version, public PEM).
+    fn public_keys_under(&self, prefix: &str) -> Result<Vec<(String, u64, String)>, String>;
     /// Each version of `credential` with the latest `exp` it signed.
     fn signed_until(&self, credential: &str) -> Result<Vec<(u64, i64)>, String>;
     /// Every use recorded under a credential name that starts with
