@@ -2393,3 +2393,70 @@ fn a_renamed_credential_s_value_survives_the_retirement_of_its_predecessor() {
     daemon.stop();
     rt().block_on(pg_admin(&format!("DROP ROLE {role}; DROP ROLE {clone}")));
 }
+
+/// Black-box finding: a vault that accepts connections and never answers
+/// (a hung server, a firewall dropping packets) held the whole start for
+/// its `timeout` per missing delivered file, one after another: no
+/// socket, no `/healthz`, no rotation of any other credential for a
+/// quarter of an hour. The restores run at once, the start waits for them
+/// a bounded time, and the other credentials rotate meanwhile.
+#[test]
+fn a_hung_vault_does_not_hold_up_the_start() {
+    let files = Files(tempfile::tempdir().unwrap());
+    let token = files.write("bao-token", &need("KEYTURN_TEST_BAO_TOKEN"), 0o600);
+    let base = unique("kt-hung-");
+    let config = |address: &str| {
+        let mut c = agent_table(AGENT);
+        c.push_str(&bao_table("bao", address, &token));
+        for i in 0..6 {
+            c.push_str(&credential(
+                &format!("b{i}"),
+                "\"bao\"",
+                &format!("{base}/b{i}"),
+                "1h",
+                "",
+            ));
+        }
+        c.push_str(&credential("l", "\"local\"", "l", "1h", ""));
+        c
+    };
+    let env = Env::new(&config(&need("KEYTURN_TEST_BAO_ADDR")));
+    let daemon = env.start();
+    for i in 0..6 {
+        wait_version(&env, &format!("b{i}"), 1);
+    }
+    wait_version(&env, "l", 1);
+    daemon.stop();
+
+    // A reboot emptied the agents' files; OpenBao now accepts and never
+    // answers (timeout 5s: one after another, six restores took 30s).
+    for i in 0..6 {
+        std::fs::remove_file(env.root().join(AGENT).join(format!("b{i}.json"))).unwrap();
+    }
+    let hung = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", hung.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hung.incoming().take(64) {
+            let Ok(c) = c else { break };
+            held.push(c);
+        }
+        held
+    });
+    env.write_credentials(&config(&address));
+    let started = Instant::now();
+    let daemon = env.start();
+    let ready_after = started.elapsed();
+    assert!(
+        ready_after < Duration::from_secs(20),
+        "ready only after {ready_after:?}"
+    );
+    // The credential on the local vault rotates meanwhile.
+    rotate_ok(&env, "l", 2);
+    assert!(
+        !env.root().join(AGENT).join("b0.json").exists(),
+        "nothing to restore from"
+    );
+    daemon.stop();
+    drop(held);
+}

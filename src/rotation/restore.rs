@@ -4,10 +4,13 @@
 //! emptied by every reboot, and an agent (or an operator) may delete its
 //! file. Nothing would deliver the credential again before its next
 //! rotation, a whole period later, while `status` said all was well. So at
-//! start-up, before the scheduler, the follow loops or the sockets serve
-//! (nothing else delivers yet, so nothing can race an older version over a
-//! newer one), every credential whose current version was delivered gets
-//! that version delivered again to each file sink whose file is gone.
+//! start-up, before the scheduler, the follow loops or the sockets serve,
+//! every credential whose current version was delivered gets that version
+//! delivered again to each file sink whose file is gone: each as a job
+//! that holds the credential (as after a reload, below), so nothing can
+//! race an older version over a newer one, and the start waits for them
+//! a bounded time only (a vault that never answers holds up its own
+//! credentials, not the daemon).
 //!
 //! Not for an agent being or already decommissioned: its files were
 //! retracted on purpose. The daemon calls this after the stored
@@ -53,8 +56,9 @@ use crate::sinks::{Notice, Sink};
 use crate::state::Write;
 use crate::vaults::{Select, VaultItem};
 
-/// A credential, its current version, and the sinks whose files are gone.
-type Missing = (Arc<CredEntry>, VersionNo, Vec<Arc<dyn Sink>>);
+/// How long the start waits for the restores of missing files (each a
+/// job: one a vault holds up goes on in the background).
+pub(super) const RESTORE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The sinks of `entry` whose files are gone.
 pub(super) fn gone_sinks(entry: &CredEntry) -> Vec<Arc<dyn Sink>> {
@@ -123,7 +127,8 @@ impl super::Engine {
     /// Delivers the current version again to every file sink whose file is
     /// gone (see `restore.rs`). Call once at start-up, after the stored
     /// decommissions stopped their agents and before anything else
-    /// delivers. Returns how many files it restored.
+    /// delivers. Returns how many credentials' restores still run when it
+    /// stops waiting for them.
     pub async fn restore_missing_files(&self) -> usize {
         self.inner.restore_missing_files().await
     }
@@ -143,46 +148,63 @@ impl Inner {
     }
 
     /// Delivers the current version again to every file sink whose file
-    /// is gone (see the module's doc). Returns how many files it restored.
+    /// is gone (see the module's doc), each credential as a
+    /// [`Job::Restore`] of its own, all at once (up to the rotation
+    /// limit), and waits for them up to [`RESTORE_WAIT`]. Returns how many
+    /// are still running then: they go on while the daemon starts, and
+    /// each holds its credential, so no rotation of it races its restore.
+    /// Black-box finding: restored one after another, a vault that
+    /// accepted connections and never answered held the start (sockets,
+    /// `/healthz`, every other credential's rotations) for its `timeout`
+    /// per missing file: a quarter of an hour for 30 files.
     async fn restore_missing_files(self: &Arc<Self>) -> usize {
         let catalog = self.catalog();
-        let wanted: Vec<Missing> = {
+        let wanted: Vec<_> = {
             let live = self.live();
             catalog
                 .creds
                 .values()
                 .filter(|e| !self.leaving(e))
-                .filter_map(|e| {
-                    let l = live.get(e.key())?;
+                .filter(|e| {
+                    let Some(l) = live.get(e.key()) else {
+                        return false;
+                    };
                     // A rotation that resumes delivers by itself.
-                    if l.running.is_some() {
-                        return None;
-                    }
-                    let version = l.row.as_ref()?.current_version?;
-                    let gone = gone_sinks(e);
-                    (!gone.is_empty()).then(|| (e.clone(), version, gone))
+                    l.running.is_none()
+                        && l.row.as_ref().and_then(|r| r.current_version).is_some()
+                        && !gone_sinks(e).is_empty()
                 })
+                .map(|e| e.key().clone())
                 .collect()
         };
-        let mut restored = 0;
-        let mut head = None;
-        for (entry, version, sinks) in wanted {
-            let (n, h) = self.restore_or_log(&entry, version, &sinks).await;
-            restored += n;
-            head = h.or(head);
+        for key in &wanted {
+            self.clone().spawn_job(key.clone(), Job::Restore, None);
         }
-        if let Some(head) = head
-            && let Err(e) = self.persist(vec![Write::AuditHead(head)]).await
-        {
-            tracing::warn!(error = %e, "recording the audit head of restored files");
+        let restoring = || {
+            let live = self.live();
+            wanted
+                .iter()
+                .filter(|k| {
+                    live.get(k)
+                        .and_then(|l| l.running.as_ref())
+                        .is_some_and(|r| r.job == Job::Restore)
+                })
+                .count()
+        };
+        let deadline = tokio::time::Instant::now() + RESTORE_WAIT;
+        let mut left = restoring();
+        while left > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            left = restoring();
         }
-        if restored > 0 {
-            tracing::info!(
-                files = restored,
-                "restored delivered files that were missing"
+        if left > 0 {
+            tracing::warn!(
+                credentials = left,
+                waited = ?RESTORE_WAIT,
+                "restores of missing delivered files still wait for their vaults; the daemon starts meanwhile (each finishes before any rotation of its credential)"
             );
         }
-        restored
+        left
     }
 
     /// Records the file sinks of `new` that `old` did not have, or wrote
