@@ -223,6 +223,15 @@ pub trait Sink: Send + Sync {
         true
     }
 
+    /// Whether its consumer acknowledges deliveries by itself (a file
+    /// sink's `ack`): its deliveries return [`Delivered::Sent`] and it is
+    /// awaited. `false` (the default): a delivery that succeeds is
+    /// acknowledged, and one awaited from before a reload or restart that
+    /// took its `ack` away is awaited no more.
+    fn awaits_ack(&self) -> bool {
+        false
+    }
+
     /// For a delivery of `version` that returned [`Delivered::Sent`]: a
     /// watch that resolves when the consumer acknowledges it by itself.
     /// `None` (the default): only `keyturn ack` acknowledges it. Called

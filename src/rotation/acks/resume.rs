@@ -25,8 +25,22 @@ impl Inner {
                 let Some(entry) = new.creds.get(key) else {
                     continue;
                 };
+                // The sinks a consumer may still be awaited from: a delivery
+                // retried in the background (acknowledged by its own
+                // success), or one whose consumer acks by itself. Black-box
+                // finding: an `ack` a reload took away was still awaited, and
+                // every later rotation waited out its grace for it.
                 let names: Vec<String> = entry.sinks.iter().map(|s| s.describe()).collect();
-                if a.outstanding().all(|c| names.contains(&c.name)) {
+                let awaits = |c: &Consumer| {
+                    c.how == AckHow::Retrying
+                        || entry
+                            .sinks
+                            .iter()
+                            .any(|s| s.describe() == c.name && s.awaits_ack())
+                };
+                if a.outstanding()
+                    .all(|c| names.contains(&c.name) && awaits(c))
+                {
                     continue;
                 }
                 let background = |e: &CredEntry| -> Vec<String> {
@@ -45,8 +59,13 @@ impl Inner {
                 let known: Vec<String> = a.consumers.iter().map(|c| c.name.clone()).collect();
                 let (mut dropped, mut renamed) = (0i64, Vec::new());
                 a.consumers.retain_mut(|c| {
-                    if c.acked() || names.contains(&c.name) {
+                    if c.acked() || (names.contains(&c.name) && awaits(c)) {
                         return true;
+                    }
+                    if names.contains(&c.name) {
+                        tracing::info!(agent = %key.agent, credential = %key.credential, version = a.version, consumer = %c.name, "reload: the consumer's sink no longer asks for an ack: it is not awaited any more");
+                        dropped += 1;
+                        return false;
                     }
                     let successor = before
                         .iter()
@@ -149,6 +168,16 @@ impl Inner {
                     .cloned()
             });
             let acked = row.acked_at.is_some();
+            // Its sink no longer asks for an ack (changed while the daemon
+            // was down): a delivery that succeeded is all it needs.
+            if !acked
+                && sink
+                    .as_ref()
+                    .is_some_and(|s| s.holds_up_rotation() && !s.awaits_ack())
+            {
+                tracing::info!(agent = %row.key.agent, credential = %row.key.credential, version = row.version, consumer = %row.consumer, "a consumer awaited before the restart no longer asks for an ack: it is not awaited any more");
+                continue;
+            }
             if !acked && sink.is_none() && catalog.creds.contains_key(&row.key) {
                 // Its sink left the config (or changed its `url`) while the
                 // daemon was down: nothing delivers to it or awaits it any more.

@@ -15,6 +15,29 @@ struct SentSink {
     versions: Mutex<Vec<VersionNo>>,
 }
 
+/// The same consumer with its `ack` taken away: its delivery is
+/// `Acknowledged`.
+struct PlainSink(&'static str);
+
+#[async_trait]
+impl Sink for PlainSink {
+    fn kind(&self) -> &'static str {
+        "sent"
+    }
+    fn describe(&self) -> String {
+        format!("sent:{}", self.0)
+    }
+    async fn deliver(&self, _: &Notice, _: &SecretValue) -> Result<Delivered, PluginError> {
+        Ok(Delivered::Acknowledged)
+    }
+    async fn retract(&self, _: &CredentialKey) -> Result<(), PluginError> {
+        Ok(())
+    }
+    async fn preflight(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
 impl SentSink {
     fn new(name: &'static str) -> Arc<SentSink> {
         Arc::new(SentSink {
@@ -31,6 +54,9 @@ impl Sink for SentSink {
     }
     fn describe(&self) -> String {
         format!("sent:{}", self.name)
+    }
+    fn awaits_ack(&self) -> bool {
+        true
     }
     async fn deliver(&self, notice: &Notice, _: &SecretValue) -> Result<Delivered, PluginError> {
         self.versions.lock().unwrap().push(notice.version);
@@ -71,6 +97,9 @@ impl Sink for HeldSink {
     }
     fn describe(&self) -> String {
         "held:a".into()
+    }
+    fn awaits_ack(&self) -> bool {
+        true
     }
     async fn deliver(&self, notice: &Notice, _: &SecretValue) -> Result<Delivered, PluginError> {
         if notice.version > 1 {
@@ -1178,6 +1207,39 @@ async fn a_reload_that_changes_a_retried_webhooks_url_retries_at_the_new_one() {
         ("hook:new", true)
     );
     rig.shutdown().await;
+}
+
+/// Black-box finding: a reload (or a restart) that took a file sink's
+/// `ack` away kept awaiting its consumer: every later rotation waited out
+/// its grace and recorded a holdout. The consumer is awaited no more: the
+/// previous version retires at its grace deadline, no holdout named.
+#[tokio::test(start_paused = true)]
+async fn an_ack_a_reload_took_away_is_awaited_no_more() {
+    let rig = rig_with(&[SentSink::new("a")]);
+    second_version_delivered(&rig).await;
+    assert_eq!(rig.status("c0").awaiting_ack, vec!["sent:a (ack=explicit)"]);
+    let text = config_text(rig.dir.path(), 1, SCHEDULE, "");
+    let plain: Arc<dyn Sink> = Arc::new(PlainSink("a"));
+    rig.engine
+        .reload(catalog_with(
+            rig.dir.path(),
+            &text,
+            &rig.vault,
+            &rig.sink,
+            &[plain],
+        ))
+        .await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(rig.status("c0").awaiting_ack.is_empty());
+    // As without an ack from the start: the previous version retires when
+    // its grace ends, and no one is a holdout.
+    assert!(retires(&rig).is_empty());
+    tokio::time::sleep(2 * HOUR).await;
+    assert_eq!(retires(&rig).len(), 1);
+    let s = rig.status("c0");
+    assert!(s.holdouts.is_empty(), "{s:?}");
+    let dir = rig.shutdown().await;
+    assert!(!audit_text(dir.path()).contains("delivery.holdout"));
 }
 
 /// Defect: a reload that removed an awaited consumer's sink recorded the

@@ -271,6 +271,9 @@ impl Sink for Silent {
     fn describe(&self) -> String {
         "silent:reader".into()
     }
+    fn awaits_ack(&self) -> bool {
+        true
+    }
     async fn deliver(&self, _: &Notice, _: &SecretValue) -> Result<Delivered, PluginError> {
         Ok(Delivered::Sent)
     }

@@ -403,6 +403,10 @@ impl Sink for FileSink {
         }
     }
 
+    fn awaits_ack(&self) -> bool {
+        self.ack.is_some()
+    }
+
     fn ack_watch(
         &self,
         _key: &CredentialKey,
