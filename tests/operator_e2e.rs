@@ -469,6 +469,15 @@ fn an_empty_keyturn_config_counts_as_unset() {
     let (code, text) = run(&["check", "--config", config]);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains(config), "{text}");
+    // The agent's side: an empty `KEYTURN_AGENT_SOCKET` likewise.
+    let out = std::process::Command::new(bin())
+        .args(["ack", "bot/c0", "1", "--config", config])
+        .env("KEYTURN_AGENT_SOCKET", "")
+        .output()
+        .expect("run keyturn");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("a value is required"), "{text}");
+    assert_ne!(out.status.code(), Some(2), "{text}");
 }
 
 /// Defect: a delivered file that went missing while the daemon was down

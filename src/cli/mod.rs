@@ -43,12 +43,15 @@ pub const EXIT_NO_AGENT: u8 = 67;
 /// An empty `KEYTURN_CONFIG` (`Environment=KEYTURN_CONFIG=` in a unit,
 /// `KEYTURN_CONFIG= keyturn status`) counts as unset, as it does for
 /// completions: clap took it for an empty `--config` the user never typed
-/// ("a value is required for '--config'").
+/// ("a value is required for '--config'"). So does an empty
+/// `KEYTURN_AGENT_SOCKET` (the same message about `--socket`).
 fn unset_empty_config_variable() {
-    if std::env::var_os("KEYTURN_CONFIG").is_some_and(|v| v.is_empty()) {
-        // SAFETY: called first thing in main, before any other thread
-        // (the async runtime, the writer threads) exists.
-        unsafe { std::env::remove_var("KEYTURN_CONFIG") };
+    for var in ["KEYTURN_CONFIG", "KEYTURN_AGENT_SOCKET"] {
+        if std::env::var_os(var).is_some_and(|v| v.is_empty()) {
+            // SAFETY: called first thing in main, before any other thread
+            // (the async runtime, the writer threads) exists.
+            unsafe { std::env::remove_var(var) };
+        }
     }
 }
 
