@@ -893,6 +893,13 @@ fn a_decommission_outlives_its_daemon_in_what_the_cli_says() {
         "{}",
         text(&out)
     );
+    // Black-box finding: "no daemon is listening (is --config pointing at
+    // its config?)" came first, as if the request had gone astray.
+    assert!(
+        !text(&out).contains("is --config pointing"),
+        "{}",
+        text(&out)
+    );
 
     let out = env.cli(&["status"]);
     let said = text(&out);

@@ -744,10 +744,12 @@ async fn decommission(
             },
             Ok(_) => return unexpected(),
             Err(Failure::Reported(code)) => return code,
-            Err(Failure::Unreachable(e)) => {
+            Err(Failure::Unreachable(_)) => {
                 // The decision is recorded: say so, not only that the
-                // daemon is gone.
-                eprintln!("keyturn: {e}");
+                // daemon is gone. Black-box finding: its "no daemon is
+                // listening (is --config pointing at its config?)" came
+                // first, as if the request had gone to the wrong place.
+                eprintln!("keyturn: the daemon stopped while the revocation was awaited");
                 eprintln!("{}", recorded_while_down(&agent));
                 return EXIT_UNAVAILABLE;
             }
