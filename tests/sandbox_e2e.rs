@@ -474,7 +474,7 @@ fn the_signal_sink_needs_the_signal_sink_drop_in() {
                     )
                 });
                 assert!(
-                    error.contains("systemd/examples/signal-sink.conf"),
+                    error.contains("/usr/share/doc/keyturn/examples/systemd/signal-sink.conf"),
                     "{error}"
                 );
                 assert!(

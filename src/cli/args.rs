@@ -32,7 +32,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Validate the config; exit 0 with a summary, or 64 with every error.
+    /// Validate the config; exit 0 with a summary, 64 with every error, or 1
+    /// when this host would stop the daemon's start (too little free space).
     Check {
         /// Then log in to every vault and every credential's target and use
         /// each once, changing nothing; one line per item; exit 69 if any

@@ -140,7 +140,7 @@ impl SignalSink {
             Errno::EPERM => PluginError::new(
                 ErrorKind::Unauthorized,
                 format!(
-                    "sending {} to pid {pid} ({}, uid {}) is not permitted: the daemon needs CAP_KILL to signal another user's process (systemd: add the drop-in systemd/examples/signal-sink.conf)",
+                    "sending {} to pid {pid} ({}, uid {}) is not permitted: the daemon needs CAP_KILL to signal another user's process (systemd: add the drop-in signal-sink.conf, installed as /usr/share/doc/keyturn/examples/systemd/signal-sink.conf, in the source tree systemd/examples/)",
                     self.signal, self.target, self.uid
                 ),
             ),
