@@ -624,8 +624,9 @@ impl Engine {
             })
             .map(|key| {
                 let row = live.get(key).and_then(|l| l.row.as_ref());
-                let age = row
-                    .and_then(|r| r.last_rotated_at)
+                let age = live
+                    .get(key)
+                    .and_then(super::table::CredLive::made_at)
                     // Never below zero: a rotation stamped by a clock that
                     // ran ahead and was set back is new, not from the future.
                     .map(|t| ((now - t).num_milliseconds().max(0)) as f64 / 1000.0);

@@ -476,7 +476,7 @@ fn facts_of(
     let grace = chrono::Duration::from_std(e.policy.grace).unwrap_or_default();
     SurfaceFacts {
         current_version: promoted.or(delivered),
-        last_rotated: row.and_then(|r| r.last_rotated_at),
+        last_rotated: l.and_then(super::table::CredLive::made_at),
         // No rotation comes for a stopped agent.
         next_due: live
             .deadline(e.key(), Job::Rotate)

@@ -85,6 +85,18 @@ impl CredLive {
             _ => None,
         }
     }
+
+    /// When the credential's current value was made: its last delivered
+    /// rotation, or for a first version promoted whose delivery keeps
+    /// failing (current, though no rotation finished), when its delivery
+    /// first failed, right after its promote. Black-box finding: such a
+    /// version had no age on `/metrics` or `surface`, so the max-age
+    /// alerts could never fire for it.
+    pub fn made_at(&self) -> Option<DateTime<Utc>> {
+        let row = self.row.as_ref()?;
+        row.last_rotated_at
+            .or_else(|| self.promoted().and(row.failing_since))
+    }
 }
 
 /// A credential's summary row as the engine keeps it: [`CredentialRow`]

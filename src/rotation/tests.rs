@@ -2525,5 +2525,12 @@ async fn a_failing_deliver_shows_the_promoted_version() {
     let facts = rig.engine.surface_facts();
     assert_eq!(facts[0].1.current_version, Some(1));
     assert_eq!(rig.engine.live_totals(rig.engine.now()).0, 1);
+    // And it has an age, so the max-age alerts can fire for it
+    // (black-box finding: none on `/metrics`, none in `surface`).
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let made = facts[0].1.last_rotated.expect("a made time in surface");
+    assert!(made <= rig.engine.now(), "{made}");
+    let age = rig.engine.credential_times()[0].1.expect("an age");
+    assert!((60.0..120.0).contains(&age), "{age}");
     rig.shutdown().await;
 }
