@@ -1138,3 +1138,27 @@ fn check_warns_of_a_signing_credential_of_a_decommissioned_agent() {
     );
     daemon.stop();
 }
+
+/// Black-box finding: `check` said ok of a subject issuer whose
+/// `jwks_file` did not exist (no token of it would be accepted). It warns,
+/// naming the setting; once the file is there, it says nothing.
+#[test]
+fn check_warns_of_a_jwks_file_it_cannot_read() {
+    let port = free_port();
+    let env = Env::with_daemon(&config(port), &format!("listen = \"127.0.0.1:{port}\""));
+    let out = env.cli_ok(&["check"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: token_service.subject_issuers.corp.jwks_file")
+            && stderr.contains("No such file"),
+        "{stderr}"
+    );
+    let idp = env.path().join("idp");
+    std::fs::create_dir_all(&idp).unwrap();
+    std::fs::write(idp.join("jwks.json"), "{\"keys\": []}").unwrap();
+    let out = env.cli_ok(&["check"]);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("jwks_file"),
+        "{out:?}"
+    );
+}

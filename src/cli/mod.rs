@@ -348,6 +348,7 @@ async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
     println!("{}", config::summary(&cfg));
     warn_stranded_tasks(&cfg).await;
     warn_decommissioned_signers(&cfg);
+    warn_unreadable_jwks_files(&cfg);
     // Not a config error, but the start would stop on it: so would the
     // unit's `ExecStartPre=keyturn check`, rather than a restart loop.
     if let Err(e) = crate::state::space::room_to_start(&cfg) {
@@ -436,6 +437,28 @@ fn warn_decommissioned_signers(cfg: &Config) {
                 "keyturn: warning: {at} = \"{key}\": agent {} is decommissioned and its keys destroyed, so nothing is signed with it; name a credential of an active agent",
                 key.agent
             );
+        }
+    }
+}
+
+/// A subject issuer's `jwks_file` that cannot be read now: the daemon
+/// starts, but trusts no token of that issuer until the file is there
+/// (it reads it again every `refresh`). Black-box finding: `check` said
+/// nothing of a file that did not exist.
+fn warn_unreadable_jwks_files(cfg: &Config) {
+    for (name, issuer) in &cfg.subject_issuers {
+        if let crate::oauth::config::JwksSource::File(path) = &issuer.jwks {
+            let problem = match std::fs::metadata(path) {
+                Ok(m) if m.is_file() => std::fs::File::open(path).err().map(|e| e.to_string()),
+                Ok(_) => Some("not a regular file".to_owned()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(why) = problem {
+                eprintln!(
+                    "keyturn: warning: token_service.subject_issuers.{name}.jwks_file {}: {why}: no token of this issuer is accepted until it can be read",
+                    path.display()
+                );
+            }
         }
     }
 }
