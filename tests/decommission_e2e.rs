@@ -173,6 +173,43 @@ fn bot_on_hook(env: &Env, cred: &str, script: &str) {
 /// Defect: an agent added to the config already decommissioned (its `at`
 /// past) had its first rotation begun before the decision was acted on.
 /// Nothing is made for it.
+/// Black-box finding: taking an agent's `decommissioned` table out again
+/// passed `check` and the reload without a word, while the agent stayed
+/// decommissioned (for good, as documented). Both say so now.
+#[test]
+fn undoing_a_decommission_in_the_config_is_warned_of() {
+    let env = Env::new("");
+    let nu = format!("{}{}", agent_table("nu"), cred_with_file("nu", "api", ""));
+    env.write_credentials(&format!(
+        "{}decommissioned = {{ at = \"2026-01-02T03:04:05Z\", reason = \"gone\" }}\n{}",
+        agent_table("nu"),
+        cred_with_file("nu", "api", "")
+    ));
+    let daemon = env.start();
+    wait_state(&env, "nu", "decommissioned");
+    let quiet = env.cli_ok(&["check"]);
+    assert!(
+        !String::from_utf8_lossy(&quiet.stderr).contains("warning"),
+        "{quiet:?}"
+    );
+    env.write_credentials(&nu);
+    let out = env.cli_ok(&["check"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: agent nu was decommissioned") && stderr.contains("for good"),
+        "{stderr}"
+    );
+    daemon.reload();
+    wait_for(Duration::from_secs(10), || {
+        daemon
+            .log_text()
+            .contains("`decommissioned` table was taken out")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("no warning at reload:\n{}", daemon.log_text()));
+    daemon.stop();
+}
+
 #[test]
 fn an_agent_added_already_decommissioned_is_never_rotated() {
     let env = Env::new("");

@@ -349,6 +349,7 @@ async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
     warn_stranded_tasks(&cfg).await;
     warn_decommissioned_signers(&cfg);
     warn_unreadable_jwks_files(&cfg);
+    warn_undone_decommissions(&cfg);
     // Not a config error, but the start would stop on it: so would the
     // unit's `ExecStartPre=keyturn check`, rather than a restart loop.
     if let Err(e) = crate::state::space::room_to_start(&cfg) {
@@ -438,6 +439,34 @@ fn warn_decommissioned_signers(cfg: &Config) {
                 key.agent
             );
         }
+    }
+}
+
+/// An agent the config names as active whose decommission state
+/// records: a decommission is for good, so taking its `decommissioned`
+/// table out (or putting back an agent removed after its decommission)
+/// does not bring it back. Black-box finding: `check` said ok, and the
+/// agent silently stayed decommissioned.
+fn warn_undone_decommissions(cfg: &Config) {
+    let now = chrono::Utc::now();
+    for d in offline::offline_decommissions(&cfg.daemon.state_dir) {
+        let Some(agent) = cfg.agents.get(&d.row.agent) else {
+            continue;
+        };
+        if agent
+            .decommissioned
+            .as_ref()
+            .is_some_and(|x| x.in_effect(now))
+        {
+            continue;
+        }
+        eprintln!(
+            "keyturn: warning: agent {} was decommissioned (decided {}): a decommission is for good, so it is never rotated or delivered again whatever the config says; give the agent another name to start it afresh",
+            d.row.agent,
+            d.row
+                .decided_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
     }
 }
 

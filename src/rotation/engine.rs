@@ -513,6 +513,23 @@ impl Engine {
                 tracing::warn!(agent = %key.agent, credential = %key.credential, "added to an agent that is {label}: it is never rotated or delivered (a decommission is for good; give the credential to another agent)");
             }
         }
+        // A `decommissioned` table taken out does not undo the decommission
+        // (black-box finding: the reload said nothing).
+        let mut told = HashSet::new();
+        for entry in catalog.creds.values() {
+            let key = entry.key();
+            let undone = entry.agent.decommissioned.is_none()
+                && old
+                    .creds
+                    .get(key)
+                    .is_some_and(|o| o.agent.decommissioned.is_some());
+            if undone
+                && told.insert(key.agent.clone())
+                && let Some(label) = self.inner.retired_label(&key.agent)
+            {
+                tracing::warn!(agent = %key.agent, "reload: the agent's `decommissioned` table was taken out, but it is {label}: a decommission is for good, it is never rotated or delivered again (give the agent another name to start it afresh)");
+            }
+        }
         let mut resume = HashSet::new();
         {
             let mut live = self.inner.live();
