@@ -798,6 +798,69 @@ fn a_second_daemon_on_one_state_directory_is_refused_and_says_so_once() {
     first.stop();
 }
 
+/// Black-box finding: a `state.db` restored from a backup taken before a
+/// decommission brought the agent back to life: it rotated and delivered
+/// again, and status, surface and the metrics showed it active. The
+/// decommission the log records after the restored head is decided again,
+/// at its first decision's time, before anything rotates or is restored.
+#[test]
+fn a_state_database_restored_from_before_a_decommission_keeps_the_agent_decommissioned() {
+    let env = Env::new(ONE_RAW);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    daemon.stop();
+    let backup = env.path().join("backup");
+    copy_db_files(&env.state_dir(), "state.db", &backup);
+    let daemon = env.start();
+    env.cli_ok(&["decommission", "bot", "--reason", "retired", "--wait"]);
+    daemon.stop();
+    let file = env.root().join("bot/db");
+    assert!(!file.exists(), "retracted");
+    restore_db_files(&env.state_dir(), "state.db", &backup);
+
+    let daemon = env.start();
+    wait_for(Duration::from_secs(30), || {
+        let out = env.cli_ok(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .any(|l| l.starts_with("bot ") && l.contains(" decommissioned"))
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("{}", daemon.log_text()));
+    // Nothing was made or delivered again.
+    env.cli(&["rotate", "bot/db", "--wait"]);
+    let log = daemon.stop();
+    assert!(!file.exists(), "delivered again:\n{log}");
+    assert!(log.contains("records the decommission of bot"), "{log}");
+    let records = audit_records(&env);
+    let made: Vec<u64> = records
+        .iter()
+        .filter(|r| r["event"] == "rotation.create" && r["outcome"] == "ok")
+        .filter_map(|r| r["version"].as_u64())
+        .collect();
+    assert_eq!(made, [1], "nothing rotated after the restore");
+    let decided: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"] == "decommission.decided")
+        .collect();
+    assert_eq!(decided.len(), 2, "{decided:?}");
+    let first = decided[0]["detail"].as_str().unwrap();
+    let at = first
+        .split("decided_at=")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    assert!(
+        decided[1]["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("decided_at={at}")),
+        "the first decision's time: {decided:?}"
+    );
+}
+
 /// Black-box finding: a `state.db` restored from a backup (what the docs
 /// say to do when it is lost) numbered versions again from where the
 /// backup stood: a second "version 2" and "version 3" with other values,

@@ -242,7 +242,13 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         )
         .await;
     }
+    // Decommissions the log records after the state's head that the
+    // state lacks (a restored older state.db): decided again once the
+    // revocations are loaded, below.
+    let mut lost_decommissions = Vec::new();
     if let Some((first, last)) = audit.unconfirmed_at_open() {
+        lost_decommissions = decommissions_after(&audit, first - 1)
+            .map_err(|e| startup("cannot read the audit log", &e))?;
         let behind = versions_beyond_state(&audit, state.as_ref(), first - 1)
             .map_err(|e| startup("cannot read the audit log", &e))?;
         if !behind.is_empty() {
@@ -342,6 +348,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let revocations = Revocations::start(engine.clone(), alerts.poke_handle())
         .await
         .map_err(|e| startup("cannot load the decommissions", &e))?;
+    redecide_lost_decommissions(&engine, &revocations, lost_decommissions).await;
     // Files missing since the last run (a tmpfs after a reboot) come back
     // now: decommissioned agents are known, nothing else delivers yet.
     engine.restore_missing_files().await;
@@ -1050,6 +1057,89 @@ fn task_setup(
             .collect(),
         task_root: config.daemon.task_root.clone(),
     })
+}
+
+/// A decommission the audit log records after the state database's head
+/// (see [`decommissions_after`]).
+struct LostDecommission {
+    agent: crate::model::AgentId,
+    decided_at: chrono::DateTime<chrono::Utc>,
+    seq: u64,
+}
+
+/// The decommissions the audit log records after `after` (the state's
+/// stored head): what a state database restored from an older backup may
+/// not know. Black-box finding: such a restore brought a decommissioned
+/// agent back to life, rotating and delivering again, and nothing said so.
+fn decommissions_after(audit: &AuditLog, after: u64) -> Result<Vec<LostDecommission>, String> {
+    let found = std::cell::RefCell::new(Vec::<LostDecommission>::new());
+    audit
+        .find_after(after, |r| {
+            let e = &r.event;
+            if e.event == "decommission.decided"
+                && e.outcome == Outcome::Ok
+                && let Some(agent) = &e.agent
+            {
+                // The decision's own time (the SLA counts from it), else
+                // the record's.
+                let decided_at = e
+                    .detail
+                    .as_deref()
+                    .and_then(|d| d.split_once("decided_at="))
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .or(Some(r.ts.as_str()))
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&chrono::Utc));
+                if let Some(decided_at) = decided_at {
+                    found.borrow_mut().push(LostDecommission {
+                        agent: agent.clone(),
+                        decided_at,
+                        seq: r.seq,
+                    });
+                }
+            }
+            false
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(found.into_inner())
+}
+
+/// Decides again each decommission of `lost` the state does not know, at
+/// the time it was first decided: a decommission is for good, and the
+/// log is what a restored state database cannot take back.
+async fn redecide_lost_decommissions(
+    engine: &Engine,
+    revocations: &Revocations,
+    lost: Vec<LostDecommission>,
+) {
+    for l in lost {
+        if revocations.get(&l.agent).is_some() {
+            continue;
+        }
+        let why = format!(
+            "the audit log records the decommission of {} (seq {}, decided {}) that the state database does not know (restored from an older backup?): decided again, from that time",
+            l.agent,
+            l.seq,
+            l.decided_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        );
+        tracing::warn!(agent = %l.agent, "{why}");
+        audit_daemon(engine, "state.behind", Outcome::Failed, None, Some(why)).await;
+        let decision = crate::revocation::Decision {
+            agent: l.agent.clone(),
+            reason: format!(
+                "decided before a restore of the state (audit seq {})",
+                l.seq
+            ),
+            by: None,
+            actor: crate::audit::Actor::Daemon,
+            source: "audit",
+            decided_at: Some(l.decided_at),
+        };
+        if let Err(e) = revocations.decide(decision).await {
+            tracing::error!(agent = %l.agent, error = %e, "cannot decide again the decommission the state lost: run `keyturn decommission {}` yourself", l.agent);
+        }
+    }
 }
 
 /// A version the audit log records as made that the state database does
