@@ -239,6 +239,19 @@ fn an_agent_added_already_decommissioned_is_never_rotated() {
         .collect();
     assert!(started.is_empty(), "{started:#?}");
     assert!(!env.root().join("nu/api").exists());
+    // Nothing of it was ever made here: no breach of the SLA, though the
+    // config dates the decision long before (black-box finding: recorded
+    // as a breach of eleven months).
+    let verified: Vec<serde_json::Value> = audit_records(&env)
+        .into_iter()
+        .filter(|r| r["agent"] == "nu" && r["event"] == "decommission.verified")
+        .collect();
+    assert_eq!(verified.len(), 1, "{verified:?}");
+    assert_eq!(verified[0]["outcome"], "ok", "{verified:?}");
+    assert!(
+        verified[0]["detail"].as_str().unwrap().contains(" met "),
+        "{verified:?}"
+    );
     daemon.stop();
 }
 

@@ -420,11 +420,20 @@ impl Revocations {
                         out.push((row.key, fp));
                     }
                 }
-                Ok((out, set_on))
+                // Whether any version of it was made here.
+                let mut made_here = !out.is_empty();
+                for row in s.snapshot()?.credentials {
+                    if made_here {
+                        break;
+                    }
+                    made_here = row.key.agent == a
+                        && (row.current_version.is_some() || !s.versions(&row.key)?.is_empty());
+                }
+                Ok((out, set_on, made_here))
             })
             .await
             .map_err(|e| DecommissionError::Unavailable(format!("cannot read state: {e}")))?;
-        let (remembered, set_on) = remembered;
+        let (remembered, set_on, made_here) = remembered;
         for (key, text) in remembered {
             match Footprint::parse(&text) {
                 // Configured: what the config says, and what the last
@@ -540,6 +549,7 @@ impl Revocations {
             sla_ms: u64::try_from(sla.as_millis()).unwrap_or(u64::MAX),
             revoked_at: None,
             verified_at: None,
+            nothing_held: !made_here,
         };
         let mut items: Vec<RevocationRow> = held
             .iter()

@@ -289,6 +289,7 @@ mod tests {
                 sla_ms: sla_s * 1000,
                 revoked_at: verified.then(|| t(1001)),
                 verified_at: verified.then(|| t(1002)),
+                nothing_held: false,
             },
             items: vec![RevocationRow {
                 agent,

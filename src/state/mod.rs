@@ -177,12 +177,26 @@ pub struct DecommissionRow {
     /// Every item verified (the last one's time): the decommission is complete.
     #[serde(default)]
     pub verified_at: Option<DateTime<Utc>>,
+    /// No version of the agent's credentials was made on this host when
+    /// the decision was recorded: there was nothing here to revoke before
+    /// that, so the SLA runs from the recording, not from a decision the
+    /// config dates earlier. Black-box finding: a config `decommissioned`
+    /// table with `at` in the past, on a host that had never run the agent
+    /// (a new host, a fresh state directory), was recorded as a breach.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nothing_held: bool,
 }
 
 impl DecommissionRow {
+    /// When the revocation is due: `sla_ms` after the decision (after its
+    /// recording when [`Self::nothing_held`]).
     pub fn deadline(&self) -> DateTime<Utc> {
-        self.decided_at
-            + chrono::Duration::milliseconds(i64::try_from(self.sla_ms).unwrap_or(i64::MAX / 2))
+        let from = if self.nothing_held {
+            self.decided_at.max(self.recorded_at)
+        } else {
+            self.decided_at
+        };
+        from + chrono::Duration::milliseconds(i64::try_from(self.sla_ms).unwrap_or(i64::MAX / 2))
     }
 
     /// The agent's token epoch: every token naming it that was issued

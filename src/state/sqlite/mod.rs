@@ -1256,6 +1256,7 @@ mod tests {
             sla_ms: 3_600_000,
             revoked_at: None,
             verified_at: None,
+            nothing_held: false,
         };
         let item = |name: &str| RevocationRow {
             agent: agent.clone(),
