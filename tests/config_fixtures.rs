@@ -608,6 +608,13 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "`every` with `mode = \"follow\"`: this keyturn does not rotate a followed credential",
     ),
     (
+        "bad-follow-local.toml",
+        16,
+        8,
+        "agents.bot.credentials.db.mode",
+        "`mode = \"follow\"` on vault `local`, a local vault",
+    ),
+    (
         "bad-follow-poll.toml",
         17,
         8,

@@ -191,6 +191,9 @@ fn a_full_state_volume_loses_nothing_and_the_daemon_starts_once_there_is_room() 
         err.contains("the daemon would not start") && err.contains("KiB free"),
         "{err}"
     );
+    // And says no "ok" first (black-box finding).
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!said.contains("ok"), "{said}");
 
     // Room again: it starts and every credential rotates again.
     std::fs::remove_file(&filler).unwrap();

@@ -71,6 +71,8 @@ impl AlertSinkPlugin for AlertmanagerConfig {
                     "invalid Alertmanager URL: {why} (write e.g. \"http://alertmanager.internal:9093\")"
                 ),
             );
+        } else if let Some(why) = api_path_problem(&self.url) {
+            v.err(p.key("url"), why);
         }
         self.common().check(v, p, scope);
     }
@@ -91,8 +93,28 @@ pub struct AlertmanagerSink {
     resend: Duration,
 }
 
+/// A URL naming an API path other than [`API_PATH`] (`/api/v1/alerts`,
+/// the v1 API Alertmanager 0.27 removed): black-box finding, it was taken
+/// for a base URL, and alerts went to `/api/v1/alerts/api/v2/alerts`. A
+/// base URL with a path of its own (a `--web.route-prefix`) is fine.
+fn api_path_problem(url: &str) -> Option<String> {
+    let path = reqwest::Url::parse(url)
+        .ok()?
+        .path()
+        .trim_end_matches('/')
+        .to_owned();
+    (path.contains("/api/") && !path.ends_with(API_PATH)).then(|| {
+        format!(
+            "Alertmanager URL `{url}` names the API path `{path}`: give its base URL (e.g. \"http://alertmanager.internal:9093\") or its `{API_PATH}` endpoint (the v1 API is gone from Alertmanager 0.27 on)"
+        )
+    })
+}
+
 impl AlertmanagerSink {
     pub fn new(cfg: &AlertmanagerConfig) -> Result<Self, PluginError> {
+        if let Some(why) = api_path_problem(&cfg.url) {
+            return Err(PluginError::new(ErrorKind::Invalid, why));
+        }
         let mut url = http::parse("alertmanager", &cfg.url)?;
         if !url.path().trim_end_matches('/').ends_with(API_PATH) {
             let path = format!("{}{API_PATH}", url.path().trim_end_matches('/'));
@@ -245,6 +267,8 @@ mod tests {
             "http://169.254.169.254/",
             "http://user:pw@127.0.0.1:9093",
             "ftp://127.0.0.1",
+            // The v1 API, taken for a base URL (black-box finding).
+            "http://127.0.0.1:9093/api/v1/alerts",
         ] {
             let e = AlertmanagerSink::new(&AlertmanagerConfig::new(bad)).unwrap_err();
             assert_eq!(e.kind, ErrorKind::Invalid, "{bad}");

@@ -345,17 +345,18 @@ async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
+    // Not a config error, but the start would stop on it: so would the
+    // unit's `ExecStartPre=keyturn check`, rather than a restart loop. Said
+    // before the summary, which would read "ok" (black-box finding).
+    if let Err(e) = crate::state::space::room_to_start(&cfg) {
+        eprintln!("keyturn: the daemon would not start: {e}");
+        return EXIT_FAILED;
+    }
     println!("{}", config::summary(&cfg));
     warn_stranded_tasks(&cfg).await;
     warn_decommissioned_signers(&cfg);
     warn_unreadable_jwks_files(&cfg);
     warn_undone_decommissions(&cfg);
-    // Not a config error, but the start would stop on it: so would the
-    // unit's `ExecStartPre=keyturn check`, rather than a restart loop.
-    if let Err(e) = crate::state::space::room_to_start(&cfg) {
-        eprintln!("keyturn: the daemon would not start: {e}");
-        return EXIT_FAILED;
-    }
     if !online {
         return 0;
     }

@@ -334,6 +334,13 @@ fn path(cred: &str) -> String {
 /// retry settings the tests rely on: 1 s doubling to 4 s, 4 attempts.
 fn config_text(dir: &std::path::Path, n: usize, schedule: &str, extra_daemon: &str) -> String {
     let d = dir.display();
+    // A followed credential's vault is one another keyturn writes (a local
+    // vault is refused there); the rig's own vault stands in for either.
+    let vault_type = if schedule.contains("follow") {
+        "toy"
+    } else {
+        "local"
+    };
     let mut text = format!(
         r#"[daemon]
 state_dir = "{d}/state"
@@ -343,7 +350,7 @@ retry = {{ initial_delay = "1s", max_delay = "4s", max_attempts = 4 }}
 catch_up_spread = "10m"
 {extra_daemon}
 [vaults.local]
-type = "local"
+type = "{vault_type}"
 {agent}"#,
         agent = crate::test_support::agent_table("bot")
     );
@@ -1783,10 +1790,15 @@ impl Rig {
     ) -> Rig {
         let (vault, sink) = (Arc::<MemVault>::default(), Arc::new(MemSink::default()));
         let store = Arc::new(MemoryStore::new());
-        let text = config_text(dir.path(), n, schedule, "").replace(
-            "[vaults.local]\ntype = \"local\"\n",
-            &format!("[vaults.local]\ntype = \"toy\"\nchange_index = \"{INDEX}\"\n"),
-        );
+        let text = config_text(dir.path(), n, schedule, "")
+            .replace(
+                "[vaults.local]\ntype = \"local\"\n",
+                "[vaults.local]\ntype = \"toy\"\n",
+            )
+            .replace(
+                "[vaults.local]\ntype = \"toy\"\n",
+                &format!("[vaults.local]\ntype = \"toy\"\nchange_index = \"{INDEX}\"\n"),
+            );
         let mut catalog = catalog_with(dir.path(), &text, &vault, &sink, extra);
         let shared = catalog.vaults["local"].clone();
         assert_eq!(shared.config.spec.plugin().change_index(), Some(INDEX));

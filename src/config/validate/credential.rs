@@ -157,6 +157,18 @@ impl Validator<'_> {
         };
 
         let follow = self.follow(p, c);
+        // Black-box finding: a followed credential on a local vault was
+        // accepted and then waited for good: no other keyturn writes it.
+        if follow.is_some()
+            && let Some(local) = c.vault.0.iter().find(|v| scope.local_vaults.contains(v))
+        {
+            self.err(
+                p.key("mode"),
+                format!(
+                    "`mode = \"follow\"` on vault `{local}`, a local vault: only this keyturn writes it, so no rotator on another host can put a version there to follow; follow a vault both hosts reach (OpenBao, AWS Secrets Manager, Azure Key Vault)"
+                ),
+            );
+        }
         let schedule = match (&c.schedule, &c.every) {
             // A followed credential is rotated by another keyturn: no
             // schedule here (`follow` reported one that is set).

@@ -201,6 +201,9 @@ struct Scope<'a> {
     agent_names: HashMap<&'a str, &'a super::raw::RawAgentEntry>,
     /// Vault name → its `change_index` path (no credential may live there).
     change_indexes: HashMap<String, String>,
+    /// The names of the `local` vaults (no other keyturn writes them, so
+    /// nothing there can be followed).
+    local_vaults: Vec<String>,
     /// `None` when `[alert_rules]` failed to deserialize: `max_age` is then
     /// checked against the schedule only.
     alert_rules: Option<AlertRules>,
@@ -279,6 +282,11 @@ impl Validator<'_> {
             change_indexes: vaults
                 .iter()
                 .filter_map(|(n, v)| Some((n.clone(), v.spec.plugin().change_index()?.to_owned())))
+                .collect(),
+            local_vaults: vaults
+                .iter()
+                .filter(|(_, v)| matches!(v.spec, crate::vaults::VaultSpec::Local(_)))
+                .map(|(n, _)| n.clone())
                 .collect(),
             alert_rules: match &raw.alert_rules {
                 Some(Parsed::Invalid) => None,
