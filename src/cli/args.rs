@@ -289,7 +289,7 @@ pub struct ExchangeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Check the hash chain; name the first bad record.
+    /// Check the hash chain; name every bad record (the first 100, the rest counted).
     Verify,
 }
 

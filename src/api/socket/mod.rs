@@ -335,7 +335,7 @@ async fn serve_with(
             }
         }
     }
-    debug!(socket = %server.path.display(), "control socket stopped accepting");
+    debug!(socket = %server.path.display(), "socket stopped accepting");
 }
 
 impl Server {
