@@ -172,8 +172,6 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, routes: Routes) -> 
         }
         use crate::oauth::service as s;
         let limit = DefaultBodyLimit::max(crate::oauth::request::MAX_BODY_BYTES);
-        // Another method gets the OAuth error too, not axum's bare 405.
-        let wrong = oauth_wrong_method;
         // The three POST endpoints differ only in the call they make.
         for (path, which) in [
             (s::TOKEN_PATH, OauthPost::Token),
@@ -182,6 +180,9 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, routes: Routes) -> 
         ] {
             let handler =
                 move |state, peer, headers, body| oauth_post(which, state, peer, headers, body);
+            // Another method gets the OAuth error too, not axum's bare
+            // 405, and is counted like any other refusal.
+            let wrong = move |state| oauth_wrong_method(which, state);
             r = r.route(path, post(handler).fallback(wrong).layer(limit));
         }
         let only_get = oauth_get_only;
@@ -321,7 +322,10 @@ fn form_content_type(headers: &HeaderMap) -> Option<Response> {
 
 /// A method other than POST on a token-service endpoint: 405 with `Allow`,
 /// worded as the service's other errors (404 while it is not configured).
-async fn oauth_wrong_method(State(state): State<AppState>) -> Response {
+async fn oauth_wrong_method(which: OauthPost, State(state): State<AppState>) -> Response {
+    if state.oauth().is_some() {
+        state.metrics.oauth_request(which.name(), "invalid_request");
+    }
     method_not_allowed(&state, "POST", "use POST with a form body")
 }
 
@@ -349,6 +353,17 @@ enum OauthPost {
     Revoke,
 }
 
+impl OauthPost {
+    /// The `endpoint` label of `keyturn_oauth_requests_total`.
+    fn name(self) -> &'static str {
+        match self {
+            OauthPost::Token => "token",
+            OauthPost::Introspect => "introspect",
+            OauthPost::Revoke => "revoke",
+        }
+    }
+}
+
 /// The body, or why it could not be read (over the body limit).
 type OauthBody = Result<Bytes, axum::extract::rejection::BytesRejection>;
 
@@ -365,11 +380,7 @@ async fn oauth_post(
     let Some(oauth) = state.oauth() else {
         return oauth_off();
     };
-    let name = match which {
-        OauthPost::Token => "token",
-        OauthPost::Introspect => "introspect",
-        OauthPost::Revoke => "revoke",
-    };
+    let name = which.name();
     if let Some(r) = form_content_type(&headers) {
         state.metrics.oauth_request(name, "invalid_request");
         return r;

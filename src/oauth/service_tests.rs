@@ -822,9 +822,14 @@ async fn oversized_bodies_and_wrong_methods_get_oauth_errors() {
             assert_eq!(json["error"], "invalid_request", "{method} {path}");
         }
     }
+    // Each counted, the 405s too (black-box finding: they were not).
     let text = h.metrics.encode();
-    let line = r#"keyturn_oauth_requests_total{endpoint="token",result="invalid_request"} 1"#;
-    assert!(text.contains(line), "{line} not in\n{text}");
+    for endpoint in ["token", "introspect", "revoke"] {
+        let line = format!(
+            r#"keyturn_oauth_requests_total{{endpoint="{endpoint}",result="invalid_request"}} 3"#
+        );
+        assert!(text.contains(&line), "{line} not in\n{text}");
+    }
 }
 
 #[tokio::test]

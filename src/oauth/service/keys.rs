@@ -214,7 +214,7 @@ impl TokenService {
             tracing::error!("token service: no signing key ({}): {why}", set.credential);
             err(
                 "server_error",
-                "the token service cannot sign now: the operator must check the signing credential (keyturn status)",
+                "the token service cannot sign now: the operator must check the signing credential (the daemon's log says why)",
             )
         };
         if self.signer_retired(set) {
