@@ -317,18 +317,24 @@ impl Inner {
             .get(&key)
             .and_then(|l| l.row.as_ref()?.current_version);
         let sinks = self.sinks_to_restore(&entry);
+        let mut failed = false;
         if let Some(version) = version
             && !sinks.is_empty()
             && !self.leaving(&entry)
         {
-            let (restored, head) = self.restore_or_log(&entry, version, &sinks).await;
-            if let Some(head) = head
-                && let Err(e) = self.persist(vec![Write::AuditHead(head)]).await
-            {
-                tracing::warn!(error = %e, "recording the audit head of restored files");
-            }
-            if restored > 0 {
-                tracing::info!(agent = %key.agent, credential = %key.credential, version, files = restored, "restored delivered files that were missing");
+            match self.restore_or_log(&entry, version, &sinks).await {
+                Ok((restored, head)) => {
+                    if let Some(head) = head
+                        && let Err(e) = self.persist(vec![Write::AuditHead(head)]).await
+                    {
+                        tracing::warn!(error = %e, "recording the audit head of restored files");
+                    }
+                    if restored > 0 {
+                        tracing::info!(agent = %key.agent, credential = %key.credential, version, files = restored, "restored delivered files that were missing");
+                    }
+                    failed = false;
+                }
+                Err(()) => failed = true,
             }
         }
         drop(follow_lock);
@@ -336,6 +342,27 @@ impl Inner {
             let mut live = self.live();
             let l = live.entry(&key);
             l.running = None;
+            // Black-box finding: a restore its vault did not answer was
+            // tried once; with a daily rotation the agent had no file for
+            // up to a day. It is tried again after a back-off, doubling.
+            l.restore_failures = if failed {
+                l.restore_failures.saturating_add(1)
+            } else {
+                0
+            };
+            if failed && !self.cancel.is_cancelled() {
+                let delay = super::jobs::park_delay(
+                    &self.catalog().config.daemon.retry,
+                    u32::from(l.restore_failures),
+                );
+                let (inner, key) = (self.clone(), key.clone());
+                self.tracker.spawn(async move {
+                    tokio::select! {
+                        _ = inner.cancel.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => inner.spawn_job(key, Job::Restore, None),
+                    }
+                });
+            }
             // Another reload came meanwhile: look again, with its entry.
             let again = std::mem::take(&mut l.restore_after);
             let rotate = std::mem::take(&mut l.rotate_after_retire);
@@ -367,19 +394,16 @@ impl Inner {
         entry: &CredEntry,
         version: VersionNo,
         sinks: &[Arc<dyn Sink>],
-    ) -> (usize, Option<crate::state::AuditHead>) {
-        self.restore(entry, version, sinks)
-            .await
-            .unwrap_or_else(|e| {
-                tracing::warn!(
-                    agent = %entry.key().agent,
-                    credential = %entry.key().credential,
-                    version,
-                    error = %e,
-                    "a delivered file is missing and could not be restored; the next rotation delivers it"
-                );
-                (0, None)
-            })
+    ) -> Result<(usize, Option<crate::state::AuditHead>), ()> {
+        self.restore(entry, version, sinks).await.map_err(|e| {
+            tracing::warn!(
+                agent = %entry.key().agent,
+                credential = %entry.key().credential,
+                version,
+                error = %e,
+                "a delivered file is missing and could not be restored; tried again after a back-off (or delivered by the next rotation)"
+            );
+        })
     }
 
     /// Restores `version` of one credential to `sinks`: how many it

@@ -168,6 +168,9 @@ pub(super) struct CredLive {
     /// A reload found a delivered file missing while another job ran; the
     /// file is restored when that job ends (see `restore.rs`).
     pub restore_after: bool,
+    /// Consecutive failed restores of a missing file (its vault down or
+    /// hung): each is tried again after a back-off, as a parked rotation is.
+    pub restore_failures: u8,
     /// A followed credential whose rotator destroyed every version in the
     /// vault (a decommission there): its delivered files were removed and
     /// `status` shows it `revoked` (see `follow.rs`), until the vault holds

@@ -2546,3 +2546,44 @@ async fn a_failing_deliver_shows_the_promoted_version() {
     assert!((60.0..120.0).contains(&age), "{age}");
     rig.shutdown().await;
 }
+
+/// Black-box finding: a delivered file missing at start whose vault did
+/// not answer was restored once, then left to the next rotation (a day
+/// later with a daily schedule). It is tried again after a back-off until
+/// it is back.
+#[tokio::test(start_paused = true)]
+async fn a_missing_file_whose_vault_fails_is_restored_again_after_a_back_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agents/bot/c0");
+    let sink = || -> Arc<dyn Sink> {
+        crate::sinks::delivered_at(&file, &[file.parent().unwrap().parent().unwrap().into()])
+            .unwrap()
+    };
+    let (store, vault) = (Arc::new(MemoryStore::new()), Arc::<MemVault>::default());
+    let every = "every = \"24h\"";
+    let rig = Rig::in_dir_with(dir, 1, every, "", store.clone(), vault.clone(), &[sink()]);
+    rig.run().await;
+    rig.first_version().await;
+    let was = std::fs::read(&file).unwrap();
+    let dir = rig.shutdown().await;
+
+    std::fs::remove_file(&file).unwrap();
+    vault.fail("read", 3, ErrorKind::Transient, None);
+    let rig = Rig::in_dir_with(dir, 1, every, "", store, vault.clone(), &[sink()]);
+    rig.run().await;
+    rig.engine.restore_missing_files().await;
+    assert!(!file.exists(), "its vault failed");
+    rig.until(
+        Duration::from_secs(600),
+        "restored after a back-off",
+        |_| file.exists(),
+    )
+    .await;
+    assert_eq!(std::fs::read(&file).unwrap(), was);
+    assert_eq!(
+        vault.times("read", None).len(),
+        4,
+        "three failed reads, then one"
+    );
+    rig.shutdown().await;
+}
