@@ -272,54 +272,14 @@ impl crate::oauth::service::TokenLedger for TaskStore {
     }
 
     fn signed_under(&self, prefix: &str) -> std::result::Result<Vec<(String, u64, i64)>, String> {
-        let db = self.db();
-        let mut stmt = db
-            .prepare_cached(
-                "SELECT credential, version, signed_until FROM token_key_uses
-                 WHERE substr(credential, 1, length(?1)) = ?1",
-            )
-            .map_err(|e| self.err("read signing key uses", e).to_string())?;
-        let rows = stmt
-            .query_map(params![prefix], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })
-            .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
-            .map_err(|e| self.err("read signing key uses", e).to_string())?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(c, v, u)| Some((c, u64::try_from(v).ok()?, u)))
-            .collect())
+        self.key_uses_under(prefix, "signed_until", "")
     }
 
     fn public_keys_under(
         &self,
         prefix: &str,
     ) -> std::result::Result<Vec<(String, u64, String)>, String> {
-        let db = self.db();
-        let mut stmt = db
-            .prepare_cached(
-                "SELECT credential, version, public_pem FROM token_key_uses
-                 WHERE substr(credential, 1, length(?1)) = ?1 AND public_pem IS NOT NULL",
-            )
-            .map_err(|e| self.err("read signing key uses", e).to_string())?;
-        let rows = stmt
-            .query_map(params![prefix], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })
-            .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
-            .map_err(|e| self.err("read signing key uses", e).to_string())?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(c, v, pem)| Some((c, u64::try_from(v).ok()?, pem)))
-            .collect())
+        self.key_uses_under(prefix, "public_pem", "AND public_pem IS NOT NULL")
     }
 
     fn adopt_unnamed_key_uses(&self, credential: &str) -> std::result::Result<(), String> {
@@ -465,6 +425,38 @@ fn add_columns(db: &Connection) -> rusqlite::Result<()> {
 }
 
 impl TaskStore {
+    /// The uses of signing keys recorded under a credential name starting
+    /// with `prefix` (and `also`, more of the `WHERE` clause): (name,
+    /// version, `column`). Both are constants of this file.
+    fn key_uses_under<T: rusqlite::types::FromSql>(
+        &self,
+        prefix: &str,
+        column: &'static str,
+        also: &'static str,
+    ) -> std::result::Result<Vec<(String, u64, T)>, String> {
+        let db = self.db();
+        let mut stmt = db
+            .prepare_cached(&format!(
+                "SELECT credential, version, {column} FROM token_key_uses
+                 WHERE substr(credential, 1, length(?1)) = ?1 {also}"
+            ))
+            .map_err(|e| self.err("read signing key uses", e).to_string())?;
+        let rows = stmt
+            .query_map(params![prefix], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, T>(2)?,
+                ))
+            })
+            .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(|e| self.err("read signing key uses", e).to_string())?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(c, v, x)| Some((c, u64::try_from(v).ok()?, x)))
+            .collect())
+    }
+
     /// Opens (creating it 0600 if missing) `<dir>/tasks.db`, with its
     /// writer thread.
     pub fn open(dir: &Path) -> Result<TaskStore> {
