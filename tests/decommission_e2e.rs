@@ -170,9 +170,6 @@ fn bot_on_hook(env: &Env, cred: &str, script: &str) {
     ));
 }
 
-/// Defect: an agent added to the config already decommissioned (its `at`
-/// past) had its first rotation begun before the decision was acted on.
-/// Nothing is made for it.
 /// Black-box finding: taking an agent's `decommissioned` table out again
 /// passed `check` and the reload without a word, while the agent stayed
 /// decommissioned (for good, as documented). Both say so now.
@@ -210,6 +207,9 @@ fn undoing_a_decommission_in_the_config_is_warned_of() {
     daemon.stop();
 }
 
+/// Defect: an agent added to the config already decommissioned (its `at`
+/// past) had its first rotation begun before the decision was acted on.
+/// Nothing is made for it.
 #[test]
 fn an_agent_added_already_decommissioned_is_never_rotated() {
     let env = Env::new("");

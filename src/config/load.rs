@@ -965,9 +965,6 @@ mod tests {
         load_file(&main).expect("commented agents.d files");
     }
 
-    /// Black-box finding: a config file, or `agents.d`, that every user can
-    /// write was accepted, also by a daemon running as root: anyone could
-    /// add a hook it runs.
     /// Black-box finding: an `agents.d` file `nobody` wrote (in a directory
     /// every user could write) was loaded, its hook run as root.
     #[test]
@@ -1002,6 +999,9 @@ mod tests {
         );
     }
 
+    /// Black-box finding: a config file, or `agents.d`, that every user can
+    /// write was accepted, also by a daemon running as root: anyone could
+    /// add a hook it runs.
     #[test]
     fn a_config_every_user_can_write_is_refused() {
         use std::os::unix::fs::PermissionsExt;
