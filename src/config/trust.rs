@@ -12,25 +12,46 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// Owners keyturn trusts: root and the user it runs as.
-fn trusted_owner(uid: u32) -> bool {
-    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+/// The name of the system user the packaged unit runs the daemon as
+/// (`User=keyturn`, `systemd/keyturn.sysusers.conf`).
+const SERVICE_USER: &str = "keyturn";
+
+/// The uid and gid of [`SERVICE_USER`] on this host, when it has one.
+/// Trusted besides the running user so that `sudo keyturn check` judges a
+/// config or hook the daemon's user owns as the daemon (running as that
+/// user) does: a black-box run found root's `check` refusing files the
+/// service accepted.
+fn service_ids() -> Option<(u32, u32)> {
+    static IDS: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
+    *IDS.get_or_init(|| {
+        nix::unistd::User::from_name(SERVICE_USER)
+            .ok()
+            .flatten()
+            .map(|u| (u.uid.as_raw(), u.gid.as_raw()))
+    })
 }
 
-/// Groups whose members may write: root's and the daemon's own.
-fn trusted_group(gid: u32) -> bool {
-    gid == 0 || gid == nix::unistd::getegid().as_raw()
+/// Owners keyturn trusts: root, the user it runs as and the service user
+/// (`service`: [`service_ids`]).
+fn trusted_owner(uid: u32, service: Option<(u32, u32)>) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw() || service.is_some_and(|(u, _)| u == uid)
+}
+
+/// Groups whose members may write: root's, the daemon's own and the
+/// service user's.
+fn trusted_group(gid: u32, service: Option<(u32, u32)>) -> bool {
+    gid == 0 || gid == nix::unistd::getegid().as_raw() || service.is_some_and(|(_, g)| g == gid)
 }
 
 /// Why `m` (the metadata of `at`, a file or a directory on the way to one)
 /// lets someone other than root and keyturn's user change it; `None` when
 /// it does not. A sticky directory others may write (`/tmp`) is fine: they
 /// cannot rename or remove what is not theirs.
-fn why_not(at: &Path, m: &std::fs::Metadata) -> Option<String> {
+fn why_not(at: &Path, m: &std::fs::Metadata, service: Option<(u32, u32)>) -> Option<String> {
     let mode = m.mode() & 0o7777;
-    if !trusted_owner(m.uid()) {
+    if !trusted_owner(m.uid(), service) {
         return Some(format!(
-            "{} belongs to uid {}, not to root or keyturn's user",
+            "{} belongs to uid {}, not to root, the user {SERVICE_USER} or the user running keyturn",
             at.display(),
             m.uid()
         ));
@@ -42,7 +63,7 @@ fn why_not(at: &Path, m: &std::fs::Metadata) -> Option<String> {
             at.display()
         ));
     }
-    if mode & 0o020 != 0 && !trusted_group(m.gid()) && !sticky_dir {
+    if mode & 0o020 != 0 && !trusted_group(m.gid(), service) && !sticky_dir {
         return Some(format!(
             "{} is writable by group {} (mode {mode:04o})",
             at.display(),
@@ -72,7 +93,7 @@ pub fn untrusted(path: &Path) -> Option<String> {
         let Ok(m) = std::fs::metadata(at) else {
             continue;
         };
-        if let Some(why) = why_not(at, &m) {
+        if let Some(why) = why_not(at, &m, service_ids()) {
             return Some(format!(
                 "{why}: another user could change what keyturn runs as its user; make it root's (or keyturn's) and writable by its owner only (chown root, chmod go-w)"
             ));
@@ -118,6 +139,30 @@ mod tests {
         chmod(&f, 0o775);
         let why = untrusted(&f).expect("writable by another group");
         assert!(why.contains("writable by group 65534"), "{why}");
+    }
+
+    /// `sudo keyturn check` refused a hook owned by the `keyturn` user that
+    /// the service (running as that user) accepts: the service user's files
+    /// are trusted whoever judges them.
+    #[test]
+    fn the_service_users_files_are_trusted_by_root_too() {
+        crate::test_support::assert_root("chown to another user");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("hook.sh");
+        std::fs::write(&f, "#!/bin/sh\n").unwrap();
+        chmod(&f, 0o775);
+        std::os::unix::fs::chown(&f, Some(65534), Some(65534)).unwrap();
+        let m = std::fs::metadata(&f).unwrap();
+        let why = why_not(&f, &m, None).expect("another user's hook is refused");
+        assert!(why.contains("belongs to uid 65534"), "{why}");
+        // The same file when 65534 is keyturn's service user: its own, and
+        // its group's write is the service's group.
+        assert_eq!(why_not(&f, &m, Some((65534, 65534))), None);
+        // Another group's write still is not.
+        std::os::unix::fs::chown(&f, None, Some(65533)).unwrap();
+        let m = std::fs::metadata(&f).unwrap();
+        let why = why_not(&f, &m, Some((65534, 65534))).expect("another group may write");
+        assert!(why.contains("writable by group 65533"), "{why}");
     }
 
     #[test]
