@@ -104,6 +104,22 @@ fn sigterm_drains_the_in_flight_step_and_the_rotation_resumes() {
     std::thread::sleep(Duration::from_millis(600));
     slow.signal(libc::SIGTERM);
     let started = std::time::Instant::now();
+    // A second SIGTERM (Ctrl-C twice) and a SIGHUP while draining are
+    // said in the log, not silently dropped (black-box finding).
+    std::thread::sleep(Duration::from_millis(200));
+    slow.signal(libc::SIGTERM);
+    slow.signal(libc::SIGHUP);
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let log = slow.log_text();
+            (log.contains("already stopping: waiting at most")
+                && log.contains("SIGHUP ignored: the daemon is stopping"))
+            .then_some(())
+        })
+        .is_some(),
+        "signals during the drain are logged: {}",
+        slow.log_text()
+    );
     let status = slow
         .wait_exit(Duration::from_secs(15))
         .expect("exits after draining");

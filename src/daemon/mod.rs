@@ -577,7 +577,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let stopped_by = loop {
         tokio::select! {
             Some(sender) = usr.recv() => {
-                tracing::warn!(sender = ?sender, "SIGUSR1/SIGUSR2 ignored: keyturn logs to stderr (the journal) and keeps its audit log open; it has no log file to reopen. SIGHUP reloads the config, SIGTERM stops");
+                tracing::warn!(sender = %sender, "SIGUSR1/SIGUSR2 ignored: keyturn logs to stderr (the journal) and keeps its audit log open; it has no log file to reopen. SIGHUP reloads the config, SIGTERM stops");
             }
             Some(sender) = hup.recv() => {
                 reload(config_path, &engine, &alerts, &mut config_files, sender).await;
@@ -632,7 +632,27 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     cancel.cancel();
     tracker.close();
     let drain = engine.catalog().config.daemon.drain_timeout;
-    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+    let deadline = tokio::time::Instant::now() + drain;
+    // Signals that come while draining are said, not silently dropped
+    // (black-box finding: a second SIGTERM, an operator's Ctrl-C twice,
+    // or a SIGHUP got no log line at all).
+    let drained = loop {
+        tokio::select! {
+            _ = tracker.wait() => break true,
+            _ = tokio::time::sleep_until(deadline) => break false,
+            Some(sender) = stops.recv() => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                tracing::warn!(sender = %sender, "already stopping: waiting at most {} more for in-flight steps; SIGKILL stops at once (every step is persisted: they resume at the next start)", humantime::format_duration(Duration::from_secs(left.as_secs().max(1))));
+            }
+            Some(sender) = hup.recv() => {
+                tracing::warn!(sender = %sender, "SIGHUP ignored: the daemon is stopping (the config is read again at the next start)");
+            }
+            Some(sender) = usr.recv() => {
+                tracing::warn!(sender = %sender, "SIGUSR1/SIGUSR2 ignored: the daemon is stopping");
+            }
+        }
+    };
+    if !drained {
         tracing::warn!(timeout = %humantime::format_duration(drain), "in-flight steps did not finish in time; they resume at the next start");
     }
     refusals::flush(&handler.refusals).await;
