@@ -1942,6 +1942,46 @@ fn json_log_format_writes_one_json_object_per_line() {
     assert!(text.contains("\"message\":\"rotated\""), "{text}");
 }
 
+/// Black-box finding: the errors that stop the start were plain text under
+/// `--log-format json`, the one thing a log pipeline must see. Each is a
+/// JSON line, naming its file and line, and the exit is still 64.
+#[test]
+fn json_log_format_writes_config_errors_as_json_lines() {
+    let env = Env::new(ONE_RAW);
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!("{text}\n[agents.bot.credentials.two]\nvault = \"nowhere\"\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["daemon", "--log-format", "json", "--config"])
+        .arg(&env.config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let errors: Vec<&str> = lines
+        .iter()
+        .filter(|v| v["message"] == "config error")
+        .map(|v| v["error"].as_str().unwrap_or_default())
+        .collect();
+    assert!(!errors.is_empty(), "{text}");
+    let config = env.config.display().to_string();
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.contains(&format!("{config}:")) && e.contains("agents.bot.credentials.two")),
+        "each error names its file, line and TOML path: {text}"
+    );
+    assert!(text.contains("not starting"), "{text}");
+}
+
 /// Runs a CLI command as uid/gid 65534 (nobody), which needs root. It
 /// needs to reach the binary (a copy beside the config: the checkout may
 /// sit where nobody cannot enter, e.g. /root), the config and the socket's

@@ -178,6 +178,19 @@ async fn run(cli: Cli) -> u8 {
         Command::Check { online, timeout } => check(&cli.config, online, timeout).await,
         Command::Daemon => match crate::daemon::run(&cli.config).await {
             Ok(()) => 0,
+            Err(crate::daemon::DaemonError::Config(errors))
+                if cli.log_format == telemetry::LogFormat::Json
+                    && tracing::enabled!(tracing::Level::ERROR) =>
+            {
+                // One JSON line per error, as every other line of a daemon
+                // logging JSON (black-box finding: a log pipeline got the
+                // errors that stopped the start as plain text).
+                for e in &errors.0 {
+                    tracing::error!(error = %e, "config error");
+                }
+                tracing::error!(errors = errors.0.len(), config = %cli.config.display(), "config errors; not starting");
+                EXIT_USAGE
+            }
             Err(crate::daemon::DaemonError::Config(errors)) => {
                 eprint!("{errors}");
                 eprintln!(
