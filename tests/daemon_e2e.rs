@@ -1942,6 +1942,27 @@ fn json_log_format_writes_one_json_object_per_line() {
     assert!(text.contains("\"message\":\"rotated\""), "{text}");
 }
 
+/// Black-box finding: `rotate nobody` exited 1, the code of a failed
+/// rotation; a name the config does not have is 67, as for `decommission`.
+#[test]
+fn rotate_of_an_unknown_agent_or_credential_exits_67() {
+    let env = Env::new(ONE_RAW);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    for selector in ["nobody", "bot/nothing"] {
+        let out = env.cli(&["rotate", selector]);
+        assert_eq!(out.status.code(), Some(67), "{selector}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("in the config (see `keyturn status`)"),
+            "{err}"
+        );
+    }
+    let out = env.cli(&["rotate", "bot/db", "--wait"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    daemon.stop();
+}
+
 /// Black-box finding: the errors that stop the start were plain text under
 /// `--log-format json`, the one thing a log pipeline must see. Each is a
 /// JSON line, naming its file and line, and the exit is still 64.

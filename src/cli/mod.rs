@@ -539,7 +539,12 @@ async fn request_daemon(client: &ClientConfig, req: &Request) -> Result<Response
             eprintln!("keyturn: {}", e.message);
             Err(Failure::Reported(match e.kind {
                 ApiErrorKind::Forbidden => EXIT_NOPERM,
-                ApiErrorKind::NotFound if matches!(req, Request::Decommission { .. }) => {
+                // Names nothing configured: as `decommission` of an unknown
+                // agent (black-box finding: `rotate nobody` exited 1, as if
+                // a rotation had failed).
+                ApiErrorKind::NotFound
+                    if matches!(req, Request::Decommission { .. } | Request::Rotate { .. }) =>
+                {
                     EXIT_NO_AGENT
                 }
                 _ => EXIT_FAILED,
