@@ -218,9 +218,39 @@ impl Drop for GroupRecord {
     }
 }
 
+/// Reports what cannot be run of a program's configured `program`, `args`
+/// and `env` (under `at`, the table naming them): a NUL byte, which no
+/// `execve` can pass (black-box finding: `args = ["a\u0000b"]` passed
+/// `check`, then every step failed "nul byte found in provided data"), and
+/// bad `env` names ([`check_env`]).
+pub(crate) fn check_command(
+    v: &mut Validator<'_>,
+    at: Loc<'_>,
+    program: &Path,
+    args: &[String],
+    env: &BTreeMap<String, String>,
+) {
+    use std::os::unix::ffi::OsStrExt;
+    const NUL: &str = "contains a NUL byte, which a program cannot be given";
+    if program.as_os_str().as_bytes().contains(&0) {
+        v.err(at.key("program"), format!("the program's path {NUL}"));
+    }
+    for (i, a) in args.iter().enumerate() {
+        if a.contains('\0') {
+            v.err(at.key("args").index(i), format!("the argument {NUL}"));
+        }
+    }
+    for (k, value) in env {
+        if value.contains('\0') {
+            v.err(at.key("env").key(k), format!("the value of `{k}` {NUL}"));
+        }
+    }
+    check_env(v, at.key("env"), env);
+}
+
 /// Reports bad names in a program's configured `env` at `at`: each must be
 /// a variable name and must not be one of the `KEYTURN_*` keyturn sets.
-pub(crate) fn check_env(v: &mut Validator<'_>, at: Loc<'_>, env: &BTreeMap<String, String>) {
+fn check_env(v: &mut Validator<'_>, at: Loc<'_>, env: &BTreeMap<String, String>) {
     for k in env.keys() {
         let why = if k.starts_with("KEYTURN_") {
             Some("`KEYTURN_*` variables are set by keyturn for each step")

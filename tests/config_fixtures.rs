@@ -160,6 +160,20 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "invalid environment variable `KEYTURN_STEP`: `KEYTURN_*` variables are set by keyturn for each step",
     ),
     (
+        "bad-command-args-nul.toml",
+        22,
+        0,
+        "agents.bot.credentials.api.target.args[1]",
+        "the argument contains a NUL byte, which a program cannot be given",
+    ),
+    (
+        "bad-exec-env-nul.toml",
+        18,
+        0,
+        "agents.bot.credentials.api.deliver[0].env.MODE",
+        "the value of `MODE` contains a NUL byte",
+    ),
+    (
         "bad-unknown-key.toml",
         17,
         1,

@@ -77,7 +77,7 @@ impl SinkPlugin for ExecConfig {
     fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>, _scope: &mut SinkScope<'_, '_>) {
         v.resolve_path(p.key("program"), &mut self.program);
         v.timeout(&p, &self.timeout, DEFAULT_TIMEOUT);
-        process::check_env(v, p.key("env"), &self.env);
+        process::check_command(v, p, &self.program, &self.args, &self.env);
     }
 
     fn build(self: Box<Self>, _ctx: &SinkContext<'_>) -> Result<Arc<dyn Sink>, PluginError> {

@@ -84,7 +84,7 @@ impl TargetPlugin for CommandConfig {
     fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>) {
         v.resolve_path(p.key("program"), &mut self.program);
         v.timeout(&p, &self.timeout, DEFAULT_TIMEOUT);
-        process::check_env(v, p.key("env"), &self.env);
+        process::check_command(v, p, &self.program, &self.args, &self.env);
     }
 
     fn build(&self) -> Result<Option<Arc<dyn Target>>, PluginError> {

@@ -309,15 +309,26 @@ impl PostgresConfig {
 
 impl TargetPlugin for PostgresConfig {
     fn check(&mut self, v: &mut Validator<'_>, p: Loc<'_>) {
-        // A role name is an identifier keyturn quotes itself; the clone's
-        // name adds `_clone`, so leave room for it within PostgreSQL's
-        // 63-byte limit.
+        // A role name is an identifier keyturn quotes itself, within
+        // PostgreSQL's 63-byte limit; under `alternating_users` the clone's
+        // name adds `_clone`, so leave room for it (black-box finding: a
+        // 60-byte `single_user` role, which makes no clone, was refused).
         let role = &self.role;
-        if role.is_empty() || role.len() > MAX_ROLE_LEN - CLONE_SUFFIX.len() || role.contains('\0')
-        {
+        let alternating = self.strategy() == Some(PgStrategy::AlternatingUsers);
+        let max = if alternating {
+            MAX_ROLE_LEN - CLONE_SUFFIX.len()
+        } else {
+            MAX_ROLE_LEN
+        };
+        if role.is_empty() || role.len() > max || role.contains('\0') {
+            let why = if alternating {
+                " (keyturn adds `_clone` for alternating_users)"
+            } else {
+                ""
+            };
             v.err(
                 p.key("role"),
-                format!("invalid role `{role}`: it must be 1 to 57 bytes (keyturn adds `_clone` for alternating_users) without NUL"),
+                format!("invalid role `{role}`: it must be 1 to {max} bytes{why} without NUL"),
             );
         }
         if self.strategy().is_none() {
@@ -1304,6 +1315,38 @@ mod tests {
             .kind,
             ErrorKind::Invalid
         );
+    }
+
+    /// Black-box finding: a 60-byte `single_user` role was refused for the
+    /// `_clone` suffix only `alternating_users` adds.
+    #[test]
+    fn role_length_is_checked_against_the_strategy() {
+        let load = |role: &str, strategy: &str| {
+            let text = format!(
+                "[vaults.v]\ntype = \"local\"\n[agents.a]\nowner = \"o\"\ntenant = \"t\"\ntier = \"low\"\n\
+                 [agents.a.credentials.db]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"ed25519\" }}\n\
+                 target = {{ type = \"postgres\", admin_dsn_file = \"pg.dsn\", role = \"{role}\"{strategy} }}\n"
+            );
+            crate::config::load_str(std::path::Path::new("/etc/keyturn/t.toml"), &text)
+        };
+        let alternating = ", strategy = \"alternating_users\"";
+        for n in [57, 58, 63] {
+            let role = "r".repeat(n);
+            assert!(load(&role, "").is_ok(), "{n} bytes, single_user");
+            assert!(
+                load(&role, ", strategy = \"single_user\"").is_ok(),
+                "{n} bytes, single_user named"
+            );
+        }
+        assert!(load(&"r".repeat(57), alternating).is_ok());
+        let e = load(&"r".repeat(58), alternating).unwrap_err().0;
+        assert!(
+            e[0].message
+                .contains("1 to 57 bytes (keyturn adds `_clone`"),
+            "{e:?}"
+        );
+        let e = load(&"r".repeat(64), "").unwrap_err().0;
+        assert!(e[0].message.contains("1 to 63 bytes without NUL"), "{e:?}");
     }
 
     // ---- real PostgreSQL below ----
