@@ -511,6 +511,12 @@ pub fn reload(path: &Path, previous: &FileSet) -> Result<Reloaded, ConfigErrors>
                 let Ok(text) = read_config_string(&p) else {
                     return full();
                 };
+                // Cut off to nothing: the full load refuses it, naming it
+                // (black-box finding: this path took it as "no agents" and
+                // orphaned them).
+                if text.trim().is_empty() {
+                    return full();
+                }
                 files.push(SourceFile {
                     path: p,
                     text,
@@ -1786,6 +1792,36 @@ grace = \"2h\"\n";
             reload(dir.path(), &files).unwrap(),
             Reloaded::Full(..)
         ));
+    }
+
+    /// Black-box finding: `: > agents.d/b.toml` under a running daemon was
+    /// refused by `check` and at start, but a reload took it as "no agents"
+    /// and orphaned `b`. Refused, naming the file, as a full load does.
+    #[test]
+    fn a_reload_onto_an_agents_file_cut_to_nothing_is_refused() {
+        let dir = config_dir(
+            Some(MAIN),
+            &[("a.toml", &agent("a", "")), ("b.toml", &agent("b", ""))],
+        );
+        age(dir.path());
+        let (_, files) = load_tracked(dir.path()).unwrap();
+        for (name, text) in [("b.toml", ""), ("new.toml", ""), ("b.toml", " \n")] {
+            let path = dir.path().join("agents.d").join(name);
+            std::fs::write(&path, text).unwrap();
+            age_files(std::slice::from_ref(&path));
+            let e = reload(dir.path(), &files)
+                .err()
+                .unwrap_or_else(|| panic!("{name} = {text:?} is refused"))
+                .0;
+            assert!(
+                e.iter()
+                    .any(|e| e.file == path && e.message.starts_with("the file is empty")),
+                "{e:?}"
+            );
+            if name == "new.toml" {
+                std::fs::remove_file(&path).unwrap();
+            }
+        }
     }
 
     #[test]
