@@ -321,8 +321,10 @@ impl HashicorpVault {
                 clear_slot,
                 // A replay: what was current before this version is not
                 // known here, so the clean-up is done again (a no-op).
-                retire_older: true,
-                action: PromoteAction::Done { latest },
+                retire_older: self
+                    .older_to_destroy(STEP, path, latest.saturating_sub(2), expected)
+                    .await?,
+                action: PromoteAction::Done,
             });
         }
         let (source, rotation) = if let Some(slot) = slot.filter(|s| s.is(target)) {
@@ -351,6 +353,14 @@ impl HashicorpVault {
                 "was not written by keyturn; only keyturn's versions can be promoted",
             ));
         };
+        // The write makes `latest + 1` current; the one before the new
+        // previous is `latest - 1`.
+        let retire_older = if retire_older {
+            self.older_to_destroy(STEP, path, latest.saturating_sub(1), expected)
+                .await?
+        } else {
+            None
+        };
         Ok(PromotePlan {
             before,
             clear_slot,
@@ -363,6 +373,29 @@ impl HashicorpVault {
         })
     }
 
+    /// KV version `n`, when its data is to be destroyed by a promote's
+    /// clean-up: keyturn wrote it and it is not `expected` (what keyturn
+    /// holds current, which becomes the previous and lives through its
+    /// grace). Black-box finding: after someone else wrote the path, the
+    /// clean-up destroyed whatever sat two versions back: keyturn's previous
+    /// value within its grace, or the other writer's data.
+    async fn older_to_destroy(
+        &self,
+        step: &str,
+        path: &str,
+        n: u64,
+        expected: Option<&VersionRef>,
+    ) -> Result<Option<u64>, PluginError> {
+        if n == 0 {
+            return Ok(None);
+        }
+        Ok(self
+            .read_kv(step, path, Some(n))
+            .await?
+            .filter(|v| v.rotation.is_some() && expected != Some(&v.reference()))
+            .map(|v| v.number))
+    }
+
     /// Carries out `plan`; returns what was current before it.
     pub(super) async fn commit_promote(
         &self,
@@ -370,19 +403,19 @@ impl HashicorpVault {
         plan: PromotePlan,
     ) -> Result<Option<VersionRef>, PluginError> {
         const STEP: &str = "promote";
-        let current = match plan.action {
-            PromoteAction::Done { latest } => latest,
-            PromoteAction::Write {
-                cas,
-                rotation,
-                value,
-            } => self.write_kv(STEP, path, cas, &rotation, &value).await?,
-        };
+        if let PromoteAction::Write {
+            cas,
+            rotation,
+            value,
+        } = plan.action
+        {
+            self.write_kv(STEP, path, cas, &rotation, &value).await?;
+        }
         // The clean-up a crash may have interrupted; both calls are idempotent.
         // The version before the new previous is retired: destroy its data
         // (destroying a missing or destroyed version is a no-op in KV v2).
-        if current >= 3 && plan.retire_older {
-            self.destroy_versions(STEP, path, vec![current - 2]).await?;
+        if let Some(older) = plan.retire_older {
+            self.destroy_versions(STEP, path, vec![older]).await?;
         }
         if plan.clear_slot {
             self.delete_all(STEP, &Self::pending_path(path)).await?;

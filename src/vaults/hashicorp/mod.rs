@@ -215,15 +215,16 @@ struct PromotePlan {
     before: Option<VersionRef>,
     /// Delete the pending slot (it holds the promoted value).
     clear_slot: bool,
-    /// Destroy the data of the version that becomes retired (the one before
-    /// the new previous); `false` when the engine retired it already.
-    retire_older: bool,
+    /// The version whose data to destroy after the write: the one that
+    /// becomes retired (before the new previous), when the engine did not
+    /// retire it already and keyturn wrote it; `None` to destroy nothing.
+    retire_older: Option<u64>,
     action: PromoteAction,
 }
 
 enum PromoteAction {
-    /// Already current at KV version `latest`; only clean-up is left.
-    Done { latest: u64 },
+    /// Already current; only clean-up is left.
+    Done,
     /// Write `value` for `rotation` as a new version, cas = `cas`.
     Write {
         cas: u64,

@@ -754,3 +754,65 @@ fn a_token_file_is_read_into_one_presized_buffer() {
     let buf = crate::vaults::local::read_capped(&mut big, MAX_SECRET_FILE).unwrap();
     assert_eq!(buf.len(), MAX_SECRET_FILE + 1);
 }
+
+/// Black-box finding: after someone else wrote the path over keyturn's
+/// current version, the next promote's clean-up destroyed whatever sat two
+/// versions back: keyturn's previous value inside its grace (agents still
+/// on it were cut off), or, after two foreign writes, the other writer's
+/// data. Only keyturn's own versions, never the one becoming previous.
+#[apply(server_test!)]
+async fn promote_after_a_foreign_write_destroys_neither_the_previous_nor_the_foreign_data() {
+    let v = root_vault().await;
+    let foreign = |value: &'static str, path: String| async move {
+        vaultrs::kv2::set(
+            &raw(),
+            "secret",
+            &path,
+            &serde_json::json!({ "value": value }),
+        )
+        .await
+        .unwrap();
+    };
+    let promote = |path: String, value: &'static str, expected: VersionRef| {
+        let v = &v;
+        async move {
+            let staged = stage_new(v, &path, value).await.unwrap();
+            v.promote_from(
+                item(&path),
+                Promote {
+                    version: &staged,
+                    expected: Some(&expected),
+                },
+            )
+            .await
+            .unwrap();
+            staged
+        }
+    };
+    for foreign_writes in [1, 2] {
+        let path = unique("foreign-between");
+        let first = stage_and_promote(&v, &path, "one").await; // kv1
+        let second = promote(path.clone(), "two", first).await; // kv2
+        for i in 0..foreign_writes {
+            foreign(["theirs-1", "theirs-2"][i], path.clone()).await;
+        }
+        // keyturn's next rotation: kv2 is what it holds current.
+        promote(path.clone(), "three", second.clone()).await;
+        let meta = raw_meta(&path).await.unwrap();
+        assert!(
+            !meta.versions["2"].destroyed,
+            "{foreign_writes} foreign write(s): keyturn's previous value is destroyed only by its retire, after grace"
+        );
+        for n in 3..3 + foreign_writes {
+            assert!(
+                !meta.versions[&n.to_string()].destroyed,
+                "{foreign_writes} foreign write(s): the foreign KV version {n} is not keyturn's to destroy"
+            );
+        }
+        let kept: Map<String, Value> = vaultrs::kv2::read_version(&raw(), "secret", &path, 2)
+            .await
+            .unwrap();
+        assert_eq!(kept["value"], "two");
+        v.destroy(item(&path)).await.unwrap();
+    }
+}
