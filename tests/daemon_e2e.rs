@@ -80,6 +80,31 @@ fn delivers_files_with_mode_and_owner_and_rotates_on_demand() {
     daemon.stop();
 }
 
+/// Black-box finding: after a reload changed the agent's `uid`, its
+/// directory (owned by the old uid) was refused as someone else's, and no
+/// delivery of the agent's got through until a `chown` by hand. The reload
+/// hands the agent's directories to the new uid.
+#[test]
+fn a_reload_that_changes_the_agents_uid_hands_its_directory_over() {
+    let (env, daemon) = one_raw_at_version_1();
+    let dir = env.root().join("bot");
+    assert_eq!(std::fs::metadata(&dir).unwrap().uid(), 1234);
+    env.write_credentials(&ONE_RAW.replace("uid = 1234", "uid = 4321"));
+    daemon.reload();
+    let out = env.cli(&["rotate", "bot/db", "--wait"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}\n{}", daemon.log_text());
+    for p in [dir.clone(), dir.join("db"), dir.join("db.json")] {
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().uid(),
+            4321,
+            "{} is the agent's new uid's",
+            p.display()
+        );
+    }
+    assert_eq!(version_of(&env, "bot", "db"), Some(2));
+    daemon.stop();
+}
+
 #[test]
 fn a_reader_never_sees_a_partial_or_empty_file() {
     let (env, daemon) = one_raw_at_version_1();

@@ -387,8 +387,21 @@ impl Catalog {
             let copy = agent.copy_without_credentials();
             let shared = Arc::new(copy.clone());
             kept.agents.insert(copy.id.clone(), copy);
+            // The agent's uid before this reload, when it changed.
+            let former_uid = previous
+                .and_then(|p| p.config.agents.get(&agent.id))
+                .and_then(|a| a.uid)
+                .filter(|u| agent.uid != Some(*u));
             for cred in agent.credentials.values() {
-                let entry = entry(cred, &shared, &vaults, &mut policies, &roots, &readers)?;
+                let entry = entry(
+                    cred,
+                    &shared,
+                    former_uid,
+                    &vaults,
+                    &mut policies,
+                    &roots,
+                    &readers,
+                )?;
                 creds.push(Arc::new(entry));
             }
         }
@@ -407,6 +420,7 @@ impl Catalog {
 fn entry(
     cred: &CredentialConfig,
     agent: &Arc<AgentConfig>,
+    former_uid: Option<u32>,
     vaults: &HashMap<String, Arc<VaultHandle>>,
     policies: &mut Policies,
     roots: &[std::path::PathBuf],
@@ -419,6 +433,7 @@ fn entry(
             delivery_roots: roots,
             uid: agent.uid,
             gid: agent.gid,
+            former_uid,
             reader: s.plugin().reads_credential().and_then(|k| readers.get(&k)),
         };
         let sink = s.clone().build(&ctx).map_err(|source| BuildError::Sink {

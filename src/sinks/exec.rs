@@ -216,6 +216,7 @@ mod tests {
             delivery_roots: &[],
             uid: None,
             gid: None,
+            former_uid: None,
             reader: None,
         })
         .unwrap()

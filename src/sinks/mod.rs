@@ -82,6 +82,11 @@ pub struct SinkContext<'a> {
     /// (`None`: the daemon's own).
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// The agent's `uid` before the reload that changed it: directories of
+    /// the agent's it still owns are handed to the new one (black-box
+    /// finding: they were refused as someone else's, and no delivery of the
+    /// agent's got through until a `chown` by hand).
+    pub former_uid: Option<u32>,
     /// The reader of the credential [`SinkPlugin::reads_credential`] names.
     pub reader: Option<&'a Arc<dyn CurrentValue>>,
 }
@@ -119,6 +124,7 @@ fn file_at(path: &Path, delivery_roots: &[PathBuf]) -> Result<file::FileSink, Pl
         delivery_roots,
         uid: None,
         gid: None,
+        former_uid: None,
         reader: None,
     };
     file::FileSink::new(cfg, &ctx)

@@ -176,6 +176,8 @@ struct Spec {
     mode: u32,
     uid: Option<u32>,
     gid: Option<u32>,
+    /// [`SinkContext::former_uid`].
+    former_uid: Option<u32>,
     env_name: Box<str>,
     /// `false`: rewrite the file in place (see the module doc).
     atomic: bool,
@@ -290,6 +292,7 @@ impl FileSink {
             mode,
             uid: ctx.uid,
             gid: ctx.gid,
+            former_uid: ctx.former_uid.filter(|u| ctx.uid != Some(*u)),
             env_name: env_name.into_boxed_str(),
             atomic,
         };
@@ -605,17 +608,19 @@ impl Inner {
                 ),
             ));
         }
+        let former = self.cfg.former_uid.filter(|_| agents);
         if let Some(a) = agent
             && st.st_uid != a
-            && (st.st_uid == 0 || st.st_uid == daemon)
+            && (st.st_uid == 0 || st.st_uid == daemon || former == Some(st.st_uid))
         {
-            // Made before the agent had a `uid` (or by root): the agent's
-            // directory is the agent's, as documented, or it cannot reach
-            // the files it is given (a 0750 directory of root's).
+            // Made before the agent had a `uid` (or by root), or under the
+            // agent's uid before a reload changed it: the agent's directory
+            // is the agent's, as documented, or it cannot reach the files
+            // it is given (a 0750 directory of root's).
             match chown_fd(dir, self.owner()) {
                 Ok(()) => tracing::info!(
-                    directory = %self.shown(depth).display(), uid = a,
-                    "the agent's directory was root's or the daemon's: now the agent's (its uid in the config)"
+                    directory = %self.shown(depth).display(), uid = a, was = st.st_uid,
+                    "the agent's directory is now the agent's (its uid in the config)"
                 ),
                 Err(e) => tracing::warn!(
                     directory = %self.shown(depth).display(), uid = a, error = %e,

@@ -26,6 +26,7 @@ fn new_sink(cfg: FileConfig, roots: &[PathBuf]) -> Result<FileSink, PluginError>
             delivery_roots: roots,
             uid: None,
             gid: None,
+            former_uid: None,
             reader: None,
         },
     )
@@ -219,6 +220,7 @@ async fn owner_is_set_on_file_and_agent_dir() {
         delivery_roots: &roots,
         uid: Some(1234),
         gid: Some(1234),
+        former_uid: None,
         reader: None,
     };
     let s = FileSink::new(c, &ctx).unwrap();
@@ -1020,6 +1022,7 @@ async fn existing_directories_owned_by_another_user_are_refused() {
         delivery_roots: &roots,
         uid: Some(1234),
         gid: Some(1234),
+        former_uid: None,
         reader: None,
     };
     // The agent's own directory, owned by someone else.
@@ -1068,6 +1071,7 @@ async fn an_agent_directory_of_roots_is_given_to_the_agent() {
         delivery_roots: &roots,
         uid: Some(1234),
         gid: Some(2345),
+        former_uid: None,
         reader: None,
     };
     let s = FileSink::new(cfg(&path, FileFormat::Raw), &ctx).unwrap();
@@ -1246,6 +1250,7 @@ async fn in_place_applies_a_changed_mode_and_owner_to_the_same_inode() {
             delivery_roots: &roots,
             uid: Some(1234),
             gid: Some(2345),
+            former_uid: None,
             reader: None,
         },
     )

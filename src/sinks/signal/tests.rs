@@ -209,6 +209,7 @@ fn sink_for(pid_file: &Path, uid: Option<u32>, signal: &str) -> SignalSink {
             delivery_roots: &[],
             uid,
             gid: None,
+            former_uid: None,
             reader: None,
         },
     )

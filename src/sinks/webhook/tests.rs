@@ -52,6 +52,7 @@ fn ctx() -> SinkContext<'static> {
         delivery_roots: &[],
         uid: None,
         gid: None,
+        former_uid: None,
         reader: None,
     }
 }
