@@ -510,6 +510,16 @@ impl Inner {
     /// (`/var/run` → `/run`), or be one; only what is below it is held to the
     /// no-symlink rule.
     fn open_root(&self) -> Result<OwnedFd, PluginError> {
+        let root = self.open_root_unchecked()?;
+        // Held to the rules of the directories below it (black-box finding:
+        // a root of mode 0777, or another user's, was delivered into, and
+        // whoever could write it could rename agents' directories away and
+        // plant their own).
+        self.check_dir_owner(&root, 0, false)?;
+        Ok(root)
+    }
+
+    fn open_root_unchecked(&self) -> Result<OwnedFd, PluginError> {
         match open_root_dir(self.root()) {
             Ok(fd) => Ok(fd),
             Err(Errno::ENOENT) => {

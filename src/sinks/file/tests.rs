@@ -388,6 +388,45 @@ async fn a_delivery_root_that_is_a_symlink_is_followed() {
     );
 }
 
+/// Black-box finding: a delivery root of mode 0777, one its group could
+/// write, or another user's was delivered into (the same faults one level
+/// down were refused): whoever can write it can move an agent's directory
+/// away and plant their own. A sticky one (`/tmp`) is fine; a removal
+/// (decommission) still goes through.
+#[tokio::test]
+async fn a_delivery_root_others_can_write_is_refused() {
+    assert_root("chown the root to another user");
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().join("agents");
+    std::fs::create_dir(&root).unwrap();
+    let path = root.join(AGENT).join("db");
+    let s = sink(&root, &path, FileFormat::Raw);
+    deliver_password(&s, 1, "v1").await.unwrap();
+    let chmod =
+        |mode: u32| std::fs::set_permissions(&root, std::fs::Permissions::from_mode(mode)).unwrap();
+    for (mode, owner, why) in [
+        (0o777, 0, "writable by everyone"),
+        (0o775, 0, "writable by its group"),
+        (0o755, 65534, "owned by uid 65534"),
+    ] {
+        chmod(mode);
+        std::os::unix::fs::chown(&root, Some(owner), None).unwrap();
+        let err = deliver_password(&s, 2, "v2").await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+        assert!(err.message.contains(why), "{mode:o} {owner}: {err}");
+        assert!(err.message.contains(&root.display().to_string()), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "v1");
+    }
+    std::os::unix::fs::chown(&root, Some(0), None).unwrap();
+    chmod(0o1777);
+    deliver_password(&s, 2, "v2").await.unwrap();
+    chmod(0o777);
+    s.retract(&notice(1, ValueKind::Password, None).key)
+        .await
+        .unwrap();
+    assert!(!path.exists(), "a decommission still removes the file");
+}
+
 #[tokio::test]
 async fn a_directory_at_a_single_file_target_is_refused() {
     let root = tempfile::tempdir().unwrap();
