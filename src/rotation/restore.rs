@@ -54,6 +54,10 @@ use crate::generators;
 use crate::model::{PluginError, RotationId, Stage, VersionNo};
 use crate::sinks::{Notice, Sink};
 use crate::state::Write;
+
+/// What a restore did: files restored, the audit head after its last
+/// record, and whether a sink's delivery failed.
+type Restored = (usize, Option<crate::state::AuditHead>, bool);
 use crate::vaults::{Select, VaultItem};
 
 /// How long the start waits for the restores of missing files (each a
@@ -323,16 +327,16 @@ impl Inner {
             && !self.leaving(&entry)
         {
             match self.restore_or_log(&entry, version, &sinks).await {
-                Ok((restored, head)) => {
+                Ok((restored, head, some_failed)) => {
                     if let Some(head) = head
                         && let Err(e) = self.persist(vec![Write::AuditHead(head)]).await
                     {
                         tracing::warn!(error = %e, "recording the audit head of restored files");
                     }
                     if restored > 0 {
-                        tracing::info!(agent = %key.agent, credential = %key.credential, version, files = restored, "restored delivered files that were missing");
+                        tracing::info!(agent = %key.agent, credential = %key.credential, version, files = restored, "restored delivered files (missing, or their sink added or changed by a reload)");
                     }
-                    failed = false;
+                    failed = some_failed;
                 }
                 Err(()) => failed = true,
             }
@@ -394,7 +398,7 @@ impl Inner {
         entry: &CredEntry,
         version: VersionNo,
         sinks: &[Arc<dyn Sink>],
-    ) -> Result<(usize, Option<crate::state::AuditHead>), ()> {
+    ) -> Result<Restored, ()> {
         self.restore(entry, version, sinks).await.map_err(|e| {
             tracing::warn!(
                 agent = %entry.key().agent,
@@ -407,19 +411,20 @@ impl Inner {
     }
 
     /// Restores `version` of one credential to `sinks`: how many it
-    /// restored, and the audit head after the last record.
+    /// restored, the audit head after the last record, and whether a
+    /// sink's delivery failed (logged and audited; tried again).
     async fn restore(
         &self,
         entry: &CredEntry,
         version: VersionNo,
         sinks: &[Arc<dyn Sink>],
-    ) -> Result<(usize, Option<crate::state::AuditHead>), PluginError> {
+    ) -> Result<Restored, PluginError> {
         // A follower restores only the version it delivered; what else
         // its vault holds is decided in `follow.rs`.
         let (rot, stored) = if entry.policy.follow.is_some() {
             match self.follow_restore(entry, version).await? {
                 FollowRestore::Same(stored) => (None, stored),
-                FollowRestore::Handled(n) => return Ok((n, None)),
+                FollowRestore::Handled(n) => return Ok((n, None, false)),
             }
         } else {
             let key = entry.key().clone();
@@ -433,7 +438,7 @@ impl Inner {
                 Some(r) if matches!(r.step, Step::Create | Step::Set | Step::Test) => None,
                 // Promoted and not yet delivered (it resumes now and delivers
                 // the new version), or abandoned (a fresh rotation follows).
-                Some(_) => return Ok((0, None)),
+                Some(_) => return Ok((0, None, false)),
                 None => None,
             };
             // Where the current version was made (the config may have moved
@@ -479,7 +484,7 @@ impl Inner {
                 // file of it labelled `version` would be wrong. The
                 // rotation resumes and delivers what it made.
                 tracing::warn!(agent = %entry.key().agent, credential = %entry.key().credential, version, "not restoring the missing file: the vault's current value is not the current version in state; the next rotation delivers");
-                return Ok((0, None));
+                return Ok((0, None, false));
             }
             let mut stored = stored;
             if made_by.is_some() {
@@ -519,7 +524,7 @@ impl Inner {
                 }
             }
         };
-        let (mut restored, mut head) = (0, None);
+        let (mut restored, mut head, mut failed) = (0, None, Vec::new());
         for sink in sinks {
             if self.leaving(entry) {
                 break;
@@ -551,15 +556,31 @@ impl Inner {
             head = Some(self.append(ev).await?);
             match result {
                 Ok(_) => restored += 1,
-                Err(e) => tracing::warn!(
-                    agent = %entry.key().agent,
-                    credential = %entry.key().credential,
-                    sink = %sink.describe(),
-                    error = %e,
-                    "restoring a missing file failed; the next rotation delivers it"
-                ),
+                Err(e) => {
+                    tracing::warn!(
+                        agent = %entry.key().agent,
+                        credential = %entry.key().credential,
+                        sink = %sink.describe(),
+                        error = %e,
+                        "restoring a delivered file failed; tried again after a back-off (or delivered by the next rotation)"
+                    );
+                    failed.extend(sink.delivered_path().map(std::path::Path::to_path_buf));
+                }
             }
         }
-        Ok((restored, head))
+        let some_failed = !failed.is_empty();
+        if some_failed {
+            // Black-box finding: a restore refused by what was at the path
+            // (a FIFO, a directory at a bundle's `..data`) was not tried
+            // again once that was cleared: the agent had no file until the
+            // next rotation. Those sinks are restored again, as added ones.
+            self.added_files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(entry.key().clone())
+                .or_default()
+                .extend(failed);
+        }
+        Ok((restored, head, some_failed))
     }
 }

@@ -2547,6 +2547,43 @@ async fn a_failing_deliver_shows_the_promoted_version() {
     rig.shutdown().await;
 }
 
+/// Black-box finding: a restore refused by what was in the file's place (a
+/// FIFO, a directory) was not tried again once that was cleared: the agent
+/// had no file until the next rotation, a day later here. The sink is
+/// restored again after a back-off.
+#[tokio::test(start_paused = true)]
+async fn a_restore_refused_by_what_is_at_the_path_is_tried_again_after_a_back_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agents/bot/c0");
+    let sink = || -> Arc<dyn Sink> {
+        crate::sinks::delivered_at(&file, &[file.parent().unwrap().parent().unwrap().into()])
+            .unwrap()
+    };
+    let (store, vault) = (Arc::new(MemoryStore::new()), Arc::<MemVault>::default());
+    let every = "every = \"24h\"";
+    let rig = Rig::in_dir_with(dir, 1, every, "", store.clone(), vault.clone(), &[sink()]);
+    rig.run().await;
+    rig.first_version().await;
+    let was = std::fs::read(&file).unwrap();
+    let dir = rig.shutdown().await;
+
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let rig = Rig::in_dir_with(dir, 1, every, "", store, vault.clone(), &[sink()]);
+    rig.run().await;
+    rig.engine.restore_missing_files().await;
+    assert!(file.is_dir(), "refused: a directory is in its place");
+    std::fs::remove_dir(&file).unwrap();
+    rig.until(
+        Duration::from_secs(600),
+        "restored after a back-off",
+        |_| file.is_file(),
+    )
+    .await;
+    assert_eq!(std::fs::read(&file).unwrap(), was);
+    rig.shutdown().await;
+}
+
 /// Black-box finding: a delivered file missing at start whose vault did
 /// not answer was restored once, then left to the next rotation (a day
 /// later with a daily schedule). It is tried again after a back-off until
