@@ -174,6 +174,13 @@ const BAD: &[(&str, usize, usize, &str, &str)] = &[
         "the value of `MODE` contains a NUL byte",
     ),
     (
+        "bad-delivery-temp-name.toml",
+        18,
+        0,
+        "agents.bot.credentials.db.deliver[0].path",
+        "has the shape of keyturn's temp files",
+    ),
+    (
         "bad-unknown-key.toml",
         17,
         1,

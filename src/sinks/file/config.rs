@@ -168,6 +168,25 @@ impl FileConfig {
             );
             return;
         }
+        // Black-box finding: a name of keyturn's temp files' shape
+        // (`.NAME.tmp.<16 hex digits>`) passed `check`, and the sweep of
+        // stale temp files removed the delivered file at every start.
+        if let Some(temp) = written.components().find(|c| {
+            let b = c.as_os_str().as_encoded_bytes();
+            b.starts_with(b".")
+                && b.len() > 21
+                && b[b.len() - 21..].starts_with(b".tmp.")
+                && b[b.len() - 16..].iter().all(u8::is_ascii_hexdigit)
+        }) {
+            v.err(
+                p,
+                format!(
+                    "delivery path `{text}`: `{}` has the shape of keyturn's temp files (`.NAME.tmp.` and 16 hex digits), which keyturn removes as left over; name it otherwise",
+                    temp.as_os_str().to_string_lossy()
+                ),
+            );
+            return;
+        }
         // `..` is refused outright rather than normalised away: with
         // symlinks in play, `a/../b` need not be where it looks.
         if written.components().any(|c| c == Component::ParentDir) {
