@@ -197,6 +197,7 @@ impl AuditLog {
             synced: Arc::clone(&synced),
             unsynced: false,
             failed: None,
+            cut_to: None,
             key,
             displaced_logged: false,
             len,
@@ -400,6 +401,12 @@ struct Writer {
     /// Set after an fsync failed: the kernel may have dropped the dirty pages,
     /// so nothing about the file's content can be trusted any more.
     failed: Option<String>,
+    /// A write failed and what part of it reached the file could not be cut
+    /// off then (the file made immutable or read-only, say): the length to
+    /// cut it back to, and why the write failed. Tried again before the next
+    /// append, which goes on once it works (black-box finding: this was
+    /// taken for a failed fsync, and only a restart brought appends back).
+    cut_to: Option<(u64, String)>,
     /// Keys the chain; never leaves this thread.
     key: Option<AuditKey>,
     /// The file at `path` was found not to be the open one (logged once).
@@ -458,8 +465,31 @@ impl Writer {
         if batch.is_empty() && syncs.is_empty() && !(durable && self.unsynced) {
             return;
         }
+        if let Some((len, why)) = self.cut_to.take() {
+            match self.file.set_len(len).and_then(|()| self.file.sync_data()) {
+                Ok(()) => {
+                    self.len = len;
+                    tracing::info!(path = %self.path, "audit log: the partial write of an earlier failed append is cut off; appending again");
+                }
+                Err(e) => {
+                    let message = format!(
+                        "{why}; and its partial write still cannot be cut off: {e} (fix that: free space, the file's attributes or permissions; keyturn goes on by itself)"
+                    );
+                    for (_, reply) in batch {
+                        let _ = reply.send(Err(self.io_err(&message)));
+                    }
+                    for reply in syncs {
+                        let _ = reply.send(Err(self.io_err(&message)));
+                    }
+                    self.cut_to = Some((len, why));
+                    return;
+                }
+            }
+        }
         if let Some(why) = &self.failed {
-            let message = format!("an earlier fsync failed ({why}); restart keyturn");
+            let message = format!(
+                "an earlier fsync (or the cut of a failed write) failed ({why}); restart keyturn"
+            );
             for (_, reply) in batch {
                 let _ = reply.send(Err(self.io_err(&message)));
             }
@@ -531,11 +561,19 @@ impl Writer {
             // Take back whatever part of the batch reached the file, so the
             // chain continues from the last acknowledged record.
             let message = format!("cannot write: {e}");
-            let repaired = len_before
-                .and_then(|len| self.file.set_len(len))
-                .and_then(|()| self.file.sync_data());
-            if let Err(e2) = repaired {
-                self.failed = Some(format!("{message}; and cannot cut the partial write: {e2}"));
+            match len_before {
+                Ok(len) => {
+                    if let Err(e2) = self.file.set_len(len).and_then(|()| self.file.sync_data()) {
+                        tracing::error!(path = %self.path, error = %e2, "audit log: cannot cut off the partial write of a failed append; tried again before the next one");
+                        self.cut_to = Some((len, message.clone()));
+                    }
+                }
+                // Its length unknown, what reached the file cannot be cut.
+                Err(e2) => {
+                    self.failed = Some(format!(
+                        "{message}; and cannot read the file's length to cut the partial write: {e2}"
+                    ));
+                }
             }
             for (reply, _) in replies {
                 let _ = reply.send(Err(self.io_err(&message)));
@@ -1103,6 +1141,38 @@ pub(crate) mod tests {
 
         std::fs::rename(&moved, &path).unwrap();
         let head = log.append(event(2)).await.expect("the file is back");
+        assert_eq!(head.seq, 2);
+        assert_eq!(verify_file(&path, Some(&head)).unwrap().records, 2);
+    }
+
+    /// Black-box finding: with the log made immutable (`chattr +i`), a
+    /// failed write whose partial bytes could not be cut off was taken for
+    /// a failed fsync: appends were refused for good ("restart keyturn")
+    /// after the file was writable again. The cut is tried again before
+    /// each append, and appends go on once it works.
+    #[tokio::test]
+    async fn appends_go_on_once_a_failed_writes_bytes_can_be_cut_off() {
+        crate::test_support::assert_root("chattr +i");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, None).unwrap();
+        log.append(event(1)).await.unwrap();
+        let chattr = |flag: &str| {
+            let out = std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(&path)
+                .output()
+                .expect("chattr (e2fsprogs) is installed");
+            assert!(out.status.success(), "chattr {flag}: {out:?}");
+        };
+        chattr("+i");
+        for _ in 0..2 {
+            let e = log.append(event(2)).await.expect_err("an immutable file");
+            assert!(e.to_string().contains("cannot write"), "{e}");
+            assert!(!e.to_string().contains("restart keyturn"), "{e}");
+        }
+        chattr("-i");
+        let head = log.append(event(2)).await.expect("writable again");
         assert_eq!(head.seq, 2);
         assert_eq!(verify_file(&path, Some(&head)).unwrap().records, 2);
     }

@@ -765,6 +765,47 @@ async fn exhausted_retries_park_the_rotation_with_a_doubling_delay_then_it_compl
     rig.shutdown().await;
 }
 
+/// Black-box finding: with the audit log made immutable (`chattr +i`),
+/// rotations failed, and once the file was writable again they still did
+/// ("an earlier fsync failed ... restart keyturn"). The failures alert,
+/// and the rotation goes through once the log can be written.
+#[tokio::test(start_paused = true)]
+async fn rotations_fail_and_alert_while_the_audit_log_cannot_be_written_then_go_on() {
+    let rig = Rig::started(1, "every = \"6h\"").await;
+    crate::test_support::assert_root("chattr +i");
+    let log = rig.dir.path().join("audit.log");
+    let chattr = |flag: &str| {
+        let out = std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(&log)
+            .output()
+            .expect("chattr (e2fsprogs) is installed");
+        assert!(out.status.success(), "chattr {flag}: {out:?}");
+    };
+    chattr("+i");
+    let done = rig.rotate_c0().await;
+    let err = done.error.expect("the rotation cannot be recorded");
+    assert!(err.contains("cannot write"), "{err}");
+    // Each parked run counts: the alert fires (the rig warns at 2).
+    rig.until(Duration::from_secs(120), "a rotation-failure alert", |r| {
+        let now = super::clock::Clock::now(&r.clock);
+        r.engine
+            .health_conditions(now)
+            .firing
+            .iter()
+            .any(|a| a.name == super::health::ROTATION_FAILING)
+    })
+    .await;
+    chattr("-i");
+    rig.until(
+        Duration::from_secs(120),
+        "rotated once the log is back",
+        |r| r.status("c0").version == Some(2),
+    )
+    .await;
+    rig.shutdown().await;
+}
+
 /// Defect: a retire step that kept failing was retried every `max_delay`
 /// forever and never parked, while status said `retiring` long after the
 /// grace ended. It is parked like any failed step: status shows `failed`
