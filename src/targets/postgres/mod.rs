@@ -399,6 +399,18 @@ impl PostgresTarget {
         self.admin.pool(&self.describe(), step).await
     }
 
+    /// The database `test` logs into: `test_dbname`, else the admin DSN's
+    /// (libpq's default database is the user name; the admin connection
+    /// used that when its DSN names none).
+    fn test_db<'a>(&'a self, admin: &'a Config) -> &'a str {
+        self.s
+            .test_dbname
+            .as_deref()
+            .or(admin.get_dbname())
+            .or(admin.get_user())
+            .unwrap_or("postgres")
+    }
+
     /// An admin connection for `step`, from the shared pool.
     async fn admin(&self, step: &str) -> Result<Lease, PluginError> {
         self.admin.lease(&self.describe(), step).await
@@ -594,15 +606,7 @@ impl Target for PostgresTarget {
         for p in admin.get_ports() {
             cfg.port(*p);
         }
-        // libpq's default database is the user name; the admin connection
-        // used that when its DSN names none.
-        let db = self
-            .s
-            .test_dbname
-            .as_deref()
-            .or(admin.get_dbname())
-            .or(admin.get_user())
-            .unwrap_or("postgres");
+        let db = self.test_db(&admin);
         cfg.user(role)
             .password(value.expose())
             .dbname(db)
@@ -707,22 +711,58 @@ impl Target for PostgresTarget {
 
     async fn check(&self) -> Result<(), PluginError> {
         let ctx = format!("{}: check", self.describe());
+        let (admin, _) = self.pool("check").await?;
+        let db = self.test_db(&admin).to_owned();
         let mut conn = self.admin("check").await?;
-        let exists = loop {
+        let facts = loop {
             let outcome = conn
-                .bounded(&ctx, role_exists(&conn, &self.s.role, &ctx))
+                .bounded(&ctx, check_facts(&conn, &self.s.role, &db, &ctx))
                 .await;
             if !conn.again(&outcome, &ctx).await? {
                 break outcome?;
             }
         };
-        if exists {
-            Ok(())
-        } else {
+        let invalid = |why: String| {
             Err(PluginError::new(
                 ErrorKind::Invalid,
-                format!("{ctx}: role {:?} does not exist", self.s.role),
+                format!("{ctx}: {why}"),
             ))
+        };
+        let role = &self.s.role;
+        if !facts.role_exists {
+            return invalid(format!("role {role:?} does not exist"));
+        }
+        // Black-box finding: an admin role without CREATEROLE passed, and
+        // the first rotation failed "permission denied" without saying why.
+        if !facts.admin_may_alter {
+            return invalid(format!(
+                "the admin role {:?} (admin_dsn_file {}) is neither superuser nor CREATEROLE: it cannot set passwords{}; `ALTER ROLE {} CREATEROLE`",
+                facts.admin,
+                self.s.admin_dsn_file.display(),
+                if self.clone.is_some() {
+                    " or create the clone"
+                } else {
+                    ""
+                },
+                quote_ident(&facts.admin)
+            ));
+        }
+        // Black-box finding: a `test_dbname` that does not exist passed,
+        // and the first rotation set a password its login test could not
+        // use: a `single_user` agent was locked out.
+        match facts.database {
+            None => invalid(format!(
+                "database {db:?}, which `test` logs into as {role:?}, does not exist (test_dbname, else the admin DSN's database)"
+            )),
+            Some((false, _)) => invalid(format!(
+                "database {db:?}, which `test` logs into, does not allow connections (datallowconn is false)"
+            )),
+            Some((true, false)) => invalid(format!(
+                "role {role:?} has no CONNECT privilege on database {db:?}, which `test` logs into: `GRANT CONNECT ON DATABASE {} TO {}`",
+                quote_ident(&db),
+                quote_ident(role)
+            )),
+            Some((true, true)) => Ok(()),
         }
     }
 }
@@ -875,6 +915,57 @@ async fn role_exists(conn: &AdminConn, role: &str, ctx: &str) -> Result<bool, Pl
     }
     .await
     .map(|r| r.is_some())
+    .map_err(|e| conn.error(ctx, &e, &[]))
+}
+
+/// What `check --online` looks at on the server.
+struct CheckFacts {
+    role_exists: bool,
+    /// The admin connection's user.
+    admin: String,
+    /// Superuser or CREATEROLE.
+    admin_may_alter: bool,
+    /// The test database, when it exists: whether it allows connections,
+    /// and whether the role may connect to it.
+    database: Option<(bool, bool)>,
+}
+
+async fn check_facts(
+    conn: &AdminConn,
+    role: &str,
+    db: &str,
+    ctx: &str,
+) -> Result<CheckFacts, PluginError> {
+    async {
+        let row = conn
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1), current_user::text, \
+                 (SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user)",
+                &[&role],
+            )
+            .await?;
+        let role_exists: bool = row.get(0);
+        let database = if role_exists {
+            conn.client
+                .query_opt(
+                    "SELECT datallowconn, has_database_privilege($1, oid, 'CONNECT') \
+                     FROM pg_database WHERE datname = $2",
+                    &[&role, &db],
+                )
+                .await?
+                .map(|r| (r.get(0), r.get(1)))
+        } else {
+            None
+        };
+        Ok(CheckFacts {
+            role_exists,
+            admin: row.get(1),
+            admin_may_alter: row.get::<_, Option<bool>>(2).unwrap_or(false),
+            database,
+        })
+    }
+    .await
     .map_err(|e| conn.error(ctx, &e, &[]))
 }
 
@@ -1351,6 +1442,64 @@ mod tests {
 
     // ---- real PostgreSQL below ----
 
+    /// Black-box findings: a `test_dbname` that does not exist, and an
+    /// admin role that may not set passwords, passed `check --online`; the
+    /// first rotation then failed (the first after `set`, locking a
+    /// `single_user` agent out). Each is named, with what to do.
+    #[apply(server_test!)]
+    async fn check_finds_a_missing_test_database_and_an_admin_without_createrole() {
+        let f = Fixture::new("chk").await;
+        let t = PostgresTarget::new(PostgresConfig {
+            test_dbname: Some("kt_no_such_db".into()),
+            ..f.settings(PgStrategy::SingleUser)
+        })
+        .unwrap();
+        let e = t.check().await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(
+            e.message
+                .contains("database \"kt_no_such_db\", which `test` logs into as"),
+            "{e}"
+        );
+
+        let weak = format!("{}_adm", f.role);
+        f.admin()
+            .await
+            .batch_execute(&format!(
+                "CREATE ROLE {} LOGIN PASSWORD 'weak-admin-pw-1'",
+                quote_ident(&weak)
+            ))
+            .await
+            .unwrap();
+        let dsn = f.dir.path().join("weak.dsn");
+        std::fs::write(
+            &dsn,
+            format!(
+                "host={} port={} user={weak} password=weak-admin-pw-1 dbname=postgres\n",
+                f.pg.host, f.pg.port
+            ),
+        )
+        .unwrap();
+        let t = PostgresTarget::new(PostgresConfig {
+            admin_dsn_file: dsn.clone(),
+            ..f.settings(PgStrategy::SingleUser)
+        })
+        .unwrap();
+        let e = t.check().await.unwrap_err();
+        f.admin()
+            .await
+            .batch_execute(&format!("DROP ROLE {}", quote_ident(&weak)))
+            .await
+            .unwrap();
+        assert!(
+            e.message.contains("is neither superuser nor CREATEROLE")
+                && e.message.contains(&dsn.display().to_string())
+                && !e.message.contains("weak-admin-pw-1"),
+            "{e}"
+        );
+        f.target(PgStrategy::SingleUser).check().await.unwrap();
+    }
+
     #[apply(server_test!)]
     async fn single_user_set_and_test_log_in_and_old_password_stops_working() {
         let f = Fixture::new("single").await;
@@ -1757,7 +1906,7 @@ mod tests {
         admin
             .batch_execute(&format!(
                 "SET password_encryption = 'md5'; \
-                 CREATE ROLE {r} LOGIN PASSWORD 'md5-admin-pass' IN ROLE kt_hba_md5",
+                 CREATE ROLE {r} LOGIN CREATEROLE PASSWORD 'md5-admin-pass' IN ROLE kt_hba_md5",
                 r = quote_ident(&md5_admin)
             ))
             .await
