@@ -2297,6 +2297,48 @@ fn check_online_against_a_server_that_never_answers_ends_cleanly() {
     drop(silent);
 }
 
+/// Black-box finding: a vault `token_file` (or a PostgreSQL admin DSN)
+/// every local user could read passed `check` silently, where key files
+/// must be 0600. `check` warns, naming the setting; 0640 is fine.
+#[test]
+fn check_warns_of_a_secret_file_every_user_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("");
+    let token = env.path().join("bao.token");
+    let dsn = env.path().join("admin.dsn");
+    std::fs::write(&token, "s.canary-token-1\n").unwrap();
+    std::fs::write(&dsn, "host=127.0.0.1 user=admin password=canary-pw-1\n").unwrap();
+    env.write_credentials(&format!(
+        "[vaults.bao]\ntype = \"vault\"\naddress = \"http://127.0.0.1:1\"\ntoken_file = \"{}\"\n\n{}[agents.bot.credentials.db]\nvault = \"bao\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"1h\"\ntarget = {{ type = \"postgres\", admin_dsn_file = \"{}\", role = \"bot\" }}\n",
+        token.display(),
+        agent_table("bot"),
+        dsn.display()
+    ));
+    let check = |mode: u32| {
+        for f in [&token, &dsn] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let out = env.cli(&["check"]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.contains("canary"), "{stderr}");
+        stderr
+    };
+    let stderr = check(0o644);
+    for what in [
+        "vaults.bao.token_file",
+        "agents.bot.credentials.db.target.admin_dsn_file",
+    ] {
+        assert!(
+            stderr.contains(&format!("warning: {what}"))
+                && stderr.contains("every local user can read it (mode 0644)"),
+            "{what}: {stderr}"
+        );
+    }
+    let stderr = check(0o640);
+    assert!(!stderr.contains("every local user can read"), "{stderr}");
+}
+
 /// Black-box finding: SIGUSR1 (what many logrotate scripts send to reopen
 /// logs) ended the daemon, with no log line and no `daemon.stop` record.
 /// It is logged and ignored.
@@ -2314,7 +2356,10 @@ fn sigusr1_is_logged_and_ignored() {
     })
     .unwrap_or_else(|| panic!("not logged: {}", daemon.log_text()));
     let log = daemon.log_text();
-    assert!(log.contains("\"SIGUSR1\""), "names the signal: {log}");
+    assert!(
+        log.contains("SIGUSR1 from uid="),
+        "names the signal and its sender: {log}"
+    );
     env.cli_ok(&["rotate", "bot/db", "--wait"]);
     daemon.stop();
     assert!(

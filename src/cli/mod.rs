@@ -370,6 +370,7 @@ async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
     warn_decommissioned_signers(&cfg);
     warn_unreadable_jwks_files(&cfg);
     warn_undone_decommissions(&cfg);
+    warn_world_readable_secret_files(&cfg);
     if !online {
         return 0;
     }
@@ -502,6 +503,65 @@ fn warn_unreadable_jwks_files(cfg: &Config) {
                     path.display()
                 );
             }
+        }
+    }
+}
+
+/// Warns of each file holding a secret the daemon logs in with (a vault
+/// token, an AppRole secret id, an Azure client secret, a PostgreSQL admin
+/// DSN) that every local user can read. Black-box finding: a 0644
+/// `token_file` passed `check` silently, where key files must be 0600.
+/// (Group-readable is left alone: a 0640 file of a group only the daemon's
+/// user is in is a usual set-up.)
+fn warn_world_readable_secret_files(cfg: &Config) {
+    use crate::targets::TargetConfig;
+    use crate::vaults::VaultSpec;
+    use std::os::unix::fs::MetadataExt;
+    let mut files: Vec<(String, &Path)> = Vec::new();
+    for (name, v) in &cfg.vaults {
+        match &v.spec {
+            VaultSpec::Vault(h) => {
+                if let Some(t) = &h.token_file {
+                    files.push((format!("vaults.{name}.token_file"), t));
+                }
+                if let Some(a) = &h.approle {
+                    files.push((
+                        format!("vaults.{name}.approle.secret_id_file"),
+                        &a.secret_id_file,
+                    ));
+                }
+            }
+            VaultSpec::AzureKeyVault(a) => {
+                if let Some(f) = &a.client_secret_file {
+                    files.push((format!("vaults.{name}.client_secret_file"), f));
+                }
+            }
+            _ => {}
+        }
+    }
+    for agent in cfg.agents.values() {
+        for (id, cred) in &agent.credentials {
+            if let TargetConfig::Postgres(p) = &cred.target {
+                files.push((
+                    format!("agents.{}.credentials.{id}.target.admin_dsn_file", agent.id),
+                    &p.admin_dsn_file,
+                ));
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (what, path) in files {
+        if !seen.insert(path) {
+            continue;
+        }
+        if let Ok(m) = std::fs::metadata(path)
+            && m.mode() & 0o004 != 0
+        {
+            eprintln!(
+                "keyturn: warning: {what} {}: every local user can read it (mode {:04o}), and it holds a secret keyturn logs in with; `chmod o-r` it (0600, or 0640 for a group only keyturn's user is in)",
+                path.display(),
+                m.mode() & 0o7777
+            );
         }
     }
 }
