@@ -49,6 +49,18 @@ pub(crate) fn assert_root(what_needs_it: &str) {
     );
 }
 
+/// `chattr FLAG PATH` (e2fsprogs), as root: `+i` makes a file immutable
+/// (every write and truncate fails), `-i` undoes it.
+pub(crate) fn chattr(flag: &str, path: &std::path::Path) {
+    assert_root("chattr");
+    let out = std::process::Command::new("chattr")
+        .arg(flag)
+        .arg(path)
+        .output()
+        .expect("chattr (e2fsprogs) is installed");
+    assert!(out.status.success(), "chattr {flag}: {out:?}");
+}
+
 /// A credential's state row with every field set (timestamps at the
 /// millisecond precision the engine keeps).
 pub(crate) fn credential_row(k: &CredentialKey) -> CredentialRow {

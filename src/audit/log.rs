@@ -453,6 +453,16 @@ impl Writer {
         Flow::Continue
     }
 
+    /// Answers every append and sync of a batch with `message`'s error.
+    fn refuse(&self, appends: Vec<(Box<AuditEvent>, Reply)>, syncs: Vec<Reply>, message: &str) {
+        for (_, reply) in appends {
+            let _ = reply.send(Err(self.io_err(message)));
+        }
+        for reply in syncs {
+            let _ = reply.send(Err(self.io_err(message)));
+        }
+    }
+
     /// Writes the batch's lines with one `write`; fsyncs once if any of its
     /// callers needs durability (covering lines written unsynced before);
     /// then answers each.
@@ -475,12 +485,7 @@ impl Writer {
                     let message = format!(
                         "{why}; and its partial write still cannot be cut off: {e} (fix that: free space, the file's attributes or permissions; keyturn goes on by itself)"
                     );
-                    for (_, reply) in batch {
-                        let _ = reply.send(Err(self.io_err(&message)));
-                    }
-                    for reply in syncs {
-                        let _ = reply.send(Err(self.io_err(&message)));
-                    }
+                    self.refuse(batch, syncs, &message);
                     self.cut_to = Some((len, why));
                     return;
                 }
@@ -490,24 +495,14 @@ impl Writer {
             let message = format!(
                 "an earlier fsync (or the cut of a failed write) failed ({why}); restart keyturn"
             );
-            for (_, reply) in batch {
-                let _ = reply.send(Err(self.io_err(&message)));
-            }
-            for reply in syncs {
-                let _ = reply.send(Err(self.io_err(&message)));
-            }
+            self.refuse(batch, syncs, &message);
             return;
         }
         let mut batch = batch;
         // One fstat (needed for the length anyway) and one stat a batch.
         let opened = self.file.metadata();
         if let Some(message) = opened.as_ref().ok().and_then(|m| self.displaced(m)) {
-            for (_, reply) in batch {
-                let _ = reply.send(Err(self.io_err(&message)));
-            }
-            for reply in syncs {
-                let _ = reply.send(Err(self.io_err(&message)));
-            }
+            self.refuse(batch, syncs, &message);
             return;
         }
         let len_before = opened.map(|m| m.len());
@@ -1157,21 +1152,13 @@ pub(crate) mod tests {
         let path = dir.path().join("audit.log");
         let log = AuditLog::open(&path, None).unwrap();
         log.append(event(1)).await.unwrap();
-        let chattr = |flag: &str| {
-            let out = std::process::Command::new("chattr")
-                .arg(flag)
-                .arg(&path)
-                .output()
-                .expect("chattr (e2fsprogs) is installed");
-            assert!(out.status.success(), "chattr {flag}: {out:?}");
-        };
-        chattr("+i");
+        crate::test_support::chattr("+i", &path);
         for _ in 0..2 {
             let e = log.append(event(2)).await.expect_err("an immutable file");
             assert!(e.to_string().contains("cannot write"), "{e}");
             assert!(!e.to_string().contains("restart keyturn"), "{e}");
         }
-        chattr("-i");
+        crate::test_support::chattr("-i", &path);
         let head = log.append(event(2)).await.expect("writable again");
         assert_eq!(head.seq, 2);
         assert_eq!(verify_file(&path, Some(&head)).unwrap().records, 2);

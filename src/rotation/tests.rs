@@ -774,15 +774,7 @@ async fn rotations_fail_and_alert_while_the_audit_log_cannot_be_written_then_go_
     let rig = Rig::started(1, "every = \"6h\"").await;
     crate::test_support::assert_root("chattr +i");
     let log = rig.dir.path().join("audit.log");
-    let chattr = |flag: &str| {
-        let out = std::process::Command::new("chattr")
-            .arg(flag)
-            .arg(&log)
-            .output()
-            .expect("chattr (e2fsprogs) is installed");
-        assert!(out.status.success(), "chattr {flag}: {out:?}");
-    };
-    chattr("+i");
+    crate::test_support::chattr("+i", &log);
     let done = rig.rotate_c0().await;
     let err = done.error.expect("the rotation cannot be recorded");
     assert!(err.contains("cannot write"), "{err}");
@@ -796,7 +788,7 @@ async fn rotations_fail_and_alert_while_the_audit_log_cannot_be_written_then_go_
             .any(|a| a.name == super::health::ROTATION_FAILING)
     })
     .await;
-    chattr("-i");
+    crate::test_support::chattr("-i", &log);
     rig.until(
         Duration::from_secs(120),
         "rotated once the log is back",
@@ -2588,12 +2580,13 @@ async fn a_failing_deliver_shows_the_promoted_version() {
     rig.shutdown().await;
 }
 
-/// Black-box finding: a restore refused by what was in the file's place (a
-/// FIFO, a directory) was not tried again once that was cleared: the agent
-/// had no file until the next rotation, a day later here. The sink is
-/// restored again after a back-off.
-#[tokio::test(start_paused = true)]
-async fn a_restore_refused_by_what_is_at_the_path_is_tried_again_after_a_back_off() {
+/// A daily credential with one file sink, at its first version, started
+/// again after `meanwhile` (given the file's path and the vault) ran with
+/// the daemon down and the file removed; its start's restore has run.
+/// The rig, the file and what it held.
+async fn restarted_without_its_file(
+    meanwhile: impl FnOnce(&std::path::Path, &MemVault),
+) -> (Rig, std::path::PathBuf, Vec<u8>, Arc<MemVault>) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("agents/bot/c0");
     let sink = || -> Arc<dyn Sink> {
@@ -2609,10 +2602,21 @@ async fn a_restore_refused_by_what_is_at_the_path_is_tried_again_after_a_back_of
     let dir = rig.shutdown().await;
 
     std::fs::remove_file(&file).unwrap();
-    std::fs::create_dir(&file).unwrap();
+    meanwhile(&file, &vault);
     let rig = Rig::in_dir_with(dir, 1, every, "", store, vault.clone(), &[sink()]);
     rig.run().await;
     rig.engine.restore_missing_files().await;
+    (rig, file, was, vault)
+}
+
+/// Black-box finding: a restore refused by what was in the file's place (a
+/// FIFO, a directory) was not tried again once that was cleared: the agent
+/// had no file until the next rotation, a day later here. The sink is
+/// restored again after a back-off.
+#[tokio::test(start_paused = true)]
+async fn a_restore_refused_by_what_is_at_the_path_is_tried_again_after_a_back_off() {
+    let (rig, file, was, _) =
+        restarted_without_its_file(|file, _| std::fs::create_dir(file).unwrap()).await;
     assert!(file.is_dir(), "refused: a directory is in its place");
     std::fs::remove_dir(&file).unwrap();
     rig.until(
@@ -2631,25 +2635,9 @@ async fn a_restore_refused_by_what_is_at_the_path_is_tried_again_after_a_back_of
 /// it is back.
 #[tokio::test(start_paused = true)]
 async fn a_missing_file_whose_vault_fails_is_restored_again_after_a_back_off() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("agents/bot/c0");
-    let sink = || -> Arc<dyn Sink> {
-        crate::sinks::delivered_at(&file, &[file.parent().unwrap().parent().unwrap().into()])
-            .unwrap()
-    };
-    let (store, vault) = (Arc::new(MemoryStore::new()), Arc::<MemVault>::default());
-    let every = "every = \"24h\"";
-    let rig = Rig::in_dir_with(dir, 1, every, "", store.clone(), vault.clone(), &[sink()]);
-    rig.run().await;
-    rig.first_version().await;
-    let was = std::fs::read(&file).unwrap();
-    let dir = rig.shutdown().await;
-
-    std::fs::remove_file(&file).unwrap();
-    vault.fail("read", 3, ErrorKind::Transient, None);
-    let rig = Rig::in_dir_with(dir, 1, every, "", store, vault.clone(), &[sink()]);
-    rig.run().await;
-    rig.engine.restore_missing_files().await;
+    let (rig, file, was, vault) =
+        restarted_without_its_file(|_, vault| vault.fail("read", 3, ErrorKind::Transient, None))
+            .await;
     assert!(!file.exists(), "its vault failed");
     rig.until(
         Duration::from_secs(600),
