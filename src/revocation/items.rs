@@ -248,6 +248,14 @@ impl TaskProbe for crate::tasks::manager::TaskManager {
             .iter()
             .filter(|t| t.state != crate::tasks::store::TaskState::Ended)
             .collect();
+        if open.is_empty()
+            && let Some(t) = tasks.iter().find(|t| self.end_in_progress(&t.task.task_id))
+        {
+            return Err(format!(
+                "task {} of {agent} is ending (its end not recorded yet)",
+                t.task.task_id
+            ));
+        }
         match open.first() {
             None => Ok(tasks
                 .iter()

@@ -402,6 +402,17 @@ impl TaskManager {
     }
 
     /// `caller`'s tasks (live and ending, then the `recent` last ended).
+    /// Whether an end of task `id` runs now: stored ended, perhaps, but
+    /// its `task.ended` record not written yet. A decommission's `tasks`
+    /// item waits for it (found in a CI run: the item's
+    /// `revocation.revoked` record came before the task's `task.ended`).
+    pub(crate) fn end_in_progress(&self, id: &str) -> bool {
+        self.ending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+    }
+
     pub fn list(&self, agent: Option<&str>, recent: usize) -> Result<Vec<TaskRow>, TaskError> {
         Ok(self.store.list(agent, recent)?)
     }

@@ -105,6 +105,13 @@ impl TaskManager {
         let mut m = self.ending.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::strong_count(&lock) <= 2 {
             m.remove(id);
+            drop(m);
+            // Its end is recorded (`task.ended`) by now: a decommission
+            // waiting for it, which does not count a task still in
+            // `ending` (see [`TaskManager::end_in_progress`]), looks again.
+            self.ended.send_modify(|n| *n = n.wrapping_add(1));
+        } else {
+            drop(m);
         }
         if let Err(e) = result {
             tracing::error!(task = id, "ending the task: {e}");
