@@ -70,6 +70,10 @@ pub(super) struct Inner {
     /// Credentials that left the config while their previous version awaited
     /// retirement: the entry to retire it with, until that is done.
     pub(super) departed: Mutex<HashMap<CredentialKey, Arc<CredEntry>>>,
+    /// The vault paths, files and roles jobs hold while they run: a
+    /// departed credential's job and a new one's on the same place take
+    /// turns (`places.rs`).
+    pub(super) places: super::places::PlaceLocks,
     /// Credentials state remembers that the config no longer names, with
     /// the version that stays current until their agent is decommissioned
     /// and when it was made (for `keyturn surface` and the metrics).
@@ -220,6 +224,7 @@ impl Engine {
                 global,
                 table: Mutex::new(Table::default()),
                 departed: Mutex::new(HashMap::new()),
+                places: Default::default(),
                 unconfigured: Mutex::default(),
                 added_files: Mutex::default(),
                 version_floors: Mutex::default(),

@@ -154,6 +154,9 @@ impl Inner {
                 },
             };
             self.in_flight.fetch_add(1, Ordering::SeqCst);
+            // Uncontended except across a reload (a credential renamed
+            // while its rotation runs): `places.rs`.
+            let places = self.places.hold(&entry).await;
             // Lets the fsyncing writers wait briefly for this job's records.
             let busy = crate::group_commit::Busy::enter();
             match job {
@@ -162,6 +165,7 @@ impl Inner {
                 Job::Restore => self.clone().run_restore(entry).await,
             }
             drop(busy);
+            drop(places);
             drop(permit);
             self.wake.notify_one();
             if let Some(poke) = self.alert_poke.get() {

@@ -32,6 +32,8 @@
 //!   start-up and reload, catch-up included;
 //! - `jobs.rs`: a job's lifecycle: spawned, run, how it ended recorded, the
 //!   next timers armed;
+//! - `places.rs`: the vault paths, files and roles a job holds while it
+//!   runs, so that a departed credential's job and a renamed one's take turns;
 //! - `steps.rs`: the steps of one rotation in order, each recorded, and
 //!   their one failure path;
 //! - `attempt.rs`: one attempt of one step: what create, set, test,
@@ -66,6 +68,7 @@ mod follow;
 mod footprint;
 pub(crate) mod health;
 mod jobs;
+mod places;
 mod restore;
 mod retired;
 mod scheduler;

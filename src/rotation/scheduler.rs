@@ -381,7 +381,10 @@ impl Inner {
             match entry {
                 Ok(entry) => {
                     let current = self.unconfigured().get(&rot.key).map(|u| u.version);
-                    work.push((entry, rot, current));
+                    // Taken now, before any job starts: a credential
+                    // renamed to this one's place rotates after the undo.
+                    let held = self.places.hold_now(&entry);
+                    work.push((entry, rot, current, held));
                 }
                 Err(why) => {
                     tracing::error!(agent = %rot.key.agent, credential = %rot.key.credential, rotation = %rot.id, step = %rot.step, version = rot.version, "left the config in the middle of a rotation whose value may be set at the target, and it cannot be undone ({why}); add the credential back: the rotation resumes")
@@ -393,7 +396,11 @@ impl Inner {
         }
         let inner = self.clone();
         self.tracker.spawn(async move {
-            for (entry, rot, current) in work {
+            for (entry, rot, current, held) in work {
+                let _held = match held {
+                    Some(h) => h,
+                    None => inner.places.hold(&entry).await,
+                };
                 inner.settle_departed(&entry, rot, current).await;
             }
         });

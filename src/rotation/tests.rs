@@ -2653,3 +2653,55 @@ async fn a_missing_file_whose_vault_fails_is_restored_again_after_a_back_off() {
     );
     rig.shutdown().await;
 }
+
+/// Black-box finding: a credential renamed (the same vault `path`) while
+/// its rotation was in flight ran two rotations on one place at once: the
+/// departed one's, finishing with its old config, and the renamed one's
+/// first. The target could be left with the abandoned value. The renamed
+/// one's first rotation now begins when the departed one's has ended.
+#[tokio::test(start_paused = true)]
+async fn a_credential_renamed_mid_rotation_rotates_after_the_departed_one_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let text = |name: &str| {
+        let mut t = config_text(&d, 0, "", "");
+        t.push_str(&format!(
+            "[agents.bot.credentials.{name}]\nvault = \"local\"\npath = \"shared\"\nevery = \"6h\"\ngenerate = {{ kind = \"password\", length = 20 }}\ndeliver = [{{ type = \"file\", path = \"{}/agents/bot/{name}\" }}]\n",
+            d.display()
+        ));
+        t
+    };
+    let first = text("db");
+    let rig = Rig::from_text(dir, &first, Arc::default(), Arc::default(), &[]);
+    rig.run().await;
+    rig.first_version().await;
+    // The next rotation of `db` takes 10 s at promote.
+    rig.vault.slow("promote", Duration::from_secs(10));
+    let done = rig.engine.trigger(&key("db")).unwrap();
+    rig.until(Duration::from_secs(5), "db at promote", |r| {
+        r.vault.times("promote", None).len() == 2
+    })
+    .await;
+    let promoting = *rig.vault.times("promote", None).last().unwrap();
+    let renamed = catalog_with(rig.dir.path(), &text("db2"), &rig.vault, &rig.sink, &[]);
+    rig.vault.slow("promote", Duration::ZERO);
+    rig.engine.reload(renamed).await;
+    let finished = done.await.unwrap();
+    assert_eq!((finished.error, finished.version), (None, Some(2)));
+    rig.until(Duration::from_secs(30), "db2's first version", |r| {
+        r.sink.versions("db2") == vec![1]
+    })
+    .await;
+    let staged = rig.vault.times("stage", Some("shared"));
+    assert_eq!(staged.len(), 3, "db's two versions and db2's first");
+    assert!(
+        staged[2] >= promoting + Duration::from_secs(10),
+        "db2 staged its first version {:?} after db's promote began, while it ran (10 s)",
+        staged[2] - promoting
+    );
+    // What the vault holds current is db2's, and db2's file has it.
+    let stages = rig.vault.stages("shared");
+    assert_eq!(stages.last(), Some(&(3, Stage::Current)), "{stages:?}");
+    assert_eq!(rig.status("db2").version, Some(1));
+    rig.shutdown().await;
+}
