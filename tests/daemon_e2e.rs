@@ -886,6 +886,44 @@ fn a_state_database_restored_from_before_a_decommission_keeps_the_agent_decommis
     );
 }
 
+/// Black-box finding: a clean stop left most of the state in
+/// `state.db-wal` (4 KiB in `state.db`, ~490 KiB in the WAL), so a backup
+/// of `state.db` alone copied back over it was silently overlaid by that
+/// WAL at the next start: the restore did nothing. A clean stop folds the
+/// WAL into the file; `state.db` alone is then the whole state.
+#[test]
+fn after_a_clean_stop_the_state_database_file_alone_is_the_state() {
+    let env = Env::new(ONE_RAW);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    daemon.stop();
+    let wal = env.state_dir().join("state.db-wal");
+    let left = std::fs::metadata(&wal).map_or(0, |m| m.len());
+    assert_eq!(left, 0, "the WAL is empty after a clean stop");
+    let backup = env.path().join("state.db.v1");
+    std::fs::copy(env.state_dir().join("state.db"), &backup).unwrap();
+    let daemon = env.start();
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    daemon.stop();
+    // The file alone, as an operator copies a backup back.
+    std::fs::copy(&backup, env.state_dir().join("state.db")).unwrap();
+    let out = env.cli_ok(&["status", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        rows["credentials"][0]["version"], 1,
+        "the restored state: {rows}"
+    );
+    let daemon = env.start();
+    wait_for(Duration::from_secs(30), || {
+        audit_records(&env)
+            .into_iter()
+            .find(|r| r["event"] == "state.behind")
+    })
+    .unwrap_or_else(|| panic!("state.behind recorded: {}", daemon.log_text()));
+    daemon.stop();
+}
+
 /// Black-box finding: a `state.db` restored from a backup (what the docs
 /// say to do when it is lost) numbered versions again from where the
 /// backup stood: a second "version 2" and "version 3" with other values,

@@ -670,6 +670,17 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     )
     .await;
     audit.close().await;
+    // The state database's WAL goes into the file: after a clean stop,
+    // `state.db` alone is the state (black-box finding: a backup copied
+    // back over it was silently overlaid by the WAL left beside it).
+    let state = engine.state().clone();
+    let folded = match tokio::task::spawn_blocking(move || state.checkpoint()).await {
+        Ok(done) => done.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = folded {
+        tracing::warn!(error = %e, "cannot fold the state database's WAL into it at stop; the next start does");
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -745,6 +745,14 @@ impl StateStore for SqliteStore {
         )
     }
 
+    fn checkpoint(&self) -> Result<()> {
+        // TRUNCATE: the WAL is left empty (not just rewound), so a
+        // `state.db` copied back over this one cannot be joined by it.
+        self.lock()
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(|e| self.err(e))
+    }
+
     fn audit_head(&self) -> Result<Option<AuditHead>> {
         let conn = self.lock();
         let row: Option<(i64, String)> = conn
