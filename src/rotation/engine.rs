@@ -400,6 +400,7 @@ impl Engine {
                             rotation: Some(rot.id.clone()),
                             step: Some(rot.step),
                             version: Some(rot.version),
+                            failures,
                         }));
                         self.inner
                             .resume_not_before

@@ -232,10 +232,12 @@ impl Inner {
                     )
                 }
                 Err(Stop::Failed(msg, retry_after)) => {
+                    let failures = failures_now(l);
                     l.parked = Some(Box::new(Parked {
                         rotation: last_run.as_ref().and_then(|r| r.rotation.clone()),
                         step: last_run.as_ref().map(|r| r.step),
                         version: last_run.as_ref().and_then(|r| r.version),
+                        failures,
                     }));
                     // A failure outside every step (the rotation could not
                     // even be recorded as begun: a full disk, a moved audit
@@ -246,7 +248,6 @@ impl Inner {
                         let prefix = format!("{key}: ");
                         row.last_error = Some(msg.strip_prefix(&prefix).unwrap_or(&msg).into());
                     }
-                    let failures = l.row.as_ref().map_or(1, |r| r.consecutive_failures.max(1));
                     let delay = not_before(
                         park_delay(&entry_retry(&self.catalog()), failures),
                         retry_after,
@@ -387,12 +388,13 @@ impl Inner {
                     // row shows the error (the step's failure path set it)
                     // and status the step until a retry succeeds; the
                     // retries wait longer each time, up to an hour.
+                    let failures = failures_now(l);
                     l.parked = Some(Box::new(Parked {
                         rotation: retiring,
                         step: Some(Step::Retire),
                         version: None,
+                        failures,
                     }));
-                    let failures = l.row.as_ref().map_or(1, |r| r.consecutive_failures.max(1));
                     let delay = not_before(
                         park_delay(&entry_retry(&self.catalog()), failures),
                         retry_after,
@@ -445,6 +447,17 @@ pub(super) async fn vault_permits(entry: &CredEntry) -> Vec<tokio::sync::OwnedSe
         }
     }
     permits
+}
+
+/// The consecutive failures of a credential whose job just failed, for its
+/// back-off: the row's count, or one more than the park before counted
+/// when the row's did not move (black-box finding: with the state disk
+/// full no failure was recorded, and every credential was retried every
+/// `max_delay` for as long as the disk stayed full, flooding the log).
+fn failures_now(l: &super::table::CredLive) -> u32 {
+    let recorded = l.row.as_ref().map_or(0, |r| r.consecutive_failures);
+    let parked = l.parked.as_ref().map_or(0, |p| p.failures);
+    recorded.max(parked.saturating_add(1)).max(1)
 }
 
 /// How long a parked rotation waits: the retry ceiling doubled per

@@ -66,6 +66,10 @@ pub(super) struct Parked {
     pub step: Option<Step>,
     /// The version the rotation makes.
     pub version: Option<VersionNo>,
+    /// The consecutive failures its back-off was computed from: counted
+    /// here too, because a failure the state could not record (a full
+    /// disk, an unwritable audit log) leaves the row's count where it was.
+    pub failures: u32,
 }
 
 impl CredLive {

@@ -2705,3 +2705,42 @@ async fn a_credential_renamed_mid_rotation_rotates_after_the_departed_one_ends()
     assert_eq!(rig.status("db2").version, Some(1));
     rig.shutdown().await;
 }
+
+/// Black-box finding: with the state volume full, a failed rotation could
+/// not record its failure, so its count stayed put and every credential
+/// was retried every `max_delay` (2 s there) for as long as the disk
+/// stayed full: ~1000 log lines and failed-rotation counts a minute. The
+/// back-off doubles as when the failure is recorded.
+#[tokio::test(start_paused = true)]
+async fn a_rotation_failing_while_the_state_cannot_be_written_backs_off_all_the_same() {
+    let rig = Rig::started(1, "every = \"6h\"").await;
+    rig.store.set_full(true);
+    let done = rig.rotate_c0().await;
+    assert!(done.error.is_some(), "the rotation cannot be recorded");
+    // Each retry's due time, as status shows it, for a few minutes.
+    let mut due = Vec::new();
+    for _ in 0..1200 {
+        if let Some(at) = rig.status("c0").next_due
+            && due.last() != Some(&at)
+        {
+            due.push(at);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gaps: Vec<i64> = due
+        .windows(2)
+        .map(|w| (w[1] - w[0]).num_seconds())
+        .collect();
+    assert!(gaps.len() >= 4, "{gaps:?}");
+    // Parked 4 s (the retry ceiling), then 8, 16, 32, 64 s (the attempt
+    // fails at once: it cannot record its start).
+    assert_eq!(gaps[..4], [8, 16, 32, 64], "{gaps:?}");
+    rig.store.set_full(false);
+    rig.until(
+        Duration::from_secs(300),
+        "rotated once there is room",
+        |r| r.status("c0").version == Some(2),
+    )
+    .await;
+    rig.shutdown().await;
+}
