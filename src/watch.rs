@@ -14,9 +14,10 @@
 //!   [`MAX_DEBOUNCE_FACTOR`] × that after the first event, so a steady stream
 //!   of changes still gets through) every file is fingerprinted and compared
 //!   with what the child was last given. Only a new file counts (a new inode
-//!   renamed over it, or a write in place: size, mtime, ctime): a temp file,
-//!   an unrelated file or a chmod of another file in the directory does
-//!   nothing. watch never opens the files (see [`Fingerprint`]). A
+//!   renamed over it, or a write in place: size, mtime): a temp file, an
+//!   unrelated file, or a chmod, chown or read of the file itself does
+//!   nothing (the ctime was compared once: a reload re-owning every
+//!   delivered file restarted every wrapped agent; black-box finding). watch never opens the files (see [`Fingerprint`]). A
 //!   directory deleted or moved away (an agent's directory removed and made
 //!   again by the next delivery) is watched again as soon as it exists.
 //! - **Acting.** `--signal SIG` (one of the signals the `signal` sink may
@@ -125,8 +126,9 @@ pub fn parse_signal(name: &str) -> Result<Signal, String> {
 }
 
 /// What a file was when last looked at: which inode, its size and its
-/// change times. Every delivery of the file sink is a new inode (renamed
-/// over the old one) or, in place, a new mtime. watch never opens the file:
+/// modification time (not its ctime, which a chmod or chown moves too).
+/// Every delivery of the file sink is a new inode (renamed over the old
+/// one) or, in place, a new mtime. watch never opens the file:
 /// it holds a secret watch has no use for, and a file sink with
 /// `ack = "open"` would count watch's read as the agent's acknowledgement.
 #[derive(Clone, PartialEq, Eq)]
@@ -137,7 +139,6 @@ enum Fingerprint {
         ino: u64,
         size: u64,
         mtime_ns: i128,
-        ctime_ns: i128,
     },
 }
 
@@ -149,7 +150,6 @@ fn fingerprint(path: &Path) -> Fingerprint {
             ino: m.ino(),
             size: m.size(),
             mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
         },
         Err(_) => Fingerprint::Missing,
     }

@@ -148,6 +148,19 @@ fn a_new_version_sends_sighup_and_other_files_send_nothing() {
     std::fs::write(dir.join("other"), "x").unwrap();
     std::fs::set_permissions(dir.join("other"), std::fs::Permissions::from_mode(0o600)).unwrap();
     assert_eq!(std::fs::read_to_string(rig.file()).unwrap(), "v2");
+    // Nor a chmod, a chown or an atime change of the watched file itself
+    // (black-box finding: each restarted or signalled the agent; a reload
+    // that changes an agent's uid re-owns every file it has).
+    std::fs::set_permissions(rig.file(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    std::os::unix::fs::chown(rig.file(), Some(uid), Some(gid)).unwrap();
+    let accessed = std::fs::FileTimes::new().set_accessed(std::time::SystemTime::now());
+    std::fs::File::options()
+        .write(true)
+        .open(rig.file())
+        .unwrap()
+        .set_times(accessed)
+        .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(rig.pids("hup").len(), 1, "{:?}", rig.lines());
     // An in-place rewrite with new bytes counts.
