@@ -641,6 +641,12 @@ fn signing_credential_ref(
             v.err(at, format!("signing_credential `{text}` is delivered by its `deliver[{i}]` (type {}), which hands its private key out of keyturn: whoever reads it could sign any token; remove that sink (a signing key needs none: its public keys are published in the JWKS)", sink.type_name()));
             None
         }
+        // A target is given the value to set (a hook reads it on stdin):
+        // it would hold the private key too.
+        Some((_, _, cred)) if !cred.target.is_none() => {
+            v.err(at, format!("signing_credential `{text}` has a `target` ({}), which is given its private key to set: whoever runs or reads it could sign any token; remove the target (a signing key is used by keyturn alone: its public keys are published in the JWKS)", cred.target.type_name()));
+            None
+        }
         Some((_, _, cred)) => Some(cred.key.clone()),
     }
 }

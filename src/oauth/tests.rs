@@ -1581,6 +1581,24 @@ fn a_signing_key_delivered_out_of_keyturn_is_refused() {
             "{kind}: {errors:#?}"
         );
     }
+    // Nor may a target be given it (black-box finding: a command hook got
+    // the private key on stdin at `set` and `test`).
+    let targeted = with_token_service(
+        &agents.replace(
+            "[agents.signer.credentials.sig]\n",
+            "[agents.signer.credentials.sig]\ntarget = { type = \"command\", program = \"/usr/bin/tee\" }\n",
+        ),
+        "signer/sig",
+        "",
+    );
+    let errors = load(&targeted).unwrap_err().0;
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.toml_path == "token_service.signing_credential"
+                && e.message.contains("has a `target` (command)")),
+        "{errors:#?}"
+    );
     for notice in [
         r#"{ type = "webhook", url = "https://hooks.example/k", secret_file = "/etc/keyturn/hook.key" }"#,
         r#"{ type = "exec", program = "/usr/bin/true" }"#,
