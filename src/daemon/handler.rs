@@ -684,7 +684,14 @@ impl ControlHandler for Handler {
         // are ended, at once rather than when the decommission's `tasks`
         // item comes to them (black-box finding: ended before it, a kill -9
         // in between left the agent active with its tasks ended).
-        match self.revocations.decide(decision).await {
+        // No task starts from here on; a start racing this is stored
+        // before the decision or refused (`TaskManager::block_starts`).
+        self.tasks.block_starts(agent.as_str());
+        let decided = self.revocations.decide(decision).await;
+        if decided.is_err() {
+            self.tasks.unblock_starts(agent.as_str());
+        }
+        match decided {
             Ok((already, _)) => {
                 self.tasks.retire_agent(agent.as_str());
                 if let Err(e) = self.tasks.end_all_of(agent.as_str(), "decommission").await {

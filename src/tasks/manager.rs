@@ -169,6 +169,12 @@ pub struct TaskManager {
     /// in the store and not here never reached its caller (a crash, or a
     /// start abandoned half-way): it is ended as a failed start.
     starting: Mutex<HashSet<String>>,
+    /// Agents whose decommission is being decided or was: no task of
+    /// theirs starts any more. Set before the decision is stored, and
+    /// checked by a start once its task is stored, so that a start either
+    /// is refused or is stored before the decision (and its decommission's
+    /// `tasks` item waits for it).
+    blocked: Mutex<HashSet<String>>,
     /// Bumped each time a task is ended (every credential revoked and
     /// verified): a decommission waiting for an agent's tasks looks again.
     ended: tokio::sync::watch::Sender<u64>,
@@ -210,6 +216,7 @@ impl TaskManager {
             clock,
             ending: Mutex::new(HashMap::new()),
             starting: Mutex::new(HashSet::new()),
+            blocked: Mutex::new(HashSet::new()),
             ended: tokio::sync::watch::Sender::new(0),
             wake: tokio::sync::Notify::new(),
             armed_until_ms: AtomicI64::new(i64::MAX),
@@ -340,10 +347,38 @@ impl TaskManager {
         self.setup.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// `agent`'s decommission is about to be decided: no task of its
+    /// starts from now on. Called before the decision is stored (see
+    /// [`TaskManager::blocked`]); [`TaskManager::unblock_starts`] if it
+    /// could not be.
+    pub fn block_starts(&self, agent: &str) {
+        self.blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(agent.to_owned());
+    }
+
+    /// The decommission [`TaskManager::block_starts`] was for was not
+    /// decided (an unknown agent, the state unavailable).
+    pub fn unblock_starts(&self, agent: &str) {
+        self.blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(agent);
+    }
+
+    pub(super) fn starts_blocked(&self, agent: &str) -> bool {
+        self.blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(agent)
+    }
+
     /// `agent` is decommissioned: it may not start tasks from now on (until
     /// the setup is rebuilt from a config and the stored decommissions),
     /// and its live tasks end at the next tick.
     pub fn retire_agent(&self, agent: &str) {
+        self.block_starts(agent);
         {
             let mut setup = self.setup.write().unwrap_or_else(|p| p.into_inner());
             if setup.agents.contains_key(agent) {

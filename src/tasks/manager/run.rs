@@ -70,7 +70,12 @@ impl TaskManager {
                 }
                 // Decommissioned, or gone from the config: its tasks end.
                 TaskState::Live if !setup.agents.contains_key(&t.task.agent) => {
-                    self.end_now(&t.task.task_id, "agent_retired", None).await
+                    let reason = if self.starts_blocked(&t.task.agent) {
+                        "decommission"
+                    } else {
+                        "agent_retired"
+                    };
+                    self.end_now(&t.task.task_id, reason, None).await
                 }
                 TaskState::Live if t.expires_at_ms <= now => {
                     self.end_now(&t.task.task_id, "ttl", None).await

@@ -27,7 +27,7 @@ impl TaskManager {
             initiator: req.initiator.clone(),
             sensitivity: req.sensitivity.clone(),
         };
-        if !setup.agents.contains_key(&caller.agent) {
+        if !setup.agents.contains_key(&caller.agent) || self.starts_blocked(&caller.agent) {
             // A retired agent still asking is what a security team wants
             // to see in the audit log (a forgotten or compromised process).
             let e = TaskError::AgentRetired(caller.agent.clone());
@@ -155,6 +155,40 @@ impl TaskManager {
             serde_json::json!({"policy": row.policy, "ttl_s": ttl.as_secs()}),
         );
         self.recorder.record(ev).await;
+        // A decommission decided since the check above: stored now, this
+        // task is one its `tasks` item waits for if it began before the
+        // decision; after it, nothing is issued (black-box finding: tasks
+        // raced past a decision were issued credentials after it, and the
+        // item was recorded revoked before they existed).
+        if self.starts_blocked(&caller.agent) {
+            for (issuer_name, _, _) in &grants {
+                self.store
+                    .set_item(
+                        &task.task_id,
+                        issuer_name,
+                        ItemState::Verified,
+                        None,
+                        None,
+                        Some("never issued: the agent is being decommissioned"),
+                    )
+                    .await?;
+            }
+            // Ending for the decommission, not as a failed start (the
+            // reason a task still `starting` would be given).
+            self.store
+                .set_state(
+                    &task.task_id,
+                    TaskState::Ending,
+                    Some("decommission"),
+                    Some("keyturn"),
+                    ms(self.clock.now()),
+                )
+                .await?;
+            in_flight.leave();
+            self.end_unstarted(&task.task_id, "decommission").await;
+            let e = TaskError::AgentRetired(caller.agent.clone());
+            return Err(e);
+        }
 
         let mut issued: BTreeMap<String, Issued> = BTreeMap::new();
         for (i, (issuer_name, issuer, req)) in grants.iter().enumerate() {
@@ -279,11 +313,18 @@ impl TaskManager {
         // Its TTL is the loop's business from now on (a pass that ran while
         // it started left it to its start, and is armed for later).
         self.wake_by(expires_at_ms);
-        if !self.setup().agents.contains_key(&caller.agent) {
-            // Decommissioned while it started: a decommission does not end
-            // a start in progress, so it is ended here.
+        let decommissioned = self.starts_blocked(&caller.agent);
+        if decommissioned || !self.setup().agents.contains_key(&caller.agent) {
+            // Decommissioned (or taken out of the config) while it started:
+            // a decommission does not end a start in progress, so it is
+            // ended here.
             drop(issued);
-            self.end_unstarted(&task.task_id, "agent_retired").await;
+            let reason = if decommissioned {
+                "decommission"
+            } else {
+                "agent_retired"
+            };
+            self.end_unstarted(&task.task_id, reason).await;
             return Err(TaskError::AgentRetired(caller.agent.clone()));
         }
         let credentials = issued

@@ -39,6 +39,8 @@ struct MemIssuer {
     issue_delay_s: AtomicU32,
     /// Seconds `revoke` takes.
     revoke_delay_s: AtomicU32,
+    /// Seconds `precheck` takes (a slow lookup before anything is stored).
+    precheck_delay_s: AtomicU32,
     /// Names its credential before minting it (`handle_before_issue`), as
     /// STS does with the role a session is asked of.
     names_before: bool,
@@ -86,6 +88,8 @@ impl TaskIssuer for MemIssuer {
     }
 
     async fn precheck(&self, _req: &IssueRequest<'_>) -> Result<(), PluginError> {
+        let delay = self.precheck_delay_s.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(delay.into())).await;
         match &self.refuse {
             Some(why) => Err(PluginError::new(ErrorKind::Invalid, why.clone())),
             None => Ok(()),
@@ -1143,6 +1147,41 @@ async fn a_retired_agent_starts_nothing_and_its_tasks_end() {
     let t = h.mgr.store.get(&id).unwrap().unwrap();
     assert_ended(&t, "agent_retired");
     assert!(!h.pg.is_live(&id));
+}
+
+/// Black-box finding: starts racing a decommission passed the agent check
+/// before the decision and were then issued credentials after it (they
+/// ended, `agent_retired`, once issued). A start checks again once its
+/// task is stored: decommissioned since, nothing is issued, and the task
+/// ends for the decommission.
+#[tokio::test(start_paused = true)]
+async fn a_start_overtaken_by_a_decommission_issues_nothing() {
+    let h = harness();
+    h.pg.precheck_delay_s.store(5, Ordering::SeqCst);
+    let mgr = h.mgr.clone();
+    let start = tokio::spawn(async move { mgr.start(&caller("bot"), ask("low", None)).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // What the decommission does (the daemon blocks starts before its
+    // decision is stored).
+    h.mgr.retire_agent("bot");
+    let e = start.await.unwrap().unwrap_err();
+    assert!(matches!(e, TaskError::AgentRetired(_)), "{e}");
+    assert_eq!(h.pg.issues.load(Ordering::SeqCst), 0, "nothing issued");
+    let tasks = h.mgr.store.list(Some("bot"), 10).unwrap();
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    assert_ended(&tasks[0], "decommission");
+    // Blocked starts stay refused, and unblocking (a decision that could
+    // not be stored) lets them start again.
+    let mgr = &h.mgr;
+    let s = setup(&h.pg, &h.sts, &h.root);
+    mgr.set_setup(s);
+    assert!(matches!(
+        h.start_err("low").await,
+        TaskError::AgentRetired(_)
+    ));
+    mgr.unblock_starts("bot");
+    h.pg.precheck_delay_s.store(0, Ordering::SeqCst);
+    h.start("low", None).await;
 }
 
 /// Defect: a reload that narrowed a policy left the tasks it would now
