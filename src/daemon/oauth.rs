@@ -183,39 +183,7 @@ impl crate::oauth::service::Backend for OauthBackend {
         &self,
         version: &crate::state::VersionRow,
     ) -> Result<crate::model::SecretValue, String> {
-        use crate::vaults::{Select, VaultItem, VaultRefs};
-        let catalog = self.engine.catalog();
-        let signing = &version.key;
-        let Some(entry) = catalog.creds.get(signing) else {
-            return Err(format!(
-                "the signing credential {} is not configured",
-                signing
-            ));
-        };
-        let path = entry.vault_path();
-        let vault = &entry.vaults[0];
-        let item = VaultItem {
-            key: signing,
-            path: &path,
-        };
-        let refs = VaultRefs::decode(&version.vault_version, &vault.config.name);
-        let Some(wanted) = refs.get(&vault.config.name) else {
-            return Err(format!(
-                "version {} of {} has no version in vault {}",
-                version.version, signing, vault.config.name
-            ));
-        };
-        match vault.vault.read(item, Select::Version(wanted)).await {
-            Ok(Some(v)) => Ok(v.value),
-            Ok(None) => Err(format!(
-                "version {} of {} is not in vault {}",
-                version.version, signing, vault.config.name
-            )),
-            Err(e) => Err(format!(
-                "reading version {} of {} in vault {}: {}",
-                version.version, signing, vault.config.name, e.message
-            )),
-        }
+        self.engine.version_value(version).await
     }
 
     fn live_task(

@@ -674,6 +674,78 @@ impl Engine {
             .and_then(|r| r.current_version)
     }
 
+    /// The value of `version`, read where it was made: the config may have
+    /// moved the credential to another `vault` or `path` since, and a
+    /// version stays where it was made until the next rotation makes one at
+    /// the new place (black-box finding: the token service looked for its
+    /// signing key in the new vault and answered `server_error` until a
+    /// manual rotation).
+    pub async fn version_value(
+        &self,
+        version: &crate::state::VersionRow,
+    ) -> Result<crate::model::SecretValue, String> {
+        use crate::vaults::{Select, VaultItem, VaultRefs};
+        let key = &version.key;
+        let Some(entry) = self.inner.catalog().creds.get(key).cloned() else {
+            return Err(format!("{key} is not configured"));
+        };
+        let id = version.rotation.clone();
+        let made_by = self
+            .inner
+            .load(move |s| s.rotation(&id))
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot read the rotation that made version {} of {key}: {}",
+                    version.version, e.message
+                )
+            })?;
+        let place = self.inner.place_of(
+            &entry,
+            made_by.as_ref().and_then(|r| r.footprint.as_deref()),
+        );
+        // A bare ref is the primary's where the version was made.
+        let primary = place.vaults.first().unwrap_or(&entry.vaults[0]);
+        let refs = VaultRefs::decode(&version.vault_version, primary.vault.describe());
+        let Some((vault, wanted)) = place
+            .vaults
+            .iter()
+            .find_map(|h| Some((h, refs.get(h.vault.describe())?)))
+        else {
+            let names: Vec<&str> = place
+                .vaults
+                .iter()
+                .map(|h| h.config.name.as_str())
+                .collect();
+            return Err(format!(
+                "version {} of {key} is held in no configured vault (made at {} in {})",
+                version.version,
+                place.path,
+                if names.is_empty() {
+                    "a vault no longer configured".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            ));
+        };
+        let name = &vault.config.name;
+        let item = VaultItem {
+            key,
+            path: &place.path,
+        };
+        match vault.vault.read(item, Select::Version(wanted)).await {
+            Ok(Some(v)) => Ok(v.value),
+            Ok(None) => Err(format!(
+                "version {} of {key} is not in vault {name} at {}",
+                version.version, place.path
+            )),
+            Err(e) => Err(format!(
+                "reading version {} of {key} in vault {name}: {}",
+                version.version, e.message
+            )),
+        }
+    }
+
     /// A number that moves whenever the versions state accepts of any
     /// credential may have changed (a rotation promoted or retired one, a
     /// decommission or a follower changed them, a reload named other

@@ -2744,3 +2744,78 @@ async fn a_rotation_failing_while_the_state_cannot_be_written_backs_off_all_the_
     .await;
     rig.shutdown().await;
 }
+
+/// Black-box finding: after the config moved the token service's signing
+/// credential to another vault, every exchange failed (`server_error`)
+/// until a manual rotation: its current version was looked for in the new
+/// vault, while a version stays where it was made until the next rotation.
+/// A version's value is read where it was made.
+#[tokio::test(start_paused = true)]
+async fn a_versions_value_is_read_where_it_was_made_after_a_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let text = |vault: &str| {
+        let mut t = config_text(&d, 0, "", "");
+        t.push_str(&format!(
+            "[vaults.other]\ntype = \"local\"\n[agents.bot.credentials.c0]\nvault = \"{vault}\"\nevery = \"6h\"\ngenerate = {{ kind = \"password\", length = 20 }}\ndeliver = [{{ type = \"file\", path = \"{}/agents/bot/c0\" }}]\n",
+            d.display()
+        ));
+        t
+    };
+    let first = text("local");
+    let rig = Rig::from_text(dir, &first, Arc::default(), Arc::default(), &[]);
+    rig.run().await;
+    rig.first_version().await;
+    // Moved: `local` (where version 1 is) and `other`, each in memory.
+    let other = Arc::new(MemVault::default());
+    let config = crate::config::load_str(&d.join("k.toml"), &text("other")).unwrap();
+    let mut catalog = Catalog::build(config, None).unwrap();
+    for (name, vault) in [("local", &rig.vault), ("other", &other)] {
+        let shared = catalog.vaults[name].clone();
+        catalog.vaults.insert(
+            name.into(),
+            Arc::new(VaultHandle {
+                vault: vault.clone(),
+                limit: shared.limit.clone(),
+                config: shared.config.clone(),
+            }),
+        );
+    }
+    let old = catalog.creds.remove(&key("c0")).unwrap();
+    let sink: Arc<dyn Sink> = rig.sink.clone();
+    catalog.creds.insert(Arc::new(CredEntry {
+        agent: old.agent.clone(),
+        key: old.key.clone(),
+        path: old.path.clone(),
+        policy: old.policy.clone(),
+        vaults: vec![catalog.vaults["other"].clone()].into(),
+        target: old.target.clone(),
+        sinks: vec![sink].into(),
+    }));
+    rig.engine.reload(catalog).await;
+    let version = |v: VersionNo| {
+        rig.store
+            .versions(&key("c0"))
+            .unwrap()
+            .into_iter()
+            .find(|r| r.version == v)
+            .unwrap()
+    };
+    let delivered = |v: VersionNo| {
+        rig.sink
+            .values("c0")
+            .into_iter()
+            .find(|(n, _)| *n == v)
+            .unwrap()
+            .1
+    };
+    let v1 = rig.engine.version_value(&version(1)).await.unwrap();
+    assert_eq!(v1.expose(), delivered(1).as_slice(), "read in `local`");
+    // The next rotation makes version 2 in `other`, read there.
+    let done = rig.rotate_c0().await;
+    assert_eq!((done.error, done.version), (None, Some(2)));
+    assert_eq!(other.stages(&path("c0")).len(), 1);
+    let v2 = rig.engine.version_value(&version(2)).await.unwrap();
+    assert_eq!(v2.expose(), delivered(2).as_slice(), "read in `other`");
+    rig.shutdown().await;
+}
