@@ -1294,6 +1294,65 @@ fn another_audit_key_is_refused_by_check_and_reload_before_a_start_would_fail() 
     env.cli_ok(&["audit", "verify"]);
 }
 
+/// Black-box finding: with `audit_key_file` taken out of the config,
+/// `check` said ok of a keyed audit log the daemon then refused to start
+/// on. By hand it warns (the unit may pass the key as a credential); under
+/// systemd without the credential it fails, as the start would.
+#[test]
+fn check_says_when_a_keyed_audit_log_would_have_no_key() {
+    let env = Env::with_daemon(ONE_RAW, r#"audit_key_file = "{dir}/keys/audit.key""#);
+    let keys = env.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let key_file = keys.join("audit.key");
+    std::fs::write(&key_file, AUDIT_KEY).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    daemon.stop();
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    let line = format!(
+        "audit_key_file = \"{}/keys/audit.key\"",
+        env.path().display()
+    );
+    assert!(text.contains(&line), "{text}");
+    std::fs::write(&env.config, text.replace(&line, "")).unwrap();
+    let out = env.cli(&["check"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: the audit log")
+            && err.contains("is keyed")
+            && err.contains("no audit key is given"),
+        "{err}"
+    );
+    let credentials = env.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&env.config)
+        .env("CREDENTIALS_DIRECTORY", &credentials)
+        .env_remove("KEYTURN_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the daemon would not start") && err.contains("is keyed"),
+        "{err}"
+    );
+    // With the key as the credential, all is well.
+    std::fs::copy(&key_file, credentials.join("keyturn-audit-key")).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&env.config)
+        .env("CREDENTIALS_DIRECTORY", &credentials)
+        .env_remove("KEYTURN_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success() && !err.contains("is keyed"), "{err}");
+}
+
 /// A plain log goes keyed once the daemon runs with the key as a systemd
 /// credential (`LoadCredentialEncrypted=keyturn-audit-key:...`).
 #[test]

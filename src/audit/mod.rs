@@ -56,8 +56,8 @@ mod verify;
 pub use key::{AUDIT_KEY_CREDENTIAL, AuditKey, MIN_KEY_LEN};
 pub use log::{AuditLog, refuse_records_without_state};
 pub use verify::{
-    Problem, Verification, VerifyError, VerifyReport, key_matches_tail, verify_all, verify_file,
-    verify_file_keyed,
+    Problem, Verification, VerifyError, VerifyReport, key_matches_tail, keyed_tail, verify_all,
+    verify_file, verify_file_keyed,
 };
 
 /// The hash a first record points back to.

@@ -862,41 +862,16 @@ mod tests {
 /// another key) passed, and the next start refused the log as "truncated
 /// or altered" (black-box finding).
 pub fn key_matches_tail(path: &Path, key: &AuditKey) -> Result<(), String> {
-    use std::io::{Read, Seek, SeekFrom};
-    const TAIL: u64 = 1 << 20;
-    let Ok(mut file) = std::fs::File::open(path) else {
+    let Some((Some(before), last)) = tail(path) else {
         return Ok(());
     };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let from = len.saturating_sub(TAIL);
-    if file.seek(SeekFrom::Start(from)).is_err() {
-        return Ok(());
-    }
-    let mut tail = Vec::new();
-    if file.take(TAIL).read_to_end(&mut tail).is_err() {
-        return Ok(());
-    }
-    // Whole lines only: a partial last line is a crash's, cut at the start.
-    let end = match tail.iter().rposition(|b| *b == b'\n') {
-        Some(i) => i,
-        None => return Ok(()),
-    };
-    let mut lines = tail[..end].rsplit(|b| *b == b'\n');
-    let (Some(last), Some(before)) = (lines.next(), lines.next()) else {
-        return Ok(());
-    };
-    // The first line read may be cut by the window: it is `before` only
-    // when the window is the whole file or another line precedes it.
-    if from > 0 && lines.next().is_none() {
-        return Ok(());
-    }
-    let Ok(record) = serde_json::from_slice::<super::AuditRecord>(last) else {
+    let Ok(record) = serde_json::from_slice::<super::AuditRecord>(&last) else {
         return Ok(());
     };
     if record.chain != Some(super::Chain::HmacSha256) {
         return Ok(());
     }
-    if key.link(before) == record.prev {
+    if key.link(&before) == record.prev {
         Ok(())
     } else {
         Err(format!(
@@ -905,6 +880,38 @@ pub fn key_matches_tail(path: &Path, key: &AuditKey) -> Result<(), String> {
             record.seq
         ))
     }
+}
+
+/// The sequence number of the audit log's last record at `path` when it
+/// is keyed (HMAC-chained): a config that gives no audit key cannot start
+/// on that log (black-box finding: `keyturn check` passed it). `None` for
+/// a plain log, a missing one, or one whose tail cannot be read.
+pub fn keyed_tail(path: &Path) -> Option<u64> {
+    let (_, last) = tail(path)?;
+    let record = serde_json::from_slice::<super::AuditRecord>(&last).ok()?;
+    (record.chain == Some(super::Chain::HmacSha256)).then_some(record.seq)
+}
+
+/// The last whole line of the file at `path` (its last 1 MiB at most), and
+/// the whole line before it when there is one in that window. A partial
+/// last line is a crash's, cut at the start: not counted.
+fn tail(path: &Path) -> Option<(Option<Vec<u8>>, Vec<u8>)> {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 1 << 20;
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = len.saturating_sub(TAIL);
+    file.seek(SeekFrom::Start(from)).ok()?;
+    let mut tail = Vec::new();
+    file.take(TAIL).read_to_end(&mut tail).ok()?;
+    let end = tail.iter().rposition(|b| *b == b'\n')?;
+    let mut lines = tail[..end].rsplit(|b| *b == b'\n');
+    let last = lines.next()?.to_vec();
+    // The first line read may be cut by the window: it is `before` only
+    // when the window is the whole file or another line precedes it.
+    let before = lines.next().map(<[u8]>::to_vec);
+    let whole = from == 0 || lines.next().is_some();
+    Some((before.filter(|_| whole), last))
 }
 
 #[cfg(test)]

@@ -365,6 +365,17 @@ async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
         eprintln!("keyturn: the daemon would not start: {e}");
         return EXIT_FAILED;
     }
+    if let Some(why) = audit_key_missing(&cfg) {
+        // Under systemd (its credentials passed) the start would see what
+        // this run sees; by hand, the unit may pass the key.
+        if std::env::var_os("CREDENTIALS_DIRECTORY").is_some() {
+            eprintln!("keyturn: the daemon would not start: {why}");
+            return EXIT_FAILED;
+        }
+        eprintln!(
+            "keyturn: warning: {why}; unless the unit passes it, the daemon refuses to start"
+        );
+    }
     println!("{}", config::summary(&cfg));
     warn_stranded_tasks(&cfg).await;
     warn_decommissioned_signers(&cfg);
@@ -513,6 +524,26 @@ fn warn_unreadable_jwks_files(cfg: &Config) {
 /// `token_file` passed `check` silently, where key files must be 0600.
 /// (Group-readable is left alone: a 0640 file of a group only the daemon's
 /// user is in is a usual set-up.)
+/// The audit log is keyed (HMAC-chained) and this run has no audit key:
+/// the start refuses that (black-box finding: `check` passed a config
+/// whose `audit_key_file` had been taken out).
+fn audit_key_missing(cfg: &Config) -> Option<String> {
+    let d = &cfg.daemon;
+    if d.audit_key_file.is_some() {
+        // Loaded and checked against the log by the host checks.
+        return None;
+    }
+    let seq = crate::audit::keyed_tail(&d.audit_log)?;
+    if matches!(crate::audit::AuditKey::load(None), Ok(Some(_))) {
+        return None;
+    }
+    Some(format!(
+        "the audit log {} is keyed (hmac-sha256; record seq {seq}) but no audit key is given; {}",
+        d.audit_log.display(),
+        crate::audit::KEY_HINT
+    ))
+}
+
 fn warn_world_readable_secret_files(cfg: &Config) {
     use crate::targets::TargetConfig;
     use crate::vaults::VaultSpec;
