@@ -355,7 +355,7 @@ impl Inner {
         match found {
             Ok(Ok(true)) => return Ok(()),
             Ok(Ok(false)) => {
-                tracing::info!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, "the start of this rotation was not recorded before the daemon stopped: recording it now");
+                tracing::info!(agent = %key.agent, credential = %key.credential, rotation = %rot.id, "the start of this rotation is not in the audit log (the daemon stopped before it was recorded, or the append failed): recording it now");
             }
             // Better twice than never.
             Ok(Err(e)) => {
