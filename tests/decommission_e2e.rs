@@ -893,6 +893,75 @@ fn a_decommission_after_a_move_revokes_the_old_paths_and_the_old_file() {
     audit_verifies(&env, "after a moved credential's decommission");
 }
 
+/// Black-box finding: an agent renamed in the config (the same vault
+/// path and file), its old name then decommissioned as the README shows
+/// ("replaced by invoice-bot-2"), had the renamed agent's vault path
+/// emptied and its file removed (and a PostgreSQL role made NOLOGIN).
+/// What a credential of the config uses now is left to it, as a move
+/// leaves it.
+#[test]
+fn decommissioning_an_agents_old_name_leaves_the_renamed_agent_alone() {
+    let cred = |agent: &str| {
+        format!(
+            "[agents.{agent}.credentials.db]\nvault = \"local\"\npath = \"shared/db\"\ngenerate = {{ kind = \"password\", length = 24 }}\nevery = \"1h\"\ndeliver = [{{ type = \"file\", path = \"{{root}}/shared/db\", format = \"raw\" }}]\n"
+        )
+    };
+    let env = Env::new(&format!("{}{}", agent_table("old"), cred("old")));
+    let daemon = env.start();
+    wait_version(&env, "old", "db", 1);
+    env.write_credentials(&format!("{}{}", agent_table("new"), cred("new")));
+    daemon.reload();
+    wait_version(&env, "new", "db", 1);
+    let file = env.root().join("shared/db");
+    let value = wait_for(Duration::from_secs(10), || {
+        let v = std::fs::read(&file).ok()?;
+        (Some(v.clone()) == local_current(&env, "new")).then_some(v)
+    })
+    .expect("the renamed agent's value is delivered");
+    let out = env.cli(&[
+        "decommission",
+        "old",
+        "--reason",
+        "replaced by new",
+        "--wait",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        std::fs::read(&file).ok(),
+        Some(value.clone()),
+        "new's file is left"
+    );
+    assert_eq!(
+        local_current(&env, "new"),
+        Some(value),
+        "new's version is left"
+    );
+    // And new goes on rotating there.
+    env.cli_ok(&["rotate", "new/db", "--wait"]);
+    let log = daemon.stop();
+    assert!(
+        log.contains("not revoking what new/db of the config uses now"),
+        "{log}"
+    );
+    audit_verifies(&env, "after the old name's decommission");
+}
+
+/// The current value at `shared/db` in the local vault, as `agent/db`'s.
+fn local_current(env: &Env, agent: &str) -> Option<Vec<u8>> {
+    let k = keyturn::model::CredentialKey::new(
+        keyturn::model::AgentId::new(agent).unwrap(),
+        keyturn::model::CredentialId::new("db").unwrap(),
+    );
+    block_on(local_vault_value_at(
+        env,
+        "local",
+        &k,
+        "shared/db",
+        Select::Stage(Stage::Current),
+    ))
+    .map(|(_, value)| value)
+}
+
 /// Defects: a `decommission --wait` whose daemon died after the decision
 /// said only that no daemon was listening, as if nothing had been asked;
 /// and `status` with the daemon down showed a decommissioned agent's

@@ -380,8 +380,49 @@ fn default_path(key: &CredentialKey, path: &Option<String>) -> String {
         .unwrap_or_else(|| format!("agents/{}/{}", key.agent, key.credential))
 }
 
+/// A credential of another agent in the config that uses now what `spec`
+/// would revoke of `key`: the same delivered file, the same vault path in
+/// the same vault, or the same PostgreSQL role (a command hook is told
+/// which credential to revoke, so one hook serving many is no shared
+/// place). Left alone then, as a move or a target change leaves it
+/// (black-box finding: an agent renamed in the config, its old name then
+/// decommissioned as the README shows, had the renamed agent's role made
+/// NOLOGIN, its vault path emptied and its files removed).
+fn used_now(catalog: &Catalog, key: &CredentialKey, spec: &Spec) -> Option<CredentialKey> {
+    let mut others = catalog
+        .creds
+        .values()
+        .filter(|e| e.key().agent != key.agent);
+    let user = match spec {
+        Spec::Sink { path } => others.find(|e| {
+            e.sinks
+                .iter()
+                .any(|s| s.delivered_path() == Some(path.as_path()))
+        }),
+        Spec::Target { target, .. } => {
+            let t = stored_target(target).ok()?;
+            if !matches!(t, TargetConfig::Postgres(_)) {
+                return None;
+            }
+            others.find(|e| e.policy.target.same_place(&t))
+        }
+        Spec::Vault { vault, path } => {
+            let path = default_path(key, path);
+            others.find(|e| {
+                e.vault_path() == path && e.vaults.iter().any(|h| h.config.name == *vault)
+            })
+        }
+        Spec::Acks {} | Spec::Tokens { .. } | Spec::Tasks {} => None,
+    };
+    user.map(|e| e.key().clone())
+}
+
 /// Revokes one item. Idempotent: revoking twice is harmless.
 pub async fn revoke(engine: &Engine, key: &CredentialKey, spec: &Spec) -> Result<(), PluginError> {
+    if let Some(user) = used_now(&engine.catalog(), key, spec) {
+        tracing::warn!(agent = %key.agent, credential = %key.credential, used_by = %user, "decommission: not revoking what {user} of the config uses now (the same file, vault path or role): it is that credential's");
+        return Ok(());
+    }
     match spec {
         Spec::Acks {} => engine.clear_acks(key).await,
         Spec::Sink { path } => {
@@ -423,6 +464,9 @@ pub async fn verify(
     key: &CredentialKey,
     spec: &Spec,
 ) -> Result<String, PluginError> {
+    if let Some(user) = used_now(&engine.catalog(), key, spec) {
+        return Ok(format!("left to {user}, which uses it now"));
+    }
     match spec {
         Spec::Acks {} => Ok("no consumer awaited".into()),
         Spec::Sink { path } => {
