@@ -19,7 +19,14 @@ impl Inner {
         if let Some(dir) = self.walk(depth - 1, None)? {
             self.clear_other_layout(&dir, true)?;
         }
-        let agent_depth = self.agent_dir_depth(notice.key.agent.as_str(), depth);
+        // The directory holding the bundle, as a file's parent holds the
+        // file: a file sink and a bundle in one directory not named after
+        // the agent must agree on whose it is (black-box finding: once the
+        // agent had a uid, the file sink gave the directory to the agent
+        // and the bundle then refused it as not root's).
+        let agent_depth = self
+            .agent_dir_depth(notice.key.agent.as_str(), depth - 1)
+            .max(1);
         let bundle = self.walk(depth, Some(agent_depth))?.ok_or_else(|| {
             self.err(ErrorKind::Transient, "directory vanished while creating it")
         })?;

@@ -9,7 +9,8 @@
 //!    planted anywhere below the root is refused, so nothing is ever written
 //!    outside the root, even by a daemon running as root. Missing directories
 //!    are created: the agent's directory (the first component below the root
-//!    when it is named after the agent, else the file's own directory) and
+//!    when it is named after the agent, else the directory holding the file
+//!    or the bundle) and
 //!    everything below it get 0750 and the agent's uid/gid; directories above
 //!    it get 0755 and stay the daemon's. A directory is configured under a
 //!    temp name and then renamed into place, so a crash never leaves one with
@@ -658,7 +659,7 @@ impl Inner {
 
     /// How many components down the agent's directory is: the first one when
     /// it is named after the agent, else `holder`, the depth of the directory
-    /// holding the file(s) (the file's parent, or a bundle's own directory).
+    /// holding the file or the bundle directory (its parent).
     fn agent_dir_depth(&self, agent: &str, holder: usize) -> usize {
         if holder >= 1 && self.rel_at(0).as_bytes() == agent.as_bytes() {
             1

@@ -239,6 +239,43 @@ async fn owner_is_set_on_file_and_agent_dir() {
     assert_eq!(std::fs::metadata(root.path()).unwrap().uid(), 0);
 }
 
+/// Black-box finding: a file and a key pair delivered into one directory
+/// not named after the agent (an agent renamed, its paths kept): once the
+/// agent had a uid the file sink gave the directory to the agent, and the
+/// bundle refused it ("owned by uid 1234, not by root or the daemon"),
+/// failing every rotation. Both take the directory holding what they
+/// deliver for the agent's.
+#[tokio::test]
+async fn a_file_and_a_bundle_in_one_directory_agree_it_is_the_agents() {
+    assert_root("chown");
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("old-name");
+    let roots = [root.path().to_path_buf()];
+    let ctx = SinkContext {
+        delivery_roots: &roots,
+        uid: Some(1234),
+        gid: Some(1234),
+        former_uid: None,
+        reader: None,
+    };
+    let file = FileSink::new(cfg(&dir.join("db"), FileFormat::Raw), &ctx).unwrap();
+    let bundle = FileSink::new(cfg(&dir.join("signing"), FileFormat::Raw), &ctx).unwrap();
+    deliver_password(&file, 1, "v").await.unwrap();
+    assert_eq!(std::fs::metadata(&dir).unwrap().uid(), 1234, "the agent's");
+    deliver_keypair(&bundle, 1).await;
+    deliver_keypair(&bundle, 2).await;
+    assert_eq!(std::fs::metadata(dir.join("signing")).unwrap().uid(), 1234);
+    // The other way round: a bundle first, then the file.
+    let other = root.path().join("other-name");
+    let bundle = FileSink::new(cfg(&other.join("signing"), FileFormat::Raw), &ctx).unwrap();
+    let file = FileSink::new(cfg(&other.join("db"), FileFormat::Raw), &ctx).unwrap();
+    deliver_keypair(&bundle, 1).await;
+    deliver_password(&file, 1, "v").await.unwrap();
+    deliver_keypair(&bundle, 2).await;
+    assert_eq!(std::fs::metadata(&other).unwrap().uid(), 1234);
+    assert_eq!(mode_of(&other), 0o750);
+}
+
 #[tokio::test]
 async fn same_version_twice_leaves_the_file_alone() {
     let root = tempfile::tempdir().unwrap();
