@@ -355,20 +355,29 @@ impl Inner {
     }
 
     /// A crash mid-delivery leaves a bundle's `..data_tmp` and its new
-    /// timestamped directory (with the new private key) behind. Every
-    /// timestamped directory of another process but the current one is
-    /// dead: the kept previous one is only for readers mid-read across a
-    /// swap, and none is mid-read across a restart.
+    /// timestamped directory (with the new private key) behind: a
+    /// directory of another process of a version not older than the
+    /// current one is dead. An older one is the previous pair's, kept as
+    /// documented until the previous version is retired (black-box
+    /// finding: a reload after a restart removed it while in grace).
     pub(super) fn sweep_bundle(&self, bundle: &OwnedFd) -> Result<(), PluginError> {
         self.remove_data_link_tmp(bundle)?;
         let current = self.current_data_dir(bundle)?;
+        let current_version = current
+            .as_deref()
+            .and_then(|c| data_dir_version(c.as_bytes()));
         let names = list_dir(bundle).map_err(|e| self.sys("list bundle directory", e))?;
         for n in names {
             let b = n.as_bytes();
+            let older = matches!(
+                (data_dir_version(b), current_version),
+                (Some(v), Some(c)) if v < c
+            );
             let dead = b.starts_with(b"..")
                 && n != DATA_LINK
                 && n != DATA_LINK_TMP
                 && current.as_deref().is_none_or(|c| c.as_bytes() != b)
+                && !older
                 && b.rsplit(|c| *c == b'.').next().and_then(temp_owner) == Some(false);
             // Said only when done: a symlink planted under such a name is
             // left, and the log said "removed" at every reload (black-box
@@ -379,6 +388,15 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// The version in a timestamped directory's name
+/// (`..YYYYMMDDTHHMMSS.<version>.<random>`).
+fn data_dir_version(name: &[u8]) -> Option<u64> {
+    let rest = name.strip_prefix(b"..")?;
+    let mut parts = rest.split(|c| *c == b'.');
+    let (_stamp, version) = (parts.next()?, parts.next()?);
+    std::str::from_utf8(version).ok()?.parse().ok()
 }
 
 /// A name keyturn puts in a bundle: one of its files' links, or a `..`

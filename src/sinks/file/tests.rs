@@ -860,17 +860,29 @@ async fn preflight_removes_a_bundle_directory_left_by_a_crash() {
     std::fs::create_dir(&left).unwrap();
     std::fs::write(left.join("private.pem"), pem("PRIVATE KEY", 2)).unwrap();
     std::os::unix::fs::symlink(left.file_name().unwrap(), path.join("..data_tmp")).unwrap();
+    // And the previous pair's directory, made by an earlier process (a
+    // restart in its grace): kept until its retirement (black-box finding:
+    // a reload's preflight removed it).
+    let previous = path.join(format!(
+        "..20251231T000000.0.{:08x}00000000",
+        process_token() ^ 7
+    ));
+    std::fs::create_dir(&previous).unwrap();
     s.preflight().await.unwrap();
-    assert_eq!(
-        timestamped_dirs(&path),
-        current,
-        "only the current one stays"
-    );
+    let mut kept = current.clone();
+    kept.push(previous.file_name().unwrap().to_string_lossy().into_owned());
+    kept.sort();
+    let mut found = timestamped_dirs(&path);
+    found.sort();
+    assert_eq!(found, kept, "the current and the previous stay");
     assert!(!path.join("..data_tmp").exists());
     assert_eq!(
         std::fs::read_to_string(path.join("private.pem")).unwrap(),
         pem("PRIVATE KEY", 1)
     );
+    // The retirement takes it.
+    s.retire_previous(&key(AGENT, "signing")).await.unwrap();
+    assert_eq!(timestamped_dirs(&path), current);
 }
 
 /// Black-box finding: a symlink planted under a dead bundle directory's
