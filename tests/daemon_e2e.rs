@@ -1294,6 +1294,32 @@ fn another_audit_key_is_refused_by_check_and_reload_before_a_start_would_fail() 
     env.cli_ok(&["audit", "verify"]);
 }
 
+/// Black-box finding: `check` passed a state database a newer keyturn
+/// had migrated, which the start refuses; the unit's `ExecStartPre=keyturn
+/// check` then let a restart loop through. It says the daemon would not
+/// start, and why.
+#[test]
+fn check_fails_on_a_state_database_of_a_newer_keyturn() {
+    let env = Env::new(ONE_RAW);
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    daemon.stop();
+    env.cli_ok(&["check"]);
+    let db = rusqlite::Connection::open(env.state_dir().join("state.db")).unwrap();
+    let version: i64 = db
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    db.pragma_update(None, "user_version", version + 1).unwrap();
+    drop(db);
+    let out = env.cli(&["check"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the daemon would not start") && err.contains("newer than this keyturn"),
+        "{err}"
+    );
+}
+
 /// Black-box finding: with `audit_key_file` taken out of the config,
 /// `check` said ok of a keyed audit log the daemon then refused to start
 /// on. By hand it warns (the unit may pass the key as a credential); under

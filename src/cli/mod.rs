@@ -365,6 +365,17 @@ async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
         eprintln!("keyturn: the daemon would not start: {e}");
         return EXIT_FAILED;
     }
+    // A state database a newer keyturn migrated: the start refuses it
+    // (black-box finding: `check` passed, and the unit's ExecStartPre let a
+    // restart loop through).
+    let state_db = crate::daemon::state_db_path(&cfg);
+    if state_db.exists()
+        && let Err(e @ crate::state::StateError::TooNew { .. }) =
+            crate::state::SqliteStore::open_read_only(&state_db)
+    {
+        eprintln!("keyturn: the daemon would not start: {e}");
+        return EXIT_FAILED;
+    }
     if let Some(why) = audit_key_missing(&cfg) {
         // Under systemd (its credentials passed) the start would see what
         // this run sees; by hand, the unit may pass the key.
