@@ -2462,6 +2462,39 @@ fn check_warns_of_a_secret_file_every_user_can_read() {
     assert!(!stderr.contains("every local user can read"), "{stderr}");
 }
 
+/// Black-box finding: a webhook sink's `secret_file` of mode 0644 passed
+/// `check` (and `check --online`), and every delivery to it then failed at
+/// the daemon's preflight. `check` warns, naming the sink; a good key file
+/// passes silently.
+#[test]
+fn check_warns_of_a_webhook_key_file_the_daemon_cannot_use() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("");
+    let key = env.path().join("hook.key");
+    std::fs::write(&key, "CANARY-hook-key-0123456789abcdef0123456789\n").unwrap();
+    env.write_credentials(&format!(
+        "{}[agents.bot.credentials.db]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"1h\"\ndeliver = [{{ type = \"webhook\", url = \"http://127.0.0.1:9/hook\", secret_file = \"{}\" }}]\n",
+        agent_table("bot"),
+        key.display()
+    ));
+    let check = |mode: u32| {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = env.cli(&["check"]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.contains("CANARY"), "{stderr}");
+        stderr
+    };
+    let stderr = check(0o644);
+    assert!(
+        stderr.contains("warning: agents.bot.credentials.db.deliver[0].secret_file")
+            && stderr.contains("mode 0644"),
+        "{stderr}"
+    );
+    let stderr = check(0o600);
+    assert!(!stderr.contains("secret_file"), "{stderr}");
+}
+
 /// Black-box finding: SIGUSR1 (what many logrotate scripts send to reopen
 /// logs) ended the daemon, with no log line and no `daemon.stop` record.
 /// It is logged and ignored.

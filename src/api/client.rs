@@ -32,7 +32,9 @@ pub enum ClientError {
         path.display()
     )]
     ConnectTimeout { path: PathBuf },
-    #[error("control socket {}: {source}", path.display())]
+    // Not "control socket": the agents' socket gives this too (black-box
+    // finding: a `task end` cut off named agent.sock the control socket).
+    #[error("socket {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
     #[error("protocol error on {}: {message}", path.display())]
     Protocol { path: PathBuf, message: String },

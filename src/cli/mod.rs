@@ -393,6 +393,7 @@ async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
     warn_unreadable_jwks_files(&cfg);
     warn_undone_decommissions(&cfg);
     warn_world_readable_secret_files(&cfg);
+    warn_unusable_webhook_keys(&cfg);
     if !online {
         return 0;
     }
@@ -535,6 +536,35 @@ fn warn_unreadable_jwks_files(cfg: &Config) {
 /// `token_file` passed `check` silently, where key files must be 0600.
 /// (Group-readable is left alone: a 0640 file of a group only the daemon's
 /// user is in is a usual set-up.)
+/// A webhook sink's `secret_file` the daemon cannot sign with (missing,
+/// too short, readable by others): every delivery to it fails (black-box
+/// finding: `check` and `check --online` said ok, and only the daemon's
+/// preflight said why).
+fn warn_unusable_webhook_keys(cfg: &Config) {
+    let mut seen = std::collections::HashSet::new();
+    for agent in cfg.agents.values() {
+        for (id, cred) in &agent.credentials {
+            for (i, sink) in cred.deliver.iter().enumerate() {
+                let crate::sinks::SinkConfig::Webhook(w) = sink else {
+                    continue;
+                };
+                let Some(path) = &w.secret_file else {
+                    continue;
+                };
+                if !seen.insert(path.clone()) {
+                    continue;
+                }
+                if let Err(e) = crate::sinks::webhook::read_key_file(path) {
+                    eprintln!(
+                        "keyturn: warning: agents.{}.credentials.{id}.deliver[{i}].secret_file: {}; every delivery to that webhook fails until it is fixed",
+                        agent.id, e.message
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The audit log is keyed (HMAC-chained) and this run has no audit key:
 /// the start refuses that (black-box finding: `check` passed a config
 /// whose `audit_key_file` had been taken out).
