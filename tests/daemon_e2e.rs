@@ -1351,32 +1351,31 @@ fn check_says_when_a_keyed_audit_log_would_have_no_key() {
             && err.contains("no audit key is given"),
         "{err}"
     );
+    // As the unit's `ExecStartPre=keyturn check` runs it: with systemd's
+    // credentials directory.
     let credentials = env.path().join("credentials");
     std::fs::create_dir(&credentials).unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["check", "--config"])
-        .arg(&env.config)
-        .env("CREDENTIALS_DIRECTORY", &credentials)
-        .env_remove("KEYTURN_CONFIG")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let check_under_systemd = || {
+        let out = std::process::Command::new(bin())
+            .args(["check", "--config"])
+            .arg(&env.config)
+            .env("CREDENTIALS_DIRECTORY", &credentials)
+            .env_remove("KEYTURN_CONFIG")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.code(), err)
+    };
+    let (code, err) = check_under_systemd();
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("the daemon would not start") && err.contains("is keyed"),
         "{err}"
     );
     // With the key as the credential, all is well.
     std::fs::copy(&key_file, credentials.join("keyturn-audit-key")).unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["check", "--config"])
-        .arg(&env.config)
-        .env("CREDENTIALS_DIRECTORY", &credentials)
-        .env_remove("KEYTURN_CONFIG")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success() && !err.contains("is keyed"), "{err}");
+    let (code, err) = check_under_systemd();
+    assert!(code == Some(0) && !err.contains("is keyed"), "{err}");
 }
 
 /// A plain log goes keyed once the daemon runs with the key as a systemd

@@ -66,19 +66,9 @@ impl PlaceLocks {
     /// Waits until no other job holds any of `entry`'s places, and holds
     /// them.
     pub(super) async fn hold(&self, entry: &CredEntry) -> Held {
-        let mut held = Held {
-            locks: self.locks.clone(),
-            guards: Vec::new(),
-        };
+        let mut held = self.held();
         for place in places(entry) {
-            let lock = self
-                .locks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(place.clone())
-                .or_default()
-                .clone();
-            let guard = lock.lock_owned().await;
+            let guard = self.lock_of(&place).lock_owned().await;
             held.guards.push((place, guard));
         }
         held
@@ -87,23 +77,31 @@ impl PlaceLocks {
     /// [`PlaceLocks::hold`] at once, or `None` if another job holds one of
     /// the places: for work that must go before anything started after it.
     pub(super) fn hold_now(&self, entry: &CredEntry) -> Option<Held> {
-        let mut held = Held {
-            locks: self.locks.clone(),
-            guards: Vec::new(),
-        };
+        let mut held = self.held();
         for place in places(entry) {
-            let lock = self
-                .locks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(place.clone())
-                .or_default()
-                .clone();
             // On failure `held` releases what it took so far.
-            let guard = lock.try_lock_owned().ok()?;
+            let guard = self.lock_of(&place).try_lock_owned().ok()?;
             held.guards.push((place, guard));
         }
         Some(held)
+    }
+
+    fn held(&self) -> Held {
+        Held {
+            locks: self.locks.clone(),
+            guards: Vec::new(),
+        }
+    }
+
+    /// The lock of `place`, made if no job holds or waits for it. Cloned
+    /// under the map's lock, before it is waited for (see [`Held`]'s drop).
+    fn lock_of(&self, place: &str) -> Arc<AsyncMutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(place.to_owned())
+            .or_default()
+            .clone()
     }
 
     #[cfg(test)]

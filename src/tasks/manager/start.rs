@@ -161,18 +161,9 @@ impl TaskManager {
         // raced past a decision were issued credentials after it, and the
         // item was recorded revoked before they existed).
         if self.starts_blocked(&caller.agent) {
-            for (issuer_name, _, _) in &grants {
-                self.store
-                    .set_item(
-                        &task.task_id,
-                        issuer_name,
-                        ItemState::Verified,
-                        None,
-                        None,
-                        Some("never issued: the agent is being decommissioned"),
-                    )
-                    .await?;
-            }
+            let all = grants.iter().map(|(name, _, _)| name.as_str());
+            self.never_issued(&task.task_id, all, "the agent is being decommissioned")
+                .await?;
             // Ending for the decommission, not as a failed start (the
             // reason a task still `starting` would be given).
             self.store
@@ -242,31 +233,15 @@ impl TaskManager {
                     // system refused it, or what it made is revoked): no
                     // credential to wait for, and the task ends at once.
                     if nothing_left {
-                        self.store
-                            .set_item(
-                                &task.task_id,
-                                issuer_name,
-                                ItemState::Verified,
-                                None,
-                                None,
-                                Some("never issued: the issue failed and left nothing"),
-                            )
+                        let this = std::iter::once(issuer_name.as_str());
+                        self.never_issued(&task.task_id, this, "the issue failed and left nothing")
                             .await?;
                     }
                     // The issuers after this one were never called: nothing
                     // of theirs exists to wait for or revoke.
-                    for (later, _, _) in &grants[i + 1..] {
-                        self.store
-                            .set_item(
-                                &task.task_id,
-                                later,
-                                ItemState::Verified,
-                                None,
-                                None,
-                                Some("never issued: the start failed before it"),
-                            )
-                            .await?;
-                    }
+                    let later = grants[i + 1..].iter().map(|(name, _, _)| name.as_str());
+                    self.never_issued(&task.task_id, later, "the start failed before it")
+                        .await?;
                     in_flight.leave();
                     self.end_unstarted(&task.task_id, "start_failed").await;
                     return Err(TaskError::Issue {
@@ -351,6 +326,23 @@ impl TaskManager {
             credentials,
             dir,
         })
+    }
+
+    /// Records the items of `issuers` of task `id` as done: nothing was
+    /// issued there (`why`), so nothing is to revoke.
+    async fn never_issued<'a>(
+        &self,
+        id: &str,
+        issuers: impl Iterator<Item = &'a str>,
+        why: &str,
+    ) -> Result<(), TaskError> {
+        let note = format!("never issued: {why}");
+        for issuer in issuers {
+            self.store
+                .set_item(id, issuer, ItemState::Verified, None, None, Some(&note))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Whether task `id`'s start runs in this process now.
