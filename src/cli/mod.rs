@@ -530,12 +530,6 @@ fn warn_unreadable_jwks_files(cfg: &Config) {
     }
 }
 
-/// Warns of each file holding a secret the daemon logs in with (a vault
-/// token, an AppRole secret id, an Azure client secret, a PostgreSQL admin
-/// DSN) that every local user can read. Black-box finding: a 0644
-/// `token_file` passed `check` silently, where key files must be 0600.
-/// (Group-readable is left alone: a 0640 file of a group only the daemon's
-/// user is in is a usual set-up.)
 /// A webhook sink's `secret_file` the daemon cannot sign with (missing,
 /// too short, readable by others): every delivery to it fails (black-box
 /// finding: `check` and `check --online` said ok, and only the daemon's
@@ -585,6 +579,12 @@ fn audit_key_missing(cfg: &Config) -> Option<String> {
     ))
 }
 
+/// Warns of each file holding a secret the daemon logs in with (a vault
+/// token, an AppRole secret id, an Azure client secret, a PostgreSQL admin
+/// DSN) that every local user can read. Black-box finding: a 0644
+/// `token_file` passed `check` silently, where key files must be 0600.
+/// (Group-readable is left alone: a 0640 file of a group only the daemon's
+/// user is in is a usual set-up.)
 fn warn_world_readable_secret_files(cfg: &Config) {
     use crate::targets::TargetConfig;
     use crate::vaults::VaultSpec;
