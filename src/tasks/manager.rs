@@ -374,8 +374,8 @@ impl TaskManager {
             .contains(agent)
     }
 
-    /// `agent` is decommissioned: it may not start tasks from now on (until
-    /// the setup is rebuilt from a config and the stored decommissions),
+    /// `agent` is decommissioned: it may not start tasks from now on (a
+    /// decommission is for good: the block outlives any rebuilt setup),
     /// and its live tasks end at the next tick.
     pub fn retire_agent(&self, agent: &str) {
         self.block_starts(agent);
