@@ -839,6 +839,7 @@ fn recover_tail(
     // writer stored after it).
     let (mut seq, mut prev, mut chain) = last;
     let mut hash = own;
+    let mut after_foreign = is_foreign_write(&last_line);
     while seq > want.seq {
         let Some((_, line)) = lines.prev().map_err(|e| io("cannot read", e))? else {
             break;
@@ -850,7 +851,14 @@ fn recover_tail(
                 seq = s;
                 prev = p;
                 chain = c;
+                after_foreign = is_foreign_write(&line);
             }
+            // Black-box finding: bytes someone else wrote, which the record
+            // after them (an `audit.foreign_write`) reported, made every
+            // older state database unrestorable. They are no record of
+            // keyturn's: skipped, and the record before them must still be
+            // the one that record links to.
+            _ if after_foreign => {}
             _ => {
                 let keyed = if chain.is_some() {
                     " (or the audit key is not the one that wrote it)"
@@ -1003,6 +1011,17 @@ fn end_partial_line(
 }
 
 /// Just the chain fields of a record line.
+/// Whether `line` is an `audit.foreign_write` record: the bytes before it
+/// (after keyturn's previous record) are someone else's.
+fn is_foreign_write(line: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Event<'a> {
+        #[serde(borrow)]
+        event: std::borrow::Cow<'a, str>,
+    }
+    serde_json::from_slice::<Event>(line).is_ok_and(|e| e.event == "audit.foreign_write")
+}
+
 fn parse_seq_prev(line: &[u8]) -> Option<(u64, String, Option<Chain>)> {
     #[derive(serde::Deserialize)]
     struct Link {
@@ -1407,6 +1426,58 @@ pub(crate) mod tests {
         let log = AuditLog::open(&path, Some(&h3)).unwrap();
         assert_eq!(log.foreign_at_open(), None);
         assert_eq!(lines(&path).len(), 4);
+    }
+
+    /// Black-box finding: once the log held someone else's bytes (recorded
+    /// `audit.foreign_write`), no state database backed up before them
+    /// could be restored: "the records before seq N do not chain". The
+    /// walk back from the end skips the bytes that record reported; the
+    /// record before them must still link, and a line that does not link
+    /// anywhere else is still refused.
+    #[test]
+    fn an_older_state_can_be_restored_across_a_reported_foreign_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let h2 = write_log(&path, 2);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"seq":3,"prev":"x"}"#).unwrap();
+        drop(f);
+        let log = AuditLog::open(&path, Some(&h2)).unwrap();
+        assert!(log.foreign_at_open().is_some());
+        let mut ev = AuditEvent::new("audit.foreign_write", Actor::Daemon, Outcome::Failed);
+        ev.error = Some("reported".into());
+        log.append_blocking(ev).unwrap();
+        let h4 = log.append_blocking(event(4)).unwrap();
+        drop(log);
+        assert_eq!(h4.seq, 4);
+
+        // The state of before the bytes (seq 2), and of seq 1.
+        let h1 = AuditHead {
+            seq: 1,
+            hash: writer_link(None, lines(&path)[0].as_bytes()),
+        };
+        for older in [&h2, &h1] {
+            let log = AuditLog::open(&path, Some(older)).unwrap();
+            assert_eq!(log.head(), h4);
+            assert_eq!(log.unconfirmed_at_open(), Some((older.seq + 1, 4)));
+        }
+        // A forged link to seq 2 still fails: the record before the bytes
+        // must be the one the state recorded.
+        let forged = AuditHead {
+            seq: 2,
+            hash: "0".repeat(64),
+        };
+        let e = AuditLog::open(&path, Some(&forged)).unwrap_err();
+        assert!(e.to_string().contains("is not the one"), "{e}");
+        // Bytes no `audit.foreign_write` reported (between records 1 and 2)
+        // are refused as before.
+        let all = lines(&path);
+        let mut inserted = format!("{}\nJUNK\n", all[0]);
+        inserted.push_str(&all[1..].join("\n"));
+        inserted.push('\n');
+        std::fs::write(&path, inserted).unwrap();
+        let e = AuditLog::open(&path, Some(&h1)).unwrap_err();
+        assert!(e.to_string().contains("do not chain"), "{e}");
     }
 
     #[test]
