@@ -622,3 +622,37 @@ timeout = "10s"
         ],
     );
 }
+
+/// Black-box finding: an `aws_sts` issuer without `revoke_with_deny_policy`
+/// cannot end a session early, so a decommission with such a task open
+/// waits for it to expire and breaches a shorter revocation SLA, every
+/// time; `check` said ok. It warns, naming the policy level, the agent,
+/// the issuer and both durations; with the deny policy, or a `max_ttl`
+/// within the SLA, it says nothing.
+#[test]
+fn check_warns_of_task_credentials_that_outlive_the_revocation_sla() {
+    let issuer = |deny: bool| {
+        format!(
+            "revocation_sla = \"5m\"\n[issuers.sts]\ntype = \"aws_sts\"\nregion = \"us-east-1\"\nendpoint_url = \"http://127.0.0.1:9\"\nrevoke_with_deny_policy = {deny}\n"
+        )
+    };
+    let grant = format!(
+        "sts = {{ role_arn = \"arn:aws:iam::123456789012:role/invoice-tasks\", session_policy = '{SESSION_POLICY}' }}"
+    );
+    let check = |env: &Env| {
+        let out = env.cli(&["check"]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = check(&env(&issuer(false), "10m", &grant, free_port()));
+    assert!(
+        stderr.contains("warning: policies.invoicing.levels.low grants agent bot credentials of issuer sts for up to 1h (max_ttl), longer than its revocation SLA of 5m"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("revoke_with_deny_policy = true"),
+        "{stderr}"
+    );
+    let stderr = check(&env(&issuer(true), "10m", &grant, free_port()));
+    assert!(!stderr.contains("revocation SLA"), "{stderr}");
+}

@@ -394,6 +394,7 @@ async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
     warn_undone_decommissions(&cfg);
     warn_world_readable_secret_files(&cfg);
     warn_unusable_webhook_keys(&cfg);
+    warn_task_credentials_outliving_sla(&cfg);
     if !online {
         return 0;
     }
@@ -445,6 +446,47 @@ async fn warn_stranded_tasks(cfg: &Config) {
     let now = chrono::Utc::now().timestamp_millis();
     for line in crate::tasks::manager::stranded(&tasks, &issuers, now).await {
         eprintln!("keyturn: warning: {line}");
+    }
+}
+
+/// Warns of each agent whose policies grant task credentials of an issuer
+/// that cannot end them early (an `aws_sts` issuer without
+/// `revoke_with_deny_policy`) for longer than the agent's revocation SLA:
+/// a decommission with such a task open waits for the credential to
+/// expire, and breaches the SLA. Black-box finding: `check` said ok, and
+/// every such decommission breached.
+fn warn_task_credentials_outliving_sla(cfg: &Config) {
+    let mut unending = std::collections::BTreeSet::new();
+    for (name, issuer) in &cfg.issuers {
+        if issuer.plugin().build().is_ok_and(|i| !i.ends_early()) {
+            unending.insert(name.as_str());
+        }
+    }
+    let mut said = std::collections::BTreeSet::new();
+    for policy in cfg.policies.values() {
+        for (level_name, level) in &policy.levels {
+            for issuer in level.grants.keys() {
+                if !unending.contains(issuer.as_str()) {
+                    continue;
+                }
+                for agent in &policy.agents {
+                    let id = crate::model::AgentId::new(agent).ok();
+                    let Some(a) = id.and_then(|id| cfg.agents.get(&id)) else {
+                        continue;
+                    };
+                    let sla = cfg.revocation_sla(a);
+                    if level.max_ttl <= sla || !said.insert((agent.clone(), issuer.clone())) {
+                        continue;
+                    }
+                    eprintln!(
+                        "keyturn: warning: policies.{}.levels.{level_name} grants agent {agent} credentials of issuer {issuer} for up to {} (max_ttl), longer than its revocation SLA of {}, and that issuer cannot end them early: a decommission with such a task open waits for it to expire and breaches the SLA. Set revoke_with_deny_policy = true on issuers.{issuer}, or a max_ttl of at most the SLA",
+                        policy.name,
+                        humantime::format_duration(level.max_ttl),
+                        humantime::format_duration(sla),
+                    );
+                }
+            }
+        }
     }
 }
 

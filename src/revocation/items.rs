@@ -263,6 +263,24 @@ impl TaskProbe for crate::tasks::manager::TaskManager {
                 .max()
                 .and_then(DateTime::<Utc>::from_timestamp_millis)),
             Some(t) => {
+                // Black-box finding: a session that expires by itself (an
+                // `aws_sts` issuer without `revoke_with_deny_policy`) was
+                // waited for with words that called it a transient failure.
+                let expiring = t.items.iter().find_map(|i| {
+                    (i.state == crate::tasks::store::ItemState::Expiring)
+                        .then_some(i.expires_at_ms)
+                        .flatten()
+                        .and_then(DateTime::<Utc>::from_timestamp_millis)
+                        .map(|at| (i, at))
+                });
+                if let Some((i, at)) = expiring {
+                    return Err(format!(
+                        "task {} of {agent}: its credential from issuer {} cannot be ended early and keeps working until it expires by itself at {}; the decommission is verified only then (an `aws_sts` issuer ends sessions at once with `revoke_with_deny_policy = true`)",
+                        t.task.task_id,
+                        i.issuer,
+                        at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    ));
+                }
                 let why = t
                     .items
                     .iter()

@@ -833,9 +833,16 @@ impl Revocations {
         item.attempts += 1;
         let msg = format!("{} ({})", e.message, e.kind);
         item.last_error = Some(msg.clone());
-        tracing::warn!(agent = %item.agent, item = %item.item, attempt = item.attempts, error = %msg, "revocation item not done yet; will retry");
         let now = self.inner.engine.now();
-        let note = match self.inner.quiet.failed(&item.agent, &item.item, &msg, now) {
+        let verdict = self.inner.quiet.failed(&item.agent, &item.item, &msg, now);
+        // Logged as often as audited (black-box finding: a wait of ten
+        // minutes logged a WARN every 2 s); the rest at debug.
+        if matches!(verdict, quiet::Verdict::Quiet) {
+            tracing::debug!(agent = %item.agent, item = %item.item, attempt = item.attempts, error = %msg, "revocation item not done yet; will retry");
+        } else {
+            tracing::warn!(agent = %item.agent, item = %item.item, attempt = item.attempts, error = %msg, "revocation item not done yet; will retry");
+        }
+        let note = match verdict {
             quiet::Verdict::Audit(None) => Some(None),
             quiet::Verdict::Audit(Some(n)) => Some(Some(format!(
                 "attempt {}; {n} failed attempt(s) since the last record, not recorded one by one",

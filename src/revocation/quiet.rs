@@ -10,7 +10,8 @@
 //! "connection reset" by turns, and each turn was a change (a record per
 //! attempt again).
 //! Every attempt is still persisted (status shows the count and the last
-//! error) and logged. Kept in memory, and seeded at a start with each
+//! error), and logged: as a warning when it is audited, at debug level
+//! otherwise. Kept in memory, and seeded at a start with each
 //! pending item's persisted last error, as audited then ([`Quiet::seed`]):
 //! black-box finding, an error that stayed the same was audited again at
 //! every restart (13 times in 14 minutes of restarts).

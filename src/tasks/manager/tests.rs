@@ -1097,6 +1097,15 @@ async fn a_credential_that_only_expires_ends_the_task_at_its_expiry() {
     h.mgr.end(&caller("bot"), &id).await.unwrap();
     assert_eq!(h.state_of(&id), TaskState::Ending);
     assert!(h.root.join("bot").join(&id).is_dir());
+    // What a decommission waiting for it says (black-box finding: its
+    // words called the wait a transient failure).
+    let waits = crate::revocation::TaskProbe::tasks_ended(&*h.mgr, "bot").unwrap_err();
+    assert!(
+        waits.contains(&format!(
+            "task {id} of bot: its credential from issuer sts cannot be ended early"
+        )) && waits.contains("expires by itself at "),
+        "{waits}"
+    );
     // Ended once the clock passes the expiry the system enforces (600 s).
     tokio::time::advance(Duration::from_secs(601)).await;
     let mgr = h.restarted(601);
