@@ -196,6 +196,9 @@ fn advice(e: &PluginError) -> &'static str {
     if e.message.starts_with("no answer within") {
         return "check the address, that the service is up, and firewalls; or raise --timeout";
     }
+    if e.message.contains("invalid peer certificate") {
+        return "check the CA file the config names and the host name it connects to";
+    }
     match e.kind {
         ErrorKind::Unauthorized => {
             "check the credentials it uses (token, keys, client secret, password) and their permissions"

@@ -368,6 +368,8 @@ impl Validator<'_> {
                 );
             }
         }
+        let shared = cross.deliveries.shared_agent_dirs();
+        self.issues.extend(shared);
 
         let alerts = self.alerts(raw, &scope.tier_names);
         let issuers = self.issuers(raw);

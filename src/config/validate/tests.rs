@@ -330,6 +330,72 @@ deliver = [{{ type = \"file\", path = \"a\" }}, {{ type = \"file\", path = \"b/a
     );
 }
 
+/// Black-box finding: two agents delivering into one directory not named
+/// after either passed `check`; the file sink gave the directory to the
+/// one with a `uid`, which could then replace the other's file. Refused at
+/// the place whose directory the agent would be given; in either order,
+/// in a directory below too, and not when no agent sharing it has a `uid`
+/// (the directory stays the daemon's).
+#[test]
+fn an_agents_directory_may_not_hold_another_agents_files() {
+    let config = |uid_a: bool, a_path: &str, b_path: &str| {
+        let head = if uid_a {
+            HEAD.replacen("tier = \"low\"\n", "tier = \"low\"\nuid = 4242\n", 1)
+        } else {
+            HEAD.to_owned()
+        };
+        format!(
+            "{head}[agents.a.credentials.x]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"password\" }}\n\
+deliver = [{{ type = \"file\", path = \"{a_path}\" }}]\n\
+[agents.b.credentials.y]\nvault = \"v\"\nevery = \"1h\"\ngenerate = {{ kind = \"password\" }}\n\
+deliver = [{{ type = \"file\", path = \"{b_path}\" }}]\n"
+        )
+    };
+    let message = |b_place: &str| {
+        format!(
+            "delivery path `/run/kt/shared/a.json` of agent `a`: its directory `/run/kt/shared` is given to agent `a` (it has a `uid`), and agent `b`'s delivery path `{b_place}` is in it too, where `a` could replace that file with its own. Give each agent a directory of its own (e.g. one named after it right below the delivery root)"
+        )
+    };
+    for b in ["shared/b.json", "shared/sub/b.json"] {
+        let e = super::super::load_str(
+            Path::new("/etc/keyturn/t.toml"),
+            &config(true, "shared/a.json", b),
+        )
+        .expect_err("refused")
+        .0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].toml_path, "agents.a.credentials.x.deliver[0].path");
+        assert_eq!(
+            e[0].message,
+            format!("{} (line 23)", message(&format!("/run/kt/{b}")))
+        );
+    }
+    // `b`'s files deeper in `a`'s named directory: the earlier check says so.
+    let e = super::super::load_str(
+        Path::new("/etc/keyturn/t.toml"),
+        &config(true, "a/x.json", "a/sub/b.json"),
+    )
+    .expect_err("refused")
+    .0;
+    assert!(
+        e.iter()
+            .any(|i| i.message.contains("is in the directory of agent `a`")),
+        "{e:?}"
+    );
+    // No `uid`: the shared directory stays the daemon's.
+    super::super::load_str(
+        Path::new("/etc/keyturn/t.toml"),
+        &config(false, "shared/a.json", "shared/b.json"),
+    )
+    .unwrap();
+    // Side by side, each in a directory of its own, with a `uid`.
+    super::super::load_str(
+        Path::new("/etc/keyturn/t.toml"),
+        &config(true, "shared/a/a.json", "shared/b/b.json"),
+    )
+    .unwrap();
+}
+
 /// Defect: `task_root` at a delivery root made `<task_root>/<agent>` each
 /// agent's own delivery directory (every task then failed, with advice to
 /// remove that directory), and `task_root` in an agent's directory put every

@@ -78,6 +78,24 @@ impl SinkScope<'_, '_> {
     /// Claims `place` (where this sink writes, e.g. a resolved file path)
     /// for this sink alone; reports a duplicate at `at` when another sink
     /// claimed it first. `key` is the sink's key `at` points to.
+    /// Records that the place just claimed is in `dir`, the directory the
+    /// file sink gives its agent (a prefix of the place), checked once
+    /// every place is claimed ([`Deliveries::shared_agent_dirs`]). Only
+    /// an agent with a `uid` is given its directory.
+    pub fn claim_agent_dir(&mut self, dir: &Path) {
+        let gets_it = self
+            .agent_names
+            .get(self.agent)
+            .and_then(|a| a.agent.ok())
+            .is_some_and(|a| a.uid.is_some());
+        let Some(index) = self.claims.seen.entries.len().checked_sub(1) else {
+            return;
+        };
+        if gets_it {
+            self.claims.agent_dirs.push((index, dir.as_os_str().len()));
+        }
+    }
+
     pub fn claim(
         &mut self,
         v: &mut Validator<'_>,
@@ -215,6 +233,88 @@ pub(super) struct Deliveries<'r> {
     /// Every claimed place, back to back.
     pub(super) text: Vec<u8>,
     pub(super) missing_roots_reported: bool,
+    /// Each claimed place (its index in `seen.entries`) with the length of
+    /// the directory the file sink gives its agent (a prefix of its text),
+    /// when that agent has a `uid`: see [`Deliveries::shared_agent_dirs`].
+    pub(super) agent_dirs: Vec<(usize, usize)>,
+}
+
+impl Deliveries<'_> {
+    /// Black-box finding: two agents delivering into one directory not
+    /// named after either (`shared/a.json`, `shared/b.json`) passed
+    /// `check`; the file sink gave the directory to the agent with a `uid`,
+    /// which could then replace the other agent's file. An agent's
+    /// directory (the one named after it right below a root, else the one
+    /// holding its file or bundle) is given to it when it has a `uid`; no
+    /// other agent's place may be in it. One issue per such directory, at
+    /// its first place. Sorted once, so 100k sinks cost O(n log n).
+    pub(super) fn shared_agent_dirs(&self) -> Vec<Issue> {
+        if self.agent_dirs.is_empty() {
+            return Vec::new();
+        }
+        let entries = &self.seen.entries;
+        let place = |i: usize| &self.text[entries[i].0.2.clone()];
+        let agent = |i: usize| entries[i].0.0.cred.agent;
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_unstable_by(|&a, &b| place(a).cmp(place(b)));
+        // For each position, the first later position of another agent.
+        let mut next_other = vec![order.len(); order.len()];
+        for k in (0..order.len().saturating_sub(1)).rev() {
+            next_other[k] = if agent(order[k + 1]) != agent(order[k]) {
+                k + 1
+            } else {
+                next_other[k + 1]
+            };
+        }
+        let mut issues = Vec::new();
+        let mut reported = std::collections::HashSet::new();
+        for &(e, len) in &self.agent_dirs {
+            let dir = &place(e)[..len];
+            let owner = agent(e);
+            // The places below `dir/`: those between `dir/` and `dir0`.
+            let lo = order.partition_point(|&i| {
+                let p = place(i);
+                p.len() <= len || (&p[..len], p[len]) < (dir, b'/')
+            });
+            let hi = order.partition_point(|&i| {
+                let p = place(i);
+                p.len() <= len || (&p[..len], p[len]) <= (dir, b'/')
+            });
+            if lo >= hi {
+                continue;
+            }
+            let other = if agent(order[lo]) != owner {
+                order[lo]
+            } else if next_other[lo] < hi {
+                order[next_other[lo]]
+            } else {
+                continue;
+            };
+            if !reported.insert(dir) {
+                continue;
+            }
+            let (sink, key, _) = &entries[e].0;
+            let (theirs, their_key, _) = &entries[other].0;
+            let shown = |b: &[u8]| {
+                Path::new(std::ffi::OsStr::from_bytes(b))
+                    .display()
+                    .to_string()
+            };
+            let mut issue = Issue::at(
+                sink.path(key),
+                format!(
+                    "delivery path `{}` of agent `{owner}`: its directory `{}` is given to agent `{owner}` (it has a `uid`), and agent `{}`'s delivery path `{}` is in it too, where `{owner}` could replace that file with its own. Give each agent a directory of its own (e.g. one named after it right below the delivery root)",
+                    shown(place(e)),
+                    shown(dir),
+                    theirs.cred.agent,
+                    shown(place(other)),
+                ),
+            );
+            issue.related = Some(theirs.path(their_key));
+            issues.push(issue);
+        }
+        issues
+    }
 }
 
 /// A credential by name: enough to rebuild its TOML path for a duplicate's

@@ -247,6 +247,18 @@ impl FileConfig {
             return;
         }
         if scope.claim(v, p, "path", &resolved) {
+            // The agent's directory, as the sink takes it: the one named
+            // after the agent right below the root, else the one holding
+            // the file or the bundle (none when that is the root).
+            let named = root.join(scope.agent);
+            let dir = if resolved.starts_with(&named) {
+                Some(named.as_path())
+            } else {
+                resolved.parent().filter(|d| d != root)
+            };
+            if let Some(dir) = dir {
+                scope.claim_agent_dir(dir);
+            }
             self.path = resolved;
         }
     }

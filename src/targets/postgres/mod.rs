@@ -447,15 +447,39 @@ impl PostgresTarget {
         if problems.is_empty() {
             return Ok(());
         }
-        Err(PluginError::new(
-            ErrorKind::Invalid,
+        Err(self.clone_refused(ctx, clone, &problems))
+    }
+
+    /// Why keyturn will not use the existing role `clone` (`problems`, from
+    /// [`Self::foreign_clone`]), and what to do. Black-box finding: a clone
+    /// keyturn made, given a role or an attribute by hand since, was called
+    /// someone else's role to drop.
+    fn clone_refused(&self, ctx: &str, clone: &str, problems: &[CloneProblem]) -> PluginError {
+        let listed = problems
+            .iter()
+            .map(|p| p.what.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let message = if problems.iter().any(|p| p.fix.is_none()) {
             format!(
-                "{ctx}: role {clone:?} exists but is not the clone keyturn makes ({}); keyturn \
+                "{ctx}: role {clone:?} exists but is not the clone keyturn makes ({listed}); keyturn \
                  will not set a password on someone else's role. Drop or rename it, or choose \
-                 another `role`",
-                problems.join("; ")
-            ),
-        ))
+                 another `role`"
+            )
+        } else {
+            let fixes = problems
+                .iter()
+                .filter_map(|p| p.fix.as_deref())
+                .collect::<Vec<_>>()
+                .join("; ");
+            format!(
+                "{ctx}: role {clone:?} is the clone keyturn made of {:?}, changed since \
+                 ({listed}); keyturn will not set a password on a clone that differs from the \
+                 role it stands in for. Undo the change: `{fixes}`",
+                self.s.role
+            )
+        };
+        PluginError::new(ErrorKind::Invalid, message)
     }
 
     /// Whether `role` carries keyturn's mark (true when it does not exist:
@@ -476,7 +500,7 @@ impl PostgresTarget {
         conn: &AdminConn,
         clone: &str,
         ctx: &str,
-    ) -> Result<Vec<String>, PluginError> {
+    ) -> Result<Vec<CloneProblem>, PluginError> {
         const SQL: &str = "SELECT r.rolsuper, r.rolcreaterole, r.rolcreatedb, r.rolreplication, \
                         r.rolbypassrls, r.rolinherit, shobj_description(r.oid, 'pg_authid'), \
                         ARRAY(SELECT g.rolname::text FROM pg_auth_members m \
@@ -488,7 +512,11 @@ impl PostgresTarget {
         }
         .await
         .map_err(|e| conn.error(ctx, &e, &[]))?;
+        let c = quote_ident(clone);
         let mut problems = Vec::new();
+        let mut problem = |what: String, fix: Option<String>| {
+            problems.push(CloneProblem { what, fix });
+        };
         for (i, attribute) in [
             "SUPERUSER",
             "CREATEROLE",
@@ -500,26 +528,40 @@ impl PostgresTarget {
         .enumerate()
         {
             if row.get::<_, bool>(i) {
-                problems.push(format!("it has {attribute}"));
+                problem(
+                    format!("it has {attribute}"),
+                    Some(format!("ALTER ROLE {c} NO{attribute}")),
+                );
             }
         }
         if !row.get::<_, bool>(5) {
-            problems.push("it is NOINHERIT".into());
+            problem(
+                "it is NOINHERIT".into(),
+                Some(format!("ALTER ROLE {c} INHERIT")),
+            );
         }
         let comment: Option<String> = row.get(6);
         if !comment
             .as_deref()
             .is_some_and(|c| c.starts_with(KEYTURN_MARK))
         {
-            problems.push(format!("its comment lacks keyturn's mark `{KEYTURN_MARK}`"));
+            problem(
+                format!("its comment lacks keyturn's mark `{KEYTURN_MARK}`"),
+                None,
+            );
         }
         let member_of: Vec<String> = row.get(7);
         if !member_of.contains(&self.s.role) {
-            problems.push(format!("it is not a member of {:?}", self.s.role));
+            problem(
+                format!("it is not a member of {:?}", self.s.role),
+                Some(format!("GRANT {} TO {c}", quote_ident(&self.s.role))),
+            );
         }
-        let others: Vec<&String> = member_of.iter().filter(|g| **g != self.s.role).collect();
-        if !others.is_empty() {
-            problems.push(format!("it is also a member of {others:?}"));
+        for other in member_of.iter().filter(|g| **g != self.s.role) {
+            problem(
+                format!("it is also a member of {other:?}"),
+                Some(format!("REVOKE {} FROM {c}", quote_ident(other))),
+            );
         }
         Ok(problems)
     }
@@ -762,14 +804,50 @@ impl Target for PostgresTarget {
                 quote_ident(&db),
                 quote_ident(role)
             )),
-            Some((true, true)) => Ok(()),
+            Some((true, true)) => self.check_clone(&mut conn, &ctx).await,
         }
     }
+}
+
+/// One way an existing role differs from the clone keyturn makes, and the
+/// statement that undoes it (none: the role is not keyturn's).
+struct CloneProblem {
+    what: String,
+    fix: Option<String>,
 }
 
 /// The steps' work on one admin connection (the [`Target`] methods retry
 /// them once on a new connection when a reused one was dead).
 impl PostgresTarget {
+    /// `check --online` of an `alternating_users` clone that exists: the
+    /// first rotation onto it refuses one that is not keyturn's, or was
+    /// changed since (black-box finding: `check` said ok, and the rotation
+    /// a period later failed).
+    async fn check_clone(&self, conn: &mut Lease, ctx: &str) -> Result<(), PluginError> {
+        let Some(clone) = self.clone.as_deref() else {
+            return Ok(());
+        };
+        let problems = loop {
+            let outcome = conn
+                .bounded(ctx, async {
+                    if role_exists(conn, clone, ctx).await? {
+                        self.foreign_clone(conn, clone, ctx).await
+                    } else {
+                        Ok(Vec::new())
+                    }
+                })
+                .await;
+            if !conn.again(&outcome, ctx).await? {
+                break outcome?;
+            }
+        };
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(self.clone_refused(ctx, clone, &problems))
+        }
+    }
+
     async fn set_on(
         &self,
         conn: &AdminConn,
@@ -1069,7 +1147,16 @@ pub(crate) fn pg_error(ctx: &str, e: &tokio_postgres::Error, secrets: &[&[u8]]) 
             } else {
                 ErrorKind::Transient
             };
-            (kind, format!("{ctx}: {top}{}", cause(e)))
+            let cause = cause(e);
+            // Black-box finding: a CA file that does not sign the server's
+            // certificate was reported with advice to check that the
+            // server is up.
+            let hint = if cause.contains("invalid peer certificate") {
+                "; the server's certificate does not verify against the CA file (ssl_root_cert) for the host name the DSN connects to: check both"
+            } else {
+                ""
+            };
+            (kind, format!("{ctx}: {top}{cause}{hint}"))
         }
     };
     let mut err = PluginError::new(kind, msg);
@@ -1950,6 +2037,12 @@ mod tests {
             ))
             .await
             .unwrap();
+        // `check --online` says so before the first rotation (black-box
+        // finding: it said ok, and the rotation onto the clone failed a
+        // period later).
+        let e = t.check().await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.message.contains("not the clone keyturn makes"), "{e}");
         t.set(&key(), 1, &secret("own-pass-1")).await.unwrap();
         let e = t.set(&key(), 2, &secret("own-pass-2")).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
@@ -1974,6 +2067,16 @@ mod tests {
             .unwrap();
         let e = t.set(&key(), 2, &secret("own-pass-2")).await.unwrap_err();
         assert!(e.message.contains("CREATEDB"), "{e}");
+        // keyturn's clone changed by hand: what to undo, not "drop it".
+        let undo = format!("ALTER ROLE {} NOCREATEDB", quote_ident(&clone));
+        for e in [e, t.check().await.unwrap_err()] {
+            assert!(
+                e.message.contains("is the clone keyturn made of")
+                    && e.message.contains(&undo)
+                    && !e.message.contains("Drop or rename"),
+                "{e}"
+            );
+        }
 
         // keyturn's own clone, left behind by a crash after it was created:
         // adopted, and a replayed set is idempotent.
@@ -1984,6 +2087,7 @@ mod tests {
         t.ensure_clone(&t.admin("set").await.unwrap(), &clone, "test")
             .await
             .unwrap();
+        t.check().await.unwrap();
         t.set(&key(), 2, &secret("own-pass-2")).await.unwrap();
         set_and_test(&t, 2, "own-pass-2").await;
         f.login(&clone, "own-pass-2").await.unwrap();
