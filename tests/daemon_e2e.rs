@@ -2524,3 +2524,51 @@ fn sigusr1_is_logged_and_ignored() {
         "stopped by SIGTERM, not by the SIGUSR1"
     );
 }
+
+/// Black-box finding: hook programs got the descriptors the daemon had
+/// inherited from whatever started it (a shell's pipe, say). The daemon
+/// marks them close-on-exec at start: a hook sees none of them.
+#[test]
+fn hooks_get_no_descriptor_the_daemon_inherited() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new(&format!(
+        r#"{}
+[agents.bot.credentials.api]
+vault = "local"
+generate = {{ kind = "password", length = 32 }}
+every = "1h"
+target = {{ type = "command", program = "{{dir}}/hook.sh", args = ["{{dir}}"] }}
+deliver = [{{ type = "file", path = "{{root}}/bot/api", format = "raw" }}]
+"#,
+        agent_table("bot")
+    ));
+    let hook = env.path().join("hook.sh");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\ncat > /dev/null\nfor f in /proc/$$/fd/*; do readlink \"$f\" || true; done >> \"$1/fds\"\nexit 0\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A pipe without close-on-exec, as a shell's would be: the daemon
+    // (a child of this test process) inherits both ends.
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills the two-element array it is given.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let inode = std::fs::metadata(format!("/proc/self/fd/{}", fds[0]))
+        .unwrap()
+        .ino();
+    let daemon = env.start();
+    wait_version(&env, "bot", "api", 1);
+    daemon.stop();
+    // SAFETY: the two descriptors pipe(2) gave this test.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    let seen = std::fs::read_to_string(env.path().join("fds")).unwrap();
+    assert!(seen.contains("pipe:["), "the hook's own stdin: {seen}");
+    assert!(
+        !seen.contains(&format!("pipe:[{inode}]")),
+        "the hook got the inherited pipe: {seen}"
+    );
+}

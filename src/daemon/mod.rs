@@ -82,6 +82,32 @@ fn raise_nofile_limit() -> u64 {
     }
 }
 
+/// Marks every descriptor the daemon inherited beyond stdin, stdout and
+/// stderr close-on-exec, so hook programs and exec sinks get none of them.
+/// Black-box finding: a hook listed the write end of a pipe the shell that
+/// started the daemon held. The daemon's own descriptors are opened
+/// close-on-exec already (Rust's default).
+fn close_inherited_on_exec() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: fcntl on a descriptor number only reads and sets its
+        // flags; a number that is closed by now (the directory's own
+        // descriptor) fails with EBADF, which is ignored.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let started = std::time::Instant::now();
@@ -91,6 +117,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let mut hup = signals::Incoming::new(&[libc::SIGHUP], "keyturn-sighup")
         .map_err(|e| DaemonError::Startup(format!("cannot handle SIGHUP: {e}")))?;
     memory::configure();
+    close_inherited_on_exec();
     let nofile = raise_nofile_limit();
     let (config, read_files) =
         memory::apart(|| config::load_tracked(config_path)).map_err(DaemonError::Config)?;
