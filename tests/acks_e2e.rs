@@ -361,6 +361,59 @@ fn a_flood_of_agent_socket_connections_leaves_both_sockets_serving() {
     daemon.stop();
 }
 
+/// Black-box finding: a reload that changed an `ack = "open"` sink (its
+/// mode) recorded an ack of the awaited version that nobody gave: the
+/// watch saw keyturn's own open of the file as it delivered it again.
+/// The delivery a reload makes replaces the watch; only a reader's open
+/// after it counts.
+#[test]
+fn a_reload_that_changes_an_open_ack_sink_acknowledges_nothing() {
+    let env = env("open");
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    let path = env.root().join("bot/db");
+    std::fs::read(&path).unwrap();
+    wait_for(Duration::from_secs(10), || {
+        awaiting(&env).is_empty().then_some(())
+    })
+    .unwrap_or_else(|| panic!("reading version 1 acks it: {:?}", status_json(&env)));
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    let awaited = vec![format!("file:{} (ack=open)", path.display())];
+    assert_eq!(awaiting(&env), awaited);
+
+    for mode in ["0440", "0400"] {
+        let text = std::fs::read_to_string(&env.config).unwrap();
+        let text = text
+            .replace(
+                "ack = \"open\" }",
+                &format!("ack = \"open\", mode = \"{mode}\" }}"),
+            )
+            .replace("mode = \"0440\" }", &format!("mode = \"{mode}\" }}"));
+        std::fs::write(&env.config, text).unwrap();
+        daemon.reload();
+        wait_for(Duration::from_secs(10), || {
+            use std::os::unix::fs::PermissionsExt;
+            let m = std::fs::metadata(&path).ok()?.permissions().mode() & 0o777;
+            (format!("0{m:o}") == mode).then_some(())
+        })
+        .unwrap_or_else(|| panic!("not delivered again with mode {mode}"));
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(awaiting(&env), awaited, "keyturn's own delivery is no ack");
+        assert_eq!(stage_of(&env, 1), Some(Stage::Previous));
+    }
+    assert!(
+        !audit_records(&env)
+            .iter()
+            .any(|r| r["event"] == "delivery.ack" && r["version"] == 2),
+        "no ack recorded"
+    );
+    // A reader's open after the delivery counts, as before.
+    std::fs::read(&path).unwrap();
+    wait_retired(&env, 1);
+    assert!(awaiting(&env).is_empty());
+    daemon.stop();
+}
+
 #[test]
 fn with_ack_open_a_reader_opening_the_file_acknowledges_it() {
     let env = env("open");

@@ -2459,6 +2459,25 @@ fn check_warns_of_a_secret_file_every_user_can_read() {
     }
     let stderr = check(0o640);
     assert!(!stderr.contains("every local user can read"), "{stderr}");
+    assert!(!stderr.contains("fails until it is there"), "{stderr}");
+    // Files a step reads that are not there (yet): a warning each
+    // (black-box finding: a missing CA file passed `check`).
+    env.write_credentials(&format!(
+        "{}[agents.bot.credentials.db]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"1h\"\ntarget = {{ type = \"postgres\", admin_dsn_file = \"{d}/no.dsn\", role = \"bot\", sslmode = \"verify-full\", ssl_root_cert = \"{d}/no-ca.pem\" }}\n",
+        agent_table("bot"),
+        d = env.path().display()
+    ));
+    let out = env.cli(&["check"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for what in ["admin_dsn_file", "ssl_root_cert"] {
+        assert!(
+            stderr.contains(&format!(
+                "warning: agents.bot.credentials.db.target.{what}: "
+            )) && stderr.contains("every rotation of the credential fails until it is there"),
+            "{what}: {stderr}"
+        );
+    }
 }
 
 /// Black-box finding: a webhook sink's `secret_file` of mode 0644 passed
@@ -2571,4 +2590,53 @@ deliver = [{{ type = "file", path = "{{root}}/bot/api", format = "raw" }}]
         !seen.contains(&format!("pipe:[{inode}]")),
         "the hook got the inherited pipe: {seen}"
     );
+}
+
+/// Black-box finding: a file sink refused (a symlink planted at its path)
+/// failed the deliver step before the sinks after it were tried: the
+/// agent's files disagreed (one at the new version, one at the old) until
+/// an operator removed the symlink. The files after it are written; what
+/// tells the agent (a signal, an exec) waits until every file is in place.
+#[test]
+fn a_refused_file_sink_leaves_the_files_after_it_written() {
+    let env = Env::new(&format!(
+        r#"{}
+[agents.bot.credentials.db]
+vault = "local"
+generate = {{ kind = "password", length = 24 }}
+every = "1h"
+deliver = [
+  {{ type = "file", path = "{{root}}/bot/a", format = "raw" }},
+  {{ type = "file", path = "{{root}}/bot/b", format = "raw" }},
+  {{ type = "file", path = "{{root}}/bot/c", format = "raw" }},
+  {{ type = "exec", program = "/bin/sh", args = ["-c", "touch {{dir}}/told"] }},
+]
+"#,
+        agent_table("bot")
+    ));
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    let told = env.path().join("told");
+    std::fs::remove_file(&told).unwrap();
+    let dir = env.root().join("bot");
+    let old = std::fs::read(dir.join("c")).unwrap();
+    std::fs::remove_file(dir.join("b")).unwrap();
+    std::os::unix::fs::symlink(env.path().join("elsewhere"), dir.join("b")).unwrap();
+    let out = env.cli(&["rotate", "bot/db", "--wait"]);
+    assert!(!out.status.success(), "{out:?}");
+    let a = std::fs::read(dir.join("a")).unwrap();
+    assert_ne!(a, old, "the first file holds the new version");
+    assert_eq!(
+        std::fs::read(dir.join("c")).unwrap(),
+        a,
+        "so does the third"
+    );
+    assert!(!told.exists(), "the exec sink waits for every file");
+    // Once the path is cleared, the parked step, resumed, delivers all.
+    std::fs::remove_file(dir.join("b")).unwrap();
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    wait_for(Duration::from_secs(10), || told.exists().then_some(()))
+        .unwrap_or_else(|| panic!("never delivered: {}", daemon.log_text()));
+    assert_eq!(std::fs::read(dir.join("b")).unwrap(), a);
+    daemon.stop();
 }

@@ -395,6 +395,7 @@ async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
     warn_world_readable_secret_files(&cfg);
     warn_unusable_webhook_keys(&cfg);
     warn_task_credentials_outliving_sla(&cfg);
+    warn_missing_postgres_files(&cfg);
     if !online {
         return 0;
     }
@@ -446,6 +447,34 @@ async fn warn_stranded_tasks(cfg: &Config) {
     let now = chrono::Utc::now().timestamp_millis();
     for line in crate::tasks::manager::stranded(&tasks, &issuers, now).await {
         eprintln!("keyturn: warning: {line}");
+    }
+}
+
+/// Warns of a postgres target's `admin_dsn_file` or `ssl_root_cert` that
+/// does not exist: both are read at every step (so they may be put there
+/// after the config), and until they are, every rotation of the
+/// credential fails. Black-box finding: `check` said ok of a CA file that
+/// did not exist, and the first rotation failed.
+fn warn_missing_postgres_files(cfg: &Config) {
+    for (agent, c) in cfg.credentials() {
+        let crate::targets::TargetConfig::Postgres(p) = &c.target else {
+            continue;
+        };
+        let files = [
+            ("admin_dsn_file", Some(&p.admin_dsn_file)),
+            ("ssl_root_cert", p.ssl_root_cert.as_ref()),
+        ];
+        for (key, path) in files {
+            let Some(path) = path else { continue };
+            if let Err(e) = std::fs::metadata(path) {
+                eprintln!(
+                    "keyturn: warning: agents.{}.credentials.{}.target.{key}: {}: {e}; every rotation of the credential fails until it is there",
+                    agent.id,
+                    c.key.credential,
+                    path.display()
+                );
+            }
+        }
     }
 }
 

@@ -96,6 +96,10 @@ pub(super) struct Consumer {
     /// Why its delivery, retried in the background, last failed (status
     /// shows it: the audit log alone would hide a receiver that refuses).
     pub failing: Option<String>,
+    /// Counts the watches of its acknowledgement replaced: a watch started
+    /// at another count acknowledges nothing (see
+    /// [`Inner::replace_ack_watch`]).
+    pub watch: u64,
 }
 
 impl Consumer {
@@ -306,7 +310,21 @@ impl Inner {
         let sinks = &entry.sinks;
         let mut delivered = Vec::with_capacity(sinks.len());
         let mut next = 0;
+        let mut failed = false;
         while next < sinks.len() {
+            // After a failure that fails the step, the files after it are
+            // still written (black-box finding: one sink refused, by a
+            // symlink planted at its path, left the agent's other files at
+            // the old version until an operator acted); nothing that tells
+            // the agent of the version (a signal, an exec, a webhook) runs
+            // until every file is in place.
+            if failed {
+                if sinks[next].delivered_path().is_some() {
+                    delivered.push((next, sinks[next].deliver(notice, value).await));
+                }
+                next += 1;
+                continue;
+            }
             let mut end = next + 1;
             if !sinks[next].holds_up_rotation() {
                 while end < sinks.len() && !sinks[end].holds_up_rotation() {
@@ -322,14 +340,11 @@ impl Inner {
                 delivered.extend((next..end).zip(results));
             }
             next = end;
-            // A failure that fails the step ends the delivery here.
-            if delivered
+            failed = delivered
                 .last()
-                .is_some_and(|(i, r)| r.is_err() && sinks[*i].holds_up_rotation())
-            {
-                break;
-            }
+                .is_some_and(|(i, r)| r.is_err() && sinks[*i].holds_up_rotation());
         }
+        let mut step_failed = None;
         for (i, result) in delivered {
             let sink = &sinks[i];
             let last = i + 1 == sinks.len();
@@ -352,6 +367,9 @@ impl Inner {
                     .await
                     .map_err(|e| StepError::new("audit", e))?,
             );
+            if step_failed.is_some() {
+                continue;
+            }
             let how = match result {
                 Ok(Delivered::Acknowledged) => continue,
                 Ok(Delivered::Sent) => match sink.ack_watch(key, notice.version) {
@@ -366,14 +384,21 @@ impl Inner {
                     retries.push((sink.clone(), Some(e)));
                     AckHow::Retrying
                 }
-                Err(e) => return Err(StepError::new(format!("sink {}", sink.describe()), e)),
+                Err(e) => {
+                    step_failed = Some(StepError::new(format!("sink {}", sink.describe()), e));
+                    continue;
+                }
             };
             consumers.push(Consumer {
                 name: sink.describe(),
                 how,
                 acked_at: None,
                 failing: failing.take(),
+                watch: 0,
             });
+        }
+        if let Some(e) = step_failed {
+            return Err(e);
         }
         let names: Vec<String> = consumers.iter().map(|c| c.name.clone()).collect();
         let (had_rows, kept) = self.register_awaited(key, notice.version, consumers);
@@ -605,6 +630,68 @@ impl Inner {
             .get(key)?
             .outstanding()
             .find_map(|c| c.failing.clone())
+    }
+
+    /// The count of replaced watches of consumer `name` of `version`
+    /// (`None`: not awaited).
+    pub(super) fn watch_count(
+        &self,
+        key: &CredentialKey,
+        version: VersionNo,
+        name: &str,
+    ) -> Option<u64> {
+        self.awaited()
+            .get(key)
+            .filter(|a| a.version == version)
+            .and_then(|a| a.consumers.iter().find(|c| c.name == name && !c.acked()))
+            .map(|c| c.watch)
+    }
+
+    /// Before `sink` delivers `version` again (a reload changed it, or its
+    /// file went missing): ends the watch of its acknowledgement, if one
+    /// runs. Its own open of the file, to see what it holds, would
+    /// otherwise count as the consumer's (black-box finding: a reload that
+    /// changed an `ack = "open"` sink's mode recorded an ack nobody gave).
+    /// Returns whether a watch was ended; then [`Self::rewatch`] starts the
+    /// one of the new delivery.
+    pub(in crate::rotation) fn replace_ack_watch(
+        &self,
+        key: &CredentialKey,
+        version: VersionNo,
+        sink: &dyn Sink,
+    ) -> bool {
+        let name = sink.describe();
+        let mut awaited = self.awaited();
+        let Some(c) = awaited
+            .get_mut(key)
+            .filter(|a| a.version == version)
+            .and_then(|a| {
+                a.consumers
+                    .iter_mut()
+                    .find(|c| c.name == name && !c.acked() && c.how == AckHow::Watched)
+            })
+        else {
+            return false;
+        };
+        c.watch += 1;
+        true
+    }
+
+    /// After [`Self::replace_ack_watch`] and the sink's delivery: watches
+    /// for the acknowledgement of that delivery, which knows its own opens.
+    pub(in crate::rotation) fn rewatch(
+        &self,
+        key: &CredentialKey,
+        version: VersionNo,
+        sink: &dyn Sink,
+    ) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        match sink.ack_watch(key, version) {
+            Some(w) => me.spawn_ack_watch(key.clone(), version, sink.describe(), w),
+            None => self.set_how(key, version, &sink.describe(), AckHow::Explicit),
+        }
     }
 
     fn set_how(&self, key: &CredentialKey, version: VersionNo, name: &str, how: AckHow) {

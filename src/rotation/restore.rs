@@ -534,7 +534,11 @@ impl Inner {
             } else {
                 "a reload added or changed its sink"
             };
+            let rewatch = self.replace_ack_watch(entry.key(), version, sink.as_ref());
             let result = sink.deliver(&notice, &stored.value).await;
+            if rewatch {
+                self.rewatch(entry.key(), version, sink.as_ref());
+            }
             self.metrics.delivery(sink.kind(), result.is_ok());
             let mut ev = AuditEvent::new(
                 "delivery",

@@ -14,12 +14,18 @@ impl Inner {
         watch: crate::sinks::AckWatch,
     ) {
         let tracker = self.tracker.clone();
+        let count = self.watch_count(&key, version, &name);
         tracker.spawn(async move {
             let result = tokio::select! {
                 r = watch => r,
                 _ = self.cancel.cancelled() => return,
             };
             match result {
+                // Replaced (see `replace_ack_watch`): what it saw may be
+                // keyturn's own open.
+                Ok(()) if self.watch_count(&key, version, &name) != count => {
+                    tracing::debug!(agent = %key.agent, credential = %key.credential, version, consumer = %name, "an acknowledgement watch replaced by a new delivery ended");
+                }
                 Ok(()) => {
                     // Stale: a newer version replaced it; a stopping
                     // daemon records nothing more.

@@ -214,6 +214,7 @@ impl Inner {
                 how,
                 acked_at: row.acked_at,
                 failing: None,
+                watch: 0,
             });
         }
         drop(map);
