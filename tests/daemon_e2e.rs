@@ -2640,3 +2640,32 @@ deliver = [
     assert_eq!(std::fs::read(dir.join("b")).unwrap(), a);
     daemon.stop();
 }
+
+/// Black-box finding: an agent `uid` (or `gid`) no user of the host has
+/// passed `check` silently, and a typo went unnoticed until the agent
+/// could not read its file. `check` warns; a known one passes silently.
+#[test]
+fn check_warns_of_an_agent_uid_no_user_has() {
+    let env = Env::new("");
+    let config = |uid: u32| {
+        format!(
+            "{}uid = {uid}\ngid = {uid}\n[agents.bot.credentials.db]\nvault = \"local\"\ngenerate = {{ kind = \"password\", length = 16 }}\nevery = \"1h\"\n",
+            agent_table("bot")
+        )
+    };
+    env.write_credentials(&config(4_242_424));
+    let out = env.cli(&["check"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: agents.bot.uid = 4242424: no user of this host has it")
+            && stderr.contains("warning: agents.bot.gid = 4242424: no group of this host has it"),
+        "{stderr}"
+    );
+    env.write_credentials(&config(0));
+    let out = env.cli(&["check"]);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("no user"),
+        "{out:?}"
+    );
+}

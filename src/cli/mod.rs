@@ -396,6 +396,7 @@ async fn check(path: &Path, online: bool, timeout: std::time::Duration) -> u8 {
     warn_unusable_webhook_keys(&cfg);
     warn_task_credentials_outliving_sla(&cfg);
     warn_missing_postgres_files(&cfg);
+    warn_unknown_agent_ids(&cfg);
     if !online {
         return 0;
     }
@@ -447,6 +448,30 @@ async fn warn_stranded_tasks(cfg: &Config) {
     let now = chrono::Utc::now().timestamp_millis();
     for line in crate::tasks::manager::stranded(&tasks, &issuers, now).await {
         eprintln!("keyturn: warning: {line}");
+    }
+}
+
+/// Warns of an agent's `uid` or `gid` that no user or group of this host
+/// has: its files are owned by the number, so a typo goes unnoticed until
+/// the agent cannot read them (black-box finding). Only a warning: the
+/// agent may run in a container whose users this host does not list.
+fn warn_unknown_agent_ids(cfg: &Config) {
+    use nix::unistd::{Gid, Group, Uid, User};
+    for (id, agent) in &cfg.agents {
+        if let Some(uid) = agent.uid
+            && matches!(User::from_uid(Uid::from_raw(uid)), Ok(None))
+        {
+            eprintln!(
+                "keyturn: warning: agents.{id}.uid = {uid}: no user of this host has it; the agent's files are owned by that number, readable only by a process running as it (a container's user, say)"
+            );
+        }
+        if let Some(gid) = agent.gid
+            && matches!(Group::from_gid(Gid::from_raw(gid)), Ok(None))
+        {
+            eprintln!(
+                "keyturn: warning: agents.{id}.gid = {gid}: no group of this host has it; the agent's files belong to that number"
+            );
+        }
     }
 }
 

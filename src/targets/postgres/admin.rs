@@ -81,6 +81,17 @@ impl Admin {
                 &e,
             )
         })?);
+        // Black-box finding: an empty file was reported as a DSN naming no
+        // host, with a host and port it did not name.
+        if text.trim().is_empty() {
+            return Err(PluginError::new(
+                ErrorKind::Invalid,
+                format!(
+                    "{what}: {step}: admin DSN file {} is empty; write the admin connection string in it (host=... user=... password=...)",
+                    path.display()
+                ),
+            ));
+        }
         let digest = sha2::Sha256::digest(text.as_bytes()).into();
         let mut cfg: Config = text.trim().parse().map_err(|e: tokio_postgres::Error| {
             // Parse errors name the option (`invalid value for option `port``),

@@ -1129,9 +1129,16 @@ pub(crate) fn pg_error(ctx: &str, e: &tokio_postgres::Error, secrets: &[&[u8]]) 
     let (kind, msg) = match e.as_db_error() {
         Some(db) => {
             let code = db.code();
+            // Black-box finding: `check --online` explained a missing
+            // privilege, the rotation's error did not.
+            let hint = if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+                "; the admin DSN's role may set passwords only with CREATEROLE (or as superuser): `keyturn check --online` says what it lacks"
+            } else {
+                ""
+            };
             (
                 db_kind(code),
-                format!("{ctx}: {} (SQLSTATE {})", db.message(), code.code()),
+                format!("{ctx}: {} (SQLSTATE {}){hint}", db.message(), code.code()),
             )
         }
         None => {
@@ -1573,11 +1580,36 @@ mod tests {
         })
         .unwrap();
         let e = t.check().await.unwrap_err();
+        // The rotation's error says what `check --online` explains.
+        let set = t.set(&key(), 1, &secret("weak-set-1")).await.unwrap_err();
         f.admin()
             .await
             .batch_execute(&format!("DROP ROLE {}", quote_ident(&weak)))
             .await
             .unwrap();
+        assert!(
+            set.message.contains("SQLSTATE 42501")
+                && set.message.contains("only with CREATEROLE")
+                && set.message.contains("keyturn check --online"),
+            "{set}"
+        );
+        // An empty DSN file is called empty (black-box finding: "the DSN
+        // names no host", naming localhost:5432).
+        std::fs::write(&dsn, "\n").unwrap();
+        let empty = PostgresTarget::new(PostgresConfig {
+            admin_dsn_file: dsn.clone(),
+            ..f.settings(PgStrategy::SingleUser)
+        })
+        .unwrap()
+        .check()
+        .await
+        .unwrap_err();
+        assert!(
+            empty
+                .message
+                .contains(&format!("admin DSN file {} is empty", dsn.display())),
+            "{empty}"
+        );
         assert!(
             e.message.contains("is neither superuser nor CREATEROLE")
                 && e.message.contains(&dsn.display().to_string())
