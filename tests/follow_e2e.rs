@@ -723,6 +723,11 @@ fn a_read_only_follower_tells_a_deleted_current_version_from_a_decommission() {
         agent_table(AGENT),
         credential(&path, "mode = \"follow\"\npoll = \"1s\"")
     ));
+    // `check --online` accepts the token the README describes (black-box
+    // finding: it failed on `auth/token/lookup-self`, which a token
+    // without the `default` policy may not call).
+    let checked = follower.cli(&["check", "--online"]);
+    assert!(checked.status.success(), "{checked:?}");
     let f = follower.start();
     let (value, _) = wait_for(Duration::from_secs(20), || delivered(&follower))
         .unwrap_or_else(|| panic!("never delivered: {}", f.log_text()));
