@@ -900,6 +900,18 @@ fn after_a_clean_stop_the_state_database_file_alone_is_the_state() {
     let wal = env.state_dir().join("state.db-wal");
     let left = std::fs::metadata(&wal).map_or(0, |m| m.len());
     assert_eq!(left, 0, "the WAL is empty after a clean stop");
+    // So is the local vault's: a copy of `vault.db` alone holds every
+    // version (black-box finding: it was an empty database).
+    let vault = env.state_dir().join("vaults/local/vault.db");
+    let wal = std::fs::metadata(vault.with_extension("db-wal")).map_or(0, |m| m.len());
+    assert_eq!(wal, 0, "the local vault's WAL is empty after a clean stop");
+    let copy = env.path().join("vault-copy.db");
+    std::fs::copy(&vault, &copy).unwrap();
+    let versions: i64 = rusqlite::Connection::open(&copy)
+        .unwrap()
+        .query_row("SELECT count(*) FROM versions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(versions, 1, "the copy holds version 1");
     let backup = env.path().join("state.db.v1");
     std::fs::copy(env.state_dir().join("state.db"), &backup).unwrap();
     let daemon = env.start();

@@ -708,6 +708,10 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     if let Err(e) = folded {
         tracing::warn!(error = %e, "cannot fold the state database's WAL into it at stop; the next start does");
     }
+    // So are the local vaults' (black-box finding).
+    for handle in engine.catalog().vaults.values() {
+        handle.vault.close().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

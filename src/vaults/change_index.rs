@@ -299,6 +299,10 @@ impl Vault for IndexedVault {
         self.core.inner.describe()
     }
 
+    async fn close(&self) {
+        self.core.inner.close().await;
+    }
+
     async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
         self.core.inner.stage(new).await
     }

@@ -67,6 +67,12 @@ impl Vault for LazyVault {
         &self.name
     }
 
+    async fn close(&self) {
+        if let Some(v) = self.client.get() {
+            v.close().await;
+        }
+    }
+
     async fn stage(&self, new: Pending<'_>) -> Result<VersionRef, PluginError> {
         self.client().await?.stage(new).await
     }

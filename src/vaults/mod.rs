@@ -285,6 +285,12 @@ pub trait Vault: Send + Sync {
     /// Health: can we reach and use the vault? (`check --online`, `/readyz`).
     async fn check(&self) -> Result<(), PluginError>;
 
+    /// At a clean stop, after the last step: folds what the vault keeps
+    /// beside its files into them (the local vault's WAL), so that a copy
+    /// of its database file alone is the whole vault. Best effort; the
+    /// default has nothing to do. Decorators forward it.
+    async fn close(&self) {}
+
     /// Returns once everything this vault owes others about `version` of
     /// `item` (the version the caller promoted last) is durable: a change
     /// index entry that followers read ([`change_index`]). The engine calls
