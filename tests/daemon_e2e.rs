@@ -2681,3 +2681,41 @@ fn check_warns_of_an_agent_uid_no_user_has() {
         "{out:?}"
     );
 }
+
+/// Black-box finding: after a deliver step that failed and was retried,
+/// the stored `last_rotated` and `next_due` were a failed attempt's, where
+/// the running daemon showed the delivery's: `status` changed across a
+/// restart, and the restarted daemon rotated earlier than announced. The
+/// state stores what the running daemon shows.
+#[test]
+fn a_retried_delivery_is_stored_with_the_time_the_running_daemon_shows() {
+    let env = Env::new(&format!(
+        r#"{}
+[agents.bot.credentials.db]
+vault = "local"
+generate = {{ kind = "password", length = 24 }}
+every = "1h"
+deliver = [
+  {{ type = "file", path = "{{root}}/bot/db", format = "raw" }},
+  {{ type = "exec", program = "/bin/sh", args = ["-c", "test ! -e {{dir}}/fail"] }},
+]
+"#,
+        agent_table("bot")
+    ));
+    let daemon = env.start();
+    wait_version(&env, "bot", "db", 1);
+    std::fs::write(env.path().join("fail"), "").unwrap();
+    assert!(!env.cli(&["rotate", "bot/db", "--wait"]).status.success());
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::remove_file(env.path().join("fail")).unwrap();
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    let times = |env: &Env| {
+        let rows = status_json(env);
+        let r = row(&rows, "bot", "db");
+        assert_eq!(r["version"], 2, "{r}");
+        (r["last_rotated"].clone(), r["next_due"].clone())
+    };
+    let live = times(&env);
+    daemon.stop();
+    assert_eq!(times(&env), live, "stored as shown");
+}

@@ -202,8 +202,12 @@ impl Inner {
             }
             Step::Deliver => {
                 let value = self.staged_value(entry, rot, run).await?;
-                let row = delivered_row(entry, rot);
-                let notice = notice_for(entry, rot, value, self.now(), row.next_due);
+                // Counted from now (the file's `rotated_at`), not from the
+                // row's last update (a failed attempt's, when retried); the
+                // row persisted is the one the step's record makes.
+                let now = self.now();
+                let row = delivered_row_at(entry, rot, now);
+                let notice = notice_for(entry, rot, value, now, row.next_due);
                 let mut writes = self.deliver_to_sinks(entry, &notice, value).await?;
                 self.settle_vaults(entry, rot).await?;
                 writes.push(Write::Credential(row));
@@ -748,9 +752,18 @@ pub(super) fn notice_for(
     }
 }
 
-/// The credential row after `rot` is delivered.
+/// The credential row after `rot` is delivered (its row as the deliver
+/// step's record left it: `updated_at` is when the delivery was done).
 pub(super) fn delivered_row(entry: &CredEntry, rot: &RotationRow) -> CredentialRow {
-    let at = rot.updated_at;
+    delivered_row_at(entry, rot, rot.updated_at)
+}
+
+/// The credential row after `rot` was delivered at `at`.
+pub(super) fn delivered_row_at(
+    entry: &CredEntry,
+    rot: &RotationRow,
+    at: chrono::DateTime<chrono::Utc>,
+) -> CredentialRow {
     CredentialRow {
         key: entry.key().clone(),
         current_version: Some(rot.version),

@@ -418,6 +418,15 @@ impl Inner {
                     next.updated_at = self.now();
                     if step == Step::Deliver {
                         next.retire_at = Some(next.updated_at + chrono_dur(entry.policy.grace));
+                        // The row stored is the one kept in memory (black-box
+                        // finding: after a retried deliver step the stored
+                        // `last_rotated` was a failed attempt's, and a restart
+                        // moved the schedule earlier).
+                        for w in &mut writes {
+                            if let Write::Credential(row) = w {
+                                *row = delivered_row(entry, &next);
+                            }
+                        }
                     }
                     let persisted = async {
                         let ev = self.audit_event(
