@@ -806,9 +806,46 @@ fn recover_tail(
             ))),
         };
     };
-    let last = parse_seq_prev(&last_line).ok_or_else(|| {
-        tampered("its last line is not a valid record: the audit log was altered".into())
-    })?;
+    // Black-box finding: whole lines someone appended while keyturn was
+    // stopped (`echo ... >> audit.log`) made the start refuse the log,
+    // where the same bytes without a newline were kept and reported. The
+    // last record before them is the log's end; they are kept and
+    // reported as `audit.foreign_write` (`foreign_lines`: where they are).
+    let mut last_line = last_line;
+    let mut foreign_lines = None;
+    let last = match parse_seq_prev(&last_line) {
+        Some(last) => last,
+        None => {
+            let mut found = None;
+            for _ in 0..MAX_FOREIGN_LINES {
+                match lines.prev().map_err(|e| io("cannot read", e))? {
+                    Some((at, line)) => {
+                        if let Some(parsed) = parse_seq_prev(&line) {
+                            found = Some((at + line.len() as u64 + 1, line, parsed));
+                            break;
+                        }
+                    }
+                    None => break,
+                }
+            }
+            let Some((end, line, parsed)) = found else {
+                return Err(tampered(
+                    "its last line is not a valid record: the audit log was altered".into(),
+                ));
+            };
+            foreign_lines = Some(format!(
+                "{} byte(s) at offset {end}..{kept}, after the last record, are whole lines keyturn did not write (written while it was stopped): they are kept as they are (`keyturn audit verify` stops at them); find who can write {path}",
+                kept - end
+            ));
+            last_line = line;
+            parsed
+        }
+    };
+    // What is reported of the bytes after the last record.
+    let report = |partial: Option<String>| match (foreign_lines.clone(), partial) {
+        (Some(a), Some(b)) => Some(format!("{a}; and {b}")),
+        (a, b) => a.or(b),
+    };
     let no_key = |seq: u64| AuditError::NoKey {
         path: path.to_owned(),
         seq,
@@ -825,7 +862,7 @@ fn recover_tail(
         hash: writer_link(key, &last_line),
     };
     let Some(want) = state_head else {
-        return end_partial_line(file, path, len, kept, head.seq + 1).map(|f| (head, f));
+        return end_partial_line(file, path, len, kept, head.seq + 1).map(|f| (head, report(f)));
     };
     if want.seq > head.seq {
         return Err(tampered(format!(
@@ -885,7 +922,7 @@ fn recover_tail(
         )));
     }
     let foreign = end_partial_line(file, path, len, kept, head.seq + 1)?;
-    Ok((head, foreign))
+    Ok((head, report(foreign)))
 }
 
 /// Refuses a state database with no audit head (`state_db`, about to be
@@ -1011,6 +1048,10 @@ fn end_partial_line(
 }
 
 /// Just the chain fields of a record line.
+/// The most lines after the last record that are taken for someone
+/// else's writing (beyond them, the log is refused as altered).
+const MAX_FOREIGN_LINES: usize = 10_000;
+
 /// Whether `line` is an `audit.foreign_write` record: the bytes before it
 /// (after keyturn's previous record) are someone else's.
 fn is_foreign_write(line: &[u8]) -> bool {
@@ -1426,6 +1467,46 @@ pub(crate) mod tests {
         let log = AuditLog::open(&path, Some(&h3)).unwrap();
         assert_eq!(log.foreign_at_open(), None);
         assert_eq!(lines(&path).len(), 4);
+    }
+
+    /// Black-box finding: whole lines appended to a stopped daemon's log
+    /// (`echo ... >> audit.log`) made the start refuse it ("its last line
+    /// is not a valid record"), where the same bytes without a newline
+    /// were kept and reported. They are kept and reported the same way;
+    /// a state that records a later seq than the last record still refuses.
+    #[test]
+    fn whole_lines_appended_while_stopped_are_kept_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let h2 = write_log(&path, 2);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"hello world injected\nsecond line\n").unwrap();
+        drop(f);
+        let ahead = AuditHead {
+            seq: 3,
+            hash: h2.hash.clone(),
+        };
+        let e = AuditLog::open(&path, Some(&ahead)).unwrap_err();
+        assert!(e.to_string().contains("truncated or altered"), "{e}");
+        let log = AuditLog::open(&path, Some(&h2)).unwrap();
+        let what = log.foreign_at_open().expect("reported");
+        assert!(
+            what.contains(&format!("33 byte(s) at offset {len}..{}", len + 33))
+                && what.contains("whole lines keyturn did not write"),
+            "{what}"
+        );
+        assert_eq!(log.head(), h2);
+        let h3 = log.append_blocking(event(3)).unwrap();
+        drop(log);
+        let all = lines(&path);
+        assert_eq!(
+            all[2..4],
+            ["hello world injected", "second line"],
+            "{all:?}"
+        );
+        assert_eq!(all.len(), 5, "{all:?}");
+        AuditLog::open(&path, Some(&h3)).unwrap();
     }
 
     /// Black-box finding: once the log held someone else's bytes (recorded
