@@ -229,13 +229,15 @@ fn a_rotate_waiting_for_an_ack_survives_a_restart_and_offline_status_says_awaiti
     let rows = status_json(&env);
     let r = row(&rows, "bot", "db");
     // And the credential is shown as the daemon showed it: the requested
-    // rotation waiting at its first step, not the retirement it waits on.
-    for field in ["state", "step", "rotation", "version", "stage"] {
+    // rotation waiting for the acks, not the retirement it waits on; but
+    // `requested`, not `rotating`, with no daemon (black-box finding).
+    for field in ["step", "rotation", "version", "stage"] {
         assert_eq!(
             r[field], online[field],
             "{field}: offline {r} online {online}"
         );
     }
+    assert_eq!(r["state"], "requested", "{r}");
     assert_eq!(r["awaiting_ack"], serde_json::json!([consumer]), "{r}");
     assert!(
         r.get("holdouts")
@@ -248,7 +250,7 @@ fn a_rotate_waiting_for_an_ack_survives_a_restart_and_offline_status_says_awaiti
     assert!(
         table
             .lines()
-            .any(|l| l.starts_with("bot") && l.contains("rotating:awaiting_ack")),
+            .any(|l| l.starts_with("bot") && l.contains("requested:awaiting_ack")),
         "{table}"
     );
 

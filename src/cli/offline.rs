@@ -176,10 +176,10 @@ pub(super) fn offline_status(state_dir: &Path, cfg: Option<&Config>) -> Option<V
                     r.step != crate::rotation::Step::Retire || r.previous_version.is_some()
                 });
             let (awaiting_ack, holdouts) = offline_acks(&snapshot, key);
-            // A `keyturn rotate` waiting for the current version's acks:
-            // the daemon shows it as a rotation at its first step (and
-            // resumes it so after a start), not as the retirement it waits
-            // on.
+            // A `keyturn rotate` stored (waiting for the current version's
+            // acks, or not begun when the daemon stopped): shown as asked
+            // for, which it resumes as after a start, not as the
+            // retirement it waits on.
             let requested = !followed(c)
                 && !leaving.contains_key(&key.agent)
                 && snapshot.requests.iter().any(|q| q.key == *key);
@@ -216,7 +216,10 @@ pub(super) fn offline_status(state_dir: &Path, cfg: Option<&Config>) -> Option<V
                     .filter(|_| !leaving.contains_key(&key.agent)),
                 state: match unfinished {
                     _ if let Some(label) = leaving.get(&key.agent) => (*label).into(),
-                    _ if requested => "rotating".into(),
+                    // Not `rotating` (black-box finding: with no daemon,
+                    // that read as rotations running): asked for, and it
+                    // begins at the next start.
+                    _ if requested => "requested".into(),
                     // Parked after a failed attempt, as the daemon shows it.
                     Some(r) if r.last_error.is_some() => "failed".into(),
                     Some(r) if r.step == crate::rotation::Step::Retire => "retiring".into(),
@@ -228,7 +231,7 @@ pub(super) fn offline_status(state_dir: &Path, cfg: Option<&Config>) -> Option<V
                 step: if requested && !awaiting_ack.is_empty() {
                     Some("awaiting_ack".to_owned())
                 } else if requested {
-                    Some(crate::rotation::Step::Create.to_string())
+                    None
                 } else {
                     unfinished.map(|r| r.step.to_string())
                 },

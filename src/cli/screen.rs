@@ -86,7 +86,7 @@ const DIM: Style = Style::new().dimmed();
 fn state_style(state: &str) -> Style {
     match state.split(':').next().unwrap_or(state) {
         "failed" | "interrupted" | "orphaned" | "breached" => RED.bold(),
-        "rotating" | "retiring" | "decommissioning" | "awaiting_ack" => YELLOW,
+        "rotating" | "requested" | "retiring" | "decommissioning" | "awaiting_ack" => YELLOW,
         "idle" | "follow" => GREEN,
         "decommissioned" | "stopped" => DIM,
         _ => Style::new(),
