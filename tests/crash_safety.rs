@@ -190,8 +190,10 @@ fn a_restored_state_does_not_resume_a_rotation_a_later_version_superseded() {
     assert_eq!(newest["version"], 3);
     restore_db_files(&env.state_dir(), "state.db", &backup);
 
+    // The restored state's current version (1) is superseded: the start
+    // rotates it at once (a catch-up), to version 4, never back to 2.
     let restored = env.start();
-    std::thread::sleep(Duration::from_secs(2));
+    wait_settled(&env, 4, &["idle"]);
     let rows = status_json(&env);
     let shown = row(&rows, "bot", "db").clone();
     let log = restored.stop();
@@ -202,21 +204,30 @@ fn a_restored_state_does_not_resume_a_rotation_a_later_version_superseded() {
         Select::Stage(Stage::Current),
     ))
     .expect("a current version");
+    let delivered = delivered_json(&env, "bot/db.json");
+    assert_eq!(delivered["version"], 4, "the agent's file");
     assert_eq!(
         current.as_slice(),
-        newest["value"].as_str().unwrap().as_bytes(),
-        "the vault's current value is still version 3's"
+        delivered["value"].as_str().unwrap().as_bytes(),
+        "the vault's current value is version 4's"
     );
-    assert_eq!(
-        delivered_json(&env, "bot/db.json"),
-        newest,
-        "the agent's file"
-    );
-    let abandoned = audit_records(&env)
+    let records = audit_records(&env);
+    let abandoned = records
         .iter()
         .filter(|r| r["event"] == "rotation.abandoned" && r["version"] == 2)
         .count();
     assert_eq!(abandoned, 1);
+    let since_restore = records
+        .iter()
+        .skip_while(|r| r["event"] != "state.behind")
+        .collect::<Vec<_>>();
+    assert!(!since_restore.is_empty(), "state.behind recorded");
+    assert!(
+        !since_restore
+            .iter()
+            .any(|r| r["event"] == "rotation.promote" && r["version"] == 2),
+        "version 2 was not made current again"
+    );
     assert!(shown["last_error"].is_null(), "{shown}");
     assert!(
         log.contains("not resuming a rotation of the restored state"),
@@ -226,5 +237,5 @@ fn a_restored_state_does_not_resume_a_rotation_a_later_version_superseded() {
     let last = env.start();
     env.cli_ok(&["rotate", "bot/db", "--wait"]);
     last.stop();
-    assert_eq!(delivered_json(&env, "bot/db.json")["version"], 4);
+    assert_eq!(delivered_json(&env, "bot/db.json")["version"], 5);
 }

@@ -958,19 +958,23 @@ fn a_state_database_restored_from_a_backup_never_numbers_a_version_twice() {
     daemon.stop();
     restore_db_files(&env.state_dir(), "state.db", &backup);
 
-    // Started on the restored state, and again (the head has moved past
-    // the records that told): the next version is 4 both times.
+    // Started on the restored state: its current version (1) is one the
+    // log shows superseded, so it rotates at once, as a catch-up
+    // (black-box finding: it served version 1 until the next due time),
+    // to version 4. Started again (the head has moved past the records
+    // that told), the next version is 5.
     let daemon = env.start();
-    assert_eq!(version_of(&env, "bot", "db"), Some(1), "the restored state");
+    wait_version(&env, "bot", "db", 4);
     let log = daemon.stop();
     assert!(
         log.contains("the state database is behind the audit log")
-            && log.contains("bot/db version 3"),
+            && log.contains("bot/db version 3")
+            && log.contains("rotating now the credentials whose current version"),
         "{log}"
     );
     let daemon = env.start();
     env.cli_ok(&["rotate", "bot/db", "--wait"]);
-    assert_eq!(version_of(&env, "bot", "db"), Some(4));
+    assert_eq!(version_of(&env, "bot", "db"), Some(5));
     daemon.stop();
     let records = audit_records(&env);
     let made: Vec<u64> = records
@@ -978,7 +982,17 @@ fn a_state_database_restored_from_a_backup_never_numbers_a_version_twice() {
         .filter(|r| r["event"] == "rotation.create" && r["outcome"] == "ok")
         .filter_map(|r| r["version"].as_u64())
         .collect();
-    assert_eq!(made, [1, 2, 3, 4], "each number once");
+    assert_eq!(made, [1, 2, 3, 4, 5], "each number once");
+    let caught_up = records
+        .iter()
+        .find(|r| r["event"] == "rotation.start" && r["version"] == 4)
+        .expect("version 4 started");
+    assert!(
+        caught_up["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("trigger=catch_up")),
+        "{caught_up}"
+    );
     let behind: Vec<_> = records
         .iter()
         .filter(|r| r["event"] == "state.behind")

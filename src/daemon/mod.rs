@@ -273,6 +273,8 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     // state lacks (a restored older state.db): decided again once the
     // revocations are loaded, below.
     let mut lost_decommissions = Vec::new();
+    // Credentials whose current version the log shows superseded.
+    let mut superseded = Vec::new();
     if let Some((first, last)) = audit.unconfirmed_at_open() {
         lost_decommissions = decommissions_after(&audit, first - 1)
             .map_err(|e| startup("cannot read the audit log", &e))?;
@@ -316,6 +318,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             );
             tracing::warn!(credentials = behind.len(), "{why}");
             audit_daemon(&engine, "state.behind", Outcome::Failed, None, Some(why)).await;
+            superseded = behind.into_iter().map(|b| b.key).collect();
         }
         let why = format!(
             "records seq {first}..={last} come after the last head the state database stored: \
@@ -379,6 +382,20 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     // Files missing since the last run (a tmpfs after a reboot) come back
     // now: decommissioned agents are known, nothing else delivers yet.
     engine.restore_missing_files().await;
+    // Black-box finding: after a restore of the state and the local
+    // vault from an older backup, the vault served (and the start
+    // delivered) a value the log shows superseded many versions ago,
+    // until the next due time. Each such credential rotates now.
+    let rotated = superseded
+        .iter()
+        .filter(|key| engine.rotate_superseded(key))
+        .count();
+    if rotated > 0 {
+        tracing::warn!(
+            credentials = rotated,
+            "rotating now the credentials whose current version in the state the audit log shows superseded (the state was behind it)"
+        );
+    }
     tracker.spawn(alerts::run_loop(
         alerts.clone(),
         Arc::new(alerts::AllConditions(vec![

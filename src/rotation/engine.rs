@@ -594,6 +594,18 @@ impl Engine {
         self.inner.clone().trigger(key)
     }
 
+    /// Rotates `key` now, as a catch-up: the audit log records versions
+    /// made after the state's current one (a state database restored
+    /// from an older backup), so the value the state and the vault hold
+    /// as current was superseded. `false`: not rotated here (not in the
+    /// config, followed, or its agent decommissioned).
+    pub fn rotate_superseded(&self, key: &CredentialKey) -> bool {
+        self.inner
+            .clone()
+            .trigger_as(key, super::step::Trigger::CatchUp)
+            .is_some()
+    }
+
     /// The rotation running for `key` now, if one is: its id and the
     /// version it makes, once it has begun. A trigger joins it.
     pub fn rotating(&self, key: &CredentialKey) -> Option<(Option<RotationId>, Option<u64>)> {

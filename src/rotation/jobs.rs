@@ -24,6 +24,16 @@ impl Inner {
         self: Arc<Self>,
         key: &CredentialKey,
     ) -> Option<oneshot::Receiver<RotateFinished>> {
+        self.trigger_as(key, Trigger::Manual)
+    }
+
+    /// [`Self::trigger`], recorded as `why` (a manual one, or a catch-up
+    /// the daemon decided).
+    pub(super) fn trigger_as(
+        self: Arc<Self>,
+        key: &CredentialKey,
+        why: Trigger,
+    ) -> Option<oneshot::Receiver<RotateFinished>> {
         let catalog = self.catalog();
         if catalog.creds.get(key)?.policy.follow.is_some() || self.is_retired(&key.agent) {
             // Rotated by another keyturn; the control API says so first.
@@ -39,7 +49,7 @@ impl Inner {
             // retire or restore running) is a manual one; a running
             // rotation is joined as it is.
             if running != Some(Job::Rotate) && l.next_trigger != Some(Trigger::Initial) {
-                l.next_trigger = Some(Trigger::Manual);
+                l.next_trigger = Some(why);
             }
             match running {
                 None => true,
