@@ -363,6 +363,19 @@ fn a_flood_of_agent_socket_connections_leaves_both_sockets_serving() {
     daemon.stop();
 }
 
+/// With `ack = "open"`: waits for version 1, reads its file, and waits
+/// until that read acknowledged it. Returns the file's path.
+fn version_1_acked_by_opening(env: &Env) -> std::path::PathBuf {
+    wait_version(env, "bot", "db", 1);
+    let path = env.root().join("bot/db");
+    std::fs::read(&path).unwrap();
+    wait_for(Duration::from_secs(10), || {
+        awaiting(env).is_empty().then_some(())
+    })
+    .unwrap_or_else(|| panic!("reading version 1 acks it: {:?}", status_json(env)));
+    path
+}
+
 /// Black-box finding: a reload that changed an `ack = "open"` sink (its
 /// mode) recorded an ack of the awaited version that nobody gave: the
 /// watch saw keyturn's own open of the file as it delivered it again.
@@ -372,13 +385,7 @@ fn a_flood_of_agent_socket_connections_leaves_both_sockets_serving() {
 fn a_reload_that_changes_an_open_ack_sink_acknowledges_nothing() {
     let env = env("open");
     let daemon = env.start();
-    wait_version(&env, "bot", "db", 1);
-    let path = env.root().join("bot/db");
-    std::fs::read(&path).unwrap();
-    wait_for(Duration::from_secs(10), || {
-        awaiting(&env).is_empty().then_some(())
-    })
-    .unwrap_or_else(|| panic!("reading version 1 acks it: {:?}", status_json(&env)));
+    let path = version_1_acked_by_opening(&env);
     env.cli_ok(&["rotate", "bot/db", "--wait"]);
     let awaited = vec![format!("file:{} (ack=open)", path.display())];
     assert_eq!(awaiting(&env), awaited);
@@ -420,13 +427,7 @@ fn a_reload_that_changes_an_open_ack_sink_acknowledges_nothing() {
 fn with_ack_open_a_reader_opening_the_file_acknowledges_it() {
     let env = env("open");
     let daemon = env.start();
-    wait_version(&env, "bot", "db", 1);
-    let path = env.root().join("bot/db");
-    std::fs::read(&path).unwrap();
-    wait_for(Duration::from_secs(10), || {
-        awaiting(&env).is_empty().then_some(())
-    })
-    .unwrap_or_else(|| panic!("reading version 1 acks it: {:?}", status_json(&env)));
+    let path = version_1_acked_by_opening(&env);
 
     env.cli_ok(&["rotate", "bot/db", "--wait"]);
     wait_version(&env, "bot", "db", 2);
