@@ -1047,7 +1047,6 @@ fn end_partial_line(
     Ok(Some(what))
 }
 
-/// Just the chain fields of a record line.
 /// The most lines after the last record that are taken for someone
 /// else's writing (beyond them, the log is refused as altered).
 const MAX_FOREIGN_LINES: usize = 10_000;
@@ -1063,6 +1062,7 @@ fn is_foreign_write(line: &[u8]) -> bool {
     serde_json::from_slice::<Event>(line).is_ok_and(|e| e.event == "audit.foreign_write")
 }
 
+/// Just the chain fields of a record line.
 fn parse_seq_prev(line: &[u8]) -> Option<(u64, String, Option<Chain>)> {
     #[derive(serde::Deserialize)]
     struct Link {

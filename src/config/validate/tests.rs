@@ -356,7 +356,14 @@ deliver = [{{ type = \"file\", path = \"{b_path}\" }}]\n"
             "delivery path `/run/kt/shared/a.json` of agent `a`: its directory `/run/kt/shared` is given to agent `a` (it has a `uid`), and agent `b`'s delivery path `{b_place}` is in it too, where `a` could replace that file with its own. Give each agent a directory of its own (e.g. one named after it right below the delivery root)"
         )
     };
-    for b in ["shared/b.json", "shared/sub/b.json"] {
+    // The last: with a place of `b` whose path is shorter than the
+    // directory's and sorts after it (a search over the sorted places
+    // must not take its length for its order).
+    for b in [
+        "shared/b.json",
+        "shared/sub/b.json",
+        "shared/b.json\" }, { type = \"file\", path = \"z",
+    ] {
         let e = super::super::load_str(
             Path::new("/etc/keyturn/t.toml"),
             &config(true, "shared/a.json", b),
@@ -365,9 +372,11 @@ deliver = [{{ type = \"file\", path = \"{b_path}\" }}]\n"
         .0;
         assert_eq!(e.len(), 1, "{e:?}");
         assert_eq!(e[0].toml_path, "agents.a.credentials.x.deliver[0].path");
+        // `b`'s first place (the one in the shared directory).
+        let b_place = &b[..b.find('"').unwrap_or(b.len())];
         assert_eq!(
             e[0].message,
-            format!("{} (line 23)", message(&format!("/run/kt/{b}")))
+            format!("{} (line 23)", message(&format!("/run/kt/{b_place}")))
         );
     }
     // `b`'s files deeper in `a`'s named directory: the earlier check says so.

@@ -75,9 +75,6 @@ impl SinkScope<'_, '_> {
         !std::mem::replace(&mut self.claims.missing_roots_reported, true)
     }
 
-    /// Claims `place` (where this sink writes, e.g. a resolved file path)
-    /// for this sink alone; reports a duplicate at `at` when another sink
-    /// claimed it first. `key` is the sink's key `at` points to.
     /// Records that the place just claimed is in `dir`, the directory the
     /// file sink gives its agent (a prefix of the place), checked once
     /// every place is claimed ([`Deliveries::shared_agent_dirs`]). Only
@@ -96,6 +93,9 @@ impl SinkScope<'_, '_> {
         }
     }
 
+    /// Claims `place` (where this sink writes, e.g. a resolved file path)
+    /// for this sink alone; reports a duplicate at `at` when another sink
+    /// claimed it first. `key` is the sink's key `at` points to.
     pub fn claim(
         &mut self,
         v: &mut Validator<'_>,
@@ -271,15 +271,12 @@ impl Deliveries<'_> {
         for &(e, len) in &self.agent_dirs {
             let dir = &place(e)[..len];
             let owner = agent(e);
-            // The places below `dir/`: those between `dir/` and `dir0`.
-            let lo = order.partition_point(|&i| {
-                let p = place(i);
-                p.len() <= len || (&p[..len], p[len]) < (dir, b'/')
-            });
-            let hi = order.partition_point(|&i| {
-                let p = place(i);
-                p.len() <= len || (&p[..len], p[len]) <= (dir, b'/')
-            });
+            // The places below `dir/`: from `dir/` up to (not) `dir0`, in
+            // the bytes' order (`0` follows `/`).
+            let bound = |last: u8| [dir, &[last]].concat();
+            let (from, to) = (bound(b'/'), bound(b'/' + 1));
+            let lo = order.partition_point(|&i| place(i) < from.as_slice());
+            let hi = order.partition_point(|&i| place(i) < to.as_slice());
             if lo >= hi {
                 continue;
             }
