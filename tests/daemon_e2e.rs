@@ -2733,3 +2733,98 @@ deliver = [
     daemon.stop();
     assert_eq!(times(&env), live, "stored as shown");
 }
+
+/// Black-box finding: a lost or cut audit log left the daemon unstartable
+/// for good, and the runbook's way out ("archive the log, start a new
+/// one") could not be taken; a refused start also left an empty
+/// `audit.log` behind. `keyturn audit archive --broken` keeps the old log
+/// and starts a new one that goes on from the state's head; without
+/// `--broken` a log that does not verify is left as it is.
+#[test]
+fn a_cut_or_lost_audit_log_is_archived_and_the_daemon_goes_on() {
+    let refused_start = |env: &Env| {
+        let mut daemon = env.spawn(&[]);
+        let status = daemon
+            .wait_exit(Duration::from_secs(30))
+            .expect("refused at once");
+        assert!(!status.success());
+        daemon.log_text()
+    };
+    let (env, daemon) = one_raw_at_version_1();
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    daemon.stop();
+
+    // Cut: the last three records gone.
+    let full = std::fs::read_to_string(env.audit_log()).unwrap();
+    let lines: Vec<&str> = full.lines().collect();
+    let cut: String = lines[..lines.len() - 3]
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(env.audit_log(), &cut).unwrap();
+    let log = refused_start(&env);
+    assert!(log.contains("keyturn audit archive --broken"), "{log}");
+
+    // Not archived without --broken; nothing changed.
+    let out = env.cli(&["audit", "archive"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--broken"), "{err}");
+    assert_eq!(std::fs::read_to_string(env.audit_log()).unwrap(), cut);
+
+    let to = env.path().join("audit.log.cut");
+    let out = env.cli_ok(&["audit", "archive", "--broken", "--to", to.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("recorded as broken"), "{said}");
+    assert_eq!(std::fs::read_to_string(&to).unwrap(), cut, "kept as found");
+    // The new log goes on: it starts, rotates and verifies.
+    let daemon = env.start();
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    wait_version(&env, "bot", "db", 3);
+    daemon.stop();
+    let out = env.cli_ok(&["audit", "verify"]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("going on from seq"), "{said}");
+    let records = audit_records(&env);
+    assert_eq!(records[0]["event"], "audit.archived", "{:?}", records[0]);
+    assert_eq!(records[0]["outcome"], "failed");
+    assert_eq!(
+        records[0]["seq"].as_u64(),
+        Some(lines.len() as u64 + 1),
+        "numbered after every record the old log held"
+    );
+
+    // Lost: the start is refused and leaves no empty log behind.
+    std::fs::remove_file(env.audit_log()).unwrap();
+    let log = refused_start(&env);
+    assert!(log.contains("empty or missing"), "{log}");
+    assert!(
+        !env.audit_log().exists(),
+        "a refused start made an empty log"
+    );
+    let out = env.cli(&["audit", "archive"]);
+    assert_eq!(out.status.code(), Some(1));
+    env.cli_ok(&["audit", "archive", "--broken"]);
+    let daemon = env.start();
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    wait_version(&env, "bot", "db", 4);
+    daemon.stop();
+    env.cli_ok(&["audit", "verify"]);
+
+    // An intact log is archived without --broken, and links to it.
+    let before = std::fs::read_to_string(env.audit_log()).unwrap();
+    let out = env.cli_ok(&["audit", "archive"]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!said.contains("broken"), "{said}");
+    let archived: Vec<_> = std::fs::read_dir(env.audit_log().parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| std::fs::read_to_string(p).is_ok_and(|t| t == before))
+        .collect();
+    assert_eq!(archived.len(), 1, "the old log under its archive name");
+    let records = audit_records(&env);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["outcome"], "ok");
+    env.start().stop();
+    env.cli_ok(&["audit", "verify"]);
+}

@@ -177,7 +177,17 @@ impl AuditLog {
             }
         }
 
-        let (head, foreign) = recover_tail(&file, &display, head_in_state, key.as_ref())?;
+        let (head, foreign) = match recover_tail(&file, &display, head_in_state, key.as_ref()) {
+            Ok(found) => found,
+            Err(e) => {
+                // Black-box finding: a refused start left an empty log it
+                // had created, which then looked like a log lost since.
+                if !existed {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e);
+            }
+        };
         let unconfirmed = head_in_state
             .filter(|stored| stored.seq > 0 && head.seq > stored.seq)
             .map(|stored| (stored.seq + 1, head.seq));
@@ -699,7 +709,7 @@ impl Writer {
 
 /// Reads lines from the end of a file towards its start, a chunk at a time,
 /// so recovering the head of a large log reads only its tail.
-struct RevLines<'a> {
+pub(super) struct RevLines<'a> {
     file: &'a File,
     /// File offset of `buf[0]`.
     start: u64,
@@ -710,7 +720,7 @@ struct RevLines<'a> {
 
 impl<'a> RevLines<'a> {
     /// `end`: the offset just past the region to walk (exclusive).
-    fn new(file: &'a File, end: u64) -> Self {
+    pub(super) fn new(file: &'a File, end: u64) -> Self {
         Self {
             file,
             start: end,
@@ -720,7 +730,7 @@ impl<'a> RevLines<'a> {
     }
 
     /// The previous line (without its newline) and its file offset.
-    fn prev(&mut self) -> std::io::Result<Option<(u64, Vec<u8>)>> {
+    pub(super) fn prev(&mut self) -> std::io::Result<Option<(u64, Vec<u8>)>> {
         if self.exhausted {
             return Ok(None);
         }
@@ -747,7 +757,7 @@ impl<'a> RevLines<'a> {
 }
 
 /// The link a writer with `key` makes to `line`: the next record's `prev`.
-fn writer_link(key: Option<&AuditKey>, line: &[u8]) -> String {
+pub(super) fn writer_link(key: Option<&AuditKey>, line: &[u8]) -> String {
     match key {
         Some(k) => k.link(line),
         None => line_hash(line),
@@ -801,7 +811,7 @@ fn recover_tail(
         return match state_head {
             None => end_partial_line(file, path, len, kept, 1).map(|f| (genesis_head(), f)),
             Some(h) => Err(tampered(format!(
-                "the log is empty but the state database records seq {}: the audit log was truncated or altered",
+                "the log is empty or missing but the state database records seq {}: the audit log was lost, truncated or altered. Restore it from a backup; or, if it is gone for good, start a new log that records the loss and goes on from the state's seq: `keyturn audit archive --broken`",
                 h.seq
             ))),
         };
@@ -877,8 +887,15 @@ fn recover_tail(
     let (mut seq, mut prev, mut chain) = last;
     let mut hash = own;
     let mut after_foreign = is_foreign_write(&last_line);
+    let mut archived = super::archive::is_archived(&last_line);
     while seq > want.seq {
         let Some((_, line)) = lines.prev().map_err(|e| io("cannot read", e))? else {
+            // A log `keyturn audit archive` started, and its crash before
+            // moving the state's head on: its first record links to that head.
+            if archived && seq == want.seq + 1 && prev == want.hash {
+                seq = want.seq;
+                hash = want.hash.clone();
+            }
             break;
         };
         let parsed = parse_seq_prev(&line);
@@ -889,6 +906,7 @@ fn recover_tail(
                 prev = p;
                 chain = c;
                 after_foreign = is_foreign_write(&line);
+                archived = super::archive::is_archived(&line);
             }
             // Black-box finding: bytes someone else wrote, which the record
             // after them (an `audit.foreign_write`) reported, made every
@@ -1054,16 +1072,21 @@ const MAX_FOREIGN_LINES: usize = 10_000;
 /// Whether `line` is an `audit.foreign_write` record: the bytes before it
 /// (after keyturn's previous record) are someone else's.
 fn is_foreign_write(line: &[u8]) -> bool {
+    event_is(line, "audit.foreign_write")
+}
+
+/// Whether `line` is a record of the event `name`.
+pub(super) fn event_is(line: &[u8], name: &str) -> bool {
     #[derive(serde::Deserialize)]
     struct Event<'a> {
         #[serde(borrow)]
         event: std::borrow::Cow<'a, str>,
     }
-    serde_json::from_slice::<Event>(line).is_ok_and(|e| e.event == "audit.foreign_write")
+    serde_json::from_slice::<Event>(line).is_ok_and(|e| e.event == name)
 }
 
 /// Just the chain fields of a record line.
-fn parse_seq_prev(line: &[u8]) -> Option<(u64, String, Option<Chain>)> {
+pub(super) fn parse_seq_prev(line: &[u8]) -> Option<(u64, String, Option<Chain>)> {
     #[derive(serde::Deserialize)]
     struct Link {
         seq: u64,

@@ -49,10 +49,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{AgentId, CredentialId, RotationId, VersionNo};
 
+mod archive;
 mod key;
 mod log;
 mod verify;
 
+pub use archive::{ARCHIVED_EVENT, Archived, Continues, archive, default_archive_path};
 pub use key::{AUDIT_KEY_CREDENTIAL, AuditKey, MIN_KEY_LEN};
 pub use log::{AuditLog, refuse_records_without_state};
 pub use verify::{
@@ -71,7 +73,9 @@ pub enum AuditError {
     Closed { path: String },
     /// The file disagrees with the head kept in the state database (or its
     /// last line is not a record): refuse to chain onto a tampered history.
-    #[error("audit log {path}: {message}; run `keyturn audit verify` to find the first bad record")]
+    #[error(
+        "audit log {path}: {message}; run `keyturn audit verify` to find the first bad record (to go on with a new log that records the break: `keyturn audit archive --broken`, see the runbook KeyturnAuditChainBroken)"
+    )]
     Tampered { path: String, message: String },
     /// The inverse of [`Tampered`](Self::Tampered): the state database has
     /// no audit head (it was deleted, lost, or replaced by an empty one)

@@ -41,6 +41,11 @@ pub struct VerifyReport {
     /// The seq of the first keyed record, checked with the audit key (records
     /// from there on are all keyed); `None` for a plain chain.
     pub keyed_from: Option<u64>,
+    /// The log begins with an `audit.archived` record (`keyturn audit
+    /// archive`): the seq of the archived log's last record it goes on
+    /// from. Its link is to a record in the archive (or, when that log was
+    /// broken, to the state's head), not to [`GENESIS`].
+    pub continues_from: Option<u64>,
 }
 
 /// The first bad record: where it is and what is wrong with it.
@@ -172,6 +177,7 @@ pub fn verify_all(
             head: None,
             partial_tail: false,
             keyed_from: None,
+            continues_from: None,
         },
         problems: Vec::new(),
         more: 0,
@@ -205,6 +211,7 @@ pub fn verify_all(
     // The seq expected next, once a record has been read.
     let mut expected = 1u64;
     let mut keyed_from = None;
+    let mut continues_from = None;
     let mut partial_tail = false;
     let mut head_seen = false;
     let mut stopped_at = None;
@@ -280,6 +287,11 @@ pub fn verify_all(
             }
         };
         let at = |problem| fail(Some(line_no), Some(record.seq), problem);
+        // A log `keyturn audit archive` started goes on from the old one's seq.
+        if line_no == 1 && record.seq > 1 && record.event.event == super::ARCHIVED_EVENT {
+            expected = record.seq;
+            continues_from = Some(record.seq - 1);
+        }
 
         // One problem per record: the first of these that holds.
         let mut problem = None;
@@ -313,7 +325,7 @@ pub fn verify_all(
         };
         if problem.is_none() && !prev_bad {
             if line_no == 1 {
-                if record.prev != GENESIS {
+                if record.prev != GENESIS && continues_from.is_none() {
                     problem = Some(Problem::NotGenesis);
                 }
             } else if link_as(record.chain, key, &prev_line).as_ref() != Some(&record.prev) {
@@ -372,10 +384,13 @@ pub fn verify_all(
         }
     }
     out.report = VerifyReport {
-        records: last.as_ref().map_or(0, |l| l.seq),
+        records: last
+            .as_ref()
+            .map_or(0, |l| l.seq - continues_from.unwrap_or(0)),
         head: last,
         partial_tail,
         keyed_from,
+        continues_from,
     };
     out.stopped_at = stopped_at;
     out
@@ -437,6 +452,7 @@ mod tests {
                 head: Some(f.head.clone()),
                 partial_tail: false,
                 keyed_from: None,
+                continues_from: None,
             }
         );
         assert_eq!(f.verify(None).unwrap().records, 10);

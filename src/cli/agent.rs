@@ -195,8 +195,6 @@ async fn call_agents_socket(
     }
 }
 
-/// The agents' socket named by the config at `path` (read leniently: an
-/// agent may not be able to read it), else the default.
 /// `keyturn task --key PATH --agent NAME [--audience AUD]`: the agent
 /// proves who it is with a fresh assertion signed by its own key.
 pub(super) struct AssertionSigner {
@@ -237,6 +235,8 @@ impl AssertionSigner {
     }
 }
 
+/// The agents' socket named by the config at `path` (read leniently: an
+/// agent may not be able to read it), else the default.
 fn agent_socket_of(path: &Path) -> PathBuf {
     crate::config::ClientPaths::lenient_at(path).map_or_else(
         || {

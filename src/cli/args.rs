@@ -291,6 +291,22 @@ pub struct ExchangeArgs {
 pub enum AuditCommand {
     /// Check the hash chain; name every bad record (the first 100, the rest counted).
     Verify,
+    /// Move the audit log aside and start a new one whose first record
+    /// (`audit.archived`) carries on its chain. The daemon must be stopped.
+    /// A log that does not verify (or is gone) is archived only with
+    /// `--broken`: the new log then links to the last record the state
+    /// database vouches for, and records what was wrong.
+    Archive {
+        /// Where the old log goes (default: the log's path with the UTC
+        /// time appended, e.g. audit.log.20261208T010203Z). Never over an
+        /// existing file.
+        #[arg(long, value_name = "PATH")]
+        to: Option<PathBuf>,
+        /// Archive a log that does not verify, or start a new log where
+        /// it is missing (see the runbook KeyturnAuditChainBroken).
+        #[arg(long)]
+        broken: bool,
+    },
 }
 
 /// A duration that is more than zero (`check --online --timeout 0s` would

@@ -1,10 +1,14 @@
-//! `keyturn audit verify`: check the log's hash chain against the state.
+//! `keyturn audit verify`: check the log's hash chain against the state;
+//! `keyturn audit archive`: start a new log that carries on the old one.
 
 use std::path::Path;
 
 use super::{EXIT_FAILED, load_for_client};
-use crate::audit::{AuditKey, Verification, VerifyReport, verify_all};
-use crate::state::{SqliteStore, StateStore};
+use crate::audit::{
+    Actor, AuditKey, Continues, Verification, VerifyReport, archive, default_archive_path,
+    verify_all,
+};
+use crate::state::{SqliteStore, StateStore, Write};
 
 pub(super) fn audit_verify(path: &Path) -> u8 {
     let paths = match load_for_client(path) {
@@ -73,8 +77,15 @@ pub(super) fn audit_verify(path: &Path) -> u8 {
              for them at its next start)"
         ),
     };
+    let continues = match report.continues_from {
+        None => String::new(),
+        Some(seq) => format!(
+            ", going on from seq {seq} of an archived log (its first record, audit.archived, \
+             says where that log went)"
+        ),
+    };
     println!(
-        "{}: ok, {} records, chain intact{tail}{}",
+        "{}: ok, {} records{continues}, chain intact{tail}{}",
         paths.audit_log.display(),
         report.records,
         keying(&report)
@@ -114,4 +125,147 @@ fn keying(report: &VerifyReport) -> String {
         Some(seq) => format!("; keyed (hmac-sha256) from seq {seq}, checked with the audit key"),
         None => "; plain sha-256, not keyed (no audit key: not proof against whoever can write both the log and the state database)".into(),
     }
+}
+
+/// `keyturn audit archive`: the old log moved aside, a new one started that
+/// carries on its chain (see [`crate::audit::archive`]).
+pub(super) fn audit_archive(path: &Path, to: Option<&Path>, broken: bool) -> u8 {
+    let paths = match load_for_client(path) {
+        Ok(c) => c.paths(),
+        Err(code) => return code,
+    };
+    // Held until the new head is stored: no daemon starts meanwhile.
+    let _lock = match crate::state::lock::acquire(&paths.state_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let log = &paths.audit_log;
+    let db = crate::daemon::state_db_in(&paths.state_dir);
+    let no_state = |why: &str| {
+        eprintln!(
+            "keyturn: {why}: there is no chain to go on from. Restore the state database from a \
+             backup first; or, to really start over with new version numbers, move the audit log \
+             away (`mv {} {}.old`) and start the daemon",
+            log.display(),
+            log.display()
+        );
+        EXIT_FAILED
+    };
+    if !db.exists() {
+        return no_state(&format!("there is no state database at {}", db.display()));
+    }
+    let store = match SqliteStore::open(&db) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let head = match store.audit_head() {
+        Ok(Some(h)) => h,
+        Ok(None) => {
+            return no_state(&format!(
+                "the state database {} records no audit head",
+                db.display()
+            ));
+        }
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let key = match AuditKey::load(paths.audit_key_file.as_deref()) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("keyturn: cannot load the audit key: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let continues = if log.exists() {
+        let all = verify_all(log, Some(&head), key.as_ref(), MAX_LISTED_PROBLEMS);
+        match all.problems.first() {
+            None => Continues::Intact,
+            Some(first) if broken => {
+                let count = all.problems.len() as u64 + all.more;
+                Continues::Broken(format!("{first} ({count} problem(s) in all)"))
+            }
+            Some(_) => {
+                report_problems(&all);
+                eprintln!(
+                    "keyturn: {} does not verify: it is not archived as it is. Restore it from a \
+                     backup if you can; to keep it as evidence and go on with a new log that \
+                     links to the last record the state database vouches for (seq {}), run \
+                     `keyturn audit archive --broken`",
+                    log.display(),
+                    head.seq
+                );
+                return EXIT_FAILED;
+            }
+        }
+    } else if broken {
+        Continues::Broken(format!("the audit log {} was missing", log.display()))
+    } else {
+        eprintln!(
+            "keyturn: there is no audit log at {} but the state database records seq {}: restore \
+             the log from a backup; or, if it is gone for good, start a new log that records the \
+             loss with `keyturn audit archive --broken`",
+            log.display(),
+            head.seq
+        );
+        return EXIT_FAILED;
+    };
+    let to = to.map_or_else(|| default_archive_path(log), Path::to_path_buf);
+    if to.exists() {
+        eprintln!(
+            "keyturn: {} already exists: give another --to",
+            to.display()
+        );
+        return EXIT_FAILED;
+    }
+    // SAFETY: getuid/getgid/getpid cannot fail.
+    let actor = unsafe {
+        Actor::Peer {
+            uid: libc::getuid(),
+            gid: libc::getgid(),
+            pid: libc::getpid(),
+        }
+    };
+    let done = match archive(log, &to, Some(&head), key.as_ref(), &continues, actor) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("keyturn: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    if let Err(e) = store
+        .apply(&[Write::AuditHead(done.head.clone())])
+        .and_then(|()| store.checkpoint())
+    {
+        eprintln!(
+            "keyturn: the new log is in place but its head could not be stored ({e}); the \
+             daemon's start accepts it all the same (its first record links to the stored head)"
+        );
+        return EXIT_FAILED;
+    }
+    let moved = match &done.to {
+        Some(to) => format!(
+            "moved to {} (keep it: it is the evidence up to seq {})",
+            to.display(),
+            done.up_to
+        ),
+        None => "was missing".to_owned(),
+    };
+    let broke = match &continues {
+        Continues::Intact => String::new(),
+        Continues::Broken(why) => format!("; recorded as broken: {why}"),
+    };
+    println!(
+        "{}: the old log {moved}; the new log begins with an audit.archived record, seq {}{broke}",
+        log.display(),
+        done.head.seq
+    );
+    0
 }

@@ -278,6 +278,9 @@ async fn run(cli: Cli) -> u8 {
         Command::Audit {
             command: AuditCommand::Verify,
         } => audit_verify(&cli.config),
+        Command::Audit {
+            command: AuditCommand::Archive { to, broken },
+        } => audit::audit_archive(&cli.config, to.as_deref(), broken),
         // Answered in `main`, before logging and the runtime start.
         Command::Completions { .. } => 0,
         Command::Manpages { dir } => manpages::write(&dir),

@@ -84,6 +84,9 @@ const DIM: Style = Style::new().dimmed();
 
 /// The colour of a state: trouble red, work in progress yellow.
 fn state_style(state: &str) -> Style {
+    if state == "follow:waiting" {
+        return YELLOW;
+    }
     match state.split(':').next().unwrap_or(state) {
         "failed" | "interrupted" | "orphaned" | "breached" => RED.bold(),
         "rotating" | "requested" | "retiring" | "decommissioning" | "awaiting_ack" => YELLOW,
@@ -305,7 +308,7 @@ pub fn render_status(rows: &[StatusRow], now: DateTime<Utc>, screen: &Screen) ->
                     },
                 ),
                 match r.next_due {
-                    _ if r.state == "follow" => "follow".into(),
+                    _ if r.state.starts_with("follow") => "follow".into(),
                     Some(t) if t <= now => "now".into(),
                     Some(t) => format!("in {}", short(t - now)),
                     None => "-".into(),

@@ -48,7 +48,7 @@ pub fn render_status_table(rows: &[StatusRow]) -> String {
                 r.version.map_or_else(|| "-".into(), |v| v.to_string()),
                 r.stage.map_or_else(|| "-".into(), |s| s.to_string()),
                 time(r.last_rotated),
-                if r.state == "follow" {
+                if r.state.starts_with("follow") {
                     "follow".into()
                 } else {
                     time(r.next_due)

@@ -203,7 +203,8 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     if !state_db.exists() {
         refuse_lost_state()?;
     }
-    let state: Arc<dyn StateStore> = Arc::new(SqliteStore::open(&state_db).map_err(|e| {
+    let opened = SqliteStore::open(&state_db).and_then(|s| s.check_integrity().map(|()| s));
+    let state: Arc<dyn StateStore> = Arc::new(opened.map_err(|e| {
         let text = e.to_string();
         let advice = if text.contains("malformed") || text.contains("not a database") {
             "; the database is damaged: restore state.db from a backup (it holds no secret value: \

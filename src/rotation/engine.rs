@@ -894,6 +894,11 @@ impl Inner {
                     label
                 } else if revoked && state == "idle" {
                     "revoked"
+                } else if follow && state == "idle" && version.is_none() {
+                    // Nothing delivered yet: its vault holds no current
+                    // version (the rotator has not made one, or the path
+                    // is not the rotator's).
+                    "follow:waiting"
                 } else if follow && state == "idle" {
                     "follow"
                 } else {

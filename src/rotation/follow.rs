@@ -156,6 +156,9 @@ struct Seen {
     /// one ends: what a sink kept of it for readers mid-read (a bundle's
     /// previous private key) goes then, as on the rotator.
     retire_at: Option<DateTime<Utc>>,
+    /// Warned that its vault holds no current version yet (see
+    /// [`Inner::warn_never_written`]).
+    warned_empty: bool,
 }
 
 /// What clears the vault failure a followed credential's row records: the

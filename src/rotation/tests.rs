@@ -2115,6 +2115,49 @@ impl Rig {
     }
 }
 
+/// Black-box finding: a follower whose path nothing writes (a typo, a
+/// rotator never started) showed `follow` as if in step. It shows
+/// `follow:waiting` until its first version is delivered, then `follow`.
+#[tokio::test(start_paused = true)]
+async fn a_follower_with_nothing_to_follow_yet_shows_waiting() {
+    for indexed in [false, true] {
+        let rig = if indexed {
+            Rig::following_with_index(1)
+        } else {
+            Rig::new(1, FOLLOW).await
+        };
+        rig.run_following().await;
+        // Several polls answered, nothing current in the vault.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let s = rig.status("c0");
+        assert_eq!(
+            (s.state.as_str(), s.version),
+            ("follow:waiting", None),
+            "indexed={indexed}"
+        );
+        assert_eq!(rig.sink.count(), 0);
+
+        let rotator = rig.rotator();
+        let via: &dyn Vault = if indexed {
+            &rotator
+        } else {
+            rig.vault.as_ref()
+        };
+        rotate_elsewhere(via, "c0", "kt-canary-waiting-1").await;
+        rig.until(Duration::from_secs(10), "the first delivery", |r| {
+            r.sink.count() == 1
+        })
+        .await;
+        let s = rig.status("c0");
+        assert_eq!(
+            (s.state.as_str(), s.version),
+            ("follow", Some(1)),
+            "indexed={indexed}"
+        );
+        rig.shutdown().await;
+    }
+}
+
 /// Defect: a follower whose vault refused its reads (a revoked token, a
 /// vault down) showed `follow`, no last error, and counted as `idle` in
 /// the metrics; only the log said anything. Now the failed poll shows in

@@ -50,8 +50,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::protocol::{
-    AGENT_COMMANDS, AckResult, AgentLifecycle, ApiError, DecommissionResult, Request, Response,
-    ResponseBody, RotateResult, Selector, StatusRow, WireSecret, parse_request,
+    AGENT_COMMANDS, AckResult, AgentLifecycle, ApiError, COMMANDS, DecommissionResult, Request,
+    Response, ResponseBody, RotateResult, Selector, StatusRow, WireSecret, parse_request,
 };
 use crate::audit::Actor;
 use crate::model::{AgentId, CredentialKey};
@@ -338,6 +338,15 @@ async fn serve_with(
     debug!(socket = %server.path.display(), "socket stopped accepting");
 }
 
+/// The `cmd` of a request line that is a JSON object, whatever else it holds.
+fn command_name(text: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Cmd {
+        cmd: String,
+    }
+    serde_json::from_str::<Cmd>(text).ok().map(|c| c.cmd)
+}
+
 impl Server {
     async fn authorize(&self, peer: &PeerCred) -> bool {
         // On the agents' socket every request is authorized on its own.
@@ -366,6 +375,15 @@ impl Server {
         self.handler.task(*peer, privileged, command).await.into()
     }
 
+    /// The agents' socket's answer to a command only the control socket serves.
+    fn not_served(&self, cmd: &str) -> ApiError {
+        ApiError::forbidden(format!(
+            "the agent socket {} serves only {}; `{cmd}` needs the control socket",
+            self.path.display(),
+            AGENT_COMMANDS.join(", "),
+        ))
+    }
+
     fn refusal_message(&self, peer: &PeerCred) -> String {
         format!(
             "uid {} is not allowed to use the keyturn control socket {}: {}",
@@ -379,6 +397,17 @@ impl Server {
         let Ok(text) = std::str::from_utf8(line) else {
             return Response::Error(ApiError::bad_request("request is not valid UTF-8"));
         };
+        // Black-box finding: a `rotate` on the agents' socket was answered
+        // with the request's schema (what its selector lacked) as if it
+        // could be served there. A command this socket does not serve is
+        // refused by its name alone, before its fields are read.
+        if self.agent
+            && let Some(cmd) = command_name(text)
+            && !AGENT_COMMANDS.contains(&cmd.as_str())
+            && COMMANDS.contains(&cmd.as_str())
+        {
+            return Response::Error(self.not_served(&cmd));
+        }
         let request = match parse_request(text) {
             Ok(r) => r,
             Err(e) => {
@@ -393,12 +422,7 @@ impl Server {
             "control request"
         );
         if self.agent && !AGENT_COMMANDS.contains(&request.cmd()) {
-            return Response::Error(ApiError::forbidden(format!(
-                "the agent socket {} serves only {}; `{}` needs the control socket",
-                self.path.display(),
-                AGENT_COMMANDS.join(", "),
-                request.cmd()
-            )));
+            return Response::Error(self.not_served(request.cmd()));
         }
         match request {
             Request::Ping {} => Response::Ok(ResponseBody::Pong {
@@ -1070,6 +1094,19 @@ mod tests {
             assert_eq!(kind, ApiErrorKind::Forbidden, "{msg}");
             assert!(msg.contains("serves only ping, ack"), "{msg}");
         }
+        // Black-box finding: one without its fields got the schema's
+        // advice, as if the command could be served here.
+        let stream = UnixStream::connect(&path).await.unwrap();
+        let mut conn = BufReader::new(stream);
+        for line in [
+            &b"{\"cmd\":\"rotate\"}\n"[..],
+            b"{\"cmd\":\"decommission\",\"agent\":\"bot\"}\n",
+        ] {
+            let (kind, msg) = error_kind(raw_exchange(&mut conn, line).await);
+            assert_eq!(kind, ApiErrorKind::Forbidden, "{msg}");
+            assert!(msg.contains("needs the control socket"), "{msg}");
+        }
+        drop(conn);
         assert!(handler.rotations.lock().unwrap().is_empty());
         cancel.cancel();
         server.await.unwrap();

@@ -144,9 +144,34 @@ impl Inner {
                 if new_index_mark.is_some() {
                     p.index_mark = new_index_mark;
                 }
+                if polls > 0 {
+                    self.warn_never_written(p, memory);
+                }
                 Ok(())
             }
             Some(e) => Err(e),
+        }
+    }
+
+    /// Black-box finding: a follower whose path nothing writes (a typo, a
+    /// rotator never started) waited in silence: no error, `status` said
+    /// `follow` as for a credential in step. After a second poll that the
+    /// vault answered, each such credential is warned of once (status shows
+    /// it `follow:waiting` meanwhile).
+    fn warn_never_written(&self, p: &Poller, memory: &Memory) {
+        let mut seen = lock(memory);
+        for e in &p.entries {
+            let s = seen.entry(e.key().clone()).or_default();
+            if s.loaded && s.delivered.is_none() && !s.revoked && !s.warned_empty {
+                s.warned_empty = true;
+                tracing::warn!(
+                    agent = %e.key().agent,
+                    credential = %e.key().credential,
+                    vault = %e.primary().config.name,
+                    path = %e.vault_path(),
+                    "follow: the vault holds no current version of this credential: nothing to deliver yet. Its rotator writes it there: check that one runs, and that both name the same vault and path (a typo?)"
+                );
+            }
         }
     }
 

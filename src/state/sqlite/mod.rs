@@ -129,6 +129,29 @@ impl SqliteStore {
         &self.path
     }
 
+    /// SQLite's `PRAGMA integrity_check`, refused unless it answers `ok`.
+    /// Black-box finding: a damaged state database (a page or an index
+    /// out of step with its table) was accepted at start, and the daemon
+    /// wrote a second row for a credential through the damaged index. The
+    /// daemon checks once at start; the cost is a read of the whole file.
+    pub fn check_integrity(&self) -> Result<()> {
+        let conn = self.lock();
+        let found: rusqlite::Result<Vec<String>> = conn
+            .prepare("PRAGMA integrity_check(10)")
+            .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect());
+        match found {
+            Ok(rows) if rows.len() == 1 && rows[0] == "ok" => Ok(()),
+            Ok(rows) => Err(StateError::Db {
+                path: self.path.clone(),
+                message: format!(
+                    "the database is damaged (malformed: SQLite's integrity check says: {})",
+                    rows.join("; ")
+                ),
+            }),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a half-applied write:
         // an open rusqlite Transaction rolls back when dropped during unwinding.
@@ -1318,6 +1341,41 @@ mod tests {
                 .collect();
             assert_eq!(agents, vec!["gone".to_owned(), "other".to_owned()]);
         }
+    }
+
+    #[test]
+    fn a_damaged_database_fails_the_integrity_check() {
+        let (_dir, path) = tmp_path("keyturn.db");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            for c in ["a", "b", "c"] {
+                let k = key("agent", c);
+                s.apply(&[
+                    Write::Credential(credential_row(&k)),
+                    Write::Rotation(rot(&k, Step::Done)),
+                ])
+                .unwrap();
+            }
+            s.check_integrity().unwrap();
+            s.checkpoint().unwrap();
+        }
+        // An index out of step with its table: what a torn page or a
+        // bad copy leaves, made here by redefining the index in place.
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "PRAGMA writable_schema = ON; \
+                 UPDATE sqlite_schema SET sql = 'CREATE INDEX rotations_by_credential ON rotations (started_at, credential, agent)' \
+                 WHERE name = 'rotations_by_credential';",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let e = s.check_integrity().unwrap_err().to_string();
+        assert!(
+            e.contains("damaged") && e.contains("rotations_by_credential"),
+            "{e}"
+        );
     }
 
     #[test]
