@@ -2828,3 +2828,49 @@ fn a_cut_or_lost_audit_log_is_archived_and_the_daemon_goes_on() {
     env.start().stop();
     env.cli_ok(&["audit", "verify"]);
 }
+
+/// Black-box finding: `keyturn check` run as the daemon's user passed a
+/// state directory that user may not open (root's, mode 0700), and the
+/// start then failed on it ("Permission denied"). The systemd unit's
+/// `ExecStartPre` check is there to catch exactly that.
+#[test]
+fn check_refuses_a_state_directory_its_user_may_not_use() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new(ONE_RAW);
+    let as_nobody = || {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin())
+            .args(["check", "--config"])
+            .arg(&env.config)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // Everything readable by others but the state directory.
+    let open = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    open(env.path(), 0o755);
+    open(&env.config, 0o644);
+    open(&env.root(), 0o755);
+    std::fs::create_dir(env.state_dir()).unwrap();
+    open(&env.state_dir(), 0o700);
+    let out = as_nobody();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("daemon.state_dir")
+            && err.contains("may not be read, written and searched by this user (uid 65534)"),
+        "{err}"
+    );
+    // Root may: `check` passes for the user the daemon runs as.
+    env.cli_ok(&["check"]);
+    // Missing, in a directory that user may not write: the start could not make it.
+    std::fs::remove_dir(env.state_dir()).unwrap();
+    let err = String::from_utf8_lossy(&as_nobody().stderr).to_string();
+    assert!(
+        err.contains("is missing and this user (uid 65534) may not create it"),
+        "{err}"
+    );
+}

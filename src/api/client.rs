@@ -44,17 +44,23 @@ pub enum ClientError {
     )]
     Closed { path: PathBuf },
     #[error(
-        "no answer from the daemon on {} within {}s: it is overloaded or stuck (see `keyturn status` and the daemon's log); try again",
-        path.display(),
-        ANSWER_TIMEOUT.as_secs()
+        "no answer from the daemon on {} within {secs}s: it is overloaded or stuck (stopped, or its disk full: see its log; `systemctl status keyturn`); try again",
+        path.display()
     )]
-    AnswerTimeout { path: PathBuf },
+    AnswerTimeout { path: PathBuf, secs: u64 },
 }
 
 /// How long a request waits for its answer, but `rotate --wait`, which
 /// lasts as long as the rotation: an agent's `ack` or `task` call must not
 /// hang for ever on a wedged daemon (a stopped process, a full disk).
 pub const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// How long a request the daemon answers from memory waits (`ping`,
+/// `status`, `agents`, `tasks`, `surface`). Black-box finding: `status` on
+/// a stopped daemon (`kill -STOP`) hung for [`ANSWER_TIMEOUT`], where an
+/// operator looking at a wedged daemon wants an answer: `status` then
+/// shows the state stored.
+pub const QUICK_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 pub(super) fn connect_error(path: &Path, e: io::Error) -> ClientError {
     let path = path.to_owned();
@@ -76,13 +82,20 @@ pub(super) fn connect_error(path: &Path, e: io::Error) -> ClientError {
 /// [`CONNECT_TIMEOUT`]; waiting for the answer after [`ANSWER_TIMEOUT`],
 /// but for `rotate --wait`, which may legitimately take long.
 pub async fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
-    if matches!(req, Request::Rotate { wait: true, .. }) {
-        return exchange(path, req).await;
-    }
-    tokio::time::timeout(ANSWER_TIMEOUT, exchange(path, req))
+    let limit = match req {
+        Request::Rotate { wait: true, .. } => return exchange(path, req).await,
+        Request::Ping {}
+        | Request::Status {}
+        | Request::Agents {}
+        | Request::Tasks {}
+        | Request::Surface { .. } => QUICK_ANSWER_TIMEOUT,
+        _ => ANSWER_TIMEOUT,
+    };
+    tokio::time::timeout(limit, exchange(path, req))
         .await
         .map_err(|_| ClientError::AnswerTimeout {
             path: path.to_owned(),
+            secs: limit.as_secs(),
         })?
 }
 
@@ -139,14 +152,30 @@ mod tests {
                 open.push(s);
             }
         });
+        let ack = Request::Ack {
+            agent: crate::model::AgentId::new("bot").unwrap(),
+            credential: crate::model::CredentialId::new("db").unwrap(),
+            version: 1,
+        };
         let started = tokio::time::Instant::now();
-        let err = call(&path, &Request::Ping {}).await.unwrap_err();
+        let err = call(&path, &ack).await.unwrap_err();
         assert!(matches!(err, ClientError::AnswerTimeout { .. }), "{err:?}");
         assert_eq!(started.elapsed(), ANSWER_TIMEOUT);
         assert!(
             err.to_string().contains("no answer from the daemon"),
             "{err}"
         );
+        // What the daemon answers from memory is given up on sooner
+        // (black-box finding: `status` on a stopped daemon hung).
+        for quick in [Request::Ping {}, Request::Status {}] {
+            let started = tokio::time::Instant::now();
+            let err = call(&path, &quick).await.unwrap_err();
+            assert!(
+                matches!(err, ClientError::AnswerTimeout { secs: 15, .. }),
+                "{err:?}"
+            );
+            assert_eq!(started.elapsed(), QUICK_ANSWER_TIMEOUT);
+        }
 
         let wait = Request::Rotate {
             selector: crate::api::protocol::Selector::All,

@@ -869,7 +869,13 @@ async fn status(path: &Path, view: StatusView) -> u8 {
         Err(Failure::Unreachable(e)) => match offline::status_offline(&client, path, &e) {
             Ok((rows, offline_code)) => {
                 online = false;
-                code = offline_code;
+                // A daemon that runs but does not answer is no state to
+                // exit 0 on (scripts must see it).
+                code = if matches!(e, ClientError::AnswerTimeout { .. }) {
+                    offline_code.max(EXIT_UNAVAILABLE)
+                } else {
+                    offline_code
+                };
                 rows
             }
             Err(code) => return code,

@@ -55,6 +55,12 @@ pub fn host_issues(d: &DaemonConfig) -> Vec<Issue> {
     {
         issues.push(Issue::at(p.key("state_dir"), why));
     }
+    if let Some(why) = not_usable(&d.state_dir, true) {
+        issues.push(Issue::at(p.key("state_dir"), why));
+    }
+    if let Some(why) = not_usable(&d.audit_log, false) {
+        issues.push(Issue::at(p.key("audit_log"), why));
+    }
     if let Ok(m) = std::fs::metadata(&d.audit_log)
         && m.is_dir()
     {
@@ -97,6 +103,67 @@ fn every_user_writes(dir: &Path) -> Option<String> {
             m.permissions().mode() & 0o7777
         )
     })
+}
+
+/// Why this user cannot use `path` (a directory when `dir`, else a file):
+/// it exists and may not be read and written (and searched), or it is
+/// missing and the nearest directory above it that exists may not be
+/// written, so the start cannot make it. Black-box finding: `check` as the
+/// daemon's user passed a state directory only root could open, and the
+/// start then failed on it.
+fn not_usable(path: &Path, dir: bool) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let may = |p: &Path, mode: libc::c_int| {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+            return true;
+        };
+        // SAFETY: a valid NUL-terminated path; access(2) only reads it.
+        unsafe { libc::access(c.as_ptr(), mode) == 0 }
+    };
+    let user = || {
+        // SAFETY: geteuid cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        format!("uid {uid}")
+    };
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let mode = if dir && m.is_dir() {
+                libc::R_OK | libc::W_OK | libc::X_OK
+            } else if !dir && m.is_file() {
+                libc::R_OK | libc::W_OK
+            } else {
+                return None; // the wrong kind: said elsewhere
+            };
+            (!may(path, mode)).then(|| {
+                format!(
+                    "{} may not be {} by this user ({}): run keyturn (and `keyturn check`) as the user that owns it, or give that user the {} (e.g. chown -R keyturn: for the packaged unit)",
+                    path.display(),
+                    if dir { "read, written and searched" } else { "read and written" },
+                    user(),
+                    if dir { "directory" } else { "file" }
+                )
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let above = path.ancestors().skip(1).find(|a| {
+                !a.as_os_str().is_empty() && std::fs::metadata(a).is_ok_and(|m| m.is_dir())
+            })?;
+            (!may(above, libc::W_OK | libc::X_OK)).then(|| {
+                format!(
+                    "{} is missing and this user ({}) may not create it in {}: make it (owned by keyturn's user) or run keyturn as a user that may",
+                    path.display(),
+                    user(),
+                    above.display()
+                )
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Some(format!(
+            "{} cannot be reached by this user ({}): {e}; run keyturn (and `keyturn check`) as the user that owns it",
+            path.display(),
+            user()
+        )),
+        Err(_) => None,
+    }
 }
 
 /// A key file this user may not open may still be fine for the daemon's
