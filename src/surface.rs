@@ -135,7 +135,8 @@ pub struct SurfaceCredential {
     pub credential: String,
     /// `rotate`, `follow`, or `unconfigured` (no longer in the config:
     /// never rotated again, its current version live until the agent is
-    /// decommissioned, with no end to count outstanding seconds to).
+    /// decommissioned, with no end to count outstanding seconds to), or
+    /// `revoking` (the same, of an agent being decommissioned).
     pub mode: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
@@ -375,17 +376,20 @@ pub fn add_unconfigured(
             continue;
         };
         let a = &mut s.agents[i];
-        // Being revoked (or revoked): its decommission's items say what is
-        // left, and "decommission their agent" would be wrong advice.
-        if a.state == "decommissioned" || a.state == "decommissioning" {
+        if a.state == "decommissioned" {
             continue;
         }
+        // Being revoked: still live until its decommission verifies it
+        // (black-box finding: it was left out, and the totals under-counted
+        // exactly while the revocation failed), but not flagged: "decommission
+        // their agent" would be wrong advice.
+        let leaving = a.state == "decommissioning";
         let (last_ack, acking) = acks.get(&key).copied().unwrap_or((None, 0));
         a.usage_observed |= acking > 0;
         a.last_used = a.last_used.max(last_ack);
         a.credentials.push(SurfaceCredential {
             credential: key.credential.to_string(),
-            mode: "unconfigured".into(),
+            mode: if leaving { "revoking" } else { "unconfigured" }.into(),
             version: Some(u.version),
             age_seconds: u.made.map(|l| secs(now - l)),
             lifetime_seconds: None,
@@ -404,7 +408,9 @@ pub fn add_unconfigured(
             .sort_by(|x, y| x.credential.cmp(&y.credential));
         s.totals.credentials += 1;
         s.totals.live_versions += 1;
-        s.flags.unconfigured.push(key.to_string());
+        if !leaving {
+            s.flags.unconfigured.push(key.to_string());
+        }
     }
     s.flags.unconfigured.sort();
 }
@@ -533,6 +539,8 @@ pub fn render(s: &Surface) -> String {
                     "  PAST MAX_AGE"
                 } else if c.mode == "unconfigured" {
                     "  NOT IN THE CONFIG: never rotated, live until decommissioned"
+                } else if c.mode == "revoking" {
+                    "  NOT IN THE CONFIG: live until its agent's decommission revokes it"
                 } else {
                     ""
                 },
@@ -639,7 +647,12 @@ mod tests {
         );
         assert_eq!(s.flags.unconfigured, vec!["lost/db".to_owned()]);
         let text = render(&s);
-        assert_eq!(text.matches("NOT IN THE CONFIG").count(), 1, "{text}");
+        assert_eq!(text.matches("never rotated, live until decommissioned").count(), 1, "{text}");
+        // Still live until revoked (black-box finding: it was not counted).
+        assert_eq!(s.totals.live_versions, 2);
+        let leaving = s.agents.iter().find(|a| a.agent == "leaving").unwrap();
+        assert_eq!(leaving.credentials[0].mode, "revoking");
+        assert!(text.contains("live until its agent's decommission revokes it"), "{text}");
     }
 
     /// Black-box finding: `surface --unused-after 99999999999d` panicked

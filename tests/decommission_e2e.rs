@@ -807,6 +807,23 @@ fn rotate_all_skips_decommissioned_agents() {
     let out = env.cli(&["decommission", "app", "--reason", " "]);
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(text(&out).contains("needs a reason"), "{}", text(&out));
+    // So is one too long (black-box finding: 60,000 characters went into
+    // every alert; a longer one failed as an over-long request line).
+    let long = "x".repeat(100_000);
+    let out = env.cli(&["decommission", "app", "--reason", &long]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("more than 1024"), "{}", text(&out));
+    // The daemon refuses it too, from any client.
+    let mut line = serde_json::to_vec(&serde_json::json!({
+        "cmd": "decommission", "agent": "app", "reason": "y".repeat(2000)
+    }))
+    .unwrap();
+    line.push(b'\n');
+    let mut sock = std::os::unix::net::UnixStream::connect(env.path().join("control.sock")).unwrap();
+    std::io::Write::write_all(&mut sock, &line).unwrap();
+    let mut answer = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(sock), &mut answer).unwrap();
+    assert!(answer.contains("more than 1024"), "{answer}");
     env.cli_ok(&["rotate", "app/db", "--wait"]);
     env.cli_ok(&["decommission", "app", "--reason", "retired", "--wait"]);
     let out = env.cli(&["rotate", "all"]);

@@ -985,10 +985,8 @@ async fn decommission(
             return EXIT_USAGE;
         }
     };
-    if reason.trim().is_empty() {
-        eprintln!(
-            "keyturn: a decommission needs a reason (--reason TEXT): it goes to the audit log"
-        );
+    if let Some(problem) = crate::revocation::reason_problem(&reason, by.as_deref()) {
+        eprintln!("keyturn: {problem}");
         return EXIT_USAGE;
     }
     let client = match load_for_client(path) {

@@ -667,10 +667,8 @@ impl ControlHandler for Handler {
         reason: String,
         by: Option<String>,
     ) -> Result<DecommissionResult, ApiError> {
-        if reason.trim().is_empty() {
-            return Err(ApiError::bad_request(
-                "a decommission needs a reason (--reason TEXT): it goes to the audit log",
-            ));
+        if let Some(problem) = crate::revocation::reason_problem(&reason, by.as_deref()) {
+            return Err(ApiError::bad_request(problem));
         }
         let decision = Decision {
             agent: agent.clone(),

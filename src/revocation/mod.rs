@@ -52,6 +52,30 @@ mod sla;
 pub use items::{TaskProbe, TokenProbe};
 pub use sla::{lifecycle_rows, show_revoked};
 
+/// The longest decommission reason (and `by`) accepted, in bytes. Black-box
+/// finding: a 60,000-character reason was copied into the audit log, every
+/// alert and `status`, and a longer one failed as "request line longer
+/// than 65536 bytes".
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// What is wrong with a decommission's `reason` or `by`, if anything.
+pub fn reason_problem(reason: &str, by: Option<&str>) -> Option<String> {
+    if reason.trim().is_empty() {
+        return Some(
+            "a decommission needs a reason (--reason TEXT): it goes to the audit log".to_owned(),
+        );
+    }
+    for (what, text) in [("reason", Some(reason)), ("by", by)] {
+        if let Some(text) = text.filter(|t| t.trim().len() > MAX_REASON_BYTES) {
+            return Some(format!(
+                "the decommission's {what} is {} bytes long, more than {MAX_REASON_BYTES}: say it in short (it goes to the audit log, every alert and `status`), and point to a ticket for the rest",
+                text.trim().len()
+            ));
+        }
+    }
+    None
+}
+
 /// How long the `tokens` and `tasks` items wait for the token service or
 /// the task manager (at start the decommissions resume before they run).
 const TOKENS_WAIT: Duration = Duration::from_secs(10);
@@ -596,7 +620,7 @@ impl Revocations {
                 "cannot record the decision: {e}"
             )));
         }
-        tracing::warn!(agent = %agent, reason = %d.reason, by = d.by.as_deref().unwrap_or("-"), source = d.source, sla = %humantime::format_duration(sla), items = items.len(), "agent decommissioned: revoking everything it holds");
+        tracing::warn!(agent = %agent, reason = d.reason.as_str(), by = d.by.as_deref().unwrap_or("-"), source = d.source, sla = %humantime::format_duration(sla), items = items.len(), "agent decommissioned: revoking everything it holds");
         let decom = Decom { row, items };
         self.decoms().insert(agent.clone(), decom.clone());
         self.orphans().remove(&agent);

@@ -819,6 +819,15 @@ impl Validator<'_> {
                     dp.key("reason"),
                     "reason must not be empty: say why the agent is retired (it goes to the audit log)",
                 );
+            } else if d.reason.trim().len() > crate::revocation::MAX_REASON_BYTES {
+                self.err(
+                    dp.key("reason"),
+                    format!(
+                        "reason is {} bytes long, more than {}: say it in short (it goes to the audit log, every alert and `status`)",
+                        d.reason.trim().len(),
+                        crate::revocation::MAX_REASON_BYTES
+                    ),
+                );
             }
             let Some(written) = &d.at else {
                 self.err(
