@@ -647,12 +647,20 @@ mod tests {
         );
         assert_eq!(s.flags.unconfigured, vec!["lost/db".to_owned()]);
         let text = render(&s);
-        assert_eq!(text.matches("never rotated, live until decommissioned").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("never rotated, live until decommissioned")
+                .count(),
+            1,
+            "{text}"
+        );
         // Still live until revoked (black-box finding: it was not counted).
         assert_eq!(s.totals.live_versions, 2);
         let leaving = s.agents.iter().find(|a| a.agent == "leaving").unwrap();
         assert_eq!(leaving.credentials[0].mode, "revoking");
-        assert!(text.contains("live until its agent's decommission revokes it"), "{text}");
+        assert!(
+            text.contains("live until its agent's decommission revokes it"),
+            "{text}"
+        );
     }
 
     /// Black-box finding: `surface --unused-after 99999999999d` panicked

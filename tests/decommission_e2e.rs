@@ -819,7 +819,8 @@ fn rotate_all_skips_decommissioned_agents() {
     }))
     .unwrap();
     line.push(b'\n');
-    let mut sock = std::os::unix::net::UnixStream::connect(env.path().join("control.sock")).unwrap();
+    let mut sock =
+        std::os::unix::net::UnixStream::connect(env.path().join("control.sock")).unwrap();
     std::io::Write::write_all(&mut sock, &line).unwrap();
     let mut answer = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(sock), &mut answer).unwrap();

@@ -192,6 +192,37 @@ impl TaskManager {
             };
             // Only the system that minted it can say it is revoked.
             if let Err(e) = moved(issuer.as_ref(), &item.issuer, item).await {
+                // Black-box finding: a mint cut off by a crash (never
+                // answered, so never given to the agent), then the issuer
+                // pointed elsewhere, left the task `ending` and its agent's
+                // decommission pending for good. Whatever that mint made
+                // was issued to expire at the task's expiry: once that has
+                // passed, nothing of it works, wherever the issuer points.
+                if state == ItemState::Issuing && row.expires_at_ms <= ms(now) {
+                    let expired = row.expires_at_ms;
+                    let ev = end(
+                        "task.expiring",
+                        Outcome::Ok,
+                        serde_json::json!({
+                            "issuer": item.issuer,
+                            "expires_at": DateTime::<Utc>::from(system_time(expired)).to_rfc3339(),
+                            "note": "its mint never answered and the issuer reaches another system now; anything it made expired at the task's expiry",
+                        }),
+                    );
+                    self.recorder.record(ev).await;
+                    self.store
+                        .set_item(
+                            id,
+                            &item.issuer,
+                            ItemState::Expiring,
+                            None,
+                            Some(expired),
+                            Some("its mint never answered; anything it made expired at the task's expiry (the issuer reaches another system now)"),
+                        )
+                        .await?;
+                    self.count_revocation(&item.issuer, TaskRevocation::Expires);
+                    continue;
+                }
                 all_done = false;
                 self.revoke_failed(&row.task, &item.issuer, &e, failed(&item.issuer))
                     .await?;

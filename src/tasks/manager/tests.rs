@@ -619,6 +619,48 @@ async fn a_credential_minted_before_a_crash_is_found_and_revoked() {
     assert_ended(&t, "start_failed");
 }
 
+/// Black-box finding: a mint cut off by a crash (the system never
+/// answered), then the issuer pointed at another system, left the task
+/// `ending` (overdue) and its agent's decommission pending for good: the
+/// error asked to point the issuer back at a system that never answered.
+/// Nothing the mint made outlives the task's expiry (it was issued to
+/// expire then), so past it the item is done as expired; before it, the
+/// item waits as any credential of a moved issuer does.
+#[tokio::test(start_paused = true)]
+async fn a_mint_cut_off_before_its_issuer_moved_is_done_at_the_tasks_expiry() {
+    let h = harness();
+    let mut row = cut_off_start();
+    row.expires_at_ms = Utc::now().timestamp_millis() + 60_000;
+    row.items[0].origin = Some("https://bao-a:8200".into());
+    let id = row.task.task_id.clone();
+    h.mgr.store.insert(&row).await.unwrap();
+    h.pg.point_at("https://bao-b:8200");
+
+    let before = h.restarted(0);
+    before.tick().await.unwrap();
+    let t = before.store.get(&id).unwrap().unwrap();
+    assert_eq!(t.state, TaskState::Ending);
+    let error = t.items[0].last_error.clone().unwrap_or_default();
+    assert!(error.contains("now reaches https://bao-b:8200"), "{error}");
+
+    let after = h.restarted(61);
+    after.tick().await.unwrap();
+    let t = after.store.get(&id).unwrap().unwrap();
+    assert_ended(&t, "start_failed");
+    assert_eq!(t.items[0].state, ItemState::Expiring);
+    assert_eq!(after.figures().unwrap().revocation_overdue, 0);
+    assert_eq!(
+        h.pg.revokes.load(Ordering::SeqCst),
+        0,
+        "nothing asked of the other system"
+    );
+    assert!(
+        h.rec.names().contains(&"task.expiring:ok".to_owned()),
+        "{:?}",
+        h.rec.names()
+    );
+}
+
 /// Defect: after a kill -9 during a task start, the restarted daemon showed
 /// the half-started task `live` and its credentials kept working until the
 /// TTL, although its caller got an error and holds nothing. A start that
