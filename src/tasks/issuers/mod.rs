@@ -135,10 +135,15 @@ pub struct Issued {
 }
 
 /// What `revoke` did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revoked {
     /// The credential no longer works (or was never minted).
     Now,
+    /// The credential no longer works, but something of it is left at the
+    /// system, which an operator should clear by hand: what, and how (a
+    /// PostgreSQL task role that owns objects, disabled but not dropped).
+    /// Kept on the item and in its `task.revoked` record.
+    Left(String),
     /// The system cannot end it early; it stops working by itself then
     /// (STS session credentials without a deny policy, a token whose
     /// accessor was never recorded).

@@ -228,6 +228,8 @@ impl TaskManager {
                     .await?;
                 continue;
             }
+            // What the revocation left at the system (see `Revoked::Left`).
+            let mut left = None;
             if matches!(state, ItemState::Issuing | ItemState::Issued) {
                 match issuer
                     .revoke(
@@ -242,6 +244,14 @@ impl TaskManager {
                         self.store
                             .set_item(id, &item.issuer, state, None, None, None)
                             .await?;
+                    }
+                    Ok(Revoked::Left(note)) => {
+                        tracing::warn!(task = id, issuer = %item.issuer, "task credential revoked, but something of it is left at its system: {note}");
+                        state = ItemState::Revoked;
+                        self.store
+                            .set_item(id, &item.issuer, state, None, None, Some(&note))
+                            .await?;
+                        left = Some(note);
                     }
                     Ok(Revoked::ExpiresAt(t)) => {
                         let t = DateTime::<Utc>::from(t);
@@ -302,14 +312,22 @@ impl TaskManager {
                         // -9 between the two verifies and records it again
                         // at the next start, rather than never (black-box
                         // finding: a gap in the audit log).
-                        let ev = end(
-                            "task.revoked",
-                            Outcome::Ok,
-                            serde_json::json!({"issuer": item.issuer, "verified": true}),
-                        );
+                        let mut detail =
+                            serde_json::json!({"issuer": item.issuer, "verified": true});
+                        if let Some(note) = &left {
+                            detail["left"] = note.as_str().into();
+                        }
+                        let ev = end("task.revoked", Outcome::Ok, detail);
                         self.recorder.record(ev).await;
                         self.store
-                            .set_item(id, &item.issuer, ItemState::Verified, None, None, None)
+                            .set_item(
+                                id,
+                                &item.issuer,
+                                ItemState::Verified,
+                                None,
+                                None,
+                                left.as_deref(),
+                            )
                             .await?;
                         self.count_revocation(&item.issuer, TaskRevocation::Verified);
                     }

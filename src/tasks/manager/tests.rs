@@ -31,6 +31,8 @@ struct MemIssuer {
     fail_revoke: AtomicU32,
     /// Revoke answers "expires by itself" (like STS without a deny policy).
     expires_only: bool,
+    /// Revoke answers that this is left at the system (`Revoked::Left`).
+    leaves: Option<String>,
     revokes: AtomicU32,
     /// What `precheck` refuses with (an issuer's own refusal).
     refuse: Option<String>,
@@ -165,6 +167,9 @@ impl TaskIssuer for MemIssuer {
             .lock()
             .unwrap()
             .remove(&(self.system(), task.task_id.clone()));
+        if let Some(note) = &self.leaves {
+            return Ok(Revoked::Left(note.clone()));
+        }
         Ok(Revoked::Now)
     }
 
@@ -617,6 +622,48 @@ async fn a_credential_minted_before_a_crash_is_found_and_revoked() {
     let t = h.mgr.store.get(&row.task.task_id).unwrap().unwrap();
     // Whoever ends it, it ends as the failed start it was.
     assert_ended(&t, "start_failed");
+}
+
+/// Black-box finding: a PostgreSQL task role that owned objects someone
+/// else's view depends on was disabled but not dropped, and only the log
+/// said so: `task list` and the `task.revoked` record read as clean. What
+/// the issuer says is left is kept on the item and in the record.
+#[tokio::test(start_paused = true)]
+async fn what_a_revocation_leaves_behind_is_kept_on_the_item_and_audited() {
+    let pg = Arc::new(MemIssuer {
+        name: "pg".into(),
+        leaves: Some("role kt_task_x disabled but not dropped: DROP OWNED BY kt_task_x".into()),
+        ..Default::default()
+    });
+    let h = harness_with(pg, MemIssuer::new("sts"));
+    let id = h.start("low", Some(60)).await;
+    let t = h.mgr.end(&caller("bot"), &id).await.unwrap();
+    assert_ended(&t, "end");
+    let item = t.items.iter().find(|i| i.issuer == "pg").unwrap();
+    assert_eq!(item.state, ItemState::Verified);
+    assert!(
+        item.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("not dropped")),
+        "{item:?}"
+    );
+    let revoked = h
+        .rec
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            e.event == "task.revoked" && e.detail.as_deref().is_some_and(|d| d.contains("\"pg\""))
+        })
+        .cloned()
+        .unwrap();
+    let detail: serde_json::Value =
+        serde_json::from_str(revoked.detail.as_deref().unwrap()).unwrap();
+    assert!(
+        detail["left"].as_str().unwrap().contains("DROP OWNED BY"),
+        "{detail}"
+    );
 }
 
 /// Black-box finding: a mint cut off by a crash (the system never

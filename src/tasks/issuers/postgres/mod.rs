@@ -1555,7 +1555,26 @@ mod tests {
         fx.sql(&format!("CREATE VIEW {view} AS SELECT x FROM {made}"))
             .await;
 
-        assert_revoked_now(&issuer, &task, Some(&got.handle)).await;
+        // Said as what is left (black-box finding: only the log said so,
+        // the item and its audit record read as a clean revocation).
+        match issuer
+            .revoke(&task, Some(&got.handle), in_an_hour())
+            .await
+            .unwrap()
+        {
+            Revoked::Left(note) => assert!(
+                note.contains("but not dropped")
+                    && note.contains(&format!("DROP OWNED BY {}", got.handle)),
+                "{note}"
+            ),
+            other => panic!("expected what is left, got {other:?}"),
+        }
+        assert!(
+            issuer
+                .verify_revoked(&task, Some(&got.handle))
+                .await
+                .unwrap()
+        );
         assert!(fx.role_exists(&got.handle).await, "the role was dropped");
         assert!(fx.table_exists(&made).await, "the table was dropped");
         assert_eq!(fx.member_of(&got.handle).await, Vec::<String>::new());

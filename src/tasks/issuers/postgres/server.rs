@@ -98,6 +98,12 @@ impl PgIssuer {
                     task = %task.task_id, role, terminated, error = %e,
                     "postgres task role disabled (NOLOGIN, no password, no session, no membership) but not dropped"
                 );
+                // Black-box finding: only this log line said so; the item
+                // and the audit record read as a clean revocation.
+                return Ok(Revoked::Left(format!(
+                    "role {role} disabled (NOLOGIN, no password, no session, no membership) but not dropped: {}; what it owns is still there: REASSIGN OWNED BY {role} TO <owner>; DROP OWNED BY {role}; DROP ROLE {role}",
+                    e.message
+                )));
             }
             Err(e) => return Err(conn.error(ctx, &e, &[])),
         }
