@@ -180,6 +180,29 @@ fn with_user_hint(path: &Path, message: String) -> String {
 /// [`host_issues`] of `cfg`, located in its main file (where `[daemon]`
 /// is); `Ok` when there are none.
 pub fn check_host(cfg: &Config) -> Result<(), ConfigErrors> {
+    let issues = host_problems(cfg);
+    if issues.is_empty() {
+        return Ok(());
+    }
+    let located = match super::load::read_config_string(&cfg.source) {
+        Ok(text) => locate_issues(&cfg.source, &text, issues),
+        // Read a moment ago, gone now: the issues, not located.
+        Err(_) => issues
+            .into_iter()
+            .map(|issue| ConfigError {
+                file: cfg.source.clone(),
+                line: 0,
+                column: 0,
+                toml_path: issue.path.to_string(),
+                message: issue.message,
+            })
+            .collect(),
+    };
+    Err(ConfigErrors(located))
+}
+
+/// [`check_host`]'s problems, by TOML path, not located.
+pub(super) fn host_problems(cfg: &Config) -> Vec<Issue> {
     let mut issues = host_issues(&cfg.daemon);
     // A local vault's directory, made at the first start when missing.
     for (name, vault) in &cfg.vaults {
@@ -232,30 +255,14 @@ pub fn check_host(cfg: &Config) -> Result<(), ConfigErrors> {
             }
         }
     }
-    if issues.is_empty() {
-        return Ok(());
-    }
-    let located = match super::load::read_config_string(&cfg.source) {
-        Ok(text) => locate_issues(&cfg.source, &text, issues),
-        // Read a moment ago, gone now: the issues, not located.
-        Err(_) => issues
-            .into_iter()
-            .map(|issue| ConfigError {
-                file: cfg.source.clone(),
-                line: 0,
-                column: 0,
-                toml_path: issue.path.to_string(),
-                message: issue.message,
-            })
-            .collect(),
-    };
-    Err(ConfigErrors(located))
+    issues
 }
 
 /// [`load_file`](super::load_file), then [`check_host`]: what `keyturn
-/// check` accepts is what the daemon starts with.
+/// check` accepts is what the daemon starts with. A config with errors
+/// gets the host checks of its settings that have none among them.
 pub fn load_checked(path: &Path) -> Result<Config, ConfigErrors> {
-    let cfg = super::load_file(path)?;
+    let cfg = super::load::load_file_with_host(path, host_problems)?;
     check_host(&cfg)?;
     Ok(cfg)
 }
@@ -263,6 +270,45 @@ pub fn load_checked(path: &Path) -> Result<Config, ConfigErrors> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Black-box finding: `check` listed a missing audit key file and an
+    /// unknown socket group only after every other error was fixed. They
+    /// come with the others now; a setting that has an error of its own
+    /// is not checked on the host (it holds no value from the file).
+    #[test]
+    fn host_problems_are_listed_with_the_configs_other_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let main = tmp.path().join("keyturn.toml");
+        let text = format!(
+            "[daemon]\nstate_dir = \"{d}/state\"\nsocket_group = \"no-such-group-kt\"\n\
+             audit_key_file = \"{d}/keys/missing\"\n\
+             [vaults.local]\ntype = \"local\"\n\
+             [agents.bot]\nowner = \"a@b.c\"\ntenant = \"acme\"\ntier = \"bogus\"\n\
+             [agents.bot.credentials.db]\nvault = \"local\"\nevery = \"1h\"\n\
+             generate = {{ kind = \"password\", length = 24 }}\n",
+            d = tmp.path().display(),
+        );
+        std::fs::write(&main, &text).unwrap();
+        let errors = load_checked(&main).unwrap_err().0;
+        let paths: Vec<&str> = errors.iter().map(|e| e.toml_path.as_str()).collect();
+        assert!(paths.contains(&"agents.bot.tier"), "{errors:?}");
+        assert!(paths.contains(&"daemon.socket_group"), "{errors:?}");
+        assert!(paths.contains(&"daemon.audit_key_file"), "{errors:?}");
+        assert!(errors.iter().all(|e| e.line > 0), "located: {errors:?}");
+
+        // A setting with its own error is not checked on the host too.
+        std::fs::write(
+            &main,
+            text.replace("socket_group = \"no-such-group-kt\"", "socket_group = 7"),
+        )
+        .unwrap();
+        let errors = load_checked(&main).unwrap_err().0;
+        let on_group = errors
+            .iter()
+            .filter(|e| e.toml_path == "daemon.socket_group")
+            .count();
+        assert_eq!(on_group, 1, "{errors:?}");
+    }
 
     /// Black-box finding: a hook program every user could write passed
     /// `check` (and the daemon ran it as root with the secret). Named,

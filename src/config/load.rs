@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use super::Config;
 use super::lines::LineIndex;
-use super::located::load_located;
 use super::raw::{
     Parsed, RawAgent, RawAgentEntry, RawAlertRules, RawConfig, RawCredential, RawDaemon, RawTier,
 };
@@ -555,10 +554,30 @@ pub fn load_sources(source: &Path, files: &[SourceFile]) -> Result<Config, Confi
     load_named(source, files).map(|(config, _)| config)
 }
 
+/// [`load_file`]; a config with errors also gets `host`'s problems with
+/// the settings that have none, so that `check` lists every error at once
+/// (see [`super::located::load_located_with`]). A config that validates is
+/// returned as it is: the caller runs the host checks on it.
+pub fn load_file_with_host(
+    path: &Path,
+    host: super::located::HostCheck,
+) -> Result<Config, ConfigErrors> {
+    let (source, files) = read_sources(path)?;
+    load_named_with(&source, &files, Some(host)).map(|(config, _)| config)
+}
+
 /// [`load_sources`], and the agents each file defines.
 fn load_named(
     source: &Path,
     files: &[SourceFile],
+) -> Result<(Config, Vec<Vec<String>>), ConfigErrors> {
+    load_named_with(source, files, None)
+}
+
+fn load_named_with(
+    source: &Path,
+    files: &[SourceFile],
+    host: Option<super::located::HostCheck>,
 ) -> Result<(Config, Vec<Vec<String>>), ConfigErrors> {
     let source = if source.is_absolute() {
         normalize(source)
@@ -578,7 +597,7 @@ fn load_named(
     {
         return Ok((config, names));
     }
-    load_located(files, &ctx)
+    super::located::load_located_with(files, &ctx, host)
 }
 
 /// Every file parsed with the `toml` crate, on up to one scoped thread per

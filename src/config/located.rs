@@ -16,11 +16,20 @@ use super::load::{AGENTS_DIR, ConfigError, ConfigErrors, MAIN_FILE, SourceFile, 
 use super::raw::{Parsed, RawAgentEntry, RawConfig, TOP_LEVEL_KEYS};
 use super::validate::{self, Anchor, Context, Issue, Seg, TomlPath};
 
+/// The host's problems with a config (`host::host_problems`), for
+/// [`load_located_with`].
+pub(super) type HostCheck = fn(&Config) -> Vec<Issue>;
+
 /// The slow path: spans kept, each section on its own, every error located
-/// in the file it is in.
-pub(super) fn load_located(
+/// in the file it is in. With `host`, a config with errors also gets the host
+/// checks of its settings that have none (black-box finding: `check`
+/// listed a missing key file or group only once every other error was
+/// fixed, where it is to list all at once). Not done for a config that
+/// validates: its caller runs them.
+pub(super) fn load_located_with(
     files: &[SourceFile],
     ctx: &Context,
+    host: Option<HostCheck>,
 ) -> Result<(Config, Vec<Vec<String>>), ConfigErrors> {
     let mut docs = Vec::with_capacity(files.len());
     // Syntax errors, by file index. A file of `agents.d` that does not
@@ -86,22 +95,32 @@ pub(super) fn load_located(
         .iter()
         .flat_map(|q| q.under.iter().map(ToString::to_string))
         .collect();
-    match validate::validate(&raw, ctx) {
-        Ok(config) if issues.is_empty() && syntax.is_empty() => return Ok((config, names)),
-        Ok(_) => {}
-        Err(more) => {
-            for issue in more {
-                if quiet.iter().any(|q| q.covers(&issue.path)) {
-                    continue;
-                }
-                let file = match issue.path.segments() {
-                    [Seg::Key(top), Seg::Key(agent), ..] if &**top == "agents" => {
-                        agent_file.get(&**agent).copied().unwrap_or(main)
-                    }
-                    _ => main,
-                };
-                issues.push((file, issue));
+    let (config, more) = validate::validate_all(&raw, ctx);
+    if more.is_empty() && issues.is_empty() && syntax.is_empty() {
+        return Ok((config, names));
+    }
+    let file_of = |path: &TomlPath| match path.segments() {
+        [Seg::Key(top), Seg::Key(agent), ..] if &**top == "agents" => {
+            agent_file.get(&**agent).copied().unwrap_or(main)
+        }
+        _ => main,
+    };
+    for issue in more {
+        if quiet.iter().any(|q| q.covers(&issue.path)) {
+            continue;
+        }
+        issues.push((file_of(&issue.path), issue));
+    }
+    if let Some(host) = host {
+        let found: Vec<String> = issues.iter().map(|(_, i)| i.path.to_string()).collect();
+        for issue in host(&config) {
+            // Only where nothing else is wrong: a setting with an error
+            // holds a placeholder, not what the file says.
+            let scope = host_scope(&issue.path);
+            if found.iter().any(|f| overlaps(f, &scope)) {
+                continue;
             }
+            issues.push((file_of(&issue.path), issue));
         }
     }
     let lines: Vec<LineIndex> = files.iter().map(|f| LineIndex::new(&f.text)).collect();
@@ -975,4 +994,32 @@ fn locate_in(
 
 fn key_span(key: &Key) -> Option<Range<usize>> {
     key.span()
+}
+
+/// What a host problem at `path` depends on: the daemon setting itself, a
+/// whole vault or alert sink, or the whole credential of a program.
+fn host_scope(path: &TomlPath) -> String {
+    let keep = match path.segments() {
+        [Seg::Key(top), ..] if &**top == "daemon" => 2,
+        [Seg::Key(top), ..] if &**top == "agents" => 4,
+        _ => 2,
+    };
+    let mut scope = TomlPath::root();
+    for seg in path.segments().iter().take(keep) {
+        scope = match seg {
+            Seg::Key(k) => scope.key(k.to_string()),
+            Seg::Index(i) => scope.index(*i),
+        };
+    }
+    scope.to_string()
+}
+
+/// Whether one of two TOML paths is the other or lies under it.
+fn overlaps(a: &str, b: &str) -> bool {
+    let under = |long: &str, short: &str| {
+        short.is_empty()
+            || long == short
+            || (long.starts_with(short) && matches!(long.as_bytes()[short.len()], b'.' | b'['))
+    };
+    under(a, b) || under(b, a)
 }

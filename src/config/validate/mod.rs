@@ -131,17 +131,25 @@ pub enum Zero {
 /// Validates a whole config. Returns the typed config only when there is no
 /// issue at all.
 pub fn validate(raw: &RawConfig, ctx: &Context) -> Result<Config, Vec<Issue>> {
+    let (config, issues) = validate_all(raw, ctx);
+    if issues.is_empty() {
+        Ok(config)
+    } else {
+        Err(issues)
+    }
+}
+
+/// [`validate`], but the config as far as it could be read is returned
+/// beside the issues (a setting with an issue holds a default or a
+/// placeholder): for the host checks of the settings without one.
+pub fn validate_all(raw: &RawConfig, ctx: &Context) -> (Config, Vec<Issue>) {
     let mut v = Validator {
         ctx,
         issues: Vec::new(),
         durations: DurationCache::default(),
     };
     let config = v.config(raw);
-    if v.issues.is_empty() {
-        Ok(config)
-    } else {
-        Err(v.issues)
-    }
+    (config, v.issues)
 }
 
 /// Runs `check` with the validator of a config file at `source`, as a
