@@ -196,7 +196,7 @@ async fn run(cli: Cli) -> u8 {
                 eprintln!(
                     "keyturn: {} error(s) in {}; not starting",
                     errors.0.len(),
-                    cli.config.display()
+                    errors.files(&cli.config)
                 );
                 EXIT_USAGE
             }
@@ -291,7 +291,7 @@ async fn run(cli: Cli) -> u8 {
 fn located_or_usage(path: &Path, loaded: Result<Config, ConfigErrors>) -> Result<Config, u8> {
     loaded.map_err(|errors| {
         eprint!("{errors}");
-        eprintln!("keyturn: {} error(s) in {}", errors.0.len(), path.display());
+        eprintln!("keyturn: {} error(s) in {}", errors.0.len(), errors.files(path));
         EXIT_USAGE
     })
 }
@@ -326,7 +326,7 @@ impl ClientConfig {
         eprintln!(
             "keyturn: {} error(s) in {}, and {e}",
             errors.0.len(),
-            path.display()
+            errors.files(path)
         );
         Some(EXIT_USAGE)
     }
@@ -349,7 +349,7 @@ fn load_for_client(path: &Path) -> Result<ClientConfig, u8> {
         }
         None => {
             eprint!("{errors}");
-            eprintln!("keyturn: {} error(s) in {}", errors.0.len(), path.display());
+            eprintln!("keyturn: {} error(s) in {}", errors.0.len(), errors.files(path));
             Err(EXIT_USAGE)
         }
     }

@@ -72,6 +72,29 @@ impl std::fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+impl ConfigErrors {
+    /// Where the errors are, for the summary line after them: `config`
+    /// (what `--config` named), or the files they are in when others are
+    /// among them (black-box finding: errors in `agents.d/*.toml` were
+    /// summed up as "N error(s) in keyturn.toml").
+    pub fn files(&self, config: &Path) -> String {
+        let mut files: Vec<&Path> = self.0.iter().map(|e| e.file.as_path()).collect();
+        files.sort();
+        files.dedup();
+        match files.as_slice() {
+            [] => config.display().to_string(),
+            [one] if *one == config || one.file_name() == config.file_name() => {
+                config.display().to_string()
+            }
+            many => many
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+}
+
 /// The directory beside the config file that holds agents, one or more per
 /// `*.toml` file: the convention for files dropped by config management.
 pub const AGENTS_DIR: &str = "agents.d";
@@ -813,6 +836,31 @@ fn all_ok<T>(sections: BTreeMap<String, T>) -> BTreeMap<String, Parsed<T>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_summary_names_every_file_the_errors_are_in() {
+        let at = |file: &str| ConfigError {
+            file: PathBuf::from(file),
+            line: 1,
+            column: 1,
+            toml_path: String::new(),
+            message: String::new(),
+        };
+        let main = Path::new("/etc/keyturn/keyturn.toml");
+        let one = ConfigErrors(vec![at("/etc/keyturn/keyturn.toml")]);
+        assert_eq!(one.files(Path::new("keyturn.toml")), "keyturn.toml");
+        let two = ConfigErrors(vec![
+            at("/etc/keyturn/agents.d/b.toml"),
+            at("/etc/keyturn/keyturn.toml"),
+            at("/etc/keyturn/agents.d/b.toml"),
+        ]);
+        assert_eq!(
+            two.files(main),
+            "/etc/keyturn/agents.d/b.toml, /etc/keyturn/keyturn.toml"
+        );
+        let only = ConfigErrors(vec![at("/etc/keyturn/agents.d/b.toml")]);
+        assert_eq!(only.files(main), "/etc/keyturn/agents.d/b.toml");
+    }
+
     use super::*;
 
     fn errors(text: &str) -> Vec<ConfigError> {

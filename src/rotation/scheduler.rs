@@ -421,8 +421,13 @@ impl Inner {
             if l.retire_at.is_none() {
                 return Keep::Nothing;
             }
-            if let Some(entry) = old.creds.get(k) {
-                tracing::info!(agent = %k.agent, credential = %k.credential, retire_at = ?l.retire_at, "removed from the config: its previous version is still retired when its grace period ends");
+            if let Some(entry) = old.creds.get(k)
+                && let Some(at) = l.retire_at
+            {
+                // (Black-box finding: it named a previous version that a
+                // credential at its first version does not have, and
+                // printed the time as `Some(...)`.)
+                tracing::info!(agent = %k.agent, credential = %k.credential, retire_at = %at, "removed from the config: its pending retire step still runs when its grace period ends (a previous version, if any, is retired then)");
                 departed.insert(k.clone(), entry.clone());
             }
             if departed.contains_key(k) {
