@@ -1402,6 +1402,32 @@ fn check_says_when_a_keyed_audit_log_would_have_no_key() {
     std::fs::copy(&key_file, credentials.join("keyturn-audit-key")).unwrap();
     let (code, err) = check_under_systemd();
     assert!(code == Some(0) && !err.contains("is keyed"), "{err}");
+
+    // Black-box finding: `audit archive --broken` without the key started
+    // a plain chain after the keyed one (a downgrade). It is refused; with
+    // the key the new log is keyed and verifies.
+    let before = std::fs::read_to_string(env.audit_log()).unwrap();
+    let out = env.cli(&["audit", "archive", "--broken"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("is keyed") && err.contains("no audit key is given"), "{err}");
+    assert_eq!(std::fs::read_to_string(env.audit_log()).unwrap(), before);
+    let with_key = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(&env.config)
+            .env("CREDENTIALS_DIRECTORY", &credentials)
+            .output()
+            .unwrap()
+    };
+    let out = with_key(&["audit", "archive"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let records = audit_records(&env);
+    assert_eq!(records[0]["event"], "audit.archived");
+    assert_eq!(records[0]["chain"], "hmac-sha256");
+    let out = with_key(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A plain log goes keyed once the daemon runs with the key as a systemd

@@ -168,8 +168,14 @@ pub fn archive(
         (Some(f), c) => {
             let mut f = f.try_clone().map_err(|e| io("cannot read".into(), e))?;
             let (digest, len) = file_digest(&mut f).map_err(|e| io("cannot read".into(), e))?;
+            // (Black-box finding: a broken log's archive was said to hold
+            // records up to the state's seq, which it may not.)
+            let held = last.as_ref().map_or_else(
+                || "no record that can be read".to_owned(),
+                |(seq, _)| format!("records up to seq {seq}"),
+            );
             let detail = format!(
-                "the audit log up to seq {up_to} was moved to {} ({len} bytes, sha256 {digest}); this log goes on from it",
+                "the audit log ({held}) was moved to {} ({len} bytes, sha256 {digest}); this log goes on after seq {up_to}",
                 to.display()
             );
             match c {
@@ -358,7 +364,10 @@ mod tests {
             operator(),
         )
         .unwrap();
-        // The state still stores seq 3: the new first record links to it.
+        // The state still stores seq 3: the new first record links to it,
+        // for `audit verify` too (black-box finding: "the tail was cut").
+        let all = verify_all(&log, Some(&head), None, 10);
+        assert!(all.problems.is_empty(), "{:?}", all.problems);
         let opened = AuditLog::open(&log, Some(&head)).unwrap();
         assert_eq!(opened.head().seq, 4);
         drop(opened);

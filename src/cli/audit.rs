@@ -5,8 +5,8 @@ use std::path::Path;
 
 use super::{EXIT_FAILED, load_for_client};
 use crate::audit::{
-    Actor, AuditKey, Continues, Verification, VerifyReport, archive, default_archive_path,
-    verify_all,
+    Actor, AuditKey, Continues, KEY_HINT, Verification, VerifyReport, archive,
+    default_archive_path, keyed_tail, verify_all,
 };
 use crate::state::{SqliteStore, StateStore, Write};
 
@@ -138,7 +138,15 @@ pub(super) fn audit_archive(path: &Path, to: Option<&Path>, broken: bool) -> u8 
     let _lock = match crate::state::lock::acquire(&paths.state_dir) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("keyturn: {e}");
+            match crate::state::lock::held(&paths.state_dir) {
+                Some(holder) => eprintln!(
+                    "keyturn: a keyturn daemon{} is running on {}: stop it first (`systemctl stop \
+                     keyturn`); the log is archived only while no daemon writes it",
+                    holder.pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                    paths.state_dir.display()
+                ),
+                None => eprintln!("keyturn: {e}"),
+            }
             return EXIT_FAILED;
         }
     };
@@ -184,6 +192,26 @@ pub(super) fn audit_archive(path: &Path, to: Option<&Path>, broken: bool) -> u8 
             return EXIT_FAILED;
         }
     };
+    // Black-box finding: an archive without the key turned a keyed log
+    // back to plain (a new plain chain the daemon then went on without the
+    // key), which `audit verify` refuses and the key is there to prevent.
+    if key.is_none()
+        && log.exists()
+        && let Some(seq) = keyed_tail(log).or_else(|| {
+            verify_all(log, Some(&head), None, 1).report.keyed_from
+        })
+    {
+        eprintln!(
+            "keyturn: {} is keyed (hmac-sha256; record seq {seq}) and no audit key is given: the \
+             new log's first record must be keyed too. {} (for the packaged unit's encrypted \
+             credential: `systemd-run --pipe --wait -p User=keyturn \
+             -p LoadCredentialEncrypted=keyturn-audit-key:/etc/keyturn/audit-key.cred \
+             keyturn audit archive ...`)",
+            log.display(),
+            KEY_HINT
+        );
+        return EXIT_FAILED;
+    }
     let continues = if log.exists() {
         let all = verify_all(log, Some(&head), key.as_ref(), MAX_LISTED_PROBLEMS);
         match all.problems.first() {
@@ -217,7 +245,10 @@ pub(super) fn audit_archive(path: &Path, to: Option<&Path>, broken: bool) -> u8 
         );
         return EXIT_FAILED;
     };
+    // Absolute, as it is written into the record (black-box finding: a
+    // relative one named a place relative to some shell's directory).
     let to = to.map_or_else(|| default_archive_path(log), Path::to_path_buf);
+    let to = std::path::absolute(&to).unwrap_or(to);
     if to.exists() {
         eprintln!(
             "keyturn: {} already exists: give another --to",
@@ -251,11 +282,7 @@ pub(super) fn audit_archive(path: &Path, to: Option<&Path>, broken: bool) -> u8 
         return EXIT_FAILED;
     }
     let moved = match &done.to {
-        Some(to) => format!(
-            "moved to {} (keep it: it is the evidence up to seq {})",
-            to.display(),
-            done.up_to
-        ),
+        Some(to) => format!("moved to {} (keep it: it is the evidence)", to.display()),
         None => "was missing".to_owned(),
     };
     let broke = match &continues {
