@@ -1410,7 +1410,10 @@ fn check_says_when_a_keyed_audit_log_would_have_no_key() {
     let out = env.cli(&["audit", "archive", "--broken"]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("is keyed") && err.contains("no audit key is given"), "{err}");
+    assert!(
+        err.contains("is keyed") && err.contains("no audit key is given"),
+        "{err}"
+    );
     assert_eq!(std::fs::read_to_string(env.audit_log()).unwrap(), before);
     let with_key = |args: &[&str]| {
         std::process::Command::new(bin())
@@ -1422,12 +1425,20 @@ fn check_says_when_a_keyed_audit_log_would_have_no_key() {
             .unwrap()
     };
     let out = with_key(&["audit", "archive"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let records = audit_records(&env);
     assert_eq!(records[0]["event"], "audit.archived");
     assert_eq!(records[0]["chain"], "hmac-sha256");
     let out = with_key(&["audit", "verify"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A plain log goes keyed once the daemon runs with the key as a systemd

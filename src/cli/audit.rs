@@ -142,7 +142,10 @@ pub(super) fn audit_archive(path: &Path, to: Option<&Path>, broken: bool) -> u8 
                 Some(holder) => eprintln!(
                     "keyturn: a keyturn daemon{} is running on {}: stop it first (`systemctl stop \
                      keyturn`); the log is archived only while no daemon writes it",
-                    holder.pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                    holder
+                        .pid
+                        .map(|p| format!(" (pid {p})"))
+                        .unwrap_or_default(),
                     paths.state_dir.display()
                 ),
                 None => eprintln!("keyturn: {e}"),
@@ -197,9 +200,8 @@ pub(super) fn audit_archive(path: &Path, to: Option<&Path>, broken: bool) -> u8 
     // key), which `audit verify` refuses and the key is there to prevent.
     if key.is_none()
         && log.exists()
-        && let Some(seq) = keyed_tail(log).or_else(|| {
-            verify_all(log, Some(&head), None, 1).report.keyed_from
-        })
+        && let Some(seq) =
+            keyed_tail(log).or_else(|| verify_all(log, Some(&head), None, 1).report.keyed_from)
     {
         eprintln!(
             "keyturn: {} is keyed (hmac-sha256; record seq {seq}) and no audit key is given: the \

@@ -291,7 +291,11 @@ async fn run(cli: Cli) -> u8 {
 fn located_or_usage(path: &Path, loaded: Result<Config, ConfigErrors>) -> Result<Config, u8> {
     loaded.map_err(|errors| {
         eprint!("{errors}");
-        eprintln!("keyturn: {} error(s) in {}", errors.0.len(), errors.files(path));
+        eprintln!(
+            "keyturn: {} error(s) in {}",
+            errors.0.len(),
+            errors.files(path)
+        );
         EXIT_USAGE
     })
 }
@@ -349,7 +353,11 @@ fn load_for_client(path: &Path) -> Result<ClientConfig, u8> {
         }
         None => {
             eprint!("{errors}");
-            eprintln!("keyturn: {} error(s) in {}", errors.0.len(), errors.files(path));
+            eprintln!(
+                "keyturn: {} error(s) in {}",
+                errors.0.len(),
+                errors.files(path)
+            );
             Err(EXIT_USAGE)
         }
     }

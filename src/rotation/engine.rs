@@ -137,6 +137,10 @@ pub(super) enum Stop {
     /// The agent was decommissioned: the rotation was recorded as abandoned
     /// and is never resumed.
     Abandoned,
+    /// A reload removed the credential before the rotation began (it was
+    /// asked for, or due, and waited for a slot): nothing was begun, and
+    /// nothing is.
+    Removed,
 }
 
 pub(super) fn chrono_dur(d: Duration) -> chrono::Duration {

@@ -289,6 +289,21 @@ impl Inner {
                     },
                     vec![],
                 ),
+                Err(Stop::Removed) => {
+                    tracing::info!(agent = %key.agent, credential = %key.credential, "a rotation not begun yet is dropped: a reload removed the credential from the config");
+                    (
+                        RotateFinished {
+                            key: key.clone(),
+                            rotation: None,
+                            version: None,
+                            error: Some(
+                                "not rotated: a reload removed it from the config before the rotation began"
+                                    .into(),
+                            ),
+                        },
+                        vec![],
+                    )
+                }
                 Err(Stop::Abandoned) => (
                     RotateFinished {
                         key: key.clone(),
@@ -412,7 +427,7 @@ impl Inner {
                     tracing::warn!(agent = %key.agent, credential = %key.credential, error = %msg, retry_in = %humantime::format_duration(delay), "retiring the previous version failed; parked");
                     retry_at = Some(self.now() + chrono_dur(delay));
                 }
-                Err(Stop::Drained) | Err(Stop::Abandoned) => {}
+                Err(Stop::Drained) | Err(Stop::Abandoned) | Err(Stop::Removed) => {}
             }
             let mut rotate_next =
                 std::mem::take(&mut l.rotate_after_retire) && !self.cancel.is_cancelled();

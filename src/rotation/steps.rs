@@ -104,6 +104,14 @@ impl Inner {
                 r
             }
             mut latest => {
+                // Black-box finding: 1,000 rotations asked for by `rotate
+                // all` were still begun (new versions, files written) after
+                // a reload removed their credentials while they waited for
+                // a slot. One in flight finishes with its entry; one not
+                // begun is not begun.
+                if !self.catalog().creds.contains_key(&key) {
+                    return Err(Stop::Removed);
+                }
                 // Promoted from following: the retirement its rotator owed
                 // comes first, like a pending retire step of its own.
                 if latest.as_ref().is_none_or(|r| r.step != Step::Retire)

@@ -1654,6 +1654,67 @@ async fn jobs_popped_when_a_trigger_took_their_slot_go_back_in_the_queue() {
     rig.shutdown().await;
 }
 
+/// Black-box finding: after `rotate all` and a reload that removed most of
+/// the credentials, the rotations still waiting for a slot were begun
+/// anyway (new versions made and delivered for credentials no longer
+/// configured). One not begun when its credential leaves is not begun; its
+/// waiter is told why. The one in flight finishes.
+#[tokio::test(start_paused = true)]
+async fn a_rotation_waiting_for_a_slot_is_dropped_when_a_reload_removes_its_credential() {
+    let rig = Rig::with(
+        3,
+        "every = \"6h\"",
+        "max_concurrent_rotations = 1",
+        Arc::new(MemoryStore::new()),
+        Arc::default(),
+    )
+    .await;
+    rig.vault.slow("stage", Duration::from_secs(1));
+    rig.engine.start().await.unwrap();
+    let waiters: Vec<_> = (0..3)
+        .map(|i| rig.engine.trigger(&key(&format!("c{i}"))).unwrap())
+        .collect();
+    tokio::task::yield_now().await;
+    // Only c0 is left in the config.
+    let text = config_text(
+        rig.dir.path(),
+        1,
+        "every = \"6h\"",
+        "max_concurrent_rotations = 1",
+    );
+    rig.engine
+        .reload(catalog_with(
+            rig.dir.path(),
+            &text,
+            &rig.vault,
+            &rig.sink,
+            &[],
+        ))
+        .await;
+    let mut told = Vec::new();
+    for w in waiters {
+        told.push(w.await.unwrap());
+    }
+    assert_eq!((told[0].version, told[0].error.as_deref()), (Some(1), None));
+    for t in &told[1..] {
+        assert!(
+            t.error
+                .as_deref()
+                .is_some_and(|e| e.contains("removed it from the config")),
+            "{t:?}"
+        );
+        assert_eq!(t.version, None);
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(rig.sink.versions("c0"), vec![1]);
+    assert!(rig.sink.versions("c1").is_empty() && rig.sink.versions("c2").is_empty());
+    assert!(
+        rig.store.latest_rotation(&key("c1")).unwrap().is_none(),
+        "nothing begun"
+    );
+    rig.shutdown().await;
+}
+
 /// On shutdown the step in flight finishes and is persisted; the rotation
 /// then resumes at the next start, as the same rotation with one version.
 #[tokio::test(start_paused = true)]
