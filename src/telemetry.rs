@@ -428,7 +428,7 @@ impl Metrics {
         let audit_chain_intact: Gauge = register(
             &mut registry,
             "audit_chain_intact",
-            "0 when the check of the whole audit log's chain made after start-up found a bad record (an audit.chain_broken record names it; `keyturn audit verify` lists every one), else 1",
+            "0 when the check of the whole audit log's chain made after start-up found a bad record (an audit.chain_broken record names it; `keyturn audit verify` lists every one), or something else wrote to the log while keyturn runs (audit.foreign_write), else 1",
         );
         audit_chain_intact.set(1);
         let vault_overwrites: Counter = register(
@@ -1117,7 +1117,12 @@ mod tests {
             "keyturn_audit_chain_intact 1",
             "keyturn_vault_overwrites_total 0",
         ] {
-            assert!(fresh.contains(line), "missing {line:?} in\n{fresh}");
+            // Whole lines: a HELP text may begin with a sample's words
+            // ("keyturn_audit_writable 1 while ...").
+            assert!(
+                fresh.lines().any(|l| l == line),
+                "missing {line:?} in\n{fresh}"
+            );
         }
         m.rotation_finished(true, Duration::from_millis(20));
         m.rotation_finished(true, Duration::from_millis(20));
@@ -1151,15 +1156,24 @@ mod tests {
             "keyturn_alert_deliveries_total{sink=\"oncall\",outcome=\"gave_up\"} 1",
             "# TYPE keyturn_credential_age_seconds gauge",
         ] {
-            assert!(text.contains(line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
         assert!(text.ends_with("# EOF\n"));
         // The next record written clears the failure; a broken chain stays.
         m.audit_records(1);
         m.audit_chain_intact(false);
         let text = m.encode();
-        assert!(text.contains("keyturn_audit_writable 1"), "{text}");
-        assert!(text.contains("keyturn_audit_chain_intact 0"), "{text}");
+        assert!(
+            text.lines().any(|l| l == "keyturn_audit_writable 1"),
+            "{text}"
+        );
+        assert!(
+            text.lines().any(|l| l == "keyturn_audit_chain_intact 0"),
+            "{text}"
+        );
         // The histogram's largest finite bucket covers a minute.
         assert!(text.contains("le=\"65.536\""), "{text}");
     }

@@ -697,7 +697,8 @@ fn history_edited_while_down_is_found_after_the_start_and_every_edit_listed() {
     }
     let intact = wait_for(Duration::from_secs(10), || {
         http_get(port, "/metrics")
-            .contains("keyturn_audit_chain_intact 1")
+            .lines()
+            .any(|l| l == "keyturn_audit_chain_intact 1")
             .then_some(())
     });
     assert!(intact.is_some(), "{}", http_get(port, "/metrics"));
@@ -726,7 +727,8 @@ fn history_edited_while_down_is_found_after_the_start_and_every_edit_listed() {
     daemon.wait_ready();
     let broken = wait_for(Duration::from_secs(10), || {
         http_get(port, "/metrics")
-            .contains("keyturn_audit_chain_intact 0")
+            .lines()
+            .any(|l| l == "keyturn_audit_chain_intact 0")
             .then_some(())
     });
     assert!(broken.is_some(), "{}", http_get(port, "/metrics"));
@@ -744,6 +746,53 @@ fn history_edited_while_down_is_found_after_the_start_and_every_edit_listed() {
     );
     let log = daemon.stop();
     assert!(log.contains("the chain is broken"), "{log}");
+}
+
+/// Black-box finding: bytes appended to the audit log (or a cut) while the
+/// daemon runs were logged and recorded, but `keyturn_audit_chain_intact`
+/// stayed 1, so no alert fired until a restart checked the chain.
+#[test]
+fn a_foreign_write_while_running_clears_the_chain_intact_gauge() {
+    let (port, env) = with_http_listener();
+    let daemon = env.spawn(&[("KEYTURN_LOG", "info")]);
+    daemon.wait_ready();
+    wait_version(&env, "bot", "db", 1);
+    // The check of the whole chain after the start is done (it would find
+    // the bytes below by itself).
+    let checked = wait_for(Duration::from_secs(10), || {
+        daemon
+            .log_text()
+            .contains("the whole chain is intact")
+            .then_some(())
+    });
+    assert!(checked.is_some(), "{}", daemon.log_text());
+    assert!(
+        http_get(port, "/metrics")
+            .lines()
+            .any(|l| l == "keyturn_audit_chain_intact 1")
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(env.audit_log())
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"seq\":999,\"forged\":true}\n").unwrap();
+    drop(f);
+    // The next append finds it.
+    env.cli_ok(&["rotate", "bot/db", "--wait"]);
+    let broken = wait_for(Duration::from_secs(10), || {
+        http_get(port, "/metrics")
+            .lines()
+            .any(|l| l == "keyturn_audit_chain_intact 0")
+            .then_some(())
+    });
+    assert!(broken.is_some(), "{}", http_get(port, "/metrics"));
+    assert!(
+        audit_records(&env)
+            .iter()
+            .any(|r| r["event"] == "audit.foreign_write"),
+        "recorded"
+    );
+    daemon.stop();
 }
 
 /// Black-box finding: a daemon refused because something was in the way of

@@ -793,3 +793,86 @@ fn a_read_only_follower_tells_a_deleted_current_version_from_a_decommission() {
     rt().block_on(vaultrs::sys::policy::delete(&admin, &policy_name))
         .unwrap();
 }
+
+/// Black-box finding: a follower of a credential kept in two vaults that
+/// took over as its rotator (the rotator's host died mid-grace) retired
+/// the previous version that rotator left in the primary vault only: the
+/// other vault kept it readable (AWS `AWSPREVIOUS`) until the next
+/// rotation here, up to a period later. It is retired in every vault.
+#[test]
+fn a_follower_taking_over_a_credential_in_two_vaults_retires_the_left_version_in_both() {
+    use keyturn::model::Stage;
+    use keyturn::vaults::{Select, VaultItem};
+    let files = tempfile::tempdir().unwrap();
+    let path = unique("takeover-");
+    let tables = format!(
+        "{}\n{}",
+        bao_table(&files, None),
+        aws_table(None).replace("[vaults.shared]", "[vaults.mirror]")
+    );
+    let config = |how: &str| {
+        format!(
+            "{tables}\n{}{}",
+            agent_table(AGENT),
+            credential(&path, how)
+                .replace("vault = \"shared\"", "vault = [\"shared\", \"mirror\"]")
+        )
+    };
+    let rotator = Env::new(&config("every = \"1h\"\ngrace = \"1h\""));
+    let follower = Env::new(&config("mode = \"follow\"\npoll = \"1s\""));
+    let r = rotator.start();
+    wait_version(&rotator, AGENT, "db", 1);
+    let f = follower.start();
+    let out = rotator.cli(&["rotate", &format!("{AGENT}/db"), "--wait"]);
+    assert!(out.status.success(), "rotate: {}", text(&out));
+    let (current, _) = delivered(&rotator).unwrap();
+    wait_for(Duration::from_secs(20), || {
+        delivered(&follower).filter(|(v, _)| *v == current)
+    })
+    .unwrap_or_else(|| panic!("not followed: {}", f.log_text()));
+    // The rotator's host dies mid-grace; the follower rotates it now.
+    r.kill9();
+    let key = bot_key("db");
+    let previous_in = |vault: &dyn Vault| {
+        rt().block_on(vault.read(
+            VaultItem {
+                key: &key,
+                path: &path,
+            },
+            Select::Stage(Stage::Previous),
+        ))
+        .unwrap()
+        .map(|v| v.version)
+    };
+    let (bao, aws) = (
+        rt().block_on(bao_vault("shared")),
+        rt().block_on(aws_vault()),
+    );
+    assert!(previous_in(&bao).is_some() && previous_in(&aws).is_some());
+    follower.write_credentials(&config("every = \"1h\"\ngrace = \"3s\""));
+    f.reload();
+    wait_for(Duration::from_secs(30), || {
+        (previous_in(&bao).is_none() && previous_in(&aws).is_none()).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the left version is still readable: bao {:?}, aws {:?}\n{}",
+            previous_in(&bao),
+            previous_in(&aws),
+            f.log_text()
+        )
+    });
+    assert_eq!(delivered(&follower).map(|(v, _)| v), Some(current));
+    let takeover = audit_records(&follower)
+        .into_iter()
+        .find(|r| r["event"] == "rotation.takeover")
+        .expect("a takeover record");
+    assert!(
+        takeover["detail"]
+            .as_str()
+            .unwrap()
+            .contains("shared, mirror"),
+        "{takeover}"
+    );
+    f.stop();
+}

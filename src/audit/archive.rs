@@ -378,6 +378,13 @@ mod tests {
         };
         let e = AuditLog::open(&log, Some(&other)).unwrap_err();
         assert!(matches!(e, AuditError::Tampered { .. }), "{e}");
+        // A state from before the archive is said to be that.
+        let older = AuditHead {
+            seq: 1,
+            hash: "cd".repeat(32),
+        };
+        let e = AuditLog::open(&log, Some(&older)).unwrap_err().to_string();
+        assert!(e.contains("from before `keyturn audit archive`"), "{e}");
     }
 
     #[test]

@@ -70,6 +70,10 @@ fn genesis_head() -> AuditHead {
 
 type Reply = oneshot::Sender<Result<AuditHead, AuditError>>;
 
+/// Called (on the writer's thread) when something else wrote to the log
+/// while keyturn runs: see [`AuditLog::on_foreign_write`].
+type ForeignHook = Arc<std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>>;
+
 enum Msg {
     /// An event, and whether it must be durable before it is answered.
     Append(Box<AuditEvent>, Reply, bool),
@@ -101,6 +105,7 @@ struct Inner {
     unconfirmed: Option<(u64, u64)>,
     /// See [`AuditLog::foreign_at_open`].
     foreign: Option<String>,
+    on_foreign: ForeignHook,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -198,7 +203,9 @@ impl AuditLog {
         // What is in the file at open is durable: recovery fsyncs what it cuts,
         // and appends before a restart were acknowledged or replayed.
         let synced = Arc::new(AtomicU64::new(lock(&head).seq));
+        let on_foreign: ForeignHook = Arc::default();
         let mut writer = Writer {
+            on_foreign: Arc::clone(&on_foreign),
             path: display.clone(),
             file_path: path.to_owned(),
             file,
@@ -234,8 +241,17 @@ impl AuditLog {
                 synced,
                 unconfirmed,
                 foreign,
+                on_foreign,
             }),
         })
+    }
+
+    /// Runs `hook` each time the writer finds that something else wrote
+    /// to (or cut) the log while keyturn runs. Black-box finding: that was
+    /// only logged, and `keyturn_audit_chain_intact` stayed 1 (no alert)
+    /// until a restart checked the chain. Set once; later calls are ignored.
+    pub fn on_foreign_write(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let _ = self.inner.on_foreign.set(Box::new(hook));
     }
 
     /// The records (first and last seq) the log held at open after the
@@ -424,6 +440,7 @@ struct Writer {
     /// The file's length as keyturn left it: another length at the next
     /// batch means something else wrote to it (or cut it).
     len: u64,
+    on_foreign: ForeignHook,
 }
 
 impl Writer {
@@ -687,6 +704,9 @@ impl Writer {
             )
         };
         tracing::error!(path = %self.path, "{what}");
+        if let Some(hook) = self.on_foreign.get() {
+            hook();
+        }
         let mut last = [0u8; 1];
         if len > 0 && self.file.read_at(&mut last, len - 1).is_ok() && last[0] != b'\n' {
             buf.push(b'\n');
@@ -895,6 +915,14 @@ fn recover_tail(
             if archived && seq == want.seq + 1 && prev == want.hash {
                 seq = want.seq;
                 hash = want.hash.clone();
+            } else if archived && seq > want.seq + 1 {
+                // Black-box finding: an older `state.db` restored after an
+                // archive was refused as "truncated or altered".
+                return Err(tampered(format!(
+                    "the state database records seq {} but this log goes on after seq {} of an archived log (its first record, audit.archived, says where that log went): the state database is from before `keyturn audit archive`, and a state that old cannot be checked against this log. Restore a state database taken after the archive",
+                    want.seq,
+                    seq - 1
+                )));
             }
             break;
         };

@@ -344,6 +344,10 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         None,
     )
     .await;
+    {
+        let metrics = Arc::clone(&metrics);
+        audit.on_foreign_write(move || metrics.audit_chain_intact(false));
+    }
     check_audit_chain(
         engine.clone(),
         metrics.clone(),

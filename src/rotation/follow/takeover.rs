@@ -86,6 +86,37 @@ impl Inner {
             .iter()
             .find(|v| v.version < current && ref_of(v).as_ref() == Some(&prev.version))
             .map(|v| v.version);
+        // Black-box finding: only the primary vault's previous version was
+        // retired; the other vaults of the credential kept it readable
+        // until the next rotation here. Each vault's current and previous
+        // version, as a rotation records them.
+        let mut cur_refs = vec![(primary.vault.describe().to_owned(), cur_ref)];
+        let mut prev_refs = vec![(primary.vault.describe().to_owned(), prev.version.clone())];
+        for other in entry.vaults.iter().skip(1) {
+            let item = VaultItem { key, path: &path };
+            let now_current = other
+                .vault
+                .read(item, Select::Stage(Stage::Current))
+                .await?;
+            let item = VaultItem { key, path: &path };
+            let before = other
+                .vault
+                .read(item, Select::Stage(Stage::Previous))
+                .await?;
+            if let Some(before) =
+                before.filter(|b| now_current.as_ref().is_none_or(|c| c.version != b.version))
+            {
+                prev_refs.push((other.vault.describe().to_owned(), before.version.clone()));
+            }
+            if let Some(c) = now_current {
+                cur_refs.push((other.vault.describe().to_owned(), c.version.clone()));
+            }
+        }
+        let in_vaults = prev_refs
+            .iter()
+            .map(|(v, _)| v.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         let now = self.now();
         let delivered = row.last_rotated_at.unwrap_or(now);
         let retire_at =
@@ -97,17 +128,9 @@ impl Inner {
             trigger: Trigger::Schedule,
             version: current,
             // Keyed as a rotation records them (by the vault's own name).
-            vault_version: Some(
-                VaultRefs(vec![(primary.vault.describe().to_owned(), cur_ref)]).encode(),
-            ),
+            vault_version: Some(VaultRefs(cur_refs).encode()),
             previous_version,
-            previous_vault_version: Some(
-                VaultRefs(vec![(
-                    primary.vault.describe().to_owned(),
-                    prev.version.clone(),
-                )])
-                .encode(),
-            ),
+            previous_vault_version: Some(VaultRefs(prev_refs).encode()),
             started_at: delivered,
             updated_at: now,
             retire_at: Some(retire_at),
@@ -123,7 +146,7 @@ impl Inner {
                 "rotation.takeover",
                 Outcome::Ok,
                 Some(format!(
-                    "followed until now: the previous version {} in vault {name}, left by its rotator, is retired at {retire_at} when its grace ends",
+                    "followed until now: the previous version {} (in vault {name}; retired in {in_vaults}), left by its rotator, is retired at {retire_at} when its grace ends",
                     prev.version
                 )),
                 None,
