@@ -831,7 +831,7 @@ fn recover_tail(
         return match state_head {
             None => end_partial_line(file, path, len, kept, 1).map(|f| (genesis_head(), f)),
             Some(h) => Err(tampered(format!(
-                "the log is empty or missing but the state database records seq {}: the audit log was lost, truncated or altered. Restore it from a backup; or, if it is gone for good, start a new log that records the loss and goes on from the state's seq: `keyturn audit archive --broken`",
+                "the log is empty or missing but the state database records seq {}: the audit log was lost, truncated or altered. Restore it from a backup",
                 h.seq
             ))),
         };

@@ -218,6 +218,9 @@ fn short(d: chrono::TimeDelta) -> String {
     match s {
         0..60 => format!("{s}s"),
         60..3600 => format!("{}m", s / 60),
+        // Black-box finding: 1h59m47s showed as "in 1h". Below ten hours
+        // the minutes are shown too.
+        3600..36_000 if (s % 3600) / 60 > 0 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
         3600..172_800 => format!("{}h", s / 3600),
         _ => format!("{}d", s / 86_400),
     }
@@ -633,6 +636,16 @@ mod tests {
             last_error: Some("timeout ".repeat(30)),
         }];
         vec![a]
+    }
+
+    #[test]
+    fn short_durations_keep_the_minutes_below_ten_hours() {
+        let d = |s: i64| short(chrono::TimeDelta::seconds(s));
+        assert_eq!(d(7187), "1h59m");
+        assert_eq!(d(3600), "1h");
+        assert_eq!(d(3599), "59m");
+        assert_eq!(d(11 * 3600 + 59 * 60), "11h");
+        assert_eq!(d(3 * 86_400 + 5), "3d");
     }
 
     /// Black-box finding: a last rotation stamped two hours ahead (a clock
