@@ -287,7 +287,7 @@ pub(crate) fn is_archived(line: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::log::tests::{append_keyed, test_key, write_log};
+    use crate::audit::log::tests::{append_keyed, lines, test_key, write_log};
     use crate::audit::{AuditLog, verify_all};
 
     fn operator() -> Actor {
@@ -296,14 +296,6 @@ mod tests {
             gid: 0,
             pid: 1,
         }
-    }
-
-    fn lines(path: &Path) -> Vec<String> {
-        std::fs::read_to_string(path)
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect()
     }
 
     #[test]

@@ -1177,7 +1177,8 @@ pub(crate) mod tests {
         head
     }
 
-    fn lines(path: &Path) -> Vec<String> {
+    /// The log's lines, without their newlines.
+    pub(crate) fn lines(path: &Path) -> Vec<String> {
         std::fs::read_to_string(path)
             .unwrap()
             .lines()
