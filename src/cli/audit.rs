@@ -279,7 +279,9 @@ pub(super) fn audit_archive(path: &Path, to: Option<&Path>, broken: bool) -> u8 
     {
         eprintln!(
             "keyturn: the new log is in place but its head could not be stored ({e}); the \
-             daemon's start accepts it all the same (its first record links to the stored head)"
+             daemon's start accepts it when its first record links to the head stored before \
+             (an old log that ended at that head), and otherwise refuses it: then free the \
+             state database's volume and run `keyturn audit archive --broken`"
         );
         return EXIT_FAILED;
     }

@@ -117,7 +117,12 @@ pub(super) fn load_located_with(
             // Only where nothing else is wrong: a setting with an error
             // holds a placeholder, not what the file says.
             let scope = host_scope(&issue.path);
-            if found.iter().any(|f| overlaps(f, &scope)) {
+            // The audit log's default place is in the state directory.
+            let also = (scope == "daemon.audit_log").then_some("daemon.state_dir");
+            if found
+                .iter()
+                .any(|f| overlaps(f, &scope) || also.is_some_and(|a| overlaps(f, a)))
+            {
                 continue;
             }
             issues.push((file_of(&issue.path), issue));
